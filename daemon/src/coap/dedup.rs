@@ -1,0 +1,166 @@
+//! Duplicate detection (RFC 7252 §4.5): a retransmitted request is answered with the reply
+//! already sent, not handled a second time.
+//!
+//! Keyed by (peer address, message id). An exchange is `InProgress` while its handler runs
+//! (duplicates arriving then are dropped: the device will retransmit again and by then the
+//! reply is cached) and `Done` with the encoded reply afterwards. Entries live for
+//! EXCHANGE_LIFETIME; the map is bounded and the oldest entries go first.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+type Key = (SocketAddr, u16);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// First time: handle it (an entry marked in progress has been made).
+    New,
+    /// Being handled right now: drop this copy.
+    InProgress,
+    /// Already answered: send these bytes again (None when nothing was sent, e.g. a NON
+    /// request that needed no answer).
+    Answered(Option<Vec<u8>>),
+}
+
+#[derive(Debug)]
+struct Entry {
+    reply: Option<Option<Vec<u8>>>,
+    /// Identifies this insertion in `order`, so that a stale queue slot of a forgotten and
+    /// re-inserted key does not evict the newer entry.
+    seq: u64,
+}
+
+/// The duplicate-detection cache.
+#[derive(Debug)]
+pub struct Dedup {
+    map: HashMap<Key, Entry>,
+    order: VecDeque<(Key, Instant, u64)>,
+    next_seq: u64,
+    lifetime: Duration,
+    capacity: usize,
+}
+
+impl Dedup {
+    pub fn new(lifetime: Duration, capacity: usize) -> Dedup {
+        Dedup {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            next_seq: 0,
+            lifetime,
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Looks up (and on first sight records) the exchange.
+    pub fn check(&mut self, peer: SocketAddr, mid: u16, now: Instant) -> Seen {
+        self.expire(now);
+        let key = (peer, mid);
+        if let Some(e) = self.map.get(&key) {
+            return match &e.reply {
+                None => Seen::InProgress,
+                Some(r) => Seen::Answered(r.clone()),
+            };
+        }
+        while self.map.len() >= self.capacity {
+            match self.order.pop_front() {
+                Some((k, _, seq)) => {
+                    if self.map.get(&k).is_some_and(|e| e.seq == seq) {
+                        self.map.remove(&k);
+                    }
+                }
+                None => break,
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.map.insert(key, Entry { reply: None, seq });
+        self.order.push_back((key, now, seq));
+        Seen::New
+    }
+
+    /// Records the reply sent for an exchange marked in progress.
+    pub fn complete(&mut self, peer: SocketAddr, mid: u16, reply: Option<Vec<u8>>) {
+        if let Some(e) = self.map.get_mut(&(peer, mid)) {
+            e.reply = Some(reply);
+        }
+    }
+
+    /// Forgets an exchange whose handling was abandoned, so that a retransmission is
+    /// handled afresh.
+    pub fn forget(&mut self, peer: SocketAddr, mid: u16) {
+        self.map.remove(&(peer, mid));
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some((k, at, seq)) = self.order.front().copied() {
+            if now.duration_since(at) < self.lifetime {
+                break;
+            }
+            self.order.pop_front();
+            if self.map.get(&k).is_some_and(|e| e.seq == seq) {
+                self.map.remove(&k);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn new_then_in_progress_then_answered() {
+        let t = Instant::now();
+        let mut d = Dedup::new(Duration::from_secs(10), 10);
+        assert_eq!(d.check(peer(1), 5, t), Seen::New);
+        assert_eq!(d.check(peer(1), 5, t), Seen::InProgress);
+        d.complete(peer(1), 5, Some(vec![1, 2]));
+        assert_eq!(d.check(peer(1), 5, t), Seen::Answered(Some(vec![1, 2])));
+        // Same id from another port is another exchange.
+        assert_eq!(d.check(peer(2), 5, t), Seen::New);
+    }
+
+    #[test]
+    fn entries_expire_after_the_lifetime() {
+        let t = Instant::now();
+        let mut d = Dedup::new(Duration::from_secs(10), 10);
+        d.check(peer(1), 5, t);
+        d.complete(peer(1), 5, None);
+        assert_eq!(d.check(peer(1), 5, t + Duration::from_secs(9)), Seen::Answered(None));
+        assert_eq!(d.check(peer(1), 5, t + Duration::from_secs(10)), Seen::New);
+    }
+
+    #[test]
+    fn capacity_evicts_the_oldest() {
+        let t = Instant::now();
+        let mut d = Dedup::new(Duration::from_secs(100), 3);
+        for mid in 0..5 {
+            assert_eq!(d.check(peer(1), mid, t), Seen::New);
+        }
+        assert_eq!(d.len(), 3);
+        assert_eq!(d.check(peer(1), 4, t), Seen::InProgress);
+        assert_eq!(d.check(peer(1), 0, t), Seen::New);
+    }
+
+    #[test]
+    fn forget_allows_handling_again() {
+        let t = Instant::now();
+        let mut d = Dedup::new(Duration::from_secs(100), 3);
+        d.check(peer(1), 1, t);
+        d.forget(peer(1), 1);
+        assert_eq!(d.check(peer(1), 1, t), Seen::New);
+    }
+}

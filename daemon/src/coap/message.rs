@@ -1,0 +1,267 @@
+//! Decoding and building CoAP messages on top of `coap-lite`, with the checks RFC 7252
+//! asks for that `coap-lite` leaves out (version, empty-message shape, payload marker).
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
+
+/// Most options accepted in one message; more is treated as a format error.
+pub const MAX_OPTIONS: usize = 64;
+
+/// Why a datagram is not a valid CoAP message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("datagram shorter than the 4-byte CoAP header")]
+    TooShort,
+    #[error("unsupported CoAP version {0}")]
+    Version(u8),
+    #[error("malformed message: {0}")]
+    Format(String),
+    #[error("empty message (code 0.00) with token, options or payload")]
+    NonEmptyEmpty,
+    #[error("payload marker followed by no payload")]
+    EmptyPayloadAfterMarker,
+    #[error("more than {MAX_OPTIONS} options")]
+    TooManyOptions,
+}
+
+/// The fixed header fields, readable from any datagram of at least 4 bytes. Used to reject
+/// a malformed confirmable message with RST (RFC 7252 §4.2) when the rest cannot be parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawHeader {
+    pub version: u8,
+    pub confirmable: bool,
+    pub message_id: u16,
+}
+
+impl RawHeader {
+    pub fn read(buf: &[u8]) -> Option<RawHeader> {
+        let b = buf.get(..4)?;
+        Some(RawHeader {
+            version: b[0] >> 6,
+            confirmable: (b[0] >> 4) & 0x3 == 0,
+            message_id: u16::from_be_bytes([b[2], b[3]]),
+        })
+    }
+}
+
+/// A decoded datagram and where it came from.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub packet: Packet,
+    /// The device's address as seen by us.
+    pub peer: std::net::SocketAddr,
+    /// The local address of the socket that received it (replies go out the same socket).
+    pub local: std::net::SocketAddr,
+}
+
+/// Decodes one datagram strictly.
+pub fn decode(buf: &[u8]) -> Result<Packet, DecodeError> {
+    let head = RawHeader::read(buf).ok_or(DecodeError::TooShort)?;
+    if head.version != 1 {
+        return Err(DecodeError::Version(head.version));
+    }
+    let packet = Packet::from_bytes(buf).map_err(|e| DecodeError::Format(format!("{e:?}")))?;
+    if packet.header.code == MessageClass::Empty {
+        // An empty message is exactly 4 bytes (RFC 7252 §4.1).
+        if buf.len() != 4 {
+            return Err(DecodeError::NonEmptyEmpty);
+        }
+    }
+    if packet.payload.is_empty() && ends_with_payload_marker(buf, packet.get_token().len()) {
+        return Err(DecodeError::EmptyPayloadAfterMarker);
+    }
+    let count: usize = packet.options().map(|(_, v)| v.len()).sum();
+    if count > MAX_OPTIONS {
+        return Err(DecodeError::TooManyOptions);
+    }
+    Ok(packet)
+}
+
+/// True when the byte that ends the option list is a payload marker with nothing after it.
+/// `coap-lite` accepts that; RFC 7252 §3 calls it a format error.
+fn ends_with_payload_marker(buf: &[u8], token_len: usize) -> bool {
+    // Walk the options the same way the decoder did, to find where they end.
+    let mut idx = 4 + token_len;
+    while idx < buf.len() {
+        let byte = buf[idx];
+        if byte == 0xFF {
+            return idx + 1 == buf.len();
+        }
+        idx += 1;
+        let ext = |nibble: u8, idx: &mut usize| -> usize {
+            match nibble {
+                13 => {
+                    let v = buf.get(*idx).map(|b| *b as usize + 13).unwrap_or(0);
+                    *idx += 1;
+                    v
+                }
+                14 => {
+                    let v = match (buf.get(*idx), buf.get(*idx + 1)) {
+                        (Some(a), Some(b)) => u16::from_be_bytes([*a, *b]) as usize + 269,
+                        _ => 0,
+                    };
+                    *idx += 2;
+                    v
+                }
+                n => n as usize,
+            }
+        };
+        let _delta = ext(byte >> 4, &mut idx);
+        let len = ext(byte & 0x0F, &mut idx);
+        idx += len;
+    }
+    false
+}
+
+/// The request's Uri-Path segments, each decoded as UTF-8 (lossily).
+pub fn uri_path(packet: &Packet) -> Vec<String> {
+    option_strings(packet, CoapOption::UriPath)
+}
+
+/// The request's Uri-Query items, each `name=value` or a bare `name`.
+pub fn uri_query(packet: &Packet) -> Vec<String> {
+    option_strings(packet, CoapOption::UriQuery)
+}
+
+fn option_strings(packet: &Packet, opt: CoapOption) -> Vec<String> {
+    packet
+        .get_option(opt)
+        .map(|l| {
+            l.iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The response to `request`: piggybacked in an ACK for a CON, a NON for a NON
+/// (with the message id filled in by the caller, see [`Response::into_packet`]).
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub code: ResponseType,
+    pub options: Vec<(CoapOption, Vec<u8>)>,
+    pub payload: Vec<u8>,
+}
+
+impl Response {
+    pub fn new(code: ResponseType) -> Response {
+        Response {
+            code,
+            options: Vec::new(),
+            payload: Vec::new(),
+        }
+    }
+
+    /// An error response with a diagnostic payload (RFC 7252 §5.5.2), which devices log.
+    pub fn diagnostic(code: ResponseType, text: impl Into<String>) -> Response {
+        let mut r = Response::new(code);
+        r.payload = text.into().into_bytes();
+        r
+    }
+
+    pub fn with_option(mut self, opt: CoapOption, value: Vec<u8>) -> Response {
+        self.options.push((opt, value));
+        self
+    }
+
+    /// Builds the message answering `request`. `fresh_mid` supplies a message id for a NON
+    /// response; a CON request is answered with a piggybacked ACK carrying its own id.
+    pub fn into_packet(self, request: &Packet, fresh_mid: impl FnOnce() -> u16) -> Packet {
+        let mut p = Packet::new();
+        match request.header.get_type() {
+            MessageType::Confirmable => {
+                p.header.set_type(MessageType::Acknowledgement);
+                p.header.message_id = request.header.message_id;
+            }
+            _ => {
+                p.header.set_type(MessageType::NonConfirmable);
+                p.header.message_id = fresh_mid();
+            }
+        }
+        p.header.code = MessageClass::Response(self.code);
+        p.set_token(request.get_token().to_vec());
+        for (opt, value) in self.options {
+            p.add_option(opt, value);
+        }
+        p.payload = self.payload;
+        p
+    }
+}
+
+/// An RST for `message_id`: the answer to a confirmable message we cannot process
+/// (RFC 7252 §4.2), and to a CoAP ping.
+pub fn reset(message_id: u16) -> Vec<u8> {
+    let b = (1u8 << 6) | (3 << 4);
+    let [hi, lo] = message_id.to_be_bytes();
+    vec![b, 0, hi, lo]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_malformed_datagrams() {
+        let cases: &[(&[u8], &str)] = &[
+            (&[], "short"),
+            (&[0x40, 0x01], "short"),
+            (&[0x80, 0x01, 0, 1], "version 2"),
+            (&[0x49, 0x01, 0, 1], "token length 9"),
+            (&[0x44, 0x01, 0, 1, 1, 2], "token past the end"),
+            (&[0x41, 0x00, 0, 1, 7], "empty message with token"),
+            (&[0x40, 0x01, 0, 1, 0xFF], "marker without payload"),
+            (&[0x40, 0x01, 0, 1, 0xB5, b'a'], "option past the end"),
+            (&[0x40, 0x01, 0, 1, 0xF0], "option delta 15"),
+        ];
+        for (buf, why) in cases {
+            assert!(decode(buf).is_err(), "{why}: {buf:?} decoded");
+        }
+    }
+
+    #[test]
+    fn accepts_valid_messages() {
+        // CON GET /rd with token 0x01 and payload "x".
+        let ok: &[&[u8]] = &[
+            &[0x40, 0x00, 0, 1],
+            &[0x41, 0x01, 0, 1, 9, 0xB2, b'r', b'd', 0xFF, b'x'],
+            &[0x50, 0x02, 0x12, 0x34],
+        ];
+        for buf in ok {
+            decode(buf).unwrap_or_else(|e| panic!("{buf:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn too_many_options() {
+        let mut buf = vec![0x40, 0x01, 0, 1];
+        // 65 zero-length Uri-Query options: first delta 15 via extended 13, then delta 0.
+        buf.push(0xD0);
+        buf.push(15 - 13);
+        buf.extend(std::iter::repeat_n(0x00, MAX_OPTIONS));
+        assert_eq!(decode(&buf), Err(DecodeError::TooManyOptions));
+    }
+
+    #[test]
+    fn con_answered_by_piggybacked_ack_non_by_non() {
+        let mut req = Packet::new();
+        req.header.set_type(MessageType::Confirmable);
+        req.header.message_id = 77;
+        req.set_token(vec![1, 2]);
+        let ack = Response::new(ResponseType::Created).into_packet(&req, || 5);
+        assert_eq!(ack.header.get_type(), MessageType::Acknowledgement);
+        assert_eq!(ack.header.message_id, 77);
+        assert_eq!(ack.get_token(), &[1, 2]);
+
+        req.header.set_type(MessageType::NonConfirmable);
+        let non = Response::new(ResponseType::Created).into_packet(&req, || 5);
+        assert_eq!(non.header.get_type(), MessageType::NonConfirmable);
+        assert_eq!(non.header.message_id, 5);
+    }
+
+    #[test]
+    fn reset_is_a_valid_empty_rst() {
+        let p = decode(&reset(0xBEEF)).unwrap();
+        assert_eq!(p.header.get_type(), MessageType::Reset);
+        assert_eq!(p.header.message_id, 0xBEEF);
+        assert_eq!(p.header.code, MessageClass::Empty);
+    }
+}

@@ -1,0 +1,263 @@
+//! UDP sockets and the server side of the RFC 7252 message layer.
+//!
+//! One receive task per bound socket. Each datagram is decoded strictly; a new request is
+//! recorded in the duplicate cache and handed to the [`RequestHandler`] on its own task
+//! (bounded by `coap.max_in_flight`); the reply is cached and sent from the socket that
+//! received the request, which is what LwM2M clients behind NAT require.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use coap_lite::{MessageClass, MessageType, ResponseType};
+use tokio::net::UdpSocket;
+use tokio::sync::Semaphore;
+
+use super::dedup::{Dedup, Seen};
+use super::message::{self, Inbound, RawHeader, Response};
+use crate::config::CoapConfig;
+use crate::metrics::Counters;
+use crate::shutdown::Shutdown;
+
+/// What the transport calls for each new request. `None` sends no reply (only sensible for
+/// a NON request).
+pub trait RequestHandler: Send + Sync + 'static {
+    fn handle(&self, req: Inbound) -> Pin<Box<dyn Future<Output = Option<Response>> + Send>>;
+}
+
+/// Bound sockets plus message-layer state.
+pub struct Transport {
+    sockets: Vec<(SocketAddr, Arc<UdpSocket>)>,
+    dedup: Mutex<Dedup>,
+    max_datagram: usize,
+    in_flight: Arc<Semaphore>,
+    next_mid: AtomicU16,
+    counters: Arc<Counters>,
+}
+
+impl Transport {
+    /// Binds every configured address. A wildcard of an address family the host does not
+    /// have is skipped with a warning; any other failure, or no socket at all, is an error.
+    pub fn bind(cfg: &CoapConfig, counters: Arc<Counters>) -> io::Result<Arc<Transport>> {
+        let mut sockets = Vec::new();
+        for addr in &cfg.listen {
+            match bind_one(*addr) {
+                Ok(s) => {
+                    let local = s.local_addr()?;
+                    tracing::info!("CoAP listening on udp://{local}");
+                    sockets.push((local, Arc::new(s)));
+                }
+                Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() && family_missing(&e) => {
+                    tracing::warn!("CoAP: skipping {addr}: IPv6 is not available here ({e})");
+                }
+                Err(e) => {
+                    return Err(io::Error::new(e.kind(), format!("cannot bind CoAP on {addr}: {e}")));
+                }
+            }
+        }
+        if sockets.is_empty() {
+            return Err(io::Error::other("no CoAP socket could be bound"));
+        }
+        Ok(Arc::new(Transport {
+            sockets,
+            dedup: Mutex::new(Dedup::new(
+                Duration::from_secs(cfg.exchange_lifetime_s),
+                cfg.dedup_capacity,
+            )),
+            max_datagram: cfg.max_datagram,
+            in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
+            next_mid: AtomicU16::new(rand::random()),
+            counters,
+        }))
+    }
+
+    /// The addresses actually bound (port 0 resolved).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.sockets.iter().map(|(a, _)| *a).collect()
+    }
+
+    /// A fresh message id for a message we originate.
+    pub fn next_message_id(&self) -> u16 {
+        self.next_mid.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Starts one receive task per socket; they end when `shutdown` fires.
+    pub fn start(
+        self: &Arc<Self>,
+        handler: Arc<dyn RequestHandler>,
+        shutdown: Shutdown,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..self.sockets.len())
+            .map(|i| {
+                let t = Arc::clone(self);
+                let h = Arc::clone(&handler);
+                let sd = shutdown.clone();
+                tokio::spawn(async move { t.receive_loop(i, h, sd).await })
+            })
+            .collect()
+    }
+
+    async fn receive_loop(self: Arc<Self>, index: usize, handler: Arc<dyn RequestHandler>, mut shutdown: Shutdown) {
+        let (local, socket) = self.sockets[index].clone();
+        // One byte more than the limit, so that an oversize datagram is seen as such
+        // instead of being silently truncated.
+        let mut buf = vec![0u8; self.max_datagram + 1];
+        loop {
+            let (len, peer) = tokio::select! {
+                _ = shutdown.recv() => return,
+                r = socket.recv_from(&mut buf) => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // ICMP errors from earlier sends surface here on Linux; not fatal.
+                        tracing::debug!("CoAP recv on {local}: {e}");
+                        continue;
+                    }
+                },
+            };
+            Counters::inc(&self.counters.coap_datagrams);
+            if len > self.max_datagram {
+                Counters::inc(&self.counters.coap_oversize);
+                tracing::debug!(%peer, "dropping datagram over coap.max_datagram ({} bytes)", self.max_datagram);
+                continue;
+            }
+            self.on_datagram(&buf[..len], peer, local, &socket, &handler).await;
+        }
+    }
+
+    async fn on_datagram(
+        self: &Arc<Self>,
+        buf: &[u8],
+        peer: SocketAddr,
+        local: SocketAddr,
+        socket: &Arc<UdpSocket>,
+        handler: &Arc<dyn RequestHandler>,
+    ) {
+        let packet = match message::decode(buf) {
+            Ok(p) => p,
+            Err(e) => {
+                Counters::inc(&self.counters.coap_malformed);
+                tracing::debug!(%peer, "malformed CoAP datagram: {e}");
+                // A confirmable message we cannot parse is rejected with RST (§4.2).
+                if let Some(h) = RawHeader::read(buf).filter(|h| h.version == 1 && h.confirmable) {
+                    send(socket, &message::reset(h.message_id), peer).await;
+                }
+                return;
+            }
+        };
+        let mtype = packet.header.get_type();
+        let mid = packet.header.message_id;
+        match (packet.header.code, mtype) {
+            (MessageClass::Request(_), MessageType::Confirmable | MessageType::NonConfirmable) => {}
+            (MessageClass::Empty, MessageType::Confirmable) => {
+                // CoAP ping (§4.3): answer with RST.
+                send(socket, &message::reset(mid), peer).await;
+                return;
+            }
+            (_, MessageType::Confirmable) => {
+                // A confirmable message we have no context for: reject it (§4.2).
+                Counters::inc(&self.counters.coap_unexpected);
+                send(socket, &message::reset(mid), peer).await;
+                return;
+            }
+            _ => {
+                Counters::inc(&self.counters.coap_unexpected);
+                tracing::debug!(%peer, "ignoring unexpected {:?} {}", mtype, packet.header.code);
+                return;
+            }
+        }
+
+        let seen = self.lock_dedup().check(peer, mid, Instant::now());
+        match seen {
+            Seen::New => {}
+            Seen::InProgress => {
+                Counters::inc(&self.counters.coap_duplicates);
+                return;
+            }
+            Seen::Answered(reply) => {
+                Counters::inc(&self.counters.coap_duplicates);
+                if let Some(bytes) = reply {
+                    send(socket, &bytes, peer).await;
+                }
+                return;
+            }
+        }
+        let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
+            Counters::inc(&self.counters.coap_busy_drops);
+            self.lock_dedup().forget(peer, mid);
+            tracing::debug!(%peer, "dropping request: coap.max_in_flight reached");
+            return;
+        };
+
+        let this = Arc::clone(self);
+        let socket = Arc::clone(socket);
+        let fut = handler.handle(Inbound {
+            packet: packet.clone(),
+            peer,
+            local,
+        });
+        tokio::spawn(async move {
+            let _permit = permit;
+            // The handler runs on its own task so that a panic in it becomes a 5.00
+            // answer instead of a request that is never answered.
+            let response = match tokio::spawn(fut).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(%peer, "CoAP request handler failed: {e}");
+                    Some(Response::diagnostic(ResponseType::InternalServerError, "internal error"))
+                }
+            };
+            let bytes = response.and_then(|r| {
+                if r.code.is_error() {
+                    Counters::inc(&this.counters.coap_error_responses);
+                }
+                match r.into_packet(&packet, || this.next_message_id()).to_bytes() {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        tracing::error!(%peer, "cannot encode CoAP response: {e:?}");
+                        None
+                    }
+                }
+            });
+            this.lock_dedup().complete(peer, mid, bytes.clone());
+            if let Some(b) = bytes {
+                send(&socket, &b, peer).await;
+            }
+        });
+    }
+
+    fn lock_dedup(&self) -> std::sync::MutexGuard<'_, Dedup> {
+        // The dedup state stays consistent even if a holder panicked (all updates are
+        // single map operations), so a poisoned lock is recovered.
+        self.dedup.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+async fn send(socket: &UdpSocket, bytes: &[u8], peer: SocketAddr) {
+    if let Err(e) = socket.send_to(bytes, peer).await {
+        tracing::debug!(%peer, "CoAP send failed: {e}");
+    }
+}
+
+/// True for the errors of a host without IPv6 (Linux EAFNOSUPPORT, EADDRNOTAVAIL).
+fn family_missing(e: &io::Error) -> bool {
+    const EAFNOSUPPORT: i32 = 97;
+    const EADDRNOTAVAIL: i32 = 99;
+    matches!(e.raw_os_error(), Some(EAFNOSUPPORT | EADDRNOTAVAIL))
+}
+
+fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // A larger receive buffer absorbs bursts of registrations; the kernel caps it.
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}

@@ -1,0 +1,325 @@
+//! The daemon's configuration: one TOML file, parsed strictly.
+//!
+//! Every section uses `deny_unknown_fields`, so a misspelt key is an error rather than a
+//! silently ignored setting. Errors name the file, line, column and the dotted key path
+//! (`coap.max_datagram`), see [`ConfigError`].
+//!
+//! The embedded defaults are the repository's `etc/connectord.toml`, compiled in: running
+//! without `--config` is exactly running with that file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The commented default configuration shipped in `etc/` and compiled into the binary.
+pub const DEFAULT_TOML: &str = include_str!("../../../etc/connectord.toml");
+
+/// Where the configuration came from, for error messages and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The defaults compiled into the binary.
+    Embedded,
+    /// A file on disk.
+    File(PathBuf),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Embedded => f.write_str("<embedded defaults>"),
+            Source::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// A configuration that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("{path}: cannot read configuration: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown, or a value has the wrong type.
+    #[error("{source_name}:{line}:{column}: {message}{}", key_suffix(.key))]
+    Parse {
+        source_name: Source,
+        line: usize,
+        column: usize,
+        /// Dotted path of the offending key, when known (`rest.listen`).
+        key: Option<String>,
+        message: String,
+    },
+    /// The file parsed, but a value is out of its allowed range.
+    #[error("{source_name}: key `{key}`: {message}")]
+    Invalid {
+        source_name: Source,
+        key: String,
+        message: String,
+    },
+}
+
+fn key_suffix(key: &Option<String>) -> String {
+    match key {
+        Some(k) if !k.is_empty() => format!(" (key `{k}`)"),
+        _ => String::new(),
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub rest: RestConfig,
+    #[serde(default)]
+    pub coap: CoapConfig,
+    #[serde(default)]
+    pub registry: RegistryConfig,
+}
+
+/// `[log]`: what the daemon writes to standard error (journald under systemd).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter: `info`, `debug`, `connectord::coap=trace,info`. Reloaded on SIGHUP.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+/// `[state]`: where durable state lives.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// The state directory. When absent: `$STATE_DIRECTORY` (set by systemd's
+    /// `StateDirectory=`), else `$XDG_STATE_HOME/connectord`, else
+    /// `$HOME/.local/state/connectord`, else `./connectord-state`.
+    pub dir: Option<PathBuf>,
+}
+
+impl StateConfig {
+    /// The state directory this configuration resolves to in the current environment.
+    pub fn resolve_dir(&self) -> PathBuf {
+        if let Some(d) = &self.dir {
+            return d.clone();
+        }
+        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+        if let Some(d) = env("STATE_DIRECTORY") {
+            // systemd may pass several colon-separated directories; the first is ours.
+            let s = d.to_string_lossy();
+            return PathBuf::from(s.split(':').next().unwrap_or_default());
+        }
+        if let Some(d) = env("XDG_STATE_HOME") {
+            return PathBuf::from(d).join("connectord");
+        }
+        if let Some(h) = env("HOME") {
+            return PathBuf::from(h).join(".local/state/connectord");
+        }
+        PathBuf::from("connectord-state")
+    }
+}
+
+/// `[rest]`: the HTTP API for applications.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestConfig {
+    /// Addresses to serve the REST API on. Port 0 picks a free port (logged at start).
+    pub listen: Vec<SocketAddr>,
+}
+
+impl Default for RestConfig {
+    fn default() -> Self {
+        RestConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
+        }
+    }
+}
+
+/// `[coap]`: the UDP side that devices talk to.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoapConfig {
+    /// UDP addresses to bind. An IPv6 wildcard is bound IPv6-only so that it can sit beside
+    /// the IPv4 wildcard; an address family the host lacks is logged and skipped.
+    pub listen: Vec<SocketAddr>,
+    /// Largest datagram accepted, in bytes; larger ones are dropped and counted.
+    pub max_datagram: usize,
+    /// How long a reply is kept to answer a duplicate of the same request (RFC 7252
+    /// EXCHANGE_LIFETIME, 247 s by default).
+    pub exchange_lifetime_s: u64,
+    /// Upper bound on remembered exchanges for duplicate detection; the oldest go first.
+    pub dedup_capacity: usize,
+    /// Requests from devices handled at the same time; beyond this, datagrams are dropped
+    /// (a CON will be retransmitted by the device).
+    pub max_in_flight: usize,
+}
+
+impl Default for CoapConfig {
+    fn default() -> Self {
+        CoapConfig {
+            listen: vec![
+                SocketAddr::from(([0, 0, 0, 0], 5683)),
+                SocketAddr::from(([0u16; 8], 5683)),
+            ],
+            max_datagram: 1500,
+            exchange_lifetime_s: 247,
+            dedup_capacity: 100_000,
+            max_in_flight: 1024,
+        }
+    }
+}
+
+/// `[registry]`: the LwM2M registration interface.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// The domain (tenant) of devices that register without `d=`, and of the first admin key.
+    pub default_domain: String,
+    /// Lifetime in seconds when a registration has no `lt=` (LwM2M default: 86400).
+    pub default_lifetime_s: u32,
+    /// Smallest accepted `lt=`; smaller values are answered 4.00.
+    pub min_lifetime_s: u32,
+    /// Largest accepted `lt=`; larger values are answered 4.00.
+    pub max_lifetime_s: u32,
+    /// Registered endpoints per domain; a new registration beyond this is answered
+    /// 4.03 Forbidden with a diagnostic payload.
+    pub max_endpoints_per_domain: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            default_domain: "default".into(),
+            default_lifetime_s: 86_400,
+            min_lifetime_s: 1,
+            max_lifetime_s: 31_536_000,
+            max_endpoints_per_domain: 1_000_000,
+        }
+    }
+}
+
+impl Config {
+    /// The embedded defaults (`etc/connectord.toml`).
+    pub fn embedded() -> Result<Config, ConfigError> {
+        Config::parse(DEFAULT_TOML, Source::Embedded)
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, Source::File(path.to_path_buf()))
+    }
+
+    /// Parses and validates TOML text; `source` names it in errors.
+    pub fn parse(text: &str, source: Source) -> Result<Config, ConfigError> {
+        let parse_err = |err: toml::de::Error, key: Option<String>| {
+            let (line, column) = err
+                .span()
+                .map(|s| line_col(text, s.start))
+                .unwrap_or((1, 1));
+            ConfigError::Parse {
+                source_name: source.clone(),
+                line,
+                column,
+                key,
+                message: err.message().to_string(),
+            }
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| parse_err(e, None))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = (key != ".").then_some(key);
+            parse_err(e.into_inner(), key)
+        })?;
+        config.validate(&source)?;
+        Ok(config)
+    }
+
+    fn validate(&self, source: &Source) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            source_name: source.clone(),
+            key: key.into(),
+            message,
+        };
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid("log.level", format!("not a valid log filter: {e}")));
+        }
+        if self.rest.listen.is_empty() {
+            return Err(invalid("rest.listen", "needs at least one address".into()));
+        }
+        if self.coap.listen.is_empty() {
+            return Err(invalid("coap.listen", "needs at least one address".into()));
+        }
+        if !(64..=65_507).contains(&self.coap.max_datagram) {
+            return Err(invalid(
+                "coap.max_datagram",
+                format!("{} is outside 64..=65507", self.coap.max_datagram),
+            ));
+        }
+        if self.coap.dedup_capacity == 0 {
+            return Err(invalid("coap.dedup_capacity", "must be at least 1".into()));
+        }
+        if self.coap.max_in_flight == 0 {
+            return Err(invalid("coap.max_in_flight", "must be at least 1".into()));
+        }
+        let r = &self.registry;
+        if !crate::registry::valid_domain(&r.default_domain) {
+            return Err(invalid(
+                "registry.default_domain",
+                "must be 1 to 64 characters of letters, digits, '-', '_' and '.'".into(),
+            ));
+        }
+        if r.min_lifetime_s == 0 || r.min_lifetime_s > r.max_lifetime_s {
+            return Err(invalid(
+                "registry.min_lifetime_s",
+                format!(
+                    "must be at least 1 and at most registry.max_lifetime_s ({})",
+                    r.max_lifetime_s
+                ),
+            ));
+        }
+        if !(r.min_lifetime_s..=r.max_lifetime_s).contains(&r.default_lifetime_s) {
+            return Err(invalid(
+                "registry.default_lifetime_s",
+                "must lie between registry.min_lifetime_s and registry.max_lifetime_s".into(),
+            ));
+        }
+        if r.max_endpoints_per_domain == 0 {
+            return Err(invalid(
+                "registry.max_endpoints_per_domain",
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,76 @@
+use super::*;
+
+#[test]
+fn embedded_defaults_parse_and_match_code_defaults() {
+    let c = Config::embedded().expect("etc/connectord.toml must parse");
+    let d = Config {
+        log: LogConfig::default(),
+        state: StateConfig::default(),
+        rest: RestConfig::default(),
+        coap: CoapConfig::default(),
+        registry: RegistryConfig::default(),
+    };
+    assert_eq!(c, d, "etc/connectord.toml and the Default impls disagree");
+}
+
+#[test]
+fn empty_file_is_all_defaults() {
+    let c = Config::parse("", Source::Embedded).unwrap();
+    assert_eq!(c, Config::embedded().unwrap());
+}
+
+/// Table of bad inputs: (toml, expected line, expected column, expected key, text in message).
+#[test]
+fn parse_errors_name_line_column_and_key() {
+    let cases: &[(&str, usize, usize, Option<&str>, &str)] = &[
+        ("[rest]\nlisten = [\"127.0.0.1:8080\"]\nlisen = 3\n", 3, 1, Some("rest.lisen"), "unknown field `lisen`"),
+        ("[coap]\nmax_datagram = \"big\"\n", 2, 16, Some("coap.max_datagram"), "invalid type"),
+        ("[rest]\nlisten = [\"nonsense\"]\n", 2, 11, Some("rest.listen[0]"), "invalid socket address"),
+        ("[nosuch]\n", 1, 2, Some("nosuch"), "unknown field `nosuch`"),
+        ("[log\nlevel = 1\n", 1, 5, None, ""),
+        ("[registry]\nmin_lifetime_s = -1\n", 2, 18, Some("registry.min_lifetime_s"), ""),
+    ];
+    for (text, line, column, key, msg) in cases {
+        let err = Config::parse(text, Source::File("x.toml".into())).unwrap_err();
+        match &err {
+            ConfigError::Parse { line: l, column: c, key: k, message, .. } => {
+                assert_eq!((l, c), (line, column), "position for {text:?}: {err}");
+                assert_eq!(k.as_deref(), *key, "key for {text:?}: {err}");
+                assert!(message.contains(msg), "message for {text:?}: {err}");
+                assert!(err.to_string().starts_with(&format!("x.toml:{line}:{column}: ")), "{err}");
+            }
+            other => panic!("expected a parse error for {text:?}, got {other}"),
+        }
+    }
+}
+
+#[test]
+fn range_errors_name_the_key() {
+    let cases: &[(&str, &str)] = &[
+        ("[coap]\nmax_datagram = 10\n", "coap.max_datagram"),
+        ("[rest]\nlisten = []\n", "rest.listen"),
+        ("[registry]\nmin_lifetime_s = 0\n", "registry.min_lifetime_s"),
+        ("[registry]\ndefault_domain = \"a/b\"\n", "registry.default_domain"),
+        ("[registry]\ndefault_lifetime_s = 0\n", "registry.default_lifetime_s"),
+        ("[log]\nlevel = \"=[\"\n", "log.level"),
+    ];
+    for (text, key) in cases {
+        match Config::parse(text, Source::Embedded) {
+            Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(&k, key, "{text:?}"),
+            other => panic!("expected Invalid for {text:?}, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn missing_file_is_a_read_error() {
+    let err = Config::load(Path::new("/nonexistent/connectord.toml")).unwrap_err();
+    assert!(matches!(err, ConfigError::Read { .. }));
+    assert!(err.to_string().contains("/nonexistent/connectord.toml"));
+}
+
+#[test]
+fn line_col_counts_characters() {
+    assert_eq!(line_col("ab\ncé d", 7), (2, 4));
+    assert_eq!(line_col("", 0), (1, 1));
+}

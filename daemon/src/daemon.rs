@@ -1,0 +1,174 @@
+//! Start-up wiring, signals and systemd readiness.
+//!
+//! Start order: state directory and store, endpoint directory (loaded from the store),
+//! access keys (the first admin key at first start), CoAP sockets, REST listeners; only
+//! when all are bound does the daemon tell systemd READY=1. SIGTERM and SIGINT stop
+//! gracefully; SIGHUP re-reads the configuration and applies what can change at run time.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::auth::{AuthBackend, AuthChain, CoreKeys};
+use crate::config::{Config, ConfigError};
+use crate::coap::Transport;
+use crate::metrics::Counters;
+use crate::registry::lwm2m::Lwm2mHandler;
+use crate::registry::Registry;
+use crate::rest::{self, AppState};
+use crate::shutdown;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, StoreError};
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    FirstKey(#[from] crate::auth::keys::FirstKeyError),
+    #[error("{0}")]
+    Bind(#[from] std::io::Error),
+}
+
+/// Changes the log filter of the running process (given by the binary, which owns the
+/// subscriber).
+pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Runs the daemon until SIGTERM or SIGINT. `config_path` is re-read on SIGHUP (with
+/// `None`, the embedded defaults are in force and SIGHUP has nothing to re-read).
+pub async fn run(config: Config, config_path: Option<PathBuf>, set_log: SetLogFilter) -> Result<(), StartError> {
+    let state_dir = config.state.resolve_dir();
+    let store = SqliteStore::open(&state_dir)?;
+    tracing::info!("state in {}", store.path().display());
+    let store: Arc<dyn Store> = Arc::new(store);
+    let counters = Arc::new(Counters::default());
+
+    let registry = Arc::new(Registry::new(config.registry.clone(), Arc::clone(&store), Arc::clone(&counters)));
+    let loaded = registry.load().await?;
+    tracing::info!("loaded {loaded} stored registrations");
+
+    let keys = Arc::new(CoreKeys::load(Arc::clone(&store)).await?);
+    match keys.ensure_first_admin(&state_dir, &config.registry.default_domain).await? {
+        Some(path) => tracing::warn!(
+            "first start: created an admin access key for domain {}; it is in {} (readable by this user only)",
+            config.registry.default_domain,
+            path.display()
+        ),
+        None => tracing::info!(
+            "access keys loaded; the first admin key, if kept, is in {}",
+            state_dir.join(crate::auth::keys::ADMIN_KEY_FILE).display()
+        ),
+    }
+    let auth = AuthChain::new(vec![keys as Arc<dyn AuthBackend>]);
+
+    let transport = Transport::bind(&config.coap, Arc::clone(&counters))?;
+    let listeners = rest::bind(&config.rest.listen).await?;
+
+    let (trigger, stop) = shutdown::channel();
+    let mut tasks = transport.start(Arc::new(Lwm2mHandler::new(Arc::clone(&registry))), stop.clone());
+    tasks.push(tokio::spawn(Arc::clone(&registry).run_expiry(stop.clone())));
+    let state = Arc::new(AppState {
+        registry: Arc::clone(&registry),
+        auth,
+        counters: Arc::clone(&counters),
+        transport: Arc::clone(&transport),
+    });
+    tasks.push(tokio::spawn(rest::serve(listeners, state, stop.clone())));
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tasks.push(tokio::spawn(watchdog(interval / 2, stop.clone())));
+    }
+
+    notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    tracing::info!("connectord {} ready", env!("CARGO_PKG_VERSION"));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut running = config;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = hup.recv() => running = reload(running, config_path.as_deref(), &set_log),
+        }
+    }
+    notify(&[NotifyState::Stopping]);
+    trigger.fire();
+    for t in tasks {
+        let _ = t.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGHUP: re-read the file; apply the log filter; name what else changed and needs a
+/// restart. A file that does not validate leaves everything as it was.
+fn reload(running: Config, path: Option<&std::path::Path>, set_log: &SetLogFilter) -> Config {
+    let Some(path) = path else {
+        tracing::info!("SIGHUP: running on embedded defaults, nothing to re-read");
+        return running;
+    };
+    let mono = NotifyState::monotonic_usec_now().ok();
+    let mut states = vec![NotifyState::Reloading];
+    states.extend(mono);
+    notify(&states);
+    let next = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            log_config_error(&e);
+            notify(&[NotifyState::Ready]);
+            return running;
+        }
+    };
+    if next.log != running.log {
+        match set_log(&next.log.level) {
+            Ok(()) => tracing::info!("SIGHUP: log level is now {:?}", next.log.level),
+            Err(e) => tracing::error!("SIGHUP: cannot apply log level: {e}"),
+        }
+    }
+    let needs_restart: Vec<&str> = [
+        ("state", next.state != running.state),
+        ("rest", next.rest != running.rest),
+        ("coap", next.coap != running.coap),
+        ("registry", next.registry != running.registry),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect();
+    if needs_restart.is_empty() {
+        tracing::info!("SIGHUP: configuration re-read from {}", path.display());
+    } else {
+        tracing::warn!(
+            "SIGHUP: changes to [{}] take effect after a restart; the running values stay in force",
+            needs_restart.join("], [")
+        );
+    }
+    notify(&[NotifyState::Ready]);
+    // Keep the running values of what was not applied, so a later reload compares
+    // against what is really in force.
+    Config { log: next.log, ..running }
+}
+
+fn log_config_error(e: &ConfigError) {
+    tracing::error!("SIGHUP: configuration not reloaded: {e}");
+}
+
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!("sd_notify: {e}");
+    }
+}
+
+async fn watchdog(every: Duration, mut stop: shutdown::Shutdown) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.recv() => return,
+            _ = tick.tick() => notify(&[NotifyState::Watchdog]),
+        }
+    }
+}

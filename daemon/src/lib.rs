@@ -1,0 +1,24 @@
+//! connectord: a self-hosted device connector. LwM2M devices register over CoAP; web
+//! applications reach them through an mbed Device Connector compatible REST API.
+//!
+//! Map of the crate (see ARCHITECTURE.md at the repository root for the invariants):
+//! - [`config`]: the TOML file, parsed strictly, with file:line:column errors.
+//! - [`coap`]: UDP sockets, the RFC 7252 message layer, link-format.
+//! - [`registry`]: the endpoint directory and the LwM2M registration interface.
+//! - [`store`]: durable state (SQLite, behind a trait).
+//! - [`auth`]: principals, scopes and the chain of auth backends.
+//! - [`rest`]: the HTTP API.
+//! - [`daemon`]: start-up wiring, signals, systemd readiness.
+//! - [`metrics`], [`shutdown`]: counters and the stop signal shared by all of the above.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod coap;
+pub mod config;
+pub mod daemon;
+pub mod metrics;
+pub mod registry;
+pub mod rest;
+pub mod shutdown;
+pub mod store;

@@ -1,0 +1,104 @@
+//! The `connectord` binary: command line, logging, runtime. Everything else is the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use connectord::config::{Config, Source};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::prelude::*;
+
+/// Default location of the configuration file in a system installation.
+const SYSTEM_CONFIG: &str = "/etc/connectord/connectord.toml";
+
+/// connectord: a self-hosted device connector.
+///
+/// LwM2M devices register over CoAP (UDP 5683); web applications reach them through an
+/// mbed Device Connector v2 compatible REST API (HTTP 8080 on 127.0.0.1 by default).
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground (systemd runs it this way).
+    ///
+    /// Without --config the embedded defaults are used (the repository's
+    /// etc/connectord.toml): REST on 127.0.0.1:8080, CoAP on UDP 5683, state in
+    /// $STATE_DIRECTORY or ~/.local/state/connectord. At first start an admin access key
+    /// is written to admin.key in the state directory. SIGHUP re-reads the configuration,
+    /// SIGTERM stops gracefully.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file without starting anything; exits 1 with
+    /// file:line:column and the key on the first error.
+    CheckConfig {
+        /// The file to check.
+        #[arg(default_value = SYSTEM_CONFIG)]
+        path: PathBuf,
+    },
+    /// Print the embedded default configuration.
+    DefaultConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { path } => match Config::load(&path) {
+            Ok(_) => {
+                println!("{}: configuration is valid", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::DefaultConfig => {
+            print!("{}", connectord::config::DEFAULT_TOML);
+            ExitCode::SUCCESS
+        }
+        Command::Run { config } => match run(config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                tracing::error!("{e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = match &path {
+        Some(p) => Config::load(p)?,
+        None => Config::parse(connectord::config::DEFAULT_TOML, Source::Embedded)?,
+    };
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(EnvFilter::new(&config.log.level));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+    tracing::info!(
+        "configuration: {}",
+        path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded defaults".into())
+    );
+    let set_log: connectord::daemon::SetLogFilter = Box::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("connectord")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(connectord::daemon::run(config, path, set_log))?;
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! Counters of what happened, shared by every subsystem and rendered in the Prometheus
+//! text format at `GET /metrics`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($( $(#[doc = $doc:literal])* $name:ident ),* $(,)?) => {
+        /// Monotonic counters; each field is documented as its metric's help text.
+        #[derive(Debug, Default)]
+        pub struct Counters {
+            $( $(#[doc = $doc])* pub $name: AtomicU64, )*
+        }
+
+        impl Counters {
+            /// Prometheus text exposition of every counter, named `connectord_<field>_total`.
+            pub fn render(&self, out: &mut String) {
+                $(
+                    let help = concat!($($doc),*).trim();
+                    let _ = writeln!(out, "# HELP connectord_{}_total {}", stringify!($name), help);
+                    let _ = writeln!(out, "# TYPE connectord_{}_total counter", stringify!($name));
+                    let _ = writeln!(out, "connectord_{}_total {}", stringify!($name), self.$name.load(Ordering::Relaxed));
+                )*
+            }
+        }
+    };
+}
+
+counters! {
+    /// CoAP datagrams received.
+    coap_datagrams,
+    /// CoAP datagrams that were not valid CoAP messages.
+    coap_malformed,
+    /// CoAP datagrams larger than coap.max_datagram, dropped.
+    coap_oversize,
+    /// Retransmitted CoAP requests answered from the duplicate cache or dropped.
+    coap_duplicates,
+    /// CoAP requests dropped because coap.max_in_flight requests were being handled.
+    coap_busy_drops,
+    /// CoAP messages that matched no exchange (stray responses, ACKs, RSTs).
+    coap_unexpected,
+    /// CoAP requests answered with a 4.xx or 5.xx code.
+    coap_error_responses,
+    /// LwM2M registrations accepted.
+    registrations,
+    /// LwM2M registration updates accepted.
+    registration_updates,
+    /// LwM2M de-registrations.
+    deregistrations,
+    /// Registrations removed because their lifetime ran out.
+    registrations_expired,
+    /// REST requests refused for missing or bad credentials.
+    rest_unauthorized,
+}
+
+impl Counters {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A gauge line in Prometheus text format.
+pub fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP connectord_{name} {help}");
+    let _ = writeln!(out, "# TYPE connectord_{name} gauge");
+    let _ = writeln!(out, "connectord_{name} {value}");
+}

@@ -1,0 +1,173 @@
+//! The LwM2M registration interface over CoAP: `POST /rd`, `POST /rd/{id}`,
+//! `DELETE /rd/{id}`. Turns CoAP requests into [`Registry`] calls and their outcome into
+//! CoAP responses with a diagnostic payload for every refusal.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use coap_lite::{CoapOption, ContentFormat, MessageClass, RequestType, ResponseType};
+
+use super::{RegisterParams, Registry, RegistryError, UpdateParams};
+use crate::coap::message::{self, Inbound, Response};
+use crate::coap::RequestHandler;
+
+/// Answers the registration interface for a [`Registry`].
+pub struct Lwm2mHandler {
+    registry: Arc<Registry>,
+}
+
+impl Lwm2mHandler {
+    pub fn new(registry: Arc<Registry>) -> Lwm2mHandler {
+        Lwm2mHandler { registry }
+    }
+}
+
+impl RequestHandler for Lwm2mHandler {
+    fn handle(&self, req: Inbound) -> Pin<Box<dyn Future<Output = Option<Response>> + Send>> {
+        let registry = Arc::clone(&self.registry);
+        Box::pin(async move { Some(handle(&registry, req).await) })
+    }
+}
+
+async fn handle(registry: &Registry, req: Inbound) -> Response {
+    let MessageClass::Request(method) = req.packet.header.code else {
+        return Response::diagnostic(ResponseType::BadRequest, "not a request");
+    };
+    let path = message::uri_path(&req.packet);
+    let path: Vec<&str> = path.iter().map(String::as_str).collect();
+    match (method, path.as_slice()) {
+        (RequestType::Post, ["rd"]) => register(registry, &req).await,
+        (RequestType::Post, ["rd", id]) => update(registry, id, &req).await,
+        (RequestType::Delete, ["rd", id]) => match registry.deregister(id).await {
+            Ok(_) => Response::new(ResponseType::Deleted),
+            Err(e) => refusal(e),
+        },
+        (_, ["rd"] | ["rd", _]) => Response::diagnostic(
+            ResponseType::MethodNotAllowed,
+            "the registration interface takes POST /rd, POST /rd/{id} and DELETE /rd/{id}",
+        ),
+        _ => Response::diagnostic(ResponseType::NotFound, "no such resource"),
+    }
+}
+
+fn refusal(e: RegistryError) -> Response {
+    match e {
+        RegistryError::Invalid(m) => Response::diagnostic(ResponseType::BadRequest, m),
+        RegistryError::NotFound(_) => {
+            Response::diagnostic(ResponseType::NotFound, "unknown registration")
+        }
+        e @ RegistryError::DomainFull { .. } => {
+            Response::diagnostic(ResponseType::Forbidden, e.to_string())
+        }
+        RegistryError::Store(e) => {
+            tracing::error!("registration not stored: {e}");
+            Response::diagnostic(ResponseType::InternalServerError, "storage failure")
+        }
+    }
+}
+
+/// The link-format body, if the request has one. A Content-Format other than
+/// link-format is 4.15; a body that is not UTF-8 is 4.00.
+fn body(req: &Inbound) -> Result<Option<String>, Response> {
+    if let Some(cf) = req.packet.get_content_format()
+        && cf != ContentFormat::ApplicationLinkFormat
+    {
+        return Err(Response::diagnostic(
+            ResponseType::UnsupportedContentFormat,
+            "the object list must be application/link-format",
+        ));
+    }
+    if req.packet.payload.is_empty() {
+        return Ok(None);
+    }
+    String::from_utf8(req.packet.payload.clone())
+        .map(Some)
+        .map_err(|_| Response::diagnostic(ResponseType::BadRequest, "object list is not UTF-8"))
+}
+
+/// One `name=value` (or bare `name`) query item.
+fn split_query(item: &str) -> (&str, Option<&str>) {
+    match item.split_once('=') {
+        Some((k, v)) => (k, Some(v)),
+        None => (item, None),
+    }
+}
+
+fn parse_lifetime(v: Option<&str>) -> Result<u32, Response> {
+    v.and_then(|v| v.parse::<u32>().ok()).ok_or_else(|| {
+        Response::diagnostic(ResponseType::BadRequest, "lt must be a whole number of seconds")
+    })
+}
+
+fn text_param(name: &str, v: Option<&str>) -> Result<String, Response> {
+    match v {
+        Some(v) if !v.is_empty() => Ok(v.to_string()),
+        _ => Err(Response::diagnostic(
+            ResponseType::BadRequest,
+            format!("{name} needs a value"),
+        )),
+    }
+}
+
+fn register_params(req: &Inbound) -> Result<RegisterParams, Response> {
+    let mut p = RegisterParams::default();
+    let mut name = None;
+    for item in message::uri_query(&req.packet) {
+        match split_query(&item) {
+            ("ep", v) => name = Some(text_param("ep", v)?),
+            ("lt", v) => p.lifetime_s = Some(parse_lifetime(v)?),
+            ("lwm2m", v) => p.lwm2m = Some(text_param("lwm2m", v)?),
+            ("b", v) => p.binding = Some(text_param("b", v)?),
+            ("et", v) => p.ept = Some(text_param("et", v)?),
+            ("d", v) => p.domain = Some(text_param("d", v)?),
+            ("Q", None) => p.queue_flag = true,
+            // sms, pid, apn and unknown parameters are accepted and ignored.
+            _ => {}
+        }
+    }
+    p.name = name.ok_or_else(|| {
+        Response::diagnostic(ResponseType::BadRequest, "ep (endpoint name) is required")
+    })?;
+    p.links = body(req)?.unwrap_or_default();
+    Ok(p)
+}
+
+async fn register(registry: &Registry, req: &Inbound) -> Response {
+    let params = match register_params(req) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    match registry.register(params, req.peer, req.local).await {
+        Ok(ep) => Response::new(ResponseType::Created)
+            .with_option(CoapOption::LocationPath, b"rd".to_vec())
+            .with_option(CoapOption::LocationPath, ep.reg.id.clone().into_bytes()),
+        Err(e) => refusal(e),
+    }
+}
+
+async fn update(registry: &Registry, id: &str, req: &Inbound) -> Response {
+    let mut p = UpdateParams::default();
+    for item in message::uri_query(&req.packet) {
+        let r = match split_query(&item) {
+            ("lt", v) => parse_lifetime(v).map(|lt| p.lifetime_s = Some(lt)),
+            ("b", v) => text_param("b", v).map(|b| p.binding = Some(b)),
+            ("Q", None) => {
+                p.queue_flag = true;
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        if let Err(resp) = r {
+            return resp;
+        }
+    }
+    p.links = match body(req) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    match registry.update(id, p, req.peer, req.local).await {
+        Ok(_) => Response::new(ResponseType::Changed),
+        Err(e) => refusal(e),
+    }
+}

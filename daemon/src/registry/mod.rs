@@ -1,0 +1,506 @@
+//! The endpoint directory: who is registered, with which resources, until when.
+//!
+//! The in-memory maps are the truth for reads; every change is submitted to the store under
+//! the same lock (so the store sees changes in memory order) and acknowledged to the device
+//! only after the store reports it durable. Lifetimes are wall-clock deadlines so that they
+//! survive a restart; one task expires them.
+
+pub mod lwm2m;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::coap::link_format;
+use crate::config::RegistryConfig;
+use crate::metrics::Counters;
+use crate::shutdown::Shutdown;
+use crate::store::{Store, StoreError};
+
+/// Longest endpoint name, endpoint type or domain accepted, in bytes.
+pub const MAX_NAME_LEN: usize = 256;
+
+/// A registration as it is stored: everything needed to rebuild the endpoint after a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The registration id, the last segment of the `Location-Path` (`rd/{id}`).
+    pub id: String,
+    pub domain: String,
+    /// The endpoint name (`ep=`), unique within the domain.
+    pub name: String,
+    /// The endpoint type (`et=`).
+    pub ept: Option<String>,
+    pub lifetime_s: u32,
+    /// The binding mode (`b=`), `U` when absent.
+    pub binding: String,
+    /// The LwM2M version (`lwm2m=`).
+    pub lwm2m: Option<String>,
+    /// Queue mode: `b=UQ` (LwM2M 1.0) or the bare `Q` parameter (LwM2M 1.1).
+    pub queue: bool,
+    /// Where the device's last message came from: requests to it go there.
+    pub peer: SocketAddr,
+    /// The local socket address that received it: requests to it go out of that socket.
+    pub local: SocketAddr,
+    /// The link-format body as registered (or last updated).
+    pub links: String,
+    pub registered_at_ms: u64,
+    pub expires_at_ms: u64,
+}
+
+/// A resource from the registration's link-format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    /// Path with a leading slash: `/3/0/1`.
+    pub path: String,
+    /// `rt=`: resource type.
+    pub rt: Option<String>,
+    /// `ct=` turned into a media type where known (`0` → `text/plain`), else as given.
+    pub ct: Option<String>,
+    /// `if=`: interface description.
+    pub iface: Option<String>,
+    /// `obs`: observable.
+    pub obs: bool,
+}
+
+/// A registered endpoint: its registration and the resources parsed from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub reg: Registration,
+    pub resources: Vec<Resource>,
+}
+
+/// Why a registration interface operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no registration {0}")]
+    NotFound(String),
+    #[error("domain {domain} already has {max} registered endpoints")]
+    DomainFull { domain: String, max: usize },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a device asked for in `POST /rd`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RegisterParams {
+    pub name: String,
+    pub domain: Option<String>,
+    pub ept: Option<String>,
+    pub lifetime_s: Option<u32>,
+    pub binding: Option<String>,
+    pub lwm2m: Option<String>,
+    pub queue_flag: bool,
+    pub links: String,
+}
+
+/// What a device asked for in `POST /rd/{id}`: only what it sends changes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UpdateParams {
+    pub lifetime_s: Option<u32>,
+    pub binding: Option<String>,
+    pub queue_flag: bool,
+    pub links: Option<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    by_id: HashMap<String, Arc<Endpoint>>,
+    /// (domain, name) → id.
+    by_name: HashMap<(String, String), String>,
+    /// (expires_at_ms, id), the next to expire first.
+    deadlines: BTreeSet<(u64, String)>,
+    per_domain: HashMap<String, usize>,
+}
+
+impl Inner {
+    fn insert(&mut self, ep: Arc<Endpoint>) {
+        let r = &ep.reg;
+        self.by_name
+            .insert((r.domain.clone(), r.name.clone()), r.id.clone());
+        self.deadlines.insert((r.expires_at_ms, r.id.clone()));
+        *self.per_domain.entry(r.domain.clone()).or_default() += 1;
+        self.by_id.insert(r.id.clone(), ep);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Arc<Endpoint>> {
+        let ep = self.by_id.remove(id)?;
+        let r = &ep.reg;
+        self.by_name.remove(&(r.domain.clone(), r.name.clone()));
+        self.deadlines.remove(&(r.expires_at_ms, r.id.clone()));
+        if let Some(n) = self.per_domain.get_mut(&r.domain) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_domain.remove(&r.domain);
+            }
+        }
+        Some(ep)
+    }
+}
+
+/// The endpoint directory.
+pub struct Registry {
+    inner: Mutex<Inner>,
+    store: Arc<dyn Store>,
+    cfg: RegistryConfig,
+    counters: Arc<Counters>,
+    /// Woken when a deadline earlier than the one the expiry task sleeps on may exist.
+    expiry_wake: Notify,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A domain name: 1 to 64 of letters, digits, `-`, `_`, `.`.
+pub fn valid_domain(d: &str) -> bool {
+    (1..=64).contains(&d.len())
+        && d
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// An endpoint name or type: 1 to [`MAX_NAME_LEN`] bytes, no control characters, and none
+/// of `/ ? #` that would make it unusable as a REST path segment.
+pub fn valid_name(n: &str) -> bool {
+    (1..=MAX_NAME_LEN).contains(&n.len())
+        && !n
+            .chars()
+            .any(|c| c.is_control() || matches!(c, '/' | '?' | '#'))
+}
+
+/// Media type for a CoAP Content-Format number, as the REST API reports it.
+pub fn media_type(ct: &str) -> String {
+    let known = match ct {
+        "0" => "text/plain",
+        "40" => "application/link-format",
+        "41" => "application/xml",
+        "42" => "application/octet-stream",
+        "47" => "application/exi",
+        "50" => "application/json",
+        "60" => "application/cbor",
+        "110" => "application/senml+json",
+        "112" => "application/senml+cbor",
+        "1542" | "11542" => "application/vnd.oma.lwm2m+tlv",
+        "1543" | "11543" => "application/vnd.oma.lwm2m+json",
+        "11544" => "application/vnd.oma.lwm2m+cbor",
+        other => return other.to_string(),
+    };
+    known.to_string()
+}
+
+/// Parses a registration body into resources. The LwM2M root link (`rt="oma.lwm2m"`)
+/// describes the server's object tree, not a resource, and is left out.
+pub fn parse_resources(links: &str) -> Result<Vec<Resource>, RegistryError> {
+    let parsed = link_format::parse(links)
+        .map_err(|e| RegistryError::Invalid(format!("bad object list: {e}")))?;
+    let mut out = Vec::with_capacity(parsed.len());
+    for l in parsed {
+        if l.attr("rt") == Some(Some("oma.lwm2m")) {
+            continue;
+        }
+        if !l.uri.starts_with('/') {
+            return Err(RegistryError::Invalid(format!(
+                "bad object list: link <{}> is not an absolute path",
+                l.uri
+            )));
+        }
+        let text = |k: &str| l.attr(k).flatten().map(str::to_owned);
+        out.push(Resource {
+            path: l.uri.clone(),
+            rt: text("rt"),
+            ct: l.attr("ct").flatten().map(media_type),
+            iface: text("if"),
+            obs: l.attr("obs").is_some(),
+        });
+    }
+    Ok(out)
+}
+
+fn new_registration_id() -> String {
+    hex::encode(rand::random::<[u8; 8]>())
+}
+
+impl Registry {
+    pub fn new(cfg: RegistryConfig, store: Arc<dyn Store>, counters: Arc<Counters>) -> Registry {
+        Registry {
+            inner: Mutex::new(Inner::default()),
+            store,
+            cfg,
+            counters,
+            expiry_wake: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every critical section leaves the maps consistent before anything can panic.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Loads stored registrations (at start). Those already past their deadline are
+    /// expired by the expiry task as soon as it runs.
+    pub async fn load(&self) -> Result<usize, StoreError> {
+        let regs = self.store.load_registrations().await?;
+        let mut inner = self.lock();
+        let mut n = 0;
+        for reg in regs {
+            match parse_resources(&reg.links) {
+                Ok(resources) => {
+                    inner.insert(Arc::new(Endpoint { reg, resources }));
+                    n += 1;
+                }
+                Err(e) => tracing::error!(id = %reg.id, "skipping stored registration: {e}"),
+            }
+        }
+        drop(inner);
+        self.expiry_wake.notify_one();
+        Ok(n)
+    }
+
+    fn check_lifetime(&self, lt: u32) -> Result<u32, RegistryError> {
+        let (min, max) = (self.cfg.min_lifetime_s, self.cfg.max_lifetime_s);
+        if (min..=max).contains(&lt) {
+            Ok(lt)
+        } else {
+            Err(RegistryError::Invalid(format!(
+                "lifetime {lt} is outside {min}..={max} seconds"
+            )))
+        }
+    }
+
+    /// Handles `POST /rd`: a new registration, replacing any earlier one of the same
+    /// endpoint name in the same domain.
+    pub async fn register(
+        &self,
+        p: RegisterParams,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Arc<Endpoint>, RegistryError> {
+        if !valid_name(&p.name) {
+            return Err(RegistryError::Invalid(format!(
+                "endpoint name must be 1 to {MAX_NAME_LEN} bytes without control characters, '/', '?' or '#'"
+            )));
+        }
+        if let Some(t) = &p.ept
+            && !valid_name(t)
+        {
+            return Err(RegistryError::Invalid(format!(
+                "endpoint type must be 1 to {MAX_NAME_LEN} bytes without control characters, '/', '?' or '#'"
+            )));
+        }
+        let domain = p.domain.unwrap_or_else(|| self.cfg.default_domain.clone());
+        if !valid_domain(&domain) {
+            return Err(RegistryError::Invalid(
+                "domain must be 1 to 64 letters, digits, '-', '_' or '.'".into(),
+            ));
+        }
+        let lifetime_s = self.check_lifetime(p.lifetime_s.unwrap_or(self.cfg.default_lifetime_s))?;
+        let binding = p.binding.unwrap_or_else(|| "U".into());
+        let resources = parse_resources(&p.links)?;
+        let now = now_ms();
+        let reg = Registration {
+            id: new_registration_id(),
+            queue: p.queue_flag || binding.contains('Q'),
+            domain,
+            name: p.name,
+            ept: p.ept,
+            lifetime_s,
+            binding,
+            lwm2m: p.lwm2m,
+            peer,
+            local,
+            links: p.links,
+            registered_at_ms: now,
+            expires_at_ms: now + u64::from(lifetime_s) * 1000,
+        };
+        let ep = Arc::new(Endpoint { reg, resources });
+        let durable = {
+            let mut inner = self.lock();
+            let key = (ep.reg.domain.clone(), ep.reg.name.clone());
+            let old = inner.by_name.get(&key).cloned();
+            let count = inner.per_domain.get(&ep.reg.domain).copied().unwrap_or(0);
+            if old.is_none() && count >= self.cfg.max_endpoints_per_domain {
+                return Err(RegistryError::DomainFull {
+                    domain: ep.reg.domain.clone(),
+                    max: self.cfg.max_endpoints_per_domain,
+                });
+            }
+            if let Some(old) = old {
+                inner.remove(&old);
+            }
+            inner.insert(Arc::clone(&ep));
+            self.store.put_registration(ep.reg.clone())
+        };
+        self.expiry_wake.notify_one();
+        durable.await?;
+        Counters::inc(&self.counters.registrations);
+        tracing::info!(
+            ep = %ep.reg.name, domain = %ep.reg.domain, id = %ep.reg.id, peer = %peer,
+            lifetime = ep.reg.lifetime_s, resources = ep.resources.len(), "registered"
+        );
+        Ok(ep)
+    }
+
+    /// Handles `POST /rd/{id}`: refreshes the lifetime and applies what the device sent.
+    /// A new source address (NAT rebinding) replaces the old one.
+    pub async fn update(
+        &self,
+        id: &str,
+        p: UpdateParams,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Arc<Endpoint>, RegistryError> {
+        if let Some(lt) = p.lifetime_s {
+            self.check_lifetime(lt)?;
+        }
+        let resources = p.links.as_deref().map(parse_resources).transpose()?;
+        let (ep, durable) = {
+            let mut inner = self.lock();
+            let old = inner
+                .by_id
+                .get(id)
+                .cloned()
+                .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+            let mut reg = old.reg.clone();
+            if let Some(lt) = p.lifetime_s {
+                reg.lifetime_s = lt;
+            }
+            if let Some(b) = p.binding {
+                reg.queue = p.queue_flag || b.contains('Q');
+                reg.binding = b;
+            } else if p.queue_flag {
+                reg.queue = true;
+            }
+            if reg.peer != peer {
+                tracing::info!(ep = %reg.name, from = %reg.peer, to = %peer, "device address changed");
+            }
+            reg.peer = peer;
+            reg.local = local;
+            reg.expires_at_ms = now_ms() + u64::from(reg.lifetime_s) * 1000;
+            let resources = match (resources, p.links) {
+                (Some(r), Some(l)) => {
+                    reg.links = l;
+                    r
+                }
+                _ => old.resources.clone(),
+            };
+            let ep = Arc::new(Endpoint { reg, resources });
+            inner.remove(id);
+            inner.insert(Arc::clone(&ep));
+            let durable = self.store.put_registration(ep.reg.clone());
+            (ep, durable)
+        };
+        self.expiry_wake.notify_one();
+        durable.await?;
+        Counters::inc(&self.counters.registration_updates);
+        tracing::debug!(ep = %ep.reg.name, id, "registration updated");
+        Ok(ep)
+    }
+
+    /// Handles `DELETE /rd/{id}`.
+    pub async fn deregister(&self, id: &str) -> Result<Arc<Endpoint>, RegistryError> {
+        let (ep, durable) = {
+            let mut inner = self.lock();
+            let ep = inner
+                .remove(id)
+                .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+            (ep, self.store.delete_registration(id.to_string()))
+        };
+        durable.await?;
+        Counters::inc(&self.counters.deregistrations);
+        tracing::info!(ep = %ep.reg.name, domain = %ep.reg.domain, id, "de-registered");
+        Ok(ep)
+    }
+
+    /// Removes every registration whose deadline is at or before `now_ms`; returns them.
+    pub async fn expire_due(&self, now_ms: u64) -> Vec<Arc<Endpoint>> {
+        let (expired, durable) = {
+            let mut inner = self.lock();
+            let due: Vec<String> = inner
+                .deadlines
+                .iter()
+                .take_while(|(t, _)| *t <= now_ms)
+                .map(|(_, id)| id.clone())
+                .collect();
+            let mut expired = Vec::with_capacity(due.len());
+            let mut durable = Vec::with_capacity(due.len());
+            for id in due {
+                if let Some(ep) = inner.remove(&id) {
+                    durable.push(self.store.delete_registration(id));
+                    expired.push(ep);
+                }
+            }
+            (expired, durable)
+        };
+        for d in durable {
+            if let Err(e) = d.await {
+                tracing::error!("store: cannot remove an expired registration: {e}");
+            }
+        }
+        for ep in &expired {
+            Counters::inc(&self.counters.registrations_expired);
+            tracing::info!(ep = %ep.reg.name, domain = %ep.reg.domain, id = %ep.reg.id, "registration expired");
+        }
+        expired
+    }
+
+    /// The expiry task: sleeps until the next deadline (or until woken by a change).
+    pub async fn run_expiry(self: Arc<Self>, mut shutdown: Shutdown) {
+        loop {
+            let next = self.lock().deadlines.first().map(|(t, _)| *t);
+            let sleep = match next {
+                Some(t) => Duration::from_millis(t.saturating_sub(now_ms())),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = shutdown.recv() => return,
+                _ = self.expiry_wake.notified() => continue,
+                _ = tokio::time::sleep(sleep) => {}
+            }
+            self.expire_due(now_ms()).await;
+        }
+    }
+
+    /// Endpoints of a domain, sorted by name, optionally only those of one endpoint type.
+    pub fn list(&self, domain: &str, ept: Option<&str>) -> Vec<Arc<Endpoint>> {
+        let inner = self.lock();
+        let mut v: Vec<_> = inner
+            .by_id
+            .values()
+            .filter(|e| e.reg.domain == domain)
+            .filter(|e| ept.is_none() || e.reg.ept.as_deref() == ept)
+            .cloned()
+            .collect();
+        drop(inner);
+        v.sort_by(|a, b| a.reg.name.cmp(&b.reg.name));
+        v
+    }
+
+    /// One endpoint by domain and exact name.
+    pub fn get(&self, domain: &str, name: &str) -> Option<Arc<Endpoint>> {
+        let inner = self.lock();
+        let id = inner.by_name.get(&(domain.to_string(), name.to_string()))?;
+        inner.by_id.get(id).cloned()
+    }
+
+    /// Registered endpoints in all domains.
+    pub fn len(&self) -> usize {
+        self.lock().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,159 @@
+use super::*;
+use crate::store::sqlite::SqliteStore;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn open(dir: &std::path::Path, cfg: RegistryConfig) -> Registry {
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir).unwrap());
+    Registry::new(cfg, store, Arc::new(Counters::default()))
+}
+
+fn params(name: &str) -> RegisterParams {
+    RegisterParams {
+        name: name.into(),
+        lifetime_s: Some(60),
+        links: r#"</>;rt="oma.lwm2m", </3/0>;obs;rt="oma.device";ct=0, </3303/0/5700>"#.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn register_update_deregister() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path(), RegistryConfig::default());
+    let ep = reg.register(params("node-1"), addr(1000), addr(5683)).await.unwrap();
+    assert_eq!(ep.reg.domain, "default");
+    assert_eq!(ep.resources.len(), 2, "the oma.lwm2m root link is not a resource");
+    assert_eq!(ep.resources[0].path, "/3/0");
+    assert_eq!(ep.resources[0].ct.as_deref(), Some("text/plain"));
+    assert!(ep.resources[0].obs);
+    assert!(!ep.resources[1].obs);
+    assert_eq!(reg.list("default", None).len(), 1);
+    assert!(reg.list("other", None).is_empty(), "domains are separate");
+
+    // NAT rebinding: the update comes from another port; the new address is kept.
+    let up = UpdateParams {
+        lifetime_s: Some(120),
+        binding: Some("UQ".into()),
+        links: Some("</4/0>".into()),
+        ..Default::default()
+    };
+    let ep2 = reg.update(&ep.reg.id, up, addr(2000), addr(5683)).await.unwrap();
+    assert_eq!(ep2.reg.peer, addr(2000));
+    assert_eq!(ep2.reg.lifetime_s, 120);
+    assert!(ep2.reg.queue);
+    assert_eq!(ep2.resources.len(), 1);
+    assert!(ep2.reg.expires_at_ms > ep.reg.expires_at_ms);
+
+    // An update without a body keeps the resources.
+    let ep3 = reg.update(&ep.reg.id, UpdateParams::default(), addr(2000), addr(5683)).await.unwrap();
+    assert_eq!(ep3.resources, ep2.resources);
+
+    reg.deregister(&ep.reg.id).await.unwrap();
+    assert!(reg.get("default", "node-1").is_none());
+    assert!(matches!(reg.deregister(&ep.reg.id).await, Err(RegistryError::NotFound(_))));
+    assert!(matches!(
+        reg.update(&ep.reg.id, UpdateParams::default(), addr(1), addr(2)).await,
+        Err(RegistryError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn re_registration_replaces_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path(), RegistryConfig::default());
+    let a = reg.register(params("n"), addr(1), addr(5683)).await.unwrap();
+    let b = reg.register(params("n"), addr(2), addr(5683)).await.unwrap();
+    assert_ne!(a.reg.id, b.reg.id);
+    assert_eq!(reg.len(), 1);
+    assert!(matches!(
+        reg.update(&a.reg.id, UpdateParams::default(), addr(1), addr(2)).await,
+        Err(RegistryError::NotFound(_))
+    ));
+    // The same name in another domain is another endpoint.
+    let mut p = params("n");
+    p.domain = Some("tenant-b".into());
+    reg.register(p, addr(3), addr(5683)).await.unwrap();
+    assert_eq!(reg.len(), 2);
+}
+
+#[tokio::test]
+async fn invalid_registrations_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path(), RegistryConfig::default());
+    let long = "x".repeat(MAX_NAME_LEN + 1);
+    let cases: Vec<(&str, RegisterParams)> = vec![
+        ("empty name", RegisterParams { name: "".into(), ..params("") }),
+        ("slash in name", params("a/b")),
+        ("control char", params("a\u{1}b")),
+        ("long name", params(&long)),
+        ("zero lifetime", RegisterParams { lifetime_s: Some(0), ..params("a") }),
+        ("bad domain", RegisterParams { domain: Some("a b".into()), ..params("a") }),
+        ("bad type", RegisterParams { ept: Some("".into()), ..params("a") }),
+        ("bad links", RegisterParams { links: "</3/0".into(), ..params("a") }),
+        ("relative link", RegisterParams { links: "<3/0>".into(), ..params("a") }),
+    ];
+    for (why, p) in cases {
+        assert!(
+            matches!(reg.register(p, addr(1), addr(2)).await, Err(RegistryError::Invalid(_))),
+            "{why}"
+        );
+    }
+    assert!(reg.is_empty());
+}
+
+#[tokio::test]
+async fn domain_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = RegistryConfig {
+        max_endpoints_per_domain: 2,
+        ..Default::default()
+    };
+    let reg = open(dir.path(), cfg);
+    reg.register(params("a"), addr(1), addr(2)).await.unwrap();
+    reg.register(params("b"), addr(1), addr(2)).await.unwrap();
+    assert!(matches!(
+        reg.register(params("c"), addr(1), addr(2)).await,
+        Err(RegistryError::DomainFull { .. })
+    ));
+    // Re-registering an existing name does not count twice.
+    reg.register(params("a"), addr(1), addr(2)).await.unwrap();
+}
+
+#[tokio::test]
+async fn registrations_survive_reopening_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (id, kept) = {
+        let reg = open(dir.path(), RegistryConfig::default());
+        let a = reg.register(params("a"), addr(1), addr(2)).await.unwrap();
+        let b = reg.register(params("b"), addr(1), addr(2)).await.unwrap();
+        reg.deregister(&b.reg.id).await.unwrap();
+        (a.reg.id.clone(), a)
+    };
+    let reg = open(dir.path(), RegistryConfig::default());
+    assert_eq!(reg.load().await.unwrap(), 1);
+    let a = reg.get("default", "a").unwrap();
+    assert_eq!(a.reg, kept.reg);
+    assert_eq!(a.resources, kept.resources);
+    reg.update(&id, UpdateParams::default(), addr(9), addr(2)).await.unwrap();
+}
+
+#[tokio::test]
+async fn expiry_removes_due_registrations_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path(), RegistryConfig::default());
+    let a = reg.register(RegisterParams { lifetime_s: Some(10), ..params("a") }, addr(1), addr(2)).await.unwrap();
+    reg.register(RegisterParams { lifetime_s: Some(100), ..params("b") }, addr(1), addr(2)).await.unwrap();
+    let t = a.reg.expires_at_ms;
+    assert!(reg.expire_due(t - 1).await.is_empty());
+    let gone = reg.expire_due(t).await;
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0].reg.name, "a");
+    assert_eq!(reg.len(), 1);
+    // And it stays gone after a restart.
+    drop(reg);
+    let reg = open(dir.path(), RegistryConfig::default());
+    assert_eq!(reg.load().await.unwrap(), 1);
+}

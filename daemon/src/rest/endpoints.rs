@@ -1,0 +1,210 @@
+//! `GET /endpoints` and `GET /endpoints/{endpoint-name}` (seed 000, "Endpoints").
+//!
+//! Both answer JSON or `application/link-format` by the `Accept` header, and come from the
+//! directory without waking the device. Field shapes follow the seed's examples: the
+//! endpoint list's `q` is a JSON boolean; a resource's `obs` is the string `"true"` or
+//! `"false"`; `rt` and `type` are left out when the device did not give them.
+
+use http::request::Parts;
+use http::StatusCode;
+use serde::Serialize;
+
+use super::reply::{Reply, error};
+use crate::auth::Principal;
+use crate::registry::{Endpoint, Registry};
+
+const JSON: &str = "application/json";
+const LINK_FORMAT: &str = "application/link-format";
+
+/// The representation a client asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    LinkFormat,
+}
+
+/// Picks JSON or link-format from an `Accept` header by q-value; JSON when absent or on a
+/// tie. `None` when the client accepts neither (406).
+pub fn negotiate(accept: Option<&str>) -> Option<Format> {
+    let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
+        return Some(Format::Json);
+    };
+    let mut best: Option<(f32, Format)> = None;
+    for range in accept.split(',') {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q=").and_then(|v| v.trim().parse::<f32>().ok()))
+            .next()
+            .unwrap_or(1.0);
+        let format = match media.as_str() {
+            JSON | "application/*" | "*/*" => Format::Json,
+            LINK_FORMAT => Format::LinkFormat,
+            _ => continue,
+        };
+        if q <= 0.0 {
+            continue;
+        }
+        if best.is_none_or(|(bq, _)| q > bq) {
+            best = Some((q, format));
+        }
+    }
+    best.map(|(_, f)| f)
+}
+
+fn format_of(parts: &Parts) -> Result<Format, Reply> {
+    let accept = parts.headers.get(http::header::ACCEPT).and_then(|v| v.to_str().ok());
+    negotiate(accept).ok_or_else(|| {
+        error(
+            StatusCode::NOT_ACCEPTABLE,
+            "not_acceptable",
+            "this resource is available as application/json or application/link-format",
+        )
+    })
+}
+
+/// The value of query parameter `name`, percent-decoded.
+pub fn query_param(parts: &Parts, name: &str) -> Option<String> {
+    let q = parts.uri.query()?;
+    q.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then(|| {
+            let v = v.replace('+', " ");
+            percent_encoding::percent_decode_str(&v).decode_utf8_lossy().into_owned()
+        })
+    })
+}
+
+#[derive(Serialize)]
+struct EndpointJson<'a> {
+    name: &'a str,
+    #[serde(rename = "type")]
+    ept: &'a str,
+    status: &'static str,
+    q: bool,
+}
+
+/// Quotes a link-format attribute value.
+fn quoted(v: &str) -> String {
+    format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// `GET /endpoints[?type=]`.
+pub fn list(registry: &Registry, who: &Principal, parts: &Parts) -> Reply {
+    let format = match format_of(parts) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let ept = query_param(parts, "type");
+    let eps = registry.list(&who.domain, ept.as_deref());
+    match format {
+        Format::Json => {
+            let body: Vec<EndpointJson> = eps
+                .iter()
+                .map(|e| EndpointJson {
+                    name: &e.reg.name,
+                    ept: e.reg.ept.as_deref().unwrap_or(""),
+                    status: "ACTIVE",
+                    q: e.reg.queue,
+                })
+                .collect();
+            Reply::json(StatusCode::OK, &body)
+        }
+        Format::LinkFormat => {
+            let body = eps
+                .iter()
+                .map(|e| {
+                    format!(
+                        "<{}>;type={};status=\"ACTIVE\";q=\"{}\"",
+                        e.reg.name,
+                        quoted(e.reg.ept.as_deref().unwrap_or("")),
+                        e.reg.queue
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            Reply::with_type(StatusCode::OK, LINK_FORMAT, body)
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ResourceJson<'a> {
+    uri: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rt: Option<&'a str>,
+    obs: &'static str,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    ct: Option<&'a str>,
+}
+
+fn resources_json(ep: &Endpoint) -> Vec<ResourceJson<'_>> {
+    ep.resources
+        .iter()
+        .map(|r| ResourceJson {
+            uri: &r.path,
+            rt: r.rt.as_deref(),
+            obs: if r.obs { "true" } else { "false" },
+            ct: r.ct.as_deref(),
+        })
+        .collect()
+}
+
+/// `GET /endpoints/{endpoint-name}`: 404 when no such endpoint is registered in the
+/// caller's domain.
+pub fn get(registry: &Registry, who: &Principal, parts: &Parts, name: &str) -> Reply {
+    let format = match format_of(parts) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let Some(ep) = registry.get(&who.domain, name) else {
+        return error(StatusCode::NOT_FOUND, "not_found", "endpoint not found");
+    };
+    match format {
+        Format::Json => Reply::json(StatusCode::OK, &resources_json(&ep)),
+        Format::LinkFormat => {
+            let body = ep
+                .resources
+                .iter()
+                .map(|r| {
+                    let mut s = format!("<{}>", r.path);
+                    if let Some(rt) = &r.rt {
+                        s.push_str(&format!(";rt={}", quoted(rt)));
+                    }
+                    if r.obs {
+                        s.push_str(";obs");
+                    }
+                    if let Some(ct) = &r.ct {
+                        s.push_str(&format!(";type={}", quoted(ct)));
+                    }
+                    s
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            Reply::with_type(StatusCode::OK, LINK_FORMAT, body)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_negotiation() {
+        let table: &[(Option<&str>, Option<Format>)] = &[
+            (None, Some(Format::Json)),
+            (Some(""), Some(Format::Json)),
+            (Some("application/json"), Some(Format::Json)),
+            (Some("*/*"), Some(Format::Json)),
+            (Some("application/link-format"), Some(Format::LinkFormat)),
+            (Some("application/json;q=0.5, application/link-format"), Some(Format::LinkFormat)),
+            (Some("application/link-format;q=0.2, */*;q=0.5"), Some(Format::Json)),
+            (Some("text/html"), None),
+            (Some("application/json;q=0"), None),
+        ];
+        for (accept, want) in table {
+            assert_eq!(negotiate(*accept), *want, "{accept:?}");
+        }
+    }
+}

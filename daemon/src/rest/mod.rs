@@ -1,0 +1,157 @@
+//! The REST API for applications (mbed Device Connector v2 compatible), on hyper.
+//!
+//! Every route is served at `/v2/…`, `/v1/…` and unprefixed. The router ([`routes`]) names
+//! the core [`Scope`](crate::auth::Scope) a route needs; this module authenticates the
+//! caller through the [`AuthChain`] and checks the scope before any handler runs. Errors
+//! are JSON `{"type": …, "message": …}`, never an empty body or an HTML page.
+
+pub mod endpoints;
+pub mod reply;
+pub mod routes;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::auth::AuthChain;
+use crate::coap::Transport;
+use crate::metrics::{self, Counters};
+use crate::registry::Registry;
+use crate::shutdown::Shutdown;
+use reply::{Reply, error};
+use routes::Route;
+
+/// How long a graceful stop waits for open HTTP connections.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What handlers need, shared by every connection.
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub auth: AuthChain,
+    pub counters: Arc<Counters>,
+    pub transport: Arc<Transport>,
+}
+
+/// Binds every configured address (before the daemon reports ready).
+pub async fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+    let mut out = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        let l = TcpListener::bind(a).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot bind the REST API on {a}: {e}"))
+        })?;
+        tracing::info!("REST API listening on http://{}", l.local_addr()?);
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Serves until `shutdown` fires, then lets open connections finish (bounded).
+pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdown: Shutdown) {
+    let graceful = Arc::new(GracefulShutdown::new());
+    let mut accepts = Vec::new();
+    for listener in listeners {
+        let state = Arc::clone(&state);
+        let graceful = Arc::clone(&graceful);
+        let mut sd = shutdown.clone();
+        accepts.push(tokio::spawn(async move {
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = sd.recv() => return,
+                    r = listener.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!("REST accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let _ = stream.set_nodelay(true);
+                let state = Arc::clone(&state);
+                let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&state), req));
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("REST connection ended: {e}");
+                    }
+                });
+            }
+        }));
+    }
+    shutdown.recv().await;
+    for a in accepts {
+        let _ = a.await;
+    }
+    match Arc::try_unwrap(graceful) {
+        Ok(g) => {
+            if tokio::time::timeout(DRAIN_TIMEOUT, g.shutdown()).await.is_err() {
+                tracing::warn!("REST connections still open after {DRAIN_TIMEOUT:?}; closing them");
+            }
+        }
+        Err(_) => tracing::warn!("REST: cannot drain connections"),
+    }
+}
+
+/// One request. Runs the handler on its own task so that a panic becomes a JSON 500.
+async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let reply = match tokio::spawn(dispatch(state, req)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(%method, %path, "REST handler failed: {e}");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error")
+        }
+    };
+    tracing::debug!(%method, %path, status = reply.status().as_u16(), "REST");
+    Ok(reply.into_response())
+}
+
+async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
+    let (route, scope) = match routes::resolve(req.method(), req.uri().path()) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    // Everything needs credentials.
+    let principal = match state.auth.authenticate(req.headers()) {
+        Ok(p) => p,
+        Err(e) => {
+            Counters::inc(&state.counters.rest_unauthorized);
+            return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.0)
+                .header(http::header::WWW_AUTHENTICATE, "Bearer");
+        }
+    };
+    if !principal.allows(scope) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            &format!("this access key lacks the scope {}", scope.as_str()),
+        );
+    }
+    let (parts, _body) = req.into_parts();
+    match route {
+        Route::Root => Reply::text(StatusCode::OK, format!("connectord {}", env!("CARGO_PKG_VERSION"))),
+        Route::RestVersions => Reply::json(StatusCode::OK, &["v1", "v2"]),
+        Route::Endpoints => endpoints::list(&state.registry, &principal, &parts),
+        Route::Endpoint(name) => endpoints::get(&state.registry, &principal, &parts, &name),
+        Route::Metrics => {
+            let mut out = String::new();
+            state.counters.render(&mut out);
+            metrics::gauge(&mut out, "registered_endpoints", "Endpoints registered now.", state.registry.len() as u64);
+            Reply::with_type(StatusCode::OK, "text/plain; version=0.0.4", out)
+        }
+    }
+    .method_is_head(parts.method == Method::HEAD)
+}

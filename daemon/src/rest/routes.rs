@@ -1,0 +1,97 @@
+//! Which route a method and path are, and the scope each needs.
+//!
+//! Paths are taken at `/v2/…`, `/v1/…` and unprefixed alike. Path segments are
+//! percent-decoded; an endpoint name may therefore hold any character but `/`.
+
+use http::{Method, StatusCode};
+use percent_encoding::percent_decode_str;
+
+use super::reply::{Reply, error};
+use crate::auth::Scope;
+
+/// A resolved route, with its decoded path parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /`: version text.
+    Root,
+    /// `GET /rest-versions`.
+    RestVersions,
+    /// `GET /endpoints`.
+    Endpoints,
+    /// `GET /endpoints/{endpoint-name}`.
+    Endpoint(String),
+    /// `GET /metrics` (Prometheus).
+    Metrics,
+}
+
+/// Resolves a request to a route and the scope it needs, or a ready 404/405 reply.
+pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
+    let segments = match split(path) {
+        Some(s) => s,
+        None => return Err(error(StatusCode::BAD_REQUEST, "bad_request", "path is not valid UTF-8 after percent-decoding")),
+    };
+    let rest: &[String] = match segments.first().map(String::as_str) {
+        Some("v1" | "v2") => &segments[1..],
+        _ => &segments,
+    };
+    let parts: Vec<&str> = rest.iter().map(String::as_str).collect();
+    let read = |route: Route, scope: Scope| {
+        if *method == Method::GET || *method == Method::HEAD {
+            Ok((route, scope))
+        } else {
+            Err(method_not_allowed("GET, HEAD"))
+        }
+    };
+    match parts.as_slice() {
+        [] => read(Route::Root, Scope::EndpointsRead),
+        ["rest-versions"] => read(Route::RestVersions, Scope::EndpointsRead),
+        ["endpoints"] => read(Route::Endpoints, Scope::EndpointsRead),
+        ["endpoints", name] => read(Route::Endpoint((*name).to_string()), Scope::EndpointsRead),
+        ["metrics"] => read(Route::Metrics, Scope::Admin),
+        _ => Err(error(StatusCode::NOT_FOUND, "not_found", "no such route")),
+    }
+}
+
+fn method_not_allowed(allow: &str) -> Reply {
+    error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", &format!("allowed methods: {allow}"))
+        .header(http::header::ALLOW, allow)
+}
+
+/// Non-empty, percent-decoded segments; a trailing slash is ignored.
+fn split(path: &str) -> Option<Vec<String>> {
+    path.split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| percent_decode_str(s).decode_utf8().ok().map(|c| c.into_owned()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_and_routes() {
+        let table: &[(&str, Route)] = &[
+            ("/", Route::Root),
+            ("/v2", Route::Root),
+            ("/rest-versions", Route::RestVersions),
+            ("/v1/rest-versions", Route::RestVersions),
+            ("/v2/endpoints", Route::Endpoints),
+            ("/endpoints/", Route::Endpoints),
+            ("/v2/endpoints/node-001", Route::Endpoint("node-001".into())),
+            ("/endpoints/a%20b", Route::Endpoint("a b".into())),
+            ("/v1/endpoints/x", Route::Endpoint("x".into())),
+        ];
+        for (path, route) in table {
+            assert_eq!(resolve(&Method::GET, path).map(|r| r.0).ok(), Some(route.clone()), "{path}");
+        }
+    }
+
+    #[test]
+    fn unknown_paths_and_methods() {
+        assert_eq!(resolve(&Method::GET, "/v3/endpoints").unwrap_err().status(), StatusCode::NOT_FOUND);
+        assert_eq!(resolve(&Method::GET, "/nothing").unwrap_err().status(), StatusCode::NOT_FOUND);
+        assert_eq!(resolve(&Method::POST, "/v2/endpoints").unwrap_err().status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(resolve(&Method::GET, "/endpoints/%FF").unwrap_err().status(), StatusCode::BAD_REQUEST);
+    }
+}

@@ -1,0 +1,84 @@
+//! Durable state behind a trait, so that a multi-node backend can come later.
+//!
+//! Every write returns a [`Pending`] that resolves once the write is durable; callers
+//! acknowledge to devices and applications only after that. The embedded backend is
+//! [`sqlite::SqliteStore`].
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::sync::oneshot;
+
+use crate::auth::AccessKeyRecord;
+use crate::registry::Registration;
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("cannot open the state directory {path}: {source}")]
+    Dir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the database schema is version {found}, newer than this connectord knows ({known}); upgrade connectord or restore a backup")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("the transaction failed: {0}")]
+    Commit(String),
+    #[error("the store has stopped")]
+    Closed,
+}
+
+/// The result of a store operation, once it is durable.
+pub struct Pending<T>(PendingInner<T>);
+
+enum PendingInner<T> {
+    Waiting(oneshot::Receiver<Result<T, StoreError>>),
+    Failed(Option<StoreError>),
+}
+
+impl<T> Pending<T> {
+    pub fn new(rx: oneshot::Receiver<Result<T, StoreError>>) -> Pending<T> {
+        Pending(PendingInner::Waiting(rx))
+    }
+    pub fn failed(e: StoreError) -> Pending<T> {
+        Pending(PendingInner::Failed(Some(e)))
+    }
+}
+
+impl<T> Future for Pending<T> {
+    type Output = Result<T, StoreError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            PendingInner::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(StoreError::Closed))),
+            PendingInner::Failed(e) => Poll::Ready(Err(e.take().unwrap_or(StoreError::Closed))),
+        }
+    }
+}
+
+/// Everything the daemon keeps across restarts.
+///
+/// Writes are applied in the order they are submitted, so a caller that submits under its
+/// own lock gets the store in the same order as its in-memory state.
+pub trait Store: Send + Sync + 'static {
+    /// Every stored registration, expired or not.
+    fn load_registrations(&self) -> Pending<Vec<Registration>>;
+    /// Inserts or replaces a registration by id, removing any other registration of the same
+    /// endpoint name in the same domain (a full re-registration).
+    fn put_registration(&self, reg: Registration) -> Pending<()>;
+    /// Removes a registration; removing an absent one is not an error.
+    fn delete_registration(&self, id: String) -> Pending<()>;
+    /// Every stored access key record.
+    fn load_access_keys(&self) -> Pending<Vec<AccessKeyRecord>>;
+    /// Inserts or replaces an access key record by id.
+    fn put_access_key(&self, key: AccessKeyRecord) -> Pending<()>;
+}

@@ -1,0 +1,284 @@
+//! The embedded store: one SQLite database in WAL mode, owned by a dedicated thread.
+//!
+//! SQLite calls block, so they never run on the async reactor. Jobs queue on a channel;
+//! the thread takes every job waiting (up to [`MAX_BATCH`]) and runs them in one
+//! transaction, each inside its own savepoint so one failing job does not undo the others,
+//! then commits with `synchronous=FULL` and only then answers every job: group commit,
+//! durable before acknowledged.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::{Pending, Store, StoreError};
+use crate::auth::AccessKeyRecord;
+use crate::registry::Registration;
+
+/// Most jobs committed in one transaction.
+pub const MAX_BATCH: usize = 1024;
+
+/// The file name of the database inside the state directory.
+pub const DB_FILE: &str = "connectord.db";
+
+/// Versioned schema migrations; `PRAGMA user_version` is the number applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: registrations and access keys.
+    "CREATE TABLE registrations (
+        id TEXT PRIMARY KEY,
+        domain TEXT NOT NULL,
+        name TEXT NOT NULL,
+        data TEXT NOT NULL,
+        UNIQUE (domain, name)
+    );
+    CREATE TABLE access_keys (
+        id TEXT PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        domain TEXT NOT NULL,
+        data TEXT NOT NULL
+    );",
+];
+
+/// Called after the batch's COMMIT with its outcome.
+type Completion = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
+
+/// One queued operation.
+trait Job: Send {
+    /// Runs the operation inside the batch transaction; says whether it succeeded and
+    /// returns what to do once the commit outcome is known.
+    fn run(self: Box<Self>, conn: &Connection) -> (bool, Completion);
+    /// Answers the caller without running (the transaction could not start).
+    fn fail(self: Box<Self>, e: &StoreError);
+}
+
+struct FnJob<T, F> {
+    f: F,
+    tx: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Job for FnJob<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
+{
+    fn run(self: Box<Self>, conn: &Connection) -> (bool, Completion) {
+        let FnJob { f, tx } = *self;
+        let result = f(conn);
+        let ok = result.is_ok();
+        let done: Completion = Box::new(move |commit| {
+            let out = match (result, commit) {
+                (Ok(v), Ok(())) => Ok(v),
+                (Err(e), _) => Err(e),
+                (Ok(_), Err(e)) => Err(StoreError::Commit(e.to_string())),
+            };
+            let _ = tx.send(out);
+        });
+        (ok, done)
+    }
+
+    fn fail(self: Box<Self>, e: &StoreError) {
+        let _ = self.tx.send(Err(StoreError::Commit(e.to_string())));
+    }
+}
+
+/// Handle to the store thread. Dropping every handle stops the thread after it has
+/// committed what was queued.
+pub struct SqliteStore {
+    tx: mpsc::Sender<Box<dyn Job>>,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database in `dir` and migrates it.
+    pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
+        create_private_dir(dir)?;
+        let path = dir.join(DB_FILE);
+        let conn = Connection::open(&path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&conn)?;
+        let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
+        std::thread::Builder::new()
+            .name("store".into())
+            .spawn(move || run(conn, rx))
+            .map_err(|e| StoreError::Dir {
+                path: dir.to_path_buf(),
+                source: e,
+            })?;
+        Ok(SqliteStore { tx, path })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn submit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Pending<T> {
+        let (tx, rx) = oneshot::channel();
+        match self.tx.send(Box::new(FnJob { f, tx })) {
+            Ok(()) => Pending::new(rx),
+            Err(_) => Pending::failed(StoreError::Closed),
+        }
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let err = |source| StoreError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if !dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > known {
+        return Err(StoreError::SchemaTooNew { found, known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let version = i as i64 + 1;
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version)?;
+        tx.commit()?;
+        tracing::info!("store: migrated database schema to version {version}");
+    }
+    Ok(())
+}
+
+fn run(conn: Connection, rx: mpsc::Receiver<Box<dyn Job>>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        run_batch(&conn, batch);
+    }
+    tracing::debug!("store thread stopped");
+}
+
+/// Runs a batch in one transaction and answers every job after the commit.
+fn run_batch(conn: &Connection, batch: Vec<Box<dyn Job>>) {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let e = StoreError::from(e);
+        tracing::error!("store: cannot begin a transaction: {e}");
+        batch.into_iter().for_each(|job| job.fail(&e));
+        return;
+    }
+    let mut dones = Vec::with_capacity(batch.len());
+    for job in batch {
+        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+            job.fail(&StoreError::from(e));
+            continue;
+        }
+        let (ok, done) = job.run(conn);
+        if !ok {
+            // Undo this job's partial writes, keep the rest of the batch.
+            let _ = conn.execute_batch("ROLLBACK TO job");
+        }
+        let _ = conn.execute_batch("RELEASE job");
+        dones.push(done);
+    }
+    let commit = conn.execute_batch("COMMIT").map_err(StoreError::from);
+    if let Err(e) = &commit {
+        tracing::error!("store: commit failed: {e}");
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    for done in dones {
+        done(commit.as_ref().map(|_| ()));
+    }
+}
+
+impl Store for SqliteStore {
+    fn load_registrations(&self) -> Pending<Vec<Registration>> {
+        self.submit(|conn| {
+            let mut stmt = conn.prepare("SELECT data FROM registrations")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let data = row?;
+                match serde_json::from_str::<Registration>(&data) {
+                    Ok(r) => out.push(r),
+                    Err(e) => tracing::error!("store: skipping unreadable registration: {e}"),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn put_registration(&self, reg: Registration) -> Pending<()> {
+        self.submit(move |conn| {
+            let data = serde_json::to_string(&reg).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            conn.prepare_cached("DELETE FROM registrations WHERE domain = ?1 AND name = ?2 AND id <> ?3")?
+                .execute(params![reg.domain, reg.name, reg.id])?;
+            conn.prepare_cached(
+                "INSERT INTO registrations (id, domain, name, data) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET domain = excluded.domain, name = excluded.name, data = excluded.data",
+            )?
+            .execute(params![reg.id, reg.domain, reg.name, data])?;
+            Ok(())
+        })
+    }
+
+    fn delete_registration(&self, id: String) -> Pending<()> {
+        self.submit(move |conn| {
+            conn.prepare_cached("DELETE FROM registrations WHERE id = ?1")?
+                .execute(params![id])?;
+            Ok(())
+        })
+    }
+
+    fn load_access_keys(&self) -> Pending<Vec<AccessKeyRecord>> {
+        self.submit(|conn| {
+            let mut stmt = conn.prepare("SELECT data FROM access_keys")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let data = row?;
+                let rec = serde_json::from_str::<AccessKeyRecord>(&data)
+                    .map_err(|e| StoreError::Corrupt(format!("access key: {e}")))?;
+                out.push(rec);
+            }
+            Ok(out)
+        })
+    }
+
+    fn put_access_key(&self, key: AccessKeyRecord) -> Pending<()> {
+        self.submit(move |conn| {
+            let data = serde_json::to_string(&key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let existing: Option<String> = conn
+                .query_row("SELECT id FROM access_keys WHERE id = ?1", params![key.id], |r| r.get(0))
+                .optional()?;
+            if existing.is_some() {
+                conn.execute(
+                    "UPDATE access_keys SET hash = ?2, domain = ?3, data = ?4 WHERE id = ?1",
+                    params![key.id, key.hash, key.domain, data],
+                )?;
+            } else {
+                conn.execute(
+                    "INSERT INTO access_keys (id, hash, domain, data) VALUES (?1, ?2, ?3, ?4)",
+                    params![key.id, key.hash, key.domain, data],
+                )?;
+            }
+            Ok(())
+        })
+    }
+}
