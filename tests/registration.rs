@@ -1,1 +1,613 @@
-fn main(){}
+//! End-to-end tests of the LwM2M registration interface and the endpoint directory,
+//! against the real binary over real UDP and HTTP, with a real SQLite state file.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use coap_lite::{ContentFormat, MessageType, Packet, RequestType, ResponseType};
+use support::coap::{Req, code, diag};
+use support::{Daemon, eventually, http_get};
+
+const LINKS: &str =
+    r#"</>;rt="oma.lwm2m",</3/0>;obs;rt="oma.device",</3303/0/5700>;obs;rt="5700";ct=0,</5/0>"#;
+
+#[test]
+fn register_list_update_deregister() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    let id = dev.register(
+        &["ep=node-001", "lt=60", "lwm2m=1.0", "b=U", "et=Light"],
+        LINKS,
+    );
+
+    for prefix in ["/v2", "/v1", ""] {
+        let r = d.get(&format!("{prefix}/endpoints"));
+        assert_eq!(r.status, 200, "{prefix}");
+        assert_eq!(r.content_type, "application/json");
+        assert_eq!(
+            r.json(),
+            serde_json::json!([{"name": "node-001", "type": "Light", "status": "ACTIVE", "q": false}])
+        );
+        let r = d.get(&format!("{prefix}/endpoints/node-001"));
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.json(),
+            serde_json::json!([
+                {"uri": "/3/0", "rt": "oma.device", "obs": "true"},
+                {"uri": "/3303/0/5700", "rt": "5700", "obs": "true", "type": "text/plain"},
+                {"uri": "/5/0", "obs": "false"}
+            ])
+        );
+    }
+    let r = d.get("/v2/endpoints?type=Light");
+    assert_eq!(r.json().as_array().unwrap().len(), 1);
+    let r = d.get("/v2/endpoints?type=Other");
+    assert_eq!(r.json(), serde_json::json!([]));
+
+    // link-format representations.
+    let r = d.get_accept("/v2/endpoints", "application/link-format");
+    assert_eq!(
+        (r.status, r.content_type.as_str()),
+        (200, "application/link-format")
+    );
+    assert_eq!(
+        r.body,
+        r#"<node-001>;type="Light";status="ACTIVE";q="false""#
+    );
+    let r = d.get_accept("/v2/endpoints/node-001", "application/link-format");
+    assert_eq!(
+        r.body,
+        r#"</3/0>;rt="oma.device";obs,</3303/0/5700>;rt="5700";obs;type="text/plain",</5/0>"#
+    );
+    let r = d.get_accept("/v2/endpoints", "text/html");
+    assert_eq!(r.status, 406);
+    assert_eq!(r.json()["type"], "not_acceptable");
+
+    let r = d.get("/v2/endpoints/nobody");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["type"], "not_found");
+
+    // Update into queue mode with a new object list.
+    assert_eq!(
+        dev.update(&id, &["lt=120", "b=UQ"], Some("</3/0>")),
+        ResponseType::Changed
+    );
+    let r = d.get("/v2/endpoints");
+    assert_eq!(r.json()[0]["q"], true);
+    assert_eq!(
+        d.get("/v2/endpoints/node-001")
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    assert_eq!(dev.deregister(&id), ResponseType::Deleted);
+    assert_eq!(d.get("/v2/endpoints").json(), serde_json::json!([]));
+    assert_eq!(d.get("/v2/endpoints/node-001").status, 404);
+    assert_eq!(dev.update(&id, &[], None), ResponseType::NotFound);
+    assert_eq!(dev.deregister(&id), ResponseType::NotFound);
+    assert_eq!(d.metric("registrations_total"), 1);
+    assert_eq!(d.metric("deregistrations_total"), 1);
+}
+
+#[test]
+fn rest_refuses_requests_without_a_valid_key() {
+    let d = Daemon::start();
+    for path in [
+        "/v2/endpoints",
+        "/endpoints/x",
+        "/",
+        "/rest-versions",
+        "/metrics",
+    ] {
+        for key in [None, Some("wrong"), Some("")] {
+            let r = http_get(&d.url(path), key, None);
+            assert_eq!(r.status, 401, "{path} {key:?}");
+            assert_eq!(r.content_type, "application/json");
+            assert_eq!(r.json()["type"], "unauthorized");
+        }
+    }
+    let r = d.get("/rest-versions");
+    assert_eq!(r.json(), serde_json::json!(["v1", "v2"]));
+    let r = d.get("/");
+    assert_eq!(r.status, 200);
+    assert!(r.body.starts_with("connectord "), "{}", r.body);
+    let r = d.get("/v2/nothing-here");
+    assert_eq!(
+        (r.status, r.json()["type"].as_str()),
+        (404, Some("not_found"))
+    );
+}
+
+#[test]
+fn lifetime_expiry_removes_the_endpoint() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=short", "lt=1"], "</3/0>");
+    let mut keep = d.device();
+    keep.register(&["ep=long", "lt=300"], "</3/0>");
+    assert_eq!(d.get("/v2/endpoints").json().as_array().unwrap().len(), 2);
+    assert!(
+        eventually(Duration::from_secs(10), || d
+            .get("/v2/endpoints")
+            .json()
+            .as_array()
+            .unwrap()
+            .len()
+            == 1),
+        "the 1 s registration did not expire"
+    );
+    assert_eq!(d.get("/v2/endpoints").json()[0]["name"], "long");
+    assert_eq!(d.metric("registrations_expired_total"), 1);
+    assert!(d.wait_log("registration expired", Duration::from_secs(1)));
+}
+
+#[test]
+fn an_update_keeps_a_short_lifetime_registration_alive() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    let id = dev.register(&["ep=kept", "lt=2"], "</3/0>");
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(700));
+        assert_eq!(dev.update(&id, &[], None), ResponseType::Changed);
+    }
+    assert_eq!(d.get("/v2/endpoints").json().as_array().unwrap().len(), 1);
+    assert_eq!(d.metric("registrations_expired_total"), 0);
+}
+
+#[test]
+fn nat_rebinding_moves_the_registration_to_the_new_address() {
+    let d = Daemon::start();
+    let mut before = d.device();
+    let id = before.register(&["ep=behind-nat", "lt=60"], "</3/0>");
+    // The same device, after its NAT mapping changed: a new source port.
+    let mut after = d.device();
+    assert_eq!(after.update(&id, &[], None), ResponseType::Changed);
+    let from = format!("from={}", before.local_addr());
+    let to = format!("to={}", after.local_addr());
+    assert!(
+        d.wait_log(&to, Duration::from_secs(2)),
+        "no address change logged:\n{}",
+        d.logs().join("\n")
+    );
+    assert!(
+        d.logs()
+            .iter()
+            .any(|l| l.contains("device address changed") && l.contains(&from))
+    );
+}
+
+#[test]
+fn a_retransmitted_registration_gets_the_cached_reply() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    let mut r = Req::new(RequestType::Post, &["rd"]);
+    r.query = &["ep=dup", "lt=60"];
+    r.payload = b"</3/0>";
+    let bytes = dev.build(&r).to_bytes().unwrap();
+    dev.send_raw(&bytes);
+    let first = dev.recv_raw(Duration::from_secs(5)).expect("first reply");
+    dev.send_raw(&bytes);
+    let second = dev
+        .recv_raw(Duration::from_secs(5))
+        .expect("reply to the duplicate");
+    assert_eq!(
+        first, second,
+        "the duplicate must be answered with the same reply"
+    );
+    let p = Packet::from_bytes(&first).unwrap();
+    assert_eq!(p.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(code(&p), ResponseType::Created);
+    assert_eq!(d.metric("registrations_total"), 1, "handled once");
+    assert_eq!(d.metric("coap_duplicates_total"), 1);
+    assert_eq!(d.get("/v2/endpoints").json().as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn a_non_confirmable_registration_gets_a_non_reply() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    let mut r = Req::new(RequestType::Post, &["rd"]);
+    r.query = &["ep=non", "lt=60"];
+    r.confirmable = false;
+    let resp = dev.request(&r);
+    assert_eq!(resp.header.get_type(), MessageType::NonConfirmable);
+    assert_eq!(code(&resp), ResponseType::Created);
+}
+
+/// Every bad request gets a CoAP error code and a diagnostic payload; nothing is registered.
+#[test]
+fn bad_registration_requests_are_answered_with_errors() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    let cases: Vec<(Req, ResponseType, &str)> = vec![
+        (
+            Req {
+                query: &["lt=60"],
+                ..Req::new(RequestType::Post, &["rd"])
+            },
+            ResponseType::BadRequest,
+            "ep",
+        ),
+        (
+            Req {
+                query: &["ep=a", "lt=x"],
+                ..Req::new(RequestType::Post, &["rd"])
+            },
+            ResponseType::BadRequest,
+            "lt",
+        ),
+        (
+            Req {
+                query: &["ep=a", "lt=0"],
+                ..Req::new(RequestType::Post, &["rd"])
+            },
+            ResponseType::BadRequest,
+            "lifetime",
+        ),
+        (
+            Req {
+                query: &["ep=a/b"],
+                ..Req::new(RequestType::Post, &["rd"])
+            },
+            ResponseType::BadRequest,
+            "name",
+        ),
+        (
+            Req {
+                query: &["ep=a", "d=no spaces"],
+                ..Req::new(RequestType::Post, &["rd"])
+            },
+            ResponseType::BadRequest,
+            "domain",
+        ),
+        (
+            Req {
+                query: &["ep=a"],
+                payload: b"</3/0",
+                ..Req::new(RequestType::Post, &["rd"])
+            },
+            ResponseType::BadRequest,
+            "object list",
+        ),
+        (
+            Req {
+                query: &["ep=a"],
+                payload: &[0xFF, 0xFE],
+                ..Req::new(RequestType::Post, &["rd"])
+            },
+            ResponseType::BadRequest,
+            "UTF-8",
+        ),
+        (
+            Req {
+                query: &["ep=a"],
+                payload: b"{}",
+                content_format: Some(ContentFormat::ApplicationJSON),
+                ..Req::new(RequestType::Post, &["rd"])
+            },
+            ResponseType::UnsupportedContentFormat,
+            "link-format",
+        ),
+        (
+            Req::new(RequestType::Get, &["rd"]),
+            ResponseType::MethodNotAllowed,
+            "POST",
+        ),
+        (
+            Req::new(RequestType::Put, &["rd", "x"]),
+            ResponseType::MethodNotAllowed,
+            "POST",
+        ),
+        (
+            Req::new(RequestType::Get, &["elsewhere"]),
+            ResponseType::NotFound,
+            "",
+        ),
+        (
+            Req::new(RequestType::Post, &["rd", "unknown-id"]),
+            ResponseType::NotFound,
+            "registration",
+        ),
+    ];
+    for (req, want, text) in &cases {
+        let resp = dev.request(req);
+        assert_eq!(
+            code(&resp),
+            *want,
+            "{:?} {:?}: {}",
+            req.path,
+            req.query,
+            diag(&resp)
+        );
+        assert!(
+            diag(&resp).contains(text),
+            "diagnostic {:?} lacks {text:?}",
+            diag(&resp)
+        );
+    }
+    assert_eq!(d.get("/v2/endpoints").json(), serde_json::json!([]));
+    assert_eq!(d.metric("coap_error_responses_total"), cases.len() as u64);
+}
+
+/// Garbage never crashes the daemon: a malformed CON is rejected with RST, anything else
+/// malformed is dropped; all of it is counted.
+#[test]
+fn malformed_datagrams_are_rejected_or_dropped_and_counted() {
+    let d = Daemon::start_custom("max_datagram = 256", "");
+    let dev = d.device();
+    // (datagram, RST expected with this message id)
+    let cases: &[(&[u8], Option<u16>)] = &[
+        (&[0x40, 0x02, 0x12, 0x34, 0xF0], Some(0x1234)), // CON, option delta 15
+        (&[0x49, 0x02, 0x00, 0x07], Some(7)),            // CON, token length 9
+        (&[0x40, 0x02, 0x00, 0x08, 0xFF], Some(8)),      // CON, marker without payload
+        (&[0x50, 0x02, 0x00, 0x09, 0xF0], None),         // NON: dropped silently
+        (&[0x80, 0x02, 0x00, 0x0A], None),               // version 2: dropped
+        (&[0x01], None),                                 // too short
+        (b"GET / HTTP/1.1\r\n\r\n", Some(0x5420)), // text: 0x47 reads as a CON with a bad body
+        (b"\xC7junk", None),                       // version 3: dropped
+    ];
+    for (bytes, rst) in cases {
+        dev.send_raw(bytes);
+        let reply = dev.recv_raw(Duration::from_millis(if rst.is_some() {
+            3000
+        } else {
+            300
+        }));
+        match rst {
+            Some(mid) => {
+                let p =
+                    Packet::from_bytes(&reply.unwrap_or_else(|| panic!("no RST for {bytes:?}")))
+                        .unwrap();
+                assert_eq!(p.header.get_type(), MessageType::Reset, "{bytes:?}");
+                assert_eq!(p.header.message_id, *mid);
+            }
+            None => assert!(reply.is_none(), "unexpected reply to {bytes:?}: {reply:?}"),
+        }
+    }
+    // Oversize datagram: dropped and counted separately.
+    dev.send_raw(&[0x50; 300]);
+    // A CoAP ping is answered with RST.
+    dev.send_raw(&[0x40, 0x00, 0xAB, 0xCD]);
+    let p = Packet::from_bytes(&dev.recv_raw(Duration::from_secs(3)).expect("ping RST")).unwrap();
+    assert_eq!(
+        (p.header.get_type(), p.header.message_id),
+        (MessageType::Reset, 0xABCD)
+    );
+
+    assert!(eventually(Duration::from_secs(3), || d
+        .metric("coap_malformed_total")
+        == cases.len() as u64));
+    assert_eq!(d.metric("coap_oversize_total"), 1);
+    // Still serving.
+    d.device().register(&["ep=after-garbage"], "</3/0>");
+}
+
+#[test]
+fn registrations_survive_kill_9() {
+    let d = Daemon::start();
+    let mut a = d.device();
+    let mut b = d.device();
+    let id_a = a.register(&["ep=dev-a", "lt=300", "et=Sensor"], LINKS);
+    b.register(&["ep=dev-b", "lt=300", "b=UQ"], "</3/0>");
+    let key = d.key.clone();
+    let before = d.get("/v2/endpoints").json();
+
+    let d = d.crash_and_restart();
+    assert_eq!(d.key, key, "the admin key is kept, not created again");
+    assert_eq!(d.get("/v2/endpoints").json(), before);
+    assert_eq!(
+        d.get("/v2/endpoints/dev-a")
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert!(
+        d.logs()
+            .iter()
+            .any(|l| l.contains("loaded 2 stored registrations"))
+    );
+    // The device's next update (from the socket it registered with) succeeds; the daemon
+    // came back on another port, as a server that moved would.
+    a.server = d.coap;
+    assert_eq!(a.update(&id_a, &[], None), ResponseType::Changed);
+}
+
+#[test]
+fn sigterm_stops_gracefully() {
+    let mut d = Daemon::start();
+    d.device().register(&["ep=x"], "</3/0>");
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(Duration::from_secs(15)), Some(0));
+    assert!(d.logs().iter().any(|l| l.contains("SIGTERM: stopping")));
+    assert!(d.logs().iter().any(|l| l.ends_with(" stopped")));
+}
+
+#[test]
+fn sighup_applies_the_log_level_and_names_what_needs_a_restart() {
+    let d = Daemon::start();
+    let text = std::fs::read_to_string(&d.config_path).unwrap();
+    // A broken file: the running configuration stays.
+    std::fs::write(&d.config_path, "[log]\nlevel = \"info\"\nbogus = 1\n").unwrap();
+    d.signal("HUP");
+    assert!(
+        d.wait_log("configuration not reloaded", Duration::from_secs(5)),
+        "{}",
+        d.logs().join("\n")
+    );
+    assert!(
+        d.logs()
+            .iter()
+            .any(|l| l.contains(":3:1: unknown field `bogus`"))
+    );
+    // A good file with a new log level and a new registry setting.
+    let changed = text.replace("level = \"debug\"", "level = \"warn\"")
+        + "[registry]\ndefault_lifetime_s = 600\n";
+    std::fs::write(&d.config_path, changed).unwrap();
+    d.signal("HUP");
+    assert!(
+        d.wait_log("take effect after a restart", Duration::from_secs(5)),
+        "{}",
+        d.logs().join("\n")
+    );
+    assert!(d.logs().iter().any(|l| l.contains("[registry]")));
+    // At warn level, a registration no longer logs its info line.
+    let lines = d.logs().len();
+    d.device().register(&["ep=quiet"], "</3/0>");
+    assert_eq!(d.get("/v2/endpoints").json().as_array().unwrap().len(), 1);
+    assert!(!d.logs()[lines..].iter().any(|l| l.contains("registered")));
+}
+
+#[test]
+fn check_config_reports_file_line_column_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[coap]\nmax_datagram = 1500\nmax_dgram = 5\n").unwrap();
+    let out = Command::new(support::BIN)
+        .args(["check-config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:3:1:", bad.display())), "{err}");
+    assert!(err.contains("coap.max_dgram"), "{err}");
+
+    std::fs::write(&bad, "[rest]\nlisten = [\"localhost\"]\n").unwrap();
+    let out = Command::new(support::BIN)
+        .args(["check-config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(":2:11:") && err.contains("rest.listen"),
+        "{err}"
+    );
+
+    // `run` refuses the same file with the same message, before binding anything.
+    let out = Command::new(support::BIN)
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rest.listen"));
+
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../etc/connectord.toml");
+    let out = Command::new(support::BIN)
+        .args(["check-config", shipped])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = Command::new(support::BIN)
+        .args(["check-config", "/nonexistent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+/// aiocoap (PyPI) registers, updates and de-registers: a CoAP stack nobody here wrote.
+#[test]
+fn aiocoap_client_registers_updates_and_deregisters() {
+    let d = Daemon::start();
+    let python = support::peers::aiocoap_python();
+    let script = support::peers::script("aiocoap_device.py");
+    let run = |args: &[&str]| -> String {
+        let out = Command::new(&python)
+            .arg(&script)
+            .arg(d.coap.ip().to_string())
+            .arg(d.coap.port().to_string())
+            .args(args)
+            .output()
+            .expect("run aiocoap");
+        assert!(
+            out.status.success(),
+            "aiocoap failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let out = run(&["register", "aiocoap-1"]);
+    let (code, location) = out.split_once(' ').expect("code and location");
+    assert_eq!(code, "2.01");
+    assert!(location.starts_with("rd/"), "{location}");
+    assert_eq!(
+        d.get("/v2/endpoints").json(),
+        serde_json::json!([{"name": "aiocoap-1", "type": "aiocoap-sensor", "status": "ACTIVE", "q": false}])
+    );
+    assert_eq!(
+        d.get("/v2/endpoints/aiocoap-1").json(),
+        serde_json::json!([
+            {"uri": "/3/0", "obs": "true"},
+            {"uri": "/3303/0/5700", "rt": "temperature", "obs": "true", "type": "text/plain"}
+        ])
+    );
+    assert_eq!(run(&["update", location]), "2.04");
+    assert_eq!(run(&["deregister", location]), "2.02");
+    assert_eq!(d.get("/v2/endpoints").json(), serde_json::json!([]));
+    assert_eq!(run(&["deregister", location]), "4.04");
+}
+
+/// libcoap's command-line client (Debian libcoap3-bin) registers and de-registers.
+#[test]
+fn libcoap_client_registers_and_deregisters() {
+    let d = Daemon::start();
+    let client = support::peers::libcoap_client();
+    let base = format!("coap://{}", d.coap);
+    let run = |args: &[&str]| -> String {
+        let out = Command::new(&client)
+            .args(["-v", "6", "-B", "10"])
+            .args(args)
+            .output()
+            .expect("run coap-client");
+        assert!(
+            out.status.success(),
+            "coap-client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // libcoap logs the messages it sends and receives; the reply is the ACK line.
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        all.lines()
+            .find(|l| l.contains("t:ACK"))
+            .unwrap_or_else(|| panic!("no ACK in:\n{all}"))
+            .to_string()
+    };
+    let ack = run(&[
+        "-m",
+        "post",
+        "-t",
+        "40",
+        "-e",
+        "</3/0>;obs,</1/0>",
+        &format!("{base}/rd?ep=libcoap-1&lt=300&b=UQ"),
+    ]);
+    assert!(ack.contains("c:2.01"), "{ack}");
+    let id = ack
+        .split("Location-Path:")
+        .nth(2)
+        .map(|s| s.split([',', ' ', ']']).next().unwrap().to_string())
+        .unwrap_or_else(|| panic!("no Location-Path in {ack}"));
+    assert_eq!(
+        d.get("/v2/endpoints").json(),
+        serde_json::json!([{"name": "libcoap-1", "type": "", "status": "ACTIVE", "q": true}])
+    );
+    assert!(run(&["-m", "delete", &format!("{base}/rd/{id}")]).contains("c:2.02"));
+    assert_eq!(d.get("/v2/endpoints").json(), serde_json::json!([]));
+}

@@ -13,11 +13,11 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::auth::{AuthBackend, AuthChain, CoreKeys};
-use crate::config::{Config, ConfigError};
 use crate::coap::Transport;
+use crate::config::{Config, ConfigError};
 use crate::metrics::Counters;
-use crate::registry::lwm2m::Lwm2mHandler;
 use crate::registry::Registry;
+use crate::registry::lwm2m::Lwm2mHandler;
 use crate::rest::{self, AppState};
 use crate::shutdown;
 use crate::store::sqlite::SqliteStore;
@@ -40,19 +40,30 @@ pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// Runs the daemon until SIGTERM or SIGINT. `config_path` is re-read on SIGHUP (with
 /// `None`, the embedded defaults are in force and SIGHUP has nothing to re-read).
-pub async fn run(config: Config, config_path: Option<PathBuf>, set_log: SetLogFilter) -> Result<(), StartError> {
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    set_log: SetLogFilter,
+) -> Result<(), StartError> {
     let state_dir = config.state.resolve_dir();
     let store = SqliteStore::open(&state_dir)?;
     tracing::info!("state in {}", store.path().display());
     let store: Arc<dyn Store> = Arc::new(store);
     let counters = Arc::new(Counters::default());
 
-    let registry = Arc::new(Registry::new(config.registry.clone(), Arc::clone(&store), Arc::clone(&counters)));
+    let registry = Arc::new(Registry::new(
+        config.registry.clone(),
+        Arc::clone(&store),
+        Arc::clone(&counters),
+    ));
     let loaded = registry.load().await?;
     tracing::info!("loaded {loaded} stored registrations");
 
     let keys = Arc::new(CoreKeys::load(Arc::clone(&store)).await?);
-    match keys.ensure_first_admin(&state_dir, &config.registry.default_domain).await? {
+    match keys
+        .ensure_first_admin(&state_dir, &config.registry.default_domain)
+        .await?
+    {
         Some(path) => tracing::warn!(
             "first start: created an admin access key for domain {}; it is in {} (readable by this user only)",
             config.registry.default_domain,
@@ -69,7 +80,10 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, set_log: SetLogFi
     let listeners = rest::bind(&config.rest.listen).await?;
 
     let (trigger, stop) = shutdown::channel();
-    let mut tasks = transport.start(Arc::new(Lwm2mHandler::new(Arc::clone(&registry))), stop.clone());
+    let mut tasks = transport.start(
+        Arc::new(Lwm2mHandler::new(Arc::clone(&registry))),
+        stop.clone(),
+    );
     tasks.push(tokio::spawn(Arc::clone(&registry).run_expiry(stop.clone())));
     let state = Arc::new(AppState {
         registry: Arc::clone(&registry),
@@ -150,7 +164,10 @@ fn reload(running: Config, path: Option<&std::path::Path>, set_log: &SetLogFilte
     notify(&[NotifyState::Ready]);
     // Keep the running values of what was not applied, so a later reload compares
     // against what is really in force.
-    Config { log: next.log, ..running }
+    Config {
+        log: next.log,
+        ..running
+    }
 }
 
 fn log_config_error(e: &ConfigError) {

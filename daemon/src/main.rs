@@ -81,14 +81,22 @@ fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
         Some(p) => Config::load(p)?,
         None => Config::parse(connectord::config::DEFAULT_TOML, Source::Embedded)?,
     };
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(EnvFilter::new(&config.log.level));
+    let (filter, handle) =
+        tracing_subscriber::reload::Layer::new(EnvFilter::new(&config.log.level));
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colours only on a terminal: journald and log files get plain text.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .init();
     tracing::info!(
         "configuration: {}",
-        path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded defaults".into())
+        path.as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "embedded defaults".into())
     );
     let set_log: connectord::daemon::SetLogFilter = Box::new(move |level: &str| {
         let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;

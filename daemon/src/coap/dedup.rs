@@ -139,7 +139,10 @@ mod tests {
         let mut d = Dedup::new(Duration::from_secs(10), 10);
         d.check(peer(1), 5, t);
         d.complete(peer(1), 5, None);
-        assert_eq!(d.check(peer(1), 5, t + Duration::from_secs(9)), Seen::Answered(None));
+        assert_eq!(
+            d.check(peer(1), 5, t + Duration::from_secs(9)),
+            Seen::Answered(None)
+        );
         assert_eq!(d.check(peer(1), 5, t + Duration::from_secs(10)), Seen::New);
     }
 

@@ -55,7 +55,10 @@ impl Transport {
                     tracing::warn!("CoAP: skipping {addr}: IPv6 is not available here ({e})");
                 }
                 Err(e) => {
-                    return Err(io::Error::new(e.kind(), format!("cannot bind CoAP on {addr}: {e}")));
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot bind CoAP on {addr}: {e}"),
+                    ));
                 }
             }
         }
@@ -101,7 +104,12 @@ impl Transport {
             .collect()
     }
 
-    async fn receive_loop(self: Arc<Self>, index: usize, handler: Arc<dyn RequestHandler>, mut shutdown: Shutdown) {
+    async fn receive_loop(
+        self: Arc<Self>,
+        index: usize,
+        handler: Arc<dyn RequestHandler>,
+        mut shutdown: Shutdown,
+    ) {
         let (local, socket) = self.sockets[index].clone();
         // One byte more than the limit, so that an oversize datagram is seen as such
         // instead of being silently truncated.
@@ -124,7 +132,8 @@ impl Transport {
                 tracing::debug!(%peer, "dropping datagram over coap.max_datagram ({} bytes)", self.max_datagram);
                 continue;
             }
-            self.on_datagram(&buf[..len], peer, local, &socket, &handler).await;
+            self.on_datagram(&buf[..len], peer, local, &socket, &handler)
+                .await;
         }
     }
 
@@ -207,7 +216,10 @@ impl Transport {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(%peer, "CoAP request handler failed: {e}");
-                    Some(Response::diagnostic(ResponseType::InternalServerError, "internal error"))
+                    Some(Response::diagnostic(
+                        ResponseType::InternalServerError,
+                        "internal error",
+                    ))
                 }
             };
             let bytes = response.and_then(|r| {

@@ -23,21 +23,55 @@ fn empty_file_is_all_defaults() {
 #[test]
 fn parse_errors_name_line_column_and_key() {
     let cases: &[(&str, usize, usize, Option<&str>, &str)] = &[
-        ("[rest]\nlisten = [\"127.0.0.1:8080\"]\nlisen = 3\n", 3, 1, Some("rest.lisen"), "unknown field `lisen`"),
-        ("[coap]\nmax_datagram = \"big\"\n", 2, 16, Some("coap.max_datagram"), "invalid type"),
-        ("[rest]\nlisten = [\"nonsense\"]\n", 2, 11, Some("rest.listen[0]"), "invalid socket address"),
+        (
+            "[rest]\nlisten = [\"127.0.0.1:8080\"]\nlisen = 3\n",
+            3,
+            1,
+            Some("rest.lisen"),
+            "unknown field `lisen`",
+        ),
+        (
+            "[coap]\nmax_datagram = \"big\"\n",
+            2,
+            16,
+            Some("coap.max_datagram"),
+            "invalid type",
+        ),
+        (
+            "[rest]\nlisten = [\"nonsense\"]\n",
+            2,
+            11,
+            Some("rest.listen[0]"),
+            "invalid socket address",
+        ),
         ("[nosuch]\n", 1, 2, Some("nosuch"), "unknown field `nosuch`"),
         ("[log\nlevel = 1\n", 1, 5, None, ""),
-        ("[registry]\nmin_lifetime_s = -1\n", 2, 18, Some("registry.min_lifetime_s"), ""),
+        (
+            "[registry]\nmin_lifetime_s = -1\n",
+            2,
+            18,
+            Some("registry.min_lifetime_s"),
+            "",
+        ),
     ];
     for (text, line, column, key, msg) in cases {
         let err = Config::parse(text, Source::File("x.toml".into())).unwrap_err();
         match &err {
-            ConfigError::Parse { line: l, column: c, key: k, message, .. } => {
+            ConfigError::Parse {
+                line: l,
+                column: c,
+                key: k,
+                message,
+                ..
+            } => {
                 assert_eq!((l, c), (line, column), "position for {text:?}: {err}");
                 assert_eq!(k.as_deref(), *key, "key for {text:?}: {err}");
                 assert!(message.contains(msg), "message for {text:?}: {err}");
-                assert!(err.to_string().starts_with(&format!("x.toml:{line}:{column}: ")), "{err}");
+                assert!(
+                    err.to_string()
+                        .starts_with(&format!("x.toml:{line}:{column}: ")),
+                    "{err}"
+                );
             }
             other => panic!("expected a parse error for {text:?}, got {other}"),
         }
@@ -49,9 +83,18 @@ fn range_errors_name_the_key() {
     let cases: &[(&str, &str)] = &[
         ("[coap]\nmax_datagram = 10\n", "coap.max_datagram"),
         ("[rest]\nlisten = []\n", "rest.listen"),
-        ("[registry]\nmin_lifetime_s = 0\n", "registry.min_lifetime_s"),
-        ("[registry]\ndefault_domain = \"a/b\"\n", "registry.default_domain"),
-        ("[registry]\ndefault_lifetime_s = 0\n", "registry.default_lifetime_s"),
+        (
+            "[registry]\nmin_lifetime_s = 0\n",
+            "registry.min_lifetime_s",
+        ),
+        (
+            "[registry]\ndefault_domain = \"a/b\"\n",
+            "registry.default_domain",
+        ),
+        (
+            "[registry]\ndefault_lifetime_s = 0\n",
+            "registry.default_lifetime_s",
+        ),
         ("[log]\nlevel = \"=[\"\n", "log.level"),
     ];
     for (text, key) in cases {

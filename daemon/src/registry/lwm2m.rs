@@ -9,8 +9,8 @@ use std::sync::Arc;
 use coap_lite::{CoapOption, ContentFormat, MessageClass, RequestType, ResponseType};
 
 use super::{RegisterParams, Registry, RegistryError, UpdateParams};
-use crate::coap::message::{self, Inbound, Response};
 use crate::coap::RequestHandler;
+use crate::coap::message::{self, Inbound, Response};
 
 /// Answers the registration interface for a [`Registry`].
 pub struct Lwm2mHandler {
@@ -96,7 +96,10 @@ fn split_query(item: &str) -> (&str, Option<&str>) {
 
 fn parse_lifetime(v: Option<&str>) -> Result<u32, Response> {
     v.and_then(|v| v.parse::<u32>().ok()).ok_or_else(|| {
-        Response::diagnostic(ResponseType::BadRequest, "lt must be a whole number of seconds")
+        Response::diagnostic(
+            ResponseType::BadRequest,
+            "lt must be a whole number of seconds",
+        )
     })
 }
 

@@ -164,8 +164,7 @@ pub fn now_ms() -> u64 {
 /// A domain name: 1 to 64 of letters, digits, `-`, `_`, `.`.
 pub fn valid_domain(d: &str) -> bool {
     (1..=64).contains(&d.len())
-        && d
-            .bytes()
+        && d.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
@@ -303,7 +302,8 @@ impl Registry {
                 "domain must be 1 to 64 letters, digits, '-', '_' or '.'".into(),
             ));
         }
-        let lifetime_s = self.check_lifetime(p.lifetime_s.unwrap_or(self.cfg.default_lifetime_s))?;
+        let lifetime_s =
+            self.check_lifetime(p.lifetime_s.unwrap_or(self.cfg.default_lifetime_s))?;
         let binding = p.binding.unwrap_or_else(|| "U".into());
         let resources = parse_resources(&p.links)?;
         let now = now_ms();

@@ -23,9 +23,16 @@ fn params(name: &str) -> RegisterParams {
 async fn register_update_deregister() {
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path(), RegistryConfig::default());
-    let ep = reg.register(params("node-1"), addr(1000), addr(5683)).await.unwrap();
+    let ep = reg
+        .register(params("node-1"), addr(1000), addr(5683))
+        .await
+        .unwrap();
     assert_eq!(ep.reg.domain, "default");
-    assert_eq!(ep.resources.len(), 2, "the oma.lwm2m root link is not a resource");
+    assert_eq!(
+        ep.resources.len(),
+        2,
+        "the oma.lwm2m root link is not a resource"
+    );
     assert_eq!(ep.resources[0].path, "/3/0");
     assert_eq!(ep.resources[0].ct.as_deref(), Some("text/plain"));
     assert!(ep.resources[0].obs);
@@ -40,7 +47,10 @@ async fn register_update_deregister() {
         links: Some("</4/0>".into()),
         ..Default::default()
     };
-    let ep2 = reg.update(&ep.reg.id, up, addr(2000), addr(5683)).await.unwrap();
+    let ep2 = reg
+        .update(&ep.reg.id, up, addr(2000), addr(5683))
+        .await
+        .unwrap();
     assert_eq!(ep2.reg.peer, addr(2000));
     assert_eq!(ep2.reg.lifetime_s, 120);
     assert!(ep2.reg.queue);
@@ -48,14 +58,21 @@ async fn register_update_deregister() {
     assert!(ep2.reg.expires_at_ms > ep.reg.expires_at_ms);
 
     // An update without a body keeps the resources.
-    let ep3 = reg.update(&ep.reg.id, UpdateParams::default(), addr(2000), addr(5683)).await.unwrap();
+    let ep3 = reg
+        .update(&ep.reg.id, UpdateParams::default(), addr(2000), addr(5683))
+        .await
+        .unwrap();
     assert_eq!(ep3.resources, ep2.resources);
 
     reg.deregister(&ep.reg.id).await.unwrap();
     assert!(reg.get("default", "node-1").is_none());
-    assert!(matches!(reg.deregister(&ep.reg.id).await, Err(RegistryError::NotFound(_))));
     assert!(matches!(
-        reg.update(&ep.reg.id, UpdateParams::default(), addr(1), addr(2)).await,
+        reg.deregister(&ep.reg.id).await,
+        Err(RegistryError::NotFound(_))
+    ));
+    assert!(matches!(
+        reg.update(&ep.reg.id, UpdateParams::default(), addr(1), addr(2))
+            .await,
         Err(RegistryError::NotFound(_))
     ));
 }
@@ -64,12 +81,19 @@ async fn register_update_deregister() {
 async fn re_registration_replaces_the_old_one() {
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path(), RegistryConfig::default());
-    let a = reg.register(params("n"), addr(1), addr(5683)).await.unwrap();
-    let b = reg.register(params("n"), addr(2), addr(5683)).await.unwrap();
+    let a = reg
+        .register(params("n"), addr(1), addr(5683))
+        .await
+        .unwrap();
+    let b = reg
+        .register(params("n"), addr(2), addr(5683))
+        .await
+        .unwrap();
     assert_ne!(a.reg.id, b.reg.id);
     assert_eq!(reg.len(), 1);
     assert!(matches!(
-        reg.update(&a.reg.id, UpdateParams::default(), addr(1), addr(2)).await,
+        reg.update(&a.reg.id, UpdateParams::default(), addr(1), addr(2))
+            .await,
         Err(RegistryError::NotFound(_))
     ));
     // The same name in another domain is another endpoint.
@@ -85,19 +109,58 @@ async fn invalid_registrations_are_refused() {
     let reg = open(dir.path(), RegistryConfig::default());
     let long = "x".repeat(MAX_NAME_LEN + 1);
     let cases: Vec<(&str, RegisterParams)> = vec![
-        ("empty name", RegisterParams { name: "".into(), ..params("") }),
+        (
+            "empty name",
+            RegisterParams {
+                name: "".into(),
+                ..params("")
+            },
+        ),
         ("slash in name", params("a/b")),
         ("control char", params("a\u{1}b")),
         ("long name", params(&long)),
-        ("zero lifetime", RegisterParams { lifetime_s: Some(0), ..params("a") }),
-        ("bad domain", RegisterParams { domain: Some("a b".into()), ..params("a") }),
-        ("bad type", RegisterParams { ept: Some("".into()), ..params("a") }),
-        ("bad links", RegisterParams { links: "</3/0".into(), ..params("a") }),
-        ("relative link", RegisterParams { links: "<3/0>".into(), ..params("a") }),
+        (
+            "zero lifetime",
+            RegisterParams {
+                lifetime_s: Some(0),
+                ..params("a")
+            },
+        ),
+        (
+            "bad domain",
+            RegisterParams {
+                domain: Some("a b".into()),
+                ..params("a")
+            },
+        ),
+        (
+            "bad type",
+            RegisterParams {
+                ept: Some("".into()),
+                ..params("a")
+            },
+        ),
+        (
+            "bad links",
+            RegisterParams {
+                links: "</3/0".into(),
+                ..params("a")
+            },
+        ),
+        (
+            "relative link",
+            RegisterParams {
+                links: "<3/0>".into(),
+                ..params("a")
+            },
+        ),
     ];
     for (why, p) in cases {
         assert!(
-            matches!(reg.register(p, addr(1), addr(2)).await, Err(RegistryError::Invalid(_))),
+            matches!(
+                reg.register(p, addr(1), addr(2)).await,
+                Err(RegistryError::Invalid(_))
+            ),
             "{why}"
         );
     }
@@ -137,15 +200,36 @@ async fn registrations_survive_reopening_the_store() {
     let a = reg.get("default", "a").unwrap();
     assert_eq!(a.reg, kept.reg);
     assert_eq!(a.resources, kept.resources);
-    reg.update(&id, UpdateParams::default(), addr(9), addr(2)).await.unwrap();
+    reg.update(&id, UpdateParams::default(), addr(9), addr(2))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn expiry_removes_due_registrations_only() {
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path(), RegistryConfig::default());
-    let a = reg.register(RegisterParams { lifetime_s: Some(10), ..params("a") }, addr(1), addr(2)).await.unwrap();
-    reg.register(RegisterParams { lifetime_s: Some(100), ..params("b") }, addr(1), addr(2)).await.unwrap();
+    let a = reg
+        .register(
+            RegisterParams {
+                lifetime_s: Some(10),
+                ..params("a")
+            },
+            addr(1),
+            addr(2),
+        )
+        .await
+        .unwrap();
+    reg.register(
+        RegisterParams {
+            lifetime_s: Some(100),
+            ..params("b")
+        },
+        addr(1),
+        addr(2),
+    )
+    .await
+    .unwrap();
     let t = a.reg.expires_at_ms;
     assert!(reg.expire_due(t - 1).await.is_empty());
     let gone = reg.expire_due(t).await;

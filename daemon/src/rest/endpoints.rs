@@ -5,8 +5,8 @@
 //! endpoint list's `q` is a JSON boolean; a resource's `obs` is the string `"true"` or
 //! `"false"`; `rt` and `type` are left out when the device did not give them.
 
-use http::request::Parts;
 use http::StatusCode;
+use http::request::Parts;
 use serde::Serialize;
 
 use super::reply::{Reply, error};
@@ -34,7 +34,11 @@ pub fn negotiate(accept: Option<&str>) -> Option<Format> {
         let mut parts = range.split(';');
         let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
         let q = parts
-            .filter_map(|p| p.trim().strip_prefix("q=").and_then(|v| v.trim().parse::<f32>().ok()))
+            .filter_map(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|v| v.trim().parse::<f32>().ok())
+            })
             .next()
             .unwrap_or(1.0);
         let format = match media.as_str() {
@@ -53,7 +57,10 @@ pub fn negotiate(accept: Option<&str>) -> Option<Format> {
 }
 
 fn format_of(parts: &Parts) -> Result<Format, Reply> {
-    let accept = parts.headers.get(http::header::ACCEPT).and_then(|v| v.to_str().ok());
+    let accept = parts
+        .headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
     negotiate(accept).ok_or_else(|| {
         error(
             StatusCode::NOT_ACCEPTABLE,
@@ -70,7 +77,9 @@ pub fn query_param(parts: &Parts, name: &str) -> Option<String> {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         (k == name).then(|| {
             let v = v.replace('+', " ");
-            percent_encoding::percent_decode_str(&v).decode_utf8_lossy().into_owned()
+            percent_encoding::percent_decode_str(&v)
+                .decode_utf8_lossy()
+                .into_owned()
         })
     })
 }
@@ -198,8 +207,14 @@ mod tests {
             (Some("application/json"), Some(Format::Json)),
             (Some("*/*"), Some(Format::Json)),
             (Some("application/link-format"), Some(Format::LinkFormat)),
-            (Some("application/json;q=0.5, application/link-format"), Some(Format::LinkFormat)),
-            (Some("application/link-format;q=0.2, */*;q=0.5"), Some(Format::Json)),
+            (
+                Some("application/json;q=0.5, application/link-format"),
+                Some(Format::LinkFormat),
+            ),
+            (
+                Some("application/link-format;q=0.2, */*;q=0.5"),
+                Some(Format::Json),
+            ),
             (Some("text/html"), None),
             (Some("application/json;q=0"), None),
         ];

@@ -96,7 +96,10 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
     }
     match Arc::try_unwrap(graceful) {
         Ok(g) => {
-            if tokio::time::timeout(DRAIN_TIMEOUT, g.shutdown()).await.is_err() {
+            if tokio::time::timeout(DRAIN_TIMEOUT, g.shutdown())
+                .await
+                .is_err()
+            {
                 tracing::warn!("REST connections still open after {DRAIN_TIMEOUT:?}; closing them");
             }
         }
@@ -105,14 +108,21 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
 }
 
 /// One request. Runs the handler on its own task so that a panic becomes a JSON 500.
-async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let reply = match tokio::spawn(dispatch(state, req)).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(%method, %path, "REST handler failed: {e}");
-            error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error")
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "internal error",
+            )
         }
     };
     tracing::debug!(%method, %path, status = reply.status().as_u16(), "REST");
@@ -142,14 +152,22 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
     }
     let (parts, _body) = req.into_parts();
     match route {
-        Route::Root => Reply::text(StatusCode::OK, format!("connectord {}", env!("CARGO_PKG_VERSION"))),
+        Route::Root => Reply::text(
+            StatusCode::OK,
+            format!("connectord {}", env!("CARGO_PKG_VERSION")),
+        ),
         Route::RestVersions => Reply::json(StatusCode::OK, &["v1", "v2"]),
         Route::Endpoints => endpoints::list(&state.registry, &principal, &parts),
         Route::Endpoint(name) => endpoints::get(&state.registry, &principal, &parts, &name),
         Route::Metrics => {
             let mut out = String::new();
             state.counters.render(&mut out);
-            metrics::gauge(&mut out, "registered_endpoints", "Endpoints registered now.", state.registry.len() as u64);
+            metrics::gauge(
+                &mut out,
+                "registered_endpoints",
+                "Endpoints registered now.",
+                state.registry.len() as u64,
+            );
             Reply::with_type(StatusCode::OK, "text/plain; version=0.0.4", out)
         }
     }

@@ -16,7 +16,11 @@ pub struct Reply {
 }
 
 impl Reply {
-    pub fn with_type(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
+    pub fn with_type(
+        status: StatusCode,
+        content_type: &'static str,
+        body: impl Into<Bytes>,
+    ) -> Reply {
         Reply {
             status,
             headers: vec![(CONTENT_TYPE, HeaderValue::from_static(content_type))],
@@ -30,7 +34,11 @@ impl Reply {
             Ok(b) => Reply::with_type(status, "application/json", b),
             Err(e) => {
                 tracing::error!("cannot serialise a JSON reply: {e}");
-                error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error")
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "internal error",
+                )
             }
         }
     }

@@ -28,7 +28,13 @@ pub enum Route {
 pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
     let segments = match split(path) {
         Some(s) => s,
-        None => return Err(error(StatusCode::BAD_REQUEST, "bad_request", "path is not valid UTF-8 after percent-decoding")),
+        None => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "path is not valid UTF-8 after percent-decoding",
+            ));
+        }
     };
     let rest: &[String] = match segments.first().map(String::as_str) {
         Some("v1" | "v2") => &segments[1..],
@@ -53,15 +59,24 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
 }
 
 fn method_not_allowed(allow: &str) -> Reply {
-    error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", &format!("allowed methods: {allow}"))
-        .header(http::header::ALLOW, allow)
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("allowed methods: {allow}"),
+    )
+    .header(http::header::ALLOW, allow)
 }
 
 /// Non-empty, percent-decoded segments; a trailing slash is ignored.
 fn split(path: &str) -> Option<Vec<String>> {
     path.split('/')
         .filter(|s| !s.is_empty())
-        .map(|s| percent_decode_str(s).decode_utf8().ok().map(|c| c.into_owned()))
+        .map(|s| {
+            percent_decode_str(s)
+                .decode_utf8()
+                .ok()
+                .map(|c| c.into_owned())
+        })
         .collect()
 }
 
@@ -83,15 +98,35 @@ mod tests {
             ("/v1/endpoints/x", Route::Endpoint("x".into())),
         ];
         for (path, route) in table {
-            assert_eq!(resolve(&Method::GET, path).map(|r| r.0).ok(), Some(route.clone()), "{path}");
+            assert_eq!(
+                resolve(&Method::GET, path).map(|r| r.0).ok(),
+                Some(route.clone()),
+                "{path}"
+            );
         }
     }
 
     #[test]
     fn unknown_paths_and_methods() {
-        assert_eq!(resolve(&Method::GET, "/v3/endpoints").unwrap_err().status(), StatusCode::NOT_FOUND);
-        assert_eq!(resolve(&Method::GET, "/nothing").unwrap_err().status(), StatusCode::NOT_FOUND);
-        assert_eq!(resolve(&Method::POST, "/v2/endpoints").unwrap_err().status(), StatusCode::METHOD_NOT_ALLOWED);
-        assert_eq!(resolve(&Method::GET, "/endpoints/%FF").unwrap_err().status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            resolve(&Method::GET, "/v3/endpoints").unwrap_err().status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            resolve(&Method::GET, "/nothing").unwrap_err().status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            resolve(&Method::POST, "/v2/endpoints")
+                .unwrap_err()
+                .status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            resolve(&Method::GET, "/endpoints/%FF")
+                .unwrap_err()
+                .status(),
+            StatusCode::BAD_REQUEST
+        );
     }
 }

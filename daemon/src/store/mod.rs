@@ -28,7 +28,9 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the database schema is version {found}, newer than this connectord knows ({known}); upgrade connectord or restore a backup")]
+    #[error(
+        "the database schema is version {found}, newer than this connectord knows ({known}); upgrade connectord or restore a backup"
+    )]
     SchemaTooNew { found: i64, known: i64 },
     #[error("the transaction failed: {0}")]
     Commit(String),

@@ -263,9 +263,14 @@ impl Store for SqliteStore {
 
     fn put_access_key(&self, key: AccessKeyRecord) -> Pending<()> {
         self.submit(move |conn| {
-            let data = serde_json::to_string(&key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let data =
+                serde_json::to_string(&key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let existing: Option<String> = conn
-                .query_row("SELECT id FROM access_keys WHERE id = ?1", params![key.id], |r| r.get(0))
+                .query_row(
+                    "SELECT id FROM access_keys WHERE id = ?1",
+                    params![key.id],
+                    |r| r.get(0),
+                )
                 .optional()?;
             if existing.is_some() {
                 conn.execute(
@@ -280,5 +285,138 @@ impl Store for SqliteStore {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn reg(id: &str, name: &str) -> Registration {
+        Registration {
+            id: id.into(),
+            domain: "default".into(),
+            name: name.into(),
+            ept: None,
+            lifetime_s: 60,
+            binding: "U".into(),
+            lwm2m: None,
+            queue: false,
+            peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+            local: SocketAddr::from(([127, 0, 0, 1], 2)),
+            links: "</3/0>".into(),
+            registered_at_ms: 1,
+            expires_at_ms: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn put_replace_delete_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SqliteStore::open(dir.path()).unwrap();
+            s.put_registration(reg("a", "n1")).await.unwrap();
+            s.put_registration(reg("b", "n2")).await.unwrap();
+            // Same name, new id: replaces "a".
+            s.put_registration(reg("c", "n1")).await.unwrap();
+            s.delete_registration("b".into()).await.unwrap();
+            s.delete_registration("absent".into()).await.unwrap();
+        }
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let mut ids: Vec<String> = s
+            .load_registrations()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        ids.sort();
+        assert_eq!(ids, vec!["c"]);
+    }
+
+    #[tokio::test]
+    async fn concurrent_writes_are_batched_and_all_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let pending: Vec<_> = (0..500)
+            .map(|i| s.put_registration(reg(&format!("id{i}"), &format!("n{i}"))))
+            .collect();
+        for p in pending {
+            p.await.unwrap();
+        }
+        drop(s);
+        let s = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(s.load_registrations().await.unwrap().len(), 500);
+    }
+
+    #[tokio::test]
+    async fn a_failing_job_does_not_undo_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let ok1 = s.put_registration(reg("a", "n1"));
+        let bad = s.submit(|conn| {
+            conn.execute(
+                "INSERT INTO registrations (id, domain, name, data) VALUES ('x', 'd', 'n', '{}')",
+                [],
+            )?;
+            conn.execute("INSERT INTO no_such_table VALUES (1)", [])?;
+            Ok(())
+        });
+        let ok2 = s.put_registration(reg("b", "n2"));
+        ok1.await.unwrap();
+        assert!(bad.await.is_err());
+        ok2.await.unwrap();
+        let mut ids: Vec<String> = s
+            .load_registrations()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        ids.sort();
+        assert_eq!(
+            ids,
+            vec!["a", "b"],
+            "the failed job's first insert was rolled back"
+        );
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SqliteStore::open(dir.path()).unwrap());
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        match SqliteStore::open(dir.path()) {
+            Err(StoreError::SchemaTooNew { found: 99, .. }) => {}
+            other => panic!("expected SchemaTooNew, got {:?}", other.err()),
+        }
+    }
+
+    #[tokio::test]
+    async fn unreadable_registration_rows_are_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path()).unwrap();
+        s.put_registration(reg("a", "n1")).await.unwrap();
+        s.submit(|conn| {
+            conn.execute("INSERT INTO registrations (id, domain, name, data) VALUES ('x', 'd', 'n', 'not json')", [])?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(s.load_registrations().await.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_unwritable_state_dir_is_a_clear_error() {
+        let err = SqliteStore::open(Path::new("/proc/connectord-cannot-be-here"))
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("/proc/connectord-cannot-be-here"),
+            "{err}"
+        );
     }
 }

@@ -1,0 +1,179 @@
+//! A minimal CoAP device for tests, on a real UDP socket, built with coap-lite.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use coap_lite::{
+    CoapOption, ContentFormat, MessageClass, MessageType, Packet, RequestType, ResponseType,
+};
+
+pub struct Device {
+    pub sock: UdpSocket,
+    pub server: SocketAddr,
+    mid: u16,
+}
+
+/// A request under construction.
+pub struct Req<'a> {
+    pub method: RequestType,
+    pub path: &'a [&'a str],
+    pub query: &'a [&'a str],
+    pub payload: &'a [u8],
+    pub content_format: Option<ContentFormat>,
+    pub confirmable: bool,
+}
+
+impl<'a> Req<'a> {
+    pub fn new(method: RequestType, path: &'a [&'a str]) -> Req<'a> {
+        Req {
+            method,
+            path,
+            query: &[],
+            payload: &[],
+            content_format: None,
+            confirmable: true,
+        }
+    }
+}
+
+impl Device {
+    pub fn new(server: SocketAddr) -> Device {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind device socket");
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        Device {
+            sock,
+            server,
+            mid: rand_mid(),
+        }
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.sock.local_addr().unwrap()
+    }
+
+    /// Encodes a request with a fresh message id and token.
+    pub fn build(&mut self, r: &Req) -> Packet {
+        self.mid = self.mid.wrapping_add(1);
+        let mut p = Packet::new();
+        p.header.set_type(if r.confirmable {
+            MessageType::Confirmable
+        } else {
+            MessageType::NonConfirmable
+        });
+        p.header.code = MessageClass::Request(r.method);
+        p.header.message_id = self.mid;
+        p.set_token(self.mid.to_be_bytes().to_vec());
+        for seg in r.path {
+            p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+        }
+        for q in r.query {
+            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+        }
+        if let Some(cf) = r.content_format {
+            p.set_content_format(cf);
+        }
+        p.payload = r.payload.to_vec();
+        p
+    }
+
+    pub fn send_raw(&self, bytes: &[u8]) {
+        self.sock.send_to(bytes, self.server).expect("send");
+    }
+
+    /// The next datagram from the server, or None after `timeout`.
+    pub fn recv_raw(&self, timeout: Duration) -> Option<Vec<u8>> {
+        self.sock.set_read_timeout(Some(timeout)).unwrap();
+        let mut buf = [0u8; 2048];
+        let r = self
+            .sock
+            .recv_from(&mut buf)
+            .ok()
+            .map(|(n, _)| buf[..n].to_vec());
+        self.sock
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        r
+    }
+
+    /// Sends a request and returns the response with the same token.
+    pub fn request(&mut self, r: &Req) -> Packet {
+        let p = self.build(r);
+        self.send_raw(&p.to_bytes().unwrap());
+        loop {
+            let bytes = self
+                .recv_raw(Duration::from_secs(5))
+                .expect("no response from connectord");
+            let resp = Packet::from_bytes(&bytes).expect("undecodable response");
+            if resp.get_token() == p.get_token() {
+                return resp;
+            }
+        }
+    }
+
+    /// Registers and returns the registration id from `Location-Path: rd/{id}`.
+    pub fn register(&mut self, query: &[&str], links: &str) -> String {
+        let mut r = Req::new(RequestType::Post, &["rd"]);
+        r.query = query;
+        r.payload = links.as_bytes();
+        r.content_format = Some(ContentFormat::ApplicationLinkFormat);
+        let resp = self.request(&r);
+        assert_eq!(
+            code(&resp),
+            ResponseType::Created,
+            "register: {}",
+            diag(&resp)
+        );
+        location(&resp)
+    }
+
+    pub fn update(&mut self, id: &str, query: &[&str], links: Option<&str>) -> ResponseType {
+        let path = ["rd", id];
+        let mut r = Req::new(RequestType::Post, &path);
+        r.query = query;
+        if let Some(l) = links {
+            r.payload = l.as_bytes();
+            r.content_format = Some(ContentFormat::ApplicationLinkFormat);
+        }
+        code(&self.request(&r))
+    }
+
+    pub fn deregister(&mut self, id: &str) -> ResponseType {
+        code(&self.request(&Req::new(RequestType::Delete, &["rd", id])))
+    }
+}
+
+fn rand_mid() -> u16 {
+    (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        & 0xFFFF) as u16
+}
+
+/// The response code of a packet.
+pub fn code(p: &Packet) -> ResponseType {
+    match p.header.code {
+        MessageClass::Response(r) => r,
+        other => panic!("not a response: {other:?}"),
+    }
+}
+
+/// The diagnostic payload of an error response.
+pub fn diag(p: &Packet) -> String {
+    String::from_utf8_lossy(&p.payload).into_owned()
+}
+
+/// `Location-Path` joined: must be `rd/{id}`; returns the id.
+pub fn location(p: &Packet) -> String {
+    let segs: Vec<String> = p
+        .get_option(CoapOption::LocationPath)
+        .map(|l| {
+            l.iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(segs.len(), 2, "Location-Path {segs:?}");
+    assert_eq!(segs[0], "rd");
+    segs[1].clone()
+}

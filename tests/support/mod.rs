@@ -1,0 +1,290 @@
+//! Test harness for end-to-end tests: runs the real `connectord` binary on loopback with a
+//! private state directory, talks to it over real HTTP and real UDP, and reads its log.
+#![allow(dead_code)]
+
+pub mod coap;
+pub mod peers;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Path of the binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_connectord");
+
+/// How long a daemon may take to report its listening addresses.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running daemon with its own state directory.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Holds the state directory and the config file; removed when the test ends.
+    pub dir: Arc<tempfile::TempDir>,
+    pub config_path: PathBuf,
+    pub rest: SocketAddr,
+    pub coap: SocketAddr,
+    pub key: String,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+/// The test configuration: loopback only, free ports, state in `dir`; `coap` lines go
+/// into the `[coap]` section, `extra` sections follow.
+pub fn test_config(dir: &Path, coap: &str, extra: &str) -> String {
+    format!(
+        "[log]\nlevel = \"debug\"\n[state]\ndir = \"{}\"\n[rest]\nlisten = [\"127.0.0.1:0\"]\n[coap]\nlisten = [\"127.0.0.1:0\"]\n{coap}\n{extra}",
+        dir.join("state").display()
+    )
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Daemon::start_with("")
+    }
+
+    /// Starts with the test configuration plus `extra` TOML (whole sections).
+    pub fn start_with(extra: &str) -> Daemon {
+        Daemon::start_custom("", extra)
+    }
+
+    /// Starts with `coap` lines added to the `[coap]` section and `extra` sections.
+    pub fn start_custom(coap: &str, extra: &str) -> Daemon {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let config_path = dir.path().join("connectord.toml");
+        std::fs::write(&config_path, test_config(dir.path(), coap, extra)).expect("write config");
+        Daemon::spawn(dir, config_path)
+    }
+
+    fn spawn(dir: Arc<tempfile::TempDir>, config_path: PathBuf) -> Daemon {
+        let mut child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env_remove("NOTIFY_SOCKET")
+            .spawn()
+            .expect("spawn connectord");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("CONNECTORD_TEST_ECHO").is_some() {
+                    eprintln!("[daemon] {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut d = Daemon {
+            child: Some(child),
+            dir,
+            config_path,
+            rest: SocketAddr::from(([0, 0, 0, 0], 0)),
+            coap: SocketAddr::from(([0, 0, 0, 0], 0)),
+            key: String::new(),
+            logs,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let ready = d
+                .logs()
+                .iter()
+                .any(|l| l.contains("connectord::daemon") && l.ends_with(" ready"));
+            if ready {
+                break;
+            }
+            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!(
+                    "connectord exited during start ({status}):\n{}",
+                    d.logs().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "connectord did not start:\n{}",
+                d.logs().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d.rest = d.logged_addr("REST API listening on http://");
+        d.coap = d.logged_addr("CoAP listening on udp://");
+        d.key = std::fs::read_to_string(d.state_dir().join("admin.key"))
+            .expect("admin.key")
+            .trim()
+            .to_string();
+        d
+    }
+
+    fn logged_addr(&self, prefix: &str) -> SocketAddr {
+        self.logs()
+            .iter()
+            .rev()
+            .find_map(|l| {
+                l.split(prefix)
+                    .nth(1)
+                    .map(|a| a.trim().parse().expect("address"))
+            })
+            .unwrap_or_else(|| panic!("no '{prefix}' in the log"))
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) for a log line containing `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.logs().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits (bounded) for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// `kill -9`, then start again on the same state directory and configuration.
+    pub fn crash_and_restart(mut self) -> Daemon {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Daemon::spawn(Arc::clone(&self.dir), self.config_path.clone())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.rest, path)
+    }
+
+    /// GET with the admin key.
+    pub fn get(&self, path: &str) -> Http {
+        http_get(&self.url(path), Some(&self.key), None)
+    }
+
+    /// GET with the admin key and an Accept header.
+    pub fn get_accept(&self, path: &str, accept: &str) -> Http {
+        http_get(&self.url(path), Some(&self.key), Some(accept))
+    }
+
+    /// The value of a `connectord_<name>` metric.
+    pub fn metric(&self, name: &str) -> u64 {
+        let body = self.get("/metrics").body;
+        let prefix = format!("connectord_{name} ");
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(&prefix)
+                    .map(|v| v.trim().parse().expect("metric value"))
+            })
+            .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
+    }
+
+    /// A device talking to this daemon from a fresh UDP socket.
+    pub fn device(&self) -> coap::Device {
+        coap::Device::new(self.coap)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// An HTTP response, read whole.
+#[derive(Debug)]
+pub struct Http {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+impl Http {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(40)))
+        .build()
+        .into()
+}
+
+/// GET `url` with an optional Bearer key and Accept header.
+pub fn http_get(url: &str, key: Option<&str>, accept: Option<&str>) -> Http {
+    let mut req = agent().get(url);
+    if let Some(k) = key {
+        req = req.header("Authorization", &format!("Bearer {k}"));
+    }
+    if let Some(a) = accept {
+        req = req.header("Accept", a);
+    }
+    let mut resp = req.call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = resp.body_mut().read_to_string().unwrap_or_default();
+    Http {
+        status,
+        content_type,
+        body,
+    }
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
