@@ -611,3 +611,40 @@ fn libcoap_client_registers_and_deregisters() {
     assert!(run(&["-m", "delete", &format!("{base}/rd/{id}")]).contains("c:2.02"));
     assert_eq!(d.get("/v2/endpoints").json(), serde_json::json!([]));
 }
+
+/// Under systemd: READY=1 once serving, watchdog pings, STOPPING=1 on SIGTERM.
+#[test]
+fn tells_systemd_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut d = Daemon::start_env(
+        "",
+        "",
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut seen = String::new();
+    let mut buf = [0u8; 512];
+    let mut recv_until = |want: &str, seen: &mut String| {
+        while !seen.contains(want) {
+            let n = sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("waiting for {want}: {e}; got {seen:?}"));
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            seen.push('\n');
+        }
+    };
+    recv_until("READY=1", &mut seen);
+    // The REST API answers by the time READY=1 was sent.
+    assert_eq!(d.get("/v2/endpoints").status, 200);
+    recv_until("WATCHDOG=1", &mut seen);
+    d.signal("TERM");
+    recv_until("STOPPING=1", &mut seen);
+    assert_eq!(d.wait_exit(Duration::from_secs(15)), Some(0));
+}

@@ -51,22 +51,31 @@ impl Daemon {
 
     /// Starts with `coap` lines added to the `[coap]` section and `extra` sections.
     pub fn start_custom(coap: &str, extra: &str) -> Daemon {
+        Daemon::start_env(coap, extra, &[])
+    }
+
+    /// As [`Daemon::start_custom`], with extra environment variables.
+    pub fn start_env(coap: &str, extra: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
         let config_path = dir.path().join("connectord.toml");
         std::fs::write(&config_path, test_config(dir.path(), coap, extra)).expect("write config");
-        Daemon::spawn(dir, config_path)
+        Daemon::spawn(dir, config_path, env)
     }
 
-    fn spawn(dir: Arc<tempfile::TempDir>, config_path: PathBuf) -> Daemon {
-        let mut child = Command::new(BIN)
-            .args(["run", "--config"])
+    fn spawn(dir: Arc<tempfile::TempDir>, config_path: PathBuf, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"])
             .arg(&config_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .env_remove("NOTIFY_SOCKET")
-            .spawn()
-            .expect("spawn connectord");
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn connectord");
         let stderr = child.stderr.take().expect("stderr");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&logs);
@@ -184,7 +193,7 @@ impl Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
-        Daemon::spawn(Arc::clone(&self.dir), self.config_path.clone())
+        Daemon::spawn(Arc::clone(&self.dir), self.config_path.clone(), &[])
     }
 
     pub fn url(&self, path: &str) -> String {
