@@ -17,6 +17,7 @@ pub mod auth;
 pub mod coap;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod metrics;
 pub mod registry;
 pub mod rest;

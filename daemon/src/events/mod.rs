@@ -1,0 +1,2 @@
+//! Notification events.
+pub mod webhook;
