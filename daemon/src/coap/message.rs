@@ -112,6 +112,22 @@ fn ends_with_payload_marker(buf: &[u8], token_len: usize) -> bool {
     false
 }
 
+/// Encodes an unsigned option value in the fewest bytes (RFC 7252 §3.2: 0 is empty).
+pub fn encode_uint(v: u32) -> Vec<u8> {
+    let b = v.to_be_bytes();
+    let skip = b.iter().take_while(|x| **x == 0).count();
+    b[skip..].to_vec()
+}
+
+/// The first `opt` option read as an unsigned integer (at most 4 bytes; longer is None).
+pub fn uint_option(packet: &Packet, opt: CoapOption) -> Option<u32> {
+    let v = packet.get_first_option(opt)?;
+    if v.len() > 4 {
+        return None;
+    }
+    Some(v.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)))
+}
+
 /// The request's Uri-Path segments, each decoded as UTF-8 (lossily).
 pub fn uri_path(packet: &Packet) -> Vec<String> {
     option_strings(packet, CoapOption::UriPath)
@@ -187,6 +203,13 @@ impl Response {
     }
 }
 
+/// An empty ACK for `message_id`: acknowledges a CON response or notification.
+pub fn empty_ack(message_id: u16) -> Vec<u8> {
+    let b = (1u8 << 6) | (2 << 4);
+    let [hi, lo] = message_id.to_be_bytes();
+    vec![b, 0, hi, lo]
+}
+
 /// An RST for `message_id`: the answer to a confirmable message we cannot process
 /// (RFC 7252 §4.2), and to a CoAP ping.
 pub fn reset(message_id: u16) -> Vec<u8> {
@@ -255,6 +278,17 @@ mod tests {
         let non = Response::new(ResponseType::Created).into_packet(&req, || 5);
         assert_eq!(non.header.get_type(), MessageType::NonConfirmable);
         assert_eq!(non.header.message_id, 5);
+    }
+
+    #[test]
+    fn uint_options_round_trip() {
+        for v in [0u32, 1, 255, 256, 65_535, 1 << 20, u32::MAX] {
+            let mut p = Packet::new();
+            p.add_option(CoapOption::MaxAge, encode_uint(v));
+            assert_eq!(uint_option(&p, CoapOption::MaxAge), Some(v));
+        }
+        assert_eq!(encode_uint(0), Vec::<u8>::new());
+        assert_eq!(encode_uint(0x0102), vec![1, 2]);
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! store. It decodes datagrams, answers duplicates from its cache, and hands each new
 //! request to a [`transport::RequestHandler`] that returns the response to send.
 
+pub mod client;
+pub mod content_format;
 pub mod dedup;
 pub mod link_format;
 pub mod message;

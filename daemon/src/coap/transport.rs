@@ -17,6 +17,7 @@ use coap_lite::{MessageClass, MessageType, ResponseType};
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 
+use super::client::{ClientConfig, ClientState};
 use super::dedup::{Dedup, Seen};
 use super::message::{self, Inbound, RawHeader, Response};
 use crate::config::CoapConfig;
@@ -37,6 +38,9 @@ pub struct Transport {
     in_flight: Arc<Semaphore>,
     next_mid: AtomicU16,
     counters: Arc<Counters>,
+    /// Exchanges we started (requests to devices), see [`super::client`].
+    client: Mutex<ClientState>,
+    client_cfg: ClientConfig,
 }
 
 impl Transport {
@@ -75,12 +79,48 @@ impl Transport {
             in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
             next_mid: AtomicU16::new(rand::random()),
             counters,
+            client: Mutex::new(ClientState::default()),
+            client_cfg: ClientConfig {
+                ack_timeout: Duration::from_millis(cfg.ack_timeout_ms),
+                ack_random_factor: cfg.ack_random_factor,
+                max_retransmit: cfg.max_retransmit,
+                separate_response_timeout: Duration::from_secs(cfg.separate_response_timeout_s),
+                block_size: cfg.block_size,
+                max_body: cfg.max_body,
+            },
         }))
     }
 
     /// The addresses actually bound (port 0 resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.sockets.iter().map(|(a, _)| *a).collect()
+    }
+
+    /// The socket bound on `local`, if it is still one of ours.
+    pub fn socket_for(&self, local: SocketAddr) -> Option<Arc<UdpSocket>> {
+        self.sockets
+            .iter()
+            .find(|(a, _)| *a == local)
+            .map(|(_, s)| Arc::clone(s))
+    }
+
+    /// True when `local` is one of the bound sockets.
+    pub fn has_socket(&self, local: SocketAddr) -> bool {
+        self.sockets.iter().any(|(a, _)| *a == local)
+    }
+
+    pub fn client_config(&self) -> &ClientConfig {
+        &self.client_cfg
+    }
+
+    pub(super) fn lock_client(&self) -> std::sync::MutexGuard<'_, ClientState> {
+        // Every update is a single map operation: a poisoned lock is still consistent.
+        self.client.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Exchanges with devices waiting for an answer.
+    pub fn open_exchanges(&self) -> usize {
+        self.lock_client().open_exchanges()
     }
 
     /// A fresh message id for a message we originate.
@@ -166,15 +206,26 @@ impl Transport {
                 send(socket, &message::reset(mid), peer).await;
                 return;
             }
-            (_, MessageType::Confirmable) => {
-                // A confirmable message we have no context for: reject it (§4.2).
-                Counters::inc(&self.counters.coap_unexpected);
-                send(socket, &message::reset(mid), peer).await;
+            (
+                MessageClass::Empty | MessageClass::Response(_),
+                MessageType::Acknowledgement | MessageType::Reset,
+            ) => {
+                if !self.lock_client().on_ack_or_reset(peer, packet) {
+                    Counters::inc(&self.counters.coap_unexpected);
+                }
+                return;
+            }
+            (MessageClass::Response(_), MessageType::Confirmable | MessageType::NonConfirmable) => {
+                self.on_separate_response(packet, peer, socket).await;
                 return;
             }
             _ => {
                 Counters::inc(&self.counters.coap_unexpected);
                 tracing::debug!(%peer, "ignoring unexpected {:?} {}", mtype, packet.header.code);
+                if mtype == MessageType::Confirmable {
+                    // A confirmable message we cannot process: reject it (§4.2).
+                    send(socket, &message::reset(mid), peer).await;
+                }
                 return;
             }
         }
@@ -239,6 +290,47 @@ impl Transport {
                 send(&socket, &b, peer).await;
             }
         });
+    }
+
+    /// A response that is not piggybacked: a separate response or an observe notification.
+    /// A CON one is acknowledged (and a retransmission of it acknowledged again from the
+    /// duplicate cache); one whose token we do not know is rejected with RST, which also
+    /// cancels a stale observation (RFC 7641 §3.6).
+    async fn on_separate_response(
+        &self,
+        packet: coap_lite::Packet,
+        peer: SocketAddr,
+        socket: &Arc<UdpSocket>,
+    ) {
+        let mid = packet.header.message_id;
+        let con = packet.header.get_type() == MessageType::Confirmable;
+        if con {
+            let seen = self.lock_dedup().check(peer, mid, Instant::now());
+            match seen {
+                Seen::New => {}
+                Seen::InProgress => return,
+                Seen::Answered(reply) => {
+                    Counters::inc(&self.counters.coap_duplicates);
+                    if let Some(bytes) = reply {
+                        send(socket, &bytes, peer).await;
+                    }
+                    return;
+                }
+            }
+        }
+        let known = self.lock_client().on_response(packet);
+        let reply = if known {
+            con.then(|| message::empty_ack(mid))
+        } else {
+            Counters::inc(&self.counters.coap_unexpected);
+            Some(message::reset(mid))
+        };
+        if con {
+            self.lock_dedup().complete(peer, mid, reply.clone());
+        }
+        if let Some(bytes) = reply {
+            send(socket, &bytes, peer).await;
+        }
     }
 
     fn lock_dedup(&self) -> std::sync::MutexGuard<'_, Dedup> {

@@ -166,6 +166,19 @@ pub struct CoapConfig {
     /// Requests from devices handled at the same time; beyond this, datagrams are dropped
     /// (a CON will be retransmitted by the device).
     pub max_in_flight: usize,
+    /// Initial retransmission timeout of our confirmable requests (RFC 7252 ACK_TIMEOUT).
+    pub ack_timeout_ms: u64,
+    /// Random factor applied to the initial timeout (RFC 7252 ACK_RANDOM_FACTOR, >= 1).
+    pub ack_random_factor: f64,
+    /// Retransmissions before a request times out (RFC 7252 MAX_RETRANSMIT).
+    pub max_retransmit: u32,
+    /// How long to wait for a separate response after the device's empty ACK.
+    pub separate_response_timeout_s: u64,
+    /// Block size for block-wise writes (Block1): 16, 32, ..., 1024 bytes.
+    pub block_size: usize,
+    /// Largest body accepted from or sent to a device, in bytes (Block2 responses are
+    /// assembled up to this).
+    pub max_body: usize,
 }
 
 impl Default for CoapConfig {
@@ -179,6 +192,12 @@ impl Default for CoapConfig {
             exchange_lifetime_s: 247,
             dedup_capacity: 100_000,
             max_in_flight: 1024,
+            ack_timeout_ms: 2000,
+            ack_random_factor: 1.5,
+            max_retransmit: 4,
+            separate_response_timeout_s: 60,
+            block_size: 1024,
+            max_body: 1_048_576,
         }
     }
 }
@@ -275,6 +294,34 @@ impl Config {
         }
         if self.coap.dedup_capacity == 0 {
             return Err(invalid("coap.dedup_capacity", "must be at least 1".into()));
+        }
+        let c = &self.coap;
+        if c.ack_timeout_ms == 0 {
+            return Err(invalid("coap.ack_timeout_ms", "must be at least 1".into()));
+        }
+        if !(1.0..=10.0).contains(&c.ack_random_factor) {
+            return Err(invalid(
+                "coap.ack_random_factor",
+                "must lie between 1.0 and 10.0".into(),
+            ));
+        }
+        if c.max_retransmit > 20 {
+            return Err(invalid("coap.max_retransmit", "must be at most 20".into()));
+        }
+        if c.separate_response_timeout_s == 0 {
+            return Err(invalid(
+                "coap.separate_response_timeout_s",
+                "must be at least 1".into(),
+            ));
+        }
+        if !c.block_size.is_power_of_two() || !(16..=1024).contains(&c.block_size) {
+            return Err(invalid(
+                "coap.block_size",
+                "must be one of 16, 32, 64, 128, 256, 512, 1024".into(),
+            ));
+        }
+        if c.max_body < 1024 {
+            return Err(invalid("coap.max_body", "must be at least 1024".into()));
         }
         if self.coap.max_in_flight == 0 {
             return Err(invalid("coap.max_in_flight", "must be at least 1".into()));

@@ -177,24 +177,14 @@ pub fn valid_name(n: &str) -> bool {
             .any(|c| c.is_control() || matches!(c, '/' | '?' | '#'))
 }
 
-/// Media type for a CoAP Content-Format number, as the REST API reports it.
+/// Media type for a link-format `ct=` value (a Content-Format number), as the REST API
+/// reports it; an unknown or non-numeric value is passed through as given.
 pub fn media_type(ct: &str) -> String {
-    let known = match ct {
-        "0" => "text/plain",
-        "40" => "application/link-format",
-        "41" => "application/xml",
-        "42" => "application/octet-stream",
-        "47" => "application/exi",
-        "50" => "application/json",
-        "60" => "application/cbor",
-        "110" => "application/senml+json",
-        "112" => "application/senml+cbor",
-        "1542" | "11542" => "application/vnd.oma.lwm2m+tlv",
-        "1543" | "11543" => "application/vnd.oma.lwm2m+json",
-        "11544" => "application/vnd.oma.lwm2m+cbor",
-        other => return other.to_string(),
-    };
-    known.to_string()
+    ct.parse::<u16>()
+        .ok()
+        .and_then(crate::coap::content_format::media_type)
+        .map(str::to_owned)
+        .unwrap_or_else(|| ct.to_string())
 }
 
 /// Parses a registration body into resources. The LwM2M root link (`rt="oma.lwm2m"`)

@@ -1,0 +1,763 @@
+//! The client side of the message layer: requests the daemon sends to devices.
+//!
+//! - Confirmable requests are retransmitted (RFC 7252 §4.2: ACK_TIMEOUT × random factor,
+//!   doubling, MAX_RETRANSMIT times), then fail with [`ClientError::Timeout`].
+//! - A piggybacked response ends the exchange; an empty ACK means a separate response will
+//!   follow (CON, acknowledged by the transport, or NON), awaited for
+//!   `coap.separate_response_timeout_s`. A RST ends it with [`ClientError::Reset`].
+//! - Tokens are 8 random bytes: they cannot be guessed by a third party injecting
+//!   responses.
+//! - Block-wise (RFC 7959): a request payload larger than `coap.block_size` goes out in
+//!   Block1 blocks (adapting to a smaller size the device asks for); a response with Block2
+//!   and the more-flag set is fetched block by block (GET/FETCH) up to `coap.max_body`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use tokio::sync::mpsc;
+
+use super::message;
+use super::transport::Transport;
+
+/// What arrived for an exchange of ours.
+#[derive(Debug)]
+pub enum ClientEvent {
+    /// ACK matching our message id: empty (a separate response follows) or piggybacked.
+    Ack(Packet),
+    /// RST matching our message id.
+    Reset,
+    /// A separate response (or, for observations, a notification) carrying our token.
+    Response(Packet),
+}
+
+/// Open exchanges, by token and by (peer, message id).
+#[derive(Debug, Default)]
+pub struct ClientState {
+    by_token: HashMap<Vec<u8>, mpsc::UnboundedSender<ClientEvent>>,
+    by_mid: HashMap<(SocketAddr, u16), Vec<u8>>,
+}
+
+impl ClientState {
+    /// Routes an ACK or RST by message id; false when no exchange waits for it.
+    pub fn on_ack_or_reset(&mut self, peer: SocketAddr, packet: Packet) -> bool {
+        let Some(token) = self.by_mid.get(&(peer, packet.header.message_id)) else {
+            return false;
+        };
+        let Some(tx) = self.by_token.get(token) else {
+            return false;
+        };
+        let ev = if packet.header.get_type() == MessageType::Reset {
+            ClientEvent::Reset
+        } else {
+            ClientEvent::Ack(packet)
+        };
+        tx.send(ev).is_ok()
+    }
+
+    /// Routes a separate response by token; false when the token is unknown.
+    pub fn on_response(&mut self, packet: Packet) -> bool {
+        match self.by_token.get(packet.get_token()) {
+            Some(tx) => tx.send(ClientEvent::Response(packet)).is_ok(),
+            None => false,
+        }
+    }
+
+    pub fn open_exchanges(&self) -> usize {
+        self.by_token.len()
+    }
+}
+
+/// Timing and size limits of the client side (from `[coap]`).
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub ack_timeout: Duration,
+    pub ack_random_factor: f64,
+    pub max_retransmit: u32,
+    pub separate_response_timeout: Duration,
+    /// Block size for Block1 writes (16..=1024, a power of two).
+    pub block_size: usize,
+    /// Largest response body assembled from Block2 blocks.
+    pub max_body: usize,
+}
+
+/// A request to a device.
+#[derive(Debug, Clone)]
+pub struct OutRequest {
+    pub method: RequestType,
+    /// Uri-Path segments.
+    pub path: Vec<String>,
+    pub query: Vec<String>,
+    pub payload: Vec<u8>,
+    pub content_format: Option<u16>,
+    pub accept: Option<u16>,
+    /// Observe option: 0 registers, 1 deregisters.
+    pub observe: Option<u32>,
+}
+
+impl OutRequest {
+    pub fn new(method: RequestType, path: &str) -> OutRequest {
+        OutRequest {
+            method,
+            path: path
+                .split('/')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            query: Vec::new(),
+            payload: Vec::new(),
+            content_format: None,
+            accept: None,
+            observe: None,
+        }
+    }
+}
+
+/// A device's answer, with the payload of every block assembled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoapReply {
+    pub code: ResponseType,
+    pub payload: Vec<u8>,
+    pub content_format: Option<u16>,
+    /// Max-Age option; CoAP's default when absent is 60 s.
+    pub max_age: Option<u32>,
+    pub observe: Option<u32>,
+    pub token: Vec<u8>,
+}
+
+impl CoapReply {
+    pub fn from_packet(p: &Packet) -> CoapReply {
+        CoapReply {
+            code: match p.header.code {
+                MessageClass::Response(r) => r,
+                _ => ResponseType::UnKnown,
+            },
+            payload: p.payload.clone(),
+            content_format: message::uint_option(p, CoapOption::ContentFormat).map(|v| v as u16),
+            max_age: message::uint_option(p, CoapOption::MaxAge),
+            observe: message::uint_option(p, CoapOption::Observe),
+            token: p.get_token().to_vec(),
+        }
+    }
+}
+
+/// Why a request to a device got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("the device did not answer")]
+    Timeout,
+    #[error("the device rejected the request (RST)")]
+    Reset,
+    #[error("no socket is bound on {0} any more")]
+    NoSocket(SocketAddr),
+    #[error("the response is larger than coap.max_body ({0} bytes)")]
+    TooLarge(usize),
+    #[error("cannot encode the request: {0}")]
+    Encode(String),
+    #[error("block-wise transfer failed: {0}")]
+    Block(String),
+    #[error("send failed: {0}")]
+    Io(String),
+}
+
+/// A Block1/Block2 option value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    pub num: u32,
+    pub more: bool,
+    /// Size exponent: size = 2^(szx+4), 0..=6.
+    pub szx: u8,
+}
+
+impl Block {
+    pub fn size(self) -> usize {
+        1 << (self.szx as usize + 4)
+    }
+    pub fn encode(self) -> Vec<u8> {
+        message::encode_uint((self.num << 4) | (u32::from(self.more) << 3) | u32::from(self.szx))
+    }
+    pub fn decode(v: u32) -> Option<Block> {
+        let szx = (v & 0x7) as u8;
+        // szx 7 is reserved (BERT, TCP only).
+        (szx < 7).then_some(Block {
+            num: v >> 4,
+            more: v & 0x8 != 0,
+            szx,
+        })
+    }
+    pub fn szx_for(size: usize) -> u8 {
+        let size = size.clamp(16, 1024);
+        (size.ilog2() - 4) as u8
+    }
+}
+
+fn block_option(p: &Packet, opt: CoapOption) -> Result<Option<Block>, ClientError> {
+    match message::uint_option(p, opt) {
+        None => Ok(None),
+        Some(v) => Block::decode(v)
+            .map(Some)
+            .ok_or_else(|| ClientError::Block("reserved block size".into())),
+    }
+}
+
+/// Removes an exchange's routing entries when it ends, however it ends.
+struct ExchangeGuard<'a> {
+    transport: &'a Transport,
+    token: Vec<u8>,
+    mids: Vec<(SocketAddr, u16)>,
+}
+
+impl Drop for ExchangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.transport.lock_client();
+        st.by_token.remove(&self.token);
+        for m in &self.mids {
+            st.by_mid.remove(m);
+        }
+    }
+}
+
+impl Transport {
+    /// Sends a confirmable request from the socket bound on `local` to `peer` and returns
+    /// the device's response, block-wise transfers included.
+    pub async fn request(
+        &self,
+        local: SocketAddr,
+        peer: SocketAddr,
+        req: &OutRequest,
+    ) -> Result<CoapReply, ClientError> {
+        let cfg = self.client_config().clone();
+        let first = if req.payload.len() > cfg.block_size {
+            self.send_block1(local, peer, req, &cfg).await?
+        } else {
+            let p = self.build(req, MessageType::Confirmable, |_| {});
+            self.exchange(local, peer, p, &cfg).await?
+        };
+        let mut reply = CoapReply::from_packet(&first);
+        // Block2: fetch the rest of a large response (safe methods only).
+        let mut block = None;
+        if matches!(req.method, RequestType::Get | RequestType::Fetch) {
+            block = block_option(&first, CoapOption::Block2)?;
+        }
+        while let Some(b) = block.filter(|b| b.more) {
+            let next = Block {
+                num: b.num + 1,
+                more: false,
+                szx: b.szx,
+            };
+            let mut follow = req.clone();
+            follow.observe = None;
+            let p = self.build(&follow, MessageType::Confirmable, |p| {
+                p.add_option(CoapOption::Block2, next.encode());
+            });
+            let resp = self.exchange(local, peer, p, &cfg).await?;
+            let part = CoapReply::from_packet(&resp);
+            if part.code != ResponseType::Content {
+                return Ok(part);
+            }
+            let got = block_option(&resp, CoapOption::Block2)?
+                .ok_or_else(|| ClientError::Block("a block without a Block2 option".into()))?;
+            if got.num != next.num {
+                return Err(ClientError::Block(format!(
+                    "asked for block {} and got block {}",
+                    next.num, got.num
+                )));
+            }
+            reply.payload.extend_from_slice(&part.payload);
+            if reply.payload.len() > cfg.max_body {
+                return Err(ClientError::TooLarge(cfg.max_body));
+            }
+            block = Some(got);
+        }
+        Ok(reply)
+    }
+
+    async fn send_block1(
+        &self,
+        local: SocketAddr,
+        peer: SocketAddr,
+        req: &OutRequest,
+        cfg: &ClientConfig,
+    ) -> Result<Packet, ClientError> {
+        let mut szx = Block::szx_for(cfg.block_size);
+        let mut offset = 0usize;
+        loop {
+            let size = 1usize << (szx as usize + 4);
+            let num = (offset / size) as u32;
+            let end = (offset + size).min(req.payload.len());
+            let more = end < req.payload.len();
+            let block = Block { num, more, szx };
+            let mut part = req.clone();
+            part.payload = req.payload[offset..end].to_vec();
+            let total = req.payload.len();
+            let p = self.build(&part, MessageType::Confirmable, |p| {
+                p.add_option(CoapOption::Block1, block.encode());
+                if num == 0 {
+                    p.add_option(CoapOption::Size1, message::encode_uint(total as u32));
+                }
+            });
+            let resp = self.exchange(local, peer, p, cfg).await?;
+            if !more || resp.header.code != MessageClass::Response(ResponseType::Continue) {
+                // The final response, or an error that ends the transfer.
+                return Ok(resp);
+            }
+            offset = end;
+            if let Some(b) = block_option(&resp, CoapOption::Block1)?
+                && b.szx < szx
+            {
+                // The device asks for smaller blocks from now on (RFC 7959 §2.5).
+                szx = b.szx;
+            }
+        }
+    }
+
+    /// A packet for `req` with a fresh message id and random token.
+    fn build(
+        &self,
+        req: &OutRequest,
+        mtype: MessageType,
+        extra: impl FnOnce(&mut Packet),
+    ) -> Packet {
+        let mut p = Packet::new();
+        p.header.set_type(mtype);
+        p.header.code = MessageClass::Request(req.method);
+        p.header.message_id = self.next_message_id();
+        p.set_token(rand::random::<[u8; 8]>().to_vec());
+        if let Some(o) = req.observe {
+            p.add_option(CoapOption::Observe, message::encode_uint(o));
+        }
+        for seg in &req.path {
+            p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+        }
+        if let Some(cf) = req.content_format {
+            p.add_option(CoapOption::ContentFormat, message::encode_uint(cf.into()));
+        }
+        for q in &req.query {
+            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+        }
+        if let Some(a) = req.accept {
+            p.add_option(CoapOption::Accept, message::encode_uint(a.into()));
+        }
+        extra(&mut p);
+        p.payload = req.payload.clone();
+        p
+    }
+
+    /// Sends a non-confirmable request and forgets it (`noResp=true`).
+    pub async fn send_non(
+        &self,
+        local: SocketAddr,
+        peer: SocketAddr,
+        req: &OutRequest,
+    ) -> Result<(), ClientError> {
+        let p = self.build(req, MessageType::NonConfirmable, |_| {});
+        let bytes = p
+            .to_bytes()
+            .map_err(|e| ClientError::Encode(format!("{e:?}")))?;
+        let sock = self.socket_for(local).ok_or(ClientError::NoSocket(local))?;
+        sock.send_to(&bytes, peer)
+            .await
+            .map_err(|e| ClientError::Io(e.to_string()))?;
+        Ok(())
+    }
+
+    /// One CON exchange: retransmit until ACK/RST, then await a separate response if the
+    /// ACK was empty. Returns the response packet.
+    async fn exchange(
+        &self,
+        local: SocketAddr,
+        peer: SocketAddr,
+        packet: Packet,
+        cfg: &ClientConfig,
+    ) -> Result<Packet, ClientError> {
+        let sock = self.socket_for(local).ok_or(ClientError::NoSocket(local))?;
+        let bytes = packet
+            .to_bytes()
+            .map_err(|e| ClientError::Encode(format!("{e:?}")))?;
+        let token = packet.get_token().to_vec();
+        let mid = packet.header.message_id;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        {
+            let mut st = self.lock_client();
+            st.by_token.insert(token.clone(), tx);
+            st.by_mid.insert((peer, mid), token.clone());
+        }
+        let _guard = ExchangeGuard {
+            transport: self,
+            token: token.clone(),
+            mids: vec![(peer, mid)],
+        };
+        let factor = 1.0 + rand::random::<f64>() * (cfg.ack_random_factor - 1.0).max(0.0);
+        let mut timeout = cfg.ack_timeout.mul_f64(factor);
+        let mut acked = false;
+        let mut attempts = 0u32;
+        while !acked {
+            sock.send_to(&bytes, peer)
+                .await
+                .map_err(|e| ClientError::Io(e.to_string()))?;
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Err(_) => break, // retransmit
+                    Ok(None) => return Err(ClientError::Timeout),
+                    Ok(Some(ClientEvent::Reset)) => return Err(ClientError::Reset),
+                    Ok(Some(ClientEvent::Ack(p))) => {
+                        if p.header.code == MessageClass::Empty {
+                            acked = true;
+                            break;
+                        }
+                        return Ok(p);
+                    }
+                    // A separate response overtaking its empty ACK.
+                    Ok(Some(ClientEvent::Response(p))) => return Ok(p),
+                }
+            }
+            if acked {
+                break;
+            }
+            attempts += 1;
+            if attempts > cfg.max_retransmit {
+                return Err(ClientError::Timeout);
+            }
+            timeout *= 2;
+        }
+        // Empty ACK: the response comes separately.
+        let deadline = tokio::time::Instant::now() + cfg.separate_response_timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) | Ok(None) => return Err(ClientError::Timeout),
+                Ok(Some(ClientEvent::Response(p))) => return Ok(p),
+                Ok(Some(_)) => continue,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coap::RequestHandler;
+    use crate::coap::message::{Inbound, Response};
+    use crate::config::CoapConfig;
+    use crate::metrics::Counters;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use tokio::net::UdpSocket;
+
+    struct NotFound;
+    impl RequestHandler for NotFound {
+        fn handle(&self, _: Inbound) -> Pin<Box<dyn Future<Output = Option<Response>> + Send>> {
+            Box::pin(async { Some(Response::new(ResponseType::NotFound)) })
+        }
+    }
+
+    struct Setup {
+        transport: Arc<Transport>,
+        local: SocketAddr,
+        device: UdpSocket,
+        peer: SocketAddr,
+        _stop: crate::shutdown::Trigger,
+    }
+
+    async fn setup(cfg: CoapConfig) -> Setup {
+        let transport = Transport::bind(&cfg, Arc::new(Counters::default())).unwrap();
+        let (trigger, stop) = crate::shutdown::channel();
+        transport.start(Arc::new(NotFound), stop);
+        let local = transport.local_addrs()[0];
+        let device = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let peer = device.local_addr().unwrap();
+        Setup {
+            transport,
+            local,
+            device,
+            peer,
+            _stop: trigger,
+        }
+    }
+
+    fn fast() -> CoapConfig {
+        CoapConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            ack_timeout_ms: 40,
+            ack_random_factor: 1.0,
+            max_retransmit: 2,
+            separate_response_timeout_s: 2,
+            block_size: 16,
+            ..CoapConfig::default()
+        }
+    }
+
+    async fn recv(dev: &UdpSocket) -> (Packet, SocketAddr) {
+        let mut buf = [0u8; 2048];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(3), dev.recv_from(&mut buf))
+            .await
+            .expect("device received nothing")
+            .unwrap();
+        (Packet::from_bytes(&buf[..n]).unwrap(), from)
+    }
+
+    fn reply_to(req: &Packet, mtype: MessageType, code: MessageClass, payload: &[u8]) -> Packet {
+        let mut p = Packet::new();
+        p.header.set_type(mtype);
+        p.header.code = code;
+        p.header.message_id = req.header.message_id;
+        p.set_token(req.get_token().to_vec());
+        p.payload = payload.to_vec();
+        p
+    }
+
+    async fn send(dev: &UdpSocket, p: &Packet, to: SocketAddr) {
+        dev.send_to(&p.to_bytes().unwrap(), to).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn piggybacked_response_after_retransmissions() {
+        let s = setup(fast()).await;
+        let t = Arc::clone(&s.transport);
+        let (local, peer) = (s.local, s.peer);
+        let task = tokio::spawn(async move {
+            let mut r = OutRequest::new(RequestType::Get, "/3/0/0");
+            r.accept = Some(0);
+            t.request(local, peer, &r).await
+        });
+        // Ignore the first two transmissions: the third is the same message.
+        let (first, from) = recv(&s.device).await;
+        assert_eq!(
+            from, s.local,
+            "requests leave from the socket the device registered to"
+        );
+        assert_eq!(first.get_token().len(), 8);
+        assert_eq!(message::uri_path(&first), vec!["3", "0", "0"]);
+        let (second, _) = recv(&s.device).await;
+        let (third, _) = recv(&s.device).await;
+        assert_eq!(first, second);
+        assert_eq!(first, third);
+        let mut ack = reply_to(
+            &third,
+            MessageType::Acknowledgement,
+            MessageClass::Response(ResponseType::Content),
+            b"21.5",
+        );
+        ack.add_option(CoapOption::ContentFormat, vec![]);
+        ack.add_option(CoapOption::MaxAge, vec![30]);
+        send(&s.device, &ack, s.local).await;
+        let reply = task.await.unwrap().unwrap();
+        assert_eq!(reply.code, ResponseType::Content);
+        assert_eq!(reply.payload, b"21.5");
+        assert_eq!(reply.content_format, Some(0));
+        assert_eq!(reply.max_age, Some(30));
+        assert_eq!(s.transport.open_exchanges(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_silent_device_times_out_after_max_retransmit() {
+        let s = setup(fast()).await;
+        let started = tokio::time::Instant::now();
+        let r = s
+            .transport
+            .request(s.local, s.peer, &OutRequest::new(RequestType::Get, "/1"))
+            .await;
+        assert_eq!(r, Err(ClientError::Timeout));
+        // 1 transmission + 2 retransmissions, timeouts 40 + 80 + 160 ms.
+        assert!(started.elapsed() >= Duration::from_millis(280));
+        let mut n = 0;
+        let mut buf = [0u8; 256];
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(50), s.device.recv_from(&mut buf)).await
+        {
+            n += 1;
+        }
+        assert_eq!(n, 3);
+        assert_eq!(s.transport.open_exchanges(), 0);
+    }
+
+    #[tokio::test]
+    async fn reset_ends_the_exchange() {
+        let s = setup(fast()).await;
+        let t = Arc::clone(&s.transport);
+        let (local, peer) = (s.local, s.peer);
+        let task = tokio::spawn(async move {
+            t.request(local, peer, &OutRequest::new(RequestType::Get, "/1"))
+                .await
+        });
+        let (req, _) = recv(&s.device).await;
+        let mut rst = Packet::new();
+        rst.header.set_type(MessageType::Reset);
+        rst.header.code = MessageClass::Empty;
+        rst.header.message_id = req.header.message_id;
+        send(&s.device, &rst, s.local).await;
+        assert_eq!(task.await.unwrap(), Err(ClientError::Reset));
+    }
+
+    #[tokio::test]
+    async fn separate_con_response_is_acknowledged_and_delivered() {
+        let s = setup(fast()).await;
+        let t = Arc::clone(&s.transport);
+        let (local, peer) = (s.local, s.peer);
+        let task = tokio::spawn(async move {
+            t.request(local, peer, &OutRequest::new(RequestType::Post, "/3/0/4"))
+                .await
+        });
+        let (req, _) = recv(&s.device).await;
+        // Empty ACK first, then (after longer than the retransmission timeout) the response.
+        let mut ack = Packet::new();
+        ack.header.set_type(MessageType::Acknowledgement);
+        ack.header.code = MessageClass::Empty;
+        ack.header.message_id = req.header.message_id;
+        send(&s.device, &ack, s.local).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut resp = reply_to(
+            &req,
+            MessageType::Confirmable,
+            MessageClass::Response(ResponseType::Changed),
+            b"",
+        );
+        resp.header.message_id = 4242;
+        send(&s.device, &resp, s.local).await;
+        let (their_ack, _) = recv(&s.device).await;
+        assert_eq!(their_ack.header.get_type(), MessageType::Acknowledgement);
+        assert_eq!(their_ack.header.message_id, 4242);
+        assert_eq!(their_ack.header.code, MessageClass::Empty);
+        assert_eq!(task.await.unwrap().unwrap().code, ResponseType::Changed);
+        // No retransmission of the request after the empty ACK.
+        let mut buf = [0u8; 64];
+        // The device retransmits its CON response (our ACK "lost"): acknowledged again.
+        send(&s.device, &resp, s.local).await;
+        let (again, _) = recv(&s.device).await;
+        assert_eq!(again, their_ack);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), s.device.recv_from(&mut buf))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_tokens_are_reset() {
+        let s = setup(fast()).await;
+        let mut stray = Packet::new();
+        stray.header.set_type(MessageType::NonConfirmable);
+        stray.header.code = MessageClass::Response(ResponseType::Content);
+        stray.header.message_id = 99;
+        stray.set_token(vec![1, 2, 3]);
+        send(&s.device, &stray, s.local).await;
+        let (rst, _) = recv(&s.device).await;
+        assert_eq!(
+            (rst.header.get_type(), rst.header.message_id),
+            (MessageType::Reset, 99)
+        );
+    }
+
+    #[tokio::test]
+    async fn block2_response_is_assembled() {
+        let s = setup(fast()).await;
+        let t = Arc::clone(&s.transport);
+        let (local, peer) = (s.local, s.peer);
+        let task = tokio::spawn(async move {
+            t.request(local, peer, &OutRequest::new(RequestType::Get, "/5/0/1"))
+                .await
+        });
+        let body: Vec<u8> = (0..40u8).collect();
+        for num in 0..3u32 {
+            let (req, _) = recv(&s.device).await;
+            if num > 0 {
+                let b =
+                    Block::decode(message::uint_option(&req, CoapOption::Block2).unwrap()).unwrap();
+                assert_eq!((b.num, b.szx), (num, 0));
+            }
+            let chunk = &body[(num as usize * 16)..((num as usize + 1) * 16).min(40)];
+            let mut ack = reply_to(
+                &req,
+                MessageType::Acknowledgement,
+                MessageClass::Response(ResponseType::Content),
+                chunk,
+            );
+            ack.add_option(
+                CoapOption::Block2,
+                Block {
+                    num,
+                    more: num < 2,
+                    szx: 0,
+                }
+                .encode(),
+            );
+            send(&s.device, &ack, s.local).await;
+        }
+        let reply = task.await.unwrap().unwrap();
+        assert_eq!(reply.payload, body);
+    }
+
+    #[tokio::test]
+    async fn block1_request_adapts_to_a_smaller_block_size() {
+        let mut cfg = fast();
+        cfg.block_size = 32;
+        let s = setup(cfg).await;
+        let t = Arc::clone(&s.transport);
+        let (local, peer) = (s.local, s.peer);
+        let payload: Vec<u8> = (0..100u8).collect();
+        let sent = payload.clone();
+        let task = tokio::spawn(async move {
+            let mut r = OutRequest::new(RequestType::Put, "/5/0/0");
+            r.payload = sent;
+            r.content_format = Some(42);
+            t.request(local, peer, &r).await
+        });
+        let mut got = Vec::new();
+        loop {
+            let (req, _) = recv(&s.device).await;
+            let b = Block::decode(message::uint_option(&req, CoapOption::Block1).unwrap()).unwrap();
+            assert_eq!(
+                b.num as usize * b.size(),
+                got.len(),
+                "blocks arrive in order"
+            );
+            if b.num == 0 {
+                assert_eq!(message::uint_option(&req, CoapOption::Size1), Some(100));
+            }
+            got.extend_from_slice(&req.payload);
+            let (code, echo) = if b.more {
+                // Ask for 16-byte blocks from now on.
+                (
+                    ResponseType::Continue,
+                    Block {
+                        num: b.num,
+                        more: true,
+                        szx: 0,
+                    },
+                )
+            } else {
+                (ResponseType::Changed, b)
+            };
+            let mut ack = reply_to(
+                &req,
+                MessageType::Acknowledgement,
+                MessageClass::Response(code),
+                b"",
+            );
+            ack.add_option(CoapOption::Block1, echo.encode());
+            send(&s.device, &ack, s.local).await;
+            if !b.more {
+                break;
+            }
+        }
+        assert_eq!(got, payload);
+        assert_eq!(task.await.unwrap().unwrap().code, ResponseType::Changed);
+    }
+
+    #[test]
+    fn block_values() {
+        let b = Block {
+            num: 5,
+            more: true,
+            szx: 6,
+        };
+        assert_eq!(b.size(), 1024);
+        assert_eq!(Block::decode(0x5E), Some(b));
+        assert_eq!(b.encode(), vec![0x5E]);
+        assert_eq!(Block::decode(0x07), None);
+        assert_eq!(Block::szx_for(1024), 6);
+        assert_eq!(Block::szx_for(16), 0);
+    }
+}

@@ -1,0 +1,406 @@
+#!/usr/bin/env python3
+"""A simulated LwM2M device on aiocoap 0.4.17 (a CoAP stack nobody here wrote).
+
+The Rust end-to-end tests use it to check that connectord's CoAP *client* side (requests
+the daemon sends to devices) interoperates with a foreign stack.
+
+Usage:
+  aiocoap_lwm2m_device.py --server HOST:PORT --ep NAME [--lifetime 300]
+      [--binding U|UQ] [--domain D] [--notify-interval 0.2] [--slow-delay 3]
+      [--bind 127.0.0.1] [--verbose]
+
+One aiocoap server context (UDP only) is bound to BIND on an ephemeral port; the
+registration, updates and the de-registration are sent from that same socket, so the
+daemon's requests (sent to the registration's source address) reach the site below.
+
+Resources (text/plain is ct 0):
+  GET     /3/0/0          2.05 "connectord-test"
+  GET     /3/0/1          2.05 "sim-1"
+  GET     /3/0            2.05 "connectord-test;sim-1"
+  GET|PUT /1/0/1          lifetime: GET -> text; PUT integer text -> 2.04, else 4.00
+  POST    /3/0/4          reboot (execute) -> 2.04
+  GET     /3303/0/5700    observable, "21.5" ct 0 Max-Age 30; while observed, +0.5 every
+                          --notify-interval seconds, each change notified
+  GET     /5/0/1          3000 bytes (b"0123456789" * 300), ct 42; Block2 by aiocoap
+  PUT     /5/0/0          large write; Block1 is reassembled by aiocoap -> 2.04
+  GET     /9/0/slow       "slow-ok" after --slow-delay s (empty ACK, separate response)
+  DELETE  /9/0            2.02
+  anything else           aiocoap's 4.04 (or 4.05 for a known path, other method)
+
+Stdout: one JSON object per line, flushed at once:
+  {"event": "registered", "location": "rd/<id>", "port": <local UDP port>}
+  {"event": "request", "method": "PUT", "path": "/1/0/1", "payload_len": 2,
+   "payload": "60", "ct": 0}
+      "payload" only when <= 200 bytes and valid UTF-8; "sha256" (hex) only when the
+      payload is > 200 bytes; "ct" is null without Content-Format; "query" (list of
+      strings) only when the request has Uri-Query; "observe" (int) only when it has
+      Observe. One line per request as rendered: a Block1 upload is one line (the
+      reassembled payload), a Block2 download is one line (later blocks come from
+      aiocoap's cache), an unknown path is reported too (then answered 4.04).
+  {"event": "observers", "path": "/3303/0/5700", "count": N}   (count changed)
+  {"event": "notified", "path": "/3303/0/5700", "value": "22.0", "observers": N}
+      (only for the stdin command "notify"; timer ticks print nothing)
+  {"event": "updated", "code": "2.04"}          (the code the server answered)
+  {"event": "deregistered", "code": "2.02"}
+  {"event": "error", "message": "..."}
+
+Stdin commands, one per line: update | update-lt N | notify | deregister | quit.
+EOF on stdin = deregister and exit. Exit 0 after deregister/quit; exit 1 when the
+registration fails (unreachable, refused, or no answer within 20 s) or the
+de-registration cannot be sent.
+"""
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import sys
+import threading
+
+from aiocoap import Context, Message
+from aiocoap import resource
+from aiocoap.numbers.codes import Code
+from aiocoap.numbers.contentformat import ContentFormat
+
+REQUEST_TIMEOUT = 20.0
+LINKS = b'</>;rt="oma.lwm2m",</1/0>,</3/0>,</3303/0/5700>;obs;ct=0,</5/0>,</9/0>'
+BIG = b"0123456789" * 300
+TEXT = ContentFormat.TEXT
+OCTETS = ContentFormat.OCTETSTREAM
+
+
+def emit(**fields):
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+def report(request, path):
+    payload = request.payload
+    ct = request.opt.content_format
+    ev = {
+        "event": "request",
+        "method": str(request.code),
+        "path": path,
+        "payload_len": len(payload),
+    }
+    if len(payload) <= 200:
+        try:
+            ev["payload"] = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    else:
+        ev["sha256"] = hashlib.sha256(payload).hexdigest()
+    ev["ct"] = None if ct is None else int(ct)
+    if request.opt.uri_query:
+        ev["query"] = list(request.opt.uri_query)
+    if request.opt.observe is not None:
+        ev["observe"] = request.opt.observe
+    emit(**ev)
+
+
+def text(value, code=None, **kw):
+    return Message(code=code, payload=value.encode(), content_format=TEXT, **kw)
+
+
+class Reported:
+    """Mixin: report every rendered request (the Site strips the path, so keep ours)."""
+
+    path = "?"
+
+    async def render(self, request):
+        report(request, self.path)
+        return await super().render(request)
+
+
+class Fixed(Reported, resource.Resource):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    async def render_get(self, request):
+        return text(self.value)
+
+
+class Lifetime(Reported, resource.Resource):
+    def __init__(self, lifetime):
+        super().__init__()
+        self.lifetime = lifetime
+
+    async def render_get(self, request):
+        return text(str(self.lifetime))
+
+    async def render_put(self, request):
+        try:
+            self.lifetime = int(request.payload.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            return text(
+                "lifetime must be an integer, got %r"
+                % request.payload[:50].decode("utf-8", "replace"),
+                code=Code.BAD_REQUEST,
+            )
+        return Message(code=Code.CHANGED)
+
+
+class Execute(Reported, resource.Resource):
+    async def render_post(self, request):
+        return Message(code=Code.CHANGED)
+
+
+class Temperature(Reported, resource.ObservableResource):
+    def __init__(self, interval):
+        super().__init__()
+        self.value = 21.5
+        self.interval = interval
+        self._ticker = None
+
+    def current(self):
+        # The code must be set: a response given to trigger() skips Resource.render().
+        return text("%.1f" % self.value, code=Code.CONTENT, max_age=30)
+
+    async def render_get(self, request):
+        return self.current()
+
+    def change(self):
+        """Change the value and notify every observer (without a re-render, so
+        notifications are not reported as requests)."""
+        self.value += 0.5
+        for obs in list(self._observations):
+            obs.trigger(self.current())
+
+    def update_observation_count(self, count):
+        emit(event="observers", path=self.path, count=count)
+        if count and self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        elif not count and self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+
+    async def _tick(self):
+        while True:
+            await asyncio.sleep(self.interval)
+            self.change()
+
+
+class BigRead(Reported, resource.Resource):
+    async def render_get(self, request):
+        return Message(payload=BIG, content_format=OCTETS)
+
+
+class BigWrite(Reported, resource.Resource):
+    # Resource.needs_blockwise_assembly() is True: aiocoap answers 2.31 Continue to
+    # each non-final Block1 and renders once with the reassembled payload.
+    async def render_put(self, request):
+        return Message(code=Code.CHANGED)
+
+
+class Slow(Reported, resource.Resource):
+    def __init__(self, delay):
+        super().__init__()
+        self.delay = delay
+
+    async def render_get(self, request):
+        await asyncio.sleep(self.delay)
+        return text("slow-ok")
+
+
+class Deletable(Reported, resource.Resource):
+    async def render_delete(self, request):
+        return Message(code=Code.DELETED)
+
+
+class DeviceSite(resource.Site):
+    """A Site that also reports requests to paths it does not serve (then 4.04)."""
+
+    async def render_to_pipe(self, pipe):
+        req = pipe.request
+        try:
+            self._find_child_and_pathstripped_message(req)
+        except KeyError:
+            report(req, "/" + "/".join(req.opt.uri_path))
+        return await super().render_to_pipe(pipe)
+
+
+def build_site(args, lifetime):
+    site = DeviceSite()
+    temperature = Temperature(args.notify_interval)
+    resources = {
+        "/3/0/0": Fixed("connectord-test"),
+        "/3/0/1": Fixed("sim-1"),
+        "/3/0": Fixed("connectord-test;sim-1"),
+        "/1/0/1": Lifetime(lifetime),
+        "/3/0/4": Execute(),
+        "/3303/0/5700": temperature,
+        "/5/0/1": BigRead(),
+        "/5/0/0": BigWrite(),
+        "/9/0/slow": Slow(args.slow_delay),
+        "/9/0": Deletable(),
+    }
+    for path, res in resources.items():
+        res.path = path
+        site.add_resource(path.strip("/").split("/"), res)
+    return site, temperature
+
+
+def local_port(ctx):
+    for ri in ctx.request_interfaces:
+        mi = getattr(getattr(ri, "token_interface", None), "message_interface", None)
+        transport = getattr(mi, "transport", None)
+        if transport is not None:
+            return transport.get_extra_info("socket").getsockname()[1]
+    raise RuntimeError("no UDP transport in the context")
+
+
+def split_hostport(s):
+    host, _, port = s.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError("expected HOST:PORT, got %r" % s)
+    host = host.strip("[]")
+    return ("[%s]" % host if ":" in host else host), int(port)
+
+
+class Device:
+    def __init__(self, ctx, args):
+        self.ctx = ctx
+        self.base = "coap://%s:%d" % args.server
+        self.args = args
+        self.location = None
+
+    async def request(self, code, path, query=(), payload=b"", ct=None):
+        msg = Message(code=code, uri=self.base + "/" + "/".join(path), payload=payload)
+        if query:
+            msg.opt.uri_query = tuple(query)
+        if ct is not None:
+            msg.opt.content_format = ct
+        return await asyncio.wait_for(self.ctx.request(msg).response, REQUEST_TIMEOUT)
+
+    async def register(self):
+        a = self.args
+        query = ["ep=" + a.ep, "lt=%d" % a.lifetime, "lwm2m=1.0", "b=" + a.binding]
+        if a.domain is not None:
+            query.append("d=" + a.domain)
+        resp = await self.request(
+            Code.POST, ["rd"], query, LINKS, ContentFormat.LINKFORMAT
+        )
+        if resp.code != Code.CREATED or not resp.opt.location_path:
+            raise RuntimeError(
+                "registration refused: %s %r" % (resp.code.dotted, resp.payload[:200])
+            )
+        self.location = list(resp.opt.location_path)
+        return "/".join(self.location)
+
+    async def update(self, lifetime=None):
+        query = [] if lifetime is None else ["lt=%d" % lifetime]
+        resp = await self.request(Code.POST, self.location, query)
+        emit(event="updated", code=resp.code.dotted)
+
+    async def deregister(self):
+        resp = await self.request(Code.DELETE, self.location)
+        emit(event="deregistered", code=resp.code.dotted)
+
+
+def stdin_lines(loop):
+    """Lines of stdin in a queue (None = EOF), read by a daemon thread so that any kind
+    of stdin (pipe, file, /dev/null, tty) works and exit never waits for it."""
+    queue = asyncio.Queue()
+
+    def reader():
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(queue.put_nowait, line)
+        loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    threading.Thread(target=reader, name="stdin", daemon=True).start()
+    return queue
+
+
+def describe(exc):
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no answer within %d s" % REQUEST_TIMEOUT
+    msg = "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+    if exc.__cause__ is not None:
+        msg += " (%s)" % describe(exc.__cause__)
+    return msg
+
+
+async def run(args):
+    site, temperature = build_site(args, args.lifetime)
+    try:
+        ctx = await Context.create_server_context(
+            site, bind=(args.bind, 0), transports=["udp6"]
+        )
+    except Exception as e:
+        emit(event="error", message="cannot bind %s: %s" % (args.bind, describe(e)))
+        return 1
+    device = Device(ctx, args)
+    try:
+        try:
+            location = await device.register()
+        except Exception as e:
+            emit(event="error", message="registration failed: " + describe(e))
+            return 1
+        emit(event="registered", location=location, port=local_port(ctx))
+
+        lines = stdin_lines(asyncio.get_running_loop())
+        while True:
+            line = await lines.get()
+            words = ["deregister"] if line is None else line.split()
+            if not words:
+                continue
+            cmd, rest = words[0], words[1:]
+            try:
+                if cmd == "update" and not rest:
+                    await device.update()
+                elif cmd == "update-lt" and len(rest) == 1 and rest[0].isdigit():
+                    await device.update(int(rest[0]))
+                elif cmd == "notify" and not rest:
+                    temperature.change()
+                    emit(
+                        event="notified",
+                        path=temperature.path,
+                        value="%.1f" % temperature.value,
+                        observers=len(temperature._observations),
+                    )
+                elif cmd == "deregister" and not rest:
+                    try:
+                        await device.deregister()
+                    except Exception as e:
+                        emit(event="error", message="deregister failed: " + describe(e))
+                        return 1
+                    return 0
+                elif cmd == "quit" and not rest:
+                    return 0
+                else:
+                    emit(event="error", message="unknown command: %r" % line.strip())
+            except Exception as e:
+                emit(event="error", message="%s failed: %s" % (cmd, describe(e)))
+    finally:
+        await ctx.shutdown()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--server", required=True, type=split_hostport, help="HOST:PORT")
+    p.add_argument("--ep", required=True, help="endpoint name")
+    p.add_argument("--lifetime", type=int, default=300)
+    p.add_argument("--binding", default="U", choices=["U", "UQ"])
+    p.add_argument("--domain", default=None)
+    p.add_argument("--notify-interval", type=float, default=0.2)
+    p.add_argument("--slow-delay", type=float, default=3.0)
+    p.add_argument("--bind", default="127.0.0.1", help="local address (port is ephemeral)")
+    p.add_argument("--verbose", action="store_true", help="aiocoap debug log on stderr")
+    args = p.parse_args()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        code = asyncio.run(run(args))
+    except Exception as e:
+        emit(event="error", message="unexpected failure: " + describe(e))
+        raise SystemExit(1) from e
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
