@@ -15,9 +15,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::auth::{AuthBackend, AuthChain, CoreKeys};
 use crate::coap::Transport;
 use crate::config::{Config, ConfigError};
+use crate::events::Hub;
+use crate::events::webhook::{Webhook, WebhookError};
 use crate::metrics::Counters;
-use crate::registry::Registry;
 use crate::registry::lwm2m::Lwm2mHandler;
+use crate::registry::{Registry, RegistryListener};
+use crate::requests::{Requests, RequestsListener};
 use crate::rest::{self, AppState};
 use crate::shutdown;
 use crate::store::sqlite::SqliteStore;
@@ -32,6 +35,8 @@ pub enum StartError {
     FirstKey(#[from] crate::auth::keys::FirstKeyError),
     #[error("{0}")]
     Bind(#[from] std::io::Error),
+    #[error("notification callbacks: {0}")]
+    Webhook(#[from] WebhookError),
 }
 
 /// Changes the log filter of the running process (given by the binary, which owns the
@@ -80,16 +85,46 @@ pub async fn run(
     let listeners = rest::bind(&config.rest.listen).await?;
 
     let (trigger, stop) = shutdown::channel();
+    let n = &config.notifications;
+    let webhook = Webhook::new(
+        Duration::from_secs(n.callback_timeout_s),
+        n.callback_ca_file.as_deref(),
+    )?;
+    let hub = Hub::load(
+        Arc::clone(&store),
+        Arc::new(webhook),
+        n.clone(),
+        Arc::clone(&counters),
+        stop.clone(),
+    )
+    .await?;
+    let requests = Requests::new(
+        Arc::clone(&registry),
+        Arc::clone(&transport),
+        Arc::clone(&hub),
+        Arc::clone(&store),
+        config.requests.clone(),
+        Arc::clone(&counters),
+    );
+    registry.add_listener(Arc::clone(&hub) as Arc<dyn RegistryListener>);
+    registry.add_listener(Arc::new(RequestsListener(Arc::downgrade(&requests))));
+    let pending = requests.load().await?;
+    tracing::info!("loaded {pending} stored requests to devices");
     let mut tasks = transport.start(
         Arc::new(Lwm2mHandler::new(Arc::clone(&registry))),
         stop.clone(),
     );
     tasks.push(tokio::spawn(Arc::clone(&registry).run_expiry(stop.clone())));
+    tasks.push(tokio::spawn(Arc::clone(&hub).run_sweeper(stop.clone())));
     let state = Arc::new(AppState {
         registry: Arc::clone(&registry),
         auth,
         counters: Arc::clone(&counters),
         transport: Arc::clone(&transport),
+        requests,
+        hub,
+        max_body: config.requests.max_body,
+        long_poll: Duration::from_secs(config.notifications.long_poll_s),
     });
     tasks.push(tokio::spawn(rest::serve(listeners, state, stop.clone())));
     if let Some(interval) = sd_notify::watchdog_enabled() {
@@ -149,6 +184,8 @@ fn reload(running: Config, path: Option<&std::path::Path>, set_log: &SetLogFilte
         ("rest", next.rest != running.rest),
         ("coap", next.coap != running.coap),
         ("registry", next.registry != running.registry),
+        ("requests", next.requests != running.requests),
+        ("notifications", next.notifications != running.notifications),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))

@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod events;
 pub mod metrics;
 pub mod registry;
+pub mod requests;
 pub mod rest;
 pub mod shutdown;
 pub mod store;

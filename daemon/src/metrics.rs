@@ -51,6 +51,19 @@ counters! {
     registrations_expired,
     /// REST requests refused for missing or bad credentials.
     rest_unauthorized,
+    /// Notification events queued (counted once per receiving key).
+    events_published,
+    /// Notification events handed to a long-poll or accepted by a callback.
+    events_delivered,
+    /// Notification events discarded (older than the discard window, refused by the
+    /// callback, or pushed out of a full queue).
+    events_discarded,
+    /// Failed callback deliveries that will be retried.
+    delivery_retries,
+    /// Requests sent to devices (async, each CoAP exchange counted once).
+    device_requests,
+    /// Requests to devices that got no answer in time.
+    device_timeouts,
 }
 
 impl Counters {

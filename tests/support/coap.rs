@@ -142,6 +142,87 @@ impl Device {
     }
 }
 
+impl Device {
+    /// The next request the daemon sends to this device (ACKs and other messages are
+    /// skipped), with the address it came from; None after `timeout`.
+    pub fn recv_request(&self, timeout: Duration) -> Option<(Packet, SocketAddr)> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = [0u8; 2048];
+        loop {
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            self.sock
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let Ok((n, from)) = self.sock.recv_from(&mut buf) else {
+                return None;
+            };
+            if let Ok(p) = Packet::from_bytes(&buf[..n])
+                && matches!(p.header.code, MessageClass::Request(_))
+            {
+                return Some((p, from));
+            }
+        }
+    }
+
+    /// Answers `req` (piggybacked in an ACK for a CON) to `to`.
+    pub fn reply(
+        &self,
+        req: &Packet,
+        to: SocketAddr,
+        code: ResponseType,
+        payload: &[u8],
+        cf: Option<u16>,
+        max_age: Option<u32>,
+    ) {
+        let mut p = Packet::new();
+        p.header
+            .set_type(if req.header.get_type() == MessageType::Confirmable {
+                MessageType::Acknowledgement
+            } else {
+                MessageType::NonConfirmable
+            });
+        p.header.code = MessageClass::Response(code);
+        p.header.message_id = req.header.message_id;
+        p.set_token(req.get_token().to_vec());
+        if let Some(cf) = cf {
+            p.add_option(CoapOption::ContentFormat, uint(cf.into()));
+        }
+        if let Some(m) = max_age {
+            p.add_option(CoapOption::MaxAge, uint(m));
+        }
+        p.payload = payload.to_vec();
+        self.sock
+            .send_to(&p.to_bytes().unwrap(), to)
+            .expect("send reply");
+    }
+}
+
+/// The Uri-Path of a request joined with slashes, leading slash included.
+pub fn path_of(p: &Packet) -> String {
+    let segs: Vec<String> = p
+        .get_option(CoapOption::UriPath)
+        .map(|l| {
+            l.iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    format!("/{}", segs.join("/"))
+}
+
+/// An unsigned option value, minimal bytes.
+pub fn uint(v: u32) -> Vec<u8> {
+    let b = v.to_be_bytes();
+    let skip = b.iter().take_while(|x| **x == 0).count();
+    b[skip..].to_vec()
+}
+
+/// An unsigned option of a packet.
+pub fn uint_option(p: &Packet, opt: CoapOption) -> Option<u32> {
+    p.get_first_option(opt)
+        .map(|v| v.iter().fold(0u32, |a, b| (a << 8) | u32::from(*b)))
+}
+
 fn rand_mid() -> u16 {
     (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

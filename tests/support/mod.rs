@@ -4,6 +4,7 @@
 
 pub mod coap;
 pub mod peers;
+pub mod receiver;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -28,6 +29,8 @@ pub struct Daemon {
     pub coap: SocketAddr,
     pub key: String,
     logs: Arc<Mutex<Vec<String>>>,
+    /// Every notification event pulled so far (see [`Daemon::collect_events`]).
+    inbox: Mutex<Events>,
 }
 
 /// The test configuration: loopback only, free ports, state in `dir`; `coap` lines go
@@ -95,6 +98,7 @@ impl Daemon {
             coap: SocketAddr::from(([0, 0, 0, 0], 0)),
             key: String::new(),
             logs,
+            inbox: Mutex::new(Events::default()),
         };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -210,6 +214,79 @@ impl Daemon {
         http_get(&self.url(path), Some(&self.key), Some(accept))
     }
 
+    /// A request with the admin key; `content_type` and `body` are sent when given.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> Http {
+        let auth = format!("Bearer {}", self.key);
+        let mut headers = vec![("Authorization", auth.as_str())];
+        if let Some(ct) = content_type {
+            headers.push(("Content-Type", ct));
+        }
+        http(method, &self.url(path), &headers, body)
+    }
+
+    /// One `GET /v2/notification/pull?noWait=true`: the batch, or None on 204.
+    pub fn pull_now(&self) -> Option<serde_json::Value> {
+        let r = self.get("/v2/notification/pull?noWait=true");
+        match r.status {
+            200 => Some(r.json()),
+            204 => None,
+            s => panic!("pull answered {s}: {}", r.body),
+        }
+    }
+
+    /// Pulls (without waiting) into the inbox until `done` holds for everything received
+    /// since the last [`Daemon::clear_inbox`], or the timeout passes; returns the inbox.
+    pub fn collect_events(&self, timeout: Duration, done: impl Fn(&Events) -> bool) -> Events {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(batch) = self.pull_now() {
+                self.inbox.lock().unwrap().add(&batch);
+            }
+            let all = self.inbox.lock().unwrap().clone();
+            if done(&all) || Instant::now() >= deadline {
+                return all;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Forgets the events pulled so far.
+    pub fn clear_inbox(&self) {
+        *self.inbox.lock().unwrap() = Events::default();
+    }
+
+    /// Sends a resource request and returns its async-response id (asserting 202).
+    pub fn async_request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> String {
+        let r = self.call(method, path, content_type, body);
+        assert_eq!(r.status, 202, "{method} {path}: {}", r.body);
+        assert_eq!(r.content_type, "application/json");
+        r.json()["async-response-id"]
+            .as_str()
+            .expect("async-response-id")
+            .to_string()
+    }
+
+    /// Waits for the async response with this id.
+    pub fn async_response(&self, id: &str, timeout: Duration) -> serde_json::Value {
+        let events = self.collect_events(timeout, |e| e.async_response(id).is_some());
+        events
+            .async_response(id)
+            .unwrap_or_else(|| panic!("no async response {id}; got {events:?}"))
+            .clone()
+    }
+
     /// The value of a `connectord_<name>` metric.
     pub fn metric(&self, name: &str) -> u64 {
         let body = self.get("/metrics").body;
@@ -261,14 +338,29 @@ fn agent() -> ureq::Agent {
 
 /// GET `url` with an optional Bearer key and Accept header.
 pub fn http_get(url: &str, key: Option<&str>, accept: Option<&str>) -> Http {
-    let mut req = agent().get(url);
-    if let Some(k) = key {
-        req = req.header("Authorization", &format!("Bearer {k}"));
+    let mut headers = Vec::new();
+    let auth = key.map(|k| format!("Bearer {k}"));
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a.as_str()));
     }
     if let Some(a) = accept {
-        req = req.header("Accept", a);
+        headers.push(("Accept", a));
     }
-    let mut resp = req.call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    http("GET", url, &headers, None)
+}
+
+/// Any request: `body` is sent (with the given headers) when present.
+pub fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Http {
+    let mut builder = ureq::http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let agent = agent();
+    let result = match body {
+        Some(b) => agent.run(builder.body(b.to_vec()).expect("request")),
+        None => agent.run(builder.body(()).expect("request")),
+    };
+    let mut resp = result.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
     let status = resp.status().as_u16();
     let content_type = resp
         .headers()
@@ -282,6 +374,43 @@ pub fn http_get(url: &str, key: Option<&str>, accept: Option<&str>) -> Http {
         content_type,
         body,
     }
+}
+
+/// Notification events received so far, by type (`registrations`, `async-responses`, …).
+#[derive(Debug, Default, Clone)]
+pub struct Events(pub std::collections::BTreeMap<String, Vec<serde_json::Value>>);
+
+impl Events {
+    pub fn add(&mut self, batch: &serde_json::Value) {
+        let obj = batch
+            .as_object()
+            .expect("a notification message is an object");
+        for (kind, entries) in obj {
+            let list = entries.as_array().expect("each event type holds an array");
+            self.0
+                .entry(kind.clone())
+                .or_default()
+                .extend(list.iter().cloned());
+        }
+    }
+    pub fn of(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.0.get(kind).cloned().unwrap_or_default()
+    }
+    pub fn async_response(&self, id: &str) -> Option<&serde_json::Value> {
+        self.0
+            .get("async-responses")?
+            .iter()
+            .find(|e| e["id"] == id)
+    }
+    pub fn count(&self) -> usize {
+        self.0.values().map(Vec::len).sum()
+    }
+}
+
+/// Base64 of bytes, for comparing payloads.
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// Polls `f` until it is true or `timeout` passes.

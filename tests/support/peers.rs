@@ -89,3 +89,95 @@ pub fn libcoap_client() -> PathBuf {
     }
     BIN.into()
 }
+
+/// The aiocoap LwM2M device (tests/peers/aiocoap_lwm2m_device.py), running, with its
+/// stdout JSON lines collected.
+pub struct Lwm2mDevice {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    pub location: String,
+}
+
+impl Lwm2mDevice {
+    /// Starts the device against `server` with endpoint name `ep` and extra arguments, and
+    /// waits until it registered.
+    pub fn start(server: std::net::SocketAddr, ep: &str, extra: &[&str]) -> Lwm2mDevice {
+        use std::io::BufRead;
+        let python = aiocoap_python();
+        let mut child = Command::new(python)
+            .arg(script("aiocoap_lwm2m_device.py"))
+            .args(["--server", &server.to_string(), "--ep", ep])
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start the aiocoap device");
+        let stdout = child.stdout.take().unwrap();
+        let stdin = child.stdin.take();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        let mut d = Lwm2mDevice {
+            child,
+            stdin,
+            lines,
+            location: String::new(),
+        };
+        let reg = d.wait_event(std::time::Duration::from_secs(30), |e| {
+            e["event"] == "registered" || e["event"] == "error"
+        });
+        assert_eq!(reg["event"], "registered", "{reg}");
+        d.location = reg["location"].as_str().unwrap().to_string();
+        d
+    }
+
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits for an output line matching `f`.
+    pub fn wait_event(
+        &self,
+        timeout: std::time::Duration,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.events().into_iter().find(|e| f(e)) {
+                return e;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "device events so far: {:?}",
+                self.events()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a stdin command (`update`, `notify`, `deregister`, ...).
+    pub fn command(&mut self, cmd: &str) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{cmd}").expect("write command");
+        stdin.flush().unwrap();
+    }
+}
+
+impl Drop for Lwm2mDevice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

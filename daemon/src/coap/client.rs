@@ -390,37 +390,26 @@ impl Transport {
         };
         let factor = 1.0 + rand::random::<f64>() * (cfg.ack_random_factor - 1.0).max(0.0);
         let mut timeout = cfg.ack_timeout.mul_f64(factor);
-        let mut acked = false;
         let mut attempts = 0u32;
-        while !acked {
+        loop {
             sock.send_to(&bytes, peer)
                 .await
                 .map_err(|e| ClientError::Io(e.to_string()))?;
             let deadline = tokio::time::Instant::now() + timeout;
-            loop {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Err(_) => break, // retransmit
-                    Ok(None) => return Err(ClientError::Timeout),
-                    Ok(Some(ClientEvent::Reset)) => return Err(ClientError::Reset),
-                    Ok(Some(ClientEvent::Ack(p))) => {
-                        if p.header.code == MessageClass::Empty {
-                            acked = true;
-                            break;
-                        }
-                        return Ok(p);
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => {
+                    attempts += 1;
+                    if attempts > cfg.max_retransmit {
+                        return Err(ClientError::Timeout);
                     }
-                    // A separate response overtaking its empty ACK.
-                    Ok(Some(ClientEvent::Response(p))) => return Ok(p),
+                    timeout *= 2;
                 }
+                Ok(None) => return Err(ClientError::Timeout),
+                Ok(Some(ClientEvent::Reset)) => return Err(ClientError::Reset),
+                Ok(Some(ClientEvent::Ack(p))) if p.header.code == MessageClass::Empty => break,
+                // A piggybacked response, or a separate one overtaking its empty ACK.
+                Ok(Some(ClientEvent::Ack(p) | ClientEvent::Response(p))) => return Ok(p),
             }
-            if acked {
-                break;
-            }
-            attempts += 1;
-            if attempts > cfg.max_retransmit {
-                return Err(ClientError::Timeout);
-            }
-            timeout *= 2;
         }
         // Empty ACK: the response comes separately.
         let deadline = tokio::time::Instant::now() + cfg.separate_response_timeout;

@@ -83,6 +83,68 @@ pub struct Config {
     pub coap: CoapConfig,
     #[serde(default)]
     pub registry: RegistryConfig,
+    #[serde(default)]
+    pub requests: RequestsConfig,
+    #[serde(default)]
+    pub notifications: NotificationsConfig,
+}
+
+/// `[requests]`: requests from applications to devices.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestsConfig {
+    /// Requests waiting per endpoint (one is in flight at a time, CoAP NSTART 1); a request
+    /// beyond this is answered 429.
+    pub queue_len: usize,
+    /// Largest request body accepted on the REST API, in bytes (413 beyond).
+    pub max_body: usize,
+}
+
+impl Default for RequestsConfig {
+    fn default() -> Self {
+        RequestsConfig {
+            queue_len: 20,
+            max_body: 1_048_576,
+        }
+    }
+}
+
+/// `[notifications]`: delivery of events to applications.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationsConfig {
+    /// Longest hold of a long-poll request before it is answered 204 (seed: 30 s).
+    pub long_poll_s: u64,
+    /// Most events in one long-poll answer or callback delivery.
+    pub max_batch: usize,
+    /// Events not delivered within this many seconds are discarded (seed: 15 minutes).
+    pub discard_after_s: u64,
+    /// Most undelivered events kept per access key; the oldest make room.
+    pub max_queued_per_key: usize,
+    /// Time limit of one callback request (connect, send, answer).
+    pub callback_timeout_s: u64,
+    /// A PEM file of extra CA certificates trusted for `https://` callbacks, beside the
+    /// system's.
+    pub callback_ca_file: Option<PathBuf>,
+    /// First wait before a failed callback delivery is retried; doubled per failure.
+    pub retry_initial_ms: u64,
+    /// Longest wait between retries.
+    pub retry_max_ms: u64,
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        NotificationsConfig {
+            long_poll_s: 30,
+            max_batch: 500,
+            discard_after_s: 900,
+            max_queued_per_key: 100_000,
+            callback_timeout_s: 10,
+            callback_ca_file: None,
+            retry_initial_ms: 1000,
+            retry_max_ms: 60_000,
+        }
+    }
 }
 
 /// `[log]`: what the daemon writes to standard error (journald under systemd).
@@ -325,6 +387,38 @@ impl Config {
         }
         if self.coap.max_in_flight == 0 {
             return Err(invalid("coap.max_in_flight", "must be at least 1".into()));
+        }
+        if self.requests.queue_len == 0 {
+            return Err(invalid("requests.queue_len", "must be at least 1".into()));
+        }
+        let n = &self.notifications;
+        if n.long_poll_s == 0 || n.long_poll_s > 300 {
+            return Err(invalid(
+                "notifications.long_poll_s",
+                "must lie between 1 and 300".into(),
+            ));
+        }
+        if n.max_batch == 0 || n.max_queued_per_key == 0 || n.discard_after_s == 0 {
+            let key = if n.max_batch == 0 {
+                "notifications.max_batch"
+            } else if n.max_queued_per_key == 0 {
+                "notifications.max_queued_per_key"
+            } else {
+                "notifications.discard_after_s"
+            };
+            return Err(invalid(key, "must be at least 1".into()));
+        }
+        if n.callback_timeout_s == 0 {
+            return Err(invalid(
+                "notifications.callback_timeout_s",
+                "must be at least 1".into(),
+            ));
+        }
+        if n.retry_initial_ms == 0 || n.retry_max_ms < n.retry_initial_ms {
+            return Err(invalid(
+                "notifications.retry_initial_ms",
+                "must be at least 1 and at most notifications.retry_max_ms".into(),
+            ));
         }
         let r = &self.registry;
         if !crate::registry::valid_domain(&r.default_domain) {

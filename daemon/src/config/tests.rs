@@ -9,6 +9,8 @@ fn embedded_defaults_parse_and_match_code_defaults() {
         rest: RestConfig::default(),
         coap: CoapConfig::default(),
         registry: RegistryConfig::default(),
+        requests: RequestsConfig::default(),
+        notifications: NotificationsConfig::default(),
     };
     assert_eq!(c, d, "etc/connectord.toml and the Default impls disagree");
 }
@@ -96,6 +98,20 @@ fn range_errors_name_the_key() {
             "registry.default_lifetime_s",
         ),
         ("[log]\nlevel = \"=[\"\n", "log.level"),
+        ("[coap]\nblock_size = 100\n", "coap.block_size"),
+        (
+            "[coap]\nack_random_factor = 0.5\n",
+            "coap.ack_random_factor",
+        ),
+        ("[requests]\nqueue_len = 0\n", "requests.queue_len"),
+        (
+            "[notifications]\nlong_poll_s = 0\n",
+            "notifications.long_poll_s",
+        ),
+        (
+            "[notifications]\nretry_initial_ms = 5\nretry_max_ms = 1\n",
+            "notifications.retry_initial_ms",
+        ),
     ];
     for (text, key) in cases {
         match Config::parse(text, Source::Embedded) {

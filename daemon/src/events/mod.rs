@@ -1,2 +1,234 @@
-//! Notification events.
+//! Notification events and their delivery to applications.
+//!
+//! Every access key that wants notifications has one [`hub::Channel`]: long-poll (the
+//! default) or a callback URL. Each event for a key goes through that key's ordered,
+//! durable queue; the hub owns ordering, batching, retry and the discard window, and the
+//! [`Sink`] (today the [`webhook`]) only delivers one batch and says whether it was
+//! accepted, should be retried, or is refused.
+
+pub mod hub;
 pub mod webhook;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use base64::Engine;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+pub use hub::Hub;
+pub use webhook::{CallbackTarget, Delivery};
+
+use crate::registry::Endpoint;
+
+/// The event types of the notification message (seed 000, "Notification data structure").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    Notifications,
+    Registrations,
+    RegUpdates,
+    DeRegistrations,
+    RegistrationsExpired,
+    AsyncResponses,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Notifications,
+        Kind::Registrations,
+        Kind::RegUpdates,
+        Kind::DeRegistrations,
+        Kind::RegistrationsExpired,
+        Kind::AsyncResponses,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Notifications => "notifications",
+            Kind::Registrations => "registrations",
+            Kind::RegUpdates => "reg-updates",
+            Kind::DeRegistrations => "de-registrations",
+            Kind::RegistrationsExpired => "registrations-expired",
+            Kind::AsyncResponses => "async-responses",
+        }
+    }
+}
+
+/// One entry of a notification message: its type and its JSON entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub kind: Kind,
+    pub body: Value,
+    /// When it was created (ms since the epoch): the 15-minute discard window starts here.
+    pub created_ms: u64,
+}
+
+/// An event queued for one key, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub key_id: String,
+    pub seq: u64,
+    pub event: Event,
+}
+
+/// A key's notification channel, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelRecord {
+    pub key_id: String,
+    pub domain: String,
+    /// Set: notifications are pushed there. Unset: the key long-polls.
+    pub callback: Option<CallbackTarget>,
+}
+
+/// The notification message for a batch of events, in order: one array per event type
+/// present, entries in the order they happened.
+pub fn batch_json<'a>(events: impl IntoIterator<Item = &'a Event>) -> Value {
+    let mut map = serde_json::Map::new();
+    for e in events {
+        let slot = map
+            .entry(e.kind.as_str())
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if let Value::Array(a) = slot {
+            a.push(e.body.clone());
+        }
+    }
+    Value::Object(map)
+}
+
+/// The entry of a `registrations` or `reg-updates` event: `ep`, `ept`, `q` and the
+/// resources. Each resource carries the seed's `rf` for its resource type and also `rt`
+/// (the link-format name, which clients written against the real service read);
+/// `obs` is a boolean; absent attributes are left out.
+pub fn registration_body(ep: &Endpoint) -> Value {
+    let resources: Vec<Value> = ep
+        .resources
+        .iter()
+        .map(|r| {
+            let mut o = serde_json::Map::new();
+            o.insert("path".into(), json!(r.path));
+            if let Some(i) = &r.iface {
+                o.insert("if".into(), json!(i));
+            }
+            if let Some(rt) = &r.rt {
+                o.insert("rf".into(), json!(rt));
+                o.insert("rt".into(), json!(rt));
+            }
+            if let Some(ct) = &r.ct {
+                o.insert("ct".into(), json!(ct));
+            }
+            o.insert("obs".into(), json!(r.obs));
+            Value::Object(o)
+        })
+        .collect();
+    json!({
+        "ep": ep.reg.name,
+        "ept": ep.reg.ept.clone().unwrap_or_default(),
+        "q": ep.reg.queue,
+        "resources": resources,
+    })
+}
+
+/// An `async-responses` entry. `error` is present only when there is one: the official
+/// Python client treats any `error` key as a failure.
+pub fn async_response_body(
+    id: &str,
+    status: u16,
+    payload: &[u8],
+    ct: Option<&str>,
+    max_age: Option<u32>,
+    error: Option<&str>,
+) -> Value {
+    let mut o = serde_json::Map::new();
+    o.insert("id".into(), json!(id));
+    o.insert("status".into(), json!(status));
+    if let Some(e) = error {
+        o.insert("error".into(), json!(e));
+    }
+    o.insert(
+        "payload".into(),
+        json!(base64::engine::general_purpose::STANDARD.encode(payload)),
+    );
+    if let Some(ct) = ct {
+        o.insert("ct".into(), json!(ct));
+    }
+    if let Some(m) = max_age {
+        o.insert("max-age".into(), json!(m));
+    }
+    Value::Object(o)
+}
+
+/// Where events for keys are delivered when a key has a callback: the seam that the
+/// plugin system turns into a plugin. Implemented by [`webhook::Webhook`].
+pub trait Sink: Send + Sync + 'static {
+    /// The check made when a callback is registered (`Err` is shown to the client).
+    fn verify<'a>(
+        &'a self,
+        target: &'a CallbackTarget,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+    /// Delivers one batch (a JSON notification message).
+    fn deliver<'a>(
+        &'a self,
+        target: &'a CallbackTarget,
+        body: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>>;
+}
+
+impl Sink for webhook::Webhook {
+    fn verify<'a>(
+        &'a self,
+        target: &'a CallbackTarget,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(webhook::Webhook::verify(self, target))
+    }
+    fn deliver<'a>(
+        &'a self,
+        target: &'a CallbackTarget,
+        body: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
+        Box::pin(webhook::Webhook::deliver(self, target, body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_group_by_type_in_order() {
+        let e = |kind, body: Value| Event {
+            kind,
+            body,
+            created_ms: 0,
+        };
+        let batch = batch_json(&[
+            e(Kind::Registrations, json!({"ep": "a"})),
+            e(Kind::AsyncResponses, json!({"id": "1"})),
+            e(Kind::Registrations, json!({"ep": "b"})),
+            e(Kind::DeRegistrations, json!("a")),
+        ]);
+        assert_eq!(
+            batch,
+            json!({
+                "registrations": [{"ep": "a"}, {"ep": "b"}],
+                "async-responses": [{"id": "1"}],
+                "de-registrations": ["a"],
+            })
+        );
+    }
+
+    #[test]
+    fn async_response_has_error_only_when_failed() {
+        let ok = async_response_body("x", 200, b"12", Some("text/plain"), Some(0), None);
+        assert_eq!(
+            ok,
+            json!({"id": "x", "status": 200, "payload": "MTI=", "ct": "text/plain", "max-age": 0})
+        );
+        let bad = async_response_body("x", 504, b"", None, None, Some("timeout"));
+        assert_eq!(
+            bad,
+            json!({"id": "x", "status": 504, "error": "timeout", "payload": ""})
+        );
+    }
+}

@@ -73,6 +73,40 @@ pub struct Endpoint {
     pub resources: Vec<Resource>,
 }
 
+/// A change to the directory, told to every [`RegistryListener`] after it is durable.
+#[derive(Debug, Clone)]
+pub enum RegistryEvent {
+    /// A full registration; `replaced` is the earlier registration of the same name.
+    Registered {
+        ep: Arc<Endpoint>,
+        replaced: Option<Arc<Endpoint>>,
+    },
+    Updated {
+        ep: Arc<Endpoint>,
+    },
+    Deregistered(Arc<Endpoint>),
+    Expired(Arc<Endpoint>),
+}
+
+impl RegistryEvent {
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        match self {
+            RegistryEvent::Registered { ep, .. } | RegistryEvent::Updated { ep } => ep,
+            RegistryEvent::Deregistered(ep) | RegistryEvent::Expired(ep) => ep,
+        }
+    }
+}
+
+/// Something that reacts to directory changes (the notification hub, the request queues).
+/// The registry awaits each listener before it answers the device, so what a listener
+/// makes durable is durable before the device hears back.
+pub trait RegistryListener: Send + Sync + 'static {
+    fn on_event<'a>(
+        &'a self,
+        ev: &'a RegistryEvent,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+}
+
 /// Why a registration interface operation was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -151,6 +185,8 @@ pub struct Registry {
     counters: Arc<Counters>,
     /// Woken when a deadline earlier than the one the expiry task sleeps on may exist.
     expiry_wake: Notify,
+    /// Told about every change, in order, after it is durable.
+    listeners: std::sync::RwLock<Vec<Arc<dyn RegistryListener>>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -227,6 +263,21 @@ impl Registry {
             cfg,
             counters,
             expiry_wake: Notify::new(),
+            listeners: std::sync::RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Adds a listener (at start-up, before devices are served).
+    pub fn add_listener(&self, l: Arc<dyn RegistryListener>) {
+        if let Ok(mut v) = self.listeners.write() {
+            v.push(l);
+        }
+    }
+
+    async fn tell(&self, ev: RegistryEvent) {
+        let listeners: Vec<_> = self.listeners.read().map(|v| v.clone()).unwrap_or_default();
+        for l in listeners {
+            l.on_event(&ev).await;
         }
     }
 
@@ -324,12 +375,11 @@ impl Registry {
                     max: self.cfg.max_endpoints_per_domain,
                 });
             }
-            if let Some(old) = old {
-                inner.remove(&old);
-            }
+            let replaced = old.and_then(|old| inner.remove(&old));
             inner.insert(Arc::clone(&ep));
-            self.store.put_registration(ep.reg.clone())
+            (self.store.put_registration(ep.reg.clone()), replaced)
         };
+        let (durable, replaced) = durable;
         self.expiry_wake.notify_one();
         durable.await?;
         Counters::inc(&self.counters.registrations);
@@ -337,6 +387,11 @@ impl Registry {
             ep = %ep.reg.name, domain = %ep.reg.domain, id = %ep.reg.id, peer = %peer,
             lifetime = ep.reg.lifetime_s, resources = ep.resources.len(), "registered"
         );
+        self.tell(RegistryEvent::Registered {
+            ep: Arc::clone(&ep),
+            replaced,
+        })
+        .await;
         Ok(ep)
     }
 
@@ -393,6 +448,10 @@ impl Registry {
         durable.await?;
         Counters::inc(&self.counters.registration_updates);
         tracing::debug!(ep = %ep.reg.name, id, "registration updated");
+        self.tell(RegistryEvent::Updated {
+            ep: Arc::clone(&ep),
+        })
+        .await;
         Ok(ep)
     }
 
@@ -408,6 +467,8 @@ impl Registry {
         durable.await?;
         Counters::inc(&self.counters.deregistrations);
         tracing::info!(ep = %ep.reg.name, domain = %ep.reg.domain, id, "de-registered");
+        self.tell(RegistryEvent::Deregistered(Arc::clone(&ep)))
+            .await;
         Ok(ep)
     }
 
@@ -439,6 +500,7 @@ impl Registry {
         for ep in &expired {
             Counters::inc(&self.counters.registrations_expired);
             tracing::info!(ep = %ep.reg.name, domain = %ep.reg.domain, id = %ep.reg.id, "registration expired");
+            self.tell(RegistryEvent::Expired(Arc::clone(ep))).await;
         }
         expired
     }

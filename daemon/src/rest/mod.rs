@@ -6,7 +6,9 @@
 //! are JSON `{"type": …, "message": …}`, never an empty body or an HTML page.
 
 pub mod endpoints;
+pub mod notifications;
 pub mod reply;
+pub mod resources;
 pub mod routes;
 
 use std::convert::Infallible;
@@ -16,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -24,8 +26,10 @@ use tokio::net::TcpListener;
 
 use crate::auth::AuthChain;
 use crate::coap::Transport;
+use crate::events::Hub;
 use crate::metrics::{self, Counters};
 use crate::registry::Registry;
+use crate::requests::Requests;
 use crate::shutdown::Shutdown;
 use reply::{Reply, error};
 use routes::Route;
@@ -39,6 +43,12 @@ pub struct AppState {
     pub auth: AuthChain,
     pub counters: Arc<Counters>,
     pub transport: Arc<Transport>,
+    pub requests: Arc<Requests>,
+    pub hub: Arc<Hub>,
+    /// `requests.max_body`.
+    pub max_body: usize,
+    /// `notifications.long_poll_s`.
+    pub long_poll: Duration,
 }
 
 /// Binds every configured address (before the daemon reports ready).
@@ -150,7 +160,26 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
             &format!("this access key lacks the scope {}", scope.as_str()),
         );
     }
-    let (parts, _body) = req.into_parts();
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, state.max_body).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    &format!("the request body is larger than {} bytes", state.max_body),
+                );
+            }
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("cannot read the request body: {e}"),
+            );
+        }
+    };
     match route {
         Route::Root => Reply::text(
             StatusCode::OK,
@@ -159,6 +188,15 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
         Route::RestVersions => Reply::json(StatusCode::OK, &["v1", "v2"]),
         Route::Endpoints => endpoints::list(&state.registry, &principal, &parts),
         Route::Endpoint(name) => endpoints::get(&state.registry, &principal, &parts, &name),
+        Route::Resource { ep, path } => {
+            resources::handle(&state.requests, &principal, &parts, body, &ep, &path).await
+        }
+        Route::NotificationPull => {
+            notifications::pull(&state.hub, &principal, &parts, state.long_poll).await
+        }
+        Route::NotificationCallback => {
+            notifications::callback(&state.hub, &principal, &parts, body).await
+        }
         Route::Metrics => {
             let mut out = String::new();
             state.counters.render(&mut out);

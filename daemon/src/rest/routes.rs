@@ -20,6 +20,12 @@ pub enum Route {
     Endpoints,
     /// `GET /endpoints/{endpoint-name}`.
     Endpoint(String),
+    /// `GET|PUT|POST|DELETE /endpoints/{endpoint-name}/{resource-path}`.
+    Resource { ep: String, path: String },
+    /// `GET /notification/pull`.
+    NotificationPull,
+    /// `PUT|GET|DELETE /notification/callback`.
+    NotificationCallback,
     /// `GET /metrics` (Prometheus).
     Metrics,
 }
@@ -53,6 +59,24 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
         ["rest-versions"] => read(Route::RestVersions, Scope::EndpointsRead),
         ["endpoints"] => read(Route::Endpoints, Scope::EndpointsRead),
         ["endpoints", name] => read(Route::Endpoint((*name).to_string()), Scope::EndpointsRead),
+        ["endpoints", name, rest @ ..] => {
+            let route = Route::Resource {
+                ep: (*name).to_string(),
+                path: format!("/{}", rest.join("/")),
+            };
+            match *method {
+                Method::GET => Ok((route, Scope::ResourcesRead)),
+                Method::PUT | Method::POST | Method::DELETE => Ok((route, Scope::ResourcesWrite)),
+                _ => Err(method_not_allowed("GET, PUT, POST, DELETE")),
+            }
+        }
+        ["notification", "pull"] => read(Route::NotificationPull, Scope::Notifications),
+        ["notification", "callback"] => match *method {
+            Method::GET | Method::PUT | Method::DELETE => {
+                Ok((Route::NotificationCallback, Scope::Notifications))
+            }
+            _ => Err(method_not_allowed("GET, PUT, DELETE")),
+        },
         ["metrics"] => read(Route::Metrics, Scope::Admin),
         _ => Err(error(StatusCode::NOT_FOUND, "not_found", "no such route")),
     }
@@ -96,6 +120,22 @@ mod tests {
             ("/v2/endpoints/node-001", Route::Endpoint("node-001".into())),
             ("/endpoints/a%20b", Route::Endpoint("a b".into())),
             ("/v1/endpoints/x", Route::Endpoint("x".into())),
+            (
+                "/v2/endpoints/x/3/0/1",
+                Route::Resource {
+                    ep: "x".into(),
+                    path: "/3/0/1".into(),
+                },
+            ),
+            (
+                "/endpoints/x/a%2Fb",
+                Route::Resource {
+                    ep: "x".into(),
+                    path: "/a/b".into(),
+                },
+            ),
+            ("/v2/notification/pull", Route::NotificationPull),
+            ("/notification/callback", Route::NotificationCallback),
         ];
         for (path, route) in table {
             assert_eq!(

@@ -13,7 +13,9 @@ use std::task::{Context, Poll};
 use tokio::sync::oneshot;
 
 use crate::auth::AccessKeyRecord;
+use crate::events::{ChannelRecord, StoredEvent};
 use crate::registry::Registration;
+use crate::requests::Job;
 
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -83,4 +85,23 @@ pub trait Store: Send + Sync + 'static {
     fn load_access_keys(&self) -> Pending<Vec<AccessKeyRecord>>;
     /// Inserts or replaces an access key record by id.
     fn put_access_key(&self, key: AccessKeyRecord) -> Pending<()>;
+
+    /// Every notification channel (one per access key that has one).
+    fn load_channels(&self) -> Pending<Vec<ChannelRecord>>;
+    /// Inserts or replaces a channel by key id.
+    fn put_channel(&self, channel: ChannelRecord) -> Pending<()>;
+    /// Every undelivered event, in (key id, sequence) order.
+    fn load_events(&self) -> Pending<Vec<StoredEvent>>;
+    /// Appends events (each carries its key id and sequence number).
+    fn append_events(&self, events: Vec<StoredEvent>) -> Pending<()>;
+    /// Removes the events of `key_id` with a sequence number up to and including `seq`:
+    /// delivery and discarding always take the oldest events first.
+    fn delete_events_through(&self, key_id: String, seq: u64) -> Pending<()>;
+
+    /// Every request to a device not yet answered.
+    fn load_requests(&self) -> Pending<Vec<Job>>;
+    /// Stores a request to a device before it is acknowledged with its async-response id.
+    fn put_request(&self, job: Job) -> Pending<()>;
+    /// Removes a request once its answer is an event (or it was cancelled).
+    fn delete_request(&self, id: String) -> Pending<()>;
 }

@@ -14,7 +14,9 @@ use tokio::sync::oneshot;
 
 use super::{Pending, Store, StoreError};
 use crate::auth::AccessKeyRecord;
+use crate::events::{ChannelRecord, StoredEvent};
 use crate::registry::Registration;
+use crate::requests::Job as RequestJob;
 
 /// Most jobs committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
@@ -36,6 +38,21 @@ const MIGRATIONS: &[&str] = &[
         id TEXT PRIMARY KEY,
         hash TEXT NOT NULL UNIQUE,
         domain TEXT NOT NULL,
+        data TEXT NOT NULL
+    );",
+    // 2: notification channels, their undelivered events, requests to devices.
+    "CREATE TABLE channels (
+        key_id TEXT PRIMARY KEY,
+        data TEXT NOT NULL
+    );
+    CREATE TABLE events (
+        key_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (key_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE requests (
+        id TEXT PRIMARY KEY,
         data TEXT NOT NULL
     );",
 ];
@@ -207,26 +224,108 @@ fn run_batch(conn: &Connection, batch: Vec<Box<dyn Job>>) {
     }
 }
 
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Reads every `data` column of a query as JSON records; unreadable rows are logged and
+/// skipped (one bad row must not stop the daemon from starting).
+fn load_json<T: serde::de::DeserializeOwned>(
+    conn: &Connection,
+    sql: &str,
+    what: &str,
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare(sql)?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let data = row?;
+        match serde_json::from_str::<T>(&data) {
+            Ok(r) => out.push(r),
+            Err(e) => tracing::error!("store: skipping unreadable {what}: {e}"),
+        }
+    }
+    Ok(out)
+}
+
 impl Store for SqliteStore {
-    fn load_registrations(&self) -> Pending<Vec<Registration>> {
-        self.submit(|conn| {
-            let mut stmt = conn.prepare("SELECT data FROM registrations")?;
-            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-            let mut out = Vec::new();
-            for row in rows {
-                let data = row?;
-                match serde_json::from_str::<Registration>(&data) {
-                    Ok(r) => out.push(r),
-                    Err(e) => tracing::error!("store: skipping unreadable registration: {e}"),
-                }
-            }
-            Ok(out)
+    fn load_channels(&self) -> Pending<Vec<ChannelRecord>> {
+        self.submit(|conn| load_json(conn, "SELECT data FROM channels", "channel"))
+    }
+
+    fn put_channel(&self, channel: ChannelRecord) -> Pending<()> {
+        self.submit(move |conn| {
+            let data = to_json(&channel)?;
+            conn.prepare_cached(
+                "INSERT INTO channels (key_id, data) VALUES (?1, ?2)
+                 ON CONFLICT (key_id) DO UPDATE SET data = excluded.data",
+            )?
+            .execute(params![channel.key_id, data])?;
+            Ok(())
         })
+    }
+
+    fn load_events(&self) -> Pending<Vec<StoredEvent>> {
+        self.submit(|conn| {
+            load_json(
+                conn,
+                "SELECT data FROM events ORDER BY key_id, seq",
+                "event",
+            )
+        })
+    }
+
+    fn append_events(&self, events: Vec<StoredEvent>) -> Pending<()> {
+        self.submit(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "INSERT OR REPLACE INTO events (key_id, seq, data) VALUES (?1, ?2, ?3)",
+            )?;
+            for e in &events {
+                stmt.execute(params![e.key_id, e.seq as i64, to_json(e)?])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn delete_events_through(&self, key_id: String, seq: u64) -> Pending<()> {
+        self.submit(move |conn| {
+            conn.prepare_cached("DELETE FROM events WHERE key_id = ?1 AND seq <= ?2")?
+                .execute(params![key_id, seq as i64])?;
+            Ok(())
+        })
+    }
+
+    fn load_requests(&self) -> Pending<Vec<RequestJob>> {
+        self.submit(|conn| load_json(conn, "SELECT data FROM requests", "request"))
+    }
+
+    fn put_request(&self, job: RequestJob) -> Pending<()> {
+        self.submit(move |conn| {
+            let data = to_json(&job)?;
+            conn.prepare_cached(
+                "INSERT INTO requests (id, data) VALUES (?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET data = excluded.data",
+            )?
+            .execute(params![job.id, data])?;
+            Ok(())
+        })
+    }
+
+    fn delete_request(&self, id: String) -> Pending<()> {
+        self.submit(move |conn| {
+            conn.prepare_cached("DELETE FROM requests WHERE id = ?1")?
+                .execute(params![id])?;
+            Ok(())
+        })
+    }
+
+    fn load_registrations(&self) -> Pending<Vec<Registration>> {
+        self.submit(|conn| load_json(conn, "SELECT data FROM registrations", "registration"))
     }
 
     fn put_registration(&self, reg: Registration) -> Pending<()> {
         self.submit(move |conn| {
-            let data = serde_json::to_string(&reg).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let data = to_json(&reg)?;
             conn.prepare_cached("DELETE FROM registrations WHERE domain = ?1 AND name = ?2 AND id <> ?3")?
                 .execute(params![reg.domain, reg.name, reg.id])?;
             conn.prepare_cached(

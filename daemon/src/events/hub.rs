@@ -1,0 +1,526 @@
+//! The notification hub: one ordered, durable queue per access key.
+//!
+//! Publishing assigns each event a per-key sequence number under the hub lock, submits it
+//! to the store in that order and returns once it is durable. A long-poll takes the oldest
+//! events; a callback channel has a delivery task that sends the oldest batch to the
+//! [`Sink`] and removes it only when the sink accepted (or refused) it, retrying with
+//! exponential backoff otherwise. Events older than `notifications.discard_after_s` (15
+//! minutes by default, as the seed says) are discarded and counted, wherever they wait.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use super::{
+    ChannelRecord, Delivery, Event, Kind, Sink, StoredEvent, batch_json, registration_body,
+};
+use crate::auth::Principal;
+use crate::config::NotificationsConfig;
+use crate::metrics::Counters;
+use crate::registry::{RegistryEvent, RegistryListener, now_ms};
+use crate::shutdown::Shutdown;
+use crate::store::{Store, StoreError};
+
+/// Most characters of a callback URL plus its header values (seed 000).
+pub const MAX_CALLBACK_LEN: usize = 400;
+
+struct Channel {
+    rec: ChannelRecord,
+    queue: VecDeque<StoredEvent>,
+    next_seq: u64,
+    /// Woken when events arrive or the channel changes.
+    wake: Arc<Notify>,
+    /// A delivery task is running for this channel.
+    pusher: bool,
+}
+
+impl Channel {
+    fn new(rec: ChannelRecord) -> Channel {
+        Channel {
+            rec,
+            queue: VecDeque::new(),
+            next_seq: 1,
+            wake: Arc::new(Notify::new()),
+            pusher: false,
+        }
+    }
+
+    /// Drops events past the discard window; returns how many and the last dropped seq.
+    fn drop_expired(&mut self, cutoff_ms: u64) -> Option<(usize, u64)> {
+        let mut last = None;
+        let mut n = 0;
+        while self
+            .queue
+            .front()
+            .is_some_and(|e| e.event.created_ms < cutoff_ms)
+        {
+            last = self.queue.pop_front().map(|e| e.seq);
+            n += 1;
+        }
+        last.map(|s| (n, s))
+    }
+}
+
+/// What a long-poll got.
+#[derive(Debug, PartialEq)]
+pub enum Pulled {
+    /// A notification message with at least one event.
+    Batch(serde_json::Value),
+    /// Nothing arrived in time.
+    Empty,
+    /// The key delivers to a callback URL; long-poll is not available.
+    CallbackActive,
+}
+
+/// Why a callback could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum CallbackError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unreachable(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The hub.
+pub struct Hub {
+    store: Arc<dyn Store>,
+    sink: Arc<dyn Sink>,
+    cfg: NotificationsConfig,
+    counters: Arc<Counters>,
+    channels: Mutex<HashMap<String, Channel>>,
+    stop: Shutdown,
+}
+
+impl Hub {
+    /// Loads channels and undelivered events from the store.
+    pub async fn load(
+        store: Arc<dyn Store>,
+        sink: Arc<dyn Sink>,
+        cfg: NotificationsConfig,
+        counters: Arc<Counters>,
+        stop: Shutdown,
+    ) -> Result<Arc<Hub>, StoreError> {
+        let mut channels: HashMap<String, Channel> = store
+            .load_channels()
+            .await?
+            .into_iter()
+            .map(|r| (r.key_id.clone(), Channel::new(r)))
+            .collect();
+        for e in store.load_events().await? {
+            if let Some(ch) = channels.get_mut(&e.key_id) {
+                ch.next_seq = ch.next_seq.max(e.seq + 1);
+                ch.queue.push_back(e);
+            }
+        }
+        let queued: usize = channels.values().map(|c| c.queue.len()).sum();
+        tracing::info!(
+            "notifications: {} channels, {queued} undelivered events",
+            channels.len()
+        );
+        let hub = Arc::new(Hub {
+            store,
+            sink,
+            cfg,
+            counters,
+            channels: Mutex::new(channels),
+            stop,
+        });
+        let callback_keys: Vec<String> = hub
+            .lock()
+            .values()
+            .filter(|c| c.rec.callback.is_some())
+            .map(|c| c.rec.key_id.clone())
+            .collect();
+        for k in callback_keys {
+            hub.ensure_pusher(&k);
+        }
+        Ok(hub)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Channel>> {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cutoff(&self) -> u64 {
+        now_ms().saturating_sub(self.cfg.discard_after_s * 1000)
+    }
+
+    /// Creates the key's channel (long-poll) if it has none; events for the key are kept
+    /// from then on.
+    pub async fn ensure_channel(&self, p: &Principal) -> Result<(), StoreError> {
+        let durable = {
+            let mut map = self.lock();
+            if map.contains_key(&p.key_id) {
+                return Ok(());
+            }
+            let rec = ChannelRecord {
+                key_id: p.key_id.clone(),
+                domain: p.domain.clone(),
+                callback: None,
+            };
+            map.insert(p.key_id.clone(), Channel::new(rec.clone()));
+            self.store.put_channel(rec)
+        };
+        durable.await
+    }
+
+    /// Queues `event` for one key (an async response goes to the key that asked).
+    pub async fn publish_to_key(&self, key_id: &str, event: Event) {
+        self.publish(|ch| ch.rec.key_id == key_id, event).await;
+    }
+
+    /// Queues `event` for every channel of a domain (registration events).
+    pub async fn publish_to_domain(&self, domain: &str, event: Event) {
+        self.publish(|ch| ch.rec.domain == domain, event).await;
+    }
+
+    async fn publish(&self, mut to: impl FnMut(&Channel) -> bool, event: Event) {
+        let mut wakes = Vec::new();
+        let mut trims = Vec::new();
+        let durable = {
+            let mut map = self.lock();
+            let mut stored = Vec::new();
+            for ch in map.values_mut().filter(|c| to(c)) {
+                let e = StoredEvent {
+                    key_id: ch.rec.key_id.clone(),
+                    seq: ch.next_seq,
+                    event: event.clone(),
+                };
+                ch.next_seq += 1;
+                ch.queue.push_back(e.clone());
+                stored.push(e);
+                if ch.queue.len() > self.cfg.max_queued_per_key {
+                    // Bounded: the oldest event makes room and is counted as discarded.
+                    if let Some(old) = ch.queue.pop_front() {
+                        Counters::inc(&self.counters.events_discarded);
+                        trims.push(self.store.delete_events_through(old.key_id, old.seq));
+                    }
+                }
+                wakes.push(Arc::clone(&ch.wake));
+            }
+            (!stored.is_empty()).then(|| {
+                for _ in 0..stored.len() {
+                    Counters::inc(&self.counters.events_published);
+                }
+                self.store.append_events(stored)
+            })
+        };
+        if let Some(d) = durable
+            && let Err(e) = d.await
+        {
+            tracing::error!("notifications: event not stored: {e}");
+        }
+        for t in trims {
+            if let Err(e) = t.await {
+                tracing::error!("notifications: cannot trim a full queue: {e}");
+            }
+        }
+        for w in wakes {
+            w.notify_waiters();
+        }
+    }
+
+    /// Takes the oldest events of a key, waiting up to `wait` for one to arrive
+    /// (`None`: answer at once).
+    pub async fn pull(&self, p: &Principal, wait: Option<Duration>) -> Result<Pulled, StoreError> {
+        self.ensure_channel(p).await?;
+        let deadline = tokio::time::Instant::now() + wait.unwrap_or_default();
+        loop {
+            let wake = match self.lock().get(&p.key_id) {
+                Some(ch) if ch.rec.callback.is_some() => return Ok(Pulled::CallbackActive),
+                Some(ch) => Arc::clone(&ch.wake),
+                None => return Ok(Pulled::Empty),
+            };
+            let notified = wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(batch) = self.take(&p.key_id).await? {
+                return Ok(Pulled::Batch(batch));
+            }
+            if wait.is_none() {
+                return Ok(Pulled::Empty);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Pulled::Empty);
+            }
+        }
+    }
+
+    /// Removes and returns up to `max_batch` of the oldest events as a message.
+    async fn take(&self, key_id: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        let cutoff = self.cutoff();
+        let (batch, durable) = {
+            let mut map = self.lock();
+            let Some(ch) = map.get_mut(key_id) else {
+                return Ok(None);
+            };
+            let expired = ch.drop_expired(cutoff);
+            if let Some((n, _)) = expired {
+                self.count_discarded(key_id, n);
+            }
+            let n = ch.queue.len().min(self.cfg.max_batch);
+            let taken: Vec<StoredEvent> = ch.queue.drain(..n).collect();
+            // One delete covers the expired ones and the taken ones: all are a prefix.
+            let last = taken.last().map(|e| e.seq).or(expired.map(|(_, s)| s));
+            let durable = last.map(|s| self.store.delete_events_through(key_id.to_string(), s));
+            (taken, durable)
+        };
+        if let Some(d) = durable {
+            d.await?;
+        }
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        for _ in 0..batch.len() {
+            Counters::inc(&self.counters.events_delivered);
+        }
+        Ok(Some(batch_json(batch.iter().map(|e| &e.event))))
+    }
+
+    fn count_discarded(&self, key_id: &str, n: usize) {
+        for _ in 0..n {
+            Counters::inc(&self.counters.events_discarded);
+        }
+        tracing::warn!(
+            key = key_id,
+            "discarded {n} notification events older than {} s",
+            self.cfg.discard_after_s
+        );
+    }
+
+    /// `PUT /notification/callback`: checks length, verifies the URL with a PUT, then
+    /// switches the key's channel to push.
+    pub async fn set_callback(
+        self: &Arc<Self>,
+        p: &Principal,
+        target: super::CallbackTarget,
+    ) -> Result<(), CallbackError> {
+        let len = target.url.chars().count()
+            + target
+                .headers
+                .values()
+                .map(|v| v.chars().count())
+                .sum::<usize>();
+        if len > MAX_CALLBACK_LEN {
+            return Err(CallbackError::Invalid(format!(
+                "the URL and header values are {len} characters; at most {MAX_CALLBACK_LEN} are allowed"
+            )));
+        }
+        self.sink
+            .verify(&target)
+            .await
+            .map_err(CallbackError::Unreachable)?;
+        let durable = {
+            let mut map = self.lock();
+            let ch = map.entry(p.key_id.clone()).or_insert_with(|| {
+                Channel::new(ChannelRecord {
+                    key_id: p.key_id.clone(),
+                    domain: p.domain.clone(),
+                    callback: None,
+                })
+            });
+            ch.rec.callback = Some(target);
+            ch.wake.notify_waiters();
+            self.store.put_channel(ch.rec.clone())
+        };
+        durable.await?;
+        self.ensure_pusher(&p.key_id);
+        tracing::info!(key = %p.key_id, "notification callback registered");
+        Ok(())
+    }
+
+    pub fn callback(&self, key_id: &str) -> Option<super::CallbackTarget> {
+        self.lock().get(key_id).and_then(|c| c.rec.callback.clone())
+    }
+
+    /// `DELETE /notification/callback`: back to long-poll. False when there was none.
+    pub async fn delete_callback(&self, key_id: &str) -> Result<bool, StoreError> {
+        let durable = {
+            let mut map = self.lock();
+            let Some(ch) = map.get_mut(key_id).filter(|c| c.rec.callback.is_some()) else {
+                return Ok(false);
+            };
+            ch.rec.callback = None;
+            ch.wake.notify_waiters();
+            self.store.put_channel(ch.rec.clone())
+        };
+        durable.await?;
+        tracing::info!(key = key_id, "notification callback removed");
+        Ok(true)
+    }
+
+    fn ensure_pusher(self: &Arc<Self>, key_id: &str) {
+        let start = {
+            let mut map = self.lock();
+            match map.get_mut(key_id) {
+                Some(ch) if !ch.pusher && ch.rec.callback.is_some() => {
+                    ch.pusher = true;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if start {
+            tokio::spawn(Arc::clone(self).push_loop(key_id.to_string()));
+        }
+    }
+
+    /// Delivers a callback channel's events in order, one batch at a time.
+    async fn push_loop(self: Arc<Self>, key_id: String) {
+        let mut stop = self.stop.clone();
+        let initial = Duration::from_millis(self.cfg.retry_initial_ms);
+        let max = Duration::from_millis(self.cfg.retry_max_ms);
+        let mut backoff = initial;
+        loop {
+            if stop.is_fired() {
+                break;
+            }
+            let Some(wake) = self.lock().get(&key_id).map(|c| Arc::clone(&c.wake)) else {
+                break;
+            };
+            let notified = wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let cutoff = self.cutoff();
+            let (target, batch, expired) = {
+                let mut map = self.lock();
+                let Some(ch) = map.get_mut(&key_id) else {
+                    break;
+                };
+                let Some(target) = ch.rec.callback.clone() else {
+                    ch.pusher = false;
+                    return;
+                };
+                let expired = ch.drop_expired(cutoff);
+                let batch: Vec<StoredEvent> =
+                    ch.queue.iter().take(self.cfg.max_batch).cloned().collect();
+                (target, batch, expired)
+            };
+            if let Some((n, seq)) = expired {
+                self.count_discarded(&key_id, n);
+                if let Err(e) = self.store.delete_events_through(key_id.clone(), seq).await {
+                    tracing::error!("notifications: cannot remove discarded events: {e}");
+                }
+            }
+            let Some(last) = batch.last().map(|e| e.seq) else {
+                tokio::select! {
+                    _ = stop.recv() => break,
+                    _ = notified => continue,
+                }
+            };
+            let body = Bytes::from(batch_json(batch.iter().map(|e| &e.event)).to_string());
+            match self.sink.deliver(&target, body).await {
+                Delivery::Accepted => {
+                    backoff = initial;
+                    for _ in 0..batch.len() {
+                        Counters::inc(&self.counters.events_delivered);
+                    }
+                    self.remove_through(&key_id, last).await;
+                }
+                Delivery::Refused(why) => {
+                    backoff = initial;
+                    tracing::warn!(key = %key_id, url = %target.url, "callback refused {} events, discarding them: {why}", batch.len());
+                    for _ in 0..batch.len() {
+                        Counters::inc(&self.counters.events_discarded);
+                    }
+                    self.remove_through(&key_id, last).await;
+                }
+                Delivery::Retry(why) => {
+                    Counters::inc(&self.counters.delivery_retries);
+                    tracing::warn!(key = %key_id, url = %target.url, "callback delivery failed, retrying in {backoff:?}: {why}");
+                    tokio::select! {
+                        _ = stop.recv() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(max);
+                }
+            }
+        }
+        if let Some(ch) = self.lock().get_mut(&key_id) {
+            ch.pusher = false;
+        }
+    }
+
+    async fn remove_through(&self, key_id: &str, seq: u64) {
+        let durable = {
+            let mut map = self.lock();
+            if let Some(ch) = map.get_mut(key_id) {
+                while ch.queue.front().is_some_and(|e| e.seq <= seq) {
+                    ch.queue.pop_front();
+                }
+            }
+            self.store.delete_events_through(key_id.to_string(), seq)
+        };
+        if let Err(e) = durable.await {
+            tracing::error!("notifications: delivered events not removed from the store: {e}");
+        }
+    }
+
+    /// Discards expired events of channels nobody reads, once a minute.
+    pub async fn run_sweeper(self: Arc<Self>, mut stop: Shutdown) {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = stop.recv() => return,
+                _ = tick.tick() => {}
+            }
+            let cutoff = self.cutoff();
+            let deletes = {
+                let mut map = self.lock();
+                let mut deletes = Vec::new();
+                for ch in map.values_mut() {
+                    if let Some((n, seq)) = ch.drop_expired(cutoff) {
+                        self.count_discarded(&ch.rec.key_id, n);
+                        deletes.push(self.store.delete_events_through(ch.rec.key_id.clone(), seq));
+                    }
+                }
+                deletes
+            };
+            for d in deletes {
+                if let Err(e) = d.await {
+                    tracing::error!("notifications: cannot remove discarded events: {e}");
+                }
+            }
+        }
+    }
+
+    /// Undelivered events, all keys.
+    pub fn queued(&self) -> usize {
+        self.lock().values().map(|c| c.queue.len()).sum()
+    }
+}
+
+impl RegistryListener for Hub {
+    fn on_event<'a>(
+        &'a self,
+        ev: &'a RegistryEvent,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let (kind, ep, body) = match ev {
+                RegistryEvent::Registered { ep, .. } => {
+                    (Kind::Registrations, ep, registration_body(ep))
+                }
+                RegistryEvent::Updated { ep } => (Kind::RegUpdates, ep, registration_body(ep)),
+                RegistryEvent::Deregistered(ep) => {
+                    (Kind::DeRegistrations, ep, serde_json::json!(ep.reg.name))
+                }
+                RegistryEvent::Expired(ep) => (
+                    Kind::RegistrationsExpired,
+                    ep,
+                    serde_json::json!(ep.reg.name),
+                ),
+            };
+            let event = Event {
+                kind,
+                body,
+                created_ms: now_ms(),
+            };
+            self.publish_to_domain(&ep.reg.domain, event).await;
+        })
+    }
+}

@@ -1,0 +1,621 @@
+//! Requests from applications to devices (seed 000, "Resources"): read, write, execute,
+//! delete, answered with an async-response id and delivered later as an
+//! `async-responses` event on the asking key's channel.
+//!
+//! One request is in flight per endpoint (CoAP NSTART 1); others wait in a bounded
+//! per-endpoint queue (`requests.queue_len`, 429 beyond). Every accepted request is stored
+//! before its id is returned and removed once its answer is an event, so a crash loses
+//! none: on start, stored requests are queued again. Queue-mode endpoints (`b=UQ`) get
+//! their requests when they next send a registration update; a full registration, a
+//! de-registration or an expiry cancels what is queued with a 410 async response.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use coap_lite::{RequestType, ResponseType};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Principal;
+use crate::coap::client::{ClientError, OutRequest};
+use crate::coap::{Transport, content_format};
+use crate::config::RequestsConfig;
+use crate::events::{Event, Hub, Kind, async_response_body};
+use crate::metrics::Counters;
+use crate::registry::{Endpoint, Registry, RegistryEvent, RegistryListener, now_ms};
+use crate::store::{Store, StoreError};
+
+/// CoAP's default Max-Age when a response carries none (RFC 7252 §5.10.5).
+pub const DEFAULT_MAX_AGE: u32 = 60;
+
+/// The operation on a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Method {
+    Get,
+    Put,
+    Post,
+    Delete,
+}
+
+impl Method {
+    fn coap(self) -> RequestType {
+        match self {
+            Method::Get => RequestType::Get,
+            Method::Put => RequestType::Put,
+            Method::Post => RequestType::Post,
+            Method::Delete => RequestType::Delete,
+        }
+    }
+}
+
+/// An accepted request, as stored until it is answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// The async-response id.
+    pub id: String,
+    /// The access key whose channel gets the answer.
+    pub key_id: String,
+    pub domain: String,
+    pub ep: String,
+    pub method: Method,
+    /// Resource path with a leading slash.
+    pub path: String,
+    /// Request body, base64.
+    pub payload: String,
+    pub content_format: Option<u16>,
+    pub created_ms: u64,
+}
+
+/// What the application asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Submit {
+    pub method: Option<Method>,
+    pub path: String,
+    pub payload: Vec<u8>,
+    pub content_format: Option<u16>,
+    /// `noResp=true`: a NON request, nothing comes back.
+    pub no_resp: bool,
+    /// `cacheOnly=true`: answer from the cache or not at all.
+    pub cache_only: bool,
+}
+
+/// The synchronous answer to a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Submitted {
+    /// 202 with this async-response id.
+    Accepted(String),
+    /// 204: a NON request was sent.
+    Sent,
+    /// 200 from the cache.
+    Cached {
+        payload: Vec<u8>,
+        content_format: Option<u16>,
+    },
+}
+
+/// Why a request was refused at once (each maps to a status of the seed's table).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// 410: no such endpoint registered.
+    #[error("endpoint not found")]
+    Gone,
+    /// 404: the endpoint does not list the resource.
+    #[error("resource {0} is not found on the endpoint")]
+    NotFound(String),
+    /// 409: queue-mode endpoint and `noResp=true`.
+    #[error("{0}")]
+    Conflict(String),
+    /// 429: the endpoint's request queue is full.
+    #[error("the endpoint already has {0} requests waiting")]
+    TooMany(usize),
+    /// 503: the endpoint cannot be reached now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 205: `cacheOnly=true` and nothing fresh is cached.
+    #[error("no cached value")]
+    NoCache,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Clone)]
+struct Cached {
+    payload: Vec<u8>,
+    content_format: Option<u16>,
+    until: Instant,
+}
+
+#[derive(Default)]
+struct EpQueue {
+    /// A worker is running for this endpoint.
+    busy: bool,
+    jobs: VecDeque<Job>,
+}
+
+type EpKey = (String, String);
+
+/// The request queues and the resource value cache.
+pub struct Requests {
+    registry: Arc<Registry>,
+    transport: Arc<Transport>,
+    hub: Arc<Hub>,
+    store: Arc<dyn Store>,
+    cfg: RequestsConfig,
+    counters: Arc<Counters>,
+    queues: Mutex<HashMap<EpKey, EpQueue>>,
+    cache: Mutex<HashMap<(String, String, String), Cached>>,
+}
+
+/// A fresh async-response id: a number and a random UUID, as the seed's examples show.
+fn new_async_id() -> String {
+    let b: [u8; 16] = rand::random();
+    let h = hex::encode(b);
+    format!(
+        "{}#{}-{}-{}-{}-{}",
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]]) >> 1,
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// True when the endpoint's registration lists `path`, one of its parents, or one of its
+/// children (LwM2M devices register objects and instances, not every resource).
+pub fn resource_known(ep: &Endpoint, path: &str) -> bool {
+    let want: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    ep.resources.iter().any(|r| {
+        let have: Vec<&str> = r.path.split('/').filter(|s| !s.is_empty()).collect();
+        let n = want.len().min(have.len());
+        n > 0 && want[..n] == have[..n]
+    })
+}
+
+/// The HTTP status an async response reports for a device's CoAP response code.
+pub fn http_status(code: ResponseType) -> u16 {
+    use ResponseType::*;
+    match code {
+        Created => 201,
+        Deleted | Valid | Changed | Content | Continue => 200,
+        BadRequest | BadOption | RequestEntityIncomplete => 400,
+        Unauthorized => 401,
+        Forbidden => 403,
+        NotFound => 404,
+        MethodNotAllowed => 405,
+        NotAcceptable => 406,
+        Conflict => 409,
+        PreconditionFailed => 412,
+        RequestEntityTooLarge => 413,
+        UnsupportedContentFormat => 415,
+        UnprocessableEntity => 422,
+        TooManyRequests => 429,
+        InternalServerError => 500,
+        NotImplemented => 501,
+        BadGateway | ProxyingNotSupported | HopLimitReached | UnKnown => 502,
+        ServiceUnavailable => 503,
+        GatewayTimeout => 504,
+    }
+}
+
+/// The answer to a job, before it becomes an event.
+struct Outcome {
+    status: u16,
+    payload: Vec<u8>,
+    content_format: Option<u16>,
+    max_age: Option<u32>,
+    error: Option<String>,
+}
+
+impl Outcome {
+    fn failed(status: u16, error: impl Into<String>) -> Outcome {
+        Outcome {
+            status,
+            payload: Vec::new(),
+            content_format: None,
+            max_age: None,
+            error: Some(error.into()),
+        }
+    }
+}
+
+impl Requests {
+    pub fn new(
+        registry: Arc<Registry>,
+        transport: Arc<Transport>,
+        hub: Arc<Hub>,
+        store: Arc<dyn Store>,
+        cfg: RequestsConfig,
+        counters: Arc<Counters>,
+    ) -> Arc<Requests> {
+        Arc::new(Requests {
+            registry,
+            transport,
+            hub,
+            store,
+            cfg,
+            counters,
+            queues: Mutex::new(HashMap::new()),
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<EpKey, EpQueue>> {
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_cache(&self) -> MutexGuard<'_, HashMap<(String, String, String), Cached>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues the stored requests again (at start). Those of endpoints that are not in
+    /// queue mode are sent at once.
+    pub async fn load(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let mut jobs = self.store.load_requests().await?;
+        jobs.sort_by_key(|j| j.created_ms);
+        let n = jobs.len();
+        let mut keys = Vec::new();
+        {
+            let mut q = self.lock();
+            for j in jobs {
+                let key = (j.domain.clone(), j.ep.clone());
+                q.entry(key.clone()).or_default().jobs.push_back(j);
+                keys.push(key);
+            }
+        }
+        for key in keys {
+            if self
+                .registry
+                .get(&key.0, &key.1)
+                .is_some_and(|e| !e.reg.queue)
+            {
+                self.kick(&key);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Handles one REST request on a resource.
+    pub async fn submit(
+        self: &Arc<Self>,
+        who: &Principal,
+        ep_name: &str,
+        s: Submit,
+    ) -> Result<Submitted, RequestError> {
+        let method = s.method.unwrap_or(Method::Get);
+        let ep = self
+            .registry
+            .get(&who.domain, ep_name)
+            .ok_or(RequestError::Gone)?;
+        // A write may create a resource; the others need one the device listed.
+        if method != Method::Put && !resource_known(&ep, &s.path) {
+            return Err(RequestError::NotFound(s.path));
+        }
+        if s.cache_only && method == Method::Get {
+            let key = (who.domain.clone(), ep_name.to_string(), s.path.clone());
+            return match self.lock_cache().get(&key) {
+                Some(c) if c.until > Instant::now() => Ok(Submitted::Cached {
+                    payload: c.payload.clone(),
+                    content_format: c.content_format,
+                }),
+                _ => Err(RequestError::NoCache),
+            };
+        }
+        if !self.transport.has_socket(ep.reg.local) {
+            return Err(RequestError::Unavailable(format!(
+                "the endpoint registered through {}, which is no longer bound; it must register again",
+                ep.reg.local
+            )));
+        }
+        if s.no_resp {
+            if ep.reg.queue {
+                return Err(RequestError::Conflict(
+                    "noResp=true is not supported for an endpoint in queue mode".into(),
+                ));
+            }
+            let mut req = OutRequest::new(method.coap(), &s.path);
+            req.payload = s.payload;
+            req.content_format = s.content_format;
+            Counters::inc(&self.counters.device_requests);
+            self.transport
+                .send_non(ep.reg.local, ep.reg.peer, &req)
+                .await
+                .map_err(|e| RequestError::Unavailable(e.to_string()))?;
+            return Ok(Submitted::Sent);
+        }
+        let job = Job {
+            id: new_async_id(),
+            key_id: who.key_id.clone(),
+            domain: who.domain.clone(),
+            ep: ep_name.to_string(),
+            method,
+            path: s.path,
+            payload: base64::engine::general_purpose::STANDARD.encode(&s.payload),
+            content_format: s.content_format,
+            created_ms: now_ms(),
+        };
+        let key = (job.domain.clone(), job.ep.clone());
+        {
+            let q = self.lock();
+            let waiting = q.get(&key).map(|e| e.jobs.len()).unwrap_or(0);
+            if waiting >= self.cfg.queue_len {
+                return Err(RequestError::TooMany(waiting));
+            }
+        }
+        self.hub.ensure_channel(who).await?;
+        self.store.put_request(job.clone()).await?;
+        let id = job.id.clone();
+        {
+            let mut q = self.lock();
+            q.entry(key.clone()).or_default().jobs.push_back(job);
+        }
+        if !ep.reg.queue {
+            self.kick(&key);
+        }
+        Ok(Submitted::Accepted(id))
+    }
+
+    /// Starts the endpoint's worker unless one runs or nothing waits.
+    fn kick(self: &Arc<Self>, key: &EpKey) {
+        let start = {
+            let mut q = self.lock();
+            match q.get_mut(key) {
+                Some(e) if !e.busy && !e.jobs.is_empty() => {
+                    e.busy = true;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if start {
+            tokio::spawn(Arc::clone(self).work(key.clone()));
+        }
+    }
+
+    /// Sends the endpoint's requests one at a time until its queue is empty.
+    async fn work(self: Arc<Self>, key: EpKey) {
+        loop {
+            let job = {
+                let mut q = self.lock();
+                let Some(e) = q.get_mut(&key) else { return };
+                match e.jobs.pop_front() {
+                    Some(j) => j,
+                    None => {
+                        q.remove(&key);
+                        return;
+                    }
+                }
+            };
+            let outcome = self.execute(&job).await;
+            self.finish(&job, outcome).await;
+        }
+    }
+
+    async fn execute(&self, job: &Job) -> Outcome {
+        let Some(ep) = self.registry.get(&job.domain, &job.ep) else {
+            return Outcome::failed(410, "the endpoint is no longer registered");
+        };
+        let mut req = OutRequest::new(job.method.coap(), &job.path);
+        req.payload = base64::engine::general_purpose::STANDARD
+            .decode(&job.payload)
+            .unwrap_or_default();
+        req.content_format = job.content_format;
+        Counters::inc(&self.counters.device_requests);
+        match self
+            .transport
+            .request(ep.reg.local, ep.reg.peer, &req)
+            .await
+        {
+            Ok(reply) => {
+                let status = http_status(reply.code);
+                if job.method == Method::Get && reply.code == ResponseType::Content {
+                    self.cache_put(
+                        &job.domain,
+                        &job.ep,
+                        &job.path,
+                        &reply.payload,
+                        reply.content_format,
+                        reply.max_age,
+                    );
+                }
+                let error = (status >= 400).then(|| {
+                    let diag = String::from_utf8_lossy(&reply.payload);
+                    format!(
+                        "the device answered {:?}{}{}",
+                        reply.code,
+                        if diag.is_empty() { "" } else { ": " },
+                        diag
+                    )
+                });
+                Outcome {
+                    status,
+                    payload: if error.is_some() {
+                        Vec::new()
+                    } else {
+                        reply.payload
+                    },
+                    content_format: reply.content_format,
+                    max_age: Some(reply.max_age.unwrap_or(DEFAULT_MAX_AGE)),
+                    error,
+                }
+            }
+            Err(ClientError::Timeout) => {
+                Counters::inc(&self.counters.device_timeouts);
+                Outcome::failed(504, "timeout: the device did not answer")
+            }
+            Err(e @ ClientError::NoSocket(_)) => Outcome::failed(503, e.to_string()),
+            Err(e) => Outcome::failed(502, e.to_string()),
+        }
+    }
+
+    /// Publishes the async response (durably) and then forgets the request.
+    async fn finish(&self, job: &Job, o: Outcome) {
+        let ct = o.content_format.map(content_format::describe);
+        let body = async_response_body(
+            &job.id,
+            o.status,
+            &o.payload,
+            ct.as_deref(),
+            o.max_age,
+            o.error.as_deref(),
+        );
+        self.hub
+            .publish_to_key(
+                &job.key_id,
+                Event {
+                    kind: Kind::AsyncResponses,
+                    body,
+                    created_ms: now_ms(),
+                },
+            )
+            .await;
+        if let Err(e) = self.store.delete_request(job.id.clone()).await {
+            tracing::error!(id = %job.id, "answered request not removed from the store: {e}");
+        }
+        tracing::debug!(id = %job.id, ep = %job.ep, path = %job.path, status = o.status, "async response");
+    }
+
+    /// Remembers a resource value for `cacheOnly` reads (from reads and notifications).
+    pub fn cache_put(
+        &self,
+        domain: &str,
+        ep: &str,
+        path: &str,
+        payload: &[u8],
+        ct: Option<u16>,
+        max_age: Option<u32>,
+    ) {
+        let age = Duration::from_secs(u64::from(max_age.unwrap_or(DEFAULT_MAX_AGE)));
+        self.lock_cache().insert(
+            (domain.to_string(), ep.to_string(), path.to_string()),
+            Cached {
+                payload: payload.to_vec(),
+                content_format: ct,
+                until: Instant::now() + age,
+            },
+        );
+    }
+
+    /// Answers every queued request of an endpoint with 410 and forgets its cache.
+    async fn cancel(&self, domain: &str, ep: &str, why: &str) {
+        let key = (domain.to_string(), ep.to_string());
+        let jobs: Vec<Job> = {
+            let mut q = self.lock();
+            match q.get_mut(&key) {
+                Some(e) => e.jobs.drain(..).collect(),
+                None => Vec::new(),
+            }
+        };
+        self.lock_cache()
+            .retain(|(d, e, _), _| !(d == domain && e == ep));
+        for j in jobs {
+            self.finish(&j, Outcome::failed(410, why)).await;
+        }
+    }
+
+    /// Requests waiting (not in flight), all endpoints.
+    pub fn queued(&self) -> usize {
+        self.lock().values().map(|e| e.jobs.len()).sum()
+    }
+}
+
+/// Listens to the registry through a weak reference (the registry outlives nothing here,
+/// and a strong one would make a cycle).
+pub struct RequestsListener(pub std::sync::Weak<Requests>);
+
+impl RegistryListener for RequestsListener {
+    fn on_event<'a>(
+        &'a self,
+        ev: &'a RegistryEvent,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let Some(r) = self.0.upgrade() else { return };
+            let ep = ev.endpoint();
+            let (domain, name) = (ep.reg.domain.as_str(), ep.reg.name.as_str());
+            match ev {
+                RegistryEvent::Registered {
+                    replaced: Some(_), ..
+                } => {
+                    r.cancel(domain, name, "cancelled: the endpoint registered again")
+                        .await;
+                }
+                RegistryEvent::Registered { replaced: None, .. } => {}
+                RegistryEvent::Updated { .. } => r.kick(&(domain.to_string(), name.to_string())),
+                RegistryEvent::Deregistered(_) => {
+                    r.cancel(domain, name, "cancelled: the endpoint de-registered")
+                        .await
+                }
+                RegistryEvent::Expired(_) => {
+                    r.cancel(
+                        domain,
+                        name,
+                        "cancelled: the endpoint's registration expired",
+                    )
+                    .await
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn async_ids_are_unique_and_shaped_like_the_seed() {
+        let a = new_async_id();
+        let b = new_async_id();
+        assert_ne!(a, b);
+        let (n, uuid) = a.split_once('#').unwrap();
+        assert!(n.parse::<u32>().is_ok());
+        assert_eq!(uuid.len(), 36);
+        assert_eq!(uuid.matches('-').count(), 4);
+    }
+
+    #[test]
+    fn resource_matching_by_segments() {
+        let ep = Endpoint {
+            reg: crate::registry::Registration {
+                id: "x".into(),
+                domain: "d".into(),
+                name: "n".into(),
+                ept: None,
+                lifetime_s: 1,
+                binding: "U".into(),
+                lwm2m: None,
+                queue: false,
+                peer: "127.0.0.1:1".parse().unwrap(),
+                local: "127.0.0.1:2".parse().unwrap(),
+                links: String::new(),
+                registered_at_ms: 0,
+                expires_at_ms: 0,
+            },
+            resources: crate::registry::parse_resources("</3/0>,</3303/0/5700>").unwrap(),
+        };
+        for (path, known) in [
+            ("/3/0", true),
+            ("/3/0/1", true),
+            ("/3", true),
+            ("/3303/0/5700", true),
+            ("/3303/0/5701", false),
+            ("/4/0", false),
+            ("/30/0", false),
+            ("/", false),
+        ] {
+            assert_eq!(resource_known(&ep, path), known, "{path}");
+        }
+    }
+
+    #[test]
+    fn coap_codes_map_to_http_statuses() {
+        assert_eq!(http_status(ResponseType::Content), 200);
+        assert_eq!(http_status(ResponseType::Changed), 200);
+        assert_eq!(http_status(ResponseType::Created), 201);
+        assert_eq!(http_status(ResponseType::NotFound), 404);
+        assert_eq!(http_status(ResponseType::MethodNotAllowed), 405);
+        assert_eq!(http_status(ResponseType::UnsupportedContentFormat), 415);
+        assert_eq!(http_status(ResponseType::ServiceUnavailable), 503);
+    }
+}

@@ -1,0 +1,118 @@
+//! Notification channels (seed 000, "Notifications"): long-poll
+//! `GET /notification/pull` and the callback `PUT|GET|DELETE /notification/callback`.
+//!
+//! A key that has a callback cannot long-poll: `GET /notification/pull` is then 409.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Method, StatusCode};
+use serde::Deserialize;
+
+use super::reply::{Reply, error};
+use super::resources::bool_param;
+use crate::auth::Principal;
+use crate::events::hub::{CallbackError, Pulled};
+use crate::events::{CallbackTarget, Hub};
+
+/// `GET /notification/pull[?noWait=true]`: 200 with a batch, or 204 after up to
+/// `notifications.long_poll_s`.
+pub async fn pull(hub: &Hub, who: &Principal, parts: &Parts, hold: Duration) -> Reply {
+    let no_wait = match bool_param(parts, "noWait") {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match hub.pull(who, (!no_wait).then_some(hold)).await {
+        Ok(Pulled::Batch(v)) => Reply::json(StatusCode::OK, &v),
+        Ok(Pulled::Empty) => Reply::empty(StatusCode::NO_CONTENT),
+        Ok(Pulled::CallbackActive) => error(
+            StatusCode::CONFLICT,
+            "conflict",
+            "this access key delivers notifications to a callback URL; delete it to use long-poll",
+        ),
+        Err(e) => {
+            tracing::error!("long-poll: {e}");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "storage failure",
+            )
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallbackBody {
+    url: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+/// `PUT|GET|DELETE /notification/callback`.
+pub async fn callback(hub: &Arc<Hub>, who: &Principal, parts: &Parts, body: Bytes) -> Reply {
+    match parts.method {
+        Method::PUT => {
+            let parsed: CallbackBody = match serde_json::from_slice(&body) {
+                Ok(b) => b,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        &format!(
+                            "the body must be JSON {{\"url\": \"…\", \"headers\": {{…}}}}: {e}"
+                        ),
+                    );
+                }
+            };
+            let target = CallbackTarget {
+                url: parsed.url,
+                headers: parsed.headers,
+            };
+            match hub.set_callback(who, target).await {
+                Ok(()) => Reply::empty(StatusCode::NO_CONTENT),
+                Err(CallbackError::Invalid(m)) | Err(CallbackError::Unreachable(m)) => {
+                    error(StatusCode::BAD_REQUEST, "bad_request", &m)
+                }
+                Err(CallbackError::Store(e)) => {
+                    tracing::error!("callback not stored: {e}");
+                    error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal_error",
+                        "storage failure",
+                    )
+                }
+            }
+        }
+        Method::GET => match hub.callback(&who.key_id) {
+            Some(t) => Reply::json(
+                StatusCode::OK,
+                &serde_json::json!({"url": t.url, "headers": t.headers}),
+            ),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no callback URL is registered",
+            ),
+        },
+        _ => match hub.delete_callback(&who.key_id).await {
+            Ok(true) => Reply::empty(StatusCode::NO_CONTENT),
+            Ok(false) => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no callback URL is registered",
+            ),
+            Err(e) => {
+                tracing::error!("callback not removed: {e}");
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "storage failure",
+                )
+            }
+        },
+    }
+}

@@ -1,0 +1,138 @@
+//! `GET|PUT|POST|DELETE /endpoints/{endpoint-name}/{resource-path}` (seed 000,
+//! "Resources"): read, write, execute and delete, answered with an async-response id.
+//!
+//! Synchronous answers: 202 with `{"async-response-id"}`; 204 for `noResp=true`; 200 with
+//! the cached value (its own content type) for `cacheOnly=true`, 205 when nothing fresh is
+//! cached; 404 resource not listed by the device; 409 `noResp` on a queue-mode endpoint;
+//! 410 endpoint not registered; 412 a body that is not what its Content-Type says; 413 a
+//! body over `requests.max_body`; 415 a Content-Type with no CoAP Content-Format;
+//! 429 the endpoint's queue is full; 503 the endpoint cannot be reached now. The device's
+//! own answer (or 502/504) arrives later as an `async-responses` event.
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Method as HttpMethod, StatusCode};
+use serde_json::json;
+
+use super::endpoints::query_param;
+use super::reply::{Reply, error};
+use crate::auth::Principal;
+use crate::coap::content_format;
+use crate::requests::{Method, RequestError, Requests, Submit, Submitted};
+
+/// A boolean query parameter: absent is false; anything but `true`/`false` is an error.
+pub fn bool_param(parts: &Parts, name: &str) -> Result<bool, Reply> {
+    match query_param(parts, name).as_deref() {
+        None => Ok(false),
+        Some(v) if v.eq_ignore_ascii_case("true") => Ok(true),
+        Some(v) if v.eq_ignore_ascii_case("false") => Ok(false),
+        Some(v) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("{name} must be true or false, not {v:?}"),
+        )),
+    }
+}
+
+/// The CoAP Content-Format of the request body, checked against the body.
+fn body_format(parts: &Parts, body: &[u8]) -> Result<Option<u16>, Reply> {
+    let Some(ct) = parts.headers.get(http::header::CONTENT_TYPE) else {
+        return Ok(None);
+    };
+    let ct = ct.to_str().unwrap_or("");
+    let Some(cf) = content_format::from_media_type(ct) else {
+        return Err(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            &format!(
+                "Content-Type {ct:?} has no CoAP Content-Format; use text/plain, application/json, application/octet-stream, application/vnd.oma.lwm2m+tlv, ..."
+            ),
+        ));
+    };
+    let valid = match cf {
+        0 | 40 => std::str::from_utf8(body).is_ok(),
+        50 | 110 => body.is_empty() || serde_json::from_slice::<serde_json::Value>(body).is_ok(),
+        _ => true,
+    };
+    if !valid {
+        return Err(error(
+            StatusCode::PRECONDITION_FAILED,
+            "precondition_failed",
+            &format!("the request payload is not valid {ct}"),
+        ));
+    }
+    Ok(Some(cf))
+}
+
+pub async fn handle(
+    requests: &std::sync::Arc<Requests>,
+    who: &Principal,
+    parts: &Parts,
+    body: Bytes,
+    ep: &str,
+    path: &str,
+) -> Reply {
+    let method = match parts.method {
+        HttpMethod::GET => Method::Get,
+        HttpMethod::PUT => Method::Put,
+        HttpMethod::POST => Method::Post,
+        _ => Method::Delete,
+    };
+    let no_resp = match bool_param(parts, "noResp") {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let cache_only = match bool_param(parts, "cacheOnly") {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let content_format = match body_format(parts, &body) {
+        Ok(cf) => cf,
+        Err(r) => return r,
+    };
+    let submit = Submit {
+        method: Some(method),
+        path: path.to_string(),
+        payload: body.to_vec(),
+        content_format,
+        no_resp,
+        cache_only,
+    };
+    match requests.submit(who, ep, submit).await {
+        Ok(Submitted::Accepted(id)) => {
+            Reply::json(StatusCode::ACCEPTED, &json!({"async-response-id": id}))
+        }
+        Ok(Submitted::Sent) => Reply::empty(StatusCode::NO_CONTENT),
+        Ok(Submitted::Cached {
+            payload,
+            content_format,
+        }) => {
+            let ct = content_format
+                .and_then(content_format::media_type)
+                .unwrap_or("application/octet-stream");
+            Reply::with_type(StatusCode::OK, ct, payload)
+        }
+        Err(e) => refusal(e),
+    }
+}
+
+fn refusal(e: RequestError) -> Reply {
+    let msg = e.to_string();
+    match e {
+        RequestError::Gone => error(StatusCode::GONE, "gone", &msg),
+        RequestError::NotFound(_) => error(StatusCode::NOT_FOUND, "not_found", &msg),
+        RequestError::Conflict(_) => error(StatusCode::CONFLICT, "conflict", &msg),
+        RequestError::TooMany(_) => error(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", &msg),
+        RequestError::Unavailable(_) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &msg),
+        // 205 Reset Content carries no body (RFC 9110 §15.3.6).
+        RequestError::NoCache => Reply::empty(StatusCode::RESET_CONTENT),
+        RequestError::Store(e) => {
+            tracing::error!("request not stored: {e}");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "storage failure",
+            )
+        }
+    }
+}
