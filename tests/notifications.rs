@@ -1,1 +1,285 @@
+//! End-to-end tests of notification channels (seed 000, "Notifications"): long-poll,
+//! callbacks to a real HTTP receiver, the registration event types, durability across
+//! `kill -9`, retry of a callback that is down, and the discard window.
+
 mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::receiver::Receiver;
+use support::{Daemon, http};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[test]
+fn long_poll_holds_answers_when_an_event_arrives_and_honours_no_wait() {
+    let d = Daemon::start_with("[notifications]\nlong_poll_s = 1\n");
+    let t = Instant::now();
+    assert_eq!(d.get("/v2/notification/pull?noWait=true").status, 204);
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "noWait must not hold"
+    );
+    let t = Instant::now();
+    let r = d.get("/v2/notification/pull");
+    assert_eq!((r.status, r.body.as_str()), (204, ""));
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "the poll was not held"
+    );
+
+    // A poll that is waiting returns as soon as an event arrives.
+    let url = d.url("/notification/pull");
+    let key = d.key.clone();
+    let poll = std::thread::spawn(move || support::http_get(&url, Some(&key), None));
+    std::thread::sleep(Duration::from_millis(200));
+    d.device().register(&["ep=wake", "lt=300"], "</3/0>");
+    let r = poll.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["registrations"][0]["ep"], "wake");
+}
+
+#[test]
+fn registration_event_types() {
+    let d = Daemon::start();
+    assert!(d.pull_now().is_none(), "a new channel starts empty");
+    let mut dev = d.device();
+    let id = dev.register(
+        &["ep=ev-1", "lt=300", "et=Light"],
+        r#"</3/0>;obs;rt="oma.device",</3303/0/5700>;ct=0;if="sensor""#,
+    );
+    dev.update(&id, &["lt=200"], None);
+    dev.deregister(&id);
+    let mut short = d.device();
+    short.register(&["ep=ev-2", "lt=1", "b=UQ"], "</3/0>");
+    let e = d.collect_events(WAIT, |e| !e.of("registrations-expired").is_empty());
+    let resources = json!([
+        {"path": "/3/0", "rf": "oma.device", "rt": "oma.device", "obs": true},
+        {"path": "/3303/0/5700", "if": "sensor", "ct": "text/plain", "obs": false}
+    ]);
+    assert_eq!(
+        e.of("registrations"),
+        vec![
+            json!({"ep": "ev-1", "ept": "Light", "q": false, "resources": resources}),
+            json!({"ep": "ev-2", "ept": "", "q": true, "resources": [{"path": "/3/0", "obs": false}]}),
+        ]
+    );
+    assert_eq!(
+        e.of("reg-updates"),
+        vec![json!({"ep": "ev-1", "ept": "Light", "q": false, "resources": resources})]
+    );
+    assert_eq!(e.of("de-registrations"), vec![json!("ev-1")]);
+    assert_eq!(e.of("registrations-expired"), vec![json!("ev-2")]);
+}
+
+#[test]
+fn undelivered_events_survive_kill_9() {
+    let d = Daemon::start();
+    assert!(d.pull_now().is_none());
+    for i in 0..3 {
+        d.device()
+            .register(&[&format!("ep=k-{i}"), "lt=300"], "</3/0>");
+    }
+    let d = d.crash_and_restart();
+    let e = d.collect_events(WAIT, |e| e.of("registrations").len() >= 3);
+    let names: Vec<_> = e
+        .of("registrations")
+        .iter()
+        .map(|r| r["ep"].clone())
+        .collect();
+    assert_eq!(
+        names,
+        vec![json!("k-0"), json!("k-1"), json!("k-2")],
+        "all, in order"
+    );
+    assert!(d.pull_now().is_none(), "delivered once");
+}
+
+#[test]
+fn callback_registration_delivery_and_removal() {
+    let d = Daemon::start();
+    let rx = Receiver::start(0);
+    let body = json!({"url": rx.url("/notify?x=123"), "headers": {"Authorization": "auth", "test-header": "test"}});
+    let r = d.call(
+        "PUT",
+        "/v2/notification/callback",
+        Some("application/json"),
+        Some(body.to_string().as_bytes()),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    // The verifying PUT came first, with the headers.
+    let first = &rx.requests()[0];
+    assert_eq!(
+        (first.method.as_str(), first.path.as_str()),
+        ("PUT", "/notify?x=123")
+    );
+    assert_eq!(first.header("test-header"), Some("test"));
+    assert_eq!(first.header("authorization"), Some("auth"));
+
+    let r = d.get("/v2/notification/callback");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), body);
+    let r = d.get("/notification/pull");
+    assert_eq!(r.status, 409, "long-poll is off while a callback is set");
+
+    d.device().register(&["ep=pushed", "lt=300"], "</3/0>");
+    let got = rx.wait(WAIT, |r| r.len() >= 2);
+    assert!(got.len() >= 2, "no delivery: {got:?}");
+    assert_eq!(got[1].json()["registrations"][0]["ep"], "pushed");
+    assert_eq!(got[1].header("content-type"), Some("application/json"));
+    assert_eq!(got[1].header("test-header"), Some("test"));
+
+    assert_eq!(
+        d.call("DELETE", "/v2/notification/callback", None, None)
+            .status,
+        204
+    );
+    assert_eq!(d.get("/v2/notification/callback").status, 404);
+    assert_eq!(
+        d.call("DELETE", "/notification/callback", None, None)
+            .status,
+        404
+    );
+    // Back to long-poll: new events wait there.
+    d.device().register(&["ep=polled", "lt=300"], "</3/0>");
+    let e = d.collect_events(WAIT, |e| !e.of("registrations").is_empty());
+    assert_eq!(e.of("registrations")[0]["ep"], "polled");
+}
+
+#[test]
+fn bad_callbacks_are_400_with_a_reason() {
+    let d = Daemon::start();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let failing = Receiver::start(0);
+    failing
+        .status
+        .store(500, std::sync::atomic::Ordering::Relaxed);
+    let long = format!("http://127.0.0.1:1/{}", "x".repeat(380));
+    let cases: Vec<(String, &str)> = vec![
+        (
+            json!({"url": format!("http://{dead}/cb")}).to_string(),
+            "connect",
+        ),
+        (json!({"url": failing.url("/cb")}).to_string(), "500"),
+        (
+            json!({"url": long, "headers": {"a": "b".repeat(20)}}).to_string(),
+            "400",
+        ),
+        (json!({"url": "ftp://example/cb"}).to_string(), "scheme"),
+        ("{not json".to_string(), "JSON"),
+        (json!({"headers": {}}).to_string(), "url"),
+    ];
+    for (body, reason) in &cases {
+        let r = d.call(
+            "PUT",
+            "/v2/notification/callback",
+            Some("application/json"),
+            Some(body.as_bytes()),
+        );
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        assert_eq!(r.json()["type"], "bad_request");
+        assert!(
+            r.json()["message"].as_str().unwrap().contains(reason),
+            "{body}: {}",
+            r.body
+        );
+    }
+    assert_eq!(d.get("/v2/notification/callback").status, 404);
+}
+
+#[test]
+fn a_callback_that_is_down_gets_every_event_in_order_once_it_is_up() {
+    let d = Daemon::start_with("[notifications]\nretry_initial_ms = 100\nretry_max_ms = 400\n");
+    let rx = Receiver::start(0);
+    let port = rx.addr.port();
+    let body = json!({"url": rx.url("/cb")}).to_string();
+    assert_eq!(
+        d.call(
+            "PUT",
+            "/v2/notification/callback",
+            Some("application/json"),
+            Some(body.as_bytes())
+        )
+        .status,
+        204
+    );
+    rx.stop();
+    for i in 0..5 {
+        d.device()
+            .register(&[&format!("ep=o-{i}"), "lt=300"], "</3/0>");
+    }
+    assert!(
+        support::eventually(WAIT, || d.metric("delivery_retries_total") >= 2),
+        "no retries"
+    );
+    let rx = Receiver::start(port);
+    let got = rx.wait(WAIT, |r| {
+        r.iter()
+            .map(|x| x.json()["registrations"].as_array().map_or(0, Vec::len))
+            .sum::<usize>()
+            >= 5
+    });
+    let names: Vec<String> = got
+        .iter()
+        .flat_map(|r| {
+            r.json()["registrations"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|e| e["ep"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, (0..5).map(|i| format!("o-{i}")).collect::<Vec<_>>());
+    assert_eq!(d.metric("events_discarded_total"), 0);
+}
+
+#[test]
+fn the_callback_survives_a_restart() {
+    let d = Daemon::start();
+    let rx = Receiver::start(0);
+    let body = json!({"url": rx.url("/cb"), "headers": {"k": "v"}}).to_string();
+    assert_eq!(
+        d.call(
+            "PUT",
+            "/v2/notification/callback",
+            Some("application/json"),
+            Some(body.as_bytes())
+        )
+        .status,
+        204
+    );
+    let d = d.crash_and_restart();
+    d.device().register(&["ep=after", "lt=300"], "</3/0>");
+    let got = rx.wait(WAIT, |r| r.len() >= 2);
+    assert_eq!(got[1].json()["registrations"][0]["ep"], "after");
+    assert_eq!(got[1].header("k"), Some("v"));
+}
+
+#[test]
+fn events_older_than_the_discard_window_are_dropped_and_counted() {
+    let d = Daemon::start_with("[notifications]\ndiscard_after_s = 1\n");
+    assert!(d.pull_now().is_none());
+    d.device().register(&["ep=stale", "lt=300"], "</3/0>");
+    std::thread::sleep(Duration::from_millis(1300));
+    assert!(d.pull_now().is_none(), "a stale event was delivered");
+    assert_eq!(d.metric("events_discarded_total"), 1);
+    d.device().register(&["ep=fresh", "lt=300"], "</3/0>");
+    assert_eq!(d.pull_now().unwrap()["registrations"][0]["ep"], "fresh");
+}
+
+#[test]
+fn notification_routes_need_a_key() {
+    let d = Daemon::start();
+    for (method, path) in [
+        ("GET", "/v2/notification/pull"),
+        ("PUT", "/notification/callback"),
+        ("GET", "/v1/notification/callback"),
+    ] {
+        let r = http(method, &d.url(path), &[], Some(b"{}"));
+        assert_eq!(r.status, 401, "{method} {path}");
+    }
+}

@@ -12,26 +12,24 @@
 //! private PKI). Every request, from connecting to the end of the response, is bounded by one
 //! timeout.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::error::Error as StdError;
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
-use http::uri::Scheme;
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_rustls::{ConfigBuilderExt, HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::client::WantsClientCert;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::{ClientConfig, ConfigBuilder, RootCertStore};
+use rustls::{ClientConfig, RootCertStore};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -80,9 +78,6 @@ pub enum WebhookError {
 /// a longer body is dropped, and its connection with it.
 const MAX_DRAINED_BODY: usize = 64 * 1024;
 
-/// Most authorities remembered as "verified by the extra CA" (see [`Webhook`]).
-const MAX_REMEMBERED_AUTHORITIES: usize = 1024;
-
 /// Headers that describe the message framing or the connection: a callback cannot set them.
 const RESERVED_HEADERS: [&str; 7] = [
     "content-length",
@@ -101,20 +96,12 @@ type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 /// Built once ([`Webhook::new`]) and shared: it keeps idle connections to the receivers (for up
 /// to 90 s) so that consecutive deliveries to the same URL reuse them.
 ///
-/// Trusted roots: the system's root certificates (as found by rustls-native-certs; files that
-/// cannot be loaded are logged, and having none at all is allowed) plus every certificate of
-/// the extra CA file. Internally this is one client per root set: a server whose certificate
-/// is unknown to the system roots is retried, before any request is sent, with the extra CA
-/// roots, and the authority (`host:port`) is then remembered so that the next requests go
-/// there first.
+/// Trusted roots, in one root store: the system's root certificates (as found by
+/// rustls-native-certs; files or certificates that cannot be loaded are logged and skipped, and
+/// having none at all is allowed) plus every certificate of the extra CA file.
 pub struct Webhook {
     timeout: Duration,
-    /// Trusts the system roots (or, when there are none, the extra CA file or nothing).
-    primary: HttpsClient,
-    /// Trusts only the extra CA file; present when both it and system roots exist.
-    secondary: Option<HttpsClient>,
-    /// `https` authorities whose certificate was last verified by `secondary`.
-    prefer_secondary: Mutex<HashSet<String>>,
+    client: HttpsClient,
 }
 
 /// A request that could not get a status from the receiver.
@@ -137,41 +124,26 @@ impl Webhook {
     /// with an unusable certificate is a [`WebhookError::Ca`] naming the file and the reason.
     pub fn new(timeout: Duration, extra_ca_file: Option<&Path>) -> Result<Webhook, WebhookError> {
         let extra_roots = extra_ca_file.map(load_ca_file).transpose()?;
-
-        let native = match tls_builder()?.with_native_roots() {
-            Ok(builder) => Some(builder),
-            Err(e) => {
-                if extra_roots.is_none() {
-                    tracing::warn!(
-                        "no system root certificates ({e}) and no extra CA file: \
-                         https callback URLs will fail certificate verification"
-                    );
-                } else {
-                    tracing::info!(
-                        "no system root certificates ({e}); using the extra CA file only"
-                    );
-                }
-                None
-            }
-        };
-
-        let (primary, secondary) = match (native, extra_roots) {
-            (Some(native), Some(extra)) => {
-                (native, Some(tls_builder()?.with_root_certificates(extra)))
-            }
-            (Some(native), None) => (native, None),
-            (None, Some(extra)) => (tls_builder()?.with_root_certificates(extra), None),
-            (None, None) => (
-                tls_builder()?.with_root_certificates(RootCertStore::empty()),
-                None,
-            ),
-        };
+        let mut roots = native_roots();
+        if let Some(extra) = extra_roots {
+            roots.extend(extra.roots);
+        }
+        if roots.is_empty() {
+            tracing::warn!(
+                "no system root certificates and no extra CA file: \
+                 https callback URLs will fail certificate verification"
+            );
+        }
+        let config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| WebhookError::Tls(e.to_string()))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
 
         Ok(Webhook {
             timeout,
-            primary: build_client(primary, timeout),
-            secondary: secondary.map(|tls| build_client(tls, timeout)),
-            prefer_secondary: Mutex::new(HashSet::new()),
+            client: build_client(config, timeout),
         })
     }
 
@@ -224,105 +196,23 @@ impl Webhook {
     async fn put(&self, target: &CallbackTarget, body: Bytes) -> Result<StatusCode, Failure> {
         let uri = parse_url(&target.url).map_err(Failure::Invalid)?;
         let headers = parse_headers(&target.headers).map_err(Failure::Invalid)?;
-        let make_request = || {
-            let mut request = Request::new(Full::new(body.clone()));
-            *request.method_mut() = Method::PUT;
-            *request.uri_mut() = uri.clone();
-            let map = request.headers_mut();
-            for (name, value) in &headers {
-                map.append(name.clone(), value.clone());
-            }
-            map.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            request
-        };
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = Method::PUT;
+        *request.uri_mut() = uri;
+        let map = request.headers_mut();
+        for (name, value) in headers {
+            map.append(name, value);
+        }
+        map.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
 
         let deadline = Instant::now() + self.timeout;
-        let exchange = self.exchange(&uri, make_request, deadline);
-        match tokio::time::timeout_at(deadline, exchange).await {
-            Ok(result) => result,
+        match tokio::time::timeout_at(deadline, send(&self.client, request, deadline)).await {
+            Ok(Ok(status)) => Ok(status),
+            Ok(Err(e)) => Err(Failure::Transport(describe_error(&e))),
             Err(_elapsed) => Err(Failure::Transport(format!(
                 "callback URL did not answer within {:?}",
                 self.timeout
             ))),
-        }
-    }
-
-    /// Sends the request through the client whose roots fit the server, falling back to the
-    /// other one when the server's certificate chains to no root of the first.
-    async fn exchange(
-        &self,
-        uri: &Uri,
-        make_request: impl Fn() -> Request<Full<Bytes>>,
-        deadline: Instant,
-    ) -> Result<StatusCode, Failure> {
-        let secondary = match &self.secondary {
-            Some(secondary) if uri.scheme() == Some(&Scheme::HTTPS) => secondary,
-            _ => {
-                return send(&self.primary, make_request(), deadline)
-                    .await
-                    .map_err(|e| Failure::Transport(describe_error(&e)));
-            }
-        };
-
-        let authority = uri
-            .authority()
-            .map(|a| a.as_str().to_ascii_lowercase())
-            .unwrap_or_default();
-        let secondary_first = self.remembered(&authority);
-        let (first, second) = if secondary_first {
-            (secondary, &self.primary)
-        } else {
-            (&self.primary, secondary)
-        };
-
-        let first_error = match send(first, make_request(), deadline).await {
-            Ok(status) => return Ok(status),
-            Err(e) => e,
-        };
-        if !is_unknown_issuer(&first_error) {
-            return Err(Failure::Transport(describe_error(&first_error)));
-        }
-        // The TLS handshake failed, so nothing was sent: trying the other roots is safe.
-        match send(second, make_request(), deadline).await {
-            Ok(status) => {
-                self.remember(authority, !secondary_first);
-                Ok(status)
-            }
-            // Neither root set knows the issuer: report the first failure.
-            Err(e) if is_unknown_issuer(&e) => {
-                Err(Failure::Transport(describe_error(&first_error)))
-            }
-            Err(e) => {
-                // The second root set knows the issuer (or the connection failed for another
-                // reason): its error is the informative one.
-                if find_rustls_error(&e).is_some() {
-                    self.remember(authority, !secondary_first);
-                }
-                Err(Failure::Transport(describe_error(&e)))
-            }
-        }
-    }
-
-    fn remembered(&self, authority: &str) -> bool {
-        let set = self
-            .prefer_secondary
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        set.contains(authority)
-    }
-
-    fn remember(&self, authority: String, secondary: bool) {
-        let mut set = self
-            .prefer_secondary
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if secondary {
-            if set.len() >= MAX_REMEMBERED_AUTHORITIES {
-                set.clear();
-            }
-            set.insert(authority);
-        } else {
-            set.remove(&authority);
         }
     }
 }
@@ -355,23 +245,13 @@ async fn send(
     Ok(status)
 }
 
-/// A rustls client configuration builder with the ring provider (not the process default).
-fn tls_builder() -> Result<ConfigBuilder<ClientConfig, rustls::WantsVerifier>, WebhookError> {
-    ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| WebhookError::Tls(e.to_string()))
-}
-
-fn build_client(
-    tls: ConfigBuilder<ClientConfig, WantsClientCert>,
-    timeout: Duration,
-) -> HttpsClient {
+fn build_client(tls: ClientConfig, timeout: Duration) -> HttpsClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(timeout));
     let connector = HttpsConnectorBuilder::new()
-        .with_tls_config(tls.with_no_client_auth())
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
@@ -381,6 +261,34 @@ fn build_client(
         .timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .build(connector)
+}
+
+/// The system's trusted root certificates, as found by rustls-native-certs. Load errors and
+/// unusable certificates are logged and skipped: having no system root at all is allowed.
+fn native_roots() -> RootCertStore {
+    let rustls_native_certs::CertificateResult { certs, errors, .. } =
+        rustls_native_certs::load_native_certs();
+    if !errors.is_empty() {
+        let details: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        tracing::warn!(
+            "{} error(s) while loading the system root certificates (skipped): {}",
+            errors.len(),
+            details.join("; ")
+        );
+    }
+    let mut roots = RootCertStore::empty();
+    let mut unusable = 0usize;
+    for cert in certs {
+        if let Err(e) = roots.add(cert) {
+            unusable += 1;
+            tracing::debug!("system root certificate skipped: {e}");
+        }
+    }
+    if unusable > 0 {
+        tracing::warn!("{unusable} system root certificate(s) could not be used (skipped)");
+    }
+    tracing::debug!("{} system root certificate(s) loaded", roots.len());
+    roots
 }
 
 /// Reads every certificate of a PEM file into a root store.
@@ -501,15 +409,6 @@ fn find_rustls_error(error: &hyper_util::client::legacy::Error) -> Option<&rustl
         .find_map(|e| e.downcast_ref::<rustls::Error>())
 }
 
-fn is_unknown_issuer(error: &hyper_util::client::legacy::Error) -> bool {
-    matches!(
-        find_rustls_error(error),
-        Some(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::UnknownIssuer
-        ))
-    )
-}
-
 /// A short sentence for a failed request.
 fn describe_error(error: &hyper_util::client::legacy::Error) -> String {
     if let Some(tls) = find_rustls_error(error) {
@@ -562,7 +461,7 @@ mod tests {
     use std::convert::Infallible;
     use std::future::Future;
     use std::net::SocketAddr;
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
     use http::{HeaderMap, Response, Version};
     use hyper::body::Incoming;
@@ -1114,7 +1013,7 @@ mod tests {
             let receiver = Receiver::start_with(200, Bytes::new(), Some(tls)).await;
             let ca = write_temp(pki.ca_pem.as_bytes());
             let hook = Webhook::new(TEST_TIMEOUT, Some(ca.path())).unwrap();
-            // The extra CA knows the issuer, so its (more precise) error is the one reported.
+            // The extra CA knows the issuer, so the (more precise) name error is reported.
             let target = target(receiver.url("https", "/"), &[]);
             let reason = hook.verify(&target).await.unwrap_err();
             assert!(reason.starts_with("TLS error"), "{reason}");
