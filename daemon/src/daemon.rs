@@ -25,6 +25,8 @@ use crate::rest::{self, AppState};
 use crate::shutdown;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
+use crate::subscriptions::Subscriptions;
+use crate::subscriptions::lua::LuaRules;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -106,10 +108,22 @@ pub async fn run(
         config.requests.clone(),
         Arc::clone(&counters),
     );
+    let lua = LuaRules::load(&config.lua, Arc::clone(&counters));
+    let subscriptions = Subscriptions::load(
+        Arc::clone(&registry),
+        Arc::clone(&requests),
+        Arc::clone(&hub),
+        Arc::clone(&store),
+        Arc::clone(&lua),
+        Arc::clone(&counters),
+    )
+    .await?;
     registry.add_listener(Arc::clone(&hub) as Arc<dyn RegistryListener>);
     registry.add_listener(Arc::new(RequestsListener(Arc::downgrade(&requests))));
+    registry.add_listener(Arc::clone(&subscriptions) as Arc<dyn RegistryListener>);
     let pending = requests.load().await?;
     tracing::info!("loaded {pending} stored requests to devices");
+    subscriptions.resume();
     let mut tasks = transport.start(
         Arc::new(Lwm2mHandler::new(Arc::clone(&registry))),
         stop.clone(),
@@ -123,6 +137,7 @@ pub async fn run(
         transport: Arc::clone(&transport),
         requests,
         hub,
+        subscriptions,
         max_body: config.requests.max_body,
         long_poll: Duration::from_secs(config.notifications.long_poll_s),
     });
@@ -186,6 +201,7 @@ fn reload(running: Config, path: Option<&std::path::Path>, set_log: &SetLogFilte
         ("registry", next.registry != running.registry),
         ("requests", next.requests != running.requests),
         ("notifications", next.notifications != running.notifications),
+        ("lua", next.lua != running.lua),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))

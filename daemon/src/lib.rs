@@ -24,3 +24,4 @@ pub mod requests;
 pub mod rest;
 pub mod shutdown;
 pub mod store;
+pub mod subscriptions;

@@ -64,6 +64,14 @@ counters! {
     device_requests,
     /// Requests to devices that got no answer in time.
     device_timeouts,
+    /// Lua rule calls that failed (error or limit); they count as "no opinion".
+    lua_errors,
+    /// Lua rule files (re)loaded successfully.
+    lua_reloads,
+    /// Observe notifications accepted from devices.
+    observe_notifications,
+    /// Observe notifications dropped as older than one already seen.
+    observe_stale,
 }
 
 impl Counters {

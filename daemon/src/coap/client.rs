@@ -201,20 +201,58 @@ fn block_option(p: &Packet, opt: CoapOption) -> Result<Option<Block>, ClientErro
     }
 }
 
-/// Removes an exchange's routing entries when it ends, however it ends.
-struct ExchangeGuard<'a> {
+/// Removes a token route when the exchange (or observation) that owns it ends.
+struct TokenGuard<'a> {
     transport: &'a Transport,
     token: Vec<u8>,
-    mids: Vec<(SocketAddr, u16)>,
 }
 
-impl Drop for ExchangeGuard<'_> {
+impl Drop for TokenGuard<'_> {
     fn drop(&mut self) {
-        let mut st = self.transport.lock_client();
-        st.by_token.remove(&self.token);
-        for m in &self.mids {
-            st.by_mid.remove(m);
+        self.transport.lock_client().by_token.remove(&self.token);
+    }
+}
+
+/// Removes a (peer, message id) route when its transmission ends.
+struct MidGuard<'a> {
+    transport: &'a Transport,
+    key: (SocketAddr, u16),
+}
+
+impl Drop for MidGuard<'_> {
+    fn drop(&mut self) {
+        self.transport.lock_client().by_mid.remove(&self.key);
+    }
+}
+
+/// An established observation (RFC 7641): the notifications that carry its token.
+/// Dropping it forgets the token, so the device's next notification is answered with RST,
+/// which cancels the observation on the device.
+pub struct ObserveStream {
+    rx: mpsc::UnboundedReceiver<ClientEvent>,
+    transport: std::sync::Arc<Transport>,
+    token: Vec<u8>,
+}
+
+impl ObserveStream {
+    /// The next notification; None when the transport is gone.
+    pub async fn recv(&mut self) -> Option<Packet> {
+        loop {
+            match self.rx.recv().await? {
+                ClientEvent::Response(p) => return Some(p),
+                ClientEvent::Ack(_) | ClientEvent::Reset => continue,
+            }
         }
+    }
+
+    pub fn token(&self) -> &[u8] {
+        &self.token
+    }
+}
+
+impl Drop for ObserveStream {
+    fn drop(&mut self) {
+        self.transport.lock_client().by_token.remove(&self.token);
     }
 }
 
@@ -371,22 +409,64 @@ impl Transport {
         packet: Packet,
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
+        let token = packet.get_token().to_vec();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.lock_client().by_token.insert(token.clone(), tx);
+        let _route = TokenGuard {
+            transport: self,
+            token,
+        };
+        self.transmit(local, peer, &packet, &mut rx, cfg).await
+    }
+
+    /// Registers an observation (GET with Observe=0) and returns the first response and
+    /// the stream of later notifications. The caller checks that the response carries an
+    /// Observe option (a device that cannot observe answers without one).
+    pub async fn observe(
+        self: &std::sync::Arc<Self>,
+        local: SocketAddr,
+        peer: SocketAddr,
+        req: &OutRequest,
+    ) -> Result<(CoapReply, ObserveStream), ClientError> {
+        let cfg = self.client_config().clone();
+        let mut r = req.clone();
+        r.observe = Some(0);
+        let packet = self.build(&r, MessageType::Confirmable, |_| {});
+        let token = packet.get_token().to_vec();
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.lock_client().by_token.insert(token.clone(), tx);
+        let mut stream = ObserveStream {
+            rx,
+            transport: std::sync::Arc::clone(self),
+            token,
+        };
+        let first = self
+            .transmit(local, peer, &packet, &mut stream.rx, &cfg)
+            .await?;
+        Ok((CoapReply::from_packet(&first), stream))
+    }
+
+    /// Sends `packet` (CON) with retransmission and waits for its response on `rx`, the
+    /// channel its token routes to.
+    async fn transmit(
+        &self,
+        local: SocketAddr,
+        peer: SocketAddr,
+        packet: &Packet,
+        rx: &mut mpsc::UnboundedReceiver<ClientEvent>,
+        cfg: &ClientConfig,
+    ) -> Result<Packet, ClientError> {
         let sock = self.socket_for(local).ok_or(ClientError::NoSocket(local))?;
         let bytes = packet
             .to_bytes()
             .map_err(|e| ClientError::Encode(format!("{e:?}")))?;
-        let token = packet.get_token().to_vec();
         let mid = packet.header.message_id;
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        {
-            let mut st = self.lock_client();
-            st.by_token.insert(token.clone(), tx);
-            st.by_mid.insert((peer, mid), token.clone());
-        }
-        let _guard = ExchangeGuard {
+        self.lock_client()
+            .by_mid
+            .insert((peer, mid), packet.get_token().to_vec());
+        let _mid_route = MidGuard {
             transport: self,
-            token: token.clone(),
-            mids: vec![(peer, mid)],
+            key: (peer, mid),
         };
         let factor = 1.0 + rand::random::<f64>() * (cfg.ack_random_factor - 1.0).max(0.0);
         let mut timeout = cfg.ack_timeout.mul_f64(factor);

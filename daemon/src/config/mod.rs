@@ -87,6 +87,32 @@ pub struct Config {
     pub requests: RequestsConfig,
     #[serde(default)]
     pub notifications: NotificationsConfig,
+    #[serde(default)]
+    pub lua: LuaConfig,
+}
+
+/// `[lua]`: pre-subscription rules written in Lua.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LuaConfig {
+    /// Directory of rule files (`*.lua`), watched for changes. A relative path is taken
+    /// from the daemon's working directory. A missing directory means no Lua rules.
+    pub dir: PathBuf,
+    /// Memory one rule file's Lua state may use, in KiB.
+    pub memory_limit_kb: usize,
+    /// Lua VM instructions one call may run before it is stopped (counted in steps of
+    /// 1000; the count does not advance inside C functions such as `string.find`).
+    pub instruction_budget: u64,
+}
+
+impl Default for LuaConfig {
+    fn default() -> Self {
+        LuaConfig {
+            dir: PathBuf::from("scripts"),
+            memory_limit_kb: 8192,
+            instruction_budget: 1_000_000,
+        }
+    }
 }
 
 /// `[requests]`: requests from applications to devices.
@@ -418,6 +444,18 @@ impl Config {
             return Err(invalid(
                 "notifications.retry_initial_ms",
                 "must be at least 1 and at most notifications.retry_max_ms".into(),
+            ));
+        }
+        if self.lua.memory_limit_kb < 256 {
+            return Err(invalid(
+                "lua.memory_limit_kb",
+                "must be at least 256".into(),
+            ));
+        }
+        if self.lua.instruction_budget < 1000 {
+            return Err(invalid(
+                "lua.instruction_budget",
+                "must be at least 1000".into(),
             ));
         }
         let r = &self.registry;

@@ -11,6 +11,7 @@ fn embedded_defaults_parse_and_match_code_defaults() {
         registry: RegistryConfig::default(),
         requests: RequestsConfig::default(),
         notifications: NotificationsConfig::default(),
+        lua: LuaConfig::default(),
     };
     assert_eq!(c, d, "etc/connectord.toml and the Default impls disagree");
 }

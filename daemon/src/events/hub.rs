@@ -489,6 +489,15 @@ impl Hub {
         }
     }
 
+    /// The keys that have a notification channel in `domain`.
+    pub fn channel_keys(&self, domain: &str) -> Vec<String> {
+        self.lock()
+            .values()
+            .filter(|c| c.rec.domain == domain)
+            .map(|c| c.rec.key_id.clone())
+            .collect()
+    }
+
     /// Undelivered events, all keys.
     pub fn queued(&self) -> usize {
         self.lock().values().map(|c| c.queue.len()).sum()

@@ -18,7 +18,7 @@ use coap_lite::{RequestType, ResponseType};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Principal;
-use crate::coap::client::{ClientError, OutRequest};
+use crate::coap::client::{ClientError, CoapReply, ObserveStream, OutRequest};
 use crate::coap::{Transport, content_format};
 use crate::config::RequestsConfig;
 use crate::events::{Event, Hub, Kind, async_response_body};
@@ -36,17 +36,26 @@ pub enum Method {
     Put,
     Post,
     Delete,
+    /// GET with Observe=0: establishes an observation for a subscription.
+    Observe,
 }
 
 impl Method {
     fn coap(self) -> RequestType {
         match self {
-            Method::Get => RequestType::Get,
+            Method::Get | Method::Observe => RequestType::Get,
             Method::Put => RequestType::Put,
             Method::Post => RequestType::Post,
             Method::Delete => RequestType::Delete,
         }
     }
+}
+
+/// Receives established observations (the subscriptions manager).
+pub trait ObservationSink: Send + Sync + 'static {
+    /// An observation of `job.path` on `ep` is established; `first` is the device's first
+    /// response. Dropping `stream` cancels it.
+    fn established(&self, job: &Job, ep: &Endpoint, first: &CoapReply, stream: ObserveStream);
 }
 
 /// An accepted request, as stored until it is answered.
@@ -65,6 +74,10 @@ pub struct Job {
     pub payload: String,
     pub content_format: Option<u16>,
     pub created_ms: u64,
+    /// Made by the daemon itself (a pre-subscription or a re-observe): not stored, and
+    /// its outcome is no async response.
+    #[serde(default)]
+    pub internal: bool,
 }
 
 /// What the application asked for.
@@ -145,6 +158,7 @@ pub struct Requests {
     counters: Arc<Counters>,
     queues: Mutex<HashMap<EpKey, EpQueue>>,
     cache: Mutex<HashMap<(String, String, String), Cached>>,
+    observations: std::sync::OnceLock<std::sync::Weak<dyn ObservationSink>>,
 }
 
 /// A fresh async-response id: a number and a random UUID, as the seed's examples show.
@@ -238,7 +252,48 @@ impl Requests {
             counters,
             queues: Mutex::new(HashMap::new()),
             cache: Mutex::new(HashMap::new()),
+            observations: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Where established observations go (set once at start-up).
+    pub fn set_observation_sink(&self, sink: std::sync::Weak<dyn ObservationSink>) {
+        let _ = self.observations.set(sink);
+    }
+
+    /// Queues an observe request made by the daemon itself (pre-subscriptions,
+    /// re-observing after a re-registration). `awake`: the endpoint has just been heard
+    /// from, so even a queue-mode endpoint can be sent to now.
+    pub fn observe_internal(self: &Arc<Self>, domain: &str, ep: &str, path: &str, awake: bool) {
+        let queue_mode = self.registry.get(domain, ep).is_some_and(|e| e.reg.queue);
+        let job = Job {
+            id: new_async_id(),
+            key_id: String::new(),
+            domain: domain.to_string(),
+            ep: ep.to_string(),
+            method: Method::Observe,
+            path: path.to_string(),
+            payload: String::new(),
+            content_format: None,
+            created_ms: now_ms(),
+            internal: true,
+        };
+        let key = (domain.to_string(), ep.to_string());
+        {
+            let mut q = self.lock();
+            let e = q.entry(key.clone()).or_default();
+            // The same observation already waiting: nothing to add.
+            if e.jobs
+                .iter()
+                .any(|j| j.method == Method::Observe && j.path == path)
+            {
+                return;
+            }
+            e.jobs.push_back(job);
+        }
+        if awake || !queue_mode {
+            self.kick(&key);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<EpKey, EpQueue>> {
@@ -334,6 +389,7 @@ impl Requests {
             payload: base64::engine::general_purpose::STANDARD.encode(&s.payload),
             content_format: s.content_format,
             created_ms: now_ms(),
+            internal: false,
         };
         let key = (job.domain.clone(), job.ep.clone());
         {
@@ -402,6 +458,9 @@ impl Requests {
             .unwrap_or_default();
         req.content_format = job.content_format;
         Counters::inc(&self.counters.device_requests);
+        if job.method == Method::Observe {
+            return self.execute_observe(job, &ep, &req).await;
+        }
         match self
             .transport
             .request(ep.reg.local, ep.reg.peer, &req)
@@ -449,8 +508,61 @@ impl Requests {
         }
     }
 
+    async fn execute_observe(&self, job: &Job, ep: &Endpoint, req: &OutRequest) -> Outcome {
+        match self.transport.observe(ep.reg.local, ep.reg.peer, req).await {
+            Ok((reply, stream)) => {
+                let status = http_status(reply.code);
+                if reply.code == ResponseType::Content {
+                    self.cache_put(
+                        &job.domain,
+                        &job.ep,
+                        &job.path,
+                        &reply.payload,
+                        reply.content_format,
+                        reply.max_age,
+                    );
+                }
+                if status >= 400 {
+                    return Outcome::failed(
+                        status,
+                        format!("the device answered {:?}", reply.code),
+                    );
+                }
+                if reply.observe.is_none() {
+                    return Outcome::failed(
+                        412,
+                        "the device does not let this resource be observed",
+                    );
+                }
+                match self.observations.get().and_then(|w| w.upgrade()) {
+                    Some(sink) => sink.established(job, ep, &reply, stream),
+                    None => tracing::warn!("observation established with nobody to receive it"),
+                }
+                Outcome {
+                    status,
+                    payload: reply.payload,
+                    content_format: reply.content_format,
+                    max_age: Some(reply.max_age.unwrap_or(DEFAULT_MAX_AGE)),
+                    error: None,
+                }
+            }
+            Err(ClientError::Timeout) => {
+                Counters::inc(&self.counters.device_timeouts);
+                Outcome::failed(504, "timeout: the device did not answer")
+            }
+            Err(e @ ClientError::NoSocket(_)) => Outcome::failed(503, e.to_string()),
+            Err(e) => Outcome::failed(502, e.to_string()),
+        }
+    }
+
     /// Publishes the async response (durably) and then forgets the request.
     async fn finish(&self, job: &Job, o: Outcome) {
+        if job.internal {
+            if o.status >= 400 {
+                tracing::info!(ep = %job.ep, path = %job.path, status = o.status, "observation not established: {}", o.error.unwrap_or_default());
+            }
+            return;
+        }
         let ct = o.content_format.map(content_format::describe);
         let body = async_response_body(
             &job.id,

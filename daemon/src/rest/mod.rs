@@ -10,6 +10,7 @@ pub mod notifications;
 pub mod reply;
 pub mod resources;
 pub mod routes;
+pub mod subscriptions;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ use crate::metrics::{self, Counters};
 use crate::registry::Registry;
 use crate::requests::Requests;
 use crate::shutdown::Shutdown;
+use crate::subscriptions::Subscriptions;
 use reply::{Reply, error};
 use routes::Route;
 
@@ -45,6 +47,7 @@ pub struct AppState {
     pub transport: Arc<Transport>,
     pub requests: Arc<Requests>,
     pub hub: Arc<Hub>,
+    pub subscriptions: Arc<Subscriptions>,
     /// `requests.max_body`.
     pub max_body: usize,
     /// `notifications.long_poll_s`.
@@ -195,7 +198,31 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
             notifications::pull(&state.hub, &principal, &parts, state.long_poll).await
         }
         Route::NotificationCallback => {
-            notifications::callback(&state.hub, &principal, &parts, body).await
+            let reply = notifications::callback(&state.hub, &principal, &parts, body).await;
+            // Deleting the callback also removes the key's subscriptions (seed 000).
+            if parts.method == Method::DELETE
+                && reply.status() == StatusCode::NO_CONTENT
+                && let Err(e) = state.subscriptions.unsubscribe_all(&principal.key_id).await
+            {
+                tracing::error!("subscriptions not removed with the callback: {e}");
+            }
+            reply
+        }
+        Route::Subscriptions => {
+            subscriptions::all(&state.subscriptions, &principal, &parts, body).await
+        }
+        Route::EndpointSubscriptions(ep) => {
+            subscriptions::endpoint(
+                &state.subscriptions,
+                &state.registry,
+                &principal,
+                &parts,
+                &ep,
+            )
+            .await
+        }
+        Route::Subscription { ep, path } => {
+            subscriptions::resource(&state.subscriptions, &principal, &parts, &ep, &path).await
         }
         Route::Metrics => {
             let mut out = String::new();

@@ -26,6 +26,12 @@ pub enum Route {
     NotificationPull,
     /// `PUT|GET|DELETE /notification/callback`.
     NotificationCallback,
+    /// `PUT|GET /subscriptions` (pre-subscriptions), `DELETE /subscriptions` (all).
+    Subscriptions,
+    /// `GET|DELETE /subscriptions/{endpoint-name}`.
+    EndpointSubscriptions(String),
+    /// `PUT|GET|DELETE /subscriptions/{endpoint-name}/{resource-path}`.
+    Subscription { ep: String, path: String },
     /// `GET /metrics` (Prometheus).
     Metrics,
 }
@@ -77,6 +83,30 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
             }
             _ => Err(method_not_allowed("GET, PUT, DELETE")),
         },
+        ["subscriptions"] => match *method {
+            Method::GET => Ok((Route::Subscriptions, Scope::SubscriptionsRead)),
+            Method::PUT | Method::DELETE => Ok((Route::Subscriptions, Scope::SubscriptionsWrite)),
+            _ => Err(method_not_allowed("GET, PUT, DELETE")),
+        },
+        ["subscriptions", ep] => {
+            let route = Route::EndpointSubscriptions((*ep).to_string());
+            match *method {
+                Method::GET => Ok((route, Scope::SubscriptionsRead)),
+                Method::DELETE => Ok((route, Scope::SubscriptionsWrite)),
+                _ => Err(method_not_allowed("GET, DELETE")),
+            }
+        }
+        ["subscriptions", ep, rest @ ..] => {
+            let route = Route::Subscription {
+                ep: (*ep).to_string(),
+                path: format!("/{}", rest.join("/")),
+            };
+            match *method {
+                Method::GET => Ok((route, Scope::SubscriptionsRead)),
+                Method::PUT | Method::DELETE => Ok((route, Scope::SubscriptionsWrite)),
+                _ => Err(method_not_allowed("GET, PUT, DELETE")),
+            }
+        }
         ["metrics"] => read(Route::Metrics, Scope::Admin),
         _ => Err(error(StatusCode::NOT_FOUND, "not_found", "no such route")),
     }
@@ -136,6 +166,19 @@ mod tests {
             ),
             ("/v2/notification/pull", Route::NotificationPull),
             ("/notification/callback", Route::NotificationCallback),
+            ("/v2/subscriptions", Route::Subscriptions),
+            ("/v2/subscriptions/", Route::Subscriptions),
+            (
+                "/subscriptions/node-1",
+                Route::EndpointSubscriptions("node-1".into()),
+            ),
+            (
+                "/v2/subscriptions/node-1/3/0/1",
+                Route::Subscription {
+                    ep: "node-1".into(),
+                    path: "/3/0/1".into(),
+                },
+            ),
         ];
         for (path, route) in table {
             assert_eq!(

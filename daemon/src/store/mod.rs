@@ -16,6 +16,7 @@ use crate::auth::AccessKeyRecord;
 use crate::events::{ChannelRecord, StoredEvent};
 use crate::registry::Registration;
 use crate::requests::Job;
+use crate::subscriptions::{PresubRecord, SubscriptionRecord};
 
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -104,4 +105,21 @@ pub trait Store: Send + Sync + 'static {
     fn put_request(&self, job: Job) -> Pending<()>;
     /// Removes a request once its answer is an event (or it was cancelled).
     fn delete_request(&self, id: String) -> Pending<()>;
+
+    /// Every subscription of every key.
+    fn load_subscriptions(&self) -> Pending<Vec<SubscriptionRecord>>;
+    /// Adds a subscription (adding one that exists is not an error).
+    fn put_subscription(&self, sub: SubscriptionRecord) -> Pending<()>;
+    /// Removes a key's subscriptions: all (`ep` None), of one endpoint (`path` None), or one.
+    fn delete_subscriptions(
+        &self,
+        key_id: String,
+        ep: Option<String>,
+        path: Option<String>,
+    ) -> Pending<()>;
+    /// Every key's pre-subscription rules.
+    fn load_presubscriptions(&self) -> Pending<Vec<PresubRecord>>;
+    /// Replaces a key's pre-subscription rules and removes all its subscriptions, in one
+    /// transaction (the seed: changing pre-subscriptions removes existing subscriptions).
+    fn replace_presubscriptions(&self, rec: PresubRecord) -> Pending<()>;
 }

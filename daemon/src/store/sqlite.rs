@@ -17,6 +17,7 @@ use crate::auth::AccessKeyRecord;
 use crate::events::{ChannelRecord, StoredEvent};
 use crate::registry::Registration;
 use crate::requests::Job as RequestJob;
+use crate::subscriptions::{PresubRecord, SubscriptionRecord};
 
 /// Most jobs committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
@@ -53,6 +54,18 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE TABLE requests (
         id TEXT PRIMARY KEY,
+        data TEXT NOT NULL
+    );",
+    // 3: subscriptions and pre-subscriptions, per access key.
+    "CREATE TABLE subscriptions (
+        key_id TEXT NOT NULL,
+        ep TEXT NOT NULL,
+        path TEXT NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (key_id, ep, path)
+    ) WITHOUT ROWID;
+    CREATE TABLE presubscriptions (
+        key_id TEXT PRIMARY KEY,
         data TEXT NOT NULL
     );",
 ];
@@ -249,6 +262,74 @@ fn load_json<T: serde::de::DeserializeOwned>(
 }
 
 impl Store for SqliteStore {
+    fn load_subscriptions(&self) -> Pending<Vec<SubscriptionRecord>> {
+        self.submit(|conn| {
+            load_json(
+                conn,
+                "SELECT data FROM subscriptions ORDER BY key_id, ep, path",
+                "subscription",
+            )
+        })
+    }
+
+    fn put_subscription(&self, sub: SubscriptionRecord) -> Pending<()> {
+        self.submit(move |conn| {
+            conn.prepare_cached("INSERT OR REPLACE INTO subscriptions (key_id, ep, path, data) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![sub.key_id, sub.ep, sub.path, to_json(&sub)?])?;
+            Ok(())
+        })
+    }
+
+    fn delete_subscriptions(
+        &self,
+        key_id: String,
+        ep: Option<String>,
+        path: Option<String>,
+    ) -> Pending<()> {
+        self.submit(move |conn| {
+            match (&ep, &path) {
+                (None, _) => conn.execute(
+                    "DELETE FROM subscriptions WHERE key_id = ?1",
+                    params![key_id],
+                )?,
+                (Some(ep), None) => conn.execute(
+                    "DELETE FROM subscriptions WHERE key_id = ?1 AND ep = ?2",
+                    params![key_id, ep],
+                )?,
+                (Some(ep), Some(path)) => conn.execute(
+                    "DELETE FROM subscriptions WHERE key_id = ?1 AND ep = ?2 AND path = ?3",
+                    params![key_id, ep, path],
+                )?,
+            };
+            Ok(())
+        })
+    }
+
+    fn load_presubscriptions(&self) -> Pending<Vec<PresubRecord>> {
+        self.submit(|conn| {
+            load_json(
+                conn,
+                "SELECT data FROM presubscriptions",
+                "pre-subscription",
+            )
+        })
+    }
+
+    fn replace_presubscriptions(&self, rec: PresubRecord) -> Pending<()> {
+        self.submit(move |conn| {
+            conn.execute(
+                "DELETE FROM subscriptions WHERE key_id = ?1",
+                params![rec.key_id],
+            )?;
+            conn.execute(
+                "INSERT INTO presubscriptions (key_id, data) VALUES (?1, ?2)
+                 ON CONFLICT (key_id) DO UPDATE SET data = excluded.data",
+                params![rec.key_id, to_json(&rec)?],
+            )?;
+            Ok(())
+        })
+    }
+
     fn load_channels(&self) -> Pending<Vec<ChannelRecord>> {
         self.submit(|conn| load_json(conn, "SELECT data FROM channels", "channel"))
     }

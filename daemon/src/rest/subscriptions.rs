@@ -1,0 +1,150 @@
+//! Subscriptions (seed 000, "Subscriptions"):
+//! - `PUT /subscriptions/{ep}/{path}`: 200 already observed, 202 with an async-response id
+//!   (the observe's first answer), 404 endpoint or resource not found, 412 resource not
+//!   observable, 429/503 as for other requests.
+//! - `GET /subscriptions/{ep}/{path}`: 200 `text/uri-list` or 404; `DELETE`: 204 or 404.
+//! - `GET /subscriptions/{ep}`: 200 `text/uri-list` of the key's subscriptions on the
+//!   endpoint, 404 when there are none; `DELETE`: 204, 404 when the endpoint is not
+//!   registered and the key has no subscriptions there.
+//! - `PUT /subscriptions`: pre-subscriptions (204, 400 malformed); `GET`: them (`[]` when
+//!   none); `DELETE /subscriptions` and `DELETE /subscriptions/`: all the key's
+//!   subscriptions (204).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Method, StatusCode};
+use serde_json::json;
+
+use super::reply::{Reply, error};
+use crate::auth::Principal;
+use crate::registry::Registry;
+use crate::requests::RequestError;
+use crate::subscriptions::{SubError, Subscribed, Subscriptions, presub};
+
+const URI_LIST: &str = "text/uri-list";
+
+fn storage_failure(e: impl std::fmt::Display) -> Reply {
+    tracing::error!("subscriptions: {e}");
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "storage failure",
+    )
+}
+
+/// `PUT|GET|DELETE /subscriptions/{ep}/{path}`.
+pub async fn resource(
+    subs: &Subscriptions,
+    who: &Principal,
+    parts: &Parts,
+    ep: &str,
+    path: &str,
+) -> Reply {
+    match parts.method {
+        Method::PUT => match subs.subscribe(who, ep, path).await {
+            Ok(Subscribed::Active) => Reply::empty(StatusCode::OK),
+            Ok(Subscribed::Pending(id)) => {
+                Reply::json(StatusCode::ACCEPTED, &json!({"async-response-id": id}))
+            }
+            Err(SubError::NotFound(m)) => error(StatusCode::NOT_FOUND, "not_found", &m),
+            Err(e @ SubError::NotObservable) => error(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed",
+                &e.to_string(),
+            ),
+            Err(SubError::Request(RequestError::TooMany(n))) => error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                &format!("the endpoint already has {n} requests waiting"),
+            ),
+            Err(SubError::Request(RequestError::Unavailable(m))) => {
+                error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &m)
+            }
+            Err(SubError::Request(RequestError::Gone | RequestError::NotFound(_))) => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "endpoint or resource not found",
+            ),
+            Err(e) => storage_failure(e),
+        },
+        Method::GET => {
+            if subs.is_subscribed(who, ep, path) {
+                Reply::with_type(
+                    StatusCode::OK,
+                    URI_LIST,
+                    format!("/subscriptions/{ep}{path}"),
+                )
+            } else {
+                error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "resource is not subscribed",
+                )
+            }
+        }
+        _ => match subs.unsubscribe(who, ep, path).await {
+            Ok(true) => Reply::empty(StatusCode::NO_CONTENT),
+            Ok(false) => error(StatusCode::NOT_FOUND, "not_found", "no such subscription"),
+            Err(e) => storage_failure(e),
+        },
+    }
+}
+
+/// `GET|DELETE /subscriptions/{ep}`.
+pub async fn endpoint(
+    subs: &Subscriptions,
+    registry: &Registry,
+    who: &Principal,
+    parts: &Parts,
+    ep: &str,
+) -> Reply {
+    if parts.method == Method::GET {
+        let paths = subs.list(who, ep);
+        if paths.is_empty() {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "endpoint not found or no subscriptions for it",
+            );
+        }
+        let body = paths
+            .iter()
+            .map(|p| format!("/subscriptions/{ep}{p}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Reply::with_type(StatusCode::OK, URI_LIST, body);
+    }
+    match subs.unsubscribe_endpoint(who, ep).await {
+        Ok(removed) => {
+            if removed || registry.get(&who.domain, ep).is_some() {
+                Reply::empty(StatusCode::NO_CONTENT)
+            } else {
+                error(StatusCode::NOT_FOUND, "not_found", "endpoint not found")
+            }
+        }
+        Err(e) => storage_failure(e),
+    }
+}
+
+/// `PUT|GET|DELETE /subscriptions`.
+pub async fn all(subs: &Arc<Subscriptions>, who: &Principal, parts: &Parts, body: Bytes) -> Reply {
+    match parts.method {
+        Method::GET => Reply::json(StatusCode::OK, &subs.presubscriptions(&who.key_id)),
+        Method::PUT => {
+            let rules = match presub::parse(&body) {
+                Ok(r) => r,
+                Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &e.0),
+            };
+            match subs.set_presubscriptions(who, rules).await {
+                Ok(()) => Reply::empty(StatusCode::NO_CONTENT),
+                Err(e) => storage_failure(e),
+            }
+        }
+        _ => match subs.unsubscribe_all(&who.key_id).await {
+            Ok(()) => Reply::empty(StatusCode::NO_CONTENT),
+            Err(e) => storage_failure(e),
+        },
+    }
+}

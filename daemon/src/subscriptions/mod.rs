@@ -1,0 +1,622 @@
+//! Subscriptions (observe), pre-subscriptions and Lua rules (seed 000, "Subscriptions").
+//!
+//! Subscriptions belong to an access key: its notification channel gets the resource's
+//! `notifications` events. One CoAP observation serves every key subscribed to the same
+//! resource (domain, endpoint, path). Subscriptions and pre-subscriptions are stored; the
+//! observations are not (their tokens die with the process): they are established again
+//! at start (endpoints that are not in queue mode), at every full registration, and at a
+//! registration update for any subscription that has none.
+//!
+//! Pre-subscriptions: at a registration and a registration update, every observable
+//! resource (`obs` in the registration) of the endpoint is offered, for every key with a
+//! notification channel in the endpoint's domain, to the Lua rules (`presubscribe`), and if
+//! they have no opinion to the key's JSON pre-subscription rules; a match becomes a
+//! subscription of that key. Setting pre-subscriptions removes the key's subscriptions (as
+//! the seed says) and applies the new rules to the endpoints registered now.
+
+pub mod lua;
+pub mod presub;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Principal;
+use crate::coap::client::{CoapReply, ObserveStream};
+use crate::coap::content_format;
+use crate::events::{Event, Hub, Kind};
+use crate::metrics::Counters;
+use crate::registry::{Endpoint, Registry, RegistryEvent, RegistryListener, now_ms};
+use crate::requests::{
+    DEFAULT_MAX_AGE, Job, Method, ObservationSink, RequestError, Requests, Submit, Submitted,
+    resource_known,
+};
+use crate::store::{Store, StoreError};
+use lua::{EndpointInfo, KeyInfo, LuaRules, ResourceInfo};
+pub use presub::PreSub;
+
+/// A stored subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionRecord {
+    pub key_id: String,
+    pub domain: String,
+    pub ep: String,
+    pub path: String,
+}
+
+/// A key's stored pre-subscription rules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresubRecord {
+    pub key_id: String,
+    pub domain: String,
+    pub rules: Vec<PreSub>,
+}
+
+/// Why a subscription call was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubError {
+    /// 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// 412: the device says the resource cannot be observed.
+    #[error("cannot subscribe to a resource that is not observable")]
+    NotObservable,
+    /// The request layer refused (429, 503, ...).
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a subscription call achieved.
+#[derive(Debug, PartialEq)]
+pub enum Subscribed {
+    /// 200: the resource is observed already; the subscription is in force.
+    Active,
+    /// 202: the observe request is on its way; its answer comes as this async response.
+    Pending(String),
+}
+
+type ResKey = (String, String, String);
+
+#[derive(Default)]
+struct KeySubs {
+    domain: String,
+    /// (endpoint, path)
+    resources: BTreeSet<(String, String)>,
+    presubs: Vec<PreSub>,
+}
+
+struct Observation {
+    /// The task reading the notifications; aborting it drops the stream (cancel).
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct State {
+    keys: HashMap<String, KeySubs>,
+    observations: HashMap<ResKey, Observation>,
+}
+
+impl State {
+    fn subscribers(&self, domain: &str, ep: &str, path: &str) -> Vec<String> {
+        let want = (ep.to_string(), path.to_string());
+        self.keys
+            .iter()
+            .filter(|(_, k)| k.domain == domain && k.resources.contains(&want))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    fn stop_observation(&mut self, key: &ResKey) {
+        if let Some(o) = self.observations.remove(key) {
+            o.task.abort();
+        }
+    }
+}
+
+/// The subscriptions manager.
+pub struct Subscriptions {
+    registry: Arc<Registry>,
+    requests: Arc<Requests>,
+    hub: Arc<Hub>,
+    store: Arc<dyn Store>,
+    lua: Arc<LuaRules>,
+    counters: Arc<Counters>,
+    state: Mutex<State>,
+    /// This manager itself, for the notification tasks it spawns.
+    me: std::sync::OnceLock<std::sync::Weak<Subscriptions>>,
+}
+
+/// RFC 7641 §3.4: is notification `v2` (received at `t2`) newer than `v1` (at `t1`)?
+pub fn is_fresh(v1: u32, t1: Instant, v2: u32, t2: Instant) -> bool {
+    const HALF: u32 = 1 << 23;
+    (v1 < v2 && v2 - v1 < HALF) || (v1 > v2 && v1 - v2 > HALF) || t2 > t1 + Duration::from_secs(128)
+}
+
+impl Subscriptions {
+    /// Loads stored subscriptions and pre-subscriptions and registers itself where it
+    /// needs to hear from (the request layer's observations).
+    pub async fn load(
+        registry: Arc<Registry>,
+        requests: Arc<Requests>,
+        hub: Arc<Hub>,
+        store: Arc<dyn Store>,
+        lua: Arc<LuaRules>,
+        counters: Arc<Counters>,
+    ) -> Result<Arc<Subscriptions>, StoreError> {
+        let mut state = State::default();
+        let subs = store.load_subscriptions().await?;
+        let n = subs.len();
+        for s in subs {
+            let k = state.keys.entry(s.key_id).or_default();
+            k.domain = s.domain;
+            k.resources.insert((s.ep, s.path));
+        }
+        for p in store.load_presubscriptions().await? {
+            let k = state.keys.entry(p.key_id).or_default();
+            k.domain = p.domain;
+            k.presubs = p.rules;
+        }
+        tracing::info!("loaded {n} subscriptions");
+        let me = Arc::new(Subscriptions {
+            registry,
+            requests,
+            hub,
+            store,
+            lua,
+            counters,
+            state: Mutex::new(state),
+            me: std::sync::OnceLock::new(),
+        });
+        let _ = me.me.set(Arc::downgrade(&me));
+        let weak: std::sync::Weak<dyn ObservationSink> =
+            Arc::downgrade(&(Arc::clone(&me) as Arc<dyn ObservationSink>));
+        me.requests.set_observation_sink(weak);
+        Ok(me)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Establishes the observations of stored subscriptions (at start), for endpoints that
+    /// are registered and not in queue mode.
+    pub fn resume(&self) {
+        let wanted: BTreeSet<ResKey> = {
+            let st = self.lock();
+            st.keys
+                .values()
+                .flat_map(|k| {
+                    k.resources
+                        .iter()
+                        .map(move |(e, p)| (k.domain.clone(), e.clone(), p.clone()))
+                })
+                .collect()
+        };
+        for (domain, ep, path) in wanted {
+            if self
+                .registry
+                .get(&domain, &ep)
+                .is_some_and(|e| !e.reg.queue)
+            {
+                self.requests.observe_internal(&domain, &ep, &path, false);
+            }
+        }
+    }
+
+    /// `PUT /subscriptions/{ep}/{path}`.
+    pub async fn subscribe(
+        &self,
+        who: &Principal,
+        ep_name: &str,
+        path: &str,
+    ) -> Result<Subscribed, SubError> {
+        let ep = self
+            .registry
+            .get(&who.domain, ep_name)
+            .ok_or_else(|| SubError::NotFound("endpoint not found".into()))?;
+        if let Some(r) = ep.resources.iter().find(|r| r.path == path) {
+            if !r.obs {
+                return Err(SubError::NotObservable);
+            }
+        } else if !resource_known(&ep, path) {
+            return Err(SubError::NotFound(format!(
+                "resource {path} is not found on the endpoint"
+            )));
+        }
+        self.add(who, ep_name, path).await?;
+        let observed = self.lock().observations.contains_key(&(
+            who.domain.clone(),
+            ep_name.to_string(),
+            path.to_string(),
+        ));
+        if observed {
+            return Ok(Subscribed::Active);
+        }
+        let submit = Submit {
+            method: Some(Method::Observe),
+            path: path.to_string(),
+            ..Submit::default()
+        };
+        match self.requests.submit(who, ep_name, submit).await? {
+            Submitted::Accepted(id) => Ok(Subscribed::Pending(id)),
+            other => {
+                tracing::error!("unexpected answer to an observe request: {other:?}");
+                Ok(Subscribed::Active)
+            }
+        }
+    }
+
+    /// Records a subscription (durably).
+    async fn add(&self, who: &Principal, ep: &str, path: &str) -> Result<(), StoreError> {
+        let durable = {
+            let mut st = self.lock();
+            let k = st.keys.entry(who.key_id.clone()).or_default();
+            k.domain = who.domain.clone();
+            if !k.resources.insert((ep.to_string(), path.to_string())) {
+                return Ok(());
+            }
+            self.store.put_subscription(SubscriptionRecord {
+                key_id: who.key_id.clone(),
+                domain: who.domain.clone(),
+                ep: ep.to_string(),
+                path: path.to_string(),
+            })
+        };
+        durable.await
+    }
+
+    /// Stops observations nobody is subscribed to any more.
+    fn prune(&self, st: &mut State) {
+        let orphans: Vec<ResKey> = st
+            .observations
+            .keys()
+            .filter(|(d, e, p)| st.subscribers(d, e, p).is_empty())
+            .cloned()
+            .collect();
+        for k in orphans {
+            st.stop_observation(&k);
+        }
+    }
+
+    /// `DELETE /subscriptions/{ep}/{path}`: false when there was no such subscription.
+    pub async fn unsubscribe(
+        &self,
+        who: &Principal,
+        ep: &str,
+        path: &str,
+    ) -> Result<bool, StoreError> {
+        let durable = {
+            let mut st = self.lock();
+            let removed = st
+                .keys
+                .get_mut(&who.key_id)
+                .is_some_and(|k| k.resources.remove(&(ep.to_string(), path.to_string())));
+            if !removed {
+                return Ok(false);
+            }
+            self.prune(&mut st);
+            self.store.delete_subscriptions(
+                who.key_id.clone(),
+                Some(ep.to_string()),
+                Some(path.to_string()),
+            )
+        };
+        durable.await?;
+        Ok(true)
+    }
+
+    /// `GET /subscriptions/{ep}`: the key's subscribed paths of an endpoint.
+    pub fn list(&self, who: &Principal, ep: &str) -> Vec<String> {
+        let st = self.lock();
+        st.keys
+            .get(&who.key_id)
+            .map(|k| {
+                k.resources
+                    .iter()
+                    .filter(|(e, _)| e == ep)
+                    .map(|(_, p)| p.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// `GET /subscriptions/{ep}/{path}`.
+    pub fn is_subscribed(&self, who: &Principal, ep: &str, path: &str) -> bool {
+        self.lock()
+            .keys
+            .get(&who.key_id)
+            .is_some_and(|k| k.resources.contains(&(ep.to_string(), path.to_string())))
+    }
+
+    /// `DELETE /subscriptions/{ep}`: false when the key had none there.
+    pub async fn unsubscribe_endpoint(
+        &self,
+        who: &Principal,
+        ep: &str,
+    ) -> Result<bool, StoreError> {
+        let durable = {
+            let mut st = self.lock();
+            let Some(k) = st.keys.get_mut(&who.key_id) else {
+                return Ok(false);
+            };
+            let before = k.resources.len();
+            k.resources.retain(|(e, _)| e != ep);
+            if k.resources.len() == before {
+                return Ok(false);
+            }
+            self.prune(&mut st);
+            self.store
+                .delete_subscriptions(who.key_id.clone(), Some(ep.to_string()), None)
+        };
+        durable.await?;
+        Ok(true)
+    }
+
+    /// `DELETE /subscriptions` (and `DELETE /notification/callback`): every subscription
+    /// of the key.
+    pub async fn unsubscribe_all(&self, key_id: &str) -> Result<(), StoreError> {
+        let durable = {
+            let mut st = self.lock();
+            if let Some(k) = st.keys.get_mut(key_id) {
+                k.resources.clear();
+            }
+            self.prune(&mut st);
+            self.store
+                .delete_subscriptions(key_id.to_string(), None, None)
+        };
+        durable.await
+    }
+
+    /// `GET /subscriptions`: the key's pre-subscription rules.
+    pub fn presubscriptions(&self, key_id: &str) -> Vec<PreSub> {
+        self.lock()
+            .keys
+            .get(key_id)
+            .map(|k| k.presubs.clone())
+            .unwrap_or_default()
+    }
+
+    /// `PUT /subscriptions`: replaces the rules, removes the key's subscriptions, and
+    /// applies the new rules to the endpoints registered now.
+    pub async fn set_presubscriptions(
+        &self,
+        who: &Principal,
+        rules: Vec<PreSub>,
+    ) -> Result<(), SubError> {
+        self.hub.ensure_channel(who).await?;
+        let durable = {
+            let mut st = self.lock();
+            let k = st.keys.entry(who.key_id.clone()).or_default();
+            k.domain = who.domain.clone();
+            k.presubs = rules.clone();
+            k.resources.clear();
+            self.prune(&mut st);
+            self.store.replace_presubscriptions(PresubRecord {
+                key_id: who.key_id.clone(),
+                domain: who.domain.clone(),
+                rules,
+            })
+        };
+        durable.await?;
+        for ep in self.registry.list(&who.domain, None) {
+            self.apply_presubs(&ep, Some(&who.key_id), false).await;
+        }
+        Ok(())
+    }
+
+    /// Offers the endpoint's observable resources to the rules of every key with a
+    /// channel in its domain (or only `only_key`), adds the subscriptions they ask for and
+    /// starts observing what is subscribed but not observed. `awake`: the endpoint was
+    /// just heard from.
+    async fn apply_presubs(&self, ep: &Endpoint, only_key: Option<&str>, awake: bool) {
+        let domain = &ep.reg.domain;
+        let keys: Vec<(String, Vec<PreSub>)> = {
+            let st = self.lock();
+            let mut keys: Vec<(String, Vec<PreSub>)> = st
+                .keys
+                .iter()
+                .filter(|(_, k)| &k.domain == domain)
+                .map(|(id, k)| (id.clone(), k.presubs.clone()))
+                .collect();
+            for id in self.hub.channel_keys(domain) {
+                if !keys.iter().any(|(k, _)| *k == id) {
+                    keys.push((id, Vec::new()));
+                }
+            }
+            keys
+        };
+        let info = EndpointInfo {
+            name: &ep.reg.name,
+            ept: ep.reg.ept.as_deref(),
+            domain,
+            queue: ep.reg.queue,
+        };
+        for (key_id, rules) in keys {
+            if only_key.is_some_and(|k| k != key_id) {
+                continue;
+            }
+            for r in ep.resources.iter().filter(|r| r.obs) {
+                let res = ResourceInfo {
+                    path: &r.path,
+                    rt: r.rt.as_deref(),
+                    ct: r.ct.as_deref(),
+                    iface: r.iface.as_deref(),
+                    obs: r.obs,
+                };
+                let wanted = match self.lua.presubscribe(&info, &res, &KeyInfo { id: &key_id }) {
+                    Some(answer) => answer,
+                    None => presub::any_match(&rules, &ep.reg.name, ep.reg.ept.as_deref(), &r.path),
+                };
+                if wanted {
+                    let who = Principal {
+                        backend: String::new(),
+                        key_id: key_id.clone(),
+                        domain: domain.clone(),
+                        scopes: Vec::new(),
+                    };
+                    if let Err(e) = self.add(&who, &ep.reg.name, &r.path).await {
+                        tracing::error!("pre-subscription not stored: {e}");
+                    }
+                }
+            }
+        }
+        self.observe_missing(ep, awake);
+    }
+
+    /// Queues an observe for every subscribed resource of `ep` that has no observation.
+    fn observe_missing(&self, ep: &Endpoint, awake: bool) {
+        let missing: Vec<String> = {
+            let st = self.lock();
+            let mut paths: BTreeSet<String> = BTreeSet::new();
+            for k in st.keys.values().filter(|k| k.domain == ep.reg.domain) {
+                for (e, p) in &k.resources {
+                    if *e == ep.reg.name {
+                        paths.insert(p.clone());
+                    }
+                }
+            }
+            paths
+                .into_iter()
+                .filter(|p| {
+                    !st.observations.contains_key(&(
+                        ep.reg.domain.clone(),
+                        ep.reg.name.clone(),
+                        p.clone(),
+                    ))
+                })
+                .collect()
+        };
+        for p in missing {
+            self.requests
+                .observe_internal(&ep.reg.domain, &ep.reg.name, &p, awake);
+        }
+    }
+
+    /// Drops the endpoint's observations (it re-registered, de-registered or expired).
+    fn forget_observations(&self, domain: &str, ep: &str) {
+        let mut st = self.lock();
+        let keys: Vec<ResKey> = st
+            .observations
+            .keys()
+            .filter(|(d, e, _)| d == domain && e == ep)
+            .cloned()
+            .collect();
+        for k in keys {
+            st.stop_observation(&k);
+        }
+    }
+
+    /// Publishes one notification to every subscribed key and fills the value cache.
+    async fn notify(&self, domain: &str, ep: &str, path: &str, reply: &CoapReply) {
+        self.requests.cache_put(
+            domain,
+            ep,
+            path,
+            &reply.payload,
+            reply.content_format,
+            reply.max_age,
+        );
+        let keys = self.lock().subscribers(domain, ep, path);
+        let body = notification_body(ep, path, reply);
+        for k in keys {
+            let event = Event {
+                kind: Kind::Notifications,
+                body: body.clone(),
+                created_ms: now_ms(),
+            };
+            self.hub.publish_to_key(&k, event).await;
+        }
+    }
+}
+
+/// A `notifications` entry: `ep`, `path`, `ct`, `payload` (base64), `max-age`.
+pub fn notification_body(ep: &str, path: &str, reply: &CoapReply) -> serde_json::Value {
+    use base64::Engine;
+    let mut o = serde_json::Map::new();
+    o.insert("ep".into(), serde_json::json!(ep));
+    o.insert("path".into(), serde_json::json!(path));
+    if let Some(cf) = reply.content_format {
+        o.insert("ct".into(), serde_json::json!(content_format::describe(cf)));
+    }
+    o.insert(
+        "payload".into(),
+        serde_json::json!(base64::engine::general_purpose::STANDARD.encode(&reply.payload)),
+    );
+    o.insert(
+        "max-age".into(),
+        serde_json::json!(reply.max_age.unwrap_or(DEFAULT_MAX_AGE)),
+    );
+    serde_json::Value::Object(o)
+}
+
+impl ObservationSink for Subscriptions {
+    fn established(&self, job: &Job, ep: &Endpoint, first: &CoapReply, mut stream: ObserveStream) {
+        let key: ResKey = (job.domain.clone(), job.ep.clone(), job.path.clone());
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        let mut st = self.lock();
+        if st.subscribers(&key.0, &key.1, &key.2).is_empty() {
+            // Unsubscribed while the observe was on its way: dropping the stream cancels.
+            return;
+        }
+        st.stop_observation(&key);
+        let first = first.clone();
+        let internal = job.internal;
+        let reg_id = ep.reg.id.clone();
+        let task_key = key.clone();
+        let task = tokio::spawn(async move {
+            let (domain, ep_name, path) = task_key;
+            // The first value: an internal observe has no async response to carry it.
+            if internal {
+                me.notify(&domain, &ep_name, &path, &first).await;
+            }
+            let mut last = (first.observe.unwrap_or(0), Instant::now());
+            while let Some(p) = stream.recv().await {
+                let reply = CoapReply::from_packet(&p);
+                if reply.code.is_error() || reply.observe.is_none() {
+                    tracing::info!(ep = %ep_name, %path, code = ?reply.code, "the device ended the observation");
+                    break;
+                }
+                let seq = reply.observe.unwrap_or(0);
+                let now = Instant::now();
+                if !is_fresh(last.0, last.1, seq, now) {
+                    Counters::inc(&me.counters.observe_stale);
+                    continue;
+                }
+                last = (seq, now);
+                Counters::inc(&me.counters.observe_notifications);
+                me.notify(&domain, &ep_name, &path, &reply).await;
+            }
+            me.lock().observations.remove(&(domain, ep_name, path));
+        });
+        tracing::debug!(ep = %key.1, path = %key.2, registration = %reg_id, "observing");
+        st.observations.insert(key, Observation { task });
+    }
+}
+
+impl RegistryListener for Subscriptions {
+    fn on_event<'a>(
+        &'a self,
+        ev: &'a RegistryEvent,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let ep = ev.endpoint();
+            match ev {
+                RegistryEvent::Registered { .. } => {
+                    // A full registration: the device forgot its observations.
+                    self.forget_observations(&ep.reg.domain, &ep.reg.name);
+                    self.apply_presubs(ep, None, true).await;
+                }
+                RegistryEvent::Updated { .. } => self.apply_presubs(ep, None, true).await,
+                RegistryEvent::Deregistered(_) | RegistryEvent::Expired(_) => {
+                    self.forget_observations(&ep.reg.domain, &ep.reg.name);
+                }
+            }
+        })
+    }
+}
