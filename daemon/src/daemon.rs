@@ -130,6 +130,9 @@ pub async fn run(
     );
     tasks.push(tokio::spawn(Arc::clone(&registry).run_expiry(stop.clone())));
     tasks.push(tokio::spawn(Arc::clone(&hub).run_sweeper(stop.clone())));
+    if let Some(t) = lua.watch(stop.clone()) {
+        tasks.push(t);
+    }
     let state = Arc::new(AppState {
         registry: Arc::clone(&registry),
         auth,

@@ -11,6 +11,9 @@ pub struct Device {
     pub sock: UdpSocket,
     pub server: SocketAddr,
     mid: u16,
+    /// Datagrams read while waiting for something else (e.g. a request from the daemon
+    /// arriving while the device waits for its own response); `recv_request` sees them.
+    stash: std::cell::RefCell<std::collections::VecDeque<(Vec<u8>, SocketAddr)>>,
 }
 
 /// A request under construction.
@@ -44,6 +47,7 @@ impl Device {
             sock,
             server,
             mid: rand_mid(),
+            stash: Default::default(),
         }
     }
 
@@ -146,6 +150,13 @@ impl Device {
     /// The next request the daemon sends to this device (ACKs and other messages are
     /// skipped), with the address it came from; None after `timeout`.
     pub fn recv_request(&self, timeout: Duration) -> Option<(Packet, SocketAddr)> {
+        while let Some((bytes, from)) = self.stash.borrow_mut().pop_front() {
+            if let Ok(p) = Packet::from_bytes(&bytes)
+                && matches!(p.header.code, MessageClass::Request(_))
+            {
+                return Some((p, from));
+            }
+        }
         let deadline = std::time::Instant::now() + timeout;
         let mut buf = [0u8; 2048];
         loop {

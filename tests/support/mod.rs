@@ -36,9 +36,21 @@ pub struct Daemon {
 /// The test configuration: loopback only, free ports, state in `dir`; `coap` lines go
 /// into the `[coap]` section, `extra` sections follow.
 pub fn test_config(dir: &Path, coap: &str, extra: &str) -> String {
+    // Lines of a `[lua]` section in `extra` join the harness's own `[lua]` section.
+    let (lua, extra) = match extra.split_once("[lua]\n") {
+        Some((before, after)) => {
+            let end = after.find("\n[").map(|i| i + 1).unwrap_or(after.len());
+            (
+                after[..end].to_string(),
+                format!("{before}{}", &after[end..]),
+            )
+        }
+        None => (String::new(), extra.to_string()),
+    };
     format!(
-        "[log]\nlevel = \"debug\"\n[state]\ndir = \"{}\"\n[rest]\nlisten = [\"127.0.0.1:0\"]\n[coap]\nlisten = [\"127.0.0.1:0\"]\n{coap}\n{extra}",
-        dir.join("state").display()
+        "[log]\nlevel = \"debug\"\n[state]\ndir = \"{}\"\n[rest]\nlisten = [\"127.0.0.1:0\"]\n[lua]\ndir = \"{}\"\n{lua}\n[coap]\nlisten = [\"127.0.0.1:0\"]\n{coap}\n{extra}",
+        dir.join("state").display(),
+        dir.join("scripts").display()
     )
 }
 
@@ -61,6 +73,7 @@ impl Daemon {
     pub fn start_env(coap: &str, extra: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
         let config_path = dir.path().join("connectord.toml");
+        std::fs::create_dir_all(dir.path().join("scripts")).expect("scripts dir");
         std::fs::write(&config_path, test_config(dir.path(), coap, extra)).expect("write config");
         Daemon::spawn(dir, config_path, env)
     }
@@ -141,6 +154,11 @@ impl Daemon {
                     .map(|a| a.trim().parse().expect("address"))
             })
             .unwrap_or_else(|| panic!("no '{prefix}' in the log"))
+    }
+
+    /// The Lua rules directory of this daemon (watched).
+    pub fn scripts_dir(&self) -> PathBuf {
+        self.dir.path().join("scripts")
     }
 
     pub fn state_dir(&self) -> PathBuf {

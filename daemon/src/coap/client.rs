@@ -517,8 +517,11 @@ mod tests {
 
     struct NotFound;
     impl RequestHandler for NotFound {
-        fn handle(&self, _: Inbound) -> Pin<Box<dyn Future<Output = Option<Response>> + Send>> {
-            Box::pin(async { Some(Response::new(ResponseType::NotFound)) })
+        fn handle(
+            &self,
+            _: Inbound,
+        ) -> Pin<Box<dyn Future<Output = crate::coap::message::Handled> + Send>> {
+            Box::pin(async { Response::new(ResponseType::NotFound).into() })
         }
     }
 

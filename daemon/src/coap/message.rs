@@ -210,6 +210,23 @@ pub fn empty_ack(message_id: u16) -> Vec<u8> {
     vec![b, 0, hi, lo]
 }
 
+/// What a request handler returns: the response to send (None: no reply, for a NON
+/// request) and work to run once it has been sent (so that, for example, requests to a
+/// device that just registered go out after its registration is acknowledged).
+pub struct Handled {
+    pub response: Option<Response>,
+    pub after_send: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl From<Response> for Handled {
+    fn from(r: Response) -> Handled {
+        Handled {
+            response: Some(r),
+            after_send: None,
+        }
+    }
+}
+
 /// An RST for `message_id`: the answer to a confirmable message we cannot process
 /// (RFC 7252 §4.2), and to a CoAP ping.
 pub fn reset(message_id: u16) -> Vec<u8> {

@@ -19,15 +19,15 @@ use tokio::sync::Semaphore;
 
 use super::client::{ClientConfig, ClientState};
 use super::dedup::{Dedup, Seen};
-use super::message::{self, Inbound, RawHeader, Response};
+use super::message::{self, Handled, Inbound, RawHeader, Response};
 use crate::config::CoapConfig;
 use crate::metrics::Counters;
 use crate::shutdown::Shutdown;
 
-/// What the transport calls for each new request. `None` sends no reply (only sensible for
-/// a NON request).
+/// What the transport calls for each new request. A [`Handled`] without a response sends
+/// no reply (only sensible for a NON request); its `after_send` runs once the reply is out.
 pub trait RequestHandler: Send + Sync + 'static {
-    fn handle(&self, req: Inbound) -> Pin<Box<dyn Future<Output = Option<Response>> + Send>>;
+    fn handle(&self, req: Inbound) -> Pin<Box<dyn Future<Output = Handled> + Send>>;
 }
 
 /// Bound sockets plus message-layer state.
@@ -263,14 +263,14 @@ impl Transport {
             let _permit = permit;
             // The handler runs on its own task so that a panic in it becomes a 5.00
             // answer instead of a request that is never answered.
-            let response = match tokio::spawn(fut).await {
+            let Handled {
+                response,
+                after_send,
+            } = match tokio::spawn(fut).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(%peer, "CoAP request handler failed: {e}");
-                    Some(Response::diagnostic(
-                        ResponseType::InternalServerError,
-                        "internal error",
-                    ))
+                    Response::diagnostic(ResponseType::InternalServerError, "internal error").into()
                 }
             };
             let bytes = response.and_then(|r| {
@@ -288,6 +288,9 @@ impl Transport {
             this.lock_dedup().complete(peer, mid, bytes.clone());
             if let Some(b) = bytes {
                 send(&socket, &b, peer).await;
+            }
+            if let Some(f) = after_send {
+                f();
             }
         });
     }

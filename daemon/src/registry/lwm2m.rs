@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use coap_lite::{CoapOption, ContentFormat, MessageClass, RequestType, ResponseType};
 
-use super::{RegisterParams, Registry, RegistryError, UpdateParams};
+use super::{RegisterParams, Registry, RegistryError, RegistryEvent, UpdateParams};
 use crate::coap::RequestHandler;
-use crate::coap::message::{self, Inbound, Response};
+use crate::coap::message::{self, Handled, Inbound, Response};
 
 /// Answers the registration interface for a [`Registry`].
 pub struct Lwm2mHandler {
@@ -24,21 +24,33 @@ impl Lwm2mHandler {
 }
 
 impl RequestHandler for Lwm2mHandler {
-    fn handle(&self, req: Inbound) -> Pin<Box<dyn Future<Output = Option<Response>> + Send>> {
+    fn handle(&self, req: Inbound) -> Pin<Box<dyn Future<Output = Handled> + Send>> {
         let registry = Arc::clone(&self.registry);
-        Box::pin(async move { Some(handle(&registry, req).await) })
+        Box::pin(async move {
+            let (response, event) = handle(&registry, req).await;
+            Handled {
+                response: Some(response),
+                after_send: event.map(|ev| -> Box<dyn FnOnce() + Send> {
+                    Box::new(move || registry.after_reply(&ev))
+                }),
+            }
+        })
     }
 }
 
-async fn handle(registry: &Registry, req: Inbound) -> Response {
+/// The response, and the registry event whose after-reply work is due once it is sent.
+async fn handle(registry: &Registry, req: Inbound) -> (Response, Option<RegistryEvent>) {
     let MessageClass::Request(method) = req.packet.header.code else {
-        return Response::diagnostic(ResponseType::BadRequest, "not a request");
+        return (
+            Response::diagnostic(ResponseType::BadRequest, "not a request"),
+            None,
+        );
     };
     let path = message::uri_path(&req.packet);
     let path: Vec<&str> = path.iter().map(String::as_str).collect();
-    match (method, path.as_slice()) {
-        (RequestType::Post, ["rd"]) => register(registry, &req).await,
-        (RequestType::Post, ["rd", id]) => update(registry, id, &req).await,
+    let response = match (method, path.as_slice()) {
+        (RequestType::Post, ["rd"]) => return register(registry, &req).await,
+        (RequestType::Post, ["rd", id]) => return update(registry, id, &req).await,
         (RequestType::Delete, ["rd", id]) => match registry.deregister(id).await {
             Ok(_) => Response::new(ResponseType::Deleted),
             Err(e) => refusal(e),
@@ -48,7 +60,8 @@ async fn handle(registry: &Registry, req: Inbound) -> Response {
             "the registration interface takes POST /rd, POST /rd/{id} and DELETE /rd/{id}",
         ),
         _ => Response::diagnostic(ResponseType::NotFound, "no such resource"),
-    }
+    };
+    (response, None)
 }
 
 fn refusal(e: RegistryError) -> Response {
@@ -136,20 +149,23 @@ fn register_params(req: &Inbound) -> Result<RegisterParams, Response> {
     Ok(p)
 }
 
-async fn register(registry: &Registry, req: &Inbound) -> Response {
+async fn register(registry: &Registry, req: &Inbound) -> (Response, Option<RegistryEvent>) {
     let params = match register_params(req) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return (r, None),
     };
     match registry.register(params, req.peer, req.local).await {
-        Ok(ep) => Response::new(ResponseType::Created)
-            .with_option(CoapOption::LocationPath, b"rd".to_vec())
-            .with_option(CoapOption::LocationPath, ep.reg.id.clone().into_bytes()),
-        Err(e) => refusal(e),
+        Ok(ep) => (
+            Response::new(ResponseType::Created)
+                .with_option(CoapOption::LocationPath, b"rd".to_vec())
+                .with_option(CoapOption::LocationPath, ep.reg.id.clone().into_bytes()),
+            Some(RegistryEvent::Registered { ep, replaced: None }),
+        ),
+        Err(e) => (refusal(e), None),
     }
 }
 
-async fn update(registry: &Registry, id: &str, req: &Inbound) -> Response {
+async fn update(registry: &Registry, id: &str, req: &Inbound) -> (Response, Option<RegistryEvent>) {
     let mut p = UpdateParams::default();
     for item in message::uri_query(&req.packet) {
         let r = match split_query(&item) {
@@ -162,15 +178,18 @@ async fn update(registry: &Registry, id: &str, req: &Inbound) -> Response {
             _ => Ok(()),
         };
         if let Err(resp) = r {
-            return resp;
+            return (resp, None);
         }
     }
     p.links = match body(req) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return (r, None),
     };
     match registry.update(id, p, req.peer, req.local).await {
-        Ok(_) => Response::new(ResponseType::Changed),
-        Err(e) => refusal(e),
+        Ok(ep) => (
+            Response::new(ResponseType::Changed),
+            Some(RegistryEvent::Updated { ep }),
+        ),
+        Err(e) => (refusal(e), None),
     }
 }

@@ -105,6 +105,11 @@ pub trait RegistryListener: Send + Sync + 'static {
         &'a self,
         ev: &'a RegistryEvent,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+    /// Work that must wait until the device has its answer (sending it requests: a device
+    /// may not take requests before its registration is acknowledged). Called for
+    /// `Registered` and `Updated` once the response is sent.
+    fn after_reply(&self, _ev: &RegistryEvent) {}
 }
 
 /// Why a registration interface operation was refused.
@@ -271,6 +276,14 @@ impl Registry {
     pub fn add_listener(&self, l: Arc<dyn RegistryListener>) {
         if let Ok(mut v) = self.listeners.write() {
             v.push(l);
+        }
+    }
+
+    /// Runs every listener's after-reply work for `ev` (see [`RegistryListener::after_reply`]).
+    pub fn after_reply(&self, ev: &RegistryEvent) {
+        let listeners: Vec<_> = self.listeners.read().map(|v| v.clone()).unwrap_or_default();
+        for l in listeners {
+            l.after_reply(ev);
         }
     }
 

@@ -637,6 +637,14 @@ impl Requests {
 pub struct RequestsListener(pub std::sync::Weak<Requests>);
 
 impl RegistryListener for RequestsListener {
+    /// The device just spoke (and has its answer): send what waits for it.
+    fn after_reply(&self, ev: &RegistryEvent) {
+        if let Some(r) = self.0.upgrade() {
+            let ep = ev.endpoint();
+            r.kick(&(ep.reg.domain.clone(), ep.reg.name.clone()));
+        }
+    }
+
     fn on_event<'a>(
         &'a self,
         ev: &'a RegistryEvent,
@@ -652,8 +660,8 @@ impl RegistryListener for RequestsListener {
                     r.cancel(domain, name, "cancelled: the endpoint registered again")
                         .await;
                 }
-                RegistryEvent::Registered { replaced: None, .. } => {}
-                RegistryEvent::Updated { .. } => r.kick(&(domain.to_string(), name.to_string())),
+                RegistryEvent::Registered { replaced: None, .. }
+                | RegistryEvent::Updated { .. } => {}
                 RegistryEvent::Deregistered(_) => {
                     r.cancel(domain, name, "cancelled: the endpoint de-registered")
                         .await

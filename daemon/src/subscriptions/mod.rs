@@ -403,16 +403,16 @@ impl Subscriptions {
         };
         durable.await?;
         for ep in self.registry.list(&who.domain, None) {
-            self.apply_presubs(&ep, Some(&who.key_id), false).await;
+            self.apply_presubs(&ep, Some(&who.key_id)).await;
+            self.observe_missing(&ep, false);
         }
         Ok(())
     }
 
     /// Offers the endpoint's observable resources to the rules of every key with a
-    /// channel in its domain (or only `only_key`), adds the subscriptions they ask for and
-    /// starts observing what is subscribed but not observed. `awake`: the endpoint was
-    /// just heard from.
-    async fn apply_presubs(&self, ep: &Endpoint, only_key: Option<&str>, awake: bool) {
+    /// channel in its domain (or only `only_key`) and adds the subscriptions they ask for.
+    /// Observing them is the caller's next step ([`Subscriptions::observe_missing`]).
+    async fn apply_presubs(&self, ep: &Endpoint, only_key: Option<&str>) {
         let domain = &ep.reg.domain;
         let keys: Vec<(String, Vec<PreSub>)> = {
             let st = self.lock();
@@ -464,7 +464,6 @@ impl Subscriptions {
                 }
             }
         }
-        self.observe_missing(ep, awake);
     }
 
     /// Queues an observe for every subscribed resource of `ep` that has no observation.
@@ -600,6 +599,11 @@ impl ObservationSink for Subscriptions {
 }
 
 impl RegistryListener for Subscriptions {
+    /// Observe requests go out once the device has its registration answer.
+    fn after_reply(&self, ev: &RegistryEvent) {
+        self.observe_missing(ev.endpoint(), true);
+    }
+
     fn on_event<'a>(
         &'a self,
         ev: &'a RegistryEvent,
@@ -610,9 +614,9 @@ impl RegistryListener for Subscriptions {
                 RegistryEvent::Registered { .. } => {
                     // A full registration: the device forgot its observations.
                     self.forget_observations(&ep.reg.domain, &ep.reg.name);
-                    self.apply_presubs(ep, None, true).await;
+                    self.apply_presubs(ep, None).await;
                 }
-                RegistryEvent::Updated { .. } => self.apply_presubs(ep, None, true).await,
+                RegistryEvent::Updated { .. } => self.apply_presubs(ep, None).await,
                 RegistryEvent::Deregistered(_) | RegistryEvent::Expired(_) => {
                     self.forget_observations(&ep.reg.domain, &ep.reg.name);
                 }

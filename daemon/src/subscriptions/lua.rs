@@ -1,0 +1,1231 @@
+//! Lua pre-subscription rules.
+//!
+//! Every `*.lua` file directly in `[lua] dir` (hidden files excepted) is a *rule file*. Each
+//! one is loaded into its own sandboxed Lua 5.4 state, in file-name order. A missing
+//! directory means no rules (logged at info, not an error).
+//!
+//! # Contract
+//! A rule file may define a global function `presubscribe(endpoint, resource, key)`:
+//! - `endpoint = { name = <string>, type = <string or nil>, domain = <string>, queue = <boolean> }`
+//! - `resource = { path = <string>, rt = <string or nil>, ct = <string or nil>,
+//!   ["if"] = <string or nil>, obs = <boolean> }`
+//! - `key = { id = <string> }`
+//!
+//! It returns `true` (subscribe), `false` (do not) or `nil` (no opinion).
+//! [`LuaRules::presubscribe`] asks the files in name order and returns the first non-nil
+//! answer, or `None` when every file says nil (or none defines the function). Any other
+//! return type is an error. A call that fails (runtime error, instruction budget, memory
+//! limit, bad return type) is logged at warn with the file and the Lua error (which carries
+//! file:line), counted in `lua_errors`, and treated as nil: the next file is asked.
+//!
+//! # Sandbox
+//! Each state has the base library minus `load`, `loadstring`, `dofile`, `loadfile`,
+//! `require`, `collectgarbage` and `warn`, plus `table`, `string` (without `string.dump`),
+//! `math` and `utf8`. No `io`, `os`, `debug`, `package`, `coroutine`. `print` logs at info
+//! with the file name. `setmetatable` refuses metatables with a `__gc` field (finalizers run
+//! with debug hooks disabled, so they could not be stopped by the instruction budget).
+//! Chunks are loaded in text mode only: precompiled bytecode is refused. The chunk name is
+//! `@<dir>/<file>`, so error messages read `scripts/10-x.lua:3: ...`.
+//!
+//! # Limits
+//! - Memory: `memory_limit_kb` KiB per state; an allocation beyond it fails with a Lua
+//!   error (the call fails, the daemon carries on).
+//! - Instructions: a count hook every 1000 VM instructions; a call (or the top-level chunk at
+//!   load) that runs past `instruction_budget` fails with "instruction budget exceeded".
+//!   Once exceeded, the hook fires on *every* instruction, so `pcall` cannot swallow the
+//!   error and keep going. The count does not advance inside C functions (`string.find`,
+//!   `string.rep`, `table.concat`, `table.sort`, ...).
+//! - Inputs: so that C functions working on them stay cheap, a call whose endpoint, resource
+//!   or key strings exceed [`MAX_INPUT_LEN`] bytes is refused: `presubscribe` returns `None`
+//!   without asking any file (logged at debug).
+//!
+//! # Reload
+//! [`LuaRules::reload`] re-reads the directory. A file whose content is unchanged keeps its
+//! state. A new or changed file is loaded into a fresh state (top-level chunk run with the
+//! budget); on failure the error (file:line) is logged, counted in `lua_errors`, and the
+//! previous version of the file stays in force if there was one. A file that keeps failing
+//! with the same content is not reported again. Files that disappeared are dropped. Each
+//! successful load counts in `lua_reloads`. The files in force are logged at info.
+//!
+//! [`LuaRules::watch`] watches the directory (non-recursive, debounced 200 ms) and reloads on
+//! any event for a `*.lua` path, so both in-place writes and editor saves by rename are
+//! picked up. When the directory does not exist at start-up, nothing is watched: creating
+//! it later needs a restart (or an explicit [`LuaRules::reload`]).
+//!
+//! # Concurrency
+//! [`LuaRules`] is shared (`Arc`). The list of files is behind a `Mutex` that is only held to
+//! clone or swap it; each file's state has its own `Mutex`, held for the duration of a call.
+//! Reloads are serialized. Nothing here panics on Lua values or file contents.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use mlua::chunk::ChunkMode;
+use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, Variadic, VmState};
+use notify_debouncer_full::notify::RecursiveMode;
+use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+use tracing::{debug, error, info, warn};
+
+use crate::config::LuaConfig;
+use crate::metrics::Counters;
+use crate::shutdown::Shutdown;
+
+/// Longest string (in bytes) passed to a rule; a call with a longer one is refused.
+pub const MAX_INPUT_LEN: usize = 1024;
+
+/// VM instructions between two runs of the budget hook.
+const HOOK_STEP: u32 = 1000;
+
+/// Longest line `print` logs, in bytes (longer output is cut).
+const MAX_PRINT_LEN: usize = 1024;
+
+/// How long the watcher waits for a burst of file events to settle.
+const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Base library functions removed from every state.
+const REMOVED_GLOBALS: &[&str] = &[
+    "load",
+    "loadstring",
+    "dofile",
+    "loadfile",
+    "require",
+    "collectgarbage",
+    "warn",
+    "module",
+    "setfenv",
+    "getfenv",
+];
+
+/// The endpoint a rule is asked about.
+#[derive(Debug, Clone, Copy)]
+pub struct EndpointInfo<'a> {
+    pub name: &'a str,
+    pub ept: Option<&'a str>,
+    pub domain: &'a str,
+    pub queue: bool,
+}
+
+/// The resource a rule is asked about.
+#[derive(Debug, Clone, Copy)]
+pub struct ResourceInfo<'a> {
+    pub path: &'a str,
+    pub rt: Option<&'a str>,
+    pub ct: Option<&'a str>,
+    pub iface: Option<&'a str>,
+    pub obs: bool,
+}
+
+/// The access key whose subscriptions are being decided.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyInfo<'a> {
+    pub id: &'a str,
+}
+
+/// Why a rule file could not be loaded or a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LuaError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Lua reported an error (syntax, runtime, memory, budget); the message carries file:line.
+    #[error("{}", describe(.0))]
+    Lua(#[from] mlua::Error),
+    /// `presubscribe` returned something other than true, false or nil.
+    #[error("presubscribe returned a {0} value (expected true, false or nil)")]
+    BadReturn(&'static str),
+    /// The global `presubscribe` is neither a function nor nil.
+    #[error("global presubscribe is a {0} value, not a function")]
+    NotAFunction(&'static str),
+}
+
+/// The root message of a Lua error, on one line-ish: the cause of a callback error, without
+/// the stack traceback mlua appends.
+fn describe(err: &mlua::Error) -> String {
+    match err {
+        mlua::Error::CallbackError { cause, .. } => describe(cause),
+        mlua::Error::WithContext { context, cause } => format!("{context}: {}", describe(cause)),
+        mlua::Error::RuntimeError(msg) => strip_traceback(msg).to_owned(),
+        mlua::Error::SyntaxError { message, .. } => strip_traceback(message).to_owned(),
+        mlua::Error::MemoryError(msg) => format!("memory limit reached ({})", strip_traceback(msg)),
+        other => strip_traceback(&other.to_string()).to_owned(),
+    }
+}
+
+fn strip_traceback(msg: &str) -> &str {
+    match msg.find("\nstack traceback:") {
+        Some(at) => msg[..at].trim_end(),
+        None => msg.trim_end(),
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a char boundary.
+fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut at = max;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Instructions counted for the current call of one state.
+struct Meter {
+    used: AtomicU64,
+    budget: u64,
+    /// Set once the budget ran out and the hook was switched to every instruction; the next
+    /// call re-installs the normal hook.
+    exceeded: AtomicBool,
+}
+
+/// The normal hook: counts in steps of [`HOOK_STEP`]; past the budget, switches to a hook that
+/// fails on every instruction (so a `pcall` in the script cannot keep it running) and fails.
+fn install_hook(lua: &Lua, meter: &Arc<Meter>) -> mlua::Result<()> {
+    let meter = Arc::clone(meter);
+    lua.set_hook(
+        HookTriggers::new().every_nth_instruction(HOOK_STEP),
+        move |lua, dbg| {
+            let used = meter
+                .used
+                .fetch_add(u64::from(HOOK_STEP), Ordering::Relaxed)
+                + u64::from(HOOK_STEP);
+            if used <= meter.budget {
+                return Ok(VmState::Continue);
+            }
+            meter.exceeded.store(true, Ordering::Relaxed);
+            let src = dbg.source();
+            let at = match (src.short_src, dbg.current_line()) {
+                (Some(src), Some(line)) => format!("{src}:{line}: "),
+                (Some(src), None) => format!("{src}: "),
+                _ => String::new(),
+            };
+            // If this fails (memory), the normal hook keeps failing every HOOK_STEP instructions.
+            let _ = lua.set_hook(HookTriggers::new().every_nth_instruction(1), |_, _| {
+                Err(mlua::Error::runtime("instruction budget exceeded"))
+            });
+            Err(mlua::Error::runtime(format!(
+                "{at}instruction budget exceeded ({} instructions)",
+                meter.budget
+            )))
+        },
+    )
+}
+
+/// One loaded rule file: its own Lua state and instruction meter.
+struct RuleState {
+    lua: Lua,
+    meter: Arc<Meter>,
+}
+
+impl RuleState {
+    /// Resets the instruction count (and the normal hook after a budget overrun).
+    fn arm(&self) -> mlua::Result<()> {
+        if self.meter.exceeded.swap(false, Ordering::Relaxed) {
+            install_hook(&self.lua, &self.meter)?;
+        }
+        self.meter.used.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn presubscribe(
+        &self,
+        ep: &EndpointInfo,
+        res: &ResourceInfo,
+        key: &KeyInfo,
+    ) -> Result<Option<bool>, LuaError> {
+        let func = match self.lua.globals().raw_get::<Value>("presubscribe")? {
+            Value::Nil => return Ok(None),
+            Value::Function(f) => f,
+            other => return Err(LuaError::NotAFunction(other.type_name())),
+        };
+        self.arm()?;
+        let lua = &self.lua;
+
+        let endpoint = lua.create_table_with_capacity(0, 4)?;
+        endpoint.raw_set("name", ep.name)?;
+        endpoint.raw_set("type", ep.ept)?;
+        endpoint.raw_set("domain", ep.domain)?;
+        endpoint.raw_set("queue", ep.queue)?;
+
+        let resource = lua.create_table_with_capacity(0, 5)?;
+        resource.raw_set("path", res.path)?;
+        resource.raw_set("rt", res.rt)?;
+        resource.raw_set("ct", res.ct)?;
+        resource.raw_set("if", res.iface)?;
+        resource.raw_set("obs", res.obs)?;
+
+        let keyt = lua.create_table_with_capacity(0, 1)?;
+        keyt.raw_set("id", key.id)?;
+
+        match func.call::<Value>((endpoint, resource, keyt))? {
+            Value::Nil => Ok(None),
+            Value::Boolean(b) => Ok(Some(b)),
+            other => Err(LuaError::BadReturn(other.type_name())),
+        }
+    }
+}
+
+/// Restricts a fresh state to the sandbox described in the module documentation.
+fn sandbox(lua: &Lua, file_name: &str) -> mlua::Result<()> {
+    let globals = lua.globals();
+    for name in REMOVED_GLOBALS {
+        globals.raw_set(*name, Value::Nil)?;
+    }
+    for lib in ["io", "os", "debug", "package", "coroutine", "ffi", "jit"] {
+        globals.raw_set(lib, Value::Nil)?;
+    }
+    let string: Table = globals.raw_get("string")?;
+    string.raw_set("dump", Value::Nil)?;
+
+    let label = file_name.to_owned();
+    let print = lua.create_function(move |_, args: Variadic<Value>| {
+        let mut line = String::new();
+        for (i, value) in args.iter().enumerate() {
+            if i > 0 {
+                line.push('\t');
+            }
+            match value {
+                Value::String(s) => line.push_str(&s.to_string_lossy()),
+                other => match other.to_string() {
+                    Ok(s) => line.push_str(&s),
+                    Err(_) => line.push_str(other.type_name()),
+                },
+            }
+            if line.len() > MAX_PRINT_LEN {
+                break;
+            }
+        }
+        truncate_utf8(&mut line, MAX_PRINT_LEN);
+        info!(file = %label, "lua: {line}");
+        Ok(())
+    })?;
+    globals.raw_set("print", print)?;
+
+    // Finalizers run with hooks disabled: refuse them, so that the budget always applies.
+    // Lua only registers a finalizer if `__gc` is present when the metatable is set.
+    let guard: Function = lua
+        .load(
+            r#"
+            local setmetatable, rawget, type, error = ...
+            return function(t, mt)
+                if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+                    error("__gc metamethods are not allowed in rule files", 2)
+                end
+                return setmetatable(t, mt)
+            end
+            "#,
+        )
+        .set_name("=sandbox")
+        .set_mode(ChunkMode::Text)
+        .call((
+            globals.raw_get::<Function>("setmetatable")?,
+            globals.raw_get::<Function>("rawget")?,
+            globals.raw_get::<Function>("type")?,
+            globals.raw_get::<Function>("error")?,
+        ))?;
+    globals.raw_set("setmetatable", guard)?;
+    Ok(())
+}
+
+/// Loads one rule file's source into a fresh sandboxed state and runs its top-level chunk
+/// under the instruction budget. Errors carry `path:line`.
+fn load_rule(path: &Path, source: &[u8], cfg: &LuaConfig) -> Result<RuleState, LuaError> {
+    let lua = Lua::new_with(
+        StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8,
+        LuaOptions::default(),
+    )?;
+    let label = path.display().to_string();
+    let file_name = path
+        .file_name()
+        .map_or_else(|| label.clone(), |n| n.to_string_lossy().into_owned());
+    sandbox(&lua, &file_name)?;
+    lua.set_memory_limit(cfg.memory_limit_kb.saturating_mul(1024))?;
+    let meter = Arc::new(Meter {
+        used: AtomicU64::new(0),
+        budget: cfg.instruction_budget,
+        exceeded: AtomicBool::new(false),
+    });
+    install_hook(&lua, &meter)?;
+    lua.load(source)
+        .set_name(format!("@{label}"))
+        .set_mode(ChunkMode::Text)
+        .exec()?;
+    Ok(RuleState { lua, meter })
+}
+
+/// A rule file in force: the source it was loaded from and its state.
+struct RuleFile {
+    name: String,
+    source: Vec<u8>,
+    state: Mutex<RuleState>,
+}
+
+/// The rule files of a directory.
+pub struct LuaRules {
+    cfg: LuaConfig,
+    counters: Arc<Counters>,
+    /// Files in force, in name order.
+    files: Mutex<Vec<Arc<RuleFile>>>,
+    /// Serializes reloads; holds the content of files whose last load failed (so an unchanged
+    /// broken file is not reported on every reload).
+    failed: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+impl LuaRules {
+    /// Loads the rule files of `cfg.dir` (see [`LuaRules::reload`]).
+    pub fn load(cfg: &LuaConfig, counters: Arc<Counters>) -> Arc<LuaRules> {
+        let rules = Arc::new(LuaRules {
+            cfg: cfg.clone(),
+            counters,
+            files: Mutex::new(Vec::new()),
+            failed: Mutex::new(HashMap::new()),
+        });
+        rules.reload();
+        rules
+    }
+
+    /// Asks the files in name order; the first non-nil answer wins. `None`: no file has an
+    /// opinion (or the inputs are over [`MAX_INPUT_LEN`]).
+    pub fn presubscribe(
+        &self,
+        ep: &EndpointInfo,
+        res: &ResourceInfo,
+        key: &KeyInfo,
+    ) -> Option<bool> {
+        let inputs = [
+            Some(ep.name),
+            ep.ept,
+            Some(ep.domain),
+            Some(res.path),
+            res.rt,
+            res.ct,
+            res.iface,
+            Some(key.id),
+        ];
+        if inputs.iter().flatten().any(|s| s.len() > MAX_INPUT_LEN) {
+            debug!(
+                endpoint = %truncated(ep.name),
+                path = %truncated(res.path),
+                "Lua rules not asked: an input is longer than {MAX_INPUT_LEN} bytes"
+            );
+            return None;
+        }
+        let files = lock(&self.files).clone();
+        for file in &files {
+            let state = lock(&file.state);
+            match state.presubscribe(ep, res, key) {
+                Ok(Some(answer)) => return Some(answer),
+                Ok(None) => {}
+                Err(e) => {
+                    Counters::inc(&self.counters.lua_errors);
+                    warn!(file = %file.name, "Lua rule failed, taken as nil: {e}");
+                }
+            }
+        }
+        None
+    }
+
+    /// Re-reads the directory: new and changed files are loaded into fresh states; a file
+    /// that fails to load keeps its previous version in force; vanished files are dropped.
+    pub fn reload(&self) {
+        let mut failed = lock(&self.failed);
+        let dir = &self.cfg.dir;
+        let names = match list_rule_files(dir) {
+            Ok(names) => names,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                info!(dir = %dir.display(), "Lua rules directory does not exist: no Lua rules");
+                Vec::new()
+            }
+            Err(e) => {
+                Counters::inc(&self.counters.lua_errors);
+                error!(dir = %dir.display(), "cannot read the Lua rules directory, rules unchanged: {e}");
+                return;
+            }
+        };
+        let current = lock(&self.files).clone();
+        failed.retain(|name, _| names.contains(name));
+        let mut next = Vec::with_capacity(names.len());
+        for name in names {
+            let previous = current.iter().find(|f| f.name == name);
+            let path = dir.join(&name);
+            let source = match std::fs::read(&path) {
+                Ok(source) => source,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    Counters::inc(&self.counters.lua_errors);
+                    let e = LuaError::Io { path, source: e };
+                    error!(file = %name, "Lua rule file not loaded: {e}");
+                    next.extend(previous.cloned());
+                    continue;
+                }
+            };
+            if let Some(previous) = previous
+                && previous.source == source
+            {
+                failed.remove(&name);
+                next.push(Arc::clone(previous));
+                continue;
+            }
+            if failed.get(&name) == Some(&source) {
+                next.extend(previous.cloned());
+                continue;
+            }
+            match load_rule(&path, &source, &self.cfg) {
+                Ok(state) => {
+                    Counters::inc(&self.counters.lua_reloads);
+                    failed.remove(&name);
+                    let defines = matches!(
+                        state.lua.globals().raw_get::<Value>("presubscribe"),
+                        Ok(Value::Function(_))
+                    );
+                    if defines {
+                        info!(file = %name, "Lua rule file loaded");
+                    } else {
+                        info!(file = %name, "Lua rule file loaded (it defines no presubscribe function)");
+                    }
+                    next.push(Arc::new(RuleFile {
+                        name,
+                        source,
+                        state: Mutex::new(state),
+                    }));
+                }
+                Err(e) => {
+                    Counters::inc(&self.counters.lua_errors);
+                    if previous.is_some() {
+                        error!(file = %name, "Lua rule file not loaded, previous version kept: {e}");
+                    } else {
+                        error!(file = %name, "Lua rule file not loaded: {e}");
+                    }
+                    failed.insert(name, source);
+                    next.extend(previous.cloned());
+                }
+            }
+        }
+        let in_force: Vec<&str> = next.iter().map(|f| f.name.as_str()).collect();
+        info!(dir = %dir.display(), files = ?in_force, "Lua rules in force");
+        *lock(&self.files) = next;
+    }
+
+    /// The rules directory.
+    pub fn dir(&self) -> &Path {
+        &self.cfg.dir
+    }
+
+    /// Names of the files in force, in the order they are asked.
+    pub fn loaded_files(&self) -> Vec<String> {
+        lock(&self.files).iter().map(|f| f.name.clone()).collect()
+    }
+
+    /// Watches the directory and reloads when a `*.lua` file in it changes (debounced 200 ms),
+    /// until `stop` fires. Must be called inside a tokio runtime. Returns `None` (and logs)
+    /// when there is nothing to watch: the directory does not exist (creating it later needs
+    /// a restart) or the watcher could not be set up.
+    ///
+    /// The returned task owns the watcher; it ends when `stop` fires or the rules are dropped.
+    pub fn watch(self: &Arc<Self>, mut stop: Shutdown) -> Option<tokio::task::JoinHandle<()>> {
+        let dir = self.cfg.dir.clone();
+        if !dir.is_dir() {
+            info!(dir = %dir.display(), "Lua rules directory does not exist: not watched (create it and restart to use Lua rules)");
+            return None;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            error!("Lua rules watcher needs a tokio runtime; not watching");
+            return None;
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let handler = move |result: DebounceEventResult| match result {
+            Ok(events) => {
+                let relevant = events
+                    .iter()
+                    .any(|e| e.need_rescan() || e.paths.iter().any(|p| is_rule_path(p)));
+                if relevant {
+                    let _ = tx.send(());
+                }
+            }
+            Err(errors) => {
+                for e in &errors {
+                    warn!("Lua rules watcher: {e}");
+                }
+                let _ = tx.send(());
+            }
+        };
+        let mut debouncer = match new_debouncer(DEBOUNCE, None, handler) {
+            Ok(d) => d,
+            Err(e) => {
+                error!(dir = %dir.display(), "cannot watch the Lua rules directory: {e}");
+                return None;
+            }
+        };
+        if let Err(e) = debouncer.watch(&dir, RecursiveMode::NonRecursive) {
+            error!(dir = %dir.display(), "cannot watch the Lua rules directory: {e}");
+            return None;
+        }
+        info!(dir = %dir.display(), "watching the Lua rules directory");
+        let rules: Weak<LuaRules> = Arc::downgrade(self);
+        Some(runtime.spawn(async move {
+            let _debouncer = debouncer;
+            loop {
+                tokio::select! {
+                    _ = stop.recv() => break,
+                    msg = rx.recv() => {
+                        if msg.is_none() {
+                            break;
+                        }
+                        while rx.try_recv().is_ok() {}
+                        let Some(rules) = rules.upgrade() else { break };
+                        if let Err(e) = tokio::task::spawn_blocking(move || rules.reload()).await {
+                            error!("Lua rules reload failed: {e}");
+                        }
+                    }
+                }
+            }
+            debug!("Lua rules watcher stopped");
+        }))
+    }
+}
+
+/// A rule file name: `*.lua`, not hidden.
+fn is_rule_name(name: &str) -> bool {
+    name.len() > ".lua".len() && name.ends_with(".lua") && !name.starts_with('.')
+}
+
+fn is_rule_path(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".lua"))
+}
+
+/// The rule files directly in `dir` (regular files or links to them), sorted by name.
+fn list_rule_files(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            warn!(dir = %dir.display(), name = ?entry.file_name(), "Lua rule file name is not UTF-8: ignored");
+            continue;
+        };
+        if !is_rule_name(&name) {
+            continue;
+        }
+        match std::fs::metadata(entry.path()) {
+            Ok(meta) if meta.is_file() => names.push(name),
+            Ok(_) => {}
+            Err(e) => warn!(file = %name, "Lua rule file ignored: {e}"),
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// `s` cut to a loggable length.
+fn truncated(s: &str) -> String {
+    let mut s = s.to_owned();
+    truncate_utf8(&mut s, 64);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn cfg(dir: &Path) -> LuaConfig {
+        LuaConfig {
+            dir: dir.to_owned(),
+            ..LuaConfig::default()
+        }
+    }
+
+    fn write(dir: &Path, name: &str, src: &str) {
+        std::fs::write(dir.join(name), src).expect("write rule file");
+    }
+
+    /// A directory holding the given files, loaded.
+    fn rules_with(files: &[(&str, &str)]) -> (tempfile::TempDir, Arc<LuaRules>, Arc<Counters>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, src) in files {
+            write(dir.path(), name, src);
+        }
+        let counters = Arc::new(Counters::default());
+        let rules = LuaRules::load(&cfg(dir.path()), Arc::clone(&counters));
+        (dir, rules, counters)
+    }
+
+    const EP: EndpointInfo<'static> = EndpointInfo {
+        name: "dev-1",
+        ept: Some("sensor"),
+        domain: "home",
+        queue: false,
+    };
+
+    fn res(path: &str) -> ResourceInfo<'_> {
+        ResourceInfo {
+            path,
+            rt: None,
+            ct: None,
+            iface: None,
+            obs: true,
+        }
+    }
+
+    const KEY: KeyInfo<'static> = KeyInfo { id: "key-1" };
+
+    fn ask(rules: &LuaRules, path: &str) -> Option<bool> {
+        rules.presubscribe(&EP, &res(path), &KEY)
+    }
+
+    fn errors(c: &Counters) -> u64 {
+        c.lua_errors.load(Ordering::Relaxed)
+    }
+
+    fn reloads(c: &Counters) -> u64 {
+        c.lua_reloads.load(Ordering::Relaxed)
+    }
+
+    fn load_err(name: &str, src: &str) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(name);
+        match load_rule(&path, src.as_bytes(), &cfg(dir.path())) {
+            Ok(_) => panic!("{name} loaded but should not have"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn answers_true_false_nil() {
+        for (src, want) in [
+            ("function presubscribe(e, r, k) return true end", Some(true)),
+            (
+                "function presubscribe(e, r, k) return false end",
+                Some(false),
+            ),
+            ("function presubscribe(e, r, k) return nil end", None),
+            ("function presubscribe(e, r, k) end", None),
+        ] {
+            let (_dir, rules, counters) = rules_with(&[("10-rule.lua", src)]);
+            assert_eq!(ask(&rules, "/3303/0/5700"), want, "{src}");
+            assert_eq!(errors(&counters), 0, "{src}");
+            assert_eq!(reloads(&counters), 1);
+            assert_eq!(rules.loaded_files(), vec!["10-rule.lua".to_owned()]);
+        }
+    }
+
+    #[test]
+    fn first_non_nil_answer_wins_in_name_order() {
+        let (_dir, rules, counters) = rules_with(&[
+            ("40-true.lua", "function presubscribe() return true end"),
+            ("10-nil.lua", "function presubscribe() return nil end"),
+            ("30-false.lua", "function presubscribe() return false end"),
+            ("20-nofunc.lua", "local x = 1"),
+            ("README.md", "not a rule"),
+            (".hidden.lua", "function presubscribe() return true end"),
+            ("50-notes.lua.sample", "this is not Lua"),
+        ]);
+        assert_eq!(
+            rules.loaded_files(),
+            ["10-nil.lua", "20-nofunc.lua", "30-false.lua", "40-true.lua"]
+        );
+        assert_eq!(ask(&rules, "/3/0/0"), Some(false));
+        assert_eq!(errors(&counters), 0);
+
+        // Without the false file, the true one answers.
+        std::fs::remove_file(rules.dir().join("30-false.lua")).expect("remove");
+        rules.reload();
+        assert_eq!(
+            rules.loaded_files(),
+            ["10-nil.lua", "20-nofunc.lua", "40-true.lua"]
+        );
+        assert_eq!(ask(&rules, "/3/0/0"), Some(true));
+    }
+
+    #[test]
+    fn table_driven_rule() {
+        let (_dir, rules, counters) = rules_with(&[(
+            "10-temp.lua",
+            r#"
+            function presubscribe(endpoint, resource, key)
+                if resource.path:match("^/3303/%d+/5700$") and resource.obs then
+                    return true
+                end
+                if resource.rt == "noisy" then
+                    return false
+                end
+                return nil
+            end
+            "#,
+        )]);
+        let cases: &[(&str, Option<&str>, bool, Option<bool>)] = &[
+            ("/3303/0/5700", None, true, Some(true)),
+            ("/3303/12/5700", Some("x"), true, Some(true)),
+            ("/3303/0/5700", None, false, None),
+            ("/3303/0/5701", None, true, None),
+            ("/33030/0/5700", None, true, None),
+            ("/3304/0/5700", None, true, None),
+            ("/3/0/0", Some("noisy"), true, Some(false)),
+            ("/3303/0/5700/1", None, true, None),
+        ];
+        for &(path, rt, obs, want) in cases {
+            let r = ResourceInfo {
+                path,
+                rt,
+                ct: None,
+                iface: None,
+                obs,
+            };
+            assert_eq!(
+                rules.presubscribe(&EP, &r, &KEY),
+                want,
+                "{path} rt={rt:?} obs={obs}"
+            );
+        }
+        assert_eq!(errors(&counters), 0);
+    }
+
+    #[test]
+    fn tables_carry_every_field() {
+        let (_dir, rules, counters) = rules_with(&[(
+            "10-fields.lua",
+            r#"
+            function presubscribe(endpoint, resource, key)
+                assert(endpoint.name == "dev-9", "name")
+                assert(endpoint.domain == "dom", "domain")
+                assert(endpoint.queue == true, "queue")
+                assert(resource.path == "/3/0/9", "path")
+                assert(resource.ct == "0", "ct")
+                assert(resource.obs == false, "obs")
+                assert(key.id == "app", "key")
+                if endpoint.type == nil then
+                    assert(resource.rt == nil and resource["if"] == nil, "absent")
+                    return false
+                end
+                assert(endpoint.type == "light", "type")
+                assert(resource.rt == "oma.lwm2m" and resource["if"] == "sensor", "present")
+                return true
+            end
+            "#,
+        )]);
+        let key = KeyInfo { id: "app" };
+        let full_ep = EndpointInfo {
+            name: "dev-9",
+            ept: Some("light"),
+            domain: "dom",
+            queue: true,
+        };
+        let full_res = ResourceInfo {
+            path: "/3/0/9",
+            rt: Some("oma.lwm2m"),
+            ct: Some("0"),
+            iface: Some("sensor"),
+            obs: false,
+        };
+        assert_eq!(rules.presubscribe(&full_ep, &full_res, &key), Some(true));
+        let bare_ep = EndpointInfo {
+            ept: None,
+            ..full_ep
+        };
+        let bare_res = ResourceInfo {
+            rt: None,
+            iface: None,
+            ..full_res
+        };
+        assert_eq!(rules.presubscribe(&bare_ep, &bare_res, &key), Some(false));
+        assert_eq!(errors(&counters), 0);
+    }
+
+    #[test]
+    fn sandbox_hides_unsafe_functions() {
+        let (_dir, rules, counters) = rules_with(&[(
+            "10-probe.lua",
+            r#"
+            function presubscribe(e, r, k)
+                if r.path == "/probe" then
+                    return os == nil and io == nil and require == nil and load == nil
+                        and loadstring == nil and dofile == nil and loadfile == nil
+                        and collectgarbage == nil and string.dump == nil and debug == nil
+                        and package == nil and coroutine == nil
+                        and ("x").dump == nil
+                        and type(table.concat) == "function" and type(math.floor) == "function"
+                        and type(utf8.char) == "function" and type(string.format) == "function"
+                        and type(pcall) == "function" and type(rawget) == "function"
+                end
+                if r.path == "/os" then return os.execute("true") == 0 end
+                if r.path == "/io" then return io.open("/etc/passwd") ~= nil end
+                if r.path == "/load" then return load("return true")() end
+                if r.path == "/require" then return require("os") ~= nil end
+                if r.path == "/dofile" then return dofile("/etc/passwd") end
+                if r.path == "/dump" then return string.dump(presubscribe) ~= nil end
+                return nil
+            end
+            "#,
+        )]);
+        assert_eq!(ask(&rules, "/probe"), Some(true));
+        assert_eq!(errors(&counters), 0);
+        for (i, path) in ["/os", "/io", "/load", "/require", "/dofile", "/dump"]
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(ask(&rules, path), None, "{path}");
+            assert_eq!(errors(&counters), i as u64 + 1, "{path}");
+        }
+    }
+
+    #[test]
+    fn sandbox_refuses_unsafe_top_level() {
+        for src in [
+            "os.exit(1)",
+            "local f = io.open('/etc/passwd')",
+            "require('os')",
+            "load('return 1')()",
+            "dofile('/etc/passwd')",
+            "local s = string.dump(function() end)",
+            "debug.sethook()",
+            "collectgarbage('stop')",
+        ] {
+            let msg = load_err("10-bad.lua", src);
+            assert!(msg.contains("10-bad.lua:1:"), "{src}: {msg}");
+        }
+    }
+
+    #[test]
+    fn gc_metamethods_are_refused() {
+        let msg = load_err(
+            "10-gc.lua",
+            "local t = setmetatable({}, {__gc = function() while true do end end})",
+        );
+        assert!(msg.contains("__gc"), "{msg}");
+        assert!(msg.contains("10-gc.lua:1:"), "{msg}");
+        // Other metatables are fine.
+        let (_dir, rules, counters) = rules_with(&[(
+            "10-mt.lua",
+            r#"
+            local answers = setmetatable({}, {__index = function(t, k) return k == "/a" end})
+            function presubscribe(e, r, k) return answers[r.path] end
+            "#,
+        )]);
+        assert_eq!(ask(&rules, "/a"), Some(true));
+        assert_eq!(ask(&rules, "/b"), Some(false));
+        assert_eq!(errors(&counters), 0);
+    }
+
+    #[test]
+    fn infinite_loop_at_call_time_is_stopped_and_budget_resets() {
+        let (_dir, rules, counters) = rules_with(&[
+            (
+                "10-loop.lua",
+                r#"
+                function presubscribe(e, r, k)
+                    if r.path == "/loop" then
+                        while true do end
+                    end
+                    if r.path == "/pcall" then
+                        while true do pcall(function() while true do end end) end
+                    end
+                    if r.path == "/busy" then
+                        -- about 800k instructions: within the budget, but two
+                        -- such calls would not be
+                        local n = 0
+                        for i = 1, 400000 do n = n + i end
+                        return n > 0
+                    end
+                    return nil
+                end
+                "#,
+            ),
+            ("20-true.lua", "function presubscribe() return true end"),
+        ]);
+        let started = Instant::now();
+        assert_eq!(ask(&rules, "/loop"), Some(true), "the next file answers");
+        assert_eq!(errors(&counters), 1);
+        // pcall cannot swallow the budget error.
+        assert_eq!(ask(&rules, "/pcall"), Some(true));
+        assert_eq!(errors(&counters), 2);
+        // The budget is per call: a busy but bounded call still works afterwards, twice.
+        assert_eq!(ask(&rules, "/busy"), Some(true));
+        assert_eq!(ask(&rules, "/busy"), Some(true));
+        assert_eq!(errors(&counters), 2);
+        assert!(started.elapsed() < Duration::from_secs(10));
+
+        let used = lock(&lock(&rules.files)[0].state)
+            .meter
+            .used
+            .load(Ordering::Relaxed);
+        assert!(used > 700_000, "busy call counted: {used}");
+    }
+
+    #[test]
+    fn infinite_loop_at_top_level_fails_to_load() {
+        let msg = load_err("10-spin.lua", "local x = 0\nwhile true do x = x + 1 end");
+        assert!(msg.contains("instruction budget exceeded"), "{msg}");
+        assert!(msg.contains("10-spin.lua:2:"), "{msg}");
+
+        let (_dir, rules, counters) = rules_with(&[("10-spin.lua", "while true do end")]);
+        assert!(rules.loaded_files().is_empty());
+        assert_eq!(errors(&counters), 1);
+        assert_eq!(reloads(&counters), 0);
+        assert_eq!(ask(&rules, "/3/0/0"), None);
+    }
+
+    #[test]
+    fn memory_hog_is_stopped() {
+        let (_dir, rules, counters) = rules_with(&[
+            (
+                "10-hog.lua",
+                r#"
+                function presubscribe(e, r, k)
+                    if r.path == "/hog" then
+                        local t = {}
+                        for i = 1, 1e9 do t[i] = string.rep("x", 1000) end
+                    end
+                    if r.path == "/big" then
+                        return #string.rep("x", 1e9) > 0
+                    end
+                    return false
+                end
+                "#,
+            ),
+            ("20-true.lua", "function presubscribe() return true end"),
+        ]);
+        let started = Instant::now();
+        assert_eq!(ask(&rules, "/hog"), Some(true));
+        assert_eq!(errors(&counters), 1);
+        assert_eq!(ask(&rules, "/big"), Some(true));
+        assert_eq!(errors(&counters), 2);
+        // The state recovers (the garbage is collected).
+        assert_eq!(ask(&rules, "/ok"), Some(false));
+        assert_eq!(errors(&counters), 2);
+        assert!(started.elapsed() < Duration::from_secs(10));
+
+        let msg = load_err(
+            "10-hog.lua",
+            "t = {} for i = 1, 1e9 do t[i] = string.rep('x', 1000) end",
+        );
+        assert!(msg.contains("memory"), "{msg}");
+    }
+
+    #[test]
+    fn broken_file_keeps_previous_version() {
+        let (dir, rules, counters) =
+            rules_with(&[("20-rule.lua", "function presubscribe() return true end")]);
+        assert_eq!(ask(&rules, "/x"), Some(true));
+
+        let broken = "function presubscribe()\n  return = false\nend\n";
+        write(dir.path(), "20-rule.lua", broken);
+        rules.reload();
+        assert_eq!(rules.loaded_files(), ["20-rule.lua"]);
+        assert_eq!(ask(&rules, "/x"), Some(true), "previous version in force");
+        assert_eq!(errors(&counters), 1);
+        // Unchanged and still broken: not reported again.
+        rules.reload();
+        assert_eq!(errors(&counters), 1);
+        assert_eq!(ask(&rules, "/x"), Some(true));
+
+        let msg = load_err("20-rule.lua", broken);
+        assert!(msg.contains("20-rule.lua:2:"), "{msg}");
+
+        // A new broken file with no previous version is simply not in force.
+        write(dir.path(), "30-new.lua", "this is not lua");
+        rules.reload();
+        assert_eq!(rules.loaded_files(), ["20-rule.lua"]);
+        assert_eq!(errors(&counters), 2);
+
+        // Fixed: the new version is taken.
+        write(
+            dir.path(),
+            "20-rule.lua",
+            "function presubscribe() return false end",
+        );
+        rules.reload();
+        assert_eq!(ask(&rules, "/x"), Some(false));
+        assert_eq!(reloads(&counters), 2);
+    }
+
+    #[test]
+    fn unchanged_files_are_not_reloaded_and_vanished_files_dropped() {
+        let (dir, rules, counters) = rules_with(&[
+            (
+                "10-a.lua",
+                "n = 0 function presubscribe() n = n + 1 return n > 1 end",
+            ),
+            ("20-b.lua", "function presubscribe() return true end"),
+        ]);
+        assert_eq!(reloads(&counters), 2);
+        assert_eq!(ask(&rules, "/x"), Some(false));
+        rules.reload();
+        assert_eq!(reloads(&counters), 2);
+        // Same state: its global counter carried over.
+        assert_eq!(ask(&rules, "/x"), Some(true));
+        std::fs::remove_file(dir.path().join("10-a.lua")).expect("remove");
+        rules.reload();
+        assert_eq!(rules.loaded_files(), ["20-b.lua"]);
+    }
+
+    #[test]
+    fn precompiled_bytecode_is_refused() {
+        let lua = Lua::new();
+        let bytecode = lua
+            .load("function presubscribe() return true end")
+            .into_function()
+            .expect("compile")
+            .dump(false);
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("10-bin.lua"), &bytecode).expect("write");
+        let counters = Arc::new(Counters::default());
+        let rules = LuaRules::load(&cfg(dir.path()), Arc::clone(&counters));
+        assert!(rules.loaded_files().is_empty());
+        assert_eq!(errors(&counters), 1);
+        assert_eq!(ask(&rules, "/x"), None);
+
+        let err = load_rule(&dir.path().join("10-bin.lua"), &bytecode, &cfg(dir.path()))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("binary"), "{err}");
+    }
+
+    #[test]
+    fn bad_return_type_counts_as_error() {
+        let (_dir, rules, counters) = rules_with(&[
+            ("10-str.lua", "function presubscribe() return 'yes' end"),
+            ("20-num.lua", "function presubscribe() return 1 end"),
+            ("30-notfunc.lua", "presubscribe = 42"),
+        ]);
+        assert_eq!(ask(&rules, "/x"), None);
+        assert_eq!(errors(&counters), 3);
+        let state = lock(&lock(&rules.files)[0].state).presubscribe(&EP, &res("/x"), &KEY);
+        let msg = state.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("string"), "{msg}");
+    }
+
+    #[test]
+    fn runtime_errors_carry_file_and_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = "function presubscribe(e, r, k)\n  return r.missing.field\nend\n";
+        let path = dir.path().join("10-err.lua");
+        let state = load_rule(&path, src.as_bytes(), &cfg(dir.path())).expect("load");
+        let msg = state
+            .presubscribe(&EP, &res("/x"), &KEY)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(msg.contains("10-err.lua:2:"), "{msg}");
+        assert!(!msg.contains("stack traceback"), "{msg}");
+    }
+
+    #[test]
+    fn long_inputs_are_refused() {
+        let (_dir, rules, counters) =
+            rules_with(&[("10-true.lua", "function presubscribe() return true end")]);
+        let long = format!("/3/0/{}", "9".repeat(MAX_INPUT_LEN));
+        assert_eq!(ask(&rules, &long), None);
+        let ok = format!("/3/0/{}", "9".repeat(MAX_INPUT_LEN - 5));
+        assert_eq!(ask(&rules, &ok), Some(true));
+        assert_eq!(errors(&counters), 0);
+    }
+
+    #[test]
+    fn print_logs_and_does_not_fail() {
+        let (_dir, rules, counters) = rules_with(&[(
+            "10-print.lua",
+            "print('loading', 1, nil, {}, true)\nfunction presubscribe(e) print(e.name, string.rep('x', 5000)) return true end",
+        )]);
+        assert_eq!(ask(&rules, "/x"), Some(true));
+        assert_eq!(errors(&counters), 0);
+    }
+
+    #[test]
+    fn shipped_example_subscribes_to_temperature_values_only() {
+        let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+        let src =
+            std::fs::read_to_string(scripts.join("10-temperature.lua")).expect("shipped example");
+        let (_dir, rules, counters) = rules_with(&[("10-temperature.lua", &src)]);
+        assert_eq!(ask(&rules, "/3303/0/5700"), Some(true));
+        assert_eq!(ask(&rules, "/3303/17/5700"), Some(true));
+        assert_eq!(ask(&rules, "/3303/0/5701"), None);
+        assert_eq!(ask(&rules, "/3303/0"), None);
+        assert_eq!(ask(&rules, "/3304/0/5700"), None);
+        assert_eq!(ask(&rules, "/3/0/0"), None);
+        assert_eq!(errors(&counters), 0);
+    }
+
+    #[tokio::test]
+    async fn missing_directory_means_no_rules() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let counters = Arc::new(Counters::default());
+        let rules = LuaRules::load(&cfg(&dir.path().join("absent")), Arc::clone(&counters));
+        assert!(rules.loaded_files().is_empty());
+        assert_eq!(ask(&rules, "/x"), None);
+        assert_eq!(errors(&counters), 0);
+        let (_trigger, stop) = crate::shutdown::channel();
+        assert!(rules.watch(stop).is_none());
+    }
+
+    async fn wait_for(rules: &LuaRules, want: Option<bool>) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if ask(rules, "/x") == want {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watcher_picks_up_writes_and_renames() {
+        let (dir, rules, _counters) =
+            rules_with(&[("10-rule.lua", "function presubscribe() return true end")]);
+        let (trigger, stop) = crate::shutdown::channel();
+        let task = rules.watch(stop).expect("watching");
+        assert_eq!(ask(&rules, "/x"), Some(true));
+
+        // In-place write (truncate + write).
+        write(
+            dir.path(),
+            "10-rule.lua",
+            "function presubscribe() return false end",
+        );
+        assert!(
+            wait_for(&rules, Some(false)).await,
+            "in-place write picked up"
+        );
+
+        // Editor save: write a temporary file, rename it over the rule.
+        write(
+            dir.path(),
+            "10-rule.lua.tmp",
+            "function presubscribe() return nil end",
+        );
+        std::fs::rename(
+            dir.path().join("10-rule.lua.tmp"),
+            dir.path().join("10-rule.lua"),
+        )
+        .expect("rename");
+        assert!(wait_for(&rules, None).await, "rename picked up");
+
+        // A new file appears.
+        write(
+            dir.path(),
+            "20-new.lua",
+            "function presubscribe() return true end",
+        );
+        assert!(wait_for(&rules, Some(true)).await, "new file picked up");
+        assert_eq!(rules.loaded_files(), ["10-rule.lua", "20-new.lua"]);
+
+        trigger.fire();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("watcher stops")
+            .expect("watcher task");
+    }
+}
