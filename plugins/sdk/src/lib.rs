@@ -1,10 +1,489 @@
-//! The plugin SDK: the C ABI between connectord and its plugins.
+//! The plugin SDK: the C ABI between connectord and its plugins, and a safe Rust API on
+//! top of it.
 //!
-//! Status: the ABI is designed in `ARCHITECTURE.md` ("Plugins") and DESIGN §6; the host
-//! loader and the `declare_plugin!` macro arrive with the plugin-system issue. Until then
-//! this crate only fixes the ABI version number that both sides will check.
+//! A plugin is a `cdylib` (and, to be linked into the daemon as a built-in, also an `rlib`)
+//! that implements [`Plugin`] and invokes [`declare_plugin!`] once. The macro exports one
+//! symbol, `connectord_plugin_<crate name>`, returning a [`PluginTable`]: the ABI version,
+//! the plugin's name and kind, and `extern "C"` functions to create an instance (given its
+//! configuration as JSON and the [`HostApi`]), call it (an operation name and a JSON
+//! request, bytes out), free what it returned, and destroy it. Data crosses as bytes,
+//! never as Rust types; each side frees only what it allocated. Every export catches
+//! panics: a panicking plugin returns an error, it never unwinds into the host.
+//!
+//! The host runs all calls of one loaded instance on one thread of its own, one at a
+//! time; a plugin needs no locking of its own and should start no threads (if it must,
+//! it stops them in `Drop`).
+//!
+//! The operations each kind answers are typed in [`auth`], [`sink`] and [`http`].
 
-#![forbid(unsafe_code)]
+use std::ffi::c_void;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
-/// Version of the plugin ABI. A plugin built for another version is refused at load.
+pub mod auth;
+pub mod http;
+pub mod sink;
+
+/// Version of the ABI below. A plugin built for another version is refused at load.
+/// Bump it on any change to [`PluginTable`] or [`HostApi`].
 pub const ABI_VERSION: u32 = 1;
+
+/// Prefix of the exported entry symbol; the crate name (with `-` as `_`) follows.
+pub const ENTRY_PREFIX: &str = "connectord_plugin_";
+
+/// What a plugin is for.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An auth backend: answers [`auth::OP_AUTHENTICATE`], may serve [`http`] routes.
+    Auth = 1,
+    /// A notification sink: answers [`sink::OP_VERIFY`] and [`sink::OP_DELIVER`].
+    Sink = 2,
+    /// Anything else (may serve [`http`] routes).
+    Other = 3,
+}
+
+impl Kind {
+    pub fn from_u32(v: u32) -> Option<Kind> {
+        match v {
+            1 => Some(Kind::Auth),
+            2 => Some(Kind::Sink),
+            3 => Some(Kind::Other),
+            _ => None,
+        }
+    }
+}
+
+/// A byte buffer handed across the boundary. Whoever allocated it frees it: buffers from
+/// a plugin go back through [`PluginTable::free`], buffers from the host through
+/// [`HostApi::free`].
+#[repr(C)]
+#[derive(Debug)]
+pub struct Buf {
+    pub ptr: *mut u8,
+    pub len: usize,
+    pub cap: usize,
+}
+
+impl Buf {
+    pub const EMPTY: Buf = Buf {
+        ptr: std::ptr::null_mut(),
+        len: 0,
+        cap: 0,
+    };
+
+    /// Hands a vector over (its memory now belongs to the receiver until freed).
+    pub fn from_vec(v: Vec<u8>) -> Buf {
+        let mut v = std::mem::ManuallyDrop::new(v);
+        Buf {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+            cap: v.capacity(),
+        }
+    }
+
+    /// Takes back a buffer made by [`Buf::from_vec`] in this same image.
+    ///
+    /// # Safety
+    /// `self` must come from `Buf::from_vec` of this image and not be freed yet.
+    pub unsafe fn into_vec(self) -> Vec<u8> {
+        if self.ptr.is_null() {
+            return Vec::new();
+        }
+        // SAFETY: per the contract, ptr/len/cap describe a live Vec<u8> of this allocator.
+        unsafe { Vec::from_raw_parts(self.ptr, self.len, self.cap) }
+    }
+
+    /// Copies the bytes out without taking ownership.
+    ///
+    /// # Safety
+    /// `ptr` must point at `len` readable bytes (or be null with `len` 0).
+    pub unsafe fn to_vec(&self) -> Vec<u8> {
+        if self.ptr.is_null() || self.len == 0 {
+            return Vec::new();
+        }
+        // SAFETY: per the contract.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }.to_vec()
+    }
+}
+
+/// Log levels for [`HostApi::log`].
+pub mod level {
+    pub const ERROR: u32 = 1;
+    pub const WARN: u32 = 2;
+    pub const INFO: u32 = 3;
+    pub const DEBUG: u32 = 4;
+}
+
+/// Functions the host gives a plugin instance. `ctx` is the host's and goes back as the
+/// first argument of every function. Status codes: 0 ok, 1 not found (state_get), negative
+/// an error (the host logs why).
+#[repr(C)]
+pub struct HostApi {
+    pub abi_version: u32,
+    pub ctx: *mut c_void,
+    pub log: unsafe extern "C" fn(ctx: *mut c_void, level: u32, msg: *const u8, len: usize),
+    /// Reads a value of the plugin's durable key-value state into `out` (host-allocated).
+    pub state_get: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        key: *const u8,
+        key_len: usize,
+        out: *mut Buf,
+    ) -> i32,
+    /// Writes a value; returns once it is durable.
+    pub state_put: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        key: *const u8,
+        key_len: usize,
+        value: *const u8,
+        value_len: usize,
+    ) -> i32,
+    pub state_delete: unsafe extern "C" fn(ctx: *mut c_void, key: *const u8, key_len: usize) -> i32,
+    /// The keys starting with `prefix`, as a JSON array of strings, into `out`.
+    pub state_keys: unsafe extern "C" fn(
+        ctx: *mut c_void,
+        prefix: *const u8,
+        prefix_len: usize,
+        out: *mut Buf,
+    ) -> i32,
+    /// Frees a buffer the host filled.
+    pub free: unsafe extern "C" fn(ctx: *mut c_void, buf: Buf),
+}
+
+/// What the entry symbol returns. Static for the life of the image.
+#[repr(C)]
+pub struct PluginTable {
+    pub abi_version: u32,
+    /// The plugin name (what the configuration calls it), UTF-8, static.
+    pub name: *const u8,
+    pub name_len: usize,
+    /// A [`Kind`] as u32.
+    pub kind: u32,
+    /// Creates an instance. 0: `*instance` is set. Else: `*err` holds a UTF-8 message.
+    pub create: unsafe extern "C" fn(
+        config: *const u8,
+        config_len: usize,
+        host: *const HostApi,
+        instance: *mut *mut c_void,
+        err: *mut Buf,
+    ) -> i32,
+    /// Calls an operation. 0: `*out` holds the answer. Else: `*out` holds an error message.
+    pub call: unsafe extern "C" fn(
+        instance: *mut c_void,
+        op: *const u8,
+        op_len: usize,
+        input: *const u8,
+        input_len: usize,
+        out: *mut Buf,
+    ) -> i32,
+    /// Frees a buffer the plugin filled.
+    pub free: unsafe extern "C" fn(buf: Buf),
+    /// Destroys an instance (stop anything it started).
+    pub destroy: unsafe extern "C" fn(instance: *mut c_void),
+}
+
+// SAFETY: the table is immutable static data (function pointers and a static string).
+unsafe impl Sync for PluginTable {}
+unsafe impl Send for PluginTable {}
+
+/// The host as a plugin sees it: logging and durable key-value state.
+pub struct Host {
+    api: *const HostApi,
+}
+
+// SAFETY: the host promises that its functions may be called from the plugin's worker
+// thread; a Host is only used there.
+unsafe impl Send for Host {}
+
+impl Host {
+    /// # Safety
+    /// `api` must stay valid for the life of the instance (the host guarantees it).
+    pub unsafe fn from_raw(api: *const HostApi) -> Host {
+        Host { api }
+    }
+
+    fn api(&self) -> &HostApi {
+        // SAFETY: from_raw's contract.
+        unsafe { &*self.api }
+    }
+
+    pub fn log(&self, level: u32, msg: &str) {
+        let a = self.api();
+        // SAFETY: a valid host function with a valid slice.
+        unsafe { (a.log)(a.ctx, level, msg.as_ptr(), msg.len()) }
+    }
+
+    pub fn info(&self, msg: &str) {
+        self.log(level::INFO, msg);
+    }
+
+    pub fn warn(&self, msg: &str) {
+        self.log(level::WARN, msg);
+    }
+
+    fn take(&self, buf: Buf) -> Vec<u8> {
+        let a = self.api();
+        // SAFETY: the host filled `buf`; we copy it and hand it back to be freed.
+        let v = unsafe { buf.to_vec() };
+        unsafe { (a.free)(a.ctx, buf) };
+        v
+    }
+
+    /// A value of the plugin's state.
+    pub fn state_get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        let a = self.api();
+        let mut out = Buf::EMPTY;
+        // SAFETY: valid function, slices and out pointer.
+        let rc = unsafe { (a.state_get)(a.ctx, key.as_ptr(), key.len(), &mut out) };
+        match rc {
+            0 => Ok(Some(self.take(out))),
+            1 => Ok(None),
+            _ => Err(format!("state_get({key}) failed ({rc})")),
+        }
+    }
+
+    /// Stores a value durably (returns once it is on disk).
+    pub fn state_put(&self, key: &str, value: &[u8]) -> Result<(), String> {
+        let a = self.api();
+        // SAFETY: valid function and slices.
+        let rc =
+            unsafe { (a.state_put)(a.ctx, key.as_ptr(), key.len(), value.as_ptr(), value.len()) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(format!("state_put({key}) failed ({rc})"))
+        }
+    }
+
+    pub fn state_delete(&self, key: &str) -> Result<(), String> {
+        let a = self.api();
+        // SAFETY: valid function and slice.
+        let rc = unsafe { (a.state_delete)(a.ctx, key.as_ptr(), key.len()) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(format!("state_delete({key}) failed ({rc})"))
+        }
+    }
+
+    /// The state keys that start with `prefix`.
+    pub fn state_keys(&self, prefix: &str) -> Result<Vec<String>, String> {
+        let a = self.api();
+        let mut out = Buf::EMPTY;
+        // SAFETY: valid function, slice and out pointer.
+        let rc = unsafe { (a.state_keys)(a.ctx, prefix.as_ptr(), prefix.len(), &mut out) };
+        if rc != 0 {
+            return Err(format!("state_keys({prefix}) failed ({rc})"));
+        }
+        let bytes = self.take(out);
+        serde_json::from_slice(&bytes).map_err(|e| format!("state_keys: {e}"))
+    }
+}
+
+/// What a plugin implements.
+pub trait Plugin: Sized + 'static {
+    /// The name the configuration uses (`[plugins] auth = ["connector"]`).
+    const NAME: &'static str;
+    const KIND: Kind;
+    /// The ABI version the table announces. Leave it: overriding it only serves to test
+    /// that the host refuses a plugin built for another version.
+    const ABI: u32 = ABI_VERSION;
+    /// Builds an instance from its configuration (the plugin's TOML table as JSON, `{}`
+    /// when it has none).
+    fn create(config: serde_json::Value, host: Host) -> Result<Self, String>;
+    /// Answers one operation; `input` and the answer are JSON by convention.
+    fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String>;
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        format!("plugin panicked: {s}")
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        format!("plugin panicked: {s}")
+    } else {
+        "plugin panicked".to_string()
+    }
+}
+
+/// The shims behind [`declare_plugin!`]. Not for direct use.
+#[doc(hidden)]
+pub mod shim {
+    use super::*;
+
+    /// # Safety
+    /// Called by the host per the [`PluginTable::create`] contract.
+    pub unsafe fn create<P: Plugin>(
+        config: *const u8,
+        config_len: usize,
+        host: *const HostApi,
+        instance: *mut *mut c_void,
+        err: *mut Buf,
+    ) -> i32 {
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: the host passes a readable config slice and a valid host table.
+            let bytes = if config.is_null() {
+                &[][..]
+            } else {
+                unsafe { std::slice::from_raw_parts(config, config_len) }
+            };
+            let cfg: serde_json::Value = if bytes.is_empty() {
+                serde_json::Value::Object(Default::default())
+            } else {
+                serde_json::from_slice(bytes)
+                    .map_err(|e| format!("plugin configuration is not JSON: {e}"))?
+            };
+            // SAFETY: host outlives the instance (host contract).
+            let h = unsafe { Host::from_raw(host) };
+            P::create(cfg, h)
+        }));
+        let outcome = match result {
+            Ok(r) => r,
+            Err(p) => Err(panic_message(p)),
+        };
+        match outcome {
+            Ok(p) => {
+                // SAFETY: instance is a valid out pointer.
+                unsafe { *instance = Box::into_raw(Box::new(p)) as *mut c_void };
+                0
+            }
+            Err(e) => {
+                // SAFETY: err is a valid out pointer.
+                unsafe { *err = Buf::from_vec(e.into_bytes()) };
+                1
+            }
+        }
+    }
+
+    /// # Safety
+    /// Called by the host per the [`PluginTable::call`] contract.
+    pub unsafe fn call<P: Plugin>(
+        instance: *mut c_void,
+        op: *const u8,
+        op_len: usize,
+        input: *const u8,
+        input_len: usize,
+        out: *mut Buf,
+    ) -> i32 {
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: the host passes the instance create returned and readable slices.
+            let p = unsafe { &mut *(instance as *mut P) };
+            let op = unsafe { std::slice::from_raw_parts(op, op_len) };
+            let input = if input.is_null() {
+                &[][..]
+            } else {
+                unsafe { std::slice::from_raw_parts(input, input_len) }
+            };
+            let op =
+                std::str::from_utf8(op).map_err(|_| "operation name is not UTF-8".to_string())?;
+            p.call(op, input)
+        }));
+        let (rc, bytes) = match result {
+            Ok(Ok(v)) => (0, v),
+            Ok(Err(e)) => (1, e.into_bytes()),
+            Err(p) => (2, panic_message(p).into_bytes()),
+        };
+        // SAFETY: out is a valid out pointer.
+        unsafe { *out = Buf::from_vec(bytes) };
+        rc
+    }
+
+    /// # Safety
+    /// `buf` must have been filled by this image.
+    pub unsafe fn free(buf: Buf) {
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: per the contract.
+            drop(unsafe { buf.into_vec() });
+        }));
+    }
+
+    /// # Safety
+    /// `instance` must come from `create` of this image and not be destroyed yet.
+    pub unsafe fn destroy<P: Plugin>(instance: *mut c_void) {
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            if !instance.is_null() {
+                // SAFETY: per the contract.
+                drop(unsafe { Box::from_raw(instance as *mut P) });
+            }
+        }));
+    }
+}
+
+/// Exports a [`Plugin`] implementation: `declare_plugin!(MyPlugin);` once per crate.
+///
+/// It defines `pub fn plugin_table() -> &'static PluginTable` (used when the crate is
+/// linked into the daemon as a built-in) and exports it as the C symbol
+/// `connectord_plugin_<crate name>` (used when it is loaded from a `.so`; the loader
+/// derives the symbol from the file name `lib<crate name>.so`).
+#[macro_export]
+macro_rules! declare_plugin {
+    ($plugin:ty) => {
+        #[allow(unsafe_code)]
+        unsafe extern "C" fn __connectord_create(
+            config: *const u8,
+            config_len: usize,
+            host: *const $crate::HostApi,
+            instance: *mut *mut ::std::ffi::c_void,
+            err: *mut $crate::Buf,
+        ) -> i32 {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::shim::create::<$plugin>(config, config_len, host, instance, err) }
+        }
+        #[allow(unsafe_code)]
+        unsafe extern "C" fn __connectord_call(
+            instance: *mut ::std::ffi::c_void,
+            op: *const u8,
+            op_len: usize,
+            input: *const u8,
+            input_len: usize,
+            out: *mut $crate::Buf,
+        ) -> i32 {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::shim::call::<$plugin>(instance, op, op_len, input, input_len, out) }
+        }
+        #[allow(unsafe_code)]
+        unsafe extern "C" fn __connectord_free(buf: $crate::Buf) {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::shim::free(buf) }
+        }
+        #[allow(unsafe_code)]
+        unsafe extern "C" fn __connectord_destroy(instance: *mut ::std::ffi::c_void) {
+            // SAFETY: forwarded contract.
+            unsafe { $crate::shim::destroy::<$plugin>(instance) }
+        }
+        static __CONNECTORD_TABLE: $crate::PluginTable = $crate::PluginTable {
+            abi_version: <$plugin as $crate::Plugin>::ABI,
+            name: <$plugin as $crate::Plugin>::NAME.as_ptr(),
+            name_len: <$plugin as $crate::Plugin>::NAME.len(),
+            kind: <$plugin as $crate::Plugin>::KIND as u32,
+            create: __connectord_create,
+            call: __connectord_call,
+            free: __connectord_free,
+            destroy: __connectord_destroy,
+        };
+        /// This plugin's table (for linking it into the daemon as a built-in).
+        pub fn plugin_table() -> &'static $crate::PluginTable {
+            &__CONNECTORD_TABLE
+        }
+        #[allow(unsafe_code)]
+        #[unsafe(export_name = concat!("connectord_plugin_", env!("CARGO_CRATE_NAME")))]
+        pub extern "C" fn __connectord_plugin_entry() -> *const $crate::PluginTable {
+            &__CONNECTORD_TABLE
+        }
+    };
+}
+
+impl PluginTable {
+    /// The plugin's name.
+    ///
+    /// # Safety
+    /// The table must come from a loaded plugin image that is still loaded.
+    pub unsafe fn name(&self) -> String {
+        if self.name.is_null() {
+            return String::new();
+        }
+        // SAFETY: per the contract, name/name_len describe static UTF-8 in the image.
+        String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(self.name, self.name_len) })
+            .into_owned()
+    }
+}
+
+pub mod testing;

@@ -1,0 +1,85 @@
+//! A minimal connectord plugin, the one `docs/plugins.md` walks through.
+//!
+//! It serves `GET /api/example/hello` (scope `endpoints:read`): `{"variant": …, "calls": n}`
+//! where `calls` counts every call ever made, kept in the host's durable state (so it
+//! survives a reload and a restart), and `variant` is fixed at build time by the
+//! `CONNECTORD_EXAMPLE_VARIANT` environment variable (default `A`), so that a test can
+//! tell one build from another. `GET /api/example/panic` panics, to show that a panic stays
+//! inside the plugin. Built with `CONNECTORD_EXAMPLE_ABI` set, it announces a wrong ABI
+//! version, to show that the host refuses it.
+
+use connectord_plugin_sdk::http::{
+    HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse,
+};
+use connectord_plugin_sdk::{ABI_VERSION, Host, Kind, Plugin, declare_plugin};
+
+const VARIANT: &str = match option_env!("CONNECTORD_EXAMPLE_VARIANT") {
+    Some(v) => v,
+    None => "A",
+};
+
+pub struct Example {
+    host: Host,
+    calls: u64,
+}
+
+impl Plugin for Example {
+    const NAME: &'static str = "example";
+    const KIND: Kind = Kind::Other;
+    const ABI: u32 = match option_env!("CONNECTORD_EXAMPLE_ABI") {
+        Some(_) => ABI_VERSION + 98,
+        None => ABI_VERSION,
+    };
+
+    fn create(_config: serde_json::Value, host: Host) -> Result<Self, String> {
+        let calls = match host.state_get("calls")? {
+            Some(v) => String::from_utf8_lossy(&v).parse().unwrap_or(0),
+            None => 0,
+        };
+        host.info(&format!(
+            "example plugin, variant {VARIANT}, {calls} calls so far"
+        ));
+        Ok(Example { host, calls })
+    }
+
+    fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
+        match op {
+            OP_ROUTES => {
+                let routes = RoutesResponse {
+                    routes: vec![
+                        Route {
+                            method: "GET".into(),
+                            path: "/api/example/hello".into(),
+                            scope: "endpoints:read".into(),
+                        },
+                        Route {
+                            method: "GET".into(),
+                            path: "/api/example/panic".into(),
+                            scope: "endpoints:read".into(),
+                        },
+                    ],
+                };
+                serde_json::to_vec(&routes).map_err(|e| e.to_string())
+            }
+            OP_HTTP => {
+                let req: HttpRequest = serde_json::from_slice(input).map_err(|e| e.to_string())?;
+                if req.path.ends_with("/panic") {
+                    panic!("asked to panic");
+                }
+                self.calls += 1;
+                self.host
+                    .state_put("calls", self.calls.to_string().as_bytes())?;
+                let body = serde_json::json!({"variant": VARIANT, "calls": self.calls}).to_string();
+                let resp = HttpResponse {
+                    status: 200,
+                    headers: [("content-type".to_string(), "application/json".to_string())].into(),
+                    body,
+                };
+                serde_json::to_vec(&resp).map_err(|e| e.to_string())
+            }
+            other => Err(format!("unknown operation {other}")),
+        }
+    }
+}
+
+declare_plugin!(Example);
