@@ -12,12 +12,13 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::auth::{AuthBackend, AuthChain, CoreKeys};
+use crate::auth::AuthChain;
 use crate::coap::Transport;
 use crate::config::{Config, ConfigError};
 use crate::events::Hub;
-use crate::events::webhook::{Webhook, WebhookError};
+use crate::events::PluginSink;
 use crate::metrics::Counters;
+use crate::plugins::PluginHost;
 use crate::registry::lwm2m::Lwm2mHandler;
 use crate::registry::{Registry, RegistryListener};
 use crate::requests::{Requests, RequestsListener};
@@ -33,12 +34,10 @@ use crate::subscriptions::lua::LuaRules;
 pub enum StartError {
     #[error("state store: {0}")]
     Store(#[from] StoreError),
-    #[error(transparent)]
-    FirstKey(#[from] crate::auth::keys::FirstKeyError),
+    #[error("cannot write the first admin key: {0}")]
+    FirstKey(std::io::Error),
     #[error("{0}")]
     Bind(#[from] std::io::Error),
-    #[error("notification callbacks: {0}")]
-    Webhook(#[from] WebhookError),
 }
 
 /// Changes the log filter of the running process (given by the binary, which owns the
@@ -66,10 +65,20 @@ pub async fn run(
     let loaded = registry.load().await?;
     tracing::info!("loaded {loaded} stored registrations");
 
-    let keys = Arc::new(CoreKeys::load(Arc::clone(&store)).await?);
-    match keys
-        .ensure_first_admin(&state_dir, &config.registry.default_domain)
-        .await?
+    let plugins = PluginHost::start(
+        &config.plugins,
+        Arc::clone(&store),
+        &state_dir,
+        Arc::clone(&counters),
+    );
+    for (name, origin, generation) in plugins.loaded() {
+        tracing::info!("plugin {name} ({origin}, generation {generation})");
+    }
+    let auth = AuthChain::new(Arc::clone(&plugins), config.plugins.auth.clone());
+    match auth
+        .bootstrap(&state_dir, &config.registry.default_domain)
+        .await
+        .map_err(StartError::FirstKey)?
     {
         Some(path) => tracing::warn!(
             "first start: created an admin access key for domain {}; it is in {} (readable by this user only)",
@@ -78,23 +87,22 @@ pub async fn run(
         ),
         None => tracing::info!(
             "access keys loaded; the first admin key, if kept, is in {}",
-            state_dir.join(crate::auth::keys::ADMIN_KEY_FILE).display()
+            state_dir.join(crate::auth::ADMIN_KEY_FILE).display()
         ),
     }
-    let auth = AuthChain::new(vec![keys as Arc<dyn AuthBackend>]);
 
     let transport = Transport::bind(&config.coap, Arc::clone(&counters))?;
     let listeners = rest::bind(&config.rest.listen).await?;
 
     let (trigger, stop) = shutdown::channel();
     let n = &config.notifications;
-    let webhook = Webhook::new(
-        Duration::from_secs(n.callback_timeout_s),
-        n.callback_ca_file.as_deref(),
-    )?;
+    let sink = PluginSink {
+        host: Arc::clone(&plugins),
+        name: config.plugins.sink.clone(),
+    };
     let hub = Hub::load(
         Arc::clone(&store),
-        Arc::new(webhook),
+        Arc::new(sink),
         n.clone(),
         Arc::clone(&counters),
         stop.clone(),
@@ -133,6 +141,9 @@ pub async fn run(
     if let Some(t) = lua.watch(stop.clone()) {
         tasks.push(t);
     }
+    if let Some(t) = plugins.watch(stop.clone()) {
+        tasks.push(t);
+    }
     let state = Arc::new(AppState {
         registry: Arc::clone(&registry),
         auth,
@@ -141,6 +152,7 @@ pub async fn run(
         requests,
         hub,
         subscriptions,
+        plugins: Arc::clone(&plugins),
         max_body: config.requests.max_body,
         long_poll: Duration::from_secs(config.notifications.long_poll_s),
     });
@@ -168,6 +180,7 @@ pub async fn run(
     for t in tasks {
         let _ = t.await;
     }
+    plugins.shutdown();
     tracing::info!("stopped");
     Ok(())
 }
@@ -205,6 +218,7 @@ fn reload(running: Config, path: Option<&std::path::Path>, set_log: &SetLogFilte
         ("requests", next.requests != running.requests),
         ("notifications", next.notifications != running.notifications),
         ("lua", next.lua != running.lua),
+        ("plugins", next.plugins != running.plugins),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))

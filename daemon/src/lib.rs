@@ -11,7 +11,7 @@
 //! - [`daemon`]: start-up wiring, signals, systemd readiness.
 //! - [`metrics`], [`shutdown`]: counters and the stop signal shared by all of the above.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod auth;
 pub mod coap;
@@ -19,6 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod metrics;
+pub mod plugins;
 pub mod registry;
 pub mod requests;
 pub mod rest;

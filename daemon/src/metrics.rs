@@ -68,6 +68,10 @@ counters! {
     lua_errors,
     /// Lua rule files (re)loaded successfully.
     lua_reloads,
+    /// Plugin files loaded (at start or on change) and swapped in.
+    plugin_reloads,
+    /// Plugins that failed to load or start, and plugin calls that failed.
+    plugin_errors,
     /// Observe notifications accepted from devices.
     observe_notifications,
     /// Observe notifications dropped as older than one already seen.

@@ -444,3 +444,42 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Builds a plugin crate of this workspace as a `.so` (in a target directory of its own,
+/// so as not to wait for the lock of the `cargo test` that runs us) and returns a private
+/// copy of it: later builds of other variants overwrite the original.
+pub fn build_plugin(package: &str, env: &[(&str, &str)]) -> PathBuf {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&base).unwrap();
+    let lock = std::fs::File::create(base.join("plugin-build.lock")).unwrap();
+    lock.lock().expect("lock plugin builds");
+    let target = base.join("plugin-build");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
+        .args(["build", "--quiet", "-p", package])
+        .env("CARGO_TARGET_DIR", &target)
+        .env_remove("CONNECTORD_EXAMPLE_VARIANT")
+        .env_remove("CONNECTORD_EXAMPLE_ABI");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(status.success(), "building plugin {package} failed");
+    let file = format!("lib{}.so", package.replace('-', "_"));
+    let variant: String = env.iter().map(|(k, v)| format!("-{k}={v}")).collect();
+    let copy = base.join(format!("{file}{variant}"));
+    std::fs::copy(target.join("debug").join(&file), &copy).expect("copy the built plugin");
+    copy
+}
+
+/// Puts a plugin file into `dir` under its proper name, atomically (write a hidden
+/// temporary file, then rename), as a package upgrade would.
+pub fn install_plugin(built: &Path, dir: &Path, file_name: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = dir.join(format!(".{file_name}.tmp"));
+    std::fs::copy(built, &tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::rename(&tmp, dir.join(file_name)).unwrap();
+}

@@ -1,19 +1,26 @@
 //! Who is calling the REST API, and what they may do.
 //!
 //! The core knows [`Principal`]s: a backend's verdict on a credential, with the domain the
-//! caller belongs to and the core scopes it holds. Backends are asked in order by the
-//! [`AuthChain`]; the first that recognises the credential decides. Today the one backend
-//! is [`keys::CoreKeys`] (Bearer access keys); the plugin issue turns backends into plugins
-//! behind this same [`AuthBackend`] seam.
+//! caller belongs to and the core scopes it holds. Backends are plugins
+//! (`[plugins] auth = [...]`, asked in that order by the [`AuthChain`]); the first that
+//! recognises the credential decides. A backend that fails (not loaded, panicked, bad
+//! answer) fails the request closed with 503: it is never skipped.
 //!
 //! Architecture invariant: routes never look at headers to authorise; they name the
 //! [`Scope`] they need and the router checks it against the principal.
 
-pub mod keys;
-
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use keys::{AccessKeyRecord, CoreKeys};
+use connectord_plugin_sdk::auth::{
+    self as proto, AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse,
+};
+
+use crate::plugins::PluginHost;
+
+/// File in the state directory that holds the first admin key.
+pub const ADMIN_KEY_FILE: &str = "admin.key";
 
 /// What a route needs. A principal with `admin` holds every scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +36,17 @@ pub enum Scope {
 }
 
 impl Scope {
+    pub const ALL: [Scope; 8] = [
+        Scope::EndpointsRead,
+        Scope::ResourcesRead,
+        Scope::ResourcesWrite,
+        Scope::SubscriptionsRead,
+        Scope::SubscriptionsWrite,
+        Scope::Notifications,
+        Scope::LimitsRead,
+        Scope::Admin,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::EndpointsRead => "endpoints:read",
@@ -40,6 +58,10 @@ impl Scope {
             Scope::LimitsRead => "limits:read",
             Scope::Admin => "admin",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|x| x.as_str() == s)
     }
 }
 
@@ -64,58 +86,117 @@ impl Principal {
     }
 }
 
-/// A backend's answer about one request's credentials.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Not a credential this backend knows: ask the next one.
-    NotMine,
-    Accepted(Principal),
-    /// This backend's credential, but not valid (revoked, expired, wrong secret).
-    Refused(String),
-}
-
-/// One way of recognising callers.
-pub trait AuthBackend: Send + Sync + 'static {
-    fn name(&self) -> &str;
-    fn authenticate(&self, headers: &http::HeaderMap) -> Verdict;
-}
-
 /// Why a request was not authenticated.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Unauthenticated(pub String);
+pub enum AuthError {
+    /// 401: no backend recognised the credential, or one refused it.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// 503: a backend could not answer.
+    #[error("{0}")]
+    Unavailable(String),
+}
 
-/// The configured backends, asked in order.
-#[derive(Clone, Default)]
+/// The configured auth backends, asked in order.
+#[derive(Clone)]
 pub struct AuthChain {
-    backends: Vec<Arc<dyn AuthBackend>>,
+    host: Arc<PluginHost>,
+    order: Vec<String>,
 }
 
 impl AuthChain {
-    pub fn new(backends: Vec<Arc<dyn AuthBackend>>) -> AuthChain {
-        AuthChain { backends }
+    pub fn new(host: Arc<PluginHost>, order: Vec<String>) -> AuthChain {
+        AuthChain { host, order }
     }
 
-    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Principal, Unauthenticated> {
-        for b in &self.backends {
-            match b.authenticate(headers) {
-                Verdict::NotMine => continue,
-                Verdict::Accepted(p) => return Ok(p),
-                Verdict::Refused(why) => return Err(Unauthenticated(why)),
+    /// Asks each backend in turn about this request's credentials.
+    pub async fn authenticate(
+        &self,
+        method: &http::Method,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<Principal, AuthError> {
+        let mut hs: BTreeMap<String, String> = BTreeMap::new();
+        for (k, v) in headers {
+            let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+            hs.entry(k.as_str().to_string())
+                .and_modify(|old| {
+                    old.push_str(", ");
+                    old.push_str(&v);
+                })
+                .or_insert(v);
+        }
+        let req = AuthRequest {
+            method: method.to_string(),
+            path: path.to_string(),
+            headers: hs,
+        };
+        for name in &self.order {
+            let verdict: AuthVerdict = self
+                .host
+                .call_json(name, proto::OP_AUTHENTICATE, &req)
+                .await
+                .map_err(|e| {
+                    tracing::error!("auth backend {name}: {e}");
+                    AuthError::Unavailable(format!("auth backend {name} is unavailable"))
+                })?;
+            match verdict {
+                AuthVerdict::NotMine => continue,
+                AuthVerdict::Accepted { principal } => {
+                    return Ok(Principal {
+                        backend: name.clone(),
+                        key_id: principal.key_id,
+                        domain: principal.domain,
+                        scopes: principal.scopes,
+                    });
+                }
+                AuthVerdict::Refused { reason } => return Err(AuthError::Unauthenticated(reason)),
             }
         }
-        Err(Unauthenticated(
+        Err(AuthError::Unauthenticated(
             "missing or unknown credentials: send Authorization: Bearer <access key>".into(),
         ))
     }
+
+    /// At start: lets each backend create a first admin credential for `domain` if it has
+    /// none. The first one created is written to `admin.key` in the state directory,
+    /// readable by the daemon's user only; returns that path.
+    pub async fn bootstrap(
+        &self,
+        state_dir: &Path,
+        domain: &str,
+    ) -> Result<Option<PathBuf>, std::io::Error> {
+        let req = BootstrapRequest {
+            domain: domain.to_string(),
+        };
+        for name in &self.order {
+            let resp: BootstrapResponse =
+                match self.host.call_json(name, proto::OP_BOOTSTRAP, &req).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!("auth backend {name}: no bootstrap ({e})");
+                        continue;
+                    }
+                };
+            if let Some(key) = resp.created {
+                let path = state_dir.join(ADMIN_KEY_FILE);
+                write_private(&path, &format!("{key}\n"))?;
+                return Ok(Some(path));
+            }
+        }
+        Ok(None)
+    }
 }
 
-/// The token of an `Authorization: Bearer <token>` header, if there is one.
-pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
-    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
 }

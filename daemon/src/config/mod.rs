@@ -89,6 +89,36 @@ pub struct Config {
     pub notifications: NotificationsConfig,
     #[serde(default)]
     pub lua: LuaConfig,
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+}
+
+/// `[plugins]`: auth backends and notification sinks.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Directory of plugin files (`lib<crate>.so`), watched: a changed file is loaded
+    /// again and swapped in without a restart. Unset: only the built-in plugins
+    /// (`connector`, `webhook`). The directory must not be writable by group or others.
+    pub dir: Option<PathBuf>,
+    /// Auth backends by plugin name, asked in this order; the first that recognises a
+    /// credential decides.
+    pub auth: Vec<String>,
+    /// The plugin that delivers notifications to callback URLs.
+    pub sink: String,
+    /// Each plugin's own settings, by plugin name: `[plugins.settings.webhook]`.
+    pub settings: std::collections::BTreeMap<String, toml::Table>,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            dir: None,
+            auth: vec!["connector".into()],
+            sink: "webhook".into(),
+            settings: Default::default(),
+        }
+    }
 }
 
 /// `[lua]`: pre-subscription rules written in Lua.
@@ -147,11 +177,6 @@ pub struct NotificationsConfig {
     pub discard_after_s: u64,
     /// Most undelivered events kept per access key; the oldest make room.
     pub max_queued_per_key: usize,
-    /// Time limit of one callback request (connect, send, answer).
-    pub callback_timeout_s: u64,
-    /// A PEM file of extra CA certificates trusted for `https://` callbacks, beside the
-    /// system's.
-    pub callback_ca_file: Option<PathBuf>,
     /// First wait before a failed callback delivery is retried; doubled per failure.
     pub retry_initial_ms: u64,
     /// Longest wait between retries.
@@ -165,8 +190,6 @@ impl Default for NotificationsConfig {
             max_batch: 500,
             discard_after_s: 900,
             max_queued_per_key: 100_000,
-            callback_timeout_s: 10,
-            callback_ca_file: None,
             retry_initial_ms: 1000,
             retry_max_ms: 60_000,
         }
@@ -434,10 +457,10 @@ impl Config {
             };
             return Err(invalid(key, "must be at least 1".into()));
         }
-        if n.callback_timeout_s == 0 {
+        if self.plugins.auth.is_empty() {
             return Err(invalid(
-                "notifications.callback_timeout_s",
-                "must be at least 1".into(),
+                "plugins.auth",
+                "needs at least one auth backend".into(),
             ));
         }
         if n.retry_initial_ms == 0 || n.retry_max_ms < n.retry_initial_ms {

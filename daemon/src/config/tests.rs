@@ -12,6 +12,7 @@ fn embedded_defaults_parse_and_match_code_defaults() {
         requests: RequestsConfig::default(),
         notifications: NotificationsConfig::default(),
         lua: LuaConfig::default(),
+        plugins: PluginsConfig::default(),
     };
     assert_eq!(c, d, "etc/connectord.toml and the Default impls disagree");
 }

@@ -7,18 +7,17 @@
 //! accepted, should be retried, or is refused.
 
 pub mod hub;
-pub mod webhook;
 
 use std::future::Future;
 use std::pin::Pin;
 
 use base64::Engine;
 use bytes::Bytes;
+use connectord_plugin_sdk::sink;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 pub use hub::Hub;
-pub use webhook::{CallbackTarget, Delivery};
 
 use crate::registry::Endpoint;
 
@@ -159,8 +158,27 @@ pub fn async_response_body(
     Value::Object(o)
 }
 
-/// Where events for keys are delivered when a key has a callback: the seam that the
-/// plugin system turns into a plugin. Implemented by [`webhook::Webhook`].
+/// Where a key's notifications go: the `PUT /notification/callback` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallbackTarget {
+    pub url: String,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// The outcome of one delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The receiver took the batch.
+    Accepted,
+    /// Try again later (connection failure, timeout, 5xx, 408, 429).
+    Retry(String),
+    /// The receiver refuses this batch for good: it is discarded and counted.
+    Refused(String),
+}
+
+/// Where events for keys are delivered when a key has a callback. Implemented by
+/// [`PluginSink`], which hands each batch to the configured sink plugin.
 pub trait Sink: Send + Sync + 'static {
     /// The check made when a callback is registered (`Err` is shown to the client).
     fn verify<'a>(
@@ -175,19 +193,68 @@ pub trait Sink: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>>;
 }
 
-impl Sink for webhook::Webhook {
+/// The sink plugin named in `[plugins] sink`.
+pub struct PluginSink {
+    pub host: std::sync::Arc<crate::plugins::PluginHost>,
+    pub name: String,
+}
+
+fn target(t: &CallbackTarget) -> sink::Target {
+    sink::Target {
+        url: t.url.clone(),
+        headers: t.headers.clone(),
+    }
+}
+
+impl Sink for PluginSink {
     fn verify<'a>(
         &'a self,
-        target: &'a CallbackTarget,
+        t: &'a CallbackTarget,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
-        Box::pin(webhook::Webhook::verify(self, target))
+        Box::pin(async move {
+            let req = sink::VerifyRequest { target: target(t) };
+            match self
+                .host
+                .call_json::<_, sink::VerifyResponse>(&self.name, sink::OP_VERIFY, &req)
+                .await
+            {
+                Ok(r) if r.ok => Ok(()),
+                Ok(r) => Err(r
+                    .reason
+                    .unwrap_or_else(|| "the callback URL was refused".into())),
+                Err(e) => {
+                    tracing::error!("notification sink: {e}");
+                    Err(format!(
+                        "notifications cannot be delivered now: sink plugin {} is unavailable",
+                        self.name
+                    ))
+                }
+            }
+        })
     }
+
     fn deliver<'a>(
         &'a self,
-        target: &'a CallbackTarget,
+        t: &'a CallbackTarget,
         body: Bytes,
     ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
-        Box::pin(webhook::Webhook::deliver(self, target, body))
+        Box::pin(async move {
+            let req = sink::DeliverRequest {
+                target: target(t),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            };
+            match self
+                .host
+                .call_json::<_, sink::DeliverResponse>(&self.name, sink::OP_DELIVER, &req)
+                .await
+            {
+                Ok(sink::DeliverResponse::Accepted) => Delivery::Accepted,
+                Ok(sink::DeliverResponse::Retry { reason }) => Delivery::Retry(reason),
+                Ok(sink::DeliverResponse::Refused { reason }) => Delivery::Refused(reason),
+                // A failing sink plugin is retried like a failing receiver.
+                Err(e) => Delivery::Retry(e.to_string()),
+            }
+        })
     }
 }
 

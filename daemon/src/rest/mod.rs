@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::auth::AuthChain;
+use crate::auth::{AuthChain, AuthError, Principal, Scope};
 use crate::coap::Transport;
 use crate::events::Hub;
 use crate::metrics::{self, Counters};
@@ -48,6 +48,7 @@ pub struct AppState {
     pub requests: Arc<Requests>,
     pub hub: Arc<Hub>,
     pub subscriptions: Arc<Subscriptions>,
+    pub plugins: Arc<crate::plugins::PluginHost>,
     /// `requests.max_body`.
     pub max_body: usize,
     /// `notifications.long_poll_s`.
@@ -145,15 +146,46 @@ async fn handle(
 async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
     let (route, scope) = match routes::resolve(req.method(), req.uri().path()) {
         Ok(r) => r,
+        Err(reply) if reply.status() == StatusCode::NOT_FOUND => {
+            // Not a core route: maybe a plugin's (e.g. POST /api/api_tokens).
+            let Some(path) = routes::unversioned(req.uri().path()) else {
+                return reply;
+            };
+            let Some(pr) = state.plugins.match_route(req.method().as_str(), &path) else {
+                return reply;
+            };
+            let Some(scope) = Scope::parse(&pr.route.scope) else {
+                tracing::error!(plugin = %pr.plugin, "route {} names an unknown scope {:?}", pr.route.path, pr.route.scope);
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "plugin_error",
+                    "the plugin's route is misconfigured",
+                );
+            };
+            (
+                Route::Plugin {
+                    plugin: pr.plugin,
+                    path,
+                },
+                scope,
+            )
+        }
         Err(reply) => return reply,
     };
     // Everything needs credentials.
-    let principal = match state.auth.authenticate(req.headers()) {
+    let principal = match state
+        .auth
+        .authenticate(req.method(), req.uri().path(), req.headers())
+        .await
+    {
         Ok(p) => p,
-        Err(e) => {
+        Err(AuthError::Unauthenticated(why)) => {
             Counters::inc(&state.counters.rest_unauthorized);
-            return error(StatusCode::UNAUTHORIZED, "unauthorized", &e.0)
+            return error(StatusCode::UNAUTHORIZED, "unauthorized", &why)
                 .header(http::header::WWW_AUTHENTICATE, "Bearer");
+        }
+        Err(AuthError::Unavailable(why)) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &why);
         }
     };
     if !principal.allows(scope) {
@@ -208,6 +240,9 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
             }
             reply
         }
+        Route::Plugin { plugin, path } => {
+            plugin_route(&state, &principal, &parts, body, &plugin, &path).await
+        }
         Route::Subscriptions => {
             subscriptions::all(&state.subscriptions, &principal, &parts, body).await
         }
@@ -237,4 +272,67 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
         }
     }
     .method_is_head(parts.method == Method::HEAD)
+}
+
+/// A request on a route a plugin serves: handed to the plugin as `http`.
+async fn plugin_route(
+    state: &AppState,
+    who: &Principal,
+    parts: &http::request::Parts,
+    body: Bytes,
+    plugin: &str,
+    path: &str,
+) -> Reply {
+    use connectord_plugin_sdk::auth::PrincipalSpec;
+    use connectord_plugin_sdk::http::{HttpRequest, HttpResponse, OP_HTTP};
+    let Ok(body) = String::from_utf8(body.to_vec()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the request body is not UTF-8",
+        );
+    };
+    let req = HttpRequest {
+        method: parts.method.to_string(),
+        path: path.to_string(),
+        query: parts.uri.query().map(str::to_owned),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body,
+        principal: PrincipalSpec {
+            key_id: who.key_id.clone(),
+            domain: who.domain.clone(),
+            scopes: who.scopes.clone(),
+        },
+    };
+    match state
+        .plugins
+        .call_json::<_, HttpResponse>(plugin, OP_HTTP, &req)
+        .await
+    {
+        Ok(r) => match StatusCode::from_u16(r.status) {
+            Ok(status) => Reply::raw(status, &r.headers, r.body),
+            Err(_) => error(
+                StatusCode::BAD_GATEWAY,
+                "plugin_error",
+                &format!("plugin {plugin} answered an invalid status"),
+            ),
+        },
+        Err(e) => {
+            tracing::error!("{e}");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "plugin_error",
+                &e.to_string(),
+            )
+        }
+    }
 }

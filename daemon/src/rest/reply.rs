@@ -47,6 +47,27 @@ impl Reply {
         Reply::with_type(status, "text/plain; charset=utf-8", body)
     }
 
+    /// A reply with headers given as strings (a plugin's answer); invalid names or values
+    /// are left out and logged.
+    pub fn raw(
+        status: StatusCode,
+        headers: &std::collections::BTreeMap<String, String>,
+        body: String,
+    ) -> Reply {
+        let mut r = Reply::empty(status);
+        r.body = body.into();
+        for (k, v) in headers {
+            match (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                (Ok(k), Ok(v)) => r.headers.push((k, v)),
+                _ => tracing::warn!("dropping invalid header {k:?} from a plugin's answer"),
+            }
+        }
+        r
+    }
+
     pub fn empty(status: StatusCode) -> Reply {
         Reply {
             status,

@@ -34,6 +34,18 @@ pub enum Route {
     Subscription { ep: String, path: String },
     /// `GET /metrics` (Prometheus).
     Metrics,
+    /// A route served by a plugin (`path` without the version prefix).
+    Plugin { plugin: String, path: String },
+}
+
+/// The percent-decoded path without its `/v1` or `/v2` prefix (`/` for the root).
+pub fn unversioned(path: &str) -> Option<String> {
+    let segments = split(path)?;
+    let rest: &[String] = match segments.first().map(String::as_str) {
+        Some("v1" | "v2") => &segments[1..],
+        _ => &segments,
+    };
+    Some(format!("/{}", rest.join("/")))
 }
 
 /// Resolves a request to a route and the scope it needs, or a ready 404/405 reply.

@@ -12,7 +12,6 @@ use std::task::{Context, Poll};
 
 use tokio::sync::oneshot;
 
-use crate::auth::AccessKeyRecord;
 use crate::events::{ChannelRecord, StoredEvent};
 use crate::registry::Registration;
 use crate::requests::Job;
@@ -82,10 +81,6 @@ pub trait Store: Send + Sync + 'static {
     fn put_registration(&self, reg: Registration) -> Pending<()>;
     /// Removes a registration; removing an absent one is not an error.
     fn delete_registration(&self, id: String) -> Pending<()>;
-    /// Every stored access key record.
-    fn load_access_keys(&self) -> Pending<Vec<AccessKeyRecord>>;
-    /// Inserts or replaces an access key record by id.
-    fn put_access_key(&self, key: AccessKeyRecord) -> Pending<()>;
 
     /// Every notification channel (one per access key that has one).
     fn load_channels(&self) -> Pending<Vec<ChannelRecord>>;
@@ -105,6 +100,14 @@ pub trait Store: Send + Sync + 'static {
     fn put_request(&self, job: Job) -> Pending<()>;
     /// Removes a request once its answer is an event (or it was cancelled).
     fn delete_request(&self, id: String) -> Pending<()>;
+
+    /// A value of a plugin's key-value state.
+    fn plugin_state_get(&self, plugin: String, key: String) -> Pending<Option<Vec<u8>>>;
+    /// Stores a value of a plugin's state (durable when the future resolves).
+    fn plugin_state_put(&self, plugin: String, key: String, value: Vec<u8>) -> Pending<()>;
+    fn plugin_state_delete(&self, plugin: String, key: String) -> Pending<()>;
+    /// The keys of a plugin's state that start with `prefix`, sorted.
+    fn plugin_state_keys(&self, plugin: String, prefix: String) -> Pending<Vec<String>>;
 
     /// Every subscription of every key.
     fn load_subscriptions(&self) -> Pending<Vec<SubscriptionRecord>>;

@@ -13,7 +13,6 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{Pending, Store, StoreError};
-use crate::auth::AccessKeyRecord;
 use crate::events::{ChannelRecord, StoredEvent};
 use crate::registry::Registration;
 use crate::requests::Job as RequestJob;
@@ -27,7 +26,8 @@ pub const DB_FILE: &str = "connectord.db";
 
 /// Versioned schema migrations; `PRAGMA user_version` is the number applied.
 const MIGRATIONS: &[&str] = &[
-    // 1: registrations and access keys.
+    // 1: registrations and access keys (the access_keys table is unused since auth
+    // backends became plugins, which keep their keys in plugin_state).
     "CREATE TABLE registrations (
         id TEXT PRIMARY KEY,
         domain TEXT NOT NULL,
@@ -68,6 +68,13 @@ const MIGRATIONS: &[&str] = &[
         key_id TEXT PRIMARY KEY,
         data TEXT NOT NULL
     );",
+    // 4: plugins' durable key-value state.
+    "CREATE TABLE plugin_state (
+        plugin TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value BLOB NOT NULL,
+        PRIMARY KEY (plugin, key)
+    ) WITHOUT ROWID;",
 ];
 
 /// Called after the batch's COMMIT with its outcome.
@@ -262,6 +269,47 @@ fn load_json<T: serde::de::DeserializeOwned>(
 }
 
 impl Store for SqliteStore {
+    fn plugin_state_get(&self, plugin: String, key: String) -> Pending<Option<Vec<u8>>> {
+        self.submit(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT value FROM plugin_state WHERE plugin = ?1 AND key = ?2")?
+                .query_row(params![plugin, key], |r| r.get::<_, Vec<u8>>(0))
+                .optional()?)
+        })
+    }
+
+    fn plugin_state_put(&self, plugin: String, key: String, value: Vec<u8>) -> Pending<()> {
+        self.submit(move |conn| {
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO plugin_state (plugin, key, value) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![plugin, key, value])?;
+            Ok(())
+        })
+    }
+
+    fn plugin_state_delete(&self, plugin: String, key: String) -> Pending<()> {
+        self.submit(move |conn| {
+            conn.prepare_cached("DELETE FROM plugin_state WHERE plugin = ?1 AND key = ?2")?
+                .execute(params![plugin, key])?;
+            Ok(())
+        })
+    }
+
+    fn plugin_state_keys(&self, plugin: String, prefix: String) -> Pending<Vec<String>> {
+        self.submit(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT key FROM plugin_state WHERE plugin = ?1 AND substr(key, 1, length(?2)) = ?2 ORDER BY key",
+            )?;
+            let rows = stmt.query_map(params![plugin, prefix], |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(r?);
+            }
+            Ok(out)
+        })
+    }
+
     fn load_subscriptions(&self) -> Pending<Vec<SubscriptionRecord>> {
         self.submit(|conn| {
             load_json(
@@ -422,47 +470,6 @@ impl Store for SqliteStore {
         self.submit(move |conn| {
             conn.prepare_cached("DELETE FROM registrations WHERE id = ?1")?
                 .execute(params![id])?;
-            Ok(())
-        })
-    }
-
-    fn load_access_keys(&self) -> Pending<Vec<AccessKeyRecord>> {
-        self.submit(|conn| {
-            let mut stmt = conn.prepare("SELECT data FROM access_keys")?;
-            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-            let mut out = Vec::new();
-            for row in rows {
-                let data = row?;
-                let rec = serde_json::from_str::<AccessKeyRecord>(&data)
-                    .map_err(|e| StoreError::Corrupt(format!("access key: {e}")))?;
-                out.push(rec);
-            }
-            Ok(out)
-        })
-    }
-
-    fn put_access_key(&self, key: AccessKeyRecord) -> Pending<()> {
-        self.submit(move |conn| {
-            let data =
-                serde_json::to_string(&key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let existing: Option<String> = conn
-                .query_row(
-                    "SELECT id FROM access_keys WHERE id = ?1",
-                    params![key.id],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if existing.is_some() {
-                conn.execute(
-                    "UPDATE access_keys SET hash = ?2, domain = ?3, data = ?4 WHERE id = ?1",
-                    params![key.id, key.hash, key.domain, data],
-                )?;
-            } else {
-                conn.execute(
-                    "INSERT INTO access_keys (id, hash, domain, data) VALUES (?1, ?2, ?3, ?4)",
-                    params![key.id, key.hash, key.domain, data],
-                )?;
-            }
             Ok(())
         })
     }

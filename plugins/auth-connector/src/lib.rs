@@ -1,1 +1,801 @@
-//! placeholder
+//! The Connector access-key auth backend (plugin `connector`, kind [`Kind::Auth`]).
+//!
+//! Callers present an mbed Device Connector style access key as
+//! `Authorization: Bearer <key>`. Keys are 100 random alphanumeric characters from a
+//! CSPRNG; the plugin keeps only their SHA-256 digest (lower-case hex), durably in the
+//! host's state under `key/<digest>` as JSON `{id, name, domain, scopes, created_ms}`, and
+//! in memory as a map digest → record. The secret itself is never stored and is shown
+//! exactly once, in the answer that creates it.
+//!
+//! Operations:
+//! - [`OP_BOOTSTRAP`]: when there is no key at all, creates a first key named `admin`
+//!   with scope `admin` in the requested domain and returns it.
+//! - [`OP_AUTHENTICATE`]: a known bearer key is accepted as its record's principal; any
+//!   other request (no header, another scheme, an empty or unknown key) is
+//!   [`AuthVerdict::NotMine`], so that another backend may claim it (the host answers 401
+//!   when none does).
+//! - [`OP_ROUTES`] / [`OP_HTTP`]: `POST /api/api_tokens` (scope `admin`) creates a key in
+//!   the caller's domain with every core scope but `admin`, as the Connector API does:
+//!   the optional JSON body `{"name": …}` names it (a random 10-character name otherwise),
+//!   and the answer is `201 {"access_key": …, "name": …}`.
+//!
+//! Configuration: none yet; `{}` is accepted and any field is refused by name.
+
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use connectord_plugin_sdk::auth::{
+    AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, OP_AUTHENTICATE, OP_BOOTSTRAP,
+    PrincipalSpec,
+};
+use connectord_plugin_sdk::http::{
+    HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse,
+};
+use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin};
+use rand::distr::{Alphanumeric, SampleString};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The plugin name the configuration uses.
+pub const NAME: &str = "connector";
+
+/// Prefix of the state keys holding key records (`key/<sha256 hex>`).
+const KEY_PREFIX: &str = "key/";
+/// Length of an access key, as in the Connector API's examples.
+const KEY_LEN: usize = 100;
+/// Length of the random display name given when the request names none.
+const RANDOM_NAME_LEN: usize = 10;
+/// Longest display name accepted, in characters.
+const MAX_NAME_CHARS: usize = 256;
+
+/// The route that creates keys.
+const TOKENS_METHOD: &str = "POST";
+const TOKENS_PATH: &str = "/api/api_tokens";
+/// The scope that route needs, and the one scope a bootstrap key has.
+const ADMIN_SCOPE: &str = "admin";
+
+/// The scopes of a key created through `POST /api/api_tokens`: every core scope but
+/// `admin` (an access key cannot mint administrators).
+const USER_SCOPES: &[&str] = &[
+    "endpoints:read",
+    "resources:read",
+    "resources:write",
+    "subscriptions:read",
+    "subscriptions:write",
+    "notifications",
+    "limits:read",
+];
+
+/// The plugin's configuration. It has no field yet; `deny_unknown_fields` makes a
+/// misspelt or unsupported field an error at load rather than silently ignored. New
+/// options go here (with `#[serde(default)]`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {}
+
+/// One access key as stored: everything but the secret (the state key and the in-memory
+/// map key are the secret's SHA-256 digest, never the secret). Deriving `Debug` is safe
+/// for that reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct KeyRecord {
+    /// Random 16 hex characters; what the rest of the daemon sees as the key id.
+    id: String,
+    /// The display name.
+    name: String,
+    /// The one domain the key's holder sees.
+    domain: String,
+    /// Core scopes.
+    scopes: Vec<String>,
+    /// Creation time, milliseconds since the Unix epoch.
+    created_ms: u64,
+}
+
+/// The plugin instance.
+pub struct ConnectorAuth {
+    host: Host,
+    /// SHA-256 (lower-case hex) of each key's secret → its record.
+    keys: HashMap<String, KeyRecord>,
+}
+
+/// SHA-256 of a secret, lower-case hex.
+fn digest_hex(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+fn is_digest_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The token of an `Authorization: Bearer <token>` header: the scheme is matched
+/// case-insensitively and surrounding spaces are trimmed. `None` for no header, another
+/// scheme, or an empty token.
+fn bearer_token(req: &AuthRequest) -> Option<&str> {
+    let value = req.headers.get("authorization")?.trim();
+    let (scheme, token) = value.split_once(|c: char| c.is_ascii_whitespace())?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// A JSON answer.
+fn json_response(status: u16, body: &serde_json::Value) -> HttpResponse {
+    HttpResponse {
+        status,
+        headers: [("content-type".to_string(), "application/json".to_string())].into(),
+        body: body.to_string(),
+    }
+}
+
+/// The JSON error every route uses: `{"type": kind, "message": message}`.
+fn error_response(status: u16, kind: &str, message: &str) -> HttpResponse {
+    json_response(
+        status,
+        &serde_json::json!({"type": kind, "message": message}),
+    )
+}
+
+/// The display name a `POST /api/api_tokens` body asks for: `Ok(None)` when it asks for
+/// none (empty or whitespace body, no `name` field, or `"name": null`), `Err(why)` when
+/// the body is not acceptable. Unknown fields are ignored.
+fn requested_name(body: &str) -> Result<Option<String>, String> {
+    if body.trim().is_empty() {
+        return Ok(None);
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+    let serde_json::Value::Object(fields) = value else {
+        return Err("body must be a JSON object".to_string());
+    };
+    match fields.get("name") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(name)) => {
+            let chars = name.chars().count();
+            if (1..=MAX_NAME_CHARS).contains(&chars) {
+                Ok(Some(name.clone()))
+            } else {
+                Err(format!(
+                    "name must be 1 to {MAX_NAME_CHARS} characters long (got {chars})"
+                ))
+            }
+        }
+        Some(_) => Err("name must be a string".to_string()),
+    }
+}
+
+impl ConnectorAuth {
+    /// Reads every `key/…` record of the host state. A record that cannot be read or
+    /// parsed is logged and skipped; failing to list the state fails the load (the
+    /// plugin would otherwise believe it has no key and bootstrap a new admin).
+    fn load(host: &Host) -> Result<HashMap<String, KeyRecord>, String> {
+        let mut keys = HashMap::new();
+        for state_key in host.state_keys(KEY_PREFIX)? {
+            let Some(digest) = state_key.strip_prefix(KEY_PREFIX) else {
+                continue;
+            };
+            if !is_digest_hex(digest) {
+                host.warn(&format!(
+                    "{NAME}: skipping state entry {state_key}: not a SHA-256 digest"
+                ));
+                continue;
+            }
+            let bytes = match host.state_get(&state_key) {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                Err(e) => {
+                    host.warn(&format!("{NAME}: skipping unreadable key record: {e}"));
+                    continue;
+                }
+            };
+            match serde_json::from_slice::<KeyRecord>(&bytes) {
+                Ok(record) => {
+                    keys.insert(digest.to_string(), record);
+                }
+                Err(e) => host.warn(&format!(
+                    "{NAME}: skipping unreadable key record {state_key}: {e}"
+                )),
+            }
+        }
+        Ok(keys)
+    }
+
+    /// Creates a key: a fresh secret, stored (durably, then in memory) only as its
+    /// digest. Returns the secret, which the caller shows once.
+    fn create_key(
+        &mut self,
+        name: String,
+        domain: String,
+        scopes: Vec<String>,
+    ) -> Result<String, String> {
+        let mut rng = rand::rng();
+        // 100 alphanumeric characters are ~595 bits: a collision is not going to happen,
+        // but drawing again costs nothing and keeps the map's invariant obvious.
+        let (secret, digest) = loop {
+            let secret = Alphanumeric.sample_string(&mut rng, KEY_LEN);
+            let digest = digest_hex(&secret);
+            if !self.keys.contains_key(&digest) {
+                break (secret, digest);
+            }
+        };
+        let id = loop {
+            let id = format!("{:016x}", rand::random::<u64>());
+            if !self.keys.values().any(|r| r.id == id) {
+                break id;
+            }
+        };
+        let record = KeyRecord {
+            id,
+            name,
+            domain,
+            scopes,
+            created_ms: now_ms(),
+        };
+        let bytes = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
+        self.host
+            .state_put(&format!("{KEY_PREFIX}{digest}"), &bytes)?;
+        self.host.info(&format!(
+            "{NAME}: created access key {} ({:?}) in domain {:?} with scopes {}",
+            record.id,
+            record.name,
+            record.domain,
+            record.scopes.join(" ")
+        ));
+        self.keys.insert(digest, record);
+        Ok(secret)
+    }
+
+    fn bootstrap(&mut self, req: BootstrapRequest) -> Result<BootstrapResponse, String> {
+        if !self.keys.is_empty() {
+            return Ok(BootstrapResponse { created: None });
+        }
+        let secret = self.create_key(
+            ADMIN_SCOPE.to_string(),
+            req.domain,
+            vec![ADMIN_SCOPE.to_string()],
+        )?;
+        Ok(BootstrapResponse {
+            created: Some(secret),
+        })
+    }
+
+    fn authenticate(&self, req: &AuthRequest) -> AuthVerdict {
+        let Some(token) = bearer_token(req) else {
+            return AuthVerdict::NotMine;
+        };
+        // The lookup is by the SHA-256 of the presented token, never by the token itself:
+        // whatever the map's hashing and string comparison leak through timing is about
+        // how the *digest* of the attacker's guess relates to stored digests. Since
+        // SHA-256 is preimage resistant, learning that a stored digest starts with some
+        // bytes does not help build a secret with that digest, so this lookup is as good
+        // as a constant-time comparison of secrets.
+        match self.keys.get(&digest_hex(token)) {
+            Some(record) => AuthVerdict::Accepted {
+                principal: PrincipalSpec {
+                    key_id: record.id.clone(),
+                    domain: record.domain.clone(),
+                    scopes: record.scopes.clone(),
+                },
+            },
+            // Perhaps another backend's credential: let the host ask it.
+            None => AuthVerdict::NotMine,
+        }
+    }
+
+    fn routes() -> RoutesResponse {
+        RoutesResponse {
+            routes: vec![Route {
+                method: TOKENS_METHOD.to_string(),
+                path: TOKENS_PATH.to_string(),
+                scope: ADMIN_SCOPE.to_string(),
+            }],
+        }
+    }
+
+    fn http(&mut self, req: HttpRequest) -> HttpResponse {
+        if req.method != TOKENS_METHOD || req.path != TOKENS_PATH {
+            return error_response(
+                404,
+                "not_found",
+                &format!("no route {} {}", req.method, req.path),
+            );
+        }
+        let name = match requested_name(&req.body) {
+            Ok(Some(name)) => name,
+            Ok(None) => Alphanumeric.sample_string(&mut rand::rng(), RANDOM_NAME_LEN),
+            Err(why) => return error_response(400, "bad_request", &why),
+        };
+        let scopes = USER_SCOPES.iter().map(|s| s.to_string()).collect();
+        match self.create_key(name.clone(), req.principal.domain, scopes) {
+            Ok(secret) => json_response(
+                201,
+                &serde_json::json!({"access_key": secret, "name": name}),
+            ),
+            Err(e) => {
+                self.host
+                    .warn(&format!("{NAME}: could not store a new access key: {e}"));
+                error_response(500, "internal_error", "could not store the new access key")
+            }
+        }
+    }
+}
+
+impl Plugin for ConnectorAuth {
+    const NAME: &'static str = NAME;
+    const KIND: Kind = Kind::Auth;
+
+    fn create(config: serde_json::Value, host: Host) -> Result<Self, String> {
+        let Config {} = serde_json::from_value(config)
+            .map_err(|e| format!("{NAME}: invalid configuration: {e}"))?;
+        let keys = Self::load(&host)?;
+        host.info(&format!("{NAME}: {} access keys loaded", keys.len()));
+        Ok(ConnectorAuth { host, keys })
+    }
+
+    fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
+        fn parse<'a, T: Deserialize<'a>>(op: &str, input: &'a [u8]) -> Result<T, String> {
+            serde_json::from_slice(input).map_err(|e| format!("{op}: bad input: {e}"))
+        }
+        fn answer<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
+            serde_json::to_vec(v).map_err(|e| e.to_string())
+        }
+        match op {
+            OP_BOOTSTRAP => {
+                let req: BootstrapRequest = parse(op, input)?;
+                answer(&self.bootstrap(req)?)
+            }
+            OP_AUTHENTICATE => {
+                let req: AuthRequest = parse(op, input)?;
+                answer(&self.authenticate(&req))
+            }
+            OP_ROUTES => answer(&Self::routes()),
+            OP_HTTP => {
+                let req: HttpRequest = parse(op, input)?;
+                answer(&self.http(req))
+            }
+            other => Err(format!("{NAME}: unknown operation {other:?}")),
+        }
+    }
+}
+
+declare_plugin!(ConnectorAuth);
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use connectord_plugin_sdk::level;
+    use connectord_plugin_sdk::testing::MemoryHost;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    const DOMAIN: &str = "domain-a";
+
+    fn new_plugin(host: &MemoryHost) -> ConnectorAuth {
+        ConnectorAuth::create(json!({}), host.host()).expect("create")
+    }
+
+    fn call_json(p: &mut ConnectorAuth, op: &str, input: &Value) -> Value {
+        let out = p
+            .call(op, input.to_string().as_bytes())
+            .unwrap_or_else(|e| panic!("{op} failed: {e}"));
+        serde_json::from_slice(&out).expect("answer is JSON")
+    }
+
+    fn bootstrap(p: &mut ConnectorAuth, domain: &str) -> BootstrapResponse {
+        let v = call_json(p, OP_BOOTSTRAP, &json!({ "domain": domain }));
+        serde_json::from_value(v).expect("BootstrapResponse")
+    }
+
+    fn auth_with(p: &mut ConnectorAuth, headers: &[(&str, &str)]) -> AuthVerdict {
+        let req = AuthRequest {
+            method: "GET".into(),
+            path: "/endpoints".into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let v = call_json(p, OP_AUTHENTICATE, &serde_json::to_value(req).unwrap());
+        serde_json::from_value(v).expect("AuthVerdict")
+    }
+
+    fn auth_bearer(p: &mut ConnectorAuth, key: &str) -> AuthVerdict {
+        auth_with(p, &[("authorization", &format!("Bearer {key}"))])
+    }
+
+    fn admin_principal() -> PrincipalSpec {
+        PrincipalSpec {
+            key_id: "0123456789abcdef".into(),
+            domain: DOMAIN.into(),
+            scopes: vec!["admin".into()],
+        }
+    }
+
+    fn http_req(method: &str, path: &str, body: &str) -> HttpRequest {
+        HttpRequest {
+            method: method.into(),
+            path: path.into(),
+            query: None,
+            headers: BTreeMap::from([("content-type".into(), "application/json".into())]),
+            body: body.into(),
+            principal: admin_principal(),
+        }
+    }
+
+    fn http(p: &mut ConnectorAuth, req: &HttpRequest) -> (HttpResponse, Value) {
+        let v = call_json(p, OP_HTTP, &serde_json::to_value(req).unwrap());
+        let resp: HttpResponse = serde_json::from_value(v).expect("HttpResponse");
+        assert_eq!(
+            resp.headers.get("content-type").map(String::as_str),
+            Some("application/json")
+        );
+        let body: Value = serde_json::from_str(&resp.body).expect("body is JSON");
+        (resp, body)
+    }
+
+    fn post_tokens(p: &mut ConnectorAuth, body: &str) -> (HttpResponse, Value) {
+        http(p, &http_req("POST", TOKENS_PATH, body))
+    }
+
+    fn is_alnum(s: &str) -> bool {
+        s.bytes().all(|b| b.is_ascii_alphanumeric())
+    }
+
+    fn user_scopes() -> Vec<String> {
+        USER_SCOPES.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Every stored byte (keys and values) as one lossy string.
+    fn all_state_text(host: &MemoryHost) -> String {
+        host.state()
+            .iter()
+            .map(|(k, v)| format!("{k}\n{}\n", String::from_utf8_lossy(v)))
+            .collect()
+    }
+
+    #[test]
+    fn bootstrap_creates_one_admin_key_once() {
+        let host = MemoryHost::new();
+        let mut p = new_plugin(&host);
+
+        let first = bootstrap(&mut p, DOMAIN);
+        let key = first.created.expect("a key is created");
+        assert_eq!(key.len(), KEY_LEN);
+        assert!(is_alnum(&key));
+
+        let state = host.state();
+        assert_eq!(state.len(), 1);
+        let (state_key, value) = state.iter().next().unwrap();
+        assert_eq!(state_key, &format!("key/{}", digest_hex(&key)));
+        let record: Value = serde_json::from_slice(value).unwrap();
+        assert_eq!(record["name"], "admin");
+        assert_eq!(record["domain"], DOMAIN);
+        assert_eq!(record["scopes"], json!(["admin"]));
+        assert_eq!(record["id"].as_str().unwrap().len(), 16);
+        assert!(record["created_ms"].as_u64().unwrap() > 0);
+
+        match auth_bearer(&mut p, &key) {
+            AuthVerdict::Accepted { principal } => {
+                assert_eq!(principal.domain, DOMAIN);
+                assert_eq!(principal.scopes, vec!["admin".to_string()]);
+                assert_eq!(principal.key_id, record["id"].as_str().unwrap());
+            }
+            other => panic!("expected Accepted, got {other:?}"),
+        }
+
+        // A second bootstrap, on this instance or after a restart, creates nothing.
+        assert_eq!(bootstrap(&mut p, DOMAIN).created, None);
+        let mut restarted = new_plugin(&host);
+        assert_eq!(bootstrap(&mut restarted, "other-domain").created, None);
+        assert_eq!(host.state().len(), 1);
+
+        // Only the digest is stored: the secret appears nowhere.
+        assert!(!all_state_text(&host).contains(&key));
+        assert!(!host.logs().iter().any(|(_, m)| m.contains(&key)));
+    }
+
+    #[test]
+    fn authenticate_not_mine_cases() {
+        let host = MemoryHost::new();
+        let mut p = new_plugin(&host);
+        let key = bootstrap(&mut p, DOMAIN).created.unwrap();
+
+        let cases: &[(&str, &[(&str, &str)])] = &[
+            ("no header", &[]),
+            ("other header", &[("x-api-key", "whatever")]),
+            ("basic scheme", &[("authorization", "Basic dXNlcjpwYXNz")]),
+            (
+                "basic scheme, our key",
+                &[("authorization", &format!("Basic {key}"))],
+            ),
+            ("bearer, no token", &[("authorization", "Bearer")]),
+            ("bearer, blank token", &[("authorization", "Bearer    ")]),
+            ("empty header", &[("authorization", "")]),
+            (
+                "scheme glued to key",
+                &[("authorization", &format!("Bearer{key}"))],
+            ),
+            ("unknown key", &[("authorization", "Bearer nosuchkey")]),
+            (
+                "key with a suffix",
+                &[("authorization", &format!("Bearer {key}x"))],
+            ),
+            (
+                "key prefix",
+                &[("authorization", &format!("Bearer {}", &key[..99]))],
+            ),
+        ];
+        for (what, headers) in cases {
+            assert_eq!(auth_with(&mut p, headers), AuthVerdict::NotMine, "{what}");
+        }
+    }
+
+    #[test]
+    fn authenticate_scheme_case_and_spaces() {
+        let host = MemoryHost::new();
+        let mut p = new_plugin(&host);
+        let key = bootstrap(&mut p, DOMAIN).created.unwrap();
+        for value in [
+            format!("bearer {key}"),
+            format!("BEARER {key}"),
+            format!("Bearer {key}"),
+            format!("  Bearer   {key}  "),
+            format!("bEaReR\t{key}"),
+        ] {
+            assert!(
+                matches!(
+                    auth_with(&mut p, &[("authorization", &value)]),
+                    AuthVerdict::Accepted { .. }
+                ),
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn post_api_tokens_with_name() {
+        let host = MemoryHost::new();
+        let mut p = new_plugin(&host);
+        let (resp, body) = post_tokens(&mut p, r#"{"name": "Access key name #1"}"#);
+        assert_eq!(resp.status, 201);
+        assert_eq!(body["name"], "Access key name #1");
+        let key = body["access_key"].as_str().expect("access_key");
+        assert_eq!(key.len(), KEY_LEN);
+        assert!(is_alnum(key));
+        assert_eq!(body.as_object().unwrap().len(), 2);
+
+        match auth_bearer(&mut p, key) {
+            AuthVerdict::Accepted { principal } => {
+                assert_eq!(principal.domain, DOMAIN);
+                assert_eq!(principal.scopes, user_scopes());
+                assert!(!principal.scopes.iter().any(|s| s == "admin"));
+                assert_eq!(principal.key_id.len(), 16);
+                assert!(principal.key_id.bytes().all(|b| b.is_ascii_hexdigit()));
+            }
+            other => panic!("expected Accepted, got {other:?}"),
+        }
+        assert!(!all_state_text(&host).contains(key));
+    }
+
+    #[test]
+    fn post_api_tokens_without_name_gets_random_name() {
+        let host = MemoryHost::new();
+        let mut p = new_plugin(&host);
+        for body in ["", "   \n", "{}", r#"{"name": null}"#, r#"{"other": 1}"#] {
+            let (resp, v) = post_tokens(&mut p, body);
+            assert_eq!(resp.status, 201, "{body:?}");
+            let name = v["name"].as_str().expect("name");
+            assert_eq!(name.len(), RANDOM_NAME_LEN, "{body:?}");
+            assert!(is_alnum(name), "{body:?}");
+            assert_eq!(v["access_key"].as_str().unwrap().len(), KEY_LEN);
+        }
+        assert_eq!(host.state().len(), 5);
+    }
+
+    #[test]
+    fn post_api_tokens_unknown_fields_ignored_and_long_names_allowed() {
+        let host = MemoryHost::new();
+        let mut p = new_plugin(&host);
+        let max = "é".repeat(MAX_NAME_CHARS); // 256 characters, 512 bytes
+        let body = json!({"name": max, "extra": [1, 2]}).to_string();
+        let (resp, v) = post_tokens(&mut p, &body);
+        assert_eq!(resp.status, 201);
+        assert_eq!(v["name"], max.as_str());
+    }
+
+    #[test]
+    fn http_error_cases() {
+        let long_body = json!({ "name": "x".repeat(300) }).to_string();
+        // Bodies of POST /api/api_tokens refused with 400: (what, body, message fragment).
+        let bad_bodies: &[(&str, &str, &str)] = &[
+            ("bad json", "{name", "not valid JSON"),
+            ("truncated json", r#"{"name": "a""#, "not valid JSON"),
+            ("array", "[]", "JSON object"),
+            ("string", r#""name""#, "JSON object"),
+            ("null", "null", "JSON object"),
+            ("number name", r#"{"name": 5}"#, "must be a string"),
+            ("object name", r#"{"name": {}}"#, "must be a string"),
+            ("empty name", r#"{"name": ""}"#, "1 to 256"),
+            ("300-char name", &long_body, "1 to 256"),
+        ];
+        // Requests on no route of this plugin, refused with 404: (method, path).
+        let no_routes: &[(&str, &str)] = &[
+            ("GET", TOKENS_PATH),
+            ("post", TOKENS_PATH),
+            ("DELETE", TOKENS_PATH),
+            ("POST", "/api/other"),
+            ("POST", "/api/api_tokens/"),
+        ];
+        let cases = bad_bodies
+            .iter()
+            .map(|(what, body, fragment)| {
+                (
+                    what.to_string(),
+                    "POST",
+                    TOKENS_PATH,
+                    *body,
+                    400,
+                    "bad_request",
+                    *fragment,
+                )
+            })
+            .chain(no_routes.iter().map(|(method, path)| {
+                (
+                    format!("{method} {path}"),
+                    *method,
+                    *path,
+                    "",
+                    404,
+                    "not_found",
+                    "no route",
+                )
+            }));
+
+        let host = MemoryHost::new();
+        let mut p = new_plugin(&host);
+        for (what, method, path, body, status, kind, fragment) in cases {
+            let (resp, v) = http(&mut p, &http_req(method, path, body));
+            assert_eq!(resp.status, status, "{what}");
+            assert_eq!(v["type"], kind, "{what}");
+            let message = v["message"].as_str().expect("message");
+            assert!(message.contains(fragment), "{what}: {message}");
+        }
+        // No refused request stored anything.
+        assert!(host.state().is_empty());
+    }
+
+    #[test]
+    fn keys_survive_restart() {
+        let host = MemoryHost::new();
+        let mut p = new_plugin(&host);
+        let admin = bootstrap(&mut p, DOMAIN).created.unwrap();
+        let (_, v) = post_tokens(&mut p, r#"{"name": "k1"}"#);
+        let user = v["access_key"].as_str().unwrap().to_string();
+        drop(p);
+
+        let mut p = new_plugin(&host);
+        match auth_bearer(&mut p, &user) {
+            AuthVerdict::Accepted { principal } => {
+                assert_eq!(principal.domain, DOMAIN);
+                assert_eq!(principal.scopes, user_scopes());
+            }
+            other => panic!("expected Accepted, got {other:?}"),
+        }
+        assert!(matches!(
+            auth_bearer(&mut p, &admin),
+            AuthVerdict::Accepted { .. }
+        ));
+        assert!(
+            host.logs()
+                .iter()
+                .any(|(_, m)| m.contains("2 access keys loaded"))
+        );
+    }
+
+    #[test]
+    fn routes_lists_the_post_route() {
+        let host = MemoryHost::new();
+        let mut p = new_plugin(&host);
+        let v = call_json(&mut p, OP_ROUTES, &json!({}));
+        let routes: RoutesResponse = serde_json::from_value(v).unwrap();
+        assert_eq!(
+            routes.routes,
+            vec![Route {
+                method: "POST".into(),
+                path: "/api/api_tokens".into(),
+                scope: "admin".into(),
+            }]
+        );
+        // The host may call it with no input at all.
+        assert!(p.call(OP_ROUTES, b"").is_ok());
+    }
+
+    #[test]
+    fn unknown_op_and_bad_input_are_errors() {
+        let host = MemoryHost::new();
+        let mut p = new_plugin(&host);
+        assert!(p.call("nope", b"{}").unwrap_err().contains("nope"));
+        for op in [OP_BOOTSTRAP, OP_AUTHENTICATE, OP_HTTP] {
+            for input in [&b""[..], b"{", b"[]", b"\xff\xfe", b"{}"] {
+                assert!(p.call(op, input).is_err(), "{op} {input:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn config_empty_accepted_unknown_refused() {
+        let host = MemoryHost::new();
+        assert!(ConnectorAuth::create(json!({}), host.host()).is_ok());
+        let err = ConnectorAuth::create(json!({"hash": "md5"}), host.host())
+            .err()
+            .expect("unknown field refused");
+        assert!(err.contains("hash"), "{err}");
+    }
+
+    #[test]
+    fn unreadable_records_are_skipped_with_a_warning() {
+        let host = MemoryHost::new();
+        let mut p = new_plugin(&host);
+        let (_, v) = post_tokens(&mut p, r#"{"name": "good"}"#);
+        let good = v["access_key"].as_str().unwrap().to_string();
+        drop(p);
+
+        let bad_digest = digest_hex("whatever");
+        let h = host.host();
+        h.state_put(&format!("key/{bad_digest}"), b"not json")
+            .unwrap();
+        h.state_put("key/not-a-digest", br#"{"id":"x"}"#).unwrap();
+
+        let mut p = new_plugin(&host);
+        assert!(matches!(
+            auth_bearer(&mut p, &good),
+            AuthVerdict::Accepted { .. }
+        ));
+        assert_eq!(auth_bearer(&mut p, "whatever"), AuthVerdict::NotMine);
+        let warnings: Vec<String> = host
+            .logs()
+            .into_iter()
+            .filter(|(l, _)| *l == level::WARN)
+            .map(|(_, m)| m)
+            .collect();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings.iter().any(|m| m.contains(&bad_digest)));
+        assert!(warnings.iter().any(|m| m.contains("not-a-digest")));
+        // The one good key counts: no second admin is bootstrapped.
+        assert_eq!(bootstrap(&mut p, DOMAIN).created, None);
+    }
+
+    #[test]
+    fn bearer_token_parsing() {
+        let req = |v: &str| AuthRequest {
+            method: "GET".into(),
+            path: "/".into(),
+            headers: BTreeMap::from([("authorization".into(), v.into())]),
+        };
+        assert_eq!(bearer_token(&req("Bearer abc")), Some("abc"));
+        assert_eq!(bearer_token(&req(" bearer  abc ")), Some("abc"));
+        assert_eq!(bearer_token(&req("Bearer")), None);
+        assert_eq!(bearer_token(&req("Bearer ")), None);
+        assert_eq!(bearer_token(&req("Token abc")), None);
+        assert_eq!(bearer_token(&req("")), None);
+    }
+
+    #[test]
+    fn digest_is_lower_case_sha256_hex() {
+        assert_eq!(
+            digest_hex("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(is_digest_hex(&digest_hex("x")));
+        assert!(!is_digest_hex(&digest_hex("x").to_uppercase()));
+    }
+}

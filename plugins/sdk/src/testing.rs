@@ -22,7 +22,9 @@ struct Inner {
 #[derive(Clone, Default)]
 pub struct MemoryHost {
     inner: Arc<Mutex<Inner>>,
-    /// Keeps every HostApi handed out alive as long as this host.
+    /// Keeps every HostApi handed out alive as long as this host. Boxed so that each one
+    /// keeps its address while the vector grows (the `Host`s point at them).
+    #[allow(clippy::vec_box)]
     apis: Arc<Mutex<Vec<Box<HostApi>>>>,
 }
 

@@ -1,0 +1,529 @@
+//! Loading plugin images and running their instances. The only module of the daemon that
+//! uses `unsafe`: `dlopen`/`dlsym`, the C ABI calls, and the host functions a plugin calls.
+#![allow(unsafe_code)]
+
+use std::ffi::c_void;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake};
+use std::time::{Duration, SystemTime};
+
+use connectord_plugin_sdk::{
+    ABI_VERSION, Buf, ENTRY_PREFIX, HostApi, Kind, PluginTable, http, level,
+};
+use libloading::Library;
+
+use super::{PluginError, PluginHost, check_not_writable_by_others, kind_name};
+use crate::store::Store;
+
+/// How long a plugin's `create` may take.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Where a generation's code came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Builtin,
+    File {
+        path: PathBuf,
+        modified: Option<SystemTime>,
+        len: u64,
+    },
+}
+
+type Reply = Box<dyn FnOnce(Result<Vec<u8>, PluginError>) + Send>;
+
+struct Job {
+    op: String,
+    input: Vec<u8>,
+    reply: Reply,
+}
+
+/// One loaded instance of a plugin, served by its own worker thread.
+pub struct Generation {
+    pub name: String,
+    pub kind: Kind,
+    pub origin: Origin,
+    /// Unique per load, for logs and tests.
+    pub id: u64,
+    /// Routes it serves (asked at load).
+    pub routes: Vec<http::Route>,
+    tx: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The image; unloaded after the worker is joined. None for built-ins.
+    lib: Mutex<Option<Library>>,
+    /// The private copy the image was loaded from; removed after unloading.
+    copy: Option<PathBuf>,
+}
+
+/// A table pointer that may cross to the worker thread (it points at static data of an
+/// image that outlives the worker).
+struct TablePtr(*const PluginTable);
+// SAFETY: the table is immutable; the image stays loaded until the worker is joined.
+unsafe impl Send for TablePtr {}
+
+/// The host's side of the functions a plugin instance calls.
+struct HostCtx {
+    plugin: String,
+    store: Arc<dyn Store>,
+}
+
+impl Generation {
+    /// Starts a built-in plugin.
+    pub(super) fn builtin(
+        host: &Arc<PluginHost>,
+        table: &'static PluginTable,
+    ) -> Result<Arc<Generation>, PluginError> {
+        Generation::start(host, table, None, None, Origin::Builtin)
+    }
+
+    /// Loads `lib<crate>.so`: copies it to a fresh path, opens it, checks it, starts it.
+    pub(super) fn from_file(
+        host: &Arc<PluginHost>,
+        path: &Path,
+    ) -> Result<Arc<Generation>, PluginError> {
+        let load_err = |message: String| PluginError::Load {
+            path: path.display().to_string(),
+            message,
+        };
+        check_not_writable_by_others(path).map_err(load_err)?;
+        let meta = std::fs::metadata(path).map_err(|e| load_err(e.to_string()))?;
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .ok_or_else(|| load_err("the file name is not UTF-8".into()))?;
+        let krate = stem.strip_prefix("lib").unwrap_or(stem);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&host.cache_dir)
+                .map_err(|e| {
+                    load_err(format!("cannot create {}: {e}", host.cache_dir.display()))
+                })?;
+        }
+        // A same-path dlopen would hand back the image already loaded: load a copy.
+        let copy = host.cache_dir.join(format!("{krate}-{id}.so"));
+        std::fs::copy(path, &copy)
+            .map_err(|e| load_err(format!("cannot copy to {}: {e}", copy.display())))?;
+        let cleanup = |e: PluginError| {
+            let _ = std::fs::remove_file(&copy);
+            e
+        };
+        // SAFETY: loading a plugin runs its initialisers; plugins are trusted code from a
+        // directory only the administrator can write to (checked above).
+        let lib = unsafe { Library::new(&copy) }.map_err(|e| cleanup(load_err(e.to_string())))?;
+        let symbol = format!("{ENTRY_PREFIX}{}", krate.replace('-', "_"));
+        // SAFETY: the symbol, when present, has the entry signature declare_plugin! gives it.
+        let table: *const PluginTable = unsafe {
+            let entry = lib
+                .get::<unsafe extern "C" fn() -> *const PluginTable>(symbol.as_bytes())
+                .map_err(|e| {
+                    cleanup(load_err(format!(
+                        "no entry symbol {symbol} ({e}); a plugin file must be named lib<crate>.so and use declare_plugin!"
+                    )))
+                })?;
+            entry()
+        };
+        if table.is_null() {
+            return Err(cleanup(load_err(
+                "the entry symbol returned no table".into(),
+            )));
+        }
+        // SAFETY: a non-null table from the entry symbol of a loaded image.
+        let found = unsafe { (*table).abi_version };
+        if found != ABI_VERSION {
+            return Err(cleanup(PluginError::WrongAbi {
+                path: path.display().to_string(),
+                found,
+                expected: ABI_VERSION,
+            }));
+        }
+        let origin = Origin::File {
+            path: path.to_path_buf(),
+            modified: meta.modified().ok(),
+            len: meta.len(),
+        };
+        Generation::start(host, table, Some(lib), Some(copy.clone()), origin).map_err(cleanup)
+    }
+
+    /// True when the file at `path` is not the one this generation was loaded from.
+    pub(super) fn file_changed(&self, path: &Path) -> bool {
+        let Origin::File { modified, len, .. } = &self.origin else {
+            return true;
+        };
+        match std::fs::metadata(path) {
+            Ok(m) => m.modified().ok() != *modified || m.len() != *len,
+            Err(_) => true,
+        }
+    }
+
+    fn start(
+        host: &Arc<PluginHost>,
+        table: *const PluginTable,
+        lib: Option<Library>,
+        copy: Option<PathBuf>,
+        origin: Origin,
+    ) -> Result<Arc<Generation>, PluginError> {
+        // SAFETY: `table` is a valid table of a loaded image (or a built-in).
+        let t = unsafe { &*table };
+        let kind = Kind::from_u32(t.kind).ok_or_else(|| PluginError::Load {
+            path: origin_text(&origin),
+            message: format!("unknown plugin kind {}", t.kind),
+        })?;
+        // SAFETY: as above.
+        let name = unsafe { t.name() };
+        if name.is_empty() || name.len() > 64 {
+            return Err(PluginError::Load {
+                path: origin_text(&origin),
+                message: "the plugin name must be 1 to 64 bytes".into(),
+            });
+        }
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let config = host.config_for(&name);
+        let ctx = Box::new(HostCtx {
+            plugin: name.clone(),
+            store: Arc::clone(&host.store),
+        });
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let (init_tx, init_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let ptr = TablePtr(table);
+        let wname = name.clone();
+        let worker = std::thread::Builder::new()
+            .name(format!("plugin-{name}"))
+            .spawn(move || run_worker(ptr, ctx, config, init_tx, rx, wname))
+            .map_err(|e| PluginError::Create {
+                name: name.clone(),
+                message: format!("cannot start its thread: {e}"),
+            })?;
+        let created = match init_rx.recv_timeout(CREATE_TIMEOUT) {
+            Ok(r) => r,
+            Err(_) => Err(format!("create did not finish within {CREATE_TIMEOUT:?}")),
+        };
+        if let Err(message) = created {
+            drop(tx);
+            // The worker returns right after a failed create; join it before unloading.
+            let _ = worker.join();
+            drop(lib);
+            return Err(PluginError::Create { name, message });
+        }
+        let mut g = Generation {
+            name: name.clone(),
+            kind,
+            origin,
+            id,
+            routes: Vec::new(),
+            tx: Mutex::new(Some(tx)),
+            worker: Mutex::new(Some(worker)),
+            lib: Mutex::new(lib),
+            copy,
+        };
+        if kind != Kind::Sink {
+            // A plugin that serves no routes may not know the operation: no routes.
+            if let Ok(bytes) = g.call_blocking(http::OP_ROUTES, b"{}".to_vec()) {
+                match serde_json::from_slice::<http::RoutesResponse>(&bytes) {
+                    Ok(r) => g.routes = r.routes,
+                    Err(e) => tracing::warn!(plugin = %name, "ignoring its routes: {e}"),
+                }
+            }
+        }
+        tracing::debug!(plugin = %name, kind = kind_name(kind), generation = id, routes = g.routes.len(), "plugin started");
+        Ok(Arc::new(g))
+    }
+
+    fn send(&self, op: &str, input: Vec<u8>, reply: Reply) -> Result<(), PluginError> {
+        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = guard
+            .as_ref()
+            .ok_or_else(|| PluginError::Stopped(self.name.clone()))?;
+        tx.send(Job {
+            op: op.to_string(),
+            input,
+            reply,
+        })
+        .map_err(|_| PluginError::Stopped(self.name.clone()))
+    }
+
+    /// Calls an operation on the worker thread and waits for the answer.
+    pub async fn call(&self, op: &str, input: Vec<u8>) -> Result<Vec<u8>, PluginError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(
+            op,
+            input,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )?;
+        rx.await
+            .map_err(|_| PluginError::Stopped(self.name.clone()))?
+    }
+
+    /// As [`Generation::call`], blocking the calling (non-async) thread.
+    pub fn call_blocking(&self, op: &str, input: Vec<u8>) -> Result<Vec<u8>, PluginError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(
+            op,
+            input,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )?;
+        rx.recv()
+            .map_err(|_| PluginError::Stopped(self.name.clone()))?
+    }
+}
+
+impl Drop for Generation {
+    /// The last holder let go: close the worker's queue (it destroys the instance and
+    /// ends), join it, then unload the image and remove its copy. Done on a thread of its
+    /// own so that no async task blocks on the join.
+    fn drop(&mut self) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(tx);
+        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let lib = self.lib.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let copy = self.copy.take();
+        let (name, id) = (self.name.clone(), self.id);
+        let reap = move || {
+            if let Some(w) = worker {
+                let _ = w.join();
+            }
+            drop(lib);
+            if let Some(c) = copy {
+                let _ = std::fs::remove_file(c);
+            }
+            tracing::debug!(plugin = %name, generation = id, "plugin generation unloaded");
+        };
+        if std::thread::Builder::new()
+            .name("plugin-reaper".into())
+            .spawn(reap)
+            .is_err()
+        {
+            tracing::warn!(
+                "cannot start a thread to unload a plugin generation; leaving it loaded"
+            );
+        }
+    }
+}
+
+fn origin_text(o: &Origin) -> String {
+    match o {
+        Origin::Builtin => "built-in".into(),
+        Origin::File { path, .. } => path.display().to_string(),
+    }
+}
+
+/// The worker thread of one generation: create, calls in order, destroy.
+fn run_worker(
+    table: TablePtr,
+    ctx: Box<HostCtx>,
+    config: Vec<u8>,
+    init_tx: std::sync::mpsc::Sender<Result<(), String>>,
+    rx: std::sync::mpsc::Receiver<Job>,
+    name: String,
+) {
+    // SAFETY: the image stays loaded until this thread is joined.
+    let t = unsafe { &*table.0 };
+    let api = HostApi {
+        abi_version: ABI_VERSION,
+        ctx: &*ctx as *const HostCtx as *mut c_void,
+        log: host_log,
+        state_get: host_state_get,
+        state_put: host_state_put,
+        state_delete: host_state_delete,
+        state_keys: host_state_keys,
+        free: host_free,
+    };
+    let mut instance: *mut c_void = std::ptr::null_mut();
+    let mut err = Buf::EMPTY;
+    // SAFETY: the ABI contract; `api` and `ctx` outlive the instance (destroyed below).
+    let rc = unsafe { (t.create)(config.as_ptr(), config.len(), &api, &mut instance, &mut err) };
+    if rc != 0 {
+        // SAFETY: the plugin filled `err`; it is freed by the plugin's own free.
+        let msg = String::from_utf8_lossy(&unsafe { err.to_vec() }).into_owned();
+        unsafe { (t.free)(err) };
+        let _ = init_tx.send(Err(msg));
+        return;
+    }
+    let _ = init_tx.send(Ok(()));
+    while let Ok(job) = rx.recv() {
+        let mut out = Buf::EMPTY;
+        // SAFETY: the ABI contract with the instance create returned.
+        let rc = unsafe {
+            (t.call)(
+                instance,
+                job.op.as_ptr(),
+                job.op.len(),
+                job.input.as_ptr(),
+                job.input.len(),
+                &mut out,
+            )
+        };
+        // SAFETY: the plugin filled `out`; copy it, then let the plugin free it.
+        let bytes = unsafe { out.to_vec() };
+        unsafe { (t.free)(out) };
+        let result = if rc == 0 {
+            Ok(bytes)
+        } else {
+            Err(PluginError::Call {
+                name: name.clone(),
+                message: String::from_utf8_lossy(&bytes).into_owned(),
+            })
+        };
+        (job.reply)(result);
+    }
+    // SAFETY: the instance from create, destroyed once.
+    unsafe { (t.destroy)(instance) };
+    drop(ctx);
+}
+
+/// Runs a future to completion on this (non-async) thread. The store's futures need no
+/// runtime, and a plugin may itself be inside a runtime of its own when it calls the host.
+fn block_on<F: Future>(f: F) -> F::Output {
+    struct ThreadWaker(std::thread::Thread);
+    impl Wake for ThreadWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Arc::new(ThreadWaker(std::thread::current())).into();
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+/// # Safety
+/// `ctx` is the HostCtx of a live worker; `p`/`len` a readable slice.
+unsafe fn ctx_and_text<'a>(ctx: *mut c_void, p: *const u8, len: usize) -> (&'a HostCtx, String) {
+    // SAFETY: per the contract.
+    let c = unsafe { &*(ctx as *const HostCtx) };
+    let s = if p.is_null() {
+        String::new()
+    } else {
+        String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(p, len) }).into_owned()
+    };
+    (c, s)
+}
+
+/// Host functions never unwind into the plugin: a panic becomes an error code.
+fn guarded(f: impl FnOnce() -> i32) -> i32 {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(-99)
+}
+
+unsafe extern "C" fn host_log(ctx: *mut c_void, lvl: u32, msg: *const u8, len: usize) {
+    let _ = guarded(|| {
+        // SAFETY: the plugin passes its ctx and a readable slice.
+        let (c, m) = unsafe { ctx_and_text(ctx, msg, len) };
+        match lvl {
+            level::ERROR => tracing::error!(plugin = %c.plugin, "{m}"),
+            level::WARN => tracing::warn!(plugin = %c.plugin, "{m}"),
+            level::INFO => tracing::info!(plugin = %c.plugin, "{m}"),
+            _ => tracing::debug!(plugin = %c.plugin, "{m}"),
+        }
+        0
+    });
+}
+
+unsafe extern "C" fn host_state_get(
+    ctx: *mut c_void,
+    key: *const u8,
+    key_len: usize,
+    out: *mut Buf,
+) -> i32 {
+    guarded(|| {
+        // SAFETY: as for host_log; `out` is a valid pointer.
+        let (c, k) = unsafe { ctx_and_text(ctx, key, key_len) };
+        match block_on(c.store.plugin_state_get(c.plugin.clone(), k)) {
+            Ok(Some(v)) => {
+                unsafe { *out = Buf::from_vec(v) };
+                0
+            }
+            Ok(None) => 1,
+            Err(e) => {
+                tracing::error!(plugin = %c.plugin, "state_get: {e}");
+                -1
+            }
+        }
+    })
+}
+
+unsafe extern "C" fn host_state_put(
+    ctx: *mut c_void,
+    key: *const u8,
+    key_len: usize,
+    value: *const u8,
+    value_len: usize,
+) -> i32 {
+    guarded(|| {
+        // SAFETY: as for host_log.
+        let (c, k) = unsafe { ctx_and_text(ctx, key, key_len) };
+        let v = if value.is_null() {
+            Vec::new()
+        } else {
+            unsafe { std::slice::from_raw_parts(value, value_len) }.to_vec()
+        };
+        match block_on(c.store.plugin_state_put(c.plugin.clone(), k, v)) {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(plugin = %c.plugin, "state_put: {e}");
+                -1
+            }
+        }
+    })
+}
+
+unsafe extern "C" fn host_state_delete(ctx: *mut c_void, key: *const u8, key_len: usize) -> i32 {
+    guarded(|| {
+        // SAFETY: as for host_log.
+        let (c, k) = unsafe { ctx_and_text(ctx, key, key_len) };
+        match block_on(c.store.plugin_state_delete(c.plugin.clone(), k)) {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(plugin = %c.plugin, "state_delete: {e}");
+                -1
+            }
+        }
+    })
+}
+
+unsafe extern "C" fn host_state_keys(
+    ctx: *mut c_void,
+    prefix: *const u8,
+    prefix_len: usize,
+    out: *mut Buf,
+) -> i32 {
+    guarded(|| {
+        // SAFETY: as for host_state_get.
+        let (c, p) = unsafe { ctx_and_text(ctx, prefix, prefix_len) };
+        match block_on(c.store.plugin_state_keys(c.plugin.clone(), p)) {
+            Ok(keys) => {
+                let bytes = serde_json::to_vec(&keys).unwrap_or_else(|_| b"[]".to_vec());
+                unsafe { *out = Buf::from_vec(bytes) };
+                0
+            }
+            Err(e) => {
+                tracing::error!(plugin = %c.plugin, "state_keys: {e}");
+                -1
+            }
+        }
+    })
+}
+
+unsafe extern "C" fn host_free(_ctx: *mut c_void, buf: Buf) {
+    let _ = guarded(|| {
+        // SAFETY: the host made this buffer with Buf::from_vec.
+        drop(unsafe { buf.into_vec() });
+        0
+    });
+}

@@ -1,0 +1,419 @@
+//! The host side of plugins: loading, calling, hot reload.
+//!
+//! A plugin is a [`connectord_plugin_sdk::PluginTable`] plus an instance made by its
+//! `create`. One loaded instance is a [`Generation`]: it owns a worker thread that runs
+//! `create`, every call, and `destroy`, one at a time, so a plugin needs no locking and
+//! thread-locals it creates die with a thread that is joined before its image is unloaded.
+//!
+//! Plugins come from two places: built-ins linked into the binary (`connector`,
+//! `webhook`), and `lib<crate>.so` files in `[plugins] dir`. A file whose plugin has the
+//! name of a built-in replaces it. The directory is watched; a changed file is copied to a
+//! fresh path (a same-path `dlopen` would return the old image), loaded, checked (ABI
+//! version, kind, `create`), and only then swapped in; callers that hold the previous
+//! generation finish their calls on it, and it is destroyed, its thread joined and its
+//! image unloaded when the last of them lets go. A file that fails anywhere along the way
+//! leaves the previous generation serving and is logged. A directory writable by group or
+//! others is refused.
+//!
+//! Plugins keep their state through the host (`state_get`/`put`/`delete`/`keys`, stored
+//! in SQLite), so a reload or a restart loses nothing.
+
+mod loader;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use connectord_plugin_sdk::{Kind, http};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::config::PluginsConfig;
+use crate::metrics::Counters;
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+pub use loader::Generation;
+
+/// What went wrong with a plugin.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin {0} is not loaded")]
+    NotLoaded(String),
+    #[error("cannot load {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("{path}: built for plugin ABI {found}, this connectord speaks {expected}")]
+    WrongAbi {
+        path: String,
+        found: u32,
+        expected: u32,
+    },
+    #[error("plugin {name} failed to start: {message}")]
+    Create { name: String, message: String },
+    #[error("plugin {name}: {message}")]
+    Call { name: String, message: String },
+    #[error("plugin {name}: bad answer to {op}: {message}")]
+    BadAnswer {
+        name: String,
+        op: String,
+        message: String,
+    },
+    #[error("plugin {0} has stopped")]
+    Stopped(String),
+}
+
+/// The built-in plugins linked into the binary.
+fn builtins() -> Vec<&'static connectord_plugin_sdk::PluginTable> {
+    vec![auth_connector::plugin_table(), sink_webhook::plugin_table()]
+}
+
+/// One route a plugin serves.
+#[derive(Debug, Clone)]
+pub struct PluginRoute {
+    pub plugin: String,
+    pub route: http::Route,
+}
+
+/// Every loaded plugin, by name.
+pub struct PluginHost {
+    store: Arc<dyn Store>,
+    settings: HashMap<String, serde_json::Value>,
+    dir: Option<PathBuf>,
+    cache_dir: PathBuf,
+    counters: Arc<Counters>,
+    plugins: RwLock<HashMap<String, Arc<Generation>>>,
+    /// Which file each file-loaded plugin came from (to fall back when it is removed).
+    files: Mutex<HashMap<PathBuf, String>>,
+    /// Serialises reloads.
+    reload_lock: Mutex<()>,
+}
+
+/// Unix permission bits that must not be set on the plugin directory or a plugin file.
+const WRITABLE_BY_OTHERS: u32 = 0o022;
+
+impl PluginHost {
+    /// Loads the built-ins, then every plugin file of the directory. Failures are logged;
+    /// the host always starts (a missing backend shows up as refused requests).
+    pub fn start(
+        cfg: &PluginsConfig,
+        store: Arc<dyn Store>,
+        state_dir: &Path,
+        counters: Arc<Counters>,
+    ) -> Arc<PluginHost> {
+        let settings = cfg
+            .settings
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    serde_json::to_value(v).unwrap_or(serde_json::Value::Null),
+                )
+            })
+            .collect();
+        let host = Arc::new(PluginHost {
+            store,
+            settings,
+            dir: cfg.dir.clone(),
+            cache_dir: state_dir.join("plugin-cache"),
+            counters,
+            plugins: RwLock::new(HashMap::new()),
+            files: Mutex::new(HashMap::new()),
+            reload_lock: Mutex::new(()),
+        });
+        // Copies from an earlier run are of no use: start clean.
+        let _ = std::fs::remove_dir_all(&host.cache_dir);
+        for table in builtins() {
+            match Generation::builtin(&host, table) {
+                Ok(g) => host.install(g),
+                Err(e) => {
+                    Counters::inc(&host.counters.plugin_errors);
+                    tracing::error!("built-in plugin: {e}");
+                }
+            }
+        }
+        host.reload_dir();
+        host
+    }
+
+    fn config_for(&self, name: &str) -> Vec<u8> {
+        self.settings
+            .get(name)
+            .map(|v| v.to_string().into_bytes())
+            .unwrap_or_else(|| b"{}".to_vec())
+    }
+
+    fn install(&self, g: Arc<Generation>) {
+        let name = g.name.clone();
+        tracing::info!(plugin = %name, origin = %g.origin, generation = g.id, "plugin serving");
+        let old = self
+            .plugins
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, g);
+        // The previous generation is destroyed when its last in-flight call lets go.
+        drop(old);
+    }
+
+    /// The generation serving `name` now.
+    pub fn get(&self, name: &str) -> Option<Arc<Generation>> {
+        self.plugins
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Names and origins of the plugins serving now.
+    pub fn loaded(&self) -> Vec<(String, String, u64)> {
+        let mut v: Vec<_> = self
+            .plugins
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|g| (g.name.clone(), g.origin.to_string(), g.id))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Calls `op` of plugin `name` with a JSON request and decodes the JSON answer.
+    pub async fn call_json<I: Serialize, O: DeserializeOwned>(
+        &self,
+        name: &str,
+        op: &str,
+        input: &I,
+    ) -> Result<O, PluginError> {
+        let g = self
+            .get(name)
+            .ok_or_else(|| PluginError::NotLoaded(name.to_string()))?;
+        let bytes = serde_json::to_vec(input).map_err(|e| PluginError::Call {
+            name: name.to_string(),
+            message: e.to_string(),
+        })?;
+        let out = g
+            .call(op, bytes)
+            .await
+            .inspect_err(|_| Counters::inc(&self.counters.plugin_errors))?;
+        serde_json::from_slice(&out).map_err(|e| PluginError::BadAnswer {
+            name: name.to_string(),
+            op: op.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The routes plugins serve, and which plugin serves each.
+    pub fn routes(&self) -> Vec<PluginRoute> {
+        let map = self.plugins.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<PluginRoute> = map
+            .values()
+            .flat_map(|g| {
+                g.routes.iter().map(|r| PluginRoute {
+                    plugin: g.name.clone(),
+                    route: r.clone(),
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.route.path, &a.route.method).cmp(&(&b.route.path, &b.route.method)));
+        v
+    }
+
+    /// The plugin route matching a request, if any (`path` without `/v1`/`/v2`).
+    pub fn match_route(&self, method: &str, path: &str) -> Option<PluginRoute> {
+        let want: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        self.routes().into_iter().find(|r| {
+            let pat: Vec<&str> = r.route.path.split('/').filter(|s| !s.is_empty()).collect();
+            r.route.method.eq_ignore_ascii_case(method)
+                && pat.len() == want.len()
+                && pat
+                    .iter()
+                    .zip(&want)
+                    .all(|(p, w)| (p.starts_with('{') && p.ends_with('}')) || p == w)
+        })
+    }
+
+    /// Re-reads the plugin directory: loads new and changed files, falls back to the
+    /// built-in (or nothing) for removed ones.
+    pub fn reload_dir(self: &Arc<Self>) {
+        let _serial = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(dir) = self.dir.clone() else { return };
+        if let Err(why) = check_not_writable_by_others(&dir) {
+            Counters::inc(&self.counters.plugin_errors);
+            tracing::error!("refusing plugins from {}: {why}", dir.display());
+            return;
+        }
+        let mut present = Vec::new();
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => {
+                for e in entries.flatten() {
+                    let p = e.path();
+                    if p.extension().is_some_and(|x| x == "so") {
+                        present.push(p);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("plugin directory {}: {e}", dir.display());
+                return;
+            }
+        }
+        present.sort();
+        for path in &present {
+            let changed = {
+                let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+                match files.get(path).and_then(|name| self.get(name)) {
+                    Some(g) => g.file_changed(path),
+                    None => true,
+                }
+            };
+            if changed {
+                self.load_file(path);
+            }
+        }
+        // Files that disappeared: back to the built-in of that name, or nothing.
+        let gone: Vec<(PathBuf, String)> = {
+            let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+            files
+                .iter()
+                .filter(|(p, _)| !present.contains(p))
+                .map(|(p, n)| (p.clone(), n.clone()))
+                .collect()
+        };
+        for (path, name) in gone {
+            self.files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&path);
+            tracing::info!(plugin = %name, "plugin file {} removed", path.display());
+            match builtins().into_iter().find(|t| {
+                // SAFETY: built-in tables are static data of this binary.
+                #[allow(unsafe_code)]
+                let n = unsafe { t.name() };
+                n == name
+            }) {
+                Some(t) => match Generation::builtin(self, t) {
+                    Ok(g) => self.install(g),
+                    Err(e) => tracing::error!("built-in plugin: {e}"),
+                },
+                None => {
+                    self.plugins
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&name);
+                }
+            }
+        }
+    }
+
+    fn load_file(self: &Arc<Self>, path: &Path) {
+        match Generation::from_file(self, path) {
+            Ok(g) => {
+                Counters::inc(&self.counters.plugin_reloads);
+                self.files
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(path.to_path_buf(), g.name.clone());
+                self.install(g);
+            }
+            Err(e) => {
+                Counters::inc(&self.counters.plugin_errors);
+                tracing::error!("{e}; the previous version (if any) keeps serving");
+            }
+        }
+    }
+
+    /// Watches the plugin directory and reloads on change, until `stop` fires.
+    pub fn watch(self: &Arc<Self>, mut stop: Shutdown) -> Option<tokio::task::JoinHandle<()>> {
+        use notify::RecursiveMode;
+        let dir = self.dir.clone()?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let mut debouncer = match notify_debouncer_full::new_debouncer(
+            std::time::Duration::from_millis(300),
+            None,
+            move |res: notify_debouncer_full::DebounceEventResult| {
+                let relevant = match res {
+                    Ok(events) => events.iter().any(|e| {
+                        e.paths
+                            .iter()
+                            .any(|p| p.extension().is_some_and(|x| x == "so"))
+                    }),
+                    Err(_) => true,
+                };
+                if relevant {
+                    let _ = tx.send(());
+                }
+            },
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("cannot watch plugin directory {}: {e}", dir.display());
+                return None;
+            }
+        };
+        if let Err(e) = debouncer.watch(&dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(
+                "cannot watch plugin directory {}: {e}; plugins reload at restart only",
+                dir.display()
+            );
+            return None;
+        }
+        let host = Arc::clone(self);
+        Some(tokio::spawn(async move {
+            let _keep = debouncer;
+            loop {
+                tokio::select! {
+                    _ = stop.recv() => return,
+                    msg = rx.recv() => {
+                        if msg.is_none() {
+                            return;
+                        }
+                        let h = Arc::clone(&host);
+                        let _ = tokio::task::spawn_blocking(move || h.reload_dir()).await;
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Stops every plugin (at shutdown): destroys the instances and joins their threads.
+    pub fn shutdown(&self) {
+        let all: Vec<Arc<Generation>> = self
+            .plugins
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, g)| g)
+            .collect();
+        drop(all);
+    }
+}
+
+/// Refuses a path that group or others may write to (a plugin is code).
+fn check_not_writable_by_others(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    let mode = meta.permissions().mode();
+    if mode & WRITABLE_BY_OTHERS != 0 {
+        return Err(format!(
+            "it is writable by group or others (mode {:o}); a plugin is code",
+            mode & 0o777
+        ));
+    }
+    Ok(())
+}
+
+impl std::fmt::Display for loader::Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            loader::Origin::Builtin => f.write_str("built-in"),
+            loader::Origin::File { path, .. } => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// Plugin kinds as the configuration and logs name them.
+pub fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Auth => "auth",
+        Kind::Sink => "sink",
+        Kind::Other => "other",
+    }
+}
