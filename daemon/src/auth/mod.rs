@@ -76,9 +76,30 @@ pub struct Principal {
     pub domain: String,
     /// Core scope names.
     pub scopes: Vec<String>,
+    /// Restriction to some endpoints/resources (see the SDK's `PrincipalSpec::allow`).
+    pub allow: Option<Vec<String>>,
 }
 
 impl Principal {
+    /// May this caller touch endpoint `ep` (and, when given, its resource `path`)?
+    pub fn may_access(&self, ep: &str, path: Option<&str>) -> bool {
+        use crate::subscriptions::presub::glob;
+        let Some(patterns) = &self.allow else {
+            return true;
+        };
+        patterns.iter().any(|p| {
+            let (ep_glob, res_glob) = match p.split_once('/') {
+                Some((e, r)) => (e, Some(format!("/{r}"))),
+                None => (p.as_str(), None),
+            };
+            glob(ep_glob, ep)
+                && match (res_glob, path) {
+                    (Some(r), Some(path)) => glob(&r, path),
+                    _ => true,
+                }
+        })
+    }
+
     pub fn allows(&self, scope: Scope) -> bool {
         self.scopes
             .iter()
@@ -148,6 +169,7 @@ impl AuthChain {
                         key_id: principal.key_id,
                         domain: principal.domain,
                         scopes: principal.scopes,
+                        allow: principal.allow,
                     });
                 }
                 AuthVerdict::Refused { reason } => return Err(AuthError::Unauthenticated(reason)),
@@ -199,4 +221,35 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
         .open(path)?;
     f.write_all(text.as_bytes())?;
     f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_patterns() {
+        let p = |allow: Option<Vec<&str>>| Principal {
+            backend: "t".into(),
+            key_id: "k".into(),
+            domain: "d".into(),
+            scopes: vec![],
+            allow: allow.map(|v| v.into_iter().map(String::from).collect()),
+        };
+        let open = p(None);
+        assert!(open.may_access("x", Some("/1/2")));
+        let some = p(Some(vec!["sensor-*", "lamp-1/3311/*"]));
+        let table = [
+            ("sensor-9", None, true),
+            ("sensor-9", Some("/3/0/0"), true),
+            ("lamp-1", None, true),
+            ("lamp-1", Some("/3311/0/5850"), true),
+            ("lamp-1", Some("/3/0/0"), false),
+            ("lamp-2", None, false),
+            ("other", Some("/3311/0/5850"), false),
+        ];
+        for (ep, path, want) in table {
+            assert_eq!(some.may_access(ep, path), want, "{ep} {path:?}");
+        }
+    }
 }

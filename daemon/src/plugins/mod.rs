@@ -6,7 +6,7 @@
 //! thread-locals it creates die with a thread that is joined before its image is unloaded.
 //!
 //! Plugins come from two places: built-ins linked into the binary (`connector`,
-//! `webhook`), and `lib<crate>.so` files in `[plugins] dir`. A file whose plugin has the
+//! `pelion`, `losant`, `headerkeys`, `webhook`), and `lib<crate>.so` files in `[plugins] dir`. A file whose plugin has the
 //! name of a built-in replaces it. The directory is watched; a changed file is copied to a
 //! fresh path (a same-path `dlopen` would return the old image), loaded, checked (ABI
 //! version, kind, `create`), and only then swapped in; callers that hold the previous
@@ -63,7 +63,13 @@ pub enum PluginError {
 
 /// The built-in plugins linked into the binary.
 fn builtins() -> Vec<&'static connectord_plugin_sdk::PluginTable> {
-    vec![auth_connector::plugin_table(), sink_webhook::plugin_table()]
+    vec![
+        auth_connector::plugin_table(),
+        auth_pelion::plugin_table(),
+        auth_losant::plugin_table(),
+        auth_headerkeys::plugin_table(),
+        sink_webhook::plugin_table(),
+    ]
 }
 
 /// One route a plugin serves.

@@ -105,7 +105,8 @@ pub fn list(registry: &Registry, who: &Principal, parts: &Parts) -> Reply {
         Err(r) => return r,
     };
     let ept = query_param(parts, "type");
-    let eps = registry.list(&who.domain, ept.as_deref());
+    let mut eps = registry.list(&who.domain, ept.as_deref());
+    eps.retain(|e| who.may_access(&e.reg.name, None));
     match format {
         Format::Json => {
             let body: Vec<EndpointJson> = eps

@@ -154,6 +154,9 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
             let Some(pr) = state.plugins.match_route(req.method().as_str(), &path) else {
                 return reply;
             };
+            if pr.route.scope == connectord_plugin_sdk::http::AUTHENTICATED {
+                return dispatch_plugin_route(&state, req, pr.plugin, path).await;
+            }
             let Some(scope) = Scope::parse(&pr.route.scope) else {
                 tracing::error!(plugin = %pr.plugin, "route {} names an unknown scope {:?}", pr.route.path, pr.route.scope);
                 return error(
@@ -188,6 +191,23 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
             return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &why);
         }
     };
+    // A key restricted to some endpoints/resources touches no others.
+    let target = match &route {
+        Route::Endpoint(ep) | Route::EndpointSubscriptions(ep) => Some((ep.as_str(), None)),
+        Route::Resource { ep, path } | Route::Subscription { ep, path } => {
+            Some((ep.as_str(), Some(path.as_str())))
+        }
+        _ => None,
+    };
+    if let Some((ep, path)) = target
+        && !principal.may_access(ep, path)
+    {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this access key may not access that endpoint or resource",
+        );
+    }
     if !principal.allows(scope) {
         return error(
             StatusCode::FORBIDDEN,
@@ -274,6 +294,42 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
     .method_is_head(parts.method == Method::HEAD)
 }
 
+/// A plugin route open to any authenticated caller (the plugin checks permissions).
+async fn dispatch_plugin_route(
+    state: &AppState,
+    req: Request<Incoming>,
+    plugin: String,
+    path: String,
+) -> Reply {
+    let principal = match state
+        .auth
+        .authenticate(req.method(), req.uri().path(), req.headers())
+        .await
+    {
+        Ok(p) => p,
+        Err(AuthError::Unauthenticated(why)) => {
+            Counters::inc(&state.counters.rest_unauthorized);
+            return error(StatusCode::UNAUTHORIZED, "unauthorized", &why)
+                .header(http::header::WWW_AUTHENTICATE, "Bearer");
+        }
+        Err(AuthError::Unavailable(why)) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &why);
+        }
+    };
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, state.max_body).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the request body is too large",
+            );
+        }
+    };
+    plugin_route(state, &principal, &parts, body, &plugin, &path).await
+}
+
 /// A request on a route a plugin serves: handed to the plugin as `http`.
 async fn plugin_route(
     state: &AppState,
@@ -311,6 +367,7 @@ async fn plugin_route(
             key_id: who.key_id.clone(),
             domain: who.domain.clone(),
             scopes: who.scopes.clone(),
+            allow: who.allow.clone(),
         },
     };
     match state

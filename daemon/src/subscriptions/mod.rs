@@ -457,6 +457,7 @@ impl Subscriptions {
                         key_id: key_id.clone(),
                         domain: domain.clone(),
                         scopes: Vec::new(),
+                        allow: None,
                     };
                     if let Err(e) = self.add(&who, &ep.reg.name, &r.path).await {
                         tracing::error!("pre-subscription not stored: {e}");

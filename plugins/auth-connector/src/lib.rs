@@ -282,6 +282,7 @@ impl ConnectorAuth {
                     key_id: record.id.clone(),
                     domain: record.domain.clone(),
                     scopes: record.scopes.clone(),
+                    allow: None,
                 },
             },
             // Perhaps another backend's credential: let the host ask it.
@@ -417,6 +418,7 @@ mod tests {
             key_id: "0123456789abcdef".into(),
             domain: DOMAIN.into(),
             scopes: vec!["admin".into()],
+            allow: None,
         }
     }
 

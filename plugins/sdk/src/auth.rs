@@ -31,6 +31,13 @@ pub struct PrincipalSpec {
     /// Core scopes: `endpoints:read`, `resources:read`, `resources:write`,
     /// `subscriptions:read`, `subscriptions:write`, `notifications`, `limits:read`, `admin`.
     pub scopes: Vec<String>,
+    /// Optional restriction to some endpoints and resources: patterns
+    /// `<endpoint glob>[/<resource path glob>]` where `*` matches any run of characters,
+    /// e.g. `sensor-*` (every resource of matching endpoints) or `sensor-*/3303/*`. None:
+    /// no restriction. The core refuses (403) endpoint, resource and subscription routes
+    /// outside them and leaves such endpoints out of `GET /endpoints`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
 }
 
 /// The backend's answer.

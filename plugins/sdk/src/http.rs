@@ -11,13 +11,17 @@ use serde::{Deserialize, Serialize};
 pub const OP_ROUTES: &str = "routes";
 pub const OP_HTTP: &str = "http";
 
+/// A route "scope" that lets any authenticated caller through to the plugin.
+pub const AUTHENTICATED: &str = "authenticated";
+
 /// One route: an exact method and a path pattern whose `{name}` segments match any one
 /// segment (the path is matched after the optional `/v1` or `/v2` prefix is removed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
     pub method: String,
     pub path: String,
-    /// The core scope the caller needs (`admin`, `endpoints:read`, ...).
+    /// The core scope the caller needs (`admin`, `endpoints:read`, ...), or
+    /// [`AUTHENTICATED`]: any authenticated caller, the plugin checks permissions itself.
     pub scope: String,
 }
 
