@@ -68,7 +68,7 @@ pub async fn run(
     let plugins = PluginHost::start(
         &config.plugins,
         Arc::clone(&store),
-        &state_dir,
+        crate::plugins::cache_dir(&state_dir),
         Arc::clone(&counters),
     );
     for (name, origin, generation) in plugins.loaded() {
@@ -258,4 +258,48 @@ async fn watchdog(every: Duration, mut stop: shutdown::Shutdown) {
             _ = tick.tick() => notify(&[NotifyState::Watchdog]),
         }
     }
+}
+
+/// `connectord plugin-call`: runs one operation of a plugin against the state directory
+/// of `config`, without starting the daemon (for example to create the first user of an
+/// auth backend). Returns the plugin's answer.
+pub fn plugin_call(
+    config: &Config,
+    plugin: &str,
+    op: &str,
+    input: &[u8],
+) -> Result<Vec<u8>, PluginCallError> {
+    let state_dir = config.state.resolve_dir();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&state_dir)?);
+    let cache = std::env::temp_dir().join(format!("connectord-plugin-call-{}", std::process::id()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| PluginCallError::Plugin(e.to_string()))?;
+    let _enter = rt.enter();
+    let host = PluginHost::start(
+        &config.plugins,
+        store,
+        cache.clone(),
+        Arc::new(Counters::default()),
+    );
+    let g = host
+        .get(plugin)
+        .ok_or_else(|| PluginCallError::Plugin(format!("no plugin named {plugin} is loaded")))?;
+    let out = g
+        .call_blocking(op, input.to_vec())
+        .map_err(|e| PluginCallError::Plugin(e.to_string()));
+    drop(g);
+    host.shutdown();
+    let _ = std::fs::remove_dir_all(&cache);
+    out
+}
+
+/// Why `connectord plugin-call` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginCallError {
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Plugin(String),
 }

@@ -46,6 +46,22 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Run one operation of a plugin against the state directory, without starting the
+    /// daemon, and print its answer: for example
+    /// `connectord plugin-call pelion create_user '{"name": "ops", ...}'` to create the
+    /// first user of an auth backend. A running daemon sees the change after a restart.
+    PluginCall {
+        /// Configuration file (TOML); without it, the embedded defaults.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The plugin's name (`connector`, `pelion`, `losant`, `headerkeys`, ...).
+        plugin: String,
+        /// The operation.
+        op: String,
+        /// The request, JSON.
+        #[arg(default_value = "{}")]
+        input: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -58,6 +74,21 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::PluginCall {
+            config,
+            plugin,
+            op,
+            input,
+        } => match plugin_call(config, &plugin, &op, &input) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
                 ExitCode::FAILURE
             }
         },
@@ -74,6 +105,28 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+fn plugin_call(
+    path: Option<PathBuf>,
+    plugin: &str,
+    op: &str,
+    input: &str,
+) -> anyhow::Result<String> {
+    let config = match &path {
+        Some(p) => Config::load(p)?,
+        None => Config::embedded()?,
+    };
+    serde_json::from_str::<serde_json::Value>(input).context("the input must be JSON")?;
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .init();
+    let out = connectord::daemon::plugin_call(&config, plugin, op, input.as_bytes())?;
+    Ok(match serde_json::from_slice::<serde_json::Value>(&out) {
+        Ok(v) => serde_json::to_string_pretty(&v)?,
+        Err(_) => String::from_utf8_lossy(&out).into_owned(),
+    })
 }
 
 fn run(path: Option<PathBuf>) -> anyhow::Result<()> {

@@ -22,6 +22,11 @@ mod loader;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+/// The cache directory of plugin copies inside a state directory.
+pub fn cache_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("plugin-cache")
+}
 use std::sync::{Arc, Mutex, RwLock};
 
 use connectord_plugin_sdk::{Kind, http};
@@ -99,10 +104,11 @@ const WRITABLE_BY_OTHERS: u32 = 0o022;
 impl PluginHost {
     /// Loads the built-ins, then every plugin file of the directory. Failures are logged;
     /// the host always starts (a missing backend shows up as refused requests).
+    /// `cache_dir` holds the private copies of loaded files; it is emptied first.
     pub fn start(
         cfg: &PluginsConfig,
         store: Arc<dyn Store>,
-        state_dir: &Path,
+        cache_dir: PathBuf,
         counters: Arc<Counters>,
     ) -> Arc<PluginHost> {
         let settings = cfg
@@ -119,7 +125,7 @@ impl PluginHost {
             store,
             settings,
             dir: cfg.dir.clone(),
-            cache_dir: state_dir.join("plugin-cache"),
+            cache_dir,
             counters,
             plugins: RwLock::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
