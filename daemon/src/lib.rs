@@ -14,6 +14,7 @@
 #![deny(unsafe_code)]
 
 pub mod auth;
+pub mod certs;
 pub mod coap;
 pub mod config;
 pub mod daemon;
@@ -24,5 +25,6 @@ pub mod registry;
 pub mod requests;
 pub mod rest;
 pub mod shutdown;
+pub mod simulate;
 pub mod store;
 pub mod subscriptions;

@@ -1,0 +1,1 @@
+//! The daemon's certificate authority for `POST /api/cert` (interface; being written).

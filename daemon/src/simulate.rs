@@ -1,0 +1,1 @@
+//! `connectord simulate` (interface; being written).
