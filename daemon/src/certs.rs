@@ -1,1 +1,1667 @@
-//! The daemon's certificate authority for `POST /api/cert` (interface; being written).
+//! The daemon's certificate authority, behind `POST /api/cert`.
+//!
+//! A device sends its domain and the public half of an EC key pair; the daemon answers with
+//! a fresh endpoint name, a device certificate for that key signed by its own CA, and the CA
+//! certificate (the "server certificate" the device must trust).
+//!
+//! # Files
+//!
+//! The CA lives in the state directory as `ca.key.pem` (PKCS#8, mode 0600) and `ca.cert.pem`.
+//! Both are created at first start: an EC P-256 key and a self-signed certificate with the
+//! subject `CN=connectord CA`, valid for ten years. Later starts load them as they are; the
+//! certificate is never re-signed, so every start hands out the same CA certificate. A file
+//! that cannot be read or does not match is an error naming it; nothing is replaced silently.
+//! To start over with a new CA, stop the daemon and remove both files (every device
+//! certificate issued so far then stops verifying).
+//!
+//! # Device certificates
+//!
+//! - endpoint name: a random version 4 UUID, lowercase with hyphens
+//!   (`"0f8e3c1a-5b2d-4c7e-9a01-23456789abcd"`);
+//! - subject: `OU=<domain>, CN=<endpoint name>`;
+//! - validity: from one hour ago (clock skew) to ten years from now, but never past the
+//!   CA certificate's own expiry;
+//! - extensions: basicConstraints `CA:FALSE`, keyUsage `digitalSignature`, extendedKeyUsage
+//!   `clientAuth`, subject and authority key identifiers;
+//! - a random 128-bit serial number.
+//!
+//! # Public keys
+//!
+//! Only EC keys on secp256r1 (prime256v1, NIST P-256) are accepted, as a PEM
+//! `SubjectPublicKeyInfo` (`-----BEGIN PUBLIC KEY-----`, what `openssl ec -pubout` writes).
+//! The PEM may be indented, use `\r\n`, sit on one line, carry JSON-style escaped newlines
+//! (`\n` as two characters), or use the `BEGIN PUBLICKEY` spelling of the mbed documentation.
+//! Compressed points are expanded. The point must lie on the curve. Everything else
+//! (RSA, other curves, certificates, private keys, garbage) is [`CertError::BadKey`] with a
+//! message meant for the REST client.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SerialNumber,
+    SignatureAlgorithm,
+};
+
+/// File name of the CA private key inside the state directory.
+pub const CA_KEY_FILE: &str = "ca.key.pem";
+/// File name of the CA certificate inside the state directory.
+pub const CA_CERT_FILE: &str = "ca.cert.pem";
+/// Common name of the CA certificate created at first start.
+pub const CA_COMMON_NAME: &str = "connectord CA";
+
+/// Validity of the CA certificate and of device certificates (ten years, leap days included).
+const VALIDITY: Duration = Duration::from_secs((10 * 365 + 3) * 24 * 60 * 60);
+/// How far in the past certificates start, for devices whose clock is a little behind.
+const BACKDATE: Duration = Duration::from_secs(60 * 60);
+/// Longest accepted domain (the X.509 upper bound for an organizational unit name).
+const MAX_DOMAIN_LEN: usize = 64;
+
+/// Hint appended to public key errors.
+const KEY_HINT: &str = "expected an EC public key on secp256r1 (prime256v1, NIST P-256) in PEM \
+     format ('-----BEGIN PUBLIC KEY-----'), e.g. the output of 'openssl ec -in device.key -pubout'";
+
+/// Why the CA could not be loaded or a certificate could not be issued.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// A CA file or the state directory could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A CA file exists but is unusable (corrupt, wrong kind of key, does not match the other file).
+    #[error("{}: {reason}", path.display())]
+    BadCaFile { path: PathBuf, reason: String },
+    /// The CA certificate has expired; no useful device certificate can be issued.
+    #[error(
+        "{}: the CA certificate expired; remove {CA_KEY_FILE} and {CA_CERT_FILE} to create a new CA \
+         (devices then need new certificates)",
+        path.display()
+    )]
+    CaExpired { path: PathBuf },
+    /// The submitted public key is unusable. The message can be shown to the REST client.
+    #[error("bad public key: {0}")]
+    BadKey(String),
+    /// The submitted domain cannot go into a certificate. The message can be shown to the REST client.
+    #[error("bad domain: {0}")]
+    BadDomain(String),
+    /// Certificate generation failed inside rcgen.
+    #[error("certificate generation failed: {0}")]
+    Rcgen(String),
+}
+
+impl CertError {
+    /// True when the request was at fault (answer 400), false for server-side problems (500).
+    pub fn is_bad_request(&self) -> bool {
+        matches!(self, CertError::BadKey(_) | CertError::BadDomain(_))
+    }
+}
+
+impl From<rcgen::Error> for CertError {
+    fn from(e: rcgen::Error) -> Self {
+        CertError::Rcgen(e.to_string())
+    }
+}
+
+/// What `POST /api/cert` hands back (next to the domain the client sent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// The new endpoint name (a v4 UUID); it is also the device certificate's common name.
+    pub endpoint: String,
+    /// The CA certificate PEM: what the device must trust to verify the server.
+    pub server_certificate: String,
+    /// The device certificate PEM, for the submitted public key.
+    pub device_certificate: String,
+}
+
+/// The daemon's certificate authority (see the module documentation).
+pub struct CertAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+    ca_not_after: SystemTime,
+    cert_path: PathBuf,
+}
+
+impl fmt::Debug for CertAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertAuthority")
+            .field("cert_path", &self.cert_path)
+            .field("ca_not_after", &self.ca_not_after)
+            .field("key", &"[elided]")
+            .finish()
+    }
+}
+
+impl CertAuthority {
+    /// Loads the CA from `state_dir` (`ca.key.pem`, `ca.cert.pem`), creating it at first start
+    /// (EC P-256 key, self-signed, CN "connectord CA", 10-year validity), key file mode 0600.
+    ///
+    /// If only the key exists (a first start interrupted between the two writes), the
+    /// certificate is rebuilt from it. If only the certificate exists, that is an error: the
+    /// key cannot be recovered.
+    pub fn load_or_create(state_dir: &Path) -> Result<CertAuthority, CertError> {
+        fs::create_dir_all(state_dir).map_err(|source| CertError::Io {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let key_path = state_dir.join(CA_KEY_FILE);
+        let cert_path = state_dir.join(CA_CERT_FILE);
+        let key_text = read_optional(&key_path)?;
+        let cert_text = read_optional(&cert_path)?;
+        match (key_text, cert_text) {
+            (Some(key_text), Some(cert_text)) => {
+                let key = load_key(&key_path, &key_text)?;
+                warn_if_key_readable_by_others(&key_path);
+                Self::from_key_and_cert(key, &cert_text, cert_path)
+            }
+            (Some(key_text), None) => {
+                let key = load_key(&key_path, &key_text)?;
+                warn_if_key_readable_by_others(&key_path);
+                tracing::warn!(
+                    key = %key_path.display(),
+                    "CA certificate missing; rebuilding it from the existing CA key"
+                );
+                let pem = ca_params_for_new_certificate().self_signed(&key)?.pem();
+                write_new_file(&cert_path, pem.as_bytes(), 0o644)?;
+                Self::from_key_and_cert(key, &pem, cert_path)
+            }
+            (None, Some(_)) => Err(CertError::BadCaFile {
+                path: key_path,
+                reason: format!(
+                    "missing although {CA_CERT_FILE} exists; restore it from a backup, or remove \
+                     {CA_CERT_FILE} too to create a new CA (devices then need new certificates)"
+                ),
+            }),
+            (None, None) => {
+                let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+                let pem = ca_params_for_new_certificate().self_signed(&key)?.pem();
+                // The key first: an interruption leaves a key without a certificate, which
+                // the next start repairs.
+                write_new_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+                write_new_file(&cert_path, pem.as_bytes(), 0o644)?;
+                tracing::info!(
+                    dir = %state_dir.display(),
+                    "created a new certificate authority ({CA_KEY_FILE}, {CA_CERT_FILE})"
+                );
+                Self::from_key_and_cert(key, &pem, cert_path)
+            }
+        }
+    }
+
+    /// Checks the stored certificate against the key and builds the issuer.
+    fn from_key_and_cert(
+        key: KeyPair,
+        cert_text: &str,
+        cert_path: PathBuf,
+    ) -> Result<CertAuthority, CertError> {
+        let bad = |reason: String| CertError::BadCaFile {
+            path: cert_path.clone(),
+            reason,
+        };
+        let blocks =
+            pem_blocks(cert_text).map_err(|e| bad(format!("not a PEM certificate: {e}")))?;
+        let der = match blocks.as_slice() {
+            [block] if block.label_is("CERTIFICATE") => &block.der,
+            [] => return Err(bad("no PEM block found".into())),
+            [block] => {
+                return Err(bad(format!(
+                    "expected a CERTIFICATE PEM block, found '{}'",
+                    block.label
+                )));
+            }
+            _ => return Err(bad("expected exactly one certificate".into())),
+        };
+        let stored =
+            parse_certificate(der).map_err(|e| bad(format!("corrupt certificate: {e}")))?;
+
+        // The issued certificates name the CA by the subject rcgen writes for our parameters
+        // and the key identifier of our key, so the stored certificate must carry exactly those.
+        let reference_der = ca_params().self_signed(&key)?.der().to_vec();
+        let reference = parse_certificate(&reference_der)
+            .map_err(|e| CertError::Rcgen(format!("cannot parse own CA certificate: {e}")))?;
+        if stored.spki != key.subject_public_key_info() {
+            return Err(bad(format!(
+                "the certificate's public key does not match {CA_KEY_FILE}"
+            )));
+        }
+        if stored.subject != reference.subject {
+            return Err(bad(format!(
+                "the certificate's subject is not 'CN={CA_COMMON_NAME}' as created by connectord \
+                 (other CA certificates are not supported)"
+            )));
+        }
+        if stored.not_after <= SystemTime::now() {
+            tracing::warn!(
+                cert = %cert_path.display(),
+                "the CA certificate has expired; POST /api/cert will fail until a new CA is created"
+            );
+        }
+        Ok(CertAuthority {
+            issuer: Issuer::new(ca_params(), key),
+            ca_pem: pem_encode("CERTIFICATE", der),
+            ca_not_after: stored.not_after,
+            cert_path,
+        })
+    }
+
+    /// Issues a device certificate for `public_key_pem` (SPKI PEM, "-----BEGIN PUBLIC KEY-----").
+    ///
+    /// The endpoint name is a fresh random v4 UUID; the subject is `OU=<domain>, CN=<endpoint>`.
+    /// `server_certificate` is the CA certificate PEM (what the device must trust to verify
+    /// the server). See the module documentation for the accepted key formats and the
+    /// certificate's contents.
+    pub fn issue(&self, domain: &str, public_key_pem: &str) -> Result<Issued, CertError> {
+        check_domain(domain)?;
+        let public_key = parse_public_key_pem(public_key_pem).map_err(CertError::BadKey)?;
+
+        let now = SystemTime::now();
+        if self.ca_not_after <= now {
+            return Err(CertError::CaExpired {
+                path: self.cert_path.clone(),
+            });
+        }
+        let not_after = (now + VALIDITY).min(self.ca_not_after);
+
+        let endpoint = new_endpoint_name();
+        let mut params = CertificateParams::default();
+        set_validity(&mut params, now - BACKDATE, not_after);
+        params.serial_number = Some(random_serial());
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationalUnitName, domain);
+        dn.push(DnType::CommonName, endpoint.as_str());
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&public_key, &self.issuer)?;
+
+        Ok(Issued {
+            endpoint,
+            server_certificate: self.ca_pem.clone(),
+            device_certificate: cert.pem(),
+        })
+    }
+
+    /// The CA certificate, PEM encoded (the same text on every start).
+    pub fn ca_certificate_pem(&self) -> &str {
+        &self.ca_pem
+    }
+}
+
+/// The CA's subject, constraints and key usages. These, with the key, are everything the
+/// issuer side of a device certificate depends on; validity and serial are set at creation.
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, CA_COMMON_NAME);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+fn ca_params_for_new_certificate() -> CertificateParams {
+    let now = SystemTime::now();
+    let mut params = ca_params();
+    set_validity(&mut params, now - BACKDATE, now + VALIDITY);
+    params.serial_number = Some(random_serial());
+    params
+}
+
+/// Sets the validity period (whole seconds; times before 1970 are clamped to 1970).
+fn set_validity(params: &mut CertificateParams, not_before: SystemTime, not_after: SystemTime) {
+    let secs = |t: SystemTime| {
+        Duration::from_secs(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs())
+    };
+    // rcgen's date type comes from the `time` crate, which the daemon does not depend on.
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    params.not_before = epoch + secs(not_before);
+    params.not_after = epoch + secs(not_after);
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    // Positive, and always 16 bytes long once encoded.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&bytes)
+}
+
+/// A random version 4 UUID, lowercase and hyphenated.
+fn new_endpoint_name() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn check_domain(domain: &str) -> Result<(), CertError> {
+    if domain.trim().is_empty() {
+        return Err(CertError::BadDomain("the domain is empty".into()));
+    }
+    if domain.chars().count() > MAX_DOMAIN_LEN {
+        return Err(CertError::BadDomain(format!(
+            "the domain is longer than {MAX_DOMAIN_LEN} characters"
+        )));
+    }
+    if domain.chars().any(char::is_control) {
+        return Err(CertError::BadDomain(
+            "the domain contains control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Files
+
+fn read_optional(path: &Path) -> Result<Option<String>, CertError> {
+    match fs::read(path) {
+        Ok(bytes) => String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| CertError::BadCaFile {
+                path: path.to_path_buf(),
+                reason: "not a text (PEM) file".into(),
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(CertError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn load_key(path: &Path, text: &str) -> Result<KeyPair, CertError> {
+    let bad = |reason: String| CertError::BadCaFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let key = KeyPair::from_pem(text)
+        .map_err(|e| bad(format!("not a PKCS#8 private key in PEM format: {e}")))?;
+    if key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+        return Err(bad("not an EC P-256 private key".into()));
+    }
+    Ok(key)
+}
+
+#[cfg(unix)]
+fn warn_if_key_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            key = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the CA private key is accessible to other users; chmod 600 it"
+        );
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_key_readable_by_others(_path: &Path) {}
+
+/// Writes `contents` to `path` through a temporary file and a rename, so that `path` is
+/// either absent or complete. `mode` applies on Unix.
+fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CertError::Io { path, source }
+    };
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&tmp)(e)),
+    }
+    let result = (|| {
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(mode);
+        }
+        #[cfg(not(unix))]
+        let _ = mode;
+        let mut file = options.open(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()
+    })()
+    .map_err(io_err(&tmp));
+    let result = result.and_then(|()| fs::rename(&tmp, path).map_err(io_err(path)));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+        return result;
+    }
+    // Make the rename durable; failing to sync the directory is not worth failing for.
+    if let Some(dir) = path.parent()
+        && let Ok(dir) = fs::File::open(dir)
+    {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// PEM
+
+struct PemBlock {
+    label: String,
+    der: Vec<u8>,
+}
+
+impl PemBlock {
+    /// Compares labels ignoring spaces and case ("PUBLICKEY" is "PUBLIC KEY").
+    fn label_is(&self, label: &str) -> bool {
+        squash(&self.label) == squash(label)
+    }
+}
+
+fn squash(label: &str) -> String {
+    label
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .flat_map(char::to_uppercase)
+        .collect()
+}
+
+/// All PEM blocks in `text`, in order. Whitespace anywhere in a body is ignored, which
+/// covers indentation, `\r\n` line ends and bodies on one line.
+fn pem_blocks(text: &str) -> Result<Vec<PemBlock>, String> {
+    const BEGIN: &str = "-----BEGIN ";
+    const END: &str = "-----END ";
+    const DASHES: &str = "-----";
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    let mut blocks = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(BEGIN) {
+        let after_begin = &rest[start + BEGIN.len()..];
+        let label_end = after_begin
+            .find(DASHES)
+            .filter(|&i| !after_begin[..i].contains('\n'))
+            .ok_or("malformed '-----BEGIN ...-----' line")?;
+        let label = after_begin[..label_end].trim();
+        let body_and_rest = &after_begin[label_end + DASHES.len()..];
+        let body_end = body_and_rest.find(END).ok_or_else(|| {
+            format!("'-----BEGIN {label}-----' without a matching '-----END' line")
+        })?;
+        let body = &body_and_rest[..body_end];
+        let after_end = &body_and_rest[body_end + END.len()..];
+        let end_label_end = after_end
+            .find(DASHES)
+            .filter(|&i| !after_end[..i].contains('\n'))
+            .ok_or("malformed '-----END ...-----' line")?;
+        let end_label = after_end[..end_label_end].trim();
+        if squash(label) != squash(end_label) {
+            return Err(format!(
+                "'-----BEGIN {label}-----' ends with '-----END {end_label}-----'"
+            ));
+        }
+        if body.contains(':') {
+            return Err(format!(
+                "the '{label}' block has headers (is it encrypted?); expected plain base64"
+            ));
+        }
+        let compact: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+        let der = engine
+            .decode(compact.as_bytes())
+            .map_err(|e| format!("the '{label}' block is not valid base64 ({e})"))?;
+        if der.is_empty() {
+            return Err(format!("the '{label}' block is empty"));
+        }
+        blocks.push(PemBlock {
+            label: label.to_string(),
+            der,
+        });
+        rest = &after_end[end_label_end + DASHES.len()..];
+    }
+    Ok(blocks)
+}
+
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    // Base64 output is ASCII, so splitting bytes never cuts a character.
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Public keys
+
+/// An EC P-256 public key, as the uncompressed point `04 || x || y`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct P256PublicKey {
+    point: Vec<u8>,
+}
+
+impl PublicKeyData for P256PublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.point
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        &PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// Parses a submitted public key; the error is a message for the REST client.
+fn parse_public_key_pem(input: &str) -> Result<P256PublicKey, String> {
+    // JSON strings escaped twice arrive with literal "\n"; base64 never contains a backslash.
+    let text = input
+        .replace("\\r", "")
+        .replace("\\n", "\n")
+        .replace("\\t", " ")
+        .replace("\\/", "/");
+    if text.trim().is_empty() {
+        return Err(format!("the public key is empty; {KEY_HINT}"));
+    }
+    let blocks = pem_blocks(&text).map_err(|e| format!("{e}; {KEY_HINT}"))?;
+    let Some(first) = blocks.iter().find(|b| !b.label_is("EC PARAMETERS")) else {
+        return Err(format!("no PEM block found; {KEY_HINT}"));
+    };
+    let block = blocks
+        .iter()
+        .find(|b| b.label_is("PUBLIC KEY"))
+        .ok_or_else(|| wrong_block_message(&first.label))?;
+    parse_spki(&block.der).map_err(|e| format!("{e}; {KEY_HINT}"))
+}
+
+fn wrong_block_message(label: &str) -> String {
+    let what = match squash(label).as_str() {
+        "CERTIFICATE" | "X509CERTIFICATE" | "TRUSTEDCERTIFICATE" => {
+            "this is a certificate, not a public key"
+        }
+        "PRIVATEKEY" | "ECPRIVATEKEY" | "RSAPRIVATEKEY" | "ENCRYPTEDPRIVATEKEY" => {
+            "this is a private key: never send it anywhere; send only the public key"
+        }
+        "RSAPUBLICKEY" => "RSA keys are not supported",
+        "CERTIFICATEREQUEST" | "NEWCERTIFICATEREQUEST" => {
+            "this is a certificate signing request, not a public key"
+        }
+        _ => "this PEM block is not a public key",
+    };
+    format!("{what} (found '-----BEGIN {label}-----'); {KEY_HINT}")
+}
+
+const OID_EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+const OID_PRIME256V1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// Friendly names for algorithm and curve OIDs a client may plausibly send.
+fn oid_name(dotted: &str) -> Option<&'static str> {
+    Some(match dotted {
+        "1.2.840.113549.1.1.1" => "RSA",
+        "1.2.840.113549.1.1.10" => "RSA-PSS",
+        "1.2.840.10040.4.1" => "DSA",
+        "1.3.101.110" => "X25519",
+        "1.3.101.111" => "X448",
+        "1.3.101.112" => "Ed25519",
+        "1.3.101.113" => "Ed448",
+        "1.3.132.1.12" => "ECDH-only EC",
+        "1.3.132.0.10" => "secp256k1",
+        "1.3.132.0.34" => "secp384r1 (P-384)",
+        "1.3.132.0.35" => "secp521r1 (P-521)",
+        "1.2.840.10045.3.1.1" => "prime192v1 (P-192)",
+        "1.3.132.0.33" => "secp224r1 (P-224)",
+        "1.3.36.3.3.2.8.1.1.7" => "brainpoolP256r1",
+        "1.3.36.3.3.2.8.1.1.11" => "brainpoolP384r1",
+        "1.3.36.3.3.2.8.1.1.13" => "brainpoolP512r1",
+        "1.2.156.10197.1.301" => "SM2",
+        _ => return None,
+    })
+}
+
+/// Parses a DER `SubjectPublicKeyInfo` holding an EC P-256 key.
+fn parse_spki(der: &[u8]) -> Result<P256PublicKey, String> {
+    let malformed = |e: &str| format!("the PUBLIC KEY block is not a valid public key ({e})");
+    let (spki, trailing) = der::expect(der, der::SEQUENCE).map_err(|e| malformed(&e))?;
+    if !trailing.is_empty() {
+        return Err(malformed("trailing data"));
+    }
+    let (alg, rest) = der::expect(spki.content, der::SEQUENCE).map_err(|e| malformed(&e))?;
+    let (bits, rest) = der::expect(rest, der::BIT_STRING).map_err(|e| malformed(&e))?;
+    if !rest.is_empty() {
+        return Err(malformed("trailing data"));
+    }
+    let (alg_oid, params) = der::expect(alg.content, der::OID).map_err(|e| malformed(&e))?;
+    if alg_oid.content != OID_EC_PUBLIC_KEY {
+        let dotted = der::oid_to_string(alg_oid.content);
+        return Err(match oid_name(&dotted) {
+            Some(name) => format!("{name} keys are not supported"),
+            None => format!("unsupported public key algorithm (OID {dotted})"),
+        });
+    }
+    let curve = match der::read(params) {
+        Ok((tlv, [])) => tlv,
+        Ok(_) => return Err(malformed("trailing data after the curve")),
+        Err(_) => return Err(malformed("the EC key names no curve")),
+    };
+    match curve.tag {
+        der::OID if curve.content == OID_PRIME256V1 => {}
+        der::OID => {
+            let dotted = der::oid_to_string(curve.content);
+            return Err(match oid_name(&dotted) {
+                Some(name) => format!("EC keys on {name} are not supported"),
+                None => format!("EC keys on the curve with OID {dotted} are not supported"),
+            });
+        }
+        der::SEQUENCE => {
+            return Err(
+                "explicit EC curve parameters are not supported; use the named curve \
+                 (openssl: '-param_enc named_curve')"
+                    .into(),
+            );
+        }
+        _ => return Err(malformed("the EC key names no curve")),
+    }
+    let Some((&0, point)) = bits.content.split_first() else {
+        return Err(malformed("bad BIT STRING"));
+    };
+    p256::parse_point(point).map(|point| P256PublicKey { point })
+}
+
+/// A minimal DER reader: enough for SubjectPublicKeyInfo and the outer layers of a certificate.
+mod der {
+    pub const INTEGER: u8 = 0x02;
+    pub const BIT_STRING: u8 = 0x03;
+    pub const OID: u8 = 0x06;
+    pub const UTC_TIME: u8 = 0x17;
+    pub const GENERALIZED_TIME: u8 = 0x18;
+    pub const SEQUENCE: u8 = 0x30;
+    pub const VERSION: u8 = 0xa0;
+
+    pub struct Tlv<'a> {
+        pub tag: u8,
+        pub content: &'a [u8],
+        /// Tag, length and content.
+        pub whole: &'a [u8],
+    }
+
+    /// Reads one TLV; returns it and the bytes after it.
+    pub fn read(input: &[u8]) -> Result<(Tlv<'_>, &[u8]), String> {
+        let (&tag, rest) = input.split_first().ok_or("unexpected end of data")?;
+        if tag & 0x1f == 0x1f {
+            return Err("unsupported multi-byte tag".into());
+        }
+        let (&first, rest) = rest.split_first().ok_or("unexpected end of data")?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 {
+                return Err("unsupported length encoding".into());
+            }
+            if rest.len() < n {
+                return Err("unexpected end of data".into());
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+            (len, &rest[n..])
+        };
+        if rest.len() < len {
+            return Err("unexpected end of data".into());
+        }
+        let header = input.len() - rest.len();
+        Ok((
+            Tlv {
+                tag,
+                content: &rest[..len],
+                whole: &input[..header + len],
+            },
+            &rest[len..],
+        ))
+    }
+
+    /// Reads one TLV that must carry `tag`.
+    pub fn expect(input: &[u8], tag: u8) -> Result<(Tlv<'_>, &[u8]), String> {
+        let (tlv, rest) = read(input)?;
+        if tlv.tag != tag {
+            return Err(format!("expected tag 0x{tag:02x}, found 0x{:02x}", tlv.tag));
+        }
+        Ok((tlv, rest))
+    }
+
+    /// Dotted form of an OID's content bytes.
+    pub fn oid_to_string(content: &[u8]) -> String {
+        let mut arcs: Vec<u64> = Vec::new();
+        let mut value: u64 = 0;
+        for &b in content {
+            value = value.saturating_mul(128) | u64::from(b & 0x7f);
+            if b & 0x80 == 0 {
+                if arcs.is_empty() {
+                    let first = (value / 40).min(2);
+                    arcs.push(first);
+                    arcs.push(value - first * 40);
+                } else {
+                    arcs.push(value);
+                }
+                value = 0;
+            }
+        }
+        arcs.iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    /// Seconds since the Unix epoch of a UTCTime or GeneralizedTime (`...Z` forms only).
+    pub fn time_to_unix(tlv: &Tlv<'_>) -> Result<i64, String> {
+        let text = std::str::from_utf8(tlv.content).map_err(|_| "bad time encoding")?;
+        let digits = text.strip_suffix('Z').ok_or("time is not in UTC")?;
+        if !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("bad time encoding".into());
+        }
+        let num = |s: &str| {
+            s.parse::<i64>()
+                .map_err(|_| "bad time encoding".to_string())
+        };
+        let (year, rest) = match (tlv.tag, digits.len()) {
+            (UTC_TIME, 12) => {
+                let yy = num(&digits[..2])?;
+                (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &digits[2..])
+            }
+            (GENERALIZED_TIME, 14) => (num(&digits[..4])?, &digits[4..]),
+            _ => return Err("bad time encoding".into()),
+        };
+        let (month, day) = (num(&rest[0..2])?, num(&rest[2..4])?);
+        let (hour, minute, second) = (num(&rest[4..6])?, num(&rest[6..8])?, num(&rest[8..10])?);
+        if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
+            return Err("bad time value".into());
+        }
+        // Days from civil (proleptic Gregorian), after H. Hinnant.
+        let y = if month <= 2 { year - 1 } else { year };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (month + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + day - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era * 146_097 + doe - 719_468;
+        Ok(days * 86_400 + hour * 3600 + minute * 60 + second)
+    }
+}
+
+/// The parts of a certificate the CA checks.
+struct CertInfo {
+    subject: Vec<u8>,
+    spki: Vec<u8>,
+    not_after: SystemTime,
+}
+
+fn parse_certificate(der: &[u8]) -> Result<CertInfo, String> {
+    let (cert, trailing) = der::expect(der, der::SEQUENCE)?;
+    if !trailing.is_empty() {
+        return Err("trailing data after the certificate".into());
+    }
+    let (tbs, rest) = der::expect(cert.content, der::SEQUENCE)?;
+    let (_sig_alg, rest) = der::expect(rest, der::SEQUENCE)?;
+    let (_sig, rest) = der::expect(rest, der::BIT_STRING)?;
+    if !rest.is_empty() {
+        return Err("trailing data in the certificate".into());
+    }
+    let mut rest = tbs.content;
+    if rest.first() == Some(&der::VERSION) {
+        rest = der::read(rest)?.1;
+    }
+    let (_serial, rest) = der::expect(rest, der::INTEGER)?;
+    let (_sig_alg, rest) = der::expect(rest, der::SEQUENCE)?;
+    let (_issuer, rest) = der::expect(rest, der::SEQUENCE)?;
+    let (validity, rest) = der::expect(rest, der::SEQUENCE)?;
+    let (subject, rest) = der::expect(rest, der::SEQUENCE)?;
+    let (spki, _extensions) = der::expect(rest, der::SEQUENCE)?;
+    let (_not_before, rest) = der::read(validity.content)?;
+    let (not_after, _) = der::read(rest)?;
+    let secs = der::time_to_unix(&not_after)?;
+    let not_after = UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    Ok(CertInfo {
+        subject: subject.whole.to_vec(),
+        spki: spki.whole.to_vec(),
+        not_after,
+    })
+}
+
+/// Just enough P-256 field arithmetic to check that a point is on the curve and to expand
+/// a compressed point. Not constant time, which is fine: public keys are public.
+mod p256 {
+    /// Little-endian 64-bit limbs.
+    type Fe = [u64; 4];
+
+    /// p = 2^256 - 2^224 + 2^192 + 2^96 - 1
+    const P: Fe = [
+        0xffff_ffff_ffff_ffff,
+        0x0000_0000_ffff_ffff,
+        0x0000_0000_0000_0000,
+        0xffff_ffff_0000_0001,
+    ];
+    /// The curve's b (a = -3).
+    const B: Fe = [
+        0x3bce_3c3e_27d2_604b,
+        0x651d_06b0_cc53_b0f6,
+        0xb3eb_bd55_7698_86bc,
+        0x5ac6_35d8_aa3a_93e7,
+    ];
+    const ONE: Fe = [1, 0, 0, 0];
+
+    fn from_be(bytes: &[u8]) -> Fe {
+        let mut fe = [0u64; 4];
+        for (i, chunk) in bytes.rchunks(8).take(4).enumerate() {
+            fe[i] = chunk.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
+        }
+        fe
+    }
+
+    fn to_be(fe: &Fe) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, limb) in fe.iter().enumerate() {
+            out[32 - 8 * (i + 1)..32 - 8 * i].copy_from_slice(&limb.to_be_bytes());
+        }
+        out
+    }
+
+    fn lt(a: &Fe, b: &Fe) -> bool {
+        for i in (0..4).rev() {
+            if a[i] != b[i] {
+                return a[i] < b[i];
+            }
+        }
+        false
+    }
+
+    fn add_raw(a: &Fe, b: &Fe) -> (Fe, bool) {
+        let mut out = [0u64; 4];
+        let mut carry = false;
+        for i in 0..4 {
+            let (s1, c1) = a[i].overflowing_add(b[i]);
+            let (s2, c2) = s1.overflowing_add(u64::from(carry));
+            out[i] = s2;
+            carry = c1 || c2;
+        }
+        (out, carry)
+    }
+
+    fn sub_raw(a: &Fe, b: &Fe) -> (Fe, bool) {
+        let mut out = [0u64; 4];
+        let mut borrow = false;
+        for i in 0..4 {
+            let (d1, b1) = a[i].overflowing_sub(b[i]);
+            let (d2, b2) = d1.overflowing_sub(u64::from(borrow));
+            out[i] = d2;
+            borrow = b1 || b2;
+        }
+        (out, borrow)
+    }
+
+    /// (a + b) mod p, for a, b < p.
+    fn add(a: &Fe, b: &Fe) -> Fe {
+        let (sum, carry) = add_raw(a, b);
+        if carry || !lt(&sum, &P) {
+            sub_raw(&sum, &P).0
+        } else {
+            sum
+        }
+    }
+
+    /// (a - b) mod p, for a, b < p.
+    fn sub(a: &Fe, b: &Fe) -> Fe {
+        let (diff, borrow) = sub_raw(a, b);
+        if borrow { add_raw(&diff, &P).0 } else { diff }
+    }
+
+    fn bit(e: &Fe, i: usize) -> bool {
+        (e[i / 64] >> (i % 64)) & 1 == 1
+    }
+
+    /// (a * b) mod p by double-and-add.
+    fn mul(a: &Fe, b: &Fe) -> Fe {
+        let mut r = [0u64; 4];
+        for i in (0..256).rev() {
+            r = add(&r, &r);
+            if bit(b, i) {
+                r = add(&r, a);
+            }
+        }
+        r
+    }
+
+    fn pow(a: &Fe, e: &Fe) -> Fe {
+        let mut r = ONE;
+        for i in (0..256).rev() {
+            r = mul(&r, &r);
+            if bit(e, i) {
+                r = mul(&r, a);
+            }
+        }
+        r
+    }
+
+    /// x^3 - 3x + b
+    fn rhs(x: &Fe) -> Fe {
+        let x3 = mul(&mul(x, x), x);
+        let three_x = add(&add(x, x), x);
+        add(&sub(&x3, &three_x), &B)
+    }
+
+    /// Checks an encoded point (SEC 1, uncompressed or compressed) and returns it
+    /// uncompressed (`04 || x || y`). The error is a message for the REST client.
+    pub fn parse_point(encoded: &[u8]) -> Result<Vec<u8>, String> {
+        let not_on_curve = || "the EC point is not on the P-256 curve".to_string();
+        match (encoded.first(), encoded.len()) {
+            (Some(0x04), 65) => {
+                let x = from_be(&encoded[1..33]);
+                let y = from_be(&encoded[33..65]);
+                if !lt(&x, &P) || !lt(&y, &P) || mul(&y, &y) != rhs(&x) {
+                    return Err(not_on_curve());
+                }
+                Ok(encoded.to_vec())
+            }
+            (Some(&tag @ (0x02 | 0x03)), 33) => {
+                let x = from_be(&encoded[1..33]);
+                if !lt(&x, &P) {
+                    return Err(not_on_curve());
+                }
+                let alpha = rhs(&x);
+                // p ≡ 3 (mod 4), so a square root of alpha is alpha^((p+1)/4).
+                let (p_plus_1, _) = add_raw(&P, &ONE);
+                let exp = [
+                    (p_plus_1[0] >> 2) | (p_plus_1[1] << 62),
+                    (p_plus_1[1] >> 2) | (p_plus_1[2] << 62),
+                    (p_plus_1[2] >> 2) | (p_plus_1[3] << 62),
+                    p_plus_1[3] >> 2,
+                ];
+                let mut y = pow(&alpha, &exp);
+                if mul(&y, &y) != alpha {
+                    return Err(not_on_curve());
+                }
+                if (y[0] & 1) != u64::from(tag & 1) {
+                    y = sub(&[0; 4], &y);
+                }
+                let mut out = Vec::with_capacity(65);
+                out.push(0x04);
+                out.extend_from_slice(&to_be(&x));
+                out.extend_from_slice(&to_be(&y));
+                Ok(out)
+            }
+            (Some(0x00), _) => Err("the EC point is the point at infinity".into()),
+            _ => Err(format!(
+                "malformed EC point ({} bytes; a P-256 point has 65, or 33 compressed)",
+                encoded.len()
+            )),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        const GX: &str = "6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296";
+        const GY: &str = "4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5";
+
+        fn generator() -> Vec<u8> {
+            let mut g = vec![0x04];
+            g.extend(hex::decode(GX).unwrap());
+            g.extend(hex::decode(GY).unwrap());
+            g
+        }
+
+        #[test]
+        fn generator_is_on_the_curve_and_round_trips_through_compression() {
+            let g = generator();
+            assert_eq!(parse_point(&g).unwrap(), g);
+            // Gy is odd.
+            let mut compressed = vec![0x03];
+            compressed.extend(hex::decode(GX).unwrap());
+            assert_eq!(parse_point(&compressed).unwrap(), g);
+            // The other parity gives -G = (Gx, p - Gy).
+            compressed[0] = 0x02;
+            let minus_g = parse_point(&compressed).unwrap();
+            assert_eq!(minus_g[..33], g[..33]);
+            let y = from_be(&g[33..]);
+            let neg_y = from_be(&minus_g[33..]);
+            assert_eq!(add(&y, &neg_y), [0; 4]);
+        }
+
+        #[test]
+        fn off_curve_and_out_of_range_points_are_rejected() {
+            let mut g = generator();
+            g[64] ^= 1;
+            assert!(
+                parse_point(&g)
+                    .unwrap_err()
+                    .contains("not on the P-256 curve")
+            );
+            let mut big = vec![0x04];
+            big.extend(to_be(&P));
+            big.extend([0u8; 32]);
+            assert!(parse_point(&big).is_err());
+            assert!(parse_point(&[0x00]).unwrap_err().contains("infinity"));
+            assert!(parse_point(&[0x04; 10]).unwrap_err().contains("malformed"));
+            assert!(parse_point(&[]).is_err());
+        }
+
+        #[test]
+        fn byte_conversions_round_trip() {
+            let bytes: Vec<u8> = (1..=32).collect();
+            assert_eq!(to_be(&from_be(&bytes)).to_vec(), bytes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{PKCS_ECDSA_P384_SHA384, PKCS_ED25519};
+    use std::process::Command;
+
+    /// Runs openssl in `dir`; panics with a clear message if the CLI is missing or fails.
+    fn openssl(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("the openssl CLI is required by this test but could not be run: {e}")
+            });
+        assert!(
+            out.status.success(),
+            "openssl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn p256_public_key_pem() -> String {
+        KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .public_key_pem()
+    }
+
+    fn pem_body(pem: &str) -> String {
+        pem.lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with("-----"))
+            .collect()
+    }
+
+    fn bad_key_message(ca: &CertAuthority, key: &str) -> String {
+        match ca.issue("domain", key) {
+            Err(CertError::BadKey(msg)) => msg,
+            other => panic!("expected BadKey for {key:?}, got {other:?}"),
+        }
+    }
+
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn first_start_creates_both_files_with_a_private_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let ca = CertAuthority::load_or_create(&state).unwrap();
+        let key_path = state.join(CA_KEY_FILE);
+        let cert_path = state.join(CA_CERT_FILE);
+        assert!(key_path.is_file() && cert_path.is_file());
+        #[cfg(unix)]
+        assert_eq!(mode(&key_path), 0o600);
+        assert!(!state.join("ca.key.pem.tmp").exists());
+        assert!(!state.join("ca.cert.pem.tmp").exists());
+        assert_eq!(
+            fs::read_to_string(&cert_path).unwrap(),
+            ca.ca_certificate_pem()
+        );
+
+        let text = openssl(
+            &state,
+            &["x509", "-in", CA_CERT_FILE, "-noout", "-subject", "-text"],
+        );
+        assert!(text.contains("CN=connectord CA") || text.contains("CN = connectord CA"));
+        assert!(text.contains("CA:TRUE"), "{text}");
+        assert!(text.contains("prime256v1"), "{text}");
+        assert!(text.contains("Certificate Sign"), "{text}");
+        // The key file is a P-256 key matching the certificate.
+        let key_pub = openssl(&state, &["pkey", "-in", CA_KEY_FILE, "-pubout"]);
+        let cert_pub = openssl(&state, &["x509", "-in", CA_CERT_FILE, "-noout", "-pubkey"]);
+        assert_eq!(pem_body(&key_pub), pem_body(&cert_pub));
+        // About ten years.
+        let nine_years = (9 * 365 * 86_400).to_string();
+        let eleven_years = (11 * 365 * 86_400).to_string();
+        openssl(
+            &state,
+            &[
+                "x509",
+                "-in",
+                CA_CERT_FILE,
+                "-noout",
+                "-checkend",
+                &nine_years,
+            ],
+        );
+        let out = Command::new("openssl")
+            .args([
+                "x509",
+                "-in",
+                CA_CERT_FILE,
+                "-noout",
+                "-checkend",
+                &eleven_years,
+            ])
+            .current_dir(&state)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "the CA should expire within 11 years"
+        );
+    }
+
+    #[test]
+    fn second_start_loads_the_same_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = CertAuthority::load_or_create(dir.path()).unwrap();
+        let key_before = fs::read(dir.path().join(CA_KEY_FILE)).unwrap();
+        let second = CertAuthority::load_or_create(dir.path()).unwrap();
+        assert_eq!(first.ca_certificate_pem(), second.ca_certificate_pem());
+        assert_eq!(fs::read(dir.path().join(CA_KEY_FILE)).unwrap(), key_before);
+
+        // Certificates issued after the restart verify against the CA from the first start.
+        let issued = second.issue("dom", &p256_public_key_pem()).unwrap();
+        assert_eq!(issued.server_certificate, first.ca_certificate_pem());
+        fs::write(dir.path().join("first-ca.pem"), first.ca_certificate_pem()).unwrap();
+        fs::write(dir.path().join("device.pem"), &issued.device_certificate).unwrap();
+        let out = openssl(
+            dir.path(),
+            &["verify", "-CAfile", "first-ca.pem", "device.pem"],
+        );
+        assert!(out.contains("device.pem: OK"), "{out}");
+    }
+
+    #[test]
+    fn issued_certificate_verifies_and_carries_endpoint_domain_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        let public_key = p256_public_key_pem();
+        let domain = "012345-6789-0123-45678901";
+        let issued = ca.issue(domain, &public_key).unwrap();
+        assert_eq!(issued.server_certificate, ca.ca_certificate_pem());
+
+        fs::write(dir.path().join("ca.pem"), &issued.server_certificate).unwrap();
+        fs::write(dir.path().join("device.pem"), &issued.device_certificate).unwrap();
+        let out = openssl(
+            dir.path(),
+            &[
+                "verify",
+                "-CAfile",
+                "ca.pem",
+                "-purpose",
+                "sslclient",
+                "device.pem",
+            ],
+        );
+        assert!(out.contains("device.pem: OK"), "{out}");
+
+        let subject = openssl(
+            dir.path(),
+            &["x509", "-in", "device.pem", "-noout", "-subject"],
+        );
+        assert!(subject.contains(&issued.endpoint), "{subject}");
+        assert!(subject.contains(domain), "{subject}");
+        assert!(subject.contains("CN"), "{subject}");
+        assert!(subject.contains("OU"), "{subject}");
+
+        let pubkey = openssl(
+            dir.path(),
+            &["x509", "-in", "device.pem", "-noout", "-pubkey"],
+        );
+        assert_eq!(pem_body(&pubkey), pem_body(&public_key));
+
+        let text = openssl(
+            dir.path(),
+            &["x509", "-in", "device.pem", "-noout", "-text"],
+        );
+        assert!(text.contains("CA:FALSE"), "{text}");
+        assert!(text.contains("Digital Signature"), "{text}");
+        assert!(!text.contains("Certificate Sign"), "{text}");
+        assert!(text.contains("TLS Web Client Authentication"), "{text}");
+        assert!(text.contains("Authority Key Identifier"), "{text}");
+
+        // Never valid past the CA.
+        let device =
+            parse_certificate(&pem_blocks(&issued.device_certificate).unwrap()[0].der).unwrap();
+        let ca_info =
+            parse_certificate(&pem_blocks(ca.ca_certificate_pem()).unwrap()[0].der).unwrap();
+        assert!(device.not_after <= ca_info.not_after);
+        assert!(device.not_after > SystemTime::now() + Duration::from_secs(9 * 365 * 86_400));
+    }
+
+    #[test]
+    fn two_issues_give_different_endpoint_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        let key = p256_public_key_pem();
+        let a = ca.issue("dom", &key).unwrap();
+        let b = ca.issue("dom", &key).unwrap();
+        assert_ne!(a.endpoint, b.endpoint);
+        assert_ne!(a.device_certificate, b.device_certificate);
+        for name in [&a.endpoint, &b.endpoint] {
+            let groups: Vec<&str> = name.split('-').collect();
+            assert_eq!(
+                groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+                [8, 4, 4, 4, 12],
+                "{name}"
+            );
+            assert!(
+                name.chars()
+                    .all(|c| c == '-' || c.is_ascii_digit() || ('a'..='f').contains(&c))
+            );
+            assert_eq!(&groups[2][..1], "4", "version 4: {name}");
+            assert!("89ab".contains(&groups[3][..1]), "RFC 4122 variant: {name}");
+        }
+    }
+
+    #[test]
+    fn seed_style_indented_pem_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        let key = p256_public_key_pem();
+        let lines: Vec<&str> = key.lines().collect();
+        let variants = [
+            // As in the seed's example: indented inside the JSON string, with the
+            // documentation's "PUBLICKEY" spelling on the first line.
+            format!(
+                "-----BEGIN PUBLICKEY-----\n{}\n        -----END PUBLIC KEY-----",
+                lines[1..lines.len() - 1]
+                    .iter()
+                    .map(|l| format!("        {l}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+            format!("  \r\n{}\r\n\r\n", lines.join("\r\n")),
+            lines.join(" "),
+            lines.join("\\n"),
+            format!("\t{}\t", lines.join("\n\t")),
+        ];
+        for variant in &variants {
+            let issued = ca
+                .issue("dom", variant)
+                .unwrap_or_else(|e| panic!("{variant:?} was refused: {e}"));
+            fs::write(dir.path().join("device.pem"), &issued.device_certificate).unwrap();
+            let pubkey = openssl(
+                dir.path(),
+                &["x509", "-in", "device.pem", "-noout", "-pubkey"],
+            );
+            assert_eq!(pem_body(&pubkey), pem_body(&key));
+        }
+    }
+
+    #[test]
+    fn compressed_point_is_accepted_and_expanded() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        let key = p256_public_key_pem();
+        fs::write(dir.path().join("pub.pem"), &key).unwrap();
+        let compressed = openssl(
+            dir.path(),
+            &[
+                "ec",
+                "-pubin",
+                "-in",
+                "pub.pem",
+                "-pubout",
+                "-conv_form",
+                "compressed",
+            ],
+        );
+        assert_ne!(pem_body(&compressed), pem_body(&key));
+        let issued = ca.issue("dom", &compressed).unwrap();
+        fs::write(dir.path().join("device.pem"), &issued.device_certificate).unwrap();
+        let pubkey = openssl(
+            dir.path(),
+            &["x509", "-in", "device.pem", "-noout", "-pubkey"],
+        );
+        assert_eq!(pem_body(&pubkey), pem_body(&key));
+    }
+
+    #[test]
+    fn bad_public_keys_are_rejected_with_helpful_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        let gen_pub = |args: &[&str]| {
+            openssl(dir.path(), args);
+            openssl(dir.path(), &["pkey", "-in", "k.pem", "-pubout"])
+        };
+        let rsa = gen_pub(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:1024",
+            "-out",
+            "k.pem",
+        ]);
+        let k1 = gen_pub(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:secp256k1",
+            "-out",
+            "k.pem",
+        ]);
+        fs::write(dir.path().join("pub.pem"), p256_public_key_pem()).unwrap();
+        let explicit = openssl(
+            dir.path(),
+            &[
+                "ec",
+                "-pubin",
+                "-in",
+                "pub.pem",
+                "-pubout",
+                "-param_enc",
+                "explicit",
+            ],
+        );
+        let p384 = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384)
+            .unwrap()
+            .public_key_pem();
+        let ed25519 = KeyPair::generate_for(&PKCS_ED25519)
+            .unwrap()
+            .public_key_pem();
+        let private = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .serialize_pem();
+        let mut off_curve_der = pem_blocks(&p256_public_key_pem()).unwrap().remove(0).der;
+        if let Some(last) = off_curve_der.last_mut() {
+            *last ^= 1;
+        }
+        let off_curve = pem_encode("PUBLIC KEY", &off_curve_der);
+        let mut trailing_der = pem_blocks(&p256_public_key_pem()).unwrap().remove(0).der;
+        trailing_der.push(0);
+        let trailing = pem_encode("PUBLIC KEY", &trailing_der);
+        let truncated = {
+            let der = pem_blocks(&p256_public_key_pem()).unwrap().remove(0).der;
+            pem_encode("PUBLIC KEY", &der[..40])
+        };
+        let mismatched = p256_public_key_pem().replace("END PUBLIC KEY", "END CERTIFICATE");
+
+        let cases: Vec<(&str, String, &str)> = vec![
+            ("empty", String::new(), "empty"),
+            ("blank", "  \n\t ".into(), "empty"),
+            ("garbage", "hello world".into(), "no PEM block"),
+            (
+                "bad base64",
+                "-----BEGIN PUBLIC KEY-----\n!!!!\n-----END PUBLIC KEY-----".into(),
+                "not valid base64",
+            ),
+            (
+                "no END line",
+                "-----BEGIN PUBLIC KEY-----\nMFkw".into(),
+                "without a matching",
+            ),
+            ("mismatched END", mismatched, "ends with"),
+            (
+                "certificate",
+                ca.ca_certificate_pem().to_string(),
+                "certificate, not a public key",
+            ),
+            ("private key", private, "private key"),
+            ("RSA", rsa, "RSA keys are not supported"),
+            ("secp256k1", k1, "secp256k1 are not supported"),
+            ("P-384", p384, "P-384"),
+            ("Ed25519", ed25519, "Ed25519 keys are not supported"),
+            (
+                "explicit parameters",
+                explicit,
+                "explicit EC curve parameters",
+            ),
+            ("off-curve point", off_curve, "not on the P-256 curve"),
+            ("trailing data", trailing, "trailing data"),
+            ("truncated", truncated, "not a valid public key"),
+        ];
+        for (name, input, expected) in cases {
+            let msg = bad_key_message(&ca, &input);
+            assert!(
+                msg.contains(expected),
+                "{name}: message {msg:?} lacks {expected:?}"
+            );
+            assert!(msg.contains("secp256r1"), "{name}: no hint in {msg:?}");
+            let err = CertError::BadKey(msg);
+            assert!(err.is_bad_request());
+        }
+    }
+
+    #[test]
+    fn bad_domains_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        let key = p256_public_key_pem();
+        for domain in ["", "   ", &"d".repeat(65), "a\nb"] {
+            let err = ca.issue(domain, &key).unwrap_err();
+            assert!(
+                matches!(err, CertError::BadDomain(_)),
+                "{domain:?}: {err:?}"
+            );
+            assert!(err.is_bad_request());
+        }
+        ca.issue(&"d".repeat(64), &key).unwrap();
+        ca.issue("домен", &key).unwrap();
+    }
+
+    #[test]
+    fn corrupt_ca_certificate_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        CertAuthority::load_or_create(dir.path()).unwrap();
+        let cert_path = dir.path().join(CA_CERT_FILE);
+        let original = fs::read_to_string(&cert_path).unwrap();
+        let body = pem_body(&original);
+        let flipped_middle = {
+            let mut der = pem_blocks(&original).unwrap().remove(0).der;
+            der.truncate(der.len() - 10);
+            pem_encode("CERTIFICATE", &der)
+        };
+        let corruptions = [
+            "garbage".to_string(),
+            String::new(),
+            original.replace(&body[10..30], "AAAAAAAAAAAAAAAAAAAA"),
+            flipped_middle,
+            p256_public_key_pem(),
+            format!("{original}{original}"),
+        ];
+        for corrupt in corruptions {
+            fs::write(&cert_path, &corrupt).unwrap();
+            let err = CertAuthority::load_or_create(dir.path()).unwrap_err();
+            assert!(matches!(err, CertError::BadCaFile { .. }), "{err:?}");
+            assert!(
+                err.to_string().contains(&*cert_path.to_string_lossy()),
+                "{err}"
+            );
+            assert!(!err.is_bad_request());
+            // Not replaced.
+            assert_eq!(fs::read_to_string(&cert_path).unwrap(), corrupt);
+        }
+        fs::write(&cert_path, &original).unwrap();
+        CertAuthority::load_or_create(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn certificate_of_another_ca_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        CertAuthority::load_or_create(dir.path()).unwrap();
+        let other_ca = CertAuthority::load_or_create(other.path()).unwrap();
+        let cert_path = dir.path().join(CA_CERT_FILE);
+        fs::write(&cert_path, other_ca.ca_certificate_pem()).unwrap();
+        let err = CertAuthority::load_or_create(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
+        assert!(err.to_string().contains(CA_CERT_FILE), "{err}");
+
+        // Same key, different subject.
+        let key =
+            KeyPair::from_pem(&fs::read_to_string(dir.path().join(CA_KEY_FILE)).unwrap()).unwrap();
+        let mut params = ca_params();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "someone else");
+        fs::write(&cert_path, params.self_signed(&key).unwrap().pem()).unwrap();
+        let err = CertAuthority::load_or_create(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("subject"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_or_missing_ca_key_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        CertAuthority::load_or_create(dir.path()).unwrap();
+        let key_path = dir.path().join(CA_KEY_FILE);
+        let original = fs::read(&key_path).unwrap();
+        let p384 = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384)
+            .unwrap()
+            .serialize_pem();
+        for corrupt in ["garbage".as_bytes(), p384.as_bytes(), &[0xff, 0xfe, 0x00]] {
+            fs::write(&key_path, corrupt).unwrap();
+            let err = CertAuthority::load_or_create(dir.path()).unwrap_err();
+            assert!(matches!(err, CertError::BadCaFile { .. }), "{err:?}");
+            assert!(
+                err.to_string().contains(&*key_path.to_string_lossy()),
+                "{err}"
+            );
+            assert_eq!(fs::read(&key_path).unwrap(), corrupt);
+        }
+        fs::remove_file(&key_path).unwrap();
+        let err = CertAuthority::load_or_create(dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains(&*key_path.to_string_lossy()),
+            "{err}"
+        );
+        assert!(err.to_string().contains("missing"), "{err}");
+        assert!(!key_path.exists());
+        fs::write(&key_path, original).unwrap();
+        CertAuthority::load_or_create(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn missing_certificate_is_rebuilt_from_the_existing_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = CertAuthority::load_or_create(dir.path()).unwrap();
+        let issued = first.issue("dom", &p256_public_key_pem()).unwrap();
+        fs::remove_file(dir.path().join(CA_CERT_FILE)).unwrap();
+        let rebuilt = CertAuthority::load_or_create(dir.path()).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join(CA_CERT_FILE)).unwrap(),
+            rebuilt.ca_certificate_pem()
+        );
+        // Same name and key: earlier device certificates verify against the rebuilt CA.
+        fs::write(dir.path().join("ca.pem"), rebuilt.ca_certificate_pem()).unwrap();
+        fs::write(dir.path().join("device.pem"), &issued.device_certificate).unwrap();
+        let out = openssl(dir.path(), &["verify", "-CAfile", "ca.pem", "device.pem"]);
+        assert!(out.contains("device.pem: OK"), "{out}");
+    }
+
+    #[test]
+    fn unreadable_state_dir_is_an_io_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        fs::write(&file, "x").unwrap();
+        let err = CertAuthority::load_or_create(&file).unwrap_err();
+        assert!(matches!(err, CertError::Io { .. }), "{err:?}");
+        assert!(err.to_string().contains("not-a-dir"), "{err}");
+    }
+
+    #[test]
+    fn der_times_are_converted() {
+        let tlv = |tag, s: &'static str| der::Tlv {
+            tag,
+            content: s.as_bytes(),
+            whole: &[],
+        };
+        assert_eq!(
+            der::time_to_unix(&tlv(der::UTC_TIME, "700101000000Z")),
+            Ok(0)
+        );
+        assert_eq!(
+            der::time_to_unix(&tlv(der::UTC_TIME, "000229120000Z")),
+            Ok(951_825_600)
+        );
+        assert_eq!(
+            der::time_to_unix(&tlv(der::GENERALIZED_TIME, "20500101000000Z")),
+            Ok(2_524_608_000)
+        );
+        assert!(der::time_to_unix(&tlv(der::UTC_TIME, "7001010000Z")).is_err());
+        assert!(der::time_to_unix(&tlv(der::UTC_TIME, "700101000000+0100")).is_err());
+    }
+
+    #[test]
+    fn oids_are_printed_in_dotted_form() {
+        assert_eq!(der::oid_to_string(OID_EC_PUBLIC_KEY), "1.2.840.10045.2.1");
+        assert_eq!(der::oid_to_string(OID_PRIME256V1), "1.2.840.10045.3.1.7");
+    }
+
+    #[test]
+    fn parsers_do_not_panic_on_truncated_or_mutated_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        let spki = pem_blocks(&p256_public_key_pem()).unwrap().remove(0).der;
+        let cert = pem_blocks(ca.ca_certificate_pem()).unwrap().remove(0).der;
+        for der in [&spki, &cert] {
+            for len in 0..der.len() {
+                let _ = parse_spki(&der[..len]);
+                let _ = parse_certificate(&der[..len]);
+            }
+            for i in 0..der.len() {
+                for flip in [0x01, 0x80, 0xff] {
+                    let mut mutated = der.clone();
+                    mutated[i] ^= flip;
+                    let _ = parse_spki(&mutated);
+                    let _ = parse_certificate(&mutated);
+                }
+            }
+        }
+        for text in [
+            "-----BEGIN ",
+            "-----BEGIN -----",
+            "-----BEGIN X-----\n-----END ",
+            "-----END X-----",
+        ] {
+            let _ = parse_public_key_pem(text);
+        }
+    }
+
+    #[test]
+    fn cert_authority_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<CertAuthority>();
+        assert_send_sync::<CertError>();
+    }
+}

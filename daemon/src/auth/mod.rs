@@ -176,7 +176,7 @@ impl AuthChain {
             }
         }
         Err(AuthError::Unauthenticated(
-            "missing or unknown credentials: send Authorization: Bearer <access key>".into(),
+            "missing or unknown credentials: send Authorization: Bearer <access key>, or the credentials of another configured auth backend".into(),
         ))
     }
 
