@@ -34,6 +34,8 @@ use crate::subscriptions::lua::LuaRules;
 pub enum StartError {
     #[error("state store: {0}")]
     Store(#[from] StoreError),
+    #[error("certificate authority: {0}")]
+    Ca(#[from] crate::certs::CertError),
     #[error("cannot write the first admin key: {0}")]
     FirstKey(std::io::Error),
     #[error("{0}")]
@@ -126,6 +128,14 @@ pub async fn run(
         Arc::clone(&counters),
     )
     .await?;
+    let limits = Arc::new(crate::limits::Limits::new(
+        &config.limits,
+        config.registry.max_endpoints_per_domain,
+        Arc::clone(&counters),
+    ));
+    registry.set_limits(Arc::clone(&limits));
+    requests.set_limits(Arc::clone(&limits));
+    subscriptions.set_limits(Arc::clone(&limits));
     registry.add_listener(Arc::clone(&hub) as Arc<dyn RegistryListener>);
     registry.add_listener(Arc::new(RequestsListener(Arc::downgrade(&requests))));
     registry.add_listener(Arc::clone(&subscriptions) as Arc<dyn RegistryListener>);
@@ -153,6 +163,8 @@ pub async fn run(
         hub,
         subscriptions,
         plugins: Arc::clone(&plugins),
+        limits,
+        ca: Arc::new(crate::certs::CertAuthority::load_or_create(&state_dir)?),
         max_body: config.requests.max_body,
         long_poll: Duration::from_secs(config.notifications.long_poll_s),
     });
@@ -219,6 +231,7 @@ fn reload(running: Config, path: Option<&std::path::Path>, set_log: &SetLogFilte
         ("notifications", next.notifications != running.notifications),
         ("lua", next.lua != running.lua),
         ("plugins", next.plugins != running.plugins),
+        ("limits", next.limits != running.limits),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))

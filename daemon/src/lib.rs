@@ -19,6 +19,7 @@ pub mod coap;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod limits;
 pub mod metrics;
 pub mod plugins;
 pub mod registry;

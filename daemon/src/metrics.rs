@@ -68,6 +68,8 @@ counters! {
     lua_errors,
     /// Lua rule files (re)loaded successfully.
     lua_reloads,
+    /// Transactions refused because a domain's quota was used up.
+    limits_refused,
     /// Plugin files loaded (at start or on change) and swapped in.
     plugin_reloads,
     /// Plugins that failed to load or start, and plugin calls that failed.

@@ -1,1 +1,1673 @@
-//! `connectord simulate` (interface; being written).
+//! The device simulator: many LwM2M-like devices in one process, to try the daemon
+//! without hardware and to load it in benchmarks.
+//!
+//! Each device has its own UDP socket (bound to [`SimOptions::bind`], port 0) and its own
+//! tokio task. The task owns a [`Device`], a sans-IO state machine: datagrams, timer expiries
+//! and temperature ticks go in, datagrams to send come out. The task only moves bytes
+//! between the socket and the state machine, which is what the unit tests drive directly.
+//!
+//! What a device does:
+//! - Registers (`POST /rd?ep=&lt=&lwm2m=1.0&b=U|UQ[&d=]`, link-format body [`LINKS`]) with
+//!   CON retransmission (RFC 7252 timing), sends registration updates at 75–85 % of its
+//!   lifetime (re-registering when an update is answered 4.04, or any other 4.xx),
+//!   and de-registers when the simulator stops.
+//! - Serves the daemon's requests, piggybacked (ACK for CON, NON for NON), with a small
+//!   duplicate cache (same peer and message id → the same reply, not handled again):
+//!   - `GET /3/0/0` "connectord", `/3/0/1` "simulator", `/3/0/2` the endpoint name,
+//!     `/3/0` a one-line summary, `/1/0/1` the lifetime, `/1/0` a summary; text/plain.
+//!   - `GET /3303/0/5700`: the temperature ("21.5"), which moves by ±0.1..0.5 every
+//!     notify interval, with Max-Age. With Observe=0 the (peer, token) becomes an observer
+//!     and gets a NON notification with an increasing Observe sequence on every change;
+//!     Observe=1, or an RST answering one of its notifications, removes it. `/3/0` is
+//!     observable too (its content never changes, so it is never notified).
+//!   - `PUT /1/0/1`: a whole number of seconds (1..) → 2.04, and the device sends a
+//!     registration update with the new lifetime (as LwM2M asks); anything else → 4.00.
+//!   - `PUT /3303/0/5700` → 4.05: a sensor value is read-only (as in the LwM2M object).
+//!   - `POST /3/0/4` (reboot) → 2.04; one second later the device forgets its observers
+//!     and registers again, as a rebooted device would. `POST /1/0/8` (registration update
+//!     trigger) → 2.04 and an update.
+//!   - `DELETE /9/0` (a software package) → 2.02, then 4.04 as it is gone.
+//!   - Another method on a known path → 4.05; an unknown path → 4.04; an Accept other
+//!     than text/plain → 4.06; Block2 is honoured; a Block1 transfer beyond one block →
+//!     4.13 (every writable value is a few bytes).
+//!   - A CoAP ping (empty CON) → RST. Malformed datagrams are ignored.
+//!
+//! Scale: one task and one socket per device. 10 000 devices are 10 000 file descriptors
+//! (raise `ulimit -n`) and ephemeral ports of the bind address (use other 127.x.y.z
+//! addresses beyond ~28 000). All sockets are opened before the first registration, so a
+//! shortage is an error before anything is registered. At most [`MAX_IN_FLIGHT`]
+//! registrations (and, at stop, de-registrations) are outstanding at a time, so that a
+//! burst does not overflow the daemon's receive buffer; `register_rate` paces starts on
+//! top of that. Temperature ticks start at a random phase so devices do not tick together.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use coap_lite::{
+    CoapOption, ContentFormat, MessageClass, MessageType, Packet, RequestType, ResponseType,
+};
+use rand::Rng;
+use tokio::net::UdpSocket;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::coap::client::Block;
+use crate::coap::message::{self, Response, encode_uint, uint_option, uri_path};
+
+/// The object list each device registers.
+pub const LINKS: &str = concat!(
+    r#"</>;rt="oma.lwm2m",</1/0>,</1/0/1>,</3/0>;obs,</3/0/0>,</3/0/1>,</3/0/2>,</3/0/4>,"#,
+    r#"</3303/0/5700>;obs;rt="temperature";ct=0,</9/0>"#
+);
+
+/// CoAP transmission parameters (RFC 7252 §4.8).
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+const ACK_RANDOM_FACTOR: f64 = 1.5;
+const MAX_RETRANSMIT: u32 = 4;
+/// De-registration at stop gives up sooner: stopping should not take a minute.
+const DEREGISTER_RETRANSMIT: u32 = 1;
+/// How long to wait for a separate response after an empty ACK.
+const SEPARATE_RESPONSE_WAIT: Duration = Duration::from_secs(60);
+/// Registrations (and de-registrations at stop) outstanding at once, over all devices.
+pub const MAX_IN_FLIGHT: usize = 128;
+/// Replies remembered per device for duplicate requests.
+const REPLY_CACHE: usize = 8;
+/// Notifications remembered per device, to map an RST back to its observer.
+const SENT_NOTIFICATIONS: usize = 32;
+/// Observers per device; beyond, a GET with Observe=0 is answered without Observe.
+const MAX_OBSERVERS: usize = 8;
+/// Delay between answering a reboot and registering again.
+const REBOOT_DELAY: Duration = Duration::from_secs(1);
+/// Bounds of the wait before retrying a failed update or re-registration.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// After stop, how long de-registrations may take before the remaining tasks are dropped.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+/// Largest datagram read; anything longer is truncated and then fails to decode.
+const MAX_DATAGRAM: usize = 1500;
+/// The temperature stays within these bounds (tenths of a degree).
+const TEMP_MIN: i32 = 150;
+const TEMP_MAX: i32 = 300;
+
+const TEMPERATURE: [&str; 3] = ["3303", "0", "5700"];
+const DEVICE: [&str; 2] = ["3", "0"];
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// How many devices.
+    pub devices: usize,
+    /// The daemon's CoAP address.
+    pub server: SocketAddr,
+    /// Endpoint names are `{prefix}{index:06}`, index from 0.
+    pub name_prefix: String,
+    /// Registration lifetime; an update is sent at ~80 % of it.
+    pub lifetime_s: u32,
+    /// How often observed temperatures change.
+    pub notify_interval_ms: u64,
+    /// Local address of the device sockets (port 0 each).
+    pub bind: IpAddr,
+    /// Register with `b=UQ`.
+    pub queue_mode: bool,
+    /// `d=`.
+    pub domain: Option<String>,
+    /// Most registrations started per second while starting; 0: as fast as possible.
+    pub register_rate: u32,
+}
+
+impl Default for SimOptions {
+    fn default() -> SimOptions {
+        SimOptions {
+            devices: 10,
+            server: SocketAddr::from(([127, 0, 0, 1], 5683)),
+            name_prefix: "sim-".into(),
+            lifetime_s: 300,
+            notify_interval_ms: 5000,
+            bind: IpAddr::from([127, 0, 0, 1]),
+            queue_mode: false,
+            domain: None,
+            register_rate: 0,
+        }
+    }
+}
+
+impl SimOptions {
+    /// The endpoint name of device `index`.
+    pub fn endpoint_name(&self, index: usize) -> String {
+        format!("{}{index:06}", self.name_prefix)
+    }
+
+    fn validate(&self) -> Result<(), SimError> {
+        let invalid = |m: String| Err(SimError::Invalid(m));
+        if self.devices == 0 {
+            return invalid("devices must be at least 1".into());
+        }
+        if self.lifetime_s == 0 {
+            return invalid("lifetime_s must be at least 1".into());
+        }
+        if self.notify_interval_ms == 0 {
+            return invalid("notify_interval_ms must be at least 1".into());
+        }
+        if self.bind.is_ipv4() != self.server.is_ipv4() {
+            return invalid(format!(
+                "bind address {} and server {} are of different IP versions",
+                self.bind, self.server
+            ));
+        }
+        let last = self.endpoint_name(self.devices - 1);
+        if !crate::registry::valid_name(&last) {
+            return invalid(format!("endpoint name {last:?} is not valid"));
+        }
+        if let Some(d) = &self.domain
+            && !crate::registry::valid_domain(d)
+        {
+            return invalid(format!("domain {d:?} is not valid"));
+        }
+        Ok(())
+    }
+}
+
+/// Why the simulator could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("invalid simulator options: {0}")]
+    Invalid(String),
+    #[error(
+        "too many open files after {opened} device sockets: raise the limit (ulimit -n) or simulate fewer devices"
+    )]
+    TooManyOpenFiles { opened: usize },
+    #[error("cannot open the UDP socket of device {index} on {addr}: {source}")]
+    Bind {
+        index: usize,
+        addr: IpAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What happened during a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SimReport {
+    /// Devices whose first registration succeeded.
+    pub registered: usize,
+    /// Devices whose first registration failed (they stop; the others go on).
+    pub failed: usize,
+    /// Requests from the daemon answered (duplicates not counted).
+    pub requests_served: u64,
+    /// Notifications sent.
+    pub notifications_sent: u64,
+}
+
+/// Counters shared by every device of a run.
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    notifications: AtomicU64,
+    deregistered: AtomicUsize,
+}
+
+/// Settings common to every device of a run.
+#[derive(Debug)]
+struct Shared {
+    server: SocketAddr,
+    lifetime_s: u32,
+    notify_interval: Duration,
+    queue_mode: bool,
+    domain: Option<String>,
+    counters: Counters,
+}
+
+impl Shared {
+    fn new(opts: &SimOptions) -> Shared {
+        Shared {
+            server: opts.server,
+            lifetime_s: opts.lifetime_s,
+            notify_interval: Duration::from_millis(opts.notify_interval_ms),
+            queue_mode: opts.queue_mode,
+            domain: opts.domain.clone(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Max-Age of a temperature reading: until the next change, at least 1 s.
+    fn max_age(&self) -> u32 {
+        let ms = self.notify_interval.as_millis().div_ceil(1000);
+        u32::try_from(ms).unwrap_or(u32::MAX).max(1)
+    }
+}
+
+/// The outcome of a device's first registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Registered,
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Register,
+    Update,
+    Deregister,
+}
+
+/// A confirmable request of the device to the daemon, in progress.
+#[derive(Debug)]
+struct Exchange {
+    kind: Kind,
+    mid: u16,
+    token: Vec<u8>,
+    bytes: Vec<u8>,
+    timeout: Duration,
+    retransmits_left: u32,
+    /// When to retransmit (or give up).
+    next: Instant,
+    /// An empty ACK came: a separate response follows; no more retransmissions.
+    acked: bool,
+    /// The lifetime this request announces.
+    lifetime_s: u32,
+}
+
+/// How an exchange ended.
+#[derive(Debug)]
+enum Ended {
+    Response(Packet),
+    Timeout,
+    Reset,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Observer {
+    path: Vec<String>,
+    peer: SocketAddr,
+    token: Vec<u8>,
+}
+
+/// One simulated device, without I/O: feed it datagrams ([`Device::on_datagram`]), timer
+/// expiries ([`Device::on_timer`] at [`Device::next_deadline`]) and temperature ticks
+/// ([`Device::on_tick`]); send what [`Device::take_outgoing`] returns.
+#[derive(Debug)]
+struct Device {
+    name: String,
+    shared: Arc<Shared>,
+    lifetime_s: u32,
+    /// The lifetime the daemon knows (from the last successful registration or update);
+    /// differs from `lifetime_s` after a write until an update announces it.
+    announced_lifetime_s: u32,
+    /// `Location-Path` of the registration (`["rd", id]`), when registered.
+    location: Option<Vec<String>>,
+    exchange: Option<Exchange>,
+    register_due: Option<Instant>,
+    update_due: Option<Instant>,
+    reboot_at: Option<Instant>,
+    /// The first registration has not ended yet.
+    first: bool,
+    outcome: Option<Outcome>,
+    stopping: bool,
+    finished: bool,
+    temp_tenths: i32,
+    observe_seq: u32,
+    observers: Vec<Observer>,
+    sent_notifications: VecDeque<(u16, SocketAddr, Vec<u8>)>,
+    replies: VecDeque<(SocketAddr, u16, Vec<u8>)>,
+    next_mid: u16,
+    next_token: u32,
+    package_installed: bool,
+    out: Vec<(Vec<u8>, SocketAddr)>,
+}
+
+impl Device {
+    fn new(name: String, shared: Arc<Shared>) -> Device {
+        let mut rng = rand::rng();
+        Device {
+            name,
+            lifetime_s: shared.lifetime_s,
+            announced_lifetime_s: shared.lifetime_s,
+            shared,
+            location: None,
+            exchange: None,
+            register_due: None,
+            update_due: None,
+            reboot_at: None,
+            first: true,
+            outcome: None,
+            stopping: false,
+            finished: false,
+            temp_tenths: rng.random_range(200..=250),
+            observe_seq: rng.random_range(0..1000),
+            observers: Vec::new(),
+            sent_notifications: VecDeque::new(),
+            replies: VecDeque::new(),
+            next_mid: rng.random(),
+            next_token: rng.random(),
+            package_installed: true,
+            out: Vec::new(),
+        }
+    }
+
+    fn take_outgoing(&mut self) -> Vec<(Vec<u8>, SocketAddr)> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn take_outcome(&mut self) -> Option<Outcome> {
+        self.outcome.take()
+    }
+
+    fn fresh_mid(&mut self) -> u16 {
+        self.next_mid = self.next_mid.wrapping_add(1);
+        self.next_mid
+    }
+
+    fn temperature(&self) -> String {
+        let t = self.temp_tenths;
+        let sign = if t < 0 { "-" } else { "" };
+        format!("{sign}{}.{}", t.abs() / 10, t.abs() % 10)
+    }
+
+    /// The earliest instant at which [`Device::on_timer`] has something to do.
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut d = self.reboot_at;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                d = Some(d.map_or(t, |d| d.min(t)));
+            }
+        };
+        match &self.exchange {
+            Some(ex) => consider(Some(ex.next)),
+            // Scheduled requests wait until the exchange in progress ends.
+            None => {
+                consider(self.register_due);
+                consider(self.update_due);
+            }
+        }
+        d
+    }
+
+    // ----- requests of the device -----
+
+    fn start_registration(&mut self, now: Instant) {
+        self.register_due = None;
+        self.update_due = None;
+        let mut query = vec![
+            format!("ep={}", self.name),
+            format!("lt={}", self.lifetime_s),
+            "lwm2m=1.0".to_string(),
+            format!("b={}", if self.shared.queue_mode { "UQ" } else { "U" }),
+        ];
+        if let Some(d) = &self.shared.domain {
+            query.push(format!("d={d}"));
+        }
+        let path = vec!["rd".to_string()];
+        self.send_request(Kind::Register, &path, &query, LINKS.as_bytes(), now);
+    }
+
+    fn start_update(&mut self, now: Instant) {
+        self.update_due = None;
+        let Some(path) = self.location.clone() else {
+            return self.start_registration(now);
+        };
+        let query = if self.lifetime_s != self.announced_lifetime_s {
+            vec![format!("lt={}", self.lifetime_s)]
+        } else {
+            Vec::new()
+        };
+        self.send_request(Kind::Update, &path, &query, &[], now);
+    }
+
+    fn start_deregistration(&mut self, now: Instant) {
+        match self.location.clone() {
+            Some(path) => self.send_request(Kind::Deregister, &path, &[], &[], now),
+            None => self.finished = true,
+        }
+    }
+
+    fn send_request(
+        &mut self,
+        kind: Kind,
+        path: &[String],
+        query: &[String],
+        payload: &[u8],
+        now: Instant,
+    ) {
+        let mid = self.fresh_mid();
+        self.next_token = self.next_token.wrapping_add(1);
+        let token = self.next_token.to_be_bytes().to_vec();
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(match kind {
+            Kind::Register | Kind::Update => RequestType::Post,
+            Kind::Deregister => RequestType::Delete,
+        });
+        p.header.message_id = mid;
+        p.set_token(token.clone());
+        for seg in path {
+            p.add_option(CoapOption::UriPath, seg.clone().into_bytes());
+        }
+        if !payload.is_empty() {
+            p.set_content_format(ContentFormat::ApplicationLinkFormat);
+        }
+        for q in query {
+            p.add_option(CoapOption::UriQuery, q.clone().into_bytes());
+        }
+        p.payload = payload.to_vec();
+        let Ok(bytes) = p.to_bytes() else {
+            // Only an over-long endpoint name or domain could do this; validated earlier.
+            tracing::warn!("{}: cannot encode a {kind:?} request", self.name);
+            let lifetime_s = self.lifetime_s;
+            return self.end_exchange_kind(kind, lifetime_s, Ended::Timeout, now);
+        };
+        let factor = rand::rng().random_range(1.0..ACK_RANDOM_FACTOR);
+        let timeout = ACK_TIMEOUT.mul_f64(factor);
+        self.out.push((bytes.clone(), self.shared.server));
+        self.exchange = Some(Exchange {
+            kind,
+            mid,
+            token,
+            bytes,
+            timeout,
+            retransmits_left: if kind == Kind::Deregister {
+                DEREGISTER_RETRANSMIT
+            } else {
+                MAX_RETRANSMIT
+            },
+            next: now + timeout,
+            acked: false,
+            lifetime_s: if kind == Kind::Update && !query.iter().any(|q| q.starts_with("lt=")) {
+                self.announced_lifetime_s
+            } else {
+                self.lifetime_s
+            },
+        });
+    }
+
+    /// The next update: at once if a written lifetime is still to be announced, else
+    /// after 75–85 % of the lifetime the daemon knows.
+    fn schedule_update(&mut self, now: Instant) {
+        let delay = if self.lifetime_s != self.announced_lifetime_s {
+            Duration::ZERO
+        } else {
+            let f = rand::rng().random_range(0.75..0.85);
+            Duration::from_secs(u64::from(self.announced_lifetime_s)).mul_f64(f)
+        };
+        self.update_due = Some(now + delay);
+    }
+
+    fn retry_delay(&self) -> Duration {
+        (Duration::from_secs(u64::from(self.lifetime_s)) / 4).clamp(RETRY_MIN, RETRY_MAX)
+    }
+
+    fn end_exchange(&mut self, ended: Ended, now: Instant) {
+        if let Some(ex) = self.exchange.take() {
+            self.end_exchange_kind(ex.kind, ex.lifetime_s, ended, now);
+        }
+    }
+
+    fn end_exchange_kind(&mut self, kind: Kind, lifetime_s: u32, ended: Ended, now: Instant) {
+        let code = match &ended {
+            Ended::Response(p) => match p.header.code {
+                MessageClass::Response(c) => Some(c),
+                _ => None,
+            },
+            _ => None,
+        };
+        match kind {
+            Kind::Register => {
+                let location = match &ended {
+                    Ended::Response(p) if code == Some(ResponseType::Created) => {
+                        let segs: Vec<String> = p
+                            .get_option(CoapOption::LocationPath)
+                            .map(|l| {
+                                l.iter()
+                                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        (!segs.is_empty()).then_some(segs)
+                    }
+                    _ => None,
+                };
+                match location {
+                    Some(segs) => {
+                        tracing::debug!("{} registered at /{}", self.name, segs.join("/"));
+                        self.location = Some(segs);
+                        self.announced_lifetime_s = lifetime_s;
+                        if self.first {
+                            self.first = false;
+                            self.outcome = Some(Outcome::Registered);
+                        }
+                        if self.stopping {
+                            self.start_deregistration(now);
+                        } else {
+                            self.schedule_update(now);
+                        }
+                    }
+                    None => {
+                        let why = describe(&ended, code);
+                        tracing::debug!("{}: registration failed: {why}", self.name);
+                        if self.first {
+                            self.first = false;
+                            self.outcome = Some(Outcome::Failed(why));
+                            self.finished = true;
+                        } else if self.stopping {
+                            self.finished = true;
+                        } else {
+                            self.register_due = Some(now + self.retry_delay());
+                        }
+                    }
+                }
+            }
+            Kind::Update => match code {
+                Some(ResponseType::Changed) => {
+                    self.announced_lifetime_s = lifetime_s;
+                    self.schedule_update(now);
+                }
+                // The daemon forgot us (expired, or refuses the update): register anew.
+                Some(c) if is_client_error(c) => {
+                    tracing::debug!("{}: update answered {c:?}, registering again", self.name);
+                    self.location = None;
+                    self.observers.clear();
+                    self.start_registration(now);
+                }
+                _ => {
+                    tracing::debug!("{}: update failed: {}", self.name, describe(&ended, code));
+                    self.update_due = Some(now + self.retry_delay());
+                }
+            },
+            Kind::Deregister => {
+                let done = matches!(
+                    code,
+                    Some(ResponseType::Deleted) | Some(ResponseType::NotFound)
+                );
+                if done {
+                    self.shared
+                        .counters
+                        .deregistered
+                        .fetch_add(1, Ordering::Relaxed);
+                } else {
+                    tracing::debug!(
+                        "{}: de-registration failed: {}",
+                        self.name,
+                        describe(&ended, code)
+                    );
+                }
+                self.location = None;
+                self.finished = true;
+            }
+        }
+    }
+
+    /// Stop: de-register (after a registration in progress ends), then finish.
+    fn begin_stop(&mut self, now: Instant) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        self.register_due = None;
+        self.update_due = None;
+        self.reboot_at = None;
+        match self.exchange.as_ref().map(|e| e.kind) {
+            Some(Kind::Register) | Some(Kind::Deregister) => {}
+            Some(Kind::Update) => {
+                self.exchange = None;
+                self.start_deregistration(now);
+            }
+            None => self.start_deregistration(now),
+        }
+    }
+
+    /// True when stopping needs a de-registration (the caller takes an in-flight permit).
+    fn needs_deregistration(&self) -> bool {
+        self.location.is_some()
+            && !matches!(
+                self.exchange.as_ref().map(|e| e.kind),
+                Some(Kind::Register) | Some(Kind::Deregister)
+            )
+    }
+
+    // ----- time -----
+
+    fn on_timer(&mut self, now: Instant) {
+        if let Some(ex) = &mut self.exchange
+            && ex.next <= now
+        {
+            if ex.acked || ex.retransmits_left == 0 {
+                self.end_exchange(Ended::Timeout, now);
+            } else {
+                ex.retransmits_left -= 1;
+                ex.timeout *= 2;
+                ex.next = now + ex.timeout;
+                self.out.push((ex.bytes.clone(), self.shared.server));
+            }
+        }
+        if self.reboot_at.is_some_and(|t| t <= now) {
+            self.reboot_at = None;
+            tracing::debug!("{} reboots", self.name);
+            self.observers.clear();
+            self.exchange = None;
+            self.start_registration(now);
+        }
+        if self.exchange.is_none() {
+            if self.register_due.is_some_and(|t| t <= now) {
+                self.start_registration(now);
+            } else if self.update_due.is_some_and(|t| t <= now) {
+                self.start_update(now);
+            }
+        }
+    }
+
+    /// The temperature changes; observers are notified.
+    fn on_tick(&mut self) {
+        let mut rng = rand::rng();
+        let mut step = rng.random_range(1..=5);
+        if rng.random_bool(0.5) {
+            step = -step;
+        }
+        if !(TEMP_MIN..=TEMP_MAX).contains(&(self.temp_tenths + step)) {
+            step = -step;
+        }
+        self.temp_tenths += step;
+        self.observe_seq = (self.observe_seq + 1) & 0x00FF_FFFF;
+        let targets: Vec<(SocketAddr, Vec<u8>)> = self
+            .observers
+            .iter()
+            .filter(|o| o.path == TEMPERATURE)
+            .map(|o| (o.peer, o.token.clone()))
+            .collect();
+        for (peer, token) in targets {
+            let mid = self.fresh_mid();
+            let mut p = Packet::new();
+            p.header.set_type(MessageType::NonConfirmable);
+            p.header.code = MessageClass::Response(ResponseType::Content);
+            p.header.message_id = mid;
+            p.set_token(token.clone());
+            p.add_option(CoapOption::Observe, encode_uint(self.observe_seq));
+            p.add_option(CoapOption::ContentFormat, encode_uint(0));
+            p.add_option(CoapOption::MaxAge, encode_uint(self.shared.max_age()));
+            p.payload = self.temperature().into_bytes();
+            if let Ok(bytes) = p.to_bytes() {
+                self.out.push((bytes, peer));
+                if self.sent_notifications.len() >= SENT_NOTIFICATIONS {
+                    self.sent_notifications.pop_front();
+                }
+                self.sent_notifications.push_back((mid, peer, token));
+                self.shared
+                    .counters
+                    .notifications
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    // ----- datagrams -----
+
+    fn on_datagram(&mut self, buf: &[u8], from: SocketAddr, now: Instant) {
+        let Ok(packet) = message::decode(buf) else {
+            return;
+        };
+        let mtype = packet.header.get_type();
+        match packet.header.code {
+            MessageClass::Empty => match mtype {
+                MessageType::Confirmable => self
+                    .out
+                    .push((message::reset(packet.header.message_id), from)),
+                MessageType::Acknowledgement => self.on_ack(packet, from, now),
+                MessageType::Reset => self.on_reset(packet.header.message_id, from, now),
+                MessageType::NonConfirmable => {}
+            },
+            MessageClass::Request(_) => match mtype {
+                MessageType::Confirmable | MessageType::NonConfirmable => {
+                    self.on_request(&packet, from, now)
+                }
+                _ => {}
+            },
+            MessageClass::Response(_) => match mtype {
+                MessageType::Acknowledgement => self.on_ack(packet, from, now),
+                MessageType::Confirmable | MessageType::NonConfirmable => {
+                    self.on_separate_response(packet, from, now)
+                }
+                MessageType::Reset => {}
+            },
+            MessageClass::Reserved(_) => {}
+        }
+    }
+
+    fn on_ack(&mut self, packet: Packet, from: SocketAddr, now: Instant) {
+        let Some(ex) = &mut self.exchange else {
+            return;
+        };
+        if from != self.shared.server || packet.header.message_id != ex.mid {
+            return;
+        }
+        if packet.header.code == MessageClass::Empty {
+            if !ex.acked {
+                ex.acked = true;
+                ex.next = now + SEPARATE_RESPONSE_WAIT;
+            }
+            return;
+        }
+        if packet.get_token() != ex.token.as_slice() {
+            return;
+        }
+        self.end_exchange(Ended::Response(packet), now);
+    }
+
+    fn on_separate_response(&mut self, packet: Packet, from: SocketAddr, now: Instant) {
+        let ours = self
+            .exchange
+            .as_ref()
+            .is_some_and(|ex| from == self.shared.server && packet.get_token() == ex.token);
+        let confirmable = packet.header.get_type() == MessageType::Confirmable;
+        if !ours {
+            if confirmable {
+                self.out
+                    .push((message::reset(packet.header.message_id), from));
+            }
+            return;
+        }
+        if confirmable {
+            self.out
+                .push((message::empty_ack(packet.header.message_id), from));
+        }
+        self.end_exchange(Ended::Response(packet), now);
+    }
+
+    fn on_reset(&mut self, mid: u16, from: SocketAddr, now: Instant) {
+        if let Some(ex) = &self.exchange
+            && from == self.shared.server
+            && ex.mid == mid
+        {
+            return self.end_exchange(Ended::Reset, now);
+        }
+        // An RST answering a notification: that observer is no longer interested.
+        if let Some(i) = self
+            .sent_notifications
+            .iter()
+            .position(|(m, p, _)| *m == mid && *p == from)
+            && let Some((_, peer, token)) = self.sent_notifications.remove(i)
+        {
+            self.observers
+                .retain(|o| !(o.peer == peer && o.token == token));
+        }
+    }
+
+    fn on_request(&mut self, req: &Packet, from: SocketAddr, now: Instant) {
+        let mid = req.header.message_id;
+        if let Some((_, _, reply)) = self
+            .replies
+            .iter()
+            .find(|(p, m, _)| *p == from && *m == mid)
+        {
+            // A duplicate: a CON is answered again, a NON is dropped.
+            if req.header.get_type() == MessageType::Confirmable {
+                self.out.push((reply.clone(), from));
+            }
+            return;
+        }
+        let response = self.handle(req, from, now);
+        let packet = response.into_packet(req, || self.fresh_mid());
+        let Ok(bytes) = packet.to_bytes() else {
+            return;
+        };
+        self.shared
+            .counters
+            .requests
+            .fetch_add(1, Ordering::Relaxed);
+        if self.replies.len() >= REPLY_CACHE {
+            self.replies.pop_front();
+        }
+        self.replies.push_back((from, mid, bytes.clone()));
+        self.out.push((bytes, from));
+    }
+
+    /// The answer to one request.
+    fn handle(&mut self, req: &Packet, from: SocketAddr, now: Instant) -> Response {
+        let MessageClass::Request(method) = req.header.code else {
+            return Response::diagnostic(ResponseType::BadRequest, "not a request");
+        };
+        if let Some(v) = uint_option(req, CoapOption::Block1) {
+            match Block::decode(v) {
+                Some(b) if b.num == 0 && !b.more => {}
+                _ => {
+                    return Response::diagnostic(
+                        ResponseType::RequestEntityTooLarge,
+                        "the simulator takes single-block writes only",
+                    );
+                }
+            }
+        }
+        let path = uri_path(req);
+        let segs: Vec<&str> = path.iter().map(String::as_str).collect();
+        let readable = self.read(&segs);
+        match (method, segs.as_slice()) {
+            (RequestType::Get, _) if readable.is_some() => {
+                if let Some(accept) = uint_option(req, CoapOption::Accept)
+                    && accept != 0
+                {
+                    return Response::diagnostic(
+                        ResponseType::NotAcceptable,
+                        "only text/plain (0)",
+                    );
+                }
+                let text = readable.unwrap_or_default();
+                let mut r = Response::new(ResponseType::Content);
+                let observable = segs == TEMPERATURE || segs == DEVICE;
+                if observable && let Some(obs) = uint_option(req, CoapOption::Observe) {
+                    let who = Observer {
+                        path: path.clone(),
+                        peer: from,
+                        token: req.get_token().to_vec(),
+                    };
+                    self.observers
+                        .retain(|o| !(o.peer == who.peer && o.token == who.token));
+                    if obs == 0 && self.observers.len() < MAX_OBSERVERS {
+                        self.observers.push(who);
+                        r = r.with_option(CoapOption::Observe, encode_uint(self.observe_seq));
+                    }
+                }
+                r = r.with_option(CoapOption::ContentFormat, encode_uint(0));
+                if segs == TEMPERATURE {
+                    r = r.with_option(CoapOption::MaxAge, encode_uint(self.shared.max_age()));
+                }
+                r.payload = text.into_bytes();
+                block2(req, r)
+            }
+            (RequestType::Put, ["1", "0", "1"]) => {
+                let value = std::str::from_utf8(&req.payload)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok())
+                    .filter(|v| *v > 0);
+                match value {
+                    Some(lt) => {
+                        self.lifetime_s = lt;
+                        // LwM2M: a new lifetime is announced with an update.
+                        if self.location.is_some() && !self.stopping {
+                            self.update_due = Some(now);
+                        }
+                        Response::new(ResponseType::Changed)
+                    }
+                    None => Response::diagnostic(
+                        ResponseType::BadRequest,
+                        "the lifetime is a whole number of seconds, at least 1",
+                    ),
+                }
+            }
+            (RequestType::Post, ["3", "0", "4"]) => {
+                if !self.stopping {
+                    self.reboot_at = Some(now + REBOOT_DELAY);
+                }
+                Response::new(ResponseType::Changed)
+            }
+            (RequestType::Post, ["1", "0", "8"]) => {
+                if self.location.is_some() && !self.stopping {
+                    self.update_due = Some(now);
+                }
+                Response::new(ResponseType::Changed)
+            }
+            (RequestType::Delete, ["9", "0"]) if self.package_installed => {
+                self.package_installed = false;
+                Response::new(ResponseType::Deleted)
+            }
+            (RequestType::Put, ["3303", "0", "5700"]) => Response::diagnostic(
+                ResponseType::MethodNotAllowed,
+                "the sensor value is read-only",
+            ),
+            _ if readable.is_some()
+                || matches!(segs.as_slice(), ["3", "0", "4"] | ["1", "0", "8"])
+                || (segs == ["9", "0"] && self.package_installed) =>
+            {
+                Response::diagnostic(ResponseType::MethodNotAllowed, "method not allowed")
+            }
+            _ => Response::diagnostic(ResponseType::NotFound, "no such resource"),
+        }
+    }
+
+    /// The text of a readable resource.
+    fn read(&self, path: &[&str]) -> Option<String> {
+        Some(match path {
+            ["3", "0"] => format!("connectord simulator {}", self.name),
+            ["3", "0", "0"] => "connectord".into(),
+            ["3", "0", "1"] => "simulator".into(),
+            ["3", "0", "2"] => self.name.clone(),
+            ["1", "0"] => format!("lifetime={}", self.lifetime_s),
+            ["1", "0", "1"] => self.lifetime_s.to_string(),
+            ["3303", "0", "5700"] => self.temperature(),
+            _ => return None,
+        })
+    }
+}
+
+fn is_client_error(c: ResponseType) -> bool {
+    matches!(
+        c,
+        ResponseType::BadRequest
+            | ResponseType::Unauthorized
+            | ResponseType::BadOption
+            | ResponseType::Forbidden
+            | ResponseType::NotFound
+            | ResponseType::MethodNotAllowed
+            | ResponseType::NotAcceptable
+            | ResponseType::PreconditionFailed
+            | ResponseType::RequestEntityTooLarge
+            | ResponseType::UnsupportedContentFormat
+    )
+}
+
+fn describe(ended: &Ended, code: Option<ResponseType>) -> String {
+    match ended {
+        Ended::Timeout => "no answer (timeout)".into(),
+        Ended::Reset => "reset by the server".into(),
+        Ended::Response(p) => {
+            let diag = String::from_utf8_lossy(&p.payload);
+            match code {
+                Some(ResponseType::Created) => "2.01 without a Location-Path".into(),
+                Some(c) if diag.is_empty() => format!("answered {c:?}"),
+                Some(c) => format!("answered {c:?}: {diag}"),
+                None => "not a response".into(),
+            }
+        }
+    }
+}
+
+/// Applies a Block2 option of the request to a 2.05 response (RFC 7959).
+fn block2(req: &Packet, mut r: Response) -> Response {
+    let Some(v) = uint_option(req, CoapOption::Block2) else {
+        return r;
+    };
+    let Some(b) = Block::decode(v) else {
+        return Response::diagnostic(ResponseType::BadOption, "reserved block size");
+    };
+    let size = b.size();
+    let start = (b.num as usize).saturating_mul(size);
+    if start > 0 && start >= r.payload.len() {
+        return Response::diagnostic(ResponseType::BadOption, "block out of range");
+    }
+    let end = start.saturating_add(size).min(r.payload.len());
+    let more = end < r.payload.len();
+    r.payload = r.payload[start..end].to_vec();
+    r.with_option(
+        CoapOption::Block2,
+        Block {
+            num: b.num,
+            more,
+            szx: b.szx,
+        }
+        .encode(),
+    )
+}
+
+/// Runs `devices` simulated devices until `stop` completes; de-registers every device
+/// before returning. Returns early (after a warning) if no device is left running, i.e.
+/// every first registration failed.
+pub async fn run(
+    opts: SimOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<SimReport, SimError> {
+    opts.validate()?;
+    let sockets = open_sockets(&opts)?;
+    let shared = Arc::new(Shared::new(&opts));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let t0 = Instant::now();
+    let pace = (opts.register_rate > 0).then(|| Duration::from_secs(1) / opts.register_rate);
+    tracing::info!(
+        "simulating {} devices against {} from {}",
+        opts.devices,
+        opts.server,
+        opts.bind
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, sock) in sockets.into_iter().enumerate() {
+        let dev = Device::new(opts.endpoint_name(index), Arc::clone(&shared));
+        let start_at = match pace {
+            Some(p) => t0 + p.saturating_mul(u32::try_from(index).unwrap_or(u32::MAX)),
+            None => t0,
+        };
+        tasks.spawn(device_task(
+            dev,
+            sock,
+            DeviceCtx {
+                stop: stop_rx.clone(),
+                start_at,
+                permits: Arc::clone(&permits),
+                events: ev_tx.clone(),
+            },
+        ));
+    }
+    drop(ev_tx);
+
+    let mut report = SimReport::default();
+    let mut first_failure: Option<String> = None;
+    let mut count = |ev: (String, Outcome), report: &mut SimReport| match ev.1 {
+        Outcome::Registered => report.registered += 1,
+        Outcome::Failed(why) => {
+            report.failed += 1;
+            if first_failure.is_none() {
+                tracing::warn!("registration of {} failed: {why}", ev.0);
+                first_failure = Some(why);
+            }
+        }
+    };
+    let mut progress =
+        tokio::time::interval_at(t0 + Duration::from_secs(5), Duration::from_secs(5));
+    let mut announced = false;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            ev = ev_rx.recv() => match ev {
+                Some(ev) => {
+                    count(ev, &mut report);
+                    if !announced && report.registered + report.failed == opts.devices {
+                        announced = true;
+                        tracing::info!(
+                            "{} devices registered ({} failed) in {:.1} s",
+                            report.registered,
+                            report.failed,
+                            t0.elapsed().as_secs_f64()
+                        );
+                    }
+                }
+                None => {
+                    tracing::warn!("no simulated device is running: every registration failed");
+                    break;
+                }
+            },
+            _ = progress.tick(), if !announced => tracing::info!(
+                "{} of {} devices registered ({} failed)",
+                report.registered,
+                opts.devices,
+                report.failed
+            ),
+        }
+    }
+
+    tracing::info!("simulator stopping: de-registering devices");
+    let _ = stop_tx.send(true);
+    let all_done = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(STOP_GRACE, all_done).await.is_err() {
+        tracing::warn!(
+            "{} devices did not finish de-registering within {} s",
+            tasks.len(),
+            STOP_GRACE.as_secs()
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+    while let Ok(ev) = ev_rx.try_recv() {
+        count(ev, &mut report);
+    }
+    report.requests_served = shared.counters.requests.load(Ordering::Relaxed);
+    report.notifications_sent = shared.counters.notifications.load(Ordering::Relaxed);
+    tracing::info!(
+        "simulator stopped: {} devices registered, {} failed, {} de-registered, {} requests served, {} notifications sent",
+        report.registered,
+        report.failed,
+        shared.counters.deregistered.load(Ordering::Relaxed),
+        report.requests_served,
+        report.notifications_sent
+    );
+    Ok(report)
+}
+
+/// Opens every device socket up front, so that a shortage of descriptors or ports is an
+/// error before anything registers.
+fn open_sockets(opts: &SimOptions) -> Result<Vec<UdpSocket>, SimError> {
+    let mut out = Vec::with_capacity(opts.devices);
+    for index in 0..opts.devices {
+        let bind_err = |source: std::io::Error| {
+            if source.raw_os_error() == Some(24) || source.raw_os_error() == Some(23) {
+                // EMFILE / ENFILE.
+                SimError::TooManyOpenFiles { opened: index }
+            } else {
+                SimError::Bind {
+                    index,
+                    addr: opts.bind,
+                    source,
+                }
+            }
+        };
+        let std_sock =
+            std::net::UdpSocket::bind(SocketAddr::new(opts.bind, 0)).map_err(bind_err)?;
+        std_sock.set_nonblocking(true).map_err(bind_err)?;
+        out.push(UdpSocket::from_std(std_sock).map_err(bind_err)?);
+    }
+    Ok(out)
+}
+
+struct DeviceCtx {
+    stop: watch::Receiver<bool>,
+    start_at: Instant,
+    permits: Arc<Semaphore>,
+    events: mpsc::UnboundedSender<(String, Outcome)>,
+}
+
+/// One device: moves datagrams between its socket and its [`Device`].
+async fn device_task(mut dev: Device, sock: UdpSocket, mut ctx: DeviceCtx) {
+    // Wait for the start slot and a registration permit (or the stop).
+    let permit = tokio::select! {
+        biased;
+        _ = ctx.stop.changed() => return,
+        p = async {
+            tokio::time::sleep_until(ctx.start_at).await;
+            Arc::clone(&ctx.permits).acquire_owned().await
+        } => p.ok(),
+    };
+    let mut permit = permit;
+    dev.start_registration(Instant::now());
+    let period = dev.shared.notify_interval;
+    let phase = period.mul_f64(rand::rng().random_range(0.0..1.0));
+    let mut ticker = tokio::time::interval_at(Instant::now() + phase, period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        for (bytes, to) in dev.take_outgoing() {
+            if let Err(e) = sock.send_to(&bytes, to).await {
+                tracing::trace!("{}: send to {to} failed: {e}", dev.name);
+            }
+        }
+        if let Some(outcome) = dev.take_outcome() {
+            let _ = ctx.events.send((dev.name.clone(), outcome));
+        }
+        if dev.finished {
+            break;
+        }
+        if permit.is_some() && dev.exchange.is_none() {
+            permit = None;
+        }
+        let deadline = dev.next_deadline();
+        tokio::select! {
+            _ = ctx.stop.changed(), if !dev.stopping => {
+                if permit.is_none() && dev.needs_deregistration() {
+                    permit = Arc::clone(&ctx.permits).acquire_owned().await.ok();
+                }
+                dev.begin_stop(Instant::now());
+            }
+            r = sock.recv_from(&mut buf) => match r {
+                Ok((n, from)) => dev.on_datagram(&buf[..n], from, Instant::now()),
+                Err(e) => {
+                    // Unconnected UDP rarely fails here; do not spin if it does.
+                    tracing::trace!("{}: receive failed: {e}", dev.name);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            _ = ticker.tick(), if !dev.stopping => dev.on_tick(),
+            _ = async {
+                if let Some(d) = deadline {
+                    tokio::time::sleep_until(d).await;
+                }
+            }, if deadline.is_some() => dev.on_timer(Instant::now()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAEMON: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 5683);
+
+    fn device() -> Device {
+        let opts = SimOptions {
+            server: DAEMON,
+            lifetime_s: 60,
+            notify_interval_ms: 200,
+            ..SimOptions::default()
+        };
+        Device::new(opts.endpoint_name(7), Arc::new(Shared::new(&opts)))
+    }
+
+    fn request(mtype: MessageType, method: RequestType, path: &str, mid: u16) -> Packet {
+        let mut p = Packet::new();
+        p.header.set_type(mtype);
+        p.header.code = MessageClass::Request(method);
+        p.header.message_id = mid;
+        p.set_token(vec![0xAB, mid as u8]);
+        for seg in path.split('/').filter(|s| !s.is_empty()) {
+            p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+        }
+        p
+    }
+
+    /// Feeds `p` from the daemon and returns the single datagram sent back.
+    fn exchange(dev: &mut Device, p: &Packet) -> Packet {
+        dev.on_datagram(&p.to_bytes().unwrap(), DAEMON, Instant::now());
+        let mut out = dev.take_outgoing();
+        assert_eq!(out.len(), 1, "one reply expected: {out:?}");
+        let (bytes, to) = out.remove(0);
+        assert_eq!(to, DAEMON);
+        Packet::from_bytes(&bytes).unwrap()
+    }
+
+    fn get(dev: &mut Device, path: &str, mid: u16) -> Packet {
+        exchange(
+            dev,
+            &request(MessageType::Confirmable, RequestType::Get, path, mid),
+        )
+    }
+
+    fn code(p: &Packet) -> MessageClass {
+        p.header.code
+    }
+
+    fn content(r: ResponseType) -> MessageClass {
+        MessageClass::Response(r)
+    }
+
+    #[test]
+    fn reads_are_piggybacked_with_text() {
+        let mut dev = device();
+        for (path, want) in [
+            ("/3/0/0", "connectord"),
+            ("/3/0/1", "simulator"),
+            ("/3/0/2", "sim-000007"),
+            ("/1/0/1", "60"),
+            ("/3/0", "connectord simulator sim-000007"),
+        ] {
+            let r = get(&mut dev, path, 10);
+            assert_eq!(r.header.get_type(), MessageType::Acknowledgement);
+            assert_eq!(r.header.message_id, 10);
+            assert_eq!(r.get_token(), &[0xAB, 10]);
+            assert_eq!(code(&r), content(ResponseType::Content));
+            assert_eq!(r.payload, want.as_bytes(), "{path}");
+            assert_eq!(uint_option(&r, CoapOption::ContentFormat), Some(0));
+            // The same message id again would be a duplicate: vary it per path.
+            dev.replies.clear();
+        }
+        let r = get(&mut dev, "/3303/0/5700", 11);
+        let t: f64 = std::str::from_utf8(&r.payload).unwrap().parse().unwrap();
+        assert!((15.0..=30.0).contains(&t), "{t}");
+        assert_eq!(uint_option(&r, CoapOption::MaxAge), Some(1));
+        assert_eq!(uint_option(&r, CoapOption::Observe), None);
+    }
+
+    #[test]
+    fn non_request_gets_a_non_reply() {
+        let mut dev = device();
+        let r = exchange(
+            &mut dev,
+            &request(MessageType::NonConfirmable, RequestType::Get, "/3/0/0", 5),
+        );
+        assert_eq!(r.header.get_type(), MessageType::NonConfirmable);
+        assert_eq!(r.get_token(), &[0xAB, 5]);
+        assert_eq!(r.payload, b"connectord");
+    }
+
+    #[test]
+    fn duplicates_get_the_same_reply_and_are_not_handled_again() {
+        let mut dev = device();
+        let req = request(MessageType::Confirmable, RequestType::Delete, "/9/0", 42);
+        let first = exchange(&mut dev, &req);
+        assert_eq!(code(&first), content(ResponseType::Deleted));
+        let again = exchange(&mut dev, &req);
+        assert_eq!(again.to_bytes().unwrap(), first.to_bytes().unwrap());
+        assert_eq!(dev.shared.counters.requests.load(Ordering::Relaxed), 1);
+        // A new request (new message id) sees the package gone.
+        let req = request(MessageType::Confirmable, RequestType::Delete, "/9/0", 43);
+        assert_eq!(
+            code(&exchange(&mut dev, &req)),
+            content(ResponseType::NotFound)
+        );
+    }
+
+    #[test]
+    fn writes_executes_and_refusals() {
+        let mut dev = device();
+        let mut put = request(MessageType::Confirmable, RequestType::Put, "/1/0/1", 1);
+        put.payload = b"120".to_vec();
+        assert_eq!(
+            code(&exchange(&mut dev, &put)),
+            content(ResponseType::Changed)
+        );
+        assert_eq!(dev.lifetime_s, 120);
+        let mut put = request(MessageType::Confirmable, RequestType::Put, "/1/0/1", 2);
+        put.payload = b"abc".to_vec();
+        assert_eq!(
+            code(&exchange(&mut dev, &put)),
+            content(ResponseType::BadRequest)
+        );
+        assert_eq!(dev.lifetime_s, 120);
+        let mut put = request(
+            MessageType::Confirmable,
+            RequestType::Put,
+            "/3303/0/5700",
+            3,
+        );
+        put.payload = b"99".to_vec();
+        assert_eq!(
+            code(&exchange(&mut dev, &put)),
+            content(ResponseType::MethodNotAllowed)
+        );
+        let post = request(MessageType::Confirmable, RequestType::Post, "/3/0/4", 4);
+        assert_eq!(
+            code(&exchange(&mut dev, &post)),
+            content(ResponseType::Changed)
+        );
+        let reboot_at = dev.reboot_at.expect("a reboot is scheduled");
+        dev.on_timer(reboot_at);
+        let reg = sent_request(&mut dev);
+        assert_eq!(message::uri_path(&reg), ["rd"]);
+        assert_eq!(message::uri_query(&reg)[1], "lt=120");
+        for (mid, (method, path, want)) in (100..).zip([
+            (RequestType::Get, "/5/0/1", ResponseType::NotFound),
+            (RequestType::Get, "/", ResponseType::NotFound),
+            (RequestType::Delete, "/3/0", ResponseType::MethodNotAllowed),
+            (RequestType::Get, "/3/0/4", ResponseType::MethodNotAllowed),
+            (RequestType::Post, "/3/0/0", ResponseType::MethodNotAllowed),
+        ]) {
+            let r = exchange(
+                &mut dev,
+                &request(MessageType::Confirmable, method, path, mid),
+            );
+            assert_eq!(code(&r), content(want), "{method:?} {path}");
+        }
+    }
+
+    #[test]
+    fn ping_is_reset_and_garbage_ignored() {
+        let mut dev = device();
+        let mut ping = Packet::new();
+        ping.header.set_type(MessageType::Confirmable);
+        ping.header.code = MessageClass::Empty;
+        ping.header.message_id = 9;
+        let r = exchange(&mut dev, &ping);
+        assert_eq!(r.header.get_type(), MessageType::Reset);
+        for junk in [
+            &[][..],
+            &[0x40],
+            &[0x80, 1, 0, 1],
+            &[0x49, 1, 0, 1],
+            &[0xFF; 40],
+        ] {
+            dev.on_datagram(junk, DAEMON, Instant::now());
+        }
+        assert!(dev.take_outgoing().is_empty());
+    }
+
+    #[test]
+    fn block2_slices_the_reply() {
+        let mut dev = device();
+        let mut req = request(MessageType::Confirmable, RequestType::Get, "/3/0", 1);
+        req.add_option(
+            CoapOption::Block2,
+            Block {
+                num: 1,
+                more: false,
+                szx: 0,
+            }
+            .encode(),
+        );
+        let r = exchange(&mut dev, &req);
+        let whole = "connectord simulator sim-000007";
+        assert_eq!(r.payload, whole.as_bytes()[16..].to_vec());
+        let b = Block::decode(uint_option(&r, CoapOption::Block2).unwrap()).unwrap();
+        assert_eq!((b.num, b.more), (1, false));
+    }
+
+    #[test]
+    fn observe_notifies_until_cancelled_or_reset() {
+        let mut dev = device();
+        let mut req = request(
+            MessageType::Confirmable,
+            RequestType::Get,
+            "/3303/0/5700",
+            1,
+        );
+        req.add_option(CoapOption::Observe, encode_uint(0));
+        let r = exchange(&mut dev, &req);
+        let seq0 = uint_option(&r, CoapOption::Observe).expect("registered");
+        let mut last = seq0;
+        for _ in 0..3 {
+            dev.on_tick();
+            let out = dev.take_outgoing();
+            assert_eq!(out.len(), 1);
+            let n = Packet::from_bytes(&out[0].0).unwrap();
+            assert_eq!(n.header.get_type(), MessageType::NonConfirmable);
+            assert_eq!(n.get_token(), req.get_token());
+            let seq = uint_option(&n, CoapOption::Observe).unwrap();
+            assert!(seq > last, "{seq} after {last}");
+            last = seq;
+            let t: f64 = std::str::from_utf8(&n.payload).unwrap().parse().unwrap();
+            assert!((15.0..=30.0).contains(&t));
+        }
+        assert_eq!(dev.shared.counters.notifications.load(Ordering::Relaxed), 3);
+
+        // An RST to the last notification removes the observer.
+        dev.on_tick();
+        let n = Packet::from_bytes(&dev.take_outgoing()[0].0).unwrap();
+        dev.on_datagram(&message::reset(n.header.message_id), DAEMON, Instant::now());
+        dev.on_tick();
+        assert!(dev.take_outgoing().is_empty());
+
+        // Observe again, then cancel with Observe=1.
+        let mut req = request(
+            MessageType::Confirmable,
+            RequestType::Get,
+            "/3303/0/5700",
+            2,
+        );
+        req.add_option(CoapOption::Observe, encode_uint(0));
+        exchange(&mut dev, &req);
+        assert_eq!(dev.observers.len(), 1);
+        let mut cancel = request(
+            MessageType::Confirmable,
+            RequestType::Get,
+            "/3303/0/5700",
+            3,
+        );
+        cancel.set_token(req.get_token().to_vec());
+        cancel.add_option(CoapOption::Observe, encode_uint(1));
+        let r = exchange(&mut dev, &cancel);
+        assert_eq!(uint_option(&r, CoapOption::Observe), None);
+        assert!(dev.observers.is_empty());
+    }
+
+    /// The device's request in `out`, decoded.
+    fn sent_request(dev: &mut Device) -> Packet {
+        let out = dev.take_outgoing();
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].1, DAEMON);
+        Packet::from_bytes(&out[0].0).unwrap()
+    }
+
+    fn reply(dev: &mut Device, req: &Packet, code: ResponseType, location: &[&str]) {
+        let mut r = Packet::new();
+        r.header.set_type(MessageType::Acknowledgement);
+        r.header.code = MessageClass::Response(code);
+        r.header.message_id = req.header.message_id;
+        r.set_token(req.get_token().to_vec());
+        for seg in location {
+            r.add_option(CoapOption::LocationPath, seg.as_bytes().to_vec());
+        }
+        dev.on_datagram(&r.to_bytes().unwrap(), DAEMON, Instant::now());
+    }
+
+    #[test]
+    fn registers_updates_reregisters_and_deregisters() {
+        let mut dev = device();
+        let now = Instant::now();
+        dev.start_registration(now);
+        let reg = sent_request(&mut dev);
+        assert_eq!(reg.header.get_type(), MessageType::Confirmable);
+        assert_eq!(message::uri_path(&reg), ["rd"]);
+        assert_eq!(
+            message::uri_query(&reg),
+            ["ep=sim-000007", "lt=60", "lwm2m=1.0", "b=U"]
+        );
+        assert_eq!(reg.payload, LINKS.as_bytes());
+        crate::registry::parse_resources(LINKS).expect("valid links");
+        reply(&mut dev, &reg, ResponseType::Created, &["rd", "abc"]);
+        assert_eq!(dev.take_outcome(), Some(Outcome::Registered));
+        assert!(dev.take_outgoing().is_empty());
+
+        // The update is due at ~80 % of the lifetime.
+        let due = dev.next_deadline().unwrap();
+        let after = due - now;
+        assert!(after >= Duration::from_secs(44) && after <= Duration::from_secs(52));
+        dev.on_timer(due);
+        let upd = sent_request(&mut dev);
+        assert_eq!(message::uri_path(&upd), ["rd", "abc"]);
+        assert!(message::uri_query(&upd).is_empty());
+        // 4.04: the daemon forgot us; register again.
+        reply(&mut dev, &upd, ResponseType::NotFound, &[]);
+        let reg = sent_request(&mut dev);
+        assert_eq!(message::uri_path(&reg), ["rd"]);
+        reply(&mut dev, &reg, ResponseType::Created, &["rd", "def"]);
+        assert_eq!(
+            dev.take_outcome(),
+            None,
+            "only the first registration is reported"
+        );
+
+        // A written lifetime is announced at once.
+        let mut put = request(MessageType::Confirmable, RequestType::Put, "/1/0/1", 77);
+        put.payload = b"90".to_vec();
+        exchange(&mut dev, &put);
+        dev.on_timer(Instant::now());
+        let upd = sent_request(&mut dev);
+        assert_eq!(message::uri_query(&upd), ["lt=90"]);
+        reply(&mut dev, &upd, ResponseType::Changed, &[]);
+        assert_eq!(dev.announced_lifetime_s, 90);
+        let after = dev.next_deadline().unwrap() - Instant::now();
+        assert!(after > Duration::from_secs(60), "{after:?}");
+
+        dev.begin_stop(Instant::now());
+        let del = sent_request(&mut dev);
+        assert_eq!(del.header.code, MessageClass::Request(RequestType::Delete));
+        assert_eq!(message::uri_path(&del), ["rd", "def"]);
+        reply(&mut dev, &del, ResponseType::Deleted, &[]);
+        assert!(dev.finished);
+        assert_eq!(dev.shared.counters.deregistered.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn lifetime_written_during_an_update_is_announced_after_it() {
+        let mut dev = device();
+        dev.start_registration(Instant::now());
+        let reg = sent_request(&mut dev);
+        reply(&mut dev, &reg, ResponseType::Created, &["rd", "a"]);
+        dev.start_update(Instant::now());
+        let upd = sent_request(&mut dev);
+        let mut put = request(MessageType::Confirmable, RequestType::Put, "/1/0/1", 5);
+        put.payload = b"45".to_vec();
+        exchange(&mut dev, &put);
+        reply(&mut dev, &upd, ResponseType::Changed, &[]);
+        assert_eq!(dev.announced_lifetime_s, 60);
+        dev.on_timer(Instant::now());
+        let upd = sent_request(&mut dev);
+        assert_eq!(message::uri_query(&upd), ["lt=45"]);
+        reply(&mut dev, &upd, ResponseType::Changed, &[]);
+        assert_eq!(dev.announced_lifetime_s, 45);
+    }
+
+    #[test]
+    fn queue_mode_and_domain_are_registered() {
+        let opts = SimOptions {
+            server: DAEMON,
+            queue_mode: true,
+            domain: Some("lab".into()),
+            name_prefix: "q-".into(),
+            ..SimOptions::default()
+        };
+        let mut dev = Device::new(opts.endpoint_name(12), Arc::new(Shared::new(&opts)));
+        dev.start_registration(Instant::now());
+        let reg = sent_request(&mut dev);
+        assert_eq!(
+            message::uri_query(&reg),
+            ["ep=q-000012", "lt=300", "lwm2m=1.0", "b=UQ", "d=lab"]
+        );
+        assert_eq!(
+            reg.get_content_format(),
+            Some(ContentFormat::ApplicationLinkFormat)
+        );
+    }
+
+    #[test]
+    fn registration_is_retransmitted_then_fails() {
+        let mut dev = device();
+        dev.start_registration(Instant::now());
+        let first = dev.take_outgoing();
+        let mut sends = 1;
+        while !dev.finished {
+            let at = dev.next_deadline().expect("a retransmission is due");
+            dev.on_timer(at);
+            for (bytes, _) in dev.take_outgoing() {
+                assert_eq!(bytes, first[0].0, "the same message again");
+                sends += 1;
+            }
+        }
+        assert_eq!(sends, 1 + MAX_RETRANSMIT);
+        assert!(matches!(dev.take_outcome(), Some(Outcome::Failed(_))));
+    }
+
+    #[test]
+    fn separate_response_is_acknowledged() {
+        let mut dev = device();
+        dev.start_registration(Instant::now());
+        let reg = sent_request(&mut dev);
+        dev.on_datagram(
+            &message::empty_ack(reg.header.message_id),
+            DAEMON,
+            Instant::now(),
+        );
+        assert!(dev.exchange.as_ref().unwrap().acked);
+        let mut r = Packet::new();
+        r.header.set_type(MessageType::Confirmable);
+        r.header.code = MessageClass::Response(ResponseType::Created);
+        r.header.message_id = 999;
+        r.set_token(reg.get_token().to_vec());
+        r.add_option(CoapOption::LocationPath, b"rd".to_vec());
+        r.add_option(CoapOption::LocationPath, b"x".to_vec());
+        dev.on_datagram(&r.to_bytes().unwrap(), DAEMON, Instant::now());
+        assert_eq!(dev.take_outgoing(), vec![(message::empty_ack(999), DAEMON)]);
+        assert_eq!(dev.take_outcome(), Some(Outcome::Registered));
+    }
+
+    #[test]
+    fn stop_during_registration_deregisters_after_it() {
+        let mut dev = device();
+        dev.start_registration(Instant::now());
+        let reg = sent_request(&mut dev);
+        dev.begin_stop(Instant::now());
+        assert!(dev.take_outgoing().is_empty());
+        reply(&mut dev, &reg, ResponseType::Created, &["rd", "z"]);
+        let del = sent_request(&mut dev);
+        assert_eq!(message::uri_path(&del), ["rd", "z"]);
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let bad = [
+            SimOptions {
+                devices: 0,
+                ..SimOptions::default()
+            },
+            SimOptions {
+                lifetime_s: 0,
+                ..SimOptions::default()
+            },
+            SimOptions {
+                notify_interval_ms: 0,
+                ..SimOptions::default()
+            },
+            SimOptions {
+                name_prefix: "a/b".into(),
+                ..SimOptions::default()
+            },
+            SimOptions {
+                bind: "::1".parse().unwrap(),
+                ..SimOptions::default()
+            },
+            SimOptions {
+                domain: Some("not a domain".into()),
+                ..SimOptions::default()
+            },
+        ];
+        for o in bad {
+            assert!(matches!(o.validate(), Err(SimError::Invalid(_))), "{o:?}");
+        }
+        assert!(SimOptions::default().validate().is_ok());
+    }
+}

@@ -71,11 +71,8 @@ impl Daemon {
 
     /// As [`Daemon::start_custom`], with extra environment variables.
     pub fn start_env(coap: &str, extra: &str, env: &[(&str, &str)]) -> Daemon {
-        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-        let config_path = dir.path().join("connectord.toml");
-        std::fs::create_dir_all(dir.path().join("scripts")).expect("scripts dir");
-        std::fs::write(&config_path, test_config(dir.path(), coap, extra)).expect("write config");
-        Daemon::spawn(dir, config_path, env)
+        let p = Prepared::new(coap, extra);
+        Daemon::spawn(p.dir, p.config_path, env)
     }
 
     fn spawn(dir: Arc<tempfile::TempDir>, config_path: PathBuf, env: &[(&str, &str)]) -> Daemon {
@@ -137,8 +134,9 @@ impl Daemon {
         }
         d.rest = d.logged_addr("REST API listening on http://");
         d.coap = d.logged_addr("CoAP listening on udp://");
+        // Absent when keys were made before the first start (see `Prepared`).
         d.key = std::fs::read_to_string(d.state_dir().join("admin.key"))
-            .expect("admin.key")
+            .unwrap_or_default()
             .trim()
             .to_string();
         d
@@ -320,6 +318,48 @@ impl Daemon {
     /// A device talking to this daemon from a fresh UDP socket.
     pub fn device(&self) -> coap::Device {
         coap::Device::new(self.coap)
+    }
+}
+
+/// A state directory and configuration, before the daemon starts (to run CLI commands
+/// against them first).
+pub struct Prepared {
+    pub dir: Arc<tempfile::TempDir>,
+    pub config_path: PathBuf,
+}
+
+impl Prepared {
+    pub fn new(coap: &str, extra: &str) -> Prepared {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let config_path = dir.path().join("connectord.toml");
+        std::fs::create_dir_all(dir.path().join("scripts")).expect("scripts dir");
+        std::fs::write(&config_path, test_config(dir.path(), coap, extra)).expect("write config");
+        Prepared { dir, config_path }
+    }
+
+    /// `connectord plugin-call --config <this> <plugin> <op> <input>`; returns its JSON answer.
+    pub fn plugin_call(
+        &self,
+        plugin: &str,
+        op: &str,
+        input: &serde_json::Value,
+    ) -> serde_json::Value {
+        let out = Command::new(BIN)
+            .args(["plugin-call", "--config"])
+            .arg(&self.config_path)
+            .args([plugin, op, &input.to_string()])
+            .output()
+            .expect("run connectord plugin-call");
+        assert!(
+            out.status.success(),
+            "plugin-call failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("plugin-call prints JSON")
+    }
+
+    pub fn start(self) -> Daemon {
+        Daemon::spawn(self.dir, self.config_path, &[])
     }
 }
 

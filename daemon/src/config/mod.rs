@@ -91,6 +91,26 @@ pub struct Config {
     pub lua: LuaConfig,
     #[serde(default)]
     pub plugins: PluginsConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: traffic limits per domain (seed: "Traffic limits").
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Transactions a domain may make in 24 hours: incoming registrations, updates,
+    /// removals and notifications, outgoing resource and subscription requests. The
+    /// endpoint quota is `registry.max_endpoints_per_domain`.
+    pub transaction_quota: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            transaction_quota: 100_000_000,
+        }
+    }
 }
 
 /// `[plugins]`: auth backends and notification sinks.
@@ -467,6 +487,12 @@ impl Config {
             return Err(invalid(
                 "notifications.retry_initial_ms",
                 "must be at least 1 and at most notifications.retry_max_ms".into(),
+            ));
+        }
+        if self.limits.transaction_quota == 0 {
+            return Err(invalid(
+                "limits.transaction_quota",
+                "must be at least 1".into(),
             ));
         }
         if self.lua.memory_limit_kb < 256 {

@@ -13,6 +13,7 @@ fn embedded_defaults_parse_and_match_code_defaults() {
         notifications: NotificationsConfig::default(),
         lua: LuaConfig::default(),
         plugins: PluginsConfig::default(),
+        limits: LimitsConfig::default(),
     };
     assert_eq!(c, d, "etc/connectord.toml and the Default impls disagree");
 }

@@ -70,6 +70,7 @@ fn refusal(e: RegistryError) -> Response {
         RegistryError::NotFound(_) => {
             Response::diagnostic(ResponseType::NotFound, "unknown registration")
         }
+        RegistryError::OverQuota(m) => Response::diagnostic(ResponseType::TooManyRequests, m),
         e @ RegistryError::DomainFull { .. } => {
             Response::diagnostic(ResponseType::Forbidden, e.to_string())
         }

@@ -121,6 +121,9 @@ pub enum RegistryError {
     NotFound(String),
     #[error("domain {domain} already has {max} registered endpoints")]
     DomainFull { domain: String, max: usize },
+    /// The domain's transaction quota is used up (CoAP 4.29).
+    #[error("{0}")]
+    OverQuota(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -192,6 +195,8 @@ pub struct Registry {
     expiry_wake: Notify,
     /// Told about every change, in order, after it is durable.
     listeners: std::sync::RwLock<Vec<Arc<dyn RegistryListener>>>,
+    /// Transaction quotas (set at start-up; none in unit tests).
+    limits: std::sync::OnceLock<Arc<crate::limits::Limits>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -269,6 +274,21 @@ impl Registry {
             counters,
             expiry_wake: Notify::new(),
             listeners: std::sync::RwLock::new(Vec::new()),
+            limits: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Counts registrations, updates and removals against the domains' quotas.
+    pub fn set_limits(&self, limits: Arc<crate::limits::Limits>) {
+        let _ = self.limits.set(limits);
+    }
+
+    fn take_transaction(&self, domain: &str) -> Result<(), RegistryError> {
+        match self.limits.get() {
+            Some(l) => l
+                .take(domain)
+                .map_err(|e| RegistryError::OverQuota(e.to_string())),
+            None => Ok(()),
         }
     }
 
@@ -358,6 +378,7 @@ impl Registry {
         }
         let lifetime_s =
             self.check_lifetime(p.lifetime_s.unwrap_or(self.cfg.default_lifetime_s))?;
+        self.take_transaction(&domain)?;
         let binding = p.binding.unwrap_or_else(|| "U".into());
         let resources = parse_resources(&p.links)?;
         let now = now_ms();
@@ -421,6 +442,10 @@ impl Registry {
             self.check_lifetime(lt)?;
         }
         let resources = p.links.as_deref().map(parse_resources).transpose()?;
+        let domain = self.lock().by_id.get(id).map(|e| e.reg.domain.clone());
+        if let Some(d) = &domain {
+            self.take_transaction(d)?;
+        }
         let (ep, durable) = {
             let mut inner = self.lock();
             let old = inner
@@ -478,6 +503,9 @@ impl Registry {
             (ep, self.store.delete_registration(id.to_string()))
         };
         durable.await?;
+        if let Some(l) = self.limits.get() {
+            l.count(&ep.reg.domain);
+        }
         Counters::inc(&self.counters.deregistrations);
         tracing::info!(ep = %ep.reg.name, domain = %ep.reg.domain, id, "de-registered");
         self.tell(RegistryEvent::Deregistered(Arc::clone(&ep)))
@@ -555,6 +583,11 @@ impl Registry {
         let inner = self.lock();
         let id = inner.by_name.get(&(domain.to_string(), name.to_string()))?;
         inner.by_id.get(id).cloned()
+    }
+
+    /// Registered endpoints in one domain.
+    pub fn count_in(&self, domain: &str) -> usize {
+        self.lock().per_domain.get(domain).copied().unwrap_or(0)
     }
 
     /// Registered endpoints in all domains.

@@ -125,6 +125,9 @@ pub enum RequestError {
     /// 503: the endpoint cannot be reached now.
     #[error("{0}")]
     Unavailable(String),
+    /// 429: the domain's transaction quota is used up.
+    #[error("{0}")]
+    OverQuota(String),
     /// 205: `cacheOnly=true` and nothing fresh is cached.
     #[error("no cached value")]
     NoCache,
@@ -159,6 +162,7 @@ pub struct Requests {
     queues: Mutex<HashMap<EpKey, EpQueue>>,
     cache: Mutex<HashMap<(String, String, String), Cached>>,
     observations: std::sync::OnceLock<std::sync::Weak<dyn ObservationSink>>,
+    limits: std::sync::OnceLock<Arc<crate::limits::Limits>>,
 }
 
 /// A fresh async-response id: a number and a random UUID, as the seed's examples show.
@@ -253,7 +257,13 @@ impl Requests {
             queues: Mutex::new(HashMap::new()),
             cache: Mutex::new(HashMap::new()),
             observations: std::sync::OnceLock::new(),
+            limits: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Counts outgoing requests against the domains' quotas.
+    pub fn set_limits(&self, limits: Arc<crate::limits::Limits>) {
+        let _ = self.limits.set(limits);
     }
 
     /// Where established observations go (set once at start-up).
@@ -356,6 +366,10 @@ impl Requests {
                 }),
                 _ => Err(RequestError::NoCache),
             };
+        }
+        if let Some(l) = self.limits.get() {
+            l.take(&who.domain)
+                .map_err(|e| RequestError::OverQuota(e.to_string()))?;
         }
         if !self.transport.has_socket(ep.reg.local) {
             return Err(RequestError::Unavailable(format!(

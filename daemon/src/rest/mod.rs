@@ -5,6 +5,7 @@
 //! caller through the [`AuthChain`] and checks the scope before any handler runs. Errors
 //! are JSON `{"type": …, "message": …}`, never an empty body or an HTML page.
 
+pub mod devtools;
 pub mod endpoints;
 pub mod notifications;
 pub mod reply;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub subscriptions: Arc<Subscriptions>,
     pub plugins: Arc<crate::plugins::PluginHost>,
+    pub limits: Arc<crate::limits::Limits>,
+    pub ca: Arc<crate::certs::CertAuthority>,
     /// `requests.max_body`.
     pub max_body: usize,
     /// `notifications.long_poll_s`.
@@ -278,6 +281,14 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
         }
         Route::Subscription { ep, path } => {
             subscriptions::resource(&state.subscriptions, &principal, &parts, &ep, &path).await
+        }
+        Route::Cert => devtools::create_cert(&state.ca, &principal, body),
+        Route::Limits => {
+            let endpoints = state.registry.count_in(&principal.domain);
+            Reply::json(
+                StatusCode::OK,
+                &state.limits.snapshot(&principal.domain, endpoints),
+            )
         }
         Route::Metrics => {
             let mut out = String::new();

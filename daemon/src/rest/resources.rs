@@ -122,7 +122,9 @@ fn refusal(e: RequestError) -> Reply {
         RequestError::Gone => error(StatusCode::GONE, "gone", &msg),
         RequestError::NotFound(_) => error(StatusCode::NOT_FOUND, "not_found", &msg),
         RequestError::Conflict(_) => error(StatusCode::CONFLICT, "conflict", &msg),
-        RequestError::TooMany(_) => error(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", &msg),
+        RequestError::TooMany(_) | RequestError::OverQuota(_) => {
+            error(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", &msg)
+        }
         RequestError::Unavailable(_) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &msg),
         // 205 Reset Content carries no body (RFC 9110 §15.3.6).
         RequestError::NoCache => Reply::empty(StatusCode::RESET_CONTENT),

@@ -34,6 +34,10 @@ pub enum Route {
     Subscription { ep: String, path: String },
     /// `GET /metrics` (Prometheus).
     Metrics,
+    /// `GET /limits`.
+    Limits,
+    /// `POST /api/cert`.
+    Cert,
     /// A route served by a plugin (`path` without the version prefix).
     Plugin { plugin: String, path: String },
 }
@@ -120,6 +124,11 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
             }
         }
         ["metrics"] => read(Route::Metrics, Scope::Admin),
+        ["limits"] => read(Route::Limits, Scope::LimitsRead),
+        ["api", "cert"] => match *method {
+            Method::POST => Ok((Route::Cert, Scope::ResourcesWrite)),
+            _ => Err(method_not_allowed("POST")),
+        },
         _ => Err(error(StatusCode::NOT_FOUND, "not_found", "no such route")),
     }
 }

@@ -59,6 +59,9 @@ pub async fn resource(
                 "too_many_requests",
                 &format!("the endpoint already has {n} requests waiting"),
             ),
+            Err(SubError::Request(RequestError::OverQuota(m))) => {
+                error(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", &m)
+            }
             Err(SubError::Request(RequestError::Unavailable(m))) => {
                 error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &m)
             }

@@ -128,6 +128,7 @@ pub struct Subscriptions {
     state: Mutex<State>,
     /// This manager itself, for the notification tasks it spawns.
     me: std::sync::OnceLock<std::sync::Weak<Subscriptions>>,
+    limits: std::sync::OnceLock<Arc<crate::limits::Limits>>,
 }
 
 /// RFC 7641 §3.4: is notification `v2` (received at `t2`) newer than `v1` (at `t1`)?
@@ -170,12 +171,18 @@ impl Subscriptions {
             counters,
             state: Mutex::new(state),
             me: std::sync::OnceLock::new(),
+            limits: std::sync::OnceLock::new(),
         });
         let _ = me.me.set(Arc::downgrade(&me));
         let weak: std::sync::Weak<dyn ObservationSink> =
             Arc::downgrade(&(Arc::clone(&me) as Arc<dyn ObservationSink>));
         me.requests.set_observation_sink(weak);
         Ok(me)
+    }
+
+    /// Counts notifications against the domains' quotas.
+    pub fn set_limits(&self, limits: Arc<crate::limits::Limits>) {
+        let _ = self.limits.set(limits);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -510,8 +517,15 @@ impl Subscriptions {
         }
     }
 
-    /// Publishes one notification to every subscribed key and fills the value cache.
+    /// Publishes one notification to every subscribed key and fills the value cache. A
+    /// domain over its transaction quota gets none (counted as refused).
     async fn notify(&self, domain: &str, ep: &str, path: &str, reply: &CoapReply) {
+        if let Some(l) = self.limits.get()
+            && l.take(domain).is_err()
+        {
+            tracing::debug!(%ep, %path, "notification dropped: the domain's transaction quota is used up");
+            return;
+        }
         self.requests.cache_put(
             domain,
             ep,

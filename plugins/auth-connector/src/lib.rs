@@ -361,9 +361,41 @@ impl Plugin for ConnectorAuth {
                 let req: HttpRequest = parse(op, input)?;
                 answer(&self.http(req))
             }
+            OP_CREATE_KEY => {
+                let req: CreateKeyRequest = parse(op, input)?;
+                for s in &req.scopes {
+                    if !USER_SCOPES.contains(&s.as_str()) && s != ADMIN_SCOPE {
+                        return Err(format!("{op}: unknown scope {s:?}"));
+                    }
+                }
+                if req.domain.is_empty() || req.name.is_empty() {
+                    return Err(format!("{op}: name and domain must not be empty"));
+                }
+                let scopes = if req.scopes.is_empty() {
+                    USER_SCOPES.iter().map(|s| s.to_string()).collect()
+                } else {
+                    req.scopes
+                };
+                let secret = self.create_key(req.name.clone(), req.domain, scopes)?;
+                answer(&serde_json::json!({"access_key": secret, "name": req.name}))
+            }
             other => Err(format!("{NAME}: unknown operation {other:?}")),
         }
     }
+}
+
+/// Administrative operation (`connectord plugin-call connector create_key '{…}'`): creates
+/// a key in any domain, for example the first key of a new tenant. Scopes default to every
+/// non-admin scope.
+pub const OP_CREATE_KEY: &str = "create_key";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKeyRequest {
+    name: String,
+    domain: String,
+    #[serde(default)]
+    scopes: Vec<String>,
 }
 
 declare_plugin!(ConnectorAuth);

@@ -1,23 +1,845 @@
-//! Placeholder: answers no credential as its own. Being written.
+//! The Pelion Connectivity Management auth backend (plugin `pelion`, kind [`Kind::Auth`]):
+//! users with permissions, applications, and access keys (seed 001). The operator's guide
+//! is `docs/auth-pelion.md`; this is the reference.
+//!
+//! # Model
+//!
+//! - A **user** has a name (unique in its domain), a domain, [`Permission`]s, and the
+//!   core scopes it holds: the ceiling for the access keys it creates (`admin` in a user's
+//!   scopes lets it grant any scope). Each user has a **user token**, shown once when the
+//!   user is created, for the management API.
+//! - An **application** belongs to the user who created it (its `owner`) and to that user's
+//!   domain; it has a name and a description, and is `active` or `revoked`. A user may own
+//!   at most [`MAX_ACTIVE_APPLICATIONS`] active applications; revoked ones do not count.
+//!   Revoking is final (there is no way back to `active`).
+//! - An **access key** belongs to an application and records who created it. Its scopes and
+//!   optional expiry are chosen at creation and never change; its name and description may
+//!   be edited. Status: `revoked` (final), else `expired` once the clock reaches its expiry,
+//!   else `active`. An application holds at most [`MAX_ACTIVE_KEYS`] active keys; revoked and
+//!   expired ones do not count.
+//!
+//! # Credentials
+//!
+//! Both access keys and user tokens are sent as `Authorization: Bearer <secret>`. Secrets
+//! are 48 random alphanumeric characters from a CSPRNG; only their SHA-256 digest
+//! (lower-case hex) is stored, and they are looked up by that digest (never compared as
+//! plain text). [`OP_AUTHENTICATE`] answers:
+//!
+//! - an access key: `Refused` when the key is revoked or expired, its application is
+//!   revoked or gone, or the user who owns the application or created the key no longer
+//!   exists; else `Accepted` with key_id = the key's id, domain = the owning user's
+//!   domain, scopes = the key's scopes;
+//! - a user token: `Accepted` with key_id `user:<user id>`, the user's domain and no scope
+//!   at all, so that it opens only this plugin's routes (declared with scope
+//!   `authenticated`);
+//! - anything else (no header, another scheme, an unknown secret, including the token of a
+//!   deleted user): `NotMine`, so that another backend may claim it.
+//!
+//! # Management API
+//!
+//! Routes under [`PREFIX`] (`/pelion/v1`), all declared with scope `authenticated`; the
+//! plugin checks the caller itself. Only a caller authenticated with a Pelion user token is
+//! let through: the principal's key_id must be `user:<id>` *and* the request's bearer
+//! token must be that user's token (so a principal of another backend that happens to
+//! use a `user:` key_id is not trusted). Anyone else (another backend's principal, a
+//! Pelion access key) gets 403. Objects of other domains do not exist for the caller
+//! (404). See [`api`] for the routes and the permission each needs.
+//!
+//! Deleting a user revokes the applications it owns, every key of those applications,
+//! and every key it created in other users' applications, then deletes the user; keys
+//! are also refused at authentication whenever their application's owner or their creator
+//! is missing, so they stop working even if a revocation could not be written.
+//!
+//! # Operations
+//!
+//! - [`OP_BOOTSTRAP`] creates nothing (it logs how to create the first user when there is
+//!   none).
+//! - [`OP_CREATE_USER`] (`connectord plugin-call pelion create_user '<json>'`): input
+//!   `{"name", "domain", "permissions": [...], "scopes": [...]}` (unknown fields refused;
+//!   permissions and scopes default to none), answer `{"id", "token"}`. It is not limited by
+//!   any caller's permissions: it is the operator's way in.
+//! - [`OP_ROUTES`] / [`OP_HTTP`]: the management API.
+//!
+//! # State
+//!
+//! Host state, JSON values: `user/<id>`, `app/<id>`, `key/<id>` (see the record types).
+//! Everything is loaded in [`Plugin::create`]; every change is written (and durable) before
+//! the in-memory copy changes and before the answer. A record that cannot be parsed is
+//! logged and skipped.
+//!
+//! Configuration: none; `{}` is accepted and any field is refused by name.
 
-use connectord_plugin_sdk::auth::{AuthVerdict, OP_AUTHENTICATE, OP_BOOTSTRAP};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use connectord_plugin_sdk::auth::{
+    AuthRequest, AuthVerdict, BootstrapResponse, OP_AUTHENTICATE, OP_BOOTSTRAP, PrincipalSpec,
+};
+use connectord_plugin_sdk::http::{HttpRequest, OP_HTTP, OP_ROUTES};
 use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin};
+use rand::distr::{Alphanumeric, SampleString};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
-pub struct Pelion;
+pub mod api;
+mod time;
 
-impl Plugin for Pelion {
-    const NAME: &'static str = "pelion";
-    const KIND: Kind = Kind::Auth;
+#[cfg(test)]
+mod tests;
 
-    fn create(_config: serde_json::Value, _host: Host) -> Result<Self, String> {
-        Ok(Pelion)
+/// The plugin name the configuration uses.
+pub const NAME: &str = "pelion";
+/// The operation that creates a user (the operator's way to create the first one).
+pub const OP_CREATE_USER: &str = "create_user";
+/// Where the management routes live.
+pub const PREFIX: &str = "/pelion/v1";
+/// At most this many active applications per user.
+pub const MAX_ACTIVE_APPLICATIONS: usize = 10;
+/// At most this many active access keys per application.
+pub const MAX_ACTIVE_KEYS: usize = 10;
+/// The key_id of a user-token principal is this followed by the user id.
+pub const USER_PRINCIPAL_PREFIX: &str = "user:";
+
+/// Every core scope, in the canonical order scopes are stored and shown in.
+pub const CORE_SCOPES: &[&str] = &[
+    "endpoints:read",
+    "resources:read",
+    "resources:write",
+    "subscriptions:read",
+    "subscriptions:write",
+    "notifications",
+    "limits:read",
+    "admin",
+];
+/// The core scope that stands for every other.
+const ADMIN_SCOPE: &str = "admin";
+
+const USER_STATE: &str = "user/";
+const APP_STATE: &str = "app/";
+const KEY_STATE: &str = "key/";
+
+/// Length of access keys and user tokens (alphanumeric: ~285 bits).
+const SECRET_LEN: usize = 48;
+/// Random bytes in an id (hex-encoded after a prefix such as `app_`).
+const ID_BYTES: usize = 12;
+/// Longest name and description accepted, in characters.
+const MAX_NAME_CHARS: usize = 256;
+const MAX_DESCRIPTION_CHARS: usize = 1024;
+
+/// A user's permissions: the seed's permission table, plus [`Permission::ManageUsers`].
+/// Names are the snake_case strings below (`view_applications`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Permission {
+    /// See applications (every application of the user's domain).
+    ViewApplications,
+    /// Create applications (and see them).
+    CreateApplication,
+    /// Edit an application's name and description (and see applications).
+    EditApplication,
+    /// Change an application's status to revoked (and see applications).
+    RevokeApplication,
+    /// See the access keys of any application of the domain.
+    ViewAccessKeysAnyApplication,
+    /// See the access keys of applications the user created.
+    ViewAccessKeysMyApplications,
+    CreateAccessKeysAnyApplication,
+    CreateAccessKeysMyApplications,
+    /// Edit an access key's name and description.
+    EditAccessKeysAnyApplication,
+    EditAccessKeysMyApplications,
+    /// Change an access key's status to revoked.
+    RevokeAccessKeysAnyApplication,
+    RevokeAccessKeysMyApplications,
+    /// Create, list, see and delete the users of the domain (not in the seed).
+    ManageUsers,
+}
+
+impl Permission {
+    pub const ALL: [Permission; 13] = [
+        Permission::ViewApplications,
+        Permission::CreateApplication,
+        Permission::EditApplication,
+        Permission::RevokeApplication,
+        Permission::ViewAccessKeysAnyApplication,
+        Permission::ViewAccessKeysMyApplications,
+        Permission::CreateAccessKeysAnyApplication,
+        Permission::CreateAccessKeysMyApplications,
+        Permission::EditAccessKeysAnyApplication,
+        Permission::EditAccessKeysMyApplications,
+        Permission::RevokeAccessKeysAnyApplication,
+        Permission::RevokeAccessKeysMyApplications,
+        Permission::ManageUsers,
+    ];
+
+    /// The name used in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::ViewApplications => "view_applications",
+            Permission::CreateApplication => "create_application",
+            Permission::EditApplication => "edit_application",
+            Permission::RevokeApplication => "revoke_application",
+            Permission::ViewAccessKeysAnyApplication => "view_access_keys_any_application",
+            Permission::ViewAccessKeysMyApplications => "view_access_keys_my_applications",
+            Permission::CreateAccessKeysAnyApplication => "create_access_keys_any_application",
+            Permission::CreateAccessKeysMyApplications => "create_access_keys_my_applications",
+            Permission::EditAccessKeysAnyApplication => "edit_access_keys_any_application",
+            Permission::EditAccessKeysMyApplications => "edit_access_keys_my_applications",
+            Permission::RevokeAccessKeysAnyApplication => "revoke_access_keys_any_application",
+            Permission::RevokeAccessKeysMyApplications => "revoke_access_keys_my_applications",
+            Permission::ManageUsers => "manage_users",
+        }
     }
 
-    fn call(&mut self, op: &str, _input: &[u8]) -> Result<Vec<u8>, String> {
+    /// The permissions that let a user see applications (the seed: each application
+    /// permission "allows you to view the Applications feature").
+    pub const VIEW_APPLICATIONS: [Permission; 4] = [
+        Permission::ViewApplications,
+        Permission::CreateApplication,
+        Permission::EditApplication,
+        Permission::RevokeApplication,
+    ];
+}
+
+/// What is done to access keys; each action has an "any application" and a "my
+/// applications" permission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAction {
+    View,
+    Create,
+    Edit,
+    Revoke,
+}
+
+impl KeyAction {
+    /// (for any application, for my applications)
+    pub fn permissions(self) -> (Permission, Permission) {
+        match self {
+            KeyAction::View => (
+                Permission::ViewAccessKeysAnyApplication,
+                Permission::ViewAccessKeysMyApplications,
+            ),
+            KeyAction::Create => (
+                Permission::CreateAccessKeysAnyApplication,
+                Permission::CreateAccessKeysMyApplications,
+            ),
+            KeyAction::Edit => (
+                Permission::EditAccessKeysAnyApplication,
+                Permission::EditAccessKeysMyApplications,
+            ),
+            KeyAction::Revoke => (
+                Permission::RevokeAccessKeysAnyApplication,
+                Permission::RevokeAccessKeysMyApplications,
+            ),
+        }
+    }
+}
+
+/// A user as stored under `user/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct UserRecord {
+    /// `usr_` and 24 hex characters.
+    id: String,
+    name: String,
+    domain: String,
+    /// Sorted, no duplicates.
+    permissions: Vec<Permission>,
+    /// Core scopes in [`CORE_SCOPES`] order.
+    scopes: Vec<String>,
+    /// SHA-256 (lower-case hex) of the user token.
+    token_sha256: String,
+    created_ms: u64,
+    /// Creation order (lists are sorted by it).
+    #[serde(default)]
+    seq: u64,
+}
+
+impl UserRecord {
+    fn has(&self, p: Permission) -> bool {
+        self.permissions.contains(&p)
+    }
+
+    /// May this user grant `scope` to an access key?
+    fn may_grant(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == ADMIN_SCOPE || s == scope)
+    }
+
+    /// May this user do `action` on the keys of an application owned by `owner`?
+    fn may_on_keys(&self, action: KeyAction, owner: &str) -> bool {
+        let (any, mine) = action.permissions();
+        self.has(any) || (self.has(mine) && owner == self.id)
+    }
+
+    /// Has this user either permission for `action`?
+    fn may_on_some_keys(&self, action: KeyAction) -> bool {
+        let (any, mine) = action.permissions();
+        self.has(any) || self.has(mine)
+    }
+}
+
+/// An application as stored under `app/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct AppRecord {
+    /// `app_` and 24 hex characters.
+    id: String,
+    /// The owner's domain (fixed at creation).
+    domain: String,
+    /// The id of the user who created it.
+    owner: String,
+    name: String,
+    description: String,
+    created_ms: u64,
+    /// Creation order (lists are sorted by it).
+    #[serde(default)]
+    seq: u64,
+    /// Set when revoked (then final).
+    revoked_ms: Option<u64>,
+}
+
+impl AppRecord {
+    fn is_active(&self) -> bool {
+        self.revoked_ms.is_none()
+    }
+}
+
+/// An access key as stored under `key/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct KeyRecord {
+    /// `ak_` and 24 hex characters; the principal's key_id.
+    id: String,
+    application_id: String,
+    /// The id of the user who created it.
+    created_by: String,
+    name: String,
+    description: String,
+    /// Core scopes in [`CORE_SCOPES`] order; never changed.
+    scopes: Vec<String>,
+    /// SHA-256 (lower-case hex) of the secret.
+    secret_sha256: String,
+    created_ms: u64,
+    /// Creation order (lists are sorted by it).
+    #[serde(default)]
+    seq: u64,
+    /// Never changed; the key is expired from this instant on.
+    expires_ms: Option<u64>,
+    /// Set when revoked (then final).
+    revoked_ms: Option<u64>,
+}
+
+/// An access key's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStatus {
+    Active,
+    Revoked,
+    Expired,
+}
+
+impl KeyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStatus::Active => "active",
+            KeyStatus::Revoked => "revoked",
+            KeyStatus::Expired => "expired",
+        }
+    }
+}
+
+impl KeyRecord {
+    fn status(&self, now: u64) -> KeyStatus {
+        if self.revoked_ms.is_some() {
+            KeyStatus::Revoked
+        } else if self.expires_ms.is_some_and(|e| now >= e) {
+            KeyStatus::Expired
+        } else {
+            KeyStatus::Active
+        }
+    }
+}
+
+/// The plugin's configuration: no field; unknown ones are refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {}
+
+/// Input of [`OP_CREATE_USER`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateUserInput {
+    name: String,
+    domain: String,
+    #[serde(default)]
+    permissions: Vec<Permission>,
+    #[serde(default)]
+    scopes: Vec<String>,
+}
+
+/// The plugin instance.
+pub struct Pelion {
+    host: Host,
+    users: BTreeMap<String, UserRecord>,
+    apps: BTreeMap<String, AppRecord>,
+    keys: BTreeMap<String, KeyRecord>,
+    /// Token digest → user id.
+    user_by_digest: HashMap<String, String>,
+    /// Secret digest → key id.
+    key_by_digest: HashMap<String, String>,
+    /// The last creation sequence number given to any record.
+    last_seq: u64,
+    /// Tests move the clock with this.
+    #[cfg(test)]
+    fake_now: Option<u64>,
+}
+
+/// SHA-256 of a secret, lower-case hex.
+fn digest_hex(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+fn is_digest_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive,
+/// spaces trimmed); `None` for no header, another scheme or an empty token.
+fn bearer_token(headers: &BTreeMap<String, String>) -> Option<&str> {
+    let value = headers.get("authorization")?.trim();
+    let (scheme, token) = value.split_once(|c: char| c.is_ascii_whitespace())?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// A name: 1 to [`MAX_NAME_CHARS`] characters, not blank, no control characters.
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let chars = name.chars().count();
+    if name.trim().is_empty() || chars > MAX_NAME_CHARS {
+        return Err(format!(
+            "{what} must be 1 to {MAX_NAME_CHARS} characters and not blank"
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(format!("{what} must not contain control characters"));
+    }
+    Ok(())
+}
+
+fn check_description(description: &str) -> Result<(), String> {
+    if description.chars().count() > MAX_DESCRIPTION_CHARS {
+        return Err(format!(
+            "description must be at most {MAX_DESCRIPTION_CHARS} characters"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks scope names and puts them in canonical order without duplicates.
+fn normalize_scopes(scopes: &[String]) -> Result<Vec<String>, String> {
+    if let Some(bad) = scopes.iter().find(|s| !CORE_SCOPES.contains(&s.as_str())) {
+        return Err(format!(
+            "unknown scope {bad:?}; the scopes are {}",
+            CORE_SCOPES.join(", ")
+        ));
+    }
+    Ok(CORE_SCOPES
+        .iter()
+        .filter(|c| scopes.iter().any(|s| s == *c))
+        .map(|c| c.to_string())
+        .collect())
+}
+
+fn normalize_permissions(permissions: &[Permission]) -> Vec<Permission> {
+    let mut p = permissions.to_vec();
+    p.sort();
+    p.dedup();
+    p
+}
+
+/// `prefix` followed by 24 random hex characters.
+fn random_id(prefix: &str) -> String {
+    format!("{prefix}{}", hex::encode(rand::random::<[u8; ID_BYTES]>()))
+}
+
+/// Reads every record under `prefix`; unreadable ones are logged and skipped. Failing to
+/// list the state fails the load.
+fn load_records<T: DeserializeOwned>(
+    host: &Host,
+    prefix: &str,
+    id_of: fn(&T) -> &str,
+) -> Result<BTreeMap<String, T>, String> {
+    let mut out = BTreeMap::new();
+    for state_key in host.state_keys(prefix)? {
+        let Some(id) = state_key.strip_prefix(prefix) else {
+            continue;
+        };
+        let bytes = match host.state_get(&state_key) {
+            Ok(Some(b)) => b,
+            Ok(None) => continue,
+            Err(e) => {
+                host.warn(&format!("{NAME}: skipping unreadable {state_key}: {e}"));
+                continue;
+            }
+        };
+        match serde_json::from_slice::<T>(&bytes) {
+            Ok(record) if id_of(&record) == id => {
+                out.insert(id.to_string(), record);
+            }
+            Ok(_) => host.warn(&format!(
+                "{NAME}: skipping {state_key}: its id does not match its key"
+            )),
+            Err(e) => host.warn(&format!("{NAME}: skipping unreadable {state_key}: {e}")),
+        }
+    }
+    Ok(out)
+}
+
+impl Pelion {
+    fn now(&self) -> u64 {
+        #[cfg(test)]
+        if let Some(t) = self.fake_now {
+            return t;
+        }
+        now_ms()
+    }
+
+    fn load(host: Host) -> Result<Pelion, String> {
+        let mut users: BTreeMap<String, UserRecord> =
+            load_records(&host, USER_STATE, |u: &UserRecord| &u.id)?;
+        let apps = load_records(&host, APP_STATE, |a: &AppRecord| &a.id)?;
+        let mut keys: BTreeMap<String, KeyRecord> =
+            load_records(&host, KEY_STATE, |k: &KeyRecord| &k.id)?;
+        users.retain(|id, u| {
+            let ok = is_digest_hex(&u.token_sha256);
+            if !ok {
+                host.warn(&format!("{NAME}: skipping user {id}: bad token digest"));
+            }
+            ok
+        });
+        keys.retain(|id, k| {
+            let ok = is_digest_hex(&k.secret_sha256);
+            if !ok {
+                host.warn(&format!(
+                    "{NAME}: skipping access key {id}: bad secret digest"
+                ));
+            }
+            ok
+        });
+        let user_by_digest = users
+            .values()
+            .map(|u| (u.token_sha256.clone(), u.id.clone()))
+            .collect();
+        let key_by_digest = keys
+            .values()
+            .map(|k| (k.secret_sha256.clone(), k.id.clone()))
+            .collect();
+        let last_seq = users
+            .values()
+            .map(|u| u.seq)
+            .chain(apps.values().map(|a| a.seq))
+            .chain(keys.values().map(|k| k.seq))
+            .max()
+            .unwrap_or(0);
+        host.info(&format!(
+            "{NAME}: {} users, {} applications, {} access keys loaded",
+            users.len(),
+            apps.len(),
+            keys.len()
+        ));
+        Ok(Pelion {
+            host,
+            users,
+            apps,
+            keys,
+            user_by_digest,
+            key_by_digest,
+            last_seq,
+            #[cfg(test)]
+            fake_now: None,
+        })
+    }
+
+    /// The next creation sequence number.
+    fn next_seq(&mut self) -> u64 {
+        self.last_seq += 1;
+        self.last_seq
+    }
+
+    /// A fresh secret and its digest, unused by any key or user.
+    fn new_secret(&self) -> (String, String) {
+        let mut rng = rand::rng();
+        loop {
+            let secret = Alphanumeric.sample_string(&mut rng, SECRET_LEN);
+            let digest = digest_hex(&secret);
+            if !self.user_by_digest.contains_key(&digest)
+                && !self.key_by_digest.contains_key(&digest)
+            {
+                return (secret, digest);
+            }
+        }
+    }
+
+    fn write<T: Serialize>(&self, state_key: &str, value: &T) -> Result<(), String> {
+        let bytes = serde_json::to_vec(value).map_err(|e| e.to_string())?;
+        self.host.state_put(state_key, &bytes)
+    }
+
+    /// Writes a user durably, then updates memory.
+    fn save_user(&mut self, user: UserRecord) -> Result<(), String> {
+        self.write(&format!("{USER_STATE}{}", user.id), &user)?;
+        self.user_by_digest
+            .insert(user.token_sha256.clone(), user.id.clone());
+        self.users.insert(user.id.clone(), user);
+        Ok(())
+    }
+
+    fn save_app(&mut self, app: AppRecord) -> Result<(), String> {
+        self.write(&format!("{APP_STATE}{}", app.id), &app)?;
+        self.apps.insert(app.id.clone(), app);
+        Ok(())
+    }
+
+    fn save_key(&mut self, key: KeyRecord) -> Result<(), String> {
+        self.write(&format!("{KEY_STATE}{}", key.id), &key)?;
+        self.key_by_digest
+            .insert(key.secret_sha256.clone(), key.id.clone());
+        self.keys.insert(key.id.clone(), key);
+        Ok(())
+    }
+
+    /// Creates a user (validated here; permission checks are the caller's). Returns the
+    /// record and its token, shown once.
+    fn create_user(
+        &mut self,
+        name: String,
+        domain: String,
+        permissions: &[Permission],
+        scopes: &[String],
+    ) -> Result<(UserRecord, String), api::ApiError> {
+        check_name("name", &name).map_err(api::bad_request)?;
+        check_name("domain", &domain).map_err(api::bad_request)?;
+        let scopes = normalize_scopes(scopes).map_err(api::bad_request)?;
+        if self
+            .users
+            .values()
+            .any(|u| u.domain == domain && u.name == name)
+        {
+            return Err(api::conflict(format!(
+                "a user named {name:?} already exists in domain {domain:?}"
+            )));
+        }
+        let id = loop {
+            let id = random_id("usr_");
+            if !self.users.contains_key(&id) {
+                break id;
+            }
+        };
+        let (token, digest) = self.new_secret();
+        let user = UserRecord {
+            id,
+            name,
+            domain,
+            permissions: normalize_permissions(permissions),
+            scopes,
+            token_sha256: digest,
+            created_ms: self.now(),
+            seq: self.next_seq(),
+        };
+        self.save_user(user.clone()).map_err(|e| self.internal(e))?;
+        self.host.info(&format!(
+            "{NAME}: created user {} ({:?}) in domain {:?}",
+            user.id, user.name, user.domain
+        ));
+        Ok((user, token))
+    }
+
+    /// Deletes a user: revokes its applications, their keys, and the keys it created
+    /// elsewhere (each written durably), then deletes the user record. Returns how many
+    /// applications and keys were revoked. Safe to repeat after a failure.
+    fn delete_user(&mut self, id: &str) -> Result<(usize, usize), api::ApiError> {
+        let now = self.now();
+        let owned: Vec<String> = self
+            .apps
+            .values()
+            .filter(|a| a.owner == id && a.is_active())
+            .map(|a| a.id.clone())
+            .collect();
+        let keys: Vec<String> = self
+            .keys
+            .values()
+            .filter(|k| k.revoked_ms.is_none())
+            .filter(|k| {
+                k.created_by == id
+                    || self
+                        .apps
+                        .get(&k.application_id)
+                        .is_some_and(|a| a.owner == id)
+            })
+            .map(|k| k.id.clone())
+            .collect();
+        for app_id in &owned {
+            let mut app = self.apps[app_id].clone();
+            app.revoked_ms = Some(now);
+            self.save_app(app).map_err(|e| self.internal(e))?;
+        }
+        for key_id in &keys {
+            let mut key = self.keys[key_id].clone();
+            key.revoked_ms = Some(now);
+            self.save_key(key).map_err(|e| self.internal(e))?;
+        }
+        self.host
+            .state_delete(&format!("{USER_STATE}{id}"))
+            .map_err(|e| self.internal(e))?;
+        if let Some(user) = self.users.remove(id) {
+            self.user_by_digest.remove(&user.token_sha256);
+        }
+        self.host.info(&format!(
+            "{NAME}: deleted user {id}; revoked {} applications and {} access keys",
+            owned.len(),
+            keys.len()
+        ));
+        Ok((owned.len(), keys.len()))
+    }
+
+    /// Logs a state failure and makes it a 500.
+    fn internal(&self, e: String) -> api::ApiError {
+        self.host.warn(&format!("{NAME}: state write failed: {e}"));
+        api::ApiError::new(500, "internal_error", "could not store the change")
+    }
+
+    fn authenticate(&self, req: &AuthRequest) -> AuthVerdict {
+        let Some(token) = bearer_token(&req.headers) else {
+            return AuthVerdict::NotMine;
+        };
+        // Looked up by the SHA-256 of the presented token: what timing could leak is how
+        // the digest of a guess relates to stored digests, which does not help find a
+        // secret (SHA-256 is preimage resistant).
+        let digest = digest_hex(token);
+        if let Some(key_id) = self.key_by_digest.get(&digest) {
+            return match self.check_key(key_id) {
+                Ok(principal) => AuthVerdict::Accepted { principal },
+                Err(reason) => AuthVerdict::Refused { reason },
+            };
+        }
+        if let Some(user) = self
+            .user_by_digest
+            .get(&digest)
+            .and_then(|id| self.users.get(id))
+        {
+            return AuthVerdict::Accepted {
+                principal: PrincipalSpec {
+                    key_id: format!("{USER_PRINCIPAL_PREFIX}{}", user.id),
+                    domain: user.domain.clone(),
+                    scopes: Vec::new(),
+                    allow: None,
+                },
+            };
+        }
+        AuthVerdict::NotMine
+    }
+
+    /// The principal of an access key, or why it is refused.
+    fn check_key(&self, key_id: &str) -> Result<PrincipalSpec, String> {
+        let key = self
+            .keys
+            .get(key_id)
+            .ok_or_else(|| format!("access key {key_id} no longer exists"))?;
+        match key.status(self.now()) {
+            KeyStatus::Active => {}
+            KeyStatus::Revoked => return Err(format!("access key {key_id} is revoked")),
+            KeyStatus::Expired => {
+                return Err(format!(
+                    "access key {key_id} expired at {}",
+                    time::format_ms(key.expires_ms.unwrap_or(0))
+                ));
+            }
+        }
+        let app_id = &key.application_id;
+        let app = self.apps.get(app_id).ok_or_else(|| {
+            format!("the application {app_id} of access key {key_id} no longer exists")
+        })?;
+        if !app.is_active() {
+            return Err(format!(
+                "the application {app_id} of access key {key_id} is revoked"
+            ));
+        }
+        let owner = self
+            .users
+            .get(&app.owner)
+            .ok_or_else(|| format!("the user who created application {app_id} has been deleted"))?;
+        if !self.users.contains_key(&key.created_by) {
+            return Err(format!(
+                "the user who created access key {key_id} has been deleted"
+            ));
+        }
+        Ok(PrincipalSpec {
+            key_id: key.id.clone(),
+            domain: owner.domain.clone(),
+            scopes: key.scopes.clone(),
+            allow: None,
+        })
+    }
+
+    fn bootstrap(&self) -> BootstrapResponse {
+        if self.users.is_empty() {
+            self.host.info(&format!(
+                "{NAME}: no user yet; create the first with `connectord plugin-call {NAME} \
+                 {OP_CREATE_USER} '{{\"name\": \"admin\", \"domain\": \"…\", \
+                 \"permissions\": [\"manage_users\", …], \"scopes\": [\"admin\"]}}'`"
+            ));
+        }
+        BootstrapResponse { created: None }
+    }
+
+    fn op_create_user(&mut self, input: CreateUserInput) -> Result<serde_json::Value, String> {
+        let (user, token) = self
+            .create_user(input.name, input.domain, &input.permissions, &input.scopes)
+            .map_err(|e| format!("{NAME}: {OP_CREATE_USER}: {}", e.message))?;
+        Ok(serde_json::json!({"id": user.id, "token": token}))
+    }
+}
+
+impl Plugin for Pelion {
+    const NAME: &'static str = NAME;
+    const KIND: Kind = Kind::Auth;
+
+    fn create(config: serde_json::Value, host: Host) -> Result<Self, String> {
+        let Config {} = serde_json::from_value(config)
+            .map_err(|e| format!("{NAME}: invalid configuration: {e}"))?;
+        Pelion::load(host)
+    }
+
+    fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
+        fn parse<'a, T: Deserialize<'a>>(op: &str, input: &'a [u8]) -> Result<T, String> {
+            serde_json::from_slice(input).map_err(|e| format!("{NAME}: {op}: bad input: {e}"))
+        }
+        fn answer<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
+            serde_json::to_vec(v).map_err(|e| e.to_string())
+        }
         match op {
-            OP_AUTHENTICATE => serde_json::to_vec(&AuthVerdict::NotMine).map_err(|e| e.to_string()),
-            OP_BOOTSTRAP => Ok(b"{}".to_vec()),
-            other => Err(format!("unknown operation {other}")),
+            OP_BOOTSTRAP => answer(&self.bootstrap()),
+            OP_AUTHENTICATE => {
+                let req: AuthRequest = parse(op, input)?;
+                answer(&self.authenticate(&req))
+            }
+            OP_ROUTES => answer(&api::routes()),
+            OP_HTTP => {
+                let req: HttpRequest = parse(op, input)?;
+                answer(&self.http(req))
+            }
+            OP_CREATE_USER => {
+                let req: CreateUserInput = parse(op, input)?;
+                answer(&self.op_create_user(req)?)
+            }
+            other => Err(format!("{NAME}: unknown operation {other:?}")),
         }
     }
 }

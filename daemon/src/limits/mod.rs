@@ -1,0 +1,160 @@
+//! Traffic limits per domain (seed 000, "Traffic limits"): transactions over the last 24
+//! hours and registered endpoints, each against a quota.
+//!
+//! Transactions are what the seed counts: incoming registrations, registration updates
+//! and removals, and notifications; outgoing proxy (resource) requests and subscription
+//! requests. They are counted in 24 hourly buckets per domain (a sliding day with hour
+//! resolution). Over the transaction quota, new work is refused: REST resource and
+//! subscription requests get 429, registrations and updates get CoAP 4.29, notifications
+//! from devices are dropped (counted in `connectord_limits_refused_total`); removals are
+//! counted but never refused. The endpoint quota is `registry.max_endpoints_per_domain`.
+//! Counts are kept in memory: a restart starts the day afresh.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::config::LimitsConfig;
+use crate::metrics::Counters;
+use crate::registry::now_ms;
+
+const HOUR_MS: u64 = 3_600_000;
+
+/// The transaction quota of a domain is used up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the domain's transaction quota ({quota} per 24 hours) is used up")]
+pub struct OverQuota {
+    pub quota: u64,
+}
+
+#[derive(Default)]
+struct Window {
+    /// (hour number, transactions in that hour), at most 24 entries.
+    buckets: Vec<(u64, u64)>,
+}
+
+impl Window {
+    fn total(&mut self, hour: u64) -> u64 {
+        self.buckets.retain(|(h, _)| *h + 24 > hour);
+        self.buckets.iter().map(|(_, n)| n).sum()
+    }
+
+    fn add(&mut self, hour: u64, n: u64) {
+        match self.buckets.iter_mut().find(|(h, _)| *h == hour) {
+            Some((_, c)) => *c += n,
+            None => self.buckets.push((hour, n)),
+        }
+    }
+}
+
+/// The `GET /limits` answer of a domain.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Snapshot {
+    #[serde(rename = "transaction-quota")]
+    pub transaction_quota: u64,
+    #[serde(rename = "transaction-count")]
+    pub transaction_count: u64,
+    #[serde(rename = "endpoint-quota")]
+    pub endpoint_quota: u64,
+    #[serde(rename = "endpoint-count")]
+    pub endpoint_count: u64,
+}
+
+/// The transaction counters of every domain.
+pub struct Limits {
+    quota: u64,
+    endpoint_quota: u64,
+    counters: Arc<Counters>,
+    windows: Mutex<HashMap<String, Window>>,
+}
+
+impl Limits {
+    pub fn new(cfg: &LimitsConfig, endpoint_quota: usize, counters: Arc<Counters>) -> Limits {
+        Limits {
+            quota: cfg.transaction_quota,
+            endpoint_quota: endpoint_quota as u64,
+            counters,
+            windows: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn hour() -> u64 {
+        now_ms() / HOUR_MS
+    }
+
+    /// Counts one transaction that is never refused (a de-registration).
+    pub fn count(&self, domain: &str) {
+        let hour = Limits::hour();
+        let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        w.entry(domain.to_string()).or_default().add(hour, 1);
+    }
+
+    /// Counts one transaction if the quota allows it.
+    pub fn take(&self, domain: &str) -> Result<(), OverQuota> {
+        let hour = Limits::hour();
+        let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let win = w.entry(domain.to_string()).or_default();
+        if win.total(hour) >= self.quota {
+            Counters::inc(&self.counters.limits_refused);
+            return Err(OverQuota { quota: self.quota });
+        }
+        win.add(hour, 1);
+        Ok(())
+    }
+
+    /// The domain's counts; `endpoints` is its number of registered endpoints now.
+    pub fn snapshot(&self, domain: &str, endpoints: usize) -> Snapshot {
+        let hour = Limits::hour();
+        let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let count = w.get_mut(domain).map(|x| x.total(hour)).unwrap_or(0);
+        Snapshot {
+            transaction_quota: self.quota,
+            transaction_count: count,
+            endpoint_quota: self.endpoint_quota,
+            endpoint_count: endpoints as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_refuses_per_domain() {
+        let l = Limits::new(
+            &LimitsConfig {
+                transaction_quota: 3,
+            },
+            10,
+            Arc::new(Counters::default()),
+        );
+        for _ in 0..3 {
+            l.take("a").unwrap();
+        }
+        assert_eq!(l.take("a"), Err(OverQuota { quota: 3 }));
+        l.take("b").unwrap();
+        l.count("a");
+        let s = l.snapshot("a", 2);
+        assert_eq!(
+            (
+                s.transaction_count,
+                s.transaction_quota,
+                s.endpoint_count,
+                s.endpoint_quota
+            ),
+            (4, 3, 2, 10)
+        );
+        assert_eq!(l.snapshot("b", 0).transaction_count, 1);
+    }
+
+    #[test]
+    fn the_window_forgets_hours_older_than_a_day() {
+        let mut w = Window::default();
+        w.add(100, 5);
+        w.add(110, 2);
+        assert_eq!(w.total(110), 7);
+        assert_eq!(w.total(123), 7);
+        assert_eq!(w.total(124), 2, "hour 100 left the window");
+        assert_eq!(w.total(134), 0);
+    }
+}

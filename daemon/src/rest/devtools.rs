@@ -1,0 +1,68 @@
+//! Developer tools (seed 000, "Developer tools"): `POST /api/cert`.
+//! (`POST /api/api_tokens` is served by the connector auth plugin.)
+//!
+//! `POST /api/cert` takes `{"domain", "publickey"}` (an EC P-256 public key, PEM) and
+//! answers 201 `{"domain", "endpoint", "server_certificate", "device_certificate"}`: a new
+//! endpoint name and a device certificate signed by the daemon's CA (created at first
+//! start in the state directory); `server_certificate` is that CA's certificate, which the
+//! device uses to verify the server. 400 for bad JSON, a missing field or a key that is not
+//! an EC P-256 public key; 401 when the domain is not the access key's. Needs the scope
+//! `resources:write` (provisioning devices).
+
+use bytes::Bytes;
+use http::StatusCode;
+use serde::Deserialize;
+
+use super::reply::{Reply, error};
+use crate::auth::Principal;
+use crate::certs::CertAuthority;
+
+#[derive(Deserialize)]
+struct CertRequest {
+    domain: String,
+    publickey: String,
+}
+
+pub fn create_cert(ca: &CertAuthority, who: &Principal, body: Bytes) -> Reply {
+    let req: CertRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!(
+                    "the body must be JSON {{\"domain\": \"…\", \"publickey\": \"-----BEGIN PUBLIC KEY-----…\"}}: {e}"
+                ),
+            );
+        }
+    };
+    if req.domain != who.domain {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the access key is not valid for this domain",
+        );
+    }
+    match ca.issue(&req.domain, &req.publickey) {
+        Ok(issued) => Reply::json(
+            StatusCode::CREATED,
+            &serde_json::json!({
+                "domain": req.domain,
+                "endpoint": issued.endpoint,
+                "server_certificate": issued.server_certificate,
+                "device_certificate": issued.device_certificate,
+            }),
+        ),
+        Err(e) if e.is_bad_request() => {
+            error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string())
+        }
+        Err(e) => {
+            tracing::error!("certificate not issued: {e}");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the certificate could not be issued",
+            )
+        }
+    }
+}

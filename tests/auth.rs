@@ -1,0 +1,266 @@
+//! The core auth matrix: for every route, no credential, a wrong one, a revoked one, an
+//! expired one, one without the scope and one from another domain are refused with the
+//! right status and a JSON error; the allowed ones pass. Keys come from the built-in
+//! `connector` (the admin key) and `pelion` backends (users, applications, access keys).
+
+mod support;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use support::{Daemon, Prepared, http};
+
+const ALL_USER_SCOPES: [&str; 7] = [
+    "endpoints:read",
+    "resources:read",
+    "resources:write",
+    "subscriptions:read",
+    "subscriptions:write",
+    "notifications",
+    "limits:read",
+];
+
+const PERMISSIONS: [&str; 6] = [
+    "view_applications",
+    "create_application",
+    "revoke_application",
+    "view_access_keys_any_application",
+    "create_access_keys_any_application",
+    "revoke_access_keys_any_application",
+];
+
+fn call(
+    d: &Daemon,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&Value>,
+) -> support::Http {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let mut h = vec![("Content-Type", "application/json")];
+    if let Some(a) = &auth {
+        h.push(("Authorization", a.as_str()));
+    }
+    let bytes = body.map(|b| b.to_string().into_bytes());
+    http(method, &d.url(path), &h, bytes.as_deref())
+}
+
+/// Creates an application of a Pelion user and a key in it.
+fn pelion_key(
+    d: &Daemon,
+    user_token: &str,
+    scopes: &[&str],
+    expires_at: Option<u64>,
+) -> (String, String, String) {
+    let app = call(
+        d,
+        "POST",
+        "/pelion/v1/applications",
+        Some(user_token),
+        Some(&json!({"name": format!("app-{}", scopes.len())})),
+    );
+    assert_eq!(app.status, 201, "{}", app.body);
+    let app_id = app.json()["id"].as_str().unwrap().to_string();
+    let mut body = json!({"name": "k", "scopes": scopes});
+    if let Some(t) = expires_at {
+        body["expires_at"] = json!(t);
+    }
+    let k = call(
+        d,
+        "POST",
+        &format!("/pelion/v1/applications/{app_id}/access-keys"),
+        Some(user_token),
+        Some(&body),
+    );
+    assert_eq!(k.status, 201, "{}", k.body);
+    let v = k.json();
+    (
+        app_id,
+        v["id"].as_str().unwrap().to_string(),
+        v["access_key"].as_str().unwrap().to_string(),
+    )
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn every_route_refuses_bad_credentials_and_admits_good_ones() {
+    let p = Prepared::new("", "[plugins]\nauth = [\"connector\", \"pelion\"]\n");
+    let user = |domain: &str| {
+        p.plugin_call(
+            "pelion",
+            "create_user",
+            &json!({"name": format!("ops-{domain}"), "domain": domain, "permissions": PERMISSIONS, "scopes": ALL_USER_SCOPES}),
+        )["token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (user_a, user_b) = (user("default"), user("other"));
+    let d = p.start();
+    let admin = d.key.clone();
+
+    let (_, _, full) = pelion_key(&d, &user_a, &ALL_USER_SCOPES, None);
+    let (_, _, reader) = pelion_key(&d, &user_a, &["endpoints:read"], None);
+    let (app, kid, revoked) = pelion_key(&d, &user_a, &["endpoints:read"], None);
+    let r = call(
+        &d,
+        "PATCH",
+        &format!("/pelion/v1/applications/{app}/access-keys/{kid}"),
+        Some(&user_a),
+        Some(&json!({"status": "revoked"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (_, _, expired) = pelion_key(&d, &user_a, &ALL_USER_SCOPES, Some(now_ms() + 1500));
+    let (_, _, other) = pelion_key(&d, &user_b, &ALL_USER_SCOPES, None);
+    std::thread::sleep(Duration::from_millis(1600));
+
+    d.device().register(
+        &["ep=dev", "lt=300"],
+        "</1/0>,</3/0>,</3303/0/5700>;obs,</9/0>",
+    );
+    let cert_body = json!({"domain": "default", "publickey": "not a key"});
+    let presubs = json!([]);
+    // (method, path, body, scope it needs)
+    let routes: Vec<(&str, &str, Option<&Value>, &str)> = vec![
+        ("GET", "/", None, "endpoints:read"),
+        ("GET", "/rest-versions", None, "endpoints:read"),
+        ("GET", "/v2/endpoints", None, "endpoints:read"),
+        ("GET", "/v2/endpoints/dev", None, "endpoints:read"),
+        ("GET", "/v2/endpoints/dev/3/0/0", None, "resources:read"),
+        ("PUT", "/v2/endpoints/dev/1/0/1", None, "resources:write"),
+        ("POST", "/v2/endpoints/dev/3/0/4", None, "resources:write"),
+        ("DELETE", "/v2/endpoints/dev/9/0", None, "resources:write"),
+        (
+            "GET",
+            "/v2/notification/pull?noWait=true",
+            None,
+            "notifications",
+        ),
+        ("GET", "/v2/notification/callback", None, "notifications"),
+        ("DELETE", "/v2/notification/callback", None, "notifications"),
+        ("GET", "/v2/subscriptions", None, "subscriptions:read"),
+        (
+            "PUT",
+            "/v2/subscriptions",
+            Some(&presubs),
+            "subscriptions:write",
+        ),
+        ("DELETE", "/v2/subscriptions", None, "subscriptions:write"),
+        ("GET", "/v2/subscriptions/dev", None, "subscriptions:read"),
+        (
+            "DELETE",
+            "/v2/subscriptions/dev",
+            None,
+            "subscriptions:write",
+        ),
+        (
+            "GET",
+            "/v2/subscriptions/dev/3303/0/5700",
+            None,
+            "subscriptions:read",
+        ),
+        (
+            "PUT",
+            "/v2/subscriptions/dev/3303/0/5700",
+            None,
+            "subscriptions:write",
+        ),
+        (
+            "DELETE",
+            "/v2/subscriptions/dev/3303/0/5700",
+            None,
+            "subscriptions:write",
+        ),
+        ("GET", "/v2/limits", None, "limits:read"),
+        ("POST", "/api/cert", Some(&cert_body), "resources:write"),
+        ("GET", "/metrics", None, "admin"),
+        ("POST", "/api/api_tokens", None, "admin"),
+    ];
+    let refused = |r: &support::Http, status: u16, what: &str| {
+        assert_eq!(r.status, status, "{what}: {}", r.body);
+        assert_eq!(r.content_type, "application/json", "{what}");
+        assert!(
+            r.json()["type"].is_string() && r.json()["message"].is_string(),
+            "{what}: {}",
+            r.body
+        );
+    };
+    for (method, path, body, scope) in &routes {
+        let what = |who: &str| format!("{method} {path} with {who}");
+        refused(
+            &call(&d, method, path, None, *body),
+            401,
+            &what("no credential"),
+        );
+        refused(
+            &call(&d, method, path, Some("wrong-key"), *body),
+            401,
+            &what("a wrong key"),
+        );
+        refused(
+            &call(&d, method, path, Some(&revoked), *body),
+            401,
+            &what("a revoked key"),
+        );
+        refused(
+            &call(&d, method, path, Some(&expired), *body),
+            401,
+            &what("an expired key"),
+        );
+        refused(
+            &call(&d, method, path, Some(&user_a), *body),
+            403,
+            &what("a user token (no core scope)"),
+        );
+        if *scope != "endpoints:read" {
+            refused(
+                &call(&d, method, path, Some(&reader), *body),
+                403,
+                &what("a key without the scope"),
+            );
+        }
+        let allowed = [&admin, &full];
+        for key in allowed {
+            let r = call(&d, method, path, Some(key), *body);
+            let admin_only = *scope == "admin" && key != &admin;
+            if admin_only {
+                refused(&r, 403, &what("a key without admin"));
+            } else {
+                assert!(
+                    ![401, 403, 405].contains(&r.status),
+                    "{}: {} {}",
+                    what("an allowed key"),
+                    r.status,
+                    r.body
+                );
+            }
+        }
+    }
+    // Another domain's key: its domain has no endpoint "dev".
+    let other_domain: Vec<(&str, &str, u16)> = vec![
+        ("GET", "/v2/endpoints/dev", 404),
+        ("GET", "/v2/endpoints/dev/3/0/0", 410),
+        ("PUT", "/v2/endpoints/dev/1/0/1", 410),
+        ("GET", "/v2/subscriptions/dev", 404),
+        ("PUT", "/v2/subscriptions/dev/3303/0/5700", 404),
+    ];
+    for (method, path, status) in other_domain {
+        refused(
+            &call(&d, method, path, Some(&other), None),
+            status,
+            &format!("{method} {path} from another domain"),
+        );
+    }
+    assert_eq!(
+        call(&d, "GET", "/v2/endpoints", Some(&other), None).json(),
+        json!([])
+    );
+    let r = call(&d, "POST", "/api/cert", Some(&other), Some(&cert_body));
+    refused(&r, 401, "a certificate for another domain");
+}

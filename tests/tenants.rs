@@ -1,0 +1,147 @@
+//! End-to-end tests of domains (tenants) and traffic limits.
+
+mod support;
+
+use std::time::Duration;
+
+use coap_lite::{RequestType, ResponseType};
+use serde_json::json;
+use support::coap::{Req, code};
+use support::{Prepared, http};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn get(d: &support::Daemon, key: &str, path: &str) -> support::Http {
+    http(
+        "GET",
+        &d.url(path),
+        &[("Authorization", &format!("Bearer {key}"))],
+        None,
+    )
+}
+
+#[test]
+fn every_key_sees_only_its_own_domain() {
+    let p = Prepared::new("", "");
+    let a = p.plugin_call("connector", "bootstrap", &json!({"domain": "default"}));
+    let key_a = a["created"].as_str().unwrap().to_string();
+    let b = p.plugin_call(
+        "connector",
+        "create_key",
+        &json!({"name": "tenant-b ops", "domain": "tenant-b"}),
+    );
+    let key_b = b["access_key"].as_str().unwrap().to_string();
+    let mut d = p.start();
+    d.key = key_a.clone();
+    // Both keys open a channel before the devices register.
+    assert_eq!(
+        get(&d, &key_a, "/v2/notification/pull?noWait=true").status,
+        204
+    );
+    assert_eq!(
+        get(&d, &key_b, "/v2/notification/pull?noWait=true").status,
+        204
+    );
+
+    d.device().register(&["ep=dev-a", "lt=300"], "</3/0>;obs");
+    d.device()
+        .register(&["ep=dev-b", "lt=300", "d=tenant-b"], "</3/0>;obs");
+    // The same name in both domains is two endpoints.
+    d.device().register(&["ep=same", "lt=300"], "</3/0>");
+    d.device()
+        .register(&["ep=same", "lt=300", "d=tenant-b"], "</4/0>");
+
+    let names = |key: &str| -> Vec<String> {
+        get(&d, key, "/v2/endpoints")
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&key_a), vec!["dev-a", "same"]);
+    assert_eq!(names(&key_b), vec!["dev-b", "same"]);
+    assert_eq!(
+        get(&d, &key_a, "/v2/endpoints/same").json()[0]["uri"],
+        "/3/0"
+    );
+    assert_eq!(
+        get(&d, &key_b, "/v2/endpoints/same").json()[0]["uri"],
+        "/4/0"
+    );
+
+    // Another domain's endpoint does not exist for a key.
+    assert_eq!(get(&d, &key_b, "/v2/endpoints/dev-a").status, 404);
+    let r = http(
+        "GET",
+        &d.url("/v2/endpoints/dev-a/3/0/0"),
+        &[("Authorization", &format!("Bearer {key_b}"))],
+        None,
+    );
+    assert_eq!(r.status, 410);
+    let r = http(
+        "PUT",
+        &d.url("/v2/subscriptions/dev-a/3/0"),
+        &[("Authorization", &format!("Bearer {key_b}"))],
+        None,
+    );
+    assert_eq!(r.status, 404);
+
+    // Registration events reach only the channels of the device's domain.
+    let events = |key: &str| -> Vec<String> {
+        let r = get(&d, key, "/v2/notification/pull?noWait=true");
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["registrations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["ep"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(events(&key_a), vec!["dev-a", "same"]);
+    assert_eq!(events(&key_b), vec!["dev-b", "same"]);
+    // Each key's limits are its domain's.
+    assert_eq!(get(&d, &key_b, "/v2/limits").json()["endpoint-count"], 2);
+}
+
+#[test]
+fn limits_count_transactions_and_refuse_over_the_quota() {
+    let d = Prepared::new(
+        "",
+        "[limits]\ntransaction_quota = 4\n[registry]\nmax_endpoints_per_domain = 10\n",
+    )
+    .start();
+    let fresh = d.get("/v2/limits").json();
+    assert_eq!(
+        fresh,
+        json!({"transaction-quota": 4, "transaction-count": 0, "endpoint-quota": 10, "endpoint-count": 0})
+    );
+    let mut dev = d.device();
+    let id = dev.register(&["ep=counted", "lt=300"], "</3/0>"); // 1
+    assert_eq!(dev.update(&id, &[], None), ResponseType::Changed); // 2
+    let rid = d.async_request("GET", "/v2/endpoints/counted/3/0/0", None, None); // 3
+    let (req, from) = dev.recv_request(WAIT).unwrap();
+    dev.reply(&req, from, ResponseType::Content, b"x", None, None);
+    d.async_response(&rid, WAIT);
+    assert_eq!(dev.update(&id, &[], None), ResponseType::Changed); // 4
+    assert_eq!(d.get("/v2/limits").json()["transaction-count"], 4);
+    assert_eq!(d.get("/v2/limits").json()["endpoint-count"], 1);
+
+    // Over the quota: REST 429, registration and update 4.29.
+    let r = d.call("GET", "/v2/endpoints/counted/3/0/0", None, None);
+    assert_eq!(
+        (r.status, r.json()["type"].as_str()),
+        (429, Some("too_many_requests"))
+    );
+    assert!(r.json()["message"].as_str().unwrap().contains("quota"));
+    assert_eq!(dev.update(&id, &[], None), ResponseType::TooManyRequests);
+    let mut other = d.device();
+    let mut reg = Req::new(RequestType::Post, &["rd"]);
+    reg.query = &["ep=refused", "lt=300"];
+    let resp = other.request(&reg);
+    assert_eq!(code(&resp), ResponseType::TooManyRequests);
+    // A removal is never refused.
+    assert_eq!(dev.deregister(&id), ResponseType::Deleted);
+    assert!(d.metric("limits_refused_total") >= 3);
+}
