@@ -264,3 +264,171 @@ fn every_route_refuses_bad_credentials_and_admits_good_ones() {
     let r = call(&d, "POST", "/api/cert", Some(&other), Some(&cert_body));
     refused(&r, 401, "a certificate for another domain");
 }
+
+/// Losant application keys (Basic key:secret) reach only the endpoints and resources
+/// their filters and topics allow; API tokens manage the keys.
+#[test]
+fn losant_application_keys_are_limited_to_their_devices() {
+    let p = Prepared::new("", "[plugins]\nauth = [\"connector\", \"losant\"]\n");
+    let app = p.plugin_call(
+        "losant",
+        "create_application",
+        &json!({"name": "plant", "domain": "default"}),
+    );
+    let app_id = app["id"].as_str().unwrap().to_string();
+    let token = p.plugin_call(
+        "losant",
+        "create_token",
+        &json!({"application_id": app_id, "scopes": ["all.Application"]}),
+    )["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let d = p.start();
+    d.device()
+        .register(&["ep=sensor-1", "lt=300"], "</3303/0/5700>;obs,</3/0>");
+    d.device().register(&["ep=pump-1", "lt=300"], "</3/0>");
+
+    let body = json!({"description": "dashboard", "filterType": "whitelist", "deviceTags": [{"key": "endpoint", "value": "sensor-*"}]});
+    let r = call(
+        &d,
+        "POST",
+        &format!("/applications/{app_id}/keys"),
+        Some(&token),
+        Some(&body),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let (key, secret) = (
+        r.json()["key"].as_str().unwrap().to_string(),
+        r.json()["secret"].as_str().unwrap().to_string(),
+    );
+    let listed = call(
+        &d,
+        "GET",
+        &format!("/applications/{app_id}/keys?sortField=key&sortDirection=asc"),
+        Some(&token),
+        None,
+    );
+    assert_eq!(listed.status, 200);
+    assert_eq!(listed.json()["count"], 1);
+    assert!(
+        listed.json()["items"][0].get("secret").is_none(),
+        "the secret is shown once"
+    );
+    let r = call(
+        &d,
+        "GET",
+        "/applications/000000000000000000000000/keys",
+        Some(&token),
+        None,
+    );
+    assert_eq!(
+        (r.status, r.json()),
+        (
+            404,
+            json!({"type": "NotFound", "message": "Application was not found"})
+        )
+    );
+
+    use base64::Engine;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{key}:{secret}"))
+    );
+    let get = |path: &str| http("GET", &d.url(path), &[("Authorization", &basic)], None);
+    let names: Vec<Value> = get("/v2/endpoints")
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].clone())
+        .collect();
+    assert_eq!(
+        names,
+        vec![json!("sensor-1")],
+        "only the allowed device is listed"
+    );
+    assert_eq!(get("/v2/endpoints/sensor-1").status, 200);
+    assert_eq!(get("/v2/endpoints/pump-1").status, 403);
+    assert_eq!(get("/v2/endpoints/pump-1/3/0/0").status, 403);
+    let wrong = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{key}:nope"))
+    );
+    assert_eq!(
+        http(
+            "GET",
+            &d.url("/v2/endpoints"),
+            &[("Authorization", &wrong)],
+            None
+        )
+        .status,
+        401
+    );
+}
+
+/// Header key pairs (ApiRdKey/ApiWrKey): read needs the rd key, write both.
+#[test]
+fn header_key_pairs_guard_their_areas() {
+    let p = Prepared::new("", "[plugins]\nauth = [\"headerkeys\", \"connector\"]\n");
+    let doc = p.plugin_call("headerkeys", "show_keys", &json!({}));
+    let pair = |name: &str| {
+        let k = doc["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == name)
+            .unwrap()
+            .clone();
+        (
+            k["rd"].as_str().unwrap().to_string(),
+            k["wr"].as_str().unwrap().to_string(),
+        )
+    };
+    let d = p.start();
+    d.device().register(&["ep=dev", "lt=300"], "</3/0>");
+    let (erd, _) = pair("endpoints");
+    let (rrd, rwr) = pair("resources");
+    let r = http("GET", &d.url("/v2/endpoints"), &[("ApiRdKey", &erd)], None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        http(
+            "GET",
+            &d.url("/v2/endpoints"),
+            &[("ApiRdKey", "wrong")],
+            None
+        )
+        .status,
+        401
+    );
+    // Writing a resource: the write key alone is not enough; both are.
+    let put = |h: &[(&str, &str)]| http("PUT", &d.url("/v2/endpoints/dev/3/0/1"), h, Some(b"x"));
+    assert_eq!(put(&[("ApiWrKey", &rwr)]).status, 401);
+    assert_eq!(
+        put(&[("ApiRdKey", &rrd)]).status,
+        401,
+        "a read key does not write"
+    );
+    assert_eq!(put(&[("ApiRdKey", &rrd), ("ApiWrKey", &rwr)]).status, 202);
+    // The apikeys area guards itself: the admin Bearer key alone does not read it.
+    let admin = format!("Bearer {}", d.key);
+    assert_eq!(
+        http(
+            "GET",
+            &d.url("/api/v1/apikeys"),
+            &[("Authorization", &admin)],
+            None
+        )
+        .status,
+        401
+    );
+    let (ard, _) = pair("apikeys");
+    let r = http(
+        "GET",
+        &d.url("/api/v1/apikeys"),
+        &[("ApiRdKey", &ard)],
+        None,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["Json+typeName"], "MkcJsonLib.jApiKeys");
+}

@@ -116,6 +116,11 @@ fn rest_refuses_requests_without_a_valid_key() {
     let r = d.get("/");
     assert_eq!(r.status, 200);
     assert!(r.body.starts_with("connectord "), "{}", r.body);
+    let metrics = d.get("/metrics").body;
+    assert!(
+        metrics.contains("connectord_rest_responses_total{status=\"401\"} 15"),
+        "{metrics}"
+    );
     let r = d.get("/v2/nothing-here");
     assert_eq!(
         (r.status, r.json()["type"].as_str()),

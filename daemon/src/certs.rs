@@ -41,7 +41,13 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
+use p256::elliptic_curve::sec1::ToEncodedPoint;
+use p256::pkcs8::der::asn1::{
+    AnyRef, BitStringRef, ContextSpecific, GeneralizedTime, ObjectIdentifier, UintRef, UtcTime,
+};
+use p256::pkcs8::der::{self, Decode, Encode, Reader, SliceReader, Tag, TagNumber, Tagged};
+use p256::pkcs8::spki::{AlgorithmIdentifierRef, SubjectPublicKeyInfoRef};
+use p256::pkcs8::{AssociatedOid, DecodePublicKey};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SerialNumber,
@@ -207,8 +213,8 @@ impl CertAuthority {
         };
         let blocks =
             pem_blocks(cert_text).map_err(|e| bad(format!("not a PEM certificate: {e}")))?;
-        let der = match blocks.as_slice() {
-            [block] if block.label_is("CERTIFICATE") => &block.der,
+        let block = match blocks.as_slice() {
+            [block] if block.label_is("CERTIFICATE") => block,
             [] => return Err(bad("no PEM block found".into())),
             [block] => {
                 return Err(bad(format!(
@@ -218,13 +224,14 @@ impl CertAuthority {
             }
             _ => return Err(bad("expected exactly one certificate".into())),
         };
+        let der = block.der().map_err(bad)?;
         let stored =
-            parse_certificate(der).map_err(|e| bad(format!("corrupt certificate: {e}")))?;
+            read_certificate(&der).map_err(|e| bad(format!("corrupt certificate: {e}")))?;
 
-        // The issued certificates name the CA by the subject rcgen writes for our parameters
-        // and the key identifier of our key, so the stored certificate must carry exactly those.
+        // The issued certificates name the CA by the subject rcgen writes for our parameters,
+        // so the stored certificate must carry exactly that, and our key.
         let reference_der = ca_params().self_signed(&key)?.der().to_vec();
-        let reference = parse_certificate(&reference_der)
+        let reference = read_certificate(&reference_der)
             .map_err(|e| CertError::Rcgen(format!("cannot parse own CA certificate: {e}")))?;
         if stored.spki != key.subject_public_key_info() {
             return Err(bad(format!(
@@ -243,9 +250,12 @@ impl CertAuthority {
                 "the CA certificate has expired; POST /api/cert will fail until a new CA is created"
             );
         }
+        // rcgen (x509-parser) reads the issuer's name, key identifier and key usages.
+        let issuer = Issuer::from_ca_cert_der(&der.as_slice().into(), key)
+            .map_err(|e| bad(format!("corrupt certificate: {e}")))?;
         Ok(CertAuthority {
-            issuer: Issuer::new(ca_params(), key),
-            ca_pem: pem_encode("CERTIFICATE", der),
+            issuer,
+            ca_pem: block.canonical("CERTIFICATE"),
             ca_not_after: stored.not_after,
             cert_path,
         })
@@ -467,15 +477,35 @@ fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertErr
 // ---------------------------------------------------------------------------------------
 // PEM
 
+/// One PEM block as found in lenient input: its label as written and its base64 body with
+/// all whitespace removed (and missing padding restored).
 struct PemBlock {
     label: String,
-    der: Vec<u8>,
+    body: String,
 }
 
 impl PemBlock {
     /// Compares labels ignoring spaces and case ("PUBLICKEY" is "PUBLIC KEY").
     fn label_is(&self, label: &str) -> bool {
         squash(&self.label) == squash(label)
+    }
+
+    /// The block as canonical (RFC 7468) PEM text under `label`.
+    fn canonical(&self, label: &str) -> String {
+        let mut out = format!("-----BEGIN {label}-----\n");
+        // The body is ASCII (checked when the block was read), so chunks are whole characters.
+        for line in self.body.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(line));
+            out.push('\n');
+        }
+        out + &format!("-----END {label}-----\n")
+    }
+
+    /// The decoded contents (pem-rfc7468 through p256; the label does not matter here).
+    fn der(&self) -> Result<Vec<u8>, String> {
+        der::pem::decode_vec(self.canonical("DATA").as_bytes())
+            .map(|(_, der)| der)
+            .map_err(|e| format!("the '{}' block is not valid base64 ({e})", self.label))
     }
 }
 
@@ -490,34 +520,19 @@ fn squash(label: &str) -> String {
 /// All PEM blocks in `text`, in order. Whitespace anywhere in a body is ignored, which
 /// covers indentation, `\r\n` line ends and bodies on one line.
 fn pem_blocks(text: &str) -> Result<Vec<PemBlock>, String> {
-    const BEGIN: &str = "-----BEGIN ";
-    const END: &str = "-----END ";
-    const DASHES: &str = "-----";
-    let engine = base64::engine::GeneralPurpose::new(
-        &base64::alphabet::STANDARD,
-        base64::engine::GeneralPurposeConfig::new()
-            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
-    );
+    /// Splits `LABEL-----rest` (what follows `-----BEGIN ` or `-----END `) at the dashes.
+    fn boundary(s: &str) -> Option<(&str, &str)> {
+        let (label, rest) = s.split_once("-----")?;
+        (!label.contains('\n')).then_some((label.trim(), rest))
+    }
     let mut blocks = Vec::new();
     let mut rest = text;
-    while let Some(start) = rest.find(BEGIN) {
-        let after_begin = &rest[start + BEGIN.len()..];
-        let label_end = after_begin
-            .find(DASHES)
-            .filter(|&i| !after_begin[..i].contains('\n'))
-            .ok_or("malformed '-----BEGIN ...-----' line")?;
-        let label = after_begin[..label_end].trim();
-        let body_and_rest = &after_begin[label_end + DASHES.len()..];
-        let body_end = body_and_rest.find(END).ok_or_else(|| {
+    while let Some((_, after)) = rest.split_once("-----BEGIN ") {
+        let (label, after) = boundary(after).ok_or("malformed '-----BEGIN ...-----' line")?;
+        let (body, after) = after.split_once("-----END ").ok_or_else(|| {
             format!("'-----BEGIN {label}-----' without a matching '-----END' line")
         })?;
-        let body = &body_and_rest[..body_end];
-        let after_end = &body_and_rest[body_end + END.len()..];
-        let end_label_end = after_end
-            .find(DASHES)
-            .filter(|&i| !after_end[..i].contains('\n'))
-            .ok_or("malformed '-----END ...-----' line")?;
-        let end_label = after_end[..end_label_end].trim();
+        let (end_label, after) = boundary(after).ok_or("malformed '-----END ...-----' line")?;
         if squash(label) != squash(end_label) {
             return Err(format!(
                 "'-----BEGIN {label}-----' ends with '-----END {end_label}-----'"
@@ -528,46 +543,34 @@ fn pem_blocks(text: &str) -> Result<Vec<PemBlock>, String> {
                 "the '{label}' block has headers (is it encrypted?); expected plain base64"
             ));
         }
-        let compact: String = body.chars().filter(|c| !c.is_whitespace()).collect();
-        let der = engine
-            .decode(compact.as_bytes())
-            .map_err(|e| format!("the '{label}' block is not valid base64 ({e})"))?;
-        if der.is_empty() {
+        let mut body: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+        if body.is_empty() {
             return Err(format!("the '{label}' block is empty"));
+        }
+        if !body.is_ascii() {
+            return Err(format!("the '{label}' block is not valid base64"));
+        }
+        while !body.len().is_multiple_of(4) {
+            body.push('=');
         }
         blocks.push(PemBlock {
             label: label.to_string(),
-            der,
+            body,
         });
-        rest = &after_end[end_label_end + DASHES.len()..];
+        rest = after;
     }
     Ok(blocks)
-}
-
-fn pem_encode(label: &str, der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    // Base64 output is ASCII, so splitting bytes never cuts a character.
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 // ---------------------------------------------------------------------------------------
 // Public keys
 
 /// An EC P-256 public key, as the uncompressed point `04 || x || y`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct P256PublicKey {
-    point: Vec<u8>,
-}
+struct P256PublicKey(Vec<u8>);
 
 impl PublicKeyData for P256PublicKey {
     fn der_bytes(&self) -> &[u8] {
-        &self.point
+        &self.0
     }
 
     fn algorithm(&self) -> &'static SignatureAlgorithm {
@@ -594,7 +597,13 @@ fn parse_public_key_pem(input: &str) -> Result<P256PublicKey, String> {
         .iter()
         .find(|b| b.label_is("PUBLIC KEY"))
         .ok_or_else(|| wrong_block_message(&first.label))?;
-    parse_spki(&block.der).map_err(|e| format!("{e}; {KEY_HINT}"))
+    // p256 checks the structure, the algorithm, the curve and that the point is on it.
+    match p256::PublicKey::from_public_key_pem(&block.canonical("PUBLIC KEY")) {
+        Ok(key) => Ok(P256PublicKey(
+            key.to_encoded_point(false).as_bytes().to_vec(),
+        )),
+        Err(_) => Err(format!("{}; {KEY_HINT}", explain_bad_spki(block))),
+    }
 }
 
 fn wrong_block_message(label: &str) -> String {
@@ -614,8 +623,56 @@ fn wrong_block_message(label: &str) -> String {
     format!("{what} (found '-----BEGIN {label}-----'); {KEY_HINT}")
 }
 
-const OID_EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-const OID_PRIME256V1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+/// Says why p256 refused a `PUBLIC KEY` block, reading its algorithm and curve with the
+/// `spki` crate (through p256).
+fn explain_bad_spki(block: &PemBlock) -> String {
+    let der = match block.der() {
+        Ok(der) => der,
+        Err(e) => return e,
+    };
+    let spki = match SubjectPublicKeyInfoRef::try_from(der.as_slice()) {
+        Ok(spki) => spki,
+        Err(e) => return format!("the PUBLIC KEY block is not a valid public key ({e})"),
+    };
+    let name = |oid: ObjectIdentifier| oid_name(&oid.to_string());
+    if spki.algorithm.oid != p256::elliptic_curve::ALGORITHM_OID {
+        let oid = spki.algorithm.oid;
+        return match name(oid) {
+            Some(name) => format!("{name} keys are not supported"),
+            None => format!("unsupported public key algorithm (OID {oid})"),
+        };
+    }
+    match spki.algorithm.parameters {
+        Some(p) if p.tag() == Tag::Sequence => {
+            return "explicit EC curve parameters are not supported; use the named curve \
+                    (openssl: '-param_enc named_curve')"
+                .into();
+        }
+        Some(p) => match p.decode_as::<ObjectIdentifier>() {
+            Ok(oid) if oid == p256::NistP256::OID => {}
+            Ok(oid) => {
+                return match name(oid) {
+                    Some(name) => format!("EC keys on {name} are not supported"),
+                    None => format!("EC keys on the curve with OID {oid} are not supported"),
+                };
+            }
+            Err(_) => return "the PUBLIC KEY block names no EC curve".into(),
+        },
+        None => return "the PUBLIC KEY block names no EC curve".into(),
+    }
+    let Some(point) = spki.subject_public_key.as_bytes() else {
+        return "the PUBLIC KEY block is not a valid public key (bad BIT STRING)".into();
+    };
+    match (point.first(), point.len()) {
+        (Some(0x04), 65) | (Some(0x02 | 0x03), 33) => {
+            "the EC point is not on the P-256 curve".into()
+        }
+        (Some(0x00), 1) => "the EC point is the point at infinity".into(),
+        (_, len) => {
+            format!("malformed EC point ({len} bytes; a P-256 point has 65, or 33 compressed)")
+        }
+    }
+}
 
 /// Friendly names for algorithm and curve OIDs a client may plausibly send.
 fn oid_name(dotted: &str) -> Option<&'static str> {
@@ -641,438 +698,54 @@ fn oid_name(dotted: &str) -> Option<&'static str> {
     })
 }
 
-/// Parses a DER `SubjectPublicKeyInfo` holding an EC P-256 key.
-fn parse_spki(der: &[u8]) -> Result<P256PublicKey, String> {
-    let malformed = |e: &str| format!("the PUBLIC KEY block is not a valid public key ({e})");
-    let (spki, trailing) = der::expect(der, der::SEQUENCE).map_err(|e| malformed(&e))?;
-    if !trailing.is_empty() {
-        return Err(malformed("trailing data"));
-    }
-    let (alg, rest) = der::expect(spki.content, der::SEQUENCE).map_err(|e| malformed(&e))?;
-    let (bits, rest) = der::expect(rest, der::BIT_STRING).map_err(|e| malformed(&e))?;
-    if !rest.is_empty() {
-        return Err(malformed("trailing data"));
-    }
-    let (alg_oid, params) = der::expect(alg.content, der::OID).map_err(|e| malformed(&e))?;
-    if alg_oid.content != OID_EC_PUBLIC_KEY {
-        let dotted = der::oid_to_string(alg_oid.content);
-        return Err(match oid_name(&dotted) {
-            Some(name) => format!("{name} keys are not supported"),
-            None => format!("unsupported public key algorithm (OID {dotted})"),
-        });
-    }
-    let curve = match der::read(params) {
-        Ok((tlv, [])) => tlv,
-        Ok(_) => return Err(malformed("trailing data after the curve")),
-        Err(_) => return Err(malformed("the EC key names no curve")),
-    };
-    match curve.tag {
-        der::OID if curve.content == OID_PRIME256V1 => {}
-        der::OID => {
-            let dotted = der::oid_to_string(curve.content);
-            return Err(match oid_name(&dotted) {
-                Some(name) => format!("EC keys on {name} are not supported"),
-                None => format!("EC keys on the curve with OID {dotted} are not supported"),
-            });
-        }
-        der::SEQUENCE => {
-            return Err(
-                "explicit EC curve parameters are not supported; use the named curve \
-                 (openssl: '-param_enc named_curve')"
-                    .into(),
-            );
-        }
-        _ => return Err(malformed("the EC key names no curve")),
-    }
-    let Some((&0, point)) = bits.content.split_first() else {
-        return Err(malformed("bad BIT STRING"));
-    };
-    p256::parse_point(point).map(|point| P256PublicKey { point })
-}
-
-/// A minimal DER reader: enough for SubjectPublicKeyInfo and the outer layers of a certificate.
-mod der {
-    pub const INTEGER: u8 = 0x02;
-    pub const BIT_STRING: u8 = 0x03;
-    pub const OID: u8 = 0x06;
-    pub const UTC_TIME: u8 = 0x17;
-    pub const GENERALIZED_TIME: u8 = 0x18;
-    pub const SEQUENCE: u8 = 0x30;
-    pub const VERSION: u8 = 0xa0;
-
-    pub struct Tlv<'a> {
-        pub tag: u8,
-        pub content: &'a [u8],
-        /// Tag, length and content.
-        pub whole: &'a [u8],
-    }
-
-    /// Reads one TLV; returns it and the bytes after it.
-    pub fn read(input: &[u8]) -> Result<(Tlv<'_>, &[u8]), String> {
-        let (&tag, rest) = input.split_first().ok_or("unexpected end of data")?;
-        if tag & 0x1f == 0x1f {
-            return Err("unsupported multi-byte tag".into());
-        }
-        let (&first, rest) = rest.split_first().ok_or("unexpected end of data")?;
-        let (len, rest) = if first < 0x80 {
-            (usize::from(first), rest)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 {
-                return Err("unsupported length encoding".into());
-            }
-            if rest.len() < n {
-                return Err("unexpected end of data".into());
-            }
-            let len = rest[..n]
-                .iter()
-                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-            (len, &rest[n..])
-        };
-        if rest.len() < len {
-            return Err("unexpected end of data".into());
-        }
-        let header = input.len() - rest.len();
-        Ok((
-            Tlv {
-                tag,
-                content: &rest[..len],
-                whole: &input[..header + len],
-            },
-            &rest[len..],
-        ))
-    }
-
-    /// Reads one TLV that must carry `tag`.
-    pub fn expect(input: &[u8], tag: u8) -> Result<(Tlv<'_>, &[u8]), String> {
-        let (tlv, rest) = read(input)?;
-        if tlv.tag != tag {
-            return Err(format!("expected tag 0x{tag:02x}, found 0x{:02x}", tlv.tag));
-        }
-        Ok((tlv, rest))
-    }
-
-    /// Dotted form of an OID's content bytes.
-    pub fn oid_to_string(content: &[u8]) -> String {
-        let mut arcs: Vec<u64> = Vec::new();
-        let mut value: u64 = 0;
-        for &b in content {
-            value = value.saturating_mul(128) | u64::from(b & 0x7f);
-            if b & 0x80 == 0 {
-                if arcs.is_empty() {
-                    let first = (value / 40).min(2);
-                    arcs.push(first);
-                    arcs.push(value - first * 40);
-                } else {
-                    arcs.push(value);
-                }
-                value = 0;
-            }
-        }
-        arcs.iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(".")
-    }
-
-    /// Seconds since the Unix epoch of a UTCTime or GeneralizedTime (`...Z` forms only).
-    pub fn time_to_unix(tlv: &Tlv<'_>) -> Result<i64, String> {
-        let text = std::str::from_utf8(tlv.content).map_err(|_| "bad time encoding")?;
-        let digits = text.strip_suffix('Z').ok_or("time is not in UTC")?;
-        if !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err("bad time encoding".into());
-        }
-        let num = |s: &str| {
-            s.parse::<i64>()
-                .map_err(|_| "bad time encoding".to_string())
-        };
-        let (year, rest) = match (tlv.tag, digits.len()) {
-            (UTC_TIME, 12) => {
-                let yy = num(&digits[..2])?;
-                (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &digits[2..])
-            }
-            (GENERALIZED_TIME, 14) => (num(&digits[..4])?, &digits[4..]),
-            _ => return Err("bad time encoding".into()),
-        };
-        let (month, day) = (num(&rest[0..2])?, num(&rest[2..4])?);
-        let (hour, minute, second) = (num(&rest[4..6])?, num(&rest[6..8])?, num(&rest[8..10])?);
-        if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
-            return Err("bad time value".into());
-        }
-        // Days from civil (proleptic Gregorian), after H. Hinnant.
-        let y = if month <= 2 { year - 1 } else { year };
-        let era = y.div_euclid(400);
-        let yoe = y - era * 400;
-        let mp = (month + 9) % 12;
-        let doy = (153 * mp + 2) / 5 + day - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        let days = era * 146_097 + doe - 719_468;
-        Ok(days * 86_400 + hour * 3600 + minute * 60 + second)
-    }
-}
+// ---------------------------------------------------------------------------------------
+// Certificates
 
 /// The parts of a certificate the CA checks.
 struct CertInfo {
+    /// The subject Name, DER encoded.
     subject: Vec<u8>,
+    /// The SubjectPublicKeyInfo, DER encoded.
     spki: Vec<u8>,
     not_after: SystemTime,
 }
 
-fn parse_certificate(der: &[u8]) -> Result<CertInfo, String> {
-    let (cert, trailing) = der::expect(der, der::SEQUENCE)?;
-    if !trailing.is_empty() {
-        return Err("trailing data after the certificate".into());
-    }
-    let (tbs, rest) = der::expect(cert.content, der::SEQUENCE)?;
-    let (_sig_alg, rest) = der::expect(rest, der::SEQUENCE)?;
-    let (_sig, rest) = der::expect(rest, der::BIT_STRING)?;
-    if !rest.is_empty() {
-        return Err("trailing data in the certificate".into());
-    }
-    let mut rest = tbs.content;
-    if rest.first() == Some(&der::VERSION) {
-        rest = der::read(rest)?.1;
-    }
-    let (_serial, rest) = der::expect(rest, der::INTEGER)?;
-    let (_sig_alg, rest) = der::expect(rest, der::SEQUENCE)?;
-    let (_issuer, rest) = der::expect(rest, der::SEQUENCE)?;
-    let (validity, rest) = der::expect(rest, der::SEQUENCE)?;
-    let (subject, rest) = der::expect(rest, der::SEQUENCE)?;
-    let (spki, _extensions) = der::expect(rest, der::SEQUENCE)?;
-    let (_not_before, rest) = der::read(validity.content)?;
-    let (not_after, _) = der::read(rest)?;
-    let secs = der::time_to_unix(&not_after)?;
-    let not_after = UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
-    Ok(CertInfo {
-        subject: subject.whole.to_vec(),
-        spki: spki.whole.to_vec(),
-        not_after,
-    })
+/// Reads the fields the CA checks from a DER certificate (RFC 5280, section 4.1).
+fn read_certificate(cert_der: &[u8]) -> der::Result<CertInfo> {
+    let mut reader = SliceReader::new(cert_der)?;
+    let info = reader.sequence(|cert| {
+        let info = cert.sequence(|tbs| {
+            ContextSpecific::<AnyRef<'_>>::decode_explicit(tbs, TagNumber::N0)?; // version
+            UintRef::decode(tbs)?; // serialNumber
+            AlgorithmIdentifierRef::decode(tbs)?; // signature
+            tbs.tlv_bytes()?; // issuer
+            let not_after = tbs.sequence(|validity| {
+                read_time(validity)?;
+                read_time(validity)
+            })?;
+            let subject = tbs.tlv_bytes()?.to_vec();
+            let spki = SubjectPublicKeyInfoRef::decode(tbs)?.to_der()?;
+            tbs.read_slice(tbs.remaining_len())?; // unique identifiers, extensions
+            Ok(CertInfo {
+                subject,
+                spki,
+                not_after,
+            })
+        })?;
+        AlgorithmIdentifierRef::decode(cert)?; // signatureAlgorithm
+        BitStringRef::decode(cert)?; // signatureValue
+        Ok(info)
+    })?;
+    reader.finish(info)
 }
 
-/// Just enough P-256 field arithmetic to check that a point is on the curve and to expand
-/// a compressed point. Not constant time, which is fine: public keys are public.
-mod p256 {
-    /// Little-endian 64-bit limbs.
-    type Fe = [u64; 4];
-
-    /// p = 2^256 - 2^224 + 2^192 + 2^96 - 1
-    const P: Fe = [
-        0xffff_ffff_ffff_ffff,
-        0x0000_0000_ffff_ffff,
-        0x0000_0000_0000_0000,
-        0xffff_ffff_0000_0001,
-    ];
-    /// The curve's b (a = -3).
-    const B: Fe = [
-        0x3bce_3c3e_27d2_604b,
-        0x651d_06b0_cc53_b0f6,
-        0xb3eb_bd55_7698_86bc,
-        0x5ac6_35d8_aa3a_93e7,
-    ];
-    const ONE: Fe = [1, 0, 0, 0];
-
-    fn from_be(bytes: &[u8]) -> Fe {
-        let mut fe = [0u64; 4];
-        for (i, chunk) in bytes.rchunks(8).take(4).enumerate() {
-            fe[i] = chunk.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
-        }
-        fe
-    }
-
-    fn to_be(fe: &Fe) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        for (i, limb) in fe.iter().enumerate() {
-            out[32 - 8 * (i + 1)..32 - 8 * i].copy_from_slice(&limb.to_be_bytes());
-        }
-        out
-    }
-
-    fn lt(a: &Fe, b: &Fe) -> bool {
-        for i in (0..4).rev() {
-            if a[i] != b[i] {
-                return a[i] < b[i];
-            }
-        }
-        false
-    }
-
-    fn add_raw(a: &Fe, b: &Fe) -> (Fe, bool) {
-        let mut out = [0u64; 4];
-        let mut carry = false;
-        for i in 0..4 {
-            let (s1, c1) = a[i].overflowing_add(b[i]);
-            let (s2, c2) = s1.overflowing_add(u64::from(carry));
-            out[i] = s2;
-            carry = c1 || c2;
-        }
-        (out, carry)
-    }
-
-    fn sub_raw(a: &Fe, b: &Fe) -> (Fe, bool) {
-        let mut out = [0u64; 4];
-        let mut borrow = false;
-        for i in 0..4 {
-            let (d1, b1) = a[i].overflowing_sub(b[i]);
-            let (d2, b2) = d1.overflowing_sub(u64::from(borrow));
-            out[i] = d2;
-            borrow = b1 || b2;
-        }
-        (out, borrow)
-    }
-
-    /// (a + b) mod p, for a, b < p.
-    fn add(a: &Fe, b: &Fe) -> Fe {
-        let (sum, carry) = add_raw(a, b);
-        if carry || !lt(&sum, &P) {
-            sub_raw(&sum, &P).0
-        } else {
-            sum
-        }
-    }
-
-    /// (a - b) mod p, for a, b < p.
-    fn sub(a: &Fe, b: &Fe) -> Fe {
-        let (diff, borrow) = sub_raw(a, b);
-        if borrow { add_raw(&diff, &P).0 } else { diff }
-    }
-
-    fn bit(e: &Fe, i: usize) -> bool {
-        (e[i / 64] >> (i % 64)) & 1 == 1
-    }
-
-    /// (a * b) mod p by double-and-add.
-    fn mul(a: &Fe, b: &Fe) -> Fe {
-        let mut r = [0u64; 4];
-        for i in (0..256).rev() {
-            r = add(&r, &r);
-            if bit(b, i) {
-                r = add(&r, a);
-            }
-        }
-        r
-    }
-
-    fn pow(a: &Fe, e: &Fe) -> Fe {
-        let mut r = ONE;
-        for i in (0..256).rev() {
-            r = mul(&r, &r);
-            if bit(e, i) {
-                r = mul(&r, a);
-            }
-        }
-        r
-    }
-
-    /// x^3 - 3x + b
-    fn rhs(x: &Fe) -> Fe {
-        let x3 = mul(&mul(x, x), x);
-        let three_x = add(&add(x, x), x);
-        add(&sub(&x3, &three_x), &B)
-    }
-
-    /// Checks an encoded point (SEC 1, uncompressed or compressed) and returns it
-    /// uncompressed (`04 || x || y`). The error is a message for the REST client.
-    pub fn parse_point(encoded: &[u8]) -> Result<Vec<u8>, String> {
-        let not_on_curve = || "the EC point is not on the P-256 curve".to_string();
-        match (encoded.first(), encoded.len()) {
-            (Some(0x04), 65) => {
-                let x = from_be(&encoded[1..33]);
-                let y = from_be(&encoded[33..65]);
-                if !lt(&x, &P) || !lt(&y, &P) || mul(&y, &y) != rhs(&x) {
-                    return Err(not_on_curve());
-                }
-                Ok(encoded.to_vec())
-            }
-            (Some(&tag @ (0x02 | 0x03)), 33) => {
-                let x = from_be(&encoded[1..33]);
-                if !lt(&x, &P) {
-                    return Err(not_on_curve());
-                }
-                let alpha = rhs(&x);
-                // p ≡ 3 (mod 4), so a square root of alpha is alpha^((p+1)/4).
-                let (p_plus_1, _) = add_raw(&P, &ONE);
-                let exp = [
-                    (p_plus_1[0] >> 2) | (p_plus_1[1] << 62),
-                    (p_plus_1[1] >> 2) | (p_plus_1[2] << 62),
-                    (p_plus_1[2] >> 2) | (p_plus_1[3] << 62),
-                    p_plus_1[3] >> 2,
-                ];
-                let mut y = pow(&alpha, &exp);
-                if mul(&y, &y) != alpha {
-                    return Err(not_on_curve());
-                }
-                if (y[0] & 1) != u64::from(tag & 1) {
-                    y = sub(&[0; 4], &y);
-                }
-                let mut out = Vec::with_capacity(65);
-                out.push(0x04);
-                out.extend_from_slice(&to_be(&x));
-                out.extend_from_slice(&to_be(&y));
-                Ok(out)
-            }
-            (Some(0x00), _) => Err("the EC point is the point at infinity".into()),
-            _ => Err(format!(
-                "malformed EC point ({} bytes; a P-256 point has 65, or 33 compressed)",
-                encoded.len()
-            )),
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        const GX: &str = "6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296";
-        const GY: &str = "4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5";
-
-        fn generator() -> Vec<u8> {
-            let mut g = vec![0x04];
-            g.extend(hex::decode(GX).unwrap());
-            g.extend(hex::decode(GY).unwrap());
-            g
-        }
-
-        #[test]
-        fn generator_is_on_the_curve_and_round_trips_through_compression() {
-            let g = generator();
-            assert_eq!(parse_point(&g).unwrap(), g);
-            // Gy is odd.
-            let mut compressed = vec![0x03];
-            compressed.extend(hex::decode(GX).unwrap());
-            assert_eq!(parse_point(&compressed).unwrap(), g);
-            // The other parity gives -G = (Gx, p - Gy).
-            compressed[0] = 0x02;
-            let minus_g = parse_point(&compressed).unwrap();
-            assert_eq!(minus_g[..33], g[..33]);
-            let y = from_be(&g[33..]);
-            let neg_y = from_be(&minus_g[33..]);
-            assert_eq!(add(&y, &neg_y), [0; 4]);
-        }
-
-        #[test]
-        fn off_curve_and_out_of_range_points_are_rejected() {
-            let mut g = generator();
-            g[64] ^= 1;
-            assert!(
-                parse_point(&g)
-                    .unwrap_err()
-                    .contains("not on the P-256 curve")
-            );
-            let mut big = vec![0x04];
-            big.extend(to_be(&P));
-            big.extend([0u8; 32]);
-            assert!(parse_point(&big).is_err());
-            assert!(parse_point(&[0x00]).unwrap_err().contains("infinity"));
-            assert!(parse_point(&[0x04; 10]).unwrap_err().contains("malformed"));
-            assert!(parse_point(&[]).is_err());
-        }
-
-        #[test]
-        fn byte_conversions_round_trip() {
-            let bytes: Vec<u8> = (1..=32).collect();
-            assert_eq!(to_be(&from_be(&bytes)).to_vec(), bytes);
-        }
+/// An X.509 `Time`: UTCTime or GeneralizedTime.
+fn read_time<'a>(reader: &mut impl Reader<'a>) -> der::Result<SystemTime> {
+    let time = AnyRef::decode(reader)?;
+    if time.tag() == Tag::UtcTime {
+        Ok(time.decode_as::<UtcTime>()?.to_system_time())
+    } else {
+        Ok(time.decode_as::<GeneralizedTime>()?.to_system_time())
     }
 }
 
@@ -1104,6 +777,14 @@ mod tests {
         KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .unwrap()
             .public_key_pem()
+    }
+
+    fn pem_der(pem: &str) -> Vec<u8> {
+        pem_blocks(pem).unwrap().remove(0).der().unwrap()
+    }
+
+    fn pem_encode(label: &str, der: &[u8]) -> String {
+        der::pem::encode_string(label, der::pem::LineEnding::LF, der).unwrap()
     }
 
     fn pem_body(pem: &str) -> String {
@@ -1258,10 +939,8 @@ mod tests {
         assert!(text.contains("Authority Key Identifier"), "{text}");
 
         // Never valid past the CA.
-        let device =
-            parse_certificate(&pem_blocks(&issued.device_certificate).unwrap()[0].der).unwrap();
-        let ca_info =
-            parse_certificate(&pem_blocks(ca.ca_certificate_pem()).unwrap()[0].der).unwrap();
+        let device = read_certificate(&pem_der(&issued.device_certificate)).unwrap();
+        let ca_info = read_certificate(&pem_der(ca.ca_certificate_pem())).unwrap();
         assert!(device.not_after <= ca_info.not_after);
         assert!(device.not_after > SystemTime::now() + Duration::from_secs(9 * 365 * 86_400));
     }
@@ -1402,16 +1081,16 @@ mod tests {
         let private = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .unwrap()
             .serialize_pem();
-        let mut off_curve_der = pem_blocks(&p256_public_key_pem()).unwrap().remove(0).der;
+        let mut off_curve_der = pem_der(&p256_public_key_pem());
         if let Some(last) = off_curve_der.last_mut() {
             *last ^= 1;
         }
         let off_curve = pem_encode("PUBLIC KEY", &off_curve_der);
-        let mut trailing_der = pem_blocks(&p256_public_key_pem()).unwrap().remove(0).der;
+        let mut trailing_der = pem_der(&p256_public_key_pem());
         trailing_der.push(0);
         let trailing = pem_encode("PUBLIC KEY", &trailing_der);
         let truncated = {
-            let der = pem_blocks(&p256_public_key_pem()).unwrap().remove(0).der;
+            let der = pem_der(&p256_public_key_pem());
             pem_encode("PUBLIC KEY", &der[..40])
         };
         let mismatched = p256_public_key_pem().replace("END PUBLIC KEY", "END CERTIFICATE");
@@ -1487,7 +1166,7 @@ mod tests {
         let original = fs::read_to_string(&cert_path).unwrap();
         let body = pem_body(&original);
         let flipped_middle = {
-            let mut der = pem_blocks(&original).unwrap().remove(0).der;
+            let mut der = pem_der(&original);
             der.truncate(der.len() - 10);
             pem_encode("CERTIFICATE", &der)
         };
@@ -1600,52 +1279,23 @@ mod tests {
     }
 
     #[test]
-    fn der_times_are_converted() {
-        let tlv = |tag, s: &'static str| der::Tlv {
-            tag,
-            content: s.as_bytes(),
-            whole: &[],
-        };
-        assert_eq!(
-            der::time_to_unix(&tlv(der::UTC_TIME, "700101000000Z")),
-            Ok(0)
-        );
-        assert_eq!(
-            der::time_to_unix(&tlv(der::UTC_TIME, "000229120000Z")),
-            Ok(951_825_600)
-        );
-        assert_eq!(
-            der::time_to_unix(&tlv(der::GENERALIZED_TIME, "20500101000000Z")),
-            Ok(2_524_608_000)
-        );
-        assert!(der::time_to_unix(&tlv(der::UTC_TIME, "7001010000Z")).is_err());
-        assert!(der::time_to_unix(&tlv(der::UTC_TIME, "700101000000+0100")).is_err());
-    }
-
-    #[test]
-    fn oids_are_printed_in_dotted_form() {
-        assert_eq!(der::oid_to_string(OID_EC_PUBLIC_KEY), "1.2.840.10045.2.1");
-        assert_eq!(der::oid_to_string(OID_PRIME256V1), "1.2.840.10045.3.1.7");
-    }
-
-    #[test]
     fn parsers_do_not_panic_on_truncated_or_mutated_input() {
         let dir = tempfile::tempdir().unwrap();
         let ca = CertAuthority::load_or_create(dir.path()).unwrap();
-        let spki = pem_blocks(&p256_public_key_pem()).unwrap().remove(0).der;
-        let cert = pem_blocks(ca.ca_certificate_pem()).unwrap().remove(0).der;
+        let spki = pem_der(&p256_public_key_pem());
+        let cert = pem_der(ca.ca_certificate_pem());
         for der in [&spki, &cert] {
-            for len in 0..der.len() {
-                let _ = parse_spki(&der[..len]);
-                let _ = parse_certificate(&der[..len]);
-            }
+            let mut inputs: Vec<Vec<u8>> = (0..der.len()).map(|len| der[..len].to_vec()).collect();
             for i in 0..der.len() {
                 for flip in [0x01, 0x80, 0xff] {
                     let mut mutated = der.clone();
                     mutated[i] ^= flip;
-                    let _ = parse_spki(&mutated);
-                    let _ = parse_certificate(&mutated);
+                    inputs.push(mutated);
                 }
+            }
+            for input in inputs {
+                let _ = parse_public_key_pem(&pem_encode("PUBLIC KEY", &input));
+                let _ = read_certificate(&input);
             }
         }
         for text in [

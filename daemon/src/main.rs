@@ -46,6 +46,40 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Simulate LwM2M devices against a running daemon (to try it without hardware, and
+    /// for benchmarks): each device has its own UDP socket, registers, keeps its
+    /// registration alive, and serves /3/0 (device), /3303/0/5700 (an observable
+    /// temperature), /1/0/1 (writable lifetime) and /3/0/4 (executable reboot).
+    /// Ctrl-C de-registers them all.
+    Simulate {
+        /// How many devices.
+        #[arg(long, default_value_t = 10)]
+        devices: usize,
+        /// The daemon's CoAP address.
+        #[arg(long, default_value = "127.0.0.1:5683")]
+        server: std::net::SocketAddr,
+        /// Endpoint names are <prefix><index, 6 digits>.
+        #[arg(long, default_value = "sim-")]
+        prefix: String,
+        /// Registration lifetime in seconds (updates at about 80 % of it).
+        #[arg(long, default_value_t = 300)]
+        lifetime: u32,
+        /// Milliseconds between changes of the observable temperature.
+        #[arg(long, default_value_t = 5000)]
+        notify_interval: u64,
+        /// Local address for the device sockets.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
+        /// Register in queue mode (b=UQ).
+        #[arg(long)]
+        queue: bool,
+        /// Domain (d=).
+        #[arg(long)]
+        domain: Option<String>,
+        /// Most registrations per second while starting (0: unlimited).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+    },
     /// Run one operation of a plugin against the state directory, without starting the
     /// daemon, and print its answer: for example
     /// `connectord plugin-call pelion create_user '{"name": "ops", ...}'` to create the
@@ -92,6 +126,36 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Simulate {
+            devices,
+            server,
+            prefix,
+            lifetime,
+            notify_interval,
+            bind,
+            queue,
+            domain,
+            rate,
+        } => {
+            let opts = connectord::simulate::SimOptions {
+                devices,
+                server,
+                name_prefix: prefix,
+                lifetime_s: lifetime,
+                notify_interval_ms: notify_interval,
+                bind,
+                queue_mode: queue,
+                domain,
+                register_rate: rate,
+            };
+            match simulate(opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::DefaultConfig => {
             print!("{}", connectord::config::DEFAULT_TOML);
             ExitCode::SUCCESS
@@ -105,6 +169,27 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+fn simulate(opts: connectord::simulate::SimOptions) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = rt.block_on(connectord::simulate::run(opts, async {
+        let _ = tokio::signal::ctrl_c().await;
+    }))?;
+    eprintln!(
+        "{} devices registered, {} failed, {} requests served, {} notifications sent",
+        report.registered, report.failed, report.requests_served, report.notifications_sent
+    );
+    Ok(())
 }
 
 fn plugin_call(

@@ -10,11 +10,14 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub struct Counters {
             $( $(#[doc = $doc])* pub $name: AtomicU64, )*
+            /// REST responses by status code (index: status - 100).
+            pub rest_responses: RestStatuses,
         }
 
         impl Counters {
             /// Prometheus text exposition of every counter, named `connectord_<field>_total`.
             pub fn render(&self, out: &mut String) {
+                self.rest_responses.render(out);
                 $(
                     let help = concat!($($doc),*).trim();
                     let _ = writeln!(out, "# HELP connectord_{}_total {}", stringify!($name), help);
@@ -78,6 +81,42 @@ counters! {
     observe_notifications,
     /// Observe notifications dropped as older than one already seen.
     observe_stale,
+}
+
+/// REST responses counted by status code, lock-free.
+#[derive(Debug)]
+pub struct RestStatuses(Box<[AtomicU64]>);
+
+impl Default for RestStatuses {
+    fn default() -> Self {
+        RestStatuses((100..600).map(|_| AtomicU64::new(0)).collect())
+    }
+}
+
+impl RestStatuses {
+    pub fn inc(&self, status: u16) {
+        if let Some(c) = status.checked_sub(100).and_then(|i| self.0.get(i as usize)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP connectord_rest_responses_total REST responses by status code."
+        );
+        let _ = writeln!(out, "# TYPE connectord_rest_responses_total counter");
+        for (i, c) in self.0.iter().enumerate() {
+            let n = c.load(Ordering::Relaxed);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "connectord_rest_responses_total{{status=\"{}\"}} {n}",
+                    i + 100
+                );
+            }
+        }
+    }
 }
 
 impl Counters {

@@ -37,6 +37,10 @@ use crate::subscriptions::Subscriptions;
 use reply::{Reply, error};
 use routes::Route;
 
+/// The OpenAPI 3 document of the REST API (`docs/openapi.json`), served at
+/// `GET /openapi.json`.
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
 /// How long a graceful stop waits for open HTTP connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -131,6 +135,7 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let state_counters = Arc::clone(&state.counters);
     let reply = match tokio::spawn(dispatch(state, req)).await {
         Ok(r) => r,
         Err(e) => {
@@ -142,6 +147,7 @@ async fn handle(
             )
         }
     };
+    state_counters.rest_responses.inc(reply.status().as_u16());
     tracing::debug!(%method, %path, status = reply.status().as_u16(), "REST");
     Ok(reply.into_response())
 }
@@ -283,6 +289,7 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
             subscriptions::resource(&state.subscriptions, &principal, &parts, &ep, &path).await
         }
         Route::Cert => devtools::create_cert(&state.ca, &principal, body),
+        Route::OpenApi => Reply::with_type(StatusCode::OK, "application/json", OPENAPI),
         Route::Limits => {
             let endpoints = state.registry.count_in(&principal.domain);
             Reply::json(

@@ -36,6 +36,8 @@ pub enum Route {
     Metrics,
     /// `GET /limits`.
     Limits,
+    /// `GET /openapi.json`: the OpenAPI document of the REST API.
+    OpenApi,
     /// `POST /api/cert`.
     Cert,
     /// A route served by a plugin (`path` without the version prefix).
@@ -51,6 +53,40 @@ pub fn unversioned(path: &str) -> Option<String> {
     };
     Some(format!("/{}", rest.join("/")))
 }
+
+/// Every core route as (method, path template), the templates as the OpenAPI document
+/// (`docs/openapi.json`) writes them, under `/v2` (each is also served at `/v1` and
+/// unprefixed). Plugin routes come from the plugins (`PluginHost::routes`). A test keeps
+/// this table, the router and the OpenAPI document in step.
+pub const CORE_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v2"),
+    ("GET", "/v2/rest-versions"),
+    ("GET", "/v2/endpoints"),
+    ("GET", "/v2/endpoints/{endpoint-name}"),
+    ("GET", "/v2/endpoints/{endpoint-name}/{resource-path}"),
+    ("PUT", "/v2/endpoints/{endpoint-name}/{resource-path}"),
+    ("POST", "/v2/endpoints/{endpoint-name}/{resource-path}"),
+    ("DELETE", "/v2/endpoints/{endpoint-name}/{resource-path}"),
+    ("GET", "/v2/notification/pull"),
+    ("GET", "/v2/notification/callback"),
+    ("PUT", "/v2/notification/callback"),
+    ("DELETE", "/v2/notification/callback"),
+    ("GET", "/v2/subscriptions"),
+    ("PUT", "/v2/subscriptions"),
+    ("DELETE", "/v2/subscriptions"),
+    ("GET", "/v2/subscriptions/{endpoint-name}"),
+    ("DELETE", "/v2/subscriptions/{endpoint-name}"),
+    ("GET", "/v2/subscriptions/{endpoint-name}/{resource-path}"),
+    ("PUT", "/v2/subscriptions/{endpoint-name}/{resource-path}"),
+    (
+        "DELETE",
+        "/v2/subscriptions/{endpoint-name}/{resource-path}",
+    ),
+    ("GET", "/v2/limits"),
+    ("POST", "/v2/api/cert"),
+    ("GET", "/v2/metrics"),
+    ("GET", "/v2/openapi.json"),
+];
 
 /// Resolves a request to a route and the scope it needs, or a ready 404/405 reply.
 pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
@@ -125,6 +161,7 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
         }
         ["metrics"] => read(Route::Metrics, Scope::Admin),
         ["limits"] => read(Route::Limits, Scope::LimitsRead),
+        ["openapi.json"] => read(Route::OpenApi, Scope::EndpointsRead),
         ["api", "cert"] => match *method {
             Method::POST => Ok((Route::Cert, Scope::ResourcesWrite)),
             _ => Err(method_not_allowed("POST")),
@@ -207,6 +244,30 @@ mod tests {
                 Some(route.clone()),
                 "{path}"
             );
+        }
+    }
+
+    /// Every entry of the route table reaches a route of the router (with sample values
+    /// for its parameters), and only the table's methods do.
+    #[test]
+    fn the_route_table_is_what_the_router_serves() {
+        let concrete = |t: &str| {
+            t.replace("{endpoint-name}", "node-1")
+                .replace("{resource-path}", "3/0/1")
+        };
+        for (method, template) in CORE_ROUTES {
+            let m: Method = method.parse().unwrap();
+            let r = resolve(&m, &concrete(template));
+            assert!(r.is_ok(), "{method} {template} is not served");
+        }
+        let templates: std::collections::BTreeSet<&str> =
+            CORE_ROUTES.iter().map(|(_, t)| *t).collect();
+        for t in templates {
+            for m in ["GET", "PUT", "POST", "DELETE"] {
+                let listed = CORE_ROUTES.contains(&(m, t));
+                let served = resolve(&m.parse().unwrap(), &concrete(t)).is_ok();
+                assert_eq!(listed, served, "{m} {t}: listed {listed}, served {served}");
+            }
         }
     }
 

@@ -1,25 +1,936 @@
-//! Placeholder: answers no credential as its own. Being written.
+//! The Losant auth backend (plugin `losant`, kind [`Kind::Auth`]): Losant-style
+//! applications, API access tokens and application keys, with the Application Keys API of
+//! seed 003 (`docs/auth-losant.md` is the operator's version of this text).
+//!
+//! # Objects
+//!
+//! - **Applications**: `{id, name, domain, creationDate}`; the id is 24 lower-case hex
+//!   characters (a MongoDB-style ObjectId: 8 hex of creation seconds, 16 random). Each
+//!   belongs to one connectord domain. Created only by the operation
+//!   `create_application`.
+//! - **API access tokens** (`Authorization: Bearer <token>`): 64 random alphanumeric
+//!   characters, bound to exactly one application, carrying Losant scopes (see below).
+//!   Created only by the operation `create_token`; the token is shown once, in that answer.
+//! - **Application keys** (`Authorization: Basic base64(<key>:<secret>)`): created through
+//!   `POST /applications/{APPLICATION_ID}/keys`. The key is a random UUID-shaped string,
+//!   the secret 64 random hex characters, shown once in the 201 answer.
+//!
+//! Secrets (tokens and key secrets) are stored only as their SHA-256 (lower-case hex): both
+//! are ≥ 256-bit random strings, so a plain digest cannot be reversed; key secrets are
+//! compared digest against digest in constant time, tokens are looked up by digest.
+//!
+//! # Operations (`connectord plugin-call losant <op> '<json>'`)
+//!
+//! - `create_application` `{"name": "…", "domain": "…"}` → `{"id": "<24 hex>"}`. The name
+//!   and the domain are 1 to 255 characters without control characters.
+//! - `create_token` `{"application_id": "…", "scopes": ["…", …]}` →
+//!   `{"id": "<24 hex>", "token": "<64 characters>"}`. At least one scope, each one of
+//!   [`TOKEN_SCOPES`].
+//! - `bootstrap` creates nothing (`{"created": null}`): the first application and token
+//!   can only come from the two operations above.
+//! - `authenticate`, `routes`, `http`: the auth backend protocol of the SDK.
+//!
+//! Unknown fields in any operation input, and in the plugin configuration (which takes
+//! none: `{}`), are refused.
+//!
+//! # Authentication (`authenticate`)
+//!
+//! - `Bearer <token>` of a known token → `Accepted`, key_id `token:<token id>`, domain =
+//!   the application's, scopes `[]` and `allow: Some([])`: a token reaches no core route,
+//!   only this plugin's routes (declared `authenticated`), where the plugin checks its
+//!   Losant scopes. An unknown bearer token → `NotMine` (another backend's, perhaps).
+//! - `Basic base64(key:secret)` (scheme case-insensitive, padding optional):
+//!   unknown key, undecodable credentials or no `:` → `NotMine`; known key with a wrong
+//!   secret → `Refused` (checked first, so that the key's status is not revealed without
+//!   its secret); `inactive` key → `Refused`; a key whose filter cannot be enforced (a
+//!   non-empty `blacklist`) → `Refused`; otherwise `Accepted` with key_id `appkey:<id>`,
+//!   domain = the application's, scopes [`KEY_SCOPES`] (the same for every key) and
+//!   `allow` derived from the key as below.
+//! - Anything else → `NotMine`.
+//!
+//! ## Application key → `allow`
+//!
+//! connectord endpoints are read as Losant devices as follows: an endpoint's Losant
+//! device id is its endpoint name, and it carries exactly one device tag,
+//! `endpoint = <endpoint name>`. Topics name resources under the root `ep`:
+//! `ep/<endpoint name>/<object>/<instance>/<resource>…`.
+//!
+//! - `filterType` `all` → `allow: None` (no restriction; topics add nothing).
+//! - `blacklist` with no device ids or tags → `None`; with some → not enforceable (the
+//!   core's patterns cannot exclude) → `Refused` at authentication.
+//! - `whitelist` → one pattern per device id (the id itself: the endpoint of that name),
+//!   one per tag `{"key": "endpoint", "value": v}` (`v`, an endpoint-name glob where `*`
+//!   matches any run; without a value, `*`); tags with other keys match no endpoint.
+//! - `none` → no device pattern.
+//! - For `whitelist` and `none`, every topic of `pubTopics` and `subTopics` (treated
+//!   alike) adds patterns: a topic not under `ep/` adds nothing; otherwise level 2 is the
+//!   endpoint (`+` → `*`, `#` → every endpoint: `*`), the remaining levels the resource
+//!   path with `+` → `*`; a final `#` stands for its parent level and everything below:
+//!   `ep/sensor-1/3303/#` → `sensor-1/3303` and `sensor-1/3303/*`; `ep/sensor-1` and
+//!   `ep/sensor-1/#` → `sensor-1` (every resource of it). `*` in the core's globs spans
+//!   `/`, so a `+` widens to any run of levels (`ep/s/+/0/5700` also allows
+//!   `s/3303/1/0/5700`). `*` is refused in topics under `ep/` (it would be a glob).
+//! - The result is `Some(patterns)`, deduplicated, possibly empty (the key then reaches
+//!   no endpoint).
+//!
+//! # Routes (all declared with scope `authenticated`; paths without `/v1`/`/v2`)
+//!
+//! | Method | Path | Token scopes (any one) | Success |
+//! | --- | --- | --- | --- |
+//! | GET | `/applications/{APPLICATION_ID}/keys` | [`LIST_SCOPES`] | 200 Application Keys |
+//! | POST | `/applications/{APPLICATION_ID}/keys` | [`POST_SCOPES`] | 201 key + `secret` |
+//! | GET | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | [`GET_SCOPES`] | 200 key |
+//! | PATCH | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | [`PATCH_SCOPES`] | 200 key |
+//! | DELETE | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | [`DELETE_SCOPES`] | 200 `{"success": true}` |
+//!
+//! Every error body is the seed's Error schema, `{"type": …, "message": …}`, checked in
+//! this order:
+//! 1. 401 `Unauthorized`: the request's `Authorization` is not a Bearer token of this
+//!    plugin matching the principal (e.g. a caller authenticated by another backend, or
+//!    with an application key). Carries `www-authenticate: Bearer`.
+//! 2. 403 `Forbidden`: the token has none of the route's scopes.
+//! 3. 404 `NotFound` `"Application was not found"`: no such application, or not the
+//!    token's application (other applications' existence is not revealed).
+//! 4. 404 `NotFound` `"Application key was not found"` (single-key routes; also a key of
+//!    another application).
+//! 5. 400 `Validation`: a bad query parameter or body.
+//! 6. 500 `ServerError`: the state could not be written (nothing changed).
+//!
+//! ## `GET …/keys` parameters
+//!
+//! `sortField` (key, status, id, creationDate, lastUpdated; default creationDate),
+//! `sortDirection` (asc, desc, also ASC/DESC; default desc; ties broken by id in the same
+//! direction), `page` (0 to 2³²−1; default 0), `perPage` (1 to 1000; default 100),
+//! `filterField` (key, status) with `filter` (glob: `*` any run, `?` one character,
+//! case-insensitive, whole value; filtering only when both are given), and `query`
+//! (advanced JSON; when given it replaces filterField/filter, which are still validated
+//! and echoed). A blank value counts as not given; a known parameter given twice is a
+//! 400; unknown parameters (e.g. `_links`) are ignored. The answer:
+//! `{items, count, totalCount, perPage, page, sortField, sortDirection, applicationId}` plus
+//! `filterField` and `filter` when given.
+//!
+//! ## Advanced query
+//!
+//! An object whose entries all must hold. `$and`, `$or`, `$nor`: arrays of at most 100
+//! queries (`$and: []` and `$or: []` match everything, `$nor: []` nothing; at most 16
+//! levels deep). Fields: `id`, `deviceIds` (24-hex ids or null; exactly one of `$eq $ne
+//! $gt $lt $gte $lte $in $nin`); `key`, `status`, `description`, `filterType`,
+//! `pubTopics`, `subTopics` (any scalar; `$eq $ne $gt $lt $gte $lte $in $nin $like`, several
+//! in one object all hold); `creationDate`, `lastUpdated` (numbers are epoch milliseconds,
+//! strings ISO 8601; no `$like`); `deviceTags` (`{"$tagKey": …, "$tagValue": …}` or
+//! `{"<tag key>": …}`, each a string, null, `{"$in": […]}` or `{"$nin": […]}`, optionally
+//! wrapped in `$eq`/`$ne`). A bare scalar means `$eq`. `$like` is the `filter` glob.
+//! Comparisons are by type (a string never equals a number; strings compare by bytes);
+//! on list fields an operator holds when it holds for some element (`$ne`/`$nin`: for
+//! none), and `null` matches an absent description or an empty list.
+//!
+//! ## Key bodies
+//!
+//! POST takes the seed's Application Key Post: `description` (≤ 32767 characters),
+//! `deviceIds` (≤ 1000 ids of 24 hex, stored lower-case), `deviceTags` (≤ 100 of
+//! `{"key": [0-9a-zA-Z_-]{1,255}, "value"?: 1–255 characters}`; an `endpoint` tag's value
+//! may not contain `/`), `filterType` (all, whitelist, blacklist, none; default all),
+//! `pubTopics`/`subTopics` (MQTT topic filters of 1–1024 characters; default `[]`). Any
+//! other field (`status`, `key`, `secret`, …) is a 400. New keys are `active`. PATCH takes
+//! the same fields plus `status` (active, inactive); the key and secret never change.
+//!
+//! # State (through the host, written before answering)
+//!
+//! `app/<id>` → `{id, name, domain, creationDate}`; `token/<id>` → `{id, applicationId,
+//! scopes, tokenHash, creationDate}`; `key/<id>` → [`model::KeyRecord`] (with
+//! `secretHash`). Loaded in `create`; unreadable records are skipped with a warning.
+//! Timestamps are epoch milliseconds, strictly increasing across the records one
+//! instance writes (so creation order is also creationDate order).
 
-use connectord_plugin_sdk::auth::{AuthVerdict, OP_AUTHENTICATE, OP_BOOTSTRAP};
+use std::collections::{BTreeMap, HashMap};
+
+use base64::Engine as _;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use connectord_plugin_sdk::auth::{
+    AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, OP_AUTHENTICATE, OP_BOOTSTRAP,
+    PrincipalSpec,
+};
+use connectord_plugin_sdk::http::{
+    AUTHENTICATED, HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse,
+};
 use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin};
+use rand::distr::{Alphanumeric, SampleString};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
-pub struct Losant;
+pub mod model;
+pub mod query;
+pub mod time;
 
-impl Plugin for Losant {
-    const NAME: &'static str = "losant";
-    const KIND: Kind = Kind::Auth;
+use model::{FilterType, KeyRecord, PATCH_FIELDS, POST_FIELDS, Status, allow_patterns, parse_body};
+use query::parse_list_params;
+use time::now_ms;
 
-    fn create(_config: serde_json::Value, _host: Host) -> Result<Self, String> {
-        Ok(Losant)
+/// The plugin name the configuration uses.
+pub const NAME: &str = "losant";
+
+/// Operation: create an application.
+pub const OP_CREATE_APPLICATION: &str = "create_application";
+/// Operation: create an API access token.
+pub const OP_CREATE_TOKEN: &str = "create_token";
+
+const APP_PREFIX: &str = "app/";
+const TOKEN_PREFIX: &str = "token/";
+const KEY_PREFIX: &str = "key/";
+
+/// Length of an API access token.
+const TOKEN_LEN: usize = 64;
+/// Longest application name or domain, in characters.
+const MAX_NAME: usize = 255;
+
+/// The Losant scopes a token may carry.
+pub const TOKEN_SCOPES: &[&str] = &[
+    "all.Application",
+    "all.Application.read",
+    "all.Organization",
+    "all.Organization.read",
+    "all.User",
+    "all.User.read",
+    "applicationKeys.*",
+    "applicationKeys.get",
+    "applicationKeys.post",
+    "applicationKey.*",
+    "applicationKey.get",
+    "applicationKey.patch",
+    "applicationKey.delete",
+];
+
+/// `GET /applications/{APPLICATION_ID}/keys` (the seed).
+pub const LIST_SCOPES: &[&str] = &[
+    "all.Application",
+    "all.Application.read",
+    "all.Organization",
+    "all.Organization.read",
+    "all.User",
+    "all.User.read",
+    "applicationKeys.*",
+    "applicationKeys.get",
+];
+/// `POST /applications/{APPLICATION_ID}/keys` (the seed).
+pub const POST_SCOPES: &[&str] = &[
+    "all.Application",
+    "all.Organization",
+    "all.User",
+    "applicationKeys.*",
+    "applicationKeys.post",
+];
+/// `GET /applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` (Losant's Application Key
+/// resource).
+pub const GET_SCOPES: &[&str] = &[
+    "all.Application",
+    "all.Application.read",
+    "all.Organization",
+    "all.Organization.read",
+    "all.User",
+    "all.User.read",
+    "applicationKey.*",
+    "applicationKey.get",
+];
+/// `PATCH /applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}`.
+pub const PATCH_SCOPES: &[&str] = &[
+    "all.Application",
+    "all.Organization",
+    "all.User",
+    "applicationKey.*",
+    "applicationKey.patch",
+];
+/// `DELETE /applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}`.
+pub const DELETE_SCOPES: &[&str] = &[
+    "all.Application",
+    "all.Organization",
+    "all.User",
+    "applicationKey.*",
+    "applicationKey.delete",
+];
+
+/// The core scopes of every application key principal.
+pub const KEY_SCOPES: &[&str] = &[
+    "endpoints:read",
+    "resources:read",
+    "resources:write",
+    "subscriptions:read",
+    "subscriptions:write",
+    "notifications",
+];
+
+const KEYS_ROUTE: &str = "/applications/{APPLICATION_ID}/keys";
+const KEY_ROUTE: &str = "/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}";
+
+const APP_NOT_FOUND: &str = "Application was not found";
+const KEY_NOT_FOUND: &str = "Application key was not found";
+
+/// No option yet: `{}` only.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AppRecord {
+    id: String,
+    name: String,
+    domain: String,
+    creation_date: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TokenRecord {
+    id: String,
+    application_id: String,
+    scopes: Vec<String>,
+    /// SHA-256 of the token, lower-case hex.
+    token_hash: String,
+    creation_date: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateApplication {
+    name: String,
+    domain: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    application_id: String,
+    scopes: Vec<String>,
+}
+
+/// What a request on one of the routes asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    List,
+    Create,
+    Get,
+    Patch,
+    Delete,
+}
+
+impl Action {
+    fn scopes(self) -> &'static [&'static str] {
+        match self {
+            Action::List => LIST_SCOPES,
+            Action::Create => POST_SCOPES,
+            Action::Get => GET_SCOPES,
+            Action::Patch => PATCH_SCOPES,
+            Action::Delete => DELETE_SCOPES,
+        }
+    }
+}
+
+/// The plugin instance.
+pub struct Losant {
+    host: Host,
+    apps: BTreeMap<String, AppRecord>,
+    /// Token id → record.
+    tokens: BTreeMap<String, TokenRecord>,
+    /// Token digest → token id.
+    token_by_hash: HashMap<String, String>,
+    /// Key id → record.
+    keys: BTreeMap<String, KeyRecord>,
+    /// Key (the public half) → key id.
+    key_by_key: HashMap<String, String>,
+    /// The last timestamp handed out (see [`Losant::tick`]).
+    last_ms: u64,
+}
+
+fn digest_hex(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+fn json_response(status: u16, body: &Value) -> HttpResponse {
+    HttpResponse {
+        status,
+        headers: [("content-type".to_string(), "application/json".to_string())].into(),
+        body: body.to_string(),
+    }
+}
+
+/// The seed's Error schema.
+fn error_response(status: u16, kind: &str, message: &str) -> HttpResponse {
+    json_response(status, &json!({"type": kind, "message": message}))
+}
+
+fn validation(message: &str) -> HttpResponse {
+    error_response(400, "Validation", message)
+}
+
+fn unauthorized(message: &str) -> HttpResponse {
+    let mut r = error_response(401, "Unauthorized", message);
+    r.headers
+        .insert("www-authenticate".to_string(), "Bearer".to_string());
+    r
+}
+
+fn not_found(message: &str) -> HttpResponse {
+    error_response(404, "NotFound", message)
+}
+
+/// The scheme and the credentials of an `Authorization` header (scheme lower-cased).
+fn authorization(headers: &BTreeMap<String, String>) -> Option<(String, &str)> {
+    let value = headers.get("authorization")?.trim();
+    let (scheme, cred) = value.split_once(|c: char| c.is_ascii_whitespace())?;
+    let cred = cred.trim();
+    (!cred.is_empty()).then(|| (scheme.to_ascii_lowercase(), cred))
+}
+
+/// `key:secret` of Basic credentials, when they decode.
+fn basic_credentials(cred: &str) -> Option<(String, String)> {
+    let engine = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let bytes = engine.decode(cred).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (key, secret) = text.split_once(':')?;
+    Some((key.to_string(), secret.to_string()))
+}
+
+/// 24 lower-case hex: 8 of the creation seconds, 16 random (a MongoDB-style ObjectId).
+fn object_id(now_ms: u64) -> String {
+    let secs = u32::try_from(now_ms / 1000).unwrap_or(u32::MAX);
+    format!("{secs:08x}{}", hex::encode(rand::random::<[u8; 8]>()))
+}
+
+/// A random version-4 UUID string: the public half of an application key.
+fn uuid_v4() -> String {
+    let mut b = rand::random::<[u8; 16]>();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn check_name(what: &str, s: &str) -> Result<(), String> {
+    let n = s.chars().count();
+    if n == 0 || n > MAX_NAME || s.trim().is_empty() {
+        return Err(format!("{what} must be 1 to {MAX_NAME} characters long"));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(format!("{what} may not contain control characters"));
+    }
+    Ok(())
+}
+
+impl Losant {
+    /// Reads every record of one kind: `prefix<id>` → `T`, whose id must equal `<id>`.
+    fn load_records<T: for<'de> Deserialize<'de>>(
+        host: &Host,
+        prefix: &str,
+        id_of: impl Fn(&T) -> &str,
+    ) -> Result<Vec<T>, String> {
+        let mut out = Vec::new();
+        for state_key in host.state_keys(prefix)? {
+            let Some(id) = state_key.strip_prefix(prefix) else {
+                continue;
+            };
+            let bytes = match host.state_get(&state_key) {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                Err(e) => {
+                    host.warn(&format!("{NAME}: skipping unreadable record: {e}"));
+                    continue;
+                }
+            };
+            match serde_json::from_slice::<T>(&bytes) {
+                Ok(rec) if id_of(&rec) == id && model::is_object_id(id) => out.push(rec),
+                Ok(_) => host.warn(&format!(
+                    "{NAME}: skipping record {state_key}: its id does not match its name"
+                )),
+                Err(e) => host.warn(&format!(
+                    "{NAME}: skipping unreadable record {state_key}: {e}"
+                )),
+            }
+        }
+        Ok(out)
     }
 
-    fn call(&mut self, op: &str, _input: &[u8]) -> Result<Vec<u8>, String> {
+    fn load(host: Host) -> Result<Losant, String> {
+        let mut p = Losant {
+            host,
+            apps: BTreeMap::new(),
+            tokens: BTreeMap::new(),
+            token_by_hash: HashMap::new(),
+            keys: BTreeMap::new(),
+            key_by_key: HashMap::new(),
+            last_ms: 0,
+        };
+        for app in Self::load_records::<AppRecord>(&p.host, APP_PREFIX, |a| &a.id)? {
+            p.last_ms = p.last_ms.max(app.creation_date);
+            p.apps.insert(app.id.clone(), app);
+        }
+        for tok in Self::load_records::<TokenRecord>(&p.host, TOKEN_PREFIX, |t| &t.id)? {
+            if !p.apps.contains_key(&tok.application_id) {
+                p.host.warn(&format!(
+                    "{NAME}: skipping token {}: its application {} is unknown",
+                    tok.id, tok.application_id
+                ));
+                continue;
+            }
+            p.last_ms = p.last_ms.max(tok.creation_date);
+            p.token_by_hash
+                .insert(tok.token_hash.clone(), tok.id.clone());
+            p.tokens.insert(tok.id.clone(), tok);
+        }
+        for key in Self::load_records::<KeyRecord>(&p.host, KEY_PREFIX, |k| &k.id)? {
+            if !p.apps.contains_key(&key.application_id) {
+                p.host.warn(&format!(
+                    "{NAME}: skipping application key {}: its application {} is unknown",
+                    key.id, key.application_id
+                ));
+                continue;
+            }
+            if p.key_by_key.contains_key(&key.key) {
+                p.host.warn(&format!(
+                    "{NAME}: skipping application key {}: its key is already used",
+                    key.id
+                ));
+                continue;
+            }
+            p.last_ms = p.last_ms.max(key.creation_date).max(key.last_updated);
+            p.key_by_key.insert(key.key.clone(), key.id.clone());
+            p.keys.insert(key.id.clone(), key);
+        }
+        Ok(p)
+    }
+
+    /// Now in epoch milliseconds, but always after the previous timestamp handed out.
+    fn tick(&mut self) -> u64 {
+        self.last_ms = now_ms().max(self.last_ms.saturating_add(1));
+        self.last_ms
+    }
+
+    /// A fresh id, unused by any record.
+    fn fresh_id(&self, now: u64) -> String {
+        loop {
+            let id = object_id(now);
+            if !self.apps.contains_key(&id)
+                && !self.tokens.contains_key(&id)
+                && !self.keys.contains_key(&id)
+            {
+                return id;
+            }
+        }
+    }
+
+    fn put<T: Serialize>(&self, state_key: &str, rec: &T) -> Result<(), String> {
+        let bytes = serde_json::to_vec(rec).map_err(|e| e.to_string())?;
+        self.host.state_put(state_key, &bytes)
+    }
+
+    fn create_application(&mut self, req: CreateApplication) -> Result<Value, String> {
+        check_name("name", &req.name)?;
+        check_name("domain", &req.domain)?;
+        let now = self.tick();
+        let app = AppRecord {
+            id: self.fresh_id(now),
+            name: req.name,
+            domain: req.domain,
+            creation_date: now,
+        };
+        self.put(&format!("{APP_PREFIX}{}", app.id), &app)?;
+        self.host.info(&format!(
+            "{NAME}: created application {} ({:?}) in domain {:?}",
+            app.id, app.name, app.domain
+        ));
+        let answer = json!({"id": app.id});
+        self.apps.insert(app.id.clone(), app);
+        Ok(answer)
+    }
+
+    fn create_token(&mut self, req: CreateToken) -> Result<Value, String> {
+        if !self.apps.contains_key(&req.application_id) {
+            return Err(format!("unknown application {:?}", req.application_id));
+        }
+        if req.scopes.is_empty() {
+            return Err("a token needs at least one scope".into());
+        }
+        let mut scopes: Vec<String> = Vec::new();
+        for s in req.scopes {
+            if !TOKEN_SCOPES.contains(&s.as_str()) {
+                return Err(format!(
+                    "unknown scope {s:?} (scopes: {})",
+                    TOKEN_SCOPES.join(", ")
+                ));
+            }
+            if !scopes.contains(&s) {
+                scopes.push(s);
+            }
+        }
+        let (token, token_hash) = loop {
+            let token = Alphanumeric.sample_string(&mut rand::rng(), TOKEN_LEN);
+            let hash = digest_hex(&token);
+            if !self.token_by_hash.contains_key(&hash) {
+                break (token, hash);
+            }
+        };
+        let now = self.tick();
+        let rec = TokenRecord {
+            id: self.fresh_id(now),
+            application_id: req.application_id,
+            scopes,
+            token_hash,
+            creation_date: now,
+        };
+        self.put(&format!("{TOKEN_PREFIX}{}", rec.id), &rec)?;
+        self.host.info(&format!(
+            "{NAME}: created API token {} for application {} with scopes {}",
+            rec.id,
+            rec.application_id,
+            rec.scopes.join(" ")
+        ));
+        let answer = json!({"id": rec.id, "token": token});
+        self.token_by_hash
+            .insert(rec.token_hash.clone(), rec.id.clone());
+        self.tokens.insert(rec.id.clone(), rec);
+        Ok(answer)
+    }
+
+    fn token_by_secret(&self, token: &str) -> Option<&TokenRecord> {
+        // Looked up by digest, never by the token itself (see auth-connector on why this
+        // is as good as a constant-time comparison).
+        let id = self.token_by_hash.get(&digest_hex(token))?;
+        self.tokens.get(id)
+    }
+
+    fn authenticate(&self, req: &AuthRequest) -> AuthVerdict {
+        let Some((scheme, cred)) = authorization(&req.headers) else {
+            return AuthVerdict::NotMine;
+        };
+        match scheme.as_str() {
+            "bearer" => self.authenticate_token(cred),
+            "basic" => self.authenticate_key(cred),
+            _ => AuthVerdict::NotMine,
+        }
+    }
+
+    fn authenticate_token(&self, token: &str) -> AuthVerdict {
+        let Some(rec) = self.token_by_secret(token) else {
+            return AuthVerdict::NotMine;
+        };
+        let Some(app) = self.apps.get(&rec.application_id) else {
+            return AuthVerdict::Refused {
+                reason: "the token's application no longer exists".into(),
+            };
+        };
+        AuthVerdict::Accepted {
+            principal: PrincipalSpec {
+                key_id: format!("token:{}", rec.id),
+                domain: app.domain.clone(),
+                scopes: Vec::new(),
+                allow: Some(Vec::new()),
+            },
+        }
+    }
+
+    fn authenticate_key(&self, cred: &str) -> AuthVerdict {
+        let Some((key, secret)) = basic_credentials(cred) else {
+            return AuthVerdict::NotMine;
+        };
+        let Some(rec) = self.key_by_key.get(&key).and_then(|id| self.keys.get(id)) else {
+            return AuthVerdict::NotMine;
+        };
+        let given = Sha256::digest(secret.as_bytes());
+        let stored = hex::decode(&rec.secret_hash).unwrap_or_default();
+        if !bool::from(given.as_slice().ct_eq(&stored)) {
+            return AuthVerdict::Refused {
+                reason: "invalid application key secret".into(),
+            };
+        }
+        if rec.status != Status::Active {
+            return AuthVerdict::Refused {
+                reason: "this application key is inactive".into(),
+            };
+        }
+        let Some(app) = self.apps.get(&rec.application_id) else {
+            return AuthVerdict::Refused {
+                reason: "the application key's application no longer exists".into(),
+            };
+        };
+        match allow_patterns(rec) {
+            Ok(allow) => AuthVerdict::Accepted {
+                principal: PrincipalSpec {
+                    key_id: format!("appkey:{}", rec.id),
+                    domain: app.domain.clone(),
+                    scopes: KEY_SCOPES.iter().map(|s| s.to_string()).collect(),
+                    allow,
+                },
+            },
+            Err(reason) => AuthVerdict::Refused { reason },
+        }
+    }
+
+    fn routes() -> RoutesResponse {
+        let route = |method: &str, path: &str| Route {
+            method: method.to_string(),
+            path: path.to_string(),
+            scope: AUTHENTICATED.to_string(),
+        };
+        RoutesResponse {
+            routes: vec![
+                route("GET", KEYS_ROUTE),
+                route("POST", KEYS_ROUTE),
+                route("GET", KEY_ROUTE),
+                route("PATCH", KEY_ROUTE),
+                route("DELETE", KEY_ROUTE),
+            ],
+        }
+    }
+
+    /// The token a route request carries, checked against the principal.
+    fn request_token(&self, req: &HttpRequest) -> Result<&TokenRecord, HttpResponse> {
+        let refuse =
+            || unauthorized("A valid API access token is required (Authorization: Bearer <token>)");
+        let Some((scheme, cred)) = authorization(&req.headers) else {
+            return Err(refuse());
+        };
+        if scheme != "bearer" {
+            return Err(refuse());
+        }
+        let rec = self.token_by_secret(cred).ok_or_else(refuse)?;
+        if req.principal.key_id != format!("token:{}", rec.id) {
+            return Err(refuse());
+        }
+        Ok(rec)
+    }
+
+    fn http(&mut self, req: HttpRequest) -> HttpResponse {
+        let segments: Vec<&str> = req.path.split('/').filter(|s| !s.is_empty()).collect();
+        let (app_id, key_id) = match segments.as_slice() {
+            ["applications", app, "keys"] => (app.to_string(), None),
+            ["applications", app, "keys", key] => (app.to_string(), Some(key.to_string())),
+            _ => return not_found("Route was not found"),
+        };
+        let method = req.method.to_ascii_uppercase();
+        let action = match (method.as_str(), key_id.is_some()) {
+            ("GET", false) => Action::List,
+            ("POST", false) => Action::Create,
+            ("GET", true) => Action::Get,
+            ("PATCH", true) => Action::Patch,
+            ("DELETE", true) => Action::Delete,
+            _ => return not_found("Route was not found"),
+        };
+        let token = match self.request_token(&req) {
+            Ok(t) => t,
+            Err(resp) => return resp,
+        };
+        let scopes = action.scopes();
+        if !token.scopes.iter().any(|s| scopes.contains(&s.as_str())) {
+            return error_response(
+                403,
+                "Forbidden",
+                &format!(
+                    "The API access token needs one of the scopes: {}",
+                    scopes.join(", ")
+                ),
+            );
+        }
+        if token.application_id != app_id || !self.apps.contains_key(&app_id) {
+            return not_found(APP_NOT_FOUND);
+        }
+        let key_id = match key_id {
+            None => None,
+            Some(k) => match self.keys.get(&k) {
+                Some(rec) if rec.application_id == app_id => Some(k),
+                _ => return not_found(KEY_NOT_FOUND),
+            },
+        };
+        match (action, key_id) {
+            (Action::List, _) => self.list(&app_id, req.query.as_deref()),
+            (Action::Create, _) => self.create_key(&app_id, &req.body),
+            (Action::Get, Some(k)) => json_response(200, &self.keys[&k].to_json()),
+            (Action::Patch, Some(k)) => self.patch_key(&k, &req.body),
+            (Action::Delete, Some(k)) => self.delete_key(&k),
+            _ => not_found("Route was not found"),
+        }
+    }
+
+    fn list(&self, app_id: &str, raw_query: Option<&str>) -> HttpResponse {
+        let params = match parse_list_params(raw_query) {
+            Ok(p) => p,
+            Err(why) => return validation(&why),
+        };
+        let mut items: Vec<&KeyRecord> = self
+            .keys
+            .values()
+            .filter(|k| k.application_id == app_id && params.matches(k))
+            .collect();
+        params.sort(&mut items);
+        let page: Vec<Value> = params.page_of(&items).iter().map(|k| k.to_json()).collect();
+        let mut body = json!({
+            "items": page,
+            "count": page.len(),
+            "totalCount": items.len(),
+            "perPage": params.per_page,
+            "page": params.page,
+            "sortField": params.sort_field.as_str(),
+            "sortDirection": params.sort_direction(),
+            "applicationId": app_id,
+        });
+        if let Some(f) = &params.filter_field {
+            body["filterField"] = json!(f);
+        }
+        if let Some(f) = &params.filter {
+            body["filter"] = json!(f);
+        }
+        json_response(200, &body)
+    }
+
+    fn store_failed(&self, what: &str, e: &str) -> HttpResponse {
+        self.host
+            .warn(&format!("{NAME}: could not store {what}: {e}"));
+        error_response(500, "ServerError", &format!("could not store {what}"))
+    }
+
+    fn create_key(&mut self, app_id: &str, body: &str) -> HttpResponse {
+        let fields = match parse_body(body, POST_FIELDS) {
+            Ok(f) => f,
+            Err(why) => return validation(&why),
+        };
+        let key = loop {
+            let k = uuid_v4();
+            if !self.key_by_key.contains_key(&k) {
+                break k;
+            }
+        };
+        let secret = hex::encode(rand::random::<[u8; 32]>());
+        let now = self.tick();
+        let mut rec = KeyRecord {
+            id: self.fresh_id(now),
+            application_id: app_id.to_string(),
+            key,
+            secret_hash: digest_hex(&secret),
+            status: Status::Active,
+            description: None,
+            device_ids: Vec::new(),
+            device_tags: Vec::new(),
+            filter_type: FilterType::All,
+            pub_topics: Vec::new(),
+            sub_topics: Vec::new(),
+            creation_date: now,
+            last_updated: now,
+        };
+        rec.apply(fields);
+        if let Err(e) = self.put(&format!("{KEY_PREFIX}{}", rec.id), &rec) {
+            return self.store_failed("the new application key", &e);
+        }
+        self.host.info(&format!(
+            "{NAME}: created application key {} (key {}) in application {}",
+            rec.id, rec.key, rec.application_id
+        ));
+        let mut answer = rec.to_json();
+        answer["secret"] = json!(secret);
+        self.key_by_key.insert(rec.key.clone(), rec.id.clone());
+        self.keys.insert(rec.id.clone(), rec);
+        json_response(201, &answer)
+    }
+
+    fn patch_key(&mut self, id: &str, body: &str) -> HttpResponse {
+        let fields = match parse_body(body, PATCH_FIELDS) {
+            Ok(f) => f,
+            Err(why) => return validation(&why),
+        };
+        let mut rec = self.keys[id].clone();
+        rec.apply(fields);
+        rec.last_updated = self.tick();
+        if let Err(e) = self.put(&format!("{KEY_PREFIX}{id}"), &rec) {
+            return self.store_failed("the application key", &e);
+        }
+        let answer = rec.to_json();
+        self.keys.insert(id.to_string(), rec);
+        json_response(200, &answer)
+    }
+
+    fn delete_key(&mut self, id: &str) -> HttpResponse {
+        if let Err(e) = self.host.state_delete(&format!("{KEY_PREFIX}{id}")) {
+            return self.store_failed("the deletion of the application key", &e);
+        }
+        if let Some(rec) = self.keys.remove(id) {
+            self.key_by_key.remove(&rec.key);
+            self.host.info(&format!(
+                "{NAME}: deleted application key {id} of application {}",
+                rec.application_id
+            ));
+        }
+        json_response(200, &json!({"success": true}))
+    }
+}
+
+impl Plugin for Losant {
+    const NAME: &'static str = NAME;
+    const KIND: Kind = Kind::Auth;
+
+    fn create(config: serde_json::Value, host: Host) -> Result<Self, String> {
+        if !config.is_object() {
+            return Err(format!("{NAME}: invalid configuration: expected a table"));
+        }
+        let Config {} = serde_json::from_value(config)
+            .map_err(|e| format!("{NAME}: invalid configuration: {e}"))?;
+        let p = Self::load(host)?;
+        p.host.info(&format!(
+            "{NAME}: {} applications, {} API tokens, {} application keys loaded",
+            p.apps.len(),
+            p.tokens.len(),
+            p.keys.len()
+        ));
+        Ok(p)
+    }
+
+    fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
+        fn parse<'a, T: Deserialize<'a>>(op: &str, input: &'a [u8]) -> Result<T, String> {
+            serde_json::from_slice(input).map_err(|e| format!("{op}: bad input: {e}"))
+        }
+        fn answer<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
+            serde_json::to_vec(v).map_err(|e| e.to_string())
+        }
         match op {
-            OP_AUTHENTICATE => serde_json::to_vec(&AuthVerdict::NotMine).map_err(|e| e.to_string()),
-            OP_BOOTSTRAP => Ok(b"{}".to_vec()),
-            other => Err(format!("unknown operation {other}")),
+            OP_BOOTSTRAP => {
+                let _: BootstrapRequest = parse(op, input)?;
+                answer(&BootstrapResponse { created: None })
+            }
+            OP_AUTHENTICATE => {
+                let req: AuthRequest = parse(op, input)?;
+                answer(&self.authenticate(&req))
+            }
+            OP_ROUTES => answer(&Self::routes()),
+            OP_HTTP => {
+                let req: HttpRequest = parse(op, input)?;
+                answer(&self.http(req))
+            }
+            OP_CREATE_APPLICATION => {
+                let req: CreateApplication = parse(op, input)?;
+                answer(
+                    &self
+                        .create_application(req)
+                        .map_err(|e| format!("{op}: {e}"))?,
+                )
+            }
+            OP_CREATE_TOKEN => {
+                let req: CreateToken = parse(op, input)?;
+                answer(&self.create_token(req).map_err(|e| format!("{op}: {e}"))?)
+            }
+            other => Err(format!("{NAME}: unknown operation {other:?}")),
         }
     }
 }
 
 declare_plugin!(Losant);
+
+#[cfg(test)]
+mod tests;
