@@ -513,12 +513,20 @@ impl Requests {
                     error,
                 }
             }
-            Err(ClientError::Timeout) => {
+            Err(e) => self.exchange_failed(e),
+        }
+    }
+
+    /// The async response for a request the device did not answer: 504 no answer, 503 the
+    /// socket is gone, 502 anything else (RST, a broken block transfer).
+    fn exchange_failed(&self, e: ClientError) -> Outcome {
+        match e {
+            ClientError::Timeout => {
                 Counters::inc(&self.counters.device_timeouts);
                 Outcome::failed(504, "timeout: the device did not answer")
             }
-            Err(e @ ClientError::NoSocket(_)) => Outcome::failed(503, e.to_string()),
-            Err(e) => Outcome::failed(502, e.to_string()),
+            e @ ClientError::NoSocket(_) => Outcome::failed(503, e.to_string()),
+            e => Outcome::failed(502, e.to_string()),
         }
     }
 
@@ -560,12 +568,7 @@ impl Requests {
                     error: None,
                 }
             }
-            Err(ClientError::Timeout) => {
-                Counters::inc(&self.counters.device_timeouts);
-                Outcome::failed(504, "timeout: the device did not answer")
-            }
-            Err(e @ ClientError::NoSocket(_)) => Outcome::failed(503, e.to_string()),
-            Err(e) => Outcome::failed(502, e.to_string()),
+            Err(e) => self.exchange_failed(e),
         }
     }
 

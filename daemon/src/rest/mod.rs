@@ -185,20 +185,9 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
         Err(reply) => return reply,
     };
     // Everything needs credentials.
-    let principal = match state
-        .auth
-        .authenticate(req.method(), req.uri().path(), req.headers())
-        .await
-    {
+    let principal = match authenticate(&state, &req).await {
         Ok(p) => p,
-        Err(AuthError::Unauthenticated(why)) => {
-            Counters::inc(&state.counters.rest_unauthorized);
-            return error(StatusCode::UNAUTHORIZED, "unauthorized", &why)
-                .header(http::header::WWW_AUTHENTICATE, "Bearer");
-        }
-        Err(AuthError::Unavailable(why)) => {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &why);
-        }
+        Err(reply) => return reply,
     };
     // A key restricted to some endpoints/resources touches no others.
     let target = match &route {
@@ -312,6 +301,26 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
     .method_is_head(parts.method == Method::HEAD)
 }
 
+/// Authenticates a request through the auth chain: 401 (with `WWW-Authenticate`) when no
+/// backend accepts it, 503 when a backend cannot answer.
+async fn authenticate(state: &AppState, req: &Request<Incoming>) -> Result<Principal, Reply> {
+    match state
+        .auth
+        .authenticate(req.method(), req.uri().path(), req.headers())
+        .await
+    {
+        Ok(p) => Ok(p),
+        Err(AuthError::Unauthenticated(why)) => {
+            Counters::inc(&state.counters.rest_unauthorized);
+            Err(error(StatusCode::UNAUTHORIZED, "unauthorized", &why)
+                .header(http::header::WWW_AUTHENTICATE, "Bearer"))
+        }
+        Err(AuthError::Unavailable(why)) => {
+            Err(error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &why))
+        }
+    }
+}
+
 /// A plugin route open to any authenticated caller (the plugin checks permissions).
 async fn dispatch_plugin_route(
     state: &AppState,
@@ -319,20 +328,9 @@ async fn dispatch_plugin_route(
     plugin: String,
     path: String,
 ) -> Reply {
-    let principal = match state
-        .auth
-        .authenticate(req.method(), req.uri().path(), req.headers())
-        .await
-    {
+    let principal = match authenticate(&state, &req).await {
         Ok(p) => p,
-        Err(AuthError::Unauthenticated(why)) => {
-            Counters::inc(&state.counters.rest_unauthorized);
-            return error(StatusCode::UNAUTHORIZED, "unauthorized", &why)
-                .header(http::header::WWW_AUTHENTICATE, "Bearer");
-        }
-        Err(AuthError::Unavailable(why)) => {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &why);
-        }
+        Err(reply) => return reply,
     };
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, state.max_body).collect().await {
