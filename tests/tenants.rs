@@ -145,3 +145,82 @@ fn limits_count_transactions_and_refuse_over_the_quota() {
     assert_eq!(dev.deregister(&id), ResponseType::Deleted);
     assert!(d.metric("limits_refused_total") >= 3);
 }
+
+/// `POST /api/cert`: a device certificate for a P-256 public key, signed by the daemon's
+/// CA (checked with openssl).
+#[test]
+fn developer_tools_issue_device_certificates() {
+    let d = support::Daemon::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("device.key");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        key.to_str().unwrap(),
+    ]);
+    let public = run(&["ec", "-in", key.to_str().unwrap(), "-pubout"]);
+    let body = json!({"domain": "default", "publickey": public});
+    let r = d.call(
+        "POST",
+        "/api/cert",
+        Some("application/json"),
+        Some(body.to_string().as_bytes()),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["domain"], "default");
+    let endpoint = v["endpoint"].as_str().unwrap();
+    let (ca, cert) = (dir.path().join("ca.pem"), dir.path().join("device.pem"));
+    std::fs::write(&ca, v["server_certificate"].as_str().unwrap()).unwrap();
+    std::fs::write(&cert, v["device_certificate"].as_str().unwrap()).unwrap();
+    let verified = run(&[
+        "verify",
+        "-CAfile",
+        ca.to_str().unwrap(),
+        cert.to_str().unwrap(),
+    ]);
+    assert!(verified.contains(": OK"), "{verified}");
+    let subject = run(&["x509", "-noout", "-subject", "-in", cert.to_str().unwrap()]);
+    assert!(subject.contains(endpoint), "{subject}");
+
+    let bad = [
+        (b"{not json".to_vec(), 400),
+        (json!({"domain": "default"}).to_string().into_bytes(), 400),
+        (json!({"domain": "default", "publickey": "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----"}).to_string().into_bytes(), 400),
+        (json!({"domain": "elsewhere", "publickey": public}).to_string().into_bytes(), 401),
+    ];
+    for (body, status) in bad {
+        let r = d.call("POST", "/api/cert", Some("application/json"), Some(&body));
+        assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&body));
+        assert!(r.json()["message"].is_string());
+    }
+    // The CA is kept: a restart signs with the same one.
+    let d = d.crash_and_restart();
+    let r = d.call(
+        "POST",
+        "/api/cert",
+        Some("application/json"),
+        Some(
+            json!({"domain": "default", "publickey": public})
+                .to_string()
+                .as_bytes(),
+        ),
+    );
+    assert_eq!(r.json()["server_certificate"], v["server_certificate"]);
+}
