@@ -10,15 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use support::{Daemon, Prepared, http};
 
-const ALL_USER_SCOPES: [&str; 7] = [
-    "endpoints:read",
-    "resources:read",
-    "resources:write",
-    "subscriptions:read",
-    "subscriptions:write",
-    "notifications",
-    "limits:read",
-];
+/// Every core scope but admin.
+const ALL_USER_SCOPES: [&str; 7] = connectord_plugin_sdk::auth::NON_ADMIN_SCOPES;
 
 const PERMISSIONS: [&str; 6] = [
     "view_applications",

@@ -328,7 +328,7 @@ async fn dispatch_plugin_route(
     plugin: String,
     path: String,
 ) -> Reply {
-    let principal = match authenticate(&state, &req).await {
+    let principal = match authenticate(state, &req).await {
         Ok(p) => p,
         Err(reply) => return reply,
     };

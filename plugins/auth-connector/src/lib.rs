@@ -22,19 +22,18 @@
 //! Configuration: none yet; `{}` is accepted and any field is refused by name.
 
 use std::collections::HashMap;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use connectord_plugin_sdk::auth::{
-    AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, OP_AUTHENTICATE, OP_BOOTSTRAP,
-    PrincipalSpec,
+    ADMIN, AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, NON_ADMIN_SCOPES,
+    OP_AUTHENTICATE, OP_BOOTSTRAP, PrincipalSpec, bearer_token,
 };
 use connectord_plugin_sdk::http::{
     HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse,
 };
-use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin};
-use rand::distr::{Alphanumeric, SampleString};
+use connectord_plugin_sdk::secret::{is_sha256_hex, random_alphanumeric, sha256_hex};
+use connectord_plugin_sdk::time::now_ms;
+use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin, decode_input, encode_answer};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// The plugin name the configuration uses.
 pub const NAME: &str = "connector";
@@ -48,23 +47,14 @@ const RANDOM_NAME_LEN: usize = 10;
 /// Longest display name accepted, in characters.
 const MAX_NAME_CHARS: usize = 256;
 
-/// The route that creates keys.
+/// The route that creates keys. It needs the core scope [`ADMIN`], the one scope a
+/// bootstrap key has.
 const TOKENS_METHOD: &str = "POST";
 const TOKENS_PATH: &str = "/api/api_tokens";
-/// The scope that route needs, and the one scope a bootstrap key has.
-const ADMIN_SCOPE: &str = "admin";
 
 /// The scopes of a key created through `POST /api/api_tokens`: every core scope but
 /// `admin` (an access key cannot mint administrators).
-const USER_SCOPES: &[&str] = &[
-    "endpoints:read",
-    "resources:read",
-    "resources:write",
-    "subscriptions:read",
-    "subscriptions:write",
-    "notifications",
-    "limits:read",
-];
+const USER_SCOPES: &[&str] = &NON_ADMIN_SCOPES;
 
 /// The plugin's configuration. It has no field yet; `deny_unknown_fields` makes a
 /// misspelt or unsupported field an error at load rather than silently ignored. New
@@ -95,52 +85,6 @@ pub struct ConnectorAuth {
     host: Host,
     /// SHA-256 (lower-case hex) of each key's secret → its record.
     keys: HashMap<String, KeyRecord>,
-}
-
-/// SHA-256 of a secret, lower-case hex.
-fn digest_hex(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
-}
-
-fn is_digest_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// The token of an `Authorization: Bearer <token>` header: the scheme is matched
-/// case-insensitively and surrounding spaces are trimmed. `None` for no header, another
-/// scheme, or an empty token.
-fn bearer_token(req: &AuthRequest) -> Option<&str> {
-    let value = req.headers.get("authorization")?.trim();
-    let (scheme, token) = value.split_once(|c: char| c.is_ascii_whitespace())?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    let token = token.trim();
-    (!token.is_empty()).then_some(token)
-}
-
-/// A JSON answer.
-fn json_response(status: u16, body: &serde_json::Value) -> HttpResponse {
-    HttpResponse {
-        status,
-        headers: [("content-type".to_string(), "application/json".to_string())].into(),
-        body: body.to_string(),
-    }
-}
-
-/// The JSON error every route uses: `{"type": kind, "message": message}`.
-fn error_response(status: u16, kind: &str, message: &str) -> HttpResponse {
-    json_response(
-        status,
-        &serde_json::json!({"type": kind, "message": message}),
-    )
 }
 
 /// The display name a `POST /api/api_tokens` body asks for: `Ok(None)` when it asks for
@@ -181,7 +125,7 @@ impl ConnectorAuth {
             let Some(digest) = state_key.strip_prefix(KEY_PREFIX) else {
                 continue;
             };
-            if !is_digest_hex(digest) {
+            if !is_sha256_hex(digest) {
                 host.warn(&format!(
                     "{NAME}: skipping state entry {state_key}: not a SHA-256 digest"
                 ));
@@ -215,12 +159,11 @@ impl ConnectorAuth {
         domain: String,
         scopes: Vec<String>,
     ) -> Result<String, String> {
-        let mut rng = rand::rng();
         // 100 alphanumeric characters are ~595 bits: a collision is not going to happen,
         // but drawing again costs nothing and keeps the map's invariant obvious.
         let (secret, digest) = loop {
-            let secret = Alphanumeric.sample_string(&mut rng, KEY_LEN);
-            let digest = digest_hex(&secret);
+            let secret = random_alphanumeric(KEY_LEN);
+            let digest = sha256_hex(&secret);
             if !self.keys.contains_key(&digest) {
                 break (secret, digest);
             }
@@ -256,18 +199,14 @@ impl ConnectorAuth {
         if !self.keys.is_empty() {
             return Ok(BootstrapResponse { created: None });
         }
-        let secret = self.create_key(
-            ADMIN_SCOPE.to_string(),
-            req.domain,
-            vec![ADMIN_SCOPE.to_string()],
-        )?;
+        let secret = self.create_key(ADMIN.to_string(), req.domain, vec![ADMIN.to_string()])?;
         Ok(BootstrapResponse {
             created: Some(secret),
         })
     }
 
     fn authenticate(&self, req: &AuthRequest) -> AuthVerdict {
-        let Some(token) = bearer_token(req) else {
+        let Some(token) = bearer_token(&req.headers) else {
             return AuthVerdict::NotMine;
         };
         // The lookup is by the SHA-256 of the presented token, never by the token itself:
@@ -276,7 +215,7 @@ impl ConnectorAuth {
         // SHA-256 is preimage resistant, learning that a stored digest starts with some
         // bytes does not help build a secret with that digest, so this lookup is as good
         // as a constant-time comparison of secrets.
-        match self.keys.get(&digest_hex(token)) {
+        match self.keys.get(&sha256_hex(token)) {
             Some(record) => AuthVerdict::Accepted {
                 principal: PrincipalSpec {
                     key_id: record.id.clone(),
@@ -295,14 +234,14 @@ impl ConnectorAuth {
             routes: vec![Route {
                 method: TOKENS_METHOD.to_string(),
                 path: TOKENS_PATH.to_string(),
-                scope: ADMIN_SCOPE.to_string(),
+                scope: ADMIN.to_string(),
             }],
         }
     }
 
     fn http(&mut self, req: HttpRequest) -> HttpResponse {
         if req.method != TOKENS_METHOD || req.path != TOKENS_PATH {
-            return error_response(
+            return HttpResponse::error(
                 404,
                 "not_found",
                 &format!("no route {} {}", req.method, req.path),
@@ -310,19 +249,19 @@ impl ConnectorAuth {
         }
         let name = match requested_name(&req.body) {
             Ok(Some(name)) => name,
-            Ok(None) => Alphanumeric.sample_string(&mut rand::rng(), RANDOM_NAME_LEN),
-            Err(why) => return error_response(400, "bad_request", &why),
+            Ok(None) => random_alphanumeric(RANDOM_NAME_LEN),
+            Err(why) => return HttpResponse::error(400, "bad_request", &why),
         };
         let scopes = USER_SCOPES.iter().map(|s| s.to_string()).collect();
         match self.create_key(name.clone(), req.principal.domain, scopes) {
-            Ok(secret) => json_response(
+            Ok(secret) => HttpResponse::json(
                 201,
                 &serde_json::json!({"access_key": secret, "name": name}),
             ),
             Err(e) => {
                 self.host
                     .warn(&format!("{NAME}: could not store a new access key: {e}"));
-                error_response(500, "internal_error", "could not store the new access key")
+                HttpResponse::error(500, "internal_error", "could not store the new access key")
             }
         }
     }
@@ -341,30 +280,24 @@ impl Plugin for ConnectorAuth {
     }
 
     fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
-        fn parse<'a, T: Deserialize<'a>>(op: &str, input: &'a [u8]) -> Result<T, String> {
-            serde_json::from_slice(input).map_err(|e| format!("{op}: bad input: {e}"))
-        }
-        fn answer<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
-            serde_json::to_vec(v).map_err(|e| e.to_string())
-        }
         match op {
             OP_BOOTSTRAP => {
-                let req: BootstrapRequest = parse(op, input)?;
-                answer(&self.bootstrap(req)?)
+                let req: BootstrapRequest = decode_input(op, input)?;
+                encode_answer(&self.bootstrap(req)?)
             }
             OP_AUTHENTICATE => {
-                let req: AuthRequest = parse(op, input)?;
-                answer(&self.authenticate(&req))
+                let req: AuthRequest = decode_input(op, input)?;
+                encode_answer(&self.authenticate(&req))
             }
-            OP_ROUTES => answer(&Self::routes()),
+            OP_ROUTES => encode_answer(&Self::routes()),
             OP_HTTP => {
-                let req: HttpRequest = parse(op, input)?;
-                answer(&self.http(req))
+                let req: HttpRequest = decode_input(op, input)?;
+                encode_answer(&self.http(req))
             }
             OP_CREATE_KEY => {
-                let req: CreateKeyRequest = parse(op, input)?;
+                let req: CreateKeyRequest = decode_input(op, input)?;
                 for s in &req.scopes {
-                    if !USER_SCOPES.contains(&s.as_str()) && s != ADMIN_SCOPE {
+                    if !USER_SCOPES.contains(&s.as_str()) && s != ADMIN {
                         return Err(format!("{op}: unknown scope {s:?}"));
                     }
                 }
@@ -377,7 +310,7 @@ impl Plugin for ConnectorAuth {
                     req.scopes
                 };
                 let secret = self.create_key(req.name.clone(), req.domain, scopes)?;
-                answer(&serde_json::json!({"access_key": secret, "name": req.name}))
+                encode_answer(&serde_json::json!({"access_key": secret, "name": req.name}))
             }
             other => Err(format!("{NAME}: unknown operation {other:?}")),
         }
@@ -404,8 +337,10 @@ declare_plugin!(ConnectorAuth);
 mod tests {
     use std::collections::BTreeMap;
 
-    use connectord_plugin_sdk::level;
-    use connectord_plugin_sdk::testing::MemoryHost;
+    use connectord_plugin_sdk::testing::{
+        MemoryHost, assert_bad_input_refused, assert_config_field_refused, auth_request,
+        authenticate, call_http, call_json,
+    };
     use serde_json::{Value, json};
 
     use super::*;
@@ -416,29 +351,13 @@ mod tests {
         ConnectorAuth::create(json!({}), host.host()).expect("create")
     }
 
-    fn call_json(p: &mut ConnectorAuth, op: &str, input: &Value) -> Value {
-        let out = p
-            .call(op, input.to_string().as_bytes())
-            .unwrap_or_else(|e| panic!("{op} failed: {e}"));
-        serde_json::from_slice(&out).expect("answer is JSON")
-    }
-
     fn bootstrap(p: &mut ConnectorAuth, domain: &str) -> BootstrapResponse {
         let v = call_json(p, OP_BOOTSTRAP, &json!({ "domain": domain }));
         serde_json::from_value(v).expect("BootstrapResponse")
     }
 
     fn auth_with(p: &mut ConnectorAuth, headers: &[(&str, &str)]) -> AuthVerdict {
-        let req = AuthRequest {
-            method: "GET".into(),
-            path: "/endpoints".into(),
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        let v = call_json(p, OP_AUTHENTICATE, &serde_json::to_value(req).unwrap());
-        serde_json::from_value(v).expect("AuthVerdict")
+        authenticate(p, &auth_request("GET", "/endpoints", headers))
     }
 
     fn auth_bearer(p: &mut ConnectorAuth, key: &str) -> AuthVerdict {
@@ -465,19 +384,8 @@ mod tests {
         }
     }
 
-    fn http(p: &mut ConnectorAuth, req: &HttpRequest) -> (HttpResponse, Value) {
-        let v = call_json(p, OP_HTTP, &serde_json::to_value(req).unwrap());
-        let resp: HttpResponse = serde_json::from_value(v).expect("HttpResponse");
-        assert_eq!(
-            resp.headers.get("content-type").map(String::as_str),
-            Some("application/json")
-        );
-        let body: Value = serde_json::from_str(&resp.body).expect("body is JSON");
-        (resp, body)
-    }
-
     fn post_tokens(p: &mut ConnectorAuth, body: &str) -> (HttpResponse, Value) {
-        http(p, &http_req("POST", TOKENS_PATH, body))
+        call_http(p, &http_req("POST", TOKENS_PATH, body))
     }
 
     fn is_alnum(s: &str) -> bool {
@@ -486,14 +394,6 @@ mod tests {
 
     fn user_scopes() -> Vec<String> {
         USER_SCOPES.iter().map(|s| s.to_string()).collect()
-    }
-
-    /// Every stored byte (keys and values) as one lossy string.
-    fn all_state_text(host: &MemoryHost) -> String {
-        host.state()
-            .iter()
-            .map(|(k, v)| format!("{k}\n{}\n", String::from_utf8_lossy(v)))
-            .collect()
     }
 
     #[test]
@@ -509,7 +409,7 @@ mod tests {
         let state = host.state();
         assert_eq!(state.len(), 1);
         let (state_key, value) = state.iter().next().unwrap();
-        assert_eq!(state_key, &format!("key/{}", digest_hex(&key)));
+        assert_eq!(state_key, &format!("key/{}", sha256_hex(&key)));
         let record: Value = serde_json::from_slice(value).unwrap();
         assert_eq!(record["name"], "admin");
         assert_eq!(record["domain"], DOMAIN);
@@ -533,7 +433,7 @@ mod tests {
         assert_eq!(host.state().len(), 1);
 
         // Only the digest is stored: the secret appears nowhere.
-        assert!(!all_state_text(&host).contains(&key));
+        assert!(!host.state_text().contains(&key));
         assert!(!host.logs().iter().any(|(_, m)| m.contains(&key)));
     }
 
@@ -617,7 +517,7 @@ mod tests {
             }
             other => panic!("expected Accepted, got {other:?}"),
         }
-        assert!(!all_state_text(&host).contains(key));
+        assert!(!host.state_text().contains(key));
     }
 
     #[test]
@@ -697,7 +597,7 @@ mod tests {
         let host = MemoryHost::new();
         let mut p = new_plugin(&host);
         for (what, method, path, body, status, kind, fragment) in cases {
-            let (resp, v) = http(&mut p, &http_req(method, path, body));
+            let (resp, v) = call_http(&mut p, &http_req(method, path, body));
             assert_eq!(resp.status, status, "{what}");
             assert_eq!(v["type"], kind, "{what}");
             let message = v["message"].as_str().expect("message");
@@ -757,22 +657,13 @@ mod tests {
     fn unknown_op_and_bad_input_are_errors() {
         let host = MemoryHost::new();
         let mut p = new_plugin(&host);
-        assert!(p.call("nope", b"{}").unwrap_err().contains("nope"));
-        for op in [OP_BOOTSTRAP, OP_AUTHENTICATE, OP_HTTP] {
-            for input in [&b""[..], b"{", b"[]", b"\xff\xfe", b"{}"] {
-                assert!(p.call(op, input).is_err(), "{op} {input:?}");
-            }
-        }
+        let ops = [OP_BOOTSTRAP, OP_AUTHENTICATE, OP_HTTP];
+        assert_bad_input_refused(&mut p, &ops, &[b"{}"]);
     }
 
     #[test]
     fn config_empty_accepted_unknown_refused() {
-        let host = MemoryHost::new();
-        assert!(ConnectorAuth::create(json!({}), host.host()).is_ok());
-        let err = ConnectorAuth::create(json!({"hash": "md5"}), host.host())
-            .err()
-            .expect("unknown field refused");
-        assert!(err.contains("hash"), "{err}");
+        assert_config_field_refused::<ConnectorAuth>("hash", json!("md5"));
     }
 
     #[test]
@@ -783,7 +674,7 @@ mod tests {
         let good = v["access_key"].as_str().unwrap().to_string();
         drop(p);
 
-        let bad_digest = digest_hex("whatever");
+        let bad_digest = sha256_hex("whatever");
         let h = host.host();
         h.state_put(&format!("key/{bad_digest}"), b"not json")
             .unwrap();
@@ -795,12 +686,7 @@ mod tests {
             AuthVerdict::Accepted { .. }
         ));
         assert_eq!(auth_bearer(&mut p, "whatever"), AuthVerdict::NotMine);
-        let warnings: Vec<String> = host
-            .logs()
-            .into_iter()
-            .filter(|(l, _)| *l == level::WARN)
-            .map(|(_, m)| m)
-            .collect();
+        let warnings: Vec<String> = host.warnings();
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(warnings.iter().any(|m| m.contains(&bad_digest)));
         assert!(warnings.iter().any(|m| m.contains("not-a-digest")));
@@ -810,26 +696,22 @@ mod tests {
 
     #[test]
     fn bearer_token_parsing() {
-        let req = |v: &str| AuthRequest {
-            method: "GET".into(),
-            path: "/".into(),
-            headers: BTreeMap::from([("authorization".into(), v.into())]),
-        };
-        assert_eq!(bearer_token(&req("Bearer abc")), Some("abc"));
-        assert_eq!(bearer_token(&req(" bearer  abc ")), Some("abc"));
-        assert_eq!(bearer_token(&req("Bearer")), None);
-        assert_eq!(bearer_token(&req("Bearer ")), None);
-        assert_eq!(bearer_token(&req("Token abc")), None);
-        assert_eq!(bearer_token(&req("")), None);
+        let req = |v: &str| auth_request("GET", "/", &[("authorization", v)]);
+        assert_eq!(bearer_token(&req("Bearer abc").headers), Some("abc"));
+        assert_eq!(bearer_token(&req(" bearer  abc ").headers), Some("abc"));
+        assert_eq!(bearer_token(&req("Bearer").headers), None);
+        assert_eq!(bearer_token(&req("Bearer ").headers), None);
+        assert_eq!(bearer_token(&req("Token abc").headers), None);
+        assert_eq!(bearer_token(&req("").headers), None);
     }
 
     #[test]
     fn digest_is_lower_case_sha256_hex() {
         assert_eq!(
-            digest_hex("abc"),
+            sha256_hex("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
-        assert!(is_digest_hex(&digest_hex("x")));
-        assert!(!is_digest_hex(&digest_hex("x").to_uppercase()));
+        assert!(is_sha256_hex(&sha256_hex("x")));
+        assert!(!is_sha256_hex(&sha256_hex("x").to_uppercase()));
     }
 }

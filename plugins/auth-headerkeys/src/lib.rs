@@ -107,9 +107,9 @@ use connectord_plugin_sdk::auth::{
 use connectord_plugin_sdk::http::{
     AUTHENTICATED, HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse,
 };
-use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin};
+use connectord_plugin_sdk::secret::random_alphanumeric;
+use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin, decode_input, encode_answer};
 use percent_encoding::percent_decode_str;
-use rand::distr::{Alphanumeric, SampleString};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -263,10 +263,9 @@ struct KeyPair {
 
 impl KeyPair {
     fn random() -> KeyPair {
-        let mut rng = rand::rng();
         KeyPair {
-            rd: Alphanumeric.sample_string(&mut rng, GENERATED_KEY_LEN),
-            wr: Alphanumeric.sample_string(&mut rng, GENERATED_KEY_LEN),
+            rd: random_alphanumeric(GENERATED_KEY_LEN),
+            wr: random_alphanumeric(GENERATED_KEY_LEN),
         }
     }
 }
@@ -405,23 +404,6 @@ fn default_domain() -> String {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ShowKeysRequest {}
-
-/// A JSON answer.
-fn json_response(status: u16, body: String) -> HttpResponse {
-    HttpResponse {
-        status,
-        headers: [("content-type".to_string(), "application/json".to_string())].into(),
-        body,
-    }
-}
-
-/// The JSON error the REST API uses: `{"type": kind, "message": message}`.
-fn error_response(status: u16, kind: &str, message: &str) -> HttpResponse {
-    json_response(
-        status,
-        serde_json::json!({"type": kind, "message": message}).to_string(),
-    )
-}
 
 /// The `n` of `keys/{n}`: a canonical decimal number below the number of areas.
 fn area_at(n: &str) -> Option<Area> {
@@ -681,7 +663,7 @@ impl HeaderKeys {
             ("GET" | "HEAD", ["api", "v1", "apikeys", "keys", n]) => (Access::Read, Some(*n)),
             ("PUT", ["api", "v1", "apikeys", "keys", n]) => (Access::Write, Some(*n)),
             _ => {
-                return error_response(
+                return HttpResponse::error(
                     404,
                     "not_found",
                     &format!("no route {} {}", req.method, req.path),
@@ -696,14 +678,14 @@ impl HeaderKeys {
         ) {
             Check::Open | Check::Granted => {}
             Check::Missing(why) | Check::Denied(why) => {
-                return error_response(401, "unauthorized", &why);
+                return HttpResponse::error(401, "unauthorized", &why);
             }
         }
         let Some(n) = one else {
-            return json_response(200, self.document());
+            return HttpResponse::json_text(200, self.document());
         };
         let Some(area) = area_at(n) else {
-            return error_response(
+            return HttpResponse::error(
                 404,
                 "not_found",
                 &format!(
@@ -713,7 +695,7 @@ impl HeaderKeys {
             );
         };
         if access == Access::Read {
-            return json_response(200, self.pair_json(area));
+            return HttpResponse::json_text(200, self.pair_json(area));
         }
         self.put_pair(area, &req)
     }
@@ -721,7 +703,7 @@ impl HeaderKeys {
     /// `PUT /api/v1/apikeys/keys/{n}` with a form body `rd=…` and/or `wr=…`.
     fn put_pair(&mut self, area: Area, req: &HttpRequest) -> HttpResponse {
         if !is_form(req.headers.get("content-type").map(String::as_str)) {
-            return error_response(
+            return HttpResponse::error(
                 415,
                 "unsupported_media_type",
                 &format!("the body must be {FORM_CONTENT_TYPE}, e.g. rd=mykey"),
@@ -729,7 +711,7 @@ impl HeaderKeys {
         }
         let (rd, wr) = match parse_form(&req.body) {
             Ok(f) => f,
-            Err(why) => return error_response(400, "bad_request", &why),
+            Err(why) => return HttpResponse::error(400, "bad_request", &why),
         };
         let mut pairs = self.pairs.clone();
         let pair = &mut pairs[area.index()];
@@ -745,7 +727,7 @@ impl HeaderKeys {
         if let Err(e) = Self::store(&self.host, &pairs) {
             self.host
                 .warn(&format!("{NAME}: could not store the changed keys: {e}"));
-            return error_response(500, "internal_error", "could not store the keys");
+            return HttpResponse::error(500, "internal_error", "could not store the keys");
         }
         self.pairs = pairs;
         self.host.info(&format!(
@@ -771,7 +753,7 @@ impl HeaderKeys {
                 area.name()
             ));
         }
-        json_response(200, self.pair_json(area))
+        HttpResponse::json_text(200, self.pair_json(area))
     }
 }
 
@@ -794,29 +776,23 @@ impl Plugin for HeaderKeys {
     }
 
     fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
-        fn parse<'a, T: Deserialize<'a>>(op: &str, input: &'a [u8]) -> Result<T, String> {
-            serde_json::from_slice(input).map_err(|e| format!("{op}: bad input: {e}"))
-        }
-        fn answer<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
-            serde_json::to_vec(v).map_err(|e| e.to_string())
-        }
         match op {
             OP_BOOTSTRAP => {
-                let _: BootstrapRequest = parse(op, input)?;
-                answer(&BootstrapResponse { created: None })
+                let _: BootstrapRequest = decode_input(op, input)?;
+                encode_answer(&BootstrapResponse { created: None })
             }
             OP_AUTHENTICATE => {
-                let req: AuthRequest = parse(op, input)?;
-                answer(&self.authenticate(&req))
+                let req: AuthRequest = decode_input(op, input)?;
+                encode_answer(&self.authenticate(&req))
             }
-            OP_ROUTES => answer(&Self::routes()),
+            OP_ROUTES => encode_answer(&Self::routes()),
             OP_HTTP => {
-                let req: HttpRequest = parse(op, input)?;
-                answer(&self.http(req))
+                let req: HttpRequest = decode_input(op, input)?;
+                encode_answer(&self.http(req))
             }
             OP_SHOW_KEYS => {
                 if !input.iter().all(u8::is_ascii_whitespace) {
-                    let _: ShowKeysRequest = parse(op, input)?;
+                    let _: ShowKeysRequest = decode_input(op, input)?;
                 }
                 self.host.info(&format!(
                     "{NAME}: the keys document was shown ({OP_SHOW_KEYS})"

@@ -1,9 +1,9 @@
 //! Unit tests of the `headerkeys` backend, against the SDK's in-memory host.
 
-use std::collections::BTreeMap;
-
 use connectord_plugin_sdk::level;
-use connectord_plugin_sdk::testing::MemoryHost;
+use connectord_plugin_sdk::testing::{
+    MemoryHost, assert_bad_input_refused, auth_request, authenticate, call_http, call_json, headers,
+};
 use serde_json::{Value, json};
 
 use super::*;
@@ -52,27 +52,8 @@ fn known() -> (MemoryHost, HeaderKeys) {
     (host, p)
 }
 
-fn call_json(p: &mut HeaderKeys, op: &str, input: &Value) -> Value {
-    let out = p
-        .call(op, &serde_json::to_vec(input).unwrap())
-        .unwrap_or_else(|e| panic!("{op} failed: {e}"));
-    serde_json::from_slice(&out).expect("answer is JSON")
-}
-
-fn headers(hs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    hs.iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 fn auth(p: &mut HeaderKeys, method: &str, path: &str, hs: &[(&str, &str)]) -> AuthVerdict {
-    let req = AuthRequest {
-        method: method.into(),
-        path: path.into(),
-        headers: headers(hs),
-    };
-    let v = call_json(p, OP_AUTHENTICATE, &serde_json::to_value(req).unwrap());
-    serde_json::from_value(v).expect("AuthVerdict")
+    authenticate(p, &auth_request(method, path, hs))
 }
 
 fn principal(key_id: &str, scopes: &[&str]) -> PrincipalSpec {
@@ -134,14 +115,7 @@ fn http(
         body: body.into(),
         principal: who,
     };
-    let v = call_json(p, OP_HTTP, &serde_json::to_value(req).unwrap());
-    let resp: HttpResponse = serde_json::from_value(v).expect("HttpResponse");
-    assert_eq!(
-        resp.headers.get("content-type").map(String::as_str),
-        Some("application/json"),
-        "{method} {path}"
-    );
-    let _: Value = serde_json::from_str(&resp.body).expect("the body is JSON");
+    let (resp, _) = call_http(p, &req);
     (resp.status, resp.body)
 }
 
@@ -1589,12 +1563,7 @@ fn secrets_compare_in_full() {
 #[test]
 fn unknown_op_and_bad_input_are_errors() {
     let (_host, mut p) = known();
-    assert!(p.call("nope", b"{}").unwrap_err().contains("nope"));
-    for op in [OP_BOOTSTRAP, OP_AUTHENTICATE, OP_HTTP] {
-        for input in [&b""[..], b"{", b"[]", b"\xff\xfe"] {
-            assert!(p.call(op, input).is_err(), "{op} {input:?}");
-        }
-    }
+    assert_bad_input_refused(&mut p, &[OP_BOOTSTRAP, OP_AUTHENTICATE, OP_HTTP], &[]);
 }
 
 #[test]

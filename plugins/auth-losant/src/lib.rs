@@ -147,14 +147,15 @@ use std::collections::{BTreeMap, HashMap};
 use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use connectord_plugin_sdk::auth::{
-    AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, OP_AUTHENTICATE, OP_BOOTSTRAP,
-    PrincipalSpec,
+    AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, NON_ADMIN_SCOPES,
+    OP_AUTHENTICATE, OP_BOOTSTRAP, PrincipalSpec,
 };
 use connectord_plugin_sdk::http::{
     AUTHENTICATED, HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse,
 };
-use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin};
-use rand::distr::{Alphanumeric, SampleString};
+use connectord_plugin_sdk::secret::{random_alphanumeric, sha256_hex};
+use connectord_plugin_sdk::time::now_ms;
+use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin, decode_input, encode_answer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -166,7 +167,6 @@ pub mod time;
 
 use model::{FilterType, KeyRecord, PATCH_FIELDS, POST_FIELDS, Status, allow_patterns, parse_body};
 use query::parse_list_params;
-use time::now_ms;
 
 /// The plugin name the configuration uses.
 pub const NAME: &str = "losant";
@@ -250,15 +250,9 @@ pub const DELETE_SCOPES: &[&str] = &[
     "applicationKey.delete",
 ];
 
-/// The core scopes of every application key principal.
-pub const KEY_SCOPES: &[&str] = &[
-    "endpoints:read",
-    "resources:read",
-    "resources:write",
-    "subscriptions:read",
-    "subscriptions:write",
-    "notifications",
-];
+/// The core scopes of every application key principal: the first six of
+/// [`NON_ADMIN_SCOPES`], every core scope but `limits:read` and `admin`.
+pub const KEY_SCOPES: &[&str] = NON_ADMIN_SCOPES.split_at(6).0;
 
 const KEYS_ROUTE: &str = "/applications/{APPLICATION_ID}/keys";
 const KEY_ROUTE: &str = "/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}";
@@ -343,36 +337,22 @@ pub struct Losant {
     last_ms: u64,
 }
 
-fn digest_hex(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
-}
-
-fn json_response(status: u16, body: &Value) -> HttpResponse {
-    HttpResponse {
-        status,
-        headers: [("content-type".to_string(), "application/json".to_string())].into(),
-        body: body.to_string(),
-    }
-}
-
-/// The seed's Error schema.
-fn error_response(status: u16, kind: &str, message: &str) -> HttpResponse {
-    json_response(status, &json!({"type": kind, "message": message}))
-}
+// Errors follow the seed's Error schema, `{"type": …, "message": …}`: what
+// `HttpResponse::error` writes.
 
 fn validation(message: &str) -> HttpResponse {
-    error_response(400, "Validation", message)
+    HttpResponse::error(400, "Validation", message)
 }
 
 fn unauthorized(message: &str) -> HttpResponse {
-    let mut r = error_response(401, "Unauthorized", message);
+    let mut r = HttpResponse::error(401, "Unauthorized", message);
     r.headers
         .insert("www-authenticate".to_string(), "Bearer".to_string());
     r
 }
 
 fn not_found(message: &str) -> HttpResponse {
-    error_response(404, "NotFound", message)
+    HttpResponse::error(404, "NotFound", message)
 }
 
 /// The scheme and the credentials of an `Authorization` header (scheme lower-cased).
@@ -574,8 +554,8 @@ impl Losant {
             }
         }
         let (token, token_hash) = loop {
-            let token = Alphanumeric.sample_string(&mut rand::rng(), TOKEN_LEN);
-            let hash = digest_hex(&token);
+            let token = random_alphanumeric(TOKEN_LEN);
+            let hash = sha256_hex(&token);
             if !self.token_by_hash.contains_key(&hash) {
                 break (token, hash);
             }
@@ -605,7 +585,7 @@ impl Losant {
     fn token_by_secret(&self, token: &str) -> Option<&TokenRecord> {
         // Looked up by digest, never by the token itself (see auth-connector on why this
         // is as good as a constant-time comparison).
-        let id = self.token_by_hash.get(&digest_hex(token))?;
+        let id = self.token_by_hash.get(&sha256_hex(token))?;
         self.tokens.get(id)
     }
 
@@ -732,7 +712,7 @@ impl Losant {
         };
         let scopes = action.scopes();
         if !token.scopes.iter().any(|s| scopes.contains(&s.as_str())) {
-            return error_response(
+            return HttpResponse::error(
                 403,
                 "Forbidden",
                 &format!(
@@ -754,7 +734,7 @@ impl Losant {
         match (action, key_id) {
             (Action::List, _) => self.list(&app_id, req.query.as_deref()),
             (Action::Create, _) => self.create_key(&app_id, &req.body),
-            (Action::Get, Some(k)) => json_response(200, &self.keys[&k].to_json()),
+            (Action::Get, Some(k)) => HttpResponse::json(200, &self.keys[&k].to_json()),
             (Action::Patch, Some(k)) => self.patch_key(&k, &req.body),
             (Action::Delete, Some(k)) => self.delete_key(&k),
             _ => not_found("Route was not found"),
@@ -789,13 +769,13 @@ impl Losant {
         if let Some(f) = &params.filter {
             body["filter"] = json!(f);
         }
-        json_response(200, &body)
+        HttpResponse::json(200, &body)
     }
 
     fn store_failed(&self, what: &str, e: &str) -> HttpResponse {
         self.host
             .warn(&format!("{NAME}: could not store {what}: {e}"));
-        error_response(500, "ServerError", &format!("could not store {what}"))
+        HttpResponse::error(500, "ServerError", &format!("could not store {what}"))
     }
 
     fn create_key(&mut self, app_id: &str, body: &str) -> HttpResponse {
@@ -815,7 +795,7 @@ impl Losant {
             id: self.fresh_id(now),
             application_id: app_id.to_string(),
             key,
-            secret_hash: digest_hex(&secret),
+            secret_hash: sha256_hex(&secret),
             status: Status::Active,
             description: None,
             device_ids: Vec::new(),
@@ -838,7 +818,7 @@ impl Losant {
         answer["secret"] = json!(secret);
         self.key_by_key.insert(rec.key.clone(), rec.id.clone());
         self.keys.insert(rec.id.clone(), rec);
-        json_response(201, &answer)
+        HttpResponse::json(201, &answer)
     }
 
     fn patch_key(&mut self, id: &str, body: &str) -> HttpResponse {
@@ -854,7 +834,7 @@ impl Losant {
         }
         let answer = rec.to_json();
         self.keys.insert(id.to_string(), rec);
-        json_response(200, &answer)
+        HttpResponse::json(200, &answer)
     }
 
     fn delete_key(&mut self, id: &str) -> HttpResponse {
@@ -868,7 +848,7 @@ impl Losant {
                 rec.application_id
             ));
         }
-        json_response(200, &json!({"success": true}))
+        HttpResponse::json(200, &json!({"success": true}))
     }
 }
 
@@ -893,37 +873,31 @@ impl Plugin for Losant {
     }
 
     fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
-        fn parse<'a, T: Deserialize<'a>>(op: &str, input: &'a [u8]) -> Result<T, String> {
-            serde_json::from_slice(input).map_err(|e| format!("{op}: bad input: {e}"))
-        }
-        fn answer<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
-            serde_json::to_vec(v).map_err(|e| e.to_string())
-        }
         match op {
             OP_BOOTSTRAP => {
-                let _: BootstrapRequest = parse(op, input)?;
-                answer(&BootstrapResponse { created: None })
+                let _: BootstrapRequest = decode_input(op, input)?;
+                encode_answer(&BootstrapResponse { created: None })
             }
             OP_AUTHENTICATE => {
-                let req: AuthRequest = parse(op, input)?;
-                answer(&self.authenticate(&req))
+                let req: AuthRequest = decode_input(op, input)?;
+                encode_answer(&self.authenticate(&req))
             }
-            OP_ROUTES => answer(&Self::routes()),
+            OP_ROUTES => encode_answer(&Self::routes()),
             OP_HTTP => {
-                let req: HttpRequest = parse(op, input)?;
-                answer(&self.http(req))
+                let req: HttpRequest = decode_input(op, input)?;
+                encode_answer(&self.http(req))
             }
             OP_CREATE_APPLICATION => {
-                let req: CreateApplication = parse(op, input)?;
-                answer(
+                let req: CreateApplication = decode_input(op, input)?;
+                encode_answer(
                     &self
                         .create_application(req)
                         .map_err(|e| format!("{op}: {e}"))?,
                 )
             }
             OP_CREATE_TOKEN => {
-                let req: CreateToken = parse(op, input)?;
-                answer(&self.create_token(req).map_err(|e| format!("{op}: {e}"))?)
+                let req: CreateToken = decode_input(op, input)?;
+                encode_answer(&self.create_token(req).map_err(|e| format!("{op}: {e}"))?)
             }
             other => Err(format!("{NAME}: unknown operation {other:?}")),
         }

@@ -2,10 +2,9 @@
 //! request bodies that create and change keys, and the mapping of a key's device filter
 //! and topics onto the core's `allow` patterns.
 
+use connectord_plugin_sdk::time::format_ms;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-
-use crate::time::format_iso;
 
 /// Longest description, in characters (the seed's schema).
 pub const MAX_DESCRIPTION: usize = 32_767;
@@ -139,8 +138,8 @@ impl KeyRecord {
         m.insert("id".into(), json!(self.id));
         m.insert("applicationKeyId".into(), json!(self.id));
         m.insert("applicationId".into(), json!(self.application_id));
-        m.insert("creationDate".into(), json!(format_iso(self.creation_date)));
-        m.insert("lastUpdated".into(), json!(format_iso(self.last_updated)));
+        m.insert("creationDate".into(), json!(format_ms(self.creation_date)));
+        m.insert("lastUpdated".into(), json!(format_ms(self.last_updated)));
         m.insert("key".into(), json!(self.key));
         m.insert("status".into(), json!(self.status.as_str()));
         if let Some(d) = &self.description {

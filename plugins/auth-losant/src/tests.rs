@@ -4,8 +4,10 @@ use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use connectord_plugin_sdk::level;
-use connectord_plugin_sdk::testing::MemoryHost;
+use connectord_plugin_sdk::testing::{
+    MemoryHost, assert_bad_input_refused, assert_config_field_refused, auth_request, authenticate,
+    call_http, call_json,
+};
 use serde_json::{Value, json};
 
 use super::*;
@@ -23,13 +25,6 @@ struct Fixture {
 
 fn new_plugin(host: &MemoryHost) -> Losant {
     Losant::create(json!({}), host.host()).expect("create")
-}
-
-fn call_json(p: &mut Losant, op: &str, input: &Value) -> Value {
-    let out = p
-        .call(op, input.to_string().as_bytes())
-        .unwrap_or_else(|e| panic!("{op} failed: {e}"));
-    serde_json::from_slice(&out).expect("answer is JSON")
 }
 
 fn create_app(p: &mut Losant, name: &str, domain: &str) -> String {
@@ -65,16 +60,7 @@ fn setup() -> Fixture {
 }
 
 fn auth_with(p: &mut Losant, headers: &[(&str, &str)]) -> AuthVerdict {
-    let req = AuthRequest {
-        method: "GET".into(),
-        path: "/v2/endpoints".into(),
-        headers: headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    };
-    let v = call_json(p, OP_AUTHENTICATE, &serde_json::to_value(req).unwrap());
-    serde_json::from_value(v).expect("AuthVerdict")
+    authenticate(p, &auth_request("GET", "/v2/endpoints", headers))
 }
 
 fn auth_bearer(p: &mut Losant, token: &str) -> AuthVerdict {
@@ -128,13 +114,7 @@ fn http_as(
         body: body.into(),
         principal,
     };
-    let v = call_json(p, OP_HTTP, &serde_json::to_value(req).unwrap());
-    let resp: HttpResponse = serde_json::from_value(v).expect("HttpResponse");
-    assert_eq!(
-        resp.headers.get("content-type").map(String::as_str),
-        Some("application/json")
-    );
-    let body: Value = serde_json::from_str(&resp.body).expect("body is JSON");
+    let (resp, body) = call_http(p, &req);
     (resp.status, body)
 }
 
@@ -201,14 +181,6 @@ fn enc(s: &str) -> String {
                 format!("%{b:02X}")
             }
         })
-        .collect()
-}
-
-/// Every stored byte (keys and values) as one lossy string.
-fn all_state_text(host: &MemoryHost) -> String {
-    host.state()
-        .iter()
-        .map(|(k, v)| format!("{k}\n{}\n", String::from_utf8_lossy(v)))
         .collect()
 }
 
@@ -305,13 +277,8 @@ fn ks(list: &[&str]) -> Vec<String> {
 
 #[test]
 fn config_empty_accepted_unknown_refused() {
-    let host = MemoryHost::new();
-    assert!(Losant::create(json!({}), host.host()).is_ok());
-    let err = Losant::create(json!({"hash": "md5"}), host.host())
-        .err()
-        .expect("unknown field refused");
-    assert!(err.contains("hash"), "{err}");
-    assert!(Losant::create(json!([]), host.host()).is_err());
+    assert_config_field_refused::<Losant>("hash", json!("md5"));
+    assert!(Losant::create(json!([]), MemoryHost::new().host()).is_err());
 }
 
 #[test]
@@ -361,18 +328,14 @@ fn routes_are_listed_as_authenticated() {
 fn unknown_op_and_bad_input_are_errors() {
     let host = MemoryHost::new();
     let mut p = new_plugin(&host);
-    assert!(p.call("nope", b"{}").unwrap_err().contains("nope"));
-    for op in [
+    let ops = [
         OP_BOOTSTRAP,
         OP_AUTHENTICATE,
         OP_HTTP,
         OP_CREATE_APPLICATION,
         OP_CREATE_TOKEN,
-    ] {
-        for input in [&b""[..], b"{", b"[]", b"\xff\xfe", b"{}"] {
-            assert!(p.call(op, input).is_err(), "{op} {input:?}");
-        }
-    }
+    ];
+    assert_bad_input_refused(&mut p, &ops, &[b"{}"]);
 }
 
 #[test]
@@ -416,8 +379,8 @@ fn create_application_and_token_validation() {
         serde_json::from_slice(&host.state()[&format!("token/{}", v["id"].as_str().unwrap())])
             .unwrap();
     assert_eq!(stored["scopes"], json!(["applicationKeys.get"]));
-    assert_eq!(stored["tokenHash"], digest_hex(token));
-    assert!(!all_state_text(&host).contains(token));
+    assert_eq!(stored["tokenHash"], sha256_hex(token));
+    assert!(!host.state_text().contains(token));
     assert!(!host.logs().iter().any(|(_, m)| m.contains(token)));
 
     let bad_tokens = [
@@ -1072,9 +1035,9 @@ fn post_creates_key_with_secret_shown_once() {
     assert!(!l.to_string().contains(&secret));
 
     // Stored: the digest, never the secret (nor in the logs).
-    let state = all_state_text(&f.host);
+    let state = f.host.state_text();
     assert!(!state.contains(&secret));
-    assert!(state.contains(&digest_hex(&secret)));
+    assert!(state.contains(&sha256_hex(&secret)));
     assert!(!f.host.logs().iter().any(|(_, m)| m.contains(&secret)));
 
     // An empty body is {}: defaults.
@@ -1435,6 +1398,13 @@ fn key_scopes() -> Vec<String> {
 }
 
 #[test]
+fn key_scopes_are_the_core_ones_but_limits_and_admin() {
+    let want = "endpoints:read resources:read resources:write subscriptions:read \
+                subscriptions:write notifications";
+    assert_eq!(KEY_SCOPES.join(" "), want);
+}
+
+#[test]
 fn basic_auth_accepted_with_principal_and_allow() {
     let mut f = setup();
     let d = "abcdef0123456789abcdef01";
@@ -1646,18 +1616,13 @@ fn unreadable_records_are_skipped_with_a_warning() {
         "token/cccccccccccccccccccccccc",
         &serde_json::to_vec(&json!({"id": "cccccccccccccccccccccccc",
             "applicationId": "dddddddddddddddddddddddd", "scopes": ["all.User"],
-            "tokenHash": digest_hex("t"), "creationDate": 1}))
+            "tokenHash": sha256_hex("t"), "creationDate": 1}))
         .unwrap(),
     )
     .unwrap();
 
     let mut p = new_plugin(&host);
-    let warnings: Vec<String> = host
-        .logs()
-        .into_iter()
-        .filter(|(l, _)| *l == level::WARN)
-        .map(|(_, m)| m)
-        .collect();
+    let warnings: Vec<String> = host.warnings();
     assert_eq!(warnings.len(), 3, "{warnings:?}");
     assert_eq!(auth_bearer(&mut p, "t"), AuthVerdict::NotMine);
     assert!(matches!(

@@ -45,9 +45,11 @@
 //! `not_found` (404), `conflict` or `limit_exceeded` (409), `internal_error` (500, a state
 //! write failed; nothing changed in memory).
 
+use connectord_plugin_sdk::auth::bearer_token;
 use connectord_plugin_sdk::http::{
     AUTHENTICATED, HttpRequest, HttpResponse, Route, RoutesResponse,
 };
+use connectord_plugin_sdk::secret::sha256_hex;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
@@ -55,7 +57,7 @@ use serde_json::{Map, Value, json};
 use crate::{
     AppRecord, KeyAction, KeyRecord, KeyStatus, MAX_ACTIVE_APPLICATIONS, MAX_ACTIVE_KEYS, NAME,
     PREFIX, Pelion, Permission, USER_PRINCIPAL_PREFIX, UserRecord, check_description, check_name,
-    digest_hex, normalize_scopes, random_id, time,
+    normalize_scopes, random_id, time,
 };
 
 /// Every route: (method, path).
@@ -128,14 +130,6 @@ pub fn limit_exceeded(message: impl Into<String>) -> ApiError {
 }
 
 type ApiResult = Result<(u16, Value), ApiError>;
-
-fn json_response(status: u16, body: &Value) -> HttpResponse {
-    HttpResponse {
-        status,
-        headers: [("content-type".to_string(), "application/json".to_string())].into(),
-        body: body.to_string(),
-    }
-}
 
 /// A parsed route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -396,8 +390,8 @@ impl Pelion {
                 .and_then(|caller| self.serve(op, &caller, &req)),
         };
         match result {
-            Ok((status, body)) => json_response(status, &body),
-            Err(e) => json_response(e.status, &json!({"type": e.kind, "message": e.message})),
+            Ok((status, body)) => HttpResponse::json(status, &body),
+            Err(e) => HttpResponse::error(e.status, e.kind, &e.message),
         }
     }
 
@@ -405,7 +399,7 @@ impl Pelion {
     /// (`user:<id>`) and the request's bearer token must be that user's token: a key_id
     /// alone is not trusted, since another backend could use the same form.
     fn caller(&self, req: &HttpRequest) -> Result<UserRecord, ApiError> {
-        let digest = crate::bearer_token(&req.headers).map(digest_hex);
+        let digest = bearer_token(&req.headers).map(sha256_hex);
         if let Some(id) = req.principal.key_id.strip_prefix(USER_PRINCIPAL_PREFIX) {
             return match self.users.get(id) {
                 Some(user)

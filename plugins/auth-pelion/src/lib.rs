@@ -70,17 +70,17 @@
 //! Configuration: none; `{}` is accepted and any field is refused by name.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use connectord_plugin_sdk::auth::{
-    AuthRequest, AuthVerdict, BootstrapResponse, OP_AUTHENTICATE, OP_BOOTSTRAP, PrincipalSpec,
+    ADMIN, AuthRequest, AuthVerdict, BootstrapResponse, OP_AUTHENTICATE, OP_BOOTSTRAP,
+    PrincipalSpec, SCOPES, bearer_token,
 };
 use connectord_plugin_sdk::http::{HttpRequest, OP_HTTP, OP_ROUTES};
-use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin};
-use rand::distr::{Alphanumeric, SampleString};
+use connectord_plugin_sdk::secret::{is_sha256_hex, random_alphanumeric, sha256_hex};
+use connectord_plugin_sdk::time::now_ms;
+use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin, decode_input, encode_answer};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 pub mod api;
 mod time;
@@ -100,20 +100,6 @@ pub const MAX_ACTIVE_APPLICATIONS: usize = 10;
 pub const MAX_ACTIVE_KEYS: usize = 10;
 /// The key_id of a user-token principal is this followed by the user id.
 pub const USER_PRINCIPAL_PREFIX: &str = "user:";
-
-/// Every core scope, in the canonical order scopes are stored and shown in.
-pub const CORE_SCOPES: &[&str] = &[
-    "endpoints:read",
-    "resources:read",
-    "resources:write",
-    "subscriptions:read",
-    "subscriptions:write",
-    "notifications",
-    "limits:read",
-    "admin",
-];
-/// The core scope that stands for every other.
-const ADMIN_SCOPE: &str = "admin";
 
 const USER_STATE: &str = "user/";
 const APP_STATE: &str = "app/";
@@ -245,7 +231,7 @@ struct UserRecord {
     domain: String,
     /// Sorted, no duplicates.
     permissions: Vec<Permission>,
-    /// Core scopes in [`CORE_SCOPES`] order.
+    /// Core scopes in [`SCOPES`] order.
     scopes: Vec<String>,
     /// SHA-256 (lower-case hex) of the user token.
     token_sha256: String,
@@ -262,7 +248,7 @@ impl UserRecord {
 
     /// May this user grant `scope` to an access key?
     fn may_grant(&self, scope: &str) -> bool {
-        self.scopes.iter().any(|s| s == ADMIN_SCOPE || s == scope)
+        self.scopes.iter().any(|s| s == ADMIN || s == scope)
     }
 
     /// May this user do `action` on the keys of an application owned by `owner`?
@@ -313,7 +299,7 @@ struct KeyRecord {
     created_by: String,
     name: String,
     description: String,
-    /// Core scopes in [`CORE_SCOPES`] order; never changed.
+    /// Core scopes in [`SCOPES`] order; never changed.
     scopes: Vec<String>,
     /// SHA-256 (lower-case hex) of the secret.
     secret_sha256: String,
@@ -391,34 +377,6 @@ pub struct Pelion {
     fake_now: Option<u64>,
 }
 
-/// SHA-256 of a secret, lower-case hex.
-fn digest_hex(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
-}
-
-fn is_digest_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive,
-/// spaces trimmed); `None` for no header, another scheme or an empty token.
-fn bearer_token(headers: &BTreeMap<String, String>) -> Option<&str> {
-    let value = headers.get("authorization")?.trim();
-    let (scheme, token) = value.split_once(|c: char| c.is_ascii_whitespace())?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    let token = token.trim();
-    (!token.is_empty()).then_some(token)
-}
-
 /// A name: 1 to [`MAX_NAME_CHARS`] characters, not blank, no control characters.
 fn check_name(what: &str, name: &str) -> Result<(), String> {
     let chars = name.chars().count();
@@ -444,13 +402,13 @@ fn check_description(description: &str) -> Result<(), String> {
 
 /// Checks scope names and puts them in canonical order without duplicates.
 fn normalize_scopes(scopes: &[String]) -> Result<Vec<String>, String> {
-    if let Some(bad) = scopes.iter().find(|s| !CORE_SCOPES.contains(&s.as_str())) {
+    if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
         return Err(format!(
             "unknown scope {bad:?}; the scopes are {}",
-            CORE_SCOPES.join(", ")
+            SCOPES.join(", ")
         ));
     }
-    Ok(CORE_SCOPES
+    Ok(SCOPES
         .iter()
         .filter(|c| scopes.iter().any(|s| s == *c))
         .map(|c| c.to_string())
@@ -518,14 +476,14 @@ impl Pelion {
         let mut keys: BTreeMap<String, KeyRecord> =
             load_records(&host, KEY_STATE, |k: &KeyRecord| &k.id)?;
         users.retain(|id, u| {
-            let ok = is_digest_hex(&u.token_sha256);
+            let ok = is_sha256_hex(&u.token_sha256);
             if !ok {
                 host.warn(&format!("{NAME}: skipping user {id}: bad token digest"));
             }
             ok
         });
         keys.retain(|id, k| {
-            let ok = is_digest_hex(&k.secret_sha256);
+            let ok = is_sha256_hex(&k.secret_sha256);
             if !ok {
                 host.warn(&format!(
                     "{NAME}: skipping access key {id}: bad secret digest"
@@ -575,10 +533,9 @@ impl Pelion {
 
     /// A fresh secret and its digest, unused by any key or user.
     fn new_secret(&self) -> (String, String) {
-        let mut rng = rand::rng();
         loop {
-            let secret = Alphanumeric.sample_string(&mut rng, SECRET_LEN);
-            let digest = digest_hex(&secret);
+            let secret = random_alphanumeric(SECRET_LEN);
+            let digest = sha256_hex(&secret);
             if !self.user_by_digest.contains_key(&digest)
                 && !self.key_by_digest.contains_key(&digest)
             {
@@ -722,7 +679,7 @@ impl Pelion {
         // Looked up by the SHA-256 of the presented token: what timing could leak is how
         // the digest of a guess relates to stored digests, which does not help find a
         // secret (SHA-256 is preimage resistant).
-        let digest = digest_hex(token);
+        let digest = sha256_hex(token);
         if let Some(key_id) = self.key_by_digest.get(&digest) {
             return match self.check_key(key_id) {
                 Ok(principal) => AuthVerdict::Accepted { principal },
@@ -819,25 +776,22 @@ impl Plugin for Pelion {
 
     fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
         fn parse<'a, T: Deserialize<'a>>(op: &str, input: &'a [u8]) -> Result<T, String> {
-            serde_json::from_slice(input).map_err(|e| format!("{NAME}: {op}: bad input: {e}"))
-        }
-        fn answer<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
-            serde_json::to_vec(v).map_err(|e| e.to_string())
+            decode_input(op, input).map_err(|e| format!("{NAME}: {e}"))
         }
         match op {
-            OP_BOOTSTRAP => answer(&self.bootstrap()),
+            OP_BOOTSTRAP => encode_answer(&self.bootstrap()),
             OP_AUTHENTICATE => {
                 let req: AuthRequest = parse(op, input)?;
-                answer(&self.authenticate(&req))
+                encode_answer(&self.authenticate(&req))
             }
-            OP_ROUTES => answer(&api::routes()),
+            OP_ROUTES => encode_answer(&api::routes()),
             OP_HTTP => {
                 let req: HttpRequest = parse(op, input)?;
-                answer(&self.http(req))
+                encode_answer(&self.http(req))
             }
             OP_CREATE_USER => {
                 let req: CreateUserInput = parse(op, input)?;
-                answer(&self.op_create_user(req)?)
+                encode_answer(&self.op_create_user(req)?)
             }
             other => Err(format!("{NAME}: unknown operation {other:?}")),
         }

@@ -3,11 +3,12 @@
 
 use std::collections::BTreeMap;
 
-use connectord_plugin_sdk::auth::{AuthRequest, AuthVerdict, OP_AUTHENTICATE, OP_BOOTSTRAP};
-use connectord_plugin_sdk::http::{
-    AUTHENTICATED, HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, RoutesResponse,
+use connectord_plugin_sdk::auth::{AuthVerdict, OP_BOOTSTRAP};
+use connectord_plugin_sdk::http::{AUTHENTICATED, HttpRequest, OP_ROUTES, RoutesResponse};
+use connectord_plugin_sdk::testing::{
+    MemoryHost, assert_bad_input_refused, assert_config_field_refused, auth_request, authenticate,
+    call_http, call_json,
 };
-use connectord_plugin_sdk::testing::MemoryHost;
 use serde_json::{Value, json};
 
 use super::*;
@@ -18,11 +19,6 @@ const ALL_SCOPES: &[&str] = &["admin"];
 
 fn new_plugin(host: &MemoryHost) -> Pelion {
     Pelion::create(json!({}), host.host()).expect("create")
-}
-
-fn call_json(p: &mut Pelion, op: &str, input: &Value) -> Value {
-    let out = p.call(op, input.to_string().as_bytes()).expect(op);
-    serde_json::from_slice(&out).expect("JSON answer")
 }
 
 struct User {
@@ -55,16 +51,7 @@ fn admin_user(p: &mut Pelion, name: &str) -> User {
 }
 
 fn auth_with(p: &mut Pelion, headers: &[(&str, &str)]) -> AuthVerdict {
-    let req = AuthRequest {
-        method: "GET".into(),
-        path: "/v2/endpoints".into(),
-        headers: headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    };
-    let v = call_json(p, OP_AUTHENTICATE, &serde_json::to_value(req).unwrap());
-    serde_json::from_value(v).expect("AuthVerdict")
+    authenticate(p, &auth_request("GET", "/v2/endpoints", headers))
 }
 
 fn auth(p: &mut Pelion, secret: &str) -> AuthVerdict {
@@ -116,13 +103,7 @@ fn api_as(
         body: body.into(),
         principal,
     };
-    let v = call_json(p, OP_HTTP, &serde_json::to_value(req).unwrap());
-    let resp: HttpResponse = serde_json::from_value(v).expect("HttpResponse");
-    assert_eq!(
-        resp.headers.get("content-type").map(String::as_str),
-        Some("application/json")
-    );
-    let body: Value = serde_json::from_str(&resp.body).expect("JSON body");
+    let (resp, body) = call_http(p, &req);
     if resp.status >= 400 {
         assert!(body["type"].is_string(), "{body}");
         assert!(body["message"].is_string(), "{body}");
@@ -204,13 +185,6 @@ fn ids(list: &Value) -> Vec<String> {
         .unwrap()
         .iter()
         .map(|v| v["id"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn all_state_text(host: &MemoryHost) -> String {
-    host.state()
-        .iter()
-        .map(|(k, v)| format!("{k}\n{}\n", String::from_utf8_lossy(v)))
         .collect()
 }
 
@@ -324,24 +298,15 @@ fn permission_names_match_serde() {
 
 #[test]
 fn config_empty_accepted_unknown_refused() {
-    let host = MemoryHost::new();
-    assert!(Pelion::create(json!({}), host.host()).is_ok());
-    let err = Pelion::create(json!({"max_applications": 20}), host.host())
-        .err()
-        .expect("unknown field refused");
-    assert!(err.contains("max_applications"), "{err}");
+    assert_config_field_refused::<Pelion>("max_applications", json!(20));
 }
 
 #[test]
 fn unknown_op_and_bad_input_are_errors() {
     let host = MemoryHost::new();
     let mut p = new_plugin(&host);
-    assert!(p.call("nope", b"{}").unwrap_err().contains("nope"));
-    for op in [OP_AUTHENTICATE, OP_HTTP, OP_CREATE_USER] {
-        for input in [&b""[..], b"{", b"[]", b"\xff\xfe", b"{}"] {
-            assert!(p.call(op, input).is_err(), "{op} {input:?}");
-        }
-    }
+    let ops = [OP_AUTHENTICATE, OP_HTTP, OP_CREATE_USER];
+    assert_bad_input_refused(&mut p, &ops, &[b"{}"]);
 }
 
 // ---- authentication ----
@@ -1637,14 +1602,14 @@ fn secrets_are_stored_only_hashed() {
     let u = admin_user(&mut p, "u");
     let app = create_app(&mut p, &u, "a");
     let (key, secret) = create_key(&mut p, &u, &app, &["endpoints:read"]);
-    let state = all_state_text(&host);
+    let state = host.state_text();
     let logs: String = host.logs().into_iter().map(|(_, m)| m + "\n").collect();
     for s in [&secret, &u.token] {
         assert!(!state.contains(s.as_str()));
         assert!(!logs.contains(s.as_str()));
     }
-    assert!(state.contains(&digest_hex(&secret)));
-    assert!(state.contains(&digest_hex(&u.token)));
+    assert!(state.contains(&sha256_hex(&secret)));
+    assert!(state.contains(&sha256_hex(&u.token)));
     let state = host.state();
     assert!(state.contains_key(&format!("user/{}", u.id)));
     assert!(state.contains_key(&format!("app/{app}")));
@@ -1671,11 +1636,6 @@ fn unreadable_records_are_skipped() {
         auth(&mut p, &secret),
         AuthVerdict::Accepted { .. }
     ));
-    let warnings: Vec<String> = host
-        .logs()
-        .into_iter()
-        .filter(|(l, _)| *l == connectord_plugin_sdk::level::WARN)
-        .map(|(_, m)| m)
-        .collect();
+    let warnings: Vec<String> = host.warnings();
     assert_eq!(warnings.len(), 2, "{warnings:?}");
 }

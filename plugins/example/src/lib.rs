@@ -11,7 +11,7 @@
 use connectord_plugin_sdk::http::{
     HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse,
 };
-use connectord_plugin_sdk::{ABI_VERSION, Host, Kind, Plugin, declare_plugin};
+use connectord_plugin_sdk::{ABI_VERSION, Host, Kind, Plugin, declare_plugin, encode_answer};
 
 const VARIANT: &str = match option_env!("CONNECTORD_EXAMPLE_VARIANT") {
     Some(v) => v,
@@ -59,7 +59,7 @@ impl Plugin for Example {
                         },
                     ],
                 };
-                serde_json::to_vec(&routes).map_err(|e| e.to_string())
+                encode_answer(&routes)
             }
             OP_HTTP => {
                 let req: HttpRequest = serde_json::from_slice(input).map_err(|e| e.to_string())?;
@@ -69,13 +69,8 @@ impl Plugin for Example {
                 self.calls += 1;
                 self.host
                     .state_put("calls", self.calls.to_string().as_bytes())?;
-                let body = serde_json::json!({"variant": VARIANT, "calls": self.calls}).to_string();
-                let resp = HttpResponse {
-                    status: 200,
-                    headers: [("content-type".to_string(), "application/json".to_string())].into(),
-                    body,
-                };
-                serde_json::to_vec(&resp).map_err(|e| e.to_string())
+                let body = serde_json::json!({"variant": VARIANT, "calls": self.calls});
+                encode_answer(&HttpResponse::json(200, &body))
             }
             other => Err(format!("unknown operation {other}")),
         }

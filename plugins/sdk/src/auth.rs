@@ -1,5 +1,6 @@
 //! The auth backend protocol: operation [`OP_AUTHENTICATE`] with an [`AuthRequest`],
-//! answered by an [`AuthVerdict`]; and [`OP_BOOTSTRAP`] at start.
+//! answered by an [`AuthVerdict`]; and [`OP_BOOTSTRAP`] at start. Also the core scope names
+//! ([`SCOPES`]) and the parsing of `Authorization: Bearer` ([`bearer_token`]).
 
 use std::collections::BTreeMap;
 
@@ -11,6 +12,45 @@ pub const OP_AUTHENTICATE: &str = "authenticate";
 /// all may create a first admin credential and return it in a [`BootstrapResponse`]; the
 /// host writes it to a file only the daemon's user can read and logs where.
 pub const OP_BOOTSTRAP: &str = "bootstrap";
+
+/// The core scope that stands for every other.
+pub const ADMIN: &str = "admin";
+
+/// Every core scope but [`ADMIN`], in canonical order.
+pub const NON_ADMIN_SCOPES: [&str; 7] = [
+    "endpoints:read",
+    "resources:read",
+    "resources:write",
+    "subscriptions:read",
+    "subscriptions:write",
+    "notifications",
+    "limits:read",
+];
+
+/// Every core scope, in canonical order: [`NON_ADMIN_SCOPES`], then [`ADMIN`].
+pub const SCOPES: [&str; 8] = {
+    let mut all = [ADMIN; 8];
+    let mut i = 0;
+    while i < NON_ADMIN_SCOPES.len() {
+        all[i] = NON_ADMIN_SCOPES[i];
+        i += 1;
+    }
+    all
+};
+
+/// The token of an `Authorization: Bearer <token>` header (`headers` as in
+/// [`AuthRequest::headers`], names lower-case): the scheme is matched case-insensitively
+/// and surrounding spaces are trimmed. `None` for no header, another scheme, or an empty
+/// token.
+pub fn bearer_token(headers: &BTreeMap<String, String>) -> Option<&str> {
+    let value = headers.get("authorization")?.trim();
+    let (scheme, token) = value.split_once(|c: char| c.is_ascii_whitespace())?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim();
+    (!token.is_empty()).then_some(token)
+}
 
 /// What the backend sees of a REST request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,8 +68,9 @@ pub struct PrincipalSpec {
     pub key_id: String,
     /// The one domain the caller sees.
     pub domain: String,
-    /// Core scopes: `endpoints:read`, `resources:read`, `resources:write`,
-    /// `subscriptions:read`, `subscriptions:write`, `notifications`, `limits:read`, `admin`.
+    /// Core scopes: any of [`SCOPES`] (`endpoints:read`, `resources:read`,
+    /// `resources:write`, `subscriptions:read`, `subscriptions:write`, `notifications`,
+    /// `limits:read`, `admin`).
     pub scopes: Vec<String>,
     /// Optional restriction to some endpoints and resources: patterns
     /// `<endpoint glob>[/<resource path glob>]` where `*` matches any run of characters,
@@ -65,4 +106,32 @@ pub struct BootstrapRequest {
 pub struct BootstrapResponse {
     /// The secret of a credential created now (shown once), if one was.
     pub created: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scope_lists() {
+        let all = "endpoints:read resources:read resources:write subscriptions:read \
+                   subscriptions:write notifications limits:read admin";
+        assert_eq!(SCOPES.join(" "), all);
+        assert_eq!(SCOPES[..7], NON_ADMIN_SCOPES);
+        assert_eq!(SCOPES[7], ADMIN);
+    }
+
+    #[test]
+    fn bearer_token_parsing() {
+        let headers = |v: &str| BTreeMap::from([("authorization".to_string(), v.to_string())]);
+        assert_eq!(bearer_token(&headers("Bearer abc")), Some("abc"));
+        assert_eq!(bearer_token(&headers(" bearer  abc ")), Some("abc"));
+        assert_eq!(bearer_token(&headers("BEARER\tabc")), Some("abc"));
+        assert_eq!(bearer_token(&headers("Bearer")), None);
+        assert_eq!(bearer_token(&headers("Bearer ")), None);
+        assert_eq!(bearer_token(&headers("Bearerabc")), None);
+        assert_eq!(bearer_token(&headers("Token abc")), None);
+        assert_eq!(bearer_token(&headers("")), None);
+        assert_eq!(bearer_token(&BTreeMap::new()), None);
+    }
 }

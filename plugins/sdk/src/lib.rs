@@ -14,14 +14,20 @@
 //! time; a plugin needs no locking of its own and should start no threads (if it must,
 //! it stops them in `Drop`).
 //!
-//! The operations each kind answers are typed in [`auth`], [`sink`] and [`http`].
+//! The operations each kind answers are typed in [`auth`], [`sink`] and [`http`];
+//! [`decode_input`] and [`encode_answer`] carry them as JSON. Helpers that several plugins
+//! share: [`secret`] (random secrets and their SHA-256 digests) and [`time`] (epoch
+//! milliseconds as ISO 8601 text); [`testing`] is an in-memory host and call helpers for
+//! unit tests.
 
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 pub mod auth;
 pub mod http;
+pub mod secret;
 pub mod sink;
+pub mod time;
 
 /// Version of the ABI below. A plugin built for another version is refused at load.
 /// Bump it on any change to [`PluginTable`] or [`HostApi`].
@@ -292,6 +298,17 @@ pub trait Plugin: Sized + 'static {
     fn create(config: serde_json::Value, host: Host) -> Result<Self, String>;
     /// Answers one operation; `input` and the answer are JSON by convention.
     fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String>;
+}
+
+/// Decodes the JSON input of operation `op` (for [`Plugin::call`]); the error reads
+/// `<op>: bad input: <why>`.
+pub fn decode_input<'a, T: serde::Deserialize<'a>>(op: &str, input: &'a [u8]) -> Result<T, String> {
+    serde_json::from_slice(input).map_err(|e| format!("{op}: bad input: {e}"))
+}
+
+/// Encodes an answer of [`Plugin::call`] as JSON.
+pub fn encode_answer<T: serde::Serialize>(answer: &T) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(answer).map_err(|e| e.to_string())
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {

@@ -1,15 +1,23 @@
-//! An in-memory host for plugin unit tests: state in a map, log lines collected.
+//! For plugin unit tests: an in-memory host ([`MemoryHost`]: state in a map, log lines
+//! collected); helpers that call a plugin with JSON and decode its answer ([`call_json`],
+//! [`authenticate`] with an [`auth_request`], [`call_http`]); and checks of what a plugin
+//! refuses ([`assert_bad_input_refused`], [`assert_config_field_refused`]).
 //!
 //! ```ignore
 //! let host = MemoryHost::new();
 //! let mut p = MyPlugin::create(serde_json::json!({}), host.host()).unwrap();
+//! let verdict = authenticate(&mut p, &auth_request("GET", "/endpoints", &[("x-key", "k")]));
 //! ```
 
 use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
-use crate::{ABI_VERSION, Buf, Host, HostApi};
+use serde_json::Value;
+
+use crate::auth::{AuthRequest, AuthVerdict, OP_AUTHENTICATE};
+use crate::http::{HttpRequest, HttpResponse, OP_HTTP};
+use crate::{ABI_VERSION, Buf, Host, HostApi, Plugin, level};
 
 #[derive(Default)]
 struct Inner {
@@ -161,5 +169,204 @@ impl MemoryHost {
             .unwrap_or_else(|p| p.into_inner())
             .logs
             .clone()
+    }
+
+    /// The log lines of level [`level::WARN`] so far.
+    pub fn warnings(&self) -> Vec<String> {
+        self.logs()
+            .into_iter()
+            .filter(|(l, _)| *l == level::WARN)
+            .map(|(_, m)| m)
+            .collect()
+    }
+
+    /// Every stored key and value (UTF-8, lossily), as `key\nvalue\n` one after the other:
+    /// to check that some text (a secret) is stored nowhere.
+    pub fn state_text(&self) -> String {
+        self.state()
+            .iter()
+            .map(|(k, v)| format!("{k}\n{}\n", String::from_utf8_lossy(v)))
+            .collect()
+    }
+}
+
+/// Header pairs as a header map (names taken as given: the host hands them over
+/// lower-case).
+pub fn headers(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// An [`AuthRequest`] with these header pairs (see [`headers`]).
+pub fn auth_request(method: &str, path: &str, header_pairs: &[(&str, &str)]) -> AuthRequest {
+    AuthRequest {
+        method: method.into(),
+        path: path.into(),
+        headers: headers(header_pairs),
+    }
+}
+
+/// Calls `op` with `input` as JSON and decodes the answer as JSON; panics if the call fails
+/// or the answer is not JSON.
+pub fn call_json<P: Plugin>(p: &mut P, op: &str, input: &Value) -> Value {
+    let out = p
+        .call(op, input.to_string().as_bytes())
+        .unwrap_or_else(|e| panic!("{op} failed: {e}"));
+    serde_json::from_slice(&out).expect("answer is JSON")
+}
+
+/// Asks `p` to authenticate `req` ([`OP_AUTHENTICATE`]); panics unless the answer is an
+/// [`AuthVerdict`].
+pub fn authenticate<P: Plugin>(p: &mut P, req: &AuthRequest) -> AuthVerdict {
+    let input = serde_json::to_value(req).expect("AuthRequest as JSON");
+    serde_json::from_value(call_json(p, OP_AUTHENTICATE, &input)).expect("AuthVerdict")
+}
+
+/// Hands `req` to `p` ([`OP_HTTP`]) and returns the response with its body decoded; panics
+/// unless the answer is an [`HttpResponse`] with `content-type: application/json` and a
+/// JSON body.
+pub fn call_http<P: Plugin>(p: &mut P, req: &HttpRequest) -> (HttpResponse, Value) {
+    let input = serde_json::to_value(req).expect("HttpRequest as JSON");
+    let resp: HttpResponse =
+        serde_json::from_value(call_json(p, OP_HTTP, &input)).expect("HttpResponse");
+    assert_eq!(
+        resp.headers.get("content-type").map(String::as_str),
+        Some("application/json"),
+        "{} {}",
+        req.method,
+        req.path
+    );
+    let body: Value = serde_json::from_str(&resp.body).expect("body is JSON");
+    (resp, body)
+}
+
+/// Inputs that are no operation's JSON document: empty, truncated, an array, not UTF-8.
+pub const BAD_INPUTS: [&[u8]; 4] = [b"", b"{", b"[]", b"\xff\xfe"];
+
+/// Asserts that `p` answers an unknown operation (`nope`) with an error that names it, and each of
+/// `ops` with an error for each of [`BAD_INPUTS`] and of `also` (say `{}` for operations
+/// whose input has required fields).
+pub fn assert_bad_input_refused<P: Plugin>(p: &mut P, ops: &[&str], also: &[&[u8]]) {
+    assert!(p.call("nope", b"{}").unwrap_err().contains("nope"));
+    for op in ops {
+        for input in BAD_INPUTS.iter().chain(also) {
+            assert!(p.call(op, input).is_err(), "{op} {input:?}");
+        }
+    }
+}
+
+/// Asserts that `P` accepts the configuration `{}` and refuses `{field: value}` with an
+/// error that names `field` (an unknown field, say).
+pub fn assert_config_field_refused<P: Plugin>(field: &str, value: Value) {
+    let host = MemoryHost::new();
+    assert!(P::create(Value::Object(Default::default()), host.host()).is_ok());
+    let config = Value::Object([(field.to_string(), value)].into_iter().collect());
+    let err = P::create(config, host.host())
+        .err()
+        .expect("unknown field refused");
+    assert!(err.contains(field), "{err}");
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::auth::PrincipalSpec;
+    use crate::{Kind, decode_input, encode_answer};
+
+    /// Accepts a request whose `x-key` header is `k`; answers every route with its path.
+    struct Echo {
+        host: Host,
+    }
+
+    impl Plugin for Echo {
+        const NAME: &'static str = "echo";
+        const KIND: Kind = Kind::Auth;
+
+        fn create(config: Value, host: Host) -> Result<Self, String> {
+            match config.as_object().and_then(|o| o.keys().next()) {
+                Some(field) => Err(format!("unknown field {field}")),
+                None => Ok(Echo { host }),
+            }
+        }
+
+        fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
+            match op {
+                OP_AUTHENTICATE => {
+                    let req: AuthRequest = decode_input(op, input)?;
+                    let verdict = match req.headers.get("x-key").map(String::as_str) {
+                        Some("k") => AuthVerdict::Accepted {
+                            principal: PrincipalSpec {
+                                key_id: req.method,
+                                domain: req.path,
+                                scopes: Vec::new(),
+                                allow: None,
+                            },
+                        },
+                        _ => AuthVerdict::NotMine,
+                    };
+                    encode_answer(&verdict)
+                }
+                OP_HTTP => {
+                    let req: HttpRequest = decode_input(op, input)?;
+                    self.host.warn(&format!("served {}", req.path));
+                    self.host.info("info line");
+                    self.host.state_put("k\u{e9}y", b"v\xffalue")?;
+                    encode_answer(&HttpResponse::json(200, &json!({"path": req.path})))
+                }
+                other => Err(format!("unknown operation {other}")),
+            }
+        }
+    }
+
+    #[test]
+    fn helpers_call_the_plugin_with_json() {
+        let host = MemoryHost::new();
+        let mut p = Echo::create(json!({}), host.host()).unwrap();
+
+        let req = auth_request("GET", "/endpoints", &[("x-key", "k"), ("other", "v")]);
+        assert_eq!(req.headers, headers(&[("other", "v"), ("x-key", "k")]));
+        match authenticate(&mut p, &req) {
+            AuthVerdict::Accepted { principal } => {
+                assert_eq!(
+                    (principal.key_id.as_str(), principal.domain.as_str()),
+                    ("GET", "/endpoints")
+                );
+            }
+            other => panic!("expected Accepted, got {other:?}"),
+        }
+        let req = auth_request("GET", "/endpoints", &[]);
+        assert_eq!(authenticate(&mut p, &req), AuthVerdict::NotMine);
+
+        let req = HttpRequest {
+            method: "GET".into(),
+            path: "/x".into(),
+            query: None,
+            headers: BTreeMap::new(),
+            body: String::new(),
+            principal: PrincipalSpec {
+                key_id: "id".into(),
+                domain: "d".into(),
+                scopes: Vec::new(),
+                allow: None,
+            },
+        };
+        let (resp, body) = call_http(&mut p, &req);
+        assert_eq!(resp.status, 200);
+        assert_eq!(body, json!({"path": "/x"}));
+        assert_eq!(host.warnings(), vec!["served /x".to_string()]);
+        assert_eq!(host.logs().len(), 2);
+        assert_eq!(host.state_text(), "k\u{e9}y\nv\u{fffd}alue\n");
+
+        assert_bad_input_refused(&mut p, &[OP_AUTHENTICATE, OP_HTTP], &[b"{}"]);
+        assert_config_field_refused::<Echo>("hash", json!("md5"));
+        assert!(
+            p.call(OP_HTTP, b"[]")
+                .unwrap_err()
+                .starts_with("http: bad input: ")
+        );
     }
 }
