@@ -1,1 +1,1049 @@
-fn main() {}
+//! `connectord-bench`: drives the real `connectord` binary over loopback and measures
+//! registrations/s, proxied reads/s with latency, notifications/s delivered to a
+//! long-poll, RSS per registered endpoint and restart time with stored registrations.
+//!
+//! Every scenario starts its own daemon (fresh state directory in the temp dir, REST and
+//! CoAP on `127.0.0.1:0`), drives it with the in-process device simulator
+//! (`connectord::simulate`) and plain HTTP/1.1 keep-alive clients, and is bounded in
+//! count and time. Only 127.0.0.0/8 addresses are ever used.
+//!
+//! The simulator runs in this process, on the same cores as the daemon: the figures are
+//! those of the pair, not of the daemon alone.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use clap::Parser;
+use connectord::simulate::{SimOptions, SimReport};
+use serde_json::{Value, json};
+
+/// Benchmarks of the real connectord daemon over loopback.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The daemon binary to run.
+    #[arg(long, default_value = "target/release/connectord")]
+    daemon: PathBuf,
+    /// Run the registrations/s scenario (without any scenario flag: all of them).
+    #[arg(long)]
+    registrations: bool,
+    /// Run the proxied reads scenario.
+    #[arg(long)]
+    reads: bool,
+    /// Run the notifications/s scenario.
+    #[arg(long)]
+    notifications: bool,
+    /// Run the RSS per endpoint scenario.
+    #[arg(long)]
+    rss: bool,
+    /// Run the restart time scenario.
+    #[arg(long)]
+    restart: bool,
+    /// Also measure RSS and restart with `--big-devices` registrations (needs that many
+    /// file descriptors: ulimit -n).
+    #[arg(long)]
+    big: bool,
+    /// Devices registered for registrations/s, RSS and restart.
+    #[arg(long, default_value_t = 10_000)]
+    devices: usize,
+    /// Devices of the `--big` run.
+    #[arg(long, default_value_t = 100_000)]
+    big_devices: usize,
+    /// Most simulated devices per 127.0.0.x bind address (ephemeral ports per address).
+    #[arg(long, default_value_t = 20_000)]
+    per_address: usize,
+    /// Devices answering the proxied reads.
+    #[arg(long, default_value_t = 100)]
+    read_devices: usize,
+    /// Proxied reads issued.
+    #[arg(long, default_value_t = 20_000)]
+    read_count: usize,
+    /// HTTP client threads issuing reads (each one keep-alive connection).
+    #[arg(long, default_value_t = 8)]
+    read_threads: usize,
+    /// Most reads outstanding (sent, async response not yet pulled) at once.
+    #[arg(long, default_value_t = 1000)]
+    read_window: usize,
+    /// Devices sending notifications.
+    #[arg(long, default_value_t = 1000)]
+    notify_devices: usize,
+    /// Interval between a device's notifications, in ms.
+    #[arg(long, default_value_t = 10)]
+    notify_interval_ms: u64,
+    /// Seconds of notifications counted (after the warm-up).
+    #[arg(long, default_value_t = 10)]
+    notify_window_s: u64,
+    /// Seconds between the last registration and the counting window.
+    #[arg(long, default_value_t = 3)]
+    notify_warmup_s: u64,
+    /// `[notifications] max_batch` of the daemon (events per long-poll answer).
+    #[arg(long, default_value_t = 500)]
+    max_batch: usize,
+    /// `[log] level` of the daemon (its default is info: one line per registration).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Time limit of each phase (registering, reading, restarting), in seconds.
+    #[arg(long, default_value_t = 180)]
+    timeout_s: u64,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// One line of the results table.
+#[derive(Debug, Clone)]
+struct Row {
+    scenario: String,
+    value: f64,
+    unit: &'static str,
+    target: Option<(f64, bool)>, // (target, higher is better)
+    detail: String,
+}
+
+impl Row {
+    fn met(&self) -> Option<bool> {
+        self.target.map(|(t, higher)| {
+            if higher {
+                self.value >= t
+            } else {
+                self.value <= t
+            }
+        })
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// The daemon process
+// ----------------------------------------------------------------------------------------
+
+static DIR_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A running daemon with its own state directory (removed on drop).
+struct Daemon {
+    bin: PathBuf,
+    dir: PathBuf,
+    config: PathBuf,
+    child: Option<Child>,
+    logs: Arc<Mutex<Vec<String>>>,
+    rest: SocketAddr,
+    coap: SocketAddr,
+    key: String,
+    /// From spawn to the "ready" log line.
+    start_to_ready: Duration,
+}
+
+impl Daemon {
+    fn start(bin: &Path, args: &Args) -> Result<Daemon> {
+        let bin = std::fs::canonicalize(bin).with_context(|| {
+            format!(
+                "daemon binary {} (build it: cargo build --release -p connectord)",
+                bin.display()
+            )
+        })?;
+        let dir = std::env::temp_dir().join(format!(
+            "connectord-bench-{}-{}",
+            std::process::id(),
+            DIR_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(dir.join("scripts"))?;
+        let config = dir.join("connectord.toml");
+        let toml = format!(
+            "[log]\nlevel = \"{}\"\n[state]\ndir = \"{}\"\n[rest]\nlisten = [\"127.0.0.1:0\"]\n\
+             [coap]\nlisten = [\"127.0.0.1:0\"]\n[lua]\ndir = \"{}\"\n\
+             [notifications]\nmax_batch = {}\n",
+            args.log_level,
+            dir.join("state").display(),
+            dir.join("scripts").display(),
+            args.max_batch
+        );
+        std::fs::write(&config, toml)?;
+        let mut d = Daemon {
+            bin,
+            dir,
+            config,
+            child: None,
+            logs: Arc::new(Mutex::new(Vec::new())),
+            rest: SocketAddr::from(([127, 0, 0, 1], 0)),
+            coap: SocketAddr::from(([127, 0, 0, 1], 0)),
+            key: String::new(),
+            start_to_ready: Duration::ZERO,
+        };
+        d.spawn(Duration::from_secs(args.timeout_s))?;
+        Ok(d)
+    }
+
+    /// Starts the process and waits for its "ready" line and listening addresses.
+    fn spawn(&mut self, timeout: Duration) -> Result<()> {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        self.logs = Arc::clone(&logs);
+        let t0 = Instant::now();
+        let mut child = Command::new(&self.bin)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .spawn()
+            .with_context(|| format!("spawn {}", self.bin.display()))?;
+        let stderr = child.stderr.take().context("daemon stderr")?;
+        self.child = Some(child);
+        let ready = Arc::new(AtomicBool::new(false));
+        let ready_w = Arc::clone(&ready);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("connectord::daemon") && line.ends_with(" ready") {
+                    ready_w.store(true, Ordering::Release);
+                }
+                // Keep the start-up lines and warnings; drop the per-registration chatter.
+                let mut l = logs.lock().unwrap();
+                if l.len() < 200 || line.contains("WARN") || line.contains("ERROR") {
+                    l.push(line);
+                }
+            }
+        });
+        let deadline = t0 + timeout;
+        while !ready.load(Ordering::Acquire) {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "connectord exited during start ({st}):\n{}",
+                    self.logs.lock().unwrap().join("\n")
+                );
+            }
+            ensure!(Instant::now() < deadline, "connectord did not get ready");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.start_to_ready = t0.elapsed();
+        self.rest = self.logged_addr("REST API listening on http://")?;
+        self.coap = self.logged_addr("CoAP listening on udp://")?;
+        ensure!(
+            self.rest.ip().is_loopback() && self.coap.ip().is_loopback(),
+            "the daemon listens on a non-loopback address ({} / {}): refusing to go on",
+            self.rest,
+            self.coap
+        );
+        self.key = std::fs::read_to_string(self.dir.join("state").join("admin.key"))
+            .context("read admin.key")?
+            .trim()
+            .to_string();
+        Ok(())
+    }
+
+    fn logged_addr(&self, prefix: &str) -> Result<SocketAddr> {
+        let logs = self.logs.lock().unwrap();
+        logs.iter()
+            .rev()
+            .find_map(|l| l.split(prefix).nth(1).and_then(|a| a.trim().parse().ok()))
+            .ok_or_else(|| anyhow!("no '{prefix}' in the daemon log"))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// `kill -9` and reap.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn api(&self) -> Api {
+        Api::new(self.rest, &self.key, Duration::from_secs(40))
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .take(5)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Resident set size of a process, in KiB.
+fn vm_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/<pid>/status")
+}
+
+/// The soft limit of open files of this process.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+fn check_fds(devices: usize) -> Result<()> {
+    if let Some(limit) = open_files_limit() {
+        let need = devices as u64 + 256;
+        ensure!(
+            limit >= need,
+            "{devices} simulated devices need about {need} open files but ulimit -n is {limit}: \
+             raise it (ulimit -n {need}, or LimitNOFILE) or simulate fewer devices"
+        );
+    }
+    Ok(())
+}
+
+// ----------------------------------------------------------------------------------------
+// HTTP
+// ----------------------------------------------------------------------------------------
+
+/// A keep-alive HTTP/1.1 client of one daemon.
+struct Api {
+    base: String,
+    auth: String,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    fn new(rest: SocketAddr, key: &str, timeout: Duration) -> Api {
+        assert!(rest.ip().is_loopback(), "loopback only");
+        Api {
+            base: format!("http://{rest}"),
+            auth: format!("Bearer {key}"),
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(timeout))
+                .build()
+                .into(),
+        }
+    }
+
+    fn get(&self, path: &str) -> Result<(u16, String)> {
+        let mut r = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", &self.auth)
+            .call()
+            .with_context(|| format!("GET {path}"))?;
+        let status = r.status().as_u16();
+        let body = r
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024 * 1024)
+            .read_to_string()?;
+        Ok((status, body))
+    }
+
+    fn put_json(&self, path: &str, body: &str) -> Result<(u16, String)> {
+        let mut r = self
+            .agent
+            .put(format!("{}{path}", self.base))
+            .header("Authorization", &self.auth)
+            .header("Content-Type", "application/json")
+            .send(body)
+            .with_context(|| format!("PUT {path}"))?;
+        let status = r.status().as_u16();
+        Ok((status, r.body_mut().read_to_string()?))
+    }
+
+    /// Values of `connectord_*` metrics, by name without the prefix.
+    fn metrics(&self) -> Result<HashMap<String, u64>> {
+        let (status, body) = self.get("/metrics")?;
+        ensure!(status == 200, "/metrics answered {status}");
+        Ok(body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((
+                    k.strip_prefix("connectord_")?.to_string(),
+                    v.trim().parse().ok()?,
+                ))
+            })
+            .collect())
+    }
+
+    fn metric(&self, name: &str) -> Result<u64> {
+        self.metrics()?
+            .get(name)
+            .copied()
+            .ok_or_else(|| anyhow!("no metric {name}"))
+    }
+
+    /// Creates the key's notification channel (events before it are not kept for it).
+    fn open_channel(&self) -> Result<()> {
+        let (s, b) = self.get("/v2/notification/pull?noWait=true")?;
+        ensure!(s == 200 || s == 204, "pull answered {s}: {b}");
+        Ok(())
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// The simulator
+// ----------------------------------------------------------------------------------------
+
+/// Simulated devices in this process, spread over 127.0.0.x bind addresses.
+struct Sims {
+    rt: tokio::runtime::Runtime,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    handles: Vec<tokio::task::JoinHandle<Result<SimReport, connectord::simulate::SimError>>>,
+}
+
+impl Sims {
+    fn start(
+        server: SocketAddr,
+        devices: usize,
+        per_address: usize,
+        prefix: &str,
+        notify_interval_ms: u64,
+    ) -> Result<Sims> {
+        ensure!(server.ip().is_loopback(), "loopback only");
+        check_fds(devices)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let per = per_address.max(1);
+        let groups = devices.div_ceil(per);
+        ensure!(groups <= 250, "too many bind addresses ({groups})");
+        let mut stops = Vec::new();
+        let mut handles = Vec::new();
+        for g in 0..groups {
+            let n = per.min(devices - g * per);
+            let bind = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + g as u8));
+            assert!(bind.is_loopback());
+            let opts = SimOptions {
+                devices: n,
+                server,
+                name_prefix: format!("{prefix}{g}-"),
+                lifetime_s: 86_400,
+                notify_interval_ms,
+                bind,
+                queue_mode: false,
+                domain: None,
+                register_rate: 0,
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            stops.push(tx);
+            handles.push(rt.spawn(connectord::simulate::run(opts, async move {
+                let _ = rx.await;
+            })));
+        }
+        Ok(Sims { rt, stops, handles })
+    }
+
+    /// An error if a simulator has ended (they only end early on failure).
+    fn check(&mut self) -> Result<()> {
+        if let Some(i) = self.handles.iter().position(|h| h.is_finished()) {
+            let h = self.handles.remove(i);
+            match self.rt.block_on(h) {
+                Ok(Err(e)) => {
+                    if matches!(e, connectord::simulate::SimError::TooManyOpenFiles { .. }) {
+                        eprintln!("hint: raise the open files limit (ulimit -n)");
+                    }
+                    bail!("simulator failed: {e}")
+                }
+                Ok(Ok(r)) => bail!("simulator ended early: {r:?}"),
+                Err(e) => bail!("simulator task failed: {e}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops gracefully (devices de-register), bounded; returns the summed report.
+    fn stop(mut self, timeout: Duration) -> Option<SimReport> {
+        for s in self.stops.drain(..) {
+            let _ = s.send(());
+        }
+        let handles = std::mem::take(&mut self.handles);
+        let all = async {
+            let mut sum = SimReport::default();
+            for h in handles {
+                if let Ok(Ok(r)) = h.await {
+                    sum.registered += r.registered;
+                    sum.failed += r.failed;
+                    sum.requests_served += r.requests_served;
+                    sum.notifications_sent += r.notifications_sent;
+                }
+            }
+            sum
+        };
+        let r = self
+            .rt
+            .block_on(async { tokio::time::timeout(timeout, all).await });
+        self.abandon();
+        r.ok()
+    }
+
+    /// Drops every device without de-registering (the daemon keeps the registrations).
+    fn abandon(self) {
+        self.rt.shutdown_background();
+    }
+}
+
+/// Polls `registrations_total` until it reaches `n`: (first seen, last seen) from `t0`.
+fn wait_registered(
+    api: &Api,
+    sims: &mut Sims,
+    n: usize,
+    t0: Instant,
+    timeout: Duration,
+) -> Result<(Duration, Duration, u64)> {
+    let mut first = None;
+    let deadline = t0 + timeout;
+    loop {
+        let count = api.metric("registrations_total")?;
+        let now = t0.elapsed();
+        if count > 0 && first.is_none() {
+            first = Some(now);
+        }
+        if count as usize >= n {
+            return Ok((first.unwrap_or(now), now, count));
+        }
+        sims.check()?;
+        ensure!(
+            Instant::now() < deadline,
+            "only {count} of {n} devices registered within {} s",
+            timeout.as_secs()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// Scenarios
+// ----------------------------------------------------------------------------------------
+
+struct RegRun {
+    devices: usize,
+    first_to_last: Duration,
+    start_to_last: Duration,
+    rss_before_kib: u64,
+    rss_after_kib: u64,
+    restart_ready: Option<Duration>,
+    restart_rest: Option<Duration>,
+    restored: Option<u64>,
+}
+
+/// Registers `n` devices against a fresh daemon (registrations/s and RSS), then
+/// `kill -9`s it and starts it again on the same state (restart time).
+fn registration_run(args: &Args, n: usize, restart: bool) -> Result<RegRun> {
+    let timeout = Duration::from_secs(args.timeout_s);
+    let mut daemon = Daemon::start(&args.daemon, args)?;
+    let api = daemon.api();
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_before_kib = vm_rss_kib(daemon.pid())?;
+    let t0 = Instant::now();
+    let mut sims = Sims::start(daemon.coap, n, args.per_address, "r", 60_000)?;
+    let (first, last, _) = match wait_registered(&api, &mut sims, n, t0, timeout) {
+        Ok(v) => v,
+        Err(e) => {
+            sims.abandon();
+            for w in daemon.warnings() {
+                eprintln!("daemon: {w}");
+            }
+            return Err(e);
+        }
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_after_kib = vm_rss_kib(daemon.pid())?;
+    let mut run = RegRun {
+        devices: n,
+        first_to_last: last - first,
+        start_to_last: last,
+        rss_before_kib,
+        rss_after_kib,
+        restart_ready: None,
+        restart_rest: None,
+        restored: None,
+    };
+    if restart {
+        // Let the group commit of the last registrations settle: they were acknowledged,
+        // so they are durable already; the sleep above covers the rest.
+        daemon.kill9();
+        sims.abandon();
+        let t = Instant::now();
+        daemon.spawn(timeout)?;
+        let ready = t.elapsed();
+        let api = daemon.api();
+        let restored = loop {
+            if let Ok(m) = api.metrics() {
+                break m.get("registered_endpoints").copied().unwrap_or(0);
+            }
+            ensure!(t.elapsed() < timeout, "REST did not answer after restart");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        run.restart_ready = Some(ready);
+        run.restart_rest = Some(t.elapsed());
+        run.restored = Some(restored);
+    } else {
+        sims.abandon();
+    }
+    Ok(run)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+enum Slot {
+    Sent(Instant),
+    Arrived(Instant),
+}
+
+struct ReadRun {
+    completed: usize,
+    ok: usize,
+    rejected: HashMap<u16, usize>,
+    elapsed: Duration,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+/// M proxied reads of /3/0/0 over K devices; answers pulled by long-poll.
+fn reads_run(args: &Args) -> Result<ReadRun> {
+    let timeout = Duration::from_secs(args.timeout_s);
+    let daemon = Daemon::start(&args.daemon, args)?;
+    let api = daemon.api();
+    api.open_channel()?;
+    let k = args.read_devices.max(1);
+    let mut sims = Sims::start(daemon.coap, k, args.per_address, "p", 60_000)?;
+    if let Err(e) = wait_registered(&api, &mut sims, k, Instant::now(), timeout) {
+        sims.abandon();
+        return Err(e);
+    }
+    // Endpoint names as the simulator makes them: {prefix}{group}-{index:06}.
+    let per = args.per_address.max(1);
+    let names: Arc<Vec<String>> = Arc::new(
+        (0..k)
+            .map(|i| format!("p{}-{:06}", i / per, i % per))
+            .collect(),
+    );
+
+    let slots: Arc<Mutex<HashMap<String, Slot>>> = Arc::default();
+    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let outstanding = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let senders_done = Arc::new(AtomicBool::new(false));
+    let rejected: Arc<Mutex<HashMap<u16, usize>>> = Arc::default();
+    let m = args.read_count;
+    let window = args.read_window.max(1);
+    let t0 = Instant::now();
+    let deadline = t0 + timeout;
+
+    let record = |slots: &Mutex<HashMap<String, Slot>>,
+                  lat: &Mutex<Vec<Duration>>,
+                  id: String,
+                  slot: Slot| {
+        let mut s = slots.lock().unwrap();
+        match (s.remove(&id), slot) {
+            (Some(Slot::Sent(t)), Slot::Arrived(a)) | (Some(Slot::Arrived(a)), Slot::Sent(t)) => {
+                lat.lock().unwrap().push(a.saturating_duration_since(t));
+            }
+            (_, slot) => {
+                s.insert(id, slot);
+            }
+        }
+    };
+
+    // The long-poll puller.
+    let puller = {
+        let api = daemon.api();
+        let (slots, latencies, outstanding) = (
+            Arc::clone(&slots),
+            Arc::clone(&latencies),
+            Arc::clone(&outstanding),
+        );
+        let (accepted, senders_done) = (Arc::clone(&accepted), Arc::clone(&senders_done));
+        std::thread::spawn(move || -> Result<(usize, usize, Instant)> {
+            let (mut got, mut ok, mut last) = (0usize, 0usize, Instant::now());
+            while !(senders_done.load(Ordering::Acquire) && got >= accepted.load(Ordering::Acquire))
+            {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let (status, body) = api.get("/v2/notification/pull")?;
+                if status == 204 {
+                    continue;
+                }
+                ensure!(status == 200, "pull answered {status}: {body}");
+                let v: Value = serde_json::from_str(&body)?;
+                let now = Instant::now();
+                for e in v["async-responses"].as_array().into_iter().flatten() {
+                    let id = e["id"].as_str().unwrap_or_default().to_string();
+                    if e["status"] == 200 {
+                        ok += 1;
+                    }
+                    got += 1;
+                    last = now;
+                    outstanding.fetch_sub(1, Ordering::AcqRel);
+                    record(&slots, &latencies, id, Slot::Arrived(now));
+                }
+            }
+            Ok((got, ok, last))
+        })
+    };
+
+    let mut senders = Vec::new();
+    for _ in 0..args.read_threads.max(1) {
+        let api = daemon.api();
+        let (slots, latencies, outstanding, next, accepted, rejected, names) = (
+            Arc::clone(&slots),
+            Arc::clone(&latencies),
+            Arc::clone(&outstanding),
+            Arc::clone(&next),
+            Arc::clone(&accepted),
+            Arc::clone(&rejected),
+            Arc::clone(&names),
+        );
+        senders.push(std::thread::spawn(move || -> Result<()> {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= m {
+                    return Ok(());
+                }
+                while outstanding.load(Ordering::Acquire) >= window {
+                    if Instant::now() >= deadline {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                outstanding.fetch_add(1, Ordering::AcqRel);
+                let ep = &names[i % names.len()];
+                let t = Instant::now();
+                let (status, body) = api.get(&format!("/v2/endpoints/{ep}/3/0/0"))?;
+                if status == 202 {
+                    let v: Value = serde_json::from_str(&body)?;
+                    let id = v["async-response-id"]
+                        .as_str()
+                        .context("async-response-id")?
+                        .to_string();
+                    accepted.fetch_add(1, Ordering::AcqRel);
+                    record(&slots, &latencies, id, Slot::Sent(t));
+                } else {
+                    outstanding.fetch_sub(1, Ordering::AcqRel);
+                    *rejected.lock().unwrap().entry(status).or_default() += 1;
+                }
+            }
+        }));
+    }
+    for s in senders {
+        s.join().map_err(|_| anyhow!("sender panicked"))??;
+    }
+    senders_done.store(true, Ordering::Release);
+    let (completed, ok, last) = puller.join().map_err(|_| anyhow!("puller panicked"))??;
+    sims.abandon();
+    let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
+    lat.sort();
+    let rejected = rejected.lock().unwrap().clone();
+    Ok(ReadRun {
+        completed,
+        ok,
+        rejected,
+        elapsed: last.saturating_duration_since(t0),
+        p50: percentile(&lat, 0.50),
+        p99: percentile(&lat, 0.99),
+        max: lat.last().copied().unwrap_or_default(),
+    })
+}
+
+struct NotifyRun {
+    devices: usize,
+    delivered: u64,
+    accepted: u64,
+    discarded: u64,
+    window: Duration,
+    sim_sent_total: Option<u64>,
+}
+
+/// Devices with a short notify interval, pre-subscribed; notifications counted on the
+/// long-poll over a fixed window.
+fn notifications_run(args: &Args) -> Result<NotifyRun> {
+    let timeout = Duration::from_secs(args.timeout_s);
+    let mut daemon = Daemon::start(&args.daemon, args)?;
+    let api = daemon.api();
+    api.open_channel()?;
+    let (s, b) = api.put_json("/v2/subscriptions", r#"[{"resource-path": ["/3303/*"]}]"#)?;
+    ensure!(
+        (200..300).contains(&s),
+        "PUT /v2/subscriptions answered {s}: {b}"
+    );
+    let n = args.notify_devices.max(1);
+
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let puller = {
+        let api = daemon.api();
+        let (count, stop) = (Arc::clone(&count), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                let Ok((status, body)) = api.get("/v2/notification/pull") else {
+                    return;
+                };
+                if status != 200 {
+                    continue;
+                }
+                let Ok(v) = serde_json::from_str::<Value>(&body) else {
+                    continue;
+                };
+                let k = v["notifications"].as_array().map_or(0, Vec::len);
+                count.fetch_add(k as u64, Ordering::Relaxed);
+            }
+        })
+    };
+
+    let mut sims = Sims::start(
+        daemon.coap,
+        n,
+        args.per_address,
+        "n",
+        args.notify_interval_ms.max(1),
+    )?;
+    if let Err(e) = wait_registered(&api, &mut sims, n, Instant::now(), timeout) {
+        sims.abandon();
+        stop.store(true, Ordering::Release);
+        return Err(e);
+    }
+    std::thread::sleep(Duration::from_secs(args.notify_warmup_s));
+    let m0 = api.metrics()?;
+    let c0 = count.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(args.notify_window_s.max(1)));
+    let c1 = count.load(Ordering::Relaxed);
+    let window = t0.elapsed();
+    let m1 = api.metrics()?;
+    let delta = |k: &str| m1.get(k).unwrap_or(&0) - m0.get(k).unwrap_or(&0);
+    stop.store(true, Ordering::Release);
+    let report = sims.stop(Duration::from_secs(20));
+    daemon.kill9();
+    let _ = puller.join();
+    Ok(NotifyRun {
+        devices: n,
+        delivered: c1 - c0,
+        accepted: delta("observe_notifications_total"),
+        discarded: delta("events_discarded_total"),
+        window,
+        sim_sent_total: report.map(|r| r.notifications_sent),
+    })
+}
+
+// ----------------------------------------------------------------------------------------
+// Main
+// ----------------------------------------------------------------------------------------
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let all = !(args.registrations || args.reads || args.notifications || args.rss || args.restart);
+    let (reg, reads, notif, rss, restart) = (
+        all || args.registrations,
+        all || args.reads,
+        all || args.notifications,
+        all || args.rss,
+        all || args.restart,
+    );
+    let mut rows: Vec<Row> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
+    eprintln!(
+        "connectord-bench: daemon {}, {} CPUs, open files limit {}",
+        args.daemon.display(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        open_files_limit().map_or("?".into(), |l| l.to_string())
+    );
+
+    let mut reg_runs = Vec::new();
+    if reg || rss || restart {
+        let mut sizes = vec![args.devices];
+        if args.big && (rss || restart) {
+            sizes.push(args.big_devices);
+        }
+        for n in sizes {
+            eprintln!("registering {n} devices …");
+            match registration_run(&args, n, restart) {
+                Ok(r) => reg_runs.push(r),
+                Err(e) => failures.push(format!("registration run with {n} devices: {e:#}")),
+            }
+        }
+    }
+    for (i, r) in reg_runs.iter().enumerate() {
+        let n = r.devices;
+        if reg && i == 0 {
+            let rate = (n.saturating_sub(1)) as f64 / r.first_to_last.as_secs_f64().max(1e-9);
+            rows.push(Row {
+                scenario: format!("registrations/s ({n} devices)"),
+                value: rate,
+                unit: "reg/s",
+                target: Some((20_000.0, true)),
+                detail: format!(
+                    "first→last 2.01 {:.2} s; simulator start→last {:.2} s",
+                    r.first_to_last.as_secs_f64(),
+                    r.start_to_last.as_secs_f64()
+                ),
+            });
+        }
+        if rss {
+            let per = (r.rss_after_kib.saturating_sub(r.rss_before_kib)) as f64 * 1024.0
+                / n as f64
+                / 1024.0;
+            rows.push(Row {
+                scenario: format!("RSS per endpoint ({n} endpoints)"),
+                value: per,
+                unit: "KiB",
+                target: Some((2.0, false)),
+                detail: format!(
+                    "VmRSS {} KiB before, {} KiB after",
+                    r.rss_before_kib, r.rss_after_kib
+                ),
+            });
+        }
+        if restart && let (Some(ready), Some(rest)) = (r.restart_ready, r.restart_rest) {
+            rows.push(Row {
+                scenario: format!("restart after kill -9 ({n} stored)"),
+                value: rest.as_secs_f64(),
+                unit: "s",
+                target: Some((2.0, false)),
+                detail: format!(
+                    "spawn→ready line {:.3} s, spawn→REST answer {:.3} s, {} registrations restored",
+                    ready.as_secs_f64(),
+                    rest.as_secs_f64(),
+                    r.restored.unwrap_or(0)
+                ),
+            });
+        }
+    }
+    if args.big && (rss || restart) && reg_runs.len() < 2 && failures.is_empty() {
+        failures.push("--big run not done".into());
+    }
+
+    if reads {
+        eprintln!(
+            "proxied reads: {} reads over {} devices …",
+            args.read_count, args.read_devices
+        );
+        match reads_run(&args) {
+            Ok(r) => {
+                let secs = r.elapsed.as_secs_f64().max(1e-9);
+                rows.push(Row {
+                    scenario: format!(
+                        "proxied reads/s ({} reads, {} devices, {} threads)",
+                        args.read_count, args.read_devices, args.read_threads
+                    ),
+                    value: r.completed as f64 / secs,
+                    unit: "reads/s",
+                    target: Some((30_000.0, true)),
+                    detail: format!(
+                        "{} answered ({} status 200) in {:.2} s; REST→async response p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; refused {:?}",
+                        r.completed,
+                        r.ok,
+                        secs,
+                        r.p50.as_secs_f64() * 1e3,
+                        r.p99.as_secs_f64() * 1e3,
+                        r.max.as_secs_f64() * 1e3,
+                        r.rejected
+                    ),
+                });
+            }
+            Err(e) => failures.push(format!("proxied reads: {e:#}")),
+        }
+    }
+
+    if notif {
+        eprintln!(
+            "notifications: {} devices every {} ms …",
+            args.notify_devices, args.notify_interval_ms
+        );
+        match notifications_run(&args) {
+            Ok(r) => {
+                let secs = r.window.as_secs_f64();
+                let offered = r.devices as f64 * 1000.0 / args.notify_interval_ms.max(1) as f64;
+                rows.push(Row {
+                    scenario: format!(
+                        "notifications/s to long-poll ({} devices, {} ms)",
+                        r.devices, args.notify_interval_ms
+                    ),
+                    value: r.delivered as f64 / secs,
+                    unit: "notif/s",
+                    target: Some((100_000.0, true)),
+                    detail: format!(
+                        "{} delivered in {:.1} s; daemon accepted {:.0}/s from devices; offered ≤ {:.0}/s; {} events discarded; simulator sent {} in the whole run",
+                        r.delivered,
+                        secs,
+                        r.accepted as f64 / secs,
+                        offered,
+                        r.discarded,
+                        r.sim_sent_total.map_or("?".into(), |s| s.to_string())
+                    ),
+                });
+            }
+            Err(e) => failures.push(format!("notifications: {e:#}")),
+        }
+    }
+
+    println!();
+    println!(
+        "{:<52} {:>14} {:>9} {:>8}  detail",
+        "scenario", "measured", "target", "met"
+    );
+    for r in &rows {
+        let target = r.target.map_or("-".into(), |(t, higher)| {
+            format!("{}{}", if higher { "≥" } else { "≤" }, t)
+        });
+        let met = match r.met() {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        };
+        println!(
+            "{:<52} {:>10.3} {:<7} {:>7} {:>5}  {}",
+            r.scenario, r.value, r.unit, target, met, r.detail
+        );
+    }
+    for f in &failures {
+        println!("FAILED: {f}");
+    }
+    if let Some(path) = &args.json {
+        let out = json!({
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "results": rows.iter().map(|r| json!({
+                "scenario": r.scenario,
+                "value": r.value,
+                "unit": r.unit,
+                "target": r.target.map(|t| t.0),
+                "met": r.met(),
+                "detail": r.detail,
+            })).collect::<Vec<_>>(),
+            "failures": failures,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        bail!("{} scenario(s) failed", failures.len())
+    }
+}
