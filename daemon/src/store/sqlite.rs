@@ -248,6 +248,18 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// Runs an upsert whose parameters are (key, JSON of the record).
+fn upsert_json<T: serde::Serialize>(
+    conn: &Connection,
+    sql: &str,
+    key: &str,
+    record: &T,
+) -> Result<(), StoreError> {
+    let data = to_json(record)?;
+    conn.prepare_cached(sql)?.execute(params![key, data])?;
+    Ok(())
+}
+
 /// Reads every `data` column of a query as JSON records; unreadable rows are logged and
 /// skipped (one bad row must not stop the daemon from starting).
 fn load_json<T: serde::de::DeserializeOwned>(
@@ -384,13 +396,13 @@ impl Store for SqliteStore {
 
     fn put_channel(&self, channel: ChannelRecord) -> Pending<()> {
         self.submit(move |conn| {
-            let data = to_json(&channel)?;
-            conn.prepare_cached(
+            upsert_json(
+                conn,
                 "INSERT INTO channels (key_id, data) VALUES (?1, ?2)
                  ON CONFLICT (key_id) DO UPDATE SET data = excluded.data",
-            )?
-            .execute(params![channel.key_id, data])?;
-            Ok(())
+                &channel.key_id,
+                &channel,
+            )
         })
     }
 
@@ -430,13 +442,13 @@ impl Store for SqliteStore {
 
     fn put_request(&self, job: RequestJob) -> Pending<()> {
         self.submit(move |conn| {
-            let data = to_json(&job)?;
-            conn.prepare_cached(
+            upsert_json(
+                conn,
                 "INSERT INTO requests (id, data) VALUES (?1, ?2)
                  ON CONFLICT (id) DO UPDATE SET data = excluded.data",
-            )?
-            .execute(params![job.id, data])?;
-            Ok(())
+                &job.id,
+                &job,
+            )
         })
     }
 
