@@ -11,15 +11,25 @@ pub const AIOCOAP: &str = "aiocoap==0.4.17";
 
 /// Python interpreter of a virtual environment with aiocoap installed.
 pub fn aiocoap_python() -> PathBuf {
+    python_venv("aiocoap", AIOCOAP, "aiocoap")
+}
+
+/// The schemathesis version the API fuzzing test runs.
+pub const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+
+/// A virtual environment under the cargo target directory named `name`, with
+/// `requirement` installed from PyPI (once; guarded by a file lock so parallel tests share
+/// it); `module` is imported to check it is there. Returns its Python interpreter.
+pub fn python_venv(name: &str, requirement: &str, module: &str) -> PathBuf {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     std::fs::create_dir_all(&base).unwrap();
-    let venv = base.join("pyenv-aiocoap");
+    let venv = base.join(format!("pyenv-{name}"));
     let python = venv.join("bin/python");
-    let lock = std::fs::File::create(base.join("pyenv-aiocoap.lock")).unwrap();
+    let lock = std::fs::File::create(base.join(format!("pyenv-{name}.lock"))).unwrap();
     lock.lock().expect("lock the venv");
     let ready = python.exists()
         && Command::new(&python)
-            .args(["-c", "import aiocoap"])
+            .args(["-c", &format!("import {module}")])
             .status()
             .is_ok_and(|s| s.success());
     if !ready {
@@ -38,12 +48,12 @@ pub fn aiocoap_python() -> PathBuf {
                 "install",
                 "--quiet",
                 "--disable-pip-version-check",
-                AIOCOAP,
+                requirement,
             ])
             .status()
             .expect("pip")
             .success();
-        assert!(ok, "pip install {AIOCOAP} failed (PyPI must be reachable)");
+        assert!(ok, "pip install {requirement} failed (PyPI must be reachable)");
     }
     python
 }
