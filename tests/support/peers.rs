@@ -53,7 +53,10 @@ pub fn python_venv(name: &str, requirement: &str, module: &str) -> PathBuf {
             .status()
             .expect("pip")
             .success();
-        assert!(ok, "pip install {requirement} failed (PyPI must be reachable)");
+        assert!(
+            ok,
+            "pip install {requirement} failed (PyPI must be reachable)"
+        );
     }
     python
 }
