@@ -121,32 +121,14 @@ impl ConnectorAuth {
     /// plugin would otherwise believe it has no key and bootstrap a new admin).
     fn load(host: &Host) -> Result<HashMap<String, KeyRecord>, String> {
         let mut keys = HashMap::new();
-        for state_key in host.state_keys(KEY_PREFIX)? {
-            let Some(digest) = state_key.strip_prefix(KEY_PREFIX) else {
-                continue;
-            };
-            if !is_sha256_hex(digest) {
+        for (digest, record) in host.load_json_records::<KeyRecord>(KEY_PREFIX)? {
+            if !is_sha256_hex(&digest) {
                 host.warn(&format!(
-                    "{NAME}: skipping state entry {state_key}: not a SHA-256 digest"
+                    "{NAME}: skipping state entry {KEY_PREFIX}{digest}: not a SHA-256 digest"
                 ));
                 continue;
             }
-            let bytes = match host.state_get(&state_key) {
-                Ok(Some(b)) => b,
-                Ok(None) => continue,
-                Err(e) => {
-                    host.warn(&format!("{NAME}: skipping unreadable key record: {e}"));
-                    continue;
-                }
-            };
-            match serde_json::from_slice::<KeyRecord>(&bytes) {
-                Ok(record) => {
-                    keys.insert(digest.to_string(), record);
-                }
-                Err(e) => host.warn(&format!(
-                    "{NAME}: skipping unreadable key record {state_key}: {e}"
-                )),
-            }
+            keys.insert(digest, record);
         }
         Ok(keys)
     }

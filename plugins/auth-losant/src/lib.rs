@@ -416,26 +416,13 @@ impl Losant {
         id_of: impl Fn(&T) -> &str,
     ) -> Result<Vec<T>, String> {
         let mut out = Vec::new();
-        for state_key in host.state_keys(prefix)? {
-            let Some(id) = state_key.strip_prefix(prefix) else {
-                continue;
-            };
-            let bytes = match host.state_get(&state_key) {
-                Ok(Some(b)) => b,
-                Ok(None) => continue,
-                Err(e) => {
-                    host.warn(&format!("{NAME}: skipping unreadable record: {e}"));
-                    continue;
-                }
-            };
-            match serde_json::from_slice::<T>(&bytes) {
-                Ok(rec) if id_of(&rec) == id && model::is_object_id(id) => out.push(rec),
-                Ok(_) => host.warn(&format!(
-                    "{NAME}: skipping record {state_key}: its id does not match its name"
-                )),
-                Err(e) => host.warn(&format!(
-                    "{NAME}: skipping unreadable record {state_key}: {e}"
-                )),
+        for (id, rec) in host.load_json_records::<T>(prefix)? {
+            if id_of(&rec) == id && model::is_object_id(&id) {
+                out.push(rec);
+            } else {
+                host.warn(&format!(
+                    "{NAME}: skipping record {prefix}{id}: its id does not match its name"
+                ));
             }
         }
         Ok(out)

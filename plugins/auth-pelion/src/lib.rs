@@ -435,26 +435,13 @@ fn load_records<T: DeserializeOwned>(
     id_of: fn(&T) -> &str,
 ) -> Result<BTreeMap<String, T>, String> {
     let mut out = BTreeMap::new();
-    for state_key in host.state_keys(prefix)? {
-        let Some(id) = state_key.strip_prefix(prefix) else {
-            continue;
-        };
-        let bytes = match host.state_get(&state_key) {
-            Ok(Some(b)) => b,
-            Ok(None) => continue,
-            Err(e) => {
-                host.warn(&format!("{NAME}: skipping unreadable {state_key}: {e}"));
-                continue;
-            }
-        };
-        match serde_json::from_slice::<T>(&bytes) {
-            Ok(record) if id_of(&record) == id => {
-                out.insert(id.to_string(), record);
-            }
-            Ok(_) => host.warn(&format!(
-                "{NAME}: skipping {state_key}: its id does not match its key"
-            )),
-            Err(e) => host.warn(&format!("{NAME}: skipping unreadable {state_key}: {e}")),
+    for (id, record) in host.load_json_records::<T>(prefix)? {
+        if id_of(&record) == id {
+            out.insert(id, record);
+        } else {
+            host.warn(&format!(
+                "{NAME}: skipping {prefix}{id}: its id does not match its key"
+            ));
         }
     }
     Ok(out)

@@ -283,6 +283,35 @@ impl Host {
         let bytes = self.take(out);
         serde_json::from_slice(&bytes).map_err(|e| format!("state_keys: {e}"))
     }
+
+    /// Every record stored under `prefix`, decoded from JSON, in key order, as (the rest
+    /// of the key after `prefix`, the record). A record that cannot be read or decoded is
+    /// logged with its key and skipped; failing to list the state is an error (a plugin
+    /// would otherwise believe it has no records).
+    pub fn load_json_records<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, T)>, String> {
+        let mut out = Vec::new();
+        for state_key in self.state_keys(prefix)? {
+            let Some(rest) = state_key.strip_prefix(prefix) else {
+                continue;
+            };
+            let bytes = match self.state_get(&state_key) {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.warn(&format!("skipping unreadable record {state_key}: {e}"));
+                    continue;
+                }
+            };
+            match serde_json::from_slice::<T>(&bytes) {
+                Ok(record) => out.push((rest.to_string(), record)),
+                Err(e) => self.warn(&format!("skipping unreadable record {state_key}: {e}")),
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// What a plugin implements.
