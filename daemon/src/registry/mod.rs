@@ -52,16 +52,20 @@ pub struct Registration {
 }
 
 /// A resource from the registration's link-format.
+///
+/// Boxed strings rather than `String`s: every registered endpoint keeps one of these per
+/// resource, and the spare capacity and length words of `String` were a measurable part
+/// of the memory per endpoint (docs/PERFORMANCE.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resource {
     /// Path with a leading slash: `/3/0/1`.
-    pub path: String,
+    pub path: Box<str>,
     /// `rt=`: resource type.
-    pub rt: Option<String>,
+    pub rt: Option<Box<str>>,
     /// `ct=` turned into a media type where known (`0` → `text/plain`), else as given.
-    pub ct: Option<String>,
+    pub ct: Option<Box<str>>,
     /// `if=`: interface description.
-    pub iface: Option<String>,
+    pub iface: Option<Box<str>>,
     /// `obs`: observable.
     pub obs: bool,
 }
@@ -150,38 +154,50 @@ pub struct UpdateParams {
     pub links: Option<String>,
 }
 
+/// The in-memory directory. Keys are boxed strings and the name index holds the endpoint
+/// itself (not its id): this is kept once per registered endpoint, so its size is the
+/// memory per endpoint (docs/PERFORMANCE.md), and a lookup by name allocates nothing.
 #[derive(Default)]
 struct Inner {
-    by_id: HashMap<String, Arc<Endpoint>>,
-    /// (domain, name) → id.
-    by_name: HashMap<(String, String), String>,
+    by_id: HashMap<Box<str>, Arc<Endpoint>>,
+    /// domain → name → endpoint (the same `Arc` as in `by_id`).
+    by_name: HashMap<Box<str>, HashMap<Box<str>, Arc<Endpoint>>>,
     /// (expires_at_ms, id), the next to expire first.
-    deadlines: BTreeSet<(u64, String)>,
-    per_domain: HashMap<String, usize>,
+    deadlines: BTreeSet<(u64, Box<str>)>,
 }
 
 impl Inner {
     fn insert(&mut self, ep: Arc<Endpoint>) {
         let r = &ep.reg;
         self.by_name
-            .insert((r.domain.clone(), r.name.clone()), r.id.clone());
-        self.deadlines.insert((r.expires_at_ms, r.id.clone()));
-        *self.per_domain.entry(r.domain.clone()).or_default() += 1;
-        self.by_id.insert(r.id.clone(), ep);
+            .entry(r.domain.as_str().into())
+            .or_default()
+            .insert(r.name.as_str().into(), Arc::clone(&ep));
+        self.deadlines
+            .insert((r.expires_at_ms, r.id.as_str().into()));
+        self.by_id.insert(r.id.as_str().into(), ep);
     }
 
     fn remove(&mut self, id: &str) -> Option<Arc<Endpoint>> {
         let ep = self.by_id.remove(id)?;
         let r = &ep.reg;
-        self.by_name.remove(&(r.domain.clone(), r.name.clone()));
-        self.deadlines.remove(&(r.expires_at_ms, r.id.clone()));
-        if let Some(n) = self.per_domain.get_mut(&r.domain) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_domain.remove(&r.domain);
+        if let Some(names) = self.by_name.get_mut(r.domain.as_str()) {
+            names.remove(r.name.as_str());
+            if names.is_empty() {
+                self.by_name.remove(r.domain.as_str());
             }
         }
+        self.deadlines
+            .remove(&(r.expires_at_ms, r.id.as_str().into()));
         Some(ep)
+    }
+
+    fn by_name(&self, domain: &str, name: &str) -> Option<&Arc<Endpoint>> {
+        self.by_name.get(domain)?.get(name)
+    }
+
+    fn count_in(&self, domain: &str) -> usize {
+        self.by_name.get(domain).map_or(0, HashMap::len)
     }
 }
 
@@ -249,15 +265,16 @@ pub fn parse_resources(links: &str) -> Result<Vec<Resource>, RegistryError> {
                 l.uri
             )));
         }
-        let text = |k: &str| l.attr(k).flatten().map(str::to_owned);
+        let text = |k: &str| l.attr(k).flatten().map(Box::<str>::from);
         out.push(Resource {
-            path: l.uri.clone(),
+            path: l.uri.as_str().into(),
             rt: text("rt"),
-            ct: l.attr("ct").flatten().map(media_type),
+            ct: l.attr("ct").flatten().map(|ct| media_type(ct).into()),
             iface: text("if"),
             obs: l.attr("obs").is_some(),
         });
     }
+    out.shrink_to_fit();
     Ok(out)
 }
 
@@ -400,9 +417,10 @@ impl Registry {
         let ep = Arc::new(Endpoint { reg, resources });
         let durable = {
             let mut inner = self.lock();
-            let key = (ep.reg.domain.clone(), ep.reg.name.clone());
-            let old = inner.by_name.get(&key).cloned();
-            let count = inner.per_domain.get(&ep.reg.domain).copied().unwrap_or(0);
+            let old = inner
+                .by_name(&ep.reg.domain, &ep.reg.name)
+                .map(|e| e.reg.id.clone());
+            let count = inner.count_in(&ep.reg.domain);
             if old.is_none() && count >= self.cfg.max_endpoints_per_domain {
                 return Err(RegistryError::DomainFull {
                     domain: ep.reg.domain.clone(),
@@ -521,7 +539,7 @@ impl Registry {
                 .deadlines
                 .iter()
                 .take_while(|(t, _)| *t <= now_ms)
-                .map(|(_, id)| id.clone())
+                .map(|(_, id)| id.to_string())
                 .collect();
             let mut expired = Vec::with_capacity(due.len());
             let mut durable = Vec::with_capacity(due.len());
@@ -567,9 +585,10 @@ impl Registry {
     pub fn list(&self, domain: &str, ept: Option<&str>) -> Vec<Arc<Endpoint>> {
         let inner = self.lock();
         let mut v: Vec<_> = inner
-            .by_id
-            .values()
-            .filter(|e| e.reg.domain == domain)
+            .by_name
+            .get(domain)
+            .into_iter()
+            .flat_map(HashMap::values)
             .filter(|e| ept.is_none() || e.reg.ept.as_deref() == ept)
             .cloned()
             .collect();
@@ -580,14 +599,12 @@ impl Registry {
 
     /// One endpoint by domain and exact name.
     pub fn get(&self, domain: &str, name: &str) -> Option<Arc<Endpoint>> {
-        let inner = self.lock();
-        let id = inner.by_name.get(&(domain.to_string(), name.to_string()))?;
-        inner.by_id.get(id).cloned()
+        self.lock().by_name(domain, name).cloned()
     }
 
     /// Registered endpoints in one domain.
     pub fn count_in(&self, domain: &str) -> usize {
-        self.lock().per_domain.get(domain).copied().unwrap_or(0)
+        self.lock().count_in(domain)
     }
 
     /// Registered endpoints in all domains.

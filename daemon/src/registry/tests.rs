@@ -33,7 +33,7 @@ async fn register_update_deregister() {
         2,
         "the oma.lwm2m root link is not a resource"
     );
-    assert_eq!(ep.resources[0].path, "/3/0");
+    assert_eq!(&*ep.resources[0].path, "/3/0");
     assert_eq!(ep.resources[0].ct.as_deref(), Some("text/plain"));
     assert!(ep.resources[0].obs);
     assert!(!ep.resources[1].obs);

@@ -225,7 +225,7 @@ impl Subscriptions {
             .registry
             .get(&who.domain, ep_name)
             .ok_or_else(|| SubError::NotFound("endpoint not found".into()))?;
-        if let Some(r) = ep.resources.iter().find(|r| r.path == path) {
+        if let Some(r) = ep.resources.iter().find(|r| &*r.path == path) {
             if !r.obs {
                 return Err(SubError::NotObservable);
             }
