@@ -27,6 +27,12 @@ use crate::store::{Store, StoreError};
 /// Most characters of a callback URL plus its header values (seed 000).
 pub const MAX_CALLBACK_LEN: usize = 400;
 
+/// Which channels an event is queued for.
+enum To<'a> {
+    Key(&'a str),
+    Domain(&'a str),
+}
+
 struct Channel {
     rec: ChannelRecord,
     queue: VecDeque<StoredEvent>,
@@ -169,23 +175,33 @@ impl Hub {
         durable.await
     }
 
-    /// Queues `event` for one key (an async response goes to the key that asked).
+    /// Queues `event` for one key (a notification of a key's subscription).
     pub async fn publish_to_key(&self, key_id: &str, event: Event) {
-        self.publish(|ch| ch.rec.key_id == key_id, event).await;
+        self.publish(To::Key(key_id), event, None).await;
+    }
+
+    /// Queues the async response `event` for the key that asked, and forgets the stored
+    /// request `request_id` in the same store transaction.
+    pub async fn publish_answer(&self, key_id: &str, event: Event, request_id: String) {
+        self.publish(To::Key(key_id), event, Some(request_id)).await;
     }
 
     /// Queues `event` for every channel of a domain (registration events).
     pub async fn publish_to_domain(&self, domain: &str, event: Event) {
-        self.publish(|ch| ch.rec.domain == domain, event).await;
+        self.publish(To::Domain(domain), event, None).await;
     }
 
-    async fn publish(&self, mut to: impl FnMut(&Channel) -> bool, event: Event) {
+    async fn publish(&self, to: To<'_>, event: Event, answered: Option<String>) {
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
         let durable = {
             let mut map = self.lock();
             let mut stored = Vec::new();
-            for ch in map.values_mut().filter(|c| to(c)) {
+            let chosen: Box<dyn Iterator<Item = &mut Channel>> = match to {
+                To::Key(k) => Box::new(map.get_mut(k).into_iter()),
+                To::Domain(d) => Box::new(map.values_mut().filter(move |c| c.rec.domain == d)),
+            };
+            for ch in chosen {
                 let e = StoredEvent {
                     key_id: ch.rec.key_id.clone(),
                     seq: ch.next_seq,
@@ -203,11 +219,11 @@ impl Hub {
                 }
                 wakes.push(Arc::clone(&ch.wake));
             }
-            (!stored.is_empty()).then(|| {
+            (!stored.is_empty() || answered.is_some()).then(|| {
                 for _ in 0..stored.len() {
                     Counters::inc(&self.counters.events_published);
                 }
-                self.store.append_events(stored)
+                self.store.append_events(stored, answered)
             })
         };
         if let Some(d) = durable
@@ -270,8 +286,18 @@ impl Hub {
             let durable = last.map(|s| self.store.delete_events_through(key_id.to_string(), s));
             (taken, durable)
         };
+        // The delete is queued in order behind every append it covers, but not awaited:
+        // waiting for its commit (an fsync) before answering made each long-poll round
+        // trip as slow as the store's commit cycle under load. Not waiting costs nothing
+        // in safety: a crash before the commit delivers these events again after the
+        // restart (at least once), and never loses one.
         if let Some(d) = durable {
-            d.await?;
+            let key = key_id.to_string();
+            tokio::spawn(async move {
+                if let Err(e) = d.await {
+                    tracing::error!(key, "delivered events not removed from the store: {e}");
+                }
+            });
         }
         if batch.is_empty() {
             return Ok(None);

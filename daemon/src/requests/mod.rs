@@ -589,19 +589,18 @@ impl Requests {
             o.max_age,
             o.error.as_deref(),
         );
+        // One transaction: the answer is stored and the request forgotten together.
         self.hub
-            .publish_to_key(
+            .publish_answer(
                 &job.key_id,
                 Event {
                     kind: Kind::AsyncResponses,
                     body,
                     created_ms: now_ms(),
                 },
+                job.id.clone(),
             )
             .await;
-        if let Err(e) = self.store.delete_request(job.id.clone()).await {
-            tracing::error!(id = %job.id, "answered request not removed from the store: {e}");
-        }
         tracing::debug!(id = %job.id, ep = %job.ep, path = %job.path, status = o.status, "async response");
     }
 

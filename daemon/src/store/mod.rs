@@ -88,8 +88,10 @@ pub trait Store: Send + Sync + 'static {
     fn put_channel(&self, channel: ChannelRecord) -> Pending<()>;
     /// Every undelivered event, in (key id, sequence) order.
     fn load_events(&self) -> Pending<Vec<StoredEvent>>;
-    /// Appends events (each carries its key id and sequence number).
-    fn append_events(&self, events: Vec<StoredEvent>) -> Pending<()>;
+    /// Appends events (each carries its key id and sequence number) and, in the same
+    /// transaction, removes the request `answered` whose answer they are (one commit for
+    /// the async response instead of two).
+    fn append_events(&self, events: Vec<StoredEvent>, answered: Option<String>) -> Pending<()>;
     /// Removes the events of `key_id` with a sequence number up to and including `seq`:
     /// delivery and discarding always take the oldest events first.
     fn delete_events_through(&self, key_id: String, seq: u64) -> Pending<()>;
