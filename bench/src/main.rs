@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Parser;
 use connectord::simulate::{SimOptions, SimReport};
+
+mod bulk;
 use serde_json::{Value, json};
 
 /// Benchmarks of the real connectord daemon over loopback.
@@ -46,16 +48,19 @@ struct Args {
     /// Run the restart time scenario.
     #[arg(long)]
     restart: bool,
-    /// Also measure RSS and restart with `--big-devices` registrations (needs that many
-    /// file descriptors: ulimit -n).
+    /// Also measure RSS and restart with `--big-devices` registrations (registered by the
+    /// bulk loader, many endpoints per socket, so `ulimit -n` does not limit it).
     #[arg(long)]
     big: bool,
     /// Devices registered for registrations/s, RSS and restart.
     #[arg(long, default_value_t = 10_000)]
     devices: usize,
-    /// Devices of the `--big` run.
+    /// Endpoints of the `--big` run (registered by the bulk loader: many per socket).
     #[arg(long, default_value_t = 100_000)]
     big_devices: usize,
+    /// UDP sockets the bulk loader of `--big` registers from.
+    #[arg(long, default_value_t = 1000)]
+    bulk_sockets: usize,
     /// Most simulated devices per 127.0.0.x bind address (ephemeral ports per address).
     #[arg(long, default_value_t = 20_000)]
     per_address: usize,
@@ -71,6 +76,13 @@ struct Args {
     /// Most reads outstanding (sent, async response not yet pulled) at once.
     #[arg(long, default_value_t = 1000)]
     read_window: usize,
+    /// Drive the notifications scenario with the device simulator (one task and socket
+    /// per device) instead of the bulk notifier (few sockets, cheap to run).
+    #[arg(long)]
+    notify_sim: bool,
+    /// Sockets of the bulk notifier.
+    #[arg(long, default_value_t = 100)]
+    notify_sockets: usize,
     /// Devices sending notifications.
     #[arg(long, default_value_t = 1000)]
     notify_devices: usize,
@@ -293,6 +305,22 @@ fn vm_rss_kib(pid: u32) -> Result<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmRSS in /proc/<pid>/status")
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("/proc/<pid>/stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after ')'.
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // Clock ticks of USER_HZ, which is 100 on Linux (x86_64, aarch64).
+    Ok(Duration::from_millis(ticks * 10))
 }
 
 /// The soft limit of open files of this process.
@@ -540,6 +568,8 @@ struct RegRun {
     start_to_last: Duration,
     rss_before_kib: u64,
     rss_after_kib: u64,
+    /// Daemon CPU time from before the first registration to the last one seen.
+    cpu: Duration,
     restart_ready: Option<Duration>,
     restart_rest: Option<Duration>,
     restored: Option<u64>,
@@ -547,24 +577,53 @@ struct RegRun {
 
 /// Registers `n` devices against a fresh daemon (registrations/s and RSS), then
 /// `kill -9`s it and starts it again on the same state (restart time).
-fn registration_run(args: &Args, n: usize, restart: bool) -> Result<RegRun> {
+///
+/// With `bulk`, the endpoints are registered by [`bulk::register`] (many endpoints per
+/// socket, registrations only) instead of the simulator (one socket per device).
+fn registration_run(args: &Args, n: usize, restart: bool, bulk: bool) -> Result<RegRun> {
     let timeout = Duration::from_secs(args.timeout_s);
     let mut daemon = Daemon::start(&args.daemon, args)?;
     let api = daemon.api();
     std::thread::sleep(Duration::from_secs(1));
     let rss_before_kib = vm_rss_kib(daemon.pid())?;
+    let cpu0 = cpu_time(daemon.pid())?;
     let t0 = Instant::now();
-    let mut sims = Sims::start(daemon.coap, n, args.per_address, "r", 60_000)?;
-    let (first, last, _) = match wait_registered(&api, &mut sims, n, t0, timeout) {
+    let mut sims = if bulk {
+        None
+    } else {
+        Some(Sims::start(daemon.coap, n, args.per_address, "r", 60_000)?)
+    };
+    let waited = match sims.as_mut() {
+        Some(sims) => wait_registered(&api, sims, n, t0, timeout),
+        None => bulk::register(daemon.coap, n, args.bulk_sockets, 8, "b", timeout).and_then(|r| {
+            ensure!(
+                r.registered == n,
+                "bulk registration: {} of {n} registered, {} failed, {} retransmissions",
+                r.registered,
+                r.failed,
+                r.retransmissions
+            );
+            let count = api.metric("registrations_total")?;
+            ensure!(
+                count as usize >= n,
+                "the daemon counted {count} of {n} registrations"
+            );
+            Ok((Duration::ZERO, r.elapsed, count))
+        }),
+    };
+    let (first, last, _) = match waited {
         Ok(v) => v,
         Err(e) => {
-            sims.abandon();
+            if let Some(s) = sims.take() {
+                s.abandon();
+            }
             for w in daemon.warnings() {
                 eprintln!("daemon: {w}");
             }
             return Err(e);
         }
     };
+    let cpu = cpu_time(daemon.pid())?.saturating_sub(cpu0);
     std::thread::sleep(Duration::from_secs(2));
     let rss_after_kib = vm_rss_kib(daemon.pid())?;
     let mut run = RegRun {
@@ -573,6 +632,7 @@ fn registration_run(args: &Args, n: usize, restart: bool) -> Result<RegRun> {
         start_to_last: last,
         rss_before_kib,
         rss_after_kib,
+        cpu,
         restart_ready: None,
         restart_rest: None,
         restored: None,
@@ -581,7 +641,9 @@ fn registration_run(args: &Args, n: usize, restart: bool) -> Result<RegRun> {
         // Let the group commit of the last registrations settle: they were acknowledged,
         // so they are durable already; the sleep above covers the rest.
         daemon.kill9();
-        sims.abandon();
+        if let Some(s) = sims.take() {
+            s.abandon();
+        }
         let t = Instant::now();
         daemon.spawn(timeout)?;
         let ready = t.elapsed();
@@ -596,8 +658,8 @@ fn registration_run(args: &Args, n: usize, restart: bool) -> Result<RegRun> {
         run.restart_ready = Some(ready);
         run.restart_rest = Some(t.elapsed());
         run.restored = Some(restored);
-    } else {
-        sims.abandon();
+    } else if let Some(s) = sims.take() {
+        s.abandon();
     }
     Ok(run)
 }
@@ -623,6 +685,7 @@ struct ReadRun {
     p50: Duration,
     p99: Duration,
     max: Duration,
+    cpu: Duration,
 }
 
 /// M proxied reads of /3/0/0 over K devices; answers pulled by long-poll.
@@ -654,6 +717,7 @@ fn reads_run(args: &Args) -> Result<ReadRun> {
     let rejected: Arc<Mutex<HashMap<u16, usize>>> = Arc::default();
     let m = args.read_count;
     let window = args.read_window.max(1);
+    let cpu0 = cpu_time(daemon.pid())?;
     let t0 = Instant::now();
     let deadline = t0 + timeout;
 
@@ -758,6 +822,7 @@ fn reads_run(args: &Args) -> Result<ReadRun> {
     }
     senders_done.store(true, Ordering::Release);
     let (completed, ok, last) = puller.join().map_err(|_| anyhow!("puller panicked"))??;
+    let cpu = cpu_time(daemon.pid())?.saturating_sub(cpu0);
     sims.abandon();
     let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
     lat.sort();
@@ -770,6 +835,7 @@ fn reads_run(args: &Args) -> Result<ReadRun> {
         p50: percentile(&lat, 0.50),
         p99: percentile(&lat, 0.99),
         max: lat.last().copied().unwrap_or_default(),
+        cpu,
     })
 }
 
@@ -780,6 +846,13 @@ struct NotifyRun {
     discarded: u64,
     window: Duration,
     sim_sent_total: Option<u64>,
+    cpu: Duration,
+}
+
+/// What offers the notifications.
+enum Load {
+    Sim(Sims),
+    Bulk(bulk::Notifier),
 }
 
 /// Devices with a short notify interval, pre-subscribed; notifications counted on the
@@ -818,29 +891,61 @@ fn notifications_run(args: &Args) -> Result<NotifyRun> {
         })
     };
 
-    let mut sims = Sims::start(
-        daemon.coap,
-        n,
-        args.per_address,
-        "n",
-        args.notify_interval_ms.max(1),
-    )?;
-    if let Err(e) = wait_registered(&api, &mut sims, n, Instant::now(), timeout) {
-        sims.abandon();
-        stop.store(true, Ordering::Release);
-        return Err(e);
-    }
+    let interval = Duration::from_millis(args.notify_interval_ms.max(1));
+    let load = if args.notify_sim {
+        let mut sims = Sims::start(
+            daemon.coap,
+            n,
+            args.per_address,
+            "n",
+            args.notify_interval_ms.max(1),
+        )?;
+        if let Err(e) = wait_registered(&api, &mut sims, n, Instant::now(), timeout) {
+            sims.abandon();
+            stop.store(true, Ordering::Release);
+            return Err(e);
+        }
+        Load::Sim(sims)
+    } else {
+        let notifier =
+            bulk::Notifier::start(daemon.coap, n, args.notify_sockets, interval, timeout)?;
+        let t = Instant::now();
+        while (notifier.counters.observed.load(Ordering::Relaxed) as usize) < n {
+            if t.elapsed() > timeout {
+                stop.store(true, Ordering::Release);
+                bail!(
+                    "bulk notifier: {} registered, {} observations of {n} within {} s",
+                    notifier.counters.registered.load(Ordering::Relaxed),
+                    notifier.counters.observed.load(Ordering::Relaxed),
+                    timeout.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Load::Bulk(notifier)
+    };
     std::thread::sleep(Duration::from_secs(args.notify_warmup_s));
     let m0 = api.metrics()?;
+    let cpu0 = cpu_time(daemon.pid())?;
     let c0 = count.load(Ordering::Relaxed);
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(args.notify_window_s.max(1)));
     let c1 = count.load(Ordering::Relaxed);
     let window = t0.elapsed();
+    let cpu = cpu_time(daemon.pid())?.saturating_sub(cpu0);
     let m1 = api.metrics()?;
     let delta = |k: &str| m1.get(k).unwrap_or(&0) - m0.get(k).unwrap_or(&0);
     stop.store(true, Ordering::Release);
-    let report = sims.stop(Duration::from_secs(20));
+    let sent_total = match load {
+        Load::Sim(sims) => sims
+            .stop(Duration::from_secs(20))
+            .map(|r| r.notifications_sent),
+        Load::Bulk(notifier) => {
+            let sent = notifier.counters.sent.load(Ordering::Relaxed);
+            notifier.stop()?;
+            Some(sent)
+        }
+    };
     daemon.kill9();
     let _ = puller.join();
     Ok(NotifyRun {
@@ -849,7 +954,8 @@ fn notifications_run(args: &Args) -> Result<NotifyRun> {
         accepted: delta("observe_notifications_total"),
         discarded: delta("events_discarded_total"),
         window,
-        sim_sent_total: report.map(|r| r.notifications_sent),
+        sim_sent_total: sent_total,
+        cpu,
     })
 }
 
@@ -878,13 +984,20 @@ fn main() -> Result<()> {
 
     let mut reg_runs = Vec::new();
     if reg || rss || restart {
-        let mut sizes = vec![args.devices];
+        let mut sizes = vec![(args.devices, false)];
         if args.big && (rss || restart) {
-            sizes.push(args.big_devices);
+            sizes.push((args.big_devices, true));
         }
-        for n in sizes {
-            eprintln!("registering {n} devices …");
-            match registration_run(&args, n, restart) {
+        for (n, bulk) in sizes {
+            if bulk {
+                eprintln!(
+                    "registering {n} endpoints from {} sockets (bulk, registrations only) …",
+                    args.bulk_sockets
+                );
+            } else {
+                eprintln!("registering {n} devices …");
+            }
+            match registration_run(&args, n, restart, bulk) {
                 Ok(r) => reg_runs.push(r),
                 Err(e) => failures.push(format!("registration run with {n} devices: {e:#}")),
             }
@@ -900,9 +1013,10 @@ fn main() -> Result<()> {
                 unit: "reg/s",
                 target: Some((20_000.0, true)),
                 detail: format!(
-                    "first→last 2.01 {:.2} s; simulator start→last {:.2} s",
+                    "first→last 2.01 {:.2} s; simulator start→last {:.2} s; daemon CPU {:.1} µs per registration",
                     r.first_to_last.as_secs_f64(),
-                    r.start_to_last.as_secs_f64()
+                    r.start_to_last.as_secs_f64(),
+                    r.cpu.as_secs_f64() * 1e6 / n as f64
                 ),
             });
         }
@@ -957,14 +1071,15 @@ fn main() -> Result<()> {
                     unit: "reads/s",
                     target: Some((30_000.0, true)),
                     detail: format!(
-                        "{} answered ({} status 200) in {:.2} s; REST→async response p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; refused {:?}",
+                        "{} answered ({} status 200) in {:.2} s; REST→async response p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; refused {:?}; daemon CPU {:.1} µs per read",
                         r.completed,
                         r.ok,
                         secs,
                         r.p50.as_secs_f64() * 1e3,
                         r.p99.as_secs_f64() * 1e3,
                         r.max.as_secs_f64() * 1e3,
-                        r.rejected
+                        r.rejected,
+                        r.cpu.as_secs_f64() * 1e6 / r.completed.max(1) as f64
                     ),
                 });
             }
@@ -990,13 +1105,15 @@ fn main() -> Result<()> {
                     unit: "notif/s",
                     target: Some((100_000.0, true)),
                     detail: format!(
-                        "{} delivered in {:.1} s; daemon accepted {:.0}/s from devices; offered ≤ {:.0}/s; {} events discarded; simulator sent {} in the whole run",
+                        "{} delivered in {:.1} s; daemon accepted {:.0}/s from devices; offered ≤ {:.0}/s; {} events discarded; devices sent {} in the whole run; daemon CPU {:.1} µs per accepted notification ({:.0} % of a core)",
                         r.delivered,
                         secs,
                         r.accepted as f64 / secs,
                         offered,
                         r.discarded,
-                        r.sim_sent_total.map_or("?".into(), |s| s.to_string())
+                        r.sim_sent_total.map_or("?".into(), |s| s.to_string()),
+                        r.cpu.as_secs_f64() * 1e6 / r.accepted.max(1) as f64,
+                        r.cpu.as_secs_f64() * 100.0 / secs
                     ),
                 });
             }
