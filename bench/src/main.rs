@@ -24,6 +24,8 @@ use clap::Parser;
 use connectord::simulate::{SimOptions, SimReport};
 use serde_json::{Value, json};
 
+mod peer;
+
 /// Benchmarks of the real connectord daemon over loopback.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -95,6 +97,8 @@ struct Args {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    #[command(flatten)]
+    peer: peer::PeerArgs,
 }
 
 /// One line of the results table.
@@ -859,7 +863,12 @@ fn notifications_run(args: &Args) -> Result<NotifyRun> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let all = !(args.registrations || args.reads || args.notifications || args.rss || args.restart);
+    let all = !(args.registrations
+        || args.reads
+        || args.notifications
+        || args.rss
+        || args.restart
+        || args.peer.peer);
     let (reg, reads, notif, rss, restart) = (
         all || args.registrations,
         all || args.reads,
@@ -1003,6 +1012,8 @@ fn main() -> Result<()> {
             Err(e) => failures.push(format!("notifications: {e:#}")),
         }
     }
+
+    peer::scenario(&args, all, &mut rows, &mut failures);
 
     println!();
     println!(
