@@ -26,6 +26,8 @@ use connectord::simulate::{SimOptions, SimReport};
 mod bulk;
 use serde_json::{Value, json};
 
+mod peer;
+
 /// Benchmarks of the real connectord daemon over loopback.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -107,6 +109,8 @@ struct Args {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    #[command(flatten)]
+    peer: peer::PeerArgs,
 }
 
 /// One line of the results table.
@@ -965,7 +969,12 @@ fn notifications_run(args: &Args) -> Result<NotifyRun> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let all = !(args.registrations || args.reads || args.notifications || args.rss || args.restart);
+    let all = !(args.registrations
+        || args.reads
+        || args.notifications
+        || args.rss
+        || args.restart
+        || args.peer.peer);
     let (reg, reads, notif, rss, restart) = (
         all || args.registrations,
         all || args.reads,
@@ -1120,6 +1129,8 @@ fn main() -> Result<()> {
             Err(e) => failures.push(format!("notifications: {e:#}")),
         }
     }
+
+    peer::scenario(&args, all, &mut rows, &mut failures);
 
     println!();
     println!(

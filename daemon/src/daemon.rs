@@ -167,6 +167,7 @@ pub async fn run(
         ca: Arc::new(crate::certs::CertAuthority::load_or_create(&state_dir)?),
         max_body: config.requests.max_body,
         long_poll: Duration::from_secs(config.notifications.long_poll_s),
+        connections: rest::conn::Connections::new(&config.rest),
     });
     tasks.push(tokio::spawn(rest::serve(listeners, state, stop.clone())));
     if let Some(interval) = sd_notify::watchdog_enabled() {

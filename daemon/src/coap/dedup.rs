@@ -62,7 +62,9 @@ impl Dedup {
                 Some(r) => Seen::Answered(r.clone()),
             };
         }
-        while self.map.len() >= self.capacity {
+        // `order` has one slot per entry (and is at least as long as `map`): bounding it
+        // bounds both.
+        while self.order.len() >= self.capacity {
             match self.order.pop_front() {
                 Some((k, _, seq)) => {
                     if self.map.get(&k).is_some_and(|e| e.seq == seq) {
@@ -87,13 +89,27 @@ impl Dedup {
     }
 
     /// Forgets an exchange whose handling was abandoned, so that a retransmission is
-    /// handled afresh.
+    /// handled afresh. Its order slot goes too (it is near the back: the exchange was
+    /// recorded moments ago), or a flood of abandoned exchanges would grow `order`.
     pub fn forget(&mut self, peer: SocketAddr, mid: u16) {
-        self.map.remove(&(peer, mid));
+        let key = (peer, mid);
+        if let Some(e) = self.map.remove(&key)
+            && let Some(i) = self
+                .order
+                .iter()
+                .rposition(|(k, _, seq)| *k == key && *seq == e.seq)
+        {
+            self.order.remove(i);
+        }
     }
 
     pub fn len(&self) -> usize {
         self.map.len()
+    }
+
+    /// Entries held, counting order slots: never more than the capacity.
+    pub fn held(&self) -> usize {
+        self.map.len().max(self.order.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -156,6 +172,33 @@ mod tests {
         assert_eq!(d.len(), 3);
         assert_eq!(d.check(peer(1), 4, t), Seen::InProgress);
         assert_eq!(d.check(peer(1), 0, t), Seen::New);
+    }
+
+    /// Requests dropped at `coap.max_in_flight` are recorded and forgotten at once; a flood
+    /// of them must not leave anything behind.
+    #[test]
+    fn forgotten_exchanges_leave_nothing_behind() {
+        let t = Instant::now();
+        let mut d = Dedup::new(Duration::from_secs(100), 8);
+        d.check(peer(1), 1, t);
+        for n in 0..10_000u32 {
+            let (port, mid) = (2 + (n / 1000) as u16, n as u16);
+            assert_eq!(d.check(peer(port), mid, t), Seen::New);
+            d.forget(peer(port), mid);
+        }
+        assert_eq!((d.len(), d.order.len(), d.held()), (1, 1, 1));
+        assert_eq!(d.check(peer(1), 1, t), Seen::InProgress, "kept");
+        // Forgetting an exchange that is not the newest works too.
+        d.check(peer(1), 2, t);
+        d.check(peer(1), 3, t);
+        d.forget(peer(1), 2);
+        assert_eq!((d.len(), d.order.len()), (2, 2));
+        // Full: the capacity counts every slot.
+        for mid in 10..30 {
+            d.check(peer(1), mid, t);
+            assert!(d.held() <= 8);
+        }
+        assert_eq!(d.held(), 8);
     }
 
     #[test]

@@ -123,6 +123,11 @@ impl Transport {
         self.lock_client().open_exchanges()
     }
 
+    /// Exchanges held by the duplicate cache (at most `coap.dedup_capacity`).
+    pub fn dedup_entries(&self) -> usize {
+        self.lock_dedup().held()
+    }
+
     /// A fresh message id for a message we originate.
     pub fn next_message_id(&self) -> u16 {
         self.next_mid.fetch_add(1, Ordering::Relaxed)

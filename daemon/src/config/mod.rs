@@ -270,12 +270,22 @@ impl StateConfig {
 pub struct RestConfig {
     /// Addresses to serve the REST API on. Port 0 picks a free port (logged at start).
     pub listen: Vec<SocketAddr>,
+    /// Connections served at once; at the limit no new connection is accepted (they wait
+    /// in the listen backlog) until one closes.
+    pub max_connections: usize,
+    /// Seconds the daemon waits on a client: for a request's head (request line and
+    /// headers), for its body (408 when it does not arrive), for the next request on an idle
+    /// connection, and for a client to take a response it is not reading. Then the
+    /// connection is closed.
+    pub client_timeout_s: u64,
 }
 
 impl Default for RestConfig {
     fn default() -> Self {
         RestConfig {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
+            max_connections: 1024,
+            client_timeout_s: 30,
         }
     }
 }
@@ -413,6 +423,15 @@ impl Config {
         }
         if self.rest.listen.is_empty() {
             return Err(invalid("rest.listen", "needs at least one address".into()));
+        }
+        if self.rest.max_connections == 0 {
+            return Err(invalid("rest.max_connections", "must be at least 1".into()));
+        }
+        if !(1..=3600).contains(&self.rest.client_timeout_s) {
+            return Err(invalid(
+                "rest.client_timeout_s",
+                "must lie between 1 and 3600".into(),
+            ));
         }
         if self.coap.listen.is_empty() {
             return Err(invalid("coap.listen", "needs at least one address".into()));

@@ -88,6 +88,8 @@ fn range_errors_name_the_key() {
     let cases: &[(&str, &str)] = &[
         ("[coap]\nmax_datagram = 10\n", "coap.max_datagram"),
         ("[rest]\nlisten = []\n", "rest.listen"),
+        ("[rest]\nmax_connections = 0\n", "rest.max_connections"),
+        ("[rest]\nclient_timeout_s = 0\n", "rest.client_timeout_s"),
         (
             "[registry]\nmin_lifetime_s = 0\n",
             "registry.min_lifetime_s",

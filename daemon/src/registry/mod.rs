@@ -395,9 +395,11 @@ impl Registry {
         }
         let lifetime_s =
             self.check_lifetime(p.lifetime_s.unwrap_or(self.cfg.default_lifetime_s))?;
-        self.take_transaction(&domain)?;
         let binding = p.binding.unwrap_or_else(|| "U".into());
         let resources = parse_resources(&p.links)?;
+        // Only a valid registration counts (and makes the domain's counter): a flood of
+        // malformed ones, each naming a new domain, must not grow the limits map.
+        self.take_transaction(&domain)?;
         let now = now_ms();
         let reg = Registration {
             id: new_registration_id(),

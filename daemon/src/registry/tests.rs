@@ -185,6 +185,38 @@ async fn domain_limit() {
     reg.register(params("a"), addr(1), addr(2)).await.unwrap();
 }
 
+/// A refused registration leaves nothing in the limits: junk naming a new domain each
+/// must not grow the per-domain counters.
+#[tokio::test]
+async fn malformed_registrations_are_not_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path(), RegistryConfig::default());
+    let limits = Arc::new(crate::limits::Limits::new(
+        &Default::default(),
+        10,
+        Arc::new(Counters::default()),
+    ));
+    reg.set_limits(Arc::clone(&limits));
+    for n in 0..3 {
+        let p = RegisterParams {
+            domain: Some(format!("junk{n}")),
+            links: "<unterminated".into(),
+            ..params("x")
+        };
+        assert!(matches!(
+            reg.register(p, addr(1), addr(2)).await,
+            Err(RegistryError::Invalid(_))
+        ));
+        assert_eq!(limits.snapshot(&format!("junk{n}"), 0).transaction_count, 0);
+    }
+    let p = RegisterParams {
+        domain: Some("real".into()),
+        ..params("x")
+    };
+    reg.register(p, addr(1), addr(2)).await.unwrap();
+    assert_eq!(limits.snapshot("real", 1).transaction_count, 1);
+}
+
 #[tokio::test]
 async fn registrations_survive_reopening_the_store() {
     let dir = tempfile::tempdir().unwrap();

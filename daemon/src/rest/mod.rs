@@ -5,6 +5,7 @@
 //! caller through the [`AuthChain`] and checks the scope before any handler runs. Errors
 //! are JSON `{"type": …, "message": …}`, never an empty body or an HTML page.
 
+pub mod conn;
 pub mod devtools;
 pub mod endpoints;
 pub mod notifications;
@@ -22,7 +23,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
@@ -60,6 +61,8 @@ pub struct AppState {
     pub max_body: usize,
     /// `notifications.long_poll_s`.
     pub long_poll: Duration,
+    /// `rest.max_connections`, `rest.client_timeout_s`.
+    pub connections: conn::Connections,
 }
 
 /// Binds every configured address (before the daemon reports ready).
@@ -84,8 +87,15 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
         let graceful = Arc::clone(&graceful);
         let mut sd = shutdown.clone();
         accepts.push(tokio::spawn(async move {
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let timeout = state.connections.timeout();
+            let builder = state.connections.builder();
             loop {
+                // At rest.max_connections, accept nothing until a connection closes: the
+                // next ones wait in the kernel's listen backlog.
+                let permit = tokio::select! {
+                    _ = sd.recv() => return,
+                    p = state.connections.admit() => p,
+                };
                 let (stream, _) = tokio::select! {
                     _ = sd.recv() => return,
                     r = listener.accept() => match r {
@@ -100,12 +110,23 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
                 };
                 let _ = stream.set_nodelay(true);
                 let state = Arc::clone(&state);
-                let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&state), req));
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                let first = Arc::new(tokio::sync::Notify::new());
+                let seen = Arc::clone(&first);
+                let svc = hyper::service::service_fn(move |req| {
+                    seen.notify_one();
+                    handle(Arc::clone(&state), req)
+                });
+                let io = TokioIo::new(conn::WriteStall::new(stream, timeout));
+                let conn = builder.serve_connection_with_upgrades(io, svc);
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!("REST connection ended: {e}");
+                    let _slot = permit;
+                    match conn::first_request_within(conn, &first, timeout).await {
+                        None => tracing::debug!(
+                            "REST connection closed: no request within rest.client_timeout_s"
+                        ),
+                        Some(Err(e)) => tracing::debug!("REST connection ended: {e}"),
+                        Some(Ok(())) => {}
                     }
                 });
             }
@@ -214,7 +235,11 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
         );
     }
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, state.max_body).collect().await {
+    let read = Limited::new(body, state.max_body).collect();
+    let Ok(read) = tokio::time::timeout(state.connections.timeout(), read).await else {
+        return body_timeout();
+    };
+    let body = match read {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -295,10 +320,31 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
                 "Endpoints registered now.",
                 state.registry.len() as u64,
             );
+            metrics::gauge(
+                &mut out,
+                "rest_connections",
+                "REST connections open now (at most rest.max_connections).",
+                state.connections.open() as u64,
+            );
+            metrics::gauge(
+                &mut out,
+                "coap_dedup_entries",
+                "Exchanges in the CoAP duplicate cache (at most coap.dedup_capacity).",
+                state.transport.dedup_entries() as u64,
+            );
             Reply::with_type(StatusCode::OK, "text/plain; version=0.0.4", out)
         }
     }
     .method_is_head(parts.method == Method::HEAD)
+}
+
+/// 408: the request body did not arrive within `rest.client_timeout_s`.
+fn body_timeout() -> Reply {
+    error(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        "the request body did not arrive within rest.client_timeout_s",
+    )
 }
 
 /// Authenticates a request through the auth chain: 401 (with `WWW-Authenticate`) when no
@@ -333,7 +379,11 @@ async fn dispatch_plugin_route(
         Err(reply) => return reply,
     };
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, state.max_body).collect().await {
+    let read = Limited::new(body, state.max_body).collect();
+    let Ok(read) = tokio::time::timeout(state.connections.timeout(), read).await else {
+        return body_timeout();
+    };
+    let body = match read {
         Ok(b) => b.to_bytes(),
         Err(_) => {
             return error(

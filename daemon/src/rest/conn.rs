@@ -1,0 +1,225 @@
+//! Bounds on the REST server's connections: how many are served at once
+//! (`rest.max_connections`) and how long the daemon waits on a client
+//! (`rest.client_timeout_s`) before closing its connection.
+//!
+//! The wait is bounded at every point where a client could otherwise hold a connection
+//! (and its buffers) forever: before its first request ([`first_request_within`]: nothing
+//! sent, half an HTTP/2 preface), for a request head and between keep-alive requests
+//! (hyper's header read timeout), for a request body (`rest::dispatch`, 408), and while a
+//! response waits for a client that does not read it ([`WriteStall`]).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
+
+/// Largest request head (HTTP/1 read buffer, HTTP/2 header list); 431 beyond. hyper's
+/// default (about 400 KiB) times `rest.max_connections` would be the REST server's largest
+/// memory term.
+pub const MAX_HEAD: usize = 64 * 1024;
+
+/// `rest.max_connections` and `rest.client_timeout_s`, and the connections open now.
+pub struct Connections {
+    permits: Arc<Semaphore>,
+    max: usize,
+    timeout: Duration,
+}
+
+impl Connections {
+    pub fn new(cfg: &crate::config::RestConfig) -> Connections {
+        Connections {
+            permits: Arc::new(Semaphore::new(cfg.max_connections)),
+            max: cfg.max_connections,
+            timeout: Duration::from_secs(cfg.client_timeout_s),
+        }
+    }
+
+    /// Waits for room for one more connection; the permit is its slot.
+    pub async fn admit(&self) -> OwnedSemaphorePermit {
+        Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .expect("the connection semaphore is never closed")
+    }
+
+    /// Connections being served now.
+    pub fn open(&self) -> usize {
+        self.max - self.permits.available_permits()
+    }
+
+    /// `rest.client_timeout_s`.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The connection builder: HTTP/1 and HTTP/2, heads up to [`MAX_HEAD`], and hyper's
+    /// header read timeout, which also closes idle keep-alive connections (hyper starts it
+    /// whenever it waits for a request head).
+    pub fn builder(&self) -> Builder<TokioExecutor> {
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.timeout)
+            .max_buf_size(MAX_HEAD);
+        builder.http2().max_header_list_size(MAX_HEAD as u32);
+        builder
+    }
+}
+
+/// Runs a connection, closing it (`None`) when no request arrived within `timeout`.
+/// hyper's head timeout starts only once it knows the protocol, so the wait before that is
+/// bounded here. `first` is notified by the service for every request.
+pub async fn first_request_within<F: Future>(
+    conn: F,
+    first: &Notify,
+    timeout: Duration,
+) -> Option<F::Output> {
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return Some(r),
+        _ = first.notified() => {}
+        _ = tokio::time::sleep(timeout) => return None,
+    }
+    Some(conn.await)
+}
+
+/// A connection whose writes fail with `TimedOut` once they have made no progress for
+/// the timeout: a client that does not read its responses gets disconnected instead of
+/// holding the connection and the response forever.
+pub struct WriteStall<T> {
+    inner: T,
+    timeout: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T> WriteStall<T> {
+    pub fn new(inner: T, timeout: Duration) -> WriteStall<T> {
+        WriteStall {
+            inner,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    fn check<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let timeout = self.timeout;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing for rest.client_timeout_s",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteStall<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteStall<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.check(cx, r)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.check(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.check(cx, r)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.check(cx, r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const T: Duration = Duration::from_millis(200);
+
+    #[tokio::test]
+    async fn a_write_nobody_reads_times_out() {
+        let (near, _far) = tokio::io::duplex(1024);
+        let mut w = WriteStall::new(near, T);
+        let started = std::time::Instant::now();
+        let err = w.write_all(&[7u8; 4096]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= T);
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_that_keeps_reading_is_served() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut w = WriteStall::new(near, T);
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = [0u8; 512];
+            while got < 8 * 1024 {
+                // Slower than the buffer fills, well within the timeout.
+                tokio::time::sleep(T / 4).await;
+                got += far.read(&mut buf).await.unwrap();
+            }
+            got
+        });
+        w.write_all(&[7u8; 8 * 1024]).await.unwrap();
+        assert_eq!(reader.await.unwrap(), 8 * 1024);
+    }
+
+    #[tokio::test]
+    async fn no_first_request_closes_the_connection() {
+        let first = Notify::new();
+        let never = std::future::pending::<()>();
+        assert_eq!(first_request_within(never, &first, T).await, None);
+        // Once a request came, the connection runs as long as it likes.
+        first.notify_one();
+        let long = tokio::time::sleep(3 * T);
+        assert_eq!(first_request_within(long, &first, T).await, Some(()));
+    }
+}
