@@ -74,7 +74,7 @@ impl Channel {
 #[derive(Debug, PartialEq)]
 pub enum Pulled {
     /// A notification message with at least one event.
-    Batch(serde_json::Value),
+    Batch(String),
     /// Nothing arrived in time.
     Empty,
     /// The key delivers to a callback URL; long-poll is not available.
@@ -268,7 +268,7 @@ impl Hub {
     }
 
     /// Removes and returns up to `max_batch` of the oldest events as a message.
-    async fn take(&self, key_id: &str) -> Result<Option<serde_json::Value>, StoreError> {
+    async fn take(&self, key_id: &str) -> Result<Option<String>, StoreError> {
         let cutoff = self.cutoff();
         let (batch, durable) = {
             let mut map = self.lock();
@@ -439,7 +439,7 @@ impl Hub {
                     _ = notified => continue,
                 }
             };
-            let body = Bytes::from(batch_json(batch.iter().map(|e| &e.event)).to_string());
+            let body = Bytes::from(batch_json(batch.iter().map(|e| &e.event)));
             match self.sink.deliver(&target, body).await {
                 Delivery::Accepted => {
                     backoff = initial;
@@ -552,7 +552,7 @@ impl RegistryListener for Hub {
             };
             let event = Event {
                 kind,
-                body,
+                body: body.into(),
                 created_ms: now_ms(),
             };
             self.publish_to_domain(&ep.reg.domain, event).await;

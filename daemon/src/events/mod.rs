@@ -8,8 +8,10 @@
 
 pub mod hub;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -55,11 +57,52 @@ impl Kind {
     }
 }
 
+/// An event's JSON entry, serialised once when the event is made: it is stored, queued
+/// for every key it goes to and written into long-poll answers and callbacks as this
+/// same text, so cloning it is a reference count and no step builds a JSON tree again.
+/// It is stored (and read back) as the JSON value itself, not as a string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Body(Arc<str>);
+
+impl Body {
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The entry as a JSON tree.
+    pub fn value(&self) -> Value {
+        serde_json::from_str(&self.0).unwrap_or(Value::Null)
+    }
+}
+
+impl From<Value> for Body {
+    fn from(v: Value) -> Body {
+        Body(v.to_string().into())
+    }
+}
+
+impl Serialize for Body {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        let raw: &serde_json::value::RawValue =
+            serde_json::from_str(&self.0).map_err(S::Error::custom)?;
+        raw.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Body {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Body, D::Error> {
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        Ok(Body(raw.get().into()))
+    }
+}
+
 /// One entry of a notification message: its type and its JSON entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub kind: Kind,
-    pub body: Value,
+    pub body: Body,
     /// When it was created (ms since the epoch): the 15-minute discard window starts here.
     pub created_ms: u64,
 }
@@ -82,18 +125,38 @@ pub struct ChannelRecord {
 }
 
 /// The notification message for a batch of events, in order: one array per event type
-/// present, entries in the order they happened.
-pub fn batch_json<'a>(events: impl IntoIterator<Item = &'a Event>) -> Value {
-    let mut map = serde_json::Map::new();
+/// present (types in name order, as a JSON object map writes them), entries in the order
+/// they happened. Written from the events' JSON text without building a tree.
+pub fn batch_json<'a>(events: impl IntoIterator<Item = &'a Event>) -> String {
+    let mut groups: BTreeMap<&'static str, Vec<&'a str>> = BTreeMap::new();
+    let mut len = 2;
     for e in events {
-        let slot = map
+        len += e.body.as_str().len() + 1;
+        groups
             .entry(e.kind.as_str())
-            .or_insert_with(|| Value::Array(Vec::new()));
-        if let Value::Array(a) = slot {
-            a.push(e.body.clone());
-        }
+            .or_default()
+            .push(e.body.as_str());
     }
-    Value::Object(map)
+    let mut out = String::with_capacity(len + groups.len() * 24);
+    out.push('{');
+    for (i, (kind, bodies)) in groups.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        // Event type names are fixed ASCII words: nothing to escape.
+        out.push('"');
+        out.push_str(kind);
+        out.push_str("\":[");
+        for (j, b) in bodies.iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            out.push_str(b);
+        }
+        out.push(']');
+    }
+    out.push('}');
+    out
 }
 
 /// The entry of a `registrations` or `reg-updates` event: `ep`, `ept`, `q` and the
@@ -266,7 +329,7 @@ mod tests {
     fn batches_group_by_type_in_order() {
         let e = |kind, body: Value| Event {
             kind,
-            body,
+            body: body.into(),
             created_ms: 0,
         };
         let batch = batch_json(&[
@@ -276,7 +339,7 @@ mod tests {
             e(Kind::DeRegistrations, json!("a")),
         ]);
         assert_eq!(
-            batch,
+            serde_json::from_str::<Value>(&batch).unwrap(),
             json!({
                 "registrations": [{"ep": "a"}, {"ep": "b"}],
                 "async-responses": [{"id": "1"}],

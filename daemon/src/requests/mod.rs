@@ -595,7 +595,7 @@ impl Requests {
                 &job.key_id,
                 Event {
                     kind: Kind::AsyncResponses,
-                    body,
+                    body: body.into(),
                     created_ms: now_ms(),
                 },
                 job.id.clone(),

@@ -26,7 +26,9 @@ pub async fn pull(hub: &Hub, who: &Principal, parts: &Parts, hold: Duration) -> 
         Err(r) => return r,
     };
     match hub.pull(who, (!no_wait).then_some(hold)).await {
-        Ok(Pulled::Batch(v)) => Reply::json(StatusCode::OK, &v),
+        Ok(Pulled::Batch(v)) => {
+            Reply::with_type(StatusCode::OK, "application/json", v.into_bytes())
+        }
         Ok(Pulled::Empty) => Reply::empty(StatusCode::NO_CONTENT),
         Ok(Pulled::CallbackActive) => error(
             StatusCode::CONFLICT,

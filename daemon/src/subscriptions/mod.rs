@@ -535,7 +535,7 @@ impl Subscriptions {
             reply.max_age,
         );
         let keys = self.lock().subscribers(domain, ep, path);
-        let body = notification_body(ep, path, reply);
+        let body = crate::events::Body::from(notification_body(ep, path, reply));
         for k in keys {
             let event = Event {
                 kind: Kind::Notifications,
