@@ -165,7 +165,7 @@ pub fn batch_json<'a>(events: impl IntoIterator<Item = &'a Event>) -> String {
 /// `obs` is a boolean; absent attributes are left out.
 pub fn registration_body(ep: &Endpoint) -> Value {
     let resources: Vec<Value> = ep
-        .resources
+        .resources()
         .iter()
         .map(|r| {
             let mut o = serde_json::Map::new();

@@ -92,7 +92,14 @@ impl Limits {
     pub fn take(&self, domain: &str) -> Result<(), OverQuota> {
         let hour = Limits::hour();
         let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        let win = w.entry(domain.to_string()).or_default();
+        // Looked up before inserting: every REST request and notification comes here, and
+        // `entry` would allocate the domain's name each time.
+        if !w.contains_key(domain) {
+            w.insert(domain.to_string(), Default::default());
+        }
+        let Some(win) = w.get_mut(domain) else {
+            return Ok(());
+        };
         if win.total(hour) >= self.quota {
             Counters::inc(&self.counters.limits_refused);
             return Err(OverQuota { quota: self.quota });

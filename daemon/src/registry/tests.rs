@@ -29,14 +29,14 @@ async fn register_update_deregister() {
         .unwrap();
     assert_eq!(ep.reg.domain, "default");
     assert_eq!(
-        ep.resources.len(),
+        ep.resources().len(),
         2,
         "the oma.lwm2m root link is not a resource"
     );
-    assert_eq!(&*ep.resources[0].path, "/3/0");
-    assert_eq!(ep.resources[0].ct.as_deref(), Some("text/plain"));
-    assert!(ep.resources[0].obs);
-    assert!(!ep.resources[1].obs);
+    assert_eq!(&*ep.resources()[0].path, "/3/0");
+    assert_eq!(ep.resources()[0].ct.as_deref(), Some("text/plain"));
+    assert!(ep.resources()[0].obs);
+    assert!(!ep.resources()[1].obs);
     assert_eq!(reg.list("default", None).len(), 1);
     assert!(reg.list("other", None).is_empty(), "domains are separate");
 
@@ -54,7 +54,7 @@ async fn register_update_deregister() {
     assert_eq!(ep2.reg.peer, addr(2000));
     assert_eq!(ep2.reg.lifetime_s, 120);
     assert!(ep2.reg.queue);
-    assert_eq!(ep2.resources.len(), 1);
+    assert_eq!(ep2.resources().len(), 1);
     assert!(ep2.reg.expires_at_ms > ep.reg.expires_at_ms);
 
     // An update without a body keeps the resources.
@@ -62,7 +62,7 @@ async fn register_update_deregister() {
         .update(&ep.reg.id, UpdateParams::default(), addr(2000), addr(5683))
         .await
         .unwrap();
-    assert_eq!(ep3.resources, ep2.resources);
+    assert_eq!(ep3.resources(), ep2.resources());
 
     reg.deregister(&ep.reg.id).await.unwrap();
     assert!(reg.get("default", "node-1").is_none());
@@ -231,7 +231,7 @@ async fn registrations_survive_reopening_the_store() {
     assert_eq!(reg.load().await.unwrap(), 1);
     let a = reg.get("default", "a").unwrap();
     assert_eq!(a.reg, kept.reg);
-    assert_eq!(a.resources, kept.resources);
+    assert_eq!(a.resources(), kept.resources());
     reg.update(&id, UpdateParams::default(), addr(9), addr(2))
         .await
         .unwrap();

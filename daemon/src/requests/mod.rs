@@ -184,11 +184,13 @@ fn new_async_id() -> String {
 /// children (LwM2M devices register objects and instances, not every resource).
 pub fn resource_known(ep: &Endpoint, path: &str) -> bool {
     let want: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    ep.resources.iter().any(|r| {
-        let have: Vec<&str> = r.path.split('/').filter(|s| !s.is_empty()).collect();
-        let n = want.len().min(have.len());
-        n > 0 && want[..n] == have[..n]
-    })
+    // Compared segment by segment without collecting each registered path: this runs for
+    // every REST request on a resource.
+    !want.is_empty()
+        && ep.paths().any(|(have, _)| {
+            let mut have = have.split('/').filter(|s| !s.is_empty()).peekable();
+            have.peek().is_some() && want.iter().zip(have).all(|(w, h)| *w == h)
+        })
 }
 
 /// The HTTP status an async response reports for a device's CoAP response code.
@@ -712,24 +714,22 @@ mod tests {
 
     #[test]
     fn resource_matching_by_segments() {
-        let ep = Endpoint {
-            reg: crate::registry::Registration {
-                id: "x".into(),
-                domain: "d".into(),
-                name: "n".into(),
-                ept: None,
-                lifetime_s: 1,
-                binding: "U".into(),
-                lwm2m: None,
-                queue: false,
-                peer: "127.0.0.1:1".parse().unwrap(),
-                local: "127.0.0.1:2".parse().unwrap(),
-                links: String::new(),
-                registered_at_ms: 0,
-                expires_at_ms: 0,
-            },
-            resources: crate::registry::parse_resources("</3/0>,</3303/0/5700>").unwrap(),
-        };
+        let ep = Endpoint::new(crate::registry::Registration {
+            id: "x".into(),
+            domain: "d".into(),
+            name: "n".into(),
+            ept: None,
+            lifetime_s: 1,
+            binding: "U".into(),
+            lwm2m: None,
+            queue: false,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            local: "127.0.0.1:2".parse().unwrap(),
+            links: "</3/0>,</3303/0/5700>".into(),
+            registered_at_ms: 0,
+            expires_at_ms: 0,
+        })
+        .unwrap();
         for (path, known) in [
             ("/3/0", true),
             ("/3/0/1", true),

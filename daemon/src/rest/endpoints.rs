@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::reply::{Reply, error};
 use crate::auth::Principal;
-use crate::registry::{Endpoint, Registry};
+use crate::registry::{Registry, Resource};
 
 const JSON: &str = "application/json";
 const LINK_FORMAT: &str = "application/link-format";
@@ -148,8 +148,8 @@ struct ResourceJson<'a> {
     ct: Option<&'a str>,
 }
 
-fn resources_json(ep: &Endpoint) -> Vec<ResourceJson<'_>> {
-    ep.resources
+fn resources_json(resources: &[Resource]) -> Vec<ResourceJson<'_>> {
+    resources
         .iter()
         .map(|r| ResourceJson {
             uri: &r.path,
@@ -171,10 +171,10 @@ pub fn get(registry: &Registry, who: &Principal, parts: &Parts, name: &str) -> R
         return error(StatusCode::NOT_FOUND, "not_found", "endpoint not found");
     };
     match format {
-        Format::Json => Reply::json(StatusCode::OK, &resources_json(&ep)),
+        Format::Json => Reply::json(StatusCode::OK, &resources_json(&ep.resources())),
         Format::LinkFormat => {
             let body = ep
-                .resources
+                .resources()
                 .iter()
                 .map(|r| {
                     let mut s = format!("<{}>", r.path);

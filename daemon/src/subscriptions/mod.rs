@@ -225,8 +225,8 @@ impl Subscriptions {
             .registry
             .get(&who.domain, ep_name)
             .ok_or_else(|| SubError::NotFound("endpoint not found".into()))?;
-        if let Some(r) = ep.resources.iter().find(|r| &*r.path == path) {
-            if !r.obs {
+        if let Some((_, obs)) = ep.paths().find(|(p, _)| *p == path) {
+            if !obs {
                 return Err(SubError::NotObservable);
             }
         } else if !resource_known(&ep, path) {
@@ -442,11 +442,12 @@ impl Subscriptions {
             domain,
             queue: ep.reg.queue,
         };
+        let resources = ep.resources();
         for (key_id, rules) in keys {
             if only_key.is_some_and(|k| k != key_id) {
                 continue;
             }
-            for r in ep.resources.iter().filter(|r| r.obs) {
+            for r in resources.iter().filter(|r| r.obs) {
                 let res = ResourceInfo {
                     path: &r.path,
                     rt: r.rt.as_deref(),
