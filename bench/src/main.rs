@@ -70,10 +70,12 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     read_devices: usize,
     /// Proxied reads issued.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 40_000)]
     read_count: usize,
-    /// HTTP client threads issuing reads (each one keep-alive connection).
-    #[arg(long, default_value_t = 8)]
+    /// HTTP client threads issuing reads (each one keep-alive connection, one request at
+    /// a time: with few of them the figure is their round-trip time, not the daemon's
+    /// throughput, since every 202 waits for a durable write).
+    #[arg(long, default_value_t = 64)]
     read_threads: usize,
     /// Most reads outstanding (sent, async response not yet pulled) at once.
     #[arg(long, default_value_t = 1000)]

@@ -436,6 +436,9 @@ impl Subscriptions {
             }
             keys
         };
+        if keys.is_empty() {
+            return;
+        }
         let info = EndpointInfo {
             name: &ep.reg.name,
             ept: ep.reg.ept.as_deref(),
