@@ -482,9 +482,17 @@ impl Hub {
             }
             self.store.delete_events_through(key_id.to_string(), seq)
         };
-        if let Err(e) = durable.await {
-            tracing::error!("notifications: delivered events not removed from the store: {e}");
-        }
+        // Not awaited, as in `take`: the next batch need not wait for this commit; a
+        // crash before it delivers these events again (at least once).
+        let key = key_id.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = durable.await {
+                tracing::error!(
+                    key,
+                    "notifications: delivered events not removed from the store: {e}"
+                );
+            }
+        });
     }
 
     /// Discards expired events of channels nobody reads, once a minute.
