@@ -425,3 +425,42 @@ fn header_key_pairs_guard_their_areas() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["Json+typeName"], "MkcJsonLib.jApiKeys");
 }
+
+/// The connector backend lets the host reuse its verdicts for a second (no plugin call per
+/// request); a state-changing plugin operation (here: creating a key) voids every reused
+/// verdict at once, and refusals are never reused. (Reading the metric is itself a request
+/// with the admin key, so each read counts in what it reads.)
+#[test]
+fn reused_verdicts_are_voided_by_a_plugin_state_change() {
+    let d = Daemon::start();
+    let admin = d.key.clone();
+    let get = |key: &str| call(&d, "GET", "/v2/endpoints", Some(key), None).status;
+    let reused = || d.metric("auth_reused_total");
+    let r0 = reused();
+    for _ in 0..10 {
+        assert_eq!(get(&admin), 200);
+    }
+    let r1 = reused();
+    assert!(r1 >= r0 + 5, "verdicts reused: {} of 11 requests", r1 - r0);
+
+    // Refusals are asked every time (and still refused): only the read itself is reused.
+    for _ in 0..3 {
+        assert_eq!(get("not-a-key"), 401);
+    }
+    assert_eq!(reused(), r1 + 1);
+
+    // Creating a key (authenticated by a reused verdict) changes the plugin's state: the
+    // next request asks the backend again, the one after is reused again.
+    let created = call(
+        &d,
+        "POST",
+        "/api/api_tokens",
+        Some(&admin),
+        Some(&json!({"name": "second"})),
+    );
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!(reused(), r1 + 2, "a voided verdict was reused");
+    assert_eq!(reused(), r1 + 3);
+    let new_key = created.json()["access_key"].as_str().unwrap().to_string();
+    assert_eq!(get(&new_key), 200);
+}

@@ -77,6 +77,8 @@ counters! {
     plugin_reloads,
     /// Plugins that failed to load or start, and plugin calls that failed.
     plugin_errors,
+    /// REST requests authenticated by a verdict an auth backend let the host reuse (no plugin call).
+    auth_reused,
     /// Observe notifications accepted from devices.
     observe_notifications,
     /// Observe notifications dropped as older than one already seen.

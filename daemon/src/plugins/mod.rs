@@ -96,6 +96,10 @@ pub struct PluginHost {
     files: Mutex<HashMap<PathBuf, String>>,
     /// Serialises reloads.
     reload_lock: Mutex<()>,
+    /// Moves whenever plugin state may have changed: around every operation other than
+    /// authenticate, verify and deliver, and when a plugin is (re)loaded. Reused auth
+    /// verdicts ([`crate::auth::AuthChain`]) are valid only within one epoch.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 /// Unix permission bits that must not be set on the plugin directory or a plugin file.
@@ -130,6 +134,7 @@ impl PluginHost {
             plugins: RwLock::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             reload_lock: Mutex::new(()),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         });
         // Copies from an earlier run are of no use: start clean.
         let _ = std::fs::remove_dir_all(&host.cache_dir);
@@ -154,6 +159,7 @@ impl PluginHost {
     }
 
     fn install(&self, g: Arc<Generation>) {
+        self.bump_epoch();
         let name = g.name.clone();
         tracing::info!(plugin = %name, origin = %g.origin, generation = g.id, "plugin serving");
         let old = self
@@ -163,6 +169,20 @@ impl PluginHost {
             .insert(name, g);
         // The previous generation is destroyed when its last in-flight call lets go.
         drop(old);
+    }
+
+    /// The daemon's counters.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// See the `epoch` field.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn bump_epoch(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// The generation serving `name` now.
@@ -201,10 +221,21 @@ impl PluginHost {
             name: name.to_string(),
             message: e.to_string(),
         })?;
-        let out = g
-            .call(op, bytes)
-            .await
-            .inspect_err(|_| Counters::inc(&self.counters.plugin_errors))?;
+        let mutating = !matches!(
+            op,
+            connectord_plugin_sdk::auth::OP_AUTHENTICATE
+                | connectord_plugin_sdk::sink::OP_DELIVER
+                | connectord_plugin_sdk::sink::OP_VERIFY
+        );
+        // Before and after: a verdict taken while this runs is not reused afterwards.
+        if mutating {
+            self.bump_epoch();
+        }
+        let out = g.call(op, bytes).await;
+        if mutating {
+            self.bump_epoch();
+        }
+        let out = out.inspect_err(|_| Counters::inc(&self.counters.plugin_errors))?;
         serde_json::from_slice(&out).map_err(|e| PluginError::BadAnswer {
             name: name.to_string(),
             op: op.to_string(),

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 
 use connectord_plugin_sdk::auth::{
     ADMIN, AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, NON_ADMIN_SCOPES,
-    OP_AUTHENTICATE, OP_BOOTSTRAP, PrincipalSpec, bearer_token,
+    OP_AUTHENTICATE, OP_BOOTSTRAP, PrincipalSpec, VerdictCache, bearer_token,
 };
 use connectord_plugin_sdk::http::{
     HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse,
@@ -198,6 +198,8 @@ impl ConnectorAuth {
         // bytes does not help build a secret with that digest, so this lookup is as good
         // as a constant-time comparison of secrets.
         match self.keys.get(&sha256_hex(token)) {
+            // The verdict depends on the bearer token only (keys do not expire; a key
+            // deleted through this plugin's routes makes the host forget it at once).
             Some(record) => AuthVerdict::Accepted {
                 principal: PrincipalSpec {
                     key_id: record.id.clone(),
@@ -205,6 +207,10 @@ impl ConnectorAuth {
                     scopes: record.scopes.clone(),
                     allow: None,
                 },
+                cache: Some(VerdictCache {
+                    headers: vec!["authorization".into()],
+                    ttl_ms: 1000,
+                }),
             },
             // Perhaps another backend's credential: let the host ask it.
             None => AuthVerdict::NotMine,
@@ -400,7 +406,7 @@ mod tests {
         assert!(record["created_ms"].as_u64().unwrap() > 0);
 
         match auth_bearer(&mut p, &key) {
-            AuthVerdict::Accepted { principal } => {
+            AuthVerdict::Accepted { principal, .. } => {
                 assert_eq!(principal.domain, DOMAIN);
                 assert_eq!(principal.scopes, vec!["admin".to_string()]);
                 assert_eq!(principal.key_id, record["id"].as_str().unwrap());
@@ -490,7 +496,7 @@ mod tests {
         assert_eq!(body.as_object().unwrap().len(), 2);
 
         match auth_bearer(&mut p, key) {
-            AuthVerdict::Accepted { principal } => {
+            AuthVerdict::Accepted { principal, .. } => {
                 assert_eq!(principal.domain, DOMAIN);
                 assert_eq!(principal.scopes, user_scopes());
                 assert!(!principal.scopes.iter().any(|s| s == "admin"));
@@ -600,7 +606,7 @@ mod tests {
 
         let mut p = new_plugin(&host);
         match auth_bearer(&mut p, &user) {
-            AuthVerdict::Accepted { principal } => {
+            AuthVerdict::Accepted { principal, .. } => {
                 assert_eq!(principal.domain, DOMAIN);
                 assert_eq!(principal.scopes, user_scopes());
             }

@@ -616,6 +616,7 @@ impl HeaderKeys {
                 scopes: area.scopes(access).iter().map(|s| s.to_string()).collect(),
                 allow: None,
             },
+            cache: None,
         };
         match check(area, self.pair(area), access, &req.headers) {
             Check::Open => {

@@ -78,7 +78,7 @@ enum Want {
 fn assert_verdict(what: &str, got: &AuthVerdict, want: &Want) {
     match (want, got) {
         (Want::NotMine, AuthVerdict::NotMine) => {}
-        (Want::Accept(id, scopes), AuthVerdict::Accepted { principal: p }) => {
+        (Want::Accept(id, scopes), AuthVerdict::Accepted { principal: p, .. }) => {
             assert_eq!(&p.key_id, id, "{what}");
             assert_eq!(p.scopes, *scopes, "{what}");
             assert_eq!(p.domain, "default", "{what}");
@@ -556,7 +556,7 @@ fn configured_domain_is_the_principals() {
     seeded(&host, &PAIRS);
     let mut p = HeaderKeys::create(json!({"domain": "plant-7"}), host.host()).unwrap();
     match auth(&mut p, "GET", "/endpoints", &[("apirdkey", PAIRS[0].0)]) {
-        AuthVerdict::Accepted { principal } => assert_eq!(principal.domain, "plant-7"),
+        AuthVerdict::Accepted { principal, .. } => assert_eq!(principal.domain, "plant-7"),
         other => panic!("{other:?}"),
     }
 }

@@ -603,6 +603,7 @@ impl Losant {
                 scopes: Vec::new(),
                 allow: Some(Vec::new()),
             },
+            cache: None,
         }
     }
 
@@ -638,6 +639,7 @@ impl Losant {
                     scopes: KEY_SCOPES.iter().map(|s| s.to_string()).collect(),
                     allow,
                 },
+                cache: None,
             },
             Err(reason) => AuthVerdict::Refused { reason },
         }

@@ -74,7 +74,7 @@ fn auth_basic(p: &mut Losant, key: &str, secret: &str) -> AuthVerdict {
 
 fn accepted(v: AuthVerdict) -> PrincipalSpec {
     match v {
-        AuthVerdict::Accepted { principal } => principal,
+        AuthVerdict::Accepted { principal, .. } => principal,
         other => panic!("expected Accepted, got {other:?}"),
     }
 }
@@ -82,7 +82,7 @@ fn accepted(v: AuthVerdict) -> PrincipalSpec {
 /// The principal the core would hand over with this Authorization header.
 fn principal_for(p: &mut Losant, authorization: &str) -> PrincipalSpec {
     match auth_with(p, &[("authorization", authorization)]) {
-        AuthVerdict::Accepted { principal } => principal,
+        AuthVerdict::Accepted { principal, .. } => principal,
         // As if another backend had accepted the credential.
         _ => PrincipalSpec {
             key_id: "0123456789abcdef".into(),

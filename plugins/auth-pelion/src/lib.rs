@@ -669,7 +669,10 @@ impl Pelion {
         let digest = sha256_hex(token);
         if let Some(key_id) = self.key_by_digest.get(&digest) {
             return match self.check_key(key_id) {
-                Ok(principal) => AuthVerdict::Accepted { principal },
+                Ok(principal) => AuthVerdict::Accepted {
+                    principal,
+                    cache: None,
+                },
                 Err(reason) => AuthVerdict::Refused { reason },
             };
         }
@@ -685,6 +688,7 @@ impl Pelion {
                     scopes: Vec::new(),
                     allow: None,
                 },
+                cache: None,
             };
         }
         AuthVerdict::NotMine

@@ -60,7 +60,7 @@ fn auth(p: &mut Pelion, secret: &str) -> AuthVerdict {
 
 fn accepted(p: &mut Pelion, secret: &str) -> PrincipalSpec {
     match auth(p, secret) {
-        AuthVerdict::Accepted { principal } => principal,
+        AuthVerdict::Accepted { principal, .. } => principal,
         other => panic!("expected Accepted, got {other:?}"),
     }
 }

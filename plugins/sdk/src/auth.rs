@@ -89,12 +89,32 @@ pub enum AuthVerdict {
     NotMine,
     Accepted {
         principal: PrincipalSpec,
+        /// Lets the host reuse this verdict for a while (see [`VerdictCache`]); `None`:
+        /// ask again for every request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cache: Option<VerdictCache>,
     },
     /// This backend's credential, but not valid (revoked, expired, wrong secret).
-    Refused {
-        reason: String,
-    },
+    Refused { reason: String },
 }
+
+/// A backend's leave to the host to reuse an accepted verdict, so that a REST request
+/// need not be a plugin call: for up to `ttl_ms` (the host caps it at
+/// [`MAX_VERDICT_TTL_MS`]), a request that carries the same values of `headers`
+/// (lower-case names; an absent header is a value too) gets the same principal without the
+/// backend, or those before it in the chain, being asked. The host forgets every reused
+/// verdict whenever any plugin runs an operation that may change its state (anything but
+/// authenticate, verify and deliver) and whenever a plugin is loaded again. A backend
+/// whose verdict depends on the method, the path, or on time within the window (keys that
+/// expire) must not give one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerdictCache {
+    pub headers: Vec<String>,
+    pub ttl_ms: u32,
+}
+
+/// Longest reuse of a verdict the host allows, whatever a backend asks.
+pub const MAX_VERDICT_TTL_MS: u32 = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootstrapRequest {
@@ -111,6 +131,39 @@ pub struct BootstrapResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepted_verdicts_with_and_without_a_cache_hint() {
+        // Plugins built before the hint existed answer without it.
+        let old: AuthVerdict = serde_json::from_str(
+            r#"{"verdict":"accepted","principal":{"key_id":"k","domain":"d","scopes":[]}}"#,
+        )
+        .unwrap();
+        assert!(matches!(old, AuthVerdict::Accepted { cache: None, .. }));
+        let new: AuthVerdict = serde_json::from_str(
+            r#"{"verdict":"accepted","principal":{"key_id":"k","domain":"d","scopes":[]},
+                "cache":{"headers":["authorization"],"ttl_ms":1000}}"#,
+        )
+        .unwrap();
+        let AuthVerdict::Accepted { cache: Some(c), .. } = new else {
+            panic!("no cache hint: {new:?}");
+        };
+        assert_eq!(
+            (c.headers, c.ttl_ms),
+            (vec!["authorization".to_string()], 1000)
+        );
+        // Without a hint nothing extra is written.
+        let v = AuthVerdict::Accepted {
+            principal: PrincipalSpec {
+                key_id: "k".into(),
+                domain: "d".into(),
+                scopes: vec![],
+                allow: None,
+            },
+            cache: None,
+        };
+        assert!(!serde_json::to_string(&v).unwrap().contains("cache"));
+    }
 
     #[test]
     fn scope_lists() {

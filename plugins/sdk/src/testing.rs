@@ -305,6 +305,7 @@ mod tests {
                                 scopes: Vec::new(),
                                 allow: None,
                             },
+                            cache: None,
                         },
                         _ => AuthVerdict::NotMine,
                     };
@@ -330,7 +331,7 @@ mod tests {
         let req = auth_request("GET", "/endpoints", &[("x-key", "k"), ("other", "v")]);
         assert_eq!(req.headers, headers(&[("other", "v"), ("x-key", "k")]));
         match authenticate(&mut p, &req) {
-            AuthVerdict::Accepted { principal } => {
+            AuthVerdict::Accepted { principal, .. } => {
                 assert_eq!(
                     (principal.key_id.as_str(), principal.domain.as_str()),
                     ("GET", "/endpoints")
