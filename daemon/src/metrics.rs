@@ -40,6 +40,9 @@ counters! {
     coap_duplicates,
     /// CoAP requests dropped because coap.max_in_flight requests were being handled.
     coap_busy_drops,
+    /// Observe notifications (or separate responses) dropped because 64 were already waiting
+    /// for their observation (acknowledged; the next one carries the newer value).
+    coap_responses_dropped,
     /// CoAP messages that matched no exchange (stray responses, ACKs, RSTs).
     coap_unexpected,
     /// CoAP requests answered with a 4.xx or 5.xx code.

@@ -32,10 +32,27 @@ pub enum ClientEvent {
     Response(Packet),
 }
 
+/// Events that may wait for one open exchange or observation. An exchange gets a few at
+/// most (ACK, RST, a separate response); an observation gets a notification each time the
+/// device sends one, and a device that sends faster than they are handled (each is stored
+/// durably) has the excess dropped and counted instead of queued without bound: a later
+/// notification carries the newer value anyway (RFC 7641 §1.3, eventual consistency).
+pub const EXCHANGE_QUEUE: usize = 64;
+
+/// What became of a response routed by token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    Delivered,
+    /// The exchange's queue was full: dropped (the exchange stays open).
+    Dropped,
+    /// No open exchange has this token.
+    Unknown,
+}
+
 /// Open exchanges, by token and by (peer, message id).
 #[derive(Debug, Default)]
 pub struct ClientState {
-    by_token: HashMap<Vec<u8>, mpsc::UnboundedSender<ClientEvent>>,
+    by_token: HashMap<Vec<u8>, mpsc::Sender<ClientEvent>>,
     by_mid: HashMap<(SocketAddr, u16), Vec<u8>>,
 }
 
@@ -53,14 +70,19 @@ impl ClientState {
         } else {
             ClientEvent::Ack(packet)
         };
-        tx.send(ev).is_ok()
+        // A full queue means the exchange is being answered already: it is known.
+        !matches!(tx.try_send(ev), Err(mpsc::error::TrySendError::Closed(_)))
     }
 
-    /// Routes a separate response by token; false when the token is unknown.
-    pub fn on_response(&mut self, packet: Packet) -> bool {
+    /// Routes a separate response (or notification) by token.
+    pub fn on_response(&mut self, packet: Packet) -> Routed {
         match self.by_token.get(packet.get_token()) {
-            Some(tx) => tx.send(ClientEvent::Response(packet)).is_ok(),
-            None => false,
+            Some(tx) => match tx.try_send(ClientEvent::Response(packet)) {
+                Ok(()) => Routed::Delivered,
+                Err(mpsc::error::TrySendError::Full(_)) => Routed::Dropped,
+                Err(mpsc::error::TrySendError::Closed(_)) => Routed::Unknown,
+            },
+            None => Routed::Unknown,
         }
     }
 
@@ -229,7 +251,7 @@ impl Drop for MidGuard<'_> {
 /// Dropping it forgets the token, so the device's next notification is answered with RST,
 /// which cancels the observation on the device.
 pub struct ObserveStream {
-    rx: mpsc::UnboundedReceiver<ClientEvent>,
+    rx: mpsc::Receiver<ClientEvent>,
     transport: std::sync::Arc<Transport>,
     token: Vec<u8>,
 }
@@ -410,7 +432,7 @@ impl Transport {
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
         let token = packet.get_token().to_vec();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(EXCHANGE_QUEUE);
         self.lock_client().by_token.insert(token.clone(), tx);
         let _route = TokenGuard {
             transport: self,
@@ -433,7 +455,7 @@ impl Transport {
         r.observe = Some(0);
         let packet = self.build(&r, MessageType::Confirmable, |_| {});
         let token = packet.get_token().to_vec();
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(EXCHANGE_QUEUE);
         self.lock_client().by_token.insert(token.clone(), tx);
         let mut stream = ObserveStream {
             rx,
@@ -453,7 +475,7 @@ impl Transport {
         local: SocketAddr,
         peer: SocketAddr,
         packet: &Packet,
-        rx: &mut mpsc::UnboundedReceiver<ClientEvent>,
+        rx: &mut mpsc::Receiver<ClientEvent>,
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
         let sock = self.socket_for(local).ok_or(ClientError::NoSocket(local))?;
@@ -582,6 +604,67 @@ mod tests {
 
     async fn send(dev: &UdpSocket, p: &Packet, to: SocketAddr) {
         dev.send_to(&p.to_bytes().unwrap(), to).await.unwrap();
+    }
+
+    /// A device that notifies faster than its notifications are taken: the excess is
+    /// dropped at the observation's queue bound, nothing is reset, and the observation
+    /// goes on delivering afterwards.
+    #[tokio::test]
+    async fn notifications_beyond_the_queue_bound_are_dropped_not_queued() {
+        let s = setup(fast()).await;
+        let t = Arc::clone(&s.transport);
+        let (local, peer) = (s.local, s.peer);
+        let task = tokio::spawn(async move {
+            let r = OutRequest::new(RequestType::Get, "/3303/0/5700");
+            t.observe(local, peer, &r).await
+        });
+        let (req, _) = recv(&s.device).await;
+        let mut ack = reply_to(
+            &req,
+            MessageType::Acknowledgement,
+            MessageClass::Response(ResponseType::Content),
+            b"20",
+        );
+        ack.add_option(CoapOption::Observe, vec![1]);
+        send(&s.device, &ack, s.local).await;
+        let (_first, mut stream) = task.await.unwrap().unwrap();
+
+        let notify = |seq: u32| {
+            let mut n = Packet::new();
+            n.header.set_type(MessageType::NonConfirmable);
+            n.header.code = MessageClass::Response(ResponseType::Content);
+            n.header.message_id = seq as u16;
+            n.set_token(req.get_token().to_vec());
+            n.add_option(CoapOption::Observe, seq.to_be_bytes()[1..].to_vec());
+            n.payload = seq.to_string().into_bytes();
+            n
+        };
+        for seq in 2..(2 + 3 * EXCHANGE_QUEUE as u32) {
+            send(&s.device, &notify(seq), s.local).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut got = 0;
+        while let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(100), stream.recv()).await
+        {
+            got += 1;
+        }
+        assert_eq!(got, EXCHANGE_QUEUE, "queued notifications");
+        // Nothing was reset: the device heard nothing back for its NON notifications.
+        let mut buf = [0u8; 64];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), s.device.recv_from(&mut buf))
+                .await
+                .is_err(),
+            "the daemon answered a notification (RST?)"
+        );
+        // The observation still delivers.
+        send(&s.device, &notify(1000), s.local).await;
+        let next = tokio::time::timeout(Duration::from_secs(2), stream.recv())
+            .await
+            .expect("no notification after the drops")
+            .expect("stream ended");
+        assert_eq!(next.payload, b"1000");
     }
 
     #[tokio::test]

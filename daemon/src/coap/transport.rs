@@ -326,12 +326,18 @@ impl Transport {
                 }
             }
         }
-        let known = self.lock_client().on_response(packet);
-        let reply = if known {
-            con.then(|| message::empty_ack(mid))
-        } else {
-            Counters::inc(&self.counters.coap_unexpected);
-            Some(message::reset(mid))
+        let routed = self.lock_client().on_response(packet);
+        let reply = match routed {
+            super::client::Routed::Delivered => con.then(|| message::empty_ack(mid)),
+            // Still acknowledged: the observation goes on, only this value is skipped.
+            super::client::Routed::Dropped => {
+                Counters::inc(&self.counters.coap_responses_dropped);
+                con.then(|| message::empty_ack(mid))
+            }
+            super::client::Routed::Unknown => {
+                Counters::inc(&self.counters.coap_unexpected);
+                Some(message::reset(mid))
+            }
         };
         if con {
             self.lock_dedup().complete(peer, mid, reply.clone());
