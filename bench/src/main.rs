@@ -88,8 +88,10 @@ struct Args {
     /// Sockets of the bulk notifier.
     #[arg(long, default_value_t = 100)]
     notify_sockets: usize,
-    /// Devices sending notifications (1500 × every 10 ms: 150 000/s offered).
-    #[arg(long, default_value_t = 1500)]
+    /// Devices sending notifications (1200 × every 10 ms: 120 000/s offered; more
+    /// overloads these 2 shared cores and the excess is dropped at the observations'
+    /// queues, see docs/PERFORMANCE.md).
+    #[arg(long, default_value_t = 1200)]
     notify_devices: usize,
     /// Interval between a device's notifications, in ms.
     #[arg(long, default_value_t = 10)]
@@ -854,6 +856,8 @@ struct NotifyRun {
     window: Duration,
     sim_sent_total: Option<u64>,
     cpu: Duration,
+    /// Notifications dropped at an observation's full queue.
+    dropped: u64,
 }
 
 /// What offers the notifications.
@@ -987,6 +991,7 @@ fn notifications_run(args: &Args, webhook: bool) -> Result<NotifyRun> {
         delivered: c1 - c0,
         accepted: delta("observe_notifications_total"),
         discarded: delta("events_discarded_total"),
+        dropped: delta("coap_responses_dropped_total"),
         window,
         sim_sent_total: sent_total,
         cpu,
@@ -1146,12 +1151,13 @@ fn main() -> Result<()> {
                     unit: "notif/s",
                     target: Some((100_000.0, true)),
                     detail: format!(
-                        "{} delivered in {:.1} s; daemon accepted {:.0}/s from devices; offered ≤ {:.0}/s; {} events discarded; devices sent {} in the whole run; daemon CPU {:.1} µs per accepted notification ({:.0} % of a core)",
+                        "{} delivered in {:.1} s; daemon accepted {:.0}/s from devices; offered ≤ {:.0}/s; {} events discarded; {} dropped at full observation queues; devices sent {} in the whole run; daemon CPU {:.1} µs per accepted notification ({:.0} % of a core)",
                         r.delivered,
                         secs,
                         r.accepted as f64 / secs,
                         offered,
                         r.discarded,
+                        r.dropped,
                         r.sim_sent_total.map_or("?".into(), |s| s.to_string()),
                         r.cpu.as_secs_f64() * 1e6 / r.accepted.max(1) as f64,
                         r.cpu.as_secs_f64() * 100.0 / secs
