@@ -913,18 +913,9 @@ fn notifications_run(args: &Args, webhook: bool) -> Result<NotifyRun> {
                 if status != 200 {
                     continue;
                 }
-                // Counted without building a JSON tree of every entry: this one thread
-                // must keep up with the daemon.
-                #[derive(serde::Deserialize)]
-                struct Batch {
-                    #[serde(default)]
-                    notifications: Vec<serde::de::IgnoredAny>,
+                if let Some(k) = webhook::count_notifications(body.as_bytes()) {
+                    count.fetch_add(k as u64, Ordering::Relaxed);
                 }
-                let Ok(v) = serde_json::from_str::<Batch>(&body) else {
-                    continue;
-                };
-                let k = v.notifications.len();
-                count.fetch_add(k as u64, Ordering::Relaxed);
             }
         })
     };

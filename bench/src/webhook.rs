@@ -32,6 +32,20 @@ pub fn start() -> Result<Receiver> {
     Ok(Receiver { addr, count })
 }
 
+/// The number of `notifications` entries of a notification message (long-poll answer or
+/// callback body), counted without building a JSON tree of every entry: the one reader
+/// must keep up with the daemon. None when the body is not such a message.
+pub fn count_notifications(body: &[u8]) -> Option<usize> {
+    #[derive(serde::Deserialize)]
+    struct Batch {
+        #[serde(default)]
+        notifications: Vec<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Batch>(body)
+        .ok()
+        .map(|b| b.notifications.len())
+}
+
 fn serve(stream: TcpStream, count: &AtomicU64) -> Result<()> {
     stream.set_nodelay(true)?;
     let mut out = stream.try_clone()?;
@@ -59,13 +73,8 @@ fn serve(stream: TcpStream, count: &AtomicU64) -> Result<()> {
         }
         let mut body = vec![0u8; len];
         r.read_exact(&mut body)?;
-        #[derive(serde::Deserialize)]
-        struct Batch {
-            #[serde(default)]
-            notifications: Vec<serde::de::IgnoredAny>,
-        }
-        if let Ok(b) = serde_json::from_slice::<Batch>(&body) {
-            count.fetch_add(b.notifications.len() as u64, Ordering::Relaxed);
+        if let Some(n) = count_notifications(&body) {
+            count.fetch_add(n as u64, Ordering::Relaxed);
         }
         out.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")?;
     }

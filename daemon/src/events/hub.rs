@@ -27,6 +27,24 @@ use crate::store::{Store, StoreError};
 /// Most characters of a callback URL plus its header values (seed 000).
 pub const MAX_CALLBACK_LEN: usize = 400;
 
+/// Lets the store's removal of delivered events commit in the background. The delete is
+/// queued in order behind every append it covers, but not awaited: waiting for its commit
+/// (an fsync) before answering made each long-poll round trip, and each callback batch, as
+/// slow as the store's commit cycle under load. It costs nothing in safety: a crash before
+/// the commit delivers those events again after the restart (at least once), and never
+/// loses one.
+fn forget_in_background(key_id: &str, delete: crate::store::Pending<()>) {
+    let key = key_id.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = delete.await {
+            tracing::error!(
+                key,
+                "notifications: delivered events not removed from the store: {e}"
+            );
+        }
+    });
+}
+
 /// Which channels an event is queued for.
 enum To<'a> {
     Key(&'a str),
@@ -255,7 +273,7 @@ impl Hub {
             let notified = wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(batch) = self.take(&p.key_id).await? {
+            if let Some(batch) = self.take(&p.key_id) {
                 return Ok(Pulled::Batch(batch));
             }
             if wait.is_none() {
@@ -268,13 +286,11 @@ impl Hub {
     }
 
     /// Removes and returns up to `max_batch` of the oldest events as a message.
-    async fn take(&self, key_id: &str) -> Result<Option<String>, StoreError> {
+    fn take(&self, key_id: &str) -> Option<String> {
         let cutoff = self.cutoff();
         let (batch, durable) = {
             let mut map = self.lock();
-            let Some(ch) = map.get_mut(key_id) else {
-                return Ok(None);
-            };
+            let ch = map.get_mut(key_id)?;
             let expired = ch.drop_expired(cutoff);
             if let Some((n, _)) = expired {
                 self.count_discarded(key_id, n);
@@ -286,26 +302,16 @@ impl Hub {
             let durable = last.map(|s| self.store.delete_events_through(key_id.to_string(), s));
             (taken, durable)
         };
-        // The delete is queued in order behind every append it covers, but not awaited:
-        // waiting for its commit (an fsync) before answering made each long-poll round
-        // trip as slow as the store's commit cycle under load. Not waiting costs nothing
-        // in safety: a crash before the commit delivers these events again after the
-        // restart (at least once), and never loses one.
         if let Some(d) = durable {
-            let key = key_id.to_string();
-            tokio::spawn(async move {
-                if let Err(e) = d.await {
-                    tracing::error!(key, "delivered events not removed from the store: {e}");
-                }
-            });
+            forget_in_background(key_id, d);
         }
         if batch.is_empty() {
-            return Ok(None);
+            return None;
         }
         for _ in 0..batch.len() {
             Counters::inc(&self.counters.events_delivered);
         }
-        Ok(Some(batch_json(batch.iter().map(|e| &e.event))))
+        Some(batch_json(batch.iter().map(|e| &e.event)))
     }
 
     fn count_discarded(&self, key_id: &str, n: usize) {
@@ -482,17 +488,7 @@ impl Hub {
             }
             self.store.delete_events_through(key_id.to_string(), seq)
         };
-        // Not awaited, as in `take`: the next batch need not wait for this commit; a
-        // crash before it delivers these events again (at least once).
-        let key = key_id.to_string();
-        tokio::spawn(async move {
-            if let Err(e) = durable.await {
-                tracing::error!(
-                    key,
-                    "notifications: delivered events not removed from the store: {e}"
-                );
-            }
-        });
+        forget_in_background(key_id, durable);
     }
 
     /// Discards expired events of channels nobody reads, once a minute.

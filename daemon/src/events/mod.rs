@@ -69,11 +69,6 @@ impl Body {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    /// The entry as a JSON tree.
-    pub fn value(&self) -> Value {
-        serde_json::from_str(&self.0).unwrap_or(Value::Null)
-    }
 }
 
 impl From<Value> for Body {

@@ -67,6 +67,20 @@ pub struct Limits {
     windows: Mutex<HashMap<String, Window>>,
 }
 
+/// Runs `f` on the domain's window, made on first use. Looked up before inserting: every
+/// REST request and notification comes here, and `entry` would allocate the domain's name
+/// each time.
+fn with_window<R>(
+    w: &mut HashMap<String, Window>,
+    domain: &str,
+    f: impl FnOnce(&mut Window) -> R,
+) -> R {
+    match w.get_mut(domain) {
+        Some(win) => f(win),
+        None => f(w.entry(domain.to_string()).or_default()),
+    }
+}
+
 impl Limits {
     pub fn new(cfg: &LimitsConfig, endpoint_quota: usize, counters: Arc<Counters>) -> Limits {
         Limits {
@@ -85,27 +99,21 @@ impl Limits {
     pub fn count(&self, domain: &str) {
         let hour = Limits::hour();
         let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        w.entry(domain.to_string()).or_default().add(hour, 1);
+        with_window(&mut w, domain, |win| win.add(hour, 1));
     }
 
     /// Counts one transaction if the quota allows it.
     pub fn take(&self, domain: &str) -> Result<(), OverQuota> {
         let hour = Limits::hour();
         let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        // Looked up before inserting: every REST request and notification comes here, and
-        // `entry` would allocate the domain's name each time.
-        if !w.contains_key(domain) {
-            w.insert(domain.to_string(), Default::default());
-        }
-        let Some(win) = w.get_mut(domain) else {
-            return Ok(());
-        };
-        if win.total(hour) >= self.quota {
-            Counters::inc(&self.counters.limits_refused);
-            return Err(OverQuota { quota: self.quota });
-        }
-        win.add(hour, 1);
-        Ok(())
+        with_window(&mut w, domain, |win| {
+            if win.total(hour) >= self.quota {
+                Counters::inc(&self.counters.limits_refused);
+                return Err(OverQuota { quota: self.quota });
+            }
+            win.add(hour, 1);
+            Ok(())
+        })
     }
 
     /// The domain's counts; `endpoints` is its number of registered endpoints now.
