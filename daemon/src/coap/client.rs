@@ -270,10 +270,33 @@ impl ObserveStream {
     pub fn token(&self) -> &[u8] {
         &self.token
     }
+
+    /// A handle that ends this observation at once from elsewhere: the task that owns the
+    /// stream may be dropped only later (an aborted task is dropped asynchronously), and
+    /// until the token is forgotten the device's notifications are still acknowledged.
+    pub fn canceller(&self) -> ObserveCancel {
+        ObserveCancel {
+            transport: std::sync::Arc::clone(&self.transport),
+            token: self.token.clone(),
+        }
+    }
 }
 
 impl Drop for ObserveStream {
     fn drop(&mut self) {
+        self.transport.lock_client().by_token.remove(&self.token);
+    }
+}
+
+/// See [`ObserveStream::canceller`].
+pub struct ObserveCancel {
+    transport: std::sync::Arc<Transport>,
+    token: Vec<u8>,
+}
+
+impl ObserveCancel {
+    /// Forgets the token now: the device's next notification is answered with RST.
+    pub fn cancel(&self) {
         self.transport.lock_client().by_token.remove(&self.token);
     }
 }

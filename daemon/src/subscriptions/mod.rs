@@ -92,6 +92,8 @@ struct KeySubs {
 struct Observation {
     /// The task reading the notifications; aborting it drops the stream (cancel).
     task: tokio::task::JoinHandle<()>,
+    /// Forgets the token at once, before the aborted task is dropped.
+    cancel: crate::coap::client::ObserveCancel,
 }
 
 #[derive(Default)]
@@ -112,6 +114,7 @@ impl State {
 
     fn stop_observation(&mut self, key: &ResKey) {
         if let Some(o) = self.observations.remove(key) {
+            o.cancel.cancel();
             o.task.abort();
         }
     }
@@ -587,6 +590,7 @@ impl ObservationSink for Subscriptions {
         let internal = job.internal;
         let reg_id = ep.reg.id.clone();
         let task_key = key.clone();
+        let cancel = stream.canceller();
         let task = tokio::spawn(async move {
             let (domain, ep_name, path) = task_key;
             // The first value: an internal observe has no async response to carry it.
@@ -613,7 +617,7 @@ impl ObservationSink for Subscriptions {
             me.lock().observations.remove(&(domain, ep_name, path));
         });
         tracing::debug!(ep = %key.1, path = %key.2, registration = %reg_id, "observing");
-        st.observations.insert(key, Observation { task });
+        st.observations.insert(key, Observation { task, cancel });
     }
 }
 
