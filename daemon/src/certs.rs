@@ -279,7 +279,7 @@ impl CertAuthority {
         }
         let not_after = (now + VALIDITY).min(self.ca_not_after);
 
-        let endpoint = new_endpoint_name();
+        let endpoint = connectord_plugin_sdk::secret::uuid_v4();
         let mut params = CertificateParams::default();
         set_validity(&mut params, now - BACKDATE, not_after);
         params.serial_number = Some(random_serial());
@@ -346,22 +346,6 @@ fn random_serial() -> SerialNumber {
     // Positive, and always 16 bytes long once encoded.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     SerialNumber::from_slice(&bytes)
-}
-
-/// A random version 4 UUID, lowercase and hyphenated.
-fn new_endpoint_name() -> String {
-    let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 fn check_domain(domain: &str) -> Result<(), CertError> {

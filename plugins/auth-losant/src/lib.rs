@@ -153,7 +153,7 @@ use connectord_plugin_sdk::auth::{
 use connectord_plugin_sdk::http::{
     AUTHENTICATED, HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse,
 };
-use connectord_plugin_sdk::secret::{random_alphanumeric, sha256_hex};
+use connectord_plugin_sdk::secret::{random_alphanumeric, sha256_hex, uuid_v4};
 use connectord_plugin_sdk::time::now_ms;
 use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin, decode_input, encode_answer};
 use serde::{Deserialize, Serialize};
@@ -379,22 +379,6 @@ fn basic_credentials(cred: &str) -> Option<(String, String)> {
 fn object_id(now_ms: u64) -> String {
     let secs = u32::try_from(now_ms / 1000).unwrap_or(u32::MAX);
     format!("{secs:08x}{}", hex::encode(rand::random::<[u8; 8]>()))
-}
-
-/// A random version-4 UUID string: the public half of an application key.
-fn uuid_v4() -> String {
-    let mut b = rand::random::<[u8; 16]>();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 fn check_name(what: &str, s: &str) -> Result<(), String> {
