@@ -73,11 +73,14 @@ struct Args {
     /// Proxied reads issued.
     #[arg(long, default_value_t = 40_000)]
     read_count: usize,
-    /// HTTP client threads issuing reads (each one keep-alive connection, one request at
-    /// a time: with few of them the figure is their round-trip time, not the daemon's
-    /// throughput, since every 202 waits for a durable write).
+    /// Keep-alive HTTP/1.1 connections issuing reads, each one request at a time (with few
+    /// of them the figure is their round-trip time, not the daemon's throughput, since
+    /// every 202 waits for a durable write).
     #[arg(long, default_value_t = 64)]
-    read_threads: usize,
+    read_connections: usize,
+    /// Threads of the runtime driving those connections.
+    #[arg(long, default_value_t = 1)]
+    read_client_threads: usize,
     /// Most reads outstanding (sent, async response not yet pulled) at once.
     #[arg(long, default_value_t = 1000)]
     read_window: usize,
@@ -673,6 +676,96 @@ fn registration_run(args: &Args, n: usize, restart: bool, bulk: bool) -> Result<
     Ok(run)
 }
 
+/// Pairs the two halves of a read's latency (its 202 and its async response, which may
+/// arrive in either order) by async-response id.
+fn record(
+    slots: &Mutex<HashMap<String, Slot>>,
+    lat: &Mutex<Vec<Duration>>,
+    id: String,
+    slot: Slot,
+) {
+    let mut s = slots.lock().unwrap();
+    match (s.remove(&id), slot) {
+        (Some(Slot::Sent(t)), Slot::Arrived(a)) | (Some(Slot::Arrived(a)), Slot::Sent(t)) => {
+            lat.lock().unwrap().push(a.saturating_duration_since(t));
+        }
+        (_, slot) => {
+            s.insert(id, slot);
+        }
+    }
+}
+
+/// Closes the read window when the puller stops, so that no sender waits for permits
+/// that will never come back.
+struct CloseOnDrop(Arc<tokio::sync::Semaphore>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection issuing proxied reads one at a time.
+struct ReadSender {
+    rest: SocketAddr,
+    auth: Arc<str>,
+    names: Arc<Vec<String>>,
+    next: Arc<AtomicUsize>,
+    count: usize,
+    window: Arc<tokio::sync::Semaphore>,
+    slots: Arc<Mutex<HashMap<String, Slot>>>,
+    latencies: Arc<Mutex<Vec<Duration>>>,
+    accepted: Arc<AtomicUsize>,
+    rejected: Arc<Mutex<HashMap<u16, usize>>>,
+}
+
+impl ReadSender {
+    async fn run(self) -> Result<()> {
+        use http_body_util::{BodyExt, Empty};
+        assert!(self.rest.ip().is_loopback(), "loopback only");
+        let stream = tokio::net::TcpStream::connect(self.rest).await?;
+        stream.set_nodelay(true)?;
+        let (mut conn, driver) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(driver);
+        let host = self.rest.to_string();
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= self.count {
+                return Ok(());
+            }
+            // Closed: the puller stopped (its error is reported by its join).
+            let Ok(permit) = self.window.acquire().await else {
+                return Ok(());
+            };
+            // Given back by the puller when the async response arrives.
+            permit.forget();
+            let ep = &self.names[i % self.names.len()];
+            let req = http::Request::get(format!("/v2/endpoints/{ep}/3/0/0"))
+                .header(http::header::HOST, &host)
+                .header(http::header::AUTHORIZATION, &*self.auth)
+                .body(Empty::<bytes::Bytes>::new())?;
+            let t = Instant::now();
+            conn.ready().await?;
+            let resp = conn.send_request(req).await?;
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await?.to_bytes();
+            if status == 202 {
+                let v: Value = serde_json::from_slice(&body)?;
+                let id = v["async-response-id"]
+                    .as_str()
+                    .context("async-response-id")?
+                    .to_string();
+                self.accepted.fetch_add(1, Ordering::AcqRel);
+                record(&self.slots, &self.latencies, id, Slot::Sent(t));
+            } else {
+                self.window.add_permits(1);
+                *self.rejected.lock().unwrap().entry(status).or_default() += 1;
+            }
+        }
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -695,6 +788,8 @@ struct ReadRun {
     p99: Duration,
     max: Duration,
     cpu: Duration,
+    /// CPU of the load generator (this process) over the same run.
+    bench_cpu: Duration,
 }
 
 /// M proxied reads of /3/0/0 over K devices; answers pulled by long-poll.
@@ -719,42 +814,29 @@ fn reads_run(args: &Args) -> Result<ReadRun> {
 
     let slots: Arc<Mutex<HashMap<String, Slot>>> = Arc::default();
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
-    let outstanding = Arc::new(AtomicUsize::new(0));
+    let window = Arc::new(tokio::sync::Semaphore::new(args.read_window.max(1)));
     let next = Arc::new(AtomicUsize::new(0));
     let accepted = Arc::new(AtomicUsize::new(0));
     let senders_done = Arc::new(AtomicBool::new(false));
     let rejected: Arc<Mutex<HashMap<u16, usize>>> = Arc::default();
     let m = args.read_count;
-    let window = args.read_window.max(1);
     let cpu0 = cpu_time(daemon.pid())?;
+    let own_cpu0 = cpu_time(std::process::id())?;
     let t0 = Instant::now();
     let deadline = t0 + timeout;
-
-    let record = |slots: &Mutex<HashMap<String, Slot>>,
-                  lat: &Mutex<Vec<Duration>>,
-                  id: String,
-                  slot: Slot| {
-        let mut s = slots.lock().unwrap();
-        match (s.remove(&id), slot) {
-            (Some(Slot::Sent(t)), Slot::Arrived(a)) | (Some(Slot::Arrived(a)), Slot::Sent(t)) => {
-                lat.lock().unwrap().push(a.saturating_duration_since(t));
-            }
-            (_, slot) => {
-                s.insert(id, slot);
-            }
-        }
-    };
 
     // The long-poll puller.
     let puller = {
         let api = daemon.api();
-        let (slots, latencies, outstanding) = (
+        let (slots, latencies, window) = (
             Arc::clone(&slots),
             Arc::clone(&latencies),
-            Arc::clone(&outstanding),
+            Arc::clone(&window),
         );
         let (accepted, senders_done) = (Arc::clone(&accepted), Arc::clone(&senders_done));
         std::thread::spawn(move || -> Result<(usize, usize, Instant)> {
+            // However it ends, senders waiting for the window stop waiting.
+            let _close = CloseOnDrop(Arc::clone(&window));
             let (mut got, mut ok, mut last) = (0usize, 0usize, Instant::now());
             while !(senders_done.load(Ordering::Acquire) && got >= accepted.load(Ordering::Acquire))
             {
@@ -775,7 +857,7 @@ fn reads_run(args: &Args) -> Result<ReadRun> {
                     }
                     got += 1;
                     last = now;
-                    outstanding.fetch_sub(1, Ordering::AcqRel);
+                    window.add_permits(1);
                     record(&slots, &latencies, id, Slot::Arrived(now));
                 }
             }
@@ -783,55 +865,65 @@ fn reads_run(args: &Args) -> Result<ReadRun> {
         })
     };
 
-    let mut senders = Vec::new();
-    for _ in 0..args.read_threads.max(1) {
-        let api = daemon.api();
-        let (slots, latencies, outstanding, next, accepted, rejected, names) = (
-            Arc::clone(&slots),
-            Arc::clone(&latencies),
-            Arc::clone(&outstanding),
-            Arc::clone(&next),
-            Arc::clone(&accepted),
-            Arc::clone(&rejected),
-            Arc::clone(&names),
-        );
-        senders.push(std::thread::spawn(move || -> Result<()> {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= m {
-                    return Ok(());
-                }
-                while outstanding.load(Ordering::Acquire) >= window {
-                    if Instant::now() >= deadline {
-                        return Ok(());
+    // The senders: `read_connections` keep-alive HTTP/1.1 connections, each one request
+    // at a time, driven by a small tokio runtime (no thread per connection, no polling:
+    // the window is a semaphore the puller gives permits back to).
+    let senders = {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.read_client_threads.max(1))
+            .enable_all()
+            .build()?;
+        let auth: Arc<str> = api.auth.clone().into();
+        let rest = daemon.rest;
+        let result = rt.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..args.read_connections.max(1) {
+                let s = ReadSender {
+                    rest,
+                    auth: Arc::clone(&auth),
+                    names: Arc::clone(&names),
+                    next: Arc::clone(&next),
+                    count: m,
+                    window: Arc::clone(&window),
+                    slots: Arc::clone(&slots),
+                    latencies: Arc::clone(&latencies),
+                    accepted: Arc::clone(&accepted),
+                    rejected: Arc::clone(&rejected),
+                };
+                tasks.spawn(async move {
+                    match tokio::time::timeout_at(deadline.into(), s.run()).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(()),
                     }
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-                outstanding.fetch_add(1, Ordering::AcqRel);
-                let ep = &names[i % names.len()];
-                let t = Instant::now();
-                let (status, body) = api.get(&format!("/v2/endpoints/{ep}/3/0/0"))?;
-                if status == 202 {
-                    let v: Value = serde_json::from_str(&body)?;
-                    let id = v["async-response-id"]
-                        .as_str()
-                        .context("async-response-id")?
-                        .to_string();
-                    accepted.fetch_add(1, Ordering::AcqRel);
-                    record(&slots, &latencies, id, Slot::Sent(t));
-                } else {
-                    outstanding.fetch_sub(1, Ordering::AcqRel);
-                    *rejected.lock().unwrap().entry(status).or_default() += 1;
+                });
+            }
+            let mut first_err = None;
+            while let Some(r) = tasks.join_next().await {
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        first_err.get_or_insert(e);
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(anyhow!("sender task: {e}"));
+                    }
                 }
             }
-        }));
-    }
-    for s in senders {
-        s.join().map_err(|_| anyhow!("sender panicked"))??;
+            first_err.map_or(Ok(()), Err)
+        });
+        rt.shutdown_background();
+        result
+    };
+    if let Err(e) = senders {
+        senders_done.store(true, Ordering::Release);
+        sims.abandon();
+        return Err(e);
     }
     senders_done.store(true, Ordering::Release);
     let (completed, ok, last) = puller.join().map_err(|_| anyhow!("puller panicked"))??;
     let cpu = cpu_time(daemon.pid())?.saturating_sub(cpu0);
+    // This process: the HTTP clients, the puller and the simulated devices.
+    let bench_cpu = cpu_time(std::process::id())?.saturating_sub(own_cpu0);
     sims.abandon();
     let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
     lat.sort();
@@ -845,6 +937,7 @@ fn reads_run(args: &Args) -> Result<ReadRun> {
         p99: percentile(&lat, 0.99),
         max: lat.last().copied().unwrap_or_default(),
         cpu,
+        bench_cpu,
     })
 }
 
@@ -1048,7 +1141,7 @@ fn main() -> Result<()> {
                 unit: "reg/s",
                 target: Some((20_000.0, true)),
                 detail: format!(
-                    "first→last 2.01 {:.2} s; simulator start→last {:.2} s; daemon CPU {:.1} µs per registration",
+                    "first→last {:.2} s; simulator start→last {:.2} s; daemon CPU {:.1} µs per registration",
                     r.first_to_last.as_secs_f64(),
                     r.start_to_last.as_secs_f64(),
                     r.cpu.as_secs_f64() * 1e6 / n as f64
@@ -1099,14 +1192,14 @@ fn main() -> Result<()> {
                 let secs = r.elapsed.as_secs_f64().max(1e-9);
                 rows.push(Row {
                     scenario: format!(
-                        "proxied reads/s ({} reads, {} devices, {} threads)",
-                        args.read_count, args.read_devices, args.read_threads
+                        "proxied reads/s ({} reads, {} devices, {} connections)",
+                        args.read_count, args.read_devices, args.read_connections
                     ),
                     value: r.completed as f64 / secs,
                     unit: "reads/s",
                     target: Some((30_000.0, true)),
                     detail: format!(
-                        "{} answered ({} status 200) in {:.2} s; REST→async response p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; refused {:?}; daemon CPU {:.1} µs per read",
+                        "{} answered ({} status 200) in {:.2} s; REST→async response p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; refused {:?}; daemon CPU {:.1} µs per read, load generator {:.1} µs",
                         r.completed,
                         r.ok,
                         secs,
@@ -1114,7 +1207,8 @@ fn main() -> Result<()> {
                         r.p99.as_secs_f64() * 1e3,
                         r.max.as_secs_f64() * 1e3,
                         r.rejected,
-                        r.cpu.as_secs_f64() * 1e6 / r.completed.max(1) as f64
+                        r.cpu.as_secs_f64() * 1e6 / r.completed.max(1) as f64,
+                        r.bench_cpu.as_secs_f64() * 1e6 / r.completed.max(1) as f64
                     ),
                 });
             }
