@@ -81,6 +81,14 @@ struct Args {
     /// Threads of the runtime driving those connections.
     #[arg(long, default_value_t = 1)]
     read_client_threads: usize,
+    /// Issue the reads over HTTP/2 (prior knowledge, cleartext): the `--read-connections`
+    /// requests at a time become concurrent streams over `--read-h2-connections`
+    /// connections.
+    #[arg(long)]
+    read_http2: bool,
+    /// HTTP/2 connections of `--read-http2`.
+    #[arg(long, default_value_t = 2)]
+    read_h2_connections: usize,
     /// Most reads outstanding (sent, async response not yet pulled) at once.
     #[arg(long, default_value_t = 1000)]
     read_window: usize,
@@ -706,7 +714,31 @@ impl Drop for CloseOnDrop {
 }
 
 /// One keep-alive HTTP/1.1 connection issuing proxied reads one at a time.
+/// How a [`ReadSender`] sends: its own HTTP/1.1 connection or a stream of a shared
+/// HTTP/2 one.
+enum ReadConn {
+    Http1(SocketAddr),
+    Http2(hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>),
+}
+
+/// Opens an HTTP/2 (prior knowledge) connection to the daemon.
+async fn http2_connect(
+    rest: SocketAddr,
+) -> Result<hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>> {
+    assert!(rest.ip().is_loopback(), "loopback only");
+    let stream = tokio::net::TcpStream::connect(rest).await?;
+    stream.set_nodelay(true)?;
+    let (conn, driver) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await?;
+    tokio::spawn(driver);
+    Ok(conn)
+}
+
 struct ReadSender {
+    conn: ReadConn,
     rest: SocketAddr,
     auth: Arc<str>,
     names: Arc<Vec<String>>,
@@ -722,12 +754,23 @@ struct ReadSender {
 impl ReadSender {
     async fn run(self) -> Result<()> {
         use http_body_util::{BodyExt, Empty};
-        assert!(self.rest.ip().is_loopback(), "loopback only");
-        let stream = tokio::net::TcpStream::connect(self.rest).await?;
-        stream.set_nodelay(true)?;
-        let (mut conn, driver) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(driver);
+        enum Conn {
+            H1(hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>),
+            H2(hyper::client::conn::http2::SendRequest<Empty<bytes::Bytes>>),
+        }
+        let mut conn = match &self.conn {
+            ReadConn::Http1(rest) => {
+                assert!(rest.ip().is_loopback(), "loopback only");
+                let stream = tokio::net::TcpStream::connect(rest).await?;
+                stream.set_nodelay(true)?;
+                let (conn, driver) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await?;
+                tokio::spawn(driver);
+                Conn::H1(conn)
+            }
+            ReadConn::Http2(c) => Conn::H2(c.clone()),
+        };
         let host = self.rest.to_string();
         loop {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
@@ -741,13 +784,25 @@ impl ReadSender {
             // Given back by the puller when the async response arrives.
             permit.forget();
             let ep = &self.names[i % self.names.len()];
-            let req = http::Request::get(format!("/v2/endpoints/{ep}/3/0/0"))
+            let uri = match conn {
+                Conn::H1(_) => format!("/v2/endpoints/{ep}/3/0/0"),
+                Conn::H2(_) => format!("http://{host}/v2/endpoints/{ep}/3/0/0"),
+            };
+            let req = http::Request::get(uri)
                 .header(http::header::HOST, &host)
                 .header(http::header::AUTHORIZATION, &*self.auth)
                 .body(Empty::<bytes::Bytes>::new())?;
             let t = Instant::now();
-            conn.ready().await?;
-            let resp = conn.send_request(req).await?;
+            let resp = match &mut conn {
+                Conn::H1(c) => {
+                    c.ready().await?;
+                    c.send_request(req).await?
+                }
+                Conn::H2(c) => {
+                    c.ready().await?;
+                    c.send_request(req).await?
+                }
+            };
             let status = resp.status().as_u16();
             let body = resp.into_body().collect().await?.to_bytes();
             if status == 202 {
@@ -876,9 +931,19 @@ fn reads_run(args: &Args) -> Result<ReadRun> {
         let auth: Arc<str> = api.auth.clone().into();
         let rest = daemon.rest;
         let result = rt.block_on(async {
+            let mut h2 = Vec::new();
+            if args.read_http2 {
+                for _ in 0..args.read_h2_connections.max(1) {
+                    h2.push(http2_connect(rest).await?);
+                }
+            }
             let mut tasks = tokio::task::JoinSet::new();
-            for _ in 0..args.read_connections.max(1) {
+            for i in 0..args.read_connections.max(1) {
                 let s = ReadSender {
+                    conn: match h2.get(i % h2.len().max(1)) {
+                        Some(c) => ReadConn::Http2(c.clone()),
+                        None => ReadConn::Http1(rest),
+                    },
                     rest,
                     auth: Arc::clone(&auth),
                     names: Arc::clone(&names),
@@ -1192,8 +1257,17 @@ fn main() -> Result<()> {
                 let secs = r.elapsed.as_secs_f64().max(1e-9);
                 rows.push(Row {
                     scenario: format!(
-                        "proxied reads/s ({} reads, {} devices, {} connections)",
-                        args.read_count, args.read_devices, args.read_connections
+                        "proxied reads/s ({} reads, {} devices, {})",
+                        args.read_count,
+                        args.read_devices,
+                        if args.read_http2 {
+                            format!(
+                                "HTTP/2, {} streams over {} connections",
+                                args.read_connections, args.read_h2_connections
+                            )
+                        } else {
+                            format!("HTTP/1.1, {} connections", args.read_connections)
+                        }
                     ),
                     value: r.completed as f64 / secs,
                     unit: "reads/s",

@@ -199,9 +199,10 @@ impl Hub {
     }
 
     /// Queues the async response `event` for the key that asked, and forgets the stored
-    /// request `request_id` in the same store transaction.
-    pub async fn publish_answer(&self, key_id: &str, event: Event, request_id: String) {
-        self.publish(To::Key(key_id), event, Some(request_id)).await;
+    /// request (row `request_row`) in the same store transaction.
+    pub async fn publish_answer(&self, key_id: &str, event: Event, request_row: u64) {
+        self.publish(To::Key(key_id), event, Some(request_row))
+            .await;
     }
 
     /// Queues `event` for every channel of a domain (registration events).
@@ -209,7 +210,7 @@ impl Hub {
         self.publish(To::Domain(domain), event, None).await;
     }
 
-    async fn publish(&self, to: To<'_>, event: Event, answered: Option<String>) {
+    async fn publish(&self, to: To<'_>, event: Event, answered: Option<u64>) {
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
         let durable = {

@@ -78,6 +78,10 @@ pub struct Job {
     /// its outcome is no async response.
     #[serde(default)]
     pub internal: bool,
+    /// The store's row number of this request (0 until stored; internal jobs are not).
+    /// Not part of the stored record: the store keys the record by it.
+    #[serde(skip)]
+    pub row: u64,
 }
 
 /// What the application asked for.
@@ -289,6 +293,7 @@ impl Requests {
             content_format: None,
             created_ms: now_ms(),
             internal: true,
+            row: 0,
         };
         let key = (domain.to_string(), ep.to_string());
         {
@@ -319,8 +324,8 @@ impl Requests {
     /// Queues the stored requests again (at start). Those of endpoints that are not in
     /// queue mode are sent at once.
     pub async fn load(self: &Arc<Self>) -> Result<usize, StoreError> {
-        let mut jobs = self.store.load_requests().await?;
-        jobs.sort_by_key(|j| j.created_ms);
+        // In row order: the order they were accepted in.
+        let jobs = self.store.load_requests().await?;
         let n = jobs.len();
         let mut keys = Vec::new();
         {
@@ -395,7 +400,7 @@ impl Requests {
                 .map_err(|e| RequestError::Unavailable(e.to_string()))?;
             return Ok(Submitted::Sent);
         }
-        let job = Job {
+        let mut job = Job {
             id: new_async_id(),
             key_id: who.key_id.clone(),
             domain: who.domain.clone(),
@@ -406,6 +411,7 @@ impl Requests {
             content_format: s.content_format,
             created_ms: now_ms(),
             internal: false,
+            row: 0,
         };
         let key = (job.domain.clone(), job.ep.clone());
         {
@@ -416,7 +422,7 @@ impl Requests {
             }
         }
         self.hub.ensure_channel(who).await?;
-        self.store.put_request(job.clone()).await?;
+        job.row = self.store.put_request(job.clone()).await?;
         let id = job.id.clone();
         {
             let mut q = self.lock();
@@ -600,7 +606,7 @@ impl Requests {
                     body: body.into(),
                     created_ms: now_ms(),
                 },
-                job.id.clone(),
+                job.row,
             )
             .await;
         tracing::debug!(id = %job.id, ep = %job.ep, path = %job.path, status = o.status, "async response");

@@ -90,18 +90,20 @@ pub trait Store: Send + Sync + 'static {
     fn load_events(&self) -> Pending<Vec<StoredEvent>>;
     /// Appends events (each carries its key id and sequence number) and, in the same
     /// transaction, removes the request `answered` whose answer they are (one commit for
-    /// the async response instead of two).
-    fn append_events(&self, events: Vec<StoredEvent>, answered: Option<String>) -> Pending<()>;
+    /// the async response instead of two); `answered` is the request's row number.
+    fn append_events(&self, events: Vec<StoredEvent>, answered: Option<u64>) -> Pending<()>;
     /// Removes the events of `key_id` with a sequence number up to and including `seq`:
     /// delivery and discarding always take the oldest events first.
     fn delete_events_through(&self, key_id: String, seq: u64) -> Pending<()>;
 
-    /// Every request to a device not yet answered.
+    /// Every request to a device not yet answered, in the order they were stored, each
+    /// with its [`Job::row`].
     fn load_requests(&self) -> Pending<Vec<Job>>;
-    /// Stores a request to a device before it is acknowledged with its async-response id.
-    fn put_request(&self, job: Job) -> Pending<()>;
-    /// Removes a request once its answer is an event (or it was cancelled).
-    fn delete_request(&self, id: String) -> Pending<()>;
+    /// Stores a request to a device before it is acknowledged with its async-response id;
+    /// resolves to the request's row number (for [`Job::row`]).
+    fn put_request(&self, job: Job) -> Pending<u64>;
+    /// Removes a request by row number once its answer is an event (or it was cancelled).
+    fn delete_request(&self, row: u64) -> Pending<()>;
 
     /// A value of a plugin's key-value state.
     fn plugin_state_get(&self, plugin: String, key: String) -> Pending<Option<Vec<u8>>>;

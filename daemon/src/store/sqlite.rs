@@ -75,6 +75,17 @@ const MIGRATIONS: &[&str] = &[
         value BLOB NOT NULL,
         PRIMARY KEY (plugin, key)
     ) WITHOUT ROWID;",
+    // 5: requests keyed by an increasing row number instead of their random async-response
+    // id. The id's unique index put every insert and delete on a random page of the
+    // index, so a group commit wrote about 20 WAL pages for 40 jobs under proxied reads;
+    // new rows now go to the right-hand end and answered ones leave from the left.
+    "CREATE TABLE requests_by_row (
+        row INTEGER PRIMARY KEY,
+        data TEXT NOT NULL
+    );
+    INSERT INTO requests_by_row (data) SELECT data FROM requests ORDER BY rowid;
+    DROP TABLE requests;
+    ALTER TABLE requests_by_row RENAME TO requests;",
 ];
 
 /// Called after the batch's COMMIT with its outcome.
@@ -425,7 +436,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn append_events(&self, events: Vec<StoredEvent>, answered: Option<String>) -> Pending<()> {
+    fn append_events(&self, events: Vec<StoredEvent>, answered: Option<u64>) -> Pending<()> {
         self.submit(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "INSERT OR REPLACE INTO events (key_id, seq, data) VALUES (?1, ?2, ?3)",
@@ -433,9 +444,9 @@ impl Store for SqliteStore {
             for e in &events {
                 stmt.execute(params![e.key_id, e.seq as i64, to_json(e)?])?;
             }
-            if let Some(id) = answered {
-                conn.prepare_cached("DELETE FROM requests WHERE id = ?1")?
-                    .execute(params![id])?;
+            if let Some(row) = answered {
+                conn.prepare_cached("DELETE FROM requests WHERE row = ?1")?
+                    .execute(params![row as i64])?;
             }
             Ok(())
         })
@@ -450,25 +461,40 @@ impl Store for SqliteStore {
     }
 
     fn load_requests(&self) -> Pending<Vec<RequestJob>> {
-        self.submit(|conn| load_json(conn, "SELECT data FROM requests", "request"))
-    }
-
-    fn put_request(&self, job: RequestJob) -> Pending<()> {
-        self.submit(move |conn| {
-            upsert_json(
-                conn,
-                "INSERT INTO requests (id, data) VALUES (?1, ?2)
-                 ON CONFLICT (id) DO UPDATE SET data = excluded.data",
-                &job.id,
-                &job,
-            )
+        self.submit(|conn| {
+            let mut stmt = conn.prepare("SELECT row, data FROM requests ORDER BY row")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (row, data) = row?;
+                match serde_json::from_str::<RequestJob>(&data) {
+                    Ok(mut job) => {
+                        job.row = row as u64;
+                        out.push(job);
+                    }
+                    Err(e) => tracing::error!("store: skipping unreadable request: {e}"),
+                }
+            }
+            Ok(out)
         })
     }
 
-    fn delete_request(&self, id: String) -> Pending<()> {
+    fn put_request(&self, job: RequestJob) -> Pending<u64> {
         self.submit(move |conn| {
-            conn.prepare_cached("DELETE FROM requests WHERE id = ?1")?
-                .execute(params![id])?;
+            // Without AUTOINCREMENT a new row is one more than the largest one kept, so
+            // a number can come back after the largest row was deleted; that row's job
+            // was answered by then (jobs run in submission order), and nothing else
+            // refers to it.
+            conn.prepare_cached("INSERT INTO requests (data) VALUES (?1)")?
+                .execute(params![to_json(&job)?])?;
+            Ok(conn.last_insert_rowid() as u64)
+        })
+    }
+
+    fn delete_request(&self, row: u64) -> Pending<()> {
+        self.submit(move |conn| {
+            conn.prepare_cached("DELETE FROM requests WHERE row = ?1")?
+                .execute(params![row as i64])?;
             Ok(())
         })
     }
@@ -592,6 +618,89 @@ mod tests {
             vec!["a", "b"],
             "the failed job's first insert was rolled back"
         );
+    }
+
+    fn job(id: &str, created_ms: u64) -> RequestJob {
+        RequestJob {
+            id: id.into(),
+            key_id: "k".into(),
+            domain: "default".into(),
+            ep: "ep".into(),
+            method: crate::requests::Method::Get,
+            path: "/3/0/0".into(),
+            payload: String::new(),
+            content_format: None,
+            created_ms,
+            internal: false,
+            row: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_are_kept_by_row_in_order_and_answered_with_their_events() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SqliteStore::open(dir.path()).unwrap();
+            // Ids in reverse alphabetical order: the order kept must be the order stored.
+            let pending = [
+                s.put_request(job("z", 1)),
+                s.put_request(job("y", 2)),
+                s.put_request(job("x", 3)),
+            ];
+            let mut rows = Vec::new();
+            for p in pending {
+                rows.push(p.await.unwrap());
+            }
+            assert!(rows.windows(2).all(|w| w[0] < w[1]), "{rows:?}");
+            s.delete_request(rows[0]).await.unwrap();
+            let ev = StoredEvent {
+                key_id: "k".into(),
+                seq: 1,
+                event: crate::events::Event {
+                    kind: crate::events::Kind::AsyncResponses,
+                    body: serde_json::json!({"id": "y"}).into(),
+                    created_ms: 5,
+                },
+            };
+            s.append_events(vec![ev], Some(rows[1])).await.unwrap();
+        }
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let left = s.load_requests().await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].id, "x");
+        assert_ne!(left[0].row, 0, "a loaded request knows its row");
+        assert_eq!(s.load_events().await.unwrap().len(), 1);
+        // The row a loaded request carries is the one that removes it.
+        s.delete_request(left[0].row).await.unwrap();
+        assert!(s.load_requests().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn schema_4_requests_keyed_by_id_migrate_in_their_stored_order() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            for sql in &MIGRATIONS[..4] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 4).unwrap();
+            for id in ["c", "a", "b"] {
+                conn.execute(
+                    "INSERT INTO requests (id, data) VALUES (?1, ?2)",
+                    params![id, to_json(&job(id, 7)).unwrap()],
+                )
+                .unwrap();
+            }
+        }
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let ids: Vec<String> = s
+            .load_requests()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(ids, vec!["c", "a", "b"]);
     }
 
     #[test]
