@@ -210,10 +210,13 @@ pub struct NotifyCounters {
     pub observed: AtomicU64,
     /// Notifications sent.
     pub sent: AtomicU64,
+    /// GET requests answered (observe or not).
+    pub answered: AtomicU64,
 }
 
-/// Registered endpoints that answer the daemon's observe requests and then send a NON
-/// notification for every observation each `interval`, from few sockets: the offered
+/// Registered endpoints that answer the daemon's GET requests (plain reads too, with a
+/// piggybacked 2.05 "21.5") and send a NON notification for every observation each
+/// `interval`, from few sockets: the offered
 /// load costs far less CPU than the one-task-per-device simulator, so on a shared
 /// machine more of it is left to the daemon. Which endpoint an observe request is for
 /// does not matter here: the token identifies the observation, so every observation of
@@ -225,6 +228,13 @@ pub struct Notifier {
 }
 
 impl Notifier {
+    /// The name of endpoint `i` (0-based) of a notifier of `n` endpoints on `sockets`
+    /// sockets.
+    pub fn endpoint_name(i: usize, n: usize, sockets: usize) -> String {
+        let sockets = sockets.clamp(1, n.max(1));
+        format!("nb{}-{i:07}", i % sockets)
+    }
+
     pub fn start(
         server: SocketAddr,
         n: usize,
@@ -305,6 +315,8 @@ async fn notify_loop(
     let mut buf = vec![0u8; 2048];
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // One timer for the stop check (a new sleep per datagram cost a timer entry each).
+    let mut check_stop = tokio::time::interval(Duration::from_millis(100));
     let mut mid: u16 = 0x4000;
     while !stop.load(Ordering::Acquire) {
         tokio::select! {
@@ -332,6 +344,7 @@ async fn notify_loop(
                 ack.payload = b"21.5".to_vec();
                 if let Ok(b) = ack.to_bytes() {
                     sock.send_to(&b, from).await?;
+                    c.answered.fetch_add(1, Ordering::Relaxed);
                 }
             }
             _ = tick.tick() => {
@@ -356,7 +369,7 @@ async fn notify_loop(
                     }
                 }
             }
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = check_stop.tick() => {}
         }
     }
     Ok(())
