@@ -60,36 +60,55 @@ impl Kind {
 /// An event's JSON entry, serialised once when the event is made: it is stored, queued
 /// for every key it goes to and written into long-poll answers and callbacks as this
 /// same text, so cloning it is a reference count and no step builds a JSON tree again.
-/// It is stored (and read back) as the JSON value itself, not as a string.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Body(Arc<str>);
+/// It is stored (and read back) as the JSON value itself, not as a string. Being a
+/// [`RawValue`](serde_json::value::RawValue), it is known to be valid JSON and is written
+/// out without being parsed again.
+#[derive(Debug, Clone)]
+pub struct Body(Arc<serde_json::value::RawValue>);
 
 impl Body {
+    /// Serialises `v` (straight to JSON text, without a `Value` tree). Nothing the daemon
+    /// makes fails to serialise; if something did, the entry would be `null`.
+    pub fn new<T: Serialize + ?Sized>(v: &T) -> Body {
+        match serde_json::value::to_raw_value(v) {
+            Ok(raw) => Body(raw.into()),
+            Err(e) => {
+                tracing::error!("event entry not serialisable: {e}");
+                Body(serde_json::value::RawValue::NULL.to_owned().into())
+            }
+        }
+    }
+
     /// The JSON text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.get()
     }
 }
 
+impl PartialEq for Body {
+    fn eq(&self, other: &Body) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Body {}
+
 impl From<Value> for Body {
     fn from(v: Value) -> Body {
-        Body(v.to_string().into())
+        Body::new(&v)
     }
 }
 
 impl Serialize for Body {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::Error;
-        let raw: &serde_json::value::RawValue =
-            serde_json::from_str(&self.0).map_err(S::Error::custom)?;
-        raw.serialize(s)
+        self.0.serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for Body {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Body, D::Error> {
         let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
-        Ok(Body(raw.get().into()))
+        Ok(Body(raw.into()))
     }
 }
 
@@ -196,24 +215,28 @@ pub fn async_response_body(
     ct: Option<&str>,
     max_age: Option<u32>,
     error: Option<&str>,
-) -> Value {
-    let mut o = serde_json::Map::new();
-    o.insert("id".into(), json!(id));
-    o.insert("status".into(), json!(status));
-    if let Some(e) = error {
-        o.insert("error".into(), json!(e));
+) -> Body {
+    /// Fields in name order, as the `Value` map this replaced wrote them.
+    #[derive(Serialize)]
+    struct Entry<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ct: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<&'a str>,
+        id: &'a str,
+        #[serde(rename = "max-age", skip_serializing_if = "Option::is_none")]
+        max_age: Option<u32>,
+        payload: String,
+        status: u16,
     }
-    o.insert(
-        "payload".into(),
-        json!(base64::engine::general_purpose::STANDARD.encode(payload)),
-    );
-    if let Some(ct) = ct {
-        o.insert("ct".into(), json!(ct));
-    }
-    if let Some(m) = max_age {
-        o.insert("max-age".into(), json!(m));
-    }
-    Value::Object(o)
+    Body::new(&Entry {
+        ct,
+        error,
+        id,
+        max_age,
+        payload: base64::engine::general_purpose::STANDARD.encode(payload),
+        status,
+    })
 }
 
 /// Where a key's notifications go: the `PUT /notification/callback` body.
@@ -347,13 +370,18 @@ mod tests {
     fn async_response_has_error_only_when_failed() {
         let ok = async_response_body("x", 200, b"12", Some("text/plain"), Some(0), None);
         assert_eq!(
-            ok,
+            serde_json::from_str::<Value>(ok.as_str()).unwrap(),
             json!({"id": "x", "status": 200, "payload": "MTI=", "ct": "text/plain", "max-age": 0})
         );
         let bad = async_response_body("x", 504, b"", None, None, Some("timeout"));
         assert_eq!(
-            bad,
+            serde_json::from_str::<Value>(bad.as_str()).unwrap(),
             json!({"id": "x", "status": 504, "error": "timeout", "payload": ""})
+        );
+        // The same text the Value map wrote: keys in name order.
+        assert_eq!(
+            ok.as_str(),
+            r#"{"ct":"text/plain","id":"x","max-age":0,"payload":"MTI=","status":200}"#
         );
     }
 }

@@ -603,7 +603,7 @@ impl Requests {
                 &job.key_id,
                 Event {
                     kind: Kind::AsyncResponses,
-                    body: body.into(),
+                    body,
                     created_ms: now_ms(),
                 },
                 job.row,

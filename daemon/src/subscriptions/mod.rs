@@ -542,7 +542,7 @@ impl Subscriptions {
             reply.max_age,
         );
         let keys = self.lock().subscribers(domain, ep, path);
-        let body = crate::events::Body::from(notification_body(ep, path, reply));
+        let body = notification_body(ep, path, reply);
         for k in keys {
             let event = Event {
                 kind: Kind::Notifications,
@@ -555,23 +555,26 @@ impl Subscriptions {
 }
 
 /// A `notifications` entry: `ep`, `path`, `ct`, `payload` (base64), `max-age`.
-pub fn notification_body(ep: &str, path: &str, reply: &CoapReply) -> serde_json::Value {
+pub fn notification_body(ep: &str, path: &str, reply: &CoapReply) -> crate::events::Body {
     use base64::Engine;
-    let mut o = serde_json::Map::new();
-    o.insert("ep".into(), serde_json::json!(ep));
-    o.insert("path".into(), serde_json::json!(path));
-    if let Some(cf) = reply.content_format {
-        o.insert("ct".into(), serde_json::json!(content_format::describe(cf)));
+    /// Fields in name order, as the `Value` map this replaced wrote them.
+    #[derive(serde::Serialize)]
+    struct Entry<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ct: Option<String>,
+        ep: &'a str,
+        #[serde(rename = "max-age")]
+        max_age: u32,
+        path: &'a str,
+        payload: String,
     }
-    o.insert(
-        "payload".into(),
-        serde_json::json!(base64::engine::general_purpose::STANDARD.encode(&reply.payload)),
-    );
-    o.insert(
-        "max-age".into(),
-        serde_json::json!(reply.max_age.unwrap_or(DEFAULT_MAX_AGE)),
-    );
-    serde_json::Value::Object(o)
+    crate::events::Body::new(&Entry {
+        ct: reply.content_format.map(content_format::describe),
+        ep,
+        max_age: reply.max_age.unwrap_or(DEFAULT_MAX_AGE),
+        path,
+        payload: base64::engine::general_purpose::STANDARD.encode(&reply.payload),
+    })
 }
 
 impl ObservationSink for Subscriptions {
@@ -645,5 +648,32 @@ impl RegistryListener for Subscriptions {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notification_entries_are_the_seed_fields_in_name_order() {
+        let mut reply = CoapReply {
+            code: coap_lite::ResponseType::Content,
+            payload: b"21.5".to_vec(),
+            content_format: Some(0),
+            max_age: None,
+            observe: Some(3),
+            token: vec![1],
+        };
+        assert_eq!(
+            notification_body("ep1", "/3303/0/5700", &reply).as_str(),
+            r#"{"ct":"text/plain","ep":"ep1","max-age":60,"path":"/3303/0/5700","payload":"MjEuNQ=="}"#
+        );
+        reply.content_format = None;
+        reply.max_age = Some(5);
+        assert_eq!(
+            notification_body("ep1", "/3/0/0", &reply).as_str(),
+            r#"{"ep":"ep1","max-age":5,"path":"/3/0/0","payload":"MjEuNQ=="}"#
+        );
     }
 }
