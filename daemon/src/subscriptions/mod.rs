@@ -17,7 +17,7 @@
 pub mod lua;
 pub mod presub;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -84,9 +84,64 @@ type ResKey = (String, String, String);
 #[derive(Default)]
 struct KeySubs {
     domain: String,
-    /// (endpoint, path)
-    resources: BTreeSet<(String, String)>,
+    resources: ResourceSet,
     presubs: Vec<PreSub>,
+}
+
+/// A key's subscribed resources: endpoint name → paths, so that the lookup made for every
+/// notification borrows its `&str`s instead of building a `(String, String)` to compare
+/// against. Iterates in (endpoint, path) order.
+#[derive(Default)]
+struct ResourceSet(BTreeMap<String, BTreeSet<String>>);
+
+impl ResourceSet {
+    fn contains(&self, ep: &str, path: &str) -> bool {
+        self.0.get(ep).is_some_and(|paths| paths.contains(path))
+    }
+
+    /// False when it was there already.
+    fn insert(&mut self, ep: &str, path: &str) -> bool {
+        match self.0.get_mut(ep) {
+            Some(paths) if paths.contains(path) => false,
+            Some(paths) => paths.insert(path.to_string()),
+            None => {
+                self.0
+                    .insert(ep.to_string(), BTreeSet::from([path.to_string()]));
+                true
+            }
+        }
+    }
+
+    /// False when it was not there.
+    fn remove(&mut self, ep: &str, path: &str) -> bool {
+        let Some(paths) = self.0.get_mut(ep) else {
+            return false;
+        };
+        let removed = paths.remove(path);
+        if paths.is_empty() {
+            self.0.remove(ep);
+        }
+        removed
+    }
+
+    /// Removes every path of `ep`; false when there was none.
+    fn remove_endpoint(&mut self, ep: &str) -> bool {
+        self.0.remove(ep).is_some()
+    }
+
+    fn paths_of(&self, ep: &str) -> impl Iterator<Item = &String> {
+        self.0.get(ep).into_iter().flatten()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0
+            .iter()
+            .flat_map(|(ep, paths)| paths.iter().map(move |p| (ep, p)))
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
 }
 
 struct Observation {
@@ -104,10 +159,9 @@ struct State {
 
 impl State {
     fn subscribers(&self, domain: &str, ep: &str, path: &str) -> Vec<String> {
-        let want = (ep.to_string(), path.to_string());
         self.keys
             .iter()
-            .filter(|(_, k)| k.domain == domain && k.resources.contains(&want))
+            .filter(|(_, k)| k.domain == domain && k.resources.contains(ep, path))
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -157,7 +211,7 @@ impl Subscriptions {
         for s in subs {
             let k = state.keys.entry(s.key_id).or_default();
             k.domain = s.domain;
-            k.resources.insert((s.ep, s.path));
+            k.resources.insert(&s.ep, &s.path);
         }
         for p in store.load_presubscriptions().await? {
             let k = state.keys.entry(p.key_id).or_default();
@@ -266,7 +320,7 @@ impl Subscriptions {
             let mut st = self.lock();
             let k = st.keys.entry(who.key_id.clone()).or_default();
             k.domain = who.domain.clone();
-            if !k.resources.insert((ep.to_string(), path.to_string())) {
+            if !k.resources.insert(ep, path) {
                 return Ok(());
             }
             self.store.put_subscription(SubscriptionRecord {
@@ -304,7 +358,7 @@ impl Subscriptions {
             let removed = st
                 .keys
                 .get_mut(&who.key_id)
-                .is_some_and(|k| k.resources.remove(&(ep.to_string(), path.to_string())));
+                .is_some_and(|k| k.resources.remove(ep, path));
             if !removed {
                 return Ok(false);
             }
@@ -324,13 +378,7 @@ impl Subscriptions {
         let st = self.lock();
         st.keys
             .get(&who.key_id)
-            .map(|k| {
-                k.resources
-                    .iter()
-                    .filter(|(e, _)| e == ep)
-                    .map(|(_, p)| p.clone())
-                    .collect()
-            })
+            .map(|k| k.resources.paths_of(ep).cloned().collect())
             .unwrap_or_default()
     }
 
@@ -339,7 +387,7 @@ impl Subscriptions {
         self.lock()
             .keys
             .get(&who.key_id)
-            .is_some_and(|k| k.resources.contains(&(ep.to_string(), path.to_string())))
+            .is_some_and(|k| k.resources.contains(ep, path))
     }
 
     /// `DELETE /subscriptions/{ep}`: false when the key had none there.
@@ -353,9 +401,7 @@ impl Subscriptions {
             let Some(k) = st.keys.get_mut(&who.key_id) else {
                 return Ok(false);
             };
-            let before = k.resources.len();
-            k.resources.retain(|(e, _)| e != ep);
-            if k.resources.len() == before {
+            if !k.resources.remove_endpoint(ep) {
                 return Ok(false);
             }
             self.prune(&mut st);
@@ -487,11 +533,7 @@ impl Subscriptions {
             let st = self.lock();
             let mut paths: BTreeSet<String> = BTreeSet::new();
             for k in st.keys.values().filter(|k| k.domain == ep.reg.domain) {
-                for (e, p) in &k.resources {
-                    if *e == ep.reg.name {
-                        paths.insert(p.clone());
-                    }
-                }
+                paths.extend(k.resources.paths_of(&ep.reg.name).cloned());
             }
             paths
                 .into_iter()
@@ -654,6 +696,33 @@ impl RegistryListener for Subscriptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resource_sets_answer_by_endpoint_and_path() {
+        let mut r = ResourceSet::default();
+        assert!(r.insert("b", "/3/0/1"));
+        assert!(r.insert("a", "/3303/0/5700"));
+        assert!(r.insert("b", "/3/0/0"));
+        assert!(!r.insert("b", "/3/0/0"), "already there");
+        assert!(r.contains("b", "/3/0/0"));
+        assert!(!r.contains("b", "/3303/0/5700"));
+        assert!(!r.contains("c", "/3/0/0"));
+        assert_eq!(
+            r.iter().map(|(e, p)| format!("{e}{p}")).collect::<Vec<_>>(),
+            vec!["a/3303/0/5700", "b/3/0/0", "b/3/0/1"],
+            "(endpoint, path) order"
+        );
+        assert!(r.remove("a", "/3303/0/5700"));
+        assert!(!r.remove("a", "/3303/0/5700"));
+        assert_eq!(
+            r.paths_of("a").count(),
+            0,
+            "an endpoint with no path left is gone"
+        );
+        assert!(r.remove_endpoint("b"));
+        assert!(!r.remove_endpoint("b"));
+        assert_eq!(r.iter().count(), 0);
+    }
 
     #[test]
     fn notification_entries_are_the_seed_fields_in_name_order() {
