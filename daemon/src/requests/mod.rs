@@ -146,6 +146,64 @@ struct Cached {
     until: Instant,
 }
 
+/// The last value read or notified of each resource: domain → endpoint → path, so that
+/// the lookup and the update made for every read borrow their strings (keys are only
+/// allocated for a resource's first value) and an endpoint's values go at once.
+#[derive(Default)]
+struct ValueCache(HashMap<String, HashMap<String, HashMap<String, Cached>>>);
+
+impl ValueCache {
+    fn get(&self, domain: &str, ep: &str, path: &str) -> Option<&Cached> {
+        self.0.get(domain)?.get(ep)?.get(path)
+    }
+
+    fn put(
+        &mut self,
+        domain: &str,
+        ep: &str,
+        path: &str,
+        payload: &[u8],
+        content_format: Option<u16>,
+        until: Instant,
+    ) {
+        let eps = match self.0.get_mut(domain) {
+            Some(eps) => eps,
+            None => self.0.entry(domain.to_string()).or_default(),
+        };
+        let paths = match eps.get_mut(ep) {
+            Some(paths) => paths,
+            None => eps.entry(ep.to_string()).or_default(),
+        };
+        match paths.get_mut(path) {
+            Some(c) => {
+                c.payload.clear();
+                c.payload.extend_from_slice(payload);
+                c.content_format = content_format;
+                c.until = until;
+            }
+            None => {
+                paths.insert(
+                    path.to_string(),
+                    Cached {
+                        payload: payload.to_vec(),
+                        content_format,
+                        until,
+                    },
+                );
+            }
+        }
+    }
+
+    fn forget_endpoint(&mut self, domain: &str, ep: &str) {
+        if let Some(eps) = self.0.get_mut(domain) {
+            eps.remove(ep);
+            if eps.is_empty() {
+                self.0.remove(domain);
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct EpQueue {
     /// A worker is running for this endpoint.
@@ -164,7 +222,7 @@ pub struct Requests {
     cfg: RequestsConfig,
     counters: Arc<Counters>,
     queues: Mutex<HashMap<EpKey, EpQueue>>,
-    cache: Mutex<HashMap<(String, String, String), Cached>>,
+    cache: Mutex<ValueCache>,
     observations: std::sync::OnceLock<std::sync::Weak<dyn ObservationSink>>,
     limits: std::sync::OnceLock<Arc<crate::limits::Limits>>,
 }
@@ -261,7 +319,7 @@ impl Requests {
             cfg,
             counters,
             queues: Mutex::new(HashMap::new()),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(ValueCache::default()),
             observations: std::sync::OnceLock::new(),
             limits: std::sync::OnceLock::new(),
         })
@@ -317,7 +375,7 @@ impl Requests {
         self.queues.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_cache(&self) -> MutexGuard<'_, HashMap<(String, String, String), Cached>> {
+    fn lock_cache(&self) -> MutexGuard<'_, ValueCache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -365,8 +423,7 @@ impl Requests {
             return Err(RequestError::NotFound(s.path));
         }
         if s.cache_only && method == Method::Get {
-            let key = (who.domain.clone(), ep_name.to_string(), s.path.clone());
-            return match self.lock_cache().get(&key) {
+            return match self.lock_cache().get(&who.domain, ep_name, &s.path) {
                 Some(c) if c.until > Instant::now() => Ok(Submitted::Cached {
                     payload: c.payload.clone(),
                     content_format: c.content_format,
@@ -623,14 +680,8 @@ impl Requests {
         max_age: Option<u32>,
     ) {
         let age = Duration::from_secs(u64::from(max_age.unwrap_or(DEFAULT_MAX_AGE)));
-        self.lock_cache().insert(
-            (domain.to_string(), ep.to_string(), path.to_string()),
-            Cached {
-                payload: payload.to_vec(),
-                content_format: ct,
-                until: Instant::now() + age,
-            },
-        );
+        self.lock_cache()
+            .put(domain, ep, path, payload, ct, Instant::now() + age);
     }
 
     /// Answers every queued request of an endpoint with 410 and forgets its cache.
@@ -643,8 +694,7 @@ impl Requests {
                 None => Vec::new(),
             }
         };
-        self.lock_cache()
-            .retain(|(d, e, _), _| !(d == domain && e == ep));
+        self.lock_cache().forget_endpoint(domain, ep);
         for j in jobs {
             self.finish(&j, Outcome::failed(410, why)).await;
         }
@@ -748,6 +798,34 @@ mod tests {
         ] {
             assert_eq!(resource_known(&ep, path), known, "{path}");
         }
+    }
+
+    #[test]
+    fn the_value_cache_keeps_the_last_value_per_resource_and_forgets_endpoints() {
+        let mut c = ValueCache::default();
+        let t = Instant::now();
+        c.put("d", "e1", "/3/0/0", b"one", Some(0), t);
+        c.put("d", "e1", "/3/0/0", b"two!", None, t);
+        c.put("d", "e2", "/3/0/0", b"other", Some(0), t);
+        c.put("d2", "e1", "/3/0/0", b"other domain", Some(0), t);
+        let v = c.get("d", "e1", "/3/0/0").unwrap();
+        assert_eq!(
+            (v.payload.as_slice(), v.content_format),
+            (&b"two!"[..], None)
+        );
+        assert!(c.get("d", "e1", "/3/0/1").is_none());
+        c.forget_endpoint("d", "e1");
+        assert!(c.get("d", "e1", "/3/0/0").is_none());
+        assert!(
+            c.get("d", "e2", "/3/0/0").is_some(),
+            "another endpoint is kept"
+        );
+        assert!(
+            c.get("d2", "e1", "/3/0/0").is_some(),
+            "another domain is kept"
+        );
+        c.forget_endpoint("d", "e2");
+        assert!(!c.0.contains_key("d"), "an empty domain is dropped");
     }
 
     #[test]
