@@ -473,6 +473,44 @@ fn sighup_applies_the_log_level_and_names_what_needs_a_restart() {
     assert!(!d.logs()[lines..].iter().any(|l| l.contains("registered")));
 }
 
+/// Threads of a process, other than its main thread, whose name is `name`.
+fn threads_named(pid: u32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| t.ok())
+        .filter(|t| t.file_name().to_string_lossy() != pid.to_string())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == name)
+        .count()
+}
+
+#[test]
+fn runtime_worker_threads_sets_the_async_workers() {
+    // The configuration decides; TOKIO_WORKER_THREADS is not read.
+    let d = Daemon::start_env(
+        "",
+        "[runtime]\nworker_threads = 3\n",
+        &[("TOKIO_WORKER_THREADS", "2")],
+    );
+    assert_eq!(d.get("/v2/endpoints").status, 200);
+    assert!(d.wait_log("async runtime: 3 worker threads", Duration::from_secs(5)));
+    // The workers are named after the daemon (so is the blocking pool, if it has started).
+    assert!(threads_named(d.pid(), "connectord") >= 3);
+
+    let d1 = Daemon::start_with("[runtime]\nworker_threads = 1\n");
+    assert!(d1.wait_log("async runtime: 1 worker threads", Duration::from_secs(5)));
+    d1.device().register(&["ep=one-worker"], "</3/0>");
+    assert_eq!(d1.get("/v2/endpoints").json().as_array().unwrap().len(), 1);
+
+    // 0: one per CPU (and a TOKIO_WORKER_THREADS tokio would panic on is ignored).
+    let d0 = Daemon::start_env("", "", &[("TOKIO_WORKER_THREADS", "")]);
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert!(d0.wait_log(
+        &format!("async runtime: {cpus} worker threads"),
+        Duration::from_secs(5)
+    ));
+}
+
 #[test]
 fn check_config_reports_file_line_column_and_key() {
     let dir = tempfile::tempdir().unwrap();

@@ -124,6 +124,9 @@ struct Args {
     /// `[notifications] max_batch` of the daemon (events per long-poll answer).
     #[arg(long, default_value_t = 500)]
     max_batch: usize,
+    /// `[runtime] worker_threads` of the daemon (0: one per CPU, its default).
+    #[arg(long, default_value_t = 0)]
+    worker_threads: usize,
     /// `[log] level` of the daemon (its default is info: one line per registration).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -197,11 +200,12 @@ impl Daemon {
         let toml = format!(
             "[log]\nlevel = \"{}\"\n[state]\ndir = \"{}\"\n[rest]\nlisten = [\"127.0.0.1:0\"]\n\
              [coap]\nlisten = [\"127.0.0.1:0\"]\n[lua]\ndir = \"{}\"\n\
-             [notifications]\nmax_batch = {}\n",
+             [notifications]\nmax_batch = {}\n[runtime]\nworker_threads = {}\n",
             args.log_level,
             dir.join("state").display(),
             dir.join("scripts").display(),
-            args.max_batch
+            args.max_batch,
+            args.worker_threads
         );
         std::fs::write(&config, toml)?;
         let mut d = Daemon {

@@ -224,6 +224,7 @@ fn reload(running: Config, path: Option<&std::path::Path>, set_log: &SetLogFilte
         }
     }
     let needs_restart: Vec<&str> = [
+        ("runtime", next.runtime != running.runtime),
         ("state", next.state != running.state),
         ("rest", next.rest != running.rest),
         ("coap", next.coap != running.coap),

@@ -5,6 +5,7 @@ fn embedded_defaults_parse_and_match_code_defaults() {
     let c = Config::embedded().expect("etc/connectord.toml must parse");
     let d = Config {
         log: LogConfig::default(),
+        runtime: RuntimeConfig::default(),
         state: StateConfig::default(),
         rest: RestConfig::default(),
         coap: CoapConfig::default(),
@@ -16,6 +17,13 @@ fn embedded_defaults_parse_and_match_code_defaults() {
         limits: LimitsConfig::default(),
     };
     assert_eq!(c, d, "etc/connectord.toml and the Default impls disagree");
+}
+
+#[test]
+fn runtime_worker_threads_default_to_one_per_cpu() {
+    assert_eq!(Config::embedded().unwrap().runtime.worker_threads, 0);
+    let c = Config::parse("[runtime]\nworker_threads = 1\n", Source::Embedded).unwrap();
+    assert_eq!(c.runtime.worker_threads, 1);
 }
 
 #[test]
@@ -109,6 +117,10 @@ fn range_errors_name_the_key() {
             "coap.ack_random_factor",
         ),
         ("[requests]\nqueue_len = 0\n", "requests.queue_len"),
+        (
+            "[runtime]\nworker_threads = 5000\n",
+            "runtime.worker_threads",
+        ),
         (
             "[notifications]\nlong_poll_s = 0\n",
             "notifications.long_poll_s",
