@@ -326,13 +326,27 @@ fn load_json<T: serde::de::DeserializeOwned>(
     sql: &str,
     what: &str,
 ) -> Result<Vec<T>, StoreError> {
+    load_json_keyed(conn, sql, what, |_, _| Ok(()))
+}
+
+/// As [`load_json`], the record in column 0; `key` completes each record read from the
+/// row's other columns (a key kept beside the JSON rather than in it).
+fn load_json_keyed<T: serde::de::DeserializeOwned>(
+    conn: &Connection,
+    sql: &str,
+    what: &str,
+    key: impl Fn(&rusqlite::Row<'_>, &mut T) -> rusqlite::Result<()>,
+) -> Result<Vec<T>, StoreError> {
     let mut stmt = conn.prepare(sql)?;
-    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let mut rows = stmt.query([])?;
     let mut out = Vec::new();
-    for row in rows {
-        let data = row?;
+    while let Some(row) = rows.next()? {
+        let data: String = row.get(0)?;
         match serde_json::from_str::<T>(&data) {
-            Ok(r) => out.push(r),
+            Ok(mut r) => {
+                key(row, &mut r)?;
+                out.push(r);
+            }
             Err(e) => tracing::error!("store: skipping unreadable {what}: {e}"),
         }
     }
@@ -501,20 +515,15 @@ impl Store for SqliteStore {
 
     fn load_requests(&self) -> Pending<Vec<RequestJob>> {
         self.submit(|conn| {
-            let mut stmt = conn.prepare("SELECT row, data FROM requests ORDER BY row")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (row, data) = row?;
-                match serde_json::from_str::<RequestJob>(&data) {
-                    Ok(mut job) => {
-                        job.row = row as u64;
-                        out.push(job);
-                    }
-                    Err(e) => tracing::error!("store: skipping unreadable request: {e}"),
-                }
-            }
-            Ok(out)
+            load_json_keyed(
+                conn,
+                "SELECT data, row FROM requests ORDER BY row",
+                "request",
+                |r, job: &mut RequestJob| {
+                    job.row = r.get::<_, i64>(1)? as u64;
+                    Ok(())
+                },
+            )
         })
     }
 
