@@ -726,23 +726,22 @@ impl Drop for CloseOnDrop {
 }
 
 /// One keep-alive HTTP/1.1 connection issuing proxied reads one at a time.
-/// How a [`ReadSender`] sends: its own HTTP/1.1 connection or a stream of a shared
-/// HTTP/2 one.
-enum ReadConn {
-    Http1(SocketAddr),
-    Http2(hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>),
-}
+/// A request sender on a shared HTTP/2 connection.
+type Http2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
 
-/// Opens an HTTP/2 (prior knowledge) connection to the daemon.
-async fn http2_connect(
-    rest: SocketAddr,
-) -> Result<hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>> {
+/// A TCP connection to the daemon's REST listener (loopback only), without Nagle.
+async fn rest_stream(rest: SocketAddr) -> Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>> {
     assert!(rest.ip().is_loopback(), "loopback only");
     let stream = tokio::net::TcpStream::connect(rest).await?;
     stream.set_nodelay(true)?;
+    Ok(hyper_util::rt::TokioIo::new(stream))
+}
+
+/// Opens an HTTP/2 (prior knowledge) connection to the daemon.
+async fn http2_connect(rest: SocketAddr) -> Result<Http2Sender> {
     let (conn, driver) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
+        rest_stream(rest).await?,
     )
     .await?;
     tokio::spawn(driver);
@@ -750,7 +749,9 @@ async fn http2_connect(
 }
 
 struct ReadSender {
-    conn: ReadConn,
+    /// A stream of this shared HTTP/2 connection, or (None) an HTTP/1.1 connection of
+    /// its own to `rest`.
+    http2: Option<Http2Sender>,
     rest: SocketAddr,
     auth: Arc<str>,
     names: Arc<Vec<String>>,
@@ -770,18 +771,14 @@ impl ReadSender {
             H1(hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>),
             H2(hyper::client::conn::http2::SendRequest<Empty<bytes::Bytes>>),
         }
-        let mut conn = match &self.conn {
-            ReadConn::Http1(rest) => {
-                assert!(rest.ip().is_loopback(), "loopback only");
-                let stream = tokio::net::TcpStream::connect(rest).await?;
-                stream.set_nodelay(true)?;
+        let mut conn = match &self.http2 {
+            Some(c) => Conn::H2(c.clone()),
+            None => {
                 let (conn, driver) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                        .await?;
+                    hyper::client::conn::http1::handshake(rest_stream(self.rest).await?).await?;
                 tokio::spawn(driver);
                 Conn::H1(conn)
             }
-            ReadConn::Http2(c) => Conn::H2(c.clone()),
         };
         let host = self.rest.to_string();
         loop {
@@ -977,10 +974,7 @@ fn reads_run(args: &Args) -> Result<ReadRun> {
             let mut tasks = tokio::task::JoinSet::new();
             for i in 0..args.read_connections.max(1) {
                 let s = ReadSender {
-                    conn: match h2.get(i % h2.len().max(1)) {
-                        Some(c) => ReadConn::Http2(c.clone()),
-                        None => ReadConn::Http1(rest),
-                    },
+                    http2: h2.get(i % h2.len().max(1)).cloned(),
                     rest,
                     auth: Arc::clone(&auth),
                     names: Arc::clone(&names),
