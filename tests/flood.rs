@@ -2,8 +2,10 @@
 //! is flooded, on 127.0.0.1 only and bounded in count and time, with
 //!
 //! - CoAP registrations from thousands of distinct UDP source ports, far more than the
-//!   endpoint quota (past it: 4.03), each sent twice with the same message id (the second
-//!   must be answered from the duplicate cache, byte for byte);
+//!   endpoint quotas, each sent twice with the same message id (the second must be
+//!   answered from the duplicate cache, byte for byte): every other wave in the default
+//!   domain (past its quota: 4.03), the others each in a domain of its own, as `d=` lets a
+//!   device choose (past the quota over all domains: 5.03);
 //! - malformed datagrams and distinct-message-id junk requests from distinct ports (the
 //!   duplicate cache must stay at its capacity);
 //! - REST: valid asynchronous reads of registered devices that never answer (their queues
@@ -38,6 +40,8 @@ use support::{Prepared, eventually};
 // The configured limits (small on purpose).
 /// `registry.max_endpoints_per_domain`.
 const QUOTA: usize = 100;
+/// `registry.max_endpoints` (over all domains).
+const TOTAL: usize = 150;
 /// `coap.dedup_capacity`.
 const DEDUP: usize = 512;
 /// `coap.max_in_flight`.
@@ -86,7 +90,7 @@ const MIB: u64 = 1024 * KIB;
 /// The most the daemon's resident memory may grow during the flood, from the limits.
 ///
 /// What the limits let the daemon keep, per item with a margin over what was measured:
-/// - endpoints: QUOTA × 16 KiB. One registration with the flood's 48-link object list
+/// - endpoints: TOTAL × 16 KiB. One registration with the flood's 48-link object list
 ///   (record, links text, parsed resources, name maps, its `registrations` event) was
 ///   measured at about 10 KiB: with the quota lifted, this flood grew the daemon by
 ///   32 MiB;
@@ -111,7 +115,7 @@ const MIB: u64 = 1024 * KIB;
 /// in RSS (cache entries, queued requests, events, open connections).
 fn rss_bound() -> u64 {
     let n = |x: usize| x as u64;
-    n(QUOTA) * 16 * KIB
+    n(TOTAL) * 16 * KIB
         + n(DEDUP) * KIB
         + n(IN_FLIGHT) * 16 * KIB
         + n(SILENT) * (n(QUEUE_LEN) + 1) * (n(MAX_BODY) + 4 * KIB)
@@ -126,7 +130,7 @@ fn config() -> Prepared {
          ack_timeout_ms = 500\nack_random_factor = 1.0\nmax_retransmit = 0\n"
     );
     let extra = format!(
-        "[registry]\nmax_endpoints_per_domain = {QUOTA}\n\
+        "[registry]\nmax_endpoints_per_domain = {QUOTA}\nmax_endpoints = {TOTAL}\n\
          [requests]\nqueue_len = {QUEUE_LEN}\nmax_body = {MAX_BODY}\n\
          [notifications]\nmax_queued_per_key = {MAX_QUEUED}\n"
     );
@@ -194,12 +198,15 @@ fn flood_links() -> String {
     links.join(",")
 }
 
-fn registration(mid: u16, ep: &str) -> Vec<u8> {
+/// A registration of `ep`, in `domain` (`d=`) or the default domain.
+fn registration(mid: u16, ep: &str, domain: Option<&str>) -> Vec<u8> {
+    let mut query = vec![format!("ep={ep}"), "lt=600".into()];
+    query.extend(domain.map(|d| format!("d={d}")));
     coap_request(
         mid,
         RequestType::Post,
         &["rd"],
-        &[format!("ep={ep}"), "lt=600".into()],
+        &query,
         flood_links().as_bytes(),
         Some(ContentFormat::ApplicationLinkFormat),
     )
@@ -302,15 +309,18 @@ fn drive(peers: &mut [Peer]) -> usize {
 }
 
 /// Registrations from REG_WAVES × WAVE distinct sockets, each sent twice with the same
-/// message id. Returns (2.01 count, 4.03 count, one accepted (socket, registration id)).
-fn registration_flood(server: SocketAddr) -> (usize, usize, Option<(Peer, String)>) {
-    let (mut created, mut forbidden) = (0, 0);
+/// message id; even waves in the default domain, odd waves each registration in a domain
+/// of its own. Returns the count of each answer and one accepted (socket, registration
+/// id) of the default domain.
+fn registration_flood(server: SocketAddr) -> (RegTally, Option<(Peer, String)>) {
+    let mut t = RegTally::default();
     let mut kept = None;
     for wave in 0..REG_WAVES {
         let mut peers: Vec<Peer> = (0..WAVE)
             .map(|i| {
                 let mid = (wave * WAVE + i) as u16;
-                let dg = registration(mid, &format!("flood-{wave}-{i}"));
+                let name = format!("flood-{wave}-{i}");
+                let dg = registration(mid, &name, (wave % 2 == 1).then_some(name.as_str()));
                 Peer::new(server, vec![(dg.clone(), Some(mid)), (dg, Some(mid))])
             })
             .collect();
@@ -323,13 +333,14 @@ fn registration_flood(server: SocketAddr) -> (usize, usize, Option<(Peer, String
             );
             match code(&first) {
                 ResponseType::Created => {
-                    created += 1;
-                    if kept.is_none() {
+                    t.created += 1;
+                    if kept.is_none() && wave % 2 == 0 {
                         let id = location(&first);
                         kept = Some((p, id));
                     }
                 }
-                ResponseType::Forbidden => forbidden += 1,
+                ResponseType::Forbidden => t.forbidden += 1,
+                ResponseType::ServiceUnavailable => t.unavailable += 1,
                 other => panic!(
                     "registration answered {other:?}: {}",
                     String::from_utf8_lossy(&first.payload)
@@ -337,7 +348,18 @@ fn registration_flood(server: SocketAddr) -> (usize, usize, Option<(Peer, String
             }
         }
     }
-    (created, forbidden, kept)
+    (t, kept)
+}
+
+/// Answers to the registration flood.
+#[derive(Default)]
+struct RegTally {
+    /// 2.01.
+    created: usize,
+    /// 4.03: the default domain is full.
+    forbidden: usize,
+    /// 5.03: the server is full (all domains).
+    unavailable: usize,
 }
 
 /// Distinct-message-id junk requests from distinct sockets: unknown paths (4.04),
@@ -794,7 +816,7 @@ fn memory_stays_bounded_under_a_flood() {
     }
 
     // CoAP floods, one after the other (each bounded by PHASE).
-    let (created, forbidden, kept) = registration_flood(coap);
+    let (regs, kept) = registration_flood(coap);
     let junk = junk_flood(coap);
     let (malformed, oversize) = malformed_flood(coap);
     let coap_done = started.elapsed();
@@ -813,8 +835,11 @@ fn memory_stays_bounded_under_a_flood() {
     let tally: BTreeMap<String, usize> = tally.0.lock().unwrap().clone();
     let m = |name: &str| d.metric(name);
     eprintln!(
-        "flood: {} registrations ({created} created, {forbidden} refused 4.03), {junk} junk requests, {malformed} malformed + {oversize} oversized datagrams; CoAP done at {coap_done:?}, REST at {flood_done:?}",
-        REG_WAVES * WAVE
+        "flood: {} registrations ({} created, {} refused 4.03, {} refused 5.03), {junk} junk requests, {malformed} malformed + {oversize} oversized datagrams; CoAP done at {coap_done:?}, REST at {flood_done:?}",
+        REG_WAVES * WAVE,
+        regs.created,
+        regs.forbidden,
+        regs.unavailable
     );
     eprintln!(
         "flood: duplicates {}, busy drops {}, events discarded {}, dedup entries {}, REST connections {}",
@@ -850,12 +875,21 @@ fn memory_stays_bounded_under_a_flood() {
 
     // CoAP behaviour.
     assert_eq!(
-        created,
-        QUOTA - SILENT,
-        "registrations accepted up to the quota"
+        regs.created,
+        TOTAL - SILENT,
+        "registrations accepted up to the quota over all domains"
     );
-    assert_eq!(forbidden, REG_WAVES * WAVE - created, "the rest got 4.03");
-    assert_eq!(m("registered_endpoints"), QUOTA as u64);
+    assert_eq!(
+        regs.forbidden,
+        REG_WAVES / 2 * WAVE - (QUOTA - SILENT),
+        "the rest of the default domain's got 4.03"
+    );
+    assert_eq!(
+        regs.unavailable,
+        REG_WAVES / 2 * WAVE - (TOTAL - QUOTA),
+        "the rest of those in domains of their own got 5.03"
+    );
+    assert_eq!(m("registered_endpoints"), TOTAL as u64);
     assert!(
         m("coap_duplicates_total") - dup0 >= (REG_WAVES * WAVE) as u64,
         "every duplicate registration was recognised"
@@ -958,6 +992,12 @@ fn memory_stays_bounded_under_a_flood() {
     req.payload = b"</3/0>";
     req.content_format = Some(ContentFormat::ApplicationLinkFormat);
     assert_eq!(code(&refused.request(&req)), ResponseType::Forbidden);
+    let q = ["ep=one-too-many", "d=a-domain-of-its-own"];
+    req.query = &q;
+    assert_eq!(
+        code(&refused.request(&req)),
+        ResponseType::ServiceUnavailable
+    );
     assert!(eventually(Duration::from_secs(5), || d
         .get("/v2/endpoints/after-the-flood")
         .status

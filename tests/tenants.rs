@@ -224,3 +224,32 @@ fn developer_tools_issue_device_certificates() {
     );
     assert_eq!(r.json()["server_certificate"], v["server_certificate"]);
 }
+
+/// `registry.max_endpoints` bounds the registry over all domains: a device names its own
+/// domain with `d=`, so the per-domain quota alone bounds nothing. Past it: 5.03 with a
+/// diagnostic; room made by a de-registration is usable at once.
+#[test]
+fn the_total_endpoint_limit_holds_across_domains() {
+    let d = Prepared::new("", "[registry]\nmax_endpoints = 3\n").start();
+    let mut devs: Vec<_> = (0..4).map(|_| d.device()).collect();
+    let mut ids = Vec::new();
+    for (i, dev) in devs.iter_mut().take(3).enumerate() {
+        let domain = format!("d=tenant-{i}");
+        ids.push(dev.register(&["ep=dev", &domain, "lt=300"], "</3/0>"));
+    }
+    let mut reg = Req::new(RequestType::Post, &["rd"]);
+    reg.query = &["ep=dev", "d=tenant-3", "lt=300"];
+    reg.payload = b"</3/0>";
+    let refused = devs[3].request(&reg);
+    assert_eq!(code(&refused), ResponseType::ServiceUnavailable);
+    let why = String::from_utf8_lossy(&refused.payload).to_string();
+    assert!(why.contains("registry.max_endpoints"), "{why}");
+    assert_eq!(d.metric("registered_endpoints"), 3);
+
+    // A re-registration of a registered endpoint is not refused.
+    let again = devs[0].register(&["ep=dev", "d=tenant-0", "lt=300"], "</3/0>");
+    assert_ne!(again, ids[0]);
+    assert_eq!(devs[1].deregister(&ids[1]), ResponseType::Deleted);
+    devs[3].register(&["ep=dev", "d=tenant-3", "lt=300"], "</3/0>");
+    assert_eq!(d.metric("registered_endpoints"), 3);
+}

@@ -375,6 +375,10 @@ pub struct RegistryConfig {
     /// Registered endpoints per domain; a new registration beyond this is answered
     /// 4.03 Forbidden with a diagnostic payload.
     pub max_endpoints_per_domain: usize,
+    /// Registered endpoints over all domains: a device picks its domain with `d=`, so the
+    /// per-domain quota alone does not bound the registry (nor memory). A new registration
+    /// beyond this is answered 5.03 Service Unavailable with a diagnostic payload.
+    pub max_endpoints: usize,
 }
 
 impl Default for RegistryConfig {
@@ -385,6 +389,7 @@ impl Default for RegistryConfig {
             min_lifetime_s: 1,
             max_lifetime_s: 31_536_000,
             max_endpoints_per_domain: 1_000_000,
+            max_endpoints: 2_000_000,
         }
     }
 }
@@ -577,6 +582,12 @@ impl Config {
         if r.max_endpoints_per_domain == 0 {
             return Err(invalid(
                 "registry.max_endpoints_per_domain",
+                "must be at least 1".into(),
+            ));
+        }
+        if r.max_endpoints == 0 {
+            return Err(invalid(
+                "registry.max_endpoints",
                 "must be at least 1".into(),
             ));
         }

@@ -110,6 +110,7 @@ fn range_errors_name_the_key() {
             "[registry]\ndefault_lifetime_s = 0\n",
             "registry.default_lifetime_s",
         ),
+        ("[registry]\nmax_endpoints = 0\n", "registry.max_endpoints"),
         ("[log]\nlevel = \"=[\"\n", "log.level"),
         ("[coap]\nblock_size = 100\n", "coap.block_size"),
         (

@@ -74,6 +74,10 @@ fn refusal(e: RegistryError) -> Response {
         e @ RegistryError::DomainFull { .. } => {
             Response::diagnostic(ResponseType::Forbidden, e.to_string())
         }
+        // Not the device's fault, and it may pass: 5.03 rather than 4.03.
+        e @ RegistryError::Full { .. } => {
+            Response::diagnostic(ResponseType::ServiceUnavailable, e.to_string())
+        }
         RegistryError::Store(e) => {
             tracing::error!("registration not stored: {e}");
             Response::diagnostic(ResponseType::InternalServerError, "storage failure")

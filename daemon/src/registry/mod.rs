@@ -176,6 +176,9 @@ pub enum RegistryError {
     NotFound(String),
     #[error("domain {domain} already has {max} registered endpoints")]
     DomainFull { domain: String, max: usize },
+    /// `registry.max_endpoints` is reached (CoAP 5.03).
+    #[error("the server already has {max} registered endpoints (registry.max_endpoints)")]
+    Full { max: usize },
     /// The domain's transaction quota is used up (CoAP 4.29).
     #[error("{0}")]
     OverQuota(String),
@@ -404,6 +407,14 @@ impl Registry {
             }
         }
         drop(inner);
+        // Stored registrations are all kept (dropping them would lose devices that did
+        // nothing wrong); new ones are refused until enough expire or leave.
+        if n > self.cfg.max_endpoints {
+            tracing::warn!(
+                "{n} stored registrations exceed registry.max_endpoints ({}); new registrations are refused until the count falls below it",
+                self.cfg.max_endpoints
+            );
+        }
         self.expiry_wake.notify_one();
         Ok(n)
     }
@@ -479,6 +490,11 @@ impl Registry {
                 return Err(RegistryError::DomainFull {
                     domain: ep.reg.domain.clone(),
                     max: self.cfg.max_endpoints_per_domain,
+                });
+            }
+            if old.is_none() && inner.by_id.len() >= self.cfg.max_endpoints {
+                return Err(RegistryError::Full {
+                    max: self.cfg.max_endpoints,
                 });
             }
             let replaced = old.and_then(|old| inner.remove(&old));

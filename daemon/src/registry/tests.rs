@@ -185,6 +185,50 @@ async fn domain_limit() {
     reg.register(params("a"), addr(1), addr(2)).await.unwrap();
 }
 
+/// `max_endpoints` caps the registry over all domains, which `d=` lets a device choose.
+#[tokio::test]
+async fn total_limit_over_all_domains() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = RegistryConfig {
+        max_endpoints: 3,
+        ..Default::default()
+    };
+    let reg = open(dir.path(), cfg.clone());
+    let in_domain = |d: &str, name: &str| RegisterParams {
+        domain: Some(d.into()),
+        ..params(name)
+    };
+    for d in ["d1", "d2", "d3"] {
+        reg.register(in_domain(d, "x"), addr(1), addr(2))
+            .await
+            .unwrap();
+    }
+    let refused = reg.register(in_domain("d4", "x"), addr(1), addr(2)).await;
+    assert!(
+        matches!(refused, Err(RegistryError::Full { max: 3 })),
+        "{refused:?}"
+    );
+    assert_eq!(reg.len(), 3);
+    // Re-registering an existing endpoint replaces it, so it is not refused.
+    reg.register(in_domain("d2", "x"), addr(1), addr(3))
+        .await
+        .unwrap();
+    // A restart with a lower limit keeps every stored registration.
+    drop(reg);
+    let reg = open(
+        dir.path(),
+        RegistryConfig {
+            max_endpoints: 2,
+            ..cfg
+        },
+    );
+    assert_eq!(reg.load().await.unwrap(), 3);
+    assert!(matches!(
+        reg.register(in_domain("d5", "x"), addr(1), addr(2)).await,
+        Err(RegistryError::Full { max: 2 })
+    ));
+}
+
 /// A refused registration leaves nothing in the limits: junk naming a new domain each
 /// must not grow the per-domain counters.
 #[tokio::test]
