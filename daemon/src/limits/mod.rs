@@ -8,7 +8,9 @@
 //! subscription requests get 429, registrations and updates get CoAP 4.29, notifications
 //! from devices are dropped (counted in `connectord_limits_refused_total`); removals are
 //! counted but never refused. The endpoint quota is `registry.max_endpoints_per_domain`.
-//! Counts are kept in memory: a restart starts the day afresh.
+//! Counts are kept in memory: a restart starts the day afresh. A domain's counter is
+//! dropped once it has counted nothing for 24 hours (swept at the first transaction of
+//! each hour), so the map holds only the domains active in the last day.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -64,7 +66,25 @@ pub struct Limits {
     quota: u64,
     endpoint_quota: u64,
     counters: Arc<Counters>,
-    windows: Mutex<HashMap<String, Window>>,
+    windows: Mutex<Windows>,
+}
+
+/// The per-domain windows and the hour they were last swept in.
+#[derive(Default)]
+struct Windows {
+    map: HashMap<String, Window>,
+    swept_hour: u64,
+}
+
+impl Windows {
+    /// At the first call of each hour, drops the domains that counted nothing in the
+    /// last 24 hours.
+    fn sweep(&mut self, hour: u64) {
+        if self.swept_hour != hour {
+            self.swept_hour = hour;
+            self.map.retain(|_, w| w.total(hour) > 0);
+        }
+    }
 }
 
 /// Runs `f` on the domain's window, made on first use. Looked up before inserting: every
@@ -87,7 +107,7 @@ impl Limits {
             quota: cfg.transaction_quota,
             endpoint_quota: endpoint_quota as u64,
             counters,
-            windows: Mutex::new(HashMap::new()),
+            windows: Mutex::new(Windows::default()),
         }
     }
 
@@ -95,18 +115,30 @@ impl Limits {
         now_ms() / HOUR_MS
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Windows> {
+        self.windows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Counts one transaction that is never refused (a de-registration).
     pub fn count(&self, domain: &str) {
-        let hour = Limits::hour();
-        let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        with_window(&mut w, domain, |win| win.add(hour, 1));
+        self.count_at(domain, Limits::hour());
+    }
+
+    fn count_at(&self, domain: &str, hour: u64) {
+        let mut w = self.lock();
+        w.sweep(hour);
+        with_window(&mut w.map, domain, |win| win.add(hour, 1));
     }
 
     /// Counts one transaction if the quota allows it.
     pub fn take(&self, domain: &str) -> Result<(), OverQuota> {
-        let hour = Limits::hour();
-        let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        with_window(&mut w, domain, |win| {
+        self.take_at(domain, Limits::hour())
+    }
+
+    fn take_at(&self, domain: &str, hour: u64) -> Result<(), OverQuota> {
+        let mut w = self.lock();
+        w.sweep(hour);
+        with_window(&mut w.map, domain, |win| {
             if win.total(hour) >= self.quota {
                 Counters::inc(&self.counters.limits_refused);
                 return Err(OverQuota { quota: self.quota });
@@ -119,8 +151,12 @@ impl Limits {
     /// The domain's counts; `endpoints` is its number of registered endpoints now.
     pub fn snapshot(&self, domain: &str, endpoints: usize) -> Snapshot {
         let hour = Limits::hour();
-        let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        let count = w.get_mut(domain).map(|x| x.total(hour)).unwrap_or(0);
+        let count = self
+            .lock()
+            .map
+            .get_mut(domain)
+            .map(|x| x.total(hour))
+            .unwrap_or(0);
         Snapshot {
             transaction_quota: self.quota,
             transaction_count: count,
@@ -160,6 +196,30 @@ mod tests {
             (4, 3, 2, 10)
         );
         assert_eq!(l.snapshot("b", 0).transaction_count, 1);
+    }
+
+    #[test]
+    fn domains_idle_for_a_day_are_dropped() {
+        let l = Limits::new(&LimitsConfig::default(), 10, Arc::new(Counters::default()));
+        let domains = |l: &Limits| {
+            let mut d: Vec<String> = l.lock().map.keys().cloned().collect();
+            d.sort();
+            d
+        };
+        l.take_at("a", 100).unwrap();
+        l.take_at("b", 100).unwrap();
+        l.count_at("a", 110);
+        l.take_at("c", 123).unwrap();
+        assert_eq!(domains(&l), ["a", "b", "c"], "all counted in the last day");
+        l.take_at("c", 124).unwrap();
+        assert_eq!(domains(&l), ["a", "c"], "b counted nothing since hour 100");
+        l.count_at("d", 147);
+        assert_eq!(domains(&l), ["c", "d"]);
+        assert_eq!(
+            l.lock().map["c"].buckets,
+            [(124, 1)],
+            "hour 123 left c's window"
+        );
     }
 
     #[test]
