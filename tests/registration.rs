@@ -473,6 +473,82 @@ fn sighup_applies_the_log_level_and_names_what_needs_a_restart() {
     assert!(!d.logs()[lines..].iter().any(|l| l.contains("registered")));
 }
 
+/// Per-device lines ("registered", ...) past `log.device_lines_per_s` in a second are
+/// left out and summarised once a second, so that the counts still add up; SIGHUP changes
+/// the budget (0: every line).
+#[test]
+fn device_log_lines_are_budgeted_and_summarised() {
+    let p = support::Prepared::new("", "");
+    let text = std::fs::read_to_string(&p.config_path).unwrap();
+    let text = text.replacen("[log]\n", "[log]\ndevice_lines_per_s = 3\n", 1);
+    std::fs::write(&p.config_path, &text).unwrap();
+    let d = p.start();
+    // One line per registration, whose message is "registered" (not "de-registered").
+    let one_by_one = |d: &Daemon, prefix: &str| {
+        d.logs()
+            .iter()
+            .filter(|l| l.contains(&format!(": registered ep={prefix}")))
+            .count()
+    };
+    // "registered" counts of the summary lines.
+    let summarised = |d: &Daemon| -> usize {
+        d.logs()
+            .iter()
+            .filter_map(|l| l.split_once("device log lines left out"))
+            .filter_map(|(_, rest)| rest.split_once("): ").map(|(_, counts)| counts.to_string()))
+            .flat_map(|counts| {
+                counts
+                    .split(", ")
+                    .filter_map(|c| c.strip_suffix(" registered")?.parse::<usize>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    };
+    const N: usize = 60;
+    for i in 0..N {
+        d.device().register(&[&format!("ep=budget-{i}")], "</3/0>");
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || one_by_one(&d, "budget-")
+            + summarised(&d)
+            == N),
+        "{} logged one by one, {} summarised:\n{}",
+        one_by_one(&d, "budget-"),
+        summarised(&d),
+        d.logs().join("\n")
+    );
+    // 60 registrations take far less than the 20 s it would take to stay within 3 a second.
+    assert!(summarised(&d) > 0, "{}", d.logs().join("\n"));
+    assert!(
+        d.logs()
+            .iter()
+            .any(|l| l.contains("(more than log.device_lines_per_s = 3)"))
+    );
+
+    // No limit after a reload.
+    std::fs::write(
+        &d.config_path,
+        text.replace("device_lines_per_s = 3", "device_lines_per_s = 0"),
+    )
+    .unwrap();
+    d.signal("HUP");
+    assert!(
+        d.wait_log("log.device_lines_per_s is now 0", Duration::from_secs(5)),
+        "{}",
+        d.logs().join("\n")
+    );
+    for i in 0..20 {
+        d.device()
+            .register(&[&format!("ep=unlimited-{i}")], "</3/0>");
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || one_by_one(&d, "unlimited-")
+            == 20),
+        "{}",
+        d.logs().join("\n")
+    );
+}
+
 /// Threads of a process, other than its main thread, whose name is `name`.
 fn threads_named(pid: u32, name: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))

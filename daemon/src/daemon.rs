@@ -53,6 +53,7 @@ pub async fn run(
     config_path: Option<PathBuf>,
     set_log: SetLogFilter,
 ) -> Result<(), StartError> {
+    crate::log_budget::set_per_second(config.log.device_lines_per_s);
     let state_dir = config.state.resolve_dir();
     let store = SqliteStore::open(&state_dir)?;
     tracing::info!("state in {}", store.path().display());
@@ -148,6 +149,7 @@ pub async fn run(
     );
     tasks.push(tokio::spawn(Arc::clone(&registry).run_expiry(stop.clone())));
     tasks.push(tokio::spawn(Arc::clone(&hub).run_sweeper(stop.clone())));
+    tasks.push(tokio::spawn(crate::log_budget::run_summaries(stop.clone())));
     if let Some(t) = lua.watch(stop.clone()) {
         tasks.push(t);
     }
@@ -217,11 +219,18 @@ fn reload(running: Config, path: Option<&std::path::Path>, set_log: &SetLogFilte
             return running;
         }
     };
-    if next.log != running.log {
+    if next.log.level != running.log.level {
         match set_log(&next.log.level) {
             Ok(()) => tracing::info!("SIGHUP: log level is now {:?}", next.log.level),
             Err(e) => tracing::error!("SIGHUP: cannot apply log level: {e}"),
         }
+    }
+    if next.log.device_lines_per_s != running.log.device_lines_per_s {
+        crate::log_budget::set_per_second(next.log.device_lines_per_s);
+        tracing::info!(
+            "SIGHUP: log.device_lines_per_s is now {}",
+            next.log.device_lines_per_s
+        );
     }
     let needs_restart: Vec<&str> = [
         ("runtime", next.runtime != running.runtime),

@@ -9,7 +9,8 @@
 //! - [`auth`]: principals, scopes and the chain of auth backends.
 //! - [`rest`]: the HTTP API.
 //! - [`daemon`]: start-up wiring, signals, systemd readiness.
-//! - [`metrics`], [`shutdown`]: counters and the stop signal shared by all of the above.
+//! - [`metrics`], [`shutdown`], [`log_budget`]: counters, the stop signal and the budget of
+//!   per-device log lines, shared by all of the above.
 
 #![deny(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod limits;
+pub mod log_budget;
 pub mod metrics;
 pub mod plugins;
 pub mod registry;

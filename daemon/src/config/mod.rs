@@ -224,12 +224,17 @@ impl Default for NotificationsConfig {
 pub struct LogConfig {
     /// A `tracing` filter: `info`, `debug`, `connectord::coap=trace,info`. Reloaded on SIGHUP.
     pub level: String,
+    /// Lines caused by single devices ("registered", "de-registered", "registration
+    /// expired", ...) logged per second; past it they are counted and summarised once a
+    /// second (see `log_budget`). 0: no limit. Reloaded on SIGHUP.
+    pub device_lines_per_s: u32,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
+            device_lines_per_s: crate::log_budget::DEFAULT_PER_SECOND,
         }
     }
 }

@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 
 use crate::coap::link_format;
 use crate::config::RegistryConfig;
+use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
@@ -505,10 +506,12 @@ impl Registry {
         self.expiry_wake.notify_one();
         durable.await?;
         Counters::inc(&self.counters.registrations);
-        tracing::info!(
-            ep = %ep.reg.name, domain = %ep.reg.domain, id = %ep.reg.id, peer = %peer,
-            lifetime = ep.reg.lifetime_s, resources = ep.resource_count(), "registered"
-        );
+        if log_budget::allow(DeviceLine::Registered) {
+            tracing::info!(
+                ep = %ep.reg.name, domain = %ep.reg.domain, id = %ep.reg.id, peer = %peer,
+                lifetime = ep.reg.lifetime_s, resources = ep.resource_count(), "registered"
+            );
+        }
         self.tell(RegistryEvent::Registered {
             ep: Arc::clone(&ep),
             replaced,
@@ -551,7 +554,7 @@ impl Registry {
             } else if p.queue_flag {
                 reg.queue = true;
             }
-            if reg.peer != peer {
+            if reg.peer != peer && log_budget::allow(DeviceLine::AddressChanged) {
                 tracing::info!(ep = %reg.name, from = %reg.peer, to = %peer, "device address changed");
             }
             reg.peer = peer;
@@ -598,7 +601,9 @@ impl Registry {
             l.count(&ep.reg.domain);
         }
         Counters::inc(&self.counters.deregistrations);
-        tracing::info!(ep = %ep.reg.name, domain = %ep.reg.domain, id, "de-registered");
+        if log_budget::allow(DeviceLine::Deregistered) {
+            tracing::info!(ep = %ep.reg.name, domain = %ep.reg.domain, id, "de-registered");
+        }
         self.tell(RegistryEvent::Deregistered(Arc::clone(&ep)))
             .await;
         Ok(ep)
@@ -631,7 +636,9 @@ impl Registry {
         }
         for ep in &expired {
             Counters::inc(&self.counters.registrations_expired);
-            tracing::info!(ep = %ep.reg.name, domain = %ep.reg.domain, id = %ep.reg.id, "registration expired");
+            if log_budget::allow(DeviceLine::Expired) {
+                tracing::info!(ep = %ep.reg.name, domain = %ep.reg.domain, id = %ep.reg.id, "registration expired");
+            }
             self.tell(RegistryEvent::Expired(Arc::clone(ep))).await;
         }
         expired

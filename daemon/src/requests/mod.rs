@@ -22,6 +22,7 @@ use crate::coap::client::{ClientError, CoapReply, ObserveStream, OutRequest};
 use crate::coap::{Transport, content_format};
 use crate::config::RequestsConfig;
 use crate::events::{Event, Hub, Kind, async_response_body};
+use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::registry::{Endpoint, Registry, RegistryEvent, RegistryListener, now_ms};
 use crate::store::{Store, StoreError};
@@ -640,7 +641,7 @@ impl Requests {
     /// Publishes the async response (durably) and then forgets the request.
     async fn finish(&self, job: &Job, o: Outcome) {
         if job.internal {
-            if o.status >= 400 {
+            if o.status >= 400 && log_budget::allow(DeviceLine::ObservationNotEstablished) {
                 tracing::info!(ep = %job.ep, path = %job.path, status = o.status, "observation not established: {}", o.error.unwrap_or_default());
             }
             return;

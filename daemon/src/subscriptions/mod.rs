@@ -27,6 +27,7 @@ use crate::auth::Principal;
 use crate::coap::client::{CoapReply, ObserveStream};
 use crate::coap::content_format;
 use crate::events::{Event, Hub, Kind};
+use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::registry::{Endpoint, Registry, RegistryEvent, RegistryListener, now_ms};
 use crate::requests::{
@@ -646,7 +647,9 @@ impl ObservationSink for Subscriptions {
             while let Some(p) = stream.recv().await {
                 let reply = CoapReply::from_packet(&p);
                 if reply.code.is_error() || reply.observe.is_none() {
-                    tracing::info!(ep = %ep_name, %path, code = ?reply.code, "the device ended the observation");
+                    if log_budget::allow(DeviceLine::ObservationEnded) {
+                        tracing::info!(ep = %ep_name, %path, code = ?reply.code, "the device ended the observation");
+                    }
                     break;
                 }
                 let seq = reply.observe.unwrap_or(0);

@@ -1,0 +1,199 @@
+//! A budget for the log lines that devices cause one by one ("registered", "de-registered",
+//! "registration expired", ...), so that a flood of devices, or 100 000 registrations
+//! expiring together, cannot flood the log.
+//!
+//! Such lines are logged one by one up to `[log] device_lines_per_s` in each second (all
+//! kinds together; 0: no limit); past it they are only counted, and once a second a
+//! summary line says how many of each kind were left out. journald drops a service's
+//! messages past its own rate limit (by default 10 000 per 30 s), and it drops them
+//! whatever they are, errors included: the budget keeps the daemon under that limit with
+//! room for everything else. Lines about the daemon itself are never budgeted.
+//!
+//! The budget is one per process, like the log itself; `[log]` is re-read on SIGHUP.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::shutdown::Shutdown;
+
+/// The default of `[log] device_lines_per_s`.
+pub const DEFAULT_PER_SECOND: u32 = 100;
+
+/// A kind of per-device line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceLine {
+    Registered,
+    AddressChanged,
+    Deregistered,
+    Expired,
+    ObservationEnded,
+    ObservationNotEstablished,
+}
+
+/// How many kinds there are.
+const KINDS: usize = 6;
+
+impl DeviceLine {
+    /// Every kind, in declaration order (so `kind as usize` indexes it).
+    const ALL: [DeviceLine; KINDS] = [
+        DeviceLine::Registered,
+        DeviceLine::AddressChanged,
+        DeviceLine::Deregistered,
+        DeviceLine::Expired,
+        DeviceLine::ObservationEnded,
+        DeviceLine::ObservationNotEstablished,
+    ];
+
+    /// How the summary line names this kind.
+    fn label(self) -> &'static str {
+        match self {
+            DeviceLine::Registered => "registered",
+            DeviceLine::AddressChanged => "device address changed",
+            DeviceLine::Deregistered => "de-registered",
+            DeviceLine::Expired => "registration expired",
+            DeviceLine::ObservationEnded => "the device ended the observation",
+            DeviceLine::ObservationNotEstablished => "observation not established",
+        }
+    }
+}
+
+/// Per-second budget of per-device lines.
+pub struct LogBudget {
+    per_second: AtomicU32,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Start of the current one-second window.
+    window: Option<Instant>,
+    /// Lines logged in it.
+    used: u32,
+    /// Lines left out since the last summary, by kind (in [`DeviceLine::ALL`] order).
+    suppressed: [u64; KINDS],
+}
+
+/// The process's budget.
+static DEVICE_LINES: LogBudget = LogBudget::new(DEFAULT_PER_SECOND);
+
+/// Whether a line of this kind may be logged now (if not, it is counted for the summary).
+pub fn allow(kind: DeviceLine) -> bool {
+    DEVICE_LINES.allow_at(kind, Instant::now())
+}
+
+/// Sets `[log] device_lines_per_s` (0: no limit).
+pub fn set_per_second(n: u32) {
+    DEVICE_LINES.per_second.store(n, Ordering::Relaxed);
+}
+
+/// Logs the summary of left-out lines once a second, and a last one at stop.
+pub async fn run_summaries(mut stop: Shutdown) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let stopping = tokio::select! {
+            _ = stop.recv() => true,
+            _ = tick.tick() => false,
+        };
+        if let Some(s) = DEVICE_LINES.take_summary() {
+            tracing::info!("{s}");
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+impl LogBudget {
+    pub const fn new(per_second: u32) -> LogBudget {
+        LogBudget {
+            per_second: AtomicU32::new(per_second),
+            state: Mutex::new(State {
+                window: None,
+                used: 0,
+                suppressed: [0; KINDS],
+            }),
+        }
+    }
+
+    fn allow_at(&self, kind: DeviceLine, now: Instant) -> bool {
+        let limit = self.per_second.load(Ordering::Relaxed);
+        if limit == 0 {
+            return true;
+        }
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match s.window {
+            Some(w) if now.saturating_duration_since(w) < Duration::from_secs(1) => {}
+            _ => {
+                s.window = Some(now);
+                s.used = 0;
+            }
+        }
+        if s.used < limit {
+            s.used += 1;
+            true
+        } else {
+            s.suppressed[kind as usize] += 1;
+            false
+        }
+    }
+
+    /// The summary of what was left out since the last call, if anything was.
+    fn take_summary(&self) -> Option<String> {
+        let counts = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::take(&mut s.suppressed)
+        };
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let parts: Vec<String> = DeviceLine::ALL
+            .iter()
+            .zip(counts)
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{n} {}", k.label()))
+            .collect();
+        Some(format!(
+            "{total} device log lines left out (more than log.device_lines_per_s = {}): {}",
+            self.per_second.load(Ordering::Relaxed),
+            parts.join(", ")
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_past_the_budget_are_counted_and_summarised() {
+        let b = LogBudget::new(2);
+        let t = Instant::now();
+        assert!(b.allow_at(DeviceLine::Registered, t));
+        assert!(b.allow_at(DeviceLine::Expired, t));
+        assert!(!b.allow_at(DeviceLine::Registered, t));
+        assert!(!b.allow_at(DeviceLine::Registered, t + Duration::from_millis(999)));
+        assert!(!b.allow_at(DeviceLine::Expired, t + Duration::from_millis(999)));
+        assert_eq!(
+            b.take_summary().as_deref(),
+            Some(
+                "3 device log lines left out (more than log.device_lines_per_s = 2): 2 registered, 1 registration expired"
+            )
+        );
+        assert_eq!(b.take_summary(), None, "counts start again after a summary");
+        // A new second, a new budget.
+        let t2 = t + Duration::from_secs(1);
+        assert!(b.allow_at(DeviceLine::Deregistered, t2));
+        assert!(b.allow_at(DeviceLine::Deregistered, t2));
+        assert!(!b.allow_at(DeviceLine::Deregistered, t2));
+        assert!(b.take_summary().unwrap().ends_with(": 1 de-registered"));
+    }
+
+    #[test]
+    fn zero_means_no_limit() {
+        let b = LogBudget::new(0);
+        let t = Instant::now();
+        assert!((0..10_000).all(|_| b.allow_at(DeviceLine::Registered, t)));
+        assert_eq!(b.take_summary(), None);
+    }
+}
