@@ -1005,3 +1005,73 @@ fn memory_stays_bounded_under_a_flood() {
     eprintln!("flood: whole test {:?}", started.elapsed());
     drop(silent);
 }
+
+/// An HTTP/2 connection that made a request and then sends nothing is closed after
+/// `rest.client_timeout_s` (hyper has no idle timeout of its own for HTTP/2, so it held
+/// its `rest.max_connections` slot for good). Frames are written by hand: a GET of
+/// `/v2/endpoints` with the admin key, then silence.
+#[test]
+fn an_idle_http2_connection_is_closed() {
+    let d = config().start();
+    let mut s = TcpStream::connect(d.rest).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10 * CLIENT_TIMEOUT_S)))
+        .unwrap();
+    // HPACK, no Huffman, no indexing: :method GET, :scheme http (static 2, 6), then :path,
+    // :authority and authorization with static names 4, 1, 23.
+    let literal = |out: &mut Vec<u8>, name_index: &[u8], value: &str| {
+        out.extend_from_slice(name_index);
+        assert!(value.len() < 127);
+        out.push(value.len() as u8);
+        out.extend_from_slice(value.as_bytes());
+    };
+    let mut block = vec![0x82, 0x86];
+    literal(&mut block, &[0x04], "/v2/endpoints");
+    literal(&mut block, &[0x01], "127.0.0.1");
+    literal(&mut block, &[0x0f, 0x08], &format!("Bearer {}", d.key));
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    out.extend(frame(0x1, 0x5, 1, &block)); // HEADERS, END_STREAM | END_HEADERS
+    s.write_all(&out).unwrap();
+    // Read frames until the connection ends: the response to stream 1 must come first.
+    let started = Instant::now();
+    let mut answered = false;
+    let mut head = [0u8; 9];
+    loop {
+        match s.read_exact(&mut head) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => break,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "the idle connection was not closed within {:?}: {e}",
+                started.elapsed()
+            ),
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).unwrap();
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        if head[3] == 0x1 && stream == 1 {
+            // :status 200 is static entry 8.
+            assert_eq!(payload.first(), Some(&0x88), "status of GET /v2/endpoints");
+            answered = true;
+        }
+        if head[3] == 0x4 && head[4] & 0x1 == 0 {
+            s.write_all(&frame(0x4, 0x1, 0, &[])).unwrap(); // SETTINGS ACK
+        }
+    }
+    assert!(
+        answered,
+        "the request was answered before the connection closed"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(CLIENT_TIMEOUT_S),
+        "closed before rest.client_timeout_s"
+    );
+}

@@ -297,7 +297,7 @@ pub struct RestConfig {
     pub max_connections: usize,
     /// Seconds the daemon waits on a client: for a request's head (request line and
     /// headers), for its body (408 when it does not arrive), for the next request on an idle
-    /// connection, and for a client to take a response it is not reading. Then the
+    /// connection (HTTP/1 or HTTP/2), and for a client to take a response it is not reading. Then the
     /// connection is closed.
     pub client_timeout_s: u64,
 }

@@ -4,14 +4,17 @@
 //!
 //! The wait is bounded at every point where a client could otherwise hold a connection
 //! (and its buffers) forever: before its first request ([`first_request_within`]: nothing
-//! sent, half an HTTP/2 preface), for a request head and between keep-alive requests
-//! (hyper's header read timeout), for a request body (`rest::dispatch`, 408), and while a
-//! response waits for a client that does not read it ([`WriteStall`]).
+//! sent, half an HTTP/2 preface), for a request head and between HTTP/1 keep-alive
+//! requests (hyper's header read timeout), for a request body (`rest::dispatch`, 408),
+//! while a response waits for a client that does not read it, and while a connection has
+//! no request in flight and the client sends nothing ([`ClientIo`]; hyper has no idle
+//! timeout for HTTP/2, so an idle HTTP/2 connection would otherwise hold its slot for
+//! good).
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 /// Largest request head (HTTP/1 read buffer, HTTP/2 header list); 431 beyond. hyper's
 /// default (about 400 KiB) times `rest.max_connections` would be the REST server's largest
@@ -92,21 +95,95 @@ pub async fn first_request_within<F: Future>(
     Some(conn.await)
 }
 
-/// A connection whose writes fail with `TimedOut` once they have made no progress for
-/// the timeout: a client that does not read its responses gets disconnected instead of
-/// holding the connection and the response forever.
-pub struct WriteStall<T> {
+/// The requests in flight on one connection, and when the last one ended.
+#[derive(Debug)]
+pub struct Activity(Mutex<(usize, Instant)>);
+
+/// One request in flight; dropping it ends it.
+pub struct InFlight(Arc<Activity>);
+
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity(Mutex::new((0, Instant::now()))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Instant)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A request starts (the service was called).
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.lock().0 += 1;
+        InFlight(Arc::clone(self))
+    }
+
+    /// Since when no request has been in flight; `None` while one is.
+    fn idle_since(&self) -> Option<Instant> {
+        let (n, since) = *self.lock();
+        (n == 0).then_some(since)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut a = self.0.lock();
+        a.0 = a.0.saturating_sub(1);
+        if a.0 == 0 {
+            a.1 = Instant::now();
+        }
+    }
+}
+
+/// A client connection with two deadlines:
+/// - a write that makes no progress for the timeout fails with `TimedOut`: a client that
+///   does not read its responses is disconnected instead of holding the connection and the
+///   response forever;
+/// - a read that waits while no request is in flight ([`Activity`]) fails with `TimedOut`
+///   once the client has sent nothing and no request has ended for the timeout: an idle
+///   connection is closed. A request in flight (a long-poll) keeps it open whatever its
+///   length; the timeout counts from when the last one ended.
+pub struct ClientIo<T> {
     inner: T,
     timeout: Duration,
     stalled: Option<Pin<Box<Sleep>>>,
+    activity: Arc<Activity>,
+    last_read: Instant,
+    idle: Option<Pin<Box<Sleep>>>,
 }
 
-impl<T> WriteStall<T> {
-    pub fn new(inner: T, timeout: Duration) -> WriteStall<T> {
-        WriteStall {
+impl<T> ClientIo<T> {
+    pub fn new(inner: T, timeout: Duration, activity: Arc<Activity>) -> ClientIo<T> {
+        ClientIo {
             inner,
             timeout,
             stalled: None,
+            activity,
+            last_read: Instant::now(),
+            idle: None,
+        }
+    }
+
+    /// A read is pending: is the connection idle past the timeout? Arms (and polls) the
+    /// idle timer otherwise.
+    fn idle_past_timeout(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            let deadline = self.last_read + self.timeout;
+            let timer = self
+                .idle
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let since = match self.activity.idle_since() {
+                // A request in flight: look again a whole timeout later.
+                None => Instant::now(),
+                Some(ended) => ended.max(self.last_read),
+            };
+            let deadline = since + self.timeout;
+            if deadline <= Instant::now() {
+                return true;
+            }
+            self.idle = Some(Box::pin(tokio::time::sleep_until(deadline)));
         }
     }
 
@@ -129,17 +206,30 @@ impl<T> WriteStall<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for WriteStall<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if r.is_ready() {
+            this.last_read = Instant::now();
+            this.idle = None;
+            return r;
+        }
+        if this.idle_past_timeout(cx) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no request for rest.client_timeout_s",
+            )));
+        }
+        Poll::Pending
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for WriteStall<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -187,7 +277,7 @@ mod tests {
     #[tokio::test]
     async fn a_write_nobody_reads_times_out() {
         let (near, _far) = tokio::io::duplex(1024);
-        let mut w = WriteStall::new(near, T);
+        let mut w = ClientIo::new(near, T, Activity::new());
         let started = std::time::Instant::now();
         let err = w.write_all(&[7u8; 4096]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
@@ -197,7 +287,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_reader_that_keeps_reading_is_served() {
         let (near, mut far) = tokio::io::duplex(1024);
-        let mut w = WriteStall::new(near, T);
+        let mut w = ClientIo::new(near, T, Activity::new());
         let reader = tokio::spawn(async move {
             let mut got = 0;
             let mut buf = [0u8; 512];
@@ -210,6 +300,34 @@ mod tests {
         });
         w.write_all(&[7u8; 8 * 1024]).await.unwrap();
         assert_eq!(reader.await.unwrap(), 8 * 1024);
+    }
+
+    /// Idle: nothing read and no request in flight for the timeout.
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_but_not_one_with_a_request_in_flight() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let activity = Activity::new();
+        let mut r = ClientIo::new(near, T, Arc::clone(&activity));
+        let mut buf = [0u8; 16];
+        // Bytes keep it open.
+        for _ in 0..3 {
+            tokio::time::sleep(T / 2).await;
+            far.write_all(b"x").await.unwrap();
+            assert_eq!(r.read(&mut buf).await.unwrap(), 1);
+        }
+        // A request in flight for many timeouts (a long-poll) keeps it open too.
+        let request = activity.begin();
+        let read = tokio::time::timeout(5 * T, r.read(&mut buf)).await;
+        assert!(read.is_err(), "still waiting for bytes: {read:?}");
+        let ended = Instant::now();
+        drop(request);
+        // Then a whole timeout from the request's end, not from the last byte.
+        let err = tokio::time::timeout(10 * T, r.read(&mut buf))
+            .await
+            .expect("an idle connection is closed")
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(Instant::now() >= ended + T, "closed before the timeout");
     }
 
     #[tokio::test]

@@ -112,11 +112,19 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
                 let state = Arc::clone(&state);
                 let first = Arc::new(tokio::sync::Notify::new());
                 let seen = Arc::clone(&first);
+                let activity = conn::Activity::new();
+                let requests = Arc::clone(&activity);
                 let svc = hyper::service::service_fn(move |req| {
                     seen.notify_one();
-                    handle(Arc::clone(&state), req)
+                    let in_flight = requests.begin();
+                    let reply = handle(Arc::clone(&state), req);
+                    async move {
+                        let r = reply.await;
+                        drop(in_flight);
+                        r
+                    }
                 });
-                let io = TokioIo::new(conn::WriteStall::new(stream, timeout));
+                let io = TokioIo::new(conn::ClientIo::new(stream, timeout, activity));
                 let conn = builder.serve_connection_with_upgrades(io, svc);
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {
