@@ -164,13 +164,15 @@ impl<T> ClientIo<T> {
     }
 
     /// A read is pending: is the connection idle past the timeout? Arms (and polls) the
-    /// idle timer otherwise.
+    /// idle timer otherwise. The timer is made once and only moved when it fires, not at
+    /// every byte or request: when it fires, the real deadline is worked out from the last
+    /// read and the last request's end.
     fn idle_past_timeout(&mut self, cx: &mut Context<'_>) -> bool {
+        let first = self.last_read + self.timeout;
+        let timer = self
+            .idle
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(first)));
         loop {
-            let deadline = self.last_read + self.timeout;
-            let timer = self
-                .idle
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
             if timer.as_mut().poll(cx).is_pending() {
                 return false;
             }
@@ -183,7 +185,7 @@ impl<T> ClientIo<T> {
             if deadline <= Instant::now() {
                 return true;
             }
-            self.idle = Some(Box::pin(tokio::time::sleep_until(deadline)));
+            timer.as_mut().reset(deadline);
         }
     }
 
@@ -216,7 +218,6 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if r.is_ready() {
             this.last_read = Instant::now();
-            this.idle = None;
             return r;
         }
         if this.idle_past_timeout(cx) {
