@@ -151,7 +151,7 @@ fn option_strings(packet: &Packet, opt: CoapOption) -> Vec<String> {
 
 /// The response to `request`: piggybacked in an ACK for a CON, a NON for a NON
 /// (with the message id filled in by the caller, see [`Response::into_packet`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Response {
     pub code: ResponseType,
     pub options: Vec<(CoapOption, Vec<u8>)>,

@@ -13,10 +13,11 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use coap_lite::{MessageClass, MessageType, ResponseType};
+use coap_lite::{CoapOption, MessageClass, MessageType, ResponseType};
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 
+use super::block1::{self, Assemblies};
 use super::client::{ClientConfig, ClientState};
 use super::dedup::{Dedup, Seen};
 use super::message::{self, Handled, Inbound, RawHeader, Response};
@@ -34,6 +35,8 @@ pub trait RequestHandler: Send + Sync + 'static {
 pub struct Transport {
     sockets: Vec<(SocketAddr, Arc<UdpSocket>)>,
     dedup: Mutex<Dedup>,
+    /// Request bodies arriving block-wise (Block1).
+    blocks: Mutex<Assemblies>,
     max_datagram: usize,
     in_flight: Arc<Semaphore>,
     next_mid: AtomicU16,
@@ -75,6 +78,7 @@ impl Transport {
                 Duration::from_secs(cfg.exchange_lifetime_s),
                 cfg.dedup_capacity,
             )),
+            blocks: Mutex::new(Assemblies::default()),
             max_datagram: cfg.max_datagram,
             in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
             next_mid: AtomicU16::new(rand::random()),
@@ -250,6 +254,22 @@ impl Transport {
                 return;
             }
         }
+        let mut packet = packet;
+        let step = self
+            .lock_blocks()
+            .on_request(peer, &mut packet, Instant::now());
+        let echo = match step {
+            block1::Step::Handle(echo) => echo,
+            block1::Step::Answer(r) => {
+                // 2.31 Continue for a block, or a refusal: no handler involved.
+                let bytes = self.encode_response(r, &packet, peer);
+                self.lock_dedup().complete(peer, mid, bytes.clone());
+                if let Some(b) = bytes {
+                    send(socket, &b, peer).await;
+                }
+                return;
+            }
+        };
         let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
             Counters::inc(&self.counters.coap_busy_drops);
             self.lock_dedup().forget(peer, mid);
@@ -278,17 +298,12 @@ impl Transport {
                     Response::diagnostic(ResponseType::InternalServerError, "internal error").into()
                 }
             };
-            let bytes = response.and_then(|r| {
-                if r.code.is_error() {
-                    Counters::inc(&this.counters.coap_error_responses);
+            let bytes = response.and_then(|mut r| {
+                // The last block of a block-wise request: its response echoes its Block1.
+                if let Some(b) = echo {
+                    r.options.push((CoapOption::Block1, b.encode()));
                 }
-                match r.into_packet(&packet, || this.next_message_id()).to_bytes() {
-                    Ok(b) => Some(b),
-                    Err(e) => {
-                        tracing::error!(%peer, "cannot encode CoAP response: {e:?}");
-                        None
-                    }
-                }
+                this.encode_response(r, &packet, peer)
             });
             this.lock_dedup().complete(peer, mid, bytes.clone());
             if let Some(b) = bytes {
@@ -345,6 +360,35 @@ impl Transport {
         if let Some(bytes) = reply {
             send(socket, &bytes, peer).await;
         }
+    }
+
+    /// Encodes a response to `request` (piggybacked on the ACK of a CON request).
+    fn encode_response(
+        &self,
+        r: Response,
+        request: &coap_lite::Packet,
+        peer: SocketAddr,
+    ) -> Option<Vec<u8>> {
+        if r.code.is_error() {
+            Counters::inc(&self.counters.coap_error_responses);
+        }
+        match r.into_packet(request, || self.next_message_id()).to_bytes() {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::error!(%peer, "cannot encode CoAP response: {e:?}");
+                None
+            }
+        }
+    }
+
+    /// Block-wise transfers in progress (at most `block1::MAX_TRANSFERS`).
+    pub fn block_transfers(&self) -> usize {
+        self.lock_blocks().len()
+    }
+
+    fn lock_blocks(&self) -> std::sync::MutexGuard<'_, Assemblies> {
+        // Every update is a single map operation: a poisoned lock is still consistent.
+        self.blocks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_dedup(&self) -> std::sync::MutexGuard<'_, Dedup> {

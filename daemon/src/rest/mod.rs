@@ -340,6 +340,12 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
                 "Exchanges in the CoAP duplicate cache (at most coap.dedup_capacity).",
                 state.transport.dedup_entries() as u64,
             );
+            metrics::gauge(
+                &mut out,
+                "coap_block_transfers",
+                "Request bodies being received block-wise (Block1), at most 256.",
+                state.transport.block_transfers() as u64,
+            );
             Reply::with_type(StatusCode::OK, "text/plain; version=0.0.4", out)
         }
     }

@@ -1,0 +1,320 @@
+//! The server side of Block1 (RFC 7959 §2.5): a device sends a request body too large for
+//! one datagram (a registration listing many objects, say) in blocks, each acknowledged
+//! with 2.31 Continue; the request is handled once, with the whole body, when its last
+//! block arrives, and its response echoes that last Block1.
+//!
+//! Transfers are keyed by the peer, the method and the request's Uri-Path and Uri-Query
+//! (the token may change from block to block, §2.3). Blocks must come in order; a gap, a
+//! repeat of an earlier block (once the duplicate cache has forgotten it) or a block of a
+//! transfer that is not known is 4.08 Request Entity Incomplete. A non-last block whose
+//! payload is not exactly its block size is 4.00. A body past [`MAX_BODY`] is 4.13 with
+//! Size1. At most [`MAX_TRANSFERS`] transfers are assembled at once (5.03 past it), each
+//! forgotten [`LIFETIME`] after its first block: the memory held is bounded whatever the
+//! devices send.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use coap_lite::{CoapOption, Packet, ResponseType};
+
+use super::client::Block;
+use super::message::{self, Response};
+
+/// The largest request body assembled from blocks (a registration's object list is a few
+/// KiB at most).
+pub const MAX_BODY: usize = 64 * 1024;
+/// Transfers assembled at once, all peers together.
+pub const MAX_TRANSFERS: usize = 256;
+/// How long a transfer may take from its first block to its last (RFC 7252's
+/// EXCHANGE_LIFETIME is 247 s; a device sends its blocks back to back).
+pub const LIFETIME: Duration = Duration::from_secs(60);
+
+/// What to do with a request after Block1 processing.
+#[derive(Debug, PartialEq)]
+pub enum Step {
+    /// Handle the request: it had no Block1, or it was the last block and the packet's
+    /// payload is now the whole body (the option removed). The response must carry this
+    /// Block1 (the last block's) when there is one.
+    Handle(Option<Block>),
+    /// Answer at once with this response (2.31 Continue, or a refusal).
+    Answer(Response),
+}
+
+/// A transfer's identity: peer, method code and the request URI's options.
+type Key = (SocketAddr, u8, Vec<u8>);
+
+struct Partial {
+    body: Vec<u8>,
+    started: Instant,
+}
+
+/// Block1 transfers in progress.
+#[derive(Default)]
+pub struct Assemblies {
+    partial: HashMap<Key, Partial>,
+}
+
+fn key(peer: SocketAddr, packet: &Packet) -> Key {
+    let code = u8::from(packet.header.code);
+    let mut uri = Vec::new();
+    for opt in [CoapOption::UriPath, CoapOption::UriQuery] {
+        for v in packet.get_option(opt).into_iter().flatten() {
+            uri.extend_from_slice(v);
+            uri.push(if opt == CoapOption::UriPath {
+                b'/'
+            } else {
+                b'&'
+            });
+        }
+    }
+    (peer, code, uri)
+}
+
+fn refuse(code: ResponseType, why: &str) -> Step {
+    Step::Answer(Response::diagnostic(code, why))
+}
+
+impl Assemblies {
+    /// Transfers in progress.
+    pub fn len(&self) -> usize {
+        self.partial.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.partial.is_empty()
+    }
+
+    /// Takes one request datagram (new, not a duplicate).
+    pub fn on_request(&mut self, peer: SocketAddr, packet: &mut Packet, now: Instant) -> Step {
+        let Some(raw) = message::uint_option(packet, CoapOption::Block1) else {
+            if packet.get_first_option(CoapOption::Block1).is_some() {
+                return refuse(ResponseType::BadOption, "Block1 option longer than 3 bytes");
+            }
+            return Step::Handle(None);
+        };
+        let Some(block) = Block::decode(raw) else {
+            return refuse(ResponseType::BadOption, "Block1 with the reserved size 7");
+        };
+        let k = key(peer, packet);
+        let offset = (block.num as usize).saturating_mul(block.size());
+        if block.more && packet.payload.len() != block.size() {
+            self.partial.remove(&k);
+            return refuse(
+                ResponseType::BadRequest,
+                "a block that is not the last must carry exactly its block size",
+            );
+        }
+        if offset.saturating_add(packet.payload.len()) > MAX_BODY {
+            self.partial.remove(&k);
+            let mut r = Response::diagnostic(
+                ResponseType::RequestEntityTooLarge,
+                format!("request bodies sent block-wise may be up to {MAX_BODY} bytes"),
+            );
+            r.options
+                .push((CoapOption::Size1, message::encode_uint(MAX_BODY as u32)));
+            return Step::Answer(r);
+        }
+        if block.num == 0 {
+            if !self.partial.contains_key(&k) && self.partial.len() >= MAX_TRANSFERS {
+                self.partial
+                    .retain(|_, p| now.saturating_duration_since(p.started) < LIFETIME);
+                if self.partial.len() >= MAX_TRANSFERS {
+                    return refuse(
+                        ResponseType::ServiceUnavailable,
+                        "too many block-wise transfers in progress",
+                    );
+                }
+            }
+            self.partial.insert(
+                k.clone(),
+                Partial {
+                    body: Vec::new(),
+                    started: now,
+                },
+            );
+        }
+        let fresh = self
+            .partial
+            .get(&k)
+            .is_some_and(|p| now.saturating_duration_since(p.started) < LIFETIME);
+        let in_order = fresh && self.partial.get(&k).is_some_and(|p| p.body.len() == offset);
+        if !in_order {
+            self.partial.remove(&k);
+            return refuse(
+                ResponseType::RequestEntityIncomplete,
+                "block out of order, or of a transfer that is not in progress: start again from block 0",
+            );
+        }
+        let Some(p) = self.partial.get_mut(&k) else {
+            return refuse(ResponseType::RequestEntityIncomplete, "no transfer");
+        };
+        p.body.extend_from_slice(&packet.payload);
+        if block.more {
+            let mut r = Response::new(ResponseType::Continue);
+            r.options.push((CoapOption::Block1, block.encode()));
+            return Step::Answer(r);
+        }
+        let body = self.partial.remove(&k).map(|p| p.body).unwrap_or_default();
+        packet.payload = body;
+        packet.clear_option(CoapOption::Block1);
+        Step::Handle(Some(block))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coap_lite::{MessageClass, RequestType};
+
+    fn peer(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn block_request(num: u32, more: bool, szx: u8, payload: &[u8]) -> Packet {
+        let mut p = Packet::new();
+        p.header.code = MessageClass::Request(RequestType::Post);
+        p.add_option(CoapOption::UriPath, b"rd".to_vec());
+        p.add_option(CoapOption::UriQuery, b"ep=big".to_vec());
+        p.add_option(CoapOption::Block1, Block { num, more, szx }.encode());
+        p.payload = payload.to_vec();
+        p
+    }
+
+    fn code(s: &Step) -> Option<ResponseType> {
+        match s {
+            Step::Answer(r) => Some(r.code),
+            Step::Handle(_) => None,
+        }
+    }
+
+    #[test]
+    fn blocks_in_order_make_the_whole_body() {
+        let mut a = Assemblies::default();
+        let t = Instant::now();
+        let body: Vec<u8> = (0..40u8).collect();
+        let mut p = block_request(0, true, 0, &body[..16]);
+        let s = a.on_request(peer(1), &mut p, t);
+        let Step::Answer(r) = &s else { panic!("{s:?}") };
+        assert_eq!(r.code, ResponseType::Continue);
+        assert_eq!(
+            r.options,
+            vec![(
+                CoapOption::Block1,
+                Block {
+                    num: 0,
+                    more: true,
+                    szx: 0
+                }
+                .encode()
+            )]
+        );
+        let mut p = block_request(1, true, 0, &body[16..32]);
+        assert_eq!(
+            code(&a.on_request(peer(1), &mut p, t)),
+            Some(ResponseType::Continue)
+        );
+        // Another peer's transfer to the same URI is a different one.
+        let mut other = block_request(1, true, 0, &body[16..32]);
+        assert_eq!(
+            code(&a.on_request(peer(2), &mut other, t)),
+            Some(ResponseType::RequestEntityIncomplete)
+        );
+        let mut last = block_request(2, false, 0, &body[32..]);
+        let s = a.on_request(peer(1), &mut last, t);
+        assert_eq!(
+            s,
+            Step::Handle(Some(Block {
+                num: 2,
+                more: false,
+                szx: 0
+            }))
+        );
+        assert_eq!(last.payload, body);
+        assert!(last.get_first_option(CoapOption::Block1).is_none());
+        assert!(a.is_empty());
+    }
+
+    #[test]
+    fn a_request_without_block1_is_handled_as_it_is() {
+        let mut a = Assemblies::default();
+        let mut p = Packet::new();
+        p.header.code = MessageClass::Request(RequestType::Post);
+        p.payload = b"</3/0>".to_vec();
+        assert_eq!(
+            a.on_request(peer(1), &mut p, Instant::now()),
+            Step::Handle(None)
+        );
+        assert_eq!(p.payload, b"</3/0>");
+    }
+
+    #[test]
+    fn gaps_wrong_sizes_and_unknown_transfers_are_refused() {
+        let mut a = Assemblies::default();
+        let t = Instant::now();
+        let mut p = block_request(0, true, 0, &[1; 16]);
+        a.on_request(peer(1), &mut p, t);
+        // Block 2 after block 0: a gap.
+        let mut p = block_request(2, true, 0, &[1; 16]);
+        assert_eq!(
+            code(&a.on_request(peer(1), &mut p, t)),
+            Some(ResponseType::RequestEntityIncomplete)
+        );
+        assert!(a.is_empty(), "a broken transfer is dropped");
+        // A non-last block shorter than its size.
+        let mut p = block_request(0, true, 0, &[1; 10]);
+        assert_eq!(
+            code(&a.on_request(peer(1), &mut p, t)),
+            Some(ResponseType::BadRequest)
+        );
+        // A transfer that took too long.
+        let mut p = block_request(0, true, 0, &[1; 16]);
+        a.on_request(peer(1), &mut p, t);
+        let mut p = block_request(1, false, 0, &[1; 3]);
+        assert_eq!(
+            code(&a.on_request(peer(1), &mut p, t + LIFETIME)),
+            Some(ResponseType::RequestEntityIncomplete)
+        );
+        // The reserved size.
+        let mut p = block_request(0, true, 0, &[1; 16]);
+        p.clear_option(CoapOption::Block1);
+        p.add_option(CoapOption::Block1, vec![0x0f]);
+        assert_eq!(
+            code(&a.on_request(peer(1), &mut p, t)),
+            Some(ResponseType::BadOption)
+        );
+    }
+
+    #[test]
+    fn bodies_and_transfers_are_bounded() {
+        let mut a = Assemblies::default();
+        let t = Instant::now();
+        // Past MAX_BODY: 4.13 with Size1.
+        let num = (MAX_BODY / 1024) as u32;
+        let mut p = block_request(num, false, 6, &[1; 1]);
+        let s = a.on_request(peer(1), &mut p, t);
+        let Step::Answer(r) = s else { panic!() };
+        assert_eq!(r.code, ResponseType::RequestEntityTooLarge);
+        assert!(r.options.iter().any(|(o, _)| *o == CoapOption::Size1));
+        // MAX_TRANSFERS at once; the next is 5.03 until old ones expire.
+        for port in 0..MAX_TRANSFERS as u16 {
+            let mut p = block_request(0, true, 0, &[1; 16]);
+            assert_eq!(
+                code(&a.on_request(peer(port), &mut p, t)),
+                Some(ResponseType::Continue)
+            );
+        }
+        let mut p = block_request(0, true, 0, &[1; 16]);
+        assert_eq!(
+            code(&a.on_request(peer(60000), &mut p, t)),
+            Some(ResponseType::ServiceUnavailable)
+        );
+        assert_eq!(a.len(), MAX_TRANSFERS);
+        let mut p = block_request(0, true, 0, &[1; 16]);
+        assert_eq!(
+            code(&a.on_request(peer(60000), &mut p, t + LIFETIME)),
+            Some(ResponseType::Continue)
+        );
+        assert_eq!(a.len(), 1, "the expired transfers were dropped");
+    }
+}
