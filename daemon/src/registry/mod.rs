@@ -420,6 +420,22 @@ impl Registry {
         Ok(n)
     }
 
+    /// Whether a new endpoint (not a re-registration) fits in `domain` and in the registry.
+    fn room_for_new(&self, inner: &Inner, domain: &str) -> Result<(), RegistryError> {
+        if inner.count_in(domain) >= self.cfg.max_endpoints_per_domain {
+            return Err(RegistryError::DomainFull {
+                domain: domain.to_string(),
+                max: self.cfg.max_endpoints_per_domain,
+            });
+        }
+        if inner.by_id.len() >= self.cfg.max_endpoints {
+            return Err(RegistryError::Full {
+                max: self.cfg.max_endpoints,
+            });
+        }
+        Ok(())
+    }
+
     fn check_lifetime(&self, lt: u32) -> Result<u32, RegistryError> {
         let (min, max) = (self.cfg.min_lifetime_s, self.cfg.max_lifetime_s);
         if (min..=max).contains(&lt) {
@@ -461,8 +477,15 @@ impl Registry {
             self.check_lifetime(p.lifetime_s.unwrap_or(self.cfg.default_lifetime_s))?;
         let binding = p.binding.unwrap_or_else(|| "U".into());
         let resources = parse_resources(&p.links)?;
-        // Only a valid registration counts (and makes the domain's counter): a flood of
-        // malformed ones, each naming a new domain, must not grow the limits map.
+        // Only a valid registration that there is room for counts (and makes the domain's
+        // counter): a flood of malformed or refused ones, each naming a new domain, must
+        // not grow the limits map. (Checked again under the lock that inserts.)
+        {
+            let inner = self.lock();
+            if inner.by_name(&domain, &p.name).is_none() {
+                self.room_for_new(&inner, &domain)?;
+            }
+        }
         self.take_transaction(&domain)?;
         let now = now_ms();
         let reg = Registration {
@@ -486,17 +509,8 @@ impl Registry {
             let old = inner
                 .by_name(&ep.reg.domain, &ep.reg.name)
                 .map(|e| e.reg.id.clone());
-            let count = inner.count_in(&ep.reg.domain);
-            if old.is_none() && count >= self.cfg.max_endpoints_per_domain {
-                return Err(RegistryError::DomainFull {
-                    domain: ep.reg.domain.clone(),
-                    max: self.cfg.max_endpoints_per_domain,
-                });
-            }
-            if old.is_none() && inner.by_id.len() >= self.cfg.max_endpoints {
-                return Err(RegistryError::Full {
-                    max: self.cfg.max_endpoints,
-                });
+            if old.is_none() {
+                self.room_for_new(&inner, &ep.reg.domain)?;
             }
             let replaced = old.and_then(|old| inner.remove(&old));
             inner.insert(Arc::clone(&ep));

@@ -194,6 +194,12 @@ async fn total_limit_over_all_domains() {
         ..Default::default()
     };
     let reg = open(dir.path(), cfg.clone());
+    let limits = Arc::new(crate::limits::Limits::new(
+        &Default::default(),
+        10,
+        Arc::new(Counters::default()),
+    ));
+    reg.set_limits(Arc::clone(&limits));
     let in_domain = |d: &str, name: &str| RegisterParams {
         domain: Some(d.into()),
         ..params(name)
@@ -209,6 +215,11 @@ async fn total_limit_over_all_domains() {
         "{refused:?}"
     );
     assert_eq!(reg.len(), 3);
+    assert_eq!(
+        limits.snapshot("d4", 0).transaction_count,
+        0,
+        "a refused registration is not counted: refusals naming new domains grow nothing"
+    );
     // Re-registering an existing endpoint replaces it, so it is not refused.
     reg.register(in_domain("d2", "x"), addr(1), addr(3))
         .await
