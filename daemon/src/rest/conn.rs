@@ -139,15 +139,17 @@ impl Drop for InFlight {
 ///   does not read its responses is disconnected instead of holding the connection and the
 ///   response forever;
 /// - a read that waits while no request is in flight ([`Activity`]) fails with `TimedOut`
-///   once the client has sent nothing and no request has ended for the timeout: an idle
-///   connection is closed. A request in flight (a long-poll) keeps it open whatever its
-///   length; the timeout counts from when the last one ended.
+///   once nothing has been read or written and no request has ended for the timeout: an
+///   idle connection is closed. A request in flight (a long-poll) keeps it open whatever
+///   its length, and so does a response still being written to a slow reader (hyper keeps
+///   a read pending while it writes); the timeout counts from the last of these.
 pub struct ClientIo<T> {
     inner: T,
     timeout: Duration,
     stalled: Option<Pin<Box<Sleep>>>,
     activity: Arc<Activity>,
-    last_read: Instant,
+    /// The last read or write that made progress.
+    last_io: Instant,
     idle: Option<Pin<Box<Sleep>>>,
 }
 
@@ -158,7 +160,7 @@ impl<T> ClientIo<T> {
             timeout,
             stalled: None,
             activity,
-            last_read: Instant::now(),
+            last_io: Instant::now(),
             idle: None,
         }
     }
@@ -168,7 +170,7 @@ impl<T> ClientIo<T> {
     /// every byte or request: when it fires, the real deadline is worked out from the last
     /// read and the last request's end.
     fn idle_past_timeout(&mut self, cx: &mut Context<'_>) -> bool {
-        let first = self.last_read + self.timeout;
+        let first = self.last_io + self.timeout;
         let timer = self
             .idle
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(first)));
@@ -179,13 +181,21 @@ impl<T> ClientIo<T> {
             let since = match self.activity.idle_since() {
                 // A request in flight: look again a whole timeout later.
                 None => Instant::now(),
-                Some(ended) => ended.max(self.last_read),
+                Some(ended) => ended.max(self.last_io),
             };
             let deadline = since + self.timeout;
             if deadline <= Instant::now() {
                 return true;
             }
             timer.as_mut().reset(deadline);
+        }
+    }
+
+    /// Bytes written are activity (a flush is not: hyper flushes at every poll, idle or
+    /// not).
+    fn wrote(&mut self, r: &Poll<io::Result<usize>>) {
+        if matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
+            self.last_io = Instant::now();
         }
     }
 
@@ -217,7 +227,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if r.is_ready() {
-            this.last_read = Instant::now();
+            this.last_io = Instant::now();
             return r;
         }
         if this.idle_past_timeout(cx) {
@@ -238,6 +248,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.wrote(&r);
         this.check(cx, r)
     }
 
@@ -248,6 +259,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(&r);
         this.check(cx, r)
     }
 
@@ -329,6 +341,36 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(Instant::now() >= ended + T, "closed before the timeout");
+    }
+
+    /// A response still being written (to a slow reader) is activity too: hyper keeps a
+    /// read pending while it writes, and that read must not time out meanwhile.
+    #[tokio::test]
+    async fn writes_that_progress_keep_the_connection_open() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let io = ClientIo::new(near, T, Activity::new());
+        let (mut r, mut w) = tokio::io::split(io);
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            let started = Instant::now();
+            let err = r.read(&mut buf).await.unwrap_err();
+            (err.kind(), started.elapsed())
+        });
+        let mut got = [0u8; 1];
+        for _ in 0..8 {
+            tokio::time::sleep(T / 2).await;
+            w.write_all(b"x").await.unwrap();
+            w.flush().await.unwrap();
+            far.read_exact(&mut got).await.unwrap();
+        }
+        let writes_ended = Instant::now();
+        let (kind, waited) = tokio::time::timeout(10 * T, reader)
+            .await
+            .expect("closed once the writes stop")
+            .unwrap();
+        assert_eq!(kind, io::ErrorKind::TimedOut);
+        assert!(waited >= 4 * T, "open while the writes went on: {waited:?}");
+        assert!(Instant::now() >= writes_ended + T);
     }
 
     #[tokio::test]
