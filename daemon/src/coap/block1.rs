@@ -87,10 +87,14 @@ impl Assemblies {
 
     /// Takes one request datagram (new, not a duplicate).
     pub fn on_request(&mut self, peer: SocketAddr, packet: &mut Packet, now: Instant) -> Step {
+        // 0 to 3 bytes (RFC 7959 §2.2).
+        if packet
+            .get_first_option(CoapOption::Block1)
+            .is_some_and(|v| v.len() > 3)
+        {
+            return refuse(ResponseType::BadOption, "Block1 option longer than 3 bytes");
+        }
         let Some(raw) = message::uint_option(packet, CoapOption::Block1) else {
-            if packet.get_first_option(CoapOption::Block1).is_some() {
-                return refuse(ResponseType::BadOption, "Block1 option longer than 3 bytes");
-            }
             return Step::Handle(None);
         };
         let Some(block) = Block::decode(raw) else {
@@ -138,6 +142,18 @@ impl Assemblies {
             .partial
             .get(&k)
             .is_some_and(|p| now.saturating_duration_since(p.started) < LIFETIME);
+        // The block just before the next one again (its 2.31 was lost and the duplicate
+        // cache no longer has it): answer it again rather than break the transfer.
+        let repeated = block.more
+            && self
+                .partial
+                .get(&k)
+                .is_some_and(|p| p.body.len() == offset + packet.payload.len());
+        if fresh && repeated && block.num > 0 {
+            let mut r = Response::new(ResponseType::Continue);
+            r.options.push((CoapOption::Block1, block.encode()));
+            return Step::Answer(r);
+        }
         let in_order = fresh && self.partial.get(&k).is_some_and(|p| p.body.len() == offset);
         if !in_order {
             self.partial.remove(&k);
@@ -235,6 +251,28 @@ mod tests {
         assert!(a.is_empty());
     }
 
+    /// A block sent again after its 2.31 (lost on the way, and gone from the duplicate
+    /// cache) is answered again, not appended twice.
+    #[test]
+    fn a_repeated_block_is_answered_again() {
+        let mut a = Assemblies::default();
+        let t = Instant::now();
+        let body: Vec<u8> = (0..40u8).collect();
+        for (num, range) in [(0, 0..16), (1, 16..32), (1, 16..32)] {
+            let mut p = block_request(num, true, 0, &body[range]);
+            assert_eq!(
+                code(&a.on_request(peer(1), &mut p, t)),
+                Some(ResponseType::Continue)
+            );
+        }
+        let mut last = block_request(2, false, 0, &body[32..]);
+        assert!(matches!(
+            a.on_request(peer(1), &mut last, t),
+            Step::Handle(Some(_))
+        ));
+        assert_eq!(last.payload, body);
+    }
+
     #[test]
     fn a_request_without_block1_is_handled_as_it_is() {
         let mut a = Assemblies::default();
@@ -275,14 +313,16 @@ mod tests {
             code(&a.on_request(peer(1), &mut p, t + LIFETIME)),
             Some(ResponseType::RequestEntityIncomplete)
         );
-        // The reserved size.
-        let mut p = block_request(0, true, 0, &[1; 16]);
-        p.clear_option(CoapOption::Block1);
-        p.add_option(CoapOption::Block1, vec![0x0f]);
-        assert_eq!(
-            code(&a.on_request(peer(1), &mut p, t)),
-            Some(ResponseType::BadOption)
-        );
+        // The reserved size, and an option of 4 bytes.
+        for bad in [vec![0x0f], vec![0, 0, 0, 0x08]] {
+            let mut p = block_request(0, true, 0, &[1; 16]);
+            p.clear_option(CoapOption::Block1);
+            p.add_option(CoapOption::Block1, bad);
+            assert_eq!(
+                code(&a.on_request(peer(1), &mut p, t)),
+                Some(ResponseType::BadOption)
+            );
+        }
     }
 
     #[test]

@@ -254,6 +254,14 @@ impl Transport {
                 return;
             }
         }
+        // The permit first: a last block dropped for want of one would otherwise have
+        // taken its transfer with it, and the device's retransmission would get 4.08.
+        let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
+            Counters::inc(&self.counters.coap_busy_drops);
+            self.lock_dedup().forget(peer, mid);
+            tracing::debug!(%peer, "dropping request: coap.max_in_flight reached");
+            return;
+        };
         let mut packet = packet;
         let step = self
             .lock_blocks()
@@ -262,6 +270,7 @@ impl Transport {
             block1::Step::Handle(echo) => echo,
             block1::Step::Answer(r) => {
                 // 2.31 Continue for a block, or a refusal: no handler involved.
+                drop(permit);
                 let bytes = self.encode_response(r, &packet, peer);
                 self.lock_dedup().complete(peer, mid, bytes.clone());
                 if let Some(b) = bytes {
@@ -269,12 +278,6 @@ impl Transport {
                 }
                 return;
             }
-        };
-        let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
-            Counters::inc(&self.counters.coap_busy_drops);
-            self.lock_dedup().forget(peer, mid);
-            tracing::debug!(%peer, "dropping request: coap.max_in_flight reached");
-            return;
         };
 
         let this = Arc::clone(self);
