@@ -71,6 +71,13 @@ fn key(peer: SocketAddr, packet: &Packet) -> Key {
     (peer, code, uri)
 }
 
+/// 2.31 Continue for a stored block, echoing its Block1 (§2.3).
+fn continue_with(block: Block) -> Step {
+    let mut r = Response::new(ResponseType::Continue);
+    r.options.push((CoapOption::Block1, block.encode()));
+    Step::Answer(r)
+}
+
 fn refuse(code: ResponseType, why: &str) -> Step {
     Step::Answer(Response::diagnostic(code, why))
 }
@@ -138,40 +145,36 @@ impl Assemblies {
                 },
             );
         }
-        let fresh = self
+        // What is stored of this transfer, if it is still in time.
+        let stored = self
             .partial
             .get(&k)
-            .is_some_and(|p| now.saturating_duration_since(p.started) < LIFETIME);
-        // The block just before the next one again (its 2.31 was lost and the duplicate
-        // cache no longer has it): answer it again rather than break the transfer.
-        let repeated = block.more
-            && self
-                .partial
-                .get(&k)
-                .is_some_and(|p| p.body.len() == offset + packet.payload.len());
-        if fresh && repeated && block.num > 0 {
-            let mut r = Response::new(ResponseType::Continue);
-            r.options.push((CoapOption::Block1, block.encode()));
-            return Step::Answer(r);
+            .filter(|p| now.saturating_duration_since(p.started) < LIFETIME)
+            .map(|p| p.body.len());
+        match stored {
+            // The next block, in order.
+            Some(len) if len == offset => {}
+            // The block just stored, again (its 2.31 was lost and the duplicate cache no
+            // longer has it): answer it again rather than break the transfer.
+            Some(len) if block.num > 0 && block.more && len == offset + packet.payload.len() => {
+                return continue_with(block);
+            }
+            _ => {
+                self.partial.remove(&k);
+                return refuse(
+                    ResponseType::RequestEntityIncomplete,
+                    "block out of order, or of a transfer that is not in progress: start again from block 0",
+                );
+            }
         }
-        let in_order = fresh && self.partial.get(&k).is_some_and(|p| p.body.len() == offset);
-        if !in_order {
-            self.partial.remove(&k);
-            return refuse(
-                ResponseType::RequestEntityIncomplete,
-                "block out of order, or of a transfer that is not in progress: start again from block 0",
-            );
-        }
-        let Some(p) = self.partial.get_mut(&k) else {
-            return refuse(ResponseType::RequestEntityIncomplete, "no transfer");
-        };
-        p.body.extend_from_slice(&packet.payload);
         if block.more {
-            let mut r = Response::new(ResponseType::Continue);
-            r.options.push((CoapOption::Block1, block.encode()));
-            return Step::Answer(r);
+            if let Some(p) = self.partial.get_mut(&k) {
+                p.body.extend_from_slice(&packet.payload);
+            }
+            return continue_with(block);
         }
-        let body = self.partial.remove(&k).map(|p| p.body).unwrap_or_default();
+        let mut body = self.partial.remove(&k).map(|p| p.body).unwrap_or_default();
+        body.extend_from_slice(&packet.payload);
         packet.payload = body;
         packet.clear_option(CoapOption::Block1);
         Step::Handle(Some(block))

@@ -168,7 +168,7 @@ impl<T> ClientIo<T> {
     /// A read is pending: is the connection idle past the timeout? Arms (and polls) the
     /// idle timer otherwise. The timer is made once and only moved when it fires, not at
     /// every byte or request: when it fires, the real deadline is worked out from the last
-    /// read and the last request's end.
+    /// read or write and the last request's end.
     fn idle_past_timeout(&mut self, cx: &mut Context<'_>) -> bool {
         let first = self.last_io + self.timeout;
         let timer = self

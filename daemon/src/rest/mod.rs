@@ -343,7 +343,10 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
             metrics::gauge(
                 &mut out,
                 "coap_block_transfers",
-                "Request bodies being received block-wise (Block1), at most 256.",
+                &format!(
+                    "Request bodies being received block-wise (Block1), at most {}.",
+                    crate::coap::block1::MAX_TRANSFERS
+                ),
                 state.transport.block_transfers() as u64,
             );
             Reply::with_type(StatusCode::OK, "text/plain; version=0.0.4", out)
