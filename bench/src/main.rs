@@ -81,6 +81,10 @@ struct Args {
     /// Threads of the runtime driving those connections.
     #[arg(long, default_value_t = 1)]
     read_client_threads: usize,
+    /// Threads of the runtime driving the simulated devices (0: one per CPU, tokio's
+    /// default).
+    #[arg(long, default_value_t = 0)]
+    sim_threads: usize,
     /// Issue the reads over HTTP/2 (prior knowledge, cleartext): the `--read-connections`
     /// requests at a time become concurrent streams over `--read-h2-connections`
     /// connections.
@@ -477,12 +481,15 @@ impl Sims {
         per_address: usize,
         prefix: &str,
         notify_interval_ms: u64,
+        threads: usize,
     ) -> Result<Sims> {
         ensure!(server.ip().is_loopback(), "loopback only");
         check_fds(devices)?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?;
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        if threads > 0 {
+            rt.worker_threads(threads);
+        }
+        let rt = rt.enable_all().build()?;
         let per = per_address.max(1);
         let groups = devices.div_ceil(per);
         ensure!(groups <= 250, "too many bind addresses ({groups})");
@@ -623,7 +630,14 @@ fn registration_run(args: &Args, n: usize, restart: bool, bulk: bool) -> Result<
     let mut sims = if bulk {
         None
     } else {
-        Some(Sims::start(daemon.coap, n, args.per_address, "r", 60_000)?)
+        Some(Sims::start(
+            daemon.coap,
+            n,
+            args.per_address,
+            "r",
+            60_000,
+            args.sim_threads,
+        )?)
     };
     let waited = match sims.as_mut() {
         Some(sims) => wait_registered(&api, sims, n, t0, timeout),
@@ -864,7 +878,14 @@ fn reads_run(args: &Args) -> Result<ReadRun> {
     api.open_channel()?;
     let k = args.read_devices.max(1);
     let (load, names) = if !args.read_bulk {
-        let mut sims = Sims::start(daemon.coap, k, args.per_address, "p", 60_000)?;
+        let mut sims = Sims::start(
+            daemon.coap,
+            k,
+            args.per_address,
+            "p",
+            60_000,
+            args.sim_threads,
+        )?;
         if let Err(e) = wait_registered(&api, &mut sims, k, Instant::now(), timeout) {
             sims.abandon();
             return Err(e);
@@ -1127,6 +1148,7 @@ fn notifications_run(args: &Args, webhook: bool) -> Result<NotifyRun> {
             args.per_address,
             "n",
             args.notify_interval_ms.max(1),
+            args.sim_threads,
         )?;
         if let Err(e) = wait_registered(&api, &mut sims, n, Instant::now(), timeout) {
             sims.abandon();
