@@ -20,6 +20,7 @@ pub mod coap;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod hashing;
 pub mod limits;
 pub mod log_budget;
 pub mod metrics;

@@ -9,7 +9,7 @@
 //! Architecture invariant: routes never look at headers to authorise; they name the
 //! [`Scope`] they need and the router checks it against the principal.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use connectord_plugin_sdk::auth::{
     self as proto, AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse,
 };
 
+use crate::hashing::Map;
 use crate::plugins::PluginHost;
 
 /// File in the state directory that holds the first admin key.
@@ -135,7 +136,7 @@ struct Reused {
     /// Header-name lists backends asked to be keyed by (few: one per backend at most).
     vary: Vec<Vec<String>>,
     /// Key: the vary list's index, then each header's value (or absence).
-    verdicts: HashMap<String, ReusedVerdict>,
+    verdicts: Map<String, ReusedVerdict>,
 }
 
 struct ReusedVerdict {

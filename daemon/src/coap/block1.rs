@@ -12,11 +12,12 @@
 //! forgotten [`LIFETIME`] after its first block: the memory held is bounded whatever the
 //! devices send.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, Packet, ResponseType};
+
+use crate::hashing::Map;
 
 use super::client::Block;
 use super::message::{self, Response};
@@ -52,7 +53,7 @@ struct Partial {
 /// Block1 transfers in progress.
 #[derive(Default)]
 pub struct Assemblies {
-    partial: HashMap<Key, Partial>,
+    partial: Map<Key, Partial>,
 }
 
 fn key(peer: SocketAddr, packet: &Packet) -> Key {

@@ -11,12 +11,13 @@
 //!   Block1 blocks (adapting to a smaller size the device asks for); a response with Block2
 //!   and the more-flag set is fetched block by block (GET/FETCH) up to `coap.max_body`.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use tokio::sync::mpsc;
+
+use crate::hashing::Map;
 
 use super::message;
 use super::transport::Transport;
@@ -52,8 +53,8 @@ pub enum Routed {
 /// Open exchanges, by token and by (peer, message id).
 #[derive(Debug, Default)]
 pub struct ClientState {
-    by_token: HashMap<Vec<u8>, mpsc::Sender<ClientEvent>>,
-    by_mid: HashMap<(SocketAddr, u16), Vec<u8>>,
+    by_token: Map<Vec<u8>, mpsc::Sender<ClientEvent>>,
+    by_mid: Map<(SocketAddr, u16), Vec<u8>>,
 }
 
 impl ClientState {

@@ -6,9 +6,11 @@
 //! reply is cached) and `Done` with the encoded reply afterwards. Entries live for
 //! EXCHANGE_LIFETIME; the map is bounded and the oldest entries go first.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+use crate::hashing::Map;
 
 type Key = (SocketAddr, u16);
 
@@ -34,7 +36,7 @@ struct Entry {
 /// The duplicate-detection cache.
 #[derive(Debug)]
 pub struct Dedup {
-    map: HashMap<Key, Entry>,
+    map: Map<Key, Entry>,
     order: VecDeque<(Key, Instant, u64)>,
     next_seq: u64,
     lifetime: Duration,
@@ -44,7 +46,7 @@ pub struct Dedup {
 impl Dedup {
     pub fn new(lifetime: Duration, capacity: usize) -> Dedup {
         Dedup {
-            map: HashMap::new(),
+            map: Map::default(),
             order: VecDeque::new(),
             next_seq: 0,
             lifetime,

@@ -7,7 +7,7 @@
 //! exponential backoff otherwise. Events older than `notifications.discard_after_s` (15
 //! minutes by default, as the seed says) are discarded and counted, wherever they wait.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use super::{
 };
 use crate::auth::Principal;
 use crate::config::NotificationsConfig;
+use crate::hashing::Map;
 use crate::metrics::Counters;
 use crate::registry::{RegistryEvent, RegistryListener, now_ms};
 use crate::shutdown::Shutdown;
@@ -116,7 +117,7 @@ pub struct Hub {
     sink: Arc<dyn Sink>,
     cfg: NotificationsConfig,
     counters: Arc<Counters>,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<Map<String, Channel>>,
     stop: Shutdown,
 }
 
@@ -129,7 +130,7 @@ impl Hub {
         counters: Arc<Counters>,
         stop: Shutdown,
     ) -> Result<Arc<Hub>, StoreError> {
-        let mut channels: HashMap<String, Channel> = store
+        let mut channels: Map<String, Channel> = store
             .load_channels()
             .await?
             .into_iter()
@@ -166,7 +167,7 @@ impl Hub {
         Ok(hub)
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Channel>> {
+    fn lock(&self) -> MutexGuard<'_, Map<String, Channel>> {
         self.channels.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -12,10 +12,10 @@
 //! dropped once it has counted nothing for 24 hours (swept at the first transaction of
 //! each hour), so the map holds only the domains active in the last day.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::config::LimitsConfig;
+use crate::hashing::Map;
 use crate::metrics::Counters;
 use crate::registry::now_ms;
 
@@ -72,7 +72,7 @@ pub struct Limits {
 /// The per-domain windows and the hour they were last swept in.
 #[derive(Default)]
 struct Windows {
-    map: HashMap<String, Window>,
+    map: Map<String, Window>,
     swept_hour: u64,
 }
 
@@ -91,7 +91,7 @@ impl Windows {
 /// REST request and notification comes here, and `entry` would allocate the domain's name
 /// each time.
 fn with_window<R>(
-    w: &mut HashMap<String, Window>,
+    w: &mut Map<String, Window>,
     domain: &str,
     f: impl FnOnce(&mut Window) -> R,
 ) -> R {

@@ -7,7 +7,7 @@
 
 pub mod lwm2m;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 
 use crate::coap::link_format;
 use crate::config::RegistryConfig;
+use crate::hashing::Map;
 use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::shutdown::Shutdown;
@@ -214,9 +215,9 @@ pub struct UpdateParams {
 /// memory per endpoint (docs/PERFORMANCE.md), and a lookup by name allocates nothing.
 #[derive(Default)]
 struct Inner {
-    by_id: HashMap<Box<str>, Arc<Endpoint>>,
+    by_id: Map<Box<str>, Arc<Endpoint>>,
     /// domain → name → endpoint (the same `Arc` as in `by_id`).
-    by_name: HashMap<Box<str>, HashMap<Box<str>, Arc<Endpoint>>>,
+    by_name: Map<Box<str>, Map<Box<str>, Arc<Endpoint>>>,
     /// (expires_at_ms, id), the next to expire first.
     deadlines: BTreeSet<(u64, Box<str>)>,
 }
@@ -252,7 +253,7 @@ impl Inner {
     }
 
     fn count_in(&self, domain: &str) -> usize {
-        self.by_name.get(domain).map_or(0, HashMap::len)
+        self.by_name.get(domain).map_or(0, Map::len)
     }
 }
 
@@ -682,7 +683,7 @@ impl Registry {
             .by_name
             .get(domain)
             .into_iter()
-            .flat_map(HashMap::values)
+            .flat_map(Map::values)
             .filter(|e| ept.is_none() || e.reg.ept.as_deref() == ept)
             .cloned()
             .collect();

@@ -9,7 +9,7 @@
 //! their requests when they next send a registration update; a full registration, a
 //! de-registration or an expiry cancels what is queued with a 410 async response.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use crate::coap::client::{ClientError, CoapReply, ObserveStream, OutRequest};
 use crate::coap::{Transport, content_format};
 use crate::config::RequestsConfig;
 use crate::events::{Event, Hub, Kind, async_response_body};
+use crate::hashing::Map;
 use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::registry::{Endpoint, Registry, RegistryEvent, RegistryListener, now_ms};
@@ -151,7 +152,7 @@ struct Cached {
 /// the lookup and the update made for every read borrow their strings (keys are only
 /// allocated for a resource's first value) and an endpoint's values go at once.
 #[derive(Default)]
-struct ValueCache(HashMap<String, HashMap<String, HashMap<String, Cached>>>);
+struct ValueCache(Map<String, Map<String, Map<String, Cached>>>);
 
 impl ValueCache {
     fn get(&self, domain: &str, ep: &str, path: &str) -> Option<&Cached> {
@@ -222,7 +223,7 @@ pub struct Requests {
     store: Arc<dyn Store>,
     cfg: RequestsConfig,
     counters: Arc<Counters>,
-    queues: Mutex<HashMap<EpKey, EpQueue>>,
+    queues: Mutex<Map<EpKey, EpQueue>>,
     cache: Mutex<ValueCache>,
     observations: std::sync::OnceLock<std::sync::Weak<dyn ObservationSink>>,
     limits: std::sync::OnceLock<Arc<crate::limits::Limits>>,
@@ -319,7 +320,7 @@ impl Requests {
             store,
             cfg,
             counters,
-            queues: Mutex::new(HashMap::new()),
+            queues: Mutex::new(Map::default()),
             cache: Mutex::new(ValueCache::default()),
             observations: std::sync::OnceLock::new(),
             limits: std::sync::OnceLock::new(),
@@ -372,7 +373,7 @@ impl Requests {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<EpKey, EpQueue>> {
+    fn lock(&self) -> MutexGuard<'_, Map<EpKey, EpQueue>> {
         self.queues.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -505,7 +506,8 @@ impl Requests {
             }
         };
         if start {
-            tokio::spawn(Arc::clone(self).work(key.clone()));
+            // Boxed: a large future, moved by value while spawning otherwise.
+            tokio::spawn(Box::pin(Arc::clone(self).work(key.clone())));
         }
     }
 

@@ -12,7 +12,6 @@
 use bytes::Bytes;
 use http::request::Parts;
 use http::{Method as HttpMethod, StatusCode};
-use serde_json::json;
 
 use super::endpoints::query_param;
 use super::reply::{Reply, error};
@@ -100,7 +99,12 @@ pub async fn handle(
     };
     match requests.submit(who, ep, submit).await {
         Ok(Submitted::Accepted(id)) => {
-            Reply::json(StatusCode::ACCEPTED, &json!({"async-response-id": id}))
+            #[derive(serde::Serialize)]
+            struct Accepted<'a> {
+                #[serde(rename = "async-response-id")]
+                id: &'a str,
+            }
+            Reply::json(StatusCode::ACCEPTED, &Accepted { id: &id })
         }
         Ok(Submitted::Sent) => Reply::empty(StatusCode::NO_CONTENT),
         Ok(Submitted::Cached {

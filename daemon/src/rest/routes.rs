@@ -3,6 +3,8 @@
 //! Paths are taken at `/v2/…`, `/v1/…` and unprefixed alike. Path segments are
 //! percent-decoded; an endpoint name may therefore hold any character but `/`.
 
+use std::borrow::Cow;
+
 use http::{Method, StatusCode};
 use percent_encoding::percent_decode_str;
 
@@ -47,11 +49,15 @@ pub enum Route {
 /// The percent-decoded path without its `/v1` or `/v2` prefix (`/` for the root).
 pub fn unversioned(path: &str) -> Option<String> {
     let segments = split(path)?;
-    let rest: &[String] = match segments.first().map(String::as_str) {
+    Some(format!("/{}", unprefixed(&segments).join("/")))
+}
+
+/// The segments after a `v1` or `v2` prefix (all of them without one).
+fn unprefixed<'a, 'p>(segments: &'a [Cow<'p, str>]) -> &'a [Cow<'p, str>] {
+    match segments.first().map(|s| &**s) {
         Some("v1" | "v2") => &segments[1..],
-        _ => &segments,
-    };
-    Some(format!("/{}", rest.join("/")))
+        _ => segments,
+    }
 }
 
 /// Every core route as (method, path template), the templates as the OpenAPI document
@@ -100,11 +106,7 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
             ));
         }
     };
-    let rest: &[String] = match segments.first().map(String::as_str) {
-        Some("v1" | "v2") => &segments[1..],
-        _ => &segments,
-    };
-    let parts: Vec<&str> = rest.iter().map(String::as_str).collect();
+    let parts: Vec<&str> = unprefixed(&segments).iter().map(|s| &**s).collect();
     let read = |route: Route, scope: Scope| {
         if *method == Method::GET || *method == Method::HEAD {
             Ok((route, scope))
@@ -179,16 +181,12 @@ fn method_not_allowed(allow: &str) -> Reply {
     .header(http::header::ALLOW, allow)
 }
 
-/// Non-empty, percent-decoded segments; a trailing slash is ignored.
-fn split(path: &str) -> Option<Vec<String>> {
+/// Non-empty, percent-decoded segments (borrowed from `path` unless one holds an escape);
+/// a trailing slash is ignored.
+fn split(path: &str) -> Option<Vec<Cow<'_, str>>> {
     path.split('/')
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            percent_decode_str(s)
-                .decode_utf8()
-                .ok()
-                .map(|c| c.into_owned())
-        })
+        .map(|s| percent_decode_str(s).decode_utf8().ok())
         .collect()
 }
 

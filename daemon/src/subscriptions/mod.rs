@@ -17,7 +17,7 @@
 pub mod lua;
 pub mod presub;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use crate::auth::Principal;
 use crate::coap::client::{CoapReply, ObserveStream};
 use crate::coap::content_format;
 use crate::events::{Event, Hub, Kind};
+use crate::hashing::Map;
 use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::registry::{Endpoint, Registry, RegistryEvent, RegistryListener, now_ms};
@@ -96,7 +97,7 @@ struct KeySubs {
 /// sorted, which is the order `GET /subscriptions/{ep}` lists them in. Endpoints iterate in
 /// no particular order.
 #[derive(Default)]
-struct ResourceSet(HashMap<String, BTreeSet<String>>);
+struct ResourceSet(Map<String, BTreeSet<String>>);
 
 impl ResourceSet {
     fn contains(&self, ep: &str, path: &str) -> bool {
@@ -157,8 +158,8 @@ struct Observation {
 
 #[derive(Default)]
 struct State {
-    keys: HashMap<String, KeySubs>,
-    observations: HashMap<ResKey, Observation>,
+    keys: Map<String, KeySubs>,
+    observations: Map<ResKey, Observation>,
 }
 
 impl State {
