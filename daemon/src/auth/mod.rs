@@ -9,6 +9,7 @@
 //! Architecture invariant: routes never look at headers to authorise; they name the
 //! [`Scope`] they need and the router checks it against the principal.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -149,20 +150,57 @@ struct ReusedVerdict {
 /// Most reused verdicts kept; past it they are all forgotten (they are cheap to get again).
 const MAX_REUSED: usize = 10_000;
 
-/// The key of `headers` under the vary list `i`.
-fn reuse_key(i: usize, names: &[String], headers: &BTreeMap<String, String>) -> String {
+/// The key of a request's headers under the vary list `i`; `value` gives a header's
+/// value as the backend sees it (see [`header_value`]), by lower-case name.
+fn reuse_key<'h>(
+    i: usize,
+    names: &[String],
+    value: impl Fn(&str) -> Option<Cow<'h, str>>,
+) -> String {
     let mut k = i.to_string();
     for n in names {
         k.push('\0');
-        match headers.get(n) {
+        match value(n) {
             Some(v) => {
                 k.push('=');
-                k.push_str(v);
+                k.push_str(&v);
             }
             None => k.push('-'),
         }
     }
     k
+}
+
+/// The headers as backends get them (`AuthRequest::headers`): by lower-case name, not
+/// valid UTF-8 replaced, several values of a name joined with ", " in the order they came.
+fn backend_headers(headers: &http::HeaderMap) -> BTreeMap<String, String> {
+    let mut hs: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in headers {
+        let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+        hs.entry(k.as_str().to_string())
+            .and_modify(|old| {
+                old.push_str(", ");
+                old.push_str(&v);
+            })
+            .or_insert(v);
+    }
+    hs
+}
+
+/// A header's value as a backend sees it (the value [`backend_headers`] gives it).
+fn header_value<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<Cow<'h, str>> {
+    let mut values = headers.get_all(name).iter();
+    let first = String::from_utf8_lossy(values.next()?.as_bytes());
+    let mut rest = values.peekable();
+    if rest.peek().is_none() {
+        return Some(first);
+    }
+    let mut joined = first.into_owned();
+    for v in rest {
+        joined.push_str(", ");
+        joined.push_str(&String::from_utf8_lossy(v.as_bytes()));
+    }
+    Some(Cow::Owned(joined))
 }
 
 impl AuthChain {
@@ -178,13 +216,14 @@ impl AuthChain {
         self.reused.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A verdict reused for these headers, if one is still valid.
-    fn reused(&self, headers: &BTreeMap<String, String>, epoch: u64) -> Option<Principal> {
+    /// A verdict reused for these headers, if one is still valid. Keyed straight from the
+    /// request's headers: the map handed to backends is built only when one is asked.
+    fn reused(&self, headers: &http::HeaderMap, epoch: u64) -> Option<Principal> {
         let r = self.lock_reused();
         let now = Instant::now();
         r.vary.iter().enumerate().find_map(|(i, names)| {
             r.verdicts
-                .get(&reuse_key(i, names, headers))
+                .get(&reuse_key(i, names, |n| header_value(headers, n)))
                 .filter(|v| v.epoch == epoch && v.until > now)
                 .map(|v| v.principal.clone())
         })
@@ -218,7 +257,9 @@ impl AuthChain {
             r.verdicts.clear();
         }
         r.verdicts.insert(
-            reuse_key(i, &names, headers),
+            reuse_key(i, &names, |n| {
+                headers.get(n).map(|v| Cow::Borrowed(v.as_str()))
+            }),
             ReusedVerdict {
                 principal: principal.clone(),
                 until: Instant::now() + Duration::from_millis(u64::from(ttl)),
@@ -234,22 +275,13 @@ impl AuthChain {
         path: &str,
         headers: &http::HeaderMap,
     ) -> Result<Principal, AuthError> {
-        let mut hs: BTreeMap<String, String> = BTreeMap::new();
-        for (k, v) in headers {
-            let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
-            hs.entry(k.as_str().to_string())
-                .and_modify(|old| {
-                    old.push_str(", ");
-                    old.push_str(&v);
-                })
-                .or_insert(v);
-        }
         // Read before asking: a state change while the backend answers voids the answer.
         let epoch = self.host.epoch();
-        if let Some(p) = self.reused(&hs, epoch) {
+        if let Some(p) = self.reused(headers, epoch) {
             crate::metrics::Counters::inc(&self.host.counters().auth_reused);
             return Ok(p);
         }
+        let hs = backend_headers(headers);
         let req = AuthRequest {
             method: method.to_string(),
             path: path.to_string(),
@@ -358,5 +390,35 @@ mod tests {
         for (ep, path, want) in table {
             assert_eq!(some.may_access(ep, path), want, "{ep} {path:?}");
         }
+    }
+
+    /// A reused verdict is looked up by a key made from the request's headers directly,
+    /// and stored under one made from the headers the backend got: the two must agree,
+    /// duplicate, non-UTF-8 and absent headers included.
+    #[test]
+    fn reuse_keys_from_the_request_and_from_the_backend_headers_agree() {
+        use http::header::{HeaderMap, HeaderName, HeaderValue};
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer k1"));
+        h.append("x-key", HeaderValue::from_static("a"));
+        h.append("x-key", HeaderValue::from_bytes(b"b\xff").unwrap());
+        h.append(
+            HeaderName::from_static("x-key"),
+            HeaderValue::from_static("c"),
+        );
+        let names: Vec<String> = ["authorization", "x-key", "apirdkey"]
+            .map(String::from)
+            .to_vec();
+        let given = backend_headers(&h);
+        assert_eq!(given["x-key"], "a, b\u{fffd}, c");
+        let stored = reuse_key(3, &names, |n| {
+            given.get(n).map(|v| Cow::Borrowed(v.as_str()))
+        });
+        let looked_up = reuse_key(3, &names, |n| header_value(&h, n));
+        assert_eq!(stored, looked_up);
+        assert_eq!(looked_up, "3\0=Bearer k1\0=a, b\u{fffd}, c\0-");
+        // Another credential is another key.
+        h.insert("authorization", HeaderValue::from_static("Bearer k2"));
+        assert_ne!(reuse_key(3, &names, |n| header_value(&h, n)), stored);
     }
 }

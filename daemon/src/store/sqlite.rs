@@ -282,7 +282,7 @@ fn run_batch(conn: &Connection, mut batch: Vec<Box<dyn Job>>) {
             let _ = exec_cached(conn, "RELEASE job");
         }
     }
-    let commit = conn.execute_batch("COMMIT").map_err(StoreError::from);
+    let commit = exec_cached(conn, "COMMIT");
     if let Err(e) = &commit {
         tracing::error!("store: commit failed: {e}");
         let _ = conn.execute_batch("ROLLBACK");
@@ -293,11 +293,11 @@ fn run_batch(conn: &Connection, mut batch: Vec<Box<dyn Job>>) {
 }
 
 fn begin(conn: &Connection) -> Result<(), StoreError> {
-    conn.execute_batch("BEGIN IMMEDIATE")
-        .map_err(StoreError::from)
+    exec_cached(conn, "BEGIN IMMEDIATE")
 }
 
-/// Runs a statement without parameters from the connection's statement cache.
+/// Runs a statement without parameters from the connection's statement cache (`BEGIN`
+/// and `COMMIT` of every batch too: `execute_batch` would parse them each time).
 fn exec_cached(conn: &Connection, sql: &str) -> Result<(), StoreError> {
     conn.prepare_cached(sql)?.execute([])?;
     Ok(())
