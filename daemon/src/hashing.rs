@@ -1,16 +1,13 @@
-//! The hasher of the daemon's in-memory maps.
+//! The hasher of the daemon's in-memory maps keyed by data from outside.
 //!
-//! Most keys come from outside: endpoint names and domains a device chooses, CoAP tokens,
-//! access keys. std's SipHash resists collision flooding but cost about 5 % of the
-//! daemon's CPU per proxied read (about fifty hashes of short strings a read, profiled
-//! with callgrind). aHash is keyed as well: every map gets its own random keys from the
-//! OS at creation, so collisions cannot be chosen in advance, and it hashes a short
-//! string in a fraction of SipHash's time (docs/PERFORMANCE.md).
+//! Most keys come from outside: endpoint names and domains a device chooses, CoAP tokens
+//! and peers, credential headers, access keys. std's SipHash resists collision flooding,
+//! but a proxied read hashed about fifty short strings and SipHash was about 5 % of the
+//! daemon's user-space instructions per read (callgrind, docs/PERFORMANCE.md). aHash is
+//! keyed as well: every map gets its own random keys at creation, so colliding keys cannot
+//! be chosen in advance, and it hashes a short string in a fraction of SipHash's time.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
-/// A `HashMap` hashed with per-map random keys (aHash).
+/// A `HashMap` hashed with per-map random keys (aHash's `RandomState`).
 pub type Map<K, V> = HashMap<K, V, ahash::RandomState>;
-
-/// A `HashSet` hashed with per-set random keys (aHash).
-pub type Set<K> = HashSet<K, ahash::RandomState>;

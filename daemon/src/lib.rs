@@ -9,8 +9,9 @@
 //! - [`auth`]: principals, scopes and the chain of auth backends.
 //! - [`rest`]: the HTTP API.
 //! - [`daemon`]: start-up wiring, signals, systemd readiness.
-//! - [`metrics`], [`shutdown`], [`log_budget`]: counters, the stop signal and the budget of
-//!   per-device log lines, shared by all of the above.
+//! - [`metrics`], [`shutdown`], [`log_budget`], [`hashing`]: counters, the stop signal, the
+//!   budget of per-device log lines and the hasher of maps keyed by outside data, shared by
+//!   all of the above.
 
 #![deny(unsafe_code)]
 
