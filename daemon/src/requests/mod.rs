@@ -247,13 +247,13 @@ fn new_async_id() -> String {
 /// True when the endpoint's registration lists `path`, one of its parents, or one of its
 /// children (LwM2M devices register objects and instances, not every resource).
 pub fn resource_known(ep: &Endpoint, path: &str) -> bool {
-    let want: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    // Compared segment by segment without collecting each registered path: this runs for
-    // every REST request on a resource.
-    !want.is_empty()
+    // Compared segment by segment without collecting either path: this runs for every
+    // REST request on a resource.
+    let want = || path.split('/').filter(|s| !s.is_empty());
+    want().next().is_some()
         && ep.paths().any(|(have, _)| {
             let mut have = have.split('/').filter(|s| !s.is_empty()).peekable();
-            have.peek().is_some() && want.iter().zip(have).all(|(w, h)| *w == h)
+            have.peek().is_some() && want().zip(have).all(|(w, h)| w == h)
         })
 }
 
