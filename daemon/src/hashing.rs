@@ -4,8 +4,9 @@
 //! and peers, credential headers, access keys. std's SipHash resists collision flooding,
 //! but a proxied read hashed about fifty short strings and SipHash was about 5 % of the
 //! daemon's user-space instructions per read (callgrind, docs/PERFORMANCE.md). aHash is
-//! keyed as well: every map gets its own random keys at creation, so colliding keys cannot
-//! be chosen in advance, and it hashes a short string in a fraction of SipHash's time.
+//! keyed as well, from OS randomness drawn once per process and varied per map, so
+//! colliding keys cannot be chosen in advance (its claim; aHash is not analysed as SipHash
+//! is), and it hashes a short string in a fraction of SipHash's time.
 
 use std::collections::HashMap;
 

@@ -406,7 +406,8 @@ mod tests {
             HeaderName::from_static("x-key"),
             HeaderValue::from_static("c"),
         );
-        let names: Vec<String> = ["authorization", "x-key", "apirdkey"]
+        // The last two are not valid header names: absent on both sides.
+        let names: Vec<String> = ["authorization", "x-key", "apirdkey", "x key", ""]
             .map(String::from)
             .to_vec();
         let given = backend_headers(&h);
@@ -416,7 +417,7 @@ mod tests {
         });
         let looked_up = reuse_key(3, &names, |n| header_value(&h, n));
         assert_eq!(stored, looked_up);
-        assert_eq!(looked_up, "3\0=Bearer k1\0=a, b\u{fffd}, c\0-");
+        assert_eq!(looked_up, "3\0=Bearer k1\0=a, b\u{fffd}, c\0-\0-\0-");
         // Another credential is another key.
         h.insert("authorization", HeaderValue::from_static("Bearer k2"));
         assert_ne!(reuse_key(3, &names, |n| header_value(&h, n)), stored);
