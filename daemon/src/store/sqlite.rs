@@ -2,14 +2,16 @@
 //!
 //! SQLite calls block, so they never run on the async reactor. Jobs queue on a channel;
 //! the thread takes every job waiting (up to [`MAX_BATCH`]) and runs them in one
-//! transaction, each inside its own savepoint so one failing job does not undo the others,
-//! then commits with `synchronous=FULL` and only then answers every job: group commit,
-//! durable before acknowledged.
+//! transaction (again with a savepoint per job if one fails, so that it does not undo the
+//! others: [`run_batch`]), then commits with `synchronous=FULL` and only then answers every
+//! job: group commit, durable before acknowledged.
 
+use std::cell::RefCell;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, Statement, params};
 use tokio::sync::oneshot;
 
 use super::{Pending, Store, StoreError};
@@ -96,7 +98,7 @@ const MIGRATIONS: &[&str] = &[
 trait Job: Send {
     /// Runs the operation inside the batch transaction and keeps its result; says whether
     /// it succeeded.
-    fn run(&mut self, conn: &Connection) -> bool;
+    fn run(&mut self, db: &Db<'_>) -> bool;
     /// Makes the job's result this error (it could not run in its savepoint).
     fn reject(&mut self, e: StoreError);
     /// Answers the caller once the commit outcome is known.
@@ -114,10 +116,10 @@ struct FnJob<T, F> {
 impl<T, F> Job for FnJob<T, F>
 where
     T: Send + 'static,
-    F: FnMut(&Connection) -> Result<T, StoreError> + Send,
+    F: FnMut(&Db<'_>) -> Result<T, StoreError> + Send,
 {
-    fn run(&mut self, conn: &Connection) -> bool {
-        let r = (self.f)(conn);
+    fn run(&mut self, db: &Db<'_>) -> bool {
+        let r = (self.f)(db);
         let ok = r.is_ok();
         self.result = Some(r);
         ok
@@ -181,7 +183,7 @@ impl SqliteStore {
 
     fn submit<T: Send + 'static>(
         &self,
-        f: impl FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnMut(&Db<'_>) -> Result<T, StoreError> + Send + 'static,
     ) -> Pending<T> {
         let (tx, rx) = oneshot::channel();
         match self.tx.send(Box::new(FnJob {
@@ -228,7 +230,55 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The store thread's view of the database: the connection (jobs use it through `Deref`,
+/// with the statement cache for most statements), and the statements of every proxied read
+/// and every notification, prepared once for the thread's life. Decision: through the
+/// cache each use looks the SQL text up and puts the statement back, about 3 000
+/// instructions per proxied read (callgrind, docs/PERFORMANCE.md); the thread runs one job
+/// at a time, so a `RefCell` each is enough.
+struct Db<'c> {
+    conn: &'c Connection,
+    insert_request: RefCell<Statement<'c>>,
+    delete_request: RefCell<Statement<'c>>,
+    insert_event: RefCell<Statement<'c>>,
+    delete_events_through: RefCell<Statement<'c>>,
+}
+
+impl<'c> Db<'c> {
+    fn new(conn: &'c Connection) -> Result<Db<'c>, StoreError> {
+        let prepare = |sql| conn.prepare(sql).map(RefCell::new);
+        Ok(Db {
+            conn,
+            insert_request: prepare("INSERT INTO requests (data) VALUES (?1)")?,
+            delete_request: prepare("DELETE FROM requests WHERE row = ?1")?,
+            insert_event: prepare(
+                "INSERT OR REPLACE INTO events (key_id, seq, data) VALUES (?1, ?2, ?3)",
+            )?,
+            delete_events_through: prepare("DELETE FROM events WHERE key_id = ?1 AND seq <= ?2")?,
+        })
+    }
+}
+
+impl Deref for Db<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
 fn run(conn: Connection, rx: mpsc::Receiver<Box<dyn Job>>) {
+    let db = match Db::new(&conn) {
+        Ok(db) => db,
+        Err(e) => {
+            // Cannot happen once the schema is migrated; if it does, every write fails
+            // with the reason instead of the thread dying silently.
+            tracing::error!("store: cannot prepare the store's statements: {e}");
+            while let Ok(job) = rx.recv() {
+                job.fail(&e);
+            }
+            return;
+        }
+    };
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -237,7 +287,7 @@ fn run(conn: Connection, rx: mpsc::Receiver<Box<dyn Job>>) {
                 Err(_) => break,
             }
         }
-        run_batch(&conn, batch);
+        run_batch(&db, batch);
     }
     tracing::debug!("store thread stopped");
 }
@@ -250,7 +300,7 @@ fn run(conn: Connection, rx: mpsc::Receiver<Box<dyn Job>>) {
 /// fails (rare: a constraint, a full disk), the transaction is rolled back and the batch
 /// runs again, each job inside its own savepoint, so that the failing job is undone alone
 /// and the others commit.
-fn run_batch(conn: &Connection, mut batch: Vec<Box<dyn Job>>) {
+fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>) {
     if let Err(e) = begin(conn) {
         tracing::error!("store: cannot begin a transaction: {e}");
         batch.into_iter().for_each(|job| job.fail(&e));
@@ -491,14 +541,13 @@ impl Store for SqliteStore {
 
     fn append_events(&self, events: Vec<StoredEvent>, answered: Option<u64>) -> Pending<()> {
         self.submit(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "INSERT OR REPLACE INTO events (key_id, seq, data) VALUES (?1, ?2, ?3)",
-            )?;
+            let mut stmt = conn.insert_event.borrow_mut();
             for e in &events {
                 stmt.execute(params![e.key_id, e.seq as i64, to_json(e)?])?;
             }
             if let Some(row) = answered {
-                conn.prepare_cached("DELETE FROM requests WHERE row = ?1")?
+                conn.delete_request
+                    .borrow_mut()
                     .execute(params![row as i64])?;
             }
             Ok(())
@@ -507,7 +556,8 @@ impl Store for SqliteStore {
 
     fn delete_events_through(&self, key_id: String, seq: u64) -> Pending<()> {
         self.submit(move |conn| {
-            conn.prepare_cached("DELETE FROM events WHERE key_id = ?1 AND seq <= ?2")?
+            conn.delete_events_through
+                .borrow_mut()
                 .execute(params![key_id, seq as i64])?;
             Ok(())
         })
@@ -533,7 +583,8 @@ impl Store for SqliteStore {
             // a number can come back after the largest row was deleted; that row's job
             // was answered by then (jobs run in submission order), and nothing else
             // refers to it.
-            conn.prepare_cached("INSERT INTO requests (data) VALUES (?1)")?
+            conn.insert_request
+                .borrow_mut()
                 .execute(params![to_json(&job)?])?;
             Ok(conn.last_insert_rowid() as u64)
         })
@@ -541,7 +592,8 @@ impl Store for SqliteStore {
 
     fn delete_request(&self, row: u64) -> Pending<()> {
         self.submit(move |conn| {
-            conn.prepare_cached("DELETE FROM requests WHERE row = ?1")?
+            conn.delete_request
+                .borrow_mut()
                 .execute(params![row as i64])?;
             Ok(())
         })
@@ -760,7 +812,7 @@ mod tests {
         runs: Arc<std::sync::atomic::AtomicUsize>,
     ) -> (Box<dyn Job>, oneshot::Receiver<Result<(), StoreError>>) {
         let (tx, rx) = oneshot::channel();
-        let f = move |conn: &Connection| {
+        let f = move |conn: &Db<'_>| {
             runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             conn.execute(
                 "INSERT INTO registrations (id, domain, name, data) VALUES (?1, 'd', ?1, '{}')",
@@ -795,11 +847,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
         migrate(&conn).unwrap();
+        let db = Db::new(&conn).unwrap();
 
         let counts: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
         let (a, ra) = counted_insert("a", false, Arc::clone(&counts[0]));
         let (b, rb) = counted_insert("b", false, Arc::clone(&counts[1]));
-        run_batch(&conn, vec![a, b]);
+        run_batch(&db, vec![a, b]);
         ra.await.unwrap().unwrap();
         rb.await.unwrap().unwrap();
         assert_eq!(counts[0].load(Ordering::SeqCst), 1, "no failure: one run");
@@ -809,7 +862,7 @@ mod tests {
         let (c, rc) = counted_insert("c", false, Arc::clone(&counts[0]));
         let (x, rx) = counted_insert("x", true, Arc::clone(&counts[1]));
         let (d, rd) = counted_insert("d", false, Arc::clone(&counts[2]));
-        run_batch(&conn, vec![c, x, d]);
+        run_batch(&db, vec![c, x, d]);
         rc.await.unwrap().unwrap();
         assert!(
             rx.await.unwrap().is_err(),
