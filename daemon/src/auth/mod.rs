@@ -141,7 +141,8 @@ struct Reused {
 }
 
 struct ReusedVerdict {
-    principal: Principal,
+    /// Shared with every request it authenticates (cloning a `Principal` allocates).
+    principal: Arc<Principal>,
     until: Instant,
     /// [`PluginHost::epoch`] when the backend was asked: any other epoch voids it.
     epoch: u64,
@@ -218,14 +219,14 @@ impl AuthChain {
 
     /// A verdict reused for these headers, if one is still valid. Keyed straight from the
     /// request's headers: the map handed to backends is built only when one is asked.
-    fn reused(&self, headers: &http::HeaderMap, epoch: u64) -> Option<Principal> {
+    fn reused(&self, headers: &http::HeaderMap, epoch: u64) -> Option<Arc<Principal>> {
         let r = self.lock_reused();
         let now = Instant::now();
         r.vary.iter().enumerate().find_map(|(i, names)| {
             r.verdicts
                 .get(&reuse_key(i, names, |n| header_value(headers, n)))
                 .filter(|v| v.epoch == epoch && v.until > now)
-                .map(|v| v.principal.clone())
+                .map(|v| Arc::clone(&v.principal))
         })
     }
 
@@ -233,7 +234,7 @@ impl AuthChain {
         &self,
         hint: &proto::VerdictCache,
         headers: &BTreeMap<String, String>,
-        principal: &Principal,
+        principal: &Arc<Principal>,
         epoch: u64,
     ) {
         let ttl = hint.ttl_ms.min(proto::MAX_VERDICT_TTL_MS);
@@ -261,7 +262,7 @@ impl AuthChain {
                 headers.get(n).map(|v| Cow::Borrowed(v.as_str()))
             }),
             ReusedVerdict {
-                principal: principal.clone(),
+                principal: Arc::clone(principal),
                 until: Instant::now() + Duration::from_millis(u64::from(ttl)),
                 epoch,
             },
@@ -274,7 +275,7 @@ impl AuthChain {
         method: &http::Method,
         path: &str,
         headers: &http::HeaderMap,
-    ) -> Result<Principal, AuthError> {
+    ) -> Result<Arc<Principal>, AuthError> {
         // Read before asking: a state change while the backend answers voids the answer.
         let epoch = self.host.epoch();
         if let Some(p) = self.reused(headers, epoch) {
@@ -299,13 +300,13 @@ impl AuthChain {
             match verdict {
                 AuthVerdict::NotMine => continue,
                 AuthVerdict::Accepted { principal, cache } => {
-                    let p = Principal {
+                    let p = Arc::new(Principal {
                         backend: name.clone(),
                         key_id: principal.key_id,
                         domain: principal.domain,
                         scopes: principal.scopes,
                         allow: principal.allow,
-                    };
+                    });
                     if let Some(hint) = &cache {
                         self.keep(hint, &req.headers, &p, epoch);
                     }

@@ -231,17 +231,25 @@ pub struct Requests {
 
 /// A fresh async-response id: a number and a random UUID, as the seed's examples show.
 fn new_async_id() -> String {
-    let b: [u8; 16] = rand::random();
-    let h = hex::encode(b);
-    format!(
-        "{}#{}-{}-{}-{}-{}",
-        u32::from_be_bytes([b[0], b[1], b[2], b[3]]) >> 1,
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    async_id_from(rand::random())
+}
+
+/// The async-response id of 16 random bytes: `{first four bytes as a number >> 1}#{the
+/// bytes as a UUID}`. Written by hand: `hex` and `format!` made it about 3 500
+/// instructions, once for every request (callgrind).
+fn async_id_from(b: [u8; 16]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = (u32::from_be_bytes([b[0], b[1], b[2], b[3]]) >> 1).to_string();
+    id.reserve(37);
+    id.push('#');
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            id.push('-');
+        }
+        id.push(char::from(HEX[usize::from(byte >> 4)]));
+        id.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    id
 }
 
 /// True when the endpoint's registration lists `path`, one of its parents, or one of its
@@ -801,6 +809,38 @@ mod tests {
         ] {
             assert_eq!(resource_known(&ep, path), known, "{path}");
         }
+    }
+
+    /// The id has the seed's shape, and the same text the `hex` + `format!` version made.
+    #[test]
+    fn async_ids_are_a_number_and_a_uuid() {
+        for b in [
+            [0u8; 16],
+            [0xff; 16],
+            std::array::from_fn(|i| (i as u8).wrapping_mul(17).wrapping_add(3)),
+        ] {
+            let h = hex::encode(b);
+            let before = format!(
+                "{}#{}-{}-{}-{}-{}",
+                u32::from_be_bytes([b[0], b[1], b[2], b[3]]) >> 1,
+                &h[0..8],
+                &h[8..12],
+                &h[12..16],
+                &h[16..20],
+                &h[20..32]
+            );
+            assert_eq!(async_id_from(b), before);
+        }
+        assert_eq!(
+            async_id_from([0xff; 16]),
+            "2147483647#ffffffff-ffff-ffff-ffff-ffffffffffff"
+        );
+        let a = new_async_id();
+        assert_ne!(a, new_async_id());
+        let (n, uuid) = a.split_once('#').unwrap();
+        assert!(n.parse::<u32>().is_ok(), "{a}");
+        let groups: Vec<usize> = uuid.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{a}");
     }
 
     #[test]

@@ -368,7 +368,7 @@ fn body_timeout() -> Reply {
 
 /// Authenticates a request through the auth chain: 401 (with `WWW-Authenticate`) when no
 /// backend accepts it, 503 when a backend cannot answer.
-async fn authenticate(state: &AppState, req: &Request<Incoming>) -> Result<Principal, Reply> {
+async fn authenticate(state: &AppState, req: &Request<Incoming>) -> Result<Arc<Principal>, Reply> {
     match state
         .auth
         .authenticate(req.method(), req.uri().path(), req.headers())

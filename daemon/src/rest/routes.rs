@@ -52,6 +52,16 @@ pub fn unversioned(path: &str) -> Option<String> {
     Some(format!("/{}", unprefixed(&segments).join("/")))
 }
 
+/// `/a/b/c` of the segments `a`, `b`, `c`.
+fn slash_joined(segments: &[&str]) -> String {
+    let mut path = String::with_capacity(segments.iter().map(|s| s.len() + 1).sum());
+    for s in segments {
+        path.push('/');
+        path.push_str(s);
+    }
+    path
+}
+
 /// The segments after a `v1` or `v2` prefix (all of them without one).
 fn unprefixed<'a, 'p>(segments: &'a [Cow<'p, str>]) -> &'a [Cow<'p, str>] {
     match segments.first().map(|s| &**s) {
@@ -122,7 +132,7 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
         ["endpoints", name, rest @ ..] => {
             let route = Route::Resource {
                 ep: (*name).to_string(),
-                path: format!("/{}", rest.join("/")),
+                path: slash_joined(rest),
             };
             match *method {
                 Method::GET => Ok((route, Scope::ResourcesRead)),
@@ -153,7 +163,7 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
         ["subscriptions", ep, rest @ ..] => {
             let route = Route::Subscription {
                 ep: (*ep).to_string(),
-                path: format!("/{}", rest.join("/")),
+                path: slash_joined(rest),
             };
             match *method {
                 Method::GET => Ok((route, Scope::SubscriptionsRead)),
