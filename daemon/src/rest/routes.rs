@@ -194,8 +194,13 @@ fn method_not_allowed(allow: &str) -> Reply {
 /// Non-empty, percent-decoded segments (borrowed from `path` unless one holds an escape);
 /// a trailing slash is ignored.
 fn split(path: &str) -> Option<Vec<Cow<'_, str>>> {
-    path.split('/')
-        .filter(|s| !s.is_empty())
+    let segments = path.split('/').filter(|s| !s.is_empty());
+    if !path.contains('%') {
+        // Nothing to decode (nearly every request): skip the decoder's scan and UTF-8
+        // check of each segment.
+        return Some(segments.map(Cow::Borrowed).collect());
+    }
+    segments
         .map(|s| percent_decode_str(s).decode_utf8().ok())
         .collect()
 }
