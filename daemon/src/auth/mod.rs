@@ -11,6 +11,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -159,7 +160,7 @@ fn reuse_key<'h>(
     value: impl Fn(&str) -> Option<Cow<'h, str>>,
 ) -> String {
     let mut k = String::with_capacity(64);
-    k.push_str(&i.to_string());
+    let _ = write!(k, "{i}");
     for n in names {
         k.push('\0');
         match value(n) {

@@ -52,8 +52,10 @@ pub fn unversioned(path: &str) -> Option<String> {
     Some(format!("/{}", unprefixed(&segments).join("/")))
 }
 
-/// `/a/b/c` of the segments `a`, `b`, `c`.
+/// `/a/b/c` of the segments `a`, `b`, `c` (never called with none: the routes that take a
+/// resource path match only when one segment follows the endpoint name).
 fn slash_joined(segments: &[&str]) -> String {
+    debug_assert!(!segments.is_empty());
     let mut path = String::with_capacity(segments.iter().map(|s| s.len() + 1).sum());
     for s in segments {
         path.push('/');

@@ -166,13 +166,17 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&conn)?;
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
+        // The thread prepares its statements first and says whether it could: a store
+        // that cannot run them fails here, not at its first write.
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), StoreError>>(1);
         std::thread::Builder::new()
             .name("store".into())
-            .spawn(move || run(conn, rx))
+            .spawn(move || run(conn, rx, ready_tx))
             .map_err(|e| StoreError::Dir {
                 path: dir.to_path_buf(),
                 source: e,
             })?;
+        ready_rx.recv().unwrap_or(Err(StoreError::Closed))?;
         Ok(SqliteStore { tx, path })
     }
 
@@ -266,19 +270,20 @@ impl Deref for Db<'_> {
     }
 }
 
-fn run(conn: Connection, rx: mpsc::Receiver<Box<dyn Job>>) {
+fn run(
+    conn: Connection,
+    rx: mpsc::Receiver<Box<dyn Job>>,
+    ready: mpsc::SyncSender<Result<(), StoreError>>,
+) {
     let db = match Db::new(&conn) {
         Ok(db) => db,
         Err(e) => {
-            // Cannot happen once the schema is migrated; if it does, every write fails
-            // with the reason instead of the thread dying silently.
-            tracing::error!("store: cannot prepare the store's statements: {e}");
-            while let Ok(job) = rx.recv() {
-                job.fail(&e);
-            }
+            // `open` returns this error; nothing was queued yet.
+            let _ = ready.send(Err(e));
             return;
         }
     };
+    let _ = ready.send(Ok(()));
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
