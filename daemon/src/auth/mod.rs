@@ -179,7 +179,7 @@ fn reuse_key<'h>(
 fn backend_headers(headers: &http::HeaderMap) -> BTreeMap<String, String> {
     let mut hs: BTreeMap<String, String> = BTreeMap::new();
     for (k, v) in headers {
-        let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+        let v = lossy(v.as_bytes()).into_owned();
         hs.entry(k.as_str().to_string())
             .and_modify(|old| {
                 old.push_str(", ");

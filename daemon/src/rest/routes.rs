@@ -48,18 +48,18 @@ pub enum Route {
 
 /// The percent-decoded path without its `/v1` or `/v2` prefix (`/` for the root).
 pub fn unversioned(path: &str) -> Option<String> {
-    let segments = split(path)?;
-    Some(format!("/{}", unprefixed(&segments).join("/")))
+    Some(slash_joined(unprefixed(&split(path)?)))
 }
 
-/// `/a/b/c` of the segments `a`, `b`, `c` (never called with none: the routes that take a
-/// resource path match only when one segment follows the endpoint name).
-fn slash_joined(segments: &[&str]) -> String {
-    debug_assert!(!segments.is_empty());
-    let mut path = String::with_capacity(segments.iter().map(|s| s.len() + 1).sum());
+/// `/a/b/c` of the segments `a`, `b`, `c`; `/` of none.
+fn slash_joined<S: AsRef<str>>(segments: &[S]) -> String {
+    if segments.is_empty() {
+        return "/".into();
+    }
+    let mut path = String::with_capacity(segments.iter().map(|s| s.as_ref().len() + 1).sum());
     for s in segments {
         path.push('/');
-        path.push_str(s);
+        path.push_str(s.as_ref());
     }
     path
 }
