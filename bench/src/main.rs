@@ -29,6 +29,12 @@ use serde_json::{Value, json};
 
 mod peer;
 
+/// The daemon's allocator in the load generator too: its simulated devices, HTTP clients
+/// and long-poll reader allocate per message on several threads, as the daemon does, and
+/// the generator's CPU shares the cores with the daemon's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Benchmarks of the real connectord daemon over loopback.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -383,6 +389,31 @@ fn check_fds(devices: usize) -> Result<()> {
 // ----------------------------------------------------------------------------------------
 
 /// A keep-alive HTTP/1.1 client of one daemon.
+/// Resolves the IP literals the bench's URLs carry without a lookup. ureq's default
+/// resolver, given a timeout, starts a thread per request to bound the lookup: one per
+/// long-poll, which showed up as thread creation in the generator's profile.
+#[derive(Debug)]
+struct LiteralResolver;
+
+impl ureq::unversioned::resolver::Resolver for LiteralResolver {
+    fn resolve(
+        &self,
+        uri: &http::Uri,
+        _config: &ureq::config::Config,
+        _timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let host = uri.host().ok_or(ureq::Error::HostNotFound)?;
+        let ip: std::net::IpAddr = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| ureq::Error::HostNotFound)?;
+        let mut addrs = self.empty();
+        addrs.push(SocketAddr::new(ip, uri.port_u16().unwrap_or(80)));
+        Ok(addrs)
+    }
+}
+
 struct Api {
     base: String,
     auth: String,
@@ -395,11 +426,14 @@ impl Api {
         Api {
             base: format!("http://{rest}"),
             auth: format!("Bearer {key}"),
-            agent: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(timeout))
-                .build()
-                .into(),
+            agent: ureq::Agent::with_parts(
+                ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(timeout))
+                    .build(),
+                ureq::unversioned::transport::DefaultConnector::new(),
+                LiteralResolver,
+            ),
         }
     }
 
