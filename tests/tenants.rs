@@ -146,6 +146,36 @@ fn limits_count_transactions_and_refuse_over_the_quota() {
     assert!(d.metric("limits_refused_total") >= 3);
 }
 
+/// The last 24 hours' counts outlive the process: saved at a clean stop, and every
+/// `save_interval_ms` against a crash. A restart is no way round the quota.
+#[test]
+fn limits_counts_survive_a_restart_and_a_crash() {
+    let d = Prepared::new(
+        "",
+        "[limits]\ntransaction_quota = 4\nsave_interval_ms = 50\n",
+    )
+    .start();
+    let mut dev = d.device();
+    let id = dev.register(&["ep=kept", "lt=300"], "</3/0>"); // 1
+    assert_eq!(dev.update(&id, &[], None), ResponseType::Changed); // 2
+    let d = d.stop_and_restart();
+    assert_eq!(d.get("/v2/limits").json()["transaction-count"], 2);
+    // The daemon came back on another port; the device follows it.
+    dev.server = d.coap;
+    assert_eq!(dev.update(&id, &[], None), ResponseType::Changed); // 3
+    // Twenty save intervals: the count is stored before the crash.
+    std::thread::sleep(Duration::from_secs(1));
+    let d = d.crash_and_restart();
+    assert_eq!(d.get("/v2/limits").json()["transaction-count"], 3);
+    dev.server = d.coap;
+    assert_eq!(dev.update(&id, &[], None), ResponseType::Changed); // 4
+    assert_eq!(
+        dev.update(&id, &[], None),
+        ResponseType::TooManyRequests,
+        "the quota counts across restarts"
+    );
+}
+
 /// `POST /api/cert`: a device certificate for a P-256 public key, signed by the daemon's
 /// CA (checked with openssl).
 #[test]

@@ -134,6 +134,8 @@ pub async fn run(
         config.registry.max_endpoints_per_domain,
         Arc::clone(&counters),
     ));
+    let restored = limits.restore(store.load_hour_counts().await?);
+    tracing::info!("loaded {restored} hourly transaction counts of the traffic limits");
     registry.set_limits(Arc::clone(&limits));
     requests.set_limits(Arc::clone(&limits));
     subscriptions.set_limits(Arc::clone(&limits));
@@ -150,6 +152,11 @@ pub async fn run(
     tasks.push(tokio::spawn(Arc::clone(&registry).run_expiry(stop.clone())));
     tasks.push(tokio::spawn(Arc::clone(&hub).run_sweeper(stop.clone())));
     tasks.push(tokio::spawn(crate::log_budget::run_summaries(stop.clone())));
+    tasks.push(tokio::spawn(Arc::clone(&limits).run_saver(
+        Arc::clone(&store),
+        Duration::from_millis(config.limits.save_interval_ms),
+        stop.clone(),
+    )));
     if let Some(t) = lua.watch(stop.clone()) {
         tasks.push(t);
     }
@@ -165,7 +172,7 @@ pub async fn run(
         hub,
         subscriptions,
         plugins: Arc::clone(&plugins),
-        limits,
+        limits: Arc::clone(&limits),
         ca: Arc::new(crate::certs::CertAuthority::load_or_create(&state_dir)?),
         max_body: config.requests.max_body,
         long_poll: Duration::from_secs(config.notifications.long_poll_s),
@@ -195,6 +202,8 @@ pub async fn run(
     for t in tasks {
         let _ = t.await;
     }
+    // Every task that counts transactions has stopped.
+    limits.save_now(store.as_ref()).await;
     plugins.shutdown();
     tracing::info!("stopped");
     Ok(())

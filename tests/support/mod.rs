@@ -207,6 +207,18 @@ impl Daemon {
         None
     }
 
+    /// SIGTERM, a clean exit, then start again on the same state directory and
+    /// configuration.
+    pub fn stop_and_restart(mut self) -> Daemon {
+        self.signal("TERM");
+        assert_eq!(
+            self.wait_exit(Duration::from_secs(15)),
+            Some(0),
+            "a clean stop on SIGTERM"
+        );
+        Daemon::spawn(Arc::clone(&self.dir), self.config_path.clone(), &[])
+    }
+
     /// `kill -9`, then start again on the same state directory and configuration.
     pub fn crash_and_restart(mut self) -> Daemon {
         if let Some(mut c) = self.child.take() {

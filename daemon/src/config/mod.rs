@@ -105,12 +105,16 @@ pub struct LimitsConfig {
     /// removals and notifications, outgoing resource and subscription requests. The
     /// endpoint quota is `registry.max_endpoints_per_domain`.
     pub transaction_quota: u64,
+    /// How often the counts that changed are written to the store. A restart goes on
+    /// with the stored day; a crash loses at most this much of counting.
+    pub save_interval_ms: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             transaction_quota: 100_000_000,
+            save_interval_ms: 5000,
         }
     }
 }
@@ -548,6 +552,12 @@ impl Config {
             return Err(invalid(
                 "limits.transaction_quota",
                 "must be at least 1".into(),
+            ));
+        }
+        if !(10..=3_600_000).contains(&self.limits.save_interval_ms) {
+            return Err(invalid(
+                "limits.save_interval_ms",
+                "must be between 10 and 3600000".into(),
             ));
         }
         if self.lua.memory_limit_kb < 256 {

@@ -130,6 +130,18 @@ fn range_errors_name_the_key() {
             "[notifications]\nretry_initial_ms = 5\nretry_max_ms = 1\n",
             "notifications.retry_initial_ms",
         ),
+        (
+            "[limits]\ntransaction_quota = 0\n",
+            "limits.transaction_quota",
+        ),
+        (
+            "[limits]\nsave_interval_ms = 5\n",
+            "limits.save_interval_ms",
+        ),
+        (
+            "[limits]\nsave_interval_ms = 3600001\n",
+            "limits.save_interval_ms",
+        ),
     ];
     for (text, key) in cases {
         match Config::parse(text, Source::Embedded) {

@@ -8,16 +8,26 @@
 //! subscription requests get 429, registrations and updates get CoAP 4.29, notifications
 //! from devices are dropped (counted in `connectord_limits_refused_total`); removals are
 //! counted but never refused. The endpoint quota is `registry.max_endpoints_per_domain`.
-//! Counts are kept in memory: a restart starts the day afresh. A domain's counter is
-//! dropped once it has counted nothing for 24 hours (swept at the first transaction of
-//! each hour), so the map holds only the domains active in the last day.
+//! A domain's counter is dropped once it has counted nothing for 24 hours (swept at the
+//! first transaction of each hour), so the map holds only the domains active in the last
+//! day.
+//!
+//! Counting is in memory (every REST request and notification comes here, and a store
+//! write each would be a second durable write per proxied read); [`Limits::run_saver`]
+//! writes the hours of the domains that counted something every `[limits]
+//! save_interval_ms` and once more at shutdown, and [`Limits::restore`] reads them back
+//! at start. Decision: a restart goes on with the stored 24 hours, and a crash loses at
+//! most one interval of counting: a bounded under-count of a quota, not data.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::config::LimitsConfig;
 use crate::hashing::Map;
 use crate::metrics::Counters;
 use crate::registry::now_ms;
+use crate::shutdown::Shutdown;
+use crate::store::Store;
 
 const HOUR_MS: u64 = 3_600_000;
 
@@ -28,10 +38,20 @@ pub struct OverQuota {
     pub quota: u64,
 }
 
+/// One domain's transactions in one hour (hours since the Unix epoch), as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HourCount {
+    pub domain: String,
+    pub hour: u64,
+    pub count: u64,
+}
+
 #[derive(Default)]
 struct Window {
     /// (hour number, transactions in that hour), at most 24 entries.
     buckets: Vec<(u64, u64)>,
+    /// Counted since its hours were last handed to the saver.
+    dirty: bool,
 }
 
 impl Window {
@@ -41,6 +61,7 @@ impl Window {
     }
 
     fn add(&mut self, hour: u64, n: u64) {
+        self.dirty = true;
         match self.buckets.iter_mut().find(|(h, _)| *h == hour) {
             Some((_, c)) => *c += n,
             None => self.buckets.push((hour, n)),
@@ -148,6 +169,99 @@ impl Limits {
         })
     }
 
+    /// Puts stored counts back (at start, before anything counts); hours that left the
+    /// 24-hour window are ignored. Restored counts are not dirty: they are stored already.
+    pub fn restore(&self, counts: Vec<HourCount>) -> usize {
+        self.restore_at(counts, Limits::hour())
+    }
+
+    fn restore_at(&self, counts: Vec<HourCount>, hour: u64) -> usize {
+        let mut w = self.lock();
+        let mut n = 0;
+        for c in counts {
+            if c.hour + 24 > hour && c.hour <= hour {
+                let win = w.map.entry(c.domain).or_default();
+                win.add(c.hour, c.count);
+                win.dirty = false;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The hours of every domain that counted something since the last call, and clears
+    /// their dirty marks.
+    fn take_dirty(&self, hour: u64) -> Vec<HourCount> {
+        let mut w = self.lock();
+        let mut out = Vec::new();
+        for (domain, win) in w.map.iter_mut().filter(|(_, win)| win.dirty) {
+            win.dirty = false;
+            win.total(hour);
+            out.extend(win.buckets.iter().map(|&(h, count)| HourCount {
+                domain: domain.clone(),
+                hour: h,
+                count,
+            }));
+        }
+        out
+    }
+
+    /// Marks these domains dirty again (their save failed; the next one retries).
+    fn mark_dirty(&self, counts: &[HourCount]) {
+        let mut w = self.lock();
+        for c in counts {
+            if let Some(win) = w.map.get_mut(&c.domain) {
+                win.dirty = true;
+            }
+        }
+    }
+
+    /// Writes what changed now (the daemon calls it once more after its other tasks have
+    /// stopped, so that nothing counted while they stopped is lost).
+    pub async fn save_now(&self, store: &dyn Store) {
+        self.save(store, Limits::hour()).await;
+    }
+
+    /// Writes what changed, and removes stored hours older than the window.
+    async fn save(&self, store: &dyn Store, hour: u64) {
+        let counts = self.take_dirty(hour);
+        if let Err(e) = store
+            .save_hour_counts(counts.clone(), hour.saturating_sub(23))
+            .await
+        {
+            tracing::error!(
+                "limits: cannot save the transaction counts (retried at the next interval): {e}"
+            );
+            self.mark_dirty(&counts);
+        }
+    }
+
+    /// Saves the counts that changed every `every`, until `stop` fires (then the daemon
+    /// calls [`Limits::save_now`]).
+    pub async fn run_saver(
+        self: Arc<Self>,
+        store: Arc<dyn Store>,
+        every: Duration,
+        mut stop: Shutdown,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut saved_hour = None;
+        loop {
+            tokio::select! {
+                _ = stop.recv() => return,
+                _ = tick.tick() => {}
+            }
+            let hour = Limits::hour();
+            // Nothing changed and the hour is the same: nothing to write or to drop.
+            let dirty = self.lock().map.values().any(|w| w.dirty);
+            if dirty || saved_hour != Some(hour) {
+                self.save(store.as_ref(), hour).await;
+                saved_hour = Some(hour);
+            }
+        }
+    }
+
     /// The domain's counts; `endpoints` is its number of registered endpoints now.
     pub fn snapshot(&self, domain: &str, endpoints: usize) -> Snapshot {
         let hour = Limits::hour();
@@ -175,6 +289,7 @@ mod tests {
         let l = Limits::new(
             &LimitsConfig {
                 transaction_quota: 3,
+                ..LimitsConfig::default()
             },
             10,
             Arc::new(Counters::default()),
@@ -220,6 +335,55 @@ mod tests {
             [(124, 1)],
             "hour 123 left c's window"
         );
+    }
+
+    #[test]
+    fn dirty_domains_hand_over_their_hours_once_and_restored_ones_are_clean() {
+        let l = Limits::new(&LimitsConfig::default(), 10, Arc::new(Counters::default()));
+        let restored = l.restore_at(
+            vec![
+                HourCount {
+                    domain: "old".into(),
+                    hour: 76,
+                    count: 9,
+                },
+                HourCount {
+                    domain: "a".into(),
+                    hour: 90,
+                    count: 3,
+                },
+                HourCount {
+                    domain: "b".into(),
+                    hour: 99,
+                    count: 2,
+                },
+                HourCount {
+                    domain: "future".into(),
+                    hour: 101,
+                    count: 1,
+                },
+            ],
+            100,
+        );
+        assert_eq!(restored, 2, "hour 76 left the day, hour 101 is not yet");
+        assert!(l.take_dirty(100).is_empty(), "restored counts are stored");
+        l.take_at("a", 100).unwrap();
+        l.count_at("c", 100);
+        let mut d = l.take_dirty(100);
+        d.sort_by(|x, y| (&x.domain, x.hour).cmp(&(&y.domain, y.hour)));
+        let got: Vec<(&str, u64, u64)> = d
+            .iter()
+            .map(|c| (c.domain.as_str(), c.hour, c.count))
+            .collect();
+        assert_eq!(got, [("a", 90, 3), ("a", 100, 1), ("c", 100, 1)]);
+        assert!(l.take_dirty(100).is_empty(), "handed over once");
+        l.mark_dirty(&d);
+        assert_eq!(
+            l.take_dirty(100).len(),
+            3,
+            "a failed save hands them over again"
+        );
+        assert_eq!(l.lock().map.get_mut("b").unwrap().total(100), 2);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 use tokio::sync::oneshot;
 
 use crate::events::{ChannelRecord, StoredEvent};
+use crate::limits::HourCount;
 use crate::registry::Registration;
 use crate::requests::Job;
 use crate::subscriptions::{PresubRecord, SubscriptionRecord};
@@ -129,4 +130,10 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces a key's pre-subscription rules and removes all its subscriptions, in one
     /// transaction (the seed: changing pre-subscriptions removes existing subscriptions).
     fn replace_presubscriptions(&self, rec: PresubRecord) -> Pending<()>;
+
+    /// Every stored hourly transaction count of the traffic limits.
+    fn load_hour_counts(&self) -> Pending<Vec<HourCount>>;
+    /// Stores these hourly counts (each replaces the stored count of its domain and hour)
+    /// and removes the counts of hours before `keep_from`, in one transaction.
+    fn save_hour_counts(&self, counts: Vec<HourCount>, keep_from: u64) -> Pending<()>;
 }

@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 
 use super::{Pending, Store, StoreError};
 use crate::events::{ChannelRecord, StoredEvent};
+use crate::limits::HourCount;
 use crate::registry::Registration;
 use crate::requests::Job as RequestJob;
 use crate::subscriptions::{PresubRecord, SubscriptionRecord};
@@ -28,8 +29,8 @@ pub const DB_FILE: &str = "connectord.db";
 
 /// Versioned schema migrations; `PRAGMA user_version` is the number applied.
 const MIGRATIONS: &[&str] = &[
-    // 1: registrations and access keys (the access_keys table is unused since auth
-    // backends became plugins, which keep their keys in plugin_state).
+    // 1: registrations and access keys (the access_keys table was unused once auth
+    // backends became plugins, which keep their keys in plugin_state; 6 drops it).
     "CREATE TABLE registrations (
         id TEXT PRIMARY KEY,
         domain TEXT NOT NULL,
@@ -88,6 +89,15 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO requests_by_row (data) SELECT data FROM requests ORDER BY rowid;
     DROP TABLE requests;
     ALTER TABLE requests_by_row RENAME TO requests;",
+    // 6: the traffic limits' hourly transaction counts per domain, so that a restart goes
+    // on with the last 24 hours instead of a new day; the unused access_keys table goes.
+    "CREATE TABLE limit_counts (
+        domain TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (domain, hour)
+    ) WITHOUT ROWID;
+    DROP TABLE access_keys;",
 ];
 
 /// One queued operation.
@@ -409,6 +419,48 @@ fn load_json_keyed<T: serde::de::DeserializeOwned>(
 }
 
 impl Store for SqliteStore {
+    fn load_hour_counts(&self) -> Pending<Vec<HourCount>> {
+        self.submit(|conn| {
+            let mut stmt = conn.prepare("SELECT domain, hour, count FROM limit_counts")?;
+            let mut rows = stmt.query([])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let (domain, hour, count): (String, i64, i64) =
+                    (row.get(0)?, row.get(1)?, row.get(2)?);
+                match (u64::try_from(hour), u64::try_from(count)) {
+                    (Ok(hour), Ok(count)) => out.push(HourCount {
+                        domain,
+                        hour,
+                        count,
+                    }),
+                    _ => tracing::error!(
+                        "store: skipping unreadable limit count of domain {domain:?} (hour {hour}, count {count})"
+                    ),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn save_hour_counts(&self, counts: Vec<HourCount>, keep_from: u64) -> Pending<()> {
+        self.submit(move |conn| {
+            let mut put = conn.prepare_cached(
+                "INSERT INTO limit_counts (domain, hour, count) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (domain, hour) DO UPDATE SET count = excluded.count",
+            )?;
+            for c in &counts {
+                put.execute(params![
+                    c.domain,
+                    i64::try_from(c.hour).unwrap_or(i64::MAX),
+                    i64::try_from(c.count).unwrap_or(i64::MAX)
+                ])?;
+            }
+            conn.prepare_cached("DELETE FROM limit_counts WHERE hour < ?1")?
+                .execute(params![i64::try_from(keep_from).unwrap_or(i64::MAX)])?;
+            Ok(())
+        })
+    }
+
     fn plugin_state_get(&self, plugin: String, key: String) -> Pending<Option<Vec<u8>>> {
         self.submit(move |conn| {
             Ok(conn
@@ -807,6 +859,67 @@ mod tests {
             .map(|j| j.id)
             .collect();
         assert_eq!(ids, vec!["c", "a", "b"]);
+    }
+
+    fn hc(domain: &str, hour: u64, count: u64) -> HourCount {
+        HourCount {
+            domain: domain.into(),
+            hour,
+            count,
+        }
+    }
+
+    #[tokio::test]
+    async fn hour_counts_are_replaced_by_domain_and_hour_and_old_hours_go() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SqliteStore::open(dir.path()).unwrap();
+            s.save_hour_counts(vec![hc("a", 100, 5), hc("a", 101, 1), hc("b", 101, 2)], 90)
+                .await
+                .unwrap();
+            // a's hour 101 counted on; hour 100 leaves the window.
+            s.save_hour_counts(vec![hc("a", 101, 4)], 101)
+                .await
+                .unwrap();
+        }
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let mut got = s.load_hour_counts().await.unwrap();
+        got.sort_by(|x, y| (&x.domain, x.hour).cmp(&(&y.domain, y.hour)));
+        assert_eq!(got, vec![hc("a", 101, 4), hc("b", 101, 2)]);
+        s.submit(|conn| {
+            conn.execute(
+                "INSERT INTO limit_counts (domain, hour, count) VALUES ('c', 101, -3)",
+                [],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            s.load_hour_counts().await.unwrap().len(),
+            2,
+            "a negative count is skipped, not loaded"
+        );
+    }
+
+    #[test]
+    fn schema_5_migrates_to_limit_counts_without_the_unused_access_keys_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        for sql in &MIGRATIONS[..5] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 5).unwrap();
+        migrate(&conn).unwrap();
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert!(tables.contains(&"limit_counts".to_string()), "{tables:?}");
+        assert!(!tables.contains(&"access_keys".to_string()), "{tables:?}");
     }
 
     /// A job that counts its runs and inserts the registration row `id`, then fails if
