@@ -202,7 +202,9 @@ pub async fn run(
     for t in tasks {
         let _ = t.await;
     }
-    // Every task that counts transactions has stopped.
+    // The listeners and the long-running tasks have stopped. A task spawned for one
+    // request or datagram that is still running (past the REST drain timeout, say) may
+    // count after this and go unsaved: one transaction each at most.
     limits.save_now(store.as_ref()).await;
     plugins.shutdown();
     tracing::info!("stopped");

@@ -46,25 +46,41 @@ pub struct HourCount {
     pub count: u64,
 }
 
+/// One hour of a domain's window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Bucket {
+    hour: u64,
+    count: u64,
+    /// Counted since it was last handed to the saver.
+    dirty: bool,
+}
+
 #[derive(Default)]
 struct Window {
-    /// (hour number, transactions in that hour), at most 24 entries.
-    buckets: Vec<(u64, u64)>,
-    /// Counted since its hours were last handed to the saver.
+    /// At most 24 hours, in no particular order.
+    buckets: Vec<Bucket>,
+    /// Some bucket is dirty.
     dirty: bool,
 }
 
 impl Window {
     fn total(&mut self, hour: u64) -> u64 {
-        self.buckets.retain(|(h, _)| *h + 24 > hour);
-        self.buckets.iter().map(|(_, n)| n).sum()
+        self.buckets.retain(|b| b.hour + 24 > hour);
+        self.buckets.iter().map(|b| b.count).sum()
     }
 
     fn add(&mut self, hour: u64, n: u64) {
         self.dirty = true;
-        match self.buckets.iter_mut().find(|(h, _)| *h == hour) {
-            Some((_, c)) => *c += n,
-            None => self.buckets.push((hour, n)),
+        match self.buckets.iter_mut().find(|b| b.hour == hour) {
+            Some(b) => {
+                b.count += n;
+                b.dirty = true;
+            }
+            None => self.buckets.push(Bucket {
+                hour,
+                count: n,
+                dirty: true,
+            }),
         }
     }
 }
@@ -95,6 +111,8 @@ pub struct Limits {
 struct Windows {
     map: Map<String, Window>,
     swept_hour: u64,
+    /// Some window is dirty: the saver has something to write.
+    dirty: bool,
 }
 
 impl Windows {
@@ -148,6 +166,7 @@ impl Limits {
     fn count_at(&self, domain: &str, hour: u64) {
         let mut w = self.lock();
         w.sweep(hour);
+        w.dirty = true;
         with_window(&mut w.map, domain, |win| win.add(hour, 1));
     }
 
@@ -159,14 +178,16 @@ impl Limits {
     fn take_at(&self, domain: &str, hour: u64) -> Result<(), OverQuota> {
         let mut w = self.lock();
         w.sweep(hour);
-        with_window(&mut w.map, domain, |win| {
+        let taken = with_window(&mut w.map, domain, |win| {
             if win.total(hour) >= self.quota {
                 Counters::inc(&self.counters.limits_refused);
                 return Err(OverQuota { quota: self.quota });
             }
             win.add(hour, 1);
             Ok(())
-        })
+        });
+        w.dirty |= taken.is_ok();
+        taken
     }
 
     /// Puts stored counts back (at start, before anything counts); hours that left the
@@ -180,59 +201,79 @@ impl Limits {
         let mut n = 0;
         for c in counts {
             if c.hour + 24 > hour && c.hour <= hour {
-                let win = w.map.entry(c.domain).or_default();
-                win.add(c.hour, c.count);
-                win.dirty = false;
+                w.map.entry(c.domain).or_default().buckets.push(Bucket {
+                    hour: c.hour,
+                    count: c.count,
+                    dirty: false,
+                });
                 n += 1;
             }
         }
         n
     }
 
-    /// The hours of every domain that counted something since the last call, and clears
-    /// their dirty marks.
+    /// The hours counted in since the last call (usually one per active domain: the
+    /// current one), and clears their dirty marks. Cheap when nothing was counted.
     fn take_dirty(&self, hour: u64) -> Vec<HourCount> {
         let mut w = self.lock();
         let mut out = Vec::new();
+        if !std::mem::take(&mut w.dirty) {
+            return out;
+        }
         for (domain, win) in w.map.iter_mut().filter(|(_, win)| win.dirty) {
             win.dirty = false;
             win.total(hour);
-            out.extend(win.buckets.iter().map(|&(h, count)| HourCount {
-                domain: domain.clone(),
-                hour: h,
-                count,
-            }));
+            for b in win.buckets.iter_mut().filter(|b| b.dirty) {
+                b.dirty = false;
+                out.push(HourCount {
+                    domain: domain.clone(),
+                    hour: b.hour,
+                    count: b.count,
+                });
+            }
         }
         out
     }
 
-    /// Marks these domains dirty again (their save failed; the next one retries).
+    /// Marks these hours dirty again (their save failed; the next one retries).
     fn mark_dirty(&self, counts: &[HourCount]) {
         let mut w = self.lock();
+        let mut any = false;
         for c in counts {
-            if let Some(win) = w.map.get_mut(&c.domain) {
+            let Some(win) = w.map.get_mut(&c.domain) else {
+                continue;
+            };
+            if let Some(b) = win.buckets.iter_mut().find(|b| b.hour == c.hour) {
+                b.dirty = true;
                 win.dirty = true;
+                any = true;
             }
         }
+        w.dirty |= any;
     }
 
-    /// Writes what changed now (the daemon calls it once more after its other tasks have
-    /// stopped, so that nothing counted while they stopped is lost).
+    /// Writes what changed now (the daemon calls it once more after its tasks have
+    /// stopped, so that what they counted while stopping is kept too).
     pub async fn save_now(&self, store: &dyn Store) {
         self.save(store, Limits::hour()).await;
     }
 
-    /// Writes what changed, and removes stored hours older than the window.
-    async fn save(&self, store: &dyn Store, hour: u64) {
+    /// Writes what changed, and removes stored hours older than the window; says whether
+    /// the store took it (if not, the hours stay dirty for the next save).
+    async fn save(&self, store: &dyn Store, hour: u64) -> bool {
         let counts = self.take_dirty(hour);
-        if let Err(e) = store
+        match store
             .save_hour_counts(counts.clone(), hour.saturating_sub(23))
             .await
         {
-            tracing::error!(
-                "limits: cannot save the transaction counts (retried at the next interval): {e}"
-            );
-            self.mark_dirty(&counts);
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(
+                    "limits: cannot save the transaction counts (retried at the next interval): {e}"
+                );
+                self.mark_dirty(&counts);
+                false
+            }
         }
     }
 
@@ -253,10 +294,9 @@ impl Limits {
                 _ = tick.tick() => {}
             }
             let hour = Limits::hour();
-            // Nothing changed and the hour is the same: nothing to write or to drop.
-            let dirty = self.lock().map.values().any(|w| w.dirty);
-            if dirty || saved_hour != Some(hour) {
-                self.save(store.as_ref(), hour).await;
+            // Nothing counted and the hour is the same: nothing to write or to drop.
+            let dirty = self.lock().dirty;
+            if (dirty || saved_hour != Some(hour)) && self.save(store.as_ref(), hour).await {
                 saved_hour = Some(hour);
             }
         }
@@ -331,7 +371,11 @@ mod tests {
         l.count_at("d", 147);
         assert_eq!(domains(&l), ["c", "d"]);
         assert_eq!(
-            l.lock().map["c"].buckets,
+            l.lock().map["c"]
+                .buckets
+                .iter()
+                .map(|b| (b.hour, b.count))
+                .collect::<Vec<_>>(),
             [(124, 1)],
             "hour 123 left c's window"
         );
@@ -375,12 +419,16 @@ mod tests {
             .iter()
             .map(|c| (c.domain.as_str(), c.hour, c.count))
             .collect();
-        assert_eq!(got, [("a", 90, 3), ("a", 100, 1), ("c", 100, 1)]);
+        assert_eq!(
+            got,
+            [("a", 100, 1), ("c", 100, 1)],
+            "only the hours counted in; a's restored hour 90 is stored already"
+        );
         assert!(l.take_dirty(100).is_empty(), "handed over once");
         l.mark_dirty(&d);
         assert_eq!(
             l.take_dirty(100).len(),
-            3,
+            2,
             "a failed save hands them over again"
         );
         assert_eq!(l.lock().map.get_mut("b").unwrap().total(100), 2);

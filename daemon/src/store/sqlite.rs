@@ -29,8 +29,9 @@ pub const DB_FILE: &str = "connectord.db";
 
 /// Versioned schema migrations; `PRAGMA user_version` is the number applied.
 const MIGRATIONS: &[&str] = &[
-    // 1: registrations and access keys (the access_keys table was unused once auth
-    // backends became plugins, which keep their keys in plugin_state; 6 drops it).
+    // 1: registrations and access keys (the access_keys table is unused since auth
+    // backends became plugins, which keep their keys in plugin_state; it is left in place
+    // rather than dropped, so that keys of a database from before then are not destroyed).
     "CREATE TABLE registrations (
         id TEXT PRIMARY KEY,
         domain TEXT NOT NULL,
@@ -90,14 +91,13 @@ const MIGRATIONS: &[&str] = &[
     DROP TABLE requests;
     ALTER TABLE requests_by_row RENAME TO requests;",
     // 6: the traffic limits' hourly transaction counts per domain, so that a restart goes
-    // on with the last 24 hours instead of a new day; the unused access_keys table goes.
+    // on with the last 24 hours instead of a new day.
     "CREATE TABLE limit_counts (
         domain TEXT NOT NULL,
         hour INTEGER NOT NULL,
         count INTEGER NOT NULL,
         PRIMARY KEY (domain, hour)
-    ) WITHOUT ROWID;
-    DROP TABLE access_keys;",
+    ) WITHOUT ROWID;",
 ];
 
 /// One queued operation.
@@ -903,7 +903,7 @@ mod tests {
     }
 
     #[test]
-    fn schema_5_migrates_to_limit_counts_without_the_unused_access_keys_table() {
+    fn schema_5_migrates_to_limit_counts_and_keeps_its_tables() {
         let dir = tempfile::tempdir().unwrap();
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
         for sql in &MIGRATIONS[..5] {
@@ -919,7 +919,7 @@ mod tests {
             .map(|r| r.unwrap())
             .collect();
         assert!(tables.contains(&"limit_counts".to_string()), "{tables:?}");
-        assert!(!tables.contains(&"access_keys".to_string()), "{tables:?}");
+        assert!(tables.contains(&"access_keys".to_string()), "{tables:?}");
     }
 
     /// A job that counts its runs and inserts the registration row `id`, then fails if
