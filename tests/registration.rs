@@ -738,8 +738,8 @@ fn libcoap_client_registers_and_deregisters() {
 /// An object list too long for one datagram, as a device sends it: block-wise (Block1,
 /// RFC 7959), each block answered 2.31 Continue, the registration handled once with the
 /// whole list. Our own client checks the exchange block by block; libcoap's (a stack
-/// nobody here wrote) registers with 64-byte blocks (and a Request-Tag, which is elective
-/// and ignored: one transfer per peer, method and URI at a time).
+/// nobody here wrote) registers with 64-byte blocks and a Request-Tag (RFC 9175), which
+/// is part of the transfer's identity.
 #[test]
 fn a_registration_sent_block_wise_is_assembled() {
     use coap_lite::CoapOption;
@@ -837,6 +837,71 @@ fn a_registration_sent_block_wise_is_assembled() {
     );
     let resources = d.get("/v2/endpoints/libcoap-blocks").json();
     assert_eq!(resources.as_array().unwrap().len(), 80, "{resources}");
+}
+
+/// RFC 9175 §3.3: two block-wise registrations of one device to one URI, interleaved
+/// under different Request-Tags, are assembled apart; each ends as the whole body it sent.
+#[test]
+fn request_tags_keep_interleaved_block_wise_transfers_apart() {
+    use coap_lite::CoapOption;
+    let d = Daemon::start();
+    let mut dev = d.device();
+    // Two 64-byte halves each (szx 2), starting with different objects.
+    let body = |first: u16| {
+        let mut links: String = (0..20)
+            .map(|i| format!("</{}/0>", first + i))
+            .collect::<Vec<_>>()
+            .join(",");
+        links.truncate(128);
+        links.truncate(links.rfind(',').unwrap());
+        links
+    };
+    let (a, b) = (body(3300), body(4400));
+    assert!(a.len() > 64 && b.len() > 64);
+    let mut send = |tag: &[u8], links: &str, num: u32| {
+        let more = num == 0;
+        let chunk = if more { &links[..64] } else { &links[64..] };
+        let mut req = Req::new(RequestType::Post, &["rd"]);
+        req.query = &["ep=tagged", "lt=300"];
+        req.payload = chunk.as_bytes();
+        req.content_format = Some(ContentFormat::ApplicationLinkFormat);
+        let mut p = dev.build(&req);
+        let block = (num << 4) | (u32::from(more) << 3) | 2;
+        p.add_option(CoapOption::Block1, vec![block as u8]);
+        p.add_option(CoapOption::Unknown(292), tag.to_vec());
+        dev.send_raw(&p.to_bytes().unwrap());
+        let reply =
+            Packet::from_bytes(&dev.recv_raw(Duration::from_secs(5)).expect("answered")).unwrap();
+        code(&reply)
+    };
+    assert_eq!(send(b"A", &a, 0), ResponseType::Continue);
+    assert_eq!(send(b"B", &b, 0), ResponseType::Continue);
+    assert_eq!(d.metric("coap_block_transfers"), 2);
+    let paths = || -> Vec<String> {
+        let mut p: Vec<String> = d
+            .get("/v2/endpoints/tagged")
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["uri"].as_str().unwrap().to_string())
+            .collect();
+        p.sort();
+        p
+    };
+    let objects = |links: &str| -> Vec<String> {
+        let mut p: Vec<String> = links
+            .split(',')
+            .map(|l| l.trim_matches(|c| c == '<' || c == '>').to_string())
+            .collect();
+        p.sort();
+        p
+    };
+    assert_eq!(send(b"A", &a, 1), ResponseType::Created);
+    assert_eq!(paths(), objects(&a), "tag A's blocks only");
+    assert_eq!(send(b"B", &b, 1), ResponseType::Created);
+    assert_eq!(paths(), objects(&b), "tag B's, registered again");
+    assert_eq!(d.metric("coap_block_transfers"), 0);
 }
 
 /// Under systemd: READY=1 once serving, watchdog pings, STOPPING=1 on SIGTERM.

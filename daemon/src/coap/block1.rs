@@ -3,8 +3,10 @@
 //! with 2.31 Continue; the request is handled once, with the whole body, when its last
 //! block arrives, and its response echoes that last Block1.
 //!
-//! Transfers are keyed by the peer, the method and the request's Uri-Path and Uri-Query
-//! (the token may change from block to block, §2.3). Blocks must come in order; a gap, a
+//! Transfers are keyed by the peer, the method, the request's Uri-Path and Uri-Query (the
+//! token may change from block to block, §2.3) and its Request-Tag options (RFC 9175
+//! §3.3: blocks with different Request-Tags are never one body, so a device may run two
+//! transfers to the same resource, or start a new one over a stale one, by tagging them). Blocks must come in order; a gap, a
 //! repeat of an earlier block (once the duplicate cache has forgotten it) or a block of a
 //! transfer that is not known is 4.08 Request Entity Incomplete. A non-last block whose
 //! payload is not exactly its block size is 4.00. A body past [`MAX_BODY`] is 4.13 with
@@ -42,8 +44,12 @@ pub enum Step {
     Answer(Response),
 }
 
-/// A transfer's identity: peer, method code and the request URI's options.
+/// A transfer's identity: peer, method code, and the request URI's options followed by
+/// its Request-Tags.
 type Key = (SocketAddr, u8, Vec<u8>);
+
+/// The Request-Tag option (RFC 9175 §3.2): elective, repeatable, 0 to 8 bytes each.
+pub const REQUEST_TAG: CoapOption = CoapOption::Unknown(292);
 
 struct Partial {
     body: Vec<u8>,
@@ -68,6 +74,13 @@ fn key(peer: SocketAddr, packet: &Packet) -> Key {
                 b'&'
             });
         }
+    }
+    // Length-prefixed, after a byte no URI option part ends with: "no tag" and "one
+    // empty tag" are different transfers (§3.2), and no tag bytes can pass for URI bytes.
+    for tag in packet.get_option(REQUEST_TAG).into_iter().flatten() {
+        uri.push(0);
+        uri.push(u8::try_from(tag.len()).unwrap_or(u8::MAX));
+        uri.extend_from_slice(tag);
     }
     (peer, code, uri)
 }
@@ -253,6 +266,57 @@ mod tests {
         assert_eq!(last.payload, body);
         assert!(last.get_first_option(CoapOption::Block1).is_none());
         assert!(a.is_empty());
+    }
+
+    /// RFC 9175 §3.3: blocks with different Request-Tags are never joined, so two tagged
+    /// transfers of one peer to one resource are assembled apart, and an untagged one is
+    /// a third.
+    #[test]
+    fn request_tags_keep_transfers_apart() {
+        let mut a = Assemblies::default();
+        let t = Instant::now();
+        let tagged = |num: u32, more: bool, tag: Option<&[u8]>, payload: &[u8]| {
+            let mut p = block_request(num, more, 0, payload);
+            if let Some(tag) = tag {
+                p.add_option(REQUEST_TAG, tag.to_vec());
+            }
+            p
+        };
+        let (x, y) = ([b'x'; 16], [b'y'; 16]);
+        for (tag, first) in [(Some(&b"A"[..]), &x), (Some(&b""[..]), &y), (None, &y)] {
+            let mut p = tagged(0, true, tag, first);
+            assert_eq!(
+                code(&a.on_request(peer(1), &mut p, t)),
+                Some(ResponseType::Continue),
+                "{tag:?}"
+            );
+        }
+        assert_eq!(
+            a.len(),
+            3,
+            "tag A, the empty tag and no tag are three transfers"
+        );
+        let mut last = tagged(1, false, Some(b"A"), b"end");
+        assert_eq!(
+            a.on_request(peer(1), &mut last, t),
+            Step::Handle(Some(Block {
+                num: 1,
+                more: false,
+                szx: 0
+            }))
+        );
+        assert_eq!(
+            last.payload,
+            [&x[..], b"end"].concat(),
+            "only tag A's blocks"
+        );
+        // A block of a tag that never started is not appended to another tag's body.
+        let mut stray = tagged(1, false, Some(b"B"), b"z");
+        assert_eq!(
+            code(&a.on_request(peer(1), &mut stray, t)),
+            Some(ResponseType::RequestEntityIncomplete)
+        );
+        assert_eq!(a.len(), 2);
     }
 
     /// A block sent again after its 2.31 (lost on the way, and gone from the duplicate
