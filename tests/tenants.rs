@@ -146,6 +146,31 @@ fn limits_count_transactions_and_refuse_over_the_quota() {
     assert!(d.metric("limits_refused_total") >= 3);
 }
 
+/// A key made by `connectord plugin-call` (another process, writing the state directly)
+/// works in the daemon already running on that state, without a restart: the daemon sees
+/// the foreign write and loads its plugins again.
+#[test]
+fn a_key_made_by_plugin_call_works_in_the_running_daemon() {
+    let d = Prepared::new("", "").start();
+    let made = support::plugin_call(
+        &d.config_path,
+        "connector",
+        "create_key",
+        &json!({"name": "late tenant", "domain": "tenant-late"}),
+    );
+    let key = made["access_key"].as_str().unwrap().to_string();
+    assert!(
+        support::eventually(Duration::from_secs(10), || get(&d, &key, "/v2/endpoints")
+            .status
+            == 200),
+        "the new key was not accepted: {:?}",
+        get(&d, &key, "/v2/endpoints")
+    );
+    assert!(d.wait_log("written by another process", Duration::from_secs(1)));
+    // The daemon's own admin key still works after the plugins were loaded again.
+    assert_eq!(d.get("/v2/endpoints").status, 200);
+}
+
 /// The last 24 hours' counts outlive the process: saved at a clean stop, and every
 /// `save_interval_ms` against a crash. A restart is no way round the quota.
 #[test]

@@ -163,6 +163,9 @@ pub async fn run(
     if let Some(t) = plugins.watch(stop.clone()) {
         tasks.push(t);
     }
+    if let Some(t) = plugins.follow_store(stop.clone()) {
+        tasks.push(t);
+    }
     let state = Arc::new(AppState {
         registry: Arc::clone(&registry),
         auth,

@@ -356,18 +356,7 @@ impl Prepared {
         op: &str,
         input: &serde_json::Value,
     ) -> serde_json::Value {
-        let out = Command::new(BIN)
-            .args(["plugin-call", "--config"])
-            .arg(&self.config_path)
-            .args([plugin, op, &input.to_string()])
-            .output()
-            .expect("run connectord plugin-call");
-        assert!(
-            out.status.success(),
-            "plugin-call failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("plugin-call prints JSON")
+        plugin_call(&self.config_path, plugin, op, input)
     }
 
     pub fn start(self) -> Daemon {
@@ -382,6 +371,28 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
+}
+
+/// `connectord plugin-call --config <config> <plugin> <op> <input>` (its own process,
+/// whether a daemon runs on that state or not); returns its JSON answer.
+pub fn plugin_call(
+    config: &Path,
+    plugin: &str,
+    op: &str,
+    input: &serde_json::Value,
+) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(["plugin-call", "--config"])
+        .arg(config)
+        .args([plugin, op, &input.to_string()])
+        .output()
+        .expect("run connectord plugin-call");
+    assert!(
+        out.status.success(),
+        "plugin-call failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("plugin-call prints JSON")
 }
 
 /// An HTTP response, read whole.

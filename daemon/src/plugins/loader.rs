@@ -81,6 +81,13 @@ impl Generation {
         Generation::start(host, table, None, None, Origin::Builtin)
     }
 
+    /// The plugin name a built-in table declares.
+    pub(super) fn builtin_name(table: &'static PluginTable) -> String {
+        // SAFETY: built-in tables are static data of this binary, their name functions
+        // written in Rust in this workspace.
+        unsafe { table.name() }
+    }
+
     /// Loads `lib<crate>.so`: copies it to a fresh path, opens it, checks it, starts it.
     pub(super) fn from_file(
         host: &Arc<PluginHost>,

@@ -326,12 +326,10 @@ impl PluginHost {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&path);
             tracing::info!(plugin = %name, "plugin file {} removed", path.display());
-            match builtins().into_iter().find(|t| {
-                // SAFETY: built-in tables are static data of this binary.
-                #[allow(unsafe_code)]
-                let n = unsafe { t.name() };
-                n == name
-            }) {
+            match builtins()
+                .into_iter()
+                .find(|t| Generation::builtin_name(t) == name)
+            {
                 Some(t) => match Generation::builtin(self, t) {
                     Ok(g) => self.install(g),
                     Err(e) => tracing::error!("built-in plugin: {e}"),
@@ -343,6 +341,38 @@ impl PluginHost {
                         .remove(&name);
                 }
             }
+        }
+    }
+
+    /// Loads every plugin again, from its file or as the built-in, so that each reads its
+    /// durable state anew: the store saw it written by another process (`connectord
+    /// plugin-call`), which the instances serving now cannot know of. A plugin that fails
+    /// to load again keeps serving as it was.
+    pub fn reload_all(self: &Arc<Self>) {
+        let _serial = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let files: Vec<(PathBuf, String)> = self
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(p, n)| (p.clone(), n.clone()))
+            .collect();
+        for table in builtins() {
+            let name = Generation::builtin_name(table);
+            // A file of the same name serves instead of the built-in.
+            if self.get(&name).is_none() || files.iter().any(|(_, n)| *n == name) {
+                continue;
+            }
+            match Generation::builtin(self, table) {
+                Ok(g) => self.install(g),
+                Err(e) => {
+                    Counters::inc(&self.counters.plugin_errors);
+                    tracing::error!("built-in plugin: {e}; the previous instance keeps serving");
+                }
+            }
+        }
+        for (path, _) in files {
+            self.load_file(&path);
         }
     }
 
@@ -361,6 +391,31 @@ impl PluginHost {
                 tracing::error!("{e}; the previous version (if any) keeps serving");
             }
         }
+    }
+
+    /// Loads the plugins again ([`PluginHost::reload_all`]) whenever the store sees a
+    /// write by another process, until `stop` fires; `None` if the store cannot tell.
+    pub fn follow_store(
+        self: &Arc<Self>,
+        mut stop: Shutdown,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let mut changes = self.store.external_changes()?;
+        let host = Arc::clone(self);
+        Some(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.recv() => return,
+                    r = changes.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        tracing::info!("the state database was written by another process (connectord plugin-call?): loading the plugins again so that they read it");
+                        let h = Arc::clone(&host);
+                        let _ = tokio::task::spawn_blocking(move || h.reload_all()).await;
+                    }
+                }
+            }
+        }))
     }
 
     /// Watches the plugin directory and reloads on change, until `stop` fires.

@@ -18,6 +18,10 @@ use crate::registry::Registration;
 use crate::requests::Job;
 use crate::subscriptions::{PresubRecord, SubscriptionRecord};
 
+/// How often a store looks for writes by other processes (see
+/// [`Store::external_changes`]).
+pub const EXTERNAL_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -130,6 +134,13 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces a key's pre-subscription rules and removes all its subscriptions, in one
     /// transaction (the seed: changing pre-subscriptions removes existing subscriptions).
     fn replace_presubscriptions(&self, rec: PresubRecord) -> Pending<()>;
+
+    /// A counter that moves each time the store sees a write made to the same state by
+    /// another process (`connectord plugin-call`), checked about once a
+    /// [`EXTERNAL_CHECK`]; `None` if this backend cannot tell.
+    fn external_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 
     /// Every stored hourly transaction count of the traffic limits.
     fn load_hour_counts(&self) -> Pending<Vec<HourCount>>;

@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use rusqlite::{Connection, OptionalExtension, Statement, params};
 use tokio::sync::oneshot;
 
-use super::{Pending, Store, StoreError};
+use super::{EXTERNAL_CHECK, Pending, Store, StoreError};
 use crate::events::{ChannelRecord, StoredEvent};
 use crate::limits::HourCount;
 use crate::registry::Registration;
@@ -160,6 +160,9 @@ where
 pub struct SqliteStore {
     tx: mpsc::Sender<Box<dyn Job>>,
     path: PathBuf,
+    /// Moved by the store thread when `PRAGMA data_version` says another connection (so
+    /// another process: this one has only the thread's) committed a write.
+    external: tokio::sync::watch::Receiver<u64>,
 }
 
 impl SqliteStore {
@@ -179,15 +182,16 @@ impl SqliteStore {
         // The thread prepares its statements first and says whether it could: a store
         // that cannot run them fails here, not at its first write.
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), StoreError>>(1);
+        let (external_tx, external) = tokio::sync::watch::channel(0u64);
         std::thread::Builder::new()
             .name("store".into())
-            .spawn(move || run(conn, rx, ready_tx))
+            .spawn(move || run(conn, rx, ready_tx, external_tx))
             .map_err(|e| StoreError::Dir {
                 path: dir.to_path_buf(),
                 source: e,
             })?;
         ready_rx.recv().unwrap_or(Err(StoreError::Closed))?;
-        Ok(SqliteStore { tx, path })
+        Ok(SqliteStore { tx, path, external })
     }
 
     /// The database file.
@@ -284,6 +288,7 @@ fn run(
     conn: Connection,
     rx: mpsc::Receiver<Box<dyn Job>>,
     ready: mpsc::SyncSender<Result<(), StoreError>>,
+    external: tokio::sync::watch::Sender<u64>,
 ) {
     let db = match Db::new(&conn) {
         Ok(db) => db,
@@ -294,15 +299,37 @@ fn run(
         }
     };
     let _ = ready.send(Ok(()));
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
+    let data_version = || {
+        conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))
+            .ok()
+    };
+    let mut seen = data_version();
+    let mut checked = std::time::Instant::now();
+    loop {
+        match rx.recv_timeout(EXTERNAL_CHECK) {
+            Ok(first) => {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(j) => batch.push(j),
+                        Err(_) => break,
+                    }
+                }
+                run_batch(&db, batch);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        // At most once a second, busy or idle: this connection's own commits leave
+        // data_version alone, so a change is another process's write.
+        if checked.elapsed() >= EXTERNAL_CHECK {
+            checked = std::time::Instant::now();
+            let now = data_version();
+            if now.is_some() && now != seen {
+                seen = now;
+                external.send_modify(|n| *n += 1);
             }
         }
-        run_batch(&db, batch);
     }
     tracing::debug!("store thread stopped");
 }
@@ -419,6 +446,10 @@ fn load_json_keyed<T: serde::de::DeserializeOwned>(
 }
 
 impl Store for SqliteStore {
+    fn external_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.external.clone())
+    }
+
     fn load_hour_counts(&self) -> Pending<Vec<HourCount>> {
         self.submit(|conn| {
             let mut stmt = conn.prepare("SELECT domain, hour, count FROM limit_counts")?;
@@ -859,6 +890,33 @@ mod tests {
             .map(|j| j.id)
             .collect();
         assert_eq!(ids, vec!["c", "a", "b"]);
+    }
+
+    /// Another connection's commit (as `connectord plugin-call` makes from its own
+    /// process) moves the counter; the store's own writes do not.
+    #[tokio::test]
+    async fn writes_by_another_connection_are_seen_and_own_writes_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let mut ext = s.external_changes().unwrap();
+        let wait = EXTERNAL_CHECK * 3;
+        s.plugin_state_put("p".into(), "own".into(), b"1".to_vec())
+            .await
+            .unwrap();
+        assert!(
+            tokio::time::timeout(wait, ext.changed()).await.is_err(),
+            "its own write is not another process's"
+        );
+        let other = SqliteStore::open(dir.path()).unwrap();
+        other
+            .plugin_state_put("p".into(), "theirs".into(), b"2".to_vec())
+            .await
+            .unwrap();
+        tokio::time::timeout(wait, ext.changed())
+            .await
+            .expect("another connection's write is seen")
+            .unwrap();
+        assert_eq!(*ext.borrow_and_update(), 1);
     }
 
     fn hc(domain: &str, hour: u64, count: u64) -> HourCount {
