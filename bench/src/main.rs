@@ -509,22 +509,23 @@ struct Sims {
 }
 
 impl Sims {
+    /// `devices` simulated devices named `{prefix}{group}-{index:06}`, notifying every
+    /// `notify_interval_ms` once observed; `--per-address` and `--sim-threads` from `args`.
     fn start(
+        args: &Args,
         server: SocketAddr,
         devices: usize,
-        per_address: usize,
         prefix: &str,
         notify_interval_ms: u64,
-        threads: usize,
     ) -> Result<Sims> {
         ensure!(server.ip().is_loopback(), "loopback only");
         check_fds(devices)?;
         let mut rt = tokio::runtime::Builder::new_multi_thread();
-        if threads > 0 {
-            rt.worker_threads(threads);
+        if args.sim_threads > 0 {
+            rt.worker_threads(args.sim_threads);
         }
         let rt = rt.enable_all().build()?;
-        let per = per_address.max(1);
+        let per = args.per_address.max(1);
         let groups = devices.div_ceil(per);
         ensure!(groups <= 250, "too many bind addresses ({groups})");
         let mut stops = Vec::new();
@@ -664,14 +665,7 @@ fn registration_run(args: &Args, n: usize, restart: bool, bulk: bool) -> Result<
     let mut sims = if bulk {
         None
     } else {
-        Some(Sims::start(
-            daemon.coap,
-            n,
-            args.per_address,
-            "r",
-            60_000,
-            args.sim_threads,
-        )?)
+        Some(Sims::start(args, daemon.coap, n, "r", 60_000)?)
     };
     let waited = match sims.as_mut() {
         Some(sims) => wait_registered(&api, sims, n, t0, timeout),
@@ -926,14 +920,7 @@ fn reads_run(args: &Args) -> Result<ReadRun> {
     api.open_channel()?;
     let k = args.read_devices.max(1);
     let (load, names) = if !args.read_bulk {
-        let mut sims = Sims::start(
-            daemon.coap,
-            k,
-            args.per_address,
-            "p",
-            60_000,
-            args.sim_threads,
-        )?;
+        let mut sims = Sims::start(args, daemon.coap, k, "p", 60_000)?;
         if let Err(e) = wait_registered(&api, &mut sims, k, Instant::now(), timeout) {
             sims.abandon();
             return Err(e);
@@ -1192,14 +1179,7 @@ fn notifications_run(args: &Args, webhook: bool) -> Result<NotifyRun> {
 
     let interval = Duration::from_millis(args.notify_interval_ms.max(1));
     let load = if args.notify_sim {
-        let mut sims = Sims::start(
-            daemon.coap,
-            n,
-            args.per_address,
-            "n",
-            args.notify_interval_ms.max(1),
-            args.sim_threads,
-        )?;
+        let mut sims = Sims::start(args, daemon.coap, n, "n", args.notify_interval_ms.max(1))?;
         if let Err(e) = wait_registered(&api, &mut sims, n, Instant::now(), timeout) {
             sims.abandon();
             stop.store(true, Ordering::Release);

@@ -332,7 +332,7 @@ fn register(
 ) -> Result<(Side, Sims)> {
     let groups = n.div_ceil(args.per_address.max(1));
     capture.reset();
-    let mut sims = Sims::start(server, n, args.per_address, "r", 60_000, args.sim_threads)?;
+    let mut sims = Sims::start(args, server, n, "r", 60_000)?;
     let deadline = Instant::now() + timeout;
     loop {
         {
@@ -759,7 +759,14 @@ mod tests {
         let server = sock.local_addr().unwrap();
         rt.spawn(fake_server(sock));
         let t0 = Instant::now();
-        let mut sims = Sims::start(server, 30, 20, "t", 60_000, 0).unwrap();
+        let args = <crate::Args as clap::Parser>::parse_from([
+            "connectord-bench",
+            "--per-address",
+            "20",
+            "--sim-threads",
+            "0",
+        ]);
+        let mut sims = Sims::start(&args, server, 30, "t", 60_000).unwrap();
         loop {
             if capture.state.lock().unwrap().done.len() >= 2 {
                 break;
