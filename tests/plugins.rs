@@ -115,13 +115,17 @@ fn a_plugin_file_is_loaded_called_and_reloaded_under_load_without_a_failed_reque
     let d = Arc::new(d);
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    // Every answered call of the example's route, the test's own included: the plugin
+    // counts them in its state, across the reload.
+    let hellos = Arc::new(AtomicUsize::new(1));
     let workers: Vec<_> = (0..4)
         .map(|i| {
-            let (d, stop, ok, failed) = (
+            let (d, stop, ok, failed, hellos) = (
                 Arc::clone(&d),
                 Arc::clone(&stop),
                 Arc::clone(&ok),
                 Arc::clone(&failed),
+                Arc::clone(&hellos),
             );
             std::thread::spawn(move || {
                 let path = if i % 2 == 0 {
@@ -135,6 +139,9 @@ fn a_plugin_file_is_loaded_called_and_reloaded_under_load_without_a_failed_reque
                     let r = d.get(path);
                     if r.status == 200 {
                         ok.fetch_add(1, Ordering::Relaxed);
+                        if i % 2 == 1 {
+                            hellos.fetch_add(1, Ordering::Relaxed);
+                        }
                     } else {
                         failed.fetch_add(1, Ordering::Relaxed);
                         eprintln!("{path}: {} {}", r.status, r.body);
@@ -145,12 +152,18 @@ fn a_plugin_file_is_loaded_called_and_reloaded_under_load_without_a_failed_reque
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let before = hello(&d)["calls"].as_u64().unwrap();
+    hellos.fetch_add(1, Ordering::Relaxed);
     // Rebuilt example (variant B) and a fresh copy of the auth backend every request uses.
     install_plugin(&b, &dir, EXAMPLE);
     install_plugin(&auth, &dir, "libauth_connector.so");
     assert!(
-        eventually(WAIT, || d.get("/api/example/hello").json()["variant"]
-            == "B"),
+        eventually(WAIT, || {
+            let r = d.get("/api/example/hello");
+            if r.status == 200 {
+                hellos.fetch_add(1, Ordering::Relaxed);
+            }
+            r.json()["variant"] == "B"
+        }),
         "variant B never served"
     );
     std::thread::sleep(Duration::from_millis(300));
@@ -168,11 +181,19 @@ fn a_plugin_file_is_loaded_called_and_reloaded_under_load_without_a_failed_reque
         "too little load to mean anything"
     );
     assert!(d.metric("plugin_reloads_total") >= 4);
-    // The state (the call counter) went on across the reload instead of starting over.
+    // The state (the call counter) went on across the reload instead of starting over,
+    // and no call was lost: the new instance read the count with no call of the old one
+    // in flight, and every later call went to it.
     let after = hello(&d)["calls"].as_u64().unwrap();
+    hellos.fetch_add(1, Ordering::Relaxed);
     assert!(
         after > before && before > 1,
         "calls before {before}, after {after}"
+    );
+    assert_eq!(
+        after,
+        hellos.load(Ordering::Relaxed) as u64,
+        "every answered call is counted once across the reload"
     );
 }
 

@@ -44,9 +44,10 @@ pub enum Step {
     Answer(Response),
 }
 
-/// A transfer's identity: peer, method code, and the request URI's options followed by
-/// its Request-Tags.
-type Key = (SocketAddr, u8, Vec<u8>);
+/// A transfer's identity: the peer, the method code, and the values of its Uri-Path,
+/// Uri-Query and Request-Tag options (each option's values kept apart, so that no
+/// arrangement of bytes in one can pass for another).
+type Key = (SocketAddr, u8, [Vec<Vec<u8>>; 3]);
 
 /// The Request-Tag option (RFC 9175 §3.2): elective, repeatable, 0 to 8 bytes each.
 pub const REQUEST_TAG: CoapOption = CoapOption::Unknown(292);
@@ -63,26 +64,27 @@ pub struct Assemblies {
 }
 
 fn key(peer: SocketAddr, packet: &Packet) -> Key {
-    let code = u8::from(packet.header.code);
-    let mut uri = Vec::new();
-    for opt in [CoapOption::UriPath, CoapOption::UriQuery] {
-        for v in packet.get_option(opt).into_iter().flatten() {
-            uri.extend_from_slice(v);
-            uri.push(if opt == CoapOption::UriPath {
-                b'/'
-            } else {
-                b'&'
-            });
-        }
-    }
-    // Length-prefixed, after a byte no URI option part ends with: "no tag" and "one
-    // empty tag" are different transfers (§3.2), and no tag bytes can pass for URI bytes.
-    for tag in packet.get_option(REQUEST_TAG).into_iter().flatten() {
-        uri.push(0);
-        uri.push(u8::try_from(tag.len()).unwrap_or(u8::MAX));
-        uri.extend_from_slice(tag);
-    }
-    (peer, code, uri)
+    let values = |opt: CoapOption| -> Vec<Vec<u8>> {
+        packet
+            .get_option(opt)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    };
+    // "No tag" and "one empty tag" are different transfers (§3.2). A tag longer than 8
+    // bytes is an unrecognised elective option (RFC 7252 §5.4.3): ignored.
+    let mut tags = values(REQUEST_TAG);
+    tags.retain(|t| t.len() <= 8);
+    (
+        peer,
+        u8::from(packet.header.code),
+        [
+            values(CoapOption::UriPath),
+            values(CoapOption::UriQuery),
+            tags,
+        ],
+    )
 }
 
 /// 2.31 Continue for a stored block, echoing its Block1 (§2.3).
@@ -317,6 +319,17 @@ mod tests {
             Some(ResponseType::RequestEntityIncomplete)
         );
         assert_eq!(a.len(), 2);
+        // A tag past 8 bytes is ignored: this block continues the untagged transfer.
+        let mut long = tagged(1, false, Some(b"123456789"), b"!");
+        assert_eq!(
+            a.on_request(peer(1), &mut long, t),
+            Step::Handle(Some(Block {
+                num: 1,
+                more: false,
+                szx: 0
+            }))
+        );
+        assert_eq!(long.payload, [&y[..], b"!"].concat());
     }
 
     /// A block sent again after its 2.31 (lost on the way, and gone from the duplicate

@@ -96,11 +96,19 @@ pub struct PluginHost {
     files: Mutex<HashMap<PathBuf, String>>,
     /// Serialises reloads.
     reload_lock: Mutex<()>,
+    /// Held (shared) by every state-changing call for its length, and (exclusively, see
+    /// [`PluginHost::quiesce`]) by a reload while it makes and installs new instances: a
+    /// new instance reads its state with no write of the old one in flight, and every
+    /// later call goes to it, so no key made or revoked around a reload is missed.
+    state_gate: tokio::sync::RwLock<()>,
     /// Moves whenever plugin state may have changed: around every operation other than
     /// authenticate, verify and deliver, and when a plugin is (re)loaded. Reused auth
     /// verdicts ([`crate::auth::AuthChain`]) are valid only within one epoch.
     epoch: std::sync::atomic::AtomicU64,
 }
+
+/// How long a reload waits for state-changing plugin calls to finish.
+const QUIESCE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Unix permission bits that must not be set on the plugin directory or a plugin file.
 const WRITABLE_BY_OTHERS: u32 = 0o022;
@@ -134,6 +142,7 @@ impl PluginHost {
             plugins: RwLock::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             reload_lock: Mutex::new(()),
+            state_gate: tokio::sync::RwLock::new(()),
             epoch: std::sync::atomic::AtomicU64::new(0),
         });
         // Copies from an earlier run are of no use: start clean.
@@ -214,9 +223,6 @@ impl PluginHost {
         op: &str,
         input: &I,
     ) -> Result<O, PluginError> {
-        let g = self
-            .get(name)
-            .ok_or_else(|| PluginError::NotLoaded(name.to_string()))?;
         let bytes = serde_json::to_vec(input).map_err(|e| PluginError::Call {
             name: name.to_string(),
             message: e.to_string(),
@@ -227,6 +233,16 @@ impl PluginHost {
                 | connectord_plugin_sdk::sink::OP_DELIVER
                 | connectord_plugin_sdk::sink::OP_VERIFY
         );
+        // Taken before the generation is looked up: a reload waits for this call, and the
+        // call goes to the instance serving once it is let in.
+        let _gate = if mutating {
+            Some(self.state_gate.read().await)
+        } else {
+            None
+        };
+        let g = self
+            .get(name)
+            .ok_or_else(|| PluginError::NotLoaded(name.to_string()))?;
         // Before and after: a verdict taken while this runs is not reused afterwards.
         if mutating {
             self.bump_epoch();
@@ -277,6 +293,7 @@ impl PluginHost {
     /// built-in (or nothing) for removed ones.
     pub fn reload_dir(self: &Arc<Self>) {
         let _serial = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _gate = self.quiesce();
         let Some(dir) = self.dir.clone() else { return };
         if let Err(why) = check_not_writable_by_others(&dir) {
             Counters::inc(&self.counters.plugin_errors);
@@ -350,13 +367,17 @@ impl PluginHost {
     /// to load again keeps serving as it was.
     pub fn reload_all(self: &Arc<Self>) {
         let _serial = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let files: Vec<(PathBuf, String)> = self
+        let _gate = self.quiesce();
+        let mut files: Vec<(PathBuf, String)> = self
             .files
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(p, n)| (p.clone(), n.clone()))
             .collect();
+        // In the directory reload's order: of two files with one plugin name, the last
+        // wins both times.
+        files.sort();
         for table in builtins() {
             let name = Generation::builtin_name(table);
             // A file of the same name serves instead of the built-in.
@@ -373,6 +394,28 @@ impl PluginHost {
         }
         for (path, _) in files {
             self.load_file(&path);
+        }
+    }
+
+    /// Waits until no state-changing call runs and keeps new ones out while the guard
+    /// lives (a blocking wait: reloads run on blocking threads or before anything calls).
+    /// A call still running after [`QUIESCE_WAIT`] (a plugin that hangs, which a reload
+    /// may be replacing) is not waited for longer: the reload goes on without the guard,
+    /// logged.
+    fn quiesce(&self) -> Option<tokio::sync::RwLockWriteGuard<'_, ()>> {
+        let deadline = std::time::Instant::now() + QUIESCE_WAIT;
+        loop {
+            if let Ok(g) = self.state_gate.try_write() {
+                return Some(g);
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    "plugins: a state-changing plugin call is still running after {} s; reloading without waiting for it (a change it makes may be missed until the next reload)",
+                    QUIESCE_WAIT.as_secs()
+                );
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
 

@@ -306,7 +306,7 @@ fn run(
     let mut seen = data_version();
     let mut checked = std::time::Instant::now();
     loop {
-        match rx.recv_timeout(EXTERNAL_CHECK) {
+        match rx.recv_timeout(EXTERNAL_CHECK.saturating_sub(checked.elapsed())) {
             Ok(first) => {
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
