@@ -90,7 +90,8 @@ enum Command {
     /// Run one operation of a plugin against the state directory, without starting the
     /// daemon, and print its answer: for example
     /// `connectord plugin-call pelion create_user '{"name": "ops", ...}'` to create the
-    /// first user of an auth backend. A daemon running on the same state sees the change within about a second.
+    /// first user of an auth backend. A daemon running on the same state sees the change
+    /// within about a second.
     PluginCall {
         /// Configuration file (TOML); without it, the embedded defaults.
         #[arg(long, short)]
