@@ -4,6 +4,7 @@
 //! acknowledge to devices and applications only after that. The embedded backend is
 //! [`sqlite::SqliteStore`].
 
+mod record_json;
 pub mod sqlite;
 
 use std::future::Future;

@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use rusqlite::{Connection, OptionalExtension, Statement, params};
 use tokio::sync::oneshot;
 
-use super::{EXTERNAL_CHECK, Pending, Store, StoreError};
+use super::{EXTERNAL_CHECK, Pending, Store, StoreError, record_json};
 use crate::events::{ChannelRecord, StoredEvent};
 use crate::limits::HourCount;
 use crate::registry::Registration;
@@ -631,7 +631,7 @@ impl Store for SqliteStore {
         self.submit(move |conn| {
             let mut stmt = conn.insert_event.borrow_mut();
             for e in &events {
-                stmt.execute(params![e.key_id, e.seq as i64, to_json(e)?])?;
+                stmt.execute(params![e.key_id, e.seq as i64, record_json::event(e)])?;
             }
             if let Some(row) = answered {
                 conn.delete_request
@@ -673,7 +673,7 @@ impl Store for SqliteStore {
             // refers to it.
             conn.insert_request
                 .borrow_mut()
-                .execute(params![to_json(&job)?])?;
+                .execute(params![record_json::request(&job)])?;
             Ok(conn.last_insert_rowid() as u64)
         })
     }
