@@ -239,8 +239,9 @@ fn new_async_id() -> String {
 /// instructions, once for every request (callgrind).
 fn async_id_from(b: [u8; 16]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = (u32::from_be_bytes([b[0], b[1], b[2], b[3]]) >> 1).to_string();
-    id.reserve(37);
+    // One allocation: at most 10 digits, '#', 36 of the UUID.
+    let mut id = String::with_capacity(47);
+    id.push_str(itoa::Buffer::new().format(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) >> 1));
     id.push('#');
     for (i, byte) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {

@@ -199,8 +199,10 @@ fn split(path: &str) -> Option<Vec<Cow<'_, str>>> {
     let segments = path.split('/').filter(|s| !s.is_empty());
     if !path.contains('%') {
         // Nothing to decode (nearly every request): skip the decoder's scan and UTF-8
-        // check of each segment.
-        return Some(segments.map(Cow::Borrowed).collect());
+        // check of each segment. Sized once (a collected `filter` starts small and grows).
+        let mut out = Vec::with_capacity(path.bytes().filter(|b| *b == b'/').count() + 1);
+        out.extend(segments.map(Cow::Borrowed));
+        return Some(out);
     }
     segments
         .map(|s| percent_decode_str(s).decode_utf8().ok())
