@@ -257,13 +257,21 @@ impl Generation {
         .map_err(|_| PluginError::Stopped(self.name.clone()))
     }
 
-    /// Calls an operation on the worker thread and waits for the answer.
-    pub async fn call(&self, op: &str, input: Vec<u8>) -> Result<Vec<u8>, PluginError> {
+    /// Calls an operation on the worker thread and waits for the answer, keeping `keep`
+    /// alive until the worker has run the operation (or dropped it), even if the caller
+    /// stops waiting first.
+    pub async fn call_keeping<K: Send + 'static>(
+        &self,
+        op: &str,
+        input: Vec<u8>,
+        keep: K,
+    ) -> Result<Vec<u8>, PluginError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(
             op,
             input,
             Box::new(move |r| {
+                drop(keep);
                 let _ = tx.send(r);
             }),
         )?;
@@ -271,7 +279,7 @@ impl Generation {
             .map_err(|_| PluginError::Stopped(self.name.clone()))?
     }
 
-    /// As [`Generation::call`], blocking the calling (non-async) thread.
+    /// As [`Generation::call_keeping`], blocking the calling (non-async) thread.
     pub fn call_blocking(&self, op: &str, input: Vec<u8>) -> Result<Vec<u8>, PluginError> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.send(

@@ -100,7 +100,7 @@ pub struct PluginHost {
     /// [`PluginHost::quiesce`]) by a reload while it makes and installs new instances: a
     /// new instance reads its state with no write of the old one in flight, and every
     /// later call goes to it, so no key made or revoked around a reload is missed.
-    state_gate: tokio::sync::RwLock<()>,
+    state_gate: Arc<tokio::sync::RwLock<()>>,
     /// Moves whenever plugin state may have changed: around every operation other than
     /// authenticate, verify and deliver, and when a plugin is (re)loaded. Reused auth
     /// verdicts ([`crate::auth::AuthChain`]) are valid only within one epoch.
@@ -142,7 +142,7 @@ impl PluginHost {
             plugins: RwLock::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             reload_lock: Mutex::new(()),
-            state_gate: tokio::sync::RwLock::new(()),
+            state_gate: Arc::new(tokio::sync::RwLock::new(())),
             epoch: std::sync::atomic::AtomicU64::new(0),
         });
         // Copies from an earlier run are of no use: start clean.
@@ -233,10 +233,11 @@ impl PluginHost {
                 | connectord_plugin_sdk::sink::OP_DELIVER
                 | connectord_plugin_sdk::sink::OP_VERIFY
         );
-        // Taken before the generation is looked up: a reload waits for this call, and the
-        // call goes to the instance serving once it is let in.
-        let _gate = if mutating {
-            Some(self.state_gate.read().await)
+        // Taken before the generation is looked up, so the call goes to the instance
+        // serving once it is let in; released when the plugin's worker has run the call
+        // (not when this future stops waiting: a cancelled caller's call still runs).
+        let gate = if mutating {
+            Some(Arc::clone(&self.state_gate).read_owned().await)
         } else {
             None
         };
@@ -247,7 +248,7 @@ impl PluginHost {
         if mutating {
             self.bump_epoch();
         }
-        let out = g.call(op, bytes).await;
+        let out = g.call_keeping(op, bytes, gate).await;
         if mutating {
             self.bump_epoch();
         }
@@ -398,25 +399,38 @@ impl PluginHost {
     }
 
     /// Waits until no state-changing call runs and keeps new ones out while the guard
-    /// lives (a blocking wait: reloads run on blocking threads or before anything calls).
-    /// A call still running after [`QUIESCE_WAIT`] (a plugin that hangs, which a reload
-    /// may be replacing) is not waited for longer: the reload goes on without the guard,
-    /// logged.
-    fn quiesce(&self) -> Option<tokio::sync::RwLockWriteGuard<'_, ()>> {
-        let deadline = std::time::Instant::now() + QUIESCE_WAIT;
-        loop {
-            if let Ok(g) = self.state_gate.try_write() {
-                return Some(g);
-            }
-            if std::time::Instant::now() >= deadline {
-                tracing::warn!(
-                    "plugins: a state-changing plugin call is still running after {} s; reloading without waiting for it (a change it makes may be missed until the next reload)",
-                    QUIESCE_WAIT.as_secs()
-                );
-                return None;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
+    /// lives. The wait is queued in the lock, so calls that arrive meanwhile wait behind
+    /// it instead of keeping it out. A call still running after [`QUIESCE_WAIT`] (a
+    /// plugin that hangs, which a reload may be replacing) is not waited for longer: the
+    /// reload goes on without the guard, logged. Blocks the calling thread: reloads run
+    /// on blocking threads, or at start-up when nothing calls yet and the lock is free.
+    fn quiesce(&self) -> Option<tokio::sync::OwnedRwLockWriteGuard<()>> {
+        if let Ok(g) = Arc::clone(&self.state_gate).try_write_owned() {
+            return Some(g);
         }
+        let got = match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                let gate = Arc::clone(&self.state_gate);
+                rt.spawn(async move {
+                    let _ = tx.send(
+                        tokio::time::timeout(QUIESCE_WAIT, gate.write_owned())
+                            .await
+                            .ok(),
+                    );
+                });
+                rx.recv().ok().flatten()
+            }
+            // No runtime, so no call can be running: the lock was taken by nobody.
+            Err(_) => None,
+        };
+        if got.is_none() {
+            tracing::warn!(
+                "plugins: a state-changing plugin call is still running after {} s; reloading without waiting for it (a change it makes may be missed until the next reload)",
+                QUIESCE_WAIT.as_secs()
+            );
+        }
+        got
     }
 
     fn load_file(self: &Arc<Self>, path: &Path) {

@@ -200,7 +200,9 @@ fn split(path: &str) -> Option<Vec<Cow<'_, str>>> {
     if !path.contains('%') {
         // Nothing to decode (nearly every request): skip the decoder's scan and UTF-8
         // check of each segment. Sized once (a collected `filter` starts small and grows).
-        let mut out = Vec::with_capacity(path.bytes().filter(|b| *b == b'/').count() + 1);
+        // At most 16 up front: a path of many slashes has few segments.
+        let slashes = path.bytes().filter(|b| *b == b'/').count();
+        let mut out = Vec::with_capacity(slashes.min(16) + 1);
         out.extend(segments.map(Cow::Borrowed));
         return Some(out);
     }
