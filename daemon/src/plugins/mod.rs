@@ -148,13 +148,7 @@ impl PluginHost {
         // Copies from an earlier run are of no use: start clean.
         let _ = std::fs::remove_dir_all(&host.cache_dir);
         for table in builtins() {
-            match Generation::builtin(&host, table) {
-                Ok(g) => host.install(g),
-                Err(e) => {
-                    Counters::inc(&host.counters.plugin_errors);
-                    tracing::error!("built-in plugin: {e}");
-                }
-            }
+            host.load_builtin(table);
         }
         host.reload_dir();
         host
@@ -348,10 +342,7 @@ impl PluginHost {
                 .into_iter()
                 .find(|t| Generation::builtin_name(t) == name)
             {
-                Some(t) => match Generation::builtin(self, t) {
-                    Ok(g) => self.install(g),
-                    Err(e) => tracing::error!("built-in plugin: {e}"),
-                },
+                Some(t) => self.load_builtin(t),
                 None => {
                     self.plugins
                         .write()
@@ -385,13 +376,7 @@ impl PluginHost {
             if self.get(&name).is_none() || files.iter().any(|(_, n)| *n == name) {
                 continue;
             }
-            match Generation::builtin(self, table) {
-                Ok(g) => self.install(g),
-                Err(e) => {
-                    Counters::inc(&self.counters.plugin_errors);
-                    tracing::error!("built-in plugin: {e}; the previous instance keeps serving");
-                }
-            }
+            self.load_builtin(table);
         }
         for (path, _) in files {
             self.load_file(&path);
@@ -431,6 +416,20 @@ impl PluginHost {
             );
         }
         got
+    }
+
+    /// Starts a built-in and installs it; a failure is logged and counted, and whatever
+    /// served that name keeps serving.
+    fn load_builtin(self: &Arc<Self>, table: &'static connectord_plugin_sdk::PluginTable) {
+        match Generation::builtin(self, table) {
+            Ok(g) => self.install(g),
+            Err(e) => {
+                Counters::inc(&self.counters.plugin_errors);
+                tracing::error!(
+                    "built-in plugin: {e}; the previous version (if any) keeps serving"
+                );
+            }
+        }
     }
 
     fn load_file(self: &Arc<Self>, path: &Path) {
