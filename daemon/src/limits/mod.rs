@@ -59,8 +59,6 @@ struct Bucket {
 struct Window {
     /// At most 24 hours, in no particular order.
     buckets: Vec<Bucket>,
-    /// Some bucket is dirty.
-    dirty: bool,
 }
 
 impl Window {
@@ -70,7 +68,6 @@ impl Window {
     }
 
     fn add(&mut self, hour: u64, n: u64) {
-        self.dirty = true;
         match self.buckets.iter_mut().find(|b| b.hour == hour) {
             Some(b) => {
                 b.count += n;
@@ -220,8 +217,7 @@ impl Limits {
         if !std::mem::take(&mut w.dirty) {
             return out;
         }
-        for (domain, win) in w.map.iter_mut().filter(|(_, win)| win.dirty) {
-            win.dirty = false;
+        for (domain, win) in w.map.iter_mut() {
             win.total(hour);
             for b in win.buckets.iter_mut().filter(|b| b.dirty) {
                 b.dirty = false;
@@ -240,12 +236,12 @@ impl Limits {
         let mut w = self.lock();
         let mut any = false;
         for c in counts {
-            let Some(win) = w.map.get_mut(&c.domain) else {
-                continue;
-            };
-            if let Some(b) = win.buckets.iter_mut().find(|b| b.hour == c.hour) {
+            let bucket = w
+                .map
+                .get_mut(&c.domain)
+                .and_then(|win| win.buckets.iter_mut().find(|b| b.hour == c.hour));
+            if let Some(b) = bucket {
                 b.dirty = true;
-                win.dirty = true;
                 any = true;
             }
         }
