@@ -6,9 +6,10 @@
 //! Transfers are keyed by the peer, the method, the request's Uri-Path and Uri-Query (the
 //! token may change from block to block, §2.3) and its Request-Tag options (RFC 9175
 //! §3.3: blocks with different Request-Tags are never one body, so a device may run two
-//! transfers to the same resource, or start a new one over a stale one, by tagging them). Blocks must come in order; a gap, a
-//! repeat of an earlier block (once the duplicate cache has forgotten it) or a block of a
-//! transfer that is not known is 4.08 Request Entity Incomplete. A non-last block whose
+//! transfers to the same resource, or start a new one over a stale one, by tagging them).
+//! Blocks must come in order; a gap, a repeat of an earlier block (once the duplicate
+//! cache has forgotten it) or a block of a transfer that is not known is 4.08 Request
+//! Entity Incomplete. A non-last block whose
 //! payload is not exactly its block size is 4.00. A body past [`MAX_BODY`] is 4.13 with
 //! Size1. At most [`MAX_TRANSFERS`] transfers are assembled at once (5.03 past it), each
 //! forgotten [`LIFETIME`] after its first block: the memory held is bounded whatever the

@@ -17,49 +17,44 @@ pub fn request(job: &Job) -> String {
     // Every field named, none with `..`: a field added to `Job` fails the build here
     // until it is written below (serde writes every field not skipped).
     let Job {
-        id: _,
-        key_id: _,
-        domain: _,
-        ep: _,
-        method: _,
-        path: _,
-        payload: _,
-        content_format: _,
-        created_ms: _,
-        internal: _,
+        id,
+        key_id,
+        domain,
+        ep,
+        method,
+        path,
+        payload,
+        content_format,
+        created_ms,
+        internal,
         row: _,
     } = job;
     let mut out = String::with_capacity(
-        160 + job.id.len()
-            + job.key_id.len()
-            + job.domain.len()
-            + job.ep.len()
-            + job.path.len()
-            + job.payload.len(),
+        160 + id.len() + key_id.len() + domain.len() + ep.len() + path.len() + payload.len(),
     );
     out.push_str("{\"id\":");
-    string(&mut out, &job.id);
+    string(&mut out, id);
     out.push_str(",\"key_id\":");
-    string(&mut out, &job.key_id);
+    string(&mut out, key_id);
     out.push_str(",\"domain\":");
-    string(&mut out, &job.domain);
+    string(&mut out, domain);
     out.push_str(",\"ep\":");
-    string(&mut out, &job.ep);
+    string(&mut out, ep);
     out.push_str(",\"method\":\"");
-    out.push_str(method_name(job.method));
+    out.push_str(method_name(*method));
     out.push_str("\",\"path\":");
-    string(&mut out, &job.path);
+    string(&mut out, path);
     out.push_str(",\"payload\":");
-    string(&mut out, &job.payload);
+    string(&mut out, payload);
     out.push_str(",\"content_format\":");
-    match job.content_format {
-        Some(cf) => number(&mut out, u64::from(cf)),
+    match content_format {
+        Some(cf) => number(&mut out, u64::from(*cf)),
         None => out.push_str("null"),
     }
     out.push_str(",\"created_ms\":");
-    number(&mut out, job.created_ms);
+    number(&mut out, *created_ms);
     out.push_str(",\"internal\":");
-    out.push_str(if job.internal { "true" } else { "false" });
+    out.push_str(if *internal { "true" } else { "false" });
     out.push('}');
     out
 }
@@ -68,28 +63,27 @@ pub fn request(job: &Job) -> String {
 pub fn event(e: &StoredEvent) -> String {
     // As in `request`: a new field fails the build here.
     let StoredEvent {
-        key_id: _,
-        seq: _,
-        event:
-            Event {
-                kind: _,
-                body: _,
-                created_ms: _,
-            },
+        key_id,
+        seq,
+        event: Event {
+            kind,
+            body,
+            created_ms,
+        },
     } = e;
-    let body = e.event.body.as_str();
-    let mut out = String::with_capacity(96 + e.key_id.len() + body.len());
+    let body = body.as_str();
+    let mut out = String::with_capacity(96 + key_id.len() + body.len());
     out.push_str("{\"key_id\":");
-    string(&mut out, &e.key_id);
+    string(&mut out, key_id);
     out.push_str(",\"seq\":");
-    number(&mut out, e.seq);
+    number(&mut out, *seq);
     out.push_str(",\"event\":{\"kind\":\"");
-    out.push_str(e.event.kind.as_str());
+    out.push_str(kind.as_str());
     out.push_str("\",\"body\":");
     // Valid JSON already (a `RawValue`), written as it is, as serde writes it.
     out.push_str(body);
     out.push_str(",\"created_ms\":");
-    number(&mut out, e.event.created_ms);
+    number(&mut out, *created_ms);
     out.push_str("}}");
     out
 }
