@@ -28,7 +28,7 @@ fn register_list_update_deregister() {
         assert_eq!(r.content_type, "application/json");
         assert_eq!(
             r.json(),
-            serde_json::json!([{"name": "node-001", "type": "Light", "status": "ACTIVE", "q": false}])
+            serde_json::json!([{"name": "node-001", "type": "Light", "status": "ACTIVE", "q": false, "lwm2m": "1.0"}])
         );
         let r = d.get(&format!("{prefix}/endpoints/node-001"));
         assert_eq!(r.status, 200);
@@ -37,7 +37,8 @@ fn register_list_update_deregister() {
             serde_json::json!([
                 {"uri": "/3/0", "rt": "oma.device", "obs": "true"},
                 {"uri": "/3303/0/5700", "rt": "5700", "obs": "true", "type": "text/plain"},
-                {"uri": "/5/0", "obs": "false"}
+                // An LwM2M client (lwm2m=): every listed path is observable.
+                {"uri": "/5/0", "obs": "true"}
             ])
         );
     }
@@ -59,7 +60,7 @@ fn register_list_update_deregister() {
     let r = d.get_accept("/v2/endpoints/node-001", "application/link-format");
     assert_eq!(
         r.body,
-        r#"</3/0>;rt="oma.device";obs,</3303/0/5700>;rt="5700";obs;type="text/plain",</5/0>"#
+        r#"</3/0>;rt="oma.device";obs,</3303/0/5700>;rt="5700";obs;type="text/plain",</5/0>;obs"#
     );
     let r = d.get_accept("/v2/endpoints", "text/html");
     assert_eq!(r.status, 406);
@@ -669,7 +670,7 @@ fn aiocoap_client_registers_updates_and_deregisters() {
     assert!(location.starts_with("rd/"), "{location}");
     assert_eq!(
         d.get("/v2/endpoints").json(),
-        serde_json::json!([{"name": "aiocoap-1", "type": "aiocoap-sensor", "status": "ACTIVE", "q": false}])
+        serde_json::json!([{"name": "aiocoap-1", "type": "aiocoap-sensor", "status": "ACTIVE", "q": false, "lwm2m": "1.0"}])
     );
     assert_eq!(
         d.get("/v2/endpoints/aiocoap-1").json(),

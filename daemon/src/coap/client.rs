@@ -147,6 +147,8 @@ pub struct CoapReply {
     pub max_age: Option<u32>,
     pub observe: Option<u32>,
     pub token: Vec<u8>,
+    /// The Location-Path options joined as a path (`/3303/1`), when there are any.
+    pub location: Option<String>,
 }
 
 impl CoapReply {
@@ -161,8 +163,21 @@ impl CoapReply {
             max_age: message::uint_option(p, CoapOption::MaxAge),
             observe: message::uint_option(p, CoapOption::Observe),
             token: p.get_token().to_vec(),
+            location: location_path(p),
         }
     }
+}
+
+/// The Location-Path options of a response as one path with a leading slash (segments
+/// that are not UTF-8 are decoded lossily).
+fn location_path(p: &Packet) -> Option<String> {
+    let segments = p.get_option(CoapOption::LocationPath)?;
+    let mut path = String::new();
+    for s in segments {
+        path.push('/');
+        path.push_str(&String::from_utf8_lossy(s));
+    }
+    Some(path)
 }
 
 /// Why a request to a device got no answer.

@@ -18,6 +18,9 @@ const TABLE: &[(u16, &str)] = &[
     (11544, "application/vnd.oma.lwm2m+cbor"),
 ];
 
+/// `application/json`.
+pub const JSON: u16 = 50;
+
 /// The media type of a Content-Format number, when known.
 pub fn media_type(n: u16) -> Option<&'static str> {
     TABLE.iter().find(|(k, _)| *k == n).map(|(_, v)| *v)

@@ -33,16 +33,20 @@ pub enum Kind {
     DeRegistrations,
     RegistrationsExpired,
     AsyncResponses,
+    /// An extension: a subscription the device refused or ended (see
+    /// `subscriptions::subscription_error_body`).
+    SubscriptionErrors,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Notifications,
         Kind::Registrations,
         Kind::RegUpdates,
         Kind::DeRegistrations,
         Kind::RegistrationsExpired,
         Kind::AsyncResponses,
+        Kind::SubscriptionErrors,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +57,7 @@ impl Kind {
             Kind::DeRegistrations => "de-registrations",
             Kind::RegistrationsExpired => "registrations-expired",
             Kind::AsyncResponses => "async-responses",
+            Kind::SubscriptionErrors => "subscription-errors",
         }
     }
 }
@@ -195,19 +200,36 @@ pub fn registration_body(ep: &Endpoint) -> Value {
                 o.insert("ct".into(), json!(ct));
             }
             o.insert("obs".into(), json!(r.obs));
+            if let Some(ver) = &r.ver {
+                o.insert("ver".into(), json!(ver));
+            }
             Value::Object(o)
         })
         .collect();
-    json!({
+    let mut entry = json!({
         "ep": ep.reg.name,
         "ept": ep.reg.ept.clone().unwrap_or_default(),
         "q": ep.reg.queue,
         "resources": resources,
-    })
+    });
+    // Extensions: the LwM2M version and the device's preferred content format.
+    if let Some(o) = entry.as_object_mut() {
+        if let Some(v) = &ep.reg.lwm2m {
+            o.insert("lwm2m".into(), json!(v));
+        }
+        if let Some(ct) = ep.formats().first() {
+            o.insert(
+                "ct".into(),
+                json!(crate::coap::content_format::describe(*ct)),
+            );
+        }
+    }
+    entry
 }
 
 /// An `async-responses` entry. `error` is present only when there is one: the official
-/// Python client treats any `error` key as a failure.
+/// Python client treats any `error` key as a failure. `location` (an extension) is the
+/// Location-Path the device answered a create with (`/3303/1`).
 pub fn async_response_body(
     id: &str,
     status: u16,
@@ -215,6 +237,7 @@ pub fn async_response_body(
     ct: Option<&str>,
     max_age: Option<u32>,
     error: Option<&str>,
+    location: Option<&str>,
 ) -> Body {
     /// Fields in name order, as the `Value` map this replaced wrote them.
     #[derive(Serialize)]
@@ -224,6 +247,8 @@ pub fn async_response_body(
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<&'a str>,
         id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        location: Option<&'a str>,
         #[serde(rename = "max-age", skip_serializing_if = "Option::is_none")]
         max_age: Option<u32>,
         payload: String,
@@ -233,6 +258,7 @@ pub fn async_response_body(
         ct,
         error,
         id,
+        location,
         max_age,
         payload: base64::engine::general_purpose::STANDARD.encode(payload),
         status,
@@ -368,12 +394,12 @@ mod tests {
 
     #[test]
     fn async_response_has_error_only_when_failed() {
-        let ok = async_response_body("x", 200, b"12", Some("text/plain"), Some(0), None);
+        let ok = async_response_body("x", 200, b"12", Some("text/plain"), Some(0), None, None);
         assert_eq!(
             serde_json::from_str::<Value>(ok.as_str()).unwrap(),
             json!({"id": "x", "status": 200, "payload": "MTI=", "ct": "text/plain", "max-age": 0})
         );
-        let bad = async_response_body("x", 504, b"", None, None, Some("timeout"));
+        let bad = async_response_body("x", 504, b"", None, None, Some("timeout"), None);
         assert_eq!(
             serde_json::from_str::<Value>(bad.as_str()).unwrap(),
             json!({"id": "x", "status": 504, "error": "timeout", "payload": ""})

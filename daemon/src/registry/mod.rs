@@ -70,6 +70,8 @@ pub struct Resource {
     pub iface: Option<Box<str>>,
     /// `obs`: observable.
     pub obs: bool,
+    /// `ver=`: the object's version (LwM2M 1.1 puts it on object links).
+    pub ver: Option<Box<str>>,
 }
 
 /// A registered endpoint: its registration and an index of its resources.
@@ -93,10 +95,32 @@ impl Endpoint {
         Ok(Endpoint::with_resources(reg, &resources))
     }
 
+    /// An OMA LwM2M client (the registration carried `lwm2m=`): any object, instance or
+    /// resource may be observed (LwM2M's Information Reporting interface), so its links
+    /// carry no `obs` and every listed path and everything below it is observable. A
+    /// device without `lwm2m=` (mbed Client style) says what is observable with `obs`.
+    pub fn is_lwm2m(&self) -> bool {
+        self.reg.lwm2m.is_some()
+    }
+
+    /// Whether `path` may be observed: `Some(true)` for a path an LwM2M client listed or
+    /// one below it, `Some(obs)` for a path an mbed-style device listed, `None` when the
+    /// registration does not say (the device decides when asked).
+    pub fn observable(&self, path: &str) -> Option<bool> {
+        if self.is_lwm2m() {
+            return self
+                .paths()
+                .any(|(have, _)| is_at_or_below(path, have))
+                .then_some(true);
+        }
+        self.paths().find(|(p, _)| *p == path).map(|(_, obs)| obs)
+    }
+
     fn with_resources(reg: Registration, resources: &[Resource]) -> Endpoint {
+        let lwm2m = reg.lwm2m.is_some();
         let mut paths = String::new();
         for r in resources {
-            if r.obs {
+            if r.obs || lwm2m {
                 paths.push('*');
             }
             paths.push_str(&r.path);
@@ -108,9 +132,16 @@ impl Endpoint {
         }
     }
 
-    /// The resources with all their attributes (parsed from `reg.links` on each call).
+    /// The resources with all their attributes (parsed from `reg.links` on each call);
+    /// `obs` is true for everything an LwM2M client lists ([`Endpoint::observable`]).
     pub fn resources(&self) -> Vec<Resource> {
-        parse_resources(&self.reg.links).unwrap_or_default()
+        let mut resources = parse_resources(&self.reg.links).unwrap_or_default();
+        if self.is_lwm2m() {
+            for r in &mut resources {
+                r.obs = true;
+            }
+        }
+        resources
     }
 
     /// Each resource's path and whether it is observable, in registration order.
@@ -122,6 +153,11 @@ impl Endpoint {
                 Some(p) => (p, true),
                 None => (p, false),
             })
+    }
+
+    /// The Content-Formats the device lists on its root link, preferred first.
+    pub fn formats(&self) -> Vec<u16> {
+        root_formats(&self.reg.links)
     }
 
     /// How many resources the endpoint registered.
@@ -295,6 +331,16 @@ pub fn valid_name(n: &str) -> bool {
             .any(|c| c.is_control() || matches!(c, '/' | '?' | '#'))
 }
 
+/// True when `path` is `base` or below it, compared by whole segments (`/3/0/1` is below
+/// `/3/0`, `/3/01` is not).
+pub fn is_at_or_below(path: &str, base: &str) -> bool {
+    let base = base.trim_end_matches('/');
+    match path.strip_prefix(base) {
+        Some(rest) => !base.is_empty() && (rest.is_empty() || rest.starts_with('/')),
+        None => false,
+    }
+}
+
 /// Media type for a link-format `ct=` value (a Content-Format number), as the REST API
 /// reports it; an unknown or non-numeric value is passed through as given.
 pub fn media_type(ct: &str) -> String {
@@ -328,10 +374,30 @@ pub fn parse_resources(links: &str) -> Result<Vec<Resource>, RegistryError> {
             ct: l.attr("ct").flatten().map(|ct| media_type(ct).into()),
             iface: text("if"),
             obs: l.attr("obs").is_some(),
+            ver: text("ver"),
         });
     }
     out.shrink_to_fit();
     Ok(out)
+}
+
+/// The Content-Formats the device gives on its root link (`</>;rt="oma.lwm2m";ct=110` or
+/// `ct="110 11542"`), in its order: the first is the one it prefers. Values that are not
+/// numbers are left out; an unparsable object list has none.
+pub fn root_formats(links: &str) -> Vec<u16> {
+    let Ok(parsed) = link_format::parse(links) else {
+        return Vec::new();
+    };
+    parsed
+        .iter()
+        .find(|l| l.uri == "/" || l.attr("rt") == Some(Some("oma.lwm2m")))
+        .and_then(|l| l.attr("ct").flatten())
+        .map(|ct| {
+            ct.split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn new_registration_id() -> String {
@@ -604,13 +670,37 @@ impl Registry {
 
     /// Handles `DELETE /rd/{id}`.
     pub async fn deregister(&self, id: &str) -> Result<Arc<Endpoint>, RegistryError> {
+        self.remove_where(id, |inner| inner.remove(id)).await
+    }
+
+    /// `DELETE /endpoints/{name}`: the registration of `name` in `domain` ends as if the
+    /// device had de-registered (its next update gets 4.04).
+    pub async fn remove_by_name(
+        &self,
+        domain: &str,
+        name: &str,
+    ) -> Result<Arc<Endpoint>, RegistryError> {
+        self.remove_where(name, |inner| {
+            let id = inner.by_name(domain, name)?.reg.id.clone();
+            inner.remove(&id)
+        })
+        .await
+    }
+
+    /// Removes the endpoint `find` takes out of the maps (`what` names it in the error),
+    /// durably, and tells the listeners of the de-registration.
+    async fn remove_where(
+        &self,
+        what: &str,
+        find: impl FnOnce(&mut Inner) -> Option<Arc<Endpoint>>,
+    ) -> Result<Arc<Endpoint>, RegistryError> {
         let (ep, durable) = {
             let mut inner = self.lock();
-            let ep = inner
-                .remove(id)
-                .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
-            (ep, self.store.delete_registration(id.to_string()))
+            let ep = find(&mut inner).ok_or_else(|| RegistryError::NotFound(what.to_string()))?;
+            let durable = self.store.delete_registration(ep.reg.id.clone());
+            (ep, durable)
         };
+        let id = ep.reg.id.as_str();
         durable.await?;
         if let Some(l) = self.limits.get() {
             l.count(&ep.reg.domain);

@@ -328,3 +328,115 @@ async fn expiry_removes_due_registrations_only() {
     let reg = open(dir.path(), RegistryConfig::default());
     assert_eq!(reg.load().await.unwrap(), 1);
 }
+
+fn endpoint(lwm2m: Option<&str>, links: &str) -> Endpoint {
+    Endpoint::new(Registration {
+        id: "r".into(),
+        domain: "d".into(),
+        name: "n".into(),
+        ept: None,
+        lifetime_s: 60,
+        binding: "U".into(),
+        lwm2m: lwm2m.map(Into::into),
+        queue: false,
+        peer: addr(1),
+        local: addr(2),
+        links: links.into(),
+        registered_at_ms: 0,
+        expires_at_ms: 0,
+    })
+    .unwrap()
+}
+
+/// An LwM2M client's links carry no `obs`: everything it lists, and everything below,
+/// is observable; an mbed-style device says what is with `obs`.
+#[test]
+fn observability_follows_the_client_kind() {
+    let links = r#"</>;rt="oma.lwm2m";ct="112 11542",</3/0>;ver=1.1,</3303/0/5700>;obs"#;
+    let lw = endpoint(Some("1.1"), links);
+    for (path, want) in [
+        ("/3/0", Some(true)),
+        ("/3/0/1", Some(true)),
+        ("/3/0/7/1", Some(true)),
+        ("/3303/0/5700", Some(true)),
+        ("/3", None),
+        ("/3/01", None),
+        ("/4/0", None),
+    ] {
+        assert_eq!(lw.observable(path), want, "lwm2m {path}");
+    }
+    assert!(lw.resources().iter().all(|r| r.obs));
+    assert!(lw.paths().all(|(_, obs)| obs));
+    assert_eq!(lw.resources()[0].ver.as_deref(), Some("1.1"));
+    assert_eq!(lw.formats(), vec![112, 11542]);
+
+    let mbed = endpoint(None, links);
+    for (path, want) in [
+        ("/3/0", Some(false)),
+        ("/3/0/1", None),
+        ("/3303/0/5700", Some(true)),
+    ] {
+        assert_eq!(mbed.observable(path), want, "mbed {path}");
+    }
+    assert!(!mbed.resources()[0].obs);
+}
+
+#[test]
+fn paths_below_compare_whole_segments() {
+    for (path, base, want) in [
+        ("/3/0", "/3/0", true),
+        ("/3/0/1", "/3/0", true),
+        ("/3/0/1", "/3/0/", true),
+        ("/3/01", "/3/0", false),
+        ("/3", "/3/0", false),
+        ("/3/0", "/", false),
+        ("/3/0", "", false),
+    ] {
+        assert_eq!(is_at_or_below(path, base), want, "{path} under {base}");
+    }
+}
+
+#[test]
+fn root_formats_are_read_from_the_root_link() {
+    for (links, want) in [
+        (r#"</>;rt="oma.lwm2m";ct=110,</3/0>"#, vec![110]),
+        (r#"</>;ct="60 110 112",</3/0>"#, vec![60, 110, 112]),
+        (r#"</>;rt="oma.lwm2m";ct="x 42",</3/0>"#, vec![42]),
+        ("</3/0>;ct=0", vec![]),
+        ("<broken", vec![]),
+    ] {
+        assert_eq!(root_formats(links), want, "{links}");
+    }
+}
+
+#[tokio::test]
+async fn remove_by_name_is_a_deregistration_of_that_name_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path(), RegistryConfig::default());
+    let a = reg
+        .register(params("node-a"), addr(1000), addr(5683))
+        .await
+        .unwrap();
+    reg.register(params("node-b"), addr(1001), addr(5683))
+        .await
+        .unwrap();
+    assert!(matches!(
+        reg.remove_by_name("other", "node-a").await,
+        Err(RegistryError::NotFound(_))
+    ));
+    let gone = reg.remove_by_name("default", "node-a").await.unwrap();
+    assert_eq!(gone.reg.id, a.reg.id);
+    assert!(reg.get("default", "node-a").is_none());
+    assert!(reg.get("default", "node-b").is_some());
+    assert!(matches!(
+        reg.update(&a.reg.id, UpdateParams::default(), addr(1000), addr(5683))
+            .await,
+        Err(RegistryError::NotFound(_))
+    ));
+    // And it is gone from the store too.
+    drop(reg);
+    let reg = open(dir.path(), RegistryConfig::default());
+    reg.load().await.unwrap();
+    assert!(reg.get("default", "node-a").is_none());
+    assert!(reg.get("default", "node-b").is_some());
+}

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::reply::{Reply, error};
 use crate::auth::Principal;
-use crate::registry::{Registry, Resource};
+use crate::registry::{Registry, RegistryError, Resource};
 
 const JSON: &str = "application/json";
 const LINK_FORMAT: &str = "application/link-format";
@@ -91,6 +91,12 @@ struct EndpointJson<'a> {
     ept: &'a str,
     status: &'static str,
     q: bool,
+    /// Extension: the LwM2M version the device registered with (`lwm2m=`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lwm2m: Option<&'a str>,
+    /// Extension: the device's preferred content format (`ct=` on its root link).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ct: Option<String>,
 }
 
 /// Quotes a link-format attribute value.
@@ -116,6 +122,11 @@ pub fn list(registry: &Registry, who: &Principal, parts: &Parts) -> Reply {
                     ept: e.reg.ept.as_deref().unwrap_or(""),
                     status: "ACTIVE",
                     q: e.reg.queue,
+                    lwm2m: e.reg.lwm2m.as_deref(),
+                    ct: e
+                        .formats()
+                        .first()
+                        .map(|ct| crate::coap::content_format::describe(*ct)),
                 })
                 .collect();
             Reply::json(StatusCode::OK, &body)
@@ -146,6 +157,9 @@ struct ResourceJson<'a> {
     obs: &'static str,
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
     ct: Option<&'a str>,
+    /// Extension: the object version (`ver=`) the link carries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ver: Option<&'a str>,
 }
 
 fn resources_json(resources: &[Resource]) -> Vec<ResourceJson<'_>> {
@@ -156,6 +170,7 @@ fn resources_json(resources: &[Resource]) -> Vec<ResourceJson<'_>> {
             rt: r.rt.as_deref(),
             obs: if r.obs { "true" } else { "false" },
             ct: r.ct.as_deref(),
+            ver: r.ver.as_deref(),
         })
         .collect()
 }
@@ -187,11 +202,35 @@ pub fn get(registry: &Registry, who: &Principal, parts: &Parts, name: &str) -> R
                     if let Some(ct) = &r.ct {
                         s.push_str(&format!(";type={}", quoted(ct)));
                     }
+                    if let Some(ver) = &r.ver {
+                        s.push_str(&format!(";ver={}", quoted(ver)));
+                    }
                     s
                 })
                 .collect::<Vec<_>>()
                 .join(",");
             Reply::with_type(StatusCode::OK, LINK_FORMAT, body)
+        }
+    }
+}
+
+/// `DELETE /endpoints/{endpoint-name}` (an extension the official SDKs call): removes the
+/// registration as a de-registration would (a `de-registrations` event; queued and
+/// in-flight requests end with 410); the device's next update is answered 4.04, so it
+/// registers again. 204, or 404 when no such endpoint is registered in the caller's domain.
+pub async fn remove(registry: &Registry, who: &Principal, name: &str) -> Reply {
+    match registry.remove_by_name(&who.domain, name).await {
+        Ok(_) => Reply::empty(StatusCode::NO_CONTENT),
+        Err(RegistryError::NotFound(_)) => {
+            error(StatusCode::NOT_FOUND, "not_found", "endpoint not found")
+        }
+        Err(e) => {
+            tracing::error!(ep = name, "registration not removed: {e}");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "store_error",
+                "the registration could not be removed",
+            )
         }
     }
 }

@@ -275,6 +275,9 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
         ),
         Route::RestVersions => Reply::json(StatusCode::OK, &["v1", "v2"]),
         Route::Endpoints => endpoints::list(&state.registry, &principal, &parts),
+        Route::Endpoint(name) if parts.method == Method::DELETE => {
+            endpoints::remove(&state.registry, &principal, &name).await
+        }
         Route::Endpoint(name) => endpoints::get(&state.registry, &principal, &parts, &name),
         Route::Resource { ep, path } => {
             resources::handle(&state.requests, &principal, &parts, body, &ep, &path).await

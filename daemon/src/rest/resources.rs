@@ -17,7 +17,7 @@ use super::endpoints::query_param;
 use super::reply::{Reply, error};
 use crate::auth::Principal;
 use crate::coap::content_format;
-use crate::requests::{Method, RequestError, Requests, Submit, Submitted};
+use crate::requests::{Method, RequestError, Requests, Submit, Submitted, Want};
 
 /// A boolean query parameter: absent is false; anything but `true`/`false` is an error.
 pub fn bool_param(parts: &Parts, name: &str) -> Result<bool, Reply> {
@@ -63,6 +63,50 @@ fn body_format(parts: &Parts, body: &[u8]) -> Result<Option<u16>, Reply> {
     Ok(Some(cf))
 }
 
+/// The representation a read asks for with `Accept`, by q-value (the first on a tie):
+/// `application/json` is the decoded value tree, another media type with a CoAP
+/// Content-Format is asked of the device as it is, `*/*` (or no header) leaves the choice
+/// to the daemon and the device. A header naming none of these is 406.
+pub fn wanted(accept: Option<&str>) -> Result<Want, Reply> {
+    let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
+        return Ok(Want::Any);
+    };
+    let mut best: Option<(f32, Want)> = None;
+    for range in accept.split(',') {
+        let mut params = range.split(';');
+        let media = params.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = params
+            .filter_map(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|v| v.trim().parse::<f32>().ok())
+            })
+            .next()
+            .unwrap_or(1.0);
+        if q <= 0.0 {
+            continue;
+        }
+        let want = match media.as_str() {
+            "*/*" | "application/*" => Want::Any,
+            "application/json" => Want::Json,
+            m => match content_format::from_media_type(m) {
+                Some(cf) => Want::Format(cf),
+                None => continue,
+            },
+        };
+        if best.is_none_or(|(bq, _)| q > bq) {
+            best = Some((q, want));
+        }
+    }
+    best.map(|(_, w)| w).ok_or_else(|| {
+        error(
+            StatusCode::NOT_ACCEPTABLE,
+            "not_acceptable",
+            "Accept names no media type a device can answer in; use application/json (a decoded value tree), text/plain, application/octet-stream, application/vnd.oma.lwm2m+tlv, application/senml+json, application/senml+cbor, application/vnd.oma.lwm2m+cbor, application/cbor or */*",
+        )
+    })
+}
+
 pub async fn handle(
     requests: &std::sync::Arc<Requests>,
     who: &Principal,
@@ -89,11 +133,24 @@ pub async fn handle(
         Ok(cf) => cf,
         Err(r) => return r,
     };
+    let want = if method == Method::Get {
+        let accept = parts
+            .headers
+            .get(http::header::ACCEPT)
+            .map(|v| v.to_str().unwrap_or("\u{0}"));
+        match wanted(accept) {
+            Ok(w) => w,
+            Err(r) => return r,
+        }
+    } else {
+        Want::Any
+    };
     let submit = Submit {
         method: Some(method),
         path: path.to_string(),
         payload: body.to_vec(),
         content_format,
+        want,
         no_resp,
         cache_only,
     };
@@ -130,6 +187,7 @@ fn refusal(e: RequestError) -> Reply {
             error(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", &msg)
         }
         RequestError::Unavailable(_) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &msg),
+        RequestError::Undecodable(_) => error(StatusCode::BAD_GATEWAY, "bad_gateway", &msg),
         // 205 Reset Content carries no body (RFC 9110 §15.3.6).
         RequestError::NoCache => Reply::empty(StatusCode::RESET_CONTENT),
         RequestError::Store(e) => {
@@ -139,6 +197,43 @@ fn refusal(e: RequestError) -> Reply {
                 "internal_error",
                 "storage failure",
             )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_picks_the_representation_of_a_read() {
+        let table: &[(Option<&str>, Option<Want>)] = &[
+            (None, Some(Want::Any)),
+            (Some(" "), Some(Want::Any)),
+            (Some("*/*"), Some(Want::Any)),
+            (Some("application/json"), Some(Want::Json)),
+            (Some("text/plain"), Some(Want::Format(0))),
+            (
+                Some("application/vnd.oma.lwm2m+tlv"),
+                Some(Want::Format(11542)),
+            ),
+            (Some("application/senml+cbor"), Some(Want::Format(112))),
+            (Some("application/cbor"), Some(Want::Format(60))),
+            (Some("text/plain;q=0.5, application/json"), Some(Want::Json)),
+            (Some("text/html, text/plain"), Some(Want::Format(0))),
+            (Some("application/json;q=0, */*;q=0.1"), Some(Want::Any)),
+            (Some("text/html"), None),
+            (Some("application/json;q=0"), None),
+        ];
+        for (accept, want) in table {
+            match (wanted(*accept), want) {
+                (Ok(got), Some(w)) => assert_eq!(got, *w, "{accept:?}"),
+                (Err(r), None) => assert_eq!(r.status(), StatusCode::NOT_ACCEPTABLE),
+                (got, want) => panic!(
+                    "{accept:?}: {:?} against {want:?}",
+                    got.map_err(|r| r.status())
+                ),
+            }
         }
     }
 }

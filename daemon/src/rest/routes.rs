@@ -20,7 +20,7 @@ pub enum Route {
     RestVersions,
     /// `GET /endpoints`.
     Endpoints,
-    /// `GET /endpoints/{endpoint-name}`.
+    /// `GET|DELETE /endpoints/{endpoint-name}`.
     Endpoint(String),
     /// `GET|PUT|POST|DELETE /endpoints/{endpoint-name}/{resource-path}`.
     Resource { ep: String, path: String },
@@ -81,6 +81,7 @@ pub const CORE_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v2/rest-versions"),
     ("GET", "/v2/endpoints"),
     ("GET", "/v2/endpoints/{endpoint-name}"),
+    ("DELETE", "/v2/endpoints/{endpoint-name}"),
     ("GET", "/v2/endpoints/{endpoint-name}/{resource-path}"),
     ("PUT", "/v2/endpoints/{endpoint-name}/{resource-path}"),
     ("POST", "/v2/endpoints/{endpoint-name}/{resource-path}"),
@@ -130,7 +131,15 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
         [] => read(Route::Root, Scope::EndpointsRead),
         ["rest-versions"] => read(Route::RestVersions, Scope::EndpointsRead),
         ["endpoints"] => read(Route::Endpoints, Scope::EndpointsRead),
-        ["endpoints", name] => read(Route::Endpoint((*name).to_string()), Scope::EndpointsRead),
+        ["endpoints", name] => {
+            let route = Route::Endpoint((*name).to_string());
+            match *method {
+                Method::GET | Method::HEAD => Ok((route, Scope::EndpointsRead)),
+                // Removing a registration is a write on the device's resources.
+                Method::DELETE => Ok((route, Scope::ResourcesWrite)),
+                _ => Err(method_not_allowed("GET, HEAD, DELETE")),
+            }
+        }
         ["endpoints", name, rest @ ..] => {
             let route = Route::Resource {
                 ep: (*name).to_string(),

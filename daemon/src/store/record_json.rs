@@ -25,6 +25,9 @@ pub fn request(job: &Job) -> String {
         path,
         payload,
         content_format,
+        accept,
+        accept_fallback,
+        as_json,
         created_ms,
         internal,
         row: _,
@@ -51,6 +54,15 @@ pub fn request(job: &Job) -> String {
         Some(cf) => number(&mut out, u64::from(*cf)),
         None => out.push_str("null"),
     }
+    out.push_str(",\"accept\":");
+    match accept {
+        Some(cf) => number(&mut out, u64::from(*cf)),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"accept_fallback\":");
+    out.push_str(if *accept_fallback { "true" } else { "false" });
+    out.push_str(",\"as_json\":");
+    out.push_str(if *as_json { "true" } else { "false" });
     out.push_str(",\"created_ms\":");
     number(&mut out, *created_ms);
     out.push_str(",\"internal\":");
@@ -150,6 +162,9 @@ mod tests {
             path: s.into(),
             payload: s.into(),
             content_format: cf,
+            accept: cf.map(|c| c ^ 1),
+            accept_fallback: internal,
+            as_json: !internal,
             created_ms: 1_764_000_000_000,
             internal,
             row: 42,

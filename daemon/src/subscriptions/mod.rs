@@ -160,6 +160,10 @@ struct Observation {
 struct State {
     keys: Map<String, KeySubs>,
     observations: Map<ResKey, Observation>,
+    /// (domain, endpoint) → (registration id, paths whose observe the device refused in
+    /// that registration): pre-subscriptions do not ask for them again until the device
+    /// registers anew, so a refusal is reported once, not at every update.
+    refused: Map<(String, String), (String, BTreeSet<String>)>,
 }
 
 impl State {
@@ -287,14 +291,17 @@ impl Subscriptions {
             .registry
             .get(&who.domain, ep_name)
             .ok_or_else(|| SubError::NotFound("endpoint not found".into()))?;
-        if let Some((_, obs)) = ep.paths().find(|(p, _)| *p == path) {
-            if !obs {
-                return Err(SubError::NotObservable);
+        match ep.observable(path) {
+            Some(true) => {}
+            Some(false) => return Err(SubError::NotObservable),
+            // Not said by the registration (a parent or child of a listed path): the
+            // device decides when asked.
+            None if resource_known(&ep, path) => {}
+            None => {
+                return Err(SubError::NotFound(format!(
+                    "resource {path} is not found on the endpoint"
+                )));
             }
-        } else if !resource_known(&ep, path) {
-            return Err(SubError::NotFound(format!(
-                "resource {path} is not found on the endpoint"
-            )));
         }
         self.add(who, ep_name, path).await?;
         let observed = self.lock().observations.contains_key(&(
@@ -500,21 +507,43 @@ impl Subscriptions {
             queue: ep.reg.queue,
         };
         let resources = ep.resources();
+        let refused: BTreeSet<String> = {
+            let st = self.lock();
+            match st.refused.get(&(domain.clone(), ep.reg.name.clone())) {
+                Some((id, paths)) if *id == ep.reg.id => paths.clone(),
+                _ => BTreeSet::new(),
+            }
+        };
         for (key_id, rules) in keys {
             if only_key.is_some_and(|k| k != key_id) {
                 continue;
             }
-            for r in resources.iter().filter(|r| r.obs) {
-                let res = ResourceInfo {
+            let below = lwm2m_rule_paths(ep, &rules);
+            let candidates = resources
+                .iter()
+                .filter(|r| r.obs)
+                .map(|r| ResourceInfo {
                     path: &r.path,
                     rt: r.rt.as_deref(),
                     ct: r.ct.as_deref(),
                     iface: r.iface.as_deref(),
                     obs: r.obs,
-                };
-                let wanted = match self.lua.presubscribe(&info, &res, &KeyInfo { id: &key_id }) {
+                })
+                .chain(below.iter().map(|p| ResourceInfo {
+                    path: p,
+                    rt: None,
+                    ct: None,
+                    iface: None,
+                    obs: true,
+                }));
+            for res in candidates {
+                if refused.contains(res.path) {
+                    continue;
+                }
+                let r = &res;
+                let wanted = match self.lua.presubscribe(&info, r, &KeyInfo { id: &key_id }) {
                     Some(answer) => answer,
-                    None => presub::any_match(&rules, &ep.reg.name, ep.reg.ept.as_deref(), &r.path),
+                    None => presub::any_match(&rules, &ep.reg.name, ep.reg.ept.as_deref(), r.path),
                 };
                 if wanted {
                     let who = Principal {
@@ -524,7 +553,7 @@ impl Subscriptions {
                         scopes: Vec::new(),
                         allow: None,
                     };
-                    if let Err(e) = self.add(&who, &ep.reg.name, &r.path).await {
+                    if let Err(e) = self.add(&who, &ep.reg.name, r.path).await {
                         tracing::error!("pre-subscription not stored: {e}");
                     }
                 }
@@ -554,6 +583,93 @@ impl Subscriptions {
         for p in missing {
             self.requests
                 .observe_internal(&ep.reg.domain, &ep.reg.name, &p, awake);
+        }
+    }
+
+    /// Removes every key's subscriptions of an endpoint that de-registered or expired.
+    async fn remove_endpoint_everywhere(&self, domain: &str, ep: &str) {
+        let durable: Vec<_> = {
+            let mut st = self.lock();
+            st.refused.remove(&(domain.to_string(), ep.to_string()));
+            let keys: Vec<String> = st
+                .keys
+                .iter_mut()
+                .filter(|(_, k)| k.domain == domain)
+                .filter_map(|(id, k)| k.resources.remove_endpoint(ep).then(|| id.clone()))
+                .collect();
+            keys.into_iter()
+                .map(|k| {
+                    self.store
+                        .delete_subscriptions(k, Some(ep.to_string()), None)
+                })
+                .collect()
+        };
+        for d in durable {
+            if let Err(e) = d.await {
+                tracing::error!(%ep, "subscriptions of a departed endpoint not removed: {e}");
+            }
+        }
+    }
+
+    /// The device refused to be observed at `path` (an error code, or an answer without
+    /// Observe), or ended an observation: every key's subscription to it is removed and
+    /// each such key's channel gets a `subscription-errors` entry, so the failure is
+    /// never silent. Pre-subscriptions do not ask for the path again until the device
+    /// registers anew.
+    async fn observation_refused(
+        &self,
+        domain: &str,
+        ep: &Endpoint,
+        path: &str,
+        status: u16,
+        reason: &str,
+    ) {
+        let ep_name = ep.reg.name.as_str();
+        let (keys, durable) = {
+            let mut st = self.lock();
+            let refused = st
+                .refused
+                .entry((domain.to_string(), ep_name.to_string()))
+                .or_default();
+            if refused.0 != ep.reg.id {
+                *refused = (ep.reg.id.clone(), BTreeSet::new());
+            }
+            refused.1.insert(path.to_string());
+            st.stop_observation(&(domain.to_string(), ep_name.to_string(), path.to_string()));
+            let keys: Vec<String> = st
+                .keys
+                .iter_mut()
+                .filter(|(_, k)| k.domain == domain)
+                .filter_map(|(id, k)| k.resources.remove(ep_name, path).then(|| id.clone()))
+                .collect();
+            let durable: Vec<_> = keys
+                .iter()
+                .map(|k| {
+                    self.store.delete_subscriptions(
+                        k.clone(),
+                        Some(ep_name.to_string()),
+                        Some(path.to_string()),
+                    )
+                })
+                .collect();
+            (keys, durable)
+        };
+        for d in durable {
+            if let Err(e) = d.await {
+                tracing::error!(ep = %ep_name, %path, "refused subscription not removed: {e}");
+            }
+        }
+        if log_budget::allow(DeviceLine::ObservationNotEstablished) {
+            tracing::info!(ep = %ep_name, %path, status, subscribers = keys.len(), "subscription ended: {reason}");
+        }
+        let body = subscription_error_body(ep_name, path, status, reason);
+        for k in keys {
+            let event = Event {
+                kind: Kind::SubscriptionErrors,
+                body: body.clone(),
+                created_ms: now_ms(),
+            };
+            self.hub.publish_to_key(&k, event).await;
         }
     }
 
@@ -601,6 +717,53 @@ impl Subscriptions {
     }
 }
 
+/// A `subscription-errors` entry (an extension): the subscription to `ep`'s `path` was
+/// removed because the device refused or ended the observation; `status` is the HTTP
+/// status of the device's answer (412: it answered without Observe).
+pub fn subscription_error_body(
+    ep: &str,
+    path: &str,
+    status: u16,
+    error: &str,
+) -> crate::events::Body {
+    #[derive(serde::Serialize)]
+    struct Entry<'a> {
+        ep: &'a str,
+        error: &'a str,
+        path: &'a str,
+        status: u16,
+    }
+    crate::events::Body::new(&Entry {
+        ep,
+        error,
+        path,
+        status,
+    })
+}
+
+/// For an LwM2M client, the concrete paths (no `*`) of `rules` that lie below a path it
+/// listed without being listed themselves: an LwM2M client lists objects and instances,
+/// and everything below them is observable, so a rule naming `/3303/0/5700` applies to a
+/// device that listed `</3303/0>`.
+fn lwm2m_rule_paths(ep: &Endpoint, rules: &[PreSub]) -> BTreeSet<String> {
+    if !ep.is_lwm2m() {
+        return BTreeSet::new();
+    }
+    rules
+        .iter()
+        .filter(|r| r.matches_endpoint(&ep.reg.name, ep.reg.ept.as_deref()))
+        .flat_map(|r| r.resource_path.iter().flatten())
+        .filter(|p| !p.contains('*'))
+        .filter(|p| {
+            ep.paths().all(|(have, _)| have != p.as_str())
+                && ep
+                    .paths()
+                    .any(|(have, _)| crate::registry::is_at_or_below(p, have))
+        })
+        .cloned()
+        .collect()
+}
+
 /// A `notifications` entry: `ep`, `path`, `ct`, `payload` (base64), `max-age`.
 pub fn notification_body(ep: &str, path: &str, reply: &CoapReply) -> crate::events::Body {
     use base64::Engine;
@@ -625,6 +788,16 @@ pub fn notification_body(ep: &str, path: &str, reply: &CoapReply) -> crate::even
 }
 
 impl ObservationSink for Subscriptions {
+    fn refused<'a>(
+        &'a self,
+        job: &'a Job,
+        ep: &'a Endpoint,
+        status: u16,
+        reason: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(self.observation_refused(&job.domain, ep, &job.path, status, reason))
+    }
+
     fn established(&self, job: &Job, ep: &Endpoint, first: &CoapReply, mut stream: ObserveStream) {
         let key: ResKey = (job.domain.clone(), job.ep.clone(), job.path.clone());
         let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
@@ -639,6 +812,7 @@ impl ObservationSink for Subscriptions {
         let first = first.clone();
         let internal = job.internal;
         let reg_id = ep.reg.id.clone();
+        let ep_arc = ep.clone();
         let task_key = key.clone();
         let cancel = stream.canceller();
         let task = tokio::spawn(async move {
@@ -654,7 +828,25 @@ impl ObservationSink for Subscriptions {
                     if log_budget::allow(DeviceLine::ObservationEnded) {
                         tracing::info!(ep = %ep_name, %path, code = ?reply.code, "the device ended the observation");
                     }
-                    break;
+                    let (status, reason) = if reply.code.is_error() {
+                        (
+                            crate::requests::http_status(reply.code),
+                            format!("the device ended the observation with {:?}", reply.code),
+                        )
+                    } else {
+                        (
+                            412,
+                            "the device ended the observation (a response without Observe)".into(),
+                        )
+                    };
+                    // Out of the map first: observation_refused stops the observation,
+                    // which aborts this very task.
+                    me.lock()
+                        .observations
+                        .remove(&(domain.clone(), ep_name.clone(), path.clone()));
+                    me.observation_refused(&domain, &ep_arc, &path, status, &reason)
+                        .await;
+                    return;
                 }
                 let seq = reply.observe.unwrap_or(0);
                 let now = Instant::now();
@@ -693,7 +885,12 @@ impl RegistryListener for Subscriptions {
                 }
                 RegistryEvent::Updated { .. } => self.apply_presubs(ep, None).await,
                 RegistryEvent::Deregistered(_) | RegistryEvent::Expired(_) => {
+                    // Decision: an endpoint that leaves takes its subscriptions with it
+                    // (seed 000: `GET /subscriptions/{ep}` is 404 for an endpoint that is
+                    // not found); pre-subscriptions make them again when it registers.
                     self.forget_observations(&ep.reg.domain, &ep.reg.name);
+                    self.remove_endpoint_everywhere(&ep.reg.domain, &ep.reg.name)
+                        .await;
                 }
             }
         })
@@ -742,6 +939,7 @@ mod tests {
             content_format: Some(0),
             max_age: None,
             observe: Some(3),
+            location: None,
             token: vec![1],
         };
         assert_eq!(

@@ -116,6 +116,15 @@ pub fn glob(pattern: &str, text: &str) -> bool {
 impl PreSub {
     /// Does this rule ask for `path` on an endpoint with this name and type?
     pub fn matches(&self, name: &str, ept: Option<&str>, path: &str) -> bool {
+        let path_ok = match &self.resource_path {
+            None => true,
+            Some(paths) => paths.iter().any(|p| glob(p, path)),
+        };
+        path_ok && self.matches_endpoint(name, ept)
+    }
+
+    /// Does this rule apply to an endpoint with this name and type (any of its paths)?
+    pub fn matches_endpoint(&self, name: &str, ept: Option<&str>) -> bool {
         let name_ok = match &self.endpoint_name {
             None => true,
             Some(n) => match n.strip_suffix('*') {
@@ -127,11 +136,7 @@ impl PreSub {
             None => true,
             Some(t) => ept == Some(t.as_str()),
         };
-        let path_ok = match &self.resource_path {
-            None => true,
-            Some(paths) => paths.iter().any(|p| glob(p, path)),
-        };
-        name_ok && type_ok && path_ok
+        name_ok && type_ok
     }
 }
 

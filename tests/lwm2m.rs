@@ -1,0 +1,538 @@
+//! End-to-end tests of what real LwM2M clients and the official REST SDKs need (issue 17):
+//! observing LwM2M clients (whose links carry no `obs`), Accept and content formats,
+//! `DELETE /endpoints/{ep}`, requests ended with 410 when their endpoint leaves, the
+//! Location-Path of a create, subscriptions after de-registration, `ver=` and `ct=`.
+//! The device is a scripted CoAP peer on a real UDP socket (`support::coap::Device`).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use serde_json::json;
+use support::coap::{Device, path_of, uint, uint_option};
+use support::{Daemon, b64};
+
+const WAIT: Duration = Duration::from_secs(10);
+/// What an LwM2M 1.1 client registers: no `obs` anywhere, objects and instances, `ver=`
+/// on an object, its content formats on the root link.
+const LW_LINKS: &str = r#"</>;rt="oma.lwm2m";ct="110 11542",</1/0>,</3>;ver=1.1,</3/0>,</3303/0>"#;
+
+/// A request of the daemon's that the device received, and where from.
+fn expect_request(dev: &Device, path: &str) -> (Packet, SocketAddr) {
+    let (req, from) = dev
+        .recv_request(WAIT)
+        .unwrap_or_else(|| panic!("the daemon sent no request for {path}"));
+    assert_eq!(path_of(&req), path);
+    (req, from)
+}
+
+/// Answers `req` (piggybacked) with an Observe option when `observe` is given.
+fn answer(
+    dev: &Device,
+    req: &Packet,
+    to: SocketAddr,
+    code: ResponseType,
+    observe: Option<u32>,
+    ct: Option<u16>,
+    payload: &[u8],
+) {
+    let mut p = Packet::new();
+    p.header.set_type(MessageType::Acknowledgement);
+    p.header.code = MessageClass::Response(code);
+    p.header.message_id = req.header.message_id;
+    p.set_token(req.get_token().to_vec());
+    if let Some(seq) = observe {
+        p.add_option(CoapOption::Observe, uint(seq));
+    }
+    if let Some(ct) = ct {
+        p.add_option(CoapOption::ContentFormat, uint(u32::from(ct)));
+    }
+    p.payload = payload.to_vec();
+    dev.sock.send_to(&p.to_bytes().unwrap(), to).unwrap();
+}
+
+/// A CON notification of an established observation.
+fn notify(dev: &Device, token: &[u8], to: SocketAddr, mid: u16, seq: u32, value: &str) {
+    let mut p = Packet::new();
+    p.header.set_type(MessageType::Confirmable);
+    p.header.code = MessageClass::Response(ResponseType::Content);
+    p.header.message_id = mid;
+    p.set_token(token.to_vec());
+    p.add_option(CoapOption::Observe, uint(seq));
+    p.add_option(CoapOption::ContentFormat, uint(0));
+    p.payload = value.as_bytes().to_vec();
+    dev.sock.send_to(&p.to_bytes().unwrap(), to).unwrap();
+}
+
+fn subscribe(d: &Daemon, ep: &str, path: &str) -> support::Http {
+    d.call("PUT", &format!("/v2/subscriptions/{ep}{path}"), None, None)
+}
+
+/// An LwM2M client lists no `obs`: its listed paths show as observable, a subscription to
+/// an instance or to a resource below one is accepted and observed, and the
+/// notifications flow. An mbed-style device (no `lwm2m=`) keeps the `obs` rule (412).
+#[test]
+fn lwm2m_clients_are_observable_without_obs() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=lw-1", "lt=300", "lwm2m=1.1", "et=sensor"], LW_LINKS);
+
+    let res = d.get("/v2/endpoints/lw-1").json();
+    let res = res.as_array().unwrap();
+    assert_eq!(res.len(), 4, "{res:?}");
+    assert!(res.iter().all(|r| r["obs"] == "true"), "{res:?}");
+    assert_eq!(
+        res.iter().find(|r| r["uri"] == "/3").unwrap()["ver"],
+        "1.1",
+        "ver= is kept"
+    );
+    let list = d.get("/v2/endpoints").json();
+    assert_eq!(
+        list,
+        json!([{"name": "lw-1", "type": "sensor", "status": "ACTIVE", "q": false,
+                "lwm2m": "1.1", "ct": "application/senml+json"}])
+    );
+    let lf = d.get_accept("/v2/endpoints/lw-1", "application/link-format");
+    assert!(lf.body.contains(r#"</3>;obs;ver="1.1""#), "{}", lf.body);
+
+    // A resource below a listed instance.
+    let r = subscribe(&d, "lw-1", "/3303/0/5700");
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let (req, from) = expect_request(&dev, "/3303/0/5700");
+    assert_eq!(uint_option(&req, CoapOption::Observe), Some(0));
+    assert_eq!(
+        uint_option(&req, CoapOption::Accept),
+        Some(0),
+        "a single resource of an LwM2M client is asked for as text/plain"
+    );
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        Some(1),
+        Some(0),
+        b"21.5",
+    );
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(
+        (a["status"].as_u64(), a["payload"].as_str()),
+        (Some(200), Some(b64(b"21.5").as_str()))
+    );
+    notify(&dev, req.get_token(), from, 0x4000, 2, "22.0");
+    let ev = d.collect_events(WAIT, |e| !e.of("notifications").is_empty());
+    assert_eq!(ev.of("notifications")[0]["payload"], b64(b"22.0"));
+    assert_eq!(ev.of("notifications")[0]["path"], "/3303/0/5700");
+
+    // A listed instance.
+    let r = subscribe(&d, "lw-1", "/3/0");
+    assert_eq!(r.status, 202, "{}", r.body);
+    let (req, _) = expect_request(&dev, "/3/0");
+    assert_eq!(uint_option(&req, CoapOption::Observe), Some(0));
+    assert_eq!(
+        uint_option(&req, CoapOption::Accept),
+        None,
+        "an instance: the device's format"
+    );
+
+    // Below nothing listed: 404 as before.
+    assert_eq!(subscribe(&d, "lw-1", "/4/0/1").status, 404);
+
+    // mbed Client style: the seed's rule.
+    let mut mbed = d.device();
+    mbed.register(&["ep=mbed-1", "lt=300"], "</3/0>,</3303/0/5700>;obs");
+    assert_eq!(subscribe(&d, "mbed-1", "/3/0").status, 412);
+    let res = d.get("/v2/endpoints/mbed-1").json();
+    assert_eq!(res[0]["obs"], "false");
+    assert_eq!(res[1]["obs"], "true");
+    let list = d.get("/v2/endpoints").json();
+    let item = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "mbed-1")
+        .unwrap();
+    assert!(
+        item.get("lwm2m").is_none() && item.get("ct").is_none(),
+        "{item}"
+    );
+}
+
+/// A device that answers an observe without Observe, or with an error, ends the
+/// subscription visibly: the async response says so, the key's channel gets a
+/// `subscription-errors` entry, and `GET /subscriptions/{ep}` no longer lists it.
+#[test]
+fn a_refused_observe_ends_the_subscription_visibly() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=lw-2", "lt=300", "lwm2m=1.0"], LW_LINKS);
+
+    // Without Observe.
+    let r = subscribe(&d, "lw-2", "/3/0/1");
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    assert_eq!(
+        d.get("/v2/subscriptions/lw-2/3/0/1").status,
+        200,
+        "subscribed while pending"
+    );
+    let (req, from) = expect_request(&dev, "/3/0/1");
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        None,
+        Some(0),
+        b"model",
+    );
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(a["status"], 412, "{a}");
+    let ev = d.collect_events(WAIT, |e| !e.of("subscription-errors").is_empty());
+    assert_eq!(
+        ev.of("subscription-errors")[0],
+        json!({"ep": "lw-2", "path": "/3/0/1", "status": 412,
+               "error": "the device does not let this resource be observed (it answered without Observe)"})
+    );
+    assert_eq!(d.get("/v2/subscriptions/lw-2/3/0/1").status, 404);
+    assert_eq!(d.get("/v2/subscriptions/lw-2").status, 404);
+
+    // With an error code.
+    d.clear_inbox();
+    let r = subscribe(&d, "lw-2", "/3/0/4");
+    assert_eq!(r.status, 202);
+    let (req, from) = expect_request(&dev, "/3/0/4");
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::MethodNotAllowed,
+        None,
+        None,
+        b"",
+    );
+    let ev = d.collect_events(WAIT, |e| !e.of("subscription-errors").is_empty());
+    assert_eq!(ev.of("subscription-errors")[0]["status"], 405);
+    assert_eq!(d.get("/v2/subscriptions/lw-2/3/0/4").status, 404);
+
+    // An established observation the device ends later.
+    d.clear_inbox();
+    let r = subscribe(&d, "lw-2", "/3303/0/5700");
+    assert_eq!(r.status, 202);
+    let (req, from) = expect_request(&dev, "/3303/0/5700");
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        Some(7),
+        Some(0),
+        b"20",
+    );
+    let mut end = Packet::new();
+    end.header.set_type(MessageType::NonConfirmable);
+    end.header.code = MessageClass::Response(ResponseType::NotFound);
+    end.header.message_id = 0x5001;
+    end.set_token(req.get_token().to_vec());
+    dev.sock.send_to(&end.to_bytes().unwrap(), from).unwrap();
+    let ev = d.collect_events(WAIT, |e| !e.of("subscription-errors").is_empty());
+    assert_eq!(ev.of("subscription-errors")[0]["path"], "/3303/0/5700");
+    assert_eq!(ev.of("subscription-errors")[0]["status"], 404);
+    assert_eq!(d.get("/v2/subscriptions/lw-2/3303/0/5700").status, 404);
+}
+
+/// Pre-subscriptions start observations on an LwM2M client at registration, for paths
+/// it lists (no `obs` needed) and for concrete paths below them; a refused one is
+/// reported once and not asked for again at the next update.
+#[test]
+fn pre_subscriptions_observe_lwm2m_clients_at_registration() {
+    let d = Daemon::start();
+    let r = d.call(
+        "PUT",
+        "/v2/subscriptions",
+        Some("application/json"),
+        Some(br#"[{"endpoint-name": "lw-*", "resource-path": ["/3303/0/5700", "/1/*"]}]"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let mut dev = d.device();
+    let reg = dev.register(&["ep=lw-3", "lt=300", "lwm2m=1.1"], LW_LINKS);
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (req, from) = dev.recv_request(WAIT).expect("an observe request");
+        assert_eq!(uint_option(&req, CoapOption::Observe), Some(0));
+        let path = path_of(&req);
+        if path == "/1/0" {
+            // Refused: no Observe in the answer.
+            answer(
+                &dev,
+                &req,
+                from,
+                ResponseType::Content,
+                None,
+                Some(11542),
+                b"",
+            );
+        } else {
+            answer(
+                &dev,
+                &req,
+                from,
+                ResponseType::Content,
+                Some(1),
+                Some(0),
+                b"19.5",
+            );
+        }
+        seen.push(path);
+    }
+    seen.sort();
+    assert_eq!(seen, ["/1/0", "/3303/0/5700"]);
+    let ev = d.collect_events(WAIT, |e| {
+        !e.of("subscription-errors").is_empty() && !e.of("notifications").is_empty()
+    });
+    assert_eq!(ev.of("subscription-errors")[0]["path"], "/1/0");
+    assert_eq!(ev.of("notifications")[0]["payload"], b64(b"19.5"));
+    let subs = d.get("/v2/subscriptions/lw-3");
+    assert_eq!(subs.status, 200);
+    assert_eq!(subs.body.trim(), "/subscriptions/lw-3/3303/0/5700");
+
+    // An update: the refused path is not asked for again, the observed one is kept.
+    let code = dev.update(&reg, &[], None);
+    assert_eq!(code, ResponseType::Changed);
+    assert!(
+        dev.recv_request(Duration::from_millis(1500)).is_none(),
+        "nothing is observed again at an update"
+    );
+}
+
+/// The REST Accept header becomes the CoAP Accept option; with none, a single resource
+/// of an LwM2M client is asked for as text/plain and, if the device refuses that, asked
+/// again without Accept; a device without `lwm2m=` gets no Accept.
+#[test]
+fn accept_reaches_the_device_and_text_is_the_default_for_one_resource() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=lw-4", "lt=300", "lwm2m=1.0"], LW_LINKS);
+    let auth = format!("Bearer {}", d.key);
+
+    let read = |path: &str, accept: Option<&str>| -> String {
+        let mut headers = vec![("Authorization", auth.as_str())];
+        if let Some(a) = accept {
+            headers.push(("Accept", a));
+        }
+        let r = support::http("GET", &d.url(path), &headers, None);
+        assert_eq!(r.status, 202, "{path} {accept:?}: {}", r.body);
+        r.json()["async-response-id"].as_str().unwrap().to_string()
+    };
+
+    let id = read(
+        "/v2/endpoints/lw-4/3/0",
+        Some("application/vnd.oma.lwm2m+tlv"),
+    );
+    let (req, from) = expect_request(&dev, "/3/0");
+    assert_eq!(uint_option(&req, CoapOption::Accept), Some(11542));
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        None,
+        Some(11542),
+        &[0xc1, 0x00, 0x41],
+    );
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(a["ct"], "application/vnd.oma.lwm2m+tlv");
+
+    // No Accept: text/plain; the device refuses it, the daemon asks again without.
+    let id = read("/v2/endpoints/lw-4/3/0/0", None);
+    let (req, from) = expect_request(&dev, "/3/0/0");
+    assert_eq!(uint_option(&req, CoapOption::Accept), Some(0));
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::NotAcceptable,
+        None,
+        None,
+        b"",
+    );
+    let (req, from) = expect_request(&dev, "/3/0/0");
+    assert_eq!(
+        uint_option(&req, CoapOption::Accept),
+        None,
+        "asked again without Accept"
+    );
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        None,
+        Some(11542),
+        &[0xc3, 0x00, b'A', b'B', b'C'],
+    );
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(
+        (a["status"].as_u64(), a["ct"].as_str()),
+        (Some(200), Some("application/vnd.oma.lwm2m+tlv"))
+    );
+
+    // The application's own text/plain is not retried: the device's 4.06 is the answer.
+    let id = read("/v2/endpoints/lw-4/3/0/0", Some("text/plain"));
+    let (req, from) = expect_request(&dev, "/3/0/0");
+    assert_eq!(uint_option(&req, CoapOption::Accept), Some(0));
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::NotAcceptable,
+        None,
+        None,
+        b"",
+    );
+    assert_eq!(d.async_response(&id, WAIT)["status"], 406);
+
+    // Not a media type a device can answer in.
+    let r = support::http(
+        "GET",
+        &d.url("/v2/endpoints/lw-4/3/0/0"),
+        &[("Authorization", auth.as_str()), ("Accept", "text/html")],
+        None,
+    );
+    assert_eq!(r.status, 406, "{}", r.body);
+
+    // mbed Client style: no Accept unless asked.
+    let mut mbed = d.device();
+    mbed.register(&["ep=mbed-4", "lt=300"], "</3/0>");
+    let id = read("/v2/endpoints/mbed-4/3/0/0", None);
+    let (req, from) = expect_request(&mbed, "/3/0/0");
+    assert_eq!(uint_option(&req, CoapOption::Accept), None);
+    answer(
+        &mbed,
+        &req,
+        from,
+        ResponseType::Content,
+        None,
+        Some(0),
+        b"x",
+    );
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+}
+
+/// `DELETE /v2/endpoints/{ep}`: 204, a `de-registrations` event, the device's next update
+/// is 4.04 (so it registers again), a second delete is 404; a request in flight ends at
+/// once with 410, and the endpoint's subscriptions are gone.
+#[test]
+fn deleting_an_endpoint_deregisters_it_and_ends_its_requests() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    let reg = dev.register(&["ep=gone-1", "lt=300", "lwm2m=1.0"], LW_LINKS);
+    let r = subscribe(&d, "gone-1", "/3303/0/5700");
+    assert_eq!(r.status, 202);
+    let (req, from) = expect_request(&dev, "/3303/0/5700");
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        Some(1),
+        Some(0),
+        b"1",
+    );
+    assert_eq!(d.get("/v2/subscriptions/gone-1").status, 200);
+
+    // A read the device never answers: in flight, retransmitted.
+    let id = d.async_request("GET", "/v2/endpoints/gone-1/3/0/0", None, None);
+    expect_request(&dev, "/3/0/0");
+    d.clear_inbox();
+    let t = Instant::now();
+    let r = d.call("DELETE", "/v2/endpoints/gone-1", None, None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(a["status"], 410, "{a}");
+    assert!(
+        a["error"].as_str().unwrap().contains("de-registered"),
+        "{a}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "ended at once, not after retransmissions"
+    );
+    let ev = d.collect_events(WAIT, |e| !e.of("de-registrations").is_empty());
+    assert_eq!(ev.of("de-registrations"), [json!("gone-1")]);
+    assert_eq!(d.get("/v2/endpoints/gone-1").status, 404);
+    assert_eq!(
+        d.get("/v2/subscriptions/gone-1").status,
+        404,
+        "subscriptions left with it"
+    );
+    assert_eq!(dev.update(&reg, &[], None), ResponseType::NotFound);
+    assert_eq!(
+        d.call("DELETE", "/v2/endpoints/gone-1", None, None).status,
+        404
+    );
+    // GET on the same route still works for other endpoints; PUT is not a method there.
+    assert_eq!(
+        d.call("PUT", "/v2/endpoints/gone-1", None, None).status,
+        405
+    );
+}
+
+/// A request in flight when the device de-registers ends at once with 410 (it used to
+/// keep retransmitting and end with 504 after about 70 s).
+#[test]
+fn a_request_in_flight_ends_with_410_when_the_device_deregisters() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    let reg = dev.register(&["ep=leaving", "lt=300"], "</3/0>");
+    let id = d.async_request("GET", "/v2/endpoints/leaving/3/0/0", None, None);
+    expect_request(&dev, "/3/0/0");
+    let t = Instant::now();
+    assert_eq!(dev.deregister(&reg), ResponseType::Deleted);
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(a["status"], 410, "{a}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+/// A create's Location-Path reaches the application as `location`.
+#[test]
+fn a_created_instance_reports_its_location() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=maker", "lt=300", "lwm2m=1.0"], LW_LINKS);
+    let id = d.async_request(
+        "POST",
+        "/v2/endpoints/maker/3303",
+        Some("application/vnd.oma.lwm2m+tlv"),
+        Some(&[0xc1, 0x00, 0x01]),
+    );
+    let (req, from) = expect_request(&dev, "/3303");
+    assert_eq!(req.header.code, MessageClass::Request(RequestType::Post));
+    let mut p = Packet::new();
+    p.header.set_type(MessageType::Acknowledgement);
+    p.header.code = MessageClass::Response(ResponseType::Created);
+    p.header.message_id = req.header.message_id;
+    p.set_token(req.get_token().to_vec());
+    p.add_option(CoapOption::LocationPath, b"3303".to_vec());
+    p.add_option(CoapOption::LocationPath, b"1".to_vec());
+    dev.sock.send_to(&p.to_bytes().unwrap(), from).unwrap();
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(
+        (a["status"].as_u64(), a["location"].as_str()),
+        (Some(201), Some("/3303/1"))
+    );
+
+    // No Location-Path, no field.
+    let id = d.async_request(
+        "PUT",
+        "/v2/endpoints/maker/1/0/1",
+        Some("text/plain"),
+        Some(b"60"),
+    );
+    let (req, from) = expect_request(&dev, "/1/0/1");
+    answer(&dev, &req, from, ResponseType::Changed, None, None, b"");
+    assert!(d.async_response(&id, WAIT).get("location").is_none());
+}
