@@ -422,7 +422,7 @@ fn accept_reaches_the_device_and_text_is_the_default_for_one_resource() {
     assert_eq!(d.async_response(&id, WAIT)["status"], 200);
 }
 
-/// `DELETE /v2/endpoints/{ep}`: 204, a `de-registrations` event, the device's next update
+/// `DELETE /v2/endpoints/{ep}`: 200, a `de-registrations` event, the device's next update
 /// is 4.04 (so it registers again), a second delete is 404; a request in flight ends at
 /// once with 410, and the endpoint's subscriptions are gone.
 #[test]
@@ -450,7 +450,11 @@ fn deleting_an_endpoint_deregisters_it_and_ends_its_requests() {
     d.clear_inbox();
     let t = Instant::now();
     let r = d.call("DELETE", "/v2/endpoints/gone-1", None, None);
-    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, ""),
+        "200, for the official Python SDK"
+    );
     let a = d.async_response(&id, WAIT);
     assert_eq!(a["status"], 410, "{a}");
     assert!(
@@ -535,4 +539,37 @@ fn a_created_instance_reports_its_location() {
     let (req, from) = expect_request(&dev, "/1/0/1");
     answer(&dev, &req, from, ResponseType::Changed, None, None, b"");
     assert!(d.async_response(&id, WAIT).get("location").is_none());
+}
+
+/// The official mbed Device Connector Python SDK (`mbed-connector-api` from PyPI) lists
+/// the endpoints and resources and deletes an endpoint (`deleteEndpoint`, which takes only
+/// 200 or 202 as success).
+#[test]
+fn the_official_python_sdk_deletes_an_endpoint() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=sdk-1", "lt=300", "lwm2m=1.0"], LW_LINKS);
+    let python = support::peers::python_venv("mbed-sdk", "mbed-connector-api==1.0.4", "requests");
+    let out = std::process::Command::new(python)
+        .arg(support::peers::script("mbed_python_sdk.py"))
+        .args([&format!("http://{}", d.rest), &d.key, "sdk-1"])
+        .output()
+        .expect("run the SDK script");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        got,
+        json!({
+            "endpoints": {"status": 200, "error": false, "names": ["sdk-1"]},
+            "resources": {"status": 200, "error": false, "uris": ["/1/0", "/3", "/3/0", "/3303/0"]},
+            "delete": {"status": 200, "error": false, "done": true},
+            "delete_again": {"status": 404, "error": true, "done": true},
+            "resources_after": {"status": 404, "error": true}
+        })
+    );
+    assert!(d.get("/v2/endpoints").json().as_array().unwrap().is_empty());
 }

@@ -217,10 +217,13 @@ pub fn get(registry: &Registry, who: &Principal, parts: &Parts, name: &str) -> R
 /// `DELETE /endpoints/{endpoint-name}` (an extension the official SDKs call): removes the
 /// registration as a de-registration would (a `de-registrations` event; queued and
 /// in-flight requests end with 410); the device's next update is answered 4.04, so it
-/// registers again. 204, or 404 when no such endpoint is registered in the caller's domain.
+/// registers again. 200 with no body, or 404 when no such endpoint is registered in the
+/// caller's domain. Decision: 200 and not 204, because the official Python SDK's
+/// `deleteEndpoint` takes only 200 (done) or 202 (async) as success; the Node SDK takes
+/// any status below 400.
 pub async fn remove(registry: &Registry, who: &Principal, name: &str) -> Reply {
     match registry.remove_by_name(&who.domain, name).await {
-        Ok(_) => Reply::empty(StatusCode::NO_CONTENT),
+        Ok(_) => Reply::empty(StatusCode::OK),
         Err(RegistryError::NotFound(_)) => {
             error(StatusCode::NOT_FOUND, "not_found", "endpoint not found")
         }
