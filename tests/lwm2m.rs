@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use serde_json::json;
 use support::coap::{Device, path_of, uint, uint_option};
+use support::peers::Lwm2mDevice;
 use support::{Daemon, b64};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -535,4 +536,264 @@ fn a_created_instance_reports_its_location() {
     let (req, from) = expect_request(&dev, "/1/0/1");
     answer(&dev, &req, from, ResponseType::Changed, None, None, b"");
     assert!(d.async_response(&id, WAIT).get("location").is_none());
+}
+
+// --- CoAP stacks nobody here wrote -------------------------------------------------------
+
+/// The aiocoap peer as an LwM2M 1.1 client (links without `obs`, TLV unless asked),
+/// notifying by stdin command only (its timer is an hour).
+fn aiocoap_lwm2m_client(d: &Daemon, ep: &str) -> Lwm2mDevice {
+    Lwm2mDevice::start(d.coap, ep, &["--lwm2m", "1.1", "--notify-interval", "3600"])
+}
+
+/// The peer's TLV (OMA-TS-LightweightM2M-V1_0 §6.4.3, "resource with value" entries) of
+/// /3303/0 at `celsius`: 5700 as a 4-byte float (16-bit identifier, 3-bit length), 5701
+/// "Cel".
+fn temperature_tlv(celsius: f32) -> Vec<u8> {
+    let mut v = vec![0b1110_0100, 0x16, 0x44];
+    v.extend(celsius.to_be_bytes());
+    v.extend([0b1110_0011, 0x16, 0x45, b'C', b'e', b'l']);
+    v
+}
+
+/// The payload of an async response or notification.
+fn payload(e: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(e["payload"].as_str().unwrap_or(""))
+        .unwrap()
+}
+
+/// The peer's report of the daemon's request for `path` (the last one).
+fn peer_request(dev: &Lwm2mDevice, path: &str) -> serde_json::Value {
+    dev.wait_event(WAIT, |e| e["event"] == "request" && e["path"] == path);
+    dev.events()
+        .into_iter()
+        .rev()
+        .find(|e| e["event"] == "request" && e["path"] == path)
+        .unwrap()
+}
+
+/// aiocoap as an LwM2M client: every resource it lists is observable although no link
+/// says `obs`; a resource below a listed instance is observed (asked for as text/plain)
+/// and aiocoap's notifications reach the long-poll; the resource that aiocoap answers
+/// without Observe ends its subscription visibly (412, `subscription-errors`, 404).
+/// Before issue 17's fix the listing said `obs: "false"` and the subscription was 412.
+#[test]
+fn aiocoap_lwm2m_client_is_observed_and_its_refusal_is_reported() {
+    let d = Daemon::start();
+    let ep = "aio-lw-obs";
+    let dev = aiocoap_lwm2m_client(&d, ep);
+
+    let res = d.get(&format!("/v2/endpoints/{ep}")).json();
+    let mut uris: Vec<&str> = res
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["uri"].as_str().unwrap())
+        .collect();
+    uris.sort();
+    assert_eq!(uris, ["/1/0", "/3/0", "/3303/0"], "{res}");
+    assert!(
+        res.as_array().unwrap().iter().all(|r| r["obs"] == "true"),
+        "{res}"
+    );
+    let list = d.get("/v2/endpoints").json();
+    assert_eq!(list[0]["lwm2m"], "1.1", "{list}");
+    assert_eq!(list[0]["ct"], "application/vnd.oma.lwm2m+tlv", "{list}");
+
+    let r = subscribe(&d, ep, "/3303/0/5700");
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(
+        (a["status"].as_u64(), payload(&a), a["ct"].as_str()),
+        (Some(200), b"21.5".to_vec(), Some("text/plain")),
+        "{a}"
+    );
+    let req = peer_request(&dev, "/3303/0/5700");
+    assert_eq!(
+        (&req["observe"], &req["accept"]),
+        (&json!(0), &json!(0)),
+        "{req}"
+    );
+    dev.wait_event(WAIT, |e| {
+        e["event"] == "observers" && e["path"] == "/3303/0/5700" && e["count"] == 1
+    });
+
+    // One at a time: aiocoap sends only the latest of changes it has not sent yet.
+    let mut dev = dev;
+    dev.command("notify");
+    d.collect_events(WAIT, |e| !e.of("notifications").is_empty());
+    dev.command("notify");
+    let ev = d.collect_events(WAIT, |e| e.of("notifications").len() >= 2);
+    let got: Vec<(Vec<u8>, serde_json::Value)> = ev
+        .of("notifications")
+        .iter()
+        .map(|n| (payload(n), json!([n["ep"], n["path"], n["ct"]])))
+        .collect();
+    let meta = json!([ep, "/3303/0/5700", "text/plain"]);
+    assert_eq!(
+        got,
+        [(b"22.0".to_vec(), meta.clone()), (b"22.5".to_vec(), meta)]
+    );
+
+    // /3/0/13 is a plain aiocoap Resource: it answers the observe without Observe.
+    d.clear_inbox();
+    let r = subscribe(&d, ep, "/3/0/13");
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(a["status"], 412, "{a}");
+    assert_eq!(peer_request(&dev, "/3/0/13")["observe"], 0);
+    let ev = d.collect_events(WAIT, |e| !e.of("subscription-errors").is_empty());
+    let errors = ev.of("subscription-errors");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(
+        (&errors[0]["ep"], &errors[0]["path"], &errors[0]["status"]),
+        (&json!(ep), &json!("/3/0/13"), &json!(412)),
+        "{errors:?}"
+    );
+    assert!(
+        errors[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("without Observe")),
+        "{errors:?}"
+    );
+    assert_eq!(d.get(&format!("/v2/subscriptions/{ep}/3/0/13")).status, 404);
+    let subs = d.get(&format!("/v2/subscriptions/{ep}"));
+    assert_eq!(
+        subs.body.trim(),
+        format!("/subscriptions/{ep}/3303/0/5700"),
+        "the refusal ended only its own subscription"
+    );
+}
+
+/// Pre-subscriptions made before aiocoap starts observe it at registration: a resource
+/// below a listed instance (asked for as text/plain) and a listed instance (in the
+/// device's own format, TLV); a change is notified on both, each in its format. Before
+/// issue 17's fix nothing was observed (no `obs` on the links).
+#[test]
+fn pre_subscriptions_observe_an_aiocoap_lwm2m_client_at_registration() {
+    let d = Daemon::start();
+    let r = d.call(
+        "PUT",
+        "/v2/subscriptions",
+        Some("application/json"),
+        Some(br#"[{"endpoint-name": "aio-pre*", "resource-path": ["/3303/0/5700", "/3303/0"]}]"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let mut dev = aiocoap_lwm2m_client(&d, "aio-pre-1");
+    for path in ["/3303/0/5700", "/3303/0"] {
+        dev.wait_event(WAIT, |e| {
+            e["event"] == "observers" && e["path"] == path && e["count"] == 1
+        });
+    }
+    assert_eq!(peer_request(&dev, "/3303/0/5700")["accept"], 0);
+    assert!(
+        peer_request(&dev, "/3303/0").get("accept").is_none(),
+        "an instance is asked for in the device's format"
+    );
+
+    // A pre-subscription has no async response: the first values are notifications.
+    d.collect_events(WAIT, |e| e.of("notifications").len() >= 2);
+    dev.command("notify");
+    let ev = d.collect_events(WAIT, |e| e.of("notifications").len() >= 4);
+    let of = |path: &str| -> Vec<(Vec<u8>, serde_json::Value)> {
+        ev.of("notifications")
+            .iter()
+            .filter(|n| n["path"] == path)
+            .map(|n| (payload(n), n["ct"].clone()))
+            .collect()
+    };
+    let tlv = json!("application/vnd.oma.lwm2m+tlv");
+    assert_eq!(
+        of("/3303/0"),
+        [
+            (temperature_tlv(21.5), tlv.clone()),
+            (temperature_tlv(22.0), tlv)
+        ]
+    );
+    let text = json!("text/plain");
+    assert_eq!(
+        of("/3303/0/5700"),
+        [(b"21.5".to_vec(), text.clone()), (b"22.0".to_vec(), text)]
+    );
+}
+
+/// Reads of aiocoap as an LwM2M client: one resource without Accept comes as text/plain
+/// (the daemon sends Accept 0; aiocoap would answer TLV without it); the application's
+/// Accept reaches aiocoap (TLV bytes, SenML JSON), and one aiocoap cannot do is its 4.06.
+/// Then `DELETE /v2/endpoints/{ep}`: 204, the observation aiocoap still holds is reset at
+/// its next notification, and aiocoap's next update is 4.04. Before issue 17's fix no
+/// Accept was sent (TLV came back, text/plain was 200) and DELETE was 405.
+#[test]
+fn aiocoap_lwm2m_client_reads_honour_accept_and_delete_deregisters_it() {
+    let d = Daemon::start();
+    let ep = "aio-lw-read";
+    let mut dev = aiocoap_lwm2m_client(&d, ep);
+    let auth = format!("Bearer {}", d.key);
+    let read = |path: &str, accept: Option<&str>| -> serde_json::Value {
+        let mut headers = vec![("Authorization", auth.as_str())];
+        if let Some(a) = accept {
+            headers.push(("Accept", a));
+        }
+        let r = support::http(
+            "GET",
+            &d.url(&format!("/v2/endpoints/{ep}{path}")),
+            &headers,
+            None,
+        );
+        assert_eq!(r.status, 202, "{path} {accept:?}: {}", r.body);
+        let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+        d.async_response(&id, WAIT)
+    };
+
+    let a = read("/3/0/0", None);
+    assert_eq!(
+        (a["status"].as_u64(), payload(&a), a["ct"].as_str()),
+        (Some(200), b"connectord-test".to_vec(), Some("text/plain")),
+        "{a}"
+    );
+    assert_eq!(peer_request(&dev, "/3/0/0")["accept"], 0);
+
+    let a = read("/3/0", Some("application/vnd.oma.lwm2m+tlv"));
+    let mut tlv = vec![0b1100_1000, 0, 15];
+    tlv.extend(b"connectord-test");
+    tlv.extend([0b1100_0101, 1]);
+    tlv.extend(b"sim-1");
+    tlv.extend([0b1100_0100, 13]);
+    tlv.extend(1_700_000_000_i32.to_be_bytes());
+    assert_eq!(
+        (a["status"].as_u64(), payload(&a), a["ct"].as_str()),
+        (Some(200), tlv, Some("application/vnd.oma.lwm2m+tlv")),
+        "{a}"
+    );
+    assert_eq!(peer_request(&dev, "/3/0")["accept"], 11542);
+
+    let a = read("/3303/0", Some("application/senml+json"));
+    assert_eq!(a["ct"], "application/senml+json", "{a}");
+    let senml: serde_json::Value = serde_json::from_slice(&payload(&a)).unwrap();
+    assert_eq!(
+        senml,
+        json!([{"bn": "/3303/0/", "n": "5700", "v": 21.5}, {"n": "5701", "vs": "Cel"}])
+    );
+
+    // An instance as text/plain: aiocoap's 4.06 is the answer (the application chose it).
+    let a = read("/3/0", Some("text/plain"));
+    assert_eq!(a["status"], 406, "{a}");
+    assert_eq!(peer_request(&dev, "/3/0")["accept"], 0);
+
+    let r = subscribe(&d, ep, "/3303/0/5700");
+    assert_eq!(r.status, 202, "{}", r.body);
+    dev.wait_event(WAIT, |e| e["event"] == "observers" && e["count"] == 1);
+
+    let r = d.call("DELETE", &format!("/v2/endpoints/{ep}"), None, None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(d.get(&format!("/v2/endpoints/{ep}")).status, 404);
+    dev.command("notify");
+    dev.wait_event(WAIT, |e| e["event"] == "observers" && e["count"] == 0);
+    dev.command("update");
+    let up = dev.wait_event(WAIT, |e| e["event"] == "updated");
+    assert_eq!(up["code"], "4.04", "{up}");
 }
