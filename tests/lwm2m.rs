@@ -797,3 +797,156 @@ fn aiocoap_lwm2m_client_reads_honour_accept_and_delete_deregisters_it() {
     let up = dev.wait_event(WAIT, |e| e["event"] == "updated");
     assert_eq!(up["code"], "4.04", "{up}");
 }
+
+/// Runs libcoap's `coap-client-notls` with `args` (logging its messages, giving up after
+/// 10 s) and returns the line of the answer it logged (`t:ACK`).
+fn libcoap_client(args: &[&str]) -> String {
+    let out = std::process::Command::new(support::peers::libcoap_client())
+        .args(["-v", "6", "-B", "10"])
+        .args(args)
+        .output()
+        .expect("run coap-client");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "coap-client failed: {all}");
+    all.lines()
+        .find(|l| l.contains("t:ACK"))
+        .unwrap_or_else(|| panic!("no ACK in:\n{all}"))
+        .to_string()
+}
+
+/// What libcoap registers in these tests: an LwM2M client's links, no `obs`.
+const LIBCOAP_LINKS: &str = r#"</>;rt="oma.lwm2m",</3/0>,</3303/0>"#;
+
+/// libcoap's client registers as an LwM2M 1.1 client with links that carry no `obs`: the
+/// listing says every resource is observable and a subscription below a listed instance
+/// is accepted (before issue 17's fix: `obs: "false"` and 412). libcoap's client serves
+/// nothing afterwards, so the observation itself is not followed here (see the next test).
+#[test]
+fn libcoap_lwm2m_registration_without_obs_is_observable() {
+    let d = Daemon::start();
+    let ack = libcoap_client(&[
+        "-m",
+        "post",
+        "-t",
+        "40",
+        "-e",
+        LIBCOAP_LINKS,
+        &format!("coap://{}/rd?ep=libcoap-lw&lwm2m=1.1&lt=60", d.coap),
+    ]);
+    assert!(ack.contains("c:2.01"), "{ack}");
+    let res = d.get("/v2/endpoints/libcoap-lw").json();
+    assert_eq!(res.as_array().unwrap().len(), 2, "{res}");
+    assert!(
+        res.as_array().unwrap().iter().all(|r| r["obs"] == "true"),
+        "{res}"
+    );
+    let r = subscribe(&d, "libcoap-lw", "/3303/0/5700");
+    assert_eq!(r.status, 202, "{}", r.body);
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port free for UDP and TCP (libcoap's server listens on both).
+fn free_port() -> u16 {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// libcoap as a serving LwM2M device: `coap-client-notls` registers from a chosen port,
+/// then libcoap's `coap-server-notls` serves on that port (the registration's address,
+/// where the daemon sends its requests), with resources created by PUT (`-d`), which
+/// libcoap makes observable and notifies on change. The daemon observes a resource below
+/// a listed instance although no link says `obs`, libcoap's notification reaches the
+/// long-poll, and libcoap's 4.04 to an observe ends that subscription visibly.
+#[test]
+fn libcoap_server_as_an_lwm2m_device_is_observed() {
+    let d = Daemon::start();
+    let port = free_port();
+    let port_arg = port.to_string();
+    let ack = libcoap_client(&[
+        "-a",
+        "127.0.0.1",
+        "-p",
+        &port_arg,
+        "-m",
+        "post",
+        "-t",
+        "40",
+        "-e",
+        LIBCOAP_LINKS,
+        &format!("coap://{}/rd?ep=libcoap-srv&lwm2m=1.1&lt=60", d.coap),
+    ]);
+    assert!(ack.contains("c:2.01"), "{ack}");
+    let server = std::process::Command::new(
+        support::peers::libcoap_client().with_file_name("coap-server-notls"),
+    )
+    .args(["-A", "127.0.0.1", "-p", &port_arg, "-d", "10"])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("start coap-server-notls");
+    let _server = Reaped(server);
+    let resource = format!("coap://127.0.0.1:{port}/3303/0/5700");
+    // Listening (a probing bind could take the port from it while it starts).
+    let bound = format!("0100007F:{port:04X} ");
+    assert!(
+        support::eventually(WAIT, || std::fs::read_to_string("/proc/net/udp")
+            .is_ok_and(|t| t.contains(&bound))),
+        "coap-server-notls does not listen on {port}"
+    );
+    let ack = libcoap_client(&["-m", "put", "-t", "0", "-e", "21.5", &resource]);
+    assert!(ack.contains("c:2.01"), "{ack}");
+
+    let r = subscribe(&d, "libcoap-srv", "/3303/0/5700");
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(
+        (a["status"].as_u64(), payload(&a)),
+        (Some(200), b"21.5".to_vec()),
+        "{a}"
+    );
+    let ack = libcoap_client(&["-m", "put", "-t", "0", "-e", "22.0", &resource]);
+    assert!(ack.contains("c:2.04"), "{ack}");
+    let ev = d.collect_events(WAIT, |e| !e.of("notifications").is_empty());
+    let n = &ev.of("notifications")[0];
+    assert_eq!(
+        (n["path"].as_str(), payload(n)),
+        (Some("/3303/0/5700"), b"22.0".to_vec()),
+        "{n}"
+    );
+
+    // No such resource on the server: its 4.04 ends the subscription.
+    d.clear_inbox();
+    let r = subscribe(&d, "libcoap-srv", "/3/0/0");
+    assert_eq!(r.status, 202, "{}", r.body);
+    let ev = d.collect_events(WAIT, |e| !e.of("subscription-errors").is_empty());
+    let errors = ev.of("subscription-errors");
+    assert_eq!(
+        (&errors[0]["path"], &errors[0]["status"]),
+        (&json!("/3/0/0"), &json!(404)),
+        "{errors:?}"
+    );
+    assert_eq!(d.get("/v2/subscriptions/libcoap-srv/3/0/0").status, 404);
+    assert_eq!(
+        d.get("/v2/subscriptions/libcoap-srv").body.trim(),
+        "/subscriptions/libcoap-srv/3303/0/5700"
+    );
+}
