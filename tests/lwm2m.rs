@@ -564,26 +564,34 @@ fn payload(e: &serde_json::Value) -> Vec<u8> {
         .unwrap()
 }
 
-/// The peer's report of the daemon's request for `path` (the last one).
-fn peer_request(dev: &Lwm2mDevice, path: &str) -> serde_json::Value {
-    dev.wait_event(WAIT, |e| e["event"] == "request" && e["path"] == path);
-    dev.events()
-        .into_iter()
-        .rev()
-        .find(|e| e["event"] == "request" && e["path"] == path)
-        .unwrap()
+/// The peer's report of the daemon's `nth` request (from 1) for `path`, waited for: the
+/// peer prints it before it answers, but it is read from its stdout by another thread.
+fn peer_request(dev: &Lwm2mDevice, path: &str, nth: usize) -> serde_json::Value {
+    let of_path = || -> Vec<serde_json::Value> {
+        dev.events()
+            .into_iter()
+            .filter(|e| e["event"] == "request" && e["path"] == path)
+            .collect()
+    };
+    assert!(
+        support::eventually(WAIT, || of_path().len() >= nth),
+        "no request {nth} for {path}: {:?}",
+        dev.events()
+    );
+    of_path().swap_remove(nth - 1)
 }
 
 /// aiocoap as an LwM2M client: every resource it lists is observable although no link
 /// says `obs`; a resource below a listed instance is observed (asked for as text/plain)
 /// and aiocoap's notifications reach the long-poll; the resource that aiocoap answers
 /// without Observe ends its subscription visibly (412, `subscription-errors`, 404).
-/// Before issue 17's fix the listing said `obs: "false"` and the subscription was 412.
+/// Before issue 17's fix the listing said `obs: "false"` and no Accept was sent (aiocoap
+/// answered TLV).
 #[test]
 fn aiocoap_lwm2m_client_is_observed_and_its_refusal_is_reported() {
     let d = Daemon::start();
     let ep = "aio-lw-obs";
-    let dev = aiocoap_lwm2m_client(&d, ep);
+    let mut dev = aiocoap_lwm2m_client(&d, ep);
 
     let res = d.get(&format!("/v2/endpoints/{ep}")).json();
     let mut uris: Vec<&str> = res
@@ -611,7 +619,7 @@ fn aiocoap_lwm2m_client_is_observed_and_its_refusal_is_reported() {
         (Some(200), b"21.5".to_vec(), Some("text/plain")),
         "{a}"
     );
-    let req = peer_request(&dev, "/3303/0/5700");
+    let req = peer_request(&dev, "/3303/0/5700", 1);
     assert_eq!(
         (&req["observe"], &req["accept"]),
         (&json!(0), &json!(0)),
@@ -622,7 +630,6 @@ fn aiocoap_lwm2m_client_is_observed_and_its_refusal_is_reported() {
     });
 
     // One at a time: aiocoap sends only the latest of changes it has not sent yet.
-    let mut dev = dev;
     dev.command("notify");
     d.collect_events(WAIT, |e| !e.of("notifications").is_empty());
     dev.command("notify");
@@ -645,7 +652,7 @@ fn aiocoap_lwm2m_client_is_observed_and_its_refusal_is_reported() {
     let id = r.json()["async-response-id"].as_str().unwrap().to_string();
     let a = d.async_response(&id, WAIT);
     assert_eq!(a["status"], 412, "{a}");
-    assert_eq!(peer_request(&dev, "/3/0/13")["observe"], 0);
+    assert_eq!(peer_request(&dev, "/3/0/13", 1)["observe"], 0);
     let ev = d.collect_events(WAIT, |e| !e.of("subscription-errors").is_empty());
     let errors = ev.of("subscription-errors");
     assert_eq!(errors.len(), 1, "{errors:?}");
@@ -689,9 +696,9 @@ fn pre_subscriptions_observe_an_aiocoap_lwm2m_client_at_registration() {
             e["event"] == "observers" && e["path"] == path && e["count"] == 1
         });
     }
-    assert_eq!(peer_request(&dev, "/3303/0/5700")["accept"], 0);
+    assert_eq!(peer_request(&dev, "/3303/0/5700", 1)["accept"], 0);
     assert!(
-        peer_request(&dev, "/3303/0").get("accept").is_none(),
+        peer_request(&dev, "/3303/0", 1).get("accept").is_none(),
         "an instance is asked for in the device's format"
     );
 
@@ -755,7 +762,7 @@ fn aiocoap_lwm2m_client_reads_honour_accept_and_delete_deregisters_it() {
         (Some(200), b"connectord-test".to_vec(), Some("text/plain")),
         "{a}"
     );
-    assert_eq!(peer_request(&dev, "/3/0/0")["accept"], 0);
+    assert_eq!(peer_request(&dev, "/3/0/0", 1)["accept"], 0);
 
     let a = read("/3/0", Some("application/vnd.oma.lwm2m+tlv"));
     let mut tlv = vec![0b1100_1000, 0, 15];
@@ -769,7 +776,7 @@ fn aiocoap_lwm2m_client_reads_honour_accept_and_delete_deregisters_it() {
         (Some(200), tlv, Some("application/vnd.oma.lwm2m+tlv")),
         "{a}"
     );
-    assert_eq!(peer_request(&dev, "/3/0")["accept"], 11542);
+    assert_eq!(peer_request(&dev, "/3/0", 1)["accept"], 11542);
 
     let a = read("/3303/0", Some("application/senml+json"));
     assert_eq!(a["ct"], "application/senml+json", "{a}");
@@ -782,7 +789,7 @@ fn aiocoap_lwm2m_client_reads_honour_accept_and_delete_deregisters_it() {
     // An instance as text/plain: aiocoap's 4.06 is the answer (the application chose it).
     let a = read("/3/0", Some("text/plain"));
     assert_eq!(a["status"], 406, "{a}");
-    assert_eq!(peer_request(&dev, "/3/0")["accept"], 0);
+    assert_eq!(peer_request(&dev, "/3/0", 2)["accept"], 0);
 
     let r = subscribe(&d, ep, "/3303/0/5700");
     assert_eq!(r.status, 202, "{}", r.body);
@@ -822,9 +829,10 @@ fn libcoap_client(args: &[&str]) -> String {
 const LIBCOAP_LINKS: &str = r#"</>;rt="oma.lwm2m",</3/0>,</3303/0>"#;
 
 /// libcoap's client registers as an LwM2M 1.1 client with links that carry no `obs`: the
-/// listing says every resource is observable and a subscription below a listed instance
-/// is accepted (before issue 17's fix: `obs: "false"` and 412). libcoap's client serves
-/// nothing afterwards, so the observation itself is not followed here (see the next test).
+/// listing says every resource is observable and subscriptions to a listed instance and
+/// to a resource below one are accepted (before issue 17's fix: `obs: "false"`, and 412
+/// for the instance). libcoap's client serves nothing afterwards, so the observations
+/// themselves are not followed here (see the next test).
 #[test]
 fn libcoap_lwm2m_registration_without_obs_is_observable() {
     let d = Daemon::start();
@@ -844,8 +852,10 @@ fn libcoap_lwm2m_registration_without_obs_is_observable() {
         res.as_array().unwrap().iter().all(|r| r["obs"] == "true"),
         "{res}"
     );
-    let r = subscribe(&d, "libcoap-lw", "/3303/0/5700");
-    assert_eq!(r.status, 202, "{}", r.body);
+    for path in ["/3303/0", "/3303/0/5700"] {
+        let r = subscribe(&d, "libcoap-lw", path);
+        assert_eq!(r.status, 202, "{path}: {}", r.body);
+    }
 }
 
 /// A child process killed when the test ends, however it ends.
@@ -872,9 +882,10 @@ fn free_port() -> u16 {
 /// libcoap as a serving LwM2M device: `coap-client-notls` registers from a chosen port,
 /// then libcoap's `coap-server-notls` serves on that port (the registration's address,
 /// where the daemon sends its requests), with resources created by PUT (`-d`), which
-/// libcoap makes observable and notifies on change. The daemon observes a resource below
-/// a listed instance although no link says `obs`, libcoap's notification reaches the
-/// long-poll, and libcoap's 4.04 to an observe ends that subscription visibly.
+/// libcoap makes observable and notifies on change. The daemon observes a listed instance
+/// and a resource below one although no link says `obs` (before issue 17's fix the
+/// instance was 412), libcoap's notification reaches the long-poll, and libcoap's 4.04 to
+/// an observe ends that subscription visibly.
 #[test]
 fn libcoap_server_as_an_lwm2m_device_is_observed() {
     let d = Daemon::start();
@@ -913,6 +924,18 @@ fn libcoap_server_as_an_lwm2m_device_is_observed() {
     );
     let ack = libcoap_client(&["-m", "put", "-t", "0", "-e", "21.5", &resource]);
     assert!(ack.contains("c:2.01"), "{ack}");
+    let instance = format!("coap://127.0.0.1:{port}/3303/0");
+    let ack = libcoap_client(&["-m", "put", "-t", "0", "-e", "5700=21.5", &instance]);
+    assert!(ack.contains("c:2.01"), "{ack}");
+    let r = subscribe(&d, "libcoap-srv", "/3303/0");
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(
+        (a["status"].as_u64(), payload(&a)),
+        (Some(200), b"5700=21.5".to_vec()),
+        "{a}"
+    );
 
     let r = subscribe(&d, "libcoap-srv", "/3303/0/5700");
     assert_eq!(r.status, 202, "{}", r.body);
@@ -945,8 +968,18 @@ fn libcoap_server_as_an_lwm2m_device_is_observed() {
         "{errors:?}"
     );
     assert_eq!(d.get("/v2/subscriptions/libcoap-srv/3/0/0").status, 404);
+    let mut subs: Vec<String> = d
+        .get("/v2/subscriptions/libcoap-srv")
+        .body
+        .lines()
+        .map(str::to_string)
+        .collect();
+    subs.sort();
     assert_eq!(
-        d.get("/v2/subscriptions/libcoap-srv").body.trim(),
-        "/subscriptions/libcoap-srv/3303/0/5700"
+        subs,
+        [
+            "/subscriptions/libcoap-srv/3303/0",
+            "/subscriptions/libcoap-srv/3303/0/5700"
+        ]
     );
 }
