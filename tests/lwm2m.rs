@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use serde_json::json;
 use support::coap::{Device, path_of, uint, uint_option};
+use support::peers::Lwm2mDevice;
 use support::{Daemon, b64};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -710,4 +711,448 @@ fn json_writes_are_encoded_for_the_device() {
     assert_eq!(req.payload, br#"{"a":1}"#);
     answer(&mbed, &req, from, ResponseType::Changed, None, None, b"");
     assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+// --- CoAP stacks nobody here wrote -------------------------------------------------------
+
+/// The aiocoap peer as an LwM2M 1.1 client (links without `obs`, TLV unless asked),
+/// notifying by stdin command only (its timer is an hour).
+fn aiocoap_lwm2m_client(d: &Daemon, ep: &str) -> Lwm2mDevice {
+    Lwm2mDevice::start(d.coap, ep, &["--lwm2m", "1.1", "--notify-interval", "3600"])
+}
+
+/// The peer's TLV (OMA-TS-LightweightM2M-V1_0 §6.4.3, "resource with value" entries) of
+/// /3303/0 at `celsius`: 5700 as a 4-byte float (16-bit identifier, 3-bit length), 5701
+/// "Cel".
+fn temperature_tlv(celsius: f32) -> Vec<u8> {
+    let mut v = vec![0b1110_0100, 0x16, 0x44];
+    v.extend(celsius.to_be_bytes());
+    v.extend([0b1110_0011, 0x16, 0x45, b'C', b'e', b'l']);
+    v
+}
+
+/// The payload of an async response or notification.
+fn payload(e: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(e["payload"].as_str().unwrap_or(""))
+        .unwrap()
+}
+
+/// The peer's report of the daemon's `nth` request (from 1) for `path`, waited for: the
+/// peer prints it before it answers, but it is read from its stdout by another thread.
+fn peer_request(dev: &Lwm2mDevice, path: &str, nth: usize) -> serde_json::Value {
+    let of_path = || -> Vec<serde_json::Value> {
+        dev.events()
+            .into_iter()
+            .filter(|e| e["event"] == "request" && e["path"] == path)
+            .collect()
+    };
+    assert!(
+        support::eventually(WAIT, || of_path().len() >= nth),
+        "no request {nth} for {path}: {:?}",
+        dev.events()
+    );
+    of_path().swap_remove(nth - 1)
+}
+
+/// aiocoap as an LwM2M client: every resource it lists is observable although no link
+/// says `obs`; a resource below a listed instance is observed (asked for as text/plain)
+/// and aiocoap's notifications reach the long-poll; the resource that aiocoap answers
+/// without Observe ends its subscription visibly (412, `subscription-errors`, 404).
+/// Before issue 17's fix the listing said `obs: "false"` and no Accept was sent (aiocoap
+/// answered TLV).
+#[test]
+fn aiocoap_lwm2m_client_is_observed_and_its_refusal_is_reported() {
+    let d = Daemon::start();
+    let ep = "aio-lw-obs";
+    let mut dev = aiocoap_lwm2m_client(&d, ep);
+
+    let res = d.get(&format!("/v2/endpoints/{ep}")).json();
+    let mut uris: Vec<&str> = res
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["uri"].as_str().unwrap())
+        .collect();
+    uris.sort();
+    assert_eq!(uris, ["/1/0", "/3/0", "/3303/0"], "{res}");
+    assert!(
+        res.as_array().unwrap().iter().all(|r| r["obs"] == "true"),
+        "{res}"
+    );
+    let list = d.get("/v2/endpoints").json();
+    assert_eq!(list[0]["lwm2m"], "1.1", "{list}");
+    assert_eq!(list[0]["ct"], "application/vnd.oma.lwm2m+tlv", "{list}");
+
+    let r = subscribe(&d, ep, "/3303/0/5700");
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(
+        (a["status"].as_u64(), payload(&a), a["ct"].as_str()),
+        (Some(200), b"21.5".to_vec(), Some("text/plain")),
+        "{a}"
+    );
+    let req = peer_request(&dev, "/3303/0/5700", 1);
+    assert_eq!(
+        (&req["observe"], &req["accept"]),
+        (&json!(0), &json!(0)),
+        "{req}"
+    );
+    dev.wait_event(WAIT, |e| {
+        e["event"] == "observers" && e["path"] == "/3303/0/5700" && e["count"] == 1
+    });
+
+    // One at a time: aiocoap sends only the latest of changes it has not sent yet.
+    dev.command("notify");
+    d.collect_events(WAIT, |e| !e.of("notifications").is_empty());
+    dev.command("notify");
+    let ev = d.collect_events(WAIT, |e| e.of("notifications").len() >= 2);
+    let got: Vec<(Vec<u8>, serde_json::Value)> = ev
+        .of("notifications")
+        .iter()
+        .map(|n| (payload(n), json!([n["ep"], n["path"], n["ct"]])))
+        .collect();
+    let meta = json!([ep, "/3303/0/5700", "text/plain"]);
+    assert_eq!(
+        got,
+        [(b"22.0".to_vec(), meta.clone()), (b"22.5".to_vec(), meta)]
+    );
+
+    // /3/0/13 is a plain aiocoap Resource: it answers the observe without Observe.
+    d.clear_inbox();
+    let r = subscribe(&d, ep, "/3/0/13");
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(a["status"], 412, "{a}");
+    assert_eq!(peer_request(&dev, "/3/0/13", 1)["observe"], 0);
+    let ev = d.collect_events(WAIT, |e| !e.of("subscription-errors").is_empty());
+    let errors = ev.of("subscription-errors");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(
+        (&errors[0]["ep"], &errors[0]["path"], &errors[0]["status"]),
+        (&json!(ep), &json!("/3/0/13"), &json!(412)),
+        "{errors:?}"
+    );
+    assert!(
+        errors[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("without Observe")),
+        "{errors:?}"
+    );
+    assert_eq!(d.get(&format!("/v2/subscriptions/{ep}/3/0/13")).status, 404);
+    let subs = d.get(&format!("/v2/subscriptions/{ep}"));
+    assert_eq!(
+        subs.body.trim(),
+        format!("/subscriptions/{ep}/3303/0/5700"),
+        "the refusal ended only its own subscription"
+    );
+}
+
+/// Pre-subscriptions made before aiocoap starts observe it at registration: a resource
+/// below a listed instance (asked for as text/plain) and a listed instance (in the
+/// device's own format, TLV); a change is notified on both, each in its format. Before
+/// issue 17's fix nothing was observed (no `obs` on the links).
+#[test]
+fn pre_subscriptions_observe_an_aiocoap_lwm2m_client_at_registration() {
+    let d = Daemon::start();
+    let r = d.call(
+        "PUT",
+        "/v2/subscriptions",
+        Some("application/json"),
+        Some(br#"[{"endpoint-name": "aio-pre*", "resource-path": ["/3303/0/5700", "/3303/0"]}]"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let mut dev = aiocoap_lwm2m_client(&d, "aio-pre-1");
+    for path in ["/3303/0/5700", "/3303/0"] {
+        dev.wait_event(WAIT, |e| {
+            e["event"] == "observers" && e["path"] == path && e["count"] == 1
+        });
+    }
+    assert_eq!(peer_request(&dev, "/3303/0/5700", 1)["accept"], 0);
+    assert!(
+        peer_request(&dev, "/3303/0", 1).get("accept").is_none(),
+        "an instance is asked for in the device's format"
+    );
+
+    // A pre-subscription has no async response: the first values are notifications.
+    d.collect_events(WAIT, |e| e.of("notifications").len() >= 2);
+    dev.command("notify");
+    let ev = d.collect_events(WAIT, |e| e.of("notifications").len() >= 4);
+    let of = |path: &str| -> Vec<(Vec<u8>, serde_json::Value)> {
+        ev.of("notifications")
+            .iter()
+            .filter(|n| n["path"] == path)
+            .map(|n| (payload(n), n["ct"].clone()))
+            .collect()
+    };
+    let tlv = json!("application/vnd.oma.lwm2m+tlv");
+    assert_eq!(
+        of("/3303/0"),
+        [
+            (temperature_tlv(21.5), tlv.clone()),
+            (temperature_tlv(22.0), tlv)
+        ]
+    );
+    let text = json!("text/plain");
+    assert_eq!(
+        of("/3303/0/5700"),
+        [(b"21.5".to_vec(), text.clone()), (b"22.0".to_vec(), text)]
+    );
+}
+
+/// Reads of aiocoap as an LwM2M client: one resource without Accept comes as text/plain
+/// (the daemon sends Accept 0; aiocoap would answer TLV without it); the application's
+/// Accept reaches aiocoap (TLV bytes, SenML JSON), and one aiocoap cannot do is its 4.06.
+/// Then `DELETE /v2/endpoints/{ep}`: 200, the observation aiocoap still holds is reset at
+/// its next notification, and aiocoap's next update is 4.04. Before issue 17's fix no
+/// Accept was sent (TLV came back, text/plain was 200) and DELETE was 405.
+#[test]
+fn aiocoap_lwm2m_client_reads_honour_accept_and_delete_deregisters_it() {
+    let d = Daemon::start();
+    let ep = "aio-lw-read";
+    let mut dev = aiocoap_lwm2m_client(&d, ep);
+    let auth = format!("Bearer {}", d.key);
+    let read = |path: &str, accept: Option<&str>| -> serde_json::Value {
+        let mut headers = vec![("Authorization", auth.as_str())];
+        if let Some(a) = accept {
+            headers.push(("Accept", a));
+        }
+        let r = support::http(
+            "GET",
+            &d.url(&format!("/v2/endpoints/{ep}{path}")),
+            &headers,
+            None,
+        );
+        assert_eq!(r.status, 202, "{path} {accept:?}: {}", r.body);
+        let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+        d.async_response(&id, WAIT)
+    };
+
+    let a = read("/3/0/0", None);
+    assert_eq!(
+        (a["status"].as_u64(), payload(&a), a["ct"].as_str()),
+        (Some(200), b"connectord-test".to_vec(), Some("text/plain")),
+        "{a}"
+    );
+    assert_eq!(peer_request(&dev, "/3/0/0", 1)["accept"], 0);
+
+    let a = read("/3/0", Some("application/vnd.oma.lwm2m+tlv"));
+    let mut tlv = vec![0b1100_1000, 0, 15];
+    tlv.extend(b"connectord-test");
+    tlv.extend([0b1100_0101, 1]);
+    tlv.extend(b"sim-1");
+    tlv.extend([0b1100_0100, 13]);
+    tlv.extend(1_700_000_000_i32.to_be_bytes());
+    assert_eq!(
+        (a["status"].as_u64(), payload(&a), a["ct"].as_str()),
+        (Some(200), tlv, Some("application/vnd.oma.lwm2m+tlv")),
+        "{a}"
+    );
+    assert_eq!(peer_request(&dev, "/3/0", 1)["accept"], 11542);
+
+    let a = read("/3303/0", Some("application/senml+json"));
+    assert_eq!(a["ct"], "application/senml+json", "{a}");
+    let senml: serde_json::Value = serde_json::from_slice(&payload(&a)).unwrap();
+    assert_eq!(
+        senml,
+        json!([{"bn": "/3303/0/", "n": "5700", "v": 21.5}, {"n": "5701", "vs": "Cel"}])
+    );
+
+    // An instance as text/plain: aiocoap's 4.06 is the answer (the application chose it).
+    let a = read("/3/0", Some("text/plain"));
+    assert_eq!(a["status"], 406, "{a}");
+    assert_eq!(peer_request(&dev, "/3/0", 2)["accept"], 0);
+
+    let r = subscribe(&d, ep, "/3303/0/5700");
+    assert_eq!(r.status, 202, "{}", r.body);
+    dev.wait_event(WAIT, |e| e["event"] == "observers" && e["count"] == 1);
+
+    let r = d.call("DELETE", &format!("/v2/endpoints/{ep}"), None, None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(d.get(&format!("/v2/endpoints/{ep}")).status, 404);
+    dev.command("notify");
+    dev.wait_event(WAIT, |e| e["event"] == "observers" && e["count"] == 0);
+    dev.command("update");
+    let up = dev.wait_event(WAIT, |e| e["event"] == "updated");
+    assert_eq!(up["code"], "4.04", "{up}");
+}
+
+/// Runs libcoap's `coap-client-notls` with `args` (logging its messages, giving up after
+/// 10 s) and returns the line of the answer it logged (`t:ACK`).
+fn libcoap_client(args: &[&str]) -> String {
+    let out = std::process::Command::new(support::peers::libcoap_client())
+        .args(["-v", "6", "-B", "10"])
+        .args(args)
+        .output()
+        .expect("run coap-client");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "coap-client failed: {all}");
+    all.lines()
+        .find(|l| l.contains("t:ACK"))
+        .unwrap_or_else(|| panic!("no ACK in:\n{all}"))
+        .to_string()
+}
+
+/// What libcoap registers in these tests: an LwM2M client's links, no `obs`.
+const LIBCOAP_LINKS: &str = r#"</>;rt="oma.lwm2m",</3/0>,</3303/0>"#;
+
+/// libcoap's client registers as an LwM2M 1.1 client with links that carry no `obs`: the
+/// listing says every resource is observable and subscriptions to a listed instance and
+/// to a resource below one are accepted (before issue 17's fix: `obs: "false"`, and 412
+/// for the instance). libcoap's client serves nothing afterwards, so the observations
+/// themselves are not followed here (see the next test).
+#[test]
+fn libcoap_lwm2m_registration_without_obs_is_observable() {
+    let d = Daemon::start();
+    let ack = libcoap_client(&[
+        "-m",
+        "post",
+        "-t",
+        "40",
+        "-e",
+        LIBCOAP_LINKS,
+        &format!("coap://{}/rd?ep=libcoap-lw&lwm2m=1.1&lt=60", d.coap),
+    ]);
+    assert!(ack.contains("c:2.01"), "{ack}");
+    let res = d.get("/v2/endpoints/libcoap-lw").json();
+    assert_eq!(res.as_array().unwrap().len(), 2, "{res}");
+    assert!(
+        res.as_array().unwrap().iter().all(|r| r["obs"] == "true"),
+        "{res}"
+    );
+    for path in ["/3303/0", "/3303/0/5700"] {
+        let r = subscribe(&d, "libcoap-lw", path);
+        assert_eq!(r.status, 202, "{path}: {}", r.body);
+    }
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port free for UDP and TCP (libcoap's server listens on both).
+fn free_port() -> u16 {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// libcoap as a serving LwM2M device: `coap-client-notls` registers from a chosen port,
+/// then libcoap's `coap-server-notls` serves on that port (the registration's address,
+/// where the daemon sends its requests), with resources created by PUT (`-d`), which
+/// libcoap makes observable and notifies on change. The daemon observes a listed instance
+/// and a resource below one although no link says `obs` (before issue 17's fix the
+/// instance was 412), libcoap's notification reaches the long-poll, and libcoap's 4.04 to
+/// an observe ends that subscription visibly.
+#[test]
+fn libcoap_server_as_an_lwm2m_device_is_observed() {
+    let d = Daemon::start();
+    let port = free_port();
+    let port_arg = port.to_string();
+    let ack = libcoap_client(&[
+        "-a",
+        "127.0.0.1",
+        "-p",
+        &port_arg,
+        "-m",
+        "post",
+        "-t",
+        "40",
+        "-e",
+        LIBCOAP_LINKS,
+        &format!("coap://{}/rd?ep=libcoap-srv&lwm2m=1.1&lt=60", d.coap),
+    ]);
+    assert!(ack.contains("c:2.01"), "{ack}");
+    let server = std::process::Command::new(
+        support::peers::libcoap_client().with_file_name("coap-server-notls"),
+    )
+    .args(["-A", "127.0.0.1", "-p", &port_arg, "-d", "10"])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("start coap-server-notls");
+    let _server = Reaped(server);
+    let resource = format!("coap://127.0.0.1:{port}/3303/0/5700");
+    // Listening (a probing bind could take the port from it while it starts).
+    let bound = format!("0100007F:{port:04X} ");
+    assert!(
+        support::eventually(WAIT, || std::fs::read_to_string("/proc/net/udp")
+            .is_ok_and(|t| t.contains(&bound))),
+        "coap-server-notls does not listen on {port}"
+    );
+    let ack = libcoap_client(&["-m", "put", "-t", "0", "-e", "21.5", &resource]);
+    assert!(ack.contains("c:2.01"), "{ack}");
+    let instance = format!("coap://127.0.0.1:{port}/3303/0");
+    let ack = libcoap_client(&["-m", "put", "-t", "0", "-e", "5700=21.5", &instance]);
+    assert!(ack.contains("c:2.01"), "{ack}");
+    let r = subscribe(&d, "libcoap-srv", "/3303/0");
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(
+        (a["status"].as_u64(), payload(&a)),
+        (Some(200), b"5700=21.5".to_vec()),
+        "{a}"
+    );
+
+    let r = subscribe(&d, "libcoap-srv", "/3303/0/5700");
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(
+        (a["status"].as_u64(), payload(&a)),
+        (Some(200), b"21.5".to_vec()),
+        "{a}"
+    );
+    let ack = libcoap_client(&["-m", "put", "-t", "0", "-e", "22.0", &resource]);
+    assert!(ack.contains("c:2.04"), "{ack}");
+    let ev = d.collect_events(WAIT, |e| !e.of("notifications").is_empty());
+    let n = &ev.of("notifications")[0];
+    assert_eq!(
+        (n["path"].as_str(), payload(n)),
+        (Some("/3303/0/5700"), b"22.0".to_vec()),
+        "{n}"
+    );
+
+    // No such resource on the server: its 4.04 ends the subscription.
+    d.clear_inbox();
+    let r = subscribe(&d, "libcoap-srv", "/3/0/0");
+    assert_eq!(r.status, 202, "{}", r.body);
+    let ev = d.collect_events(WAIT, |e| !e.of("subscription-errors").is_empty());
+    let errors = ev.of("subscription-errors");
+    assert_eq!(
+        (&errors[0]["path"], &errors[0]["status"]),
+        (&json!("/3/0/0"), &json!(404)),
+        "{errors:?}"
+    );
+    assert_eq!(d.get("/v2/subscriptions/libcoap-srv/3/0/0").status, 404);
+    let mut subs: Vec<String> = d
+        .get("/v2/subscriptions/libcoap-srv")
+        .body
+        .lines()
+        .map(str::to_string)
+        .collect();
+    subs.sort();
+    assert_eq!(
+        subs,
+        [
+            "/subscriptions/libcoap-srv/3303/0",
+            "/subscriptions/libcoap-srv/3303/0/5700"
+        ]
+    );
 }

@@ -7,13 +7,17 @@ the daemon sends to devices) interoperates with a foreign stack.
 Usage:
   aiocoap_lwm2m_device.py --server HOST:PORT --ep NAME [--lifetime 300]
       [--binding U|UQ] [--domain D] [--notify-interval 0.2] [--slow-delay 3]
-      [--bind 127.0.0.1] [--verbose]
+      [--lwm2m VERSION] [--bind 127.0.0.1] [--verbose]
 
 One aiocoap server context (UDP only) is bound to BIND on an ephemeral port; the
 registration, updates and the de-registration are sent from that same socket, so the
 daemon's requests (sent to the registration's source address) reach the site below.
 
-Resources (text/plain is ct 0):
+Two modes:
+
+Default (no --lwm2m): an mbed Client style device. It registers with lwm2m=1.0 and
+  </>;rt="oma.lwm2m",</1/0>,</3/0>,</3303/0/5700>;obs;ct=0,</5/0>,</9/0>
+and answers in text/plain (ct 0) whatever the Accept option says:
   GET     /3/0/0          2.05 "connectord-test"
   GET     /3/0/1          2.05 "sim-1"
   GET     /3/0            2.05 "connectord-test;sim-1"
@@ -27,6 +31,28 @@ Resources (text/plain is ct 0):
   DELETE  /9/0            2.02
   anything else           aiocoap's 4.04 (or 4.05 for a known path, other method)
 
+--lwm2m VERSION (e.g. 1.1): a real LwM2M client. It registers with lwm2m=VERSION and
+links without any obs:
+  </>;rt="oma.lwm2m";ct="11542 110",</1/0>,</3/0>,</3303/0>
+and answers reads in the format the request's Accept option asks for: LwM2M TLV (ct
+11542, OMA-TS-LightweightM2M-V1_0 6.4.3, encoded here by hand) without Accept, as real
+clients do even for a single resource; SenML JSON (110) on request; text/plain (0) on
+request for a single resource only; any other Accept -> 4.06 (so text/plain for an
+instance is 4.06). An instance's TLV is its resources' TLVs (no instance wrapper).
+  /1/0            0 short server id 1 (integer), 1 lifetime (integer)
+  GET|PUT /1/0/1  lifetime; PUT integer text -> 2.04, else 4.00
+  /3/0            0 "connectord-test", 1 "sim-1" (strings), 13 current time (integer,
+                  always 1700000000 so that reads are reproducible)
+  POST    /3/0/4  reboot (execute) -> 2.04
+  /3303/0         5700 temperature (float, 21.5 at start; 4-byte TLV float when exact),
+                  5701 "Cel"
+  Every /o/i and /o/i/r above answers GET. /3303/0 and /3303/0/5700 are observable
+  (notifications in the format of the observe request; the timer of the default mode
+  changes the temperature while either is observed); an observe with an Accept the
+  resource cannot do is answered 4.06 without Observe. Everything else answers an
+  observe request without the Observe option (aiocoap's plain Resource), i.e. refuses
+  to be observed: /3/0/13 is the one the tests use. Objects 5 and 9 are absent.
+
 Stdout: one JSON object per line, flushed at once:
   {"event": "registered", "location": "rd/<id>", "port": <local UDP port>}
   {"event": "request", "method": "PUT", "path": "/1/0/1", "payload_len": 2,
@@ -34,12 +60,15 @@ Stdout: one JSON object per line, flushed at once:
       "payload" only when <= 200 bytes and valid UTF-8; "sha256" (hex) only when the
       payload is > 200 bytes; "ct" is null without Content-Format; "query" (list of
       strings) only when the request has Uri-Query; "observe" (int) only when it has
-      Observe. One line per request as rendered: a Block1 upload is one line (the
-      reassembled payload), a Block2 download is one line (later blocks come from
-      aiocoap's cache), an unknown path is reported too (then answered 4.04).
-  {"event": "observers", "path": "/3303/0/5700", "count": N}   (count changed)
+      Observe; "accept" (int) only when it has Accept. One line per request as
+      rendered: a Block1 upload is one line (the reassembled payload), a Block2
+      download is one line (later blocks come from aiocoap's cache), an unknown path is
+      reported too (then answered 4.04). Notifications are not requests: no line.
+  {"event": "observers", "path": "/3303/0/5700", "count": N}   (count changed; in the
+      LwM2M mode also for "/3303/0")
   {"event": "notified", "path": "/3303/0/5700", "value": "22.0", "observers": N}
-      (only for the stdin command "notify"; timer ticks print nothing)
+      (only for the stdin command "notify"; timer ticks print nothing; N counts the
+      observers of /3303/0/5700 only)
   {"event": "updated", "code": "2.04"}          (the code the server answered)
   {"event": "deregistered", "code": "2.02"}
   {"event": "error", "message": "..."}
@@ -55,6 +84,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import struct
 import sys
 import threading
 
@@ -65,9 +95,13 @@ from aiocoap.numbers.contentformat import ContentFormat
 
 REQUEST_TIMEOUT = 20.0
 LINKS = b'</>;rt="oma.lwm2m",</1/0>,</3/0>,</3303/0/5700>;obs;ct=0,</5/0>,</9/0>'
+LWM2M_LINKS = b'</>;rt="oma.lwm2m";ct="11542 110",</1/0>,</3/0>,</3303/0>'
 BIG = b"0123456789" * 300
 TEXT = ContentFormat.TEXT
 OCTETS = ContentFormat.OCTETSTREAM
+TLV = 11542
+SENML_JSON = 110
+CURRENT_TIME = 1700000000
 
 
 def emit(**fields):
@@ -96,6 +130,8 @@ def report(request, path):
         ev["query"] = list(request.opt.uri_query)
     if request.opt.observe is not None:
         ev["observe"] = request.opt.observe
+    if request.opt.accept is not None:
+        ev["accept"] = int(request.opt.accept)
     emit(**ev)
 
 
@@ -168,6 +204,9 @@ class Temperature(Reported, resource.ObservableResource):
         for obs in list(self._observations):
             obs.trigger(self.current())
 
+    def observers(self):
+        return len(self._observations)
+
     def update_observation_count(self, count):
         emit(event="observers", path=self.path, count=count)
         if count and self._ticker is None:
@@ -207,6 +246,230 @@ class Slow(Reported, resource.Resource):
 class Deletable(Reported, resource.Resource):
     async def render_delete(self, request):
         return Message(code=Code.DELETED)
+
+
+# --- LwM2M mode -----------------------------------------------------------------------
+
+
+def tlv(ident, value):
+    """One TLV entry of type "resource with value" (OMA-TS-LightweightM2M-V1_0 6.4.3):
+    type byte bits 7-6 = 11, bit 5 = 16-bit identifier, bits 4-3 = size of the length
+    field (0 = the length is in bits 2-0), then identifier, length, value."""
+    head = 0b11 << 6
+    if ident > 0xFF:
+        head |= 0x20
+        idb = ident.to_bytes(2, "big")
+    else:
+        idb = ident.to_bytes(1, "big")
+    n = len(value)
+    if n < 8:
+        head |= n
+        lenb = b""
+    elif n <= 0xFF:
+        head |= 0x08
+        lenb = n.to_bytes(1, "big")
+    elif n <= 0xFFFF:
+        head |= 0x10
+        lenb = n.to_bytes(2, "big")
+    else:
+        head |= 0x18
+        lenb = n.to_bytes(3, "big")
+    return bytes([head]) + idb + lenb + value
+
+
+def tlv_value(v):
+    """A value's TLV bytes: integers in the fewest of 1, 2, 4, 8 bytes (two's
+    complement), floats in 4 bytes when exact else 8, strings UTF-8."""
+    if isinstance(v, bool):
+        return b"\x01" if v else b"\x00"
+    if isinstance(v, int):
+        for size in (1, 2, 4, 8):
+            if -(1 << (8 * size - 1)) <= v < (1 << (8 * size - 1)):
+                return v.to_bytes(size, "big", signed=True)
+        raise ValueError("integer too large: %d" % v)
+    if isinstance(v, float):
+        single = struct.pack(">f", v)
+        return single if struct.unpack(">f", single)[0] == v else struct.pack(">d", v)
+    return str(v).encode("utf-8")
+
+
+def text_value(v):
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def senml_record(v):
+    if isinstance(v, bool):
+        return {"vb": v}
+    if isinstance(v, (int, float)):
+        return {"v": v}
+    return {"vs": str(v)}
+
+
+class Lwm2mModel:
+    """The LwM2M mode's object instances: resource values by instance path and id."""
+
+    def __init__(self, lifetime):
+        self.temperature = 21.5
+        self.lifetime = lifetime
+        self.instances = {
+            "/1/0": {0: lambda: 1, 1: lambda: self.lifetime},
+            "/3/0": {
+                0: lambda: "connectord-test",
+                1: lambda: "sim-1",
+                13: lambda: CURRENT_TIME,
+            },
+            "/3303/0": {5700: lambda: self.temperature, 5701: lambda: "Cel"},
+        }
+
+    def paths(self):
+        """Every instance and resource path served."""
+        for inst, resources in self.instances.items():
+            yield inst
+            for rid in resources:
+                yield "%s/%d" % (inst, rid)
+
+    def render(self, path, accept):
+        """The 2.05 answer to a read of `path` (an instance or a resource) in the format
+        `accept` asks for (TLV when None), or 4.06 for a format it cannot do."""
+        parts = path.strip("/").split("/")
+        single = len(parts) == 3
+        inst = "/" + "/".join(parts[:2])
+        resources = self.instances[inst]
+        values = (
+            [(int(parts[2]), resources[int(parts[2])]())]
+            if single
+            else [(rid, get()) for rid, get in resources.items()]
+        )
+        fmt = TLV if accept is None else int(accept)
+        if fmt == TLV:
+            payload = b"".join(tlv(rid, tlv_value(v)) for rid, v in values)
+        elif fmt == SENML_JSON:
+            if single:
+                records = [dict(bn=path, **senml_record(values[0][1]))]
+            else:
+                records = [dict(n=str(rid), **senml_record(v)) for rid, v in values]
+                records[0] = dict(bn=inst + "/", **records[0])
+            payload = json.dumps(records, separators=(",", ":")).encode()
+        elif fmt == int(TEXT) and single:
+            payload = text_value(values[0][1]).encode()
+        else:
+            return Message(code=Code.NOT_ACCEPTABLE)
+        return Message(code=Code.CONTENT, payload=payload, content_format=fmt)
+
+
+class Lwm2mRead:
+    """Mixin: GET answers from the model in the format the Accept option asks for."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    async def render_get(self, request):
+        return self.model.render(self.path, request.opt.accept)
+
+
+class Lwm2mNode(Lwm2mRead, Reported, resource.Resource):
+    """An instance or resource that is not observable: aiocoap answers an observe
+    request without the Observe option."""
+
+
+class Lwm2mLifetime(Lwm2mNode):
+    async def render_put(self, request):
+        try:
+            self.model.lifetime = int(request.payload.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            return text("lifetime must be an integer", code=Code.BAD_REQUEST)
+        return Message(code=Code.CHANGED)
+
+
+class Lwm2mObservable(Lwm2mRead, Reported, resource.ObservableResource):
+    """An observable instance or resource: each observation is notified in the format
+    its observe request asked for."""
+
+    def __init__(self, model, on_count):
+        super().__init__(model)
+        self.formats = {}
+        self.on_count = on_count
+
+    async def add_observation(self, request, serverobservation):
+        # A format it cannot do: not accepted, so the 4.06 goes out without Observe.
+        if self.model.render(self.path, request.opt.accept).code.is_successful():
+            self.formats[serverobservation] = request.opt.accept
+            await super().add_observation(request, serverobservation)
+
+    def notify(self):
+        for obs in list(self._observations):
+            obs.trigger(self.model.render(self.path, self.formats.get(obs)))
+
+    def update_observation_count(self, count):
+        live = self._observations
+        self.formats = {o: f for o, f in self.formats.items() if o in live}
+        emit(event="observers", path=self.path, count=count)
+        self.on_count()
+
+
+class Lwm2mSensor:
+    """The LwM2M mode's temperature: changed by the timer while /3303/0/5700 or
+    /3303/0 is observed, or by the stdin command; each change notified to both."""
+
+    path = "/3303/0/5700"
+
+    def __init__(self, model, interval):
+        self.model = model
+        self.interval = interval
+        self.nodes = []
+        self._ticker = None
+
+    @property
+    def value(self):
+        return self.model.temperature
+
+    def observers(self):
+        return sum(len(n._observations) for n in self.nodes if n.path == self.path)
+
+    def change(self):
+        self.model.temperature += 0.5
+        for node in self.nodes:
+            node.notify()
+
+    def count_changed(self):
+        total = sum(len(n._observations) for n in self.nodes)
+        if total and self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        elif not total and self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+
+    async def _tick(self):
+        while True:
+            await asyncio.sleep(self.interval)
+            self.change()
+
+
+def build_lwm2m_site(args, lifetime):
+    site = DeviceSite()
+    model = Lwm2mModel(lifetime)
+    sensor = Lwm2mSensor(model, args.notify_interval)
+    resources = {}
+    for path in model.paths():
+        if path in ("/3303/0/5700", "/3303/0"):
+            node = Lwm2mObservable(model, sensor.count_changed)
+            sensor.nodes.append(node)
+        elif path == "/1/0/1":
+            node = Lwm2mLifetime(model)
+        else:
+            node = Lwm2mNode(model)
+        resources[path] = node
+    resources["/3/0/4"] = Execute()
+    for path, res in resources.items():
+        res.path = path
+        site.add_resource(path.strip("/").split("/"), res)
+    return site, sensor
+
+
+# --- both modes ----------------------------------------------------------------------
 
 
 class DeviceSite(resource.Site):
@@ -276,11 +539,14 @@ class Device:
 
     async def register(self):
         a = self.args
-        query = ["ep=" + a.ep, "lt=%d" % a.lifetime, "lwm2m=1.0", "b=" + a.binding]
+        version = a.lwm2m or "1.0"
+        query = ["ep=" + a.ep, "lt=%d" % a.lifetime, "lwm2m=" + version]
+        query.append("b=" + a.binding)
         if a.domain is not None:
             query.append("d=" + a.domain)
+        links = LWM2M_LINKS if a.lwm2m else LINKS
         resp = await self.request(
-            Code.POST, ["rd"], query, LINKS, ContentFormat.LINKFORMAT
+            Code.POST, ["rd"], query, links, ContentFormat.LINKFORMAT
         )
         if resp.code != Code.CREATED or not resp.opt.location_path:
             raise RuntimeError(
@@ -323,7 +589,8 @@ def describe(exc):
 
 
 async def run(args):
-    site, temperature = build_site(args, args.lifetime)
+    build = build_lwm2m_site if args.lwm2m else build_site
+    site, temperature = build(args, args.lifetime)
     try:
         ctx = await Context.create_server_context(
             site, bind=(args.bind, 0), transports=["udp6"]
@@ -358,7 +625,7 @@ async def run(args):
                         event="notified",
                         path=temperature.path,
                         value="%.1f" % temperature.value,
-                        observers=len(temperature._observations),
+                        observers=temperature.observers(),
                     )
                 elif cmd == "deregister" and not rest:
                     try:
@@ -386,6 +653,12 @@ def main():
     p.add_argument("--domain", default=None)
     p.add_argument("--notify-interval", type=float, default=0.2)
     p.add_argument("--slow-delay", type=float, default=3.0)
+    p.add_argument(
+        "--lwm2m",
+        default=None,
+        metavar="VERSION",
+        help="behave as an LwM2M client of this version (no obs, TLV/SenML, Accept)",
+    )
     p.add_argument("--bind", default="127.0.0.1", help="local address (port is ephemeral)")
     p.add_argument("--verbose", action="store_true", help="aiocoap debug log on stderr")
     args = p.parse_args()
