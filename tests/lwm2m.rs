@@ -542,175 +542,6 @@ fn a_created_instance_reports_its_location() {
     assert!(d.async_response(&id, WAIT).get("location").is_none());
 }
 
-/// The official mbed Device Connector Python SDK (`mbed-connector-api` from PyPI) lists
-/// the endpoints and resources and deletes an endpoint (`deleteEndpoint`, which takes only
-/// 200 or 202 as success).
-#[test]
-fn the_official_python_sdk_deletes_an_endpoint() {
-    let d = Daemon::start();
-    let mut dev = d.device();
-    dev.register(&["ep=sdk-1", "lt=300", "lwm2m=1.0"], LW_LINKS);
-    let python = support::peers::python_venv("mbed-sdk", "mbed-connector-api==1.0.4", "requests");
-    let out = std::process::Command::new(python)
-        .arg(support::peers::script("mbed_python_sdk.py"))
-        .args([&format!("http://{}", d.rest), &d.key, "sdk-1"])
-        .output()
-        .expect("run the SDK script");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(
-        got,
-        json!({
-            "endpoints": {"status": 200, "error": false, "names": ["sdk-1"]},
-            "resources": {"status": 200, "error": false, "uris": ["/1/0", "/3", "/3/0", "/3303/0"]},
-            "delete": {"status": 200, "error": false, "done": true},
-            "delete_again": {"status": 404, "error": true, "done": true},
-            "resources_after": {"status": 404, "error": true}
-        })
-    );
-    assert!(d.get("/v2/endpoints").json().as_array().unwrap().is_empty());
-}
-
-/// The TLV of `/3/0` with resource 0 "ACME", 7 (multi-instance) 3800 and 5000, 9 = 87,
-/// written out by hand from OMA-TS-LightweightM2M-V1_0 §6.4.3.
-const DEVICE_TLV: &[u8] = &[
-    0xc4, 0x00, b'A', b'C', b'M', b'E', // resource 0, 4 bytes
-    0x88, 0x07, 0x08, // multiple resource 7, 8 bytes (8-bit length field)
-    0x42, 0x00, 0x0e, 0xd8, // resource instance 0: 3800
-    0x42, 0x01, 0x13, 0x88, // resource instance 1: 5000
-    0xc1, 0x09, 0x57, // resource 9: 87
-];
-
-/// `Accept: application/json` decodes whatever the device sent into one JSON value tree:
-/// TLV, SenML JSON, text; the async response is `application/json`.
-#[test]
-fn json_reads_decode_tlv_senml_and_text() {
-    let d = Daemon::start();
-    let mut dev = d.device();
-    dev.register(&["ep=json-1", "lt=300", "lwm2m=1.0"], LW_LINKS);
-    let auth = format!("Bearer {}", d.key);
-    let read_json = |path: &str| -> String {
-        let r = support::http(
-            "GET",
-            &d.url(path),
-            &[("Authorization", auth.as_str()), ("Accept", "application/json")],
-            None,
-        );
-        assert_eq!(r.status, 202, "{path}: {}", r.body);
-        r.json()["async-response-id"].as_str().unwrap().to_string()
-    };
-    let decoded = |id: &str| -> serde_json::Value {
-        let a = d.async_response(id, WAIT);
-        assert_eq!((a["status"].as_u64(), a["ct"].as_str()), (Some(200), Some("application/json")), "{a}");
-        use base64::Engine;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(a["payload"].as_str().unwrap())
-            .unwrap();
-        serde_json::from_slice(&bytes).unwrap()
-    };
-
-    // An instance in TLV (the device lists no typed format: no Accept is sent).
-    let id = read_json("/v2/endpoints/json-1/3/0");
-    let (req, from) = expect_request(&dev, "/3/0");
-    assert_eq!(uint_option(&req, CoapOption::Accept), None);
-    answer(&dev, &req, from, ResponseType::Content, None, Some(11542), DEVICE_TLV);
-    assert_eq!(decoded(&id), json!({"0": "ACME", "7": {"0": 3800, "1": 5000}, "9": 87}));
-
-    // One resource: asked for as text, typed by the object model (battery level: integer).
-    let id = read_json("/v2/endpoints/json-1/3/0/9");
-    let (req, from) = expect_request(&dev, "/3/0/9");
-    assert_eq!(uint_option(&req, CoapOption::Accept), Some(0));
-    answer(&dev, &req, from, ResponseType::Content, None, Some(0), b"87");
-    assert_eq!(decoded(&id), json!(87));
-
-    // SenML JSON.
-    let id = read_json("/v2/endpoints/json-1/3303/0");
-    let (req, from) = expect_request(&dev, "/3303/0");
-    answer(
-        &dev,
-        &req,
-        from,
-        ResponseType::Content,
-        None,
-        Some(110),
-        br#"[{"bn":"/3303/0/","n":"5700","v":21.5},{"n":"5701","vs":"Cel"}]"#,
-    );
-    assert_eq!(decoded(&id), json!({"5700": 21.5, "5701": "Cel"}));
-
-    // What cannot be decoded is a 502 that says why.
-    let id = read_json("/v2/endpoints/json-1/3/0");
-    let (req, from) = expect_request(&dev, "/3/0");
-    answer(&dev, &req, from, ResponseType::Content, None, Some(11542), &[0xc8, 0x00]);
-    let a = d.async_response(&id, WAIT);
-    assert_eq!(a["status"], 502, "{a}");
-    assert!(a["error"].as_str().unwrap().contains("cannot be decoded"), "{a}");
-}
-
-/// A write with `Content-Type: application/json` (the value tree) is encoded for an LwM2M
-/// client in a format it registered support for: TLV for 1.0, SenML CBOR for a 1.1 client
-/// that lists it. A tree that does not fit the path is 400 at once.
-#[test]
-fn json_writes_are_encoded_for_the_device() {
-    let d = Daemon::start();
-    let mut dev = d.device();
-    dev.register(&["ep=w-10", "lt=300", "lwm2m=1.0"], LW_LINKS);
-    let id = d.async_request(
-        "PUT",
-        "/v2/endpoints/w-10/3303/0",
-        Some("application/json"),
-        Some(br#"{"5750": "kitchen"}"#),
-    );
-    let (req, from) = expect_request(&dev, "/3303/0");
-    assert_eq!(uint_option(&req, CoapOption::ContentFormat), Some(11542));
-    // Resource 5750 (16-bit id), 7 bytes: type 0b111_00_111.
-    assert_eq!(req.payload, [&[0xe7, 0x16, 0x76][..], b"kitchen"].concat());
-    answer(&dev, &req, from, ResponseType::Changed, None, None, b"");
-    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
-
-    let mut dev11 = d.device();
-    dev11.register(
-        &["ep=w-11", "lt=300", "lwm2m=1.1"],
-        r#"</>;rt="oma.lwm2m";ct="112 11542",</1/0>,</3303/0>"#,
-    );
-    let id = d.async_request(
-        "PUT",
-        "/v2/endpoints/w-11/1/0/1",
-        Some("application/json"),
-        Some(b"120"),
-    );
-    let (req, from) = expect_request(&dev11, "/1/0/1");
-    assert_eq!(uint_option(&req, CoapOption::ContentFormat), Some(112));
-    let path: connectord::lwm2m_data::Path = "/1/0/1".parse().unwrap();
-    assert_eq!(
-        connectord::lwm2m_data::decode(112, &req.payload, &path).unwrap(),
-        json!(120)
-    );
-    answer(&dev11, &req, from, ResponseType::Changed, None, None, b"");
-    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
-
-    // A string where the object model says integer (lifetime): refused before it is sent.
-    let r = d.call(
-        "PUT",
-        "/v2/endpoints/w-11/1/0/1",
-        Some("application/json"),
-        Some(br#""soon""#),
-    );
-    assert_eq!(r.status, 400, "{}", r.body);
-    assert!(dev11.recv_request(Duration::from_millis(300)).is_none());
-
-    // A device without lwm2m= gets the JSON as it is.
-    let mut mbed = d.device();
-    mbed.register(&["ep=w-mbed", "lt=300"], "</dev/cfg>");
-    let id = d.async_request("PUT", "/v2/endpoints/w-mbed/dev/cfg", Some("application/json"), Some(br#"{"a":1}"#));
-    let (req, from) = expect_request(&mbed, "/dev/cfg");
-    assert_eq!(uint_option(&req, CoapOption::ContentFormat), Some(50));
-    assert_eq!(req.payload, br#"{"a":1}"#);
-    answer(&mbed, &req, from, ResponseType::Changed, None, None, b"");
-    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
 // --- CoAP stacks nobody here wrote -------------------------------------------------------
 
 /// The aiocoap peer as an LwM2M 1.1 client (links without `obs`, TLV unless asked),
@@ -1155,4 +986,217 @@ fn libcoap_server_as_an_lwm2m_device_is_observed() {
             "/subscriptions/libcoap-srv/3303/0/5700"
         ]
     );
+}
+
+/// The official mbed Device Connector Python SDK (`mbed-connector-api` from PyPI) lists
+/// the endpoints and resources and deletes an endpoint (`deleteEndpoint`, which takes only
+/// 200 or 202 as success).
+#[test]
+fn the_official_python_sdk_deletes_an_endpoint() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=sdk-1", "lt=300", "lwm2m=1.0"], LW_LINKS);
+    let python = support::peers::python_venv("mbed-sdk", "mbed-connector-api==1.0.4", "requests");
+    let out = std::process::Command::new(python)
+        .arg(support::peers::script("mbed_python_sdk.py"))
+        .args([&format!("http://{}", d.rest), &d.key, "sdk-1"])
+        .output()
+        .expect("run the SDK script");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        got,
+        json!({
+            "endpoints": {"status": 200, "error": false, "names": ["sdk-1"]},
+            "resources": {"status": 200, "error": false, "uris": ["/1/0", "/3", "/3/0", "/3303/0"]},
+            "delete": {"status": 200, "error": false, "done": true},
+            "delete_again": {"status": 404, "error": true, "done": true},
+            "resources_after": {"status": 404, "error": true}
+        })
+    );
+    assert!(d.get("/v2/endpoints").json().as_array().unwrap().is_empty());
+}
+
+/// The TLV of `/3/0` with resource 0 "ACME", 7 (multi-instance) 3800 and 5000, 9 = 87,
+/// written out by hand from OMA-TS-LightweightM2M-V1_0 §6.4.3.
+const DEVICE_TLV: &[u8] = &[
+    0xc4, 0x00, b'A', b'C', b'M', b'E', // resource 0, 4 bytes
+    0x88, 0x07, 0x08, // multiple resource 7, 8 bytes (8-bit length field)
+    0x42, 0x00, 0x0e, 0xd8, // resource instance 0: 3800
+    0x42, 0x01, 0x13, 0x88, // resource instance 1: 5000
+    0xc1, 0x09, 0x57, // resource 9: 87
+];
+
+/// `Accept: application/json` decodes whatever the device sent into one JSON value tree:
+/// TLV, SenML JSON, text; the async response is `application/json`.
+#[test]
+fn json_reads_decode_tlv_senml_and_text() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=json-1", "lt=300", "lwm2m=1.0"], LW_LINKS);
+    let auth = format!("Bearer {}", d.key);
+    let read_json = |path: &str| -> String {
+        let r = support::http(
+            "GET",
+            &d.url(path),
+            &[
+                ("Authorization", auth.as_str()),
+                ("Accept", "application/json"),
+            ],
+            None,
+        );
+        assert_eq!(r.status, 202, "{path}: {}", r.body);
+        r.json()["async-response-id"].as_str().unwrap().to_string()
+    };
+    let decoded = |id: &str| -> serde_json::Value {
+        let a = d.async_response(id, WAIT);
+        assert_eq!(
+            (a["status"].as_u64(), a["ct"].as_str()),
+            (Some(200), Some("application/json")),
+            "{a}"
+        );
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(a["payload"].as_str().unwrap())
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    };
+
+    // An instance in TLV (the device lists no typed format: no Accept is sent).
+    let id = read_json("/v2/endpoints/json-1/3/0");
+    let (req, from) = expect_request(&dev, "/3/0");
+    assert_eq!(uint_option(&req, CoapOption::Accept), None);
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        None,
+        Some(11542),
+        DEVICE_TLV,
+    );
+    assert_eq!(
+        decoded(&id),
+        json!({"0": "ACME", "7": {"0": 3800, "1": 5000}, "9": 87})
+    );
+
+    // One resource: asked for as text, typed by the object model (battery level: integer).
+    let id = read_json("/v2/endpoints/json-1/3/0/9");
+    let (req, from) = expect_request(&dev, "/3/0/9");
+    assert_eq!(uint_option(&req, CoapOption::Accept), Some(0));
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        None,
+        Some(0),
+        b"87",
+    );
+    assert_eq!(decoded(&id), json!(87));
+
+    // SenML JSON.
+    let id = read_json("/v2/endpoints/json-1/3303/0");
+    let (req, from) = expect_request(&dev, "/3303/0");
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        None,
+        Some(110),
+        br#"[{"bn":"/3303/0/","n":"5700","v":21.5},{"n":"5701","vs":"Cel"}]"#,
+    );
+    assert_eq!(decoded(&id), json!({"5700": 21.5, "5701": "Cel"}));
+
+    // What cannot be decoded is a 502 that says why.
+    let id = read_json("/v2/endpoints/json-1/3/0");
+    let (req, from) = expect_request(&dev, "/3/0");
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        None,
+        Some(11542),
+        &[0xc8, 0x00],
+    );
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(a["status"], 502, "{a}");
+    assert!(
+        a["error"].as_str().unwrap().contains("cannot be decoded"),
+        "{a}"
+    );
+}
+
+/// A write with `Content-Type: application/json` (the value tree) is encoded for an LwM2M
+/// client in a format it registered support for: TLV for 1.0, SenML CBOR for a 1.1 client
+/// that lists it. A tree that does not fit the path is 400 at once.
+#[test]
+fn json_writes_are_encoded_for_the_device() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=w-10", "lt=300", "lwm2m=1.0"], LW_LINKS);
+    let id = d.async_request(
+        "PUT",
+        "/v2/endpoints/w-10/3303/0",
+        Some("application/json"),
+        Some(br#"{"5750": "kitchen"}"#),
+    );
+    let (req, from) = expect_request(&dev, "/3303/0");
+    assert_eq!(uint_option(&req, CoapOption::ContentFormat), Some(11542));
+    // Resource 5750 (16-bit id), 7 bytes: type 0b111_00_111.
+    assert_eq!(req.payload, [&[0xe7, 0x16, 0x76][..], b"kitchen"].concat());
+    answer(&dev, &req, from, ResponseType::Changed, None, None, b"");
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+
+    let mut dev11 = d.device();
+    dev11.register(
+        &["ep=w-11", "lt=300", "lwm2m=1.1"],
+        r#"</>;rt="oma.lwm2m";ct="112 11542",</1/0>,</3303/0>"#,
+    );
+    let id = d.async_request(
+        "PUT",
+        "/v2/endpoints/w-11/1/0/1",
+        Some("application/json"),
+        Some(b"120"),
+    );
+    let (req, from) = expect_request(&dev11, "/1/0/1");
+    assert_eq!(uint_option(&req, CoapOption::ContentFormat), Some(112));
+    let path: connectord::lwm2m_data::Path = "/1/0/1".parse().unwrap();
+    assert_eq!(
+        connectord::lwm2m_data::decode(112, &req.payload, &path).unwrap(),
+        json!(120)
+    );
+    answer(&dev11, &req, from, ResponseType::Changed, None, None, b"");
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+
+    // A string where the object model says integer (lifetime): refused before it is sent.
+    let r = d.call(
+        "PUT",
+        "/v2/endpoints/w-11/1/0/1",
+        Some("application/json"),
+        Some(br#""soon""#),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(dev11.recv_request(Duration::from_millis(300)).is_none());
+
+    // A device without lwm2m= gets the JSON as it is.
+    let mut mbed = d.device();
+    mbed.register(&["ep=w-mbed", "lt=300"], "</dev/cfg>");
+    let id = d.async_request(
+        "PUT",
+        "/v2/endpoints/w-mbed/dev/cfg",
+        Some("application/json"),
+        Some(br#"{"a":1}"#),
+    );
+    let (req, from) = expect_request(&mbed, "/dev/cfg");
+    assert_eq!(uint_option(&req, CoapOption::ContentFormat), Some(50));
+    assert_eq!(req.payload, br#"{"a":1}"#);
+    answer(&mbed, &req, from, ResponseType::Changed, None, None, b"");
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
 }
