@@ -8,6 +8,8 @@
 //! - [`store`]: durable state (SQLite, behind a trait).
 //! - [`auth`]: principals, scopes and the chain of auth backends.
 //! - [`rest`]: the HTTP API.
+//! - [`lwm2m_data`]: LwM2M content formats (TLV, SenML, LwM2M JSON/CBOR, …) ⇄ one JSON
+//!   value tree; pure.
 //! - [`daemon`]: start-up wiring, signals, systemd readiness.
 //! - [`metrics`], [`shutdown`], [`log_budget`], [`hashing`]: counters, the stop signal, the
 //!   budget of per-device log lines and the hasher of maps keyed by outside data, shared by
@@ -24,6 +26,7 @@ pub mod events;
 pub mod hashing;
 pub mod limits;
 pub mod log_budget;
+pub mod lwm2m_data;
 pub mod metrics;
 pub mod plugins;
 pub mod registry;
