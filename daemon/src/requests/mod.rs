@@ -178,6 +178,9 @@ pub enum RequestError {
     /// 502: the cached value cannot be decoded into the JSON asked for.
     #[error("{0}")]
     Undecodable(String),
+    /// 400: a JSON body that cannot be encoded for the device.
+    #[error("{0}")]
+    BadBody(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -521,6 +524,13 @@ impl Requests {
         // A write may create a resource; the others need one the device listed.
         if method != Method::Put && !resource_known(&ep, &s.path) {
             return Err(RequestError::NotFound(s.path));
+        }
+        let mut s = s;
+        if s.content_format == Some(content_format::JSON)
+            && let Some((body, cf)) = encode_write(&ep, method, &s.path, &s.payload)?
+        {
+            s.payload = body;
+            s.content_format = Some(cf);
         }
         if s.cache_only && method == Method::Get {
             let cached = match self.lock_cache().get(&who.domain, ep_name, &s.path) {
@@ -873,10 +883,73 @@ fn refuses_accept(reply: &CoapReply) -> bool {
     )
 }
 
-/// The JSON value tree of a device's answer (see [`crate::lwm2m_data`]).
+/// The JSON value tree of a device's answer (see [`crate::lwm2m_data`]). An answer in
+/// `application/json` is the device's own JSON, passed on once checked. An answer without
+/// Content-Format is read as text/plain when it is UTF-8, else as opaque. A path that is
+/// not an LwM2M path (an mbed Client resource such as `/dev/temp`) has no object model:
+/// its text is a JSON string, anything else `{"base64": …}`.
 fn to_json_tree(ct: Option<u16>, payload: &[u8], path: &str) -> Result<Vec<u8>, String> {
-    let _ = (ct, payload, path);
-    Err("not yet".into())
+    use crate::lwm2m_data::{self, Path, format};
+    if ct == Some(content_format::JSON) {
+        return match serde_json::from_slice::<serde_json::Value>(payload) {
+            Ok(_) => Ok(payload.to_vec()),
+            Err(e) => Err(format!("it is not valid JSON: {e}")),
+        };
+    }
+    let text = std::str::from_utf8(payload).ok();
+    let cf = ct.unwrap_or(if text.is_some() {
+        format::TEXT_PLAIN
+    } else {
+        format::OCTET_STREAM
+    });
+    let tree = match path.parse::<Path>() {
+        Ok(p) => lwm2m_data::decode(cf, payload, &p).map_err(|e| e.to_string())?,
+        Err(_) => match (cf, text) {
+            (format::TEXT_PLAIN, Some(t)) => serde_json::Value::String(t.to_string()),
+            (format::TEXT_PLAIN | format::OCTET_STREAM, _) => serde_json::json!({
+                "base64": base64::engine::general_purpose::STANDARD.encode(payload)
+            }),
+            _ => {
+                return Err(format!(
+                    "{path} is not an LwM2M path, so there is no object model to read it by"
+                ));
+            }
+        },
+    };
+    serde_json::to_vec(&tree).map_err(|e| e.to_string())
+}
+
+/// A write's body in the JSON value tree (`Content-Type: application/json`) encoded for an
+/// LwM2M client in a format it registered support for
+/// ([`crate::lwm2m_data::choose_write_format`]): the new body and its Content-Format.
+/// Writes (`PUT`) and creates or partial updates (`POST` on an object or instance) are
+/// encoded; an execute (`POST` on a resource) and every request to a device without
+/// `lwm2m=` carry the JSON as it is.
+fn encode_write(
+    ep: &Endpoint,
+    method: Method,
+    path: &str,
+    body: &[u8],
+) -> Result<Option<(Vec<u8>, u16)>, RequestError> {
+    use crate::lwm2m_data::{self, Path};
+    let depth = path.split('/').filter(|s| !s.is_empty()).count();
+    let transcoded =
+        ep.is_lwm2m() && (method == Method::Put || (method == Method::Post && depth <= 2));
+    if !transcoded {
+        return Ok(None);
+    }
+    let bad = |m: String| RequestError::BadBody(m);
+    let p: Path = path.parse().map_err(|e| bad(format!("{e}")))?;
+    let tree: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
+    let cf = lwm2m_data::choose_write_format(ep.reg.lwm2m.as_deref(), &ep.formats());
+    let bytes = lwm2m_data::encode(&tree, &p, cf).map_err(|e| {
+        bad(format!(
+            "the JSON value tree cannot be written to {path} as {}: {e}",
+            content_format::describe(cf)
+        ))
+    })?;
+    Ok(Some((bytes, cf)))
 }
 
 /// A successful answer turned into `application/json`; one that cannot be decoded is a

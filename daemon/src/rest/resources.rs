@@ -188,6 +188,7 @@ fn refusal(e: RequestError) -> Reply {
         }
         RequestError::Unavailable(_) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &msg),
         RequestError::Undecodable(_) => error(StatusCode::BAD_GATEWAY, "bad_gateway", &msg),
+        RequestError::BadBody(_) => error(StatusCode::BAD_REQUEST, "bad_request", &msg),
         // 205 Reset Content carries no body (RFC 9110 §15.3.6).
         RequestError::NoCache => Reply::empty(StatusCode::RESET_CONTENT),
         RequestError::Store(e) => {
