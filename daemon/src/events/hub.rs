@@ -794,3 +794,218 @@ impl RegistryListener for Hub {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+    use std::sync::atomic::Ordering;
+
+    struct NoSink;
+
+    impl Sink for NoSink {
+        fn verify<'a>(
+            &'a self,
+            _: &'a super::super::CallbackTarget,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn deliver<'a>(
+            &'a self,
+            _: &'a super::super::CallbackTarget,
+            _: Bytes,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
+            Box::pin(async { Delivery::Accepted })
+        }
+    }
+
+    struct Fixture {
+        hub: Arc<Hub>,
+        store: Arc<dyn Store>,
+        counters: Arc<Counters>,
+        key: Principal,
+        _stop: crate::shutdown::Trigger,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let counters = Arc::new(Counters::default());
+        let (trigger, stop) = crate::shutdown::channel();
+        let hub = Hub::load(
+            Arc::clone(&store),
+            Arc::new(NoSink),
+            NotificationsConfig::default(),
+            Arc::clone(&counters),
+            stop,
+        )
+        .await
+        .unwrap();
+        let key = Principal {
+            backend: "test".into(),
+            key_id: "k".into(),
+            domain: "default".into(),
+            scopes: vec!["admin".into()],
+            allow: None,
+        };
+        hub.ensure_channel(&key).await.unwrap();
+        Fixture {
+            hub,
+            store,
+            counters,
+            key,
+            _stop: trigger,
+            _dir: dir,
+        }
+    }
+
+    impl Fixture {
+        async fn publish(&self, ep: &str) {
+            let event = Event {
+                kind: Kind::Registrations,
+                body: serde_json::json!({ "ep": ep }).into(),
+                created_ms: now_ms(),
+            };
+            self.hub.publish_to_key("k", event).await;
+        }
+
+        /// A pull that answers at once.
+        async fn pull(&self) -> Option<Batch> {
+            match self
+                .hub
+                .pull(&self.key, None, std::future::pending())
+                .await
+                .unwrap()
+            {
+                Pulled::Batch(b) => Some(b),
+                Pulled::Empty => None,
+                other => panic!("{other:?}"),
+            }
+        }
+
+        /// The `ep`s still stored for the key (a store round trip: earlier deletes are
+        /// applied before it).
+        async fn stored(&self) -> Vec<String> {
+            let events = self.store.load_events().await.unwrap();
+            events
+                .iter()
+                .map(|e| {
+                    let v: serde_json::Value = serde_json::from_str(e.event.body.as_str()).unwrap();
+                    v["ep"].as_str().unwrap().to_string()
+                })
+                .collect()
+        }
+
+        fn count(&self, c: &std::sync::atomic::AtomicU64) -> u64 {
+            c.load(Ordering::Relaxed)
+        }
+    }
+
+    fn eps(b: &Batch) -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&b.message).unwrap();
+        v["registrations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["ep"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_next_pull_acknowledges_an_answer_once_it_was_sent() {
+        let f = fixture().await;
+        f.publish("a").await;
+        f.publish("b").await;
+        let b = f.pull().await.unwrap();
+        assert_eq!(eps(&b), ["a", "b"]);
+        // Still being answered: a concurrent pull neither acknowledges nor takes it.
+        f.publish("c").await;
+        assert!(f.pull().await.is_none());
+        assert_eq!(f.stored().await, ["a", "b", "c"]);
+        let _answer = b.ticket.sent();
+        assert_eq!(f.count(&f.counters.events_delivered), 0);
+        // The client came back: acknowledged, and the next events follow.
+        let b = f.pull().await.unwrap();
+        assert_eq!(eps(&b), ["c"]);
+        assert_eq!(f.stored().await, ["c"]);
+        assert_eq!(f.count(&f.counters.events_delivered), 2);
+        drop(b.ticket.sent());
+        assert!(f.pull().await.is_none());
+        assert!(f.stored().await.is_empty());
+        assert_eq!(f.count(&f.counters.events_delivered), 3);
+        assert_eq!(f.count(&f.counters.long_poll_redeliveries), 0);
+    }
+
+    #[tokio::test]
+    async fn an_answer_never_written_is_answered_again_first() {
+        let f = fixture().await;
+        f.publish("a").await;
+        let b = f.pull().await.unwrap();
+        f.publish("b").await;
+        drop(b);
+        let b = f.pull().await.unwrap();
+        assert_eq!(eps(&b), ["a", "b"], "put back in front, in order");
+        assert_eq!(f.count(&f.counters.long_poll_redeliveries), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_connection_puts_its_answer_back_unless_acknowledged() {
+        let f = fixture().await;
+        f.publish("a").await;
+        let answer = f.pull().await.unwrap().ticket.sent();
+        answer.put_back();
+        let b = f.pull().await.unwrap();
+        assert_eq!(eps(&b), ["a"]);
+        let answer = b.ticket.sent();
+        // Acknowledged first: the connection's late failure changes nothing.
+        assert!(f.pull().await.is_none());
+        answer.put_back();
+        assert!(f.pull().await.is_none());
+        assert!(f.stored().await.is_empty());
+        assert_eq!(f.count(&f.counters.long_poll_redeliveries), 1);
+        assert_eq!(f.count(&f.counters.events_delivered), 1);
+    }
+
+    #[tokio::test]
+    async fn a_pull_whose_client_left_takes_nothing() {
+        let f = fixture().await;
+        let (left, gone) = tokio::sync::oneshot::channel::<()>();
+        let hub = Arc::clone(&f.hub);
+        let key = f.key.clone();
+        let poll = tokio::spawn(async move {
+            hub.pull(&key, Some(Duration::from_secs(30)), async move {
+                let _ = gone.await;
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(left);
+        assert!(matches!(poll.await.unwrap().unwrap(), Pulled::Gone));
+        f.publish("a").await;
+        assert_eq!(eps(&f.pull().await.unwrap()), ["a"]);
+    }
+
+    #[tokio::test]
+    async fn an_unacknowledged_answer_stays_stored_and_is_loaded_again() {
+        let f = fixture().await;
+        f.publish("a").await;
+        let _answer = f.pull().await.unwrap().ticket.sent();
+        assert_eq!(f.stored().await, ["a"]);
+        let (_t, stop) = crate::shutdown::channel();
+        let again = Hub::load(
+            Arc::clone(&f.store),
+            Arc::new(NoSink),
+            NotificationsConfig::default(),
+            Arc::new(Counters::default()),
+            stop,
+        )
+        .await
+        .unwrap();
+        let b = again.pull(&f.key, None, std::future::pending()).await;
+        match b.unwrap() {
+            Pulled::Batch(b) => assert_eq!(eps(&b), ["a"]),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -437,6 +437,47 @@ mod tests {
         assert!(Instant::now() >= writes_ended + T);
     }
 
+    /// Undo actions (long-poll answers handed to the connection) run when the socket or
+    /// the connection failed, not when it closed cleanly or the client asked again.
+    #[tokio::test]
+    async fn undo_actions_run_only_when_the_connection_failed() {
+        use std::sync::atomic::AtomicUsize;
+        let ran = Arc::new(AtomicUsize::new(0));
+        let undo = || {
+            let ran = Arc::clone(&ran);
+            Box::new(move || {
+                ran.fetch_add(1, Ordering::Relaxed);
+            }) as OnFailure
+        };
+        // Clean end.
+        let a = Activity::new();
+        a.on_failure(undo());
+        a.finish(false);
+        assert_eq!(ran.load(Ordering::Relaxed), 0);
+        // The client asked again on the connection: it read the answer.
+        let a = Activity::new();
+        a.on_failure(undo());
+        drop(a.begin());
+        a.finish(true);
+        assert_eq!(ran.load(Ordering::Relaxed), 0);
+        // hyper ended the connection with an error.
+        let a = Activity::new();
+        a.on_failure(undo());
+        a.finish(true);
+        assert_eq!(ran.load(Ordering::Relaxed), 1);
+        // The socket failed (a write nobody reads times out).
+        let (near, _far) = tokio::io::duplex(16);
+        let a = Activity::new();
+        let mut w = ClientIo::new(near, T, Arc::clone(&a));
+        a.on_failure(undo());
+        assert!(w.write_all(&[7u8; 64]).await.is_err());
+        a.finish(false);
+        assert_eq!(ran.load(Ordering::Relaxed), 2);
+        // Handed over after the failure: at once.
+        a.on_failure(undo());
+        assert_eq!(ran.load(Ordering::Relaxed), 3);
+    }
+
     #[tokio::test]
     async fn no_first_request_closes_the_connection() {
         let first = Notify::new();
