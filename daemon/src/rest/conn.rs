@@ -151,23 +151,31 @@ impl Activity {
 
     /// Runs `f` if the connection fails before its next request begins.
     pub fn on_failure(&self, f: OnFailure) {
-        if self.failed.load(Ordering::Relaxed) {
+        // Checked under the lock `finish` takes after setting the flag: an action is
+        // either run here or seen there.
+        let mut undo = self.undo();
+        if self.failed.load(Ordering::SeqCst) {
+            drop(undo);
             f();
         } else {
-            self.undo().push(f);
+            undo.push(f);
         }
     }
 
     /// The client's socket failed.
     fn fail(&self) {
-        self.failed.store(true, Ordering::Relaxed);
+        self.failed.store(true, Ordering::SeqCst);
     }
 
     /// The connection ended, with an error from hyper or not: if it or the socket failed,
-    /// the undo actions run.
+    /// the undo actions run (and so do those of HTTP/2 responses whose streams' tasks
+    /// hand them over later).
     pub fn finish(&self, error: bool) {
+        if error {
+            self.fail();
+        }
         let undo = std::mem::take(&mut *self.undo());
-        if error || self.failed.load(Ordering::Relaxed) {
+        if self.failed.load(Ordering::SeqCst) {
             for f in undo {
                 f();
             }
