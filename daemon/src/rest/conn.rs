@@ -151,8 +151,8 @@ impl Activity {
 
     /// Runs `f` if the connection fails before its next request begins.
     pub fn on_failure(&self, f: OnFailure) {
-        // Checked under the lock `finish` takes after setting the flag: an action is
-        // either run here or seen there.
+        // Checked under the lock `finish` takes: an action kept here because the socket had
+        // not failed yet is seen there (a socket fails only before its connection ends).
         let mut undo = self.undo();
         if self.failed.load(Ordering::SeqCst) {
             drop(undo);
@@ -167,13 +167,11 @@ impl Activity {
         self.failed.store(true, Ordering::SeqCst);
     }
 
-    /// The connection ended, with an error from hyper or not: if it or the socket failed,
-    /// the undo actions run (and so do those of HTTP/2 responses whose streams' tasks
-    /// hand them over later).
-    pub fn finish(&self, error: bool) {
-        if error {
-            self.fail();
-        }
+    /// The connection ended: if the client's socket failed, the undo actions run. An error
+    /// hyper ends a connection with is not a failure of what it wrote: its header timeout
+    /// ends a connection whose client read its answer and sent nothing more (idle), and a
+    /// parse error one whose client sent garbage after reading it.
+    pub fn finish(&self) {
         let undo = std::mem::take(&mut *self.undo());
         if self.failed.load(Ordering::SeqCst) {
             for f in undo {
@@ -445,8 +443,8 @@ mod tests {
         assert!(Instant::now() >= writes_ended + T);
     }
 
-    /// Undo actions (long-poll answers handed to the connection) run when the socket or
-    /// the connection failed, not when it closed cleanly or the client asked again.
+    /// Undo actions (long-poll answers handed to the connection) run when the socket
+    /// failed, not when the connection ended otherwise or the client asked again.
     #[tokio::test]
     async fn undo_actions_run_only_when_the_connection_failed() {
         use std::sync::atomic::AtomicUsize;
@@ -460,30 +458,27 @@ mod tests {
         // Clean end.
         let a = Activity::new();
         a.on_failure(undo());
-        a.finish(false);
+        a.finish();
         assert_eq!(ran.load(Ordering::Relaxed), 0);
         // The client asked again on the connection: it read the answer.
         let a = Activity::new();
         a.on_failure(undo());
         drop(a.begin());
-        a.finish(true);
+        a.fail();
+        a.finish();
         assert_eq!(ran.load(Ordering::Relaxed), 0);
-        // hyper ended the connection with an error.
-        let a = Activity::new();
-        a.on_failure(undo());
-        a.finish(true);
-        assert_eq!(ran.load(Ordering::Relaxed), 1);
         // The socket failed (a write nobody reads times out).
         let (near, _far) = tokio::io::duplex(16);
         let a = Activity::new();
         let mut w = ClientIo::new(near, T, Arc::clone(&a));
         a.on_failure(undo());
         assert!(w.write_all(&[7u8; 64]).await.is_err());
-        a.finish(false);
-        assert_eq!(ran.load(Ordering::Relaxed), 2);
-        // Handed over after the failure: at once.
+        a.finish();
+        assert_eq!(ran.load(Ordering::Relaxed), 1);
+        // Handed over after the failure (an HTTP/2 stream's task may drop its body after
+        // the connection ended): at once.
         a.on_failure(undo());
-        assert_eq!(ran.load(Ordering::Relaxed), 3);
+        assert_eq!(ran.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]

@@ -136,7 +136,7 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
                     let _slot = permit;
                     let outcome = conn::first_request_within(conn, &first, timeout).await;
                     // Long-poll answers handed to a connection that failed are queued again.
-                    ended.finish(matches!(outcome, Some(Err(_))));
+                    ended.finish();
                     match outcome {
                         None => tracing::debug!(
                             "REST connection closed: no request within rest.client_timeout_s"
