@@ -59,8 +59,12 @@ counters! {
     rest_unauthorized,
     /// Notification events queued (counted once per receiving key).
     events_published,
-    /// Notification events handed to a long-poll or accepted by a callback.
+    /// Notification events accepted by a callback, or answered to a long-poll whose key
+    /// then pulled again (acknowledged).
     events_delivered,
+    /// Long-poll answers whose events were queued again: not acknowledged by a next pull
+    /// within notifications.redeliver_after_s, or not written to a client that went away.
+    long_poll_redeliveries,
     /// Notification events discarded (older than the discard window, refused by the
     /// callback, or pushed out of a full queue).
     events_discarded,

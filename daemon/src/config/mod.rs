@@ -207,6 +207,9 @@ pub struct NotificationsConfig {
     pub retry_initial_ms: u64,
     /// Longest wait between retries.
     pub retry_max_ms: u64,
+    /// A long-poll answer counts as received when the same key pulls again within this
+    /// many seconds of it; otherwise its events are delivered again (at least once).
+    pub redeliver_after_s: u64,
 }
 
 impl Default for NotificationsConfig {
@@ -218,6 +221,7 @@ impl Default for NotificationsConfig {
             max_queued_per_key: 100_000,
             retry_initial_ms: 1000,
             retry_max_ms: 60_000,
+            redeliver_after_s: 60,
         }
     }
 }
@@ -526,13 +530,19 @@ impl Config {
                 "must lie between 1 and 300".into(),
             ));
         }
-        if n.max_batch == 0 || n.max_queued_per_key == 0 || n.discard_after_s == 0 {
+        if n.max_batch == 0
+            || n.max_queued_per_key == 0
+            || n.discard_after_s == 0
+            || n.redeliver_after_s == 0
+        {
             let key = if n.max_batch == 0 {
                 "notifications.max_batch"
             } else if n.max_queued_per_key == 0 {
                 "notifications.max_queued_per_key"
-            } else {
+            } else if n.discard_after_s == 0 {
                 "notifications.discard_after_s"
+            } else {
+                "notifications.redeliver_after_s"
             };
             return Err(invalid(key, "must be at least 1".into()));
         }

@@ -127,6 +127,10 @@ fn range_errors_name_the_key() {
             "notifications.long_poll_s",
         ),
         (
+            "[notifications]\nredeliver_after_s = 0\n",
+            "notifications.redeliver_after_s",
+        ),
+        (
             "[notifications]\nretry_initial_ms = 5\nretry_max_ms = 1\n",
             "notifications.retry_initial_ms",
         ),

@@ -1,18 +1,22 @@
 //! The notification hub: one ordered, durable queue per access key.
 //!
 //! Publishing assigns each event a per-key sequence number under the hub lock, submits it
-//! to the store in that order and returns once it is durable. A long-poll takes the oldest
-//! events; a callback channel has a delivery task that sends the oldest batch to the
-//! [`Sink`] and removes it only when the sink accepted (or refused) it, retrying with
-//! exponential backoff otherwise. Events older than `notifications.discard_after_s` (15
-//! minutes by default, as the seed says) are discarded and counted, wherever they wait.
+//! to the store in that order and returns once it is durable. A long-poll is answered with
+//! the oldest events, which stay queued and stored as the key's *answer in flight* until
+//! the key's next pull acknowledges them (see [`Hub::pull`]); a callback channel has a
+//! delivery task that sends the oldest batch to the [`Sink`] and removes it only when the
+//! sink accepted (or refused) it, retrying with exponential backoff otherwise. Events older
+//! than `notifications.discard_after_s` (15 minutes by default, as the seed says) are
+//! discarded and counted, wherever they wait.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::{
     ChannelRecord, Delivery, Event, Kind, Sink, StoredEvent, batch_json, registration_body,
@@ -52,6 +56,18 @@ enum To<'a> {
     Domain(&'a str),
 }
 
+/// The batch a long-poll was answered with, until the key's next pull acknowledges it.
+#[derive(Debug)]
+struct InFlight {
+    /// Which answer this is: a [`Ticket`] or [`Answer`] of an older one no longer matches.
+    id: u64,
+    /// Its events are the first `len` of the queue: kept there, and in the store, until
+    /// acknowledged, so that putting them back is forgetting this record.
+    len: usize,
+    /// When the answer was handed to its connection; `None` while its pull still answers.
+    sent: Option<Instant>,
+}
+
 struct Channel {
     rec: ChannelRecord,
     queue: VecDeque<StoredEvent>,
@@ -60,6 +76,10 @@ struct Channel {
     wake: Arc<Notify>,
     /// A delivery task is running for this channel.
     pusher: bool,
+    /// The long-poll answer not yet acknowledged (at most one per key).
+    in_flight: Option<InFlight>,
+    /// The id of the next long-poll answer.
+    next_answer: u64,
 }
 
 impl Channel {
@@ -70,11 +90,32 @@ impl Channel {
             next_seq: 1,
             wake: Arc::new(Notify::new()),
             pusher: false,
+            in_flight: None,
+            next_answer: 1,
         }
     }
 
+    /// Puts the answer in flight back if it was sent more than `window` ago and no pull
+    /// acknowledged it; true when it did.
+    fn settle_stale(&mut self, now: Instant, window: Duration) -> bool {
+        let stale = self
+            .in_flight
+            .as_ref()
+            .and_then(|f| f.sent)
+            .is_some_and(|sent| now >= sent + window);
+        if stale {
+            self.in_flight = None;
+        }
+        stale
+    }
+
     /// Drops events past the discard window; returns how many and the last dropped seq.
+    /// Nothing is dropped while an answer is in flight: its events are the oldest, and they
+    /// are settled (acknowledged or put back) within `notifications.redeliver_after_s`.
     fn drop_expired(&mut self, cutoff_ms: u64) -> Option<(usize, u64)> {
+        if self.in_flight.is_some() {
+            return None;
+        }
         let mut last = None;
         let mut n = 0;
         while self
@@ -90,14 +131,81 @@ impl Channel {
 }
 
 /// What a long-poll got.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub enum Pulled {
     /// A notification message with at least one event.
-    Batch(String),
+    Batch(Batch),
     /// Nothing arrived in time.
     Empty,
+    /// The client went away while the poll waited; nothing was taken for it.
+    Gone,
     /// The key delivers to a callback URL; long-poll is not available.
     CallbackActive,
+}
+
+/// A long-poll answer: the notification message and the hold on its events.
+#[derive(Debug)]
+pub struct Batch {
+    pub message: String,
+    pub ticket: Ticket,
+}
+
+/// The hold of a long-poll answer on its batch, until the answer reaches its connection.
+/// [`Ticket::sent`] says it did; dropped without that (the client went away first, the
+/// handler failed, the answer was a HEAD's), the batch is put back at once.
+#[derive(Debug)]
+pub struct Ticket {
+    hub: Weak<Hub>,
+    key_id: String,
+    id: u64,
+    /// Set by [`Ticket::sent`]: the drop then puts nothing back.
+    sent: bool,
+}
+
+impl Ticket {
+    /// The answer was handed to its connection: its batch now waits for the key's next
+    /// pull (or `notifications.redeliver_after_s`). The [`Answer`] lets the connection put
+    /// it back if it fails before then.
+    pub fn sent(mut self) -> Answer {
+        self.sent = true;
+        if let Some(hub) = self.hub.upgrade() {
+            hub.mark_sent(&self.key_id, self.id);
+        }
+        Answer {
+            hub: self.hub.clone(),
+            key_id: std::mem::take(&mut self.key_id),
+            id: self.id,
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.sent
+            && let Some(hub) = self.hub.upgrade()
+        {
+            hub.put_back(&self.key_id, self.id, "the answer was not written");
+        }
+    }
+}
+
+/// A long-poll answer handed to its connection, not yet acknowledged.
+#[derive(Debug)]
+pub struct Answer {
+    hub: Weak<Hub>,
+    key_id: String,
+    id: u64,
+}
+
+impl Answer {
+    /// The connection failed (reset, write error) after the answer was handed to it: the
+    /// client may not have read it, so its events are queued again, unless the key has
+    /// pulled again since.
+    pub fn put_back(self) {
+        if let Some(hub) = self.hub.upgrade() {
+            hub.put_back(&self.key_id, self.id, "its connection failed");
+        }
+    }
 }
 
 /// Why a callback could not be registered.
@@ -233,6 +341,13 @@ impl Hub {
                 if ch.queue.len() > self.cfg.max_queued_per_key {
                     // Bounded: the oldest event makes room and is counted as discarded.
                     if let Some(old) = ch.queue.pop_front() {
+                        // Even out of an answer in flight: the queue bound holds.
+                        if let Some(f) = ch.in_flight.as_mut() {
+                            f.len = f.len.saturating_sub(1);
+                            if f.len == 0 {
+                                ch.in_flight = None;
+                            }
+                        }
                         Counters::inc(&self.counters.events_discarded);
                         trims.push(self.store.delete_events_through(old.key_id, old.seq));
                     }
@@ -261,11 +376,29 @@ impl Hub {
         }
     }
 
-    /// Takes the oldest events of a key, waiting up to `wait` for one to arrive
-    /// (`None`: answer at once).
-    pub async fn pull(&self, p: &Principal, wait: Option<Duration>) -> Result<Pulled, StoreError> {
+    /// Answers a long-poll with the oldest events of a key, waiting up to `wait` for one
+    /// to arrive (`None`: answer at once), or until `gone` resolves (the client went away:
+    /// nothing is taken for it).
+    ///
+    /// At least once: the events answered stay queued and stored as the key's answer in
+    /// flight. The key's next pull acknowledges it (removes them and counts them
+    /// delivered): a long-poll client pulls again only after reading its answer. Put back
+    /// instead, to be answered again first: an answer never handed to its connection
+    /// ([`Ticket`]), one whose connection failed ([`Answer::put_back`]), and one not
+    /// acknowledged within `notifications.redeliver_after_s` of being sent. A key has at
+    /// most one answer in flight; a pull that finds one still being answered (a concurrent
+    /// pull of the same key) neither acknowledges it nor takes events while it stands: it
+    /// waits as if the queue were empty.
+    pub async fn pull(
+        self: &Arc<Self>,
+        p: &Principal,
+        wait: Option<Duration>,
+        gone: impl Future<Output = ()>,
+    ) -> Result<Pulled, StoreError> {
         self.ensure_channel(p).await?;
-        let deadline = tokio::time::Instant::now() + wait.unwrap_or_default();
+        self.acknowledge(&p.key_id);
+        let deadline = Instant::now() + wait.unwrap_or_default();
+        tokio::pin!(gone);
         loop {
             let wake = match self.lock().get(&p.key_id) {
                 Some(ch) if ch.rec.callback.is_some() => return Ok(Pulled::CallbackActive),
@@ -281,39 +414,127 @@ impl Hub {
             if wait.is_none() {
                 return Ok(Pulled::Empty);
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Ok(Pulled::Empty);
+            tokio::select! {
+                biased;
+                () = &mut gone => return Ok(Pulled::Gone),
+                r = tokio::time::timeout_at(deadline, notified) => {
+                    if r.is_err() {
+                        return Ok(Pulled::Empty);
+                    }
+                }
             }
         }
     }
 
-    /// Removes and returns up to `max_batch` of the oldest events as a message.
-    fn take(&self, key_id: &str) -> Option<String> {
+    /// A pull arrived: the key's answer in flight, if it was sent, has been read. One sent
+    /// longer than `notifications.redeliver_after_s` ago is put back instead.
+    fn acknowledge(&self, key_id: &str) {
+        let window = Duration::from_secs(self.cfg.redeliver_after_s);
+        let durable = {
+            let mut map = self.lock();
+            let Some(ch) = map.get_mut(key_id) else {
+                return;
+            };
+            if ch.settle_stale(Instant::now(), window) {
+                self.count_put_back(key_id, "it was not acknowledged in time");
+                ch.wake.notify_waiters();
+                return;
+            }
+            let Some(f) = ch.in_flight.take_if(|f| f.sent.is_some()) else {
+                return;
+            };
+            let n = f.len.min(ch.queue.len());
+            let Some(last) = n
+                .checked_sub(1)
+                .and_then(|i| ch.queue.get(i))
+                .map(|e| e.seq)
+            else {
+                return;
+            };
+            ch.queue.drain(..n);
+            for _ in 0..n {
+                Counters::inc(&self.counters.events_delivered);
+            }
+            self.store.delete_events_through(key_id.to_string(), last)
+        };
+        forget_in_background(key_id, durable);
+    }
+
+    /// Makes up to `max_batch` of the oldest events the key's answer in flight and returns
+    /// them as a message; `None` when there are none, or an answer is in flight already.
+    fn take(self: &Arc<Self>, key_id: &str) -> Option<Batch> {
         let cutoff = self.cutoff();
+        let window = Duration::from_secs(self.cfg.redeliver_after_s);
         let (batch, durable) = {
             let mut map = self.lock();
             let ch = map.get_mut(key_id)?;
+            if ch.settle_stale(Instant::now(), window) {
+                self.count_put_back(key_id, "it was not acknowledged in time");
+            }
+            if ch.in_flight.is_some() {
+                return None;
+            }
             let expired = ch.drop_expired(cutoff);
             if let Some((n, _)) = expired {
                 self.count_discarded(key_id, n);
             }
+            let durable =
+                expired.map(|(_, s)| self.store.delete_events_through(key_id.to_string(), s));
             let n = ch.queue.len().min(self.cfg.max_batch);
-            let taken: Vec<StoredEvent> = ch.queue.drain(..n).collect();
-            // One delete covers the expired ones and the taken ones: all are a prefix.
-            let last = taken.last().map(|e| e.seq).or(expired.map(|(_, s)| s));
-            let durable = last.map(|s| self.store.delete_events_through(key_id.to_string(), s));
-            (taken, durable)
+            let batch = (n > 0).then(|| {
+                let id = ch.next_answer;
+                ch.next_answer += 1;
+                ch.in_flight = Some(InFlight {
+                    id,
+                    len: n,
+                    sent: None,
+                });
+                Batch {
+                    message: batch_json(ch.queue.iter().take(n).map(|e| &e.event)),
+                    ticket: Ticket {
+                        hub: Arc::downgrade(self),
+                        key_id: key_id.to_string(),
+                        id,
+                        sent: false,
+                    },
+                }
+            });
+            (batch, durable)
         };
         if let Some(d) = durable {
             forget_in_background(key_id, d);
         }
-        if batch.is_empty() {
-            return None;
+        batch
+    }
+
+    /// The answer `id` reached its connection.
+    fn mark_sent(&self, key_id: &str, id: u64) {
+        if let Some(f) = self
+            .lock()
+            .get_mut(key_id)
+            .and_then(|c| c.in_flight.as_mut())
+            .filter(|f| f.id == id)
+        {
+            f.sent = Some(Instant::now());
         }
-        for _ in 0..batch.len() {
-            Counters::inc(&self.counters.events_delivered);
+    }
+
+    /// Queues the events of answer `id` again (first, in order), if it is still in flight.
+    fn put_back(&self, key_id: &str, id: u64, why: &str) {
+        let mut map = self.lock();
+        let Some(ch) = map.get_mut(key_id) else {
+            return;
+        };
+        if ch.in_flight.take_if(|f| f.id == id).is_some() {
+            self.count_put_back(key_id, why);
+            ch.wake.notify_waiters();
         }
-        Some(batch_json(batch.iter().map(|e| &e.event)))
+    }
+
+    fn count_put_back(&self, key_id: &str, why: &str) {
+        Counters::inc(&self.counters.long_poll_redeliveries);
+        // Per client failure, so not above debug (the counter is the signal).
+        tracing::debug!(key = key_id, "long-poll answer queued again: {why}");
     }
 
     fn count_discarded(&self, key_id: &str, n: usize) {
@@ -359,6 +580,9 @@ impl Hub {
                 })
             });
             ch.rec.callback = Some(target);
+            // The callback delivers from the oldest event on, an answer in flight included
+            // (at least once).
+            ch.in_flight = None;
             ch.wake.notify_waiters();
             self.store.put_channel(ch.rec.clone())
         };
@@ -505,7 +729,12 @@ impl Hub {
             let deletes = {
                 let mut map = self.lock();
                 let mut deletes = Vec::new();
+                let now = Instant::now();
+                let window = Duration::from_secs(self.cfg.redeliver_after_s);
                 for ch in map.values_mut() {
+                    if ch.settle_stale(now, window) {
+                        self.count_put_back(&ch.rec.key_id, "it was not acknowledged in time");
+                    }
                     if let Some((n, seq)) = ch.drop_expired(cutoff) {
                         self.count_discarded(&ch.rec.key_id, n);
                         deletes.push(self.store.delete_events_through(ch.rec.key_id.clone(), seq));
@@ -563,5 +792,220 @@ impl RegistryListener for Hub {
             };
             self.publish_to_domain(&ep.reg.domain, event).await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+    use std::sync::atomic::Ordering;
+
+    struct NoSink;
+
+    impl Sink for NoSink {
+        fn verify<'a>(
+            &'a self,
+            _: &'a super::super::CallbackTarget,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn deliver<'a>(
+            &'a self,
+            _: &'a super::super::CallbackTarget,
+            _: Bytes,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
+            Box::pin(async { Delivery::Accepted })
+        }
+    }
+
+    struct Fixture {
+        hub: Arc<Hub>,
+        store: Arc<dyn Store>,
+        counters: Arc<Counters>,
+        key: Principal,
+        _stop: crate::shutdown::Trigger,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let counters = Arc::new(Counters::default());
+        let (trigger, stop) = crate::shutdown::channel();
+        let hub = Hub::load(
+            Arc::clone(&store),
+            Arc::new(NoSink),
+            NotificationsConfig::default(),
+            Arc::clone(&counters),
+            stop,
+        )
+        .await
+        .unwrap();
+        let key = Principal {
+            backend: "test".into(),
+            key_id: "k".into(),
+            domain: "default".into(),
+            scopes: vec!["admin".into()],
+            allow: None,
+        };
+        hub.ensure_channel(&key).await.unwrap();
+        Fixture {
+            hub,
+            store,
+            counters,
+            key,
+            _stop: trigger,
+            _dir: dir,
+        }
+    }
+
+    impl Fixture {
+        async fn publish(&self, ep: &str) {
+            let event = Event {
+                kind: Kind::Registrations,
+                body: serde_json::json!({ "ep": ep }).into(),
+                created_ms: now_ms(),
+            };
+            self.hub.publish_to_key("k", event).await;
+        }
+
+        /// A pull that answers at once.
+        async fn pull(&self) -> Option<Batch> {
+            match self
+                .hub
+                .pull(&self.key, None, std::future::pending())
+                .await
+                .unwrap()
+            {
+                Pulled::Batch(b) => Some(b),
+                Pulled::Empty => None,
+                other => panic!("{other:?}"),
+            }
+        }
+
+        /// The `ep`s still stored for the key (a store round trip: earlier deletes are
+        /// applied before it).
+        async fn stored(&self) -> Vec<String> {
+            let events = self.store.load_events().await.unwrap();
+            events
+                .iter()
+                .map(|e| {
+                    let v: serde_json::Value = serde_json::from_str(e.event.body.as_str()).unwrap();
+                    v["ep"].as_str().unwrap().to_string()
+                })
+                .collect()
+        }
+
+        fn count(&self, c: &std::sync::atomic::AtomicU64) -> u64 {
+            c.load(Ordering::Relaxed)
+        }
+    }
+
+    fn eps(b: &Batch) -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&b.message).unwrap();
+        v["registrations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["ep"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_next_pull_acknowledges_an_answer_once_it_was_sent() {
+        let f = fixture().await;
+        f.publish("a").await;
+        f.publish("b").await;
+        let b = f.pull().await.unwrap();
+        assert_eq!(eps(&b), ["a", "b"]);
+        // Still being answered: a concurrent pull neither acknowledges nor takes it.
+        f.publish("c").await;
+        assert!(f.pull().await.is_none());
+        assert_eq!(f.stored().await, ["a", "b", "c"]);
+        let _answer = b.ticket.sent();
+        assert_eq!(f.count(&f.counters.events_delivered), 0);
+        // The client came back: acknowledged, and the next events follow.
+        let b = f.pull().await.unwrap();
+        assert_eq!(eps(&b), ["c"]);
+        assert_eq!(f.stored().await, ["c"]);
+        assert_eq!(f.count(&f.counters.events_delivered), 2);
+        drop(b.ticket.sent());
+        assert!(f.pull().await.is_none());
+        assert!(f.stored().await.is_empty());
+        assert_eq!(f.count(&f.counters.events_delivered), 3);
+        assert_eq!(f.count(&f.counters.long_poll_redeliveries), 0);
+    }
+
+    #[tokio::test]
+    async fn an_answer_never_written_is_answered_again_first() {
+        let f = fixture().await;
+        f.publish("a").await;
+        let b = f.pull().await.unwrap();
+        f.publish("b").await;
+        drop(b);
+        let b = f.pull().await.unwrap();
+        assert_eq!(eps(&b), ["a", "b"], "put back in front, in order");
+        assert_eq!(f.count(&f.counters.long_poll_redeliveries), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_connection_puts_its_answer_back_unless_acknowledged() {
+        let f = fixture().await;
+        f.publish("a").await;
+        let answer = f.pull().await.unwrap().ticket.sent();
+        answer.put_back();
+        let b = f.pull().await.unwrap();
+        assert_eq!(eps(&b), ["a"]);
+        let answer = b.ticket.sent();
+        // Acknowledged first: the connection's late failure changes nothing.
+        assert!(f.pull().await.is_none());
+        answer.put_back();
+        assert!(f.pull().await.is_none());
+        assert!(f.stored().await.is_empty());
+        assert_eq!(f.count(&f.counters.long_poll_redeliveries), 1);
+        assert_eq!(f.count(&f.counters.events_delivered), 1);
+    }
+
+    #[tokio::test]
+    async fn a_pull_whose_client_left_takes_nothing() {
+        let f = fixture().await;
+        let (left, gone) = tokio::sync::oneshot::channel::<()>();
+        let hub = Arc::clone(&f.hub);
+        let key = f.key.clone();
+        let poll = tokio::spawn(async move {
+            hub.pull(&key, Some(Duration::from_secs(30)), async move {
+                let _ = gone.await;
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(left);
+        assert!(matches!(poll.await.unwrap().unwrap(), Pulled::Gone));
+        f.publish("a").await;
+        assert_eq!(eps(&f.pull().await.unwrap()), ["a"]);
+    }
+
+    #[tokio::test]
+    async fn an_unacknowledged_answer_stays_stored_and_is_loaded_again() {
+        let f = fixture().await;
+        f.publish("a").await;
+        let _answer = f.pull().await.unwrap().ticket.sent();
+        assert_eq!(f.stored().await, ["a"]);
+        let (_t, stop) = crate::shutdown::channel();
+        let again = Hub::load(
+            Arc::clone(&f.store),
+            Arc::new(NoSink),
+            NotificationsConfig::default(),
+            Arc::new(Counters::default()),
+            stop,
+        )
+        .await
+        .unwrap();
+        let b = again.pull(&f.key, None, std::future::pending()).await;
+        match b.unwrap() {
+            Pulled::Batch(b) => assert_eq!(eps(&b), ["a"]),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -14,6 +14,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -95,26 +96,88 @@ pub async fn first_request_within<F: Future>(
     Some(conn.await)
 }
 
-/// The requests in flight on one connection, and when the last one ended.
-#[derive(Debug)]
-pub struct Activity(Mutex<(usize, Instant)>);
+/// What to do if a connection fails after a response was handed to it: a long-poll
+/// answer's events are queued again (`rest::reply::Body`).
+pub type OnFailure = Box<dyn FnOnce() + Send>;
+
+/// The requests in flight on one connection, when the last one ended, and whether the
+/// client's socket failed.
+pub struct Activity {
+    requests: Mutex<(usize, Instant)>,
+    /// Undo actions of the responses handed to the connection since its last request
+    /// began (a new request on the connection means the client read them; at most one
+    /// long-poll answer per key is in flight, so this stays short).
+    on_failure: Mutex<Vec<OnFailure>>,
+    /// A read or write of the client's socket failed, or a write made no progress for
+    /// the timeout ([`ClientIo`]); not set by an idle close.
+    failed: AtomicBool,
+}
+
+impl std::fmt::Debug for Activity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Activity")
+            .field("requests", &*self.lock())
+            .field("failed", &self.failed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
 
 /// One request in flight; dropping it ends it.
 pub struct InFlight(Arc<Activity>);
 
 impl Activity {
     pub fn new() -> Arc<Activity> {
-        Arc::new(Activity(Mutex::new((0, Instant::now()))))
+        Arc::new(Activity {
+            requests: Mutex::new((0, Instant::now())),
+            on_failure: Mutex::new(Vec::new()),
+            failed: AtomicBool::new(false),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Instant)> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.requests.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn undo(&self) -> std::sync::MutexGuard<'_, Vec<OnFailure>> {
+        self.on_failure.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A request starts (the service was called).
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.lock().0 += 1;
+        self.undo().clear();
         InFlight(Arc::clone(self))
+    }
+
+    /// Runs `f` if the connection fails before its next request begins.
+    pub fn on_failure(&self, f: OnFailure) {
+        // Checked under the lock `finish` takes: an action kept here because the socket had
+        // not failed yet is seen there (a socket fails only before its connection ends).
+        let mut undo = self.undo();
+        if self.failed.load(Ordering::SeqCst) {
+            drop(undo);
+            f();
+        } else {
+            undo.push(f);
+        }
+    }
+
+    /// The client's socket failed.
+    fn fail(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    /// The connection ended: if the client's socket failed, the undo actions run. An error
+    /// hyper ends a connection with is not a failure of what it wrote: its header timeout
+    /// ends a connection whose client read its answer and sent nothing more (idle), and a
+    /// parse error one whose client sent garbage after reading it.
+    pub fn finish(&self) {
+        let undo = std::mem::take(&mut *self.undo());
+        if self.failed.load(Ordering::SeqCst) {
+            for f in undo {
+                f();
+            }
+        }
     }
 
     /// Since when no request has been in flight; `None` while one is.
@@ -201,6 +264,9 @@ impl<T> ClientIo<T> {
 
     fn check<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
         if r.is_ready() {
+            if matches!(r, Poll::Ready(Err(_))) {
+                self.activity.fail();
+            }
             self.stalled = None;
             return r;
         }
@@ -209,6 +275,7 @@ impl<T> ClientIo<T> {
             .stalled
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         if sleep.as_mut().poll(cx).is_ready() {
+            self.activity.fail();
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the client read nothing for rest.client_timeout_s",
@@ -227,6 +294,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if r.is_ready() {
+            if matches!(r, Poll::Ready(Err(_))) {
+                this.activity.fail();
+            }
             this.last_io = Instant::now();
             return r;
         }
@@ -371,6 +441,44 @@ mod tests {
         assert_eq!(kind, io::ErrorKind::TimedOut);
         assert!(waited >= 4 * T, "open while the writes went on: {waited:?}");
         assert!(Instant::now() >= writes_ended + T);
+    }
+
+    /// Undo actions (long-poll answers handed to the connection) run when the socket
+    /// failed, not when the connection ended otherwise or the client asked again.
+    #[tokio::test]
+    async fn undo_actions_run_only_when_the_connection_failed() {
+        use std::sync::atomic::AtomicUsize;
+        let ran = Arc::new(AtomicUsize::new(0));
+        let undo = || {
+            let ran = Arc::clone(&ran);
+            Box::new(move || {
+                ran.fetch_add(1, Ordering::Relaxed);
+            }) as OnFailure
+        };
+        // Clean end.
+        let a = Activity::new();
+        a.on_failure(undo());
+        a.finish();
+        assert_eq!(ran.load(Ordering::Relaxed), 0);
+        // The client asked again on the connection: it read the answer.
+        let a = Activity::new();
+        a.on_failure(undo());
+        drop(a.begin());
+        a.fail();
+        a.finish();
+        assert_eq!(ran.load(Ordering::Relaxed), 0);
+        // The socket failed (a write nobody reads times out).
+        let (near, _far) = tokio::io::duplex(16);
+        let a = Activity::new();
+        let mut w = ClientIo::new(near, T, Arc::clone(&a));
+        a.on_failure(undo());
+        assert!(w.write_all(&[7u8; 64]).await.is_err());
+        a.finish();
+        assert_eq!(ran.load(Ordering::Relaxed), 1);
+        // Handed over after the failure (an HTTP/2 stream's task may drop its body after
+        // the connection ended): at once.
+        a.on_failure(undo());
+        assert_eq!(ran.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]

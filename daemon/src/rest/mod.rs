@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -114,12 +114,17 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
                 let seen = Arc::clone(&first);
                 let activity = conn::Activity::new();
                 let requests = Arc::clone(&activity);
+                let ended = Arc::clone(&activity);
                 let svc = hyper::service::service_fn(move |req| {
                     seen.notify_one();
                     let in_flight = requests.begin();
                     let reply = handle(Arc::clone(&state), req);
+                    let conn = Arc::clone(&requests);
                     async move {
-                        let r = reply.await;
+                        let mut r = reply.await;
+                        if let Ok(resp) = &mut r {
+                            resp.body_mut().on_connection(&conn);
+                        }
                         drop(in_flight);
                         r
                     }
@@ -129,7 +134,10 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {
                     let _slot = permit;
-                    match conn::first_request_within(conn, &first, timeout).await {
+                    let outcome = conn::first_request_within(conn, &first, timeout).await;
+                    // Long-poll answers handed to a connection that failed are queued again.
+                    ended.finish();
+                    match outcome {
                         None => tracing::debug!(
                             "REST connection closed: no request within rest.client_timeout_s"
                         ),
@@ -157,17 +165,25 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
     }
 }
 
+/// Resolves when the client of a request went away: hyper drops a request's future when
+/// its connection closes (HTTP/1: an end of input while a request is in flight) or its
+/// stream is reset (HTTP/2), and the handler's task, spawned apart, learns it from this.
+type Gone = tokio::sync::oneshot::Receiver<()>;
+
 /// One request. Runs the handler on its own task so that a panic becomes a JSON 500.
 async fn handle(
     state: Arc<AppState>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<reply::Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let state_counters = Arc::clone(&state.counters);
+    // Dropped with this future: when the request ends, or when hyper drops it because the
+    // client went away.
+    let (_present, gone) = tokio::sync::oneshot::channel();
     // Boxed: the handler's future is a few KB, and tokio moves a task's future by value
     // several times while spawning and finishing it (memcpy showed in the read profile).
-    let reply = match tokio::spawn(Box::pin(dispatch(state, req))).await {
+    let reply = match tokio::spawn(Box::pin(dispatch(state, req, gone))).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(%method, %path, "REST handler failed: {e}");
@@ -183,7 +199,7 @@ async fn handle(
     Ok(reply.into_response())
 }
 
-async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
+async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> Reply {
     let (route, scope) = match routes::resolve(req.method(), req.uri().path()) {
         Ok(r) => r,
         Err(reply) if reply.status() == StatusCode::NOT_FOUND => {
@@ -283,7 +299,10 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>) -> Reply {
             resources::handle(&state.requests, &principal, &parts, body, &ep, &path).await
         }
         Route::NotificationPull => {
-            notifications::pull(&state.hub, &principal, &parts, state.long_poll).await
+            let gone = async move {
+                let _ = gone.await;
+            };
+            notifications::pull(&state.hub, &principal, &parts, state.long_poll, gone).await
         }
         Route::NotificationCallback => {
             let reply = notifications::callback(&state.hub, &principal, &parts, body).await;

@@ -4,6 +4,7 @@
 //! A key that has a callback cannot long-poll: `GET /notification/pull` is then 409.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,17 +20,31 @@ use crate::events::hub::{CallbackError, Pulled};
 use crate::events::{CallbackTarget, Hub};
 
 /// `GET /notification/pull[?noWait=true]`: 200 with a batch, or 204 after up to
-/// `notifications.long_poll_s`.
-pub async fn pull(hub: &Hub, who: &Principal, parts: &Parts, hold: Duration) -> Reply {
+/// `notifications.long_poll_s`. `gone` resolves when the client goes away: a poll that is
+/// waiting then stops without taking events. The answer carries the batch's
+/// [`Ticket`](crate::events::hub::Ticket), which the response body turns into an
+/// acknowledgement-pending answer once it is handed to the connection.
+pub async fn pull(
+    hub: &Arc<Hub>,
+    who: &Principal,
+    parts: &Parts,
+    hold: Duration,
+    gone: impl Future<Output = ()>,
+) -> Reply {
     let no_wait = match bool_param(parts, "noWait") {
         Ok(v) => v,
         Err(r) => return r,
     };
-    match hub.pull(who, (!no_wait).then_some(hold)).await {
-        Ok(Pulled::Batch(v)) => {
-            Reply::with_type(StatusCode::OK, "application/json", v.into_bytes())
+    match hub.pull(who, (!no_wait).then_some(hold), gone).await {
+        Ok(Pulled::Batch(b)) => {
+            Reply::with_type(StatusCode::OK, "application/json", b.message.into_bytes())
+                .holding(b.ticket)
         }
         Ok(Pulled::Empty) => Reply::empty(StatusCode::NO_CONTENT),
+        Ok(Pulled::Gone) => {
+            tracing::debug!(key = %who.key_id, "long-poll: the client went away");
+            Reply::empty(StatusCode::NO_CONTENT)
+        }
         Ok(Pulled::CallbackActive) => error(
             StatusCode::CONFLICT,
             "conflict",

@@ -1,10 +1,18 @@
 //! Building HTTP responses: JSON bodies, JSON errors, text.
 
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
-use http_body_util::Full;
+use hyper::body::{Frame, SizeHint};
 use serde::Serialize;
+
+use super::conn::Activity;
+use crate::events::hub::Ticket;
 
 /// A response under construction.
 #[derive(Debug)]
@@ -13,6 +21,8 @@ pub struct Reply {
     headers: Vec<(HeaderName, HeaderValue)>,
     body: Bytes,
     head: bool,
+    /// A long-poll answer's hold on its batch (see [`Body`]).
+    ticket: Option<Ticket>,
 }
 
 impl Reply {
@@ -26,6 +36,7 @@ impl Reply {
             headers: vec![(CONTENT_TYPE, HeaderValue::from_static(content_type))],
             body: body.into(),
             head: false,
+            ticket: None,
         }
     }
 
@@ -74,6 +85,7 @@ impl Reply {
             headers: Vec::new(),
             body: Bytes::new(),
             head: false,
+            ticket: None,
         }
     }
 
@@ -83,6 +95,12 @@ impl Reply {
             Ok(v) => self.headers.push((name, v)),
             Err(_) => tracing::error!("invalid value for header {name}"),
         }
+        self
+    }
+
+    /// The body is a long-poll answer: `ticket` learns whether it reached the connection.
+    pub fn holding(mut self, ticket: Ticket) -> Reply {
+        self.ticket = Some(ticket);
         self
     }
 
@@ -96,10 +114,15 @@ impl Reply {
         self.status
     }
 
-    pub fn into_response(self) -> Response<Full<Bytes>> {
+    pub fn into_response(self) -> Response<Body> {
         let len = self.body.len();
         let body = if self.head { Bytes::new() } else { self.body };
-        let mut r = Response::new(Full::new(body));
+        let mut r = Response::new(Body {
+            data: (!body.is_empty()).then_some(body),
+            written: false,
+            ticket: self.ticket,
+            conn: None,
+        });
         *r.status_mut() = self.status;
         let h = r.headers_mut();
         for (k, v) in self.headers {
@@ -109,6 +132,71 @@ impl Reply {
             h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
         }
         r
+    }
+}
+
+/// A response body: the reply's bytes as one frame (as `http_body_util::Full`).
+///
+/// A long-poll answer's body carries its [`Ticket`]. When hyper drops the body, the frame
+/// was taken or not: taken, the answer was handed to the connection ([`Ticket::sent`]),
+/// and the connection ([`Activity::on_failure`]) puts the batch back if it fails before the
+/// client asks again; not taken (the connection ended first, a HEAD), the ticket's drop
+/// puts the batch back at once.
+#[derive(Debug)]
+pub struct Body {
+    data: Option<Bytes>,
+    /// The frame was handed to hyper.
+    written: bool,
+    ticket: Option<Ticket>,
+    /// The connection the body is written to; set only for a body with a ticket.
+    conn: Option<Arc<Activity>>,
+}
+
+impl Body {
+    /// Names the connection this body is written to.
+    pub fn on_connection(&mut self, conn: &Arc<Activity>) {
+        if self.ticket.is_some() {
+            self.conn = Some(Arc::clone(conn));
+        }
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        let frame = this.data.take().map(|d| Ok(Frame::data(d)));
+        this.written |= frame.is_some();
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        let Some(ticket) = self.ticket.take() else {
+            return;
+        };
+        if !self.written {
+            // Never written: dropping the ticket puts the batch back.
+            return;
+        }
+        let answer = ticket.sent();
+        if let Some(conn) = &self.conn {
+            conn.on_failure(Box::new(move || answer.put_back()));
+        }
     }
 }
 
