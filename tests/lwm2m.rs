@@ -1037,7 +1037,11 @@ const DEVICE_TLV: &[u8] = &[
 fn json_reads_decode_tlv_senml_and_text() {
     let d = Daemon::start();
     let mut dev = d.device();
-    dev.register(&["ep=json-1", "lt=300", "lwm2m=1.0"], LW_LINKS);
+    // No formats on the root link: the device's own choice (TLV) is what comes back.
+    dev.register(
+        &["ep=json-1", "lt=300", "lwm2m=1.0"],
+        r#"</>;rt="oma.lwm2m",</1/0>,</3/0>,</3303/0>"#,
+    );
     let auth = format!("Bearer {}", d.key);
     let read_json = |path: &str| -> String {
         let r = support::http(
@@ -1199,4 +1203,44 @@ fn json_writes_are_encoded_for_the_device() {
     assert_eq!(req.payload, br#"{"a":1}"#);
     answer(&mbed, &req, from, ResponseType::Changed, None, None, b"");
     assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+}
+
+/// `cacheOnly=true` honours Accept: the cached value in the format asked for (200), a
+/// cached value in another format is no answer (205), and `application/json` decodes it.
+#[test]
+fn cache_only_reads_honour_accept() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=cached", "lt=300", "lwm2m=1.0"], LW_LINKS);
+    let id = d.async_request("GET", "/v2/endpoints/cached/3/0/9", None, None);
+    let (req, from) = expect_request(&dev, "/3/0/9");
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        None,
+        Some(0),
+        b"87",
+    );
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+
+    let auth = format!("Bearer {}", d.key);
+    let cached = |accept: &str| {
+        support::http(
+            "GET",
+            &d.url("/v2/endpoints/cached/3/0/9?cacheOnly=true"),
+            &[("Authorization", auth.as_str()), ("Accept", accept)],
+            None,
+        )
+    };
+    let r = cached("text/plain");
+    assert_eq!((r.status, r.body.as_str()), (200, "87"));
+    assert_eq!(cached("application/vnd.oma.lwm2m+tlv").status, 205);
+    let r = cached("application/json");
+    assert_eq!(
+        (r.status, r.content_type.as_str(), r.body.as_str()),
+        (200, "application/json", "87")
+    );
+    assert_eq!(cached("*/*").status, 200);
 }

@@ -537,6 +537,13 @@ impl Requests {
                 Some(c) if c.until > Instant::now() => (c.payload.clone(), c.content_format),
                 _ => return Err(RequestError::NoCache),
             };
+            // A cached value in another format than the one asked for is not what was
+            // asked for: 205, so the application asks the device.
+            if let Want::Format(cf) = s.want
+                && cached.1 != Some(cf)
+            {
+                return Err(RequestError::NoCache);
+            }
             if s.want == Want::Json {
                 let payload = to_json_tree(cached.1, &cached.0, &s.path)
                     .map_err(RequestError::Undecodable)?;
