@@ -1244,3 +1244,126 @@ fn cache_only_reads_honour_accept() {
     );
     assert_eq!(cached("*/*").status, 200);
 }
+
+/// `connectord simulate --lwm2m 1.1 --type T`: simulated LwM2M 1.1 clients (no `obs`, TLV
+/// unless asked) that the tests and users can drive without hardware: the type and LwM2M
+/// version are listed, every resource is observable, a subscription below a listed
+/// instance notifies as text, a JSON read decodes their TLV, a JSON write is encoded in
+/// SenML CBOR (which they list) and the device announces the new lifetime.
+#[test]
+fn the_simulator_behaves_like_an_lwm2m_1_1_client() {
+    let d = Daemon::start();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _sim = Kill(
+        std::process::Command::new(env!("CARGO_BIN_EXE_connectord"))
+            .args([
+                "simulate",
+                "--devices",
+                "2",
+                "--prefix",
+                "lw11-",
+                "--lwm2m",
+                "1.1",
+            ])
+            .args([
+                "--type",
+                "thermometer",
+                "--notify-interval",
+                "300",
+                "--server",
+            ])
+            .arg(d.coap.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the simulator"),
+    );
+    assert!(
+        support::eventually(WAIT, || d
+            .get("/v2/endpoints")
+            .json()
+            .as_array()
+            .unwrap()
+            .len()
+            == 2),
+        "the simulated devices did not register"
+    );
+    let list = d.get("/v2/endpoints?type=thermometer").json();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(list[0]["lwm2m"], "1.1");
+    assert_eq!(list[0]["ct"], "application/vnd.oma.lwm2m+tlv");
+    let res = d.get("/v2/endpoints/lw11-000000").json();
+    assert!(
+        res.as_array().unwrap().iter().all(|r| r["obs"] == "true"),
+        "{res}"
+    );
+
+    // Observe a resource below a listed instance: text/plain (the daemon's default).
+    let r = subscribe(&d, "lw11-000000", "/3303/0/5700");
+    assert_eq!(r.status, 202, "{}", r.body);
+    let ev = d.collect_events(WAIT, |e| e.of("notifications").len() >= 2);
+    let n = &ev.of("notifications")[1];
+    assert_eq!(
+        (n["ct"].as_str(), n["path"].as_str()),
+        (Some("text/plain"), Some("/3303/0/5700")),
+        "{n}"
+    );
+
+    // A JSON read of an instance (the simulator answers TLV without Accept).
+    let auth = format!("Bearer {}", d.key);
+    let r = support::http(
+        "GET",
+        &d.url("/v2/endpoints/lw11-000001/3/0"),
+        &[
+            ("Authorization", auth.as_str()),
+            ("Accept", "application/vnd.oma.lwm2m+tlv"),
+        ],
+        None,
+    );
+    let tlv_id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let a = d.async_response(&tlv_id, WAIT);
+    assert_eq!(a["ct"], "application/vnd.oma.lwm2m+tlv", "{a}");
+    let r = support::http(
+        "GET",
+        &d.url("/v2/endpoints/lw11-000001/3/0"),
+        &[
+            ("Authorization", auth.as_str()),
+            ("Accept", "application/json"),
+        ],
+        None,
+    );
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(a["status"], 200, "{a}");
+    use base64::Engine;
+    let tree: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(a["payload"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        tree,
+        json!({"0": "connectord", "1": "simulator", "2": "lw11-000001"})
+    );
+
+    // A JSON write of the lifetime: encoded for the device, which announces it.
+    d.clear_inbox();
+    let id = d.async_request(
+        "PUT",
+        "/v2/endpoints/lw11-000001/1/0/1",
+        Some("application/json"),
+        Some(b"240"),
+    );
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+    let ev = d.collect_events(WAIT, |e| {
+        e.of("reg-updates").iter().any(|u| u["ep"] == "lw11-000001")
+    });
+    assert!(!ev.of("reg-updates").is_empty(), "{ev:?}");
+}

@@ -544,6 +544,7 @@ impl Sims {
                 queue_mode: false,
                 domain: None,
                 register_rate: 0,
+                ..SimOptions::default()
             };
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             stops.push(tx);

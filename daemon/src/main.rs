@@ -86,6 +86,13 @@ enum Command {
         /// Most registrations per second while starting (0: unlimited).
         #[arg(long, default_value_t = 0)]
         rate: u32,
+        /// Endpoint type (et=).
+        #[arg(long = "type")]
+        ept: Option<String>,
+        /// LwM2M behaviour: 1.0 (obs on links, text/plain answers) or 1.1 (as real LwM2M
+        /// 1.1 clients: no obs, every path observable, TLV unless SenML or text is asked).
+        #[arg(long, default_value = "1.0")]
+        lwm2m: connectord::simulate::Lwm2mMode,
     },
     /// Run one operation of a plugin against the state directory, without starting the
     /// daemon, and print its answer: for example
@@ -144,6 +151,8 @@ fn main() -> ExitCode {
             queue,
             domain,
             rate,
+            ept,
+            lwm2m,
         } => {
             let opts = connectord::simulate::SimOptions {
                 devices,
@@ -155,6 +164,8 @@ fn main() -> ExitCode {
                 queue_mode: queue,
                 domain,
                 register_rate: rate,
+                ept,
+                lwm2m,
             };
             match simulate(opts) {
                 Ok(()) => ExitCode::SUCCESS,

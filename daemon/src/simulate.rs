@@ -31,6 +31,14 @@
 //!     than text/plain → 4.06; Block2 is honoured; a Block1 transfer beyond one block →
 //!     4.13 (every writable value is a few bytes).
 //!   - A CoAP ping (empty CON) → RST. Malformed datagrams are ignored.
+//! - With [`Lwm2mMode::Lwm2m1_1`] (`--lwm2m 1.1`) it behaves as real LwM2M 1.1 clients do:
+//!   registers `lwm2m=1.1` with [`LINKS_1_1`] (objects and instances, no `obs`, its
+//!   formats on the root link), answers reads in LwM2M TLV unless the Accept option asks
+//!   for SenML JSON, SenML CBOR or, for one resource, text/plain (else 4.06), lets any
+//!   path be observed (the temperature's resource, instance and object are notified, each
+//!   in the format its observe asked for), and takes a lifetime written in any format
+//!   `lwm2m_data` reads. Values are encoded with [`crate::lwm2m_data`].
+//! - `et=` is sent when [`SimOptions::ept`] (`--type`) is set.
 //!
 //! Scale: one task and one socket per device. 10 000 devices are 10 000 file descriptors
 //! (raise `ulimit -n`) and ephemeral ports of the bind address (use other 127.x.y.z
@@ -56,12 +64,18 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::coap::client::Block;
 use crate::coap::message::{self, Response, encode_uint, uint_option, uri_path};
+use crate::lwm2m_data;
 
-/// The object list each device registers.
+/// The object list each device registers (LwM2M 1.0 mode: `obs` marks what is observed).
 pub const LINKS: &str = concat!(
     r#"</>;rt="oma.lwm2m",</1/0>,</1/0/1>,</3/0>;obs,</3/0/0>,</3/0/1>,</3/0/2>,</3/0/4>,"#,
     r#"</3303/0/5700>;obs;rt="temperature";ct=0,</9/0>"#
 );
+
+/// The object list of an LwM2M 1.1 client: objects and instances, no `obs` (any path may
+/// be observed), its content formats on the root link (TLV, SenML JSON, SenML CBOR).
+pub const LINKS_1_1: &str =
+    r#"</>;rt="oma.lwm2m";ct="11542 110 112",</1/0>,</3>;ver=1.1,</3/0>,</3303/0>,</9/0>"#;
 
 /// CoAP transmission parameters (RFC 7252 §4.8).
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -95,6 +109,32 @@ const TEMP_MAX: i32 = 300;
 const TEMPERATURE: [&str; 3] = ["3303", "0", "5700"];
 const DEVICE: [&str; 2] = ["3", "0"];
 
+/// How a simulated device speaks LwM2M.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lwm2mMode {
+    /// `lwm2m=1.0`, the object list [`LINKS`] with `obs` on what it lets be observed,
+    /// and text/plain answers only (an Accept of anything else is 4.06).
+    #[default]
+    Text1_0,
+    /// `lwm2m=1.1` as real LwM2M 1.1 clients behave: the object list [`LINKS_1_1`] with
+    /// no `obs`, every path observable, answers in LwM2M TLV unless the request's Accept
+    /// asks for SenML JSON, SenML CBOR or (one resource) text/plain, and writes taken in
+    /// any of those.
+    Lwm2m1_1,
+}
+
+impl std::str::FromStr for Lwm2mMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Lwm2mMode, String> {
+        match s {
+            "1.0" => Ok(Lwm2mMode::Text1_0),
+            "1.1" => Ok(Lwm2mMode::Lwm2m1_1),
+            other => Err(format!("LwM2M version {other:?}: 1.0 or 1.1")),
+        }
+    }
+}
+
 /// What to simulate.
 #[derive(Debug, Clone)]
 pub struct SimOptions {
@@ -116,6 +156,10 @@ pub struct SimOptions {
     pub domain: Option<String>,
     /// Most registrations started per second while starting; 0: as fast as possible.
     pub register_rate: u32,
+    /// `et=`: the endpoint type.
+    pub ept: Option<String>,
+    /// The LwM2M behaviour.
+    pub lwm2m: Lwm2mMode,
 }
 
 impl Default for SimOptions {
@@ -130,6 +174,8 @@ impl Default for SimOptions {
             queue_mode: false,
             domain: None,
             register_rate: 0,
+            ept: None,
+            lwm2m: Lwm2mMode::default(),
         }
     }
 }
@@ -165,6 +211,11 @@ impl SimOptions {
             && !crate::registry::valid_domain(d)
         {
             return invalid(format!("domain {d:?} is not valid"));
+        }
+        if let Some(t) = &self.ept
+            && !crate::registry::valid_name(t)
+        {
+            return invalid(format!("endpoint type {t:?} is not valid"));
         }
         Ok(())
     }
@@ -217,6 +268,8 @@ struct Shared {
     notify_interval: Duration,
     queue_mode: bool,
     domain: Option<String>,
+    ept: Option<String>,
+    lwm2m: Lwm2mMode,
     counters: Counters,
 }
 
@@ -228,6 +281,8 @@ impl Shared {
             notify_interval: Duration::from_millis(opts.notify_interval_ms),
             queue_mode: opts.queue_mode,
             domain: opts.domain.clone(),
+            ept: opts.ept.clone(),
+            lwm2m: opts.lwm2m,
             counters: Counters::default(),
         }
     }
@@ -283,6 +338,8 @@ struct Observer {
     path: Vec<String>,
     peer: SocketAddr,
     token: Vec<u8>,
+    /// The Content-Format its notifications are in (LwM2M 1.1 mode).
+    format: u16,
 }
 
 /// One simulated device, without I/O: feed it datagrams ([`Device::on_datagram`]), timer
@@ -390,17 +447,24 @@ impl Device {
     fn start_registration(&mut self, now: Instant) {
         self.register_due = None;
         self.update_due = None;
+        let (version, links) = match self.shared.lwm2m {
+            Lwm2mMode::Text1_0 => ("1.0", LINKS),
+            Lwm2mMode::Lwm2m1_1 => ("1.1", LINKS_1_1),
+        };
         let mut query = vec![
             format!("ep={}", self.name),
             format!("lt={}", self.lifetime_s),
-            "lwm2m=1.0".to_string(),
+            format!("lwm2m={version}"),
             format!("b={}", if self.shared.queue_mode { "UQ" } else { "U" }),
         ];
         if let Some(d) = &self.shared.domain {
             query.push(format!("d={d}"));
         }
+        if let Some(t) = &self.shared.ept {
+            query.push(format!("et={t}"));
+        }
         let path = vec!["rd".to_string()];
-        self.send_request(Kind::Register, &path, &query, LINKS.as_bytes(), now);
+        self.send_request(Kind::Register, &path, &query, links.as_bytes(), now);
     }
 
     fn start_update(&mut self, now: Instant) {
@@ -669,13 +733,29 @@ impl Device {
         }
         self.temp_tenths += step;
         self.observe_seq = (self.observe_seq + 1) & 0x00FF_FFFF;
-        let targets: Vec<(SocketAddr, Vec<u8>)> = self
+        // What the temperature is part of: the resource, and in LwM2M 1.1 mode its
+        // instance and object too.
+        let changed = |o: &Observer| {
+            o.path == TEMPERATURE
+                || (self.shared.lwm2m == Lwm2mMode::Lwm2m1_1
+                    && o.path.len() <= TEMPERATURE.len()
+                    && o.path.iter().zip(TEMPERATURE).all(|(a, b)| a == b))
+        };
+        let targets: Vec<(SocketAddr, Vec<u8>, Vec<String>, u16)> = self
             .observers
             .iter()
-            .filter(|o| o.path == TEMPERATURE)
-            .map(|o| (o.peer, o.token.clone()))
+            .filter(|o| changed(o))
+            .map(|o| (o.peer, o.token.clone(), o.path.clone(), o.format))
             .collect();
-        for (peer, token) in targets {
+        for (peer, token, path, format) in targets {
+            let segs: Vec<&str> = path.iter().map(String::as_str).collect();
+            let payload = match self.shared.lwm2m {
+                Lwm2mMode::Text1_0 => self.temperature().into_bytes(),
+                Lwm2mMode::Lwm2m1_1 => match self.encoded(&segs, format) {
+                    Some(Ok(bytes)) => bytes,
+                    _ => continue,
+                },
+            };
             let mid = self.fresh_mid();
             let mut p = Packet::new();
             p.header.set_type(MessageType::NonConfirmable);
@@ -683,9 +763,9 @@ impl Device {
             p.header.message_id = mid;
             p.set_token(token.clone());
             p.add_option(CoapOption::Observe, encode_uint(self.observe_seq));
-            p.add_option(CoapOption::ContentFormat, encode_uint(0));
+            p.add_option(CoapOption::ContentFormat, encode_uint(u32::from(format)));
             p.add_option(CoapOption::MaxAge, encode_uint(self.shared.max_age()));
-            p.payload = self.temperature().into_bytes();
+            p.payload = payload;
             if let Ok(bytes) = p.to_bytes() {
                 self.out.push((bytes, peer));
                 if self.sent_notifications.len() >= SENT_NOTIFICATIONS {
@@ -839,6 +919,18 @@ impl Device {
         }
         let path = uri_path(req);
         let segs: Vec<&str> = path.iter().map(String::as_str).collect();
+        if self.shared.lwm2m == Lwm2mMode::Lwm2m1_1 {
+            if method == RequestType::Get {
+                return self.get_1_1(req, &path, from);
+            }
+            if method == RequestType::Put
+                && segs == ["1", "0", "1"]
+                && let Some(cf) = uint_option(req, CoapOption::ContentFormat)
+                && cf != 0
+            {
+                return self.write_lifetime_1_1(req, cf, now);
+            }
+        }
         let readable = self.read(&segs);
         match (method, segs.as_slice()) {
             (RequestType::Get, _) if readable.is_some() => {
@@ -858,6 +950,7 @@ impl Device {
                         path: path.clone(),
                         peer: from,
                         token: req.get_token().to_vec(),
+                        format: 0,
                     };
                     self.observers
                         .retain(|o| !(o.peer == who.peer && o.token == who.token));
@@ -876,22 +969,8 @@ impl Device {
             (RequestType::Put, ["1", "0", "1"]) => {
                 let value = std::str::from_utf8(&req.payload)
                     .ok()
-                    .and_then(|s| s.trim().parse::<u32>().ok())
-                    .filter(|v| *v > 0);
-                match value {
-                    Some(lt) => {
-                        self.lifetime_s = lt;
-                        // LwM2M: a new lifetime is announced with an update.
-                        if self.location.is_some() && !self.stopping {
-                            self.update_due = Some(now);
-                        }
-                        Response::new(ResponseType::Changed)
-                    }
-                    None => Response::diagnostic(
-                        ResponseType::BadRequest,
-                        "the lifetime is a whole number of seconds, at least 1",
-                    ),
-                }
+                    .and_then(|s| s.trim().parse::<u32>().ok());
+                self.set_lifetime(value, now)
             }
             (RequestType::Post, ["3", "0", "4"]) => {
                 if !self.stopping {
@@ -921,6 +1000,129 @@ impl Device {
             }
             _ => Response::diagnostic(ResponseType::NotFound, "no such resource"),
         }
+    }
+
+    /// A written lifetime: a whole number of seconds, at least 1.
+    fn set_lifetime(&mut self, value: Option<u32>, now: Instant) -> Response {
+        match value.filter(|v| *v > 0) {
+            Some(lt) => {
+                self.lifetime_s = lt;
+                // LwM2M: a new lifetime is announced with an update.
+                if self.location.is_some() && !self.stopping {
+                    self.update_due = Some(now);
+                }
+                Response::new(ResponseType::Changed)
+            }
+            None => Response::diagnostic(
+                ResponseType::BadRequest,
+                "the lifetime is a whole number of seconds, at least 1",
+            ),
+        }
+    }
+
+    /// LwM2M 1.1 mode: a lifetime written in TLV, SenML or another format it reads.
+    fn write_lifetime_1_1(&mut self, req: &Packet, cf: u32, now: Instant) -> Response {
+        let Ok(cf) = u16::try_from(cf) else {
+            return Response::diagnostic(ResponseType::UnsupportedContentFormat, "unknown format");
+        };
+        let Ok(path) = "/1/0/1".parse::<lwm2m_data::Path>() else {
+            return Response::new(ResponseType::InternalServerError);
+        };
+        match lwm2m_data::decode(cf, &req.payload, &path) {
+            Ok(v) => {
+                let lt = v.as_u64().and_then(|v| u32::try_from(v).ok());
+                self.set_lifetime(lt, now)
+            }
+            Err(lwm2m_data::DecodeError::UnsupportedFormat(_)) => Response::diagnostic(
+                ResponseType::UnsupportedContentFormat,
+                "TLV, SenML JSON/CBOR, LwM2M JSON/CBOR or text/plain",
+            ),
+            Err(e) => Response::diagnostic(ResponseType::BadRequest, e.to_string()),
+        }
+    }
+
+    /// LwM2M 1.1 mode: the value tree of a readable path (see [`crate::lwm2m_data`]).
+    fn tree(&self, path: &[&str]) -> Option<serde_json::Value> {
+        use serde_json::json;
+        let temperature = f64::from(self.temp_tenths) / 10.0;
+        Some(match path {
+            ["3", "0"] => json!({"0": "connectord", "1": "simulator", "2": self.name}),
+            ["3", "0", "0"] => json!("connectord"),
+            ["3", "0", "1"] => json!("simulator"),
+            ["3", "0", "2"] => json!(self.name),
+            ["1", "0"] => json!({"1": self.lifetime_s}),
+            ["1", "0", "1"] => json!(self.lifetime_s),
+            ["3303", "0"] => json!({"5700": temperature, "5701": "Cel"}),
+            ["3303", "0", "5700"] => json!(temperature),
+            ["3303", "0", "5701"] => json!("Cel"),
+            _ => return None,
+        })
+    }
+
+    /// LwM2M 1.1 mode: a readable path encoded in `format`; `None` for an unknown path.
+    fn encoded(&self, path: &[&str], format: u16) -> Option<Result<Vec<u8>, String>> {
+        let tree = self.tree(path)?;
+        let text = format!("/{}", path.join("/"));
+        Some(
+            text.parse::<lwm2m_data::Path>()
+                .map_err(|e| e.to_string())
+                .and_then(|p| lwm2m_data::encode(&tree, &p, format).map_err(|e| e.to_string())),
+        )
+    }
+
+    /// LwM2M 1.1 mode: a read or observe. TLV unless the Accept option asks for SenML
+    /// JSON, SenML CBOR or (one resource) text/plain; anything else is 4.06. Every path
+    /// may be observed; its notifications come in the format of the observe request.
+    fn get_1_1(&mut self, req: &Packet, path: &[String], from: SocketAddr) -> Response {
+        let segs: Vec<&str> = path.iter().map(String::as_str).collect();
+        let format = match uint_option(req, CoapOption::Accept) {
+            None => lwm2m_data::format::TLV,
+            Some(a) => match u16::try_from(a) {
+                Ok(
+                    f @ (lwm2m_data::format::TLV
+                    | lwm2m_data::format::SENML_JSON
+                    | lwm2m_data::format::SENML_CBOR),
+                ) => f,
+                Ok(lwm2m_data::format::TEXT_PLAIN) if segs.len() >= 3 => {
+                    lwm2m_data::format::TEXT_PLAIN
+                }
+                _ => {
+                    return Response::diagnostic(
+                        ResponseType::NotAcceptable,
+                        "TLV (11542), SenML JSON (110), SenML CBOR (112), or text/plain (0) for one resource",
+                    );
+                }
+            },
+        };
+        let payload = match self.encoded(&segs, format) {
+            None if segs == ["3", "0", "4"] || segs == ["1", "0", "8"] => {
+                return Response::diagnostic(ResponseType::MethodNotAllowed, "method not allowed");
+            }
+            None => return Response::diagnostic(ResponseType::NotFound, "no such resource"),
+            Some(Err(e)) => return Response::diagnostic(ResponseType::InternalServerError, &e),
+            Some(Ok(p)) => p,
+        };
+        let mut r = Response::new(ResponseType::Content);
+        if let Some(obs) = uint_option(req, CoapOption::Observe) {
+            let who = Observer {
+                path: path.to_vec(),
+                peer: from,
+                token: req.get_token().to_vec(),
+                format,
+            };
+            self.observers
+                .retain(|o| !(o.peer == who.peer && o.token == who.token));
+            if obs == 0 && self.observers.len() < MAX_OBSERVERS {
+                self.observers.push(who);
+                r = r.with_option(CoapOption::Observe, encode_uint(self.observe_seq));
+            }
+        }
+        r = r.with_option(CoapOption::ContentFormat, encode_uint(u32::from(format)));
+        if TEMPERATURE.starts_with(&segs) {
+            r = r.with_option(CoapOption::MaxAge, encode_uint(self.shared.max_age()));
+        }
+        r.payload = payload;
+        block2(req, r)
     }
 
     /// The text of a readable resource.
@@ -1637,6 +1839,140 @@ mod tests {
         assert_eq!(message::uri_path(&del), ["rd", "z"]);
     }
 
+    fn device_1_1() -> Device {
+        let opts = SimOptions {
+            server: DAEMON,
+            lifetime_s: 60,
+            notify_interval_ms: 200,
+            ept: Some("thermo".into()),
+            lwm2m: Lwm2mMode::Lwm2m1_1,
+            ..SimOptions::default()
+        };
+        Device::new(opts.endpoint_name(3), Arc::new(Shared::new(&opts)))
+    }
+
+    /// A GET with a fresh message id (the device answers a repeated one from its cache).
+    fn get_accept(
+        dev: &mut Device,
+        path: &str,
+        accept: Option<u32>,
+        observe: Option<u32>,
+    ) -> Packet {
+        static MID: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1000);
+        let mid = MID.fetch_add(1, Ordering::Relaxed);
+        let mut p = request(MessageType::Confirmable, RequestType::Get, path, mid);
+        if let Some(a) = accept {
+            p.add_option(CoapOption::Accept, encode_uint(a));
+        }
+        if let Some(o) = observe {
+            p.add_option(CoapOption::Observe, encode_uint(o));
+        }
+        exchange(dev, &p)
+    }
+
+    fn tree(p: &Packet, path: &str) -> serde_json::Value {
+        let cf = uint_option(p, CoapOption::ContentFormat).expect("a Content-Format") as u16;
+        lwm2m_data::decode(cf, &p.payload, &path.parse().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn lwm2m_1_1_registers_without_obs_and_with_its_type() {
+        let mut dev = device_1_1();
+        dev.start_registration(Instant::now());
+        let reg = sent_request(&mut dev);
+        assert_eq!(
+            message::uri_query(&reg),
+            ["ep=sim-000003", "lt=60", "lwm2m=1.1", "b=U", "et=thermo"]
+        );
+        assert_eq!(reg.payload, LINKS_1_1.as_bytes());
+        assert!(!LINKS_1_1.contains("obs"));
+    }
+
+    #[test]
+    fn lwm2m_1_1_answers_tlv_unless_asked_for_senml_or_text() {
+        let mut dev = device_1_1();
+        let r = get_accept(&mut dev, "/3/0", None, None);
+        assert_eq!(uint_option(&r, CoapOption::ContentFormat), Some(11542));
+        assert_eq!(
+            tree(&r, "/3/0"),
+            serde_json::json!({"0": "connectord", "1": "simulator", "2": "sim-000003"})
+        );
+        let r = get_accept(&mut dev, "/3303/0", Some(110), None);
+        assert_eq!(uint_option(&r, CoapOption::ContentFormat), Some(110));
+        assert_eq!(tree(&r, "/3303/0")["5701"], "Cel");
+        let r = get_accept(&mut dev, "/3/0/0", Some(0), None);
+        assert_eq!(
+            (
+                r.payload.as_slice(),
+                uint_option(&r, CoapOption::ContentFormat)
+            ),
+            (&b"connectord"[..], Some(0))
+        );
+        let r = get_accept(&mut dev, "/3/0/0", None, None);
+        assert_eq!(
+            uint_option(&r, CoapOption::ContentFormat),
+            Some(11542),
+            "one resource: TLV too"
+        );
+        for (path, accept, want) in [
+            ("/3/0", Some(0), ResponseType::NotAcceptable),
+            ("/3/0/0", Some(50), ResponseType::NotAcceptable),
+            ("/4/0", None, ResponseType::NotFound),
+            ("/3/0/4", None, ResponseType::MethodNotAllowed),
+        ] {
+            assert_eq!(
+                code(&get_accept(&mut dev, path, accept, None)),
+                content(want),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn lwm2m_1_1_observes_any_path_in_the_format_asked() {
+        let mut dev = device_1_1();
+        let r = get_accept(&mut dev, "/3303/0", Some(112), Some(0));
+        assert!(uint_option(&r, CoapOption::Observe).is_some());
+        assert_eq!(dev.observers.len(), 1);
+        dev.on_tick();
+        let out = dev.take_outgoing();
+        assert_eq!(
+            out.len(),
+            1,
+            "the instance holding the temperature is notified"
+        );
+        let n = Packet::from_bytes(&out[0].0).unwrap();
+        assert_eq!(uint_option(&n, CoapOption::ContentFormat), Some(112));
+        let t = tree(&n, "/3303/0");
+        assert_eq!(t["5700"].as_f64(), Some(f64::from(dev.temp_tenths) / 10.0));
+        // A path the temperature is not part of is observable but never notified.
+        let r = get_accept(&mut dev, "/3/0", None, Some(0));
+        assert!(uint_option(&r, CoapOption::Observe).is_some());
+        dev.on_tick();
+        assert_eq!(dev.take_outgoing().len(), 1);
+    }
+
+    #[test]
+    fn lwm2m_1_1_takes_a_lifetime_in_tlv() {
+        let mut dev = device_1_1();
+        let path: lwm2m_data::Path = "/1/0/1".parse().unwrap();
+        let mut p = request(MessageType::Confirmable, RequestType::Put, "/1/0/1", 5);
+        p.add_option(CoapOption::ContentFormat, encode_uint(11542));
+        p.payload = lwm2m_data::encode(&serde_json::json!(120), &path, 11542).unwrap();
+        assert_eq!(
+            code(&exchange(&mut dev, &p)),
+            content(ResponseType::Changed)
+        );
+        assert_eq!(dev.lifetime_s, 120);
+        let mut p = request(MessageType::Confirmable, RequestType::Put, "/1/0/1", 6);
+        p.add_option(CoapOption::ContentFormat, encode_uint(11542));
+        p.payload = vec![0xc8];
+        assert_eq!(
+            code(&exchange(&mut dev, &p)),
+            content(ResponseType::BadRequest)
+        );
+    }
+
     #[test]
     fn options_are_checked() {
         let bad = [
@@ -1662,6 +1998,10 @@ mod tests {
             },
             SimOptions {
                 domain: Some("not a domain".into()),
+                ..SimOptions::default()
+            },
+            SimOptions {
+                ept: Some("a/b".into()),
                 ..SimOptions::default()
             },
         ];
