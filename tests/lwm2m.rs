@@ -71,6 +71,33 @@ fn subscribe(d: &Daemon, ep: &str, path: &str) -> support::Http {
     d.call("PUT", &format!("/v2/subscriptions/{ep}{path}"), None, None)
 }
 
+/// `GET path` with the admin key and an `Accept` header when given.
+fn get_accepting(d: &Daemon, path: &str, accept: Option<&str>) -> support::Http {
+    let auth = format!("Bearer {}", d.key);
+    let mut headers = vec![("Authorization", auth.as_str())];
+    if let Some(a) = accept {
+        headers.push(("Accept", a));
+    }
+    support::http("GET", &d.url(path), &headers, None)
+}
+
+/// A read with `accept`, asserted accepted (202): its async-response id.
+fn read_accepting(d: &Daemon, path: &str, accept: Option<&str>) -> String {
+    let r = get_accepting(d, path, accept);
+    assert_eq!(r.status, 202, "{path} {accept:?}: {}", r.body);
+    r.json()["async-response-id"].as_str().unwrap().to_string()
+}
+
+/// The value tree an `Accept: application/json` read's async response carries.
+fn json_tree(a: &serde_json::Value) -> serde_json::Value {
+    assert_eq!(
+        (a["status"].as_u64(), a["ct"].as_str()),
+        (Some(200), Some("application/json")),
+        "{a}"
+    );
+    serde_json::from_slice(&payload(a)).unwrap()
+}
+
 /// An LwM2M client lists no `obs`: its listed paths show as observable, a subscription to
 /// an instance or to a resource below one is accepted and observed, and the
 /// notifications flow. An mbed-style device (no `lwm2m=`) keeps the `obs` rule (412).
@@ -317,17 +344,7 @@ fn accept_reaches_the_device_and_text_is_the_default_for_one_resource() {
     let d = Daemon::start();
     let mut dev = d.device();
     dev.register(&["ep=lw-4", "lt=300", "lwm2m=1.0"], LW_LINKS);
-    let auth = format!("Bearer {}", d.key);
-
-    let read = |path: &str, accept: Option<&str>| -> String {
-        let mut headers = vec![("Authorization", auth.as_str())];
-        if let Some(a) = accept {
-            headers.push(("Accept", a));
-        }
-        let r = support::http("GET", &d.url(path), &headers, None);
-        assert_eq!(r.status, 202, "{path} {accept:?}: {}", r.body);
-        r.json()["async-response-id"].as_str().unwrap().to_string()
-    };
+    let read = |path: &str, accept: Option<&str>| read_accepting(&d, path, accept);
 
     let id = read(
         "/v2/endpoints/lw-4/3/0",
@@ -397,12 +414,7 @@ fn accept_reaches_the_device_and_text_is_the_default_for_one_resource() {
     assert_eq!(d.async_response(&id, WAIT)["status"], 406);
 
     // Not a media type a device can answer in.
-    let r = support::http(
-        "GET",
-        &d.url("/v2/endpoints/lw-4/3/0/0"),
-        &[("Authorization", auth.as_str()), ("Accept", "text/html")],
-        None,
-    );
+    let r = get_accepting(&d, "/v2/endpoints/lw-4/3/0/0", Some("text/html"));
     assert_eq!(r.status, 406, "{}", r.body);
 
     // mbed Client style: no Accept unless asked.
@@ -743,20 +755,8 @@ fn aiocoap_lwm2m_client_reads_honour_accept_and_delete_deregisters_it() {
     let d = Daemon::start();
     let ep = "aio-lw-read";
     let mut dev = aiocoap_lwm2m_client(&d, ep);
-    let auth = format!("Bearer {}", d.key);
     let read = |path: &str, accept: Option<&str>| -> serde_json::Value {
-        let mut headers = vec![("Authorization", auth.as_str())];
-        if let Some(a) = accept {
-            headers.push(("Accept", a));
-        }
-        let r = support::http(
-            "GET",
-            &d.url(&format!("/v2/endpoints/{ep}{path}")),
-            &headers,
-            None,
-        );
-        assert_eq!(r.status, 202, "{path} {accept:?}: {}", r.body);
-        let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+        let id = read_accepting(&d, &format!("/v2/endpoints/{ep}{path}"), accept);
         d.async_response(&id, WAIT)
     };
 
@@ -1042,33 +1042,8 @@ fn json_reads_decode_tlv_senml_and_text() {
         &["ep=json-1", "lt=300", "lwm2m=1.0"],
         r#"</>;rt="oma.lwm2m",</1/0>,</3/0>,</3303/0>"#,
     );
-    let auth = format!("Bearer {}", d.key);
-    let read_json = |path: &str| -> String {
-        let r = support::http(
-            "GET",
-            &d.url(path),
-            &[
-                ("Authorization", auth.as_str()),
-                ("Accept", "application/json"),
-            ],
-            None,
-        );
-        assert_eq!(r.status, 202, "{path}: {}", r.body);
-        r.json()["async-response-id"].as_str().unwrap().to_string()
-    };
-    let decoded = |id: &str| -> serde_json::Value {
-        let a = d.async_response(id, WAIT);
-        assert_eq!(
-            (a["status"].as_u64(), a["ct"].as_str()),
-            (Some(200), Some("application/json")),
-            "{a}"
-        );
-        use base64::Engine;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(a["payload"].as_str().unwrap())
-            .unwrap();
-        serde_json::from_slice(&bytes).unwrap()
-    };
+    let read_json = |path: &str| read_accepting(&d, path, Some("application/json"));
+    let decoded = |id: &str| json_tree(&d.async_response(id, WAIT));
 
     // An instance in TLV (the device lists no typed format: no Accept is sent).
     let id = read_json("/v2/endpoints/json-1/3/0");
@@ -1225,13 +1200,11 @@ fn cache_only_reads_honour_accept() {
     );
     assert_eq!(d.async_response(&id, WAIT)["status"], 200);
 
-    let auth = format!("Bearer {}", d.key);
     let cached = |accept: &str| {
-        support::http(
-            "GET",
-            &d.url("/v2/endpoints/cached/3/0/9?cacheOnly=true"),
-            &[("Authorization", auth.as_str()), ("Accept", accept)],
-            None,
+        get_accepting(
+            &d,
+            "/v2/endpoints/cached/3/0/9?cacheOnly=true",
+            Some(accept),
         )
     };
     let r = cached("text/plain");
@@ -1316,38 +1289,19 @@ fn the_simulator_behaves_like_an_lwm2m_1_1_client() {
     );
 
     // A JSON read of an instance (the simulator answers TLV without Accept).
-    let auth = format!("Bearer {}", d.key);
-    let r = support::http(
-        "GET",
-        &d.url("/v2/endpoints/lw11-000001/3/0"),
-        &[
-            ("Authorization", auth.as_str()),
-            ("Accept", "application/vnd.oma.lwm2m+tlv"),
-        ],
-        None,
+    let tlv_id = read_accepting(
+        &d,
+        "/v2/endpoints/lw11-000001/3/0",
+        Some("application/vnd.oma.lwm2m+tlv"),
     );
-    let tlv_id = r.json()["async-response-id"].as_str().unwrap().to_string();
     let a = d.async_response(&tlv_id, WAIT);
     assert_eq!(a["ct"], "application/vnd.oma.lwm2m+tlv", "{a}");
-    let r = support::http(
-        "GET",
-        &d.url("/v2/endpoints/lw11-000001/3/0"),
-        &[
-            ("Authorization", auth.as_str()),
-            ("Accept", "application/json"),
-        ],
-        None,
+    let id = read_accepting(
+        &d,
+        "/v2/endpoints/lw11-000001/3/0",
+        Some("application/json"),
     );
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
-    let a = d.async_response(&id, WAIT);
-    assert_eq!(a["status"], 200, "{a}");
-    use base64::Engine;
-    let tree: serde_json::Value = serde_json::from_slice(
-        &base64::engine::general_purpose::STANDARD
-            .decode(a["payload"].as_str().unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let tree = json_tree(&d.async_response(&id, WAIT));
     assert_eq!(
         tree,
         json!({"0": "connectord", "1": "simulator", "2": "lw11-000001"})

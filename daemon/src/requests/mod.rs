@@ -1046,22 +1046,7 @@ mod tests {
 
     #[test]
     fn resource_matching_by_segments() {
-        let ep = Endpoint::new(crate::registry::Registration {
-            id: "x".into(),
-            domain: "d".into(),
-            name: "n".into(),
-            ept: None,
-            lifetime_s: 1,
-            binding: "U".into(),
-            lwm2m: None,
-            queue: false,
-            peer: "127.0.0.1:1".parse().unwrap(),
-            local: "127.0.0.1:2".parse().unwrap(),
-            links: "</3/0>,</3303/0/5700>".into(),
-            registered_at_ms: 0,
-            expires_at_ms: 0,
-        })
-        .unwrap();
+        let ep = ep(None, "</3/0>,</3303/0/5700>");
         for (path, known) in [
             ("/3/0", true),
             ("/3/0/1", true),
@@ -1146,11 +1131,6 @@ mod tests {
         assert_eq!(http_status(ResponseType::UnsupportedContentFormat), 415);
         assert_eq!(http_status(ResponseType::ServiceUnavailable), 503);
     }
-}
-
-#[cfg(test)]
-mod accept_tests {
-    use super::*;
 
     fn ep(lwm2m: Option<&str>, links: &str) -> Endpoint {
         Endpoint::new(crate::registry::Registration {

@@ -29,7 +29,18 @@ pub fn negotiate(accept: Option<&str>) -> Option<Format> {
     let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
         return Some(Format::Json);
     };
-    let mut best: Option<(f32, Format)> = None;
+    best_by_q(accept, |media| match media {
+        JSON | "application/*" | "*/*" => Some(Format::Json),
+        LINK_FORMAT => Some(Format::LinkFormat),
+        _ => None,
+    })
+}
+
+/// The choice `pick` makes of the media ranges of an `Accept` header (lower-cased, without
+/// parameters) with the highest q-value, the first on a tie; ranges with q=0 and ranges
+/// `pick` does not take are skipped. `None` when nothing is left.
+pub fn best_by_q<T>(accept: &str, mut pick: impl FnMut(&str) -> Option<T>) -> Option<T> {
+    let mut best: Option<(f32, T)> = None;
     for range in accept.split(',') {
         let mut parts = range.split(';');
         let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
@@ -41,19 +52,17 @@ pub fn negotiate(accept: Option<&str>) -> Option<Format> {
             })
             .next()
             .unwrap_or(1.0);
-        let format = match media.as_str() {
-            JSON | "application/*" | "*/*" => Format::Json,
-            LINK_FORMAT => Format::LinkFormat,
-            _ => continue,
-        };
         if q <= 0.0 {
             continue;
         }
-        if best.is_none_or(|(bq, _)| q > bq) {
-            best = Some((q, format));
+        let Some(choice) = pick(&media) else {
+            continue;
+        };
+        if best.as_ref().is_none_or(|(bq, _)| q > *bq) {
+            best = Some((q, choice));
         }
     }
-    best.map(|(_, f)| f)
+    best.map(|(_, c)| c)
 }
 
 fn format_of(parts: &Parts) -> Result<Format, Reply> {

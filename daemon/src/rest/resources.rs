@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{Method as HttpMethod, StatusCode};
 
-use super::endpoints::query_param;
+use super::endpoints::{best_by_q, query_param};
 use super::reply::{Reply, error};
 use crate::auth::Principal;
 use crate::coap::content_format;
@@ -71,34 +71,12 @@ pub fn wanted(accept: Option<&str>) -> Result<Want, Reply> {
     let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
         return Ok(Want::Any);
     };
-    let mut best: Option<(f32, Want)> = None;
-    for range in accept.split(',') {
-        let mut params = range.split(';');
-        let media = params.next().unwrap_or("").trim().to_ascii_lowercase();
-        let q = params
-            .filter_map(|p| {
-                p.trim()
-                    .strip_prefix("q=")
-                    .and_then(|v| v.trim().parse::<f32>().ok())
-            })
-            .next()
-            .unwrap_or(1.0);
-        if q <= 0.0 {
-            continue;
-        }
-        let want = match media.as_str() {
-            "*/*" | "application/*" => Want::Any,
-            "application/json" => Want::Json,
-            m => match content_format::from_media_type(m) {
-                Some(cf) => Want::Format(cf),
-                None => continue,
-            },
-        };
-        if best.is_none_or(|(bq, _)| q > bq) {
-            best = Some((q, want));
-        }
-    }
-    best.map(|(_, w)| w).ok_or_else(|| {
+    best_by_q(accept, |media| match media {
+        "*/*" | "application/*" => Some(Want::Any),
+        "application/json" => Some(Want::Json),
+        m => content_format::from_media_type(m).map(Want::Format),
+    })
+    .ok_or_else(|| {
         error(
             StatusCode::NOT_ACCEPTABLE,
             "not_acceptable",
