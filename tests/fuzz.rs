@@ -1,5 +1,6 @@
 //! Bounded libFuzzer runs of the cargo-fuzz targets in `fuzz/` (`coap_decode`,
-//! `link_format`, `presub_json`, `config_toml`), as part of `cargo test --workspace`.
+//! `link_format`, `presub_json`, `config_toml`, `lwm2m_decode`), as part of
+//! `cargo test --workspace`.
 //!
 //! cargo-fuzz is not needed: the test runs the `cargo build` that `cargo fuzz build` would
 //! run (`--release --target <host>`, the same RUSTFLAGS, see [`COVERAGE_FLAGS`]) on
@@ -89,8 +90,8 @@ struct Target {
 }
 
 /// Every binary of `fuzz/Cargo.toml`. The limits follow what the daemon accepts:
-/// `coap.max_datagram`'s default for datagrams, a few KiB for text bodies and the
-/// configuration file (the shipped one, comments included, is under 6 KiB).
+/// `coap.max_datagram`'s default for datagrams, a few KiB for text bodies, device payloads
+/// and the configuration file (the shipped one, comments included, is under 6 KiB).
 const TARGETS: &[Target] = &[
     Target {
         name: "coap_decode",
@@ -107,6 +108,10 @@ const TARGETS: &[Target] = &[
     Target {
         name: "config_toml",
         max_len: 8192,
+    },
+    Target {
+        name: "lwm2m_decode",
+        max_len: 4096,
     },
 ];
 
@@ -139,6 +144,11 @@ fn presub_json() {
 #[test]
 fn config_toml() {
     fuzz("config_toml");
+}
+
+#[test]
+fn lwm2m_decode() {
+    fuzz("lwm2m_decode");
 }
 
 /// Every target in `fuzz/fuzz_targets` and `fuzz/Cargo.toml` is run here and has seeds.

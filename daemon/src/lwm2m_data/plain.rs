@@ -104,10 +104,12 @@ pub(super) fn cbor_leaf(value: ciborium::Value, kind: Option<Kind>) -> Result<Le
         C::Text(s) => Leaf::Str(s),
         C::Bytes(b) => Leaf::Opaque(b),
         C::Bool(b) => Leaf::Bool(b),
-        // RFC 8949 tag 1: epoch-based time.
+        // RFC 8949 tag 1: epoch-based time, a number like any other (so a float resource
+        // still reads a float).
         C::Tag(1, inner) => match *inner {
-            C::Integer(i) => Leaf::Int(
-                i64::try_from(i128::from(i)).map_err(|_| "a time out of range".to_owned())?,
+            C::Integer(i) => number_leaf(
+                Num::from_i128(i128::from(i)).ok_or_else(|| "a time out of range".to_owned())?,
+                kind,
             ),
             _ => return Err("tag 1 (time) on something other than an integer".into()),
         },

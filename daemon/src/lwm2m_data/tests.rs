@@ -488,6 +488,14 @@ fn single_value_decodes() {
             &[0xF9, 0x4D, 0xA0],
             json!(22.5),
         ),
+        // Tag 1 (time) on a float resource: a float (found by the lwm2m_decode fuzz target).
+        (format::CBOR, "/3303/0/5700", &[0xC1, 0x00], json!(0.0)),
+        (
+            format::CBOR,
+            "/3/0/13",
+            &[0xC1, 0x1A, 0x51, 0x82, 0x42, 0x8F],
+            json!(1367491215),
+        ),
         (format::CBOR, "/10241/0/1", &[0xF5], json!(true)),
         (
             format::CBOR,
@@ -519,6 +527,8 @@ fn round_trips() {
         ),
         ("/3303/0/5700", json!(22.5)),
         ("/3303/0/5700", json!(-0.001)),
+        // Needs serde_json's exact float parsing (found by the lwm2m_decode fuzz target).
+        ("/3303/0/5700", json!(3.888888888888889e86)),
         ("/3303/0", json!({"5700": 1e300, "5701": "Cel", "5750": ""})),
         ("/3311/0/5850", json!(false)),
         (
