@@ -1321,3 +1321,46 @@ fn the_simulator_behaves_like_an_lwm2m_1_1_client() {
     });
     assert!(!ev.of("reg-updates").is_empty(), "{ev:?}");
 }
+
+/// A Lua rule (`presubscribe`) starts observations on an LwM2M client at registration:
+/// every path it lists is offered as observable, though its links carry no `obs`.
+#[test]
+fn lua_rules_observe_lwm2m_clients_at_registration() {
+    let d = Daemon::start();
+    // The key needs a notification channel to be offered resources.
+    assert!(d.pull_now().is_none());
+    let before = d.metric("lua_reloads_total");
+    let tmp = d.scripts_dir().join(".20-lwm2m.lua.tmp");
+    std::fs::write(
+        &tmp,
+        "function presubscribe(endpoint, resource, key)\n  return resource.obs and resource.path == '/3303/0'\nend\n",
+    )
+    .unwrap();
+    std::fs::rename(&tmp, d.scripts_dir().join("20-lwm2m.lua")).unwrap();
+    assert!(
+        support::eventually(WAIT, || d.metric("lua_reloads_total") > before),
+        "the rule was not loaded"
+    );
+    let mut dev = d.device();
+    dev.register(&["ep=lua-lw", "lt=300", "lwm2m=1.1"], LW_LINKS);
+    let (req, from) = expect_request(&dev, "/3303/0");
+    assert_eq!(uint_option(&req, CoapOption::Observe), Some(0));
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        Some(1),
+        Some(11542),
+        &[],
+    );
+    assert!(
+        dev.recv_request(Duration::from_millis(500)).is_none(),
+        "only /3303/0"
+    );
+    let subs = d.get("/v2/subscriptions/lua-lw");
+    assert_eq!(
+        (subs.status, subs.body.trim()),
+        (200, "/subscriptions/lua-lw/3303/0")
+    );
+}
