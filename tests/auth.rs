@@ -464,3 +464,22 @@ fn reused_verdicts_are_voided_by_a_plugin_state_change() {
     let new_key = created.json()["access_key"].as_str().unwrap().to_string();
     assert_eq!(get(&new_key), 200);
 }
+
+/// A reused verdict never skips a backend listed before the one that answered (issue 18,
+/// item 12). `headerkeys` is asked first and says not_mine to a Bearer key alone, so
+/// `connector` accepts; the same Bearer key with a wrong `ApiRdKey` added is headerkeys'
+/// to refuse, even right after (a reused verdict keyed by `authorization` alone answered 200).
+#[test]
+fn a_reused_verdict_does_not_skip_an_earlier_backend() {
+    let d = Daemon::start_with("[plugins]\nauth = [\"headerkeys\", \"connector\"]\n");
+    let bearer = format!("Bearer {}", d.key);
+    let get = |h: &[(&str, &str)]| http("GET", &d.url("/v2/endpoints"), h, None).status;
+    for _ in 0..3 {
+        assert_eq!(get(&[("Authorization", &bearer)]), 200);
+        assert_eq!(
+            get(&[("Authorization", &bearer), ("ApiRdKey", "wrong")]),
+            401,
+            "headerkeys, listed first, was skipped"
+        );
+    }
+}

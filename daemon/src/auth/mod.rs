@@ -128,6 +128,39 @@ pub struct AuthChain {
     host: Arc<PluginHost>,
     order: Vec<String>,
     reused: Arc<Mutex<Reused>>,
+    /// (backend, scope) pairs already logged as unknown: each is logged once.
+    unknown_scopes: Arc<Mutex<UnknownScopes>>,
+}
+
+/// Scope names backends returned that the core does not know ([`Scope::parse`]), so that
+/// each (backend, scope) is logged once rather than at every request. Bounded: past
+/// [`MAX_UNKNOWN_SCOPES`] pairs nothing new is remembered (or logged), only counted.
+#[derive(Default)]
+struct UnknownScopes {
+    seen: std::collections::HashSet<(String, String)>,
+    /// Pairs not remembered because the set was full.
+    overflow: u64,
+}
+
+/// Most (backend, unknown scope) pairs remembered.
+const MAX_UNKNOWN_SCOPES: usize = 256;
+
+impl UnknownScopes {
+    /// True the first time `backend` returns the unknown `scope` (and the set has room):
+    /// the caller logs it then.
+    fn first_seen(&mut self, backend: &str, scope: &str) -> bool {
+        if self
+            .seen
+            .contains(&(backend.to_string(), scope.to_string()))
+        {
+            return false;
+        }
+        if self.seen.len() >= MAX_UNKNOWN_SCOPES {
+            self.overflow += 1;
+            return self.overflow == 1;
+        }
+        self.seen.insert((backend.to_string(), scope.to_string()))
+    }
 }
 
 /// Verdicts a backend let the host reuse ([`proto::VerdictCache`]): without them every
@@ -221,6 +254,33 @@ impl AuthChain {
             host,
             order,
             reused: Arc::default(),
+            unknown_scopes: Arc::default(),
+        }
+    }
+
+    /// Logs (once per backend and scope) the scopes of a verdict the core does not know:
+    /// they stay in the principal but match no route, which would otherwise go unseen.
+    fn warn_unknown_scopes(&self, backend: &str, scopes: &[String]) {
+        if scopes.iter().all(|s| Scope::parse(s).is_some()) {
+            return;
+        }
+        let mut seen = self
+            .unknown_scopes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for s in scopes.iter().filter(|s| Scope::parse(s).is_none()) {
+            if seen.first_seen(backend, s) {
+                if seen.overflow > 0 {
+                    tracing::warn!(
+                        "auth backend {backend} returned the unknown scope {s:?}; more unknown scopes will not be logged"
+                    );
+                } else {
+                    tracing::warn!(
+                        "auth backend {backend} returned the unknown scope {s:?}: it grants nothing (known: {})",
+                        Scope::ALL.map(Scope::as_str).join(", ")
+                    );
+                }
+            }
         }
     }
 
@@ -299,7 +359,7 @@ impl AuthChain {
             path: path.to_string(),
             headers: hs,
         };
-        for name in &self.order {
+        for (position, name) in self.order.iter().enumerate() {
             let verdict: AuthVerdict = self
                 .host
                 .call_json(name, proto::OP_AUTHENTICATE, &req)
@@ -311,6 +371,7 @@ impl AuthChain {
             match verdict {
                 AuthVerdict::NotMine => continue,
                 AuthVerdict::Accepted { principal, cache } => {
+                    self.warn_unknown_scopes(name, &principal.scopes);
                     let p = Arc::new(Principal {
                         backend: name.clone(),
                         key_id: principal.key_id,
@@ -318,7 +379,12 @@ impl AuthChain {
                         scopes: principal.scopes,
                         allow: principal.allow,
                     });
-                    if let Some(hint) = &cache {
+                    // Only the first backend's verdicts are reused. A later backend's verdict
+                    // is keyed by the headers *it* names, but the backends before it said
+                    // not_mine on the strength of other headers: a request with the same
+                    // key and, say, an `ApiRdKey` added would be theirs to decide, and a
+                    // reused verdict would skip them.
+                    if let Some(hint) = cache.as_ref().filter(|_| position == 0) {
                         self.keep(hint, &req.headers, &p, epoch);
                     }
                     return Ok(p);
@@ -402,6 +468,22 @@ mod tests {
         for (ep, path, want) in table {
             assert_eq!(some.may_access(ep, path), want, "{ep} {path:?}");
         }
+    }
+
+    #[test]
+    fn unknown_scopes_are_reported_once_each_and_boundedly() {
+        let mut u = UnknownScopes::default();
+        assert!(u.first_seen("a", "things:read"));
+        assert!(!u.first_seen("a", "things:read"));
+        assert!(u.first_seen("b", "things:read"));
+        for i in 2..MAX_UNKNOWN_SCOPES {
+            assert!(u.first_seen("a", &format!("s{i}")));
+        }
+        // Full: the first pair past the bound is reported (to say so), no later one.
+        assert!(u.first_seen("a", "one-more"));
+        assert!(!u.first_seen("a", "two-more"));
+        assert!(!u.first_seen("a", "things:read"));
+        assert_eq!(u.seen.len(), MAX_UNKNOWN_SCOPES);
     }
 
     /// A reused verdict is looked up by a key made from the request's headers directly,
