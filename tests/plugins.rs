@@ -283,3 +283,60 @@ fn a_plugin_directory_writable_by_others_is_refused() {
     assert_eq!(d.get("/v2/endpoints").status, 200);
     let _ = json!({});
 }
+
+/// `check-config` and `run` refuse a plugin name in `[plugins] auth` or `sink` that no
+/// built-in and no file of `[plugins] dir` provides (issue 18, item 11), naming the file,
+/// the key, the name and what is available (a file by the name it declares).
+#[test]
+fn an_unknown_plugin_name_is_refused_by_check_config_and_run() {
+    let example = build_plugin("example-plugin", &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = plugin_dir(tmp.path());
+    install_plugin(&example, &dir, EXAMPLE);
+    let config = tmp.path().join("connectord.toml");
+    let write = |plugins: &str| {
+        let extra = format!("[plugins]\ndir = \"{}\"\n{plugins}", dir.display());
+        std::fs::write(&config, support::test_config(tmp.path(), "", &extra)).unwrap();
+    };
+    let run = |args: &[&str]| {
+        std::process::Command::new(support::BIN)
+            .args(args)
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+
+    write("auth = [\"connector\", \"nosuch\"]\n");
+    for args in [&["check-config"][..], &["run", "--config"][..]] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("{}: key `plugins.auth`", config.display())),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("`nosuch`"), "{err}");
+        assert!(err.contains("connector (built-in)"), "{err}");
+        assert!(err.contains("webhook (built-in)"), "{err}");
+        assert!(
+            err.contains(&format!("example ({})", dir.join(EXAMPLE).display())),
+            "{args:?}: {err}"
+        );
+    }
+
+    write("sink = \"nosink\"\n");
+    let err = String::from_utf8_lossy(&run(&["check-config"]).stderr).into_owned();
+    assert!(
+        err.contains("key `plugins.sink`") && err.contains("`nosink`"),
+        "{err}"
+    );
+
+    write("auth = [\"headerkeys\", \"connector\"]\n");
+    let out = run(&["check-config"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -40,6 +40,8 @@ pub enum StartError {
     FirstKey(std::io::Error),
     #[error("{0}")]
     Bind(#[from] std::io::Error),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// Changes the log filter of the running process (given by the binary, which owns the
@@ -74,9 +76,16 @@ pub async fn run(
         crate::plugins::cache_dir(&state_dir),
         Arc::clone(&counters),
     );
-    for (name, origin, generation) in plugins.loaded() {
+    let loaded = plugins.loaded();
+    for (name, origin, generation) in &loaded {
         tracing::info!("plugin {name} ({origin}, generation {generation})");
     }
+    let source = match &config_path {
+        Some(p) => crate::config::Source::File(p.clone()),
+        None => crate::config::Source::Embedded,
+    };
+    let available: Vec<(String, String)> = loaded.into_iter().map(|(n, o, _)| (n, o)).collect();
+    crate::plugins::check_names(&config.plugins, &available, &source)?;
     let auth = AuthChain::new(Arc::clone(&plugins), config.plugins.auth.clone());
     match auth
         .bootstrap(&state_dir, &config.registry.default_domain)

@@ -45,7 +45,9 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Validate a configuration file without starting anything; exits 1 with
-    /// file:line:column and the key on the first error.
+    /// file:line:column and the key on the first error. The plugins named in
+    /// `[plugins] auth` and `sink` must be built in or provided by a file of
+    /// `[plugins] dir` (each file is opened to read the name it declares).
     CheckConfig {
         /// The file to check.
         #[arg(default_value = SYSTEM_CONFIG)]
@@ -116,7 +118,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { path } => match Config::load(&path) {
+        Command::CheckConfig { path } => match Config::load(&path).and_then(|c| {
+            let available = connectord::plugins::available(&c.plugins);
+            connectord::plugins::check_names(&c.plugins, &available, &Source::File(path.clone()))
+        }) {
             Ok(_) => {
                 println!("{}: configuration is valid", path.display());
                 ExitCode::SUCCESS

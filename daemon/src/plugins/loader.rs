@@ -88,6 +88,51 @@ impl Generation {
         unsafe { table.name() }
     }
 
+    /// The plugin name the file `lib<crate>.so` declares, for `connectord check-config`:
+    /// opens the file in place (running its initialisers, as loading does), checks its
+    /// entry symbol and ABI version, reads the name, and starts nothing. The image stays
+    /// loaded until the process exits (a short-lived one): unloading a Rust image whose
+    /// code may have made thread-locals is not safe.
+    pub(super) fn declared_name(path: &Path) -> Result<String, PluginError> {
+        let load_err = |message: String| PluginError::Load {
+            path: path.display().to_string(),
+            message,
+        };
+        check_not_writable_by_others(path).map_err(load_err)?;
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .ok_or_else(|| load_err("the file name is not UTF-8".into()))?;
+        let krate = stem.strip_prefix("lib").unwrap_or(stem);
+        let symbol = format!("{ENTRY_PREFIX}{}", krate.replace('-', "_"));
+        // SAFETY: as in `from_file`: plugins are trusted code from a directory only the
+        // administrator can write to (checked by the caller).
+        let lib = unsafe { Library::new(path) }.map_err(|e| load_err(e.to_string()))?;
+        // SAFETY: the symbol, when present, has the entry signature declare_plugin! gives it.
+        let table: *const PluginTable = unsafe {
+            let entry = lib
+                .get::<unsafe extern "C" fn() -> *const PluginTable>(symbol.as_bytes())
+                .map_err(|e| load_err(format!("no entry symbol {symbol} ({e})")))?;
+            entry()
+        };
+        if table.is_null() {
+            return Err(load_err("the entry symbol returned no table".into()));
+        }
+        // SAFETY: a non-null table from the entry symbol of a loaded image (kept loaded).
+        let t = unsafe { &*table };
+        if t.abi_version != ABI_VERSION {
+            return Err(PluginError::WrongAbi {
+                path: path.display().to_string(),
+                found: t.abi_version,
+                expected: ABI_VERSION,
+            });
+        }
+        // SAFETY: as above; the name is static data of the image.
+        let name = unsafe { t.name() };
+        std::mem::forget(lib);
+        Ok(name)
+    }
+
     /// Loads `lib<crate>.so`: copies it to a fresh path, opens it, checks it, starts it.
     pub(super) fn from_file(
         host: &Arc<PluginHost>,

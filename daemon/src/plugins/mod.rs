@@ -77,6 +77,75 @@ fn builtins() -> Vec<&'static connectord_plugin_sdk::PluginTable> {
     ]
 }
 
+/// Every plugin a configuration could use without starting anything, as (plugin name,
+/// where it comes from: `built-in` or the file): the built-ins, then the files of
+/// `[plugins] dir` in name order (opened to read the name each declares; a file that
+/// cannot be, or a directory the daemon would refuse, provides nothing). For
+/// `connectord check-config`; the daemon itself checks against what it loaded
+/// ([`PluginHost::loaded`]).
+pub fn available(cfg: &PluginsConfig) -> Vec<(String, String)> {
+    let mut found: Vec<(String, String)> = builtins()
+        .into_iter()
+        .map(|t| (Generation::builtin_name(t), "built-in".to_string()))
+        .collect();
+    let Some(dir) = &cfg.dir else { return found };
+    if check_not_writable_by_others(dir).is_err() {
+        return found;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "so"))
+        .collect();
+    files.sort();
+    for f in files {
+        if let Ok(name) = Generation::declared_name(&f) {
+            found.push((name, f.display().to_string()));
+        }
+    }
+    found
+}
+
+/// Checks that the plugins `[plugins] auth` and `sink` name are among `available`
+/// (plugin name, origin). The error names the file, the key, the unknown name and every
+/// name available.
+pub fn check_names(
+    cfg: &PluginsConfig,
+    available: &[(String, String)],
+    source: &crate::config::Source,
+) -> Result<(), crate::config::ConfigError> {
+    let named = cfg
+        .auth
+        .iter()
+        .map(|n| ("plugins.auth", n))
+        .chain(std::iter::once(("plugins.sink", &cfg.sink)));
+    for (key, name) in named {
+        if available.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        let list: Vec<String> = available
+            .iter()
+            .map(|(n, origin)| format!("{n} ({origin})"))
+            .collect();
+        let dir = match &cfg.dir {
+            Some(d) => format!("lib<crate>.so files in {}", d.display()),
+            None => "no [plugins] dir is set".to_string(),
+        };
+        return Err(crate::config::ConfigError::Invalid {
+            source_name: source.clone(),
+            key: key.into(),
+            message: format!(
+                "no built-in plugin or plugin file provides `{name}`; available: {} ({dir})",
+                list.join(", ")
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// One route a plugin serves.
 #[derive(Debug, Clone)]
 pub struct PluginRoute {
