@@ -42,6 +42,8 @@ pub enum StartError {
     Bind(#[from] std::io::Error),
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
+    #[error("state directory: {0}")]
+    StateDir(#[from] crate::state_dir::NotPrivate),
 }
 
 /// Changes the log filter of the running process (given by the binary, which owns the
@@ -57,6 +59,7 @@ pub async fn run(
 ) -> Result<(), StartError> {
     crate::log_budget::set_per_second(config.log.device_lines_per_s);
     let state_dir = config.state.resolve_dir();
+    crate::state_dir::make_private(&state_dir)?;
     let store = SqliteStore::open(&state_dir)?;
     tracing::info!("state in {}", store.path().display());
     let store: Arc<dyn Store> = Arc::new(store);

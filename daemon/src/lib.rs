@@ -6,6 +6,7 @@
 //! - [`coap`]: UDP sockets, the RFC 7252 message layer, link-format.
 //! - [`registry`]: the endpoint directory and the LwM2M registration interface.
 //! - [`store`]: durable state (SQLite, behind a trait).
+//! - [`state_dir`]: the state directory's permissions (private, tightened at start).
 //! - [`auth`]: principals, scopes and the chain of auth backends.
 //! - [`rest`]: the HTTP API.
 //! - [`lwm2m_data`]: LwM2M content formats (TLV, SenML, LwM2M JSON/CBOR, …) ⇄ one JSON
@@ -34,5 +35,6 @@ pub mod requests;
 pub mod rest;
 pub mod shutdown;
 pub mod simulate;
+pub mod state_dir;
 pub mod store;
 pub mod subscriptions;

@@ -170,6 +170,7 @@ impl SqliteStore {
     pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
         create_private_dir(dir)?;
         let path = dir.join(DB_FILE);
+        create_private_file(&path)?;
         let conn = Connection::open(&path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // Every statement the store runs stays prepared (rusqlite keeps 16 by default).
@@ -229,6 +230,25 @@ fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
             .map_err(err)?;
     }
     Ok(())
+}
+
+/// Creates the database file, if absent, readable by its owner only: SQLite would create
+/// it 0644 (less the umask), and its WAL files take the database file's mode.
+fn create_private_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(StoreError::Dir {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {

@@ -1,0 +1,143 @@
+//! The state directory holds secrets: the database (plugins' keys, some in clear, see
+//! ARCHITECTURE.md "State directory"), `admin.key` and the CA's private key. At start
+//! [`make_private`] takes group and others' access away from the directory and those
+//! files, and says so; what it cannot tighten stops the start.
+//!
+//! Decision: tighten rather than refuse. systemd's `StateDirectory=` (mode 0755 unless
+//! `StateDirectoryMode=` says otherwise), a hand-made directory, or a restored backup
+//! leave modes nobody chose; the daemon's user owns them and can fix them, and one warning
+//! line tells the operator it did. A directory or file it does not own, or one on a
+//! read-only file system, is refused with a message naming the path and its mode.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// The files of the state directory that hold secrets (the database and its WAL files,
+/// the first admin key, the CA's private key).
+pub const SECRET_FILES: [&str; 5] = [
+    crate::store::sqlite::DB_FILE,
+    "connectord.db-wal",
+    "connectord.db-shm",
+    crate::auth::ADMIN_KEY_FILE,
+    crate::certs::CA_KEY_FILE,
+];
+
+/// Permission bits of group and others.
+const GROUP_OTHERS: u32 = 0o077;
+
+/// The state directory (or a secret in it) is open to group or others and cannot be
+/// made private.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{} is accessible to group or others (mode {mode:o}) and cannot be made private ({source}); chmod {want:o} it, or run as its owner",
+    path.display()
+)]
+pub struct NotPrivate {
+    pub path: PathBuf,
+    pub mode: u32,
+    pub want: u32,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Makes `dir` mode 0700 and each of its [`SECRET_FILES`] 0600 where group or others had
+/// any access; returns each path changed with its old mode, and logs them in one warning
+/// line. A missing directory or file is left alone (the daemon creates them private).
+pub fn make_private(dir: &Path) -> Result<Vec<(PathBuf, u32)>, NotPrivate> {
+    let mut changed = Vec::new();
+    tighten(dir, 0o700, &mut changed)?;
+    for f in SECRET_FILES {
+        tighten(&dir.join(f), 0o600, &mut changed)?;
+    }
+    if !changed.is_empty() {
+        let list: Vec<String> = changed
+            .iter()
+            .map(|(p, m)| format!("{} (was {m:o})", p.display()))
+            .collect();
+        tracing::warn!(
+            "state directory: took group and others' access away from {}",
+            list.join(", ")
+        );
+    }
+    Ok(changed)
+}
+
+fn tighten(path: &Path, want: u32, changed: &mut Vec<(PathBuf, u32)>) -> Result<(), NotPrivate> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match std::fs::metadata(path) {
+        Ok(m) => m.permissions().mode() & 0o7777,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(NotPrivate {
+                path: path.to_path_buf(),
+                mode: 0,
+                want,
+                source,
+            });
+        }
+    };
+    if mode & GROUP_OTHERS == 0 {
+        return Ok(());
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(want)).map_err(|source| {
+        NotPrivate {
+            path: path.to_path_buf(),
+            mode,
+            want,
+            source,
+        }
+    })?;
+    changed.push((path.to_path_buf(), mode));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn chmod(p: &Path, m: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+
+    #[test]
+    fn open_modes_are_tightened_and_reported_private_ones_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        std::fs::create_dir(&dir).unwrap();
+        chmod(&dir, 0o755);
+        // (file, mode before, mode after)
+        let table = [
+            ("connectord.db", 0o644, 0o600),
+            ("connectord.db-wal", 0o640, 0o600),
+            ("admin.key", 0o600, 0o600),
+            ("ca.key.pem", 0o604, 0o600),
+            ("ca.cert.pem", 0o644, 0o644),
+        ];
+        for (f, before, _) in table {
+            std::fs::write(dir.join(f), "x").unwrap();
+            chmod(&dir.join(f), before);
+        }
+        let changed = make_private(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        for (f, _, after) in table {
+            assert_eq!(mode(&dir.join(f)), after, "{f}");
+        }
+        assert_eq!(
+            changed,
+            vec![
+                (dir.clone(), 0o755),
+                (dir.join("connectord.db"), 0o644),
+                (dir.join("connectord.db-wal"), 0o640),
+                (dir.join("ca.key.pem"), 0o604),
+            ]
+        );
+        // Nothing left to do the second time; a missing directory is no error.
+        assert!(make_private(&dir).unwrap().is_empty());
+        assert!(make_private(&tmp.path().join("absent")).unwrap().is_empty());
+    }
+}
