@@ -122,3 +122,48 @@ fn secrets_are_created_private_and_open_modes_are_tightened_at_start() {
     }
     d.stop();
 }
+
+/// A state directory the daemon's user cannot make private (here: root's, mode 0755, the
+/// daemon run as `nobody`) stops the start with one clear message naming it and its mode.
+/// Needs root (to run as another user); skipped with a notice otherwise.
+#[test]
+fn a_state_directory_that_cannot_be_made_private_refuses_the_start() {
+    let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    if !root || Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: needs root and setpriv to run the daemon as another user");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    chmod(tmp.path(), 0o755);
+    let config = tmp.path().join("connectord.toml");
+    std::fs::create_dir(tmp.path().join("scripts")).unwrap();
+    std::fs::write(&config, support::test_config(tmp.path(), "", "")).unwrap();
+    chmod(&config, 0o644);
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    chmod(&state, 0o755);
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(support::BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_default();
+    assert!(
+        line.contains(&format!(
+            "state directory: {}: accessible to group or others (mode 755) and cannot be made private",
+            state.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(line.matches("mode 755").count(), 1, "said once: {line}");
+    assert_eq!(mode(&state), 0o755);
+    assert!(!state.join("connectord.db").exists(), "nothing was created");
+}

@@ -42,7 +42,7 @@ pub enum StartError {
     Bind(#[from] std::io::Error),
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
-    #[error("state directory: {0}")]
+    #[error(transparent)]
     StateDir(#[from] crate::state_dir::NotPrivate),
 }
 

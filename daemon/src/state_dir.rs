@@ -25,19 +25,14 @@ pub const SECRET_FILES: [&str; 5] = [
 /// Permission bits of group and others.
 const GROUP_OTHERS: u32 = 0o077;
 
-/// The state directory (or a secret in it) is open to group or others and cannot be
-/// made private.
+/// The state directory (or a secret in it) may be open to group or others and cannot be
+/// made private (or not even examined). The I/O error is part of the message, not a
+/// source: the message is the whole story, printed once.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "{} is accessible to group or others (mode {mode:o}) and cannot be made private ({source}); chmod {want:o} it, or run as its owner",
-    path.display()
-)]
+#[error("state directory: {}: {problem}", path.display())]
 pub struct NotPrivate {
     pub path: PathBuf,
-    pub mode: u32,
-    pub want: u32,
-    #[source]
-    pub source: io::Error,
+    pub problem: String,
 }
 
 /// Makes `dir` mode 0700 and each of its [`SECRET_FILES`] 0600 where group or others had
@@ -67,24 +62,22 @@ fn tighten(path: &Path, want: u32, changed: &mut Vec<(PathBuf, u32)>) -> Result<
     let mode = match std::fs::metadata(path) {
         Ok(m) => m.permissions().mode() & 0o7777,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
+        Err(e) => {
             return Err(NotPrivate {
                 path: path.to_path_buf(),
-                mode: 0,
-                want,
-                source,
+                problem: format!("cannot check that it is private ({e})"),
             });
         }
     };
     if mode & GROUP_OTHERS == 0 {
         return Ok(());
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(want)).map_err(|source| {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(want)).map_err(|e| {
         NotPrivate {
             path: path.to_path_buf(),
-            mode,
-            want,
-            source,
+            problem: format!(
+                "accessible to group or others (mode {mode:o}) and cannot be made private ({e}); chmod {want:o} it, or run as its owner"
+            ),
         }
     })?;
     changed.push((path.to_path_buf(), mode));
