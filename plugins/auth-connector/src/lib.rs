@@ -228,6 +228,7 @@ impl ConnectorAuth {
                 method: TOKENS_METHOD.to_string(),
                 path: TOKENS_PATH.to_string(),
                 scope: ADMIN.to_string(),
+                errors: None,
             }],
         }
     }
@@ -697,6 +698,7 @@ mod tests {
                 method: "POST".into(),
                 path: "/api/api_tokens".into(),
                 scope: "admin".into(),
+                errors: None,
             }]
         );
         // The host may call it with no input at all.

@@ -90,6 +90,7 @@ pub fn routes() -> RoutesResponse {
                 method: method.to_string(),
                 path: path.to_string(),
                 scope: AUTHENTICATED.to_string(),
+                errors: None,
             })
             .collect(),
     }

@@ -24,6 +24,44 @@ pub struct Route {
     /// The core scope the caller needs (`admin`, `endpoints:read`, ...), or
     /// [`AUTHENTICATED`]: any authenticated caller, the plugin checks permissions itself.
     pub scope: String,
+    /// The `type` of the errors the host answers on this route itself, before or instead
+    /// of the plugin (no or a refused credential, a missing scope, an unavailable backend,
+    /// a body too large, late or not UTF-8), so that they are spelled as the plugin's own
+    /// API spells its errors. Absent: the core's spelling, [`ErrorTypes::default`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<ErrorTypes>,
+}
+
+/// The `type` of each error the host may answer on a plugin's route (the body is always
+/// `{"type", "message"}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorTypes {
+    /// 400: the body is not UTF-8.
+    pub bad_request: String,
+    /// 401: no credential, or one no backend accepts.
+    pub unauthorized: String,
+    /// 403: the credential lacks the route's scope.
+    pub forbidden: String,
+    /// 408: the body did not arrive in time.
+    pub request_timeout: String,
+    /// 413: the body is larger than `requests.max_body`.
+    pub payload_too_large: String,
+    /// 503: an auth backend could not answer.
+    pub unavailable: String,
+}
+
+impl Default for ErrorTypes {
+    /// The core REST API's spelling: `unauthorized`, `forbidden`, ….
+    fn default() -> ErrorTypes {
+        ErrorTypes {
+            bad_request: "bad_request".into(),
+            unauthorized: "unauthorized".into(),
+            forbidden: "forbidden".into(),
+            request_timeout: "request_timeout".into(),
+            payload_too_large: "payload_too_large".into(),
+            unavailable: "unavailable".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
