@@ -395,7 +395,7 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
 }
 
 /// The core routes whose body is JSON: `PUT /notification/callback`, `PUT /subscriptions`
-/// (an array), `POST /dev/certificates`. Resource routes take any media type.
+/// (an array), `POST /api/cert`. Resource routes take any media type.
 fn takes_json(route: &Route, method: &Method) -> bool {
     matches!(
         (route, method),
