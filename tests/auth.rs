@@ -483,3 +483,282 @@ fn a_reused_verdict_does_not_skip_an_earlier_backend() {
         );
     }
 }
+
+/// A request with a raw body and the given Content-Type (none when `None`).
+fn send_raw(
+    d: &Daemon,
+    method: &str,
+    path: &str,
+    key: &str,
+    content_type: Option<&str>,
+    body: &str,
+) -> support::Http {
+    let auth = format!("Bearer {key}");
+    let mut h = vec![("Authorization", auth.as_str())];
+    if let Some(ct) = content_type {
+        h.push(("Content-Type", ct));
+    }
+    http(method, &d.url(path), &h, Some(body.as_bytes()))
+}
+
+/// Issue 18, item 4: a JSON route refuses a body that is JSON but not an object (400), a
+/// Content-Type that is present and not JSON (415), and (Connector) names with control
+/// characters, each in its API's error shape; no Content-Type and `+json` are accepted.
+#[test]
+fn json_routes_refuse_non_objects_non_json_types_and_control_characters() {
+    let p = Prepared::new(
+        "",
+        "[plugins]\nauth = [\"connector\", \"pelion\", \"losant\"]\n",
+    );
+    let user = p.plugin_call(
+        "pelion",
+        "create_user",
+        &json!({"name": "ops", "domain": "default", "permissions": PERMISSIONS, "scopes": ALL_USER_SCOPES}),
+    )["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let app = p.plugin_call(
+        "losant",
+        "create_application",
+        &json!({"name": "plant", "domain": "default"}),
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = p.plugin_call(
+        "losant",
+        "create_token",
+        &json!({"application_id": app, "scopes": ["all.Application"]}),
+    )["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let d = p.start();
+    let admin = d.key.clone();
+    let (pelion_app, _, _) = pelion_key(&d, &user, &["endpoints:read"], None);
+    let pelion_keys = format!("/pelion/v1/applications/{pelion_app}/access-keys");
+    let losant_keys = format!("/applications/{app}/keys");
+
+    // An array in the struct's field order was a 201 `admin` key before.
+    let r = send_raw(
+        &d,
+        "POST",
+        &pelion_keys,
+        &user,
+        Some("application/json"),
+        r#"["k", "", ["admin"], null]"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["type"], "bad_request");
+    assert_eq!(
+        r.json()["message"],
+        "the request body must be a JSON object"
+    );
+    let r = send_raw(
+        &d,
+        "PUT",
+        "/notification/callback",
+        &admin,
+        Some("application/json"),
+        r#"["http://127.0.0.1:9/cb", {}]"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["type"], "bad_request");
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("JSON object"),
+        "{}",
+        r.body
+    );
+    let r = send_raw(
+        &d,
+        "POST",
+        "/api/api_tokens",
+        &admin,
+        Some("application/json"),
+        "[]",
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["type"], "bad_request");
+    let r = send_raw(
+        &d,
+        "POST",
+        &losant_keys,
+        &token,
+        Some("application/json"),
+        "[]",
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["type"], "Validation");
+
+    // Connector key names with NUL, BEL or a newline.
+    for name in ["a\u{0}b", "bell\u{7}", "two\nlines"] {
+        let r = send_raw(
+            &d,
+            "POST",
+            "/api/api_tokens",
+            &admin,
+            Some("application/json"),
+            &json!({"name": name}).to_string(),
+        );
+        assert_eq!(r.status, 400, "{name:?}: {}", r.body);
+        assert_eq!(r.json()["type"], "bad_request");
+        assert!(
+            r.json()["message"]
+                .as_str()
+                .unwrap()
+                .contains("control characters"),
+            "{}",
+            r.body
+        );
+    }
+
+    // 415 on every JSON route, in each API's spelling.
+    let cases: [(&str, &str, &str, &str, &str); 6] = [
+        (
+            "POST",
+            "/api/api_tokens",
+            admin.as_str(),
+            r#"{"name": "n"}"#,
+            "unsupported_media_type",
+        ),
+        (
+            "POST",
+            "/pelion/v1/applications",
+            user.as_str(),
+            r#"{"name": "n"}"#,
+            "unsupported_media_type",
+        ),
+        (
+            "POST",
+            &pelion_keys,
+            user.as_str(),
+            r#"{"name": "n", "scopes": ["endpoints:read"]}"#,
+            "unsupported_media_type",
+        ),
+        (
+            "POST",
+            &losant_keys,
+            token.as_str(),
+            "{}",
+            "UnsupportedMediaType",
+        ),
+        (
+            "PUT",
+            "/notification/callback",
+            admin.as_str(),
+            r#"{"url": "http://127.0.0.1:9/cb"}"#,
+            "unsupported_media_type",
+        ),
+        (
+            "PUT",
+            "/subscriptions",
+            admin.as_str(),
+            "[]",
+            "unsupported_media_type",
+        ),
+    ];
+    for (method, path, key, body, kind) in cases {
+        for ct in ["text/plain", "application/x-www-form-urlencoded"] {
+            let r = send_raw(&d, method, path, key, Some(ct), body);
+            assert_eq!(r.status, 415, "{method} {path} {ct}: {}", r.body);
+            assert_eq!(r.json()["type"], kind, "{method} {path}");
+            assert!(r.json()["message"].is_string());
+        }
+    }
+    // No Content-Type, or a JSON one with parameters or a +json suffix: accepted.
+    let r = send_raw(
+        &d,
+        "POST",
+        "/api/api_tokens",
+        &admin,
+        None,
+        r#"{"name": "n"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = send_raw(
+        &d,
+        "POST",
+        &losant_keys,
+        &token,
+        Some("application/json; charset=utf-8"),
+        "{}",
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = send_raw(
+        &d,
+        "PUT",
+        "/subscriptions",
+        &admin,
+        Some("application/merge-patch+json"),
+        "[]",
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    // Resource routes take any media type.
+    let r = send_raw(
+        &d,
+        "PUT",
+        "/endpoints/nobody/3/0/1",
+        &admin,
+        Some("text/plain"),
+        "x",
+    );
+    assert_ne!(r.status, 415, "{}", r.body);
+}
+
+/// Issue 18, item 5: on Losant's routes the daemon's own 401 (before the plugin runs) is
+/// spelled as the plugin's, as seed 003's Error schema (`Unauthorized`); Pelion's routes
+/// keep the core's `unauthorized`, as Pelion's own errors are snake_case.
+#[test]
+fn plugin_routes_spell_the_daemons_errors_as_their_api() {
+    let p = Prepared::new(
+        "",
+        "[plugins]\nauth = [\"connector\", \"pelion\", \"losant\"]\n",
+    );
+    let app = p.plugin_call(
+        "losant",
+        "create_application",
+        &json!({"name": "plant", "domain": "default"}),
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let d = p.start();
+    let admin = d.key.clone();
+    let keys = format!("/applications/{app}/keys");
+    // The plugin's own 401: a credential another backend accepted.
+    let plugin = call(&d, "GET", &keys, Some(&admin), None);
+    assert_eq!(plugin.status, 401, "{}", plugin.body);
+    assert_eq!(plugin.json()["type"], "Unauthorized");
+    // The daemon's: no credential, an unknown one.
+    for key in [None, Some("not-a-key")] {
+        let r = call(&d, "GET", &keys, key, None);
+        assert_eq!(r.status, 401, "{key:?}: {}", r.body);
+        assert_eq!(
+            r.json()["type"],
+            plugin.json()["type"],
+            "{key:?}: {}",
+            r.body
+        );
+        assert_eq!(r.json().as_object().unwrap().len(), 2, "{}", r.body);
+    }
+    // Pelion and the core: snake_case from the daemon and from the plugin alike.
+    let r = call(&d, "GET", "/pelion/v1/me", None, None);
+    assert_eq!(
+        (r.status, r.json()["type"].clone()),
+        (401, json!("unauthorized"))
+    );
+    let r = call(&d, "GET", "/pelion/v1/me", Some(&admin), None);
+    assert_eq!(
+        (r.status, r.json()["type"].clone()),
+        (403, json!("forbidden"))
+    );
+    let r = call(&d, "GET", "/endpoints", None, None);
+    assert_eq!(
+        (r.status, r.json()["type"].clone()),
+        (401, json!("unauthorized"))
+    );
+}

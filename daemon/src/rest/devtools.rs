@@ -24,7 +24,19 @@ struct CertRequest {
 }
 
 pub fn create_cert(ca: &CertAuthority, who: &Principal, body: Bytes) -> Reply {
-    let req: CertRequest = match serde_json::from_slice(&body) {
+    // An object first: serde would also fill the struct from an array.
+    let object = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+        Ok(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the body must be a JSON object {\"domain\": \"…\", \"publickey\": \"…\"}",
+            );
+        }
+        Err(e) => Err(e),
+    };
+    let req: CertRequest = match object.and_then(serde_json::from_value) {
         Ok(r) => r,
         Err(e) => {
             return error(

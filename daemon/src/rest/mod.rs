@@ -35,6 +35,7 @@ use crate::registry::Registry;
 use crate::requests::Requests;
 use crate::shutdown::Shutdown;
 use crate::subscriptions::Subscriptions;
+use connectord_plugin_sdk::http::ErrorTypes;
 use reply::{Reply, error};
 use routes::Route;
 
@@ -199,7 +200,13 @@ async fn handle(
     Ok(reply.into_response())
 }
 
+/// The core's spelling of the errors `dispatch` answers itself; a plugin's route may
+/// declare its own ([`ErrorTypes`]).
+static CORE_ERRORS: std::sync::LazyLock<ErrorTypes> = std::sync::LazyLock::new(ErrorTypes::default);
+
 async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> Reply {
+    // Set for a plugin's route that spells its errors its own way.
+    let mut plugin_errors = None;
     let (route, scope) = match routes::resolve(req.method(), req.uri().path()) {
         Ok(r) => r,
         Err(reply) if reply.status() == StatusCode::NOT_FOUND => {
@@ -211,8 +218,10 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
                 return reply;
             };
             if pr.route.scope == connectord_plugin_sdk::http::AUTHENTICATED {
-                return dispatch_plugin_route(&state, req, pr.plugin, path).await;
+                let errors = pr.route.errors.unwrap_or_default();
+                return dispatch_plugin_route(&state, req, pr.plugin, path, &errors).await;
             }
+            plugin_errors = pr.route.errors.clone();
             let Some(scope) = Scope::parse(&pr.route.scope) else {
                 tracing::error!(plugin = %pr.plugin, "route {} names an unknown scope {:?}", pr.route.path, pr.route.scope);
                 return error(
@@ -231,8 +240,9 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
         }
         Err(reply) => return reply,
     };
+    let errs = plugin_errors.as_ref().unwrap_or(&CORE_ERRORS);
     // Everything needs credentials.
-    let principal = match authenticate(&state, &req).await {
+    let principal = match authenticate(&state, &req, errs).await {
         Ok(p) => p,
         Err(reply) => return reply,
     };
@@ -249,21 +259,21 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
     {
         return error(
             StatusCode::FORBIDDEN,
-            "forbidden",
+            &errs.forbidden,
             "this access key may not access that endpoint or resource",
         );
     }
     if !principal.allows(scope) {
         return error(
             StatusCode::FORBIDDEN,
-            "forbidden",
+            &errs.forbidden,
             &format!("this access key lacks the scope {}", scope.as_str()),
         );
     }
     let (parts, body) = req.into_parts();
     let read = Limited::new(body, state.max_body).collect();
     let Ok(read) = tokio::time::timeout(state.connections.timeout(), read).await else {
-        return body_timeout();
+        return body_timeout(errs);
     };
     let body = match read {
         Ok(b) => b.to_bytes(),
@@ -273,17 +283,22 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
             {
                 return error(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
+                    &errs.payload_too_large,
                     &format!("the request body is larger than {} bytes", state.max_body),
                 );
             }
             return error(
                 StatusCode::BAD_REQUEST,
-                "bad_request",
+                &errs.bad_request,
                 &format!("cannot read the request body: {e}"),
             );
         }
     };
+    if takes_json(&route, &parts.method)
+        && let Some(reply) = refuse_non_json(&parts)
+    {
+        return reply;
+    }
     match route {
         Route::Root => Reply::text(
             StatusCode::OK,
@@ -316,7 +331,7 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
             reply
         }
         Route::Plugin { plugin, path } => {
-            plugin_route(&state, &principal, &parts, body, &plugin, &path).await
+            plugin_route(&state, &principal, &parts, body, &plugin, &path, errs).await
         }
         Route::Subscriptions => {
             subscriptions::all(&state.subscriptions, &principal, &parts, body).await
@@ -379,18 +394,52 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
     .method_is_head(parts.method == Method::HEAD)
 }
 
+/// The core routes whose body is JSON: `PUT /notification/callback`, `PUT /subscriptions`
+/// (an array), `POST /api/cert`. Resource routes take any media type.
+fn takes_json(route: &Route, method: &Method) -> bool {
+    matches!(
+        (route, method),
+        (Route::NotificationCallback, &Method::PUT)
+            | (Route::Subscriptions, &Method::PUT)
+            | (Route::Cert, &Method::POST)
+    )
+}
+
+/// 415 for a JSON route whose `Content-Type` is present and not JSON (`application/json`
+/// or a `+json` type, parameters allowed); an absent one is taken as JSON, as the
+/// official SDKs sometimes send none.
+fn refuse_non_json(parts: &http::request::Parts) -> Option<Reply> {
+    use connectord_plugin_sdk::http::{is_json_content_type, not_json_message};
+    let content_type = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    if is_json_content_type(content_type.as_deref()) {
+        return None;
+    }
+    Some(error(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        &not_json_message(content_type.as_deref().unwrap_or_default()),
+    ))
+}
+
 /// 408: the request body did not arrive within `rest.client_timeout_s`.
-fn body_timeout() -> Reply {
+fn body_timeout(errs: &ErrorTypes) -> Reply {
     error(
         StatusCode::REQUEST_TIMEOUT,
-        "request_timeout",
+        &errs.request_timeout,
         "the request body did not arrive within rest.client_timeout_s",
     )
 }
 
 /// Authenticates a request through the auth chain: 401 (with `WWW-Authenticate`) when no
-/// backend accepts it, 503 when a backend cannot answer.
-async fn authenticate(state: &AppState, req: &Request<Incoming>) -> Result<Arc<Principal>, Reply> {
+/// backend accepts it, 503 when a backend cannot answer; `errs` spells their `type`.
+async fn authenticate(
+    state: &AppState,
+    req: &Request<Incoming>,
+    errs: &ErrorTypes,
+) -> Result<Arc<Principal>, Reply> {
     match state
         .auth
         .authenticate(req.method(), req.uri().path(), req.headers())
@@ -399,12 +448,14 @@ async fn authenticate(state: &AppState, req: &Request<Incoming>) -> Result<Arc<P
         Ok(p) => Ok(p),
         Err(AuthError::Unauthenticated(why)) => {
             Counters::inc(&state.counters.rest_unauthorized);
-            Err(error(StatusCode::UNAUTHORIZED, "unauthorized", &why)
+            Err(error(StatusCode::UNAUTHORIZED, &errs.unauthorized, &why)
                 .header(http::header::WWW_AUTHENTICATE, "Bearer"))
         }
-        Err(AuthError::Unavailable(why)) => {
-            Err(error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &why))
-        }
+        Err(AuthError::Unavailable(why)) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &errs.unavailable,
+            &why,
+        )),
     }
 }
 
@@ -414,27 +465,28 @@ async fn dispatch_plugin_route(
     req: Request<Incoming>,
     plugin: String,
     path: String,
+    errs: &ErrorTypes,
 ) -> Reply {
-    let principal = match authenticate(state, &req).await {
+    let principal = match authenticate(state, &req, errs).await {
         Ok(p) => p,
         Err(reply) => return reply,
     };
     let (parts, body) = req.into_parts();
     let read = Limited::new(body, state.max_body).collect();
     let Ok(read) = tokio::time::timeout(state.connections.timeout(), read).await else {
-        return body_timeout();
+        return body_timeout(errs);
     };
     let body = match read {
         Ok(b) => b.to_bytes(),
         Err(_) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                &errs.payload_too_large,
                 "the request body is too large",
             );
         }
     };
-    plugin_route(state, &principal, &parts, body, &plugin, &path).await
+    plugin_route(state, &principal, &parts, body, &plugin, &path, errs).await
 }
 
 /// A request on a route a plugin serves: handed to the plugin as `http`.
@@ -445,13 +497,14 @@ async fn plugin_route(
     body: Bytes,
     plugin: &str,
     path: &str,
+    errs: &ErrorTypes,
 ) -> Reply {
     use connectord_plugin_sdk::auth::PrincipalSpec;
     use connectord_plugin_sdk::http::{HttpRequest, HttpResponse, OP_HTTP};
     let Ok(body) = String::from_utf8(body.to_vec()) else {
         return error(
             StatusCode::BAD_REQUEST,
-            "bad_request",
+            &errs.bad_request,
             "the request body is not UTF-8",
         );
     };

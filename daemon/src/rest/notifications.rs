@@ -73,7 +73,19 @@ struct CallbackBody {
 pub async fn callback(hub: &Arc<Hub>, who: &Principal, parts: &Parts, body: Bytes) -> Reply {
     match parts.method {
         Method::PUT => {
-            let parsed: CallbackBody = match serde_json::from_slice(&body) {
+            // An object first: serde would also fill the struct from an array.
+            let object = match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+                Ok(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        "the body must be a JSON object {\"url\": \"…\", \"headers\": {…}}",
+                    );
+                }
+                Err(e) => Err(e),
+            };
+            let parsed: CallbackBody = match object.and_then(serde_json::from_value) {
                 Ok(b) => b,
                 Err(e) => {
                     return error(

@@ -17,7 +17,10 @@
 //! - [`OP_ROUTES`] / [`OP_HTTP`]: `POST /api/api_tokens` (scope `admin`) creates a key in
 //!   the caller's domain with every core scope but `admin`, as the Connector API does:
 //!   the optional JSON body `{"name": …}` names it (a random 10-character name otherwise),
-//!   and the answer is `201 {"access_key": …, "name": …}`.
+//!   and the answer is `201 {"access_key": …, "name": …}`. A name has 1 to 256 characters
+//!   and no control characters; a body that is not a JSON object is 400 `bad_request`, a
+//!   `Content-Type` that is present and not JSON (`application/json`, `+json`) 415
+//!   `unsupported_media_type` (an absent one is taken as JSON: the SDKs may send none).
 //!
 //! Configuration: none yet; `{}` is accepted and any field is refused by name.
 
@@ -28,8 +31,10 @@ use connectord_plugin_sdk::auth::{
     OP_AUTHENTICATE, OP_BOOTSTRAP, PrincipalSpec, VerdictCache, bearer_token,
 };
 use connectord_plugin_sdk::http::{
-    HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse,
+    HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse, is_json_content_type,
+    not_json_message,
 };
+use connectord_plugin_sdk::names::refuse_control_chars;
 use connectord_plugin_sdk::secret::{is_sha256_hex, random_alphanumeric, sha256_hex};
 use connectord_plugin_sdk::time::now_ms;
 use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin, decode_input, encode_answer};
@@ -103,13 +108,13 @@ fn requested_name(body: &str) -> Result<Option<String>, String> {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(name)) => {
             let chars = name.chars().count();
-            if (1..=MAX_NAME_CHARS).contains(&chars) {
-                Ok(Some(name.clone()))
-            } else {
-                Err(format!(
+            if !(1..=MAX_NAME_CHARS).contains(&chars) {
+                return Err(format!(
                     "name must be 1 to {MAX_NAME_CHARS} characters long (got {chars})"
-                ))
+                ));
             }
+            refuse_control_chars("name", name)?;
+            Ok(Some(name.clone()))
         }
         Some(_) => Err("name must be a string".to_string()),
     }
@@ -223,6 +228,7 @@ impl ConnectorAuth {
                 method: TOKENS_METHOD.to_string(),
                 path: TOKENS_PATH.to_string(),
                 scope: ADMIN.to_string(),
+                errors: None,
             }],
         }
     }
@@ -233,6 +239,14 @@ impl ConnectorAuth {
                 404,
                 "not_found",
                 &format!("no route {} {}", req.method, req.path),
+            );
+        }
+        let content_type = req.headers.get("content-type").map(String::as_str);
+        if !is_json_content_type(content_type) {
+            return HttpResponse::error(
+                415,
+                "unsupported_media_type",
+                &not_json_message(content_type.unwrap_or_default()),
             );
         }
         let name = match requested_name(&req.body) {
@@ -548,6 +562,21 @@ mod tests {
             ("object name", r#"{"name": {}}"#, "must be a string"),
             ("empty name", r#"{"name": ""}"#, "1 to 256"),
             ("300-char name", &long_body, "1 to 256"),
+            (
+                "NUL in name",
+                r#"{"name": "a\u0000b"}"#,
+                "control characters",
+            ),
+            (
+                "BEL in name",
+                r#"{"name": "bell\u0007"}"#,
+                "control characters",
+            ),
+            (
+                "newline in name",
+                r#"{"name": "two\nlines"}"#,
+                "control characters",
+            ),
         ];
         // Requests on no route of this plugin, refused with 404: (method, path).
         let no_routes: &[(&str, &str)] = &[
@@ -595,6 +624,40 @@ mod tests {
         assert!(host.state().is_empty());
     }
 
+    /// Issue 18: a body sent as something other than JSON is 415; no Content-Type and the
+    /// JSON types are accepted.
+    #[test]
+    fn non_json_content_type_is_415() {
+        let host = MemoryHost::new();
+        let mut p = new_plugin(&host);
+        for ct in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "text/json",
+        ] {
+            let mut req = http_req("POST", TOKENS_PATH, r#"{"name": "n"}"#);
+            req.headers.insert("content-type".into(), ct.into());
+            let (resp, v) = call_http(&mut p, &req);
+            assert_eq!(resp.status, 415, "{ct}: {v}");
+            assert_eq!(v["type"], "unsupported_media_type");
+            assert!(v["message"].as_str().unwrap().contains(ct), "{v}");
+        }
+        assert!(host.state().is_empty());
+        for ct in [
+            None,
+            Some("application/json;charset=utf-8"),
+            Some("application/x+json"),
+        ] {
+            let mut req = http_req("POST", TOKENS_PATH, r#"{"name": "n"}"#);
+            req.headers.remove("content-type");
+            if let Some(ct) = ct {
+                req.headers.insert("content-type".into(), ct.into());
+            }
+            let (resp, v) = call_http(&mut p, &req);
+            assert_eq!(resp.status, 201, "{ct:?}: {v}");
+        }
+    }
+
     #[test]
     fn keys_survive_restart() {
         let host = MemoryHost::new();
@@ -635,6 +698,7 @@ mod tests {
                 method: "POST".into(),
                 path: "/api/api_tokens".into(),
                 scope: "admin".into(),
+                errors: None,
             }]
         );
         // The host may call it with no input at all.

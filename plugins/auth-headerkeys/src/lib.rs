@@ -638,6 +638,7 @@ impl HeaderKeys {
             method: method.to_string(),
             path: path.to_string(),
             scope: AUTHENTICATED.to_string(),
+            errors: None,
         };
         RoutesResponse {
             routes: vec![

@@ -1409,6 +1409,7 @@ fn routes_are_the_seed_routes_for_any_authenticated_caller() {
         method: m.to_string(),
         path: path.to_string(),
         scope: "authenticated".into(),
+        errors: None,
     })
     .collect();
     assert_eq!(routes.routes, want);

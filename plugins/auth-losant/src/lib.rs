@@ -84,7 +84,8 @@
 //! | DELETE | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | [`DELETE_SCOPES`] | 200 `{"success": true}` |
 //!
 //! Every error body is the seed's Error schema, `{"type": …, "message": …}`, checked in
-//! this order:
+//! this order (the routes declare [`error_types`], so the daemon's own 401, 403, 503, 400,
+//! 408 and 413 on them are spelled the same way: `Unauthorized`, `Forbidden`, …):
 //! 1. 401 `Unauthorized`: the request's `Authorization` is not a Bearer token of this
 //!    plugin matching the principal (e.g. a caller authenticated by another backend, or
 //!    with an application key). Carries `www-authenticate: Bearer`.
@@ -93,8 +94,10 @@
 //!    token's application (other applications' existence is not revealed).
 //! 4. 404 `NotFound` `"Application key was not found"` (single-key routes; also a key of
 //!    another application).
-//! 5. 400 `Validation`: a bad query parameter or body.
-//! 6. 500 `ServerError`: the state could not be written (nothing changed).
+//! 5. 415 `UnsupportedMediaType`: a POST or PATCH whose `Content-Type` is present and not
+//!    JSON (`application/json` or a `+json` type; an absent one is taken as JSON).
+//! 6. 400 `Validation`: a bad query parameter or body (also JSON that is not an object).
+//! 7. 500 `ServerError`: the state could not be written (nothing changed).
 //!
 //! ## `GET …/keys` parameters
 //!
@@ -151,7 +154,8 @@ use connectord_plugin_sdk::auth::{
     OP_AUTHENTICATE, OP_BOOTSTRAP, PrincipalSpec,
 };
 use connectord_plugin_sdk::http::{
-    AUTHENTICATED, HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse,
+    AUTHENTICATED, ErrorTypes, HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route,
+    RoutesResponse, is_json_content_type, not_json_message,
 };
 use connectord_plugin_sdk::secret::{random_alphanumeric, sha256_hex, uuid_v4};
 use connectord_plugin_sdk::time::now_ms;
@@ -353,6 +357,33 @@ fn unauthorized(message: &str) -> HttpResponse {
 
 fn not_found(message: &str) -> HttpResponse {
     HttpResponse::error(404, "NotFound", message)
+}
+
+/// The host's own errors on these routes, spelled as the seed's (`Unauthorized`, …), so
+/// that a 401 reads the same whether the daemon or the plugin refuses the credential.
+pub fn error_types() -> ErrorTypes {
+    ErrorTypes {
+        bad_request: "Validation".into(),
+        unauthorized: "Unauthorized".into(),
+        forbidden: "Forbidden".into(),
+        request_timeout: "RequestTimeout".into(),
+        payload_too_large: "PayloadTooLarge".into(),
+        unavailable: "ServiceUnavailable".into(),
+    }
+}
+
+/// 415 for a POST or PATCH body sent as something other than JSON (an absent
+/// `Content-Type` is taken as JSON).
+fn check_media_type(req: &HttpRequest) -> Result<(), HttpResponse> {
+    let content_type = req.headers.get("content-type").map(String::as_str);
+    if is_json_content_type(content_type) {
+        return Ok(());
+    }
+    Err(HttpResponse::error(
+        415,
+        "UnsupportedMediaType",
+        &not_json_message(content_type.unwrap_or_default()),
+    ))
 }
 
 /// The scheme and the credentials of an `Authorization` header (scheme lower-cased).
@@ -634,6 +665,7 @@ impl Losant {
             method: method.to_string(),
             path: path.to_string(),
             scope: AUTHENTICATED.to_string(),
+            errors: Some(error_types()),
         };
         RoutesResponse {
             routes: vec![
@@ -704,6 +736,11 @@ impl Losant {
                 _ => return not_found(KEY_NOT_FOUND),
             },
         };
+        if matches!(action, Action::Create | Action::Patch)
+            && let Err(resp) = check_media_type(&req)
+        {
+            return resp;
+        }
         match (action, key_id) {
             (Action::List, _) => self.list(&app_id, req.query.as_deref()),
             (Action::Create, _) => self.create_key(&app_id, &req.body),

@@ -1634,3 +1634,80 @@ fn unreadable_records_are_skipped_with_a_warning() {
         AuthVerdict::Accepted { .. }
     ));
 }
+
+/// Issue 18: the routes tell the daemon to spell its own errors as the plugin does, so a
+/// 401 the daemon answers (no credential) reads like the one the plugin answers.
+#[test]
+fn routes_declare_the_seeds_error_spelling() {
+    let mut f = setup();
+    let routes: RoutesResponse =
+        serde_json::from_value(call_json(&mut f.p, OP_ROUTES, &json!({}))).unwrap();
+    let (status, own) = http_as(&mut f.p, None, "GET", &keys_path(&f.app), None, "");
+    assert_eq!(status, 401, "{own}");
+    let weak = create_token(&mut f.p, &f.app, &["all.Application.read"]);
+    let (status, forbidden) = http(&mut f.p, &weak, "POST", &keys_path(&f.app), None, "{}");
+    assert_eq!(status, 403, "{forbidden}");
+    let (status, validation) = http(&mut f.p, &f.token, "POST", &keys_path(&f.app), None, "[]");
+    assert_eq!(status, 400, "{validation}");
+    for r in &routes.routes {
+        let errors = r
+            .errors
+            .as_ref()
+            .expect("the route declares its error types");
+        assert_eq!(errors.unauthorized, own["type"], "{}", r.path);
+        assert_eq!(errors.forbidden, forbidden["type"], "{}", r.path);
+        assert_eq!(errors.bad_request, validation["type"], "{}", r.path);
+    }
+}
+
+/// Issue 18: a key body sent as something other than JSON is 415; no Content-Type and
+/// the JSON types are accepted.
+#[test]
+fn non_json_content_type_is_415() {
+    let mut f = setup();
+    let key = post_key(&mut f, json!({"description": "k"}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before = f.host.state();
+    let send = |f: &mut Fixture, method: &str, path: &str, ct: Option<&str>| {
+        let authorization = format!("Bearer {}", f.token);
+        let principal = principal_for(&mut f.p, &authorization);
+        let mut headers = BTreeMap::from([("authorization".to_string(), authorization)]);
+        if let Some(ct) = ct {
+            headers.insert("content-type".into(), ct.into());
+        }
+        let req = HttpRequest {
+            method: method.into(),
+            path: path.into(),
+            query: None,
+            headers,
+            body: r#"{"description": "x"}"#.into(),
+            principal,
+        };
+        let (resp, v) = call_http(&mut f.p, &req);
+        (resp.status, v)
+    };
+    let targets = [
+        ("POST", keys_path(&f.app)),
+        ("PATCH", key_path(&f.app, &key)),
+    ];
+    for (method, path) in &targets {
+        for ct in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "text/json",
+        ] {
+            let (status, v) = send(&mut f, method, path, Some(ct));
+            assert_error(status, &v, 415, "UnsupportedMediaType", ct);
+            assert!(v["message"].as_str().unwrap().contains(ct), "{v}");
+        }
+    }
+    assert_eq!(f.host.state(), before, "a refused body changed state");
+    let (status, _) = send(&mut f, "GET", &targets[0].1, Some("text/plain"));
+    assert_eq!(status, 200);
+    for ct in [None, Some("application/json; charset=utf-8")] {
+        let (status, v) = send(&mut f, "PATCH", &targets[1].1, ct);
+        assert_eq!(status, 200, "{ct:?}: {v}");
+    }
+}

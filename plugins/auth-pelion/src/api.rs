@@ -41,13 +41,17 @@
 //! keys are left out unless the query has `include_revoked=true` (expired keys are listed).
 //! A revoked application or key cannot be patched (409); revoking is final.
 //!
-//! Errors: `{"type", "message"}` with type `bad_request` (400), `forbidden` (403),
-//! `not_found` (404), `conflict` or `limit_exceeded` (409), `internal_error` (500, a state
-//! write failed; nothing changed in memory).
+//! Errors: `{"type", "message"}` with type `bad_request` (400; also a body that is JSON
+//! but not an object), `forbidden` (403), `not_found` (404), `conflict` or
+//! `limit_exceeded` (409), `unsupported_media_type` (415: a POST or PATCH whose
+//! `Content-Type` is present and not JSON, i.e. neither `application/json` nor a `+json`
+//! type; an absent one is taken as JSON), `internal_error` (500, a state write failed;
+//! nothing changed in memory).
 
 use connectord_plugin_sdk::auth::bearer_token;
 use connectord_plugin_sdk::http::{
-    AUTHENTICATED, HttpRequest, HttpResponse, Route, RoutesResponse,
+    AUTHENTICATED, HttpRequest, HttpResponse, Route, RoutesResponse, is_json_content_type,
+    json_object, not_json_message,
 };
 use connectord_plugin_sdk::secret::sha256_hex;
 use serde::Deserialize;
@@ -86,6 +90,7 @@ pub fn routes() -> RoutesResponse {
                 method: method.to_string(),
                 path: path.to_string(),
                 scope: AUTHENTICATED.to_string(),
+                errors: None,
             })
             .collect(),
     }
@@ -173,10 +178,27 @@ fn parse_route<'a>(method: &str, path: &'a str) -> Option<Op<'a>> {
 
 /// A JSON body parsed into `T` (400 with serde's reason otherwise).
 fn parse_body<T: DeserializeOwned>(body: &str) -> Result<T, ApiError> {
-    if body.trim().is_empty() {
-        return Err(bad_request("the request body must be a JSON object"));
+    // An object first: serde would also fill a struct from an array of its fields.
+    let fields = json_object(body, None).map_err(bad_request)?;
+    serde_json::from_value(Value::Object(fields))
+        .map_err(|e| bad_request(format!("invalid request body: {e}")))
+}
+
+/// 415 for a body sent as something other than JSON (an absent `Content-Type` is taken
+/// as JSON). Only the routes that read a body (POST, PATCH) check it.
+fn check_media_type(req: &HttpRequest) -> Result<(), ApiError> {
+    if !matches!(req.method.as_str(), "POST" | "PATCH") {
+        return Ok(());
     }
-    serde_json::from_str(body).map_err(|e| bad_request(format!("invalid request body: {e}")))
+    let content_type = req.headers.get("content-type").map(String::as_str);
+    if is_json_content_type(content_type) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        415,
+        "unsupported_media_type",
+        not_json_message(content_type.unwrap_or_default()),
+    ))
 }
 
 /// `include_revoked=true|false` (also `1|0`) of a list's query; default false.
@@ -217,11 +239,7 @@ impl Patch {
 /// `status: "revoked"`. `scopes` and `expires_at` get their own message (fixed at
 /// creation); any other field is refused.
 fn parse_patch(body: &str) -> Result<Patch, ApiError> {
-    let value: Value = serde_json::from_str(body)
-        .map_err(|e| bad_request(format!("the request body is not valid JSON: {e}")))?;
-    let Value::Object(fields) = value else {
-        return Err(bad_request("the request body must be a JSON object"));
-    };
+    let fields = json_object(body, None).map_err(bad_request)?;
     if fields.is_empty() {
         return Err(bad_request(
             "nothing to change: give name, description or status",
@@ -385,9 +403,10 @@ impl Pelion {
     pub(crate) fn http(&mut self, req: HttpRequest) -> HttpResponse {
         let result = match parse_route(&req.method, &req.path) {
             None => Err(not_found(format!("no route {} {}", req.method, req.path))),
-            Some(op) => self
-                .caller(&req)
-                .and_then(|caller| self.serve(op, &caller, &req)),
+            Some(op) => self.caller(&req).and_then(|caller| {
+                check_media_type(&req)?;
+                self.serve(op, &caller, &req)
+            }),
         };
         match result {
             Ok((status, body)) => HttpResponse::json(status, &body),
@@ -883,7 +902,7 @@ mod unit {
             })
         );
         for (body, fragment) in [
-            ("", "not valid JSON"),
+            ("", "JSON object"),
             ("{", "not valid JSON"),
             ("[]", "JSON object"),
             ("{}", "nothing to change"),

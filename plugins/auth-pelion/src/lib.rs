@@ -385,10 +385,7 @@ fn check_name(what: &str, name: &str) -> Result<(), String> {
             "{what} must be 1 to {MAX_NAME_CHARS} characters and not blank"
         ));
     }
-    if name.chars().any(char::is_control) {
-        return Err(format!("{what} must not contain control characters"));
-    }
-    Ok(())
+    connectord_plugin_sdk::names::refuse_control_chars(what, name)
 }
 
 fn check_description(description: &str) -> Result<(), String> {

@@ -1542,6 +1542,102 @@ fn bad_bodies_are_400() {
     assert_eq!(host.state(), before, "a refused body changed state");
 }
 
+/// Issue 18: serde fills a struct from an array of its fields in order, so these were 201
+/// (an `admin` key from `["k", "", ["admin"], null]`) before the body had to be an object.
+#[test]
+fn arrays_in_field_order_are_400() {
+    let host = MemoryHost::new();
+    let mut p = new_plugin(&host);
+    let u = admin_user(&mut p, "u");
+    let app = create_app(&mut p, &u, "a");
+    let before = host.state();
+    let cases: Vec<(String, &str)> = vec![
+        ("/pelion/v1/users".into(), r#"["x", null, [], ["admin"]]"#),
+        ("/pelion/v1/applications".into(), r#"["x", ""]"#),
+        (keys_path(&app), r#"["k", "", ["admin"], null]"#),
+    ];
+    for (path, body) in &cases {
+        let (status, v) = api(&mut p, &u.token, "POST", path, body);
+        assert_eq!(status, 400, "POST {path} {body}: {v}");
+        assert_eq!(v["type"], "bad_request");
+        assert_eq!(v["message"], "the request body must be a JSON object");
+    }
+    assert_eq!(host.state(), before, "a refused body changed state");
+}
+
+/// Issue 18: a body sent as something other than JSON is 415 on every POST and PATCH; an
+/// absent Content-Type and the `+json` types are taken as JSON.
+#[test]
+fn non_json_content_types_are_415() {
+    let host = MemoryHost::new();
+    let mut p = new_plugin(&host);
+    let u = admin_user(&mut p, "u");
+    let app = create_app(&mut p, &u, "a");
+    let (key, _) = create_key(&mut p, &u, &app, &["endpoints:read"]);
+    let send = |p: &mut Pelion, method: &str, path: &str, ct: Option<&str>, body: &str| {
+        let principal = accepted(p, &u.token);
+        let mut headers =
+            BTreeMap::from([("authorization".to_string(), format!("Bearer {}", u.token))]);
+        if let Some(ct) = ct {
+            headers.insert("content-type".into(), ct.into());
+        }
+        let req = HttpRequest {
+            method: method.into(),
+            path: path.into(),
+            query: None,
+            headers,
+            body: body.into(),
+            principal,
+        };
+        let (resp, v) = call_http(p, &req);
+        (resp.status, v)
+    };
+    let before = host.state();
+    let targets: Vec<(&str, String)> = vec![
+        ("POST", "/pelion/v1/users".into()),
+        ("POST", "/pelion/v1/applications".into()),
+        ("PATCH", format!("/pelion/v1/applications/{app}")),
+        ("POST", keys_path(&app)),
+        ("PATCH", key_path(&app, &key)),
+    ];
+    for (method, path) in &targets {
+        for ct in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "text/json",
+        ] {
+            let (status, v) = send(&mut p, method, path, Some(ct), r#"{"name": "n"}"#);
+            assert_eq!(status, 415, "{method} {path} {ct}: {v}");
+            assert_eq!(v["type"], "unsupported_media_type");
+            assert!(v["message"].as_str().unwrap().contains(ct), "{v}");
+        }
+    }
+    assert_eq!(host.state(), before, "a refused body changed state");
+    // GET ignores it; JSON types and no Content-Type are accepted.
+    let (status, _) = send(
+        &mut p,
+        "GET",
+        "/pelion/v1/applications",
+        Some("text/plain"),
+        "",
+    );
+    assert_eq!(status, 200);
+    for ct in [
+        None,
+        Some("application/json; charset=utf-8"),
+        Some("application/merge-patch+json"),
+    ] {
+        let (status, v) = send(
+            &mut p,
+            "PATCH",
+            &format!("/pelion/v1/applications/{app}"),
+            ct,
+            r#"{"name": "n"}"#,
+        );
+        assert_eq!(status, 200, "{ct:?}: {v}");
+    }
+}
+
 // ---- state ----
 
 #[test]

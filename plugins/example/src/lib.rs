@@ -51,11 +51,13 @@ impl Plugin for Example {
                             method: "GET".into(),
                             path: "/api/example/hello".into(),
                             scope: "endpoints:read".into(),
+                            errors: None,
                         },
                         Route {
                             method: "GET".into(),
                             path: "/api/example/panic".into(),
                             scope: "endpoints:read".into(),
+                            errors: None,
                         },
                     ],
                 };

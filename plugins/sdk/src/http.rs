@@ -24,6 +24,44 @@ pub struct Route {
     /// The core scope the caller needs (`admin`, `endpoints:read`, ...), or
     /// [`AUTHENTICATED`]: any authenticated caller, the plugin checks permissions itself.
     pub scope: String,
+    /// The `type` of the errors the host answers on this route itself, before or instead
+    /// of the plugin (no or a refused credential, a missing scope, an unavailable backend,
+    /// a body too large, late or not UTF-8), so that they are spelled as the plugin's own
+    /// API spells its errors. Absent: the core's spelling, [`ErrorTypes::default`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<ErrorTypes>,
+}
+
+/// The `type` of each error the host may answer on a plugin's route (the body is always
+/// `{"type", "message"}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorTypes {
+    /// 400: the body is not UTF-8.
+    pub bad_request: String,
+    /// 401: no credential, or one no backend accepts.
+    pub unauthorized: String,
+    /// 403: the credential lacks the route's scope.
+    pub forbidden: String,
+    /// 408: the body did not arrive in time.
+    pub request_timeout: String,
+    /// 413: the body is larger than `requests.max_body`.
+    pub payload_too_large: String,
+    /// 503: an auth backend could not answer.
+    pub unavailable: String,
+}
+
+impl Default for ErrorTypes {
+    /// The core REST API's spelling: `unauthorized`, `forbidden`, ….
+    fn default() -> ErrorTypes {
+        ErrorTypes {
+            bad_request: "bad_request".into(),
+            unauthorized: "unauthorized".into(),
+            forbidden: "forbidden".into(),
+            request_timeout: "request_timeout".into(),
+            payload_too_large: "payload_too_large".into(),
+            unavailable: "unavailable".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -83,9 +121,106 @@ impl HttpResponse {
     }
 }
 
+/// Whether a `Content-Type` value names JSON: `application/json` or any `+json` suffix
+/// (`application/merge-patch+json`), with or without parameters, case-insensitive. An
+/// absent header counts as JSON: the official SDKs sometimes send none.
+pub fn is_json_content_type(content_type: Option<&str>) -> bool {
+    let Some(value) = content_type else {
+        return true;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    kind == "application" && (subtype == "json" || subtype.ends_with("+json"))
+}
+
+/// The 415 message for a JSON route given another `Content-Type`.
+pub fn not_json_message(content_type: &str) -> String {
+    format!("the request body must be JSON (Content-Type application/json), not {content_type:?}")
+}
+
+/// A JSON body that must be an object: its fields, or the message of a 400 (not JSON, or
+/// JSON but not an object). `empty` is what an empty (or blank) body counts as: `None`
+/// refuses it.
+pub fn json_object(
+    body: &str,
+    empty: Option<serde_json::Map<String, serde_json::Value>>,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    if body.trim().is_empty() {
+        return empty.ok_or_else(|| "the request body must be a JSON object".to_string());
+    }
+    match serde_json::from_str(body) {
+        Ok(serde_json::Value::Object(fields)) => Ok(fields),
+        Ok(_) => Err("the request body must be a JSON object".to_string()),
+        Err(e) => Err(format!("the request body is not valid JSON: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_content_types() {
+        for ok in [
+            None,
+            Some("application/json"),
+            Some("Application/JSON; charset=utf-8"),
+            Some("application/merge-patch+json"),
+            Some(" application/vnd.api+json ;x=1"),
+        ] {
+            assert!(is_json_content_type(ok), "{ok:?}");
+        }
+        for bad in [
+            Some(""),
+            Some("text/plain"),
+            Some("application/x-www-form-urlencoded"),
+            Some("text/json"),
+            Some("application/jsonx"),
+            Some("json"),
+        ] {
+            assert!(!is_json_content_type(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn json_objects_only() {
+        assert_eq!(json_object(r#"{"a":1}"#, None).unwrap()["a"], 1);
+        assert!(
+            json_object(" ", Some(Default::default()))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            json_object(" ", None),
+            Err("the request body must be a JSON object".to_string())
+        );
+        for not_object in [
+            "[]",
+            r#"["n", null, ["admin"]]"#,
+            "1",
+            "\"x\"",
+            "null",
+            "true",
+        ] {
+            assert_eq!(
+                json_object(not_object, None),
+                Err("the request body must be a JSON object".to_string()),
+                "{not_object}"
+            );
+        }
+        assert!(
+            json_object("{", None)
+                .unwrap_err()
+                .starts_with("the request body is not valid JSON")
+        );
+    }
 
     #[test]
     fn json_answers() {

@@ -16,7 +16,7 @@
 //!
 //! The operations each kind answers are typed in [`auth`], [`sink`] and [`http`];
 //! [`decode_input`] and [`encode_answer`] carry them as JSON. Helpers that several plugins
-//! share: [`secret`] (random secrets and their SHA-256 digests) and [`time`] (epoch
+//! share: [`names`] (checks on client-given names), [`secret`] (random secrets and their SHA-256 digests) and [`time`] (epoch
 //! milliseconds as ISO 8601 text); [`testing`] is an in-memory host and call helpers for
 //! unit tests.
 
@@ -25,6 +25,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 pub mod auth;
 pub mod http;
+pub mod names;
 pub mod secret;
 pub mod sink;
 pub mod time;
