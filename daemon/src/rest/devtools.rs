@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde::Deserialize;
 
-use super::reply::{Reply, error};
+use super::reply::{Reply, error, json_object_body};
 use crate::auth::Principal;
 use crate::certs::CertAuthority;
 
@@ -24,29 +24,13 @@ struct CertRequest {
 }
 
 pub fn create_cert(ca: &CertAuthority, who: &Principal, body: Bytes) -> Reply {
-    // An object first: serde would also fill the struct from an array.
-    let object = match serde_json::from_slice::<serde_json::Value>(&body) {
-        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
-        Ok(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "the body must be a JSON object {\"domain\": \"…\", \"publickey\": \"…\"}",
-            );
-        }
-        Err(e) => Err(e),
-    };
-    let req: CertRequest = match object.and_then(serde_json::from_value) {
+    let req: CertRequest = match json_object_body(
+        &body,
+        "the body must be a JSON object {\"domain\": \"…\", \"publickey\": \"…\"}",
+        "the body must be JSON {\"domain\": \"…\", \"publickey\": \"-----BEGIN PUBLIC KEY-----…\"}",
+    ) {
         Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &format!(
-                    "the body must be JSON {{\"domain\": \"…\", \"publickey\": \"-----BEGIN PUBLIC KEY-----…\"}}: {e}"
-                ),
-            );
-        }
+        Err(reply) => return reply,
     };
     if req.domain != who.domain {
         return error(

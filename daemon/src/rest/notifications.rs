@@ -13,7 +13,7 @@ use http::request::Parts;
 use http::{Method, StatusCode};
 use serde::Deserialize;
 
-use super::reply::{Reply, error};
+use super::reply::{Reply, error, json_object_body};
 use super::resources::bool_param;
 use crate::auth::Principal;
 use crate::events::hub::{CallbackError, Pulled};
@@ -73,29 +73,13 @@ struct CallbackBody {
 pub async fn callback(hub: &Arc<Hub>, who: &Principal, parts: &Parts, body: Bytes) -> Reply {
     match parts.method {
         Method::PUT => {
-            // An object first: serde would also fill the struct from an array.
-            let object = match serde_json::from_slice::<serde_json::Value>(&body) {
-                Ok(v @ serde_json::Value::Object(_)) => Ok(v),
-                Ok(_) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "bad_request",
-                        "the body must be a JSON object {\"url\": \"…\", \"headers\": {…}}",
-                    );
-                }
-                Err(e) => Err(e),
-            };
-            let parsed: CallbackBody = match object.and_then(serde_json::from_value) {
+            let parsed: CallbackBody = match json_object_body(
+                &body,
+                "the body must be a JSON object {\"url\": \"…\", \"headers\": {…}}",
+                "the body must be JSON {\"url\": \"…\", \"headers\": {…}}",
+            ) {
                 Ok(b) => b,
-                Err(e) => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "bad_request",
-                        &format!(
-                            "the body must be JSON {{\"url\": \"…\", \"headers\": {{…}}}}: {e}"
-                        ),
-                    );
-                }
+                Err(reply) => return reply,
             };
             let target = CallbackTarget {
                 url: parsed.url,

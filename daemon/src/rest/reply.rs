@@ -208,6 +208,28 @@ struct ErrorBody<'a> {
 }
 
 /// The JSON error every route uses: `{"type": kind, "message": message}`.
+/// A JSON body that must be an object, read into `T` (serde would also fill a struct from
+/// an array of its fields); otherwise a 400 `bad_request`: `not_object` when it is JSON
+/// but no object, `invalid` followed by serde's reason when it does not read as `T`.
+pub fn json_object_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    not_object: &str,
+    invalid: &str,
+) -> Result<T, Reply> {
+    let fields = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+        Ok(_) => return Err(error(StatusCode::BAD_REQUEST, "bad_request", not_object)),
+        Err(e) => Err(e),
+    };
+    fields.and_then(serde_json::from_value).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("{invalid}: {e}"),
+        )
+    })
+}
+
 pub fn error(status: StatusCode, kind: &str, message: &str) -> Reply {
     Reply::json(status, &ErrorBody { kind, message })
 }
