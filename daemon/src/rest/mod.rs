@@ -409,19 +409,19 @@ fn takes_json(route: &Route, method: &Method) -> bool {
 /// or a `+json` type, parameters allowed); an absent one is taken as JSON, as the
 /// official SDKs sometimes send none.
 fn refuse_non_json(parts: &http::request::Parts) -> Option<Reply> {
-    use connectord_plugin_sdk::http::{is_json_content_type, not_json_message};
     let content_type = parts
         .headers
         .get(http::header::CONTENT_TYPE)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    if is_json_content_type(content_type.as_deref()) {
-        return None;
-    }
-    Some(error(
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "unsupported_media_type",
-        &not_json_message(content_type.as_deref().unwrap_or_default()),
-    ))
+    connectord_plugin_sdk::http::refuse_non_json(content_type.as_deref())
+        .err()
+        .map(|m| {
+            error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                &m,
+            )
+        })
 }
 
 /// 408: the request body did not arrive within `rest.client_timeout_s`.

@@ -31,8 +31,7 @@ use connectord_plugin_sdk::auth::{
     OP_AUTHENTICATE, OP_BOOTSTRAP, PrincipalSpec, VerdictCache, bearer_token,
 };
 use connectord_plugin_sdk::http::{
-    HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse, is_json_content_type,
-    not_json_message,
+    HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse, refuse_non_json,
 };
 use connectord_plugin_sdk::names::refuse_control_chars;
 use connectord_plugin_sdk::secret::{is_sha256_hex, random_alphanumeric, sha256_hex};
@@ -241,13 +240,8 @@ impl ConnectorAuth {
                 &format!("no route {} {}", req.method, req.path),
             );
         }
-        let content_type = req.headers.get("content-type").map(String::as_str);
-        if !is_json_content_type(content_type) {
-            return HttpResponse::error(
-                415,
-                "unsupported_media_type",
-                &not_json_message(content_type.unwrap_or_default()),
-            );
+        if let Err(m) = refuse_non_json(req.headers.get("content-type").map(String::as_str)) {
+            return HttpResponse::error(415, "unsupported_media_type", &m);
         }
         let name = match requested_name(&req.body) {
             Ok(Some(name)) => name,

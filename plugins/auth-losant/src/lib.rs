@@ -155,7 +155,7 @@ use connectord_plugin_sdk::auth::{
 };
 use connectord_plugin_sdk::http::{
     AUTHENTICATED, ErrorTypes, HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route,
-    RoutesResponse, is_json_content_type, not_json_message,
+    RoutesResponse, refuse_non_json,
 };
 use connectord_plugin_sdk::secret::{random_alphanumeric, sha256_hex, uuid_v4};
 use connectord_plugin_sdk::time::now_ms;
@@ -375,15 +375,8 @@ pub fn error_types() -> ErrorTypes {
 /// 415 for a POST or PATCH body sent as something other than JSON (an absent
 /// `Content-Type` is taken as JSON).
 fn check_media_type(req: &HttpRequest) -> Result<(), HttpResponse> {
-    let content_type = req.headers.get("content-type").map(String::as_str);
-    if is_json_content_type(content_type) {
-        return Ok(());
-    }
-    Err(HttpResponse::error(
-        415,
-        "UnsupportedMediaType",
-        &not_json_message(content_type.unwrap_or_default()),
-    ))
+    refuse_non_json(req.headers.get("content-type").map(String::as_str))
+        .map_err(|m| HttpResponse::error(415, "UnsupportedMediaType", &m))
 }
 
 /// The scheme and the credentials of an `Authorization` header (scheme lower-cased).

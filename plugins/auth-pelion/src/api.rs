@@ -50,8 +50,7 @@
 
 use connectord_plugin_sdk::auth::bearer_token;
 use connectord_plugin_sdk::http::{
-    AUTHENTICATED, HttpRequest, HttpResponse, Route, RoutesResponse, is_json_content_type,
-    json_object, not_json_message,
+    AUTHENTICATED, HttpRequest, HttpResponse, Route, RoutesResponse, json_object, refuse_non_json,
 };
 use connectord_plugin_sdk::secret::sha256_hex;
 use serde::Deserialize;
@@ -190,15 +189,8 @@ fn check_media_type(req: &HttpRequest) -> Result<(), ApiError> {
     if !matches!(req.method.as_str(), "POST" | "PATCH") {
         return Ok(());
     }
-    let content_type = req.headers.get("content-type").map(String::as_str);
-    if is_json_content_type(content_type) {
-        return Ok(());
-    }
-    Err(ApiError::new(
-        415,
-        "unsupported_media_type",
-        not_json_message(content_type.unwrap_or_default()),
-    ))
+    refuse_non_json(req.headers.get("content-type").map(String::as_str))
+        .map_err(|m| ApiError::new(415, "unsupported_media_type", m))
 }
 
 /// `include_revoked=true|false` (also `1|0`) of a list's query; default false.

@@ -140,9 +140,15 @@ pub fn is_json_content_type(content_type: Option<&str>) -> bool {
     kind == "application" && (subtype == "json" || subtype.ends_with("+json"))
 }
 
-/// The 415 message for a JSON route given another `Content-Type`.
-pub fn not_json_message(content_type: &str) -> String {
-    format!("the request body must be JSON (Content-Type application/json), not {content_type:?}")
+/// A JSON route's check of its `Content-Type` ([`is_json_content_type`]): the message of
+/// its 415 when the header is present and not JSON.
+pub fn refuse_non_json(content_type: Option<&str>) -> Result<(), String> {
+    match content_type {
+        Some(ct) if !is_json_content_type(content_type) => Err(format!(
+            "the request body must be JSON (Content-Type application/json), not {ct:?}"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A JSON body that must be an object: its fields, or the message of a 400 (not JSON, or
@@ -176,6 +182,7 @@ mod tests {
             Some(" application/vnd.api+json ;x=1"),
         ] {
             assert!(is_json_content_type(ok), "{ok:?}");
+            assert_eq!(refuse_non_json(ok), Ok(()), "{ok:?}");
         }
         for bad in [
             Some(""),
@@ -186,6 +193,8 @@ mod tests {
             Some("json"),
         ] {
             assert!(!is_json_content_type(bad), "{bad:?}");
+            let why = refuse_non_json(bad).unwrap_err();
+            assert!(why.contains(&format!("{:?}", bad.unwrap())), "{why}");
         }
     }
 
