@@ -588,27 +588,51 @@ impl Subscriptions {
 
     /// Removes every key's subscriptions of an endpoint that de-registered or expired.
     async fn remove_endpoint_everywhere(&self, domain: &str, ep: &str) {
-        let durable: Vec<_> = {
+        let (_, durable) = {
             let mut st = self.lock();
             st.refused.remove(&(domain.to_string(), ep.to_string()));
-            let keys: Vec<String> = st
-                .keys
-                .iter_mut()
-                .filter(|(_, k)| k.domain == domain)
-                .filter_map(|(id, k)| k.resources.remove_endpoint(ep).then(|| id.clone()))
-                .collect();
-            keys.into_iter()
-                .map(|k| {
-                    self.store
-                        .delete_subscriptions(k, Some(ep.to_string()), None)
-                })
-                .collect()
+            self.remove_everywhere(&mut st, domain, ep, None)
         };
         for d in durable {
             if let Err(e) = d.await {
                 tracing::error!(%ep, "subscriptions of a departed endpoint not removed: {e}");
             }
         }
+    }
+
+    /// Removes `ep`'s subscription to `path` (all of `ep`'s with `None`) from every key of
+    /// `domain`; the store deletes are submitted under the lock, so the store applies them
+    /// in memory's order. Returns the keys that had one and the deletes to await.
+    fn remove_everywhere(
+        &self,
+        st: &mut State,
+        domain: &str,
+        ep: &str,
+        path: Option<&str>,
+    ) -> (Vec<String>, Vec<crate::store::Pending<()>>) {
+        let keys: Vec<String> = st
+            .keys
+            .iter_mut()
+            .filter(|(_, k)| k.domain == domain)
+            .filter_map(|(id, k)| {
+                let had = match path {
+                    Some(p) => k.resources.remove(ep, p),
+                    None => k.resources.remove_endpoint(ep),
+                };
+                had.then(|| id.clone())
+            })
+            .collect();
+        let durable = keys
+            .iter()
+            .map(|k| {
+                self.store.delete_subscriptions(
+                    k.clone(),
+                    Some(ep.to_string()),
+                    path.map(str::to_string),
+                )
+            })
+            .collect();
+        (keys, durable)
     }
 
     /// The device refused to be observed at `path` (an error code, or an answer without
@@ -636,23 +660,7 @@ impl Subscriptions {
             }
             refused.1.insert(path.to_string());
             st.stop_observation(&(domain.to_string(), ep_name.to_string(), path.to_string()));
-            let keys: Vec<String> = st
-                .keys
-                .iter_mut()
-                .filter(|(_, k)| k.domain == domain)
-                .filter_map(|(id, k)| k.resources.remove(ep_name, path).then(|| id.clone()))
-                .collect();
-            let durable: Vec<_> = keys
-                .iter()
-                .map(|k| {
-                    self.store.delete_subscriptions(
-                        k.clone(),
-                        Some(ep_name.to_string()),
-                        Some(path.to_string()),
-                    )
-                })
-                .collect();
-            (keys, durable)
+            self.remove_everywhere(&mut st, domain, ep_name, Some(path))
         };
         for d in durable {
             if let Err(e) = d.await {
@@ -663,9 +671,14 @@ impl Subscriptions {
             tracing::info!(ep = %ep_name, %path, status, subscribers = keys.len(), "subscription ended: {reason}");
         }
         let body = subscription_error_body(ep_name, path, status, reason);
+        self.publish_to(keys, Kind::SubscriptionErrors, body).await;
+    }
+
+    /// Publishes one event entry to each of `keys`.
+    async fn publish_to(&self, keys: Vec<String>, kind: Kind, body: crate::events::Body) {
         for k in keys {
             let event = Event {
-                kind: Kind::SubscriptionErrors,
+                kind,
                 body: body.clone(),
                 created_ms: now_ms(),
             };
@@ -706,14 +719,7 @@ impl Subscriptions {
         );
         let keys = self.lock().subscribers(domain, ep, path);
         let body = notification_body(ep, path, reply);
-        for k in keys {
-            let event = Event {
-                kind: Kind::Notifications,
-                body: body.clone(),
-                created_ms: now_ms(),
-            };
-            self.hub.publish_to_key(&k, event).await;
-        }
+        self.publish_to(keys, Kind::Notifications, body).await;
     }
 }
 
