@@ -273,6 +273,38 @@ fn developer_tools_issue_device_certificates() {
         assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&body));
         assert!(r.json()["message"].is_string());
     }
+    // Seed 000's "other 256 bit curves" are refused with the reason: the device transports
+    // could not verify a certificate for them (docs/openapi.json, certs module docs).
+    for curve in ["secp256k1", "brainpoolP256r1", "brainpoolP256t1"] {
+        let other = dir.path().join(format!("{curve}.key"));
+        let opt = format!("ec_paramgen_curve:{curve}");
+        let path = other.to_str().unwrap();
+        run(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            &opt,
+            "-out",
+            path,
+        ]);
+        let public = run(&["pkey", "-in", path, "-pubout"]);
+        let body = json!({"domain": "default", "publickey": public}).to_string();
+        let r = d.call(
+            "POST",
+            "/api/cert",
+            Some("application/json"),
+            Some(body.as_bytes()),
+        );
+        assert_eq!(r.status, 400, "{curve}: {}", r.body);
+        let message = r.json()["message"].as_str().unwrap().to_string();
+        assert!(
+            message.contains(&format!("EC keys on {curve} are not supported"))
+                && message.contains("could not be verified by the device transports")
+                && message.contains("secp256r1"),
+            "{curve}: {message}"
+        );
+    }
     // The CA is kept: a restart signs with the same one.
     let d = d.crash_and_restart();
     let r = d.call(

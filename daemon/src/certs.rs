@@ -34,6 +34,16 @@
 //! Compressed points are expanded. The point must lie on the curve. Everything else
 //! (RSA, other curves, certificates, private keys, garbage) is [`CertError::BadKey`] with a
 //! message meant for the REST client.
+//!
+//! ## Other 256-bit curves
+//!
+//! Seed 000 says "Secp256r1 is recommended, but other 256 bit curves work as well". They are
+//! refused here on purpose: a certificate is only worth issuing if the device transport can
+//! later verify it, and certificate mode of CoAP over DTLS/TLS (RFC 7252 §9.1.3.3, whose
+//! mandatory suite is `TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8` with ECDSA on secp256r1) is what
+//! the device transports verify; secp256k1, brainpoolP256r1/t1, SM2 and FRP256v1 keys would
+//! get a certificate no handshake could accept. Each of them is refused with a message that
+//! names the curve and says why ([`OTHER_256_BIT_CURVES`]).
 
 use std::fmt;
 use std::fs;
@@ -634,6 +644,10 @@ fn explain_bad_spki(block: &PemBlock) -> String {
         }
         Some(p) => match p.decode_as::<ObjectIdentifier>() {
             Ok(oid) if oid == p256::NistP256::OID => {}
+            Ok(oid) if OTHER_256_BIT_CURVES.contains(&oid.to_string().as_str()) => {
+                let name = name(oid).unwrap_or("this curve");
+                return format!("EC keys on {name} are not supported: {OTHER_256_BIT_WHY}");
+            }
             Ok(oid) => {
                 return match name(oid) {
                     Some(name) => format!("EC keys on {name} are not supported"),
@@ -658,6 +672,20 @@ fn explain_bad_spki(block: &PemBlock) -> String {
     }
 }
 
+/// The 256-bit curves other than secp256r1 that seed 000's "other 256 bit curves" may mean
+/// (OIDs as dotted strings): refused with [`OTHER_256_BIT_WHY`], see the module docs.
+pub const OTHER_256_BIT_CURVES: [&str; 5] = [
+    "1.3.132.0.10",
+    "1.3.36.3.3.2.8.1.1.7",
+    "1.3.36.3.3.2.8.1.1.8",
+    "1.2.156.10197.1.301",
+    "1.2.250.1.223.101.256.1",
+];
+
+/// Why a 256-bit curve other than secp256r1 is refused.
+const OTHER_256_BIT_WHY: &str = "a certificate for it could not be verified by the device \
+     transports, whose certificate mode (RFC 7252 section 9.1.3.3) uses ECDSA on secp256r1 only";
+
 /// Friendly names for algorithm and curve OIDs a client may plausibly send.
 fn oid_name(dotted: &str) -> Option<&'static str> {
     Some(match dotted {
@@ -675,6 +703,8 @@ fn oid_name(dotted: &str) -> Option<&'static str> {
         "1.2.840.10045.3.1.1" => "prime192v1 (P-192)",
         "1.3.132.0.33" => "secp224r1 (P-224)",
         "1.3.36.3.3.2.8.1.1.7" => "brainpoolP256r1",
+        "1.3.36.3.3.2.8.1.1.8" => "brainpoolP256t1",
+        "1.2.250.1.223.101.256.1" => "FRP256v1",
         "1.3.36.3.3.2.8.1.1.11" => "brainpoolP384r1",
         "1.3.36.3.3.2.8.1.1.13" => "brainpoolP512r1",
         "1.2.156.10197.1.301" => "SM2",
@@ -1034,6 +1064,18 @@ mod tests {
             "-out",
             "k.pem",
         ]);
+        let gen_ec = |curve: &str| {
+            let opt = format!("ec_paramgen_curve:{curve}");
+            gen_pub(&[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                &opt,
+                "-out",
+                "k.pem",
+            ])
+        };
         let k1 = gen_pub(&[
             "genpkey",
             "-algorithm",
@@ -1101,7 +1143,22 @@ mod tests {
             ),
             ("private key", private, "private key"),
             ("RSA", rsa, "RSA keys are not supported"),
-            ("secp256k1", k1, "secp256k1 are not supported"),
+            (
+                "secp256k1",
+                k1,
+                "secp256k1 are not supported: a certificate for it could not be verified",
+            ),
+            (
+                "brainpoolP256r1",
+                gen_ec("brainpoolP256r1"),
+                "brainpoolP256r1 are not supported: a certificate",
+            ),
+            (
+                "brainpoolP256t1",
+                gen_ec("brainpoolP256t1"),
+                "brainpoolP256t1 are not supported: a certificate",
+            ),
+            ("SM2", gen_ec("SM2"), "SM2 are not supported: a certificate"),
             ("P-384", p384, "P-384"),
             ("Ed25519", ed25519, "Ed25519 keys are not supported"),
             (
