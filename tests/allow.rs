@@ -558,3 +558,32 @@ fn a_narrowed_restriction_holds_for_what_the_key_set_up_before() {
     );
     assert!(seen.of("subscription-errors").is_empty(), "{seen:?}");
 }
+
+/// The restriction is applied where events are queued, so a key that takes its events
+/// through a callback URL gets the same as one that long-polls.
+#[test]
+fn a_restricted_key_with_a_callback_receives_only_what_it_may_see() {
+    let (d, app, token) = start();
+    let key = app_key(&d, &app, &token, RESTRICTED);
+    let rx = support::receiver::Receiver::start(0);
+    let body = json!({"url": rx.url("/hook")}).to_string();
+    let r = key.call(&d, "PUT", "/v2/notification/callback", Some(&body));
+    assert_eq!(r.status, 204, "{}", r.body);
+
+    d.device().register(&["ep=pump-1", "lt=300"], LINKS);
+    d.device().register(&["ep=sensor-1", "lt=300"], LINKS);
+    d.device().register(&["ep=gw-1", "lt=300"], LINKS);
+    let mut got = Events::default();
+    for r in rx.wait(WAIT, |rs| rs.iter().any(|r| r.body.contains("gw-1"))) {
+        // The deliveries (the verifying PUT has no notification message).
+        if let Ok(v) = serde_json::from_str::<Value>(&r.body)
+            && v.is_object()
+        {
+            got.add(&v);
+        }
+    }
+    let regs = got.of("registrations");
+    assert_eq!(eps(&regs), ["sensor-1", "gw-1"], "{got:?}");
+    assert_eq!(paths(&regs[0]), ["/3303/0/5700"]);
+    assert_eq!(paths(&regs[1]), ["/3/0/13", "/3303/0/5700"]);
+}

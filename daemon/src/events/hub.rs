@@ -1038,6 +1038,42 @@ mod tests {
         assert_eq!(f.count(&f.counters.long_poll_redeliveries), 0);
     }
 
+    /// The newest verdict's restriction is stored with the channel and routes the events
+    /// published after it; events queued before stay queued.
+    #[tokio::test]
+    async fn the_newest_restriction_is_stored_and_routes_events() {
+        let f = fixture().await;
+        let mut narrowed = f.key.clone();
+        narrowed.allow = Some(vec!["gw-*".into()]);
+        f.hub.note_restriction(&narrowed).await.unwrap();
+        let stored = f.store.load_channels().await.unwrap();
+        assert_eq!(stored[0].allow, narrowed.allow);
+        f.publish("pump-1").await;
+        f.publish("gw-1").await;
+        // The pull's own verdict (no restriction) is the newest from now on.
+        let b = f.pull().await.unwrap();
+        assert_eq!(eps(&b), ["gw-1"]);
+        assert_eq!(f.store.load_channels().await.unwrap()[0].allow, None);
+        drop(b.ticket.sent());
+        f.publish("pump-1").await;
+        assert_eq!(eps(&f.pull().await.unwrap()), ["pump-1"]);
+        // A channel reloaded from the store keeps the restriction it was stored with.
+        f.hub.note_restriction(&narrowed).await.unwrap();
+        let (_t, stop) = crate::shutdown::channel();
+        let again = Hub::load(
+            Arc::clone(&f.store),
+            Arc::new(NoSink),
+            NotificationsConfig::default(),
+            Arc::new(Counters::default()),
+            stop,
+        )
+        .await
+        .unwrap();
+        assert!(again.may_see("k", "gw-1", "/3/0/0"));
+        assert!(!again.may_see("k", "pump-1", "/3/0/0"));
+        assert!(!again.may_see("nobody", "gw-1", "/3/0/0"), "no channel");
+    }
+
     #[tokio::test]
     async fn an_answer_never_written_is_answered_again_first() {
         let f = fixture().await;
