@@ -358,11 +358,13 @@ impl Hub {
     }
 
     /// May the key see endpoint `ep`'s resource `path`, by the restriction recorded on
-    /// its channel? A key without a channel sees nothing (nothing could reach it).
+    /// its channel? For a key without a channel no restriction is known: true (nothing
+    /// reaches such a key, and the channel it gets later records its restriction before
+    /// anything is routed to it).
     pub fn may_see(&self, key_id: &str, ep: &str, path: &str) -> bool {
         self.lock()
             .get(key_id)
-            .is_some_and(|c| crate::auth::may_access(c.rec.allow.as_deref(), ep, Some(path)))
+            .is_none_or(|c| crate::auth::may_access(c.rec.allow.as_deref(), ep, Some(path)))
     }
 
     /// Queues `event` for one key (a notification or a subscription error of a key's
@@ -1071,7 +1073,7 @@ mod tests {
         .unwrap();
         assert!(again.may_see("k", "gw-1", "/3/0/0"));
         assert!(!again.may_see("k", "pump-1", "/3/0/0"));
-        assert!(!again.may_see("nobody", "gw-1", "/3/0/0"), "no channel");
+        assert!(again.may_see("nobody", "pump-1", "/3/0/0"), "no channel");
     }
 
     #[tokio::test]

@@ -304,6 +304,9 @@ impl Subscriptions {
                 )));
             }
         }
+        // The key's channel gets the notifications (and holds its restriction), also
+        // when the resource is observed already and no request is made for the key.
+        self.hub.ensure_channel(who).await?;
         self.add(who, ep_name, path).await?;
         let observed = self.lock().observations.contains_key(&(
             who.domain.clone(),
