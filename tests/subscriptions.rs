@@ -525,3 +525,51 @@ fn runaway_lua_rules_are_stopped_and_count_as_no_opinion() {
     // Still serving.
     assert_eq!(d.get("/v2/endpoints").status, 200);
 }
+
+/// A key that subscribes to a resource observed already (200: nothing is asked of the
+/// device for it) has a notification channel from then on, so the next notification
+/// reaches it even though it never pulled before.
+#[test]
+fn a_subscription_to_an_observed_resource_opens_the_keys_channel() {
+    let p = support::Prepared::new("", "");
+    let admin = p.plugin_call("connector", "bootstrap", &json!({"domain": "default"}))["created"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = p.plugin_call(
+        "connector",
+        "create_key",
+        &json!({"name": "second", "domain": "default"}),
+    )["access_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut d = p.start();
+    d.key = admin;
+    let mut dev = d.device();
+    dev.register(&["ep=shared", "lt=300"], LINKS);
+    let r = d.call("PUT", "/v2/subscriptions/shared/3303/0/5700", None, None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let (token, from) = accept_observe(&dev, "/3303/0/5700", "1");
+    let as_other = |method: &str, path: &str| {
+        support::http(
+            method,
+            &d.url(path),
+            &[("Authorization", &format!("Bearer {other}"))],
+            None,
+        )
+    };
+    assert_eq!(
+        as_other("PUT", "/v2/subscriptions/shared/3303/0/5700").status,
+        200
+    );
+    notify(&dev, from, &token, 800, MessageType::NonConfirmable, 2, "2");
+    // The admin key has it: it was published.
+    d.collect_events(WAIT, |e| !e.of("notifications").is_empty());
+    let r = as_other("GET", "/v2/notification/pull?noWait=true");
+    assert_eq!(r.status, 200, "the notification was not kept for the key");
+    assert_eq!(
+        r.json()["notifications"][0]["payload"].as_str(),
+        Some(b64(b"2").as_str())
+    );
+}

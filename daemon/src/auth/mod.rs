@@ -87,21 +87,7 @@ pub struct Principal {
 impl Principal {
     /// May this caller touch endpoint `ep` (and, when given, its resource `path`)?
     pub fn may_access(&self, ep: &str, path: Option<&str>) -> bool {
-        use crate::subscriptions::presub::glob;
-        let Some(patterns) = &self.allow else {
-            return true;
-        };
-        patterns.iter().any(|p| {
-            let (ep_glob, res_glob) = match p.split_once('/') {
-                Some((e, r)) => (e, Some(format!("/{r}"))),
-                None => (p.as_str(), None),
-            };
-            glob(ep_glob, ep)
-                && match (res_glob, path) {
-                    (Some(r), Some(path)) => glob(&r, path),
-                    _ => true,
-                }
-        })
+        may_access(self.allow.as_deref(), ep, path)
     }
 
     pub fn allows(&self, scope: Scope) -> bool {
@@ -109,6 +95,32 @@ impl Principal {
             .iter()
             .any(|s| s == scope.as_str() || s == Scope::Admin.as_str())
     }
+}
+
+/// Does the restriction `allow` (a principal's `allow`: `None` is no restriction) let its
+/// key see endpoint `ep` and, when given, its resource `path`? A pattern is
+/// `<endpoint glob>[/<resource glob>]`; one without a resource part allows every resource
+/// of its endpoints, and an endpoint is visible when any pattern's endpoint glob matches it
+/// (its resources then only as far as the patterns allow).
+///
+/// The REST edge asks it of the caller's verdict; the notification hub asks it of the
+/// restriction it recorded for each key's channel, for every event it routes.
+pub fn may_access(allow: Option<&[String]>, ep: &str, path: Option<&str>) -> bool {
+    use crate::subscriptions::presub::glob;
+    let Some(patterns) = allow else {
+        return true;
+    };
+    patterns.iter().any(|p| {
+        let (ep_glob, res_glob) = match p.split_once('/') {
+            Some((e, _)) => (e, Some(&p[e.len()..])),
+            None => (p.as_str(), None),
+        };
+        glob(ep_glob, ep)
+            && match (res_glob, path) {
+                (Some(r), Some(path)) => glob(r, path),
+                _ => true,
+            }
+    })
 }
 
 /// Why a request was not authenticated.

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    ChannelRecord, Delivery, Event, Kind, Sink, StoredEvent, batch_json, registration_body,
+    About, ChannelRecord, Delivery, Event, Kind, Sink, StoredEvent, batch_json, registration_body,
 };
 use crate::auth::Principal;
 use crate::config::NotificationsConfig;
@@ -80,11 +80,16 @@ struct Channel {
     in_flight: Option<InFlight>,
     /// The id of the next long-poll answer.
     next_answer: u64,
+    /// The key's restriction as last submitted to the store, and that write's number:
+    /// `rec.allow`, which routing obeys, takes it once the write commits (unless a newer
+    /// one was submitted meanwhile). Every record written carries it ([`Channel::record`]).
+    allow_written: (u64, Option<Vec<String>>),
 }
 
 impl Channel {
     fn new(rec: ChannelRecord) -> Channel {
         Channel {
+            allow_written: (0, rec.allow.clone()),
             rec,
             queue: VecDeque::new(),
             next_seq: 1,
@@ -92,6 +97,15 @@ impl Channel {
             pusher: false,
             in_flight: None,
             next_answer: 1,
+        }
+    }
+
+    /// The record to store: the restriction last submitted rather than the one in force,
+    /// so that a write of another field never puts an older restriction back.
+    fn record(&self) -> ChannelRecord {
+        ChannelRecord {
+            allow: self.allow_written.1.clone(),
+            ..self.rec.clone()
         }
     }
 
@@ -284,56 +298,140 @@ impl Hub {
     }
 
     /// Creates the key's channel (long-poll) if it has none; events for the key are kept
-    /// from then on.
+    /// from then on. An existing channel takes the principal's restriction
+    /// ([`Hub::note_restriction`]).
     pub async fn ensure_channel(&self, p: &Principal) -> Result<(), StoreError> {
         let durable = {
             let mut map = self.lock();
-            if map.contains_key(&p.key_id) {
+            if !map.contains_key(&p.key_id) {
+                let rec = ChannelRecord {
+                    key_id: p.key_id.clone(),
+                    domain: p.domain.clone(),
+                    callback: None,
+                    allow: p.allow.clone(),
+                };
+                map.insert(p.key_id.clone(), Channel::new(rec.clone()));
+                Some(self.store.put_channel(rec))
+            } else {
+                None
+            }
+        };
+        match durable {
+            Some(d) => d.await,
+            None => self.note_restriction(p).await,
+        }
+    }
+
+    /// Records the restriction of the key's latest verdict (`Principal::allow`) on its
+    /// channel, if it has one and the restriction changed (a key edited in its backend):
+    /// the newest verdict wins. Called for every authenticated request, so a narrowed key
+    /// sees nothing more from its next request on. Durable first; routing obeys it once
+    /// the write committed.
+    pub async fn note_restriction(&self, p: &Principal) -> Result<(), StoreError> {
+        let (n, durable) = {
+            let mut map = self.lock();
+            let Some(ch) = map.get_mut(&p.key_id) else {
+                return Ok(());
+            };
+            if ch.allow_written.1 == p.allow {
                 return Ok(());
             }
-            let rec = ChannelRecord {
-                key_id: p.key_id.clone(),
-                domain: p.domain.clone(),
-                callback: None,
-            };
-            map.insert(p.key_id.clone(), Channel::new(rec.clone()));
-            self.store.put_channel(rec)
+            let n = ch.allow_written.0 + 1;
+            ch.allow_written = (n, p.allow.clone());
+            (n, self.store.put_channel(ch.record()))
         };
-        durable.await
+        let result = durable.await;
+        let mut map = self.lock();
+        if let Some(ch) = map.get_mut(&p.key_id)
+            && ch.allow_written.0 == n
+        {
+            match &result {
+                Ok(()) => {
+                    tracing::info!(key = %p.key_id, allow = ?p.allow, "the key's restriction changed");
+                    ch.rec.allow = p.allow.clone();
+                }
+                // Not stored: the next request of the key tries again.
+                Err(_) => ch.allow_written.1 = ch.rec.allow.clone(),
+            }
+        }
+        result
     }
 
-    /// Queues `event` for one key (a notification of a key's subscription).
-    pub async fn publish_to_key(&self, key_id: &str, event: Event) {
-        self.publish(To::Key(key_id), event, None).await;
+    /// May the key see endpoint `ep`'s resource `path`, by the restriction recorded on
+    /// its channel? For a key without a channel no restriction is known: true (nothing
+    /// reaches such a key, and the channel it gets later records its restriction before
+    /// anything is routed to it).
+    pub fn may_see(&self, key_id: &str, ep: &str, path: &str) -> bool {
+        self.lock()
+            .get(key_id)
+            .is_none_or(|c| crate::auth::may_access(c.rec.allow.as_deref(), ep, Some(path)))
     }
 
-    /// Queues the async response `event` for the key that asked, and forgets the stored
-    /// request (row `request_row`) in the same store transaction.
-    pub async fn publish_answer(&self, key_id: &str, event: Event, request_row: u64) {
-        self.publish(To::Key(key_id), event, Some(request_row))
+    /// Queues `event` for one key (a notification or a subscription error of a key's
+    /// subscription), if its restriction lets it see what the event is `about`.
+    pub async fn publish_to_key(&self, key_id: &str, event: Event, about: About<'_>) {
+        self.publish(To::Key(key_id), event, None, about).await;
+    }
+
+    /// Queues the async response `event` for the key that asked (if its restriction, which
+    /// may have narrowed since it asked, still lets it see what the response is `about`),
+    /// and forgets the stored request (row `request_row`) in the same store transaction.
+    pub async fn publish_answer(
+        &self,
+        key_id: &str,
+        event: Event,
+        request_row: u64,
+        about: About<'_>,
+    ) {
+        self.publish(To::Key(key_id), event, Some(request_row), about)
             .await;
     }
 
-    /// Queues `event` for every channel of a domain (registration events).
-    pub async fn publish_to_domain(&self, domain: &str, event: Event) {
-        self.publish(To::Domain(domain), event, None).await;
+    /// Queues `event` for every channel of a domain whose key may see what it is `about`
+    /// (registration events).
+    pub async fn publish_to_domain(&self, domain: &str, event: Event, about: About<'_>) {
+        self.publish(To::Domain(domain), event, None, about).await;
     }
 
-    async fn publish(&self, to: To<'_>, event: Event, answered: Option<u64>) {
+    /// Routes `event` to the channels `to` names, leaving out those whose key's
+    /// restriction does not let it see what the event is `about`; a registration's
+    /// resource list is cut to what each restricted key may see (one entry made per
+    /// distinct restriction).
+    async fn publish(&self, to: To<'_>, event: Event, answered: Option<u64>, about: About<'_>) {
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
         let durable = {
             let mut map = self.lock();
             let mut stored = Vec::new();
+            let mut cut: Vec<(Vec<String>, Event)> = Vec::new();
             let chosen: Box<dyn Iterator<Item = &mut Channel>> = match to {
                 To::Key(k) => Box::new(map.get_mut(k).into_iter()),
                 To::Domain(d) => Box::new(map.values_mut().filter(move |c| c.rec.domain == d)),
             };
             for ch in chosen {
+                if !about.visible_to(ch.rec.allow.as_deref()) {
+                    continue;
+                }
+                let event = match (about, &ch.rec.allow) {
+                    (About::Registration(ep), Some(allow)) => {
+                        match cut.iter().find(|(a, _)| a == allow) {
+                            Some((_, e)) => e.clone(),
+                            None => {
+                                let e = Event {
+                                    body: registration_body(ep, Some(allow)).into(),
+                                    ..event.clone()
+                                };
+                                cut.push((allow.clone(), e.clone()));
+                                e
+                            }
+                        }
+                    }
+                    _ => event.clone(),
+                };
                 let e = StoredEvent {
                     key_id: ch.rec.key_id.clone(),
                     seq: ch.next_seq,
-                    event: event.clone(),
+                    event,
                 };
                 ch.next_seq += 1;
                 ch.queue.push_back(e.clone());
@@ -577,6 +675,7 @@ impl Hub {
                     key_id: p.key_id.clone(),
                     domain: p.domain.clone(),
                     callback: None,
+                    allow: p.allow.clone(),
                 })
             });
             ch.rec.callback = Some(target);
@@ -584,7 +683,7 @@ impl Hub {
             // (at least once).
             ch.in_flight = None;
             ch.wake.notify_waiters();
-            self.store.put_channel(ch.rec.clone())
+            self.store.put_channel(ch.record())
         };
         durable.await?;
         self.ensure_pusher(&p.key_id);
@@ -605,7 +704,7 @@ impl Hub {
             };
             ch.rec.callback = None;
             ch.wake.notify_waiters();
-            self.store.put_channel(ch.rec.clone())
+            self.store.put_channel(ch.record())
         };
         durable.await?;
         tracing::info!(key = key_id, "notification callback removed");
@@ -771,26 +870,28 @@ impl RegistryListener for Hub {
         ev: &'a RegistryEvent,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            let (kind, ep, body) = match ev {
-                RegistryEvent::Registered { ep, .. } => {
-                    (Kind::Registrations, ep, registration_body(ep))
+            let ep = ev.endpoint();
+            let (kind, about) = match ev {
+                RegistryEvent::Registered { .. } => (Kind::Registrations, About::Registration(ep)),
+                RegistryEvent::Updated { .. } => (Kind::RegUpdates, About::Registration(ep)),
+                RegistryEvent::Deregistered(_) => {
+                    (Kind::DeRegistrations, About::Endpoint(&ep.reg.name))
                 }
-                RegistryEvent::Updated { ep } => (Kind::RegUpdates, ep, registration_body(ep)),
-                RegistryEvent::Deregistered(ep) => {
-                    (Kind::DeRegistrations, ep, serde_json::json!(ep.reg.name))
+                RegistryEvent::Expired(_) => {
+                    (Kind::RegistrationsExpired, About::Endpoint(&ep.reg.name))
                 }
-                RegistryEvent::Expired(ep) => (
-                    Kind::RegistrationsExpired,
-                    ep,
-                    serde_json::json!(ep.reg.name),
-                ),
+            };
+            // The whole entry; restricted keys get theirs cut from the endpoint.
+            let body = match about {
+                About::Registration(ep) => registration_body(ep, None),
+                _ => serde_json::json!(ep.reg.name),
             };
             let event = Event {
                 kind,
                 body: body.into(),
                 created_ms: now_ms(),
             };
-            self.publish_to_domain(&ep.reg.domain, event).await;
+            self.publish_to_domain(&ep.reg.domain, event, about).await;
         })
     }
 }
@@ -867,7 +968,9 @@ mod tests {
                 body: serde_json::json!({ "ep": ep }).into(),
                 created_ms: now_ms(),
             };
-            self.hub.publish_to_key("k", event).await;
+            self.hub
+                .publish_to_key("k", event, About::Endpoint(ep))
+                .await;
         }
 
         /// A pull that answers at once.
@@ -935,6 +1038,42 @@ mod tests {
         assert!(f.stored().await.is_empty());
         assert_eq!(f.count(&f.counters.events_delivered), 3);
         assert_eq!(f.count(&f.counters.long_poll_redeliveries), 0);
+    }
+
+    /// The newest verdict's restriction is stored with the channel and routes the events
+    /// published after it; events queued before stay queued.
+    #[tokio::test]
+    async fn the_newest_restriction_is_stored_and_routes_events() {
+        let f = fixture().await;
+        let mut narrowed = f.key.clone();
+        narrowed.allow = Some(vec!["gw-*".into()]);
+        f.hub.note_restriction(&narrowed).await.unwrap();
+        let stored = f.store.load_channels().await.unwrap();
+        assert_eq!(stored[0].allow, narrowed.allow);
+        f.publish("pump-1").await;
+        f.publish("gw-1").await;
+        // The pull's own verdict (no restriction) is the newest from now on.
+        let b = f.pull().await.unwrap();
+        assert_eq!(eps(&b), ["gw-1"]);
+        assert_eq!(f.store.load_channels().await.unwrap()[0].allow, None);
+        drop(b.ticket.sent());
+        f.publish("pump-1").await;
+        assert_eq!(eps(&f.pull().await.unwrap()), ["pump-1"]);
+        // A channel reloaded from the store keeps the restriction it was stored with.
+        f.hub.note_restriction(&narrowed).await.unwrap();
+        let (_t, stop) = crate::shutdown::channel();
+        let again = Hub::load(
+            Arc::clone(&f.store),
+            Arc::new(NoSink),
+            NotificationsConfig::default(),
+            Arc::new(Counters::default()),
+            stop,
+        )
+        .await
+        .unwrap();
+        assert!(again.may_see("k", "gw-1", "/3/0/0"));
+        assert!(!again.may_see("k", "pump-1", "/3/0/0"));
+        assert!(again.may_see("nobody", "pump-1", "/3/0/0"), "no channel");
     }
 
     #[tokio::test]

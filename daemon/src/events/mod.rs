@@ -141,6 +141,38 @@ pub struct ChannelRecord {
     pub domain: String,
     /// Set: notifications are pushed there. Unset: the key long-polls.
     pub callback: Option<CallbackTarget>,
+    /// The key's restriction to some endpoints and resources (`Principal::allow`), as its
+    /// latest authentication said: events are routed to the channel only for what it
+    /// allows (see [`About`]). Kept with the record so that it holds across a restart,
+    /// before the key authenticates again. Absent (records of older versions too): no
+    /// restriction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+}
+
+/// What an event tells, so that the hub routes it only to the channels whose key may see
+/// it (`auth::may_access` against each channel's recorded restriction).
+#[derive(Debug, Clone, Copy)]
+pub enum About<'a> {
+    /// An endpoint as a whole: a de-registration or an expiry (the entry is its name).
+    Endpoint(&'a str),
+    /// A resource of an endpoint: a notification, an async response, a subscription
+    /// error.
+    Resource(&'a str, &'a str),
+    /// A registration or a registration update: its entry lists the endpoint's
+    /// resources, which the hub cuts, for a restricted key, to those it may see.
+    Registration(&'a Endpoint),
+}
+
+impl About<'_> {
+    /// May a key with the restriction `allow` see this event?
+    pub fn visible_to(&self, allow: Option<&[String]>) -> bool {
+        match *self {
+            About::Endpoint(ep) => crate::auth::may_access(allow, ep, None),
+            About::Resource(ep, path) => crate::auth::may_access(allow, ep, Some(path)),
+            About::Registration(ep) => crate::auth::may_access(allow, &ep.reg.name, None),
+        }
+    }
 }
 
 /// The notification message for a batch of events, in order: one array per event type
@@ -181,11 +213,13 @@ pub fn batch_json<'a>(events: impl IntoIterator<Item = &'a Event>) -> String {
 /// The entry of a `registrations` or `reg-updates` event: `ep`, `ept`, `q` and the
 /// resources. Each resource carries the seed's `rf` for its resource type and also `rt`
 /// (the link-format name, which clients written against the real service read);
-/// `obs` is a boolean; absent attributes are left out.
-pub fn registration_body(ep: &Endpoint) -> Value {
+/// `obs` is a boolean; absent attributes are left out. Only the resources the restriction
+/// `allow` lets its key see are listed (`None`: all of them).
+pub fn registration_body(ep: &Endpoint, allow: Option<&[String]>) -> Value {
     let resources: Vec<Value> = ep
         .resources()
         .iter()
+        .filter(|r| crate::auth::may_access(allow, &ep.reg.name, Some(&r.path)))
         .map(|r| {
             let mut o = serde_json::Map::new();
             o.insert("path".into(), json!(r.path));

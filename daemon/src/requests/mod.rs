@@ -834,6 +834,7 @@ impl Requests {
                     created_ms: now_ms(),
                 },
                 job.row,
+                crate::events::About::Resource(&job.ep, &job.path),
             )
             .await;
         tracing::debug!(id = %job.id, ep = %job.ep, path = %job.path, status = o.status, "async response");

@@ -185,7 +185,7 @@ fn resources_json(resources: &[Resource]) -> Vec<ResourceJson<'_>> {
 }
 
 /// `GET /endpoints/{endpoint-name}`: 404 when no such endpoint is registered in the
-/// caller's domain.
+/// caller's domain. A restricted key gets only the resources it may access.
 pub fn get(registry: &Registry, who: &Principal, parts: &Parts, name: &str) -> Reply {
     let format = match format_of(parts) {
         Ok(f) => f,
@@ -194,11 +194,13 @@ pub fn get(registry: &Registry, who: &Principal, parts: &Parts, name: &str) -> R
     let Some(ep) = registry.get(&who.domain, name) else {
         return error(StatusCode::NOT_FOUND, "not_found", "endpoint not found");
     };
+    // Only the resources a restricted key may see.
+    let mut resources = ep.resources();
+    resources.retain(|r| who.may_access(name, Some(&r.path)));
     match format {
-        Format::Json => Reply::json(StatusCode::OK, &resources_json(&ep.resources())),
+        Format::Json => Reply::json(StatusCode::OK, &resources_json(&resources)),
         Format::LinkFormat => {
-            let body = ep
-                .resources()
+            let body = resources
                 .iter()
                 .map(|r| {
                     let mut s = format!("<{}>", r.path);

@@ -246,6 +246,16 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
         Ok(p) => p,
         Err(reply) => return reply,
     };
+    // The key's channel follows its newest verdict, so that events are routed by the
+    // restriction it has now (a key edited in its backend), from this request on.
+    if let Err(e) = state.hub.note_restriction(&principal).await {
+        tracing::error!(key = %principal.key_id, "the key's restriction is not recorded: {e}");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &errs.unavailable,
+            "the key's access cannot be recorded now; try again",
+        );
+    }
     // A key restricted to some endpoints/resources touches no others.
     let target = match &route {
         Route::Endpoint(ep) | Route::EndpointSubscriptions(ep) => Some((ep.as_str(), None)),

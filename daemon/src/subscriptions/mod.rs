@@ -261,10 +261,11 @@ impl Subscriptions {
         let wanted: BTreeSet<ResKey> = {
             let st = self.lock();
             st.keys
-                .values()
-                .flat_map(|k| {
+                .iter()
+                .flat_map(|(id, k)| {
                     k.resources
                         .iter()
+                        .filter(|(e, p)| self.hub.may_see(id, e, p))
                         .map(move |(e, p)| (k.domain.clone(), e.clone(), p.clone()))
                 })
                 .collect()
@@ -303,6 +304,9 @@ impl Subscriptions {
                 )));
             }
         }
+        // The key's channel gets the notifications (and holds its restriction), also
+        // when the resource is observed already and no request is made for the key.
+        self.hub.ensure_channel(who).await?;
         self.add(who, ep_name, path).await?;
         let observed = self.lock().observations.contains_key(&(
             who.domain.clone(),
@@ -385,21 +389,31 @@ impl Subscriptions {
         Ok(true)
     }
 
-    /// `GET /subscriptions/{ep}`: the key's subscribed paths of an endpoint.
+    /// `GET /subscriptions/{ep}`: the key's subscribed paths of an endpoint, those its
+    /// restriction lets it see (a subscription made before the key was narrowed stays,
+    /// unseen and undelivered, until the key is widened again or unsubscribes).
     pub fn list(&self, who: &Principal, ep: &str) -> Vec<String> {
         let st = self.lock();
         st.keys
             .get(&who.key_id)
-            .map(|k| k.resources.paths_of(ep).cloned().collect())
+            .map(|k| {
+                k.resources
+                    .paths_of(ep)
+                    .filter(|p| who.may_access(ep, Some(p)))
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     /// `GET /subscriptions/{ep}/{path}`.
     pub fn is_subscribed(&self, who: &Principal, ep: &str, path: &str) -> bool {
-        self.lock()
-            .keys
-            .get(&who.key_id)
-            .is_some_and(|k| k.resources.contains(ep, path))
+        who.may_access(ep, Some(path))
+            && self
+                .lock()
+                .keys
+                .get(&who.key_id)
+                .is_some_and(|k| k.resources.contains(ep, path))
     }
 
     /// `DELETE /subscriptions/{ep}`: false when the key had none there.
@@ -537,7 +551,10 @@ impl Subscriptions {
                     obs: true,
                 }));
             for res in candidates {
-                if refused.contains(res.path) {
+                // Never on behalf of a key that may not see the resource: its rules are
+                // kept as given, and applied within its restriction.
+                if refused.contains(res.path) || !self.hub.may_see(&key_id, &ep.reg.name, res.path)
+                {
                     continue;
                 }
                 let r = &res;
@@ -566,8 +583,13 @@ impl Subscriptions {
         let missing: Vec<String> = {
             let st = self.lock();
             let mut paths: BTreeSet<String> = BTreeSet::new();
-            for k in st.keys.values().filter(|k| k.domain == ep.reg.domain) {
-                paths.extend(k.resources.paths_of(&ep.reg.name).cloned());
+            for (id, k) in st.keys.iter().filter(|(_, k)| k.domain == ep.reg.domain) {
+                paths.extend(
+                    k.resources
+                        .paths_of(&ep.reg.name)
+                        .filter(|p| self.hub.may_see(id, &ep.reg.name, p))
+                        .cloned(),
+                );
             }
             paths
                 .into_iter()
@@ -671,18 +693,28 @@ impl Subscriptions {
             tracing::info!(ep = %ep_name, %path, status, subscribers = keys.len(), "subscription ended: {reason}");
         }
         let body = subscription_error_body(ep_name, path, status, reason);
-        self.publish_to(keys, Kind::SubscriptionErrors, body).await;
+        self.publish_to(keys, Kind::SubscriptionErrors, body, (ep_name, path))
+            .await;
     }
 
-    /// Publishes one event entry to each of `keys`.
-    async fn publish_to(&self, keys: Vec<String>, kind: Kind, body: crate::events::Body) {
+    /// Publishes one event entry about `ep`'s `path` to each of `keys` (the hub leaves out
+    /// the keys whose restriction does not let them see it).
+    async fn publish_to(
+        &self,
+        keys: Vec<String>,
+        kind: Kind,
+        body: crate::events::Body,
+        (ep, path): (&str, &str),
+    ) {
         for k in keys {
             let event = Event {
                 kind,
                 body: body.clone(),
                 created_ms: now_ms(),
             };
-            self.hub.publish_to_key(&k, event).await;
+            self.hub
+                .publish_to_key(&k, event, crate::events::About::Resource(ep, path))
+                .await;
         }
     }
 
@@ -719,7 +751,8 @@ impl Subscriptions {
         );
         let keys = self.lock().subscribers(domain, ep, path);
         let body = notification_body(ep, path, reply);
-        self.publish_to(keys, Kind::Notifications, body).await;
+        self.publish_to(keys, Kind::Notifications, body, (ep, path))
+            .await;
     }
 }
 

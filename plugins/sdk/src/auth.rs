@@ -76,7 +76,9 @@ pub struct PrincipalSpec {
     /// `<endpoint glob>[/<resource path glob>]` where `*` matches any run of characters,
     /// e.g. `sensor-*` (every resource of matching endpoints) or `sensor-*/3303/*`. None:
     /// no restriction. The core refuses (403) endpoint, resource and subscription routes
-    /// outside them and leaves such endpoints out of `GET /endpoints`.
+    /// outside them, leaves such endpoints and resources out of its lists, and routes to
+    /// the key's notification channel only the events about endpoints and resources they
+    /// allow (recorded with the channel at each authentication: the newest verdict wins).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow: Option<Vec<String>>,
 }
