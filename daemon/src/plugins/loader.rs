@@ -6,7 +6,7 @@ use std::ffi::c_void;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake};
 use std::time::{Duration, SystemTime};
@@ -43,7 +43,16 @@ struct Job {
     reply: Reply,
 }
 
-/// One loaded instance of a plugin, served by its own worker thread.
+/// One load of a plugin: its image and its instances, each served by a worker thread of
+/// its own (a *lane*) that runs `create`, that instance's calls one at a time, and
+/// `destroy`.
+///
+/// Most plugins have one lane. A sink plugin has up to `[notifications]
+/// max_concurrent_deliveries` of them, started on demand: when a call is sent while every
+/// lane is busy (a callback receiver that does not answer holds its lane for the sink's
+/// whole timeout), another instance is created on a new thread, so that deliveries to
+/// other receivers do not queue behind it. The lanes take calls from one queue, in order.
+/// Lanes are not stopped when idle again; they end with the generation.
 pub struct Generation {
     pub name: String,
     pub kind: Kind,
@@ -53,18 +62,42 @@ pub struct Generation {
     /// Routes it serves (asked at load).
     pub routes: Vec<http::Route>,
     tx: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
-    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// The image; unloaded after the worker is joined. None for built-ins.
+    /// What starting another lane takes, and the count of lanes and calls.
+    lanes: Arc<Lanes>,
+    /// Every lane thread started; all joined before the image is unloaded.
+    workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The image; unloaded after the workers are joined. None for built-ins.
     lib: Mutex<Option<Library>>,
     /// The private copy the image was loaded from; removed after unloading.
     copy: Option<PathBuf>,
 }
 
-/// A table pointer that may cross to the worker thread (it points at static data of an
-/// image that outlives the worker).
+/// The lanes of a generation: what a new one needs, and the counts that say when one is
+/// needed.
+struct Lanes {
+    table: TablePtr,
+    store: Arc<dyn Store>,
+    config: Vec<u8>,
+    /// The queue every lane takes its calls from (one lane waits in `recv` at a time).
+    rx: Mutex<std::sync::mpsc::Receiver<Job>>,
+    /// Most lanes (1 but for sink plugins).
+    max: usize,
+    /// Lanes started and not failed (counting one whose `create` still runs).
+    started: AtomicUsize,
+    /// Calls sent and not yet taken up and finished by a lane.
+    outstanding: AtomicUsize,
+    /// Cleared when an extra lane's `create` fails: the generation keeps the lanes it
+    /// has rather than trying (and logging) again at every busy call.
+    grow: AtomicBool,
+}
+
+/// A table pointer that may cross to the worker threads (it points at static data of an
+/// image that outlives them).
 struct TablePtr(*const PluginTable);
-// SAFETY: the table is immutable; the image stays loaded until the worker is joined.
+// SAFETY: the table is immutable; the image stays loaded until every worker is joined.
 unsafe impl Send for TablePtr {}
+// SAFETY: as above: shared reads of immutable static data.
+unsafe impl Sync for TablePtr {}
 
 /// The host's side of the functions a plugin instance calls.
 struct HostCtx {
@@ -238,22 +271,26 @@ impl Generation {
             });
         }
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let config = host.config_for(&name);
-        let ctx = Box::new(HostCtx {
-            plugin: name.clone(),
-            store: Arc::clone(&host.store),
-        });
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let lanes = Arc::new(Lanes {
+            table: TablePtr(table),
+            store: Arc::clone(&host.store),
+            config: host.config_for(&name),
+            rx: Mutex::new(rx),
+            max: if kind == Kind::Sink {
+                host.sink_lanes.max(1)
+            } else {
+                1
+            },
+            started: AtomicUsize::new(1),
+            outstanding: AtomicUsize::new(0),
+            grow: AtomicBool::new(true),
+        });
         let (init_tx, init_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        let ptr = TablePtr(table);
-        let wname = name.clone();
-        let worker = std::thread::Builder::new()
-            .name(format!("plugin-{name}"))
-            .spawn(move || run_worker(ptr, ctx, config, init_tx, rx, wname))
-            .map_err(|e| PluginError::Create {
-                name: name.clone(),
-                message: format!("cannot start its thread: {e}"),
-            })?;
+        let worker = spawn_lane(&name, &lanes, Some(init_tx)).map_err(|e| PluginError::Create {
+            name: name.clone(),
+            message: format!("cannot start its thread: {e}"),
+        })?;
         let created = match init_rx.recv_timeout(CREATE_TIMEOUT) {
             Ok(r) => r,
             Err(_) => Err(format!("create did not finish within {CREATE_TIMEOUT:?}")),
@@ -272,7 +309,8 @@ impl Generation {
             id,
             routes: Vec::new(),
             tx: Mutex::new(Some(tx)),
-            worker: Mutex::new(Some(worker)),
+            lanes,
+            workers: Mutex::new(vec![worker]),
             lib: Mutex::new(lib),
             copy,
         };
@@ -289,17 +327,50 @@ impl Generation {
         Ok(Arc::new(g))
     }
 
+    /// Queues a call for the lanes, and starts another lane when every lane is busy with
+    /// an earlier call (and there may be more).
     fn send(&self, op: &str, input: Vec<u8>, reply: Reply) -> Result<(), PluginError> {
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let tx = guard
             .as_ref()
             .ok_or_else(|| PluginError::Stopped(self.name.clone()))?;
-        tx.send(Job {
+        let lanes = &self.lanes;
+        let outstanding = lanes.outstanding.fetch_add(1, Ordering::AcqRel) + 1;
+        let sent = tx.send(Job {
             op: op.to_string(),
             input,
             reply,
-        })
-        .map_err(|_| PluginError::Stopped(self.name.clone()))
+        });
+        if sent.is_err() {
+            lanes.outstanding.fetch_sub(1, Ordering::AcqRel);
+            return Err(PluginError::Stopped(self.name.clone()));
+        }
+        // Every lane started has a call (or is still creating its instance): this one
+        // would wait. One more lane, if the bound allows; the compare-and-swap keeps two
+        // calls from starting one each for the same need.
+        let started = lanes.started.load(Ordering::Acquire);
+        if outstanding > started
+            && started < lanes.max
+            && lanes.grow.load(Ordering::Acquire)
+            && lanes
+                .started
+                .compare_exchange(started, started + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            match spawn_lane(&self.name, lanes, None) {
+                Ok(w) => self
+                    .workers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(w),
+                Err(e) => {
+                    lanes.started.fetch_sub(1, Ordering::AcqRel);
+                    lanes.grow.store(false, Ordering::Release);
+                    tracing::error!(plugin = %self.name, generation = self.id, "cannot start another instance's thread: {e}; the plugin keeps {started} instance(s)");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Calls an operation on the worker thread and waits for the answer, keeping `keep`
@@ -340,18 +411,18 @@ impl Generation {
 }
 
 impl Drop for Generation {
-    /// The last holder let go: close the worker's queue (it destroys the instance and
-    /// ends), join it, then unload the image and remove its copy. Done on a thread of its
+    /// The last holder let go: close the lanes' queue (each lane destroys its instance and
+    /// ends), join them, then unload the image and remove its copy. Done on a thread of its
     /// own so that no async task blocks on the join.
     fn drop(&mut self) {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
         drop(tx);
-        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
         let lib = self.lib.lock().unwrap_or_else(|p| p.into_inner()).take();
         let copy = self.copy.take();
         let (name, id) = (self.name.clone(), self.id);
         let reap = move || {
-            if let Some(w) = worker {
+            for w in workers {
                 let _ = w.join();
             }
             drop(lib);
@@ -379,17 +450,34 @@ fn origin_text(o: &Origin) -> String {
     }
 }
 
-/// The worker thread of one generation: create, calls in order, destroy.
-fn run_worker(
-    table: TablePtr,
-    ctx: Box<HostCtx>,
-    config: Vec<u8>,
-    init_tx: std::sync::mpsc::Sender<Result<(), String>>,
-    rx: std::sync::mpsc::Receiver<Job>,
+/// Starts a lane's thread. `init` gets the outcome of its `create` (the first lane's,
+/// which the load waits for); without it, a failed `create` is logged, and the generation
+/// starts no more lanes.
+fn spawn_lane(
+    name: &str,
+    lanes: &Arc<Lanes>,
+    init: Option<std::sync::mpsc::Sender<Result<(), String>>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let lanes = Arc::clone(lanes);
+    let wname = name.to_string();
+    std::thread::Builder::new()
+        .name(format!("plugin-{name}"))
+        .spawn(move || run_lane(&lanes, init, wname))
+}
+
+/// A lane: create an instance, run calls from the generation's queue one at a time until
+/// it is closed, destroy the instance.
+fn run_lane(
+    lanes: &Lanes,
+    init: Option<std::sync::mpsc::Sender<Result<(), String>>>,
     name: String,
 ) {
     // SAFETY: the image stays loaded until this thread is joined.
-    let t = unsafe { &*table.0 };
+    let t = unsafe { &*lanes.table.0 };
+    let ctx = Box::new(HostCtx {
+        plugin: name.clone(),
+        store: Arc::clone(&lanes.store),
+    });
     let api = HostApi {
         abi_version: ABI_VERSION,
         ctx: &*ctx as *const HostCtx as *mut c_void,
@@ -402,17 +490,39 @@ fn run_worker(
     };
     let mut instance: *mut c_void = std::ptr::null_mut();
     let mut err = Buf::EMPTY;
+    let config = &lanes.config;
     // SAFETY: the ABI contract; `api` and `ctx` outlive the instance (destroyed below).
     let rc = unsafe { (t.create)(config.as_ptr(), config.len(), &api, &mut instance, &mut err) };
     if rc != 0 {
         // SAFETY: the plugin filled `err`; it is freed by the plugin's own free.
         let msg = String::from_utf8_lossy(&unsafe { err.to_vec() }).into_owned();
         unsafe { (t.free)(err) };
-        let _ = init_tx.send(Err(msg));
+        lanes.started.fetch_sub(1, Ordering::AcqRel);
+        match init {
+            Some(init) => {
+                let _ = init.send(Err(msg));
+            }
+            None => {
+                lanes.grow.store(false, Ordering::Release);
+                tracing::error!(plugin = %name, "another instance failed to start: {msg}; the plugin keeps the instances it has");
+            }
+        }
         return;
     }
-    let _ = init_tx.send(Ok(()));
-    while let Ok(job) = rx.recv() {
+    match init {
+        Some(init) => {
+            let _ = init.send(Ok(()));
+        }
+        None => tracing::debug!(
+            plugin = %name,
+            instances = lanes.started.load(Ordering::Acquire),
+            "another instance started: every instance was busy"
+        ),
+    }
+    loop {
+        // One lane waits in `recv` at a time; the others wait for the lock.
+        let job = lanes.rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let Ok(job) = job else { break };
         let mut out = Buf::EMPTY;
         // SAFETY: the ABI contract with the instance create returned.
         let rc = unsafe {
@@ -436,6 +546,9 @@ fn run_worker(
                 message: String::from_utf8_lossy(&bytes).into_owned(),
             })
         };
+        // Before the reply: a caller that sends its next call at once finds this lane
+        // free rather than starting another.
+        lanes.outstanding.fetch_sub(1, Ordering::AcqRel);
         (job.reply)(result);
     }
     // SAFETY: the instance from create, destroyed once.

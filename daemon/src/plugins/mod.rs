@@ -1,9 +1,12 @@
 //! The host side of plugins: loading, calling, hot reload.
 //!
 //! A plugin is a [`connectord_plugin_sdk::PluginTable`] plus an instance made by its
-//! `create`. One loaded instance is a [`Generation`]: it owns a worker thread that runs
-//! `create`, every call, and `destroy`, one at a time, so a plugin needs no locking and
-//! thread-locals it creates die with a thread that is joined before its image is unloaded.
+//! `create`. One load of a plugin is a [`Generation`]: each of its instances has a worker
+//! thread that runs `create`, that instance's calls, and `destroy`, one at a time, so a
+//! plugin needs no locking and thread-locals it creates die with a thread that is joined
+//! before its image is unloaded. A generation has one instance, except a sink plugin's,
+//! which grows to several when calls overlap (see [`Generation`]), so that one slow
+//! callback receiver does not hold up deliveries to the others.
 //!
 //! Plugins come from two places: built-ins linked into the binary (`connector`,
 //! `pelion`, `losant`, `headerkeys`, `webhook`), and `lib<crate>.so` files in `[plugins] dir`. A file whose plugin has the
@@ -160,6 +163,9 @@ pub struct PluginHost {
     dir: Option<PathBuf>,
     cache_dir: PathBuf,
     counters: Arc<Counters>,
+    /// Most instances of a sink plugin at once (`[notifications]
+    /// max_concurrent_deliveries`): see [`Generation`].
+    sink_lanes: usize,
     plugins: RwLock<HashMap<String, Arc<Generation>>>,
     /// Which file each file-loaded plugin came from (to fall back when it is removed).
     files: Mutex<HashMap<PathBuf, String>>,
@@ -185,12 +191,14 @@ const WRITABLE_BY_OTHERS: u32 = 0o022;
 impl PluginHost {
     /// Loads the built-ins, then every plugin file of the directory. Failures are logged;
     /// the host always starts (a missing backend shows up as refused requests).
-    /// `cache_dir` holds the private copies of loaded files; it is emptied first.
+    /// `cache_dir` holds the private copies of loaded files; it is emptied first. A sink
+    /// plugin runs up to `sink_lanes` instances at once (one per concurrent call).
     pub fn start(
         cfg: &PluginsConfig,
         store: Arc<dyn Store>,
         cache_dir: PathBuf,
         counters: Arc<Counters>,
+        sink_lanes: usize,
     ) -> Arc<PluginHost> {
         let settings = cfg
             .settings
@@ -208,6 +216,7 @@ impl PluginHost {
             dir: cfg.dir.clone(),
             cache_dir,
             counters,
+            sink_lanes,
             plugins: RwLock::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             reload_lock: Mutex::new(()),
