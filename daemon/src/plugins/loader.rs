@@ -7,9 +7,10 @@ use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use connectord_plugin_sdk::{
     ABI_VERSION, Buf, ENTRY_PREFIX, HostApi, Kind, PluginTable, http, level,
@@ -41,18 +42,31 @@ struct Job {
     op: String,
     input: Vec<u8>,
     reply: Reply,
+    /// Set by the lane that takes the call up: until then, the call waits for a lane.
+    taken: Arc<AtomicBool>,
 }
+
+/// How long a call of a plugin with room for more lanes waits for a lane before another
+/// lane is started. Short enough that a receiver that hangs costs the others little;
+/// long enough that a burst of quick calls is served by the lanes there are rather than
+/// by an instance each.
+const GROW_AFTER: Duration = Duration::from_millis(20);
+
+/// A lane with no call for this long ends (destroying its instance), unless it is the
+/// generation's last.
+const LANE_IDLE: Duration = Duration::from_secs(30);
 
 /// One load of a plugin: its image and its instances, each served by a worker thread of
 /// its own (a *lane*) that runs `create`, that instance's calls one at a time, and
 /// `destroy`.
 ///
 /// Most plugins have one lane. A sink plugin has up to `[notifications]
-/// max_concurrent_deliveries` of them, started on demand: when a call is sent while every
-/// lane is busy (a callback receiver that does not answer holds its lane for the sink's
-/// whole timeout), another instance is created on a new thread, so that deliveries to
-/// other receivers do not queue behind it. The lanes take calls from one queue, in order.
-/// Lanes are not stopped when idle again; they end with the generation.
+/// max_concurrent_deliveries` of them, started on demand: when a call has waited
+/// [`GROW_AFTER`] for a lane (every lane is busy: a callback receiver that does not answer
+/// holds its lane for the sink's whole timeout), another instance is created on a new
+/// thread (at most one per [`GROW_AFTER`]), so that deliveries to other receivers do not
+/// queue behind it. The lanes take calls from one queue, in order. A lane idle for
+/// [`LANE_IDLE`] ends, but the last one.
 pub struct Generation {
     pub name: String,
     pub kind: Kind,
@@ -82,10 +96,16 @@ struct Lanes {
     rx: Mutex<std::sync::mpsc::Receiver<Job>>,
     /// Most lanes (1 but for sink plugins).
     max: usize,
-    /// Lanes started and not failed (counting one whose `create` still runs).
+    /// Lanes started and not failed or ended (counting one whose `create` still runs).
     started: AtomicUsize,
+    /// Lanes whose instance is created and that have not ended: an idle lane ends only
+    /// while another one lives, so calls always have one.
+    live: AtomicUsize,
     /// Calls sent and not yet taken up and finished by a lane.
     outstanding: AtomicUsize,
+    /// When the last lane was started: at most one starts per [`GROW_AFTER`], so that a
+    /// burst of calls that all wait grows the lanes step by step, not to the bound at once.
+    grown: Mutex<Instant>,
     /// Cleared when an extra lane's `create` fails: the generation keeps the lanes it
     /// has rather than trying (and logging) again at every busy call.
     grow: AtomicBool,
@@ -283,6 +303,8 @@ impl Generation {
                 1
             },
             started: AtomicUsize::new(1),
+            live: AtomicUsize::new(0),
+            grown: Mutex::new(Instant::now()),
             outstanding: AtomicUsize::new(0),
             grow: AtomicBool::new(true),
         });
@@ -327,50 +349,63 @@ impl Generation {
         Ok(Arc::new(g))
     }
 
-    /// Queues a call for the lanes, and starts another lane when every lane is busy with
-    /// an earlier call (and there may be more).
-    fn send(&self, op: &str, input: Vec<u8>, reply: Reply) -> Result<(), PluginError> {
+    /// Queues a call for the lanes.
+    fn send(
+        &self,
+        op: &str,
+        input: Vec<u8>,
+        reply: Reply,
+        taken: Arc<AtomicBool>,
+    ) -> Result<(), PluginError> {
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let tx = guard
             .as_ref()
             .ok_or_else(|| PluginError::Stopped(self.name.clone()))?;
-        let lanes = &self.lanes;
-        let outstanding = lanes.outstanding.fetch_add(1, Ordering::AcqRel) + 1;
+        self.lanes.outstanding.fetch_add(1, Ordering::AcqRel);
         let sent = tx.send(Job {
             op: op.to_string(),
             input,
             reply,
+            taken,
         });
         if sent.is_err() {
-            lanes.outstanding.fetch_sub(1, Ordering::AcqRel);
+            self.lanes.outstanding.fetch_sub(1, Ordering::AcqRel);
             return Err(PluginError::Stopped(self.name.clone()));
         }
-        // Every lane started has a call (or is still creating its instance): this one
-        // would wait. One more lane, if the bound allows; the compare-and-swap keeps two
-        // calls from starting one each for the same need.
-        let started = lanes.started.load(Ordering::Acquire);
-        if outstanding > started
-            && started < lanes.max
-            && lanes.grow.load(Ordering::Acquire)
-            && lanes
-                .started
-                .compare_exchange(started, started + 1, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+        Ok(())
+    }
+
+    /// Starts one more lane, if the bound allows, calls are waiting for one and none was
+    /// started in the last [`GROW_AFTER`].
+    fn grow(&self) {
+        let lanes = &self.lanes;
         {
-            match spawn_lane(&self.name, lanes, None) {
-                Ok(w) => self
-                    .workers
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(w),
-                Err(e) => {
-                    lanes.started.fetch_sub(1, Ordering::AcqRel);
-                    lanes.grow.store(false, Ordering::Release);
-                    tracing::error!(plugin = %self.name, generation = self.id, "cannot start another instance's thread: {e}; the plugin keeps {started} instance(s)");
-                }
+            let mut grown = lanes.grown.lock().unwrap_or_else(|p| p.into_inner());
+            let started = lanes.started.load(Ordering::Acquire);
+            let waiting = lanes.outstanding.load(Ordering::Acquire) > started;
+            if !waiting
+                || started >= lanes.max
+                || !lanes.grow.load(Ordering::Acquire)
+                || grown.elapsed() < GROW_AFTER
+            {
+                return;
+            }
+            *grown = Instant::now();
+            lanes.started.fetch_add(1, Ordering::AcqRel);
+        }
+        match spawn_lane(&self.name, lanes, None) {
+            Ok(w) => {
+                let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+                // Lanes that ended (idle) need no join any more.
+                workers.retain(|w| !w.is_finished());
+                workers.push(w);
+            }
+            Err(e) => {
+                lanes.started.fetch_sub(1, Ordering::AcqRel);
+                lanes.grow.store(false, Ordering::Release);
+                tracing::error!(plugin = %self.name, generation = self.id, "cannot start another instance's thread: {e}; the plugin keeps the instances it has");
             }
         }
-        Ok(())
     }
 
     /// Calls an operation on the worker thread and waits for the answer, keeping `keep`
@@ -382,7 +417,8 @@ impl Generation {
         input: Vec<u8>,
         keep: K,
     ) -> Result<Vec<u8>, PluginError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let taken = Arc::new(AtomicBool::new(false));
         self.send(
             op,
             input,
@@ -390,7 +426,19 @@ impl Generation {
                 drop(keep);
                 let _ = tx.send(r);
             }),
+            Arc::clone(&taken),
         )?;
+        // A plugin with room for more lanes gets one when this call waits too long.
+        while self.lanes.max > 1 && !taken.load(Ordering::Acquire) {
+            tokio::select! {
+                r = &mut rx => return r.map_err(|_| PluginError::Stopped(self.name.clone()))?,
+                () = tokio::time::sleep(GROW_AFTER) => {
+                    if !taken.load(Ordering::Acquire) {
+                        self.grow();
+                    }
+                }
+            }
+        }
         rx.await
             .map_err(|_| PluginError::Stopped(self.name.clone()))?
     }
@@ -404,6 +452,7 @@ impl Generation {
             Box::new(move |r| {
                 let _ = tx.send(r);
             }),
+            Arc::new(AtomicBool::new(false)),
         )?;
         rx.recv()
             .map_err(|_| PluginError::Stopped(self.name.clone()))?
@@ -509,6 +558,7 @@ fn run_lane(
         }
         return;
     }
+    lanes.live.fetch_add(1, Ordering::AcqRel);
     match init {
         Some(init) => {
             let _ = init.send(Ok(()));
@@ -519,10 +569,27 @@ fn run_lane(
             "another instance started: every instance was busy"
         ),
     }
+    let mut last = Instant::now();
     loop {
-        // One lane waits in `recv` at a time; the others wait for the lock.
-        let job = lanes.rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-        let Ok(job) = job else { break };
+        // One lane waits in `recv` at a time; the others wait for the lock. The time
+        // waited for the lock counts as idle too.
+        let job = {
+            let rx = lanes.rx.lock().unwrap_or_else(|p| p.into_inner());
+            rx.recv_timeout(LANE_IDLE.saturating_sub(last.elapsed()))
+        };
+        let job = match job {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => {
+                if retire(lanes) {
+                    tracing::debug!(plugin = %name, "an idle instance ended");
+                    break;
+                }
+                last = Instant::now();
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        job.taken.store(true, Ordering::Release);
         let mut out = Buf::EMPTY;
         // SAFETY: the ABI contract with the instance create returned.
         let rc = unsafe {
@@ -550,10 +617,25 @@ fn run_lane(
         // free rather than starting another.
         lanes.outstanding.fetch_sub(1, Ordering::AcqRel);
         (job.reply)(result);
+        last = Instant::now();
     }
     // SAFETY: the instance from create, destroyed once.
     unsafe { (t.destroy)(instance) };
     drop(ctx);
+}
+
+/// Counts an idle lane out, unless it is the last one living; true when it may end.
+fn retire(lanes: &Lanes) -> bool {
+    let out = lanes
+        .live
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n > 1).then(|| n - 1)
+        })
+        .is_ok();
+    if out {
+        lanes.started.fetch_sub(1, Ordering::AcqRel);
+    }
+    out
 }
 
 /// Runs a future to completion on this (non-async) thread. The store's futures need no
