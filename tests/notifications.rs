@@ -511,6 +511,7 @@ fn a_callback_that_never_answers_does_not_stall_another_keys_callback() {
         "B gets every event while A's delivery hangs"
     );
     assert_eq!(tarpit.held().len(), 1, "one batch in flight for A");
+    assert_eq!(d.metric("callback_deliveries"), 1, "A's, held");
 }
 
 /// Issue 18 (8a): 100 keys, 10 of whose callbacks never answer: the other 90 receive every

@@ -789,6 +789,12 @@ impl Hub {
     pub fn queued(&self) -> usize {
         self.lock().values().map(|c| c.queue.len()).sum()
     }
+
+    /// Callback deliveries in flight now (permits taken), and the bound.
+    pub fn deliveries(&self) -> (usize, usize) {
+        let max = self.cfg.max_concurrent_deliveries.max(1);
+        (max.saturating_sub(self.deliveries.available_permits()), max)
+    }
 }
 
 impl RegistryListener for Hub {
