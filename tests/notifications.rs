@@ -488,7 +488,7 @@ fn pushed(requests: &[support::receiver::Recorded], path: &str) -> Vec<String> {
 /// keys could not deliver B's next events within the 15 s waited here.
 #[test]
 fn a_callback_that_never_answers_does_not_stall_another_keys_callback() {
-    let d = Daemon::start_with("[plugins.settings.webhook]\ntimeout_s = 60\n");
+    let mut d = Daemon::start_with("[plugins.settings.webhook]\ntimeout_s = 60\n");
     let tarpit = support::receiver::Tarpit::start();
     let rx = Receiver::start(0);
     let key_b = new_key(&d, "b");
@@ -512,6 +512,9 @@ fn a_callback_that_never_answers_does_not_stall_another_keys_callback() {
     );
     assert_eq!(tarpit.held().len(), 1, "one batch in flight for A");
     assert_eq!(d.metric("callback_deliveries"), 1, "A's, held");
+    // A delivery that hangs does not keep the daemon from stopping.
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(Duration::from_secs(15)), Some(0));
 }
 
 /// Issue 18 (8a): 100 keys, 10 of whose callbacks never answer: the other 90 receive every

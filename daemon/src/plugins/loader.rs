@@ -54,7 +54,7 @@ const GROW_AFTER: Duration = Duration::from_millis(20);
 
 /// A lane with no call for this long ends (destroying its instance), unless it is the
 /// generation's last.
-const LANE_IDLE: Duration = Duration::from_secs(30);
+pub(super) const LANE_IDLE: Duration = Duration::from_secs(30);
 
 /// One load of a plugin: its image and its instances, each served by a worker thread of
 /// its own (a *lane*) that runs `create`, that instance's calls one at a time, and
@@ -96,6 +96,8 @@ struct Lanes {
     rx: Mutex<std::sync::mpsc::Receiver<Job>>,
     /// Most lanes (1 but for sink plugins).
     max: usize,
+    /// How long a lane may be idle before it ends ([`LANE_IDLE`] but in tests).
+    idle: Duration,
     /// Lanes started and not failed or ended (counting one whose `create` still runs).
     started: AtomicUsize,
     /// Lanes whose instance is created and that have not ended: an idle lane ends only
@@ -302,6 +304,7 @@ impl Generation {
             } else {
                 1
             },
+            idle: host.lane_idle(),
             started: AtomicUsize::new(1),
             live: AtomicUsize::new(0),
             grown: Mutex::new(Instant::now()),
@@ -443,6 +446,11 @@ impl Generation {
             .map_err(|_| PluginError::Stopped(self.name.clone()))?
     }
 
+    /// Instances serving now (lanes whose `create` succeeded and that have not ended).
+    pub fn instances(&self) -> usize {
+        self.lanes.live.load(Ordering::Acquire)
+    }
+
     /// As [`Generation::call_keeping`], blocking the calling (non-async) thread.
     pub fn call_blocking(&self, op: &str, input: Vec<u8>) -> Result<Vec<u8>, PluginError> {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -575,7 +583,7 @@ fn run_lane(
         // waited for the lock counts as idle too.
         let job = {
             let rx = lanes.rx.lock().unwrap_or_else(|p| p.into_inner());
-            rx.recv_timeout(LANE_IDLE.saturating_sub(last.elapsed()))
+            rx.recv_timeout(lanes.idle.saturating_sub(last.elapsed()))
         };
         let job = match job {
             Ok(job) => job,
