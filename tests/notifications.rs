@@ -562,4 +562,13 @@ fn ninety_keys_get_every_event_while_ten_callbacks_never_answer() {
         "at most one batch in flight per tarpit key: {}",
         held.len()
     );
+    // The sink ran extra instances; only the first one's "ready" line is at info.
+    let logs = d.logs();
+    let ready = |lvl: &str| {
+        logs.iter()
+            .filter(|l| l.contains(lvl) && l.contains("webhook sink ready"))
+            .count()
+    };
+    assert_eq!(ready(" INFO "), 1);
+    assert!(ready(" DEBUG ") >= 1, "no extra instance was started");
 }

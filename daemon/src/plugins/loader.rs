@@ -125,6 +125,10 @@ unsafe impl Sync for TablePtr {}
 struct HostCtx {
     plugin: String,
     store: Arc<dyn Store>,
+    /// Set while an extra lane's instance is created: its info lines ("ready") repeat the
+    /// first instance's and are logged at debug, so that lanes coming and going do not
+    /// fill the log.
+    quiet: AtomicBool,
 }
 
 impl Generation {
@@ -534,6 +538,7 @@ fn run_lane(
     let ctx = Box::new(HostCtx {
         plugin: name.clone(),
         store: Arc::clone(&lanes.store),
+        quiet: AtomicBool::new(init.is_none()),
     });
     let api = HostApi {
         abi_version: ABI_VERSION,
@@ -566,6 +571,7 @@ fn run_lane(
         }
         return;
     }
+    ctx.quiet.store(false, Ordering::Release);
     lanes.live.fetch_add(1, Ordering::AcqRel);
     match init {
         Some(init) => {
@@ -691,7 +697,9 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, lvl: u32, msg: *const u8, len: u
         match lvl {
             level::ERROR => tracing::error!(plugin = %c.plugin, "{m}"),
             level::WARN => tracing::warn!(plugin = %c.plugin, "{m}"),
-            level::INFO => tracing::info!(plugin = %c.plugin, "{m}"),
+            level::INFO if !c.quiet.load(Ordering::Acquire) => {
+                tracing::info!(plugin = %c.plugin, "{m}")
+            }
             _ => tracing::debug!(plugin = %c.plugin, "{m}"),
         }
         0
