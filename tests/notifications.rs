@@ -437,3 +437,138 @@ fn a_batch_not_acknowledged_in_time_is_delivered_again() {
     assert_eq!(d.metric("long_poll_redeliveries_total"), 1);
     assert_eq!(d.metric("events_delivered_total"), 1);
 }
+
+/// A new access key of the daemon's default domain (`POST /api/api_tokens` with the admin
+/// key): every core scope but `admin`, `notifications` among them.
+fn new_key(d: &Daemon, name: &str) -> String {
+    let body = json!({ "name": name }).to_string();
+    let r = d.call(
+        "POST",
+        "/api/api_tokens",
+        Some("application/json"),
+        Some(body.as_bytes()),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.json()["access_key"].as_str().unwrap().to_string()
+}
+
+/// `PUT /v2/notification/callback` for `key`, asserting 204 (the URL was verified).
+fn set_callback(d: &Daemon, key: &str, url: &str) {
+    let body = json!({ "url": url }).to_string();
+    let r = http(
+        "PUT",
+        &d.url("/v2/notification/callback"),
+        &[
+            ("Authorization", &format!("Bearer {key}")),
+            ("Content-Type", "application/json"),
+        ],
+        Some(body.as_bytes()),
+    );
+    assert_eq!(r.status, 204, "{url}: {}", r.body);
+}
+
+/// The `ep` of every `registrations` entry a receiver got on `path`, in order.
+fn pushed(requests: &[support::receiver::Recorded], path: &str) -> Vec<String> {
+    requests
+        .iter()
+        .filter(|r| r.path == path && !r.body.is_empty())
+        .flat_map(|r| {
+            r.json()["registrations"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|e| e["ep"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Issue 18 (8a): a key whose callback receiver answers the verification and then never
+/// answers does not hold up another key's deliveries. Key A's receiver holds A's first
+/// delivery unanswered; the webhook timeout is 60 s, so a delivery path that serialised
+/// keys could not deliver B's next events within the 15 s waited here.
+#[test]
+fn a_callback_that_never_answers_does_not_stall_another_keys_callback() {
+    let mut d = Daemon::start_with("[plugins.settings.webhook]\ntimeout_s = 60\n");
+    let tarpit = support::receiver::Tarpit::start();
+    let rx = Receiver::start(0);
+    let key_b = new_key(&d, "b");
+    set_callback(&d, &d.key, &tarpit.url("/a"));
+    set_callback(&d, &key_b, &rx.url("/b"));
+
+    d.device().register(&["ep=dev-0", "lt=300"], "</3/0>");
+    let held = tarpit.wait(Duration::from_secs(15), |r| !r.is_empty());
+    assert_eq!(held.len(), 1, "A's first delivery is held by its receiver");
+    for i in 1..3 {
+        // Devices arrive about a second apart, as in the issue.
+        std::thread::sleep(Duration::from_secs(1));
+        d.device()
+            .register(&[&format!("ep=dev-{i}"), "lt=300"], "</3/0>");
+    }
+    let got = rx.wait(Duration::from_secs(15), |r| pushed(r, "/b").len() >= 3);
+    assert_eq!(
+        pushed(&got, "/b"),
+        ["dev-0", "dev-1", "dev-2"],
+        "B gets every event while A's delivery hangs"
+    );
+    assert_eq!(tarpit.held().len(), 1, "one batch in flight for A");
+    assert_eq!(d.metric("callback_deliveries"), 1, "A's, held");
+    // A delivery that hangs does not keep the daemon from stopping.
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(Duration::from_secs(15)), Some(0));
+}
+
+/// Issue 18 (8a): 100 keys, 10 of whose callbacks never answer: the other 90 receive every
+/// event (the tarpits hold 10 of the concurrent deliveries, not all of them).
+#[test]
+fn ninety_keys_get_every_event_while_ten_callbacks_never_answer() {
+    let d = Daemon::start_with("[plugins.settings.webhook]\ntimeout_s = 60\n");
+    let tarpit = support::receiver::Tarpit::start();
+    let rx = Receiver::start(0);
+    for i in 0..100 {
+        let key = new_key(&d, &format!("k{i}"));
+        let path = format!("/k{i}");
+        let url = if i % 10 == 0 {
+            tarpit.url(&path)
+        } else {
+            rx.url(&path)
+        };
+        set_callback(&d, &key, &url);
+    }
+    let sent: Vec<String> = (0..3).map(|i| format!("dev-{i}")).collect();
+    for ep in &sent {
+        d.device()
+            .register(&[&format!("ep={ep}"), "lt=300"], "</3/0>");
+    }
+    let normal: Vec<String> = (0..100)
+        .filter(|i| i % 10 != 0)
+        .map(|i| format!("/k{i}"))
+        .collect();
+    let got = rx.wait(Duration::from_secs(20), |r| {
+        normal.iter().all(|p| pushed(r, p).len() >= 3)
+    });
+    let short: Vec<(&String, Vec<String>)> = normal
+        .iter()
+        .map(|p| (p, pushed(&got, p)))
+        .filter(|(_, eps)| *eps != sent)
+        .collect();
+    assert!(
+        short.is_empty(),
+        "{} of 90 keys did not get every event in order: {short:?}",
+        short.len()
+    );
+    let held = tarpit.held();
+    assert!(
+        held.len() <= 10,
+        "at most one batch in flight per tarpit key: {}",
+        held.len()
+    );
+    // The sink ran extra instances; only the first one's "ready" line is at info.
+    let logs = d.logs();
+    let ready = |lvl: &str| {
+        logs.iter()
+            .filter(|l| l.contains(lvl) && l.contains("webhook sink ready"))
+            .count()
+    };
+    assert_eq!(ready(" INFO "), 1);
+    assert!(ready(" DEBUG ") >= 1, "no extra instance was started");
+}

@@ -39,6 +39,7 @@ fn served() -> BTreeSet<(String, String)> {
         store,
         dir.path().join("cache"),
         Arc::new(Counters::default()),
+        1,
     );
     for r in host.routes() {
         all.insert((r.route.method.to_uppercase(), r.route.path.clone()));

@@ -78,6 +78,7 @@ pub async fn run(
         Arc::clone(&store),
         crate::plugins::cache_dir(&state_dir),
         Arc::clone(&counters),
+        config.notifications.max_concurrent_deliveries,
     );
     let loaded = plugins.loaded();
     for (name, origin, generation) in &loaded {
@@ -332,6 +333,7 @@ pub fn plugin_call(
         store,
         cache.clone(),
         Arc::new(Counters::default()),
+        1,
     );
     let g = host
         .get(plugin)

@@ -151,3 +151,105 @@ fn read_request(stream: &std::net::TcpStream) -> Option<Recorded> {
         body: String::from_utf8_lossy(&body).into_owned(),
     })
 }
+
+/// A callback receiver that answers the verifying `PUT` (an empty body) with 200 and then
+/// never answers a delivery: it reads each delivery's request, records it, and holds its
+/// connection open, unanswered, until the tarpit stops (the receiver a tenant could point
+/// its callback at to stall deliveries).
+pub struct Tarpit {
+    pub addr: SocketAddr,
+    held: Arc<Mutex<Vec<Recorded>>>,
+    stop: Arc<AtomicBool>,
+    threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Tarpit {
+    /// Listens on 127.0.0.1, any free port.
+    pub fn start() -> Tarpit {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind tarpit");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let (hd, sp, th) = (Arc::clone(&held), Arc::clone(&stop), Arc::clone(&threads));
+        let accept = std::thread::spawn(move || {
+            while !sp.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (hd, sp) = (Arc::clone(&hd), Arc::clone(&sp));
+                        let t = std::thread::spawn(move || hold(stream, &hd, &sp));
+                        th.lock().unwrap().push(t);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Tarpit {
+            addr,
+            held,
+            stop,
+            threads,
+            accept: Some(accept),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// The deliveries read and left unanswered so far.
+    pub fn held(&self) -> Vec<Recorded> {
+        self.held.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds for the held deliveries.
+    pub fn wait(&self, timeout: Duration, done: impl Fn(&[Recorded]) -> bool) -> Vec<Recorded> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.held();
+            if done(&r) || Instant::now() >= deadline {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Tarpit {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        for t in self.threads.lock().unwrap().drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One tarpit connection: verifying requests are answered (and the connection closed), a
+/// delivery is recorded and its connection held unanswered until `stop`.
+fn hold(stream: std::net::TcpStream, held: &Mutex<Vec<Recorded>>, stop: &AtomicBool) {
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let Some(r) = read_request(&stream) else {
+        return;
+    };
+    if r.body.is_empty() {
+        let mut s = stream;
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        return;
+    }
+    held.lock().unwrap().push(r);
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(stream);
+}

@@ -210,6 +210,10 @@ pub struct NotificationsConfig {
     /// A long-poll answer counts as received when the same key pulls again within this
     /// many seconds of it; otherwise its events are delivered again (at least once).
     pub redeliver_after_s: u64,
+    /// Most callback deliveries in flight at once, over all keys (each key has at most
+    /// one): the sink plugin runs up to this many instances. A receiver that does not
+    /// answer holds one for the sink's timeout; the others go on with the rest.
+    pub max_concurrent_deliveries: usize,
 }
 
 impl Default for NotificationsConfig {
@@ -222,6 +226,7 @@ impl Default for NotificationsConfig {
             retry_initial_ms: 1000,
             retry_max_ms: 60_000,
             redeliver_after_s: 60,
+            max_concurrent_deliveries: 64,
         }
     }
 }
@@ -261,6 +266,10 @@ pub struct RuntimeConfig {
 
 /// Most worker threads `[runtime] worker_threads` accepts.
 pub const MAX_WORKER_THREADS: usize = 1024;
+
+/// Largest `notifications.max_concurrent_deliveries`: each may be a thread of the sink
+/// plugin's.
+pub const MAX_CONCURRENT_DELIVERIES: usize = 1024;
 
 /// `[state]`: where durable state lives.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -545,6 +554,14 @@ impl Config {
                 "notifications.redeliver_after_s"
             };
             return Err(invalid(key, "must be at least 1".into()));
+        }
+        if n.max_concurrent_deliveries == 0
+            || n.max_concurrent_deliveries > MAX_CONCURRENT_DELIVERIES
+        {
+            return Err(invalid(
+                "notifications.max_concurrent_deliveries",
+                format!("must lie between 1 and {MAX_CONCURRENT_DELIVERIES}"),
+            ));
         }
         if self.plugins.auth.is_empty() {
             return Err(invalid(

@@ -135,6 +135,14 @@ fn range_errors_name_the_key() {
             "notifications.retry_initial_ms",
         ),
         (
+            "[notifications]\nmax_concurrent_deliveries = 0\n",
+            "notifications.max_concurrent_deliveries",
+        ),
+        (
+            "[notifications]\nmax_concurrent_deliveries = 1025\n",
+            "notifications.max_concurrent_deliveries",
+        ),
+        (
             "[limits]\ntransaction_quota = 0\n",
             "limits.transaction_quota",
         ),

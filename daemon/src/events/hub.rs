@@ -5,7 +5,9 @@
 //! the oldest events, which stay queued and stored as the key's *answer in flight* until
 //! the key's next pull acknowledges them (see [`Hub::pull`]); a callback channel has a
 //! delivery task that sends the oldest batch to the [`Sink`] and removes it only when the
-//! sink accepted (or refused) it, retrying with exponential backoff otherwise. Events older
+//! sink accepted (or refused) it, retrying with exponential backoff otherwise. The delivery
+//! tasks of different keys run concurrently, at most
+//! `notifications.max_concurrent_deliveries` deliveries at once. Events older
 //! than `notifications.discard_after_s` (15 minutes by default, as the seed says) are
 //! discarded and counted, wherever they wait.
 
@@ -15,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 use super::{
@@ -240,6 +242,11 @@ pub struct Hub {
     cfg: NotificationsConfig,
     counters: Arc<Counters>,
     channels: Mutex<Map<String, Channel>>,
+    /// One permit per callback delivery in flight, `notifications.max_concurrent_deliveries`
+    /// in all. A key's delivery task holds at most one (it sends one batch at a time), and
+    /// only while the sink delivers, not while it backs off, so keys whose receivers hang
+    /// hold one permit each and the rest go to the others, first come first served.
+    deliveries: Semaphore,
     stop: Shutdown,
 }
 
@@ -269,12 +276,14 @@ impl Hub {
             "notifications: {} channels, {queued} undelivered events",
             channels.len()
         );
+        let cfg_deliveries = cfg.max_concurrent_deliveries.max(1);
         let hub = Arc::new(Hub {
             store,
             sink,
             cfg,
             counters,
             channels: Mutex::new(channels),
+            deliveries: Semaphore::new(cfg_deliveries),
             stop,
         });
         let callback_keys: Vec<String> = hub
@@ -727,7 +736,10 @@ impl Hub {
         }
     }
 
-    /// Delivers a callback channel's events in order, one batch at a time.
+    /// Delivers a callback channel's events in order, one batch at a time, each under a
+    /// permit of [`Hub::deliveries`]. Other keys' tasks run meanwhile: a receiver that
+    /// does not answer delays only its own key (the sink plugin runs calls that overlap on
+    /// instances of their own, see `plugins::Generation`).
     async fn push_loop(self: Arc<Self>, key_id: String) {
         let mut stop = self.stop.clone();
         let initial = Duration::from_millis(self.cfg.retry_initial_ms);
@@ -771,7 +783,21 @@ impl Hub {
                 }
             };
             let body = Bytes::from(batch_json(batch.iter().map(|e| &e.event)));
-            match self.sink.deliver(&target, body).await {
+            // Waits while `max_concurrent_deliveries` other keys' deliveries are in flight.
+            let permit = tokio::select! {
+                _ = stop.recv() => break,
+                p = self.deliveries.acquire() => match p {
+                    Ok(p) => p,
+                    // Never closed; if it were, delivering without a bound beats stalling.
+                    Err(_) => {
+                        tracing::error!("notifications: the delivery bound is closed");
+                        break;
+                    }
+                },
+            };
+            let outcome = self.sink.deliver(&target, body).await;
+            drop(permit);
+            match outcome {
                 Delivery::Accepted => {
                     backoff = initial;
                     for _ in 0..batch.len() {
@@ -861,6 +887,12 @@ impl Hub {
     /// Undelivered events, all keys.
     pub fn queued(&self) -> usize {
         self.lock().values().map(|c| c.queue.len()).sum()
+    }
+
+    /// Callback deliveries in flight now (permits taken), and the bound.
+    pub fn deliveries(&self) -> (usize, usize) {
+        let max = self.cfg.max_concurrent_deliveries.max(1);
+        (max.saturating_sub(self.deliveries.available_permits()), max)
     }
 }
 

@@ -6,10 +6,11 @@ use std::ffi::c_void;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use connectord_plugin_sdk::{
     ABI_VERSION, Buf, ENTRY_PREFIX, HostApi, Kind, PluginTable, http, level,
@@ -41,9 +42,31 @@ struct Job {
     op: String,
     input: Vec<u8>,
     reply: Reply,
+    /// Set by the lane that takes the call up: until then, the call waits for a lane.
+    taken: Arc<AtomicBool>,
 }
 
-/// One loaded instance of a plugin, served by its own worker thread.
+/// How long a call of a plugin with room for more lanes waits for a lane before another
+/// lane is started. Short enough that a receiver that hangs costs the others little;
+/// long enough that a burst of quick calls is served by the lanes there are rather than
+/// by an instance each.
+const GROW_AFTER: Duration = Duration::from_millis(20);
+
+/// A lane with no call for this long ends (destroying its instance), unless it is the
+/// generation's last.
+pub(super) const LANE_IDLE: Duration = Duration::from_secs(30);
+
+/// One load of a plugin: its image and its instances, each served by a worker thread of
+/// its own (a *lane*) that runs `create`, that instance's calls one at a time, and
+/// `destroy`.
+///
+/// Most plugins have one lane. A sink plugin has up to `[notifications]
+/// max_concurrent_deliveries` of them, started on demand: when a call has waited
+/// [`GROW_AFTER`] for a lane (every lane is busy: a callback receiver that does not answer
+/// holds its lane for the sink's whole timeout), another instance is created on a new
+/// thread (at most one per [`GROW_AFTER`]), so that deliveries to other receivers do not
+/// queue behind it. The lanes take calls from one queue, in order. A lane idle for
+/// [`LANE_IDLE`] ends, but the last one.
 pub struct Generation {
     pub name: String,
     pub kind: Kind,
@@ -53,23 +76,59 @@ pub struct Generation {
     /// Routes it serves (asked at load).
     pub routes: Vec<http::Route>,
     tx: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
-    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// The image; unloaded after the worker is joined. None for built-ins.
+    /// What starting another lane takes, and the count of lanes and calls.
+    lanes: Arc<Lanes>,
+    /// Every lane thread started; all joined before the image is unloaded.
+    workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The image; unloaded after the workers are joined. None for built-ins.
     lib: Mutex<Option<Library>>,
     /// The private copy the image was loaded from; removed after unloading.
     copy: Option<PathBuf>,
 }
 
-/// A table pointer that may cross to the worker thread (it points at static data of an
-/// image that outlives the worker).
+/// The lanes of a generation: what a new one needs, and the counts that say when one is
+/// needed.
+struct Lanes {
+    table: TablePtr,
+    store: Arc<dyn Store>,
+    config: Vec<u8>,
+    /// The queue every lane takes its calls from (one lane waits in `recv` at a time).
+    rx: Mutex<std::sync::mpsc::Receiver<Job>>,
+    /// Most lanes (1 but for sink plugins).
+    max: usize,
+    /// How long a lane may be idle before it ends ([`LANE_IDLE`] but in tests).
+    idle: Duration,
+    /// Lanes started and not failed or ended (counting one whose `create` still runs).
+    started: AtomicUsize,
+    /// Lanes whose instance is created and that have not ended: an idle lane ends only
+    /// while another one lives, so calls always have one.
+    live: AtomicUsize,
+    /// Calls sent and not yet taken up and finished by a lane.
+    outstanding: AtomicUsize,
+    /// When the last lane was started: at most one starts per [`GROW_AFTER`], so that a
+    /// burst of calls that all wait grows the lanes step by step, not to the bound at once.
+    grown: Mutex<Instant>,
+    /// Cleared when an extra lane's `create` fails: the generation keeps the lanes it
+    /// has rather than trying (and logging) again at every busy call.
+    grow: AtomicBool,
+}
+
+/// A table pointer that may cross to the worker threads (it points at static data of an
+/// image that outlives them).
 struct TablePtr(*const PluginTable);
-// SAFETY: the table is immutable; the image stays loaded until the worker is joined.
+// SAFETY: the table is immutable; the image stays loaded until every worker is joined.
 unsafe impl Send for TablePtr {}
+// SAFETY: as above: shared reads of immutable static data.
+unsafe impl Sync for TablePtr {}
 
 /// The host's side of the functions a plugin instance calls.
 struct HostCtx {
     plugin: String,
     store: Arc<dyn Store>,
+    /// Set while an extra lane's instance is created: its info lines ("ready") repeat the
+    /// first instance's and are logged at debug, so that lanes coming and going do not
+    /// fill the log.
+    quiet: AtomicBool,
 }
 
 impl Generation {
@@ -238,22 +297,29 @@ impl Generation {
             });
         }
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let config = host.config_for(&name);
-        let ctx = Box::new(HostCtx {
-            plugin: name.clone(),
-            store: Arc::clone(&host.store),
-        });
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let lanes = Arc::new(Lanes {
+            table: TablePtr(table),
+            store: Arc::clone(&host.store),
+            config: host.config_for(&name),
+            rx: Mutex::new(rx),
+            max: if kind == Kind::Sink {
+                host.sink_lanes.max(1)
+            } else {
+                1
+            },
+            idle: host.lane_idle(),
+            started: AtomicUsize::new(1),
+            live: AtomicUsize::new(0),
+            grown: Mutex::new(Instant::now()),
+            outstanding: AtomicUsize::new(0),
+            grow: AtomicBool::new(true),
+        });
         let (init_tx, init_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        let ptr = TablePtr(table);
-        let wname = name.clone();
-        let worker = std::thread::Builder::new()
-            .name(format!("plugin-{name}"))
-            .spawn(move || run_worker(ptr, ctx, config, init_tx, rx, wname))
-            .map_err(|e| PluginError::Create {
-                name: name.clone(),
-                message: format!("cannot start its thread: {e}"),
-            })?;
+        let worker = spawn_lane(&name, &lanes, Some(init_tx)).map_err(|e| PluginError::Create {
+            name: name.clone(),
+            message: format!("cannot start its thread: {e}"),
+        })?;
         let created = match init_rx.recv_timeout(CREATE_TIMEOUT) {
             Ok(r) => r,
             Err(_) => Err(format!("create did not finish within {CREATE_TIMEOUT:?}")),
@@ -272,7 +338,8 @@ impl Generation {
             id,
             routes: Vec::new(),
             tx: Mutex::new(Some(tx)),
-            worker: Mutex::new(Some(worker)),
+            lanes,
+            workers: Mutex::new(vec![worker]),
             lib: Mutex::new(lib),
             copy,
         };
@@ -289,17 +356,63 @@ impl Generation {
         Ok(Arc::new(g))
     }
 
-    fn send(&self, op: &str, input: Vec<u8>, reply: Reply) -> Result<(), PluginError> {
+    /// Queues a call for the lanes.
+    fn send(
+        &self,
+        op: &str,
+        input: Vec<u8>,
+        reply: Reply,
+        taken: Arc<AtomicBool>,
+    ) -> Result<(), PluginError> {
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let tx = guard
             .as_ref()
             .ok_or_else(|| PluginError::Stopped(self.name.clone()))?;
-        tx.send(Job {
+        self.lanes.outstanding.fetch_add(1, Ordering::AcqRel);
+        let sent = tx.send(Job {
             op: op.to_string(),
             input,
             reply,
-        })
-        .map_err(|_| PluginError::Stopped(self.name.clone()))
+            taken,
+        });
+        if sent.is_err() {
+            self.lanes.outstanding.fetch_sub(1, Ordering::AcqRel);
+            return Err(PluginError::Stopped(self.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Starts one more lane, if the bound allows, calls are waiting for one and none was
+    /// started in the last [`GROW_AFTER`].
+    fn grow(&self) {
+        let lanes = &self.lanes;
+        {
+            let mut grown = lanes.grown.lock().unwrap_or_else(|p| p.into_inner());
+            let started = lanes.started.load(Ordering::Acquire);
+            let waiting = lanes.outstanding.load(Ordering::Acquire) > started;
+            if !waiting
+                || started >= lanes.max
+                || !lanes.grow.load(Ordering::Acquire)
+                || grown.elapsed() < GROW_AFTER
+            {
+                return;
+            }
+            *grown = Instant::now();
+            lanes.started.fetch_add(1, Ordering::AcqRel);
+        }
+        match spawn_lane(&self.name, lanes, None) {
+            Ok(w) => {
+                let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+                // Lanes that ended (idle) need no join any more.
+                workers.retain(|w| !w.is_finished());
+                workers.push(w);
+            }
+            Err(e) => {
+                lanes.started.fetch_sub(1, Ordering::AcqRel);
+                lanes.grow.store(false, Ordering::Release);
+                tracing::error!(plugin = %self.name, generation = self.id, "cannot start another instance's thread: {e}; the plugin keeps the instances it has");
+            }
+        }
     }
 
     /// Calls an operation on the worker thread and waits for the answer, keeping `keep`
@@ -311,7 +424,8 @@ impl Generation {
         input: Vec<u8>,
         keep: K,
     ) -> Result<Vec<u8>, PluginError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let taken = Arc::new(AtomicBool::new(false));
         self.send(
             op,
             input,
@@ -319,9 +433,26 @@ impl Generation {
                 drop(keep);
                 let _ = tx.send(r);
             }),
+            Arc::clone(&taken),
         )?;
+        // A plugin with room for more lanes gets one when this call waits too long.
+        while self.lanes.max > 1 && !taken.load(Ordering::Acquire) {
+            tokio::select! {
+                r = &mut rx => return r.map_err(|_| PluginError::Stopped(self.name.clone()))?,
+                () = tokio::time::sleep(GROW_AFTER) => {
+                    if !taken.load(Ordering::Acquire) {
+                        self.grow();
+                    }
+                }
+            }
+        }
         rx.await
             .map_err(|_| PluginError::Stopped(self.name.clone()))?
+    }
+
+    /// Instances serving now (lanes whose `create` succeeded and that have not ended).
+    pub fn instances(&self) -> usize {
+        self.lanes.live.load(Ordering::Acquire)
     }
 
     /// As [`Generation::call_keeping`], blocking the calling (non-async) thread.
@@ -333,6 +464,7 @@ impl Generation {
             Box::new(move |r| {
                 let _ = tx.send(r);
             }),
+            Arc::new(AtomicBool::new(false)),
         )?;
         rx.recv()
             .map_err(|_| PluginError::Stopped(self.name.clone()))?
@@ -340,18 +472,18 @@ impl Generation {
 }
 
 impl Drop for Generation {
-    /// The last holder let go: close the worker's queue (it destroys the instance and
-    /// ends), join it, then unload the image and remove its copy. Done on a thread of its
+    /// The last holder let go: close the lanes' queue (each lane destroys its instance and
+    /// ends), join them, then unload the image and remove its copy. Done on a thread of its
     /// own so that no async task blocks on the join.
     fn drop(&mut self) {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
         drop(tx);
-        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
         let lib = self.lib.lock().unwrap_or_else(|p| p.into_inner()).take();
         let copy = self.copy.take();
         let (name, id) = (self.name.clone(), self.id);
         let reap = move || {
-            if let Some(w) = worker {
+            for w in workers {
                 let _ = w.join();
             }
             drop(lib);
@@ -379,17 +511,35 @@ fn origin_text(o: &Origin) -> String {
     }
 }
 
-/// The worker thread of one generation: create, calls in order, destroy.
-fn run_worker(
-    table: TablePtr,
-    ctx: Box<HostCtx>,
-    config: Vec<u8>,
-    init_tx: std::sync::mpsc::Sender<Result<(), String>>,
-    rx: std::sync::mpsc::Receiver<Job>,
+/// Starts a lane's thread. `init` gets the outcome of its `create` (the first lane's,
+/// which the load waits for); without it, a failed `create` is logged, and the generation
+/// starts no more lanes.
+fn spawn_lane(
+    name: &str,
+    lanes: &Arc<Lanes>,
+    init: Option<std::sync::mpsc::Sender<Result<(), String>>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let lanes = Arc::clone(lanes);
+    let wname = name.to_string();
+    std::thread::Builder::new()
+        .name(format!("plugin-{name}"))
+        .spawn(move || run_lane(&lanes, init, wname))
+}
+
+/// A lane: create an instance, run calls from the generation's queue one at a time until
+/// it is closed, destroy the instance.
+fn run_lane(
+    lanes: &Lanes,
+    init: Option<std::sync::mpsc::Sender<Result<(), String>>>,
     name: String,
 ) {
     // SAFETY: the image stays loaded until this thread is joined.
-    let t = unsafe { &*table.0 };
+    let t = unsafe { &*lanes.table.0 };
+    let ctx = Box::new(HostCtx {
+        plugin: name.clone(),
+        store: Arc::clone(&lanes.store),
+        quiet: AtomicBool::new(init.is_none()),
+    });
     let api = HostApi {
         abi_version: ABI_VERSION,
         ctx: &*ctx as *const HostCtx as *mut c_void,
@@ -402,17 +552,58 @@ fn run_worker(
     };
     let mut instance: *mut c_void = std::ptr::null_mut();
     let mut err = Buf::EMPTY;
+    let config = &lanes.config;
     // SAFETY: the ABI contract; `api` and `ctx` outlive the instance (destroyed below).
     let rc = unsafe { (t.create)(config.as_ptr(), config.len(), &api, &mut instance, &mut err) };
     if rc != 0 {
         // SAFETY: the plugin filled `err`; it is freed by the plugin's own free.
         let msg = String::from_utf8_lossy(&unsafe { err.to_vec() }).into_owned();
         unsafe { (t.free)(err) };
-        let _ = init_tx.send(Err(msg));
+        lanes.started.fetch_sub(1, Ordering::AcqRel);
+        match init {
+            Some(init) => {
+                let _ = init.send(Err(msg));
+            }
+            None => {
+                lanes.grow.store(false, Ordering::Release);
+                tracing::error!(plugin = %name, "another instance failed to start: {msg}; the plugin keeps the instances it has");
+            }
+        }
         return;
     }
-    let _ = init_tx.send(Ok(()));
-    while let Ok(job) = rx.recv() {
+    ctx.quiet.store(false, Ordering::Release);
+    lanes.live.fetch_add(1, Ordering::AcqRel);
+    match init {
+        Some(init) => {
+            let _ = init.send(Ok(()));
+        }
+        None => tracing::debug!(
+            plugin = %name,
+            instances = lanes.started.load(Ordering::Acquire),
+            "another instance started: every instance was busy"
+        ),
+    }
+    let mut last = Instant::now();
+    loop {
+        // One lane waits in `recv` at a time; the others wait for the lock. The time
+        // waited for the lock counts as idle too.
+        let job = {
+            let rx = lanes.rx.lock().unwrap_or_else(|p| p.into_inner());
+            rx.recv_timeout(lanes.idle.saturating_sub(last.elapsed()))
+        };
+        let job = match job {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => {
+                if retire(lanes) {
+                    tracing::debug!(plugin = %name, "an idle instance ended");
+                    break;
+                }
+                last = Instant::now();
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        job.taken.store(true, Ordering::Release);
         let mut out = Buf::EMPTY;
         // SAFETY: the ABI contract with the instance create returned.
         let rc = unsafe {
@@ -436,11 +627,29 @@ fn run_worker(
                 message: String::from_utf8_lossy(&bytes).into_owned(),
             })
         };
+        // Before the reply: a caller that sends its next call at once finds this lane
+        // free rather than starting another.
+        lanes.outstanding.fetch_sub(1, Ordering::AcqRel);
         (job.reply)(result);
+        last = Instant::now();
     }
     // SAFETY: the instance from create, destroyed once.
     unsafe { (t.destroy)(instance) };
     drop(ctx);
+}
+
+/// Counts an idle lane out, unless it is the last one living; true when it may end.
+fn retire(lanes: &Lanes) -> bool {
+    let out = lanes
+        .live
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n > 1).then(|| n - 1)
+        })
+        .is_ok();
+    if out {
+        lanes.started.fetch_sub(1, Ordering::AcqRel);
+    }
+    out
 }
 
 /// Runs a future to completion on this (non-async) thread. The store's futures need no
@@ -488,7 +697,9 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, lvl: u32, msg: *const u8, len: u
         match lvl {
             level::ERROR => tracing::error!(plugin = %c.plugin, "{m}"),
             level::WARN => tracing::warn!(plugin = %c.plugin, "{m}"),
-            level::INFO => tracing::info!(plugin = %c.plugin, "{m}"),
+            level::INFO if !c.quiet.load(Ordering::Acquire) => {
+                tracing::info!(plugin = %c.plugin, "{m}")
+            }
             _ => tracing::debug!(plugin = %c.plugin, "{m}"),
         }
         0

@@ -1,9 +1,12 @@
 //! The host side of plugins: loading, calling, hot reload.
 //!
 //! A plugin is a [`connectord_plugin_sdk::PluginTable`] plus an instance made by its
-//! `create`. One loaded instance is a [`Generation`]: it owns a worker thread that runs
-//! `create`, every call, and `destroy`, one at a time, so a plugin needs no locking and
-//! thread-locals it creates die with a thread that is joined before its image is unloaded.
+//! `create`. One load of a plugin is a [`Generation`]: each of its instances has a worker
+//! thread that runs `create`, that instance's calls, and `destroy`, one at a time, so a
+//! plugin needs no locking and thread-locals it creates die with a thread that is joined
+//! before its image is unloaded. A generation has one instance, except a sink plugin's,
+//! which grows to several when calls overlap (see [`Generation`]), so that one slow
+//! callback receiver does not hold up deliveries to the others.
 //!
 //! Plugins come from two places: built-ins linked into the binary (`connector`,
 //! `pelion`, `losant`, `headerkeys`, `webhook`), and `lib<crate>.so` files in `[plugins] dir`. A file whose plugin has the
@@ -160,6 +163,12 @@ pub struct PluginHost {
     dir: Option<PathBuf>,
     cache_dir: PathBuf,
     counters: Arc<Counters>,
+    /// Most instances of a sink plugin at once (`[notifications]
+    /// max_concurrent_deliveries`): see [`Generation`].
+    sink_lanes: usize,
+    /// How long an extra instance of a sink plugin may be idle before it ends, in ms
+    /// (`loader::LANE_IDLE`; shorter in unit tests).
+    lane_idle_ms: std::sync::atomic::AtomicU64,
     plugins: RwLock<HashMap<String, Arc<Generation>>>,
     /// Which file each file-loaded plugin came from (to fall back when it is removed).
     files: Mutex<HashMap<PathBuf, String>>,
@@ -185,12 +194,14 @@ const WRITABLE_BY_OTHERS: u32 = 0o022;
 impl PluginHost {
     /// Loads the built-ins, then every plugin file of the directory. Failures are logged;
     /// the host always starts (a missing backend shows up as refused requests).
-    /// `cache_dir` holds the private copies of loaded files; it is emptied first.
+    /// `cache_dir` holds the private copies of loaded files; it is emptied first. A sink
+    /// plugin runs up to `sink_lanes` instances at once (one per concurrent call).
     pub fn start(
         cfg: &PluginsConfig,
         store: Arc<dyn Store>,
         cache_dir: PathBuf,
         counters: Arc<Counters>,
+        sink_lanes: usize,
     ) -> Arc<PluginHost> {
         let settings = cfg
             .settings
@@ -208,6 +219,10 @@ impl PluginHost {
             dir: cfg.dir.clone(),
             cache_dir,
             counters,
+            sink_lanes,
+            lane_idle_ms: std::sync::atomic::AtomicU64::new(
+                u64::try_from(loader::LANE_IDLE.as_millis()).unwrap_or(u64::MAX),
+            ),
             plugins: RwLock::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             reload_lock: Mutex::new(()),
@@ -241,6 +256,13 @@ impl PluginHost {
             .insert(name, g);
         // The previous generation is destroyed when its last in-flight call lets go.
         drop(old);
+    }
+
+    /// How long an idle extra instance of a sink plugin lives.
+    fn lane_idle(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.lane_idle_ms.load(std::sync::atomic::Ordering::Acquire),
+        )
     }
 
     /// The daemon's counters.
@@ -638,5 +660,107 @@ pub fn kind_name(k: Kind) -> &'static str {
         Kind::Auth => "auth",
         Kind::Sink => "sink",
         Kind::Other => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+    use connectord_plugin_sdk::sink::{DeliverRequest, DeliverResponse, OP_DELIVER, Target};
+    use std::time::{Duration, Instant};
+
+    /// Polls `f` (bounded) until it holds.
+    async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        f()
+    }
+
+    /// Calls that overlap get a sink instance each (up to the bound), and the extra ones
+    /// end once idle, leaving one that still answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sink_instances_grow_for_overlapping_calls_and_end_when_idle() {
+        // A receiver that accepts and never answers: each delivery holds its instance
+        // until the webhook's 1 s timeout.
+        let tarpit = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/cb", tarpit.local_addr().unwrap());
+        let held = std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            tarpit.set_nonblocking(true).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline && kept.len() < 4 {
+                match tarpit.accept() {
+                    Ok((s, _)) => kept.push(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            kept
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let mut cfg = PluginsConfig::default();
+        let mut webhook = toml::Table::new();
+        webhook.insert("timeout_s".into(), toml::Value::Integer(1));
+        cfg.settings.insert("webhook".into(), webhook);
+        let host = PluginHost::start(
+            &cfg,
+            store,
+            dir.path().join("cache"),
+            Arc::new(Counters::default()),
+            3,
+        );
+        host.lane_idle_ms
+            .store(300, std::sync::atomic::Ordering::Release);
+        tokio::task::block_in_place(|| host.reload_all());
+        let g = host.get("webhook").unwrap();
+        assert_eq!(g.instances(), 1);
+
+        let deliver = |host: Arc<PluginHost>, url: String| async move {
+            let req = DeliverRequest {
+                target: Target {
+                    url,
+                    headers: Default::default(),
+                },
+                body: "{}".into(),
+            };
+            host.call_json::<_, DeliverResponse>("webhook", OP_DELIVER, &req)
+                .await
+        };
+        let calls: Vec<_> = (0..4)
+            .map(|_| tokio::spawn(deliver(Arc::clone(&host), url.clone())))
+            .collect();
+        assert!(
+            eventually(|| g.instances() == 3).await,
+            "three instances for four calls at a bound of three: {}",
+            g.instances()
+        );
+        for c in calls {
+            let answer = c.await.unwrap().unwrap();
+            assert!(
+                matches!(answer, DeliverResponse::Retry { .. }),
+                "{answer:?}"
+            );
+        }
+        assert!(
+            eventually(|| g.instances() == 1).await,
+            "idle instances end but one: {}",
+            g.instances()
+        );
+        // The one left still answers (here: the tarpit's timeout again).
+        let answer = deliver(Arc::clone(&host), url.clone()).await.unwrap();
+        assert!(
+            matches!(answer, DeliverResponse::Retry { .. }),
+            "{answer:?}"
+        );
+        assert_eq!(g.instances(), 1);
+        drop(g);
+        host.shutdown();
+        drop(held.join());
     }
 }

@@ -383,6 +383,15 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
                 "REST connections open now (at most rest.max_connections).",
                 state.connections.open() as u64,
             );
+            let (deliveries, max_deliveries) = state.hub.deliveries();
+            metrics::gauge(
+                &mut out,
+                "callback_deliveries",
+                &format!(
+                    "Callback deliveries in flight now (at most notifications.max_concurrent_deliveries = {max_deliveries})."
+                ),
+                deliveries as u64,
+            );
             metrics::gauge(
                 &mut out,
                 "coap_dedup_entries",

@@ -12,7 +12,10 @@
 //!
 //! The host runs all calls of one loaded instance on one thread of its own, one at a
 //! time; a plugin needs no locking of its own and should start no threads (if it must,
-//! it stops them in `Drop`).
+//! it stops them in `Drop`). A sink plugin may run as several instances at once (the host
+//! creates another when deliveries overlap, so that one slow receiver does not hold up
+//! the others): each is still called one call at a time, and they share the plugin's
+//! durable state.
 //!
 //! The operations each kind answers are typed in [`auth`], [`sink`] and [`http`];
 //! [`decode_input`] and [`encode_answer`] carry them as JSON. Helpers that several plugins

@@ -29,7 +29,12 @@
 //! # Threads and runtime
 //!
 //! `create` builds a tokio *current-thread* runtime owned by the instance; each call runs
-//! its request to completion on it (`block_on`) on the host's thread for this instance. The
+//! its request to completion on it (`block_on`) on the host's thread for this instance.
+//! One instance delivers one batch at a time: the host runs several instances when
+//! deliveries to different callbacks overlap (up to `[notifications]
+//! max_concurrent_deliveries`), each with its own runtime, connection pool and root
+//! certificates, so that a receiver that does not answer holds up only its own instance
+//! for at most `timeout_s`. The
 //! plugin starts no threads of its own: a current-thread runtime has no worker thread. The
 //! one exception is tokio's blocking pool, which hyper's resolver uses for the `getaddrinfo`
 //! of a callback URL's host *name* (not for IP addresses): such a thread
