@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use connectord_plugin_sdk::auth::{
-    self as proto, AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse,
+    self as proto, AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, KeyRef, KeyState,
+    KeyStatusRequest, KeyStatusResponse,
 };
 
 use crate::hashing::Map;
@@ -36,11 +37,13 @@ pub enum Scope {
     SubscriptionsWrite,
     Notifications,
     LimitsRead,
+    /// Create keys (`POST /api/api_tokens`) and delete those one created.
+    KeysWrite,
     Admin,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 8] = [
+    pub const ALL: [Scope; 9] = [
         Scope::EndpointsRead,
         Scope::ResourcesRead,
         Scope::ResourcesWrite,
@@ -48,6 +51,7 @@ impl Scope {
         Scope::SubscriptionsWrite,
         Scope::Notifications,
         Scope::LimitsRead,
+        Scope::KeysWrite,
         Scope::Admin,
     ];
 
@@ -60,6 +64,7 @@ impl Scope {
             Scope::SubscriptionsWrite => "subscriptions:write",
             Scope::Notifications => "notifications",
             Scope::LimitsRead => "limits:read",
+            Scope::KeysWrite => "keys:write",
             Scope::Admin => "admin",
         }
     }
@@ -181,6 +186,10 @@ struct ReusedVerdict {
     /// [`PluginHost::epoch`] when the backend was asked: any other epoch voids it.
     epoch: u64,
 }
+
+/// Longest chain of creators followed ([`AuthChain::check_creators`]); a key minted
+/// through more keys than this is refused (it also ends a loop of creators).
+pub const MAX_CREATOR_CHAIN: usize = 16;
 
 /// Most reused verdicts kept; past it they are all forgotten (they are cheap to get again).
 const MAX_REUSED: usize = 10_000;
@@ -372,6 +381,9 @@ impl AuthChain {
                 AuthVerdict::NotMine => continue,
                 AuthVerdict::Accepted { principal, cache } => {
                     self.warn_unknown_scopes(name, &principal.scopes);
+                    if let Some(creator) = principal.creator {
+                        self.check_creators(creator).await?;
+                    }
                     let p = Arc::new(Principal {
                         backend: name.clone(),
                         key_id: principal.key_id,
@@ -395,6 +407,69 @@ impl AuthChain {
         Err(AuthError::Unauthenticated(
             "missing or unknown credentials: send Authorization: Bearer <access key>, or the credentials of another configured auth backend".into(),
         ))
+    }
+
+    /// Follows a minted key's chain of creators ([`proto::PrincipalSpec::creator`]): each
+    /// must be [`KeyState::Active`] in its backend ([`proto::OP_KEY_STATUS`]), else the key
+    /// is refused (401) — a key dies with the key that minted it, whichever backend holds
+    /// either. Checking here rather than spreading revocations to the minted keys keeps no
+    /// second copy of a revocation that a crash or another process could lose, and costs
+    /// nothing for most requests: the verdict is reused as any other, and every state
+    /// change of any plugin (a revocation included) voids the reused verdicts. A backend
+    /// that cannot answer fails the request closed (503).
+    async fn check_creators(&self, first: KeyRef) -> Result<(), AuthError> {
+        let mut next = Some(first);
+        for _ in 0..MAX_CREATOR_CHAIN {
+            let Some(creator) = next else {
+                return Ok(());
+            };
+            // A key of a backend no longer in `[plugins] auth` authenticates no more: nor
+            // does what it minted.
+            if !self.order.contains(&creator.backend) {
+                return Err(AuthError::Unauthenticated(format!(
+                    "this key was created by key {} of auth backend {}, which is not configured",
+                    creator.key_id, creator.backend
+                )));
+            }
+            let status = self.key_status(&creator).await.map_err(|e| {
+                tracing::error!(
+                    "auth backend {}: cannot check key {}, which minted the presented key: {e}",
+                    creator.backend,
+                    creator.key_id
+                );
+                AuthError::Unavailable(format!(
+                    "auth backend {} cannot tell whether the key that created this key is still valid",
+                    creator.backend
+                ))
+            })?;
+            match status.status {
+                KeyState::Active => next = status.creator,
+                KeyState::Revoked | KeyState::Unknown => {
+                    return Err(AuthError::Unauthenticated(format!(
+                        "this key was created by key {} ({}), which is revoked or deleted",
+                        creator.key_id, creator.backend
+                    )));
+                }
+            }
+        }
+        Err(AuthError::Unauthenticated(format!(
+            "this key was created through more than {MAX_CREATOR_CHAIN} keys"
+        )))
+    }
+
+    async fn key_status(
+        &self,
+        key: &KeyRef,
+    ) -> Result<KeyStatusResponse, crate::plugins::PluginError> {
+        self.host
+            .call_json(
+                &key.backend,
+                proto::OP_KEY_STATUS,
+                &KeyStatusRequest {
+                    key_id: key.key_id.clone(),
+                },
+            )
+            .await
     }
 
     /// At start: lets each backend create a first admin credential for `domain` if it has

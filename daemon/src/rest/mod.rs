@@ -528,7 +528,9 @@ async fn plugin_route(
             domain: who.domain.clone(),
             scopes: who.scopes.clone(),
             allow: who.allow.clone(),
+            creator: None,
         },
+        backend: who.backend.clone(),
     };
     match state
         .plugins
