@@ -1,12 +1,18 @@
 //! Issue 18, items 2 and 3: a key minted by another key (`POST /api/api_tokens`) dies with
 //! its creator, in any backend and transitively, also after a restart; Connector keys can
 //! be deleted (`DELETE /api/api_tokens/{id}`); keys holding `keys:write` may create keys,
-//! never with a scope, domain or restriction beyond their own.
+//! never with a scope, domain or restriction beyond their own; a revoked key's callback
+//! stops receiving events.
 
 mod support;
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
+use support::receiver::Receiver;
 use support::{Daemon, Prepared, http};
+
+const WAIT: Duration = Duration::from_secs(10);
 
 const PELION: &str = "[plugins]\nauth = [\"connector\", \"pelion\"]\n";
 
@@ -357,4 +363,77 @@ fn key_creation_never_grants_more_than_the_creator_holds() {
         &json!({"scopes": ["endpoints:read", "resources:read", "keys:write"], "allow": ["sensor-*"]}),
     );
     assert_eq!(read(&d, &same), 200);
+}
+
+/// A revoked key's callback receives nothing more: the host drops its channel, callback
+/// and subscriptions when a state change revokes it (here: its creator's deletion).
+#[test]
+fn a_revoked_keys_callback_stops_receiving_events() {
+    let d = Daemon::start();
+    let admin = d.key.clone();
+    let manage = json!({"name": "m", "scopes": ["endpoints:read", "notifications", "keys:write"]});
+    let (parent_id, parent) = mint(&d, &admin, &manage);
+    let (_, child) = mint(&d, &parent, &json!({"name": "c"}));
+    let (gone_rx, kept_rx) = (Receiver::start(0), Receiver::start(0));
+    for (key, rx) in [(&child, &gone_rx), (&admin, &kept_rx)] {
+        let r = call(
+            &d,
+            "PUT",
+            "/v2/notification/callback",
+            Some(key),
+            Some(&json!({"url": rx.url("/cb")})),
+        );
+        assert_eq!(r.status, 204, "{}", r.body);
+    }
+    d.device().register(&["ep=first", "lt=300"], "</3/0>");
+    assert!(
+        gone_rx.wait(WAIT, |r| r.len() >= 2).len() >= 2,
+        "first delivery"
+    );
+    assert!(
+        kept_rx.wait(WAIT, |r| r.len() >= 2).len() >= 2,
+        "first delivery"
+    );
+
+    let r = call(
+        &d,
+        "DELETE",
+        &format!("/api/api_tokens/{parent_id}"),
+        Some(&admin),
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(read(&d, &child), 401);
+
+    d.device().register(&["ep=second", "lt=300"], "</3/0>");
+    let kept = kept_rx.wait(WAIT, |r| r.iter().any(|x| x.body.contains("second")));
+    assert!(kept.iter().any(|x| x.body.contains("second")), "{kept:?}");
+    // The events of one registration reach every channel in one fan-out: had the revoked
+    // key's channel been kept, it would have been given them by now too.
+    d.device().register(&["ep=third", "lt=300"], "</3/0>");
+    let kept = kept_rx.wait(WAIT, |r| r.iter().any(|x| x.body.contains("third")));
+    assert!(kept.iter().any(|x| x.body.contains("third")), "{kept:?}");
+    let gone = gone_rx.requests();
+    assert!(
+        !gone
+            .iter()
+            .any(|x| x.body.contains("second") || x.body.contains("third")),
+        "the revoked key's callback got events: {gone:?}"
+    );
+
+    // Nor after a restart, while the kept callback still is.
+    let d = d.stop_and_restart();
+    for ep in ["fourth", "fifth"] {
+        d.device()
+            .register(&[&format!("ep={ep}"), "lt=300"], "</3/0>");
+        let kept = kept_rx.wait(WAIT, |r| r.iter().any(|x| x.body.contains(ep)));
+        assert!(kept.iter().any(|x| x.body.contains(ep)), "{kept:?}");
+    }
+    let gone = gone_rx.requests();
+    assert!(
+        !gone
+            .iter()
+            .any(|x| x.body.contains("fourth") || x.body.contains("fifth")),
+        "the revoked key's callback got events after a restart: {gone:?}"
+    );
 }

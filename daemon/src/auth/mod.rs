@@ -191,6 +191,17 @@ struct ReusedVerdict {
 /// through more keys than this is refused (it also ends a loop of creators).
 pub const MAX_CREATOR_CHAIN: usize = 16;
 
+/// What the backends say of a key id ([`AuthChain::liveness`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    /// A backend would accept it, and every key up its chain of creators is valid.
+    Live,
+    /// Revoked, deleted, or one of its creators is: it authenticates no more.
+    Dead(String),
+    /// A backend could not answer: nothing is concluded.
+    CannotTell(String),
+}
+
 /// Most reused verdicts kept; past it they are all forgotten (they are cheap to get again).
 const MAX_REUSED: usize = 10_000;
 
@@ -470,6 +481,42 @@ impl AuthChain {
                 },
             )
             .await
+    }
+
+    /// Whether the key `key_id` (of whichever configured backend knows it) still
+    /// authenticates, its creators included. For the host's sweep of the notification
+    /// channels of revoked keys: channels know their key's id, not its backend.
+    pub async fn liveness(&self, key_id: &str) -> Liveness {
+        let mut revoked = None;
+        let mut failed = None;
+        for name in &self.order {
+            let key = KeyRef {
+                backend: name.clone(),
+                key_id: key_id.to_string(),
+            };
+            match self.key_status(&key).await {
+                Ok(s) if s.status == KeyState::Active => {
+                    return match s.creator {
+                        None => Liveness::Live,
+                        Some(c) => match self.check_creators(c).await {
+                            Ok(()) => Liveness::Live,
+                            Err(AuthError::Unauthenticated(why)) => Liveness::Dead(why),
+                            Err(AuthError::Unavailable(why)) => Liveness::CannotTell(why),
+                        },
+                    };
+                }
+                Ok(s) if s.status == KeyState::Revoked => {
+                    revoked = Some(format!("revoked in auth backend {name}"));
+                }
+                Ok(_) => {}
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
+        match (revoked, failed) {
+            (Some(why), _) => Liveness::Dead(why),
+            (None, Some(why)) => Liveness::CannotTell(why),
+            (None, None) => Liveness::Dead("no auth backend knows it".into()),
+        }
     }
 
     /// At start: lets each backend create a first admin credential for `domain` if it has
