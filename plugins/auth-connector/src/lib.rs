@@ -478,13 +478,13 @@ impl ConnectorAuth {
 
     fn http(&mut self, req: HttpRequest) -> HttpResponse {
         let rest = req.path.strip_prefix(TOKENS_PATH);
-        let result = match (req.method.as_str(), rest) {
-            ("POST", Some("")) => self.post_token(&req),
-            ("DELETE", Some(id))
-                if id.len() > 1 && !id[1..].contains('/') && id.starts_with('/') =>
-            {
-                self.delete_token(&req, &id[1..])
-            }
+        // `/api/api_tokens/{id}`: one non-empty segment.
+        let id = rest
+            .and_then(|r| r.strip_prefix('/'))
+            .filter(|id| !id.is_empty() && !id.contains('/'));
+        let result = match (req.method.as_str(), rest, id) {
+            ("POST", Some(""), _) => self.post_token(&req),
+            ("DELETE", _, Some(id)) => self.delete_token(&req, id),
             _ => Err((
                 404,
                 "not_found",
@@ -944,6 +944,10 @@ mod tests {
             ("DELETE", TOKENS_PATH),
             ("POST", "/api/other"),
             ("POST", "/api/api_tokens/"),
+            ("DELETE", "/api/api_tokens/"),
+            ("DELETE", "/api/api_tokensé"),
+            ("DELETE", "/api/api_tokens/a/b"),
+            ("GET", "/api/api_tokens/a"),
         ];
         let cases = bad_bodies
             .iter()
