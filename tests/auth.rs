@@ -173,6 +173,7 @@ fn every_route_refuses_bad_credentials_and_admits_good_ones() {
         ("GET", "/v2/limits", None, "limits:read"),
         ("POST", "/api/cert", Some(&cert_body), "resources:write"),
         ("GET", "/metrics", None, "admin"),
+        ("GET", "/api/api_tokens", None, "keys:write"),
         ("POST", "/api/api_tokens", None, "keys:write"),
         (
             "DELETE",

@@ -224,6 +224,44 @@ fn connector_keys_are_deleted_with_everything_they_minted() {
         assert_eq!(read(&d, k), 200);
     }
 
+    // GET lists the keys the caller may delete: an admin every key of its domain, another
+    // key itself and what it minted, directly or not.
+    let list = |key: &str| -> Vec<String> {
+        let r = call(&d, "GET", "/api/api_tokens", Some(key), None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+            .as_array()
+            .expect("an array")
+            .iter()
+            .map(|k| k["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let all = list(&admin);
+    for id in [&a_id, &b_id, &c_id, &sibling_id] {
+        assert!(all.contains(id), "{all:?}");
+    }
+    assert_eq!(all.len(), 5, "the admin itself too: {all:?}");
+    let mut of_b = list(&b);
+    of_b.sort();
+    let mut want = vec![b_id.clone(), c_id.clone()];
+    want.sort();
+    assert_eq!(of_b, want);
+    assert_eq!(list(&other_admin).len(), 1, "only its own domain");
+    let listed = call(&d, "GET", "/api/api_tokens", Some(&admin), None).json();
+    let c_entry = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == c_id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(
+        c_entry["created_by"],
+        json!({"backend": "connector", "key_id": b_id})
+    );
+    assert_eq!(c_entry["scopes"], json!(["endpoints:read", "keys:write"]));
+    assert!(c_entry.get("access_key").is_none(), "never the secret");
+
     let delete = |key: &str, id: &str| {
         call(
             &d,

@@ -16,7 +16,7 @@
 //!   it (the host answers 401 when none does).
 //! - [`OP_KEY_STATUS`]: a key that exists is `active` (with its creator), any other id
 //!   `unknown`: keys are deleted, never kept revoked.
-//! - [`OP_ROUTES`] / [`OP_HTTP`], both routes with scope [`KEYS_WRITE`] (which `admin`
+//! - [`OP_ROUTES`] / [`OP_HTTP`], every route with scope [`KEYS_WRITE`] (which `admin`
 //!   implies):
 //!   - `POST /api/api_tokens` creates a key in the caller's domain. The optional JSON body
 //!     `{"name"?, "scopes"?, "allow"?, "domain"?}` names it (a random 10-character name
@@ -31,6 +31,9 @@
 //!     JSON object is 400 `bad_request`, a `Content-Type` that is present and not JSON
 //!     (`application/json`, `+json`) 415 `unsupported_media_type` (an absent one is taken
 //!     as JSON: the SDKs may send none).
+//!   - `GET /api/api_tokens` lists the keys the caller may delete (below), oldest first:
+//!     `[{"id", "name", "scopes", "allow"?, "created_by"?: {"backend", "key_id"},
+//!     "created_at"}]`, never a secret.
 //!   - `DELETE /api/api_tokens/{id}` deletes a key of the caller's domain (404 for any
 //!     other) and every key of this plugin it minted, directly or not: 204. An admin
 //!     deletes any key; another caller itself and the keys it minted (403 otherwise).
@@ -52,7 +55,7 @@ use connectord_plugin_sdk::http::{
 };
 use connectord_plugin_sdk::names::refuse_control_chars;
 use connectord_plugin_sdk::secret::{is_sha256_hex, random_alphanumeric, sha256_hex};
-use connectord_plugin_sdk::time::now_ms;
+use connectord_plugin_sdk::time::{format_ms, now_ms};
 use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin, decode_input, encode_answer};
 use serde::{Deserialize, Serialize};
 
@@ -470,6 +473,7 @@ impl ConnectorAuth {
         };
         RoutesResponse {
             routes: vec![
+                route("GET", TOKENS_PATH.to_string()),
                 route("POST", TOKENS_PATH.to_string()),
                 route("DELETE", format!("{TOKENS_PATH}/{{id}}")),
             ],
@@ -484,6 +488,7 @@ impl ConnectorAuth {
             .filter(|id| !id.is_empty() && !id.contains('/'));
         let result = match (req.method.as_str(), rest, id) {
             ("POST", Some(""), _) => self.post_token(&req),
+            ("GET", Some(""), _) => Ok(self.list_tokens(&req)),
             ("DELETE", _, Some(id)) => self.delete_token(&req, id),
             _ => Err((
                 404,
@@ -556,6 +561,49 @@ impl ConnectorAuth {
         }
     }
 
+    /// Whether the caller of `req` may delete `record`: an admin any key of its domain;
+    /// another caller itself and the keys it minted, directly or not.
+    fn may_manage(&self, req: &HttpRequest, record: &KeyRecord) -> bool {
+        let who = &req.principal;
+        if record.domain != who.domain {
+            return false;
+        }
+        let is_admin = who.scopes.iter().any(|s| s == ADMIN);
+        let is_self = req.backend == NAME && who.key_id == record.id;
+        is_admin || is_self || Self::caller(req).is_some_and(|c| self.minted_by(record, &c))
+    }
+
+    /// `GET /api/api_tokens`: the keys the caller may delete ([`Self::may_manage`]), oldest
+    /// first, never their secrets: `[{"id", "name", "scopes", "allow"?, "created_by"?,
+    /// "created_at"}]`.
+    fn list_tokens(&self, req: &HttpRequest) -> HttpResponse {
+        let mut keys: Vec<&KeyRecord> = self
+            .keys
+            .values()
+            .filter(|r| self.may_manage(req, r))
+            .collect();
+        keys.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        let list: Vec<serde_json::Value> = keys
+            .into_iter()
+            .map(|r| {
+                let mut v = serde_json::json!({
+                    "id": r.id,
+                    "name": r.name,
+                    "scopes": r.scopes,
+                    "created_at": format_ms(r.created_ms),
+                });
+                if let Some(allow) = &r.allow {
+                    v["allow"] = serde_json::json!(allow);
+                }
+                if let Some(c) = &r.creator {
+                    v["created_by"] = serde_json::json!({"backend": c.backend, "key_id": c.key_id});
+                }
+                v
+            })
+            .collect();
+        HttpResponse::json(200, &serde_json::Value::Array(list))
+    }
+
     /// `DELETE /api/api_tokens/{id}`: the key and every key of this backend it minted,
     /// directly or not (they would be refused anyway, their creator gone). An admin
     /// deletes any key of its domain; another caller (with `keys:write`) itself and the
@@ -568,11 +616,7 @@ impl ConnectorAuth {
             .filter(|(_, r)| r.domain == who.domain)
             .map(|(d, r)| (d.clone(), r.clone()))
             .ok_or_else(not_found)?;
-        let caller = Self::caller(req);
-        let is_admin = who.scopes.iter().any(|s| s == ADMIN);
-        let is_self = req.backend == NAME && who.key_id == record.id;
-        let minted = caller.as_ref().is_some_and(|c| self.minted_by(&record, c));
-        if !(is_admin || is_self || minted) {
+        if !self.may_manage(req, &record) {
             return Err((
                 403,
                 "forbidden",
@@ -939,7 +983,6 @@ mod tests {
         ];
         // Requests on no route of this plugin, refused with 404: (method, path).
         let no_routes: &[(&str, &str)] = &[
-            ("GET", TOKENS_PATH),
             ("post", TOKENS_PATH),
             ("DELETE", TOKENS_PATH),
             ("POST", "/api/other"),
@@ -1064,6 +1107,7 @@ mod tests {
         assert_eq!(
             routes.routes,
             vec![
+                route("GET", "/api/api_tokens"),
                 route("POST", "/api/api_tokens"),
                 route("DELETE", "/api/api_tokens/{id}")
             ]
