@@ -335,7 +335,7 @@ fn key_creation_never_grants_more_than_the_creator_holds() {
         (json!({"scopes": ["admin"]}), "admin"),
         (
             json!({"scopes": ["endpoints:read"], "allow": ["*"]}),
-            "\"*\"",
+            "refused: \"*\"",
         ),
         (json!({"allow": ["sensor-*", "lamp-*"]}), "lamp-*"),
         (json!({"domain": "other"}), "other"),
@@ -344,10 +344,7 @@ fn key_creation_never_grants_more_than_the_creator_holds() {
         let r = call(&d, "POST", "/api/api_tokens", Some(&manager), Some(&body));
         assert_eq!(r.status, 403, "{body}: {}", r.body);
         let message = r.json()["message"].as_str().unwrap().to_string();
-        assert!(
-            message.contains(named.trim_matches('"')),
-            "{body}: {message}"
-        );
+        assert!(message.contains(named), "{body}: {message}");
     }
     let r = call(
         &d,
