@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use support::{Daemon, Prepared, http};
 
 /// Every core scope but admin.
-const ALL_USER_SCOPES: [&str; 7] = connectord_plugin_sdk::auth::NON_ADMIN_SCOPES;
+const ALL_USER_SCOPES: [&str; 8] = connectord_plugin_sdk::auth::NON_ADMIN_SCOPES;
 
 const PERMISSIONS: [&str; 6] = [
     "view_applications",
@@ -173,7 +173,14 @@ fn every_route_refuses_bad_credentials_and_admits_good_ones() {
         ("GET", "/v2/limits", None, "limits:read"),
         ("POST", "/api/cert", Some(&cert_body), "resources:write"),
         ("GET", "/metrics", None, "admin"),
-        ("POST", "/api/api_tokens", None, "admin"),
+        ("GET", "/api/api_tokens", None, "keys:write"),
+        ("POST", "/api/api_tokens", None, "keys:write"),
+        (
+            "DELETE",
+            "/api/api_tokens/0000000000000000",
+            None,
+            "keys:write",
+        ),
     ];
     let refused = |r: &support::Http, status: u16, what: &str| {
         assert_eq!(r.status, status, "{what}: {}", r.body);

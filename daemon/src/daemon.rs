@@ -179,6 +179,12 @@ pub async fn run(
     if let Some(t) = plugins.follow_store(stop.clone()) {
         tasks.push(t);
     }
+    // Keys revoked while the daemon was down (or before a crash cut a sweep short)
+    // receive nothing more.
+    let dropped = crate::revocation::sweep(&auth, &hub, &subscriptions).await;
+    if dropped > 0 {
+        tracing::info!("dropped the notification channels of {dropped} revoked keys");
+    }
     let state = Arc::new(AppState {
         registry: Arc::clone(&registry),
         auth,

@@ -9,6 +9,7 @@
 //! - [`state_dir`]: the state directory's permissions (private, tightened at start).
 //! - [`auth`]: principals, scopes and the chain of auth backends.
 //! - [`rest`]: the HTTP API.
+//! - [`revocation`]: drops the notification channels of keys that no longer authenticate.
 //! - [`lwm2m_data`]: LwM2M content formats (TLV, SenML, LwM2M JSON/CBOR, …) ⇄ one JSON
 //!   value tree; pure.
 //! - [`daemon`]: start-up wiring, signals, systemd readiness.
@@ -33,6 +34,7 @@ pub mod plugins;
 pub mod registry;
 pub mod requests;
 pub mod rest;
+pub mod revocation;
 pub mod shutdown;
 pub mod simulate;
 pub mod state_dir;

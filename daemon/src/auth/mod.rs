@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use connectord_plugin_sdk::auth::{
-    self as proto, AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse,
+    self as proto, AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, KeyRef, KeyState,
+    KeyStatusRequest, KeyStatusResponse,
 };
 
 use crate::hashing::Map;
@@ -36,11 +37,13 @@ pub enum Scope {
     SubscriptionsWrite,
     Notifications,
     LimitsRead,
+    /// Create keys (`POST /api/api_tokens`) and delete those one created.
+    KeysWrite,
     Admin,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 8] = [
+    pub const ALL: [Scope; 9] = [
         Scope::EndpointsRead,
         Scope::ResourcesRead,
         Scope::ResourcesWrite,
@@ -48,6 +51,7 @@ impl Scope {
         Scope::SubscriptionsWrite,
         Scope::Notifications,
         Scope::LimitsRead,
+        Scope::KeysWrite,
         Scope::Admin,
     ];
 
@@ -60,6 +64,7 @@ impl Scope {
             Scope::SubscriptionsWrite => "subscriptions:write",
             Scope::Notifications => "notifications",
             Scope::LimitsRead => "limits:read",
+            Scope::KeysWrite => "keys:write",
             Scope::Admin => "admin",
         }
     }
@@ -192,6 +197,21 @@ struct ReusedVerdict {
     until: Instant,
     /// [`PluginHost::epoch`] when the backend was asked: any other epoch voids it.
     epoch: u64,
+}
+
+/// Longest chain of creators followed ([`AuthChain::check_creators`]); a key minted
+/// through more keys than this is refused (it also ends a loop of creators).
+pub const MAX_CREATOR_CHAIN: usize = 16;
+
+/// What the backends say of a key id ([`AuthChain::liveness`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    /// A backend would accept it, and every key up its chain of creators is valid.
+    Live,
+    /// Revoked, deleted, or one of its creators is: it authenticates no more.
+    Dead(String),
+    /// A backend could not answer: nothing is concluded.
+    CannotTell(String),
 }
 
 /// Most reused verdicts kept; past it they are all forgotten (they are cheap to get again).
@@ -384,6 +404,9 @@ impl AuthChain {
                 AuthVerdict::NotMine => continue,
                 AuthVerdict::Accepted { principal, cache } => {
                     self.warn_unknown_scopes(name, &principal.scopes);
+                    if let Some(creator) = principal.creator {
+                        self.check_creators(creator).await?;
+                    }
                     let p = Arc::new(Principal {
                         backend: name.clone(),
                         key_id: principal.key_id,
@@ -407,6 +430,105 @@ impl AuthChain {
         Err(AuthError::Unauthenticated(
             "missing or unknown credentials: send Authorization: Bearer <access key>, or the credentials of another configured auth backend".into(),
         ))
+    }
+
+    /// Follows a minted key's chain of creators ([`proto::PrincipalSpec::creator`]): each
+    /// must be [`KeyState::Active`] in its backend ([`proto::OP_KEY_STATUS`]), else the key
+    /// is refused (401) — a key dies with the key that minted it, whichever backend holds
+    /// either. Checking here rather than spreading revocations to the minted keys keeps no
+    /// second copy of a revocation that a crash or another process could lose, and costs
+    /// nothing for most requests: the verdict is reused as any other, and every state
+    /// change of any plugin (a revocation included) voids the reused verdicts. A backend
+    /// that cannot answer fails the request closed (503).
+    async fn check_creators(&self, first: KeyRef) -> Result<(), AuthError> {
+        let mut next = Some(first);
+        for _ in 0..MAX_CREATOR_CHAIN {
+            let Some(creator) = next else {
+                return Ok(());
+            };
+            // A key of a backend no longer in `[plugins] auth` authenticates no more: nor
+            // does what it minted.
+            if !self.order.contains(&creator.backend) {
+                return Err(AuthError::Unauthenticated(format!(
+                    "this key was created by key {} of auth backend {}, which is not configured",
+                    creator.key_id, creator.backend
+                )));
+            }
+            let status = self.key_status(&creator).await.map_err(|e| {
+                tracing::error!(
+                    "auth backend {}: cannot check key {}, which minted the presented key: {e}",
+                    creator.backend,
+                    creator.key_id
+                );
+                AuthError::Unavailable(format!(
+                    "auth backend {} cannot tell whether the key that created this key is still valid",
+                    creator.backend
+                ))
+            })?;
+            match status.status {
+                KeyState::Active => next = status.creator,
+                KeyState::Revoked | KeyState::Unknown => {
+                    return Err(AuthError::Unauthenticated(format!(
+                        "this key was created by key {} ({}), which is revoked or deleted",
+                        creator.key_id, creator.backend
+                    )));
+                }
+            }
+        }
+        Err(AuthError::Unauthenticated(format!(
+            "this key was created through more than {MAX_CREATOR_CHAIN} keys"
+        )))
+    }
+
+    async fn key_status(
+        &self,
+        key: &KeyRef,
+    ) -> Result<KeyStatusResponse, crate::plugins::PluginError> {
+        self.host
+            .call_json(
+                &key.backend,
+                proto::OP_KEY_STATUS,
+                &KeyStatusRequest {
+                    key_id: key.key_id.clone(),
+                },
+            )
+            .await
+    }
+
+    /// Whether the key `key_id` (of whichever configured backend knows it) still
+    /// authenticates, its creators included. For the host's sweep of the notification
+    /// channels of revoked keys: channels know their key's id, not its backend.
+    pub async fn liveness(&self, key_id: &str) -> Liveness {
+        let mut revoked = None;
+        let mut failed = None;
+        for name in &self.order {
+            let key = KeyRef {
+                backend: name.clone(),
+                key_id: key_id.to_string(),
+            };
+            match self.key_status(&key).await {
+                Ok(s) if s.status == KeyState::Active => {
+                    return match s.creator {
+                        None => Liveness::Live,
+                        Some(c) => match self.check_creators(c).await {
+                            Ok(()) => Liveness::Live,
+                            Err(AuthError::Unauthenticated(why)) => Liveness::Dead(why),
+                            Err(AuthError::Unavailable(why)) => Liveness::CannotTell(why),
+                        },
+                    };
+                }
+                Ok(s) if s.status == KeyState::Revoked => {
+                    revoked = Some(format!("revoked in auth backend {name}"));
+                }
+                Ok(_) => {}
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
+        match (revoked, failed) {
+            (Some(why), _) => Liveness::Dead(why),
+            (None, Some(why)) => Liveness::CannotTell(why),
+            (None, None) => Liveness::Dead("no auth backend knows it".into()),
+        }
     }
 
     /// At start: lets each backend create a first admin credential for `domain` if it has

@@ -720,6 +720,41 @@ impl Hub {
         Ok(true)
     }
 
+    /// The keys that have a channel (for the sweep of revoked keys, `crate::revocation`).
+    pub fn key_ids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Drops a key's channel because the key no longer authenticates: its queued events
+    /// are deleted and nothing more is queued or pushed to its callback (the pusher stops
+    /// when it finds no channel). The stored record is kept without its callback, so that
+    /// a restart pushes nothing to it either (the sweep at start drops it again). False
+    /// when the key had no channel.
+    pub async fn forget_key(&self, key_id: &str) -> Result<bool, StoreError> {
+        let durable = {
+            let mut map = self.lock();
+            let Some(mut ch) = map.remove(key_id) else {
+                return Ok(false);
+            };
+            ch.wake.notify_waiters();
+            let had_callback = ch.rec.callback.take().is_some();
+            let events = self
+                .store
+                .delete_events_through(key_id.to_string(), i64::MAX as u64);
+            let record = had_callback.then(|| self.store.put_channel(ch.rec.clone()));
+            (events, record)
+        };
+        durable.0.await?;
+        if let Some(r) = durable.1 {
+            r.await?;
+        }
+        tracing::info!(
+            key = key_id,
+            "notification channel dropped: the key no longer authenticates"
+        );
+        Ok(true)
+    }
+
     fn ensure_pusher(self: &Arc<Self>, key_id: &str) {
         let start = {
             let mut map = self.lock();

@@ -180,7 +180,7 @@ pub struct PluginHost {
     /// later call goes to it, so no key made or revoked around a reload is missed.
     state_gate: Arc<tokio::sync::RwLock<()>>,
     /// Moves whenever plugin state may have changed: around every operation other than
-    /// authenticate, verify and deliver, and when a plugin is (re)loaded. Reused auth
+    /// authenticate, key_status, verify and deliver, and when a plugin is (re)loaded. Reused auth
     /// verdicts ([`crate::auth::AuthChain`]) are valid only within one epoch.
     epoch: std::sync::atomic::AtomicU64,
 }
@@ -315,6 +315,7 @@ impl PluginHost {
         let mutating = !matches!(
             op,
             connectord_plugin_sdk::auth::OP_AUTHENTICATE
+                | connectord_plugin_sdk::auth::OP_KEY_STATUS
                 | connectord_plugin_sdk::sink::OP_DELIVER
                 | connectord_plugin_sdk::sink::OP_VERIFY
         );

@@ -547,7 +547,9 @@ async fn plugin_route(
             domain: who.domain.clone(),
             scopes: who.scopes.clone(),
             allow: who.allow.clone(),
+            creator: None,
         },
+        backend: who.backend.clone(),
     };
     match state
         .plugins
@@ -555,7 +557,15 @@ async fn plugin_route(
         .await
     {
         Ok(r) => match StatusCode::from_u16(r.status) {
-            Ok(status) => Reply::raw(status, &r.headers, r.body),
+            Ok(status) => {
+                // A state change on a plugin route may have revoked or deleted keys: their
+                // channels are dropped before the answer, so that once a revocation is
+                // answered no event reaches them.
+                if status.is_success() && !matches!(parts.method, Method::GET | Method::HEAD) {
+                    crate::revocation::sweep(&state.auth, &state.hub, &state.subscriptions).await;
+                }
+                Reply::raw(status, &r.headers, r.body)
+            }
             Err(_) => error(
                 StatusCode::BAD_GATEWAY,
                 "plugin_error",

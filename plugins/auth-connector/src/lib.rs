@@ -3,39 +3,59 @@
 //! Callers present an mbed Device Connector style access key as
 //! `Authorization: Bearer <key>`. Keys are 100 random alphanumeric characters from a
 //! CSPRNG; the plugin keeps only their SHA-256 digest (lower-case hex), durably in the
-//! host's state under `key/<digest>` as JSON `{id, name, domain, scopes, created_ms}`, and
-//! in memory as a map digest → record. The secret itself is never stored and is shown
-//! exactly once, in the answer that creates it.
+//! host's state under `key/<digest>` as JSON `{id, name, domain, scopes, created_ms,
+//! allow?, creator?}`, and in memory as a map digest → record. The secret itself is never
+//! stored and is shown exactly once, in the answer that creates it.
 //!
 //! Operations:
 //! - [`OP_BOOTSTRAP`]: when there is no key at all, creates a first key named `admin`
 //!   with scope `admin` in the requested domain and returns it.
-//! - [`OP_AUTHENTICATE`]: a known bearer key is accepted as its record's principal; any
-//!   other request (no header, another scheme, an empty or unknown key) is
-//!   [`AuthVerdict::NotMine`], so that another backend may claim it (the host answers 401
-//!   when none does).
-//! - [`OP_ROUTES`] / [`OP_HTTP`]: `POST /api/api_tokens` (scope `admin`) creates a key in
-//!   the caller's domain with every core scope but `admin`, as the Connector API does:
-//!   the optional JSON body `{"name": …}` names it (a random 10-character name otherwise),
-//!   and the answer is `201 {"access_key": …, "name": …}`. A name has 1 to 256 characters
-//!   and no control characters; a body that is not a JSON object is 400 `bad_request`, a
-//!   `Content-Type` that is present and not JSON (`application/json`, `+json`) 415
-//!   `unsupported_media_type` (an absent one is taken as JSON: the SDKs may send none).
+//! - [`OP_AUTHENTICATE`]: a known bearer key is accepted as its record's principal (its
+//!   `allow` and `creator` included); any other request (no header, another scheme, an
+//!   empty or unknown key) is [`AuthVerdict::NotMine`], so that another backend may claim
+//!   it (the host answers 401 when none does).
+//! - [`OP_KEY_STATUS`]: a key that exists is `active` (with its creator), any other id
+//!   `unknown`: keys are deleted, never kept revoked.
+//! - [`OP_ROUTES`] / [`OP_HTTP`], every route with scope [`KEYS_WRITE`] (which `admin`
+//!   implies):
+//!   - `POST /api/api_tokens` creates a key in the caller's domain. The optional JSON body
+//!     `{"name"?, "scopes"?, "allow"?, "domain"?}` names it (a random 10-character name
+//!     otherwise) and narrows it; `grant` refuses (403, naming them) scopes the caller
+//!     does not hold, `allow` patterns outside the caller's own, another domain. Without
+//!     `scopes` the key gets the data scopes the caller holds (an admin's: all seven, as
+//!     the Connector API did before `keys:write` existed). The key records the caller as
+//!     its creator (`HttpRequest::backend` and the principal's key id) and authenticates
+//!     only while the caller's key does: the host checks the chain of creators at every
+//!     authentication it does not reuse. The answer is `201 {"access_key", "name", "id"}`.
+//!     A name has 1 to 256 characters and no control characters; a body that is not a
+//!     JSON object is 400 `bad_request`, a `Content-Type` that is present and not JSON
+//!     (`application/json`, `+json`) 415 `unsupported_media_type` (an absent one is taken
+//!     as JSON: the SDKs may send none).
+//!   - `GET /api/api_tokens` lists the keys the caller may delete (below), oldest first:
+//!     `[{"id", "name", "scopes", "allow"?, "created_by"?: {"backend", "key_id"},
+//!     "created_at"}]`, never a secret.
+//!   - `DELETE /api/api_tokens/{id}` deletes a key of the caller's domain (404 for any
+//!     other) and every key of this plugin it minted, directly or not: 204. An admin
+//!     deletes any key; another caller itself and the keys it minted (403 otherwise).
+//!     Decision: there is no separate revoke; a deleted key is gone, and what it minted
+//!     elsewhere is refused by the host since its creator is `unknown`.
 //!
 //! Configuration: none yet; `{}` is accepted and any field is refused by name.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use connectord_plugin_sdk::auth::{
-    ADMIN, AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, NON_ADMIN_SCOPES,
-    OP_AUTHENTICATE, OP_BOOTSTRAP, PrincipalSpec, VerdictCache, bearer_token,
+    ADMIN, AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, DATA_SCOPES, KEYS_WRITE,
+    KeyRef, KeyState, KeyStatusRequest, KeyStatusResponse, OP_AUTHENTICATE, OP_BOOTSTRAP,
+    OP_KEY_STATUS, PrincipalSpec, SCOPES, VerdictCache, bearer_token,
 };
 use connectord_plugin_sdk::http::{
-    HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse, refuse_non_json,
+    HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse, json_object,
+    refuse_non_json,
 };
 use connectord_plugin_sdk::names::refuse_control_chars;
 use connectord_plugin_sdk::secret::{is_sha256_hex, random_alphanumeric, sha256_hex};
-use connectord_plugin_sdk::time::now_ms;
+use connectord_plugin_sdk::time::{format_ms, now_ms};
 use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin, decode_input, encode_answer};
 use serde::{Deserialize, Serialize};
 
@@ -50,15 +70,18 @@ const KEY_LEN: usize = 100;
 const RANDOM_NAME_LEN: usize = 10;
 /// Longest display name accepted, in characters.
 const MAX_NAME_CHARS: usize = 256;
+/// Most `allow` patterns a key may have, and the longest one, in characters.
+const MAX_ALLOW_PATTERNS: usize = 64;
+const MAX_ALLOW_CHARS: usize = 256;
 
-/// The route that creates keys. It needs the core scope [`ADMIN`], the one scope a
-/// bootstrap key has.
-const TOKENS_METHOD: &str = "POST";
+/// The route that creates keys, and the one (with the key id appended) that deletes one.
+/// Both need the core scope [`KEYS_WRITE`] (which [`ADMIN`] implies).
 const TOKENS_PATH: &str = "/api/api_tokens";
 
-/// The scopes of a key created through `POST /api/api_tokens`: every core scope but
-/// `admin` (an access key cannot mint administrators).
-const USER_SCOPES: &[&str] = &NON_ADMIN_SCOPES;
+/// The scopes a new key gets when the request names none: the data scopes the creator
+/// holds (all of them for an admin), never `keys:write` or `admin`, which are granted
+/// only when asked for.
+const DEFAULT_SCOPES: &[&str] = &DATA_SCOPES;
 
 /// The plugin's configuration. It has no field yet; `deny_unknown_fields` makes a
 /// misspelt or unsupported field an error at load rather than silently ignored. New
@@ -82,6 +105,15 @@ struct KeyRecord {
     scopes: Vec<String>,
     /// Creation time, milliseconds since the Unix epoch.
     created_ms: u64,
+    /// Restriction to some endpoints/resources (as `PrincipalSpec::allow`); records
+    /// written before it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    allow: Option<Vec<String>>,
+    /// The key whose `POST /api/api_tokens` created this one (in any backend): this key
+    /// authenticates only while that one is valid (the host checks). None for the
+    /// bootstrap key and keys made by the `create_key` operation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    creator: Option<KeyRef>,
 }
 
 /// The plugin instance.
@@ -91,20 +123,49 @@ pub struct ConnectorAuth {
     keys: HashMap<String, KeyRecord>,
 }
 
-/// The display name a `POST /api/api_tokens` body asks for: `Ok(None)` when it asks for
-/// none (empty or whitespace body, no `name` field, or `"name": null`), `Err(why)` when
-/// the body is not acceptable. Unknown fields are ignored.
-fn requested_name(body: &str) -> Result<Option<String>, String> {
-    if body.trim().is_empty() {
-        return Ok(None);
-    }
-    let value: serde_json::Value =
-        serde_json::from_str(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
-    let serde_json::Value::Object(fields) = value else {
-        return Err("body must be a JSON object".to_string());
-    };
-    match fields.get("name") {
+/// What a `POST /api/api_tokens` body asks for; `None`: not asked, the default applies.
+#[derive(Debug, Default, PartialEq)]
+struct KeyAsk {
+    name: Option<String>,
+    scopes: Option<Vec<String>>,
+    allow: Option<Vec<String>>,
+    domain: Option<String>,
+}
+
+/// Why a request is refused: (status, error type, message).
+type Refusal = (u16, &'static str, String);
+
+fn bad_request(why: String) -> Refusal {
+    (400, "bad_request", why)
+}
+
+/// A list of strings of a body's field (`Ok(None)` when absent or null).
+fn string_list(
+    fields: &serde_json::Map<String, serde_json::Value>,
+    field: &str,
+) -> Result<Option<Vec<String>>, String> {
+    match fields.get(field) {
         None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                serde_json::Value::String(s) => Ok(s.clone()),
+                _ => Err(format!("{field} must be an array of strings")),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        Some(_) => Err(format!("{field} must be an array of strings")),
+    }
+}
+
+/// Reads a `POST /api/api_tokens` body: `{"name"?, "scopes"?, "allow"?, "domain"?}`, all
+/// optional (an empty body asks for nothing). Unknown fields are ignored. Checks the
+/// form only (known scope names, pattern lengths); what the caller may grant is
+/// [`ConnectorAuth::grant`]'s.
+fn requested_key(body: &str) -> Result<KeyAsk, String> {
+    let fields = json_object(body, Some(Default::default()))?;
+    let name = match fields.get("name") {
+        None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::String(name)) => {
             let chars = name.chars().count();
             if !(1..=MAX_NAME_CHARS).contains(&chars) {
@@ -113,10 +174,127 @@ fn requested_name(body: &str) -> Result<Option<String>, String> {
                 ));
             }
             refuse_control_chars("name", name)?;
-            Ok(Some(name.clone()))
+            Some(name.clone())
         }
-        Some(_) => Err("name must be a string".to_string()),
+        Some(_) => return Err("name must be a string".to_string()),
+    };
+    let scopes = string_list(&fields, "scopes")?;
+    if let Some(unknown) = scopes
+        .iter()
+        .flatten()
+        .find(|s| !SCOPES.contains(&s.as_str()))
+    {
+        return Err(format!(
+            "unknown scope {unknown:?} (known: {})",
+            SCOPES.join(", ")
+        ));
     }
+    let allow = string_list(&fields, "allow")?;
+    if let Some(patterns) = &allow {
+        if patterns.is_empty() || patterns.len() > MAX_ALLOW_PATTERNS {
+            return Err(format!(
+                "allow must hold 1 to {MAX_ALLOW_PATTERNS} patterns (got {})",
+                patterns.len()
+            ));
+        }
+        for p in patterns {
+            let chars = p.chars().count();
+            if !(1..=MAX_ALLOW_CHARS).contains(&chars) {
+                return Err(format!(
+                    "an allow pattern must be 1 to {MAX_ALLOW_CHARS} characters long (got {chars})"
+                ));
+            }
+            refuse_control_chars("allow", p)?;
+        }
+    }
+    let domain = match fields.get("domain") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(d)) => Some(d.clone()),
+        Some(_) => return Err("domain must be a string".to_string()),
+    };
+    Ok(KeyAsk {
+        name,
+        scopes,
+        allow,
+        domain,
+    })
+}
+
+/// The scopes, restriction and domain a key created by `creator` gets for `ask`, or a
+/// 403 naming what was asked beyond the creator's own: a scope it does not hold (`admin`
+/// holds every scope), an `allow` pattern outside its own patterns (compared as text: a
+/// restricted creator may grant any subset of its patterns, nothing else), another
+/// domain.
+fn grant(
+    creator: &PrincipalSpec,
+    ask: &KeyAsk,
+) -> Result<(Vec<String>, Option<Vec<String>>), Refusal> {
+    let is_admin = creator.scopes.iter().any(|s| s == ADMIN);
+    let holds = |s: &str| is_admin || creator.scopes.iter().any(|c| c == s);
+    if let Some(d) = ask.domain.as_ref().filter(|d| **d != creator.domain) {
+        return Err((
+            403,
+            "forbidden",
+            format!(
+                "a key cannot be created in domain {d:?}: only in the caller's own domain {:?}",
+                creator.domain
+            ),
+        ));
+    }
+    let scopes: Vec<String> = match &ask.scopes {
+        Some(asked) => {
+            let beyond: Vec<&str> = asked
+                .iter()
+                .map(String::as_str)
+                .filter(|s| !holds(s))
+                .collect();
+            if !beyond.is_empty() {
+                return Err((
+                    403,
+                    "forbidden",
+                    format!(
+                        "scopes refused: {} (a key can grant only scopes it holds)",
+                        beyond.join(", ")
+                    ),
+                ));
+            }
+            // In canonical order, once each.
+            SCOPES
+                .iter()
+                .filter(|s| asked.iter().any(|a| a == *s))
+                .map(|s| s.to_string())
+                .collect()
+        }
+        None => DEFAULT_SCOPES
+            .iter()
+            .filter(|s| holds(s))
+            .map(|s| s.to_string())
+            .collect(),
+    };
+    let allow = match (&creator.allow, &ask.allow) {
+        (None, asked) => asked.clone(),
+        (Some(own), None) => Some(own.clone()),
+        (Some(own), Some(asked)) => {
+            let beyond: Vec<String> = asked
+                .iter()
+                .filter(|p| !own.contains(p))
+                .map(|p| format!("{p:?}"))
+                .collect();
+            if !beyond.is_empty() {
+                return Err((
+                    403,
+                    "forbidden",
+                    format!(
+                        "allow patterns refused: {} (a restricted key can grant only its own patterns: {})",
+                        beyond.join(", "),
+                        own.join(", ")
+                    ),
+                ));
+            }
+            Some(asked.clone())
+        }
+    };
+    Ok((scopes, allow))
 }
 
 impl ConnectorAuth {
@@ -137,14 +315,37 @@ impl ConnectorAuth {
         Ok(keys)
     }
 
+    /// The digest and record of the key with id `id`.
+    fn by_id(&self, id: &str) -> Option<(&String, &KeyRecord)> {
+        self.keys.iter().find(|(_, r)| r.id == id)
+    }
+
+    /// Whether `key` was minted by `ancestor`, directly or through keys of this backend.
+    fn minted_by(&self, key: &KeyRecord, ancestor: &KeyRef) -> bool {
+        let mut next = key.creator.as_ref();
+        let mut seen = HashSet::new();
+        while let Some(c) = next {
+            if c == ancestor {
+                return true;
+            }
+            if c.backend != NAME || !seen.insert(c.key_id.clone()) {
+                return false;
+            }
+            next = self.by_id(&c.key_id).and_then(|(_, r)| r.creator.as_ref());
+        }
+        false
+    }
+
     /// Creates a key: a fresh secret, stored (durably, then in memory) only as its
-    /// digest. Returns the secret, which the caller shows once.
+    /// digest. Returns the secret and the key's id.
     fn create_key(
         &mut self,
         name: String,
         domain: String,
         scopes: Vec<String>,
-    ) -> Result<String, String> {
+        allow: Option<Vec<String>>,
+        creator: Option<KeyRef>,
+    ) -> Result<(String, String), String> {
         // 100 alphanumeric characters are ~595 bits: a collision is not going to happen,
         // but drawing again costs nothing and keeps the map's invariant obvious.
         let (secret, digest) = loop {
@@ -166,26 +367,51 @@ impl ConnectorAuth {
             domain,
             scopes,
             created_ms: now_ms(),
+            allow,
+            creator,
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
         self.host
             .state_put(&format!("{KEY_PREFIX}{digest}"), &bytes)?;
+        let by = match &record.creator {
+            Some(c) => format!(", created by key {} ({})", c.key_id, c.backend),
+            None => String::new(),
+        };
         self.host.info(&format!(
-            "{NAME}: created access key {} ({:?}) in domain {:?} with scopes {}",
+            "{NAME}: created access key {} ({:?}) in domain {:?} with scopes {}{by}",
             record.id,
             record.name,
             record.domain,
             record.scopes.join(" ")
         ));
+        let id = record.id.clone();
         self.keys.insert(digest, record);
-        Ok(secret)
+        Ok((secret, id))
+    }
+
+    /// Deletes the key with digest `digest` (durably, then in memory).
+    fn delete_key(&mut self, digest: &str) -> Result<(), String> {
+        self.host.state_delete(&format!("{KEY_PREFIX}{digest}"))?;
+        if let Some(r) = self.keys.remove(digest) {
+            self.host.info(&format!(
+                "{NAME}: deleted access key {} ({:?}) in domain {:?}",
+                r.id, r.name, r.domain
+            ));
+        }
+        Ok(())
     }
 
     fn bootstrap(&mut self, req: BootstrapRequest) -> Result<BootstrapResponse, String> {
         if !self.keys.is_empty() {
             return Ok(BootstrapResponse { created: None });
         }
-        let secret = self.create_key(ADMIN.to_string(), req.domain, vec![ADMIN.to_string()])?;
+        let (secret, _) = self.create_key(
+            ADMIN.to_string(),
+            req.domain,
+            vec![ADMIN.to_string()],
+            None,
+            None,
+        )?;
         Ok(BootstrapResponse {
             created: Some(secret),
         })
@@ -203,13 +429,15 @@ impl ConnectorAuth {
         // as a constant-time comparison of secrets.
         match self.keys.get(&sha256_hex(token)) {
             // The verdict depends on the bearer token only (keys do not expire; a key
-            // deleted through this plugin's routes makes the host forget it at once).
+            // deleted through this plugin's routes, or a revocation anywhere of the key
+            // that minted it, makes the host forget it at once).
             Some(record) => AuthVerdict::Accepted {
                 principal: PrincipalSpec {
                     key_id: record.id.clone(),
                     domain: record.domain.clone(),
                     scopes: record.scopes.clone(),
-                    allow: None,
+                    allow: record.allow.clone(),
+                    creator: record.creator.clone(),
                 },
                 cache: Some(VerdictCache {
                     headers: vec!["authorization".into()],
@@ -221,45 +449,215 @@ impl ConnectorAuth {
         }
     }
 
+    /// [`OP_KEY_STATUS`]: a key that exists is active (this backend deletes keys rather
+    /// than keeping revoked ones); its creator goes with it for the host to check.
+    fn key_status(&self, req: &KeyStatusRequest) -> KeyStatusResponse {
+        match self.by_id(&req.key_id) {
+            Some((_, r)) => KeyStatusResponse {
+                status: KeyState::Active,
+                creator: r.creator.clone(),
+            },
+            None => KeyStatusResponse {
+                status: KeyState::Unknown,
+                creator: None,
+            },
+        }
+    }
+
     fn routes() -> RoutesResponse {
+        let route = |method: &str, path: String| Route {
+            method: method.to_string(),
+            path,
+            scope: KEYS_WRITE.to_string(),
+            errors: None,
+        };
         RoutesResponse {
-            routes: vec![Route {
-                method: TOKENS_METHOD.to_string(),
-                path: TOKENS_PATH.to_string(),
-                scope: ADMIN.to_string(),
-                errors: None,
-            }],
+            routes: vec![
+                route("GET", TOKENS_PATH.to_string()),
+                route("POST", TOKENS_PATH.to_string()),
+                route("DELETE", format!("{TOKENS_PATH}/{{id}}")),
+            ],
         }
     }
 
     fn http(&mut self, req: HttpRequest) -> HttpResponse {
-        if req.method != TOKENS_METHOD || req.path != TOKENS_PATH {
-            return HttpResponse::error(
+        let rest = req.path.strip_prefix(TOKENS_PATH);
+        // `/api/api_tokens/{id}`: one non-empty segment.
+        let id = rest
+            .and_then(|r| r.strip_prefix('/'))
+            .filter(|id| !id.is_empty() && !id.contains('/'));
+        let result = match (req.method.as_str(), rest, id) {
+            ("POST", Some(""), _) => self.post_token(&req),
+            ("GET", Some(""), _) => Ok(self.list_tokens(&req)),
+            ("DELETE", _, Some(id)) => self.delete_token(&req, id),
+            _ => Err((
                 404,
                 "not_found",
-                &format!("no route {} {}", req.method, req.path),
-            );
-        }
-        if let Err(m) = refuse_non_json(req.headers.get("content-type").map(String::as_str)) {
-            return HttpResponse::error(415, "unsupported_media_type", &m);
-        }
-        let name = match requested_name(&req.body) {
-            Ok(Some(name)) => name,
-            Ok(None) => random_alphanumeric(RANDOM_NAME_LEN),
-            Err(why) => return HttpResponse::error(400, "bad_request", &why),
+                format!("no route {} {}", req.method, req.path),
+            )),
         };
-        let scopes = USER_SCOPES.iter().map(|s| s.to_string()).collect();
-        match self.create_key(name.clone(), req.principal.domain, scopes) {
-            Ok(secret) => HttpResponse::json(
-                201,
-                &serde_json::json!({"access_key": secret, "name": name}),
-            ),
+        match result {
+            Ok(r) => r,
+            Err((status, kind, message)) => HttpResponse::error(status, kind, &message),
+        }
+    }
+
+    /// The key the request was authenticated with, as its minted keys record it. None
+    /// from a host that does not say which backend accepted the caller.
+    fn caller(req: &HttpRequest) -> Option<KeyRef> {
+        (!req.backend.is_empty()).then(|| KeyRef {
+            backend: req.backend.clone(),
+            key_id: req.principal.key_id.clone(),
+        })
+    }
+
+    /// `POST /api/api_tokens`.
+    fn post_token(&mut self, req: &HttpRequest) -> Result<HttpResponse, Refusal> {
+        refuse_non_json(req.headers.get("content-type").map(String::as_str))
+            .map_err(|m| (415, "unsupported_media_type", m))?;
+        let ask = requested_key(&req.body).map_err(bad_request)?;
+        let (scopes, allow) = grant(&req.principal, &ask)?;
+        let name = ask
+            .name
+            .unwrap_or_else(|| random_alphanumeric(RANDOM_NAME_LEN));
+        let creator = Self::caller(req);
+        if creator.is_none() {
+            self.host.warn(&format!(
+                "{NAME}: the host did not say which backend authenticated key {}: the new key does not record its creator",
+                req.principal.key_id
+            ));
+        }
+        match self.create_key(
+            name.clone(),
+            req.principal.domain.clone(),
+            scopes,
+            allow,
+            creator,
+        ) {
+            Ok((secret, id)) => {
+                #[derive(Serialize)]
+                struct Created<'a> {
+                    access_key: &'a str,
+                    name: &'a str,
+                    id: &'a str,
+                }
+                let body = serde_json::to_string(&Created {
+                    access_key: &secret,
+                    name: &name,
+                    id: &id,
+                })
+                .map_err(|e| (500, "internal_error", e.to_string()))?;
+                Ok(HttpResponse::json_text(201, body))
+            }
             Err(e) => {
                 self.host
                     .warn(&format!("{NAME}: could not store a new access key: {e}"));
-                HttpResponse::error(500, "internal_error", "could not store the new access key")
+                Err((
+                    500,
+                    "internal_error",
+                    "could not store the new access key".to_string(),
+                ))
             }
         }
+    }
+
+    /// Whether the caller of `req` may delete `record`: an admin any key of its domain;
+    /// another caller itself and the keys it minted, directly or not.
+    fn may_manage(&self, req: &HttpRequest, record: &KeyRecord) -> bool {
+        let who = &req.principal;
+        if record.domain != who.domain {
+            return false;
+        }
+        let is_admin = who.scopes.iter().any(|s| s == ADMIN);
+        let is_self = req.backend == NAME && who.key_id == record.id;
+        is_admin || is_self || Self::caller(req).is_some_and(|c| self.minted_by(record, &c))
+    }
+
+    /// `GET /api/api_tokens`: the keys the caller may delete ([`Self::may_manage`]), oldest
+    /// first, never their secrets: `[{"id", "name", "scopes", "allow"?, "created_by"?,
+    /// "created_at"}]`.
+    fn list_tokens(&self, req: &HttpRequest) -> HttpResponse {
+        let mut keys: Vec<&KeyRecord> = self
+            .keys
+            .values()
+            .filter(|r| self.may_manage(req, r))
+            .collect();
+        keys.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        let list: Vec<serde_json::Value> = keys
+            .into_iter()
+            .map(|r| {
+                let mut v = serde_json::json!({
+                    "id": r.id,
+                    "name": r.name,
+                    "scopes": r.scopes,
+                    "created_at": format_ms(r.created_ms),
+                });
+                if let Some(allow) = &r.allow {
+                    v["allow"] = serde_json::json!(allow);
+                }
+                if let Some(c) = &r.creator {
+                    v["created_by"] = serde_json::json!({"backend": c.backend, "key_id": c.key_id});
+                }
+                v
+            })
+            .collect();
+        HttpResponse::json(200, &serde_json::Value::Array(list))
+    }
+
+    /// `DELETE /api/api_tokens/{id}`: the key and every key of this backend it minted,
+    /// directly or not (they would be refused anyway, their creator gone). An admin
+    /// deletes any key of its domain; another caller (with `keys:write`) itself and the
+    /// keys it minted, directly or not. Keys of other domains do not exist for the caller.
+    fn delete_token(&mut self, req: &HttpRequest, id: &str) -> Result<HttpResponse, Refusal> {
+        let who = &req.principal;
+        let not_found = || (404, "not_found", format!("no access key {id}"));
+        let (digest, record) = self
+            .by_id(id)
+            .filter(|(_, r)| r.domain == who.domain)
+            .map(|(d, r)| (d.clone(), r.clone()))
+            .ok_or_else(not_found)?;
+        if !self.may_manage(req, &record) {
+            return Err((
+                403,
+                "forbidden",
+                format!(
+                    "access key {id} was not created by this key: a key without admin deletes only itself and the keys it created"
+                ),
+            ));
+        }
+        self.delete_key(&digest).map_err(|e| {
+            self.host
+                .warn(&format!("{NAME}: could not delete access key {id}: {e}"));
+            (
+                500,
+                "internal_error",
+                "could not delete the access key".to_string(),
+            )
+        })?;
+        // What it minted: refused from now on by the host (their creator is unknown), and
+        // deleted here so as not to keep dead records.
+        let gone = KeyRef {
+            backend: NAME.to_string(),
+            key_id: record.id.clone(),
+        };
+        let descendants: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|(_, r)| self.minted_by(r, &gone))
+            .map(|(d, _)| d.clone())
+            .collect();
+        for d in descendants {
+            if let Err(e) = self.delete_key(&d) {
+                self.host.warn(&format!(
+                    "{NAME}: could not delete a key minted by deleted key {id} (it is refused all the same): {e}"
+                ));
+            }
+        }
+        Ok(HttpResponse {
+            status: 204,
+            headers: Default::default(),
+            body: String::new(),
+        })
     }
 }
 
@@ -286,6 +684,10 @@ impl Plugin for ConnectorAuth {
                 encode_answer(&self.authenticate(&req))
             }
             OP_ROUTES => encode_answer(&Self::routes()),
+            OP_KEY_STATUS => {
+                let req: KeyStatusRequest = decode_input(op, input)?;
+                encode_answer(&self.key_status(&req))
+            }
             OP_HTTP => {
                 let req: HttpRequest = decode_input(op, input)?;
                 encode_answer(&self.http(req))
@@ -293,7 +695,7 @@ impl Plugin for ConnectorAuth {
             OP_CREATE_KEY => {
                 let req: CreateKeyRequest = decode_input(op, input)?;
                 for s in &req.scopes {
-                    if !USER_SCOPES.contains(&s.as_str()) && s != ADMIN {
+                    if !SCOPES.contains(&s.as_str()) {
                         return Err(format!("{op}: unknown scope {s:?}"));
                     }
                 }
@@ -301,12 +703,15 @@ impl Plugin for ConnectorAuth {
                     return Err(format!("{op}: name and domain must not be empty"));
                 }
                 let scopes = if req.scopes.is_empty() {
-                    USER_SCOPES.iter().map(|s| s.to_string()).collect()
+                    DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect()
                 } else {
                     req.scopes
                 };
-                let secret = self.create_key(req.name.clone(), req.domain, scopes)?;
-                encode_answer(&serde_json::json!({"access_key": secret, "name": req.name}))
+                let (secret, id) =
+                    self.create_key(req.name.clone(), req.domain, scopes, None, None)?;
+                encode_answer(
+                    &serde_json::json!({"access_key": secret, "name": req.name, "id": id}),
+                )
             }
             other => Err(format!("{NAME}: unknown operation {other:?}")),
         }
@@ -314,8 +719,9 @@ impl Plugin for ConnectorAuth {
 }
 
 /// Administrative operation (`connectord plugin-call connector create_key '{…}'`): creates
-/// a key in any domain, for example the first key of a new tenant. Scopes default to every
-/// non-admin scope.
+/// a key in any domain, for example the first key of a new tenant, or a replacement admin
+/// key (a key made here has no creator, so it outlives every other key). Scopes default to
+/// the data scopes ([`DATA_SCOPES`]).
 pub const OP_CREATE_KEY: &str = "create_key";
 
 #[derive(Deserialize)]
@@ -366,11 +772,13 @@ mod tests {
             domain: DOMAIN.into(),
             scopes: vec!["admin".into()],
             allow: None,
+            creator: None,
         }
     }
 
     fn http_req(method: &str, path: &str, body: &str) -> HttpRequest {
         HttpRequest {
+            backend: NAME.into(),
             method: method.into(),
             path: path.into(),
             query: None,
@@ -389,7 +797,7 @@ mod tests {
     }
 
     fn user_scopes() -> Vec<String> {
-        USER_SCOPES.iter().map(|s| s.to_string()).collect()
+        DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect()
     }
 
     #[test]
@@ -501,7 +909,8 @@ mod tests {
         let key = body["access_key"].as_str().expect("access_key");
         assert_eq!(key.len(), KEY_LEN);
         assert!(is_alnum(key));
-        assert_eq!(body.as_object().unwrap().len(), 2);
+        assert_eq!(body.as_object().unwrap().len(), 3);
+        assert_eq!(body["id"].as_str().unwrap().len(), 16);
 
         match auth_bearer(&mut p, key) {
             AuthVerdict::Accepted { principal, .. } => {
@@ -574,11 +983,14 @@ mod tests {
         ];
         // Requests on no route of this plugin, refused with 404: (method, path).
         let no_routes: &[(&str, &str)] = &[
-            ("GET", TOKENS_PATH),
             ("post", TOKENS_PATH),
             ("DELETE", TOKENS_PATH),
             ("POST", "/api/other"),
             ("POST", "/api/api_tokens/"),
+            ("DELETE", "/api/api_tokens/"),
+            ("DELETE", "/api/api_tokensé"),
+            ("DELETE", "/api/api_tokens/a/b"),
+            ("GET", "/api/api_tokens/a"),
         ];
         let cases = bad_bodies
             .iter()
@@ -681,19 +1093,24 @@ mod tests {
     }
 
     #[test]
-    fn routes_lists_the_post_route() {
+    fn routes_lists_the_post_and_delete_routes() {
         let host = MemoryHost::new();
         let mut p = new_plugin(&host);
         let v = call_json(&mut p, OP_ROUTES, &json!({}));
         let routes: RoutesResponse = serde_json::from_value(v).unwrap();
+        let route = |method: &str, path: &str| Route {
+            method: method.into(),
+            path: path.into(),
+            scope: "keys:write".into(),
+            errors: None,
+        };
         assert_eq!(
             routes.routes,
-            vec![Route {
-                method: "POST".into(),
-                path: "/api/api_tokens".into(),
-                scope: "admin".into(),
-                errors: None,
-            }]
+            vec![
+                route("GET", "/api/api_tokens"),
+                route("POST", "/api/api_tokens"),
+                route("DELETE", "/api/api_tokens/{id}")
+            ]
         );
         // The host may call it with no input at all.
         assert!(p.call(OP_ROUTES, b"").is_ok());
@@ -759,5 +1176,220 @@ mod tests {
         );
         assert!(is_sha256_hex(&sha256_hex("x")));
         assert!(!is_sha256_hex(&sha256_hex("x").to_uppercase()));
+    }
+
+    fn principal(scopes: &[&str], allow: Option<&[&str]>) -> PrincipalSpec {
+        PrincipalSpec {
+            key_id: "creator".into(),
+            domain: DOMAIN.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            allow: allow.map(|a| a.iter().map(|s| s.to_string()).collect()),
+            creator: None,
+        }
+    }
+
+    /// What a creator may grant (issue 18, item 3): a table of (creator scopes, creator
+    /// allow, body, granted scopes and allow, or the text a 403 must name).
+    #[test]
+    fn grants_never_exceed_the_creator() {
+        type Want = Result<(Vec<&'static str>, Option<Vec<&'static str>>), &'static str>;
+        let data = || DATA_SCOPES.to_vec();
+        type Case = (
+            &'static [&'static str],
+            Option<&'static [&'static str]>,
+            Value,
+            Want,
+        );
+        let cases: Vec<Case> = vec![
+            (&["admin"], None, json!({}), Ok((data(), None))),
+            (
+                &["admin"],
+                None,
+                json!({"scopes": ["admin"]}),
+                Ok((vec!["admin"], None)),
+            ),
+            (
+                &["admin"],
+                None,
+                json!({"scopes": ["keys:write", "endpoints:read"], "allow": ["a-*"]}),
+                Ok((vec!["endpoints:read", "keys:write"], Some(vec!["a-*"]))),
+            ),
+            (
+                &["endpoints:read", "keys:write"],
+                None,
+                json!({}),
+                Ok((vec!["endpoints:read"], None)),
+            ),
+            (
+                &["endpoints:read", "keys:write"],
+                Some(&["a-*", "b"]),
+                json!({}),
+                Ok((vec!["endpoints:read"], Some(vec!["a-*", "b"]))),
+            ),
+            (
+                &["endpoints:read", "keys:write"],
+                Some(&["a-*", "b"]),
+                json!({"allow": ["b"]}),
+                Ok((vec!["endpoints:read"], Some(vec!["b"]))),
+            ),
+            (
+                &["endpoints:read", "keys:write"],
+                None,
+                json!({"scopes": ["endpoints:read", "resources:write", "admin"]}),
+                Err("resources:write, admin"),
+            ),
+            (
+                &["endpoints:read", "keys:write"],
+                Some(&["a-*"]),
+                json!({"allow": ["a-*", "*"]}),
+                Err("\"*\""),
+            ),
+            (
+                &["admin"],
+                None,
+                json!({"domain": "elsewhere"}),
+                Err("elsewhere"),
+            ),
+            (
+                &["admin"],
+                None,
+                json!({"domain": DOMAIN}),
+                Ok((data(), None)),
+            ),
+        ];
+        for (scopes, allow, body, want) in cases {
+            let ask = requested_key(&body.to_string()).expect("well-formed");
+            let got = grant(&principal(scopes, allow), &ask);
+            match (got, want) {
+                (Ok((s, a)), Ok((ws, wa))) => {
+                    assert_eq!(s, ws, "{body}");
+                    assert_eq!(
+                        a,
+                        wa.map(|v| v.into_iter().map(String::from).collect()),
+                        "{body}"
+                    );
+                }
+                (Err((403, "forbidden", m)), Err(named)) => {
+                    assert!(m.contains(named), "{body}: {m}")
+                }
+                (got, want) => panic!("{body}: got {got:?}, want {want:?}"),
+            }
+        }
+        for bad in [
+            json!({"scopes": ["nope"]}),
+            json!({"scopes": "admin"}),
+            json!({"allow": []}),
+            json!({"allow": [""]}),
+            json!({"allow": [1]}),
+            json!({"domain": 5}),
+        ] {
+            assert!(requested_key(&bad.to_string()).is_err(), "{bad}");
+        }
+    }
+
+    /// Keys record their creator and allow, keep them across a restart, and answer
+    /// key_status; deletion takes what a key minted, within the caller's rights.
+    #[test]
+    fn minted_keys_record_their_creator_and_go_with_it() {
+        let host = MemoryHost::new();
+        let mut p = new_plugin(&host);
+        let as_key = |p: &mut ConnectorAuth,
+                      backend: &str,
+                      who: PrincipalSpec,
+                      method: &str,
+                      path: &str,
+                      body: &str| {
+            let mut req = http_req(method, path, body);
+            req.backend = backend.into();
+            req.principal = who;
+            // Not call_http: a 204 has no JSON body.
+            let resp: HttpResponse =
+                serde_json::from_value(call_json(p, OP_HTTP, &serde_json::to_value(&req).unwrap()))
+                    .expect("HttpResponse");
+            let body = serde_json::from_str(&resp.body).unwrap_or(Value::Null);
+            (resp, body)
+        };
+        let mut pelion_key = principal(&["endpoints:read", "keys:write"], Some(&["s-*"]));
+        pelion_key.key_id = "pk1".into();
+        let (r, v) = as_key(
+            &mut p,
+            "pelion",
+            pelion_key.clone(),
+            "POST",
+            TOKENS_PATH,
+            r#"{"scopes":["endpoints:read","keys:write"]}"#,
+        );
+        assert_eq!(r.status, 201, "{v}");
+        let child_id = v["id"].as_str().unwrap().to_string();
+        let child = v["access_key"].as_str().unwrap().to_string();
+        let AuthVerdict::Accepted {
+            principal: child_p, ..
+        } = auth_bearer(&mut p, &child)
+        else {
+            panic!("child refused");
+        };
+        let pelion_ref = KeyRef {
+            backend: "pelion".into(),
+            key_id: "pk1".into(),
+        };
+        assert_eq!(child_p.creator, Some(pelion_ref.clone()));
+        assert_eq!(child_p.allow, Some(vec!["s-*".to_string()]));
+        let (r, v) = as_key(&mut p, NAME, child_p.clone(), "POST", TOKENS_PATH, "");
+        assert_eq!(r.status, 201, "{v}");
+        let grandchild_id = v["id"].as_str().unwrap().to_string();
+
+        // Across a restart.
+        drop(p);
+        let mut p = new_plugin(&host);
+        let status = |p: &mut ConnectorAuth, id: &str| -> KeyStatusResponse {
+            serde_json::from_value(call_json(p, OP_KEY_STATUS, &json!({ "key_id": id }))).unwrap()
+        };
+        let s = status(&mut p, &grandchild_id);
+        assert_eq!(s.status, KeyState::Active);
+        assert_eq!(
+            s.creator,
+            Some(KeyRef {
+                backend: NAME.into(),
+                key_id: child_id.clone()
+            })
+        );
+        assert_eq!(status(&mut p, &child_id).creator, Some(pelion_ref));
+        assert_eq!(status(&mut p, "nope").status, KeyState::Unknown);
+
+        // Another key with keys:write may not delete them; the Pelion key that minted the
+        // child may, and the grandchild goes with it.
+        let stranger = principal(&["keys:write"], None);
+        let (r, _) = as_key(
+            &mut p,
+            "pelion",
+            stranger,
+            "DELETE",
+            &format!("{TOKENS_PATH}/{grandchild_id}"),
+            "",
+        );
+        assert_eq!(r.status, 403);
+        let mut elsewhere = principal(&["admin"], None);
+        elsewhere.domain = "other".into();
+        let (r, _) = as_key(
+            &mut p,
+            NAME,
+            elsewhere,
+            "DELETE",
+            &format!("{TOKENS_PATH}/{child_id}"),
+            "",
+        );
+        assert_eq!(r.status, 404);
+        let (r, _) = as_key(
+            &mut p,
+            "pelion",
+            pelion_key,
+            "DELETE",
+            &format!("{TOKENS_PATH}/{child_id}"),
+            "",
+        );
+        assert_eq!(r.status, 204);
+        assert_eq!(status(&mut p, &child_id).status, KeyState::Unknown);
+        assert_eq!(status(&mut p, &grandchild_id).status, KeyState::Unknown);
+        assert!(host.state().is_empty(), "both records deleted");
     }
 }

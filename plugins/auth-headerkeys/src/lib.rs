@@ -101,8 +101,8 @@ use std::collections::BTreeMap;
 pub const KEY_ID: &str = "headerkeys";
 
 use connectord_plugin_sdk::auth::{
-    AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, OP_AUTHENTICATE, OP_BOOTSTRAP,
-    PrincipalSpec,
+    AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, KeyState, KeyStatusRequest,
+    KeyStatusResponse, OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS, PrincipalSpec,
 };
 use connectord_plugin_sdk::http::{
     AUTHENTICATED, HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse,
@@ -615,6 +615,7 @@ impl HeaderKeys {
                 domain: self.domain.clone(),
                 scopes: area.scopes(access).iter().map(|s| s.to_string()).collect(),
                 allow: None,
+                creator: None,
             },
             cache: None,
         };
@@ -786,6 +787,22 @@ impl Plugin for HeaderKeys {
             OP_AUTHENTICATE => {
                 let req: AuthRequest = decode_input(op, input)?;
                 encode_answer(&self.authenticate(&req))
+            }
+            OP_KEY_STATUS => {
+                // The backend has one identity, [`KEY_ID`], whatever the pairs are: it
+                // exists as long as the backend does (a replaced pair changes what a
+                // request must carry, not whose it is). Its principals hold neither
+                // `keys:write` nor `admin`, so they mint no keys.
+                let req: KeyStatusRequest = decode_input(op, input)?;
+                let status = if req.key_id == KEY_ID {
+                    KeyState::Active
+                } else {
+                    KeyState::Unknown
+                };
+                encode_answer(&KeyStatusResponse {
+                    status,
+                    creator: None,
+                })
             }
             OP_ROUTES => encode_answer(&Self::routes()),
             OP_HTTP => {

@@ -62,6 +62,7 @@ fn principal(key_id: &str, scopes: &[&str]) -> PrincipalSpec {
         domain: "default".into(),
         scopes: scopes.iter().map(|s| s.to_string()).collect(),
         allow: None,
+        creator: None,
     }
 }
 
@@ -108,6 +109,7 @@ fn http(
     who: PrincipalSpec,
 ) -> (u16, String) {
     let req = HttpRequest {
+        backend: String::new(),
         method: method.into(),
         path: path.into(),
         query: None,

@@ -29,6 +29,10 @@
 //! - `bootstrap` creates nothing (`{"created": null}`): the first application and token
 //!   can only come from the two operations above.
 //! - `authenticate`, `routes`, `http`: the auth backend protocol of the SDK.
+//! - `key_status` (the host's): `token:<id>` is `active` while the token and its
+//!   application exist, `appkey:<id>` while `authenticate` would accept the key (its status,
+//!   application and filter; the secret aside); a record that would be refused is
+//!   `revoked`, anything else `unknown`.
 //!
 //! Unknown fields in any operation input, and in the plugin configuration (which takes
 //! none: `{}`), are refused.
@@ -150,8 +154,9 @@ use std::collections::{BTreeMap, HashMap};
 use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use connectord_plugin_sdk::auth::{
-    AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, NON_ADMIN_SCOPES,
-    OP_AUTHENTICATE, OP_BOOTSTRAP, PrincipalSpec,
+    AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, KeyState, KeyStatusRequest,
+    KeyStatusResponse, NON_ADMIN_SCOPES, OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS,
+    PrincipalSpec,
 };
 use connectord_plugin_sdk::http::{
     AUTHENTICATED, ErrorTypes, HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route,
@@ -610,6 +615,7 @@ impl Losant {
                 domain: app.domain.clone(),
                 scopes: Vec::new(),
                 allow: Some(Vec::new()),
+                creator: None,
             },
             cache: None,
         }
@@ -646,10 +652,43 @@ impl Losant {
                     domain: app.domain.clone(),
                     scopes: KEY_SCOPES.iter().map(|s| s.to_string()).collect(),
                     allow,
+                    creator: None,
                 },
                 cache: None,
             },
             Err(reason) => AuthVerdict::Refused { reason },
+        }
+    }
+
+    /// [`OP_KEY_STATUS`] for the key ids [`OP_AUTHENTICATE`] gives: `token:<id>` is active
+    /// while the token and its application exist; `appkey:<id>` while the key is active,
+    /// its application exists and its filter is usable. A record that exists but would be
+    /// refused is revoked; anything else is unknown.
+    fn key_status(&self, key_id: &str) -> KeyStatusResponse {
+        let status = if let Some(id) = key_id.strip_prefix("token:") {
+            match self.tokens.get(id) {
+                None => KeyState::Unknown,
+                Some(t) if self.apps.contains_key(&t.application_id) => KeyState::Active,
+                Some(_) => KeyState::Revoked,
+            }
+        } else if let Some(id) = key_id.strip_prefix("appkey:") {
+            match self.keys.get(id) {
+                None => KeyState::Unknown,
+                Some(k)
+                    if k.status == Status::Active
+                        && self.apps.contains_key(&k.application_id)
+                        && allow_patterns(k).is_ok() =>
+                {
+                    KeyState::Active
+                }
+                Some(_) => KeyState::Revoked,
+            }
+        } else {
+            KeyState::Unknown
+        };
+        KeyStatusResponse {
+            status,
+            creator: None,
         }
     }
 
@@ -884,6 +923,10 @@ impl Plugin for Losant {
             OP_AUTHENTICATE => {
                 let req: AuthRequest = decode_input(op, input)?;
                 encode_answer(&self.authenticate(&req))
+            }
+            OP_KEY_STATUS => {
+                let req: KeyStatusRequest = decode_input(op, input)?;
+                encode_answer(&self.key_status(&req.key_id))
             }
             OP_ROUTES => encode_answer(&Self::routes()),
             OP_HTTP => {

@@ -89,6 +89,7 @@ fn principal_for(p: &mut Losant, authorization: &str) -> PrincipalSpec {
             domain: DOMAIN.into(),
             scopes: vec!["admin".into()],
             allow: None,
+            creator: None,
         },
     }
 }
@@ -107,6 +108,7 @@ fn http_as(
         headers.insert("authorization".into(), a.into());
     }
     let req = HttpRequest {
+        backend: String::new(),
         method: method.into(),
         path: path.into(),
         query: query.map(String::from),
@@ -1371,6 +1373,7 @@ fn non_token_callers_are_401() {
     // that does not match): refused too.
     let token_principal = principal_for(&mut f.p, &format!("Bearer {}", f.token));
     let req = HttpRequest {
+        backend: String::new(),
         method: "GET".into(),
         path: path.clone(),
         query: None,
@@ -1678,6 +1681,7 @@ fn non_json_content_type_is_415() {
             headers.insert("content-type".into(), ct.into());
         }
         let req = HttpRequest {
+            backend: String::new(),
             method: method.into(),
             path: path.into(),
             query: None,
@@ -1709,5 +1713,37 @@ fn non_json_content_type_is_415() {
     for ct in [None, Some("application/json; charset=utf-8")] {
         let (status, v) = send(&mut f, "PATCH", &targets[1].1, ct);
         assert_eq!(status, 200, "{ct:?}: {v}");
+    }
+}
+
+/// `key_status` follows authentication: an application key is active while it is active;
+/// made inactive, it is revoked; unknown ids are unknown.
+#[test]
+fn key_status_follows_authentication() {
+    let mut f = setup();
+    let status = |p: &mut Losant, id: &str| -> KeyState {
+        let v = call_json(p, OP_KEY_STATUS, &json!({ "key_id": id }));
+        let r: KeyStatusResponse = serde_json::from_value(v).expect("KeyStatusResponse");
+        r.status
+    };
+    let v = post_key(&mut f, json!({}));
+    let (key, secret) = (v["key"].as_str().unwrap(), v["secret"].as_str().unwrap());
+    let principal = accepted(auth_basic(&mut f.p, key, secret));
+    let token = accepted(auth_bearer(&mut f.p, &f.token.clone()));
+    assert_eq!(status(&mut f.p, &principal.key_id), KeyState::Active);
+    assert_eq!(status(&mut f.p, &token.key_id), KeyState::Active);
+    let id = v["id"].as_str().unwrap().to_string();
+    let (s, _) = http(
+        &mut f.p,
+        &f.token.clone(),
+        "PATCH",
+        &key_path(&f.app.clone(), &id),
+        None,
+        r#"{"status":"inactive"}"#,
+    );
+    assert_eq!(s, 200);
+    assert_eq!(status(&mut f.p, &principal.key_id), KeyState::Revoked);
+    for unknown in ["appkey:nope", "token:nope", "nope", &id] {
+        assert_eq!(status(&mut f.p, unknown), KeyState::Unknown, "{unknown}");
     }
 }

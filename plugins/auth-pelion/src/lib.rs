@@ -59,6 +59,11 @@
 //!   permissions and scopes default to none), answer `{"id", "token"}`. It is not limited by
 //!   any caller's permissions: it is the operator's way in.
 //! - [`OP_ROUTES`] / [`OP_HTTP`]: the management API.
+//! - [`OP_KEY_STATUS`]: for the host's check of a key minted by a Pelion key (a Connector
+//!   key created with `POST /api/api_tokens`): an access key is `active` when
+//!   authentication would accept it, `revoked` when it exists but would be refused (so
+//!   revoking a key, its application or deleting its user revokes what it minted too), a
+//!   user token `active` while its user exists; anything else `unknown`.
 //!
 //! # State
 //!
@@ -72,8 +77,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use connectord_plugin_sdk::auth::{
-    ADMIN, AuthRequest, AuthVerdict, BootstrapResponse, OP_AUTHENTICATE, OP_BOOTSTRAP,
-    PrincipalSpec, SCOPES, bearer_token,
+    ADMIN, AuthRequest, AuthVerdict, BootstrapResponse, KeyState, KeyStatusRequest,
+    KeyStatusResponse, OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS, PrincipalSpec, SCOPES,
+    bearer_token,
 };
 use connectord_plugin_sdk::http::{HttpRequest, OP_HTTP, OP_ROUTES};
 use connectord_plugin_sdk::secret::{is_sha256_hex, random_alphanumeric, sha256_hex};
@@ -684,11 +690,36 @@ impl Pelion {
                     domain: user.domain.clone(),
                     scopes: Vec::new(),
                     allow: None,
+                    creator: None,
                 },
                 cache: None,
             };
         }
         AuthVerdict::NotMine
+    }
+
+    /// [`OP_KEY_STATUS`]: an access key is active when [`OP_AUTHENTICATE`] would accept it
+    /// (not revoked or expired, its application active, its owner and creator present),
+    /// revoked when it exists but would be refused; a user token (`user:<id>`) is active
+    /// while the user exists. Anything else is unknown.
+    fn key_status(&self, key_id: &str) -> KeyStatusResponse {
+        let status = if let Some(user) = key_id.strip_prefix(USER_PRINCIPAL_PREFIX) {
+            if self.users.contains_key(user) {
+                KeyState::Active
+            } else {
+                KeyState::Unknown
+            }
+        } else if !self.keys.contains_key(key_id) {
+            KeyState::Unknown
+        } else if self.check_key(key_id).is_ok() {
+            KeyState::Active
+        } else {
+            KeyState::Revoked
+        };
+        KeyStatusResponse {
+            status,
+            creator: None,
+        }
     }
 
     /// The principal of an access key, or why it is refused.
@@ -730,6 +761,7 @@ impl Pelion {
             domain: owner.domain.clone(),
             scopes: key.scopes.clone(),
             allow: None,
+            creator: None,
         })
     }
 
@@ -771,6 +803,10 @@ impl Plugin for Pelion {
             OP_AUTHENTICATE => {
                 let req: AuthRequest = parse(op, input)?;
                 encode_answer(&self.authenticate(&req))
+            }
+            OP_KEY_STATUS => {
+                let req: KeyStatusRequest = parse(op, input)?;
+                encode_answer(&self.key_status(&req.key_id))
             }
             OP_ROUTES => encode_answer(&api::routes()),
             OP_HTTP => {

@@ -96,6 +96,7 @@ fn api_as(
         headers.insert("authorization".into(), format!("Bearer {b}"));
     }
     let req = HttpRequest {
+        backend: String::new(),
         method: method.into(),
         path: path.into(),
         query,
@@ -1351,6 +1352,7 @@ fn only_user_tokens_manage() {
         domain: DOMAIN.into(),
         scopes: vec!["admin".into()],
         allow: None,
+        creator: None,
     };
     // (what, principal, bearer, message fragment)
     let cases: Vec<(&str, PrincipalSpec, Option<&str>, &str)> = vec![
@@ -1582,6 +1584,7 @@ fn non_json_content_types_are_415() {
             headers.insert("content-type".into(), ct.into());
         }
         let req = HttpRequest {
+            backend: String::new(),
             method: method.into(),
             path: path.into(),
             query: None,
@@ -1734,4 +1737,38 @@ fn unreadable_records_are_skipped() {
     ));
     let warnings: Vec<String> = host.warnings();
     assert_eq!(warnings.len(), 2, "{warnings:?}");
+}
+
+/// `key_status` follows authentication: a key is active until it, its application or its
+/// owner goes; a user token while its user exists; anything else is unknown.
+#[test]
+fn key_status_follows_authentication() {
+    let host = MemoryHost::new();
+    let mut p = new_plugin(&host);
+    let status = |p: &mut Pelion, id: &str| -> KeyState {
+        let v = call_json(p, OP_KEY_STATUS, &json!({ "key_id": id }));
+        let r: KeyStatusResponse = serde_json::from_value(v).expect("KeyStatusResponse");
+        assert_eq!(r.creator, None);
+        r.status
+    };
+    let u = admin_user(&mut p, "u");
+    let app = create_app(&mut p, &u, "a");
+    let (k1, _) = create_key(&mut p, &u, &app, &["endpoints:read"]);
+    let (k2, _) = create_key(&mut p, &u, &app, &["endpoints:read"]);
+    let user_key = format!("{USER_PRINCIPAL_PREFIX}{}", u.id);
+    assert_eq!(status(&mut p, &k1), KeyState::Active);
+    assert_eq!(status(&mut p, &user_key), KeyState::Active);
+    revoke_key(&mut p, &u, &app, &k1);
+    assert_eq!(status(&mut p, &k1), KeyState::Revoked);
+    assert_eq!(status(&mut p, &k2), KeyState::Active);
+    revoke_app(&mut p, &u, &app);
+    assert_eq!(status(&mut p, &k2), KeyState::Revoked);
+    for unknown in ["ak_nope", "user:usr_nope", ""] {
+        assert_eq!(status(&mut p, unknown), KeyState::Unknown, "{unknown:?}");
+    }
+    // A restart keeps it so.
+    drop(p);
+    let mut p = new_plugin(&host);
+    assert_eq!(status(&mut p, &k1), KeyState::Revoked);
+    assert_eq!(status(&mut p, &k2), KeyState::Revoked);
 }

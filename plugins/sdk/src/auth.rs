@@ -1,5 +1,6 @@
 //! The auth backend protocol: operation [`OP_AUTHENTICATE`] with an [`AuthRequest`],
-//! answered by an [`AuthVerdict`]; and [`OP_BOOTSTRAP`] at start. Also the core scope names
+//! answered by an [`AuthVerdict`]; [`OP_BOOTSTRAP`] at start; [`OP_KEY_STATUS`], by which the
+//! host checks that the key that minted another is still valid. Also the core scope names
 //! ([`SCOPES`]) and the parsing of `Authorization: Bearer` ([`bearer_token`]).
 
 use std::collections::BTreeMap;
@@ -13,11 +14,22 @@ pub const OP_AUTHENTICATE: &str = "authenticate";
 /// host writes it to a file only the daemon's user can read and logs where.
 pub const OP_BOOTSTRAP: &str = "bootstrap";
 
+/// Is this key still valid? Asked by the host, with a [`KeyStatusRequest`], of the backend
+/// a [`PrincipalSpec::creator`] names; answered by a [`KeyStatusResponse`]. It must change
+/// nothing. A backend that does not answer it (an error, such as "unknown operation")
+/// cannot vouch for its keys: keys they minted are refused (503) rather than trusted.
+pub const OP_KEY_STATUS: &str = "key_status";
+
 /// The core scope that stands for every other.
 pub const ADMIN: &str = "admin";
 
-/// Every core scope but [`ADMIN`], in canonical order.
-pub const NON_ADMIN_SCOPES: [&str; 7] = [
+/// The core scope that lets a key create keys (`POST /api/api_tokens`) and delete the keys
+/// it created, never granting more than it holds itself.
+pub const KEYS_WRITE: &str = "keys:write";
+
+/// The scopes that open the data routes (endpoints, resources, subscriptions,
+/// notifications, limits): every core scope but [`KEYS_WRITE`] and [`ADMIN`].
+pub const DATA_SCOPES: [&str; 7] = [
     "endpoints:read",
     "resources:read",
     "resources:write",
@@ -27,9 +39,21 @@ pub const NON_ADMIN_SCOPES: [&str; 7] = [
     "limits:read",
 ];
 
+/// Every core scope but [`ADMIN`], in canonical order: [`DATA_SCOPES`], then
+/// [`KEYS_WRITE`].
+pub const NON_ADMIN_SCOPES: [&str; 8] = {
+    let mut all = [KEYS_WRITE; 8];
+    let mut i = 0;
+    while i < DATA_SCOPES.len() {
+        all[i] = DATA_SCOPES[i];
+        i += 1;
+    }
+    all
+};
+
 /// Every core scope, in canonical order: [`NON_ADMIN_SCOPES`], then [`ADMIN`].
-pub const SCOPES: [&str; 8] = {
-    let mut all = [ADMIN; 8];
+pub const SCOPES: [&str; 9] = {
+    let mut all = [ADMIN; 9];
     let mut i = 0;
     while i < NON_ADMIN_SCOPES.len() {
         all[i] = NON_ADMIN_SCOPES[i];
@@ -70,7 +94,7 @@ pub struct PrincipalSpec {
     pub domain: String,
     /// Core scopes: any of [`SCOPES`] (`endpoints:read`, `resources:read`,
     /// `resources:write`, `subscriptions:read`, `subscriptions:write`, `notifications`,
-    /// `limits:read`, `admin`).
+    /// `limits:read`, `keys:write`, `admin`).
     pub scopes: Vec<String>,
     /// Optional restriction to some endpoints and resources: patterns
     /// `<endpoint glob>[/<resource path glob>]` where `*` matches any run of characters,
@@ -81,6 +105,48 @@ pub struct PrincipalSpec {
     /// allow (recorded with the channel at each authentication: the newest verdict wins).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow: Option<Vec<String>>,
+    /// The key that created this one (a key minted through another key, such as
+    /// `POST /api/api_tokens`), in whatever backend. The host accepts the verdict only if
+    /// that key, and the key that created it in turn, and so on, are still valid
+    /// ([`OP_KEY_STATUS`]): a key dies with its creator. None: not minted by a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator: Option<KeyRef>,
+}
+
+/// A key of some backend: the backend's plugin name and its id for the key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KeyRef {
+    pub backend: String,
+    pub key_id: String,
+}
+
+/// Input of [`OP_KEY_STATUS`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyStatusRequest {
+    /// An id the backend gave as [`PrincipalSpec::key_id`].
+    pub key_id: String,
+}
+
+/// Answer of [`OP_KEY_STATUS`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyStatusResponse {
+    pub status: KeyState,
+    /// The key's own creator, when it was minted by a key (as [`PrincipalSpec::creator`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator: Option<KeyRef>,
+}
+
+/// Whether a key would authenticate now (its own creator aside, which the host checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyState {
+    /// It would be accepted.
+    Active,
+    /// The backend knows it, and would refuse it (revoked, expired, its application or
+    /// user gone).
+    Revoked,
+    /// The backend has no such key (never had, or it was deleted).
+    Unknown,
 }
 
 /// The backend's answer.
@@ -106,7 +172,7 @@ pub enum AuthVerdict {
 /// (lower-case names; an absent header is a value too) gets the same principal without the
 /// backend, or those before it in the chain, being asked. The host forgets every reused
 /// verdict whenever any plugin runs an operation that may change its state (anything but
-/// authenticate, verify and deliver) and whenever a plugin is loaded again. A backend
+/// authenticate, key_status, verify and deliver) and whenever a plugin is loaded again. A backend
 /// whose verdict depends on the method, the path, or on time within the window (keys that
 /// expire) must not give one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +227,7 @@ mod tests {
                 domain: "d".into(),
                 scopes: vec![],
                 allow: None,
+                creator: None,
             },
             cache: None,
         };
@@ -170,10 +237,12 @@ mod tests {
     #[test]
     fn scope_lists() {
         let all = "endpoints:read resources:read resources:write subscriptions:read \
-                   subscriptions:write notifications limits:read admin";
+                   subscriptions:write notifications limits:read keys:write admin";
         assert_eq!(SCOPES.join(" "), all);
-        assert_eq!(SCOPES[..7], NON_ADMIN_SCOPES);
-        assert_eq!(SCOPES[7], ADMIN);
+        assert_eq!(SCOPES[..8], NON_ADMIN_SCOPES);
+        assert_eq!(NON_ADMIN_SCOPES[..7], DATA_SCOPES);
+        assert_eq!(NON_ADMIN_SCOPES[7], KEYS_WRITE);
+        assert_eq!(SCOPES[8], ADMIN);
     }
 
     #[test]

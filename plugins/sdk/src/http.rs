@@ -82,6 +82,11 @@ pub struct HttpRequest {
     pub body: String,
     /// The authenticated caller.
     pub principal: crate::auth::PrincipalSpec,
+    /// The auth backend that accepted the caller (its plugin name): with
+    /// `principal.key_id`, what a key minted by this request records as its
+    /// [`crate::auth::PrincipalSpec::creator`]. Empty from hosts that predate it.
+    #[serde(default)]
+    pub backend: String,
 }
 
 /// The plugin's answer.

@@ -304,6 +304,7 @@ mod tests {
                                 domain: req.path,
                                 scopes: Vec::new(),
                                 allow: None,
+                                creator: None,
                             },
                             cache: None,
                         },
@@ -343,6 +344,7 @@ mod tests {
         assert_eq!(authenticate(&mut p, &req), AuthVerdict::NotMine);
 
         let req = HttpRequest {
+            backend: String::new(),
             method: "GET".into(),
             path: "/x".into(),
             query: None,
@@ -353,6 +355,7 @@ mod tests {
                 domain: "d".into(),
                 scopes: Vec::new(),
                 allow: None,
+                creator: None,
             },
         };
         let (resp, body) = call_http(&mut p, &req);

@@ -1,0 +1,45 @@
+//! The notification channels, callbacks and subscriptions of keys that no longer
+//! authenticate are dropped.
+//!
+//! A key stops authenticating when it is revoked or deleted in its backend, or when any key
+//! up its chain of creators is ([`crate::auth::AuthChain::liveness`]). Requests need no
+//! help here: each one is authenticated. What runs without a request is the fan-out of
+//! events to a key's channel and the push to its callback URL, so the host sweeps the keys
+//! that have a channel: after every state-changing request on a plugin route (where keys
+//! are revoked and deleted), before that request is answered, and once at start (a
+//! revocation made while the daemon was down, or before a crash cut a sweep short).
+//!
+//! Architecture invariant: the sweep drops only what a backend says is dead; a backend
+//! that cannot answer leaves the channel as it is (the key's requests fail closed anyway).
+
+use crate::auth::{AuthChain, Liveness};
+use crate::events::hub::Hub;
+use crate::subscriptions::Subscriptions;
+
+/// Drops the channel, callback and subscriptions of every key with a channel that no
+/// longer authenticates. Returns how many were dropped.
+pub async fn sweep(auth: &AuthChain, hub: &Hub, subscriptions: &Subscriptions) -> usize {
+    let mut dropped = 0;
+    for key_id in hub.key_ids() {
+        match auth.liveness(&key_id).await {
+            Liveness::Live => {}
+            Liveness::CannotTell(why) => {
+                tracing::debug!(key = %key_id, "revocation sweep: cannot tell ({why})");
+            }
+            Liveness::Dead(why) => {
+                tracing::info!(key = %key_id, "revocation sweep: dropping the channel of a key that no longer authenticates: {why}");
+                if let Err(e) = subscriptions.unsubscribe_all(&key_id).await {
+                    tracing::warn!(key = %key_id, "revocation sweep: subscriptions not removed: {e}");
+                }
+                match hub.forget_key(&key_id).await {
+                    Ok(true) => dropped += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(key = %key_id, "revocation sweep: channel not dropped: {e}")
+                    }
+                }
+            }
+        }
+    }
+    dropped
+}
