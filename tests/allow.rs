@@ -587,3 +587,47 @@ fn a_restricted_key_with_a_callback_receives_only_what_it_may_see() {
     assert_eq!(paths(&regs[0]), ["/3303/0/5700"]);
     assert_eq!(paths(&regs[1]), ["/3/0/13", "/3303/0/5700"]);
 }
+
+/// A key narrowed in its backend while it makes no request of its own (it takes its events
+/// through a callback URL) sees nothing more outside its new restriction: the change made
+/// through the backend's route reaches its channel (the revocation sweep carries each
+/// key's current restriction, `KeyStatusResponse::restriction`).
+#[test]
+fn a_callback_key_narrowed_in_its_backend_gets_nothing_outside_it() {
+    let (d, app, token) = start();
+    let gw_only =
+        r#"{"filterType": "whitelist", "deviceTags": [{"key": "endpoint", "value": "gw-*"}]}"#;
+    let key = app_key(&d, &app, &token, gw_only);
+    let rx = support::receiver::Receiver::start(0);
+    let body = json!({"url": rx.url("/hook")}).to_string();
+    let r = key.call(&d, "PUT", "/v2/notification/callback", Some(&body));
+    assert_eq!(r.status, 204, "{}", r.body);
+    let delivered = |rx: &support::receiver::Receiver, until: &str| {
+        let mut got = Events::default();
+        for r in rx.wait(WAIT, |rs| rs.iter().any(|r| r.body.contains(until))) {
+            if let Ok(v) = serde_json::from_str::<Value>(&r.body)
+                && v.is_object()
+            {
+                got.add(&v);
+            }
+        }
+        eps(&got.of("registrations"))
+    };
+    d.device().register(&["ep=gw-1", "lt=300"], LINKS);
+    assert_eq!(delivered(&rx, "gw-1"), ["gw-1"]);
+
+    // Narrowed to pump-* through the Losant API, with the key's own token.
+    let pumps =
+        r#"{"filterType": "whitelist", "deviceTags": [{"key": "endpoint", "value": "pump-*"}]}"#;
+    let r = token_call(
+        &d,
+        "PATCH",
+        &format!("/applications/{app}/keys/{}", key.id),
+        &token,
+        pumps,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    d.device().register(&["ep=gw-2", "lt=300"], LINKS);
+    d.device().register(&["ep=pump-1", "lt=300"], LINKS);
+    assert_eq!(delivered(&rx, "pump-1"), ["gw-1", "pump-1"]);
+}

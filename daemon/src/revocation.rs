@@ -9,6 +9,11 @@
 //! are revoked and deleted), before that request is answered, and once at start (a
 //! revocation made while the daemon was down, or before a crash cut a sweep short).
 //!
+//! The same sweep carries the restriction a backend reports for a live key
+//! (`KeyStatusResponse::restriction`, the Losant backend's application keys) to the key's
+//! channel ([`Hub::restrict`]), so a key narrowed through a route sees nothing more outside
+//! its new restriction even if it never makes a request (a callback-only key).
+//!
 //! Architecture invariant: the sweep drops only what a backend says is dead; a backend
 //! that cannot answer leaves the channel as it is (the key's requests fail closed anyway).
 
@@ -22,7 +27,14 @@ pub async fn sweep(auth: &AuthChain, hub: &Hub, subscriptions: &Subscriptions) -
     let mut dropped = 0;
     for key_id in hub.key_ids() {
         match auth.liveness(&key_id).await {
-            Liveness::Live => {}
+            Liveness::Live(None) => {}
+            // The backend says the key's restriction now: a key narrowed through a route
+            // is narrowed on its channel at once, not only at its next request.
+            Liveness::Live(Some(r)) => {
+                if let Err(e) = hub.restrict(&key_id, &r.allow).await {
+                    tracing::warn!(key = %key_id, "revocation sweep: the key's restriction not recorded: {e}");
+                }
+            }
             Liveness::CannotTell(why) => {
                 tracing::debug!(key = %key_id, "revocation sweep: cannot tell ({why})");
             }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use connectord_plugin_sdk::auth::{
     self as proto, AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, KeyRef, KeyState,
-    KeyStatusRequest, KeyStatusResponse,
+    KeyStatusRequest, KeyStatusResponse, Restriction,
 };
 
 use crate::hashing::Map;
@@ -206,8 +206,10 @@ pub const MAX_CREATOR_CHAIN: usize = 16;
 /// What the backends say of a key id ([`AuthChain::liveness`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Liveness {
-    /// A backend would accept it, and every key up its chain of creators is valid.
-    Live,
+    /// A backend would accept it, and every key up its chain of creators is valid; with
+    /// the key's restriction now when the backend says it
+    /// (`KeyStatusResponse::restriction`).
+    Live(Option<Restriction>),
     /// Revoked, deleted, or one of its creators is: it authenticates no more.
     Dead(String),
     /// A backend could not answer: nothing is concluded.
@@ -509,9 +511,9 @@ impl AuthChain {
             match self.key_status(&key).await {
                 Ok(s) if s.status == KeyState::Active => {
                     return match s.creator {
-                        None => Liveness::Live,
+                        None => Liveness::Live(s.restriction),
                         Some(c) => match self.check_creators(c).await {
-                            Ok(()) => Liveness::Live,
+                            Ok(()) => Liveness::Live(s.restriction),
                             Err(AuthError::Unauthenticated(why)) => Liveness::Dead(why),
                             Err(AuthError::Unavailable(why)) => Liveness::CannotTell(why),
                         },

@@ -337,29 +337,42 @@ impl Hub {
     /// sees nothing more from its next request on. Durable first; routing obeys it once
     /// the write committed.
     pub async fn note_restriction(&self, p: &Principal) -> Result<(), StoreError> {
+        self.restrict(&p.key_id, &p.allow).await
+    }
+
+    /// Records `allow` as key `key_id`'s restriction on its channel, if it has one and the
+    /// restriction changed: from a request's verdict ([`Hub::note_restriction`]) or from
+    /// the backend's answer to the host's sweep of channel keys (`crate::revocation`), so
+    /// that a key narrowed in its backend is narrowed here even if it makes no request.
+    /// Durable first; routing obeys it once the write committed.
+    pub async fn restrict(
+        &self,
+        key_id: &str,
+        allow: &Option<Vec<String>>,
+    ) -> Result<(), StoreError> {
         let (n, durable) = {
             let mut map = self.lock();
-            let Some(ch) = map.get_mut(&p.key_id) else {
+            let Some(ch) = map.get_mut(key_id) else {
                 return Ok(());
             };
-            if ch.allow_written.1 == p.allow {
+            if ch.allow_written.1 == *allow {
                 return Ok(());
             }
             let n = ch.allow_written.0 + 1;
-            ch.allow_written = (n, p.allow.clone());
+            ch.allow_written = (n, allow.clone());
             (n, self.store.put_channel(ch.record()))
         };
         let result = durable.await;
         let mut map = self.lock();
-        if let Some(ch) = map.get_mut(&p.key_id)
+        if let Some(ch) = map.get_mut(key_id)
             && ch.allow_written.0 == n
         {
             match &result {
                 Ok(()) => {
-                    tracing::info!(key = %p.key_id, allow = ?p.allow, "the key's restriction changed");
-                    ch.rec.allow = p.allow.clone();
+                    tracing::info!(key = %key_id, ?allow, "the key's restriction changed");
+                    ch.rec.allow = allow.clone();
                 }
-                // Not stored: the next request of the key tries again.
+                // Not stored: the next request of the key, or the next sweep, tries again.
                 Err(_) => ch.allow_written.1 = ch.rec.allow.clone(),
             }
         }

@@ -456,10 +456,12 @@ impl ConnectorAuth {
             Some((_, r)) => KeyStatusResponse {
                 status: KeyState::Active,
                 creator: r.creator.clone(),
+                restriction: None,
             },
             None => KeyStatusResponse {
                 status: KeyState::Unknown,
                 creator: None,
+                restriction: None,
             },
         }
     }

@@ -802,6 +802,7 @@ impl Plugin for HeaderKeys {
                 encode_answer(&KeyStatusResponse {
                     status,
                     creator: None,
+                    restriction: None,
                 })
             }
             OP_ROUTES => encode_answer(&Self::routes()),

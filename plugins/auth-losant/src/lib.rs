@@ -156,7 +156,7 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use connectord_plugin_sdk::auth::{
     AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, KeyState, KeyStatusRequest,
     KeyStatusResponse, NON_ADMIN_SCOPES, OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS,
-    PrincipalSpec,
+    PrincipalSpec, Restriction,
 };
 use connectord_plugin_sdk::http::{
     AUTHENTICATED, ErrorTypes, HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route,
@@ -663,32 +663,39 @@ impl Losant {
     /// [`OP_KEY_STATUS`] for the key ids [`OP_AUTHENTICATE`] gives: `token:<id>` is active
     /// while the token and its application exist; `appkey:<id>` while the key is active,
     /// its application exists and its filter is usable. A record that exists but would be
-    /// refused is revoked; anything else is unknown.
+    /// refused is revoked; anything else is unknown. An active key's answer carries its
+    /// restriction now (`restriction`), so that the host narrows the channel of a key
+    /// whose filter was changed through the routes.
     fn key_status(&self, key_id: &str) -> KeyStatusResponse {
-        let status = if let Some(id) = key_id.strip_prefix("token:") {
+        // What authentication would give as `allow`, for an active key.
+        let (status, allow) = if let Some(id) = key_id.strip_prefix("token:") {
             match self.tokens.get(id) {
-                None => KeyState::Unknown,
-                Some(t) if self.apps.contains_key(&t.application_id) => KeyState::Active,
-                Some(_) => KeyState::Revoked,
+                None => (KeyState::Unknown, None),
+                Some(t) if self.apps.contains_key(&t.application_id) => {
+                    (KeyState::Active, Some(Some(Vec::new())))
+                }
+                Some(_) => (KeyState::Revoked, None),
             }
         } else if let Some(id) = key_id.strip_prefix("appkey:") {
             match self.keys.get(id) {
-                None => KeyState::Unknown,
+                None => (KeyState::Unknown, None),
                 Some(k)
-                    if k.status == Status::Active
-                        && self.apps.contains_key(&k.application_id)
-                        && allow_patterns(k).is_ok() =>
+                    if k.status == Status::Active && self.apps.contains_key(&k.application_id) =>
                 {
-                    KeyState::Active
+                    match allow_patterns(k) {
+                        Ok(allow) => (KeyState::Active, Some(allow)),
+                        Err(_) => (KeyState::Revoked, None),
+                    }
                 }
-                Some(_) => KeyState::Revoked,
+                Some(_) => (KeyState::Revoked, None),
             }
         } else {
-            KeyState::Unknown
+            (KeyState::Unknown, None)
         };
         KeyStatusResponse {
             status,
             creator: None,
+            restriction: allow.map(|allow| Restriction { allow }),
         }
     }
 

@@ -1732,6 +1732,24 @@ fn key_status_follows_authentication() {
     let token = accepted(auth_bearer(&mut f.p, &f.token.clone()));
     assert_eq!(status(&mut f.p, &principal.key_id), KeyState::Active);
     assert_eq!(status(&mut f.p, &token.key_id), KeyState::Active);
+    // An active key's answer carries the restriction authentication gives it.
+    let restriction = |p: &mut Losant, id: &str| -> Option<Restriction> {
+        let v = call_json(p, OP_KEY_STATUS, &json!({ "key_id": id }));
+        let r: KeyStatusResponse = serde_json::from_value(v).expect("KeyStatusResponse");
+        r.restriction
+    };
+    assert_eq!(
+        restriction(&mut f.p, &principal.key_id),
+        Some(Restriction {
+            allow: principal.allow.clone()
+        })
+    );
+    assert_eq!(
+        restriction(&mut f.p, &token.key_id),
+        Some(Restriction {
+            allow: Some(Vec::new())
+        })
+    );
     let id = v["id"].as_str().unwrap().to_string();
     let (s, _) = http(
         &mut f.p,
@@ -1743,6 +1761,7 @@ fn key_status_follows_authentication() {
     );
     assert_eq!(s, 200);
     assert_eq!(status(&mut f.p, &principal.key_id), KeyState::Revoked);
+    assert_eq!(restriction(&mut f.p, &principal.key_id), None);
     for unknown in ["appkey:nope", "token:nope", "nope", &id] {
         assert_eq!(status(&mut f.p, unknown), KeyState::Unknown, "{unknown}");
     }

@@ -719,6 +719,7 @@ impl Pelion {
         KeyStatusResponse {
             status,
             creator: None,
+            restriction: None,
         }
     }
 

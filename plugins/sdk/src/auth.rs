@@ -134,6 +134,22 @@ pub struct KeyStatusResponse {
     /// The key's own creator, when it was minted by a key (as [`PrincipalSpec::creator`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creator: Option<KeyRef>,
+    /// The key's restriction now, as [`PrincipalSpec::allow`] would give it, for a backend
+    /// whose keys can be restricted and changed: the host records it on the key's
+    /// notification channel, so that a key narrowed in its backend gets nothing more
+    /// outside its new restriction even if it makes no request of its own (a key that
+    /// takes its events through a callback URL). Absent (`None`): the backend does not
+    /// say, and the channel keeps the restriction of the key's latest request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restriction: Option<Restriction>,
+}
+
+/// A key's current restriction ([`KeyStatusResponse::restriction`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restriction {
+    /// As [`PrincipalSpec::allow`]: `None` (JSON `null` or absent) is no restriction.
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
 }
 
 /// Whether a key would authenticate now (its own creator aside, which the host checks).
