@@ -7,11 +7,12 @@
 //! at start (endpoints that are not in queue mode), at every full registration, and at a
 //! registration update for any subscription that has none.
 //!
-//! Pre-subscriptions: at a registration and a registration update, every observable
-//! resource (`obs` in the registration) of the endpoint is offered, for every key with a
-//! notification channel in the endpoint's domain, to the Lua rules (`presubscribe`), and if
+//! Pre-subscriptions: after the reply to a registration and a registration update (never
+//! before it: the reply does not wait on rules), every observable resource (`obs` in the
+//! registration) of the endpoint is offered, for every key with a notification channel in
+//! the endpoint's domain, to the Lua rules (`presubscribe`, on the rules thread), and if
 //! they have no opinion to the key's JSON pre-subscription rules; a match becomes a
-//! subscription of that key. Setting pre-subscriptions removes the key's subscriptions (as
+//! subscription of that key, unless the registration has ended meanwhile. Setting pre-subscriptions removes the key's subscriptions (as
 //! the seed says) and applies the new rules to the endpoints registered now.
 
 pub mod lua;
@@ -36,7 +37,7 @@ use crate::requests::{
     resource_known,
 };
 use crate::store::{Store, StoreError};
-use lua::{EndpointInfo, KeyInfo, LuaRules, ResourceInfo};
+use lua::{LuaRules, Question, Subject};
 pub use presub::PreSub;
 
 /// A stored subscription.
@@ -195,6 +196,15 @@ pub struct Subscriptions {
     /// This manager itself, for the notification tasks it spawns.
     me: std::sync::OnceLock<std::sync::Weak<Subscriptions>>,
     limits: std::sync::OnceLock<Arc<crate::limits::Limits>>,
+    /// Endpoints whose pre-subscriptions are due (their registration or update was
+    /// answered), with the newest registration of each: one evaluation task per endpoint
+    /// at a time, which takes the newest one when it is done with the last, so waiting
+    /// evaluations are bounded by the registered endpoints however often they update.
+    due: Mutex<Map<(String, String), Arc<Endpoint>>>,
+}
+
+fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// RFC 7641 §3.4: is notification `v2` (received at `t2`) newer than `v1` (at `t1`)?
@@ -238,6 +248,7 @@ impl Subscriptions {
             state: Mutex::new(state),
             me: std::sync::OnceLock::new(),
             limits: std::sync::OnceLock::new(),
+            due: Mutex::new(Map::default()),
         });
         let _ = me.me.set(Arc::downgrade(&me));
         let weak: std::sync::Weak<dyn ObservationSink> =
@@ -328,8 +339,24 @@ impl Subscriptions {
 
     /// Records a subscription (durably).
     async fn add(&self, who: &Principal, ep: &str, path: &str) -> Result<(), StoreError> {
+        self.add_if(who, ep, path, || true).await
+    }
+
+    /// Records a subscription (durably) if `still` holds under the state lock (so that
+    /// a pre-subscription decided after its endpoint left is not recorded: the removal
+    /// of a departed endpoint's subscriptions takes the same lock).
+    async fn add_if(
+        &self,
+        who: &Principal,
+        ep: &str,
+        path: &str,
+        still: impl FnOnce() -> bool,
+    ) -> Result<(), StoreError> {
         let durable = {
             let mut st = self.lock();
+            if !still() {
+                return Ok(());
+            }
             let k = st.keys.entry(who.key_id.clone()).or_default();
             k.domain = who.domain.clone();
             if !k.resources.insert(ep, path) {
@@ -500,11 +527,13 @@ impl Subscriptions {
         if keys.is_empty() {
             return;
         }
-        let info = EndpointInfo {
-            name: &ep.reg.name,
-            ept: ep.reg.ept.as_deref(),
-            domain,
+        let subject = Subject {
+            name: ep.reg.name.clone(),
+            ept: ep.reg.ept.clone(),
+            domain: domain.clone(),
             queue: ep.reg.queue,
+            lifetime: ep.reg.lifetime_s,
+            lwm2m: ep.reg.lwm2m.clone(),
         };
         let resources = ep.resources();
         let refused: BTreeSet<String> = {
@@ -514,51 +543,102 @@ impl Subscriptions {
                 _ => BTreeSet::new(),
             }
         };
-        for (key_id, rules) in keys {
+        // Every (key, resource) question first, so that the rules thread gets them in one
+        // job; then the answers, the key's JSON rules where Lua has no opinion.
+        let mut questions: Vec<Question> = Vec::new();
+        let mut rules_of: Vec<(usize, usize)> = Vec::new();
+        for (i, (key_id, rules)) in keys.iter().enumerate() {
             if only_key.is_some_and(|k| k != key_id) {
                 continue;
             }
-            let below = lwm2m_rule_paths(ep, &rules);
+            let below = lwm2m_rule_paths(ep, rules);
             let candidates = resources
                 .iter()
                 .filter(|r| r.obs)
-                .map(|r| ResourceInfo {
-                    path: &r.path,
-                    rt: r.rt.as_deref(),
-                    ct: r.ct.as_deref(),
-                    iface: r.iface.as_deref(),
+                .map(|r| Question {
+                    key_id: key_id.clone(),
+                    path: r.path.to_string(),
+                    rt: r.rt.as_deref().map(str::to_string),
+                    ct: r.ct.as_deref().map(str::to_string),
+                    iface: r.iface.as_deref().map(str::to_string),
                     obs: r.obs,
                 })
-                .chain(below.iter().map(|p| ResourceInfo {
-                    path: p,
+                .chain(below.into_iter().map(|path| Question {
+                    key_id: key_id.clone(),
+                    path,
                     rt: None,
                     ct: None,
                     iface: None,
                     obs: true,
-                }));
-            for res in candidates {
-                if refused.contains(res.path) {
-                    continue;
-                }
-                let r = &res;
-                let wanted = match self.lua.presubscribe(&info, r, &KeyInfo { id: &key_id }) {
-                    Some(answer) => answer,
-                    None => presub::any_match(&rules, &ep.reg.name, ep.reg.ept.as_deref(), r.path),
-                };
-                if wanted {
-                    let who = Principal {
-                        backend: String::new(),
-                        key_id: key_id.clone(),
-                        domain: domain.clone(),
-                        scopes: Vec::new(),
-                        allow: None,
-                    };
-                    if let Err(e) = self.add(&who, &ep.reg.name, r.path).await {
-                        tracing::error!("pre-subscription not stored: {e}");
-                    }
-                }
+                }))
+                .filter(|q| !refused.contains(&q.path));
+            for q in candidates {
+                rules_of.push((i, questions.len()));
+                questions.push(q);
             }
         }
+        let answers = self.lua.evaluate(subject, questions.clone()).await;
+        for ((i, q), answer) in rules_of.into_iter().zip(answers) {
+            let (key_id, rules) = &keys[i];
+            let q = &questions[q];
+            let wanted = match answer {
+                Some(answer) => answer,
+                None => presub::any_match(rules, &ep.reg.name, ep.reg.ept.as_deref(), &q.path),
+            };
+            if !wanted {
+                continue;
+            }
+            let who = Principal {
+                backend: String::new(),
+                key_id: key_id.clone(),
+                domain: domain.clone(),
+                scopes: Vec::new(),
+                allow: None,
+            };
+            let current = || {
+                self.registry
+                    .get(domain, &ep.reg.name)
+                    .is_some_and(|now| now.reg.id == ep.reg.id)
+            };
+            if let Err(e) = self.add_if(&who, &ep.reg.name, &q.path, current).await {
+                tracing::error!("pre-subscription not stored: {e}");
+            }
+        }
+    }
+
+    /// After the reply to a registration or update: the endpoint's pre-subscriptions are
+    /// evaluated (Lua rules run on their own thread, so this may wait) and what they ask
+    /// for is observed. See [`Subscriptions::due`].
+    fn presubs_due(&self, ep: &Arc<Endpoint>) {
+        let key = (ep.reg.domain.clone(), ep.reg.name.clone());
+        let first = lock_map(&self.due)
+            .insert(key.clone(), Arc::clone(ep))
+            .is_none();
+        if !first {
+            return;
+        }
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            lock_map(&self.due).remove(&key);
+            tracing::error!("pre-subscriptions need a tokio runtime; not evaluated");
+            return;
+        };
+        runtime.spawn(async move {
+            loop {
+                let Some(ep) = lock_map(&me.due).get(&key).cloned() else {
+                    return;
+                };
+                me.apply_presubs(&ep, None).await;
+                me.observe_missing(&ep, true);
+                let mut due = lock_map(&me.due);
+                if due.get(&key).is_some_and(|e| Arc::ptr_eq(e, &ep)) {
+                    due.remove(&key);
+                    return;
+                }
+            }
+        });
     }
 
     /// Queues an observe for every subscribed resource of `ep` that has no observation.
@@ -872,9 +952,11 @@ impl ObservationSink for Subscriptions {
 }
 
 impl RegistryListener for Subscriptions {
-    /// Observe requests go out once the device has its registration answer.
+    /// Observe requests go out once the device has its registration answer; so do
+    /// pre-subscriptions (the registration reply never waits on rules).
     fn after_reply(&self, ev: &RegistryEvent) {
         self.observe_missing(ev.endpoint(), true);
+        self.presubs_due(ev.endpoint());
     }
 
     fn on_event<'a>(
@@ -887,9 +969,9 @@ impl RegistryListener for Subscriptions {
                 RegistryEvent::Registered { .. } => {
                     // A full registration: the device forgot its observations.
                     self.forget_observations(&ep.reg.domain, &ep.reg.name);
-                    self.apply_presubs(ep, None).await;
                 }
-                RegistryEvent::Updated { .. } => self.apply_presubs(ep, None).await,
+                // Pre-subscriptions are applied after the reply (`after_reply`).
+                RegistryEvent::Updated { .. } => {}
                 RegistryEvent::Deregistered(_) | RegistryEvent::Expired(_) => {
                     // Decision: an endpoint that leaves takes its subscriptions with it
                     // (seed 000: `GET /subscriptions/{ep}` is 404 for an endpoint that is
