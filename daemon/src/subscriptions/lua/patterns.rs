@@ -64,6 +64,8 @@ fn match_class(c: u8, cl: u8) -> bool {
         b'u' => c.is_ascii_uppercase(),
         b'w' => c.is_ascii_alphanumeric(),
         b'x' => c.is_ascii_hexdigit(),
+        // Deprecated, but Lua 5.4 still has it.
+        b'z' => c == 0,
         _ => return cl == c,
     };
     if cl.is_ascii_uppercase() { !res } else { res }
@@ -500,9 +502,10 @@ fn string_arg(lua: &Lua, v: Value, n: usize, fname: &str) -> mlua::Result<Vec<u8
     let type_name = v.type_name();
     match lua.coerce_string(v)? {
         Some(s) => Ok(s.as_bytes().to_vec()),
-        None => Err(mlua::Error::runtime(format!(
-            "bad argument #{n} to '{fname}' (string expected, got {type_name})"
-        ))),
+        None => Err(lua_error(
+            lua,
+            format!("bad argument #{n} to '{fname}' (string expected, got {type_name})"),
+        )),
     }
 }
 
@@ -513,9 +516,10 @@ fn int_arg(lua: &Lua, v: Option<Value>, n: usize, fname: &str, default: i64) -> 
         Some(v) => {
             let type_name = v.type_name();
             lua.coerce_integer(v)?.ok_or_else(|| {
-                mlua::Error::runtime(format!(
-                    "bad argument #{n} to '{fname}' (number expected, got {type_name})"
-                ))
+                lua_error(
+                    lua,
+                    format!("bad argument #{n} to '{fname}' (number expected, got {type_name})"),
+                )
             })
         }
     }
@@ -672,10 +676,13 @@ fn gsub(
             Repl::Template(string_arg(lua, v, 3, "gsub")?)
         }
         other => {
-            return Err(mlua::Error::runtime(format!(
-                "bad argument #3 to 'gsub' (string/function/table expected, got {})",
-                other.type_name()
-            )));
+            return Err(lua_error(
+                lua,
+                format!(
+                    "bad argument #3 to 'gsub' (string/function/table expected, got {})",
+                    other.type_name()
+                ),
+            ));
         }
     };
     let max_n = int_arg(lua, max_n, 4, "gsub", src.len() as i64 + 1)?;
@@ -723,6 +730,7 @@ fn gsub(
         }
         Value::String(lua.create_string(&out)?)
     } else {
+        // Unchanged: the subject as a string (Lua converts a number argument in place).
         match s {
             Value::String(s) => Value::String(s),
             _ => Value::String(lua.create_string(&src)?),
@@ -877,6 +885,120 @@ mod tests {
                 .unwrap_or_default();
             assert_eq!(e, msg, "{p}");
         }
+    }
+
+    /// Each expression evaluated with Lua's own (C) string library and with ours: the same
+    /// results, or both an error with the same message.
+    #[test]
+    fn agrees_with_lua_s_own_matcher() {
+        let reference = Lua::new();
+        let ours = Lua::new();
+        let cfg = crate::config::LuaConfig {
+            instruction_budget: u64::MAX,
+            time_limit_ms: 60_000,
+            ..crate::config::LuaConfig::default()
+        };
+        let meter = Arc::new(Meter::new(&cfg));
+        meter.start();
+        install(&ours, &meter, 1 << 20).expect("install");
+        let cases = [
+            r#"string.find("hello world", "o w")"#,
+            r#"string.find("hello world", "o", 6)"#,
+            r#"string.find("hello world", "l", -3)"#,
+            r#"string.find("hello", "", 10)"#,
+            r#"string.find("hello", "", 6)"#,
+            r#"string.find("a+b", "+", 1, true)"#,
+            r#"string.find("a.b", ".", 2, true)"#,
+            r#"string.find("abc", "b", -100)"#,
+            r#"string.find(12345, 34)"#,
+            r#"string.find("key = 42", "(%w+) = ()(%d+)")"#,
+            r#"("THE (quick) fox"):find("%f[%a]%a+", 5)"#,
+            r#"string.match("  trim me  ", "^%s*(.-)%s*$")"#,
+            r#"string.match("2026-12-04", "(%d+)-(%d+)-(%d+)")"#,
+            r#"string.match("f(a(b)c)d", "%b()")"#,
+            r#"string.match("abcabc", "(abc)%1")"#,
+            r#"string.match("x = [[y]]", "%[(%[?)")"#,
+            r#"string.match("[]^-", "[]^-]+")"#,
+            r#"string.match("a-z", "[a%-z]+")"#,
+            r#"string.match("\0a\0", "%z")"#,
+            r#"string.match("\0a\0", "[%z]")"#,
+            r#"string.match("\11\12", "%s+")"#,
+            r#"string.match("h\195\169llo", "[\128-\255]+")"#,
+            r#"string.match("hello", "()ll()")"#,
+            r#"string.match("hello", "^(h)(e)")"#,
+            r#"string.match("hello", "o$")"#,
+            r#"string.match("hel$lo", "l$l")"#,
+            r#"string.match("/3303/0/5700", "^/(%d+)/%d+/(%d+)$")"#,
+            r#"string.match("aaa", "a-b")"#,
+            r#"string.match("aaab", "a-b")"#,
+            r#"string.match("aaa", "^a?a?a?a$")"#,
+            r#"string.match("%", "%%")"#,
+            r#"string.match("x", "%")"#,
+            r#"string.match("x", "[x")"#,
+            r#"string.match("x", "(x")"#,
+            r#"string.match("x", "x)")"#,
+            r#"string.match("x", "%1")"#,
+            r#"string.match("x", "%b")"#,
+            r#"string.match("x", "%fx")"#,
+            r#"string.match("x", string.rep("(", 40) .. "x" .. string.rep(")", 40))"#,
+            r#"string.match(string.rep("a", 300), string.rep("a?", 250))"#,
+            r#"string.match(nil, "x")"#,
+            r#"string.match("x", {})"#,
+            r#"string.find("x", "x", "a")"#,
+            r#"string.gsub("hello world", "o", "0")"#,
+            r#"string.gsub("hello world", "o", "0", 1)"#,
+            r#"string.gsub("hello world", "(%w+)", "<%1>")"#,
+            r#"string.gsub("hello world", "%w+", "%0 %0")"#,
+            r#"string.gsub("abc", "", "-")"#,
+            r#"string.gsub("abc", ".-", "-")"#,
+            r#"string.gsub("abc", "^", ">")"#,
+            r#"string.gsub("abc", "^b", ">")"#,
+            r#"string.gsub("abc", "b*", "X")"#,
+            r#"string.gsub("$name is $age", "%$(%w+)", {name = "Ann", age = 7})"#,
+            r#"string.gsub("$name is $x", "%$(%w+)", {name = "Ann"})"#,
+            r#"string.gsub("a b c", "%a", function(c) if c ~= "b" then return c:upper() end end)"#,
+            r#"string.gsub("a b", "()%a", "%1")"#,
+            r#"string.gsub("abc", "b", "%2")"#,
+            r#"string.gsub("abc", "b", "%x")"#,
+            r#"string.gsub("abc", "b", "%")"#,
+            r#"string.gsub("abc", "b", {b = {}})"#,
+            r#"string.gsub("abc", "b", true)"#,
+            r#"string.gsub("abc", "b", 5)"#,
+            r#"string.gsub("abc", "b", "x", -1)"#,
+            r#"string.gsub(123, "x", "y")"#,
+            r#"string.gsub(123, "2", "y")"#,
+            r#"(function() local t = {} for k, v in string.gmatch("a=1, b=2", "(%w+)=(%w+)") do t[#t+1] = k .. v end return table.concat(t, ";") end)()"#,
+            r#"(function() local t = {} for w in ("one two  three"):gmatch("%a*") do t[#t+1] = "[" .. w .. "]" end return table.concat(t) end)()"#,
+            r#"(function() local t = {} for p in ("abc"):gmatch("()") do t[#t+1] = p end return table.concat(t, ",") end)()"#,
+            r#"(function() local t = {} for w in ("abcabc"):gmatch("b", 3) do t[#t+1] = w end return #t end)()"#,
+            r#"(function() local t = {} for w in ("^a^b"):gmatch("^%a") do t[#t+1] = w end return table.concat(t) end)()"#,
+        ];
+        let describe = r#"
+            local t = ...
+            local out = {tostring(t[1])}
+            if t[1] then
+                for i = 2, t.n do out[#out + 1] = math.type(t[i]) or type(t[i]); out[#out + 1] = tostring(t[i]) end
+            else
+                -- the message without position and traceback
+                local msg = tostring(t[2]):match("^[^\n]*")
+                out[#out + 1] = (msg:gsub("^.-:%d+: ", ""))
+            end
+            return table.concat(out, "|")
+        "#;
+        let mut differ = Vec::new();
+        for expr in cases {
+            let code = format!("return table.pack(pcall(function() return {expr} end))");
+            let run = |lua: &Lua| -> String {
+                let packed: Table = lua.load(&code).eval().expect("evaluates");
+                let f: Function = lua.load(describe).into_function().expect("describe");
+                f.call(packed).expect("described")
+            };
+            let (a, b) = (run(&ours), run(&reference));
+            if a != b {
+                differ.push(format!("{expr}\n  ours: {a:?}\n   Lua: {b:?}"));
+            }
+        }
+        assert!(differ.is_empty(), "{}", differ.join("\n"));
     }
 
     #[test]
