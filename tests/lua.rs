@@ -219,3 +219,27 @@ end
         vec!["/3304/0/5700"]
     );
 }
+
+/// Pre-subscriptions are evaluated after the reply, and the subscriptions an endpoint has
+/// already are observed at once: a re-registration must not ask the device twice for the
+/// same observation (once for the existing subscription, once more after the evaluation
+/// while the first observe is still on its way).
+#[test]
+fn a_re_registration_observes_each_subscription_once() {
+    let d = Daemon::start();
+    assert!(d.pull_now().is_none());
+    let mut dev = d.device();
+    dev.register(&["ep=once-1", "lt=300"], LINKS);
+    let r = d.call("PUT", "/v2/subscriptions/once-1/3303/0/5700", None, None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(
+        observed_paths(&dev, Duration::from_millis(600)),
+        vec!["/3303/0/5700"]
+    );
+    // The device rebooted: a full registration; the subscription is observed again, once.
+    dev.register(&["ep=once-1", "lt=300"], LINKS);
+    assert_eq!(
+        observed_paths(&dev, Duration::from_millis(800)),
+        vec!["/3303/0/5700"]
+    );
+}

@@ -339,28 +339,29 @@ impl Subscriptions {
 
     /// Records a subscription (durably).
     async fn add(&self, who: &Principal, ep: &str, path: &str) -> Result<(), StoreError> {
-        self.add_if(who, ep, path, || true).await
+        self.add_if(who, ep, path, || true).await.map(|_| ())
     }
 
     /// Records a subscription (durably) if `still` holds under the state lock (so that
     /// a pre-subscription decided after its endpoint left is not recorded: the removal
-    /// of a departed endpoint's subscriptions takes the same lock).
+    /// of a departed endpoint's subscriptions takes the same lock). True when the
+    /// subscription is new.
     async fn add_if(
         &self,
         who: &Principal,
         ep: &str,
         path: &str,
         still: impl FnOnce() -> bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let durable = {
             let mut st = self.lock();
             if !still() {
-                return Ok(());
+                return Ok(false);
             }
             let k = st.keys.entry(who.key_id.clone()).or_default();
             k.domain = who.domain.clone();
             if !k.resources.insert(ep, path) {
-                return Ok(());
+                return Ok(false);
             }
             self.store.put_subscription(SubscriptionRecord {
                 key_id: who.key_id.clone(),
@@ -369,7 +370,7 @@ impl Subscriptions {
                 path: path.to_string(),
             })
         };
-        durable.await
+        durable.await.map(|()| true)
     }
 
     /// Stops observations nobody is subscribed to any more.
@@ -505,9 +506,10 @@ impl Subscriptions {
     }
 
     /// Offers the endpoint's observable resources to the rules of every key with a
-    /// channel in its domain (or only `only_key`) and adds the subscriptions they ask for.
-    /// Observing them is the caller's next step ([`Subscriptions::observe_missing`]).
-    async fn apply_presubs(&self, ep: &Endpoint, only_key: Option<&str>) {
+    /// channel in its domain (or only `only_key`) and adds the subscriptions they ask for;
+    /// returns the paths that got a new subscription. Observing them is the caller's next
+    /// step ([`Subscriptions::observe_missing`]).
+    async fn apply_presubs(&self, ep: &Endpoint, only_key: Option<&str>) -> BTreeSet<String> {
         let domain = &ep.reg.domain;
         let keys: Vec<(String, Vec<PreSub>)> = {
             let st = self.lock();
@@ -524,8 +526,9 @@ impl Subscriptions {
             }
             keys
         };
+        let mut added = BTreeSet::new();
         if keys.is_empty() {
-            return;
+            return added;
         }
         let subject = Subject {
             name: ep.reg.name.clone(),
@@ -600,10 +603,15 @@ impl Subscriptions {
                     .get(domain, &ep.reg.name)
                     .is_some_and(|now| now.reg.id == ep.reg.id)
             };
-            if let Err(e) = self.add_if(&who, &ep.reg.name, &q.path, current).await {
-                tracing::error!("pre-subscription not stored: {e}");
+            match self.add_if(&who, &ep.reg.name, &q.path, current).await {
+                Ok(true) => {
+                    added.insert(q.path.clone());
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!("pre-subscription not stored: {e}"),
             }
         }
+        added
     }
 
     /// After the reply to a registration or update: the endpoint's pre-subscriptions are
@@ -630,8 +638,10 @@ impl Subscriptions {
                 let Some(ep) = lock_map(&me.due).get(&key).cloned() else {
                     return;
                 };
-                me.apply_presubs(&ep, None).await;
-                me.observe_missing(&ep, true);
+                // Only the new ones: `after_reply` asked for the others already, and an
+                // observe in flight is not yet an observation (it would go out twice).
+                let added = me.apply_presubs(&ep, None).await;
+                me.observe_missing_among(&ep, Some(&added), true);
                 let mut due = lock_map(&me.due);
                 if due.get(&key).is_some_and(|e| Arc::ptr_eq(e, &ep)) {
                     due.remove(&key);
@@ -643,6 +653,14 @@ impl Subscriptions {
 
     /// Queues an observe for every subscribed resource of `ep` that has no observation.
     fn observe_missing(&self, ep: &Endpoint, awake: bool) {
+        self.observe_missing_among(ep, None, awake);
+    }
+
+    /// [`Subscriptions::observe_missing`], for the paths in `only` when given.
+    fn observe_missing_among(&self, ep: &Endpoint, only: Option<&BTreeSet<String>>, awake: bool) {
+        if only.is_some_and(BTreeSet::is_empty) {
+            return;
+        }
         let missing: Vec<String> = {
             let st = self.lock();
             let mut paths: BTreeSet<String> = BTreeSet::new();
@@ -651,6 +669,7 @@ impl Subscriptions {
             }
             paths
                 .into_iter()
+                .filter(|p| only.is_none_or(|only| only.contains(p)))
                 .filter(|p| {
                     !st.observations.contains_key(&(
                         ep.reg.domain.clone(),
