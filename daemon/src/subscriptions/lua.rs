@@ -28,8 +28,9 @@
 //! `require`, `collectgarbage` and `warn`, plus `table`, `string` (without `string.dump`),
 //! `math` and `utf8`. No `io`, `os`, `debug`, `package`, `coroutine`. `print` logs at info
 //! with the file name (under the log budget). `string.find`, `match`, `gmatch` and `gsub` are
-//! [`patterns`]' Rust port of Lua's matcher, whose work is counted (below). `setmetatable` refuses metatables with a `__gc` field (finalizers run
-//! with debug hooks disabled, so they could not be stopped by the instruction budget).
+//! [`patterns`]' Rust port of Lua's matcher, whose work is counted (below). `setmetatable`
+//! refuses metatables with a `__gc` field (finalizers run with debug hooks disabled, so they
+//! could not be stopped by the instruction budget).
 //! Chunks are loaded in text mode only: precompiled bytecode is refused. The chunk name is
 //! `@<dir>/<file>`, so error messages read `scripts/10-x.lua:3: ...`.
 //!
