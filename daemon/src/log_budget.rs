@@ -1,6 +1,8 @@
 //! A budget for the log lines that devices cause one by one ("registered", "de-registered",
 //! "registration expired", ...), so that a flood of devices, or 100 000 registrations
-//! expiring together, cannot flood the log.
+//! expiring together, cannot flood the log. What Lua rules log while they decide about a
+//! device (`print`, a failed or stopped call) is caused by that device too, and shares the
+//! budget.
 //!
 //! Such lines are logged one by one up to `[log] device_lines_per_s` in each second (all
 //! kinds together; 0: no limit); past it they are only counted, and once a second a
@@ -29,10 +31,14 @@ pub enum DeviceLine {
     Expired,
     ObservationEnded,
     ObservationNotEstablished,
+    /// A line a Lua rule printed (`print`).
+    LuaPrint,
+    /// A Lua rule call that failed or was stopped.
+    LuaFailure,
 }
 
 /// How many kinds there are.
-const KINDS: usize = 6;
+const KINDS: usize = 8;
 
 impl DeviceLine {
     /// Every kind, in declaration order (so `kind as usize` indexes it).
@@ -43,6 +49,8 @@ impl DeviceLine {
         DeviceLine::Expired,
         DeviceLine::ObservationEnded,
         DeviceLine::ObservationNotEstablished,
+        DeviceLine::LuaPrint,
+        DeviceLine::LuaFailure,
     ];
 
     /// How the summary line names this kind.
@@ -54,6 +62,8 @@ impl DeviceLine {
             DeviceLine::Expired => "registration expired",
             DeviceLine::ObservationEnded => "the device ended the observation",
             DeviceLine::ObservationNotEstablished => "observation not established",
+            DeviceLine::LuaPrint => "Lua print lines",
+            DeviceLine::LuaFailure => "Lua rule calls failed or stopped",
         }
     }
 }

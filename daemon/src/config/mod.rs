@@ -157,8 +157,12 @@ pub struct LuaConfig {
     /// Memory one rule file's Lua state may use, in KiB.
     pub memory_limit_kb: usize,
     /// Lua VM instructions one call may run before it is stopped (counted in steps of
-    /// 1000; the count does not advance inside C functions such as `string.find`).
+    /// 1000; the steps of pattern matching in `string.find`, `match`, `gmatch` and `gsub`
+    /// count too).
     pub instruction_budget: u64,
+    /// Wall-clock time one call may run before it is stopped, in milliseconds (checked
+    /// with the instruction count and during pattern matching).
+    pub time_limit_ms: u64,
 }
 
 impl Default for LuaConfig {
@@ -167,6 +171,7 @@ impl Default for LuaConfig {
             dir: PathBuf::from("scripts"),
             memory_limit_kb: 8192,
             instruction_budget: 1_000_000,
+            time_limit_ms: 100,
         }
     }
 }
@@ -597,6 +602,12 @@ impl Config {
             return Err(invalid(
                 "lua.instruction_budget",
                 "must be at least 1000".into(),
+            ));
+        }
+        if !(1..=60_000).contains(&self.lua.time_limit_ms) {
+            return Err(invalid(
+                "lua.time_limit_ms",
+                "must be between 1 and 60000".into(),
             ));
         }
         let r = &self.registry;

@@ -200,7 +200,8 @@ pub trait RegistryListener: Send + Sync + 'static {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
     /// Work that must wait until the device has its answer (sending it requests: a device
-    /// may not take requests before its registration is acknowledged). Called for
+    /// may not take requests before its registration is acknowledged), or must not delay
+    /// it (running Lua rules). Called for
     /// `Registered` and `Updated` once the response is sent.
     fn after_reply(&self, _ev: &RegistryEvent) {}
 }

@@ -6,7 +6,9 @@
 //!
 //! # Contract
 //! A rule file may define a global function `presubscribe(endpoint, resource, key)`:
-//! - `endpoint = { name = <string>, type = <string or nil>, domain = <string>, queue = <boolean> }`
+//! - `endpoint = { name = <string>, type = <string or nil>, domain = <string>, queue = <boolean>,
+//!   lifetime = <integer>, lwm2m = <string or nil> }` (`lifetime`: the registration's lifetime
+//!   in seconds; `lwm2m`: the `lwm2m=` version as the device sent it, e.g. `"1.1"`)
 //! - `resource = { path = <string>, rt = <string or nil>, ct = <string or nil>,
 //!   ["if"] = <string or nil>, obs = <boolean> }`
 //! - `key = { id = <string> }`
@@ -14,16 +16,21 @@
 //! It returns `true` (subscribe), `false` (do not) or `nil` (no opinion).
 //! [`LuaRules::presubscribe`] asks the files in name order and returns the first non-nil
 //! answer, or `None` when every file says nil (or none defines the function). Any other
-//! return type is an error. A call that fails (runtime error, instruction budget, memory
-//! limit, bad return type) is logged at warn with the file and the Lua error (which carries
-//! file:line), counted in `lua_errors`, and treated as nil: the next file is asked.
+//! return type is an error. A call that fails (runtime error, instruction budget, time limit,
+//! memory limit, bad return type) is logged at warn with the file, the function
+//! (`presubscribe`), the endpoint, path and key, and the Lua error (which carries file:line;
+//! "stopped" and the limit when a limit stopped it), counted in `lua_errors`, and treated as
+//! nil: the next file is asked. These lines, and `print`'s, go through the per-second
+//! [`log_budget`] of device lines: they are caused by a device registering.
 //!
 //! # Sandbox
 //! Each state has the base library minus `load`, `loadstring`, `dofile`, `loadfile`,
 //! `require`, `collectgarbage` and `warn`, plus `table`, `string` (without `string.dump`),
 //! `math` and `utf8`. No `io`, `os`, `debug`, `package`, `coroutine`. `print` logs at info
-//! with the file name. `setmetatable` refuses metatables with a `__gc` field (finalizers run
-//! with debug hooks disabled, so they could not be stopped by the instruction budget).
+//! with the file name (under the log budget). `string.find`, `match`, `gmatch` and `gsub` are
+//! [`patterns`]' Rust port of Lua's matcher, whose work is counted (below). `setmetatable`
+//! refuses metatables with a `__gc` field (finalizers run with debug hooks disabled, so they
+//! could not be stopped by the instruction budget).
 //! Chunks are loaded in text mode only: precompiled bytecode is refused. The chunk name is
 //! `@<dir>/<file>`, so error messages read `scripts/10-x.lua:3: ...`.
 //!
@@ -33,8 +40,15 @@
 //! - Instructions: a count hook every 1000 VM instructions; a call (or the top-level chunk at
 //!   load) that runs past `instruction_budget` fails with "instruction budget exceeded".
 //!   Once exceeded, the hook fires on *every* instruction, so `pcall` cannot swallow the
-//!   error and keep going. The count does not advance inside C functions (`string.find`,
-//!   `string.rep`, `table.concat`, `table.sort`, ...).
+//!   error and keep going. Pattern matching counts too: each step of the matcher is one
+//!   instruction (a backtracking pattern such as `string.rep("a", 300):find(string.rep("a*",
+//!   30) .. "b")`, which Lua's C matcher would run for longer than anyone waits, is stopped
+//!   like a loop). Other C functions (`string.rep`, `table.concat`, `table.sort`, ...) are
+//!   not counted; their work is linear (or n log n) in sizes the memory limit bounds.
+//! - Time: the same checks (every 1000 instructions, every 256 matching steps) stop a call
+//!   that has run for `time_limit_ms` of wall-clock time ("time limit exceeded").
+//!   Decision: bound the work rather than abandon a stuck thread: a thread cannot be
+//!   stopped from outside, and one left spinning in C would keep a core.
 //! - Inputs: so that C functions working on them stay cheap, a call whose endpoint, resource
 //!   or key strings exceed [`MAX_INPUT_LEN`] bytes is refused: `presubscribe` returns `None`
 //!   without asking any file (logged at debug).
@@ -53,15 +67,25 @@
 //! it later needs a restart (or an explicit [`LuaRules::reload`]).
 //!
 //! # Concurrency
+//! Calls run on one dedicated thread (`lua-rules`), never on the async workers:
+//! [`LuaRules::evaluate`] sends one job (all the questions about one endpoint) through a
+//! bounded queue of [`QUEUE`] jobs and awaits the answers; when the queue is full the
+//! evaluating task waits for room (backpressure on the evaluation, nothing dropped). One
+//! thread is enough for rules that are table lookups and short patterns, and it keeps a
+//! runaway rule to one core. The thread ends when the rules are dropped.
+//!
 //! [`LuaRules`] is shared (`Arc`). The list of files is behind a `Mutex` that is only held to
-//! clone or swap it; each file's state has its own `Mutex`, held for the duration of a call.
-//! Reloads are serialized. Nothing here panics on Lua values or file contents.
+//! clone or swap it; each file's state has its own `Mutex`, held for the duration of a call
+//! (by the rules thread, or by a reload that loads a new state). Reloads are serialized.
+//! Nothing here panics on Lua values or file contents.
+
+mod patterns;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mlua::chunk::ChunkMode;
 use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, Variadic, VmState};
@@ -70,6 +94,7 @@ use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use tracing::{debug, error, info, warn};
 
 use crate::config::LuaConfig;
+use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::shutdown::Shutdown;
 
@@ -81,6 +106,10 @@ const HOOK_STEP: u32 = 1000;
 
 /// Longest line `print` logs, in bytes (longer output is cut).
 const MAX_PRINT_LEN: usize = 1024;
+
+/// Evaluations (one per registration, update or `PUT /subscriptions` of an endpoint) that
+/// may wait for the rules thread; past it, the evaluating task waits for room.
+pub const QUEUE: usize = 256;
 
 /// How long the watcher waits for a burst of file events to settle.
 const DEBOUNCE: Duration = Duration::from_millis(200);
@@ -106,6 +135,64 @@ pub struct EndpointInfo<'a> {
     pub ept: Option<&'a str>,
     pub domain: &'a str,
     pub queue: bool,
+    /// The registration's lifetime in seconds (`lt=`, or the default).
+    pub lifetime: u32,
+    /// The LwM2M version (`lwm2m=`), when the device gave one.
+    pub lwm2m: Option<&'a str>,
+}
+
+/// [`EndpointInfo`] owned, to send to the rules thread.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    pub name: String,
+    pub ept: Option<String>,
+    pub domain: String,
+    pub queue: bool,
+    pub lifetime: u32,
+    pub lwm2m: Option<String>,
+}
+
+impl Subject {
+    fn info(&self) -> EndpointInfo<'_> {
+        EndpointInfo {
+            name: &self.name,
+            ept: self.ept.as_deref(),
+            domain: &self.domain,
+            queue: self.queue,
+            lifetime: self.lifetime,
+            lwm2m: self.lwm2m.as_deref(),
+        }
+    }
+}
+
+/// One question for the rules thread: does key `key_id` subscribe to this resource?
+#[derive(Debug, Clone)]
+pub struct Question {
+    pub key_id: String,
+    pub path: String,
+    pub rt: Option<String>,
+    pub ct: Option<String>,
+    pub iface: Option<String>,
+    pub obs: bool,
+}
+
+impl Question {
+    fn resource(&self) -> ResourceInfo<'_> {
+        ResourceInfo {
+            path: &self.path,
+            rt: self.rt.as_deref(),
+            ct: self.ct.as_deref(),
+            iface: self.iface.as_deref(),
+            obs: self.obs,
+        }
+    }
+}
+
+/// Work for the rules thread: the questions about one endpoint, answered in order.
+struct Job {
+    subject: Subject,
+    questions: Vec<Question>,
+    reply: tokio::sync::oneshot::Sender<Vec<Option<bool>>>,
 }
 
 /// The resource a rule is asked about.
@@ -180,44 +267,136 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Instructions counted for the current call of one state.
+/// Why a call was stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// It ran past `instruction_budget`.
+    Budget,
+    /// It ran past `time_limit_ms`.
+    Time,
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stop::Budget => "instruction budget",
+            Stop::Time => "time limit",
+        })
+    }
+}
+
+/// The work and time of the current call of one state: instructions counted by the hook
+/// and pattern-matching steps counted by [`patterns`], against the instruction budget and
+/// the wall-clock limit.
 struct Meter {
     used: AtomicU64,
     budget: u64,
-    /// Set once the budget ran out and the hook was switched to every instruction; the next
-    /// call re-installs the normal hook.
-    exceeded: AtomicBool,
+    time_limit: Duration,
+    /// Time origin of `started_ns`.
+    epoch: Instant,
+    /// When the current call started, in nanoseconds since `epoch`.
+    started_ns: AtomicU64,
+    /// Why the current call was stopped (0: it was not; 1: budget; 2: time). While set,
+    /// the hook fails on every instruction; the next call re-installs the normal hook.
+    stopped: AtomicU8,
 }
 
-/// The normal hook: counts in steps of [`HOOK_STEP`]; past the budget, switches to a hook that
-/// fails on every instruction (so a `pcall` in the script cannot keep it running) and fails.
+impl Meter {
+    fn new(cfg: &LuaConfig) -> Meter {
+        Meter {
+            used: AtomicU64::new(0),
+            budget: cfg.instruction_budget,
+            time_limit: Duration::from_millis(cfg.time_limit_ms),
+            epoch: Instant::now(),
+            started_ns: AtomicU64::new(0),
+            stopped: AtomicU8::new(0),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// A new call (or load) starts: nothing used yet.
+    fn start(&self) {
+        self.used.store(0, Ordering::Relaxed);
+        self.started_ns.store(self.now_ns(), Ordering::Relaxed);
+    }
+
+    fn stopped(&self) -> Option<Stop> {
+        match self.stopped.load(Ordering::Relaxed) {
+            1 => Some(Stop::Budget),
+            2 => Some(Stop::Time),
+            _ => None,
+        }
+    }
+
+    /// Counts `n` units of work; says whether the call must stop.
+    fn add(&self, n: u64) -> Option<Stop> {
+        let used = self.used.fetch_add(n, Ordering::Relaxed).saturating_add(n);
+        if used > self.budget {
+            return Some(Stop::Budget);
+        }
+        let started = self.started_ns.load(Ordering::Relaxed);
+        let elapsed = Duration::from_nanos(self.now_ns().saturating_sub(started));
+        (elapsed > self.time_limit).then_some(Stop::Time)
+    }
+
+    /// Stops the current call: records why and makes every further instruction fail (so
+    /// a `pcall` in the script cannot keep it running). Returns the message to fail with.
+    fn trip(&self, lua: &Lua, stop: Stop, at: &str) -> String {
+        self.stopped.store(
+            match stop {
+                Stop::Budget => 1,
+                Stop::Time => 2,
+            },
+            Ordering::Relaxed,
+        );
+        // If this fails (memory), the normal hook keeps failing every HOOK_STEP instructions.
+        let _ = lua.set_hook(HookTriggers::new().every_nth_instruction(1), move |_, _| {
+            Err(mlua::Error::runtime(format!("{stop} exceeded")))
+        });
+        match stop {
+            Stop::Budget => format!(
+                "{at}instruction budget exceeded ({} instructions)",
+                self.budget
+            ),
+            Stop::Time => format!(
+                "{at}time limit exceeded ({} ms)",
+                self.time_limit.as_millis()
+            ),
+        }
+    }
+
+    /// Charges `n` pattern-matching steps (see [`patterns`]).
+    fn charge(&self, lua: &Lua, n: u64) -> Result<(), String> {
+        if self.stopped().is_some() {
+            return Err("call already stopped".into());
+        }
+        match self.add(n) {
+            None => Ok(()),
+            Some(stop) => Err(format!("{} (in a pattern match)", self.trip(lua, stop, ""))),
+        }
+    }
+}
+
+/// The normal hook: counts in steps of [`HOOK_STEP`] and checks the time; past the budget
+/// or the time limit, stops the call ([`Meter::trip`]).
 fn install_hook(lua: &Lua, meter: &Arc<Meter>) -> mlua::Result<()> {
     let meter = Arc::clone(meter);
     lua.set_hook(
         HookTriggers::new().every_nth_instruction(HOOK_STEP),
         move |lua, dbg| {
-            let used = meter
-                .used
-                .fetch_add(u64::from(HOOK_STEP), Ordering::Relaxed)
-                + u64::from(HOOK_STEP);
-            if used <= meter.budget {
+            let Some(stop) = meter.add(u64::from(HOOK_STEP)) else {
                 return Ok(VmState::Continue);
-            }
-            meter.exceeded.store(true, Ordering::Relaxed);
+            };
             let src = dbg.source();
             let at = match (src.short_src, dbg.current_line()) {
                 (Some(src), Some(line)) => format!("{src}:{line}: "),
                 (Some(src), None) => format!("{src}: "),
                 _ => String::new(),
             };
-            // If this fails (memory), the normal hook keeps failing every HOOK_STEP instructions.
-            let _ = lua.set_hook(HookTriggers::new().every_nth_instruction(1), |_, _| {
-                Err(mlua::Error::runtime("instruction budget exceeded"))
-            });
-            Err(mlua::Error::runtime(format!(
-                "{at}instruction budget exceeded ({} instructions)",
-                meter.budget
-            )))
+            Err(mlua::Error::runtime(meter.trip(lua, stop, &at)))
         },
     )
 }
@@ -229,12 +408,12 @@ struct RuleState {
 }
 
 impl RuleState {
-    /// Resets the instruction count (and the normal hook after a budget overrun).
+    /// Starts a call: resets the count and the clock (and the normal hook after a stop).
     fn arm(&self) -> mlua::Result<()> {
-        if self.meter.exceeded.swap(false, Ordering::Relaxed) {
+        if self.meter.stopped.swap(0, Ordering::Relaxed) != 0 {
             install_hook(&self.lua, &self.meter)?;
         }
-        self.meter.used.store(0, Ordering::Relaxed);
+        self.meter.start();
         Ok(())
     }
 
@@ -252,11 +431,13 @@ impl RuleState {
         self.arm()?;
         let lua = &self.lua;
 
-        let endpoint = lua.create_table_with_capacity(0, 4)?;
+        let endpoint = lua.create_table_with_capacity(0, 6)?;
         endpoint.raw_set("name", ep.name)?;
         endpoint.raw_set("type", ep.ept)?;
         endpoint.raw_set("domain", ep.domain)?;
         endpoint.raw_set("queue", ep.queue)?;
+        endpoint.raw_set("lifetime", ep.lifetime)?;
+        endpoint.raw_set("lwm2m", ep.lwm2m)?;
 
         let resource = lua.create_table_with_capacity(0, 5)?;
         resource.raw_set("path", res.path)?;
@@ -307,7 +488,9 @@ fn sandbox(lua: &Lua, file_name: &str) -> mlua::Result<()> {
             }
         }
         truncate_utf8(&mut line, MAX_PRINT_LEN);
-        info!(file = %label, "lua: {line}");
+        if log_budget::allow(DeviceLine::LuaPrint) {
+            info!(file = %label, "lua: {line}");
+        }
         Ok(())
     })?;
     globals.raw_set("print", print)?;
@@ -350,13 +533,12 @@ fn load_rule(path: &Path, source: &[u8], cfg: &LuaConfig) -> Result<RuleState, L
         .file_name()
         .map_or_else(|| label.clone(), |n| n.to_string_lossy().into_owned());
     sandbox(&lua, &file_name)?;
-    lua.set_memory_limit(cfg.memory_limit_kb.saturating_mul(1024))?;
-    let meter = Arc::new(Meter {
-        used: AtomicU64::new(0),
-        budget: cfg.instruction_budget,
-        exceeded: AtomicBool::new(false),
-    });
+    let memory_limit = cfg.memory_limit_kb.saturating_mul(1024);
+    lua.set_memory_limit(memory_limit)?;
+    let meter = Arc::new(Meter::new(cfg));
+    patterns::install(&lua, &meter, memory_limit)?;
     install_hook(&lua, &meter)?;
+    meter.start();
     lua.load(source)
         .set_name(format!("@{label}"))
         .set_mode(ChunkMode::Text)
@@ -380,19 +562,72 @@ pub struct LuaRules {
     /// Serializes reloads; holds the content of files whose last load failed (so an unchanged
     /// broken file is not reported on every reload).
     failed: Mutex<HashMap<String, Vec<u8>>>,
+    /// The bounded queue to the rules thread; `None` if the thread could not be started.
+    queue: Option<tokio::sync::mpsc::Sender<Job>>,
 }
 
 impl LuaRules {
     /// Loads the rule files of `cfg.dir` (see [`LuaRules::reload`]).
+    ///
+    /// Starts the rules thread, which runs the calls of [`LuaRules::evaluate`] and ends when
+    /// the rules are dropped.
     pub fn load(cfg: &LuaConfig, counters: Arc<Counters>) -> Arc<LuaRules> {
-        let rules = Arc::new(LuaRules {
-            cfg: cfg.clone(),
-            counters,
-            files: Mutex::new(Vec::new()),
-            failed: Mutex::new(HashMap::new()),
+        let (tx, rx) = tokio::sync::mpsc::channel::<Job>(QUEUE);
+        let rules = Arc::new_cyclic(|weak: &Weak<LuaRules>| {
+            let weak = weak.clone();
+            let spawned = std::thread::Builder::new()
+                .name("lua-rules".into())
+                .spawn(move || run_rules_thread(weak, rx));
+            let queue = match spawned {
+                Ok(_) => Some(tx),
+                Err(e) => {
+                    error!("cannot start the Lua rules thread, Lua rules have no opinion: {e}");
+                    None
+                }
+            };
+            LuaRules {
+                cfg: cfg.clone(),
+                counters,
+                files: Mutex::new(Vec::new()),
+                failed: Mutex::new(HashMap::new()),
+                queue,
+            }
         });
         rules.reload();
         rules
+    }
+
+    /// True when a file in force defines `presubscribe` (else every answer is `None`
+    /// and [`LuaRules::evaluate`] answers without the rules thread).
+    pub fn has_rules(&self) -> bool {
+        !lock(&self.files).is_empty()
+    }
+
+    /// Asks the rules about each question (for one endpoint), on the rules thread; the
+    /// answers come in the questions' order, as [`LuaRules::presubscribe`] gives them. Waits
+    /// for room when [`QUEUE`] evaluations are waiting already. Without the thread, every
+    /// answer is `None`.
+    pub async fn evaluate(&self, subject: Subject, questions: Vec<Question>) -> Vec<Option<bool>> {
+        let n = questions.len();
+        if n == 0 || !self.has_rules() {
+            return vec![None; n];
+        }
+        let Some(queue) = &self.queue else {
+            return vec![None; n];
+        };
+        let (reply, answers) = tokio::sync::oneshot::channel();
+        let job = Job {
+            subject,
+            questions,
+            reply,
+        };
+        if queue.send(job).await.is_err() {
+            return vec![None; n];
+        }
+        match answers.await {
+            Ok(a) if a.len() == n => a,
+            _ => vec![None; n],
+        }
     }
 
     /// Asks the files in name order; the first non-nil answer wins. `None`: no file has an
@@ -407,6 +642,7 @@ impl LuaRules {
             Some(ep.name),
             ep.ept,
             Some(ep.domain),
+            ep.lwm2m,
             Some(res.path),
             res.rt,
             res.ct,
@@ -429,7 +665,21 @@ impl LuaRules {
                 Ok(None) => {}
                 Err(e) => {
                     Counters::inc(&self.counters.lua_errors);
-                    warn!(file = %file.name, "Lua rule failed, taken as nil: {e}");
+                    if !log_budget::allow(DeviceLine::LuaFailure) {
+                        continue;
+                    }
+                    let (file, endpoint, path) =
+                        (&file.name, truncated(ep.name), truncated(res.path));
+                    match state.meter.stopped() {
+                        Some(stop) => warn!(
+                            %file, function = "presubscribe", %endpoint, %path, key = %key.id,
+                            "Lua rule call stopped ({stop}), taken as nil: {e}"
+                        ),
+                        None => warn!(
+                            %file, function = "presubscribe", %endpoint, %path, key = %key.id,
+                            "Lua rule call failed, taken as nil: {e}"
+                        ),
+                    }
                 }
             }
         }
@@ -595,6 +845,29 @@ impl LuaRules {
     }
 }
 
+/// The body of the rules thread: answers jobs until the rules are dropped.
+fn run_rules_thread(rules: Weak<LuaRules>, mut jobs: tokio::sync::mpsc::Receiver<Job>) {
+    while let Some(job) = jobs.blocking_recv() {
+        let Some(rules) = rules.upgrade() else { break };
+        if job.reply.is_closed() {
+            continue;
+        }
+        let ep = job.subject.info();
+        let answers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            job.questions
+                .iter()
+                .map(|q| rules.presubscribe(&ep, &q.resource(), &KeyInfo { id: &q.key_id }))
+                .collect::<Vec<_>>()
+        }))
+        .unwrap_or_else(|_| {
+            error!(endpoint = %truncated(ep.name), "Lua rules panicked; taken as no opinion");
+            vec![None; job.questions.len()]
+        });
+        let _ = job.reply.send(answers);
+    }
+    debug!("Lua rules thread stopped");
+}
+
 /// A rule file name: `*.lua`, not hidden.
 fn is_rule_name(name: &str) -> bool {
     name.len() > ".lua".len() && name.ends_with(".lua") && !name.starts_with('.')
@@ -640,9 +913,12 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
+    /// The defaults, but a time limit no test machine reaches by being slow: the tests of
+    /// the time limit set their own.
     fn cfg(dir: &Path) -> LuaConfig {
         LuaConfig {
             dir: dir.to_owned(),
+            time_limit_ms: 60_000,
             ..LuaConfig::default()
         }
     }
@@ -667,6 +943,8 @@ mod tests {
         ept: Some("sensor"),
         domain: "home",
         queue: false,
+        lifetime: 300,
+        lwm2m: None,
     };
 
     fn res(path: &str) -> ResourceInfo<'_> {
@@ -801,15 +1079,18 @@ mod tests {
                 assert(endpoint.name == "dev-9", "name")
                 assert(endpoint.domain == "dom", "domain")
                 assert(endpoint.queue == true, "queue")
+                assert(math.type(endpoint.lifetime) == "integer" and endpoint.lifetime == 86400, "lifetime")
                 assert(resource.path == "/3/0/9", "path")
                 assert(resource.ct == "0", "ct")
                 assert(resource.obs == false, "obs")
                 assert(key.id == "app", "key")
                 if endpoint.type == nil then
                     assert(resource.rt == nil and resource["if"] == nil, "absent")
+                    assert(endpoint.lwm2m == nil, "no lwm2m")
                     return false
                 end
                 assert(endpoint.type == "light", "type")
+                assert(endpoint.lwm2m == "1.1", "lwm2m")
                 assert(resource.rt == "oma.lwm2m" and resource["if"] == "sensor", "present")
                 return true
             end
@@ -821,6 +1102,8 @@ mod tests {
             ept: Some("light"),
             domain: "dom",
             queue: true,
+            lifetime: 86400,
+            lwm2m: Some("1.1"),
         };
         let full_res = ResourceInfo {
             path: "/3/0/9",
@@ -832,6 +1115,7 @@ mod tests {
         assert_eq!(rules.presubscribe(&full_ep, &full_res, &key), Some(true));
         let bare_ep = EndpointInfo {
             ept: None,
+            lwm2m: None,
             ..full_ep
         };
         let bare_res = ResourceInfo {
@@ -961,6 +1245,102 @@ mod tests {
             .used
             .load(Ordering::Relaxed);
         assert!(used > 700_000, "busy call counted: {used}");
+    }
+
+    #[test]
+    fn pattern_matching_counts_against_the_budget() {
+        let (_dir, rules, counters) = rules_with(&[
+            (
+                "10-pattern.lua",
+                r#"
+                function presubscribe(e, r, k)
+                    local s = string.rep("a", 300)
+                    if r.path == "/find" then return s:find(string.rep("a*", 30) .. "b") ~= nil end
+                    if r.path == "/pcall" then
+                        local ok = pcall(string.match, s, string.rep("a*", 30) .. "b")
+                        while true do end
+                    end
+                    if r.path == "/gsub" then
+                        local out, n = ("k=v, x=y"):gsub("(%w+)=(%w+)", "%2=%1")
+                        return out == "v=k, y=x" and n == 2
+                    end
+                    if r.path == "/gmatch" then
+                        local t = {}
+                        for w in ("one two three"):gmatch("%a+") do t[#t + 1] = w end
+                        return table.concat(t, ",") == "one,two,three"
+                    end
+                    return nil
+                end
+                "#,
+            ),
+            ("20-true.lua", "function presubscribe() return true end"),
+        ]);
+        let started = Instant::now();
+        assert_eq!(
+            ask(&rules, "/find"),
+            Some(true),
+            "stopped, the next file answers"
+        );
+        assert_eq!(errors(&counters), 1);
+        let stop = lock(&lock(&rules.files)[0].state).meter.stopped();
+        assert_eq!(stop, Some(Stop::Budget));
+        // pcall cannot swallow it.
+        assert_eq!(ask(&rules, "/pcall"), Some(true));
+        assert_eq!(errors(&counters), 2);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // The replacements behave as Lua's own.
+        assert_eq!(ask(&rules, "/gsub"), Some(true));
+        assert_eq!(ask(&rules, "/gmatch"), Some(true));
+        assert_eq!(errors(&counters), 2);
+    }
+
+    #[test]
+    fn time_limit_stops_a_call_within_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(
+            dir.path(),
+            "10-spin.lua",
+            "function presubscribe(e, r, k) while true do end end",
+        );
+        let counters = Arc::new(Counters::default());
+        let cfg = LuaConfig {
+            instruction_budget: u64::MAX,
+            time_limit_ms: 50,
+            ..cfg(dir.path())
+        };
+        let rules = LuaRules::load(&cfg, Arc::clone(&counters));
+        assert_eq!(ask(&rules, "/x"), None);
+        assert_eq!(errors(&counters), 1);
+        let stop = lock(&lock(&rules.files)[0].state).meter.stopped();
+        assert_eq!(stop, Some(Stop::Time));
+    }
+
+    #[tokio::test]
+    async fn evaluate_answers_on_the_rules_thread_in_order() {
+        let (_dir, rules, _counters) = rules_with(&[(
+            "10-rule.lua",
+            "function presubscribe(e, r, k) if r.path == '/nil' then return nil end return r.path == '/yes' and std_thread == nil end",
+        )]);
+        let subject = Subject {
+            name: "dev".into(),
+            ept: None,
+            domain: "d".into(),
+            queue: false,
+            lifetime: 60,
+            lwm2m: None,
+        };
+        let q = |path: &str| Question {
+            key_id: "k".into(),
+            path: path.into(),
+            rt: None,
+            ct: None,
+            iface: None,
+            obs: true,
+        };
+        let answers = rules
+            .evaluate(subject, vec![q("/yes"), q("/no"), q("/nil")])
+            .await;
+        assert_eq!(answers, vec![Some(true), Some(false), None]);
     }
 
     #[test]

@@ -7,11 +7,12 @@
 //! at start (endpoints that are not in queue mode), at every full registration, and at a
 //! registration update for any subscription that has none.
 //!
-//! Pre-subscriptions: at a registration and a registration update, every observable
-//! resource (`obs` in the registration) of the endpoint is offered, for every key with a
-//! notification channel in the endpoint's domain, to the Lua rules (`presubscribe`), and if
+//! Pre-subscriptions: after the reply to a registration and a registration update (never
+//! before it: the reply does not wait on rules), every observable resource (`obs` in the
+//! registration) of the endpoint is offered, for every key with a notification channel in
+//! the endpoint's domain, to the Lua rules (`presubscribe`, on the rules thread), and if
 //! they have no opinion to the key's JSON pre-subscription rules; a match becomes a
-//! subscription of that key. Setting pre-subscriptions removes the key's subscriptions (as
+//! subscription of that key, unless the registration has ended meanwhile. Setting pre-subscriptions removes the key's subscriptions (as
 //! the seed says) and applies the new rules to the endpoints registered now.
 
 pub mod lua;
@@ -36,7 +37,7 @@ use crate::requests::{
     resource_known,
 };
 use crate::store::{Store, StoreError};
-use lua::{EndpointInfo, KeyInfo, LuaRules, ResourceInfo};
+use lua::{LuaRules, Question, Subject};
 pub use presub::PreSub;
 
 /// A stored subscription.
@@ -195,6 +196,15 @@ pub struct Subscriptions {
     /// This manager itself, for the notification tasks it spawns.
     me: std::sync::OnceLock<std::sync::Weak<Subscriptions>>,
     limits: std::sync::OnceLock<Arc<crate::limits::Limits>>,
+    /// Endpoints whose pre-subscriptions are due (their registration or update was
+    /// answered), with the newest registration of each: one evaluation task per endpoint
+    /// at a time, which takes the newest one when it is done with the last, so waiting
+    /// evaluations are bounded by the registered endpoints however often they update.
+    due: Mutex<Map<(String, String), Arc<Endpoint>>>,
+}
+
+fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// RFC 7641 §3.4: is notification `v2` (received at `t2`) newer than `v1` (at `t1`)?
@@ -238,6 +248,7 @@ impl Subscriptions {
             state: Mutex::new(state),
             me: std::sync::OnceLock::new(),
             limits: std::sync::OnceLock::new(),
+            due: Mutex::new(Map::default()),
         });
         let _ = me.me.set(Arc::downgrade(&me));
         let weak: std::sync::Weak<dyn ObservationSink> =
@@ -332,12 +343,29 @@ impl Subscriptions {
 
     /// Records a subscription (durably).
     async fn add(&self, who: &Principal, ep: &str, path: &str) -> Result<(), StoreError> {
+        self.add_if(who, ep, path, || true).await.map(|_| ())
+    }
+
+    /// Records a subscription (durably) if `still` holds under the state lock (so that
+    /// a pre-subscription decided after its endpoint left is not recorded: the removal
+    /// of a departed endpoint's subscriptions takes the same lock). True when the
+    /// subscription is new.
+    async fn add_if(
+        &self,
+        who: &Principal,
+        ep: &str,
+        path: &str,
+        still: impl FnOnce() -> bool,
+    ) -> Result<bool, StoreError> {
         let durable = {
             let mut st = self.lock();
+            if !still() {
+                return Ok(false);
+            }
             let k = st.keys.entry(who.key_id.clone()).or_default();
             k.domain = who.domain.clone();
             if !k.resources.insert(ep, path) {
-                return Ok(());
+                return Ok(false);
             }
             self.store.put_subscription(SubscriptionRecord {
                 key_id: who.key_id.clone(),
@@ -346,7 +374,7 @@ impl Subscriptions {
                 path: path.to_string(),
             })
         };
-        durable.await
+        durable.await.map(|()| true)
     }
 
     /// Stops observations nobody is subscribed to any more.
@@ -492,9 +520,10 @@ impl Subscriptions {
     }
 
     /// Offers the endpoint's observable resources to the rules of every key with a
-    /// channel in its domain (or only `only_key`) and adds the subscriptions they ask for.
-    /// Observing them is the caller's next step ([`Subscriptions::observe_missing`]).
-    async fn apply_presubs(&self, ep: &Endpoint, only_key: Option<&str>) {
+    /// channel in its domain (or only `only_key`) and adds the subscriptions they ask for;
+    /// returns the paths that got a new subscription. Observing them is the caller's next
+    /// step ([`Subscriptions::observe_missing`]).
+    async fn apply_presubs(&self, ep: &Endpoint, only_key: Option<&str>) -> BTreeSet<String> {
         let domain = &ep.reg.domain;
         let keys: Vec<(String, Vec<PreSub>)> = {
             let st = self.lock();
@@ -511,14 +540,17 @@ impl Subscriptions {
             }
             keys
         };
+        let mut added = BTreeSet::new();
         if keys.is_empty() {
-            return;
+            return added;
         }
-        let info = EndpointInfo {
-            name: &ep.reg.name,
-            ept: ep.reg.ept.as_deref(),
-            domain,
+        let subject = Subject {
+            name: ep.reg.name.clone(),
+            ept: ep.reg.ept.clone(),
+            domain: domain.clone(),
             queue: ep.reg.queue,
+            lifetime: ep.reg.lifetime_s,
+            lwm2m: ep.reg.lwm2m.clone(),
         };
         let resources = ep.resources();
         let refused: BTreeSet<String> = {
@@ -528,58 +560,125 @@ impl Subscriptions {
                 _ => BTreeSet::new(),
             }
         };
-        for (key_id, rules) in keys {
+        // Every (key, resource) question first, so that the rules thread gets them in one
+        // job; then the answers, the key's JSON rules where Lua has no opinion.
+        let mut questions: Vec<Question> = Vec::new();
+        let mut rules_of: Vec<(usize, usize)> = Vec::new();
+        for (i, (key_id, rules)) in keys.iter().enumerate() {
             if only_key.is_some_and(|k| k != key_id) {
                 continue;
             }
-            let below = lwm2m_rule_paths(ep, &rules);
+            let below = lwm2m_rule_paths(ep, rules);
             let candidates = resources
                 .iter()
                 .filter(|r| r.obs)
-                .map(|r| ResourceInfo {
-                    path: &r.path,
-                    rt: r.rt.as_deref(),
-                    ct: r.ct.as_deref(),
-                    iface: r.iface.as_deref(),
+                .map(|r| Question {
+                    key_id: key_id.clone(),
+                    path: r.path.to_string(),
+                    rt: r.rt.as_deref().map(str::to_string),
+                    ct: r.ct.as_deref().map(str::to_string),
+                    iface: r.iface.as_deref().map(str::to_string),
                     obs: r.obs,
                 })
-                .chain(below.iter().map(|p| ResourceInfo {
-                    path: p,
+                .chain(below.into_iter().map(|path| Question {
+                    key_id: key_id.clone(),
+                    path,
                     rt: None,
                     ct: None,
                     iface: None,
                     obs: true,
-                }));
-            for res in candidates {
+                }))
                 // Never on behalf of a key that may not see the resource: its rules are
                 // kept as given, and applied within its restriction.
-                if refused.contains(res.path) || !self.hub.may_see(&key_id, &ep.reg.name, res.path)
-                {
-                    continue;
-                }
-                let r = &res;
-                let wanted = match self.lua.presubscribe(&info, r, &KeyInfo { id: &key_id }) {
-                    Some(answer) => answer,
-                    None => presub::any_match(&rules, &ep.reg.name, ep.reg.ept.as_deref(), r.path),
-                };
-                if wanted {
-                    let who = Principal {
-                        backend: String::new(),
-                        key_id: key_id.clone(),
-                        domain: domain.clone(),
-                        scopes: Vec::new(),
-                        allow: None,
-                    };
-                    if let Err(e) = self.add(&who, &ep.reg.name, r.path).await {
-                        tracing::error!("pre-subscription not stored: {e}");
-                    }
-                }
+                .filter(|q| {
+                    !refused.contains(&q.path) && self.hub.may_see(key_id, &ep.reg.name, &q.path)
+                });
+            for q in candidates {
+                rules_of.push((i, questions.len()));
+                questions.push(q);
             }
         }
+        let answers = self.lua.evaluate(subject, questions.clone()).await;
+        for ((i, q), answer) in rules_of.into_iter().zip(answers) {
+            let (key_id, rules) = &keys[i];
+            let q = &questions[q];
+            let wanted = match answer {
+                Some(answer) => answer,
+                None => presub::any_match(rules, &ep.reg.name, ep.reg.ept.as_deref(), &q.path),
+            };
+            if !wanted {
+                continue;
+            }
+            let who = Principal {
+                backend: String::new(),
+                key_id: key_id.clone(),
+                domain: domain.clone(),
+                scopes: Vec::new(),
+                allow: None,
+            };
+            let current = || {
+                self.registry
+                    .get(domain, &ep.reg.name)
+                    .is_some_and(|now| now.reg.id == ep.reg.id)
+            };
+            match self.add_if(&who, &ep.reg.name, &q.path, current).await {
+                Ok(true) => {
+                    added.insert(q.path.clone());
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!("pre-subscription not stored: {e}"),
+            }
+        }
+        added
+    }
+
+    /// After the reply to a registration or update: the endpoint's pre-subscriptions are
+    /// evaluated (Lua rules run on their own thread, so this may wait) and what they ask
+    /// for is observed. See [`Subscriptions::due`].
+    fn presubs_due(&self, ep: &Arc<Endpoint>) {
+        let key = (ep.reg.domain.clone(), ep.reg.name.clone());
+        let first = lock_map(&self.due)
+            .insert(key.clone(), Arc::clone(ep))
+            .is_none();
+        if !first {
+            return;
+        }
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            lock_map(&self.due).remove(&key);
+            tracing::error!("pre-subscriptions need a tokio runtime; not evaluated");
+            return;
+        };
+        runtime.spawn(async move {
+            loop {
+                let Some(ep) = lock_map(&me.due).get(&key).cloned() else {
+                    return;
+                };
+                // Only the new ones: `after_reply` asked for the others already, and an
+                // observe in flight is not yet an observation (it would go out twice).
+                let added = me.apply_presubs(&ep, None).await;
+                me.observe_missing_among(&ep, Some(&added), true);
+                let mut due = lock_map(&me.due);
+                if due.get(&key).is_some_and(|e| Arc::ptr_eq(e, &ep)) {
+                    due.remove(&key);
+                    return;
+                }
+            }
+        });
     }
 
     /// Queues an observe for every subscribed resource of `ep` that has no observation.
     fn observe_missing(&self, ep: &Endpoint, awake: bool) {
+        self.observe_missing_among(ep, None, awake);
+    }
+
+    /// [`Subscriptions::observe_missing`], for the paths in `only` when given.
+    fn observe_missing_among(&self, ep: &Endpoint, only: Option<&BTreeSet<String>>, awake: bool) {
+        if only.is_some_and(BTreeSet::is_empty) {
+            return;
+        }
         let missing: Vec<String> = {
             let st = self.lock();
             let mut paths: BTreeSet<String> = BTreeSet::new();
@@ -593,6 +692,7 @@ impl Subscriptions {
             }
             paths
                 .into_iter()
+                .filter(|p| only.is_none_or(|only| only.contains(p)))
                 .filter(|p| {
                     !st.observations.contains_key(&(
                         ep.reg.domain.clone(),
@@ -905,9 +1005,11 @@ impl ObservationSink for Subscriptions {
 }
 
 impl RegistryListener for Subscriptions {
-    /// Observe requests go out once the device has its registration answer.
+    /// Observe requests go out once the device has its registration answer; so do
+    /// pre-subscriptions (the registration reply never waits on rules).
     fn after_reply(&self, ev: &RegistryEvent) {
         self.observe_missing(ev.endpoint(), true);
+        self.presubs_due(ev.endpoint());
     }
 
     fn on_event<'a>(
@@ -920,9 +1022,9 @@ impl RegistryListener for Subscriptions {
                 RegistryEvent::Registered { .. } => {
                     // A full registration: the device forgot its observations.
                     self.forget_observations(&ep.reg.domain, &ep.reg.name);
-                    self.apply_presubs(ep, None).await;
                 }
-                RegistryEvent::Updated { .. } => self.apply_presubs(ep, None).await,
+                // Pre-subscriptions are applied after the reply (`after_reply`).
+                RegistryEvent::Updated { .. } => {}
                 RegistryEvent::Deregistered(_) | RegistryEvent::Expired(_) => {
                     // Decision: an endpoint that leaves takes its subscriptions with it
                     // (seed 000: `GET /subscriptions/{ep}` is 404 for an endpoint that is
