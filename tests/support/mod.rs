@@ -315,6 +315,13 @@ impl Daemon {
             .clone()
     }
 
+    /// Whether the daemon process is still running (it has not exited or been killed).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// The value of a `connectord_<name>` metric.
     pub fn metric(&self, name: &str) -> u64 {
         let body = self.get("/metrics").body;
@@ -524,7 +531,8 @@ pub fn build_plugin(package: &str, env: &[(&str, &str)]) -> PathBuf {
         .args(["build", "--quiet", "-p", package])
         .env("CARGO_TARGET_DIR", &target)
         .env_remove("CONNECTORD_EXAMPLE_VARIANT")
-        .env_remove("CONNECTORD_EXAMPLE_ABI");
+        .env_remove("CONNECTORD_EXAMPLE_ABI")
+        .env_remove("CONNECTORD_EXAMPLE_PANIC");
     for (k, v) in env {
         cmd.env(k, v);
     }
