@@ -550,3 +550,43 @@ fn a_generation_whose_calls_panic_is_rolled_back_to_the_previous_one() {
     assert_eq!(hello(&d)["variant"], "A");
     assert!(generation_metric(&d, "example").contains(&sha_a));
 }
+
+/// Issue 18, item 15: the plugin that docs/plugins.md shows (its `Cargo.toml` and
+/// `src/lib.rs`, as they stand there, only the SDK path replaced by this checkout's)
+/// builds in a directory outside the workspace into a `.so` that the daemon loads and
+/// serves.
+#[test]
+fn the_plugin_of_docs_plugins_md_builds_outside_the_workspace_and_serves() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = std::fs::read_to_string(root.join("docs/plugins.md")).unwrap();
+    let block = |lang: &str, holding: &str| -> String {
+        doc.split(&format!("```{lang}\n"))
+            .skip(1)
+            .filter_map(|b| b.split_once("```").map(|(code, _)| code))
+            .find(|code| code.contains(holding))
+            .unwrap_or_else(|| panic!("no ```{lang} block with {holding} in docs/plugins.md"))
+            .to_string()
+    };
+    let manifest = block("toml", "[package]");
+    let lib = block("rust", "declare_plugin!");
+    let placeholder = "/path/to/connectord/plugins/sdk";
+    assert!(manifest.contains(placeholder), "{manifest}");
+    let sdk = root.join("plugins/sdk").canonicalize().unwrap();
+    let manifest = manifest.replace(placeholder, sdk.to_str().unwrap());
+
+    let tmp = tempfile::tempdir().unwrap();
+    let krate = tmp.path().join("hello-plugin");
+    std::fs::create_dir_all(krate.join("src")).unwrap();
+    std::fs::write(krate.join("Cargo.toml"), manifest).unwrap();
+    std::fs::write(krate.join("src/lib.rs"), lib).unwrap();
+    let built = support::build_crate_outside(&krate, "libhello_plugin.so");
+
+    let (d, _dir) = daemon_with_plugins(&[(&built, "libhello_plugin.so")]);
+    let r = d.get("/api/hello");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "hello"),
+        "{}",
+        d.logs().join("\n")
+    );
+}

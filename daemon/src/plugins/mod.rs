@@ -7,13 +7,18 @@
 //!
 //! Plugins come from two places: built-ins linked into the binary (`connector`,
 //! `pelion`, `losant`, `headerkeys`, `webhook`), and `lib<crate>.so` files in `[plugins] dir`. A file whose plugin has the
-//! name of a built-in replaces it. The directory is watched; a changed file is copied to a
-//! fresh path (a same-path `dlopen` would return the old image), loaded, checked (ABI
-//! version, kind, `create`), and only then swapped in; callers that hold the previous
-//! generation finish their calls on it, and it is destroyed, its thread joined and its
-//! image unloaded when the last of them lets go. A file that fails anywhere along the way
-//! leaves the previous generation serving and is logged. A directory writable by group or
-//! others is refused.
+//! name of a built-in replaces it. The directory is watched (changes only,
+//! [`crate::dir_watch`]); a changed file is read once it has stopped changing
+//! (`STABLE_CHECK`), checked to be a complete ELF shared object of this machine
+//! (`elf`: `dlopen` of a file cut short dies of SIGBUS), written to a private copy (a
+//! same-path `dlopen` would return the old image, and nobody may change a mapped file),
+//! loaded, checked (ABI version, kind, `create`, `routes`), and only then swapped in, on
+//! probation (`Probation`): a panic in its first calls rolls the plugin back to the
+//! generation it replaced. Callers that hold the previous generation finish their calls
+//! on it, and it is destroyed, its thread joined and its image unloaded when the last of
+//! them lets go. A file that fails anywhere along the way leaves the previous generation
+//! serving, is logged with the reason, and is not tried again until it changes. A
+//! directory writable by group or others is refused.
 //!
 //! Plugins keep their state through the host (`state_get`/`put`/`delete`/`keys`, stored
 //! in SQLite), so a reload or a restart loses nothing.
@@ -152,7 +157,7 @@ pub fn check_names(
 }
 
 /// One version of a file: what changes when it is written, replaced, or its mode is
-/// changed. A file is loaded only once two looks [`STABLE_CHECK`] apart agree, and a file
+/// changed. A file is loaded only once two looks `STABLE_CHECK` apart agree, and a file
 /// that failed is tried again only when this changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fingerprint {
@@ -573,7 +578,7 @@ impl PluginHost {
 
     /// Re-reads the plugin directory: loads new and changed files, falls back to the
     /// built-in (or nothing) for removed ones. A changed file is read only once it has
-    /// stopped changing ([`STABLE_CHECK`], up to [`STABLE_MAX`]); a file whose last load
+    /// stopped changing (`STABLE_CHECK`, up to `STABLE_MAX`); a file whose last load
     /// failed is left alone until it changes again.
     pub fn reload_dir(self: &Arc<Self>) {
         let _serial = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
