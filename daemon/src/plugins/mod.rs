@@ -28,6 +28,7 @@ mod loader;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -239,6 +240,9 @@ pub struct PluginHost {
     failed: Mutex<HashMap<PathBuf, Fingerprint>>,
     /// Generations on probation, by plugin name.
     probation: Mutex<HashMap<String, Probation>>,
+    /// How many entries `probation` has (written under its lock), so that a call need not
+    /// take the lock when none is on probation.
+    probations: AtomicUsize,
     /// Serialises reloads.
     reload_lock: Mutex<()>,
     /// Held (shared) by every state-changing call for its length, and (exclusively, see
@@ -288,6 +292,7 @@ impl PluginHost {
             files: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
             probation: Mutex::new(HashMap::new()),
+            probations: AtomicUsize::new(0),
             reload_lock: Mutex::new(()),
             state_gate: Arc::new(tokio::sync::RwLock::new(())),
             epoch: std::sync::atomic::AtomicU64::new(0),
@@ -314,11 +319,11 @@ impl PluginHost {
         let id = g.id;
         let sha = g.file_sha256().unwrap_or("").to_string();
         let origin = g.origin.to_string();
-        let old = self
-            .plugins
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.clone(), g);
+        // Installs happen one at a time (under `reload_lock`, or at start-up), so this is
+        // what the insert below replaces.
+        let old = self.get(&name);
+        // The probation is set up before the generation serves, so that its first call
+        // finds it.
         let mut probation = self.probation.lock().unwrap_or_else(|p| p.into_inner());
         // A generation replaced while on probation never proved itself: the one kept
         // behind it stays what a rollback goes back to.
@@ -351,7 +356,14 @@ impl PluginHost {
             },
             Install::Trusted => false,
         };
+        self.probations.store(probation.len(), Ordering::Relaxed);
         drop(probation);
+        let replaced = self
+            .plugins
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), g);
+        drop(replaced);
         tracing::info!(plugin = %name, origin = %origin, file_sha256 = %sha, generation = id, on_probation, "plugin serving");
         // The previous generation is destroyed when its last in-flight call (or the
         // probation keeping it) lets go.
@@ -362,6 +374,11 @@ impl PluginHost {
     /// back (on a blocking thread; the caller gets its error at once), and enough calls
     /// or time without one end its probation.
     fn after_call(self: &Arc<Self>, g: &Arc<Generation>, out: &Result<Vec<u8>, PluginError>) {
+        // The common case, without taking the lock: no plugin is on probation. (Set before
+        // a generation on probation serves, under the plugins lock its callers take.)
+        if self.probations.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let mut probation = self.probation.lock().unwrap_or_else(|p| p.into_inner());
         let Some(p) = probation.get_mut(&g.name) else {
             return;
@@ -373,6 +390,7 @@ impl PluginHost {
             let Some(p) = probation.remove(&g.name) else {
                 return;
             };
+            self.probations.store(probation.len(), Ordering::Relaxed);
             drop(probation);
             let (host, failed, reason) = (Arc::clone(self), Arc::clone(g), message.clone());
             tokio::task::spawn_blocking(move || host.roll_back(&failed, p.previous, &reason));
@@ -381,6 +399,7 @@ impl PluginHost {
         p.calls += 1;
         if p.calls >= PROBATION_CALLS || p.since.elapsed() >= PROBATION_TIME {
             let done = probation.remove(&g.name);
+            self.probations.store(probation.len(), Ordering::Relaxed);
             drop(probation);
             if let Some(done) = done {
                 tracing::info!(plugin = %g.name, generation = g.id, calls = done.calls, "plugin generation proved itself; generation {} released", done.previous.id);
@@ -657,10 +676,10 @@ impl PluginHost {
             {
                 Some(t) => self.load_builtin(t),
                 None => {
-                    self.probation
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&name);
+                    let mut probation = self.probation.lock().unwrap_or_else(|p| p.into_inner());
+                    probation.remove(&name);
+                    self.probations.store(probation.len(), Ordering::Relaxed);
+                    drop(probation);
                     self.plugins
                         .write()
                         .unwrap_or_else(|p| p.into_inner())
