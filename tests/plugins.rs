@@ -436,7 +436,7 @@ fn a_plugin_file_written_slowly_in_place_is_loaded_once_complete() {
 }
 
 /// Issue 18, item 8: a file that is not an ELF shared object of this machine is refused
-/// before `dlopen`, and the log says why.
+/// before `dlopen`, and the log says why; so does it when `dlopen` itself refuses a file.
 #[test]
 fn a_file_that_is_no_elf_image_of_this_machine_is_refused_with_the_reason() {
     let a = build_plugin("example-plugin", &[]);
@@ -472,6 +472,40 @@ fn a_file_that_is_no_elf_image_of_this_machine_is_refused_with_the_reason() {
     install_plugin(&foreign, &dir, EXAMPLE);
     assert!(
         d.wait_log(&format!("built for ELF machine {other}"), WAIT),
+        "{}",
+        d.logs().join("\n")
+    );
+
+    // A complete image of this machine that dlopen refuses (its dynamic segment's program
+    // header blanked): the log carries dlopen's own reason.
+    let mut bytes = std::fs::read(&a).unwrap();
+    let word = |b: &[u8], at: usize, n: usize| -> u64 {
+        let mut v = [0u8; 8];
+        if le {
+            v[..n].copy_from_slice(&b[at..at + n]);
+            u64::from_le_bytes(v)
+        } else {
+            v[8 - n..].copy_from_slice(&b[at..at + n]);
+            u64::from_be_bytes(v)
+        }
+    };
+    let (phoff, phentsize, phnum) = (
+        word(&bytes, 32, 8) as usize,
+        word(&bytes, 54, 2) as usize,
+        word(&bytes, 56, 2) as usize,
+    );
+    let dynamic = (0..phnum)
+        .map(|i| phoff + i * phentsize)
+        .find(|&at| word(&bytes, at, 4) == 2)
+        .expect("a PT_DYNAMIC program header");
+    bytes[dynamic..dynamic + 4].copy_from_slice(&[0; 4]);
+    let no_dynamic = dir.join(".no-dynamic");
+    std::fs::write(&no_dynamic, &bytes).unwrap();
+    install_plugin(&no_dynamic, &dir, EXAMPLE);
+    assert!(
+        eventually(WAIT, || d.logs().iter().any(|l| l
+            .contains("dlopen failed: ")
+            && l.contains("dynamic section"))),
         "{}",
         d.logs().join("\n")
     );

@@ -89,11 +89,11 @@ unsafe impl Send for TablePtr {}
 // SAFETY: as above, the table is never written.
 unsafe impl Sync for TablePtr {}
 
-/// The reason of a libloading error, with the `dlerror` text behind it (libloading's own
-/// message is only "dlopen failed").
+/// The reason of a libloading error: the `dlerror` text behind it (libloading's own
+/// message is only "dlopen failed"), or that message when there is none.
 fn dl_reason(e: &libloading::Error) -> String {
     match std::error::Error::source(e) {
-        Some(src) => format!("{e}: {src}"),
+        Some(src) => src.to_string(),
         None => e.to_string(),
     }
 }
