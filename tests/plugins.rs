@@ -181,6 +181,13 @@ fn a_plugin_file_is_loaded_called_and_reloaded_under_load_without_a_failed_reque
         "too little load to mean anything"
     );
     assert!(d.metric("plugin_reloads_total") >= 4);
+    // Variant B answered far more than the 20 calls of its probation: it has proven
+    // itself, and the generation it replaced is let go.
+    let serving = generation_metric(&d, "example");
+    assert!(
+        serving.contains("probation=\"false\"") && serving.contains(&sha256_hex(&b)),
+        "{serving}"
+    );
     // The state (the call counter) went on across the reload instead of starting over,
     // and no call was lost: the new instance read the count with no call of the old one
     // in flight, and every later call went to it.
@@ -338,5 +345,289 @@ fn an_unknown_plugin_name_is_refused_by_check_config_and_run() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The SHA-256 of a file, as the generation metric shows it.
+fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// The `connectord_plugin_generation` line of `plugin` on `/metrics`.
+fn generation_metric(d: &Daemon, plugin: &str) -> String {
+    let body = d.get("/metrics").body;
+    let prefix = format!("connectord_plugin_generation{{plugin=\"{plugin}\",");
+    body.lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no generation metric of {plugin} in:\n{body}"))
+        .to_string()
+}
+
+/// Writes `bytes` over the file at `path` in place, as `cp` or `scp` do: truncate, then
+/// write up to each of the offsets `cuts` (and then the rest) with `pause` after each.
+fn write_in_place_slowly(path: &Path, bytes: &[u8], cuts: &[usize], pause: Duration) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
+    let mut at = 0;
+    for end in cuts.iter().copied().chain([bytes.len()]) {
+        let end = end.min(bytes.len());
+        f.write_all(&bytes[at..end]).unwrap();
+        f.flush().unwrap();
+        at = end;
+        std::thread::sleep(pause);
+    }
+}
+
+/// Issue 18, item 8: a plugin file cut short (the first half of a real one, written in
+/// place as `cp` does) is refused before `dlopen` with the reason logged, instead of
+/// killing the daemon with SIGBUS; the previous version keeps serving.
+#[test]
+fn a_truncated_plugin_file_is_refused_and_the_daemon_lives_on() {
+    let a = build_plugin("example-plugin", &[]);
+    let (mut d, dir) = daemon_with_plugins(&[(&a, EXAMPLE)]);
+    assert_eq!(hello(&d)["variant"], "A");
+    let bytes = std::fs::read(&a).unwrap();
+    std::fs::write(dir.join(EXAMPLE), &bytes[..bytes.len() / 2]).unwrap();
+    assert!(
+        eventually(WAIT, || !d.running()
+            || d.logs().iter().any(
+                |l| l.contains(EXAMPLE) && l.contains("not a complete ELF file")
+            )),
+        "{}",
+        d.logs().join("\n")
+    );
+    assert!(d.running(), "the daemon died:\n{}", d.logs().join("\n"));
+    assert_eq!(hello(&d)["variant"], "A");
+}
+
+/// Issue 18, item 8: a plugin file written in place slowly (truncated, then written in
+/// pieces over 2 s, as a slow `scp` does) is never mapped half-written; once
+/// complete it is loaded and serves.
+#[test]
+fn a_plugin_file_written_slowly_in_place_is_loaded_once_complete() {
+    let a = build_plugin("example-plugin", &[]);
+    let b = build_plugin("example-plugin", &[("CONNECTORD_EXAMPLE_VARIANT", "B")]);
+    let (mut d, dir) = daemon_with_plugins(&[(&a, EXAMPLE)]);
+    assert_eq!(hello(&d)["variant"], "A");
+    let bytes = std::fs::read(&b).unwrap();
+    // Pauses longer than the watcher's debounce, cut inside the loadable segments (the
+    // first megabyte of this image) and after them.
+    let cuts = [64 << 10, 300 << 10, 700 << 10, bytes.len() / 2];
+    write_in_place_slowly(
+        &dir.join(EXAMPLE),
+        &bytes,
+        &cuts,
+        Duration::from_millis(400),
+    );
+    assert!(
+        eventually(WAIT, || !d.running()
+            || d.get("/api/example/hello").json()["variant"] == "B"),
+        "{}",
+        d.logs().join("\n")
+    );
+    assert!(d.running(), "the daemon died:\n{}", d.logs().join("\n"));
+    assert_eq!(hello(&d)["variant"], "B");
+}
+
+/// Issue 18, item 8: a file that is not an ELF shared object of this machine is refused
+/// before `dlopen`, and the log says why; so does it when `dlopen` itself refuses a file.
+#[test]
+fn a_file_that_is_no_elf_image_of_this_machine_is_refused_with_the_reason() {
+    let a = build_plugin("example-plugin", &[]);
+    let (mut d, dir) = daemon_with_plugins(&[(&a, EXAMPLE)]);
+    assert_eq!(hello(&d)["variant"], "A");
+
+    let garbage = dir.join(".garbage");
+    std::fs::write(&garbage, b"#!/bin/sh\necho this is not an ELF file\n").unwrap();
+    install_plugin(&garbage, &dir, EXAMPLE);
+    assert!(
+        d.wait_log("not an ELF file (no ELF magic)", WAIT),
+        "{}",
+        d.logs().join("\n")
+    );
+
+    // The same image, marked as made for another machine.
+    let mut bytes = std::fs::read(&a).unwrap();
+    let other: u16 = if cfg!(target_arch = "aarch64") {
+        62
+    } else {
+        183
+    };
+    let at = 18;
+    let le = bytes[5] == 1;
+    let field = if le {
+        other.to_le_bytes()
+    } else {
+        other.to_be_bytes()
+    };
+    bytes[at..at + 2].copy_from_slice(&field);
+    let foreign = dir.join(".foreign");
+    std::fs::write(&foreign, &bytes).unwrap();
+    install_plugin(&foreign, &dir, EXAMPLE);
+    assert!(
+        d.wait_log(&format!("built for ELF machine {other}"), WAIT),
+        "{}",
+        d.logs().join("\n")
+    );
+
+    // A complete image of this machine that dlopen refuses (its dynamic segment's program
+    // header blanked): the log carries dlopen's own reason.
+    let mut bytes = std::fs::read(&a).unwrap();
+    let word = |b: &[u8], at: usize, n: usize| -> u64 {
+        let mut v = [0u8; 8];
+        if le {
+            v[..n].copy_from_slice(&b[at..at + n]);
+            u64::from_le_bytes(v)
+        } else {
+            v[8 - n..].copy_from_slice(&b[at..at + n]);
+            u64::from_be_bytes(v)
+        }
+    };
+    let (phoff, phentsize, phnum) = (
+        word(&bytes, 32, 8) as usize,
+        word(&bytes, 54, 2) as usize,
+        word(&bytes, 56, 2) as usize,
+    );
+    let dynamic = (0..phnum)
+        .map(|i| phoff + i * phentsize)
+        .find(|&at| word(&bytes, at, 4) == 2)
+        .expect("a PT_DYNAMIC program header");
+    bytes[dynamic..dynamic + 4].copy_from_slice(&[0; 4]);
+    let no_dynamic = dir.join(".no-dynamic");
+    std::fs::write(&no_dynamic, &bytes).unwrap();
+    install_plugin(&no_dynamic, &dir, EXAMPLE);
+    assert!(
+        eventually(WAIT, || d.logs().iter().any(|l| l
+            .contains("dlopen failed: ")
+            && l.contains("dynamic section"))),
+        "{}",
+        d.logs().join("\n")
+    );
+    assert!(d.running());
+    assert_eq!(hello(&d)["variant"], "A");
+}
+
+/// Issue 18, item 10: a new generation whose every call panics serves only on probation:
+/// its first panicking call rolls the plugin back to the previous generation (kept loaded
+/// meanwhile), logged with the reason; the metrics name the generation that serves and
+/// count the rollback. A generation whose `routes` call panics is refused at load, so the
+/// routes of the previous one never vanish.
+#[test]
+fn a_generation_whose_calls_panic_is_rolled_back_to_the_previous_one() {
+    let a = build_plugin("example-plugin", &[]);
+    let bad = build_plugin(
+        "example-plugin",
+        &[
+            ("CONNECTORD_EXAMPLE_PANIC", "http"),
+            ("CONNECTORD_EXAMPLE_VARIANT", "P"),
+        ],
+    );
+    let no_routes = build_plugin(
+        "example-plugin",
+        &[
+            ("CONNECTORD_EXAMPLE_PANIC", "routes"),
+            ("CONNECTORD_EXAMPLE_VARIANT", "R"),
+        ],
+    );
+    let (d, dir) = daemon_with_plugins(&[(&a, EXAMPLE)]);
+    assert_eq!(hello(&d)["variant"], "A");
+    let sha_a = sha256_hex(&a);
+    assert!(
+        generation_metric(&d, "example").contains(&sha_a),
+        "{}",
+        generation_metric(&d, "example")
+    );
+    assert_eq!(d.metric("plugin_rollbacks_total"), 0);
+
+    install_plugin(&bad, &dir, EXAMPLE);
+    assert!(
+        d.wait_log("example plugin, variant P", WAIT),
+        "{}",
+        d.logs().join("\n")
+    );
+    let mut statuses = Vec::new();
+    assert!(
+        eventually(WAIT, || {
+            let r = d.get("/api/example/hello");
+            statuses.push(r.status);
+            r.status == 200 && r.json()["variant"] == "A"
+        }),
+        "never rolled back; statuses {statuses:?}\n{}",
+        d.logs().join("\n")
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 500),
+        "the route vanished or failed otherwise: {statuses:?}"
+    );
+    assert!(
+        d.logs()
+            .iter()
+            .any(|l| l.contains("rolled back") && l.contains("built to panic in every http call")),
+        "{}",
+        d.logs().join("\n")
+    );
+    assert_eq!(d.metric("plugin_rollbacks_total"), 1);
+    assert!(
+        generation_metric(&d, "example").contains(&sha_a),
+        "{}",
+        generation_metric(&d, "example")
+    );
+    // The previous generation was not reloaded from the file: the calls went on counting.
+    let calls = hello(&d)["calls"].as_u64().unwrap();
+    assert!(calls >= 3, "calls {calls}");
+
+    install_plugin(&no_routes, &dir, EXAMPLE);
+    assert!(
+        d.wait_log("built to panic in routes", WAIT),
+        "{}",
+        d.logs().join("\n")
+    );
+    assert_eq!(hello(&d)["variant"], "A");
+    assert!(generation_metric(&d, "example").contains(&sha_a));
+}
+
+/// Issue 18, item 15: the plugin that docs/plugins.md shows (its `Cargo.toml` and
+/// `src/lib.rs`, as they stand there, only the SDK path replaced by this checkout's)
+/// builds in a directory outside the workspace into a `.so` that the daemon loads and
+/// serves.
+#[test]
+fn the_plugin_of_docs_plugins_md_builds_outside_the_workspace_and_serves() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = std::fs::read_to_string(root.join("docs/plugins.md")).unwrap();
+    let block = |lang: &str, holding: &str| -> String {
+        doc.split(&format!("```{lang}\n"))
+            .skip(1)
+            .filter_map(|b| b.split_once("```").map(|(code, _)| code))
+            .find(|code| code.contains(holding))
+            .unwrap_or_else(|| panic!("no ```{lang} block with {holding} in docs/plugins.md"))
+            .to_string()
+    };
+    let manifest = block("toml", "[package]");
+    let lib = block("rust", "declare_plugin!");
+    let placeholder = "/path/to/connectord/plugins/sdk";
+    assert!(manifest.contains(placeholder), "{manifest}");
+    let sdk = root.join("plugins/sdk").canonicalize().unwrap();
+    let manifest = manifest.replace(placeholder, sdk.to_str().unwrap());
+
+    let tmp = tempfile::tempdir().unwrap();
+    let krate = tmp.path().join("hello-plugin");
+    std::fs::create_dir_all(krate.join("src")).unwrap();
+    std::fs::write(krate.join("Cargo.toml"), manifest).unwrap();
+    std::fs::write(krate.join("src/lib.rs"), lib).unwrap();
+    let built = support::build_crate_outside(&krate, "libhello_plugin.so");
+
+    let (d, _dir) = daemon_with_plugins(&[(&built, "libhello_plugin.so")]);
+    let r = d.get("/api/hello");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "hello"),
+        "{}",
+        d.logs().join("\n")
     );
 }

@@ -16,6 +16,8 @@
 //! - [`metrics`], [`shutdown`], [`log_budget`], [`hashing`]: counters, the stop signal, the
 //!   budget of per-device log lines and the hasher of maps keyed by outside data, shared by
 //!   all of the above.
+//! - [`dir_watch`]: which file-system events of a watched directory (plugins, Lua rules)
+//!   are changes.
 
 #![deny(unsafe_code)]
 
@@ -24,6 +26,7 @@ pub mod certs;
 pub mod coap;
 pub mod config;
 pub mod daemon;
+pub mod dir_watch;
 pub mod events;
 pub mod hashing;
 pub mod limits;

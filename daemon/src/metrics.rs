@@ -84,6 +84,9 @@ counters! {
     plugin_reloads,
     /// Plugins that failed to load or start, and plugin calls that failed.
     plugin_errors,
+    /// New plugin generations rolled back to the previous one because a call panicked
+    /// while they were on probation.
+    plugin_rollbacks,
     /// REST requests authenticated by a verdict an auth backend let the host reuse (no plugin call).
     auth_reused,
     /// Observe notifications accepted from devices.

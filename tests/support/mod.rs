@@ -315,6 +315,13 @@ impl Daemon {
             .clone()
     }
 
+    /// Whether the daemon process is still running (it has not exited or been killed).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// The value of a `connectord_<name>` metric.
     pub fn metric(&self, name: &str) -> u64 {
         let body = self.get("/metrics").body;
@@ -524,7 +531,8 @@ pub fn build_plugin(package: &str, env: &[(&str, &str)]) -> PathBuf {
         .args(["build", "--quiet", "-p", package])
         .env("CARGO_TARGET_DIR", &target)
         .env_remove("CONNECTORD_EXAMPLE_VARIANT")
-        .env_remove("CONNECTORD_EXAMPLE_ABI");
+        .env_remove("CONNECTORD_EXAMPLE_ABI")
+        .env_remove("CONNECTORD_EXAMPLE_PANIC");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -535,6 +543,33 @@ pub fn build_plugin(package: &str, env: &[(&str, &str)]) -> PathBuf {
     let copy = base.join(format!("{file}{variant}"));
     std::fs::copy(target.join("debug").join(&file), &copy).expect("copy the built plugin");
     copy
+}
+
+/// Builds the crate in `dir` (outside this workspace, with this workspace's `Cargo.lock`
+/// copied in so that it builds offline with the versions already fetched) into the
+/// plugin build's target directory, and returns its `file` (`lib<crate>.so`).
+pub fn build_crate_outside(dir: &Path, file: &str) -> PathBuf {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    std::fs::create_dir_all(&base).unwrap();
+    let lock = std::fs::File::create(base.join("plugin-build.lock")).unwrap();
+    lock.lock().expect("lock plugin builds");
+    let target = base.join("plugin-build");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::fs::copy(root.join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(dir)
+        .args(["build", "--quiet", "--offline"])
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .expect("run cargo build");
+    assert!(
+        out.status.success(),
+        "building {} failed:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target.join("debug").join(file)
 }
 
 /// Puts a plugin file into `dir` under its proper name, atomically (write a hidden

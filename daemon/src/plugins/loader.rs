@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use connectord_plugin_sdk::{
     ABI_VERSION, Buf, ENTRY_PREFIX, HostApi, Kind, PluginTable, http, level,
 };
 use libloading::Library;
 
-use super::{PluginError, PluginHost, check_not_writable_by_others, kind_name};
+use super::{Fingerprint, PluginError, PluginHost, check_not_writable_by_others, elf, kind_name};
 use crate::store::Store;
 
 /// How long a plugin's `create` may take.
@@ -31,8 +31,10 @@ pub enum Origin {
     Builtin,
     File {
         path: PathBuf,
-        modified: Option<SystemTime>,
-        len: u64,
+        /// The version of the file that was loaded.
+        fingerprint: Fingerprint,
+        /// SHA-256 of the bytes loaded, hex (for logs and the generation metric).
+        sha256: String,
     },
 }
 
@@ -78,12 +80,14 @@ pub struct Generation {
     tx: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     /// What starting another lane takes, and the count of lanes and calls.
     lanes: Arc<Lanes>,
-    /// Every lane thread started; all joined before the image is unloaded.
+    /// Every lane thread started; all joined before the image is let go.
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
-    /// The image; unloaded after the workers are joined. None for built-ins.
-    lib: Mutex<Option<Library>>,
-    /// The private copy the image was loaded from; removed after unloading.
-    copy: Option<PathBuf>,
+    /// The plugin's table (static data of `image`, or of this binary for a built-in), so
+    /// that [`Generation::again`] can start another instance of the same code.
+    table: TablePtr,
+    /// The image; let go after the workers are joined (unloaded when no generation of it
+    /// is left). None for built-ins.
+    image: Mutex<Option<Arc<Image>>>,
 }
 
 /// The lanes of a generation: what a new one needs, and the counts that say when one is
@@ -113,13 +117,39 @@ struct Lanes {
     grow: AtomicBool,
 }
 
+/// A loaded plugin image and the private copy it was loaded from. Shared by the
+/// generations started from it (a rollback starts the previous code again); unloaded, and
+/// its copy removed, when the last of them lets go.
+struct Image {
+    lib: Option<Library>,
+    copy: PathBuf,
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        drop(self.lib.take());
+        let _ = std::fs::remove_file(&self.copy);
+    }
+}
+
 /// A table pointer that may cross to the worker threads (it points at static data of an
 /// image that outlives them).
+#[derive(Clone, Copy)]
 struct TablePtr(*const PluginTable);
-// SAFETY: the table is immutable; the image stays loaded until every worker is joined.
+// SAFETY: the table is immutable static data; the image stays loaded until every worker
+// of a generation holding the pointer is joined (the generation holds the image).
 unsafe impl Send for TablePtr {}
-// SAFETY: as above: shared reads of immutable static data.
+// SAFETY: as above, the table is never written.
 unsafe impl Sync for TablePtr {}
+
+/// The reason of a libloading error: the `dlerror` text behind it (libloading's own
+/// message is only "dlopen failed"), or that message when there is none.
+fn dl_reason(e: &libloading::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(src) => src.to_string(),
+        None => e.to_string(),
+    }
+}
 
 /// The host's side of the functions a plugin instance calls.
 struct HostCtx {
@@ -137,7 +167,25 @@ impl Generation {
         host: &Arc<PluginHost>,
         table: &'static PluginTable,
     ) -> Result<Arc<Generation>, PluginError> {
-        Generation::start(host, table, None, None, Origin::Builtin)
+        Generation::start(host, TablePtr(table), None, Origin::Builtin)
+    }
+
+    /// A new instance of the code `g` runs (same image, same origin): it reads its state
+    /// anew. For a rollback and for loading every plugin again.
+    pub(super) fn again(
+        host: &Arc<PluginHost>,
+        g: &Generation,
+    ) -> Result<Arc<Generation>, PluginError> {
+        let image = g.image.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Generation::start(host, g.table, image, g.origin.clone())
+    }
+
+    /// SHA-256 of the file it was loaded from (hex), None for a built-in.
+    pub fn file_sha256(&self) -> Option<&str> {
+        match &self.origin {
+            Origin::File { sha256, .. } => Some(sha256),
+            Origin::Builtin => None,
+        }
     }
 
     /// The plugin name a built-in table declares.
@@ -164,9 +212,15 @@ impl Generation {
             .ok_or_else(|| load_err("the file name is not UTF-8".into()))?;
         let krate = stem.strip_prefix("lib").unwrap_or(stem);
         let symbol = format!("{ENTRY_PREFIX}{}", krate.replace('-', "_"));
+        // Opened in place, not copied (a short-lived process): checked first, so that a
+        // file cut short is refused instead of mapped.
+        let bytes = std::fs::read(path).map_err(|e| load_err(e.to_string()))?;
+        elf::check(&bytes).map_err(|why| load_err(format!("refused before dlopen: {why}")))?;
+        drop(bytes);
         // SAFETY: as in `from_file`: plugins are trusted code from a directory only the
         // administrator can write to (checked by the caller).
-        let lib = unsafe { Library::new(path) }.map_err(|e| load_err(e.to_string()))?;
+        let lib = unsafe { Library::new(path) }
+            .map_err(|e| load_err(format!("dlopen failed: {}", dl_reason(&e))))?;
         // SAFETY: the symbol, when present, has the entry signature declare_plugin! gives it.
         let table: *const PluginTable = unsafe {
             let entry = lib
@@ -192,22 +246,40 @@ impl Generation {
         Ok(name)
     }
 
-    /// Loads `lib<crate>.so`: copies it to a fresh path, opens it, checks it, starts it.
+    /// Loads `lib<crate>.so`, whose version `expected` the caller saw stable: reads it
+    /// whole, checks that it is still that version and a complete ELF shared object of
+    /// this machine, writes it to a private file (mode 0600 in the 0700 cache directory:
+    /// nobody can change it while it is mapped, and a same-path `dlopen` would hand back
+    /// the image already loaded), opens that copy, checks it and starts it.
     pub(super) fn from_file(
         host: &Arc<PluginHost>,
         path: &Path,
+        expected: &Fingerprint,
     ) -> Result<Arc<Generation>, PluginError> {
         let load_err = |message: String| PluginError::Load {
             path: path.display().to_string(),
             message,
         };
         check_not_writable_by_others(path).map_err(load_err)?;
-        let meta = std::fs::metadata(path).map_err(|e| load_err(e.to_string()))?;
         let stem = path
             .file_stem()
             .and_then(|s| s.to_str())
             .ok_or_else(|| load_err("the file name is not UTF-8".into()))?;
         let krate = stem.strip_prefix("lib").unwrap_or(stem);
+        let bytes = std::fs::read(path).map_err(|e| load_err(e.to_string()))?;
+        match Fingerprint::of(path) {
+            Ok(now) if now == *expected && now.len == bytes.len() as u64 => {}
+            _ => {
+                return Err(load_err(
+                    "it changed while it was being read; tried again at its next change".into(),
+                ));
+            }
+        }
+        elf::check(&bytes).map_err(|why| load_err(format!("refused before dlopen: {why}")))?;
+        let sha256 = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(&bytes))
+        };
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         {
             use std::os::unix::fs::DirBuilderExt;
@@ -219,71 +291,80 @@ impl Generation {
                     load_err(format!("cannot create {}: {e}", host.cache_dir.display()))
                 })?;
         }
-        // A same-path dlopen would hand back the image already loaded: load a copy.
         let copy = host.cache_dir.join(format!("{krate}-{id}.so"));
-        std::fs::copy(path, &copy)
-            .map_err(|e| load_err(format!("cannot copy to {}: {e}", copy.display())))?;
-        let cleanup = |e: PluginError| {
-            let _ = std::fs::remove_file(&copy);
-            e
+        let written = {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&copy)
+                .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
         };
+        drop(bytes);
+        let mut image = Image { lib: None, copy };
+        written.map_err(|e| {
+            load_err(format!(
+                "cannot write its private copy {}: {e}",
+                image.copy.display()
+            ))
+        })?;
         // SAFETY: loading a plugin runs its initialisers; plugins are trusted code from a
-        // directory only the administrator can write to (checked above).
-        let lib = unsafe { Library::new(&copy) }.map_err(|e| cleanup(load_err(e.to_string())))?;
+        // directory only the administrator can write to (checked above), and the copy is
+        // a complete ELF image nobody else can write to.
+        let lib = unsafe { Library::new(&image.copy) }
+            .map_err(|e| load_err(format!("dlopen failed: {}", dl_reason(&e))))?;
         let symbol = format!("{ENTRY_PREFIX}{}", krate.replace('-', "_"));
         // SAFETY: the symbol, when present, has the entry signature declare_plugin! gives it.
         let table: *const PluginTable = unsafe {
             let entry = lib
                 .get::<unsafe extern "C" fn() -> *const PluginTable>(symbol.as_bytes())
                 .map_err(|e| {
-                    cleanup(load_err(format!(
-                        "no entry symbol {symbol} ({e}); a plugin file must be named lib<crate>.so and use declare_plugin!"
-                    )))
+                    load_err(format!(
+                        "no entry symbol {symbol} ({}); a plugin file must be named lib<crate>.so and use declare_plugin!",
+                        dl_reason(&e)
+                    ))
                 })?;
             entry()
         };
+        image.lib = Some(lib);
         if table.is_null() {
-            return Err(cleanup(load_err(
-                "the entry symbol returned no table".into(),
-            )));
+            return Err(load_err("the entry symbol returned no table".into()));
         }
         // SAFETY: a non-null table from the entry symbol of a loaded image.
         let found = unsafe { (*table).abi_version };
         if found != ABI_VERSION {
-            return Err(cleanup(PluginError::WrongAbi {
+            return Err(PluginError::WrongAbi {
                 path: path.display().to_string(),
                 found,
                 expected: ABI_VERSION,
-            }));
+            });
         }
         let origin = Origin::File {
             path: path.to_path_buf(),
-            modified: meta.modified().ok(),
-            len: meta.len(),
+            fingerprint: expected.clone(),
+            sha256,
         };
-        Generation::start(host, table, Some(lib), Some(copy.clone()), origin).map_err(cleanup)
+        Generation::start(host, TablePtr(table), Some(Arc::new(image)), origin)
     }
 
-    /// True when the file at `path` is not the one this generation was loaded from.
+    /// True when the file at `path` is not the version this generation was loaded from.
     pub(super) fn file_changed(&self, path: &Path) -> bool {
-        let Origin::File { modified, len, .. } = &self.origin else {
+        let Origin::File { fingerprint, .. } = &self.origin else {
             return true;
         };
-        match std::fs::metadata(path) {
-            Ok(m) => m.modified().ok() != *modified || m.len() != *len,
-            Err(_) => true,
-        }
+        Fingerprint::of(path).map_or(true, |now| now != *fingerprint)
     }
 
     fn start(
         host: &Arc<PluginHost>,
-        table: *const PluginTable,
-        lib: Option<Library>,
-        copy: Option<PathBuf>,
+        table: TablePtr,
+        image: Option<Arc<Image>>,
         origin: Origin,
     ) -> Result<Arc<Generation>, PluginError> {
-        // SAFETY: `table` is a valid table of a loaded image (or a built-in).
-        let t = unsafe { &*table };
+        // SAFETY: `table` is a valid table of a loaded image (held by `image`) or a built-in.
+        let t = unsafe { &*table.0 };
         let kind = Kind::from_u32(t.kind).ok_or_else(|| PluginError::Load {
             path: origin_text(&origin),
             message: format!("unknown plugin kind {}", t.kind),
@@ -299,7 +380,7 @@ impl Generation {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let lanes = Arc::new(Lanes {
-            table: TablePtr(table),
+            table,
             store: Arc::clone(&host.store),
             config: host.config_for(&name),
             rx: Mutex::new(rx),
@@ -326,9 +407,10 @@ impl Generation {
         };
         if let Err(message) = created {
             drop(tx);
-            // The worker returns right after a failed create; join it before unloading.
+            // The worker returns right after a failed create; join it before unloading
+            // (the image goes when the last holder lets go: here, at the return).
             let _ = worker.join();
-            drop(lib);
+            drop(image);
             return Err(PluginError::Create { name, message });
         }
         let mut g = Generation {
@@ -340,16 +422,26 @@ impl Generation {
             tx: Mutex::new(Some(tx)),
             lanes,
             workers: Mutex::new(vec![worker]),
-            lib: Mutex::new(lib),
-            copy,
+            table,
+            image: Mutex::new(image),
         };
         if kind != Kind::Sink {
-            // A plugin that serves no routes may not know the operation: no routes.
-            if let Ok(bytes) = g.call_blocking(http::OP_ROUTES, b"{}".to_vec()) {
-                match serde_json::from_slice::<http::RoutesResponse>(&bytes) {
+            // A plugin that serves no routes may not know the operation: no routes. One
+            // whose `routes` panics is refused: its routes would vanish.
+            match g.call_blocking(http::OP_ROUTES, b"{}".to_vec()) {
+                Ok(bytes) => match serde_json::from_slice::<http::RoutesResponse>(&bytes) {
                     Ok(r) => g.routes = r.routes,
                     Err(e) => tracing::warn!(plugin = %name, "ignoring its routes: {e}"),
+                },
+                Err(PluginError::Panicked { message, .. }) => {
+                    // Dropping `g` stops its worker and lets the image go.
+                    drop(g);
+                    return Err(PluginError::Create {
+                        name,
+                        message: format!("its routes call panicked: {message}"),
+                    });
                 }
+                Err(_) => {}
             }
         }
         tracing::debug!(plugin = %name, kind = kind_name(kind), generation = id, routes = g.routes.len(), "plugin started");
@@ -479,18 +571,15 @@ impl Drop for Generation {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
         drop(tx);
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
-        let lib = self.lib.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let copy = self.copy.take();
+        let image = self.image.lock().unwrap_or_else(|p| p.into_inner()).take();
         let (name, id) = (self.name.clone(), self.id);
         let reap = move || {
             for w in workers {
                 let _ = w.join();
             }
-            drop(lib);
-            if let Some(c) = copy {
-                let _ = std::fs::remove_file(c);
-            }
-            tracing::debug!(plugin = %name, generation = id, "plugin generation unloaded");
+            // Unloaded (and its copy removed) if no other generation runs it.
+            drop(image);
+            tracing::debug!(plugin = %name, generation = id, "plugin generation stopped");
         };
         if std::thread::Builder::new()
             .name("plugin-reaper".into())
@@ -619,13 +708,18 @@ fn run_lane(
         // SAFETY: the plugin filled `out`; copy it, then let the plugin free it.
         let bytes = unsafe { out.to_vec() };
         unsafe { (t.free)(out) };
-        let result = if rc == 0 {
-            Ok(bytes)
-        } else {
-            Err(PluginError::Call {
+        let message = || String::from_utf8_lossy(&bytes).into_owned();
+        let result = match rc {
+            0 => Ok(bytes),
+            // The SDK's shim caught a panic (PluginTable::call).
+            2 => Err(PluginError::Panicked {
                 name: name.clone(),
-                message: String::from_utf8_lossy(&bytes).into_owned(),
-            })
+                message: message(),
+            }),
+            _ => Err(PluginError::Call {
+                name: name.clone(),
+                message: message(),
+            }),
         };
         // Before the reply: a caller that sends its next call at once finds this lane
         // free rather than starting another.

@@ -10,27 +10,35 @@
 //!
 //! Plugins come from two places: built-ins linked into the binary (`connector`,
 //! `pelion`, `losant`, `headerkeys`, `webhook`), and `lib<crate>.so` files in `[plugins] dir`. A file whose plugin has the
-//! name of a built-in replaces it. The directory is watched; a changed file is copied to a
-//! fresh path (a same-path `dlopen` would return the old image), loaded, checked (ABI
-//! version, kind, `create`), and only then swapped in; callers that hold the previous
-//! generation finish their calls on it, and it is destroyed, its thread joined and its
-//! image unloaded when the last of them lets go. A file that fails anywhere along the way
-//! leaves the previous generation serving and is logged. A directory writable by group or
-//! others is refused.
+//! name of a built-in replaces it. The directory is watched (changes only,
+//! [`crate::dir_watch`]); a changed file is read once it has stopped changing
+//! (`STABLE_CHECK`), checked to be a complete ELF shared object of this machine
+//! (`elf`: `dlopen` of a file cut short dies of SIGBUS), written to a private copy (a
+//! same-path `dlopen` would return the old image, and nobody may change a mapped file),
+//! loaded, checked (ABI version, kind, `create`, `routes`), and only then swapped in, on
+//! probation (`Probation`): a panic in its first calls rolls the plugin back to the
+//! generation it replaced. Callers that hold the previous generation finish their calls
+//! on it, and it is destroyed, its thread joined and its image unloaded when the last of
+//! them lets go. A file that fails anywhere along the way leaves the previous generation
+//! serving, is logged with the reason, and is not tried again until it changes. A
+//! directory writable by group or others is refused.
 //!
 //! Plugins keep their state through the host (`state_get`/`put`/`delete`/`keys`, stored
 //! in SQLite), so a reload or a restart loses nothing.
 
+mod elf;
 mod loader;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The cache directory of plugin copies inside a state directory.
 pub fn cache_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("plugin-cache")
 }
-use std::sync::{Arc, Mutex, RwLock};
 
 use connectord_plugin_sdk::{Kind, http};
 use serde::Serialize;
@@ -59,6 +67,9 @@ pub enum PluginError {
     Create { name: String, message: String },
     #[error("plugin {name}: {message}")]
     Call { name: String, message: String },
+    /// The call panicked inside the plugin (caught by the SDK at the boundary).
+    #[error("plugin {name}: {message}")]
+    Panicked { name: String, message: String },
     #[error("plugin {name}: bad answer to {op}: {message}")]
     BadAnswer {
         name: String,
@@ -149,6 +160,67 @@ pub fn check_names(
     Ok(())
 }
 
+/// One version of a file: what changes when it is written, replaced, or its mode is
+/// changed. A file is loaded only once two looks `STABLE_CHECK` apart agree, and a file
+/// that failed is tried again only when this changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: Option<SystemTime>,
+    /// The mode: a file refused as writable by others is tried again after a `chmod`.
+    mode: u32,
+}
+
+impl Fingerprint {
+    fn of(path: &Path) -> std::io::Result<Fingerprint> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(Fingerprint {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            modified: m.modified().ok(),
+            mode: m.mode(),
+        })
+    }
+}
+
+/// How far apart the two looks at a changed file are that must agree before it is read.
+const STABLE_CHECK: Duration = Duration::from_millis(200);
+/// How long a reload waits for a changed file to stop changing; one still changing then
+/// is left for its next change (a writer that goes on writing makes more events).
+const STABLE_MAX: Duration = Duration::from_secs(10);
+
+/// How many calls a new generation answers without a panic before it has proven itself.
+const PROBATION_CALLS: u32 = 20;
+/// How long a new generation is on probation at most (whatever its number of calls).
+const PROBATION_TIME: Duration = Duration::from_secs(60);
+
+/// A generation on probation and the one it replaced, kept loaded until it has proven
+/// itself ([`PROBATION_CALLS`] calls without a panic, or [`PROBATION_TIME`]).
+struct Probation {
+    /// The generation on probation.
+    id: u64,
+    /// The generation it replaced (itself proven): what a rollback goes back to.
+    previous: Arc<Generation>,
+    since: Instant,
+    calls: u32,
+}
+
+/// How [`PluginHost::install`] treats the generation it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Install {
+    /// A new file version: on probation, the replaced (proven) generation kept.
+    OnProbation,
+    /// A new instance of the same code (loading everything again): a probation under
+    /// way goes on with it.
+    SameCode,
+    /// Trusted (a built-in, a rollback): any probation of that name ends.
+    Trusted,
+}
+
 /// One route a plugin serves.
 #[derive(Debug, Clone)]
 pub struct PluginRoute {
@@ -172,6 +244,14 @@ pub struct PluginHost {
     plugins: RwLock<HashMap<String, Arc<Generation>>>,
     /// Which file each file-loaded plugin came from (to fall back when it is removed).
     files: Mutex<HashMap<PathBuf, String>>,
+    /// Files whose last load failed (or whose generation was rolled back), as the version
+    /// that failed: tried again only when the file changes.
+    failed: Mutex<HashMap<PathBuf, Fingerprint>>,
+    /// Generations on probation, by plugin name.
+    probation: Mutex<HashMap<String, Probation>>,
+    /// How many entries `probation` has (written under its lock), so that a call need not
+    /// take the lock when none is on probation.
+    probations: AtomicUsize,
     /// Serialises reloads.
     reload_lock: Mutex<()>,
     /// Held (shared) by every state-changing call for its length, and (exclusively, see
@@ -225,6 +305,9 @@ impl PluginHost {
             ),
             plugins: RwLock::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
+            probation: Mutex::new(HashMap::new()),
+            probations: AtomicUsize::new(0),
             reload_lock: Mutex::new(()),
             state_gate: Arc::new(tokio::sync::RwLock::new(())),
             epoch: std::sync::atomic::AtomicU64::new(0),
@@ -245,16 +328,60 @@ impl PluginHost {
             .unwrap_or_else(|| b"{}".to_vec())
     }
 
-    fn install(&self, g: Arc<Generation>) {
+    fn install(&self, g: Arc<Generation>, how: Install) {
         self.bump_epoch();
         let name = g.name.clone();
-        tracing::info!(plugin = %name, origin = %g.origin, generation = g.id, "plugin serving");
-        let old = self
+        let id = g.id;
+        let sha = g.file_sha256().unwrap_or("").to_string();
+        let origin = g.origin.to_string();
+        // Installs happen one at a time (under `reload_lock`, or at start-up), so this is
+        // what the insert below replaces.
+        let old = self.get(&name);
+        // The probation is set up before the generation serves, so that its first call
+        // finds it.
+        let mut probation = self.probation.lock().unwrap_or_else(|p| p.into_inner());
+        // A generation replaced while on probation never proved itself: the one kept
+        // behind it stays what a rollback goes back to.
+        let running = probation.remove(&name);
+        let on_probation = match how {
+            Install::OnProbation => {
+                match running.map(|p| p.previous).or_else(|| old.clone()) {
+                    Some(previous) => {
+                        probation.insert(
+                            name.clone(),
+                            Probation {
+                                id,
+                                previous,
+                                since: Instant::now(),
+                                calls: 0,
+                            },
+                        );
+                        true
+                    }
+                    // Nothing to go back to.
+                    None => false,
+                }
+            }
+            Install::SameCode => match running {
+                Some(p) => {
+                    probation.insert(name.clone(), Probation { id, ..p });
+                    true
+                }
+                None => false,
+            },
+            Install::Trusted => false,
+        };
+        self.probations.store(probation.len(), Ordering::Relaxed);
+        drop(probation);
+        let replaced = self
             .plugins
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name, g);
-        // The previous generation is destroyed when its last in-flight call lets go.
+            .insert(name.clone(), g);
+        drop(replaced);
+        tracing::info!(plugin = %name, origin = %origin, file_sha256 = %sha, generation = id, on_probation, "plugin serving");
+        // The previous generation is destroyed when its last in-flight call (or the
+        // probation keeping it) lets go.
         drop(old);
     }
 
@@ -263,6 +390,120 @@ impl PluginHost {
         std::time::Duration::from_millis(
             self.lane_idle_ms.load(std::sync::atomic::Ordering::Acquire),
         )
+    }
+
+    /// Probation bookkeeping after a call of `g`: a panic rolls a generation on probation
+    /// back (on a blocking thread; the caller gets its error at once), and enough calls
+    /// or time without one end its probation.
+    fn after_call(self: &Arc<Self>, g: &Arc<Generation>, out: &Result<Vec<u8>, PluginError>) {
+        // The common case, without taking the lock: no plugin is on probation. (Set before
+        // a generation on probation serves, under the plugins lock its callers take.)
+        if self.probations.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut probation = self.probation.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(p) = probation.get_mut(&g.name) else {
+            return;
+        };
+        if p.id != g.id {
+            return;
+        }
+        if let Err(PluginError::Panicked { message, .. }) = out {
+            let Some(p) = probation.remove(&g.name) else {
+                return;
+            };
+            self.probations.store(probation.len(), Ordering::Relaxed);
+            drop(probation);
+            let (host, failed, reason) = (Arc::clone(self), Arc::clone(g), message.clone());
+            tokio::task::spawn_blocking(move || host.roll_back(&failed, p.previous, &reason));
+            return;
+        }
+        p.calls += 1;
+        if p.calls >= PROBATION_CALLS || p.since.elapsed() >= PROBATION_TIME {
+            let done = probation.remove(&g.name);
+            self.probations.store(probation.len(), Ordering::Relaxed);
+            drop(probation);
+            if let Some(done) = done {
+                tracing::info!(plugin = %g.name, generation = g.id, calls = done.calls, "plugin generation proved itself; generation {} released", done.previous.id);
+            }
+        }
+    }
+
+    /// Puts `previous` (a new instance of its code, which reads the state anew; or the
+    /// instance kept, if that cannot start) back in place of `failed`, if `failed` still
+    /// serves; the file `failed` came from is tried again only when it changes.
+    fn roll_back(self: &Arc<Self>, failed: &Generation, previous: Arc<Generation>, reason: &str) {
+        let _serial = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _gate = self.quiesce();
+        if self.get(&failed.name).is_none_or(|g| g.id != failed.id) {
+            return;
+        }
+        let restored = match Generation::again(self, &previous) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(plugin = %failed.name, "cannot start generation {} anew ({e}); its running instance serves again", previous.id);
+                Arc::clone(&previous)
+            }
+        };
+        if let loader::Origin::File {
+            path, fingerprint, ..
+        } = &failed.origin
+        {
+            self.failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(path.clone(), fingerprint.clone());
+        }
+        Counters::inc(&self.counters.plugin_rollbacks);
+        Counters::inc(&self.counters.plugin_errors);
+        tracing::error!(
+            plugin = %failed.name,
+            "plugin generation {} ({}, file_sha256={}) rolled back to the previous code ({}, file_sha256={}, now generation {}): a call panicked while it was on probation: {reason}; its file is tried again when it changes",
+            failed.id,
+            failed.origin,
+            failed.file_sha256().unwrap_or("-"),
+            previous.origin,
+            previous.file_sha256().unwrap_or("-"),
+            restored.id,
+        );
+        self.install(restored, Install::Trusted);
+    }
+
+    /// The `connectord_plugin_generation` gauge of every plugin serving, in the
+    /// Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let on_probation: Vec<u64> = self
+            .probation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|p| p.id)
+            .collect();
+        let mut serving: Vec<Arc<Generation>> = self
+            .plugins
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        serving.sort_by(|a, b| a.name.cmp(&b.name));
+        let _ = writeln!(
+            out,
+            "# HELP connectord_plugin_generation The generation serving each plugin (its number), where its code comes from, the SHA-256 of its file (empty for a built-in), and whether it is still on probation."
+        );
+        let _ = writeln!(out, "# TYPE connectord_plugin_generation gauge");
+        for g in serving {
+            let _ = writeln!(
+                out,
+                "connectord_plugin_generation{{plugin=\"{}\",origin=\"{}\",file_sha256=\"{}\",probation=\"{}\"}} {}",
+                label(&g.name),
+                label(&g.origin.to_string()),
+                g.file_sha256().unwrap_or(""),
+                on_probation.contains(&g.id),
+                g.id
+            );
+        }
     }
 
     /// The daemon's counters.
@@ -303,7 +544,7 @@ impl PluginHost {
 
     /// Calls `op` of plugin `name` with a JSON request and decodes the JSON answer.
     pub async fn call_json<I: Serialize, O: DeserializeOwned>(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         op: &str,
         input: &I,
@@ -338,6 +579,7 @@ impl PluginHost {
         if mutating {
             self.bump_epoch();
         }
+        self.after_call(&g, &out);
         let out = out.inspect_err(|_| Counters::inc(&self.counters.plugin_errors))?;
         serde_json::from_slice(&out).map_err(|e| PluginError::BadAnswer {
             name: name.to_string(),
@@ -377,10 +619,11 @@ impl PluginHost {
     }
 
     /// Re-reads the plugin directory: loads new and changed files, falls back to the
-    /// built-in (or nothing) for removed ones.
+    /// built-in (or nothing) for removed ones. A changed file is read only once it has
+    /// stopped changing (`STABLE_CHECK`, up to `STABLE_MAX`); a file whose last load
+    /// failed is left alone until it changes again.
     pub fn reload_dir(self: &Arc<Self>) {
         let _serial = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let _gate = self.quiesce();
         let Some(dir) = self.dir.clone() else { return };
         if let Err(why) = check_not_writable_by_others(&dir) {
             Counters::inc(&self.counters.plugin_errors);
@@ -403,17 +646,37 @@ impl PluginHost {
             }
         }
         present.sort();
-        for path in &present {
-            let changed = {
-                let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-                match files.get(path).and_then(|name| self.get(name)) {
-                    Some(g) => g.file_changed(path),
-                    None => true,
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p, _| present.contains(p));
+        let changed: Vec<(PathBuf, Fingerprint)> = present
+            .iter()
+            .filter_map(|path| {
+                let now = Fingerprint::of(path).ok()?;
+                if self
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(path)
+                    == Some(&now)
+                {
+                    tracing::debug!("plugin file {} unchanged since it failed", path.display());
+                    return None;
                 }
-            };
-            if changed {
-                self.load_file(path);
-            }
+                let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+                let loaded = files.get(path).and_then(|name| self.get(name));
+                match loaded {
+                    Some(g) if !g.file_changed(path) => None,
+                    _ => Some((path.clone(), now)),
+                }
+            })
+            .collect();
+        let stable = wait_until_stable(changed);
+        // Before the gate: the waits above keep no plugin call out.
+        let _gate = self.quiesce();
+        for (path, fingerprint) in &stable {
+            self.load_file(path, fingerprint);
         }
         // Files that disappeared: back to the built-in of that name, or nothing.
         let gone: Vec<(PathBuf, String)> = {
@@ -436,6 +699,10 @@ impl PluginHost {
             {
                 Some(t) => self.load_builtin(t),
                 None => {
+                    let mut probation = self.probation.lock().unwrap_or_else(|p| p.into_inner());
+                    probation.remove(&name);
+                    self.probations.store(probation.len(), Ordering::Relaxed);
+                    drop(probation);
                     self.plugins
                         .write()
                         .unwrap_or_else(|p| p.into_inner())
@@ -445,33 +712,31 @@ impl PluginHost {
         }
     }
 
-    /// Loads every plugin again, from its file or as the built-in, so that each reads its
-    /// durable state anew: the store saw it written by another process (`connectord
-    /// plugin-call`), which the instances serving now cannot know of. A plugin that fails
-    /// to load again keeps serving as it was.
+    /// Starts every plugin again from the code it runs now (a new instance of the same
+    /// image, or of the built-in), so that each reads its durable state anew: the store
+    /// saw it written by another process (`connectord plugin-call`), which the instances
+    /// serving now cannot know of. Files are not read again (the directory watcher does
+    /// that). A plugin that fails to start again keeps serving as it was; a probation
+    /// under way goes on with the new instance.
     pub fn reload_all(self: &Arc<Self>) {
         let _serial = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
         let _gate = self.quiesce();
-        let mut files: Vec<(PathBuf, String)> = self
-            .files
-            .lock()
+        let mut serving: Vec<Arc<Generation>> = self
+            .plugins
+            .read()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(p, n)| (p.clone(), n.clone()))
+            .values()
+            .cloned()
             .collect();
-        // In the directory reload's order: of two files with one plugin name, the last
-        // wins both times.
-        files.sort();
-        for table in builtins() {
-            let name = Generation::builtin_name(table);
-            // A file of the same name serves instead of the built-in.
-            if self.get(&name).is_none() || files.iter().any(|(_, n)| *n == name) {
-                continue;
+        serving.sort_by(|a, b| a.name.cmp(&b.name));
+        for g in serving {
+            match Generation::again(self, &g) {
+                Ok(new) => self.install(new, Install::SameCode),
+                Err(e) => {
+                    Counters::inc(&self.counters.plugin_errors);
+                    tracing::error!("{e}; generation {} keeps serving", g.id);
+                }
             }
-            self.load_builtin(table);
-        }
-        for (path, _) in files {
-            self.load_file(&path);
         }
     }
 
@@ -514,7 +779,7 @@ impl PluginHost {
     /// served that name keeps serving.
     fn load_builtin(self: &Arc<Self>, table: &'static connectord_plugin_sdk::PluginTable) {
         match Generation::builtin(self, table) {
-            Ok(g) => self.install(g),
+            Ok(g) => self.install(g, Install::Trusted),
             Err(e) => {
                 Counters::inc(&self.counters.plugin_errors);
                 tracing::error!(
@@ -524,19 +789,31 @@ impl PluginHost {
         }
     }
 
-    fn load_file(self: &Arc<Self>, path: &Path) {
-        match Generation::from_file(self, path) {
+    /// Loads the version `fingerprint` of a plugin file and installs it on probation; a
+    /// failure is logged and counted, and that version is not tried again.
+    fn load_file(self: &Arc<Self>, path: &Path, fingerprint: &Fingerprint) {
+        match Generation::from_file(self, path, fingerprint) {
             Ok(g) => {
                 Counters::inc(&self.counters.plugin_reloads);
+                self.failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(path);
                 self.files
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(path.to_path_buf(), g.name.clone());
-                self.install(g);
+                self.install(g, Install::OnProbation);
             }
             Err(e) => {
                 Counters::inc(&self.counters.plugin_errors);
-                tracing::error!("{e}; the previous version (if any) keeps serving");
+                self.failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(path.to_path_buf(), fingerprint.clone());
+                tracing::error!(
+                    "{e}; the previous version (if any) keeps serving, and this file is tried again when it changes"
+                );
             }
         }
     }
@@ -575,11 +852,15 @@ impl PluginHost {
             std::time::Duration::from_millis(300),
             None,
             move |res: notify_debouncer_full::DebounceEventResult| {
+                // Only changes count: the daemon's own reads of a file (open, close
+                // without writing) are no reason to look again.
                 let relevant = match res {
                     Ok(events) => events.iter().any(|e| {
-                        e.paths
-                            .iter()
-                            .any(|p| p.extension().is_some_and(|x| x == "so"))
+                        e.need_rescan()
+                            || (crate::dir_watch::is_change(&e.kind)
+                                && e.paths
+                                    .iter()
+                                    .any(|p| p.extension().is_some_and(|x| x == "so")))
                     }),
                     Err(_) => true,
                 };
@@ -630,6 +911,46 @@ impl PluginHost {
             .collect();
         drop(all);
     }
+}
+
+/// Waits until each of `files` has stopped changing: two looks [`STABLE_CHECK`] apart
+/// agree (one sleep for all of them). Gives up on those still changing after
+/// [`STABLE_MAX`] (logged; their writer's next write is a new change) and on those that
+/// vanish. Returns the stable ones with the version seen.
+fn wait_until_stable(mut files: Vec<(PathBuf, Fingerprint)>) -> Vec<(PathBuf, Fingerprint)> {
+    let started = Instant::now();
+    let mut stable = Vec::new();
+    while !files.is_empty() {
+        std::thread::sleep(STABLE_CHECK);
+        let mut still = Vec::new();
+        for (path, seen) in files {
+            match Fingerprint::of(&path) {
+                Ok(now) if now == seen => stable.push((path, now)),
+                Ok(now) => still.push((path, now)),
+                Err(_) => {}
+            }
+        }
+        if !still.is_empty() && started.elapsed() >= STABLE_MAX {
+            for (path, _) in &still {
+                tracing::warn!(
+                    "plugin file {} is still changing after {} s; loaded once it stops",
+                    path.display(),
+                    STABLE_MAX.as_secs()
+                );
+            }
+            break;
+        }
+        files = still;
+    }
+    stable.sort_by(|a, b| a.0.cmp(&b.0));
+    stable
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Refuses a path that group or others may write to (a plugin is code).

@@ -407,6 +407,7 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
                 ),
                 state.transport.block_transfers() as u64,
             );
+            state.plugins.render_metrics(&mut out);
             Reply::with_type(StatusCode::OK, "text/plain; version=0.0.4", out)
         }
     }

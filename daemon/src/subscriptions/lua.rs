@@ -62,8 +62,8 @@
 //! successful load counts in `lua_reloads`. The files in force are logged at info.
 //!
 //! [`LuaRules::watch`] watches the directory (non-recursive, debounced 200 ms) and reloads on
-//! any event for a `*.lua` path, so both in-place writes and editor saves by rename are
-//! picked up. When the directory does not exist at start-up, nothing is watched: creating
+//! any change of a `*.lua` path ([`crate::dir_watch::is_change`]: not the reload's own
+//! reads), so both in-place writes and editor saves by rename are picked up. When the directory does not exist at start-up, nothing is watched: creating
 //! it later needs a restart (or an explicit [`LuaRules::reload`]).
 //!
 //! # Concurrency
@@ -796,9 +796,12 @@ impl LuaRules {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         let handler = move |result: DebounceEventResult| match result {
             Ok(events) => {
-                let relevant = events
-                    .iter()
-                    .any(|e| e.need_rescan() || e.paths.iter().any(|p| is_rule_path(p)));
+                // Only changes count, not the reload's own reads of the files.
+                let relevant = events.iter().any(|e| {
+                    e.need_rescan()
+                        || (crate::dir_watch::is_change(&e.kind)
+                            && e.paths.iter().any(|p| is_rule_path(p)))
+                });
                 if relevant {
                     let _ = tx.send(());
                 }

@@ -6,7 +6,9 @@
 //! `CONNECTORD_EXAMPLE_VARIANT` environment variable (default `A`), so that a test can
 //! tell one build from another. `GET /api/example/panic` panics, to show that a panic stays
 //! inside the plugin. Built with `CONNECTORD_EXAMPLE_ABI` set, it announces a wrong ABI
-//! version, to show that the host refuses it.
+//! version, to show that the host refuses it. Built with `CONNECTORD_EXAMPLE_PANIC` set to
+//! `create`, `routes` or `http`, it panics in `create`, in every `routes` call or in every
+//! `http` call, to show how the host refuses or rolls back a generation that fails.
 
 use connectord_plugin_sdk::http::{
     HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse,
@@ -16,6 +18,12 @@ use connectord_plugin_sdk::{ABI_VERSION, Host, Kind, Plugin, declare_plugin, enc
 const VARIANT: &str = match option_env!("CONNECTORD_EXAMPLE_VARIANT") {
     Some(v) => v,
     None => "A",
+};
+
+/// Where this build panics on purpose (see the crate documentation).
+const PANIC: &str = match option_env!("CONNECTORD_EXAMPLE_PANIC") {
+    Some(v) => v,
+    None => "",
 };
 
 pub struct Example {
@@ -32,6 +40,9 @@ impl Plugin for Example {
     };
 
     fn create(_config: serde_json::Value, host: Host) -> Result<Self, String> {
+        if PANIC == "create" {
+            panic!("built to panic in create");
+        }
         let calls = match host.state_get("calls")? {
             Some(v) => String::from_utf8_lossy(&v).parse().unwrap_or(0),
             None => 0,
@@ -44,6 +55,8 @@ impl Plugin for Example {
 
     fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
         match op {
+            OP_ROUTES if PANIC == "routes" => panic!("built to panic in routes"),
+            OP_HTTP if PANIC == "http" => panic!("built to panic in every http call"),
             OP_ROUTES => {
                 let routes = RoutesResponse {
                     routes: vec![

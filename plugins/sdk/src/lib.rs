@@ -8,7 +8,9 @@
 //! configuration as JSON and the [`HostApi`]), call it (an operation name and a JSON
 //! request, bytes out), free what it returned, and destroy it. Data crosses as bytes,
 //! never as Rust types; each side frees only what it allocated. Every export catches
-//! panics: a panicking plugin returns an error, it never unwinds into the host.
+//! panics: a panicking plugin returns an error (`plugin panicked at file:line:col: …`),
+//! it never unwinds into the host. Those panics are not printed by std's hook and capture
+//! no backtrace (a hook the SDK installs once, which passes any other panic on).
 //!
 //! The host runs all calls of one loaded instance on one thread of its own, one at a
 //! time; a plugin needs no locking of its own and should start no threads (if it must,
@@ -176,7 +178,9 @@ pub struct PluginTable {
         instance: *mut *mut c_void,
         err: *mut Buf,
     ) -> i32,
-    /// Calls an operation. 0: `*out` holds the answer. Else: `*out` holds an error message.
+    /// Calls an operation. 0: `*out` holds the answer. Else: `*out` holds an error message;
+    /// 2 when the plugin panicked (caught by the SDK's shim), 1 for any other error. The
+    /// host rolls a new generation back when a call of it panics on probation.
     pub call: unsafe extern "C" fn(
         instance: *mut c_void,
         op: *const u8,
@@ -344,14 +348,58 @@ pub fn encode_answer<T: serde::Serialize>(answer: &T) -> Result<Vec<u8>, String>
     serde_json::to_vec(answer).map_err(|e| e.to_string())
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        format!("plugin panicked: {s}")
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        format!("plugin panicked: {s}")
+fn panic_message(p: Box<dyn std::any::Any + Send>, at: String) -> String {
+    let at = if at.is_empty() {
+        String::new()
     } else {
-        "plugin panicked".to_string()
+        format!(" at {at}")
+    };
+    if let Some(s) = p.downcast_ref::<&str>() {
+        format!("plugin panicked{at}: {s}")
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        format!("plugin panicked{at}: {s}")
+    } else {
+        format!("plugin panicked{at}")
     }
+}
+
+std::thread_local! {
+    /// True while this thread runs plugin code under [`guarded`].
+    static IN_PLUGIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Where the last panic under [`guarded`] happened (`file:line:column`).
+    static PANIC_AT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Installs (once per image) a panic hook that stays quiet for panics inside [`guarded`]
+/// and hands every other panic to the hook that was there before. A caught plugin panic
+/// becomes the call's error, with its location: it is not printed, and no backtrace is
+/// captured for it (std's default hook would, with `RUST_BACKTRACE` set, and the symbol
+/// cache it builds belongs to the plugin's image: a leak at every unload).
+fn quiet_plugin_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if IN_PLUGIN.with(|c| c.get()) {
+                let at = info
+                    .location()
+                    .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+                    .unwrap_or_default();
+                PANIC_AT.with(|p| *p.borrow_mut() = at);
+            } else {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Runs plugin code, catching a panic as its message (with where it happened).
+fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    quiet_plugin_panics();
+    let was = IN_PLUGIN.with(|c| c.replace(true));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    IN_PLUGIN.with(|c| c.set(was));
+    result.map_err(|p| panic_message(p, PANIC_AT.with(|at| at.take())))
 }
 
 /// The shims behind [`declare_plugin!`]. Not for direct use.
@@ -368,7 +416,7 @@ pub mod shim {
         instance: *mut *mut c_void,
         err: *mut Buf,
     ) -> i32 {
-        let result = catch_unwind(AssertUnwindSafe(|| {
+        let result = guarded(|| {
             // SAFETY: the host passes a readable config slice and a valid host table.
             let bytes = if config.is_null() {
                 &[][..]
@@ -384,11 +432,8 @@ pub mod shim {
             // SAFETY: host outlives the instance (host contract).
             let h = unsafe { Host::from_raw(host) };
             P::create(cfg, h)
-        }));
-        let outcome = match result {
-            Ok(r) => r,
-            Err(p) => Err(panic_message(p)),
-        };
+        });
+        let outcome = result.and_then(|r| r);
         match outcome {
             Ok(p) => {
                 // SAFETY: instance is a valid out pointer.
@@ -413,7 +458,7 @@ pub mod shim {
         input_len: usize,
         out: *mut Buf,
     ) -> i32 {
-        let result = catch_unwind(AssertUnwindSafe(|| {
+        let result = guarded(|| {
             // SAFETY: the host passes the instance create returned and readable slices.
             let p = unsafe { &mut *(instance as *mut P) };
             let op = unsafe { std::slice::from_raw_parts(op, op_len) };
@@ -425,11 +470,11 @@ pub mod shim {
             let op =
                 std::str::from_utf8(op).map_err(|_| "operation name is not UTF-8".to_string())?;
             p.call(op, input)
-        }));
+        });
         let (rc, bytes) = match result {
             Ok(Ok(v)) => (0, v),
             Ok(Err(e)) => (1, e.into_bytes()),
-            Err(p) => (2, panic_message(p).into_bytes()),
+            Err(panicked) => (2, panicked.into_bytes()),
         };
         // SAFETY: out is a valid out pointer.
         unsafe { *out = Buf::from_vec(bytes) };
@@ -439,21 +484,21 @@ pub mod shim {
     /// # Safety
     /// `buf` must have been filled by this image.
     pub unsafe fn free(buf: Buf) {
-        let _ = catch_unwind(AssertUnwindSafe(|| {
+        let _ = guarded(|| {
             // SAFETY: per the contract.
             drop(unsafe { buf.into_vec() });
-        }));
+        });
     }
 
     /// # Safety
     /// `instance` must come from `create` of this image and not be destroyed yet.
     pub unsafe fn destroy<P: Plugin>(instance: *mut c_void) {
-        let _ = catch_unwind(AssertUnwindSafe(|| {
+        let _ = guarded(|| {
             if !instance.is_null() {
                 // SAFETY: per the contract.
                 drop(unsafe { Box::from_raw(instance as *mut P) });
             }
-        }));
+        });
     }
 }
 
