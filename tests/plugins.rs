@@ -324,12 +324,52 @@ fn an_unknown_plugin_name_is_refused_by_check_config_and_run() {
             "{args:?}: {err}"
         );
         assert!(err.contains("`nosuch`"), "{err}");
-        assert!(err.contains("connector (built-in)"), "{err}");
-        assert!(err.contains("webhook (built-in)"), "{err}");
+        // The auth plugins available, and only those.
         assert!(
-            err.contains(&format!("example ({})", dir.join(EXAMPLE).display())),
+            err.contains("auth plugins available: connector (built-in)"),
+            "{err}"
+        );
+        assert!(err.contains("losant (built-in)"), "{err}");
+        assert!(!err.contains("webhook (built-in)"), "{err}");
+        assert!(
+            !err.contains(&format!("example ({})", dir.join(EXAMPLE).display())),
             "{args:?}: {err}"
         );
+    }
+
+    // A plugin of another kind than the key asks for: a sink or a routes-only plugin as an
+    // auth backend, an auth backend as the sink. Each would answer none of the operations
+    // asked of it; the daemon used to start with them.
+    let example_file = dir.join(EXAMPLE);
+    let cases = [
+        (
+            "auth = [\"connector\", \"webhook\"]\n",
+            "plugins.auth",
+            "`webhook` is a plugin of kind sink (built-in), not auth".to_string(),
+        ),
+        (
+            "auth = [\"example\"]\n",
+            "plugins.auth",
+            format!(
+                "`example` is a plugin of kind other ({}), not auth",
+                example_file.display()
+            ),
+        ),
+        (
+            "sink = \"connector\"\n",
+            "plugins.sink",
+            "`connector` is a plugin of kind auth (built-in), not sink; sink plugins available: webhook (built-in)".to_string(),
+        ),
+    ];
+    for (plugins, key, expected) in cases {
+        write(plugins);
+        for args in [&["check-config"][..], &["run", "--config"][..]] {
+            let out = run(args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{plugins} {args:?}: {err}");
+            assert!(err.contains(&format!("key `{key}`")), "{args:?}: {err}");
+            assert!(err.contains(&expected), "{args:?}: {err}");
+        }
     }
 
     write("sink = \"nosink\"\n");

@@ -18,7 +18,7 @@ use crate::config::{Config, ConfigError};
 use crate::events::Hub;
 use crate::events::PluginSink;
 use crate::metrics::Counters;
-use crate::plugins::PluginHost;
+use crate::plugins::{PluginHost, kind_name};
 use crate::registry::lwm2m::Lwm2mHandler;
 use crate::registry::{Registry, RegistryListener};
 use crate::requests::{Requests, RequestsListener};
@@ -81,14 +81,19 @@ pub async fn run(
         config.notifications.max_concurrent_deliveries,
     );
     let loaded = plugins.loaded();
-    for (name, origin, generation) in &loaded {
-        tracing::info!("plugin {name} ({origin}, generation {generation})");
+    for (a, generation) in &loaded {
+        tracing::info!(
+            "plugin {} ({} {}, generation {generation})",
+            a.name,
+            kind_name(a.kind),
+            a.origin
+        );
     }
     let source = match &config_path {
         Some(p) => crate::config::Source::File(p.clone()),
         None => crate::config::Source::Embedded,
     };
-    let available: Vec<(String, String)> = loaded.into_iter().map(|(n, o, _)| (n, o)).collect();
+    let available: Vec<_> = loaded.into_iter().map(|(a, _)| a).collect();
     crate::plugins::check_names(&config.plugins, &available, &source)?;
     let auth = AuthChain::new(Arc::clone(&plugins), config.plugins.auth.clone());
     match auth

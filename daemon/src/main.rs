@@ -47,7 +47,8 @@ enum Command {
     /// Validate a configuration file without starting anything; exits 1 with
     /// file:line:column and the key on the first error. The plugins named in
     /// `[plugins] auth` and `sink` must be built in or provided by a file of
-    /// `[plugins] dir` (each file is opened to read the name it declares).
+    /// `[plugins] dir` (each file is opened to read the name and kind it declares), auth
+    /// backends in `auth` and a sink in `sink`.
     CheckConfig {
         /// The file to check.
         #[arg(default_value = SYSTEM_CONFIG)]

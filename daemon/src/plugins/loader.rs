@@ -195,12 +195,12 @@ impl Generation {
         unsafe { table.name() }
     }
 
-    /// The plugin name the file `lib<crate>.so` declares, for `connectord check-config`:
+    /// The plugin name and kind the file `lib<crate>.so` declares, for `connectord check-config`:
     /// opens the file in place (running its initialisers, as loading does), checks its
     /// entry symbol and ABI version, reads the name, and starts nothing. The image stays
     /// loaded until the process exits (a short-lived one): unloading a Rust image whose
     /// code may have made thread-locals is not safe.
-    pub(super) fn declared_name(path: &Path) -> Result<String, PluginError> {
+    pub(super) fn declared(path: &Path) -> Result<(String, Kind), PluginError> {
         let load_err = |message: String| PluginError::Load {
             path: path.display().to_string(),
             message,
@@ -240,10 +240,12 @@ impl Generation {
                 expected: ABI_VERSION,
             });
         }
+        let kind = Kind::from_u32(t.kind)
+            .ok_or_else(|| load_err(format!("unknown plugin kind {}", t.kind)))?;
         // SAFETY: as above; the name is static data of the image.
         let name = unsafe { t.name() };
         std::mem::forget(lib);
-        Ok(name)
+        Ok((name, kind))
     }
 
     /// Loads `lib<crate>.so`, whose version `expected` the caller saw stable: reads it

@@ -91,16 +91,28 @@ fn builtins() -> Vec<&'static connectord_plugin_sdk::PluginTable> {
     ]
 }
 
-/// Every plugin a configuration could use without starting anything, as (plugin name,
-/// where it comes from: `built-in` or the file): the built-ins, then the files of
-/// `[plugins] dir` in name order (opened to read the name each declares; a file that
-/// cannot be, or a directory the daemon would refuse, provides nothing). For
-/// `connectord check-config`; the daemon itself checks against what it loaded
-/// ([`PluginHost::loaded`]).
-pub fn available(cfg: &PluginsConfig) -> Vec<(String, String)> {
-    let mut found: Vec<(String, String)> = builtins()
+/// A plugin a configuration may name: its name, its kind and where it comes from
+/// (`built-in` or the file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Available {
+    pub name: String,
+    pub kind: Kind,
+    pub origin: String,
+}
+
+/// Every plugin a configuration could use without starting anything: the built-ins, then
+/// the files of `[plugins] dir` in name order (opened to read the name and kind each
+/// declares; a file that cannot be, or a directory the daemon would refuse, provides
+/// nothing). For `connectord check-config`; the daemon itself checks against what it
+/// loaded ([`PluginHost::loaded`]).
+pub fn available(cfg: &PluginsConfig) -> Vec<Available> {
+    let mut found: Vec<Available> = builtins()
         .into_iter()
-        .map(|t| (Generation::builtin_name(t), "built-in".to_string()))
+        .map(|t| Available {
+            name: Generation::builtin_name(t),
+            kind: Kind::from_u32(t.kind).unwrap_or(Kind::Other),
+            origin: "built-in".to_string(),
+        })
         .collect();
     let Some(dir) = &cfg.dir else { return found };
     if check_not_writable_by_others(dir).is_err() {
@@ -116,45 +128,68 @@ pub fn available(cfg: &PluginsConfig) -> Vec<(String, String)> {
         .collect();
     files.sort();
     for f in files {
-        if let Ok(name) = Generation::declared_name(&f) {
-            found.push((name, f.display().to_string()));
+        if let Ok((name, kind)) = Generation::declared(&f) {
+            // A file replaces the built-in of its name, as the daemon does.
+            found.retain(|a| a.name != name);
+            found.push(Available {
+                name,
+                kind,
+                origin: f.display().to_string(),
+            });
         }
     }
     found
 }
 
-/// Checks that the plugins `[plugins] auth` and `sink` name are among `available`
-/// (plugin name, origin). The error names the file, the key, the unknown name and every
-/// name available.
+/// Checks that the plugins `[plugins] auth` and `sink` name are among `available`, and of
+/// the kind the key asks for (an auth backend in `auth`, a sink in `sink`: a plugin of
+/// another kind would answer none of the operations asked of it). The error names the
+/// file, the key, the name and every plugin of that kind available.
 pub fn check_names(
     cfg: &PluginsConfig,
-    available: &[(String, String)],
+    available: &[Available],
     source: &crate::config::Source,
 ) -> Result<(), crate::config::ConfigError> {
     let named = cfg
         .auth
         .iter()
-        .map(|n| ("plugins.auth", n))
-        .chain(std::iter::once(("plugins.sink", &cfg.sink)));
-    for (key, name) in named {
-        if available.iter().any(|(n, _)| n == name) {
+        .map(|n| ("plugins.auth", Kind::Auth, n))
+        .chain(std::iter::once(("plugins.sink", Kind::Sink, &cfg.sink)));
+    for (key, kind, name) in named {
+        let found = available.iter().find(|a| a.name == *name);
+        if found.is_some_and(|a| a.kind == kind) {
             continue;
         }
         let list: Vec<String> = available
             .iter()
-            .map(|(n, origin)| format!("{n} ({origin})"))
+            .filter(|a| a.kind == kind)
+            .map(|a| format!("{} ({})", a.name, a.origin))
             .collect();
-        let dir = match &cfg.dir {
-            Some(d) => format!("lib<crate>.so files in {}", d.display()),
-            None => "no [plugins] dir is set".to_string(),
+        let message = match found {
+            Some(a) => format!(
+                "`{name}` is a plugin of kind {} ({}), not {}; {} plugins available: {}",
+                kind_name(a.kind),
+                a.origin,
+                kind_name(kind),
+                kind_name(kind),
+                list.join(", ")
+            ),
+            None => {
+                let dir = match &cfg.dir {
+                    Some(d) => format!("lib<crate>.so files in {}", d.display()),
+                    None => "no [plugins] dir is set".to_string(),
+                };
+                format!(
+                    "no built-in plugin or plugin file provides `{name}`; {} plugins available: {} ({dir})",
+                    kind_name(kind),
+                    list.join(", ")
+                )
+            }
         };
         return Err(crate::config::ConfigError::Invalid {
             source_name: source.clone(),
             key: key.into(),
-            message: format!(
-                "no built-in plugin or plugin file provides `{name}`; available: {} ({dir})",
-                list.join(", ")
-            ),
+            message,
         });
     }
     Ok(())
@@ -529,16 +564,23 @@ impl PluginHost {
             .cloned()
     }
 
-    /// Names and origins of the plugins serving now.
-    pub fn loaded(&self) -> Vec<(String, String, u64)> {
+    /// Names, kinds, origins and generations of the plugins serving now.
+    pub fn loaded(&self) -> Vec<(Available, u64)> {
         let mut v: Vec<_> = self
             .plugins
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .map(|g| (g.name.clone(), g.origin.to_string(), g.id))
+            .map(|g| {
+                let a = Available {
+                    name: g.name.clone(),
+                    kind: g.kind,
+                    origin: g.origin.to_string(),
+                };
+                (a, g.id)
+            })
             .collect();
-        v.sort();
+        v.sort_by(|a, b| (&a.0.name, a.1).cmp(&(&b.0.name, b.1)));
         v
     }
 
