@@ -415,10 +415,7 @@ fn check_name(what: &str, s: &str) -> Result<(), String> {
     if n == 0 || n > MAX_NAME || s.trim().is_empty() {
         return Err(format!("{what} must be 1 to {MAX_NAME} characters long"));
     }
-    if s.chars().any(char::is_control) {
-        return Err(format!("{what} may not contain control characters"));
-    }
-    Ok(())
+    connectord_plugin_sdk::names::refuse_control_chars(what, s)
 }
 
 impl Losant {
