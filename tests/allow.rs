@@ -631,3 +631,67 @@ fn a_callback_key_narrowed_in_its_backend_gets_nothing_outside_it() {
     d.device().register(&["ep=pump-1", "lt=300"], LINKS);
     assert_eq!(delivered(&rx, "pump-1"), ["gw-1", "pump-1"]);
 }
+
+/// A Connector key created with `allow` patterns (`POST /api/api_tokens`, issue 18 item 3)
+/// is held to them like a Losant application key: registration events of its endpoints
+/// only, resource lists cut, endpoint list filtered, pre-subscriptions kept as given.
+#[test]
+fn a_connector_key_created_with_allow_patterns_sees_only_what_they_allow() {
+    let (d, _app, _token) = start();
+    let body = json!({"name": "gw-reader", "allow": ["gw-*", "sensor-1/3303/*"]}).to_string();
+    let r = http(
+        "POST",
+        &d.url("/api/api_tokens"),
+        &[
+            ("Authorization", &format!("Bearer {}", d.key)),
+            ("Content-Type", "application/json"),
+        ],
+        Some(body.as_bytes()),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let key = AppKey {
+        id: r.json()["id"].as_str().unwrap().to_string(),
+        auth: format!("Bearer {}", r.json()["access_key"].as_str().unwrap()),
+    };
+    let mut seen = Events::default();
+    key.collect(&d, &mut seen, Duration::ZERO, |_| true);
+    let r = key.call(
+        &d,
+        "PUT",
+        "/v2/subscriptions",
+        Some(r#"[{"endpoint-name": "*"}]"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(
+        key.call(&d, "GET", "/v2/subscriptions", None).json(),
+        json!([{"endpoint-name": "*"}])
+    );
+
+    d.device()
+        .register(&["ep=pump-1", "lt=300"], "</3/0/13>,</3303/0/5700>");
+    d.device()
+        .register(&["ep=sensor-1", "lt=300"], "</3/0/13>,</3303/0/5700>");
+    d.device()
+        .register(&["ep=gw-1", "lt=300"], "</3/0/13>,</3303/0/5700>");
+    key.collect(&d, &mut seen, WAIT, |e| {
+        eps(&e.of("registrations")).contains(&"gw-1".to_string())
+    });
+    let regs = seen.of("registrations");
+    assert_eq!(eps(&regs), ["sensor-1", "gw-1"], "{seen:?}");
+    assert_eq!(paths(&regs[0]), ["/3303/0/5700"]);
+    assert_eq!(paths(&regs[1]), ["/3/0/13", "/3303/0/5700"]);
+    let mut names: Vec<String> = key
+        .call(&d, "GET", "/v2/endpoints", None)
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["gw-1", "sensor-1"]);
+    assert_eq!(
+        key.call(&d, "GET", "/v2/endpoints/pump-1", None).status,
+        403
+    );
+}
