@@ -472,3 +472,73 @@ fn a_revoked_keys_callback_stops_receiving_events() {
         "the revoked key's callback got events after a restart: {gone:?}"
     );
 }
+
+/// A key deleted by another process (`connectord plugin-call`, writing the state database
+/// while the daemon runs) loses its callback at once: the daemon loads the plugins again
+/// when the database changes and then sweeps the channels, as it does after a route.
+#[test]
+fn a_key_revoked_by_another_process_loses_its_callback() {
+    let d = Daemon::start();
+    let admin = d.key.clone();
+    let (child_id, child) = mint(&d, &admin, &json!({"name": "c"}));
+    let (gone_rx, kept_rx) = (Receiver::start(0), Receiver::start(0));
+    for (key, rx) in [(&child, &gone_rx), (&admin, &kept_rx)] {
+        let r = call(
+            &d,
+            "PUT",
+            "/v2/notification/callback",
+            Some(key),
+            Some(&json!({"url": rx.url("/cb")})),
+        );
+        assert_eq!(r.status, 204, "{}", r.body);
+    }
+    d.device().register(&["ep=first", "lt=300"], "</3/0>");
+    for rx in [&gone_rx, &kept_rx] {
+        let got = rx.wait(WAIT, |r| r.iter().any(|x| x.body.contains("first")));
+        assert!(got.iter().any(|x| x.body.contains("first")), "{got:?}");
+    }
+
+    // The operator deletes the key through the plugin's own route, from another process.
+    let request = json!({
+        "method": "DELETE",
+        "path": format!("/api/api_tokens/{child_id}"),
+        "query": null,
+        "headers": {},
+        "body": "",
+        "principal": {"key_id": "operator", "domain": "default", "scopes": ["admin"]},
+        "backend": "connector",
+    });
+    let answer = support::plugin_call(&d.config_path, "connector", "http", &request);
+    assert_eq!(answer["status"], 204, "{answer}");
+    // Logins stop at once (the plugins are loaded again within about a second)...
+    let deadline = std::time::Instant::now() + WAIT;
+    while read(&d, &child) != 401 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deleted key still works"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // ...and so do its deliveries: the sweep that follows the reload drops its channel,
+    // and the next registrations reach the kept callback only.
+    assert!(
+        d.wait_log(
+            "dropped the notification channels of 1 keys revoked by another process",
+            WAIT
+        ),
+        "no sweep after the other process's write"
+    );
+    for ep in ["second", "third"] {
+        d.device()
+            .register(&[&format!("ep={ep}"), "lt=300"], "</3/0>");
+        let kept = kept_rx.wait(WAIT, |r| r.iter().any(|x| x.body.contains(ep)));
+        assert!(kept.iter().any(|x| x.body.contains(ep)), "{kept:?}");
+    }
+    let gone = gone_rx.requests();
+    assert!(
+        !gone
+            .iter()
+            .any(|x| x.body.contains("second") || x.body.contains("third")),
+        "the deleted key's callback got events: {gone:?}"
+    );
+}

@@ -181,8 +181,27 @@ pub async fn run(
     if let Some(t) = plugins.watch(stop.clone()) {
         tasks.push(t);
     }
-    if let Some(t) = plugins.follow_store(stop.clone()) {
+    // A key revoked by another process (`connectord plugin-call`) loses its channel at
+    // once too, not only at the next write on a plugin route or the next start.
+    let reloaded = Arc::new(tokio::sync::Notify::new());
+    if let Some(t) = plugins.follow_store(stop.clone(), Arc::clone(&reloaded)) {
         tasks.push(t);
+        let (auth, hub, subscriptions) =
+            (auth.clone(), Arc::clone(&hub), Arc::clone(&subscriptions));
+        let mut stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.recv() => return,
+                    () = reloaded.notified() => {
+                        let dropped = crate::revocation::sweep(&auth, &hub, &subscriptions).await;
+                        if dropped > 0 {
+                            tracing::info!("dropped the notification channels of {dropped} keys revoked by another process");
+                        }
+                    }
+                }
+            }
+        }));
     }
     // Keys revoked while the daemon was down (or before a crash cut a sweep short)
     // receive nothing more.

@@ -6,8 +6,10 @@
 //! help here: each one is authenticated. What runs without a request is the fan-out of
 //! events to a key's channel and the push to its callback URL, so the host sweeps the keys
 //! that have a channel: after every state-changing request on a plugin route (where keys
-//! are revoked and deleted), before that request is answered, and once at start (a
-//! revocation made while the daemon was down, or before a crash cut a sweep short).
+//! are revoked and deleted), before that request is answered; after the plugins are loaded
+//! again because another process (`connectord plugin-call`) wrote the state database; and
+//! once at start (a revocation made while the daemon was down, or before a crash cut a
+//! sweep short).
 //!
 //! The same sweep carries the restriction a backend reports for a live key
 //! (`KeyStatusResponse::restriction`, the Losant backend's application keys) to the key's

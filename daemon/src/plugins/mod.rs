@@ -861,10 +861,13 @@ impl PluginHost {
     }
 
     /// Loads the plugins again ([`PluginHost::reload_all`]) whenever the store sees a
-    /// write by another process, until `stop` fires; `None` if the store cannot tell.
+    /// write by another process, until `stop` fires, and then wakes `reloaded` (the
+    /// daemon sweeps the channels of keys that other process may have revoked); `None`
+    /// if the store cannot tell.
     pub fn follow_store(
         self: &Arc<Self>,
         mut stop: Shutdown,
+        reloaded: Arc<tokio::sync::Notify>,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let mut changes = self.store.external_changes()?;
         let host = Arc::clone(self);
@@ -879,6 +882,7 @@ impl PluginHost {
                         tracing::info!("the state database was written by another process (connectord plugin-call?): loading the plugins again so that they read it");
                         let h = Arc::clone(&host);
                         let _ = tokio::task::spawn_blocking(move || h.reload_all()).await;
+                        reloaded.notify_one();
                     }
                 }
             }
