@@ -83,9 +83,9 @@ pub async fn run(
     let loaded = plugins.loaded();
     for (a, generation) in &loaded {
         tracing::info!(
-            "plugin {} ({} {}, generation {generation})",
-            a.name,
+            "{} plugin {} ({}, generation {generation})",
             kind_name(a.kind),
+            a.name,
             a.origin
         );
     }
