@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use support::{Daemon, Prepared, http};
 
 /// Every core scope but admin.
-const ALL_USER_SCOPES: [&str; 8] = connectord_plugin_sdk::auth::NON_ADMIN_SCOPES;
+const ALL_USER_SCOPES: [&str; 9] = connectord_plugin_sdk::auth::NON_ADMIN_SCOPES;
 
 const PERMISSIONS: [&str; 6] = [
     "view_applications",
@@ -172,7 +172,7 @@ fn every_route_refuses_bad_credentials_and_admits_good_ones() {
         ),
         ("GET", "/v2/limits", None, "limits:read"),
         ("POST", "/api/cert", Some(&cert_body), "resources:write"),
-        ("GET", "/metrics", None, "admin"),
+        ("GET", "/metrics", None, "metrics:read"),
         ("GET", "/api/api_tokens", None, "keys:write"),
         ("POST", "/api/api_tokens", None, "keys:write"),
         (

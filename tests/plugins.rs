@@ -327,7 +327,7 @@ fn an_unknown_plugin_name_is_refused_by_check_config_and_run() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(
-            err.contains(&format!("{}: key `plugins.auth`", config.display())),
+            err.contains(&format!("{}:", config.display())) && err.contains(": key `plugins.auth`"),
             "{args:?}: {err}"
         );
         assert!(err.contains("`nosuch`"), "{err}");

@@ -941,3 +941,148 @@ fn tells_systemd_ready_watchdog_and_stopping() {
     recv_until("STOPPING=1", &mut seen);
     assert_eq!(d.wait_exit(Duration::from_secs(15)), Some(0));
 }
+
+/// `check-config` on `text`: (exit code, stderr).
+fn check_config(dir: &std::path::Path, text: &str) -> (Option<i32>, String, std::path::PathBuf) {
+    let file = dir.join("check.toml");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(support::BIN)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        file,
+    )
+}
+
+/// `log.level` takes level names (any case, "warning" for warn) or directives that each
+/// carry one; a word that is no level ("verbose", which the tracing filter would take as
+/// a target and so silence every line) is refused with file:line:column and key, by
+/// check-config and at start.
+#[test]
+fn log_level_must_name_a_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = [
+        "warning",
+        "WARN",
+        "Info",
+        "off",
+        "trace",
+        "info,connectord=debug",
+        "connectord::coap=trace,warning",
+        "connectord=Warning",
+    ];
+    for level in good {
+        let (code, err, _) = check_config(dir.path(), &format!("[log]\nlevel = \"{level}\"\n"));
+        assert_eq!(code, Some(0), "{level}: {err}");
+    }
+    let bad = [
+        "verbose",
+        "warnings",
+        "",
+        "info,connectord=loud",
+        "connectord",
+        "info,",
+        "=info",
+        "3",
+    ];
+    for level in bad {
+        let (code, err, file) = check_config(dir.path(), &format!("[log]\nlevel = \"{level}\"\n"));
+        assert_eq!(code, Some(1), "{level:?} was accepted");
+        assert!(
+            err.contains(&format!("{}:2:9: key `log.level`", file.display())),
+            "{level:?}: {err}"
+        );
+        if level == "verbose" {
+            assert!(
+                err.contains("off, error, warn (or warning), info, debug, trace"),
+                "the message lists the levels: {err}"
+            );
+        }
+    }
+    // `run` refuses it too, with the same message.
+    let file = dir.path().join("check.toml");
+    std::fs::write(&file, "[log]\nlevel = \"verbose\"\n").unwrap();
+    let out = Command::new(support::BIN)
+        .args(["run", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(":2:9: key `log.level`"));
+}
+
+/// SIGHUP with a `log.level` that is no level keeps the running level and says why;
+/// "warning" is applied as warn.
+#[test]
+fn sighup_refuses_a_log_level_that_is_no_level() {
+    let d = Daemon::start();
+    let text = std::fs::read_to_string(&d.config_path).unwrap();
+    std::fs::write(
+        &d.config_path,
+        text.replace("level = \"debug\"", "level = \"verbose\""),
+    )
+    .unwrap();
+    d.signal("HUP");
+    assert!(
+        d.wait_log("configuration not reloaded", Duration::from_secs(5)),
+        "{}",
+        d.logs().join("\n")
+    );
+    assert!(d.logs().iter().any(|l| l.contains("key `log.level`")));
+    // The running level (debug) still logs a registration.
+    d.device().register(&["ep=still-logged"], "</3/0>");
+    assert!(
+        d.wait_log("still-logged", Duration::from_secs(5)),
+        "{}",
+        d.logs().join("\n")
+    );
+    // "warning" is warn: the warning about a change that needs a restart is logged.
+    let changed = text.replace("level = \"debug\"", "level = \"warning\"")
+        + "[registry]\ndefault_lifetime_s = 600\n";
+    std::fs::write(&d.config_path, changed).unwrap();
+    d.signal("HUP");
+    assert!(
+        d.wait_log("take effect after a restart", Duration::from_secs(5)),
+        "{}",
+        d.logs().join("\n")
+    );
+}
+
+/// Range errors found after parsing (`Config::validate`) locate their key in the file as
+/// parse errors do: file:line:column, then the key.
+#[test]
+fn check_config_locates_range_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[coap]\nblock_size = 100\n", "2:14", "coap.block_size"),
+        (
+            "[coap]\nack_timeout_ms = 10\nack_random_factor = 0.5\n",
+            "3:21",
+            "coap.ack_random_factor",
+        ),
+        ("[rest]\nlisten = []\n", "2:10", "rest.listen"),
+        ("[coap]\nlisten = []\n", "2:10", "coap.listen"),
+        (
+            "# limits\n[limits]\n  save_interval_ms = 5\n",
+            "3:22",
+            "limits.save_interval_ms",
+        ),
+        (
+            "registry = { max_endpoints = 0 }\n",
+            "1:30",
+            "registry.max_endpoints",
+        ),
+    ];
+    for (text, at, key) in cases {
+        let (code, err, file) = check_config(dir.path(), text);
+        assert_eq!(code, Some(1), "{text:?}: {err}");
+        assert!(
+            err.contains(&format!("{}:{at}: key `{key}`", file.display())),
+            "{text:?}: {err}"
+        );
+    }
+}

@@ -62,8 +62,11 @@ pub async fn run(
     crate::state_dir::make_private(&state_dir)?;
     let store = SqliteStore::open(&state_dir)?;
     tracing::info!("state in {}", store.path().display());
+    let counters = Arc::new(Counters {
+        store_commit: store.commit_latency(),
+        ..Counters::default()
+    });
     let store: Arc<dyn Store> = Arc::new(store);
-    let counters = Arc::new(Counters::default());
 
     let registry = Arc::new(Registry::new(
         config.registry.clone(),

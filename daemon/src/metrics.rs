@@ -1,8 +1,16 @@
 //! Counters of what happened, shared by every subsystem and rendered in the Prometheus
 //! text format at `GET /metrics`.
+//!
+//! The text format is written here by hand (a few `writeln!`s) rather than through a
+//! metrics crate: every series is an atomic or a value read at scrape time, so nothing
+//! needs a registry. Hot-path cost: one relaxed atomic add per counter; a latency is one
+//! `Instant::now()` pair, a scan of [`LATENCY_BUCKETS`] (14 comparisons) and two relaxed
+//! atomic adds.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 macro_rules! counters {
     ($( $(#[doc = $doc:literal])* $name:ident ),* $(,)?) => {
@@ -12,12 +20,37 @@ macro_rules! counters {
             $( $(#[doc = $doc])* pub $name: AtomicU64, )*
             /// REST responses by status code (index: status - 100).
             pub rest_responses: RestStatuses,
+            /// Time to answer a REST request, from its head read to its response head
+            /// (long-poll pulls are left out: they wait on purpose).
+            pub rest_latency: Histogram,
+            /// Time to answer a CoAP request from a device (registration, update, ...),
+            /// its store write included.
+            pub coap_latency: Histogram,
+            /// Time of one store transaction, begin to commit (fsync included): the
+            /// store's own histogram, shared (see `SqliteStore::commit_latency`).
+            pub store_commit: Arc<Histogram>,
         }
 
         impl Counters {
             /// Prometheus text exposition of every counter, named `connectord_<field>_total`.
             pub fn render(&self, out: &mut String) {
+                build_info(out);
                 self.rest_responses.render(out);
+                self.rest_latency.render(
+                    out,
+                    "rest_request_duration_seconds",
+                    "Time to answer a REST request (long-poll pulls left out).",
+                );
+                self.coap_latency.render(
+                    out,
+                    "coap_request_duration_seconds",
+                    "Time to answer a CoAP request from a device, its store write included.",
+                );
+                self.store_commit.render(
+                    out,
+                    "store_commit_duration_seconds",
+                    "Time of one store transaction (a batch of writes), begin to commit.",
+                );
                 $(
                     let help = concat!($($doc),*).trim();
                     let _ = writeln!(out, "# HELP connectord_{}_total {}", stringify!($name), help);
@@ -137,9 +170,133 @@ impl Counters {
     }
 }
 
+/// Upper bounds of the latency histograms' buckets, in seconds (then `+Inf`): from half a
+/// millisecond (a cached REST read) to 10 s (a store stalled on a slow disk).
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A latency histogram with the fixed buckets [`LATENCY_BUCKETS`], lock-free.
+#[derive(Debug)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative), the last one `+Inf`.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    /// Sum of the observations, in nanoseconds.
+    sum_ns: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Prometheus text: `connectord_<name>_bucket{le=...}` (cumulative), `_sum`, `_count`.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP connectord_{name} {help}");
+        let _ = writeln!(out, "# TYPE connectord_{name} histogram");
+        let mut total = 0u64;
+        for (i, b) in self.buckets.iter().enumerate() {
+            total += b.load(Ordering::Relaxed);
+            match LATENCY_BUCKETS.get(i) {
+                Some(le) => {
+                    let _ = writeln!(out, "connectord_{name}_bucket{{le=\"{le}\"}} {total}");
+                }
+                None => {
+                    let _ = writeln!(out, "connectord_{name}_bucket{{le=\"+Inf\"}} {total}");
+                }
+            }
+        }
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "connectord_{name}_sum {sum}");
+        let _ = writeln!(out, "connectord_{name}_count {total}");
+    }
+}
+
+/// `connectord_build_info{version="…"} 1`: the running version, to join with other series.
+fn build_info(out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP connectord_build_info The running connectord's version (always 1)."
+    );
+    let _ = writeln!(out, "# TYPE connectord_build_info gauge");
+    let _ = writeln!(
+        out,
+        "connectord_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+}
+
+/// A label value in the text format: backslash, double quote and newline escaped.
+pub fn label_value(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
 /// A gauge line in Prometheus text format.
 pub fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
     let _ = writeln!(out, "# HELP connectord_{name} {help}");
     let _ = writeln!(out, "# TYPE connectord_{name} gauge");
     let _ = writeln!(out, "connectord_{name} {value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(100));
+        h.observe(Duration::from_micros(500));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(20));
+        let mut out = String::new();
+        h.render(&mut out, "x", "X.");
+        for line in [
+            "# TYPE connectord_x histogram",
+            "connectord_x_bucket{le=\"0.0005\"} 2",
+            "connectord_x_bucket{le=\"0.001\"} 2",
+            "connectord_x_bucket{le=\"0.005\"} 3",
+            "connectord_x_bucket{le=\"10\"} 3",
+            "connectord_x_bucket{le=\"+Inf\"} 4",
+            "connectord_x_count 4",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line}:\n{out}");
+        }
+        assert_eq!(h.count(), 4);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 }

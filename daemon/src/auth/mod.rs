@@ -39,11 +39,13 @@ pub enum Scope {
     LimitsRead,
     /// Create keys (`POST /api/api_tokens`) and delete those one created.
     KeysWrite,
+    /// Scrape `GET /metrics` (a monitoring system's key), nothing else.
+    MetricsRead,
     Admin,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 9] = [
+    pub const ALL: [Scope; 10] = [
         Scope::EndpointsRead,
         Scope::ResourcesRead,
         Scope::ResourcesWrite,
@@ -52,6 +54,7 @@ impl Scope {
         Scope::Notifications,
         Scope::LimitsRead,
         Scope::KeysWrite,
+        Scope::MetricsRead,
         Scope::Admin,
     ];
 
@@ -65,6 +68,7 @@ impl Scope {
             Scope::Notifications => "notifications",
             Scope::LimitsRead => "limits:read",
             Scope::KeysWrite => "keys:write",
+            Scope::MetricsRead => "metrics:read",
             Scope::Admin => "admin",
         }
     }
@@ -579,6 +583,15 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The core's scopes are the SDK's, in its canonical order (plugins grant them by name).
+    #[test]
+    fn core_scopes_are_the_sdks() {
+        assert_eq!(
+            Scope::ALL.map(Scope::as_str),
+            connectord_plugin_sdk::auth::SCOPES
+        );
+    }
 
     #[test]
     fn access_patterns() {

@@ -282,6 +282,7 @@ impl Transport {
 
         let this = Arc::clone(self);
         let socket = Arc::clone(socket);
+        let started = std::time::Instant::now();
         let fut = handler.handle(Inbound {
             packet: packet.clone(),
             peer,
@@ -301,6 +302,7 @@ impl Transport {
                     Response::diagnostic(ResponseType::InternalServerError, "internal error").into()
                 }
             };
+            this.counters.coap_latency.observe(started.elapsed());
             let bytes = response.and_then(|mut r| {
                 // The last block of a block-wise request: its response echoes its Block1.
                 if let Some(b) = echo {

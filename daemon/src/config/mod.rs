@@ -54,12 +54,139 @@ pub enum ConfigError {
         message: String,
     },
     /// The file parsed, but a value is out of its allowed range.
-    #[error("{source_name}: key `{key}`: {message}")]
+    #[error("{source_name}{}: key `{key}`: {message}", at(.location))]
     Invalid {
         source_name: Source,
+        /// Line and column of the key's value in the file (or of its section when the key
+        /// is not in the file: a default that conflicts with a value given); `None` when
+        /// neither is in the file.
+        location: Option<(usize, usize)>,
         key: String,
         message: String,
     },
+}
+
+fn at(location: &Option<(usize, usize)>) -> String {
+    match location {
+        Some((line, column)) => format!(":{line}:{column}"),
+        None => String::new(),
+    }
+}
+
+impl ConfigError {
+    /// An `Invalid` error found after parsing, located in the file's `text`.
+    fn located(self, text: &str) -> ConfigError {
+        match self {
+            ConfigError::Invalid {
+                source_name,
+                location: None,
+                key,
+                message,
+            } => ConfigError::Invalid {
+                location: locate_key(text, &key),
+                source_name,
+                key,
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Line and column of the value of the dotted `key` in `text`; when the file does not
+/// have the key, of the nearest table on its path that it has.
+fn locate_key(text: &str, key: &str) -> Option<(usize, usize)> {
+    let root = toml::de::DeTable::parse(text).ok()?;
+    let mut table = root.get_ref();
+    let mut found = None;
+    for segment in key.split('.') {
+        let Some(value) = table.get(segment) else {
+            break;
+        };
+        found = Some(value.span().start);
+        match value.get_ref().as_table() {
+            Some(t) => table = t,
+            None => break,
+        }
+    }
+    found.map(|offset| line_col(text, offset))
+}
+
+/// Where a key of the configuration `source` is: for a file, read again to find it.
+/// For errors found outside [`Config::parse`] (the plugin names, say).
+pub fn locate(source: &Source, key: &str) -> Option<(usize, usize)> {
+    match source {
+        Source::Embedded => locate_key(DEFAULT_TOML, key),
+        Source::File(path) => locate_key(&std::fs::read_to_string(path).ok()?, key),
+    }
+}
+
+/// The level names `log.level` accepts (in any case), and the level each means.
+/// `warning` is an alias of `warn` (the word syslog and Python use).
+pub const LOG_LEVELS: &[(&str, &str)] = &[
+    ("off", "off"),
+    ("error", "error"),
+    ("warn", "warn"),
+    ("warning", "warn"),
+    ("info", "info"),
+    ("debug", "debug"),
+    ("trace", "trace"),
+];
+
+fn level_name(word: &str) -> Option<&'static str> {
+    LOG_LEVELS
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(word.trim()))
+        .map(|(_, level)| *level)
+}
+
+/// Checks a `log.level` value and returns it as the `tracing` filter reads it.
+///
+/// The value is a comma-separated list of directives, each a level (`info`) or a target
+/// with a level (`connectord::coap=debug`); every level is one of [`LOG_LEVELS`]. The
+/// `tracing` filter itself would take a lone word that is no level (`verbose`) as a
+/// target at `trace`, silencing every other line; here it is an error. Numbers (which the
+/// filter reads as levels) and empty directives are refused too.
+pub fn log_filter(text: &str) -> Result<String, String> {
+    const LEVELS: &str = "off, error, warn (or warning), info, debug, trace";
+    let mut directives = Vec::new();
+    for part in text.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err(format!(
+                "{text:?} has an empty directive; give a level ({LEVELS}) or target=level"
+            ));
+        }
+        // A span filter (`target[span{field=1}]=debug`) may hold `=`; the level's `=`
+        // is the last one, after any `]`.
+        let (target, word) = match part.rfind('=') {
+            Some(i) if !part[i..].contains(']') => (Some(part[..i].trim()), &part[i + 1..]),
+            _ => (None, part),
+        };
+        let Some(level) = level_name(word) else {
+            return Err(match target {
+                None => format!(
+                    "`{part}` is not a log level ({LEVELS}); a target needs one: `{part}=debug`"
+                ),
+                Some(_) => format!(
+                    "`{}` in `{part}` is not a log level ({LEVELS})",
+                    word.trim()
+                ),
+            });
+        };
+        let directive = match target {
+            None => level.to_string(),
+            Some("") => return Err(format!("`{part}` names no target before `=`")),
+            Some(t) => format!("{t}={level}"),
+        };
+        directive
+            .parse::<tracing_subscriber::filter::Directive>()
+            .map_err(|e| format!("`{part}`: {e}"))?;
+        directives.push(directive);
+    }
+    let filter = directives.join(",");
+    tracing_subscriber::EnvFilter::try_new(&filter).map_err(|e| e.to_string())?;
+    Ok(filter)
 }
 
 fn key_suffix(key: &Option<String>) -> String {
@@ -240,7 +367,9 @@ impl Default for NotificationsConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// A `tracing` filter: `info`, `debug`, `connectord::coap=trace,info`. Reloaded on SIGHUP.
+    /// A level (`off`, `error`, `warn` or `warning`, `info`, `debug`, `trace`, any case)
+    /// or directives that each name one: `connectord::coap=trace,info`. Anything else
+    /// (`verbose`, a bare target) is refused, at start and at SIGHUP. Reloaded on SIGHUP.
     pub level: String,
     /// Lines caused by single devices ("registered", "de-registered", "registration
     /// expired", ...) logged per second; past it they are counted and summarised once a
@@ -452,23 +581,27 @@ impl Config {
             }
         };
         let de = toml::Deserializer::parse(text).map_err(|e| parse_err(e, None))?;
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let key = (key != ".").then_some(key);
             parse_err(e.into_inner(), key)
         })?;
-        config.validate(&source)?;
+        config.validate(&source).map_err(|e| e.located(text))?;
         Ok(config)
     }
 
-    fn validate(&self, source: &Source) -> Result<(), ConfigError> {
+    /// Range checks serde cannot express; also puts `log.level` in the form the
+    /// `tracing` filter reads (see [`log_filter`]). Errors are located by [`Config::parse`].
+    fn validate(&mut self, source: &Source) -> Result<(), ConfigError> {
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             source_name: source.clone(),
+            location: None,
             key: key.into(),
             message,
         };
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err(invalid("log.level", format!("not a valid log filter: {e}")));
+        match log_filter(&self.log.level) {
+            Ok(filter) => self.log.level = filter,
+            Err(message) => return Err(invalid("log.level", message)),
         }
         if self.rest.listen.is_empty() {
             return Err(invalid("rest.listen", "needs at least one address".into()));

@@ -175,3 +175,98 @@ fn line_col_counts_characters() {
     assert_eq!(line_col("ab\ncé d", 7), (2, 4));
     assert_eq!(line_col("", 0), (1, 1));
 }
+
+/// `log.level`: (value, the filter it becomes, or None when refused).
+#[test]
+fn log_level_names_and_directives() {
+    let cases: &[(&str, Option<&str>)] = &[
+        ("info", Some("info")),
+        ("warning", Some("warn")),
+        ("WARNING", Some("warn")),
+        (" Debug ", Some("debug")),
+        ("off", Some("off")),
+        ("info,connectord=debug", Some("info,connectord=debug")),
+        (
+            "connectord::coap=Warning, error",
+            Some("connectord::coap=warn,error"),
+        ),
+        (
+            "connectord[reg{ep=a}]=trace",
+            Some("connectord[reg{ep=a}]=trace"),
+        ),
+        ("verbose", None),
+        ("warnings", None),
+        ("", None),
+        (",info", None),
+        ("info,", None),
+        ("connectord", None),
+        ("connectord=", None),
+        ("connectord=loud", None),
+        ("=info", None),
+        ("3", None),
+        ("connectord[reg{ep=a}]", None),
+    ];
+    for (text, want) in cases {
+        assert_eq!(log_filter(text).ok().as_deref(), *want, "{text:?}");
+        let toml = format!("[log]\nlevel = {text:?}\n");
+        match (Config::parse(&toml, Source::Embedded), want) {
+            (Ok(c), Some(w)) => assert_eq!(c.log.level, *w),
+            (Err(ConfigError::Invalid { key, location, .. }), None) => {
+                assert_eq!((key.as_str(), location), ("log.level", Some((2, 9))))
+            }
+            (other, _) => panic!("{text:?}: {other:?}"),
+        }
+    }
+}
+
+/// Range errors locate their key: (toml, key, line, column).
+#[test]
+fn range_errors_name_line_and_column() {
+    let cases: &[(&str, &str, usize, usize)] = &[
+        ("[coap]\nblock_size = 100\n", "coap.block_size", 2, 14),
+        (
+            "[coap]\nack_random_factor = 0.5\n",
+            "coap.ack_random_factor",
+            2,
+            21,
+        ),
+        ("[rest]\nlisten = []\n", "rest.listen", 2, 10),
+        ("coap.listen = []\n", "coap.listen", 1, 15),
+        (
+            "[registry]\nmax_endpoints = 0\n",
+            "registry.max_endpoints",
+            2,
+            17,
+        ),
+        // The key is not in the file: its section is named.
+        (
+            "\n[notifications]\nretry_max_ms = 10\n",
+            "notifications.retry_initial_ms",
+            2,
+            1,
+        ),
+    ];
+    for (text, key, line, column) in cases {
+        match Config::parse(text, Source::File("c.toml".into())) {
+            Err(e @ ConfigError::Invalid { .. }) => {
+                let ConfigError::Invalid {
+                    key: k, location, ..
+                } = &e
+                else {
+                    unreachable!()
+                };
+                assert_eq!(
+                    (k.as_str(), *location),
+                    (*key, Some((*line, *column))),
+                    "{text:?}"
+                );
+                assert!(
+                    e.to_string()
+                        .starts_with(&format!("c.toml:{line}:{column}: key `{key}`: ")),
+                    "{e}"
+                );
+            }
+            other => panic!("expected Invalid for {text:?}, got {other:?}"),
+        }
+    }
+}

@@ -58,6 +58,19 @@ enum To<'a> {
     Domain(&'a str),
 }
 
+/// The notification queues at one moment ([`Hub::queue_stats`]).
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// Notification channels (one per key that pulled or set a callback).
+    pub channels: usize,
+    /// Events waiting in every channel (not yet acknowledged, so those below included).
+    pub queued: usize,
+    /// Events answered to a long-poll and not yet acknowledged by the key's next pull.
+    pub unacknowledged: usize,
+    /// (key id, queued, unacknowledged) of the channels with the most events waiting.
+    pub top: Vec<(String, usize, usize)>,
+}
+
 /// The batch a long-poll was answered with, until the key's next pull acknowledges it.
 #[derive(Debug)]
 struct InFlight {
@@ -935,6 +948,33 @@ impl Hub {
     /// Undelivered events, all keys.
     pub fn queued(&self) -> usize {
         self.lock().values().map(|c| c.queue.len()).sum()
+    }
+
+    /// The notification queues now, for `/metrics`: totals over every channel, and the
+    /// `top` channels with the most events waiting (only channels with some), most first.
+    pub fn queue_stats(&self, top: usize) -> QueueStats {
+        let channels = self.lock();
+        let mut stats = QueueStats {
+            channels: channels.len(),
+            ..QueueStats::default()
+        };
+        let mut waiting = Vec::new();
+        for c in channels.values() {
+            let queued = c.queue.len();
+            let unacked = c.in_flight.as_ref().map_or(0, |f| f.len);
+            stats.queued += queued;
+            stats.unacknowledged += unacked;
+            if queued > 0 {
+                waiting.push((c.rec.key_id.as_str(), queued, unacked));
+            }
+        }
+        waiting.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        stats.top = waiting
+            .into_iter()
+            .take(top)
+            .map(|(k, q, u)| (k.to_string(), q, u))
+            .collect();
+        stats
     }
 
     /// Callback deliveries in flight now (permits taken), and the bound.

@@ -188,6 +188,7 @@ pub fn check_names(
         };
         return Err(crate::config::ConfigError::Invalid {
             source_name: source.clone(),
+            location: crate::config::locate(source, key),
             key: key.into(),
             message,
         });

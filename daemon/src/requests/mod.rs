@@ -877,6 +877,19 @@ impl Requests {
         }
     }
 
+    /// For `/metrics`: requests waiting (not in flight) over all endpoints, the longest
+    /// queue of one endpoint, and the endpoints with a request in flight.
+    pub fn queue_depths(&self) -> (usize, usize, usize) {
+        let queues = self.lock();
+        let (mut total, mut deepest, mut busy) = (0, 0, 0);
+        for q in queues.values() {
+            total += q.jobs.len();
+            deepest = deepest.max(q.jobs.len());
+            busy += usize::from(q.in_flight.is_some());
+        }
+        (total, deepest, busy)
+    }
+
     /// Requests waiting (not in flight), all endpoints.
     pub fn queued(&self) -> usize {
         self.lock().values().map(|e| e.jobs.len()).sum()

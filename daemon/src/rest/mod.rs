@@ -184,6 +184,9 @@ async fn handle(
     let (_present, gone) = tokio::sync::oneshot::channel();
     // Boxed: the handler's future is a few KB, and tokio moves a task's future by value
     // several times while spawning and finishing it (memcpy showed in the read profile).
+    let started = std::time::Instant::now();
+    // A long-poll waits on purpose (up to notifications.long_poll_s): not a latency.
+    let timed = !path.ends_with("/notification/pull");
     let reply = match tokio::spawn(Box::pin(dispatch(state, req, gone))).await {
         Ok(r) => r,
         Err(e) => {
@@ -196,6 +199,9 @@ async fn handle(
         }
     };
     state_counters.rest_responses.inc(reply.status().as_u16());
+    if timed {
+        state_counters.rest_latency.observe(started.elapsed());
+    }
     tracing::debug!(%method, %path, status = reply.status().as_u16(), "REST");
     Ok(reply.into_response())
 }
@@ -407,11 +413,84 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
                 ),
                 state.transport.block_transfers() as u64,
             );
+            render_queues(&state, &mut out);
             state.plugins.render_metrics(&mut out);
             Reply::with_type(StatusCode::OK, "text/plain; version=0.0.4", out)
         }
     }
     .method_is_head(parts.method == Method::HEAD)
+}
+
+/// Channels listed one by one in `connectord_channel_events_*` (those with the most
+/// events waiting): a bound on the series a scrape returns however many keys there are.
+pub const METRICS_TOP_CHANNELS: usize = 20;
+
+/// The notification and request queue gauges of `/metrics`.
+fn render_queues(state: &AppState, out: &mut String) {
+    use std::fmt::Write as _;
+    let q = state.hub.queue_stats(METRICS_TOP_CHANNELS);
+    metrics::gauge(
+        out,
+        "notification_channels",
+        "Notification channels (keys that pulled or set a callback).",
+        q.channels as u64,
+    );
+    metrics::gauge(
+        out,
+        "events_queued",
+        "Notification events waiting in every channel, not yet acknowledged.",
+        q.queued as u64,
+    );
+    metrics::gauge(
+        out,
+        "events_unacknowledged",
+        "Notification events answered to a long-poll, not yet acknowledged by the next pull.",
+        q.unacknowledged as u64,
+    );
+    let per_channel = [
+        (
+            "channel_events_queued",
+            "Events waiting per channel (key id), for the channels with the most waiting",
+        ),
+        (
+            "channel_events_unacknowledged",
+            "Events answered to a long-poll and not yet acknowledged, per channel, for the same channels",
+        ),
+    ];
+    for (i, (name, help)) in per_channel.into_iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "# HELP connectord_{name} {help} (at most {METRICS_TOP_CHANNELS})."
+        );
+        let _ = writeln!(out, "# TYPE connectord_{name} gauge");
+        for (key, queued, unacked) in &q.top {
+            let v = if i == 0 { queued } else { unacked };
+            let _ = writeln!(
+                out,
+                "connectord_{name}{{key=\"{}\"}} {v}",
+                metrics::label_value(key)
+            );
+        }
+    }
+    let (waiting, deepest, in_flight) = state.requests.queue_depths();
+    metrics::gauge(
+        out,
+        "requests_queued",
+        "Requests to devices waiting in the per-endpoint queues (not in flight).",
+        waiting as u64,
+    );
+    metrics::gauge(
+        out,
+        "requests_queue_max",
+        "Requests waiting in the longest queue of one endpoint (at most requests.queue_len).",
+        deepest as u64,
+    );
+    metrics::gauge(
+        out,
+        "requests_in_flight",
+        "Requests to devices sent and not yet answered (at most one per endpoint).",
+        in_flight as u64,
+    );
 }
 
 /// The core routes whose body is JSON: `PUT /notification/callback`, `PUT /subscriptions`

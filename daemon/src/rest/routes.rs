@@ -182,7 +182,7 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
                 _ => Err(method_not_allowed("GET, PUT, DELETE")),
             }
         }
-        ["metrics"] => read(Route::Metrics, Scope::Admin),
+        ["metrics"] => read(Route::Metrics, Scope::MetricsRead),
         ["limits"] => read(Route::Limits, Scope::LimitsRead),
         ["openapi.json"] => read(Route::OpenApi, Scope::EndpointsRead),
         ["api", "cert"] => match *method {

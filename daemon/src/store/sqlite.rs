@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use rusqlite::{Connection, OptionalExtension, Statement, params};
 use tokio::sync::oneshot;
@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use super::{EXTERNAL_CHECK, Pending, Store, StoreError, record_json};
 use crate::events::{ChannelRecord, StoredEvent};
 use crate::limits::HourCount;
+use crate::metrics::Histogram;
 use crate::registry::Registration;
 use crate::requests::Job as RequestJob;
 use crate::subscriptions::{PresubRecord, SubscriptionRecord};
@@ -163,6 +164,9 @@ pub struct SqliteStore {
     /// Moved by the store thread when `PRAGMA data_version` says another connection (so
     /// another process: this one has only the thread's) committed a write.
     external: tokio::sync::watch::Receiver<u64>,
+    /// Time of each batch transaction, begin to commit, observed by the store thread
+    /// (`connectord_store_commit_duration_seconds`).
+    commit_latency: Arc<Histogram>,
 }
 
 impl SqliteStore {
@@ -184,15 +188,27 @@ impl SqliteStore {
         // that cannot run them fails here, not at its first write.
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), StoreError>>(1);
         let (external_tx, external) = tokio::sync::watch::channel(0u64);
+        let commit_latency = Arc::new(Histogram::default());
+        let commits = Arc::clone(&commit_latency);
         std::thread::Builder::new()
             .name("store".into())
-            .spawn(move || run(conn, rx, ready_tx, external_tx))
+            .spawn(move || run(conn, rx, ready_tx, external_tx, &commits))
             .map_err(|e| StoreError::Dir {
                 path: dir.to_path_buf(),
                 source: e,
             })?;
         ready_rx.recv().unwrap_or(Err(StoreError::Closed))?;
-        Ok(SqliteStore { tx, path, external })
+        Ok(SqliteStore {
+            tx,
+            path,
+            external,
+            commit_latency,
+        })
+    }
+
+    /// The histogram of transaction times, for `/metrics`.
+    pub fn commit_latency(&self) -> Arc<Histogram> {
+        Arc::clone(&self.commit_latency)
     }
 
     /// The database file.
@@ -309,6 +325,7 @@ fn run(
     rx: mpsc::Receiver<Box<dyn Job>>,
     ready: mpsc::SyncSender<Result<(), StoreError>>,
     external: tokio::sync::watch::Sender<u64>,
+    commits: &Histogram,
 ) {
     let db = match Db::new(&conn) {
         Ok(db) => db,
@@ -335,7 +352,9 @@ fn run(
                         Err(_) => break,
                     }
                 }
+                let started = std::time::Instant::now();
                 run_batch(&db, batch);
+                commits.observe(started.elapsed());
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,

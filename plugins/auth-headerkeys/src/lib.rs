@@ -25,8 +25,8 @@
 //! | 5 | `apikeys` | `/api/v1/apikeys`, `/api/v1/apikeys/…` | GET, HEAD → no core scope | PUT → no core scope |
 //!
 //! `/` and `/rest-versions` belong to `endpoints` because the core gives them the scope
-//! `endpoints:read`. `/metrics` (scope `admin`) is in no area: no header key grants
-//! `admin`. A resource `GET` is asynchronous in the mbed API (its answer comes on the
+//! `endpoints:read`. `/metrics` (scope `metrics:read`) is in no area: no header key grants
+//! it or `admin`. A resource `GET` is asynchronous in the mbed API (its answer comes on the
 //! notification channel); it is still a read of `resources`, mapped by method only. The
 //! principal holds exactly the scope of the access (a write principal does not also hold
 //! the read scope: it is made for this one request). `apikeys` principals hold no core

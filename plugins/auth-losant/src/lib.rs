@@ -260,7 +260,8 @@ pub const DELETE_SCOPES: &[&str] = &[
 ];
 
 /// The core scopes of every application key principal: the first six of
-/// [`NON_ADMIN_SCOPES`], every core scope but `limits:read` and `admin`.
+/// [`NON_ADMIN_SCOPES`], every data scope but `limits:read` (never `keys:write`,
+/// `metrics:read` or `admin`).
 pub const KEY_SCOPES: &[&str] = NON_ADMIN_SCOPES.split_at(6).0;
 
 const KEYS_ROUTE: &str = "/applications/{APPLICATION_ID}/keys";

@@ -27,8 +27,13 @@ pub const ADMIN: &str = "admin";
 /// it created, never granting more than it holds itself.
 pub const KEYS_WRITE: &str = "keys:write";
 
+/// The core scope that lets a key scrape `GET /metrics` and nothing else (a monitoring
+/// system's key); [`ADMIN`] implies it.
+pub const METRICS_READ: &str = "metrics:read";
+
 /// The scopes that open the data routes (endpoints, resources, subscriptions,
-/// notifications, limits): every core scope but [`KEYS_WRITE`] and [`ADMIN`].
+/// notifications, limits): every core scope but [`KEYS_WRITE`], [`METRICS_READ`] and
+/// [`ADMIN`].
 pub const DATA_SCOPES: [&str; 7] = [
     "endpoints:read",
     "resources:read",
@@ -40,20 +45,21 @@ pub const DATA_SCOPES: [&str; 7] = [
 ];
 
 /// Every core scope but [`ADMIN`], in canonical order: [`DATA_SCOPES`], then
-/// [`KEYS_WRITE`].
-pub const NON_ADMIN_SCOPES: [&str; 8] = {
-    let mut all = [KEYS_WRITE; 8];
+/// [`KEYS_WRITE`], then [`METRICS_READ`].
+pub const NON_ADMIN_SCOPES: [&str; 9] = {
+    let mut all = [METRICS_READ; 9];
     let mut i = 0;
     while i < DATA_SCOPES.len() {
         all[i] = DATA_SCOPES[i];
         i += 1;
     }
+    all[DATA_SCOPES.len()] = KEYS_WRITE;
     all
 };
 
 /// Every core scope, in canonical order: [`NON_ADMIN_SCOPES`], then [`ADMIN`].
-pub const SCOPES: [&str; 9] = {
-    let mut all = [ADMIN; 9];
+pub const SCOPES: [&str; 10] = {
+    let mut all = [ADMIN; 10];
     let mut i = 0;
     while i < NON_ADMIN_SCOPES.len() {
         all[i] = NON_ADMIN_SCOPES[i];
@@ -94,7 +100,7 @@ pub struct PrincipalSpec {
     pub domain: String,
     /// Core scopes: any of [`SCOPES`] (`endpoints:read`, `resources:read`,
     /// `resources:write`, `subscriptions:read`, `subscriptions:write`, `notifications`,
-    /// `limits:read`, `keys:write`, `admin`).
+    /// `limits:read`, `keys:write`, `metrics:read`, `admin`).
     pub scopes: Vec<String>,
     /// Optional restriction to some endpoints and resources: patterns
     /// `<endpoint glob>[/<resource path glob>]` where `*` matches any run of characters,
@@ -253,12 +259,13 @@ mod tests {
     #[test]
     fn scope_lists() {
         let all = "endpoints:read resources:read resources:write subscriptions:read \
-                   subscriptions:write notifications limits:read keys:write admin";
+                   subscriptions:write notifications limits:read keys:write metrics:read admin";
         assert_eq!(SCOPES.join(" "), all);
-        assert_eq!(SCOPES[..8], NON_ADMIN_SCOPES);
+        assert_eq!(SCOPES[..9], NON_ADMIN_SCOPES);
         assert_eq!(NON_ADMIN_SCOPES[..7], DATA_SCOPES);
         assert_eq!(NON_ADMIN_SCOPES[7], KEYS_WRITE);
-        assert_eq!(SCOPES[8], ADMIN);
+        assert_eq!(NON_ADMIN_SCOPES[8], METRICS_READ);
+        assert_eq!(SCOPES[9], ADMIN);
     }
 
     #[test]
