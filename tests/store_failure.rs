@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 use coap_lite::{ContentFormat, RequestType, ResponseType};
 use serde_json::json;
@@ -110,8 +111,17 @@ fn start() -> Option<(Mounted, Daemon)> {
 }
 
 fn register(dev: &mut support::coap::Device, name: &str) -> (ResponseType, String, String) {
+    register_lt(dev, name, 300)
+}
+
+fn register_lt(
+    dev: &mut support::coap::Device,
+    name: &str,
+    lt: u32,
+) -> (ResponseType, String, String) {
     let q = format!("ep={name}");
-    let query = [q.as_str(), "lt=300"];
+    let lt = format!("lt={lt}");
+    let query = [q.as_str(), lt.as_str()];
     let mut r = Req::new(RequestType::Post, &["rd"]);
     r.query = &query;
     r.payload = LINKS.as_bytes();
@@ -243,6 +253,40 @@ fn a_deregistration_the_store_refused_is_not_kept() {
     disk.free();
     assert_eq!(dev.deregister(&id), ResponseType::Deleted);
     assert!(names(&d).is_empty());
+    drop(d);
+    drop(disk);
+}
+
+/// An expiry the store could not write leaves the endpoint registered (it is on disk,
+/// and a restart would load it); it expires once the store can remove it.
+#[test]
+fn an_expiry_the_store_refused_is_not_kept() {
+    let Some((disk, d)) = start() else { return };
+    let mut dev = d.device();
+    let (c, m, _) = register_lt(&mut dev, "brief", 2);
+    assert_eq!(c, ResponseType::Created, "{m}");
+    disk.fill();
+    assert!(
+        d.wait_log(
+            "cannot remove an expired registration",
+            Duration::from_secs(20)
+        ),
+        "the expiry did not fail: {}",
+        d.logs().join("\n")
+    );
+    assert_eq!(
+        names(&d),
+        ["brief"],
+        "a refused expiry removed the endpoint"
+    );
+    assert_eq!(d.metric("registrations_expired_total"), 0);
+
+    disk.free();
+    assert!(
+        support::eventually(Duration::from_secs(20), || names(&d).is_empty()),
+        "not expired once the store works again"
+    );
+    assert_eq!(d.metric("registrations_expired_total"), 1);
     drop(d);
     drop(disk);
 }
