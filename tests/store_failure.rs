@@ -426,3 +426,65 @@ fn an_access_key_the_store_refused_is_not_kept() {
     assert_eq!(r.status, 201, "{}", r.body);
     assert!(d.get("/api/api_tokens").body.contains("phantom-key"));
 }
+
+/// A key's notification channel whose creation the store refused is not kept: events
+/// would be queued for it (and shown) that a restart, which loads no such channel, loses.
+/// Its first request that the store accepts makes it, and events are kept from then on.
+#[test]
+fn a_channel_the_store_refused_is_not_kept() {
+    let Some(f) = Full::new() else { return };
+    let d = &f.d;
+    f.disk.free();
+    let made = d.call(
+        "POST",
+        "/api/api_tokens",
+        Some("application/json"),
+        Some(
+            json!({"name": "second", "scopes": ["admin"]})
+                .to_string()
+                .as_bytes(),
+        ),
+    );
+    assert_eq!(made.status, 201, "{}", made.body);
+    let second = made.json()["access_key"].as_str().unwrap().to_string();
+    let bearer = format!("Bearer {second}");
+    f.disk.fill();
+    // The second key's first request that needs a channel: refused.
+    let r = support::http(
+        "PUT",
+        &d.url("/v2/subscriptions/dev/3303/0/5700"),
+        &[("Authorization", bearer.as_str())],
+        None,
+    );
+    assert_refused("a subscription (and the channel it makes)", &r);
+
+    f.disk.free();
+    // A registration now: the second key has no channel, so nothing is kept for it.
+    let mut other = d.device();
+    let (c, m, _) = register(&mut other, "later");
+    assert_eq!(c, ResponseType::Created, "{m}");
+    let pull = support::http(
+        "GET",
+        &d.url("/v2/notification/pull?noWait=true"),
+        &[("Authorization", bearer.as_str())],
+        None,
+    );
+    assert_eq!(
+        pull.status, 204,
+        "events were queued in a channel the store refused: {}",
+        pull.body
+    );
+    // The pull made the channel: events are kept from now on.
+    let mut third = d.device();
+    let (c, m, _) = register(&mut third, "third");
+    assert_eq!(c, ResponseType::Created, "{m}");
+    assert!(support::eventually(Duration::from_secs(10), || {
+        let r = support::http(
+            "GET",
+            &d.url("/v2/notification/pull?noWait=true"),
+            &[("Authorization", bearer.as_str())],
+            None,
+        );
+        r.status == 200 && r.body.contains("third")
+    }));
+}
