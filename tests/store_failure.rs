@@ -488,3 +488,58 @@ fn a_channel_the_store_refused_is_not_kept() {
         r.status == 200 && r.body.contains("third")
     }));
 }
+
+/// Unsubscribing (one path, an endpoint, everything) when the store cannot delete leaves
+/// the subscriptions in force, as they are on disk.
+#[test]
+fn an_unsubscription_the_store_refused_is_not_kept() {
+    let Some(f) = Full::new() else { return };
+    let d = &f.d;
+    f.disk.free();
+    let r = d.call("PUT", "/v2/subscriptions/dev/3303/0/5700", None, None);
+    assert!(r.status == 202 || r.status == 200, "{}", r.body);
+    f.disk.fill();
+    for path in [
+        "/v2/subscriptions/dev/3303/0/5700",
+        "/v2/subscriptions/dev",
+        "/v2/subscriptions",
+    ] {
+        let r = d.call("DELETE", path, None, None);
+        assert_refused(&format!("DELETE {path}"), &r);
+        assert_eq!(
+            d.get("/v2/subscriptions/dev/3303/0/5700").status,
+            200,
+            "a refused DELETE {path} removed the subscription"
+        );
+    }
+
+    f.disk.free();
+    let r = d.call("DELETE", "/v2/subscriptions/dev/3303/0/5700", None, None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(d.get("/v2/subscriptions/dev/3303/0/5700").status, 404);
+}
+
+/// Removing the callback when the store cannot write leaves it in force.
+#[test]
+fn a_callback_removal_the_store_refused_is_not_kept() {
+    let Some(f) = Full::new() else { return };
+    let d = &f.d;
+    f.disk.free();
+    let rx = Receiver::start(0);
+    let cb = json!({"url": rx.url("/notify")});
+    let r = put_json(d, "/v2/notification/callback", &cb);
+    assert_eq!(r.status, 204, "{}", r.body);
+    f.disk.fill();
+    let r = d.call("DELETE", "/v2/notification/callback", None, None);
+    assert_refused("a callback removal", &r);
+    assert_eq!(
+        d.get("/v2/notification/callback").status,
+        200,
+        "a refused removal removed the callback"
+    );
+
+    f.disk.free();
+    let r = d.call("DELETE", "/v2/notification/callback", None, None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(d.get("/v2/notification/callback").status, 404);
+}
