@@ -339,8 +339,26 @@ impl Hub {
             }
         };
         match durable {
-            Some(d) => d.await,
+            Some(d) => {
+                let r = d.await;
+                if r.is_err() {
+                    self.drop_unstored(&p.key_id);
+                }
+                r
+            }
             None => self.note_restriction(p).await,
+        }
+    }
+
+    /// Removes a channel whose creation the store refused, if nothing has happened to it
+    /// since (no event queued, no callback): memory holds only what the store holds.
+    fn drop_unstored(&self, key_id: &str) {
+        let mut map = self.lock();
+        if map
+            .get(key_id)
+            .is_some_and(|c| c.queue.is_empty() && c.rec.callback.is_none())
+        {
+            map.remove(key_id);
         }
     }
 
@@ -703,8 +721,9 @@ impl Hub {
             .verify(&target)
             .await
             .map_err(CallbackError::Unreachable)?;
-        let durable = {
+        let (created, before, durable) = {
             let mut map = self.lock();
+            let created = !map.contains_key(&p.key_id);
             let ch = map.entry(p.key_id.clone()).or_insert_with(|| {
                 Channel::new(ChannelRecord {
                     key_id: p.key_id.clone(),
@@ -713,14 +732,28 @@ impl Hub {
                     allow: p.allow.clone(),
                 })
             });
-            ch.rec.callback = Some(target);
+            let before = ch.rec.callback.replace(target.clone());
             // The callback delivers from the oldest event on, an answer in flight included
             // (at least once).
             ch.in_flight = None;
             ch.wake.notify_waiters();
-            self.store.put_channel(ch.record())
+            (created, before, self.store.put_channel(ch.record()))
         };
-        durable.await?;
+        if let Err(e) = durable.await {
+            // The stored channel (or its absence) is what memory goes back to, unless a
+            // later change replaced our callback meanwhile.
+            let mut map = self.lock();
+            if let Some(ch) = map.get_mut(&p.key_id)
+                && ch.rec.callback.as_ref() == Some(&target)
+            {
+                ch.rec.callback = before;
+                ch.wake.notify_waiters();
+                if created && ch.queue.is_empty() && ch.rec.callback.is_none() {
+                    map.remove(&p.key_id);
+                }
+            }
+            return Err(e.into());
+        }
         self.ensure_pusher(&p.key_id);
         tracing::info!(key = %p.key_id, "notification callback registered");
         Ok(())
@@ -731,17 +764,35 @@ impl Hub {
     }
 
     /// `DELETE /notification/callback`: back to long-poll. False when there was none.
-    pub async fn delete_callback(&self, key_id: &str) -> Result<bool, StoreError> {
+    pub async fn delete_callback(self: &Arc<Self>, key_id: &str) -> Result<bool, StoreError> {
         let durable = {
             let mut map = self.lock();
             let Some(ch) = map.get_mut(key_id).filter(|c| c.rec.callback.is_some()) else {
                 return Ok(false);
             };
-            ch.rec.callback = None;
+            let before = ch.rec.callback.take();
             ch.wake.notify_waiters();
-            self.store.put_channel(ch.record())
+            (before, self.store.put_channel(ch.record()))
         };
-        durable.await?;
+        let (before, durable) = durable;
+        if let Err(e) = durable.await {
+            // Still stored, so still the key's callback (its pusher may have stopped:
+            // it starts again).
+            let restored = {
+                let mut map = self.lock();
+                match map.get_mut(key_id) {
+                    Some(ch) if ch.rec.callback.is_none() => {
+                        ch.rec.callback = before;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if restored {
+                self.ensure_pusher(key_id);
+            }
+            return Err(e);
+        }
         tracing::info!(key = key_id, "notification callback removed");
         Ok(true)
     }

@@ -285,6 +285,23 @@ impl Inner {
         Some(ep)
     }
 
+    /// Whether `ep` (this very registration, not a later one of the same id) is held.
+    fn holds(&self, ep: &Arc<Endpoint>) -> bool {
+        self.by_id
+            .get(ep.reg.id.as_str())
+            .is_some_and(|e| Arc::ptr_eq(e, ep))
+    }
+
+    /// Puts back a registration whose removal the store refused, unless its id or its
+    /// name was taken meanwhile (a later change, which the store applied after ours).
+    fn restore(&mut self, ep: &Arc<Endpoint>) {
+        if !self.by_id.contains_key(ep.reg.id.as_str())
+            && self.by_name(&ep.reg.domain, &ep.reg.name).is_none()
+        {
+            self.insert(Arc::clone(ep));
+        }
+    }
+
     fn by_name(&self, domain: &str, name: &str) -> Option<&Arc<Endpoint>> {
         self.by_name.get(domain)?.get(name)
     }
@@ -586,7 +603,18 @@ impl Registry {
         };
         let (durable, replaced) = durable;
         self.expiry_wake.notify_one();
-        durable.await?;
+        if let Err(e) = durable.await {
+            // Memory holds only what the store holds: the new registration goes, the one
+            // it replaced (still on disk) comes back.
+            let mut inner = self.lock();
+            if inner.holds(&ep) {
+                inner.remove(&ep.reg.id);
+                if let Some(old) = &replaced {
+                    inner.restore(old);
+                }
+            }
+            return Err(e.into());
+        }
         Counters::inc(&self.counters.registrations);
         if log_budget::allow(DeviceLine::Registered) {
             tracing::info!(
@@ -656,10 +684,19 @@ impl Registry {
             inner.remove(id);
             inner.insert(Arc::clone(&ep));
             let durable = self.store.put_registration(ep.reg.clone());
-            (ep, durable)
+            (ep, (old, durable))
         };
+        let (old, durable) = durable;
         self.expiry_wake.notify_one();
-        durable.await?;
+        if let Err(e) = durable.await {
+            // The registration as stored comes back (unless a later change replaced ours).
+            let mut inner = self.lock();
+            if inner.holds(&ep) {
+                inner.remove(id);
+                inner.insert(old);
+            }
+            return Err(e.into());
+        }
         Counters::inc(&self.counters.registration_updates);
         tracing::debug!(ep = %ep.reg.name, id, "registration updated");
         self.tell(RegistryEvent::Updated {
@@ -702,7 +739,11 @@ impl Registry {
             (ep, durable)
         };
         let id = ep.reg.id.as_str();
-        durable.await?;
+        if let Err(e) = durable.await {
+            // Still on disk, so still registered.
+            self.lock().restore(&ep);
+            return Err(e.into());
+        }
         if let Some(l) = self.limits.get() {
             l.count(&ep.reg.domain);
         }
@@ -717,7 +758,7 @@ impl Registry {
 
     /// Removes every registration whose deadline is at or before `now_ms`; returns them.
     pub async fn expire_due(&self, now_ms: u64) -> Vec<Arc<Endpoint>> {
-        let (expired, durable) = {
+        let removed = {
             let mut inner = self.lock();
             let due: Vec<String> = inner
                 .deadlines
@@ -725,19 +766,25 @@ impl Registry {
                 .take_while(|(t, _)| *t <= now_ms)
                 .map(|(_, id)| id.to_string())
                 .collect();
-            let mut expired = Vec::with_capacity(due.len());
-            let mut durable = Vec::with_capacity(due.len());
+            let mut removed = Vec::with_capacity(due.len());
             for id in due {
                 if let Some(ep) = inner.remove(&id) {
-                    durable.push(self.store.delete_registration(id));
-                    expired.push(ep);
+                    let d = self.store.delete_registration(id);
+                    removed.push((ep, d));
                 }
             }
-            (expired, durable)
+            removed
         };
-        for d in durable {
-            if let Err(e) = d.await {
-                tracing::error!("store: cannot remove an expired registration: {e}");
+        let mut expired = Vec::with_capacity(removed.len());
+        for (ep, d) in removed {
+            match d.await {
+                Ok(()) => expired.push(ep),
+                Err(e) => {
+                    // Still on disk: it stays registered (and due) until the store
+                    // can remove it; the expiry task tries again a second later.
+                    tracing::error!(ep = %ep.reg.name, "store: cannot remove an expired registration: {e}");
+                    self.lock().restore(&ep);
+                }
             }
         }
         for ep in &expired {
@@ -763,7 +810,21 @@ impl Registry {
                 _ = self.expiry_wake.notified() => continue,
                 _ = tokio::time::sleep(sleep) => {}
             }
-            self.expire_due(now_ms()).await;
+            let now = now_ms();
+            self.expire_due(now).await;
+            // A removal the store refused left its endpoint due: wait before the next try
+            // rather than spin on a failing store.
+            let stuck = self
+                .lock()
+                .deadlines
+                .first()
+                .is_some_and(|(t, _)| *t <= now);
+            if stuck {
+                tokio::select! {
+                    _ = shutdown.recv() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
         }
     }
 

@@ -135,6 +135,13 @@ impl ResourceSet {
         self.0.remove(ep).is_some()
     }
 
+    /// Adds back what a removal the store refused took out (see [`Subscriptions`]).
+    fn restore(&mut self, taken: ResourceSet) {
+        for (ep, paths) in taken.0 {
+            self.0.entry(ep).or_default().extend(paths);
+        }
+    }
+
     fn paths_of(&self, ep: &str) -> impl Iterator<Item = &String> {
         self.0.get(ep).into_iter().flatten()
     }
@@ -143,10 +150,6 @@ impl ResourceSet {
         self.0
             .iter()
             .flat_map(|(ep, paths)| paths.iter().map(move |p| (ep, p)))
-    }
-
-    fn clear(&mut self) {
-        self.0.clear();
     }
 }
 
@@ -374,7 +377,16 @@ impl Subscriptions {
                 path: path.to_string(),
             })
         };
-        durable.await.map(|()| true)
+        if let Err(e) = durable.await {
+            // Not stored, so not subscribed.
+            let mut st = self.lock();
+            if let Some(k) = st.keys.get_mut(&who.key_id) {
+                k.resources.remove(ep, path);
+            }
+            self.prune(&mut st);
+            return Err(e);
+        }
+        Ok(true)
     }
 
     /// Stops observations nobody is subscribed to any more.
@@ -413,7 +425,16 @@ impl Subscriptions {
                 Some(path.to_string()),
             )
         };
-        durable.await?;
+        if let Err(e) = durable.await {
+            // Still stored, so still subscribed (and observed again).
+            if let Some(k) = self.lock().keys.get_mut(&who.key_id) {
+                k.resources.insert(ep, path);
+            }
+            if let Some(e) = self.registry.get(&who.domain, ep) {
+                self.observe_missing(&e, false);
+            }
+            return Err(e);
+        }
         Ok(true)
     }
 
@@ -455,30 +476,51 @@ impl Subscriptions {
             let Some(k) = st.keys.get_mut(&who.key_id) else {
                 return Ok(false);
             };
-            if !k.resources.remove_endpoint(ep) {
+            let Some(paths) = k.resources.0.remove(ep) else {
                 return Ok(false);
-            }
+            };
             self.prune(&mut st);
-            self.store
-                .delete_subscriptions(who.key_id.clone(), Some(ep.to_string()), None)
+            let taken = ResourceSet(Map::from_iter([(ep.to_string(), paths)]));
+            let d = self
+                .store
+                .delete_subscriptions(who.key_id.clone(), Some(ep.to_string()), None);
+            (taken, d)
         };
-        durable.await?;
+        let (taken, durable) = durable;
+        if let Err(e) = durable.await {
+            if let Some(k) = self.lock().keys.get_mut(&who.key_id) {
+                k.resources.restore(taken);
+            }
+            if let Some(e) = self.registry.get(&who.domain, ep) {
+                self.observe_missing(&e, false);
+            }
+            return Err(e);
+        }
         Ok(true)
     }
 
     /// `DELETE /subscriptions` (and `DELETE /notification/callback`): every subscription
     /// of the key.
     pub async fn unsubscribe_all(&self, key_id: &str) -> Result<(), StoreError> {
-        let durable = {
+        let (taken, durable) = {
             let mut st = self.lock();
-            if let Some(k) = st.keys.get_mut(key_id) {
-                k.resources.clear();
-            }
+            let taken = st
+                .keys
+                .get_mut(key_id)
+                .map(|k| std::mem::take(&mut k.resources));
             self.prune(&mut st);
-            self.store
-                .delete_subscriptions(key_id.to_string(), None, None)
+            let d = self
+                .store
+                .delete_subscriptions(key_id.to_string(), None, None);
+            (taken, d)
         };
-        durable.await
+        if let Err(e) = durable.await {
+            if let (Some(taken), Some(k)) = (taken, self.lock().keys.get_mut(key_id)) {
+                k.resources.restore(taken);
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// `GET /subscriptions`: the key's pre-subscription rules.
@@ -498,20 +540,38 @@ impl Subscriptions {
         rules: Vec<PreSub>,
     ) -> Result<(), SubError> {
         self.hub.ensure_channel(who).await?;
-        let durable = {
+        let (before, durable) = {
             let mut st = self.lock();
             let k = st.keys.entry(who.key_id.clone()).or_default();
             k.domain = who.domain.clone();
-            k.presubs = rules.clone();
-            k.resources.clear();
+            let before = (
+                std::mem::replace(&mut k.presubs, rules.clone()),
+                std::mem::take(&mut k.resources),
+            );
             self.prune(&mut st);
-            self.store.replace_presubscriptions(PresubRecord {
+            let d = self.store.replace_presubscriptions(PresubRecord {
                 key_id: who.key_id.clone(),
                 domain: who.domain.clone(),
-                rules,
-            })
+                rules: rules.clone(),
+            });
+            (before, d)
         };
-        durable.await?;
+        if let Err(e) = durable.await {
+            // The stored rules and subscriptions are still the old ones: so is memory
+            // (unless a later replacement already changed the rules).
+            let mut st = self.lock();
+            if let Some(k) = st.keys.get_mut(&who.key_id) {
+                if k.presubs == rules {
+                    k.presubs = before.0;
+                }
+                k.resources.restore(before.1);
+            }
+            drop(st);
+            for ep in self.registry.list(&who.domain, None) {
+                self.observe_missing(&ep, false);
+            }
+            return Err(e.into());
+        }
         for ep in self.registry.list(&who.domain, None) {
             self.apply_presubs(&ep, Some(&who.key_id)).await;
             self.observe_missing(&ep, false);
