@@ -1,9 +1,12 @@
 //! Strictness at the protocol edges (issue 19, item 10): CoAP requests the daemon cannot
 //! process as sent are refused with the code RFC 7252 names and a diagnostic payload, never
-//! half-understood.
+//! half-understood; and the HTTP errors hyper answers on its own (a request it cannot parse,
+//! a head too large) carry the documented JSON error body like every other REST error.
 
 mod support;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
@@ -182,4 +185,54 @@ fn non_utf8_names_paths_and_queries_are_4_00_never_lossy() {
     let resp = exchange(&dev, &p);
     assert_eq!(code(&resp), ResponseType::BadRequest, "{}", diag(&resp));
     assert_eq!(names(&d), vec!["good".to_string()]);
+}
+
+/// Raw bytes on a fresh connection; the whole answer (the daemon closes after an error).
+fn raw_http(d: &Daemon, bytes: &[u8]) -> (u16, String, String) {
+    let mut s = TcpStream::connect(d.rest).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+#[test]
+fn http_parse_errors_carry_the_json_error_body() {
+    let d = Daemon::start();
+    let long_header = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
+    // (request, the statuses that fit it)
+    let cases: [(&[u8], &[u16]); 5] = [
+        (b"GARBAGE\r\n\r\n", &[400]),
+        (b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n", &[400]),
+        (b"GET / HTTP/9.9\r\n\r\n", &[400, 505]),
+        (long_header.as_bytes(), &[431]),
+        (long_uri.as_bytes(), &[414, 431]),
+    ];
+    for (bytes, want) in cases {
+        let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(40)]).into_owned();
+        let (status, head, body) = raw_http(&d, bytes);
+        assert!(want.contains(&status), "{shown:?}: {head}");
+        assert!(
+            head.contains("content-type: application/json"),
+            "{shown:?}: {head}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{shown:?}: body {body:?} is not JSON: {e}"));
+        assert!(v["type"].as_str().is_some_and(|t| !t.is_empty()), "{v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    }
+    // The daemon is still serving.
+    assert_eq!(d.get("/endpoints").status, 200);
 }
