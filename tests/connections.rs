@@ -90,6 +90,7 @@ fn one_address_cannot_take_every_connection() {
     // daemon (end of input or a reset), not left waiting.
     let deadline = Instant::now() + ANSWER_WAIT;
     let mut closed = 0;
+    let mut told = 0;
     for mut s in idle.iter().rev().take(512) {
         let left = deadline
             .saturating_duration_since(Instant::now())
@@ -97,7 +98,15 @@ fn one_address_cannot_take_every_connection() {
         s.set_read_timeout(Some(left)).unwrap();
         let mut buf = [0u8; 512];
         match s.read(&mut buf) {
-            Ok(_) => closed += 1,
+            Ok(n) => {
+                closed += 1;
+                // Told why first (best effort): a JSON 503.
+                let text = String::from_utf8_lossy(&buf[..n]);
+                if text.starts_with("HTTP/1.1 503") && text.contains("max_connections_per_address")
+                {
+                    told += 1;
+                }
+            }
             Err(e) if e.kind() == ErrorKind::ConnectionReset => closed += 1,
             Err(_) => {}
         }
@@ -106,6 +115,7 @@ fn one_address_cannot_take_every_connection() {
         closed >= 512,
         "only {closed} of the last 512 connections were refused"
     );
+    assert!(told > 0, "no refused connection was answered 503");
     let (status, text) = get_from_other_address(&d, "/metrics");
     assert_eq!(status, 200, "{text}");
     let refused = metric(&text, "rest_connections_refused_total").expect("the refusal counter");
