@@ -233,6 +233,11 @@ fn http_parse_errors_carry_the_json_error_body() {
         assert!(v["type"].as_str().is_some_and(|t| !t.is_empty()), "{v}");
         assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
     }
-    // The daemon is still serving.
+    // The daemon is still serving, and counted them.
     assert_eq!(d.get("/endpoints").status, 200);
+    let metrics = d.get("/metrics").body;
+    for status in [400, 431] {
+        let line = format!("connectord_rest_responses_total{{status=\"{status}\"}} ");
+        assert!(metrics.contains(&line), "{status} not counted: {metrics}");
+    }
 }

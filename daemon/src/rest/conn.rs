@@ -343,9 +343,18 @@ pub struct ClientIo<T> {
     /// hyper's own answer to a request it could not parse, rewritten with the JSON error
     /// body ([`json_rejection`]), and how much of it is written.
     rewritten: Option<(Vec<u8>, usize)>,
+    /// Where those answers are counted (`rest_responses_total`), when set.
+    counters: Option<Arc<crate::metrics::Counters>>,
 }
 
 impl<T> ClientIo<T> {
+    /// Counts hyper's own answers (parse errors) in `counters.rest_responses`, as the
+    /// answers of handlers are.
+    pub fn counting(mut self, counters: Arc<crate::metrics::Counters>) -> ClientIo<T> {
+        self.counters = Some(counters);
+        self
+    }
+
     pub fn new(inner: T, timeout: Duration, activity: Arc<Activity>) -> ClientIo<T> {
         ClientIo {
             inner,
@@ -355,6 +364,7 @@ impl<T> ClientIo<T> {
             last_io: Instant::now(),
             idle: None,
             rewritten: None,
+            counters: None,
         }
     }
 
@@ -471,6 +481,13 @@ impl<T: AsyncWrite + Unpin> ClientIo<T> {
     /// (hyper buffers a head before writing it) and written by [`ClientIo::drain`].
     fn intercept(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Option<Poll<io::Result<usize>>> {
         let json = json_rejection(buf)?;
+        if let (Some(c), Some(status)) = (
+            &self.counters,
+            buf.get(9..12)
+                .and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()),
+        ) {
+            c.rest_responses.inc(status);
+        }
         self.rewritten = Some((json, 0));
         Some(match self.drain(cx) {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),

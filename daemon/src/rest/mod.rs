@@ -131,6 +131,7 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let counters = Arc::clone(&state.counters);
                 let state = Arc::clone(&state);
                 let first = Arc::new(tokio::sync::Notify::new());
                 let seen = Arc::clone(&first);
@@ -151,7 +152,9 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
                         r
                     }
                 });
-                let io = TokioIo::new(conn::ClientIo::new(stream, timeout, Arc::clone(&activity)));
+                let io = TokioIo::new(
+                    conn::ClientIo::new(stream, timeout, Arc::clone(&activity)).counting(counters),
+                );
                 let conn = builder.serve_connection_with_upgrades(io, svc);
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {
