@@ -168,7 +168,7 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
                     ended.finish();
                     match outcome {
                         None => tracing::debug!(
-                            "REST connection closed: no request within rest.client_timeout_s"
+                            "REST connection closed: no byte within 5 s or no request within rest.client_timeout_s"
                         ),
                         Some(Err(e)) => tracing::debug!("REST connection ended: {e}"),
                         Some(Ok(())) => {}
