@@ -90,6 +90,9 @@ counters! {
     registrations_expired,
     /// REST requests refused for missing or bad credentials.
     rest_unauthorized,
+    /// REST connections closed at once because their client address already had
+    /// rest.max_connections_per_address connections open.
+    rest_connections_refused,
     /// Notification events queued (counted once per receiving key).
     events_published,
     /// Notification events accepted by a callback, or answered to a long-poll whose key

@@ -128,12 +128,85 @@ pub fn uint_option(packet: &Packet, opt: CoapOption) -> Option<u32> {
     Some(v.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)))
 }
 
-/// The request's Uri-Path segments, each decoded as UTF-8 (lossily).
+/// Critical options (odd numbers, RFC 7252 §5.4.1) that a request to the daemon may carry:
+/// If-Match, Uri-Host, If-None-Match, Uri-Port, Uri-Path, Uri-Query, Accept, Block2,
+/// Block1. Any other critical option is one the daemon does not understand (OSCORE,
+/// Q-Block, a private one); Proxy-Uri and Proxy-Scheme are known but not served.
+const KNOWN_CRITICAL: [u16; 9] = [1, 3, 5, 7, 11, 15, 17, 23, 27];
+/// Proxy-Uri and Proxy-Scheme (RFC 7252 §5.10.2).
+const PROXY_OPTIONS: [u16; 2] = [35, 39];
+
+/// Why a request is refused before any handler sees it ([`check_request`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    /// The answer to a confirmable request.
+    pub response: Response,
+    /// A non-confirmable request is rejected with RST instead of answered (RFC 7252
+    /// §5.4.1: an unrecognised critical option in a NON message makes it rejected, §4.3).
+    pub reset_non: bool,
+}
+
+/// The checks every request passes before a handler sees it, in this order:
+/// - an unrecognised critical option → 4.02 Bad Option naming it (a NON request: RST);
+/// - Proxy-Uri or Proxy-Scheme → 5.05 Proxying Not Supported (the daemon is no proxy);
+/// - a Uri-Host, Uri-Path or Uri-Query value that is not UTF-8 → 4.00 (RFC 7252 §5.10.1
+///   makes them UTF-8 strings; a lossy conversion would let two different endpoint names
+///   become one).
+///
+/// Unknown elective options (even numbers) are ignored, as §5.4.1 says.
+pub fn check_request(packet: &Packet) -> Result<(), Refusal> {
+    let refuse = |code, text: String, reset_non| Refusal {
+        response: Response::diagnostic(code, text),
+        reset_non,
+    };
+    for (&n, _) in packet.options() {
+        if n % 2 == 1 && !KNOWN_CRITICAL.contains(&n) && !PROXY_OPTIONS.contains(&n) {
+            return Err(refuse(
+                ResponseType::BadOption,
+                format!("unrecognised critical option {n}"),
+                true,
+            ));
+        }
+    }
+    if let Some(&n) = PROXY_OPTIONS
+        .iter()
+        .find(|n| packet.get_option(CoapOption::from(**n)).is_some())
+    {
+        let name = if n == 35 { "Proxy-Uri" } else { "Proxy-Scheme" };
+        return Err(refuse(
+            ResponseType::ProxyingNotSupported,
+            format!("{name}: this server is not a proxy"),
+            false,
+        ));
+    }
+    for (opt, name) in [
+        (CoapOption::UriHost, "Uri-Host"),
+        (CoapOption::UriPath, "Uri-Path"),
+        (CoapOption::UriQuery, "Uri-Query"),
+    ] {
+        let bad = packet
+            .get_option(opt)
+            .is_some_and(|l| l.iter().any(|v| std::str::from_utf8(v).is_err()));
+        if bad {
+            return Err(refuse(
+                ResponseType::BadRequest,
+                format!("a {name} option is not valid UTF-8"),
+                false,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The request's Uri-Path segments as UTF-8. Requests reach handlers only after
+/// [`check_request`], which refuses non-UTF-8 ones, so the conversion never replaces
+/// anything there.
 pub fn uri_path(packet: &Packet) -> Vec<String> {
     option_strings(packet, CoapOption::UriPath)
 }
 
-/// The request's Uri-Query items, each `name=value` or a bare `name`.
+/// The request's Uri-Query items, each `name=value` or a bare `name` (UTF-8, as
+/// [`uri_path`]).
 pub fn uri_query(packet: &Packet) -> Vec<String> {
     option_strings(packet, CoapOption::UriQuery)
 }

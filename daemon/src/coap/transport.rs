@@ -254,6 +254,21 @@ impl Transport {
                 return;
             }
         }
+        // Options the daemon cannot honour (RFC 7252 §5.4.1), proxying, non-UTF-8 names:
+        // refused here, for every handler, and remembered like any answer.
+        if let Err(refusal) = message::check_request(&packet) {
+            tracing::debug!(%peer, "CoAP request refused: {}", String::from_utf8_lossy(&refusal.response.payload));
+            let bytes = if refusal.reset_non && mtype == MessageType::NonConfirmable {
+                Some(message::reset(mid))
+            } else {
+                self.encode_response(refusal.response, &packet, peer)
+            };
+            self.lock_dedup().complete(peer, mid, bytes.clone());
+            if let Some(b) = bytes {
+                send(socket, &b, peer).await;
+            }
+            return;
+        }
         // The permit first: a last block dropped for want of one would otherwise have
         // taken its transfer with it, and the device's retransmission would get 4.08.
         let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {

@@ -446,6 +446,13 @@ pub struct RestConfig {
     /// Connections served at once; at the limit no new connection is accepted (they wait
     /// in the listen backlog) until one closes.
     pub max_connections: usize,
+    /// Connections one client address may have open at once, out of `max_connections`;
+    /// more are closed at once (a 503, logged once a minute per address, counted). Below
+    /// `max_connections`, so that one address (idle or slowloris connections) cannot take
+    /// every slot: the rest stays for other clients. A value over `max_connections`
+    /// counts as `max_connections` (no per-address bound), which is what a reverse proxy on
+    /// one address needs.
+    pub max_connections_per_address: usize,
     /// Seconds the daemon waits on a client: for a request's head (request line and
     /// headers), for its body (408 when it does not arrive), for the next request on an idle
     /// connection (HTTP/1 or HTTP/2), and for a client to take a response it is not reading. Then the
@@ -458,6 +465,7 @@ impl Default for RestConfig {
         RestConfig {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
             max_connections: 1024,
+            max_connections_per_address: 256,
             client_timeout_s: 30,
         }
     }
@@ -608,6 +616,12 @@ impl Config {
         }
         if self.rest.max_connections == 0 {
             return Err(invalid("rest.max_connections", "must be at least 1".into()));
+        }
+        if self.rest.max_connections_per_address == 0 {
+            return Err(invalid(
+                "rest.max_connections_per_address",
+                "must be at least 1".into(),
+            ));
         }
         if !(1..=3600).contains(&self.rest.client_timeout_s) {
             return Err(invalid(

@@ -97,6 +97,10 @@ fn range_errors_name_the_key() {
         ("[coap]\nmax_datagram = 10\n", "coap.max_datagram"),
         ("[rest]\nlisten = []\n", "rest.listen"),
         ("[rest]\nmax_connections = 0\n", "rest.max_connections"),
+        (
+            "[rest]\nmax_connections_per_address = 0\n",
+            "rest.max_connections_per_address",
+        ),
         ("[rest]\nclient_timeout_s = 0\n", "rest.client_timeout_s"),
         (
             "[registry]\nmin_lifetime_s = 0\n",

@@ -131,6 +131,31 @@ fn text_param(name: &str, v: Option<&str>) -> Result<String, Response> {
     }
 }
 
+/// The binding mode `b=`: one or more distinct transports, `U` (UDP), `T` (TCP), `S`
+/// (SMS), `N` (non-IP) of LwM2M 1.1 and `M` (MQTT), `H` (HTTP) of 1.2, with LwM2M 1.0's
+/// queue-mode `Q` allowed right after `U` or `S` (`UQ`, `SQ`, `UQS`). Anything else is
+/// 4.00 naming the value: it is not stored, shown to applications or read for queue mode.
+fn binding(v: Option<&str>) -> Result<String, Response> {
+    let b = text_param("b", v)?;
+    let mut seen = String::new();
+    let valid = b.chars().all(|c| {
+        let ok = "UTSNMHQ".contains(c)
+            && !seen.contains(c)
+            && (c != 'Q' || seen.ends_with('U') || seen.ends_with('S'));
+        seen.push(c);
+        ok
+    }) && b.chars().any(|c| c != 'Q');
+    if !valid {
+        return Err(Response::diagnostic(
+            ResponseType::BadRequest,
+            format!(
+                "b={b:?} is not a binding mode: letters of U, T, S, N, M, H, each once, with Q only after U or S (UQ, SQ, UQS)"
+            ),
+        ));
+    }
+    Ok(b)
+}
+
 fn register_params(req: &Inbound) -> Result<RegisterParams, Response> {
     let mut p = RegisterParams::default();
     let mut name = None;
@@ -139,7 +164,7 @@ fn register_params(req: &Inbound) -> Result<RegisterParams, Response> {
             ("ep", v) => name = Some(text_param("ep", v)?),
             ("lt", v) => p.lifetime_s = Some(parse_lifetime(v)?),
             ("lwm2m", v) => p.lwm2m = Some(text_param("lwm2m", v)?),
-            ("b", v) => p.binding = Some(text_param("b", v)?),
+            ("b", v) => p.binding = Some(binding(v)?),
             ("et", v) => p.ept = Some(text_param("et", v)?),
             ("d", v) => p.domain = Some(text_param("d", v)?),
             ("Q", None) => p.queue_flag = true,
@@ -175,7 +200,7 @@ async fn update(registry: &Registry, id: &str, req: &Inbound) -> (Response, Opti
     for item in message::uri_query(&req.packet) {
         let r = match split_query(&item) {
             ("lt", v) => parse_lifetime(v).map(|lt| p.lifetime_s = Some(lt)),
-            ("b", v) => text_param("b", v).map(|b| p.binding = Some(b)),
+            ("b", v) => binding(v).map(|b| p.binding = Some(b)),
             ("Q", None) => {
                 p.queue_flag = true;
                 Ok(())

@@ -1,6 +1,9 @@
 //! Bounds on the REST server's connections: how many are served at once
-//! (`rest.max_connections`) and how long the daemon waits on a client
-//! (`rest.client_timeout_s`) before closing its connection.
+//! (`rest.max_connections`), how many of them one client address may hold
+//! (`rest.max_connections_per_address`, [`Connections::admit_address`]), and how long the
+//! daemon waits on a client (`rest.client_timeout_s`; [`QUIET`] for one that sends nothing)
+//! before closing its connection. [`ClientIo`] also gives hyper's own parse-error answers
+//! the JSON error body ([`json_rejection`]).
 //!
 //! The wait is bounded at every point where a client could otherwise hold a connection
 //! (and its buffers) forever: before its first request ([`first_request_within`]: nothing
@@ -11,8 +14,10 @@
 //! timeout for HTTP/2, so an idle HTTP/2 connection would otherwise hold its slot for
 //! good).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,11 +35,77 @@ use tokio::time::{Instant, Sleep};
 /// memory term.
 pub const MAX_HEAD: usize = 64 * 1024;
 
-/// `rest.max_connections` and `rest.client_timeout_s`, and the connections open now.
+/// How long a connection may send nothing at all before it is closed (or
+/// `rest.client_timeout_s` if shorter): a client that connects and says nothing holds a
+/// slot for this long, not for the whole client timeout. Once a byte has come, hyper's
+/// header read timeout (`rest.client_timeout_s`) bounds the rest of the head.
+pub const QUIET: Duration = Duration::from_secs(5);
+
+/// A refused address is logged at most once per this interval.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Addresses remembered for [`REFUSAL_LOG_INTERVAL`]; past this many, the ones whose
+/// interval is over are forgotten.
+const REFUSAL_LOG_ADDRESSES: usize = 4096;
+
+/// Connections open per client address.
+type ByAddress = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// `rest.max_connections`, `rest.max_connections_per_address`, `rest.client_timeout_s`,
+/// and the connections open now.
 pub struct Connections {
     permits: Arc<Semaphore>,
     max: usize,
+    /// `rest.max_connections_per_address`: below `max`, so one address (a slowloris) cannot
+    /// take every slot; what it cannot take is the reserve the other addresses are served
+    /// from.
+    per_address: usize,
+    by_address: ByAddress,
+    /// When each refused address was last logged (the log stays bounded under a flood).
+    logged: Mutex<HashMap<IpAddr, Instant>>,
     timeout: Duration,
+}
+
+/// A connection's share of its client address's bound; given back when dropped.
+#[derive(Debug)]
+pub struct AddressSlot {
+    by_address: ByAddress,
+    ip: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A connection refused for its address; `log` when it is the first of the address in
+/// [`REFUSAL_LOG_INTERVAL`].
+#[derive(Debug)]
+pub struct Refused {
+    pub log: bool,
+    pub limit: usize,
+}
+
+/// What a refused connection is told before it is closed (best effort: written only if
+/// the socket takes it at once).
+pub fn refusal_response() -> Vec<u8> {
+    let body = serde_json::json!({
+        "type": "service_unavailable",
+        "message": "too many connections from this address (rest.max_connections_per_address)",
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-type: application/json\r\nretry-after: 1\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 impl Connections {
@@ -42,8 +113,44 @@ impl Connections {
         Connections {
             permits: Arc::new(Semaphore::new(cfg.max_connections)),
             max: cfg.max_connections,
+            per_address: cfg.max_connections_per_address.min(cfg.max_connections),
+            by_address: Arc::default(),
+            logged: Mutex::default(),
             timeout: Duration::from_secs(cfg.client_timeout_s),
         }
+    }
+
+    /// Room for one more connection from `ip` (IPv4-mapped IPv6 counts as IPv4), or why
+    /// not.
+    pub fn admit_address(&self, ip: IpAddr) -> Result<AddressSlot, Refused> {
+        let ip = ip.to_canonical();
+        {
+            let mut map = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+            let n = map.entry(ip).or_insert(0);
+            if *n < self.per_address {
+                *n += 1;
+                return Ok(AddressSlot {
+                    by_address: Arc::clone(&self.by_address),
+                    ip,
+                });
+            }
+        }
+        let now = Instant::now();
+        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        if logged.len() >= REFUSAL_LOG_ADDRESSES {
+            logged.retain(|_, at| now.duration_since(*at) < REFUSAL_LOG_INTERVAL);
+        }
+        let log = match logged.get(&ip) {
+            Some(at) if now.duration_since(*at) < REFUSAL_LOG_INTERVAL => false,
+            _ => logged.len() < REFUSAL_LOG_ADDRESSES,
+        };
+        if log {
+            logged.insert(ip, now);
+        }
+        Err(Refused {
+            log,
+            limit: self.per_address,
+        })
     }
 
     /// Waits for room for one more connection; the permit is its slot.
@@ -79,19 +186,30 @@ impl Connections {
     }
 }
 
-/// Runs a connection, closing it (`None`) when no request arrived within `timeout`.
-/// hyper's head timeout starts only once it knows the protocol, so the wait before that is
-/// bounded here. `first` is notified by the service for every request.
+/// Runs a connection, closing it (`None`) when no request arrived within `timeout`, or
+/// when its client sent no byte at all within `quiet` (see [`QUIET`]). hyper's head
+/// timeout starts only once it knows the protocol, so the wait before that is bounded
+/// here. `first` is notified by the service for every request; `activity` knows whether
+/// anything was read.
 pub async fn first_request_within<F: Future>(
     conn: F,
     first: &Notify,
+    activity: &Activity,
+    quiet: Duration,
     timeout: Duration,
 ) -> Option<F::Output> {
     tokio::pin!(conn);
+    let started = Instant::now();
+    let deadline = async {
+        tokio::time::sleep(quiet.min(timeout)).await;
+        if activity.has_read() {
+            tokio::time::sleep_until(started + timeout).await;
+        }
+    };
     tokio::select! {
         r = conn.as_mut() => return Some(r),
         _ = first.notified() => {}
-        _ = tokio::time::sleep(timeout) => return None,
+        _ = deadline => return None,
     }
     Some(conn.await)
 }
@@ -111,6 +229,8 @@ pub struct Activity {
     /// A read or write of the client's socket failed, or a write made no progress for
     /// the timeout ([`ClientIo`]); not set by an idle close.
     failed: AtomicBool,
+    /// The client sent something (at least one read completed).
+    read_any: AtomicBool,
 }
 
 impl std::fmt::Debug for Activity {
@@ -131,7 +251,13 @@ impl Activity {
             requests: Mutex::new((0, Instant::now())),
             on_failure: Mutex::new(Vec::new()),
             failed: AtomicBool::new(false),
+            read_any: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the client has sent anything yet.
+    pub fn has_read(&self) -> bool {
+        self.read_any.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Instant)> {
@@ -214,9 +340,21 @@ pub struct ClientIo<T> {
     /// The last read or write that made progress.
     last_io: Instant,
     idle: Option<Pin<Box<Sleep>>>,
+    /// hyper's own answer to a request it could not parse, rewritten with the JSON error
+    /// body ([`json_rejection`]), and how much of it is written.
+    rewritten: Option<(Vec<u8>, usize)>,
+    /// Where those answers are counted (`rest_responses_total`), when set.
+    counters: Option<Arc<crate::metrics::Counters>>,
 }
 
 impl<T> ClientIo<T> {
+    /// Counts hyper's own answers (parse errors) in `counters.rest_responses`, as the
+    /// answers of handlers are.
+    pub fn counting(mut self, counters: Arc<crate::metrics::Counters>) -> ClientIo<T> {
+        self.counters = Some(counters);
+        self
+    }
+
     pub fn new(inner: T, timeout: Duration, activity: Arc<Activity>) -> ClientIo<T> {
         ClientIo {
             inner,
@@ -225,6 +363,8 @@ impl<T> ClientIo<T> {
             activity,
             last_io: Instant::now(),
             idle: None,
+            rewritten: None,
+            counters: None,
         }
     }
 
@@ -296,6 +436,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
         if r.is_ready() {
             if matches!(r, Poll::Ready(Err(_))) {
                 this.activity.fail();
+            } else {
+                this.activity.read_any.store(true, Ordering::Relaxed);
             }
             this.last_io = Instant::now();
             return r;
@@ -310,6 +452,114 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
     }
 }
 
+impl<T: AsyncWrite + Unpin> ClientIo<T> {
+    /// Writes what is left of a rewritten rejection; ready once it is all written.
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((bytes, done)) = &mut self.rewritten {
+            if *done == bytes.len() {
+                self.rewritten = None;
+                break;
+            }
+            let r = Pin::new(&mut self.inner).poll_write(cx, &bytes[*done..]);
+            if let Poll::Ready(Ok(n)) = r {
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                *done += n;
+            }
+            self.wrote(&r);
+            match self.check(cx, r) {
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// hyper's answer to a request it could not parse becomes the JSON one: taken whole
+    /// (hyper buffers a head before writing it) and written by [`ClientIo::drain`].
+    fn intercept(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Option<Poll<io::Result<usize>>> {
+        let json = json_rejection(buf)?;
+        if let (Some(c), Some(status)) = (
+            &self.counters,
+            buf.get(9..12)
+                .and_then(|b| std::str::from_utf8(b).ok()?.parse().ok()),
+        ) {
+            c.rest_responses.inc(status);
+        }
+        self.rewritten = Some((json, 0));
+        Some(match self.drain(cx) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // The rest is written before anything else (write, flush, shutdown).
+            _ => Poll::Ready(Ok(buf.len())),
+        })
+    }
+}
+
+/// The body of the JSON error that replaces hyper's own answer to a request it could not
+/// parse (which has an empty body): 400 for a malformed request line or header, 414 for a
+/// request target too long, 431 for a head over [`MAX_HEAD`].
+fn rejection_body(status: u16) -> Option<String> {
+    let (kind, message) = match status {
+        400 => (
+            "bad_request",
+            "the request could not be parsed as HTTP (malformed request line or header)"
+                .to_string(),
+        ),
+        414 => ("uri_too_long", "the request target is too long".to_string()),
+        431 => (
+            "request_header_fields_too_large",
+            format!("the request head is larger than {MAX_HEAD} bytes"),
+        ),
+        _ => return None,
+    };
+    Some(serde_json::json!({"type": kind, "message": message}).to_string())
+}
+
+/// When `buf` is exactly a response hyper makes itself for a parse error (HTTP/1: status
+/// 400, 414 or 431, and only `connection: close`, `content-length: 0` and `date`), the same
+/// response with the documented JSON error body (`{"type", "message"}`, as every other REST
+/// error). hyper offers no hook for these; responses of handlers always have a body or
+/// other headers, so they never match.
+pub fn json_rejection(buf: &[u8]) -> Option<Vec<u8>> {
+    // Cheap first: most writes are responses of handlers, some large.
+    if buf.len() > 256 || !buf.starts_with(b"HTTP/1.1 4") {
+        return None;
+    }
+    let text = std::str::from_utf8(buf).ok()?;
+    let rest = text.strip_prefix("HTTP/1.1 ")?;
+    let status: u16 = rest.get(..3)?.parse().ok()?;
+    let body = rejection_body(status)?;
+    let head = text.strip_suffix("\r\n\r\n")?;
+    let mut lines = head.split("\r\n");
+    let _status_line = lines.next()?;
+    let mut date = None;
+    let mut others = 0;
+    for l in lines {
+        match l {
+            "connection: close" | "content-length: 0" => others += 1,
+            _ if l.starts_with("date: ") => date = Some(l),
+            _ => return None,
+        }
+    }
+    if others != 2 {
+        return None;
+    }
+    let status_line = text.split("\r\n").next()?;
+    let mut out = format!(
+        "{status_line}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    if let Some(d) = date {
+        out.push_str(d);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(&body);
+    Some(out.into_bytes())
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -317,6 +567,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        std::task::ready!(this.drain(cx))?;
+        if let Some(r) = this.intercept(cx, buf) {
+            return r;
+        }
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         this.wrote(&r);
         this.check(cx, r)
@@ -328,6 +582,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        std::task::ready!(this.drain(cx))?;
+        // A parse-error answer is one short buffer (a head with no body).
+        if let [one] = bufs
+            && let Some(r) = this.intercept(cx, one)
+        {
+            return r;
+        }
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.wrote(&r);
         this.check(cx, r)
@@ -339,12 +600,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        std::task::ready!(this.drain(cx))?;
         let r = Pin::new(&mut this.inner).poll_flush(cx);
         this.check(cx, r)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        std::task::ready!(this.drain(cx))?;
         let r = Pin::new(&mut this.inner).poll_shutdown(cx);
         this.check(cx, r)
     }
@@ -481,14 +744,78 @@ mod tests {
         assert_eq!(ran.load(Ordering::Relaxed), 2);
     }
 
+    #[test]
+    fn only_hyper_rejections_get_the_json_body() {
+        let hyper = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Fri, 04 Dec 2026 19:57:05 GMT\r\n\r\n";
+        let out = String::from_utf8(json_rejection(hyper).unwrap()).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 431 "));
+        assert!(head.contains("content-type: application/json"));
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        assert!(head.contains("date: Fri"));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["type"], "request_header_fields_too_large");
+        // Anything else is left alone: another status, a body, other headers.
+        for other in [
+            &b"HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\n{}",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n",
+        ] {
+            assert_eq!(json_rejection(other), None, "{}", String::from_utf8_lossy(other));
+        }
+    }
+
     #[tokio::test]
     async fn no_first_request_closes_the_connection() {
         let first = Notify::new();
+        let a = Activity::new();
         let never = std::future::pending::<()>();
-        assert_eq!(first_request_within(never, &first, T).await, None);
+        assert_eq!(first_request_within(never, &first, &a, T, T).await, None);
         // Once a request came, the connection runs as long as it likes.
         first.notify_one();
         let long = tokio::time::sleep(3 * T);
-        assert_eq!(first_request_within(long, &first, T).await, Some(()));
+        assert_eq!(first_request_within(long, &first, &a, T, T).await, Some(()));
+    }
+
+    /// Silent for `quiet`: closed then (long before the timeout); a client that sent
+    /// something is not closed at `quiet`.
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_after_quiet() {
+        let first = Notify::new();
+        let a = Activity::new();
+        let never = std::future::pending::<()>();
+        let closed =
+            tokio::time::timeout(25 * T, first_request_within(never, &first, &a, T, 50 * T)).await;
+        assert_eq!(closed, Ok(None), "closed after quiet, not the timeout");
+        let a = Activity::new();
+        a.read_any.store(true, Ordering::Relaxed);
+        let never = std::future::pending::<()>();
+        let open =
+            tokio::time::timeout(3 * T, first_request_within(never, &first, &a, T, 50 * T)).await;
+        assert!(open.is_err(), "still open: it sent something");
+    }
+
+    #[test]
+    fn one_address_gets_at_most_its_share_and_is_logged_once() {
+        let cfg = crate::config::RestConfig {
+            max_connections: 10,
+            max_connections_per_address: 2,
+            ..Default::default()
+        };
+        let c = Connections::new(&cfg);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let one = c.admit_address(a).unwrap();
+        let _two = c.admit_address(mapped).unwrap();
+        assert!(c.admit_address(a).unwrap_err().log);
+        assert!(
+            !c.admit_address(a).unwrap_err().log,
+            "logged once per interval"
+        );
+        let _other = c.admit_address(b).unwrap();
+        drop(one);
+        let _again = c.admit_address(a).unwrap();
     }
 }

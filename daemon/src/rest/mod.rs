@@ -90,6 +90,7 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
         accepts.push(tokio::spawn(async move {
             let timeout = state.connections.timeout();
             let builder = state.connections.builder();
+            let refused_response = conn::refusal_response();
             loop {
                 // At rest.max_connections, accept nothing until a connection closes: the
                 // next ones wait in the kernel's listen backlog.
@@ -97,7 +98,7 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
                     _ = sd.recv() => return,
                     p = state.connections.admit() => p,
                 };
-                let (stream, _) = tokio::select! {
+                let (stream, peer) = tokio::select! {
                     _ = sd.recv() => return,
                     r = listener.accept() => match r {
                         Ok(x) => x,
@@ -109,7 +110,28 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
                         }
                     },
                 };
+                // One address gets at most rest.max_connections_per_address of the slots;
+                // past it, told so and closed at once (not queued: it would hold the
+                // backlog for everyone).
+                let address_slot = match state.connections.admit_address(peer.ip()) {
+                    Ok(s) => s,
+                    Err(refused) => {
+                        Counters::inc(&state.counters.rest_connections_refused);
+                        if refused.log {
+                            tracing::warn!(
+                                "REST connections from {} refused: it has {} open \
+                                 (rest.max_connections_per_address); logged once a minute \
+                                 per address, counted in rest_connections_refused_total",
+                                peer.ip().to_canonical(),
+                                refused.limit
+                            );
+                        }
+                        let _ = stream.try_write(&refused_response);
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
+                let counters = Arc::clone(&state.counters);
                 let state = Arc::clone(&state);
                 let first = Arc::new(tokio::sync::Notify::new());
                 let seen = Arc::clone(&first);
@@ -130,17 +152,23 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
                         r
                     }
                 });
-                let io = TokioIo::new(conn::ClientIo::new(stream, timeout, activity));
+                let io = TokioIo::new(
+                    conn::ClientIo::new(stream, timeout, Arc::clone(&activity)).counting(counters),
+                );
                 let conn = builder.serve_connection_with_upgrades(io, svc);
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {
-                    let _slot = permit;
-                    let outcome = conn::first_request_within(conn, &first, timeout).await;
+                    // The address's share goes back before the global slot (fields drop
+                    // in order): a connection accepted on this slot must find it free.
+                    let _slot = (address_slot, permit);
+                    let outcome =
+                        conn::first_request_within(conn, &first, &activity, conn::QUIET, timeout)
+                            .await;
                     // Long-poll answers handed to a connection that failed are queued again.
                     ended.finish();
                     match outcome {
                         None => tracing::debug!(
-                            "REST connection closed: no request within rest.client_timeout_s"
+                            "REST connection closed: no byte within 5 s or no request within rest.client_timeout_s"
                         ),
                         Some(Err(e)) => tracing::debug!("REST connection ended: {e}"),
                         Some(Ok(())) => {}
