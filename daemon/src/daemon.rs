@@ -1,8 +1,10 @@
 //! Start-up wiring, signals and systemd readiness.
 //!
-//! Start order: state directory and store, endpoint directory (loaded from the store),
-//! access keys (the first admin key at first start), CoAP sockets, REST listeners; only
-//! when all are bound does the daemon tell systemd READY=1. SIGTERM and SIGINT stop
+//! Start order: the state files checked for contradictions (nothing created yet), CoAP
+//! sockets and REST listeners bound, then the store opened and probed, the CA, endpoint
+//! directory (loaded from the store), access keys (the first admin key at first start);
+//! so a start that fails on a taken port or an unusable state creates no first-start
+//! file. Only when all is ready does the daemon tell systemd READY=1. SIGTERM and SIGINT stop
 //! gracefully; SIGHUP re-reads the configuration and applies what can change at run time.
 
 use std::path::PathBuf;
@@ -44,6 +46,10 @@ pub enum StartError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     StateDir(#[from] crate::state_dir::NotPrivate),
+    #[error(transparent)]
+    Contradiction(#[from] crate::state_dir::Contradiction),
+    #[error("--reinit: cannot move the old files aside: {0}")]
+    Reinit(std::io::Error),
 }
 
 /// Changes the log filter of the running process (given by the binary, which owns the
@@ -52,18 +58,54 @@ pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// Runs the daemon until SIGTERM or SIGINT. `config_path` is re-read on SIGHUP (with
 /// `None`, the embedded defaults are in force and SIGHUP has nothing to re-read).
+///
+/// `reinit` (`connectord run --reinit`) lets the daemon start on state files that
+/// contradict each other (see [`crate::state_dir::check_consistent`]).
 pub async fn run(
     config: Config,
     config_path: Option<PathBuf>,
     set_log: SetLogFilter,
+    reinit: bool,
 ) -> Result<(), StartError> {
     crate::log_budget::set_per_second(config.log.device_lines_per_s);
     let state_dir = config.state.resolve_dir();
     crate::state_dir::make_private(&state_dir)?;
+    let contradiction = match crate::state_dir::check_consistent(&state_dir) {
+        Ok(()) => {
+            if reinit {
+                tracing::info!("--reinit: the state files agree, nothing to reinitialise");
+            }
+            None
+        }
+        Err(c) if reinit => Some(c),
+        Err(c) => return Err(c.into()),
+    };
+    let counters = Arc::new(Counters::default());
+    // Bound before anything is created in the state directory: a taken port leaves it as
+    // it was.
+    let transport = Transport::bind(&config.coap, Arc::clone(&counters))?;
+    let listeners = rest::bind(&config.rest.listen).await?;
+    if let Some(c) = contradiction {
+        let moved = crate::state_dir::reinit(&c).map_err(StartError::Reinit)?;
+        let moved: Vec<String> = moved.iter().map(|p| p.display().to_string()).collect();
+        tracing::warn!(
+            "--reinit: {} was {} beside {}; starting on a new database (the CA is kept){}",
+            state_dir.join(crate::store::sqlite::DB_FILE).display(),
+            c.db_state,
+            c.found.join(", "),
+            if moved.is_empty() {
+                String::new()
+            } else {
+                format!("; moved aside: {}", moved.join(", "))
+            }
+        );
+    }
     let store = SqliteStore::open(&state_dir)?;
     tracing::info!("state in {}", store.path().display());
     let store: Arc<dyn Store> = Arc::new(store);
-    let counters = Arc::new(Counters::default());
+    // The CA before the admin key: of the first-start files, the one that can fail last
+    // leaves the least behind.
+    let ca = Arc::new(crate::certs::CertAuthority::load_or_create(&state_dir)?);
 
     let registry = Arc::new(Registry::new(
         config.registry.clone(),
@@ -111,9 +153,6 @@ pub async fn run(
             state_dir.join(crate::auth::ADMIN_KEY_FILE).display()
         ),
     }
-
-    let transport = Transport::bind(&config.coap, Arc::clone(&counters))?;
-    let listeners = rest::bind(&config.rest.listen).await?;
 
     let (trigger, stop) = shutdown::channel();
     let n = &config.notifications;
@@ -219,7 +258,8 @@ pub async fn run(
         subscriptions,
         plugins: Arc::clone(&plugins),
         limits: Arc::clone(&limits),
-        ca: Arc::new(crate::certs::CertAuthority::load_or_create(&state_dir)?),
+        ca,
+        store: Arc::clone(&store),
         max_body: config.requests.max_body,
         long_poll: Duration::from_secs(config.notifications.long_poll_s),
         connections: rest::conn::Connections::new(&config.rest),

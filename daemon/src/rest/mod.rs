@@ -58,6 +58,8 @@ pub struct AppState {
     pub plugins: Arc<crate::plugins::PluginHost>,
     pub limits: Arc<crate::limits::Limits>,
     pub ca: Arc<crate::certs::CertAuthority>,
+    /// Asked for its health by `GET /` and `/metrics`.
+    pub store: Arc<dyn crate::store::Store>,
     /// `requests.max_body`.
     pub max_body: usize,
     /// `notifications.long_poll_s`.
@@ -310,10 +312,22 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
         return reply;
     }
     match route {
-        Route::Root => Reply::text(
-            StatusCode::OK,
-            format!("connectord {}", env!("CARGO_PKG_VERSION")),
-        ),
+        // Decision: the first line stays `connectord <version>` (what clients read); a
+        // failing store makes it 503 with a second line naming the failure, so a health
+        // check sees it without parsing.
+        Route::Root => match state.store.health().failing {
+            None => Reply::text(
+                StatusCode::OK,
+                format!("connectord {}", env!("CARGO_PKG_VERSION")),
+            ),
+            Some(e) => Reply::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "connectord {}\nstate store failing: {e}",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            ),
+        },
         Route::RestVersions => Reply::json(StatusCode::OK, &["v1", "v2"]),
         Route::Endpoints => endpoints::list(&state.registry, &principal, &parts),
         Route::Endpoint(name) if parts.method == Method::DELETE => {
@@ -371,6 +385,7 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
         Route::Metrics => {
             let mut out = String::new();
             state.counters.render(&mut out);
+            metrics::store_health(&mut out, &state.store.health());
             metrics::gauge(
                 &mut out,
                 "registered_endpoints",
