@@ -223,32 +223,44 @@ fn a_missing_or_empty_database_beside_keys_refuses_the_start_unless_reinit() {
     drop(dir);
 }
 
-/// A start that fails (here a REST or CoAP port already taken) creates nothing: no
-/// database, no admin key, no CA, no plugin cache.
+/// A start that fails (a REST or CoAP port already taken, a plugin named in the
+/// configuration that does not exist) creates nothing: no database, no admin key, no CA,
+/// no plugin cache.
 #[test]
 fn a_start_that_fails_leaves_the_state_directory_as_it_was() {
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let listen = |section: &str, taken: SocketAddr| {
+        (
+            format!("[{section}]\nlisten = [\"127.0.0.1:0\"]"),
+            format!("[{section}]\nlisten = [\"{taken}\"]"),
+            taken.to_string(),
+        )
+    };
+    // (what, replaced in the configuration, by, named in the error)
     let cases = [
-        ("rest", tcp.local_addr().unwrap(), "REST"),
-        ("coap", udp.local_addr().unwrap(), "CoAP"),
+        listen("rest", tcp.local_addr().unwrap()),
+        listen("coap", udp.local_addr().unwrap()),
+        (
+            "[lua]".to_string(),
+            "[plugins]\nauth = [\"no-such-plugin\"]\n[lua]".to_string(),
+            "no-such-plugin".to_string(),
+        ),
     ];
-    for (section, taken, _) in cases {
+    for (from, to, named) in cases {
         let p = Prepared::new("", "");
         let state = p.dir.path().join("state");
         std::fs::create_dir(&state).unwrap();
         let text = std::fs::read_to_string(&p.config_path).unwrap();
-        let header = format!("[{section}]\nlisten = [\"127.0.0.1:0\"]");
-        assert!(text.contains(&header), "{text}");
-        let text = text.replace(&header, &format!("[{section}]\nlisten = [\"{taken}\"]"));
-        std::fs::write(&p.config_path, text).unwrap();
+        assert!(text.contains(&from), "{text}");
+        std::fs::write(&p.config_path, text.replacen(&from, &to, 1)).unwrap();
         let (status, err) = run_refused(&p.config_path, &[]);
         assert!(
             matches!(status, Some(c) if c != 0),
-            "{section}: {status:?}\n{err}"
+            "{named}: {status:?}\n{err}"
         );
-        assert!(err.contains(&taken.to_string()), "{section}: {err}");
-        assert_eq!(entries(&state), Vec::<String>::new(), "{section}: {err}");
+        assert!(err.contains(&named), "{named}: {err}");
+        assert_eq!(entries(&state), Vec::<String>::new(), "{named}: {err}");
     }
 }
 

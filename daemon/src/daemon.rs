@@ -80,6 +80,17 @@ pub async fn run(
         Err(c) if reinit => Some(c),
         Err(c) => return Err(c.into()),
     };
+    let source = match &config_path {
+        Some(p) => crate::config::Source::File(p.clone()),
+        None => crate::config::Source::Embedded,
+    };
+    // The plugin names as check-config checks them, before anything is created in the
+    // state directory (the check against what was really loaded follows below).
+    crate::plugins::check_names(
+        &config.plugins,
+        &crate::plugins::available(&config.plugins),
+        &source,
+    )?;
     let counters = Arc::new(Counters::default());
     // Bound before anything is created in the state directory: a taken port leaves it as
     // it was.
@@ -131,10 +142,6 @@ pub async fn run(
             a.origin
         );
     }
-    let source = match &config_path {
-        Some(p) => crate::config::Source::File(p.clone()),
-        None => crate::config::Source::Embedded,
-    };
     let available: Vec<_> = loaded.into_iter().map(|(a, _)| a).collect();
     crate::plugins::check_names(&config.plugins, &available, &source)?;
     let auth = AuthChain::new(Arc::clone(&plugins), config.plugins.auth.clone());
