@@ -484,6 +484,24 @@ fn a_failing_store_at_run_time_is_reported_and_answered_503() {
         "{r:?}"
     );
 
+    // A plugin's route that writes its state (a new access key): 503 too, not the
+    // plugin's 500.
+    let body_key = serde_json::to_vec(&serde_json::json!({"name": "x".repeat(200)})).unwrap();
+    let r = d.call(
+        "POST",
+        "/api/api_tokens",
+        Some("application/json"),
+        Some(&body_key),
+    );
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("state store"),
+        "{r:?}"
+    );
+
     // Room again: the next write commits and the store is healthy again.
     std::fs::remove_file(&filler).unwrap();
     let r = d.call(

@@ -580,6 +580,18 @@ async fn plugin_route(
                 if status.is_success() && !matches!(parts.method, Method::GET | Method::HEAD) {
                     crate::revocation::sweep(&state.auth, &state.hub, &state.subscriptions).await;
                 }
+                // Decision: a plugin sees only that a state call failed, so its 500 while
+                // the store is failing is answered as the core's routes answer a failing
+                // store: 503, try again (in the route's own error spelling).
+                if status == StatusCode::INTERNAL_SERVER_ERROR
+                    && state.store.health().failing.is_some()
+                {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &errs.unavailable,
+                        reply::STORE_FAILING,
+                    );
+                }
                 Reply::raw(status, &r.headers, r.body)
             }
             Err(_) => error(

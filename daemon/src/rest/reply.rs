@@ -230,6 +230,9 @@ pub fn json_object_body<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// The message of a 503 answered because the state store is failing.
+pub const STORE_FAILING: &str = "the state store is failing (see GET / and the daemon's log); nothing was changed, try again later";
+
 /// A store error as the answer to a request that needed the store. The storage failing
 /// (full, read-only, I/O error, corrupt: [`StoreError::is_unavailable`]) is 503 with
 /// kind `store_unavailable`, logged by the store itself (once, not per request); any
@@ -242,7 +245,7 @@ pub fn store_failure(e: &crate::store::StoreError, context: &str) -> Reply {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
-            "the state store is failing (see GET / and the daemon's log); nothing was changed, try again later",
+            STORE_FAILING,
         );
     }
     tracing::error!("{context}: {e}");
