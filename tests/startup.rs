@@ -194,6 +194,16 @@ fn a_missing_or_empty_database_beside_keys_refuses_the_start_unless_reinit() {
         );
         assert_eq!(read(&state.join("ca.key.pem")), ca_key);
         assert_eq!(read(&state.join("ca.cert.pem")), ca_cert);
+        // `connectord plugin-call` on the same state refuses too.
+        let out = Command::new(support::BIN)
+            .args(["plugin-call", "--config"])
+            .arg(&config)
+            .args(["pelion", "create_user", r#"{"name": "ops"}"#])
+            .output()
+            .unwrap();
+        let perr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: plugin-call: {perr}");
+        assert!(perr.contains("--reinit"), "{what}: plugin-call: {perr}");
         // Nothing created by the refused start (the 0-byte file was there already).
         assert_eq!(
             std::fs::metadata(&db).map(|m| m.len()).ok(),

@@ -398,6 +398,8 @@ pub fn plugin_call(
     input: &[u8],
 ) -> Result<Vec<u8>, PluginCallError> {
     let state_dir = config.state.resolve_dir();
+    // A lost database is not made anew behind the daemon's back either.
+    crate::state_dir::check_consistent(&state_dir)?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&state_dir)?);
     let cache = std::env::temp_dir().join(format!("connectord-plugin-call-{}", std::process::id()));
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -429,6 +431,8 @@ pub fn plugin_call(
 pub enum PluginCallError {
     #[error("state store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Contradiction(#[from] crate::state_dir::Contradiction),
     #[error("{0}")]
     Plugin(String),
 }
