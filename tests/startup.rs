@@ -526,4 +526,7 @@ fn a_failing_store_at_run_time_is_reported_and_answered_503() {
     let logs = d.logs().join("\n");
     assert!(logs.contains("state store is failing"), "{logs}");
     assert!(logs.contains("state store works again"), "{logs}");
+    // One error line for the whole failure (not one per request or batch).
+    let errors: Vec<&str> = logs.lines().filter(|l| l.contains(" ERROR ")).collect();
+    assert_eq!(errors.len(), 1, "{}", errors.join("\n"));
 }

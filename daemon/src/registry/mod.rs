@@ -737,7 +737,10 @@ impl Registry {
         };
         for d in durable {
             if let Err(e) = d.await {
-                tracing::error!("store: cannot remove an expired registration: {e}");
+                crate::store::log_failure(
+                    format_args!("store: cannot remove an expired registration"),
+                    &e,
+                );
             }
         }
         for ep in &expired {

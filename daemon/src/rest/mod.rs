@@ -251,7 +251,13 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
     // The key's channel follows its newest verdict, so that events are routed by the
     // restriction it has now (a key edited in its backend), from this request on.
     if let Err(e) = state.hub.note_restriction(&principal).await {
-        tracing::error!(key = %principal.key_id, "the key's restriction is not recorded: {e}");
+        crate::store::log_failure(
+            format_args!(
+                "the restriction of key {} is not recorded",
+                principal.key_id
+            ),
+            &e,
+        );
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             &errs.unavailable,
@@ -350,7 +356,7 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
                 && reply.status() == StatusCode::NO_CONTENT
                 && let Err(e) = state.subscriptions.unsubscribe_all(&principal.key_id).await
             {
-                tracing::error!("subscriptions not removed with the callback: {e}");
+                crate::store::log_failure(format_args!("subscriptions not removed with the callback"), &e);
             }
             reply
         }

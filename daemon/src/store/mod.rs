@@ -84,6 +84,18 @@ impl StoreError {
     }
 }
 
+/// Logs a failed store operation with `context`: as an error, unless the storage itself is
+/// failing ([`StoreError::is_unavailable`]); the store reports that once when it starts
+/// and at most once a minute while it lasts, so callers log it only at debug level and a
+/// failing disk does not write one line per request, event or device.
+pub fn log_failure(context: std::fmt::Arguments<'_>, e: &StoreError) {
+    if e.is_unavailable() {
+        tracing::debug!("{context}: {e}");
+    } else {
+        tracing::error!("{context}: {e}");
+    }
+}
+
 /// Whether the store's writes succeed now, as the daemon reports it (`GET /`, metrics).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Health {
