@@ -447,7 +447,8 @@ const FAILING_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Whether the store's writes succeed, kept by the store thread. Decision: the state
 /// changes with each batch (failing at the first write the storage refuses, healthy at
-/// the first batch that commits without such a failure), and is logged when it changes
+/// the first batch that changes rows and commits without such a failure; a batch of
+/// reads says nothing), and is logged when it changes
 /// and at most once a [`FAILING_LOG_EVERY`] while it fails, never once per request.
 #[derive(Default)]
 struct HealthState {
@@ -573,6 +574,9 @@ fn run(
 /// runs again, each job inside its own savepoint, so that the failing job is undone alone
 /// and the others commit.
 fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>, health: &HealthState) {
+    // Only a batch that changed rows shows that writes succeed again: reads commit on a
+    // full disk too.
+    let changes_before = conn.total_changes();
     if let Err(e) = begin(conn) {
         health.failed(&e);
         batch.into_iter().for_each(|job| job.fail(&e));
@@ -614,7 +618,8 @@ fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>, health: &HealthState) 
             // A job refused by the storage (a full disk on its insert) while the others
             // committed: the store is failing all the same.
             Some(e) => health.failed(e),
-            None => health.succeeded(),
+            None if conn.total_changes() > changes_before => health.succeeded(),
+            None => {}
         },
     }
     for job in batch {
@@ -1260,6 +1265,72 @@ mod tests {
             .unwrap()
             .map(|r| r.unwrap())
             .collect()
+    }
+
+    /// A job whose answer nobody awaits.
+    fn unawaited<T: Send + 'static>(
+        f: impl FnMut(&Db<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Box<dyn Job> {
+        let (tx, _rx) = oneshot::channel();
+        Box::new(FnJob {
+            f,
+            result: None,
+            tx,
+        })
+    }
+
+    /// The store is failing from the first write the storage refuses until a batch that
+    /// writes commits: a batch of reads (which commits on a full disk too) proves nothing,
+    /// and an error of the statement rather than the storage does not count.
+    #[test]
+    fn health_fails_with_the_storage_and_recovers_with_a_committed_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        migrate(&conn).unwrap();
+        let db = Db::new(&conn).unwrap();
+        let h = HealthState::default();
+        let failing = |h: &HealthState| h.snapshot().failing.is_some();
+
+        run_batch(
+            &db,
+            vec![unawaited(|_| {
+                Err::<(), _>(StoreError::Commit("disk full".into()))
+            })],
+            &h,
+        );
+        assert!(failing(&h));
+        assert_eq!(h.snapshot().errors, 1);
+        let read = |c: &Db<'_>| {
+            Ok(c.query_row("SELECT count(*) FROM registrations", [], |r| {
+                r.get::<_, i64>(0)
+            })?)
+        };
+        run_batch(&db, vec![unawaited(read)], &h);
+        assert!(
+            failing(&h),
+            "a read-only batch does not make the store healthy"
+        );
+        let bad_statement = |c: &Db<'_>| {
+            c.execute("INSERT INTO no_such_table VALUES (1)", [])?;
+            Ok(())
+        };
+        run_batch(&db, vec![unawaited(bad_statement)], &h);
+        assert_eq!(h.snapshot().errors, 1, "not a storage failure");
+        let write = |c: &Db<'_>| {
+            c.execute(
+                "INSERT INTO registrations (id, domain, name, data) VALUES ('h', 'd', 'h', '{}')",
+                [],
+            )?;
+            Ok(())
+        };
+        run_batch(&db, vec![unawaited(write)], &h);
+        assert_eq!(
+            h.snapshot(),
+            Health {
+                failing: None,
+                errors: 1
+            }
+        );
     }
 
     #[tokio::test]
