@@ -334,6 +334,13 @@ fn a_corrupt_or_foreign_database_refuses_the_start_naming_the_file() {
             err.to_lowercase().contains(cause),
             "{what}: cause not named:\n{err}"
         );
+        // Said once, not repeated by the error chain.
+        let first = err.lines().find(|l| l.starts_with("error: ")).unwrap();
+        assert_eq!(
+            first.matches(&db.display().to_string()).count(),
+            1,
+            "{first}"
+        );
     }
 }
 

@@ -34,8 +34,10 @@ use crate::subscriptions::lua::LuaRules;
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// Not a `source`: the message already holds the store's (the file and the cause),
+    /// and the binary prints the chain, which would say it twice.
     #[error("state store: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("certificate authority: {0}")]
     Ca(#[from] crate::certs::CertError),
     #[error("cannot write the first admin key: {0}")]
@@ -50,6 +52,18 @@ pub enum StartError {
     Contradiction(#[from] crate::state_dir::Contradiction),
     #[error("--reinit: cannot move the old files aside: {0}")]
     Reinit(std::io::Error),
+}
+
+impl From<StoreError> for StartError {
+    fn from(e: StoreError) -> StartError {
+        StartError::Store(e)
+    }
+}
+
+impl From<StoreError> for PluginCallError {
+    fn from(e: StoreError) -> PluginCallError {
+        PluginCallError::Store(e)
+    }
 }
 
 /// Changes the log filter of the running process (given by the binary, which owns the
@@ -429,8 +443,9 @@ pub fn plugin_call(
 /// Why `connectord plugin-call` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginCallError {
+    /// Not a `source`, as in [`StartError::Store`].
     #[error("state store: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error(transparent)]
     Contradiction(#[from] crate::state_dir::Contradiction),
     #[error("{0}")]
