@@ -1,8 +1,10 @@
 //! Start-up wiring, signals and systemd readiness.
 //!
-//! Start order: state directory and store, endpoint directory (loaded from the store),
-//! access keys (the first admin key at first start), CoAP sockets, REST listeners; only
-//! when all are bound does the daemon tell systemd READY=1. SIGTERM and SIGINT stop
+//! Start order: the state files checked for contradictions (nothing created yet), CoAP
+//! sockets and REST listeners bound, then the store opened and probed, the CA, endpoint
+//! directory (loaded from the store), access keys (the first admin key at first start);
+//! so a start that fails on a taken port or an unusable state creates no first-start
+//! file. Only when all is ready does the daemon tell systemd READY=1. SIGTERM and SIGINT stop
 //! gracefully; SIGHUP re-reads the configuration and applies what can change at run time.
 
 use std::path::PathBuf;
@@ -32,8 +34,10 @@ use crate::subscriptions::lua::LuaRules;
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// Not a `source`: the message already holds the store's (the file and the cause),
+    /// and the binary prints the chain, which would say it twice.
     #[error("state store: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("certificate authority: {0}")]
     Ca(#[from] crate::certs::CertError),
     #[error("cannot write the first admin key: {0}")]
@@ -44,6 +48,22 @@ pub enum StartError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     StateDir(#[from] crate::state_dir::NotPrivate),
+    #[error(transparent)]
+    Contradiction(#[from] crate::state_dir::Contradiction),
+    #[error("--reinit: cannot move the old files aside: {0}")]
+    Reinit(std::io::Error),
+}
+
+impl From<StoreError> for StartError {
+    fn from(e: StoreError) -> StartError {
+        StartError::Store(e)
+    }
+}
+
+impl From<StoreError> for PluginCallError {
+    fn from(e: StoreError) -> PluginCallError {
+        PluginCallError::Store(e)
+    }
 }
 
 /// Changes the log filter of the running process (given by the binary, which owns the
@@ -52,21 +72,65 @@ pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// Runs the daemon until SIGTERM or SIGINT. `config_path` is re-read on SIGHUP (with
 /// `None`, the embedded defaults are in force and SIGHUP has nothing to re-read).
+///
+/// `reinit` (`connectord run --reinit`) lets the daemon start on state files that
+/// contradict each other (see [`crate::state_dir::check_consistent`]).
 pub async fn run(
     config: Config,
     config_path: Option<PathBuf>,
     set_log: SetLogFilter,
+    reinit: bool,
 ) -> Result<(), StartError> {
     crate::log_budget::set_per_second(config.log.device_lines_per_s);
     let state_dir = config.state.resolve_dir();
     crate::state_dir::make_private(&state_dir)?;
-    let store = SqliteStore::open(&state_dir)?;
+    let contradiction = match crate::state_dir::check_consistent(&state_dir) {
+        Ok(()) => {
+            if reinit {
+                tracing::info!("--reinit: the state files agree, nothing to reinitialise");
+            }
+            None
+        }
+        Err(c) if reinit => Some(c),
+        Err(c) => return Err(c.into()),
+    };
+    let source = match &config_path {
+        Some(p) => crate::config::Source::File(p.clone()),
+        None => crate::config::Source::Embedded,
+    };
+    // The plugin names as check-config checks them, before anything is created in the
+    // state directory (the check against what was really loaded follows below).
+    crate::plugins::check_names(
+        &config.plugins,
+        &crate::plugins::available(&config.plugins),
+        &source,
+    )?;
+    let counters = Arc::new(Counters::default());
+    // Bound before anything is created in the state directory: a taken port leaves it as
+    // it was.
+    let transport = Transport::bind(&config.coap, Arc::clone(&counters))?;
+    let listeners = rest::bind(&config.rest.listen).await?;
+    if let Some(c) = contradiction {
+        let moved = crate::state_dir::reinit(&c).map_err(StartError::Reinit)?;
+        let moved: Vec<String> = moved.iter().map(|p| p.display().to_string()).collect();
+        tracing::warn!(
+            "--reinit: {} was {} beside {}; starting on a new database (the CA is kept){}",
+            state_dir.join(crate::store::sqlite::DB_FILE).display(),
+            c.db_state,
+            c.found.join(", "),
+            if moved.is_empty() {
+                String::new()
+            } else {
+                format!("; moved aside: {}", moved.join(", "))
+            }
+        );
+    }
+    let store = SqliteStore::open_observed(&state_dir, Arc::clone(&counters.store_commit))?;
     tracing::info!("state in {}", store.path().display());
-    let counters = Arc::new(Counters {
-        store_commit: store.commit_latency(),
-        ..Counters::default()
-    });
     let store: Arc<dyn Store> = Arc::new(store);
+    // The CA before the admin key: of the first-start files, the one that can fail last
+    // leaves the least behind.
+    let ca = Arc::new(crate::certs::CertAuthority::load_or_create(&state_dir)?);
 
     let registry = Arc::new(Registry::new(
         config.registry.clone(),
@@ -92,10 +156,6 @@ pub async fn run(
             a.origin
         );
     }
-    let source = match &config_path {
-        Some(p) => crate::config::Source::File(p.clone()),
-        None => crate::config::Source::Embedded,
-    };
     let available: Vec<_> = loaded.into_iter().map(|(a, _)| a).collect();
     crate::plugins::check_names(&config.plugins, &available, &source)?;
     let auth = AuthChain::new(Arc::clone(&plugins), config.plugins.auth.clone());
@@ -114,9 +174,6 @@ pub async fn run(
             state_dir.join(crate::auth::ADMIN_KEY_FILE).display()
         ),
     }
-
-    let transport = Transport::bind(&config.coap, Arc::clone(&counters))?;
-    let listeners = rest::bind(&config.rest.listen).await?;
 
     let (trigger, stop) = shutdown::channel();
     let n = &config.notifications;
@@ -222,7 +279,8 @@ pub async fn run(
         subscriptions,
         plugins: Arc::clone(&plugins),
         limits: Arc::clone(&limits),
-        ca: Arc::new(crate::certs::CertAuthority::load_or_create(&state_dir)?),
+        ca,
+        store: Arc::clone(&store),
         max_body: config.requests.max_body,
         long_poll: Duration::from_secs(config.notifications.long_poll_s),
         connections: rest::conn::Connections::new(&config.rest),
@@ -354,6 +412,8 @@ pub fn plugin_call(
     input: &[u8],
 ) -> Result<Vec<u8>, PluginCallError> {
     let state_dir = config.state.resolve_dir();
+    // A lost database is not made anew behind the daemon's back either.
+    crate::state_dir::check_consistent(&state_dir)?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&state_dir)?);
     let cache = std::env::temp_dir().join(format!("connectord-plugin-call-{}", std::process::id()));
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -383,8 +443,11 @@ pub fn plugin_call(
 /// Why `connectord plugin-call` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginCallError {
+    /// Not a `source`, as in [`StartError::Store`].
     #[error("state store: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
+    #[error(transparent)]
+    Contradiction(#[from] crate::state_dir::Contradiction),
     #[error("{0}")]
     Plugin(String),
 }

@@ -39,10 +39,21 @@ enum Command {
     /// $STATE_DIRECTORY or ~/.local/state/connectord. At first start an admin access key
     /// is written to admin.key in the state directory. SIGHUP re-reads the configuration,
     /// SIGTERM stops gracefully.
+    ///
+    /// The start is refused (exit 1, with the file and the cause) when the state cannot be
+    /// used (read-only, corrupt, not a database) or when connectord.db is missing or empty
+    /// while admin.key or the CA exist (a lost database, not a first start).
     Run {
         /// Configuration file (TOML).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Start on a new, empty database although connectord.db is missing or empty while
+        /// admin.key or the CA exist: the CA is kept, admin.key is renamed
+        /// admin.key.before-reinit-<time> and a new admin key is written. Every
+        /// registration, access key and subscription of the lost database is gone. Only
+        /// for one start: do not leave it in a service file.
+        #[arg(long)]
+        reinit: bool,
     },
     /// Validate a configuration file without starting anything; exits 1 with
     /// file:line:column and the key on the first error. The plugins named in
@@ -185,7 +196,7 @@ fn main() -> ExitCode {
             print!("{}", connectord::config::DEFAULT_TOML);
             ExitCode::SUCCESS
         }
-        Command::Run { config } => match run(config) {
+        Command::Run { config, reinit } => match run(config, reinit) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -239,7 +250,7 @@ fn plugin_call(
     })
 }
 
-fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
+fn run(path: Option<PathBuf>, reinit: bool) -> anyhow::Result<()> {
     let config = match &path {
         Some(p) => Config::load(p)?,
         None => Config::parse(connectord::config::DEFAULT_TOML, Source::Embedded)?,
@@ -278,6 +289,6 @@ fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
         "async runtime: {} worker threads",
         rt.metrics().num_workers()
     );
-    rt.block_on(connectord::daemon::run(config, path, set_log))?;
+    rt.block_on(connectord::daemon::run(config, path, set_log, reinit))?;
     Ok(())
 }

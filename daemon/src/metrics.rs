@@ -271,6 +271,23 @@ pub fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
     let _ = writeln!(out, "connectord_{name} {value}");
 }
 
+/// `connectord_store_healthy` (1 while the store's writes succeed, 0 while they fail) and
+/// `connectord_store_errors_total` (writes failed because the storage failed).
+pub fn store_health(out: &mut String, h: &crate::store::Health) {
+    gauge(
+        out,
+        "store_healthy",
+        "1 while the state store's writes succeed, 0 while they fail (GET / answers 503).",
+        u64::from(h.failing.is_none()),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP connectord_store_errors_total Writes refused because the state store failed (disk full, read-only, I/O error, corruption)."
+    );
+    let _ = writeln!(out, "# TYPE connectord_store_errors_total counter");
+    let _ = writeln!(out, "connectord_store_errors_total {}", h.errors);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

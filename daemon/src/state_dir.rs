@@ -84,6 +84,96 @@ fn tighten(path: &Path, want: u32, changed: &mut Vec<(PathBuf, u32)>) -> Result<
     Ok(())
 }
 
+/// The files that say a state directory has been used before: a missing or empty
+/// database beside any of them is not a first start.
+pub const EVIDENCE_FILES: [&str; 4] = [
+    crate::auth::ADMIN_KEY_FILE,
+    crate::certs::CA_KEY_FILE,
+    crate::certs::CA_CERT_FILE,
+    "connectord.db-wal",
+];
+
+/// The state files contradict each other: the database is gone or empty while files of
+/// an earlier start are there (so the database was lost, not never made).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "state directory {}: {} is {db_state} but {} exist{}: this is not a first start, and starting on an empty database would lose every registration, access key and subscription. Restore {} from a backup, or start once with `connectord run --reinit` to begin with a new, empty database (the CA is kept; admin.key is moved aside and a new admin key is written)",
+    dir.display(),
+    dir.join(crate::store::sqlite::DB_FILE).display(),
+    found.join(", "),
+    if found.len() == 1 { "s" } else { "" },
+    crate::store::sqlite::DB_FILE
+)]
+pub struct Contradiction {
+    pub dir: PathBuf,
+    /// "missing" or "empty (0 bytes)".
+    pub db_state: &'static str,
+    /// The [`EVIDENCE_FILES`] found.
+    pub found: Vec<String>,
+}
+
+/// Checks, before anything is created, that the state files agree: a database that is
+/// missing or 0 bytes long beside an existing `admin.key`, CA or WAL file is a
+/// [`Contradiction`]. Decision: refuse rather than start afresh, since the old start
+/// treated such a directory as a first start and overwrote `admin.key`; the operator says
+/// otherwise with `--reinit` ([`reinit`]).
+pub fn check_consistent(dir: &Path) -> Result<(), Contradiction> {
+    let db = dir.join(crate::store::sqlite::DB_FILE);
+    let db_state = match std::fs::metadata(&db) {
+        Ok(m) if m.len() > 0 => return Ok(()),
+        Ok(_) => "empty (0 bytes)",
+        Err(_) => "missing",
+    };
+    let found: Vec<String> = EVIDENCE_FILES
+        .iter()
+        .filter(|f| std::fs::metadata(dir.join(f)).is_ok_and(|m| m.len() > 0))
+        .map(|f| f.to_string())
+        .collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(Contradiction {
+        dir: dir.to_path_buf(),
+        db_state,
+        found,
+    })
+}
+
+/// `connectord run --reinit` on contradicting state files: moves `admin.key` and the
+/// lost database's WAL files aside (renamed with `.before-reinit-<unix seconds>`, never
+/// deleted or overwritten) and removes an empty database, so that the start makes a new
+/// database and admin key. The CA is kept: the certificates it issued stay valid, and it
+/// does not depend on the database. Returns the paths moved aside.
+pub fn reinit(c: &Contradiction) -> io::Result<Vec<PathBuf>> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut moved = Vec::new();
+    for f in [
+        crate::auth::ADMIN_KEY_FILE,
+        "connectord.db-wal",
+        "connectord.db-shm",
+    ] {
+        let from = c.dir.join(f);
+        if from.exists() {
+            let to = c.dir.join(format!("{f}.before-reinit-{stamp}"));
+            if to.exists() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists", to.display()),
+                ));
+            }
+            std::fs::rename(&from, &to)?;
+            moved.push(to);
+        }
+    }
+    let db = c.dir.join(crate::store::sqlite::DB_FILE);
+    if std::fs::metadata(&db).is_ok_and(|m| m.len() == 0) {
+        std::fs::remove_file(&db)?;
+    }
+    Ok(moved)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -567,15 +567,26 @@ impl AuthChain {
     }
 }
 
+/// Writes a new file readable by its owner only. Never an existing one: an `admin.key`
+/// already there is the operator's (the start-up check refuses the state that used to
+/// overwrite it), so finding one here is an error.
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
-        .open(path)?;
+        .open(path)
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{}: {e} (an existing key is never overwritten)",
+                    path.display()
+                ),
+            )
+        })?;
     f.write_all(text.as_bytes())?;
     f.sync_all()
 }

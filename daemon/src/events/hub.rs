@@ -515,11 +515,14 @@ impl Hub {
         if let Some(d) = durable
             && let Err(e) = d.await
         {
-            tracing::error!("notifications: event not stored: {e}");
+            crate::store::log_failure(format_args!("notifications: event not stored"), &e);
         }
         for t in trims {
             if let Err(e) = t.await {
-                tracing::error!("notifications: cannot trim a full queue: {e}");
+                crate::store::log_failure(
+                    format_args!("notifications: cannot trim a full queue"),
+                    &e,
+                );
             }
         }
         for w in wakes {
@@ -885,7 +888,10 @@ impl Hub {
             if let Some((n, seq)) = expired {
                 self.count_discarded(&key_id, n);
                 if let Err(e) = self.store.delete_events_through(key_id.clone(), seq).await {
-                    tracing::error!("notifications: cannot remove discarded events: {e}");
+                    crate::store::log_failure(
+                        format_args!("notifications: cannot remove discarded events"),
+                        &e,
+                    );
                 }
             }
             let Some(last) = batch.last().map(|e| e.seq) else {
@@ -981,7 +987,10 @@ impl Hub {
             };
             for d in deletes {
                 if let Err(e) = d.await {
-                    tracing::error!("notifications: cannot remove discarded events: {e}");
+                    crate::store::log_failure(
+                        format_args!("notifications: cannot remove discarded events"),
+                        &e,
+                    );
                 }
             }
         }

@@ -264,8 +264,11 @@ impl Limits {
         {
             Ok(()) => true,
             Err(e) => {
-                tracing::error!(
-                    "limits: cannot save the transaction counts (retried at the next interval): {e}"
+                crate::store::log_failure(
+                    format_args!(
+                        "limits: cannot save the transaction counts (retried at the next interval)"
+                    ),
+                    &e,
                 );
                 self.mark_dirty(&counts);
                 false

@@ -817,6 +817,11 @@ unsafe extern "C" fn host_state_get(
                 0
             }
             Ok(None) => 1,
+            // A failing store logs itself, once rather than per call.
+            Err(e) if e.is_unavailable() => {
+                tracing::debug!(plugin = %c.plugin, "state_get: {e}");
+                -1
+            }
             Err(e) => {
                 tracing::error!(plugin = %c.plugin, "state_get: {e}");
                 -1
@@ -842,6 +847,11 @@ unsafe extern "C" fn host_state_put(
         };
         match block_on(c.store.plugin_state_put(c.plugin.clone(), k, v)) {
             Ok(()) => 0,
+            // A failing store logs itself, once rather than per call.
+            Err(e) if e.is_unavailable() => {
+                tracing::debug!(plugin = %c.plugin, "state_put: {e}");
+                -1
+            }
             Err(e) => {
                 tracing::error!(plugin = %c.plugin, "state_put: {e}");
                 -1
@@ -856,6 +866,11 @@ unsafe extern "C" fn host_state_delete(ctx: *mut c_void, key: *const u8, key_len
         let (c, k) = unsafe { ctx_and_text(ctx, key, key_len) };
         match block_on(c.store.plugin_state_delete(c.plugin.clone(), k)) {
             Ok(()) => 0,
+            // A failing store logs itself, once rather than per call.
+            Err(e) if e.is_unavailable() => {
+                tracing::debug!(plugin = %c.plugin, "state_delete: {e}");
+                -1
+            }
             Err(e) => {
                 tracing::error!(plugin = %c.plugin, "state_delete: {e}");
                 -1

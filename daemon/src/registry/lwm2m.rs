@@ -78,12 +78,29 @@ fn refusal(e: RegistryError) -> Response {
         e @ RegistryError::Full { .. } => {
             Response::diagnostic(ResponseType::ServiceUnavailable, e.to_string())
         }
+        // Decision: the storage failing (full, read-only, ...) is 5.03 with Max-Age, the
+        // seconds after which the device may try again (RFC 7252 §5.9.3.4); the store logs
+        // it once, not per device. Any other store error stays 5.00.
+        RegistryError::Store(e) if e.is_unavailable() => {
+            tracing::debug!("registration not stored: {e}");
+            Response::diagnostic(
+                ResponseType::ServiceUnavailable,
+                "the server cannot store registrations now; try again later",
+            )
+            .with_option(
+                coap_lite::CoapOption::MaxAge,
+                STORE_RETRY_S.to_be_bytes().to_vec(),
+            )
+        }
         RegistryError::Store(e) => {
             tracing::error!("registration not stored: {e}");
             Response::diagnostic(ResponseType::InternalServerError, "storage failure")
         }
     }
 }
+
+/// Max-Age of a 5.03 answered because the store is failing: when the device may try again.
+const STORE_RETRY_S: u8 = 60;
 
 /// The link-format body, if the request has one. A Content-Format other than
 /// link-format is 4.15; a body that is not UTF-8 is 4.00.

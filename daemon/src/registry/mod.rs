@@ -782,7 +782,13 @@ impl Registry {
                 Err(e) => {
                     // Still on disk: it stays registered (and due) until the store
                     // can remove it; the expiry task tries again a second later.
-                    tracing::error!(ep = %ep.reg.name, "store: cannot remove an expired registration: {e}");
+                    crate::store::log_failure(
+                        format_args!(
+                            "store: cannot remove the expired registration of {}",
+                            ep.reg.name
+                        ),
+                        &e,
+                    );
                     self.lock().restore(&ep);
                 }
             }

@@ -238,6 +238,9 @@ pub async fn remove(registry: &Registry, who: &Principal, name: &str) -> Reply {
         Err(RegistryError::NotFound(_)) => {
             error(StatusCode::NOT_FOUND, "not_found", "endpoint not found")
         }
+        Err(RegistryError::Store(e)) if e.is_unavailable() => {
+            super::reply::store_failure(&e, "registration not removed")
+        }
         Err(e) => {
             tracing::error!(ep = name, "registration not removed: {e}");
             error(

@@ -58,6 +58,8 @@ pub struct AppState {
     pub plugins: Arc<crate::plugins::PluginHost>,
     pub limits: Arc<crate::limits::Limits>,
     pub ca: Arc<crate::certs::CertAuthority>,
+    /// Asked for its health by `GET /` and `/metrics`.
+    pub store: Arc<dyn crate::store::Store>,
     /// `requests.max_body`.
     pub max_body: usize,
     /// `notifications.long_poll_s`.
@@ -283,7 +285,13 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
     // The key's channel follows its newest verdict, so that events are routed by the
     // restriction it has now (a key edited in its backend), from this request on.
     if let Err(e) = state.hub.note_restriction(&principal).await {
-        tracing::error!(key = %principal.key_id, "the key's restriction is not recorded: {e}");
+        crate::store::log_failure(
+            format_args!(
+                "the restriction of key {} is not recorded",
+                principal.key_id
+            ),
+            &e,
+        );
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             &errs.unavailable,
@@ -344,10 +352,22 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
         return reply;
     }
     match route {
-        Route::Root => Reply::text(
-            StatusCode::OK,
-            format!("connectord {}", env!("CARGO_PKG_VERSION")),
-        ),
+        // Decision: the first line stays `connectord <version>` (what clients read); a
+        // failing store makes it 503 with a second line naming the failure, so a health
+        // check sees it without parsing.
+        Route::Root => match state.store.health().failing {
+            None => Reply::text(
+                StatusCode::OK,
+                format!("connectord {}", env!("CARGO_PKG_VERSION")),
+            ),
+            Some(e) => Reply::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "connectord {}\nstate store failing: {e}",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            ),
+        },
         Route::RestVersions => Reply::json(StatusCode::OK, &["v1", "v2"]),
         Route::Endpoints => endpoints::list(&state.registry, &principal, &parts),
         Route::Endpoint(name) if parts.method == Method::DELETE => {
@@ -370,7 +390,7 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
                 && reply.status() == StatusCode::NO_CONTENT
                 && let Err(e) = state.subscriptions.unsubscribe_all(&principal.key_id).await
             {
-                tracing::error!("subscriptions not removed with the callback: {e}");
+                crate::store::log_failure(format_args!("subscriptions not removed with the callback"), &e);
             }
             reply
         }
@@ -405,6 +425,7 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
         Route::Metrics => {
             let mut out = String::new();
             state.counters.render(&mut out);
+            metrics::store_health(&mut out, &state.store.health());
             metrics::gauge(
                 &mut out,
                 "registered_endpoints",
@@ -671,6 +692,18 @@ async fn plugin_route(
                 // answered no event reaches them.
                 if status.is_success() && !matches!(parts.method, Method::GET | Method::HEAD) {
                     crate::revocation::sweep(&state.auth, &state.hub, &state.subscriptions).await;
+                }
+                // Decision: a plugin sees only that a state call failed, so its 500 while
+                // the store is failing is answered as the core's routes answer a failing
+                // store: 503, try again (in the route's own error spelling).
+                if status == StatusCode::INTERNAL_SERVER_ERROR
+                    && state.store.health().failing.is_some()
+                {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &errs.unavailable,
+                        reply::STORE_FAILING,
+                    );
                 }
                 Reply::raw(status, &r.headers, r.body)
             }

@@ -50,14 +50,7 @@ pub async fn pull(
             "conflict",
             "this access key delivers notifications to a callback URL; delete it to use long-poll",
         ),
-        Err(e) => {
-            tracing::error!("long-poll: {e}");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                "storage failure",
-            )
-        }
+        Err(e) => super::reply::store_failure(&e, "long-poll"),
     }
 }
 
@@ -91,12 +84,7 @@ pub async fn callback(hub: &Arc<Hub>, who: &Principal, parts: &Parts, body: Byte
                     error(StatusCode::BAD_REQUEST, "bad_request", &m)
                 }
                 Err(CallbackError::Store(e)) => {
-                    tracing::error!("callback not stored: {e}");
-                    error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal_error",
-                        "storage failure",
-                    )
+                    super::reply::store_failure(&e, "callback not stored")
                 }
             }
         }
@@ -118,14 +106,7 @@ pub async fn callback(hub: &Arc<Hub>, who: &Principal, parts: &Parts, body: Byte
                 "not_found",
                 "no callback URL is registered",
             ),
-            Err(e) => {
-                tracing::error!("callback not removed: {e}");
-                error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal_error",
-                    "storage failure",
-                )
-            }
+            Err(e) => super::reply::store_failure(&e, "callback not removed"),
         },
     }
 }

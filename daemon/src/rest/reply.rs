@@ -230,6 +230,32 @@ pub fn json_object_body<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// The message of a 503 answered because the state store is failing.
+pub const STORE_FAILING: &str = "the state store is failing (see GET / and the daemon's log); nothing was changed, try again later";
+
+/// A store error as the answer to a request that needed the store. The storage failing
+/// (full, read-only, I/O error, corrupt: [`StoreError::is_unavailable`]) is 503 with
+/// kind `store_unavailable`, logged by the store itself (once, not per request); any
+/// other store error is 500, logged here with `context`.
+///
+/// [`StoreError::is_unavailable`]: crate::store::StoreError::is_unavailable
+pub fn store_failure(e: &crate::store::StoreError, context: &str) -> Reply {
+    if e.is_unavailable() {
+        tracing::debug!("{context}: {e}");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            STORE_FAILING,
+        );
+    }
+    tracing::error!("{context}: {e}");
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "storage failure",
+    )
+}
+
 pub fn error(status: StatusCode, kind: &str, message: &str) -> Reply {
     Reply::json(status, &ErrorBody { kind, message })
 }

@@ -169,14 +169,7 @@ fn refusal(e: RequestError) -> Reply {
         RequestError::BadBody(_) => error(StatusCode::BAD_REQUEST, "bad_request", &msg),
         // 205 Reset Content carries no body (RFC 9110 §15.3.6).
         RequestError::NoCache => Reply::empty(StatusCode::RESET_CONTENT),
-        RequestError::Store(e) => {
-            tracing::error!("request not stored: {e}");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                "storage failure",
-            )
-        }
+        RequestError::Store(e) => super::reply::store_failure(&e, "request not stored"),
     }
 }
 

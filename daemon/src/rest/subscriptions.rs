@@ -25,13 +25,18 @@ use crate::subscriptions::{SubError, Subscribed, Subscriptions, presub};
 
 const URI_LIST: &str = "text/uri-list";
 
-fn storage_failure(e: impl std::fmt::Display) -> Reply {
-    tracing::error!("subscriptions: {e}");
-    error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal_error",
-        "storage failure",
-    )
+fn storage_failure(e: impl Into<SubError>) -> Reply {
+    match e.into() {
+        SubError::Store(e) => super::reply::store_failure(&e, "subscriptions"),
+        e => {
+            tracing::error!("subscriptions: {e}");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "storage failure",
+            )
+        }
+    }
 }
 
 /// `PUT|GET|DELETE /subscriptions/{ep}/{path}`.

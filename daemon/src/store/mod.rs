@@ -44,6 +44,65 @@ pub enum StoreError {
     Commit(String),
     #[error("the store has stopped")]
     Closed,
+    /// The state cannot be used: found by the probe at start (read-only, corrupt pages, not
+    /// a database, ...). The message names the file and the cause.
+    #[error("{}: {cause}", path.display())]
+    Unusable {
+        path: std::path::PathBuf,
+        cause: String,
+    },
+}
+
+impl StoreError {
+    /// Whether the storage itself is failing (disk full, read-only, I/O error, corrupt
+    /// pages, the store stopped), rather than one record or statement being wrong. Such a
+    /// failure is answered "unavailable, try again" (REST 503, CoAP 5.03), not 500 / 5.00.
+    pub fn is_unavailable(&self) -> bool {
+        use rusqlite::ErrorCode as C;
+        match self {
+            StoreError::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(
+                    C::DiskFull
+                        | C::SystemIoFailure
+                        | C::ReadOnly
+                        | C::DatabaseCorrupt
+                        | C::NotADatabase
+                        | C::CannotOpen
+                        | C::DatabaseBusy
+                        | C::DatabaseLocked
+                        | C::PermissionDenied
+                        | C::OutOfMemory
+                )
+            ),
+            StoreError::Commit(_)
+            | StoreError::Closed
+            | StoreError::Dir { .. }
+            | StoreError::Unusable { .. } => true,
+            StoreError::Corrupt(_) | StoreError::SchemaTooNew { .. } => false,
+        }
+    }
+}
+
+/// Logs a failed store operation with `context`: as an error, unless the storage itself is
+/// failing ([`StoreError::is_unavailable`]); the store reports that once when it starts
+/// and at most once a minute while it lasts, so callers log it only at debug level and a
+/// failing disk does not write one line per request, event or device.
+pub fn log_failure(context: std::fmt::Arguments<'_>, e: &StoreError) {
+    if e.is_unavailable() {
+        tracing::debug!("{context}: {e}");
+    } else {
+        tracing::error!("{context}: {e}");
+    }
+}
+
+/// Whether the store's writes succeed now, as the daemon reports it (`GET /`, metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    /// `None` while writes succeed; the last failure while they fail.
+    pub failing: Option<String>,
+    /// Writes that failed because the storage failed, since start.
+    pub errors: u64,
 }
 
 /// The result of a store operation, once it is durable.
@@ -141,6 +200,11 @@ pub trait Store: Send + Sync + 'static {
     /// [`EXTERNAL_CHECK`]; `None` if this backend cannot tell.
     fn external_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
+    }
+
+    /// Whether writes succeed now (a backend that cannot tell is always healthy).
+    fn health(&self) -> Health {
+        Health::default()
     }
 
     /// Every stored hourly transaction count of the traffic limits.

@@ -9,12 +9,14 @@
 use std::cell::RefCell;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, Statement, params};
 use tokio::sync::oneshot;
 
-use super::{EXTERNAL_CHECK, Pending, Store, StoreError, record_json};
+use super::{EXTERNAL_CHECK, Health, Pending, Store, StoreError, record_json};
 use crate::events::{ChannelRecord, StoredEvent};
 use crate::limits::HourCount;
 use crate::metrics::Histogram;
@@ -116,6 +118,9 @@ trait Job: Send {
     fn complete(self: Box<Self>, commit: Result<(), &StoreError>);
     /// Answers the caller without a result (the transaction could not start).
     fn fail(self: Box<Self>, e: &StoreError);
+    /// The job's error, if it failed because the storage did (see
+    /// [`StoreError::is_unavailable`]).
+    fn storage_failure(&self) -> Option<&StoreError>;
 }
 
 struct FnJob<T, F> {
@@ -154,6 +159,13 @@ where
     fn fail(self: Box<Self>, e: &StoreError) {
         let _ = self.tx.send(Err(StoreError::Commit(e.to_string())));
     }
+
+    fn storage_failure(&self) -> Option<&StoreError> {
+        match &self.result {
+            Some(Err(e)) if e.is_unavailable() => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// Handle to the store thread. Dropping every handle stops the thread after it has
@@ -167,32 +179,75 @@ pub struct SqliteStore {
     /// Time of each batch transaction, begin to commit, observed by the store thread
     /// (`connectord_store_commit_duration_seconds`).
     commit_latency: Arc<Histogram>,
+    /// Whether writes succeed now; set by the store thread after each batch.
+    health: Arc<HealthState>,
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database in `dir` and migrates it.
+    /// Opens (creating if needed) the database in `dir`, migrates it and probes it (see
+    /// [`probe`]): a state the daemon could not write, or corrupt pages, fail here, with
+    /// the file and the cause, rather than at the first write. If the open fails, the
+    /// directory and database it created are removed again, so a failed start leaves the
+    /// state directory as it was.
     pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_observed(dir, Arc::default())
+    }
+
+    /// As [`SqliteStore::open`], observing each batch transaction's time in `commits` (the
+    /// daemon's `store_commit_duration_seconds`, made before the store so that the
+    /// listeners bound first count into the same [`crate::metrics::Counters`]).
+    pub fn open_observed(dir: &Path, commits: Arc<Histogram>) -> Result<SqliteStore, StoreError> {
+        let created_dir = !dir.is_dir();
         create_private_dir(dir)?;
         let path = dir.join(DB_FILE);
-        create_private_file(&path)?;
-        let conn = Connection::open(&path)?;
+        let created_file = match create_private_file(&path) {
+            Ok(created) => created,
+            Err(e) => {
+                if created_dir {
+                    let _ = std::fs::remove_dir(dir);
+                }
+                return Err(e);
+            }
+        };
+        let opened = Self::open_created(dir, &path, commits).map_err(|e| unusable(&path, e));
+        if opened.is_err() && created_file {
+            for f in [DB_FILE, "connectord.db-wal", "connectord.db-shm"] {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
+            if created_dir {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+        opened
+    }
+
+    fn open_created(
+        dir: &Path,
+        path: &Path,
+        commits: Arc<Histogram>,
+    ) -> Result<SqliteStore, StoreError> {
+        writable_dir(dir)?;
+        let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // Every statement the store runs stays prepared (rusqlite keeps 16 by default).
         conn.set_prepared_statement_cache_capacity(64);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        probe(&conn, path)?;
         migrate(&conn)?;
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
         // The thread prepares its statements first and says whether it could: a store
         // that cannot run them fails here, not at its first write.
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), StoreError>>(1);
         let (external_tx, external) = tokio::sync::watch::channel(0u64);
-        let commit_latency = Arc::new(Histogram::default());
+        let commit_latency = commits;
         let commits = Arc::clone(&commit_latency);
+        let health = Arc::new(HealthState::default());
+        let thread_health = Arc::clone(&health);
         std::thread::Builder::new()
             .name("store".into())
-            .spawn(move || run(conn, rx, ready_tx, external_tx, &commits))
+            .spawn(move || run(conn, rx, ready_tx, external_tx, &commits, thread_health))
             .map_err(|e| StoreError::Dir {
                 path: dir.to_path_buf(),
                 source: e,
@@ -200,9 +255,10 @@ impl SqliteStore {
         ready_rx.recv().unwrap_or(Err(StoreError::Closed))?;
         Ok(SqliteStore {
             tx,
-            path,
+            path: path.to_path_buf(),
             external,
             commit_latency,
+            health,
         })
     }
 
@@ -249,8 +305,9 @@ fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// Creates the database file, if absent, readable by its owner only: SQLite would create
-/// it 0644 (less the umask), and its WAL files take the database file's mode.
-fn create_private_file(path: &Path) -> Result<(), StoreError> {
+/// it 0644 (less the umask), and its WAL files take the database file's mode. Says
+/// whether it created it.
+fn create_private_file(path: &Path) -> Result<bool, StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     match std::fs::OpenOptions::new()
         .write(true)
@@ -258,12 +315,100 @@ fn create_private_file(path: &Path) -> Result<(), StoreError> {
         .mode(0o600)
         .open(path)
     {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(source) => Err(StoreError::Dir {
             path: path.to_path_buf(),
             source,
         }),
+    }
+}
+
+/// How long the start-up `PRAGMA quick_check` may run (it reads every page: about a second
+/// per few hundred MB on an SSD). Past it the check is interrupted and the daemon starts
+/// with a warning: a large healthy database must not keep the daemon from starting.
+pub const QUICK_CHECK_LIMIT: Duration = Duration::from_secs(10);
+
+/// SQLite opens a database it cannot write read-only without a word, and then fails
+/// every write; so the directory (where the WAL files live) is checked first by creating
+/// and removing a file in it.
+fn writable_dir(dir: &Path) -> Result<(), StoreError> {
+    let probe = dir.join(".connectord-write-probe");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| StoreError::Commit(format!("cannot write in {}: {e}", dir.display())))
+}
+
+/// The start-up probe: `PRAGMA quick_check` (bounded by [`QUICK_CHECK_LIMIT`]) and a
+/// write transaction (`user_version` written back as it is, so that a commit really
+/// reaches the file), both before the daemon reports ready.
+fn probe(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let interrupt = conn.get_interrupt_handle();
+    let (done, timer) = mpsc::channel::<()>();
+    let timer = std::thread::spawn(move || {
+        let expired = matches!(
+            timer.recv_timeout(QUICK_CHECK_LIMIT),
+            Err(mpsc::RecvTimeoutError::Timeout)
+        );
+        if expired {
+            interrupt.interrupt();
+        }
+        expired
+    });
+    let checked: Result<Vec<String>, rusqlite::Error> = conn
+        .prepare("PRAGMA quick_check(5)")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect());
+    drop(done);
+    let expired = timer.join().unwrap_or(false);
+    match checked {
+        Ok(lines) if lines.len() == 1 && lines[0] == "ok" => {}
+        Ok(lines) => {
+            return Err(StoreError::Unusable {
+                path: path.to_path_buf(),
+                cause: format!(
+                    "the database is corrupt (PRAGMA quick_check: {}); restore a backup",
+                    lines.join("; ")
+                ),
+            });
+        }
+        Err(e)
+            if expired
+                && e.sqlite_error_code() == Some(rusqlite::ErrorCode::OperationInterrupted) =>
+        {
+            tracing::warn!(
+                "store: {}: PRAGMA quick_check did not finish within {} s; starting without it",
+                path.display(),
+                QUICK_CHECK_LIMIT.as_secs()
+            );
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let tx = conn.unchecked_transaction()?;
+    tx.pragma_update(None, "user_version", version)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Names the file and the cause of an error met while opening the store.
+fn unusable(path: &Path, e: StoreError) -> StoreError {
+    use rusqlite::ErrorCode as C;
+    let cause = match &e {
+        StoreError::Sqlite(s) => match s.sqlite_error_code() {
+            Some(C::ReadOnly) => format!("read-only: the daemon cannot write it ({s})"),
+            Some(C::NotADatabase) => format!("not a database ({s})"),
+            Some(C::DatabaseCorrupt) => format!("the database is corrupt ({s}); restore a backup"),
+            Some(C::DiskFull) => format!("the disk is full ({s})"),
+            Some(C::CannotOpen) => format!("cannot be opened ({s})"),
+            Some(C::PermissionDenied) => format!("permission denied ({s})"),
+            _ => s.to_string(),
+        },
+        StoreError::Commit(m) => m.clone(),
+        _ => return e,
+    };
+    StoreError::Unusable {
+        path: path.to_path_buf(),
+        cause,
     }
 }
 
@@ -320,12 +465,85 @@ impl Deref for Db<'_> {
     }
 }
 
+/// How often, at most, the store says again that it is still failing.
+const FAILING_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Whether the store's writes succeed, kept by the store thread. Decision: the state
+/// changes with each batch (failing at the first write the storage refuses, healthy at
+/// the first batch that changes rows and commits without such a failure; a batch of
+/// reads says nothing), and is logged when it changes
+/// and at most once a [`FAILING_LOG_EVERY`] while it fails, never once per request.
+#[derive(Default)]
+struct HealthState {
+    errors: AtomicU64,
+    inner: Mutex<HealthLog>,
+}
+
+#[derive(Default)]
+struct HealthLog {
+    failing: Option<String>,
+    /// When the last line about the failure was written, and the failures since.
+    logged: Option<Instant>,
+    since_logged: u64,
+    since_failing: u64,
+}
+
+impl HealthState {
+    fn failed(&self, e: &StoreError) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        h.since_failing += 1;
+        let now = Instant::now();
+        if h.failing.is_none() {
+            tracing::error!(
+                "store: the state store is failing: {e}; writes are refused (REST 503, CoAP 5.03) until it works again"
+            );
+            h.logged = Some(now);
+            h.since_logged = 0;
+        } else if h
+            .logged
+            .is_none_or(|t| now.duration_since(t) >= FAILING_LOG_EVERY)
+        {
+            tracing::error!(
+                "store: the state store is still failing: {e} ({} failed writes since the last line)",
+                h.since_logged + 1
+            );
+            h.logged = Some(now);
+            h.since_logged = 0;
+        } else {
+            h.since_logged += 1;
+        }
+        h.failing = Some(e.to_string());
+    }
+
+    fn succeeded(&self) {
+        let mut h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if h.failing.take().is_some() {
+            tracing::warn!(
+                "store: the state store works again ({} writes failed meanwhile)",
+                h.since_failing
+            );
+            h.since_failing = 0;
+            h.logged = None;
+        }
+    }
+
+    fn snapshot(&self) -> Health {
+        let h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        Health {
+            failing: h.failing.clone(),
+            errors: self.errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
 fn run(
     conn: Connection,
     rx: mpsc::Receiver<Box<dyn Job>>,
     ready: mpsc::SyncSender<Result<(), StoreError>>,
     external: tokio::sync::watch::Sender<u64>,
     commits: &Histogram,
+    health: Arc<HealthState>,
 ) {
     let db = match Db::new(&conn) {
         Ok(db) => db,
@@ -353,7 +571,7 @@ fn run(
                     }
                 }
                 let started = std::time::Instant::now();
-                run_batch(&db, batch);
+                run_batch(&db, batch, &health);
                 commits.observe(started.elapsed());
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -381,9 +599,12 @@ fn run(
 /// fails (rare: a constraint, a full disk), the transaction is rolled back and the batch
 /// runs again, each job inside its own savepoint, so that the failing job is undone alone
 /// and the others commit.
-fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>) {
+fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>, health: &HealthState) {
+    // Only a batch that changed rows shows that writes succeed again: reads commit on a
+    // full disk too.
+    let changes_before = conn.total_changes();
     if let Err(e) = begin(conn) {
-        tracing::error!("store: cannot begin a transaction: {e}");
+        health.failed(&e);
         batch.into_iter().for_each(|job| job.fail(&e));
         return;
     }
@@ -394,7 +615,7 @@ fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>) {
             .map_err(StoreError::from)
             .and_then(|()| begin(conn));
         if let Err(e) = redo {
-            tracing::error!("store: cannot run a batch again after a failed job: {e}");
+            health.failed(&e);
             let _ = conn.execute_batch("ROLLBACK");
             batch.into_iter().for_each(|job| job.fail(&e));
             return;
@@ -402,7 +623,7 @@ fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>) {
         for job in &mut batch {
             // Cached statements: parsing these for every job showed up in profiles.
             if let Err(e) = exec_cached(conn, "SAVEPOINT job") {
-                tracing::error!("store: cannot open a savepoint: {e}");
+                tracing::debug!("store: cannot open a savepoint: {e}");
                 job.reject(e);
                 continue;
             }
@@ -414,9 +635,18 @@ fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>) {
         }
     }
     let commit = exec_cached(conn, "COMMIT");
-    if let Err(e) = &commit {
-        tracing::error!("store: commit failed: {e}");
-        let _ = conn.execute_batch("ROLLBACK");
+    match &commit {
+        Err(e) => {
+            health.failed(e);
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        Ok(()) => match batch.iter().find_map(|job| job.storage_failure()) {
+            // A job refused by the storage (a full disk on its insert) while the others
+            // committed: the store is failing all the same.
+            Some(e) => health.failed(e),
+            None if conn.total_changes() > changes_before => health.succeeded(),
+            None => {}
+        },
     }
     for job in batch {
         job.complete(commit.as_ref().map(|_| ()));
@@ -487,6 +717,10 @@ fn load_json_keyed<T: serde::de::DeserializeOwned>(
 impl Store for SqliteStore {
     fn external_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.external.clone())
+    }
+
+    fn health(&self) -> Health {
+        self.health.snapshot()
     }
 
     fn load_hour_counts(&self) -> Pending<Vec<HourCount>> {
@@ -1059,6 +1293,72 @@ mod tests {
             .collect()
     }
 
+    /// A job whose answer nobody awaits.
+    fn unawaited<T: Send + 'static>(
+        f: impl FnMut(&Db<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Box<dyn Job> {
+        let (tx, _rx) = oneshot::channel();
+        Box::new(FnJob {
+            f,
+            result: None,
+            tx,
+        })
+    }
+
+    /// The store is failing from the first write the storage refuses until a batch that
+    /// writes commits: a batch of reads (which commits on a full disk too) proves nothing,
+    /// and an error of the statement rather than the storage does not count.
+    #[test]
+    fn health_fails_with_the_storage_and_recovers_with_a_committed_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        migrate(&conn).unwrap();
+        let db = Db::new(&conn).unwrap();
+        let h = HealthState::default();
+        let failing = |h: &HealthState| h.snapshot().failing.is_some();
+
+        run_batch(
+            &db,
+            vec![unawaited(|_| {
+                Err::<(), _>(StoreError::Commit("disk full".into()))
+            })],
+            &h,
+        );
+        assert!(failing(&h));
+        assert_eq!(h.snapshot().errors, 1);
+        let read = |c: &Db<'_>| {
+            Ok(c.query_row("SELECT count(*) FROM registrations", [], |r| {
+                r.get::<_, i64>(0)
+            })?)
+        };
+        run_batch(&db, vec![unawaited(read)], &h);
+        assert!(
+            failing(&h),
+            "a read-only batch does not make the store healthy"
+        );
+        let bad_statement = |c: &Db<'_>| {
+            c.execute("INSERT INTO no_such_table VALUES (1)", [])?;
+            Ok(())
+        };
+        run_batch(&db, vec![unawaited(bad_statement)], &h);
+        assert_eq!(h.snapshot().errors, 1, "not a storage failure");
+        let write = |c: &Db<'_>| {
+            c.execute(
+                "INSERT INTO registrations (id, domain, name, data) VALUES ('h', 'd', 'h', '{}')",
+                [],
+            )?;
+            Ok(())
+        };
+        run_batch(&db, vec![unawaited(write)], &h);
+        assert_eq!(
+            h.snapshot(),
+            Health {
+                failing: None,
+                errors: 1
+            }
+        );
+    }
+
     #[tokio::test]
     async fn a_batch_runs_each_job_once_and_a_failed_job_reruns_it_with_savepoints() {
         use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1070,7 +1370,7 @@ mod tests {
         let counts: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
         let (a, ra) = counted_insert("a", false, Arc::clone(&counts[0]));
         let (b, rb) = counted_insert("b", false, Arc::clone(&counts[1]));
-        run_batch(&db, vec![a, b]);
+        run_batch(&db, vec![a, b], &HealthState::default());
         ra.await.unwrap().unwrap();
         rb.await.unwrap().unwrap();
         assert_eq!(counts[0].load(Ordering::SeqCst), 1, "no failure: one run");
@@ -1080,7 +1380,7 @@ mod tests {
         let (c, rc) = counted_insert("c", false, Arc::clone(&counts[0]));
         let (x, rx) = counted_insert("x", true, Arc::clone(&counts[1]));
         let (d, rd) = counted_insert("d", false, Arc::clone(&counts[2]));
-        run_batch(&db, vec![c, x, d]);
+        run_batch(&db, vec![c, x, d], &HealthState::default());
         rc.await.unwrap().unwrap();
         assert!(
             rx.await.unwrap().is_err(),

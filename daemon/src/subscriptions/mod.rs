@@ -686,7 +686,9 @@ impl Subscriptions {
                     added.insert(q.path.clone());
                 }
                 Ok(false) => {}
-                Err(e) => tracing::error!("pre-subscription not stored: {e}"),
+                Err(e) => {
+                    crate::store::log_failure(format_args!("pre-subscription not stored"), &e)
+                }
             }
         }
         added
@@ -777,7 +779,10 @@ impl Subscriptions {
         };
         for d in durable {
             if let Err(e) = d.await {
-                tracing::error!(%ep, "subscriptions of a departed endpoint not removed: {e}");
+                crate::store::log_failure(
+                    format_args!("subscriptions of a departed endpoint {ep} not removed"),
+                    &e,
+                );
             }
         }
     }
@@ -846,7 +851,10 @@ impl Subscriptions {
         };
         for d in durable {
             if let Err(e) = d.await {
-                tracing::error!(ep = %ep_name, %path, "refused subscription not removed: {e}");
+                crate::store::log_failure(
+                    format_args!("refused subscription {ep_name} {path} not removed"),
+                    &e,
+                );
             }
         }
         if log_budget::allow(DeviceLine::ObservationNotEstablished) {
