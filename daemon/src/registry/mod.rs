@@ -784,7 +784,7 @@ impl Registry {
                     // can remove it; the expiry task tries again a second later.
                     crate::store::log_failure(
                         format_args!(
-                            "store: cannot remove the expired registration of {}",
+                            "store: cannot remove an expired registration ({})",
                             ep.reg.name
                         ),
                         &e,
