@@ -34,8 +34,16 @@ fn served() -> BTreeSet<(String, String)> {
     let _enter = rt.enter();
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    // Every auth backend enabled: a backend not named in `[plugins] auth` is not started
+    // and serves no routes.
+    let cfg = PluginsConfig {
+        auth: ["connector", "pelion", "losant", "headerkeys"]
+            .map(String::from)
+            .to_vec(),
+        ..PluginsConfig::default()
+    };
     let host = PluginHost::start(
-        &PluginsConfig::default(),
+        &cfg,
         store,
         dir.path().join("cache"),
         Arc::new(Counters::default()),

@@ -50,7 +50,15 @@ const BIN: &str = "/usr/bin/connectord";
 
 /// Keys of the packaged configuration whose values differ from etc/connectord.toml
 /// (docs/packaging.md, "The configuration"), with their packaged values.
-const PACKAGED_VALUES: [(&str, &str); 2] = [("lua.dir", LUA_DIR), ("plugins.dir", PLUGIN_DIR)];
+const PACKAGED_VALUES: [(&str, &str); 3] = [
+    ("state.dir", STATE_DIR),
+    ("lua.dir", LUA_DIR),
+    ("plugins.dir", PLUGIN_DIR),
+];
+
+/// The state directory: the unit's `StateDirectory=connectord`, and the packaged
+/// configuration's `[state] dir`, so that a start without systemd uses it too.
+const STATE_DIR: &str = "/var/lib/connectord";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -142,11 +150,6 @@ fn packaged_config_matches_the_default() {
         "packaging/connectord.toml has values that differ from etc/connectord.toml beyond \
          the documented differences; keep them in step (docs/packaging.md):\n{}",
         differing.join("\n")
-    );
-    // The state directory comes from systemd's StateDirectory= ($STATE_DIRECTORY).
-    assert!(
-        !p.contains_key("state.dir"),
-        "the package leaves [state] dir unset"
     );
 }
 
@@ -433,6 +436,7 @@ impl Cleanup {
         // The test's stand-in for the service's state (see below), should purge have
         // failed to remove it.
         let _ = std::fs::remove_file("/var/lib/connectord");
+        let _ = std::fs::remove_dir_all("/var/lib/connectord");
         let _ = std::fs::remove_dir_all("/var/lib/private/connectord");
         // Directories deb-systemd-helper made for its bookkeeping, if empty now.
         for p in snapshot().into_iter().rev() {
@@ -798,6 +802,19 @@ fn debian_package() {
         postinst.contains("deb-systemd-invoke $_dh_action connectord.service"),
         "postinst does not start the unit:\n{postinst}"
     );
+    // Without systemd (a container) nothing starts the service: postinst says so and how
+    // to start the daemon.
+    for needle in [
+        "[ ! -d /run/systemd/system ]",
+        "the service was\nnot started",
+        &format!("connectord run --config {CONFIG}"),
+        &format!("{STATE_DIR}/admin.key"),
+    ] {
+        assert!(
+            postinst.contains(needle),
+            "postinst lacks {needle:?}:\n{postinst}"
+        );
+    }
     let postrm = read(control.join("postrm"));
     assert!(
         postrm.contains("rm -rf /var/lib/private/connectord"),
@@ -811,7 +828,7 @@ fn debian_package() {
     // 4. Install. From here on the guard purges whatever happens.
     let cleanup = Cleanup { before: snapshot() };
     s.step("apt-get install");
-    s.run_ok(
+    let installed_out = s.run_ok(
         "apt-get-install",
         Command::new("apt-get")
             .args([
@@ -826,6 +843,15 @@ fn debian_package() {
         Duration::from_secs(300),
     );
     assert_eq!(dpkg_status().as_deref(), Some("install ok installed"));
+    let systemd = Path::new("/run/systemd/system").exists();
+    assert_eq!(
+        // dpkg passes the maintainer script's lines on with CR LF.
+        installed_out
+            .replace('\r', "")
+            .contains("so the service was\nnot started"),
+        !systemd,
+        "the not-started notice is printed exactly when systemd is not running ({systemd}):\n{installed_out}"
+    );
     assert_eq!(mode(BIN), 0o755);
     assert_eq!(mode(PLUGIN_DIR), 0o755);
     for f in PLUGIN_FILES {
@@ -875,9 +901,10 @@ fn debian_package() {
         Duration::from_secs(30),
     );
 
-    // 6. Run the installed binary on the installed configuration, plugins and Lua rules:
-    //    only the listen addresses change (ports may be busy), and the state directory
-    //    comes from $STATE_DIRECTORY as under systemd.
+    // 6. Run the installed binary on the installed configuration, plugins and Lua rules,
+    //    as root and without systemd (no $STATE_DIRECTORY), as the postinst notice says:
+    //    only the listen addresses change (ports may be busy); the state goes to the
+    //    documented /var/lib/connectord.
     s.step("running the installed daemon");
     let installed = read(CONFIG);
     let rest_line = "listen = [\"127.0.0.1:8080\"]";
@@ -892,14 +919,12 @@ fn debian_package() {
             .replace(coap_line, "listen = [\"127.0.0.1:0\"]"),
     )
     .unwrap();
-    let state = work.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let state = PathBuf::from(STATE_DIR);
     let mut child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(&config)
         .current_dir(work.path())
-        .env("STATE_DIRECTORY", &state)
+        .env_remove("STATE_DIRECTORY")
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")
@@ -923,14 +948,29 @@ fn debian_package() {
     );
     let rest = daemon.addr("REST API listening on http://");
     let coap = daemon.addr("CoAP listening on udp://");
+    // The packaged configuration enables the connector backend and the webhook sink: those
+    // files are started, once (no built-in of their name first); the other backends are
+    // not started at all (no keys made or announced for them).
     for f in PLUGIN_FILES {
-        daemon.wait_log(
-            &format!("({PLUGIN_DIR}/{f}, generation"),
-            Duration::from_secs(1),
-        );
+        if ["libauth_connector.so", "libsink_webhook.so"].contains(&f) {
+            daemon.wait_log(
+                &format!("({PLUGIN_DIR}/{f}, generation"),
+                Duration::from_secs(1),
+            );
+        } else {
+            daemon.wait_log(
+                &format!("({PLUGIN_DIR}/{f}) is not named in [plugins] auth: not started"),
+                Duration::from_secs(1),
+            );
+        }
     }
     let log = daemon.logs().join("\n");
     assert!(!log.contains("refusing plugins"), "{log}");
+    assert!(
+        !log.contains("origin=built-in"),
+        "a built-in was started: {log}"
+    );
+    assert!(!log.contains("generated random keys"), "{log}");
     let lua = daemon.wait_log("Lua rules in force", Duration::from_secs(1));
     assert!(lua.contains(LUA_DIR), "{lua}");
     for f in &lua_files {
@@ -952,6 +992,7 @@ fn debian_package() {
         0,
         "admin.key is private"
     );
+    assert_eq!(mode(STATE_DIR) & 0o077, 0, "{STATE_DIR} is private");
     let key = read(&key_file).trim().to_string();
 
     let mut device = support::coap::Device::new(coap);
@@ -1075,9 +1116,11 @@ fn debian_package() {
     // 9. Purge: configuration and the service's state go. systemd's StateDirectory= with
     //    DynamicUser=yes would have made /var/lib/private/connectord and the symlink
     //    /var/lib/connectord; stand in for it.
+    //    The run of step 6 (no systemd) left a real /var/lib/connectord, which purge
+    //    removes as well.
     std::fs::create_dir_all("/var/lib/private/connectord").unwrap();
     std::fs::write("/var/lib/private/connectord/admin.key", "stand-in\n").unwrap();
-    std::os::unix::fs::symlink("private/connectord", "/var/lib/connectord").unwrap();
+    assert!(Path::new(STATE_DIR).join("connectord.db").exists());
     s.step("dpkg --purge");
     s.run_ok(
         "dpkg-purge",

@@ -156,8 +156,20 @@ pub async fn run(
             a.origin
         );
     }
-    let available: Vec<_> = loaded.into_iter().map(|(a, _)| a).collect();
-    crate::plugins::check_names(&config.plugins, &available, &source)?;
+    let mut available: Vec<_> = loaded.into_iter().map(|(a, _)| a).collect();
+    if crate::plugins::check_names(&config.plugins, &available, &source).is_err() {
+        // The names the configuration gives are checked against what was loaded; the
+        // message also lists the plugins that exist but were not started (not named).
+        let named =
+            |n: &str| config.plugins.auth.iter().any(|a| a == n) || config.plugins.sink == n;
+        for a in crate::plugins::available(&config.plugins) {
+            if !named(&a.name) && !available.iter().any(|b| b.name == a.name) {
+                available.push(a);
+            }
+        }
+        available.sort_by(|a, b| a.name.cmp(&b.name));
+        crate::plugins::check_names(&config.plugins, &available, &source)?;
+    }
     let auth = AuthChain::new(Arc::clone(&plugins), config.plugins.auth.clone());
     match auth
         .bootstrap(&state_dir, &config.registry.default_domain)
@@ -421,8 +433,14 @@ pub fn plugin_call(
         .build()
         .map_err(|e| PluginCallError::Plugin(e.to_string()))?;
     let _enter = rt.enter();
+    // The plugin asked for is started even when the configuration does not enable it
+    // (to create the first Pelion user before enabling the backend, say).
+    let mut plugins = config.plugins.clone();
+    if !plugins.auth.iter().any(|a| a == plugin) {
+        plugins.auth.push(plugin.to_string());
+    }
     let host = PluginHost::start(
-        &config.plugins,
+        &plugins,
         store,
         cache.clone(),
         Arc::new(Counters::default()),

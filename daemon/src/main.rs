@@ -154,7 +154,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", error_text(&e));
                 ExitCode::FAILURE
             }
         },
@@ -187,7 +187,7 @@ fn main() -> ExitCode {
             match simulate(opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    eprintln!("error: {}", error_text(&e));
                     ExitCode::FAILURE
                 }
             }
@@ -199,12 +199,30 @@ fn main() -> ExitCode {
         Command::Run { config, reinit } => match run(config, reinit) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {e:#}");
-                tracing::error!("{e:#}");
+                // Once, as a plain line on stderr (where the log goes too, so journald
+                // has it): it used to be logged a second time through the log.
+                eprintln!("error: {}", error_text(&e));
                 ExitCode::FAILURE
             }
         },
     }
+}
+
+/// An error and its causes, each once: `{e:#}` appends every source's text, but many of
+/// the library's errors already include their source's text in their own (`state store:
+/// {0}`), which printed the same cause two or three times. A cause whose text is already
+/// in the message is left out.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.is_empty() {
+            text = part;
+        } else if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+    }
+    text
 }
 
 fn simulate(opts: connectord::simulate::SimOptions) -> anyhow::Result<()> {
@@ -213,6 +231,8 @@ fn simulate(opts: connectord::simulate::SimOptions) -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a pipe or a file gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -242,6 +262,7 @@ fn plugin_call(
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new("warn"))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let out = connectord::daemon::plugin_call(&config, plugin, op, input.as_bytes())?;
     Ok(match serde_json::from_slice::<serde_json::Value>(&out) {
@@ -251,6 +272,17 @@ fn plugin_call(
 }
 
 fn run(path: Option<PathBuf>, reinit: bool) -> anyhow::Result<()> {
+    // Absolute, so that the log (and SIGHUP's re-read) names the file whatever the
+    // working directory: `--config c.toml` is logged as `/etc/connectord/c.toml`.
+    let path = match path {
+        Some(p) => Some(std::path::absolute(&p).with_context(|| {
+            format!(
+                "configuration file {}: cannot make the path absolute",
+                p.display()
+            )
+        })?),
+        None => None,
+    };
     let config = match &path {
         Some(p) => Config::load(p)?,
         None => Config::parse(connectord::config::DEFAULT_TOML, Source::Embedded)?,

@@ -379,6 +379,14 @@ impl Generation {
                 message: "the plugin name must be 1 to 64 bytes".into(),
             });
         }
+        // Before `create`: an auth backend nobody enabled must not make keys.
+        if let Err(key) = host.check_enabled(&name, kind) {
+            return Err(PluginError::NotEnabled {
+                name,
+                origin: origin_text(&origin),
+                key,
+            });
+        }
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let lanes = Arc::new(Lanes {

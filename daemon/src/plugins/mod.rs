@@ -78,6 +78,14 @@ pub enum PluginError {
     },
     #[error("plugin {0} has stopped")]
     Stopped(String),
+    /// An auth backend not named in `[plugins] auth`, or a sink other than `[plugins]
+    /// sink`: not started (it would make and announce keys nobody asked for).
+    #[error("plugin {name} ({origin}) is not named in [plugins] {key}: not started")]
+    NotEnabled {
+        name: String,
+        origin: String,
+        key: &'static str,
+    },
 }
 
 /// The built-in plugins linked into the binary.
@@ -268,6 +276,9 @@ pub struct PluginRoute {
 pub struct PluginHost {
     store: Arc<dyn Store>,
     settings: HashMap<String, serde_json::Value>,
+    /// The names `[plugins] auth` and `sink` give: only auth backends and sinks named
+    /// there are started (plugins of other kinds, which only serve routes, always are).
+    enabled: Vec<String>,
     dir: Option<PathBuf>,
     cache_dir: PathBuf,
     counters: Arc<Counters>,
@@ -308,7 +319,9 @@ const QUIESCE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 const WRITABLE_BY_OTHERS: u32 = 0o022;
 
 impl PluginHost {
-    /// Loads the built-ins, then every plugin file of the directory. Failures are logged;
+    /// Loads every plugin file of the directory, then the built-ins no file replaced (so
+    /// that a packaged file is started once, not after a built-in of its name), skipping
+    /// auth backends and sinks the configuration does not name. Failures are logged;
     /// the host always starts (a missing backend shows up as refused requests).
     /// `cache_dir` holds the private copies of loaded files; it is emptied first. A sink
     /// plugin runs up to `sink_lanes` instances at once (one per concurrent call).
@@ -332,6 +345,12 @@ impl PluginHost {
         let host = Arc::new(PluginHost {
             store,
             settings,
+            enabled: cfg
+                .auth
+                .iter()
+                .chain(std::iter::once(&cfg.sink))
+                .cloned()
+                .collect(),
             dir: cfg.dir.clone(),
             cache_dir,
             counters,
@@ -350,11 +369,29 @@ impl PluginHost {
         });
         // Copies from an earlier run are of no use: start clean.
         let _ = std::fs::remove_dir_all(&host.cache_dir);
-        for table in builtins() {
-            host.load_builtin(table);
-        }
         host.reload_dir();
+        for table in builtins() {
+            // A file of that name serves already (it did not fail to load).
+            if host.get(&Generation::builtin_name(table)).is_none() {
+                host.load_builtin(table);
+            }
+        }
         host
+    }
+
+    /// Whether a plugin of `kind` named `name` is to be started, or the key of
+    /// `[plugins]` that would have to name it.
+    fn check_enabled(&self, name: &str, kind: Kind) -> Result<(), &'static str> {
+        let key = match kind {
+            Kind::Auth => "auth",
+            Kind::Sink => "sink",
+            _ => return Ok(()),
+        };
+        if self.enabled.iter().any(|n| n == name) {
+            Ok(())
+        } else {
+            Err(key)
+        }
     }
 
     fn config_for(&self, name: &str) -> Vec<u8> {
@@ -823,6 +860,7 @@ impl PluginHost {
     fn load_builtin(self: &Arc<Self>, table: &'static connectord_plugin_sdk::PluginTable) {
         match Generation::builtin(self, table) {
             Ok(g) => self.install(g, Install::Trusted),
+            Err(e @ PluginError::NotEnabled { .. }) => tracing::debug!("{e}"),
             Err(e) => {
                 Counters::inc(&self.counters.plugin_errors);
                 tracing::error!(
@@ -847,6 +885,15 @@ impl PluginHost {
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(path.to_path_buf(), g.name.clone());
                 self.install(g, Install::OnProbation);
+            }
+            Err(e @ PluginError::NotEnabled { .. }) => {
+                // Not an error; looked at again when the file changes (or at a restart
+                // with a configuration that names it).
+                self.failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(path.to_path_buf(), fingerprint.clone());
+                tracing::info!("{e}");
             }
             Err(e) => {
                 Counters::inc(&self.counters.plugin_errors);
