@@ -573,3 +573,49 @@ fn a_subscription_to_an_observed_resource_opens_the_keys_channel() {
         Some(b64(b"2").as_str())
     );
 }
+
+/// A subscription row left behind by an endpoint that is no longer registered (its removal
+/// failed, or the process stopped between the two writes) is not loaded at start and is
+/// removed from the store: the endpoint registering anew is not observed for a key that
+/// lost that subscription when the endpoint left.
+#[test]
+fn subscriptions_of_an_endpoint_gone_while_down_are_dropped_at_start() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=ghost", "lt=300"], LINKS);
+    let r = d.call("PUT", "/v2/subscriptions/ghost/3303/0/5700", None, None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    accept_observe(&dev, "/3303/0/5700", "20.0");
+    assert_eq!(
+        d.call("GET", "/v2/subscriptions/ghost/3303/0/5700", None, None)
+            .status,
+        200
+    );
+    // Between two runs the registration row goes, its subscription row stays.
+    let d = d.stop_edit_restart(|state| {
+        let db = rusqlite::Connection::open(state.join("connectord.db")).unwrap();
+        let n = db
+            .execute("DELETE FROM registrations WHERE name = 'ghost'", [])
+            .unwrap();
+        assert_eq!(n, 1);
+    });
+    let mut again = d.device();
+    again.register(&["ep=ghost", "lt=300"], LINKS);
+    assert_eq!(
+        d.call("GET", "/v2/subscriptions/ghost/3303/0/5700", None, None)
+            .status,
+        404,
+        "the subscription of the departed endpoint came back"
+    );
+    assert!(
+        again.recv_request(Duration::from_secs(2)).is_none(),
+        "the daemon observed the endpoint for a subscription it had lost"
+    );
+    assert!(d.wait_log("subscriptions of endpoints that are not registered", WAIT));
+    // And it is gone from the store too: not back after another restart.
+    let d = d.stop_and_restart();
+    assert!(!d.wait_log(
+        "subscriptions of endpoints that are not registered",
+        Duration::from_secs(2)
+    ));
+}

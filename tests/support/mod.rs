@@ -219,6 +219,19 @@ impl Daemon {
         Daemon::spawn(Arc::clone(&self.dir), self.config_path.clone(), &[])
     }
 
+    /// SIGTERM, wait for the clean stop, run `edit` on the state directory (as an operator
+    /// or a failure between runs would), then start again on it.
+    pub fn stop_edit_restart(mut self, edit: impl FnOnce(&Path)) -> Daemon {
+        self.signal("TERM");
+        assert_eq!(
+            self.wait_exit(Duration::from_secs(15)),
+            Some(0),
+            "a clean stop on SIGTERM"
+        );
+        edit(&self.dir.path().join("state"));
+        Daemon::spawn(Arc::clone(&self.dir), self.config_path.clone(), &[])
+    }
+
     /// `kill -9`, then start again on the same state directory and configuration.
     pub fn crash_and_restart(mut self) -> Daemon {
         if let Some(mut c) = self.child.take() {

@@ -229,6 +229,33 @@ impl Subscriptions {
     ) -> Result<Arc<Subscriptions>, StoreError> {
         let mut state = State::default();
         let subs = store.load_subscriptions().await?;
+        // Subscriptions end with their endpoint's registration. A row whose endpoint is
+        // not registered was left behind (its removal failed, or the process stopped
+        // between the two writes): it is not loaded, and removed from the store, so that
+        // the endpoint registering anew is not observed for a key that lost it.
+        let (subs, stale): (Vec<_>, Vec<_>) = subs
+            .into_iter()
+            .partition(|s| registry.get(&s.domain, &s.ep).is_some());
+        if !stale.is_empty() {
+            let gone: BTreeSet<(String, String)> =
+                stale.into_iter().map(|s| (s.key_id, s.ep)).collect();
+            let mut removed = 0;
+            for (key_id, ep) in gone {
+                match store.delete_subscriptions(key_id, Some(ep), None).await {
+                    Ok(()) => removed += 1,
+                    // Not loaded all the same; the next start tries again.
+                    Err(e) => crate::store::log_failure(
+                        format_args!(
+                            "store: cannot remove the subscriptions of an endpoint that is not registered"
+                        ),
+                        &e,
+                    ),
+                }
+            }
+            tracing::info!(
+                "dropped the subscriptions of endpoints that are not registered ({removed} key/endpoint pairs)"
+            );
+        }
         let n = subs.len();
         for s in subs {
             let k = state.keys.entry(s.key_id).or_default();
