@@ -22,21 +22,7 @@ const PERMISSIONS: [&str; 6] = [
     "revoke_access_keys_any_application",
 ];
 
-fn call(
-    d: &Daemon,
-    method: &str,
-    path: &str,
-    key: Option<&str>,
-    body: Option<&Value>,
-) -> support::Http {
-    let auth = key.map(|k| format!("Bearer {k}"));
-    let mut h = vec![("Content-Type", "application/json")];
-    if let Some(a) = &auth {
-        h.push(("Authorization", a.as_str()));
-    }
-    let bytes = body.map(|b| b.to_string().into_bytes());
-    http(method, &d.url(path), &h, bytes.as_deref())
-}
+use support::bearer_call as call;
 
 /// Creates an application of a Pelion user and a key in it.
 fn pelion_key(

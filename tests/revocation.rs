@@ -10,27 +10,13 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::receiver::Receiver;
-use support::{Daemon, Prepared, http};
+use support::{Daemon, Prepared};
 
 const WAIT: Duration = Duration::from_secs(10);
 
 const PELION: &str = "[plugins]\nauth = [\"connector\", \"pelion\"]\n";
 
-fn call(
-    d: &Daemon,
-    method: &str,
-    path: &str,
-    key: Option<&str>,
-    body: Option<&Value>,
-) -> support::Http {
-    let auth = key.map(|k| format!("Bearer {k}"));
-    let mut h = vec![("Content-Type", "application/json")];
-    if let Some(a) = &auth {
-        h.push(("Authorization", a.as_str()));
-    }
-    let bytes = body.map(|b| b.to_string().into_bytes());
-    http(method, &d.url(path), &h, bytes.as_deref())
-}
+use support::bearer_call as call;
 
 /// The status of a read with `key`.
 fn read(d: &Daemon, key: &str) -> u16 {

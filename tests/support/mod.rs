@@ -393,6 +393,24 @@ impl Drop for Daemon {
     }
 }
 
+/// A request with `Authorization: Bearer <key>` (none without a key) and a JSON body,
+/// sent as `Content-Type: application/json` (also on requests without a body).
+pub fn bearer_call(
+    d: &Daemon,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> Http {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let mut h = vec![("Content-Type", "application/json")];
+    if let Some(a) = &auth {
+        h.push(("Authorization", a.as_str()));
+    }
+    let bytes = body.map(|b| b.to_string().into_bytes());
+    http(method, &d.url(path), &h, bytes.as_deref())
+}
+
 /// `connectord plugin-call --config <config> <plugin> <op> <input>` (its own process,
 /// whether a daemon runs on that state or not); returns its JSON answer.
 pub fn plugin_call(

@@ -1142,6 +1142,20 @@ mod tests {
     }
 
     impl Fixture {
+        /// Another hub loaded from this one's store, as at a restart.
+        async fn reloaded(&self) -> Arc<Hub> {
+            let (_t, stop) = crate::shutdown::channel();
+            Hub::load(
+                Arc::clone(&self.store),
+                Arc::new(NoSink),
+                NotificationsConfig::default(),
+                Arc::new(Counters::default()),
+                stop,
+            )
+            .await
+            .unwrap()
+        }
+
         async fn publish(&self, ep: &str) {
             let event = Event {
                 kind: Kind::Registrations,
@@ -1241,16 +1255,7 @@ mod tests {
         assert_eq!(eps(&f.pull().await.unwrap()), ["pump-1"]);
         // A channel reloaded from the store keeps the restriction it was stored with.
         f.hub.note_restriction(&narrowed).await.unwrap();
-        let (_t, stop) = crate::shutdown::channel();
-        let again = Hub::load(
-            Arc::clone(&f.store),
-            Arc::new(NoSink),
-            NotificationsConfig::default(),
-            Arc::new(Counters::default()),
-            stop,
-        )
-        .await
-        .unwrap();
+        let again = f.reloaded().await;
         assert!(again.may_see("k", "gw-1", "/3/0/0"));
         assert!(!again.may_see("k", "pump-1", "/3/0/0"));
         assert!(again.may_see("nobody", "pump-1", "/3/0/0"), "no channel");
@@ -1311,16 +1316,7 @@ mod tests {
         f.publish("a").await;
         let _answer = f.pull().await.unwrap().ticket.sent();
         assert_eq!(f.stored().await, ["a"]);
-        let (_t, stop) = crate::shutdown::channel();
-        let again = Hub::load(
-            Arc::clone(&f.store),
-            Arc::new(NoSink),
-            NotificationsConfig::default(),
-            Arc::new(Counters::default()),
-            stop,
-        )
-        .await
-        .unwrap();
+        let again = f.reloaded().await;
         let b = again.pull(&f.key, None, std::future::pending()).await;
         match b.unwrap() {
             Pulled::Batch(b) => assert_eq!(eps(&b), ["a"]),

@@ -542,6 +542,19 @@ impl PluginHost {
         self.install(restored, Install::Trusted);
     }
 
+    /// The generations serving now, by plugin name.
+    fn serving(&self) -> Vec<Arc<Generation>> {
+        let mut serving: Vec<Arc<Generation>> = self
+            .plugins
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        serving.sort_by(|a, b| a.name.cmp(&b.name));
+        serving
+    }
+
     /// The `connectord_plugin_generation` gauge of every plugin serving, in the
     /// Prometheus text format.
     pub fn render_metrics(&self, out: &mut String) {
@@ -553,14 +566,7 @@ impl PluginHost {
             .values()
             .map(|p| p.id)
             .collect();
-        let mut serving: Vec<Arc<Generation>> = self
-            .plugins
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        serving.sort_by(|a, b| a.name.cmp(&b.name));
+        let serving = self.serving();
         let _ = writeln!(
             out,
             "# HELP connectord_plugin_generation The generation serving each plugin (its number), where its code comes from, the SHA-256 of its file (empty for a built-in), and whether it is still on probation."
@@ -801,14 +807,7 @@ impl PluginHost {
     pub fn reload_all(self: &Arc<Self>) {
         let _serial = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
         let _gate = self.quiesce();
-        let mut serving: Vec<Arc<Generation>> = self
-            .plugins
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        serving.sort_by(|a, b| a.name.cmp(&b.name));
+        let serving = self.serving();
         for g in serving {
             match Generation::again(self, &g) {
                 Ok(new) => self.install(new, Install::SameCode),
