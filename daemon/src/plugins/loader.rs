@@ -142,6 +142,20 @@ unsafe impl Send for TablePtr {}
 // SAFETY: as above, the table is never written.
 unsafe impl Sync for TablePtr {}
 
+/// The crate a plugin file `lib<crate>.so` is named after.
+fn file_crate(path: &Path) -> Result<&str, String> {
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .ok_or_else(|| "the file name is not UTF-8".to_string())?;
+    Ok(stem.strip_prefix("lib").unwrap_or(stem))
+}
+
+/// The entry symbol `declare_plugin!` gives the plugin of crate `krate`.
+fn entry_symbol(krate: &str) -> String {
+    format!("{ENTRY_PREFIX}{}", krate.replace('-', "_"))
+}
+
 /// The reason of a libloading error: the `dlerror` text behind it (libloading's own
 /// message is only "dlopen failed"), or that message when there is none.
 fn dl_reason(e: &libloading::Error) -> String {
@@ -206,12 +220,8 @@ impl Generation {
             message,
         };
         check_not_writable_by_others(path).map_err(load_err)?;
-        let stem = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .ok_or_else(|| load_err("the file name is not UTF-8".into()))?;
-        let krate = stem.strip_prefix("lib").unwrap_or(stem);
-        let symbol = format!("{ENTRY_PREFIX}{}", krate.replace('-', "_"));
+        let krate = file_crate(path).map_err(load_err)?;
+        let symbol = entry_symbol(krate);
         // Opened in place, not copied (a short-lived process): checked first, so that a
         // file cut short is refused instead of mapped.
         let bytes = std::fs::read(path).map_err(|e| load_err(e.to_string()))?;
@@ -263,11 +273,7 @@ impl Generation {
             message,
         };
         check_not_writable_by_others(path).map_err(load_err)?;
-        let stem = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .ok_or_else(|| load_err("the file name is not UTF-8".into()))?;
-        let krate = stem.strip_prefix("lib").unwrap_or(stem);
+        let krate = file_crate(path).map_err(load_err)?;
         let bytes = std::fs::read(path).map_err(|e| load_err(e.to_string()))?;
         match Fingerprint::of(path) {
             Ok(now) if now == *expected && now.len == bytes.len() as u64 => {}
@@ -317,7 +323,7 @@ impl Generation {
         // a complete ELF image nobody else can write to.
         let lib = unsafe { Library::new(&image.copy) }
             .map_err(|e| load_err(format!("dlopen failed: {}", dl_reason(&e))))?;
-        let symbol = format!("{ENTRY_PREFIX}{}", krate.replace('-', "_"));
+        let symbol = entry_symbol(krate);
         // SAFETY: the symbol, when present, has the entry signature declare_plugin! gives it.
         let table: *const PluginTable = unsafe {
             let entry = lib
