@@ -176,9 +176,6 @@ pub struct SqliteStore {
     /// Moved by the store thread when `PRAGMA data_version` says another connection (so
     /// another process: this one has only the thread's) committed a write.
     external: tokio::sync::watch::Receiver<u64>,
-    /// Time of each batch transaction, begin to commit, observed by the store thread
-    /// (`connectord_store_commit_duration_seconds`).
-    commit_latency: Arc<Histogram>,
     /// Whether writes succeed now; set by the store thread after each batch.
     health: Arc<HealthState>,
 }
@@ -241,8 +238,6 @@ impl SqliteStore {
         // that cannot run them fails here, not at its first write.
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), StoreError>>(1);
         let (external_tx, external) = tokio::sync::watch::channel(0u64);
-        let commit_latency = commits;
-        let commits = Arc::clone(&commit_latency);
         let health = Arc::new(HealthState::default());
         let thread_health = Arc::clone(&health);
         std::thread::Builder::new()
@@ -257,14 +252,8 @@ impl SqliteStore {
             tx,
             path: path.to_path_buf(),
             external,
-            commit_latency,
             health,
         })
-    }
-
-    /// The histogram of transaction times, for `/metrics`.
-    pub fn commit_latency(&self) -> Arc<Histogram> {
-        Arc::clone(&self.commit_latency)
     }
 
     /// The database file.
