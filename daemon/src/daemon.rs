@@ -18,8 +18,8 @@ use crate::auth::AuthChain;
 use crate::coap::Transport;
 use crate::config::{Config, ConfigError};
 use crate::events::Hub;
-use crate::events::PluginSink;
 use crate::metrics::Counters;
+use crate::plugins::PluginSink;
 use crate::plugins::{PluginHost, kind_name};
 use crate::registry::lwm2m::Lwm2mHandler;
 use crate::registry::{Registry, RegistryListener};
@@ -125,7 +125,7 @@ pub async fn run(
             }
         );
     }
-    let store = SqliteStore::open_observed(&state_dir, Arc::clone(&counters.store_commit))?;
+    let store = SqliteStore::open_observed(&state_dir, counters.store_commit.clone())?;
     tracing::info!("state in {}", store.path().display());
     let store: Arc<dyn Store> = Arc::new(store);
     // The CA before the admin key: of the first-start files, the one that can fail last

@@ -41,5 +41,9 @@ pub mod revocation;
 pub mod shutdown;
 pub mod simulate;
 pub mod state_dir;
-pub mod store;
+/// Durable state: the `connectord-store` crate (ports per aggregate, SQLite and memory).
+pub use connectord_store as store;
 pub mod subscriptions;
+
+/// The domain records every layer shares: the `connectord-model` crate.
+pub use connectord_model as model;

@@ -197,6 +197,12 @@ impl Default for Histogram {
     }
 }
 
+impl connectord_store::CommitObserver for Histogram {
+    fn observe(&self, took: Duration) {
+        Histogram::observe(self, took);
+    }
+}
+
 impl Histogram {
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();

@@ -758,7 +758,7 @@ impl Config {
             ));
         }
         let r = &self.registry;
-        if !crate::registry::valid_domain(&r.default_domain) {
+        if !connectord_model::valid_domain(&r.default_domain) {
             return Err(invalid(
                 "registry.default_domain",
                 "must be 1 to 64 characters of letters, digits, '-', '_' and '.'".into(),

@@ -11,144 +11,16 @@ pub mod hub;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use base64::Engine;
 use bytes::Bytes;
-use connectord_plugin_sdk::sink;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Value, json};
 
+pub use connectord_model::{Body, CallbackTarget, ChannelRecord, Event, Kind, StoredEvent};
 pub use hub::Hub;
 
 use crate::registry::Endpoint;
-
-/// The event types of the notification message (seed 000, "Notification data structure").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Kind {
-    Notifications,
-    Registrations,
-    RegUpdates,
-    DeRegistrations,
-    RegistrationsExpired,
-    AsyncResponses,
-    /// An extension: a subscription the device refused or ended (see
-    /// `subscriptions::subscription_error_body`).
-    SubscriptionErrors,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 7] = [
-        Kind::Notifications,
-        Kind::Registrations,
-        Kind::RegUpdates,
-        Kind::DeRegistrations,
-        Kind::RegistrationsExpired,
-        Kind::AsyncResponses,
-        Kind::SubscriptionErrors,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Notifications => "notifications",
-            Kind::Registrations => "registrations",
-            Kind::RegUpdates => "reg-updates",
-            Kind::DeRegistrations => "de-registrations",
-            Kind::RegistrationsExpired => "registrations-expired",
-            Kind::AsyncResponses => "async-responses",
-            Kind::SubscriptionErrors => "subscription-errors",
-        }
-    }
-}
-
-/// An event's JSON entry, serialised once when the event is made: it is stored, queued
-/// for every key it goes to and written into long-poll answers and callbacks as this
-/// same text, so cloning it is a reference count and no step builds a JSON tree again.
-/// It is stored (and read back) as the JSON value itself, not as a string. Being a
-/// [`RawValue`](serde_json::value::RawValue), it is known to be valid JSON and is written
-/// out without being parsed again.
-#[derive(Debug, Clone)]
-pub struct Body(Arc<serde_json::value::RawValue>);
-
-impl Body {
-    /// Serialises `v` (straight to JSON text, without a `Value` tree). Nothing the daemon
-    /// makes fails to serialise; if something did, the entry would be `null`.
-    pub fn new<T: Serialize + ?Sized>(v: &T) -> Body {
-        match serde_json::value::to_raw_value(v) {
-            Ok(raw) => Body(raw.into()),
-            Err(e) => {
-                tracing::error!("event entry not serialisable: {e}");
-                Body(serde_json::value::RawValue::NULL.to_owned().into())
-            }
-        }
-    }
-
-    /// The JSON text.
-    pub fn as_str(&self) -> &str {
-        self.0.get()
-    }
-}
-
-impl PartialEq for Body {
-    fn eq(&self, other: &Body) -> bool {
-        self.as_str() == other.as_str()
-    }
-}
-
-impl Eq for Body {}
-
-impl From<Value> for Body {
-    fn from(v: Value) -> Body {
-        Body::new(&v)
-    }
-}
-
-impl Serialize for Body {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Body {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Body, D::Error> {
-        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
-        Ok(Body(raw.into()))
-    }
-}
-
-/// One entry of a notification message: its type and its JSON entry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    pub kind: Kind,
-    pub body: Body,
-    /// When it was created (ms since the epoch): the 15-minute discard window starts here.
-    pub created_ms: u64,
-}
-
-/// An event queued for one key, as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoredEvent {
-    pub key_id: String,
-    pub seq: u64,
-    pub event: Event,
-}
-
-/// A key's notification channel, as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChannelRecord {
-    pub key_id: String,
-    pub domain: String,
-    /// Set: notifications are pushed there. Unset: the key long-polls.
-    pub callback: Option<CallbackTarget>,
-    /// The key's restriction to some endpoints and resources (`Principal::allow`), as its
-    /// latest authentication said: events are routed to the channel only for what it
-    /// allows (see [`About`]). Kept with the record so that it holds across a restart,
-    /// before the key authenticates again. Absent (records of older versions too): no
-    /// restriction.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allow: Option<Vec<String>>,
-}
 
 /// What an event tells, so that the hub routes it only to the channels whose key may see
 /// it (`auth::may_access` against each channel's recorded restriction).
@@ -299,14 +171,6 @@ pub fn async_response_body(
     })
 }
 
-/// Where a key's notifications go: the `PUT /notification/callback` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CallbackTarget {
-    pub url: String,
-    #[serde(default)]
-    pub headers: std::collections::BTreeMap<String, String>,
-}
-
 /// The outcome of one delivery attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
@@ -319,7 +183,7 @@ pub enum Delivery {
 }
 
 /// Where events for keys are delivered when a key has a callback. Implemented by
-/// [`PluginSink`], which hands each batch to the configured sink plugin.
+/// `plugins::PluginSink`, which hands each batch to the configured sink plugin.
 pub trait Sink: Send + Sync + 'static {
     /// The check made when a callback is registered (`Err` is shown to the client).
     fn verify<'a>(
@@ -332,71 +196,6 @@ pub trait Sink: Send + Sync + 'static {
         target: &'a CallbackTarget,
         body: Bytes,
     ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>>;
-}
-
-/// The sink plugin named in `[plugins] sink`.
-pub struct PluginSink {
-    pub host: std::sync::Arc<crate::plugins::PluginHost>,
-    pub name: String,
-}
-
-fn target(t: &CallbackTarget) -> sink::Target {
-    sink::Target {
-        url: t.url.clone(),
-        headers: t.headers.clone(),
-    }
-}
-
-impl Sink for PluginSink {
-    fn verify<'a>(
-        &'a self,
-        t: &'a CallbackTarget,
-    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
-        Box::pin(async move {
-            let req = sink::VerifyRequest { target: target(t) };
-            match self
-                .host
-                .call_json::<_, sink::VerifyResponse>(&self.name, sink::OP_VERIFY, &req)
-                .await
-            {
-                Ok(r) if r.ok => Ok(()),
-                Ok(r) => Err(r
-                    .reason
-                    .unwrap_or_else(|| "the callback URL was refused".into())),
-                Err(e) => {
-                    tracing::error!("notification sink: {e}");
-                    Err(format!(
-                        "notifications cannot be delivered now: sink plugin {} is unavailable",
-                        self.name
-                    ))
-                }
-            }
-        })
-    }
-
-    fn deliver<'a>(
-        &'a self,
-        t: &'a CallbackTarget,
-        body: Bytes,
-    ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
-        Box::pin(async move {
-            let req = sink::DeliverRequest {
-                target: target(t),
-                body: String::from_utf8_lossy(&body).into_owned(),
-            };
-            match self
-                .host
-                .call_json::<_, sink::DeliverResponse>(&self.name, sink::OP_DELIVER, &req)
-                .await
-            {
-                Ok(sink::DeliverResponse::Accepted) => Delivery::Accepted,
-                Ok(sink::DeliverResponse::Retry { reason }) => Delivery::Retry(reason),
-                Ok(sink::DeliverResponse::Refused { reason }) => Delivery::Refused(reason),
-                // A failing sink plugin is retried like a failing receiver.
-                Err(e) => Delivery::Retry(e.to_string()),
-            }
-        })
-    }
 }
 
 #[cfg(test)]

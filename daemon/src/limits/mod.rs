@@ -25,9 +25,10 @@ use std::time::Duration;
 use crate::config::LimitsConfig;
 use crate::hashing::Map;
 use crate::metrics::Counters;
-use crate::registry::now_ms;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
+pub use connectord_model::HourCount;
+use connectord_model::now_ms;
 
 const HOUR_MS: u64 = 3_600_000;
 
@@ -36,14 +37,6 @@ const HOUR_MS: u64 = 3_600_000;
 #[error("the domain's transaction quota ({quota} per 24 hours) is used up")]
 pub struct OverQuota {
     pub quota: u64,
-}
-
-/// One domain's transactions in one hour (hours since the Unix epoch), as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HourCount {
-    pub domain: String,
-    pub hour: u64,
-    pub count: u64,
 }
 
 /// One hour of a domain's window.

@@ -28,6 +28,7 @@
 
 mod elf;
 mod loader;
+mod sink;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,7 @@ use crate::metrics::Counters;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 pub use loader::Generation;
+pub use sink::PluginSink;
 
 /// What went wrong with a plugin.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -10,9 +10,8 @@ pub mod lwm2m;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::coap::link_format;
@@ -22,36 +21,7 @@ use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
-
-/// Longest endpoint name, endpoint type or domain accepted, in bytes.
-pub const MAX_NAME_LEN: usize = 256;
-
-/// A registration as it is stored: everything needed to rebuild the endpoint after a restart.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Registration {
-    /// The registration id, the last segment of the `Location-Path` (`rd/{id}`).
-    pub id: String,
-    pub domain: String,
-    /// The endpoint name (`ep=`), unique within the domain.
-    pub name: String,
-    /// The endpoint type (`et=`).
-    pub ept: Option<String>,
-    pub lifetime_s: u32,
-    /// The binding mode (`b=`), `U` when absent.
-    pub binding: String,
-    /// The LwM2M version (`lwm2m=`).
-    pub lwm2m: Option<String>,
-    /// Queue mode: `b=UQ` (LwM2M 1.0) or the bare `Q` parameter (LwM2M 1.1).
-    pub queue: bool,
-    /// Where the device's last message came from: requests to it go there.
-    pub peer: SocketAddr,
-    /// The local socket address that received it: requests to it go out of that socket.
-    pub local: SocketAddr,
-    /// The link-format body as registered (or last updated).
-    pub links: String,
-    pub registered_at_ms: u64,
-    pub expires_at_ms: u64,
-}
+pub use connectord_model::{MAX_NAME_LEN, Registration, now_ms, valid_domain, valid_name};
 
 /// A resource from the registration's link-format.
 ///
@@ -323,30 +293,6 @@ pub struct Registry {
     listeners: std::sync::RwLock<Vec<Arc<dyn RegistryListener>>>,
     /// Transaction quotas (set at start-up; none in unit tests).
     limits: std::sync::OnceLock<Arc<crate::limits::Limits>>,
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// A domain name: 1 to 64 of letters, digits, `-`, `_`, `.`.
-pub fn valid_domain(d: &str) -> bool {
-    (1..=64).contains(&d.len())
-        && d.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
-/// An endpoint name or type: 1 to [`MAX_NAME_LEN`] bytes, no control characters, and none
-/// of `/ ? #` that would make it unusable as a REST path segment.
-pub fn valid_name(n: &str) -> bool {
-    (1..=MAX_NAME_LEN).contains(&n.len())
-        && !n
-            .chars()
-            .any(|c| c.is_control() || matches!(c, '/' | '?' | '#'))
 }
 
 /// True when `path` is `base` or below it, compared by whole segments (`/3/0/1` is below

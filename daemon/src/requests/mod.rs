@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use coap_lite::{RequestType, ResponseType};
-use serde::{Deserialize, Serialize};
 
 use crate::auth::Principal;
 use crate::coap::client::{ClientError, CoapReply, ObserveStream, OutRequest};
@@ -27,24 +26,15 @@ use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::registry::{Endpoint, Registry, RegistryEvent, RegistryListener, now_ms};
 use crate::store::{Store, StoreError};
+pub use connectord_model::{Job, Method};
 
 /// CoAP's default Max-Age when a response carries none (RFC 7252 §5.10.5).
 pub const DEFAULT_MAX_AGE: u32 = 60;
 
-/// The operation on a resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Method {
-    Get,
-    Put,
-    Post,
-    Delete,
-    /// GET with Observe=0: establishes an observation for a subscription.
-    Observe,
-}
-
-impl Method {
-    fn coap(self) -> RequestType {
-        match self {
+/// The CoAP method of a request.
+fn coap_method(m: Method) -> RequestType {
+    {
+        match m {
             Method::Get | Method::Observe => RequestType::Get,
             Method::Put => RequestType::Put,
             Method::Post => RequestType::Post,
@@ -68,43 +58,6 @@ pub trait ObservationSink: Send + Sync + 'static {
         status: u16,
         reason: &'a str,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
-}
-
-/// An accepted request, as stored until it is answered.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Job {
-    /// The async-response id.
-    pub id: String,
-    /// The access key whose channel gets the answer.
-    pub key_id: String,
-    pub domain: String,
-    pub ep: String,
-    pub method: Method,
-    /// Resource path with a leading slash.
-    pub path: String,
-    /// Request body, base64.
-    pub payload: String,
-    pub content_format: Option<u16>,
-    /// The CoAP Accept option sent with the request.
-    #[serde(default)]
-    pub accept: Option<u16>,
-    /// `accept` was the daemon's choice, not the application's: a device that answers
-    /// it 4.06 (or 4.15) is asked again without it.
-    #[serde(default)]
-    pub accept_fallback: bool,
-    /// The application asked for `application/json`: the answer is decoded into the JSON
-    /// value tree of [`crate::lwm2m_data`].
-    #[serde(default)]
-    pub as_json: bool,
-    pub created_ms: u64,
-    /// Made by the daemon itself (a pre-subscription or a re-observe): not stored, and
-    /// its outcome is no async response.
-    #[serde(default)]
-    pub internal: bool,
-    /// The store's row number of this request (0 until stored; internal jobs are not).
-    /// Not part of the stored record: the store keys the record by it.
-    #[serde(skip)]
-    pub row: u64,
 }
 
 /// The representation an application wants a read answered in (its `Accept` header).
@@ -573,7 +526,7 @@ impl Requests {
                     "noResp=true is not supported for an endpoint in queue mode".into(),
                 ));
             }
-            let mut req = OutRequest::new(method.coap(), &s.path);
+            let mut req = OutRequest::new(coap_method(method), &s.path);
             req.payload = s.payload;
             req.content_format = s.content_format;
             Counters::inc(&self.counters.device_requests);
@@ -674,7 +627,7 @@ impl Requests {
         let Some(ep) = self.registry.get(&job.domain, &job.ep) else {
             return Outcome::failed(410, "the endpoint is no longer registered");
         };
-        let mut req = OutRequest::new(job.method.coap(), &job.path);
+        let mut req = OutRequest::new(coap_method(job.method), &job.path);
         req.payload = base64::engine::general_purpose::STANDARD
             .decode(&job.payload)
             .unwrap_or_default();

@@ -22,8 +22,6 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::auth::Principal;
 use crate::coap::client::{CoapReply, ObserveStream};
 use crate::coap::content_format;
@@ -37,25 +35,10 @@ use crate::requests::{
     resource_known,
 };
 use crate::store::{Store, StoreError};
+pub use connectord_model::{PresubRecord, SubscriptionRecord};
 use lua::{LuaRules, Question, Subject};
 pub use presub::PreSub;
-
-/// A stored subscription.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SubscriptionRecord {
-    pub key_id: String,
-    pub domain: String,
-    pub ep: String,
-    pub path: String,
-}
-
-/// A key's stored pre-subscription rules.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PresubRecord {
-    pub key_id: String,
-    pub domain: String,
-    pub rules: Vec<PreSub>,
-}
+use presub::RuleMatch;
 
 /// Why a subscription call was refused.
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@
 //! characters). An object matches a resource when every field it has matches; a missing
 //! field matches everything.
 
-use serde::{Deserialize, Serialize};
+pub use connectord_model::PreSub;
 
 /// Most rules one key may set.
 pub const MAX_RULES: usize = 1000;
@@ -12,30 +12,6 @@ pub const MAX_RULES: usize = 1000;
 pub const MAX_PATHS: usize = 100;
 /// Longest name, type or path pattern, in bytes.
 pub const MAX_LEN: usize = 256;
-
-/// One pre-subscription rule, exactly as the REST API takes and returns it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PreSub {
-    #[serde(
-        rename = "endpoint-name",
-        skip_serializing_if = "Option::is_none",
-        default
-    )]
-    pub endpoint_name: Option<String>,
-    #[serde(
-        rename = "endpoint-type",
-        skip_serializing_if = "Option::is_none",
-        default
-    )]
-    pub endpoint_type: Option<String>,
-    #[serde(
-        rename = "resource-path",
-        skip_serializing_if = "Option::is_none",
-        default
-    )]
-    pub resource_path: Option<Vec<String>>,
-}
 
 /// Why a pre-subscription body was refused (400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,9 +89,16 @@ pub fn glob(pattern: &str, text: &str) -> bool {
     true
 }
 
-impl PreSub {
+/// How a pre-subscription rule ([`PreSub`], a record of `connectord-model`) matches.
+pub trait RuleMatch {
     /// Does this rule ask for `path` on an endpoint with this name and type?
-    pub fn matches(&self, name: &str, ept: Option<&str>, path: &str) -> bool {
+    fn matches(&self, name: &str, ept: Option<&str>, path: &str) -> bool;
+    /// Does this rule apply to an endpoint with this name and type (any of its paths)?
+    fn matches_endpoint(&self, name: &str, ept: Option<&str>) -> bool;
+}
+
+impl RuleMatch for PreSub {
+    fn matches(&self, name: &str, ept: Option<&str>, path: &str) -> bool {
         let path_ok = match &self.resource_path {
             None => true,
             Some(paths) => paths.iter().any(|p| glob(p, path)),
@@ -123,8 +106,7 @@ impl PreSub {
         path_ok && self.matches_endpoint(name, ept)
     }
 
-    /// Does this rule apply to an endpoint with this name and type (any of its paths)?
-    pub fn matches_endpoint(&self, name: &str, ept: Option<&str>) -> bool {
+    fn matches_endpoint(&self, name: &str, ept: Option<&str>) -> bool {
         let name_ok = match &self.endpoint_name {
             None => true,
             Some(n) => match n.strip_suffix('*') {

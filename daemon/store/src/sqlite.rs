@@ -16,13 +16,15 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OptionalExtension, Statement, params};
 use tokio::sync::oneshot;
 
-use super::{EXTERNAL_CHECK, Health, Pending, Store, StoreError, record_json};
-use crate::events::{ChannelRecord, StoredEvent};
-use crate::limits::HourCount;
-use crate::metrics::Histogram;
-use crate::registry::Registration;
-use crate::requests::Job as RequestJob;
-use crate::subscriptions::{PresubRecord, SubscriptionRecord};
+use connectord_model::{
+    ChannelRecord, HourCount, Job as RequestJob, PresubRecord, Registration, StoredEvent,
+    SubscriptionRecord,
+};
+
+use crate::{
+    CommitObserver, EXTERNAL_CHECK, EventLog, Feed, Health, Pending, PluginStateStore, QuotaStore,
+    RegistrationStore, RequestStore, StoreError, SubscriptionStore, record_json,
+};
 
 /// Most jobs committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
@@ -187,13 +189,16 @@ impl SqliteStore {
     /// directory and database it created are removed again, so a failed start leaves the
     /// state directory as it was.
     pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
-        SqliteStore::open_observed(dir, Arc::default())
+        SqliteStore::open_observed(dir, Arc::new(()))
     }
 
     /// As [`SqliteStore::open`], observing each batch transaction's time in `commits` (the
     /// daemon's `store_commit_duration_seconds`, made before the store so that the
-    /// listeners bound first count into the same [`crate::metrics::Counters`]).
-    pub fn open_observed(dir: &Path, commits: Arc<Histogram>) -> Result<SqliteStore, StoreError> {
+    /// listeners bound first count into the same counters).
+    pub fn open_observed(
+        dir: &Path,
+        commits: Arc<dyn CommitObserver>,
+    ) -> Result<SqliteStore, StoreError> {
         let created_dir = !dir.is_dir();
         create_private_dir(dir)?;
         let path = dir.join(DB_FILE);
@@ -221,7 +226,7 @@ impl SqliteStore {
     fn open_created(
         dir: &Path,
         path: &Path,
-        commits: Arc<Histogram>,
+        commits: Arc<dyn CommitObserver>,
     ) -> Result<SqliteStore, StoreError> {
         writable_dir(dir)?;
         let conn = Connection::open(path)?;
@@ -242,7 +247,7 @@ impl SqliteStore {
         let thread_health = Arc::clone(&health);
         std::thread::Builder::new()
             .name("store".into())
-            .spawn(move || run(conn, rx, ready_tx, external_tx, &commits, thread_health))
+            .spawn(move || run(conn, rx, ready_tx, external_tx, &*commits, thread_health))
             .map_err(|e| StoreError::Dir {
                 path: dir.to_path_buf(),
                 source: e,
@@ -379,11 +384,42 @@ fn probe(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+impl From<rusqlite::Error> for StoreError {
+    /// SQLite's error, with its verdict on whether the storage itself is failing (disk
+    /// full, read-only, I/O error, corrupt pages, busy, ...) rather than one statement.
+    fn from(e: rusqlite::Error) -> StoreError {
+        use rusqlite::ErrorCode as C;
+        let unavailable = matches!(
+            e.sqlite_error_code(),
+            Some(
+                C::DiskFull
+                    | C::SystemIoFailure
+                    | C::ReadOnly
+                    | C::DatabaseCorrupt
+                    | C::NotADatabase
+                    | C::CannotOpen
+                    | C::DatabaseBusy
+                    | C::DatabaseLocked
+                    | C::PermissionDenied
+                    | C::OutOfMemory
+            )
+        );
+        StoreError::Backend {
+            source: Box::new(e),
+            unavailable,
+        }
+    }
+}
+
 /// Names the file and the cause of an error met while opening the store.
 fn unusable(path: &Path, e: StoreError) -> StoreError {
     use rusqlite::ErrorCode as C;
-    let cause = match &e {
-        StoreError::Sqlite(s) => match s.sqlite_error_code() {
+    let sqlite = match &e {
+        StoreError::Backend { source, .. } => source.downcast_ref::<rusqlite::Error>(),
+        _ => None,
+    };
+    let cause = match (&e, sqlite) {
+        (_, Some(s)) => match s.sqlite_error_code() {
             Some(C::ReadOnly) => format!("read-only: the daemon cannot write it ({s})"),
             Some(C::NotADatabase) => format!("not a database ({s})"),
             Some(C::DatabaseCorrupt) => format!("the database is corrupt ({s}); restore a backup"),
@@ -392,7 +428,7 @@ fn unusable(path: &Path, e: StoreError) -> StoreError {
             Some(C::PermissionDenied) => format!("permission denied ({s})"),
             _ => s.to_string(),
         },
-        StoreError::Commit(m) => m.clone(),
+        (StoreError::Commit(m), _) => m.clone(),
         _ => return e,
     };
     StoreError::Unusable {
@@ -531,7 +567,7 @@ fn run(
     rx: mpsc::Receiver<Box<dyn Job>>,
     ready: mpsc::SyncSender<Result<(), StoreError>>,
     external: tokio::sync::watch::Sender<u64>,
-    commits: &Histogram,
+    commits: &dyn CommitObserver,
     health: Arc<HealthState>,
 ) {
     let db = match Db::new(&conn) {
@@ -703,57 +739,125 @@ fn load_json_keyed<T: serde::de::DeserializeOwned>(
     Ok(out)
 }
 
-impl Store for SqliteStore {
-    fn external_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        Some(self.external.clone())
+impl RegistrationStore for SqliteStore {
+    fn load_registrations(&self) -> Pending<Vec<Registration>> {
+        self.submit(|conn| load_json(conn, "SELECT data FROM registrations", "registration"))
     }
 
-    fn health(&self) -> Health {
-        self.health.snapshot()
-    }
-
-    fn load_hour_counts(&self) -> Pending<Vec<HourCount>> {
-        self.submit(|conn| {
-            let mut stmt = conn.prepare("SELECT domain, hour, count FROM limit_counts")?;
-            let mut rows = stmt.query([])?;
-            let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
-                let (domain, hour, count): (String, i64, i64) =
-                    (row.get(0)?, row.get(1)?, row.get(2)?);
-                match (u64::try_from(hour), u64::try_from(count)) {
-                    (Ok(hour), Ok(count)) => out.push(HourCount {
-                        domain,
-                        hour,
-                        count,
-                    }),
-                    _ => tracing::error!(
-                        "store: skipping unreadable limit count of domain {domain:?} (hour {hour}, count {count})"
-                    ),
-                }
-            }
-            Ok(out)
-        })
-    }
-
-    fn save_hour_counts(&self, counts: Vec<HourCount>, keep_from: u64) -> Pending<()> {
+    fn put_registration(&self, reg: Registration) -> Pending<()> {
         self.submit(move |conn| {
-            let mut put = conn.prepare_cached(
-                "INSERT INTO limit_counts (domain, hour, count) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (domain, hour) DO UPDATE SET count = excluded.count",
-            )?;
-            for c in &counts {
-                put.execute(params![
-                    c.domain,
-                    i64::try_from(c.hour).unwrap_or(i64::MAX),
-                    i64::try_from(c.count).unwrap_or(i64::MAX)
-                ])?;
-            }
-            conn.prepare_cached("DELETE FROM limit_counts WHERE hour < ?1")?
-                .execute(params![i64::try_from(keep_from).unwrap_or(i64::MAX)])?;
+            let data = to_json(&reg)?;
+            conn.prepare_cached("DELETE FROM registrations WHERE domain = ?1 AND name = ?2 AND id <> ?3")?
+                .execute(params![reg.domain, reg.name, reg.id])?;
+            conn.prepare_cached(
+                "INSERT INTO registrations (id, domain, name, data) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET domain = excluded.domain, name = excluded.name, data = excluded.data",
+            )?
+            .execute(params![reg.id, reg.domain, reg.name, data])?;
             Ok(())
         })
     }
 
+    fn delete_registration(&self, id: String) -> Pending<()> {
+        self.submit(move |conn| {
+            conn.prepare_cached("DELETE FROM registrations WHERE id = ?1")?
+                .execute(params![id])?;
+            Ok(())
+        })
+    }
+}
+
+impl EventLog for SqliteStore {
+    fn load_channels(&self) -> Pending<Vec<ChannelRecord>> {
+        self.submit(|conn| load_json(conn, "SELECT data FROM channels", "channel"))
+    }
+
+    fn put_channel(&self, channel: ChannelRecord) -> Pending<()> {
+        self.submit(move |conn| {
+            upsert_json(
+                conn,
+                "INSERT INTO channels (key_id, data) VALUES (?1, ?2)
+                 ON CONFLICT (key_id) DO UPDATE SET data = excluded.data",
+                &channel.key_id,
+                &channel,
+            )
+        })
+    }
+
+    fn load_events(&self) -> Pending<Vec<StoredEvent>> {
+        self.submit(|conn| {
+            load_json(
+                conn,
+                "SELECT data FROM events ORDER BY key_id, seq",
+                "event",
+            )
+        })
+    }
+
+    fn append_events(&self, events: Vec<StoredEvent>, answered: Option<u64>) -> Pending<()> {
+        self.submit(move |conn| {
+            let mut stmt = conn.insert_event.borrow_mut();
+            for e in &events {
+                stmt.execute(params![e.key_id, e.seq as i64, record_json::event(e)])?;
+            }
+            if let Some(row) = answered {
+                conn.delete_request
+                    .borrow_mut()
+                    .execute(params![row as i64])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn delete_events_through(&self, key_id: String, seq: u64) -> Pending<()> {
+        self.submit(move |conn| {
+            conn.delete_events_through
+                .borrow_mut()
+                .execute(params![key_id, seq as i64])?;
+            Ok(())
+        })
+    }
+}
+
+impl RequestStore for SqliteStore {
+    fn load_requests(&self) -> Pending<Vec<RequestJob>> {
+        self.submit(|conn| {
+            load_json_keyed(
+                conn,
+                "SELECT data, row FROM requests ORDER BY row",
+                "request",
+                |r, job: &mut RequestJob| {
+                    job.row = r.get::<_, i64>(1)? as u64;
+                    Ok(())
+                },
+            )
+        })
+    }
+
+    fn put_request(&self, job: RequestJob) -> Pending<u64> {
+        self.submit(move |conn| {
+            // Without AUTOINCREMENT a new row is one more than the largest one kept, so
+            // a number can come back after the largest row was deleted; that row's job
+            // was answered by then (jobs run in submission order), and nothing else
+            // refers to it.
+            conn.insert_request
+                .borrow_mut()
+                .execute(params![record_json::request(&job)])?;
+            Ok(conn.last_insert_rowid() as u64)
+        })
+    }
+
+    fn delete_request(&self, row: u64) -> Pending<()> {
+        self.submit(move |conn| {
+            conn.delete_request
+                .borrow_mut()
+                .execute(params![row as i64])?;
+            Ok(())
+        })
+    }
+}
+
+impl PluginStateStore for SqliteStore {
     fn plugin_state_get(&self, plugin: String, key: String) -> Pending<Option<Vec<u8>>> {
         self.submit(move |conn| {
             Ok(conn
@@ -794,7 +898,9 @@ impl Store for SqliteStore {
             Ok(out)
         })
     }
+}
 
+impl SubscriptionStore for SqliteStore {
     fn load_subscriptions(&self) -> Pending<Vec<SubscriptionRecord>> {
         self.submit(|conn| {
             load_json(
@@ -862,117 +968,59 @@ impl Store for SqliteStore {
             Ok(())
         })
     }
+}
 
-    fn load_channels(&self) -> Pending<Vec<ChannelRecord>> {
-        self.submit(|conn| load_json(conn, "SELECT data FROM channels", "channel"))
-    }
-
-    fn put_channel(&self, channel: ChannelRecord) -> Pending<()> {
-        self.submit(move |conn| {
-            upsert_json(
-                conn,
-                "INSERT INTO channels (key_id, data) VALUES (?1, ?2)
-                 ON CONFLICT (key_id) DO UPDATE SET data = excluded.data",
-                &channel.key_id,
-                &channel,
-            )
-        })
-    }
-
-    fn load_events(&self) -> Pending<Vec<StoredEvent>> {
+impl QuotaStore for SqliteStore {
+    fn load_hour_counts(&self) -> Pending<Vec<HourCount>> {
         self.submit(|conn| {
-            load_json(
-                conn,
-                "SELECT data FROM events ORDER BY key_id, seq",
-                "event",
-            )
-        })
-    }
-
-    fn append_events(&self, events: Vec<StoredEvent>, answered: Option<u64>) -> Pending<()> {
-        self.submit(move |conn| {
-            let mut stmt = conn.insert_event.borrow_mut();
-            for e in &events {
-                stmt.execute(params![e.key_id, e.seq as i64, record_json::event(e)])?;
+            let mut stmt = conn.prepare("SELECT domain, hour, count FROM limit_counts")?;
+            let mut rows = stmt.query([])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                let (domain, hour, count): (String, i64, i64) =
+                    (row.get(0)?, row.get(1)?, row.get(2)?);
+                match (u64::try_from(hour), u64::try_from(count)) {
+                    (Ok(hour), Ok(count)) => out.push(HourCount {
+                        domain,
+                        hour,
+                        count,
+                    }),
+                    _ => tracing::error!(
+                        "store: skipping unreadable limit count of domain {domain:?} (hour {hour}, count {count})"
+                    ),
+                }
             }
-            if let Some(row) = answered {
-                conn.delete_request
-                    .borrow_mut()
-                    .execute(params![row as i64])?;
+            Ok(out)
+        })
+    }
+
+    fn save_hour_counts(&self, counts: Vec<HourCount>, keep_from: u64) -> Pending<()> {
+        self.submit(move |conn| {
+            let mut put = conn.prepare_cached(
+                "INSERT INTO limit_counts (domain, hour, count) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (domain, hour) DO UPDATE SET count = excluded.count",
+            )?;
+            for c in &counts {
+                put.execute(params![
+                    c.domain,
+                    i64::try_from(c.hour).unwrap_or(i64::MAX),
+                    i64::try_from(c.count).unwrap_or(i64::MAX)
+                ])?;
             }
+            conn.prepare_cached("DELETE FROM limit_counts WHERE hour < ?1")?
+                .execute(params![i64::try_from(keep_from).unwrap_or(i64::MAX)])?;
             Ok(())
         })
     }
+}
 
-    fn delete_events_through(&self, key_id: String, seq: u64) -> Pending<()> {
-        self.submit(move |conn| {
-            conn.delete_events_through
-                .borrow_mut()
-                .execute(params![key_id, seq as i64])?;
-            Ok(())
-        })
+impl Feed for SqliteStore {
+    fn external_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.external.clone())
     }
 
-    fn load_requests(&self) -> Pending<Vec<RequestJob>> {
-        self.submit(|conn| {
-            load_json_keyed(
-                conn,
-                "SELECT data, row FROM requests ORDER BY row",
-                "request",
-                |r, job: &mut RequestJob| {
-                    job.row = r.get::<_, i64>(1)? as u64;
-                    Ok(())
-                },
-            )
-        })
-    }
-
-    fn put_request(&self, job: RequestJob) -> Pending<u64> {
-        self.submit(move |conn| {
-            // Without AUTOINCREMENT a new row is one more than the largest one kept, so
-            // a number can come back after the largest row was deleted; that row's job
-            // was answered by then (jobs run in submission order), and nothing else
-            // refers to it.
-            conn.insert_request
-                .borrow_mut()
-                .execute(params![record_json::request(&job)])?;
-            Ok(conn.last_insert_rowid() as u64)
-        })
-    }
-
-    fn delete_request(&self, row: u64) -> Pending<()> {
-        self.submit(move |conn| {
-            conn.delete_request
-                .borrow_mut()
-                .execute(params![row as i64])?;
-            Ok(())
-        })
-    }
-
-    fn load_registrations(&self) -> Pending<Vec<Registration>> {
-        self.submit(|conn| load_json(conn, "SELECT data FROM registrations", "registration"))
-    }
-
-    fn put_registration(&self, reg: Registration) -> Pending<()> {
-        self.submit(move |conn| {
-            let data = to_json(&reg)?;
-            conn.prepare_cached("DELETE FROM registrations WHERE domain = ?1 AND name = ?2 AND id <> ?3")?
-                .execute(params![reg.domain, reg.name, reg.id])?;
-            conn.prepare_cached(
-                "INSERT INTO registrations (id, domain, name, data) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (id) DO UPDATE SET domain = excluded.domain, name = excluded.name, data = excluded.data",
-            )?
-            .execute(params![reg.id, reg.domain, reg.name, data])?;
-            Ok(())
-        })
-    }
-
-    fn delete_registration(&self, id: String) -> Pending<()> {
-        self.submit(move |conn| {
-            conn.prepare_cached("DELETE FROM registrations WHERE id = ?1")?
-                .execute(params![id])?;
-            Ok(())
-        })
+    fn health(&self) -> Health {
+        self.health.snapshot()
     }
 }
 
@@ -1077,7 +1125,7 @@ mod tests {
             key_id: "k".into(),
             domain: "default".into(),
             ep: "ep".into(),
-            method: crate::requests::Method::Get,
+            method: connectord_model::Method::Get,
             path: "/3/0/0".into(),
             payload: String::new(),
             content_format: None,
@@ -1110,8 +1158,8 @@ mod tests {
             let ev = StoredEvent {
                 key_id: "k".into(),
                 seq: 1,
-                event: crate::events::Event {
-                    kind: crate::events::Kind::AsyncResponses,
+                event: connectord_model::Event {
+                    kind: connectord_model::Kind::AsyncResponses,
                     body: serde_json::json!({"id": "y"}).into(),
                     created_ms: 5,
                 },

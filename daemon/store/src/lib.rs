@@ -4,6 +4,14 @@
 //! acknowledge to devices and applications only after that. The embedded backend is
 //! [`sqlite::SqliteStore`].
 
+pub mod memory;
+/// Every port trait, for calling them on a concrete backend: `use connectord_store::prelude::*`.
+pub mod prelude {
+    pub use crate::{
+        EventLog, Feed, PluginStateStore, QuotaStore, RegistrationStore, RequestStore, Store,
+        SubscriptionStore,
+    };
+}
 mod record_json;
 pub mod sqlite;
 
@@ -13,11 +21,19 @@ use std::task::{Context, Poll};
 
 use tokio::sync::oneshot;
 
-use crate::events::{ChannelRecord, StoredEvent};
-use crate::limits::HourCount;
-use crate::registry::Registration;
-use crate::requests::Job;
-use crate::subscriptions::{PresubRecord, SubscriptionRecord};
+use connectord_model::{
+    ChannelRecord, HourCount, Job, PresubRecord, Registration, StoredEvent, SubscriptionRecord,
+};
+
+/// Told how long each of the store's transactions took (the daemon's
+/// `store_commit_duration_seconds`). `()` observes nothing.
+pub trait CommitObserver: Send + Sync + 'static {
+    fn observe(&self, took: std::time::Duration);
+}
+
+impl CommitObserver for () {
+    fn observe(&self, _: std::time::Duration) {}
+}
 
 /// How often a store looks for writes by other processes (see
 /// [`Store::external_changes`]).
@@ -26,8 +42,14 @@ pub const EXTERNAL_CHECK: std::time::Duration = std::time::Duration::from_secs(1
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    /// The backend's own error (SQLite's, for [`sqlite::SqliteStore`]), kept as its
+    /// source; `unavailable` is the backend's verdict for [`StoreError::is_unavailable`].
+    #[error("database error: {source}")]
+    Backend {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+        unavailable: bool,
+    },
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
     #[error("cannot open the state directory {path}: {source}")]
@@ -58,23 +80,8 @@ impl StoreError {
     /// pages, the store stopped), rather than one record or statement being wrong. Such a
     /// failure is answered "unavailable, try again" (REST 503, CoAP 5.03), not 500 / 5.00.
     pub fn is_unavailable(&self) -> bool {
-        use rusqlite::ErrorCode as C;
         match self {
-            StoreError::Sqlite(e) => matches!(
-                e.sqlite_error_code(),
-                Some(
-                    C::DiskFull
-                        | C::SystemIoFailure
-                        | C::ReadOnly
-                        | C::DatabaseCorrupt
-                        | C::NotADatabase
-                        | C::CannotOpen
-                        | C::DatabaseBusy
-                        | C::DatabaseLocked
-                        | C::PermissionDenied
-                        | C::OutOfMemory
-                )
-            ),
+            StoreError::Backend { unavailable, .. } => *unavailable,
             StoreError::Commit(_)
             | StoreError::Closed
             | StoreError::Dir { .. }
@@ -111,6 +118,7 @@ pub struct Pending<T>(PendingInner<T>);
 enum PendingInner<T> {
     Waiting(oneshot::Receiver<Result<T, StoreError>>),
     Failed(Option<StoreError>),
+    Ready(Option<T>),
 }
 
 impl<T> Pending<T> {
@@ -120,7 +128,14 @@ impl<T> Pending<T> {
     pub fn failed(e: StoreError) -> Pending<T> {
         Pending(PendingInner::Failed(Some(e)))
     }
+    /// Already durable (a backend that answers at once, such as [`memory::MemoryStore`]).
+    pub fn ready(value: T) -> Pending<T> {
+        Pending(PendingInner::Ready(Some(value)))
+    }
 }
+
+// Nothing inside is ever pinned: the value is moved out whole once ready.
+impl<T> Unpin for Pending<T> {}
 
 impl<T> Future for Pending<T> {
     type Output = Result<T, StoreError>;
@@ -130,15 +145,13 @@ impl<T> Future for Pending<T> {
                 .poll(cx)
                 .map(|r| r.unwrap_or(Err(StoreError::Closed))),
             PendingInner::Failed(e) => Poll::Ready(Err(e.take().unwrap_or(StoreError::Closed))),
+            PendingInner::Ready(v) => Poll::Ready(v.take().ok_or(StoreError::Closed)),
         }
     }
 }
 
-/// Everything the daemon keeps across restarts.
-///
-/// Writes are applied in the order they are submitted, so a caller that submits under its
-/// own lock gets the store in the same order as its in-memory state.
-pub trait Store: Send + Sync + 'static {
+/// The registrations (the endpoint directory's write side).
+pub trait RegistrationStore: Send + Sync + 'static {
     /// Every stored registration, expired or not.
     fn load_registrations(&self) -> Pending<Vec<Registration>>;
     /// Inserts or replaces a registration by id, removing any other registration of the same
@@ -146,7 +159,11 @@ pub trait Store: Send + Sync + 'static {
     fn put_registration(&self, reg: Registration) -> Pending<()>;
     /// Removes a registration; removing an absent one is not an error.
     fn delete_registration(&self, id: String) -> Pending<()>;
+}
 
+/// The notification channels and the event log: each key's ordered queue of undelivered
+/// events.
+pub trait EventLog: Send + Sync + 'static {
     /// Every notification channel (one per access key that has one).
     fn load_channels(&self) -> Pending<Vec<ChannelRecord>>;
     /// Inserts or replaces a channel by key id.
@@ -160,7 +177,10 @@ pub trait Store: Send + Sync + 'static {
     /// Removes the events of `key_id` with a sequence number up to and including `seq`:
     /// delivery and discarding always take the oldest events first.
     fn delete_events_through(&self, key_id: String, seq: u64) -> Pending<()>;
+}
 
+/// Requests to devices, from acceptance until answered.
+pub trait RequestStore: Send + Sync + 'static {
     /// Every request to a device not yet answered, in the order they were stored, each
     /// with its [`Job::row`].
     fn load_requests(&self) -> Pending<Vec<Job>>;
@@ -169,7 +189,10 @@ pub trait Store: Send + Sync + 'static {
     fn put_request(&self, job: Job) -> Pending<u64>;
     /// Removes a request by row number once its answer is an event (or it was cancelled).
     fn delete_request(&self, row: u64) -> Pending<()>;
+}
 
+/// Plugins' key/value state.
+pub trait PluginStateStore: Send + Sync + 'static {
     /// A value of a plugin's key-value state.
     fn plugin_state_get(&self, plugin: String, key: String) -> Pending<Option<Vec<u8>>>;
     /// Stores a value of a plugin's state (durable when the future resolves).
@@ -177,7 +200,10 @@ pub trait Store: Send + Sync + 'static {
     fn plugin_state_delete(&self, plugin: String, key: String) -> Pending<()>;
     /// The keys of a plugin's state that start with `prefix`, sorted.
     fn plugin_state_keys(&self, plugin: String, prefix: String) -> Pending<Vec<String>>;
+}
 
+/// Subscriptions and pre-subscription rules.
+pub trait SubscriptionStore: Send + Sync + 'static {
     /// Every subscription of every key.
     fn load_subscriptions(&self) -> Pending<Vec<SubscriptionRecord>>;
     /// Adds a subscription (adding one that exists is not an error).
@@ -194,7 +220,19 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces a key's pre-subscription rules and removes all its subscriptions, in one
     /// transaction (the seed: changing pre-subscriptions removes existing subscriptions).
     fn replace_presubscriptions(&self, rec: PresubRecord) -> Pending<()>;
+}
 
+/// The traffic limits' hourly transaction counts.
+pub trait QuotaStore: Send + Sync + 'static {
+    /// Every stored hourly transaction count of the traffic limits.
+    fn load_hour_counts(&self) -> Pending<Vec<HourCount>>;
+    /// Stores these hourly counts (each replaces the stored count of its domain and hour)
+    /// and removes the counts of hours before `keep_from`, in one transaction.
+    fn save_hour_counts(&self, counts: Vec<HourCount>, keep_from: u64) -> Pending<()>;
+}
+
+/// The change feed and the backend's health.
+pub trait Feed: Send + Sync + 'static {
     /// A counter that moves each time the store sees a write made to the same state by
     /// another process (`connectord plugin-call`), checked about once a
     /// [`EXTERNAL_CHECK`]; `None` if this backend cannot tell.
@@ -206,10 +244,32 @@ pub trait Store: Send + Sync + 'static {
     fn health(&self) -> Health {
         Health::default()
     }
+}
 
-    /// Every stored hourly transaction count of the traffic limits.
-    fn load_hour_counts(&self) -> Pending<Vec<HourCount>>;
-    /// Stores these hourly counts (each replaces the stored count of its domain and hour)
-    /// and removes the counts of hours before `keep_from`, in one transaction.
-    fn save_hour_counts(&self, counts: Vec<HourCount>, keep_from: u64) -> Pending<()>;
+/// Everything the daemon keeps across restarts: one port per aggregate, which a backend
+/// implements all of (a service that needs one aggregate can take that port alone).
+///
+/// Writes are applied in the order they are submitted, so a caller that submits under its
+/// own lock gets the store in the same order as its in-memory state; that holds across
+/// ports too (one backend, one order).
+pub trait Store:
+    RegistrationStore
+    + EventLog
+    + RequestStore
+    + PluginStateStore
+    + SubscriptionStore
+    + QuotaStore
+    + Feed
+{
+}
+
+impl<T> Store for T where
+    T: RegistrationStore
+        + EventLog
+        + RequestStore
+        + PluginStateStore
+        + SubscriptionStore
+        + QuotaStore
+        + Feed
+{
 }

@@ -9,8 +9,7 @@
 //! unless it holds one of the characters JSON must escape (`"`, `\`, a control
 //! character), in which case `serde_json` writes that one value.
 
-use crate::events::{Event, StoredEvent};
-use crate::requests::{Job, Method};
+use connectord_model::{Event, Job, Method, StoredEvent};
 
 /// `serde_json::to_string(job)`.
 pub fn request(job: &Job) -> String {
@@ -140,7 +139,7 @@ fn string(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Body, Kind};
+    use connectord_model::{Body, Kind};
 
     const AWKWARD: &[&str] = &[
         "",

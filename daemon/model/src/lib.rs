@@ -1,0 +1,23 @@
+//! connectord's domain records, shared by every layer: what is registered, what is queued
+//! for applications, what is asked of devices and what is counted.
+//!
+//! **Invariant:** this crate does no I/O and depends on no other crate of connectord; the
+//! store, the core services and the REST edge all depend on it, never the other way.
+
+#![forbid(unsafe_code)]
+
+pub mod event;
+pub mod names;
+pub mod quota;
+pub mod registration;
+pub mod request;
+pub mod subscription;
+pub mod time;
+
+pub use event::{Body, CallbackTarget, ChannelRecord, Event, Kind, StoredEvent};
+pub use names::{MAX_NAME_LEN, valid_domain, valid_name};
+pub use quota::HourCount;
+pub use registration::Registration;
+pub use request::{Job, Method};
+pub use subscription::{PreSub, PresubRecord, SubscriptionRecord};
+pub use time::now_ms;

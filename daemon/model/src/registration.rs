@@ -1,0 +1,32 @@
+//! A registration as stored.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// A registration as it is stored: everything needed to rebuild the endpoint after a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The registration id, the last segment of the `Location-Path` (`rd/{id}`).
+    pub id: String,
+    pub domain: String,
+    /// The endpoint name (`ep=`), unique within the domain.
+    pub name: String,
+    /// The endpoint type (`et=`).
+    pub ept: Option<String>,
+    pub lifetime_s: u32,
+    /// The binding mode (`b=`), `U` when absent.
+    pub binding: String,
+    /// The LwM2M version (`lwm2m=`).
+    pub lwm2m: Option<String>,
+    /// Queue mode: `b=UQ` (LwM2M 1.0) or the bare `Q` parameter (LwM2M 1.1).
+    pub queue: bool,
+    /// Where the device's last message came from: requests to it go there.
+    pub peer: SocketAddr,
+    /// The local socket address that received it: requests to it go out of that socket.
+    pub local: SocketAddr,
+    /// The link-format body as registered (or last updated).
+    pub links: String,
+    pub registered_at_ms: u64,
+    pub expires_at_ms: u64,
+}

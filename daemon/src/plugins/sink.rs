@@ -1,0 +1,74 @@
+//! The adapter from the core's [`Sink`] trait to the sink plugin named in `[plugins] sink`.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use connectord_plugin_sdk::sink;
+
+use crate::events::{CallbackTarget, Delivery, Sink};
+
+/// The sink plugin named in `[plugins] sink`.
+pub struct PluginSink {
+    pub host: std::sync::Arc<super::PluginHost>,
+    pub name: String,
+}
+
+fn target(t: &CallbackTarget) -> sink::Target {
+    sink::Target {
+        url: t.url.clone(),
+        headers: t.headers.clone(),
+    }
+}
+
+impl Sink for PluginSink {
+    fn verify<'a>(
+        &'a self,
+        t: &'a CallbackTarget,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            let req = sink::VerifyRequest { target: target(t) };
+            match self
+                .host
+                .call_json::<_, sink::VerifyResponse>(&self.name, sink::OP_VERIFY, &req)
+                .await
+            {
+                Ok(r) if r.ok => Ok(()),
+                Ok(r) => Err(r
+                    .reason
+                    .unwrap_or_else(|| "the callback URL was refused".into())),
+                Err(e) => {
+                    tracing::error!("notification sink: {e}");
+                    Err(format!(
+                        "notifications cannot be delivered now: sink plugin {} is unavailable",
+                        self.name
+                    ))
+                }
+            }
+        })
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        t: &'a CallbackTarget,
+        body: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
+        Box::pin(async move {
+            let req = sink::DeliverRequest {
+                target: target(t),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            };
+            match self
+                .host
+                .call_json::<_, sink::DeliverResponse>(&self.name, sink::OP_DELIVER, &req)
+                .await
+            {
+                Ok(sink::DeliverResponse::Accepted) => Delivery::Accepted,
+                Ok(sink::DeliverResponse::Retry { reason }) => Delivery::Retry(reason),
+                Ok(sink::DeliverResponse::Refused { reason }) => Delivery::Refused(reason),
+                // A failing sink plugin is retried like a failing receiver.
+                Err(e) => Delivery::Retry(e.to_string()),
+            }
+        })
+    }
+}

@@ -1,0 +1,274 @@
+//! The same behaviour, checked on every backend: what one port promises, the SQLite file
+//! and the in-memory maps both keep (and the SQLite file keeps it across a reopen).
+
+use connectord_model::{
+    Body, CallbackTarget, ChannelRecord, Event, HourCount, Job, Kind, Method, PreSub, PresubRecord,
+    Registration, StoredEvent, SubscriptionRecord,
+};
+use connectord_store::memory::MemoryStore;
+use connectord_store::prelude::*;
+use connectord_store::sqlite::SqliteStore;
+
+fn reg(id: &str, domain: &str, name: &str) -> Registration {
+    Registration {
+        id: id.into(),
+        domain: domain.into(),
+        name: name.into(),
+        ept: None,
+        lifetime_s: 60,
+        binding: "U".into(),
+        lwm2m: Some("1.0".into()),
+        queue: false,
+        peer: "127.0.0.1:5000".parse().unwrap(),
+        local: "127.0.0.1:5683".parse().unwrap(),
+        links: "</3/0>".into(),
+        registered_at_ms: 1,
+        expires_at_ms: 60_001,
+    }
+}
+
+fn job(id: &str) -> Job {
+    Job {
+        id: id.into(),
+        key_id: "k".into(),
+        domain: "d".into(),
+        ep: "ep".into(),
+        method: Method::Put,
+        path: "/3/0/1".into(),
+        payload: "MTI=".into(),
+        content_format: Some(0),
+        accept: None,
+        accept_fallback: false,
+        as_json: false,
+        created_ms: 7,
+        internal: false,
+        row: 0,
+    }
+}
+
+fn event(key: &str, seq: u64) -> StoredEvent {
+    StoredEvent {
+        key_id: key.into(),
+        seq,
+        event: Event {
+            kind: Kind::Notifications,
+            body: Body::new(&serde_json::json!({"ep": "ep", "seq": seq})),
+            created_ms: seq,
+        },
+    }
+}
+
+fn sub(key: &str, ep: &str, path: &str) -> SubscriptionRecord {
+    SubscriptionRecord {
+        key_id: key.into(),
+        domain: "d".into(),
+        ep: ep.into(),
+        path: path.into(),
+    }
+}
+
+fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort();
+    v
+}
+
+/// Writes through every port and checks what each load gives back.
+async fn writes_and_loads(s: &dyn Store) {
+    // Registrations: replaced by id; a new id for the same (domain, name) replaces the old.
+    s.put_registration(reg("1", "d", "a")).await.unwrap();
+    s.put_registration(reg("2", "d", "b")).await.unwrap();
+    s.put_registration(reg("3", "other", "a")).await.unwrap();
+    s.put_registration(reg("4", "d", "a")).await.unwrap();
+    s.delete_registration("2".into()).await.unwrap();
+    s.delete_registration("absent".into()).await.unwrap();
+    let ids = sorted(
+        s.load_registrations()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect(),
+    );
+    assert_eq!(ids, ["3", "4"]);
+
+    // Channels by key id.
+    let mut ch = ChannelRecord {
+        key_id: "k".into(),
+        domain: "d".into(),
+        callback: None,
+        allow: None,
+    };
+    s.put_channel(ch.clone()).await.unwrap();
+    ch.callback = Some(CallbackTarget {
+        url: "http://127.0.0.1:1/".into(),
+        headers: Default::default(),
+    });
+    ch.allow = Some(vec!["ep".into()]);
+    s.put_channel(ch.clone()).await.unwrap();
+    assert_eq!(s.load_channels().await.unwrap(), vec![ch]);
+
+    // Requests by row, in order; an answer's events remove their request in one write.
+    let r1 = s.put_request(job("a")).await.unwrap();
+    let r2 = s.put_request(job("b")).await.unwrap();
+    let r3 = s.put_request(job("c")).await.unwrap();
+    assert!(r1 < r2 && r2 < r3);
+    s.delete_request(r1).await.unwrap();
+    s.append_events(vec![event("k", 1), event("k", 2)], Some(r2))
+        .await
+        .unwrap();
+    s.append_events(vec![event("j", 1)], None).await.unwrap();
+    let left = s.load_requests().await.unwrap();
+    assert_eq!(
+        left.iter()
+            .map(|j| (j.id.as_str(), j.row))
+            .collect::<Vec<_>>(),
+        [("c", r3)]
+    );
+    assert_eq!(
+        left[0],
+        Job {
+            row: r3,
+            ..job("c")
+        }
+    );
+
+    // Events in (key, seq) order; deleting through a sequence number takes the oldest.
+    s.append_events(vec![event("k", 3)], None).await.unwrap();
+    s.delete_events_through("k".into(), 2).await.unwrap();
+    let events = s.load_events().await.unwrap();
+    assert_eq!(events, vec![event("j", 1), event("k", 3)]);
+
+    // Plugin state: per plugin, keys by prefix, sorted.
+    for k in ["b/2", "a/1", "b/1"] {
+        s.plugin_state_put("p".into(), k.into(), k.as_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    s.plugin_state_put("q".into(), "b/9".into(), vec![1])
+        .await
+        .unwrap();
+    s.plugin_state_delete("p".into(), "a/1".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.plugin_state_keys("p".into(), "b/".into()).await.unwrap(),
+        ["b/1", "b/2"]
+    );
+    assert_eq!(
+        s.plugin_state_get("p".into(), "b/2".into()).await.unwrap(),
+        Some(b"b/2".to_vec())
+    );
+    assert_eq!(
+        s.plugin_state_get("p".into(), "a/1".into()).await.unwrap(),
+        None
+    );
+
+    // Subscriptions: idempotent puts; deleting one, one endpoint's, or all of a key's.
+    for (k, ep, p) in [
+        ("k", "e1", "/3/0/1"),
+        ("k", "e1", "/3/0/2"),
+        ("k", "e2", "/3/0/1"),
+        ("k", "e3", "/3/0/1"),
+        ("j", "e1", "/3/0/1"),
+    ] {
+        s.put_subscription(sub(k, ep, p)).await.unwrap();
+    }
+    s.put_subscription(sub("k", "e1", "/3/0/1")).await.unwrap();
+    s.delete_subscriptions("k".into(), Some("e1".into()), Some("/3/0/2".into()))
+        .await
+        .unwrap();
+    s.delete_subscriptions("k".into(), Some("e2".into()), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        sorted(
+            s.load_subscriptions()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.key_id, r.ep, r.path))
+                .collect()
+        ),
+        [
+            ("j".into(), "e1".into(), "/3/0/1".into()),
+            ("k".into(), "e1".into(), "/3/0/1".into()),
+            ("k".into(), "e3".into(), "/3/0/1".into()),
+        ] as [(String, String, String); 3]
+    );
+    // Replacing pre-subscriptions removes that key's subscriptions, in the same write.
+    let rules = PresubRecord {
+        key_id: "k".into(),
+        domain: "d".into(),
+        rules: vec![PreSub {
+            endpoint_name: Some("e*".into()),
+            endpoint_type: None,
+            resource_path: Some(vec!["/3/0/1".into()]),
+        }],
+    };
+    s.replace_presubscriptions(rules.clone()).await.unwrap();
+    assert_eq!(s.load_presubscriptions().await.unwrap(), vec![rules]);
+    let subs = s.load_subscriptions().await.unwrap();
+    assert_eq!(subs, vec![sub("j", "e1", "/3/0/1")]);
+    s.delete_subscriptions("j".into(), None, None)
+        .await
+        .unwrap();
+    assert!(s.load_subscriptions().await.unwrap().is_empty());
+
+    // Hour counts: replaced by (domain, hour); hours before `keep_from` go.
+    let hc = |d: &str, hour, count| HourCount {
+        domain: d.into(),
+        hour,
+        count,
+    };
+    s.save_hour_counts(vec![hc("d", 10, 1), hc("d", 11, 2), hc("e", 11, 3)], 0)
+        .await
+        .unwrap();
+    s.save_hour_counts(vec![hc("d", 11, 5)], 11).await.unwrap();
+    let mut counts: Vec<_> = s
+        .load_hour_counts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.domain, c.hour, c.count))
+        .collect();
+    counts.sort();
+    assert_eq!(counts, [("d".into(), 11, 5), ("e".into(), 11, 3)]);
+
+    assert_eq!(s.health().failing, None);
+}
+
+#[tokio::test]
+async fn memory_backend_keeps_what_each_port_promises() {
+    writes_and_loads(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn sqlite_backend_keeps_what_each_port_promises_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SqliteStore::open(dir.path()).unwrap();
+        writes_and_loads(&s).await;
+    }
+    let s = SqliteStore::open(dir.path()).unwrap();
+    assert_eq!(s.load_registrations().await.unwrap().len(), 2);
+    assert_eq!(
+        s.load_events().await.unwrap(),
+        vec![event("j", 1), event("k", 3)]
+    );
+    assert_eq!(s.load_requests().await.unwrap().len(), 1);
+    assert_eq!(s.load_presubscriptions().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_memory_store_told_to_fail_refuses_writes_as_unavailable_and_keeps_nothing() {
+    let s = MemoryStore::new();
+    s.fail_writes(true);
+    let e = s.put_registration(reg("1", "d", "a")).await.unwrap_err();
+    assert!(e.is_unavailable(), "{e}");
+    assert!(s.health().failing.is_some());
+    assert_eq!(s.health().errors, 1);
+    s.fail_writes(false);
+    assert!(s.load_registrations().await.unwrap().is_empty());
+    s.put_registration(reg("1", "d", "a")).await.unwrap();
+    assert_eq!(s.health().failing, None);
+}
