@@ -170,7 +170,11 @@ pub async fn run(
         available.sort_by(|a, b| a.name.cmp(&b.name));
         crate::plugins::check_names(&config.plugins, &available, &source)?;
     }
-    let auth = AuthChain::new(Arc::clone(&plugins), config.plugins.auth.clone());
+    let auth = AuthChain::new(
+        Arc::new(crate::plugins::HostBackends(Arc::clone(&plugins))),
+        Arc::clone(&counters),
+        config.plugins.auth.clone(),
+    );
     match auth
         .bootstrap(&state_dir, &config.registry.default_domain)
         .await

@@ -31,7 +31,8 @@ pub mod events;
 pub mod hashing;
 pub mod limits;
 pub mod log_budget;
-pub mod lwm2m_data;
+/// LwM2M content formats: the `connectord-lwm2m` crate.
+pub use connectord_lwm2m as lwm2m_data;
 pub mod metrics;
 pub mod plugins;
 pub mod registry;

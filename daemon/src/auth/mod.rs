@@ -22,7 +22,31 @@ use connectord_plugin_sdk::auth::{
 };
 
 use crate::hashing::Map;
-use crate::plugins::PluginHost;
+use crate::metrics::Counters;
+
+/// The auth backends as the chain asks them: by name, one operation of the SDK's auth
+/// protocol (`connectord_plugin_sdk::auth`) at a time, JSON in and JSON out. Implemented
+/// by the plugin host (`plugins::HostBackends` in the daemon); the core knows no loader.
+pub trait AuthBackends: Send + Sync + 'static {
+    /// Moves whenever a backend's state may have changed (a reload, a write through one of
+    /// its routes): a verdict reused from another epoch is void.
+    fn epoch(&self) -> u64;
+    /// Calls `op` of backend `name` with the JSON `input`; the answer's JSON.
+    fn call<'a>(
+        &'a self,
+        name: &'a str,
+        op: &'static str,
+        input: Vec<u8>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Vec<u8>, BackendError>> + Send + 'a>,
+    >;
+}
+
+/// A backend could not answer (not loaded, failed, panicked, a bad answer); the message
+/// names the backend.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct BackendError(pub String);
 
 /// File in the state directory that holds the first admin key.
 pub const ADMIN_KEY_FILE: &str = "admin.key";
@@ -146,7 +170,8 @@ pub enum AuthError {
 /// The configured auth backends, asked in order.
 #[derive(Clone)]
 pub struct AuthChain {
-    host: Arc<PluginHost>,
+    host: Arc<dyn AuthBackends>,
+    counters: Arc<Counters>,
     order: Vec<String>,
     reused: Arc<Mutex<Reused>>,
     /// (backend, scope) pairs already logged as unknown: each is logged once.
@@ -287,9 +312,28 @@ fn lossy(bytes: &[u8]) -> Cow<'_, str> {
 }
 
 impl AuthChain {
-    pub fn new(host: Arc<PluginHost>, order: Vec<String>) -> AuthChain {
+    /// Calls `op` of backend `name` with `input` as JSON and reads the answer.
+    async fn call_json<I: serde::Serialize, O: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        op: &'static str,
+        input: &I,
+    ) -> Result<O, BackendError> {
+        let bytes = serde_json::to_vec(input)
+            .map_err(|e| BackendError(format!("plugin {name}: {e}")))?;
+        let answer = self.host.call(name, op, bytes).await?;
+        serde_json::from_slice(&answer)
+            .map_err(|e| BackendError(format!("plugin {name}: bad answer to {op}: {e}")))
+    }
+
+    pub fn new(
+        host: Arc<dyn AuthBackends>,
+        counters: Arc<Counters>,
+        order: Vec<String>,
+    ) -> AuthChain {
         AuthChain {
             host,
+            counters,
             order,
             reused: Arc::default(),
             unknown_scopes: Arc::default(),
@@ -388,7 +432,7 @@ impl AuthChain {
         // Read before asking: a state change while the backend answers voids the answer.
         let epoch = self.host.epoch();
         if let Some(p) = self.reused(headers, epoch) {
-            crate::metrics::Counters::inc(&self.host.counters().auth_reused);
+            Counters::inc(&self.counters.auth_reused);
             return Ok(p);
         }
         let hs = backend_headers(headers);
@@ -399,7 +443,6 @@ impl AuthChain {
         };
         for (position, name) in self.order.iter().enumerate() {
             let verdict: AuthVerdict = self
-                .host
                 .call_json(name, proto::OP_AUTHENTICATE, &req)
                 .await
                 .map_err(|e| {
@@ -489,9 +532,8 @@ impl AuthChain {
     async fn key_status(
         &self,
         key: &KeyRef,
-    ) -> Result<KeyStatusResponse, crate::plugins::PluginError> {
-        self.host
-            .call_json(
+    ) -> Result<KeyStatusResponse, BackendError> {
+        self.call_json(
                 &key.backend,
                 proto::OP_KEY_STATUS,
                 &KeyStatusRequest {
@@ -550,7 +592,7 @@ impl AuthChain {
         };
         for name in &self.order {
             let resp: BootstrapResponse =
-                match self.host.call_json(name, proto::OP_BOOTSTRAP, &req).await {
+                match self.call_json(name, proto::OP_BOOTSTRAP, &req).await {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::debug!("auth backend {name}: no bootstrap ({e})");

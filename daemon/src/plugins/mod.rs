@@ -52,6 +52,35 @@ use crate::store::Store;
 pub use loader::Generation;
 pub use sink::PluginSink;
 
+/// The plugin host as the core's auth chain sees it ([`crate::auth::AuthBackends`]).
+pub struct HostBackends(pub Arc<PluginHost>);
+
+impl crate::auth::AuthBackends for HostBackends {
+    fn epoch(&self) -> u64 {
+        self.0.epoch()
+    }
+
+    fn call<'a>(
+        &'a self,
+        name: &'a str,
+        op: &'static str,
+        input: Vec<u8>,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Vec<u8>, crate::auth::BackendError>>
+                + Send
+                + 'a,
+        >,
+    > {
+        Box::pin(async move {
+            self.0
+                .call_bytes(name, op, input)
+                .await
+                .map_err(|e| crate::auth::BackendError(e.to_string()))
+        })
+    }
+}
+
 /// What went wrong with a plugin.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PluginError {
@@ -641,6 +670,21 @@ impl PluginHost {
             name: name.to_string(),
             message: e.to_string(),
         })?;
+        let out = self.call_bytes(name, op, bytes).await?;
+        serde_json::from_slice(&out).map_err(|e| PluginError::BadAnswer {
+            name: name.to_string(),
+            op: op.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// As [`PluginHost::call_json`], with the input and the answer as JSON text.
+    pub async fn call_bytes(
+        self: &Arc<Self>,
+        name: &str,
+        op: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>, PluginError> {
         let mutating = !matches!(
             op,
             connectord_plugin_sdk::auth::OP_AUTHENTICATE
@@ -668,12 +712,7 @@ impl PluginHost {
             self.bump_epoch();
         }
         self.after_call(&g, &out);
-        let out = out.inspect_err(|_| Counters::inc(&self.counters.plugin_errors))?;
-        serde_json::from_slice(&out).map_err(|e| PluginError::BadAnswer {
-            name: name.to_string(),
-            op: op.to_string(),
-            message: e.to_string(),
-        })
+        out.inspect_err(|_| Counters::inc(&self.counters.plugin_errors))
     }
 
     /// The routes plugins serve, and which plugin serves each.

@@ -50,6 +50,8 @@
 //! formats' limits above; SenML cannot carry an empty object instance or an empty
 //! multi-instance resource, so encoding one is an error.
 
+#![forbid(unsafe_code)]
+
 mod model;
 mod plain;
 mod senml;
