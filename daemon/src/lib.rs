@@ -1,50 +1,30 @@
 //! connectord: a self-hosted device connector. LwM2M devices register over CoAP; web
 //! applications reach them through an mbed Device Connector compatible REST API.
 //!
-//! Map of the crate (see ARCHITECTURE.md at the repository root for the invariants):
-//! - [`config`]: the TOML file, parsed strictly, with file:line:column errors.
-//! - [`coap`]: UDP sockets, the RFC 7252 message layer, link-format.
-//! - [`registry`]: the endpoint directory and the LwM2M registration interface.
-//! - [`store`]: durable state (SQLite, behind a trait).
-//! - [`state_dir`]: the state directory's permissions (private, tightened at start).
-//! - [`auth`]: principals, scopes and the chain of auth backends.
+//! This crate is the top of the stack (ARCHITECTURE.md has the crate map): the REST edge,
+//! the plugin host and the start-up wiring, on top of `connectord-core` (the services),
+//! `connectord-store`, `connectord-model` and `connectord-lwm2m`, whose modules are
+//! re-exported here under their old paths.
 //! - [`rest`]: the HTTP API.
+//! - [`plugins`]: the plugin host: loads and reloads `.so` files, and adapts them to the
+//!   core's traits (auth backends, the notification sink).
+//! - [`certs`]: the daemon's certificate authority (`/api/cert`).
+//! - [`state_dir`]: the state directory's permissions (private, tightened at start).
 //! - [`revocation`]: drops the notification channels of keys that no longer authenticate.
-//! - [`lwm2m_data`]: LwM2M content formats (TLV, SenML, LwM2M JSON/CBOR, …) ⇄ one JSON
-//!   value tree; pure.
 //! - [`daemon`]: start-up wiring, signals, systemd readiness.
-//! - [`metrics`], [`shutdown`], [`log_budget`], [`hashing`]: counters, the stop signal, the
-//!   budget of per-device log lines and the hasher of maps keyed by outside data, shared by
-//!   all of the above.
-//! - [`dir_watch`]: which file-system events of a watched directory (plugins, Lua rules)
-//!   are changes.
+//! - [`simulate`]: the simulated device (`connectord simulate`).
 
 #![deny(unsafe_code)]
 
-pub mod auth;
 pub mod certs;
-pub mod coap;
-pub mod config;
 pub mod daemon;
-pub mod dir_watch;
-pub mod events;
-pub mod hashing;
-pub mod limits;
-pub mod log_budget;
-/// LwM2M content formats: the `connectord-lwm2m` crate.
-pub use connectord_lwm2m as lwm2m_data;
-pub mod metrics;
 pub mod plugins;
-pub mod registry;
-pub mod requests;
 pub mod rest;
 pub mod revocation;
-pub mod shutdown;
 pub mod simulate;
 pub mod state_dir;
-/// Durable state: the `connectord-store` crate (ports per aggregate, SQLite and memory).
-pub use connectord_store as store;
-pub mod subscriptions;
 
-/// The domain records every layer shares: the `connectord-model` crate.
-pub use connectord_model as model;
+pub use connectord_core::{
+    auth, coap, config, dir_watch, events, hashing, limits, log_budget, lwm2m_data, metrics,
+    model, registry, requests, shutdown, store, subscriptions,
+};

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// The commented default configuration shipped in `etc/` and compiled into the binary.
-pub const DEFAULT_TOML: &str = include_str!("../../../etc/connectord.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../../../etc/connectord.toml");
 
 /// Where the configuration came from, for error messages and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1528,7 +1528,7 @@ mod tests {
 
     #[test]
     fn shipped_example_subscribes_to_temperature_values_only() {
-        let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+        let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts");
         let src =
             std::fs::read_to_string(scripts.join("10-temperature.lua")).expect("shipped example");
         let (_dir, rules, counters) = rules_with(&[("10-temperature.lua", &src)]);
