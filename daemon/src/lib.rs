@@ -16,15 +16,14 @@
 
 #![deny(unsafe_code)]
 
-pub mod certs;
 pub mod daemon;
-pub mod plugins;
-pub mod rest;
-pub mod revocation;
 pub mod simulate;
 pub mod state_dir;
 
+pub use connectord_certs as certs;
 pub use connectord_core::{
-    auth, coap, config, dir_watch, events, hashing, limits, log_budget, lwm2m_data, metrics,
-    model, registry, requests, shutdown, store, subscriptions,
+    auth, coap, config, dir_watch, events, hashing, limits, log_budget, lwm2m_data, metrics, model,
+    registry, requests, revocation, shutdown, store, subscriptions,
 };
+pub use connectord_plugin_host as plugins;
+pub use connectord_rest as rest;

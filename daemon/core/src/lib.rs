@@ -34,6 +34,7 @@ pub mod log_budget;
 pub mod metrics;
 pub mod registry;
 pub mod requests;
+pub mod revocation;
 pub mod shutdown;
 pub mod subscriptions;
 

@@ -319,8 +319,8 @@ impl AuthChain {
         op: &'static str,
         input: &I,
     ) -> Result<O, BackendError> {
-        let bytes = serde_json::to_vec(input)
-            .map_err(|e| BackendError(format!("plugin {name}: {e}")))?;
+        let bytes =
+            serde_json::to_vec(input).map_err(|e| BackendError(format!("plugin {name}: {e}")))?;
         let answer = self.host.call(name, op, bytes).await?;
         serde_json::from_slice(&answer)
             .map_err(|e| BackendError(format!("plugin {name}: bad answer to {op}: {e}")))
@@ -529,18 +529,15 @@ impl AuthChain {
         )))
     }
 
-    async fn key_status(
-        &self,
-        key: &KeyRef,
-    ) -> Result<KeyStatusResponse, BackendError> {
+    async fn key_status(&self, key: &KeyRef) -> Result<KeyStatusResponse, BackendError> {
         self.call_json(
-                &key.backend,
-                proto::OP_KEY_STATUS,
-                &KeyStatusRequest {
-                    key_id: key.key_id.clone(),
-                },
-            )
-            .await
+            &key.backend,
+            proto::OP_KEY_STATUS,
+            &KeyStatusRequest {
+                key_id: key.key_id.clone(),
+            },
+        )
+        .await
     }
 
     /// Whether the key `key_id` (of whichever configured backend knows it) still

@@ -26,6 +26,9 @@
 //! Plugins keep their state through the host (`state_get`/`put`/`delete`/`keys`, stored
 //! in SQLite), so a reload or a restart loses nothing.
 
+// The core's modules under the paths this code was written with.
+use connectord_core::{auth, config, dir_watch, events, metrics, shutdown, store};
+
 mod elf;
 mod loader;
 mod sink;

@@ -5,6 +5,13 @@
 //! caller through the [`AuthChain`] and checks the scope before any handler runs. Errors
 //! are JSON `{"type": …, "message": …}`, never an empty body or an HTML page.
 
+// The modules below this crate under the paths this code was written with.
+use connectord_certs as certs;
+use connectord_core::{
+    auth, coap, config, events, limits, metrics, registry, requests, revocation, shutdown, store,
+};
+use connectord_plugin_host as plugins;
+
 pub mod conn;
 pub mod devtools;
 pub mod endpoints;
@@ -30,11 +37,11 @@ use tokio::net::TcpListener;
 use crate::auth::{AuthChain, AuthError, Principal, Scope};
 use crate::coap::Transport;
 use crate::events::Hub;
-use crate::metrics::{self, Counters};
+use crate::metrics::Counters;
 use crate::registry::Registry;
 use crate::requests::Requests;
 use crate::shutdown::Shutdown;
-use crate::subscriptions::Subscriptions;
+use connectord_core::subscriptions::Subscriptions;
 use connectord_plugin_sdk::http::ErrorTypes;
 use reply::{Reply, error};
 use routes::Route;

@@ -21,7 +21,7 @@ use super::reply::{Reply, error};
 use crate::auth::Principal;
 use crate::registry::Registry;
 use crate::requests::RequestError;
-use crate::subscriptions::{SubError, Subscribed, Subscriptions, presub};
+use connectord_core::subscriptions::{SubError, Subscribed, Subscriptions, presub};
 
 const URI_LIST: &str = "text/uri-list";
 
