@@ -12,12 +12,11 @@
 //! - [`state_dir`]: the state directory's permissions (private, tightened at start).
 //! - [`revocation`]: drops the notification channels of keys that no longer authenticate.
 //! - [`daemon`]: start-up wiring, signals, systemd readiness.
-//! - [`simulate`]: the simulated device (`connectord simulate`).
+//! - [`simulate`]: the simulated device (`connectord simulate`), the `connectord-sim` crate.
 
 #![deny(unsafe_code)]
 
 pub mod daemon;
-pub mod simulate;
 pub mod state_dir;
 
 pub use connectord_certs as certs;
@@ -27,3 +26,4 @@ pub use connectord_core::{
 };
 pub use connectord_plugin_host as plugins;
 pub use connectord_rest as rest;
+pub use connectord_sim as simulate;

@@ -37,7 +37,7 @@
 //!   for SenML JSON, SenML CBOR or, for one resource, text/plain (else 4.06), lets any
 //!   path be observed (the temperature's resource, instance and object are notified, each
 //!   in the format its observe asked for), and takes a lifetime written in any format
-//!   `lwm2m_data` reads. Values are encoded with [`crate::lwm2m_data`].
+//!   `lwm2m_data` reads. Values are encoded with [`connectord_lwm2m`].
 //! - `et=` is sent when [`SimOptions::ept`] (`--type`) is set.
 //!
 //! Scale: one task and one socket per device. 10 000 devices are 10 000 file descriptors
@@ -62,9 +62,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::coap::client::Block;
-use crate::coap::message::{self, Response, encode_uint, uint_option, uri_path};
-use crate::lwm2m_data;
+use connectord_core::coap::client::Block;
+use connectord_core::coap::message::{self, Response, encode_uint, uint_option, uri_path};
+use connectord_lwm2m as lwm2m_data;
 
 /// The object list each device registers (LwM2M 1.0 mode: `obs` marks what is observed).
 pub const LINKS: &str = concat!(
@@ -204,16 +204,16 @@ impl SimOptions {
             ));
         }
         let last = self.endpoint_name(self.devices - 1);
-        if !crate::registry::valid_name(&last) {
+        if !connectord_model::valid_name(&last) {
             return invalid(format!("endpoint name {last:?} is not valid"));
         }
         if let Some(d) = &self.domain
-            && !crate::registry::valid_domain(d)
+            && !connectord_model::valid_domain(d)
         {
             return invalid(format!("domain {d:?} is not valid"));
         }
         if let Some(t) = &self.ept
-            && !crate::registry::valid_name(t)
+            && !connectord_model::valid_name(t)
         {
             return invalid(format!("endpoint type {t:?} is not valid"));
         }
@@ -1041,7 +1041,7 @@ impl Device {
         }
     }
 
-    /// LwM2M 1.1 mode: the value tree of a readable path (see [`crate::lwm2m_data`]).
+    /// LwM2M 1.1 mode: the value tree of a readable path (see [`connectord_lwm2m`]).
     fn tree(&self, path: &[&str]) -> Option<serde_json::Value> {
         use serde_json::json;
         let temperature = f64::from(self.temp_tenths) / 10.0;
@@ -1699,7 +1699,7 @@ mod tests {
             ["ep=sim-000007", "lt=60", "lwm2m=1.0", "b=U"]
         );
         assert_eq!(reg.payload, LINKS.as_bytes());
-        crate::registry::parse_resources(LINKS).expect("valid links");
+        connectord_core::registry::parse_resources(LINKS).expect("valid links");
         reply(&mut dev, &reg, ResponseType::Created, &["rd", "abc"]);
         assert_eq!(dev.take_outcome(), Some(Outcome::Registered));
         assert!(dev.take_outgoing().is_empty());
