@@ -289,7 +289,9 @@ impl CertAuthority {
         }
         let not_after = (now + VALIDITY).min(self.ca_not_after);
 
-        let endpoint = connectord_plugin_sdk::secret::uuid_v4();
+        let endpoint = uuid::Builder::from_random_bytes(rand::random())
+            .into_uuid()
+            .to_string();
         let mut params = CertificateParams::default();
         set_validity(&mut params, now - BACKDATE, not_after);
         params.serial_number = Some(random_serial());
