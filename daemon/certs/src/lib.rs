@@ -52,17 +52,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use p256::elliptic_curve::sec1::ToEncodedPoint;
-use p256::pkcs8::der::asn1::{
-    AnyRef, BitStringRef, ContextSpecific, GeneralizedTime, ObjectIdentifier, UintRef, UtcTime,
-};
-use p256::pkcs8::der::{self, Decode, Encode, Reader, SliceReader, Tag, TagNumber, Tagged};
-use p256::pkcs8::spki::{AlgorithmIdentifierRef, SubjectPublicKeyInfoRef};
+use p256::pkcs8::der::asn1::ObjectIdentifier;
+use p256::pkcs8::der::{Tag, Tagged};
+use p256::pkcs8::spki::SubjectPublicKeyInfoRef;
 use p256::pkcs8::{AssociatedOid, DecodePublicKey};
+use pem::{EncodeConfig, LineEnding, PemError};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SerialNumber,
     SignatureAlgorithm,
 };
+use time::OffsetDateTime;
 
 /// File name of the CA private key inside the state directory.
 pub const CA_KEY_FILE: &str = "ca.key.pem";
@@ -224,19 +224,18 @@ impl CertAuthority {
         let blocks =
             pem_blocks(cert_text).map_err(|e| bad(format!("not a PEM certificate: {e}")))?;
         let block = match blocks.as_slice() {
-            [block] if block.label_is("CERTIFICATE") => block,
+            [block] if block.tag() == "CERTIFICATE" => block,
             [] => return Err(bad("no PEM block found".into())),
             [block] => {
                 return Err(bad(format!(
                     "expected a CERTIFICATE PEM block, found '{}'",
-                    block.label
+                    block.tag()
                 )));
             }
             _ => return Err(bad("expected exactly one certificate".into())),
         };
-        let der = block.der().map_err(bad)?;
-        let stored =
-            read_certificate(&der).map_err(|e| bad(format!("corrupt certificate: {e}")))?;
+        let der = block.contents();
+        let stored = read_certificate(der).map_err(|e| bad(format!("corrupt certificate: {e}")))?;
 
         // The issued certificates name the CA by the subject rcgen writes for our parameters,
         // so the stored certificate must carry exactly that, and our key.
@@ -261,11 +260,12 @@ impl CertAuthority {
             );
         }
         // rcgen (x509-parser) reads the issuer's name, key identifier and key usages.
-        let issuer = Issuer::from_ca_cert_der(&der.as_slice().into(), key)
+        let issuer = Issuer::from_ca_cert_der(&der.into(), key)
             .map_err(|e| bad(format!("corrupt certificate: {e}")))?;
         Ok(CertAuthority {
             issuer,
-            ca_pem: block.canonical("CERTIFICATE"),
+            // Canonical (RFC 7468) text: 64 characters a line, `\n` line ends.
+            ca_pem: pem::encode_config(block, EncodeConfig::new().set_line_ending(LineEnding::LF)),
             ca_not_after: stored.not_after,
             cert_path,
         })
@@ -289,7 +289,9 @@ impl CertAuthority {
         }
         let not_after = (now + VALIDITY).min(self.ca_not_after);
 
-        let endpoint = connectord_plugin_sdk::secret::uuid_v4();
+        let endpoint = uuid::Builder::from_random_bytes(rand::random())
+            .into_uuid()
+            .to_string();
         let mut params = CertificateParams::default();
         set_validity(&mut params, now - BACKDATE, not_after);
         params.serial_number = Some(random_serial());
@@ -345,10 +347,8 @@ fn set_validity(params: &mut CertificateParams, not_before: SystemTime, not_afte
     let secs = |t: SystemTime| {
         Duration::from_secs(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs())
     };
-    // rcgen's date type comes from the `time` crate, which the daemon does not depend on.
-    let epoch = rcgen::date_time_ymd(1970, 1, 1);
-    params.not_before = epoch + secs(not_before);
-    params.not_after = epoch + secs(not_after);
+    params.not_before = OffsetDateTime::UNIX_EPOCH + secs(not_before);
+    params.not_after = OffsetDateTime::UNIX_EPOCH + secs(not_after);
 }
 
 fn random_serial() -> SerialNumber {
@@ -471,38 +471,7 @@ fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertErr
 // ---------------------------------------------------------------------------------------
 // PEM
 
-/// One PEM block as found in lenient input: its label as written and its base64 body with
-/// all whitespace removed (and missing padding restored).
-struct PemBlock {
-    label: String,
-    body: String,
-}
-
-impl PemBlock {
-    /// Compares labels ignoring spaces and case ("PUBLICKEY" is "PUBLIC KEY").
-    fn label_is(&self, label: &str) -> bool {
-        squash(&self.label) == squash(label)
-    }
-
-    /// The block as canonical (RFC 7468) PEM text under `label`.
-    fn canonical(&self, label: &str) -> String {
-        let mut out = format!("-----BEGIN {label}-----\n");
-        // The body is ASCII (checked when the block was read), so chunks are whole characters.
-        for line in self.body.as_bytes().chunks(64) {
-            out.push_str(&String::from_utf8_lossy(line));
-            out.push('\n');
-        }
-        out + &format!("-----END {label}-----\n")
-    }
-
-    /// The decoded contents (pem-rfc7468 through p256; the label does not matter here).
-    fn der(&self) -> Result<Vec<u8>, String> {
-        der::pem::decode_vec(self.canonical("DATA").as_bytes())
-            .map(|(_, der)| der)
-            .map_err(|e| format!("the '{}' block is not valid base64 ({e})", self.label))
-    }
-}
-
+/// Compares labels ignoring spaces and case ("RSAPRIVATEKEY" is "RSA PRIVATE KEY").
 fn squash(label: &str) -> String {
     label
         .chars()
@@ -511,47 +480,40 @@ fn squash(label: &str) -> String {
         .collect()
 }
 
-/// All PEM blocks in `text`, in order. Whitespace anywhere in a body is ignored, which
-/// covers indentation, `\r\n` line ends and bodies on one line.
-fn pem_blocks(text: &str) -> Result<Vec<PemBlock>, String> {
-    /// Splits `LABEL-----rest` (what follows `-----BEGIN ` or `-----END `) at the dashes.
-    fn boundary(s: &str) -> Option<(&str, &str)> {
-        let (label, rest) = s.split_once("-----")?;
-        (!label.contains('\n')).then_some((label.trim(), rest))
-    }
-    let mut blocks = Vec::new();
-    let mut rest = text;
-    while let Some((_, after)) = rest.split_once("-----BEGIN ") {
-        let (label, after) = boundary(after).ok_or("malformed '-----BEGIN ...-----' line")?;
-        let (body, after) = after.split_once("-----END ").ok_or_else(|| {
-            format!("'-----BEGIN {label}-----' without a matching '-----END' line")
-        })?;
-        let (end_label, after) = boundary(after).ok_or("malformed '-----END ...-----' line")?;
-        if squash(label) != squash(end_label) {
-            return Err(format!(
-                "'-----BEGIN {label}-----' ends with '-----END {end_label}-----'"
-            ));
+/// All PEM blocks in `text`, in order, read by the `pem` crate: whitespace anywhere in a
+/// body is ignored, which covers indentation, `\r\n` line ends and bodies on one line.
+/// Around it: the mbed documentation's `PUBLICKEY` spelling is read as `PUBLIC KEY`, and
+/// the errors are worded for the REST client (a `BEGIN` line without its `END` line, which
+/// `pem` skips without a word, is one).
+fn pem_blocks(text: &str) -> Result<Vec<pem::Pem>, String> {
+    let text = text
+        .replace("-----BEGIN PUBLICKEY-----", "-----BEGIN PUBLIC KEY-----")
+        .replace("-----END PUBLICKEY-----", "-----END PUBLIC KEY-----");
+    let blocks = pem::parse_many(&text).map_err(|e| match e {
+        PemError::MismatchedTags(begin, end) => {
+            format!("'-----BEGIN {begin}-----' ends with '-----END {end}-----'")
         }
-        if body.contains(':') {
+        PemError::InvalidData(e) => format!("a PEM block is not valid base64 ({e})"),
+        PemError::InvalidHeader(_) => {
+            "a PEM block has a blank line inside its base64 or broken headers".into()
+        }
+        PemError::MissingBeginTag => "malformed '-----BEGIN ...-----' line".into(),
+        PemError::MissingEndTag => "malformed '-----END ...-----' line".into(),
+        e => format!("malformed PEM ({e})"),
+    })?;
+    if blocks.len() < text.matches("-----BEGIN ").count() {
+        return Err("a '-----BEGIN ...-----' line without a matching '-----END' line".into());
+    }
+    for block in &blocks {
+        let label = block.tag();
+        if block.headers().iter().next().is_some() {
             return Err(format!(
                 "the '{label}' block has headers (is it encrypted?); expected plain base64"
             ));
         }
-        let mut body: String = body.chars().filter(|c| !c.is_whitespace()).collect();
-        if body.is_empty() {
+        if block.contents().is_empty() {
             return Err(format!("the '{label}' block is empty"));
         }
-        if !body.is_ascii() {
-            return Err(format!("the '{label}' block is not valid base64"));
-        }
-        while !body.len().is_multiple_of(4) {
-            body.push('=');
-        }
-        blocks.push(PemBlock {
-            label: label.to_string(),
-            body,
-        });
-        rest = after;
     }
     Ok(blocks)
 }
@@ -584,15 +546,15 @@ fn parse_public_key_pem(input: &str) -> Result<P256PublicKey, String> {
         return Err(format!("the public key is empty; {KEY_HINT}"));
     }
     let blocks = pem_blocks(&text).map_err(|e| format!("{e}; {KEY_HINT}"))?;
-    let Some(first) = blocks.iter().find(|b| !b.label_is("EC PARAMETERS")) else {
+    let Some(first) = blocks.iter().find(|b| b.tag() != "EC PARAMETERS") else {
         return Err(format!("no PEM block found; {KEY_HINT}"));
     };
     let block = blocks
         .iter()
-        .find(|b| b.label_is("PUBLIC KEY"))
-        .ok_or_else(|| wrong_block_message(&first.label))?;
+        .find(|b| b.tag() == "PUBLIC KEY")
+        .ok_or_else(|| wrong_block_message(first.tag()))?;
     // p256 checks the structure, the algorithm, the curve and that the point is on it.
-    match p256::PublicKey::from_public_key_pem(&block.canonical("PUBLIC KEY")) {
+    match p256::PublicKey::from_public_key_der(block.contents()) {
         Ok(key) => Ok(P256PublicKey(
             key.to_encoded_point(false).as_bytes().to_vec(),
         )),
@@ -619,12 +581,8 @@ fn wrong_block_message(label: &str) -> String {
 
 /// Says why p256 refused a `PUBLIC KEY` block, reading its algorithm and curve with the
 /// `spki` crate (through p256).
-fn explain_bad_spki(block: &PemBlock) -> String {
-    let der = match block.der() {
-        Ok(der) => der,
-        Err(e) => return e,
-    };
-    let spki = match SubjectPublicKeyInfoRef::try_from(der.as_slice()) {
+fn explain_bad_spki(block: &pem::Pem) -> String {
+    let spki = match SubjectPublicKeyInfoRef::try_from(block.contents()) {
         Ok(spki) => spki,
         Err(e) => return format!("the PUBLIC KEY block is not a valid public key ({e})"),
     };
@@ -724,43 +682,19 @@ struct CertInfo {
     not_after: SystemTime,
 }
 
-/// Reads the fields the CA checks from a DER certificate (RFC 5280, section 4.1).
-fn read_certificate(cert_der: &[u8]) -> der::Result<CertInfo> {
-    let mut reader = SliceReader::new(cert_der)?;
-    let info = reader.sequence(|cert| {
-        let info = cert.sequence(|tbs| {
-            ContextSpecific::<AnyRef<'_>>::decode_explicit(tbs, TagNumber::N0)?; // version
-            UintRef::decode(tbs)?; // serialNumber
-            AlgorithmIdentifierRef::decode(tbs)?; // signature
-            tbs.tlv_bytes()?; // issuer
-            let not_after = tbs.sequence(|validity| {
-                read_time(validity)?;
-                read_time(validity)
-            })?;
-            let subject = tbs.tlv_bytes()?.to_vec();
-            let spki = SubjectPublicKeyInfoRef::decode(tbs)?.to_der()?;
-            tbs.read_slice(tbs.remaining_len())?; // unique identifiers, extensions
-            Ok(CertInfo {
-                subject,
-                spki,
-                not_after,
-            })
-        })?;
-        AlgorithmIdentifierRef::decode(cert)?; // signatureAlgorithm
-        BitStringRef::decode(cert)?; // signatureValue
-        Ok(info)
-    })?;
-    reader.finish(info)
-}
-
-/// An X.509 `Time`: UTCTime or GeneralizedTime.
-fn read_time<'a>(reader: &mut impl Reader<'a>) -> der::Result<SystemTime> {
-    let time = AnyRef::decode(reader)?;
-    if time.tag() == Tag::UtcTime {
-        Ok(time.decode_as::<UtcTime>()?.to_system_time())
-    } else {
-        Ok(time.decode_as::<GeneralizedTime>()?.to_system_time())
+/// Reads the fields the CA checks from a DER certificate (x509-parser, which rcgen uses
+/// too); bytes after the certificate are an error.
+fn read_certificate(cert_der: &[u8]) -> Result<CertInfo, String> {
+    let (rest, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| e.to_string())?;
+    if !rest.is_empty() {
+        return Err(format!("{} bytes after the certificate", rest.len()));
     }
+    let not_after = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
+    Ok(CertInfo {
+        subject: cert.subject().as_raw().to_vec(),
+        spki: cert.public_key().raw.to_vec(),
+        not_after: UNIX_EPOCH + Duration::from_secs(not_after),
+    })
 }
 
 #[cfg(test)]
@@ -794,11 +728,12 @@ mod tests {
     }
 
     fn pem_der(pem: &str) -> Vec<u8> {
-        pem_blocks(pem).unwrap().remove(0).der().unwrap()
+        pem_blocks(pem).unwrap().remove(0).into_contents()
     }
 
     fn pem_encode(label: &str, der: &[u8]) -> String {
-        der::pem::encode_string(label, der::pem::LineEnding::LF, der).unwrap()
+        let config = EncodeConfig::new().set_line_ending(LineEnding::LF);
+        pem::encode_config(&pem::Pem::new(label, der), config)
     }
 
     fn pem_body(pem: &str) -> String {

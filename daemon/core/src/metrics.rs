@@ -6,6 +6,16 @@
 //! needs a registry. Hot-path cost: one relaxed atomic add per counter; a latency is one
 //! `Instant::now()` pair, a scan of [`LATENCY_BUCKETS`] (14 comparisons) and two relaxed
 //! atomic adds.
+//!
+//! Kept after measuring `prometheus-client` 0.26 (issue 20) on the same series (31
+//! counters, 6 status codes, 3 histograms, 12 gauges, 2 × 20 per-key gauges; a release
+//! build, three runs on a loaded 2-core machine): one exposition took 18-21 µs and 9
+//! allocations here against 33-36 µs and 288 allocations; a counter increment cost the
+//! same (a relaxed add, 11-15 ns there); a histogram observation 26-30 ns here against
+//! 34-38 ns (it takes a lock), paid on every REST request, CoAP request and store commit.
+//! And it cannot write today's text: it speaks OpenMetrics, so a counter's `# HELP` and
+//! `# TYPE` lines lose `_total`, bucket bounds read `le="10.0"`, help text gets a `.`
+//! appended and the body ends in `# EOF`; names, types and help must stay as they are.
 
 use std::fmt::Write as _;
 use std::sync::Arc;

@@ -55,9 +55,24 @@ use connectord_plugin_sdk::http::{
 };
 use connectord_plugin_sdk::names::refuse_control_chars;
 use connectord_plugin_sdk::secret::{is_sha256_hex, random_alphanumeric, sha256_hex};
-use connectord_plugin_sdk::time::{format_ms, now_ms};
 use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin, decode_input, encode_answer};
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::macros::format_description;
+
+/// Now, in milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+/// `created_at` as shown: UTC with milliseconds, `2016-06-13T04:00:00.000Z` (empty for an
+/// instant past the year 9999, which `now_ms` does not give).
+fn format_ms(ms: u64) -> String {
+    let shown =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map_or_else(|_| String::new(), |t| t.format(shown).unwrap_or_default())
+}
 
 /// The plugin name the configuration uses.
 pub const NAME: &str = "connector";

@@ -151,6 +151,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::time::now_ms;
 use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use connectord_plugin_sdk::auth::{
@@ -162,8 +163,7 @@ use connectord_plugin_sdk::http::{
     AUTHENTICATED, ErrorTypes, HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route,
     RoutesResponse, refuse_non_json,
 };
-use connectord_plugin_sdk::secret::{random_alphanumeric, sha256_hex, uuid_v4};
-use connectord_plugin_sdk::time::now_ms;
+use connectord_plugin_sdk::secret::{random_alphanumeric, sha256_hex};
 use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin, decode_input, encode_answer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -831,7 +831,9 @@ impl Losant {
             Err(why) => return validation(&why),
         };
         let key = loop {
-            let k = uuid_v4();
+            let k = uuid::Builder::from_random_bytes(rand::random())
+                .into_uuid()
+                .to_string();
             if !self.key_by_key.contains_key(&k) {
                 break k;
             }

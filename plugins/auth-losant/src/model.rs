@@ -2,7 +2,7 @@
 //! request bodies that create and change keys, and the mapping of a key's device filter
 //! and topics onto the core's `allow` patterns.
 
-use connectord_plugin_sdk::time::format_ms;
+use crate::time::format_ms;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 

@@ -76,6 +76,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::time::now_ms;
 use connectord_plugin_sdk::auth::{
     ADMIN, AuthRequest, AuthVerdict, BootstrapResponse, KeyState, KeyStatusRequest,
     KeyStatusResponse, OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS, PrincipalSpec, SCOPES,
@@ -83,7 +84,6 @@ use connectord_plugin_sdk::auth::{
 };
 use connectord_plugin_sdk::http::{HttpRequest, OP_HTTP, OP_ROUTES};
 use connectord_plugin_sdk::secret::{is_sha256_hex, random_alphanumeric, sha256_hex};
-use connectord_plugin_sdk::time::now_ms;
 use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin, decode_input, encode_answer};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};

@@ -1,14 +1,32 @@
 //! RFC 3339 timestamps to and from milliseconds since the Unix epoch (UTC), for the years
-//! 1970 to 9999, on top of the SDK's [`connectord_plugin_sdk::time`].
+//! 1970 to 9999, through the `time` crate.
 
-use connectord_plugin_sdk::time::{DateTime, Zone, parse_date_time};
+use ::time::format_description::BorrowedFormatItem;
+use ::time::format_description::well_known::Rfc3339;
+use ::time::macros::format_description;
+use ::time::{Duration, OffsetDateTime};
 
-pub use connectord_plugin_sdk::time::MAX_MS;
+/// The last millisecond of 9999-12-31 UTC: the latest instant with a four-digit year.
+pub const MAX_MS: u64 = 253_402_300_799_999;
+
+/// How timestamps are shown: UTC, always with milliseconds.
+const SHOWN: &[BorrowedFormatItem<'_>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+
+/// Now, in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
 
 /// `2026-03-01T12:34:56.789Z`: UTC, always with milliseconds; instants after [`MAX_MS`]
 /// are shown as [`MAX_MS`].
 pub fn format_ms(ms: u64) -> String {
-    connectord_plugin_sdk::time::format_ms(ms.min(MAX_MS))
+    let nanos = i128::from(ms.min(MAX_MS)) * 1_000_000;
+    OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| t.format(SHOWN).ok())
+        // Unreachable: every instant up to MAX_MS is in range and has four year digits.
+        .unwrap_or_default()
 }
 
 /// Parses an RFC 3339 date-time (`YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`; `t`, `z` and
@@ -16,29 +34,25 @@ pub fn format_ms(ms: u64) -> String {
 /// milliseconds are truncated; a leap second `:60` counts as the next second.
 pub fn parse_rfc3339_ms(s: &str) -> Result<u64, String> {
     let bad = || format!("{s:?} is not an RFC 3339 date-time such as \"2030-01-31T12:00:00Z\"");
-    let dt = parse_date_time(s).ok_or_else(bad)?;
-    if !is_rfc3339(&dt) {
+    // `time` takes any separator and a leap second only where one can be (23:59:60 UTC at a
+    // month's end, read as 23:59:59.999999999): both are narrowed or widened here.
+    if !matches!(s.as_bytes().get(10), Some(b'T' | b't' | b' ')) {
         return Err(bad());
     }
-    let ms = dt.unix_ms();
+    let (text, leap) = match s.get(17..19) {
+        Some("60") => (format!("{}59{}", &s[..17], &s[19..]), Duration::SECOND),
+        _ => (s.to_string(), Duration::ZERO),
+    };
+    let t = OffsetDateTime::parse(&text, &Rfc3339).map_err(|_| bad())? + leap;
+    let ms = t.unix_timestamp_nanos().div_euclid(1_000_000);
     if ms < 0 {
         return Err(format!("{s:?} is before 1970"));
     }
-    let ms = ms as u64;
+    let ms = u64::try_from(ms).map_err(|_| bad())?;
     if ms > MAX_MS {
         return Err(format!("{s:?} is after the year 9999"));
     }
     Ok(ms)
-}
-
-/// What RFC 3339 requires of the SDK's wider forms: a year from 1, a time with seconds,
-/// and a zone, `Z` or `±HH:MM`.
-fn is_rfc3339(dt: &DateTime) -> bool {
-    dt.year >= 1
-        && dt.time.is_some_and(|t| {
-            t.second.is_some()
-                && matches!(t.zone, Some(Zone::Utc | Zone::Offset { colon: true, .. }))
-        })
 }
 
 #[cfg(test)]
@@ -53,6 +67,8 @@ mod tests {
             (1_700_000_000_123, "2023-11-14T22:13:20.123Z"),
             (MAX_MS, "9999-12-31T23:59:59.999Z"),
         ];
+        assert_eq!(format_ms(MAX_MS + 1), format_ms(MAX_MS));
+        assert!(now_ms() > 1_577_836_800_000);
         for (ms, text) in cases {
             assert_eq!(format_ms(*ms), *text);
             assert_eq!(parse_rfc3339_ms(text), Ok(*ms), "{text}");
@@ -71,6 +87,8 @@ mod tests {
             ("2023-11-14T23:13:20+01:00", base),
             ("2023-11-14T20:43:20-01:30", base),
             ("2023-11-14T22:13:60Z", base + 40_000),
+            ("2016-12-31T23:59:60Z", 1_483_228_800_000),
+            ("2016-12-31T23:59:60.5Z", 1_483_228_800_500),
         ];
         for (text, ms) in cases {
             assert_eq!(parse_rfc3339_ms(text), Ok(*ms), "{text}");
@@ -97,6 +115,8 @@ mod tests {
             "0000-01-01T00:00:00Z",
             "２023-11-14T22:13:20Z",
             "abcd-ef-ghTij:kl:mnZ",
+            "2023-11-14X22:13:20Z",
+            "2023-11-14T22:13:20+02:60",
         ] {
             assert!(parse_rfc3339_ms(text).is_err(), "{text:?}");
         }

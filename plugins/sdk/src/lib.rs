@@ -21,9 +21,9 @@
 //!
 //! The operations each kind answers are typed in [`auth`], [`sink`] and [`http`];
 //! [`decode_input`] and [`encode_answer`] carry them as JSON. Helpers that several plugins
-//! share: [`names`] (checks on client-given names), [`secret`] (random secrets and their SHA-256 digests) and [`time`] (epoch
-//! milliseconds as ISO 8601 text); [`testing`] is an in-memory host and call helpers for
-//! unit tests.
+//! share: [`names`] (checks on client-given names) and [`secret`] (random secrets and their
+//! SHA-256 digests); [`testing`] is an in-memory host and call helpers for unit tests. Dates
+//! and UUIDs are not the SDK's business: a plugin uses the `time` and `uuid` crates itself.
 
 use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -33,7 +33,6 @@ pub mod http;
 pub mod names;
 pub mod secret;
 pub mod sink;
-pub mod time;
 
 /// Version of the ABI below. A plugin built for another version is refused at load.
 /// Bump it on any change to [`PluginTable`] or [`HostApi`].

@@ -19,42 +19,9 @@ pub fn random_alphanumeric(len: usize) -> String {
     Alphanumeric.sample_string(&mut rand::rng(), len)
 }
 
-/// A random version-4 UUID (RFC 9562), lower-case and hyphenated.
-pub fn uuid_v4() -> String {
-    let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn uuid_v4_shape() {
-        let u = uuid_v4();
-        let parts: Vec<&str> = u.split('-').collect();
-        assert_eq!(
-            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
-            [8, 4, 4, 4, 12]
-        );
-        assert!(
-            u.bytes()
-                .all(|b| b == b'-' || matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        );
-        assert_eq!(&parts[2][..1], "4");
-        assert!(matches!(&parts[3][..1], "8" | "9" | "a" | "b"));
-        assert_ne!(u, uuid_v4());
-    }
 
     #[test]
     fn sha256_is_lower_case_hex() {

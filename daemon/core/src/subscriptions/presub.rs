@@ -5,6 +5,7 @@
 //! field matches everything.
 
 pub use connectord_model::PreSub;
+use wildmatch::WildMatchPattern;
 
 /// Most rules one key may set.
 pub const MAX_RULES: usize = 1000;
@@ -69,25 +70,15 @@ pub fn parse(body: &[u8]) -> Result<Vec<PreSub>, PresubError> {
     Ok(rules)
 }
 
-/// `*` matches any run of characters (also none); everything else literally.
+/// `*` matches any run of characters (also none); everything else literally, `?` too.
 pub fn glob(pattern: &str, text: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == text;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
-        return false;
-    }
-    let mut rest = &text[first.len()..text.len() - last.len()];
-    for mid in &parts[1..parts.len() - 1] {
-        match rest.find(mid) {
-            Some(i) => rest = &rest[i + mid.len()..],
-            None => return false,
-        }
-    }
-    true
+    // wildmatch always has a single-character wildcard: it is given U+FFFF, a noncharacter,
+    // and a pattern that holds one matches nothing rather than a wider set of texts.
+    !pattern.contains(NO_SINGLE) && WildMatchPattern::<'*', NO_SINGLE>::new(pattern).matches(text)
 }
+
+/// The single-character wildcard that [`glob`] does not have.
+const NO_SINGLE: char = '\u{FFFF}';
 
 /// How a pre-subscription rule ([`PreSub`], a record of `connectord-model`) matches.
 pub trait RuleMatch {
@@ -191,6 +182,9 @@ mod tests {
             ("/a", "/ab", false),
             ("*", "", true),
             ("/ab*ab", "/ab", false),
+            ("/a?", "/ab", false),
+            ("/a?", "/a?", true),
+            ("/a\u{FFFF}", "/ab", false),
         ];
         for (p, t, want) in table {
             assert_eq!(glob(p, t), want, "{p} vs {t}");
