@@ -23,7 +23,7 @@ use crate::plugins::PluginSink;
 use crate::plugins::{PluginHost, kind_name};
 use crate::registry::lwm2m::Lwm2mHandler;
 use crate::registry::{Registry, RegistryListener};
-use crate::requests::{Requests, RequestsListener};
+use crate::requests::{Requests, RequestsDeps, RequestsListener};
 use crate::rest::{self, AppState};
 use crate::shutdown;
 use crate::store::sqlite::SqliteStore;
@@ -132,10 +132,21 @@ pub async fn run(
     // leaves the least behind.
     let ca = Arc::new(crate::certs::CertAuthority::load_or_create(&state_dir)?);
 
+    // Every service is built with what it uses (no setters afterwards): the traffic
+    // limits first, since the registry, the request layer and the subscriptions count
+    // against them.
+    let limits = Arc::new(crate::limits::Limits::new(
+        &config.limits,
+        config.registry.max_endpoints_per_domain,
+        Arc::clone(&counters),
+    ));
+    let restored = limits.restore(store.load_hour_counts().await?);
+    tracing::info!("loaded {restored} hourly transaction counts of the traffic limits");
     let registry = Arc::new(Registry::new(
         config.registry.clone(),
         Arc::clone(&store),
         Arc::clone(&counters),
+        Some(Arc::clone(&limits)),
     ));
     let loaded = registry.load().await?;
     tracing::info!("loaded {loaded} stored registrations");
@@ -205,34 +216,28 @@ pub async fn run(
         stop.clone(),
     )
     .await?;
-    let requests = Requests::new(
-        Arc::clone(&registry),
-        Arc::clone(&transport),
-        Arc::clone(&hub),
-        Arc::clone(&store),
-        config.requests.clone(),
-        Arc::clone(&counters),
-    );
     let lua = LuaRules::load(&config.lua, Arc::clone(&counters));
     let subscriptions = Subscriptions::load(
         Arc::clone(&registry),
-        Arc::clone(&requests),
         Arc::clone(&hub),
         Arc::clone(&store),
         Arc::clone(&lua),
         Arc::clone(&counters),
+        Some(Arc::clone(&limits)),
+        |observations| {
+            let deps = RequestsDeps {
+                registry: Arc::clone(&registry),
+                transport: Arc::clone(&transport),
+                hub: Arc::clone(&hub),
+                store: Arc::clone(&store),
+                counters: Arc::clone(&counters),
+                limits: Some(Arc::clone(&limits)),
+            };
+            Requests::new(deps, config.requests.clone(), observations)
+        },
     )
     .await?;
-    let limits = Arc::new(crate::limits::Limits::new(
-        &config.limits,
-        config.registry.max_endpoints_per_domain,
-        Arc::clone(&counters),
-    ));
-    let restored = limits.restore(store.load_hour_counts().await?);
-    tracing::info!("loaded {restored} hourly transaction counts of the traffic limits");
-    registry.set_limits(Arc::clone(&limits));
-    requests.set_limits(Arc::clone(&limits));
-    subscriptions.set_limits(Arc::clone(&limits));
+    let requests = Arc::clone(subscriptions.requests());
     registry.add_listener(Arc::clone(&hub) as Arc<dyn RegistryListener>);
     registry.add_listener(Arc::new(RequestsListener(Arc::downgrade(&requests))));
     registry.add_listener(Arc::clone(&subscriptions) as Arc<dyn RegistryListener>);

@@ -291,8 +291,8 @@ pub struct Registry {
     expiry_wake: Notify,
     /// Told about every change, in order, after it is durable.
     listeners: std::sync::RwLock<Vec<Arc<dyn RegistryListener>>>,
-    /// Transaction quotas (set at start-up; none in unit tests).
-    limits: std::sync::OnceLock<Arc<crate::limits::Limits>>,
+    /// Transaction quotas (none in unit tests).
+    limits: Option<Arc<crate::limits::Limits>>,
 }
 
 /// True when `path` is `base` or below it, compared by whole segments (`/3/0/1` is below
@@ -369,7 +369,13 @@ fn new_registration_id() -> String {
 }
 
 impl Registry {
-    pub fn new(cfg: RegistryConfig, store: Arc<dyn Store>, counters: Arc<Counters>) -> Registry {
+    /// `limits` counts registrations, updates and removals against the domains' quotas.
+    pub fn new(
+        cfg: RegistryConfig,
+        store: Arc<dyn Store>,
+        counters: Arc<Counters>,
+        limits: Option<Arc<crate::limits::Limits>>,
+    ) -> Registry {
         Registry {
             inner: Mutex::new(Inner::default()),
             store,
@@ -377,17 +383,12 @@ impl Registry {
             counters,
             expiry_wake: Notify::new(),
             listeners: std::sync::RwLock::new(Vec::new()),
-            limits: std::sync::OnceLock::new(),
+            limits,
         }
     }
 
-    /// Counts registrations, updates and removals against the domains' quotas.
-    pub fn set_limits(&self, limits: Arc<crate::limits::Limits>) {
-        let _ = self.limits.set(limits);
-    }
-
     fn take_transaction(&self, domain: &str) -> Result<(), RegistryError> {
-        match self.limits.get() {
+        match self.limits.as_ref() {
             Some(l) => l
                 .take(domain)
                 .map_err(|e| RegistryError::OverQuota(e.to_string())),
@@ -690,7 +691,7 @@ impl Registry {
             self.lock().restore(&ep);
             return Err(e.into());
         }
-        if let Some(l) = self.limits.get() {
+        if let Some(l) = self.limits.as_ref() {
             l.count(&ep.reg.domain);
         }
         Counters::inc(&self.counters.deregistrations);

@@ -6,8 +6,16 @@ fn addr(port: u16) -> SocketAddr {
 }
 
 fn open(dir: &std::path::Path, cfg: RegistryConfig) -> Registry {
+    open_limited(dir, cfg, None)
+}
+
+fn open_limited(
+    dir: &std::path::Path,
+    cfg: RegistryConfig,
+    limits: Option<Arc<crate::limits::Limits>>,
+) -> Registry {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir).unwrap());
-    Registry::new(cfg, store, Arc::new(Counters::default()))
+    Registry::new(cfg, store, Arc::new(Counters::default()), limits)
 }
 
 fn params(name: &str) -> RegisterParams {
@@ -193,13 +201,12 @@ async fn total_limit_over_all_domains() {
         max_endpoints: 3,
         ..Default::default()
     };
-    let reg = open(dir.path(), cfg.clone());
     let limits = Arc::new(crate::limits::Limits::new(
         &Default::default(),
         10,
         Arc::new(Counters::default()),
     ));
-    reg.set_limits(Arc::clone(&limits));
+    let reg = open_limited(dir.path(), cfg.clone(), Some(Arc::clone(&limits)));
     let in_domain = |d: &str, name: &str| RegisterParams {
         domain: Some(d.into()),
         ..params(name)
@@ -245,13 +252,16 @@ async fn total_limit_over_all_domains() {
 #[tokio::test]
 async fn malformed_registrations_are_not_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let reg = open(dir.path(), RegistryConfig::default());
     let limits = Arc::new(crate::limits::Limits::new(
         &Default::default(),
         10,
         Arc::new(Counters::default()),
     ));
-    reg.set_limits(Arc::clone(&limits));
+    let reg = open_limited(
+        dir.path(),
+        RegistryConfig::default(),
+        Some(Arc::clone(&limits)),
+    );
     for n in 0..3 {
         let p = RegisterParams {
             domain: Some(format!("junk{n}")),

@@ -224,8 +224,12 @@ pub struct Requests {
     counters: Arc<Counters>,
     queues: Mutex<Map<EpKey, EpQueue>>,
     cache: Mutex<ValueCache>,
-    observations: std::sync::OnceLock<std::sync::Weak<dyn ObservationSink>>,
-    limits: std::sync::OnceLock<Arc<crate::limits::Limits>>,
+    /// Where established observations go: the subscriptions manager, which owns this
+    /// request layer (hence weak: the two refer to each other, and the manager is built
+    /// around it with `Arc::new_cyclic`, see `Subscriptions::load`).
+    observations: std::sync::Weak<dyn ObservationSink>,
+    /// Counts outgoing requests against the domains' quotas (none in unit tests).
+    limits: Option<Arc<crate::limits::Limits>>,
 }
 
 /// A fresh async-response id: a number and a random (version 4) UUID, as the seed's
@@ -348,15 +352,31 @@ impl Outcome {
     }
 }
 
+/// What the request layer is built on.
+pub struct RequestsDeps {
+    pub registry: Arc<Registry>,
+    pub transport: Arc<Transport>,
+    pub hub: Arc<Hub>,
+    pub store: Arc<dyn Store>,
+    pub counters: Arc<Counters>,
+    /// Counts outgoing requests against the domains' quotas (none in unit tests).
+    pub limits: Option<Arc<crate::limits::Limits>>,
+}
+
 impl Requests {
     pub fn new(
-        registry: Arc<Registry>,
-        transport: Arc<Transport>,
-        hub: Arc<Hub>,
-        store: Arc<dyn Store>,
+        deps: RequestsDeps,
         cfg: RequestsConfig,
-        counters: Arc<Counters>,
+        observations: std::sync::Weak<dyn ObservationSink>,
     ) -> Arc<Requests> {
+        let RequestsDeps {
+            registry,
+            transport,
+            hub,
+            store,
+            counters,
+            limits,
+        } = deps;
         Arc::new(Requests {
             registry,
             transport,
@@ -366,19 +386,9 @@ impl Requests {
             counters,
             queues: Mutex::new(Map::default()),
             cache: Mutex::new(ValueCache::default()),
-            observations: std::sync::OnceLock::new(),
-            limits: std::sync::OnceLock::new(),
+            observations,
+            limits,
         })
-    }
-
-    /// Counts outgoing requests against the domains' quotas.
-    pub fn set_limits(&self, limits: Arc<crate::limits::Limits>) {
-        let _ = self.limits.set(limits);
-    }
-
-    /// Where established observations go (set once at start-up).
-    pub fn set_observation_sink(&self, sink: std::sync::Weak<dyn ObservationSink>) {
-        let _ = self.observations.set(sink);
     }
 
     /// Queues an observe request made by the daemon itself (pre-subscriptions,
@@ -508,7 +518,7 @@ impl Requests {
                 content_format: cached.1,
             });
         }
-        if let Some(l) = self.limits.get() {
+        if let Some(l) = self.limits.as_ref() {
             l.take(&who.domain)
                 .map_err(|e| RequestError::OverQuota(e.to_string()))?;
         }
@@ -723,7 +733,7 @@ impl Requests {
                         reply.max_age,
                     );
                 }
-                let sink = self.observations.get().and_then(|w| w.upgrade());
+                let sink = self.observations.upgrade();
                 let refusal = if status >= 400 {
                     Some((status, format!("the device answered {:?}", reply.code)))
                 } else if reply.observe.is_none() {

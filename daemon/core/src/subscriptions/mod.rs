@@ -179,9 +179,11 @@ pub struct Subscriptions {
     lua: Arc<LuaRules>,
     counters: Arc<Counters>,
     state: Mutex<State>,
-    /// This manager itself, for the notification tasks it spawns.
-    me: std::sync::OnceLock<std::sync::Weak<Subscriptions>>,
-    limits: std::sync::OnceLock<Arc<crate::limits::Limits>>,
+    /// This manager itself, for the notification tasks it spawns (set at construction,
+    /// `Arc::new_cyclic`).
+    me: std::sync::Weak<Subscriptions>,
+    /// Counts notifications against the domains' quotas (none in unit tests).
+    limits: Option<Arc<crate::limits::Limits>>,
     /// Endpoints whose pre-subscriptions are due (their registration or update was
     /// answered), with the newest registration of each: one evaluation task per endpoint
     /// at a time, which takes the newest one when it is done with the last, so waiting
@@ -200,15 +202,19 @@ pub fn is_fresh(v1: u32, t1: Instant, v2: u32, t2: Instant) -> bool {
 }
 
 impl Subscriptions {
-    /// Loads stored subscriptions and pre-subscriptions and registers itself where it
-    /// needs to hear from (the request layer's observations).
+    /// Loads stored subscriptions and pre-subscriptions, and builds the request layer
+    /// (`requests`, given where its established observations go: this manager) that it
+    /// observes through; [`Subscriptions::requests`] hands it out. The two refer to each
+    /// other (subscriptions submit observe requests; the request layer hands back the
+    /// observations), so the request layer gets its reference at construction, weak.
     pub async fn load(
         registry: Arc<Registry>,
-        requests: Arc<Requests>,
         hub: Arc<Hub>,
         store: Arc<dyn Store>,
         lua: Arc<LuaRules>,
         counters: Arc<Counters>,
+        limits: Option<Arc<crate::limits::Limits>>,
+        requests: impl FnOnce(std::sync::Weak<dyn ObservationSink>) -> Arc<Requests>,
     ) -> Result<Arc<Subscriptions>, StoreError> {
         let mut state = State::default();
         let subs = store.load_subscriptions().await?;
@@ -251,28 +257,26 @@ impl Subscriptions {
             k.presubs = p.rules;
         }
         tracing::info!("loaded {n} subscriptions");
-        let me = Arc::new(Subscriptions {
-            registry,
-            requests,
-            hub,
-            store,
-            lua,
-            counters,
-            state: Mutex::new(state),
-            me: std::sync::OnceLock::new(),
-            limits: std::sync::OnceLock::new(),
-            due: Mutex::new(Map::default()),
-        });
-        let _ = me.me.set(Arc::downgrade(&me));
-        let weak: std::sync::Weak<dyn ObservationSink> =
-            Arc::downgrade(&(Arc::clone(&me) as Arc<dyn ObservationSink>));
-        me.requests.set_observation_sink(weak);
-        Ok(me)
+        Ok(Arc::new_cyclic(|me: &std::sync::Weak<Subscriptions>| {
+            let sink: std::sync::Weak<dyn ObservationSink> = me.clone();
+            Subscriptions {
+                registry,
+                requests: requests(sink),
+                hub,
+                store,
+                lua,
+                counters,
+                state: Mutex::new(state),
+                me: me.clone(),
+                limits,
+                due: Mutex::new(Map::default()),
+            }
+        }))
     }
 
-    /// Counts notifications against the domains' quotas.
-    pub fn set_limits(&self, limits: Arc<crate::limits::Limits>) {
-        let _ = self.limits.set(limits);
+    /// The request layer this manager observes through.
+    pub fn requests(&self) -> &Arc<Requests> {
+        &self.requests
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -715,7 +719,7 @@ impl Subscriptions {
         if !first {
             return;
         }
-        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+        let Some(me) = self.me.upgrade() else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -913,7 +917,7 @@ impl Subscriptions {
     /// Publishes one notification to every subscribed key and fills the value cache. A
     /// domain over its transaction quota gets none (counted as refused).
     async fn notify(&self, domain: &str, ep: &str, path: &str, reply: &CoapReply) {
-        if let Some(l) = self.limits.get()
+        if let Some(l) = self.limits.as_ref()
             && l.take(domain).is_err()
         {
             tracing::debug!(%ep, %path, "notification dropped: the domain's transaction quota is used up");
@@ -1017,7 +1021,7 @@ impl ObservationSink for Subscriptions {
 
     fn established(&self, job: &Job, ep: &Endpoint, first: &CoapReply, mut stream: ObserveStream) {
         let key: ResKey = (job.domain.clone(), job.ep.clone(), job.path.clone());
-        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+        let Some(me) = self.me.upgrade() else {
             return;
         };
         let mut st = self.lock();
