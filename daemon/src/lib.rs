@@ -3,7 +3,10 @@
 //!
 //! Map of the crate (see ARCHITECTURE.md at the repository root for the invariants):
 //! - [`config`]: the TOML file, parsed strictly, with file:line:column errors.
-//! - [`coap`]: UDP sockets, the RFC 7252 message layer, link-format.
+//! - [`coap`]: the `connectord-coap` crate (listeners, the RFC 7252 message layer,
+//!   link-format), re-exported under its old module name.
+//! - [`peer`]: the opaque reference to a device's listener and session that registrations
+//!   store.
 //! - [`registry`]: the endpoint directory and the LwM2M registration interface.
 //! - [`store`]: durable state (SQLite, behind a trait).
 //! - [`state_dir`]: the state directory's permissions (private, tightened at start).
@@ -23,7 +26,8 @@
 
 pub mod auth;
 pub mod certs;
-pub mod coap;
+pub mod coap_route;
+pub use connectord_coap as coap;
 pub mod config;
 pub mod daemon;
 pub mod dir_watch;
@@ -33,6 +37,7 @@ pub mod limits;
 pub mod log_budget;
 pub mod lwm2m_data;
 pub mod metrics;
+pub mod peer;
 pub mod plugins;
 pub mod registry;
 pub mod requests;

@@ -8,7 +8,6 @@
 pub mod lwm2m;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,6 +19,7 @@ use crate::config::RegistryConfig;
 use crate::hashing::Map;
 use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
+use crate::peer::PeerRef;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
 
@@ -43,10 +43,9 @@ pub struct Registration {
     pub lwm2m: Option<String>,
     /// Queue mode: `b=UQ` (LwM2M 1.0) or the bare `Q` parameter (LwM2M 1.1).
     pub queue: bool,
-    /// Where the device's last message came from: requests to it go there.
-    pub peer: SocketAddr,
-    /// The local socket address that received it: requests to it go out of that socket.
-    pub local: SocketAddr,
+    /// Where the device's last message came from (the listener that received it and the
+    /// device's session there): requests to it go back the same way.
+    pub peer: PeerRef,
     /// The link-format body as registered (or last updated).
     pub links: String,
     pub registered_at_ms: u64,
@@ -537,8 +536,7 @@ impl Registry {
     pub async fn register(
         &self,
         p: RegisterParams,
-        peer: SocketAddr,
-        local: SocketAddr,
+        peer: PeerRef,
     ) -> Result<Arc<Endpoint>, RegistryError> {
         if !valid_name(&p.name) {
             return Err(RegistryError::Invalid(format!(
@@ -583,7 +581,6 @@ impl Registry {
             binding,
             lwm2m: p.lwm2m,
             peer,
-            local,
             links: p.links,
             registered_at_ms: now,
             expires_at_ms: now + u64::from(lifetime_s) * 1000,
@@ -618,7 +615,7 @@ impl Registry {
         Counters::inc(&self.counters.registrations);
         if log_budget::allow(DeviceLine::Registered) {
             tracing::info!(
-                ep = %ep.reg.name, domain = %ep.reg.domain, id = %ep.reg.id, peer = %peer,
+                ep = %ep.reg.name, domain = %ep.reg.domain, id = %ep.reg.id, peer = %peer.session,
                 lifetime = ep.reg.lifetime_s, resources = ep.resource_count(), "registered"
             );
         }
@@ -636,8 +633,7 @@ impl Registry {
         &self,
         id: &str,
         p: UpdateParams,
-        peer: SocketAddr,
-        local: SocketAddr,
+        peer: PeerRef,
     ) -> Result<Arc<Endpoint>, RegistryError> {
         if let Some(lt) = p.lifetime_s {
             self.check_lifetime(lt)?;
@@ -664,11 +660,10 @@ impl Registry {
             } else if p.queue_flag {
                 reg.queue = true;
             }
-            if reg.peer != peer && log_budget::allow(DeviceLine::AddressChanged) {
-                tracing::info!(ep = %reg.name, from = %reg.peer, to = %peer, "device address changed");
+            if reg.peer.session != peer.session && log_budget::allow(DeviceLine::AddressChanged) {
+                tracing::info!(ep = %reg.name, from = %reg.peer.session, to = %peer.session, "device address changed");
             }
             reg.peer = peer;
-            reg.local = local;
             reg.expires_at_ms = now_ms() + u64::from(reg.lifetime_s) * 1000;
             let ep = match (resources, p.links) {
                 (Some(r), Some(l)) => {

@@ -17,13 +17,15 @@ use coap_lite::{CoapOption, MessageClass, MessageType, ResponseType};
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 
-use super::block1::{self, Assemblies};
-use super::client::{ClientConfig, ClientState};
-use super::dedup::{Dedup, Seen};
-use super::message::{self, Handled, Inbound, RawHeader, Response};
+use tokio::sync::watch;
+
+use crate::block1::{self, Assemblies};
+use crate::client::{ClientConfig, ClientState};
 use crate::config::CoapConfig;
-use crate::metrics::Counters;
-use crate::shutdown::Shutdown;
+use crate::dedup::{Dedup, Seen};
+use crate::message::{self, Handled, Inbound, RawHeader, Response};
+use crate::metrics::{Event, Metrics};
+use crate::peer::{ListenerId, PeerRef};
 
 /// What the transport calls for each new request. A [`Handled`] without a response sends
 /// no reply (only sensible for a NON request); its `after_send` runs once the reply is out.
@@ -33,15 +35,15 @@ pub trait RequestHandler: Send + Sync + 'static {
 
 /// Bound sockets plus message-layer state.
 pub struct Transport {
-    sockets: Vec<(SocketAddr, Arc<UdpSocket>)>,
+    sockets: Vec<(ListenerId, Arc<UdpSocket>)>,
     dedup: Mutex<Dedup>,
     /// Request bodies arriving block-wise (Block1).
     blocks: Mutex<Assemblies>,
     max_datagram: usize,
     in_flight: Arc<Semaphore>,
     next_mid: AtomicU16,
-    counters: Arc<Counters>,
-    /// Exchanges we started (requests to devices), see [`super::client`].
+    metrics: Arc<dyn Metrics>,
+    /// Exchanges we started (requests to devices), see [`crate::client`].
     client: Mutex<ClientState>,
     client_cfg: ClientConfig,
 }
@@ -49,14 +51,14 @@ pub struct Transport {
 impl Transport {
     /// Binds every configured address. A wildcard of an address family the host does not
     /// have is skipped with a warning; any other failure, or no socket at all, is an error.
-    pub fn bind(cfg: &CoapConfig, counters: Arc<Counters>) -> io::Result<Arc<Transport>> {
+    pub fn bind(cfg: &CoapConfig, metrics: Arc<dyn Metrics>) -> io::Result<Arc<Transport>> {
         let mut sockets = Vec::new();
         for addr in &cfg.listen {
             match bind_one(*addr) {
                 Ok(s) => {
                     let local = s.local_addr()?;
                     tracing::info!("CoAP listening on udp://{local}");
-                    sockets.push((local, Arc::new(s)));
+                    sockets.push((ListenerId::udp(local), Arc::new(s)));
                 }
                 Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() && family_missing(&e) => {
                     tracing::warn!("CoAP: skipping {addr}: IPv6 is not available here ({e})");
@@ -82,7 +84,7 @@ impl Transport {
             max_datagram: cfg.max_datagram,
             in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
             next_mid: AtomicU16::new(rand::random()),
-            counters,
+            metrics,
             client: Mutex::new(ClientState::default()),
             client_cfg: ClientConfig {
                 ack_timeout: Duration::from_millis(cfg.ack_timeout_ms),
@@ -97,20 +99,26 @@ impl Transport {
 
     /// The addresses actually bound (port 0 resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.sockets.iter().map(|(a, _)| *a).collect()
+        self.sockets.iter().map(|(l, _)| l.local).collect()
     }
 
-    /// The socket bound on `local`, if it is still one of ours.
-    pub fn socket_for(&self, local: SocketAddr) -> Option<Arc<UdpSocket>> {
+    /// The listeners, in the order of `coap.listen`.
+    pub fn listeners(&self) -> Vec<ListenerId> {
+        self.sockets.iter().map(|(l, _)| *l).collect()
+    }
+
+    /// The socket of `listener`, if it is still one of ours.
+    pub(crate) fn socket_for(&self, listener: &ListenerId) -> Option<&Arc<UdpSocket>> {
         self.sockets
             .iter()
-            .find(|(a, _)| *a == local)
-            .map(|(_, s)| Arc::clone(s))
+            .find(|(l, _)| l == listener)
+            .map(|(_, s)| s)
     }
 
-    /// True when `local` is one of the bound sockets.
-    pub fn has_socket(&self, local: SocketAddr) -> bool {
-        self.sockets.iter().any(|(a, _)| *a == local)
+    /// True when `listener` is one of ours: a device that registered through a listener
+    /// no longer configured cannot be reached.
+    pub fn has_listener(&self, listener: &ListenerId) -> bool {
+        self.sockets.iter().any(|(l, _)| l == listener)
     }
 
     pub fn client_config(&self) -> &ClientConfig {
@@ -137,17 +145,18 @@ impl Transport {
         self.next_mid.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Starts one receive task per socket; they end when `shutdown` fires.
+    /// Starts one receive task per socket; they end when `stop` turns true (or its sender
+    /// is dropped).
     pub fn start(
         self: &Arc<Self>,
         handler: Arc<dyn RequestHandler>,
-        shutdown: Shutdown,
+        stop: watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         (0..self.sockets.len())
             .map(|i| {
                 let t = Arc::clone(self);
                 let h = Arc::clone(&handler);
-                let sd = shutdown.clone();
+                let sd = stop.clone();
                 tokio::spawn(async move { t.receive_loop(i, h, sd).await })
             })
             .collect()
@@ -157,15 +166,16 @@ impl Transport {
         self: Arc<Self>,
         index: usize,
         handler: Arc<dyn RequestHandler>,
-        mut shutdown: Shutdown,
+        mut stop: watch::Receiver<bool>,
     ) {
-        let (local, socket) = self.sockets[index].clone();
+        let (listener, socket) = self.sockets[index].clone();
+        let local = listener.local;
         // One byte more than the limit, so that an oversize datagram is seen as such
         // instead of being silently truncated.
         let mut buf = vec![0u8; self.max_datagram + 1];
         loop {
             let (len, peer) = tokio::select! {
-                _ = shutdown.recv() => return,
+                _ = stop.wait_for(|stop| *stop) => return,
                 r = socket.recv_from(&mut buf) => match r {
                     Ok(x) => x,
                     Err(e) => {
@@ -175,9 +185,9 @@ impl Transport {
                     }
                 },
             };
-            Counters::inc(&self.counters.coap_datagrams);
+            self.metrics.count(Event::Datagram);
             if len > self.max_datagram {
-                Counters::inc(&self.counters.coap_oversize);
+                self.metrics.count(Event::Oversize);
                 tracing::debug!(%peer, "dropping datagram over coap.max_datagram ({} bytes)", self.max_datagram);
                 continue;
             }
@@ -197,7 +207,7 @@ impl Transport {
         let packet = match message::decode(buf) {
             Ok(p) => p,
             Err(e) => {
-                Counters::inc(&self.counters.coap_malformed);
+                self.metrics.count(Event::Malformed);
                 tracing::debug!(%peer, "malformed CoAP datagram: {e}");
                 // A confirmable message we cannot parse is rejected with RST (§4.2).
                 if let Some(h) = RawHeader::read(buf).filter(|h| h.version == 1 && h.confirmable) {
@@ -220,7 +230,7 @@ impl Transport {
                 MessageType::Acknowledgement | MessageType::Reset,
             ) => {
                 if !self.lock_client().on_ack_or_reset(peer, packet) {
-                    Counters::inc(&self.counters.coap_unexpected);
+                    self.metrics.count(Event::Unexpected);
                 }
                 return;
             }
@@ -229,7 +239,7 @@ impl Transport {
                 return;
             }
             _ => {
-                Counters::inc(&self.counters.coap_unexpected);
+                self.metrics.count(Event::Unexpected);
                 tracing::debug!(%peer, "ignoring unexpected {:?} {}", mtype, packet.header.code);
                 if mtype == MessageType::Confirmable {
                     // A confirmable message we cannot process: reject it (§4.2).
@@ -243,11 +253,11 @@ impl Transport {
         match seen {
             Seen::New => {}
             Seen::InProgress => {
-                Counters::inc(&self.counters.coap_duplicates);
+                self.metrics.count(Event::Duplicate);
                 return;
             }
             Seen::Answered(reply) => {
-                Counters::inc(&self.counters.coap_duplicates);
+                self.metrics.count(Event::Duplicate);
                 if let Some(bytes) = reply {
                     send(socket, &bytes, peer).await;
                 }
@@ -272,7 +282,7 @@ impl Transport {
         // The permit first: a last block dropped for want of one would otherwise have
         // taken its transfer with it, and the device's retransmission would get 4.08.
         let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
-            Counters::inc(&self.counters.coap_busy_drops);
+            self.metrics.count(Event::BusyDrop);
             self.lock_dedup().forget(peer, mid);
             tracing::debug!(%peer, "dropping request: coap.max_in_flight reached");
             return;
@@ -300,8 +310,7 @@ impl Transport {
         let started = std::time::Instant::now();
         let fut = handler.handle(Inbound {
             packet: packet.clone(),
-            peer,
-            local,
+            peer: PeerRef::udp(local, peer),
         });
         tokio::spawn(async move {
             let _permit = permit;
@@ -317,7 +326,7 @@ impl Transport {
                     Response::diagnostic(ResponseType::InternalServerError, "internal error").into()
                 }
             };
-            this.counters.coap_latency.observe(started.elapsed());
+            this.metrics.request_latency(started.elapsed());
             let bytes = response.and_then(|mut r| {
                 // The last block of a block-wise request: its response echoes its Block1.
                 if let Some(b) = echo {
@@ -353,7 +362,7 @@ impl Transport {
                 Seen::New => {}
                 Seen::InProgress => return,
                 Seen::Answered(reply) => {
-                    Counters::inc(&self.counters.coap_duplicates);
+                    self.metrics.count(Event::Duplicate);
                     if let Some(bytes) = reply {
                         send(socket, &bytes, peer).await;
                     }
@@ -363,14 +372,14 @@ impl Transport {
         }
         let routed = self.lock_client().on_response(packet);
         let reply = match routed {
-            super::client::Routed::Delivered => con.then(|| message::empty_ack(mid)),
+            crate::client::Routed::Delivered => con.then(|| message::empty_ack(mid)),
             // Still acknowledged: the observation goes on, only this value is skipped.
-            super::client::Routed::Dropped => {
-                Counters::inc(&self.counters.coap_responses_dropped);
+            crate::client::Routed::Dropped => {
+                self.metrics.count(Event::ResponseDropped);
                 con.then(|| message::empty_ack(mid))
             }
-            super::client::Routed::Unknown => {
-                Counters::inc(&self.counters.coap_unexpected);
+            crate::client::Routed::Unknown => {
+                self.metrics.count(Event::Unexpected);
                 Some(message::reset(mid))
             }
         };
@@ -390,7 +399,7 @@ impl Transport {
         peer: SocketAddr,
     ) -> Option<Vec<u8>> {
         if r.code.is_error() {
-            Counters::inc(&self.counters.coap_error_responses);
+            self.metrics.count(Event::ErrorResponse);
         }
         match r.into_packet(request, || self.next_message_id()).to_bytes() {
             Ok(b) => Some(b),

@@ -17,10 +17,11 @@ use std::time::Duration;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use tokio::sync::mpsc;
 
-use crate::hashing::Map;
+use crate::Map;
 
-use super::message;
-use super::transport::Transport;
+use crate::message;
+use crate::peer::{ListenerId, PeerRef};
+use crate::transport::Transport;
 
 /// What arrived for an exchange of ours.
 #[derive(Debug)]
@@ -187,8 +188,8 @@ pub enum ClientError {
     Timeout,
     #[error("the device rejected the request (RST)")]
     Reset,
-    #[error("no socket is bound on {0} any more")]
-    NoSocket(SocketAddr),
+    #[error("no socket is bound on {} any more", .0.local)]
+    NoSocket(ListenerId),
     #[error("the response is larger than coap.max_body ({0} bytes)")]
     TooLarge(usize),
     #[error("cannot encode the request: {0}")]
@@ -318,20 +319,15 @@ impl ObserveCancel {
 }
 
 impl Transport {
-    /// Sends a confirmable request from the socket bound on `local` to `peer` and returns
-    /// the device's response, block-wise transfers included.
-    pub async fn request(
-        &self,
-        local: SocketAddr,
-        peer: SocketAddr,
-        req: &OutRequest,
-    ) -> Result<CoapReply, ClientError> {
+    /// Sends a confirmable request to `peer` through its listener and returns the device's
+    /// response, block-wise transfers included.
+    pub async fn request(&self, peer: PeerRef, req: &OutRequest) -> Result<CoapReply, ClientError> {
         let cfg = self.client_config().clone();
         let first = if req.payload.len() > cfg.block_size {
-            self.send_block1(local, peer, req, &cfg).await?
+            self.send_block1(peer, req, &cfg).await?
         } else {
             let p = self.build(req, MessageType::Confirmable, |_| {});
-            self.exchange(local, peer, p, &cfg).await?
+            self.exchange(peer, p, &cfg).await?
         };
         let mut reply = CoapReply::from_packet(&first);
         // Block2: fetch the rest of a large response (safe methods only).
@@ -350,7 +346,7 @@ impl Transport {
             let p = self.build(&follow, MessageType::Confirmable, |p| {
                 p.add_option(CoapOption::Block2, next.encode());
             });
-            let resp = self.exchange(local, peer, p, &cfg).await?;
+            let resp = self.exchange(peer, p, &cfg).await?;
             let part = CoapReply::from_packet(&resp);
             if part.code != ResponseType::Content {
                 return Ok(part);
@@ -374,8 +370,7 @@ impl Transport {
 
     async fn send_block1(
         &self,
-        local: SocketAddr,
-        peer: SocketAddr,
+        peer: PeerRef,
         req: &OutRequest,
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
@@ -396,7 +391,7 @@ impl Transport {
                     p.add_option(CoapOption::Size1, message::encode_uint(total as u32));
                 }
             });
-            let resp = self.exchange(local, peer, p, cfg).await?;
+            let resp = self.exchange(peer, p, cfg).await?;
             if !more || resp.header.code != MessageClass::Response(ResponseType::Continue) {
                 // The final response, or an error that ends the transfer.
                 return Ok(resp);
@@ -444,18 +439,15 @@ impl Transport {
     }
 
     /// Sends a non-confirmable request and forgets it (`noResp=true`).
-    pub async fn send_non(
-        &self,
-        local: SocketAddr,
-        peer: SocketAddr,
-        req: &OutRequest,
-    ) -> Result<(), ClientError> {
+    pub async fn send_non(&self, peer: PeerRef, req: &OutRequest) -> Result<(), ClientError> {
         let p = self.build(req, MessageType::NonConfirmable, |_| {});
         let bytes = p
             .to_bytes()
             .map_err(|e| ClientError::Encode(format!("{e:?}")))?;
-        let sock = self.socket_for(local).ok_or(ClientError::NoSocket(local))?;
-        sock.send_to(&bytes, peer)
+        let sock = self
+            .socket_for(&peer.listener)
+            .ok_or(ClientError::NoSocket(peer.listener))?;
+        sock.send_to(&bytes, peer.session)
             .await
             .map_err(|e| ClientError::Io(e.to_string()))?;
         Ok(())
@@ -465,8 +457,7 @@ impl Transport {
     /// ACK was empty. Returns the response packet.
     async fn exchange(
         &self,
-        local: SocketAddr,
-        peer: SocketAddr,
+        peer: PeerRef,
         packet: Packet,
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
@@ -477,7 +468,7 @@ impl Transport {
             transport: self,
             token,
         };
-        self.transmit(local, peer, &packet, &mut rx, cfg).await
+        self.transmit(peer, &packet, &mut rx, cfg).await
     }
 
     /// Registers an observation (GET with Observe=0) and returns the first response and
@@ -485,8 +476,7 @@ impl Transport {
     /// Observe option (a device that cannot observe answers without one).
     pub async fn observe(
         self: &std::sync::Arc<Self>,
-        local: SocketAddr,
-        peer: SocketAddr,
+        peer: PeerRef,
         req: &OutRequest,
     ) -> Result<(CoapReply, ObserveStream), ClientError> {
         let cfg = self.client_config().clone();
@@ -501,9 +491,7 @@ impl Transport {
             transport: std::sync::Arc::clone(self),
             token,
         };
-        let first = self
-            .transmit(local, peer, &packet, &mut stream.rx, &cfg)
-            .await?;
+        let first = self.transmit(peer, &packet, &mut stream.rx, &cfg).await?;
         Ok((CoapReply::from_packet(&first), stream))
     }
 
@@ -511,13 +499,15 @@ impl Transport {
     /// channel its token routes to.
     async fn transmit(
         &self,
-        local: SocketAddr,
-        peer: SocketAddr,
+        to: PeerRef,
         packet: &Packet,
         rx: &mut mpsc::Receiver<ClientEvent>,
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
-        let sock = self.socket_for(local).ok_or(ClientError::NoSocket(local))?;
+        let sock = self
+            .socket_for(&to.listener)
+            .ok_or(ClientError::NoSocket(to.listener))?;
+        let peer = to.session;
         let bytes = packet
             .to_bytes()
             .map_err(|e| ClientError::Encode(format!("{e:?}")))?;
@@ -567,9 +557,9 @@ impl Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coap::RequestHandler;
-    use crate::coap::message::{Inbound, Response};
+    use crate::RequestHandler;
     use crate::config::CoapConfig;
+    use crate::message::{Inbound, Response};
     use crate::metrics::Counters;
     use std::future::Future;
     use std::pin::Pin;
@@ -581,7 +571,7 @@ mod tests {
         fn handle(
             &self,
             _: Inbound,
-        ) -> Pin<Box<dyn Future<Output = crate::coap::message::Handled> + Send>> {
+        ) -> Pin<Box<dyn Future<Output = crate::message::Handled> + Send>> {
             Box::pin(async { Response::new(ResponseType::NotFound).into() })
         }
     }
@@ -591,12 +581,12 @@ mod tests {
         local: SocketAddr,
         device: UdpSocket,
         peer: SocketAddr,
-        _stop: crate::shutdown::Trigger,
+        _stop: tokio::sync::watch::Sender<bool>,
     }
 
     async fn setup(cfg: CoapConfig) -> Setup {
         let transport = Transport::bind(&cfg, Arc::new(Counters::default())).unwrap();
-        let (trigger, stop) = crate::shutdown::channel();
+        let (trigger, stop) = tokio::sync::watch::channel(false);
         transport.start(Arc::new(NotFound), stop);
         let local = transport.local_addrs()[0];
         let device = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -652,10 +642,10 @@ mod tests {
     async fn notifications_beyond_the_queue_bound_are_dropped_not_queued() {
         let s = setup(fast()).await;
         let t = Arc::clone(&s.transport);
-        let (local, peer) = (s.local, s.peer);
+        let to = PeerRef::udp(s.local, s.peer);
         let task = tokio::spawn(async move {
             let r = OutRequest::new(RequestType::Get, "/3303/0/5700");
-            t.observe(local, peer, &r).await
+            t.observe(to, &r).await
         });
         let (req, _) = recv(&s.device).await;
         let mut ack = reply_to(
@@ -710,11 +700,11 @@ mod tests {
     async fn piggybacked_response_after_retransmissions() {
         let s = setup(fast()).await;
         let t = Arc::clone(&s.transport);
-        let (local, peer) = (s.local, s.peer);
+        let to = PeerRef::udp(s.local, s.peer);
         let task = tokio::spawn(async move {
             let mut r = OutRequest::new(RequestType::Get, "/3/0/0");
             r.accept = Some(0);
-            t.request(local, peer, &r).await
+            t.request(to, &r).await
         });
         // Ignore the first two transmissions: the third is the same message.
         let (first, from) = recv(&s.device).await;
@@ -751,7 +741,10 @@ mod tests {
         let started = tokio::time::Instant::now();
         let r = s
             .transport
-            .request(s.local, s.peer, &OutRequest::new(RequestType::Get, "/1"))
+            .request(
+                PeerRef::udp(s.local, s.peer),
+                &OutRequest::new(RequestType::Get, "/1"),
+            )
             .await;
         assert_eq!(r, Err(ClientError::Timeout));
         // 1 transmission + 2 retransmissions, timeouts 40 + 80 + 160 ms.
@@ -771,9 +764,9 @@ mod tests {
     async fn reset_ends_the_exchange() {
         let s = setup(fast()).await;
         let t = Arc::clone(&s.transport);
-        let (local, peer) = (s.local, s.peer);
+        let to = PeerRef::udp(s.local, s.peer);
         let task = tokio::spawn(async move {
-            t.request(local, peer, &OutRequest::new(RequestType::Get, "/1"))
+            t.request(to, &OutRequest::new(RequestType::Get, "/1"))
                 .await
         });
         let (req, _) = recv(&s.device).await;
@@ -789,9 +782,9 @@ mod tests {
     async fn separate_con_response_is_acknowledged_and_delivered() {
         let s = setup(fast()).await;
         let t = Arc::clone(&s.transport);
-        let (local, peer) = (s.local, s.peer);
+        let to = PeerRef::udp(s.local, s.peer);
         let task = tokio::spawn(async move {
-            t.request(local, peer, &OutRequest::new(RequestType::Post, "/3/0/4"))
+            t.request(to, &OutRequest::new(RequestType::Post, "/3/0/4"))
                 .await
         });
         let (req, _) = recv(&s.device).await;
@@ -848,9 +841,9 @@ mod tests {
     async fn block2_response_is_assembled() {
         let s = setup(fast()).await;
         let t = Arc::clone(&s.transport);
-        let (local, peer) = (s.local, s.peer);
+        let to = PeerRef::udp(s.local, s.peer);
         let task = tokio::spawn(async move {
-            t.request(local, peer, &OutRequest::new(RequestType::Get, "/5/0/1"))
+            t.request(to, &OutRequest::new(RequestType::Get, "/5/0/1"))
                 .await
         });
         let body: Vec<u8> = (0..40u8).collect();
@@ -889,14 +882,14 @@ mod tests {
         cfg.block_size = 32;
         let s = setup(cfg).await;
         let t = Arc::clone(&s.transport);
-        let (local, peer) = (s.local, s.peer);
+        let to = PeerRef::udp(s.local, s.peer);
         let payload: Vec<u8> = (0..100u8).collect();
         let sent = payload.clone();
         let task = tokio::spawn(async move {
             let mut r = OutRequest::new(RequestType::Put, "/5/0/0");
             r.payload = sent;
             r.content_format = Some(42);
-            t.request(local, peer, &r).await
+            t.request(to, &r).await
         });
         let mut got = Vec::new();
         loop {
