@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::Map;
 
+use crate::listener::Listener;
 use crate::message;
 use crate::peer::{ListenerId, PeerRef};
 use crate::transport::Transport;
@@ -445,9 +446,9 @@ impl Transport {
             .to_bytes()
             .map_err(|e| ClientError::Encode(format!("{e:?}")))?;
         let sock = self
-            .socket_for(&peer.listener)
+            .listener(&peer.listener)
             .ok_or(ClientError::NoSocket(peer.listener))?;
-        sock.send_to(&bytes, peer.session)
+        sock.send(peer.session, &bytes)
             .await
             .map_err(|e| ClientError::Io(e.to_string()))?;
         Ok(())
@@ -505,7 +506,7 @@ impl Transport {
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
         let sock = self
-            .socket_for(&to.listener)
+            .listener(&to.listener)
             .ok_or(ClientError::NoSocket(to.listener))?;
         let peer = to.session;
         let bytes = packet
@@ -523,7 +524,7 @@ impl Transport {
         let mut timeout = cfg.ack_timeout.mul_f64(factor);
         let mut attempts = 0u32;
         loop {
-            sock.send_to(&bytes, peer)
+            sock.send(peer, &bytes)
                 .await
                 .map_err(|e| ClientError::Io(e.to_string()))?;
             let deadline = tokio::time::Instant::now() + timeout;

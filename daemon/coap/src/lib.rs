@@ -26,16 +26,20 @@ pub mod config;
 pub mod content_format;
 pub mod dedup;
 pub mod link_format;
+pub mod listener;
 pub mod message;
 pub mod metrics;
 pub mod peer;
 pub mod transport;
+pub mod udp;
 
 pub use config::CoapConfig;
+pub use listener::{Listener, Session};
 pub use message::{DecodeError, Inbound};
 pub use metrics::{Counters, Event, Metrics};
 pub use peer::{ListenerId, ListenerKind, PeerRef};
 pub use transport::{RequestHandler, Transport};
+pub use udp::UdpListener;
 
 /// The hasher of this crate's maps keyed by data from outside (peers, tokens): aHash,
 /// keyed per map from OS randomness (as the daemon's own maps).
