@@ -241,6 +241,49 @@ fn block_option(p: &Packet, opt: CoapOption) -> Result<Option<Block>, ClientErro
     }
 }
 
+/// The retransmission schedule of one confirmable message (RFC 7252 §4.2) as explicit
+/// deadlines, no timer of its own: after each transmission the caller [`arms`] it and
+/// waits until the deadline it returns; when that passes without an answer, [`expired`]
+/// says whether to transmit again (the timeout doubles) or give up.
+///
+/// [`arms`]: Retransmission::arm
+/// [`expired`]: Retransmission::expired
+#[derive(Debug, Clone)]
+pub struct Retransmission {
+    timeout: Duration,
+    attempts: u32,
+    max_retransmit: u32,
+}
+
+impl Retransmission {
+    /// `random` in [0, 1) picks the initial timeout between ACK_TIMEOUT and ACK_TIMEOUT ×
+    /// ACK_RANDOM_FACTOR.
+    pub fn new(cfg: &ClientConfig, random: f64) -> Retransmission {
+        let factor = 1.0 + random * (cfg.ack_random_factor - 1.0).max(0.0);
+        Retransmission {
+            timeout: cfg.ack_timeout.mul_f64(factor),
+            attempts: 0,
+            max_retransmit: cfg.max_retransmit,
+        }
+    }
+
+    /// The deadline of a transmission made at `now`.
+    pub fn arm(&self, now: std::time::Instant) -> std::time::Instant {
+        now + self.timeout
+    }
+
+    /// The deadline passed: true to transmit again, false when MAX_RETRANSMIT
+    /// retransmissions went unanswered.
+    pub fn expired(&mut self) -> bool {
+        self.attempts += 1;
+        if self.attempts > self.max_retransmit {
+            return false;
+        }
+        self.timeout *= 2;
+        true
+    }
+}
+
 /// Removes a token route when the exchange (or observation) that owns it ends.
 struct TokenGuard<'a> {
     transport: &'a Transport,
@@ -520,21 +563,17 @@ impl Transport {
             transport: self,
             key: (peer, mid),
         };
-        let factor = 1.0 + rand::random::<f64>() * (cfg.ack_random_factor - 1.0).max(0.0);
-        let mut timeout = cfg.ack_timeout.mul_f64(factor);
-        let mut attempts = 0u32;
+        let mut schedule = Retransmission::new(cfg, rand::random::<f64>());
         loop {
             sock.send(peer, &bytes)
                 .await
                 .map_err(|e| ClientError::Io(e.to_string()))?;
-            let deadline = tokio::time::Instant::now() + timeout;
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
+            let deadline = schedule.arm(std::time::Instant::now());
+            match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
                 Err(_) => {
-                    attempts += 1;
-                    if attempts > cfg.max_retransmit {
+                    if !schedule.expired() {
                         return Err(ClientError::Timeout);
                     }
-                    timeout *= 2;
                 }
                 Ok(None) => return Err(ClientError::Timeout),
                 Ok(Some(ClientEvent::Reset)) => return Err(ClientError::Reset),
@@ -932,6 +971,32 @@ mod tests {
         }
         assert_eq!(got, payload);
         assert_eq!(task.await.unwrap().unwrap().code, ResponseType::Changed);
+    }
+
+    #[test]
+    fn retransmission_deadlines_double_until_max_retransmit() {
+        let cfg = ClientConfig {
+            ack_timeout: Duration::from_millis(2000),
+            ack_random_factor: 1.5,
+            max_retransmit: 4,
+            separate_response_timeout: Duration::from_secs(60),
+            block_size: 1024,
+            max_body: 1 << 20,
+        };
+        let t = std::time::Instant::now();
+        // The random factor: 0 gives ACK_TIMEOUT, 0.5 half way to × 1.5.
+        assert_eq!(
+            Retransmission::new(&cfg, 0.0).arm(t) - t,
+            Duration::from_millis(2000)
+        );
+        let mut r = Retransmission::new(&cfg, 0.5);
+        let mut waits = vec![r.arm(t) - t];
+        while r.expired() {
+            waits.push(r.arm(t) - t);
+        }
+        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+        // 1 transmission + MAX_RETRANSMIT retransmissions, each timeout doubled.
+        assert_eq!(ms, vec![2500, 5000, 10000, 20000, 40000]);
     }
 
     #[test]
