@@ -7,7 +7,6 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::str::FromStr;
 
 /// The transport of a listener. DTLS, TCP and TLS come next (issue 20 follow-up).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,7 +33,7 @@ impl ListenerKind {
 }
 
 /// One listener: its transport and the local address it is bound on. Written
-/// `udp:0.0.0.0:5683` or `udp:[::]:5683`.
+/// `udp:0.0.0.0:5683` or `udp:[::]:5683` (the host parses and stores that form).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ListenerId {
     pub kind: ListenerKind,
@@ -53,27 +52,6 @@ impl ListenerId {
 impl fmt::Display for ListenerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.kind.scheme(), self.local)
-    }
-}
-
-/// Why a listener name does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not a listener name (scheme:address): {0:?}")]
-pub struct BadListenerId(pub String);
-
-impl FromStr for ListenerId {
-    type Err = BadListenerId;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || BadListenerId(s.to_owned());
-        let (scheme, addr) = s.split_once(':').ok_or_else(bad)?;
-        let kind = match scheme {
-            "udp" => ListenerKind::Udp,
-            _ => return Err(bad()),
-        };
-        Ok(ListenerId {
-            kind,
-            local: addr.parse().map_err(|_| bad())?,
-        })
     }
 }
 
@@ -105,13 +83,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn listener_names_round_trip() {
-        for s in ["udp:0.0.0.0:5683", "udp:[::]:5683", "udp:[::1]:1"] {
-            let l: ListenerId = s.parse().unwrap();
+    fn listener_names() {
+        for s in ["udp:0.0.0.0:5683", "udp:[::]:5683"] {
+            let l = ListenerId::udp(s[4..].parse().unwrap());
             assert_eq!(l.to_string(), s);
-        }
-        for s in ["", "udp", "tcp:0.0.0.0:1", "udp:nothing", "0.0.0.0:5683"] {
-            assert!(s.parse::<ListenerId>().is_err(), "{s}");
         }
     }
 }
