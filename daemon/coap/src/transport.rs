@@ -1,6 +1,6 @@
 //! The server side of the RFC 7252 message layer over the listeners.
 //!
-//! One receive task per listener. Each message goes through [`Transport::on_message`], a
+//! One receive task per listener. Each message goes through `Transport::on_message`, a
 //! synchronous step of the message-layer state (`(bytes, session, now) -> Action`): decoded
 //! strictly, matched against the duplicate cache, the client's open exchanges and the
 //! Block1 assemblies, it becomes nothing, bytes to send back, or a new request for the
