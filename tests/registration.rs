@@ -429,6 +429,71 @@ fn registrations_survive_kill_9() {
     assert_eq!(a.update(&id_a, &[], None), ResponseType::Changed);
 }
 
+/// A state directory of release 0.1.0 (schema 6: a registration stored the device's
+/// address and our socket's as `peer` and `local`) opens with this build, which migrates
+/// the row to a peer reference, and serves: the endpoint is listed, and a read reaches
+/// the device at its stored address from the socket it registered to.
+#[test]
+fn a_state_directory_from_before_peer_refs_opens_and_serves() {
+    // A first start makes the state directory (keys, CA, database); its CoAP port is then
+    // fixed in the configuration so that the stored socket is bound again.
+    let d = Daemon::start();
+    let coap = d.coap;
+    let dev = d.device();
+    let at = dev.local_addr();
+    let config = d.config_path.clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let d = d.stop_edit_restart(|state| {
+        let text = std::fs::read_to_string(&config).unwrap();
+        let fixed = text.replacen(
+            "[coap]\nlisten = [\"127.0.0.1:0\"]",
+            &format!("[coap]\nlisten = [\"{coap}\"]"),
+            1,
+        );
+        assert_ne!(fixed, text, "the test configuration's [coap] listen line");
+        std::fs::write(&config, fixed).unwrap();
+        // The row as 0.1.0 wrote it, in a database at its schema version (6; version 7
+        // changed no table, only the rows' JSON).
+        let old = format!(
+            r#"{{"id":"0f3c9a7d2b","domain":"default","name":"old-dev","ept":"Sensor","lifetime_s":86400,"binding":"U","lwm2m":"1.0","queue":false,"peer":"{at}","local":"{coap}","links":"</3/0>,</3303/0/5700>;obs","registered_at_ms":{now},"expires_at_ms":{}}}"#,
+            now + 86_400_000
+        );
+        let db = rusqlite::Connection::open(state.join("connectord.db")).unwrap();
+        db.execute_batch("DELETE FROM registrations; PRAGMA user_version = 6;")
+            .unwrap();
+        db.execute(
+            "INSERT INTO registrations (id, domain, name, data) VALUES ('0f3c9a7d2b', 'default', 'old-dev', ?1)",
+            [old],
+        )
+        .unwrap();
+    });
+    assert_eq!(d.coap, coap);
+    assert!(
+        d.logs()
+            .iter()
+            .any(|l| l.contains("migrated database schema to version 7")),
+        "{:?}",
+        d.logs()
+    );
+    assert_eq!(
+        d.get("/v2/endpoints").json(),
+        serde_json::json!([{"name": "old-dev", "type": "Sensor", "status": "ACTIVE", "q": false, "lwm2m": "1.0"}])
+    );
+    let id = d.async_request("GET", "/v2/endpoints/old-dev/3303/0/5700", None, None);
+    let (req, from) = dev
+        .recv_request(Duration::from_secs(10))
+        .expect("the daemon sent no request to the stored address");
+    assert_eq!(from, coap, "from the socket the device registered to");
+    assert_eq!(support::coap::path_of(&req), "/3303/0/5700");
+    dev.reply(&req, from, ResponseType::Content, b"7", Some(0), None);
+    let r = d.async_response(&id, Duration::from_secs(10));
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["payload"], support::b64(b"7"));
+}
+
 #[test]
 fn sigterm_stops_gracefully() {
     let mut d = Daemon::start();

@@ -108,7 +108,7 @@ pub async fn run(
     let counters = Arc::new(Counters::default());
     // Bound before anything is created in the state directory: a taken port leaves it as
     // it was.
-    let transport = Transport::bind(&config.coap, Arc::clone(&counters))?;
+    let transport = Transport::bind(&config.coap, counters.clone())?;
     let listeners = rest::bind(&config.rest.listen).await?;
     if let Some(c) = contradiction {
         let moved = crate::state_dir::reinit(&c).map_err(StartError::Reinit)?;
@@ -246,7 +246,7 @@ pub async fn run(
     subscriptions.resume();
     let mut tasks = transport.start(
         Arc::new(Lwm2mHandler::new(Arc::clone(&registry))),
-        stop.clone(),
+        stop.receiver(),
     );
     tasks.push(tokio::spawn(Arc::clone(&registry).run_expiry(stop.clone())));
     tasks.push(tokio::spawn(Arc::clone(&hub).run_sweeper(stop.clone())));

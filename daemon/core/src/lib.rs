@@ -2,7 +2,8 @@
 //! daemon does, whatever carries the requests in and whoever stores the state.
 //!
 //! - [`config`]: the TOML file, parsed strictly, with file:line:column errors.
-//! - [`coap`]: UDP sockets, the RFC 7252 message layer, link-format.
+//! - [`coap`]: the `connectord-coap` crate (listeners, the RFC 7252 message layer,
+//!   link-format); [`coap_route`] converts its peer references to the model's.
 //! - [`registry`]: the endpoint directory and the LwM2M registration interface.
 //! - [`requests`]: requests to devices (queues, async responses, the value cache).
 //! - [`subscriptions`]: subscriptions, pre-subscriptions, observations, Lua rules.
@@ -24,7 +25,7 @@
 #![deny(unsafe_code)]
 
 pub mod auth;
-pub mod coap;
+pub mod coap_route;
 pub mod config;
 pub mod dir_watch;
 pub mod events;
@@ -38,9 +39,12 @@ pub mod revocation;
 pub mod shutdown;
 pub mod subscriptions;
 
+/// The CoAP layer: the `connectord-coap` crate (listeners, the message layer).
+pub use connectord_coap as coap;
 /// LwM2M content formats: the `connectord-lwm2m` crate.
 pub use connectord_lwm2m as lwm2m_data;
 /// The domain records every layer shares: the `connectord-model` crate.
 pub use connectord_model as model;
+pub use connectord_model::peer;
 /// Durable state: the `connectord-store` crate (ports per aggregate, SQLite and memory).
 pub use connectord_store as store;

@@ -183,6 +183,27 @@ impl Counters {
     }
 }
 
+/// The CoAP layer's events land in the `coap_*` counters above.
+impl connectord_coap::Metrics for Counters {
+    fn count(&self, event: connectord_coap::Event) {
+        use connectord_coap::Event;
+        let c = match event {
+            Event::Datagram => &self.coap_datagrams,
+            Event::Malformed => &self.coap_malformed,
+            Event::Oversize => &self.coap_oversize,
+            Event::Duplicate => &self.coap_duplicates,
+            Event::BusyDrop => &self.coap_busy_drops,
+            Event::ResponseDropped => &self.coap_responses_dropped,
+            Event::Unexpected => &self.coap_unexpected,
+            Event::ErrorResponse => &self.coap_error_responses,
+        };
+        Counters::inc(c);
+    }
+    fn request_latency(&self, elapsed: Duration) {
+        self.coap_latency.observe(elapsed);
+    }
+}
+
 /// Upper bounds of the latency histograms' buckets, in seconds (then `+Inf`): from half a
 /// millisecond (a cached REST read) to 10 s (a store stalled on a slow disk).
 pub const LATENCY_BUCKETS: [f64; 14] = [

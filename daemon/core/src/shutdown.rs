@@ -33,4 +33,9 @@ impl Shutdown {
     pub fn is_fired(&self) -> bool {
         *self.0.borrow()
     }
+    /// The signal as a plain `watch` receiver (true once fired), for the crates that take
+    /// their stop signal so (`connectord-coap`).
+    pub fn receiver(&self) -> watch::Receiver<bool> {
+        self.0.clone()
+    }
 }

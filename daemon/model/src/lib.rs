@@ -8,6 +8,7 @@
 
 pub mod event;
 pub mod names;
+pub mod peer;
 pub mod quota;
 pub mod registration;
 pub mod request;
@@ -16,6 +17,7 @@ pub mod time;
 
 pub use event::{Body, CallbackTarget, ChannelRecord, Event, Kind, StoredEvent};
 pub use names::{MAX_NAME_LEN, valid_domain, valid_name};
+pub use peer::{ListenerId, ListenerKind, PeerRef};
 pub use quota::HourCount;
 pub use registration::Registration;
 pub use request::{Job, Method};

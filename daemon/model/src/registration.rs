@@ -1,8 +1,8 @@
 //! A registration as stored.
 
-use std::net::SocketAddr;
-
 use serde::{Deserialize, Serialize};
+
+use crate::peer::PeerRef;
 
 /// A registration as it is stored: everything needed to rebuild the endpoint after a restart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -21,10 +21,9 @@ pub struct Registration {
     pub lwm2m: Option<String>,
     /// Queue mode: `b=UQ` (LwM2M 1.0) or the bare `Q` parameter (LwM2M 1.1).
     pub queue: bool,
-    /// Where the device's last message came from: requests to it go there.
-    pub peer: SocketAddr,
-    /// The local socket address that received it: requests to it go out of that socket.
-    pub local: SocketAddr,
+    /// Where the device's last message came from (the listener that received it and the
+    /// device's session there): requests to it go back the same way.
+    pub peer: PeerRef,
     /// The link-format body as registered (or last updated).
     pub links: String,
     pub registered_at_ms: u64,

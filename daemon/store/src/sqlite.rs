@@ -103,6 +103,18 @@ const MIGRATIONS: &[&str] = &[
         count INTEGER NOT NULL,
         PRIMARY KEY (domain, hour)
     ) WITHOUT ROWID;",
+    // 7: a registration names where its device is as a peer reference (the listener and
+    // the session on it, issue 20) instead of two socket addresses: `"peer": "<device>",
+    // "local": "<our socket>"` becomes `"peer": {"listener": "udp:<our socket>", "session":
+    // "<device>"}`. Rows that are not of the old shape are left alone (a row that is not
+    // JSON is skipped at load as before).
+    "UPDATE registrations
+     SET data = json_set(json_remove(data, '$.local'), '$.peer', json_object(
+         'listener', 'udp:' || json_extract(data, '$.local'),
+         'session', json_extract(data, '$.peer')))
+     WHERE json_valid(data)
+       AND json_type(data, '$.peer') = 'text'
+       AND json_type(data, '$.local') = 'text';",
 ];
 
 /// One queued operation.
@@ -1040,8 +1052,10 @@ mod tests {
             binding: "U".into(),
             lwm2m: None,
             queue: false,
-            peer: SocketAddr::from(([127, 0, 0, 1], 1)),
-            local: SocketAddr::from(([127, 0, 0, 1], 2)),
+            peer: connectord_model::PeerRef::udp(
+                SocketAddr::from(([127, 0, 0, 1], 2)),
+                SocketAddr::from(([127, 0, 0, 1], 1)),
+            ),
             links: "</3/0>".into(),
             registered_at_ms: 1,
             expires_at_ms: 2,
@@ -1291,6 +1305,46 @@ mod tests {
             .collect();
         assert!(tables.contains(&"limit_counts".to_string()), "{tables:?}");
         assert!(tables.contains(&"access_keys".to_string()), "{tables:?}");
+    }
+
+    /// Schema 6 stored a device's address and our socket's as `peer` and `local`; they
+    /// become one peer reference, the rest of the row as it was. A row of another shape
+    /// (not JSON, or already migrated) is left alone.
+    #[tokio::test]
+    async fn schema_6_registrations_migrate_to_peer_refs() {
+        let dir = tempfile::tempdir().unwrap();
+        // As release 0.1.0 wrote it (serde of the registration with two socket addresses).
+        let old = r#"{"id":"r1","domain":"default","name":"n","ept":null,"lifetime_s":60,"binding":"U","lwm2m":"1.1","queue":false,"peer":"[2001:db8::7]:56830","local":"[::]:5683","links":"</3/0>","registered_at_ms":1,"expires_at_ms":2}"#;
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            for sql in &MIGRATIONS[..6] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 6).unwrap();
+            conn.execute(
+                "INSERT INTO registrations (id, domain, name, data) VALUES ('r1', 'default', 'n', ?1)",
+                params![old],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO registrations (id, domain, name, data) VALUES ('x', 'd', 'x', 'not json')",
+                [],
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let regs = s.load_registrations().await.unwrap();
+        assert_eq!(regs.len(), 1, "the row that is not JSON is still skipped");
+        let mut want = reg("r1", "n");
+        want.lwm2m = Some("1.1".into());
+        want.peer = connectord_model::PeerRef::udp(
+            "[::]:5683".parse().unwrap(),
+            "[2001:db8::7]:56830".parse().unwrap(),
+        );
+        assert_eq!(regs[0], want);
+        // Written back in the new form, it loads the same.
+        s.put_registration(regs[0].clone()).await.unwrap();
+        assert_eq!(s.load_registrations().await.unwrap(), vec![want]);
     }
 
     /// A job that counts its runs and inserts the registration row `id`, then fails if

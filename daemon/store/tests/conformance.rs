@@ -19,8 +19,10 @@ fn reg(id: &str, domain: &str, name: &str) -> Registration {
         binding: "U".into(),
         lwm2m: Some("1.0".into()),
         queue: false,
-        peer: "127.0.0.1:5000".parse().unwrap(),
-        local: "127.0.0.1:5683".parse().unwrap(),
+        peer: connectord_model::PeerRef::udp(
+            "127.0.0.1:5683".parse().unwrap(),
+            "127.0.0.1:5000".parse().unwrap(),
+        ),
         links: "</3/0>".into(),
         registered_at_ms: 1,
         expires_at_ms: 60_001,

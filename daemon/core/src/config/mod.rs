@@ -471,58 +471,7 @@ impl Default for RestConfig {
     }
 }
 
-/// `[coap]`: the UDP side that devices talk to.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CoapConfig {
-    /// UDP addresses to bind. An IPv6 wildcard is bound IPv6-only so that it can sit beside
-    /// the IPv4 wildcard; an address family the host lacks is logged and skipped.
-    pub listen: Vec<SocketAddr>,
-    /// Largest datagram accepted, in bytes; larger ones are dropped and counted.
-    pub max_datagram: usize,
-    /// How long a reply is kept to answer a duplicate of the same request (RFC 7252
-    /// EXCHANGE_LIFETIME, 247 s by default).
-    pub exchange_lifetime_s: u64,
-    /// Upper bound on remembered exchanges for duplicate detection; the oldest go first.
-    pub dedup_capacity: usize,
-    /// Requests from devices handled at the same time; beyond this, datagrams are dropped
-    /// (a CON will be retransmitted by the device).
-    pub max_in_flight: usize,
-    /// Initial retransmission timeout of our confirmable requests (RFC 7252 ACK_TIMEOUT).
-    pub ack_timeout_ms: u64,
-    /// Random factor applied to the initial timeout (RFC 7252 ACK_RANDOM_FACTOR, >= 1).
-    pub ack_random_factor: f64,
-    /// Retransmissions before a request times out (RFC 7252 MAX_RETRANSMIT).
-    pub max_retransmit: u32,
-    /// How long to wait for a separate response after the device's empty ACK.
-    pub separate_response_timeout_s: u64,
-    /// Block size for block-wise writes (Block1): 16, 32, ..., 1024 bytes.
-    pub block_size: usize,
-    /// Largest body accepted from or sent to a device, in bytes (Block2 responses are
-    /// assembled up to this).
-    pub max_body: usize,
-}
-
-impl Default for CoapConfig {
-    fn default() -> Self {
-        CoapConfig {
-            listen: vec![
-                SocketAddr::from(([0, 0, 0, 0], 5683)),
-                SocketAddr::from(([0u16; 8], 5683)),
-            ],
-            max_datagram: 1500,
-            exchange_lifetime_s: 247,
-            dedup_capacity: 100_000,
-            max_in_flight: 1024,
-            ack_timeout_ms: 2000,
-            ack_random_factor: 1.5,
-            max_retransmit: 4,
-            separate_response_timeout_s: 60,
-            block_size: 1024,
-            max_body: 1_048_576,
-        }
-    }
-}
+pub use connectord_coap::CoapConfig;
 
 /// `[registry]`: the LwM2M registration interface.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

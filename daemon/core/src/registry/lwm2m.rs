@@ -11,6 +11,7 @@ use coap_lite::{CoapOption, ContentFormat, MessageClass, RequestType, ResponseTy
 use super::{RegisterParams, Registry, RegistryError, RegistryEvent, UpdateParams};
 use crate::coap::RequestHandler;
 use crate::coap::message::{self, Handled, Inbound, Response};
+use crate::coap_route::from_coap;
 
 /// Answers the registration interface for a [`Registry`].
 pub struct Lwm2mHandler {
@@ -201,7 +202,7 @@ async fn register(registry: &Registry, req: &Inbound) -> (Response, Option<Regis
         Ok(p) => p,
         Err(r) => return (r, None),
     };
-    match registry.register(params, req.peer, req.local).await {
+    match registry.register(params, from_coap(req.peer)).await {
         Ok(ep) => (
             Response::new(ResponseType::Created)
                 .with_option(CoapOption::LocationPath, b"rd".to_vec())
@@ -232,7 +233,7 @@ async fn update(registry: &Registry, id: &str, req: &Inbound) -> (Response, Opti
         Ok(b) => b,
         Err(r) => return (r, None),
     };
-    match registry.update(id, p, req.peer, req.local).await {
+    match registry.update(id, p, from_coap(req.peer)).await {
         Ok(ep) => (
             Response::new(ResponseType::Changed),
             Some(RegistryEvent::Updated { ep }),

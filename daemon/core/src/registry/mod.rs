@@ -8,7 +8,6 @@
 pub mod lwm2m;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -21,6 +20,7 @@ use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
+use connectord_model::PeerRef;
 pub use connectord_model::{MAX_NAME_LEN, Registration, now_ms, valid_domain, valid_name};
 
 /// A resource from the registration's link-format.
@@ -484,8 +484,7 @@ impl Registry {
     pub async fn register(
         &self,
         p: RegisterParams,
-        peer: SocketAddr,
-        local: SocketAddr,
+        peer: PeerRef,
     ) -> Result<Arc<Endpoint>, RegistryError> {
         if !valid_name(&p.name) {
             return Err(RegistryError::Invalid(format!(
@@ -530,7 +529,6 @@ impl Registry {
             binding,
             lwm2m: p.lwm2m,
             peer,
-            local,
             links: p.links,
             registered_at_ms: now,
             expires_at_ms: now + u64::from(lifetime_s) * 1000,
@@ -565,7 +563,7 @@ impl Registry {
         Counters::inc(&self.counters.registrations);
         if log_budget::allow(DeviceLine::Registered) {
             tracing::info!(
-                ep = %ep.reg.name, domain = %ep.reg.domain, id = %ep.reg.id, peer = %peer,
+                ep = %ep.reg.name, domain = %ep.reg.domain, id = %ep.reg.id, peer = %peer.session,
                 lifetime = ep.reg.lifetime_s, resources = ep.resource_count(), "registered"
             );
         }
@@ -583,8 +581,7 @@ impl Registry {
         &self,
         id: &str,
         p: UpdateParams,
-        peer: SocketAddr,
-        local: SocketAddr,
+        peer: PeerRef,
     ) -> Result<Arc<Endpoint>, RegistryError> {
         if let Some(lt) = p.lifetime_s {
             self.check_lifetime(lt)?;
@@ -611,11 +608,10 @@ impl Registry {
             } else if p.queue_flag {
                 reg.queue = true;
             }
-            if reg.peer != peer && log_budget::allow(DeviceLine::AddressChanged) {
-                tracing::info!(ep = %reg.name, from = %reg.peer, to = %peer, "device address changed");
+            if reg.peer.session != peer.session && log_budget::allow(DeviceLine::AddressChanged) {
+                tracing::info!(ep = %reg.name, from = %reg.peer.session, to = %peer.session, "device address changed");
             }
             reg.peer = peer;
-            reg.local = local;
             reg.expires_at_ms = now_ms() + u64::from(reg.lifetime_s) * 1000;
             let ep = match (resources, p.links) {
                 (Some(r), Some(l)) => {

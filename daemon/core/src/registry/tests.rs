@@ -1,5 +1,11 @@
 use super::*;
 use crate::store::sqlite::SqliteStore;
+use std::net::SocketAddr;
+
+/// A device at 127.0.0.1:`peer` talking to the UDP socket on 127.0.0.1:`local`.
+fn at(peer: u16, local: u16) -> PeerRef {
+    PeerRef::udp(addr(local), addr(peer))
+}
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -32,7 +38,7 @@ async fn register_update_deregister() {
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path(), RegistryConfig::default());
     let ep = reg
-        .register(params("node-1"), addr(1000), addr(5683))
+        .register(params("node-1"), at(1000, 5683))
         .await
         .unwrap();
     assert_eq!(ep.reg.domain, "default");
@@ -55,11 +61,8 @@ async fn register_update_deregister() {
         links: Some("</4/0>".into()),
         ..Default::default()
     };
-    let ep2 = reg
-        .update(&ep.reg.id, up, addr(2000), addr(5683))
-        .await
-        .unwrap();
-    assert_eq!(ep2.reg.peer, addr(2000));
+    let ep2 = reg.update(&ep.reg.id, up, at(2000, 5683)).await.unwrap();
+    assert_eq!(ep2.reg.peer, at(2000, 5683));
     assert_eq!(ep2.reg.lifetime_s, 120);
     assert!(ep2.reg.queue);
     assert_eq!(ep2.resources().len(), 1);
@@ -67,7 +70,7 @@ async fn register_update_deregister() {
 
     // An update without a body keeps the resources.
     let ep3 = reg
-        .update(&ep.reg.id, UpdateParams::default(), addr(2000), addr(5683))
+        .update(&ep.reg.id, UpdateParams::default(), at(2000, 5683))
         .await
         .unwrap();
     assert_eq!(ep3.resources(), ep2.resources());
@@ -79,7 +82,7 @@ async fn register_update_deregister() {
         Err(RegistryError::NotFound(_))
     ));
     assert!(matches!(
-        reg.update(&ep.reg.id, UpdateParams::default(), addr(1), addr(2))
+        reg.update(&ep.reg.id, UpdateParams::default(), at(1, 2))
             .await,
         Err(RegistryError::NotFound(_))
     ));
@@ -89,25 +92,19 @@ async fn register_update_deregister() {
 async fn re_registration_replaces_the_old_one() {
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path(), RegistryConfig::default());
-    let a = reg
-        .register(params("n"), addr(1), addr(5683))
-        .await
-        .unwrap();
-    let b = reg
-        .register(params("n"), addr(2), addr(5683))
-        .await
-        .unwrap();
+    let a = reg.register(params("n"), at(1, 5683)).await.unwrap();
+    let b = reg.register(params("n"), at(2, 5683)).await.unwrap();
     assert_ne!(a.reg.id, b.reg.id);
     assert_eq!(reg.len(), 1);
     assert!(matches!(
-        reg.update(&a.reg.id, UpdateParams::default(), addr(1), addr(2))
+        reg.update(&a.reg.id, UpdateParams::default(), at(1, 2))
             .await,
         Err(RegistryError::NotFound(_))
     ));
     // The same name in another domain is another endpoint.
     let mut p = params("n");
     p.domain = Some("tenant-b".into());
-    reg.register(p, addr(3), addr(5683)).await.unwrap();
+    reg.register(p, at(3, 5683)).await.unwrap();
     assert_eq!(reg.len(), 2);
 }
 
@@ -166,7 +163,7 @@ async fn invalid_registrations_are_refused() {
     for (why, p) in cases {
         assert!(
             matches!(
-                reg.register(p, addr(1), addr(2)).await,
+                reg.register(p, at(1, 2)).await,
                 Err(RegistryError::Invalid(_))
             ),
             "{why}"
@@ -183,14 +180,14 @@ async fn domain_limit() {
         ..Default::default()
     };
     let reg = open(dir.path(), cfg);
-    reg.register(params("a"), addr(1), addr(2)).await.unwrap();
-    reg.register(params("b"), addr(1), addr(2)).await.unwrap();
+    reg.register(params("a"), at(1, 2)).await.unwrap();
+    reg.register(params("b"), at(1, 2)).await.unwrap();
     assert!(matches!(
-        reg.register(params("c"), addr(1), addr(2)).await,
+        reg.register(params("c"), at(1, 2)).await,
         Err(RegistryError::DomainFull { .. })
     ));
     // Re-registering an existing name does not count twice.
-    reg.register(params("a"), addr(1), addr(2)).await.unwrap();
+    reg.register(params("a"), at(1, 2)).await.unwrap();
 }
 
 /// `max_endpoints` caps the registry over all domains, which `d=` lets a device choose.
@@ -212,11 +209,9 @@ async fn total_limit_over_all_domains() {
         ..params(name)
     };
     for d in ["d1", "d2", "d3"] {
-        reg.register(in_domain(d, "x"), addr(1), addr(2))
-            .await
-            .unwrap();
+        reg.register(in_domain(d, "x"), at(1, 2)).await.unwrap();
     }
-    let refused = reg.register(in_domain("d4", "x"), addr(1), addr(2)).await;
+    let refused = reg.register(in_domain("d4", "x"), at(1, 2)).await;
     assert!(
         matches!(refused, Err(RegistryError::Full { max: 3 })),
         "{refused:?}"
@@ -228,9 +223,7 @@ async fn total_limit_over_all_domains() {
         "a refused registration is not counted: refusals naming new domains grow nothing"
     );
     // Re-registering an existing endpoint replaces it, so it is not refused.
-    reg.register(in_domain("d2", "x"), addr(1), addr(3))
-        .await
-        .unwrap();
+    reg.register(in_domain("d2", "x"), at(1, 3)).await.unwrap();
     // A restart with a lower limit keeps every stored registration.
     drop(reg);
     let reg = open(
@@ -242,7 +235,7 @@ async fn total_limit_over_all_domains() {
     );
     assert_eq!(reg.load().await.unwrap(), 3);
     assert!(matches!(
-        reg.register(in_domain("d5", "x"), addr(1), addr(2)).await,
+        reg.register(in_domain("d5", "x"), at(1, 2)).await,
         Err(RegistryError::Full { max: 2 })
     ));
 }
@@ -269,7 +262,7 @@ async fn malformed_registrations_are_not_counted() {
             ..params("x")
         };
         assert!(matches!(
-            reg.register(p, addr(1), addr(2)).await,
+            reg.register(p, at(1, 2)).await,
             Err(RegistryError::Invalid(_))
         ));
         assert_eq!(limits.snapshot(&format!("junk{n}"), 0).transaction_count, 0);
@@ -278,7 +271,7 @@ async fn malformed_registrations_are_not_counted() {
         domain: Some("real".into()),
         ..params("x")
     };
-    reg.register(p, addr(1), addr(2)).await.unwrap();
+    reg.register(p, at(1, 2)).await.unwrap();
     assert_eq!(limits.snapshot("real", 1).transaction_count, 1);
 }
 
@@ -287,8 +280,8 @@ async fn registrations_survive_reopening_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let (id, kept) = {
         let reg = open(dir.path(), RegistryConfig::default());
-        let a = reg.register(params("a"), addr(1), addr(2)).await.unwrap();
-        let b = reg.register(params("b"), addr(1), addr(2)).await.unwrap();
+        let a = reg.register(params("a"), at(1, 2)).await.unwrap();
+        let b = reg.register(params("b"), at(1, 2)).await.unwrap();
         reg.deregister(&b.reg.id).await.unwrap();
         (a.reg.id.clone(), a)
     };
@@ -297,7 +290,7 @@ async fn registrations_survive_reopening_the_store() {
     let a = reg.get("default", "a").unwrap();
     assert_eq!(a.reg, kept.reg);
     assert_eq!(a.resources(), kept.resources());
-    reg.update(&id, UpdateParams::default(), addr(9), addr(2))
+    reg.update(&id, UpdateParams::default(), at(9, 2))
         .await
         .unwrap();
 }
@@ -312,8 +305,7 @@ async fn expiry_removes_due_registrations_only() {
                 lifetime_s: Some(10),
                 ..params("a")
             },
-            addr(1),
-            addr(2),
+            at(1, 2),
         )
         .await
         .unwrap();
@@ -322,8 +314,7 @@ async fn expiry_removes_due_registrations_only() {
             lifetime_s: Some(100),
             ..params("b")
         },
-        addr(1),
-        addr(2),
+        at(1, 2),
     )
     .await
     .unwrap();
@@ -349,8 +340,7 @@ fn endpoint(lwm2m: Option<&str>, links: &str) -> Endpoint {
         binding: "U".into(),
         lwm2m: lwm2m.map(Into::into),
         queue: false,
-        peer: addr(1),
-        local: addr(2),
+        peer: at(1, 2),
         links: links.into(),
         registered_at_ms: 0,
         expires_at_ms: 0,
@@ -424,10 +414,10 @@ async fn remove_by_name_is_a_deregistration_of_that_name_only() {
     let dir = tempfile::tempdir().unwrap();
     let reg = open(dir.path(), RegistryConfig::default());
     let a = reg
-        .register(params("node-a"), addr(1000), addr(5683))
+        .register(params("node-a"), at(1000, 5683))
         .await
         .unwrap();
-    reg.register(params("node-b"), addr(1001), addr(5683))
+    reg.register(params("node-b"), at(1001, 5683))
         .await
         .unwrap();
     assert!(matches!(
@@ -439,7 +429,7 @@ async fn remove_by_name_is_a_deregistration_of_that_name_only() {
     assert!(reg.get("default", "node-a").is_none());
     assert!(reg.get("default", "node-b").is_some());
     assert!(matches!(
-        reg.update(&a.reg.id, UpdateParams::default(), addr(1000), addr(5683))
+        reg.update(&a.reg.id, UpdateParams::default(), at(1000, 5683))
             .await,
         Err(RegistryError::NotFound(_))
     ));

@@ -19,6 +19,7 @@ use coap_lite::{RequestType, ResponseType};
 use crate::auth::Principal;
 use crate::coap::client::{ClientError, CoapReply, ObserveStream, OutRequest};
 use crate::coap::{Transport, content_format};
+use crate::coap_route::{listener_to_coap, to_coap};
 use crate::config::RequestsConfig;
 use crate::events::{Event, Hub, Kind, async_response_body};
 use crate::hashing::Map;
@@ -522,10 +523,13 @@ impl Requests {
             l.take(&who.domain)
                 .map_err(|e| RequestError::OverQuota(e.to_string()))?;
         }
-        if !self.transport.has_socket(ep.reg.local) {
+        if !self
+            .transport
+            .has_listener(&listener_to_coap(ep.reg.peer.listener))
+        {
             return Err(RequestError::Unavailable(format!(
                 "the endpoint registered through {}, which is no longer bound; it must register again",
-                ep.reg.local
+                ep.reg.peer.listener.local
             )));
         }
         if s.no_resp {
@@ -539,7 +543,7 @@ impl Requests {
             req.content_format = s.content_format;
             Counters::inc(&self.counters.device_requests);
             self.transport
-                .send_non(ep.reg.local, ep.reg.peer, &req)
+                .send_non(to_coap(ep.reg.peer), &req)
                 .await
                 .map_err(|e| RequestError::Unavailable(e.to_string()))?;
             return Ok(Submitted::Sent);
@@ -645,17 +649,11 @@ impl Requests {
         if job.method == Method::Observe {
             return self.execute_observe(job, &ep, &mut req).await;
         }
-        let mut answer = self
-            .transport
-            .request(ep.reg.local, ep.reg.peer, &req)
-            .await;
+        let mut answer = self.transport.request(to_coap(ep.reg.peer), &req).await;
         if job.accept_fallback && answer.as_ref().is_ok_and(refuses_accept) {
             req.accept = None;
             Counters::inc(&self.counters.device_requests);
-            answer = self
-                .transport
-                .request(ep.reg.local, ep.reg.peer, &req)
-                .await;
+            answer = self.transport.request(to_coap(ep.reg.peer), &req).await;
         }
         match answer {
             Ok(reply) => {
@@ -714,11 +712,11 @@ impl Requests {
     }
 
     async fn execute_observe(&self, job: &Job, ep: &Endpoint, req: &mut OutRequest) -> Outcome {
-        let mut answer = self.transport.observe(ep.reg.local, ep.reg.peer, req).await;
+        let mut answer = self.transport.observe(to_coap(ep.reg.peer), req).await;
         if job.accept_fallback && answer.as_ref().is_ok_and(|(r, _)| refuses_accept(r)) {
             req.accept = None;
             Counters::inc(&self.counters.device_requests);
-            answer = self.transport.observe(ep.reg.local, ep.reg.peer, req).await;
+            answer = self.transport.observe(to_coap(ep.reg.peer), req).await;
         }
         match answer {
             Ok((reply, stream)) => {
@@ -1122,8 +1120,10 @@ mod tests {
             binding: "U".into(),
             lwm2m: lwm2m.map(Into::into),
             queue: false,
-            peer: "127.0.0.1:1".parse().unwrap(),
-            local: "127.0.0.1:2".parse().unwrap(),
+            peer: crate::peer::PeerRef::udp(
+                "127.0.0.1:2".parse().unwrap(),
+                "127.0.0.1:1".parse().unwrap(),
+            ),
             links: links.into(),
             registered_at_ms: 0,
             expires_at_ms: 0,

@@ -17,10 +17,12 @@ use std::time::Duration;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use tokio::sync::mpsc;
 
-use crate::hashing::Map;
+use crate::Map;
 
-use super::message;
-use super::transport::Transport;
+use crate::listener::Listener;
+use crate::message;
+use crate::peer::{ListenerId, PeerRef};
+use crate::transport::Transport;
 
 /// What arrived for an exchange of ours.
 #[derive(Debug)]
@@ -187,8 +189,8 @@ pub enum ClientError {
     Timeout,
     #[error("the device rejected the request (RST)")]
     Reset,
-    #[error("no socket is bound on {0} any more")]
-    NoSocket(SocketAddr),
+    #[error("no socket is bound on {} any more", .0.local)]
+    NoSocket(ListenerId),
     #[error("the response is larger than coap.max_body ({0} bytes)")]
     TooLarge(usize),
     #[error("cannot encode the request: {0}")]
@@ -236,6 +238,49 @@ fn block_option(p: &Packet, opt: CoapOption) -> Result<Option<Block>, ClientErro
         Some(v) => Block::decode(v)
             .map(Some)
             .ok_or_else(|| ClientError::Block("reserved block size".into())),
+    }
+}
+
+/// The retransmission schedule of one confirmable message (RFC 7252 §4.2) as explicit
+/// deadlines, no timer of its own: after each transmission the caller [`arms`] it and
+/// waits until the deadline it returns; when that passes without an answer, [`expired`]
+/// says whether to transmit again (the timeout doubles) or give up.
+///
+/// [`arms`]: Retransmission::arm
+/// [`expired`]: Retransmission::expired
+#[derive(Debug, Clone)]
+pub struct Retransmission {
+    timeout: Duration,
+    attempts: u32,
+    max_retransmit: u32,
+}
+
+impl Retransmission {
+    /// `random` in [0, 1) picks the initial timeout between ACK_TIMEOUT and ACK_TIMEOUT ×
+    /// ACK_RANDOM_FACTOR.
+    pub fn new(cfg: &ClientConfig, random: f64) -> Retransmission {
+        let factor = 1.0 + random * (cfg.ack_random_factor - 1.0).max(0.0);
+        Retransmission {
+            timeout: cfg.ack_timeout.mul_f64(factor),
+            attempts: 0,
+            max_retransmit: cfg.max_retransmit,
+        }
+    }
+
+    /// The deadline of a transmission made at `now`.
+    pub fn arm(&self, now: std::time::Instant) -> std::time::Instant {
+        now + self.timeout
+    }
+
+    /// The deadline passed: true to transmit again, false when MAX_RETRANSMIT
+    /// retransmissions went unanswered.
+    pub fn expired(&mut self) -> bool {
+        self.attempts += 1;
+        if self.attempts > self.max_retransmit {
+            return false;
+        }
+        self.timeout *= 2;
+        true
     }
 }
 
@@ -318,20 +363,15 @@ impl ObserveCancel {
 }
 
 impl Transport {
-    /// Sends a confirmable request from the socket bound on `local` to `peer` and returns
-    /// the device's response, block-wise transfers included.
-    pub async fn request(
-        &self,
-        local: SocketAddr,
-        peer: SocketAddr,
-        req: &OutRequest,
-    ) -> Result<CoapReply, ClientError> {
+    /// Sends a confirmable request to `peer` through its listener and returns the device's
+    /// response, block-wise transfers included.
+    pub async fn request(&self, peer: PeerRef, req: &OutRequest) -> Result<CoapReply, ClientError> {
         let cfg = self.client_config().clone();
         let first = if req.payload.len() > cfg.block_size {
-            self.send_block1(local, peer, req, &cfg).await?
+            self.send_block1(peer, req, &cfg).await?
         } else {
             let p = self.build(req, MessageType::Confirmable, |_| {});
-            self.exchange(local, peer, p, &cfg).await?
+            self.exchange(peer, p, &cfg).await?
         };
         let mut reply = CoapReply::from_packet(&first);
         // Block2: fetch the rest of a large response (safe methods only).
@@ -350,7 +390,7 @@ impl Transport {
             let p = self.build(&follow, MessageType::Confirmable, |p| {
                 p.add_option(CoapOption::Block2, next.encode());
             });
-            let resp = self.exchange(local, peer, p, &cfg).await?;
+            let resp = self.exchange(peer, p, &cfg).await?;
             let part = CoapReply::from_packet(&resp);
             if part.code != ResponseType::Content {
                 return Ok(part);
@@ -374,8 +414,7 @@ impl Transport {
 
     async fn send_block1(
         &self,
-        local: SocketAddr,
-        peer: SocketAddr,
+        peer: PeerRef,
         req: &OutRequest,
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
@@ -396,7 +435,7 @@ impl Transport {
                     p.add_option(CoapOption::Size1, message::encode_uint(total as u32));
                 }
             });
-            let resp = self.exchange(local, peer, p, cfg).await?;
+            let resp = self.exchange(peer, p, cfg).await?;
             if !more || resp.header.code != MessageClass::Response(ResponseType::Continue) {
                 // The final response, or an error that ends the transfer.
                 return Ok(resp);
@@ -444,18 +483,15 @@ impl Transport {
     }
 
     /// Sends a non-confirmable request and forgets it (`noResp=true`).
-    pub async fn send_non(
-        &self,
-        local: SocketAddr,
-        peer: SocketAddr,
-        req: &OutRequest,
-    ) -> Result<(), ClientError> {
+    pub async fn send_non(&self, peer: PeerRef, req: &OutRequest) -> Result<(), ClientError> {
         let p = self.build(req, MessageType::NonConfirmable, |_| {});
         let bytes = p
             .to_bytes()
             .map_err(|e| ClientError::Encode(format!("{e:?}")))?;
-        let sock = self.socket_for(local).ok_or(ClientError::NoSocket(local))?;
-        sock.send_to(&bytes, peer)
+        let sock = self
+            .listener(&peer.listener)
+            .ok_or(ClientError::NoSocket(peer.listener))?;
+        sock.send(peer.session, &bytes)
             .await
             .map_err(|e| ClientError::Io(e.to_string()))?;
         Ok(())
@@ -465,8 +501,7 @@ impl Transport {
     /// ACK was empty. Returns the response packet.
     async fn exchange(
         &self,
-        local: SocketAddr,
-        peer: SocketAddr,
+        peer: PeerRef,
         packet: Packet,
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
@@ -477,7 +512,7 @@ impl Transport {
             transport: self,
             token,
         };
-        self.transmit(local, peer, &packet, &mut rx, cfg).await
+        self.transmit(peer, &packet, &mut rx, cfg).await
     }
 
     /// Registers an observation (GET with Observe=0) and returns the first response and
@@ -485,8 +520,7 @@ impl Transport {
     /// Observe option (a device that cannot observe answers without one).
     pub async fn observe(
         self: &std::sync::Arc<Self>,
-        local: SocketAddr,
-        peer: SocketAddr,
+        peer: PeerRef,
         req: &OutRequest,
     ) -> Result<(CoapReply, ObserveStream), ClientError> {
         let cfg = self.client_config().clone();
@@ -501,9 +535,7 @@ impl Transport {
             transport: std::sync::Arc::clone(self),
             token,
         };
-        let first = self
-            .transmit(local, peer, &packet, &mut stream.rx, &cfg)
-            .await?;
+        let first = self.transmit(peer, &packet, &mut stream.rx, &cfg).await?;
         Ok((CoapReply::from_packet(&first), stream))
     }
 
@@ -511,13 +543,15 @@ impl Transport {
     /// channel its token routes to.
     async fn transmit(
         &self,
-        local: SocketAddr,
-        peer: SocketAddr,
+        to: PeerRef,
         packet: &Packet,
         rx: &mut mpsc::Receiver<ClientEvent>,
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
-        let sock = self.socket_for(local).ok_or(ClientError::NoSocket(local))?;
+        let sock = self
+            .listener(&to.listener)
+            .ok_or(ClientError::NoSocket(to.listener))?;
+        let peer = to.session;
         let bytes = packet
             .to_bytes()
             .map_err(|e| ClientError::Encode(format!("{e:?}")))?;
@@ -529,21 +563,17 @@ impl Transport {
             transport: self,
             key: (peer, mid),
         };
-        let factor = 1.0 + rand::random::<f64>() * (cfg.ack_random_factor - 1.0).max(0.0);
-        let mut timeout = cfg.ack_timeout.mul_f64(factor);
-        let mut attempts = 0u32;
+        let mut schedule = Retransmission::new(cfg, rand::random::<f64>());
         loop {
-            sock.send_to(&bytes, peer)
+            sock.send(peer, &bytes)
                 .await
                 .map_err(|e| ClientError::Io(e.to_string()))?;
-            let deadline = tokio::time::Instant::now() + timeout;
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
+            let deadline = schedule.arm(std::time::Instant::now());
+            match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
                 Err(_) => {
-                    attempts += 1;
-                    if attempts > cfg.max_retransmit {
+                    if !schedule.expired() {
                         return Err(ClientError::Timeout);
                     }
-                    timeout *= 2;
                 }
                 Ok(None) => return Err(ClientError::Timeout),
                 Ok(Some(ClientEvent::Reset)) => return Err(ClientError::Reset),
@@ -567,9 +597,9 @@ impl Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coap::RequestHandler;
-    use crate::coap::message::{Inbound, Response};
+    use crate::RequestHandler;
     use crate::config::CoapConfig;
+    use crate::message::{Inbound, Response};
     use crate::metrics::Counters;
     use std::future::Future;
     use std::pin::Pin;
@@ -581,7 +611,7 @@ mod tests {
         fn handle(
             &self,
             _: Inbound,
-        ) -> Pin<Box<dyn Future<Output = crate::coap::message::Handled> + Send>> {
+        ) -> Pin<Box<dyn Future<Output = crate::message::Handled> + Send>> {
             Box::pin(async { Response::new(ResponseType::NotFound).into() })
         }
     }
@@ -591,12 +621,12 @@ mod tests {
         local: SocketAddr,
         device: UdpSocket,
         peer: SocketAddr,
-        _stop: crate::shutdown::Trigger,
+        _stop: tokio::sync::watch::Sender<bool>,
     }
 
     async fn setup(cfg: CoapConfig) -> Setup {
         let transport = Transport::bind(&cfg, Arc::new(Counters::default())).unwrap();
-        let (trigger, stop) = crate::shutdown::channel();
+        let (trigger, stop) = tokio::sync::watch::channel(false);
         transport.start(Arc::new(NotFound), stop);
         let local = transport.local_addrs()[0];
         let device = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -652,10 +682,10 @@ mod tests {
     async fn notifications_beyond_the_queue_bound_are_dropped_not_queued() {
         let s = setup(fast()).await;
         let t = Arc::clone(&s.transport);
-        let (local, peer) = (s.local, s.peer);
+        let to = PeerRef::udp(s.local, s.peer);
         let task = tokio::spawn(async move {
             let r = OutRequest::new(RequestType::Get, "/3303/0/5700");
-            t.observe(local, peer, &r).await
+            t.observe(to, &r).await
         });
         let (req, _) = recv(&s.device).await;
         let mut ack = reply_to(
@@ -710,11 +740,11 @@ mod tests {
     async fn piggybacked_response_after_retransmissions() {
         let s = setup(fast()).await;
         let t = Arc::clone(&s.transport);
-        let (local, peer) = (s.local, s.peer);
+        let to = PeerRef::udp(s.local, s.peer);
         let task = tokio::spawn(async move {
             let mut r = OutRequest::new(RequestType::Get, "/3/0/0");
             r.accept = Some(0);
-            t.request(local, peer, &r).await
+            t.request(to, &r).await
         });
         // Ignore the first two transmissions: the third is the same message.
         let (first, from) = recv(&s.device).await;
@@ -751,7 +781,10 @@ mod tests {
         let started = tokio::time::Instant::now();
         let r = s
             .transport
-            .request(s.local, s.peer, &OutRequest::new(RequestType::Get, "/1"))
+            .request(
+                PeerRef::udp(s.local, s.peer),
+                &OutRequest::new(RequestType::Get, "/1"),
+            )
             .await;
         assert_eq!(r, Err(ClientError::Timeout));
         // 1 transmission + 2 retransmissions, timeouts 40 + 80 + 160 ms.
@@ -771,9 +804,9 @@ mod tests {
     async fn reset_ends_the_exchange() {
         let s = setup(fast()).await;
         let t = Arc::clone(&s.transport);
-        let (local, peer) = (s.local, s.peer);
+        let to = PeerRef::udp(s.local, s.peer);
         let task = tokio::spawn(async move {
-            t.request(local, peer, &OutRequest::new(RequestType::Get, "/1"))
+            t.request(to, &OutRequest::new(RequestType::Get, "/1"))
                 .await
         });
         let (req, _) = recv(&s.device).await;
@@ -789,9 +822,9 @@ mod tests {
     async fn separate_con_response_is_acknowledged_and_delivered() {
         let s = setup(fast()).await;
         let t = Arc::clone(&s.transport);
-        let (local, peer) = (s.local, s.peer);
+        let to = PeerRef::udp(s.local, s.peer);
         let task = tokio::spawn(async move {
-            t.request(local, peer, &OutRequest::new(RequestType::Post, "/3/0/4"))
+            t.request(to, &OutRequest::new(RequestType::Post, "/3/0/4"))
                 .await
         });
         let (req, _) = recv(&s.device).await;
@@ -848,9 +881,9 @@ mod tests {
     async fn block2_response_is_assembled() {
         let s = setup(fast()).await;
         let t = Arc::clone(&s.transport);
-        let (local, peer) = (s.local, s.peer);
+        let to = PeerRef::udp(s.local, s.peer);
         let task = tokio::spawn(async move {
-            t.request(local, peer, &OutRequest::new(RequestType::Get, "/5/0/1"))
+            t.request(to, &OutRequest::new(RequestType::Get, "/5/0/1"))
                 .await
         });
         let body: Vec<u8> = (0..40u8).collect();
@@ -889,14 +922,14 @@ mod tests {
         cfg.block_size = 32;
         let s = setup(cfg).await;
         let t = Arc::clone(&s.transport);
-        let (local, peer) = (s.local, s.peer);
+        let to = PeerRef::udp(s.local, s.peer);
         let payload: Vec<u8> = (0..100u8).collect();
         let sent = payload.clone();
         let task = tokio::spawn(async move {
             let mut r = OutRequest::new(RequestType::Put, "/5/0/0");
             r.payload = sent;
             r.content_format = Some(42);
-            t.request(local, peer, &r).await
+            t.request(to, &r).await
         });
         let mut got = Vec::new();
         loop {
@@ -938,6 +971,32 @@ mod tests {
         }
         assert_eq!(got, payload);
         assert_eq!(task.await.unwrap().unwrap().code, ResponseType::Changed);
+    }
+
+    #[test]
+    fn retransmission_deadlines_double_until_max_retransmit() {
+        let cfg = ClientConfig {
+            ack_timeout: Duration::from_millis(2000),
+            ack_random_factor: 1.5,
+            max_retransmit: 4,
+            separate_response_timeout: Duration::from_secs(60),
+            block_size: 1024,
+            max_body: 1 << 20,
+        };
+        let t = std::time::Instant::now();
+        // The random factor: 0 gives ACK_TIMEOUT, 0.5 half way to × 1.5.
+        assert_eq!(
+            Retransmission::new(&cfg, 0.0).arm(t) - t,
+            Duration::from_millis(2000)
+        );
+        let mut r = Retransmission::new(&cfg, 0.5);
+        let mut waits = vec![r.arm(t) - t];
+        while r.expired() {
+            waits.push(r.arm(t) - t);
+        }
+        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+        // 1 transmission + MAX_RETRANSMIT retransmissions, each timeout doubled.
+        assert_eq!(ms, vec![2500, 5000, 10000, 20000, 40000]);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::hashing::Map;
+use crate::Map;
 
 type Key = (SocketAddr, u16);
 

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, Packet, ResponseType};
 
-use crate::hashing::Map;
+use crate::Map;
 
-use super::client::Block;
-use super::message::{self, Response};
+use crate::client::Block;
+use crate::message::{self, Response};
 
 /// The largest request body assembled from blocks (a registration's object list is a few
 /// KiB at most).

@@ -47,10 +47,9 @@ impl RawHeader {
 #[derive(Debug, Clone)]
 pub struct Inbound {
     pub packet: Packet,
-    /// The device's address as seen by us.
-    pub peer: std::net::SocketAddr,
-    /// The local address of the socket that received it (replies go out the same socket).
-    pub local: std::net::SocketAddr,
+    /// Who sent it: the listener that received it and the device's session there
+    /// (requests to the device go back the same way).
+    pub peer: crate::peer::PeerRef,
 }
 
 /// Decodes one datagram strictly.

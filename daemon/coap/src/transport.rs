@@ -1,9 +1,12 @@
-//! UDP sockets and the server side of the RFC 7252 message layer.
+//! The server side of the RFC 7252 message layer over the listeners.
 //!
-//! One receive task per bound socket. Each datagram is decoded strictly; a new request is
-//! recorded in the duplicate cache and handed to the [`RequestHandler`] on its own task
-//! (bounded by `coap.max_in_flight`); the reply is cached and sent from the socket that
-//! received the request, which is what LwM2M clients behind NAT require.
+//! One receive task per listener. Each message goes through `Transport::on_message`, a
+//! synchronous step of the message-layer state (`(bytes, session, now) -> Action`): decoded
+//! strictly, matched against the duplicate cache, the client's open exchanges and the
+//! Block1 assemblies, it becomes nothing, bytes to send back, or a new request for the
+//! [`RequestHandler`], which runs on its own task (bounded by `coap.max_in_flight`). The
+//! receive task does the I/O: the reply is cached and sent through the listener (for UDP:
+//! the socket) that received the request, which is what LwM2M clients behind NAT require.
 
 use std::future::Future;
 use std::io;
@@ -14,16 +17,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, MessageType, ResponseType};
-use tokio::net::UdpSocket;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::block1::{self, Assemblies};
-use super::client::{ClientConfig, ClientState};
-use super::dedup::{Dedup, Seen};
-use super::message::{self, Handled, Inbound, RawHeader, Response};
+use tokio::sync::watch;
+
+use crate::block1::{self, Assemblies};
+use crate::client::{ClientConfig, ClientState};
 use crate::config::CoapConfig;
-use crate::metrics::Counters;
-use crate::shutdown::Shutdown;
+use crate::dedup::{Dedup, Seen};
+use crate::listener::{Listener, Session};
+use crate::message::{self, Handled, Inbound, RawHeader, Response};
+use crate::metrics::{Event, Metrics};
+use crate::peer::{ListenerId, PeerRef};
+use crate::udp::{self, UdpListener};
 
 /// What the transport calls for each new request. A [`Handled`] without a response sends
 /// no reply (only sensible for a NON request); its `after_send` runs once the reply is out.
@@ -31,17 +37,36 @@ pub trait RequestHandler: Send + Sync + 'static {
     fn handle(&self, req: Inbound) -> Pin<Box<dyn Future<Output = Handled> + Send>>;
 }
 
-/// Bound sockets plus message-layer state.
+/// What one message asks of the receive task ([`Transport::on_message`]).
+enum Action {
+    Nothing,
+    /// Send these bytes back to the session the message came from.
+    Reply(Vec<u8>),
+    /// A new request for the handler.
+    Handle(NewRequest),
+}
+
+/// A request that passed the message layer, with what its handling holds.
+struct NewRequest {
+    packet: coap_lite::Packet,
+    /// The Block1 option its response echoes (the last block of a block-wise request).
+    echo: Option<crate::client::Block>,
+    permit: OwnedSemaphorePermit,
+}
+
+/// The listeners plus message-layer state.
 pub struct Transport {
-    sockets: Vec<(SocketAddr, Arc<UdpSocket>)>,
+    /// UDP only for now; the next kinds make this an enum of listeners (see
+    /// [`crate::listener`]).
+    listeners: Vec<Arc<UdpListener>>,
     dedup: Mutex<Dedup>,
     /// Request bodies arriving block-wise (Block1).
     blocks: Mutex<Assemblies>,
     max_datagram: usize,
     in_flight: Arc<Semaphore>,
     next_mid: AtomicU16,
-    counters: Arc<Counters>,
-    /// Exchanges we started (requests to devices), see [`super::client`].
+    metrics: Arc<dyn Metrics>,
+    /// Exchanges we started (requests to devices), see [`crate::client`].
     client: Mutex<ClientState>,
     client_cfg: ClientConfig,
 }
@@ -49,16 +74,17 @@ pub struct Transport {
 impl Transport {
     /// Binds every configured address. A wildcard of an address family the host does not
     /// have is skipped with a warning; any other failure, or no socket at all, is an error.
-    pub fn bind(cfg: &CoapConfig, counters: Arc<Counters>) -> io::Result<Arc<Transport>> {
-        let mut sockets = Vec::new();
+    pub fn bind(cfg: &CoapConfig, metrics: Arc<dyn Metrics>) -> io::Result<Arc<Transport>> {
+        let mut listeners = Vec::new();
         for addr in &cfg.listen {
-            match bind_one(*addr) {
-                Ok(s) => {
-                    let local = s.local_addr()?;
-                    tracing::info!("CoAP listening on udp://{local}");
-                    sockets.push((local, Arc::new(s)));
+            match UdpListener::bind(*addr) {
+                Ok(l) => {
+                    tracing::info!("CoAP listening on udp://{}", l.id().local);
+                    listeners.push(Arc::new(l));
                 }
-                Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() && family_missing(&e) => {
+                Err(e)
+                    if addr.is_ipv6() && addr.ip().is_unspecified() && udp::family_missing(&e) =>
+                {
                     tracing::warn!("CoAP: skipping {addr}: IPv6 is not available here ({e})");
                 }
                 Err(e) => {
@@ -69,11 +95,11 @@ impl Transport {
                 }
             }
         }
-        if sockets.is_empty() {
+        if listeners.is_empty() {
             return Err(io::Error::other("no CoAP socket could be bound"));
         }
         Ok(Arc::new(Transport {
-            sockets,
+            listeners,
             dedup: Mutex::new(Dedup::new(
                 Duration::from_secs(cfg.exchange_lifetime_s),
                 cfg.dedup_capacity,
@@ -82,7 +108,7 @@ impl Transport {
             max_datagram: cfg.max_datagram,
             in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
             next_mid: AtomicU16::new(rand::random()),
-            counters,
+            metrics,
             client: Mutex::new(ClientState::default()),
             client_cfg: ClientConfig {
                 ack_timeout: Duration::from_millis(cfg.ack_timeout_ms),
@@ -97,20 +123,23 @@ impl Transport {
 
     /// The addresses actually bound (port 0 resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.sockets.iter().map(|(a, _)| *a).collect()
+        self.listeners.iter().map(|l| l.id().local).collect()
     }
 
-    /// The socket bound on `local`, if it is still one of ours.
-    pub fn socket_for(&self, local: SocketAddr) -> Option<Arc<UdpSocket>> {
-        self.sockets
-            .iter()
-            .find(|(a, _)| *a == local)
-            .map(|(_, s)| Arc::clone(s))
+    /// The listeners, in the order of `coap.listen`.
+    pub fn listeners(&self) -> Vec<ListenerId> {
+        self.listeners.iter().map(|l| l.id()).collect()
     }
 
-    /// True when `local` is one of the bound sockets.
-    pub fn has_socket(&self, local: SocketAddr) -> bool {
-        self.sockets.iter().any(|(a, _)| *a == local)
+    /// The listener named `id`, if it is still one of ours.
+    pub(crate) fn listener(&self, id: &ListenerId) -> Option<&UdpListener> {
+        self.listeners.iter().find(|l| l.id() == *id).map(|l| &**l)
+    }
+
+    /// True when `listener` is one of ours: a device that registered through a listener
+    /// no longer configured cannot be reached.
+    pub fn has_listener(&self, listener: &ListenerId) -> bool {
+        self.listener(listener).is_some()
     }
 
     pub fn client_config(&self) -> &ClientConfig {
@@ -137,73 +166,85 @@ impl Transport {
         self.next_mid.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Starts one receive task per socket; they end when `shutdown` fires.
+    /// Starts one receive task per socket; they end when `stop` turns true (or its sender
+    /// is dropped).
     pub fn start(
         self: &Arc<Self>,
         handler: Arc<dyn RequestHandler>,
-        shutdown: Shutdown,
+        stop: watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        (0..self.sockets.len())
-            .map(|i| {
+        self.listeners
+            .iter()
+            .map(|l| {
                 let t = Arc::clone(self);
+                let l = Arc::clone(l);
                 let h = Arc::clone(&handler);
-                let sd = shutdown.clone();
-                tokio::spawn(async move { t.receive_loop(i, h, sd).await })
+                let sd = stop.clone();
+                tokio::spawn(async move { t.receive_loop(l, h, sd).await })
             })
             .collect()
     }
 
-    async fn receive_loop(
+    async fn receive_loop<L: Listener>(
         self: Arc<Self>,
-        index: usize,
+        listener: Arc<L>,
         handler: Arc<dyn RequestHandler>,
-        mut shutdown: Shutdown,
+        mut stop: watch::Receiver<bool>,
     ) {
-        let (local, socket) = self.sockets[index].clone();
+        let id = listener.id();
         // One byte more than the limit, so that an oversize datagram is seen as such
         // instead of being silently truncated.
         let mut buf = vec![0u8; self.max_datagram + 1];
         loop {
             let (len, peer) = tokio::select! {
-                _ = shutdown.recv() => return,
-                r = socket.recv_from(&mut buf) => match r {
+                _ = stop.wait_for(|stop| *stop) => return,
+                r = listener.recv(&mut buf) => match r {
                     Ok(x) => x,
                     Err(e) => {
                         // ICMP errors from earlier sends surface here on Linux; not fatal.
-                        tracing::debug!("CoAP recv on {local}: {e}");
+                        tracing::debug!("CoAP recv on {}: {e}", id.local);
                         continue;
                     }
                 },
             };
-            Counters::inc(&self.counters.coap_datagrams);
+            self.metrics.count(Event::Datagram);
             if len > self.max_datagram {
-                Counters::inc(&self.counters.coap_oversize);
+                self.metrics.count(Event::Oversize);
                 tracing::debug!(%peer, "dropping datagram over coap.max_datagram ({} bytes)", self.max_datagram);
                 continue;
             }
-            self.on_datagram(&buf[..len], peer, local, &socket, &handler)
-                .await;
+            let session = Session {
+                listener: &*listener,
+                key: peer,
+            };
+            match self.on_message(&buf[..len], peer, Instant::now()) {
+                Action::Nothing => {}
+                Action::Reply(bytes) => session.send(&bytes).await,
+                Action::Handle(req) => self.handle(
+                    req,
+                    PeerRef {
+                        listener: id,
+                        session: peer,
+                    },
+                    &listener,
+                    &handler,
+                ),
+            }
         }
     }
 
-    async fn on_datagram(
-        self: &Arc<Self>,
-        buf: &[u8],
-        peer: SocketAddr,
-        local: SocketAddr,
-        socket: &Arc<UdpSocket>,
-        handler: &Arc<dyn RequestHandler>,
-    ) {
+    /// One message through the message-layer state: no I/O, `now` given.
+    fn on_message(&self, buf: &[u8], peer: SocketAddr, now: Instant) -> Action {
         let packet = match message::decode(buf) {
             Ok(p) => p,
             Err(e) => {
-                Counters::inc(&self.counters.coap_malformed);
+                self.metrics.count(Event::Malformed);
                 tracing::debug!(%peer, "malformed CoAP datagram: {e}");
                 // A confirmable message we cannot parse is rejected with RST (§4.2).
-                if let Some(h) = RawHeader::read(buf).filter(|h| h.version == 1 && h.confirmable) {
-                    send(socket, &message::reset(h.message_id), peer).await;
-                }
-                return;
+                return match RawHeader::read(buf).filter(|h| h.version == 1 && h.confirmable) {
+                    Some(h) => Action::Reply(message::reset(h.message_id)),
+                    None => Action::Nothing,
+                };
             }
         };
         let mtype = packet.header.get_type();
@@ -212,46 +253,41 @@ impl Transport {
             (MessageClass::Request(_), MessageType::Confirmable | MessageType::NonConfirmable) => {}
             (MessageClass::Empty, MessageType::Confirmable) => {
                 // CoAP ping (§4.3): answer with RST.
-                send(socket, &message::reset(mid), peer).await;
-                return;
+                return Action::Reply(message::reset(mid));
             }
             (
                 MessageClass::Empty | MessageClass::Response(_),
                 MessageType::Acknowledgement | MessageType::Reset,
             ) => {
                 if !self.lock_client().on_ack_or_reset(peer, packet) {
-                    Counters::inc(&self.counters.coap_unexpected);
+                    self.metrics.count(Event::Unexpected);
                 }
-                return;
+                return Action::Nothing;
             }
             (MessageClass::Response(_), MessageType::Confirmable | MessageType::NonConfirmable) => {
-                self.on_separate_response(packet, peer, socket).await;
-                return;
+                return self.on_separate_response(packet, peer, now);
             }
             _ => {
-                Counters::inc(&self.counters.coap_unexpected);
+                self.metrics.count(Event::Unexpected);
                 tracing::debug!(%peer, "ignoring unexpected {:?} {}", mtype, packet.header.code);
-                if mtype == MessageType::Confirmable {
-                    // A confirmable message we cannot process: reject it (§4.2).
-                    send(socket, &message::reset(mid), peer).await;
-                }
-                return;
+                // A confirmable message we cannot process: reject it (§4.2).
+                return match mtype {
+                    MessageType::Confirmable => Action::Reply(message::reset(mid)),
+                    _ => Action::Nothing,
+                };
             }
         }
 
-        let seen = self.lock_dedup().check(peer, mid, Instant::now());
+        let seen = self.lock_dedup().check(peer, mid, now);
         match seen {
             Seen::New => {}
             Seen::InProgress => {
-                Counters::inc(&self.counters.coap_duplicates);
-                return;
+                self.metrics.count(Event::Duplicate);
+                return Action::Nothing;
             }
             Seen::Answered(reply) => {
-                Counters::inc(&self.counters.coap_duplicates);
-                if let Some(bytes) = reply {
-                    send(socket, &bytes, peer).await;
-                }
-                return;
+                self.metrics.count(Event::Duplicate);
+                return reply.map_or(Action::Nothing, Action::Reply);
             }
         }
         // Options the daemon cannot honour (RFC 7252 §5.4.1), proxying, non-UTF-8 names:
@@ -264,23 +300,18 @@ impl Transport {
                 self.encode_response(refusal.response, &packet, peer)
             };
             self.lock_dedup().complete(peer, mid, bytes.clone());
-            if let Some(b) = bytes {
-                send(socket, &b, peer).await;
-            }
-            return;
+            return bytes.map_or(Action::Nothing, Action::Reply);
         }
         // The permit first: a last block dropped for want of one would otherwise have
         // taken its transfer with it, and the device's retransmission would get 4.08.
         let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
-            Counters::inc(&self.counters.coap_busy_drops);
+            self.metrics.count(Event::BusyDrop);
             self.lock_dedup().forget(peer, mid);
             tracing::debug!(%peer, "dropping request: coap.max_in_flight reached");
-            return;
+            return Action::Nothing;
         };
         let mut packet = packet;
-        let step = self
-            .lock_blocks()
-            .on_request(peer, &mut packet, Instant::now());
+        let step = self.lock_blocks().on_request(peer, &mut packet, now);
         let echo = match step {
             block1::Step::Handle(echo) => echo,
             block1::Step::Answer(r) => {
@@ -288,20 +319,38 @@ impl Transport {
                 drop(permit);
                 let bytes = self.encode_response(r, &packet, peer);
                 self.lock_dedup().complete(peer, mid, bytes.clone());
-                if let Some(b) = bytes {
-                    send(socket, &b, peer).await;
-                }
-                return;
+                return bytes.map_or(Action::Nothing, Action::Reply);
             }
         };
+        Action::Handle(NewRequest {
+            packet,
+            echo,
+            permit,
+        })
+    }
 
+    /// Runs the handler of a new request on its own task, then caches and sends its reply
+    /// through `listener`.
+    fn handle<L: Listener>(
+        self: &Arc<Self>,
+        req: NewRequest,
+        from: PeerRef,
+        listener: &Arc<L>,
+        handler: &Arc<dyn RequestHandler>,
+    ) {
+        let NewRequest {
+            packet,
+            echo,
+            permit,
+        } = req;
+        let peer = from.session;
+        let mid = packet.header.message_id;
         let this = Arc::clone(self);
-        let socket = Arc::clone(socket);
+        let listener = Arc::clone(listener);
         let started = std::time::Instant::now();
         let fut = handler.handle(Inbound {
             packet: packet.clone(),
-            peer,
-            local,
+            peer: from,
         });
         tokio::spawn(async move {
             let _permit = permit;
@@ -317,7 +366,7 @@ impl Transport {
                     Response::diagnostic(ResponseType::InternalServerError, "internal error").into()
                 }
             };
-            this.counters.coap_latency.observe(started.elapsed());
+            this.metrics.request_latency(started.elapsed());
             let bytes = response.and_then(|mut r| {
                 // The last block of a block-wise request: its response echoes its Block1.
                 if let Some(b) = echo {
@@ -327,7 +376,11 @@ impl Transport {
             });
             this.lock_dedup().complete(peer, mid, bytes.clone());
             if let Some(b) = bytes {
-                send(&socket, &b, peer).await;
+                let session = Session {
+                    listener: &*listener,
+                    key: peer,
+                };
+                session.send(&b).await;
             }
             if let Some(f) = after_send {
                 f();
@@ -339,47 +392,42 @@ impl Transport {
     /// A CON one is acknowledged (and a retransmission of it acknowledged again from the
     /// duplicate cache); one whose token we do not know is rejected with RST, which also
     /// cancels a stale observation (RFC 7641 §3.6).
-    async fn on_separate_response(
+    fn on_separate_response(
         &self,
         packet: coap_lite::Packet,
         peer: SocketAddr,
-        socket: &Arc<UdpSocket>,
-    ) {
+        now: Instant,
+    ) -> Action {
         let mid = packet.header.message_id;
         let con = packet.header.get_type() == MessageType::Confirmable;
         if con {
-            let seen = self.lock_dedup().check(peer, mid, Instant::now());
+            let seen = self.lock_dedup().check(peer, mid, now);
             match seen {
                 Seen::New => {}
-                Seen::InProgress => return,
+                Seen::InProgress => return Action::Nothing,
                 Seen::Answered(reply) => {
-                    Counters::inc(&self.counters.coap_duplicates);
-                    if let Some(bytes) = reply {
-                        send(socket, &bytes, peer).await;
-                    }
-                    return;
+                    self.metrics.count(Event::Duplicate);
+                    return reply.map_or(Action::Nothing, Action::Reply);
                 }
             }
         }
         let routed = self.lock_client().on_response(packet);
         let reply = match routed {
-            super::client::Routed::Delivered => con.then(|| message::empty_ack(mid)),
+            crate::client::Routed::Delivered => con.then(|| message::empty_ack(mid)),
             // Still acknowledged: the observation goes on, only this value is skipped.
-            super::client::Routed::Dropped => {
-                Counters::inc(&self.counters.coap_responses_dropped);
+            crate::client::Routed::Dropped => {
+                self.metrics.count(Event::ResponseDropped);
                 con.then(|| message::empty_ack(mid))
             }
-            super::client::Routed::Unknown => {
-                Counters::inc(&self.counters.coap_unexpected);
+            crate::client::Routed::Unknown => {
+                self.metrics.count(Event::Unexpected);
                 Some(message::reset(mid))
             }
         };
         if con {
             self.lock_dedup().complete(peer, mid, reply.clone());
         }
-        if let Some(bytes) = reply {
-            send(socket, &bytes, peer).await;
-        }
+        reply.map_or(Action::Nothing, Action::Reply)
     }
 
     /// Encodes a response to `request` (piggybacked on the ACK of a CON request).
@@ -390,7 +438,7 @@ impl Transport {
         peer: SocketAddr,
     ) -> Option<Vec<u8>> {
         if r.code.is_error() {
-            Counters::inc(&self.counters.coap_error_responses);
+            self.metrics.count(Event::ErrorResponse);
         }
         match r.into_packet(request, || self.next_message_id()).to_bytes() {
             Ok(b) => Some(b),
@@ -418,28 +466,83 @@ impl Transport {
     }
 }
 
-async fn send(socket: &UdpSocket, bytes: &[u8], peer: SocketAddr) {
-    if let Err(e) = socket.send_to(bytes, peer).await {
-        tracing::debug!(%peer, "CoAP send failed: {e}");
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coap_lite::{Packet, RequestType};
 
-/// True for the errors of a host without IPv6 (Linux EAFNOSUPPORT, EADDRNOTAVAIL).
-fn family_missing(e: &io::Error) -> bool {
-    const EAFNOSUPPORT: i32 = 97;
-    const EADDRNOTAVAIL: i32 = 99;
-    matches!(e.raw_os_error(), Some(EAFNOSUPPORT | EADDRNOTAVAIL))
-}
+    use crate::metrics::Counters;
 
-fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
+    fn transport() -> (Arc<Transport>, Arc<Counters>) {
+        let cfg = CoapConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            max_in_flight: 1,
+            ..CoapConfig::default()
+        };
+        let counters = Arc::new(Counters::default());
+        let t = Transport::bind(&cfg, counters.clone()).unwrap();
+        (t, counters)
     }
-    // A larger receive buffer absorbs bursts of registrations; the kernel caps it.
-    let _ = socket.set_recv_buffer_size(4 << 20);
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
+
+    fn request(mid: u16) -> Vec<u8> {
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(RequestType::Post);
+        p.header.message_id = mid;
+        p.set_token(vec![1]);
+        p.add_option(CoapOption::UriPath, b"rd".to_vec());
+        p.to_bytes().unwrap()
+    }
+
+    fn reply(a: Action) -> Option<Packet> {
+        match a {
+            Action::Reply(b) => Some(Packet::from_bytes(&b).unwrap()),
+            Action::Nothing => None,
+            Action::Handle(_) => panic!("handled"),
+        }
+    }
+
+    /// The message layer as a function of (bytes, session, now): no socket is touched.
+    #[tokio::test]
+    async fn the_message_layer_steps_without_io() {
+        let (t, counters) = transport();
+        let peer = SocketAddr::from(([192, 0, 2, 1], 56830));
+        let now = Instant::now();
+        // A CoAP ping is answered with RST.
+        let ping = [0x40, 0, 0x12, 0x34];
+        let rst = reply(t.on_message(&ping, peer, now)).expect("RST");
+        assert_eq!(
+            (rst.header.get_type(), rst.header.message_id),
+            (MessageType::Reset, 0x1234)
+        );
+        // A new request goes to the handler, holding the only in-flight permit; its
+        // duplicate is dropped while it runs.
+        let Action::Handle(first) = t.on_message(&request(7), peer, now) else {
+            panic!("not handled");
+        };
+        assert!(reply(t.on_message(&request(7), peer, now)).is_none());
+        assert_eq!(counters.get(Event::Duplicate), 1);
+        // Another request finds no permit: dropped and forgotten, so its retransmission
+        // is handled once the first is done.
+        assert!(reply(t.on_message(&request(8), peer, now)).is_none());
+        assert_eq!(counters.get(Event::BusyDrop), 1);
+        t.lock_dedup()
+            .complete(peer, 7, Some(vec![0x60, 0x44, 0, 7]));
+        drop(first);
+        assert_eq!(
+            reply(t.on_message(&request(7), peer, now)).map(|p| p.header.message_id),
+            Some(7),
+            "the duplicate gets the cached reply"
+        );
+        assert!(matches!(
+            t.on_message(&request(8), peer, now),
+            Action::Handle(_)
+        ));
+        // The cache forgets after EXCHANGE_LIFETIME: the same id is a new request.
+        let later = now + Duration::from_secs(CoapConfig::default().exchange_lifetime_s);
+        assert!(matches!(
+            t.on_message(&request(7), peer, later),
+            Action::Handle(_)
+        ));
+    }
 }

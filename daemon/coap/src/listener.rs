@@ -1,0 +1,73 @@
+//! The transport seam: a [`Listener`] receives messages from many peers and sends to one;
+//! a [`Session`] is one peer on one listener.
+//!
+//! A listener yields `(message, session)` pairs and sends a message to a session; how it
+//! frames messages and tells sessions apart is its own business. UDP ([`crate::udp`]):
+//! one datagram is one message and the session is the peer's address. DTLS, TCP and TLS
+//! (RFC 8323) fit the same shape: a stream listener accepts connections, reads framed
+//! messages from each, and yields them with the connection's peer address as session.
+//!
+//! Reliability is not the listener's: the message layer ([`crate::transport`]) applies
+//! CON/ACK, retransmission and the duplicate cache to unreliable listeners
+//! ([`ListenerKind::unreliable`]). A reliable listener (TCP, TLS) will carry requests and
+//! responses without message ids or ACKs, with its signalling messages (CSM, Ping/Pong,
+//! Release, Abort) handled inside the listener; callers of [`crate::Transport::request`]
+//! and implementors of [`crate::RequestHandler`] do not change.
+//!
+//! The methods return `impl Future` (no boxing: a message costs no allocation here), so a
+//! listener is used through a concrete type or an enum of the kinds, not `dyn Listener`.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+
+use crate::peer::{ListenerId, ListenerKind, PeerRef};
+
+pub trait Listener: Send + Sync + 'static {
+    /// This listener's name (`udp:[::]:5683`).
+    fn id(&self) -> ListenerId;
+
+    fn kind(&self) -> ListenerKind {
+        self.id().kind
+    }
+
+    /// The next message into `buf` and the session it came from. A message longer than
+    /// `buf` is reported with its full length (at least `buf.len()`), so that the caller
+    /// can drop it as oversize; its bytes are cut. Errors are per message (an ICMP error
+    /// surfacing on a UDP socket), not the end of the listener.
+    fn recv<'a>(
+        &'a self,
+        buf: &'a mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send + 'a;
+
+    /// Sends one message to `session`.
+    fn send<'a>(
+        &'a self,
+        session: SocketAddr,
+        bytes: &'a [u8],
+    ) -> impl Future<Output = io::Result<()>> + Send + 'a;
+}
+
+/// One peer on one listener: what a message came from and what a reply goes to.
+#[derive(Debug)]
+pub struct Session<'a, L: Listener> {
+    pub listener: &'a L,
+    pub key: SocketAddr,
+}
+
+impl<L: Listener> Session<'_, L> {
+    pub fn peer(&self) -> PeerRef {
+        PeerRef {
+            listener: self.listener.id(),
+            session: self.key,
+        }
+    }
+
+    /// Sends one message; a failure is logged (the peer retransmits, or the exchange
+    /// times out), as a lost datagram would be.
+    pub async fn send(&self, bytes: &[u8]) {
+        if let Err(e) = self.listener.send(self.key, bytes).await {
+            tracing::debug!(peer = %self.key, "CoAP send failed: {e}");
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! What the CoAP layer counts, reported to its host through [`Metrics`].
+//!
+//! The host (the daemon's metrics) implements the trait and renders the figures; this
+//! crate only says what happened. Hot-path cost: one dynamic call per event.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Something the message layer counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A datagram was received.
+    Datagram,
+    /// A datagram was not a valid CoAP message.
+    Malformed,
+    /// A datagram was larger than `coap.max_datagram` and dropped.
+    Oversize,
+    /// A retransmitted message was answered from the duplicate cache or dropped.
+    Duplicate,
+    /// A request was dropped because `coap.max_in_flight` requests were being handled.
+    BusyDrop,
+    /// A notification or separate response was dropped at its exchange's queue bound.
+    ResponseDropped,
+    /// A message matched no exchange (stray response, ACK, RST).
+    Unexpected,
+    /// A request was answered with a 4.xx or 5.xx code.
+    ErrorResponse,
+}
+
+/// The host's counters, as the message layer reports to them.
+pub trait Metrics: Send + Sync + 'static {
+    fn count(&self, event: Event);
+    /// Time to answer one request from a device, handler included.
+    fn request_latency(&self, elapsed: Duration);
+}
+
+/// A plain implementation: one atomic per [`Event`] (tests, embedders without metrics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    events: [AtomicU64; 8],
+    requests: AtomicU64,
+}
+
+impl Counters {
+    pub fn get(&self, event: Event) -> u64 {
+        self.events[event as usize].load(Ordering::Relaxed)
+    }
+
+    /// Requests whose latency was reported.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+impl Metrics for Counters {
+    fn count(&self, event: Event) {
+        self.events[event as usize].fetch_add(1, Ordering::Relaxed);
+    }
+    fn request_latency(&self, _: Duration) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+}
