@@ -208,9 +208,12 @@ pub async fn run(
         host: Arc::clone(&plugins),
         name: config.plugins.sink.clone(),
     };
+    // Callbacks go to a sink by their URL's scheme; the `[plugins] sink` takes every
+    // scheme no other sink claims (today: all of them; it answers http and https).
+    let sinks = crate::events::SchemeRouter::new(Arc::new(sink));
     let hub = Hub::load(
         Arc::clone(&store),
-        Arc::new(sink),
+        Arc::new(sinks),
         n.clone(),
         Arc::clone(&counters),
         stop.clone(),

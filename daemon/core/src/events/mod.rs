@@ -183,7 +183,8 @@ pub enum Delivery {
 }
 
 /// Where events for keys are delivered when a key has a callback. Implemented by
-/// `plugins::PluginSink`, which hands each batch to the configured sink plugin.
+/// `plugins::PluginSink`, which hands each batch to the configured sink plugin, and by
+/// [`SchemeRouter`], which picks a sink by the callback URL's scheme.
 pub trait Sink: Send + Sync + 'static {
     /// The check made when a callback is registered (`Err` is shown to the client).
     fn verify<'a>(
@@ -198,9 +199,114 @@ pub trait Sink: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>>;
 }
 
+/// The hub's sink: routes each callback to the sink registered for its URL's scheme
+/// (`mqtt` in `mqtt://broker/topic`, compared without case), or to the default sink (the
+/// `[plugins] sink`, which answers for `http`/`https` and refuses what it does not know).
+/// A second kind of sink is one [`Sink`] implementation and one [`SchemeRouter::route`]
+/// at start-up (ARCHITECTURE.md, "Extending").
+pub struct SchemeRouter {
+    /// (scheme in lower case, sink), few: searched in order.
+    routes: Vec<(String, std::sync::Arc<dyn Sink>)>,
+    default: std::sync::Arc<dyn Sink>,
+}
+
+impl SchemeRouter {
+    pub fn new(default: std::sync::Arc<dyn Sink>) -> SchemeRouter {
+        SchemeRouter {
+            routes: Vec::new(),
+            default,
+        }
+    }
+
+    /// Callbacks whose URL has this scheme go to `sink` (a later route for the same scheme
+    /// replaces an earlier one).
+    pub fn route(mut self, scheme: &str, sink: std::sync::Arc<dyn Sink>) -> SchemeRouter {
+        let scheme = scheme.to_ascii_lowercase();
+        self.routes.retain(|(s, _)| *s != scheme);
+        self.routes.push((scheme, sink));
+        self
+    }
+
+    fn sink_for(&self, target: &CallbackTarget) -> &dyn Sink {
+        let scheme = target.url.split_once(':').map(|(s, _)| s);
+        scheme
+            .and_then(|s| self.routes.iter().find(|(r, _)| r.eq_ignore_ascii_case(s)))
+            .map_or(&*self.default, |(_, sink)| &**sink)
+    }
+}
+
+impl Sink for SchemeRouter {
+    fn verify<'a>(
+        &'a self,
+        target: &'a CallbackTarget,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        self.sink_for(target).verify(target)
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        target: &'a CallbackTarget,
+        body: Bytes,
+    ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
+        self.sink_for(target).deliver(target, body)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sink that answers with its name.
+    struct Named(&'static str);
+
+    impl Sink for Named {
+        fn verify<'a>(
+            &'a self,
+            _: &'a CallbackTarget,
+        ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+            Box::pin(async move { Err(self.0.to_string()) })
+        }
+
+        fn deliver<'a>(
+            &'a self,
+            _: &'a CallbackTarget,
+            _: Bytes,
+        ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
+            Box::pin(async move { Delivery::Refused(self.0.to_string()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn callbacks_go_to_the_sink_of_their_scheme_or_to_the_default() {
+        let router = SchemeRouter::new(std::sync::Arc::new(Named("default")))
+            .route("mqtt", std::sync::Arc::new(Named("old mqtt")))
+            .route("MQTT", std::sync::Arc::new(Named("mqtt")))
+            .route("ws", std::sync::Arc::new(Named("ws")));
+        let to = |url: &str| CallbackTarget {
+            url: url.into(),
+            headers: Default::default(),
+        };
+        for (url, want) in [
+            ("mqtt://127.0.0.1:1883/t", "mqtt"),
+            ("Mqtt://127.0.0.1/t", "mqtt"),
+            ("ws://127.0.0.1/", "ws"),
+            ("http://127.0.0.1/", "default"),
+            ("https://127.0.0.1/", "default"),
+            ("mqtts://127.0.0.1/", "default"),
+            ("no scheme at all", "default"),
+        ] {
+            assert_eq!(
+                router.verify(&to(url)).await,
+                Err(want.to_string()),
+                "{url}"
+            );
+            assert_eq!(
+                router.deliver(&to(url), Bytes::new()).await,
+                Delivery::Refused(want.to_string()),
+                "{url}"
+            );
+        }
+    }
 
     #[test]
     fn batches_group_by_type_in_order() {
