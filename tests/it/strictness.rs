@@ -3,7 +3,7 @@
 //! half-understood; and the HTTP errors hyper answers on its own (a request it cannot parse,
 //! a head too large) carry the documented JSON error body like every other REST error.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

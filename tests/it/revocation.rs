@@ -4,7 +4,7 @@
 //! never with a scope, domain or restriction beyond their own; a revoked key's callback
 //! stops receiving events.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! whatever the umask, and a directory or secret open to group or others is tightened at
 //! start, with a warning naming each path and its old mode.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;

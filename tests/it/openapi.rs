@@ -2,7 +2,7 @@
 //! serves: the core router's table and the built-in plugins' routes; and the daemon
 //! serves the document itself.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -21,7 +21,7 @@
 //! Afterwards the daemon must still answer REST and a new in-quota registration. No
 //! timing assertions: memory bounds and behaviour only.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};

@@ -3,7 +3,7 @@
 //! reads of a file are no change, and a plugin file that failed is tried again only when
 //! it changes again.
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};

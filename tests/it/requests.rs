@@ -2,7 +2,7 @@
 //! CoAP exchange with a device on a real UDP socket, and the async response on the
 //! notification channel.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

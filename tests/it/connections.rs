@@ -6,7 +6,7 @@
 //! a client on another address keeps being served. A connection that sends nothing at all
 //! is closed after a few seconds, not `rest.client_timeout_s`.
 
-mod support;
+use crate::support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,6 +1,6 @@
 //! End-to-end tests of subscriptions (observe), pre-subscriptions and Lua rules.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! get a 5xx answer. Bounded: a fixed seed, a fixed number of examples per operation, and
 //! a time limit.
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! loaded, called, rebuilt and reloaded under load; built-in plugins (the connector auth
 //! backend and its `POST /api/api_tokens`).
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! End-to-end tests of `GET /metrics`: the series an operator needs (queues, latencies,
 //! build) move with real traffic, and a key with only `metrics:read` may scrape them.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

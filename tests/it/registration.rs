@@ -1,7 +1,7 @@
 //! End-to-end tests of the LwM2M registration interface and the endpoint directory,
 //! against the real binary over real UDP and HTTP, with a real SQLite state file.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Duration;

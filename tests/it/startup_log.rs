@@ -3,7 +3,7 @@
 //! that fails saying each cause once. Also: no colour codes from `connectord simulate`
 //! when its output is not a terminal (item 9).
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;

@@ -1,4 +1,4 @@
-mod support;
+use crate::support;
 
 // End-to-end test of the device simulator: 50 simulated devices, run in-process with
 // `connectord::simulate::run`, against the real daemon; reads, writes, a subscription

@@ -18,7 +18,7 @@
 //! `CARGO_PROFILE_RELEASE_*` variables so that it fits in a few minutes on two cores
 //! (`CONNECTORD_PACKAGE_TEST_FULL_RELEASE=1` keeps the real release profile).
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read};
@@ -485,13 +485,6 @@ impl Running {
         }
     }
 
-    fn addr(&mut self, prefix: &str) -> std::net::SocketAddr {
-        let line = self.wait_log(prefix, Duration::from_secs(10));
-        let addr = line.split(prefix).nth(1).unwrap().trim();
-        addr.parse()
-            .unwrap_or_else(|e| panic!("{addr:?} in {line:?}: {e}"))
-    }
-
     fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([&format!("-{sig}"), &self.child.id().to_string()])
@@ -920,9 +913,12 @@ fn debian_package() {
     )
     .unwrap();
     let state = PathBuf::from(STATE_DIR);
+    let ready = work.path().join("ready.json");
     let mut child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready)
         .current_dir(work.path())
         .env_remove("STATE_DIRECTORY")
         .env_remove("NOTIFY_SOCKET")
@@ -946,8 +942,9 @@ fn debian_package() {
         &format!("connectord {} ready", env!("CARGO_PKG_VERSION")),
         Duration::from_secs(30),
     );
-    let rest = daemon.addr("REST API listening on http://");
-    let coap = daemon.addr("CoAP listening on udp://");
+    // The ready file was written just before that line.
+    let ready = support::Ready::read(&ready).unwrap();
+    let (rest, coap) = (ready.rest[0], ready.coap[0]);
     // The packaged configuration enables the connector backend and the webhook sink: those
     // files are started, once (no built-in of their name first); the other backends are
     // not started at all (no keys made or announced for them).

@@ -4,7 +4,7 @@
 //! Location-Path of a create, subscriptions after de-registration, `ver=` and `ct=`.
 //! The device is a scripted CoAP peer on a real UDP socket (`support::coap::Device`).
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

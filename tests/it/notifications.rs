@@ -2,7 +2,7 @@
 //! callbacks to a real HTTP receiver, the registration event types, durability across
 //! `kill -9`, retry of a callback that is down, and the discard window.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

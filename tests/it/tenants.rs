@@ -1,6 +1,6 @@
 //! End-to-end tests of domains (tenants) and traffic limits.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -8,7 +8,7 @@
 //! The read-only and full file system cases mount a small tmpfs over the state directory,
 //! which needs root (CI runs as root); they are skipped with a notice otherwise.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -72,9 +72,13 @@ struct Started {
 
 impl Started {
     fn new(config: &Path, args: &[&str]) -> Started {
+        let ready = config.with_file_name("ready.json");
+        let _ = std::fs::remove_file(&ready);
         let mut child = Command::new(support::BIN)
             .args(["run", "--config"])
             .arg(config)
+            .arg("--ready-file")
+            .arg(&ready)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -93,14 +97,10 @@ impl Started {
         let deadline = Instant::now() + WAIT;
         loop {
             let lines = logs.lock().unwrap().clone();
-            if lines.iter().any(|l| l.ends_with(" ready")) {
-                let rest = lines
-                    .iter()
-                    .find_map(|l| l.split("REST API listening on http://").nth(1))
-                    .unwrap()
-                    .trim()
-                    .parse()
-                    .unwrap();
+            // The address from the ready file; the whole start's log (its last line
+            // included) for the tests that read it.
+            if ready.exists() && lines.iter().any(|l| l.ends_with(" ready")) {
+                let rest = support::Ready::read(&ready).unwrap().rest[0];
                 return Started { child, logs, rest };
             }
             if let Some(s) = child.try_wait().unwrap() {
@@ -536,4 +536,49 @@ fn a_failing_store_at_run_time_is_reported_and_answered_503() {
     // One error line for the whole failure (not one per request or batch).
     let errors: Vec<&str> = logs.lines().filter(|l| l.contains(" ERROR ")).collect();
     assert_eq!(errors.len(), 1, "{}", errors.join("\n"));
+}
+
+/// `run --ready-file` (what the testkit starts every daemon with): once the daemon serves,
+/// the file names the bound addresses (the ports the system chose for port 0), the pid
+/// and the version, with no temporary file left beside it; a clean stop removes it.
+#[test]
+fn the_ready_file_names_the_bound_addresses_and_goes_at_a_clean_stop() {
+    let mut d = Daemon::start();
+    let ready = d.ready.clone().expect("read at start");
+    assert_eq!(ready.pid, d.pid());
+    assert_eq!(ready.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!((ready.rest.len(), ready.coap.len()), (1, 1));
+    assert_ne!(ready.rest[0].port(), 0);
+    assert_ne!(ready.coap[0].port(), 0);
+    assert_eq!(d.get("/v2/endpoints").status, 200);
+    d.device().register(&["ep=ready-file", "lt=300"], "</3/0>");
+    assert!(d.get("/v2/endpoints").body.contains("ready-file"));
+    let file = d.dir.path().join(connectord_testkit::READY_FILE);
+    let beside: Vec<_> = std::fs::read_dir(d.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("ready"))
+        .collect();
+    assert_eq!(
+        beside,
+        [connectord_testkit::READY_FILE],
+        "only the file itself"
+    );
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(Duration::from_secs(15)), Some(0));
+    assert!(!file.exists(), "removed at the clean stop");
+}
+
+/// A ready file that cannot be written refuses the start (exit 1, naming it).
+#[test]
+fn a_ready_file_that_cannot_be_written_refuses_the_start() {
+    let p = Prepared::new("", "");
+    let path = p.dir.path().join("missing-dir").join("ready.json");
+    let (code, err) = run_refused(&p.config_path, &["--ready-file", path.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("--ready-file {}", path.display())),
+        "{err}"
+    );
+    assert!(!err.contains(" ready\n"), "{err}");
 }

@@ -3,7 +3,7 @@
 //! right status and a JSON error; the allowed ones pass. Keys come from the built-in
 //! `connector` (the admin key) and `pelion` backends (users, applications, access keys).
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

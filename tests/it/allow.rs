@@ -9,7 +9,7 @@
 //! and topics); `connector`, `pelion` and `headerkeys` keys are never restricted. The
 //! unrestricted key here is the connector's admin key.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::Duration;

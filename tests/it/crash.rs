@@ -3,7 +3,7 @@
 //! `kill -9`. Everything the daemon acknowledged before the kill must still be there after
 //! it starts again on the same state directory.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

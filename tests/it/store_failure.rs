@@ -6,7 +6,7 @@
 //!
 //! Needs root and loop devices (CI runs as root); elsewhere the tests say so and pass.
 
-mod support;
+use crate::support;
 
 use std::io::Write;
 use std::path::PathBuf;

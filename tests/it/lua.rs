@@ -2,7 +2,7 @@
 //! reply, stopped by their limits with a log line naming file, function and endpoint, their
 //! output under the log budget, and what they see of an endpoint.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

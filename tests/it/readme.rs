@@ -6,7 +6,7 @@
 //! `sh` and `curl` against a daemon of the test harness: only the daemon's addresses
 //! (ephemeral ports here) and the key (read from its state directory) are substituted.
 
-mod support;
+use crate::support;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
