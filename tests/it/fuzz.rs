@@ -7,7 +7,7 @@
 //! `fuzz/Cargo.toml` into `target/fuzz`, then runs each binary for `CONNECTORD_FUZZ_SECONDS`
 //! (default 20) seconds, starting from a copy of the committed seed corpus `fuzz/seeds/<target>`
 //! in a temporary directory. One test per target, so the test harness runs two of them at
-//! a time on two cores (`cargo test --test fuzz -- coap_decode` runs one). A target fails
+//! a time on two cores (`cargo test -p connectord --test it -- fuzz::coap_decode` runs one). A target fails
 //! when libFuzzer exits non-zero, writes any artifact (crash-, leak-, timeout-, oom-,
 //! slow-unit-), did not start from every seed, shows no coverage instrumentation, or ran
 //! fewer than [`MIN_RUNS`] inputs. The failure names the artifact, prints its bytes, the
@@ -16,7 +16,7 @@
 //! Longer runs by hand, e.g. ten minutes per target (two at a time), with AddressSanitizer:
 //!
 //! ```text
-//! CONNECTORD_FUZZ_SECONDS=600 CONNECTORD_FUZZ_ASAN=1 cargo test -p connectord --test fuzz -- --nocapture
+//! CONNECTORD_FUZZ_SECONDS=600 CONNECTORD_FUZZ_ASAN=1 cargo test -p connectord --test it -- fuzz:: --nocapture
 //! ```
 //!
 //! Decisions:
@@ -167,7 +167,7 @@ fn every_fuzz_target_is_run_and_seeded() {
     ours.sort();
     assert_eq!(
         sources, ours,
-        "fuzz/fuzz_targets and TARGETS in tests/fuzz.rs differ"
+        "fuzz/fuzz_targets and TARGETS in tests/it/fuzz.rs differ"
     );
     let manifest = std::fs::read_to_string(repo().join("fuzz/Cargo.toml")).unwrap();
     for t in TARGETS {

@@ -149,7 +149,7 @@ fn simulated_devices_register_serve_notify_and_deregister() {
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 
-/// Scale check (not run by default: `cargo test --test simulate -- --ignored`): 10 000
+/// Scale check (not run by default: `cargo test -p connectord --test it -- simulate:: --ignored`): 10 000
 /// devices, one socket each (needs `ulimit -n` above 10 100), register, notify, and all
 /// de-register at stop.
 #[test]
