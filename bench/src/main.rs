@@ -1242,7 +1242,7 @@ fn main() -> Result<()> {
                 unit: "s",
                 target: Some((2.0, false)),
                 detail: format!(
-                    "spawn→ready line {:.3} s, spawn→REST answer {:.3} s, {} registrations restored",
+                    "spawn→ready file {:.3} s, spawn→REST answer {:.3} s, {} registrations restored",
                     ready.as_secs_f64(),
                     rest.as_secs_f64(),
                     r.restored.unwrap_or(0)

@@ -590,14 +590,6 @@ impl Drop for Daemon {
     }
 }
 
-/// A mutex for the few tests that must not run beside each other in the one test
-/// process: hold the guard for the test's length. A test that panicked while holding it
-/// does not poison it for the others.
-pub fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Locks, ignoring poisoning (a panicking test thread must not break the others).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
