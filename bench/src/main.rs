@@ -11,10 +11,8 @@
 //! those of the pair, not of the daemon alone.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -176,21 +174,10 @@ impl Row {
 // The daemon process
 // ----------------------------------------------------------------------------------------
 
-static DIR_SEQ: AtomicUsize = AtomicUsize::new(0);
-
-/// A running daemon with its own state directory (removed on drop).
-struct Daemon {
-    bin: PathBuf,
-    dir: PathBuf,
-    config: PathBuf,
-    child: Option<Child>,
-    logs: Arc<Mutex<Vec<String>>>,
-    rest: SocketAddr,
-    coap: SocketAddr,
-    key: String,
-    /// From spawn to the "ready" log line.
-    start_to_ready: Duration,
-}
+/// A running daemon with its own state directory (removed on drop): the testkit's
+/// launcher (`daemon/testkit`, shared with the end-to-end tests), which learns the
+/// addresses from the daemon's ready file, keeping the start's log lines and warnings.
+struct Daemon(connectord_testkit::Daemon);
 
 impl Daemon {
     fn start(bin: &Path, args: &Args) -> Result<Daemon> {
@@ -200,142 +187,68 @@ impl Daemon {
                 bin.display()
             )
         })?;
-        let dir = std::env::temp_dir().join(format!(
-            "connectord-bench-{}-{}",
-            std::process::id(),
-            DIR_SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(dir.join("scripts"))?;
-        let config = dir.join("connectord.toml");
-        let toml = format!(
-            "[log]\nlevel = \"{}\"\n[state]\ndir = \"{}\"\n[rest]\nlisten = [\"127.0.0.1:0\"]\n\
-             [coap]\nlisten = [\"127.0.0.1:0\"]\n[lua]\ndir = \"{}\"\n\
-             [notifications]\nmax_batch = {}\n[runtime]\nworker_threads = {}\n",
-            args.log_level,
-            dir.join("state").display(),
-            dir.join("scripts").display(),
-            args.max_batch,
-            args.worker_threads
-        );
-        std::fs::write(&config, toml)?;
-        let mut d = Daemon {
-            bin,
-            dir,
-            config,
-            child: None,
-            logs: Arc::new(Mutex::new(Vec::new())),
-            rest: SocketAddr::from(([127, 0, 0, 1], 0)),
-            coap: SocketAddr::from(([127, 0, 0, 1], 0)),
-            key: String::new(),
-            start_to_ready: Duration::ZERO,
-        };
-        d.spawn(Duration::from_secs(args.timeout_s))?;
+        let d = connectord_testkit::Launch::new(bin)
+            .log_level(&args.log_level)
+            .extra(&format!(
+                "[notifications]\nmax_batch = {}\n[runtime]\nworker_threads = {}\n",
+                args.max_batch, args.worker_threads
+            ))
+            .keep_logs(connectord_testkit::KeepLogs::StartAndWarnings)
+            .timeout(Duration::from_secs(args.timeout_s))
+            .start()?;
+        let d = Daemon(d);
+        d.check()?;
         Ok(d)
     }
 
-    /// Starts the process and waits for its "ready" line and listening addresses.
-    fn spawn(&mut self, timeout: Duration) -> Result<()> {
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        self.logs = Arc::clone(&logs);
-        let t0 = Instant::now();
-        let mut child = Command::new(&self.bin)
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .spawn()
-            .with_context(|| format!("spawn {}", self.bin.display()))?;
-        let stderr = child.stderr.take().context("daemon stderr")?;
-        self.child = Some(child);
-        let ready = Arc::new(AtomicBool::new(false));
-        let ready_w = Arc::clone(&ready);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("connectord::daemon") && line.ends_with(" ready") {
-                    ready_w.store(true, Ordering::Release);
-                }
-                // Keep the start-up lines and warnings; drop the per-registration chatter.
-                let mut l = logs.lock().unwrap();
-                if l.len() < 200 || line.contains("WARN") || line.contains("ERROR") {
-                    l.push(line);
-                }
-            }
-        });
-        let deadline = t0 + timeout;
-        while !ready.load(Ordering::Acquire) {
-            if let Some(st) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!(
-                    "connectord exited during start ({st}):\n{}",
-                    self.logs.lock().unwrap().join("\n")
-                );
-            }
-            ensure!(Instant::now() < deadline, "connectord did not get ready");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        self.start_to_ready = t0.elapsed();
-        self.rest = self.logged_addr("REST API listening on http://")?;
-        self.coap = self.logged_addr("CoAP listening on udp://")?;
+    /// Starts the process again on the same state (after [`Daemon::kill9`]) and waits for
+    /// its ready file.
+    fn spawn(&mut self) -> Result<()> {
+        self.0.respawn()?;
+        self.check()
+    }
+
+    fn check(&self) -> Result<()> {
         ensure!(
             self.rest.ip().is_loopback() && self.coap.ip().is_loopback(),
             "the daemon listens on a non-loopback address ({} / {}): refusing to go on",
             self.rest,
             self.coap
         );
-        self.key = std::fs::read_to_string(self.dir.join("state").join("admin.key"))
-            .context("read admin.key")?
-            .trim()
-            .to_string();
+        ensure!(
+            !self.0.key.is_empty(),
+            "no admin.key in the state directory"
+        );
         Ok(())
     }
 
-    fn logged_addr(&self, prefix: &str) -> Result<SocketAddr> {
-        let logs = self.logs.lock().unwrap();
-        logs.iter()
-            .rev()
-            .find_map(|l| l.split(prefix).nth(1).and_then(|a| a.trim().parse().ok()))
-            .ok_or_else(|| anyhow!("no '{prefix}' in the daemon log"))
-    }
-
     fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.0.try_pid().unwrap_or(0)
     }
 
     /// `kill -9` and reap.
     fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.0.kill9();
     }
 
     fn api(&self) -> Api {
-        Api::new(self.rest, &self.key, Duration::from_secs(40))
+        Api::new(self.rest, &self.0.key, Duration::from_secs(40))
     }
 
     fn warnings(&self) -> Vec<String> {
-        self.logs
-            .lock()
-            .unwrap()
-            .iter()
+        self.0
+            .logs()
+            .into_iter()
             .filter(|l| l.contains("WARN") || l.contains("ERROR"))
             .take(5)
-            .cloned()
             .collect()
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
-        let _ = std::fs::remove_dir_all(&self.dir);
+impl std::ops::Deref for Daemon {
+    type Target = connectord_testkit::Daemon;
+    fn deref(&self) -> &connectord_testkit::Daemon {
+        &self.0
     }
 }
 
@@ -720,7 +633,7 @@ fn registration_run(args: &Args, n: usize, restart: bool, bulk: bool) -> Result<
             s.abandon();
         }
         let t = Instant::now();
-        daemon.spawn(timeout)?;
+        daemon.spawn()?;
         let ready = t.elapsed();
         let api = daemon.api();
         let restored = loop {
@@ -1329,7 +1242,7 @@ fn main() -> Result<()> {
                 unit: "s",
                 target: Some((2.0, false)),
                 detail: format!(
-                    "spawn→ready line {:.3} s, spawn→REST answer {:.3} s, {} registrations restored",
+                    "spawn→ready file {:.3} s, spawn→REST answer {:.3} s, {} registrations restored",
                     ready.as_secs_f64(),
                     rest.as_secs_f64(),
                     r.restored.unwrap_or(0)

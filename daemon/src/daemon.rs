@@ -6,8 +6,11 @@
 //! so a start that fails on a taken port or an unusable state creates no first-start
 //! file. Only when all is ready does the daemon tell systemd READY=1. SIGTERM and SIGINT stop
 //! gracefully; SIGHUP re-reads the configuration and applies what can change at run time.
+//! With `connectord run --ready-file PATH` the daemon also writes its bound addresses to
+//! PATH as JSON once it serves (see [`write_ready_file`]), for tests and supervisors.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +55,11 @@ pub enum StartError {
     Contradiction(#[from] crate::state_dir::Contradiction),
     #[error("--reinit: cannot move the old files aside: {0}")]
     Reinit(std::io::Error),
+    #[error("--ready-file {}: {source}", path.display())]
+    ReadyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl From<StoreError> for StartError {
@@ -74,12 +82,14 @@ pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 /// `None`, the embedded defaults are in force and SIGHUP has nothing to re-read).
 ///
 /// `reinit` (`connectord run --reinit`) lets the daemon start on state files that
-/// contradict each other (see [`crate::state_dir::check_consistent`]).
+/// contradict each other (see [`crate::state_dir::check_consistent`]). `ready_file`
+/// (`connectord run --ready-file`) receives the bound addresses once the daemon serves.
 pub async fn run(
     config: Config,
     config_path: Option<PathBuf>,
     set_log: SetLogFilter,
     reinit: bool,
+    ready_file: Option<PathBuf>,
 ) -> Result<(), StartError> {
     crate::log_budget::set_per_second(config.log.device_lines_per_s);
     let state_dir = config.state.resolve_dir();
@@ -110,6 +120,10 @@ pub async fn run(
     // it was.
     let transport = Transport::bind(&config.coap, counters.clone())?;
     let listeners = rest::bind(&config.rest.listen).await?;
+    let rest_addrs = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<Vec<_>>>()?;
     if let Some(c) = contradiction {
         let moved = crate::state_dir::reinit(&c).map_err(StartError::Reinit)?;
         let moved: Vec<String> = moved.iter().map(|p| p.display().to_string()).collect();
@@ -314,18 +328,23 @@ pub async fn run(
         tasks.push(tokio::spawn(watchdog(interval / 2, stop.clone())));
     }
 
-    notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
-    tracing::info!("connectord {} ready", env!("CARGO_PKG_VERSION"));
-
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let mut running = config;
-    loop {
-        tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
-            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
-            _ = hup.recv() => running = reload(running, config_path.as_deref(), &set_log),
+    let announced = match &ready_file {
+        Some(path) => write_ready_file(path, &rest_addrs, &transport.local_addrs()),
+        None => Ok(()),
+    };
+    if announced.is_ok() {
+        notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+        tracing::info!("connectord {} ready", env!("CARGO_PKG_VERSION"));
+        let mut running = config;
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+                _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+                _ = hup.recv() => running = reload(running, config_path.as_deref(), &set_log),
+            }
         }
     }
     notify(&[NotifyState::Stopping]);
@@ -338,6 +357,11 @@ pub async fn run(
     // count after this and go unsaved: one transaction each at most.
     limits.save_now(store.as_ref()).await;
     plugins.shutdown();
+    announced?;
+    if let Some(path) = &ready_file {
+        // No longer serving: a stale file would name addresses nobody listens on.
+        let _ = std::fs::remove_file(path);
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -414,6 +438,42 @@ fn notify(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::debug!("sd_notify: {e}");
     }
+}
+
+/// Writes `{"pid": …, "version": …, "rest": ["ip:port", …], "coap": ["ip:port", …]}` to
+/// `path` atomically (a temporary file beside it, then a rename), so that a reader sees
+/// either no file or the whole of it. The addresses are the bound ones: with port 0 in
+/// the configuration, the ports the system chose. Removed again at a clean stop.
+fn write_ready_file(
+    path: &Path,
+    rest: &[SocketAddr],
+    coap: &[SocketAddr],
+) -> Result<(), StartError> {
+    let fail = |source| StartError::ReadyFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| fail(std::io::Error::other("not a file name")))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let text = serde_json::json!({
+        "pid": std::process::id(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "rest": rest.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "coap": coap.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    })
+    .to_string();
+    std::fs::write(&tmp, text + "\n")
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            fail(e)
+        })
 }
 
 async fn watchdog(every: Duration, mut stop: shutdown::Shutdown) {

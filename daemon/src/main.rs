@@ -54,6 +54,13 @@ enum Command {
         /// for one start: do not leave it in a service file.
         #[arg(long)]
         reinit: bool,
+        /// Once the daemon serves, write its bound addresses to this file as JSON
+        /// (`{"pid": 1234, "version": "0.1.0", "rest": ["127.0.0.1:8080"], "coap":
+        /// ["127.0.0.1:5683"]}`), atomically (a temporary file beside it, then a rename);
+        /// with port 0 in the configuration these are the ports the system chose. Removed
+        /// at a clean stop. For tests and supervisors that must not parse the log.
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<PathBuf>,
     },
     /// Validate a configuration file without starting anything; exits 1 with
     /// file:line:column and the key on the first error. The plugins named in
@@ -196,7 +203,11 @@ fn main() -> ExitCode {
             print!("{}", connectord::config::DEFAULT_TOML);
             ExitCode::SUCCESS
         }
-        Command::Run { config, reinit } => match run(config, reinit) {
+        Command::Run {
+            config,
+            reinit,
+            ready_file,
+        } => match run(config, reinit, ready_file) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 // Once, as a plain line on stderr (where the log goes too, so journald
@@ -271,7 +282,7 @@ fn plugin_call(
     })
 }
 
-fn run(path: Option<PathBuf>, reinit: bool) -> anyhow::Result<()> {
+fn run(path: Option<PathBuf>, reinit: bool, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
     // Absolute, so that the log (and SIGHUP's re-read) names the file whatever the
     // working directory: `--config c.toml` is logged as `/etc/connectord/c.toml`.
     let path = match path {
@@ -321,6 +332,8 @@ fn run(path: Option<PathBuf>, reinit: bool) -> anyhow::Result<()> {
         "async runtime: {} worker threads",
         rt.metrics().num_workers()
     );
-    rt.block_on(connectord::daemon::run(config, path, set_log, reinit))?;
+    rt.block_on(connectord::daemon::run(
+        config, path, set_log, reinit, ready_file,
+    ))?;
     Ok(())
 }

@@ -1,0 +1,172 @@
+//! Connection exhaustion (issue 19, item 5). With the default `[rest]` limits, one client
+//! address that opens 1 024 idle TCP connections (and one that sends its headers a byte at
+//! a time) must not lock out everybody else: it gets at most
+//! `rest.max_connections_per_address` of the `rest.max_connections` slots, the connections
+//! past that are refused at once, logged (once per address and interval) and counted, and
+//! a client on another address keeps being served. A connection that sends nothing at all
+//! is closed after a few seconds, not `rest.client_timeout_s`.
+
+use crate::support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use support::Daemon;
+
+/// How long the well-behaved client waits for each answer: well under the default
+/// `rest.client_timeout_s` (30 s), for which it waited before.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+
+/// A TCP connection to `to` from the loopback address `from`.
+fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+    s.bind(&SockAddr::from(SocketAddr::from((from, 0))))
+        .unwrap();
+    s.connect_timeout(&SockAddr::from(to), ANSWER_WAIT)
+        .expect("connect");
+    s.into()
+}
+
+/// One `GET path` with the admin key from 127.0.0.2, on a fresh connection: status and body.
+fn get_from_other_address(d: &Daemon, path: &str) -> (u16, String) {
+    let mut s = connect_from([127, 0, 0, 2], d.rest);
+    s.set_read_timeout(Some(ANSWER_WAIT)).unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        d.key
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    if let Err(e) = s.read_to_end(&mut out) {
+        panic!("no answer within {ANSWER_WAIT:?} from 127.0.0.2: {e}");
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (status, body.to_string())
+}
+
+fn metric(text: &str, name: &str) -> Option<u64> {
+    let prefix = format!("connectord_{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+}
+
+#[test]
+fn one_address_cannot_take_every_connection() {
+    let d = Daemon::start();
+    // The slowloris: 1 024 idle connections from 127.0.0.1 (the default
+    // rest.max_connections), and one that sends its head a byte at a time.
+    let idle: Vec<TcpStream> = (0..1024)
+        .map(|_| connect_from([127, 0, 0, 1], d.rest))
+        .collect();
+    let rest = d.rest;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = std::sync::Arc::clone(&stop);
+    let slow = std::thread::spawn(move || {
+        let mut s = connect_from([127, 0, 0, 1], rest);
+        for b in b"GET /endpoints HTTP/1.1\r\nHost: x\r\nX-Slow: "
+            .iter()
+            .cycle()
+        {
+            if stopped.load(std::sync::atomic::Ordering::Relaxed) || s.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    // Meanwhile a client on another address is served, again and again.
+    for _ in 0..5 {
+        let (status, body) = get_from_other_address(&d, "/endpoints");
+        assert_eq!(status, 200, "{body}");
+    }
+    // The connections past the per-address bound were refused at once: closed by the
+    // daemon (end of input or a reset), not left waiting.
+    let deadline = Instant::now() + ANSWER_WAIT;
+    let mut closed = 0;
+    let mut told = 0;
+    for mut s in idle.iter().rev().take(512) {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(10));
+        s.set_read_timeout(Some(left)).unwrap();
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Ok(n) => {
+                closed += 1;
+                // Told why first (best effort): a JSON 503.
+                let text = String::from_utf8_lossy(&buf[..n]);
+                if text.starts_with("HTTP/1.1 503") && text.contains("max_connections_per_address")
+                {
+                    told += 1;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => closed += 1,
+            Err(_) => {}
+        }
+    }
+    assert!(
+        closed >= 512,
+        "only {closed} of the last 512 connections were refused"
+    );
+    assert!(told > 0, "no refused connection was answered 503");
+    let (status, text) = get_from_other_address(&d, "/metrics");
+    assert_eq!(status, 200, "{text}");
+    let refused = metric(&text, "rest_connections_refused_total").expect("the refusal counter");
+    assert!(refused >= 512, "{refused} refusals counted");
+    // Logged, once for the address (not once per refusal).
+    let lines: Vec<String> = d
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("max_connections_per_address") && l.contains("127.0.0.1"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one log line for the address: {lines:#?}");
+    assert!(lines[0].contains("WARN"), "{}", lines[0]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(idle);
+    slow.join().unwrap();
+}
+
+#[test]
+fn a_connection_that_sends_nothing_is_closed_early() {
+    let d = Daemon::start();
+    let mut s = connect_from([127, 0, 0, 1], d.rest);
+    // rest.client_timeout_s is 30 s here (the default); nothing sent is closed long before.
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!(
+            "unexpected answer: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("still open after 15 s: {e}"),
+    }
+    // One that sent part of its head gets rest.client_timeout_s for the rest: still open.
+    let mut s = connect_from([127, 0, 0, 1], d.rest);
+    s.write_all(b"GET /endpoints HTTP/1.1\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let e = s.read(&mut buf).expect_err("still open");
+    assert!(
+        matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        "{e}"
+    );
+    // And its request is answered once it is complete.
+    s.set_read_timeout(Some(ANSWER_WAIT)).unwrap();
+    write!(
+        s,
+        "Host: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        d.key
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}

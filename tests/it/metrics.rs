@@ -1,0 +1,168 @@
+//! End-to-end tests of `GET /metrics`: the series an operator needs (queues, latencies,
+//! build) move with real traffic, and a key with only `metrics:read` may scrape them.
+
+use crate::support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::{Daemon, eventually, http};
+
+/// The value of the first sample of `name` whose labels contain `labels` (`""`: any).
+fn sample(body: &str, name: &str, labels: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let (series, value) = rest.rsplit_once(' ')?;
+        let ok = if labels.is_empty() {
+            series.is_empty() || series.starts_with('{')
+        } else {
+            series.starts_with('{') && series.contains(labels)
+        };
+        ok.then(|| value.parse().ok()).flatten()
+    })
+}
+
+fn scrape(d: &Daemon) -> String {
+    let r = d.get("/metrics");
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+}
+
+#[test]
+fn operator_series_exist_and_move() {
+    let d = Daemon::start();
+    let before = scrape(&d);
+    assert_eq!(
+        sample(
+            &before,
+            "connectord_build_info",
+            &format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))
+        ),
+        Some(1.0),
+        "{before}"
+    );
+    for h in [
+        "connectord_rest_request_duration_seconds",
+        "connectord_coap_request_duration_seconds",
+        "connectord_store_commit_duration_seconds",
+    ] {
+        assert!(
+            before.contains(&format!("# TYPE {h} histogram")),
+            "{h}:\n{before}"
+        );
+        assert!(sample(&before, &format!("{h}_bucket"), "le=\"+Inf\"").is_some());
+    }
+    let count = |body: &str, h: &str| sample(body, &format!("{h}_count"), "").unwrap();
+    assert_eq!(sample(&before, "connectord_events_queued", ""), Some(0.0));
+    assert_eq!(sample(&before, "connectord_requests_queued", ""), Some(0.0));
+
+    // The admin key gets a channel; a registration queues an event on it.
+    assert!(d.pull_now().is_none());
+    let mut dev = d.device();
+    dev.register(&["ep=metered", "lt=300"], "</3/0>");
+    assert!(eventually(Duration::from_secs(5), || {
+        sample(&scrape(&d), "connectord_events_queued", "") == Some(1.0)
+    }));
+    let body = scrape(&d);
+    assert_eq!(
+        sample(&body, "connectord_channel_events_queued", "key=\""),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "connectord_events_unacknowledged", ""),
+        Some(0.0)
+    );
+    // Pulled but not yet acknowledged (by the next pull).
+    assert!(d.pull_now().is_some());
+    let body = scrape(&d);
+    assert_eq!(
+        sample(&body, "connectord_events_unacknowledged", ""),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "connectord_channel_events_unacknowledged", "key=\""),
+        Some(1.0),
+        "{body}"
+    );
+
+    // A device that does not answer: one request in flight, the next two wait.
+    for _ in 0..3 {
+        d.async_request("GET", "/v2/endpoints/metered/3/0/0", None, None);
+    }
+    assert!(eventually(Duration::from_secs(5), || {
+        sample(&scrape(&d), "connectord_requests_queued", "") == Some(2.0)
+    }));
+    let body = scrape(&d);
+    assert_eq!(
+        sample(&body, "connectord_requests_queue_max", ""),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&body, "connectord_requests_in_flight", ""),
+        Some(1.0)
+    );
+
+    // The histograms counted the traffic.
+    for h in [
+        "connectord_rest_request_duration_seconds",
+        "connectord_coap_request_duration_seconds",
+        "connectord_store_commit_duration_seconds",
+    ] {
+        assert!(count(&body, h) > count(&before, h), "{h}:\n{body}");
+        assert_eq!(
+            sample(&body, &format!("{h}_bucket"), "le=\"+Inf\""),
+            Some(count(&body, h)),
+            "{h}"
+        );
+    }
+}
+
+/// A key with only `metrics:read` scrapes `/metrics` and reaches nothing else.
+#[test]
+fn a_metrics_read_key_scrapes_and_nothing_else() {
+    let d = Daemon::start();
+    let body = json!({"name": "prometheus", "scopes": ["metrics:read"]}).to_string();
+    let r = http(
+        "POST",
+        &d.url("/api/api_tokens"),
+        &[
+            ("Authorization", &format!("Bearer {}", d.key)),
+            ("Content-Type", "application/json"),
+        ],
+        Some(body.as_bytes()),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let auth = format!("Bearer {}", r.json()["access_key"].as_str().unwrap());
+    let get = |path: &str| http("GET", &d.url(path), &[("Authorization", &auth)], None);
+    let r = get("/metrics");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("connectord_build_info"));
+    assert_eq!(get("/v2/metrics").status, 200);
+    for path in [
+        "/v2/endpoints",
+        "/v2/subscriptions",
+        "/v2/notification/pull?noWait=true",
+        "/v2/limits",
+        "/api/api_tokens",
+    ] {
+        assert_eq!(get(path).status, 403, "{path}");
+    }
+    // The data scopes alone do not open /metrics; admin does.
+    let body = json!({"name": "app"}).to_string();
+    let r = http(
+        "POST",
+        &d.url("/api/api_tokens"),
+        &[
+            ("Authorization", &format!("Bearer {}", d.key)),
+            ("Content-Type", "application/json"),
+        ],
+        Some(body.as_bytes()),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let app = format!("Bearer {}", r.json()["access_key"].as_str().unwrap());
+    let r = http("GET", &d.url("/metrics"), &[("Authorization", &app)], None);
+    assert_eq!(r.status, 403);
+    assert_eq!(d.get("/metrics").status, 200);
+}

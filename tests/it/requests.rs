@@ -1,0 +1,484 @@
+//! End-to-end tests of requests to devices (seed 000, "Resources"): the REST call, the
+//! CoAP exchange with a device on a real UDP socket, and the async response on the
+//! notification channel.
+
+use crate::support;
+
+use std::time::Duration;
+
+use coap_lite::{CoapOption, MessageType, RequestType, ResponseType};
+use support::coap::{path_of, uint_option};
+use support::peers::Lwm2mDevice;
+use support::{Daemon, b64};
+
+const LINKS: &str = "</1/0>,</3/0>,</3303/0/5700>;obs,</5/0>";
+const WAIT: Duration = Duration::from_secs(10);
+/// Fast retransmission so that timeouts take well under a second.
+const FAST: &str = "ack_timeout_ms = 100\nack_random_factor = 1.0\nmax_retransmit = 1\nseparate_response_timeout_s = 5";
+
+/// Sends a registration update without waiting for its answer (the daemon's queued
+/// requests may arrive before it; `recv_request` skips the answer).
+fn send_update(dev: &mut support::coap::Device, reg: &str) {
+    let path = ["rd", reg];
+    let p = dev.build(&support::coap::Req::new(RequestType::Post, &path));
+    dev.send_raw(&p.to_bytes().unwrap());
+}
+
+#[test]
+fn read_write_execute_delete_round_trip() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=dev-1", "lt=300"], LINKS);
+
+    let id = d.async_request("GET", "/v2/endpoints/dev-1/3303/0/5700", None, None);
+    let (req, from) = dev.recv_request(WAIT).expect("the daemon sent no request");
+    assert_eq!(
+        from, d.coap,
+        "requests come from the socket the device registered to"
+    );
+    assert_eq!(
+        req.header.code,
+        coap_lite::MessageClass::Request(RequestType::Get)
+    );
+    assert_eq!(req.header.get_type(), MessageType::Confirmable);
+    assert_eq!(path_of(&req), "/3303/0/5700");
+    assert_eq!(req.get_token().len(), 8);
+    dev.reply(
+        &req,
+        from,
+        ResponseType::Content,
+        b"21.5",
+        Some(0),
+        Some(30),
+    );
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(
+        r,
+        serde_json::json!({"id": id, "status": 200, "payload": b64(b"21.5"), "ct": "text/plain", "max-age": 30}),
+        "no `error` key on success"
+    );
+
+    // Write: the body and its content format reach the device.
+    let id = d.async_request(
+        "PUT",
+        "/endpoints/dev-1/1/0/1",
+        Some("text/plain"),
+        Some(b"60"),
+    );
+    let (req, from) = dev.recv_request(WAIT).unwrap();
+    assert_eq!(
+        req.header.code,
+        coap_lite::MessageClass::Request(RequestType::Put)
+    );
+    assert_eq!(req.payload, b"60");
+    assert_eq!(uint_option(&req, CoapOption::ContentFormat), Some(0));
+    dev.reply(&req, from, ResponseType::Changed, b"", None, None);
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(
+        (r["status"].as_u64(), r["payload"].as_str()),
+        (Some(200), Some(""))
+    );
+
+    // Execute with arguments, at /v1.
+    let id = d.async_request(
+        "POST",
+        "/v1/endpoints/dev-1/3/0/4",
+        Some("text/plain"),
+        Some(b"now"),
+    );
+    let (req, from) = dev.recv_request(WAIT).unwrap();
+    assert_eq!(
+        req.header.code,
+        coap_lite::MessageClass::Request(RequestType::Post)
+    );
+    assert_eq!(req.payload, b"now");
+    dev.reply(&req, from, ResponseType::Changed, b"", None, None);
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+
+    // Delete; the device refuses: the status and an error come back.
+    let id = d.async_request("DELETE", "/v2/endpoints/dev-1/5/0", None, None);
+    let (req, from) = dev.recv_request(WAIT).unwrap();
+    assert_eq!(
+        req.header.code,
+        coap_lite::MessageClass::Request(RequestType::Delete)
+    );
+    dev.reply(
+        &req,
+        from,
+        ResponseType::MethodNotAllowed,
+        b"not deletable",
+        None,
+        None,
+    );
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(r["status"], 405);
+    assert!(
+        r["error"].as_str().unwrap().contains("not deletable"),
+        "{r}"
+    );
+}
+
+#[test]
+fn a_device_that_never_answers_gives_504() {
+    let d = Daemon::start_custom(FAST, "");
+    let mut dev = d.device();
+    dev.register(&["ep=silent", "lt=300"], LINKS);
+    let id = d.async_request("GET", "/v2/endpoints/silent/3/0/0", None, None);
+    // Two transmissions (max_retransmit = 1), no answer.
+    let (a, _) = dev.recv_request(WAIT).unwrap();
+    let (b, _) = dev.recv_request(WAIT).unwrap();
+    assert_eq!(a, b, "a retransmission is the same message");
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(r["status"], 504);
+    assert!(r["error"].as_str().unwrap().contains("timeout"));
+    assert_eq!(d.metric("device_timeouts_total"), 1);
+}
+
+#[test]
+fn a_lost_request_is_retransmitted_and_then_answered() {
+    let d = Daemon::start_custom(FAST, "");
+    let mut dev = d.device();
+    dev.register(&["ep=lossy", "lt=300"], LINKS);
+    let id = d.async_request("GET", "/v2/endpoints/lossy/3/0/0", None, None);
+    let (first, _) = dev.recv_request(WAIT).unwrap(); // "lost"
+    let (again, from) = dev.recv_request(WAIT).unwrap();
+    assert_eq!(first.header.message_id, again.header.message_id);
+    dev.reply(&again, from, ResponseType::Content, b"ok", Some(0), None);
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(
+        (r["status"].as_u64(), r["payload"].as_str()),
+        (Some(200), Some(b64(b"ok").as_str()))
+    );
+    assert_eq!(r["max-age"], 60, "CoAP's default Max-Age");
+}
+
+#[test]
+fn one_request_in_flight_per_endpoint_and_a_full_queue_is_429() {
+    let d = Daemon::start_custom(FAST, "[requests]\nqueue_len = 1\n");
+    let mut dev = d.device();
+    dev.register(&["ep=busy", "lt=300"], LINKS);
+    let first = d.async_request("GET", "/v2/endpoints/busy/3/0/0", None, None);
+    let (req, from) = dev.recv_request(WAIT).unwrap();
+    // The first is in flight; the second waits; the third finds the queue full.
+    let second = d.async_request("GET", "/v2/endpoints/busy/3/0/1", None, None);
+    let r = d.call("GET", "/v2/endpoints/busy/3/0/2", None, None);
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.json()["type"], "too_many_requests");
+    dev.reply(&req, from, ResponseType::Content, b"1", None, None);
+    assert_eq!(d.async_response(&first, WAIT)["status"], 200);
+    // Only now the second goes out.
+    let (req, from) = loop {
+        let (p, f) = dev.recv_request(WAIT).expect("second request");
+        if path_of(&p) == "/3/0/1" {
+            break (p, f);
+        }
+    };
+    dev.reply(&req, from, ResponseType::Content, b"2", None, None);
+    assert_eq!(d.async_response(&second, WAIT)["payload"], b64(b"2"));
+}
+
+#[test]
+fn synchronous_status_codes() {
+    let d = Daemon::start_with("[requests]\nmax_body = 2048\n");
+    let mut dev = d.device();
+    dev.register(&["ep=codes", "lt=300"], LINKS);
+    let mut q = d.device();
+    q.register(&["ep=queued", "lt=300", "b=UQ"], LINKS);
+    /// (method, path, content type, body, status, error type)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        Option<&'a [u8]>,
+        u16,
+        &'a str,
+    );
+    let cases: &[Case] = &[
+        ("GET", "/v2/endpoints/nobody/3/0/0", None, None, 410, "gone"),
+        (
+            "GET",
+            "/v2/endpoints/codes/42/0/1",
+            None,
+            None,
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/v2/endpoints/codes/42/0",
+            None,
+            None,
+            404,
+            "not_found",
+        ),
+        (
+            "GET",
+            "/v2/endpoints/queued/3/0/0?noResp=true",
+            None,
+            None,
+            409,
+            "conflict",
+        ),
+        (
+            "GET",
+            "/v2/endpoints/codes/3/0/0?noResp=maybe",
+            None,
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "PUT",
+            "/v2/endpoints/codes/1/0/1",
+            Some("application/json"),
+            Some(b"{not json"),
+            412,
+            "precondition_failed",
+        ),
+        (
+            "PUT",
+            "/v2/endpoints/codes/1/0/1",
+            Some("text/plain"),
+            Some(&[0xFF, 0xFE]),
+            412,
+            "precondition_failed",
+        ),
+        (
+            "PUT",
+            "/v2/endpoints/codes/1/0/1",
+            Some("image/png"),
+            Some(b"x"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "PUT",
+            "/v2/endpoints/codes/1/0/1",
+            Some("text/plain"),
+            Some(&[b'a'; 3000]),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "PATCH",
+            "/v2/endpoints/codes/1/0/1",
+            None,
+            None,
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    for (method, path, ct, body, status, kind) in cases {
+        let r = d.call(method, path, *ct, *body);
+        assert_eq!(r.status, *status, "{method} {path}: {}", r.body);
+        assert_eq!(r.json()["type"], *kind, "{method} {path}");
+    }
+    assert!(
+        dev.recv_request(Duration::from_millis(200)).is_none(),
+        "nothing reached the device"
+    );
+
+    // noResp=true: a NON request, 204, no async response.
+    let r = d.call(
+        "PUT",
+        "/v2/endpoints/codes/1/0/1?noResp=true",
+        Some("text/plain"),
+        Some(b"5"),
+    );
+    assert_eq!(r.status, 204);
+    let (req, _) = dev.recv_request(WAIT).unwrap();
+    assert_eq!(req.header.get_type(), MessageType::NonConfirmable);
+    assert_eq!(req.payload, b"5");
+
+    // cacheOnly: 205 before a read, 200 with the value after one.
+    let r = d.call(
+        "GET",
+        "/v2/endpoints/codes/3303/0/5700?cacheOnly=true",
+        None,
+        None,
+    );
+    assert_eq!((r.status, r.body.as_str()), (205, ""));
+    let id = d.async_request("GET", "/v2/endpoints/codes/3303/0/5700", None, None);
+    let (req, from) = dev.recv_request(WAIT).unwrap();
+    dev.reply(
+        &req,
+        from,
+        ResponseType::Content,
+        b"22.0",
+        Some(0),
+        Some(60),
+    );
+    d.async_response(&id, WAIT);
+    let r = d.call(
+        "GET",
+        "/v2/endpoints/codes/3303/0/5700?cacheOnly=true",
+        None,
+        None,
+    );
+    assert_eq!(
+        (r.status, r.content_type.as_str(), r.body.as_str()),
+        (200, "text/plain", "22.0")
+    );
+}
+
+#[test]
+fn a_stale_socket_is_503_until_the_device_updates() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    let id = dev.register(&["ep=moved", "lt=300"], LINKS);
+    // Restarted on another port: the registration's socket is gone.
+    let d = d.crash_and_restart();
+    let r = d.call("GET", "/v2/endpoints/moved/3/0/0", None, None);
+    assert_eq!(r.status, 503, "{}", r.body);
+    dev.server = d.coap;
+    assert_eq!(dev.update(&id, &[], None), ResponseType::Changed);
+    let id = d.async_request("GET", "/v2/endpoints/moved/3/0/0", None, None);
+    let (req, from) = dev.recv_request(WAIT).unwrap();
+    assert_eq!(from, d.coap);
+    dev.reply(&req, from, ResponseType::Content, b"x", None, None);
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+}
+
+#[test]
+fn queue_mode_requests_wait_for_the_next_update() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    let reg = dev.register(&["ep=sleepy", "lt=300", "b=UQ"], LINKS);
+    let id1 = d.async_request("GET", "/v2/endpoints/sleepy/3/0/0", None, None);
+    let id2 = d.async_request(
+        "PUT",
+        "/v2/endpoints/sleepy/1/0/1",
+        Some("text/plain"),
+        Some(b"90"),
+    );
+    assert!(
+        dev.recv_request(Duration::from_millis(500)).is_none(),
+        "sent before the device woke up"
+    );
+    // The device wakes up: an update; the queued requests follow, in order.
+    send_update(&mut dev, &reg);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let (req, from) = dev
+            .recv_request(WAIT)
+            .expect("queued request after the update");
+        seen.push(path_of(&req));
+        dev.reply(&req, from, ResponseType::Content, b"v", None, None);
+    }
+    assert_eq!(seen, vec!["/3/0/0", "/1/0/1"]);
+    assert_eq!(d.async_response(&id1, WAIT)["status"], 200);
+    assert_eq!(d.async_response(&id2, WAIT)["status"], 200);
+}
+
+#[test]
+fn queued_requests_survive_kill_9() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    let reg = dev.register(&["ep=durable", "lt=300", "b=UQ"], LINKS);
+    let id1 = d.async_request("GET", "/v2/endpoints/durable/3/0/0", None, None);
+    let id2 = d.async_request("GET", "/v2/endpoints/durable/3/0/1", None, None);
+    let d = d.crash_and_restart();
+    assert!(
+        d.logs()
+            .iter()
+            .any(|l| l.contains("loaded 2 stored requests")),
+        "{}",
+        d.logs().join("\n")
+    );
+    dev.server = d.coap;
+    send_update(&mut dev, &reg);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let (req, from) = dev
+            .recv_request(WAIT)
+            .expect("stored request after restart");
+        seen.push(path_of(&req));
+        dev.reply(
+            &req,
+            from,
+            ResponseType::Content,
+            path_of(&req).as_bytes(),
+            None,
+            None,
+        );
+    }
+    assert_eq!(seen, vec!["/3/0/0", "/3/0/1"]);
+    assert_eq!(d.async_response(&id1, WAIT)["payload"], b64(b"/3/0/0"));
+    assert_eq!(d.async_response(&id2, WAIT)["payload"], b64(b"/3/0/1"));
+}
+
+#[test]
+fn a_full_registration_cancels_queued_requests() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=again", "lt=300", "b=UQ"], LINKS);
+    let id = d.async_request("GET", "/v2/endpoints/again/3/0/0", None, None);
+    dev.register(&["ep=again", "lt=300", "b=UQ"], LINKS);
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(r["status"], 410);
+    assert!(r["error"].as_str().unwrap().contains("registered again"));
+}
+
+/// aiocoap as the device: piggybacked and separate responses, Block2 reads and Block1
+/// writes through a CoAP stack nobody here wrote.
+#[test]
+fn aiocoap_device_answers_reads_writes_and_block_transfers() {
+    let d = Daemon::start();
+    let dev = Lwm2mDevice::start(d.coap, "aio-dev", &["--slow-delay", "2.5"]);
+
+    let id = d.async_request("GET", "/v2/endpoints/aio-dev/3/0/0", None, None);
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(
+        (r["status"].as_u64(), r["payload"].as_str()),
+        (Some(200), Some(b64(b"connectord-test").as_str()))
+    );
+
+    let id = d.async_request(
+        "PUT",
+        "/v2/endpoints/aio-dev/1/0/1",
+        Some("text/plain"),
+        Some(b"120"),
+    );
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+    dev.wait_event(WAIT, |e| {
+        e["event"] == "request" && e["path"] == "/1/0/1" && e["payload"] == "120"
+    });
+    let id = d.async_request(
+        "PUT",
+        "/v2/endpoints/aio-dev/1/0/1",
+        Some("text/plain"),
+        Some(b"abc"),
+    );
+    assert_eq!(d.async_response(&id, WAIT)["status"], 400);
+
+    // Separate response: aiocoap sends an empty ACK, then the answer 2.5 s later.
+    let id = d.async_request("GET", "/v2/endpoints/aio-dev/9/0/slow", None, None);
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(
+        (r["status"].as_u64(), r["payload"].as_str()),
+        (Some(200), Some(b64(b"slow-ok").as_str()))
+    );
+
+    // Block2: 3000 bytes assembled.
+    let id = d.async_request("GET", "/v2/endpoints/aio-dev/5/0/1", None, None);
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(r["payload"], b64(&b"0123456789".repeat(300)));
+    assert_eq!(r["ct"], "application/octet-stream");
+
+    // Block1: a 5000-byte write arrives whole.
+    let body: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    let id = d.async_request(
+        "PUT",
+        "/v2/endpoints/aio-dev/5/0/0",
+        Some("application/octet-stream"),
+        Some(&body),
+    );
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+    let got = dev.wait_event(WAIT, |e| e["event"] == "request" && e["path"] == "/5/0/0");
+    assert_eq!(got["payload_len"], 5000);
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&body))
+    };
+    assert_eq!(got["sha256"], sha);
+}

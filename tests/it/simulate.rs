@@ -1,0 +1,205 @@
+use crate::support;
+
+// End-to-end test of the device simulator: 50 simulated devices, run in-process with
+// `connectord::simulate::run`, against the real daemon; reads, writes, a subscription
+// with notifications, and de-registration at stop.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use connectord::simulate::{SimOptions, SimReport};
+use support::{Daemon, b64, eventually};
+
+const DEVICES: usize = 50;
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Names of the `sim-` endpoints the daemon lists.
+fn sim_endpoints(d: &Daemon) -> Vec<String> {
+    let r = d.get("/v2/endpoints");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut names: Vec<String> = r
+        .json()
+        .as_array()
+        .expect("an array of endpoints")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .filter(|n| n.starts_with("sim-"))
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn simulated_devices_register_serve_notify_and_deregister() {
+    let started = Instant::now();
+    let d = Daemon::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let opts = SimOptions {
+        devices: DEVICES,
+        server: d.coap,
+        lifetime_s: 60,
+        notify_interval_ms: 200,
+        ..SimOptions::default()
+    };
+    let sim = rt.spawn(connectord::simulate::run(opts, async {
+        let _ = stop_rx.await;
+    }));
+
+    // Every device registers.
+    let mut listed = Vec::new();
+    let all = eventually(WAIT, || {
+        listed = sim_endpoints(&d);
+        listed.len() == DEVICES
+    });
+    assert!(all, "{} sim- endpoints listed: {listed:?}", listed.len());
+    assert_eq!(listed.first().map(String::as_str), Some("sim-000000"));
+    assert_eq!(listed.last().map(String::as_str), Some("sim-000049"));
+    let r = d.get("/v2/endpoints/sim-000003");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("/3303/0/5700"), "{}", r.body);
+
+    // Read through the REST API.
+    let id = d.async_request("GET", "/v2/endpoints/sim-000001/3/0/0", None, None);
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(
+        (r["status"].as_u64(), r["payload"].as_str()),
+        (Some(200), Some(b64(b"connectord").as_str())),
+        "{r}"
+    );
+    let id = d.async_request("GET", "/v2/endpoints/sim-000002/3/0/2", None, None);
+    assert_eq!(
+        d.async_response(&id, WAIT)["payload"],
+        b64(b"sim-000002").as_str()
+    );
+
+    // Write the lifetime; a bad value is refused.
+    let id = d.async_request(
+        "PUT",
+        "/v2/endpoints/sim-000001/1/0/1",
+        Some("text/plain"),
+        Some(b"120"),
+    );
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+    let id = d.async_request(
+        "PUT",
+        "/v2/endpoints/sim-000001/1/0/1",
+        Some("text/plain"),
+        Some(b"soon"),
+    );
+    assert_eq!(d.async_response(&id, WAIT)["status"], 400);
+
+    // Subscribe: the initial value, then notifications every 200 ms.
+    let r = d.call(
+        "PUT",
+        "/v2/subscriptions/sim-000003/3303/0/5700",
+        None,
+        None,
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["async-response-id"]
+        .as_str()
+        .expect("async-response-id")
+        .to_string();
+    let first = d.async_response(&id, WAIT);
+    assert_eq!(first["status"], 200, "{first}");
+    let ours = |e: &serde_json::Value| e["ep"] == "sim-000003" && e["path"] == "/3303/0/5700";
+    let events = d.collect_events(WAIT, |e| {
+        e.of("notifications").iter().filter(|n| ours(n)).count() >= 2
+    });
+    let notes: Vec<_> = events
+        .of("notifications")
+        .into_iter()
+        .filter(|n| ours(n))
+        .collect();
+    assert!(notes.len() >= 2, "notifications: {events:?}");
+    for n in &notes {
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(n["payload"].as_str().expect("payload"))
+            .expect("base64");
+        let t: f64 = String::from_utf8(payload)
+            .expect("text")
+            .parse()
+            .expect("a temperature");
+        assert!((15.0..=30.0).contains(&t), "{t}");
+        assert_eq!(n["ct"], "text/plain");
+    }
+
+    // Stop: every device de-registers before `run` returns.
+    stop_tx.send(()).expect("simulator running");
+    let report: SimReport = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(15), sim).await })
+        .expect("the simulator stops in time")
+        .expect("the simulator task")
+        .expect("the simulator ran");
+    assert_eq!(
+        (report.registered, report.failed),
+        (DEVICES, 0),
+        "{report:?}"
+    );
+    assert!(report.requests_served >= 5, "{report:?}");
+    assert!(report.notifications_sent >= 2, "{report:?}");
+    let gone = eventually(WAIT, || sim_endpoints(&d).is_empty());
+    assert!(gone, "still listed: {:?}", sim_endpoints(&d));
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+/// Scale check (not run by default: `cargo test -p connectord --test it -- simulate:: --ignored`): 10 000
+/// devices, one socket each (needs `ulimit -n` above 10 100), register, notify, and all
+/// de-register at stop.
+#[test]
+#[ignore]
+fn ten_thousand_devices() {
+    const MANY: usize = 10_000;
+    let d = Daemon::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let opts = SimOptions {
+        devices: MANY,
+        server: d.coap,
+        lifetime_s: 300,
+        notify_interval_ms: 1000,
+        ..SimOptions::default()
+    };
+    let t0 = Instant::now();
+    let sim = rt.spawn(connectord::simulate::run(opts, async {
+        let _ = stop_rx.await;
+    }));
+    let mut n = 0;
+    let all = eventually(Duration::from_secs(120), || {
+        n = sim_endpoints(&d).len();
+        n == MANY
+    });
+    assert!(all, "{n} of {MANY} registered");
+    eprintln!("{MANY} devices registered in {:?}", t0.elapsed());
+    let r = d.call(
+        "PUT",
+        "/v2/subscriptions/sim-009999/3303/0/5700",
+        None,
+        None,
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let events = d.collect_events(WAIT, |e| e.of("notifications").len() >= 2);
+    assert!(events.of("notifications").len() >= 2, "{events:?}");
+
+    let t1 = Instant::now();
+    stop_tx.send(()).expect("simulator running");
+    let report = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(60), sim).await })
+        .expect("the simulator stops in time")
+        .expect("the simulator task")
+        .expect("the simulator ran");
+    eprintln!("stopped in {:?}: {report:?}", t1.elapsed());
+    assert_eq!((report.registered, report.failed), (MANY, 0), "{report:?}");
+    let gone = eventually(Duration::from_secs(30), || sim_endpoints(&d).is_empty());
+    assert!(gone, "{} still listed", sim_endpoints(&d).len());
+}

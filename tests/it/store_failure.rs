@@ -1,0 +1,554 @@
+//! A store that fails while the daemon runs (issue 19, item 1: phantom registrations).
+//! The state directory is a small ext4 image, loop-mounted, that the test fills to the
+//! last block: SQLite's next write (a WAL frame) then fails with "database or disk is
+//! full", the real thing. Nothing of a refused change may stay in memory: not listed,
+//! not readable, not counted; once the space is given back, the same request succeeds.
+//!
+//! Needs root and loop devices (CI runs as root); elsewhere the tests say so and pass.
+
+use crate::support;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use coap_lite::{ContentFormat, RequestType, ResponseType};
+use serde_json::json;
+use support::coap::{Req, code, diag, location};
+use support::receiver::Receiver;
+use support::{Daemon, Prepared};
+
+const LINKS: &str = r#"</3/0>,</3303/0/5700>;obs,</3304/0/5700>;obs"#;
+
+/// A loop-mounted ext4 image on the test's state directory; unmounted when dropped
+/// (after the daemon, which is declared after it).
+struct Mounted {
+    state: PathBuf,
+    image: PathBuf,
+    /// Keeps the temporary directory (image and mount point) until the unmount.
+    _dir: Arc<tempfile::TempDir>,
+}
+
+impl Mounted {
+    /// Mounts a fresh 16 MiB ext4 image (no blocks reserved for root) on `<dir>/state`;
+    /// None when this machine cannot (not root, no loop device).
+    fn new(p: &Prepared) -> Option<Mounted> {
+        let root = Command::new("id").arg("-u").output().ok()?;
+        if String::from_utf8_lossy(&root.stdout).trim() != "0" {
+            return None;
+        }
+        let dir = p.dir.path();
+        let image = dir.join("state.img");
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state).ok()?;
+        std::fs::File::create(&image).ok()?.set_len(16 << 20).ok()?;
+        let ok = |c: &mut Command| c.output().is_ok_and(|o| o.status.success());
+        if !ok(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(&image))
+        {
+            return None;
+        }
+        if !ok(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&state))
+        {
+            return None;
+        }
+        Some(Mounted {
+            state,
+            image,
+            _dir: Arc::clone(&p.dir),
+        })
+    }
+
+    /// Takes every free block of the file system.
+    fn fill(&self) {
+        let mut f = std::fs::File::create(self.filler()).unwrap();
+        for chunk in [1 << 20, 4096, 512] {
+            let buf = vec![0u8; chunk];
+            while f.write_all(&buf).is_ok() {}
+        }
+        let _ = f.sync_all();
+        // What is still free (a partial block) cannot hold a WAL frame.
+        let mut f = std::fs::File::create(self.state.join("fill-tail")).unwrap();
+        while f.write_all(&[0u8; 512]).is_ok() {}
+    }
+
+    /// Gives the space back.
+    fn free(&self) {
+        let _ = std::fs::remove_file(self.filler());
+        let _ = std::fs::remove_file(self.state.join("fill-tail"));
+        let _ = Command::new("sync").arg("-f").arg(&self.state).status();
+    }
+
+    fn filler(&self) -> PathBuf {
+        self.state.join("filler")
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        // Lazy: also when the daemon still has its files open (a test that panicked).
+        let _ = Command::new("umount").arg("-l").arg(&self.state).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// The daemon on a loop-mounted state directory, or None (the test is skipped) when the
+/// machine cannot mount one because the tests do not run as root. As root (which CI is)
+/// a failure to mount fails the test, so that these tests never pass there without running.
+fn start() -> Option<(Mounted, Daemon)> {
+    let p = Prepared::new("", "");
+    let Some(m) = Mounted::new(&p) else {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+        assert!(
+            !root,
+            "running as root, but a small file system could not be loop-mounted (is there a loop device?)"
+        );
+        eprintln!("skipped: needs root and a loop device to mount a small file system");
+        return None;
+    };
+    let d = p.start();
+    Some((m, d))
+}
+
+fn register(dev: &mut support::coap::Device, name: &str) -> (ResponseType, String, String) {
+    register_lt(dev, name, 300)
+}
+
+fn register_lt(
+    dev: &mut support::coap::Device,
+    name: &str,
+    lt: u32,
+) -> (ResponseType, String, String) {
+    let q = format!("ep={name}");
+    let lt = format!("lt={lt}");
+    let query = [q.as_str(), lt.as_str()];
+    let mut r = Req::new(RequestType::Post, &["rd"]);
+    r.query = &query;
+    r.payload = LINKS.as_bytes();
+    r.content_format = Some(ContentFormat::ApplicationLinkFormat);
+    let resp = dev.request(&r);
+    let loc = if code(&resp) == ResponseType::Created {
+        location(&resp)
+    } else {
+        String::new()
+    };
+    (code(&resp), diag(&resp), loc)
+}
+
+fn names(d: &Daemon) -> Vec<String> {
+    let r = d.get("/v2/endpoints");
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn assert_refused_coap(what: &str, c: ResponseType) {
+    assert!(
+        matches!(
+            c,
+            ResponseType::InternalServerError | ResponseType::ServiceUnavailable
+        ),
+        "{what} the store refused was answered {c:?}"
+    );
+}
+
+/// The daemon with "kept" registered (its registration id), on a full file system.
+fn full_with_kept() -> Option<(Mounted, Daemon, support::coap::Device, String)> {
+    let (disk, d) = start()?;
+    let mut dev = d.device();
+    let (c, m, id) = register(&mut dev, "kept");
+    assert_eq!(c, ResponseType::Created, "{m}");
+    disk.fill();
+    Some((disk, d, dev, id))
+}
+
+/// A registration the store could not write is not listed, readable or counted; a
+/// re-registration of a registered name leaves the registration on disk in force.
+#[test]
+fn a_registration_the_store_refused_is_not_kept() {
+    let Some((disk, d, mut dev, id)) = full_with_kept() else {
+        return;
+    };
+    let registered = d.metric("registrations_total");
+    let mut other = d.device();
+    let (c, m, _) = register(&mut other, "phantom");
+    assert_refused_coap(&format!("a registration ({m})"), c);
+    assert_eq!(names(&d), ["kept"], "a refused registration is listed");
+    assert_eq!(d.get("/v2/endpoints/phantom").status, 404);
+    assert_eq!(d.metric("registrations_total"), registered);
+    assert_eq!(d.metric("registered_endpoints"), 1);
+    // A full re-registration of "kept": refused, the stored one (its id) stays.
+    let (c, m, _) = register(&mut dev, "kept");
+    assert_refused_coap(&format!("a re-registration ({m})"), c);
+    assert_eq!(names(&d), ["kept"]);
+
+    disk.free();
+    assert_eq!(
+        dev.update(&id, &[], None),
+        ResponseType::Changed,
+        "the registration on disk was lost by a refused re-registration"
+    );
+    let (c, m, _) = register(&mut other, "phantom");
+    assert_eq!(c, ResponseType::Created, "retry: {m}");
+    assert_eq!(names(&d), ["kept", "phantom"]);
+    assert_eq!(d.metric("registrations_total"), registered + 1);
+    drop(d);
+    drop(disk);
+}
+
+/// An update the store could not write changes nothing: the old object list stays.
+#[test]
+fn an_update_the_store_refused_is_not_kept() {
+    let Some((disk, d, mut dev, id)) = full_with_kept() else {
+        return;
+    };
+    let c = dev.update(&id, &[], Some(r#"</3/0>,</5/0>"#));
+    assert_refused_coap("an update", c);
+    let paths = |d: &Daemon| -> Vec<String> {
+        d.get("/v2/endpoints/kept")
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["uri"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let shown = paths(&d);
+    assert!(
+        shown.iter().any(|p| p == "/3303/0/5700") && !shown.iter().any(|p| p == "/5/0"),
+        "a refused update's object list is shown: {shown:?}"
+    );
+
+    disk.free();
+    assert_eq!(
+        dev.update(&id, &[], Some(r#"</3/0>,</5/0>"#)),
+        ResponseType::Changed
+    );
+    assert!(paths(&d).iter().any(|p| p == "/5/0"));
+    drop(d);
+    drop(disk);
+}
+
+/// A de-registration (by the device or `DELETE /endpoints/{ep}`) the store could not
+/// write leaves the endpoint registered: it is still on disk.
+#[test]
+fn a_deregistration_the_store_refused_is_not_kept() {
+    let Some((disk, d, mut dev, id)) = full_with_kept() else {
+        return;
+    };
+    assert_refused_coap("a de-registration", dev.deregister(&id));
+    assert_eq!(names(&d), ["kept"], "a refused de-registration removed it");
+    let r = d.call("DELETE", "/v2/endpoints/kept", None, None);
+    assert!(
+        r.status == 500 || r.status == 503,
+        "DELETE /endpoints answered {}",
+        r.status
+    );
+    assert_eq!(names(&d), ["kept"], "a refused DELETE removed the endpoint");
+
+    disk.free();
+    assert_eq!(dev.deregister(&id), ResponseType::Deleted);
+    assert!(names(&d).is_empty());
+    drop(d);
+    drop(disk);
+}
+
+/// An expiry the store could not write leaves the endpoint registered (it is on disk,
+/// and a restart would load it); it expires once the store can remove it.
+#[test]
+fn an_expiry_the_store_refused_is_not_kept() {
+    let Some((disk, d)) = start() else { return };
+    let mut dev = d.device();
+    let (c, m, _) = register_lt(&mut dev, "brief", 2);
+    assert_eq!(c, ResponseType::Created, "{m}");
+    disk.fill();
+    assert!(
+        d.wait_log(
+            "cannot remove an expired registration",
+            Duration::from_secs(20)
+        ),
+        "the expiry did not fail: {}",
+        d.logs().join("\n")
+    );
+    assert_eq!(
+        names(&d),
+        ["brief"],
+        "a refused expiry removed the endpoint"
+    );
+    assert_eq!(d.metric("registrations_expired_total"), 0);
+
+    disk.free();
+    assert!(
+        support::eventually(Duration::from_secs(20), || names(&d).is_empty()),
+        "not expired once the store works again"
+    );
+    assert_eq!(d.metric("registrations_expired_total"), 1);
+    drop(d);
+    drop(disk);
+}
+
+/// A started daemon with device "dev" registered and the admin key's pre-subscription
+/// rules set (which makes its channel), on a file system that is then filled.
+struct Full {
+    /// Before `disk`: the daemon ends before the file system is unmounted.
+    d: Daemon,
+    disk: Mounted,
+    rules: serde_json::Value,
+}
+
+impl Full {
+    fn new() -> Option<Full> {
+        let (disk, d) = start()?;
+        let mut dev = d.device();
+        let (c, m, _) = register(&mut dev, "dev");
+        assert_eq!(c, ResponseType::Created, "{m}");
+        let rules = json!([{"endpoint-name": "dev", "resource-path": ["/3304/0/5700"]}]);
+        let r = put_json(&d, "/v2/subscriptions", &rules);
+        assert_eq!(r.status, 204, "{}", r.body);
+        disk.fill();
+        Some(Full { disk, d, rules })
+    }
+}
+
+fn put_json(d: &Daemon, path: &str, body: &serde_json::Value) -> support::Http {
+    d.call(
+        "PUT",
+        path,
+        Some("application/json"),
+        Some(body.to_string().as_bytes()),
+    )
+}
+
+/// A REST change the store refused is an error (500 until the store's failures become
+/// 503 in general), not a success.
+fn assert_refused(what: &str, r: &support::Http) {
+    assert!(
+        r.status == 500 || r.status == 503,
+        "{what} the store refused was answered {}: {}",
+        r.status,
+        r.body
+    );
+}
+
+#[test]
+fn a_subscription_the_store_refused_is_not_kept() {
+    let Some(f) = Full::new() else { return };
+    let d = &f.d;
+    let r = d.call("PUT", "/v2/subscriptions/dev/3303/0/5700", None, None);
+    assert_refused("a subscription", &r);
+    assert_eq!(d.get("/v2/subscriptions/dev/3303/0/5700").status, 404);
+    let listed = d.get("/v2/subscriptions/dev");
+    assert!(
+        !listed.body.contains("/3303/0/5700"),
+        "a refused subscription is listed: {}",
+        listed.body
+    );
+
+    f.disk.free();
+    let r = d.call("PUT", "/v2/subscriptions/dev/3303/0/5700", None, None);
+    assert!(r.status == 202 || r.status == 200, "{}", r.body);
+    assert_eq!(d.get("/v2/subscriptions/dev/3303/0/5700").status, 200);
+}
+
+#[test]
+fn pre_subscriptions_the_store_refused_are_not_kept() {
+    let Some(f) = Full::new() else { return };
+    let d = &f.d;
+    let new_rules = json!([{"endpoint-name": "other"}]);
+    let r = put_json(d, "/v2/subscriptions", &new_rules);
+    assert_refused("a pre-subscription", &r);
+    assert_eq!(
+        d.get("/v2/subscriptions").json(),
+        f.rules,
+        "refused rules replaced the stored ones"
+    );
+
+    f.disk.free();
+    let r = put_json(d, "/v2/subscriptions", &new_rules);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(d.get("/v2/subscriptions").json(), new_rules);
+}
+
+#[test]
+fn a_callback_the_store_refused_is_not_kept() {
+    let Some(f) = Full::new() else { return };
+    let d = &f.d;
+    let rx = Receiver::start(0);
+    let cb = json!({"url": rx.url("/notify")});
+    let r = put_json(d, "/v2/notification/callback", &cb);
+    assert_refused("a callback", &r);
+    assert_eq!(d.get("/v2/notification/callback").status, 404);
+    assert_eq!(
+        d.get("/v2/notification/pull?noWait=true").status,
+        204,
+        "long-poll is off as if a callback were set"
+    );
+
+    f.disk.free();
+    let r = put_json(d, "/v2/notification/callback", &cb);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(d.get("/v2/notification/callback").json()["url"], cb["url"]);
+}
+
+/// Already right before issue 19 (the connector plugin writes its state, then its
+/// memory): kept so that it stays so.
+#[test]
+fn an_access_key_the_store_refused_is_not_kept() {
+    let Some(f) = Full::new() else { return };
+    let d = &f.d;
+    let body = json!({"name": "phantom-key"});
+    let r = d.call(
+        "POST",
+        "/api/api_tokens",
+        Some("application/json"),
+        Some(body.to_string().as_bytes()),
+    );
+    assert_refused("a new key", &r);
+    let listed = d.get("/api/api_tokens");
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert!(
+        !listed.body.contains("phantom-key"),
+        "a refused key is listed: {}",
+        listed.body
+    );
+
+    f.disk.free();
+    let r = d.call(
+        "POST",
+        "/api/api_tokens",
+        Some("application/json"),
+        Some(body.to_string().as_bytes()),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(d.get("/api/api_tokens").body.contains("phantom-key"));
+}
+
+/// A key's notification channel whose creation the store refused is not kept: events
+/// would be queued for it (and shown) that a restart, which loads no such channel, loses.
+/// Its first request that the store accepts makes it, and events are kept from then on.
+#[test]
+fn a_channel_the_store_refused_is_not_kept() {
+    let Some(f) = Full::new() else { return };
+    let d = &f.d;
+    f.disk.free();
+    let made = d.call(
+        "POST",
+        "/api/api_tokens",
+        Some("application/json"),
+        Some(
+            json!({"name": "second", "scopes": ["admin"]})
+                .to_string()
+                .as_bytes(),
+        ),
+    );
+    assert_eq!(made.status, 201, "{}", made.body);
+    let second = made.json()["access_key"].as_str().unwrap().to_string();
+    let bearer = format!("Bearer {second}");
+    f.disk.fill();
+    // The second key's first request that needs a channel: refused.
+    let r = support::http(
+        "PUT",
+        &d.url("/v2/subscriptions/dev/3303/0/5700"),
+        &[("Authorization", bearer.as_str())],
+        None,
+    );
+    assert_refused("a subscription (and the channel it makes)", &r);
+
+    f.disk.free();
+    // A registration now: the second key has no channel, so nothing is kept for it.
+    let mut other = d.device();
+    let (c, m, _) = register(&mut other, "later");
+    assert_eq!(c, ResponseType::Created, "{m}");
+    let pull = support::http(
+        "GET",
+        &d.url("/v2/notification/pull?noWait=true"),
+        &[("Authorization", bearer.as_str())],
+        None,
+    );
+    assert_eq!(
+        pull.status, 204,
+        "events were queued in a channel the store refused: {}",
+        pull.body
+    );
+    // The pull made the channel: events are kept from now on.
+    let mut third = d.device();
+    let (c, m, _) = register(&mut third, "third");
+    assert_eq!(c, ResponseType::Created, "{m}");
+    assert!(support::eventually(Duration::from_secs(10), || {
+        let r = support::http(
+            "GET",
+            &d.url("/v2/notification/pull?noWait=true"),
+            &[("Authorization", bearer.as_str())],
+            None,
+        );
+        r.status == 200 && r.body.contains("third")
+    }));
+}
+
+/// Unsubscribing (one path, an endpoint, everything) when the store cannot delete leaves
+/// the subscriptions in force, as they are on disk.
+#[test]
+fn an_unsubscription_the_store_refused_is_not_kept() {
+    let Some(f) = Full::new() else { return };
+    let d = &f.d;
+    f.disk.free();
+    let r = d.call("PUT", "/v2/subscriptions/dev/3303/0/5700", None, None);
+    assert!(r.status == 202 || r.status == 200, "{}", r.body);
+    f.disk.fill();
+    for path in [
+        "/v2/subscriptions/dev/3303/0/5700",
+        "/v2/subscriptions/dev",
+        "/v2/subscriptions",
+    ] {
+        let r = d.call("DELETE", path, None, None);
+        assert_refused(&format!("DELETE {path}"), &r);
+        assert_eq!(
+            d.get("/v2/subscriptions/dev/3303/0/5700").status,
+            200,
+            "a refused DELETE {path} removed the subscription"
+        );
+    }
+
+    f.disk.free();
+    let r = d.call("DELETE", "/v2/subscriptions/dev/3303/0/5700", None, None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(d.get("/v2/subscriptions/dev/3303/0/5700").status, 404);
+}
+
+/// Removing the callback when the store cannot write leaves it in force.
+#[test]
+fn a_callback_removal_the_store_refused_is_not_kept() {
+    let Some(f) = Full::new() else { return };
+    let d = &f.d;
+    f.disk.free();
+    let rx = Receiver::start(0);
+    let cb = json!({"url": rx.url("/notify")});
+    let r = put_json(d, "/v2/notification/callback", &cb);
+    assert_eq!(r.status, 204, "{}", r.body);
+    f.disk.fill();
+    let r = d.call("DELETE", "/v2/notification/callback", None, None);
+    assert_refused("a callback removal", &r);
+    assert_eq!(
+        d.get("/v2/notification/callback").status,
+        200,
+        "a refused removal removed the callback"
+    );
+
+    f.disk.free();
+    let r = d.call("DELETE", "/v2/notification/callback", None, None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(d.get("/v2/notification/callback").status, 404);
+}

@@ -1,0 +1,621 @@
+//! End-to-end tests of subscriptions (observe), pre-subscriptions and Lua rules.
+
+use crate::support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
+use serde_json::json;
+use support::coap::{Device, path_of, uint, uint_option};
+use support::peers::Lwm2mDevice;
+use support::{Daemon, b64};
+
+const WAIT: Duration = Duration::from_secs(10);
+const LINKS: &str =
+    r#"</3/0>,</3/0/0>,</3303/0/5700>;obs;rt="temperature",</3304/0/5700>;obs;rt="humidity""#;
+
+/// Answers an observe registration (or sends a notification) with Observe=`seq`.
+fn notify(
+    dev: &Device,
+    to: SocketAddr,
+    token: &[u8],
+    mid: u16,
+    mtype: MessageType,
+    seq: u32,
+    value: &str,
+) {
+    let mut p = Packet::new();
+    p.header.set_type(mtype);
+    p.header.code = MessageClass::Response(ResponseType::Content);
+    p.header.message_id = mid;
+    p.set_token(token.to_vec());
+    p.add_option(CoapOption::Observe, uint(seq));
+    p.add_option(CoapOption::ContentFormat, uint(0));
+    p.add_option(CoapOption::MaxAge, uint(30));
+    p.payload = value.as_bytes().to_vec();
+    dev.sock.send_to(&p.to_bytes().unwrap(), to).unwrap();
+}
+
+/// Waits for the daemon's observe registration of `path` and answers it with `value`.
+fn accept_observe(dev: &Device, path: &str, value: &str) -> (Vec<u8>, SocketAddr) {
+    let (req, from) = dev.recv_request(WAIT).expect("no observe request");
+    assert_eq!(path_of(&req), path);
+    assert_eq!(
+        uint_option(&req, CoapOption::Observe),
+        Some(0),
+        "GET with Observe=0"
+    );
+    notify(
+        dev,
+        from,
+        req.get_token(),
+        req.header.message_id,
+        MessageType::Acknowledgement,
+        1,
+        value,
+    );
+    (req.get_token().to_vec(), from)
+}
+
+/// The next datagram from the daemon, decoded.
+fn next_packet(dev: &Device) -> Packet {
+    Packet::from_bytes(&dev.recv_raw(WAIT).expect("nothing from the daemon")).unwrap()
+}
+
+#[test]
+fn subscribe_receive_notifications_and_unsubscribe() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=obs-1", "lt=300"], LINKS);
+
+    let r = d.call("PUT", "/v2/subscriptions/obs-1/3303/0/5700", None, None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let (token, from) = accept_observe(&dev, "/3303/0/5700", "20.0");
+    let ar = d.async_response(&id, WAIT);
+    assert_eq!(
+        (ar["status"].as_u64(), ar["payload"].as_str()),
+        (Some(200), Some(b64(b"20.0").as_str()))
+    );
+
+    // A CON notification is acknowledged and delivered; so is a NON one.
+    notify(&dev, from, &token, 500, MessageType::Confirmable, 2, "21.0");
+    let ack = next_packet(&dev);
+    assert_eq!(
+        (ack.header.get_type(), ack.header.message_id),
+        (MessageType::Acknowledgement, 500)
+    );
+    notify(
+        &dev,
+        from,
+        &token,
+        501,
+        MessageType::NonConfirmable,
+        3,
+        "22.0",
+    );
+    // An older one (sequence 2 again) is stale and dropped.
+    notify(
+        &dev,
+        from,
+        &token,
+        502,
+        MessageType::NonConfirmable,
+        2,
+        "stale",
+    );
+    let e = d.collect_events(WAIT, |e| e.of("notifications").len() >= 2);
+    assert_eq!(
+        e.of("notifications"),
+        vec![
+            json!({"ep": "obs-1", "path": "/3303/0/5700", "ct": "text/plain", "payload": b64(b"21.0"), "max-age": 30}),
+            json!({"ep": "obs-1", "path": "/3303/0/5700", "ct": "text/plain", "payload": b64(b"22.0"), "max-age": 30}),
+        ]
+    );
+    assert!(support::eventually(WAIT, || d
+        .metric("observe_stale_total")
+        == 1));
+    assert_eq!(
+        d.collect_events(Duration::from_millis(300), |_| false)
+            .of("notifications")
+            .len(),
+        2
+    );
+
+    // Status and listing.
+    let r = d.get("/v2/subscriptions/obs-1/3303/0/5700");
+    assert_eq!(
+        (r.status, r.content_type.as_str(), r.body.as_str()),
+        (200, "text/uri-list", "/subscriptions/obs-1/3303/0/5700")
+    );
+    let r = d.get("/subscriptions/obs-1");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "/subscriptions/obs-1/3303/0/5700")
+    );
+    // Already observed: 200 at once, nothing sent to the device.
+    assert_eq!(
+        d.call("PUT", "/v2/subscriptions/obs-1/3303/0/5700", None, None)
+            .status,
+        200
+    );
+    // Notifications fill the cache.
+    let r = d.call(
+        "GET",
+        "/v2/endpoints/obs-1/3303/0/5700?cacheOnly=true",
+        None,
+        None,
+    );
+    assert_eq!((r.status, r.body.as_str()), (200, "22.0"));
+
+    // Unsubscribe: the next notification is answered with RST, which cancels it.
+    assert_eq!(
+        d.call("DELETE", "/v2/subscriptions/obs-1/3303/0/5700", None, None)
+            .status,
+        204
+    );
+    notify(&dev, from, &token, 503, MessageType::Confirmable, 4, "23.0");
+    let rst = next_packet(&dev);
+    assert_eq!(
+        (rst.header.get_type(), rst.header.message_id),
+        (MessageType::Reset, 503)
+    );
+    assert_eq!(d.get("/v2/subscriptions/obs-1/3303/0/5700").status, 404);
+    assert_eq!(d.get("/v2/subscriptions/obs-1").status, 404);
+    assert_eq!(
+        d.call("DELETE", "/v2/subscriptions/obs-1/3303/0/5700", None, None)
+            .status,
+        404
+    );
+}
+
+#[test]
+fn subscription_status_codes() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=codes", "lt=300"], LINKS);
+    let cases = [
+        ("PUT", "/v2/subscriptions/nobody/3303/0/5700", 404),
+        ("PUT", "/v2/subscriptions/codes/9/9/9", 404),
+        ("PUT", "/v2/subscriptions/codes/3/0/0", 412),
+        ("GET", "/v2/subscriptions/codes/3303/0/5700", 404),
+        ("GET", "/v2/subscriptions/codes", 404),
+        ("DELETE", "/v2/subscriptions/nobody", 404),
+        ("DELETE", "/v2/subscriptions/codes", 204),
+        ("POST", "/v2/subscriptions/codes/3/0/0", 405),
+        ("PUT", "/v2/subscriptions/codes", 405),
+    ];
+    for (method, path, status) in cases {
+        let r = d.call(method, path, None, None);
+        assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+        if status >= 400 {
+            assert!(r.json()["type"].is_string());
+        }
+    }
+    // The device refuses to be observed (no Observe option in its answer): 412 async.
+    let r = d.call("PUT", "/v2/subscriptions/codes/3304/0/5700", None, None);
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let (req, from) = dev.recv_request(WAIT).unwrap();
+    dev.reply(&req, from, ResponseType::Content, b"40", Some(0), None);
+    assert_eq!(d.async_response(&id, WAIT)["status"], 412);
+}
+
+#[test]
+fn delete_all_subscriptions_with_and_without_trailing_slash() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=all", "lt=300"], LINKS);
+    for path in ["/v2/subscriptions/", "/v2/subscriptions"] {
+        for res in ["/3303/0/5700", "/3304/0/5700"] {
+            let r = d.call("PUT", &format!("/v2/subscriptions/all{res}"), None, None);
+            assert_eq!(r.status, 202, "{}", r.body);
+            accept_observe(&dev, res, "1");
+        }
+        let r = d.get("/v2/subscriptions/all");
+        assert_eq!(r.body.lines().count(), 2, "{}", r.body);
+        assert_eq!(d.call("DELETE", path, None, None).status, 204, "{path}");
+        assert_eq!(d.get("/v2/subscriptions/all").status, 404, "{path}");
+    }
+}
+
+#[test]
+fn pre_subscriptions_apply_at_registration_and_their_change_removes_subscriptions() {
+    let d = Daemon::start();
+    let rules = json!([{"endpoint-name": "sensor-*", "resource-path": ["/3303/*"]}]);
+    let r = d.call(
+        "PUT",
+        "/v2/subscriptions",
+        Some("application/json"),
+        Some(rules.to_string().as_bytes()),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(d.get("/v2/subscriptions").json(), rules);
+    assert_eq!(d.get("/subscriptions").json(), rules, "unprefixed too");
+
+    let mut other = d.device();
+    other.register(&["ep=other-1", "lt=300"], LINKS);
+    let mut sensor = d.device();
+    sensor.register(&["ep=sensor-1", "lt=300"], LINKS);
+    let (token, from) = accept_observe(&sensor, "/3303/0/5700", "19.5");
+    assert!(
+        sensor.recv_request(Duration::from_millis(300)).is_none(),
+        "only the matching resource"
+    );
+    assert!(
+        other.recv_request(Duration::from_millis(100)).is_none(),
+        "only the matching endpoint"
+    );
+    // The first value arrives as a notification (there is no async request to carry it).
+    notify(
+        &sensor,
+        from,
+        &token,
+        700,
+        MessageType::NonConfirmable,
+        2,
+        "19.7",
+    );
+    let e = d.collect_events(WAIT, |e| e.of("notifications").len() >= 2);
+    let values: Vec<_> = e
+        .of("notifications")
+        .iter()
+        .map(|n| n["payload"].clone())
+        .collect();
+    assert_eq!(values, vec![json!(b64(b"19.5")), json!(b64(b"19.7"))]);
+    assert_eq!(
+        d.get("/v2/subscriptions/sensor-1").body,
+        "/subscriptions/sensor-1/3303/0/5700"
+    );
+
+    // Changing the pre-subscriptions removes every subscription, then applies the new
+    // rules to registered endpoints.
+    let rules = json!([{"endpoint-name": "other-1", "resource-path": ["/3304/0/5700"]}]);
+    assert_eq!(
+        d.call(
+            "PUT",
+            "/v2/subscriptions",
+            Some("application/json"),
+            Some(rules.to_string().as_bytes())
+        )
+        .status,
+        204
+    );
+    assert_eq!(d.get("/v2/subscriptions/sensor-1").status, 404);
+    accept_observe(&other, "/3304/0/5700", "55");
+    assert_eq!(
+        d.get("/v2/subscriptions/other-1").body,
+        "/subscriptions/other-1/3304/0/5700"
+    );
+    // An empty array removes them.
+    assert_eq!(
+        d.call(
+            "PUT",
+            "/v2/subscriptions",
+            Some("application/json"),
+            Some(b"[]")
+        )
+        .status,
+        204
+    );
+    assert_eq!(d.get("/v2/subscriptions").json(), json!([]));
+    assert_eq!(d.get("/v2/subscriptions/other-1").status, 404);
+
+    for bad in [
+        &b"{not json"[..],
+        b"{}",
+        b"[{\"endpoint-name\": 1}]",
+        b"[{\"bogus\": 1}]",
+    ] {
+        let r = d.call(
+            "PUT",
+            "/v2/subscriptions",
+            Some("application/json"),
+            Some(bad),
+        );
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(bad));
+        assert_eq!(r.json()["type"], "bad_request");
+    }
+}
+
+#[test]
+fn subscriptions_survive_restart_and_are_observed_again() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    let reg = dev.register(&["ep=keep", "lt=300"], LINKS);
+    assert_eq!(
+        d.call("PUT", "/v2/subscriptions/keep/3303/0/5700", None, None)
+            .status,
+        202
+    );
+    accept_observe(&dev, "/3303/0/5700", "1");
+    let d = d.crash_and_restart();
+    assert_eq!(
+        d.get("/v2/subscriptions/keep").body,
+        "/subscriptions/keep/3303/0/5700"
+    );
+    // The daemon came back on another port; the device's update moves it there, and the
+    // subscription is observed again.
+    dev.server = d.coap;
+    let path = ["rd", reg.as_str()];
+    let upd = dev.build(&support::coap::Req::new(
+        coap_lite::RequestType::Post,
+        &path,
+    ));
+    dev.send_raw(&upd.to_bytes().unwrap());
+    let (token, from) = accept_observe(&dev, "/3303/0/5700", "2");
+    notify(&dev, from, &token, 900, MessageType::NonConfirmable, 2, "3");
+    let e = d.collect_events(WAIT, |e| {
+        e.of("notifications")
+            .iter()
+            .any(|n| n["payload"] == b64(b"3"))
+    });
+    assert!(
+        e.of("notifications")
+            .iter()
+            .any(|n| n["payload"] == b64(b"3")),
+        "{e:?}"
+    );
+
+    // A full re-registration: the device forgot its observations; they are made again.
+    d.clear_inbox();
+    let mut again = Device::new(d.coap);
+    again.sock = dev.sock.try_clone().unwrap();
+    let mut r = support::coap::Req::new(coap_lite::RequestType::Post, &["rd"]);
+    r.query = &["ep=keep", "lt=300"];
+    r.payload = LINKS.as_bytes();
+    let p = again.build(&r);
+    again.send_raw(&p.to_bytes().unwrap());
+    accept_observe(&dev, "/3303/0/5700", "4");
+}
+
+/// aiocoap as the device: a real observable resource that changes every 0.2 s.
+#[test]
+fn aiocoap_device_notifications_flow_until_unsubscribed() {
+    let d = Daemon::start();
+    let dev = Lwm2mDevice::start(d.coap, "aio-obs", &["--notify-interval", "0.2"]);
+    let r = d.call("PUT", "/v2/subscriptions/aio-obs/3303/0/5700", None, None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+    let e = d.collect_events(WAIT, |e| e.of("notifications").len() >= 3);
+    let values: Vec<f64> = e
+        .of("notifications")
+        .iter()
+        .map(|n| {
+            use base64::Engine;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(n["payload"].as_str().unwrap())
+                .unwrap();
+            String::from_utf8(raw).unwrap().parse().unwrap()
+        })
+        .collect();
+    assert!(values.len() >= 3, "{values:?}");
+    assert!(
+        values.windows(2).all(|w| w[1] > w[0]),
+        "in order: {values:?}"
+    );
+    assert_eq!(
+        d.call(
+            "DELETE",
+            "/v2/subscriptions/aio-obs/3303/0/5700",
+            None,
+            None
+        )
+        .status,
+        204
+    );
+    // aiocoap drops the observation when its next notification is answered with RST.
+    dev.wait_event(WAIT, |e| e["event"] == "observers" && e["count"] == 0);
+}
+
+/// Waits until the daemon's log says the rule files in force include (or exclude) `file`
+/// after a reload, then a little more for the watcher's debounce to settle.
+fn write_rule(d: &Daemon, file: &str, body: &str) {
+    let before = d.metric("lua_reloads_total") + d.metric("lua_errors_total");
+    let tmp = d.scripts_dir().join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, body).unwrap();
+    std::fs::rename(&tmp, d.scripts_dir().join(file)).unwrap();
+    assert!(
+        support::eventually(WAIT, || d.metric("lua_reloads_total")
+            + d.metric("lua_errors_total")
+            > before),
+        "the rule file was not (re)loaded:\n{}",
+        d.logs().join("\n")
+    );
+}
+
+/// The paths the daemon asks `dev` to observe within `window`.
+fn observed_paths(dev: &Device, window: Duration) -> Vec<String> {
+    let mut paths = Vec::new();
+    while let Some((req, from)) = dev.recv_request(window) {
+        paths.push(path_of(&req));
+        notify(
+            dev,
+            from,
+            req.get_token(),
+            req.header.message_id,
+            MessageType::Acknowledgement,
+            1,
+            "0",
+        );
+    }
+    paths.sort();
+    paths
+}
+
+#[test]
+fn lua_rules_choose_resources_and_reload_without_restart() {
+    let d = Daemon::start();
+    // The key needs a notification channel to be offered resources.
+    assert!(d.pull_now().is_none());
+    write_rule(
+        &d,
+        "10-rule.lua",
+        "function presubscribe(endpoint, resource, key)\n  return resource.rt == 'temperature'\nend\n",
+    );
+    let mut a = d.device();
+    a.register(&["ep=lua-a", "lt=300"], LINKS);
+    assert_eq!(
+        observed_paths(&a, Duration::from_millis(600)),
+        vec!["/3303/0/5700"]
+    );
+
+    // Edited: now humidity. Takes effect for the next registration, no restart.
+    write_rule(
+        &d,
+        "10-rule.lua",
+        "function presubscribe(endpoint, resource, key)\n  return resource.rt == 'humidity'\nend\n",
+    );
+    let mut b = d.device();
+    b.register(&["ep=lua-b", "lt=300"], LINKS);
+    assert_eq!(
+        observed_paths(&b, Duration::from_millis(600)),
+        vec!["/3304/0/5700"]
+    );
+
+    // A broken edit keeps the previous version in force and is logged with file:line.
+    write_rule(
+        &d,
+        "10-rule.lua",
+        "function presubscribe(endpoint, resource, key)\n  return (\nend\n",
+    );
+    assert!(d.wait_log("10-rule.lua:3", WAIT), "{}", d.logs().join("\n"));
+    let mut c = d.device();
+    c.register(&["ep=lua-c", "lt=300"], LINKS);
+    assert_eq!(
+        observed_paths(&c, Duration::from_millis(600)),
+        vec!["/3304/0/5700"]
+    );
+}
+
+#[test]
+fn runaway_lua_rules_are_stopped_and_count_as_no_opinion() {
+    let d = Daemon::start_with("[lua]\ninstruction_budget = 100000\nmemory_limit_kb = 1024\n");
+    let rules = json!([{"resource-path": ["/3304/*"]}]);
+    assert_eq!(
+        d.call(
+            "PUT",
+            "/v2/subscriptions",
+            Some("application/json"),
+            Some(rules.to_string().as_bytes())
+        )
+        .status,
+        204
+    );
+    write_rule(
+        &d,
+        "10-loop.lua",
+        "function presubscribe(e, r, k)\n  if r.rt == 'temperature' then while true do end end\n  return nil\nend\n",
+    );
+    write_rule(
+        &d,
+        "20-hog.lua",
+        "function presubscribe(e, r, k)\n  local t = {}\n  for i = 1, 1e9 do t[i] = string.rep('x', 1000) end\nend\n",
+    );
+    let errors = d.metric("lua_errors_total");
+    let mut dev = d.device();
+    dev.register(&["ep=runaway", "lt=300"], LINKS);
+    // Both scripts fail for every resource; the JSON rule decides: humidity only.
+    assert_eq!(
+        observed_paths(&dev, Duration::from_millis(800)),
+        vec!["/3304/0/5700"]
+    );
+    assert!(d.metric("lua_errors_total") >= errors + 2);
+    // Still serving.
+    assert_eq!(d.get("/v2/endpoints").status, 200);
+}
+
+/// A key that subscribes to a resource observed already (200: nothing is asked of the
+/// device for it) has a notification channel from then on, so the next notification
+/// reaches it even though it never pulled before.
+#[test]
+fn a_subscription_to_an_observed_resource_opens_the_keys_channel() {
+    let p = support::Prepared::new("", "");
+    let admin = p.plugin_call("connector", "bootstrap", &json!({"domain": "default"}))["created"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = p.plugin_call(
+        "connector",
+        "create_key",
+        &json!({"name": "second", "domain": "default"}),
+    )["access_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut d = p.start();
+    d.key = admin;
+    let mut dev = d.device();
+    dev.register(&["ep=shared", "lt=300"], LINKS);
+    let r = d.call("PUT", "/v2/subscriptions/shared/3303/0/5700", None, None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let (token, from) = accept_observe(&dev, "/3303/0/5700", "1");
+    let as_other = |method: &str, path: &str| {
+        support::http(
+            method,
+            &d.url(path),
+            &[("Authorization", &format!("Bearer {other}"))],
+            None,
+        )
+    };
+    assert_eq!(
+        as_other("PUT", "/v2/subscriptions/shared/3303/0/5700").status,
+        200
+    );
+    notify(&dev, from, &token, 800, MessageType::NonConfirmable, 2, "2");
+    // The admin key has it: it was published.
+    d.collect_events(WAIT, |e| !e.of("notifications").is_empty());
+    let r = as_other("GET", "/v2/notification/pull?noWait=true");
+    assert_eq!(r.status, 200, "the notification was not kept for the key");
+    assert_eq!(
+        r.json()["notifications"][0]["payload"].as_str(),
+        Some(b64(b"2").as_str())
+    );
+}
+
+/// A subscription row left behind by an endpoint that is no longer registered (its removal
+/// failed, or the process stopped between the two writes) is not loaded at start and is
+/// removed from the store: the endpoint registering anew is not observed for a key that
+/// lost that subscription when the endpoint left.
+#[test]
+fn subscriptions_of_an_endpoint_gone_while_down_are_dropped_at_start() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=ghost", "lt=300"], LINKS);
+    let r = d.call("PUT", "/v2/subscriptions/ghost/3303/0/5700", None, None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    accept_observe(&dev, "/3303/0/5700", "20.0");
+    assert_eq!(
+        d.call("GET", "/v2/subscriptions/ghost/3303/0/5700", None, None)
+            .status,
+        200
+    );
+    // Between two runs the registration row goes, its subscription row stays.
+    let d = d.stop_edit_restart(|state| {
+        let db = rusqlite::Connection::open(state.join("connectord.db")).unwrap();
+        let n = db
+            .execute("DELETE FROM registrations WHERE name = 'ghost'", [])
+            .unwrap();
+        assert_eq!(n, 1);
+    });
+    let mut again = d.device();
+    again.register(&["ep=ghost", "lt=300"], LINKS);
+    assert_eq!(
+        d.call("GET", "/v2/subscriptions/ghost/3303/0/5700", None, None)
+            .status,
+        404,
+        "the subscription of the departed endpoint came back"
+    );
+    assert!(
+        again.recv_request(Duration::from_secs(2)).is_none(),
+        "the daemon observed the endpoint for a subscription it had lost"
+    );
+    assert!(d.wait_log("subscriptions of endpoints that are not registered", WAIT));
+    // And it is gone from the store too: not back after another restart.
+    let d = d.stop_and_restart();
+    assert!(!d.wait_log(
+        "subscriptions of endpoints that are not registered",
+        Duration::from_secs(2)
+    ));
+}
