@@ -45,6 +45,8 @@
 //! get a certificate no handshake could accept. Each of them is refused with a message that
 //! names the curve and says why ([`OTHER_256_BIT_CURVES`]).
 
+#![deny(unsafe_code)]
+
 use std::fmt;
 use std::fs;
 use std::io::{self, Write};

@@ -20,6 +20,8 @@
 //! signalling messages) will be another listener kind that frames messages and skips the
 //! reliability layer, without changing [`Transport::request`] or [`RequestHandler`].
 
+#![deny(unsafe_code)]
+
 pub mod block1;
 pub mod client;
 pub mod config;

@@ -26,6 +26,8 @@
 //! Plugins keep their state through the host (`state_get`/`put`/`delete`/`keys`, stored
 //! in SQLite), so a reload or a restart loses nothing.
 
+#![deny(unsafe_code)]
+
 // The core's modules under the paths this code was written with.
 use connectord_core::{auth, config, dir_watch, events, metrics, shutdown, store};
 

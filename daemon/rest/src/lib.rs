@@ -5,6 +5,8 @@
 //! caller through the [`AuthChain`] and checks the scope before any handler runs. Errors
 //! are JSON `{"type": …, "message": …}`, never an empty body or an HTML page.
 
+#![deny(unsafe_code)]
+
 // The modules below this crate under the paths this code was written with.
 use connectord_certs as certs;
 use connectord_core::{

@@ -48,6 +48,8 @@
 //! burst does not overflow the daemon's receive buffer; `register_rate` paces starts on
 //! top of that. Temperature ticks start at a random phase so devices do not tick together.
 
+#![deny(unsafe_code)]
+
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -1,8 +1,13 @@
-//! Durable state behind a trait, so that a multi-node backend can come later.
+//! Durable state: one port (trait) per aggregate, [`Store`] their union, and the backends:
+//! [`sqlite::SqliteStore`] (embedded, the default) and [`memory::MemoryStore`] (tests).
 //!
 //! Every write returns a [`Pending`] that resolves once the write is durable; callers
-//! acknowledge to devices and applications only after that. The embedded backend is
-//! [`sqlite::SqliteStore`].
+//! acknowledge to devices and applications only after that.
+//!
+//! **Invariant:** this crate depends on `connectord-model` alone; how a record is
+//! serialised is the backend's business, and [`StoreError`] names no backend's type.
+
+#![deny(unsafe_code)]
 
 pub mod memory;
 /// Every port trait, for calling them on a concrete backend: `use connectord_store::prelude::*`.

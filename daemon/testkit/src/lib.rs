@@ -13,6 +13,8 @@
 //! harness) in the same process would share them. A process per daemon keeps tests
 //! independent and is what the bench must measure anyway.
 
+#![deny(unsafe_code)]
+
 pub mod coap;
 pub mod receiver;
 
