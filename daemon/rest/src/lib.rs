@@ -332,28 +332,9 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
         );
     }
     let (parts, body) = req.into_parts();
-    let read = Limited::new(body, state.max_body).collect();
-    let Ok(read) = tokio::time::timeout(state.connections.timeout(), read).await else {
-        return body_timeout(errs);
-    };
-    let body = match read {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &errs.payload_too_large,
-                    &format!("the request body is larger than {} bytes", state.max_body),
-                );
-            }
-            return error(
-                StatusCode::BAD_REQUEST,
-                &errs.bad_request,
-                &format!("cannot read the request body: {e}"),
-            );
-        }
+    let body = match read_body(&state, body, errs).await {
+        Ok(body) => body,
+        Err(reply) => return reply,
     };
     if takes_json(&route, &parts.method)
         && let Some(reply) = refuse_non_json(&parts)
@@ -582,6 +563,34 @@ fn refuse_non_json(parts: &http::request::Parts) -> Option<Reply> {
 }
 
 /// 408: the request body did not arrive within `rest.client_timeout_s`.
+/// Reads a request body whole, within `requests.max_body` (413) and the client timeout
+/// (408); a body that fails to arrive otherwise is 400.
+async fn read_body(state: &AppState, body: Incoming, errs: &ErrorTypes) -> Result<Bytes, Reply> {
+    let read = Limited::new(body, state.max_body).collect();
+    let Ok(read) = tokio::time::timeout(state.connections.timeout(), read).await else {
+        return Err(body_timeout(errs));
+    };
+    match read {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return Err(error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &errs.payload_too_large,
+                    &format!("the request body is larger than {} bytes", state.max_body),
+                ));
+            }
+            Err(error(
+                StatusCode::BAD_REQUEST,
+                &errs.bad_request,
+                &format!("cannot read the request body: {e}"),
+            ))
+        }
+    }
+}
+
 fn body_timeout(errs: &ErrorTypes) -> Reply {
     error(
         StatusCode::REQUEST_TIMEOUT,
@@ -629,19 +638,9 @@ async fn dispatch_plugin_route(
         Err(reply) => return reply,
     };
     let (parts, body) = req.into_parts();
-    let read = Limited::new(body, state.max_body).collect();
-    let Ok(read) = tokio::time::timeout(state.connections.timeout(), read).await else {
-        return body_timeout(errs);
-    };
-    let body = match read {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &errs.payload_too_large,
-                "the request body is too large",
-            );
-        }
+    let body = match read_body(state, body, errs).await {
+        Ok(body) => body,
+        Err(reply) => return reply,
     };
     plugin_route(state, &principal, &parts, body, &plugin, &path, errs).await
 }

@@ -251,30 +251,28 @@ pub trait Feed: Send + Sync + 'static {
     }
 }
 
-/// Everything the daemon keeps across restarts: one port per aggregate, which a backend
-/// implements all of (a service that needs one aggregate can take that port alone).
-///
-/// Writes are applied in the order they are submitted, so a caller that submits under its
-/// own lock gets the store in the same order as its in-memory state; that holds across
-/// ports too (one backend, one order).
-pub trait Store:
-    RegistrationStore
-    + EventLog
-    + RequestStore
-    + PluginStateStore
-    + SubscriptionStore
-    + QuotaStore
-    + Feed
-{
+/// `Store` is the union of the ports, and every type that implements them all is one.
+macro_rules! union_of_ports {
+    ($($port:ident),+) => {
+        /// Everything the daemon keeps across restarts: one port per aggregate, which a
+        /// backend implements all of (a service that needs one aggregate can take that port
+        /// alone).
+        ///
+        /// Writes are applied in the order they are submitted, so a caller that submits
+        /// under its own lock gets the store in the same order as its in-memory state; that
+        /// holds across ports too (one backend, one order).
+        pub trait Store: $($port +)+ {}
+
+        impl<T: $($port +)+> Store for T {}
+    };
 }
 
-impl<T> Store for T where
-    T: RegistrationStore
-        + EventLog
-        + RequestStore
-        + PluginStateStore
-        + SubscriptionStore
-        + QuotaStore
-        + Feed
-{
-}
+union_of_ports!(
+    RegistrationStore,
+    EventLog,
+    RequestStore,
+    PluginStateStore,
+    SubscriptionStore,
+    QuotaStore,
+    Feed
+);
