@@ -26,7 +26,7 @@ use crate::plugins::PluginSink;
 use crate::plugins::{PluginHost, kind_name};
 use crate::registry::lwm2m::Lwm2mHandler;
 use crate::registry::{Registry, RegistryListener};
-use crate::requests::{Requests, RequestsDeps, RequestsListener};
+use crate::requests::{CoapDevices, Requests, RequestsDeps, RequestsListener};
 use crate::rest::{self, AppState};
 use crate::shutdown;
 use crate::store::sqlite::SqliteStore;
@@ -244,7 +244,7 @@ pub async fn run(
         |observations| {
             let deps = RequestsDeps {
                 registry: Arc::clone(&registry),
-                transport: Arc::clone(&transport),
+                devices: Arc::new(CoapDevices(Arc::clone(&transport))),
                 hub: Arc::clone(&hub),
                 store: Arc::clone(&store),
                 counters: Arc::clone(&counters),

@@ -18,8 +18,7 @@ use coap_lite::{RequestType, ResponseType};
 
 use crate::auth::Principal;
 use crate::coap::client::{ClientError, CoapReply, ObserveStream, OutRequest};
-use crate::coap::{Transport, content_format};
-use crate::coap_route::{listener_to_coap, to_coap};
+use crate::coap::content_format;
 use crate::config::RequestsConfig;
 use crate::events::{Event, Hub, Kind, async_response_body};
 use crate::hashing::Map;
@@ -28,6 +27,9 @@ use crate::metrics::Counters;
 use crate::registry::{Endpoint, Registry, RegistryEvent, RegistryListener, now_ms};
 use crate::store::{Store, StoreError};
 pub use connectord_model::{Job, Method};
+pub use device::{CoapDevices, DeviceClient};
+
+mod device;
 
 /// CoAP's default Max-Age when a response carries none (RFC 7252 §5.10.5).
 pub const DEFAULT_MAX_AGE: u32 = 60;
@@ -218,7 +220,7 @@ type EpKey = (String, String);
 /// The request queues and the resource value cache.
 pub struct Requests {
     registry: Arc<Registry>,
-    transport: Arc<Transport>,
+    devices: Arc<dyn DeviceClient>,
     hub: Arc<Hub>,
     store: Arc<dyn Store>,
     cfg: RequestsConfig,
@@ -356,7 +358,8 @@ impl Outcome {
 /// What the request layer is built on.
 pub struct RequestsDeps {
     pub registry: Arc<Registry>,
-    pub transport: Arc<Transport>,
+    /// How requests reach devices (the CoAP transport in the daemon).
+    pub devices: Arc<dyn DeviceClient>,
     pub hub: Arc<Hub>,
     pub store: Arc<dyn Store>,
     pub counters: Arc<Counters>,
@@ -372,7 +375,7 @@ impl Requests {
     ) -> Arc<Requests> {
         let RequestsDeps {
             registry,
-            transport,
+            devices,
             hub,
             store,
             counters,
@@ -380,7 +383,7 @@ impl Requests {
         } = deps;
         Arc::new(Requests {
             registry,
-            transport,
+            devices,
             hub,
             store,
             cfg,
@@ -523,10 +526,7 @@ impl Requests {
             l.take(&who.domain)
                 .map_err(|e| RequestError::OverQuota(e.to_string()))?;
         }
-        if !self
-            .transport
-            .has_listener(&listener_to_coap(ep.reg.peer.listener))
-        {
+        if !self.devices.reaches(&ep.reg.peer) {
             return Err(RequestError::Unavailable(format!(
                 "the endpoint registered through {}, which is no longer bound; it must register again",
                 ep.reg.peer.listener.local
@@ -542,8 +542,8 @@ impl Requests {
             req.payload = s.payload;
             req.content_format = s.content_format;
             Counters::inc(&self.counters.device_requests);
-            self.transport
-                .send_non(to_coap(ep.reg.peer), &req)
+            self.devices
+                .send_non(ep.reg.peer, &req)
                 .await
                 .map_err(|e| RequestError::Unavailable(e.to_string()))?;
             return Ok(Submitted::Sent);
@@ -649,11 +649,11 @@ impl Requests {
         if job.method == Method::Observe {
             return self.execute_observe(job, &ep, &mut req).await;
         }
-        let mut answer = self.transport.request(to_coap(ep.reg.peer), &req).await;
+        let mut answer = self.devices.request(ep.reg.peer, &req).await;
         if job.accept_fallback && answer.as_ref().is_ok_and(refuses_accept) {
             req.accept = None;
             Counters::inc(&self.counters.device_requests);
-            answer = self.transport.request(to_coap(ep.reg.peer), &req).await;
+            answer = self.devices.request(ep.reg.peer, &req).await;
         }
         match answer {
             Ok(reply) => {
@@ -712,11 +712,11 @@ impl Requests {
     }
 
     async fn execute_observe(&self, job: &Job, ep: &Endpoint, req: &mut OutRequest) -> Outcome {
-        let mut answer = self.transport.observe(to_coap(ep.reg.peer), req).await;
+        let mut answer = self.devices.observe(ep.reg.peer, req).await;
         if job.accept_fallback && answer.as_ref().is_ok_and(|(r, _)| refuses_accept(r)) {
             req.accept = None;
             Counters::inc(&self.counters.device_requests);
-            answer = self.transport.observe(to_coap(ep.reg.peer), req).await;
+            answer = self.devices.observe(ep.reg.peer, req).await;
         }
         match answer {
             Ok((reply, stream)) => {
