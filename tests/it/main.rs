@@ -36,4 +36,5 @@ mod store_failure;
 mod strictness;
 mod subscriptions;
 mod tenants;
+mod upgrade;
 mod watch;
