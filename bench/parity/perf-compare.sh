@@ -2,7 +2,8 @@
 # perf-compare.sh OLD_DIR NEW_DIR OUT_DIR
 # Issue 20's parity check: two built trees (each with target/release/connectord and
 # connectord-bench), measured alternately in one run, driven by ONE bench binary (NEW's if
-# it exists, else OLD's) so only the daemon differs:
+# it exists, else OLD's; BENCH=path overrides, e.g. the old bench when the new one passes
+# the daemon a flag the old build lacks) so only the daemon differs:
 #   1. callgrind, proxied reads: 2 rounds x (old, new) x (5 000, 15 000 reads)
 #   2. callgrind, registrations: 2 rounds x (old, new) x (1 000, 5 000 simulated devices)
 #   3. callgrind, notifications (1 device every 10 ms: 100/s evenly spaced, 25 s window): 3 rounds
@@ -23,7 +24,7 @@ ulimit -n 20000 2>/dev/null || true
 for d in "$old" "$new"; do
   [ -x "$d/target/release/connectord" ] || { echo "no $d/target/release/connectord" >&2; exit 2; }
 done
-bench=$new/target/release/connectord-bench
+bench=${BENCH:-$new/target/release/connectord-bench}
 [ -x "$bench" ] || bench=$old/target/release/connectord-bench
 [ -x "$bench" ] || { echo "no connectord-bench in either tree" >&2; exit 2; }
 declare -A dir=([old]=$old [new]=$new)

@@ -17,7 +17,7 @@
 //! once; each server's datagram counter shows the retransmissions it received.
 //!
 //! The simulator reports these moments only in its log, so the bench installs a
-//! `tracing` subscriber that records the `connectord::simulate` events it needs (and
+//! `tracing` subscriber that records the `connectord_sim` events it needs (and
 //! nothing else) with the instant they happen: one debug event per registered device.
 
 use std::io::{BufRead, BufReader, Write};
@@ -42,7 +42,7 @@ const DEFAULT_PEER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/peer");
 /// The script in the peer directory that runs lwm2m-node-lib's server.
 const PEER_SCRIPT: &str = "lwm2m-node-server.js";
 /// The simulator's module, the target of the events recorded.
-const SIM_TARGET: &str = "connectord::simulate";
+const SIM_TARGET: &str = "connectord_sim";
 
 /// Options of the peer comparison (flattened into the bench's arguments).
 #[derive(Debug, clap::Args)]
