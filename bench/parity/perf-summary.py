@@ -77,14 +77,21 @@ P(f"Builds: old = {labels.get('old', '?')}, new = {labels.get('new', '?')}; "
   f"bench = {labels.get('bench', '?')}")
 P("")
 
+def rounds_of(kind):
+    """The round numbers of the `kind` runs (reads, regs) found in the callgrind folder."""
+    if not os.path.isdir(cg):
+        return []
+    return sorted({int(m.group(1)) for f in os.listdir(cg)
+                   if (m := re.match(kind + r"-\w+-r(\d+)-n", f))})
+
+
 # --- reads ---
 per_read = {b: [] for b in builds}
 P("### User-space instructions per proxied read (callgrind)")
 P("")
 P("| Round | Build | Instr. at 5 000 | Instr. at 15 000 | Answered 5k / 15k | Per read |")
 P("|---|---|---|---|---|---|")
-rounds = sorted({int(m.group(1)) for f in os.listdir(cg)
-                 if (m := re.match(r"reads-\w+-r(\d+)-n", f))}) if os.path.isdir(cg) else []
+rounds = rounds_of("reads")
 for r in rounds:
     for b in builds:
         t5, t15 = totals(f"{cg}/reads-{b}-r{r}-n5000"), totals(f"{cg}/reads-{b}-r{r}-n15000")
@@ -107,8 +114,7 @@ P("### User-space instructions per registration (callgrind)")
 P("")
 P("| Round | Build | Instr. at 1 000 devices | Instr. at 5 000 | Per registration |")
 P("|---|---|---|---|---|")
-rounds = sorted({int(m.group(1)) for f in os.listdir(cg)
-                 if (m := re.match(r"regs-\w+-r(\d+)-n", f))}) if os.path.isdir(cg) else []
+rounds = rounds_of("regs")
 for r in rounds:
     for b in builds:
         t1, t5 = totals(f"{cg}/regs-{b}-r{r}-n1000"), totals(f"{cg}/regs-{b}-r{r}-n5000")

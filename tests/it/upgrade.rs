@@ -55,9 +55,10 @@ fn install_fixture(state: &Path) {
 fn a_state_directory_of_the_release_before_opens_and_serves_what_it_held() {
     let d = Daemon::start().stop_edit_restart(install_fixture);
     assert!(
-        d.logs()
-            .iter()
-            .any(|l| l.contains("migrated database schema to version 7")),
+        d.wait_log(
+            "migrated database schema to version 7",
+            Duration::from_secs(5)
+        ),
         "{}",
         d.logs().join("\n")
     );

@@ -658,15 +658,8 @@ impl Requests {
         match answer {
             Ok(reply) => {
                 let status = http_status(reply.code);
-                if job.method == Method::Get && reply.code == ResponseType::Content {
-                    self.cache_put(
-                        &job.domain,
-                        &job.ep,
-                        &job.path,
-                        &reply.payload,
-                        reply.content_format,
-                        reply.max_age,
-                    );
+                if job.method == Method::Get {
+                    self.cache_reply(job, &reply);
                 }
                 let error = (status >= 400).then(|| {
                     let diag = String::from_utf8_lossy(&reply.payload);
@@ -721,16 +714,7 @@ impl Requests {
         match answer {
             Ok((reply, stream)) => {
                 let status = http_status(reply.code);
-                if reply.code == ResponseType::Content {
-                    self.cache_put(
-                        &job.domain,
-                        &job.ep,
-                        &job.path,
-                        &reply.payload,
-                        reply.content_format,
-                        reply.max_age,
-                    );
-                }
+                self.cache_reply(job, &reply);
                 let sink = self.observations.upgrade();
                 let refusal = if status >= 400 {
                     Some((status, format!("the device answered {:?}", reply.code)))
@@ -797,6 +781,21 @@ impl Requests {
             )
             .await;
         tracing::debug!(id = %job.id, ep = %job.ep, path = %job.path, status = o.status, "async response");
+    }
+
+    /// Keeps a device's 2.05 Content answer to a read or an observe of `job.path` as the
+    /// resource's last value (other answers are not values).
+    fn cache_reply(&self, job: &Job, reply: &CoapReply) {
+        if reply.code == ResponseType::Content {
+            self.cache_put(
+                &job.domain,
+                &job.ep,
+                &job.path,
+                &reply.payload,
+                reply.content_format,
+                reply.max_age,
+            );
+        }
     }
 
     /// Remembers a resource value for `cacheOnly` reads (from reads and notifications).
