@@ -85,14 +85,19 @@ def rounds_of(kind):
                    if (m := re.match(kind + r"-\w+-r(\d+)-n", f))})
 
 
+def heading(title, columns):
+    """A table's title and header rows."""
+    P(f"### {title}")
+    P("")
+    P("| " + " | ".join(columns) + " |")
+    P("|" + "---|" * len(columns))
+
+
 # --- reads ---
 per_read = {b: [] for b in builds}
-P("### User-space instructions per proxied read (callgrind)")
-P("")
-P("| Round | Build | Instr. at 5 000 | Instr. at 15 000 | Answered 5k / 15k | Per read |")
-P("|---|---|---|---|---|---|")
-rounds = rounds_of("reads")
-for r in rounds:
+heading("User-space instructions per proxied read (callgrind)",
+        ["Round", "Build", "Instr. at 5 000", "Instr. at 15 000", "Answered 5k / 15k", "Per read"])
+for r in rounds_of("reads"):
     for b in builds:
         t5, t15 = totals(f"{cg}/reads-{b}-r{r}-n5000"), totals(f"{cg}/reads-{b}-r{r}-n15000")
         a = []
@@ -110,12 +115,9 @@ P("")
 
 # --- registrations under callgrind ---
 per_reg = {b: [] for b in builds}
-P("### User-space instructions per registration (callgrind)")
-P("")
-P("| Round | Build | Instr. at 1 000 devices | Instr. at 5 000 | Per registration |")
-P("|---|---|---|---|---|")
-rounds = rounds_of("regs")
-for r in rounds:
+heading("User-space instructions per registration (callgrind)",
+        ["Round", "Build", "Instr. at 1 000 devices", "Instr. at 5 000", "Per registration"])
+for r in rounds_of("regs"):
     for b in builds:
         t1, t5 = totals(f"{cg}/regs-{b}-r{r}-n1000"), totals(f"{cg}/regs-{b}-r{r}-n5000")
         ok = all(find(results(f"{cg}/regs-{b}-r{r}-n{n}.json"), "registrations/s")
