@@ -164,6 +164,10 @@ pub async fn run(
     ));
     let loaded = registry.load().await?;
     tracing::info!("loaded {loaded} stored registrations");
+    // The readers (requests, subscriptions, REST) get the read model; the registry
+    // itself goes only to the writers (the registration interface, `DELETE
+    // /endpoints/{name}`, the expiry task).
+    let directory = Arc::clone(registry.directory());
 
     let plugins = PluginHost::start(
         &config.plugins,
@@ -235,7 +239,7 @@ pub async fn run(
     .await?;
     let lua = LuaRules::load(&config.lua, Arc::clone(&counters));
     let subscriptions = Subscriptions::load(
-        Arc::clone(&registry),
+        Arc::clone(&directory),
         Arc::clone(&hub),
         Arc::clone(&store),
         Arc::clone(&lua),
@@ -243,7 +247,7 @@ pub async fn run(
         Some(Arc::clone(&limits)),
         |observations| {
             let deps = RequestsDeps {
-                registry: Arc::clone(&registry),
+                directory: Arc::clone(&directory),
                 devices: Arc::new(CoapDevices(Arc::clone(&transport))),
                 hub: Arc::clone(&hub),
                 store: Arc::clone(&store),
@@ -308,6 +312,7 @@ pub async fn run(
         tracing::info!("dropped the notification channels of {dropped} revoked keys");
     }
     let state = Arc::new(AppState {
+        directory,
         registry: Arc::clone(&registry),
         auth,
         counters: Arc::clone(&counters),

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::reply::{Reply, error};
 use crate::auth::Principal;
-use crate::registry::{Registry, RegistryError, Resource};
+use crate::registry::{Directory, Registry, RegistryError, Resource};
 
 const JSON: &str = "application/json";
 const LINK_FORMAT: &str = "application/link-format";
@@ -114,13 +114,13 @@ fn quoted(v: &str) -> String {
 }
 
 /// `GET /endpoints[?type=]`.
-pub fn list(registry: &Registry, who: &Principal, parts: &Parts) -> Reply {
+pub fn list(directory: &Directory, who: &Principal, parts: &Parts) -> Reply {
     let format = match format_of(parts) {
         Ok(f) => f,
         Err(r) => return r,
     };
     let ept = query_param(parts, "type");
-    let mut eps = registry.list(&who.domain, ept.as_deref());
+    let mut eps = directory.list(&who.domain, ept.as_deref());
     eps.retain(|e| who.may_access(&e.reg.name, None));
     match format {
         Format::Json => {
@@ -186,12 +186,12 @@ fn resources_json(resources: &[Resource]) -> Vec<ResourceJson<'_>> {
 
 /// `GET /endpoints/{endpoint-name}`: 404 when no such endpoint is registered in the
 /// caller's domain. A restricted key gets only the resources it may access.
-pub fn get(registry: &Registry, who: &Principal, parts: &Parts, name: &str) -> Reply {
+pub fn get(directory: &Directory, who: &Principal, parts: &Parts, name: &str) -> Reply {
     let format = match format_of(parts) {
         Ok(f) => f,
         Err(r) => return r,
     };
-    let Some(ep) = registry.get(&who.domain, name) else {
+    let Some(ep) = directory.get(&who.domain, name) else {
         return error(StatusCode::NOT_FOUND, "not_found", "endpoint not found");
     };
     // Only the resources a restricted key may see.

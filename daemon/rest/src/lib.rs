@@ -40,7 +40,7 @@ use crate::auth::{AuthChain, AuthError, Principal, Scope};
 use crate::coap::Transport;
 use crate::events::Hub;
 use crate::metrics::Counters;
-use crate::registry::Registry;
+use crate::registry::{Directory, Registry};
 use crate::requests::Requests;
 use crate::shutdown::Shutdown;
 use connectord_core::subscriptions::Subscriptions;
@@ -57,6 +57,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What handlers need, shared by every connection.
 pub struct AppState {
+    /// What is registered now (the registry's read model), for every read.
+    pub directory: Arc<Directory>,
+    /// The registry's write service, for `DELETE /endpoints/{name}` only.
     pub registry: Arc<Registry>,
     pub auth: AuthChain,
     pub counters: Arc<Counters>,
@@ -359,11 +362,11 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
             ),
         },
         Route::RestVersions => Reply::json(StatusCode::OK, &["v1", "v2"]),
-        Route::Endpoints => endpoints::list(&state.registry, &principal, &parts),
+        Route::Endpoints => endpoints::list(&state.directory, &principal, &parts),
         Route::Endpoint(name) if parts.method == Method::DELETE => {
             endpoints::remove(&state.registry, &principal, &name).await
         }
-        Route::Endpoint(name) => endpoints::get(&state.registry, &principal, &parts, &name),
+        Route::Endpoint(name) => endpoints::get(&state.directory, &principal, &parts, &name),
         Route::Resource { ep, path } => {
             resources::handle(&state.requests, &principal, &parts, body, &ep, &path).await
         }
@@ -393,7 +396,7 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
         Route::EndpointSubscriptions(ep) => {
             subscriptions::endpoint(
                 &state.subscriptions,
-                &state.registry,
+                &state.directory,
                 &principal,
                 &parts,
                 &ep,
@@ -406,7 +409,7 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
         Route::Cert => devtools::create_cert(&state.ca, &principal, body),
         Route::OpenApi => Reply::with_type(StatusCode::OK, "application/json", OPENAPI),
         Route::Limits => {
-            let endpoints = state.registry.count_in(&principal.domain);
+            let endpoints = state.directory.count_in(&principal.domain);
             Reply::json(
                 StatusCode::OK,
                 &state.limits.snapshot(&principal.domain, endpoints),
@@ -420,7 +423,7 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
                 &mut out,
                 "registered_endpoints",
                 "Endpoints registered now.",
-                state.registry.len() as u64,
+                state.directory.len() as u64,
             );
             metrics::gauge(
                 &mut out,

@@ -19,7 +19,7 @@ use serde_json::json;
 
 use super::reply::{Reply, error};
 use crate::auth::Principal;
-use crate::registry::Registry;
+use crate::registry::Directory;
 use crate::requests::RequestError;
 use connectord_core::subscriptions::{SubError, Subscribed, Subscriptions, presub};
 
@@ -103,7 +103,7 @@ pub async fn resource(
 /// `GET|DELETE /subscriptions/{ep}`.
 pub async fn endpoint(
     subs: &Subscriptions,
-    registry: &Registry,
+    directory: &Directory,
     who: &Principal,
     parts: &Parts,
     ep: &str,
@@ -126,7 +126,7 @@ pub async fn endpoint(
     }
     match subs.unsubscribe_endpoint(who, ep).await {
         Ok(removed) => {
-            if removed || registry.get(&who.domain, ep).is_some() {
+            if removed || directory.get(&who.domain, ep).is_some() {
                 Reply::empty(StatusCode::NO_CONTENT)
             } else {
                 error(StatusCode::NOT_FOUND, "not_found", "endpoint not found")

@@ -1,21 +1,26 @@
 //! The endpoint directory: who is registered, with which resources, until when.
 //!
-//! The in-memory maps are the truth for reads; every change is submitted to the store under
-//! the same lock (so the store sees changes in memory order) and acknowledged to the device
-//! only after the store reports it durable. Lifetimes are wall-clock deadlines so that they
-//! survive a restart; one task expires them.
+//! Two parts: the read model, [`Directory`] (what is registered now, the lookups), which
+//! readers get at construction, and the write service, [`Registry`] (the registration
+//! interface, the store, the listeners, the expiry), its only writer. The directory's maps
+//! are the truth for reads; every change is submitted to the store under the directory's
+//! lock (so the store sees changes in memory order), rolled back if the store refuses it,
+//! and acknowledged to the device only after the store reports it durable. Lifetimes are
+//! wall-clock deadlines so that they survive a restart; one task expires them.
 
+mod directory;
 pub mod lwm2m;
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, MutexGuard};
+pub use directory::Directory;
+use directory::Maps;
+
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use crate::coap::link_format;
 use crate::config::RegistryConfig;
-use crate::hashing::Map;
 use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::shutdown::Shutdown;
@@ -217,73 +222,13 @@ pub struct UpdateParams {
     pub links: Option<String>,
 }
 
-/// The in-memory directory. Keys are boxed strings and the name index holds the endpoint
-/// itself (not its id): this is kept once per registered endpoint, so its size is the
-/// memory per endpoint (docs/PERFORMANCE.md), and a lookup by name allocates nothing.
-#[derive(Default)]
-struct Inner {
-    by_id: Map<Box<str>, Arc<Endpoint>>,
-    /// domain → name → endpoint (the same `Arc` as in `by_id`).
-    by_name: Map<Box<str>, Map<Box<str>, Arc<Endpoint>>>,
-    /// (expires_at_ms, id), the next to expire first.
-    deadlines: BTreeSet<(u64, Box<str>)>,
-}
-
-impl Inner {
-    fn insert(&mut self, ep: Arc<Endpoint>) {
-        let r = &ep.reg;
-        self.by_name
-            .entry(r.domain.as_str().into())
-            .or_default()
-            .insert(r.name.as_str().into(), Arc::clone(&ep));
-        self.deadlines
-            .insert((r.expires_at_ms, r.id.as_str().into()));
-        self.by_id.insert(r.id.as_str().into(), ep);
-    }
-
-    fn remove(&mut self, id: &str) -> Option<Arc<Endpoint>> {
-        let ep = self.by_id.remove(id)?;
-        let r = &ep.reg;
-        if let Some(names) = self.by_name.get_mut(r.domain.as_str()) {
-            names.remove(r.name.as_str());
-            if names.is_empty() {
-                self.by_name.remove(r.domain.as_str());
-            }
-        }
-        self.deadlines
-            .remove(&(r.expires_at_ms, r.id.as_str().into()));
-        Some(ep)
-    }
-
-    /// Whether `ep` (this very registration, not a later one of the same id) is held.
-    fn holds(&self, ep: &Arc<Endpoint>) -> bool {
-        self.by_id
-            .get(ep.reg.id.as_str())
-            .is_some_and(|e| Arc::ptr_eq(e, ep))
-    }
-
-    /// Puts back a registration whose removal the store refused, unless its id or its
-    /// name was taken meanwhile (a later change, which the store applied after ours).
-    fn restore(&mut self, ep: &Arc<Endpoint>) {
-        if !self.by_id.contains_key(ep.reg.id.as_str())
-            && self.by_name(&ep.reg.domain, &ep.reg.name).is_none()
-        {
-            self.insert(Arc::clone(ep));
-        }
-    }
-
-    fn by_name(&self, domain: &str, name: &str) -> Option<&Arc<Endpoint>> {
-        self.by_name.get(domain)?.get(name)
-    }
-
-    fn count_in(&self, domain: &str) -> usize {
-        self.by_name.get(domain).map_or(0, Map::len)
-    }
-}
-
-/// The endpoint directory.
+/// The registry's write service: registrations, updates, de-registrations and expiry.
+///
+/// It owns the store, the listeners and the expiry task, and is the only writer of its
+/// [`Directory`] (the read model, handed to readers by [`Registry::directory`]).
 pub struct Registry {
-    inner: Mutex<Inner>,
+    /// What is registered now; changed only here, as the store commits (see [`Directory`]).
+    directory: Arc<Directory>,
     store: Arc<dyn Store>,
     cfg: RegistryConfig,
     counters: Arc<Counters>,
@@ -377,7 +322,7 @@ impl Registry {
         limits: Option<Arc<crate::limits::Limits>>,
     ) -> Registry {
         Registry {
-            inner: Mutex::new(Inner::default()),
+            directory: Arc::new(Directory::new()),
             store,
             cfg,
             counters,
@@ -418,9 +363,13 @@ impl Registry {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Every critical section leaves the maps consistent before anything can panic.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    /// The read model: what is registered now. Readers get this rather than the registry.
+    pub fn directory(&self) -> &Arc<Directory> {
+        &self.directory
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Maps> {
+        self.directory.lock()
     }
 
     /// Loads stored registrations (at start). Those already past their deadline are
@@ -453,14 +402,14 @@ impl Registry {
     }
 
     /// Whether a new endpoint (not a re-registration) fits in `domain` and in the registry.
-    fn room_for_new(&self, inner: &Inner, domain: &str) -> Result<(), RegistryError> {
+    fn room_for_new(&self, inner: &Maps, domain: &str) -> Result<(), RegistryError> {
         if inner.count_in(domain) >= self.cfg.max_endpoints_per_domain {
             return Err(RegistryError::DomainFull {
                 domain: domain.to_string(),
                 max: self.cfg.max_endpoints_per_domain,
             });
         }
-        if inner.by_id.len() >= self.cfg.max_endpoints {
+        if inner.len() >= self.cfg.max_endpoints {
             return Err(RegistryError::Full {
                 max: self.cfg.max_endpoints,
             });
@@ -587,15 +536,14 @@ impl Registry {
             self.check_lifetime(lt)?;
         }
         let resources = p.links.as_deref().map(parse_resources).transpose()?;
-        let domain = self.lock().by_id.get(id).map(|e| e.reg.domain.clone());
+        let domain = self.lock().by_id(id).map(|e| e.reg.domain.clone());
         if let Some(d) = &domain {
             self.take_transaction(d)?;
         }
         let (ep, durable) = {
             let mut inner = self.lock();
             let old = inner
-                .by_id
-                .get(id)
+                .by_id(id)
                 .cloned()
                 .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
             let mut reg = old.reg.clone();
@@ -673,7 +621,7 @@ impl Registry {
     async fn remove_where(
         &self,
         what: &str,
-        find: impl FnOnce(&mut Inner) -> Option<Arc<Endpoint>>,
+        find: impl FnOnce(&mut Maps) -> Option<Arc<Endpoint>>,
     ) -> Result<Arc<Endpoint>, RegistryError> {
         let (ep, durable) = {
             let mut inner = self.lock();
@@ -703,12 +651,7 @@ impl Registry {
     pub async fn expire_due(&self, now_ms: u64) -> Vec<Arc<Endpoint>> {
         let removed = {
             let mut inner = self.lock();
-            let due: Vec<String> = inner
-                .deadlines
-                .iter()
-                .take_while(|(t, _)| *t <= now_ms)
-                .map(|(_, id)| id.to_string())
-                .collect();
+            let due = inner.due(now_ms);
             let mut removed = Vec::with_capacity(due.len());
             for id in due {
                 if let Some(ep) = inner.remove(&id) {
@@ -749,7 +692,7 @@ impl Registry {
     /// The expiry task: sleeps until the next deadline (or until woken by a change).
     pub async fn run_expiry(self: Arc<Self>, mut shutdown: Shutdown) {
         loop {
-            let next = self.lock().deadlines.first().map(|(t, _)| *t);
+            let next = self.lock().next_deadline();
             let sleep = match next {
                 Some(t) => Duration::from_millis(t.saturating_sub(now_ms())),
                 None => Duration::from_secs(3600),
@@ -763,11 +706,7 @@ impl Registry {
             self.expire_due(now).await;
             // A removal the store refused left its endpoint due: wait before the next try
             // rather than spin on a failing store.
-            let stuck = self
-                .lock()
-                .deadlines
-                .first()
-                .is_some_and(|(t, _)| *t <= now);
+            let stuck = self.lock().next_deadline().is_some_and(|t| t <= now);
             if stuck {
                 tokio::select! {
                     _ = shutdown.recv() => return,
@@ -775,41 +714,6 @@ impl Registry {
                 }
             }
         }
-    }
-
-    /// Endpoints of a domain, sorted by name, optionally only those of one endpoint type.
-    pub fn list(&self, domain: &str, ept: Option<&str>) -> Vec<Arc<Endpoint>> {
-        let inner = self.lock();
-        let mut v: Vec<_> = inner
-            .by_name
-            .get(domain)
-            .into_iter()
-            .flat_map(Map::values)
-            .filter(|e| ept.is_none() || e.reg.ept.as_deref() == ept)
-            .cloned()
-            .collect();
-        drop(inner);
-        v.sort_by(|a, b| a.reg.name.cmp(&b.reg.name));
-        v
-    }
-
-    /// One endpoint by domain and exact name.
-    pub fn get(&self, domain: &str, name: &str) -> Option<Arc<Endpoint>> {
-        self.lock().by_name(domain, name).cloned()
-    }
-
-    /// Registered endpoints in one domain.
-    pub fn count_in(&self, domain: &str) -> usize {
-        self.lock().count_in(domain)
-    }
-
-    /// Registered endpoints in all domains.
-    pub fn len(&self) -> usize {
-        self.lock().by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

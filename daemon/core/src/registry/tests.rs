@@ -51,8 +51,11 @@ async fn register_update_deregister() {
     assert_eq!(ep.resources()[0].ct.as_deref(), Some("text/plain"));
     assert!(ep.resources()[0].obs);
     assert!(!ep.resources()[1].obs);
-    assert_eq!(reg.list("default", None).len(), 1);
-    assert!(reg.list("other", None).is_empty(), "domains are separate");
+    assert_eq!(reg.directory().list("default", None).len(), 1);
+    assert!(
+        reg.directory().list("other", None).is_empty(),
+        "domains are separate"
+    );
 
     // NAT rebinding: the update comes from another port; the new address is kept.
     let up = UpdateParams {
@@ -76,7 +79,7 @@ async fn register_update_deregister() {
     assert_eq!(ep3.resources(), ep2.resources());
 
     reg.deregister(&ep.reg.id).await.unwrap();
-    assert!(reg.get("default", "node-1").is_none());
+    assert!(reg.directory().get("default", "node-1").is_none());
     assert!(matches!(
         reg.deregister(&ep.reg.id).await,
         Err(RegistryError::NotFound(_))
@@ -95,7 +98,7 @@ async fn re_registration_replaces_the_old_one() {
     let a = reg.register(params("n"), at(1, 5683)).await.unwrap();
     let b = reg.register(params("n"), at(2, 5683)).await.unwrap();
     assert_ne!(a.reg.id, b.reg.id);
-    assert_eq!(reg.len(), 1);
+    assert_eq!(reg.directory().len(), 1);
     assert!(matches!(
         reg.update(&a.reg.id, UpdateParams::default(), at(1, 2))
             .await,
@@ -105,7 +108,7 @@ async fn re_registration_replaces_the_old_one() {
     let mut p = params("n");
     p.domain = Some("tenant-b".into());
     reg.register(p, at(3, 5683)).await.unwrap();
-    assert_eq!(reg.len(), 2);
+    assert_eq!(reg.directory().len(), 2);
 }
 
 #[tokio::test]
@@ -169,7 +172,7 @@ async fn invalid_registrations_are_refused() {
             "{why}"
         );
     }
-    assert!(reg.is_empty());
+    assert!(reg.directory().is_empty());
 }
 
 #[tokio::test]
@@ -216,7 +219,7 @@ async fn total_limit_over_all_domains() {
         matches!(refused, Err(RegistryError::Full { max: 3 })),
         "{refused:?}"
     );
-    assert_eq!(reg.len(), 3);
+    assert_eq!(reg.directory().len(), 3);
     assert_eq!(
         limits.snapshot("d4", 0).transaction_count,
         0,
@@ -287,7 +290,7 @@ async fn registrations_survive_reopening_the_store() {
     };
     let reg = open(dir.path(), RegistryConfig::default());
     assert_eq!(reg.load().await.unwrap(), 1);
-    let a = reg.get("default", "a").unwrap();
+    let a = reg.directory().get("default", "a").unwrap();
     assert_eq!(a.reg, kept.reg);
     assert_eq!(a.resources(), kept.resources());
     reg.update(&id, UpdateParams::default(), at(9, 2))
@@ -323,7 +326,7 @@ async fn expiry_removes_due_registrations_only() {
     let gone = reg.expire_due(t).await;
     assert_eq!(gone.len(), 1);
     assert_eq!(gone[0].reg.name, "a");
-    assert_eq!(reg.len(), 1);
+    assert_eq!(reg.directory().len(), 1);
     // And it stays gone after a restart.
     drop(reg);
     let reg = open(dir.path(), RegistryConfig::default());
@@ -426,8 +429,8 @@ async fn remove_by_name_is_a_deregistration_of_that_name_only() {
     ));
     let gone = reg.remove_by_name("default", "node-a").await.unwrap();
     assert_eq!(gone.reg.id, a.reg.id);
-    assert!(reg.get("default", "node-a").is_none());
-    assert!(reg.get("default", "node-b").is_some());
+    assert!(reg.directory().get("default", "node-a").is_none());
+    assert!(reg.directory().get("default", "node-b").is_some());
     assert!(matches!(
         reg.update(&a.reg.id, UpdateParams::default(), at(1000, 5683))
             .await,
@@ -437,6 +440,79 @@ async fn remove_by_name_is_a_deregistration_of_that_name_only() {
     drop(reg);
     let reg = open(dir.path(), RegistryConfig::default());
     reg.load().await.unwrap();
-    assert!(reg.get("default", "node-a").is_none());
-    assert!(reg.get("default", "node-b").is_some());
+    assert!(reg.directory().get("default", "node-a").is_none());
+    assert!(reg.directory().get("default", "node-b").is_some());
+}
+
+/// Readers hold the directory the registry hands out at construction: it shows every
+/// change the store committed, and nothing of one the store refused (rolled back).
+#[tokio::test]
+async fn the_directory_shows_only_what_the_store_committed() {
+    let store = Arc::new(crate::store::memory::MemoryStore::new());
+    let reg = Registry::new(
+        RegistryConfig::default(),
+        Arc::clone(&store) as Arc<dyn Store>,
+        Arc::new(Counters::default()),
+        None,
+    );
+    let dir = Arc::clone(reg.directory());
+    assert!(dir.is_empty());
+
+    let a = reg.register(params("node-a"), at(1, 2)).await.unwrap();
+    let seen = dir
+        .get("default", "node-a")
+        .expect("a committed registration");
+    assert!(Arc::ptr_eq(&seen, &a));
+    assert_eq!((dir.len(), dir.count_in("default")), (1, 1));
+
+    store.fail_writes(true);
+    let refused = reg.register(params("node-b"), at(3, 2)).await;
+    assert!(
+        matches!(refused, Err(RegistryError::Store(_))),
+        "{refused:?}"
+    );
+    assert!(
+        dir.get("default", "node-b").is_none(),
+        "a refused registration"
+    );
+    let refused = reg.register(params("node-a"), at(4, 2)).await;
+    assert!(
+        matches!(refused, Err(RegistryError::Store(_))),
+        "{refused:?}"
+    );
+    let update = UpdateParams {
+        lifetime_s: Some(120),
+        ..Default::default()
+    };
+    let refused = reg.update(&a.reg.id, update, at(5, 2)).await;
+    assert!(
+        matches!(refused, Err(RegistryError::Store(_))),
+        "{refused:?}"
+    );
+    let refused = reg.deregister(&a.reg.id).await;
+    assert!(
+        matches!(refused, Err(RegistryError::Store(_))),
+        "{refused:?}"
+    );
+    assert!(
+        reg.expire_due(u64::MAX).await.is_empty(),
+        "a refused expiry"
+    );
+    let seen = dir.get("default", "node-a").expect("still registered");
+    assert_eq!(seen.reg, a.reg, "the registration as stored");
+    assert_eq!(dir.list("default", None).len(), 1);
+
+    store.fail_writes(false);
+    let b = reg.register(params("node-b"), at(3, 2)).await.unwrap();
+    let names: Vec<_> = dir
+        .list("default", None)
+        .iter()
+        .map(|e| e.reg.name.clone())
+        .collect();
+    assert_eq!(names, ["node-a", "node-b"]);
+    reg.deregister(&a.reg.id).await.unwrap();
+    assert!(dir.get("default", "node-a").is_none());
+    assert_eq!(dir.len(), 1);
+    assert_eq!(reg.expire_due(u64::MAX).await.len(), 1);
+    assert!(dir.get("default", &b.reg.name).is_none() && dir.is_empty());
 }

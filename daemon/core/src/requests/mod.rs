@@ -24,7 +24,7 @@ use crate::events::{Event, Hub, Kind, async_response_body};
 use crate::hashing::Map;
 use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
-use crate::registry::{Endpoint, Registry, RegistryEvent, RegistryListener, now_ms};
+use crate::registry::{Directory, Endpoint, RegistryEvent, RegistryListener, now_ms};
 use crate::store::{Store, StoreError};
 pub use connectord_model::{Job, Method};
 pub use device::{CoapDevices, DeviceClient};
@@ -219,7 +219,7 @@ type EpKey = (String, String);
 
 /// The request queues and the resource value cache.
 pub struct Requests {
-    registry: Arc<Registry>,
+    directory: Arc<Directory>,
     devices: Arc<dyn DeviceClient>,
     hub: Arc<Hub>,
     store: Arc<dyn Store>,
@@ -357,7 +357,7 @@ impl Outcome {
 
 /// What the request layer is built on.
 pub struct RequestsDeps {
-    pub registry: Arc<Registry>,
+    pub directory: Arc<Directory>,
     /// How requests reach devices (the CoAP transport in the daemon).
     pub devices: Arc<dyn DeviceClient>,
     pub hub: Arc<Hub>,
@@ -374,7 +374,7 @@ impl Requests {
         observations: std::sync::Weak<dyn ObservationSink>,
     ) -> Arc<Requests> {
         let RequestsDeps {
-            registry,
+            directory,
             devices,
             hub,
             store,
@@ -382,7 +382,7 @@ impl Requests {
             limits,
         } = deps;
         Arc::new(Requests {
-            registry,
+            directory,
             devices,
             hub,
             store,
@@ -399,7 +399,7 @@ impl Requests {
     /// re-observing after a re-registration). `awake`: the endpoint has just been heard
     /// from, so even a queue-mode endpoint can be sent to now.
     pub fn observe_internal(self: &Arc<Self>, domain: &str, ep: &str, path: &str, awake: bool) {
-        let registered = self.registry.get(domain, ep);
+        let registered = self.directory.get(domain, ep);
         let queue_mode = registered.as_ref().is_some_and(|e| e.reg.queue);
         let mut job = Job {
             id: new_async_id(),
@@ -464,7 +464,7 @@ impl Requests {
         }
         for key in keys {
             if self
-                .registry
+                .directory
                 .get(&key.0, &key.1)
                 .is_some_and(|e| !e.reg.queue)
             {
@@ -483,7 +483,7 @@ impl Requests {
     ) -> Result<Submitted, RequestError> {
         let method = s.method.unwrap_or(Method::Get);
         let ep = self
-            .registry
+            .directory
             .get(&who.domain, ep_name)
             .ok_or(RequestError::Gone)?;
         // A write may create a resource; the others need one the device listed.
@@ -636,7 +636,7 @@ impl Requests {
     }
 
     async fn execute(&self, job: &Job) -> Outcome {
-        let Some(ep) = self.registry.get(&job.domain, &job.ep) else {
+        let Some(ep) = self.directory.get(&job.domain, &job.ep) else {
             return Outcome::failed(410, "the endpoint is no longer registered");
         };
         let mut req = OutRequest::new(coap_method(job.method), &job.path);

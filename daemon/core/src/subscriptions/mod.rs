@@ -29,7 +29,7 @@ use crate::events::{Event, Hub, Kind};
 use crate::hashing::Map;
 use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
-use crate::registry::{Endpoint, Registry, RegistryEvent, RegistryListener, now_ms};
+use crate::registry::{Directory, Endpoint, RegistryEvent, RegistryListener, now_ms};
 use crate::requests::{
     DEFAULT_MAX_AGE, Job, Method, ObservationSink, RequestError, Requests, Submit, Submitted,
     resource_known,
@@ -172,7 +172,7 @@ impl State {
 
 /// The subscriptions manager.
 pub struct Subscriptions {
-    registry: Arc<Registry>,
+    directory: Arc<Directory>,
     requests: Arc<Requests>,
     hub: Arc<Hub>,
     store: Arc<dyn Store>,
@@ -208,7 +208,7 @@ impl Subscriptions {
     /// other (subscriptions submit observe requests; the request layer hands back the
     /// observations), so the request layer gets its reference at construction, weak.
     pub async fn load(
-        registry: Arc<Registry>,
+        directory: Arc<Directory>,
         hub: Arc<Hub>,
         store: Arc<dyn Store>,
         lua: Arc<LuaRules>,
@@ -224,7 +224,7 @@ impl Subscriptions {
         // the endpoint registering anew is not observed for a key that lost it.
         let (subs, stale): (Vec<_>, Vec<_>) = subs
             .into_iter()
-            .partition(|s| registry.get(&s.domain, &s.ep).is_some());
+            .partition(|s| directory.get(&s.domain, &s.ep).is_some());
         if !stale.is_empty() {
             let gone: BTreeSet<(String, String)> =
                 stale.into_iter().map(|s| (s.key_id, s.ep)).collect();
@@ -260,7 +260,7 @@ impl Subscriptions {
         Ok(Arc::new_cyclic(|me: &std::sync::Weak<Subscriptions>| {
             let sink: std::sync::Weak<dyn ObservationSink> = me.clone();
             Subscriptions {
-                registry,
+                directory,
                 requests: requests(sink),
                 hub,
                 store,
@@ -300,7 +300,7 @@ impl Subscriptions {
         };
         for (domain, ep, path) in wanted {
             if self
-                .registry
+                .directory
                 .get(&domain, &ep)
                 .is_some_and(|e| !e.reg.queue)
             {
@@ -317,7 +317,7 @@ impl Subscriptions {
         path: &str,
     ) -> Result<Subscribed, SubError> {
         let ep = self
-            .registry
+            .directory
             .get(&who.domain, ep_name)
             .ok_or_else(|| SubError::NotFound("endpoint not found".into()))?;
         match ep.observable(path) {
@@ -444,7 +444,7 @@ impl Subscriptions {
             if let Some(k) = self.lock().keys.get_mut(&who.key_id) {
                 k.resources.insert(ep, path);
             }
-            if let Some(e) = self.registry.get(&who.domain, ep) {
+            if let Some(e) = self.directory.get(&who.domain, ep) {
                 self.observe_missing(&e, false);
             }
             return Err(e);
@@ -505,7 +505,7 @@ impl Subscriptions {
             if let Some(k) = self.lock().keys.get_mut(&who.key_id) {
                 k.resources.restore(taken);
             }
-            if let Some(e) = self.registry.get(&who.domain, ep) {
+            if let Some(e) = self.directory.get(&who.domain, ep) {
                 self.observe_missing(&e, false);
             }
             return Err(e);
@@ -581,12 +581,12 @@ impl Subscriptions {
                 k.resources.restore(before.1);
             }
             drop(st);
-            for ep in self.registry.list(&who.domain, None) {
+            for ep in self.directory.list(&who.domain, None) {
                 self.observe_missing(&ep, false);
             }
             return Err(e.into());
         }
-        for ep in self.registry.list(&who.domain, None) {
+        for ep in self.directory.list(&who.domain, None) {
             self.apply_presubs(&ep, Some(&who.key_id)).await;
             self.observe_missing(&ep, false);
         }
@@ -691,7 +691,7 @@ impl Subscriptions {
                 allow: None,
             };
             let current = || {
-                self.registry
+                self.directory
                     .get(domain, &ep.reg.name)
                     .is_some_and(|now| now.reg.id == ep.reg.id)
             };
