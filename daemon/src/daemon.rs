@@ -110,7 +110,7 @@ pub async fn run(
     };
     // The plugin names as check-config checks them, before anything is created in the
     // state directory (the check against what was really loaded follows below).
-    crate::plugins::check_names(
+    crate::config::check_plugin_names(
         &config.plugins,
         &crate::plugins::available(&config.plugins),
         &source,
@@ -186,7 +186,7 @@ pub async fn run(
         );
     }
     let mut available: Vec<_> = loaded.into_iter().map(|(a, _)| a).collect();
-    if crate::plugins::check_names(&config.plugins, &available, &source).is_err() {
+    if crate::plugins::check_names(&config.plugins, &available).is_err() {
         // The names the configuration gives are checked against what was loaded; the
         // message also lists the plugins that exist but were not started (not named).
         let named =
@@ -197,7 +197,7 @@ pub async fn run(
             }
         }
         available.sort_by(|a, b| a.name.cmp(&b.name));
-        crate::plugins::check_names(&config.plugins, &available, &source)?;
+        crate::config::check_plugin_names(&config.plugins, &available, &source)?;
     }
     let auth = AuthChain::new(
         Arc::new(crate::plugins::HostBackends(Arc::clone(&plugins))),

@@ -5,6 +5,8 @@
 //! the plugin host and the start-up wiring, on top of `connectord-core` (the services),
 //! `connectord-store`, `connectord-model` and `connectord-lwm2m`, whose modules are
 //! re-exported here under their old paths.
+//! - [`config`]: the configuration file, aggregated from the sections each crate owns,
+//!   with file:line:column errors.
 //! - [`rest`]: the HTTP API.
 //! - [`plugins`]: the plugin host: loads and reloads `.so` files, and adapts them to the
 //!   core's traits (auth backends, the notification sink).
@@ -16,12 +18,13 @@
 
 #![deny(unsafe_code)]
 
+pub mod config;
 pub mod daemon;
 pub mod state_dir;
 
 pub use connectord_certs as certs;
 pub use connectord_core::{
-    auth, coap, config, dir_watch, events, hashing, limits, log_budget, lwm2m_data, metrics, model,
+    auth, coap, dir_watch, events, hashing, limits, log_budget, lwm2m_data, metrics, model,
     registry, requests, revocation, shutdown, store, subscriptions,
 };
 pub use connectord_plugin_host as plugins;

@@ -139,7 +139,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { path } => match Config::load(&path).and_then(|c| {
             let available = connectord::plugins::available(&c.plugins);
-            connectord::plugins::check_names(&c.plugins, &available, &Source::File(path.clone()))
+            connectord::config::check_plugin_names(
+                &c.plugins,
+                &available,
+                &Source::File(path.clone()),
+            )
         }) {
             Ok(_) => {
                 println!("{}: configuration is valid", path.display());

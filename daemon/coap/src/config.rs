@@ -57,3 +57,48 @@ impl Default for CoapConfig {
         }
     }
 }
+
+impl CoapConfig {
+    /// Range checks serde cannot express: the first value out of range as `(key,
+    /// message)`, the key relative to the section (`max_datagram`); the host names it in
+    /// full and locates it in its file.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.listen.is_empty() {
+            return Err(("listen", "needs at least one address".into()));
+        }
+        if !(64..=65_507).contains(&self.max_datagram) {
+            return Err((
+                "max_datagram",
+                format!("{} is outside 64..=65507", self.max_datagram),
+            ));
+        }
+        if self.dedup_capacity == 0 {
+            return Err(("dedup_capacity", "must be at least 1".into()));
+        }
+        if self.ack_timeout_ms == 0 {
+            return Err(("ack_timeout_ms", "must be at least 1".into()));
+        }
+        if !(1.0..=10.0).contains(&self.ack_random_factor) {
+            return Err(("ack_random_factor", "must lie between 1.0 and 10.0".into()));
+        }
+        if self.max_retransmit > 20 {
+            return Err(("max_retransmit", "must be at most 20".into()));
+        }
+        if self.separate_response_timeout_s == 0 {
+            return Err(("separate_response_timeout_s", "must be at least 1".into()));
+        }
+        if !self.block_size.is_power_of_two() || !(16..=1024).contains(&self.block_size) {
+            return Err((
+                "block_size",
+                "must be one of 16, 32, 64, 128, 256, 512, 1024".into(),
+            ));
+        }
+        if self.max_body < 1024 {
+            return Err(("max_body", "must be at least 1024".into()));
+        }
+        if self.max_in_flight == 0 {
+            return Err(("max_in_flight", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,7 +1,9 @@
 //! connectord's services, below the REST edge, the plugin host and the binary: what the
 //! daemon does, whatever carries the requests in and whoever stores the state.
 //!
-//! - [`config`]: the TOML file, parsed strictly, with file:line:column errors.
+//! - [`config`]: the configuration sections of these services (`[registry]`,
+//!   `[requests]`, `[notifications]`, `[limits]`, `[lua]`) with their defaults and range
+//!   checks; the file they come from is the daemon's.
 //! - [`coap`]: the `connectord-coap` crate (listeners, the RFC 7252 message layer,
 //!   link-format); [`coap_route`] converts its peer references to the model's.
 //! - [`registry`]: the endpoint directory and the LwM2M registration interface.

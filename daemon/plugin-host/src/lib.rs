@@ -29,8 +29,9 @@
 #![deny(unsafe_code)]
 
 // The core's modules under the paths this code was written with.
-use connectord_core::{auth, config, dir_watch, events, metrics, shutdown, store};
+use connectord_core::{auth, dir_watch, events, metrics, shutdown, store};
 
+pub mod config;
 mod elf;
 mod loader;
 mod sink;
@@ -50,7 +51,7 @@ use connectord_plugin_sdk::{Kind, http};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::config::PluginsConfig;
+pub use crate::config::PluginsConfig;
 use crate::metrics::Counters;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
@@ -188,12 +189,9 @@ pub fn available(cfg: &PluginsConfig) -> Vec<Available> {
 /// Checks that the plugins `[plugins] auth` and `sink` name are among `available`, and of
 /// the kind the key asks for (an auth backend in `auth`, a sink in `sink`: a plugin of
 /// another kind would answer none of the operations asked of it). The error names the
-/// file, the key, the name and every plugin of that kind available.
-pub fn check_names(
-    cfg: &PluginsConfig,
-    available: &[Available],
-    source: &crate::config::Source,
-) -> Result<(), crate::config::ConfigError> {
+/// key, the name and every plugin of that kind available; the daemon adds the file and
+/// where the key is in it.
+pub fn check_names(cfg: &PluginsConfig, available: &[Available]) -> Result<(), NameError> {
     let named = cfg
         .auth
         .iter()
@@ -230,14 +228,20 @@ pub fn check_names(
                 )
             }
         };
-        return Err(crate::config::ConfigError::Invalid {
-            source_name: source.clone(),
-            location: crate::config::locate(source, key),
-            key: key.into(),
-            message,
-        });
+        return Err(NameError { key, message });
     }
     Ok(())
+}
+
+/// A plugin name of `[plugins]` that no available plugin answers to (or one of the wrong
+/// kind), from [`check_names`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("key `{key}`: {message}")]
+pub struct NameError {
+    /// The dotted key that names it: `plugins.auth` or `plugins.sink`.
+    pub key: &'static str,
+    /// What is wrong, with the plugins of that kind available.
+    pub message: String,
 }
 
 /// One version of a file: what changes when it is written, replaced, or its mode is

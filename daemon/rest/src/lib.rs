@@ -10,10 +10,11 @@
 // The modules below this crate under the paths this code was written with.
 use connectord_certs as certs;
 use connectord_core::{
-    auth, coap, config, events, limits, metrics, registry, requests, revocation, shutdown, store,
+    auth, coap, events, limits, metrics, registry, requests, revocation, shutdown, store,
 };
 use connectord_plugin_host as plugins;
 
+pub mod config;
 pub mod conn;
 pub mod devtools;
 pub mod endpoints;
@@ -22,6 +23,8 @@ pub mod reply;
 pub mod resources;
 pub mod routes;
 pub mod subscriptions;
+
+pub use config::RestConfig;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -1,0 +1,281 @@
+//! The configuration sections of the core's services: `[registry]`, `[requests]`,
+//! `[notifications]`, `[limits]` and `[lua]`, each with its defaults and the range checks
+//! that concern it alone.
+//!
+//! The file they come from, its other sections and its errors (file, line, column) are
+//! the daemon's (`connectord::config`), which embeds these structs as they are. Every
+//! section uses `deny_unknown_fields`, so a misspelt key is an error rather than a silently
+//! ignored setting.
+//!
+//! Each `check` answers the first value out of range as `(key, message)`, the key relative
+//! to the section (`queue_len`); the daemon names it in full (`requests.queue_len`) and
+//! locates it in the file.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// A value out of its range: the key within its section, and what is wrong with it.
+pub type Invalid = (&'static str, String);
+
+/// `[limits]`: traffic limits per domain (seed: "Traffic limits").
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Transactions a domain may make in 24 hours: incoming registrations, updates,
+    /// removals and notifications, outgoing resource and subscription requests. The
+    /// endpoint quota is `registry.max_endpoints_per_domain`.
+    pub transaction_quota: u64,
+    /// How often the counts that changed are written to the store. A restart goes on
+    /// with the stored day; a crash loses at most this much of counting.
+    pub save_interval_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            transaction_quota: 100_000_000,
+            save_interval_ms: 5000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Range checks serde cannot express.
+    pub fn check(&self) -> Result<(), Invalid> {
+        if self.transaction_quota == 0 {
+            return Err(("transaction_quota", "must be at least 1".into()));
+        }
+        if !(10..=3_600_000).contains(&self.save_interval_ms) {
+            return Err(("save_interval_ms", "must be between 10 and 3600000".into()));
+        }
+        Ok(())
+    }
+}
+
+/// `[lua]`: pre-subscription rules written in Lua.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LuaConfig {
+    /// Directory of rule files (`*.lua`), watched for changes. A relative path is taken
+    /// from the daemon's working directory. A missing directory means no Lua rules.
+    pub dir: PathBuf,
+    /// Memory one rule file's Lua state may use, in KiB.
+    pub memory_limit_kb: usize,
+    /// Lua VM instructions one call may run before it is stopped (counted in steps of
+    /// 1000; the steps of pattern matching in `string.find`, `match`, `gmatch` and `gsub`
+    /// count too).
+    pub instruction_budget: u64,
+    /// Wall-clock time one call may run before it is stopped, in milliseconds (checked
+    /// with the instruction count and during pattern matching).
+    pub time_limit_ms: u64,
+}
+
+impl Default for LuaConfig {
+    fn default() -> Self {
+        LuaConfig {
+            dir: PathBuf::from("scripts"),
+            memory_limit_kb: 8192,
+            instruction_budget: 1_000_000,
+            time_limit_ms: 100,
+        }
+    }
+}
+
+impl LuaConfig {
+    /// Range checks serde cannot express.
+    pub fn check(&self) -> Result<(), Invalid> {
+        if self.memory_limit_kb < 256 {
+            return Err(("memory_limit_kb", "must be at least 256".into()));
+        }
+        if self.instruction_budget < 1000 {
+            return Err(("instruction_budget", "must be at least 1000".into()));
+        }
+        if !(1..=60_000).contains(&self.time_limit_ms) {
+            return Err(("time_limit_ms", "must be between 1 and 60000".into()));
+        }
+        Ok(())
+    }
+}
+
+/// `[requests]`: requests from applications to devices.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestsConfig {
+    /// Requests waiting per endpoint (one is in flight at a time, CoAP NSTART 1); a request
+    /// beyond this is answered 429.
+    pub queue_len: usize,
+    /// Largest request body accepted on the REST API, in bytes (413 beyond).
+    pub max_body: usize,
+}
+
+impl Default for RequestsConfig {
+    fn default() -> Self {
+        RequestsConfig {
+            queue_len: 20,
+            max_body: 1_048_576,
+        }
+    }
+}
+
+impl RequestsConfig {
+    /// Range checks serde cannot express.
+    pub fn check(&self) -> Result<(), Invalid> {
+        if self.queue_len == 0 {
+            return Err(("queue_len", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Largest `notifications.max_concurrent_deliveries`: each may be a thread of the sink
+/// plugin's.
+pub const MAX_CONCURRENT_DELIVERIES: usize = 1024;
+
+/// `[notifications]`: delivery of events to applications.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationsConfig {
+    /// Longest hold of a long-poll request before it is answered 204 (seed: 30 s).
+    pub long_poll_s: u64,
+    /// Most events in one long-poll answer or callback delivery.
+    pub max_batch: usize,
+    /// Events not delivered within this many seconds are discarded (seed: 15 minutes).
+    pub discard_after_s: u64,
+    /// Most undelivered events kept per access key; the oldest make room.
+    pub max_queued_per_key: usize,
+    /// First wait before a failed callback delivery is retried; doubled per failure.
+    pub retry_initial_ms: u64,
+    /// Longest wait between retries.
+    pub retry_max_ms: u64,
+    /// A long-poll answer counts as received when the same key pulls again within this
+    /// many seconds of it; otherwise its events are delivered again (at least once).
+    pub redeliver_after_s: u64,
+    /// Most callback deliveries in flight at once, over all keys (each key has at most
+    /// one): the sink plugin runs up to this many instances. A receiver that does not
+    /// answer holds one for the sink's timeout; the others go on with the rest.
+    pub max_concurrent_deliveries: usize,
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        NotificationsConfig {
+            long_poll_s: 30,
+            max_batch: 500,
+            discard_after_s: 900,
+            max_queued_per_key: 100_000,
+            retry_initial_ms: 1000,
+            retry_max_ms: 60_000,
+            redeliver_after_s: 60,
+            max_concurrent_deliveries: 64,
+        }
+    }
+}
+
+impl NotificationsConfig {
+    /// Range checks serde cannot express.
+    pub fn check(&self) -> Result<(), Invalid> {
+        if self.long_poll_s == 0 || self.long_poll_s > 300 {
+            return Err(("long_poll_s", "must lie between 1 and 300".into()));
+        }
+        if self.max_batch == 0
+            || self.max_queued_per_key == 0
+            || self.discard_after_s == 0
+            || self.redeliver_after_s == 0
+        {
+            let key = if self.max_batch == 0 {
+                "max_batch"
+            } else if self.max_queued_per_key == 0 {
+                "max_queued_per_key"
+            } else if self.discard_after_s == 0 {
+                "discard_after_s"
+            } else {
+                "redeliver_after_s"
+            };
+            return Err((key, "must be at least 1".into()));
+        }
+        if self.max_concurrent_deliveries == 0
+            || self.max_concurrent_deliveries > MAX_CONCURRENT_DELIVERIES
+        {
+            return Err((
+                "max_concurrent_deliveries",
+                format!("must lie between 1 and {MAX_CONCURRENT_DELIVERIES}"),
+            ));
+        }
+        if self.retry_initial_ms == 0 || self.retry_max_ms < self.retry_initial_ms {
+            return Err((
+                "retry_initial_ms",
+                "must be at least 1 and at most notifications.retry_max_ms".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[registry]`: the LwM2M registration interface.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// The domain (tenant) of devices that register without `d=`, and of the first admin key.
+    pub default_domain: String,
+    /// Lifetime in seconds when a registration has no `lt=` (LwM2M default: 86400).
+    pub default_lifetime_s: u32,
+    /// Smallest accepted `lt=`; smaller values are answered 4.00.
+    pub min_lifetime_s: u32,
+    /// Largest accepted `lt=`; larger values are answered 4.00.
+    pub max_lifetime_s: u32,
+    /// Registered endpoints per domain; a new registration beyond this is answered
+    /// 4.03 Forbidden with a diagnostic payload.
+    pub max_endpoints_per_domain: usize,
+    /// Registered endpoints over all domains: a device picks its domain with `d=`, so the
+    /// per-domain quota alone does not bound the registry (nor memory). A new registration
+    /// beyond this is answered 5.03 Service Unavailable with a diagnostic payload.
+    pub max_endpoints: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            default_domain: "default".into(),
+            default_lifetime_s: 86_400,
+            min_lifetime_s: 1,
+            max_lifetime_s: 31_536_000,
+            max_endpoints_per_domain: 1_000_000,
+            max_endpoints: 2_000_000,
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// Range checks serde cannot express.
+    pub fn check(&self) -> Result<(), Invalid> {
+        if !connectord_model::valid_domain(&self.default_domain) {
+            return Err((
+                "default_domain",
+                "must be 1 to 64 characters of letters, digits, '-', '_' and '.'".into(),
+            ));
+        }
+        if self.min_lifetime_s == 0 || self.min_lifetime_s > self.max_lifetime_s {
+            return Err((
+                "min_lifetime_s",
+                format!(
+                    "must be at least 1 and at most registry.max_lifetime_s ({})",
+                    self.max_lifetime_s
+                ),
+            ));
+        }
+        if !(self.min_lifetime_s..=self.max_lifetime_s).contains(&self.default_lifetime_s) {
+            return Err((
+                "default_lifetime_s",
+                "must lie between registry.min_lifetime_s and registry.max_lifetime_s".into(),
+            ));
+        }
+        if self.max_endpoints_per_domain == 0 {
+            return Err(("max_endpoints_per_domain", "must be at least 1".into()));
+        }
+        if self.max_endpoints == 0 {
+            return Err(("max_endpoints", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}

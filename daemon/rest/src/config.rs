@@ -1,0 +1,61 @@
+//! `[rest]`: the REST API's section of the configuration file, with its defaults and range
+//! checks. The daemon's configuration (`connectord::config`) embeds it as it is.
+
+use std::net::SocketAddr;
+
+use connectord_core::config::Invalid;
+use serde::Deserialize;
+
+/// `[rest]`: the HTTP API for applications.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestConfig {
+    /// Addresses to serve the REST API on. Port 0 picks a free port (logged at start).
+    pub listen: Vec<SocketAddr>,
+    /// Connections served at once; at the limit no new connection is accepted (they wait
+    /// in the listen backlog) until one closes.
+    pub max_connections: usize,
+    /// Connections one client address may have open at once, out of `max_connections`;
+    /// more are closed at once (a 503, logged once a minute per address, counted). Below
+    /// `max_connections`, so that one address (idle or slowloris connections) cannot take
+    /// every slot: the rest stays for other clients. A value over `max_connections`
+    /// counts as `max_connections` (no per-address bound), which is what a reverse proxy on
+    /// one address needs.
+    pub max_connections_per_address: usize,
+    /// Seconds the daemon waits on a client: for a request's head (request line and
+    /// headers), for its body (408 when it does not arrive), for the next request on an idle
+    /// connection (HTTP/1 or HTTP/2), and for a client to take a response it is not reading. Then the
+    /// connection is closed.
+    pub client_timeout_s: u64,
+}
+
+impl Default for RestConfig {
+    fn default() -> Self {
+        RestConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
+            max_connections: 1024,
+            max_connections_per_address: 256,
+            client_timeout_s: 30,
+        }
+    }
+}
+
+impl RestConfig {
+    /// Range checks serde cannot express: the first value out of range, its key relative
+    /// to the section (see [`Invalid`]).
+    pub fn check(&self) -> Result<(), Invalid> {
+        if self.listen.is_empty() {
+            return Err(("listen", "needs at least one address".into()));
+        }
+        if self.max_connections == 0 {
+            return Err(("max_connections", "must be at least 1".into()));
+        }
+        if self.max_connections_per_address == 0 {
+            return Err(("max_connections_per_address", "must be at least 1".into()));
+        }
+        if !(1..=3600).contains(&self.client_timeout_s) {
+            return Err(("client_timeout_s", "must lie between 1 and 3600".into()));
+        }
+        Ok(())
+    }
+}
