@@ -18,6 +18,22 @@ use serde::Deserialize;
 /// A value out of its range: the key within its section, and what is wrong with it.
 pub type Invalid = (&'static str, String);
 
+/// `key` must be at least `min` ("must be at least {min}").
+fn at_least(key: &'static str, value: u64, min: u64) -> Result<(), Invalid> {
+    if value < min {
+        return Err((key, format!("must be at least {min}")));
+    }
+    Ok(())
+}
+
+/// `key` must be within `lo..=hi` ("must be between {lo} and {hi}").
+fn between(key: &'static str, value: u64, lo: u64, hi: u64) -> Result<(), Invalid> {
+    if !(lo..=hi).contains(&value) {
+        return Err((key, format!("must be between {lo} and {hi}")));
+    }
+    Ok(())
+}
+
 /// `[limits]`: traffic limits per domain (seed: "Traffic limits").
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -43,13 +59,8 @@ impl Default for LimitsConfig {
 impl LimitsConfig {
     /// Range checks serde cannot express.
     pub fn check(&self) -> Result<(), Invalid> {
-        if self.transaction_quota == 0 {
-            return Err(("transaction_quota", "must be at least 1".into()));
-        }
-        if !(10..=3_600_000).contains(&self.save_interval_ms) {
-            return Err(("save_interval_ms", "must be between 10 and 3600000".into()));
-        }
-        Ok(())
+        at_least("transaction_quota", self.transaction_quota, 1)?;
+        between("save_interval_ms", self.save_interval_ms, 10, 3_600_000)
     }
 }
 
@@ -85,16 +96,13 @@ impl Default for LuaConfig {
 impl LuaConfig {
     /// Range checks serde cannot express.
     pub fn check(&self) -> Result<(), Invalid> {
-        if self.memory_limit_kb < 256 {
-            return Err(("memory_limit_kb", "must be at least 256".into()));
-        }
-        if self.instruction_budget < 1000 {
-            return Err(("instruction_budget", "must be at least 1000".into()));
-        }
-        if !(1..=60_000).contains(&self.time_limit_ms) {
-            return Err(("time_limit_ms", "must be between 1 and 60000".into()));
-        }
-        Ok(())
+        at_least(
+            "memory_limit_kb",
+            u64::try_from(self.memory_limit_kb).unwrap_or(u64::MAX),
+            256,
+        )?;
+        at_least("instruction_budget", self.instruction_budget, 1000)?;
+        between("time_limit_ms", self.time_limit_ms, 1, 60_000)
     }
 }
 
