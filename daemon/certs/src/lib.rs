@@ -947,12 +947,10 @@ mod tests {
             let issued = ca
                 .issue("dom", variant)
                 .unwrap_or_else(|e| panic!("{variant:?} was refused: {e}"));
-            fs::write(dir.path().join("device.pem"), &issued.device_certificate).unwrap();
-            let pubkey = openssl(
-                dir.path(),
-                &["x509", "-in", "device.pem", "-noout", "-pubkey"],
+            assert_eq!(
+                certified_key(dir.path(), &issued.device_certificate),
+                pem_body(&key)
             );
-            assert_eq!(pem_body(&pubkey), pem_body(&key));
         }
     }
 
@@ -961,27 +959,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = CertAuthority::load_or_create(dir.path()).unwrap();
         let key = p256_public_key_pem();
-        fs::write(dir.path().join("pub.pem"), &key).unwrap();
-        let compressed = openssl(
-            dir.path(),
-            &[
-                "ec",
-                "-pubin",
-                "-in",
-                "pub.pem",
-                "-pubout",
-                "-conv_form",
-                "compressed",
-            ],
-        );
+        let compressed = public_key_as(dir.path(), &key, &["-conv_form", "compressed"]);
         assert_ne!(pem_body(&compressed), pem_body(&key));
         let issued = ca.issue("dom", &compressed).unwrap();
-        fs::write(dir.path().join("device.pem"), &issued.device_certificate).unwrap();
-        let pubkey = openssl(
-            dir.path(),
-            &["x509", "-in", "device.pem", "-noout", "-pubkey"],
+        assert_eq!(
+            certified_key(dir.path(), &issued.device_certificate),
+            pem_body(&key)
         );
-        assert_eq!(pem_body(&pubkey), pem_body(&key));
+    }
+
+    /// `key` (a PEM public key) rewritten by `openssl ec` with `options`.
+    fn public_key_as(dir: &Path, key: &str, options: &[&str]) -> String {
+        fs::write(dir.join("pub.pem"), key).unwrap();
+        let mut args = vec!["ec", "-pubin", "-in", "pub.pem", "-pubout"];
+        args.extend_from_slice(options);
+        openssl(dir, &args)
+    }
+
+    /// The public key a certificate certifies, as openssl reads it (PEM body).
+    fn certified_key(dir: &Path, certificate: &str) -> String {
+        fs::write(dir.join("device.pem"), certificate).unwrap();
+        pem_body(&openssl(
+            dir,
+            &["x509", "-in", "device.pem", "-noout", "-pubkey"],
+        ))
     }
 
     #[test]
@@ -1022,18 +1023,10 @@ mod tests {
             "-out",
             "k.pem",
         ]);
-        fs::write(dir.path().join("pub.pem"), p256_public_key_pem()).unwrap();
-        let explicit = openssl(
+        let explicit = public_key_as(
             dir.path(),
-            &[
-                "ec",
-                "-pubin",
-                "-in",
-                "pub.pem",
-                "-pubout",
-                "-param_enc",
-                "explicit",
-            ],
+            &p256_public_key_pem(),
+            &["-param_enc", "explicit"],
         );
         let p384 = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384)
             .unwrap()
