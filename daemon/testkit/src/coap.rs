@@ -210,15 +210,18 @@ impl Device {
 
 /// The Uri-Path of a request joined with slashes, leading slash included.
 pub fn path_of(p: &Packet) -> String {
-    let segs: Vec<String> = p
-        .get_option(CoapOption::UriPath)
+    format!("/{}", option_strings(p, CoapOption::UriPath).join("/"))
+}
+
+/// The values of a repeatable string option (Uri-Path, Location-Path), in order.
+fn option_strings(p: &Packet, option: CoapOption) -> Vec<String> {
+    p.get_option(option)
         .map(|l| {
             l.iter()
                 .map(|v| String::from_utf8_lossy(v).into_owned())
                 .collect()
         })
-        .unwrap_or_default();
-    format!("/{}", segs.join("/"))
+        .unwrap_or_default()
 }
 
 /// An unsigned option value, minimal bytes.
@@ -257,14 +260,7 @@ pub fn diag(p: &Packet) -> String {
 
 /// `Location-Path` joined: must be `rd/{id}`; returns the id.
 pub fn location(p: &Packet) -> String {
-    let segs: Vec<String> = p
-        .get_option(CoapOption::LocationPath)
-        .map(|l| {
-            l.iter()
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+    let segs = option_strings(p, CoapOption::LocationPath);
     assert_eq!(segs.len(), 2, "Location-Path {segs:?}");
     assert_eq!(segs[0], "rd");
     segs[1].clone()
