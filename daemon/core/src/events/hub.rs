@@ -55,6 +55,8 @@ fn forget_in_background(key_id: &str, delete: crate::store::Pending<()>) {
 /// Which channels an event is queued for.
 enum To<'a> {
     Key(&'a str),
+    /// Several keys, each once, in one store write.
+    Keys(&'a [String]),
     Domain(&'a str),
 }
 
@@ -426,6 +428,12 @@ impl Hub {
         self.publish(To::Key(key_id), event, None, about).await;
     }
 
+    /// Queues `event` for each of `keys` (distinct) whose restriction lets it see what it
+    /// is `about`, stored in one write: once one key can pull it, every key can.
+    pub async fn publish_to_keys(&self, keys: &[String], event: Event, about: About<'_>) {
+        self.publish(To::Keys(keys), event, None, about).await;
+    }
+
     /// Queues the async response `event` for the key that asked (if its restriction, which
     /// may have narrowed since it asked, still lets it see what the response is `about`),
     /// and forgets the stored request (row `request_row`) in the same store transaction.
@@ -457,13 +465,9 @@ impl Hub {
             let mut map = self.lock();
             let mut stored = Vec::new();
             let mut cut: Vec<(Vec<String>, Event)> = Vec::new();
-            let chosen: Box<dyn Iterator<Item = &mut Channel>> = match to {
-                To::Key(k) => Box::new(map.get_mut(k).into_iter()),
-                To::Domain(d) => Box::new(map.values_mut().filter(move |c| c.rec.domain == d)),
-            };
-            for ch in chosen {
+            let mut queue_on = |ch: &mut Channel| {
                 if !about.visible_to(ch.rec.allow.as_deref()) {
-                    continue;
+                    return;
                 }
                 let event = match (about, &ch.rec.allow) {
                     (About::Registration(ep), Some(allow)) => {
@@ -504,6 +508,18 @@ impl Hub {
                     }
                 }
                 wakes.push(Arc::clone(&ch.wake));
+            };
+            match to {
+                To::Key(k) => map.get_mut(k).into_iter().for_each(&mut queue_on),
+                To::Keys(ks) => {
+                    for k in ks {
+                        map.get_mut(k.as_str()).into_iter().for_each(&mut queue_on);
+                    }
+                }
+                To::Domain(d) => map
+                    .values_mut()
+                    .filter(|c| c.rec.domain == d)
+                    .for_each(&mut queue_on),
             }
             (!stored.is_empty() || answered.is_some()).then(|| {
                 for _ in 0..stored.len() {

@@ -879,8 +879,8 @@ impl Subscriptions {
             .await;
     }
 
-    /// Publishes one event entry about `ep`'s `path` to each of `keys` (the hub leaves out
-    /// the keys whose restriction does not let them see it).
+    /// Publishes one event entry about `ep`'s `path` to each of `keys`, in one store write
+    /// (the hub leaves out the keys whose restriction does not let them see it).
     async fn publish_to(
         &self,
         keys: Vec<String>,
@@ -888,16 +888,14 @@ impl Subscriptions {
         body: crate::events::Body,
         (ep, path): (&str, &str),
     ) {
-        for k in keys {
-            let event = Event {
-                kind,
-                body: body.clone(),
-                created_ms: now_ms(),
-            };
-            self.hub
-                .publish_to_key(&k, event, crate::events::About::Resource(ep, path))
-                .await;
-        }
+        let event = Event {
+            kind,
+            body,
+            created_ms: now_ms(),
+        };
+        self.hub
+            .publish_to_keys(&keys, event, crate::events::About::Resource(ep, path))
+            .await;
     }
 
     /// Drops the endpoint's observations (it re-registered, de-registered or expired).
