@@ -26,13 +26,13 @@ use crate::plugins::PluginSink;
 use crate::plugins::{PluginHost, kind_name};
 use crate::registry::lwm2m::Lwm2mHandler;
 use crate::registry::{Registry, RegistryListener};
-use crate::requests::{CoapDevices, Requests, RequestsDeps, RequestsListener};
+use crate::requests::{CoapDevices, OBSERVATION_REPORTS, Requests, RequestsDeps, RequestsListener};
 use crate::rest::{self, AppState};
 use crate::shutdown;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
-use crate::subscriptions::Subscriptions;
 use crate::subscriptions::lua::LuaRules;
+use crate::subscriptions::{Subscriptions, SubscriptionsListener};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -237,38 +237,45 @@ pub async fn run(
         stop.clone(),
     )
     .await?;
+    // A straight line: the request layer before the subscriptions manager, which gets it
+    // and the receiving end of the request layer's observation reports (no back-reference).
+    let (reporter, reports) = crate::requests::observation_reports(OBSERVATION_REPORTS);
+    let requests = Requests::new(
+        RequestsDeps {
+            directory: Arc::clone(&directory),
+            devices: Arc::new(CoapDevices(Arc::clone(&transport))),
+            hub: Arc::clone(&hub),
+            store: Arc::clone(&store),
+            counters: Arc::clone(&counters),
+            limits: Some(Arc::clone(&limits)),
+        },
+        config.requests.clone(),
+        reporter,
+    );
     let lua = LuaRules::load(&config.lua, Arc::clone(&counters));
     let subscriptions = Subscriptions::load(
         Arc::clone(&directory),
+        Arc::clone(&requests),
         Arc::clone(&hub),
         Arc::clone(&store),
         Arc::clone(&lua),
         Arc::clone(&counters),
         Some(Arc::clone(&limits)),
-        |observations| {
-            let deps = RequestsDeps {
-                directory: Arc::clone(&directory),
-                devices: Arc::new(CoapDevices(Arc::clone(&transport))),
-                hub: Arc::clone(&hub),
-                store: Arc::clone(&store),
-                counters: Arc::clone(&counters),
-                limits: Some(Arc::clone(&limits)),
-            };
-            Requests::new(deps, config.requests.clone(), observations)
-        },
     )
     .await?;
-    let requests = Arc::clone(subscriptions.requests());
+    let mut tasks = vec![tokio::spawn(
+        Arc::clone(&subscriptions).run_reports(reports, stop.clone()),
+    )];
     registry.add_listener(Arc::clone(&hub) as Arc<dyn RegistryListener>);
-    registry.add_listener(Arc::new(RequestsListener(Arc::downgrade(&requests))));
-    registry.add_listener(Arc::clone(&subscriptions) as Arc<dyn RegistryListener>);
+    registry.add_listener(Arc::new(RequestsListener(Arc::clone(&requests))));
+    registry.add_listener(Arc::new(SubscriptionsListener(Arc::clone(&subscriptions))));
     let pending = requests.load().await?;
     tracing::info!("loaded {pending} stored requests to devices");
     subscriptions.resume();
-    let mut tasks = transport.start(
+    tasks.extend(transport.start(
         Arc::new(Lwm2mHandler::new(Arc::clone(&registry))),
         stop.receiver(),
-    );
+    ));
     tasks.push(tokio::spawn(Arc::clone(&registry).run_expiry(stop.clone())));
     tasks.push(tokio::spawn(Arc::clone(&hub).run_sweeper(stop.clone())));
     tasks.push(tokio::spawn(crate::log_budget::run_summaries(stop.clone())));

@@ -139,6 +139,9 @@ counters! {
     observe_notifications,
     /// Observe notifications dropped as older than one already seen.
     observe_stale,
+    /// Reports of the request layer to the subscriptions manager (an observation
+    /// established or refused) that waited for room in their full channel.
+    observation_reports_waited,
 }
 
 /// REST responses counted by status code, lock-free.

@@ -46,21 +46,80 @@ fn coap_method(m: Method) -> RequestType {
     }
 }
 
-/// Receives established observations (the subscriptions manager).
-pub trait ObservationSink: Send + Sync + 'static {
+/// How many observation reports may wait for the subscriptions manager (see
+/// [`observation_reports`]). Each report is awaited by the request worker that made it
+/// (one per endpoint at a time), so this bounds the endpoints waiting at once, not the
+/// work.
+pub const OBSERVATION_REPORTS: usize = 256;
+
+/// What the request layer reports to the subscriptions manager about an observe request
+/// it executed, through the channel of [`observation_reports`]. The request worker waits
+/// for `done` before it publishes the job's async response, so the manager has taken the
+/// observation (or ended the subscriptions to it) by then, as when it was called directly.
+pub enum ObservationReport {
     /// An observation of `job.path` on `ep` is established; `first` is the device's first
     /// response. Dropping `stream` cancels it.
-    fn established(&self, job: &Job, ep: &Endpoint, first: &CoapReply, stream: ObserveStream);
-
+    Established {
+        job: Job,
+        ep: Endpoint,
+        first: CoapReply,
+        stream: ObserveStream,
+        done: tokio::sync::oneshot::Sender<()>,
+    },
     /// The device answered the observe of `job.path` with an error, or without Observe:
-    /// the subscriptions to it end, visibly. Awaited before the job's async response.
-    fn refused<'a>(
-        &'a self,
-        job: &'a Job,
-        ep: &'a Endpoint,
+    /// the subscriptions to it end, visibly.
+    Refused {
+        job: Job,
+        ep: Endpoint,
         status: u16,
-        reason: &'a str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+        reason: String,
+        done: tokio::sync::oneshot::Sender<()>,
+    },
+}
+
+/// The sending side of the observation reports, held by the request layer.
+#[derive(Clone)]
+pub struct ObservationReporter {
+    tx: tokio::sync::mpsc::Sender<ObservationReport>,
+}
+
+/// The receiving side, handed to the subscriptions manager, whose task owns it
+/// (`Subscriptions::run_reports`).
+pub struct ObservationReports(pub tokio::sync::mpsc::Receiver<ObservationReport>);
+
+/// The channel from the request layer to the subscriptions manager: the request layer is
+/// built first with the sender, the manager after it with the receiver, so neither refers
+/// back to the other. Bounded ([`OBSERVATION_REPORTS`]); when it is full the reporting
+/// request worker waits for room (only that endpoint's queue waits; counted in
+/// `observation_reports_waited`). Decision: wait rather than drop, since a dropped report
+/// would lose an observation (its stream cancelled, the subscription silent until the next
+/// registration) or a subscription error without anyone learning of it.
+pub fn observation_reports(capacity: usize) -> (ObservationReporter, ObservationReports) {
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+    (ObservationReporter { tx }, ObservationReports(rx))
+}
+
+impl ObservationReporter {
+    /// Sends a report (waiting for room when the channel is full) and waits until the
+    /// manager has handled it. Without a manager (its task stopped: shutdown) the report is
+    /// dropped, which cancels an established observation; false then.
+    async fn report(
+        &self,
+        counters: &Counters,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<()>) -> ObservationReport,
+    ) -> bool {
+        let (done, handled) = tokio::sync::oneshot::channel();
+        let report = make(done);
+        let sent = match self.tx.try_send(report) {
+            Ok(()) => true,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(report)) => {
+                Counters::inc(&counters.observation_reports_waited);
+                self.tx.send(report).await.is_ok()
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+        };
+        sent && handled.await.is_ok()
+    }
 }
 
 /// The representation an application wants a read answered in (its `Accept` header).
@@ -227,10 +286,9 @@ pub struct Requests {
     counters: Arc<Counters>,
     queues: Mutex<Map<EpKey, EpQueue>>,
     cache: Mutex<ValueCache>,
-    /// Where established observations go: the subscriptions manager, which owns this
-    /// request layer (hence weak: the two refer to each other, and the manager is built
-    /// around it with `Arc::new_cyclic`, see `Subscriptions::load`).
-    observations: std::sync::Weak<dyn ObservationSink>,
+    /// Where the outcomes of observe requests go: the subscriptions manager's channel
+    /// (see [`observation_reports`]).
+    observations: ObservationReporter,
     /// Counts outgoing requests against the domains' quotas (none in unit tests).
     limits: Option<Arc<crate::limits::Limits>>,
 }
@@ -371,7 +429,7 @@ impl Requests {
     pub fn new(
         deps: RequestsDeps,
         cfg: RequestsConfig,
-        observations: std::sync::Weak<dyn ObservationSink>,
+        observations: ObservationReporter,
     ) -> Arc<Requests> {
         let RequestsDeps {
             directory,
@@ -715,7 +773,6 @@ impl Requests {
             Ok((reply, stream)) => {
                 let status = http_status(reply.code);
                 self.cache_reply(job, &reply);
-                let sink = self.observations.upgrade();
                 let refusal = if status >= 400 {
                     Some((status, format!("the device answered {:?}", reply.code)))
                 } else if reply.observe.is_none() {
@@ -727,14 +784,34 @@ impl Requests {
                     None
                 };
                 if let Some((status, reason)) = refusal {
-                    if let Some(sink) = &sink {
-                        sink.refused(job, ep, status, &reason).await;
-                    }
+                    self.observations
+                        .report(&self.counters, |done| ObservationReport::Refused {
+                            job: job.clone(),
+                            ep: ep.clone(),
+                            status,
+                            reason: reason.clone(),
+                            done,
+                        })
+                        .await;
                     return Outcome::failed(status, reason);
                 }
-                match sink {
-                    Some(sink) => sink.established(job, ep, &reply, stream),
-                    None => tracing::warn!("observation established with nobody to receive it"),
+                let first = reply.clone();
+                let taken = self
+                    .observations
+                    .report(&self.counters, |done| ObservationReport::Established {
+                        job: job.clone(),
+                        ep: ep.clone(),
+                        first,
+                        stream,
+                        done,
+                    })
+                    .await;
+                if !taken {
+                    // The subscriptions manager stopped taking reports (shutdown): the
+                    // stream was dropped with the report, which cancelled it.
+                    tracing::debug!(
+                        "observation established after the subscriptions stopped: cancelled"
+                    );
                 }
                 Outcome {
                     status,
@@ -954,17 +1031,16 @@ fn as_json(o: Outcome, path: &str) -> Outcome {
     }
 }
 
-/// Listens to the registry through a weak reference (the registry outlives nothing here,
-/// and a strong one would make a cycle).
-pub struct RequestsListener(pub std::sync::Weak<Requests>);
+/// Listens to the registry for the request layer. Strong: the request layer refers to
+/// the registry's read model only (`Directory`), not to the registry, so the registry
+/// holding it makes no cycle.
+pub struct RequestsListener(pub Arc<Requests>);
 
 impl RegistryListener for RequestsListener {
     /// The device just spoke (and has its answer): send what waits for it.
     fn after_reply(&self, ev: &RegistryEvent) {
-        if let Some(r) = self.0.upgrade() {
-            let ep = ev.endpoint();
-            r.kick(&(ep.reg.domain.clone(), ep.reg.name.clone()));
-        }
+        let ep = ev.endpoint();
+        self.0.kick(&(ep.reg.domain.clone(), ep.reg.name.clone()));
     }
 
     fn on_event<'a>(
@@ -972,7 +1048,7 @@ impl RegistryListener for RequestsListener {
         ev: &'a RegistryEvent,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            let Some(r) = self.0.upgrade() else { return };
+            let r = &self.0;
             let ep = ev.endpoint();
             let (domain, name) = (ep.reg.domain.as_str(), ep.reg.name.as_str());
             match ev {
@@ -1004,6 +1080,86 @@ impl RegistryListener for RequestsListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An observe refused by the device, reported; true when the manager handled it.
+    async fn report_refusal(counters: Arc<Counters>, reporter: ObservationReporter) -> bool {
+        let job = Job {
+            id: "1#x".into(),
+            key_id: String::new(),
+            domain: "d".into(),
+            ep: "n".into(),
+            method: Method::Observe,
+            path: "/3/0/1".into(),
+            payload: String::new(),
+            content_format: None,
+            accept: None,
+            accept_fallback: false,
+            as_json: false,
+            created_ms: 0,
+            internal: true,
+            row: 0,
+        };
+        let e = ep(None, "</3/0>");
+        reporter
+            .report(&counters, |done| ObservationReport::Refused {
+                job,
+                ep: e,
+                status: 404,
+                reason: "gone".into(),
+                done,
+            })
+            .await
+    }
+
+    /// The channel to the subscriptions manager: a report waits until it is handled; when
+    /// the channel is full the reporter waits for room (counted), nothing is dropped; with
+    /// the receiver gone the report is not taken.
+    #[tokio::test]
+    async fn observation_reports_wait_when_full_and_are_counted() {
+        let counters = Arc::new(Counters::default());
+        let (reporter, mut reports) = observation_reports(1);
+        let first = tokio::spawn(report_refusal(Arc::clone(&counters), reporter.clone()));
+        let second = tokio::spawn(report_refusal(Arc::clone(&counters), reporter.clone()));
+        // The first fills the channel; the second waits for room.
+        let waited = || {
+            counters
+                .observation_reports_waited
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while waited() == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(waited(), 1, "the second report waited for room");
+        assert!(
+            !first.is_finished() && !second.is_finished(),
+            "not handled yet"
+        );
+        for _ in 0..2 {
+            match reports.0.recv().await {
+                Some(ObservationReport::Refused {
+                    status,
+                    reason,
+                    done,
+                    ..
+                }) => {
+                    assert_eq!((status, reason.as_str()), (404, "gone"));
+                    let _ = done.send(());
+                }
+                _ => panic!("a refusal"),
+            }
+        }
+        assert!(
+            first.await.unwrap() && second.await.unwrap(),
+            "both handled"
+        );
+        // A report the manager drops unhandled (its task stopped) is not taken.
+        let third = tokio::spawn(report_refusal(Arc::clone(&counters), reporter.clone()));
+        drop(reports.0.recv().await);
+        assert!(!third.await.unwrap());
+        drop(reports);
+        assert!(!report_refusal(Arc::clone(&counters), reporter).await);
+    }
 
     #[test]
     fn async_ids_are_unique_and_shaped_like_the_seed() {

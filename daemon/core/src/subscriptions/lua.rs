@@ -14,7 +14,7 @@
 //! - `key = { id = <string> }`
 //!
 //! It returns `true` (subscribe), `false` (do not) or `nil` (no opinion).
-//! [`LuaRules::presubscribe`] asks the files in name order and returns the first non-nil
+//! [`RuleSet::presubscribe`] asks the files in name order and returns the first non-nil
 //! answer, or `None` when every file says nil (or none defines the function). Any other
 //! return type is an error. A call that fails (runtime error, instruction budget, time limit,
 //! memory limit, bad return type) is logged at warn with the file, the function
@@ -54,7 +54,7 @@
 //!   without asking any file (logged at debug).
 //!
 //! # Reload
-//! [`LuaRules::reload`] re-reads the directory. A file whose content is unchanged keeps its
+//! [`RuleSet::reload`] re-reads the directory. A file whose content is unchanged keeps its
 //! state. A new or changed file is loaded into a fresh state (top-level chunk run with the
 //! budget); on failure the error (file:line) is logged, counted in `lua_errors`, and the
 //! previous version of the file stays in force if there was one. A file that keeps failing
@@ -64,7 +64,7 @@
 //! [`LuaRules::watch`] watches the directory (non-recursive, debounced 200 ms) and reloads on
 //! any change of a `*.lua` path ([`crate::dir_watch::is_change`]: not the reload's own
 //! reads), so both in-place writes and editor saves by rename are picked up. When the directory does not exist at start-up, nothing is watched: creating
-//! it later needs a restart (or an explicit [`LuaRules::reload`]).
+//! it later needs a restart (or an explicit [`RuleSet::reload`]).
 //!
 //! # Concurrency
 //! Calls run on one dedicated thread (`lua-rules`), never on the async workers:
@@ -84,7 +84,7 @@ mod patterns;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use mlua::chunk::ChunkMode;
@@ -553,8 +553,9 @@ struct RuleFile {
     state: Mutex<RuleState>,
 }
 
-/// The rule files of a directory.
-pub struct LuaRules {
+/// The rule files of a directory in force (shared by [`LuaRules`], the rules thread and
+/// the directory watcher; it refers to none of them).
+pub struct RuleSet {
     cfg: LuaConfig,
     counters: Arc<Counters>,
     /// Files in force, in name order.
@@ -562,49 +563,60 @@ pub struct LuaRules {
     /// Serializes reloads; holds the content of files whose last load failed (so an unchanged
     /// broken file is not reported on every reload).
     failed: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+/// The Lua rules: the rule files ([`RuleSet`], whose methods it offers through `Deref`)
+/// and the queue to the thread that runs them.
+pub struct LuaRules {
+    rules: Arc<RuleSet>,
     /// The bounded queue to the rules thread; `None` if the thread could not be started.
+    /// The thread ends when this sender is dropped (with the rules).
     queue: Option<tokio::sync::mpsc::Sender<Job>>,
 }
 
+impl std::ops::Deref for LuaRules {
+    type Target = RuleSet;
+    fn deref(&self) -> &RuleSet {
+        &self.rules
+    }
+}
+
 impl LuaRules {
-    /// Loads the rule files of `cfg.dir` (see [`LuaRules::reload`]).
+    /// Loads the rule files of `cfg.dir` (see [`RuleSet::reload`]).
     ///
     /// Starts the rules thread, which runs the calls of [`LuaRules::evaluate`] and ends when
-    /// the rules are dropped.
+    /// the rules are dropped (its queue closes).
     pub fn load(cfg: &LuaConfig, counters: Arc<Counters>) -> Arc<LuaRules> {
         let (tx, rx) = tokio::sync::mpsc::channel::<Job>(QUEUE);
-        let rules = Arc::new_cyclic(|weak: &Weak<LuaRules>| {
-            let weak = weak.clone();
-            let spawned = std::thread::Builder::new()
-                .name("lua-rules".into())
-                .spawn(move || run_rules_thread(weak, rx));
-            let queue = match spawned {
-                Ok(_) => Some(tx),
-                Err(e) => {
-                    error!("cannot start the Lua rules thread, Lua rules have no opinion: {e}");
-                    None
-                }
-            };
-            LuaRules {
-                cfg: cfg.clone(),
-                counters,
-                files: Mutex::new(Vec::new()),
-                failed: Mutex::new(HashMap::new()),
-                queue,
-            }
+        let rules = Arc::new(RuleSet {
+            cfg: cfg.clone(),
+            counters,
+            files: Mutex::new(Vec::new()),
+            failed: Mutex::new(HashMap::new()),
         });
+        let thread_rules = Arc::clone(&rules);
+        let spawned = std::thread::Builder::new()
+            .name("lua-rules".into())
+            .spawn(move || run_rules_thread(&thread_rules, rx));
+        let queue = match spawned {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                error!("cannot start the Lua rules thread, Lua rules have no opinion: {e}");
+                None
+            }
+        };
         rules.reload();
-        rules
+        Arc::new(LuaRules { rules, queue })
     }
 
-    /// True when a file in force defines `presubscribe` (else every answer is `None`
-    /// and [`LuaRules::evaluate`] answers without the rules thread).
-    pub fn has_rules(&self) -> bool {
-        !lock(&self.files).is_empty()
+    /// See [`RuleSet::watch`]: the watcher shares the rule files, not these rules (nor the
+    /// rules thread's queue).
+    pub fn watch(&self, stop: Shutdown) -> Option<tokio::task::JoinHandle<()>> {
+        self.rules.watch(stop)
     }
 
     /// Asks the rules about each question (for one endpoint), on the rules thread; the
-    /// answers come in the questions' order, as [`LuaRules::presubscribe`] gives them. Waits
+    /// answers come in the questions' order, as [`RuleSet::presubscribe`] gives them. Waits
     /// for room when [`QUEUE`] evaluations are waiting already. Without the thread, every
     /// answer is `None`.
     pub async fn evaluate(&self, subject: Subject, questions: Vec<Question>) -> Vec<Option<bool>> {
@@ -628,6 +640,14 @@ impl LuaRules {
             Ok(a) if a.len() == n => a,
             _ => vec![None; n],
         }
+    }
+}
+
+impl RuleSet {
+    /// True when a file in force defines `presubscribe` (else every answer is `None`
+    /// and [`LuaRules::evaluate`] answers without the rules thread).
+    pub fn has_rules(&self) -> bool {
+        !lock(&self.files).is_empty()
     }
 
     /// Asks the files in name order; the first non-nil answer wins. `None`: no file has an
@@ -782,7 +802,8 @@ impl LuaRules {
     /// when there is nothing to watch: the directory does not exist (creating it later needs
     /// a restart) or the watcher could not be set up.
     ///
-    /// The returned task owns the watcher; it ends when `stop` fires or the rules are dropped.
+    /// The returned task owns the watcher and shares the rule files; it ends when `stop`
+    /// fires.
     pub fn watch(self: &Arc<Self>, mut stop: Shutdown) -> Option<tokio::task::JoinHandle<()>> {
         let dir = self.cfg.dir.clone();
         if !dir.is_dir() {
@@ -825,7 +846,7 @@ impl LuaRules {
             return None;
         }
         info!(dir = %dir.display(), "watching the Lua rules directory");
-        let rules: Weak<LuaRules> = Arc::downgrade(self);
+        let rules = Arc::clone(self);
         Some(runtime.spawn(async move {
             let _debouncer = debouncer;
             loop {
@@ -836,7 +857,7 @@ impl LuaRules {
                             break;
                         }
                         while rx.try_recv().is_ok() {}
-                        let Some(rules) = rules.upgrade() else { break };
+                        let rules = Arc::clone(&rules);
                         if let Err(e) = tokio::task::spawn_blocking(move || rules.reload()).await {
                             error!("Lua rules reload failed: {e}");
                         }
@@ -848,10 +869,10 @@ impl LuaRules {
     }
 }
 
-/// The body of the rules thread: answers jobs until the rules are dropped.
-fn run_rules_thread(rules: Weak<LuaRules>, mut jobs: tokio::sync::mpsc::Receiver<Job>) {
+/// The body of the rules thread: answers jobs until the queue closes (the [`LuaRules`]
+/// holding its sender are dropped).
+fn run_rules_thread(rules: &RuleSet, mut jobs: tokio::sync::mpsc::Receiver<Job>) {
     while let Some(job) = jobs.blocking_recv() {
-        let Some(rules) = rules.upgrade() else { break };
         if job.reply.is_closed() {
             continue;
         }
@@ -981,6 +1002,22 @@ mod tests {
             Ok(_) => panic!("{name} loaded but should not have"),
             Err(e) => e.to_string(),
         }
+    }
+
+    /// The rules thread shares the rule files, not the rules: dropping the rules closes
+    /// its queue, and it ends, letting go of the files (nothing keeps itself alive).
+    #[test]
+    fn the_rules_thread_ends_when_the_rules_are_dropped() {
+        let (_dir, rules, _counters) =
+            rules_with(&[("10-rule.lua", "function presubscribe() return true end")]);
+        let files = Arc::clone(&rules.rules);
+        assert!(Arc::strong_count(&files) >= 2, "the thread holds them");
+        drop(rules);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&files) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(Arc::strong_count(&files), 1, "the rules thread ended");
     }
 
     #[test]

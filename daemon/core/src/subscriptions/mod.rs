@@ -31,8 +31,8 @@ use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::registry::{Directory, Endpoint, RegistryEvent, RegistryListener, now_ms};
 use crate::requests::{
-    DEFAULT_MAX_AGE, Job, Method, ObservationSink, RequestError, Requests, Submit, Submitted,
-    resource_known,
+    DEFAULT_MAX_AGE, Job, Method, ObservationReport, ObservationReports, RequestError, Requests,
+    Submit, Submitted, resource_known,
 };
 use crate::store::{Store, StoreError};
 pub use connectord_model::{PresubRecord, SubscriptionRecord};
@@ -179,9 +179,6 @@ pub struct Subscriptions {
     lua: Arc<LuaRules>,
     counters: Arc<Counters>,
     state: Mutex<State>,
-    /// This manager itself, for the notification tasks it spawns (set at construction,
-    /// `Arc::new_cyclic`).
-    me: std::sync::Weak<Subscriptions>,
     /// Counts notifications against the domains' quotas (none in unit tests).
     limits: Option<Arc<crate::limits::Limits>>,
     /// Endpoints whose pre-subscriptions are due (their registration or update was
@@ -202,19 +199,19 @@ pub fn is_fresh(v1: u32, t1: Instant, v2: u32, t2: Instant) -> bool {
 }
 
 impl Subscriptions {
-    /// Loads stored subscriptions and pre-subscriptions, and builds the request layer
-    /// (`requests`, given where its established observations go: this manager) that it
-    /// observes through; [`Subscriptions::requests`] hands it out. The two refer to each
-    /// other (subscriptions submit observe requests; the request layer hands back the
-    /// observations), so the request layer gets its reference at construction, weak.
+    /// Loads stored subscriptions and pre-subscriptions. `requests` is the request layer
+    /// this manager observes through, built before it; it reports the outcomes of observe
+    /// requests into a channel whose receiver [`Subscriptions::run_reports`] drains, so
+    /// the request layer holds no reference back to this manager.
+    #[allow(clippy::too_many_arguments)]
     pub async fn load(
         directory: Arc<Directory>,
+        requests: Arc<Requests>,
         hub: Arc<Hub>,
         store: Arc<dyn Store>,
         lua: Arc<LuaRules>,
         counters: Arc<Counters>,
         limits: Option<Arc<crate::limits::Limits>>,
-        requests: impl FnOnce(std::sync::Weak<dyn ObservationSink>) -> Arc<Requests>,
     ) -> Result<Arc<Subscriptions>, StoreError> {
         let mut state = State::default();
         let subs = store.load_subscriptions().await?;
@@ -257,21 +254,73 @@ impl Subscriptions {
             k.presubs = p.rules;
         }
         tracing::info!("loaded {n} subscriptions");
-        Ok(Arc::new_cyclic(|me: &std::sync::Weak<Subscriptions>| {
-            let sink: std::sync::Weak<dyn ObservationSink> = me.clone();
-            Subscriptions {
-                directory,
-                requests: requests(sink),
-                hub,
-                store,
-                lua,
-                counters,
-                state: Mutex::new(state),
-                me: me.clone(),
-                limits,
-                due: Mutex::new(Map::default()),
-            }
+        Ok(Arc::new(Subscriptions {
+            directory,
+            requests,
+            hub,
+            store,
+            lua,
+            counters,
+            state: Mutex::new(state),
+            limits,
+            due: Mutex::new(Map::default()),
         }))
+    }
+
+    /// Takes the request layer's observation reports (see
+    /// [`crate::requests::observation_reports`]) until `stop` fires or the request layer is
+    /// gone. An established observation is taken at once (its notification task spawned);
+    /// a refusal ends the subscriptions in a task of its own (it writes to the store), so
+    /// one slow write holds up no other endpoint's report. At stop the channel is closed
+    /// and what was already in it is still handled; a report sent after that is dropped
+    /// (an observation established during shutdown is cancelled).
+    pub async fn run_reports(
+        self: Arc<Self>,
+        mut reports: ObservationReports,
+        mut stop: crate::shutdown::Shutdown,
+    ) {
+        loop {
+            tokio::select! {
+                _ = stop.recv() => break,
+                report = reports.0.recv() => match report {
+                    Some(r) => self.take_report(r),
+                    None => return,
+                },
+            }
+        }
+        reports.0.close();
+        while let Some(r) = reports.0.recv().await {
+            self.take_report(r);
+        }
+    }
+
+    fn take_report(self: &Arc<Self>, report: ObservationReport) {
+        match report {
+            ObservationReport::Established {
+                job,
+                ep,
+                first,
+                stream,
+                done,
+            } => {
+                self.established(&job, &ep, first, stream);
+                let _ = done.send(());
+            }
+            ObservationReport::Refused {
+                job,
+                ep,
+                status,
+                reason,
+                done,
+            } => {
+                let me = Arc::clone(self);
+                tokio::spawn(async move {
+                    me.observation_refused(&job.domain, &ep, &job.path, status, &reason)
+                        .await;
+                    let _ = done.send(());
+                });
+            }
+        }
     }
 
     /// The request layer this manager observes through.
@@ -711,7 +760,7 @@ impl Subscriptions {
     /// After the reply to a registration or update: the endpoint's pre-subscriptions are
     /// evaluated (Lua rules run on their own thread, so this may wait) and what they ask
     /// for is observed. See [`Subscriptions::due`].
-    fn presubs_due(&self, ep: &Arc<Endpoint>) {
+    fn presubs_due(self: &Arc<Self>, ep: &Arc<Endpoint>) {
         let key = (ep.reg.domain.clone(), ep.reg.name.clone());
         let first = lock_map(&self.due)
             .insert(key.clone(), Arc::clone(ep))
@@ -719,9 +768,7 @@ impl Subscriptions {
         if !first {
             return;
         }
-        let Some(me) = self.me.upgrade() else {
-            return;
-        };
+        let me = Arc::clone(self);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             lock_map(&self.due).remove(&key);
             tracing::error!("pre-subscriptions need a tokio runtime; not evaluated");
@@ -1006,29 +1053,24 @@ pub fn notification_body(ep: &str, path: &str, reply: &CoapReply) -> crate::even
     })
 }
 
-impl ObservationSink for Subscriptions {
-    fn refused<'a>(
-        &'a self,
-        job: &'a Job,
-        ep: &'a Endpoint,
-        status: u16,
-        reason: &'a str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
-        Box::pin(self.observation_refused(&job.domain, ep, &job.path, status, reason))
-    }
-
-    fn established(&self, job: &Job, ep: &Endpoint, first: &CoapReply, mut stream: ObserveStream) {
+impl Subscriptions {
+    /// An observation of `job.path` on `ep` is established (reported by the request
+    /// layer); `first` is the device's first response. Dropping `stream` cancels it.
+    fn established(
+        self: &Arc<Self>,
+        job: &Job,
+        ep: &Endpoint,
+        first: CoapReply,
+        mut stream: ObserveStream,
+    ) {
         let key: ResKey = (job.domain.clone(), job.ep.clone(), job.path.clone());
-        let Some(me) = self.me.upgrade() else {
-            return;
-        };
+        let me = Arc::clone(self);
         let mut st = self.lock();
         if st.subscribers(&key.0, &key.1, &key.2).is_empty() {
             // Unsubscribed while the observe was on its way: dropping the stream cancels.
             return;
         }
         st.stop_observation(&key);
-        let first = first.clone();
         let internal = job.internal;
         let reg_id = ep.reg.id.clone();
         let ep_arc = ep.clone();
@@ -1084,24 +1126,30 @@ impl ObservationSink for Subscriptions {
     }
 }
 
-impl RegistryListener for Subscriptions {
+/// Listens to the registry for the subscriptions manager (which spawns the evaluation of
+/// pre-subscriptions, hence the `Arc`). Strong: the manager refers to the registry's read
+/// model only, so the registry holding it makes no cycle.
+pub struct SubscriptionsListener(pub Arc<Subscriptions>);
+
+impl RegistryListener for SubscriptionsListener {
     /// Observe requests go out once the device has its registration answer; so do
     /// pre-subscriptions (the registration reply never waits on rules).
     fn after_reply(&self, ev: &RegistryEvent) {
-        self.observe_missing(ev.endpoint(), true);
-        self.presubs_due(ev.endpoint());
+        self.0.observe_missing(ev.endpoint(), true);
+        self.0.presubs_due(ev.endpoint());
     }
 
     fn on_event<'a>(
         &'a self,
         ev: &'a RegistryEvent,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        let subs = &self.0;
         Box::pin(async move {
             let ep = ev.endpoint();
             match ev {
                 RegistryEvent::Registered { .. } => {
                     // A full registration: the device forgot its observations.
-                    self.forget_observations(&ep.reg.domain, &ep.reg.name);
+                    subs.forget_observations(&ep.reg.domain, &ep.reg.name);
                 }
                 // Pre-subscriptions are applied after the reply (`after_reply`).
                 RegistryEvent::Updated { .. } => {}
@@ -1109,8 +1157,8 @@ impl RegistryListener for Subscriptions {
                     // Decision: an endpoint that leaves takes its subscriptions with it
                     // (seed 000: `GET /subscriptions/{ep}` is 404 for an endpoint that is
                     // not found); pre-subscriptions make them again when it registers.
-                    self.forget_observations(&ep.reg.domain, &ep.reg.name);
-                    self.remove_endpoint_everywhere(&ep.reg.domain, &ep.reg.name)
+                    subs.forget_observations(&ep.reg.domain, &ep.reg.name);
+                    subs.remove_endpoint_everywhere(&ep.reg.domain, &ep.reg.name)
                         .await;
                 }
             }
