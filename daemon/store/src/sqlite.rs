@@ -182,10 +182,13 @@ where
     }
 }
 
-/// Handle to the store thread. Dropping every handle stops the thread after it has
-/// committed what was queued.
+/// Handle to the store thread. Dropping it stops the thread after it has committed what
+/// was queued, and waits for that (so the database is closed when the drop returns: a
+/// daemon started again in the same process opens it after).
 pub struct SqliteStore {
     tx: mpsc::Sender<Box<dyn Job>>,
+    /// The store thread, joined at drop.
+    thread: Option<std::thread::JoinHandle<()>>,
     path: PathBuf,
     /// Moved by the store thread when `PRAGMA data_version` says another connection (so
     /// another process: this one has only the thread's) committed a write.
@@ -257,7 +260,7 @@ impl SqliteStore {
         let (external_tx, external) = tokio::sync::watch::channel(0u64);
         let health = Arc::new(HealthState::default());
         let thread_health = Arc::clone(&health);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("store".into())
             .spawn(move || run(conn, rx, ready_tx, external_tx, &*commits, thread_health))
             .map_err(|e| StoreError::Dir {
@@ -267,6 +270,7 @@ impl SqliteStore {
         ready_rx.recv().unwrap_or(Err(StoreError::Closed))?;
         Ok(SqliteStore {
             tx,
+            thread: Some(thread),
             path: path.to_path_buf(),
             external,
             health,
@@ -277,7 +281,20 @@ impl SqliteStore {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
 
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it has committed what was queued.
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, closed));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl SqliteStore {
     fn submit<T: Send + 'static>(
         &self,
         f: impl FnMut(&Db<'_>) -> Result<T, StoreError> + Send + 'static,
@@ -1060,6 +1077,19 @@ mod tests {
             registered_at_ms: 1,
             expires_at_ms: 2,
         }
+    }
+
+    /// Dropping the handle waits for the store thread: the database is closed when the
+    /// drop returns (the last connection's close checkpoints and removes the WAL file).
+    #[tokio::test]
+    async fn a_dropped_store_has_closed_its_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path()).unwrap();
+        s.put_registration(reg("a", "n1")).await.unwrap();
+        let wal = dir.path().join("connectord.db-wal");
+        assert!(wal.exists(), "written through the WAL");
+        drop(s);
+        assert!(!wal.exists(), "closed by the time the drop returned");
     }
 
     #[tokio::test]
