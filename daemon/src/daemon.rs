@@ -1,10 +1,11 @@
-//! Start-up wiring, signals and systemd readiness.
+//! Start-up wiring ([`start`], returning a [`Running`] daemon), signals and systemd
+//! readiness ([`Running::serve_until_signal`], what `connectord run` adds).
 //!
 //! Start order: the state files checked for contradictions (nothing created yet), CoAP
 //! sockets and REST listeners bound, then the store opened and probed, the CA, endpoint
 //! directory (loaded from the store), access keys (the first admin key at first start);
 //! so a start that fails on a taken port or an unusable state creates no first-start
-//! file. Only when all is ready does the daemon tell systemd READY=1. SIGTERM and SIGINT stop
+//! file. Only when all is ready does `connectord run` tell systemd READY=1. SIGTERM and SIGINT stop
 //! gracefully; SIGHUP re-reads the configuration and applies what can change at run time.
 //! With `connectord run --ready-file PATH` the daemon also writes its bound addresses to
 //! PATH as JSON once it serves (see [`write_ready_file`]), for tests and supervisors.
@@ -55,6 +56,8 @@ pub enum StartError {
     Contradiction(#[from] crate::state_dir::Contradiction),
     #[error("--reinit: cannot move the old files aside: {0}")]
     Reinit(std::io::Error),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
     #[error("--ready-file {}: {source}", path.display())]
     ReadyFile {
         path: PathBuf,
@@ -78,19 +81,211 @@ impl From<StoreError> for PluginCallError {
 /// subscriber).
 pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
-/// Runs the daemon until SIGTERM or SIGINT. `config_path` is re-read on SIGHUP (with
-/// `None`, the embedded defaults are in force and SIGHUP has nothing to re-read).
+/// How [`start`] starts the daemon (what `connectord run` takes from its command line).
+#[derive(Default)]
+pub struct Options {
+    /// The configuration file, re-read on SIGHUP by [`Running::serve_until_signal`] (with
+    /// `None`, the embedded defaults are in force and SIGHUP has nothing to re-read).
+    pub config_path: Option<PathBuf>,
+    /// `connectord run --reinit`: start on state files that contradict each other (see
+    /// [`crate::state_dir::check_consistent`]).
+    pub reinit: bool,
+    /// Changes the log filter on SIGHUP (`None`: a reload cannot change it).
+    pub set_log: Option<SetLogFilter>,
+}
+
+/// A daemon started by [`start`], serving, with its own async runtime. It knows its bound
+/// addresses (the system's ports where the configuration says 0) and its state directory.
+/// [`Running::shutdown`] stops it as SIGTERM does and joins its threads; dropping it does
+/// the same (without the result). Neither may be called inside an async runtime (they
+/// block on the daemon's own).
 ///
-/// `reinit` (`connectord run --reinit`) lets the daemon start on state files that
-/// contradict each other (see [`crate::state_dir::check_consistent`]). `ready_file`
-/// (`connectord run --ready-file`) receives the bound addresses once the daemon serves.
-pub async fn run(
+/// Process-wide, not per daemon: the budget of device log lines
+/// ([`crate::log_budget`], set from `[log] device_lines_per_s` by every start), and the
+/// tracing subscriber (the binary's, or none). Signal handlers and systemd notification
+/// belong to [`Running::serve_until_signal`] only, so several daemons can run in one
+/// process (the tests do).
+pub struct Running {
+    rest: Vec<SocketAddr>,
+    coap: Vec<SocketAddr>,
+    state_dir: PathBuf,
+    /// The configuration in force (SIGHUP compares the file with it).
     config: Config,
-    config_path: Option<PathBuf>,
-    set_log: SetLogFilter,
-    reinit: bool,
-    ready_file: Option<PathBuf>,
-) -> Result<(), StartError> {
+    options: Options,
+    /// `None` once stopped.
+    inner: Option<(tokio::runtime::Runtime, Services)>,
+}
+
+/// What a stop needs of the running services.
+struct Services {
+    trigger: shutdown::Trigger,
+    stop: shutdown::Shutdown,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    limits: Arc<crate::limits::Limits>,
+    store: Arc<dyn Store>,
+    plugins: Arc<PluginHost>,
+}
+
+/// Starts the daemon: builds its async runtime (`[runtime] worker_threads`), checks the
+/// state, binds CoAP and REST, opens the store and starts every service; returns once it
+/// serves. `connectord run` is this and [`Running::serve_until_signal`]; tests start
+/// daemons in their own process with it.
+pub fn start(config: Config, options: Options) -> Result<Running, StartError> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("connectord");
+    // Always explicit, so that tokio does not read TOKIO_WORKER_THREADS (it panics on a
+    // value that is not a number): the configuration is the one place for this.
+    builder.worker_threads(match config.runtime.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    });
+    let rt = builder.build().map_err(StartError::Runtime)?;
+    tracing::info!(
+        "async runtime: {} worker threads",
+        rt.metrics().num_workers()
+    );
+    match rt.block_on(start_services(&config, &options)) {
+        Ok((services, rest, coap)) => Ok(Running {
+            rest,
+            coap,
+            state_dir: config.state.resolve_dir(),
+            config,
+            options,
+            inner: Some((rt, services)),
+        }),
+        Err(e) => {
+            rt.shutdown_timeout(STOP_TIMEOUT);
+            Err(e)
+        }
+    }
+}
+
+/// How long a stop waits for the runtime's threads (blocking tasks included) once every
+/// service has stopped.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Running {
+    /// Every bound REST address.
+    pub fn rest_addrs(&self) -> &[SocketAddr] {
+        &self.rest
+    }
+
+    /// Every bound CoAP (UDP) address.
+    pub fn coap_addrs(&self) -> &[SocketAddr] {
+        &self.coap
+    }
+
+    /// The state directory in use.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// The file holding the first admin key (written at first start; it may have been
+    /// removed by the operator since).
+    pub fn admin_key_file(&self) -> PathBuf {
+        self.state_dir.join(crate::auth::ADMIN_KEY_FILE)
+    }
+
+    /// `connectord run`: writes the ready file (`ready_file`), tells systemd READY=1, then
+    /// serves until SIGTERM or SIGINT (SIGHUP re-reads the configuration) and stops.
+    pub fn serve_until_signal(mut self, ready_file: Option<PathBuf>) -> Result<(), StartError> {
+        let Some((rt, mut services)) = self.inner.take() else {
+            return Ok(());
+        };
+        let (rest, coap) = (self.rest.clone(), self.coap.clone());
+        let config = self.config.clone();
+        let options = std::mem::take(&mut self.options);
+        let announced = rt.block_on(async {
+            if let Some(interval) = sd_notify::watchdog_enabled() {
+                services
+                    .tasks
+                    .push(tokio::spawn(watchdog(interval / 2, services.stop.clone())));
+            }
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            let mut hup = signal(SignalKind::hangup())?;
+            let announced = match &ready_file {
+                Some(path) => write_ready_file(path, &rest, &coap),
+                None => Ok(()),
+            };
+            if announced.is_ok() {
+                notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+                tracing::info!("connectord {} ready", env!("CARGO_PKG_VERSION"));
+                let mut running = config;
+                loop {
+                    tokio::select! {
+                        _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+                        _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+                        _ = hup.recv() => {
+                            running = reload(running, options.config_path.as_deref(), options.set_log.as_ref());
+                        }
+                    }
+                }
+            }
+            notify(&[NotifyState::Stopping]);
+            Ok::<_, StartError>(announced)
+        });
+        stop(rt, services);
+        announced??;
+        if let Some(path) = &ready_file {
+            // No longer serving: a stale file would name addresses nobody listens on.
+            let _ = std::fs::remove_file(path);
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    /// Stops as SIGTERM does: every task stopped and awaited, the traffic counts saved,
+    /// the plugins stopped, the runtime's threads joined.
+    pub fn shutdown(mut self) {
+        if let Some((rt, services)) = self.inner.take() {
+            stop(rt, services);
+            tracing::info!("stopped");
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some((rt, services)) = self.inner.take() {
+            stop(rt, services);
+        }
+    }
+}
+
+/// The stop of every service, in order, then the runtime's threads.
+fn stop(rt: tokio::runtime::Runtime, services: Services) {
+    let Services {
+        trigger,
+        stop: _,
+        tasks,
+        limits,
+        store,
+        plugins,
+    } = services;
+    rt.block_on(async {
+        trigger.fire();
+        for t in tasks {
+            let _ = t.await;
+        }
+        // The listeners and the long-running tasks have stopped. A task spawned for one
+        // request or datagram that is still running (past the REST drain timeout, say) may
+        // count after this and go unsaved: one transaction each at most.
+        limits.save_now(store.as_ref()).await;
+    });
+    plugins.shutdown();
+    // Tasks still running (one request's, say) are dropped with the runtime.
+    rt.shutdown_timeout(STOP_TIMEOUT);
+}
+
+/// Starts every service on the current runtime; returns them with the bound REST and
+/// CoAP addresses.
+async fn start_services(
+    config: &Config,
+    options: &Options,
+) -> Result<(Services, Vec<SocketAddr>, Vec<SocketAddr>), StartError> {
+    let config_path = &options.config_path;
+    let reinit = options.reinit;
     crate::log_budget::set_per_second(config.log.device_lines_per_s);
     let state_dir = config.state.resolve_dir();
     crate::state_dir::make_private(&state_dir)?;
@@ -336,51 +531,28 @@ pub async fn run(
         connections: rest::conn::Connections::new(&config.rest),
     });
     tasks.push(tokio::spawn(rest::serve(listeners, state, stop.clone())));
-    if let Some(interval) = sd_notify::watchdog_enabled() {
-        tasks.push(tokio::spawn(watchdog(interval / 2, stop.clone())));
-    }
-
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let announced = match &ready_file {
-        Some(path) => write_ready_file(path, &rest_addrs, &transport.local_addrs()),
-        None => Ok(()),
-    };
-    if announced.is_ok() {
-        notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
-        tracing::info!("connectord {} ready", env!("CARGO_PKG_VERSION"));
-        let mut running = config;
-        loop {
-            tokio::select! {
-                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
-                _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
-                _ = hup.recv() => running = reload(running, config_path.as_deref(), &set_log),
-            }
-        }
-    }
-    notify(&[NotifyState::Stopping]);
-    trigger.fire();
-    for t in tasks {
-        let _ = t.await;
-    }
-    // The listeners and the long-running tasks have stopped. A task spawned for one
-    // request or datagram that is still running (past the REST drain timeout, say) may
-    // count after this and go unsaved: one transaction each at most.
-    limits.save_now(store.as_ref()).await;
-    plugins.shutdown();
-    announced?;
-    if let Some(path) = &ready_file {
-        // No longer serving: a stale file would name addresses nobody listens on.
-        let _ = std::fs::remove_file(path);
-    }
-    tracing::info!("stopped");
-    Ok(())
+    let coap_addrs = transport.local_addrs();
+    Ok((
+        Services {
+            trigger,
+            stop,
+            tasks,
+            limits,
+            store,
+            plugins,
+        },
+        rest_addrs,
+        coap_addrs,
+    ))
 }
 
 /// SIGHUP: re-read the file; apply the log filter; name what else changed and needs a
 /// restart. A file that does not validate leaves everything as it was.
-fn reload(running: Config, path: Option<&std::path::Path>, set_log: &SetLogFilter) -> Config {
+fn reload(
+    running: Config,
+    path: Option<&std::path::Path>,
+    set_log: Option<&SetLogFilter>,
+) -> Config {
     let Some(path) = path else {
         tracing::info!("SIGHUP: running on embedded defaults, nothing to re-read");
         return running;
@@ -398,9 +570,10 @@ fn reload(running: Config, path: Option<&std::path::Path>, set_log: &SetLogFilte
         }
     };
     if next.log.level != running.log.level {
-        match set_log(&next.log.level) {
-            Ok(()) => tracing::info!("SIGHUP: log level is now {:?}", next.log.level),
-            Err(e) => tracing::error!("SIGHUP: cannot apply log level: {e}"),
+        match set_log.map(|set| set(&next.log.level)) {
+            Some(Ok(())) => tracing::info!("SIGHUP: log level is now {:?}", next.log.level),
+            Some(Err(e)) => tracing::error!("SIGHUP: cannot apply log level: {e}"),
+            None => tracing::error!("SIGHUP: cannot apply log level: no log filter to change"),
         }
     }
     if next.log.device_lines_per_s != running.log.device_lines_per_s {

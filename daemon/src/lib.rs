@@ -18,6 +18,9 @@
 
 #![deny(unsafe_code)]
 
+/// The daemon's version (what `connectord --version` and the ready file say).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 pub mod config;
 pub mod daemon;
 pub mod state_dir;

@@ -323,21 +323,14 @@ fn run(path: Option<PathBuf>, reinit: bool, ready_file: Option<PathBuf>) -> anyh
         let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
         handle.reload(f).map_err(|e| e.to_string())
     });
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all().thread_name("connectord");
-    // Always explicit, so that tokio does not read TOKIO_WORKER_THREADS (it panics on a
-    // value that is not a number): the configuration is the one place for this.
-    builder.worker_threads(match config.runtime.worker_threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    });
-    let rt = builder.build().context("cannot start the async runtime")?;
-    tracing::info!(
-        "async runtime: {} worker threads",
-        rt.metrics().num_workers()
-    );
-    rt.block_on(connectord::daemon::run(
-        config, path, set_log, reinit, ready_file,
-    ))?;
+    let running = connectord::daemon::start(
+        config,
+        connectord::daemon::Options {
+            config_path: path,
+            reinit,
+            set_log: Some(set_log),
+        },
+    )?;
+    running.serve_until_signal(ready_file)?;
     Ok(())
 }
