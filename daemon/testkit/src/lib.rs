@@ -1,17 +1,21 @@
-//! What the end-to-end tests (`tests/it`) and the bench share: the real `connectord`
-//! binary started **as a process** on loopback with a private state directory and
-//! configuration, its addresses learnt from the file `connectord run --ready-file` writes
-//! (never from the log), and clients for it: HTTP ([`http`]), a CoAP device
-//! ([`coap::Device`]), a webhook receiver ([`receiver::Receiver`]).
+//! What the end-to-end tests (`tests/it`) and the bench share: a daemon on loopback with
+//! a private state directory and configuration, its addresses learnt without parsing the
+//! log, and clients for it: HTTP ([`http`]), a CoAP device ([`coap::Device`]), a webhook
+//! receiver ([`receiver::Receiver`]).
 //!
-//! The binary is always named by the caller ([`Launch::new`]): a test passes
-//! `env!("CARGO_BIN_EXE_connectord")`, the bench its `--daemon` path. The log is still
-//! collected (stderr, line by line) for the tests whose point is the log.
-//!
-//! There is no in-process start: `connectord::daemon::run` owns the process's signal
-//! handlers, systemd notification and tracing subscriber, so a second daemon (or a test
-//! harness) in the same process would share them. A process per daemon keeps tests
-//! independent and is what the bench must measure anyway.
+//! Two ways to start it, the same [`Daemon`] either way:
+//! - **as a process** (the default): the real binary, named by the caller
+//!   ([`Launch::new`]: a test passes `env!("CARGO_BIN_EXE_connectord")`, the bench its
+//!   `--daemon` path), run with `connectord run --ready-file`, its addresses read from that
+//!   file. Its log is collected (stderr, line by line) for the tests whose point is the
+//!   log. For signals, `kill -9`, exit codes, the log, the environment, and measuring.
+//! - **in this process** ([`Launch::in_process`]): `connectord::daemon::start`, the start
+//!   path `connectord run` takes too, on a runtime of its own; the addresses come from the
+//!   returned handle, a clean stop is [`connectord::daemon::Running::shutdown`]. No process
+//!   to spawn, and several daemons can run side by side; but no signals, no `kill -9`, no
+//!   log to read (the test process's tracing subscriber, if any, gets the lines), no
+//!   environment of its own, and the budget of device log lines is shared by every daemon
+//!   of the process.
 
 #![deny(unsafe_code)]
 
@@ -37,6 +41,10 @@ pub const READY_FILE: &str = "ready.json";
 pub enum StartError {
     #[error("cannot prepare the state directory and configuration: {0}")]
     Prepare(std::io::Error),
+    #[error("in-process start: {0}")]
+    InProcess(String),
+    #[error("connectord (in process) did not start: {0}")]
+    Daemon(#[from] connectord::daemon::StartError),
     #[error("cannot spawn {}: {source}", bin.display())]
     Spawn {
         bin: PathBuf,
@@ -93,10 +101,11 @@ pub enum KeepLogs {
 }
 
 /// How to start a daemon: the binary, the configuration (see [`test_config`]) and the
-/// process's environment.
+/// process's environment, or in this process ([`Launch::in_process`]).
 #[derive(Debug, Clone)]
 pub struct Launch {
     bin: PathBuf,
+    in_process: bool,
     log_level: String,
     coap: String,
     extra: String,
@@ -110,6 +119,7 @@ impl Launch {
     pub fn new(bin: impl Into<PathBuf>) -> Launch {
         Launch {
             bin: bin.into(),
+            in_process: false,
             log_level: "debug".into(),
             coap: String::new(),
             extra: String::new(),
@@ -117,6 +127,14 @@ impl Launch {
             keep_logs: KeepLogs::All,
             timeout: START_TIMEOUT,
         }
+    }
+
+    /// Start the daemon in this process (`connectord::daemon::start`) rather than the
+    /// binary; the binary is still the one of [`Prepared::plugin_call`]. See the crate
+    /// documentation for what it cannot do.
+    pub fn in_process(mut self) -> Launch {
+        self.in_process = true;
+        self
     }
 
     /// `[log] level`.
@@ -209,9 +227,15 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// The binary this will start.
+    /// The binary this will start (and [`Prepared::plugin_call`] runs).
     pub fn bin(&self) -> &Path {
         &self.launch.bin
+    }
+
+    /// Start in this process ([`Launch::in_process`]) rather than as a process.
+    pub fn in_process(mut self) -> Prepared {
+        self.launch.in_process = true;
+        self
     }
 
     /// `connectord plugin-call --config <this> <plugin> <op> <input>`; returns its JSON answer.
@@ -227,6 +251,7 @@ impl Prepared {
     pub fn start(self) -> Result<Daemon, StartError> {
         let mut d = Daemon {
             child: None,
+            running: None,
             dir: self.dir,
             config_path: self.config_path,
             launch: self.launch,
@@ -246,6 +271,8 @@ impl Prepared {
 /// A running daemon with its own state directory.
 pub struct Daemon {
     child: Option<Child>,
+    /// The daemon started in this process ([`Launch::in_process`]).
+    running: Option<connectord::daemon::Running>,
     /// Holds the state directory and the config file; removed when the test ends.
     pub dir: Arc<tempfile::TempDir>,
     pub config_path: PathBuf,
@@ -265,10 +292,59 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts the process (again, after [`Daemon::kill9`] or a clean exit) on this state
-    /// directory and configuration and waits for its ready file.
+    /// [`Launch::in_process`] on `launch`, then [`Launch::start`].
+    pub fn in_process(launch: Launch) -> Result<Daemon, StartError> {
+        launch.in_process().start()
+    }
+
+    /// Whether this daemon runs in this process ([`Launch::in_process`]).
+    pub fn is_in_process(&self) -> bool {
+        self.launch.in_process
+    }
+
+    /// Starts the daemon in this process on this state directory and configuration.
+    fn start_in_process(&mut self) -> Result<(), StartError> {
+        if !self.launch.env.is_empty() {
+            return Err(StartError::InProcess(
+                "environment variables need a daemon process".into(),
+            ));
+        }
+        let config = connectord::config::Config::load(&self.config_path)
+            .map_err(|e| StartError::InProcess(e.to_string()))?;
+        let t0 = Instant::now();
+        let running = connectord::daemon::start(
+            config,
+            connectord::daemon::Options {
+                config_path: Some(self.config_path.clone()),
+                ..Default::default()
+            },
+        )?;
+        self.started_in = t0.elapsed();
+        let ready = Ready {
+            pid: std::process::id(),
+            version: connectord::VERSION.to_string(),
+            rest: running.rest_addrs().to_vec(),
+            coap: running.coap_addrs().to_vec(),
+        };
+        self.rest = ready.rest[0];
+        self.coap = ready.coap[0];
+        self.ready = Some(ready);
+        self.key = std::fs::read_to_string(running.admin_key_file())
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        self.running = Some(running);
+        Ok(())
+    }
+
+    /// Starts the daemon (again, after [`Daemon::kill9`] or a clean exit) on this state
+    /// directory and configuration: the process, waiting for its ready file, or in this
+    /// process ([`Launch::in_process`]).
     pub fn respawn(&mut self) -> Result<(), StartError> {
         self.kill9();
+        if self.launch.in_process {
+            return self.start_in_process();
+        }
         let ready_path = self.dir.path().join(READY_FILE);
         // A file of an earlier run (killed, so it could not remove it) is not this one's.
         match std::fs::remove_file(&ready_path) {
@@ -367,8 +443,12 @@ impl Daemon {
         Ok(())
     }
 
-    /// `kill -9` and reap (nothing when not running).
+    /// `kill -9` and reap (nothing when not running). In process there is nothing to
+    /// kill: the daemon is stopped cleanly.
     pub fn kill9(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown();
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -406,9 +486,12 @@ impl Daemon {
         false
     }
 
-    /// The process id; panics when the process was reaped.
+    /// The process id; panics when the process was reaped or the daemon runs in process.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.child
+            .as_ref()
+            .expect("a running daemon process (not in process)")
+            .id()
     }
 
     /// The process id, None when the process was reaped.
@@ -447,19 +530,27 @@ impl Daemon {
 
     /// SIGTERM, wait for the clean stop, run `edit` on the state directory (as an operator
     /// or a failure between runs would), then start again on it.
+    /// In process, the stop is [`connectord::daemon::Running::shutdown`].
     pub fn stop_edit_restart(mut self, edit: impl FnOnce(&Path)) -> Daemon {
-        self.signal("TERM");
-        assert_eq!(
-            self.wait_exit(Duration::from_secs(15)),
-            Some(0),
-            "a clean stop on SIGTERM"
-        );
+        match self.running.take() {
+            Some(r) => r.shutdown(),
+            None => {
+                self.signal("TERM");
+                assert_eq!(
+                    self.wait_exit(Duration::from_secs(15)),
+                    Some(0),
+                    "a clean stop on SIGTERM"
+                );
+            }
+        }
         edit(&self.dir.path().join("state"));
         self.restarted()
     }
 
-    /// `kill -9`, then start again on the same state directory and configuration.
+    /// `kill -9`, then start again on the same state directory and configuration. Panics
+    /// in process (there is no process to kill).
     pub fn crash_and_restart(mut self) -> Daemon {
+        assert!(!self.launch.in_process, "kill -9 needs a daemon process");
         self.kill9();
         self.restarted()
     }
@@ -561,11 +652,14 @@ impl Daemon {
             .clone()
     }
 
-    /// Whether the daemon process is still running (it has not exited or been killed).
+    /// Whether the daemon process is still running (it has not exited or been killed); in
+    /// process, whether it has not been stopped.
     pub fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.running.is_some()
+            || self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// The value of a `connectord_<name>` metric.
