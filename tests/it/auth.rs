@@ -81,7 +81,7 @@ fn every_route_refuses_bad_credentials_and_admits_good_ones() {
             .to_string()
     };
     let (user_a, user_b) = (user("default"), user("other"));
-    let d = p.start();
+    let d = p.start_in_process();
     let admin = d.key.clone();
 
     let (_, _, full) = pelion_key(&d, &user_a, &ALL_USER_SCOPES, None);
@@ -270,7 +270,7 @@ fn losant_application_keys_are_limited_to_their_devices() {
         .as_str()
         .unwrap()
         .to_string();
-    let d = p.start();
+    let d = p.start_in_process();
     d.device()
         .register(&["ep=sensor-1", "lt=300"], "</3303/0/5700>;obs,</3/0>");
     d.device().register(&["ep=pump-1", "lt=300"], "</3/0>");
@@ -371,7 +371,7 @@ fn header_key_pairs_guard_their_areas() {
             k["wr"].as_str().unwrap().to_string(),
         )
     };
-    let d = p.start();
+    let d = p.start_in_process();
     d.device().register(&["ep=dev", "lt=300"], "</3/0>");
     let (erd, _) = pair("endpoints");
     let (rrd, rwr) = pair("resources");
@@ -425,7 +425,7 @@ fn header_key_pairs_guard_their_areas() {
 /// with the admin key, so each read counts in what it reads.)
 #[test]
 fn reused_verdicts_are_voided_by_a_plugin_state_change() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let admin = d.key.clone();
     let get = |key: &str| call(&d, "GET", "/v2/endpoints", Some(key), None).status;
     let reused = || d.metric("auth_reused_total");
@@ -464,7 +464,7 @@ fn reused_verdicts_are_voided_by_a_plugin_state_change() {
 /// to refuse, even right after (a reused verdict keyed by `authorization` alone answered 200).
 #[test]
 fn a_reused_verdict_does_not_skip_an_earlier_backend() {
-    let d = Daemon::start_with("[plugins]\nauth = [\"headerkeys\", \"connector\"]\n");
+    let d = Daemon::in_process_with("[plugins]\nauth = [\"headerkeys\", \"connector\"]\n");
     let bearer = format!("Bearer {}", d.key);
     let get = |h: &[(&str, &str)]| http("GET", &d.url("/v2/endpoints"), h, None).status;
     for _ in 0..3 {
@@ -527,7 +527,7 @@ fn json_routes_refuse_non_objects_non_json_types_and_control_characters() {
         .as_str()
         .unwrap()
         .to_string();
-    let d = p.start();
+    let d = p.start_in_process();
     let admin = d.key.clone();
     let (pelion_app, _, _) = pelion_key(&d, &user, &["endpoints:read"], None);
     let pelion_keys = format!("/pelion/v1/applications/{pelion_app}/access-keys");
@@ -719,7 +719,7 @@ fn plugin_routes_spell_the_daemons_errors_as_their_api() {
         .as_str()
         .unwrap()
         .to_string();
-    let d = p.start();
+    let d = p.start_in_process();
     let admin = d.key.clone();
     let keys = format!("/applications/{app}/keys");
     // The plugin's own 401: a credential another backend accepted.

@@ -103,7 +103,7 @@ fn json_tree(a: &serde_json::Value) -> serde_json::Value {
 /// notifications flow. An mbed-style device (no `lwm2m=`) keeps the `obs` rule (412).
 #[test]
 fn lwm2m_clients_are_observable_without_obs() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let mut dev = d.device();
     dev.register(&["ep=lw-1", "lt=300", "lwm2m=1.1", "et=sensor"], LW_LINKS);
 
@@ -194,7 +194,7 @@ fn lwm2m_clients_are_observable_without_obs() {
 /// `subscription-errors` entry, and `GET /subscriptions/{ep}` no longer lists it.
 #[test]
 fn a_refused_observe_ends_the_subscription_visibly() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let mut dev = d.device();
     dev.register(&["ep=lw-2", "lt=300", "lwm2m=1.0"], LW_LINKS);
 
@@ -277,7 +277,7 @@ fn a_refused_observe_ends_the_subscription_visibly() {
 /// reported once and not asked for again at the next update.
 #[test]
 fn pre_subscriptions_observe_lwm2m_clients_at_registration() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let r = d.call(
         "PUT",
         "/v2/subscriptions",
@@ -341,7 +341,7 @@ fn pre_subscriptions_observe_lwm2m_clients_at_registration() {
 /// again without Accept; a device without `lwm2m=` gets no Accept.
 #[test]
 fn accept_reaches_the_device_and_text_is_the_default_for_one_resource() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let mut dev = d.device();
     dev.register(&["ep=lw-4", "lt=300", "lwm2m=1.0"], LW_LINKS);
     let read = |path: &str, accept: Option<&str>| read_accepting(&d, path, accept);
@@ -440,7 +440,7 @@ fn accept_reaches_the_device_and_text_is_the_default_for_one_resource() {
 /// once with 410, and the endpoint's subscriptions are gone.
 #[test]
 fn deleting_an_endpoint_deregisters_it_and_ends_its_requests() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let mut dev = d.device();
     let reg = dev.register(&["ep=gone-1", "lt=300", "lwm2m=1.0"], LW_LINKS);
     let r = subscribe(&d, "gone-1", "/3303/0/5700");
@@ -502,7 +502,7 @@ fn deleting_an_endpoint_deregisters_it_and_ends_its_requests() {
 /// keep retransmitting and end with 504 after about 70 s).
 #[test]
 fn a_request_in_flight_ends_with_410_when_the_device_deregisters() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let mut dev = d.device();
     let reg = dev.register(&["ep=leaving", "lt=300"], "</3/0>");
     let id = d.async_request("GET", "/v2/endpoints/leaving/3/0/0", None, None);
@@ -517,7 +517,7 @@ fn a_request_in_flight_ends_with_410_when_the_device_deregisters() {
 /// A create's Location-Path reaches the application as `location`.
 #[test]
 fn a_created_instance_reports_its_location() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let mut dev = d.device();
     dev.register(&["ep=maker", "lt=300", "lwm2m=1.0"], LW_LINKS);
     let id = d.async_request(
@@ -605,7 +605,7 @@ fn peer_request(dev: &Lwm2mDevice, path: &str, nth: usize) -> serde_json::Value 
 /// answered TLV).
 #[test]
 fn aiocoap_lwm2m_client_is_observed_and_its_refusal_is_reported() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let ep = "aio-lw-obs";
     let mut dev = aiocoap_lwm2m_client(&d, ep);
 
@@ -698,7 +698,7 @@ fn aiocoap_lwm2m_client_is_observed_and_its_refusal_is_reported() {
 /// issue 17's fix nothing was observed (no `obs` on the links).
 #[test]
 fn pre_subscriptions_observe_an_aiocoap_lwm2m_client_at_registration() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let r = d.call(
         "PUT",
         "/v2/subscriptions",
@@ -752,7 +752,7 @@ fn pre_subscriptions_observe_an_aiocoap_lwm2m_client_at_registration() {
 /// Accept was sent (TLV came back, text/plain was 200) and DELETE was 405.
 #[test]
 fn aiocoap_lwm2m_client_reads_honour_accept_and_delete_deregisters_it() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let ep = "aio-lw-read";
     let mut dev = aiocoap_lwm2m_client(&d, ep);
     let read = |path: &str, accept: Option<&str>| -> serde_json::Value {
@@ -839,7 +839,7 @@ const LIBCOAP_LINKS: &str = r#"</>;rt="oma.lwm2m",</3/0>,</3303/0>"#;
 /// themselves are not followed here (see the next test).
 #[test]
 fn libcoap_lwm2m_registration_without_obs_is_observable() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let ack = libcoap_client(&[
         "-m",
         "post",
@@ -892,7 +892,7 @@ fn free_port() -> u16 {
 /// an observe ends that subscription visibly.
 #[test]
 fn libcoap_server_as_an_lwm2m_device_is_observed() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let port = free_port();
     let port_arg = port.to_string();
     let ack = libcoap_client(&[
@@ -993,7 +993,7 @@ fn libcoap_server_as_an_lwm2m_device_is_observed() {
 /// 200 or 202 as success).
 #[test]
 fn the_official_python_sdk_deletes_an_endpoint() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let mut dev = d.device();
     dev.register(&["ep=sdk-1", "lt=300", "lwm2m=1.0"], LW_LINKS);
     let python = support::peers::python_venv("mbed-sdk", "mbed-connector-api==1.0.4", "requests");
@@ -1035,7 +1035,7 @@ const DEVICE_TLV: &[u8] = &[
 /// TLV, SenML JSON, text; the async response is `application/json`.
 #[test]
 fn json_reads_decode_tlv_senml_and_text() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let mut dev = d.device();
     // No formats on the root link: the device's own choice (TLV) is what comes back.
     dev.register(
@@ -1117,7 +1117,7 @@ fn json_reads_decode_tlv_senml_and_text() {
 /// that lists it. A tree that does not fit the path is 400 at once.
 #[test]
 fn json_writes_are_encoded_for_the_device() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let mut dev = d.device();
     dev.register(&["ep=w-10", "lt=300", "lwm2m=1.0"], LW_LINKS);
     let id = d.async_request(
@@ -1184,7 +1184,7 @@ fn json_writes_are_encoded_for_the_device() {
 /// cached value in another format is no answer (205), and `application/json` decodes it.
 #[test]
 fn cache_only_reads_honour_accept() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let mut dev = d.device();
     dev.register(&["ep=cached", "lt=300", "lwm2m=1.0"], LW_LINKS);
     let id = d.async_request("GET", "/v2/endpoints/cached/3/0/9", None, None);
@@ -1225,7 +1225,7 @@ fn cache_only_reads_honour_accept() {
 /// SenML CBOR (which they list) and the device announces the new lifetime.
 #[test]
 fn the_simulator_behaves_like_an_lwm2m_1_1_client() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     struct Kill(std::process::Child);
     impl Drop for Kill {
         fn drop(&mut self) {
@@ -1326,7 +1326,7 @@ fn the_simulator_behaves_like_an_lwm2m_1_1_client() {
 /// every path it lists is offered as observable, though its links carry no `obs`.
 #[test]
 fn lua_rules_observe_lwm2m_clients_at_registration() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     // The key needs a notification channel to be offered resources.
     assert!(d.pull_now().is_none());
     let before = d.metric("lua_reloads_total");

@@ -86,7 +86,7 @@ fn the_document_lists_exactly_the_served_routes() {
 
 #[test]
 fn the_daemon_serves_the_document() {
-    let d = support::Daemon::start();
+    let d = support::Daemon::in_process();
     let r = d.get("/v2/openapi.json");
     assert_eq!(
         (r.status, r.content_type.as_str()),

@@ -60,7 +60,7 @@ fn names(d: &Daemon) -> Vec<String> {
 
 #[test]
 fn unknown_critical_options_are_4_02_and_proxying_5_05() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let mut dev = d.device();
     // Odd numbers are critical (RFC 7252 §5.4.1); 65001 and 9 (OSCORE) mean nothing here.
     for (n, name) in [(65001u16, "crit1"), (9, "crit2"), (19, "crit3")] {
@@ -116,7 +116,7 @@ fn unknown_critical_options_are_4_02_and_proxying_5_05() {
 /// The same case through a CoAP stack nobody here wrote: libcoap's client.
 #[test]
 fn libcoap_client_sees_4_02_for_an_unknown_critical_option() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let url = format!("coap://{}/rd?ep=libcoap", d.coap);
     let out = Command::new("coap-client-notls")
         .args(["-m", "post", "-B", "5", "-O", "65001,x", &url])
@@ -133,7 +133,7 @@ fn libcoap_client_sees_4_02_for_an_unknown_critical_option() {
 
 #[test]
 fn an_invalid_binding_is_4_00_with_a_diagnostic() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let mut dev = d.device();
     for b in ["X", "UU", "Q", "u", "U Q", "UQX"] {
         let q = format!("b={b}");
@@ -161,7 +161,7 @@ fn an_invalid_binding_is_4_00_with_a_diagnostic() {
 
 #[test]
 fn non_utf8_names_paths_and_queries_are_4_00_never_lossy() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let mut dev = d.device();
     // Two names that a lossy conversion would both turn into "dev\u{FFFD}".
     for raw in [&b"ep=dev\xff"[..], &b"ep=dev\xfe"[..]] {
@@ -206,7 +206,7 @@ fn raw_http(d: &Daemon, bytes: &[u8]) -> (u16, String, String) {
 
 #[test]
 fn http_parse_errors_carry_the_json_error_body() {
-    let d = Daemon::start();
+    let d = Daemon::in_process();
     let long_header = format!(
         "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
         "a".repeat(70_000)

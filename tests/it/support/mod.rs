@@ -50,6 +50,18 @@ impl Daemon {
         started(launch.start())
     }
 
+    /// Started in this process (`connectord::daemon::start`, see the testkit's
+    /// `Launch::in_process`): for areas that need no signals, no `kill -9`, no log and no
+    /// environment of the daemon (tests/it/main.rs says which).
+    pub fn in_process() -> Daemon {
+        Daemon::in_process_with("")
+    }
+
+    /// [`Daemon::in_process`] with the test configuration plus `extra` TOML.
+    pub fn in_process_with(extra: &str) -> Daemon {
+        started(Launch::new(BIN).extra(extra).in_process().start())
+    }
+
     /// SIGTERM, a clean exit, then start again on the same state directory and
     /// configuration.
     pub fn stop_and_restart(self) -> Daemon {
@@ -98,6 +110,11 @@ impl Prepared {
 
     pub fn start(self) -> Daemon {
         started(self.0.start())
+    }
+
+    /// Starts the daemon in this process (see [`Daemon::in_process`]).
+    pub fn start_in_process(self) -> Daemon {
+        started(self.0.in_process().start())
     }
 }
 
