@@ -97,8 +97,9 @@ pub struct Options {
 /// A daemon started by [`start`], serving, with its own async runtime. It knows its bound
 /// addresses (the system's ports where the configuration says 0) and its state directory.
 /// [`Running::shutdown`] stops it as SIGTERM does and joins its threads; dropping it does
-/// the same (without the result). Neither may be called inside an async runtime (they
-/// block on the daemon's own).
+/// the same. Both block the calling thread until the daemon has stopped (inside another
+/// async runtime, the stop runs on a thread of its own, as a runtime cannot be blocked on
+/// from within one).
 ///
 /// Process-wide, not per daemon: the budget of device log lines
 /// ([`crate::log_budget`], set from `[log] device_lines_per_s` by every start), and the
@@ -186,6 +187,13 @@ impl Running {
         self.state_dir.join(crate::auth::ADMIN_KEY_FILE)
     }
 
+    /// The first admin key, read from [`Running::admin_key_file`] (`None` when the file
+    /// is gone or was never written: keys made with `plugin-call` before the first start).
+    pub fn admin_key(&self) -> Option<String> {
+        let key = std::fs::read_to_string(self.admin_key_file()).ok()?;
+        Some(key.trim().to_string()).filter(|k| !k.is_empty())
+    }
+
     /// `connectord run`: writes the ready file (`ready_file`), tells systemd READY=1, then
     /// serves until SIGTERM or SIGINT (SIGHUP re-reads the configuration) and stops.
     pub fn serve_until_signal(mut self, ready_file: Option<PathBuf>) -> Result<(), StartError> {
@@ -253,8 +261,19 @@ impl Drop for Running {
     }
 }
 
-/// The stop of every service, in order, then the runtime's threads.
+/// The stop of every service, in order, then the runtime's threads; on a thread of its
+/// own when called inside an async runtime.
 fn stop(rt: tokio::runtime::Runtime, services: Services) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| {
+            let _ = s.spawn(|| stop_services(rt, services)).join();
+        });
+    } else {
+        stop_services(rt, services);
+    }
+}
+
+fn stop_services(rt: tokio::runtime::Runtime, services: Services) {
     let Services {
         trigger,
         stop: _,
@@ -725,4 +744,41 @@ pub enum PluginCallError {
     Contradiction(#[from] crate::state_dir::Contradiction),
     #[error("{0}")]
     Plugin(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> Config {
+        let text = format!(
+            "[state]\ndir = \"{}\"\n[rest]\nlisten = [\"127.0.0.1:0\"]\n[coap]\nlisten = [\"127.0.0.1:0\"]\n[lua]\ndir = \"{}\"\n[runtime]\nworker_threads = 1\n",
+            dir.join("state").display(),
+            dir.join("scripts").display()
+        );
+        Config::parse(&text, crate::config::Source::Embedded).expect("test configuration")
+    }
+
+    /// `start` answers the bound addresses and the first admin key; a `Running` dropped
+    /// inside another async runtime stops all the same (on a thread of its own) rather
+    /// than panicking, and its ports are free again.
+    #[test]
+    fn a_started_daemon_knows_its_addresses_and_stops_when_dropped_anywhere() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let running = start(config(dir.path()), Options::default()).expect("started");
+        let rest = running.rest_addrs()[0];
+        assert_ne!(rest.port(), 0);
+        assert_ne!(running.coap_addrs()[0].port(), 0);
+        assert_eq!(running.state_dir(), dir.path().join("state"));
+        assert!(running.admin_key().is_some_and(|k| !k.is_empty()));
+        assert!(std::net::TcpStream::connect(rest).is_ok(), "serving");
+        let outer = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        outer.block_on(async move { drop(running) });
+        assert!(
+            std::net::TcpListener::bind(rest).is_ok(),
+            "the REST port is free"
+        );
+    }
 }

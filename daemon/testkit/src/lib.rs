@@ -329,10 +329,8 @@ impl Daemon {
         self.rest = ready.rest[0];
         self.coap = ready.coap[0];
         self.ready = Some(ready);
-        self.key = std::fs::read_to_string(running.admin_key_file())
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+        // Absent when keys were made before the first start (see `Prepared`).
+        self.key = running.admin_key().unwrap_or_default();
         self.running = Some(running);
         Ok(())
     }
