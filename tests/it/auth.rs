@@ -60,6 +60,12 @@ fn pelion_key(
     )
 }
 
+/// A Pelion user `name` in `domain` with every permission and user scope: its token.
+fn pelion_user(p: &Prepared, name: &str, domain: &str) -> String {
+    let user = json!({"name": name, "domain": domain, "permissions": PERMISSIONS, "scopes": ALL_USER_SCOPES});
+    p.plugin_call_str("pelion", "create_user", &user, "token")
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -70,16 +76,7 @@ fn now_ms() -> u64 {
 #[test]
 fn every_route_refuses_bad_credentials_and_admits_good_ones() {
     let p = Prepared::new("", "[plugins]\nauth = [\"connector\", \"pelion\"]\n");
-    let user = |domain: &str| {
-        p.plugin_call(
-            "pelion",
-            "create_user",
-            &json!({"name": format!("ops-{domain}"), "domain": domain, "permissions": PERMISSIONS, "scopes": ALL_USER_SCOPES}),
-        )["token"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let user = |domain: &str| pelion_user(&p, &format!("ops-{domain}"), domain);
     let (user_a, user_b) = (user("default"), user("other"));
     let d = p.start();
     let admin = d.key.clone();
@@ -262,14 +259,12 @@ fn losant_application_keys_are_limited_to_their_devices() {
         &json!({"name": "plant", "domain": "default"}),
     );
     let app_id = app["id"].as_str().unwrap().to_string();
-    let token = p.plugin_call(
+    let token = p.plugin_call_str(
         "losant",
         "create_token",
         &json!({"application_id": app_id, "scopes": ["all.Application"]}),
-    )["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        "token",
+    );
     let d = p.start();
     d.device()
         .register(&["ep=sensor-1", "lt=300"], "</3303/0/5700>;obs,</3/0>");
@@ -503,30 +498,8 @@ fn json_routes_refuse_non_objects_non_json_types_and_control_characters() {
         "",
         "[plugins]\nauth = [\"connector\", \"pelion\", \"losant\"]\n",
     );
-    let user = p.plugin_call(
-        "pelion",
-        "create_user",
-        &json!({"name": "ops", "domain": "default", "permissions": PERMISSIONS, "scopes": ALL_USER_SCOPES}),
-    )["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let app = p.plugin_call(
-        "losant",
-        "create_application",
-        &json!({"name": "plant", "domain": "default"}),
-    )["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let token = p.plugin_call(
-        "losant",
-        "create_token",
-        &json!({"application_id": app, "scopes": ["all.Application"]}),
-    )["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let user = pelion_user(&p, "ops", "default");
+    let (app, token) = p.losant_app("plant");
     let d = p.start();
     let admin = d.key.clone();
     let (pelion_app, _, _) = pelion_key(&d, &user, &["endpoints:read"], None);
@@ -711,14 +684,12 @@ fn plugin_routes_spell_the_daemons_errors_as_their_api() {
         "",
         "[plugins]\nauth = [\"connector\", \"pelion\", \"losant\"]\n",
     );
-    let app = p.plugin_call(
+    let app = p.plugin_call_str(
         "losant",
         "create_application",
         &json!({"name": "plant", "domain": "default"}),
-    )["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        "id",
+    );
     let d = p.start();
     let admin = d.key.clone();
     let keys = format!("/applications/{app}/keys");

@@ -7,11 +7,9 @@ use crate::support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use coap_lite::{
-    CoapOption, ContentFormat, MessageClass, MessageType, Packet, RequestType, ResponseType,
-};
+use coap_lite::{ContentFormat, MessageType, Packet, RequestType, ResponseType};
 use support::Daemon;
-use support::coap::{Device, Req, code, path_of, uint};
+use support::coap::{Device, Req, code, path_of};
 
 const WAIT: Duration = Duration::from_secs(10);
 const LINKS: &str =
@@ -34,15 +32,9 @@ fn write_rule(d: &Daemon, file: &str, body: &str) {
 
 /// Answers an observe registration with Observe=1.
 fn accept(dev: &Device, to: SocketAddr, req: &Packet) {
-    let mut p = Packet::new();
-    p.header.set_type(MessageType::Acknowledgement);
-    p.header.code = MessageClass::Response(ResponseType::Content);
-    p.header.message_id = req.header.message_id;
-    p.set_token(req.get_token().to_vec());
-    p.add_option(CoapOption::Observe, uint(1));
-    p.add_option(CoapOption::ContentFormat, uint(0));
-    p.payload = b"0".to_vec();
-    dev.sock.send_to(&p.to_bytes().unwrap(), to).unwrap();
+    let (mid, token) = (req.header.message_id, req.get_token());
+    let p = support::observe_content(MessageType::Acknowledgement, mid, token, 1, b"0");
+    support::send_packet(dev, &p, to);
 }
 
 /// The paths the daemon asks `dev` to observe until `window` passes without one.

@@ -56,15 +56,8 @@ fn answer(
 
 /// A CON notification of an established observation.
 fn notify(dev: &Device, token: &[u8], to: SocketAddr, mid: u16, seq: u32, value: &str) {
-    let mut p = Packet::new();
-    p.header.set_type(MessageType::Confirmable);
-    p.header.code = MessageClass::Response(ResponseType::Content);
-    p.header.message_id = mid;
-    p.set_token(token.to_vec());
-    p.add_option(CoapOption::Observe, uint(seq));
-    p.add_option(CoapOption::ContentFormat, uint(0));
-    p.payload = value.as_bytes().to_vec();
-    dev.sock.send_to(&p.to_bytes().unwrap(), to).unwrap();
+    let p = support::observe_content(MessageType::Confirmable, mid, token, seq, value.as_bytes());
+    support::send_packet(dev, &p, to);
 }
 
 fn subscribe(d: &Daemon, ep: &str, path: &str) -> support::Http {
@@ -278,11 +271,10 @@ fn a_refused_observe_ends_the_subscription_visibly() {
 #[test]
 fn pre_subscriptions_observe_lwm2m_clients_at_registration() {
     let d = Daemon::start();
-    let r = d.call(
+    let r = d.send_json(
         "PUT",
         "/v2/subscriptions",
-        Some("application/json"),
-        Some(br#"[{"endpoint-name": "lw-*", "resource-path": ["/3303/0/5700", "/1/*"]}]"#),
+        br#"[{"endpoint-name": "lw-*", "resource-path": ["/3303/0/5700", "/1/*"]}]"#,
     );
     assert_eq!(r.status, 204, "{}", r.body);
     let mut dev = d.device();
@@ -699,11 +691,10 @@ fn aiocoap_lwm2m_client_is_observed_and_its_refusal_is_reported() {
 #[test]
 fn pre_subscriptions_observe_an_aiocoap_lwm2m_client_at_registration() {
     let d = Daemon::start();
-    let r = d.call(
+    let r = d.send_json(
         "PUT",
         "/v2/subscriptions",
-        Some("application/json"),
-        Some(br#"[{"endpoint-name": "aio-pre*", "resource-path": ["/3303/0/5700", "/3303/0"]}]"#),
+        br#"[{"endpoint-name": "aio-pre*", "resource-path": ["/3303/0/5700", "/3303/0"]}]"#,
     );
     assert_eq!(r.status, 204, "{}", r.body);
     let mut dev = aiocoap_lwm2m_client(&d, "aio-pre-1");
@@ -809,26 +800,6 @@ fn aiocoap_lwm2m_client_reads_honour_accept_and_delete_deregisters_it() {
     assert_eq!(up["code"], "4.04", "{up}");
 }
 
-/// Runs libcoap's `coap-client-notls` with `args` (logging its messages, giving up after
-/// 10 s) and returns the line of the answer it logged (`t:ACK`).
-fn libcoap_client(args: &[&str]) -> String {
-    let out = std::process::Command::new(support::peers::libcoap_client())
-        .args(["-v", "6", "-B", "10"])
-        .args(args)
-        .output()
-        .expect("run coap-client");
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "coap-client failed: {all}");
-    all.lines()
-        .find(|l| l.contains("t:ACK"))
-        .unwrap_or_else(|| panic!("no ACK in:\n{all}"))
-        .to_string()
-}
-
 /// What libcoap registers in these tests: an LwM2M client's links, no `obs`.
 const LIBCOAP_LINKS: &str = r#"</>;rt="oma.lwm2m",</3/0>,</3303/0>"#;
 
@@ -840,7 +811,7 @@ const LIBCOAP_LINKS: &str = r#"</>;rt="oma.lwm2m",</3/0>,</3303/0>"#;
 #[test]
 fn libcoap_lwm2m_registration_without_obs_is_observable() {
     let d = Daemon::start();
-    let ack = libcoap_client(&[
+    let ack = support::peers::libcoap_ack(&[
         "-m",
         "post",
         "-t",
@@ -895,7 +866,7 @@ fn libcoap_server_as_an_lwm2m_device_is_observed() {
     let d = Daemon::start();
     let port = free_port();
     let port_arg = port.to_string();
-    let ack = libcoap_client(&[
+    let ack = support::peers::libcoap_ack(&[
         "-a",
         "127.0.0.1",
         "-p",
@@ -926,10 +897,10 @@ fn libcoap_server_as_an_lwm2m_device_is_observed() {
             .is_ok_and(|t| t.contains(&bound))),
         "coap-server-notls does not listen on {port}"
     );
-    let ack = libcoap_client(&["-m", "put", "-t", "0", "-e", "21.5", &resource]);
+    let ack = support::peers::libcoap_ack(&["-m", "put", "-t", "0", "-e", "21.5", &resource]);
     assert!(ack.contains("c:2.01"), "{ack}");
     let instance = format!("coap://127.0.0.1:{port}/3303/0");
-    let ack = libcoap_client(&["-m", "put", "-t", "0", "-e", "5700=21.5", &instance]);
+    let ack = support::peers::libcoap_ack(&["-m", "put", "-t", "0", "-e", "5700=21.5", &instance]);
     assert!(ack.contains("c:2.01"), "{ack}");
     let r = subscribe(&d, "libcoap-srv", "/3303/0");
     assert_eq!(r.status, 202, "{}", r.body);
@@ -950,7 +921,7 @@ fn libcoap_server_as_an_lwm2m_device_is_observed() {
         (Some(200), b"21.5".to_vec()),
         "{a}"
     );
-    let ack = libcoap_client(&["-m", "put", "-t", "0", "-e", "22.0", &resource]);
+    let ack = support::peers::libcoap_ack(&["-m", "put", "-t", "0", "-e", "22.0", &resource]);
     assert!(ack.contains("c:2.04"), "{ack}");
     let ev = d.collect_events(WAIT, |e| !e.of("notifications").is_empty());
     let n = &ev.of("notifications")[0];
@@ -997,15 +968,11 @@ fn the_official_python_sdk_deletes_an_endpoint() {
     let mut dev = d.device();
     dev.register(&["ep=sdk-1", "lt=300", "lwm2m=1.0"], LW_LINKS);
     let python = support::peers::python_venv("mbed-sdk", "mbed-connector-api==1.0.4", "requests");
-    let out = std::process::Command::new(python)
-        .arg(support::peers::script("mbed_python_sdk.py"))
-        .args([&format!("http://{}", d.rest), &d.key, "sdk-1"])
-        .output()
-        .expect("run the SDK script");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = support::run_ok(
+        std::process::Command::new(python)
+            .arg(support::peers::script("mbed_python_sdk.py"))
+            .args([&format!("http://{}", d.rest), &d.key, "sdk-1"]),
+        "the SDK script",
     );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(
@@ -1155,12 +1122,7 @@ fn json_writes_are_encoded_for_the_device() {
     assert_eq!(d.async_response(&id, WAIT)["status"], 200);
 
     // A string where the object model says integer (lifetime): refused before it is sent.
-    let r = d.call(
-        "PUT",
-        "/v2/endpoints/w-11/1/0/1",
-        Some("application/json"),
-        Some(br#""soon""#),
-    );
+    let r = d.send_json("PUT", "/v2/endpoints/w-11/1/0/1", br#""soon""#);
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(dev11.recv_request(Duration::from_millis(300)).is_none());
 

@@ -124,15 +124,7 @@ fn operator_series_exist_and_move() {
 fn a_metrics_read_key_scrapes_and_nothing_else() {
     let d = Daemon::start();
     let body = json!({"name": "prometheus", "scopes": ["metrics:read"]}).to_string();
-    let r = http(
-        "POST",
-        &d.url("/api/api_tokens"),
-        &[
-            ("Authorization", &format!("Bearer {}", d.key)),
-            ("Content-Type", "application/json"),
-        ],
-        Some(body.as_bytes()),
-    );
+    let r = d.send_json("POST", "/api/api_tokens", body.as_bytes());
     assert_eq!(r.status, 201, "{}", r.body);
     let auth = format!("Bearer {}", r.json()["access_key"].as_str().unwrap());
     let get = |path: &str| http("GET", &d.url(path), &[("Authorization", &auth)], None);
@@ -151,15 +143,7 @@ fn a_metrics_read_key_scrapes_and_nothing_else() {
     }
     // The data scopes alone do not open /metrics; admin does.
     let body = json!({"name": "app"}).to_string();
-    let r = http(
-        "POST",
-        &d.url("/api/api_tokens"),
-        &[
-            ("Authorization", &format!("Bearer {}", d.key)),
-            ("Content-Type", "application/json"),
-        ],
-        Some(body.as_bytes()),
-    );
+    let r = d.send_json("POST", "/api/api_tokens", body.as_bytes());
     assert_eq!(r.status, 201, "{}", r.body);
     let app = format!("Bearer {}", r.json()["access_key"].as_str().unwrap());
     let r = http("GET", &d.url("/metrics"), &[("Authorization", &app)], None);

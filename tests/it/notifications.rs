@@ -101,12 +101,7 @@ fn callback_registration_delivery_and_removal() {
     let d = Daemon::start();
     let rx = Receiver::start(0);
     let body = json!({"url": rx.url("/notify?x=123"), "headers": {"Authorization": "auth", "test-header": "test"}});
-    let r = d.call(
-        "PUT",
-        "/v2/notification/callback",
-        Some("application/json"),
-        Some(body.to_string().as_bytes()),
-    );
+    let r = d.send_json("PUT", "/v2/notification/callback", body.to_string());
     assert_eq!(r.status, 204, "{}", r.body);
     // The verifying PUT came first, with the headers.
     let first = &rx.requests()[0];
@@ -174,12 +169,7 @@ fn bad_callbacks_are_400_with_a_reason() {
         (json!({"headers": {}}).to_string(), "url"),
     ];
     for (body, reason) in &cases {
-        let r = d.call(
-            "PUT",
-            "/v2/notification/callback",
-            Some("application/json"),
-            Some(body.as_bytes()),
-        );
+        let r = d.send_json("PUT", "/v2/notification/callback", body.as_bytes());
         assert_eq!(r.status, 400, "{body}: {}", r.body);
         assert_eq!(r.json()["type"], "bad_request");
         assert!(
@@ -198,13 +188,8 @@ fn a_callback_that_is_down_gets_every_event_in_order_once_it_is_up() {
     let port = rx.addr.port();
     let body = json!({"url": rx.url("/cb")}).to_string();
     assert_eq!(
-        d.call(
-            "PUT",
-            "/v2/notification/callback",
-            Some("application/json"),
-            Some(body.as_bytes())
-        )
-        .status,
+        d.send_json("PUT", "/v2/notification/callback", body.as_bytes())
+            .status,
         204
     );
     rx.stop();
@@ -243,13 +228,8 @@ fn the_callback_survives_a_restart() {
     let rx = Receiver::start(0);
     let body = json!({"url": rx.url("/cb"), "headers": {"k": "v"}}).to_string();
     assert_eq!(
-        d.call(
-            "PUT",
-            "/v2/notification/callback",
-            Some("application/json"),
-            Some(body.as_bytes())
-        )
-        .status,
+        d.send_json("PUT", "/v2/notification/callback", body.as_bytes())
+            .status,
         204
     );
     let d = d.crash_and_restart();
@@ -442,12 +422,7 @@ fn a_batch_not_acknowledged_in_time_is_delivered_again() {
 /// key): every core scope but `admin`, `notifications` among them.
 fn new_key(d: &Daemon, name: &str) -> String {
     let body = json!({ "name": name }).to_string();
-    let r = d.call(
-        "POST",
-        "/api/api_tokens",
-        Some("application/json"),
-        Some(body.as_bytes()),
-    );
+    let r = d.send_json("POST", "/api/api_tokens", body.as_bytes());
     assert_eq!(r.status, 201, "{}", r.body);
     r.json()["access_key"].as_str().unwrap().to_string()
 }

@@ -190,14 +190,12 @@ fn a_key_minted_by_a_pelion_key_dies_with_the_key_its_application_and_its_user()
 fn connector_keys_are_deleted_with_everything_they_minted() {
     let p = Prepared::new("", "");
     let admin_of = |domain: &str| {
-        p.plugin_call(
+        p.plugin_call_str(
             "connector",
             "create_key",
             &json!({"name": "admin", "domain": domain, "scopes": ["admin"]}),
-        )["access_key"]
-            .as_str()
-            .unwrap()
-            .to_string()
+            "access_key",
+        )
     };
     let (admin, other_admin) = (admin_of("default"), admin_of("other"));
     let d = p.start();
@@ -351,13 +349,7 @@ fn key_creation_never_grants_more_than_the_creator_holds() {
     d.device().register(&["ep=lamp-1", "lt=300"], "</3/0>");
     let eps = call(&d, "GET", "/v2/endpoints", Some(&narrow), None);
     assert_eq!(eps.status, 200);
-    let names: Vec<String> = eps
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap().to_string())
-        .collect();
+    let names: Vec<String> = support::strings_of(&eps.json(), "name");
     assert_eq!(
         names,
         vec!["sensor-1".to_string()],

@@ -147,12 +147,7 @@ fn register_lt(
 fn names(d: &Daemon) -> Vec<String> {
     let r = d.get("/v2/endpoints");
     assert_eq!(r.status, 200, "{}", r.body);
-    r.json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap().to_string())
-        .collect()
+    support::strings_of(&r.json(), "name")
 }
 
 fn assert_refused_coap(what: &str, c: ResponseType) {
@@ -218,13 +213,7 @@ fn an_update_the_store_refused_is_not_kept() {
     let c = dev.update(&id, &[], Some(r#"</3/0>,</5/0>"#));
     assert_refused_coap("an update", c);
     let paths = |d: &Daemon| -> Vec<String> {
-        d.get("/v2/endpoints/kept")
-            .json()
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["uri"].as_str().unwrap().to_string())
-            .collect()
+        support::strings_of(&d.get("/v2/endpoints/kept").json(), "uri")
     };
     let shown = paths(&d);
     assert!(
@@ -324,12 +313,7 @@ impl Full {
 }
 
 fn put_json(d: &Daemon, path: &str, body: &serde_json::Value) -> support::Http {
-    d.call(
-        "PUT",
-        path,
-        Some("application/json"),
-        Some(body.to_string().as_bytes()),
-    )
+    d.send_json("PUT", path, body.to_string())
 }
 
 /// A REST change the store refused is an error (500 until the store's failures become
@@ -410,12 +394,7 @@ fn an_access_key_the_store_refused_is_not_kept() {
     let Some(f) = Full::new() else { return };
     let d = &f.d;
     let body = json!({"name": "phantom-key"});
-    let r = d.call(
-        "POST",
-        "/api/api_tokens",
-        Some("application/json"),
-        Some(body.to_string().as_bytes()),
-    );
+    let r = d.send_json("POST", "/api/api_tokens", body.to_string());
     assert_refused("a new key", &r);
     let listed = d.get("/api/api_tokens");
     assert_eq!(listed.status, 200, "{}", listed.body);
@@ -426,12 +405,7 @@ fn an_access_key_the_store_refused_is_not_kept() {
     );
 
     f.disk.free();
-    let r = d.call(
-        "POST",
-        "/api/api_tokens",
-        Some("application/json"),
-        Some(body.to_string().as_bytes()),
-    );
+    let r = d.send_json("POST", "/api/api_tokens", body.to_string());
     assert_eq!(r.status, 201, "{}", r.body);
     assert!(d.get("/api/api_tokens").body.contains("phantom-key"));
 }
@@ -444,15 +418,10 @@ fn a_channel_the_store_refused_is_not_kept() {
     let Some(f) = Full::new() else { return };
     let d = &f.d;
     f.disk.free();
-    let made = d.call(
+    let made = d.send_json(
         "POST",
         "/api/api_tokens",
-        Some("application/json"),
-        Some(
-            json!({"name": "second", "scopes": ["admin"]})
-                .to_string()
-                .as_bytes(),
-        ),
+        json!({"name": "second", "scopes": ["admin"]}).to_string(),
     );
     assert_eq!(made.status, 201, "{}", made.body);
     let second = made.json()["access_key"].as_str().unwrap().to_string();

@@ -7,7 +7,6 @@ use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::Duration;
 
 use coap_lite::{CoapOption, ContentFormat, MessageType, Packet, RequestType, ResponseType};
@@ -50,12 +49,7 @@ fn exchange(dev: &Device, p: &Packet) -> Packet {
 fn names(d: &Daemon) -> Vec<String> {
     let r = d.get("/endpoints");
     assert_eq!(r.status, 200, "{}", r.body);
-    r.json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap().to_string())
-        .collect()
+    support::strings_of(&r.json(), "name")
 }
 
 #[test]
@@ -118,15 +112,7 @@ fn unknown_critical_options_are_4_02_and_proxying_5_05() {
 fn libcoap_client_sees_4_02_for_an_unknown_critical_option() {
     let d = Daemon::start();
     let url = format!("coap://{}/rd?ep=libcoap", d.coap);
-    let out = Command::new("coap-client-notls")
-        .args(["-m", "post", "-B", "5", "-O", "65001,x", &url])
-        .output()
-        .expect("coap-client-notls (apt install libcoap3-bin)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_, text) = support::peers::libcoap_run(&["-m", "post", "-B", "5", "-O", "65001,x", &url]);
     assert!(text.contains("4.02"), "libcoap printed: {text}");
     assert!(names(&d).is_empty());
 }

@@ -5,7 +5,7 @@ use crate::support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
+use coap_lite::{CoapOption, MessageType, Packet, ResponseType};
 use serde_json::json;
 use support::coap::{Device, path_of, uint, uint_option};
 use support::peers::Lwm2mDevice;
@@ -25,16 +25,9 @@ fn notify(
     seq: u32,
     value: &str,
 ) {
-    let mut p = Packet::new();
-    p.header.set_type(mtype);
-    p.header.code = MessageClass::Response(ResponseType::Content);
-    p.header.message_id = mid;
-    p.set_token(token.to_vec());
-    p.add_option(CoapOption::Observe, uint(seq));
-    p.add_option(CoapOption::ContentFormat, uint(0));
+    let mut p = support::observe_content(mtype, mid, token, seq, value.as_bytes());
     p.add_option(CoapOption::MaxAge, uint(30));
-    p.payload = value.as_bytes().to_vec();
-    dev.sock.send_to(&p.to_bytes().unwrap(), to).unwrap();
+    support::send_packet(dev, &p, to);
 }
 
 /// Waits for the daemon's observe registration of `path` and answers it with `value`.
@@ -223,12 +216,7 @@ fn delete_all_subscriptions_with_and_without_trailing_slash() {
 fn pre_subscriptions_apply_at_registration_and_their_change_removes_subscriptions() {
     let d = Daemon::start();
     let rules = json!([{"endpoint-name": "sensor-*", "resource-path": ["/3303/*"]}]);
-    let r = d.call(
-        "PUT",
-        "/v2/subscriptions",
-        Some("application/json"),
-        Some(rules.to_string().as_bytes()),
-    );
+    let r = d.send_json("PUT", "/v2/subscriptions", rules.to_string());
     assert_eq!(r.status, 204, "{}", r.body);
     assert_eq!(d.get("/v2/subscriptions").json(), rules);
     assert_eq!(d.get("/subscriptions").json(), rules, "unprefixed too");
@@ -272,13 +260,8 @@ fn pre_subscriptions_apply_at_registration_and_their_change_removes_subscription
     // rules to registered endpoints.
     let rules = json!([{"endpoint-name": "other-1", "resource-path": ["/3304/0/5700"]}]);
     assert_eq!(
-        d.call(
-            "PUT",
-            "/v2/subscriptions",
-            Some("application/json"),
-            Some(rules.to_string().as_bytes())
-        )
-        .status,
+        d.send_json("PUT", "/v2/subscriptions", rules.to_string())
+            .status,
         204
     );
     assert_eq!(d.get("/v2/subscriptions/sensor-1").status, 404);
@@ -288,16 +271,7 @@ fn pre_subscriptions_apply_at_registration_and_their_change_removes_subscription
         "/subscriptions/other-1/3304/0/5700"
     );
     // An empty array removes them.
-    assert_eq!(
-        d.call(
-            "PUT",
-            "/v2/subscriptions",
-            Some("application/json"),
-            Some(b"[]")
-        )
-        .status,
-        204
-    );
+    assert_eq!(d.send_json("PUT", "/v2/subscriptions", b"[]").status, 204);
     assert_eq!(d.get("/v2/subscriptions").json(), json!([]));
     assert_eq!(d.get("/v2/subscriptions/other-1").status, 404);
 
@@ -307,12 +281,7 @@ fn pre_subscriptions_apply_at_registration_and_their_change_removes_subscription
         b"[{\"endpoint-name\": 1}]",
         b"[{\"bogus\": 1}]",
     ] {
-        let r = d.call(
-            "PUT",
-            "/v2/subscriptions",
-            Some("application/json"),
-            Some(bad),
-        );
+        let r = d.send_json("PUT", "/v2/subscriptions", bad);
         assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(bad));
         assert_eq!(r.json()["type"], "bad_request");
     }
@@ -494,13 +463,8 @@ fn runaway_lua_rules_are_stopped_and_count_as_no_opinion() {
     let d = Daemon::start_with("[lua]\ninstruction_budget = 100000\nmemory_limit_kb = 1024\n");
     let rules = json!([{"resource-path": ["/3304/*"]}]);
     assert_eq!(
-        d.call(
-            "PUT",
-            "/v2/subscriptions",
-            Some("application/json"),
-            Some(rules.to_string().as_bytes())
-        )
-        .status,
+        d.send_json("PUT", "/v2/subscriptions", rules.to_string())
+            .status,
         204
     );
     write_rule(
@@ -532,18 +496,18 @@ fn runaway_lua_rules_are_stopped_and_count_as_no_opinion() {
 #[test]
 fn a_subscription_to_an_observed_resource_opens_the_keys_channel() {
     let p = support::Prepared::new("", "");
-    let admin = p.plugin_call("connector", "bootstrap", &json!({"domain": "default"}))["created"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let other = p.plugin_call(
+    let admin = p.plugin_call_str(
+        "connector",
+        "bootstrap",
+        &json!({"domain": "default"}),
+        "created",
+    );
+    let other = p.plugin_call_str(
         "connector",
         "create_key",
         &json!({"name": "second", "domain": "default"}),
-    )["access_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        "access_key",
+    );
     let mut d = p.start();
     d.key = admin;
     let mut dev = d.device();
