@@ -202,22 +202,8 @@ fn a_callback_that_is_down_gets_every_event_in_order_once_it_is_up() {
         "no retries"
     );
     let rx = Receiver::start(port);
-    let got = rx.wait(WAIT, |r| {
-        r.iter()
-            .map(|x| x.json()["registrations"].as_array().map_or(0, Vec::len))
-            .sum::<usize>()
-            >= 5
-    });
-    let names: Vec<String> = got
-        .iter()
-        .flat_map(|r| {
-            r.json()["registrations"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .map(|e| e["ep"].as_str().unwrap().to_string())
-        .collect();
+    let got = rx.wait(WAIT, |r| pushed(r, "/cb").len() >= 5);
+    let names = pushed(&got, "/cb");
     assert_eq!(names, (0..5).map(|i| format!("o-{i}")).collect::<Vec<_>>());
     assert_eq!(d.metric("events_discarded_total"), 0);
 }

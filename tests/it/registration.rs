@@ -179,11 +179,7 @@ fn nat_rebinding_moves_the_registration_to_the_new_address() {
     assert_eq!(after.update(&id, &[], None), ResponseType::Changed);
     let from = format!("from={}", before.local_addr());
     let to = format!("to={}", after.local_addr());
-    assert!(
-        d.wait_log(&to, Duration::from_secs(2)),
-        "no address change logged:\n{}",
-        d.logs().join("\n")
-    );
+    d.expect_log(&to, Duration::from_secs(2));
     assert!(
         d.logs()
             .iter()
@@ -483,11 +479,7 @@ fn sighup_applies_the_log_level_and_names_what_needs_a_restart() {
     // A broken file: the running configuration stays.
     std::fs::write(&d.config_path, "[log]\nlevel = \"info\"\nbogus = 1\n").unwrap();
     d.signal("HUP");
-    assert!(
-        d.wait_log("configuration not reloaded", Duration::from_secs(5)),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("configuration not reloaded", Duration::from_secs(5));
     assert!(
         d.logs()
             .iter()
@@ -498,11 +490,7 @@ fn sighup_applies_the_log_level_and_names_what_needs_a_restart() {
         + "[registry]\ndefault_lifetime_s = 600\n";
     std::fs::write(&d.config_path, changed).unwrap();
     d.signal("HUP");
-    assert!(
-        d.wait_log("take effect after a restart", Duration::from_secs(5)),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("take effect after a restart", Duration::from_secs(5));
     assert!(d.logs().iter().any(|l| l.contains("[registry]")));
     // At warn level, a registration no longer logs its info line.
     let lines = d.logs().len();
@@ -570,11 +558,7 @@ fn device_log_lines_are_budgeted_and_summarised() {
     )
     .unwrap();
     d.signal("HUP");
-    assert!(
-        d.wait_log("log.device_lines_per_s is now 0", Duration::from_secs(5)),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("log.device_lines_per_s is now 0", Duration::from_secs(5));
     for i in 0..20 {
         d.device()
             .register(&[&format!("ep=unlimited-{i}")], "</3/0>");
@@ -1020,29 +1004,17 @@ fn sighup_refuses_a_log_level_that_is_no_level() {
     )
     .unwrap();
     d.signal("HUP");
-    assert!(
-        d.wait_log("configuration not reloaded", Duration::from_secs(5)),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("configuration not reloaded", Duration::from_secs(5));
     assert!(d.logs().iter().any(|l| l.contains("key `log.level`")));
     // The running level (debug) still logs a registration.
     d.device().register(&["ep=still-logged"], "</3/0>");
-    assert!(
-        d.wait_log("still-logged", Duration::from_secs(5)),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("still-logged", Duration::from_secs(5));
     // "warning" is warn: the warning about a change that needs a restart is logged.
     let changed = text.replace("level = \"debug\"", "level = \"warning\"")
         + "[registry]\ndefault_lifetime_s = 600\n";
     std::fs::write(&d.config_path, changed).unwrap();
     d.signal("HUP");
-    assert!(
-        d.wait_log("take effect after a restart", Duration::from_secs(5)),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("take effect after a restart", Duration::from_secs(5));
 }
 
 /// Range errors found after parsing (`Config::validate`) locate their key in the file as

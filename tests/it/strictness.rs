@@ -32,6 +32,15 @@ fn registration(dev: &mut Device, query: &[&[u8]], extra: &[(u16, &[u8])], con: 
     p
 }
 
+/// Sends a CON registration with the query item `ep` and the `option`, asserts that it is
+/// answered `want` and returns the answer's diagnostic.
+fn answered(dev: &mut Device, ep: &str, option: (u16, &[u8]), want: ResponseType) -> String {
+    let p = registration(dev, &[ep.as_bytes()], &[option], true);
+    let r = exchange(dev, &p);
+    assert_eq!(code(&r), want, "option {}: {}", option.0, diag(&r));
+    diag(&r)
+}
+
 /// Sends `p` and returns the datagram that answers it (same message id or token).
 fn exchange(dev: &Device, p: &Packet) -> Packet {
     dev.send_raw(&p.to_bytes().unwrap());
@@ -59,19 +68,8 @@ fn unknown_critical_options_are_4_02_and_proxying_5_05() {
     // Odd numbers are critical (RFC 7252 §5.4.1); 65001 and 9 (OSCORE) mean nothing here.
     for (n, name) in [(65001u16, "crit1"), (9, "crit2"), (19, "crit3")] {
         let ep = format!("ep={name}");
-        let p = registration(&mut dev, &[ep.as_bytes()], &[(n, b"x")], true);
-        let r = exchange(&dev, &p);
-        assert_eq!(
-            code(&r),
-            ResponseType::BadOption,
-            "option {n}: {}",
-            diag(&r)
-        );
-        assert!(
-            diag(&r).contains(&n.to_string()),
-            "names the option: {}",
-            diag(&r)
-        );
+        let why = answered(&mut dev, &ep, (n, b"x"), ResponseType::BadOption);
+        assert!(why.contains(&n.to_string()), "names the option: {why}");
         // A NON request with it is rejected (§4.3): RST, nothing processed.
         let p = registration(&mut dev, &[ep.as_bytes()], &[(n, b"x")], false);
         let r = exchange(&dev, &p);
@@ -84,15 +82,13 @@ fn unknown_critical_options_are_4_02_and_proxying_5_05() {
     // Proxy-Uri (35) and Proxy-Scheme (39): this is no proxy.
     for (n, name) in [(35u16, "proxy1"), (39, "proxy2")] {
         let ep = format!("ep={name}");
-        let p = registration(&mut dev, &[ep.as_bytes()], &[(n, b"coap://h/rd")], true);
-        let r = exchange(&dev, &p);
-        assert_eq!(
-            code(&r),
+        let why = answered(
+            &mut dev,
+            &ep,
+            (n, b"coap://h/rd"),
             ResponseType::ProxyingNotSupported,
-            "option {n}: {}",
-            diag(&r)
         );
-        assert!(!diag(&r).is_empty());
+        assert!(!why.is_empty());
     }
     // Known critical options (Uri-Host, Uri-Port, Accept) and unknown elective ones (even)
     // are fine.

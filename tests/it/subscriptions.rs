@@ -226,13 +226,15 @@ fn pre_subscriptions_apply_at_registration_and_their_change_removes_subscription
     let mut sensor = d.device();
     sensor.register(&["ep=sensor-1", "lt=300"], LINKS);
     let (token, from) = accept_observe(&sensor, "/3303/0/5700", "19.5");
-    assert!(
-        sensor.recv_request(Duration::from_millis(300)).is_none(),
-        "only the matching resource"
+    support::no_request(
+        &sensor,
+        Duration::from_millis(300),
+        "only the matching resource",
     );
-    assert!(
-        other.recv_request(Duration::from_millis(100)).is_none(),
-        "only the matching endpoint"
+    support::no_request(
+        &other,
+        Duration::from_millis(100),
+        "only the matching endpoint",
     );
     // The first value arrives as a notification (there is no async request to carry it).
     notify(
@@ -378,84 +380,34 @@ fn aiocoap_device_notifications_flow_until_unsubscribed() {
     dev.wait_event(WAIT, |e| e["event"] == "observers" && e["count"] == 0);
 }
 
-/// Waits until the daemon's log says the rule files in force include (or exclude) `file`
-/// after a reload, then a little more for the watcher's debounce to settle.
-fn write_rule(d: &Daemon, file: &str, body: &str) {
-    let before = d.metric("lua_reloads_total") + d.metric("lua_errors_total");
-    let tmp = d.scripts_dir().join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, body).unwrap();
-    std::fs::rename(&tmp, d.scripts_dir().join(file)).unwrap();
-    assert!(
-        support::eventually(WAIT, || d.metric("lua_reloads_total")
-            + d.metric("lua_errors_total")
-            > before),
-        "the rule file was not (re)loaded:\n{}",
-        d.logs().join("\n")
-    );
-}
-
-/// The paths the daemon asks `dev` to observe within `window`.
-fn observed_paths(dev: &Device, window: Duration) -> Vec<String> {
-    let mut paths = Vec::new();
-    while let Some((req, from)) = dev.recv_request(window) {
-        paths.push(path_of(&req));
-        notify(
-            dev,
-            from,
-            req.get_token(),
-            req.header.message_id,
-            MessageType::Acknowledgement,
-            1,
-            "0",
-        );
-    }
-    paths.sort();
-    paths
-}
-
 #[test]
 fn lua_rules_choose_resources_and_reload_without_restart() {
     let d = Daemon::start();
     // The key needs a notification channel to be offered resources.
     assert!(d.pull_now().is_none());
-    write_rule(
-        &d,
+    d.write_rule(
         "10-rule.lua",
         "function presubscribe(endpoint, resource, key)\n  return resource.rt == 'temperature'\nend\n",
     );
-    let mut a = d.device();
-    a.register(&["ep=lua-a", "lt=300"], LINKS);
-    assert_eq!(
-        observed_paths(&a, Duration::from_millis(600)),
-        vec!["/3303/0/5700"]
-    );
+    let (_a, observed) = d.register_observed(&["ep=lua-a", "lt=300"], LINKS);
+    assert_eq!(observed, vec!["/3303/0/5700"]);
 
     // Edited: now humidity. Takes effect for the next registration, no restart.
-    write_rule(
-        &d,
+    d.write_rule(
         "10-rule.lua",
         "function presubscribe(endpoint, resource, key)\n  return resource.rt == 'humidity'\nend\n",
     );
-    let mut b = d.device();
-    b.register(&["ep=lua-b", "lt=300"], LINKS);
-    assert_eq!(
-        observed_paths(&b, Duration::from_millis(600)),
-        vec!["/3304/0/5700"]
-    );
+    let (_b, observed) = d.register_observed(&["ep=lua-b", "lt=300"], LINKS);
+    assert_eq!(observed, vec!["/3304/0/5700"]);
 
     // A broken edit keeps the previous version in force and is logged with file:line.
-    write_rule(
-        &d,
+    d.write_rule(
         "10-rule.lua",
         "function presubscribe(endpoint, resource, key)\n  return (\nend\n",
     );
-    assert!(d.wait_log("10-rule.lua:3", WAIT), "{}", d.logs().join("\n"));
-    let mut c = d.device();
-    c.register(&["ep=lua-c", "lt=300"], LINKS);
-    assert_eq!(
-        observed_paths(&c, Duration::from_millis(600)),
-        vec!["/3304/0/5700"]
-    );
+    d.expect_log("10-rule.lua:3", WAIT);
+    let (_c, observed) = d.register_observed(&["ep=lua-c", "lt=300"], LINKS);
+    assert_eq!(observed, vec!["/3304/0/5700"]);
 }
 
 #[test]
@@ -467,13 +419,11 @@ fn runaway_lua_rules_are_stopped_and_count_as_no_opinion() {
             .status,
         204
     );
-    write_rule(
-        &d,
+    d.write_rule(
         "10-loop.lua",
         "function presubscribe(e, r, k)\n  if r.rt == 'temperature' then while true do end end\n  return nil\nend\n",
     );
-    write_rule(
-        &d,
+    d.write_rule(
         "20-hog.lua",
         "function presubscribe(e, r, k)\n  local t = {}\n  for i = 1, 1e9 do t[i] = string.rep('x', 1000) end\nend\n",
     );
@@ -482,7 +432,7 @@ fn runaway_lua_rules_are_stopped_and_count_as_no_opinion() {
     dev.register(&["ep=runaway", "lt=300"], LINKS);
     // Both scripts fail for every resource; the JSON rule decides: humidity only.
     assert_eq!(
-        observed_paths(&dev, Duration::from_millis(800)),
+        support::observed_paths(&dev, Duration::from_millis(800)),
         vec!["/3304/0/5700"]
     );
     assert!(d.metric("lua_errors_total") >= errors + 2);
@@ -572,9 +522,10 @@ fn subscriptions_of_an_endpoint_gone_while_down_are_dropped_at_start() {
         404,
         "the subscription of the departed endpoint came back"
     );
-    assert!(
-        again.recv_request(Duration::from_secs(2)).is_none(),
-        "the daemon observed the endpoint for a subscription it had lost"
+    support::no_request(
+        &again,
+        Duration::from_secs(2),
+        "the daemon observed the endpoint for a subscription it had lost",
     );
     assert!(d.wait_log("subscriptions of endpoints that are not registered", WAIT));
     // And it is gone from the store too: not back after another restart.

@@ -67,20 +67,14 @@ fn every_key_sees_only_its_own_domain() {
 
     // Another domain's endpoint does not exist for a key.
     assert_eq!(get(&d, &key_b, "/v2/endpoints/dev-a").status, 404);
-    let r = http(
-        "GET",
-        &d.url("/v2/endpoints/dev-a/3/0/0"),
-        &[("Authorization", &format!("Bearer {key_b}"))],
-        None,
-    );
-    assert_eq!(r.status, 410);
-    let r = http(
-        "PUT",
-        &d.url("/v2/subscriptions/dev-a/3/0"),
-        &[("Authorization", &format!("Bearer {key_b}"))],
-        None,
-    );
-    assert_eq!(r.status, 404);
+    for (method, path, status) in [
+        ("GET", "/v2/endpoints/dev-a/3/0/0", 410),
+        ("PUT", "/v2/subscriptions/dev-a/3/0", 404),
+    ] {
+        let auth = format!("Bearer {key_b}");
+        let r = http(method, &d.url(path), &[("Authorization", &auth)], None);
+        assert_eq!(r.status, status, "{method} {path}");
+    }
 
     // Registration events reach only the channels of the device's domain.
     let events = |key: &str| -> Vec<String> {

@@ -315,3 +315,64 @@ pub fn observe_content(
 pub fn send_packet(dev: &coap::Device, p: &Packet, to: SocketAddr) {
     dev.sock.send_to(&p.to_bytes().unwrap(), to).unwrap();
 }
+
+/// Asserts that the daemon sends `dev` no request within `wait` (`why` it should not).
+pub fn no_request(dev: &coap::Device, wait: std::time::Duration, why: &str) {
+    if let Some((p, from)) = dev.recv_request(wait) {
+        let method = p.header.code;
+        panic!("{why}: {from} sent {method:?} {}", coap::path_of(&p));
+    }
+}
+
+impl Daemon {
+    /// Asserts that a log line containing `needle` appears within `timeout`.
+    pub fn expect_log(&self, needle: &str, timeout: std::time::Duration) {
+        assert!(
+            self.wait_log(needle, timeout),
+            "no log line with {needle:?}:\n{}",
+            self.logs().join("\n")
+        );
+    }
+}
+
+/// The paths the daemon asks `dev` to observe until `window` passes without one, sorted;
+/// each observe is answered (2.05, Observe 1, `0`).
+pub fn observed_paths(dev: &coap::Device, window: std::time::Duration) -> Vec<String> {
+    let mut paths = Vec::new();
+    while let Some((req, from)) = dev.recv_request(window) {
+        paths.push(coap::path_of(&req));
+        let (mid, token) = (req.header.message_id, req.get_token());
+        let p = observe_content(MessageType::Acknowledgement, mid, token, 1, b"0");
+        send_packet(dev, &p, from);
+    }
+    paths.sort();
+    paths
+}
+
+impl Daemon {
+    /// Registers a new device with `query` and `links`; returns it with the paths the
+    /// daemon then asks it to observe ([`observed_paths`] until 600 ms pass without one).
+    pub fn register_observed(&self, query: &[&str], links: &str) -> (coap::Device, Vec<String>) {
+        let mut dev = self.device();
+        dev.register(query, links);
+        let paths = observed_paths(&dev, std::time::Duration::from_millis(600));
+        (dev, paths)
+    }
+}
+
+impl Daemon {
+    /// Writes a Lua rule file into the scripts directory (atomically, as an editor would)
+    /// and waits (10 s at most) until the daemon (re)loaded the rules or counted an error.
+    pub fn write_rule(&self, file: &str, body: &str) {
+        let loads = || self.metric("lua_reloads_total") + self.metric("lua_errors_total");
+        let before = loads();
+        let tmp = self.scripts_dir().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, body).unwrap();
+        std::fs::rename(&tmp, self.scripts_dir().join(file)).unwrap();
+        assert!(
+            eventually(std::time::Duration::from_secs(10), || loads() > before),
+            "the rule file was not (re)loaded:\n{}",
+            self.logs().join("\n")
+        );
+    }
+}
