@@ -486,19 +486,26 @@ fn an_unsubscription_the_store_refused_is_not_kept() {
         "/v2/subscriptions/dev",
         "/v2/subscriptions",
     ] {
-        let r = d.call("DELETE", path, None, None);
-        assert_refused(&format!("DELETE {path}"), &r);
-        assert_eq!(
-            d.get("/v2/subscriptions/dev/3303/0/5700").status,
-            200,
-            "a refused DELETE {path} removed the subscription"
-        );
+        delete_refused(d, path, "/v2/subscriptions/dev/3303/0/5700");
     }
 
     f.disk.free();
-    let r = d.call("DELETE", "/v2/subscriptions/dev/3303/0/5700", None, None);
+    delete_works(d, "/v2/subscriptions/dev/3303/0/5700");
+}
+
+/// `DELETE path` while the store cannot write: refused, and `shown` is still there.
+fn delete_refused(d: &Daemon, path: &str, shown: &str) {
+    let r = d.call("DELETE", path, None, None);
+    assert_refused(&format!("DELETE {path}"), &r);
+    let after = d.get(shown).status;
+    assert_eq!(after, 200, "a refused DELETE {path} removed {shown}");
+}
+
+/// `DELETE path` once the store writes again: done (204), and it is gone.
+fn delete_works(d: &Daemon, path: &str) {
+    let r = d.call("DELETE", path, None, None);
     assert_eq!(r.status, 204, "{}", r.body);
-    assert_eq!(d.get("/v2/subscriptions/dev/3303/0/5700").status, 404);
+    assert_eq!(d.get(path).status, 404);
 }
 
 /// Removing the callback when the store cannot write leaves it in force.
@@ -512,16 +519,8 @@ fn a_callback_removal_the_store_refused_is_not_kept() {
     let r = put_json(d, "/v2/notification/callback", &cb);
     assert_eq!(r.status, 204, "{}", r.body);
     f.disk.fill();
-    let r = d.call("DELETE", "/v2/notification/callback", None, None);
-    assert_refused("a callback removal", &r);
-    assert_eq!(
-        d.get("/v2/notification/callback").status,
-        200,
-        "a refused removal removed the callback"
-    );
+    delete_refused(d, "/v2/notification/callback", "/v2/notification/callback");
 
     f.disk.free();
-    let r = d.call("DELETE", "/v2/notification/callback", None, None);
-    assert_eq!(r.status, 204, "{}", r.body);
-    assert_eq!(d.get("/v2/notification/callback").status, 404);
+    delete_works(d, "/v2/notification/callback");
 }
