@@ -31,33 +31,12 @@ fn pelion_key(
     scopes: &[&str],
     expires_at: Option<u64>,
 ) -> (String, String, String) {
-    let app = call(
-        d,
-        "POST",
-        "/pelion/v1/applications",
-        Some(user_token),
-        Some(&json!({"name": format!("app-{}", scopes.len())})),
-    );
-    assert_eq!(app.status, 201, "{}", app.body);
-    let app_id = app.json()["id"].as_str().unwrap().to_string();
     let mut body = json!({"name": "k", "scopes": scopes});
     if let Some(t) = expires_at {
         body["expires_at"] = json!(t);
     }
-    let k = call(
-        d,
-        "POST",
-        &format!("/pelion/v1/applications/{app_id}/access-keys"),
-        Some(user_token),
-        Some(&body),
-    );
-    assert_eq!(k.status, 201, "{}", k.body);
-    let v = k.json();
-    (
-        app_id,
-        v["id"].as_str().unwrap().to_string(),
-        v["access_key"].as_str().unwrap().to_string(),
-    )
+    let app = format!("app-{}", scopes.len());
+    support::pelion::app_and_key(d, user_token, &app, &body)
 }
 
 /// A Pelion user `name` in `domain` with every permission and user scope: its token.
@@ -84,13 +63,8 @@ fn every_route_refuses_bad_credentials_and_admits_good_ones() {
     let (_, _, full) = pelion_key(&d, &user_a, &ALL_USER_SCOPES, None);
     let (_, _, reader) = pelion_key(&d, &user_a, &["endpoints:read"], None);
     let (app, kid, revoked) = pelion_key(&d, &user_a, &["endpoints:read"], None);
-    let r = call(
-        &d,
-        "PATCH",
-        &format!("/pelion/v1/applications/{app}/access-keys/{kid}"),
-        Some(&user_a),
-        Some(&json!({"status": "revoked"})),
-    );
+    let key = format!("/pelion/v1/applications/{app}/access-keys/{kid}");
+    let r = support::pelion::revoke(&d, &user_a, &key);
     assert_eq!(r.status, 200, "{}", r.body);
     let (_, _, expired) = pelion_key(&d, &user_a, &ALL_USER_SCOPES, Some(now_ms() + 1500));
     let (_, _, other) = pelion_key(&d, &user_b, &ALL_USER_SCOPES, None);

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod peers;
+pub mod pelion;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
