@@ -64,6 +64,12 @@ fn subscribe(d: &Daemon, ep: &str, path: &str) -> support::Http {
     d.call("PUT", &format!("/v2/subscriptions/{ep}{path}"), None, None)
 }
 
+/// Subscribes to `path` of `ep`, asserting 202; returns the async-response id that brings
+/// the first value.
+fn subscribed(d: &Daemon, ep: &str, path: &str) -> String {
+    d.async_request("PUT", &format!("/v2/subscriptions/{ep}{path}"), None, None)
+}
+
 /// `GET path` with the admin key and an `Accept` header when given.
 fn get_accepting(d: &Daemon, path: &str, accept: Option<&str>) -> support::Http {
     let auth = format!("Bearer {}", d.key);
@@ -119,9 +125,7 @@ fn lwm2m_clients_are_observable_without_obs() {
     assert!(lf.body.contains(r#"</3>;obs;ver="1.1""#), "{}", lf.body);
 
     // A resource below a listed instance.
-    let r = subscribe(&d, "lw-1", "/3303/0/5700");
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = subscribed(&d, "lw-1", "/3303/0/5700");
     let (req, from) = expect_request(&dev, "/3303/0/5700");
     assert_eq!(uint_option(&req, CoapOption::Observe), Some(0));
     assert_eq!(
@@ -192,9 +196,7 @@ fn a_refused_observe_ends_the_subscription_visibly() {
     dev.register(&["ep=lw-2", "lt=300", "lwm2m=1.0"], LW_LINKS);
 
     // Without Observe.
-    let r = subscribe(&d, "lw-2", "/3/0/1");
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = subscribed(&d, "lw-2", "/3/0/1");
     assert_eq!(
         d.get("/v2/subscriptions/lw-2/3/0/1").status,
         200,
@@ -619,9 +621,7 @@ fn aiocoap_lwm2m_client_is_observed_and_its_refusal_is_reported() {
     assert_eq!(list[0]["lwm2m"], "1.1", "{list}");
     assert_eq!(list[0]["ct"], "application/vnd.oma.lwm2m+tlv", "{list}");
 
-    let r = subscribe(&d, ep, "/3303/0/5700");
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = subscribed(&d, ep, "/3303/0/5700");
     let a = d.async_response(&id, WAIT);
     assert_eq!(
         (a["status"].as_u64(), payload(&a), a["ct"].as_str()),
@@ -656,9 +656,7 @@ fn aiocoap_lwm2m_client_is_observed_and_its_refusal_is_reported() {
 
     // /3/0/13 is a plain aiocoap Resource: it answers the observe without Observe.
     d.clear_inbox();
-    let r = subscribe(&d, ep, "/3/0/13");
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = subscribed(&d, ep, "/3/0/13");
     let a = d.async_response(&id, WAIT);
     assert_eq!(a["status"], 412, "{a}");
     assert_eq!(peer_request(&dev, "/3/0/13", 1)["observe"], 0);
@@ -903,9 +901,7 @@ fn libcoap_server_as_an_lwm2m_device_is_observed() {
     let instance = format!("coap://127.0.0.1:{port}/3303/0");
     let ack = support::peers::libcoap_ack(&["-m", "put", "-t", "0", "-e", "5700=21.5", &instance]);
     assert!(ack.contains("c:2.01"), "{ack}");
-    let r = subscribe(&d, "libcoap-srv", "/3303/0");
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = subscribed(&d, "libcoap-srv", "/3303/0");
     let a = d.async_response(&id, WAIT);
     assert_eq!(
         (a["status"].as_u64(), payload(&a)),
@@ -913,9 +909,7 @@ fn libcoap_server_as_an_lwm2m_device_is_observed() {
         "{a}"
     );
 
-    let r = subscribe(&d, "libcoap-srv", "/3303/0/5700");
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = subscribed(&d, "libcoap-srv", "/3303/0/5700");
     let a = d.async_response(&id, WAIT);
     assert_eq!(
         (a["status"].as_u64(), payload(&a)),

@@ -62,9 +62,7 @@ fn subscribe_receive_notifications_and_unsubscribe() {
     let mut dev = d.device();
     dev.register(&["ep=obs-1", "lt=300"], LINKS);
 
-    let r = d.call("PUT", "/v2/subscriptions/obs-1/3303/0/5700", None, None);
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = d.async_request("PUT", "/v2/subscriptions/obs-1/3303/0/5700", None, None);
     let (token, from) = accept_observe(&dev, "/3303/0/5700", "20.0");
     let ar = d.async_response(&id, WAIT);
     assert_eq!(
@@ -345,9 +343,7 @@ fn subscriptions_survive_restart_and_are_observed_again() {
 fn aiocoap_device_notifications_flow_until_unsubscribed() {
     let d = Daemon::start();
     let dev = Lwm2mDevice::start(d.coap, "aio-obs", &["--notify-interval", "0.2"]);
-    let r = d.call("PUT", "/v2/subscriptions/aio-obs/3303/0/5700", None, None);
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = d.async_request("PUT", "/v2/subscriptions/aio-obs/3303/0/5700", None, None);
     assert_eq!(d.async_response(&id, WAIT)["status"], 200);
     let e = d.collect_events(WAIT, |e| e.of("notifications").len() >= 3);
     let values: Vec<f64> = e
@@ -462,8 +458,7 @@ fn a_subscription_to_an_observed_resource_opens_the_keys_channel() {
     d.key = admin;
     let mut dev = d.device();
     dev.register(&["ep=shared", "lt=300"], LINKS);
-    let r = d.call("PUT", "/v2/subscriptions/shared/3303/0/5700", None, None);
-    assert_eq!(r.status, 202, "{}", r.body);
+    d.async_request("PUT", "/v2/subscriptions/shared/3303/0/5700", None, None);
     let (token, from) = accept_observe(&dev, "/3303/0/5700", "1");
     let as_other = |method: &str, path: &str| {
         support::http(
@@ -498,8 +493,7 @@ fn subscriptions_of_an_endpoint_gone_while_down_are_dropped_at_start() {
     let d = Daemon::start();
     let mut dev = d.device();
     dev.register(&["ep=ghost", "lt=300"], LINKS);
-    let r = d.call("PUT", "/v2/subscriptions/ghost/3303/0/5700", None, None);
-    assert_eq!(r.status, 202, "{}", r.body);
+    d.async_request("PUT", "/v2/subscriptions/ghost/3303/0/5700", None, None);
     accept_observe(&dev, "/3303/0/5700", "20.0");
     assert_eq!(
         d.call("GET", "/v2/subscriptions/ghost/3303/0/5700", None, None)
