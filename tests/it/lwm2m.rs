@@ -1237,8 +1237,8 @@ fn the_simulator_behaves_like_an_lwm2m_1_1_client() {
     // Observe a resource below a listed instance: text/plain (the daemon's default).
     let r = subscribe(&d, "lw11-000000", "/3303/0/5700");
     assert_eq!(r.status, 202, "{}", r.body);
-    let ev = d.collect_events(WAIT, |e| e.of("notifications").len() >= 2);
-    let n = &ev.of("notifications")[1];
+    let notifications = d.events_of("notifications", 2);
+    let n = &notifications[1];
     assert_eq!(
         (n["ct"].as_str(), n["path"].as_str()),
         (Some("text/plain"), Some("/3303/0/5700")),

@@ -82,17 +82,8 @@ fn undelivered_events_survive_kill_9() {
             .register(&[&format!("ep=k-{i}"), "lt=300"], "</3/0>");
     }
     let d = d.crash_and_restart();
-    let e = d.collect_events(WAIT, |e| e.of("registrations").len() >= 3);
-    let names: Vec<_> = e
-        .of("registrations")
-        .iter()
-        .map(|r| r["ep"].clone())
-        .collect();
-    assert_eq!(
-        names,
-        vec![json!("k-0"), json!("k-1"), json!("k-2")],
-        "all, in order"
-    );
+    let names = support::strings_of(&d.events_of("registrations", 3), "ep");
+    assert_eq!(names, ["k-0", "k-1", "k-2"], "all, in order");
     assert!(d.pull_now().is_none(), "delivered once");
 }
 

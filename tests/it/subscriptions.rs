@@ -96,13 +96,12 @@ fn subscribe_receive_notifications_and_unsubscribe() {
         2,
         "stale",
     );
-    let e = d.collect_events(WAIT, |e| e.of("notifications").len() >= 2);
     assert_eq!(
-        e.of("notifications"),
-        vec![
+        d.events_of("notifications", 2),
+        json!([
             json!({"ep": "obs-1", "path": "/3303/0/5700", "ct": "text/plain", "payload": b64(b"21.0"), "max-age": 30}),
             json!({"ep": "obs-1", "path": "/3303/0/5700", "ct": "text/plain", "payload": b64(b"22.0"), "max-age": 30}),
-        ]
+        ])
     );
     assert!(support::eventually(WAIT, || d
         .metric("observe_stale_total")
@@ -244,13 +243,8 @@ fn pre_subscriptions_apply_at_registration_and_their_change_removes_subscription
         2,
         "19.7",
     );
-    let e = d.collect_events(WAIT, |e| e.of("notifications").len() >= 2);
-    let values: Vec<_> = e
-        .of("notifications")
-        .iter()
-        .map(|n| n["payload"].clone())
-        .collect();
-    assert_eq!(values, vec![json!(b64(b"19.5")), json!(b64(b"19.7"))]);
+    let values = support::strings_of(&d.events_of("notifications", 2), "payload");
+    assert_eq!(values, [b64(b"19.5"), b64(b"19.7")]);
     assert_eq!(
         d.get("/v2/subscriptions/sensor-1").body,
         "/subscriptions/sensor-1/3303/0/5700"

@@ -377,3 +377,13 @@ impl Daemon {
         );
     }
 }
+
+impl Daemon {
+    /// Pulls (10 s at most) until `n` events of `kind` (`registrations`, `notifications`,
+    /// ...) arrived since the last `clear_inbox`; returns those events as a JSON array.
+    pub fn events_of(&self, kind: &str, n: usize) -> serde_json::Value {
+        let wait = std::time::Duration::from_secs(10);
+        let events = self.collect_events(wait, |e| e.of(kind).len() >= n);
+        serde_json::Value::Array(events.of(kind))
+    }
+}
