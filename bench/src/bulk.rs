@@ -48,18 +48,8 @@ pub fn register(
         let t0 = Instant::now();
         let mut tasks = Vec::new();
         for s in 0..sockets {
-            // Endpoints of this socket: s, s + sockets, s + 2 * sockets, ...
-            let names: Vec<String> = (s..n)
-                .step_by(sockets)
-                .map(|i| format!("{prefix}{s}-{i:07}"))
-                .collect();
-            // 250 sockets per address keeps well inside the ephemeral port range.
-            let bind = IpAddr::V4(Ipv4Addr::new(
-                127,
-                0,
-                1 + (s / 250) as u8,
-                1 + (s % 250) as u8,
-            ));
+            let names = socket_names(prefix, s, n, sockets);
+            let bind = socket_ip(1, s);
             let sock = UdpSocket::bind(SocketAddr::new(bind, 0))
                 .await
                 .with_context(|| format!("bind {bind}"))?;
@@ -78,6 +68,26 @@ pub fn register(
         total.elapsed = t0.elapsed();
         Ok(total)
     })
+}
+
+/// The endpoints of socket `s` of `sockets` (`s`, `s + sockets`, `s + 2 * sockets`, ...
+/// below `n`), named `{prefix}{s}-{index:07}`.
+fn socket_names(prefix: &str, s: usize, n: usize, sockets: usize) -> Vec<String> {
+    (s..n)
+        .step_by(sockets)
+        .map(|i| format!("{prefix}{s}-{i:07}"))
+        .collect()
+}
+
+/// The loopback address socket `s` binds: 250 sockets per address (which keeps well inside
+/// the ephemeral port range), the third octet counting from `first`.
+fn socket_ip(first: u8, s: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        first + (s / 250) as u8,
+        1 + (s % 250) as u8,
+    ))
 }
 
 struct Outstanding {
@@ -254,16 +264,8 @@ impl Notifier {
             rt.block_on(async move {
                 let mut tasks = Vec::new();
                 for s in 0..sockets {
-                    let names: Vec<String> = (s..n)
-                        .step_by(sockets)
-                        .map(|i| format!("nb{s}-{i:07}"))
-                        .collect();
-                    let bind = IpAddr::V4(Ipv4Addr::new(
-                        127,
-                        0,
-                        2 + (s / 250) as u8,
-                        1 + (s % 250) as u8,
-                    ));
+                    let names = socket_names("nb", s, n, sockets);
+                    let bind = socket_ip(2, s);
                     let sock = UdpSocket::bind(SocketAddr::new(bind, 0)).await?;
                     let (c, st) = (Arc::clone(&c), Arc::clone(&st));
                     tasks.push(tokio::spawn(async move {
@@ -373,4 +375,32 @@ async fn notify_loop(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Notifier, socket_ip, socket_names};
+
+    #[test]
+    fn the_sockets_name_every_endpoint_once_as_endpoint_name_says() {
+        let (n, sockets) = (23, 5);
+        let mut named: Vec<String> = (0..sockets)
+            .flat_map(|s| socket_names("nb", s, n, sockets))
+            .collect();
+        named.sort();
+        let mut want: Vec<String> = (0..n)
+            .map(|i| Notifier::endpoint_name(i, n, sockets))
+            .collect();
+        want.sort();
+        assert_eq!(named, want);
+        assert_eq!(socket_names("r", 1, 7, 3), ["r1-0000001", "r1-0000004"]);
+    }
+
+    #[test]
+    fn sockets_spread_over_loopback_addresses_250_each() {
+        assert_eq!(socket_ip(1, 0).to_string(), "127.0.1.1");
+        assert_eq!(socket_ip(1, 249).to_string(), "127.0.1.250");
+        assert_eq!(socket_ip(1, 250).to_string(), "127.0.2.1");
+        assert_eq!(socket_ip(2, 0).to_string(), "127.0.2.1");
+    }
 }

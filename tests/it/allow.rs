@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
 use serde_json::{Value, json};
-use support::coap::{Device, path_of, uint, uint_option};
-use support::{Daemon, Events, Prepared, http};
+use support::coap::{Device, path_of, uint_option};
+use support::{Daemon, Events, Prepared, http, observe_content, send_packet};
 
 const WAIT: Duration = Duration::from_secs(10);
 /// Two observable resources: `/3303/...` is allowed on `sensor-1` to the restricted key,
@@ -30,22 +30,7 @@ const RESTRICTED: &str = r#"{"filterType": "whitelist", "deviceTags": [{"key": "
 /// application in the default domain and an API token of it.
 fn start() -> (Daemon, String, String) {
     let p = Prepared::new("", "[plugins]\nauth = [\"connector\", \"losant\"]\n");
-    let app = p.plugin_call(
-        "losant",
-        "create_application",
-        &json!({"name": "plant", "domain": "default"}),
-    )["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let token = p.plugin_call(
-        "losant",
-        "create_token",
-        &json!({"application_id": app, "scopes": ["all.Application"]}),
-    )["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (app, token) = p.losant_app("plant");
     (p.start(), app, token)
 }
 
@@ -131,12 +116,7 @@ fn eps(entries: &[Value]) -> Vec<String> {
 }
 
 fn paths(entry: &Value) -> Vec<String> {
-    entry["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["path"].as_str().unwrap().to_string())
-        .collect()
+    support::strings_of(&entry["resources"], "path")
 }
 
 /// (ep, path) of each `notifications` (or `subscription-errors`) entry.
@@ -160,15 +140,14 @@ fn pair(ep: &str, path: &str) -> (String, String) {
 
 /// Sends a notification (or, with `seq` None, a response without Observe) for `token`.
 fn notify(dev: &Device, to: SocketAddr, token: &[u8], mid: u16, seq: u32, value: &str) {
-    let mut p = Packet::new();
-    p.header.set_type(MessageType::NonConfirmable);
-    p.header.code = MessageClass::Response(ResponseType::Content);
-    p.header.message_id = mid;
-    p.set_token(token.to_vec());
-    p.add_option(CoapOption::Observe, uint(seq));
-    p.add_option(CoapOption::ContentFormat, uint(0));
-    p.payload = value.as_bytes().to_vec();
-    dev.sock.send_to(&p.to_bytes().unwrap(), to).unwrap();
+    let p = observe_content(
+        MessageType::NonConfirmable,
+        mid,
+        token,
+        seq,
+        value.as_bytes(),
+    );
+    send_packet(dev, &p, to);
 }
 
 /// Ends an observation from the device's side: a 4.04 on its token.
@@ -190,15 +169,15 @@ fn accept_observe(dev: &Device, value: &str) -> (String, Vec<u8>, SocketAddr) {
         Some(0),
         "an observe"
     );
-    let mut p = Packet::new();
-    p.header.set_type(MessageType::Acknowledgement);
-    p.header.code = MessageClass::Response(ResponseType::Content);
-    p.header.message_id = req.header.message_id;
-    p.set_token(req.get_token().to_vec());
-    p.add_option(CoapOption::Observe, uint(1));
-    p.add_option(CoapOption::ContentFormat, uint(0));
-    p.payload = value.as_bytes().to_vec();
-    dev.sock.send_to(&p.to_bytes().unwrap(), from).unwrap();
+    let (mid, token) = (req.header.message_id, req.get_token());
+    let p = observe_content(
+        MessageType::Acknowledgement,
+        mid,
+        token,
+        1,
+        value.as_bytes(),
+    );
+    send_packet(dev, &p, from);
     (path_of(&req), req.get_token().to_vec(), from)
 }
 
@@ -280,14 +259,8 @@ fn registration_events_and_resource_lists_hold_to_the_restriction() {
             .len(),
         2
     );
-    let names: Vec<String> = key
-        .call(&d, "GET", "/v2/endpoints", None)
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap().to_string())
-        .collect();
+    let names: Vec<String> =
+        support::strings_of(&key.call(&d, "GET", "/v2/endpoints", None).json(), "name");
     assert_eq!(names, ["gw-1", "sensor-1"]);
 
     // The restriction is kept with the channel: after a crash, events published before
@@ -340,13 +313,15 @@ fn a_domain_wide_presubscription_observes_and_delivers_only_what_the_key_may_see
     );
     let sensor_obs = accept_observe(&sensor, "3");
     assert_eq!(sensor_obs.0, "/3303/0/5700");
-    assert!(
-        sensor.recv_request(Duration::from_millis(300)).is_none(),
-        "/3/0/13 of sensor-1 is not observed for the restricted key"
+    support::no_request(
+        &sensor,
+        Duration::from_millis(300),
+        "/3/0/13 of sensor-1 is not observed for the restricted key",
     );
-    assert!(
-        pump.recv_request(Duration::from_millis(100)).is_none(),
-        "pump-1 is not observed for the restricted key"
+    support::no_request(
+        &pump,
+        Duration::from_millis(100),
+        "pump-1 is not observed for the restricted key",
     );
     let r = key.call(&d, "GET", "/v2/subscriptions/sensor-1", None);
     assert_eq!(
@@ -355,12 +330,7 @@ fn a_domain_wide_presubscription_observes_and_delivers_only_what_the_key_may_see
     );
 
     // The unrestricted key pre-subscribes to everything too: now everything is observed.
-    let r = d.call(
-        "PUT",
-        "/v2/subscriptions",
-        Some("application/json"),
-        Some(everything.as_bytes()),
-    );
+    let r = d.send_json("PUT", "/v2/subscriptions", everything.as_bytes());
     assert_eq!(r.status, 204, "{}", r.body);
     let mut pump_obs = [accept_observe(&pump, "4"), accept_observe(&pump, "5")];
     pump_obs.sort();
@@ -639,15 +609,7 @@ fn a_callback_key_narrowed_in_its_backend_gets_nothing_outside_it() {
 fn a_connector_key_created_with_allow_patterns_sees_only_what_they_allow() {
     let (d, _app, _token) = start();
     let body = json!({"name": "gw-reader", "allow": ["gw-*", "sensor-1/3303/*"]}).to_string();
-    let r = http(
-        "POST",
-        &d.url("/api/api_tokens"),
-        &[
-            ("Authorization", &format!("Bearer {}", d.key)),
-            ("Content-Type", "application/json"),
-        ],
-        Some(body.as_bytes()),
-    );
+    let r = d.send_json("POST", "/api/api_tokens", body.as_bytes());
     assert_eq!(r.status, 201, "{}", r.body);
     let key = AppKey {
         id: r.json()["id"].as_str().unwrap().to_string(),
@@ -680,14 +642,8 @@ fn a_connector_key_created_with_allow_patterns_sees_only_what_they_allow() {
     assert_eq!(eps(&regs), ["sensor-1", "gw-1"], "{seen:?}");
     assert_eq!(paths(&regs[0]), ["/3303/0/5700"]);
     assert_eq!(paths(&regs[1]), ["/3/0/13", "/3303/0/5700"]);
-    let mut names: Vec<String> = key
-        .call(&d, "GET", "/v2/endpoints", None)
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap().to_string())
-        .collect();
+    let mut names: Vec<String> =
+        support::strings_of(&key.call(&d, "GET", "/v2/endpoints", None).json(), "name");
     names.sort();
     assert_eq!(names, ["gw-1", "sensor-1"]);
     assert_eq!(

@@ -31,33 +31,18 @@ fn pelion_key(
     scopes: &[&str],
     expires_at: Option<u64>,
 ) -> (String, String, String) {
-    let app = call(
-        d,
-        "POST",
-        "/pelion/v1/applications",
-        Some(user_token),
-        Some(&json!({"name": format!("app-{}", scopes.len())})),
-    );
-    assert_eq!(app.status, 201, "{}", app.body);
-    let app_id = app.json()["id"].as_str().unwrap().to_string();
     let mut body = json!({"name": "k", "scopes": scopes});
     if let Some(t) = expires_at {
         body["expires_at"] = json!(t);
     }
-    let k = call(
-        d,
-        "POST",
-        &format!("/pelion/v1/applications/{app_id}/access-keys"),
-        Some(user_token),
-        Some(&body),
-    );
-    assert_eq!(k.status, 201, "{}", k.body);
-    let v = k.json();
-    (
-        app_id,
-        v["id"].as_str().unwrap().to_string(),
-        v["access_key"].as_str().unwrap().to_string(),
-    )
+    let app = format!("app-{}", scopes.len());
+    support::pelion::app_and_key(d, user_token, &app, &body)
+}
+
+/// A Pelion user `name` in `domain` with every permission and user scope: its token.
+fn pelion_user(p: &Prepared, name: &str, domain: &str) -> String {
+    let user = json!({"name": name, "domain": domain, "permissions": PERMISSIONS, "scopes": ALL_USER_SCOPES});
+    p.plugin_call_str("pelion", "create_user", &user, "token")
 }
 
 fn now_ms() -> u64 {
@@ -70,16 +55,7 @@ fn now_ms() -> u64 {
 #[test]
 fn every_route_refuses_bad_credentials_and_admits_good_ones() {
     let p = Prepared::new("", "[plugins]\nauth = [\"connector\", \"pelion\"]\n");
-    let user = |domain: &str| {
-        p.plugin_call(
-            "pelion",
-            "create_user",
-            &json!({"name": format!("ops-{domain}"), "domain": domain, "permissions": PERMISSIONS, "scopes": ALL_USER_SCOPES}),
-        )["token"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let user = |domain: &str| pelion_user(&p, &format!("ops-{domain}"), domain);
     let (user_a, user_b) = (user("default"), user("other"));
     let d = p.start_in_process();
     let admin = d.key.clone();
@@ -87,13 +63,8 @@ fn every_route_refuses_bad_credentials_and_admits_good_ones() {
     let (_, _, full) = pelion_key(&d, &user_a, &ALL_USER_SCOPES, None);
     let (_, _, reader) = pelion_key(&d, &user_a, &["endpoints:read"], None);
     let (app, kid, revoked) = pelion_key(&d, &user_a, &["endpoints:read"], None);
-    let r = call(
-        &d,
-        "PATCH",
-        &format!("/pelion/v1/applications/{app}/access-keys/{kid}"),
-        Some(&user_a),
-        Some(&json!({"status": "revoked"})),
-    );
+    let key = format!("/pelion/v1/applications/{app}/access-keys/{kid}");
+    let r = support::pelion::revoke(&d, &user_a, &key);
     assert_eq!(r.status, 200, "{}", r.body);
     let (_, _, expired) = pelion_key(&d, &user_a, &ALL_USER_SCOPES, Some(now_ms() + 1500));
     let (_, _, other) = pelion_key(&d, &user_b, &ALL_USER_SCOPES, None);
@@ -262,14 +233,12 @@ fn losant_application_keys_are_limited_to_their_devices() {
         &json!({"name": "plant", "domain": "default"}),
     );
     let app_id = app["id"].as_str().unwrap().to_string();
-    let token = p.plugin_call(
+    let token = p.plugin_call_str(
         "losant",
         "create_token",
         &json!({"application_id": app_id, "scopes": ["all.Application"]}),
-    )["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        "token",
+    );
     let d = p.start_in_process();
     d.device()
         .register(&["ep=sensor-1", "lt=300"], "</3303/0/5700>;obs,</3/0>");
@@ -503,30 +472,8 @@ fn json_routes_refuse_non_objects_non_json_types_and_control_characters() {
         "",
         "[plugins]\nauth = [\"connector\", \"pelion\", \"losant\"]\n",
     );
-    let user = p.plugin_call(
-        "pelion",
-        "create_user",
-        &json!({"name": "ops", "domain": "default", "permissions": PERMISSIONS, "scopes": ALL_USER_SCOPES}),
-    )["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let app = p.plugin_call(
-        "losant",
-        "create_application",
-        &json!({"name": "plant", "domain": "default"}),
-    )["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let token = p.plugin_call(
-        "losant",
-        "create_token",
-        &json!({"application_id": app, "scopes": ["all.Application"]}),
-    )["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let user = pelion_user(&p, "ops", "default");
+    let (app, token) = p.losant_app("plant");
     let d = p.start_in_process();
     let admin = d.key.clone();
     let (pelion_app, _, _) = pelion_key(&d, &user, &["endpoints:read"], None);
@@ -711,14 +658,12 @@ fn plugin_routes_spell_the_daemons_errors_as_their_api() {
         "",
         "[plugins]\nauth = [\"connector\", \"pelion\", \"losant\"]\n",
     );
-    let app = p.plugin_call(
+    let app = p.plugin_call_str(
         "losant",
         "create_application",
         &json!({"name": "plant", "domain": "default"}),
-    )["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        "id",
+    );
     let d = p.start_in_process();
     let admin = d.key.clone();
     let keys = format!("/applications/{app}/keys");

@@ -4,57 +4,15 @@
 
 use crate::support;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use coap_lite::{
-    CoapOption, ContentFormat, MessageClass, MessageType, Packet, RequestType, ResponseType,
-};
+use coap_lite::{ContentFormat, Packet, RequestType, ResponseType};
 use support::Daemon;
-use support::coap::{Device, Req, code, path_of, uint};
+use support::coap::{Device, Req, code};
 
 const WAIT: Duration = Duration::from_secs(10);
 const LINKS: &str =
     r#"</3/0>,</3/0/0>,</3303/0/5700>;obs;rt="temperature",</3304/0/5700>;obs;rt="humidity""#;
-
-/// Writes a rule file (atomically, as an editor would) and waits until it was (re)loaded.
-fn write_rule(d: &Daemon, file: &str, body: &str) {
-    let before = d.metric("lua_reloads_total") + d.metric("lua_errors_total");
-    let tmp = d.scripts_dir().join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, body).unwrap();
-    std::fs::rename(&tmp, d.scripts_dir().join(file)).unwrap();
-    assert!(
-        support::eventually(WAIT, || d.metric("lua_reloads_total")
-            + d.metric("lua_errors_total")
-            > before),
-        "the rule file was not (re)loaded:\n{}",
-        d.logs().join("\n")
-    );
-}
-
-/// Answers an observe registration with Observe=1.
-fn accept(dev: &Device, to: SocketAddr, req: &Packet) {
-    let mut p = Packet::new();
-    p.header.set_type(MessageType::Acknowledgement);
-    p.header.code = MessageClass::Response(ResponseType::Content);
-    p.header.message_id = req.header.message_id;
-    p.set_token(req.get_token().to_vec());
-    p.add_option(CoapOption::Observe, uint(1));
-    p.add_option(CoapOption::ContentFormat, uint(0));
-    p.payload = b"0".to_vec();
-    dev.sock.send_to(&p.to_bytes().unwrap(), to).unwrap();
-}
-
-/// The paths the daemon asks `dev` to observe until `window` passes without one.
-fn observed_paths(dev: &Device, window: Duration) -> Vec<String> {
-    let mut paths = Vec::new();
-    while let Some((req, from)) = dev.recv_request(window) {
-        paths.push(path_of(&req));
-        accept(dev, from, &req);
-    }
-    paths.sort();
-    paths
-}
 
 /// Sends a registration and waits at most `within` for its answer.
 fn register_within(dev: &mut Device, query: &[&str], within: Duration) -> Option<Packet> {
@@ -97,8 +55,7 @@ fn a_pathological_pattern_neither_stalls_registration_nor_goes_unlogged() {
     let d = Daemon::start_with("[lua]\ninstruction_budget = 100000\n");
     // The key needs a notification channel to be offered resources.
     assert!(d.pull_now().is_none());
-    write_rule(
-        &d,
+    d.write_rule(
         "10-stall.lua",
         "function presubscribe(endpoint, resource, key)\n  local s = string.rep('a', 300)\n  return s:find(string.rep('a*', 30) .. 'b') ~= nil\nend\n",
     );
@@ -124,7 +81,7 @@ fn a_pathological_pattern_neither_stalls_registration_nor_goes_unlogged() {
         "{line}"
     );
     // The rule has no opinion: nothing is observed, and the daemon carries on.
-    assert!(observed_paths(&dev, Duration::from_millis(300)).is_empty());
+    assert!(support::observed_paths(&dev, Duration::from_millis(300)).is_empty());
     assert!(d.metric("lua_errors_total") >= 1);
     assert_eq!(d.get("/v2/endpoints").status, 200);
 }
@@ -135,8 +92,7 @@ fn a_pathological_pattern_neither_stalls_registration_nor_goes_unlogged() {
 fn a_call_past_the_time_limit_is_stopped_and_logged() {
     let d = Daemon::start_with("[lua]\ninstruction_budget = 100000000000\ntime_limit_ms = 200\n");
     assert!(d.pull_now().is_none());
-    write_rule(
-        &d,
+    d.write_rule(
         "20-spin.lua",
         "function presubscribe(endpoint, resource, key)\n  if resource.rt == 'temperature' then\n    while true do end\n  end\n  return resource.rt == 'humidity'\nend\n",
     );
@@ -149,7 +105,7 @@ fn a_call_past_the_time_limit_is_stopped_and_logged() {
     assert!(line.contains("time limit"), "{line}");
     // The other resource is still decided by the same file.
     assert_eq!(
-        observed_paths(&dev, Duration::from_millis(600)),
+        support::observed_paths(&dev, Duration::from_millis(600)),
         vec!["/3304/0/5700"]
     );
 }
@@ -160,8 +116,7 @@ fn a_call_past_the_time_limit_is_stopped_and_logged() {
 fn rule_output_goes_through_the_log_budget() {
     let d = Daemon::start();
     assert!(d.pull_now().is_none());
-    write_rule(
-        &d,
+    d.write_rule(
         "10-chatty.lua",
         "function presubscribe(endpoint, resource, key)\n  for i = 1, 10000 do print('chatty-tick', i) end\n  return nil\nend\n",
     );
@@ -189,8 +144,7 @@ fn rule_output_goes_through_the_log_budget() {
 fn rules_choose_by_lifetime_and_lwm2m_version() {
     let d = Daemon::start();
     assert!(d.pull_now().is_none());
-    write_rule(
-        &d,
+    d.write_rule(
         "10-version.lua",
         r#"function presubscribe(endpoint, resource, key)
   if endpoint.lwm2m == "1.1" and endpoint.lifetime == 3600 then
@@ -203,21 +157,12 @@ fn rules_choose_by_lifetime_and_lwm2m_version() {
 end
 "#,
     );
-    let mut new = d.device();
-    new.register(&["ep=v11", "lt=3600", "lwm2m=1.1"], LINKS);
-    assert_eq!(
-        observed_paths(&new, Duration::from_millis(600)),
-        vec!["/3303/0/5700"]
-    );
-    let mut old = d.device();
-    old.register(&["ep=v10", "lt=3600", "lwm2m=1.0"], LINKS);
-    assert!(observed_paths(&old, Duration::from_millis(600)).is_empty());
-    let mut plain = d.device();
-    plain.register(&["ep=mbed", "lt=300"], LINKS);
-    assert_eq!(
-        observed_paths(&plain, Duration::from_millis(600)),
-        vec!["/3304/0/5700"]
-    );
+    let (_new, observed) = d.register_observed(&["ep=v11", "lt=3600", "lwm2m=1.1"], LINKS);
+    assert_eq!(observed, vec!["/3303/0/5700"]);
+    let (_old, observed) = d.register_observed(&["ep=v10", "lt=3600", "lwm2m=1.0"], LINKS);
+    assert!(observed.is_empty());
+    let (_plain, observed) = d.register_observed(&["ep=mbed", "lt=300"], LINKS);
+    assert_eq!(observed, vec!["/3304/0/5700"]);
 }
 
 /// Pre-subscriptions are evaluated after the reply, and the subscriptions an endpoint has
@@ -230,16 +175,15 @@ fn a_re_registration_observes_each_subscription_once() {
     assert!(d.pull_now().is_none());
     let mut dev = d.device();
     dev.register(&["ep=once-1", "lt=300"], LINKS);
-    let r = d.call("PUT", "/v2/subscriptions/once-1/3303/0/5700", None, None);
-    assert_eq!(r.status, 202, "{}", r.body);
+    d.async_request("PUT", "/v2/subscriptions/once-1/3303/0/5700", None, None);
     assert_eq!(
-        observed_paths(&dev, Duration::from_millis(600)),
+        support::observed_paths(&dev, Duration::from_millis(600)),
         vec!["/3303/0/5700"]
     );
     // The device rebooted: a full registration; the subscription is observed again, once.
     dev.register(&["ep=once-1", "lt=300"], LINKS);
     assert_eq!(
-        observed_paths(&dev, Duration::from_millis(800)),
+        support::observed_paths(&dev, Duration::from_millis(800)),
         vec!["/3303/0/5700"]
     );
 }

@@ -56,19 +56,18 @@ fn answer(
 
 /// A CON notification of an established observation.
 fn notify(dev: &Device, token: &[u8], to: SocketAddr, mid: u16, seq: u32, value: &str) {
-    let mut p = Packet::new();
-    p.header.set_type(MessageType::Confirmable);
-    p.header.code = MessageClass::Response(ResponseType::Content);
-    p.header.message_id = mid;
-    p.set_token(token.to_vec());
-    p.add_option(CoapOption::Observe, uint(seq));
-    p.add_option(CoapOption::ContentFormat, uint(0));
-    p.payload = value.as_bytes().to_vec();
-    dev.sock.send_to(&p.to_bytes().unwrap(), to).unwrap();
+    let p = support::observe_content(MessageType::Confirmable, mid, token, seq, value.as_bytes());
+    support::send_packet(dev, &p, to);
 }
 
 fn subscribe(d: &Daemon, ep: &str, path: &str) -> support::Http {
     d.call("PUT", &format!("/v2/subscriptions/{ep}{path}"), None, None)
+}
+
+/// Subscribes to `path` of `ep`, asserting 202; returns the async-response id that brings
+/// the first value.
+fn subscribed(d: &Daemon, ep: &str, path: &str) -> String {
+    d.async_request("PUT", &format!("/v2/subscriptions/{ep}{path}"), None, None)
 }
 
 /// `GET path` with the admin key and an `Accept` header when given.
@@ -126,9 +125,7 @@ fn lwm2m_clients_are_observable_without_obs() {
     assert!(lf.body.contains(r#"</3>;obs;ver="1.1""#), "{}", lf.body);
 
     // A resource below a listed instance.
-    let r = subscribe(&d, "lw-1", "/3303/0/5700");
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = subscribed(&d, "lw-1", "/3303/0/5700");
     let (req, from) = expect_request(&dev, "/3303/0/5700");
     assert_eq!(uint_option(&req, CoapOption::Observe), Some(0));
     assert_eq!(
@@ -199,9 +196,7 @@ fn a_refused_observe_ends_the_subscription_visibly() {
     dev.register(&["ep=lw-2", "lt=300", "lwm2m=1.0"], LW_LINKS);
 
     // Without Observe.
-    let r = subscribe(&d, "lw-2", "/3/0/1");
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = subscribed(&d, "lw-2", "/3/0/1");
     assert_eq!(
         d.get("/v2/subscriptions/lw-2/3/0/1").status,
         200,
@@ -278,11 +273,10 @@ fn a_refused_observe_ends_the_subscription_visibly() {
 #[test]
 fn pre_subscriptions_observe_lwm2m_clients_at_registration() {
     let d = Daemon::in_process();
-    let r = d.call(
+    let r = d.send_json(
         "PUT",
         "/v2/subscriptions",
-        Some("application/json"),
-        Some(br#"[{"endpoint-name": "lw-*", "resource-path": ["/3303/0/5700", "/1/*"]}]"#),
+        br#"[{"endpoint-name": "lw-*", "resource-path": ["/3303/0/5700", "/1/*"]}]"#,
     );
     assert_eq!(r.status, 204, "{}", r.body);
     let mut dev = d.device();
@@ -330,9 +324,10 @@ fn pre_subscriptions_observe_lwm2m_clients_at_registration() {
     // An update: the refused path is not asked for again, the observed one is kept.
     let code = dev.update(&reg, &[], None);
     assert_eq!(code, ResponseType::Changed);
-    assert!(
-        dev.recv_request(Duration::from_millis(1500)).is_none(),
-        "nothing is observed again at an update"
+    support::no_request(
+        &dev,
+        Duration::from_millis(1500),
+        "nothing is observed again at an update",
     );
 }
 
@@ -626,9 +621,7 @@ fn aiocoap_lwm2m_client_is_observed_and_its_refusal_is_reported() {
     assert_eq!(list[0]["lwm2m"], "1.1", "{list}");
     assert_eq!(list[0]["ct"], "application/vnd.oma.lwm2m+tlv", "{list}");
 
-    let r = subscribe(&d, ep, "/3303/0/5700");
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = subscribed(&d, ep, "/3303/0/5700");
     let a = d.async_response(&id, WAIT);
     assert_eq!(
         (a["status"].as_u64(), payload(&a), a["ct"].as_str()),
@@ -663,9 +656,7 @@ fn aiocoap_lwm2m_client_is_observed_and_its_refusal_is_reported() {
 
     // /3/0/13 is a plain aiocoap Resource: it answers the observe without Observe.
     d.clear_inbox();
-    let r = subscribe(&d, ep, "/3/0/13");
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = subscribed(&d, ep, "/3/0/13");
     let a = d.async_response(&id, WAIT);
     assert_eq!(a["status"], 412, "{a}");
     assert_eq!(peer_request(&dev, "/3/0/13", 1)["observe"], 0);
@@ -699,11 +690,10 @@ fn aiocoap_lwm2m_client_is_observed_and_its_refusal_is_reported() {
 #[test]
 fn pre_subscriptions_observe_an_aiocoap_lwm2m_client_at_registration() {
     let d = Daemon::in_process();
-    let r = d.call(
+    let r = d.send_json(
         "PUT",
         "/v2/subscriptions",
-        Some("application/json"),
-        Some(br#"[{"endpoint-name": "aio-pre*", "resource-path": ["/3303/0/5700", "/3303/0"]}]"#),
+        br#"[{"endpoint-name": "aio-pre*", "resource-path": ["/3303/0/5700", "/3303/0"]}]"#,
     );
     assert_eq!(r.status, 204, "{}", r.body);
     let mut dev = aiocoap_lwm2m_client(&d, "aio-pre-1");
@@ -809,26 +799,6 @@ fn aiocoap_lwm2m_client_reads_honour_accept_and_delete_deregisters_it() {
     assert_eq!(up["code"], "4.04", "{up}");
 }
 
-/// Runs libcoap's `coap-client-notls` with `args` (logging its messages, giving up after
-/// 10 s) and returns the line of the answer it logged (`t:ACK`).
-fn libcoap_client(args: &[&str]) -> String {
-    let out = std::process::Command::new(support::peers::libcoap_client())
-        .args(["-v", "6", "-B", "10"])
-        .args(args)
-        .output()
-        .expect("run coap-client");
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "coap-client failed: {all}");
-    all.lines()
-        .find(|l| l.contains("t:ACK"))
-        .unwrap_or_else(|| panic!("no ACK in:\n{all}"))
-        .to_string()
-}
-
 /// What libcoap registers in these tests: an LwM2M client's links, no `obs`.
 const LIBCOAP_LINKS: &str = r#"</>;rt="oma.lwm2m",</3/0>,</3303/0>"#;
 
@@ -840,7 +810,7 @@ const LIBCOAP_LINKS: &str = r#"</>;rt="oma.lwm2m",</3/0>,</3303/0>"#;
 #[test]
 fn libcoap_lwm2m_registration_without_obs_is_observable() {
     let d = Daemon::in_process();
-    let ack = libcoap_client(&[
+    let ack = support::peers::libcoap_ack(&[
         "-m",
         "post",
         "-t",
@@ -895,7 +865,7 @@ fn libcoap_server_as_an_lwm2m_device_is_observed() {
     let d = Daemon::in_process();
     let port = free_port();
     let port_arg = port.to_string();
-    let ack = libcoap_client(&[
+    let ack = support::peers::libcoap_ack(&[
         "-a",
         "127.0.0.1",
         "-p",
@@ -926,14 +896,12 @@ fn libcoap_server_as_an_lwm2m_device_is_observed() {
             .is_ok_and(|t| t.contains(&bound))),
         "coap-server-notls does not listen on {port}"
     );
-    let ack = libcoap_client(&["-m", "put", "-t", "0", "-e", "21.5", &resource]);
+    let ack = support::peers::libcoap_ack(&["-m", "put", "-t", "0", "-e", "21.5", &resource]);
     assert!(ack.contains("c:2.01"), "{ack}");
     let instance = format!("coap://127.0.0.1:{port}/3303/0");
-    let ack = libcoap_client(&["-m", "put", "-t", "0", "-e", "5700=21.5", &instance]);
+    let ack = support::peers::libcoap_ack(&["-m", "put", "-t", "0", "-e", "5700=21.5", &instance]);
     assert!(ack.contains("c:2.01"), "{ack}");
-    let r = subscribe(&d, "libcoap-srv", "/3303/0");
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = subscribed(&d, "libcoap-srv", "/3303/0");
     let a = d.async_response(&id, WAIT);
     assert_eq!(
         (a["status"].as_u64(), payload(&a)),
@@ -941,16 +909,14 @@ fn libcoap_server_as_an_lwm2m_device_is_observed() {
         "{a}"
     );
 
-    let r = subscribe(&d, "libcoap-srv", "/3303/0/5700");
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = subscribed(&d, "libcoap-srv", "/3303/0/5700");
     let a = d.async_response(&id, WAIT);
     assert_eq!(
         (a["status"].as_u64(), payload(&a)),
         (Some(200), b"21.5".to_vec()),
         "{a}"
     );
-    let ack = libcoap_client(&["-m", "put", "-t", "0", "-e", "22.0", &resource]);
+    let ack = support::peers::libcoap_ack(&["-m", "put", "-t", "0", "-e", "22.0", &resource]);
     assert!(ack.contains("c:2.04"), "{ack}");
     let ev = d.collect_events(WAIT, |e| !e.of("notifications").is_empty());
     let n = &ev.of("notifications")[0];
@@ -997,15 +963,11 @@ fn the_official_python_sdk_deletes_an_endpoint() {
     let mut dev = d.device();
     dev.register(&["ep=sdk-1", "lt=300", "lwm2m=1.0"], LW_LINKS);
     let python = support::peers::python_venv("mbed-sdk", "mbed-connector-api==1.0.4", "requests");
-    let out = std::process::Command::new(python)
-        .arg(support::peers::script("mbed_python_sdk.py"))
-        .args([&format!("http://{}", d.rest), &d.key, "sdk-1"])
-        .output()
-        .expect("run the SDK script");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = support::run_ok(
+        std::process::Command::new(python)
+            .arg(support::peers::script("mbed_python_sdk.py"))
+            .args([&format!("http://{}", d.rest), &d.key, "sdk-1"]),
+        "the SDK script",
     );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(
@@ -1155,12 +1117,7 @@ fn json_writes_are_encoded_for_the_device() {
     assert_eq!(d.async_response(&id, WAIT)["status"], 200);
 
     // A string where the object model says integer (lifetime): refused before it is sent.
-    let r = d.call(
-        "PUT",
-        "/v2/endpoints/w-11/1/0/1",
-        Some("application/json"),
-        Some(br#""soon""#),
-    );
+    let r = d.send_json("PUT", "/v2/endpoints/w-11/1/0/1", br#""soon""#);
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(dev11.recv_request(Duration::from_millis(300)).is_none());
 
@@ -1280,8 +1237,8 @@ fn the_simulator_behaves_like_an_lwm2m_1_1_client() {
     // Observe a resource below a listed instance: text/plain (the daemon's default).
     let r = subscribe(&d, "lw11-000000", "/3303/0/5700");
     assert_eq!(r.status, 202, "{}", r.body);
-    let ev = d.collect_events(WAIT, |e| e.of("notifications").len() >= 2);
-    let n = &ev.of("notifications")[1];
+    let notifications = d.events_of("notifications", 2);
+    let n = &notifications[1];
     assert_eq!(
         (n["ct"].as_str(), n["path"].as_str()),
         (Some("text/plain"), Some("/3303/0/5700")),
@@ -1354,10 +1311,7 @@ fn lua_rules_observe_lwm2m_clients_at_registration() {
         Some(11542),
         &[],
     );
-    assert!(
-        dev.recv_request(Duration::from_millis(500)).is_none(),
-        "only /3303/0"
-    );
+    support::no_request(&dev, Duration::from_millis(500), "only /3303/0");
     let subs = d.get("/v2/subscriptions/lua-lw");
     assert_eq!(
         (subs.status, subs.body.trim()),

@@ -22,6 +22,14 @@ fn sample(body: &str, name: &str, labels: &str) -> Option<f64> {
     })
 }
 
+/// Asserts each `(name, labels, value)`: the first sample of `name` whose labels contain
+/// `labels` has that value.
+fn assert_samples(body: &str, want: &[(&str, &str, f64)]) {
+    for &(name, labels, value) in want {
+        assert_eq!(sample(body, name, labels), Some(value), "{name}:\n{body}");
+    }
+}
+
 fn scrape(d: &Daemon) -> String {
     let r = d.get("/metrics");
     assert_eq!(r.status, 200, "{}", r.body);
@@ -63,28 +71,21 @@ fn operator_series_exist_and_move() {
     assert!(eventually(Duration::from_secs(5), || {
         sample(&scrape(&d), "connectord_events_queued", "") == Some(1.0)
     }));
-    let body = scrape(&d);
-    assert_eq!(
-        sample(&body, "connectord_channel_events_queued", "key=\""),
-        Some(1.0),
-        "{body}"
-    );
-    assert_eq!(
-        sample(&body, "connectord_events_unacknowledged", ""),
-        Some(0.0)
+    assert_samples(
+        &scrape(&d),
+        &[
+            ("connectord_channel_events_queued", "key=\"", 1.0),
+            ("connectord_events_unacknowledged", "", 0.0),
+        ],
     );
     // Pulled but not yet acknowledged (by the next pull).
     assert!(d.pull_now().is_some());
-    let body = scrape(&d);
-    assert_eq!(
-        sample(&body, "connectord_events_unacknowledged", ""),
-        Some(1.0),
-        "{body}"
-    );
-    assert_eq!(
-        sample(&body, "connectord_channel_events_unacknowledged", "key=\""),
-        Some(1.0),
-        "{body}"
+    assert_samples(
+        &scrape(&d),
+        &[
+            ("connectord_events_unacknowledged", "", 1.0),
+            ("connectord_channel_events_unacknowledged", "key=\"", 1.0),
+        ],
     );
 
     // A device that does not answer: one request in flight, the next two wait.
@@ -95,13 +96,12 @@ fn operator_series_exist_and_move() {
         sample(&scrape(&d), "connectord_requests_queued", "") == Some(2.0)
     }));
     let body = scrape(&d);
-    assert_eq!(
-        sample(&body, "connectord_requests_queue_max", ""),
-        Some(2.0)
-    );
-    assert_eq!(
-        sample(&body, "connectord_requests_in_flight", ""),
-        Some(1.0)
+    assert_samples(
+        &body,
+        &[
+            ("connectord_requests_queue_max", "", 2.0),
+            ("connectord_requests_in_flight", "", 1.0),
+        ],
     );
 
     // The histograms counted the traffic.
@@ -124,15 +124,7 @@ fn operator_series_exist_and_move() {
 fn a_metrics_read_key_scrapes_and_nothing_else() {
     let d = Daemon::start();
     let body = json!({"name": "prometheus", "scopes": ["metrics:read"]}).to_string();
-    let r = http(
-        "POST",
-        &d.url("/api/api_tokens"),
-        &[
-            ("Authorization", &format!("Bearer {}", d.key)),
-            ("Content-Type", "application/json"),
-        ],
-        Some(body.as_bytes()),
-    );
+    let r = d.send_json("POST", "/api/api_tokens", body.as_bytes());
     assert_eq!(r.status, 201, "{}", r.body);
     let auth = format!("Bearer {}", r.json()["access_key"].as_str().unwrap());
     let get = |path: &str| http("GET", &d.url(path), &[("Authorization", &auth)], None);
@@ -151,15 +143,7 @@ fn a_metrics_read_key_scrapes_and_nothing_else() {
     }
     // The data scopes alone do not open /metrics; admin does.
     let body = json!({"name": "app"}).to_string();
-    let r = http(
-        "POST",
-        &d.url("/api/api_tokens"),
-        &[
-            ("Authorization", &format!("Bearer {}", d.key)),
-            ("Content-Type", "application/json"),
-        ],
-        Some(body.as_bytes()),
-    );
+    let r = d.send_json("POST", "/api/api_tokens", body.as_bytes());
     assert_eq!(r.status, 201, "{}", r.body);
     let app = format!("Bearer {}", r.json()["access_key"].as_str().unwrap());
     let r = http("GET", &d.url("/metrics"), &[("Authorization", &app)], None);

@@ -82,17 +82,8 @@ fn undelivered_events_survive_kill_9() {
             .register(&[&format!("ep=k-{i}"), "lt=300"], "</3/0>");
     }
     let d = d.crash_and_restart();
-    let e = d.collect_events(WAIT, |e| e.of("registrations").len() >= 3);
-    let names: Vec<_> = e
-        .of("registrations")
-        .iter()
-        .map(|r| r["ep"].clone())
-        .collect();
-    assert_eq!(
-        names,
-        vec![json!("k-0"), json!("k-1"), json!("k-2")],
-        "all, in order"
-    );
+    let names = support::strings_of(&d.events_of("registrations", 3), "ep");
+    assert_eq!(names, ["k-0", "k-1", "k-2"], "all, in order");
     assert!(d.pull_now().is_none(), "delivered once");
 }
 
@@ -101,12 +92,7 @@ fn callback_registration_delivery_and_removal() {
     let d = Daemon::start();
     let rx = Receiver::start(0);
     let body = json!({"url": rx.url("/notify?x=123"), "headers": {"Authorization": "auth", "test-header": "test"}});
-    let r = d.call(
-        "PUT",
-        "/v2/notification/callback",
-        Some("application/json"),
-        Some(body.to_string().as_bytes()),
-    );
+    let r = d.send_json("PUT", "/v2/notification/callback", body.to_string());
     assert_eq!(r.status, 204, "{}", r.body);
     // The verifying PUT came first, with the headers.
     let first = &rx.requests()[0];
@@ -174,12 +160,7 @@ fn bad_callbacks_are_400_with_a_reason() {
         (json!({"headers": {}}).to_string(), "url"),
     ];
     for (body, reason) in &cases {
-        let r = d.call(
-            "PUT",
-            "/v2/notification/callback",
-            Some("application/json"),
-            Some(body.as_bytes()),
-        );
+        let r = d.send_json("PUT", "/v2/notification/callback", body.as_bytes());
         assert_eq!(r.status, 400, "{body}: {}", r.body);
         assert_eq!(r.json()["type"], "bad_request");
         assert!(
@@ -198,13 +179,8 @@ fn a_callback_that_is_down_gets_every_event_in_order_once_it_is_up() {
     let port = rx.addr.port();
     let body = json!({"url": rx.url("/cb")}).to_string();
     assert_eq!(
-        d.call(
-            "PUT",
-            "/v2/notification/callback",
-            Some("application/json"),
-            Some(body.as_bytes())
-        )
-        .status,
+        d.send_json("PUT", "/v2/notification/callback", body.as_bytes())
+            .status,
         204
     );
     rx.stop();
@@ -217,22 +193,8 @@ fn a_callback_that_is_down_gets_every_event_in_order_once_it_is_up() {
         "no retries"
     );
     let rx = Receiver::start(port);
-    let got = rx.wait(WAIT, |r| {
-        r.iter()
-            .map(|x| x.json()["registrations"].as_array().map_or(0, Vec::len))
-            .sum::<usize>()
-            >= 5
-    });
-    let names: Vec<String> = got
-        .iter()
-        .flat_map(|r| {
-            r.json()["registrations"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .map(|e| e["ep"].as_str().unwrap().to_string())
-        .collect();
+    let got = rx.wait(WAIT, |r| pushed(r, "/cb").len() >= 5);
+    let names = pushed(&got, "/cb");
     assert_eq!(names, (0..5).map(|i| format!("o-{i}")).collect::<Vec<_>>());
     assert_eq!(d.metric("events_discarded_total"), 0);
 }
@@ -243,13 +205,8 @@ fn the_callback_survives_a_restart() {
     let rx = Receiver::start(0);
     let body = json!({"url": rx.url("/cb"), "headers": {"k": "v"}}).to_string();
     assert_eq!(
-        d.call(
-            "PUT",
-            "/v2/notification/callback",
-            Some("application/json"),
-            Some(body.as_bytes())
-        )
-        .status,
+        d.send_json("PUT", "/v2/notification/callback", body.as_bytes())
+            .status,
         204
     );
     let d = d.crash_and_restart();
@@ -442,12 +399,7 @@ fn a_batch_not_acknowledged_in_time_is_delivered_again() {
 /// key): every core scope but `admin`, `notifications` among them.
 fn new_key(d: &Daemon, name: &str) -> String {
     let body = json!({ "name": name }).to_string();
-    let r = d.call(
-        "POST",
-        "/api/api_tokens",
-        Some("application/json"),
-        Some(body.as_bytes()),
-    );
+    let r = d.send_json("POST", "/api/api_tokens", body.as_bytes());
     assert_eq!(r.status, 201, "{}", r.body);
     r.json()["access_key"].as_str().unwrap().to_string()
 }

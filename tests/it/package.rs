@@ -21,7 +21,7 @@
 use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -110,15 +110,11 @@ fn packaged_config_matches_the_default() {
     let packaged = repo().join("packaging/connectord.toml");
     let default = repo().join("etc/connectord.toml");
 
-    let out = Command::new(support::BIN)
-        .arg("check-config")
-        .arg(&packaged)
-        .output()
-        .expect("run connectord check-config");
-    assert!(
-        out.status.success(),
-        "packaging/connectord.toml does not validate:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    support::run_ok(
+        Command::new(support::BIN)
+            .arg("check-config")
+            .arg(&packaged),
+        "check-config of packaging/connectord.toml",
     );
 
     let p = keys_of(&packaged);
@@ -914,29 +910,15 @@ fn debian_package() {
     .unwrap();
     let state = PathBuf::from(STATE_DIR);
     let ready = work.path().join("ready.json");
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .arg("--ready-file")
-        .arg(&ready)
-        .current_dir(work.path())
-        .env_remove("STATE_DIRECTORY")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start /usr/bin/connectord");
-    let stderr = child.stderr.take().unwrap();
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = Arc::clone(&lines);
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
+    let (child, lines) = support::spawn_logged(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .current_dir(work.path())
+            .env_remove("STATE_DIRECTORY"),
+    );
     let mut daemon = Running { child, logs: lines };
     daemon.wait_log(
         &format!("connectord {} ready", env!("CARGO_PKG_VERSION")),

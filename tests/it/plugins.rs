@@ -244,11 +244,7 @@ fn a_wrong_abi_or_a_broken_file_leaves_the_previous_version_serving() {
     assert_eq!(hello(&d)["variant"], "A");
 
     install_plugin(&wrong, &dir, EXAMPLE);
-    assert!(
-        d.wait_log("built for plugin ABI 99, this connectord speaks 1", WAIT),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("built for plugin ABI 99, this connectord speaks 1", WAIT);
     assert_eq!(hello(&d)["variant"], "A");
 
     let garbage = dir.join(".garbage");
@@ -493,11 +489,7 @@ fn a_file_that_is_no_elf_image_of_this_machine_is_refused_with_the_reason() {
     let garbage = dir.join(".garbage");
     std::fs::write(&garbage, b"#!/bin/sh\necho this is not an ELF file\n").unwrap();
     install_plugin(&garbage, &dir, EXAMPLE);
-    assert!(
-        d.wait_log("not an ELF file (no ELF magic)", WAIT),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("not an ELF file (no ELF magic)", WAIT);
 
     // The same image, marked as made for another machine.
     let mut bytes = std::fs::read(&a).unwrap();
@@ -517,11 +509,7 @@ fn a_file_that_is_no_elf_image_of_this_machine_is_refused_with_the_reason() {
     let foreign = dir.join(".foreign");
     std::fs::write(&foreign, &bytes).unwrap();
     install_plugin(&foreign, &dir, EXAMPLE);
-    assert!(
-        d.wait_log(&format!("built for ELF machine {other}"), WAIT),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log(&format!("built for ELF machine {other}"), WAIT);
 
     // A complete image of this machine that dlopen refuses (its dynamic segment's program
     // header blanked): the log carries dlopen's own reason.
@@ -593,11 +581,7 @@ fn a_generation_whose_calls_panic_is_rolled_back_to_the_previous_one() {
     assert_eq!(d.metric("plugin_rollbacks_total"), 0);
 
     install_plugin(&bad, &dir, EXAMPLE);
-    assert!(
-        d.wait_log("example plugin, variant P", WAIT),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("example plugin, variant P", WAIT);
     let mut statuses = Vec::new();
     assert!(
         eventually(WAIT, || {
@@ -630,11 +614,7 @@ fn a_generation_whose_calls_panic_is_rolled_back_to_the_previous_one() {
     assert!(calls >= 3, "calls {calls}");
 
     install_plugin(&no_routes, &dir, EXAMPLE);
-    assert!(
-        d.wait_log("built to panic in routes", WAIT),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("built to panic in routes", WAIT);
     assert_eq!(hello(&d)["variant"], "A");
     assert!(generation_metric(&d, "example").contains(&sha_a));
 }

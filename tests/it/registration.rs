@@ -179,11 +179,7 @@ fn nat_rebinding_moves_the_registration_to_the_new_address() {
     assert_eq!(after.update(&id, &[], None), ResponseType::Changed);
     let from = format!("from={}", before.local_addr());
     let to = format!("to={}", after.local_addr());
-    assert!(
-        d.wait_log(&to, Duration::from_secs(2)),
-        "no address change logged:\n{}",
-        d.logs().join("\n")
-    );
+    d.expect_log(&to, Duration::from_secs(2));
     assert!(
         d.logs()
             .iter()
@@ -229,76 +225,48 @@ fn a_non_confirmable_registration_gets_a_non_reply() {
     assert_eq!(code(&resp), ResponseType::Created);
 }
 
+/// A registration request (`POST /rd`) with this query and payload.
+fn rd<'a>(query: &'a [&'a str], payload: &'a [u8]) -> Req<'a> {
+    Req {
+        query,
+        payload,
+        ..Req::new(RequestType::Post, &["rd"])
+    }
+}
+
 /// Every bad request gets a CoAP error code and a diagnostic payload; nothing is registered.
 #[test]
 fn bad_registration_requests_are_answered_with_errors() {
     let d = Daemon::start();
     let mut dev = d.device();
     let cases: Vec<(Req, ResponseType, &str)> = vec![
+        (rd(&["lt=60"], b""), ResponseType::BadRequest, "ep"),
+        (rd(&["ep=a", "lt=x"], b""), ResponseType::BadRequest, "lt"),
         (
-            Req {
-                query: &["lt=60"],
-                ..Req::new(RequestType::Post, &["rd"])
-            },
-            ResponseType::BadRequest,
-            "ep",
-        ),
-        (
-            Req {
-                query: &["ep=a", "lt=x"],
-                ..Req::new(RequestType::Post, &["rd"])
-            },
-            ResponseType::BadRequest,
-            "lt",
-        ),
-        (
-            Req {
-                query: &["ep=a", "lt=0"],
-                ..Req::new(RequestType::Post, &["rd"])
-            },
+            rd(&["ep=a", "lt=0"], b""),
             ResponseType::BadRequest,
             "lifetime",
         ),
+        (rd(&["ep=a/b"], b""), ResponseType::BadRequest, "name"),
         (
-            Req {
-                query: &["ep=a/b"],
-                ..Req::new(RequestType::Post, &["rd"])
-            },
-            ResponseType::BadRequest,
-            "name",
-        ),
-        (
-            Req {
-                query: &["ep=a", "d=no spaces"],
-                ..Req::new(RequestType::Post, &["rd"])
-            },
+            rd(&["ep=a", "d=no spaces"], b""),
             ResponseType::BadRequest,
             "domain",
         ),
         (
-            Req {
-                query: &["ep=a"],
-                payload: b"</3/0",
-                ..Req::new(RequestType::Post, &["rd"])
-            },
+            rd(&["ep=a"], b"</3/0"),
             ResponseType::BadRequest,
             "object list",
         ),
         (
-            Req {
-                query: &["ep=a"],
-                payload: &[0xFF, 0xFE],
-                ..Req::new(RequestType::Post, &["rd"])
-            },
+            rd(&["ep=a"], &[0xFF, 0xFE]),
             ResponseType::BadRequest,
             "UTF-8",
         ),
         (
             Req {
-                query: &["ep=a"],
-                payload: b"{}",
                 content_format: Some(ContentFormat::ApplicationJSON),
-                ..Req::new(RequestType::Post, &["rd"])
+                ..rd(&["ep=a"], b"{}")
             },
             ResponseType::UnsupportedContentFormat,
             "link-format",
@@ -511,11 +479,7 @@ fn sighup_applies_the_log_level_and_names_what_needs_a_restart() {
     // A broken file: the running configuration stays.
     std::fs::write(&d.config_path, "[log]\nlevel = \"info\"\nbogus = 1\n").unwrap();
     d.signal("HUP");
-    assert!(
-        d.wait_log("configuration not reloaded", Duration::from_secs(5)),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("configuration not reloaded", Duration::from_secs(5));
     assert!(
         d.logs()
             .iter()
@@ -526,11 +490,7 @@ fn sighup_applies_the_log_level_and_names_what_needs_a_restart() {
         + "[registry]\ndefault_lifetime_s = 600\n";
     std::fs::write(&d.config_path, changed).unwrap();
     d.signal("HUP");
-    assert!(
-        d.wait_log("take effect after a restart", Duration::from_secs(5)),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("take effect after a restart", Duration::from_secs(5));
     assert!(d.logs().iter().any(|l| l.contains("[registry]")));
     // At warn level, a registration no longer logs its info line.
     let lines = d.logs().len();
@@ -598,11 +558,7 @@ fn device_log_lines_are_budgeted_and_summarised() {
     )
     .unwrap();
     d.signal("HUP");
-    assert!(
-        d.wait_log("log.device_lines_per_s is now 0", Duration::from_secs(5)),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("log.device_lines_per_s is now 0", Duration::from_secs(5));
     for i in 0..20 {
         d.device()
             .register(&[&format!("ep=unlimited-{i}")], "</3/0>");
@@ -690,14 +646,9 @@ fn check_config_reports_file_line_column_and_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("rest.listen"));
 
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../etc/connectord.toml");
-    let out = Command::new(support::BIN)
-        .args(["check-config", shipped])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    support::run_ok(
+        Command::new(support::BIN).args(["check-config", shipped]),
+        "check-config of etc/connectord.toml",
     );
 
     let out = Command::new(support::BIN)
@@ -715,18 +666,12 @@ fn aiocoap_client_registers_updates_and_deregisters() {
     let python = support::peers::aiocoap_python();
     let script = support::peers::script("aiocoap_device.py");
     let run = |args: &[&str]| -> String {
-        let out = Command::new(&python)
-            .arg(&script)
+        let mut cmd = Command::new(&python);
+        cmd.arg(&script)
             .arg(d.coap.ip().to_string())
             .arg(d.coap.port().to_string())
-            .args(args)
-            .output()
-            .expect("run aiocoap");
-        assert!(
-            out.status.success(),
-            "aiocoap failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .args(args);
+        let out = support::run_ok(&mut cmd, "aiocoap");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     let out = run(&["register", "aiocoap-1"]);
@@ -754,30 +699,8 @@ fn aiocoap_client_registers_updates_and_deregisters() {
 #[test]
 fn libcoap_client_registers_and_deregisters() {
     let d = Daemon::start();
-    let client = support::peers::libcoap_client();
     let base = format!("coap://{}", d.coap);
-    let run = |args: &[&str]| -> String {
-        let out = Command::new(&client)
-            .args(["-v", "6", "-B", "10"])
-            .args(args)
-            .output()
-            .expect("run coap-client");
-        assert!(
-            out.status.success(),
-            "coap-client failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // libcoap logs the messages it sends and receives; the reply is the ACK line.
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        all.lines()
-            .find(|l| l.contains("t:ACK"))
-            .unwrap_or_else(|| panic!("no ACK in:\n{all}"))
-            .to_string()
-    };
+    let run = support::peers::libcoap_ack;
     let ack = run(&[
         "-m",
         "post",
@@ -876,23 +799,19 @@ fn a_registration_sent_block_wise_is_assembled() {
     assert_eq!(code(&reply), ResponseType::RequestEntityIncomplete);
 
     // libcoap, 64-byte blocks.
-    let client = support::peers::libcoap_client();
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), &links).unwrap();
-    let out = Command::new(&client)
-        .args([
-            "-v", "6", "-B", "10", "-m", "post", "-t", "40", "-b", "64", "-f",
-        ])
-        .arg(file.path())
-        .arg(format!("coap://{}/rd?ep=libcoap-blocks&lt=300", d.coap))
-        .output()
-        .expect("run coap-client");
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{all}");
+    let all = support::peers::libcoap_log(&[
+        "-m",
+        "post",
+        "-t",
+        "40",
+        "-b",
+        "64",
+        "-f",
+        file.path().to_str().unwrap(),
+        &format!("coap://{}/rd?ep=libcoap-blocks&lt=300", d.coap),
+    ]);
     // The answer to the last of the 13 blocks (799 bytes in 64-byte blocks, numbered from
     // 0) echoes it; libcoap logs only that one and the first request at this verbosity.
     let last_block = format!("Block1:{}/_/64", links.len() / 64);
@@ -944,14 +863,7 @@ fn request_tags_keep_interleaved_block_wise_transfers_apart() {
     assert_eq!(send(b"B", &b, 0), ResponseType::Continue);
     assert_eq!(d.metric("coap_block_transfers"), 2);
     let paths = || -> Vec<String> {
-        let mut p: Vec<String> = d
-            .get("/v2/endpoints/tagged")
-            .json()
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["uri"].as_str().unwrap().to_string())
-            .collect();
+        let mut p: Vec<String> = support::strings_of(&d.get("/v2/endpoints/tagged").json(), "uri");
         p.sort();
         p
     };
@@ -1092,29 +1004,17 @@ fn sighup_refuses_a_log_level_that_is_no_level() {
     )
     .unwrap();
     d.signal("HUP");
-    assert!(
-        d.wait_log("configuration not reloaded", Duration::from_secs(5)),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("configuration not reloaded", Duration::from_secs(5));
     assert!(d.logs().iter().any(|l| l.contains("key `log.level`")));
     // The running level (debug) still logs a registration.
     d.device().register(&["ep=still-logged"], "</3/0>");
-    assert!(
-        d.wait_log("still-logged", Duration::from_secs(5)),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("still-logged", Duration::from_secs(5));
     // "warning" is warn: the warning about a change that needs a restart is logged.
     let changed = text.replace("level = \"debug\"", "level = \"warning\"")
         + "[registry]\ndefault_lifetime_s = 600\n";
     std::fs::write(&d.config_path, changed).unwrap();
     d.signal("HUP");
-    assert!(
-        d.wait_log("take effect after a restart", Duration::from_secs(5)),
-        "{}",
-        d.logs().join("\n")
-    );
+    d.expect_log("take effect after a restart", Duration::from_secs(5));
 }
 
 /// Range errors found after parsing (`Config::validate`) locate their key in the file as

@@ -24,6 +24,20 @@ fn send_update(dev: &mut support::coap::Device, reg: &str) {
     dev.send_raw(&p.to_bytes().unwrap());
 }
 
+/// The next request the daemon sends `dev`, asserting its method and path.
+fn next_request(
+    dev: &support::coap::Device,
+    method: RequestType,
+    path: &str,
+) -> (coap_lite::Packet, std::net::SocketAddr) {
+    let (req, from) = dev
+        .recv_request(WAIT)
+        .unwrap_or_else(|| panic!("the daemon sent no {method:?} {path}"));
+    assert_eq!(req.header.code, coap_lite::MessageClass::Request(method));
+    assert_eq!(path_of(&req), path);
+    (req, from)
+}
+
 #[test]
 fn read_write_execute_delete_round_trip() {
     let d = Daemon::start();
@@ -31,17 +45,12 @@ fn read_write_execute_delete_round_trip() {
     dev.register(&["ep=dev-1", "lt=300"], LINKS);
 
     let id = d.async_request("GET", "/v2/endpoints/dev-1/3303/0/5700", None, None);
-    let (req, from) = dev.recv_request(WAIT).expect("the daemon sent no request");
+    let (req, from) = next_request(&dev, RequestType::Get, "/3303/0/5700");
     assert_eq!(
         from, d.coap,
         "requests come from the socket the device registered to"
     );
-    assert_eq!(
-        req.header.code,
-        coap_lite::MessageClass::Request(RequestType::Get)
-    );
     assert_eq!(req.header.get_type(), MessageType::Confirmable);
-    assert_eq!(path_of(&req), "/3303/0/5700");
     assert_eq!(req.get_token().len(), 8);
     dev.reply(
         &req,
@@ -65,11 +74,7 @@ fn read_write_execute_delete_round_trip() {
         Some("text/plain"),
         Some(b"60"),
     );
-    let (req, from) = dev.recv_request(WAIT).unwrap();
-    assert_eq!(
-        req.header.code,
-        coap_lite::MessageClass::Request(RequestType::Put)
-    );
+    let (req, from) = next_request(&dev, RequestType::Put, "/1/0/1");
     assert_eq!(req.payload, b"60");
     assert_eq!(uint_option(&req, CoapOption::ContentFormat), Some(0));
     dev.reply(&req, from, ResponseType::Changed, b"", None, None);
@@ -86,22 +91,14 @@ fn read_write_execute_delete_round_trip() {
         Some("text/plain"),
         Some(b"now"),
     );
-    let (req, from) = dev.recv_request(WAIT).unwrap();
-    assert_eq!(
-        req.header.code,
-        coap_lite::MessageClass::Request(RequestType::Post)
-    );
+    let (req, from) = next_request(&dev, RequestType::Post, "/3/0/4");
     assert_eq!(req.payload, b"now");
     dev.reply(&req, from, ResponseType::Changed, b"", None, None);
     assert_eq!(d.async_response(&id, WAIT)["status"], 200);
 
     // Delete; the device refuses: the status and an error come back.
     let id = d.async_request("DELETE", "/v2/endpoints/dev-1/5/0", None, None);
-    let (req, from) = dev.recv_request(WAIT).unwrap();
-    assert_eq!(
-        req.header.code,
-        coap_lite::MessageClass::Request(RequestType::Delete)
-    );
+    let (req, from) = next_request(&dev, RequestType::Delete, "/5/0");
     dev.reply(
         &req,
         from,
@@ -273,9 +270,10 @@ fn synchronous_status_codes() {
         assert_eq!(r.status, *status, "{method} {path}: {}", r.body);
         assert_eq!(r.json()["type"], *kind, "{method} {path}");
     }
-    assert!(
-        dev.recv_request(Duration::from_millis(200)).is_none(),
-        "nothing reached the device"
+    support::no_request(
+        &dev,
+        Duration::from_millis(200),
+        "nothing reached the device",
     );
 
     // noResp=true: a NON request, 204, no async response.
@@ -351,9 +349,10 @@ fn queue_mode_requests_wait_for_the_next_update() {
         Some("text/plain"),
         Some(b"90"),
     );
-    assert!(
-        dev.recv_request(Duration::from_millis(500)).is_none(),
-        "sent before the device woke up"
+    support::no_request(
+        &dev,
+        Duration::from_millis(500),
+        "sent before the device woke up",
     );
     // The device wakes up: an update; the queued requests follow, in order.
     send_update(&mut dev, &reg);

@@ -54,29 +54,9 @@ fn pelion_user(
 
 /// An application of the user and an access key in it, as (app id, key id, secret).
 fn pelion_key(d: &Daemon, user_token: &str, scopes: &[&str]) -> (String, String, String) {
-    let app = call(
-        d,
-        "POST",
-        "/pelion/v1/applications",
-        Some(user_token),
-        Some(&json!({"name": format!("app-{}", rand_suffix())})),
-    );
-    assert_eq!(app.status, 201, "{}", app.body);
-    let app_id = app.json()["id"].as_str().unwrap().to_string();
-    let k = call(
-        d,
-        "POST",
-        &format!("/pelion/v1/applications/{app_id}/access-keys"),
-        Some(user_token),
-        Some(&json!({"name": "k", "scopes": scopes})),
-    );
-    assert_eq!(k.status, 201, "{}", k.body);
-    let v = k.json();
-    (
-        app_id,
-        v["id"].as_str().unwrap().to_string(),
-        v["access_key"].as_str().unwrap().to_string(),
-    )
+    let app = format!("app-{}", rand_suffix());
+    let key = json!({"name": "k", "scopes": scopes});
+    support::pelion::app_and_key(d, user_token, &app, &key)
 }
 
 fn rand_suffix() -> u64 {
@@ -124,13 +104,8 @@ fn a_key_minted_by_a_pelion_key_dies_with_the_key_its_application_and_its_user()
     let (_, bystander) = mint(&d, &d.key, &json!({"name": "bystander"}));
 
     // 1. Revoke the Pelion key itself.
-    let r = call(
-        &d,
-        "PATCH",
-        &format!("/pelion/v1/applications/{app_a}/access-keys/{key_a}"),
-        Some(&owner),
-        Some(&json!({"status": "revoked"})),
-    );
+    let key = format!("/pelion/v1/applications/{app_a}/access-keys/{key_a}");
+    let r = support::pelion::revoke(&d, &owner, &key);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(read(&d, &pelion_a), 401);
     assert_eq!(
@@ -142,13 +117,7 @@ fn a_key_minted_by_a_pelion_key_dies_with_the_key_its_application_and_its_user()
     assert_eq!(read(&d, &minted[1].0), 200);
 
     // 2. Revoke the application of the second Pelion key.
-    let r = call(
-        &d,
-        "PATCH",
-        &format!("/pelion/v1/applications/{app_b}"),
-        Some(&owner),
-        Some(&json!({"status": "revoked"})),
-    );
+    let r = support::pelion::revoke(&d, &owner, &format!("/pelion/v1/applications/{app_b}"));
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(read(&d, &pelion_b), 401);
     assert_eq!(read(&d, &minted[1].0), 401);
@@ -190,14 +159,12 @@ fn a_key_minted_by_a_pelion_key_dies_with_the_key_its_application_and_its_user()
 fn connector_keys_are_deleted_with_everything_they_minted() {
     let p = Prepared::new("", "");
     let admin_of = |domain: &str| {
-        p.plugin_call(
+        p.plugin_call_str(
             "connector",
             "create_key",
             &json!({"name": "admin", "domain": domain, "scopes": ["admin"]}),
-        )["access_key"]
-            .as_str()
-            .unwrap()
-            .to_string()
+            "access_key",
+        )
     };
     let (admin, other_admin) = (admin_of("default"), admin_of("other"));
     let d = p.start();
@@ -351,13 +318,7 @@ fn key_creation_never_grants_more_than_the_creator_holds() {
     d.device().register(&["ep=lamp-1", "lt=300"], "</3/0>");
     let eps = call(&d, "GET", "/v2/endpoints", Some(&narrow), None);
     assert_eq!(eps.status, 200);
-    let names: Vec<String> = eps
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap().to_string())
-        .collect();
+    let names: Vec<String> = support::strings_of(&eps.json(), "name");
     assert_eq!(
         names,
         vec!["sensor-1".to_string()],

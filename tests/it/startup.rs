@@ -74,26 +74,14 @@ impl Started {
     fn new(config: &Path, args: &[&str]) -> Started {
         let ready = config.with_file_name("ready.json");
         let _ = std::fs::remove_file(&ready);
-        let mut child = Command::new(support::BIN)
-            .args(["run", "--config"])
-            .arg(config)
-            .arg("--ready-file")
-            .arg(&ready)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .env_remove("NOTIFY_SOCKET")
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&logs);
-        std::thread::spawn(move || {
-            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(l);
-            }
-        });
+        let (mut child, logs) = support::spawn_logged(
+            Command::new(support::BIN)
+                .args(["run", "--config"])
+                .arg(config)
+                .arg("--ready-file")
+                .arg(&ready)
+                .args(args),
+        );
         let deadline = Instant::now() + WAIT;
         loop {
             let lines = logs.lock().unwrap().clone();
@@ -388,17 +376,28 @@ impl Drop for Mount {
     }
 }
 
+/// A daemon started on a state directory that is a file system of its own of `size`
+/// ([`Mount`]), with that directory; None (the test skipped, saying so) without root and
+/// mount, needed to `why`.
+fn start_on_own_fs(size: &str, why: &str) -> Option<(Daemon, PathBuf, Mount)> {
+    let p = Prepared::new("", "");
+    let state = p.dir.path().join("state");
+    let Some(mount) = Mount::new(&state, size) else {
+        eprintln!("SKIPPED: needs root and mount to {why}");
+        return None;
+    };
+    Some((p.start(), state, mount))
+}
+
 /// A state directory on a read-only file system stops the start, naming the database and
 /// the cause.
 #[test]
 fn a_read_only_state_directory_refuses_the_start() {
-    let p = Prepared::new("", "");
-    let state = p.dir.path().join("state");
-    let Some(mount) = Mount::new(&state, "16m") else {
-        eprintln!("SKIPPED: needs root and mount to put the state on a read-only file system");
+    let Some((d, state, mount)) =
+        start_on_own_fs("16m", "put the state on a read-only file system")
+    else {
         return;
     };
-    let d = p.start();
     let config = d.config_path.clone();
     let _dir = Arc::clone(&d.dir);
     stop(d);
@@ -432,13 +431,9 @@ fn fill(dir: &Path) -> PathBuf {
 /// once there is room again the store is healthy again.
 #[test]
 fn a_failing_store_at_run_time_is_reported_and_answered_503() {
-    let p = Prepared::new("", "");
-    let state = p.dir.path().join("state");
-    let Some(_mount) = Mount::new(&state, "8m") else {
-        eprintln!("SKIPPED: needs root and mount to fill the state's file system");
+    let Some((d, state, _mount)) = start_on_own_fs("8m", "fill the state's file system") else {
         return;
     };
-    let d = p.start();
     assert_eq!(d.get("/").status, 200);
     assert_eq!(d.metric("store_healthy"), 1);
     assert_eq!(d.metric("store_errors_total"), 0);
@@ -482,51 +477,26 @@ fn a_failing_store_at_run_time_is_reported_and_answered_503() {
     assert_eq!(d.metric("store_healthy"), 0);
     assert!(d.metric("store_errors_total") >= 1);
 
-    // A REST write that needs the store: 503 with a JSON message, not 500.
+    // A REST write that needs the store: 503 with a JSON message, not 500. And a
+    // plugin's route that writes its state (a new access key): 503 too, not the plugin's
+    // 500.
     let rules =
         serde_json::json!([{"endpoint-name": "x".repeat(200), "resource-path": ["/3/0/1"]}]);
     let body = serde_json::to_vec(&vec![rules[0].clone(); 300]).unwrap();
-    let r = d.call(
-        "PUT",
-        "/v2/subscriptions",
-        Some("application/json"),
-        Some(&body),
-    );
-    assert_eq!(r.status, 503, "{r:?}");
-    assert!(
-        r.json()["message"]
-            .as_str()
-            .unwrap()
-            .contains("state store"),
-        "{r:?}"
-    );
-
-    // A plugin's route that writes its state (a new access key): 503 too, not the
-    // plugin's 500.
     let body_key = serde_json::to_vec(&serde_json::json!({"name": "x".repeat(200)})).unwrap();
-    let r = d.call(
-        "POST",
-        "/api/api_tokens",
-        Some("application/json"),
-        Some(&body_key),
-    );
-    assert_eq!(r.status, 503, "{r:?}");
-    assert!(
-        r.json()["message"]
-            .as_str()
-            .unwrap()
-            .contains("state store"),
-        "{r:?}"
-    );
+    for (method, path, body) in [
+        ("PUT", "/v2/subscriptions", &body),
+        ("POST", "/api/api_tokens", &body_key),
+    ] {
+        let r = d.send_json(method, path, body);
+        assert_eq!(r.status, 503, "{method} {path}: {r:?}");
+        let message = r.json()["message"].as_str().unwrap().to_string();
+        assert!(message.contains("state store"), "{method} {path}: {r:?}");
+    }
 
     // Room again: the next write commits and the store is healthy again.
     std::fs::remove_file(&filler).unwrap();
-    let r = d.call(
-        "PUT",
-        "/v2/subscriptions",
-        Some("application/json"),
-        Some(&body),
-    );
+    let r = d.send_json("PUT", "/v2/subscriptions", &body);
     assert_eq!(r.status, 204, "{r:?}");
     assert_eq!(d.get("/").status, 200);
     assert_eq!(d.metric("store_healthy"), 1);

@@ -5,7 +5,7 @@
 
 use crate::support;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -20,25 +20,11 @@ struct Started {
 
 impl Started {
     fn spawn(cwd: &Path, config_arg: &str) -> Started {
-        let mut child = Command::new(support::BIN)
-            .args(["run", "--config", config_arg])
-            .current_dir(cwd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .spawn()
-            .expect("spawn connectord");
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let (child, lines) = support::spawn_logged(
+            Command::new(support::BIN)
+                .args(["run", "--config", config_arg])
+                .current_dir(cwd),
+        );
         Started { child, lines }
     }
 

@@ -4,7 +4,6 @@
 
 use crate::support;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -29,27 +28,13 @@ struct Started {
 
 impl Started {
     fn new(config: &Path) -> Started {
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg("umask 000; exec \"$0\" run --config \"$1\"")
-            .arg(support::BIN)
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&logs);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let (child, logs) = support::spawn_logged(
+            Command::new("sh")
+                .arg("-c")
+                .arg("umask 000; exec \"$0\" run --config \"$1\"")
+                .arg(support::BIN)
+                .arg(config),
+        );
         let s = Started { child, logs };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !s.logs().iter().any(|l| l.ends_with(" ready")) {

@@ -7,7 +7,6 @@ use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::Duration;
 
 use coap_lite::{CoapOption, ContentFormat, MessageType, Packet, RequestType, ResponseType};
@@ -33,6 +32,15 @@ fn registration(dev: &mut Device, query: &[&[u8]], extra: &[(u16, &[u8])], con: 
     p
 }
 
+/// Sends a CON registration with the query item `ep` and the `option`, asserts that it is
+/// answered `want` and returns the answer's diagnostic.
+fn answered(dev: &mut Device, ep: &str, option: (u16, &[u8]), want: ResponseType) -> String {
+    let p = registration(dev, &[ep.as_bytes()], &[option], true);
+    let r = exchange(dev, &p);
+    assert_eq!(code(&r), want, "option {}: {}", option.0, diag(&r));
+    diag(&r)
+}
+
 /// Sends `p` and returns the datagram that answers it (same message id or token).
 fn exchange(dev: &Device, p: &Packet) -> Packet {
     dev.send_raw(&p.to_bytes().unwrap());
@@ -50,12 +58,7 @@ fn exchange(dev: &Device, p: &Packet) -> Packet {
 fn names(d: &Daemon) -> Vec<String> {
     let r = d.get("/endpoints");
     assert_eq!(r.status, 200, "{}", r.body);
-    r.json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap().to_string())
-        .collect()
+    support::strings_of(&r.json(), "name")
 }
 
 #[test]
@@ -65,19 +68,8 @@ fn unknown_critical_options_are_4_02_and_proxying_5_05() {
     // Odd numbers are critical (RFC 7252 §5.4.1); 65001 and 9 (OSCORE) mean nothing here.
     for (n, name) in [(65001u16, "crit1"), (9, "crit2"), (19, "crit3")] {
         let ep = format!("ep={name}");
-        let p = registration(&mut dev, &[ep.as_bytes()], &[(n, b"x")], true);
-        let r = exchange(&dev, &p);
-        assert_eq!(
-            code(&r),
-            ResponseType::BadOption,
-            "option {n}: {}",
-            diag(&r)
-        );
-        assert!(
-            diag(&r).contains(&n.to_string()),
-            "names the option: {}",
-            diag(&r)
-        );
+        let why = answered(&mut dev, &ep, (n, b"x"), ResponseType::BadOption);
+        assert!(why.contains(&n.to_string()), "names the option: {why}");
         // A NON request with it is rejected (§4.3): RST, nothing processed.
         let p = registration(&mut dev, &[ep.as_bytes()], &[(n, b"x")], false);
         let r = exchange(&dev, &p);
@@ -90,15 +82,13 @@ fn unknown_critical_options_are_4_02_and_proxying_5_05() {
     // Proxy-Uri (35) and Proxy-Scheme (39): this is no proxy.
     for (n, name) in [(35u16, "proxy1"), (39, "proxy2")] {
         let ep = format!("ep={name}");
-        let p = registration(&mut dev, &[ep.as_bytes()], &[(n, b"coap://h/rd")], true);
-        let r = exchange(&dev, &p);
-        assert_eq!(
-            code(&r),
+        let why = answered(
+            &mut dev,
+            &ep,
+            (n, b"coap://h/rd"),
             ResponseType::ProxyingNotSupported,
-            "option {n}: {}",
-            diag(&r)
         );
-        assert!(!diag(&r).is_empty());
+        assert!(!why.is_empty());
     }
     // Known critical options (Uri-Host, Uri-Port, Accept) and unknown elective ones (even)
     // are fine.
@@ -118,15 +108,7 @@ fn unknown_critical_options_are_4_02_and_proxying_5_05() {
 fn libcoap_client_sees_4_02_for_an_unknown_critical_option() {
     let d = Daemon::in_process();
     let url = format!("coap://{}/rd?ep=libcoap", d.coap);
-    let out = Command::new("coap-client-notls")
-        .args(["-m", "post", "-B", "5", "-O", "65001,x", &url])
-        .output()
-        .expect("coap-client-notls (apt install libcoap3-bin)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_, text) = support::peers::libcoap_run(&["-m", "post", "-B", "5", "-O", "65001,x", &url]);
     assert!(text.contains("4.02"), "libcoap printed: {text}");
     assert!(names(&d).is_empty());
 }

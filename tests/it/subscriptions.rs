@@ -5,7 +5,7 @@ use crate::support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
+use coap_lite::{CoapOption, MessageType, Packet, ResponseType};
 use serde_json::json;
 use support::coap::{Device, path_of, uint, uint_option};
 use support::peers::Lwm2mDevice;
@@ -25,16 +25,9 @@ fn notify(
     seq: u32,
     value: &str,
 ) {
-    let mut p = Packet::new();
-    p.header.set_type(mtype);
-    p.header.code = MessageClass::Response(ResponseType::Content);
-    p.header.message_id = mid;
-    p.set_token(token.to_vec());
-    p.add_option(CoapOption::Observe, uint(seq));
-    p.add_option(CoapOption::ContentFormat, uint(0));
+    let mut p = support::observe_content(mtype, mid, token, seq, value.as_bytes());
     p.add_option(CoapOption::MaxAge, uint(30));
-    p.payload = value.as_bytes().to_vec();
-    dev.sock.send_to(&p.to_bytes().unwrap(), to).unwrap();
+    support::send_packet(dev, &p, to);
 }
 
 /// Waits for the daemon's observe registration of `path` and answers it with `value`.
@@ -69,9 +62,7 @@ fn subscribe_receive_notifications_and_unsubscribe() {
     let mut dev = d.device();
     dev.register(&["ep=obs-1", "lt=300"], LINKS);
 
-    let r = d.call("PUT", "/v2/subscriptions/obs-1/3303/0/5700", None, None);
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = d.async_request("PUT", "/v2/subscriptions/obs-1/3303/0/5700", None, None);
     let (token, from) = accept_observe(&dev, "/3303/0/5700", "20.0");
     let ar = d.async_response(&id, WAIT);
     assert_eq!(
@@ -105,13 +96,12 @@ fn subscribe_receive_notifications_and_unsubscribe() {
         2,
         "stale",
     );
-    let e = d.collect_events(WAIT, |e| e.of("notifications").len() >= 2);
     assert_eq!(
-        e.of("notifications"),
-        vec![
+        d.events_of("notifications", 2),
+        json!([
             json!({"ep": "obs-1", "path": "/3303/0/5700", "ct": "text/plain", "payload": b64(b"21.0"), "max-age": 30}),
             json!({"ep": "obs-1", "path": "/3303/0/5700", "ct": "text/plain", "payload": b64(b"22.0"), "max-age": 30}),
-        ]
+        ])
     );
     assert!(support::eventually(WAIT, || d
         .metric("observe_stale_total")
@@ -223,12 +213,7 @@ fn delete_all_subscriptions_with_and_without_trailing_slash() {
 fn pre_subscriptions_apply_at_registration_and_their_change_removes_subscriptions() {
     let d = Daemon::start();
     let rules = json!([{"endpoint-name": "sensor-*", "resource-path": ["/3303/*"]}]);
-    let r = d.call(
-        "PUT",
-        "/v2/subscriptions",
-        Some("application/json"),
-        Some(rules.to_string().as_bytes()),
-    );
+    let r = d.send_json("PUT", "/v2/subscriptions", rules.to_string());
     assert_eq!(r.status, 204, "{}", r.body);
     assert_eq!(d.get("/v2/subscriptions").json(), rules);
     assert_eq!(d.get("/subscriptions").json(), rules, "unprefixed too");
@@ -238,13 +223,15 @@ fn pre_subscriptions_apply_at_registration_and_their_change_removes_subscription
     let mut sensor = d.device();
     sensor.register(&["ep=sensor-1", "lt=300"], LINKS);
     let (token, from) = accept_observe(&sensor, "/3303/0/5700", "19.5");
-    assert!(
-        sensor.recv_request(Duration::from_millis(300)).is_none(),
-        "only the matching resource"
+    support::no_request(
+        &sensor,
+        Duration::from_millis(300),
+        "only the matching resource",
     );
-    assert!(
-        other.recv_request(Duration::from_millis(100)).is_none(),
-        "only the matching endpoint"
+    support::no_request(
+        &other,
+        Duration::from_millis(100),
+        "only the matching endpoint",
     );
     // The first value arrives as a notification (there is no async request to carry it).
     notify(
@@ -256,13 +243,8 @@ fn pre_subscriptions_apply_at_registration_and_their_change_removes_subscription
         2,
         "19.7",
     );
-    let e = d.collect_events(WAIT, |e| e.of("notifications").len() >= 2);
-    let values: Vec<_> = e
-        .of("notifications")
-        .iter()
-        .map(|n| n["payload"].clone())
-        .collect();
-    assert_eq!(values, vec![json!(b64(b"19.5")), json!(b64(b"19.7"))]);
+    let values = support::strings_of(&d.events_of("notifications", 2), "payload");
+    assert_eq!(values, [b64(b"19.5"), b64(b"19.7")]);
     assert_eq!(
         d.get("/v2/subscriptions/sensor-1").body,
         "/subscriptions/sensor-1/3303/0/5700"
@@ -272,13 +254,8 @@ fn pre_subscriptions_apply_at_registration_and_their_change_removes_subscription
     // rules to registered endpoints.
     let rules = json!([{"endpoint-name": "other-1", "resource-path": ["/3304/0/5700"]}]);
     assert_eq!(
-        d.call(
-            "PUT",
-            "/v2/subscriptions",
-            Some("application/json"),
-            Some(rules.to_string().as_bytes())
-        )
-        .status,
+        d.send_json("PUT", "/v2/subscriptions", rules.to_string())
+            .status,
         204
     );
     assert_eq!(d.get("/v2/subscriptions/sensor-1").status, 404);
@@ -288,16 +265,7 @@ fn pre_subscriptions_apply_at_registration_and_their_change_removes_subscription
         "/subscriptions/other-1/3304/0/5700"
     );
     // An empty array removes them.
-    assert_eq!(
-        d.call(
-            "PUT",
-            "/v2/subscriptions",
-            Some("application/json"),
-            Some(b"[]")
-        )
-        .status,
-        204
-    );
+    assert_eq!(d.send_json("PUT", "/v2/subscriptions", b"[]").status, 204);
     assert_eq!(d.get("/v2/subscriptions").json(), json!([]));
     assert_eq!(d.get("/v2/subscriptions/other-1").status, 404);
 
@@ -307,12 +275,7 @@ fn pre_subscriptions_apply_at_registration_and_their_change_removes_subscription
         b"[{\"endpoint-name\": 1}]",
         b"[{\"bogus\": 1}]",
     ] {
-        let r = d.call(
-            "PUT",
-            "/v2/subscriptions",
-            Some("application/json"),
-            Some(bad),
-        );
+        let r = d.send_json("PUT", "/v2/subscriptions", bad);
         assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(bad));
         assert_eq!(r.json()["type"], "bad_request");
     }
@@ -374,9 +337,7 @@ fn subscriptions_survive_restart_and_are_observed_again() {
 fn aiocoap_device_notifications_flow_until_unsubscribed() {
     let d = Daemon::start();
     let dev = Lwm2mDevice::start(d.coap, "aio-obs", &["--notify-interval", "0.2"]);
-    let r = d.call("PUT", "/v2/subscriptions/aio-obs/3303/0/5700", None, None);
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let id = d.async_request("PUT", "/v2/subscriptions/aio-obs/3303/0/5700", None, None);
     assert_eq!(d.async_response(&id, WAIT)["status"], 200);
     let e = d.collect_events(WAIT, |e| e.of("notifications").len() >= 3);
     let values: Vec<f64> = e
@@ -409,84 +370,34 @@ fn aiocoap_device_notifications_flow_until_unsubscribed() {
     dev.wait_event(WAIT, |e| e["event"] == "observers" && e["count"] == 0);
 }
 
-/// Waits until the daemon's log says the rule files in force include (or exclude) `file`
-/// after a reload, then a little more for the watcher's debounce to settle.
-fn write_rule(d: &Daemon, file: &str, body: &str) {
-    let before = d.metric("lua_reloads_total") + d.metric("lua_errors_total");
-    let tmp = d.scripts_dir().join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, body).unwrap();
-    std::fs::rename(&tmp, d.scripts_dir().join(file)).unwrap();
-    assert!(
-        support::eventually(WAIT, || d.metric("lua_reloads_total")
-            + d.metric("lua_errors_total")
-            > before),
-        "the rule file was not (re)loaded:\n{}",
-        d.logs().join("\n")
-    );
-}
-
-/// The paths the daemon asks `dev` to observe within `window`.
-fn observed_paths(dev: &Device, window: Duration) -> Vec<String> {
-    let mut paths = Vec::new();
-    while let Some((req, from)) = dev.recv_request(window) {
-        paths.push(path_of(&req));
-        notify(
-            dev,
-            from,
-            req.get_token(),
-            req.header.message_id,
-            MessageType::Acknowledgement,
-            1,
-            "0",
-        );
-    }
-    paths.sort();
-    paths
-}
-
 #[test]
 fn lua_rules_choose_resources_and_reload_without_restart() {
     let d = Daemon::start();
     // The key needs a notification channel to be offered resources.
     assert!(d.pull_now().is_none());
-    write_rule(
-        &d,
+    d.write_rule(
         "10-rule.lua",
         "function presubscribe(endpoint, resource, key)\n  return resource.rt == 'temperature'\nend\n",
     );
-    let mut a = d.device();
-    a.register(&["ep=lua-a", "lt=300"], LINKS);
-    assert_eq!(
-        observed_paths(&a, Duration::from_millis(600)),
-        vec!["/3303/0/5700"]
-    );
+    let (_a, observed) = d.register_observed(&["ep=lua-a", "lt=300"], LINKS);
+    assert_eq!(observed, vec!["/3303/0/5700"]);
 
     // Edited: now humidity. Takes effect for the next registration, no restart.
-    write_rule(
-        &d,
+    d.write_rule(
         "10-rule.lua",
         "function presubscribe(endpoint, resource, key)\n  return resource.rt == 'humidity'\nend\n",
     );
-    let mut b = d.device();
-    b.register(&["ep=lua-b", "lt=300"], LINKS);
-    assert_eq!(
-        observed_paths(&b, Duration::from_millis(600)),
-        vec!["/3304/0/5700"]
-    );
+    let (_b, observed) = d.register_observed(&["ep=lua-b", "lt=300"], LINKS);
+    assert_eq!(observed, vec!["/3304/0/5700"]);
 
     // A broken edit keeps the previous version in force and is logged with file:line.
-    write_rule(
-        &d,
+    d.write_rule(
         "10-rule.lua",
         "function presubscribe(endpoint, resource, key)\n  return (\nend\n",
     );
-    assert!(d.wait_log("10-rule.lua:3", WAIT), "{}", d.logs().join("\n"));
-    let mut c = d.device();
-    c.register(&["ep=lua-c", "lt=300"], LINKS);
-    assert_eq!(
-        observed_paths(&c, Duration::from_millis(600)),
-        vec!["/3304/0/5700"]
-    );
+    d.expect_log("10-rule.lua:3", WAIT);
+    let (_c, observed) = d.register_observed(&["ep=lua-c", "lt=300"], LINKS);
+    assert_eq!(observed, vec!["/3304/0/5700"]);
 }
 
 #[test]
@@ -494,22 +405,15 @@ fn runaway_lua_rules_are_stopped_and_count_as_no_opinion() {
     let d = Daemon::start_with("[lua]\ninstruction_budget = 100000\nmemory_limit_kb = 1024\n");
     let rules = json!([{"resource-path": ["/3304/*"]}]);
     assert_eq!(
-        d.call(
-            "PUT",
-            "/v2/subscriptions",
-            Some("application/json"),
-            Some(rules.to_string().as_bytes())
-        )
-        .status,
+        d.send_json("PUT", "/v2/subscriptions", rules.to_string())
+            .status,
         204
     );
-    write_rule(
-        &d,
+    d.write_rule(
         "10-loop.lua",
         "function presubscribe(e, r, k)\n  if r.rt == 'temperature' then while true do end end\n  return nil\nend\n",
     );
-    write_rule(
-        &d,
+    d.write_rule(
         "20-hog.lua",
         "function presubscribe(e, r, k)\n  local t = {}\n  for i = 1, 1e9 do t[i] = string.rep('x', 1000) end\nend\n",
     );
@@ -518,7 +422,7 @@ fn runaway_lua_rules_are_stopped_and_count_as_no_opinion() {
     dev.register(&["ep=runaway", "lt=300"], LINKS);
     // Both scripts fail for every resource; the JSON rule decides: humidity only.
     assert_eq!(
-        observed_paths(&dev, Duration::from_millis(800)),
+        support::observed_paths(&dev, Duration::from_millis(800)),
         vec!["/3304/0/5700"]
     );
     assert!(d.metric("lua_errors_total") >= errors + 2);
@@ -532,24 +436,23 @@ fn runaway_lua_rules_are_stopped_and_count_as_no_opinion() {
 #[test]
 fn a_subscription_to_an_observed_resource_opens_the_keys_channel() {
     let p = support::Prepared::new("", "");
-    let admin = p.plugin_call("connector", "bootstrap", &json!({"domain": "default"}))["created"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let other = p.plugin_call(
+    let admin = p.plugin_call_str(
+        "connector",
+        "bootstrap",
+        &json!({"domain": "default"}),
+        "created",
+    );
+    let other = p.plugin_call_str(
         "connector",
         "create_key",
         &json!({"name": "second", "domain": "default"}),
-    )["access_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        "access_key",
+    );
     let mut d = p.start();
     d.key = admin;
     let mut dev = d.device();
     dev.register(&["ep=shared", "lt=300"], LINKS);
-    let r = d.call("PUT", "/v2/subscriptions/shared/3303/0/5700", None, None);
-    assert_eq!(r.status, 202, "{}", r.body);
+    d.async_request("PUT", "/v2/subscriptions/shared/3303/0/5700", None, None);
     let (token, from) = accept_observe(&dev, "/3303/0/5700", "1");
     let as_other = |method: &str, path: &str| {
         support::http(
@@ -584,8 +487,7 @@ fn subscriptions_of_an_endpoint_gone_while_down_are_dropped_at_start() {
     let d = Daemon::start();
     let mut dev = d.device();
     dev.register(&["ep=ghost", "lt=300"], LINKS);
-    let r = d.call("PUT", "/v2/subscriptions/ghost/3303/0/5700", None, None);
-    assert_eq!(r.status, 202, "{}", r.body);
+    d.async_request("PUT", "/v2/subscriptions/ghost/3303/0/5700", None, None);
     accept_observe(&dev, "/3303/0/5700", "20.0");
     assert_eq!(
         d.call("GET", "/v2/subscriptions/ghost/3303/0/5700", None, None)
@@ -608,9 +510,10 @@ fn subscriptions_of_an_endpoint_gone_while_down_are_dropped_at_start() {
         404,
         "the subscription of the departed endpoint came back"
     );
-    assert!(
-        again.recv_request(Duration::from_secs(2)).is_none(),
-        "the daemon observed the endpoint for a subscription it had lost"
+    support::no_request(
+        &again,
+        Duration::from_secs(2),
+        "the daemon observed the endpoint for a subscription it had lost",
     );
     assert!(d.wait_log("subscriptions of endpoints that are not registered", WAIT));
     // And it is gone from the store too: not back after another restart.

@@ -52,13 +52,7 @@ fn every_key_sees_only_its_own_domain() {
         .register(&["ep=same", "lt=300", "d=tenant-b"], "</4/0>");
 
     let names = |key: &str| -> Vec<String> {
-        get(&d, key, "/v2/endpoints")
-            .json()
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["name"].as_str().unwrap().to_string())
-            .collect()
+        support::strings_of(&get(&d, key, "/v2/endpoints").json(), "name")
     };
     assert_eq!(names(&key_a), vec!["dev-a", "same"]);
     assert_eq!(names(&key_b), vec!["dev-b", "same"]);
@@ -73,31 +67,20 @@ fn every_key_sees_only_its_own_domain() {
 
     // Another domain's endpoint does not exist for a key.
     assert_eq!(get(&d, &key_b, "/v2/endpoints/dev-a").status, 404);
-    let r = http(
-        "GET",
-        &d.url("/v2/endpoints/dev-a/3/0/0"),
-        &[("Authorization", &format!("Bearer {key_b}"))],
-        None,
-    );
-    assert_eq!(r.status, 410);
-    let r = http(
-        "PUT",
-        &d.url("/v2/subscriptions/dev-a/3/0"),
-        &[("Authorization", &format!("Bearer {key_b}"))],
-        None,
-    );
-    assert_eq!(r.status, 404);
+    for (method, path, status) in [
+        ("GET", "/v2/endpoints/dev-a/3/0/0", 410),
+        ("PUT", "/v2/subscriptions/dev-a/3/0", 404),
+    ] {
+        let auth = format!("Bearer {key_b}");
+        let r = http(method, &d.url(path), &[("Authorization", &auth)], None);
+        assert_eq!(r.status, status, "{method} {path}");
+    }
 
     // Registration events reach only the channels of the device's domain.
     let events = |key: &str| -> Vec<String> {
         let r = get(&d, key, "/v2/notification/pull?noWait=true");
         assert_eq!(r.status, 200, "{}", r.body);
-        r.json()["registrations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["ep"].as_str().unwrap().to_string())
-            .collect()
+        support::strings_of(&r.json()["registrations"], "ep")
     };
     assert_eq!(events(&key_a), vec!["dev-a", "same"]);
     assert_eq!(events(&key_b), vec!["dev-b", "same"]);
@@ -217,14 +200,9 @@ fn developer_tools_issue_device_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("device.key");
     let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = support::run_ok(
+            std::process::Command::new("openssl").args(args),
+            &format!("openssl {args:?}"),
         );
         String::from_utf8(out.stdout).unwrap()
     };
@@ -239,12 +217,7 @@ fn developer_tools_issue_device_certificates() {
     ]);
     let public = run(&["ec", "-in", key.to_str().unwrap(), "-pubout"]);
     let body = json!({"domain": "default", "publickey": public});
-    let r = d.call(
-        "POST",
-        "/api/cert",
-        Some("application/json"),
-        Some(body.to_string().as_bytes()),
-    );
+    let r = d.send_json("POST", "/api/cert", body.to_string());
     assert_eq!(r.status, 201, "{}", r.body);
     let v = r.json();
     assert_eq!(v["domain"], "default");
@@ -269,7 +242,7 @@ fn developer_tools_issue_device_certificates() {
         (json!({"domain": "elsewhere", "publickey": public}).to_string().into_bytes(), 401),
     ];
     for (body, status) in bad {
-        let r = d.call("POST", "/api/cert", Some("application/json"), Some(&body));
+        let r = d.send_json("POST", "/api/cert", &body);
         assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&body));
         assert!(r.json()["message"].is_string());
     }
@@ -290,12 +263,7 @@ fn developer_tools_issue_device_certificates() {
         ]);
         let public = run(&["pkey", "-in", path, "-pubout"]);
         let body = json!({"domain": "default", "publickey": public}).to_string();
-        let r = d.call(
-            "POST",
-            "/api/cert",
-            Some("application/json"),
-            Some(body.as_bytes()),
-        );
+        let r = d.send_json("POST", "/api/cert", body.as_bytes());
         assert_eq!(r.status, 400, "{curve}: {}", r.body);
         let message = r.json()["message"].as_str().unwrap().to_string();
         assert!(
@@ -307,15 +275,10 @@ fn developer_tools_issue_device_certificates() {
     }
     // The CA is kept: a restart signs with the same one.
     let d = d.crash_and_restart();
-    let r = d.call(
+    let r = d.send_json(
         "POST",
         "/api/cert",
-        Some("application/json"),
-        Some(
-            json!({"domain": "default", "publickey": public})
-                .to_string()
-                .as_bytes(),
-        ),
+        json!({"domain": "default", "publickey": public}).to_string(),
     );
     assert_eq!(r.json()["server_certificate"], v["server_certificate"]);
 }

@@ -54,13 +54,9 @@ fn install_fixture(state: &Path) {
 #[test]
 fn a_state_directory_of_the_release_before_opens_and_serves_what_it_held() {
     let d = Daemon::start().stop_edit_restart(install_fixture);
-    assert!(
-        d.wait_log(
-            "migrated database schema to version 7",
-            Duration::from_secs(5)
-        ),
-        "{}",
-        d.logs().join("\n")
+    d.expect_log(
+        "migrated database schema to version 7",
+        Duration::from_secs(5),
     );
     // The old release's admin key authenticates (the testkit read it from admin.key).
     assert_eq!(

@@ -183,12 +183,32 @@ class Execute(Reported, resource.Resource):
         return Message(code=Code.CHANGED)
 
 
+class Ticker:
+    """Calls `change` every `interval` seconds while something observes."""
+
+    def __init__(self, interval, change):
+        self.interval = interval
+        self._change = change
+        self._task = None
+
+    def run_while(self, observed):
+        if observed and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._tick())
+        elif not observed and self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _tick(self):
+        while True:
+            await asyncio.sleep(self.interval)
+            self._change()
+
+
 class Temperature(Reported, resource.ObservableResource):
     def __init__(self, interval):
         super().__init__()
         self.value = 21.5
-        self.interval = interval
-        self._ticker = None
+        self.ticker = Ticker(interval, self.change)
 
     def current(self):
         # The code must be set: a response given to trigger() skips Resource.render().
@@ -209,16 +229,7 @@ class Temperature(Reported, resource.ObservableResource):
 
     def update_observation_count(self, count):
         emit(event="observers", path=self.path, count=count)
-        if count and self._ticker is None:
-            self._ticker = asyncio.get_running_loop().create_task(self._tick())
-        elif not count and self._ticker is not None:
-            self._ticker.cancel()
-            self._ticker = None
-
-    async def _tick(self):
-        while True:
-            await asyncio.sleep(self.interval)
-            self.change()
+        self.ticker.run_while(count)
 
 
 class BigRead(Reported, resource.Resource):
@@ -418,9 +429,8 @@ class Lwm2mSensor:
 
     def __init__(self, model, interval):
         self.model = model
-        self.interval = interval
         self.nodes = []
-        self._ticker = None
+        self.ticker = Ticker(interval, self.change)
 
     @property
     def value(self):
@@ -435,17 +445,7 @@ class Lwm2mSensor:
             node.notify()
 
     def count_changed(self):
-        total = sum(len(n._observations) for n in self.nodes)
-        if total and self._ticker is None:
-            self._ticker = asyncio.get_running_loop().create_task(self._tick())
-        elif not total and self._ticker is not None:
-            self._ticker.cancel()
-            self._ticker = None
-
-    async def _tick(self):
-        while True:
-            await asyncio.sleep(self.interval)
-            self.change()
+        self.ticker.run_while(sum(len(n._observations) for n in self.nodes))
 
 
 def build_lwm2m_site(args, lifetime):

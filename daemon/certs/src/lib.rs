@@ -819,6 +819,13 @@ mod tests {
         );
     }
 
+    /// A new CA in a state directory of its own.
+    fn new_ca() -> (tempfile::TempDir, CertAuthority) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        (dir, ca)
+    }
+
     #[test]
     fn second_start_loads_the_same_ca() {
         let dir = tempfile::tempdir().unwrap();
@@ -842,8 +849,7 @@ mod tests {
 
     #[test]
     fn issued_certificate_verifies_and_carries_endpoint_domain_and_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        let (dir, ca) = new_ca();
         let public_key = p256_public_key_pem();
         let domain = "012345-6789-0123-45678901";
         let issued = ca.issue(domain, &public_key).unwrap();
@@ -898,8 +904,7 @@ mod tests {
 
     #[test]
     fn two_issues_give_different_endpoint_names() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        let (_dir, ca) = new_ca();
         let key = p256_public_key_pem();
         let a = ca.issue("dom", &key).unwrap();
         let b = ca.issue("dom", &key).unwrap();
@@ -923,8 +928,7 @@ mod tests {
 
     #[test]
     fn seed_style_indented_pem_is_accepted() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        let (dir, ca) = new_ca();
         let key = p256_public_key_pem();
         let lines: Vec<&str> = key.lines().collect();
         let variants = [
@@ -956,8 +960,7 @@ mod tests {
 
     #[test]
     fn compressed_point_is_accepted_and_expanded() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        let (dir, ca) = new_ca();
         let key = p256_public_key_pem();
         let compressed = public_key_as(dir.path(), &key, &["-conv_form", "compressed"]);
         assert_ne!(pem_body(&compressed), pem_body(&key));
@@ -987,8 +990,7 @@ mod tests {
 
     #[test]
     fn bad_public_keys_are_rejected_with_helpful_messages() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        let (dir, ca) = new_ca();
         let gen_pub = |args: &[&str]| {
             openssl(dir.path(), args);
             openssl(dir.path(), &["pkey", "-in", "k.pem", "-pubout"])
@@ -1114,8 +1116,7 @@ mod tests {
 
     #[test]
     fn bad_domains_are_rejected() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        let (_dir, ca) = new_ca();
         let key = p256_public_key_pem();
         for domain in ["", "   ", &"d".repeat(65), "a\nb"] {
             let err = ca.issue(domain, &key).unwrap_err();
@@ -1131,8 +1132,7 @@ mod tests {
 
     #[test]
     fn corrupt_ca_certificate_is_an_error_naming_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        CertAuthority::load_or_create(dir.path()).unwrap();
+        let (dir, _) = new_ca();
         let cert_path = dir.path().join(CA_CERT_FILE);
         let original = fs::read_to_string(&cert_path).unwrap();
         let body = pem_body(&original);
@@ -1192,8 +1192,7 @@ mod tests {
 
     #[test]
     fn corrupt_or_missing_ca_key_is_an_error_naming_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        CertAuthority::load_or_create(dir.path()).unwrap();
+        let (dir, _) = new_ca();
         let key_path = dir.path().join(CA_KEY_FILE);
         let original = fs::read(&key_path).unwrap();
         let p384 = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384)
@@ -1251,8 +1250,7 @@ mod tests {
 
     #[test]
     fn parsers_do_not_panic_on_truncated_or_mutated_input() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = CertAuthority::load_or_create(dir.path()).unwrap();
+        let (_dir, ca) = new_ca();
         let spki = pem_der(&p256_public_key_pem());
         let cert = pem_der(ca.ca_certificate_pem());
         for der in [&spki, &cert] {

@@ -207,6 +207,15 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
+    /// The step for the last 16-byte block `num`: the whole body handed on to the handler.
+    fn handed_on_last(num: u32) -> Step {
+        Step::Handle(Some(Block {
+            num,
+            more: false,
+            szx: 0,
+        }))
+    }
+
     fn block_request(num: u32, more: bool, szx: u8, payload: &[u8]) -> Packet {
         let mut p = Packet::new();
         p.header.code = MessageClass::Request(RequestType::Post);
@@ -258,14 +267,7 @@ mod tests {
         );
         let mut last = block_request(2, false, 0, &body[32..]);
         let s = a.on_request(peer(1), &mut last, t);
-        assert_eq!(
-            s,
-            Step::Handle(Some(Block {
-                num: 2,
-                more: false,
-                szx: 0
-            }))
-        );
+        assert_eq!(s, handed_on_last(2));
         assert_eq!(last.payload, body);
         assert!(last.get_first_option(CoapOption::Block1).is_none());
         assert!(a.is_empty());
@@ -300,14 +302,7 @@ mod tests {
             "tag A, the empty tag and no tag are three transfers"
         );
         let mut last = tagged(1, false, Some(b"A"), b"end");
-        assert_eq!(
-            a.on_request(peer(1), &mut last, t),
-            Step::Handle(Some(Block {
-                num: 1,
-                more: false,
-                szx: 0
-            }))
-        );
+        assert_eq!(a.on_request(peer(1), &mut last, t), handed_on_last(1));
         assert_eq!(
             last.payload,
             [&x[..], b"end"].concat(),
@@ -322,14 +317,7 @@ mod tests {
         assert_eq!(a.len(), 2);
         // A tag past 8 bytes is ignored: this block continues the untagged transfer.
         let mut long = tagged(1, false, Some(b"123456789"), b"!");
-        assert_eq!(
-            a.on_request(peer(1), &mut long, t),
-            Step::Handle(Some(Block {
-                num: 1,
-                more: false,
-                szx: 0
-            }))
-        );
+        assert_eq!(a.on_request(peer(1), &mut long, t), handed_on_last(1));
         assert_eq!(long.payload, [&y[..], b"!"].concat());
     }
 

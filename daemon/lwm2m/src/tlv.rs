@@ -233,24 +233,23 @@ fn guess(v: &[u8]) -> Leaf {
     }
 }
 
+/// A big-endian integer of 1, 2, 4 or 8 bytes, sign-extended when `signed`.
+fn be_int(v: &[u8], signed: bool) -> Option<i128> {
+    if ![1, 2, 4, 8].contains(&v.len()) {
+        return None;
+    }
+    let fill = if signed && v[0] & 0x80 != 0 { 0xFF } else { 0 };
+    let mut wide = [fill; 16];
+    wide[16 - v.len()..].copy_from_slice(v);
+    Some(i128::from_be_bytes(wide))
+}
+
 fn signed(v: &[u8]) -> Option<i64> {
-    Some(match v.len() {
-        1 => i64::from(i8::from_be_bytes(v.try_into().ok()?)),
-        2 => i64::from(i16::from_be_bytes(v.try_into().ok()?)),
-        4 => i64::from(i32::from_be_bytes(v.try_into().ok()?)),
-        8 => i64::from_be_bytes(v.try_into().ok()?),
-        _ => return None,
-    })
+    be_int(v, true).and_then(|i| i64::try_from(i).ok())
 }
 
 fn unsigned(v: &[u8]) -> Option<u64> {
-    Some(match v.len() {
-        1 => u64::from(u8::from_be_bytes(v.try_into().ok()?)),
-        2 => u64::from(u16::from_be_bytes(v.try_into().ok()?)),
-        4 => u64::from(u32::from_be_bytes(v.try_into().ok()?)),
-        8 => u64::from_be_bytes(v.try_into().ok()?),
-        _ => return None,
-    })
+    be_int(v, false).and_then(|i| u64::try_from(i).ok())
 }
 
 /// The TLV payload of the tree `root` under `requested`.
@@ -399,4 +398,29 @@ fn leaf_bytes(leaf: &Leaf, kind: Option<Kind>, at: &Path) -> Result<Vec<u8>, Enc
         }
         Leaf::Opaque(b) => b.clone(),
     })
+}
+
+#[cfg(test)]
+mod int_tests {
+    use super::{signed, unsigned};
+
+    #[test]
+    fn integers_are_read_at_every_tlv_width_with_and_without_sign() {
+        assert_eq!(signed(&[0x7F]), Some(127));
+        assert_eq!(signed(&[0x80]), Some(-128));
+        assert_eq!(signed(&[0xFF, 0xFE]), Some(-2));
+        assert_eq!(signed(&[0x00, 0x00, 0x01, 0x00]), Some(256));
+        assert_eq!(signed(&[0x80, 0, 0, 0, 0, 0, 0, 0]), Some(i64::MIN));
+        assert_eq!(
+            signed(&[0x7F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF]),
+            Some(i64::MAX)
+        );
+        assert_eq!(unsigned(&[0x80]), Some(128));
+        assert_eq!(unsigned(&[0xFF, 0xFE]), Some(65534));
+        assert_eq!(unsigned(&[0xFF; 8]), Some(u64::MAX));
+        for bad in [&[][..], &[1, 2, 3], &[0; 5], &[0; 9]] {
+            assert_eq!(signed(bad), None, "{bad:?}");
+            assert_eq!(unsigned(bad), None, "{bad:?}");
+        }
+    }
 }

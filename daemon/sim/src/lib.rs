@@ -1519,31 +1519,17 @@ mod tests {
     #[test]
     fn writes_executes_and_refusals() {
         let mut dev = device();
-        let mut put = request(MessageType::Confirmable, RequestType::Put, "/1/0/1", 1);
-        put.payload = b"120".to_vec();
-        assert_eq!(
-            code(&exchange(&mut dev, &put)),
-            content(ResponseType::Changed)
-        );
-        assert_eq!(dev.lifetime_s, 120);
-        let mut put = request(MessageType::Confirmable, RequestType::Put, "/1/0/1", 2);
-        put.payload = b"abc".to_vec();
-        assert_eq!(
-            code(&exchange(&mut dev, &put)),
-            content(ResponseType::BadRequest)
-        );
-        assert_eq!(dev.lifetime_s, 120);
-        let mut put = request(
-            MessageType::Confirmable,
-            RequestType::Put,
-            "/3303/0/5700",
-            3,
-        );
-        put.payload = b"99".to_vec();
-        assert_eq!(
-            code(&exchange(&mut dev, &put)),
-            content(ResponseType::MethodNotAllowed)
-        );
+        // The lifetime is written; a bad value and a read-only resource are refused.
+        for (mid, (path, value, want)) in (1..).zip([
+            ("/1/0/1", &b"120"[..], ResponseType::Changed),
+            ("/1/0/1", b"abc", ResponseType::BadRequest),
+            ("/3303/0/5700", b"99", ResponseType::MethodNotAllowed),
+        ]) {
+            let mut put = request(MessageType::Confirmable, RequestType::Put, path, mid);
+            put.payload = value.to_vec();
+            assert_eq!(code(&exchange(&mut dev, &put)), content(want), "{path}");
+            assert_eq!(dev.lifetime_s, 120);
+        }
         let post = request(MessageType::Confirmable, RequestType::Post, "/3/0/4", 4);
         assert_eq!(
             code(&exchange(&mut dev, &post)),

@@ -4,11 +4,16 @@
 #![allow(dead_code)]
 
 pub mod peers;
+pub mod pelion;
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
 pub use connectord_testkit::{
     Events, Http, Ready, b64, bearer_call, coap, eventually, http, http_get, receiver, test_config,
 };
@@ -78,6 +83,11 @@ impl Daemon {
     pub fn crash_and_restart(self) -> Daemon {
         Daemon(self.0.crash_and_restart())
     }
+
+    /// A request with the admin key and a JSON body (`Content-Type: application/json`).
+    pub fn send_json(&self, method: &str, path: &str, body: impl AsRef<[u8]>) -> Http {
+        self.call(method, path, Some("application/json"), Some(body.as_ref()))
+    }
 }
 
 impl Deref for Daemon {
@@ -116,6 +126,32 @@ impl Prepared {
     pub fn start_in_process(self) -> Daemon {
         started(self.0.in_process().start())
     }
+
+    /// [`connectord_testkit::Prepared::plugin_call`], returning the string `field` of its
+    /// answer.
+    pub fn plugin_call_str(
+        &self,
+        plugin: &str,
+        op: &str,
+        input: &serde_json::Value,
+        field: &str,
+    ) -> String {
+        let answer = self.plugin_call(plugin, op, input);
+        match answer[field].as_str() {
+            Some(s) => s.to_string(),
+            None => panic!("{plugin} {op}: no string {field:?} in {answer}"),
+        }
+    }
+
+    /// A Losant application `name` in the default domain and an API token of it with every
+    /// application scope (`all.Application`): (application id, token).
+    pub fn losant_app(&self, name: &str) -> (String, String) {
+        let app = serde_json::json!({"name": name, "domain": "default"});
+        let app = self.plugin_call_str("losant", "create_application", &app, "id");
+        let token = serde_json::json!({"application_id": app, "scopes": ["all.Application"]});
+        let token = self.plugin_call_str("losant", "create_token", &token, "token");
+        (app, token)
+    }
 }
 
 impl Deref for Prepared {
@@ -136,21 +172,51 @@ pub fn plugin_call(
     connectord_testkit::plugin_call(Path::new(BIN), config, plugin, op, input)
 }
 
-/// Builds a plugin crate of this workspace as a `.so` (in a target directory of its own,
-/// so as not to wait for the lock of the `cargo test` that runs us) and returns a private
-/// copy of it: later builds of other variants overwrite the original.
+/// The plugin builds' directories under the cargo target directory (a target directory of
+/// their own, so as not to wait for the lock of the `cargo test` that runs us), held
+/// locked against other plugin builds while this lives.
+struct PluginBuild {
+    base: PathBuf,
+    target: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl PluginBuild {
+    fn lock() -> PluginBuild {
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        std::fs::create_dir_all(&base).unwrap();
+        let lock = std::fs::File::create(base.join("plugin-build.lock")).unwrap();
+        lock.lock().expect("lock plugin builds");
+        let target = base.join("plugin-build");
+        PluginBuild {
+            base,
+            target,
+            _lock: lock,
+        }
+    }
+
+    /// `cargo build --quiet` in `dir` into the plugin builds' target directory.
+    fn cargo_build(&self, dir: &Path) -> Command {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(dir)
+            .args(["build", "--quiet"])
+            .env("CARGO_TARGET_DIR", &self.target);
+        cmd
+    }
+}
+
+/// This workspace's root directory.
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Builds a plugin crate of this workspace as a `.so` (see [`PluginBuild`]) and returns a
+/// private copy of it: later builds of other variants overwrite the original.
 pub fn build_plugin(package: &str, env: &[(&str, &str)]) -> PathBuf {
-    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::create_dir_all(&base).unwrap();
-    let lock = std::fs::File::create(base.join("plugin-build.lock")).unwrap();
-    lock.lock().expect("lock plugin builds");
-    let target = base.join("plugin-build");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
-        .args(["build", "--quiet", "-p", package])
-        .env("CARGO_TARGET_DIR", &target)
+    let build = PluginBuild::lock();
+    let mut cmd = build.cargo_build(&workspace_root());
+    cmd.args(["-p", package])
         .env_remove("CONNECTORD_EXAMPLE_VARIANT")
         .env_remove("CONNECTORD_EXAMPLE_ABI")
         .env_remove("CONNECTORD_EXAMPLE_PANIC");
@@ -161,8 +227,8 @@ pub fn build_plugin(package: &str, env: &[(&str, &str)]) -> PathBuf {
     assert!(status.success(), "building plugin {package} failed");
     let file = format!("lib{}.so", package.replace('-', "_"));
     let variant: String = env.iter().map(|(k, v)| format!("-{k}={v}")).collect();
-    let copy = base.join(format!("{file}{variant}"));
-    std::fs::copy(target.join("debug").join(&file), &copy).expect("copy the built plugin");
+    let copy = build.base.join(format!("{file}{variant}"));
+    std::fs::copy(build.target.join("debug").join(&file), &copy).expect("copy the built plugin");
     copy
 }
 
@@ -170,27 +236,13 @@ pub fn build_plugin(package: &str, env: &[(&str, &str)]) -> PathBuf {
 /// copied in so that it builds offline with the versions already fetched) into the
 /// plugin build's target directory, and returns its `file` (`lib<crate>.so`).
 pub fn build_crate_outside(dir: &Path, file: &str) -> PathBuf {
-    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::create_dir_all(&base).unwrap();
-    let lock = std::fs::File::create(base.join("plugin-build.lock")).unwrap();
-    lock.lock().expect("lock plugin builds");
-    let target = base.join("plugin-build");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::fs::copy(root.join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(dir)
-        .args(["build", "--quiet", "--offline"])
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .expect("run cargo build");
-    assert!(
-        out.status.success(),
-        "building {} failed:\n{}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
+    let build = PluginBuild::lock();
+    std::fs::copy(workspace_root().join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
+    run_ok(
+        build.cargo_build(dir).arg("--offline"),
+        &format!("building {}", dir.display()),
     );
-    target.join("debug").join(file)
+    build.target.join("debug").join(file)
 }
 
 /// Puts a plugin file into `dir` under its proper name, atomically (write a hidden
@@ -201,4 +253,154 @@ pub fn install_plugin(built: &Path, dir: &Path, file_name: &str) {
     std::fs::copy(built, &tmp).unwrap();
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::rename(&tmp, dir.join(file_name)).unwrap();
+}
+
+/// Runs `cmd` to its end and returns its output, asserting that it exited successfully
+/// (`what` failed, with its stderr, otherwise).
+pub fn run_ok(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{stderr}",
+        out.status
+    );
+    out
+}
+
+/// The lines a child process writes to stderr, collected as they come.
+pub type Lines = Arc<Mutex<Vec<String>>>;
+
+/// Spawns `cmd` (stdin and stdout null, no systemd notify or watchdog variables
+/// inherited) and collects its stderr lines on a thread of their own.
+pub fn spawn_logged(cmd: &mut Command) -> (Child, Lines) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let stderr = child.stderr.take().expect("piped stderr");
+    let lines = Lines::default();
+    let sink = Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (child, lines)
+}
+
+/// The string `field` of each object of a JSON array (the names in an endpoint list, the
+/// paths in a resource list, ...), in order.
+pub fn strings_of(list: &serde_json::Value, field: &str) -> Vec<String> {
+    let items = list
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {list}"));
+    items
+        .iter()
+        .map(|e| match e[field].as_str() {
+            Some(s) => s.to_string(),
+            None => panic!("no string {field:?} in {e}"),
+        })
+        .collect()
+}
+
+/// A 2.05 Content (text/plain) with an Observe sequence number, of type `mtype`, with this
+/// message id and token: the answer to an observe registration, or a notification.
+pub fn observe_content(
+    mtype: MessageType,
+    mid: u16,
+    token: &[u8],
+    seq: u32,
+    value: &[u8],
+) -> Packet {
+    let mut p = Packet::new();
+    p.header.set_type(mtype);
+    p.header.code = MessageClass::Response(ResponseType::Content);
+    p.header.message_id = mid;
+    p.set_token(token.to_vec());
+    p.add_option(CoapOption::Observe, coap::uint(seq));
+    p.add_option(CoapOption::ContentFormat, coap::uint(0));
+    p.payload = value.to_vec();
+    p
+}
+
+/// Sends `p` from the device `dev` to `to`.
+pub fn send_packet(dev: &coap::Device, p: &Packet, to: SocketAddr) {
+    dev.sock.send_to(&p.to_bytes().unwrap(), to).unwrap();
+}
+
+/// Asserts that the daemon sends `dev` no request within `wait` (`why` it should not).
+pub fn no_request(dev: &coap::Device, wait: std::time::Duration, why: &str) {
+    if let Some((p, from)) = dev.recv_request(wait) {
+        let method = p.header.code;
+        panic!("{why}: {from} sent {method:?} {}", coap::path_of(&p));
+    }
+}
+
+impl Daemon {
+    /// Asserts that a log line containing `needle` appears within `timeout`.
+    pub fn expect_log(&self, needle: &str, timeout: std::time::Duration) {
+        assert!(
+            self.wait_log(needle, timeout),
+            "no log line with {needle:?}:\n{}",
+            self.logs().join("\n")
+        );
+    }
+}
+
+/// The paths the daemon asks `dev` to observe until `window` passes without one, sorted;
+/// each observe is answered (2.05, Observe 1, `0`).
+pub fn observed_paths(dev: &coap::Device, window: std::time::Duration) -> Vec<String> {
+    let mut paths = Vec::new();
+    while let Some((req, from)) = dev.recv_request(window) {
+        paths.push(coap::path_of(&req));
+        let (mid, token) = (req.header.message_id, req.get_token());
+        let p = observe_content(MessageType::Acknowledgement, mid, token, 1, b"0");
+        send_packet(dev, &p, from);
+    }
+    paths.sort();
+    paths
+}
+
+impl Daemon {
+    /// Registers a new device with `query` and `links`; returns it with the paths the
+    /// daemon then asks it to observe ([`observed_paths`] until 600 ms pass without one).
+    pub fn register_observed(&self, query: &[&str], links: &str) -> (coap::Device, Vec<String>) {
+        let mut dev = self.device();
+        dev.register(query, links);
+        let paths = observed_paths(&dev, std::time::Duration::from_millis(600));
+        (dev, paths)
+    }
+}
+
+impl Daemon {
+    /// Writes a Lua rule file into the scripts directory (atomically, as an editor would)
+    /// and waits (10 s at most) until the daemon (re)loaded the rules or counted an error.
+    pub fn write_rule(&self, file: &str, body: &str) {
+        let loads = || self.metric("lua_reloads_total") + self.metric("lua_errors_total");
+        let before = loads();
+        let tmp = self.scripts_dir().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, body).unwrap();
+        std::fs::rename(&tmp, self.scripts_dir().join(file)).unwrap();
+        assert!(
+            eventually(std::time::Duration::from_secs(10), || loads() > before),
+            "the rule file was not (re)loaded:\n{}",
+            self.logs().join("\n")
+        );
+    }
+}
+
+impl Daemon {
+    /// Pulls (10 s at most) until `n` events of `kind` (`registrations`, `notifications`,
+    /// ...) arrived since the last `clear_inbox`; returns those events as a JSON array.
+    pub fn events_of(&self, kind: &str, n: usize) -> serde_json::Value {
+        let wait = std::time::Duration::from_secs(10);
+        let events = self.collect_events(wait, |e| e.of(kind).len() >= n);
+        serde_json::Value::Array(events.of(kind))
+    }
 }

@@ -103,6 +103,38 @@ pub fn libcoap_client() -> PathBuf {
     BIN.into()
 }
 
+/// Runs libcoap's client ([`libcoap_client`]) with `args`; returns how it exited and all it
+/// printed (stdout, then stderr: libcoap logs the messages it sends and receives there).
+pub fn libcoap_run(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let out = Command::new(libcoap_client())
+        .args(args)
+        .output()
+        .expect("run coap-client");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, all)
+}
+
+/// Runs libcoap's client with `-v 6 -B 10` (logging its messages, giving up after 10 s)
+/// and `args`, asserting that it succeeded; returns all it logged.
+pub fn libcoap_log(args: &[&str]) -> String {
+    let (status, all) = libcoap_run(&[&["-v", "6", "-B", "10"], args].concat());
+    assert!(status.success(), "coap-client failed: {all}");
+    all
+}
+
+/// As [`libcoap_log`], returning the line of the answer it logged (`t:ACK`).
+pub fn libcoap_ack(args: &[&str]) -> String {
+    let all = libcoap_log(args);
+    all.lines()
+        .find(|l| l.contains("t:ACK"))
+        .unwrap_or_else(|| panic!("no ACK in:\n{all}"))
+        .to_string()
+}
+
 /// The aiocoap LwM2M device (tests/peers/aiocoap_lwm2m_device.py), running, with its
 /// stdout JSON lines collected.
 pub struct Lwm2mDevice {
