@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use connectord_plugin_sdk::auth::{AuthVerdict, OP_BOOTSTRAP};
-use connectord_plugin_sdk::http::{AUTHENTICATED, HttpRequest, OP_ROUTES, RoutesResponse};
+use connectord_plugin_sdk::Dispatch;
+use connectord_plugin_sdk::auth::{AuthVerdict, OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS};
+use connectord_plugin_sdk::http::{AUTHENTICATED, HttpRequest, OP_HTTP, OP_ROUTES, RoutesResponse};
 use connectord_plugin_sdk::testing::{
     MemoryHost, assert_bad_input_refused, assert_config_field_refused, auth_request, authenticate,
     call_http, call_json,

@@ -16,7 +16,7 @@ use connectord_plugin_sdk::sink::{
     DeliverRequest, DeliverResponse, OP_DELIVER, OP_VERIFY, Target, VerifyRequest, VerifyResponse,
 };
 use connectord_plugin_sdk::testing::MemoryHost;
-use connectord_plugin_sdk::{ABI_VERSION, Kind, Plugin, level};
+use connectord_plugin_sdk::{ABI_VERSION, Dispatch, Kind, Plugin, level};
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
@@ -474,7 +474,7 @@ fn bad_input_and_unknown_operations_are_errors() {
         ] {
             let message = sink.call(op, &input).unwrap_err();
             assert!(
-                message.starts_with(&format!("invalid {op} request: ")),
+                message.starts_with(&format!("{op}: bad input: ")),
                 "{op} {:?}: {message}",
                 String::from_utf8_lossy(&input)
             );
@@ -484,9 +484,7 @@ fn bad_input_and_unknown_operations_are_errors() {
             let message = sink.call(op, &valid).unwrap_err();
             assert_eq!(
                 message,
-                format!(
-                    "unknown operation {op:?} (the webhook sink answers \"verify\" and \"deliver\")"
-                )
+                format!("webhook: unknown operation {op:?}; it answers \"verify\", \"deliver\"")
             );
         }
         assert!(receiver.requests().is_empty());
