@@ -1033,10 +1033,23 @@ mod tests {
     /// authenticates its admin key (SHA-256 and a map look-up), JSON in and out as
     /// `PluginHost::call_json` does, from one task of a 2-worker runtime, one call at a
     /// time. Prints wall and CPU (user + system, the whole process) microseconds per call.
+    /// `LANE_HOP_WAYS` (say `lane` or `direct`), `LANE_HOP_CALLS` (50 000) and
+    /// `LANE_HOP_ROUNDS` (3) narrow it, for instruction counts under callgrind (two runs
+    /// with different call counts: their difference divided by that of the counts).
     #[test]
     #[ignore = "a measurement: cargo test --release -p connectord-plugin-host -- --ignored --nocapture lane_hop"]
     fn lane_hop_cost() {
-        const CALLS: u32 = 50_000;
+        let env = |name: &str, default: &str| std::env::var(name).unwrap_or(default.into());
+        let calls: u32 = env("LANE_HOP_CALLS", "50000").parse().unwrap();
+        let rounds: u32 = env("LANE_HOP_ROUNDS", "3").parse().unwrap();
+        let ways: Vec<&'static str> = ["lane", "direct", "block_in_place"]
+            .into_iter()
+            .filter(|w| {
+                env("LANE_HOP_WAYS", "lane,direct,block_in_place")
+                    .split(',')
+                    .any(|x| x == *w)
+            })
+            .collect();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -1080,8 +1093,8 @@ mod tests {
                     .unwrap();
                 serde_json::from_slice::<AuthVerdict>(&out).unwrap()
             };
-            for round in 1..=3 {
-                for way in ["lane", "direct", "block_in_place"] {
+            for round in 1..=rounds {
+                for &way in &ways {
                     let (host, req, direct) =
                         (Arc::clone(&host), Arc::clone(&req), Arc::clone(&direct));
                     let task = tokio::spawn(async move {
@@ -1095,16 +1108,16 @@ mod tests {
                                 _ => tokio::task::block_in_place(|| call_direct(&direct, &req)),
                             }
                         };
-                        for _ in 0..CALLS / 10 {
+                        for _ in 0..calls / 10 {
                             one().await;
                         }
                         let (t0, c0) = (Instant::now(), cpu_ticks());
-                        for _ in 0..CALLS {
+                        for _ in 0..calls {
                             let verdict = one().await;
                             assert!(matches!(verdict, AuthVerdict::Accepted { .. }));
                         }
-                        let wall = t0.elapsed().as_secs_f64() * 1e6 / f64::from(CALLS);
-                        let cpu = (cpu_ticks() - c0) as f64 * 1e4 / f64::from(CALLS);
+                        let wall = t0.elapsed().as_secs_f64() * 1e6 / f64::from(calls);
+                        let cpu = (cpu_ticks() - c0) as f64 * 1e4 / f64::from(calls);
                         println!(
                             "round {round} {way:>14}: {wall:6.2} µs wall, {cpu:6.2} µs CPU per call"
                         );
