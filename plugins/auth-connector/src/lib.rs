@@ -689,7 +689,8 @@ impl Plugin for ConnectorAuth {
     }
 }
 
-// The typed operations: the inherent methods of the same names above do the work.
+// The typed operations: the inherent methods of the same names (which take precedence in
+// `Type::method` paths) do the work.
 impl AuthPlugin for ConnectorAuth {
     fn authenticate(&mut self, req: AuthRequest) -> Result<AuthVerdict, String> {
         Ok(ConnectorAuth::authenticate(self, &req))
@@ -1142,6 +1143,21 @@ mod tests {
 
     #[test]
     fn unknown_op_and_bad_input_are_errors() {
+        assert_eq!(
+            <ConnectorAuth as Dispatch>::KIND,
+            connectord_plugin_sdk::Kind::Auth
+        );
+        assert_eq!(
+            ConnectorAuth::operations(),
+            [
+                "authenticate",
+                "bootstrap",
+                "key_status",
+                "routes",
+                "http",
+                "create_key"
+            ]
+        );
         let host = MemoryHost::new();
         let mut p = new_plugin(&host);
         let ops = [OP_BOOTSTRAP, OP_AUTHENTICATE, OP_HTTP];

@@ -778,6 +778,8 @@ impl Plugin for HeaderKeys {
     }
 }
 
+// The typed operations: the inherent methods of the same names (which take precedence in
+// `Type::method` paths) do the work.
 impl AuthPlugin for HeaderKeys {
     fn authenticate(&mut self, req: AuthRequest) -> Result<AuthVerdict, String> {
         Ok(HeaderKeys::authenticate(self, &req))

@@ -1567,6 +1567,21 @@ fn secrets_compare_in_full() {
 
 #[test]
 fn unknown_op_and_bad_input_are_errors() {
+    assert_eq!(
+        <HeaderKeys as Dispatch>::KIND,
+        connectord_plugin_sdk::Kind::Auth
+    );
+    assert_eq!(
+        HeaderKeys::operations(),
+        [
+            "authenticate",
+            "bootstrap",
+            "key_status",
+            "routes",
+            "http",
+            "show_keys"
+        ]
+    );
     let (_host, mut p) = known();
     assert_bad_input_refused(&mut p, &[OP_BOOTSTRAP, OP_AUTHENTICATE, OP_HTTP], &[]);
 }

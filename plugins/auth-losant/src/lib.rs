@@ -919,6 +919,8 @@ impl Plugin for Losant {
     }
 }
 
+// The typed operations: the inherent methods of the same names (which take precedence in
+// `Type::method` paths) do the work.
 impl AuthPlugin for Losant {
     fn authenticate(&mut self, req: AuthRequest) -> Result<AuthVerdict, String> {
         Ok(Losant::authenticate(self, &req))

@@ -331,6 +331,22 @@ fn routes_are_listed_as_authenticated() {
 
 #[test]
 fn unknown_op_and_bad_input_are_errors() {
+    assert_eq!(
+        <Losant as Dispatch>::KIND,
+        connectord_plugin_sdk::Kind::Auth
+    );
+    assert_eq!(
+        Losant::operations(),
+        [
+            "authenticate",
+            "bootstrap",
+            "key_status",
+            "routes",
+            "http",
+            "create_application",
+            "create_token"
+        ]
+    );
     let host = MemoryHost::new();
     let mut p = new_plugin(&host);
     let ops = [

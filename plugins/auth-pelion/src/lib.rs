@@ -794,6 +794,8 @@ impl Plugin for Pelion {
     }
 }
 
+// The typed operations: the inherent methods of the same names (which take precedence in
+// `Type::method` paths) do the work.
 impl AuthPlugin for Pelion {
     fn authenticate(&mut self, req: AuthRequest) -> Result<AuthVerdict, String> {
         Ok(Pelion::authenticate(self, &req))

@@ -305,6 +305,21 @@ fn config_empty_accepted_unknown_refused() {
 
 #[test]
 fn unknown_op_and_bad_input_are_errors() {
+    assert_eq!(
+        <Pelion as Dispatch>::KIND,
+        connectord_plugin_sdk::Kind::Auth
+    );
+    assert_eq!(
+        Pelion::operations(),
+        [
+            "authenticate",
+            "bootstrap",
+            "key_status",
+            "routes",
+            "http",
+            "create_user"
+        ]
+    );
     let host = MemoryHost::new();
     let mut p = new_plugin(&host);
     let ops = [OP_AUTHENTICATE, OP_HTTP, OP_CREATE_USER];

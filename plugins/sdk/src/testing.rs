@@ -245,11 +245,19 @@ pub fn call_http<P: Dispatch>(p: &mut P, req: &HttpRequest) -> (HttpResponse, Va
 /// Inputs that are no operation's JSON document: empty, truncated, an array, not UTF-8.
 pub const BAD_INPUTS: [&[u8]; 4] = [b"", b"{", b"[]", b"\xff\xfe"];
 
-/// Asserts that `p` answers an unknown operation (`nope`) with an error that names it, and each of
+/// Asserts that `p` answers an unknown operation (`nope`) with an error that names it and
+/// lists every operation it answers ([`Dispatch::operations`]), and each of
 /// `ops` with an error for each of [`BAD_INPUTS`] and of `also` (say `{}` for operations
 /// whose input has required fields).
 pub fn assert_bad_input_refused<P: Dispatch>(p: &mut P, ops: &[&str], also: &[&[u8]]) {
-    assert!(p.call("nope", b"{}").unwrap_err().contains("nope"));
+    let unknown = p.call("nope", b"{}").unwrap_err();
+    assert!(unknown.contains("nope"), "{unknown}");
+    for op in P::operations() {
+        assert!(
+            unknown.contains(&format!("{op:?}")),
+            "{op} not listed: {unknown}"
+        );
+    }
     for op in ops {
         for input in BAD_INPUTS.iter().chain(also) {
             assert!(p.call(op, input).is_err(), "{op} {input:?}");

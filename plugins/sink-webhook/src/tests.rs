@@ -447,6 +447,8 @@ fn create_logs_its_setup() {
 
 #[test]
 fn bad_input_and_unknown_operations_are_errors() {
+    assert_eq!(<WebhookSink as Dispatch>::KIND, Kind::Sink);
+    assert_eq!(WebhookSink::operations(), ["verify", "deliver"]);
     bounded(|| {
         let receiver = Receiver::start(200);
         let mut sink = Sink::new(None);
