@@ -1,5 +1,5 @@
 //! Tests of the plugin, driven through its operations ([`Plugin::create`] with a
-//! [`MemoryHost`], then [`Plugin::call`] with JSON) against real receivers.
+//! [`MemoryHost`], then [`Dispatch::call`] with JSON) against real receivers.
 //!
 //! `call` blocks on the instance's own runtime, so the tests are plain `#[test]`s, outside
 //! any runtime, and every receiver runs on a runtime (and worker thread) of its own.
