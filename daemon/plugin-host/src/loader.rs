@@ -115,7 +115,23 @@ struct Lanes {
     /// Cleared when an extra lane's `create` fails: the generation keeps the lanes it
     /// has rather than trying (and logging) again at every busy call.
     grow: AtomicBool,
+    /// For a built-in auth backend: its one instance, behind an async lock, so that its
+    /// read-only calls (`authenticate`, `key_status`) run on the caller's thread without a
+    /// hop to the lane ([`Generation::call_keeping`]); the lane runs every other call of
+    /// it under the same lock. `None` for every other plugin: its instance stays on its
+    /// lane's thread (the ABI promises a plugin that one thread calls an instance).
+    direct: Option<tokio::sync::Mutex<Option<Shared>>>,
 }
+
+/// An instance of a built-in auth backend, called under [`Lanes::direct`]'s lock from the
+/// lane and from callers' threads.
+struct Shared(Instance);
+
+// SAFETY: only built-in auth backends are shared (`Generation::start`): their code is this
+// repository's (plugins/auth-*), holds only `Send` data, starts no runtime and no thread
+// of its own, and its `authenticate` and `key_status` touch no host function; the lock
+// makes calls one at a time, as on the lane.
+unsafe impl Send for Shared {}
 
 /// A loaded plugin image and the private copy it was loaded from. Shared by the
 /// generations started from it (a rollback starts the previous code again); unloaded, and
@@ -411,6 +427,9 @@ impl Generation {
             grown: Mutex::new(Instant::now()),
             outstanding: AtomicUsize::new(0),
             grow: AtomicBool::new(true),
+            // Built-ins only: a file's plugin may rely on being called from one thread.
+            direct: (kind == Kind::Auth && origin == Origin::Builtin)
+                .then(|| tokio::sync::Mutex::new(None)),
         });
         let (init_tx, init_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let worker = spawn_lane(&name, &lanes, Some(init_tx)).map_err(|e| PluginError::Create {
@@ -527,6 +546,34 @@ impl Generation {
     /// alive until the worker has run the operation (or dropped it), even if the caller
     /// stops waiting first.
     pub async fn call_keeping<K: Send + 'static>(
+        &self,
+        op: &str,
+        input: Vec<u8>,
+        keep: K,
+    ) -> Result<Vec<u8>, PluginError> {
+        if let Some(direct) = &self.lanes.direct
+            && matches!(
+                op,
+                connectord_plugin_sdk::auth::OP_AUTHENTICATE
+                    | connectord_plugin_sdk::auth::OP_KEY_STATUS
+            )
+        {
+            // On this thread: a read-only call of a built-in auth backend (see
+            // `Lanes::direct`), once the lane and other callers let go. Not cancellable
+            // once begun (no await inside); `keep` goes after it, as on the lane.
+            let mut instance = direct.lock().await;
+            if let Some(Shared(instance)) = instance.as_mut() {
+                let result = instance.call(op, &input);
+                drop(keep);
+                return result;
+            }
+            // The lane has ended (the generation is stopping): the lane's queue says so.
+        }
+        self.call_on_lane(op, input, keep).await
+    }
+
+    /// As [`Generation::call_keeping`], always through the lanes' queue.
+    async fn call_on_lane<K: Send + 'static>(
         &self,
         op: &str,
         input: Vec<u8>,
@@ -765,7 +812,7 @@ fn run_lane(
             init.is_none(),
         )
     };
-    let mut instance = match created {
+    let instance = match created {
         Ok(instance) => instance,
         Err(msg) => {
             lanes.started.fetch_sub(1, Ordering::AcqRel);
@@ -792,6 +839,12 @@ fn run_lane(
             "another instance started: every instance was busy"
         ),
     }
+    // A built-in auth backend's instance is shared with the callers of its read-only
+    // operations; the lane takes the lock for each call.
+    let mut own = Some(instance);
+    if let Some(direct) = &lanes.direct {
+        *direct.blocking_lock() = own.take().map(Shared);
+    }
     let mut last = Instant::now();
     loop {
         // One lane waits in `recv` at a time; the others wait for the lock. The time
@@ -813,14 +866,27 @@ fn run_lane(
             Err(RecvTimeoutError::Disconnected) => break,
         };
         job.taken.store(true, Ordering::Release);
-        let result = instance.call(&job.op, &job.input);
+        let result = match (&mut own, &lanes.direct) {
+            (Some(instance), _) => instance.call(&job.op, &job.input),
+            (None, Some(direct)) => match direct.blocking_lock().as_mut() {
+                Some(Shared(instance)) => instance.call(&job.op, &job.input),
+                None => Err(PluginError::Stopped(name.clone())),
+            },
+            (None, None) => Err(PluginError::Stopped(name.clone())),
+        };
         // Before the reply: a caller that sends its next call at once finds this lane
         // free rather than starting another.
         lanes.outstanding.fetch_sub(1, Ordering::AcqRel);
         (job.reply)(result);
         last = Instant::now();
     }
-    drop(instance);
+    // Destroyed on this thread, before it ends: the generation's image (none for a
+    // built-in) is let go only after the lanes are joined, and callers of the shared
+    // instance hold the generation.
+    if let Some(direct) = &lanes.direct {
+        drop(direct.blocking_lock().take());
+    }
+    drop(own);
 }
 
 /// Counts an idle lane out, unless it is the last one living; true when it may end.
@@ -1026,10 +1092,12 @@ mod tests {
     unsafe impl Send for Moved {}
     unsafe impl Sync for Moved {}
 
-    /// Issue 20: what the hop to a plugin's lane costs an authenticated call, against
-    /// calling the same plugin code on the caller's thread (behind a mutex, as an instance
-    /// shared by callers would be), and on the caller's thread inside `block_in_place` (as
-    /// a plugin that may block would be called). The built-in `connector` backend
+    /// Issue 20: what the hop to a plugin's lane costs an authenticated call (`lane`:
+    /// through the lane's queue, as every call went before), against `host`
+    /// (`PluginHost::call_json`, as the daemon calls now: a built-in auth backend's
+    /// `authenticate` on the caller's thread), and a second instance of the same table
+    /// called on the caller's thread behind a mutex (`direct`) and inside `block_in_place`
+    /// (as a plugin that may block would be called). The built-in `connector` backend
     /// authenticates its admin key (SHA-256 and a map look-up), JSON in and out as
     /// `PluginHost::call_json` does, from one task of a 2-worker runtime, one call at a
     /// time. Prints wall and CPU (user + system, the whole process) microseconds per call.
@@ -1042,10 +1110,10 @@ mod tests {
         let env = |name: &str, default: &str| std::env::var(name).unwrap_or(default.into());
         let calls: u32 = env("LANE_HOP_CALLS", "50000").parse().unwrap();
         let rounds: u32 = env("LANE_HOP_ROUNDS", "3").parse().unwrap();
-        let ways: Vec<&'static str> = ["lane", "direct", "block_in_place"]
+        let ways: Vec<&'static str> = ["lane", "host", "direct", "block_in_place"]
             .into_iter()
             .filter(|w| {
-                env("LANE_HOP_WAYS", "lane,direct,block_in_place")
+                env("LANE_HOP_WAYS", "lane,host,direct,block_in_place")
                     .split(',')
                     .any(|x| x == *w)
             })
@@ -1100,7 +1168,14 @@ mod tests {
                     let task = tokio::spawn(async move {
                         let one = async || -> AuthVerdict {
                             match way {
-                                "lane" => host
+                                "lane" => {
+                                    let g = host.get("connector").unwrap();
+                                    let input = serde_json::to_vec(&*req).unwrap();
+                                    let out =
+                                        g.call_on_lane(OP_AUTHENTICATE, input, ()).await.unwrap();
+                                    serde_json::from_slice(&out).unwrap()
+                                }
+                                "host" => host
                                     .call_json("connector", OP_AUTHENTICATE, &*req)
                                     .await
                                     .unwrap(),
@@ -1127,5 +1202,85 @@ mod tests {
             }
             host.shutdown();
         });
+    }
+
+    /// A built-in auth backend answers `authenticate` and `key_status` on the caller's
+    /// thread and everything else on its lane, one call at a time on one instance: keys
+    /// created (lane) while other tasks authenticate (callers' threads) are seen at once,
+    /// and through reloads (a new generation, the old one let go while calls run). Other
+    /// plugins share nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn built_in_auth_reads_share_the_lanes_instance() {
+        use connectord_plugin_sdk::auth::{KeyState, KeyStatusRequest, KeyStatusResponse};
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let host = PluginHost::start(
+            &PluginsConfig::default(),
+            store,
+            dir.path().join("cache"),
+            Arc::new(Counters::default()),
+            2,
+        );
+        assert!(host.get("connector").unwrap().lanes.direct.is_some());
+        assert!(host.get("webhook").unwrap().lanes.direct.is_none());
+        let bearer = |key: &str| AuthRequest {
+            method: "GET".into(),
+            path: "/endpoints".into(),
+            headers: [("authorization".to_string(), format!("Bearer {key}"))].into(),
+        };
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let host = Arc::clone(&host);
+                tokio::spawn(async move {
+                    let mut answered = 0;
+                    for _ in 0..300 {
+                        let v: AuthVerdict = host
+                            .call_json("connector", OP_AUTHENTICATE, &bearer("nobody's"))
+                            .await
+                            .unwrap();
+                        assert_eq!(v, AuthVerdict::NotMine);
+                        let s: KeyStatusResponse = host
+                            .call_json(
+                                "connector",
+                                "key_status",
+                                &KeyStatusRequest {
+                                    key_id: "no such key".into(),
+                                },
+                            )
+                            .await
+                            .unwrap();
+                        assert_eq!(s.status, KeyState::Unknown);
+                        answered += 1;
+                    }
+                    answered
+                })
+            })
+            .collect();
+        for n in 0..20 {
+            let made: serde_json::Value = host
+                .call_json(
+                    "connector",
+                    "create_key",
+                    &serde_json::json!({"name": format!("k{n}"), "domain": "d"}),
+                )
+                .await
+                .unwrap();
+            let key = made["access_key"].as_str().unwrap().to_string();
+            let v: AuthVerdict = host
+                .call_json("connector", OP_AUTHENTICATE, &bearer(&key))
+                .await
+                .unwrap();
+            assert!(matches!(v, AuthVerdict::Accepted { .. }), "{v:?}");
+            if n % 5 == 0 {
+                let host = Arc::clone(&host);
+                tokio::task::spawn_blocking(move || host.reload_all())
+                    .await
+                    .unwrap();
+            }
+        }
+        for r in readers {
+            assert_eq!(r.await.unwrap(), 300);
+        }
+        host.shutdown();
     }
 }
