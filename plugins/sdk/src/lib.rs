@@ -17,7 +17,9 @@
 //! no backtrace (a hook the SDK installs once, which passes any other panic on).
 //!
 //! The host runs all calls of one loaded instance on one thread of its own, one at a
-//! time; a plugin needs no locking of its own and should start no threads (if it must,
+//! time (only the daemon's built-in auth backends, linked into it, have their
+//! `authenticate` and `key_status` called on the caller's thread, still one call at a
+//! time); a plugin needs no locking of its own and should start no threads (if it must,
 //! it stops them in `Drop`). A sink plugin may run as several instances at once (the host
 //! creates another when deliveries overlap, so that one slow receiver does not hold up
 //! the others): each is still called one call at a time, and they share the plugin's
