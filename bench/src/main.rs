@@ -49,6 +49,15 @@ struct Args {
     /// Run the notifications/s scenario.
     #[arg(long)]
     notifications: bool,
+    /// Run the REST auth cost scenario (only when asked for): sequential authenticated
+    /// `GET /endpoints` with the default backend (its verdicts reused: no plugin call) and
+    /// with `[plugins] auth = ["pelion", "connector"]` (no reuse: two plugin calls, each a
+    /// hop to the plugin's lane, per request).
+    #[arg(long)]
+    auth_cost: bool,
+    /// Requests of each run of `--auth-cost` (after a tenth as many to warm up).
+    #[arg(long, default_value_t = 20_000)]
+    auth_requests: usize,
     /// Run the RSS per endpoint scenario.
     #[arg(long)]
     rss: bool,
@@ -181,6 +190,11 @@ struct Daemon(connectord_testkit::Daemon);
 
 impl Daemon {
     fn start(bin: &Path, args: &Args) -> Result<Daemon> {
+        Daemon::start_with(bin, args, "")
+    }
+
+    /// As [`Daemon::start`], with more configuration (whole sections) after the bench's.
+    fn start_with(bin: &Path, args: &Args, more: &str) -> Result<Daemon> {
         let bin = std::fs::canonicalize(bin).with_context(|| {
             format!(
                 "daemon binary {} (build it: cargo build --release -p connectord)",
@@ -190,7 +204,7 @@ impl Daemon {
         let d = connectord_testkit::Launch::new(bin)
             .log_level(&args.log_level)
             .extra(&format!(
-                "[notifications]\nmax_batch = {}\n[runtime]\nworker_threads = {}\n",
+                "[notifications]\nmax_batch = {}\n[runtime]\nworker_threads = {}\n{more}",
                 args.max_batch, args.worker_threads
             ))
             .keep_logs(connectord_testkit::KeepLogs::StartAndWarnings)
@@ -1161,6 +1175,7 @@ fn notifications_run(args: &Args, webhook: bool) -> Result<NotifyRun> {
 fn main() -> Result<()> {
     let args = Args::parse();
     let all = !(args.registrations
+        || args.auth_cost
         || args.reads
         || args.notifications
         || args.rss
@@ -1338,6 +1353,31 @@ fn main() -> Result<()> {
         }
     }
 
+    if args.auth_cost {
+        for (what, more) in [
+            ("connector, verdicts reused", ""),
+            (
+                "pelion + connector, no reuse",
+                "[plugins]\nauth = [\"pelion\", \"connector\"]\n",
+            ),
+        ] {
+            eprintln!("REST auth cost ({what}): {} requests …", args.auth_requests);
+            match auth_cost_run(&args, more) {
+                Ok((rate, cpu_us)) => rows.push(Row {
+                    scenario: format!("authenticated GET /endpoints/s ({what})"),
+                    value: rate,
+                    unit: "req/s",
+                    target: None,
+                    detail: format!(
+                        "{} requests one at a time on one connection; daemon CPU {cpu_us:.1} µs per request",
+                        args.auth_requests
+                    ),
+                }),
+                Err(e) => failures.push(format!("REST auth cost ({what}): {e:#}")),
+            }
+        }
+    }
+
     peer::scenario(&args, all, &mut rows, &mut failures);
 
     println!();
@@ -1382,4 +1422,28 @@ fn main() -> Result<()> {
     } else {
         bail!("{} scenario(s) failed", failures.len())
     }
+}
+
+/// One run of `--auth-cost`: a daemon with `more` configuration; `GET /endpoints` with the
+/// admin key, one request at a time on one keep-alive connection. Requests per second and
+/// the daemon's CPU (user + system) per request.
+fn auth_cost_run(args: &Args, more: &str) -> Result<(f64, f64)> {
+    let d = Daemon::start_with(&args.daemon, args, more)?;
+    let api = d.api();
+    let get = || -> Result<()> {
+        let (status, body) = api.get("/endpoints")?;
+        ensure!(status == 200, "GET /endpoints answered {status}: {body}");
+        Ok(())
+    };
+    for _ in 0..args.auth_requests / 10 {
+        get()?;
+    }
+    let pid = d.pid();
+    let (t0, c0) = (Instant::now(), cpu_time(pid)?);
+    for _ in 0..args.auth_requests {
+        get()?;
+    }
+    let (wall, cpu) = (t0.elapsed(), cpu_time(pid)? - c0);
+    let n = args.auth_requests.max(1) as f64;
+    Ok((n / wall.as_secs_f64(), cpu.as_secs_f64() * 1e6 / n))
 }

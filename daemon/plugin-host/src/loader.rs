@@ -115,7 +115,23 @@ struct Lanes {
     /// Cleared when an extra lane's `create` fails: the generation keeps the lanes it
     /// has rather than trying (and logging) again at every busy call.
     grow: AtomicBool,
+    /// For a built-in auth backend: its one instance, behind an async lock, so that its
+    /// read-only calls (`authenticate`, `key_status`) run on the caller's thread without a
+    /// hop to the lane ([`Generation::call_keeping`]); the lane runs every other call of
+    /// it under the same lock. `None` for every other plugin: its instance stays on its
+    /// lane's thread (the ABI promises a plugin that one thread calls an instance).
+    direct: Option<tokio::sync::Mutex<Option<Shared>>>,
 }
+
+/// An instance of a built-in auth backend, called under [`Lanes::direct`]'s lock from the
+/// lane and from callers' threads.
+struct Shared(Instance);
+
+// SAFETY: only built-in auth backends are shared (`Generation::start`): their code is this
+// repository's (plugins/auth-*), holds only `Send` data, starts no runtime and no thread
+// of its own, and its `authenticate` and `key_status` touch no host function; the lock
+// makes calls one at a time, as on the lane.
+unsafe impl Send for Shared {}
 
 /// A loaded plugin image and the private copy it was loaded from. Shared by the
 /// generations started from it (a rollback starts the previous code again); unloaded, and
@@ -411,6 +427,9 @@ impl Generation {
             grown: Mutex::new(Instant::now()),
             outstanding: AtomicUsize::new(0),
             grow: AtomicBool::new(true),
+            // Built-ins only: a file's plugin may rely on being called from one thread.
+            direct: (kind == Kind::Auth && origin == Origin::Builtin)
+                .then(|| tokio::sync::Mutex::new(None)),
         });
         let (init_tx, init_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let worker = spawn_lane(&name, &lanes, Some(init_tx)).map_err(|e| PluginError::Create {
@@ -532,6 +551,34 @@ impl Generation {
         input: Vec<u8>,
         keep: K,
     ) -> Result<Vec<u8>, PluginError> {
+        if let Some(direct) = &self.lanes.direct
+            && matches!(
+                op,
+                connectord_plugin_sdk::auth::OP_AUTHENTICATE
+                    | connectord_plugin_sdk::auth::OP_KEY_STATUS
+            )
+        {
+            // On this thread: a read-only call of a built-in auth backend (see
+            // `Lanes::direct`), once the lane and other callers let go. Not cancellable
+            // once begun (no await inside); `keep` goes after it, as on the lane.
+            let mut instance = direct.lock().await;
+            if let Some(Shared(instance)) = instance.as_mut() {
+                let result = instance.call(op, &input);
+                drop(keep);
+                return result;
+            }
+            // The lane has ended (the generation is stopping): the lane's queue says so.
+        }
+        self.call_on_lane(op, input, keep).await
+    }
+
+    /// As [`Generation::call_keeping`], always through the lanes' queue.
+    async fn call_on_lane<K: Send + 'static>(
+        &self,
+        op: &str,
+        input: Vec<u8>,
+        keep: K,
+    ) -> Result<Vec<u8>, PluginError> {
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let taken = Arc::new(AtomicBool::new(false));
         self.send(
@@ -631,6 +678,122 @@ fn spawn_lane(
         .spawn(move || run_lane(&lanes, init, wname))
 }
 
+/// One plugin instance: made by the table's `create`, called through its `call`, destroyed
+/// when dropped. Used on one thread (its lane's): it is not `Send`.
+struct Instance {
+    table: TablePtr,
+    instance: *mut c_void,
+    name: String,
+    /// The host table the instance was given and what its `ctx` points at: kept alive,
+    /// at their addresses, until the instance is destroyed (fields drop after `drop`).
+    _ctx: Box<HostCtx>,
+    _api: Box<HostApi>,
+}
+
+impl Instance {
+    /// Creates an instance of `table`'s plugin. `quiet`: its info lines are logged at
+    /// debug (an extra lane's, which repeat the first's). The error is the plugin's.
+    ///
+    /// # Safety
+    /// `table` must be a table of a built-in or of an image that stays loaded until the
+    /// instance is dropped.
+    unsafe fn create(
+        table: TablePtr,
+        store: &Arc<dyn Store>,
+        config: &[u8],
+        name: &str,
+        quiet: bool,
+    ) -> Result<Instance, String> {
+        // SAFETY: per the contract.
+        let t = unsafe { &*table.0 };
+        let ctx = Box::new(HostCtx {
+            plugin: name.to_string(),
+            store: Arc::clone(store),
+            quiet: AtomicBool::new(quiet),
+        });
+        let api = Box::new(HostApi {
+            abi_version: ABI_VERSION,
+            ctx: &*ctx as *const HostCtx as *mut c_void,
+            log: host_log,
+            state_get: host_state_get,
+            state_put: host_state_put,
+            state_delete: host_state_delete,
+            state_keys: host_state_keys,
+            free: host_free,
+        });
+        let mut instance: *mut c_void = std::ptr::null_mut();
+        let mut err = Buf::EMPTY;
+        // SAFETY: the ABI contract; `api` and `ctx` outlive the instance (destroyed in
+        // Drop, before they are).
+        let rc = unsafe {
+            (t.create)(
+                config.as_ptr(),
+                config.len(),
+                &*api,
+                &mut instance,
+                &mut err,
+            )
+        };
+        if rc != 0 {
+            // SAFETY: the plugin filled `err`; it is freed by the plugin's own free.
+            let msg = String::from_utf8_lossy(&unsafe { err.to_vec() }).into_owned();
+            unsafe { (t.free)(err) };
+            return Err(msg);
+        }
+        ctx.quiet.store(false, Ordering::Release);
+        Ok(Instance {
+            table,
+            instance,
+            name: name.to_string(),
+            _ctx: ctx,
+            _api: api,
+        })
+    }
+
+    /// Calls an operation: the answer, or the plugin's error (a panic the SDK caught
+    /// apart).
+    fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, PluginError> {
+        // SAFETY: create's contract: the image is loaded while the instance lives.
+        let t = unsafe { &*self.table.0 };
+        let mut out = Buf::EMPTY;
+        // SAFETY: the ABI contract with the instance create returned.
+        let rc = unsafe {
+            (t.call)(
+                self.instance,
+                op.as_ptr(),
+                op.len(),
+                input.as_ptr(),
+                input.len(),
+                &mut out,
+            )
+        };
+        // SAFETY: the plugin filled `out`; copy it, then let the plugin free it.
+        let bytes = unsafe { out.to_vec() };
+        unsafe { (t.free)(out) };
+        let message = || String::from_utf8_lossy(&bytes).into_owned();
+        match rc {
+            0 => Ok(bytes),
+            // The SDK's shim caught a panic (PluginTable::call).
+            2 => Err(PluginError::Panicked {
+                name: self.name.clone(),
+                message: message(),
+            }),
+            _ => Err(PluginError::Call {
+                name: self.name.clone(),
+                message: message(),
+            }),
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        // SAFETY: the instance from create, destroyed once, while its image is loaded
+        // (create's contract); `api` and `ctx`, fields, are dropped after this.
+        unsafe { ((*self.table.0).destroy)(self.instance) };
+    }
+}
+
 /// A lane: create an instance, run calls from the generation's queue one at a time until
 /// it is closed, destroy the instance.
 fn run_lane(
@@ -638,45 +801,33 @@ fn run_lane(
     init: Option<std::sync::mpsc::Sender<Result<(), String>>>,
     name: String,
 ) {
-    // SAFETY: the image stays loaded until this thread is joined.
-    let t = unsafe { &*lanes.table.0 };
-    let ctx = Box::new(HostCtx {
-        plugin: name.clone(),
-        store: Arc::clone(&lanes.store),
-        quiet: AtomicBool::new(init.is_none()),
-    });
-    let api = HostApi {
-        abi_version: ABI_VERSION,
-        ctx: &*ctx as *const HostCtx as *mut c_void,
-        log: host_log,
-        state_get: host_state_get,
-        state_put: host_state_put,
-        state_delete: host_state_delete,
-        state_keys: host_state_keys,
-        free: host_free,
+    // SAFETY: the image stays loaded until this thread is joined (the instance is
+    // dropped before the thread ends).
+    let created = unsafe {
+        Instance::create(
+            lanes.table,
+            &lanes.store,
+            &lanes.config,
+            &name,
+            init.is_none(),
+        )
     };
-    let mut instance: *mut c_void = std::ptr::null_mut();
-    let mut err = Buf::EMPTY;
-    let config = &lanes.config;
-    // SAFETY: the ABI contract; `api` and `ctx` outlive the instance (destroyed below).
-    let rc = unsafe { (t.create)(config.as_ptr(), config.len(), &api, &mut instance, &mut err) };
-    if rc != 0 {
-        // SAFETY: the plugin filled `err`; it is freed by the plugin's own free.
-        let msg = String::from_utf8_lossy(&unsafe { err.to_vec() }).into_owned();
-        unsafe { (t.free)(err) };
-        lanes.started.fetch_sub(1, Ordering::AcqRel);
-        match init {
-            Some(init) => {
-                let _ = init.send(Err(msg));
+    let instance = match created {
+        Ok(instance) => instance,
+        Err(msg) => {
+            lanes.started.fetch_sub(1, Ordering::AcqRel);
+            match init {
+                Some(init) => {
+                    let _ = init.send(Err(msg));
+                }
+                None => {
+                    lanes.grow.store(false, Ordering::Release);
+                    tracing::error!(plugin = %name, "another instance failed to start: {msg}; the plugin keeps the instances it has");
+                }
             }
-            None => {
-                lanes.grow.store(false, Ordering::Release);
-                tracing::error!(plugin = %name, "another instance failed to start: {msg}; the plugin keeps the instances it has");
-            }
+            return;
         }
-        return;
-    }
-    ctx.quiet.store(false, Ordering::Release);
+    };
     lanes.live.fetch_add(1, Ordering::AcqRel);
     match init {
         Some(init) => {
@@ -687,6 +838,12 @@ fn run_lane(
             instances = lanes.started.load(Ordering::Acquire),
             "another instance started: every instance was busy"
         ),
+    }
+    // A built-in auth backend's instance is shared with the callers of its read-only
+    // operations; the lane takes the lock for each call.
+    let mut own = Some(instance);
+    if let Some(direct) = &lanes.direct {
+        *direct.blocking_lock() = own.take().map(Shared);
     }
     let mut last = Instant::now();
     loop {
@@ -709,33 +866,13 @@ fn run_lane(
             Err(RecvTimeoutError::Disconnected) => break,
         };
         job.taken.store(true, Ordering::Release);
-        let mut out = Buf::EMPTY;
-        // SAFETY: the ABI contract with the instance create returned.
-        let rc = unsafe {
-            (t.call)(
-                instance,
-                job.op.as_ptr(),
-                job.op.len(),
-                job.input.as_ptr(),
-                job.input.len(),
-                &mut out,
-            )
-        };
-        // SAFETY: the plugin filled `out`; copy it, then let the plugin free it.
-        let bytes = unsafe { out.to_vec() };
-        unsafe { (t.free)(out) };
-        let message = || String::from_utf8_lossy(&bytes).into_owned();
-        let result = match rc {
-            0 => Ok(bytes),
-            // The SDK's shim caught a panic (PluginTable::call).
-            2 => Err(PluginError::Panicked {
-                name: name.clone(),
-                message: message(),
-            }),
-            _ => Err(PluginError::Call {
-                name: name.clone(),
-                message: message(),
-            }),
+        let result = match (&mut own, &lanes.direct) {
+            (Some(instance), _) => instance.call(&job.op, &job.input),
+            (None, Some(direct)) => match direct.blocking_lock().as_mut() {
+                Some(Shared(instance)) => instance.call(&job.op, &job.input),
+                None => Err(PluginError::Stopped(name.clone())),
+            },
+            (None, None) => Err(PluginError::Stopped(name.clone())),
         };
         // Before the reply: a caller that sends its next call at once finds this lane
         // free rather than starting another.
@@ -743,9 +880,13 @@ fn run_lane(
         (job.reply)(result);
         last = Instant::now();
     }
-    // SAFETY: the instance from create, destroyed once.
-    unsafe { (t.destroy)(instance) };
-    drop(ctx);
+    // Destroyed on this thread, before it ends: the generation's image (none for a
+    // built-in) is let go only after the lanes are joined, and callers of the shared
+    // instance hold the generation.
+    if let Some(direct) = &lanes.direct {
+        drop(direct.blocking_lock().take());
+    }
+    drop(own);
 }
 
 /// Counts an idle lane out, unless it is the last one living; true when it may end.
@@ -922,4 +1063,224 @@ unsafe extern "C" fn host_free(_ctx: *mut c_void, buf: Buf) {
         drop(unsafe { buf.into_vec() });
         0
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PluginsConfig;
+    use crate::metrics::Counters;
+    use crate::store::sqlite::SqliteStore;
+    use connectord_plugin_sdk::auth::{
+        AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, OP_AUTHENTICATE,
+        OP_BOOTSTRAP,
+    };
+
+    /// The process's CPU time (user + system) so far, in clock ticks (1/100 s).
+    fn cpu_ticks() -> u64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+        // utime and stime: fields 14 and 15 of proc(5), 12th and 13th after the name.
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
+    /// An instance moved to a tokio task: for this measurement only (the lanes never move
+    /// one; the candidate calling model would keep it behind a lock).
+    struct Moved(Mutex<Instance>);
+    // SAFETY: the instance is used by one thread at a time (behind the mutex), and the
+    // connector plugin keeps no thread-bound state.
+    unsafe impl Send for Moved {}
+    unsafe impl Sync for Moved {}
+
+    /// Issue 20: what the hop to a plugin's lane costs an authenticated call (`lane`:
+    /// through the lane's queue, as every call went before), against `host`
+    /// (`PluginHost::call_json`, as the daemon calls now: a built-in auth backend's
+    /// `authenticate` on the caller's thread), and a second instance of the same table
+    /// called on the caller's thread behind a mutex (`direct`) and inside `block_in_place`
+    /// (as a plugin that may block would be called). The built-in `connector` backend
+    /// authenticates its admin key (SHA-256 and a map look-up), JSON in and out as
+    /// `PluginHost::call_json` does, from one task of a 2-worker runtime, one call at a
+    /// time. Prints wall and CPU (user + system, the whole process) microseconds per call.
+    /// `LANE_HOP_WAYS` (say `lane` or `direct`), `LANE_HOP_CALLS` (50 000) and
+    /// `LANE_HOP_ROUNDS` (3) narrow it, for instruction counts under callgrind (two runs
+    /// with different call counts: their difference divided by that of the counts).
+    #[test]
+    #[ignore = "a measurement: cargo test --release -p connectord-plugin-host -- --ignored --nocapture lane_hop"]
+    fn lane_hop_cost() {
+        let env = |name: &str, default: &str| std::env::var(name).unwrap_or(default.into());
+        let calls: u32 = env("LANE_HOP_CALLS", "50000").parse().unwrap();
+        let rounds: u32 = env("LANE_HOP_ROUNDS", "3").parse().unwrap();
+        let ways: Vec<&'static str> = ["lane", "host", "direct", "block_in_place"]
+            .into_iter()
+            .filter(|w| {
+                env("LANE_HOP_WAYS", "lane,host,direct,block_in_place")
+                    .split(',')
+                    .any(|x| x == *w)
+            })
+            .collect();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let host = PluginHost::start(
+            &PluginsConfig::default(),
+            Arc::clone(&store),
+            dir.path().join("cache"),
+            Arc::new(Counters::default()),
+            1,
+        );
+        rt.block_on(async move {
+            let boot: BootstrapResponse = host
+                .call_json(
+                    "connector",
+                    OP_BOOTSTRAP,
+                    &BootstrapRequest { domain: "d".into() },
+                )
+                .await
+                .unwrap();
+            let key = boot.created.unwrap();
+            let req = Arc::new(AuthRequest {
+                method: "GET".into(),
+                path: "/endpoints".into(),
+                headers: [("authorization".to_string(), format!("Bearer {key}"))].into(),
+            });
+            let table = TablePtr(auth_connector::plugin_table());
+            // SAFETY: a built-in's table.
+            let direct = unsafe { Instance::create(table, &store, b"{}", "connector", false) };
+            let direct = Arc::new(Moved(Mutex::new(direct.unwrap())));
+            let call_direct = |direct: &Moved, req: &AuthRequest| {
+                let input = serde_json::to_vec(req).unwrap();
+                let out = direct
+                    .0
+                    .lock()
+                    .unwrap()
+                    .call(OP_AUTHENTICATE, &input)
+                    .unwrap();
+                serde_json::from_slice::<AuthVerdict>(&out).unwrap()
+            };
+            for round in 1..=rounds {
+                for &way in &ways {
+                    let (host, req, direct) =
+                        (Arc::clone(&host), Arc::clone(&req), Arc::clone(&direct));
+                    let task = tokio::spawn(async move {
+                        let one = async || -> AuthVerdict {
+                            match way {
+                                "lane" => {
+                                    let g = host.get("connector").unwrap();
+                                    let input = serde_json::to_vec(&*req).unwrap();
+                                    let out =
+                                        g.call_on_lane(OP_AUTHENTICATE, input, ()).await.unwrap();
+                                    serde_json::from_slice(&out).unwrap()
+                                }
+                                "host" => host
+                                    .call_json("connector", OP_AUTHENTICATE, &*req)
+                                    .await
+                                    .unwrap(),
+                                "direct" => call_direct(&direct, &req),
+                                _ => tokio::task::block_in_place(|| call_direct(&direct, &req)),
+                            }
+                        };
+                        for _ in 0..calls / 10 {
+                            one().await;
+                        }
+                        let (t0, c0) = (Instant::now(), cpu_ticks());
+                        for _ in 0..calls {
+                            let verdict = one().await;
+                            assert!(matches!(verdict, AuthVerdict::Accepted { .. }));
+                        }
+                        let wall = t0.elapsed().as_secs_f64() * 1e6 / f64::from(calls);
+                        let cpu = (cpu_ticks() - c0) as f64 * 1e4 / f64::from(calls);
+                        println!(
+                            "round {round} {way:>14}: {wall:6.2} µs wall, {cpu:6.2} µs CPU per call"
+                        );
+                    });
+                    task.await.unwrap();
+                }
+            }
+            host.shutdown();
+        });
+    }
+
+    /// A built-in auth backend answers `authenticate` and `key_status` on the caller's
+    /// thread and everything else on its lane, one call at a time on one instance: keys
+    /// created (lane) while other tasks authenticate (callers' threads) are seen at once,
+    /// and through reloads (a new generation, the old one let go while calls run). Other
+    /// plugins share nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn built_in_auth_reads_share_the_lanes_instance() {
+        use connectord_plugin_sdk::auth::{KeyState, KeyStatusRequest, KeyStatusResponse};
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let host = PluginHost::start(
+            &PluginsConfig::default(),
+            store,
+            dir.path().join("cache"),
+            Arc::new(Counters::default()),
+            2,
+        );
+        assert!(host.get("connector").unwrap().lanes.direct.is_some());
+        assert!(host.get("webhook").unwrap().lanes.direct.is_none());
+        let bearer = |key: &str| AuthRequest {
+            method: "GET".into(),
+            path: "/endpoints".into(),
+            headers: [("authorization".to_string(), format!("Bearer {key}"))].into(),
+        };
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let host = Arc::clone(&host);
+                tokio::spawn(async move {
+                    let mut answered = 0;
+                    for _ in 0..300 {
+                        let v: AuthVerdict = host
+                            .call_json("connector", OP_AUTHENTICATE, &bearer("nobody's"))
+                            .await
+                            .unwrap();
+                        assert_eq!(v, AuthVerdict::NotMine);
+                        let s: KeyStatusResponse = host
+                            .call_json(
+                                "connector",
+                                "key_status",
+                                &KeyStatusRequest {
+                                    key_id: "no such key".into(),
+                                },
+                            )
+                            .await
+                            .unwrap();
+                        assert_eq!(s.status, KeyState::Unknown);
+                        answered += 1;
+                    }
+                    answered
+                })
+            })
+            .collect();
+        for n in 0..20 {
+            let made: serde_json::Value = host
+                .call_json(
+                    "connector",
+                    "create_key",
+                    &serde_json::json!({"name": format!("k{n}"), "domain": "d"}),
+                )
+                .await
+                .unwrap();
+            let key = made["access_key"].as_str().unwrap().to_string();
+            let v: AuthVerdict = host
+                .call_json("connector", OP_AUTHENTICATE, &bearer(&key))
+                .await
+                .unwrap();
+            assert!(matches!(v, AuthVerdict::Accepted { .. }), "{v:?}");
+            if n % 5 == 0 {
+                let host = Arc::clone(&host);
+                tokio::task::spawn_blocking(move || host.reload_all())
+                    .await
+                    .unwrap();
+            }
+        }
+        for r in readers {
+            assert_eq!(r.await.unwrap(), 300);
+        }
+        host.shutdown();
+    }
 }

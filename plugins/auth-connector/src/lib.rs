@@ -8,15 +8,15 @@
 //! stored and is shown exactly once, in the answer that creates it.
 //!
 //! Operations:
-//! - [`OP_BOOTSTRAP`]: when there is no key at all, creates a first key named `admin`
+//! - `OP_BOOTSTRAP`: when there is no key at all, creates a first key named `admin`
 //!   with scope `admin` in the requested domain and returns it.
-//! - [`OP_AUTHENTICATE`]: a known bearer key is accepted as its record's principal (its
+//! - `OP_AUTHENTICATE`: a known bearer key is accepted as its record's principal (its
 //!   `allow` and `creator` included); any other request (no header, another scheme, an
 //!   empty or unknown key) is [`AuthVerdict::NotMine`], so that another backend may claim
 //!   it (the host answers 401 when none does).
-//! - [`OP_KEY_STATUS`]: a key that exists is `active` (with its creator), any other id
+//! - `OP_KEY_STATUS`: a key that exists is `active` (with its creator), any other id
 //!   `unknown`: keys are deleted, never kept revoked.
-//! - [`OP_ROUTES`] / [`OP_HTTP`], every route with scope [`KEYS_WRITE`] (which `admin`
+//! - `OP_ROUTES` / `OP_HTTP`, every route with scope [`KEYS_WRITE`] (which `admin`
 //!   implies):
 //!   - `POST /api/api_tokens` creates a key in the caller's domain. The optional JSON body
 //!     `{"name"?, "scopes"?, "allow"?, "domain"?}` names it (a random 10-character name
@@ -46,16 +46,15 @@ use std::collections::{HashMap, HashSet};
 
 use connectord_plugin_sdk::auth::{
     ADMIN, AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, DATA_SCOPES, KEYS_WRITE,
-    KeyRef, KeyState, KeyStatusRequest, KeyStatusResponse, OP_AUTHENTICATE, OP_BOOTSTRAP,
-    OP_KEY_STATUS, PrincipalSpec, SCOPES, VerdictCache, bearer_token,
+    KeyRef, KeyState, KeyStatusRequest, KeyStatusResponse, PrincipalSpec, SCOPES, VerdictCache,
+    bearer_token,
 };
 use connectord_plugin_sdk::http::{
-    HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse, json_object,
-    refuse_non_json,
+    HttpRequest, HttpResponse, Route, RoutesResponse, json_object, refuse_non_json,
 };
 use connectord_plugin_sdk::names::refuse_control_chars;
 use connectord_plugin_sdk::secret::{is_sha256_hex, random_alphanumeric, sha256_hex};
-use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin, decode_input, encode_answer};
+use connectord_plugin_sdk::{AuthPlugin, Host, Plugin, RoutesPlugin, declare_plugin};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::macros::format_description;
@@ -464,7 +463,7 @@ impl ConnectorAuth {
         }
     }
 
-    /// [`OP_KEY_STATUS`]: a key that exists is active (this backend deletes keys rather
+    /// `OP_KEY_STATUS`: a key that exists is active (this backend deletes keys rather
     /// than keeping revoked ones); its creator goes with it for the host to check.
     fn key_status(&self, req: &KeyStatusRequest) -> KeyStatusResponse {
         match self.by_id(&req.key_id) {
@@ -680,7 +679,6 @@ impl ConnectorAuth {
 
 impl Plugin for ConnectorAuth {
     const NAME: &'static str = NAME;
-    const KIND: Kind = Kind::Auth;
 
     fn create(config: serde_json::Value, host: Host) -> Result<Self, String> {
         let Config {} = serde_json::from_value(config)
@@ -689,49 +687,54 @@ impl Plugin for ConnectorAuth {
         host.info(&format!("{NAME}: {} access keys loaded", keys.len()));
         Ok(ConnectorAuth { host, keys })
     }
+}
 
-    fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
-        match op {
-            OP_BOOTSTRAP => {
-                let req: BootstrapRequest = decode_input(op, input)?;
-                encode_answer(&self.bootstrap(req)?)
+// The typed operations: the inherent methods of the same names (which take precedence in
+// `Type::method` paths) do the work.
+impl AuthPlugin for ConnectorAuth {
+    fn authenticate(&mut self, req: AuthRequest) -> Result<AuthVerdict, String> {
+        Ok(ConnectorAuth::authenticate(self, &req))
+    }
+
+    fn bootstrap(&mut self, req: BootstrapRequest) -> Result<BootstrapResponse, String> {
+        ConnectorAuth::bootstrap(self, req)
+    }
+
+    fn key_status(&mut self, req: KeyStatusRequest) -> Result<KeyStatusResponse, String> {
+        Ok(ConnectorAuth::key_status(self, &req))
+    }
+}
+
+impl RoutesPlugin for ConnectorAuth {
+    fn routes(&mut self) -> Result<RoutesResponse, String> {
+        Ok(ConnectorAuth::routes())
+    }
+
+    fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {
+        Ok(ConnectorAuth::http(self, req))
+    }
+}
+
+impl ConnectorAuth {
+    /// [`OP_CREATE_KEY`].
+    fn create_key_op(&mut self, req: CreateKeyRequest) -> Result<serde_json::Value, String> {
+        for s in &req.scopes {
+            if !SCOPES.contains(&s.as_str()) {
+                return Err(format!("{OP_CREATE_KEY}: unknown scope {s:?}"));
             }
-            OP_AUTHENTICATE => {
-                let req: AuthRequest = decode_input(op, input)?;
-                encode_answer(&self.authenticate(&req))
-            }
-            OP_ROUTES => encode_answer(&Self::routes()),
-            OP_KEY_STATUS => {
-                let req: KeyStatusRequest = decode_input(op, input)?;
-                encode_answer(&self.key_status(&req))
-            }
-            OP_HTTP => {
-                let req: HttpRequest = decode_input(op, input)?;
-                encode_answer(&self.http(req))
-            }
-            OP_CREATE_KEY => {
-                let req: CreateKeyRequest = decode_input(op, input)?;
-                for s in &req.scopes {
-                    if !SCOPES.contains(&s.as_str()) {
-                        return Err(format!("{op}: unknown scope {s:?}"));
-                    }
-                }
-                if req.domain.is_empty() || req.name.is_empty() {
-                    return Err(format!("{op}: name and domain must not be empty"));
-                }
-                let scopes = if req.scopes.is_empty() {
-                    DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect()
-                } else {
-                    req.scopes
-                };
-                let (secret, id) =
-                    self.create_key(req.name.clone(), req.domain, scopes, None, None)?;
-                encode_answer(
-                    &serde_json::json!({"access_key": secret, "name": req.name, "id": id}),
-                )
-            }
-            other => Err(format!("{NAME}: unknown operation {other:?}")),
         }
+        if req.domain.is_empty() || req.name.is_empty() {
+            return Err(format!(
+                "{OP_CREATE_KEY}: name and domain must not be empty"
+            ));
+        }
+        let scopes = if req.scopes.is_empty() {
+            DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect()
+        } else {
+            req.scopes
+        };
+        let (secret, id) = self.create_key(req.name.clone(), req.domain, scopes, None, None)?;
+        Ok(serde_json::json!({"access_key": secret, "name": req.name, "id": id}))
     }
 }
 
@@ -750,12 +753,17 @@ struct CreateKeyRequest {
     scopes: Vec<String>,
 }
 
-declare_plugin!(ConnectorAuth);
+declare_plugin!(ConnectorAuth: auth + routes, operations {
+    OP_CREATE_KEY => ConnectorAuth::create_key_op,
+});
 
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
+    use connectord_plugin_sdk::Dispatch;
+    use connectord_plugin_sdk::auth::{OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS};
+    use connectord_plugin_sdk::http::{OP_HTTP, OP_ROUTES};
     use connectord_plugin_sdk::testing::{
         MemoryHost, assert_bad_input_refused, assert_config_field_refused, auth_request,
         authenticate, call_http, call_json,
@@ -1135,6 +1143,21 @@ mod tests {
 
     #[test]
     fn unknown_op_and_bad_input_are_errors() {
+        assert_eq!(
+            <ConnectorAuth as Dispatch>::KIND,
+            connectord_plugin_sdk::Kind::Auth
+        );
+        assert_eq!(
+            ConnectorAuth::operations(),
+            [
+                "authenticate",
+                "bootstrap",
+                "key_status",
+                "routes",
+                "http",
+                "create_key"
+            ]
+        );
         let host = MemoryHost::new();
         let mut p = new_plugin(&host);
         let ops = [OP_BOOTSTRAP, OP_AUTHENTICATE, OP_HTTP];

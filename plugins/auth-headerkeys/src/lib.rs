@@ -32,7 +32,7 @@
 //! the read scope: it is made for this one request). `apikeys` principals hold no core
 //! scope at all; the plugin's own routes are declared with the scope `authenticated`.
 //!
-//! # Authentication ([`OP_AUTHENTICATE`])
+//! # Authentication (`OP_AUTHENTICATE`)
 //!
 //! - A read needs `ApiRdKey` equal to the area's `rd`. A write needs `ApiRdKey` equal to
 //!   `rd` **and** `ApiWrKey` equal to `wr`: the write key alone is not enough.
@@ -56,7 +56,7 @@
 //!   channel), the configured `domain`, the scopes of the table above, no `allow`
 //!   restriction.
 //!
-//! # `/api/v1/apikeys` ([`OP_ROUTES`], [`OP_HTTP`])
+//! # `/api/v1/apikeys` (`OP_ROUTES`, `OP_HTTP`)
 //!
 //! Routes, all with scope `authenticated`: `GET /api/v1/apikeys` (the whole document),
 //! `GET /api/v1/apikeys/keys/{n}` (one pair), `PUT /api/v1/apikeys/keys/{n}` (a body
@@ -88,7 +88,7 @@
 //! example keys and no area starts open. An area missing from the stored state (a newer
 //! plugin with more areas) gets random keys too; an unknown stored area is dropped with a
 //! warning; an unreadable state fails the load rather than replacing the keys.
-//! [`OP_BOOTSTRAP`] creates nothing (`created: null`): nobody holds the `apikeys` read key
+//! `OP_BOOTSTRAP` creates nothing (`created: null`): nobody holds the `apikeys` read key
 //! yet, so operation [`OP_SHOW_KEYS`] gives the operator the whole keys document:
 //! `connectord plugin-call headerkeys show_keys '{}'`. The plugin never logs a key.
 //!
@@ -102,13 +102,13 @@ pub const KEY_ID: &str = "headerkeys";
 
 use connectord_plugin_sdk::auth::{
     AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, KeyState, KeyStatusRequest,
-    KeyStatusResponse, OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS, PrincipalSpec,
+    KeyStatusResponse, PrincipalSpec,
 };
 use connectord_plugin_sdk::http::{
-    AUTHENTICATED, HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse,
+    AUTHENTICATED, HttpRequest, HttpResponse, Route, RoutesResponse,
 };
 use connectord_plugin_sdk::secret::random_alphanumeric;
-use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin, decode_input, encode_answer};
+use connectord_plugin_sdk::{AuthPlugin, Host, Plugin, RoutesPlugin, declare_plugin};
 use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -762,7 +762,6 @@ impl HeaderKeys {
 
 impl Plugin for HeaderKeys {
     const NAME: &'static str = NAME;
-    const KIND: Kind = Kind::Auth;
 
     fn create(config: serde_json::Value, host: Host) -> Result<Self, String> {
         let Config { domain } = serde_json::from_value(config)
@@ -777,54 +776,63 @@ impl Plugin for HeaderKeys {
             pairs,
         })
     }
+}
 
-    fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
-        match op {
-            OP_BOOTSTRAP => {
-                let _: BootstrapRequest = decode_input(op, input)?;
-                encode_answer(&BootstrapResponse { created: None })
-            }
-            OP_AUTHENTICATE => {
-                let req: AuthRequest = decode_input(op, input)?;
-                encode_answer(&self.authenticate(&req))
-            }
-            OP_KEY_STATUS => {
-                // The backend has one identity, [`KEY_ID`], whatever the pairs are: it
-                // exists as long as the backend does (a replaced pair changes what a
-                // request must carry, not whose it is). Its principals hold neither
-                // `keys:write` nor `admin`, so they mint no keys.
-                let req: KeyStatusRequest = decode_input(op, input)?;
-                let status = if req.key_id == KEY_ID {
-                    KeyState::Active
-                } else {
-                    KeyState::Unknown
-                };
-                encode_answer(&KeyStatusResponse {
-                    status,
-                    creator: None,
-                    restriction: None,
-                })
-            }
-            OP_ROUTES => encode_answer(&Self::routes()),
-            OP_HTTP => {
-                let req: HttpRequest = decode_input(op, input)?;
-                encode_answer(&self.http(req))
-            }
-            OP_SHOW_KEYS => {
-                if !input.iter().all(u8::is_ascii_whitespace) {
-                    let _: ShowKeysRequest = decode_input(op, input)?;
-                }
-                self.host.info(&format!(
-                    "{NAME}: the keys document was shown ({OP_SHOW_KEYS})"
-                ));
-                Ok(self.document().into_bytes())
-            }
-            other => Err(format!("{NAME}: unknown operation {other:?}")),
-        }
+// The typed operations: the inherent methods of the same names (which take precedence in
+// `Type::method` paths) do the work.
+impl AuthPlugin for HeaderKeys {
+    fn authenticate(&mut self, req: AuthRequest) -> Result<AuthVerdict, String> {
+        Ok(HeaderKeys::authenticate(self, &req))
+    }
+
+    fn bootstrap(&mut self, _req: BootstrapRequest) -> Result<BootstrapResponse, String> {
+        Ok(BootstrapResponse { created: None })
+    }
+
+    fn key_status(&mut self, req: KeyStatusRequest) -> Result<KeyStatusResponse, String> {
+        // The backend has one identity, [`KEY_ID`], whatever the pairs are: it exists as
+        // long as the backend does (a replaced pair changes what a request must carry, not
+        // whose it is). Its principals hold neither `keys:write` nor `admin`, so they mint
+        // no keys.
+        let status = if req.key_id == KEY_ID {
+            KeyState::Active
+        } else {
+            KeyState::Unknown
+        };
+        Ok(KeyStatusResponse {
+            status,
+            creator: None,
+            restriction: None,
+        })
     }
 }
 
-declare_plugin!(HeaderKeys);
+impl RoutesPlugin for HeaderKeys {
+    fn routes(&mut self) -> Result<RoutesResponse, String> {
+        Ok(HeaderKeys::routes())
+    }
+
+    fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {
+        Ok(HeaderKeys::http(self, req))
+    }
+}
+
+impl HeaderKeys {
+    /// [`OP_SHOW_KEYS`]: the keys document as JSON text (its input, `{}`, may be left out).
+    fn show_keys(
+        &mut self,
+        _req: Option<ShowKeysRequest>,
+    ) -> Result<Box<serde_json::value::RawValue>, String> {
+        self.host.info(&format!(
+            "{NAME}: the keys document was shown ({OP_SHOW_KEYS})"
+        ));
+        serde_json::value::RawValue::from_string(self.document()).map_err(|e| e.to_string())
+    }
+}
+
+declare_plugin!(HeaderKeys: auth + routes, operations {
+    OP_SHOW_KEYS => HeaderKeys::show_keys,
+});
 
 #[cfg(test)]
 mod tests;

@@ -156,15 +156,13 @@ use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use connectord_plugin_sdk::auth::{
     AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, KeyState, KeyStatusRequest,
-    KeyStatusResponse, NON_ADMIN_SCOPES, OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS,
-    PrincipalSpec, Restriction,
+    KeyStatusResponse, NON_ADMIN_SCOPES, PrincipalSpec, Restriction,
 };
 use connectord_plugin_sdk::http::{
-    AUTHENTICATED, ErrorTypes, HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route,
-    RoutesResponse, refuse_non_json,
+    AUTHENTICATED, ErrorTypes, HttpRequest, HttpResponse, Route, RoutesResponse, refuse_non_json,
 };
 use connectord_plugin_sdk::secret::{random_alphanumeric, sha256_hex};
-use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin, decode_input, encode_answer};
+use connectord_plugin_sdk::{AuthPlugin, Host, Plugin, RoutesPlugin, declare_plugin};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -658,7 +656,7 @@ impl Losant {
         }
     }
 
-    /// [`OP_KEY_STATUS`] for the key ids [`OP_AUTHENTICATE`] gives: `token:<id>` is active
+    /// `OP_KEY_STATUS` for the key ids `OP_AUTHENTICATE` gives: `token:<id>` is active
     /// while the token and its application exist; `appkey:<id>` while the key is active,
     /// its application exists and its filter is usable. A record that exists but would be
     /// refused is revoked; anything else is unknown. An active key's answer carries its
@@ -903,7 +901,6 @@ impl Losant {
 
 impl Plugin for Losant {
     const NAME: &'static str = NAME;
-    const KIND: Kind = Kind::Auth;
 
     fn create(config: serde_json::Value, host: Host) -> Result<Self, String> {
         if !config.is_object() {
@@ -920,44 +917,52 @@ impl Plugin for Losant {
         ));
         Ok(p)
     }
+}
 
-    fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
-        match op {
-            OP_BOOTSTRAP => {
-                let _: BootstrapRequest = decode_input(op, input)?;
-                encode_answer(&BootstrapResponse { created: None })
-            }
-            OP_AUTHENTICATE => {
-                let req: AuthRequest = decode_input(op, input)?;
-                encode_answer(&self.authenticate(&req))
-            }
-            OP_KEY_STATUS => {
-                let req: KeyStatusRequest = decode_input(op, input)?;
-                encode_answer(&self.key_status(&req.key_id))
-            }
-            OP_ROUTES => encode_answer(&Self::routes()),
-            OP_HTTP => {
-                let req: HttpRequest = decode_input(op, input)?;
-                encode_answer(&self.http(req))
-            }
-            OP_CREATE_APPLICATION => {
-                let req: CreateApplication = decode_input(op, input)?;
-                encode_answer(
-                    &self
-                        .create_application(req)
-                        .map_err(|e| format!("{op}: {e}"))?,
-                )
-            }
-            OP_CREATE_TOKEN => {
-                let req: CreateToken = decode_input(op, input)?;
-                encode_answer(&self.create_token(req).map_err(|e| format!("{op}: {e}"))?)
-            }
-            other => Err(format!("{NAME}: unknown operation {other:?}")),
-        }
+// The typed operations: the inherent methods of the same names (which take precedence in
+// `Type::method` paths) do the work.
+impl AuthPlugin for Losant {
+    fn authenticate(&mut self, req: AuthRequest) -> Result<AuthVerdict, String> {
+        Ok(Losant::authenticate(self, &req))
+    }
+
+    fn bootstrap(&mut self, _req: BootstrapRequest) -> Result<BootstrapResponse, String> {
+        Ok(BootstrapResponse { created: None })
+    }
+
+    fn key_status(&mut self, req: KeyStatusRequest) -> Result<KeyStatusResponse, String> {
+        Ok(Losant::key_status(self, &req.key_id))
     }
 }
 
-declare_plugin!(Losant);
+impl RoutesPlugin for Losant {
+    fn routes(&mut self) -> Result<RoutesResponse, String> {
+        Ok(Losant::routes())
+    }
+
+    fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {
+        Ok(Losant::http(self, req))
+    }
+}
+
+impl Losant {
+    /// [`OP_CREATE_APPLICATION`]; its errors name the operation.
+    fn create_application_op(&mut self, req: CreateApplication) -> Result<Value, String> {
+        self.create_application(req)
+            .map_err(|e| format!("{OP_CREATE_APPLICATION}: {e}"))
+    }
+
+    /// [`OP_CREATE_TOKEN`]; its errors name the operation.
+    fn create_token_op(&mut self, req: CreateToken) -> Result<Value, String> {
+        self.create_token(req)
+            .map_err(|e| format!("{OP_CREATE_TOKEN}: {e}"))
+    }
+}
+
+declare_plugin!(Losant: auth + routes, operations {
+    OP_CREATE_APPLICATION => Losant::create_application_op,
+    OP_CREATE_TOKEN => Losant::create_token_op,
+});
 
 #[cfg(test)]
 mod tests;

@@ -4,6 +4,9 @@ use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use connectord_plugin_sdk::Dispatch;
+use connectord_plugin_sdk::auth::{OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS};
+use connectord_plugin_sdk::http::{OP_HTTP, OP_ROUTES};
 use connectord_plugin_sdk::testing::{
     MemoryHost, assert_bad_input_refused, assert_config_field_refused, auth_request, authenticate,
     call_http, call_json,
@@ -328,6 +331,22 @@ fn routes_are_listed_as_authenticated() {
 
 #[test]
 fn unknown_op_and_bad_input_are_errors() {
+    assert_eq!(
+        <Losant as Dispatch>::KIND,
+        connectord_plugin_sdk::Kind::Auth
+    );
+    assert_eq!(
+        Losant::operations(),
+        [
+            "authenticate",
+            "bootstrap",
+            "key_status",
+            "routes",
+            "http",
+            "create_application",
+            "create_token"
+        ]
+    );
     let host = MemoryHost::new();
     let mut p = new_plugin(&host);
     let ops = [

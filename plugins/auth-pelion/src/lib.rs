@@ -23,7 +23,7 @@
 //! Both access keys and user tokens are sent as `Authorization: Bearer <secret>`. Secrets
 //! are 48 random alphanumeric characters from a CSPRNG; only their SHA-256 digest
 //! (lower-case hex) is stored, and they are looked up by that digest (never compared as
-//! plain text). [`OP_AUTHENTICATE`] answers:
+//! plain text). `OP_AUTHENTICATE` answers:
 //!
 //! - an access key: `Refused` when the key is revoked or expired, its application is
 //!   revoked or gone, or the user who owns the application or created the key no longer
@@ -52,14 +52,14 @@
 //!
 //! # Operations
 //!
-//! - [`OP_BOOTSTRAP`] creates nothing (it logs how to create the first user when there is
+//! - `OP_BOOTSTRAP` creates nothing (it logs how to create the first user when there is
 //!   none).
 //! - [`OP_CREATE_USER`] (`connectord plugin-call pelion create_user '<json>'`): input
 //!   `{"name", "domain", "permissions": [...], "scopes": [...]}` (unknown fields refused;
 //!   permissions and scopes default to none), answer `{"id", "token"}`. It is not limited by
 //!   any caller's permissions: it is the operator's way in.
-//! - [`OP_ROUTES`] / [`OP_HTTP`]: the management API.
-//! - [`OP_KEY_STATUS`]: for the host's check of a key minted by a Pelion key (a Connector
+//! - `OP_ROUTES` / `OP_HTTP`: the management API.
+//! - `OP_KEY_STATUS`: for the host's check of a key minted by a Pelion key (a Connector
 //!   key created with `POST /api/api_tokens`): an access key is `active` when
 //!   authentication would accept it, `revoked` when it exists but would be refused (so
 //!   revoking a key, its application or deleting its user revokes what it minted too), a
@@ -78,13 +78,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::time::now_ms;
 use connectord_plugin_sdk::auth::{
-    ADMIN, AuthRequest, AuthVerdict, BootstrapResponse, KeyState, KeyStatusRequest,
-    KeyStatusResponse, OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS, PrincipalSpec, SCOPES,
-    bearer_token,
+    ADMIN, AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, KeyState,
+    KeyStatusRequest, KeyStatusResponse, PrincipalSpec, SCOPES, bearer_token,
 };
-use connectord_plugin_sdk::http::{HttpRequest, OP_HTTP, OP_ROUTES};
+use connectord_plugin_sdk::http::{HttpRequest, HttpResponse, RoutesResponse};
 use connectord_plugin_sdk::secret::{is_sha256_hex, random_alphanumeric, sha256_hex};
-use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin, decode_input, encode_answer};
+use connectord_plugin_sdk::{AuthPlugin, Host, Plugin, RoutesPlugin, declare_plugin};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -698,7 +697,7 @@ impl Pelion {
         AuthVerdict::NotMine
     }
 
-    /// [`OP_KEY_STATUS`]: an access key is active when [`OP_AUTHENTICATE`] would accept it
+    /// `OP_KEY_STATUS`: an access key is active when `OP_AUTHENTICATE` would accept it
     /// (not revoked or expired, its application active, its owner and creator present),
     /// revoked when it exists but would be refused; a user token (`user:<id>`) is active
     /// while the user exists. Anything else is unknown.
@@ -787,40 +786,40 @@ impl Pelion {
 
 impl Plugin for Pelion {
     const NAME: &'static str = NAME;
-    const KIND: Kind = Kind::Auth;
 
     fn create(config: serde_json::Value, host: Host) -> Result<Self, String> {
         let Config {} = serde_json::from_value(config)
             .map_err(|e| format!("{NAME}: invalid configuration: {e}"))?;
         Pelion::load(host)
     }
+}
 
-    fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
-        fn parse<'a, T: Deserialize<'a>>(op: &str, input: &'a [u8]) -> Result<T, String> {
-            decode_input(op, input).map_err(|e| format!("{NAME}: {e}"))
-        }
-        match op {
-            OP_BOOTSTRAP => encode_answer(&self.bootstrap()),
-            OP_AUTHENTICATE => {
-                let req: AuthRequest = parse(op, input)?;
-                encode_answer(&self.authenticate(&req))
-            }
-            OP_KEY_STATUS => {
-                let req: KeyStatusRequest = parse(op, input)?;
-                encode_answer(&self.key_status(&req.key_id))
-            }
-            OP_ROUTES => encode_answer(&api::routes()),
-            OP_HTTP => {
-                let req: HttpRequest = parse(op, input)?;
-                encode_answer(&self.http(req))
-            }
-            OP_CREATE_USER => {
-                let req: CreateUserInput = parse(op, input)?;
-                encode_answer(&self.op_create_user(req)?)
-            }
-            other => Err(format!("{NAME}: unknown operation {other:?}")),
-        }
+// The typed operations: the inherent methods of the same names (which take precedence in
+// `Type::method` paths) do the work.
+impl AuthPlugin for Pelion {
+    fn authenticate(&mut self, req: AuthRequest) -> Result<AuthVerdict, String> {
+        Ok(Pelion::authenticate(self, &req))
+    }
+
+    fn bootstrap(&mut self, _req: BootstrapRequest) -> Result<BootstrapResponse, String> {
+        Ok(Pelion::bootstrap(self))
+    }
+
+    fn key_status(&mut self, req: KeyStatusRequest) -> Result<KeyStatusResponse, String> {
+        Ok(Pelion::key_status(self, &req.key_id))
     }
 }
 
-declare_plugin!(Pelion);
+impl RoutesPlugin for Pelion {
+    fn routes(&mut self) -> Result<RoutesResponse, String> {
+        Ok(api::routes())
+    }
+
+    fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {
+        Ok(Pelion::http(self, req))
+    }
+}
+
+declare_plugin!(Pelion: auth + routes, operations {
+    OP_CREATE_USER => Pelion::op_create_user,
+});

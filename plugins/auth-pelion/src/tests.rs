@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use connectord_plugin_sdk::auth::{AuthVerdict, OP_BOOTSTRAP};
-use connectord_plugin_sdk::http::{AUTHENTICATED, HttpRequest, OP_ROUTES, RoutesResponse};
+use connectord_plugin_sdk::Dispatch;
+use connectord_plugin_sdk::auth::{AuthVerdict, OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS};
+use connectord_plugin_sdk::http::{AUTHENTICATED, HttpRequest, OP_HTTP, OP_ROUTES, RoutesResponse};
 use connectord_plugin_sdk::testing::{
     MemoryHost, assert_bad_input_refused, assert_config_field_refused, auth_request, authenticate,
     call_http, call_json,
@@ -304,6 +305,21 @@ fn config_empty_accepted_unknown_refused() {
 
 #[test]
 fn unknown_op_and_bad_input_are_errors() {
+    assert_eq!(
+        <Pelion as Dispatch>::KIND,
+        connectord_plugin_sdk::Kind::Auth
+    );
+    assert_eq!(
+        Pelion::operations(),
+        [
+            "authenticate",
+            "bootstrap",
+            "key_status",
+            "routes",
+            "http",
+            "create_user"
+        ]
+    );
     let host = MemoryHost::new();
     let mut p = new_plugin(&host);
     let ops = [OP_AUTHENTICATE, OP_HTTP, OP_CREATE_USER];

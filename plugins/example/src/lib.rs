@@ -10,10 +10,8 @@
 //! `create`, `routes` or `http`, it panics in `create`, in every `routes` call or in every
 //! `http` call, to show how the host refuses or rolls back a generation that fails.
 
-use connectord_plugin_sdk::http::{
-    HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, Route, RoutesResponse,
-};
-use connectord_plugin_sdk::{ABI_VERSION, Host, Kind, Plugin, declare_plugin, encode_answer};
+use connectord_plugin_sdk::http::{HttpRequest, HttpResponse, Route, RoutesResponse};
+use connectord_plugin_sdk::{ABI_VERSION, Host, Plugin, RoutesPlugin, declare_plugin};
 
 const VARIANT: &str = match option_env!("CONNECTORD_EXAMPLE_VARIANT") {
     Some(v) => v,
@@ -33,7 +31,6 @@ pub struct Example {
 
 impl Plugin for Example {
     const NAME: &'static str = "example";
-    const KIND: Kind = Kind::Other;
     const ABI: u32 = match option_env!("CONNECTORD_EXAMPLE_ABI") {
         Some(_) => ABI_VERSION + 98,
         None => ABI_VERSION,
@@ -52,44 +49,37 @@ impl Plugin for Example {
         ));
         Ok(Example { host, calls })
     }
+}
 
-    fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
-        match op {
-            OP_ROUTES if PANIC == "routes" => panic!("built to panic in routes"),
-            OP_HTTP if PANIC == "http" => panic!("built to panic in every http call"),
-            OP_ROUTES => {
-                let routes = RoutesResponse {
-                    routes: vec![
-                        Route {
-                            method: "GET".into(),
-                            path: "/api/example/hello".into(),
-                            scope: "endpoints:read".into(),
-                            errors: None,
-                        },
-                        Route {
-                            method: "GET".into(),
-                            path: "/api/example/panic".into(),
-                            scope: "endpoints:read".into(),
-                            errors: None,
-                        },
-                    ],
-                };
-                encode_answer(&routes)
-            }
-            OP_HTTP => {
-                let req: HttpRequest = serde_json::from_slice(input).map_err(|e| e.to_string())?;
-                if req.path.ends_with("/panic") {
-                    panic!("asked to panic");
-                }
-                self.calls += 1;
-                self.host
-                    .state_put("calls", self.calls.to_string().as_bytes())?;
-                let body = serde_json::json!({"variant": VARIANT, "calls": self.calls});
-                encode_answer(&HttpResponse::json(200, &body))
-            }
-            other => Err(format!("unknown operation {other}")),
+impl RoutesPlugin for Example {
+    fn routes(&mut self) -> Result<RoutesResponse, String> {
+        if PANIC == "routes" {
+            panic!("built to panic in routes");
         }
+        let route = |path: &str| Route {
+            method: "GET".into(),
+            path: path.into(),
+            scope: "endpoints:read".into(),
+            errors: None,
+        };
+        Ok(RoutesResponse {
+            routes: vec![route("/api/example/hello"), route("/api/example/panic")],
+        })
+    }
+
+    fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {
+        if PANIC == "http" {
+            panic!("built to panic in every http call");
+        }
+        if req.path.ends_with("/panic") {
+            panic!("asked to panic");
+        }
+        self.calls += 1;
+        self.host
+            .state_put("calls", self.calls.to_string().as_bytes())?;
+        let body = serde_json::json!({"variant": VARIANT, "calls": self.calls});
+        Ok(HttpResponse::json(200, &body))
     }
 }
 
-declare_plugin!(Example);
+declare_plugin!(Example: routes);

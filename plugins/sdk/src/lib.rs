@@ -2,7 +2,11 @@
 //! top of it.
 //!
 //! A plugin is a `cdylib` (and, to be linked into the daemon as a built-in, also an `rlib`)
-//! that implements [`Plugin`] and invokes [`declare_plugin!`] once. The macro exports one
+//! that implements [`Plugin`] and the typed trait of its kind ([`AuthPlugin`], with
+//! [`RoutesPlugin`] if it serves routes; [`SinkPlugin`]; [`RoutesPlugin`] alone for
+//! [`Kind::Other`]), and invokes [`declare_plugin!`] once. The macro generates the
+//! dispatcher ([`Dispatch`], [`dispatch`]: operation name → typed method, JSON decoded and
+//! encoded, an unknown operation answered with the list of those it answers) and exports one
 //! symbol, `connectord_plugin_<crate name>`, returning a [`PluginTable`]: the ABI version,
 //! the plugin's name and kind, and `extern "C"` functions to create an instance (given its
 //! configuration as JSON and the [`HostApi`]), call it (an operation name and a JSON
@@ -13,14 +17,16 @@
 //! no backtrace (a hook the SDK installs once, which passes any other panic on).
 //!
 //! The host runs all calls of one loaded instance on one thread of its own, one at a
-//! time; a plugin needs no locking of its own and should start no threads (if it must,
+//! time (only the daemon's built-in auth backends, linked into it, have their
+//! `authenticate` and `key_status` called on the caller's thread, still one call at a
+//! time); a plugin needs no locking of its own and should start no threads (if it must,
 //! it stops them in `Drop`). A sink plugin may run as several instances at once (the host
 //! creates another when deliveries overlap, so that one slow receiver does not hold up
 //! the others): each is still called one call at a time, and they share the plugin's
 //! durable state.
 //!
-//! The operations each kind answers are typed in [`auth`], [`sink`] and [`http`];
-//! [`decode_input`] and [`encode_answer`] carry them as JSON. Helpers that several plugins
+//! The requests and answers of each kind's operations are typed in [`auth`], [`sink`] and
+//! [`http`]; [`decode_input`] and [`encode_answer`] carry them as JSON. Helpers that several plugins
 //! share: [`names`] (checks on client-given names) and [`secret`] (random secrets and their
 //! SHA-256 digests); [`testing`] is an in-memory host and call helpers for unit tests. Dates
 //! and UUIDs are not the SDK's business: a plugin uses the `time` and `uuid` crates itself.
@@ -29,6 +35,7 @@ use std::ffi::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 pub mod auth;
+pub mod dispatch;
 pub mod http;
 pub mod names;
 pub mod secret;
@@ -321,28 +328,92 @@ impl Host {
     }
 }
 
-/// What a plugin implements.
+/// What every plugin implements: its name and how an instance is made. What it answers is
+/// said by the typed trait of its kind ([`AuthPlugin`], [`SinkPlugin`], [`RoutesPlugin`])
+/// and by [`declare_plugin!`], which generates the dispatcher ([`Dispatch`]) from them.
 pub trait Plugin: Sized + 'static {
     /// The name the configuration uses (`[plugins] auth = ["connector"]`).
     const NAME: &'static str;
-    const KIND: Kind;
     /// The ABI version the table announces. Leave it: overriding it only serves to test
     /// that the host refuses a plugin built for another version.
     const ABI: u32 = ABI_VERSION;
     /// Builds an instance from its configuration (the plugin's TOML table as JSON, `{}`
     /// when it has none).
     fn create(config: serde_json::Value, host: Host) -> Result<Self, String>;
-    /// Answers one operation; `input` and the answer are JSON by convention.
+}
+
+/// An auth backend ([`Kind::Auth`]): the operations of [`auth`]. Most also serve routes
+/// ([`RoutesPlugin`], `declare_plugin!(P: auth + routes)`).
+pub trait AuthPlugin: Plugin {
+    /// [`auth::OP_AUTHENTICATE`]: is this request's credential yours, and whose is it?
+    fn authenticate(&mut self, req: auth::AuthRequest) -> Result<auth::AuthVerdict, String>;
+    /// [`auth::OP_BOOTSTRAP`], once at start. By default nothing is created.
+    fn bootstrap(
+        &mut self,
+        req: auth::BootstrapRequest,
+    ) -> Result<auth::BootstrapResponse, String> {
+        let _ = req;
+        Ok(auth::BootstrapResponse::default())
+    }
+    /// [`auth::OP_KEY_STATUS`]. By default an error: a backend that does not answer it
+    /// cannot vouch for its keys, and keys minted through its principals are refused.
+    fn key_status(
+        &mut self,
+        req: auth::KeyStatusRequest,
+    ) -> Result<auth::KeyStatusResponse, String> {
+        let _ = req;
+        Err(format!(
+            "{}: {} is not answered: this backend cannot vouch for its keys",
+            Self::NAME,
+            auth::OP_KEY_STATUS
+        ))
+    }
+}
+
+/// A plugin that serves REST routes ([`http`]): an auth backend's management API, or a
+/// plugin of [`Kind::Other`], whose only business routes are.
+pub trait RoutesPlugin: Plugin {
+    /// [`http::OP_ROUTES`], at every load: the routes served and the scope each needs.
+    fn routes(&mut self) -> Result<http::RoutesResponse, String>;
+    /// [`http::OP_HTTP`]: a request on one of those routes, its caller authenticated.
+    fn http(&mut self, req: http::HttpRequest) -> Result<http::HttpResponse, String>;
+}
+
+/// A notification sink ([`Kind::Sink`]): the operations of [`sink`].
+pub trait SinkPlugin: Plugin {
+    /// [`sink::OP_VERIFY`], when a callback is registered.
+    fn verify(&mut self, req: sink::VerifyRequest) -> Result<sink::VerifyResponse, String>;
+    /// [`sink::OP_DELIVER`]: one batch to one target.
+    fn deliver(&mut self, req: sink::DeliverRequest) -> Result<sink::DeliverResponse, String>;
+}
+
+/// The generated side of a plugin: its kind and the dispatcher that maps an operation name
+/// to the typed method, decodes its input and encodes its answer. Implemented by
+/// [`declare_plugin!`]; never by hand. Unit tests call plugins through it
+/// ([`Dispatch::call`], [`testing`]) as the host does.
+pub trait Dispatch: Plugin {
+    const KIND: Kind;
+    /// Every operation this plugin answers, in the order the dispatcher tries them: its
+    /// kind's, then its own (administrative operations such as `create_key`).
+    fn operations() -> Vec<&'static str>;
+    /// Answers one operation: `input` and the answer are JSON. An unknown operation is an
+    /// error that lists [`Dispatch::operations`].
     fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String>;
 }
 
-/// Decodes the JSON input of operation `op` (for [`Plugin::call`]); the error reads
-/// `<op>: bad input: <why>`.
+/// Decodes the JSON input of operation `op`; the error reads `<op>: bad input: <why>`. A
+/// blank input (empty, or only white space) is read as JSON `null`, so an operation whose
+/// input type is an `Option` may be called with nothing; for any other type it is refused
+/// as "no input".
 pub fn decode_input<'a, T: serde::Deserialize<'a>>(op: &str, input: &'a [u8]) -> Result<T, String> {
+    if input.iter().all(u8::is_ascii_whitespace) {
+        return serde_json::from_slice(b"null")
+            .map_err(|_| format!("{op}: bad input: no input (a JSON document is expected)"));
+    }
     serde_json::from_slice(input).map_err(|e| format!("{op}: bad input: {e}"))
 }
 
-/// Encodes an answer of [`Plugin::call`] as JSON.
+/// Encodes an answer of [`Dispatch::call`] as JSON.
 pub fn encode_answer<T: serde::Serialize>(answer: &T) -> Result<Vec<u8>, String> {
     serde_json::to_vec(answer).map_err(|e| e.to_string())
 }
@@ -408,7 +479,7 @@ pub mod shim {
 
     /// # Safety
     /// Called by the host per the [`PluginTable::create`] contract.
-    pub unsafe fn create<P: Plugin>(
+    pub unsafe fn create<P: Dispatch>(
         config: *const u8,
         config_len: usize,
         host: *const HostApi,
@@ -449,7 +520,7 @@ pub mod shim {
 
     /// # Safety
     /// Called by the host per the [`PluginTable::call`] contract.
-    pub unsafe fn call<P: Plugin>(
+    pub unsafe fn call<P: Dispatch>(
         instance: *mut c_void,
         op: *const u8,
         op_len: usize,
@@ -491,7 +562,7 @@ pub mod shim {
 
     /// # Safety
     /// `instance` must come from `create` of this image and not be destroyed yet.
-    pub unsafe fn destroy<P: Plugin>(instance: *mut c_void) {
+    pub unsafe fn destroy<P: Dispatch>(instance: *mut c_void) {
         let _ = guarded(|| {
             if !instance.is_null() {
                 // SAFETY: per the contract.
@@ -501,15 +572,77 @@ pub mod shim {
     }
 }
 
-/// Exports a [`Plugin`] implementation: `declare_plugin!(MyPlugin);` once per crate.
+/// Exports a plugin: once per crate, naming the parts it implements, which give its kind:
 ///
-/// It defines `pub fn plugin_table() -> &'static PluginTable` (used when the crate is
-/// linked into the daemon as a built-in) and exports it as the C symbol
+/// - `declare_plugin!(P: auth)` or `declare_plugin!(P: auth + routes)`: an auth backend
+///   ([`AuthPlugin`], and [`RoutesPlugin`] for one that serves routes);
+/// - `declare_plugin!(P: sink)`: a notification sink ([`SinkPlugin`]);
+/// - `declare_plugin!(P: routes)`: a plugin of [`Kind::Other`] ([`RoutesPlugin`]).
+///
+/// A plugin's own operations (administrative ones, run with `connectord plugin-call`)
+/// follow as `name => function` pairs, each function
+/// `fn(&mut P, Input) -> Result<Answer, String>` (see [`dispatch::operation`]):
+///
+/// ```ignore
+/// declare_plugin!(ConnectorAuth: auth + routes, operations {
+///     OP_CREATE_KEY => ConnectorAuth::create_key_op,
+/// });
+/// ```
+///
+/// It implements [`Dispatch`] (the kind, and the dispatcher from operation names to those
+/// methods), defines `pub fn plugin_table() -> &'static PluginTable` (used when the crate
+/// is linked into the daemon as a built-in) and exports the table as the C symbol
 /// `connectord_plugin_<crate name>` (used when it is loaded from a `.so`; the loader
 /// derives the symbol from the file name `lib<crate name>.so`).
 #[macro_export]
 macro_rules! declare_plugin {
-    ($plugin:ty) => {
+    ($plugin:ty : auth + routes $(, operations { $($op:expr => $f:expr),* $(,)? })? $(,)?) => {
+        $crate::__declare_plugin!($plugin, $crate::Kind::Auth, [auth routes], [$($($op => $f),*)?]);
+    };
+    ($plugin:ty : auth $(, operations { $($op:expr => $f:expr),* $(,)? })? $(,)?) => {
+        $crate::__declare_plugin!($plugin, $crate::Kind::Auth, [auth], [$($($op => $f),*)?]);
+    };
+    ($plugin:ty : sink $(, operations { $($op:expr => $f:expr),* $(,)? })? $(,)?) => {
+        $crate::__declare_plugin!($plugin, $crate::Kind::Sink, [sink], [$($($op => $f),*)?]);
+    };
+    ($plugin:ty : routes $(, operations { $($op:expr => $f:expr),* $(,)? })? $(,)?) => {
+        $crate::__declare_plugin!($plugin, $crate::Kind::Other, [routes], [$($($op => $f),*)?]);
+    };
+}
+
+/// The body of [`declare_plugin!`]. Not for direct use.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __declare_plugin {
+    ($plugin:ty, $kind:expr, [$($part:ident)+], [$($op:expr => $f:expr),*]) => {
+        impl $crate::Dispatch for $plugin {
+            const KIND: $crate::Kind = $kind;
+            fn operations() -> ::std::vec::Vec<&'static str> {
+                let mut ops: ::std::vec::Vec<&'static str> = ::std::vec::Vec::new();
+                $( ops.extend_from_slice($crate::dispatch::$part::OPERATIONS); )+
+                $( ops.push($op); )*
+                ops
+            }
+            fn call(
+                &mut self,
+                op: &str,
+                input: &[u8],
+            ) -> ::std::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
+                $(
+                    if let ::std::option::Option::Some(answer) =
+                        $crate::dispatch::$part::call(self, op, input)
+                    {
+                        return answer;
+                    }
+                )+
+                $(
+                    if op == $op {
+                        return $crate::dispatch::operation(self, op, input, $f);
+                    }
+                )*
+                ::std::result::Result::Err($crate::dispatch::unknown::<Self>(op))
+            }
+        }
         #[allow(unsafe_code)]
         unsafe extern "C" fn __connectord_create(
             config: *const u8,
@@ -547,7 +680,7 @@ macro_rules! declare_plugin {
             abi_version: <$plugin as $crate::Plugin>::ABI,
             name: <$plugin as $crate::Plugin>::NAME.as_ptr(),
             name_len: <$plugin as $crate::Plugin>::NAME.len(),
-            kind: <$plugin as $crate::Plugin>::KIND as u32,
+            kind: <$plugin as $crate::Dispatch>::KIND as u32,
             create: __connectord_create,
             call: __connectord_call,
             free: __connectord_free,

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::auth::{AuthRequest, AuthVerdict, OP_AUTHENTICATE};
 use crate::http::{HttpRequest, HttpResponse, OP_HTTP};
-use crate::{ABI_VERSION, Buf, Host, HostApi, Plugin, level};
+use crate::{ABI_VERSION, Buf, Dispatch, Host, HostApi, level};
 
 #[derive(Default)]
 struct Inner {
@@ -210,7 +210,7 @@ pub fn auth_request(method: &str, path: &str, header_pairs: &[(&str, &str)]) -> 
 
 /// Calls `op` with `input` as JSON and decodes the answer as JSON; panics if the call fails
 /// or the answer is not JSON.
-pub fn call_json<P: Plugin>(p: &mut P, op: &str, input: &Value) -> Value {
+pub fn call_json<P: Dispatch>(p: &mut P, op: &str, input: &Value) -> Value {
     let out = p
         .call(op, input.to_string().as_bytes())
         .unwrap_or_else(|e| panic!("{op} failed: {e}"));
@@ -219,7 +219,7 @@ pub fn call_json<P: Plugin>(p: &mut P, op: &str, input: &Value) -> Value {
 
 /// Asks `p` to authenticate `req` ([`OP_AUTHENTICATE`]); panics unless the answer is an
 /// [`AuthVerdict`].
-pub fn authenticate<P: Plugin>(p: &mut P, req: &AuthRequest) -> AuthVerdict {
+pub fn authenticate<P: Dispatch>(p: &mut P, req: &AuthRequest) -> AuthVerdict {
     let input = serde_json::to_value(req).expect("AuthRequest as JSON");
     serde_json::from_value(call_json(p, OP_AUTHENTICATE, &input)).expect("AuthVerdict")
 }
@@ -227,7 +227,7 @@ pub fn authenticate<P: Plugin>(p: &mut P, req: &AuthRequest) -> AuthVerdict {
 /// Hands `req` to `p` ([`OP_HTTP`]) and returns the response with its body decoded; panics
 /// unless the answer is an [`HttpResponse`] with `content-type: application/json` and a
 /// JSON body.
-pub fn call_http<P: Plugin>(p: &mut P, req: &HttpRequest) -> (HttpResponse, Value) {
+pub fn call_http<P: Dispatch>(p: &mut P, req: &HttpRequest) -> (HttpResponse, Value) {
     let input = serde_json::to_value(req).expect("HttpRequest as JSON");
     let resp: HttpResponse =
         serde_json::from_value(call_json(p, OP_HTTP, &input)).expect("HttpResponse");
@@ -245,11 +245,19 @@ pub fn call_http<P: Plugin>(p: &mut P, req: &HttpRequest) -> (HttpResponse, Valu
 /// Inputs that are no operation's JSON document: empty, truncated, an array, not UTF-8.
 pub const BAD_INPUTS: [&[u8]; 4] = [b"", b"{", b"[]", b"\xff\xfe"];
 
-/// Asserts that `p` answers an unknown operation (`nope`) with an error that names it, and each of
+/// Asserts that `p` answers an unknown operation (`nope`) with an error that names it and
+/// lists every operation it answers ([`Dispatch::operations`]), and each of
 /// `ops` with an error for each of [`BAD_INPUTS`] and of `also` (say `{}` for operations
 /// whose input has required fields).
-pub fn assert_bad_input_refused<P: Plugin>(p: &mut P, ops: &[&str], also: &[&[u8]]) {
-    assert!(p.call("nope", b"{}").unwrap_err().contains("nope"));
+pub fn assert_bad_input_refused<P: Dispatch>(p: &mut P, ops: &[&str], also: &[&[u8]]) {
+    let unknown = p.call("nope", b"{}").unwrap_err();
+    assert!(unknown.contains("nope"), "{unknown}");
+    for op in P::operations() {
+        assert!(
+            unknown.contains(&format!("{op:?}")),
+            "{op} not listed: {unknown}"
+        );
+    }
     for op in ops {
         for input in BAD_INPUTS.iter().chain(also) {
             assert!(p.call(op, input).is_err(), "{op} {input:?}");
@@ -259,7 +267,7 @@ pub fn assert_bad_input_refused<P: Plugin>(p: &mut P, ops: &[&str], also: &[&[u8
 
 /// Asserts that `P` accepts the configuration `{}` and refuses `{field: value}` with an
 /// error that names `field` (an unknown field, say).
-pub fn assert_config_field_refused<P: Plugin>(field: &str, value: Value) {
+pub fn assert_config_field_refused<P: Dispatch>(field: &str, value: Value) {
     let host = MemoryHost::new();
     assert!(P::create(Value::Object(Default::default()), host.host()).is_ok());
     let config = Value::Object([(field.to_string(), value)].into_iter().collect());
@@ -274,17 +282,18 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::auth::PrincipalSpec;
-    use crate::{Kind, decode_input, encode_answer};
+    use crate::auth::{KeyStatusRequest, PrincipalSpec};
+    use crate::http::{OP_ROUTES, RoutesResponse};
+    use crate::{AuthPlugin, Buf, Kind, Plugin, RoutesPlugin};
 
-    /// Accepts a request whose `x-key` header is `k`; answers every route with its path.
+    /// Accepts a request whose `x-key` header is `k`; answers every route with its path
+    /// (and panics on `/panic`); its own operation `echo` answers its input.
     struct Echo {
         host: Host,
     }
 
     impl Plugin for Echo {
         const NAME: &'static str = "echo";
-        const KIND: Kind = Kind::Auth;
 
         fn create(config: Value, host: Host) -> Result<Self, String> {
             match config.as_object().and_then(|o| o.keys().next()) {
@@ -292,37 +301,61 @@ mod tests {
                 None => Ok(Echo { host }),
             }
         }
+    }
 
-        fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
-            match op {
-                OP_AUTHENTICATE => {
-                    let req: AuthRequest = decode_input(op, input)?;
-                    let verdict = match req.headers.get("x-key").map(String::as_str) {
-                        Some("k") => AuthVerdict::Accepted {
-                            principal: PrincipalSpec {
-                                key_id: req.method,
-                                domain: req.path,
-                                scopes: Vec::new(),
-                                allow: None,
-                                creator: None,
-                            },
-                            cache: None,
-                        },
-                        _ => AuthVerdict::NotMine,
-                    };
-                    encode_answer(&verdict)
-                }
-                OP_HTTP => {
-                    let req: HttpRequest = decode_input(op, input)?;
-                    self.host.warn(&format!("served {}", req.path));
-                    self.host.info("info line");
-                    self.host.state_put("k\u{e9}y", b"v\xffalue")?;
-                    encode_answer(&HttpResponse::json(200, &json!({"path": req.path})))
-                }
-                other => Err(format!("unknown operation {other}")),
+    impl AuthPlugin for Echo {
+        fn authenticate(&mut self, req: AuthRequest) -> Result<AuthVerdict, String> {
+            Ok(match req.headers.get("x-key").map(String::as_str) {
+                Some("k") => AuthVerdict::Accepted {
+                    principal: PrincipalSpec {
+                        key_id: req.method,
+                        domain: req.path,
+                        scopes: Vec::new(),
+                        allow: None,
+                        creator: None,
+                    },
+                    cache: None,
+                },
+                _ => AuthVerdict::NotMine,
+            })
+        }
+    }
+
+    impl RoutesPlugin for Echo {
+        fn routes(&mut self) -> Result<RoutesResponse, String> {
+            Ok(RoutesResponse::default())
+        }
+
+        fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {
+            if req.path == "/panic" {
+                panic!("asked to panic");
+            }
+            self.host.warn(&format!("served {}", req.path));
+            self.host.info("info line");
+            self.host.state_put("k\u{e9}y", b"v\xffalue")?;
+            Ok(HttpResponse::json(200, &json!({"path": req.path})))
+        }
+    }
+
+    #[derive(serde::Deserialize, serde::Serialize)]
+    #[serde(deny_unknown_fields)]
+    struct Said {
+        said: String,
+    }
+
+    impl Echo {
+        fn echo(&mut self, req: Option<Said>) -> Result<Said, String> {
+            match req {
+                Some(s) if s.said == "fail" => Err("echo: asked to fail".into()),
+                Some(s) => Ok(s),
+                None => Ok(Said {
+                    said: "nothing".into(),
+                }),
             }
         }
     }
+
+    crate::declare_plugin!(Echo: auth + routes, operations { "echo" => Echo::echo });
 
     #[test]
     fn helpers_call_the_plugin_with_json() {
@@ -372,5 +405,172 @@ mod tests {
                 .unwrap_err()
                 .starts_with("http: bad input: ")
         );
+    }
+
+    fn request(path: &str) -> HttpRequest {
+        HttpRequest {
+            backend: String::new(),
+            method: "GET".into(),
+            path: path.into(),
+            query: None,
+            headers: BTreeMap::new(),
+            body: String::new(),
+            principal: PrincipalSpec {
+                key_id: "id".into(),
+                domain: "d".into(),
+                scopes: Vec::new(),
+                allow: None,
+                creator: None,
+            },
+        }
+    }
+
+    #[test]
+    fn the_dispatcher_lists_what_it_answers() {
+        assert_eq!(<Echo as Dispatch>::KIND, Kind::Auth);
+        assert_eq!(
+            Echo::operations(),
+            [
+                "authenticate",
+                "bootstrap",
+                "key_status",
+                "routes",
+                "http",
+                "echo"
+            ]
+        );
+        let host = MemoryHost::new();
+        let mut p = Echo::create(json!({}), host.host()).unwrap();
+        assert_eq!(
+            p.call("nope", b"{}").unwrap_err(),
+            "echo: unknown operation \"nope\"; it answers \"authenticate\", \"bootstrap\", \
+             \"key_status\", \"routes\", \"http\", \"echo\""
+        );
+        // Operation names are matched exactly.
+        assert!(
+            p.call("Authenticate", b"{}")
+                .unwrap_err()
+                .contains("unknown operation")
+        );
+        assert!(
+            p.call("", b"{}")
+                .unwrap_err()
+                .contains("unknown operation \"\"")
+        );
+    }
+
+    #[test]
+    fn the_dispatcher_decodes_inputs_and_encodes_answers() {
+        let host = MemoryHost::new();
+        let mut p = Echo::create(json!({}), host.host()).unwrap();
+        // The defaults of the auth trait: bootstrap creates nothing; key_status is an
+        // error (the backend cannot vouch for its keys).
+        assert_eq!(
+            call_json(&mut p, "bootstrap", &json!({"domain": "d"})),
+            json!({"created": null})
+        );
+        let input = serde_json::to_vec(&KeyStatusRequest { key_id: "k".into() }).unwrap();
+        let why = p.call("key_status", &input).unwrap_err();
+        assert!(why.starts_with("echo: key_status is not answered"), "{why}");
+        // `routes` reads no input.
+        for input in [&b""[..], b"{}", b"not json"] {
+            assert_eq!(p.call(OP_ROUTES, input).unwrap(), br#"{"routes":[]}"#);
+        }
+        // A plugin's own operation: typed input and answer; an `Option` input may be
+        // left out; the method's error is the call's.
+        assert_eq!(
+            call_json(&mut p, "echo", &json!({"said": "hi"})),
+            json!({"said": "hi"})
+        );
+        for blank in [&b""[..], b" \n", b"null"] {
+            assert_eq!(p.call("echo", blank).unwrap(), br#"{"said":"nothing"}"#);
+        }
+        assert_eq!(
+            p.call("echo", br#"{"said":"fail"}"#).unwrap_err(),
+            "echo: asked to fail"
+        );
+        assert!(
+            p.call("echo", br#"{"said":"x","more":1}"#)
+                .unwrap_err()
+                .starts_with("echo: bad input: unknown field `more`")
+        );
+        // A required input left out is "no input", not a parse error at column 0.
+        assert_eq!(
+            p.call("authenticate", b"").unwrap_err(),
+            "authenticate: bad input: no input (a JSON document is expected)"
+        );
+        assert_bad_input_refused(
+            &mut p,
+            &["authenticate", "bootstrap", "key_status", "http"],
+            &[b"{}"],
+        );
+    }
+
+    #[test]
+    fn panics_in_typed_methods_are_caught_at_the_boundary() {
+        let table = plugin_table();
+        assert_eq!(table.kind, Kind::Auth as u32);
+        assert_eq!(table.abi_version, crate::ABI_VERSION);
+        // SAFETY: the table of this image; the name is static.
+        assert_eq!(unsafe { table.name() }, "echo");
+        let host = MemoryHost::new();
+        let api = Box::new(HostApi {
+            abi_version: ABI_VERSION,
+            ctx: Arc::as_ptr(&host.inner) as *mut c_void,
+            log,
+            state_get,
+            state_put,
+            state_delete,
+            state_keys,
+            free,
+        });
+        let mut instance = std::ptr::null_mut();
+        let mut err = Buf::EMPTY;
+        // SAFETY: the ABI contract, as the host keeps it: valid slices and out pointers,
+        // `api` alive until the instance is destroyed.
+        let rc = unsafe { (table.create)(b"{}".as_ptr(), 2, &*api, &mut instance, &mut err) };
+        assert_eq!(rc, 0);
+        let call = |op: &str, input: &[u8]| {
+            let mut out = Buf::EMPTY;
+            // SAFETY: as above.
+            let rc = unsafe {
+                (table.call)(
+                    instance,
+                    op.as_ptr(),
+                    op.len(),
+                    input.as_ptr(),
+                    input.len(),
+                    &mut out,
+                )
+            };
+            // SAFETY: the plugin filled `out`; copied, then freed by the plugin.
+            let bytes = unsafe { out.to_vec() };
+            unsafe { (table.free)(out) };
+            (rc, String::from_utf8(bytes).unwrap())
+        };
+        let input = serde_json::to_string(&request("/panic")).unwrap();
+        let (rc, message) = call("http", input.as_bytes());
+        assert_eq!(rc, 2, "{message}");
+        assert!(
+            message.starts_with("plugin panicked at ") && message.ends_with(": asked to panic"),
+            "{message}"
+        );
+        // The instance serves on; an error is rc 1, an answer rc 0.
+        let (rc, message) = call("nope", b"{}");
+        assert_eq!(rc, 1);
+        assert!(
+            message.starts_with("echo: unknown operation \"nope\""),
+            "{message}"
+        );
+        let (rc, message) = call("http", b"[");
+        assert_eq!(rc, 1);
+        assert!(message.starts_with("http: bad input: "), "{message}");
+        let input = serde_json::to_string(&request("/x")).unwrap();
+        let (rc, message) = call("http", input.as_bytes());
+        assert_eq!(rc, 0, "{message}");
+        assert!(message.contains(r#"\"path\":\"/x\""#), "{message}");
+        // SAFETY: created above, destroyed once.
+        unsafe { (table.destroy)(instance) };
+        drop(api);
     }
 }

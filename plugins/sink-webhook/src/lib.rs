@@ -1,20 +1,20 @@
 //! The webhook notification sink: connectord pushes notification batches to HTTP(S) callback
-//! URLs through this plugin (name `webhook`, kind [`Kind::Sink`]).
+//! URLs through this plugin (name `webhook`, kind `Kind::Sink`).
 //!
 //! # Operations
 //!
-//! - [`OP_VERIFY`] ([`VerifyRequest`] → [`VerifyResponse`]): when a callback is registered,
+//! - `OP_VERIFY` ([`VerifyRequest`] → [`VerifyResponse`]): when a callback is registered,
 //!   a `PUT` with an empty body; `ok` on a 2xx answer, else `ok: false` and a reason that can
 //!   be shown to the REST client (`callback URL answered 404 Not Found`, `cannot connect to
 //!   callback URL: connection refused`, `invalid callback URL ...`, ...).
-//! - [`OP_DELIVER`] ([`DeliverRequest`] → [`DeliverResponse`]): a `PUT` of `body` as is.
+//! - `OP_DELIVER` ([`DeliverRequest`] → [`DeliverResponse`]): a `PUT` of `body` as is.
 //!   2xx is `accepted`; 408, 429, 5xx, connection and TLS failures and the timeout are
 //!   `retry`; any other status (redirects are not followed), an invalid URL or header is
 //!   `refused`.
 //!
 //! Both requests carry `Content-Type: application/json` and the target's headers. An input
-//! that is not the operation's JSON document, or an unknown operation, is an error (`Err`),
-//! not an answer. The details of the client are in [`client`].
+//! that is not the operation's JSON document (`verify: bad input: …`), or an unknown
+//! operation, is an error (`Err`, from the SDK's dispatcher), not an answer. The details of the client are in [`client`].
 //!
 //! # Configuration
 //!
@@ -52,12 +52,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use connectord_plugin_sdk::sink::{
-    DeliverRequest, DeliverResponse, OP_DELIVER, OP_VERIFY, VerifyRequest, VerifyResponse,
-};
-use connectord_plugin_sdk::{Host, Kind, Plugin, declare_plugin};
+use connectord_plugin_sdk::sink::{DeliverRequest, DeliverResponse, VerifyRequest, VerifyResponse};
+use connectord_plugin_sdk::{Host, Plugin, SinkPlugin, declare_plugin};
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use tokio::runtime::Runtime;
 
 pub mod client;
@@ -167,17 +164,8 @@ impl Drop for WebhookSink {
     }
 }
 
-fn parse<T: DeserializeOwned>(op: &str, input: &[u8]) -> Result<T, String> {
-    serde_json::from_slice(input).map_err(|e| format!("invalid {op} request: {e}"))
-}
-
-fn encode<T: serde::Serialize>(answer: &T) -> Result<Vec<u8>, String> {
-    serde_json::to_vec(answer).map_err(|e| format!("cannot encode the answer: {e}"))
-}
-
 impl Plugin for WebhookSink {
     const NAME: &'static str = "webhook";
-    const KIND: Kind = Kind::Sink;
 
     fn create(config: serde_json::Value, host: Host) -> Result<Self, String> {
         let config = Config::from_json(config)?;
@@ -206,37 +194,30 @@ impl Plugin for WebhookSink {
             rt: Some(rt),
         })
     }
+}
 
-    fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, String> {
-        match op {
-            OP_VERIFY => {
-                let request: VerifyRequest = parse(op, input)?;
-                let answer = match self.block_on(self.client.verify(&request.target))? {
-                    Ok(()) => VerifyResponse {
-                        ok: true,
-                        reason: None,
-                    },
-                    Err(reason) => VerifyResponse {
-                        ok: false,
-                        reason: Some(reason),
-                    },
-                };
-                encode(&answer)
-            }
-            OP_DELIVER => {
-                let request: DeliverRequest = parse(op, input)?;
-                let body = Bytes::from(request.body);
-                let delivery = self.block_on(self.client.deliver(&request.target, body))?;
-                encode(&DeliverResponse::from(delivery))
-            }
-            other => Err(format!(
-                "unknown operation {other:?} (the webhook sink answers {OP_VERIFY:?} and {OP_DELIVER:?})"
-            )),
-        }
+impl SinkPlugin for WebhookSink {
+    fn verify(&mut self, request: VerifyRequest) -> Result<VerifyResponse, String> {
+        Ok(match self.block_on(self.client.verify(&request.target))? {
+            Ok(()) => VerifyResponse {
+                ok: true,
+                reason: None,
+            },
+            Err(reason) => VerifyResponse {
+                ok: false,
+                reason: Some(reason),
+            },
+        })
+    }
+
+    fn deliver(&mut self, request: DeliverRequest) -> Result<DeliverResponse, String> {
+        let body = Bytes::from(request.body);
+        let delivery = self.block_on(self.client.deliver(&request.target, body))?;
+        Ok(DeliverResponse::from(delivery))
     }
 }
 
-declare_plugin!(WebhookSink);
+declare_plugin!(WebhookSink: sink);
 
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,5 @@
 //! Tests of the plugin, driven through its operations ([`Plugin::create`] with a
-//! [`MemoryHost`], then [`Plugin::call`] with JSON) against real receivers.
+//! [`MemoryHost`], then [`Dispatch::call`] with JSON) against real receivers.
 //!
 //! `call` blocks on the instance's own runtime, so the tests are plain `#[test]`s, outside
 //! any runtime, and every receiver runs on a runtime (and worker thread) of its own.
@@ -16,7 +16,7 @@ use connectord_plugin_sdk::sink::{
     DeliverRequest, DeliverResponse, OP_DELIVER, OP_VERIFY, Target, VerifyRequest, VerifyResponse,
 };
 use connectord_plugin_sdk::testing::MemoryHost;
-use connectord_plugin_sdk::{ABI_VERSION, Kind, Plugin, level};
+use connectord_plugin_sdk::{ABI_VERSION, Dispatch, Kind, Plugin, level};
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
@@ -447,6 +447,8 @@ fn create_logs_its_setup() {
 
 #[test]
 fn bad_input_and_unknown_operations_are_errors() {
+    assert_eq!(<WebhookSink as Dispatch>::KIND, Kind::Sink);
+    assert_eq!(WebhookSink::operations(), ["verify", "deliver"]);
     bounded(|| {
         let receiver = Receiver::start(200);
         let mut sink = Sink::new(None);
@@ -474,7 +476,7 @@ fn bad_input_and_unknown_operations_are_errors() {
         ] {
             let message = sink.call(op, &input).unwrap_err();
             assert!(
-                message.starts_with(&format!("invalid {op} request: ")),
+                message.starts_with(&format!("{op}: bad input: ")),
                 "{op} {:?}: {message}",
                 String::from_utf8_lossy(&input)
             );
@@ -484,9 +486,7 @@ fn bad_input_and_unknown_operations_are_errors() {
             let message = sink.call(op, &valid).unwrap_err();
             assert_eq!(
                 message,
-                format!(
-                    "unknown operation {op:?} (the webhook sink answers \"verify\" and \"deliver\")"
-                )
+                format!("webhook: unknown operation {op:?}; it answers \"verify\", \"deliver\"")
             );
         }
         assert!(receiver.requests().is_empty());
