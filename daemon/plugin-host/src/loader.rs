@@ -753,23 +753,9 @@ impl Instance {
     /// Calls an operation: the answer, or the plugin's error (a panic the SDK caught
     /// apart).
     fn call(&mut self, op: &str, input: &[u8]) -> Result<Vec<u8>, PluginError> {
-        // SAFETY: create's contract: the image is loaded while the instance lives.
-        let t = unsafe { &*self.table.0 };
-        let mut out = Buf::EMPTY;
-        // SAFETY: the ABI contract with the instance create returned.
-        let rc = unsafe {
-            (t.call)(
-                self.instance,
-                op.as_ptr(),
-                op.len(),
-                input.as_ptr(),
-                input.len(),
-                &mut out,
-            )
-        };
-        // SAFETY: the plugin filled `out`; copy it, then let the plugin free it.
-        let bytes = unsafe { out.to_vec() };
-        unsafe { (t.free)(out) };
+        // SAFETY: create's contract: the image is loaded while the instance lives, and
+        // `&mut self` makes this the instance's only call.
+        let (rc, bytes) = unsafe { (*self.table.0).call_instance(self.instance, op, input) };
         let message = || String::from_utf8_lossy(&bytes).into_owned();
         match rc {
             0 => Ok(bytes),

@@ -711,6 +711,38 @@ impl PluginTable {
         String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(self.name, self.name_len) })
             .into_owned()
     }
+
+    /// Calls operation `op` of `instance` with `input` through [`PluginTable::call`]:
+    /// the return code (0 an answer, 1 an error, 2 a caught panic) and the answer or
+    /// message, copied out of the plugin's buffer, which the plugin then frees.
+    ///
+    /// # Safety
+    /// The table must come from a loaded plugin image that is still loaded, and
+    /// `instance` from its `create`, not yet destroyed; no other call of `instance` may
+    /// run at the same time.
+    pub unsafe fn call_instance(
+        &self,
+        instance: *mut c_void,
+        op: &str,
+        input: &[u8],
+    ) -> (i32, Vec<u8>) {
+        let mut out = Buf::EMPTY;
+        // SAFETY: per the contract above; the slices are valid for the call.
+        let rc = unsafe {
+            (self.call)(
+                instance,
+                op.as_ptr(),
+                op.len(),
+                input.as_ptr(),
+                input.len(),
+                &mut out,
+            )
+        };
+        // SAFETY: the plugin filled `out`; copied, then freed by the plugin.
+        let bytes = unsafe { out.to_vec() };
+        unsafe { (self.free)(out) };
+        (rc, bytes)
+    }
 }
 
 pub mod testing;

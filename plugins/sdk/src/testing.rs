@@ -376,21 +376,7 @@ mod tests {
         let req = auth_request("GET", "/endpoints", &[]);
         assert_eq!(authenticate(&mut p, &req), AuthVerdict::NotMine);
 
-        let req = HttpRequest {
-            backend: String::new(),
-            method: "GET".into(),
-            path: "/x".into(),
-            query: None,
-            headers: BTreeMap::new(),
-            body: String::new(),
-            principal: PrincipalSpec {
-                key_id: "id".into(),
-                domain: "d".into(),
-                scopes: Vec::new(),
-                allow: None,
-                creator: None,
-            },
-        };
+        let req = request("/x");
         let (resp, body) = call_http(&mut p, &req);
         assert_eq!(resp.status, 200);
         assert_eq!(body, json!({"path": "/x"}));
@@ -531,21 +517,8 @@ mod tests {
         let rc = unsafe { (table.create)(b"{}".as_ptr(), 2, &*api, &mut instance, &mut err) };
         assert_eq!(rc, 0);
         let call = |op: &str, input: &[u8]| {
-            let mut out = Buf::EMPTY;
-            // SAFETY: as above.
-            let rc = unsafe {
-                (table.call)(
-                    instance,
-                    op.as_ptr(),
-                    op.len(),
-                    input.as_ptr(),
-                    input.len(),
-                    &mut out,
-                )
-            };
-            // SAFETY: the plugin filled `out`; copied, then freed by the plugin.
-            let bytes = unsafe { out.to_vec() };
-            unsafe { (table.free)(out) };
+            // SAFETY: as above; one call at a time.
+            let (rc, bytes) = unsafe { table.call_instance(instance, op, input) };
             (rc, String::from_utf8(bytes).unwrap())
         };
         let input = serde_json::to_string(&request("/panic")).unwrap();
