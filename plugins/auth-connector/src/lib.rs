@@ -480,22 +480,6 @@ impl ConnectorAuth {
         }
     }
 
-    fn routes() -> RoutesResponse {
-        let route = |method: &str, path: String| Route {
-            method: method.to_string(),
-            path,
-            scope: KEYS_WRITE.to_string(),
-            errors: None,
-        };
-        RoutesResponse {
-            routes: vec![
-                route("GET", TOKENS_PATH.to_string()),
-                route("POST", TOKENS_PATH.to_string()),
-                route("DELETE", format!("{TOKENS_PATH}/{{id}}")),
-            ],
-        }
-    }
-
     fn http(&mut self, req: HttpRequest) -> HttpResponse {
         let rest = req.path.strip_prefix(TOKENS_PATH);
         // `/api/api_tokens/{id}`: one non-empty segment.
@@ -707,7 +691,19 @@ impl AuthPlugin for ConnectorAuth {
 
 impl RoutesPlugin for ConnectorAuth {
     fn routes(&mut self) -> Result<RoutesResponse, String> {
-        Ok(ConnectorAuth::routes())
+        let route = |method: &str, path: String| Route {
+            method: method.to_string(),
+            path,
+            scope: KEYS_WRITE.to_string(),
+            errors: None,
+        };
+        Ok(RoutesResponse {
+            routes: vec![
+                route("GET", TOKENS_PATH.to_string()),
+                route("POST", TOKENS_PATH.to_string()),
+                route("DELETE", format!("{TOKENS_PATH}/{{id}}")),
+            ],
+        })
     }
 
     fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {

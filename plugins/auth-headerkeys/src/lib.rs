@@ -634,22 +634,6 @@ impl HeaderKeys {
         }
     }
 
-    fn routes() -> RoutesResponse {
-        let route = |method: &str, path: &str| Route {
-            method: method.to_string(),
-            path: path.to_string(),
-            scope: AUTHENTICATED.to_string(),
-            errors: None,
-        };
-        RoutesResponse {
-            routes: vec![
-                route("GET", APIKEYS_PATH),
-                route("GET", APIKEY_ONE_PATH),
-                route("PUT", APIKEY_ONE_PATH),
-            ],
-        }
-    }
-
     /// `/api/v1/apikeys` and `/api/v1/apikeys/keys/{n}`.
     ///
     /// `GET /api/v1/apikeys` answers every key pair, secrets included. **Warning** (seed
@@ -809,7 +793,19 @@ impl AuthPlugin for HeaderKeys {
 
 impl RoutesPlugin for HeaderKeys {
     fn routes(&mut self) -> Result<RoutesResponse, String> {
-        Ok(HeaderKeys::routes())
+        let route = |method: &str, path: &str| Route {
+            method: method.to_string(),
+            path: path.to_string(),
+            scope: AUTHENTICATED.to_string(),
+            errors: None,
+        };
+        Ok(RoutesResponse {
+            routes: vec![
+                route("GET", APIKEYS_PATH),
+                route("GET", APIKEY_ONE_PATH),
+                route("PUT", APIKEY_ONE_PATH),
+            ],
+        })
     }
 
     fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {

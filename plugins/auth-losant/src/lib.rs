@@ -695,24 +695,6 @@ impl Losant {
         }
     }
 
-    fn routes() -> RoutesResponse {
-        let route = |method: &str, path: &str| Route {
-            method: method.to_string(),
-            path: path.to_string(),
-            scope: AUTHENTICATED.to_string(),
-            errors: Some(error_types()),
-        };
-        RoutesResponse {
-            routes: vec![
-                route("GET", KEYS_ROUTE),
-                route("POST", KEYS_ROUTE),
-                route("GET", KEY_ROUTE),
-                route("PATCH", KEY_ROUTE),
-                route("DELETE", KEY_ROUTE),
-            ],
-        }
-    }
-
     /// The token a route request carries, checked against the principal.
     fn request_token(&self, req: &HttpRequest) -> Result<&TokenRecord, HttpResponse> {
         let refuse =
@@ -937,7 +919,21 @@ impl AuthPlugin for Losant {
 
 impl RoutesPlugin for Losant {
     fn routes(&mut self) -> Result<RoutesResponse, String> {
-        Ok(Losant::routes())
+        let route = |method: &str, path: &str| Route {
+            method: method.to_string(),
+            path: path.to_string(),
+            scope: AUTHENTICATED.to_string(),
+            errors: Some(error_types()),
+        };
+        Ok(RoutesResponse {
+            routes: vec![
+                route("GET", KEYS_ROUTE),
+                route("POST", KEYS_ROUTE),
+                route("GET", KEY_ROUTE),
+                route("PATCH", KEY_ROUTE),
+                route("DELETE", KEY_ROUTE),
+            ],
+        })
     }
 
     fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {
