@@ -8,7 +8,13 @@
 //! built `serde_json::Value` maps, whose keys are sorted).
 //!
 //! An entry is rendered once per event and kept with it (`Event::rendered`): an event
-//! queued for several keys, or delivered again, is not rendered again.
+//! queued for several keys, or delivered again, is not rendered again. Measured (issue
+//! 20, callgrind, one notification at a time, docs/PERFORMANCE.md): with rendering here
+//! and the store's typed record, a notification to a long-poll costs about 91 000
+//! user-space instructions against 87 300 when core made and stored the rendered text
+//! (+4.2 %), to a webhook 121 100 against 120 500 (+0.4 %), a proxied read 74 700
+//! against 71 800 (+4.0 %); a registration with no channel to route it to is no longer
+//! rendered at all (108 100 against 139 900).
 
 use std::collections::BTreeMap;
 
