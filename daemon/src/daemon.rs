@@ -439,6 +439,8 @@ async fn start_services(
     let sink = PluginSink {
         host: Arc::clone(&plugins),
         name: config.plugins.sink.clone(),
+        // The plugin is handed the mbed JSON message, rendered by the REST edge.
+        render: Arc::new(connectord_rest::wire::Mbed),
     };
     // Callbacks go to a sink by their URL's scheme; the `[plugins] sink` takes every
     // scheme no other sink claims (today: all of them; it answers http and https).

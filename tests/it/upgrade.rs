@@ -51,6 +51,51 @@ fn install_fixture(state: &Path) {
     .unwrap();
 }
 
+/// The notification message the release before answered for the fixture's queued events:
+/// its stored entries (their text as stored) grouped by type in name order, each type's
+/// entries in the order they were queued.
+fn old_message() -> String {
+    #[derive(serde::Deserialize)]
+    struct Row<'a> {
+        #[serde(borrow)]
+        event: Stored<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Stored<'a> {
+        kind: String,
+        #[serde(borrow)]
+        body: &'a serde_json::value::RawValue,
+    }
+    // Immutable: SQLite writes nothing beside the fixture (no -shm or -wal file).
+    let uri = format!("file:{FIXTURE}/connectord.db?immutable=1");
+    let db = rusqlite::Connection::open_with_flags(
+        uri,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+    )
+    .unwrap();
+    let rows: Vec<String> = db
+        .prepare("SELECT data FROM events ORDER BY key_id, seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(rows.len(), 4, "the fixture's queued events");
+    let mut groups: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for row in &rows {
+        let r: Row<'_> = serde_json::from_str(row).unwrap();
+        groups
+            .entry(r.event.kind)
+            .or_default()
+            .push(r.event.body.get().to_string());
+    }
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|(kind, entries)| format!("\"{kind}\":[{}]", entries.join(",")))
+        .collect();
+    format!("{{{}}}", parts.join(","))
+}
+
 #[test]
 fn a_state_directory_of_the_release_before_opens_and_serves_what_it_held() {
     let d = Daemon::start().stop_edit_restart(install_fixture);
@@ -82,10 +127,14 @@ fn a_state_directory_of_the_release_before_opens_and_serves_what_it_held() {
         "{}",
         subs.body
     );
-    // The four events the old release had queued for the key, delivered.
-    let events = d.collect_events(Duration::from_secs(10), |e| {
-        e.0.values().map(Vec::len).sum::<usize>() >= 4
-    });
+    // The four events the old release had queued for the key, delivered byte for byte as
+    // that release delivered them (its stored entries, issue 20 migrated them to typed
+    // records and renders them at the edge): one long-poll answer.
+    let r = d.get("/v2/notification/pull?noWait=true");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, old_message(), "as the release before answered");
+    let mut events = crate::support::Events::default();
+    events.add(&r.json());
     let ids: Vec<&str> = events.0["async-responses"]
         .iter()
         .filter_map(|e| e["id"].as_str())
@@ -103,4 +152,104 @@ fn a_state_directory_of_the_release_before_opens_and_serves_what_it_held() {
         "{events:?}"
     );
     assert_eq!(events.0["subscription-errors"].len(), 1, "{events:?}");
+}
+
+/// A schema-7 database (events stored as their rendered mbed JSON entries) with an event
+/// of every kind queued, hand-written as the release before wrote them: this build
+/// migrates them to its typed records (schema 8) and answers the key's long-poll with each
+/// entry byte for byte as that release would have, in the order queued; the key's events
+/// are numbered on after the highest migrated one (acknowledging them takes only them).
+#[test]
+fn schema_7_events_of_every_kind_are_served_as_before() {
+    let d = Daemon::start();
+    // The admin key's channel (its key id is in the channels table).
+    assert!(d.pull_now().is_none());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let bodies = [
+        (
+            "notifications",
+            r#"{"ct":"text/plain","ep":"e","max-age":60,"path":"/3303/0/5700","payload":"MjEuNw=="}"#,
+        ),
+        (
+            "registrations",
+            r#"{"ct":"application/vnd.oma.lwm2m+tlv","ep":"e","ept":"Sensor","lwm2m":"1.1","q":true,"resources":[{"ct":"text/plain","if":"s","obs":true,"path":"/3/0","rf":"oma","rt":"oma","ver":"1.1"},{"obs":false,"path":"/1/0"}]}"#,
+        ),
+        (
+            "reg-updates",
+            r#"{"ep":"e","ept":"","q":false,"resources":[]}"#,
+        ),
+        ("de-registrations", r#""e""#),
+        ("registrations-expired", r#""e\"q\u0001""#),
+        (
+            "async-responses",
+            r#"{"ct":"text/plain","id":"1#a","max-age":0,"payload":"MTI=","status":200}"#,
+        ),
+        (
+            "async-responses",
+            r#"{"error":"timeout","id":"2#b","location":"/3303/1","payload":"","status":504}"#,
+        ),
+        (
+            "subscription-errors",
+            r#"{"ep":"e","error":"no Observe","path":"/3/0/1","status":412}"#,
+        ),
+        (
+            "notifications",
+            r#"{"ep":"é \"x\"","max-age":5,"path":"/3/0/0","payload":"AP8="}"#,
+        ),
+    ];
+    let d = d.stop_edit_restart(|state| {
+        let db = rusqlite::Connection::open(state.join("connectord.db")).unwrap();
+        let key: String = db
+            .query_row("SELECT key_id FROM channels", [], |r| r.get(0))
+            .unwrap();
+        // Schema 8 added a table; a schema-7 database has none of it.
+        db.execute_batch("DROP TABLE event_epoch; DELETE FROM events; PRAGMA user_version = 7;")
+            .unwrap();
+        for (i, (kind, body)) in bodies.iter().enumerate() {
+            let seq = 10 + i as i64;
+            let key_json = serde_json::to_string(&key).unwrap();
+            let row = format!(
+                r#"{{"key_id":{key_json},"seq":{seq},"event":{{"kind":"{kind}","body":{body},"created_ms":{now}}}}}"#
+            );
+            db.execute(
+                "INSERT INTO events (key_id, seq, data) VALUES (?1, ?2, ?3)",
+                rusqlite::params![key, seq, row],
+            )
+            .unwrap();
+        }
+    });
+    assert!(
+        d.wait_log(
+            "migrated database schema to version 8",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        d.logs().join("\n")
+    );
+    let mut groups: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (kind, body) in bodies {
+        groups.entry(kind).or_default().push(body);
+    }
+    let want: Vec<String> = groups
+        .iter()
+        .map(|(kind, entries)| format!("\"{kind}\":[{}]", entries.join(",")))
+        .collect();
+    let r = d.get("/v2/notification/pull?noWait=true");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, format!("{{{}}}", want.join(",")));
+    // A new event for the key comes after them and the next pull acknowledges only the
+    // migrated ones.
+    d.device().register(&["ep=after"], "</3/0>");
+    let next = d.collect_events(Duration::from_secs(10), |e| {
+        e.0.contains_key("registrations")
+    });
+    assert_eq!(next.0["registrations"][0]["ep"], "after", "{next:?}");
+    assert_eq!(
+        next.0.len(),
+        1,
+        "the migrated events were acknowledged: {next:?}"
+    );
 }

@@ -1,16 +1,15 @@
 //! Events for applications and the notification channels they are queued on.
 //!
-//! An event's body is still the rendered mbed JSON entry (see ARCHITECTURE.md, "model"):
-//! it is made once, stored and delivered as that text.
+//! An event is typed data ([`Entry`]): what happened, with the fields an application's
+//! entry needs. No wire shape lives here: the REST edge (`connectord_rest::wire`) renders
+//! entries and notification messages in mbed JSON, the store keeps its own record of them.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// The event types of the notification message (seed 000, "Notification data structure").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     Notifications,
     Registrations,
@@ -18,8 +17,7 @@ pub enum Kind {
     DeRegistrations,
     RegistrationsExpired,
     AsyncResponses,
-    /// An extension: a subscription the device refused or ended (see
-    /// `subscriptions::subscription_error_body`).
+    /// An extension: a subscription the device refused or ended.
     SubscriptionErrors,
 }
 
@@ -34,6 +32,8 @@ impl Kind {
         Kind::SubscriptionErrors,
     ];
 
+    /// The type's name (the seed's): the key of its array in a notification message, and
+    /// the name the store records it under.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Notifications => "notifications",
@@ -45,74 +45,167 @@ impl Kind {
             Kind::SubscriptionErrors => "subscription-errors",
         }
     }
+
+    /// The kind named `name` ([`Kind::as_str`]).
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
 }
 
-/// An event's JSON entry, serialised once when the event is made: it is stored, queued
-/// for every key it goes to and written into long-poll answers and callbacks as this
-/// same text, so cloning it is a reference count and no step builds a JSON tree again.
-/// It is stored (and read back) as the JSON value itself, not as a string. Being a
-/// [`RawValue`](serde_json::value::RawValue), it is known to be valid JSON and is written
-/// out without being parsed again.
-#[derive(Debug, Clone)]
-pub struct Body(Arc<serde_json::value::RawValue>);
+/// A value a device sent for a resource it is observed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    pub ep: String,
+    pub path: String,
+    /// The content format, described (`text/plain`; a number when unknown).
+    pub ct: Option<String>,
+    pub payload: Vec<u8>,
+    /// Seconds (the device's Max-Age, else the default).
+    pub max_age: u32,
+}
 
-impl Body {
-    /// Serialises `v` (straight to JSON text, without a `Value` tree). Nothing the daemon
-    /// makes fails to serialise; if something did, the entry would be `null`.
-    pub fn new<T: Serialize + ?Sized>(v: &T) -> Body {
-        match serde_json::value::to_raw_value(v) {
-            Ok(raw) => Body(raw.into()),
-            Err(e) => {
-                tracing::error!("event entry not serialisable: {e}");
-                Body(serde_json::value::RawValue::NULL.to_owned().into())
-            }
+/// One resource of a registration entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceSummary {
+    pub path: String,
+    /// `if=`.
+    pub iface: Option<String>,
+    /// `rt=`.
+    pub rt: Option<String>,
+    /// `ct=`, described.
+    pub ct: Option<String>,
+    pub obs: bool,
+    /// `ver=`.
+    pub ver: Option<String>,
+}
+
+/// A registration or update: the endpoint with the resources the receiving key may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSummary {
+    pub ep: String,
+    /// The endpoint type (empty when the device gave none).
+    pub ept: String,
+    /// Queue mode.
+    pub queue: bool,
+    pub resources: Vec<ResourceSummary>,
+    /// The LwM2M version, if the device gave one.
+    pub lwm2m: Option<String>,
+    /// The device's preferred content format, described, if it listed one.
+    pub ct: Option<String>,
+}
+
+/// The answer of a device to a request (or the failure in its place).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AsyncResponse {
+    /// The async-response id given to the application.
+    pub id: String,
+    /// HTTP status of the answer.
+    pub status: u16,
+    pub payload: Vec<u8>,
+    /// The content format, described.
+    pub ct: Option<String>,
+    pub max_age: Option<u32>,
+    /// Present only on failure.
+    pub error: Option<String>,
+    /// The Location-Path a device answered a create with (`/3303/1`).
+    pub location: Option<String>,
+}
+
+/// A subscription removed because the device refused or ended the observation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionError {
+    pub ep: String,
+    pub path: String,
+    /// HTTP status of the device's answer (412: it answered without Observe).
+    pub status: u16,
+    pub error: String,
+}
+
+/// What an event says, by kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Notification(Notification),
+    Registration(EndpointSummary),
+    RegUpdate(EndpointSummary),
+    /// The endpoint's name.
+    DeRegistration(String),
+    /// The endpoint's name.
+    Expired(String),
+    AsyncResponse(AsyncResponse),
+    SubscriptionError(SubscriptionError),
+}
+
+impl Entry {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Entry::Notification(_) => Kind::Notifications,
+            Entry::Registration(_) => Kind::Registrations,
+            Entry::RegUpdate(_) => Kind::RegUpdates,
+            Entry::DeRegistration(_) => Kind::DeRegistrations,
+            Entry::Expired(_) => Kind::RegistrationsExpired,
+            Entry::AsyncResponse(_) => Kind::AsyncResponses,
+            Entry::SubscriptionError(_) => Kind::SubscriptionErrors,
         }
     }
-
-    /// The JSON text.
-    pub fn as_str(&self) -> &str {
-        self.0.get()
-    }
 }
 
-impl PartialEq for Body {
-    fn eq(&self, other: &Body) -> bool {
-        self.as_str() == other.as_str()
-    }
+#[derive(Debug)]
+struct Shared {
+    entry: Entry,
+    /// The entry as the edge renders it, filled by the first delivery and reused by the
+    /// others (an event queued for several keys, delivered again after a failure). Opaque
+    /// text here: its format is the renderer's.
+    rendered: OnceLock<Box<str>>,
 }
 
-impl Eq for Body {}
-
-impl From<Value> for Body {
-    fn from(v: Value) -> Body {
-        Body::new(&v)
-    }
-}
-
-impl Serialize for Body {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Body {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Body, D::Error> {
-        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
-        Ok(Body(raw.into()))
-    }
-}
-
-/// One entry of a notification message: its type and its JSON entry.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One event: its entry and when it happened. Cloning it is a reference count; every key
+/// it is queued for shares one entry (and one rendering of it).
+#[derive(Debug, Clone)]
 pub struct Event {
-    pub kind: Kind,
-    pub body: Body,
+    shared: Arc<Shared>,
     /// When it was created (ms since the epoch): the 15-minute discard window starts here.
     pub created_ms: u64,
 }
 
-/// An event queued for one key, as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+impl Event {
+    pub fn new(entry: Entry, created_ms: u64) -> Event {
+        Event {
+            shared: Arc::new(Shared {
+                entry,
+                rendered: OnceLock::new(),
+            }),
+            created_ms,
+        }
+    }
+
+    pub fn entry(&self) -> &Entry {
+        &self.shared.entry
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.shared.entry.kind()
+    }
+
+    /// The entry rendered by `render`, made once per event and kept with it (the edge's
+    /// cache; see `connectord_rest::wire`).
+    pub fn rendered(&self, render: impl FnOnce(&Entry) -> String) -> &str {
+        self.shared
+            .rendered
+            .get_or_init(|| render(&self.shared.entry).into_boxed_str())
+    }
+}
+
+impl PartialEq for Event {
+    fn eq(&self, other: &Event) -> bool {
+        self.created_ms == other.created_ms && self.entry() == other.entry()
+    }
+}
+
+impl Eq for Event {}
+
+/// An event queued for one key, as stored: the sequence number is the store's
+/// (`EventLog::append_events`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
     pub key_id: String,
     pub seq: u64,

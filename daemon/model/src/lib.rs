@@ -15,7 +15,10 @@ pub mod request;
 pub mod subscription;
 pub mod time;
 
-pub use event::{Body, CallbackTarget, ChannelRecord, Event, Kind, StoredEvent};
+pub use event::{
+    AsyncResponse, CallbackTarget, ChannelRecord, EndpointSummary, Entry, Event, Kind,
+    Notification, ResourceSummary, StoredEvent, SubscriptionError,
+};
 pub use names::{MAX_NAME_LEN, valid_domain, valid_name};
 pub use peer::{ListenerId, ListenerKind, PeerRef};
 pub use quota::HourCount;

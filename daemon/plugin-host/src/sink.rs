@@ -1,17 +1,21 @@
 //! The adapter from the core's [`Sink`] trait to the sink plugin named in `[plugins] sink`.
+//! The plugin is handed the rendered notification message (its protocol is unchanged);
+//! the rendering is the [`Render`] given at construction (the REST edge's, wired in
+//! `daemon.rs`), so this crate knows no wire format.
 
 use std::future::Future;
 use std::pin::Pin;
 
-use bytes::Bytes;
 use connectord_plugin_sdk::sink;
 
-use crate::events::{CallbackTarget, Delivery, Sink};
+use crate::events::{CallbackTarget, Delivery, Event, Render, Sink};
 
 /// The sink plugin named in `[plugins] sink`.
 pub struct PluginSink {
     pub host: std::sync::Arc<super::PluginHost>,
     pub name: String,
+    /// Renders each batch into the message the plugin delivers.
+    pub render: std::sync::Arc<dyn Render>,
 }
 
 fn target(t: &CallbackTarget) -> sink::Target {
@@ -51,12 +55,12 @@ impl Sink for PluginSink {
     fn deliver<'a>(
         &'a self,
         t: &'a CallbackTarget,
-        body: Bytes,
+        events: &'a [Event],
     ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
         Box::pin(async move {
             let req = sink::DeliverRequest {
                 target: target(t),
-                body: String::from_utf8_lossy(&body).into_owned(),
+                body: self.render.message(events),
             };
             match self
                 .host

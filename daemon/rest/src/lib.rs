@@ -23,6 +23,7 @@ pub mod reply;
 pub mod resources;
 pub mod routes;
 pub mod subscriptions;
+pub mod wire;
 
 pub use config::RestConfig;
 

@@ -37,7 +37,8 @@ pub async fn pull(
     };
     match hub.pull(who, (!no_wait).then_some(hold), gone).await {
         Ok(Pulled::Batch(b)) => {
-            Reply::with_type(StatusCode::OK, "application/json", b.message.into_bytes())
+            let message = super::wire::message(&b.events);
+            Reply::with_type(StatusCode::OK, "application/json", message.into_bytes())
                 .holding(b.ticket)
         }
         Ok(Pulled::Empty) => Reply::empty(StatusCode::NO_CONTENT),

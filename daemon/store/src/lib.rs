@@ -27,7 +27,8 @@ use std::task::{Context, Poll};
 use tokio::sync::oneshot;
 
 use connectord_model::{
-    ChannelRecord, HourCount, Job, PresubRecord, Registration, StoredEvent, SubscriptionRecord,
+    ChannelRecord, Event, HourCount, Job, PresubRecord, Registration, StoredEvent,
+    SubscriptionRecord,
 };
 
 /// Told how long each of the store's transactions took (the daemon's
@@ -155,6 +156,14 @@ impl<T> Future for Pending<T> {
     }
 }
 
+/// What [`EventLog::append_events`] answers.
+pub struct Appended {
+    /// The sequence number the store gave each event, in the order given.
+    pub seqs: Vec<u64>,
+    /// Resolves once the events are durable.
+    pub durable: Pending<()>,
+}
+
 /// The registrations (the endpoint directory's write side).
 pub trait RegistrationStore: Send + Sync + 'static {
     /// Every stored registration, expired or not.
@@ -175,10 +184,15 @@ pub trait EventLog: Send + Sync + 'static {
     fn put_channel(&self, channel: ChannelRecord) -> Pending<()>;
     /// Every undelivered event, in (key id, sequence) order.
     fn load_events(&self) -> Pending<Vec<StoredEvent>>;
-    /// Appends events (each carries its key id and sequence number) and, in the same
-    /// transaction, removes the request `answered` whose answer they are (one commit for
-    /// the async response instead of two); `answered` is the request's row number.
-    fn append_events(&self, events: Vec<StoredEvent>, answered: Option<u64>) -> Pending<()>;
+    /// Appends events, each `(key id, event)`, and, in the same transaction, removes the
+    /// request `answered` whose answer they are (one commit for the async response instead
+    /// of two); `answered` is the request's row number.
+    ///
+    /// The store gives each event its key's next sequence number, at once, in the order
+    /// the appends are submitted: per key increasing, never given twice (not after its
+    /// event was deleted, not after a restart). [`Appended::seqs`] are those numbers, one
+    /// per event in order; [`Appended::durable`] resolves once they are stored.
+    fn append_events(&self, events: Vec<(String, Event)>, answered: Option<u64>) -> Appended;
     /// Removes the events of `key_id` with a sequence number up to and including `seq`:
     /// delivery and discarding always take the oldest events first.
     fn delete_events_through(&self, key_id: String, seq: u64) -> Pending<()>;

@@ -11,12 +11,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use connectord_model::{
-    ChannelRecord, HourCount, Job, PresubRecord, Registration, StoredEvent, SubscriptionRecord,
+    ChannelRecord, Event, HourCount, Job, PresubRecord, Registration, StoredEvent,
+    SubscriptionRecord,
 };
 
 use crate::{
-    EventLog, Feed, Health, Pending, PluginStateStore, QuotaStore, RegistrationStore, RequestStore,
-    StoreError, SubscriptionStore,
+    Appended, EventLog, Feed, Health, Pending, PluginStateStore, QuotaStore, RegistrationStore,
+    RequestStore, StoreError, SubscriptionStore,
 };
 
 #[derive(Default)]
@@ -26,6 +27,8 @@ struct State {
     channels: BTreeMap<String, ChannelRecord>,
     /// By (key id, sequence).
     events: BTreeMap<(String, u64), StoredEvent>,
+    /// The last sequence number given to each key's events.
+    last_seq: BTreeMap<String, u64>,
     /// By row number.
     requests: BTreeMap<u64, Job>,
     last_row: u64,
@@ -107,15 +110,33 @@ impl EventLog for MemoryStore {
         self.read(|s| s.events.values().cloned().collect())
     }
 
-    fn append_events(&self, events: Vec<StoredEvent>, answered: Option<u64>) -> Pending<()> {
-        self.write(|s| {
-            for e in events {
+    fn append_events(&self, events: Vec<(String, Event)>, answered: Option<u64>) -> Appended {
+        // Numbered even when the write then fails, as the SQLite backend numbers at
+        // submission: a number is never given twice either way.
+        let mut seqs = Vec::with_capacity(events.len());
+        let mut numbered = Vec::with_capacity(events.len());
+        {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            for (key_id, event) in events {
+                let last = state.last_seq.entry(key_id.clone()).or_insert(0);
+                *last += 1;
+                seqs.push(*last);
+                numbered.push(StoredEvent {
+                    key_id,
+                    seq: *last,
+                    event,
+                });
+            }
+        }
+        let durable = self.write(|s| {
+            for e in numbered {
                 s.events.insert((e.key_id.clone(), e.seq), e);
             }
             if let Some(row) = answered {
                 s.requests.remove(&row);
             }
-        })
+        });
+        Appended { seqs, durable }
     }
 
     fn delete_events_through(&self, key_id: String, seq: u64) -> Pending<()> {

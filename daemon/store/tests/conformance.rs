@@ -2,8 +2,8 @@
 //! and the in-memory maps both keep (and the SQLite file keeps it across a reopen).
 
 use connectord_model::{
-    Body, CallbackTarget, ChannelRecord, Event, HourCount, Job, Kind, Method, PreSub, PresubRecord,
-    Registration, StoredEvent, SubscriptionRecord,
+    CallbackTarget, ChannelRecord, Entry, Event, HourCount, Job, Method, Notification, PreSub,
+    PresubRecord, Registration, StoredEvent, SubscriptionRecord,
 };
 use connectord_store::memory::MemoryStore;
 use connectord_store::prelude::*;
@@ -48,16 +48,39 @@ fn job(id: &str) -> Job {
     }
 }
 
-fn event(key: &str, seq: u64) -> StoredEvent {
+/// The `n`th event (its payload and creation time say which).
+fn entry(n: u64) -> Event {
+    Event::new(
+        Entry::Notification(Notification {
+            ep: "ep".into(),
+            path: "/3/0/1".into(),
+            ct: Some("text/plain".into()),
+            payload: n.to_string().into_bytes(),
+            max_age: 60,
+        }),
+        n,
+    )
+}
+
+/// The `n`th event to append for `key`.
+fn new(key: &str, n: u64) -> (String, Event) {
+    (key.into(), entry(n))
+}
+
+/// The `n`th event as stored for `key` with sequence number `seq`.
+fn event(key: &str, n: u64, seq: u64) -> StoredEvent {
     StoredEvent {
         key_id: key.into(),
         seq,
-        event: Event {
-            kind: Kind::Notifications,
-            body: Body::new(&serde_json::json!({"ep": "ep", "seq": seq})),
-            created_ms: seq,
-        },
+        event: entry(n),
     }
+}
+
+/// Appends and waits until durable; the sequence numbers the store gave.
+async fn append(s: &dyn Store, events: Vec<(String, Event)>, answered: Option<u64>) -> Vec<u64> {
+    let a = s.append_events(events, answered);
+    a.durable.await.unwrap();
+    a.seqs
 }
 
 fn sub(key: &str, ep: &str, path: &str) -> SubscriptionRecord {
@@ -75,7 +98,7 @@ fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
 }
 
 /// Writes through every port and checks what each load gives back.
-async fn writes_and_loads(s: &dyn Store) {
+async fn writes_and_loads(s: &dyn Store) -> Seqs {
     // Registrations: replaced by id; a new id for the same (domain, name) replaces the old.
     s.put_registration(reg("1", "d", "a")).await.unwrap();
     s.put_registration(reg("2", "d", "b")).await.unwrap();
@@ -115,10 +138,9 @@ async fn writes_and_loads(s: &dyn Store) {
     let r3 = s.put_request(job("c")).await.unwrap();
     assert!(r1 < r2 && r2 < r3);
     s.delete_request(r1).await.unwrap();
-    s.append_events(vec![event("k", 1), event("k", 2)], Some(r2))
-        .await
-        .unwrap();
-    s.append_events(vec![event("j", 1)], None).await.unwrap();
+    let k12 = append(s, vec![new("k", 1), new("k", 2)], Some(r2)).await;
+    assert!(k12[0] < k12[1], "{k12:?}");
+    let j1 = append(s, vec![new("j", 1)], None).await[0];
     let left = s.load_requests().await.unwrap();
     assert_eq!(
         left.iter()
@@ -135,10 +157,32 @@ async fn writes_and_loads(s: &dyn Store) {
     );
 
     // Events in (key, seq) order; deleting through a sequence number takes the oldest.
-    s.append_events(vec![event("k", 3)], None).await.unwrap();
-    s.delete_events_through("k".into(), 2).await.unwrap();
+    let k3 = append(s, vec![new("k", 3)], None).await[0];
+    assert!(k3 > k12[1]);
+    s.delete_events_through("k".into(), k12[1]).await.unwrap();
     let events = s.load_events().await.unwrap();
-    assert_eq!(events, vec![event("j", 1), event("k", 3)]);
+    assert_eq!(events, vec![event("j", 1, j1), event("k", 3, k3)]);
+
+    // The store numbers each key's events on, in the order submitted (not awaited in
+    // between), one number per event: never one given before, not after a delete.
+    let a = s.append_events(vec![new("m", 1), new("k", 4), new("m", 2)], None);
+    let b = s.append_events(vec![new("k", 5)], None);
+    let (m1, k4, m2, k5) = (a.seqs[0], a.seqs[1], a.seqs[2], b.seqs[0]);
+    assert!(k3 < k4 && k4 < k5 && m1 < m2, "{:?} {:?}", a.seqs, b.seqs);
+    a.durable.await.unwrap();
+    b.durable.await.unwrap();
+    s.delete_events_through("k".into(), k5).await.unwrap();
+    s.delete_events_through("m".into(), m2).await.unwrap();
+    let after = append(s, vec![new("k", 6), new("m", 3)], None).await;
+    assert!(after[0] > k5 && after[1] > m2, "{after:?}");
+    s.delete_events_through("k".into(), after[0]).await.unwrap();
+    s.delete_events_through("m".into(), after[1]).await.unwrap();
+    assert_eq!(s.load_events().await.unwrap(), vec![event("j", 1, j1)]);
+    let seqs = Seqs {
+        k: after[0],
+        m: after[1],
+        j: j1,
+    };
 
     // Plugin state: per plugin, keys by prefix, sorted.
     for k in ["b/2", "a/1", "b/1"] {
@@ -237,6 +281,14 @@ async fn writes_and_loads(s: &dyn Store) {
     assert_eq!(counts, [("d".into(), 11, 5), ("e".into(), 11, 3)]);
 
     assert_eq!(s.health().failing, None);
+    seqs
+}
+
+/// The last sequence numbers [`writes_and_loads`] was given for keys `k`, `m` and `j`.
+struct Seqs {
+    k: u64,
+    m: u64,
+    j: u64,
 }
 
 #[tokio::test]
@@ -247,15 +299,21 @@ async fn memory_backend_keeps_what_each_port_promises() {
 #[tokio::test]
 async fn sqlite_backend_keeps_what_each_port_promises_across_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    {
+    let before = {
         let s = SqliteStore::open(dir.path()).unwrap();
-        writes_and_loads(&s).await;
-    }
+        writes_and_loads(&s).await
+    };
     let s = SqliteStore::open(dir.path()).unwrap();
     assert_eq!(s.load_registrations().await.unwrap().len(), 2);
     assert_eq!(
         s.load_events().await.unwrap(),
-        vec![event("j", 1), event("k", 3)]
+        vec![event("j", 1, before.j)]
+    );
+    // Numbering goes on after a restart, for keys whose events were all deleted too.
+    let after = append(&s, vec![new("k", 7), new("m", 4), new("j", 2)], None).await;
+    assert!(
+        after[0] > before.k && after[1] > before.m && after[2] > before.j,
+        "{after:?}"
     );
     assert_eq!(s.load_requests().await.unwrap().len(), 1);
     assert_eq!(s.load_presubscriptions().await.unwrap().len(), 1);

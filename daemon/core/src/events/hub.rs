@@ -1,7 +1,9 @@
 //! The notification hub: one ordered, durable queue per access key.
 //!
-//! Publishing assigns each event a per-key sequence number under the hub lock, submits it
-//! to the store in that order and returns once it is durable. A long-poll is answered with
+//! Publishing submits each event to the store under the hub lock, which numbers it in its
+//! key's sequence (`EventLog::append_events`), queues it with that number and returns once
+//! it is durable. Events are typed ([`Event`]); the REST edge renders a long-poll answer's
+//! batch, the sink each callback batch. A long-poll is answered with
 //! the oldest events, which stay queued and stored as the key's *answer in flight* until
 //! the key's next pull acknowledges them (see [`Hub::pull`]); a callback channel has a
 //! delivery task that sends the oldest batch to the [`Sink`] and removes it only when the
@@ -16,13 +18,10 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
-use super::{
-    About, ChannelRecord, Delivery, Event, Kind, Sink, StoredEvent, batch_json, registration_body,
-};
+use super::{About, ChannelRecord, Delivery, Entry, Event, Sink, StoredEvent, registration_entry};
 use crate::auth::Principal;
 use crate::config::NotificationsConfig;
 use crate::hashing::Map;
@@ -88,7 +87,6 @@ struct InFlight {
 struct Channel {
     rec: ChannelRecord,
     queue: VecDeque<StoredEvent>,
-    next_seq: u64,
     /// Woken when events arrive or the channel changes.
     wake: Arc<Notify>,
     /// A delivery task is running for this channel.
@@ -109,7 +107,6 @@ impl Channel {
             allow_written: (0, rec.allow.clone()),
             rec,
             queue: VecDeque::new(),
-            next_seq: 1,
             wake: Arc::new(Notify::new()),
             pusher: false,
             in_flight: None,
@@ -174,10 +171,11 @@ pub enum Pulled {
     CallbackActive,
 }
 
-/// A long-poll answer: the notification message and the hold on its events.
+/// A long-poll answer: its events, oldest first (the edge renders the message), and the
+/// hold on them.
 #[derive(Debug)]
 pub struct Batch {
-    pub message: String,
+    pub events: Vec<Event>,
     pub ticket: Ticket,
 }
 
@@ -282,7 +280,6 @@ impl Hub {
             .collect();
         for e in store.load_events().await? {
             if let Some(ch) = channels.get_mut(&e.key_id) {
-                ch.next_seq = ch.next_seq.max(e.seq + 1);
                 ch.queue.push_back(e);
             }
         }
@@ -463,9 +460,9 @@ impl Hub {
         let mut trims = Vec::new();
         let durable = {
             let mut map = self.lock();
-            let mut stored = Vec::new();
+            let mut chosen: Vec<(String, Event)> = Vec::new();
             let mut cut: Vec<(Vec<String>, Event)> = Vec::new();
-            let mut queue_on = |ch: &mut Channel| {
+            let mut choose = |ch: &Channel| {
                 if !about.visible_to(ch.rec.allow.as_deref()) {
                     return;
                 }
@@ -474,10 +471,12 @@ impl Hub {
                         match cut.iter().find(|(a, _)| a == allow) {
                             Some((_, e)) => e.clone(),
                             None => {
-                                let e = Event {
-                                    body: registration_body(ep, Some(allow)).into(),
-                                    ..event.clone()
+                                let summary = registration_entry(ep, Some(allow));
+                                let entry = match event.entry() {
+                                    Entry::RegUpdate(_) => Entry::RegUpdate(summary),
+                                    _ => Entry::Registration(summary),
                                 };
+                                let e = Event::new(entry, event.created_ms);
                                 cut.push((allow.clone(), e.clone()));
                                 e
                             }
@@ -485,48 +484,50 @@ impl Hub {
                     }
                     _ => event.clone(),
                 };
-                let e = StoredEvent {
-                    key_id: ch.rec.key_id.clone(),
-                    seq: ch.next_seq,
-                    event,
-                };
-                ch.next_seq += 1;
-                ch.queue.push_back(e.clone());
-                stored.push(e);
-                if ch.queue.len() > self.cfg.max_queued_per_key {
-                    // Bounded: the oldest event makes room and is counted as discarded.
-                    if let Some(old) = ch.queue.pop_front() {
-                        // Even out of an answer in flight: the queue bound holds.
-                        if let Some(f) = ch.in_flight.as_mut() {
-                            f.len = f.len.saturating_sub(1);
-                            if f.len == 0 {
-                                ch.in_flight = None;
-                            }
-                        }
-                        Counters::inc(&self.counters.events_discarded);
-                        trims.push(self.store.delete_events_through(old.key_id, old.seq));
-                    }
-                }
-                wakes.push(Arc::clone(&ch.wake));
+                chosen.push((ch.rec.key_id.clone(), event));
             };
             match to {
-                To::Key(k) => map.get_mut(k).into_iter().for_each(&mut queue_on),
+                To::Key(k) => map.get(k).into_iter().for_each(&mut choose),
                 To::Keys(ks) => {
                     for k in ks {
-                        map.get_mut(k.as_str()).into_iter().for_each(&mut queue_on);
+                        map.get(k.as_str()).into_iter().for_each(&mut choose);
                     }
                 }
                 To::Domain(d) => map
-                    .values_mut()
+                    .values()
                     .filter(|c| c.rec.domain == d)
-                    .for_each(&mut queue_on),
+                    .for_each(&mut choose),
             }
-            (!stored.is_empty() || answered.is_some()).then(|| {
-                for _ in 0..stored.len() {
+            if chosen.is_empty() && answered.is_none() {
+                None
+            } else {
+                // The store numbers the events (in submission order: under this lock, so
+                // in each queue's order) and they are queued with its numbers.
+                let appended = self.store.append_events(chosen.clone(), answered);
+                for ((key_id, event), seq) in chosen.into_iter().zip(appended.seqs) {
+                    let Some(ch) = map.get_mut(key_id.as_str()) else {
+                        continue;
+                    };
                     Counters::inc(&self.counters.events_published);
+                    ch.queue.push_back(StoredEvent { key_id, seq, event });
+                    if ch.queue.len() > self.cfg.max_queued_per_key {
+                        // Bounded: the oldest event makes room and is counted as discarded.
+                        if let Some(old) = ch.queue.pop_front() {
+                            // Even out of an answer in flight: the queue bound holds.
+                            if let Some(f) = ch.in_flight.as_mut() {
+                                f.len = f.len.saturating_sub(1);
+                                if f.len == 0 {
+                                    ch.in_flight = None;
+                                }
+                            }
+                            Counters::inc(&self.counters.events_discarded);
+                            trims.push(self.store.delete_events_through(old.key_id, old.seq));
+                        }
+                    }
+                    wakes.push(Arc::clone(&ch.wake));
                 }
-                self.store.append_events(stored, answered)
-            })
+                Some(appended.durable)
+            }
         };
         if let Some(d) = durable
             && let Err(e) = d.await
@@ -660,7 +661,7 @@ impl Hub {
                     sent: None,
                 });
                 Batch {
-                    message: batch_json(ch.queue.iter().take(n).map(|e| &e.event)),
+                    events: ch.queue.iter().take(n).map(|e| e.event.clone()).collect(),
                     ticket: Ticket {
                         hub: Arc::downgrade(self),
                         key_id: key_id.to_string(),
@@ -897,8 +898,12 @@ impl Hub {
                     return;
                 };
                 let expired = ch.drop_expired(cutoff);
-                let batch: Vec<StoredEvent> =
-                    ch.queue.iter().take(self.cfg.max_batch).cloned().collect();
+                let batch: Vec<(u64, Event)> = ch
+                    .queue
+                    .iter()
+                    .take(self.cfg.max_batch)
+                    .map(|e| (e.seq, e.event.clone()))
+                    .collect();
                 (target, batch, expired)
             };
             if let Some((n, seq)) = expired {
@@ -910,13 +915,13 @@ impl Hub {
                     );
                 }
             }
-            let Some(last) = batch.last().map(|e| e.seq) else {
+            let Some(last) = batch.last().map(|e| e.0) else {
                 tokio::select! {
                     _ = stop.recv() => break,
                     _ = notified => continue,
                 }
             };
-            let body = Bytes::from(batch_json(batch.iter().map(|e| &e.event)));
+            let events: Vec<Event> = batch.into_iter().map(|e| e.1).collect();
             // Waits while `max_concurrent_deliveries` other keys' deliveries are in flight.
             let permit = tokio::select! {
                 _ = stop.recv() => break,
@@ -929,20 +934,20 @@ impl Hub {
                     }
                 },
             };
-            let outcome = self.sink.deliver(&target, body).await;
+            let outcome = self.sink.deliver(&target, &events).await;
             drop(permit);
             match outcome {
                 Delivery::Accepted => {
                     backoff = initial;
-                    for _ in 0..batch.len() {
+                    for _ in 0..events.len() {
                         Counters::inc(&self.counters.events_delivered);
                     }
                     self.remove_through(&key_id, last).await;
                 }
                 Delivery::Refused(why) => {
                     backoff = initial;
-                    tracing::warn!(key = %key_id, url = %target.url, "callback refused {} events, discarding them: {why}", batch.len());
-                    for _ in 0..batch.len() {
+                    tracing::warn!(key = %key_id, url = %target.url, "callback refused {} events, discarding them: {why}", events.len());
+                    for _ in 0..events.len() {
                         Counters::inc(&self.counters.events_discarded);
                     }
                     self.remove_through(&key_id, last).await;
@@ -1067,26 +1072,26 @@ impl RegistryListener for Hub {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
             let ep = ev.endpoint();
-            let (kind, about) = match ev {
-                RegistryEvent::Registered { .. } => (Kind::Registrations, About::Registration(ep)),
-                RegistryEvent::Updated { .. } => (Kind::RegUpdates, About::Registration(ep)),
-                RegistryEvent::Deregistered(_) => {
-                    (Kind::DeRegistrations, About::Endpoint(&ep.reg.name))
-                }
-                RegistryEvent::Expired(_) => {
-                    (Kind::RegistrationsExpired, About::Endpoint(&ep.reg.name))
-                }
-            };
             // The whole entry; restricted keys get theirs cut from the endpoint.
-            let body = match about {
-                About::Registration(ep) => registration_body(ep, None),
-                _ => serde_json::json!(ep.reg.name),
+            let (entry, about) = match ev {
+                RegistryEvent::Registered { .. } => (
+                    Entry::Registration(registration_entry(ep, None)),
+                    About::Registration(ep),
+                ),
+                RegistryEvent::Updated { .. } => (
+                    Entry::RegUpdate(registration_entry(ep, None)),
+                    About::Registration(ep),
+                ),
+                RegistryEvent::Deregistered(_) => (
+                    Entry::DeRegistration(ep.reg.name.clone()),
+                    About::Endpoint(&ep.reg.name),
+                ),
+                RegistryEvent::Expired(_) => (
+                    Entry::Expired(ep.reg.name.clone()),
+                    About::Endpoint(&ep.reg.name),
+                ),
             };
-            let event = Event {
-                kind,
-                body: body.into(),
-                created_ms: now_ms(),
-            };
+            let event = Event::new(entry, now_ms());
             self.publish_to_domain(&ep.reg.domain, event, about).await;
         })
     }
@@ -1110,7 +1115,7 @@ mod tests {
         fn deliver<'a>(
             &'a self,
             _: &'a super::super::CallbackTarget,
-            _: Bytes,
+            _: &'a [Event],
         ) -> std::pin::Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
             Box::pin(async { Delivery::Accepted })
         }
@@ -1173,11 +1178,7 @@ mod tests {
         }
 
         async fn publish(&self, ep: &str) {
-            let event = Event {
-                kind: Kind::Registrations,
-                body: serde_json::json!({ "ep": ep }).into(),
-                created_ms: now_ms(),
-            };
+            let event = Event::new(Entry::DeRegistration(ep.into()), now_ms());
             self.hub
                 .publish_to_key("k", event, About::Endpoint(ep))
                 .await;
@@ -1201,13 +1202,7 @@ mod tests {
         /// applied before it).
         async fn stored(&self) -> Vec<String> {
             let events = self.store.load_events().await.unwrap();
-            events
-                .iter()
-                .map(|e| {
-                    let v: serde_json::Value = serde_json::from_str(e.event.body.as_str()).unwrap();
-                    v["ep"].as_str().unwrap().to_string()
-                })
-                .collect()
+            events.iter().map(|e| ep_of(&e.event)).collect()
         }
 
         fn count(&self, c: &std::sync::atomic::AtomicU64) -> u64 {
@@ -1215,14 +1210,16 @@ mod tests {
         }
     }
 
+    /// The endpoint a test event is about.
+    fn ep_of(e: &Event) -> String {
+        match e.entry() {
+            Entry::DeRegistration(ep) => ep.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn eps(b: &Batch) -> Vec<String> {
-        let v: serde_json::Value = serde_json::from_str(&b.message).unwrap();
-        v["registrations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["ep"].as_str().unwrap().to_string())
-            .collect()
+        b.events.iter().map(ep_of).collect()
     }
 
     #[tokio::test]
@@ -1275,6 +1272,47 @@ mod tests {
         assert!(again.may_see("k", "gw-1", "/3/0/0"));
         assert!(!again.may_see("k", "pump-1", "/3/0/0"));
         assert!(again.may_see("nobody", "pump-1", "/3/0/0"), "no channel");
+    }
+
+    /// The hub queues each event under the number the store gave it: a number is never
+    /// given again, not after its event was delivered and the hub restarted, so the
+    /// acknowledgement of a new event can never delete another.
+    #[tokio::test]
+    async fn events_are_queued_under_the_store_s_numbers_across_a_restart() {
+        let f = fixture().await;
+        f.publish("a").await;
+        f.publish("b").await;
+        let first: Vec<u64> = f
+            .store
+            .load_events()
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert!(first[0] < first[1], "{first:?}");
+        drop(f.pull().await.unwrap().ticket.sent());
+        assert!(f.pull().await.is_none(), "acknowledged");
+        assert!(f.stored().await.is_empty());
+        let again = f.reloaded().await;
+        again
+            .publish_to_key(
+                "k",
+                Event::new(Entry::DeRegistration("c".into()), now_ms()),
+                About::Endpoint("c"),
+            )
+            .await;
+        let stored = f.store.load_events().await.unwrap();
+        assert_eq!(stored.len(), 1);
+        assert!(
+            stored[0].seq > first[1],
+            "numbered on after the delivered events"
+        );
+        assert_eq!(
+            again.lock()["k"].queue[0].seq,
+            stored[0].seq,
+            "queued under that number"
+        );
     }
 
     #[tokio::test]

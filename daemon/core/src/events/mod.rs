@@ -8,16 +8,13 @@
 
 pub mod hub;
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
-use base64::Engine;
-use bytes::Bytes;
-use serde::Serialize;
-use serde_json::{Value, json};
-
-pub use connectord_model::{Body, CallbackTarget, ChannelRecord, Event, Kind, StoredEvent};
+pub use connectord_model::{
+    AsyncResponse, CallbackTarget, ChannelRecord, EndpointSummary, Entry, Event, Kind,
+    Notification, ResourceSummary, StoredEvent, SubscriptionError,
+};
 pub use hub::Hub;
 
 use crate::registry::Endpoint;
@@ -47,128 +44,41 @@ impl About<'_> {
     }
 }
 
-/// The notification message for a batch of events, in order: one array per event type
-/// present (types in name order, as a JSON object map writes them), entries in the order
-/// they happened. Written from the events' JSON text without building a tree.
-pub fn batch_json<'a>(events: impl IntoIterator<Item = &'a Event>) -> String {
-    let mut groups: BTreeMap<&'static str, Vec<&'a str>> = BTreeMap::new();
-    let mut len = 2;
-    for e in events {
-        len += e.body.as_str().len() + 1;
-        groups
-            .entry(e.kind.as_str())
-            .or_default()
-            .push(e.body.as_str());
-    }
-    let mut out = String::with_capacity(len + groups.len() * 24);
-    out.push('{');
-    for (i, (kind, bodies)) in groups.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        // Event type names are fixed ASCII words: nothing to escape.
-        out.push('"');
-        out.push_str(kind);
-        out.push_str("\":[");
-        for (j, b) in bodies.iter().enumerate() {
-            if j > 0 {
-                out.push(',');
-            }
-            out.push_str(b);
-        }
-        out.push(']');
-    }
-    out.push('}');
-    out
+/// Renders notification messages for sinks outside the REST edge (the sink plugin's
+/// adapter): implemented by `connectord_rest::wire::Mbed` and handed to such a sink at
+/// construction (`daemon.rs`), so that core knows no wire format.
+pub trait Render: Send + Sync + 'static {
+    /// The notification message of a batch of events, in the order they happened.
+    fn message(&self, events: &[Event]) -> String;
 }
 
-/// The entry of a `registrations` or `reg-updates` event: `ep`, `ept`, `q` and the
-/// resources. Each resource carries the seed's `rf` for its resource type and also `rt`
-/// (the link-format name, which clients written against the real service read);
-/// `obs` is a boolean; absent attributes are left out. Only the resources the restriction
-/// `allow` lets its key see are listed (`None`: all of them).
-pub fn registration_body(ep: &Endpoint, allow: Option<&[String]>) -> Value {
-    let resources: Vec<Value> = ep
+/// The entry of a `registrations` or `reg-updates` event: the endpoint with only the
+/// resources the restriction `allow` lets its key see (`None`: all of them).
+pub fn registration_entry(ep: &Endpoint, allow: Option<&[String]>) -> EndpointSummary {
+    let resources = ep
         .resources()
-        .iter()
+        .into_iter()
         .filter(|r| crate::auth::may_access(allow, &ep.reg.name, Some(&r.path)))
-        .map(|r| {
-            let mut o = serde_json::Map::new();
-            o.insert("path".into(), json!(r.path));
-            if let Some(i) = &r.iface {
-                o.insert("if".into(), json!(i));
-            }
-            if let Some(rt) = &r.rt {
-                o.insert("rf".into(), json!(rt));
-                o.insert("rt".into(), json!(rt));
-            }
-            if let Some(ct) = &r.ct {
-                o.insert("ct".into(), json!(ct));
-            }
-            o.insert("obs".into(), json!(r.obs));
-            if let Some(ver) = &r.ver {
-                o.insert("ver".into(), json!(ver));
-            }
-            Value::Object(o)
+        .map(|r| ResourceSummary {
+            path: r.path.into(),
+            iface: r.iface.map(Into::into),
+            rt: r.rt.map(Into::into),
+            ct: r.ct.map(Into::into),
+            obs: r.obs,
+            ver: r.ver.map(Into::into),
         })
         .collect();
-    let mut entry = json!({
-        "ep": ep.reg.name,
-        "ept": ep.reg.ept.clone().unwrap_or_default(),
-        "q": ep.reg.queue,
-        "resources": resources,
-    });
-    // Extensions: the LwM2M version and the device's preferred content format.
-    if let Some(o) = entry.as_object_mut() {
-        if let Some(v) = &ep.reg.lwm2m {
-            o.insert("lwm2m".into(), json!(v));
-        }
-        if let Some(ct) = ep.formats().first() {
-            o.insert(
-                "ct".into(),
-                json!(crate::coap::content_format::describe(*ct)),
-            );
-        }
+    EndpointSummary {
+        ep: ep.reg.name.clone(),
+        ept: ep.reg.ept.clone().unwrap_or_default(),
+        queue: ep.reg.queue,
+        resources,
+        lwm2m: ep.reg.lwm2m.clone(),
+        ct: ep
+            .formats()
+            .first()
+            .map(|ct| crate::coap::content_format::describe(*ct)),
     }
-    entry
-}
-
-/// An `async-responses` entry. `error` is present only when there is one: the official
-/// Python client treats any `error` key as a failure. `location` (an extension) is the
-/// Location-Path the device answered a create with (`/3303/1`).
-pub fn async_response_body(
-    id: &str,
-    status: u16,
-    payload: &[u8],
-    ct: Option<&str>,
-    max_age: Option<u32>,
-    error: Option<&str>,
-    location: Option<&str>,
-) -> Body {
-    /// Fields in name order, as the `Value` map this replaced wrote them.
-    #[derive(Serialize)]
-    struct Entry<'a> {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        ct: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        error: Option<&'a str>,
-        id: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        location: Option<&'a str>,
-        #[serde(rename = "max-age", skip_serializing_if = "Option::is_none")]
-        max_age: Option<u32>,
-        payload: String,
-        status: u16,
-    }
-    Body::new(&Entry {
-        ct,
-        error,
-        id,
-        location,
-        max_age,
-        payload: base64::engine::general_purpose::STANDARD.encode(payload),
-        status,
-    })
 }
 
 /// The outcome of one delivery attempt.
@@ -191,11 +101,12 @@ pub trait Sink: Send + Sync + 'static {
         &'a self,
         target: &'a CallbackTarget,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
-    /// Delivers one batch (a JSON notification message).
+    /// Delivers one batch of events, in the order they happened (rendered by the sink,
+    /// with the [`Render`] it was given).
     fn deliver<'a>(
         &'a self,
         target: &'a CallbackTarget,
-        body: Bytes,
+        events: &'a [Event],
     ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>>;
 }
 
@@ -246,9 +157,9 @@ impl Sink for SchemeRouter {
     fn deliver<'a>(
         &'a self,
         target: &'a CallbackTarget,
-        body: Bytes,
+        events: &'a [Event],
     ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
-        self.sink_for(target).deliver(target, body)
+        self.sink_for(target).deliver(target, events)
     }
 }
 
@@ -270,7 +181,7 @@ mod tests {
         fn deliver<'a>(
             &'a self,
             _: &'a CallbackTarget,
-            _: Bytes,
+            _: &'a [Event],
         ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
             Box::pin(async move { Delivery::Refused(self.0.to_string()) })
         }
@@ -301,52 +212,10 @@ mod tests {
                 "{url}"
             );
             assert_eq!(
-                router.deliver(&to(url), Bytes::new()).await,
+                router.deliver(&to(url), &[]).await,
                 Delivery::Refused(want.to_string()),
                 "{url}"
             );
         }
-    }
-
-    #[test]
-    fn batches_group_by_type_in_order() {
-        let e = |kind, body: Value| Event {
-            kind,
-            body: body.into(),
-            created_ms: 0,
-        };
-        let batch = batch_json(&[
-            e(Kind::Registrations, json!({"ep": "a"})),
-            e(Kind::AsyncResponses, json!({"id": "1"})),
-            e(Kind::Registrations, json!({"ep": "b"})),
-            e(Kind::DeRegistrations, json!("a")),
-        ]);
-        assert_eq!(
-            serde_json::from_str::<Value>(&batch).unwrap(),
-            json!({
-                "registrations": [{"ep": "a"}, {"ep": "b"}],
-                "async-responses": [{"id": "1"}],
-                "de-registrations": ["a"],
-            })
-        );
-    }
-
-    #[test]
-    fn async_response_has_error_only_when_failed() {
-        let ok = async_response_body("x", 200, b"12", Some("text/plain"), Some(0), None, None);
-        assert_eq!(
-            serde_json::from_str::<Value>(ok.as_str()).unwrap(),
-            json!({"id": "x", "status": 200, "payload": "MTI=", "ct": "text/plain", "max-age": 0})
-        );
-        let bad = async_response_body("x", 504, b"", None, None, Some("timeout"), None);
-        assert_eq!(
-            serde_json::from_str::<Value>(bad.as_str()).unwrap(),
-            json!({"id": "x", "status": 504, "error": "timeout", "payload": ""})
-        );
-        // The same text the Value map wrote: keys in name order.
-        assert_eq!(
-            ok.as_str(),
-            r#"{"ct":"text/plain","id":"x","max-age":0,"payload":"MTI=","status":200}"#
-        );
     }
 }

@@ -20,7 +20,7 @@ use crate::auth::Principal;
 use crate::coap::client::{ClientError, CoapReply, ObserveStream, OutRequest};
 use crate::coap::content_format;
 use crate::config::RequestsConfig;
-use crate::events::{Event, Hub, Kind, async_response_body};
+use crate::events::{AsyncResponse, Entry, Event, Hub};
 use crate::hashing::Map;
 use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
@@ -834,25 +834,20 @@ impl Requests {
             }
             return;
         }
-        let ct = o.content_format.map(content_format::describe);
-        let body = async_response_body(
-            &job.id,
-            o.status,
-            &o.payload,
-            ct.as_deref(),
-            o.max_age,
-            o.error.as_deref(),
-            o.location.as_deref(),
-        );
+        let entry = Entry::AsyncResponse(AsyncResponse {
+            id: job.id.clone(),
+            status: o.status,
+            payload: o.payload,
+            ct: o.content_format.map(content_format::describe),
+            max_age: o.max_age,
+            error: o.error,
+            location: o.location,
+        });
         // One transaction: the answer is stored and the request forgotten together.
         self.hub
             .publish_answer(
                 &job.key_id,
-                Event {
-                    kind: Kind::AsyncResponses,
-                    body,
-                    created_ms: now_ms(),
-                },
+                Event::new(entry, now_ms()),
                 job.row,
                 crate::events::About::Resource(&job.ep, &job.path),
             )

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use crate::auth::Principal;
 use crate::coap::client::{CoapReply, ObserveStream};
 use crate::coap::content_format;
-use crate::events::{Event, Hub, Kind};
+use crate::events::{Entry, Event, Hub, Notification, SubscriptionError};
 use crate::hashing::Map;
 use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
@@ -921,25 +921,19 @@ impl Subscriptions {
         if log_budget::allow(DeviceLine::ObservationNotEstablished) {
             tracing::info!(ep = %ep_name, %path, status, subscribers = keys.len(), "subscription ended: {reason}");
         }
-        let body = subscription_error_body(ep_name, path, status, reason);
-        self.publish_to(keys, Kind::SubscriptionErrors, body, (ep_name, path))
-            .await;
+        let entry = Entry::SubscriptionError(SubscriptionError {
+            ep: ep_name.to_string(),
+            path: path.to_string(),
+            status,
+            error: reason.to_string(),
+        });
+        self.publish_to(keys, entry, (ep_name, path)).await;
     }
 
     /// Publishes one event entry about `ep`'s `path` to each of `keys`, in one store write
     /// (the hub leaves out the keys whose restriction does not let them see it).
-    async fn publish_to(
-        &self,
-        keys: Vec<String>,
-        kind: Kind,
-        body: crate::events::Body,
-        (ep, path): (&str, &str),
-    ) {
-        let event = Event {
-            kind,
-            body,
-            created_ms: now_ms(),
-        };
+    async fn publish_to(&self, keys: Vec<String>, entry: Entry, (ep, path): (&str, &str)) {
+        let event = Event::new(entry, now_ms());
         self.hub
             .publish_to_keys(&keys, event, crate::events::About::Resource(ep, path))
             .await;
@@ -977,34 +971,9 @@ impl Subscriptions {
             reply.max_age,
         );
         let keys = self.lock().subscribers(domain, ep, path);
-        let body = notification_body(ep, path, reply);
-        self.publish_to(keys, Kind::Notifications, body, (ep, path))
-            .await;
+        let entry = Entry::Notification(notification(ep, path, reply));
+        self.publish_to(keys, entry, (ep, path)).await;
     }
-}
-
-/// A `subscription-errors` entry (an extension): the subscription to `ep`'s `path` was
-/// removed because the device refused or ended the observation; `status` is the HTTP
-/// status of the device's answer (412: it answered without Observe).
-pub fn subscription_error_body(
-    ep: &str,
-    path: &str,
-    status: u16,
-    error: &str,
-) -> crate::events::Body {
-    #[derive(serde::Serialize)]
-    struct Entry<'a> {
-        ep: &'a str,
-        error: &'a str,
-        path: &'a str,
-        status: u16,
-    }
-    crate::events::Body::new(&Entry {
-        ep,
-        error,
-        path,
-        status,
-    })
 }
 
 /// For an LwM2M client, the concrete paths (no `*`) of `rules` that lie below a path it
@@ -1030,27 +999,16 @@ fn lwm2m_rule_paths(ep: &Endpoint, rules: &[PreSub]) -> BTreeSet<String> {
         .collect()
 }
 
-/// A `notifications` entry: `ep`, `path`, `ct`, `payload` (base64), `max-age`.
-pub fn notification_body(ep: &str, path: &str, reply: &CoapReply) -> crate::events::Body {
-    use base64::Engine;
-    /// Fields in name order, as the `Value` map this replaced wrote them.
-    #[derive(serde::Serialize)]
-    struct Entry<'a> {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        ct: Option<String>,
-        ep: &'a str,
-        #[serde(rename = "max-age")]
-        max_age: u32,
-        path: &'a str,
-        payload: String,
-    }
-    crate::events::Body::new(&Entry {
+/// A `notifications` entry: `ep`, `path`, `ct` (described), the payload, `max-age` (the
+/// device's, else [`DEFAULT_MAX_AGE`]).
+pub fn notification(ep: &str, path: &str, reply: &CoapReply) -> Notification {
+    Notification {
+        ep: ep.to_string(),
+        path: path.to_string(),
         ct: reply.content_format.map(content_format::describe),
-        ep,
+        payload: reply.payload.to_vec(),
         max_age: reply.max_age.unwrap_or(DEFAULT_MAX_AGE),
-        path,
-        payload: base64::engine::general_purpose::STANDARD.encode(&reply.payload),
-    })
+    }
 }
 
 impl Subscriptions {
@@ -1201,7 +1159,7 @@ mod tests {
     }
 
     #[test]
-    fn notification_entries_are_the_seed_fields_in_name_order() {
+    fn notification_entries_carry_the_reply_and_the_default_max_age() {
         let mut reply = CoapReply {
             code: coap_lite::ResponseType::Content,
             payload: b"21.5".to_vec(),
@@ -1212,14 +1170,18 @@ mod tests {
             token: vec![1],
         };
         assert_eq!(
-            notification_body("ep1", "/3303/0/5700", &reply).as_str(),
-            r#"{"ct":"text/plain","ep":"ep1","max-age":60,"path":"/3303/0/5700","payload":"MjEuNQ=="}"#
+            notification("ep1", "/3303/0/5700", &reply),
+            Notification {
+                ep: "ep1".into(),
+                path: "/3303/0/5700".into(),
+                ct: Some("text/plain".into()),
+                payload: b"21.5".to_vec(),
+                max_age: 60,
+            }
         );
         reply.content_format = None;
         reply.max_age = Some(5);
-        assert_eq!(
-            notification_body("ep1", "/3/0/0", &reply).as_str(),
-            r#"{"ep":"ep1","max-age":5,"path":"/3/0/0","payload":"MjEuNQ=="}"#
-        );
+        let n = notification("ep1", "/3/0/0", &reply);
+        assert_eq!((n.ct, n.max_age), (None, 5));
     }
 }
