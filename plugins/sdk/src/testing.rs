@@ -132,9 +132,10 @@ impl MemoryHost {
         MemoryHost::default()
     }
 
-    /// A [`Host`] for one plugin instance.
-    pub fn host(&self) -> Host {
-        let api = Box::new(HostApi {
+    /// The raw host API over this state, as a host hands it to `create`; the [`Host`]s
+    /// of [`MemoryHost::host`] and the SDK's own ABI test are built from it.
+    fn api(&self) -> Box<HostApi> {
+        Box::new(HostApi {
             abi_version: ABI_VERSION,
             ctx: Arc::as_ptr(&self.inner) as *mut c_void,
             log,
@@ -143,7 +144,12 @@ impl MemoryHost {
             state_delete,
             state_keys,
             free,
-        });
+        })
+    }
+
+    /// A [`Host`] for one plugin instance.
+    pub fn host(&self) -> Host {
+        let api = self.api();
         let ptr: *const HostApi = &*api;
         self.apis
             .lock()
@@ -500,16 +506,7 @@ mod tests {
         // SAFETY: the table of this image; the name is static.
         assert_eq!(unsafe { table.name() }, "echo");
         let host = MemoryHost::new();
-        let api = Box::new(HostApi {
-            abi_version: ABI_VERSION,
-            ctx: Arc::as_ptr(&host.inner) as *mut c_void,
-            log,
-            state_get,
-            state_put,
-            state_delete,
-            state_keys,
-            free,
-        });
+        let api = host.api();
         let mut instance = std::ptr::null_mut();
         let mut err = Buf::EMPTY;
         // SAFETY: the ABI contract, as the host keeps it: valid slices and out pointers,
