@@ -153,6 +153,10 @@ fn bad_request(why: String) -> Refusal {
     (400, "bad_request", why)
 }
 
+fn forbidden(why: String) -> Refusal {
+    (403, "forbidden", why)
+}
+
 /// A list of strings of a body's field (`Ok(None)` when absent or null).
 fn string_list(
     fields: &serde_json::Map<String, serde_json::Value>,
@@ -246,14 +250,10 @@ fn grant(
     let is_admin = creator.scopes.iter().any(|s| s == ADMIN);
     let holds = |s: &str| is_admin || creator.scopes.iter().any(|c| c == s);
     if let Some(d) = ask.domain.as_ref().filter(|d| **d != creator.domain) {
-        return Err((
-            403,
-            "forbidden",
-            format!(
-                "a key cannot be created in domain {d:?}: only in the caller's own domain {:?}",
-                creator.domain
-            ),
-        ));
+        return Err(forbidden(format!(
+            "a key cannot be created in domain {d:?}: only in the caller's own domain {:?}",
+            creator.domain
+        )));
     }
     let scopes: Vec<String> = match &ask.scopes {
         Some(asked) => {
@@ -263,14 +263,10 @@ fn grant(
                 .filter(|s| !holds(s))
                 .collect();
             if !beyond.is_empty() {
-                return Err((
-                    403,
-                    "forbidden",
-                    format!(
-                        "scopes refused: {} (a key can grant only scopes it holds)",
-                        beyond.join(", ")
-                    ),
-                ));
+                return Err(forbidden(format!(
+                    "scopes refused: {} (a key can grant only scopes it holds)",
+                    beyond.join(", ")
+                )));
             }
             // In canonical order, once each.
             SCOPES
@@ -295,15 +291,11 @@ fn grant(
                 .map(|p| format!("{p:?}"))
                 .collect();
             if !beyond.is_empty() {
-                return Err((
-                    403,
-                    "forbidden",
-                    format!(
-                        "allow patterns refused: {} (a restricted key can grant only its own patterns: {})",
-                        beyond.join(", "),
-                        own.join(", ")
-                    ),
-                ));
+                return Err(forbidden(format!(
+                    "allow patterns refused: {} (a restricted key can grant only its own patterns: {})",
+                    beyond.join(", "),
+                    own.join(", ")
+                )));
             }
             Some(asked.clone())
         }
@@ -617,13 +609,9 @@ impl ConnectorAuth {
             .map(|(d, r)| (d.clone(), r.clone()))
             .ok_or_else(not_found)?;
         if !self.may_manage(req, &record) {
-            return Err((
-                403,
-                "forbidden",
-                format!(
-                    "access key {id} was not created by this key: a key without admin deletes only itself and the keys it created"
-                ),
-            ));
+            return Err(forbidden(format!(
+                "access key {id} was not created by this key: a key without admin deletes only itself and the keys it created"
+            )));
         }
         self.delete_key(&digest).map_err(|e| {
             self.host
