@@ -60,7 +60,7 @@ use serde_json::{Map, Value, json};
 use crate::{
     AppRecord, KeyAction, KeyRecord, KeyStatus, MAX_ACTIVE_APPLICATIONS, MAX_ACTIVE_KEYS, NAME,
     PREFIX, Pelion, Permission, USER_PRINCIPAL_PREFIX, UserRecord, check_description, check_name,
-    normalize_scopes, random_id, time,
+    normalize_scopes, time, unused_id,
 };
 
 /// Every route: (method, path).
@@ -625,12 +625,7 @@ impl Pelion {
                  ({MAX_ACTIVE_APPLICATIONS}); revoke one first"
             )));
         }
-        let id = loop {
-            let id = random_id("app_");
-            if !self.apps.contains_key(&id) {
-                break id;
-            }
-        };
+        let id = unused_id("app_", &self.apps);
         let app = AppRecord {
             id,
             domain: caller.domain.clone(),
@@ -761,12 +756,7 @@ impl Pelion {
                  allowed ({MAX_ACTIVE_KEYS}); revoke one first"
             )));
         }
-        let id = loop {
-            let id = random_id("ak_");
-            if !self.keys.contains_key(&id) {
-                break id;
-            }
-        };
+        let id = unused_id("ak_", &self.keys);
         let (secret, digest) = self.new_secret();
         let key = KeyRecord {
             id,
