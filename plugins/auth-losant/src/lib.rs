@@ -409,6 +409,16 @@ fn object_id(now_ms: u64) -> String {
     format!("{secs:08x}{}", hex::encode(rand::random::<[u8; 8]>()))
 }
 
+/// The first value `draw` makes that is not `taken`.
+fn draw_unused<T>(mut draw: impl FnMut() -> T, taken: impl Fn(&T) -> bool) -> T {
+    loop {
+        let v = draw();
+        if !taken(&v) {
+            return v;
+        }
+    }
+}
+
 fn check_name(what: &str, s: &str) -> Result<(), String> {
     let n = s.chars().count();
     if n == 0 || n > MAX_NAME || s.trim().is_empty() {
@@ -452,24 +462,13 @@ impl Losant {
             p.apps.insert(app.id.clone(), app);
         }
         for tok in Self::load_records::<TokenRecord>(&p.host, TOKEN_PREFIX, |t| &t.id)? {
-            if !p.apps.contains_key(&tok.application_id) {
-                p.host.warn(&format!(
-                    "{NAME}: skipping token {}: its application {} is unknown",
-                    tok.id, tok.application_id
-                ));
-                continue;
+            if p.knows_app("token", &tok.id, &tok.application_id) {
+                p.last_ms = p.last_ms.max(tok.creation_date);
+                p.remember_token(tok);
             }
-            p.last_ms = p.last_ms.max(tok.creation_date);
-            p.token_by_hash
-                .insert(tok.token_hash.clone(), tok.id.clone());
-            p.tokens.insert(tok.id.clone(), tok);
         }
         for key in Self::load_records::<KeyRecord>(&p.host, KEY_PREFIX, |k| &k.id)? {
-            if !p.apps.contains_key(&key.application_id) {
-                p.host.warn(&format!(
-                    "{NAME}: skipping application key {}: its application {} is unknown",
-                    key.id, key.application_id
-                ));
+            if !p.knows_app("application key", &key.id, &key.application_id) {
                 continue;
             }
             if p.key_by_key.contains_key(&key.key) {
@@ -480,10 +479,34 @@ impl Losant {
                 continue;
             }
             p.last_ms = p.last_ms.max(key.creation_date).max(key.last_updated);
-            p.key_by_key.insert(key.key.clone(), key.id.clone());
-            p.keys.insert(key.id.clone(), key);
+            p.remember_key(key);
         }
         Ok(p)
+    }
+
+    /// Whether `app_id` names a known application; when not, warns that the `what` `id`
+    /// (a record being loaded) is skipped.
+    fn knows_app(&self, what: &str, id: &str, app_id: &str) -> bool {
+        let known = self.apps.contains_key(app_id);
+        if !known {
+            self.host.warn(&format!(
+                "{NAME}: skipping {what} {id}: its application {app_id} is unknown"
+            ));
+        }
+        known
+    }
+
+    /// Puts a stored token in memory, indexed by its digest.
+    fn remember_token(&mut self, rec: TokenRecord) {
+        self.token_by_hash
+            .insert(rec.token_hash.clone(), rec.id.clone());
+        self.tokens.insert(rec.id.clone(), rec);
+    }
+
+    /// Puts a stored application key in memory, indexed by its key.
+    fn remember_key(&mut self, rec: KeyRecord) {
+        self.key_by_key.insert(rec.key.clone(), rec.id.clone());
+        self.keys.insert(rec.id.clone(), rec);
     }
 
     /// Now in epoch milliseconds, but always after the previous timestamp handed out.
@@ -494,15 +517,14 @@ impl Losant {
 
     /// A fresh id, unused by any record.
     fn fresh_id(&self, now: u64) -> String {
-        loop {
-            let id = object_id(now);
-            if !self.apps.contains_key(&id)
-                && !self.tokens.contains_key(&id)
-                && !self.keys.contains_key(&id)
-            {
-                return id;
-            }
-        }
+        draw_unused(
+            || object_id(now),
+            |id| {
+                self.apps.contains_key(id)
+                    || self.tokens.contains_key(id)
+                    || self.keys.contains_key(id)
+            },
+        )
     }
 
     fn put<T: Serialize>(&self, state_key: &str, rec: &T) -> Result<(), String> {
@@ -549,13 +571,14 @@ impl Losant {
                 scopes.push(s);
             }
         }
-        let (token, token_hash) = loop {
-            let token = random_alphanumeric(TOKEN_LEN);
-            let hash = sha256_hex(&token);
-            if !self.token_by_hash.contains_key(&hash) {
-                break (token, hash);
-            }
-        };
+        let (token, token_hash) = draw_unused(
+            || {
+                let token = random_alphanumeric(TOKEN_LEN);
+                let hash = sha256_hex(&token);
+                (token, hash)
+            },
+            |(_, hash)| self.token_by_hash.contains_key(hash),
+        );
         let now = self.tick();
         let rec = TokenRecord {
             id: self.fresh_id(now),
@@ -572,9 +595,7 @@ impl Losant {
             rec.scopes.join(" ")
         ));
         let answer = json!({"id": rec.id, "token": token});
-        self.token_by_hash
-            .insert(rec.token_hash.clone(), rec.id.clone());
-        self.tokens.insert(rec.id.clone(), rec);
+        self.remember_token(rec);
         Ok(answer)
     }
 
@@ -810,14 +831,14 @@ impl Losant {
             Ok(f) => f,
             Err(why) => return validation(&why),
         };
-        let key = loop {
-            let k = uuid::Builder::from_random_bytes(rand::random())
-                .into_uuid()
-                .to_string();
-            if !self.key_by_key.contains_key(&k) {
-                break k;
-            }
-        };
+        let key = draw_unused(
+            || {
+                uuid::Builder::from_random_bytes(rand::random())
+                    .into_uuid()
+                    .to_string()
+            },
+            |k| self.key_by_key.contains_key(k),
+        );
         let secret = hex::encode(rand::random::<[u8; 32]>());
         let now = self.tick();
         let mut rec = KeyRecord {
@@ -845,8 +866,7 @@ impl Losant {
         ));
         let mut answer = rec.to_json();
         answer["secret"] = json!(secret);
-        self.key_by_key.insert(rec.key.clone(), rec.id.clone());
-        self.keys.insert(rec.id.clone(), rec);
+        self.remember_key(rec);
         HttpResponse::json(201, &answer)
     }
 
