@@ -1,7 +1,8 @@
 //! For plugin unit tests: an in-memory host ([`MemoryHost`]: state in a map, log lines
 //! collected); helpers that call a plugin with JSON and decode its answer ([`call_json`],
 //! [`authenticate`] with an [`auth_request`], [`call_http`]); and checks of what a plugin
-//! refuses ([`assert_bad_input_refused`], [`assert_config_field_refused`]).
+//! refuses ([`assert_bad_input_refused`], [`assert_config_field_refused`]) and answers
+//! ([`assert_auth_routes_operations`]).
 //!
 //! ```ignore
 //! let host = MemoryHost::new();
@@ -15,9 +16,9 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-use crate::auth::{AuthRequest, AuthVerdict, OP_AUTHENTICATE};
+use crate::auth::{AuthRequest, AuthVerdict, OP_AUTHENTICATE, PrincipalSpec};
 use crate::http::{HttpRequest, HttpResponse, OP_HTTP};
-use crate::{ABI_VERSION, Buf, Dispatch, Host, HostApi, level};
+use crate::{ABI_VERSION, Buf, Dispatch, Host, HostApi, Kind, level};
 
 #[derive(Default)]
 struct Inner {
@@ -214,6 +215,45 @@ pub fn auth_request(method: &str, path: &str, header_pairs: &[(&str, &str)]) -> 
     }
 }
 
+/// An [`HttpRequest`] for a plugin's routes as the host hands it over, by `principal` (whom
+/// the core authenticated), with these header pairs (see [`headers`]); no query, no backend
+/// name (set them on the result where a test needs them).
+pub fn http_request(
+    method: &str,
+    path: &str,
+    header_pairs: &[(&str, &str)],
+    body: &str,
+    principal: PrincipalSpec,
+) -> HttpRequest {
+    HttpRequest {
+        backend: String::new(),
+        method: method.into(),
+        path: path.into(),
+        query: None,
+        headers: headers(header_pairs),
+        body: body.into(),
+        principal,
+    }
+}
+
+/// Hands `p` an [`http_request`] sent with `Authorization: Bearer <token>` and, when given,
+/// that `content-type`; returns the status and the JSON body ([`call_http`]).
+pub fn http_with_bearer<P: Dispatch>(
+    p: &mut P,
+    token: &str,
+    principal: PrincipalSpec,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
+    let authorization = format!("Bearer {token}");
+    let mut pairs = vec![("authorization", authorization.as_str())];
+    pairs.extend(content_type.map(|ct| ("content-type", ct)));
+    let (resp, body) = call_http(p, &http_request(method, path, &pairs, body, principal));
+    (resp.status, body)
+}
+
 /// Calls `op` with `input` as JSON and decodes the answer as JSON; panics if the call fails
 /// or the answer is not JSON.
 pub fn call_json<P: Dispatch>(p: &mut P, op: &str, input: &Value) -> Value {
@@ -246,6 +286,16 @@ pub fn call_http<P: Dispatch>(p: &mut P, req: &HttpRequest) -> (HttpResponse, Va
     );
     let body: Value = serde_json::from_str(&resp.body).expect("body is JSON");
     (resp, body)
+}
+
+/// Asserts that `P` is an auth backend that serves routes ([`Kind::Auth`]) and answers
+/// exactly the auth operations, then the routes ones, then `own` (its own operations, in
+/// the order it declares them) ([`Dispatch::operations`]).
+pub fn assert_auth_routes_operations<P: Dispatch>(own: &[&str]) {
+    assert_eq!(P::KIND, Kind::Auth, "{}", P::NAME);
+    let mut want = vec!["authenticate", "bootstrap", "key_status", "routes", "http"];
+    want.extend_from_slice(own);
+    assert_eq!(P::operations(), want, "{}", P::NAME);
 }
 
 /// Inputs that are no operation's JSON document: empty, truncated, an array, not UTF-8.
@@ -288,9 +338,9 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::auth::{KeyStatusRequest, PrincipalSpec};
+    use crate::auth::KeyStatusRequest;
     use crate::http::{OP_ROUTES, RoutesResponse};
-    use crate::{AuthPlugin, Buf, Kind, Plugin, RoutesPlugin};
+    use crate::{AuthPlugin, Buf, Plugin, RoutesPlugin};
 
     /// Accepts a request whose `x-key` header is `k`; answers every route with its path
     /// (and panics on `/panic`); its own operation `echo` answers its input.
@@ -400,21 +450,20 @@ mod tests {
     }
 
     fn request(path: &str) -> HttpRequest {
-        HttpRequest {
-            backend: String::new(),
-            method: "GET".into(),
-            path: path.into(),
-            query: None,
-            headers: BTreeMap::new(),
-            body: String::new(),
-            principal: PrincipalSpec {
-                key_id: "id".into(),
-                domain: "d".into(),
-                scopes: Vec::new(),
-                allow: None,
-                creator: None,
-            },
-        }
+        let principal = PrincipalSpec {
+            key_id: "id".into(),
+            domain: "d".into(),
+            scopes: Vec::new(),
+            allow: None,
+            creator: None,
+        };
+        http_request("GET", path, &[], "", principal)
+    }
+
+    #[test]
+    #[should_panic(expected = "echo")]
+    fn assert_auth_routes_operations_refuses_another_list() {
+        assert_auth_routes_operations::<Echo>(&["echo", "more"]);
     }
 
     #[test]
@@ -431,6 +480,7 @@ mod tests {
                 "echo"
             ]
         );
+        assert_auth_routes_operations::<Echo>(&["echo"]);
         let host = MemoryHost::new();
         let mut p = Echo::create(json!({}), host.host()).unwrap();
         assert_eq!(
