@@ -1,15 +1,14 @@
 //! Plugin-level tests against [`MemoryHost`].
 
-use std::collections::BTreeMap;
-
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use connectord_plugin_sdk::Dispatch;
 use connectord_plugin_sdk::auth::{OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS};
 use connectord_plugin_sdk::http::{OP_HTTP, OP_ROUTES};
 use connectord_plugin_sdk::testing::{
-    MemoryHost, assert_bad_input_refused, assert_config_field_refused, auth_request, authenticate,
-    call_http, call_json,
+    MemoryHost, assert_auth_routes_operations, assert_bad_input_refused,
+    assert_config_field_refused, auth_request, authenticate, call_http, call_json, http_request,
+    http_with_bearer,
 };
 use serde_json::{Value, json};
 
@@ -106,19 +105,10 @@ fn http_as(
     body: &str,
 ) -> (u16, Value) {
     let principal = principal_for(p, authorization.unwrap_or(""));
-    let mut headers = BTreeMap::from([("content-type".to_string(), "application/json".into())]);
-    if let Some(a) = authorization {
-        headers.insert("authorization".into(), a.into());
-    }
-    let req = HttpRequest {
-        backend: String::new(),
-        method: method.into(),
-        path: path.into(),
-        query: query.map(String::from),
-        headers,
-        body: body.into(),
-        principal,
-    };
+    let mut pairs = vec![("content-type", "application/json")];
+    pairs.extend(authorization.map(|a| ("authorization", a)));
+    let mut req = http_request(method, path, &pairs, body, principal);
+    req.query = query.map(String::from);
     let (resp, body) = call_http(p, &req);
     (resp.status, body)
 }
@@ -331,22 +321,7 @@ fn routes_are_listed_as_authenticated() {
 
 #[test]
 fn unknown_op_and_bad_input_are_errors() {
-    assert_eq!(
-        <Losant as Dispatch>::KIND,
-        connectord_plugin_sdk::Kind::Auth
-    );
-    assert_eq!(
-        Losant::operations(),
-        [
-            "authenticate",
-            "bootstrap",
-            "key_status",
-            "routes",
-            "http",
-            "create_application",
-            "create_token"
-        ]
-    );
+    assert_auth_routes_operations::<Losant>(&["create_application", "create_token"]);
     let host = MemoryHost::new();
     let mut p = new_plugin(&host);
     let ops = [
@@ -1391,18 +1366,18 @@ fn non_token_callers_are_401() {
     // Our token in the header, but the core authenticated someone else (a principal
     // that does not match): refused too.
     let token_principal = principal_for(&mut f.p, &format!("Bearer {}", f.token));
-    let req = HttpRequest {
-        backend: String::new(),
-        method: "GET".into(),
-        path: path.clone(),
-        query: None,
-        headers: BTreeMap::from([("authorization".into(), format!("Bearer {}", f.token))]),
-        body: String::new(),
-        principal: PrincipalSpec {
-            key_id: "token:ffffffffffffffffffffffff".into(),
-            ..token_principal
-        },
+    let authorization = format!("Bearer {}", f.token);
+    let principal = PrincipalSpec {
+        key_id: "token:ffffffffffffffffffffffff".into(),
+        ..token_principal
     };
+    let req = http_request(
+        "GET",
+        &path,
+        &[("authorization", &authorization)],
+        "",
+        principal,
+    );
     let v = call_json(&mut f.p, OP_HTTP, &serde_json::to_value(req).unwrap());
     let resp: HttpResponse = serde_json::from_value(v).unwrap();
     assert_eq!(resp.status, 401);
@@ -1693,23 +1668,9 @@ fn non_json_content_type_is_415() {
         .to_string();
     let before = f.host.state();
     let send = |f: &mut Fixture, method: &str, path: &str, ct: Option<&str>| {
-        let authorization = format!("Bearer {}", f.token);
-        let principal = principal_for(&mut f.p, &authorization);
-        let mut headers = BTreeMap::from([("authorization".to_string(), authorization)]);
-        if let Some(ct) = ct {
-            headers.insert("content-type".into(), ct.into());
-        }
-        let req = HttpRequest {
-            backend: String::new(),
-            method: method.into(),
-            path: path.into(),
-            query: None,
-            headers,
-            body: r#"{"description": "x"}"#.into(),
-            principal,
-        };
-        let (resp, v) = call_http(&mut f.p, &req);
-        (resp.status, v)
+        let principal = principal_for(&mut f.p, &format!("Bearer {}", f.token));
+        let body = r#"{"description": "x"}"#;
+        http_with_bearer(&mut f.p, &f.token, principal, method, path, ct, body)
     };
     let targets = [
         ("POST", keys_path(&f.app)),
