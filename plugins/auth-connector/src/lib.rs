@@ -749,8 +749,8 @@ mod tests {
     use connectord_plugin_sdk::auth::{OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS};
     use connectord_plugin_sdk::http::{OP_HTTP, OP_ROUTES};
     use connectord_plugin_sdk::testing::{
-        MemoryHost, assert_bad_input_refused, assert_config_field_refused, auth_request,
-        authenticate, call_http, call_json,
+        MemoryHost, assert_auth_routes_operations, assert_bad_input_refused,
+        assert_config_field_refused, auth_request, authenticate, call_http, call_json,
     };
     use serde_json::{Value, json};
 
@@ -1127,21 +1127,7 @@ mod tests {
 
     #[test]
     fn unknown_op_and_bad_input_are_errors() {
-        assert_eq!(
-            <ConnectorAuth as Dispatch>::KIND,
-            connectord_plugin_sdk::Kind::Auth
-        );
-        assert_eq!(
-            ConnectorAuth::operations(),
-            [
-                "authenticate",
-                "bootstrap",
-                "key_status",
-                "routes",
-                "http",
-                "create_key"
-            ]
-        );
+        assert_auth_routes_operations::<ConnectorAuth>(&["create_key"]);
         let host = MemoryHost::new();
         let mut p = new_plugin(&host);
         let ops = [OP_BOOTSTRAP, OP_AUTHENTICATE, OP_HTTP];
