@@ -3,7 +3,8 @@
 use connectord_plugin_sdk::auth::{OP_AUTHENTICATE, OP_BOOTSTRAP};
 use connectord_plugin_sdk::http::{OP_HTTP, OP_ROUTES};
 use connectord_plugin_sdk::testing::{
-    MemoryHost, assert_bad_input_refused, auth_request, authenticate, call_http, call_json, headers,
+    MemoryHost, assert_auth_routes_operations, assert_bad_input_refused, auth_request,
+    authenticate, call_http, call_json, headers,
 };
 use connectord_plugin_sdk::{Dispatch, level};
 use serde_json::{Value, json};
@@ -1567,21 +1568,7 @@ fn secrets_compare_in_full() {
 
 #[test]
 fn unknown_op_and_bad_input_are_errors() {
-    assert_eq!(
-        <HeaderKeys as Dispatch>::KIND,
-        connectord_plugin_sdk::Kind::Auth
-    );
-    assert_eq!(
-        HeaderKeys::operations(),
-        [
-            "authenticate",
-            "bootstrap",
-            "key_status",
-            "routes",
-            "http",
-            "show_keys"
-        ]
-    );
+    assert_auth_routes_operations::<HeaderKeys>(&["show_keys"]);
     let (_host, mut p) = known();
     assert_bad_input_refused(&mut p, &[OP_BOOTSTRAP, OP_AUTHENTICATE, OP_HTTP], &[]);
 }
