@@ -2,7 +2,7 @@
 //! collected); helpers that call a plugin with JSON and decode its answer ([`call_json`],
 //! [`authenticate`] with an [`auth_request`], [`call_http`]); and checks of what a plugin
 //! refuses ([`assert_bad_input_refused`], [`assert_config_field_refused`]) and answers
-//! ([`assert_auth_routes_operations`]).
+//! ([`assert_auth_routes_operations`], [`assert_bootstrap_creates_nothing`]).
 //!
 //! ```ignore
 //! let host = MemoryHost::new();
@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-use crate::auth::{AuthRequest, AuthVerdict, OP_AUTHENTICATE, PrincipalSpec};
-use crate::http::{HttpRequest, HttpResponse, OP_HTTP};
+use crate::auth::{AuthRequest, AuthVerdict, OP_AUTHENTICATE, OP_BOOTSTRAP, PrincipalSpec};
+use crate::http::{HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, RoutesResponse};
 use crate::{ABI_VERSION, Buf, Dispatch, Host, HostApi, Kind, level};
 
 #[derive(Default)]
@@ -298,6 +298,27 @@ pub fn assert_auth_routes_operations<P: Dispatch>(own: &[&str]) {
     assert_eq!(P::operations(), want, "{}", P::NAME);
 }
 
+/// Asks `p` for its routes ([`OP_ROUTES`]); panics unless it answers a [`RoutesResponse`],
+/// and answers the same with no input at all (as the host may call it).
+pub fn routes_of<P: Dispatch>(p: &mut P) -> RoutesResponse {
+    let v = call_json(p, OP_ROUTES, &serde_json::json!({}));
+    let bare = p
+        .call(OP_ROUTES, b"")
+        .unwrap_or_else(|e| panic!("routes with no input failed: {e}"));
+    let bare: Value = serde_json::from_slice(&bare).expect("answer is JSON");
+    assert_eq!(bare, v, "routes with no input");
+    serde_json::from_value(v).expect("RoutesResponse")
+}
+
+/// Asserts that `p` answers [`OP_BOOTSTRAP`] for `domain` with no credential created, and
+/// leaves `host`'s state as it was.
+pub fn assert_bootstrap_creates_nothing<P: Dispatch>(p: &mut P, host: &MemoryHost, domain: &str) {
+    let before = host.state();
+    let v = call_json(p, OP_BOOTSTRAP, &serde_json::json!({ "domain": domain }));
+    assert_eq!(v, serde_json::json!({ "created": null }));
+    assert_eq!(host.state(), before, "bootstrap changed the state");
+}
+
 /// Inputs that are no operation's JSON document: empty, truncated, an array, not UTF-8.
 pub const BAD_INPUTS: [&[u8]; 4] = [b"", b"{", b"[]", b"\xff\xfe"];
 
@@ -339,7 +360,6 @@ mod tests {
 
     use super::*;
     use crate::auth::KeyStatusRequest;
-    use crate::http::{OP_ROUTES, RoutesResponse};
     use crate::{AuthPlugin, Buf, Plugin, RoutesPlugin};
 
     /// Accepts a request whose `x-key` header is `k`; answers every route with its path
@@ -458,6 +478,16 @@ mod tests {
             creator: None,
         };
         http_request("GET", path, &[], "", principal)
+    }
+
+    #[test]
+    fn routes_of_and_the_bootstrap_check_read_the_plugin() {
+        let host = MemoryHost::new();
+        let mut p = Echo::create(json!({}), host.host()).unwrap();
+        assert!(routes_of(&mut p).routes.is_empty());
+        assert_bootstrap_creates_nothing(&mut p, &host, "d");
+        host.host().state_put("k", b"v").unwrap();
+        assert_bootstrap_creates_nothing(&mut p, &host, "d");
     }
 
     #[test]
