@@ -4,11 +4,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use connectord_plugin_sdk::Dispatch;
 use connectord_plugin_sdk::auth::{OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS};
-use connectord_plugin_sdk::http::{OP_HTTP, OP_ROUTES};
+use connectord_plugin_sdk::http::OP_HTTP;
 use connectord_plugin_sdk::testing::{
     MemoryHost, assert_auth_routes_operations, assert_bad_input_refused,
-    assert_config_field_refused, auth_request, authenticate, call_http, call_json, http_request,
-    http_with_bearer,
+    assert_bootstrap_creates_nothing, assert_config_field_refused, auth_request, authenticate,
+    call_http, call_json, http_request, http_with_bearer, routes_of,
 };
 use serde_json::{Value, json};
 
@@ -280,8 +280,7 @@ fn config_empty_accepted_unknown_refused() {
 fn bootstrap_creates_nothing() {
     let host = MemoryHost::new();
     let mut p = new_plugin(&host);
-    let v = call_json(&mut p, OP_BOOTSTRAP, &json!({"domain": DOMAIN}));
-    assert_eq!(v, json!({"created": null}));
+    assert_bootstrap_creates_nothing(&mut p, &host, DOMAIN);
     assert!(host.state().is_empty());
 }
 
@@ -289,8 +288,7 @@ fn bootstrap_creates_nothing() {
 fn routes_are_listed_as_authenticated() {
     let host = MemoryHost::new();
     let mut p = new_plugin(&host);
-    let routes: RoutesResponse =
-        serde_json::from_value(call_json(&mut p, OP_ROUTES, &json!({}))).unwrap();
+    let routes = routes_of(&mut p);
     let got: Vec<(String, String, String)> = routes
         .routes
         .into_iter()
@@ -316,7 +314,6 @@ fn routes_are_listed_as_authenticated() {
     .map(|(m, path)| (m.to_string(), path.to_string(), "authenticated".to_string()))
     .collect();
     assert_eq!(got, want);
-    assert!(p.call(OP_ROUTES, b"").is_ok());
 }
 
 #[test]
@@ -1637,8 +1634,7 @@ fn unreadable_records_are_skipped_with_a_warning() {
 #[test]
 fn routes_declare_the_seeds_error_spelling() {
     let mut f = setup();
-    let routes: RoutesResponse =
-        serde_json::from_value(call_json(&mut f.p, OP_ROUTES, &json!({}))).unwrap();
+    let routes = routes_of(&mut f.p);
     let (status, own) = http_as(&mut f.p, None, "GET", &keys_path(&f.app), None, "");
     assert_eq!(status, 401, "{own}");
     let weak = create_token(&mut f.p, &f.app, &["all.Application.read"]);
