@@ -152,6 +152,16 @@ fn post_key(f: &mut Fixture, body: Value) -> Value {
     v
 }
 
+/// Creates an application "Other" in `domain` and, with a token of it holding `scope`, an
+/// application key in it; returns the key as created (with its secret).
+fn post_key_in_other_app(f: &mut Fixture, domain: &str, scope: &str) -> Value {
+    let other = create_app(&mut f.p, "Other", domain);
+    let token = create_token(&mut f.p, &other, &[scope]);
+    let (status, v) = http(&mut f.p, &token, "POST", &keys_path(&other), None, "{}");
+    assert_eq!(status, 201, "{v}");
+    v
+}
+
 fn list(f: &mut Fixture, query: &str) -> (u16, Value) {
     let q = (!query.is_empty()).then_some(query);
     http(&mut f.p, &f.token, "GET", &keys_path(&f.app), q, "")
@@ -759,9 +769,15 @@ fn list_advanced_query_operators() {
         (json!({"key": "gamma", "status": "active"}), &[K3]),
         (json!({"key": "gamma", "status": "inactive"}), &[]),
     ];
+    assert_queries_select(&mut f, &cases);
+}
+
+/// Lists the keys with each advanced query (ascending): all of them and only them are the
+/// wanted keys, and the answer does not echo the query.
+fn assert_queries_select(f: &mut Fixture, cases: &[(Value, &[&str])]) {
     for (q, want) in cases {
         let (status, v) = list(
-            &mut f,
+            f,
             &format!("sortDirection=asc&query={}", enc(&q.to_string())),
         );
         assert_eq!(status, 200, "{q}: {v}");
@@ -823,14 +839,7 @@ fn list_advanced_query_nesting() {
         (json!({"$and": [{}]}), &[K1, K2, K3, K4]),
         (json!({"$nor": [{}]}), &[]),
     ];
-    for (q, want) in cases {
-        let (status, v) = list(
-            &mut f,
-            &format!("sortDirection=asc&query={}", enc(&q.to_string())),
-        );
-        assert_eq!(status, 200, "{q}: {v}");
-        assert_eq!(item_ids(&v), ks(want), "{q}");
-    }
+    assert_queries_select(&mut f, &cases);
 }
 
 #[test]
@@ -1133,16 +1142,7 @@ fn get_patch_delete_single_key() {
     let path = key_path(&f.app, &id);
 
     // Unknown key ids, and keys of other applications, are not found.
-    let other = create_app(&mut f.p, "Other", DOMAIN);
-    let other_token = create_token(&mut f.p, &other, &["all.Application"]);
-    let (_, theirs) = http(
-        &mut f.p,
-        &other_token,
-        "POST",
-        &keys_path(&other),
-        None,
-        "{}",
-    );
+    let theirs = post_key_in_other_app(&mut f, DOMAIN, "all.Application");
     let theirs = theirs["id"].as_str().unwrap().to_string();
     let want = json!({"type": "NotFound", "message": "Application key was not found"});
     for k in ["575ec8687ae143cd83dc4a97", "nope", theirs.as_str()] {
@@ -1446,16 +1446,7 @@ fn basic_auth_accepted_with_principal_and_allow() {
     }
 
     // The domain is the key's application's.
-    let other = create_app(&mut f.p, "Other", OTHER_DOMAIN);
-    let other_token = create_token(&mut f.p, &other, &["applicationKeys.post"]);
-    let (_, v) = http(
-        &mut f.p,
-        &other_token,
-        "POST",
-        &keys_path(&other),
-        None,
-        "{}",
-    );
+    let v = post_key_in_other_app(&mut f, OTHER_DOMAIN, "applicationKeys.post");
     let p = accepted(auth_basic(
         &mut f.p,
         v["key"].as_str().unwrap(),
