@@ -50,7 +50,7 @@ use connectord_plugin_sdk::auth::{
     bearer_token,
 };
 use connectord_plugin_sdk::http::{
-    HttpRequest, HttpResponse, Route, RoutesResponse, json_object, refuse_non_json,
+    HttpRequest, HttpResponse, RoutesResponse, json_object, refuse_non_json,
 };
 use connectord_plugin_sdk::names::refuse_control_chars;
 use connectord_plugin_sdk::secret::{is_sha256_hex, random_alphanumeric, sha256_hex};
@@ -679,19 +679,13 @@ impl AuthPlugin for ConnectorAuth {
 
 impl RoutesPlugin for ConnectorAuth {
     fn routes(&mut self) -> Result<RoutesResponse, String> {
-        let route = |method: &str, path: String| Route {
-            method: method.to_string(),
-            path,
-            scope: KEYS_WRITE.to_string(),
-            errors: None,
-        };
-        Ok(RoutesResponse {
-            routes: vec![
-                route("GET", TOKENS_PATH.to_string()),
-                route("POST", TOKENS_PATH.to_string()),
-                route("DELETE", format!("{TOKENS_PATH}/{{id}}")),
-            ],
-        })
+        let one = format!("{TOKENS_PATH}/{{id}}");
+        let routes = [
+            ("GET", TOKENS_PATH),
+            ("POST", TOKENS_PATH),
+            ("DELETE", &one),
+        ];
+        Ok(RoutesResponse::with_scope(KEYS_WRITE, &routes))
     }
 
     fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {
@@ -746,7 +740,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use connectord_plugin_sdk::auth::{OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS};
-    use connectord_plugin_sdk::http::OP_HTTP;
+    use connectord_plugin_sdk::http::{OP_HTTP, Route};
     use connectord_plugin_sdk::testing::{
         MemoryHost, assert_auth_routes_operations, assert_bad_input_refused,
         assert_config_field_refused, auth_request, authenticate, call_http, call_json, routes_of,
@@ -1105,12 +1099,7 @@ mod tests {
         let host = MemoryHost::new();
         let mut p = new_plugin(&host);
         let routes = routes_of(&mut p);
-        let route = |method: &str, path: &str| Route {
-            method: method.into(),
-            path: path.into(),
-            scope: "keys:write".into(),
-            errors: None,
-        };
+        let route = |method: &str, path: &str| Route::new(method, path, "keys:write");
         assert_eq!(
             routes.routes,
             vec![
