@@ -1,7 +1,7 @@
 //! Unit tests of the `headerkeys` backend, against the SDK's in-memory host.
 
 use connectord_plugin_sdk::auth::{OP_AUTHENTICATE, OP_BOOTSTRAP};
-use connectord_plugin_sdk::http::OP_HTTP;
+use connectord_plugin_sdk::http::{OP_HTTP, Route};
 use connectord_plugin_sdk::testing::{
     MemoryHost, assert_auth_routes_operations, assert_bad_input_refused,
     assert_bootstrap_creates_nothing, auth_request, authenticate, call_http, headers, routes_of,
@@ -1406,12 +1406,7 @@ fn routes_are_the_seed_routes_for_any_authenticated_caller() {
         ("PUT", "/api/v1/apikeys/keys/{n}"),
     ]
     .iter()
-    .map(|(m, path)| Route {
-        method: m.to_string(),
-        path: path.to_string(),
-        scope: "authenticated".into(),
-        errors: None,
-    })
+    .map(|(m, path)| Route::new(m, path, "authenticated"))
     .collect();
     assert_eq!(routes.routes, want);
 }
