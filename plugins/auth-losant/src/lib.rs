@@ -159,7 +159,7 @@ use connectord_plugin_sdk::auth::{
     KeyStatusResponse, NON_ADMIN_SCOPES, PrincipalSpec, Restriction,
 };
 use connectord_plugin_sdk::http::{
-    AUTHENTICATED, ErrorTypes, HttpRequest, HttpResponse, Route, RoutesResponse, refuse_non_json,
+    AUTHENTICATED, ErrorTypes, HttpRequest, HttpResponse, RoutesResponse, refuse_non_json,
 };
 use connectord_plugin_sdk::secret::{random_alphanumeric, sha256_hex};
 use connectord_plugin_sdk::{AuthPlugin, Host, Plugin, RoutesPlugin, declare_plugin};
@@ -939,21 +939,20 @@ impl AuthPlugin for Losant {
 
 impl RoutesPlugin for Losant {
     fn routes(&mut self) -> Result<RoutesResponse, String> {
-        let route = |method: &str, path: &str| Route {
-            method: method.to_string(),
-            path: path.to_string(),
-            scope: AUTHENTICATED.to_string(),
-            errors: Some(error_types()),
-        };
-        Ok(RoutesResponse {
-            routes: vec![
-                route("GET", KEYS_ROUTE),
-                route("POST", KEYS_ROUTE),
-                route("GET", KEY_ROUTE),
-                route("PATCH", KEY_ROUTE),
-                route("DELETE", KEY_ROUTE),
+        let mut answer = RoutesResponse::with_scope(
+            AUTHENTICATED,
+            &[
+                ("GET", KEYS_ROUTE),
+                ("POST", KEYS_ROUTE),
+                ("GET", KEY_ROUTE),
+                ("PATCH", KEY_ROUTE),
+                ("DELETE", KEY_ROUTE),
             ],
-        })
+        );
+        for route in &mut answer.routes {
+            route.errors = Some(error_types());
+        }
+        Ok(answer)
     }
 
     fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {
