@@ -50,7 +50,7 @@
 
 use connectord_plugin_sdk::auth::bearer_token;
 use connectord_plugin_sdk::http::{
-    AUTHENTICATED, HttpRequest, HttpResponse, Route, RoutesResponse, json_object, refuse_non_json,
+    AUTHENTICATED, HttpRequest, HttpResponse, RoutesResponse, json_object, refuse_non_json,
 };
 use connectord_plugin_sdk::secret::sha256_hex;
 use serde::Deserialize;
@@ -82,17 +82,7 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// The answer to `routes`: every route, scope `authenticated`.
 pub fn routes() -> RoutesResponse {
-    RoutesResponse {
-        routes: ROUTES
-            .iter()
-            .map(|(method, path)| Route {
-                method: method.to_string(),
-                path: path.to_string(),
-                scope: AUTHENTICATED.to_string(),
-                errors: None,
-            })
-            .collect(),
-    }
+    RoutesResponse::with_scope(AUTHENTICATED, ROUTES)
 }
 
 /// A refused request: status, `type` and `message` of the JSON error.
