@@ -178,6 +178,11 @@ impl MemoryHost {
             .clone()
     }
 
+    /// Whether some log line so far, of any level, contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.logs().iter().any(|(_, m)| m.contains(text))
+    }
+
     /// The log lines of level [`level::WARN`] so far.
     pub fn warnings(&self) -> Vec<String> {
         self.logs()
@@ -458,6 +463,8 @@ mod tests {
         assert_eq!(body, json!({"path": "/x"}));
         assert_eq!(host.warnings(), vec!["served /x".to_string()]);
         assert_eq!(host.logs().len(), 2);
+        assert!(host.logged("ved /x"));
+        assert!(!host.logged("/y"));
         assert_eq!(host.state_text(), "k\u{e9}y\nv\u{fffd}alue\n");
 
         assert_bad_input_refused(&mut p, &[OP_AUTHENTICATE, OP_HTTP], &[b"{}"]);
