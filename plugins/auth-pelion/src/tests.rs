@@ -201,7 +201,7 @@ fn bootstrap_creates_nothing() {
     let mut p = new_plugin(&host);
     assert_bootstrap_creates_nothing(&mut p, &host, DOMAIN);
     assert!(host.state().is_empty());
-    assert!(host.logs().iter().any(|(_, m)| m.contains("create_user")));
+    assert!(host.logged("create_user"));
 }
 
 #[test]
@@ -1662,11 +1662,7 @@ fn state_survives_a_new_instance() {
         .1,
         before_apps
     );
-    assert!(
-        host.logs()
-            .iter()
-            .any(|(_, m)| m.contains("1 users, 2 applications, 3 access keys loaded"))
-    );
+    assert!(host.logged("1 users, 2 applications, 3 access keys loaded"));
 }
 
 #[test]
