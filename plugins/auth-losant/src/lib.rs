@@ -81,11 +81,14 @@
 //!
 //! | Method | Path | Token scopes (any one) | Success |
 //! | --- | --- | --- | --- |
-//! | GET | `/applications/{APPLICATION_ID}/keys` | [`LIST_SCOPES`] | 200 Application Keys |
-//! | POST | `/applications/{APPLICATION_ID}/keys` | [`POST_SCOPES`] | 201 key + `secret` |
-//! | GET | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | [`GET_SCOPES`] | 200 key |
-//! | PATCH | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | [`PATCH_SCOPES`] | 200 key |
-//! | DELETE | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | [`DELETE_SCOPES`] | 200 `{"success": true}` |
+//! | GET | `/applications/{APPLICATION_ID}/keys` | `applicationKeys.get`, `applicationKeys.*`, `all.*`, `all.*.read` | 200 Application Keys |
+//! | POST | `/applications/{APPLICATION_ID}/keys` | `applicationKeys.post`, `applicationKeys.*`, `all.*` | 201 key + `secret` |
+//! | GET | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | `applicationKey.get`, `applicationKey.*`, `all.*`, `all.*.read` | 200 key |
+//! | PATCH | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | `applicationKey.patch`, `applicationKey.*`, `all.*` | 200 key |
+//! | DELETE | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | `applicationKey.delete`, `applicationKey.*`, `all.*` | 200 `{"success": true}` |
+//!
+//! (`all.*` is any of `all.Application`, `all.Organization`, `all.User`; `all.*.read` their
+//! `.read` forms.)
 //!
 //! Every error body is the seed's Error schema, `{"type": …, "message": …}`, checked in
 //! this order (the routes declare [`error_types`], so the daemon's own 401, 403, 503, 400,
@@ -209,54 +212,6 @@ pub const TOKEN_SCOPES: &[&str] = &[
     "applicationKey.delete",
 ];
 
-/// `GET /applications/{APPLICATION_ID}/keys` (the seed).
-pub const LIST_SCOPES: &[&str] = &[
-    "all.Application",
-    "all.Application.read",
-    "all.Organization",
-    "all.Organization.read",
-    "all.User",
-    "all.User.read",
-    "applicationKeys.*",
-    "applicationKeys.get",
-];
-/// `POST /applications/{APPLICATION_ID}/keys` (the seed).
-pub const POST_SCOPES: &[&str] = &[
-    "all.Application",
-    "all.Organization",
-    "all.User",
-    "applicationKeys.*",
-    "applicationKeys.post",
-];
-/// `GET /applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` (Losant's Application Key
-/// resource).
-pub const GET_SCOPES: &[&str] = &[
-    "all.Application",
-    "all.Application.read",
-    "all.Organization",
-    "all.Organization.read",
-    "all.User",
-    "all.User.read",
-    "applicationKey.*",
-    "applicationKey.get",
-];
-/// `PATCH /applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}`.
-pub const PATCH_SCOPES: &[&str] = &[
-    "all.Application",
-    "all.Organization",
-    "all.User",
-    "applicationKey.*",
-    "applicationKey.patch",
-];
-/// `DELETE /applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}`.
-pub const DELETE_SCOPES: &[&str] = &[
-    "all.Application",
-    "all.Organization",
-    "all.User",
-    "applicationKey.*",
-    "applicationKey.delete",
-];
-
 /// The core scopes of every application key principal: the first six of
 /// [`NON_ADMIN_SCOPES`], every data scope but `limits:read` (never `keys:write`,
 /// `metrics:read` or `admin`).
@@ -318,14 +273,37 @@ enum Action {
 }
 
 impl Action {
-    fn scopes(self) -> &'static [&'static str] {
+    /// The resource and verb of this route's own scopes (`applicationKeys.get` for the list).
+    fn resource_verb(self) -> (&'static str, &'static str) {
         match self {
-            Action::List => LIST_SCOPES,
-            Action::Create => POST_SCOPES,
-            Action::Get => GET_SCOPES,
-            Action::Patch => PATCH_SCOPES,
-            Action::Delete => DELETE_SCOPES,
+            Action::List => ("applicationKeys", "get"),
+            Action::Create => ("applicationKeys", "post"),
+            Action::Get => ("applicationKey", "get"),
+            Action::Patch => ("applicationKey", "patch"),
+            Action::Delete => ("applicationKey", "delete"),
         }
+    }
+
+    /// Whether a token with `scope` may take this action (the seed's rule): its resource's
+    /// scope for the verb or `*`; or an `all.` scope, its `.read` form only for the GETs.
+    fn opened_by(self, scope: &str) -> bool {
+        let (resource, verb) = self.resource_verb();
+        match scope.strip_prefix("all.") {
+            Some(level) => !level.ends_with(".read") || verb == "get",
+            None => scope
+                .split_once('.')
+                .is_some_and(|(r, v)| r == resource && (v == "*" || v == verb)),
+        }
+    }
+
+    /// The token scopes that open this route, in [`TOKEN_SCOPES`] order (as a 403 lists
+    /// them).
+    fn scopes(self) -> Vec<&'static str> {
+        TOKEN_SCOPES
+            .iter()
+            .copied()
+            .filter(|s| self.opened_by(s))
+            .collect()
     }
 }
 

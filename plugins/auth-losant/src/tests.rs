@@ -1252,6 +1252,58 @@ fn route_mismatch_is_404() {
 // ---------------------------------------------------------------------------------------
 // Token scopes.
 
+/// The routes each token scope opens (the seed's lists), and the order a route lists its
+/// scopes in (a 403 names them).
+#[test]
+fn each_token_scope_opens_the_seeds_routes() {
+    let want: &[(&str, &str)] = &[
+        ("all.Application", "list create get patch delete"),
+        ("all.Application.read", "list get"),
+        ("all.Organization", "list create get patch delete"),
+        ("all.Organization.read", "list get"),
+        ("all.User", "list create get patch delete"),
+        ("all.User.read", "list get"),
+        ("applicationKeys.*", "list create"),
+        ("applicationKeys.get", "list"),
+        ("applicationKeys.post", "create"),
+        ("applicationKey.*", "get patch delete"),
+        ("applicationKey.get", "get"),
+        ("applicationKey.patch", "patch"),
+        ("applicationKey.delete", "delete"),
+    ];
+    let actions = [
+        (Action::List, "list"),
+        (Action::Create, "create"),
+        (Action::Get, "get"),
+        (Action::Patch, "patch"),
+        (Action::Delete, "delete"),
+    ];
+    assert_eq!(
+        TOKEN_SCOPES,
+        want.iter().map(|(s, _)| *s).collect::<Vec<_>>()
+    );
+    for (scope, opens) in want {
+        let got: Vec<&str> = actions
+            .iter()
+            .filter(|(a, _)| a.scopes().contains(scope))
+            .map(|(_, name)| *name)
+            .collect();
+        assert_eq!(got.join(" "), *opens, "{scope}");
+    }
+    assert_eq!(
+        Action::Create.scopes(),
+        [
+            "all.Application",
+            "all.Organization",
+            "all.User",
+            "applicationKeys.*",
+            "applicationKeys.post"
+        ]
+    );
+    assert!(!Action::Get.opened_by("applicationKeys.get"));
+    assert!(!Action::List.opened_by("other.get"));
+}
+
 #[test]
 fn token_scopes_per_route() {
     let mut f = setup();
