@@ -2,7 +2,8 @@
 //! collected); helpers that call a plugin with JSON and decode its answer ([`call_json`],
 //! [`authenticate`] with an [`auth_request`], [`call_http`]); and checks of what a plugin
 //! refuses ([`assert_bad_input_refused`], [`assert_config_field_refused`]) and answers
-//! ([`assert_auth_routes_operations`], [`assert_bootstrap_creates_nothing`]).
+//! ([`assert_auth_routes_operations`], [`assert_bootstrap_creates_nothing`],
+//! [`assert_new_plugin_bootstraps_nothing`]).
 //!
 //! ```ignore
 //! let host = MemoryHost::new();
@@ -18,7 +19,7 @@ use serde_json::Value;
 
 use crate::auth::{AuthRequest, AuthVerdict, OP_AUTHENTICATE, OP_BOOTSTRAP, PrincipalSpec};
 use crate::http::{HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, RoutesResponse};
-use crate::{ABI_VERSION, Buf, Dispatch, Host, HostApi, Kind, level};
+use crate::{ABI_VERSION, Buf, Dispatch, Host, HostApi, Kind, Plugin, level};
 
 #[derive(Default)]
 struct Inner {
@@ -324,6 +325,17 @@ pub fn assert_bootstrap_creates_nothing<P: Dispatch>(p: &mut P, host: &MemoryHos
     assert_eq!(host.state(), before, "bootstrap changed the state");
 }
 
+/// Asserts that a new instance of `P` (settings `{}`, an empty host) stores nothing, and
+/// that its [`OP_BOOTSTRAP`] for `domain` creates nothing either
+/// ([`assert_bootstrap_creates_nothing`]); returns the host, for checks of the log.
+pub fn assert_new_plugin_bootstraps_nothing<P: Plugin + Dispatch>(domain: &str) -> MemoryHost {
+    let host = MemoryHost::new();
+    let mut p = P::create(serde_json::json!({}), host.host()).expect("create");
+    assert!(host.state().is_empty(), "a new plugin stored state");
+    assert_bootstrap_creates_nothing(&mut p, &host, domain);
+    host
+}
+
 /// Inputs that are no operation's JSON document: empty, truncated, an array, not UTF-8.
 pub const BAD_INPUTS: [&[u8]; 4] = [b"", b"{", b"[]", b"\xff\xfe"];
 
@@ -365,7 +377,7 @@ mod tests {
 
     use super::*;
     use crate::auth::KeyStatusRequest;
-    use crate::{AuthPlugin, Buf, Plugin, RoutesPlugin};
+    use crate::{AuthPlugin, Buf, RoutesPlugin};
 
     /// Accepts a request whose `x-key` header is `k`; answers every route with its path
     /// (and panics on `/panic`); its own operation `echo` answers its input.
@@ -495,6 +507,11 @@ mod tests {
         assert_bootstrap_creates_nothing(&mut p, &host, "d");
         host.host().state_put("k", b"v").unwrap();
         assert_bootstrap_creates_nothing(&mut p, &host, "d");
+        assert!(
+            assert_new_plugin_bootstraps_nothing::<Echo>("d")
+                .logs()
+                .is_empty()
+        );
     }
 
     #[test]
