@@ -7,7 +7,7 @@ use connectord_plugin_sdk::auth::{OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS};
 use connectord_plugin_sdk::http::OP_HTTP;
 use connectord_plugin_sdk::testing::{
     MemoryHost, assert_auth_routes_operations, assert_bad_input_refused,
-    assert_bootstrap_creates_nothing, assert_config_field_refused, auth_request, authenticate,
+    assert_config_field_refused, assert_new_plugin_bootstraps_nothing, auth_request, authenticate,
     call_http, call_json, http_request, http_with_bearer, routes_of,
 };
 use serde_json::{Value, json};
@@ -288,10 +288,7 @@ fn config_empty_accepted_unknown_refused() {
 
 #[test]
 fn bootstrap_creates_nothing() {
-    let host = MemoryHost::new();
-    let mut p = new_plugin(&host);
-    assert_bootstrap_creates_nothing(&mut p, &host, DOMAIN);
-    assert!(host.state().is_empty());
+    assert_new_plugin_bootstraps_nothing::<Losant>(DOMAIN);
 }
 
 #[test]
