@@ -6,7 +6,7 @@ use connectord_plugin_sdk::auth::{AuthVerdict, OP_AUTHENTICATE, OP_KEY_STATUS};
 use connectord_plugin_sdk::http::{AUTHENTICATED, OP_HTTP};
 use connectord_plugin_sdk::testing::{
     MemoryHost, assert_auth_routes_operations, assert_bad_input_refused,
-    assert_bootstrap_creates_nothing, assert_config_field_refused, auth_request, authenticate,
+    assert_config_field_refused, assert_new_plugin_bootstraps_nothing, auth_request, authenticate,
     call_http, call_json, http_request, http_with_bearer, routes_of,
 };
 use serde_json::{Value, json};
@@ -197,10 +197,7 @@ fn routes_are_all_authenticated_under_the_prefix() {
 
 #[test]
 fn bootstrap_creates_nothing() {
-    let host = MemoryHost::new();
-    let mut p = new_plugin(&host);
-    assert_bootstrap_creates_nothing(&mut p, &host, DOMAIN);
-    assert!(host.state().is_empty());
+    let host = assert_new_plugin_bootstraps_nothing::<Pelion>(DOMAIN);
     assert!(host.logged("create_user"));
 }
 
