@@ -50,7 +50,7 @@ use connectord_plugin_sdk::auth::{
     bearer_token,
 };
 use connectord_plugin_sdk::http::{
-    HttpRequest, HttpResponse, Route, RoutesResponse, json_object, refuse_non_json,
+    HttpRequest, HttpResponse, RoutesResponse, json_object, refuse_non_json,
 };
 use connectord_plugin_sdk::names::refuse_control_chars;
 use connectord_plugin_sdk::secret::{is_sha256_hex, random_alphanumeric, sha256_hex};
@@ -153,6 +153,10 @@ fn bad_request(why: String) -> Refusal {
     (400, "bad_request", why)
 }
 
+fn forbidden(why: String) -> Refusal {
+    (403, "forbidden", why)
+}
+
 /// A list of strings of a body's field (`Ok(None)` when absent or null).
 fn string_list(
     fields: &serde_json::Map<String, serde_json::Value>,
@@ -246,14 +250,10 @@ fn grant(
     let is_admin = creator.scopes.iter().any(|s| s == ADMIN);
     let holds = |s: &str| is_admin || creator.scopes.iter().any(|c| c == s);
     if let Some(d) = ask.domain.as_ref().filter(|d| **d != creator.domain) {
-        return Err((
-            403,
-            "forbidden",
-            format!(
-                "a key cannot be created in domain {d:?}: only in the caller's own domain {:?}",
-                creator.domain
-            ),
-        ));
+        return Err(forbidden(format!(
+            "a key cannot be created in domain {d:?}: only in the caller's own domain {:?}",
+            creator.domain
+        )));
     }
     let scopes: Vec<String> = match &ask.scopes {
         Some(asked) => {
@@ -263,14 +263,10 @@ fn grant(
                 .filter(|s| !holds(s))
                 .collect();
             if !beyond.is_empty() {
-                return Err((
-                    403,
-                    "forbidden",
-                    format!(
-                        "scopes refused: {} (a key can grant only scopes it holds)",
-                        beyond.join(", ")
-                    ),
-                ));
+                return Err(forbidden(format!(
+                    "scopes refused: {} (a key can grant only scopes it holds)",
+                    beyond.join(", ")
+                )));
             }
             // In canonical order, once each.
             SCOPES
@@ -295,15 +291,11 @@ fn grant(
                 .map(|p| format!("{p:?}"))
                 .collect();
             if !beyond.is_empty() {
-                return Err((
-                    403,
-                    "forbidden",
-                    format!(
-                        "allow patterns refused: {} (a restricted key can grant only its own patterns: {})",
-                        beyond.join(", "),
-                        own.join(", ")
-                    ),
-                ));
+                return Err(forbidden(format!(
+                    "allow patterns refused: {} (a restricted key can grant only its own patterns: {})",
+                    beyond.join(", "),
+                    own.join(", ")
+                )));
             }
             Some(asked.clone())
         }
@@ -617,13 +609,9 @@ impl ConnectorAuth {
             .map(|(d, r)| (d.clone(), r.clone()))
             .ok_or_else(not_found)?;
         if !self.may_manage(req, &record) {
-            return Err((
-                403,
-                "forbidden",
-                format!(
-                    "access key {id} was not created by this key: a key without admin deletes only itself and the keys it created"
-                ),
-            ));
+            return Err(forbidden(format!(
+                "access key {id} was not created by this key: a key without admin deletes only itself and the keys it created"
+            )));
         }
         self.delete_key(&digest).map_err(|e| {
             self.host
@@ -691,19 +679,13 @@ impl AuthPlugin for ConnectorAuth {
 
 impl RoutesPlugin for ConnectorAuth {
     fn routes(&mut self) -> Result<RoutesResponse, String> {
-        let route = |method: &str, path: String| Route {
-            method: method.to_string(),
-            path,
-            scope: KEYS_WRITE.to_string(),
-            errors: None,
-        };
-        Ok(RoutesResponse {
-            routes: vec![
-                route("GET", TOKENS_PATH.to_string()),
-                route("POST", TOKENS_PATH.to_string()),
-                route("DELETE", format!("{TOKENS_PATH}/{{id}}")),
-            ],
-        })
+        let one = format!("{TOKENS_PATH}/{{id}}");
+        let routes = [
+            ("GET", TOKENS_PATH),
+            ("POST", TOKENS_PATH),
+            ("DELETE", &one),
+        ];
+        Ok(RoutesResponse::with_scope(KEYS_WRITE, &routes))
     }
 
     fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {
@@ -757,12 +739,11 @@ declare_plugin!(ConnectorAuth: auth + routes, operations {
 mod tests {
     use std::collections::BTreeMap;
 
-    use connectord_plugin_sdk::Dispatch;
     use connectord_plugin_sdk::auth::{OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS};
-    use connectord_plugin_sdk::http::{OP_HTTP, OP_ROUTES};
+    use connectord_plugin_sdk::http::{OP_HTTP, Route};
     use connectord_plugin_sdk::testing::{
-        MemoryHost, assert_bad_input_refused, assert_config_field_refused, auth_request,
-        authenticate, call_http, call_json,
+        MemoryHost, assert_auth_routes_operations, assert_bad_input_refused,
+        assert_config_field_refused, auth_request, authenticate, call_http, call_json, routes_of,
     };
     use serde_json::{Value, json};
 
@@ -859,7 +840,7 @@ mod tests {
 
         // Only the digest is stored: the secret appears nowhere.
         assert!(!host.state_text().contains(&key));
-        assert!(!host.logs().iter().any(|(_, m)| m.contains(&key)));
+        assert!(!host.logged(&key));
     }
 
     #[test]
@@ -1106,25 +1087,15 @@ mod tests {
             auth_bearer(&mut p, &admin),
             AuthVerdict::Accepted { .. }
         ));
-        assert!(
-            host.logs()
-                .iter()
-                .any(|(_, m)| m.contains("2 access keys loaded"))
-        );
+        assert!(host.logged("2 access keys loaded"));
     }
 
     #[test]
     fn routes_lists_the_post_and_delete_routes() {
         let host = MemoryHost::new();
         let mut p = new_plugin(&host);
-        let v = call_json(&mut p, OP_ROUTES, &json!({}));
-        let routes: RoutesResponse = serde_json::from_value(v).unwrap();
-        let route = |method: &str, path: &str| Route {
-            method: method.into(),
-            path: path.into(),
-            scope: "keys:write".into(),
-            errors: None,
-        };
+        let routes = routes_of(&mut p);
+        let route = |method: &str, path: &str| Route::new(method, path, "keys:write");
         assert_eq!(
             routes.routes,
             vec![
@@ -1133,27 +1104,11 @@ mod tests {
                 route("DELETE", "/api/api_tokens/{id}")
             ]
         );
-        // The host may call it with no input at all.
-        assert!(p.call(OP_ROUTES, b"").is_ok());
     }
 
     #[test]
     fn unknown_op_and_bad_input_are_errors() {
-        assert_eq!(
-            <ConnectorAuth as Dispatch>::KIND,
-            connectord_plugin_sdk::Kind::Auth
-        );
-        assert_eq!(
-            ConnectorAuth::operations(),
-            [
-                "authenticate",
-                "bootstrap",
-                "key_status",
-                "routes",
-                "http",
-                "create_key"
-            ]
-        );
+        assert_auth_routes_operations::<ConnectorAuth>(&["create_key"]);
         let host = MemoryHost::new();
         let mut p = new_plugin(&host);
         let ops = [OP_BOOTSTRAP, OP_AUTHENTICATE, OP_HTTP];

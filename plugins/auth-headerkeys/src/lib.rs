@@ -104,9 +104,7 @@ use connectord_plugin_sdk::auth::{
     AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, KeyState, KeyStatusRequest,
     KeyStatusResponse, PrincipalSpec,
 };
-use connectord_plugin_sdk::http::{
-    AUTHENTICATED, HttpRequest, HttpResponse, Route, RoutesResponse,
-};
+use connectord_plugin_sdk::http::{AUTHENTICATED, HttpRequest, HttpResponse, RoutesResponse};
 use connectord_plugin_sdk::secret::random_alphanumeric;
 use connectord_plugin_sdk::{AuthPlugin, Host, Plugin, RoutesPlugin, declare_plugin};
 use percent_encoding::percent_decode_str;
@@ -793,19 +791,12 @@ impl AuthPlugin for HeaderKeys {
 
 impl RoutesPlugin for HeaderKeys {
     fn routes(&mut self) -> Result<RoutesResponse, String> {
-        let route = |method: &str, path: &str| Route {
-            method: method.to_string(),
-            path: path.to_string(),
-            scope: AUTHENTICATED.to_string(),
-            errors: None,
-        };
-        Ok(RoutesResponse {
-            routes: vec![
-                route("GET", APIKEYS_PATH),
-                route("GET", APIKEY_ONE_PATH),
-                route("PUT", APIKEY_ONE_PATH),
-            ],
-        })
+        let routes = [
+            ("GET", APIKEYS_PATH),
+            ("GET", APIKEY_ONE_PATH),
+            ("PUT", APIKEY_ONE_PATH),
+        ];
+        Ok(RoutesResponse::with_scope(AUTHENTICATED, &routes))
     }
 
     fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {

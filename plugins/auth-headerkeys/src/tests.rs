@@ -1,9 +1,10 @@
 //! Unit tests of the `headerkeys` backend, against the SDK's in-memory host.
 
 use connectord_plugin_sdk::auth::{OP_AUTHENTICATE, OP_BOOTSTRAP};
-use connectord_plugin_sdk::http::{OP_HTTP, OP_ROUTES};
+use connectord_plugin_sdk::http::{OP_HTTP, Route};
 use connectord_plugin_sdk::testing::{
-    MemoryHost, assert_bad_input_refused, auth_request, authenticate, call_http, call_json, headers,
+    MemoryHost, assert_auth_routes_operations, assert_bad_input_refused,
+    assert_bootstrap_creates_nothing, auth_request, authenticate, call_http, headers, routes_of,
 };
 use connectord_plugin_sdk::{Dispatch, level};
 use serde_json::{Value, json};
@@ -1392,32 +1393,22 @@ fn show_keys_gives_the_whole_document() {
 #[test]
 fn bootstrap_creates_nothing() {
     let (host, mut p) = known();
-    let before = host.state();
-    let v = call_json(&mut p, OP_BOOTSTRAP, &json!({"domain": "default"}));
-    assert_eq!(v, json!({"created": null}));
-    assert_eq!(host.state(), before);
+    assert_bootstrap_creates_nothing(&mut p, &host, "default");
 }
 
 #[test]
 fn routes_are_the_seed_routes_for_any_authenticated_caller() {
     let (_host, mut p) = known();
-    let v = call_json(&mut p, OP_ROUTES, &json!({}));
-    let routes: RoutesResponse = serde_json::from_value(v).unwrap();
+    let routes = routes_of(&mut p);
     let want: Vec<Route> = [
         ("GET", "/api/v1/apikeys"),
         ("GET", "/api/v1/apikeys/keys/{n}"),
         ("PUT", "/api/v1/apikeys/keys/{n}"),
     ]
     .iter()
-    .map(|(m, path)| Route {
-        method: m.to_string(),
-        path: path.to_string(),
-        scope: "authenticated".into(),
-        errors: None,
-    })
+    .map(|(m, path)| Route::new(m, path, "authenticated"))
     .collect();
     assert_eq!(routes.routes, want);
-    assert!(p.call(OP_ROUTES, b"").is_ok());
 }
 
 #[test]
@@ -1567,21 +1558,7 @@ fn secrets_compare_in_full() {
 
 #[test]
 fn unknown_op_and_bad_input_are_errors() {
-    assert_eq!(
-        <HeaderKeys as Dispatch>::KIND,
-        connectord_plugin_sdk::Kind::Auth
-    );
-    assert_eq!(
-        HeaderKeys::operations(),
-        [
-            "authenticate",
-            "bootstrap",
-            "key_status",
-            "routes",
-            "http",
-            "show_keys"
-        ]
-    );
+    assert_auth_routes_operations::<HeaderKeys>(&["show_keys"]);
     let (_host, mut p) = known();
     assert_bad_input_refused(&mut p, &[OP_BOOTSTRAP, OP_AUTHENTICATE, OP_HTTP], &[]);
 }

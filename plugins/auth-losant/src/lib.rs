@@ -81,11 +81,14 @@
 //!
 //! | Method | Path | Token scopes (any one) | Success |
 //! | --- | --- | --- | --- |
-//! | GET | `/applications/{APPLICATION_ID}/keys` | [`LIST_SCOPES`] | 200 Application Keys |
-//! | POST | `/applications/{APPLICATION_ID}/keys` | [`POST_SCOPES`] | 201 key + `secret` |
-//! | GET | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | [`GET_SCOPES`] | 200 key |
-//! | PATCH | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | [`PATCH_SCOPES`] | 200 key |
-//! | DELETE | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | [`DELETE_SCOPES`] | 200 `{"success": true}` |
+//! | GET | `/applications/{APPLICATION_ID}/keys` | `applicationKeys.get`, `applicationKeys.*`, `all.*`, `all.*.read` | 200 Application Keys |
+//! | POST | `/applications/{APPLICATION_ID}/keys` | `applicationKeys.post`, `applicationKeys.*`, `all.*` | 201 key + `secret` |
+//! | GET | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | `applicationKey.get`, `applicationKey.*`, `all.*`, `all.*.read` | 200 key |
+//! | PATCH | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | `applicationKey.patch`, `applicationKey.*`, `all.*` | 200 key |
+//! | DELETE | `/applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` | `applicationKey.delete`, `applicationKey.*`, `all.*` | 200 `{"success": true}` |
+//!
+//! (`all.*` is any of `all.Application`, `all.Organization`, `all.User`; `all.*.read` their
+//! `.read` forms.)
 //!
 //! Every error body is the seed's Error schema, `{"type": …, "message": …}`, checked in
 //! this order (the routes declare [`error_types`], so the daemon's own 401, 403, 503, 400,
@@ -159,7 +162,7 @@ use connectord_plugin_sdk::auth::{
     KeyStatusResponse, NON_ADMIN_SCOPES, PrincipalSpec, Restriction,
 };
 use connectord_plugin_sdk::http::{
-    AUTHENTICATED, ErrorTypes, HttpRequest, HttpResponse, Route, RoutesResponse, refuse_non_json,
+    AUTHENTICATED, ErrorTypes, HttpRequest, HttpResponse, RoutesResponse, refuse_non_json,
 };
 use connectord_plugin_sdk::secret::{random_alphanumeric, sha256_hex};
 use connectord_plugin_sdk::{AuthPlugin, Host, Plugin, RoutesPlugin, declare_plugin};
@@ -206,54 +209,6 @@ pub const TOKEN_SCOPES: &[&str] = &[
     "applicationKey.*",
     "applicationKey.get",
     "applicationKey.patch",
-    "applicationKey.delete",
-];
-
-/// `GET /applications/{APPLICATION_ID}/keys` (the seed).
-pub const LIST_SCOPES: &[&str] = &[
-    "all.Application",
-    "all.Application.read",
-    "all.Organization",
-    "all.Organization.read",
-    "all.User",
-    "all.User.read",
-    "applicationKeys.*",
-    "applicationKeys.get",
-];
-/// `POST /applications/{APPLICATION_ID}/keys` (the seed).
-pub const POST_SCOPES: &[&str] = &[
-    "all.Application",
-    "all.Organization",
-    "all.User",
-    "applicationKeys.*",
-    "applicationKeys.post",
-];
-/// `GET /applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}` (Losant's Application Key
-/// resource).
-pub const GET_SCOPES: &[&str] = &[
-    "all.Application",
-    "all.Application.read",
-    "all.Organization",
-    "all.Organization.read",
-    "all.User",
-    "all.User.read",
-    "applicationKey.*",
-    "applicationKey.get",
-];
-/// `PATCH /applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}`.
-pub const PATCH_SCOPES: &[&str] = &[
-    "all.Application",
-    "all.Organization",
-    "all.User",
-    "applicationKey.*",
-    "applicationKey.patch",
-];
-/// `DELETE /applications/{APPLICATION_ID}/keys/{APPLICATION_KEY_ID}`.
-pub const DELETE_SCOPES: &[&str] = &[
-    "all.Application",
-    "all.Organization",
-    "all.User",
-    "applicationKey.*",
     "applicationKey.delete",
 ];
 
@@ -318,14 +273,37 @@ enum Action {
 }
 
 impl Action {
-    fn scopes(self) -> &'static [&'static str] {
+    /// The resource and verb of this route's own scopes (`applicationKeys.get` for the list).
+    fn resource_verb(self) -> (&'static str, &'static str) {
         match self {
-            Action::List => LIST_SCOPES,
-            Action::Create => POST_SCOPES,
-            Action::Get => GET_SCOPES,
-            Action::Patch => PATCH_SCOPES,
-            Action::Delete => DELETE_SCOPES,
+            Action::List => ("applicationKeys", "get"),
+            Action::Create => ("applicationKeys", "post"),
+            Action::Get => ("applicationKey", "get"),
+            Action::Patch => ("applicationKey", "patch"),
+            Action::Delete => ("applicationKey", "delete"),
         }
+    }
+
+    /// Whether a token with `scope` may take this action (the seed's rule): its resource's
+    /// scope for the verb or `*`; or an `all.` scope, its `.read` form only for the GETs.
+    fn opened_by(self, scope: &str) -> bool {
+        let (resource, verb) = self.resource_verb();
+        match scope.strip_prefix("all.") {
+            Some(level) => !level.ends_with(".read") || verb == "get",
+            None => scope
+                .split_once('.')
+                .is_some_and(|(r, v)| r == resource && (v == "*" || v == verb)),
+        }
+    }
+
+    /// The token scopes that open this route, in [`TOKEN_SCOPES`] order (as a 403 lists
+    /// them).
+    fn scopes(self) -> Vec<&'static str> {
+        TOKEN_SCOPES
+            .iter()
+            .copied()
+            .filter(|s| self.opened_by(s))
+            .collect()
     }
 }
 
@@ -409,6 +387,16 @@ fn object_id(now_ms: u64) -> String {
     format!("{secs:08x}{}", hex::encode(rand::random::<[u8; 8]>()))
 }
 
+/// The first value `draw` makes that is not `taken`.
+fn draw_unused<T>(mut draw: impl FnMut() -> T, taken: impl Fn(&T) -> bool) -> T {
+    loop {
+        let v = draw();
+        if !taken(&v) {
+            return v;
+        }
+    }
+}
+
 fn check_name(what: &str, s: &str) -> Result<(), String> {
     let n = s.chars().count();
     if n == 0 || n > MAX_NAME || s.trim().is_empty() {
@@ -452,24 +440,13 @@ impl Losant {
             p.apps.insert(app.id.clone(), app);
         }
         for tok in Self::load_records::<TokenRecord>(&p.host, TOKEN_PREFIX, |t| &t.id)? {
-            if !p.apps.contains_key(&tok.application_id) {
-                p.host.warn(&format!(
-                    "{NAME}: skipping token {}: its application {} is unknown",
-                    tok.id, tok.application_id
-                ));
-                continue;
+            if p.knows_app("token", &tok.id, &tok.application_id) {
+                p.last_ms = p.last_ms.max(tok.creation_date);
+                p.remember_token(tok);
             }
-            p.last_ms = p.last_ms.max(tok.creation_date);
-            p.token_by_hash
-                .insert(tok.token_hash.clone(), tok.id.clone());
-            p.tokens.insert(tok.id.clone(), tok);
         }
         for key in Self::load_records::<KeyRecord>(&p.host, KEY_PREFIX, |k| &k.id)? {
-            if !p.apps.contains_key(&key.application_id) {
-                p.host.warn(&format!(
-                    "{NAME}: skipping application key {}: its application {} is unknown",
-                    key.id, key.application_id
-                ));
+            if !p.knows_app("application key", &key.id, &key.application_id) {
                 continue;
             }
             if p.key_by_key.contains_key(&key.key) {
@@ -480,10 +457,34 @@ impl Losant {
                 continue;
             }
             p.last_ms = p.last_ms.max(key.creation_date).max(key.last_updated);
-            p.key_by_key.insert(key.key.clone(), key.id.clone());
-            p.keys.insert(key.id.clone(), key);
+            p.remember_key(key);
         }
         Ok(p)
+    }
+
+    /// Whether `app_id` names a known application; when not, warns that the `what` `id`
+    /// (a record being loaded) is skipped.
+    fn knows_app(&self, what: &str, id: &str, app_id: &str) -> bool {
+        let known = self.apps.contains_key(app_id);
+        if !known {
+            self.host.warn(&format!(
+                "{NAME}: skipping {what} {id}: its application {app_id} is unknown"
+            ));
+        }
+        known
+    }
+
+    /// Puts a stored token in memory, indexed by its digest.
+    fn remember_token(&mut self, rec: TokenRecord) {
+        self.token_by_hash
+            .insert(rec.token_hash.clone(), rec.id.clone());
+        self.tokens.insert(rec.id.clone(), rec);
+    }
+
+    /// Puts a stored application key in memory, indexed by its key.
+    fn remember_key(&mut self, rec: KeyRecord) {
+        self.key_by_key.insert(rec.key.clone(), rec.id.clone());
+        self.keys.insert(rec.id.clone(), rec);
     }
 
     /// Now in epoch milliseconds, but always after the previous timestamp handed out.
@@ -494,15 +495,14 @@ impl Losant {
 
     /// A fresh id, unused by any record.
     fn fresh_id(&self, now: u64) -> String {
-        loop {
-            let id = object_id(now);
-            if !self.apps.contains_key(&id)
-                && !self.tokens.contains_key(&id)
-                && !self.keys.contains_key(&id)
-            {
-                return id;
-            }
-        }
+        draw_unused(
+            || object_id(now),
+            |id| {
+                self.apps.contains_key(id)
+                    || self.tokens.contains_key(id)
+                    || self.keys.contains_key(id)
+            },
+        )
     }
 
     fn put<T: Serialize>(&self, state_key: &str, rec: &T) -> Result<(), String> {
@@ -549,13 +549,14 @@ impl Losant {
                 scopes.push(s);
             }
         }
-        let (token, token_hash) = loop {
-            let token = random_alphanumeric(TOKEN_LEN);
-            let hash = sha256_hex(&token);
-            if !self.token_by_hash.contains_key(&hash) {
-                break (token, hash);
-            }
-        };
+        let (token, token_hash) = draw_unused(
+            || {
+                let token = random_alphanumeric(TOKEN_LEN);
+                let hash = sha256_hex(&token);
+                (token, hash)
+            },
+            |(_, hash)| self.token_by_hash.contains_key(hash),
+        );
         let now = self.tick();
         let rec = TokenRecord {
             id: self.fresh_id(now),
@@ -572,9 +573,7 @@ impl Losant {
             rec.scopes.join(" ")
         ));
         let answer = json!({"id": rec.id, "token": token});
-        self.token_by_hash
-            .insert(rec.token_hash.clone(), rec.id.clone());
-        self.tokens.insert(rec.id.clone(), rec);
+        self.remember_token(rec);
         Ok(answer)
     }
 
@@ -810,14 +809,14 @@ impl Losant {
             Ok(f) => f,
             Err(why) => return validation(&why),
         };
-        let key = loop {
-            let k = uuid::Builder::from_random_bytes(rand::random())
-                .into_uuid()
-                .to_string();
-            if !self.key_by_key.contains_key(&k) {
-                break k;
-            }
-        };
+        let key = draw_unused(
+            || {
+                uuid::Builder::from_random_bytes(rand::random())
+                    .into_uuid()
+                    .to_string()
+            },
+            |k| self.key_by_key.contains_key(k),
+        );
         let secret = hex::encode(rand::random::<[u8; 32]>());
         let now = self.tick();
         let mut rec = KeyRecord {
@@ -845,8 +844,7 @@ impl Losant {
         ));
         let mut answer = rec.to_json();
         answer["secret"] = json!(secret);
-        self.key_by_key.insert(rec.key.clone(), rec.id.clone());
-        self.keys.insert(rec.id.clone(), rec);
+        self.remember_key(rec);
         HttpResponse::json(201, &answer)
     }
 
@@ -919,21 +917,20 @@ impl AuthPlugin for Losant {
 
 impl RoutesPlugin for Losant {
     fn routes(&mut self) -> Result<RoutesResponse, String> {
-        let route = |method: &str, path: &str| Route {
-            method: method.to_string(),
-            path: path.to_string(),
-            scope: AUTHENTICATED.to_string(),
-            errors: Some(error_types()),
-        };
-        Ok(RoutesResponse {
-            routes: vec![
-                route("GET", KEYS_ROUTE),
-                route("POST", KEYS_ROUTE),
-                route("GET", KEY_ROUTE),
-                route("PATCH", KEY_ROUTE),
-                route("DELETE", KEY_ROUTE),
+        let mut answer = RoutesResponse::with_scope(
+            AUTHENTICATED,
+            &[
+                ("GET", KEYS_ROUTE),
+                ("POST", KEYS_ROUTE),
+                ("GET", KEY_ROUTE),
+                ("PATCH", KEY_ROUTE),
+                ("DELETE", KEY_ROUTE),
             ],
-        })
+        );
+        for route in &mut answer.routes {
+            route.errors = Some(error_types());
+        }
+        Ok(answer)
     }
 
     fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {

@@ -264,88 +264,78 @@ pub fn parse_body(body: &str, allowed: &[&str]) -> Result<KeyFields, String> {
     Ok(out)
 }
 
-fn parse_device_ids(v: &Value) -> Result<Vec<String>, String> {
+/// The field `name`'s array, of at most `most` items when given, each parsed by `item`
+/// with its index.
+fn parse_array<T>(
+    name: &str,
+    v: &Value,
+    most: Option<usize>,
+    item: impl Fn(usize, &Value) -> Result<T, String>,
+) -> Result<Vec<T>, String> {
     let Some(items) = v.as_array() else {
-        return Err("\"deviceIds\" must be an array".into());
+        return Err(format!("\"{name}\" must be an array"));
     };
-    if items.len() > MAX_DEVICE_IDS {
-        return Err(format!(
-            "\"deviceIds\" must hold at most {MAX_DEVICE_IDS} items"
-        ));
+    if let Some(most) = most.filter(|most| items.len() > *most) {
+        return Err(format!("\"{name}\" must hold at most {most} items"));
     }
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| match item.as_str() {
+    items.iter().enumerate().map(|(i, v)| item(i, v)).collect()
+}
+
+fn parse_device_ids(v: &Value) -> Result<Vec<String>, String> {
+    parse_array("deviceIds", v, Some(MAX_DEVICE_IDS), |i, item| {
+        match item.as_str() {
             Some(s) if is_object_id(s) => Ok(s.to_ascii_lowercase()),
             _ => Err(format!(
                 "\"deviceIds[{i}]\" must be an id of 24 hexadecimal characters"
             )),
-        })
-        .collect()
+        }
+    })
 }
 
 fn parse_device_tags(v: &Value) -> Result<Vec<Tag>, String> {
-    let Some(items) = v.as_array() else {
-        return Err("\"deviceTags\" must be an array".into());
+    parse_array("deviceTags", v, Some(MAX_DEVICE_TAGS), parse_device_tag)
+}
+
+fn parse_device_tag(i: usize, item: &Value) -> Result<Tag, String> {
+    let Some(obj) = item.as_object() else {
+        return Err(format!("\"deviceTags[{i}]\" must be an object"));
     };
-    if items.len() > MAX_DEVICE_TAGS {
-        return Err(format!(
-            "\"deviceTags\" must hold at most {MAX_DEVICE_TAGS} items"
-        ));
+    if let Some(extra) = obj.keys().find(|k| *k != "key" && *k != "value") {
+        return Err(format!("\"deviceTags[{i}].{extra}\" is not allowed"));
     }
-    let mut tags = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        let Some(obj) = item.as_object() else {
-            return Err(format!("\"deviceTags[{i}]\" must be an object"));
-        };
-        if let Some(extra) = obj.keys().find(|k| *k != "key" && *k != "value") {
-            return Err(format!("\"deviceTags[{i}].{extra}\" is not allowed"));
-        }
-        let key = match obj.get("key").and_then(Value::as_str) {
-            Some(k) if is_tag_key(k) => k.to_string(),
-            _ => {
-                return Err(format!(
-                    "\"deviceTags[{i}].key\" must be 1 to {MAX_TAG_LEN} letters, digits, _ or -"
-                ));
-            }
-        };
-        let value = match obj.get("value") {
-            None => None,
-            Some(Value::String(s)) if (1..=MAX_TAG_LEN).contains(&s.chars().count()) => {
-                Some(s.clone())
-            }
-            Some(_) => {
-                return Err(format!(
-                    "\"deviceTags[{i}].value\" must be a string of 1 to {MAX_TAG_LEN} characters"
-                ));
-            }
-        };
-        if key == ENDPOINT_TAG && value.as_deref().is_some_and(|v| v.contains('/')) {
+    let key = match obj.get("key").and_then(Value::as_str) {
+        Some(k) if is_tag_key(k) => k.to_string(),
+        _ => {
             return Err(format!(
-                "\"deviceTags[{i}].value\": an {ENDPOINT_TAG} tag names endpoints and may not contain /"
+                "\"deviceTags[{i}].key\" must be 1 to {MAX_TAG_LEN} letters, digits, _ or -"
             ));
         }
-        tags.push(Tag { key, value });
+    };
+    let value = match obj.get("value") {
+        None => None,
+        Some(Value::String(s)) if (1..=MAX_TAG_LEN).contains(&s.chars().count()) => Some(s.clone()),
+        Some(_) => {
+            return Err(format!(
+                "\"deviceTags[{i}].value\" must be a string of 1 to {MAX_TAG_LEN} characters"
+            ));
+        }
+    };
+    if key == ENDPOINT_TAG && value.as_deref().is_some_and(|v| v.contains('/')) {
+        return Err(format!(
+            "\"deviceTags[{i}].value\": an {ENDPOINT_TAG} tag names endpoints and may not contain /"
+        ));
     }
-    Ok(tags)
+    Ok(Tag { key, value })
 }
 
 fn parse_topics(name: &str, v: &Value) -> Result<Vec<String>, String> {
-    let Some(items) = v.as_array() else {
-        return Err(format!("\"{name}\" must be an array"));
-    };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            let Some(t) = item.as_str() else {
-                return Err(format!("\"{name}[{i}]\" must be a string"));
-            };
-            check_topic(t).map_err(|why| format!("\"{name}[{i}]\" {why}"))?;
-            Ok(t.to_string())
-        })
-        .collect()
+    parse_array(name, v, None, |i, item| {
+        let Some(t) = item.as_str() else {
+            return Err(format!("\"{name}[{i}]\" must be a string"));
+        };
+        check_topic(t).map_err(|why| format!("\"{name}[{i}]\" {why}"))?;
+        Ok(t.to_string())
+    })
 }
 
 /// Is `t` an acceptable topic filter: 1 to 1024 characters, no NUL, MQTT wildcards used

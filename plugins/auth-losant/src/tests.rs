@@ -1,15 +1,14 @@
 //! Plugin-level tests against [`MemoryHost`].
 
-use std::collections::BTreeMap;
-
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use connectord_plugin_sdk::Dispatch;
 use connectord_plugin_sdk::auth::{OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS};
-use connectord_plugin_sdk::http::{OP_HTTP, OP_ROUTES};
+use connectord_plugin_sdk::http::OP_HTTP;
 use connectord_plugin_sdk::testing::{
-    MemoryHost, assert_bad_input_refused, assert_config_field_refused, auth_request, authenticate,
-    call_http, call_json,
+    MemoryHost, assert_auth_routes_operations, assert_bad_input_refused,
+    assert_config_field_refused, assert_new_plugin_bootstraps_nothing, auth_request, authenticate,
+    call_http, call_json, http_request, http_with_bearer, routes_of,
 };
 use serde_json::{Value, json};
 
@@ -106,19 +105,10 @@ fn http_as(
     body: &str,
 ) -> (u16, Value) {
     let principal = principal_for(p, authorization.unwrap_or(""));
-    let mut headers = BTreeMap::from([("content-type".to_string(), "application/json".into())]);
-    if let Some(a) = authorization {
-        headers.insert("authorization".into(), a.into());
-    }
-    let req = HttpRequest {
-        backend: String::new(),
-        method: method.into(),
-        path: path.into(),
-        query: query.map(String::from),
-        headers,
-        body: body.into(),
-        principal,
-    };
+    let mut pairs = vec![("content-type", "application/json")];
+    pairs.extend(authorization.map(|a| ("authorization", a)));
+    let mut req = http_request(method, path, &pairs, body, principal);
+    req.query = query.map(String::from);
     let (resp, body) = call_http(p, &req);
     (resp.status, body)
 }
@@ -158,6 +148,16 @@ fn post_key(f: &mut Fixture, body: Value) -> Value {
         None,
         &body.to_string(),
     );
+    assert_eq!(status, 201, "{v}");
+    v
+}
+
+/// Creates an application "Other" in `domain` and, with a token of it holding `scope`, an
+/// application key in it; returns the key as created (with its secret).
+fn post_key_in_other_app(f: &mut Fixture, domain: &str, scope: &str) -> Value {
+    let other = create_app(&mut f.p, "Other", domain);
+    let token = create_token(&mut f.p, &other, &[scope]);
+    let (status, v) = http(&mut f.p, &token, "POST", &keys_path(&other), None, "{}");
     assert_eq!(status, 201, "{v}");
     v
 }
@@ -288,19 +288,14 @@ fn config_empty_accepted_unknown_refused() {
 
 #[test]
 fn bootstrap_creates_nothing() {
-    let host = MemoryHost::new();
-    let mut p = new_plugin(&host);
-    let v = call_json(&mut p, OP_BOOTSTRAP, &json!({"domain": DOMAIN}));
-    assert_eq!(v, json!({"created": null}));
-    assert!(host.state().is_empty());
+    assert_new_plugin_bootstraps_nothing::<Losant>(DOMAIN);
 }
 
 #[test]
 fn routes_are_listed_as_authenticated() {
     let host = MemoryHost::new();
     let mut p = new_plugin(&host);
-    let routes: RoutesResponse =
-        serde_json::from_value(call_json(&mut p, OP_ROUTES, &json!({}))).unwrap();
+    let routes = routes_of(&mut p);
     let got: Vec<(String, String, String)> = routes
         .routes
         .into_iter()
@@ -326,27 +321,11 @@ fn routes_are_listed_as_authenticated() {
     .map(|(m, path)| (m.to_string(), path.to_string(), "authenticated".to_string()))
     .collect();
     assert_eq!(got, want);
-    assert!(p.call(OP_ROUTES, b"").is_ok());
 }
 
 #[test]
 fn unknown_op_and_bad_input_are_errors() {
-    assert_eq!(
-        <Losant as Dispatch>::KIND,
-        connectord_plugin_sdk::Kind::Auth
-    );
-    assert_eq!(
-        Losant::operations(),
-        [
-            "authenticate",
-            "bootstrap",
-            "key_status",
-            "routes",
-            "http",
-            "create_application",
-            "create_token"
-        ]
-    );
+    assert_auth_routes_operations::<Losant>(&["create_application", "create_token"]);
     let host = MemoryHost::new();
     let mut p = new_plugin(&host);
     let ops = [
@@ -402,7 +381,7 @@ fn create_application_and_token_validation() {
     assert_eq!(stored["scopes"], json!(["applicationKeys.get"]));
     assert_eq!(stored["tokenHash"], sha256_hex(token));
     assert!(!host.state_text().contains(token));
-    assert!(!host.logs().iter().any(|(_, m)| m.contains(token)));
+    assert!(!host.logged(token));
 
     let bad_tokens = [
         json!({"application_id": "575ec8687ae143cd83dc4a97", "scopes": ["all.Application"]}),
@@ -787,9 +766,15 @@ fn list_advanced_query_operators() {
         (json!({"key": "gamma", "status": "active"}), &[K3]),
         (json!({"key": "gamma", "status": "inactive"}), &[]),
     ];
+    assert_queries_select(&mut f, &cases);
+}
+
+/// Lists the keys with each advanced query (ascending): all of them and only them are the
+/// wanted keys, and the answer does not echo the query.
+fn assert_queries_select(f: &mut Fixture, cases: &[(Value, &[&str])]) {
     for (q, want) in cases {
         let (status, v) = list(
-            &mut f,
+            f,
             &format!("sortDirection=asc&query={}", enc(&q.to_string())),
         );
         assert_eq!(status, 200, "{q}: {v}");
@@ -851,14 +836,7 @@ fn list_advanced_query_nesting() {
         (json!({"$and": [{}]}), &[K1, K2, K3, K4]),
         (json!({"$nor": [{}]}), &[]),
     ];
-    for (q, want) in cases {
-        let (status, v) = list(
-            &mut f,
-            &format!("sortDirection=asc&query={}", enc(&q.to_string())),
-        );
-        assert_eq!(status, 200, "{q}: {v}");
-        assert_eq!(item_ids(&v), ks(want), "{q}");
-    }
+    assert_queries_select(&mut f, &cases);
 }
 
 #[test]
@@ -1059,7 +1037,7 @@ fn post_creates_key_with_secret_shown_once() {
     let state = f.host.state_text();
     assert!(!state.contains(&secret));
     assert!(state.contains(&sha256_hex(&secret)));
-    assert!(!f.host.logs().iter().any(|(_, m)| m.contains(&secret)));
+    assert!(!f.host.logged(&secret));
 
     // An empty body is {}: defaults.
     let (s, v) = http(&mut f.p, &f.token, "POST", &keys_path(&f.app), None, "");
@@ -1161,16 +1139,7 @@ fn get_patch_delete_single_key() {
     let path = key_path(&f.app, &id);
 
     // Unknown key ids, and keys of other applications, are not found.
-    let other = create_app(&mut f.p, "Other", DOMAIN);
-    let other_token = create_token(&mut f.p, &other, &["all.Application"]);
-    let (_, theirs) = http(
-        &mut f.p,
-        &other_token,
-        "POST",
-        &keys_path(&other),
-        None,
-        "{}",
-    );
+    let theirs = post_key_in_other_app(&mut f, DOMAIN, "all.Application");
     let theirs = theirs["id"].as_str().unwrap().to_string();
     let want = json!({"type": "NotFound", "message": "Application key was not found"});
     for k in ["575ec8687ae143cd83dc4a97", "nope", theirs.as_str()] {
@@ -1279,6 +1248,58 @@ fn route_mismatch_is_404() {
 
 // ---------------------------------------------------------------------------------------
 // Token scopes.
+
+/// The routes each token scope opens (the seed's lists), and the order a route lists its
+/// scopes in (a 403 names them).
+#[test]
+fn each_token_scope_opens_the_seeds_routes() {
+    let want: &[(&str, &str)] = &[
+        ("all.Application", "list create get patch delete"),
+        ("all.Application.read", "list get"),
+        ("all.Organization", "list create get patch delete"),
+        ("all.Organization.read", "list get"),
+        ("all.User", "list create get patch delete"),
+        ("all.User.read", "list get"),
+        ("applicationKeys.*", "list create"),
+        ("applicationKeys.get", "list"),
+        ("applicationKeys.post", "create"),
+        ("applicationKey.*", "get patch delete"),
+        ("applicationKey.get", "get"),
+        ("applicationKey.patch", "patch"),
+        ("applicationKey.delete", "delete"),
+    ];
+    let actions = [
+        (Action::List, "list"),
+        (Action::Create, "create"),
+        (Action::Get, "get"),
+        (Action::Patch, "patch"),
+        (Action::Delete, "delete"),
+    ];
+    assert_eq!(
+        TOKEN_SCOPES,
+        want.iter().map(|(s, _)| *s).collect::<Vec<_>>()
+    );
+    for (scope, opens) in want {
+        let got: Vec<&str> = actions
+            .iter()
+            .filter(|(a, _)| a.scopes().contains(scope))
+            .map(|(_, name)| *name)
+            .collect();
+        assert_eq!(got.join(" "), *opens, "{scope}");
+    }
+    assert_eq!(
+        Action::Create.scopes(),
+        [
+            "all.Application",
+            "all.Organization",
+            "all.User",
+            "applicationKeys.*",
+            "applicationKeys.post"
+        ]
+    );
+    assert!(!Action::Get.opened_by("applicationKeys.get"));
+    assert!(!Action::List.opened_by("other.get"));
+}
 
 #[test]
 fn token_scopes_per_route() {
@@ -1391,18 +1412,18 @@ fn non_token_callers_are_401() {
     // Our token in the header, but the core authenticated someone else (a principal
     // that does not match): refused too.
     let token_principal = principal_for(&mut f.p, &format!("Bearer {}", f.token));
-    let req = HttpRequest {
-        backend: String::new(),
-        method: "GET".into(),
-        path: path.clone(),
-        query: None,
-        headers: BTreeMap::from([("authorization".into(), format!("Bearer {}", f.token))]),
-        body: String::new(),
-        principal: PrincipalSpec {
-            key_id: "token:ffffffffffffffffffffffff".into(),
-            ..token_principal
-        },
+    let authorization = format!("Bearer {}", f.token);
+    let principal = PrincipalSpec {
+        key_id: "token:ffffffffffffffffffffffff".into(),
+        ..token_principal
     };
+    let req = http_request(
+        "GET",
+        &path,
+        &[("authorization", &authorization)],
+        "",
+        principal,
+    );
     let v = call_json(&mut f.p, OP_HTTP, &serde_json::to_value(req).unwrap());
     let resp: HttpResponse = serde_json::from_value(v).unwrap();
     assert_eq!(resp.status, 401);
@@ -1474,16 +1495,7 @@ fn basic_auth_accepted_with_principal_and_allow() {
     }
 
     // The domain is the key's application's.
-    let other = create_app(&mut f.p, "Other", OTHER_DOMAIN);
-    let other_token = create_token(&mut f.p, &other, &["applicationKeys.post"]);
-    let (_, v) = http(
-        &mut f.p,
-        &other_token,
-        "POST",
-        &keys_path(&other),
-        None,
-        "{}",
-    );
+    let v = post_key_in_other_app(&mut f, OTHER_DOMAIN, "applicationKeys.post");
     let p = accepted(auth_basic(
         &mut f.p,
         v["key"].as_str().unwrap(),
@@ -1599,11 +1611,7 @@ fn state_survives_new_instance() {
     drop(f.p);
 
     let mut p = new_plugin(&host);
-    assert!(
-        host.logs()
-            .iter()
-            .any(|(_, m)| m.contains("1 applications, 1 API tokens, 1 application keys loaded"))
-    );
+    assert!(host.logged("1 applications, 1 API tokens, 1 application keys loaded"));
     let principal = accepted(auth_bearer(&mut p, &f.token));
     assert_eq!(principal.domain, DOMAIN);
     let kp = accepted(auth_basic(&mut p, &key, &secret));
@@ -1662,8 +1670,7 @@ fn unreadable_records_are_skipped_with_a_warning() {
 #[test]
 fn routes_declare_the_seeds_error_spelling() {
     let mut f = setup();
-    let routes: RoutesResponse =
-        serde_json::from_value(call_json(&mut f.p, OP_ROUTES, &json!({}))).unwrap();
+    let routes = routes_of(&mut f.p);
     let (status, own) = http_as(&mut f.p, None, "GET", &keys_path(&f.app), None, "");
     assert_eq!(status, 401, "{own}");
     let weak = create_token(&mut f.p, &f.app, &["all.Application.read"]);
@@ -1693,23 +1700,9 @@ fn non_json_content_type_is_415() {
         .to_string();
     let before = f.host.state();
     let send = |f: &mut Fixture, method: &str, path: &str, ct: Option<&str>| {
-        let authorization = format!("Bearer {}", f.token);
-        let principal = principal_for(&mut f.p, &authorization);
-        let mut headers = BTreeMap::from([("authorization".to_string(), authorization)]);
-        if let Some(ct) = ct {
-            headers.insert("content-type".into(), ct.into());
-        }
-        let req = HttpRequest {
-            backend: String::new(),
-            method: method.into(),
-            path: path.into(),
-            query: None,
-            headers,
-            body: r#"{"description": "x"}"#.into(),
-            principal,
-        };
-        let (resp, v) = call_http(&mut f.p, &req);
-        (resp.status, v)
+        let principal = principal_for(&mut f.p, &format!("Bearer {}", f.token));
+        let body = r#"{"description": "x"}"#;
+        http_with_bearer(&mut f.p, &f.token, principal, method, path, ct, body)
     };
     let targets = [
         ("POST", keys_path(&f.app)),

@@ -50,7 +50,7 @@
 
 use connectord_plugin_sdk::auth::bearer_token;
 use connectord_plugin_sdk::http::{
-    AUTHENTICATED, HttpRequest, HttpResponse, Route, RoutesResponse, json_object, refuse_non_json,
+    AUTHENTICATED, HttpRequest, HttpResponse, RoutesResponse, json_object, refuse_non_json,
 };
 use connectord_plugin_sdk::secret::sha256_hex;
 use serde::Deserialize;
@@ -60,7 +60,7 @@ use serde_json::{Map, Value, json};
 use crate::{
     AppRecord, KeyAction, KeyRecord, KeyStatus, MAX_ACTIVE_APPLICATIONS, MAX_ACTIVE_KEYS, NAME,
     PREFIX, Pelion, Permission, USER_PRINCIPAL_PREFIX, UserRecord, check_description, check_name,
-    normalize_scopes, random_id, time,
+    normalize_scopes, time, unused_id,
 };
 
 /// Every route: (method, path).
@@ -82,17 +82,7 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// The answer to `routes`: every route, scope `authenticated`.
 pub fn routes() -> RoutesResponse {
-    RoutesResponse {
-        routes: ROUTES
-            .iter()
-            .map(|(method, path)| Route {
-                method: method.to_string(),
-                path: path.to_string(),
-                scope: AUTHENTICATED.to_string(),
-                errors: None,
-            })
-            .collect(),
-    }
+    RoutesResponse::with_scope(AUTHENTICATED, ROUTES)
 }
 
 /// A refused request: status, `type` and `message` of the JSON error.
@@ -625,12 +615,7 @@ impl Pelion {
                  ({MAX_ACTIVE_APPLICATIONS}); revoke one first"
             )));
         }
-        let id = loop {
-            let id = random_id("app_");
-            if !self.apps.contains_key(&id) {
-                break id;
-            }
-        };
+        let id = unused_id("app_", &self.apps);
         let app = AppRecord {
             id,
             domain: caller.domain.clone(),
@@ -761,12 +746,7 @@ impl Pelion {
                  allowed ({MAX_ACTIVE_KEYS}); revoke one first"
             )));
         }
-        let id = loop {
-            let id = random_id("ak_");
-            if !self.keys.contains_key(&id) {
-                break id;
-            }
-        };
+        let id = unused_id("ak_", &self.keys);
         let (secret, digest) = self.new_secret();
         let key = KeyRecord {
             id,

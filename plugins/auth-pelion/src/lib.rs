@@ -424,9 +424,34 @@ fn normalize_permissions(permissions: &[Permission]) -> Vec<Permission> {
     p
 }
 
-/// `prefix` followed by 24 random hex characters.
-fn random_id(prefix: &str) -> String {
-    format!("{prefix}{}", hex::encode(rand::random::<[u8; ID_BYTES]>()))
+/// `prefix` followed by 24 random hex characters, drawn again until no record of `taken`
+/// has it.
+fn unused_id<T>(prefix: &str, taken: &BTreeMap<String, T>) -> String {
+    loop {
+        let id = format!("{prefix}{}", hex::encode(rand::random::<[u8; ID_BYTES]>()));
+        if !taken.contains_key(&id) {
+            return id;
+        }
+    }
+}
+
+/// Writes `record` durably under `prefix` + `id`, then (only then) puts it in `map` and,
+/// when given one, the digest of its secret in `index`, naming `id`.
+fn save_record<T: Serialize>(
+    host: &Host,
+    prefix: &str,
+    id: &str,
+    record: T,
+    map: &mut BTreeMap<String, T>,
+    index: Option<(&mut HashMap<String, String>, String)>,
+) -> Result<(), String> {
+    let bytes = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
+    host.state_put(&format!("{prefix}{id}"), &bytes)?;
+    if let Some((index, digest)) = index {
+        index.insert(digest, id.to_string());
+    }
+    map.insert(id.to_string(), record);
+    Ok(())
 }
 
 /// Reads every record under `prefix`; unreadable ones are logged and skipped. Failing to
@@ -533,32 +558,22 @@ impl Pelion {
         }
     }
 
-    fn write<T: Serialize>(&self, state_key: &str, value: &T) -> Result<(), String> {
-        let bytes = serde_json::to_vec(value).map_err(|e| e.to_string())?;
-        self.host.state_put(state_key, &bytes)
-    }
-
     /// Writes a user durably, then updates memory.
     fn save_user(&mut self, user: UserRecord) -> Result<(), String> {
-        self.write(&format!("{USER_STATE}{}", user.id), &user)?;
-        self.user_by_digest
-            .insert(user.token_sha256.clone(), user.id.clone());
-        self.users.insert(user.id.clone(), user);
-        Ok(())
+        let (id, digest) = (user.id.clone(), user.token_sha256.clone());
+        let index = Some((&mut self.user_by_digest, digest));
+        save_record(&self.host, USER_STATE, &id, user, &mut self.users, index)
     }
 
     fn save_app(&mut self, app: AppRecord) -> Result<(), String> {
-        self.write(&format!("{APP_STATE}{}", app.id), &app)?;
-        self.apps.insert(app.id.clone(), app);
-        Ok(())
+        let id = app.id.clone();
+        save_record(&self.host, APP_STATE, &id, app, &mut self.apps, None)
     }
 
     fn save_key(&mut self, key: KeyRecord) -> Result<(), String> {
-        self.write(&format!("{KEY_STATE}{}", key.id), &key)?;
-        self.key_by_digest
-            .insert(key.secret_sha256.clone(), key.id.clone());
-        self.keys.insert(key.id.clone(), key);
-        Ok(())
+        let (id, digest) = (key.id.clone(), key.secret_sha256.clone());
+        let index = Some((&mut self.key_by_digest, digest));
+        save_record(&self.host, KEY_STATE, &id, key, &mut self.keys, index)
     }
 
     /// Creates a user (validated here; permission checks are the caller's). Returns the
@@ -582,12 +597,7 @@ impl Pelion {
                 "a user named {name:?} already exists in domain {domain:?}"
             )));
         }
-        let id = loop {
-            let id = random_id("usr_");
-            if !self.users.contains_key(&id) {
-                break id;
-            }
-        };
+        let id = unused_id("usr_", &self.users);
         let (token, digest) = self.new_secret();
         let user = UserRecord {
             id,

@@ -1,14 +1,13 @@
 //! Unit tests against the in-memory host. Requests on the management routes go through
 //! `authenticate` first, as the core does, and the resulting principal is handed to `http`.
 
-use std::collections::BTreeMap;
-
 use connectord_plugin_sdk::Dispatch;
-use connectord_plugin_sdk::auth::{AuthVerdict, OP_AUTHENTICATE, OP_BOOTSTRAP, OP_KEY_STATUS};
-use connectord_plugin_sdk::http::{AUTHENTICATED, HttpRequest, OP_HTTP, OP_ROUTES, RoutesResponse};
+use connectord_plugin_sdk::auth::{AuthVerdict, OP_AUTHENTICATE, OP_KEY_STATUS};
+use connectord_plugin_sdk::http::{AUTHENTICATED, OP_HTTP};
 use connectord_plugin_sdk::testing::{
-    MemoryHost, assert_bad_input_refused, assert_config_field_refused, auth_request, authenticate,
-    call_http, call_json,
+    MemoryHost, assert_auth_routes_operations, assert_bad_input_refused,
+    assert_config_field_refused, assert_new_plugin_bootstraps_nothing, auth_request, authenticate,
+    call_http, call_json, http_request, http_with_bearer, routes_of,
 };
 use serde_json::{Value, json};
 
@@ -92,19 +91,11 @@ fn api_as(
         Some((p, q)) => (p, Some(q.to_string())),
         None => (path, None),
     };
-    let mut headers = BTreeMap::from([("content-type".to_string(), "application/json".into())]);
-    if let Some(b) = bearer {
-        headers.insert("authorization".into(), format!("Bearer {b}"));
-    }
-    let req = HttpRequest {
-        backend: String::new(),
-        method: method.into(),
-        path: path.into(),
-        query,
-        headers,
-        body: body.into(),
-        principal,
-    };
+    let authorization = bearer.map(|b| format!("Bearer {b}"));
+    let mut pairs = vec![("content-type", "application/json")];
+    pairs.extend(authorization.as_deref().map(|a| ("authorization", a)));
+    let mut req = http_request(method, path, &pairs, body, principal);
+    req.query = query;
     let (resp, body) = call_http(p, &req);
     if resp.status >= 400 {
         assert!(body["type"].is_string(), "{body}");
@@ -196,24 +187,18 @@ fn ids(list: &Value) -> Vec<String> {
 fn routes_are_all_authenticated_under_the_prefix() {
     let host = MemoryHost::new();
     let mut p = new_plugin(&host);
-    let routes: RoutesResponse =
-        serde_json::from_value(call_json(&mut p, OP_ROUTES, &json!({}))).unwrap();
+    let routes = routes_of(&mut p);
     assert_eq!(routes.routes.len(), api::ROUTES.len());
     for r in &routes.routes {
         assert_eq!(r.scope, AUTHENTICATED, "{r:?}");
         assert!(r.path.starts_with("/pelion/v1/"), "{r:?}");
     }
-    assert!(p.call(OP_ROUTES, b"").is_ok());
 }
 
 #[test]
 fn bootstrap_creates_nothing() {
-    let host = MemoryHost::new();
-    let mut p = new_plugin(&host);
-    let v = call_json(&mut p, OP_BOOTSTRAP, &json!({"domain": DOMAIN}));
-    assert_eq!(v, json!({"created": null}));
-    assert!(host.state().is_empty());
-    assert!(host.logs().iter().any(|(_, m)| m.contains("create_user")));
+    let host = assert_new_plugin_bootstraps_nothing::<Pelion>(DOMAIN);
+    assert!(host.logged("create_user"));
 }
 
 #[test]
@@ -305,21 +290,7 @@ fn config_empty_accepted_unknown_refused() {
 
 #[test]
 fn unknown_op_and_bad_input_are_errors() {
-    assert_eq!(
-        <Pelion as Dispatch>::KIND,
-        connectord_plugin_sdk::Kind::Auth
-    );
-    assert_eq!(
-        Pelion::operations(),
-        [
-            "authenticate",
-            "bootstrap",
-            "key_status",
-            "routes",
-            "http",
-            "create_user"
-        ]
-    );
+    assert_auth_routes_operations::<Pelion>(&["create_user"]);
     let host = MemoryHost::new();
     let mut p = new_plugin(&host);
     let ops = [OP_AUTHENTICATE, OP_HTTP, OP_CREATE_USER];
@@ -1594,22 +1565,7 @@ fn non_json_content_types_are_415() {
     let (key, _) = create_key(&mut p, &u, &app, &["endpoints:read"]);
     let send = |p: &mut Pelion, method: &str, path: &str, ct: Option<&str>, body: &str| {
         let principal = accepted(p, &u.token);
-        let mut headers =
-            BTreeMap::from([("authorization".to_string(), format!("Bearer {}", u.token))]);
-        if let Some(ct) = ct {
-            headers.insert("content-type".into(), ct.into());
-        }
-        let req = HttpRequest {
-            backend: String::new(),
-            method: method.into(),
-            path: path.into(),
-            query: None,
-            headers,
-            body: body.into(),
-            principal,
-        };
-        let (resp, v) = call_http(p, &req);
-        (resp.status, v)
+        http_with_bearer(p, &u.token, principal, method, path, ct, body)
     };
     let before = host.state();
     let targets: Vec<(&str, String)> = vec![
@@ -1703,11 +1659,7 @@ fn state_survives_a_new_instance() {
         .1,
         before_apps
     );
-    assert!(
-        host.logs()
-            .iter()
-            .any(|(_, m)| m.contains("1 users, 2 applications, 3 access keys loaded"))
-    );
+    assert!(host.logged("1 users, 2 applications, 3 access keys loaded"));
 }
 
 #[test]

@@ -10,7 +10,7 @@
 //! `create`, `routes` or `http`, it panics in `create`, in every `routes` call or in every
 //! `http` call, to show how the host refuses or rolls back a generation that fails.
 
-use connectord_plugin_sdk::http::{HttpRequest, HttpResponse, Route, RoutesResponse};
+use connectord_plugin_sdk::http::{HttpRequest, HttpResponse, RoutesResponse};
 use connectord_plugin_sdk::{ABI_VERSION, Host, Plugin, RoutesPlugin, declare_plugin};
 
 const VARIANT: &str = match option_env!("CONNECTORD_EXAMPLE_VARIANT") {
@@ -56,15 +56,8 @@ impl RoutesPlugin for Example {
         if PANIC == "routes" {
             panic!("built to panic in routes");
         }
-        let route = |path: &str| Route {
-            method: "GET".into(),
-            path: path.into(),
-            scope: "endpoints:read".into(),
-            errors: None,
-        };
-        Ok(RoutesResponse {
-            routes: vec![route("/api/example/hello"), route("/api/example/panic")],
-        })
+        let routes = [("GET", "/api/example/hello"), ("GET", "/api/example/panic")];
+        Ok(RoutesResponse::with_scope("endpoints:read", &routes))
     }
 
     fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {

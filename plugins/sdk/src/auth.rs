@@ -46,27 +46,27 @@ pub const DATA_SCOPES: [&str; 7] = [
 
 /// Every core scope but [`ADMIN`], in canonical order: [`DATA_SCOPES`], then
 /// [`KEYS_WRITE`], then [`METRICS_READ`].
-pub const NON_ADMIN_SCOPES: [&str; 9] = {
-    let mut all = [METRICS_READ; 9];
-    let mut i = 0;
-    while i < DATA_SCOPES.len() {
-        all[i] = DATA_SCOPES[i];
-        i += 1;
-    }
-    all[DATA_SCOPES.len()] = KEYS_WRITE;
-    all
-};
+pub const NON_ADMIN_SCOPES: [&str; 9] = concat(&DATA_SCOPES, &[KEYS_WRITE, METRICS_READ]);
 
 /// Every core scope, in canonical order: [`NON_ADMIN_SCOPES`], then [`ADMIN`].
-pub const SCOPES: [&str; 10] = {
-    let mut all = [ADMIN; 10];
+pub const SCOPES: [&str; 10] = concat(&NON_ADMIN_SCOPES, &[ADMIN]);
+
+/// `head` then `tail` as one array, at compile time; a length `N` that is not the sum of
+/// theirs fails the build.
+const fn concat<const N: usize>(head: &[&'static str], tail: &[&'static str]) -> [&'static str; N] {
+    assert!(head.len() + tail.len() == N, "concat: wrong length");
+    let mut all = [""; N];
     let mut i = 0;
-    while i < NON_ADMIN_SCOPES.len() {
-        all[i] = NON_ADMIN_SCOPES[i];
+    while i < N {
+        all[i] = if i < head.len() {
+            head[i]
+        } else {
+            tail[i - head.len()]
+        };
         i += 1;
     }
     all
-};
+}
 
 /// The token of an `Authorization: Bearer <token>` header (`headers` as in
 /// [`AuthRequest::headers`], names lower-case): the scheme is matched case-insensitively

@@ -32,6 +32,19 @@ pub struct Route {
     pub errors: Option<ErrorTypes>,
 }
 
+impl Route {
+    /// A route for `method` on `path` that needs `scope`, with the core's spelling of the
+    /// errors the host answers on it (set [`Route::errors`] for the plugin's own).
+    pub fn new(method: &str, path: &str, scope: &str) -> Route {
+        Route {
+            method: method.to_string(),
+            path: path.to_string(),
+            scope: scope.to_string(),
+            errors: None,
+        }
+    }
+}
+
 /// The `type` of each error the host may answer on a plugin's route (the body is always
 /// `{"type", "message"}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +80,18 @@ impl Default for ErrorTypes {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct RoutesResponse {
     pub routes: Vec<Route>,
+}
+
+impl RoutesResponse {
+    /// These `(method, path)` routes, in this order, each needing `scope` ([`Route::new`]).
+    pub fn with_scope(scope: &str, routes: &[(&str, &str)]) -> RoutesResponse {
+        RoutesResponse {
+            routes: routes
+                .iter()
+                .map(|(method, path)| Route::new(method, path, scope))
+                .collect(),
+        }
+    }
 }
 
 /// A request on one of the plugin's routes.
@@ -176,6 +201,27 @@ pub fn json_object(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_with_one_scope_keep_their_order() {
+        let got = RoutesResponse::with_scope("keys:write", &[("GET", "/a"), ("DELETE", "/a/{id}")]);
+        let want = vec![
+            Route {
+                method: "GET".into(),
+                path: "/a".into(),
+                scope: "keys:write".into(),
+                errors: None,
+            },
+            Route {
+                method: "DELETE".into(),
+                path: "/a/{id}".into(),
+                scope: "keys:write".into(),
+                errors: None,
+            },
+        ];
+        assert_eq!(got.routes, want);
+        assert_eq!(Route::new("GET", "/a", "keys:write"), want[0]);
+    }
 
     #[test]
     fn json_content_types() {

@@ -1,7 +1,9 @@
 //! For plugin unit tests: an in-memory host ([`MemoryHost`]: state in a map, log lines
 //! collected); helpers that call a plugin with JSON and decode its answer ([`call_json`],
 //! [`authenticate`] with an [`auth_request`], [`call_http`]); and checks of what a plugin
-//! refuses ([`assert_bad_input_refused`], [`assert_config_field_refused`]).
+//! refuses ([`assert_bad_input_refused`], [`assert_config_field_refused`]) and answers
+//! ([`assert_auth_routes_operations`], [`assert_bootstrap_creates_nothing`],
+//! [`assert_new_plugin_bootstraps_nothing`]).
 //!
 //! ```ignore
 //! let host = MemoryHost::new();
@@ -15,9 +17,9 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-use crate::auth::{AuthRequest, AuthVerdict, OP_AUTHENTICATE};
-use crate::http::{HttpRequest, HttpResponse, OP_HTTP};
-use crate::{ABI_VERSION, Buf, Dispatch, Host, HostApi, level};
+use crate::auth::{AuthRequest, AuthVerdict, OP_AUTHENTICATE, OP_BOOTSTRAP, PrincipalSpec};
+use crate::http::{HttpRequest, HttpResponse, OP_HTTP, OP_ROUTES, RoutesResponse};
+use crate::{ABI_VERSION, Buf, Dispatch, Host, HostApi, Kind, Plugin, level};
 
 #[derive(Default)]
 struct Inner {
@@ -132,9 +134,10 @@ impl MemoryHost {
         MemoryHost::default()
     }
 
-    /// A [`Host`] for one plugin instance.
-    pub fn host(&self) -> Host {
-        let api = Box::new(HostApi {
+    /// The raw host API over this state, as a host hands it to `create`; the [`Host`]s
+    /// of [`MemoryHost::host`] and the SDK's own ABI test are built from it.
+    fn api(&self) -> Box<HostApi> {
+        Box::new(HostApi {
             abi_version: ABI_VERSION,
             ctx: Arc::as_ptr(&self.inner) as *mut c_void,
             log,
@@ -143,7 +146,12 @@ impl MemoryHost {
             state_delete,
             state_keys,
             free,
-        });
+        })
+    }
+
+    /// A [`Host`] for one plugin instance.
+    pub fn host(&self) -> Host {
+        let api = self.api();
         let ptr: *const HostApi = &*api;
         self.apis
             .lock()
@@ -169,6 +177,11 @@ impl MemoryHost {
             .unwrap_or_else(|p| p.into_inner())
             .logs
             .clone()
+    }
+
+    /// Whether some log line so far, of any level, contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.logs().iter().any(|(_, m)| m.contains(text))
     }
 
     /// The log lines of level [`level::WARN`] so far.
@@ -208,6 +221,45 @@ pub fn auth_request(method: &str, path: &str, header_pairs: &[(&str, &str)]) -> 
     }
 }
 
+/// An [`HttpRequest`] for a plugin's routes as the host hands it over, by `principal` (whom
+/// the core authenticated), with these header pairs (see [`headers`]); no query, no backend
+/// name (set them on the result where a test needs them).
+pub fn http_request(
+    method: &str,
+    path: &str,
+    header_pairs: &[(&str, &str)],
+    body: &str,
+    principal: PrincipalSpec,
+) -> HttpRequest {
+    HttpRequest {
+        backend: String::new(),
+        method: method.into(),
+        path: path.into(),
+        query: None,
+        headers: headers(header_pairs),
+        body: body.into(),
+        principal,
+    }
+}
+
+/// Hands `p` an [`http_request`] sent with `Authorization: Bearer <token>` and, when given,
+/// that `content-type`; returns the status and the JSON body ([`call_http`]).
+pub fn http_with_bearer<P: Dispatch>(
+    p: &mut P,
+    token: &str,
+    principal: PrincipalSpec,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
+    let authorization = format!("Bearer {token}");
+    let mut pairs = vec![("authorization", authorization.as_str())];
+    pairs.extend(content_type.map(|ct| ("content-type", ct)));
+    let (resp, body) = call_http(p, &http_request(method, path, &pairs, body, principal));
+    (resp.status, body)
+}
+
 /// Calls `op` with `input` as JSON and decodes the answer as JSON; panics if the call fails
 /// or the answer is not JSON.
 pub fn call_json<P: Dispatch>(p: &mut P, op: &str, input: &Value) -> Value {
@@ -240,6 +292,48 @@ pub fn call_http<P: Dispatch>(p: &mut P, req: &HttpRequest) -> (HttpResponse, Va
     );
     let body: Value = serde_json::from_str(&resp.body).expect("body is JSON");
     (resp, body)
+}
+
+/// Asserts that `P` is an auth backend that serves routes ([`Kind::Auth`]) and answers
+/// exactly the auth operations, then the routes ones, then `own` (its own operations, in
+/// the order it declares them) ([`Dispatch::operations`]).
+pub fn assert_auth_routes_operations<P: Dispatch>(own: &[&str]) {
+    assert_eq!(P::KIND, Kind::Auth, "{}", P::NAME);
+    let mut want = vec!["authenticate", "bootstrap", "key_status", "routes", "http"];
+    want.extend_from_slice(own);
+    assert_eq!(P::operations(), want, "{}", P::NAME);
+}
+
+/// Asks `p` for its routes ([`OP_ROUTES`]); panics unless it answers a [`RoutesResponse`],
+/// and answers the same with no input at all (as the host may call it).
+pub fn routes_of<P: Dispatch>(p: &mut P) -> RoutesResponse {
+    let v = call_json(p, OP_ROUTES, &serde_json::json!({}));
+    let bare = p
+        .call(OP_ROUTES, b"")
+        .unwrap_or_else(|e| panic!("routes with no input failed: {e}"));
+    let bare: Value = serde_json::from_slice(&bare).expect("answer is JSON");
+    assert_eq!(bare, v, "routes with no input");
+    serde_json::from_value(v).expect("RoutesResponse")
+}
+
+/// Asserts that `p` answers [`OP_BOOTSTRAP`] for `domain` with no credential created, and
+/// leaves `host`'s state as it was.
+pub fn assert_bootstrap_creates_nothing<P: Dispatch>(p: &mut P, host: &MemoryHost, domain: &str) {
+    let before = host.state();
+    let v = call_json(p, OP_BOOTSTRAP, &serde_json::json!({ "domain": domain }));
+    assert_eq!(v, serde_json::json!({ "created": null }));
+    assert_eq!(host.state(), before, "bootstrap changed the state");
+}
+
+/// Asserts that a new instance of `P` (settings `{}`, an empty host) stores nothing, and
+/// that its [`OP_BOOTSTRAP`] for `domain` creates nothing either
+/// ([`assert_bootstrap_creates_nothing`]); returns the host, for checks of the log.
+pub fn assert_new_plugin_bootstraps_nothing<P: Plugin + Dispatch>(domain: &str) -> MemoryHost {
+    let host = MemoryHost::new();
+    let mut p = P::create(serde_json::json!({}), host.host()).expect("create");
+    assert!(host.state().is_empty(), "a new plugin stored state");
+    assert_bootstrap_creates_nothing(&mut p, &host, domain);
+    host
 }
 
 /// Inputs that are no operation's JSON document: empty, truncated, an array, not UTF-8.
@@ -282,9 +376,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::auth::{KeyStatusRequest, PrincipalSpec};
-    use crate::http::{OP_ROUTES, RoutesResponse};
-    use crate::{AuthPlugin, Buf, Kind, Plugin, RoutesPlugin};
+    use crate::auth::KeyStatusRequest;
+    use crate::{AuthPlugin, Buf, RoutesPlugin};
 
     /// Accepts a request whose `x-key` header is `k`; answers every route with its path
     /// (and panics on `/panic`); its own operation `echo` answers its input.
@@ -382,6 +475,8 @@ mod tests {
         assert_eq!(body, json!({"path": "/x"}));
         assert_eq!(host.warnings(), vec!["served /x".to_string()]);
         assert_eq!(host.logs().len(), 2);
+        assert!(host.logged("ved /x"));
+        assert!(!host.logged("/y"));
         assert_eq!(host.state_text(), "k\u{e9}y\nv\u{fffd}alue\n");
 
         assert_bad_input_refused(&mut p, &[OP_AUTHENTICATE, OP_HTTP], &[b"{}"]);
@@ -394,21 +489,35 @@ mod tests {
     }
 
     fn request(path: &str) -> HttpRequest {
-        HttpRequest {
-            backend: String::new(),
-            method: "GET".into(),
-            path: path.into(),
-            query: None,
-            headers: BTreeMap::new(),
-            body: String::new(),
-            principal: PrincipalSpec {
-                key_id: "id".into(),
-                domain: "d".into(),
-                scopes: Vec::new(),
-                allow: None,
-                creator: None,
-            },
-        }
+        let principal = PrincipalSpec {
+            key_id: "id".into(),
+            domain: "d".into(),
+            scopes: Vec::new(),
+            allow: None,
+            creator: None,
+        };
+        http_request("GET", path, &[], "", principal)
+    }
+
+    #[test]
+    fn routes_of_and_the_bootstrap_check_read_the_plugin() {
+        let host = MemoryHost::new();
+        let mut p = Echo::create(json!({}), host.host()).unwrap();
+        assert!(routes_of(&mut p).routes.is_empty());
+        assert_bootstrap_creates_nothing(&mut p, &host, "d");
+        host.host().state_put("k", b"v").unwrap();
+        assert_bootstrap_creates_nothing(&mut p, &host, "d");
+        assert!(
+            assert_new_plugin_bootstraps_nothing::<Echo>("d")
+                .logs()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "echo")]
+    fn assert_auth_routes_operations_refuses_another_list() {
+        assert_auth_routes_operations::<Echo>(&["echo", "more"]);
     }
 
     #[test]
@@ -425,6 +534,7 @@ mod tests {
                 "echo"
             ]
         );
+        assert_auth_routes_operations::<Echo>(&["echo"]);
         let host = MemoryHost::new();
         let mut p = Echo::create(json!({}), host.host()).unwrap();
         assert_eq!(
@@ -500,16 +610,7 @@ mod tests {
         // SAFETY: the table of this image; the name is static.
         assert_eq!(unsafe { table.name() }, "echo");
         let host = MemoryHost::new();
-        let api = Box::new(HostApi {
-            abi_version: ABI_VERSION,
-            ctx: Arc::as_ptr(&host.inner) as *mut c_void,
-            log,
-            state_get,
-            state_put,
-            state_delete,
-            state_keys,
-            free,
-        });
+        let api = host.api();
         let mut instance = std::ptr::null_mut();
         let mut err = Buf::EMPTY;
         // SAFETY: the ABI contract, as the host keeps it: valid slices and out pointers,
