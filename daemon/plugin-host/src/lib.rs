@@ -71,13 +71,7 @@ impl crate::auth::AuthBackends for HostBackends {
         name: &'a str,
         op: &'static str,
         input: Vec<u8>,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<Vec<u8>, crate::auth::BackendError>>
-                + Send
-                + 'a,
-        >,
-    > {
+    ) -> crate::auth::BackendCall<'a> {
         Box::pin(async move {
             self.0
                 .call_bytes(name, op, input)

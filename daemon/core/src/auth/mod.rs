@@ -32,15 +32,12 @@ pub trait AuthBackends: Send + Sync + 'static {
     /// its routes): a verdict reused from another epoch is void.
     fn epoch(&self) -> u64;
     /// Calls `op` of backend `name` with the JSON `input`; the answer's JSON.
-    fn call<'a>(
-        &'a self,
-        name: &'a str,
-        op: &'static str,
-        input: Vec<u8>,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Vec<u8>, BackendError>> + Send + 'a>,
-    >;
+    fn call<'a>(&'a self, name: &'a str, op: &'static str, input: Vec<u8>) -> BackendCall<'a>;
 }
+
+/// What [`AuthBackends::call`] returns: the boxed future of one backend call.
+pub type BackendCall<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, BackendError>> + Send + 'a>>;
 
 /// A backend could not answer (not loaded, failed, panicked, a bad answer); the message
 /// names the backend.
