@@ -33,6 +33,47 @@ const PER_QUEUE_DEVICE: usize = 15;
 /// Per queue-mode endpoint, its acknowledged requests as (path, async id), in order.
 type Queued = BTreeMap<String, Vec<(String, String)>>;
 
+/// What the REST load threads share: the flag that stops them, the API's address and key.
+struct Load {
+    stop: Arc<AtomicBool>,
+    base: String,
+    key: String,
+}
+
+impl Load {
+    /// A load thread of REST calls: `step(n, load, found)` for `n` in `0..count`, until
+    /// `stop` is set; `step` records what the daemon acknowledged in `found`.
+    fn worker<T: Send + 'static>(
+        self: &Arc<Self>,
+        found: &Arc<Mutex<T>>,
+        count: usize,
+        step: impl Fn(usize, &Load, &Mutex<T>) + Send + 'static,
+    ) -> thread::JoinHandle<()> {
+        let (load, found) = (Arc::clone(self), Arc::clone(found));
+        thread::spawn(move || {
+            for n in 0..count {
+                if load.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                step(n, &load, &found);
+            }
+        })
+    }
+
+    /// `method` on a device's resource under `/v2/{route}` (`endpoints`,
+    /// `subscriptions`), without a body, as [`try_http`].
+    fn device_call(
+        &self,
+        method: &str,
+        route: &str,
+        ep: &str,
+        path: &str,
+    ) -> Option<(u16, String)> {
+        let url = format!("{}/v2/{route}/{ep}{path}", self.base);
+        try_http(method, &url, &self.key, None, None)
+    }
+}
+
 /// A request that never panics: `None` on a connection error (the daemon was killed).
 fn try_http(
     method: &str,
@@ -131,10 +172,13 @@ fn nothing_acknowledged_is_lost_when_killed_under_load() {
         queue_devs.push((ep, reg, dev));
     }
 
-    let base = format!("http://{}", d.rest);
-    let key = d.key.clone();
     let coap = d.coap;
     let stop = Arc::new(AtomicBool::new(false));
+    let load = Arc::new(Load {
+        stop: Arc::clone(&stop),
+        base: format!("http://{}", d.rest),
+        key: d.key.clone(),
+    });
 
     let regs: Arc<Mutex<Vec<String>>> = Arc::default();
     let keys: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -159,90 +203,48 @@ fn nothing_acknowledged_is_lost_when_killed_under_load() {
         }));
     }
     // (b) API keys.
-    {
-        let (stop, keys, base, key) = (
-            Arc::clone(&stop),
-            Arc::clone(&keys),
-            base.clone(),
-            key.clone(),
+    workers.push(load.worker(&keys, MAX_KEYS, |n, load, keys| {
+        let body = format!(r#"{{"name": "crash key {n}"}}"#);
+        let url = format!("{}/api/api_tokens", load.base);
+        let r = try_http(
+            "POST",
+            &url,
+            &load.key,
+            Some("application/json"),
+            Some(body.as_bytes()),
         );
-        workers.push(thread::spawn(move || {
-            for n in 0..MAX_KEYS {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let body = format!(r#"{{"name": "crash key {n}"}}"#);
-                let url = format!("{base}/api/api_tokens");
-                let r = try_http(
-                    "POST",
-                    &url,
-                    &key,
-                    Some("application/json"),
-                    Some(body.as_bytes()),
-                );
-                if let Some((201, body)) = r {
-                    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-                    let k = v["access_key"].as_str().expect("access_key").to_string();
-                    keys.lock().unwrap().push(k);
-                }
-            }
-        }));
-    }
-    // (c) Subscriptions on the registered `sub-*` devices.
-    {
-        let (stop, subs, base, key) = (
-            Arc::clone(&stop),
-            Arc::clone(&subs),
-            base.clone(),
-            key.clone(),
-        );
-        workers.push(thread::spawn(move || {
-            'all: for inst in 0..SUB_INSTANCES {
-                for i in 0..SUB_DEVICES {
-                    if stop.load(Ordering::SeqCst) {
-                        break 'all;
-                    }
-                    let ep = format!("sub-{i}");
-                    let path = format!("/3303/{inst}/5700");
-                    let url = format!("{base}/v2/subscriptions/{ep}{path}");
-                    if let Some((200 | 202, _)) = try_http("PUT", &url, &key, None, None) {
-                        subs.lock().unwrap().push((ep, path));
-                    }
-                }
-            }
-        }));
-    }
-    // (d) Requests to the sleeping queue-mode devices, which stay queued.
-    {
-        let (stop, queued, base, key) = (
-            Arc::clone(&stop),
-            Arc::clone(&queued),
-            base.clone(),
-            key.clone(),
-        );
-        workers.push(thread::spawn(move || {
-            'all: for n in 0..PER_QUEUE_DEVICE {
-                for i in 0..QUEUE_DEVICES {
-                    if stop.load(Ordering::SeqCst) {
-                        break 'all;
-                    }
-                    let ep = format!("q-{i}");
-                    let path = format!("/3/0/{n}");
-                    let url = format!("{base}/v2/endpoints/{ep}{path}");
-                    if let Some((202, body)) = try_http("GET", &url, &key, None, None) {
-                        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-                        let id = v["async-response-id"].as_str().expect("id").to_string();
-                        queued
-                            .lock()
-                            .unwrap()
-                            .entry(ep)
-                            .or_default()
-                            .push((path, id));
-                    }
-                }
-            }
-        }));
-    }
+        if let Some((201, body)) = r {
+            let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            let k = v["access_key"].as_str().expect("access_key").to_string();
+            keys.lock().unwrap().push(k);
+        }
+    }));
+    // (c) Subscriptions on the registered `sub-*` devices, instance by instance.
+    let count = SUB_INSTANCES * SUB_DEVICES;
+    workers.push(load.worker(&subs, count, |n, load, subs| {
+        let ep = format!("sub-{}", n % SUB_DEVICES);
+        let path = format!("/3303/{}/5700", n / SUB_DEVICES);
+        if let Some((200 | 202, _)) = load.device_call("PUT", "subscriptions", &ep, &path) {
+            subs.lock().unwrap().push((ep, path));
+        }
+    }));
+    // (d) Requests to the sleeping queue-mode devices, which stay queued: the first
+    // resource of each device, then the second, ...
+    let count = PER_QUEUE_DEVICE * QUEUE_DEVICES;
+    workers.push(load.worker(&queued, count, |n, load, queued| {
+        let ep = format!("q-{}", n % QUEUE_DEVICES);
+        let path = format!("/3/0/{}", n / QUEUE_DEVICES);
+        if let Some((202, body)) = load.device_call("GET", "endpoints", &ep, &path) {
+            let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            let id = v["async-response-id"].as_str().expect("id").to_string();
+            queued
+                .lock()
+                .unwrap()
+                .entry(ep)
+                .or_default()
+                .push((path, id));
+        }
+    }));
 
     // Kill while the workers are (most likely) still busy; they tolerate the failures.
     thread::sleep(LOAD);
