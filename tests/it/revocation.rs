@@ -182,12 +182,7 @@ fn connector_keys_are_deleted_with_everything_they_minted() {
     let list = |key: &str| -> Vec<String> {
         let r = call(&d, "GET", "/api/api_tokens", Some(key), None);
         assert_eq!(r.status, 200, "{}", r.body);
-        r.json()
-            .as_array()
-            .expect("an array")
-            .iter()
-            .map(|k| k["id"].as_str().unwrap().to_string())
-            .collect()
+        support::strings_of(&r.json(), "id")
     };
     let all = list(&admin);
     for id in [&a_id, &b_id, &c_id, &sibling_id] {
