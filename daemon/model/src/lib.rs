@@ -13,6 +13,8 @@ pub mod quota;
 pub mod registration;
 pub mod request;
 pub mod subscription;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod time;
 
 pub use event::{

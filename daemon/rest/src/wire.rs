@@ -222,7 +222,7 @@ fn registration(s: &EndpointSummary) -> serde_json::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Kind, ResourceSummary};
+    use crate::events::Kind;
 
     fn ev(entry: Entry) -> Event {
         Event::new(entry, 0)
@@ -309,31 +309,7 @@ mod tests {
             r#"{"ep":"e","error":"no \"Observe\"","path":"/3/0/1","status":412}"#
         );
         assert_eq!(entry(&Entry::Expired("e\u{1}".into())), r#""e\u0001""#);
-        let summary = EndpointSummary {
-            ep: "e".into(),
-            ept: "Sensor".into(),
-            queue: true,
-            resources: vec![
-                ResourceSummary {
-                    path: "/3/0".into(),
-                    iface: Some("sensor".into()),
-                    rt: Some("oma.lwm2m".into()),
-                    ct: Some("text/plain".into()),
-                    obs: true,
-                    ver: Some("1.1".into()),
-                },
-                ResourceSummary {
-                    path: "/1/0".into(),
-                    iface: None,
-                    rt: None,
-                    ct: None,
-                    obs: false,
-                    ver: None,
-                },
-            ],
-            lwm2m: Some("1.1".into()),
-            ct: Some("application/vnd.oma.lwm2m+tlv".into()),
-        };
+        let summary = connectord_model::testing::endpoint_summary();
         assert_eq!(
             entry(&Entry::RegUpdate(summary)),
             r#"{"ct":"application/vnd.oma.lwm2m+tlv","ep":"e","ept":"Sensor","lwm2m":"1.1","q":true,"resources":[{"ct":"text/plain","if":"sensor","obs":true,"path":"/3/0","rf":"oma.lwm2m","rt":"oma.lwm2m","ver":"1.1"},{"obs":false,"path":"/1/0"}]}"#

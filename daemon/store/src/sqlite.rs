@@ -1486,13 +1486,13 @@ mod tests {
     #[tokio::test]
     async fn schema_7_events_of_every_kind_migrate_to_typed_records() {
         use connectord_model::{
-            AsyncResponse, EndpointSummary, Entry, Notification, ResourceSummary, SubscriptionError,
+            AsyncResponse, EndpointSummary, Entry, Notification, SubscriptionError,
         };
         let dir = tempfile::tempdir().unwrap();
         // As the release before wrote them (`record_json::event` of a `Body` entry).
         let old = [
             r#"{"key_id":"k","seq":3,"event":{"kind":"notifications","body":{"ct":"text/plain","ep":"e","max-age":60,"path":"/3303/0/5700","payload":"MjEuNw=="},"created_ms":11}}"#,
-            r#"{"key_id":"k","seq":4,"event":{"kind":"registrations","body":{"ct":"application/vnd.oma.lwm2m+tlv","ep":"e","ept":"Sensor","lwm2m":"1.1","q":true,"resources":[{"ct":"text/plain","if":"s","obs":true,"path":"/3/0","rf":"oma","rt":"oma","ver":"1.1"},{"obs":false,"path":"/1/0"}]},"created_ms":12}}"#,
+            r#"{"key_id":"k","seq":4,"event":{"kind":"registrations","body":{"ct":"application/vnd.oma.lwm2m+tlv","ep":"e","ept":"Sensor","lwm2m":"1.1","q":true,"resources":[{"ct":"text/plain","if":"sensor","obs":true,"path":"/3/0","rf":"oma.lwm2m","rt":"oma.lwm2m","ver":"1.1"},{"obs":false,"path":"/1/0"}]},"created_ms":12}}"#,
             r#"{"key_id":"k","seq":5,"event":{"kind":"reg-updates","body":{"ep":"e","ept":"","q":false,"resources":[]},"created_ms":13}}"#,
             r#"{"key_id":"k","seq":6,"event":{"kind":"de-registrations","body":"e","created_ms":14}}"#,
             r#"{"key_id":"k","seq":7,"event":{"kind":"registrations-expired","body":"e\"q","created_ms":15}}"#,
@@ -1537,31 +1537,7 @@ mod tests {
                 )
             })
             .collect();
-        let summary = EndpointSummary {
-            ep: "e".into(),
-            ept: "Sensor".into(),
-            queue: true,
-            resources: vec![
-                ResourceSummary {
-                    path: "/3/0".into(),
-                    iface: Some("s".into()),
-                    rt: Some("oma".into()),
-                    ct: Some("text/plain".into()),
-                    obs: true,
-                    ver: Some("1.1".into()),
-                },
-                ResourceSummary {
-                    path: "/1/0".into(),
-                    iface: None,
-                    rt: None,
-                    ct: None,
-                    obs: false,
-                    ver: None,
-                },
-            ],
-            lwm2m: Some("1.1".into()),
-            ct: Some("application/vnd.oma.lwm2m+tlv".into()),
-        };
+        let summary = connectord_model::testing::endpoint_summary();
         let want = [
             (
                 "j",
