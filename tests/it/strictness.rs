@@ -43,16 +43,9 @@ fn answered(dev: &mut Device, ep: &str, option: (u16, &[u8]), want: ResponseType
 
 /// Sends `p` and returns the datagram that answers it (same message id or token).
 fn exchange(dev: &Device, p: &Packet) -> Packet {
-    dev.send_raw(&p.to_bytes().unwrap());
-    loop {
-        let bytes = dev
-            .recv_raw(Duration::from_secs(5))
-            .expect("no answer from connectord");
-        let r = Packet::from_bytes(&bytes).expect("undecodable answer");
-        if r.header.message_id == p.header.message_id || r.get_token() == p.get_token() {
-            return r;
-        }
-    }
+    dev.send_and_wait(p, |r| {
+        r.header.message_id == p.header.message_id || r.get_token() == p.get_token()
+    })
 }
 
 fn names(d: &Daemon) -> Vec<String> {

@@ -102,13 +102,19 @@ impl Device {
     /// Sends a request and returns the response with the same token.
     pub fn request(&mut self, r: &Req) -> Packet {
         let p = self.build(r);
+        self.send_and_wait(&p, |resp| resp.get_token() == p.get_token())
+    }
+
+    /// Sends `p` and returns the first datagram from connectord that `answers` it (each
+    /// waited for at most 5 s), skipping the others.
+    pub fn send_and_wait(&self, p: &Packet, answers: impl Fn(&Packet) -> bool) -> Packet {
         self.send_raw(&p.to_bytes().unwrap());
         loop {
             let bytes = self
                 .recv_raw(Duration::from_secs(5))
                 .expect("no response from connectord");
             let resp = Packet::from_bytes(&bytes).expect("undecodable response");
-            if resp.get_token() == p.get_token() {
+            if answers(&resp) {
                 return resp;
             }
         }
