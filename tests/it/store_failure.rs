@@ -170,89 +170,92 @@ fn full_with_kept() -> Option<(Mounted, Daemon, support::coap::Device, String)> 
     Some((disk, d, dev, id))
 }
 
+/// Runs `test` on the daemon with "kept" registered (its registration id) on a full file
+/// system, then stops the daemon before the file system goes; nothing where no file
+/// system can be mounted.
+fn on_full_with_kept(test: impl FnOnce(&Mounted, &Daemon, &mut support::coap::Device, &str)) {
+    let Some((disk, d, mut dev, id)) = full_with_kept() else {
+        return;
+    };
+    test(&disk, &d, &mut dev, &id);
+    drop(d);
+    drop(disk);
+}
+
 /// A registration the store could not write is not listed, readable or counted; a
 /// re-registration of a registered name leaves the registration on disk in force.
 #[test]
 fn a_registration_the_store_refused_is_not_kept() {
-    let Some((disk, d, mut dev, id)) = full_with_kept() else {
-        return;
-    };
-    let registered = d.metric("registrations_total");
-    let mut other = d.device();
-    let (c, m, _) = register(&mut other, "phantom");
-    assert_refused_coap(&format!("a registration ({m})"), c);
-    assert_eq!(names(&d), ["kept"], "a refused registration is listed");
-    assert_eq!(d.get("/v2/endpoints/phantom").status, 404);
-    assert_eq!(d.metric("registrations_total"), registered);
-    assert_eq!(d.metric("registered_endpoints"), 1);
-    // A full re-registration of "kept": refused, the stored one (its id) stays.
-    let (c, m, _) = register(&mut dev, "kept");
-    assert_refused_coap(&format!("a re-registration ({m})"), c);
-    assert_eq!(names(&d), ["kept"]);
+    on_full_with_kept(|disk, d, dev, id| {
+        let registered = d.metric("registrations_total");
+        let mut other = d.device();
+        let (c, m, _) = register(&mut other, "phantom");
+        assert_refused_coap(&format!("a registration ({m})"), c);
+        assert_eq!(names(d), ["kept"], "a refused registration is listed");
+        assert_eq!(d.get("/v2/endpoints/phantom").status, 404);
+        assert_eq!(d.metric("registrations_total"), registered);
+        assert_eq!(d.metric("registered_endpoints"), 1);
+        // A full re-registration of "kept": refused, the stored one (its id) stays.
+        let (c, m, _) = register(dev, "kept");
+        assert_refused_coap(&format!("a re-registration ({m})"), c);
+        assert_eq!(names(d), ["kept"]);
 
-    disk.free();
-    assert_eq!(
-        dev.update(&id, &[], None),
-        ResponseType::Changed,
-        "the registration on disk was lost by a refused re-registration"
-    );
-    let (c, m, _) = register(&mut other, "phantom");
-    assert_eq!(c, ResponseType::Created, "retry: {m}");
-    assert_eq!(names(&d), ["kept", "phantom"]);
-    assert_eq!(d.metric("registrations_total"), registered + 1);
-    drop(d);
-    drop(disk);
+        disk.free();
+        assert_eq!(
+            dev.update(id, &[], None),
+            ResponseType::Changed,
+            "the registration on disk was lost by a refused re-registration"
+        );
+        let (c, m, _) = register(&mut other, "phantom");
+        assert_eq!(c, ResponseType::Created, "retry: {m}");
+        assert_eq!(names(d), ["kept", "phantom"]);
+        assert_eq!(d.metric("registrations_total"), registered + 1);
+    });
 }
 
 /// An update the store could not write changes nothing: the old object list stays.
 #[test]
 fn an_update_the_store_refused_is_not_kept() {
-    let Some((disk, d, mut dev, id)) = full_with_kept() else {
-        return;
-    };
-    let c = dev.update(&id, &[], Some(r#"</3/0>,</5/0>"#));
-    assert_refused_coap("an update", c);
-    let paths = |d: &Daemon| -> Vec<String> {
-        support::strings_of(&d.get("/v2/endpoints/kept").json(), "uri")
-    };
-    let shown = paths(&d);
-    assert!(
-        shown.iter().any(|p| p == "/3303/0/5700") && !shown.iter().any(|p| p == "/5/0"),
-        "a refused update's object list is shown: {shown:?}"
-    );
+    on_full_with_kept(|disk, d, dev, id| {
+        let c = dev.update(id, &[], Some(r#"</3/0>,</5/0>"#));
+        assert_refused_coap("an update", c);
+        let paths = |d: &Daemon| -> Vec<String> {
+            support::strings_of(&d.get("/v2/endpoints/kept").json(), "uri")
+        };
+        let shown = paths(d);
+        assert!(
+            shown.iter().any(|p| p == "/3303/0/5700") && !shown.iter().any(|p| p == "/5/0"),
+            "a refused update's object list is shown: {shown:?}"
+        );
 
-    disk.free();
-    assert_eq!(
-        dev.update(&id, &[], Some(r#"</3/0>,</5/0>"#)),
-        ResponseType::Changed
-    );
-    assert!(paths(&d).iter().any(|p| p == "/5/0"));
-    drop(d);
-    drop(disk);
+        disk.free();
+        assert_eq!(
+            dev.update(id, &[], Some(r#"</3/0>,</5/0>"#)),
+            ResponseType::Changed
+        );
+        assert!(paths(d).iter().any(|p| p == "/5/0"));
+    });
 }
 
 /// A de-registration (by the device or `DELETE /endpoints/{ep}`) the store could not
 /// write leaves the endpoint registered: it is still on disk.
 #[test]
 fn a_deregistration_the_store_refused_is_not_kept() {
-    let Some((disk, d, mut dev, id)) = full_with_kept() else {
-        return;
-    };
-    assert_refused_coap("a de-registration", dev.deregister(&id));
-    assert_eq!(names(&d), ["kept"], "a refused de-registration removed it");
-    let r = d.call("DELETE", "/v2/endpoints/kept", None, None);
-    assert!(
-        r.status == 500 || r.status == 503,
-        "DELETE /endpoints answered {}",
-        r.status
-    );
-    assert_eq!(names(&d), ["kept"], "a refused DELETE removed the endpoint");
+    on_full_with_kept(|disk, d, dev, id| {
+        assert_refused_coap("a de-registration", dev.deregister(id));
+        assert_eq!(names(d), ["kept"], "a refused de-registration removed it");
+        let r = d.call("DELETE", "/v2/endpoints/kept", None, None);
+        assert!(
+            r.status == 500 || r.status == 503,
+            "DELETE /endpoints answered {}",
+            r.status
+        );
+        assert_eq!(names(d), ["kept"], "a refused DELETE removed the endpoint");
 
-    disk.free();
-    assert_eq!(dev.deregister(&id), ResponseType::Deleted);
-    assert!(names(&d).is_empty());
-    drop(d);
-    drop(disk);
+        disk.free();
+        assert_eq!(dev.deregister(id), ResponseType::Deleted);
+        assert!(names(d).is_empty());
+    });
 }
 
 /// An expiry the store could not write leaves the endpoint registered (it is on disk,
