@@ -46,36 +46,57 @@ fn wait_line(d: &Daemon, needles: &[&str]) -> Option<String> {
     found
 }
 
-/// Issue 18 item 13: a pattern match over a string the rule built is not counted by the
-/// instruction budget, and it ran on an async worker before the registration reply: the
-/// registration was answered after ~40 s (here: never) and the log said nothing.
-#[test]
-fn a_pathological_pattern_neither_stalls_registration_nor_goes_unlogged() {
-    // A small budget, so that it (rather than the time limit) is what normally stops it.
-    let d = Daemon::start_with("[lua]\ninstruction_budget = 100000\n");
-    // The key needs a notification channel to be offered resources.
+/// A daemon with `config` and the rule `file` (`rule` its source), its key with a
+/// notification channel (the key needs one to be offered resources).
+fn daemon_with_rule(config: &str, file: &str, rule: &str) -> Daemon {
+    let d = Daemon::start_with(config);
     assert!(d.pull_now().is_none());
-    d.write_rule(
-        "10-stall.lua",
-        "function presubscribe(endpoint, resource, key)\n  local s = string.rep('a', 300)\n  return s:find(string.rep('a*', 30) .. 'b') ~= nil\nend\n",
-    );
+    d.write_rule(file, rule);
+    d
+}
+
+/// [`daemon_with_rule`] and device `ep`, whose registration was answered within 3 s
+/// with Created.
+fn registered_under_rule(config: &str, file: &str, rule: &str, ep: &str) -> (Daemon, Device) {
+    let d = daemon_with_rule(config, file, rule);
     let mut dev = d.device();
-    let reply = register_within(&mut dev, &["ep=stall-1", "lt=300"], Duration::from_secs(3))
-        .unwrap_or_else(|| {
+    let q = format!("ep={ep}");
+    let reply =
+        register_within(&mut dev, &[&q, "lt=300"], Duration::from_secs(3)).unwrap_or_else(|| {
             panic!(
                 "the registration was not answered:\n{}",
                 d.logs().join("\n")
             )
         });
     assert_eq!(code(&reply), ResponseType::Created);
+    (d, dev)
+}
+
+/// The log line of the stopped `presubscribe` call of rule `file` for `ep`.
+fn stopped_line(d: &Daemon, file: &str, ep: &str) -> String {
+    wait_line(d, &[file, "presubscribe", ep, "stopped"])
+        .unwrap_or_else(|| panic!("no log line for the stopped call:\n{}", d.logs().join("\n")))
+}
+
+/// Issue 18 item 13: a pattern match over a string the rule built is not counted by the
+/// instruction budget, and it ran on an async worker before the registration reply: the
+/// registration was answered after ~40 s (here: never) and the log said nothing.
+#[test]
+fn a_pathological_pattern_neither_stalls_registration_nor_goes_unlogged() {
+    // A small budget, so that it (rather than the time limit) is what normally stops it.
+    let (d, dev) = registered_under_rule(
+        "[lua]\ninstruction_budget = 100000\n",
+        "10-stall.lua",
+        "function presubscribe(endpoint, resource, key)\n  local s = string.rep('a', 300)\n  return s:find(string.rep('a*', 30) .. 'b') ~= nil\nend\n",
+        "stall-1",
+    );
     // The REST API answers, and knows the endpoint.
     let r = d.get("/v2/endpoints");
     assert_eq!(r.status, 200);
     assert!(r.body.contains("stall-1"), "{}", r.body);
 
     // The stopped call is logged with its file, function and endpoint.
-    let line = wait_line(&d, &["10-stall.lua", "presubscribe", "stall-1", "stopped"])
-        .unwrap_or_else(|| panic!("no log line for the stopped call:\n{}", d.logs().join("\n")));
+    let line = stopped_line(&d, "10-stall.lua", "stall-1");
     assert!(
         line.contains("instruction budget") || line.contains("time limit"),
         "{line}"
@@ -90,18 +111,13 @@ fn a_pathological_pattern_neither_stalls_registration_nor_goes_unlogged() {
 /// would let it run on; the registration is answered meanwhile.
 #[test]
 fn a_call_past_the_time_limit_is_stopped_and_logged() {
-    let d = Daemon::start_with("[lua]\ninstruction_budget = 100000000000\ntime_limit_ms = 200\n");
-    assert!(d.pull_now().is_none());
-    d.write_rule(
+    let (d, dev) = registered_under_rule(
+        "[lua]\ninstruction_budget = 100000000000\ntime_limit_ms = 200\n",
         "20-spin.lua",
         "function presubscribe(endpoint, resource, key)\n  if resource.rt == 'temperature' then\n    while true do end\n  end\n  return resource.rt == 'humidity'\nend\n",
+        "spin-1",
     );
-    let mut dev = d.device();
-    let reply = register_within(&mut dev, &["ep=spin-1", "lt=300"], Duration::from_secs(3))
-        .expect("the registration was not answered");
-    assert_eq!(code(&reply), ResponseType::Created);
-    let line = wait_line(&d, &["20-spin.lua", "presubscribe", "spin-1", "stopped"])
-        .unwrap_or_else(|| panic!("no log line for the stopped call:\n{}", d.logs().join("\n")));
+    let line = stopped_line(&d, "20-spin.lua", "spin-1");
     assert!(line.contains("time limit"), "{line}");
     // The other resource is still decided by the same file.
     assert_eq!(
@@ -114,9 +130,8 @@ fn a_call_past_the_time_limit_is_stopped_and_logged() {
 /// per-second budget as device lines, with a summary of what was left out.
 #[test]
 fn rule_output_goes_through_the_log_budget() {
-    let d = Daemon::start();
-    assert!(d.pull_now().is_none());
-    d.write_rule(
+    let d = daemon_with_rule(
+        "",
         "10-chatty.lua",
         "function presubscribe(endpoint, resource, key)\n  for i = 1, 10000 do print('chatty-tick', i) end\n  return nil\nend\n",
     );
@@ -142,9 +157,8 @@ fn rule_output_goes_through_the_log_budget() {
 /// Issue 18 item 15: a rule sees the registration's lifetime and LwM2M version.
 #[test]
 fn rules_choose_by_lifetime_and_lwm2m_version() {
-    let d = Daemon::start();
-    assert!(d.pull_now().is_none());
-    d.write_rule(
+    let d = daemon_with_rule(
+        "",
         "10-version.lua",
         r#"function presubscribe(endpoint, resource, key)
   if endpoint.lwm2m == "1.1" and endpoint.lifetime == 3600 then
