@@ -18,8 +18,9 @@ use serde::Deserialize;
 /// A value out of its range: the key within its section, and what is wrong with it.
 pub type Invalid = (&'static str, String);
 
-/// `key` must be at least `min` ("must be at least {min}").
-fn at_least(key: &'static str, value: u64, min: u64) -> Result<(), Invalid> {
+/// `key` must be at least `min` ("must be at least {min}"); the other crates' sections
+/// use it too (`rest::RestConfig`).
+pub fn at_least(key: &'static str, value: u64, min: u64) -> Result<(), Invalid> {
     if value < min {
         return Err((key, format!("must be at least {min}")));
     }

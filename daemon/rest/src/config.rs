@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use connectord_core::config::Invalid;
+use connectord_core::config::{Invalid, at_least};
 use serde::Deserialize;
 
 /// `[rest]`: the HTTP API for applications.
@@ -47,12 +47,12 @@ impl RestConfig {
         if self.listen.is_empty() {
             return Err(("listen", "needs at least one address".into()));
         }
-        if self.max_connections == 0 {
-            return Err(("max_connections", "must be at least 1".into()));
-        }
-        if self.max_connections_per_address == 0 {
-            return Err(("max_connections_per_address", "must be at least 1".into()));
-        }
+        at_least("max_connections", self.max_connections as u64, 1)?;
+        at_least(
+            "max_connections_per_address",
+            self.max_connections_per_address as u64,
+            1,
+        )?;
         if !(1..=3600).contains(&self.client_timeout_s) {
             return Err(("client_timeout_s", "must lie between 1 and 3600".into()));
         }
