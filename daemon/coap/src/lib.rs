@@ -36,10 +36,10 @@ pub mod transport;
 pub mod udp;
 
 pub use config::CoapConfig;
-pub use listener::{Listener, Session};
+pub use listener::{Credentials, Listener, Session};
 pub use message::{DecodeError, Inbound};
 pub use metrics::{Counters, Event, Metrics};
-pub use peer::{ListenerId, ListenerKind, PeerRef};
+pub use peer::{ListenerId, ListenerKind, PeerIdentity, PeerRef};
 pub use transport::{RequestHandler, Transport};
 pub use udp::UdpListener;
 

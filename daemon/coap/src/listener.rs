@@ -21,7 +21,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 
-use crate::peer::{ListenerId, ListenerKind, PeerRef};
+use crate::peer::{ListenerId, ListenerKind, PeerIdentity, PeerRef};
 
 pub trait Listener: Send + Sync + 'static {
     /// This listener's name (`udp:[::]:5683`).
@@ -46,6 +46,32 @@ pub trait Listener: Send + Sync + 'static {
         session: SocketAddr,
         bytes: &'a [u8],
     ) -> impl Future<Output = io::Result<()>> + Send + 'a;
+
+    /// What the peer of `session` proved (secure listeners); `None` on plain UDP or for a
+    /// session that is gone.
+    fn identity(&self, _session: SocketAddr) -> Option<PeerIdentity> {
+        None
+    }
+
+    /// Closes every session whose peer proved an identity for which `revoked` is true
+    /// (a revoked credential), and returns how many it closed.
+    fn close_sessions(&self, _revoked: &dyn Fn(&PeerIdentity) -> bool) -> usize {
+        0
+    }
+}
+
+/// What a secure listener asks its host during a handshake. Implemented by the host
+/// (its credential store); called on the listener's task, so it answers from memory.
+pub trait Credentials: Send + Sync + 'static {
+    /// The key of a PSK identity, or `None` for an identity the host does not know (the
+    /// handshake then fails).
+    fn psk(&self, identity: &[u8]) -> Option<Vec<u8>>;
+
+    /// False for a client certificate that chained to a trusted CA but was revoked since
+    /// (the handshake then fails). `serial` is hex, as in [`PeerIdentity::Certificate`].
+    fn certificate_valid(&self, _cn: &str, _serial: &str) -> bool {
+        true
+    }
 }
 
 /// One peer on one listener: what a message came from and what a reply goes to.

@@ -50,6 +50,8 @@ pub struct Inbound {
     /// Who sent it: the listener that received it and the device's session there
     /// (requests to the device go back the same way).
     pub peer: crate::peer::PeerRef,
+    /// What the peer proved on a secure listener (DTLS, TLS); `None` on plain UDP.
+    pub identity: Option<crate::peer::PeerIdentity>,
 }
 
 /// Decodes one datagram strictly.

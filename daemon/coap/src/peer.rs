@@ -8,18 +8,26 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-/// The transport of a listener. DTLS, TCP and TLS come next (issue 20 follow-up).
+/// The transport of a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ListenerKind {
     /// CoAP over UDP (RFC 7252): one session per peer address.
     Udp,
+    /// CoAP over DTLS 1.2 (RFC 7252 §9): one DTLS session per peer; the session key is
+    /// the address the handshake came from and stays the session's name when the peer's
+    /// address changes under a DTLS Connection ID (RFC 9146).
+    Dtls,
+    /// CoAP over TLS over TCP (RFC 8323): one connection per session.
+    Tls,
 }
 
 impl ListenerKind {
-    /// The scheme in a listener's name (`udp`).
+    /// The scheme in a listener's name (`udp`, `dtls`, `tls`).
     pub fn scheme(self) -> &'static str {
         match self {
             ListenerKind::Udp => "udp",
+            ListenerKind::Dtls => "dtls",
+            ListenerKind::Tls => "tls",
         }
     }
 
@@ -27,9 +35,33 @@ impl ListenerKind {
     /// message layer's reliability (CON/ACK, retransmission, duplicate cache) applies.
     pub fn unreliable(self) -> bool {
         match self {
-            ListenerKind::Udp => true,
+            ListenerKind::Udp | ListenerKind::Dtls => true,
+            ListenerKind::Tls => false,
         }
     }
+
+    /// True for the transports whose peers prove an identity ([`PeerIdentity`]).
+    pub fn secure(self) -> bool {
+        !matches!(self, ListenerKind::Udp)
+    }
+}
+
+/// What the peer of a secure session proved, as its listener verified it during the
+/// handshake. The host maps it to an endpoint name and domain (identity binding); this
+/// crate only carries it from the listener to [`crate::Inbound::identity`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PeerIdentity {
+    /// A pre-shared key: the PSK identity the client sent, whose key the host's
+    /// [`crate::Credentials`] gave.
+    Psk(std::sync::Arc<str>),
+    /// An X.509 client certificate that chained to a trusted CA: its subject's CN and OU
+    /// (the certificates `/api/cert` issues carry `CN=<endpoint>, OU=<domain>`) and its
+    /// serial number, hex, as the CA wrote it.
+    Certificate {
+        cn: std::sync::Arc<str>,
+        ou: Option<std::sync::Arc<str>>,
+        serial: std::sync::Arc<str>,
+    },
 }
 
 /// One listener: its transport and the local address it is bound on. Written

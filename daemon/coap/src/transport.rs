@@ -351,6 +351,7 @@ impl Transport {
         let fut = handler.handle(Inbound {
             packet: packet.clone(),
             peer: from,
+            identity: listener.identity(peer),
         });
         tokio::spawn(async move {
             let _permit = permit;

@@ -10,6 +10,8 @@ pub fn from_coap(p: coap::PeerRef) -> PeerRef {
         listener: ListenerId {
             kind: match p.listener.kind {
                 coap::ListenerKind::Udp => ListenerKind::Udp,
+                coap::ListenerKind::Dtls => ListenerKind::Dtls,
+                coap::ListenerKind::Tls => ListenerKind::Tls,
             },
             local: p.listener.local,
         },
@@ -28,6 +30,8 @@ pub fn listener_to_coap(l: ListenerId) -> coap::ListenerId {
     coap::ListenerId {
         kind: match l.kind {
             ListenerKind::Udp => coap::ListenerKind::Udp,
+            ListenerKind::Dtls => coap::ListenerKind::Dtls,
+            ListenerKind::Tls => coap::ListenerKind::Tls,
         },
         local: l.local,
     }

@@ -14,10 +14,31 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// The transport of a listener; DTLS, TCP and TLS come next.
+/// The transport of a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ListenerKind {
+    /// CoAP over UDP (RFC 7252).
     Udp,
+    /// CoAP over DTLS 1.2 (RFC 7252 §9).
+    Dtls,
+    /// CoAP over TLS over TCP (RFC 8323).
+    Tls,
+}
+
+impl ListenerKind {
+    /// The scheme in a listener's name.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            ListenerKind::Udp => "udp",
+            ListenerKind::Dtls => "dtls",
+            ListenerKind::Tls => "tls",
+        }
+    }
+
+    /// True for the transports whose peers prove an identity (DTLS, TLS).
+    pub fn secure(self) -> bool {
+        !matches!(self, ListenerKind::Udp)
+    }
 }
 
 /// A listener: its transport and local address, written `udp:[::]:5683`.
@@ -49,10 +70,7 @@ impl PeerRef {
 
 impl fmt::Display for ListenerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = match self.kind {
-            ListenerKind::Udp => "udp",
-        };
-        write!(f, "{scheme}:{}", self.local)
+        write!(f, "{}:{}", self.kind.scheme(), self.local)
     }
 }
 
@@ -81,6 +99,8 @@ impl FromStr for ListenerId {
         let (scheme, addr) = s.split_once(':').ok_or_else(bad)?;
         let kind = match scheme {
             "udp" => ListenerKind::Udp,
+            "dtls" => ListenerKind::Dtls,
+            "tls" => ListenerKind::Tls,
             _ => return Err(bad()),
         };
         Ok(ListenerId {
@@ -119,8 +139,12 @@ mod tests {
             r#"{"listener":"udp:[::]:5683","session":"[2001:db8::1]:56830"}"#
         );
         assert_eq!(serde_json::from_str::<PeerRef>(&json).unwrap(), p);
+        for name in ["dtls:0.0.0.0:5684", "tls:[::]:5684"] {
+            assert_eq!(name.parse::<ListenerId>().unwrap().to_string(), name);
+        }
         for bad in [
             r#"{"listener":"tcp:[::]:5683","session":"192.0.2.1:1"}"#,
+            r#"{"listener":"coaps:[::]:5683","session":"192.0.2.1:1"}"#,
             r#"{"listener":"[::]:5683","session":"192.0.2.1:1"}"#,
             r#"{"listener":"udp:[::]:5683","session":"nowhere"}"#,
         ] {
