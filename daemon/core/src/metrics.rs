@@ -103,6 +103,10 @@ counters! {
     /// REST connections closed at once because their client address already had
     /// rest.max_connections_per_address connections open.
     rest_connections_refused,
+    /// Connections to a rest.listen_tls address closed before their TLS handshake
+    /// completed: not TLS (plain HTTP is answered 400 first), a handshake error, or no
+    /// handshake within rest.tls_handshake_timeout_s.
+    rest_tls_handshake_failures,
     /// Notification events queued (counted once per receiving key).
     events_published,
     /// Notification events accepted by a callback, or answered to a long-poll whose key

@@ -64,6 +64,8 @@ pub struct Connections {
     /// When each refused address was last logged (the log stays bounded under a flood).
     logged: Mutex<HashMap<IpAddr, Instant>>,
     timeout: Duration,
+    /// `rest.tls_handshake_timeout_s`.
+    tls_handshake_timeout: Duration,
 }
 
 /// A connection's share of its client address's bound; given back when dropped.
@@ -117,6 +119,7 @@ impl Connections {
             by_address: Arc::default(),
             logged: Mutex::default(),
             timeout: Duration::from_secs(cfg.client_timeout_s),
+            tls_handshake_timeout: Duration::from_secs(cfg.tls_handshake_timeout_s),
         }
     }
 
@@ -169,6 +172,11 @@ impl Connections {
     /// `rest.client_timeout_s`.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// `rest.tls_handshake_timeout_s`.
+    pub fn tls_handshake_timeout(&self) -> Duration {
+        self.tls_handshake_timeout
     }
 
     /// The connection builder: HTTP/1 and HTTP/2, heads up to [`MAX_HEAD`], and hyper's

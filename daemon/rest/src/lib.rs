@@ -23,6 +23,7 @@ pub mod reply;
 pub mod resources;
 pub mod routes;
 pub mod subscriptions;
+pub mod tls;
 pub mod wire;
 
 pub use config::RestConfig;
@@ -86,28 +87,45 @@ pub struct AppState {
 
 /// Binds every configured address (before the daemon reports ready).
 pub async fn bind(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+    bind_scheme(addrs, "http").await
+}
+
+/// Binds every `rest.listen_tls` address (served with [`tls::Tls`]).
+pub async fn bind_tls(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+    bind_scheme(addrs, "https").await
+}
+
+async fn bind_scheme(addrs: &[SocketAddr], scheme: &str) -> std::io::Result<Vec<TcpListener>> {
     let mut out = Vec::with_capacity(addrs.len());
     for a in addrs {
         let l = TcpListener::bind(a).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot bind the REST API on {a}: {e}"))
+            let key = if scheme == "https" { "_tls" } else { "" };
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot bind the REST API on {a} (rest.listen{key}): {e}"),
+            )
         })?;
-        tracing::info!("REST API listening on http://{}", l.local_addr()?);
+        tracing::info!("REST API listening on {scheme}://{}", l.local_addr()?);
         out.push(l);
     }
     Ok(out)
 }
 
-/// Serves until `shutdown` fires, then lets open connections finish (bounded).
-pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdown: Shutdown) {
+/// A bound REST listener and, for an HTTPS one (`rest.listen_tls`), its TLS side.
+pub type Listener = (TcpListener, Option<Arc<tls::Tls>>);
+
+/// Serves until `shutdown` fires, then lets open connections finish (bounded). Plain and
+/// HTTPS listeners share the connection bounds (`rest.max_connections`, per address);
+/// an HTTPS connection holds its slot from its accept, handshake included.
+pub async fn serve(listeners: Vec<Listener>, state: Arc<AppState>, mut shutdown: Shutdown) {
     let graceful = Arc::new(GracefulShutdown::new());
     let mut accepts = Vec::new();
-    for listener in listeners {
+    for (listener, tls) in listeners {
         let state = Arc::clone(&state);
         let graceful = Arc::clone(&graceful);
         let mut sd = shutdown.clone();
         accepts.push(tokio::spawn(async move {
-            let timeout = state.connections.timeout();
-            let builder = state.connections.builder();
+            let builder = Arc::new(state.connections.builder());
             let refused_response = conn::refusal_response();
             loop {
                 // At rest.max_connections, accept nothing until a connection closes: the
@@ -144,52 +162,42 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
                                 refused.limit
                             );
                         }
-                        let _ = stream.try_write(&refused_response);
+                        // An HTTPS client would read plain text as a broken record: it is
+                        // only closed.
+                        if tls.is_none() {
+                            let _ = stream.try_write(&refused_response);
+                        }
                         continue;
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let counters = Arc::clone(&state.counters);
                 let state = Arc::clone(&state);
-                let first = Arc::new(tokio::sync::Notify::new());
-                let seen = Arc::clone(&first);
-                let activity = conn::Activity::new();
-                let requests = Arc::clone(&activity);
-                let ended = Arc::clone(&activity);
-                let svc = hyper::service::service_fn(move |req| {
-                    seen.notify_one();
-                    let in_flight = requests.begin();
-                    let reply = handle(Arc::clone(&state), req);
-                    let conn = Arc::clone(&requests);
-                    async move {
-                        let mut r = reply.await;
-                        if let Ok(resp) = &mut r {
-                            resp.body_mut().on_connection(&conn);
-                        }
-                        drop(in_flight);
-                        r
-                    }
-                });
-                let io = TokioIo::new(
-                    conn::ClientIo::new(stream, timeout, Arc::clone(&activity)).counting(counters),
-                );
-                let conn = builder.serve_connection_with_upgrades(io, svc);
-                let conn = graceful.watch(conn.into_owned());
+                let builder = Arc::clone(&builder);
+                let watcher = graceful.watcher();
+                let tls = tls.clone();
+                let mut sd = sd.clone();
                 tokio::spawn(async move {
                     // The address's share goes back before the global slot (fields drop
                     // in order): a connection accepted on this slot must find it free.
                     let _slot = (address_slot, permit);
-                    let outcome =
-                        conn::first_request_within(conn, &first, &activity, conn::QUIET, timeout)
-                            .await;
-                    // Long-poll answers handed to a connection that failed are queued again.
-                    ended.finish();
-                    match outcome {
-                        None => tracing::debug!(
-                            "REST connection closed: no byte within 5 s or no request within rest.client_timeout_s"
-                        ),
-                        Some(Err(e)) => tracing::debug!("REST connection ended: {e}"),
-                        Some(Ok(())) => {}
+                    let Some(tls) = tls else {
+                        return connection(stream, state, &builder, watcher).await;
+                    };
+                    let timeout = state.connections.tls_handshake_timeout();
+                    let stream = tokio::select! {
+                        _ = sd.recv() => return,
+                        r = tls::handshake(stream, tls.acceptor(), timeout) => r,
+                    };
+                    match stream {
+                        Ok(stream) => connection(stream, state, &builder, watcher).await,
+                        Err(tls::Handshake::Closed) => {}
+                        Err(e) => {
+                            Counters::inc(&state.counters.rest_tls_handshake_failures);
+                            if matches!(e, tls::Handshake::NotTls { http: true }) {
+                                state.counters.rest_responses.inc(400);
+                            }
+                            tracing::debug!("REST connection from {peer}: {e}");
+                        }
                     }
                 });
             }
@@ -209,6 +217,53 @@ pub async fn serve(listeners: Vec<TcpListener>, state: Arc<AppState>, mut shutdo
             }
         }
         Err(_) => tracing::warn!("REST: cannot drain connections"),
+    }
+}
+
+/// Serves one accepted connection (plain, or HTTPS once its handshake completed) until
+/// it ends; its connection slot is the caller's.
+async fn connection<T>(
+    stream: T,
+    state: Arc<AppState>,
+    builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout = state.connections.timeout();
+    let counters = Arc::clone(&state.counters);
+    let first = Arc::new(tokio::sync::Notify::new());
+    let seen = Arc::clone(&first);
+    let activity = conn::Activity::new();
+    let requests = Arc::clone(&activity);
+    let svc = hyper::service::service_fn(move |req| {
+        seen.notify_one();
+        let in_flight = requests.begin();
+        let reply = handle(Arc::clone(&state), req);
+        let conn = Arc::clone(&requests);
+        async move {
+            let mut r = reply.await;
+            if let Ok(resp) = &mut r {
+                resp.body_mut().on_connection(&conn);
+            }
+            drop(in_flight);
+            r
+        }
+    });
+    let io = TokioIo::new(
+        conn::ClientIo::new(stream, timeout, Arc::clone(&activity)).counting(counters),
+    );
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    let conn = watcher.watch(conn.into_owned());
+    let outcome = conn::first_request_within(conn, &first, &activity, conn::QUIET, timeout).await;
+    // Long-poll answers handed to a connection that failed are queued again.
+    activity.finish();
+    match outcome {
+        None => tracing::debug!(
+            "REST connection closed: no byte within 5 s or no request within rest.client_timeout_s"
+        ),
+        Some(Err(e)) => tracing::debug!("REST connection ended: {e}"),
+        Some(Ok(())) => {}
     }
 }
 
