@@ -48,6 +48,9 @@ pub enum StartError {
     FirstKey(std::io::Error),
     #[error("{0}")]
     Bind(#[from] std::io::Error),
+    /// `rest.tls_cert` / `rest.tls_key` unusable: the message names the file and the cause.
+    #[error(transparent)]
+    Tls(#[from] crate::rest::tls::TlsError),
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
@@ -108,6 +111,8 @@ pub struct Options {
 /// process (the tests do).
 pub struct Running {
     rest: Vec<SocketAddr>,
+    /// The bound `rest.listen_tls` (HTTPS) addresses.
+    rest_tls: Vec<SocketAddr>,
     coap: Vec<SocketAddr>,
     state_dir: PathBuf,
     /// The configuration in force (SIGHUP compares the file with it).
@@ -125,6 +130,8 @@ struct Services {
     limits: Arc<crate::limits::Limits>,
     store: Arc<dyn Store>,
     plugins: Arc<PluginHost>,
+    /// The REST server's certificate, re-read on SIGHUP (`None` without HTTPS).
+    rest_tls: Option<Arc<rest::tls::Tls>>,
 }
 
 /// Starts the daemon: builds its async runtime (`[runtime] worker_threads`), checks the
@@ -146,8 +153,9 @@ pub fn start(config: Config, options: Options) -> Result<Running, StartError> {
         rt.metrics().num_workers()
     );
     match rt.block_on(start_services(&config, &options)) {
-        Ok((services, rest, coap)) => Ok(Running {
+        Ok((services, (rest, rest_tls), coap)) => Ok(Running {
             rest,
+            rest_tls,
             coap,
             state_dir: config.state.resolve_dir(),
             config,
@@ -169,6 +177,11 @@ impl Running {
     /// Every bound REST address.
     pub fn rest_addrs(&self) -> &[SocketAddr] {
         &self.rest
+    }
+
+    /// Every bound HTTPS address of the REST API (`rest.listen_tls`).
+    pub fn rest_tls_addrs(&self) -> &[SocketAddr] {
+        &self.rest_tls
     }
 
     /// Every bound CoAP (UDP) address.
@@ -201,6 +214,7 @@ impl Running {
             return Ok(());
         };
         let (rest, coap) = (self.rest.clone(), self.coap.clone());
+        let rest_tls = self.rest_tls.clone();
         let config = self.config.clone();
         let options = std::mem::take(&mut self.options);
         let announced = rt.block_on(async {
@@ -213,7 +227,7 @@ impl Running {
             let mut int = signal(SignalKind::interrupt())?;
             let mut hup = signal(SignalKind::hangup())?;
             let announced = match &ready_file {
-                Some(path) => write_ready_file(path, &rest, &coap),
+                Some(path) => write_ready_file(path, &rest, &coap, &rest_tls),
                 None => Ok(()),
             };
             if announced.is_ok() {
@@ -225,7 +239,7 @@ impl Running {
                         _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
                         _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
                         _ = hup.recv() => {
-                            running = reload(running, options.config_path.as_deref(), options.set_log.as_ref());
+                            running = reload(running, options.config_path.as_deref(), options.set_log.as_ref(), services.rest_tls.as_deref());
                         }
                     }
                 }
@@ -281,6 +295,7 @@ fn stop_services(rt: tokio::runtime::Runtime, services: Services) {
         limits,
         store,
         plugins,
+        rest_tls: _,
     } = services;
     rt.block_on(async {
         trigger.fire();
@@ -297,12 +312,15 @@ fn stop_services(rt: tokio::runtime::Runtime, services: Services) {
     rt.shutdown_timeout(STOP_TIMEOUT);
 }
 
+/// The bound REST addresses: plain HTTP (`rest.listen`) and HTTPS (`rest.listen_tls`).
+type RestAddrs = (Vec<SocketAddr>, Vec<SocketAddr>);
+
 /// Starts every service on the current runtime; returns them with the bound REST and
 /// CoAP addresses.
 async fn start_services(
     config: &Config,
     options: &Options,
-) -> Result<(Services, Vec<SocketAddr>, Vec<SocketAddr>), StartError> {
+) -> Result<(Services, RestAddrs, Vec<SocketAddr>), StartError> {
     let config_path = &options.config_path;
     let reinit = options.reinit;
     crate::log_budget::set_per_second(config.log.device_lines_per_s);
@@ -333,11 +351,27 @@ async fn start_services(
     // Bound before anything is created in the state directory: a taken port leaves it as
     // it was.
     let transport = Transport::bind(&config.coap, counters.clone())?;
-    let listeners = rest::bind(&config.rest.listen).await?;
-    let rest_addrs = listeners
-        .iter()
-        .map(|l| l.local_addr())
-        .collect::<std::io::Result<Vec<_>>>()?;
+    // The HTTPS certificate before the REST sockets: an unusable one refuses the start.
+    let rest_tls = match rest::tls::Tls::from_config(&config.rest)? {
+        Some((tls, info)) => {
+            log_rest_certificate("REST HTTPS certificate", &tls.files().0, &info);
+            Some(Arc::new(tls))
+        }
+        None => None,
+    };
+    let plain = rest::bind(&config.rest.listen).await?;
+    let tls_listeners = rest::bind_tls(&config.rest.listen_tls).await?;
+    let addrs = |ls: &[tokio::net::TcpListener]| {
+        ls.iter()
+            .map(|l| l.local_addr())
+            .collect::<std::io::Result<Vec<_>>>()
+    };
+    let rest_addrs = (addrs(&plain)?, addrs(&tls_listeners)?);
+    let listeners: Vec<rest::Listener> = plain
+        .into_iter()
+        .map(|l| (l, None))
+        .chain(tls_listeners.into_iter().map(|l| (l, rest_tls.clone())))
+        .collect();
     if let Some(c) = contradiction {
         let moved = crate::state_dir::reinit(&c).map_err(StartError::Reinit)?;
         let moved: Vec<String> = moved.iter().map(|p| p.display().to_string()).collect();
@@ -561,18 +595,35 @@ async fn start_services(
             limits,
             store,
             plugins,
+            rest_tls,
         },
         rest_addrs,
         coap_addrs,
     ))
 }
 
-/// SIGHUP: re-read the file; apply the log filter; name what else changed and needs a
-/// restart. A file that does not validate leaves everything as it was.
+/// Logs the REST server's certificate (`what`, from `path`); a warning when it is not
+/// valid now.
+fn log_rest_certificate(what: &str, path: &Path, info: &rest::tls::CertInfo) {
+    match &info.invalid_now {
+        None => tracing::info!("{what} from {}: {info}", path.display()),
+        Some(why) => tracing::warn!(
+            "{what} from {}: {info}; it is {why}: clients will refuse it",
+            path.display()
+        ),
+    }
+}
+
+/// SIGHUP: re-read the file; apply the log filter and the REST HTTPS certificate (`tls`,
+/// re-read from the files the new configuration names, so a certificate renewed in place
+/// is taken too); name what else changed and needs a restart. A file that does not
+/// validate leaves everything as it was; so does a certificate that cannot be used (the
+/// one in force stays).
 fn reload(
     running: Config,
     path: Option<&std::path::Path>,
     set_log: Option<&SetLogFilter>,
+    tls: Option<&rest::tls::Tls>,
 ) -> Config {
     let Some(path) = path else {
         tracing::info!("SIGHUP: running on embedded defaults, nothing to re-read");
@@ -604,10 +655,29 @@ fn reload(
             next.log.device_lines_per_s
         );
     }
+    let mut rest_applied = running.rest.clone();
+    if let (Some(tls), Some(cert), Some(key)) = (tls, &next.rest.tls_cert, &next.rest.tls_key) {
+        match tls.reload(cert, key) {
+            Ok(info) => {
+                log_rest_certificate("SIGHUP: REST HTTPS certificate reloaded", cert, &info);
+                rest_applied.tls_cert = Some(cert.clone());
+                rest_applied.tls_key = Some(key.clone());
+            }
+            Err(e) => tracing::error!(
+                "SIGHUP: REST HTTPS certificate not reloaded, the one in force stays: {e}"
+            ),
+        }
+    }
+    // The certificate files are applied above; any other change of [rest] needs a restart.
+    let rest_rest_changed = rest::RestConfig {
+        tls_cert: running.rest.tls_cert.clone(),
+        tls_key: running.rest.tls_key.clone(),
+        ..next.rest.clone()
+    } != running.rest;
     let needs_restart: Vec<&str> = [
         ("runtime", next.runtime != running.runtime),
         ("state", next.state != running.state),
-        ("rest", next.rest != running.rest),
+        ("rest", rest_rest_changed),
         ("coap", next.coap != running.coap),
         ("registry", next.registry != running.registry),
         ("requests", next.requests != running.requests),
@@ -632,6 +702,7 @@ fn reload(
     // against what is really in force.
     Config {
         log: next.log,
+        rest: rest_applied,
         ..running
     }
 }
@@ -646,7 +717,8 @@ fn notify(states: &[NotifyState]) {
     }
 }
 
-/// Writes `{"pid": …, "version": …, "rest": ["ip:port", …], "coap": ["ip:port", …]}` to
+/// Writes `{"pid": …, "version": …, "rest": ["ip:port", …], "coap": ["ip:port", …],
+/// "rest_tls": ["ip:port", …]}` (`rest_tls`: the HTTPS addresses of the REST API) to
 /// `path` atomically (a temporary file beside it, then a rename), so that a reader sees
 /// either no file or the whole of it. The addresses are the bound ones: with port 0 in
 /// the configuration, the ports the system chose. Removed again at a clean stop.
@@ -654,6 +726,7 @@ fn write_ready_file(
     path: &Path,
     rest: &[SocketAddr],
     coap: &[SocketAddr],
+    rest_tls: &[SocketAddr],
 ) -> Result<(), StartError> {
     let fail = |source| StartError::ReadyFile {
         path: path.to_path_buf(),
@@ -672,6 +745,7 @@ fn write_ready_file(
         "version": env!("CARGO_PKG_VERSION"),
         "rest": rest.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "coap": coap.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "rest_tls": rest_tls.iter().map(ToString::to_string).collect::<Vec<_>>(),
     })
     .to_string();
     std::fs::write(&tmp, text + "\n")

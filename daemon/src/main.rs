@@ -137,14 +137,21 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { path } => match Config::load(&path).and_then(|c| {
-            let available = connectord::plugins::available(&c.plugins);
-            connectord::config::check_plugin_names(
-                &c.plugins,
-                &available,
-                &Source::File(path.clone()),
-            )
-        }) {
+        Command::CheckConfig { path } => match Config::load(&path)
+            .and_then(|c| {
+                let available = connectord::plugins::available(&c.plugins);
+                connectord::config::check_plugin_names(
+                    &c.plugins,
+                    &available,
+                    &Source::File(path.clone()),
+                )?;
+                Ok(c)
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                // The HTTPS certificate and key are read as the start reads them.
+                connectord::rest::tls::Tls::from_config(&c.rest).map_err(|e| e.to_string())
+            }) {
             Ok(_) => {
                 println!("{}: configuration is valid", path.display());
                 ExitCode::SUCCESS

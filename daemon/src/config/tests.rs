@@ -274,3 +274,63 @@ fn range_errors_name_line_and_column() {
         }
     }
 }
+
+/// The HTTPS keys of `[rest]`: certificate and key together with `listen_tls`, neither
+/// without it, no address both plain and HTTPS; each error names its key in full.
+#[test]
+fn rest_tls_errors_name_the_key() {
+    let tls = "listen_tls = [\"127.0.0.1:8443\"]\n";
+    let pair = "tls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n";
+    let cases: &[(String, &str, &str)] = &[
+        (
+            format!("[rest]\n{tls}tls_key = \"/k.pem\"\n"),
+            "rest.tls_cert",
+            "is needed with rest.listen_tls",
+        ),
+        (
+            format!("[rest]\n{tls}tls_cert = \"/c.pem\"\n"),
+            "rest.tls_key",
+            "is needed with rest.listen_tls",
+        ),
+        (
+            format!("[rest]\n{pair}"),
+            "rest.tls_cert",
+            "rest.listen_tls is empty",
+        ),
+        (
+            format!("[rest]\n{tls}tls_cert = \"\"\ntls_key = \"/k.pem\"\n"),
+            "rest.tls_cert",
+            "an empty path",
+        ),
+        (
+            format!("[rest]\nlisten = [\"127.0.0.1:8443\"]\n{tls}{pair}"),
+            "rest.listen_tls",
+            "127.0.0.1:8443 is also in rest.listen",
+        ),
+        (
+            format!("[rest]\n{tls}{pair}tls_handshake_timeout_s = 0\n"),
+            "rest.tls_handshake_timeout_s",
+            "between 1 and 300",
+        ),
+        (
+            "[rest]\nlisten = []\n".to_string(),
+            "rest.listen",
+            "here or in rest.listen_tls",
+        ),
+    ];
+    for (text, key, message) in cases {
+        match Config::parse(text, Source::Embedded) {
+            Err(ConfigError::Invalid {
+                key: k, message: m, ..
+            }) => assert!(k == *key && m.contains(message), "{text:?}: {k}: {m}"),
+            other => panic!("expected Invalid for {text:?}, got {other:?}"),
+        }
+    }
+    // HTTPS alone (no plain listener), and port 0 in both lists, are fine.
+    for text in [
+        format!("[rest]\nlisten = []\n{tls}{pair}"),
+        format!("[rest]\nlisten = [\"127.0.0.1:0\"]\nlisten_tls = [\"127.0.0.1:0\"]\n{pair}"),
+    ] {
+        Config::parse(&text, Source::Embedded).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    }
+}
