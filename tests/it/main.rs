@@ -27,6 +27,7 @@ mod connections;
 mod crash;
 mod flood;
 mod fuzz;
+mod https;
 mod lua;
 mod lwm2m;
 mod metrics;

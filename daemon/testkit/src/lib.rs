@@ -71,6 +71,9 @@ pub struct Ready {
     pub rest: Vec<SocketAddr>,
     /// Every bound CoAP (UDP) address.
     pub coap: Vec<SocketAddr>,
+    /// Every bound HTTPS address of the REST API (`rest.listen_tls`).
+    #[serde(default)]
+    pub rest_tls: Vec<SocketAddr>,
 }
 
 impl Ready {
@@ -108,6 +111,7 @@ pub struct Launch {
     in_process: bool,
     log_level: String,
     coap: String,
+    rest: String,
     extra: String,
     env: Vec<(String, String)>,
     keep_logs: KeepLogs,
@@ -122,6 +126,7 @@ impl Launch {
             in_process: false,
             log_level: "debug".into(),
             coap: String::new(),
+            rest: String::new(),
             extra: String::new(),
             env: Vec::new(),
             keep_logs: KeepLogs::All,
@@ -146,6 +151,12 @@ impl Launch {
     /// Lines added to the `[coap]` section.
     pub fn coap(mut self, lines: &str) -> Launch {
         self.coap = lines.into();
+        self
+    }
+
+    /// Lines added to the `[rest]` section (which has `listen = ["127.0.0.1:0"]`).
+    pub fn rest(mut self, lines: &str) -> Launch {
+        self.rest = lines.into();
         self
     }
 
@@ -178,7 +189,10 @@ impl Launch {
         let dir = Arc::new(tempfile::tempdir().map_err(StartError::Prepare)?);
         let config_path = dir.path().join("connectord.toml");
         std::fs::create_dir_all(dir.path().join("scripts")).map_err(StartError::Prepare)?;
-        let text = config_text(dir.path(), &self.log_level, &self.coap, &self.extra);
+        let mut text = config_text(dir.path(), &self.log_level, &self.coap, &self.extra);
+        if !self.rest.is_empty() {
+            text = text.replacen("[rest]\n", &format!("[rest]\n{}\n", self.rest), 1);
+        }
         std::fs::write(&config_path, text).map_err(StartError::Prepare)?;
         Ok(Prepared {
             dir,
@@ -325,6 +339,7 @@ impl Daemon {
             version: connectord::VERSION.to_string(),
             rest: running.rest_addrs().to_vec(),
             coap: running.coap_addrs().to_vec(),
+            rest_tls: running.rest_tls_addrs().to_vec(),
         };
         self.rest = ready.rest[0];
         self.coap = ready.coap[0];
