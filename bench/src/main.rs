@@ -22,6 +22,7 @@ use clap::Parser;
 use connectord::simulate::{SimOptions, SimReport};
 
 mod bulk;
+mod https;
 mod webhook;
 use serde_json::{Value, json};
 
@@ -103,6 +104,11 @@ struct Args {
     /// connections.
     #[arg(long)]
     read_http2: bool,
+    /// Issue the reads over HTTPS (`rest.listen_tls`, a certificate the bench makes with
+    /// rcgen): HTTP/1.1, or HTTP/2 by ALPN with `--read-http2`. The long-poll stays on
+    /// plain HTTP, so the daemon CPU per read compares with a plain run.
+    #[arg(long)]
+    read_https: bool,
     /// HTTP/2 connections of `--read-http2`.
     #[arg(long, default_value_t = 2)]
     read_h2_connections: usize,
@@ -195,6 +201,11 @@ impl Daemon {
 
     /// As [`Daemon::start`], with more configuration (whole sections) after the bench's.
     fn start_with(bin: &Path, args: &Args, more: &str) -> Result<Daemon> {
+        Daemon::start_rest(bin, args, "", more)
+    }
+
+    /// As [`Daemon::start_with`], with `rest` lines in the `[rest]` section.
+    fn start_rest(bin: &Path, args: &Args, rest: &str, more: &str) -> Result<Daemon> {
         let bin = std::fs::canonicalize(bin).with_context(|| {
             format!(
                 "daemon binary {} (build it: cargo build --release -p connectord)",
@@ -203,6 +214,7 @@ impl Daemon {
         })?;
         let d = connectord_testkit::Launch::new(bin)
             .log_level(&args.log_level)
+            .rest(rest)
             .extra(&format!(
                 "[notifications]\nmax_batch = {}\n[runtime]\nworker_threads = {}\n{more}",
                 args.max_batch, args.worker_threads
@@ -713,19 +725,37 @@ impl Drop for CloseOnDrop {
 /// A request sender on a shared HTTP/2 connection.
 type Http2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
 
-/// A TCP connection to the daemon's REST listener (loopback only), without Nagle.
-async fn rest_stream(rest: SocketAddr) -> Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>> {
+/// A client connection's byte stream: TCP, or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// A connection to the daemon's REST listener (loopback only), without Nagle; over TLS
+/// with `tls` (`--read-https`).
+async fn rest_stream(
+    rest: SocketAddr,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> Result<hyper_util::rt::TokioIo<Box<dyn Io>>> {
     assert!(rest.ip().is_loopback(), "loopback only");
     let stream = tokio::net::TcpStream::connect(rest).await?;
     stream.set_nodelay(true)?;
-    Ok(hyper_util::rt::TokioIo::new(stream))
+    let io: Box<dyn Io> = match tls {
+        None => Box::new(stream),
+        Some(c) => {
+            let name = tokio_rustls::rustls::pki_types::ServerName::from(rest.ip());
+            Box::new(c.connect(name, stream).await?)
+        }
+    };
+    Ok(hyper_util::rt::TokioIo::new(io))
 }
 
-/// Opens an HTTP/2 (prior knowledge) connection to the daemon.
-async fn http2_connect(rest: SocketAddr) -> Result<Http2Sender> {
+/// Opens an HTTP/2 connection to the daemon (prior knowledge, or ALPN over TLS).
+async fn http2_connect(
+    rest: SocketAddr,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> Result<Http2Sender> {
     let (conn, driver) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
-        rest_stream(rest).await?,
+        rest_stream(rest, tls).await?,
     )
     .await?;
     tokio::spawn(driver);
@@ -737,6 +767,8 @@ struct ReadSender {
     /// its own to `rest`.
     http2: Option<Http2Sender>,
     rest: SocketAddr,
+    /// `--read-https`: TLS to `rest`.
+    tls: Option<tokio_rustls::TlsConnector>,
     auth: Arc<str>,
     names: Arc<Vec<String>>,
     next: Arc<AtomicUsize>,
@@ -758,13 +790,16 @@ impl ReadSender {
         let mut conn = match &self.http2 {
             Some(c) => Conn::H2(c.clone()),
             None => {
-                let (conn, driver) =
-                    hyper::client::conn::http1::handshake(rest_stream(self.rest).await?).await?;
+                let (conn, driver) = hyper::client::conn::http1::handshake(
+                    rest_stream(self.rest, self.tls.as_ref()).await?,
+                )
+                .await?;
                 tokio::spawn(driver);
                 Conn::H1(conn)
             }
         };
         let host = self.rest.to_string();
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         loop {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
             if i >= self.count {
@@ -779,7 +814,7 @@ impl ReadSender {
             let ep = &self.names[i % self.names.len()];
             let uri = match conn {
                 Conn::H1(_) => format!("/v2/endpoints/{ep}/3/0/0"),
-                Conn::H2(_) => format!("http://{host}/v2/endpoints/{ep}/3/0/0"),
+                Conn::H2(_) => format!("{scheme}://{host}/v2/endpoints/{ep}/3/0/0"),
             };
             let req = http::Request::get(uri)
                 .header(http::header::HOST, &host)
@@ -843,7 +878,15 @@ struct ReadRun {
 /// M proxied reads of /3/0/0 over K devices; answers pulled by long-poll.
 fn reads_run(args: &Args) -> Result<ReadRun> {
     let timeout = Duration::from_secs(args.timeout_s);
-    let daemon = Daemon::start(&args.daemon, args)?;
+    let https = if args.read_https {
+        Some(https::Https::new(args.read_http2)?)
+    } else {
+        None
+    };
+    let daemon = match &https {
+        None => Daemon::start(&args.daemon, args)?,
+        Some(h) => Daemon::start_rest(&args.daemon, args, &h.rest_lines(), "")?,
+    };
     let api = daemon.api();
     api.open_channel()?;
     let k = args.read_devices.max(1);
@@ -949,12 +992,19 @@ fn reads_run(args: &Args) -> Result<ReadRun> {
             .enable_all()
             .build()?;
         let auth: Arc<str> = api.auth.clone().into();
-        let rest = daemon.rest;
+        let (rest, tls) = match &https {
+            None => (daemon.rest, None),
+            Some(h) => {
+                let ready = daemon.ready.as_ref().context("ready file")?;
+                let addr = *ready.rest_tls.first().context("no HTTPS address")?;
+                (addr, Some(h.connector.clone()))
+            }
+        };
         let result = rt.block_on(async {
             let mut h2 = Vec::new();
             if args.read_http2 {
                 for _ in 0..args.read_h2_connections.max(1) {
-                    h2.push(http2_connect(rest).await?);
+                    h2.push(http2_connect(rest, tls.as_ref()).await?);
                 }
             }
             let mut tasks = tokio::task::JoinSet::new();
@@ -962,6 +1012,7 @@ fn reads_run(args: &Args) -> Result<ReadRun> {
                 let s = ReadSender {
                     http2: h2.get(i % h2.len().max(1)).cloned(),
                     rest,
+                    tls: tls.clone(),
                     auth: Arc::clone(&auth),
                     names: Arc::clone(&names),
                     next: Arc::clone(&next),
@@ -1284,11 +1335,17 @@ fn main() -> Result<()> {
                         args.read_devices,
                         if args.read_http2 {
                             format!(
-                                "HTTP/2, {} streams over {} connections",
-                                args.read_connections, args.read_h2_connections
+                                "HTTP/2{}, {} streams over {} connections",
+                                if args.read_https { " over TLS" } else { "" },
+                                args.read_connections,
+                                args.read_h2_connections
                             )
                         } else {
-                            format!("HTTP/1.1, {} connections", args.read_connections)
+                            format!(
+                                "HTTP/1.1{}, {} connections",
+                                if args.read_https { " over TLS" } else { "" },
+                                args.read_connections
+                            )
                         }
                     ),
                     value: r.completed as f64 / secs,
