@@ -66,7 +66,7 @@ impl TlsError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {
     pub subject: String,
-    /// Colon-separated hex, as `openssl x509 -serial` prints it (without the colons).
+    /// Colon-separated hex bytes (`0a:1f`), as x509-parser spells it.
     pub serial: String,
     pub not_after: String,
     /// Why the certificate is not valid now (expired, not yet valid), if so.
