@@ -58,6 +58,9 @@ pub enum StartError {
     Reinit(std::io::Error),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    /// The certificates of `[coap] listen_tls` (the message names the key and file).
+    #[error("{0}")]
+    Tls(String),
     #[error("--ready-file {}: {source}", path.display())]
     ReadyFile {
         path: PathBuf,
@@ -109,6 +112,8 @@ pub struct Options {
 pub struct Running {
     rest: Vec<SocketAddr>,
     coap: Vec<SocketAddr>,
+    /// The bound `coap.listen_tls` addresses.
+    coap_tls: Vec<SocketAddr>,
     state_dir: PathBuf,
     /// The configuration in force (SIGHUP compares the file with it).
     config: Config,
@@ -125,6 +130,7 @@ struct Services {
     limits: Arc<crate::limits::Limits>,
     store: Arc<dyn Store>,
     plugins: Arc<PluginHost>,
+    coap_tls: Vec<SocketAddr>,
 }
 
 /// Starts the daemon: builds its async runtime (`[runtime] worker_threads`), checks the
@@ -146,9 +152,10 @@ pub fn start(config: Config, options: Options) -> Result<Running, StartError> {
         rt.metrics().num_workers()
     );
     match rt.block_on(start_services(&config, &options)) {
-        Ok((services, rest, coap)) => Ok(Running {
+        Ok((mut services, rest, coap)) => Ok(Running {
             rest,
             coap,
+            coap_tls: std::mem::take(&mut services.coap_tls),
             state_dir: config.state.resolve_dir(),
             config,
             options,
@@ -176,6 +183,11 @@ impl Running {
         &self.coap
     }
 
+    /// Every bound CoAP over TLS (`coap.listen_tls`) address.
+    pub fn coap_tls_addrs(&self) -> &[SocketAddr] {
+        &self.coap_tls
+    }
+
     /// The state directory in use.
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
@@ -201,6 +213,7 @@ impl Running {
             return Ok(());
         };
         let (rest, coap) = (self.rest.clone(), self.coap.clone());
+        let coap_tls = self.coap_tls.clone();
         let config = self.config.clone();
         let options = std::mem::take(&mut self.options);
         let announced = rt.block_on(async {
@@ -213,7 +226,7 @@ impl Running {
             let mut int = signal(SignalKind::interrupt())?;
             let mut hup = signal(SignalKind::hangup())?;
             let announced = match &ready_file {
-                Some(path) => write_ready_file(path, &rest, &coap),
+                Some(path) => write_ready_file(path, &rest, &coap, &coap_tls),
                 None => Ok(()),
             };
             if announced.is_ok() {
@@ -281,6 +294,7 @@ fn stop_services(rt: tokio::runtime::Runtime, services: Services) {
         limits,
         store,
         plugins,
+        coap_tls: _,
     } = services;
     rt.block_on(async {
         trigger.fire();
@@ -488,6 +502,9 @@ async fn start_services(
     let pending = requests.load().await?;
     tracing::info!("loaded {pending} stored requests to devices");
     subscriptions.resume();
+    if transport.has_tls() {
+        transport.configure_tls(&tls_setup(&config.coap, &ca, &state_dir)?);
+    }
     tasks.extend(transport.start(
         Arc::new(Lwm2mHandler::new(Arc::clone(&registry))),
         stop.receiver(),
@@ -553,6 +570,7 @@ async fn start_services(
     });
     tasks.push(tokio::spawn(rest::serve(listeners, state, stop.clone())));
     let coap_addrs = transport.local_addrs();
+    let coap_tls = transport.local_addrs_of(crate::coap::ListenerKind::Tls);
     Ok((
         Services {
             trigger,
@@ -561,6 +579,7 @@ async fn start_services(
             limits,
             store,
             plugins,
+            coap_tls,
         },
         rest_addrs,
         coap_addrs,
@@ -646,7 +665,8 @@ fn notify(states: &[NotifyState]) {
     }
 }
 
-/// Writes `{"pid": …, "version": …, "rest": ["ip:port", …], "coap": ["ip:port", …]}` to
+/// Writes `{"pid": …, "version": …, "rest": ["ip:port", …], "coap": ["ip:port", …],
+/// "coap_tls": […]}` to
 /// `path` atomically (a temporary file beside it, then a rename), so that a reader sees
 /// either no file or the whole of it. The addresses are the bound ones: with port 0 in
 /// the configuration, the ports the system chose. Removed again at a clean stop.
@@ -654,6 +674,7 @@ fn write_ready_file(
     path: &Path,
     rest: &[SocketAddr],
     coap: &[SocketAddr],
+    coap_tls: &[SocketAddr],
 ) -> Result<(), StartError> {
     let fail = |source| StartError::ReadyFile {
         path: path.to_path_buf(),
@@ -672,6 +693,7 @@ fn write_ready_file(
         "version": env!("CARGO_PKG_VERSION"),
         "rest": rest.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "coap": coap.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "coap_tls": coap_tls.iter().map(ToString::to_string).collect::<Vec<_>>(),
     })
     .to_string();
     std::fs::write(&tmp, text + "\n")
@@ -783,4 +805,70 @@ mod tests {
             "the REST port is free"
         );
     }
+}
+
+/// The certificates of the CoAP over TLS listeners: `coap.tls_cert`/`coap.tls_key`, or a
+/// server certificate the CA issues now (for `localhost`, the loopback addresses, the
+/// listeners' own addresses and this host's name); client certificates verified against
+/// the CA and `coap.trusted_cas`.
+fn tls_setup(
+    coap: &crate::coap::CoapConfig,
+    ca: &crate::certs::CertAuthority,
+    state_dir: &Path,
+) -> Result<crate::coap::TlsSetup, StartError> {
+    let read = |key: &str, p: &Path| {
+        std::fs::read(p).map_err(|e| StartError::Tls(format!("coap.{key}: {}: {e}", p.display())))
+    };
+    let (chain, key, chain_name, key_name) = match (&coap.tls_cert, &coap.tls_key) {
+        (Some(c), Some(k)) => (
+            read("tls_cert", c)?,
+            read("tls_key", k)?,
+            format!("coap.tls_cert: {}", c.display()),
+            format!("coap.tls_key: {}", k.display()),
+        ),
+        _ => {
+            let mut names = vec![
+                "localhost".to_owned(),
+                "127.0.0.1".to_owned(),
+                "::1".to_owned(),
+            ];
+            for a in &coap.listen_tls {
+                if !a.ip().is_unspecified() && !names.contains(&a.ip().to_string()) {
+                    names.push(a.ip().to_string());
+                }
+            }
+            if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+                let h = h.trim();
+                if !h.is_empty() && !names.iter().any(|n| n == h) {
+                    names.push(h.to_owned());
+                }
+            }
+            let (c, k) = ca.issue_server(&names)?;
+            (
+                c.into_bytes(),
+                k.into_bytes(),
+                "issued server certificate".to_owned(),
+                "issued server key".to_owned(),
+            )
+        }
+    };
+    let mut cas = vec![(
+        state_dir
+            .join(crate::certs::CA_CERT_FILE)
+            .display()
+            .to_string(),
+        ca.ca_certificate_pem().as_bytes().to_vec(),
+    )];
+    for p in &coap.trusted_cas {
+        cas.push((
+            format!("coap.trusted_cas: {}", p.display()),
+            read("trusted_cas", p)?,
+        ));
+    }
+    let server = crate::coap::tls::server_config((&chain_name, &chain), (&key_name, &key), &cas)
+        .map_err(|e| StartError::Tls(e.to_string()))?;
+    Ok(crate::coap::TlsSetup {
+        server: Arc::new(server),
+        credentials: None,
+    })
 }

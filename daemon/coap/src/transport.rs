@@ -188,9 +188,19 @@ impl Transport {
         }))
     }
 
-    /// The addresses actually bound (port 0 resolved).
+    /// The UDP addresses actually bound (port 0 resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|l| l.id().local).collect()
+        self.local_addrs_of(crate::peer::ListenerKind::Udp)
+    }
+
+    /// The addresses of the listeners of one kind (port 0 resolved).
+    pub fn local_addrs_of(&self, kind: crate::peer::ListenerKind) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .map(|l| l.id())
+            .filter(|id| id.kind == kind)
+            .map(|id| id.local)
+            .collect()
     }
 
     /// The listeners, in the order of `coap.listen`.

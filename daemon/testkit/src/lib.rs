@@ -71,6 +71,9 @@ pub struct Ready {
     pub rest: Vec<SocketAddr>,
     /// Every bound CoAP (UDP) address.
     pub coap: Vec<SocketAddr>,
+    /// Every bound CoAP over TLS address (`coap.listen_tls`).
+    #[serde(default)]
+    pub coap_tls: Vec<SocketAddr>,
 }
 
 impl Ready {
@@ -325,6 +328,7 @@ impl Daemon {
             version: connectord::VERSION.to_string(),
             rest: running.rest_addrs().to_vec(),
             coap: running.coap_addrs().to_vec(),
+            coap_tls: running.coap_tls_addrs().to_vec(),
         };
         self.rest = ready.rest[0];
         self.coap = ready.coap[0];
