@@ -770,43 +770,6 @@ pub enum PluginCallError {
     Plugin(String),
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(dir: &Path) -> Config {
-        let text = format!(
-            "[state]\ndir = \"{}\"\n[rest]\nlisten = [\"127.0.0.1:0\"]\n[coap]\nlisten = [\"127.0.0.1:0\"]\n[lua]\ndir = \"{}\"\n[runtime]\nworker_threads = 1\n",
-            dir.join("state").display(),
-            dir.join("scripts").display()
-        );
-        Config::parse(&text, crate::config::Source::Embedded).expect("test configuration")
-    }
-
-    /// `start` answers the bound addresses and the first admin key; a `Running` dropped
-    /// inside another async runtime stops all the same (on a thread of its own) rather
-    /// than panicking, and its ports are free again.
-    #[test]
-    fn a_started_daemon_knows_its_addresses_and_stops_when_dropped_anywhere() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let running = start(config(dir.path()), Options::default()).expect("started");
-        let rest = running.rest_addrs()[0];
-        assert_ne!(rest.port(), 0);
-        assert_ne!(running.coap_addrs()[0].port(), 0);
-        assert_eq!(running.state_dir(), dir.path().join("state"));
-        assert!(running.admin_key().is_some_and(|k| !k.is_empty()));
-        assert!(std::net::TcpStream::connect(rest).is_ok(), "serving");
-        let outer = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        outer.block_on(async move { drop(running) });
-        assert!(
-            std::net::TcpListener::bind(rest).is_ok(),
-            "the REST port is free"
-        );
-    }
-}
-
 /// The certificates of the CoAP over TLS listeners: `coap.tls_cert`/`coap.tls_key`, or a
 /// server certificate the CA issues now (for `localhost`, the loopback addresses, the
 /// listeners' own addresses and this host's name); client certificates verified against
@@ -871,4 +834,41 @@ fn tls_setup(
         server: Arc::new(server),
         credentials: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> Config {
+        let text = format!(
+            "[state]\ndir = \"{}\"\n[rest]\nlisten = [\"127.0.0.1:0\"]\n[coap]\nlisten = [\"127.0.0.1:0\"]\n[lua]\ndir = \"{}\"\n[runtime]\nworker_threads = 1\n",
+            dir.join("state").display(),
+            dir.join("scripts").display()
+        );
+        Config::parse(&text, crate::config::Source::Embedded).expect("test configuration")
+    }
+
+    /// `start` answers the bound addresses and the first admin key; a `Running` dropped
+    /// inside another async runtime stops all the same (on a thread of its own) rather
+    /// than panicking, and its ports are free again.
+    #[test]
+    fn a_started_daemon_knows_its_addresses_and_stops_when_dropped_anywhere() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let running = start(config(dir.path()), Options::default()).expect("started");
+        let rest = running.rest_addrs()[0];
+        assert_ne!(rest.port(), 0);
+        assert_ne!(running.coap_addrs()[0].port(), 0);
+        assert_eq!(running.state_dir(), dir.path().join("state"));
+        assert!(running.admin_key().is_some_and(|k| !k.is_empty()));
+        assert!(std::net::TcpStream::connect(rest).is_ok(), "serving");
+        let outer = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        outer.block_on(async move { drop(running) });
+        assert!(
+            std::net::TcpListener::bind(rest).is_ok(),
+            "the REST port is free"
+        );
+    }
 }

@@ -140,10 +140,13 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, FrameErr
     Ok(Some((Frame { code, token, body }, size)))
 }
 
+/// Options as (number, value), in order.
+pub type Options<'a> = Vec<(u16, &'a [u8])>;
+
 /// The options of a body as (number, value), and the payload; checks the encoding
 /// (RFC 7252 §3.1: nibble 15 only in the payload marker, a marker followed by a payload,
 /// lengths within the body).
-pub fn options(body: &[u8]) -> Result<(Vec<(u16, &[u8])>, &[u8]), FrameError> {
+pub fn options(body: &[u8]) -> Result<(Options<'_>, &[u8]), FrameError> {
     let mut opts = Vec::new();
     let mut number: u32 = 0;
     let mut i = 0;
@@ -312,7 +315,7 @@ pub fn abort(diagnostic: &str) -> Frame {
     Frame {
         code: ABORT,
         token: Vec::new(),
-        body: body(&[], diagnostic[..end].as_bytes()),
+        body: body(&[], &diagnostic.as_bytes()[..end]),
     }
 }
 
