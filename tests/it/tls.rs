@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+const WAIT: Duration = Duration::from_secs(20);
+
 use serde_json::json;
 
 use crate::support::{self, Daemon};
@@ -268,4 +270,37 @@ fn handshakes_without_a_good_client_certificate_are_refused() {
     let (ok, all) = register("coap-client-openssl", &d, &good.endpoint, &args);
     assert!(ok && all.contains("2.01"), "the good certificate:\n{all}");
     assert!(registered(&d, &good.endpoint));
+}
+
+/// aiocoap (its TLS client transport, `coaps+tcp`) as a device that stays connected:
+/// it registers with its certificate from `/api/cert`, then answers a read and an
+/// observation sent back over its own connection; notifications flow over it.
+#[test]
+fn aiocoap_device_answers_reads_and_observations_over_its_tls_connection() {
+    let d = Daemon::start_custom(TLS, "");
+    let c = device_cert(&d);
+    let tls = format!("{},{},{}", p(&c.ca()), p(&c.cert()), p(&c.key()));
+    let dev = support::peers::Lwm2mDevice::start(
+        tls_addr(&d),
+        &c.endpoint,
+        &["--tls", &tls, "--notify-interval", "0.2"],
+    );
+    let ep = &c.endpoint;
+    let id = d.async_request("GET", &format!("/v2/endpoints/{ep}/3/0/0"), None, None);
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(
+        (r["status"].as_u64(), r["payload"].as_str()),
+        (Some(200), Some(support::b64(b"connectord-test").as_str())),
+        "{r}"
+    );
+    let id = d.async_request(
+        "PUT",
+        &format!("/v2/subscriptions/{ep}/3303/0/5700"),
+        None,
+        None,
+    );
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+    let e = d.collect_events(WAIT, |e| e.of("notifications").len() >= 3);
+    assert!(e.of("notifications").len() >= 3);
+    dev.wait_event(WAIT, |e| e["event"] == "observers" && e["count"] == 1);
 }
