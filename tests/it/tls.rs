@@ -304,3 +304,72 @@ fn aiocoap_device_answers_reads_and_observations_over_its_tls_connection() {
     assert!(e.of("notifications").len() >= 3);
     dev.wait_event(WAIT, |e| e["event"] == "observers" && e["count"] == 1);
 }
+
+/// `coap.tls_cert`/`coap.tls_key` replace the certificate the CA would issue (libcoap
+/// verifies the daemon against that one now); a certificate file that is missing, or a
+/// `coap.trusted_cas` file without a certificate, stops the start with the key and the
+/// file named.
+#[test]
+fn a_configured_server_certificate_is_used_and_bad_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        p(&key),
+        "-out",
+        p(&cert),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+    ]);
+    let coap = format!(
+        "{TLS}\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let d = Daemon::start_custom(&coap, "");
+    let c = device_cert(&d);
+    let (dev_cert, dev_key) = (c.cert(), c.key());
+    let args = ["-c", p(&dev_cert), "-j", p(&dev_key), "-C", p(&cert)];
+    let (ok, all) = register("coap-client-openssl", &d, &c.endpoint, &args);
+    assert!(ok && all.contains("2.01"), "{all}");
+    // The CA's certificate does not verify this server any more.
+    let c2 = device_cert(&d);
+    let args = cert_args(&c2);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (_, all) = register("coap-client-openssl", &d, &c2.endpoint, &args);
+    assert!(!all.contains("2.01"), "{all}");
+
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
+    for (lines, named) in [
+        (
+            format!(
+                "{TLS}\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"{}\"\n",
+                key.display()
+            ),
+            "coap.tls_cert: /nonexistent/c.pem".to_owned(),
+        ),
+        (
+            format!("{TLS}\ntrusted_cas = [\"{}\"]\n", not_pem.display()),
+            format!("coap.trusted_cas: {}", not_pem.display()),
+        ),
+    ] {
+        let r = connectord_testkit::Launch::new(support::BIN)
+            .coap(&lines)
+            .in_process()
+            .start();
+        let e = r.err().expect("the start fails").to_string();
+        assert!(e.contains(&named), "{e}");
+    }
+}
