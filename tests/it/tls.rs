@@ -274,7 +274,8 @@ fn handshakes_without_a_good_client_certificate_are_refused() {
 
 /// aiocoap (its TLS client transport, `coaps+tcp`) as a device that stays connected:
 /// it registers with its certificate from `/api/cert`, then answers a read and an
-/// observation sent back over its own connection; notifications flow over it.
+/// observation sent back over its own connection; notifications flow over it until the
+/// subscription is deleted.
 #[test]
 fn aiocoap_device_answers_reads_and_observations_over_its_tls_connection() {
     let d = Daemon::start_custom(TLS, "");
@@ -303,6 +304,16 @@ fn aiocoap_device_answers_reads_and_observations_over_its_tls_connection() {
     let e = d.collect_events(WAIT, |e| e.of("notifications").len() >= 3);
     assert!(e.of("notifications").len() >= 3);
     dev.wait_event(WAIT, |e| e["event"] == "observers" && e["count"] == 1);
+    // Unsubscribed: with no RST on TCP, the next notification is answered with a
+    // deregistration (GET, Observe=1), and aiocoap drops its observer.
+    let r = d.call(
+        "DELETE",
+        &format!("/v2/subscriptions/{ep}/3303/0/5700"),
+        None,
+        None,
+    );
+    assert_eq!(r.status, 204);
+    dev.wait_event(WAIT, |e| e["event"] == "observers" && e["count"] == 0);
 }
 
 /// `coap.tls_cert`/`coap.tls_key` replace the certificate the CA would issue (libcoap

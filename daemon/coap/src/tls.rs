@@ -13,7 +13,10 @@
 //!   with its message id: the device's response comes back as the ACK of that id (so the
 //!   client's exchange ends as with a piggybacked response); a later response with the
 //!   same token (an observe notification) comes back as NON;
-//! - empty ACKs and RSTs the message layer sends are dropped (they mean nothing here);
+//! - empty ACKs the message layer sends are dropped (they mean nothing here); its RST of
+//!   a notification whose observation it forgot becomes a GET with Observe=1 and the
+//!   observation's token and options (RFC 7641 §3.6: there is no RST over TCP); other
+//!   RSTs are dropped;
 //! - when the connection closes, each request still waiting for its response gets an RST
 //!   from the listener, so the exchange fails at once instead of after a timeout.
 //!
@@ -71,6 +74,8 @@ const OUTBOUND_QUEUE: usize = 64;
 /// Requests of ours awaiting a response on one connection; the oldest are forgotten past
 /// it (their exchanges have timed out long since).
 const MAX_PENDING: usize = 256;
+/// The Observe option (RFC 7641).
+const OBSERVE: u16 = 6;
 
 /// The limits of a TLS listener (from `[coap]`).
 #[derive(Debug, Clone)]
@@ -199,9 +204,52 @@ struct Conn {
 #[derive(Default)]
 struct Pending {
     by_token: Map<Vec<u8>, (u16, Instant)>,
+    /// Our observe requests (Observe=0) by token: their options, to deregister with
+    /// (RFC 7641 §3.6) when the message layer rejects a notification, since a reliable
+    /// transport has no RST (RFC 8323 §5).
+    observes: Map<Vec<u8>, Vec<u8>>,
+    /// The message ids given to the latest notifications (NON), with their tokens: the
+    /// message layer's RST names the id.
+    notified: std::collections::VecDeque<(u16, Vec<u8>)>,
 }
 
+/// Notifications whose message id is remembered (the message layer answers at once).
+const NOTIFIED: usize = 64;
+
 impl Pending {
+    /// The deregistration for the notification the message layer rejected with an RST
+    /// for `mid`: a GET with the observe request's options, Observe=1 and its token.
+    fn deregister(&mut self, mid: u16) -> Option<Frame> {
+        let i = self.notified.iter().position(|(m, _)| *m == mid)?;
+        let (_, token) = self.notified.remove(i)?;
+        let body = self.observes.remove(&token)?;
+        let (opts, _) = rfc8323::options(&body).ok()?;
+        let opts: Vec<(u16, &[u8])> = opts
+            .into_iter()
+            .map(|(n, v)| {
+                if n == OBSERVE {
+                    (n, &[1u8][..])
+                } else {
+                    (n, v)
+                }
+            })
+            .collect();
+        Some(Frame {
+            code: 0x01,
+            token,
+            body: rfc8323::body(&opts, &[]),
+        })
+    }
+
+    fn notified(&mut self, mid: u16, token: &[u8]) {
+        if self.observes.contains_key(token) {
+            if self.notified.len() >= NOTIFIED {
+                self.notified.pop_front();
+            }
+            self.notified.push_back((mid, token.to_vec()));
+        }
+    }
+
     fn insert(&mut self, token: Vec<u8>, mid: u16) {
         if self.by_token.len() >= MAX_PENDING
             && let Some(oldest) = self
@@ -213,6 +261,24 @@ impl Pending {
             self.by_token.remove(&oldest);
         }
         self.by_token.insert(token, (mid, Instant::now()));
+    }
+
+    /// Remembers an observe request (Observe=0) we send.
+    fn observing(&mut self, token: &[u8], body: &[u8]) {
+        let registers = rfc8323::options(body).is_ok_and(|(o, _)| {
+            o.iter()
+                .any(|(n, v)| *n == OBSERVE && v.iter().all(|b| *b == 0))
+        });
+        if registers {
+            if self.observes.len() >= MAX_PENDING {
+                // Observations are few per device; past the bound an arbitrary entry
+                // goes (its cancellation then relies on the device's own timeout).
+                if let Some(t) = self.observes.keys().next().cloned() {
+                    self.observes.remove(&t);
+                }
+            }
+            self.observes.insert(token.to_vec(), body.to_vec());
+        }
     }
 }
 
@@ -379,12 +445,21 @@ impl Inner {
         let conn = conns
             .get(&session)
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
-        if frame.code == 0 || mtype == rfc8323::RST {
+        if mtype == rfc8323::RST {
+            // The message layer rejects a notification of an observation it forgot:
+            // without RST on TCP, the observation is deregistered by a GET.
+            return Ok(lock(&conn.pending)
+                .deregister(mid)
+                .map(|f| (conn.out.clone(), rfc8323::encode(&f))));
+        }
+        if frame.code == 0 {
             return Ok(None);
         }
         let class = frame.code >> 5;
         if class == 0 && mtype == rfc8323::CON {
-            lock(&conn.pending).insert(frame.token.clone(), mid);
+            let mut p = lock(&conn.pending);
+            p.insert(frame.token.clone(), mid);
+            p.observing(&frame.token, &frame.body);
         }
         Ok(Some((conn.out.clone(), rfc8323::encode(&frame))))
     }
@@ -582,10 +657,17 @@ impl Inner {
         let class = frame.code >> 5;
         let (mtype, mid) = match class {
             0 => (rfc8323::CON, fresh(next_mid)),
-            2 | 4 | 5 => match lock(pending).by_token.remove(&frame.token) {
-                Some((mid, _)) => (rfc8323::ACK, mid),
-                None => (rfc8323::NON, fresh(next_mid)),
-            },
+            2 | 4 | 5 => {
+                let mut p = lock(pending);
+                match p.by_token.remove(&frame.token) {
+                    Some((mid, _)) => (rfc8323::ACK, mid),
+                    None => {
+                        let mid = fresh(next_mid);
+                        p.notified(mid, &frame.token);
+                        (rfc8323::NON, mid)
+                    }
+                }
+            }
             _ => {
                 return Err(End::Abort(
                     rfc8323::FrameError::Code(frame.code).to_string(),

@@ -285,6 +285,20 @@ async fn requests_both_ways_and_signalling_over_a_tls_connection() {
         .expect("a notification")
         .unwrap();
     assert_eq!(n.payload, b"21");
+    // The observation dropped on our side: its next notification is answered by a
+    // deregistration (GET, Observe=1, same token and path), there being no RST on TCP.
+    drop(stream);
+    dev.send(&response(&req.token, Some(3), b"22")).await;
+    let dereg = dev.next().await.unwrap();
+    assert_eq!((dereg.code, &dereg.token), (0x01, &req.token));
+    let (opts, _) = rfc8323::options(&dereg.body).unwrap();
+    assert!(opts.contains(&(6, &[1u8][..])), "{opts:?}");
+    let path: Vec<&[u8]> = opts
+        .iter()
+        .filter(|(n, _)| *n == 11)
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(path, [&b"3303"[..], b"0", b"5700"]);
 
     // A request pending when the device releases the connection fails at once, not
     // after MAX_TRANSMIT_WAIT (62 s here).
