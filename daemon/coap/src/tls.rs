@@ -418,12 +418,18 @@ impl Listener for TlsListener {
         let conns = lock(&self.inner.conns);
         let mut closed = 0;
         for c in conns.values().filter(|c| revoked(&c.identity)) {
-            // A full queue: the connection is busy; Abort still has to get through, so a
-            // task waits for room.
-            let out = c.out.clone();
-            tokio::spawn(async move {
-                let _ = out.send(Out::Abort("credential revoked".into())).await;
-            });
+            let abort = Out::Abort("credential revoked".into());
+            if let Err(mpsc::error::TrySendError::Full(abort)) = c.out.try_send(abort) {
+                // The connection is busy; the Abort still has to get through, so a task
+                // waits for room (called outside a runtime, there is none to wait on:
+                // the connection then ends at its idle timeout).
+                let out = c.out.clone();
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let _ = out.send(abort).await;
+                    });
+                }
+            }
             closed += 1;
         }
         closed
