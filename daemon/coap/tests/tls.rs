@@ -81,15 +81,22 @@ struct Setup {
 }
 
 async fn setup(idle_s: u64) -> Setup {
+    setup_with(CoapConfig {
+        tls_idle_timeout_s: idle_s,
+        ..CoapConfig::default()
+    })
+    .await
+}
+
+async fn setup_with(base: CoapConfig) -> Setup {
     let cfg = CoapConfig {
         listen: vec![],
         listen_tls: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
         tls_max_message_size: MAX,
-        tls_idle_timeout_s: idle_s,
         // Long enough that a request failing within a second was failed by the close.
         ack_timeout_ms: 2000,
         max_retransmit: 4,
-        ..CoapConfig::default()
+        ..base
     };
     assert_eq!(cfg.check(), Ok(()));
     let transport = Transport::bind(&cfg, Arc::new(Counters::default())).unwrap();
@@ -115,6 +122,46 @@ async fn setup(idle_s: u64) -> Setup {
     }
 }
 
+async fn try_connect(s: &Setup) -> std::io::Result<Device> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(s.pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let chain = vec![CertificateDer::from_pem_slice(s.pki.client.0.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(s.pki.client.1.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"coap".to_vec()];
+    let tcp = TcpStream::connect(s.addr).await.unwrap();
+    let local = tcp.local_addr().unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
+    // The server's verdict on our certificate (or a full listener) shows at the
+    // first read in TLS 1.3: wait for its first bytes (the CSM).
+    let mut d = Device {
+        tls,
+        buf: Vec::new(),
+        local,
+    };
+    let mut chunk = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), d.tls.read(&mut chunk))
+        .await
+        .map_err(|_| std::io::Error::other("nothing within 5 s"))??;
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    d.buf.extend_from_slice(&chunk[..n]);
+    Ok(d)
+}
+
 /// A device's TLS connection with its receive buffer.
 struct Device {
     tls: TlsStream<TcpStream>,
@@ -124,33 +171,7 @@ struct Device {
 
 impl Device {
     async fn connect(s: &Setup) -> Device {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(s.pki.ca_pem.as_bytes()).unwrap())
-            .unwrap();
-        let chain = vec![CertificateDer::from_pem_slice(s.pki.client.0.as_bytes()).unwrap()];
-        let key = PrivateKeyDer::from_pem_slice(s.pki.client.1.as_bytes()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap();
-        cfg.alpn_protocols = vec![b"coap".to_vec()];
-        let tcp = TcpStream::connect(s.addr).await.unwrap();
-        let local = tcp.local_addr().unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .expect("handshake");
-        Device {
-            tls,
-            buf: Vec::new(),
-            local,
-        }
+        try_connect(s).await.expect("handshake")
     }
 
     async fn send(&mut self, f: &Frame) {
@@ -401,4 +422,57 @@ async fn idle_connections_are_released_and_revoked_ones_aborted() {
         "{f:?}"
     );
     assert_eq!(dev.next().await, None);
+}
+
+/// `coap.tls_max_connections`: a connection past the bound is closed at accept (its
+/// handshake fails) and one is accepted again once a slot is free;
+/// `coap.tls_handshake_timeout_s`: a TCP connection that never starts its handshake is
+/// closed after it.
+#[tokio::test]
+async fn connections_and_handshakes_are_bounded() {
+    let s = setup_with(CoapConfig {
+        tls_max_connections: 1,
+        tls_handshake_timeout_s: 1,
+        ..CoapConfig::default()
+    })
+    .await;
+    let mut first = Device::connect(&s).await;
+    first.csm().await;
+    let second = tokio::time::timeout(Duration::from_secs(5), try_connect(&s))
+        .await
+        .expect("refused at once");
+    assert!(
+        second.is_err(),
+        "a second connection past tls_max_connections"
+    );
+    first.send(&rfc8323::signal(rfc8323::RELEASE, &[])).await;
+    assert_eq!(first.next().await, None);
+    // The slot is given back when the connection task ends.
+    let mut again = None;
+    for _ in 0..50 {
+        if let Ok(d) = try_connect(&s).await {
+            again = Some(d);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut again = again.expect("a connection once the first is gone");
+    again.csm().await;
+    again.send(&rfc8323::signal(rfc8323::RELEASE, &[])).await;
+    assert_eq!(again.next().await, None);
+
+    // Silent after TCP connect: closed after the handshake timeout (1 s).
+    let mut silent = TcpStream::connect(s.addr).await.unwrap();
+    let started = Instant::now();
+    let mut b = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut b))
+        .await
+        .expect("closed within 5 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
 }
