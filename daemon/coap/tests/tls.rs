@@ -89,6 +89,13 @@ async fn setup(idle_s: u64) -> Setup {
 }
 
 async fn setup_with(base: CoapConfig) -> Setup {
+    setup_full(base, None).await
+}
+
+async fn setup_full(
+    base: CoapConfig,
+    credentials: Option<Arc<dyn connectord_coap::Credentials>>,
+) -> Setup {
     let cfg = CoapConfig {
         listen: vec![],
         listen_tls: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
@@ -109,7 +116,7 @@ async fn setup_with(base: CoapConfig) -> Setup {
     .unwrap();
     transport.configure_tls(&connectord_coap::TlsSetup {
         server: Arc::new(server),
-        credentials: None,
+        credentials,
     });
     let (trigger, stop) = tokio::sync::watch::channel(false);
     transport.start(Arc::new(WhoAmI), stop);
@@ -474,5 +481,45 @@ async fn connections_and_handshakes_are_bounded() {
         started.elapsed() >= Duration::from_millis(900),
         "{:?}",
         started.elapsed()
+    );
+}
+
+/// The host's credential store revoked the certificate (by CN and serial): asked right
+/// after the handshake, it has the connection aborted before any message is read.
+#[tokio::test]
+async fn a_revoked_certificate_is_aborted_after_the_handshake() {
+    struct Revoked(std::sync::Mutex<Vec<(String, String)>>);
+    impl connectord_coap::Credentials for Revoked {
+        fn psk(&self, _: &[u8]) -> Option<Vec<u8>> {
+            None
+        }
+        fn certificate_valid(&self, cn: &str, serial: &str) -> bool {
+            self.0.lock().unwrap().push((cn.into(), serial.into()));
+            cn != "dev1"
+        }
+    }
+    let store = Arc::new(Revoked(Default::default()));
+    let s = setup_full(
+        CoapConfig::default(),
+        Some(Arc::clone(&store) as Arc<dyn connectord_coap::Credentials>),
+    )
+    .await;
+    match try_connect(&s).await {
+        Err(_) => {}
+        Ok(mut d) => {
+            let f = d.next().await.expect("an Abort");
+            assert!(
+                matches!(Signal::read(&f), Ok(Some(Signal::Abort(_)))),
+                "{f:?}"
+            );
+            assert_eq!(d.next().await, None);
+        }
+    }
+    let asked = store.0.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].0, "dev1");
+    assert!(
+        asked[0].1.len() >= 2 && asked[0].1.chars().all(|c| c.is_ascii_hexdigit()),
+        "serial in hex: {asked:?}"
     );
 }
