@@ -44,11 +44,11 @@
 //!
 //! `coap.tls_max_connections` (a connection past it is closed at accept, counted in the
 //! log at debug level), `coap.tls_handshake_timeout_s`, `coap.tls_idle_timeout_s` (no byte
-//! from the device: Release and close), `coap.tls_max_message_size`, and a bounded queue
-//! of messages towards the message layer (a connection whose messages are not taken
-//! waits: backpressure on its socket).
+//! from the device: Release and close), `coap.tls_max_message_size`, a bounded queue of
+//! messages towards the message layer (a connection whose messages are not taken waits:
+//! backpressure on its socket) and one of frames towards each device (a device that
+//! does not read until it is full is aborted; nothing waits on it).
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,8 +69,10 @@ use crate::rfc8323::{self, Frame, Signal};
 
 /// Messages waiting between all connections of a listener and the message layer.
 const INBOUND_QUEUE: usize = 1024;
-/// Frames waiting to be written on one connection.
-const OUTBOUND_QUEUE: usize = 64;
+/// Frames waiting to be written on one connection. A device that lets this many pile up
+/// (it does not read) has its connection closed: queueing further would hold up the
+/// receive loop of every connection (see [`TlsListener::send`]).
+const OUTBOUND_QUEUE: usize = 256;
 /// Requests of ours awaiting a response on one connection; the oldest are forgotten past
 /// it (their exchanges have timed out long since).
 const MAX_PENDING: usize = 256;
@@ -195,6 +197,8 @@ struct Conn {
     /// Tells this connection apart from a later one from the same address.
     serial: u64,
     out: mpsc::Sender<Out>,
+    /// Ends the connection when its queue overflowed.
+    overflow: Arc<tokio::sync::Notify>,
     identity: PeerIdentity,
     /// Tokens of our requests awaiting their response, with the message id the client
     /// gave them (the response comes back as the ACK of that id).
@@ -391,19 +395,26 @@ impl Listener for TlsListener {
         }
     }
 
-    fn send<'a>(
-        &'a self,
-        session: SocketAddr,
-        bytes: &'a [u8],
-    ) -> impl Future<Output = io::Result<()>> + Send + 'a {
-        let queued = self.inner.frame_out(session, bytes);
-        async move {
-            match queued? {
-                None => Ok(()),
-                Some((out, frame)) => out
-                    .send(Out::Frame(frame))
-                    .await
-                    .map_err(|_| io::Error::from(io::ErrorKind::NotConnected)),
+    /// Queues the frame on the connection without waiting: the receive loop sends
+    /// replies too, and waiting there for one connection's queue would hold up every
+    /// connection (and could wait on itself: that connection's task may be waiting for
+    /// the loop to take its message). A full queue (the device does not read) ends the
+    /// connection, with Abort.
+    async fn send(&self, session: SocketAddr, bytes: &[u8]) -> io::Result<()> {
+        let Some((out, overflow, frame)) = self.inner.frame_out(session, bytes)? else {
+            return Ok(());
+        };
+        match out.try_send(Out::Frame(frame)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                overflow.notify_one();
+                Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "the device does not read its TLS connection",
+                ))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(io::Error::from(io::ErrorKind::NotConnected))
             }
         }
     }
@@ -444,7 +455,7 @@ impl Inner {
         &self,
         session: SocketAddr,
         bytes: &[u8],
-    ) -> io::Result<Option<(mpsc::Sender<Out>, Vec<u8>)>> {
+    ) -> io::Result<Option<(mpsc::Sender<Out>, Arc<tokio::sync::Notify>, Vec<u8>)>> {
         let (mtype, mid, frame) = rfc8323::from_udp(bytes)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let conns = lock(&self.conns);
@@ -454,9 +465,13 @@ impl Inner {
         if mtype == rfc8323::RST {
             // The message layer rejects a notification of an observation it forgot:
             // without RST on TCP, the observation is deregistered by a GET.
-            return Ok(lock(&conn.pending)
-                .deregister(mid)
-                .map(|f| (conn.out.clone(), rfc8323::encode(&f))));
+            return Ok(lock(&conn.pending).deregister(mid).map(|f| {
+                (
+                    conn.out.clone(),
+                    Arc::clone(&conn.overflow),
+                    rfc8323::encode(&f),
+                )
+            }));
         }
         if frame.code == 0 {
             return Ok(None);
@@ -467,7 +482,11 @@ impl Inner {
             p.insert(frame.token.clone(), mid);
             p.observing(&frame.token, &frame.body);
         }
-        Ok(Some((conn.out.clone(), rfc8323::encode(&frame))))
+        Ok(Some((
+            conn.out.clone(),
+            Arc::clone(&conn.overflow),
+            rfc8323::encode(&frame),
+        )))
     }
 
     async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
@@ -511,6 +530,7 @@ impl Inner {
             return;
         }
         let (out_tx, out_rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let overflow = Arc::new(tokio::sync::Notify::new());
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let pending = Arc::new(Mutex::new(Pending::default()));
         lock(&self.conns).insert(
@@ -518,11 +538,14 @@ impl Inner {
             Conn {
                 serial,
                 out: out_tx,
+                overflow: Arc::clone(&overflow),
                 identity,
                 pending: Arc::clone(&pending),
             },
         );
-        let end = self.run(&mut stream, peer, out_rx, &pending).await;
+        let end = self
+            .run(&mut stream, peer, out_rx, &overflow, &pending)
+            .await;
         tracing::debug!(%peer, "CoAP/TLS connection closed: {end}");
         {
             let mut conns = lock(&self.conns);
@@ -551,6 +574,7 @@ impl Inner {
         stream: &mut S,
         peer: SocketAddr,
         mut out_rx: mpsc::Receiver<Out>,
+        overflow: &tokio::sync::Notify,
         pending: &Mutex<Pending>,
     ) -> String
     where
@@ -606,6 +630,10 @@ impl Inner {
                         }
                     }
                     buf.drain(..used);
+                }
+                _ = overflow.notified() => {
+                    let _ = write_frame(stream, &rfc8323::abort("not reading")).await;
+                    return format!("aborted: {OUTBOUND_QUEUE} messages not taken by the device");
                 }
                 o = out_rx.recv() => match o {
                     Some(Out::Frame(bytes)) => {
