@@ -468,6 +468,25 @@ async fn connections_and_handshakes_are_bounded() {
     again.send(&rfc8323::signal(rfc8323::RELEASE, &[])).await;
     assert_eq!(again.next().await, None);
 
+    // Plain CoAP over TCP (no TLS) on the TLS port: the handshake fails, the connection
+    // closes at once.
+    let mut plain = TcpStream::connect(s.addr).await.unwrap();
+    plain
+        .write_all(&rfc8323::encode(&rfc8323::csm(1152)))
+        .await
+        .unwrap();
+    let mut b = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match plain.read(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue, // a TLS alert
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a connection without TLS is closed");
+
     // Silent after TCP connect: closed after the handshake timeout (1 s).
     let mut silent = TcpStream::connect(s.addr).await.unwrap();
     let started = Instant::now();
