@@ -130,6 +130,11 @@ async fn setup_full(
 }
 
 async fn try_connect(s: &Setup) -> std::io::Result<Device> {
+    try_connect_with(s, None).await
+}
+
+/// As [`try_connect`], with the socket's receive buffer set to `rcvbuf` bytes.
+async fn try_connect_with(s: &Setup, rcvbuf: Option<u32>) -> std::io::Result<Device> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let mut roots = rustls::RootCertStore::empty();
@@ -146,7 +151,11 @@ async fn try_connect(s: &Setup) -> std::io::Result<Device> {
         .with_client_auth_cert(chain, key)
         .unwrap();
     cfg.alpn_protocols = vec![b"coap".to_vec()];
-    let tcp = TcpStream::connect(s.addr).await.unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(n) = rcvbuf {
+        sock.set_recv_buffer_size(n).unwrap();
+    }
+    let tcp = sock.connect(s.addr).await.unwrap();
     let local = tcp.local_addr().unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
@@ -539,4 +548,63 @@ async fn a_revoked_certificate_is_aborted_after_the_handshake() {
         asked[0].1.len() >= 2 && asked[0].1.chars().all(|c| c.is_ascii_hexdigit()),
         "serial in hex: {asked:?}"
     );
+}
+
+/// A device that sends requests and never reads their answers: once its queue of
+/// answers is full, its connection is aborted, and all the while another device's
+/// requests are answered (the receive loop the connections share is never held up).
+#[tokio::test]
+async fn a_device_that_does_not_read_is_aborted_and_holds_up_no_one() {
+    let s = setup(60).await;
+    let mut flood = try_connect_with(&s, Some(4096)).await.expect("handshake");
+    flood.csm().await;
+    let req = rfc8323::encode(&request(0x01, &[1], &["x"]));
+    let burst: Vec<u8> = req
+        .iter()
+        .copied()
+        .cycle()
+        .take(req.len() * 20_000)
+        .collect();
+    let (mut rd, mut wr) = tokio::io::split(flood.tls);
+    // Writing stops when the server stops reading (its writes to us are stuck).
+    let writer = tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(10), wr.write_all(&burst)).await;
+        wr
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Another device is served meanwhile.
+    let started = Instant::now();
+    let mut other = Device::connect(&s).await;
+    other.csm().await;
+    other.send(&request(0x01, &[2], &["x"])).await;
+    assert_eq!(other.next().await.unwrap().code, 0x45);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // The flooding device reads at last: answers, then the Abort, then the end.
+    let mut buf = flood.buf;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut answers = 0usize;
+    let mut aborted = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    'read: loop {
+        while let Some((f, n)) = rfc8323::decode(&buf, usize::MAX).unwrap() {
+            buf.drain(..n);
+            match Signal::read(&f) {
+                Ok(Some(Signal::Abort(why))) => aborted = Some(why),
+                _ => answers += 1,
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rd.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break 'read,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("no end of the stream within 20 s ({answers} answers)"),
+        }
+    }
+    let _ = writer.await;
+    assert_eq!(aborted.as_deref(), Some("not reading"), "{answers} answers");
+    assert!(answers < 20_000, "{answers}");
 }
