@@ -61,6 +61,9 @@ pub enum StartError {
     Reinit(std::io::Error),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    /// The certificates of `[coap] listen_tls` (the message names the key and file).
+    #[error("{0}")]
+    CoapTls(String),
     #[error("--ready-file {}: {source}", path.display())]
     ReadyFile {
         path: PathBuf,
@@ -114,6 +117,8 @@ pub struct Running {
     /// The bound `rest.listen_tls` (HTTPS) addresses.
     rest_tls: Vec<SocketAddr>,
     coap: Vec<SocketAddr>,
+    /// The bound `coap.listen_tls` addresses.
+    coap_tls: Vec<SocketAddr>,
     state_dir: PathBuf,
     /// The configuration in force (SIGHUP compares the file with it).
     config: Config,
@@ -132,6 +137,7 @@ struct Services {
     plugins: Arc<PluginHost>,
     /// The REST server's certificate, re-read on SIGHUP (`None` without HTTPS).
     rest_tls: Option<Arc<rest::tls::Tls>>,
+    coap_tls: Vec<SocketAddr>,
 }
 
 /// Starts the daemon: builds its async runtime (`[runtime] worker_threads`), checks the
@@ -153,10 +159,11 @@ pub fn start(config: Config, options: Options) -> Result<Running, StartError> {
         rt.metrics().num_workers()
     );
     match rt.block_on(start_services(&config, &options)) {
-        Ok((services, (rest, rest_tls), coap)) => Ok(Running {
+        Ok((mut services, (rest, rest_tls), coap)) => Ok(Running {
             rest,
             rest_tls,
             coap,
+            coap_tls: std::mem::take(&mut services.coap_tls),
             state_dir: config.state.resolve_dir(),
             config,
             options,
@@ -189,6 +196,11 @@ impl Running {
         &self.coap
     }
 
+    /// Every bound CoAP over TLS (`coap.listen_tls`) address.
+    pub fn coap_tls_addrs(&self) -> &[SocketAddr] {
+        &self.coap_tls
+    }
+
     /// The state directory in use.
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
@@ -215,6 +227,7 @@ impl Running {
         };
         let (rest, coap) = (self.rest.clone(), self.coap.clone());
         let rest_tls = self.rest_tls.clone();
+        let coap_tls = self.coap_tls.clone();
         let config = self.config.clone();
         let options = std::mem::take(&mut self.options);
         let announced = rt.block_on(async {
@@ -227,7 +240,7 @@ impl Running {
             let mut int = signal(SignalKind::interrupt())?;
             let mut hup = signal(SignalKind::hangup())?;
             let announced = match &ready_file {
-                Some(path) => write_ready_file(path, &rest, &coap, &rest_tls),
+                Some(path) => write_ready_file(path, &rest, &coap, &rest_tls, &coap_tls),
                 None => Ok(()),
             };
             if announced.is_ok() {
@@ -296,6 +309,7 @@ fn stop_services(rt: tokio::runtime::Runtime, services: Services) {
         store,
         plugins,
         rest_tls: _,
+        coap_tls: _,
     } = services;
     rt.block_on(async {
         trigger.fire();
@@ -522,6 +536,9 @@ async fn start_services(
     let pending = requests.load().await?;
     tracing::info!("loaded {pending} stored requests to devices");
     subscriptions.resume();
+    if transport.has_tls() {
+        transport.configure_tls(&tls_setup(&config.coap, &ca, &state_dir)?);
+    }
     tasks.extend(transport.start(
         Arc::new(Lwm2mHandler::new(Arc::clone(&registry))),
         stop.receiver(),
@@ -587,6 +604,7 @@ async fn start_services(
     });
     tasks.push(tokio::spawn(rest::serve(listeners, state, stop.clone())));
     let coap_addrs = transport.local_addrs();
+    let coap_tls = transport.local_addrs_of(crate::coap::ListenerKind::Tls);
     Ok((
         Services {
             trigger,
@@ -596,6 +614,7 @@ async fn start_services(
             store,
             plugins,
             rest_tls,
+            coap_tls,
         },
         rest_addrs,
         coap_addrs,
@@ -718,7 +737,8 @@ fn notify(states: &[NotifyState]) {
 }
 
 /// Writes `{"pid": …, "version": …, "rest": ["ip:port", …], "coap": ["ip:port", …],
-/// "rest_tls": ["ip:port", …]}` (`rest_tls`: the HTTPS addresses of the REST API) to
+/// "rest_tls": ["ip:port", …], "coap_tls": […]}` (`rest_tls`: the HTTPS addresses of the
+/// REST API; `coap_tls`: the CoAP-over-TLS ones) to
 /// `path` atomically (a temporary file beside it, then a rename), so that a reader sees
 /// either no file or the whole of it. The addresses are the bound ones: with port 0 in
 /// the configuration, the ports the system chose. Removed again at a clean stop.
@@ -727,6 +747,7 @@ fn write_ready_file(
     rest: &[SocketAddr],
     coap: &[SocketAddr],
     rest_tls: &[SocketAddr],
+    coap_tls: &[SocketAddr],
 ) -> Result<(), StartError> {
     let fail = |source| StartError::ReadyFile {
         path: path.to_path_buf(),
@@ -746,6 +767,7 @@ fn write_ready_file(
         "rest": rest.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "coap": coap.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "rest_tls": rest_tls.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "coap_tls": coap_tls.iter().map(ToString::to_string).collect::<Vec<_>>(),
     })
     .to_string();
     std::fs::write(&tmp, text + "\n")
@@ -820,6 +842,73 @@ pub enum PluginCallError {
     Contradiction(#[from] crate::state_dir::Contradiction),
     #[error("{0}")]
     Plugin(String),
+}
+
+/// The certificates of the CoAP over TLS listeners: `coap.tls_cert`/`coap.tls_key`, or a
+/// server certificate the CA issues now (for `localhost`, the loopback addresses, the
+/// listeners' own addresses and this host's name); client certificates verified against
+/// the CA and `coap.trusted_cas`.
+fn tls_setup(
+    coap: &crate::coap::CoapConfig,
+    ca: &crate::certs::CertAuthority,
+    state_dir: &Path,
+) -> Result<crate::coap::TlsSetup, StartError> {
+    let read = |key: &str, p: &Path| {
+        std::fs::read(p)
+            .map_err(|e| StartError::CoapTls(format!("coap.{key}: {}: {e}", p.display())))
+    };
+    let (chain, key, chain_name, key_name) = match (&coap.tls_cert, &coap.tls_key) {
+        (Some(c), Some(k)) => (
+            read("tls_cert", c)?,
+            read("tls_key", k)?,
+            format!("coap.tls_cert: {}", c.display()),
+            format!("coap.tls_key: {}", k.display()),
+        ),
+        _ => {
+            let mut names = vec![
+                "localhost".to_owned(),
+                "127.0.0.1".to_owned(),
+                "::1".to_owned(),
+            ];
+            for a in &coap.listen_tls {
+                if !a.ip().is_unspecified() && !names.contains(&a.ip().to_string()) {
+                    names.push(a.ip().to_string());
+                }
+            }
+            if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+                let h = h.trim();
+                if !h.is_empty() && !names.iter().any(|n| n == h) {
+                    names.push(h.to_owned());
+                }
+            }
+            let (c, k) = ca.issue_server(&names)?;
+            (
+                c.into_bytes(),
+                k.into_bytes(),
+                "issued server certificate".to_owned(),
+                "issued server key".to_owned(),
+            )
+        }
+    };
+    let mut cas = vec![(
+        state_dir
+            .join(crate::certs::CA_CERT_FILE)
+            .display()
+            .to_string(),
+        ca.ca_certificate_pem().as_bytes().to_vec(),
+    )];
+    for p in &coap.trusted_cas {
+        cas.push((
+            format!("coap.trusted_cas: {}", p.display()),
+            read("trusted_cas", p)?,
+        ));
+    }
+    let server = crate::coap::tls::server_config((&chain_name, &chain), (&key_name, &key), &cas)
+        .map_err(|e| StartError::CoapTls(e.to_string()))?;
+    Ok(crate::coap::TlsSetup {
+        server: Arc::new(server),
+        credentials: None,
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Bounded libFuzzer runs of the cargo-fuzz targets in `fuzz/` (`coap_decode`,
-//! `link_format`, `presub_json`, `config_toml`, `lwm2m_decode`), as part of
+//! `link_format`, `presub_json`, `config_toml`, `lwm2m_decode`, `tcp_frame`), as part of
 //! `cargo test --workspace`.
 //!
 //! cargo-fuzz is not needed: the test runs the `cargo build` that `cargo fuzz build` would
@@ -113,6 +113,10 @@ const TARGETS: &[Target] = &[
         name: "lwm2m_decode",
         max_len: 4096,
     },
+    Target {
+        name: "tcp_frame",
+        max_len: 4096,
+    },
 ];
 
 /// Memory one run may use (`-rss_limit_mb`; with ASan also the largest single allocation):
@@ -149,6 +153,11 @@ fn config_toml() {
 #[test]
 fn lwm2m_decode() {
     fuzz("lwm2m_decode");
+}
+
+#[test]
+fn tcp_frame() {
+    fuzz("tcp_frame");
 }
 
 /// Every target in `fuzz/fuzz_targets` and `fuzz/Cargo.toml` is run here and has seeds.

@@ -48,5 +48,6 @@ mod store_failure;
 mod strictness;
 mod subscriptions;
 mod tenants;
+mod tls;
 mod upgrade;
 mod watch;

@@ -318,6 +318,41 @@ impl CertAuthority {
     pub fn ca_certificate_pem(&self) -> &str {
         &self.ca_pem
     }
+
+    /// A server certificate for the daemon's own secure listeners (CoAP over TLS/DTLS),
+    /// signed by this CA, for a fresh P-256 key: `CN=connectord`, the DNS names and IP
+    /// addresses in `names` as subject alternative names, extendedKeyUsage `serverAuth`,
+    /// valid for as long as a device certificate. Returns the certificate chain (leaf,
+    /// then the CA) and the key, both PEM. Issued at each start, kept in memory only:
+    /// devices verify it against the CA certificate, not the leaf.
+    pub fn issue_server(&self, names: &[String]) -> Result<(String, String), CertError> {
+        let now = SystemTime::now();
+        if self.ca_not_after <= now {
+            return Err(CertError::CaExpired {
+                path: self.cert_path.clone(),
+            });
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        set_validity(
+            &mut params,
+            now - BACKDATE,
+            (now + VALIDITY).min(self.ca_not_after),
+        );
+        params.serial_number = Some(random_serial());
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "connectord");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((
+            format!("{}{}", cert.pem(), self.ca_pem),
+            key.serialize_pem(),
+        ))
+    }
 }
 
 /// The CA's subject, constraints and key usages. These, with the key, are everything the

@@ -272,6 +272,14 @@ impl Retransmission {
         now + self.timeout
     }
 
+    /// The deadline of the last retransmission's wait, for a transmission made at `now`
+    /// (RFC 7252 MAX_TRANSMIT_WAIT with this schedule's initial timeout): how long a
+    /// request on a reliable transport, sent once, waits for its response.
+    pub fn max_transmit_wait(&self, now: std::time::Instant) -> std::time::Instant {
+        let rounds = (1u32 << (self.max_retransmit + 1).min(20)) - 1;
+        now + self.timeout * rounds
+    }
+
     /// The deadline passed: true to transmit again, false when MAX_RETRANSMIT
     /// retransmissions went unanswered.
     pub fn expired(&mut self) -> bool {
@@ -564,14 +572,22 @@ impl Transport {
             key: (peer, mid),
         };
         let mut schedule = Retransmission::new(cfg, rand::random::<f64>());
+        // A reliable listener (TLS) is not retransmitted on: one transmission, answered
+        // within the time the retransmissions would have taken (MAX_TRANSMIT_WAIT), or
+        // failed at once by the listener when the connection closes.
+        let reliable = !to.listener.kind.unreliable();
         loop {
             sock.send(peer, &bytes)
                 .await
                 .map_err(|e| ClientError::Io(e.to_string()))?;
-            let deadline = schedule.arm(std::time::Instant::now());
+            let deadline = if reliable {
+                schedule.max_transmit_wait(std::time::Instant::now())
+            } else {
+                schedule.arm(std::time::Instant::now())
+            };
             match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
                 Err(_) => {
-                    if !schedule.expired() {
+                    if reliable || !schedule.expired() {
                         return Err(ClientError::Timeout);
                     }
                 }

@@ -2,6 +2,7 @@
 //! file embeds this section as it is (same field names, same defaults).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
@@ -35,6 +36,27 @@ pub struct CoapConfig {
     /// Largest body accepted from or sent to a device, in bytes (Block2 responses are
     /// assembled up to this).
     pub max_body: usize,
+    /// TCP addresses of CoAP over TLS (RFC 8323, `coaps+tcp`, port 5684 by convention);
+    /// empty by default. Devices must present a client certificate (see [`crate::tls`]).
+    pub listen_tls: Vec<SocketAddr>,
+    /// The server certificate chain (PEM) of the TLS listeners; when unset (with
+    /// `tls_key`), the daemon issues one from its own CA at start.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM, PKCS#8, SEC1 or PKCS#1) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM files) trusted for client certificates besides the daemon's
+    /// own CA (the one of `POST /api/cert`). Shared by the DTLS and TLS listeners.
+    pub trusted_cas: Vec<PathBuf>,
+    /// TLS connections open at once (handshakes included); past it, new ones are closed.
+    pub tls_max_connections: usize,
+    /// Seconds a TLS connection may stay without a byte from the device before it is
+    /// released (7.04) and closed.
+    pub tls_idle_timeout_s: u64,
+    /// Largest RFC 8323 message accepted (our CSM's Max-Message-Size), in bytes; a larger
+    /// one aborts the connection (7.05).
+    pub tls_max_message_size: usize,
+    /// Seconds a TLS handshake may take before the connection is closed.
+    pub tls_handshake_timeout_s: u64,
 }
 
 impl Default for CoapConfig {
@@ -54,6 +76,14 @@ impl Default for CoapConfig {
             separate_response_timeout_s: 60,
             block_size: 1024,
             max_body: 1_048_576,
+            listen_tls: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            trusted_cas: Vec::new(),
+            tls_max_connections: 10_000,
+            tls_idle_timeout_s: 900,
+            tls_max_message_size: 16_384,
+            tls_handshake_timeout_s: 10,
         }
     }
 }
@@ -63,7 +93,7 @@ impl CoapConfig {
     /// message)`, the key relative to the section (`max_datagram`); the host names it in
     /// full and locates it in its file.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
-        if self.listen.is_empty() {
+        if self.listen.is_empty() && self.listen_tls.is_empty() {
             return Err(("listen", "needs at least one address".into()));
         }
         if !(64..=65_507).contains(&self.max_datagram) {
@@ -99,6 +129,113 @@ impl CoapConfig {
         if self.max_in_flight == 0 {
             return Err(("max_in_flight", "must be at least 1".into()));
         }
+        self.check_tls()?;
         Ok(())
+    }
+}
+
+impl CoapConfig {
+    /// The range checks of the TLS listener's settings.
+    fn check_tls(&self) -> Result<(), (&'static str, String)> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return Err(("tls_key", "must be set when tls_cert is".into())),
+            (None, Some(_)) => return Err(("tls_cert", "must be set when tls_key is".into())),
+            _ => {}
+        }
+        if self.tls_max_connections == 0 {
+            return Err(("tls_max_connections", "must be at least 1".into()));
+        }
+        if !(1..=86_400).contains(&self.tls_idle_timeout_s) {
+            return Err((
+                "tls_idle_timeout_s",
+                format!("{} is outside 1..=86400", self.tls_idle_timeout_s),
+            ));
+        }
+        // 1152 is the size every RFC 8323 peer may assume before the CSM (§5.3.1).
+        if !(1152..=16_777_216).contains(&self.tls_max_message_size) {
+            return Err((
+                "tls_max_message_size",
+                format!("{} is outside 1152..=16777216", self.tls_max_message_size),
+            ));
+        }
+        if !(1..=300).contains(&self.tls_handshake_timeout_s) {
+            return Err((
+                "tls_handshake_timeout_s",
+                format!("{} is outside 1..=300", self.tls_handshake_timeout_s),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_settings_are_range_checked() {
+        let ok = CoapConfig::default();
+        assert_eq!(ok.check(), Ok(()));
+        assert!(ok.listen_tls.is_empty(), "TLS is off by default");
+        let cases: Vec<(CoapConfig, &str)> = vec![
+            (
+                CoapConfig {
+                    tls_max_connections: 0,
+                    ..ok.clone()
+                },
+                "tls_max_connections",
+            ),
+            (
+                CoapConfig {
+                    tls_idle_timeout_s: 0,
+                    ..ok.clone()
+                },
+                "tls_idle_timeout_s",
+            ),
+            (
+                CoapConfig {
+                    tls_max_message_size: 1151,
+                    ..ok.clone()
+                },
+                "tls_max_message_size",
+            ),
+            (
+                CoapConfig {
+                    tls_handshake_timeout_s: 301,
+                    ..ok.clone()
+                },
+                "tls_handshake_timeout_s",
+            ),
+            (
+                CoapConfig {
+                    tls_cert: Some("c.pem".into()),
+                    ..ok.clone()
+                },
+                "tls_key",
+            ),
+            (
+                CoapConfig {
+                    tls_key: Some("k.pem".into()),
+                    ..ok.clone()
+                },
+                "tls_cert",
+            ),
+            (
+                CoapConfig {
+                    listen: vec![],
+                    ..ok.clone()
+                },
+                "listen",
+            ),
+        ];
+        for (cfg, key) in cases {
+            assert_eq!(cfg.check().map_err(|e| e.0), Err(key));
+        }
+        let tls_only = CoapConfig {
+            listen: vec![],
+            listen_tls: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            ..ok
+        };
+        assert_eq!(tls_only.check(), Ok(()));
     }
 }

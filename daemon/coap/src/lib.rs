@@ -32,6 +32,8 @@ pub mod listener;
 pub mod message;
 pub mod metrics;
 pub mod peer;
+pub mod rfc8323;
+pub mod tls;
 pub mod transport;
 pub mod udp;
 
@@ -40,7 +42,8 @@ pub use listener::{Credentials, Listener, Session};
 pub use message::{DecodeError, Inbound};
 pub use metrics::{Counters, Event, Metrics};
 pub use peer::{ListenerId, ListenerKind, PeerIdentity, PeerRef};
-pub use transport::{RequestHandler, Transport};
+pub use tls::{TlsListener, TlsSetup};
+pub use transport::{AnyListener, RequestHandler, Transport};
 pub use udp::UdpListener;
 
 /// The hasher of this crate's maps keyed by data from outside (peers, tokens): aHash,

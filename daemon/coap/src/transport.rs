@@ -29,7 +29,53 @@ use crate::listener::{Listener, Session};
 use crate::message::{self, Handled, Inbound, RawHeader, Response};
 use crate::metrics::{Event, Metrics};
 use crate::peer::{ListenerId, PeerRef};
+use crate::tls::{TlsBounds, TlsListener, TlsSetup};
 use crate::udp::{self, UdpListener};
+
+/// The listeners of a transport, one variant per kind (a `Listener` returns `impl
+/// Future`, so the set is an enum rather than `dyn Listener`).
+#[derive(Debug)]
+pub enum AnyListener {
+    Udp(UdpListener),
+    Tls(TlsListener),
+}
+
+impl Listener for AnyListener {
+    fn id(&self) -> ListenerId {
+        match self {
+            AnyListener::Udp(l) => l.id(),
+            AnyListener::Tls(l) => l.id(),
+        }
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        match self {
+            AnyListener::Udp(l) => l.recv(buf).await,
+            AnyListener::Tls(l) => l.recv(buf).await,
+        }
+    }
+
+    async fn send(&self, session: SocketAddr, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            AnyListener::Udp(l) => l.send(session, bytes).await,
+            AnyListener::Tls(l) => l.send(session, bytes).await,
+        }
+    }
+
+    fn identity(&self, session: SocketAddr) -> Option<crate::peer::PeerIdentity> {
+        match self {
+            AnyListener::Udp(l) => l.identity(session),
+            AnyListener::Tls(l) => l.identity(session),
+        }
+    }
+
+    fn close_sessions(&self, revoked: &dyn Fn(&crate::peer::PeerIdentity) -> bool) -> usize {
+        match self {
+            AnyListener::Udp(l) => l.close_sessions(revoked),
+            AnyListener::Tls(l) => l.close_sessions(revoked),
+        }
+    }
+}
 
 /// What the transport calls for each new request. A [`Handled`] without a response sends
 /// no reply (only sensible for a NON request); its `after_send` runs once the reply is out.
@@ -56,13 +102,14 @@ struct NewRequest {
 
 /// The listeners plus message-layer state.
 pub struct Transport {
-    /// UDP only for now; the next kinds make this an enum of listeners (see
-    /// [`crate::listener`]).
-    listeners: Vec<Arc<UdpListener>>,
+    /// In the order of `coap.listen`, then `coap.listen_tls`.
+    listeners: Vec<Arc<AnyListener>>,
     dedup: Mutex<Dedup>,
     /// Request bodies arriving block-wise (Block1).
     blocks: Mutex<Assemblies>,
     max_datagram: usize,
+    /// `coap.tls_max_message_size`: the receive buffer of a TLS listener.
+    max_tls_message: usize,
     in_flight: Arc<Semaphore>,
     next_mid: AtomicU16,
     metrics: Arc<dyn Metrics>,
@@ -80,7 +127,7 @@ impl Transport {
             match UdpListener::bind(*addr) {
                 Ok(l) => {
                     tracing::info!("CoAP listening on udp://{}", l.id().local);
-                    listeners.push(Arc::new(l));
+                    listeners.push(Arc::new(AnyListener::Udp(l)));
                 }
                 Err(e)
                     if addr.is_ipv6() && addr.ip().is_unspecified() && udp::family_missing(&e) =>
@@ -91,6 +138,25 @@ impl Transport {
                     return Err(io::Error::new(
                         e.kind(),
                         format!("cannot bind CoAP on {addr}: {e}"),
+                    ));
+                }
+            }
+        }
+        for addr in &cfg.listen_tls {
+            match TlsListener::bind(*addr, TlsBounds::from_config(cfg)) {
+                Ok(l) => {
+                    tracing::info!("CoAP listening on coaps+tcp://{}", l.id().local);
+                    listeners.push(Arc::new(AnyListener::Tls(l)));
+                }
+                Err(e)
+                    if addr.is_ipv6() && addr.ip().is_unspecified() && udp::family_missing(&e) =>
+                {
+                    tracing::warn!("CoAP/TLS: skipping {addr}: IPv6 is not available here ({e})");
+                }
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot bind CoAP over TLS on {addr}: {e}"),
                     ));
                 }
             }
@@ -106,6 +172,7 @@ impl Transport {
             )),
             blocks: Mutex::new(Assemblies::default()),
             max_datagram: cfg.max_datagram,
+            max_tls_message: cfg.tls_max_message_size,
             in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
             next_mid: AtomicU16::new(rand::random()),
             metrics,
@@ -121,9 +188,19 @@ impl Transport {
         }))
     }
 
-    /// The addresses actually bound (port 0 resolved).
+    /// The UDP addresses actually bound (port 0 resolved).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|l| l.id().local).collect()
+        self.local_addrs_of(crate::peer::ListenerKind::Udp)
+    }
+
+    /// The addresses of the listeners of one kind (port 0 resolved).
+    pub fn local_addrs_of(&self, kind: crate::peer::ListenerKind) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .map(|l| l.id())
+            .filter(|id| id.kind == kind)
+            .map(|id| id.local)
+            .collect()
     }
 
     /// The listeners, in the order of `coap.listen`.
@@ -132,7 +209,7 @@ impl Transport {
     }
 
     /// The listener named `id`, if it is still one of ours.
-    pub(crate) fn listener(&self, id: &ListenerId) -> Option<&UdpListener> {
+    pub(crate) fn listener(&self, id: &ListenerId) -> Option<&AnyListener> {
         self.listeners.iter().find(|l| l.id() == *id).map(|l| &**l)
     }
 
@@ -140,6 +217,33 @@ impl Transport {
     /// no longer configured cannot be reached.
     pub fn has_listener(&self, listener: &ListenerId) -> bool {
         self.listener(listener).is_some()
+    }
+
+    /// Gives the TLS listeners their certificates (before [`Transport::start`]; the
+    /// sockets are bound earlier, before the state directory that holds the CA is read).
+    /// A connection accepted without them is closed.
+    pub fn configure_tls(&self, setup: &TlsSetup) {
+        for l in &self.listeners {
+            if let AnyListener::Tls(t) = &**l {
+                t.configure(setup.clone());
+            }
+        }
+    }
+
+    /// True when some listener is a TLS one.
+    pub fn has_tls(&self) -> bool {
+        self.listeners
+            .iter()
+            .any(|l| matches!(&**l, AnyListener::Tls(_)))
+    }
+
+    /// Closes the sessions of every secure listener whose peer's identity `revoked`
+    /// accepts (a revoked credential); returns how many.
+    pub fn close_sessions(&self, revoked: &dyn Fn(&crate::peer::PeerIdentity) -> bool) -> usize {
+        self.listeners
+            .iter()
+            .map(|l| l.close_sessions(revoked))
+            .sum()
     }
 
     pub fn client_config(&self) -> &ClientConfig {
@@ -192,9 +296,17 @@ impl Transport {
         mut stop: watch::Receiver<bool>,
     ) {
         let id = listener.id();
+        let reliable = !id.kind.unreliable();
+        // A TLS listener checked the size of each message against its Max-Message-Size
+        // already (our translation adds the 4-byte RFC 7252 header).
+        let limit = if reliable {
+            self.max_tls_message + 4
+        } else {
+            self.max_datagram
+        };
         // One byte more than the limit, so that an oversize datagram is seen as such
         // instead of being silently truncated.
-        let mut buf = vec![0u8; self.max_datagram + 1];
+        let mut buf = vec![0u8; limit + 1];
         loop {
             let (len, peer) = tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => return,
@@ -208,7 +320,7 @@ impl Transport {
                 },
             };
             self.metrics.count(Event::Datagram);
-            if len > self.max_datagram {
+            if len > limit {
                 self.metrics.count(Event::Oversize);
                 tracing::debug!(%peer, "dropping datagram over coap.max_datagram ({} bytes)", self.max_datagram);
                 continue;
@@ -217,7 +329,7 @@ impl Transport {
                 listener: &*listener,
                 key: peer,
             };
-            match self.on_message(&buf[..len], peer, Instant::now()) {
+            match self.on_message(&buf[..len], peer, reliable, Instant::now()) {
                 Action::Nothing => {}
                 Action::Reply(bytes) => session.send(&bytes).await,
                 Action::Handle(req) => self.handle(
@@ -233,8 +345,10 @@ impl Transport {
         }
     }
 
-    /// One message through the message-layer state: no I/O, `now` given.
-    fn on_message(&self, buf: &[u8], peer: SocketAddr, now: Instant) -> Action {
+    /// One message through the message-layer state: no I/O, `now` given. On a reliable
+    /// listener (TLS, translated at its edge: see [`crate::tls`]) there are no duplicates,
+    /// so the duplicate cache is skipped.
+    fn on_message(&self, buf: &[u8], peer: SocketAddr, reliable: bool, now: Instant) -> Action {
         let packet = match message::decode(buf) {
             Ok(p) => p,
             Err(e) => {
@@ -278,7 +392,11 @@ impl Transport {
             }
         }
 
-        let seen = self.lock_dedup().check(peer, mid, now);
+        let seen = if reliable {
+            Seen::New
+        } else {
+            self.lock_dedup().check(peer, mid, now)
+        };
         match seen {
             Seen::New => {}
             Seen::InProgress => {
@@ -511,38 +629,38 @@ mod tests {
         let now = Instant::now();
         // A CoAP ping is answered with RST.
         let ping = [0x40, 0, 0x12, 0x34];
-        let rst = reply(t.on_message(&ping, peer, now)).expect("RST");
+        let rst = reply(t.on_message(&ping, peer, false, now)).expect("RST");
         assert_eq!(
             (rst.header.get_type(), rst.header.message_id),
             (MessageType::Reset, 0x1234)
         );
         // A new request goes to the handler, holding the only in-flight permit; its
         // duplicate is dropped while it runs.
-        let Action::Handle(first) = t.on_message(&request(7), peer, now) else {
+        let Action::Handle(first) = t.on_message(&request(7), peer, false, now) else {
             panic!("not handled");
         };
-        assert!(reply(t.on_message(&request(7), peer, now)).is_none());
+        assert!(reply(t.on_message(&request(7), peer, false, now)).is_none());
         assert_eq!(counters.get(Event::Duplicate), 1);
         // Another request finds no permit: dropped and forgotten, so its retransmission
         // is handled once the first is done.
-        assert!(reply(t.on_message(&request(8), peer, now)).is_none());
+        assert!(reply(t.on_message(&request(8), peer, false, now)).is_none());
         assert_eq!(counters.get(Event::BusyDrop), 1);
         t.lock_dedup()
             .complete(peer, 7, Some(vec![0x60, 0x44, 0, 7]));
         drop(first);
         assert_eq!(
-            reply(t.on_message(&request(7), peer, now)).map(|p| p.header.message_id),
+            reply(t.on_message(&request(7), peer, false, now)).map(|p| p.header.message_id),
             Some(7),
             "the duplicate gets the cached reply"
         );
         assert!(matches!(
-            t.on_message(&request(8), peer, now),
+            t.on_message(&request(8), peer, false, now),
             Action::Handle(_)
         ));
         // The cache forgets after EXCHANGE_LIFETIME: the same id is a new request.
         let later = now + Duration::from_secs(CoapConfig::default().exchange_lifetime_s);
         assert!(matches!(
-            t.on_message(&request(7), peer, later),
+            t.on_message(&request(7), peer, false, later),
             Action::Handle(_)
         ));
     }

@@ -95,6 +95,11 @@ fn parse_errors_name_line_column_and_key() {
 fn range_errors_name_the_key() {
     let cases: &[(&str, &str)] = &[
         ("[coap]\nmax_datagram = 10\n", "coap.max_datagram"),
+        (
+            "[coap]\ntls_max_message_size = 100\n",
+            "coap.tls_max_message_size",
+        ),
+        ("[coap]\ntls_cert = \"/etc/c.pem\"\n", "coap.tls_key"),
         ("[rest]\nlisten = []\n", "rest.listen"),
         ("[rest]\nmax_connections = 0\n", "rest.max_connections"),
         (

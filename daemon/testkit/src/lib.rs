@@ -74,6 +74,9 @@ pub struct Ready {
     /// Every bound HTTPS address of the REST API (`rest.listen_tls`).
     #[serde(default)]
     pub rest_tls: Vec<SocketAddr>,
+    /// Every bound CoAP over TLS address (`coap.listen_tls`).
+    #[serde(default)]
+    pub coap_tls: Vec<SocketAddr>,
 }
 
 impl Ready {
@@ -340,6 +343,7 @@ impl Daemon {
             rest: running.rest_addrs().to_vec(),
             coap: running.coap_addrs().to_vec(),
             rest_tls: running.rest_tls_addrs().to_vec(),
+            coap_tls: running.coap_tls_addrs().to_vec(),
         };
         self.rest = ready.rest[0];
         self.coap = ready.coap[0];

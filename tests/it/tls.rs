@@ -1,0 +1,386 @@
+//! CoAP over TLS (RFC 8323, `coaps+tcp`, `[coap] listen_tls`): devices with a certificate
+//! from `POST /api/cert` register through libcoap's `coap-client-openssl` and
+//! `coap-client-gnutls`; handshakes without a client certificate, with one from another
+//! CA or with an expired one are refused.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+use serde_json::json;
+
+use crate::support::{self, Daemon};
+
+const TLS: &str = "listen_tls = [\"127.0.0.1:0\"]";
+
+/// A device's key, its certificate from `POST /api/cert` and the CA certificate, as files.
+struct DeviceCert {
+    dir: tempfile::TempDir,
+    endpoint: String,
+}
+
+impl DeviceCert {
+    fn key(&self) -> PathBuf {
+        self.dir.path().join("device.key")
+    }
+    fn cert(&self) -> PathBuf {
+        self.dir.path().join("device.pem")
+    }
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+}
+
+fn openssl(args: &[&str]) -> String {
+    let out = support::run_ok(
+        Command::new("openssl").args(args),
+        &format!("openssl {args:?}"),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A P-256 key and the daemon's certificate for it (domain `default`).
+fn device_cert(d: &Daemon) -> DeviceCert {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("device.key");
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        p(&key),
+    ]);
+    let public = openssl(&["ec", "-in", p(&key), "-pubout"]);
+    let r = d.send_json(
+        "POST",
+        "/api/cert",
+        json!({"domain": "default", "publickey": public}).to_string(),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let v = r.json();
+    std::fs::write(
+        dir.path().join("ca.pem"),
+        v["server_certificate"].as_str().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("device.pem"),
+        v["device_certificate"].as_str().unwrap(),
+    )
+    .unwrap();
+    DeviceCert {
+        dir,
+        endpoint: v["endpoint"].as_str().unwrap().to_owned(),
+    }
+}
+
+fn tls_addr(d: &Daemon) -> std::net::SocketAddr {
+    d.ready.as_ref().expect("ready").coap_tls[0]
+}
+
+/// Runs a libcoap client (`coap-client-openssl`, `coap-client-gnutls`) for a registration
+/// of `ep` over `coaps+tcp` with `tls` arguments; its exit status and all it printed.
+fn register(client: &str, d: &Daemon, ep: &str, tls: &[&str]) -> (bool, String) {
+    support::peers::libcoap_client();
+    let uri = format!("coaps+tcp://{}/rd?ep={ep}&lt=60&b=T", tls_addr(d));
+    let out = Command::new(client)
+        .args([
+            "-v", "6", "-B", "10", "-m", "post", "-e", "</3/0>", "-t", "40",
+        ])
+        .args(tls)
+        .arg(&uri)
+        .output()
+        .expect("run the libcoap client");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), all)
+}
+
+fn registered(d: &Daemon, ep: &str) -> bool {
+    let r = d.get("/endpoints");
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body.contains(ep)
+}
+
+fn cert_args(c: &DeviceCert) -> Vec<String> {
+    ["-c", p(&c.cert()), "-j", p(&c.key()), "-C", p(&c.ca())]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+/// libcoap over OpenSSL and over GnuTLS, each with its certificate from `/api/cert`,
+/// verifying the daemon's server certificate against the CA certificate it was given:
+/// 2.01 Created over `coaps+tcp`, and the endpoint is listed.
+#[test]
+fn libcoap_registers_over_tls_with_a_device_certificate() {
+    let d = Daemon::start_custom(TLS, "");
+    for client in ["coap-client-openssl", "coap-client-gnutls"] {
+        let c = device_cert(&d);
+        let args = cert_args(&c);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, all) = register(client, &d, &c.endpoint, &args);
+        assert!(ok, "{client} failed:\n{all}\n{}", d.logs().join("\n"));
+        assert!(all.contains("2.01"), "{client}: no 2.01 Created in:\n{all}");
+        assert!(
+            registered(&d, &c.endpoint),
+            "{client}: {} not listed",
+            c.endpoint
+        );
+    }
+}
+
+/// No client certificate, a certificate from a CA the daemon does not trust, and an
+/// expired certificate signed by the daemon's own CA: the handshake fails, nothing is
+/// registered; the daemon's certificate is fine all along (the same client with its own
+/// good certificate registers afterwards).
+#[test]
+fn handshakes_without_a_good_client_certificate_are_refused() {
+    let d = Daemon::start_custom(TLS, "");
+    let good = device_cert(&d);
+    let dir = good.dir.path();
+    let ca = good.ca();
+
+    // Another CA, and a device certificate from it with the same subject shape.
+    let other_key = dir.join("other-ca.key");
+    let other_ca = dir.join("other-ca.pem");
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        p(&other_key),
+    ]);
+    openssl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        p(&other_key),
+        "-subj",
+        "/CN=other CA",
+        "-days",
+        "30",
+        "-out",
+        p(&other_ca),
+    ]);
+    let csr = dir.join("device.csr");
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        p(&good.key()),
+        "-subj",
+        &format!("/OU=default/CN={}", good.endpoint),
+        "-out",
+        p(&csr),
+    ]);
+    let foreign = dir.join("foreign.pem");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        p(&csr),
+        "-CA",
+        p(&other_ca),
+        "-CAkey",
+        p(&other_key),
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-out",
+        p(&foreign),
+    ]);
+
+    // Expired, signed by the daemon's own CA (its key is in the state directory).
+    let ca_key = d.state_dir().join("ca.key.pem");
+    let conf = dir.join("ca.cnf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[ca]\ndefault_ca = d\n[d]\ndatabase = {0}/index.txt\nnew_certs_dir = {0}\n\
+             serial = {0}/serial\ndefault_md = sha256\npolicy = any\n\
+             copy_extensions = none\n[any]\ncommonName = supplied\n\
+             organizationalUnitName = optional\n[ext]\nbasicConstraints = CA:FALSE\n\
+             extendedKeyUsage = clientAuth\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("index.txt"), "").unwrap();
+    std::fs::write(dir.join("serial"), "1000\n").unwrap();
+    let expired = dir.join("expired.pem");
+    openssl(&[
+        "ca",
+        "-batch",
+        "-config",
+        p(&conf),
+        "-cert",
+        p(&ca),
+        "-keyfile",
+        p(&ca_key),
+        "-in",
+        p(&csr),
+        "-startdate",
+        "20200101000000Z",
+        "-enddate",
+        "20210101000000Z",
+        "-extensions",
+        "ext",
+        "-out",
+        p(&expired),
+        "-notext",
+    ]);
+
+    let key = good.key();
+    let cases: [(&str, Vec<&str>); 3] = [
+        ("no client certificate", vec!["-C", p(&ca)]),
+        (
+            "a certificate from another CA",
+            vec!["-c", p(&foreign), "-j", p(&key), "-C", p(&ca)],
+        ),
+        (
+            "an expired certificate",
+            vec!["-c", p(&expired), "-j", p(&key), "-C", p(&ca)],
+        ),
+    ];
+    for (what, args) in cases {
+        let (_, all) = register("coap-client-openssl", &d, &good.endpoint, &args);
+        assert!(!all.contains("2.01"), "{what}: registered:\n{all}");
+        assert!(!registered(&d, &good.endpoint), "{what}: listed");
+    }
+    assert!(
+        d.wait_log("CoAP/TLS handshake failed", Duration::from_secs(5)),
+        "the refusals are logged"
+    );
+    let args = cert_args(&good);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, all) = register("coap-client-openssl", &d, &good.endpoint, &args);
+    assert!(ok && all.contains("2.01"), "the good certificate:\n{all}");
+    assert!(registered(&d, &good.endpoint));
+}
+
+/// aiocoap (its TLS client transport, `coaps+tcp`) as a device that stays connected:
+/// it registers with its certificate from `/api/cert`, then answers a read and an
+/// observation sent back over its own connection; notifications flow over it until the
+/// subscription is deleted.
+#[test]
+fn aiocoap_device_answers_reads_and_observations_over_its_tls_connection() {
+    let d = Daemon::start_custom(TLS, "");
+    let c = device_cert(&d);
+    let tls = format!("{},{},{}", p(&c.ca()), p(&c.cert()), p(&c.key()));
+    let dev = support::peers::Lwm2mDevice::start(
+        tls_addr(&d),
+        &c.endpoint,
+        &["--tls", &tls, "--notify-interval", "0.2"],
+    );
+    let ep = &c.endpoint;
+    let id = d.async_request("GET", &format!("/v2/endpoints/{ep}/3/0/0"), None, None);
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(
+        (r["status"].as_u64(), r["payload"].as_str()),
+        (Some(200), Some(support::b64(b"connectord-test").as_str())),
+        "{r}"
+    );
+    let id = d.async_request(
+        "PUT",
+        &format!("/v2/subscriptions/{ep}/3303/0/5700"),
+        None,
+        None,
+    );
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+    let e = d.collect_events(WAIT, |e| e.of("notifications").len() >= 3);
+    assert!(e.of("notifications").len() >= 3);
+    dev.wait_event(WAIT, |e| e["event"] == "observers" && e["count"] == 1);
+    // Unsubscribed: with no RST on TCP, the next notification is answered with a
+    // deregistration (GET, Observe=1), and aiocoap drops its observer.
+    let r = d.call(
+        "DELETE",
+        &format!("/v2/subscriptions/{ep}/3303/0/5700"),
+        None,
+        None,
+    );
+    assert_eq!(r.status, 204);
+    dev.wait_event(WAIT, |e| e["event"] == "observers" && e["count"] == 0);
+}
+
+/// `coap.tls_cert`/`coap.tls_key` replace the certificate the CA would issue (libcoap
+/// verifies the daemon against that one now); a certificate file that is missing, or a
+/// `coap.trusted_cas` file without a certificate, stops the start with the key and the
+/// file named.
+#[test]
+fn a_configured_server_certificate_is_used_and_bad_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        p(&key),
+        "-out",
+        p(&cert),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+    ]);
+    let coap = format!(
+        "{TLS}\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let d = Daemon::start_custom(&coap, "");
+    let c = device_cert(&d);
+    let (dev_cert, dev_key) = (c.cert(), c.key());
+    let args = ["-c", p(&dev_cert), "-j", p(&dev_key), "-C", p(&cert)];
+    let (ok, all) = register("coap-client-openssl", &d, &c.endpoint, &args);
+    assert!(ok && all.contains("2.01"), "{all}");
+    // The CA's certificate does not verify this server any more.
+    let c2 = device_cert(&d);
+    let args = cert_args(&c2);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (_, all) = register("coap-client-openssl", &d, &c2.endpoint, &args);
+    assert!(!all.contains("2.01"), "{all}");
+
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
+    for (lines, named) in [
+        (
+            format!(
+                "{TLS}\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"{}\"\n",
+                key.display()
+            ),
+            "coap.tls_cert: /nonexistent/c.pem".to_owned(),
+        ),
+        (
+            format!("{TLS}\ntrusted_cas = [\"{}\"]\n", not_pem.display()),
+            format!("coap.trusted_cas: {}", not_pem.display()),
+        ),
+    ] {
+        let r = connectord_testkit::Launch::new(support::BIN)
+            .coap(&lines)
+            .in_process()
+            .start();
+        let e = r.err().expect("the start fails").to_string();
+        assert!(e.contains(&named), "{e}");
+    }
+}
