@@ -27,8 +27,8 @@ use std::task::{Context, Poll};
 use tokio::sync::oneshot;
 
 use connectord_model::{
-    CertificateRecord, ChannelRecord, Event, HourCount, Job, PresubRecord, PskRecord,
-    Registration, StoredEvent, SubscriptionRecord,
+    CertificateRecord, ChannelRecord, Event, HourCount, Job, PresubRecord, PskRecord, Registration,
+    StoredEvent, SubscriptionRecord,
 };
 
 /// Told how long each of the store's transactions took (the daemon's

@@ -11,13 +11,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use connectord_model::{
-    CertificateRecord, ChannelRecord, Event, HourCount, Job, PresubRecord, PskRecord,
-    Registration, StoredEvent, SubscriptionRecord,
+    CertificateRecord, ChannelRecord, Event, HourCount, Job, PresubRecord, PskRecord, Registration,
+    StoredEvent, SubscriptionRecord,
 };
 
 use crate::{
-    Appended, CredentialStore, EventLog, Feed, Health, Pending, PluginStateStore, QuotaStore, RegistrationStore,
-    RequestStore, StoreError, SubscriptionStore,
+    Appended, CredentialStore, EventLog, Feed, Health, Pending, PluginStateStore, QuotaStore,
+    RegistrationStore, RequestStore, StoreError, SubscriptionStore,
 };
 
 #[derive(Default)]
@@ -283,9 +283,10 @@ impl CredentialStore for MemoryStore {
     fn put_psk(&self, rec: PskRecord) -> Pending<()> {
         let taken = {
             let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.psks.values().any(|r| {
-                r.identity == rec.identity && (r.domain != rec.domain || r.ep != rec.ep)
-            })
+            state
+                .psks
+                .values()
+                .any(|r| r.identity == rec.identity && (r.domain != rec.domain || r.ep != rec.ep))
         };
         if taken {
             return Pending::failed(StoreError::Commit(format!(

@@ -18,13 +18,14 @@ use rusqlite::{Connection, OptionalExtension, Statement, params};
 use tokio::sync::oneshot;
 
 use connectord_model::{
-    CertificateRecord, ChannelRecord, Event, HourCount, Job as RequestJob, PresubRecord,
-    PskRecord, Registration, StoredEvent, SubscriptionRecord,
+    CertificateRecord, ChannelRecord, Event, HourCount, Job as RequestJob, PresubRecord, PskRecord,
+    Registration, StoredEvent, SubscriptionRecord,
 };
 
 use crate::{
-    Appended, CommitObserver, CredentialStore, EXTERNAL_CHECK, EventLog, Feed, Health, Pending, PluginStateStore,
-    QuotaStore, RegistrationStore, RequestStore, StoreError, SubscriptionStore, record_json,
+    Appended, CommitObserver, CredentialStore, EXTERNAL_CHECK, EventLog, Feed, Health, Pending,
+    PluginStateStore, QuotaStore, RegistrationStore, RequestStore, StoreError, SubscriptionStore,
+    record_json,
 };
 
 /// Most jobs committed in one transaction.
@@ -1184,8 +1185,8 @@ fn ms_sql(v: u64) -> i64 {
 impl CredentialStore for SqliteStore {
     fn load_psks(&self) -> Pending<Vec<PskRecord>> {
         self.submit(|conn| {
-            let mut stmt = conn
-                .prepare("SELECT domain, ep, identity, key, created_ms FROM device_psks")?;
+            let mut stmt =
+                conn.prepare("SELECT domain, ep, identity, key, created_ms FROM device_psks")?;
             let rows = stmt.query_map([], |r| {
                 Ok(PskRecord {
                     domain: r.get(0)?,

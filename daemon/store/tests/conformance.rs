@@ -407,7 +407,12 @@ async fn credentials_written_and_loaded(s: &dyn Store) {
     };
     assert_eq!(
         certs,
-        vec![earlier, revoked("4a01"), revoked("4a02"), cert("4b01", "d", "b")]
+        vec![
+            earlier,
+            revoked("4a01"),
+            revoked("4a02"),
+            cert("4b01", "d", "b")
+        ]
     );
     // The identity of a removed PSK is free again.
     s.put_psk(psk("e", "c", "id-a2", b"cccccccccccccccc"))
