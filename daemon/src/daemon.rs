@@ -378,6 +378,14 @@ async fn start_services(
     ));
     let loaded = registry.load().await?;
     tracing::info!("loaded {loaded} stored registrations");
+    // Device credentials (issue 21): asked by the registration interface (identity
+    // binding) and served by REST; memory follows the store.
+    let credentials = crate::credentials::DeviceCredentials::load(
+        Arc::clone(&store),
+        &config.registry.default_domain,
+    )
+    .await?;
+    tracing::info!("loaded the credentials of {} devices", credentials.len());
     // The readers (requests, subscriptions, REST) get the read model; the registry
     // itself goes only to the writers (the registration interface, `DELETE
     // /endpoints/{name}`, the expiry task).
@@ -489,7 +497,11 @@ async fn start_services(
     tracing::info!("loaded {pending} stored requests to devices");
     subscriptions.resume();
     tasks.extend(transport.start(
-        Arc::new(Lwm2mHandler::new(Arc::clone(&registry))),
+        Arc::new(Lwm2mHandler::new(
+            Arc::clone(&registry),
+            Arc::clone(&credentials),
+            Arc::clone(&counters),
+        )),
         stop.receiver(),
     ));
     tasks.push(tokio::spawn(Arc::clone(&registry).run_expiry(stop.clone())));
@@ -546,6 +558,7 @@ async fn start_services(
         plugins: Arc::clone(&plugins),
         limits: Arc::clone(&limits),
         ca,
+        credentials,
         store: Arc::clone(&store),
         max_body: config.requests.max_body,
         long_poll: Duration::from_secs(config.notifications.long_poll_s),

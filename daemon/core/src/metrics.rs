@@ -205,6 +205,7 @@ impl connectord_coap::Metrics for Counters {
             Event::ResponseDropped => &self.coap_responses_dropped,
             Event::Unexpected => &self.coap_unexpected,
             Event::ErrorResponse => &self.coap_error_responses,
+            Event::PlainDropped => &self.coap_plain_dropped,
         };
         Counters::inc(c);
     }
