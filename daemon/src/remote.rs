@@ -57,10 +57,7 @@ pub fn access_key(config: &Config, key_file: Option<&Path>) -> Result<String, Re
     }
     let path = match key_file {
         Some(p) => p.to_path_buf(),
-        None => config
-            .state
-            .resolve_dir()
-            .join(crate::auth::ADMIN_KEY_FILE),
+        None => config.state.resolve_dir().join(crate::auth::ADMIN_KEY_FILE),
     };
     let text = std::fs::read_to_string(&path).map_err(|source| RemoteError::Key {
         path: path.clone(),
