@@ -264,7 +264,10 @@ fn the_release_before_gains_device_credentials() {
         "migrated database schema to version 9",
         Duration::from_secs(5),
     );
-    assert_eq!(d.get("/v2/device-credentials").json(), serde_json::json!([]));
+    assert_eq!(
+        d.get("/v2/device-credentials").json(),
+        serde_json::json!([])
+    );
     let r = d.send_json(
         "PUT",
         "/v2/device-credentials/fx-000000",
