@@ -94,14 +94,46 @@ impl Revoked {
     }
 }
 
+/// One endpoint's credentials in memory.
+#[derive(Default)]
+struct Held {
+    psk: Option<PskRecord>,
+    /// Serials ([`normal_serial`]) of its certificates, revoked ones included.
+    serials: Vec<String>,
+}
+
+/// Indexed so that the registration path (one lookup per plain registration) neither
+/// allocates nor scans: domain → endpoint → credentials.
 #[derive(Default)]
 struct State {
-    /// By (domain, endpoint).
-    psks: Map<(String, String), PskRecord>,
+    by_ep: Map<String, Map<String, Held>>,
     /// PSK identity → (domain, endpoint).
     by_identity: Map<String, (String, String)>,
     /// By serial ([`normal_serial`]).
     certificates: Map<String, CertificateRecord>,
+}
+
+impl State {
+    fn held(&self, domain: &str, ep: &str) -> Option<&Held> {
+        self.by_ep.get(domain)?.get(ep)
+    }
+
+    fn held_mut(&mut self, domain: &str, ep: &str) -> &mut Held {
+        self.by_ep
+            .entry(domain.to_string())
+            .or_default()
+            .entry(ep.to_string())
+            .or_default()
+    }
+
+    fn add_certificate(&mut self, c: CertificateRecord) {
+        let serial = normal_serial(&c.serial);
+        let held = self.held_mut(&c.domain, &c.ep);
+        if !held.serials.contains(&serial) {
+            held.serials.push(serial.clone());
+        }
+        self.certificates.insert(serial, c);
+    }
 }
 
 /// The device credentials, in memory, written through to the store.
@@ -127,10 +159,11 @@ impl DeviceCredentials {
             state
                 .by_identity
                 .insert(p.identity.clone(), (p.domain.clone(), p.ep.clone()));
-            state.psks.insert((p.domain.clone(), p.ep.clone()), p);
+            let (domain, ep) = (p.domain.clone(), p.ep.clone());
+            state.held_mut(&domain, &ep).psk = Some(p);
         }
         for c in certificates {
-            state.certificates.insert(normal_serial(&c.serial), c);
+            state.add_certificate(c);
         }
         Ok(Arc::new(DeviceCredentials {
             store,
@@ -151,18 +184,7 @@ impl DeviceCredentials {
 
     /// Endpoints with a PSK or an issued certificate.
     pub fn len(&self) -> usize {
-        let s = self.read();
-        let mut eps: std::collections::BTreeSet<(&str, &str)> = s
-            .psks
-            .keys()
-            .map(|(d, e)| (d.as_str(), e.as_str()))
-            .collect();
-        eps.extend(
-            s.certificates
-                .values()
-                .map(|c| (c.domain.as_str(), c.ep.as_str())),
-        );
-        eps.len()
+        self.read().by_ep.values().map(|eps| eps.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -179,19 +201,13 @@ impl DeviceCredentials {
     /// Every endpoint of `domain` with credentials, by name.
     pub fn list(&self, domain: &str) -> Vec<DeviceInfo> {
         let s = self.read();
-        let mut eps: std::collections::BTreeSet<&str> = s
-            .psks
-            .keys()
-            .filter(|(d, _)| d == domain)
-            .map(|(_, e)| e.as_str())
-            .collect();
-        eps.extend(
-            s.certificates
-                .values()
-                .filter(|c| c.domain == domain)
-                .map(|c| c.ep.as_str()),
-        );
-        eps.into_iter()
+        let Some(eps) = s.by_ep.get(domain) else {
+            return Vec::new();
+        };
+        let mut names: Vec<&String> = eps.keys().collect();
+        names.sort();
+        names
+            .into_iter()
             .filter_map(|ep| info_of(&s, domain, ep))
             .collect()
     }
@@ -201,13 +217,17 @@ impl DeviceCredentials {
     /// register over plain CoAP.
     pub fn has_credentials(&self, domain: &str, ep: &str) -> bool {
         let s = self.read();
-        if s.psks.contains_key(&(domain.to_string(), ep.to_string())) {
+        let Some(held) = s.held(domain, ep) else {
+            return false;
+        };
+        if held.psk.is_some() {
             return true;
         }
         let now = now_ms();
-        s.certificates
-            .values()
-            .any(|c| c.domain == domain && c.ep == ep && c.in_force(now))
+        held.serials
+            .iter()
+            .filter_map(|serial| s.certificates.get(serial))
+            .any(|c| c.in_force(now))
     }
 
     /// The (domain, endpoint) a secure session's identity proves: a PSK identity's record,
@@ -246,8 +266,8 @@ impl DeviceCredentials {
                     identity: identity.to_string(),
                 });
             }
-            s.psks
-                .get(&(domain.to_string(), ep.to_string()))
+            s.held(domain, ep)
+                .and_then(|h| h.psk.as_ref())
                 .map(|p| p.identity.clone())
         };
         let rec = PskRecord {
@@ -264,7 +284,7 @@ impl DeviceCredentials {
         }
         s.by_identity
             .insert(rec.identity.clone(), (rec.domain.clone(), rec.ep.clone()));
-        s.psks.insert((rec.domain.clone(), rec.ep.clone()), rec);
+        s.held_mut(domain, ep).psk = Some(rec);
         Ok(Revoked {
             psk_identities: old.into_iter().collect(),
             serials: Vec::new(),
@@ -282,15 +302,30 @@ impl DeviceCredentials {
         self.store
             .revoke_device(domain.to_string(), ep.to_string(), now)
             .await?;
-        let mut s = self.write();
-        if let Some(p) = s.psks.remove(&(domain.to_string(), ep.to_string())) {
+        let mut guard = self.write();
+        let s = &mut *guard;
+        let held = s.held_mut(domain, ep);
+        let psk = held.psk.take();
+        let of_ep = held.serials.clone();
+        if of_ep.is_empty()
+            && let Some(eps) = s.by_ep.get_mut(domain)
+        {
+            // Nothing left to show: the endpoint has no credentials at all.
+            eps.remove(ep);
+            if eps.is_empty() {
+                s.by_ep.remove(domain);
+            }
+        }
+        if let Some(p) = psk {
             s.by_identity.remove(&p.identity);
         }
         let mut serials = Vec::new();
-        for c in s.certificates.values_mut() {
-            if c.domain == domain && c.ep == ep && c.revoked_ms.is_none() {
+        for serial in of_ep {
+            if let Some(c) = s.certificates.get_mut(&serial)
+                && c.revoked_ms.is_none()
+            {
                 c.revoked_ms = Some(now);
-                serials.push(normal_serial(&c.serial));
+                serials.push(serial);
             }
         }
         serials.sort();
@@ -305,24 +340,21 @@ impl DeviceCredentials {
         rec.serial = normal_serial(&rec.serial);
         let _one = self.writes.lock().await;
         self.store.put_certificate(rec.clone()).await?;
-        self.write().certificates.insert(rec.serial.clone(), rec);
+        self.write().add_certificate(rec);
         Ok(())
     }
 }
 
 fn info_of(s: &State, domain: &str, ep: &str) -> Option<DeviceInfo> {
-    let psk = s
-        .psks
-        .get(&(domain.to_string(), ep.to_string()))
-        .map(|p| PskInfo {
-            identity: p.identity.clone(),
-            created_ms: p.created_ms,
-        });
-    let mut certificates: Vec<CertificateRecord> = s
-        .certificates
-        .values()
-        .filter(|c| c.domain == domain && c.ep == ep)
-        .cloned()
+    let held = s.held(domain, ep)?;
+    let psk = held.psk.as_ref().map(|p| PskInfo {
+        identity: p.identity.clone(),
+        created_ms: p.created_ms,
+    });
+    let mut certificates: Vec<CertificateRecord> = held
+        .serials
+        .iter()
+        .filter_map(|serial| s.certificates.get(serial).cloned())
         .collect();
     if psk.is_none() && certificates.is_empty() {
         return None;
@@ -390,8 +422,8 @@ impl connectord_coap::Credentials for DeviceCredentials {
     fn psk(&self, identity: &[u8]) -> Option<Vec<u8>> {
         let identity = std::str::from_utf8(identity).ok()?;
         let s = self.read();
-        let at = s.by_identity.get(identity)?;
-        s.psks.get(at).map(|p| p.key.clone())
+        let (domain, ep) = s.by_identity.get(identity)?;
+        s.held(domain, ep)?.psk.as_ref().map(|p| p.key.clone())
     }
 
     fn certificate_valid(&self, _cn: &str, serial: &str) -> bool {
@@ -755,6 +787,15 @@ mod tests {
         let info = creds.get("d", "e").unwrap();
         assert!(info.psk.is_none() && info.certificates[0].revoked_ms.is_some());
         assert_eq!(creds.revoke("d", "nobody").await.unwrap(), None);
+        // A PSK-only endpoint, revoked, is gone from the lists and the count.
+        creds
+            .put_psk("d", "only-psk", "op", vec![2u8; 16])
+            .await
+            .unwrap();
+        assert_eq!(creds.len(), 3);
+        creds.revoke("d", "only-psk").await.unwrap().unwrap();
+        assert_eq!(creds.len(), 2);
+        assert_eq!(creds.get("d", "only-psk"), None);
         // A certificate's identity binds by its OU and CN; without OU, the default domain.
         assert_eq!(creds.bound(&cert_identity), Some(("d".into(), "e".into())));
         let no_ou = PeerIdentity::Certificate {
