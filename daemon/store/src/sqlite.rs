@@ -158,8 +158,9 @@ const MIGRATIONS: &[&str] = &[
     WHERE json_valid(data) AND json_type(data, '$.event') = 'object';",
     // 9: device credentials (issue 21): each endpoint's PSK (the key in clear: a PSK
     // handshake needs it, so it cannot be hashed; the database is 0600), and the device
-    // certificates the CA issued, revoked by serial.
-    "CREATE TABLE device_psks (
+    // certificates the CA issued, revoked by serial. `IF NOT EXISTS`: a database whose
+    // `user_version` was set back (as tests do to replay an older migration) keeps them.
+    "CREATE TABLE IF NOT EXISTS device_psks (
         domain TEXT NOT NULL,
         ep TEXT NOT NULL,
         identity TEXT NOT NULL UNIQUE,
@@ -167,7 +168,7 @@ const MIGRATIONS: &[&str] = &[
         created_ms INTEGER NOT NULL,
         PRIMARY KEY (domain, ep)
     ) WITHOUT ROWID;
-    CREATE TABLE device_certificates (
+    CREATE TABLE IF NOT EXISTS device_certificates (
         serial TEXT PRIMARY KEY,
         domain TEXT NOT NULL,
         ep TEXT NOT NULL,
@@ -175,7 +176,7 @@ const MIGRATIONS: &[&str] = &[
         not_after_ms INTEGER NOT NULL,
         revoked_ms INTEGER
     ) WITHOUT ROWID;
-    CREATE INDEX device_certificates_by_ep ON device_certificates (domain, ep);",
+    CREATE INDEX IF NOT EXISTS device_certificates_by_ep ON device_certificates (domain, ep);",
 ];
 
 /// One queued operation.
