@@ -426,6 +426,14 @@ async fn start_services(
     ));
     let loaded = registry.load().await?;
     tracing::info!("loaded {loaded} stored registrations");
+    // Device credentials (issue 21): asked by the registration interface (identity
+    // binding) and served by REST; memory follows the store.
+    let credentials = crate::credentials::DeviceCredentials::load(
+        Arc::clone(&store),
+        &config.registry.default_domain,
+    )
+    .await?;
+    tracing::info!("loaded the credentials of {} devices", credentials.len());
     // The readers (requests, subscriptions, REST) get the read model; the registry
     // itself goes only to the writers (the registration interface, `DELETE
     // /endpoints/{name}`, the expiry task).
@@ -537,10 +545,18 @@ async fn start_services(
     tracing::info!("loaded {pending} stored requests to devices");
     subscriptions.resume();
     if transport.has_tls() {
-        transport.configure_tls(&tls_setup(&config.coap, &ca, &state_dir)?);
+        let mut setup = tls_setup(&config.coap, &ca, &state_dir)?;
+        // Revoked certificates are refused after the handshake (and their sessions closed
+        // by the revocation itself).
+        setup.credentials = Some(Arc::clone(&credentials) as Arc<dyn crate::coap::Credentials>);
+        transport.configure_tls(&setup);
     }
     tasks.extend(transport.start(
-        Arc::new(Lwm2mHandler::new(Arc::clone(&registry))),
+        Arc::new(Lwm2mHandler::new(
+            Arc::clone(&registry),
+            Arc::clone(&credentials),
+            Arc::clone(&counters),
+        )),
         stop.receiver(),
     ));
     tasks.push(tokio::spawn(Arc::clone(&registry).run_expiry(stop.clone())));
@@ -597,6 +613,7 @@ async fn start_services(
         plugins: Arc::clone(&plugins),
         limits: Arc::clone(&limits),
         ca,
+        credentials,
         store: Arc::clone(&store),
         max_body: config.requests.max_body,
         long_poll: Duration::from_secs(config.notifications.long_poll_s),

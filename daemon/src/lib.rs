@@ -14,6 +14,7 @@
 //! - [`state_dir`]: the state directory's permissions (private, tightened at start).
 //! - [`revocation`]: drops the notification channels of keys that no longer authenticate.
 //! - [`daemon`]: start-up wiring, signals, systemd readiness.
+//! - [`remote`]: the REST API as the CLI reaches it (`connectord credentials`).
 //! - [`simulate`]: the simulated device (`connectord simulate`), the `connectord-sim` crate.
 
 #![deny(unsafe_code)]
@@ -23,12 +24,13 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub mod config;
 pub mod daemon;
+pub mod remote;
 pub mod state_dir;
 
 pub use connectord_certs as certs;
 pub use connectord_core::{
-    auth, coap, dir_watch, events, hashing, limits, log_budget, lwm2m_data, metrics, model,
-    registry, requests, revocation, shutdown, store, subscriptions,
+    auth, coap, credentials, dir_watch, events, hashing, limits, log_budget, lwm2m_data, metrics,
+    model, registry, requests, revocation, shutdown, store, subscriptions,
 };
 pub use connectord_plugin_host as plugins;
 pub use connectord_rest as rest;

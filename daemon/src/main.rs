@@ -115,6 +115,16 @@ enum Command {
         #[arg(long, default_value = "1.0")]
         lwm2m: connectord::simulate::Lwm2mMode,
     },
+    /// Provision, show and revoke device credentials (DTLS pre-shared keys) through the
+    /// running daemon's REST API (/v2/device-credentials), with the first admin key
+    /// (admin.key in the state directory) unless told otherwise.
+    ///
+    /// An endpoint with credentials registers only over DTLS or TLS; plain-CoAP
+    /// registrations for it are refused. Keys are never shown back.
+    Credentials {
+        #[command(subcommand)]
+        action: CredentialsAction,
+    },
     /// Run one operation of a plugin against the state directory, without starting the
     /// daemon, and print its answer: for example
     /// `connectord plugin-call pelion create_user '{"name": "ops", ...}'` to create the
@@ -131,6 +141,63 @@ enum Command {
         /// The request, JSON.
         #[arg(default_value = "{}")]
         input: String,
+    },
+}
+
+/// How `connectord credentials` reaches the daemon.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The daemon's configuration file (TOML): where its REST API listens and its state
+    /// directory (for admin.key); without it, the embedded defaults.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The REST API's base URL (default: http:// and the first rest.listen address, a
+    /// wildcard taken as loopback).
+    #[arg(long)]
+    url: Option<String>,
+    /// A file whose first line is the access key to use (default: admin.key in the
+    /// state directory, unless CONNECTORD_API_KEY is set). The key needs the scope
+    /// resources:write to change credentials, endpoints:read to show them.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CredentialsAction {
+    /// Set (or replace) an endpoint's pre-shared key, for example
+    /// `connectord credentials put dev-1 --psk-identity dev-1 --psk 6465762d312d7365637265742d6b6579`.
+    /// Replacing a key closes the device's open secure sessions.
+    Put {
+        /// The endpoint name the device registers as.
+        endpoint: String,
+        /// The PSK identity the device sends in its DTLS handshake (unique).
+        #[arg(long)]
+        psk_identity: String,
+        /// The key, hex (16 to 64 bytes); `-` reads it from standard input, so that it
+        /// does not show in the process list.
+        #[arg(long, value_name = "HEX")]
+        psk: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show an endpoint's credentials (identity, when set, issued certificates; never
+    /// the key).
+    Get {
+        endpoint: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Revoke an endpoint's credentials: its key is removed, its certificates revoked
+    /// and its secure sessions closed.
+    Delete {
+        endpoint: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List the endpoints with credentials in the key's domain.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
     },
 }
 
@@ -210,6 +277,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Credentials { action } => match credentials(action) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {}", error_text(&e));
+                ExitCode::FAILURE
+            }
+        },
         Command::DefaultConfig => {
             print!("{}", connectord::config::DEFAULT_TOML);
             ExitCode::SUCCESS
@@ -268,6 +345,67 @@ fn simulate(opts: connectord::simulate::SimOptions) -> anyhow::Result<()> {
         report.registered, report.failed, report.requests_served, report.notifications_sent
     );
     Ok(())
+}
+
+/// `connectord credentials …`: one request to the daemon's REST API; what it printed on
+/// success.
+fn credentials(action: CredentialsAction) -> anyhow::Result<String> {
+    use connectord::remote;
+    let (method, ep, body, api) = match action {
+        CredentialsAction::Put {
+            endpoint,
+            psk_identity,
+            psk,
+            api,
+        } => {
+            let psk = if psk == "-" {
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .context("cannot read the key from standard input")?;
+                line.trim().to_string()
+            } else {
+                psk
+            };
+            let body = serde_json::json!({"psk_identity": psk_identity, "psk": psk});
+            ("PUT", Some(endpoint), Some(body), api)
+        }
+        CredentialsAction::Get { endpoint, api } => ("GET", Some(endpoint), None, api),
+        CredentialsAction::Delete { endpoint, api } => ("DELETE", Some(endpoint), None, api),
+        CredentialsAction::List { api } => ("GET", None, None, api),
+    };
+    let config = match &api.config {
+        Some(p) => Config::load(p)?,
+        None => Config::embedded()?,
+    };
+    let base = match api.url {
+        Some(u) => u,
+        None => remote::base_url(&config)?,
+    };
+    let key = remote::access_key(&config, api.key_file.as_deref())?;
+    let path = match &ep {
+        Some(ep) => format!("/v2/device-credentials/{}", remote::segment(ep)),
+        None => "/v2/device-credentials".to_string(),
+    };
+    let (status, text) = remote::call(&base, &key, method, &path, body.as_ref())?;
+    if !(200..300).contains(&status) {
+        // The API's errors are {"type", "message"}: the message is what to say.
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_owned))
+            .unwrap_or(text);
+        anyhow::bail!("{method} {path}: HTTP {status}: {message}");
+    }
+    if method == "DELETE" {
+        return Ok(format!(
+            "revoked the credentials of {}",
+            ep.unwrap_or_default()
+        ));
+    }
+    Ok(match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) => serde_json::to_string_pretty(&v)?,
+        Err(_) => text,
+    })
 }
 
 fn plugin_call(

@@ -75,6 +75,7 @@ fn every_route_refuses_bad_credentials_and_admits_good_ones() {
         "</1/0>,</3/0>,</3303/0/5700>;obs,</9/0>",
     );
     let cert_body = json!({"domain": "default", "publickey": "not a key"});
+    let psk_body = json!({"psk_identity": "dev-id", "psk": "000102030405060708090a0b0c0d0e0f"});
     let presubs = json!([]);
     // (method, path, body, scope it needs)
     let routes: Vec<(&str, &str, Option<&Value>, &str)> = vec![
@@ -129,6 +130,20 @@ fn every_route_refuses_bad_credentials_and_admits_good_ones() {
         ),
         ("GET", "/v2/limits", None, "limits:read"),
         ("POST", "/api/cert", Some(&cert_body), "resources:write"),
+        ("GET", "/v2/device-credentials", None, "endpoints:read"),
+        ("GET", "/v2/device-credentials/dev", None, "endpoints:read"),
+        (
+            "PUT",
+            "/v2/device-credentials/dev",
+            Some(&psk_body),
+            "resources:write",
+        ),
+        (
+            "DELETE",
+            "/v2/device-credentials/dev",
+            None,
+            "resources:write",
+        ),
         ("GET", "/metrics", None, "metrics:read"),
         ("GET", "/api/api_tokens", None, "keys:write"),
         ("POST", "/api/api_tokens", None, "keys:write"),

@@ -56,6 +56,15 @@ const PACKAGED_VALUES: [(&str, &str); 3] = [
     ("plugins.dir", PLUGIN_DIR),
 ];
 
+/// Keys of the packaged configuration whose values differ from etc/connectord.toml that
+/// are not strings (issue 21: secure transports on, plain CoAP for loopback only), with
+/// their packaged values as TOML.
+const PACKAGED_TOML_VALUES: [(&str, &str); 3] = [
+    ("coap.plain", r#""loopback""#),
+    ("coap.listen_dtls", r#"["0.0.0.0:5684", "[::]:5684"]"#),
+    ("coap.listen_tls", r#"["0.0.0.0:5684", "[::]:5684"]"#),
+];
+
 /// The state directory: the unit's `StateDirectory=connectord`, and the packaged
 /// configuration's `[state] dir`, so that a start without systemd uses it too.
 const STATE_DIR: &str = "/var/lib/connectord";
@@ -127,6 +136,16 @@ fn packaged_config_matches_the_default() {
             "packaging/connectord.toml must set {key} = {value:?}"
         );
         d.insert(key.to_string(), Some(toml::Value::String(value.into())));
+    }
+    for (key, text) in PACKAGED_TOML_VALUES {
+        let value: toml::Table = format!("v = {text}").parse().unwrap();
+        let value = value["v"].clone();
+        assert_eq!(
+            p.get(key),
+            Some(&Some(value.clone())),
+            "packaging/connectord.toml must set {key} = {text}"
+        );
+        d.insert(key.to_string(), Some(value));
     }
     let only_packaged: Vec<_> = p.keys().filter(|k| !d.contains_key(*k)).collect();
     let only_default: Vec<_> = d.keys().filter(|k| !p.contains_key(*k)).collect();

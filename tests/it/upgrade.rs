@@ -253,3 +253,40 @@ fn schema_7_events_of_every_kind_are_served_as_before() {
         "the migrated events were acknowledged: {next:?}"
     );
 }
+
+/// Schema 9 (issue 21): the release before's database (the fixture, schema 6) gains the
+/// device-credential tables on the way up; credentials provisioned on it are kept across
+/// a restart, and its endpoint, registered over plain CoAP, then shows them.
+#[test]
+fn the_release_before_gains_device_credentials() {
+    let d = Daemon::start().stop_edit_restart(install_fixture);
+    d.expect_log(
+        "migrated database schema to version 9",
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        d.get("/v2/device-credentials").json(),
+        serde_json::json!([])
+    );
+    let r = d.send_json(
+        "PUT",
+        "/v2/device-credentials/fx-000000",
+        r#"{"psk_identity": "fx-id", "psk": "000102030405060708090a0b0c0d0e0f"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let d = d.stop_and_restart();
+    assert_eq!(
+        d.get("/v2/device-credentials/fx-000000").json()["psk_identity"],
+        "fx-id"
+    );
+    assert_eq!(d.get("/v2/endpoints/fx-000000").status, 200);
+    let db = rusqlite::Connection::open_with_flags(
+        d.state_dir().join("connectord.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let version: i64 = db
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 9);
+}

@@ -137,6 +137,12 @@ pub struct Issued {
     pub server_certificate: String,
     /// The device certificate PEM, for the submitted public key.
     pub device_certificate: String,
+    /// The device certificate's serial number, lower-case hex (the host records it, to
+    /// revoke the certificate by it).
+    pub serial: String,
+    /// The end of the device certificate's validity (its `notAfter`), in ms since the
+    /// Unix epoch.
+    pub not_after_ms: u64,
 }
 
 /// The daemon's certificate authority (see the module documentation).
@@ -296,7 +302,9 @@ impl CertAuthority {
             .to_string();
         let mut params = CertificateParams::default();
         set_validity(&mut params, now - BACKDATE, not_after);
-        params.serial_number = Some(random_serial());
+        let serial = random_serial();
+        let serial_hex: String = serial.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        params.serial_number = Some(serial);
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationalUnitName, domain);
         dn.push(DnType::CommonName, endpoint.as_str());
@@ -311,6 +319,11 @@ impl CertAuthority {
             endpoint,
             server_certificate: self.ca_pem.clone(),
             device_certificate: cert.pem(),
+            serial: serial_hex,
+            // Whole seconds, as the certificate says it.
+            not_after_ms: not_after
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() * 1000),
         })
     }
 
@@ -913,6 +926,27 @@ mod tests {
         assert!(subject.contains(domain), "{subject}");
         assert!(subject.contains("CN"), "{subject}");
         assert!(subject.contains("OU"), "{subject}");
+        // The serial handed back (for the host's revocation list) is the certificate's,
+        // as openssl prints it; and so is the end of its validity.
+        let serial = openssl(
+            dir.path(),
+            &["x509", "-in", "device.pem", "-noout", "-serial"],
+        );
+        assert_eq!(
+            serial.trim().to_ascii_lowercase(),
+            format!("serial={}", issued.serial),
+            "{serial}"
+        );
+        let device = read_certificate(&pem_der(&issued.device_certificate)).unwrap();
+        assert_eq!(
+            issued.not_after_ms,
+            device
+                .not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                * 1000
+        );
 
         let pubkey = openssl(
             dir.path(),

@@ -57,6 +57,49 @@ pub struct CoapConfig {
     pub tls_max_message_size: usize,
     /// Seconds a TLS handshake may take before the connection is closed.
     pub tls_handshake_timeout_s: u64,
+    /// Who may speak plain (unencrypted) CoAP on the UDP listeners (issue 21).
+    pub plain: PlainPolicy,
+}
+
+/// `coap.plain`: who may speak plain CoAP (UDP) to the daemon.
+///
+/// Decision: "deny" keeps the UDP sockets of `coap.listen` bound and drops every
+/// datagram on them (counted), like "loopback" drops those from other addresses: one
+/// rule in one place for both, and the daemon starts the same whatever the policy (no
+/// listener set that becomes empty, no port that vanishes); `coap.listen` says where,
+/// `coap.plain` says who.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlainPolicy {
+    /// Anyone (the embedded default, so that the quick start works).
+    #[default]
+    Allow,
+    /// Only peers on a loopback address (127.0.0.0/8, ::1): local tools and tests.
+    Loopback,
+    /// Nobody: devices use the secure transports.
+    Deny,
+}
+
+impl PlainPolicy {
+    /// Whether a message from `peer` on a listener of `kind` is let in.
+    pub fn admits(self, kind: crate::peer::ListenerKind, peer: std::net::IpAddr) -> bool {
+        if kind.secure() {
+            return true;
+        }
+        match self {
+            PlainPolicy::Allow => true,
+            PlainPolicy::Loopback => peer.to_canonical().is_loopback(),
+            PlainPolicy::Deny => false,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlainPolicy::Allow => "allow",
+            PlainPolicy::Loopback => "loopback",
+            PlainPolicy::Deny => "deny",
+        }
+    }
 }
 
 impl Default for CoapConfig {
@@ -84,6 +127,7 @@ impl Default for CoapConfig {
             tls_idle_timeout_s: 900,
             tls_max_message_size: 16_384,
             tls_handshake_timeout_s: 10,
+            plain: PlainPolicy::Allow,
         }
     }
 }
@@ -171,6 +215,7 @@ impl CoapConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::peer::ListenerKind;
 
     #[test]
     fn tls_settings_are_range_checked() {
@@ -237,5 +282,31 @@ mod tests {
             ..ok
         };
         assert_eq!(tls_only.check(), Ok(()));
+    }
+
+    #[test]
+    fn plain_policy_admits_by_transport_and_source() {
+        let lo4: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+        let lo6: std::net::IpAddr = "::1".parse().unwrap();
+        let mapped: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        let lan: std::net::IpAddr = "192.168.1.20".parse().unwrap();
+        let lan6: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+        for ip in [lo4, lo6, mapped, lan, lan6] {
+            assert!(PlainPolicy::Allow.admits(ListenerKind::Udp, ip));
+            assert!(!PlainPolicy::Deny.admits(ListenerKind::Udp, ip));
+            for p in [PlainPolicy::Allow, PlainPolicy::Loopback, PlainPolicy::Deny] {
+                assert!(
+                    p.admits(ListenerKind::Dtls, ip),
+                    "secure transports are not plain"
+                );
+                assert!(p.admits(ListenerKind::Tls, ip));
+            }
+        }
+        for ip in [lo4, lo6, mapped] {
+            assert!(PlainPolicy::Loopback.admits(ListenerKind::Udp, ip), "{ip}");
+        }
+        for ip in [lan, lan6] {
+            assert!(!PlainPolicy::Loopback.admits(ListenerKind::Udp, ip), "{ip}");
+        }
     }
 }

@@ -37,7 +37,7 @@ pub mod tls;
 pub mod transport;
 pub mod udp;
 
-pub use config::CoapConfig;
+pub use config::{CoapConfig, PlainPolicy};
 pub use listener::{Credentials, Listener, Session};
 pub use message::{DecodeError, Inbound};
 pub use metrics::{Counters, Event, Metrics};

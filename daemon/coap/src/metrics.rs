@@ -25,6 +25,8 @@ pub enum Event {
     Unexpected,
     /// A request was answered with a 4.xx or 5.xx code.
     ErrorResponse,
+    /// A plain-CoAP datagram was dropped by `coap.plain`.
+    PlainDropped,
 }
 
 /// The host's counters, as the message layer reports to them.
@@ -37,7 +39,7 @@ pub trait Metrics: Send + Sync + 'static {
 /// A plain implementation: one atomic per [`Event`] (tests, embedders without metrics).
 #[derive(Debug, Default)]
 pub struct Counters {
-    events: [AtomicU64; 8],
+    events: [AtomicU64; 9],
     requests: AtomicU64,
 }
 

@@ -116,6 +116,8 @@ pub struct Transport {
     /// Exchanges we started (requests to devices), see [`crate::client`].
     client: Mutex<ClientState>,
     client_cfg: ClientConfig,
+    /// `coap.plain`: who may speak plain CoAP.
+    plain: crate::config::PlainPolicy,
 }
 
 impl Transport {
@@ -164,6 +166,17 @@ impl Transport {
         if listeners.is_empty() {
             return Err(io::Error::other("no CoAP socket could be bound"));
         }
+        if cfg.plain != crate::config::PlainPolicy::Allow {
+            tracing::info!(
+                "coap.plain = \"{}\": plain CoAP datagrams {} are dropped (counted in connectord_coap_plain_dropped_total)",
+                cfg.plain.as_str(),
+                if cfg.plain == crate::config::PlainPolicy::Deny {
+                    "from every address"
+                } else {
+                    "from non-loopback addresses"
+                }
+            );
+        }
         Ok(Arc::new(Transport {
             listeners,
             dedup: Mutex::new(Dedup::new(
@@ -185,6 +198,7 @@ impl Transport {
                 block_size: cfg.block_size,
                 max_body: cfg.max_body,
             },
+            plain: cfg.plain,
         }))
     }
 
@@ -201,6 +215,16 @@ impl Transport {
             .filter(|id| id.kind == kind)
             .map(|id| id.local)
             .collect()
+    }
+
+    /// Closes, on every listener, the secure sessions whose peer proved an identity for
+    /// which `revoked` is true (a credential revoked or replaced), and returns how many
+    /// were closed. Plain UDP has no sessions to close.
+    pub fn close_sessions(&self, revoked: &dyn Fn(&crate::peer::PeerIdentity) -> bool) -> usize {
+        self.listeners
+            .iter()
+            .map(|l| l.close_sessions(revoked))
+            .sum()
     }
 
     /// The listeners, in the order of `coap.listen`.
@@ -235,15 +259,6 @@ impl Transport {
         self.listeners
             .iter()
             .any(|l| matches!(&**l, AnyListener::Tls(_)))
-    }
-
-    /// Closes the sessions of every secure listener whose peer's identity `revoked`
-    /// accepts (a revoked credential); returns how many.
-    pub fn close_sessions(&self, revoked: &dyn Fn(&crate::peer::PeerIdentity) -> bool) -> usize {
-        self.listeners
-            .iter()
-            .map(|l| l.close_sessions(revoked))
-            .sum()
     }
 
     pub fn client_config(&self) -> &ClientConfig {
@@ -323,6 +338,11 @@ impl Transport {
             if len > limit {
                 self.metrics.count(Event::Oversize);
                 tracing::debug!(%peer, "dropping datagram over coap.max_datagram ({} bytes)", self.max_datagram);
+                continue;
+            }
+            if !self.plain.admits(id.kind, peer.ip()) {
+                self.metrics.count(Event::PlainDropped);
+                tracing::debug!(%peer, "dropping plain CoAP datagram (coap.plain = \"{}\")", self.plain.as_str());
                 continue;
             }
             let session = Session {

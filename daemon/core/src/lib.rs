@@ -29,6 +29,7 @@
 pub mod auth;
 pub mod coap_route;
 pub mod config;
+pub mod credentials;
 pub mod dir_watch;
 pub mod events;
 pub mod hashing;

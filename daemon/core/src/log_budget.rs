@@ -35,10 +35,12 @@ pub enum DeviceLine {
     LuaPrint,
     /// A Lua rule call that failed or was stopped.
     LuaFailure,
+    /// A registration-interface request refused by identity binding (issue 21).
+    Refused,
 }
 
 /// How many kinds there are.
-const KINDS: usize = 8;
+const KINDS: usize = 9;
 
 impl DeviceLine {
     /// Every kind, in declaration order (so `kind as usize` indexes it).
@@ -51,6 +53,7 @@ impl DeviceLine {
         DeviceLine::ObservationNotEstablished,
         DeviceLine::LuaPrint,
         DeviceLine::LuaFailure,
+        DeviceLine::Refused,
     ];
 
     /// How the summary line names this kind.
@@ -64,6 +67,7 @@ impl DeviceLine {
             DeviceLine::ObservationNotEstablished => "observation not established",
             DeviceLine::LuaPrint => "Lua print lines",
             DeviceLine::LuaFailure => "Lua rule calls failed or stopped",
+            DeviceLine::Refused => "registration requests refused by identity binding",
         }
     }
 }

@@ -90,6 +90,12 @@ counters! {
     coap_unexpected,
     /// CoAP requests answered with a 4.xx or 5.xx code.
     coap_error_responses,
+    /// Plain-CoAP registrations, updates and de-registrations refused (4.03) because
+    /// their endpoint has credentials or registered over a secure transport.
+    coap_plain_refused,
+    /// Plain-CoAP datagrams dropped by coap.plain ("loopback": from a non-loopback
+    /// address; "deny": all).
+    coap_plain_dropped,
     /// LwM2M registrations accepted.
     registrations,
     /// LwM2M registration updates accepted.
@@ -203,6 +209,7 @@ impl connectord_coap::Metrics for Counters {
             Event::ResponseDropped => &self.coap_responses_dropped,
             Event::Unexpected => &self.coap_unexpected,
             Event::ErrorResponse => &self.coap_error_responses,
+            Event::PlainDropped => &self.coap_plain_dropped,
         };
         Counters::inc(c);
     }

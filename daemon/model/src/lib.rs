@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod credential;
 pub mod event;
 pub mod names;
 pub mod peer;
@@ -17,6 +18,7 @@ pub mod subscription;
 pub mod testing;
 pub mod time;
 
+pub use credential::{CertificateRecord, PskRecord, normal_serial};
 pub use event::{
     AsyncResponse, CallbackTarget, ChannelRecord, EndpointSummary, Entry, Event, Kind,
     Notification, ResourceSummary, StoredEvent, SubscriptionError,

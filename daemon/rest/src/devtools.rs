@@ -16,6 +16,8 @@ use serde::Deserialize;
 use super::reply::{Reply, error, json_object_body};
 use crate::auth::Principal;
 use crate::certs::CertAuthority;
+use connectord_core::credentials::DeviceCredentials;
+use connectord_core::model::CertificateRecord;
 
 #[derive(Deserialize)]
 struct CertRequest {
@@ -23,7 +25,15 @@ struct CertRequest {
     publickey: String,
 }
 
-pub fn create_cert(ca: &CertAuthority, who: &Principal, body: Bytes) -> Reply {
+/// Issues the certificate and records it (issue 21: its endpoint then has credentials and
+/// registers over a secure transport only; `DELETE /device-credentials/{ep}` revokes it)
+/// before handing it out: a certificate whose record failed is not answered (503/500).
+pub async fn create_cert(
+    ca: &CertAuthority,
+    credentials: &DeviceCredentials,
+    who: &Principal,
+    body: Bytes,
+) -> Reply {
     let req: CertRequest = match json_object_body(
         &body,
         "the body must be a JSON object {\"domain\": \"…\", \"publickey\": \"…\"}",
@@ -40,15 +50,28 @@ pub fn create_cert(ca: &CertAuthority, who: &Principal, body: Bytes) -> Reply {
         );
     }
     match ca.issue(&req.domain, &req.publickey) {
-        Ok(issued) => Reply::json(
-            StatusCode::CREATED,
-            &serde_json::json!({
-                "domain": req.domain,
-                "endpoint": issued.endpoint,
-                "server_certificate": issued.server_certificate,
-                "device_certificate": issued.device_certificate,
-            }),
-        ),
+        Ok(issued) => {
+            let record = CertificateRecord {
+                serial: issued.serial.clone(),
+                domain: req.domain.clone(),
+                ep: issued.endpoint.clone(),
+                issued_ms: connectord_core::model::now_ms(),
+                not_after_ms: issued.not_after_ms,
+                revoked_ms: None,
+            };
+            if let Err(e) = credentials.record_certificate(record).await {
+                return super::reply::store_failure(&e, "issued certificate not recorded");
+            }
+            Reply::json(
+                StatusCode::CREATED,
+                &serde_json::json!({
+                    "domain": req.domain,
+                    "endpoint": issued.endpoint,
+                    "server_certificate": issued.server_certificate,
+                    "device_certificate": issued.device_certificate,
+                }),
+            )
+        }
         Err(e) if e.is_bad_request() => {
             error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string())
         }

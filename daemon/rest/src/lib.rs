@@ -16,6 +16,7 @@ use connectord_plugin_host as plugins;
 
 pub mod config;
 pub mod conn;
+pub mod credentials;
 pub mod devtools;
 pub mod endpoints;
 pub mod notifications;
@@ -75,6 +76,9 @@ pub struct AppState {
     pub plugins: Arc<crate::plugins::PluginHost>,
     pub limits: Arc<crate::limits::Limits>,
     pub ca: Arc<crate::certs::CertAuthority>,
+    /// Device credentials (PSKs, issued certificates): `/device-credentials`, and the
+    /// record of each certificate `POST /api/cert` issues.
+    pub credentials: Arc<connectord_core::credentials::DeviceCredentials>,
     /// Asked for its health by `GET /` and `/metrics`.
     pub store: Arc<dyn crate::store::Store>,
     /// `requests.max_body`.
@@ -371,7 +375,9 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
     }
     // A key restricted to some endpoints/resources touches no others.
     let target = match &route {
-        Route::Endpoint(ep) | Route::EndpointSubscriptions(ep) => Some((ep.as_str(), None)),
+        Route::Endpoint(ep) | Route::EndpointSubscriptions(ep) | Route::DeviceCredential(ep) => {
+            Some((ep.as_str(), None))
+        }
         Route::Resource { ep, path } | Route::Subscription { ep, path } => {
             Some((ep.as_str(), Some(path.as_str())))
         }
@@ -465,7 +471,18 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
         Route::Subscription { ep, path } => {
             subscriptions::resource(&state.subscriptions, &principal, &parts, &ep, &path).await
         }
-        Route::Cert => devtools::create_cert(&state.ca, &principal, body),
+        Route::Cert => devtools::create_cert(&state.ca, &state.credentials, &principal, body).await,
+        Route::DeviceCredentials => credentials::list(&state.credentials, &principal),
+        Route::DeviceCredential(ep) => match parts.method {
+            Method::PUT => {
+                credentials::put(&state.credentials, &state.transport, &principal, &ep, body)
+                    .await
+            }
+            Method::DELETE => {
+                credentials::delete(&state.credentials, &state.transport, &principal, &ep).await
+            }
+            _ => credentials::get(&state.credentials, &principal, &ep),
+        },
         Route::OpenApi => Reply::with_type(StatusCode::OK, "application/json", OPENAPI),
         Route::Limits => {
             let endpoints = state.directory.count_in(&principal.domain);
@@ -602,6 +619,7 @@ fn takes_json(route: &Route, method: &Method) -> bool {
         (Route::NotificationCallback, &Method::PUT)
             | (Route::Subscriptions, &Method::PUT)
             | (Route::Cert, &Method::POST)
+            | (Route::DeviceCredential(_), &Method::PUT)
     )
 }
 

@@ -42,6 +42,10 @@ pub enum Route {
     OpenApi,
     /// `POST /api/cert`.
     Cert,
+    /// `GET /device-credentials`.
+    DeviceCredentials,
+    /// `GET|PUT|DELETE /device-credentials/{endpoint-name}`.
+    DeviceCredential(String),
     /// A route served by a plugin (`path` without the version prefix).
     Plugin { plugin: String, path: String },
 }
@@ -105,6 +109,10 @@ pub const CORE_ROUTES: &[(&str, &str)] = &[
     ("POST", "/v2/api/cert"),
     ("GET", "/v2/metrics"),
     ("GET", "/v2/openapi.json"),
+    ("GET", "/v2/device-credentials"),
+    ("GET", "/v2/device-credentials/{endpoint-name}"),
+    ("PUT", "/v2/device-credentials/{endpoint-name}"),
+    ("DELETE", "/v2/device-credentials/{endpoint-name}"),
 ];
 
 /// Resolves a request to a route and the scope it needs, or a ready 404/405 reply.
@@ -189,6 +197,16 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
             Method::POST => Ok((Route::Cert, Scope::ResourcesWrite)),
             _ => Err(method_not_allowed("POST")),
         },
+        ["device-credentials"] => read(Route::DeviceCredentials, Scope::EndpointsRead),
+        ["device-credentials", ep] => {
+            let route = Route::DeviceCredential((*ep).to_string());
+            match *method {
+                Method::GET | Method::HEAD => Ok((route, Scope::EndpointsRead)),
+                // Provisioning a device, as POST /api/cert.
+                Method::PUT | Method::DELETE => Ok((route, Scope::ResourcesWrite)),
+                _ => Err(method_not_allowed("GET, HEAD, PUT, DELETE")),
+            }
+        }
         _ => Err(error(StatusCode::NOT_FOUND, "not_found", "no such route")),
     }
 }

@@ -58,6 +58,13 @@ fn parse_errors_name_line_column_and_key() {
             "invalid socket address",
         ),
         ("[nosuch]\n", 1, 2, Some("nosuch"), "unknown field `nosuch`"),
+        (
+            "[coap]\nplain = \"local\"\n",
+            2,
+            9,
+            Some("coap.plain"),
+            "unknown variant `local`, expected one of `allow`, `loopback`, `deny`",
+        ),
         ("[log\nlevel = 1\n", 1, 5, None, ""),
         (
             "[registry]\nmin_lifetime_s = -1\n",

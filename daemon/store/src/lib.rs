@@ -13,8 +13,8 @@ pub mod memory;
 /// Every port trait, for calling them on a concrete backend: `use connectord_store::prelude::*`.
 pub mod prelude {
     pub use crate::{
-        EventLog, Feed, PluginStateStore, QuotaStore, RegistrationStore, RequestStore, Store,
-        SubscriptionStore,
+        CredentialStore, EventLog, Feed, PluginStateStore, QuotaStore, RegistrationStore,
+        RequestStore, Store, SubscriptionStore,
     };
 }
 mod record_json;
@@ -27,8 +27,8 @@ use std::task::{Context, Poll};
 use tokio::sync::oneshot;
 
 use connectord_model::{
-    ChannelRecord, Event, HourCount, Job, PresubRecord, Registration, StoredEvent,
-    SubscriptionRecord,
+    CertificateRecord, ChannelRecord, Event, HourCount, Job, PresubRecord, PskRecord, Registration,
+    StoredEvent, SubscriptionRecord,
 };
 
 /// Told how long each of the store's transactions took (the daemon's
@@ -250,6 +250,29 @@ pub trait QuotaStore: Send + Sync + 'static {
     fn save_hour_counts(&self, counts: Vec<HourCount>, keep_from: u64) -> Pending<()>;
 }
 
+/// Device credentials (issue 21): each endpoint's PSK, and the device certificates the
+/// CA issued with their revocation.
+///
+/// Decision: a certificate is revoked by its serial number (each issued one is recorded
+/// here), not by "every certificate of the endpoint issued before a time": the serial is
+/// what a TLS stack hands over, and a list tells exactly which certificate is out.
+/// Revoking an endpoint revokes every certificate it was issued.
+pub trait CredentialStore: Send + Sync + 'static {
+    /// Every endpoint's PSK.
+    fn load_psks(&self) -> Pending<Vec<PskRecord>>;
+    /// Every issued certificate, revoked or not.
+    fn load_certificates(&self) -> Pending<Vec<CertificateRecord>>;
+    /// Inserts or replaces the PSK of (`domain`, `ep`). The identity is unique: a record
+    /// of another endpoint with the same identity makes the write fail.
+    fn put_psk(&self, rec: PskRecord) -> Pending<()>;
+    /// Records an issued certificate (or replaces the record of its serial).
+    fn put_certificate(&self, rec: CertificateRecord) -> Pending<()>;
+    /// Removes the PSK of (`domain`, `ep`) and marks each of its certificates not yet
+    /// revoked as revoked at `revoked_ms`, in one transaction. Revoking an endpoint
+    /// without credentials is not an error.
+    fn revoke_device(&self, domain: String, ep: String, revoked_ms: u64) -> Pending<()>;
+}
+
 /// The change feed and the backend's health.
 pub trait Feed: Send + Sync + 'static {
     /// A counter that moves each time the store sees a write made to the same state by
@@ -288,5 +311,6 @@ union_of_ports!(
     PluginStateStore,
     SubscriptionStore,
     QuotaStore,
+    CredentialStore,
     Feed
 );

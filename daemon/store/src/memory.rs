@@ -11,13 +11,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use connectord_model::{
-    ChannelRecord, Event, HourCount, Job, PresubRecord, Registration, StoredEvent,
-    SubscriptionRecord,
+    CertificateRecord, ChannelRecord, Event, HourCount, Job, PresubRecord, PskRecord, Registration,
+    StoredEvent, SubscriptionRecord,
 };
 
 use crate::{
-    Appended, EventLog, Feed, Health, Pending, PluginStateStore, QuotaStore, RegistrationStore,
-    RequestStore, StoreError, SubscriptionStore,
+    Appended, CredentialStore, EventLog, Feed, Health, Pending, PluginStateStore, QuotaStore,
+    RegistrationStore, RequestStore, StoreError, SubscriptionStore,
 };
 
 #[derive(Default)]
@@ -38,6 +38,10 @@ struct State {
     plugin_state: BTreeMap<(String, String), Vec<u8>>,
     /// By (domain, hour).
     hour_counts: BTreeMap<(String, u64), u64>,
+    /// By (domain, endpoint).
+    psks: BTreeMap<(String, String), PskRecord>,
+    /// By serial.
+    certificates: BTreeMap<String, CertificateRecord>,
 }
 
 /// The in-memory store.
@@ -263,6 +267,52 @@ impl QuotaStore for MemoryStore {
                 s.hour_counts.insert((c.domain, c.hour), c.count);
             }
             s.hour_counts.retain(|(_, hour), _| *hour >= keep_from);
+        })
+    }
+}
+
+impl CredentialStore for MemoryStore {
+    fn load_psks(&self) -> Pending<Vec<PskRecord>> {
+        self.read(|s| s.psks.values().cloned().collect())
+    }
+
+    fn load_certificates(&self) -> Pending<Vec<CertificateRecord>> {
+        self.read(|s| s.certificates.values().cloned().collect())
+    }
+
+    fn put_psk(&self, rec: PskRecord) -> Pending<()> {
+        let taken = {
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state
+                .psks
+                .values()
+                .any(|r| r.identity == rec.identity && (r.domain != rec.domain || r.ep != rec.ep))
+        };
+        if taken {
+            return Pending::failed(StoreError::Commit(format!(
+                "PSK identity {:?} belongs to another endpoint",
+                rec.identity
+            )));
+        }
+        self.write(|s| {
+            s.psks.insert((rec.domain.clone(), rec.ep.clone()), rec);
+        })
+    }
+
+    fn put_certificate(&self, rec: CertificateRecord) -> Pending<()> {
+        self.write(|s| {
+            s.certificates.insert(rec.serial.clone(), rec);
+        })
+    }
+
+    fn revoke_device(&self, domain: String, ep: String, revoked_ms: u64) -> Pending<()> {
+        self.write(|s| {
+            s.psks.remove(&(domain.clone(), ep.clone()));
+            for c in s.certificates.values_mut() {
+                if c.domain == domain && c.ep == ep && c.revoked_ms.is_none() {
+                    c.revoked_ms = Some(revoked_ms);
+                }
+            }
         })
     }
 }

@@ -18,13 +18,14 @@ use rusqlite::{Connection, OptionalExtension, Statement, params};
 use tokio::sync::oneshot;
 
 use connectord_model::{
-    ChannelRecord, Event, HourCount, Job as RequestJob, PresubRecord, Registration, StoredEvent,
-    SubscriptionRecord,
+    CertificateRecord, ChannelRecord, Event, HourCount, Job as RequestJob, PresubRecord, PskRecord,
+    Registration, StoredEvent, SubscriptionRecord,
 };
 
 use crate::{
-    Appended, CommitObserver, EXTERNAL_CHECK, EventLog, Feed, Health, Pending, PluginStateStore,
-    QuotaStore, RegistrationStore, RequestStore, StoreError, SubscriptionStore, record_json,
+    Appended, CommitObserver, CredentialStore, EXTERNAL_CHECK, EventLog, Feed, Health, Pending,
+    PluginStateStore, QuotaStore, RegistrationStore, RequestStore, StoreError, SubscriptionStore,
+    record_json,
 };
 
 /// Most jobs committed in one transaction.
@@ -155,6 +156,27 @@ const MIGRATIONS: &[&str] = &[
                      events.data->>'$.event.created_ms' AS t,
                      events.data->'$.event.body' AS b))
     WHERE json_valid(data) AND json_type(data, '$.event') = 'object';",
+    // 9: device credentials (issue 21): each endpoint's PSK (the key in clear: a PSK
+    // handshake needs it, so it cannot be hashed; the database is 0600), and the device
+    // certificates the CA issued, revoked by serial. `IF NOT EXISTS`: a database whose
+    // `user_version` was set back (as tests do to replay an older migration) keeps them.
+    "CREATE TABLE IF NOT EXISTS device_psks (
+        domain TEXT NOT NULL,
+        ep TEXT NOT NULL,
+        identity TEXT NOT NULL UNIQUE,
+        key BLOB NOT NULL,
+        created_ms INTEGER NOT NULL,
+        PRIMARY KEY (domain, ep)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS device_certificates (
+        serial TEXT PRIMARY KEY,
+        domain TEXT NOT NULL,
+        ep TEXT NOT NULL,
+        issued_ms INTEGER NOT NULL,
+        not_after_ms INTEGER NOT NULL,
+        revoked_ms INTEGER
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS device_certificates_by_ep ON device_certificates (domain, ep);",
 ];
 
 /// One queued operation.
@@ -1146,6 +1168,105 @@ impl QuotaStore for SqliteStore {
             }
             conn.prepare_cached("DELETE FROM limit_counts WHERE hour < ?1")?
                 .execute(params![i64::try_from(keep_from).unwrap_or(i64::MAX)])?;
+            Ok(())
+        })
+    }
+}
+
+/// A stored time (ms) as `u64`; a negative one (a hand-edited row) reads as 0.
+fn ms(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A time (ms) to store.
+fn ms_sql(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl CredentialStore for SqliteStore {
+    fn load_psks(&self) -> Pending<Vec<PskRecord>> {
+        self.submit(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT domain, ep, identity, key, created_ms FROM device_psks")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(PskRecord {
+                    domain: r.get(0)?,
+                    ep: r.get(1)?,
+                    identity: r.get(2)?,
+                    key: r.get(3)?,
+                    created_ms: ms(r.get(4)?),
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn load_certificates(&self) -> Pending<Vec<CertificateRecord>> {
+        self.submit(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT serial, domain, ep, issued_ms, not_after_ms, revoked_ms FROM device_certificates",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(CertificateRecord {
+                    serial: r.get(0)?,
+                    domain: r.get(1)?,
+                    ep: r.get(2)?,
+                    issued_ms: ms(r.get(3)?),
+                    not_after_ms: ms(r.get(4)?),
+                    revoked_ms: r.get::<_, Option<i64>>(5)?.map(ms),
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn put_psk(&self, rec: PskRecord) -> Pending<()> {
+        self.submit(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO device_psks (domain, ep, identity, key, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (domain, ep) DO UPDATE SET identity = excluded.identity,
+                     key = excluded.key, created_ms = excluded.created_ms",
+            )?
+            .execute(params![
+                rec.domain,
+                rec.ep,
+                rec.identity,
+                rec.key,
+                ms_sql(rec.created_ms)
+            ])?;
+            Ok(())
+        })
+    }
+
+    fn put_certificate(&self, rec: CertificateRecord) -> Pending<()> {
+        self.submit(move |conn| {
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO device_certificates
+                 (serial, domain, ep, issued_ms, not_after_ms, revoked_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                rec.serial,
+                rec.domain,
+                rec.ep,
+                ms_sql(rec.issued_ms),
+                ms_sql(rec.not_after_ms),
+                rec.revoked_ms.map(ms_sql)
+            ])?;
+            Ok(())
+        })
+    }
+
+    fn revoke_device(&self, domain: String, ep: String, revoked_ms: u64) -> Pending<()> {
+        self.submit(move |conn| {
+            conn.prepare_cached("DELETE FROM device_psks WHERE domain = ?1 AND ep = ?2")?
+                .execute(params![domain, ep])?;
+            conn.prepare_cached(
+                "UPDATE device_certificates SET revoked_ms = ?3
+                 WHERE domain = ?1 AND ep = ?2 AND revoked_ms IS NULL",
+            )?
+            .execute(params![domain, ep, ms_sql(revoked_ms)])?;
             Ok(())
         })
     }

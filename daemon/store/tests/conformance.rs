@@ -332,3 +332,107 @@ async fn a_memory_store_told_to_fail_refuses_writes_as_unavailable_and_keeps_not
     s.put_registration(reg("1", "d", "a")).await.unwrap();
     assert_eq!(s.health().failing, None);
 }
+
+fn psk(domain: &str, ep: &str, identity: &str, key: &[u8]) -> connectord_model::PskRecord {
+    connectord_model::PskRecord {
+        domain: domain.into(),
+        ep: ep.into(),
+        identity: identity.into(),
+        key: key.to_vec(),
+        created_ms: 5,
+    }
+}
+
+fn cert(serial: &str, domain: &str, ep: &str) -> connectord_model::CertificateRecord {
+    connectord_model::CertificateRecord {
+        serial: serial.into(),
+        domain: domain.into(),
+        ep: ep.into(),
+        issued_ms: 10,
+        not_after_ms: 1_000_000,
+        revoked_ms: None,
+    }
+}
+
+/// The credential port: a PSK per endpoint (replaced by a second put, its identity unique
+/// across endpoints), certificates by serial, and a device's revocation removing its PSK
+/// and revoking its certificates (not those already revoked, not another device's).
+async fn credentials_written_and_loaded(s: &dyn Store) {
+    s.put_psk(psk("d", "a", "id-a", b"0123456789abcdef"))
+        .await
+        .unwrap();
+    s.put_psk(psk("d", "b", "id-b", b"bbbbbbbbbbbbbbbb"))
+        .await
+        .unwrap();
+    // Same endpoint: replaced, new identity and key.
+    s.put_psk(psk("d", "a", "id-a2", b"fedcba9876543210"))
+        .await
+        .unwrap();
+    // Another endpoint cannot take an identity in use.
+    assert!(
+        s.put_psk(psk("e", "c", "id-b", b"cccccccccccccccc"))
+            .await
+            .is_err()
+    );
+    let mut psks = s.load_psks().await.unwrap();
+    psks.sort_by(|x, y| x.ep.cmp(&y.ep));
+    assert_eq!(
+        psks,
+        vec![
+            psk("d", "a", "id-a2", b"fedcba9876543210"),
+            psk("d", "b", "id-b", b"bbbbbbbbbbbbbbbb")
+        ]
+    );
+    s.put_certificate(cert("4a01", "d", "a")).await.unwrap();
+    s.put_certificate(cert("4a02", "d", "a")).await.unwrap();
+    s.put_certificate(cert("4b01", "d", "b")).await.unwrap();
+    let mut earlier = cert("4a00", "d", "a");
+    earlier.revoked_ms = Some(3);
+    s.put_certificate(earlier.clone()).await.unwrap();
+    s.revoke_device("d".into(), "a".into(), 99).await.unwrap();
+    // Revoking a device without credentials is no error.
+    s.revoke_device("d".into(), "nobody".into(), 99)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.load_psks().await.unwrap(),
+        vec![psk("d", "b", "id-b", b"bbbbbbbbbbbbbbbb")]
+    );
+    let mut certs = s.load_certificates().await.unwrap();
+    certs.sort_by(|x, y| x.serial.cmp(&y.serial));
+    let revoked = |serial| {
+        let mut c = cert(serial, "d", "a");
+        c.revoked_ms = Some(99);
+        c
+    };
+    assert_eq!(
+        certs,
+        vec![
+            earlier,
+            revoked("4a01"),
+            revoked("4a02"),
+            cert("4b01", "d", "b")
+        ]
+    );
+    // The identity of a removed PSK is free again.
+    s.put_psk(psk("e", "c", "id-a2", b"cccccccccccccccc"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn memory_backend_keeps_device_credentials() {
+    credentials_written_and_loaded(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn sqlite_backend_keeps_device_credentials_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = SqliteStore::open(dir.path()).unwrap();
+        credentials_written_and_loaded(&s).await;
+    }
+    let s = SqliteStore::open(dir.path()).unwrap();
+    assert_eq!(s.load_psks().await.unwrap().len(), 2);
+    assert_eq!(s.load_certificates().await.unwrap().len(), 4);
+}

@@ -137,6 +137,11 @@ impl Directory {
         self.lock().by_name(domain, name).cloned()
     }
 
+    /// One endpoint by registration id (the registration interface's `/rd/{id}`).
+    pub fn by_id(&self, id: &str) -> Option<Arc<Endpoint>> {
+        self.lock().by_id(id).cloned()
+    }
+
     /// Endpoints of a domain, sorted by name, optionally only those of one endpoint type.
     pub fn list(&self, domain: &str, ept: Option<&str>) -> Vec<Arc<Endpoint>> {
         let maps = self.lock();

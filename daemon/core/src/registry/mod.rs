@@ -363,6 +363,11 @@ impl Registry {
         }
     }
 
+    /// The domain of a device that names none (`registry.default_domain`).
+    pub fn default_domain(&self) -> &str {
+        &self.cfg.default_domain
+    }
+
     /// The read model: what is registered now. Readers get this rather than the registry.
     pub fn directory(&self) -> &Arc<Directory> {
         &self.directory
