@@ -2,6 +2,7 @@
 //! file embeds this section as it is (same field names, same defaults).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
@@ -35,6 +36,22 @@ pub struct CoapConfig {
     /// Largest body accepted from or sent to a device, in bytes (Block2 responses are
     /// assembled up to this).
     pub max_body: usize,
+    /// UDP addresses for CoAP over DTLS 1.2 (`coaps://`, port 5684 by convention); empty
+    /// (the default): no DTLS.
+    pub listen_dtls: Vec<SocketAddr>,
+    /// DTLS sessions kept at most per listener; a new handshake beyond it is dropped.
+    pub dtls_max_sessions: usize,
+    /// Half-open DTLS handshakes (cookie verified, not finished) at most per listener;
+    /// beyond it ClientHellos are dropped and counted.
+    pub dtls_max_handshakes: usize,
+    /// A DTLS handshake not finished after this long is dropped.
+    pub dtls_handshake_timeout_s: u64,
+    /// A DTLS session that carried nothing for this long is closed (the device handshakes
+    /// again).
+    pub dtls_idle_s: u64,
+    /// More CA certificate files (PEM) that DTLS client certificates may chain to,
+    /// besides the daemon's own CA (`ca.cert.pem` in the state directory).
+    pub trusted_cas: Vec<PathBuf>,
 }
 
 impl Default for CoapConfig {
@@ -54,6 +71,12 @@ impl Default for CoapConfig {
             separate_response_timeout_s: 60,
             block_size: 1024,
             max_body: 1_048_576,
+            listen_dtls: Vec::new(),
+            dtls_max_sessions: 100_000,
+            dtls_max_handshakes: 1000,
+            dtls_handshake_timeout_s: 30,
+            dtls_idle_s: 3600,
+            trusted_cas: Vec::new(),
         }
     }
 }
@@ -98,6 +121,33 @@ impl CoapConfig {
         }
         if self.max_in_flight == 0 {
             return Err(("max_in_flight", "must be at least 1".into()));
+        }
+        if self.dtls_max_sessions == 0 {
+            return Err(("dtls_max_sessions", "must be at least 1".into()));
+        }
+        if !(1..=self.dtls_max_sessions).contains(&self.dtls_max_handshakes) {
+            return Err((
+                "dtls_max_handshakes",
+                format!(
+                    "{} is outside 1..=coap.dtls_max_sessions ({})",
+                    self.dtls_max_handshakes, self.dtls_max_sessions
+                ),
+            ));
+        }
+        if !(1..=600).contains(&self.dtls_handshake_timeout_s) {
+            return Err((
+                "dtls_handshake_timeout_s",
+                format!("{} is outside 1..=600", self.dtls_handshake_timeout_s),
+            ));
+        }
+        if self.dtls_idle_s == 0 {
+            return Err(("dtls_idle_s", "must be at least 1".into()));
+        }
+        if let Some(a) = self.listen_dtls.iter().find(|a| self.listen.contains(a) && a.port() != 0) {
+            return Err((
+                "listen_dtls",
+                format!("{a} is also in coap.listen (one socket cannot be both)"),
+            ));
         }
         Ok(())
     }

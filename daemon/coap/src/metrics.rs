@@ -25,6 +25,17 @@ pub enum Event {
     Unexpected,
     /// A request was answered with a 4.xx or 5.xx code.
     ErrorResponse,
+    /// A DTLS handshake completed (a session established).
+    DtlsHandshake,
+    /// A DTLS handshake failed (wrong key, unknown identity, refused certificate, no
+    /// common suite, timeout).
+    DtlsHandshakeFailed,
+    /// A ClientHello without a valid cookie was answered with a HelloVerifyRequest (no
+    /// state kept).
+    DtlsHelloVerify,
+    /// A ClientHello with a valid cookie was dropped: `coap.dtls_max_handshakes` half-open
+    /// handshakes or `coap.dtls_max_sessions` sessions.
+    DtlsHandshakeDropped,
 }
 
 /// The host's counters, as the message layer reports to them.
@@ -37,7 +48,7 @@ pub trait Metrics: Send + Sync + 'static {
 /// A plain implementation: one atomic per [`Event`] (tests, embedders without metrics).
 #[derive(Debug, Default)]
 pub struct Counters {
-    events: [AtomicU64; 8],
+    events: [AtomicU64; 12],
     requests: AtomicU64,
 }
 

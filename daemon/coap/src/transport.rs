@@ -25,7 +25,8 @@ use crate::block1::{self, Assemblies};
 use crate::client::{ClientConfig, ClientState};
 use crate::config::CoapConfig;
 use crate::dedup::{Dedup, Seen};
-use crate::listener::{Listener, Session};
+use crate::dtls::{DtlsCounts, DtlsError, DtlsLimits, DtlsListener, DtlsSetup};
+use crate::listener::{AnyListener, Listener, Session};
 use crate::message::{self, Handled, Inbound, RawHeader, Response};
 use crate::metrics::{Event, Metrics};
 use crate::peer::{ListenerId, PeerRef};
@@ -56,9 +57,8 @@ struct NewRequest {
 
 /// The listeners plus message-layer state.
 pub struct Transport {
-    /// UDP only for now; the next kinds make this an enum of listeners (see
-    /// [`crate::listener`]).
-    listeners: Vec<Arc<UdpListener>>,
+    /// `coap.listen` (UDP) then `coap.listen_dtls` (DTLS), in their order.
+    listeners: Vec<Arc<AnyListener>>,
     dedup: Mutex<Dedup>,
     /// Request bodies arriving block-wise (Block1).
     blocks: Mutex<Assemblies>,
@@ -72,14 +72,30 @@ pub struct Transport {
 }
 
 impl Transport {
-    /// Binds every configured address. A wildcard of an address family the host does not
-    /// have is skipped with a warning; any other failure, or no socket at all, is an error.
+    /// Binds every configured address (`coap.listen`, then `coap.listen_dtls`: the DTLS
+    /// listeners handshake once given their keys, [`Transport::set_dtls`]). A wildcard of
+    /// an address family the host does not have is skipped with a warning; any other
+    /// failure, or no socket at all, is an error.
     pub fn bind(cfg: &CoapConfig, metrics: Arc<dyn Metrics>) -> io::Result<Arc<Transport>> {
         let mut listeners = Vec::new();
-        for addr in &cfg.listen {
-            match UdpListener::bind(*addr) {
+        let limits = DtlsLimits {
+            max_sessions: cfg.dtls_max_sessions,
+            max_handshakes: cfg.dtls_max_handshakes,
+            handshake_timeout: Duration::from_secs(cfg.dtls_handshake_timeout_s),
+            idle: Duration::from_secs(cfg.dtls_idle_s),
+        };
+        let udp = cfg.listen.iter().map(|a| (*a, false));
+        let dtls = cfg.listen_dtls.iter().map(|a| (*a, true));
+        for (addr, secure) in udp.chain(dtls) {
+            let bound = if secure {
+                DtlsListener::bind(addr, limits, Arc::clone(&metrics)).map(AnyListener::Dtls)
+            } else {
+                UdpListener::bind(addr).map(AnyListener::Udp)
+            };
+            match bound {
                 Ok(l) => {
-                    tracing::info!("CoAP listening on udp://{}", l.id().local);
+                    let scheme = if secure { "coaps" } else { "udp" };
+                    tracing::info!("CoAP listening on {scheme}://{}", l.id().local);
                     listeners.push(Arc::new(l));
                 }
                 Err(e)
@@ -121,9 +137,42 @@ impl Transport {
         }))
     }
 
-    /// The addresses actually bound (port 0 resolved).
+    /// The addresses actually bound (port 0 resolved), UDP then DTLS.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners.iter().map(|l| l.id().local).collect()
+    }
+
+    /// Gives every DTLS listener its keys (the host's credentials, its server certificate,
+    /// the CAs client certificates must chain to).
+    pub fn set_dtls(&self, setup: &DtlsSetup) -> Result<(), DtlsError> {
+        for l in &self.listeners {
+            if let AnyListener::Dtls(d) = &**l {
+                d.configure(setup)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// DTLS sessions and half-open handshakes now, over every DTLS listener.
+    pub fn dtls_counts(&self) -> DtlsCounts {
+        let mut c = DtlsCounts::default();
+        for l in &self.listeners {
+            if let AnyListener::Dtls(d) = &**l {
+                let n = d.counts();
+                c.sessions += n.sessions;
+                c.half_open += n.half_open;
+            }
+        }
+        c
+    }
+
+    /// Closes the secure sessions whose identity `revoked` matches (a credential revoked),
+    /// on every listener; returns how many.
+    pub fn close_sessions(&self, revoked: &dyn Fn(&crate::PeerIdentity) -> bool) -> usize {
+        self.listeners
+            .iter()
+            .map(|l| l.close_sessions(revoked))
+            .sum()
     }
 
     /// The listeners, in the order of `coap.listen`.
@@ -132,7 +181,7 @@ impl Transport {
     }
 
     /// The listener named `id`, if it is still one of ours.
-    pub(crate) fn listener(&self, id: &ListenerId) -> Option<&UdpListener> {
+    pub(crate) fn listener(&self, id: &ListenerId) -> Option<&AnyListener> {
         self.listeners.iter().find(|l| l.id() == *id).map(|l| &**l)
     }
 
