@@ -226,3 +226,43 @@ async fn half_open_handshakes_are_capped() {
     assert_eq!(s.counters.get(Event::DtlsHandshakeDropped), 3);
     assert_eq!(s.transport.dtls_counts().half_open, 3);
 }
+
+/// libcoap's client (`coap-client-openssl`, `coap-client-gnutls`, Debian libcoap3-bin)
+/// run with `args`, giving up after 10 s; its exit status and all it printed.
+fn libcoap(bin: &str, args: &[String]) -> (bool, String) {
+    let path = format!("/usr/bin/{bin}");
+    if !std::path::Path::new(&path).exists() {
+        let _ = std::process::Command::new("apt-get")
+            .args(["install", "-y", "-q", "libcoap3-bin"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status();
+    }
+    let out = std::process::Command::new(&path)
+        .args(["-B", "10", "-v", "6"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {path} (apt-get install libcoap3-bin): {e}"));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), all)
+}
+
+/// libcoap over OpenSSL and over GnuTLS, PSK (`TLS_PSK_WITH_AES_128_CCM_8` or what they
+/// offer first of ours): the request arrives with its identity; a wrong key fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libcoap_openssl_and_gnutls_psk() {
+    let s = start(100);
+    let uri = format!("coaps://127.0.0.1:{}/who", s.dtls.port());
+    for bin in ["coap-client-openssl", "coap-client-gnutls"] {
+        let args = vec!["-u".into(), "dev-1".into(), "-k".into(), "secret-key-16byt".into(), uri.clone()];
+        let (ok, all) = tokio::task::spawn_blocking(move || libcoap(bin, &args)).await.unwrap();
+        assert!(ok && all.contains("Some(Psk(\"dev-1\"))"), "{bin}:\n{all}");
+        let args = vec!["-u".into(), "dev-1".into(), "-k".into(), "wrong-key-16byte".into(), uri.clone()];
+        let (_, all) = tokio::task::spawn_blocking(move || libcoap(bin, &args)).await.unwrap();
+        assert!(!all.contains("Some(Psk("), "{bin} with a wrong key got an answer:\n{all}");
+    }
+    assert_eq!(s.counters.get(Event::DtlsHandshake), 2);
+}
