@@ -44,6 +44,8 @@ pub enum StartError {
     Store(StoreError),
     #[error("certificate authority: {0}")]
     Ca(#[from] crate::certs::CertError),
+    #[error("{0}")]
+    Dtls(#[from] crate::coap::dtls::DtlsError),
     #[error("cannot write the first admin key: {0}")]
     FirstKey(std::io::Error),
     #[error("{0}")]
@@ -63,6 +65,35 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// The DTLS listeners' keys: a server certificate issued by the daemon's CA at each
+/// start, the CA (and `coap.trusted_cas`) as the anchors of client certificates, and the
+/// PSK lookup. Decision: until the device credential store exists (issue 21, another
+/// part), the host knows no PSK identity ([`NoPsk`]): PSK handshakes fail, certificate
+/// ones work.
+fn dtls_setup(
+    coap: &crate::coap::CoapConfig,
+    ca: &crate::certs::CertAuthority,
+) -> Result<crate::coap::DtlsSetup, StartError> {
+    let (cert, key) = ca.issue_server(&[])?;
+    let mut trust_anchors = vec![ca.ca_certificate_der()];
+    trust_anchors.extend(crate::coap::dtls::read_trusted_cas(&coap.trusted_cas)?);
+    Ok(crate::coap::DtlsSetup {
+        credentials: Arc::new(NoPsk),
+        certificate: Some((cert, key)),
+        trust_anchors,
+    })
+}
+
+/// The host's [`crate::coap::Credentials`] until the credential store: no PSK identity,
+/// every certificate that chains to a trusted CA.
+struct NoPsk;
+
+impl crate::coap::Credentials for NoPsk {
+    fn psk(&self, _identity: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 impl From<StoreError> for StartError {
@@ -359,6 +390,9 @@ async fn start_services(
     // The CA before the admin key: of the first-start files, the one that can fail last
     // leaves the least behind.
     let ca = Arc::new(crate::certs::CertAuthority::load_or_create(&state_dir)?);
+    if !config.coap.listen_dtls.is_empty() {
+        transport.set_dtls(&dtls_setup(&config.coap, &ca)?)?;
+    }
 
     // Every service is built with what it uses (no setters afterwards): the traffic
     // limits first, since the registry, the request layer and the subscriptions count

@@ -25,6 +25,7 @@ mod allow;
 mod auth;
 mod connections;
 mod crash;
+mod dtls;
 mod flood;
 mod fuzz;
 mod lua;

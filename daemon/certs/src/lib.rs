@@ -314,6 +314,47 @@ impl CertAuthority {
         })
     }
 
+    /// A certificate for the daemon's own secure CoAP listeners (DTLS), signed by this CA,
+    /// for a fresh P-256 key: `CN=connectord`, subject alternative names `localhost`,
+    /// `127.0.0.1`, `::1` and `names`, `serverAuth`, valid like device certificates.
+    /// Issued at each start and kept in memory only. Returns the certificate and its
+    /// PKCS#8 key, both DER.
+    pub fn issue_server(&self, names: &[String]) -> Result<(Vec<u8>, Vec<u8>), CertError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let now = SystemTime::now();
+        let mut params = CertificateParams::new(
+            ["localhost", "127.0.0.1", "::1"]
+                .into_iter()
+                .map(String::from)
+                .chain(names.iter().cloned())
+                .collect::<Vec<_>>(),
+        )?;
+        set_validity(
+            &mut params,
+            now - BACKDATE,
+            (now + VALIDITY).min(self.ca_not_after),
+        );
+        params.serial_number = Some(random_serial());
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "connectord");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.der().to_vec(), key.serialize_der()))
+    }
+
+    /// The CA certificate, DER encoded.
+    pub fn ca_certificate_der(&self) -> Vec<u8> {
+        pem_blocks(&self.ca_pem)
+            .ok()
+            .and_then(|b| b.into_iter().next())
+            .map(|b| b.contents().to_vec())
+            .unwrap_or_default()
+    }
+
     /// The CA certificate, PEM encoded (the same text on every start).
     pub fn ca_certificate_pem(&self) -> &str {
         &self.ca_pem

@@ -143,7 +143,11 @@ impl CoapConfig {
         if self.dtls_idle_s == 0 {
             return Err(("dtls_idle_s", "must be at least 1".into()));
         }
-        if let Some(a) = self.listen_dtls.iter().find(|a| self.listen.contains(a) && a.port() != 0) {
+        if let Some(a) = self
+            .listen_dtls
+            .iter()
+            .find(|a| self.listen.contains(a) && a.port() != 0)
+        {
             return Err((
                 "listen_dtls",
                 format!("{a} is also in coap.listen (one socket cannot be both)"),

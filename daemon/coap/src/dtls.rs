@@ -36,7 +36,6 @@
 //! resumption (a returning device does a full handshake).
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -91,10 +90,7 @@ pub struct DtlsSetup {
 #[derive(Debug, thiserror::Error)]
 pub enum DtlsError {
     #[error("coap.trusted_cas: cannot read {path}: {source}")]
-    ReadCa {
-        path: PathBuf,
-        source: io::Error,
-    },
+    ReadCa { path: PathBuf, source: io::Error },
     #[error("coap.trusted_cas: {path} holds no PEM CERTIFICATE block")]
     NoCertificate { path: PathBuf },
     #[error("coap.trusted_cas: {path}: {reason}")]
@@ -212,7 +208,9 @@ pub struct DtlsListener {
 
 impl std::fmt::Debug for DtlsListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DtlsListener").field("id", &self.id).finish()
+        f.debug_struct("DtlsListener")
+            .field("id", &self.id)
+            .finish()
     }
 }
 
@@ -415,7 +413,14 @@ impl DtlsListener {
         let verdict = match peer.dtls.handle_packet(bytes) {
             Ok(()) => {
                 take_psk_identity(keys, &mut peer);
-                drain(keys, &mut peer, from, &mut out, &mut st.ready, &*self.metrics)
+                drain(
+                    keys,
+                    &mut peer,
+                    from,
+                    &mut out,
+                    &mut st.ready,
+                    &*self.metrics,
+                )
             }
             Err(e) => {
                 tracing::debug!(peer = %from, "DTLS ClientHello refused: {e}");
@@ -628,11 +633,8 @@ impl Listener for DtlsListener {
         self.id
     }
 
-    fn recv<'a>(
-        &'a self,
-        buf: &'a mut [u8],
-    ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send + 'a {
-        async move {
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        {
             let mut dgram = vec![0u8; MAX_RECORD];
             loop {
                 let next = self.lock().ready.pop_front();
@@ -763,7 +765,7 @@ pub mod hello {
         pos += 1 + cookie_len;
         let suites_len = u16::from_be_bytes([*d.get(pos)?, *d.get(pos + 1)?]) as usize;
         let suites = (pos + 2, suites_len);
-        if pos + 2 + suites_len > end || suites_len % 2 != 0 {
+        if pos + 2 + suites_len > end || !suites_len.is_multiple_of(2) {
             return None;
         }
         let mut record_seq = [0u8; 6];

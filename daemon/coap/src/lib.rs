@@ -37,13 +37,13 @@ pub mod transport;
 pub mod udp;
 
 pub use config::CoapConfig;
+pub use dtls::{DtlsListener, DtlsSetup};
+pub use listener::AnyListener;
 pub use listener::{Credentials, Listener, Session};
 pub use message::{DecodeError, Inbound};
 pub use metrics::{Counters, Event, Metrics};
 pub use peer::{ListenerId, ListenerKind, PeerIdentity, PeerRef};
 pub use transport::{RequestHandler, Transport};
-pub use dtls::{DtlsListener, DtlsSetup};
-pub use listener::AnyListener;
 pub use udp::UdpListener;
 
 /// The hasher of this crate's maps keyed by data from outside (peers, tokens): aHash,

@@ -63,11 +63,12 @@ pub trait Listener: Send + Sync + 'static {
 }
 
 /// The listener kinds the transport holds: one variant per kind, each arm passing through
-/// (a TLS variant for RFC 8323 adds one line per method).
+/// (a TLS variant for RFC 8323 adds one line per method). The DTLS one is boxed (its
+/// state is large; a listener is built once).
 #[derive(Debug)]
 pub enum AnyListener {
     Udp(UdpListener),
-    Dtls(DtlsListener),
+    Dtls(Box<DtlsListener>),
 }
 
 impl Listener for AnyListener {

@@ -88,7 +88,8 @@ impl Transport {
         let dtls = cfg.listen_dtls.iter().map(|a| (*a, true));
         for (addr, secure) in udp.chain(dtls) {
             let bound = if secure {
-                DtlsListener::bind(addr, limits, Arc::clone(&metrics)).map(AnyListener::Dtls)
+                DtlsListener::bind(addr, limits, Arc::clone(&metrics))
+                    .map(|l| AnyListener::Dtls(Box::new(l)))
             } else {
                 UdpListener::bind(addr).map(AnyListener::Udp)
             };

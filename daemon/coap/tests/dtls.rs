@@ -122,11 +122,19 @@ async fn exchange(c: &mut DtlsClient, sock: &UdpSocket, server: SocketAddr, mid:
 async fn psk_session_carries_coap_and_names_its_identity() {
     let s = start(100);
     let sock = socket().await;
-    let mut c = DtlsClient::connect(&psk("dev-1", b"secret-key-16byt"), &sock, s.dtls, Duration::from_secs(5))
-        .await
-        .expect("handshake");
+    let mut c = DtlsClient::connect(
+        &psk("dev-1", b"secret-key-16byt"),
+        &sock,
+        s.dtls,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("handshake");
     let answer = exchange(&mut c, &sock, s.dtls, 1).await;
-    assert_eq!(answer.header.code, MessageClass::Response(ResponseType::Content));
+    assert_eq!(
+        answer.header.code,
+        MessageClass::Response(ResponseType::Content)
+    );
     assert_eq!(
         String::from_utf8_lossy(&answer.payload),
         "Some(Psk(\"dev-1\"))"
@@ -148,7 +156,10 @@ async fn psk_session_carries_coap_and_names_its_identity() {
 #[tokio::test]
 async fn wrong_key_and_unknown_identity_are_refused() {
     let s = start(100);
-    for cfg in [psk("dev-1", b"wrong-key-16byte"), psk("nobody", b"secret-key-16byt")] {
+    for cfg in [
+        psk("dev-1", b"wrong-key-16byte"),
+        psk("nobody", b"secret-key-16byt"),
+    ] {
         let sock = socket().await;
         let r = DtlsClient::connect(&cfg, &sock, s.dtls, Duration::from_secs(3)).await;
         assert!(r.is_err(), "handshake must fail");
@@ -192,7 +203,10 @@ async fn hello_flood_leaves_no_state() {
     let mut c = DtlsClient::connect(&probe, &sock, s.dtls, Duration::from_secs(5))
         .await
         .expect("a legitimate client connects during/after the flood");
-    assert_eq!(exchange(&mut c, &sock, s.dtls, 9).await.header.message_id, 9);
+    assert_eq!(
+        exchange(&mut c, &sock, s.dtls, 9).await.header.message_id,
+        9
+    );
 }
 
 /// Clients that finish the cookie exchange but never the handshake: at most
@@ -257,12 +271,31 @@ async fn libcoap_openssl_and_gnutls_psk() {
     let s = start(100);
     let uri = format!("coaps://127.0.0.1:{}/who", s.dtls.port());
     for bin in ["coap-client-openssl", "coap-client-gnutls"] {
-        let args = vec!["-u".into(), "dev-1".into(), "-k".into(), "secret-key-16byt".into(), uri.clone()];
-        let (ok, all) = tokio::task::spawn_blocking(move || libcoap(bin, &args)).await.unwrap();
+        let args = vec![
+            "-u".into(),
+            "dev-1".into(),
+            "-k".into(),
+            "secret-key-16byt".into(),
+            uri.clone(),
+        ];
+        let (ok, all) = tokio::task::spawn_blocking(move || libcoap(bin, &args))
+            .await
+            .unwrap();
         assert!(ok && all.contains("Some(Psk(\"dev-1\"))"), "{bin}:\n{all}");
-        let args = vec!["-u".into(), "dev-1".into(), "-k".into(), "wrong-key-16byte".into(), uri.clone()];
-        let (_, all) = tokio::task::spawn_blocking(move || libcoap(bin, &args)).await.unwrap();
-        assert!(!all.contains("Some(Psk("), "{bin} with a wrong key got an answer:\n{all}");
+        let args = vec![
+            "-u".into(),
+            "dev-1".into(),
+            "-k".into(),
+            "wrong-key-16byte".into(),
+            uri.clone(),
+        ];
+        let (_, all) = tokio::task::spawn_blocking(move || libcoap(bin, &args))
+            .await
+            .unwrap();
+        assert!(
+            !all.contains("Some(Psk("),
+            "{bin} with a wrong key got an answer:\n{all}"
+        );
     }
     assert_eq!(s.counters.get(Event::DtlsHandshake), 2);
 }
