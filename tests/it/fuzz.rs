@@ -113,6 +113,10 @@ const TARGETS: &[Target] = &[
         name: "lwm2m_decode",
         max_len: 4096,
     },
+    Target {
+        name: "dtls_input",
+        max_len: 1500,
+    },
 ];
 
 /// Memory one run may use (`-rss_limit_mb`; with ASan also the largest single allocation):
@@ -149,6 +153,11 @@ fn config_toml() {
 #[test]
 fn lwm2m_decode() {
     fuzz("lwm2m_decode");
+}
+
+#[test]
+fn dtls_input() {
+    fuzz("dtls_input");
 }
 
 /// Every target in `fuzz/fuzz_targets` and `fuzz/Cargo.toml` is run here and has seeds.

@@ -46,6 +46,9 @@ use std::time::{Duration, Instant};
 use dimpl::{Config, Dtls, DtlsCertificate, Output, PskResolver};
 use tokio::net::UdpSocket;
 
+/// The DTLS engine, for the fuzz target and tests.
+pub use dimpl;
+
 use crate::Map;
 use crate::listener::{Credentials, Listener};
 use crate::metrics::{Event, Metrics};
