@@ -40,6 +40,40 @@ fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A device key and its certificate from `POST /api/cert` in `dir` (`device.key`,
+/// `device.pem`, `ca.pem`); returns the endpoint name the certificate carries.
+fn device_certificate(d: &support::Daemon, dir: &Path) -> String {
+    let key = dir.join("device.key");
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        path(&key),
+    ]);
+    let public = openssl(&["ec", "-in", path(&key), "-pubout"]);
+    let r = d.send_json(
+        "POST",
+        "/api/cert",
+        json!({"domain": "default", "publickey": public}).to_string(),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let v = r.json();
+    std::fs::write(
+        dir.join("ca.pem"),
+        v["server_certificate"].as_str().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("device.pem"),
+        v["device_certificate"].as_str().unwrap(),
+    )
+    .unwrap();
+    v["endpoint"].as_str().unwrap().to_string()
+}
+
 fn metric(d: &support::Daemon, name: &str) -> u64 {
     let text = d.get("/metrics").body;
     text.lines()
@@ -190,4 +224,68 @@ fn certificates_from_api_cert_register_over_dtls_and_others_are_refused() {
     );
     assert_eq!(metric(&d, "coap_dtls_handshakes_total"), 2);
     assert!(!d.get("/endpoints").body.contains("intruder"));
+}
+
+/// `connectord simulate --cert --key` registers over DTLS; a read and an observation go
+/// to the device through its DTLS session (the registration's listener is `dtls:`).
+#[test]
+fn reads_and_observations_reach_a_simulated_dtls_device() {
+    use std::time::Duration;
+    const WAIT: Duration = Duration::from_secs(15);
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let dtls = d.ready.as_ref().expect("ready file").coap[1];
+    let dir = tempfile::tempdir().unwrap();
+    device_certificate(&d, dir.path());
+    let mut sim = Command::new(support::BIN)
+        .args([
+            "simulate",
+            "--devices",
+            "2",
+            "--prefix",
+            "secure-",
+            "--notify-interval",
+            "200",
+        ])
+        .args(["--server", &dtls.to_string()])
+        .args(["--cert", path(&dir.path().join("device.pem"))])
+        .args(["--key", path(&dir.path().join("device.key"))])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("connectord simulate");
+    let registered = support::eventually(WAIT, || {
+        let body = d.get("/v2/endpoints").body;
+        body.contains("secure-000000") && body.contains("secure-000001")
+    });
+    if !registered {
+        let _ = sim.kill();
+        panic!("not registered over DTLS: {}", d.get("/v2/endpoints").body);
+    }
+    assert_eq!(metric(&d, "coap_dtls_sessions"), 2);
+
+    let id = d.async_request("GET", "/v2/endpoints/secure-000001/3/0/2", None, None);
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(r["payload"], support::b64(b"secure-000001").as_str(), "{r}");
+    let id = d.async_request(
+        "PUT",
+        "/v2/subscriptions/secure-000000/3303/0/5700",
+        None,
+        None,
+    );
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+    let ours = |e: &serde_json::Value| e["ep"] == "secure-000000" && e["path"] == "/3303/0/5700";
+    let events = d.collect_events(WAIT, |e| {
+        e.of("notifications").iter().filter(|n| ours(n)).count() >= 2
+    });
+    let _ = sim.kill();
+    let _ = sim.wait();
+    assert!(
+        events
+            .of("notifications")
+            .iter()
+            .filter(|n| ours(n))
+            .count()
+            >= 2,
+        "{events:?}"
+    );
 }

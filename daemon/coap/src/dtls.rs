@@ -874,6 +874,54 @@ pub mod client {
         Certificate { cert: Vec<u8>, key: Vec<u8> },
     }
 
+    impl ClientAuth {
+        /// `IDENTITY:HEXKEY` (the identity may hold colons; the key is after the last).
+        pub fn psk_from_arg(arg: &str) -> Result<ClientAuth, String> {
+            let (identity, hex) = arg
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{arg:?} is not IDENTITY:HEXKEY"))?;
+            if identity.is_empty() || hex.is_empty() || hex.len() % 2 != 0 {
+                return Err(format!(
+                    "{arg:?} is not IDENTITY:HEXKEY (an even number of hex digits)"
+                ));
+            }
+            let key = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .map_err(|_| format!("the key of {arg:?} is not hex"))?;
+            Ok(ClientAuth::Psk {
+                identity: identity.as_bytes().to_vec(),
+                key,
+            })
+        }
+
+        /// A certificate and its key from PEM files (`CERTIFICATE`; `EC PRIVATE KEY` or
+        /// `PRIVATE KEY`).
+        pub fn certificate_from_files(
+            cert: &std::path::Path,
+            key: &std::path::Path,
+        ) -> Result<ClientAuth, String> {
+            let block = |path: &std::path::Path, tags: &[&str]| -> Result<Vec<u8>, String> {
+                let text = std::fs::read(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                let blocks = pem::parse_many(&text)
+                    .map_err(|e| format!("{}: not PEM: {e}", path.display()))?;
+                blocks
+                    .into_iter()
+                    .find(|b| tags.contains(&b.tag()))
+                    .map(|b| b.into_contents())
+                    .ok_or_else(|| {
+                        format!("{}: no {} PEM block", path.display(), tags.join(" or "))
+                    })
+            };
+            Ok(ClientAuth::Certificate {
+                cert: block(cert, &["CERTIFICATE"])?,
+                key: block(key, &["EC PRIVATE KEY", "PRIVATE KEY"])?,
+            })
+        }
+    }
+
     struct FixedKey(Vec<u8>);
 
     impl PskResolver for FixedKey {
@@ -888,6 +936,18 @@ pub mod client {
     pub struct ClientConfig {
         config: Arc<Config>,
         auth: ClientAuth,
+    }
+
+    impl std::fmt::Debug for ClientConfig {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let mode = match &self.auth {
+                ClientAuth::Psk { identity, .. } => {
+                    format!("PSK {}", String::from_utf8_lossy(identity))
+                }
+                ClientAuth::Certificate { .. } => "certificate".into(),
+            };
+            f.debug_struct("ClientConfig").field("auth", &mode).finish()
+        }
     }
 
     impl ClientConfig {
