@@ -27,9 +27,10 @@
 //!   serial are read (x509-parser) and [`Credentials::certificate_valid`] asked.
 //! - **Timers** (dimpl's retransmissions, the bounds above) are driven from [`recv`]
 //!   ([`Listener::recv`]), which wakes at least every [`TICK`]: no task of its own.
-//! - A new ClientHello from the address of an established session (a device that
-//!   restarted) goes through the cookie check like any other; once its cookie verifies,
-//!   the new handshake replaces the old session.
+//! - A ClientHello of a new handshake (another client random) from the address of a
+//!   session (a device that restarted) goes through the cookie check like any other; once
+//!   its cookie verifies, the new handshake replaces the old session. A retransmitted
+//!   ClientHello of the handshake in progress goes to its instance.
 //!
 //! Not done: DTLS Connection ID (RFC 9146; dimpl 0.9 has none, see ARCHITECTURE.md), a
 //! ClientHello fragmented over several records before the cookie exchange (dropped), session
@@ -174,6 +175,9 @@ enum Mode {
 struct Peer {
     dtls: Dtls,
     mode: Mode,
+    /// The ClientHello random of this session's handshake: a ClientHello with another is
+    /// a new handshake (the device restarted), checked like one from a new address.
+    random: [u8; 32],
     established: bool,
     /// What the handshake proved so far (PSK identity, verified certificate); the
     /// session's identity once established.
@@ -341,7 +345,9 @@ impl DtlsListener {
         let st = &mut *guard;
         let hello = hello::parse(bytes);
         if let Some(peer) = st.peers.get_mut(&from)
-            && !(peer.established && hello.is_some())
+            && !hello
+                .as_ref()
+                .is_some_and(|h| peer.established || h.random != peer.random)
         {
             peer.last = now;
             let step = peer
@@ -407,6 +413,7 @@ impl DtlsListener {
         let mut peer = Peer {
             dtls,
             mode,
+            random: hello.random,
             established: false,
             identity: None,
             started: now,

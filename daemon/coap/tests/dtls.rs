@@ -48,11 +48,17 @@ struct Server {
 }
 
 fn start(max_handshakes: usize) -> Server {
+    start_with(CoapConfig {
+        dtls_max_handshakes: max_handshakes,
+        ..CoapConfig::default()
+    })
+}
+
+fn start_with(cfg: CoapConfig) -> Server {
     let cfg = CoapConfig {
         listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
         listen_dtls: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
-        dtls_max_handshakes: max_handshakes,
-        ..CoapConfig::default()
+        ..cfg
     };
     cfg.check().unwrap();
     let counters = Arc::new(Counters::default());
@@ -145,6 +151,21 @@ async fn psk_session_carries_coap_and_names_its_identity() {
     assert_eq!(s.counters.get(Event::Duplicate), 1);
     assert_eq!(s.counters.get(Event::DtlsHandshake), 1);
     assert_eq!(s.transport.dtls_counts().sessions, 1);
+    // The device restarts: a new handshake from the same address replaces the session.
+    let mut c = DtlsClient::connect(
+        &psk("dev-1", b"secret-key-16byt"),
+        &sock,
+        s.dtls,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("a new handshake from the same address");
+    assert_eq!(
+        exchange(&mut c, &sock, s.dtls, 2).await.payload,
+        answer.payload
+    );
+    assert_eq!(s.counters.get(Event::DtlsHandshake), 2);
+    assert_eq!(s.transport.dtls_counts().sessions, 1);
     // Revoking the identity closes the session.
     let closed = s
         .transport
@@ -209,14 +230,11 @@ async fn hello_flood_leaves_no_state() {
     );
 }
 
-/// Clients that finish the cookie exchange but never the handshake: at most
-/// `dtls_max_handshakes` are kept; the rest are dropped and counted.
-#[tokio::test]
-async fn half_open_handshakes_are_capped() {
-    let s = start(3);
+/// Starts `n` handshakes that stop after the cookie exchange (half-open on the server).
+async fn half_open(s: &Server, n: usize) -> Vec<UdpSocket> {
     let probe = psk("dev-1", b"secret-key-16byt");
     let mut socks = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..n {
         let sock = socket().await;
         let mut c = DtlsClient::new(&probe, Instant::now());
         for r in c.poll() {
@@ -233,6 +251,15 @@ async fn half_open_handshakes_are_capped() {
         }
         socks.push(sock);
     }
+    socks
+}
+
+/// Clients that finish the cookie exchange but never the handshake: at most
+/// `dtls_max_handshakes` are kept; the rest are dropped and counted.
+#[tokio::test]
+async fn half_open_handshakes_are_capped() {
+    let s = start(3);
+    let _socks = half_open(&s, 6).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while s.counters.get(Event::DtlsHandshakeDropped) < 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -298,4 +325,40 @@ async fn libcoap_openssl_and_gnutls_psk() {
         );
     }
     assert_eq!(s.counters.get(Event::DtlsHandshake), 2);
+}
+
+/// `dtls_handshake_timeout_s` drops half-open handshakes, `dtls_idle_s` closes idle
+/// sessions (close_notify to the client).
+#[tokio::test]
+async fn handshake_timeout_and_idle_expiry() {
+    let s = start_with(CoapConfig {
+        dtls_handshake_timeout_s: 1,
+        dtls_idle_s: 1,
+        ..CoapConfig::default()
+    });
+    let _socks = half_open(&s, 2).await;
+    let sock = socket().await;
+    let mut c = DtlsClient::connect(
+        &psk("dev-1", b"secret-key-16byt"),
+        &sock,
+        s.dtls,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.transport.dtls_counts().half_open, 2);
+    assert_eq!(s.transport.dtls_counts().sessions, 1);
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+        .await
+        .expect("a close_notify after dtls_idle_s")
+        .unwrap();
+    let _ = c.on_datagram(&buf[..n], Instant::now());
+    assert!(c.is_closed(), "the client saw close_notify");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.transport.dtls_counts() != Default::default() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.transport.dtls_counts(), Default::default());
+    assert_eq!(s.counters.get(Event::DtlsHandshakeFailed), 2);
 }
