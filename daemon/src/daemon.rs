@@ -73,12 +73,12 @@ pub enum StartError {
 /// part), the host knows no PSK identity ([`NoPsk`]): PSK handshakes fail, certificate
 /// ones work.
 fn dtls_setup(
-    coap: &crate::coap::CoapConfig,
+    trusted_cas: Vec<Vec<u8>>,
     ca: &crate::certs::CertAuthority,
 ) -> Result<crate::coap::DtlsSetup, StartError> {
     let (cert, key) = ca.issue_server(&[])?;
     let mut trust_anchors = vec![ca.ca_certificate_der()];
-    trust_anchors.extend(crate::coap::dtls::read_trusted_cas(&coap.trusted_cas)?);
+    trust_anchors.extend(trusted_cas);
     Ok(crate::coap::DtlsSetup {
         credentials: Arc::new(NoPsk),
         certificate: Some((cert, key)),
@@ -364,6 +364,8 @@ async fn start_services(
     // Bound before anything is created in the state directory: a taken port leaves it as
     // it was.
     let transport = Transport::bind(&config.coap, counters.clone())?;
+    // Read before the state directory is touched too: a missing file changes nothing.
+    let trusted_cas = crate::coap::dtls::read_trusted_cas(&config.coap.trusted_cas)?;
     let listeners = rest::bind(&config.rest.listen).await?;
     let rest_addrs = listeners
         .iter()
@@ -391,7 +393,7 @@ async fn start_services(
     // leaves the least behind.
     let ca = Arc::new(crate::certs::CertAuthority::load_or_create(&state_dir)?);
     if !config.coap.listen_dtls.is_empty() {
-        transport.set_dtls(&dtls_setup(&config.coap, &ca)?)?;
+        transport.set_dtls(&dtls_setup(trusted_cas, &ca)?)?;
     }
 
     // Every service is built with what it uses (no setters afterwards): the traffic

@@ -4,7 +4,7 @@
 //! handshake bounds are tested against the listener itself, `daemon/coap/tests/dtls.rs`:
 //! the daemon knows no PSK identity until the credential store exists.)
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::json;
@@ -34,6 +34,100 @@ fn openssl(args: &[&str]) -> String {
         &format!("openssl {args:?}"),
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// A CA of its own (openssl) in `dir` and a device certificate it signed for
+/// `OU=default, CN=<cn>`: the CA's PEM, the device's certificate and key.
+fn other_ca(dir: &Path, cn: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |name: &str| dir.join(name);
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        path(&p("other-ca.key")),
+        "-out",
+        path(&p("other-ca.pem")),
+        "-subj",
+        "/CN=other CA",
+        "-days",
+        "2",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        path(&p("other.key")),
+    ]);
+    let subj = format!("/OU=default/CN={cn}");
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        path(&p("other.key")),
+        "-subj",
+        &subj,
+        "-out",
+        path(&p("other.csr")),
+    ]);
+    // Without extensions OpenSSL 3.0 writes a version 1 certificate, which webpki refuses
+    // for that alone.
+    std::fs::write(
+        p("leaf.ext"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        path(&p("other.csr")),
+        "-CA",
+        path(&p("other-ca.pem")),
+        "-CAkey",
+        path(&p("other-ca.key")),
+        "-days",
+        "1",
+        "-out",
+        path(&p("other.pem")),
+        "-extfile",
+        path(&p("leaf.ext")),
+    ]);
+    (p("other-ca.pem"), p("other.pem"), p("other.key"))
+}
+
+/// A device certificate of the daemon's CA (its files in `state`) valid in 2020 only,
+/// written with its key to `cert` and `key` (rcgen: openssl 3.0's `x509 -req` cannot
+/// backdate).
+fn expired_certificate(state: &Path, cert: &Path, key: &Path) {
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(state.join("ca.key.pem")).unwrap())
+            .unwrap();
+    let ca_pem = std::fs::read_to_string(state.join("ca.cert.pem")).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::OrganizationalUnitName, "default");
+    dn.push(rcgen::DnType::CommonName, "old");
+    params.distinguished_name = dn;
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let device = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let signed = params.signed_by(&device, &issuer).unwrap();
+    std::fs::write(cert, signed.pem()).unwrap();
+    std::fs::write(key, device.serialize_pem()).unwrap();
 }
 
 fn path(p: &Path) -> &str {
@@ -150,58 +244,16 @@ fn certificates_from_api_cert_register_over_dtls_and_others_are_refused() {
     let r = d.get("/endpoints");
     assert!(r.body.contains(&endpoint), "{}", r.body);
 
-    // A certificate of another CA, and one of ours that expired yesterday.
-    let other_key = dir.path().join("other.key");
-    let other = dir.path().join("other.pem");
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        path(&other_key),
-        "-out",
-        path(&other),
-        "-subj",
-        "/OU=default/CN=intruder",
-        "-days",
-        "2",
-    ]);
-    let csr = dir.path().join("old.csr");
+    // A certificate of another CA, and one of ours that expired in 2021.
+    let (_, other, other_key) = other_ca(dir.path(), "intruder");
     let expired = dir.path().join("expired.pem");
-    openssl(&[
-        "req",
-        "-new",
-        "-key",
-        path(&key),
-        "-subj",
-        "/OU=default/CN=old",
-        "-out",
-        path(&csr),
-    ]);
-    let state = d.state_dir();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        path(&csr),
-        "-CA",
-        path(&state.join("ca.cert.pem")),
-        "-CAkey",
-        path(&state.join("ca.key.pem")),
-        "-days",
-        "-1",
-        "-out",
-        path(&expired),
-    ]);
+    let expired_key = dir.path().join("expired.key");
+    expired_certificate(&d.state_dir(), &expired, &expired_key);
     let before = metric(&d, "coap_dtls_handshakes_failed_total");
     let mut refused = 0;
     for (cert, key, what) in [
         (&other, &other_key, "another CA"),
-        (&expired, &key, "expired"),
+        (&expired, &expired_key, "expired"),
     ] {
         for bin in ["coap-client-openssl", "coap-client-gnutls"] {
             let (_, all) = register(bin, cert, key, "intruder");
@@ -224,6 +276,11 @@ fn certificates_from_api_cert_register_over_dtls_and_others_are_refused() {
     );
     assert_eq!(metric(&d, "coap_dtls_handshakes_total"), 2);
     assert!(!d.get("/endpoints").body.contains("intruder"));
+    // Refused for what they are: an unknown issuer, an expired certificate.
+    let logs = d.logs().join("\n");
+    for reason in ["UnknownIssuer", "CertExpired"] {
+        assert!(logs.contains(reason), "no {reason} in the log:\n{logs}");
+    }
 }
 
 /// `connectord simulate --cert --key` registers over DTLS; a read and an observation go
@@ -288,4 +345,38 @@ fn reads_and_observations_reach_a_simulated_dtls_device() {
             >= 2,
         "{events:?}"
     );
+}
+
+/// `coap.trusted_cas`: a device certificate of another CA is accepted once that CA is
+/// listed (libcoap over OpenSSL registers with it).
+#[test]
+fn trusted_cas_admit_another_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = other_ca(dir.path(), "guest");
+    let d = support::Daemon::start_custom(
+        &format!(
+            "listen_dtls = [\"127.0.0.1:0\"]\ntrusted_cas = [{:?}]",
+            path(&ca)
+        ),
+        "",
+    );
+    let dtls = d.ready.as_ref().expect("ready file").coap[1];
+    let uri = format!("coaps://127.0.0.1:{}/rd?ep=guest&lt=300", dtls.port());
+    let (ok, all) = libcoap(
+        "coap-client-openssl",
+        &[
+            "-c",
+            path(&cert),
+            "-j",
+            path(&key),
+            "-n",
+            "-m",
+            "post",
+            "-e",
+            "</3/0>",
+            &uri,
+        ],
+    );
+    assert!(ok && all.contains("2.01"), "{all}\n{}", d.logs().join("\n"));
+    assert!(d.get("/endpoints").body.contains("guest"));
 }

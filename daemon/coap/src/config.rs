@@ -156,3 +156,65 @@ impl CoapConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The DTLS keys' range checks name the key.
+    #[test]
+    fn dtls_bounds_are_checked() {
+        let ok = CoapConfig::default();
+        assert_eq!(ok.check(), Ok(()));
+        let addr = SocketAddr::from(([127, 0, 0, 1], 5684));
+        let cases = [
+            (
+                CoapConfig {
+                    dtls_max_sessions: 0,
+                    ..ok.clone()
+                },
+                "dtls_max_sessions",
+            ),
+            (
+                CoapConfig {
+                    dtls_max_sessions: 10,
+                    dtls_max_handshakes: 11,
+                    ..ok.clone()
+                },
+                "dtls_max_handshakes",
+            ),
+            (
+                CoapConfig {
+                    dtls_max_handshakes: 0,
+                    ..ok.clone()
+                },
+                "dtls_max_handshakes",
+            ),
+            (
+                CoapConfig {
+                    dtls_handshake_timeout_s: 0,
+                    ..ok.clone()
+                },
+                "dtls_handshake_timeout_s",
+            ),
+            (
+                CoapConfig {
+                    dtls_idle_s: 0,
+                    ..ok.clone()
+                },
+                "dtls_idle_s",
+            ),
+            (
+                CoapConfig {
+                    listen: vec![addr],
+                    listen_dtls: vec![addr],
+                    ..ok.clone()
+                },
+                "listen_dtls",
+            ),
+        ];
+        for (cfg, key) in cases {
+            assert_eq!(cfg.check().map_err(|(k, _)| k), Err(key));
+        }
+    }
+}
