@@ -8,9 +8,10 @@
 //!
 //! - PSK and ECDSA handshakes/s: `CONCURRENT` clients handshaking in a loop, each on a
 //!   fresh socket (a new source port is a new session), for a fixed count.
-//! - memory per session: `SESSIONS` sessions established one after the other (each
-//!   client's socket closed after its handshake: the server keeps the session until
-//!   `coap.dtls_idle_s`), the process's RSS before and after, divided.
+//! - memory per session: `--dtls-sessions` sessions established one after the other, each
+//!   from its own source address (127.x.0.y; each client's socket closed after its
+//!   handshake: the server keeps the session until `coap.dtls_idle_s`), the process's RSS
+//!   before and after, divided.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+
 use connectord::coap::dtls::client::{ClientAuth, ClientConfig, DtlsClient};
 use connectord::coap::message::{Handled, Response};
 use connectord::coap::{
@@ -78,7 +80,36 @@ pub fn run(handshakes: usize, sessions: usize) -> Result<Vec<Row>> {
             key: PSK_KEY.to_vec(),
         })?;
         let device = device_certificate(&ca)?;
-        let mut rows = Vec::new();
+        // Memory first: the rate runs free what they allocated, which the allocator keeps
+        // and would hand to the sessions measured after them.
+        let before = crate::vm_rss_kib(std::process::id())?;
+        let t0 = Instant::now();
+        for i in 0..sessions {
+            // One source address each (127.x.0.y): a closed socket's port is reused, and a
+            // new handshake from a session's address replaces that session.
+            let ip = std::net::Ipv4Addr::new(127, 1 + (i / 250) as u8, 0, 1 + (i % 250) as u8);
+            let sock = tokio::net::UdpSocket::bind((ip, 0)).await?;
+            DtlsClient::connect(&psk, &sock, server, Duration::from_secs(10)).await?;
+        }
+        let counts = transport.dtls_counts();
+        ensure!(
+            counts.sessions == sessions,
+            "{} sessions of {sessions}",
+            counts.sessions
+        );
+        let after = crate::vm_rss_kib(std::process::id())?;
+        let per = (after.saturating_sub(before)) as f64 * 1024.0 / sessions as f64;
+        let mut rows = vec![Row {
+            scenario: format!("DTLS memory per session ({sessions} PSK sessions)"),
+            value: per,
+            unit: "B/session",
+            target: Some((4096.0, false)),
+            detail: format!(
+                "VmRSS {before} KiB before, {after} KiB after; established in {:.1} s",
+                t0.elapsed().as_secs_f64()
+            ),
+        }];
+        transport.close_sessions(&|_| true);
         for (name, cfg, target) in [
             ("PSK", &psk, Some((5000.0, true))),
             ("ECDSA", &device, None),
@@ -96,34 +127,10 @@ pub fn run(handshakes: usize, sessions: usize) -> Result<Vec<Row>> {
                     t0.elapsed().as_secs_f64()
                 ),
             });
-            // The rate runs leave their sessions: start the memory run from none.
+            // A rate run leaves its sessions: the next one starts from none.
             transport.close_sessions(&|_| true);
         }
 
-        let before = crate::vm_rss_kib(std::process::id())?;
-        let t0 = Instant::now();
-        for _ in 0..sessions {
-            let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-            DtlsClient::connect(&psk, &sock, server, Duration::from_secs(10)).await?;
-        }
-        let counts = transport.dtls_counts();
-        ensure!(
-            counts.sessions == sessions,
-            "{} sessions of {sessions}",
-            counts.sessions
-        );
-        let after = crate::vm_rss_kib(std::process::id())?;
-        let per = (after.saturating_sub(before)) as f64 * 1024.0 / sessions as f64;
-        rows.push(Row {
-            scenario: format!("DTLS memory per session ({sessions} PSK sessions)"),
-            value: per,
-            unit: "B/session",
-            target: Some((4096.0, false)),
-            detail: format!(
-                "VmRSS {before} KiB before, {after} KiB after; established in {:.1} s",
-                t0.elapsed().as_secs_f64()
-            ),
-        });
         let _ = std::fs::remove_dir_all(&dir);
         Ok(rows)
     })
