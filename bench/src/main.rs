@@ -22,6 +22,7 @@ use clap::Parser;
 use connectord::simulate::{SimOptions, SimReport};
 
 mod bulk;
+mod dtls;
 mod https;
 mod webhook;
 use serde_json::{Value, json};
@@ -161,6 +162,16 @@ struct Args {
     json: Option<PathBuf>,
     #[command(flatten)]
     peer: peer::PeerArgs,
+    /// Run the DTLS scenario (only when asked for): PSK and ECDSA handshakes/s and memory
+    /// per DTLS session, against the DTLS listener in this process (see `src/dtls.rs`).
+    #[arg(long)]
+    dtls: bool,
+    /// Handshakes of each `--dtls` rate run.
+    #[arg(long, default_value_t = 5000)]
+    dtls_handshakes: usize,
+    /// Sessions held for `--dtls`'s memory per session.
+    #[arg(long, default_value_t = 10_000)]
+    dtls_sessions: usize,
 }
 
 /// One line of the results table.
@@ -1231,6 +1242,7 @@ fn main() -> Result<()> {
         || args.notifications
         || args.rss
         || args.restart
+        || args.dtls
         || args.peer.peer);
     let (reg, reads, notif, rss, restart) = (
         all || args.registrations,
@@ -1248,6 +1260,13 @@ fn main() -> Result<()> {
         open_files_limit().map_or("?".into(), |l| l.to_string())
     );
 
+    if args.dtls {
+        eprintln!("DTLS handshakes and sessions (in this process) …");
+        match dtls::run(args.dtls_handshakes, args.dtls_sessions) {
+            Ok(r) => rows.extend(r),
+            Err(e) => failures.push(format!("DTLS scenario: {e:#}")),
+        }
+    }
     let mut reg_runs = Vec::new();
     if reg || rss || restart {
         let mut sizes = vec![(args.devices, false)];

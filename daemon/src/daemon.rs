@@ -44,6 +44,8 @@ pub enum StartError {
     Store(StoreError),
     #[error("certificate authority: {0}")]
     Ca(#[from] crate::certs::CertError),
+    #[error("{0}")]
+    Dtls(#[from] crate::coap::dtls::DtlsError),
     #[error("cannot write the first admin key: {0}")]
     FirstKey(std::io::Error),
     #[error("{0}")]
@@ -69,6 +71,24 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// The DTLS listeners' keys: a server certificate issued by the daemon's CA at each
+/// start, the CA (and `coap.trusted_cas`) as the anchors of client certificates, and the
+/// device credential store for PSK keys and revoked certificates.
+fn dtls_setup(
+    trusted_cas: Vec<Vec<u8>>,
+    ca: &crate::certs::CertAuthority,
+    credentials: Arc<dyn crate::coap::Credentials>,
+) -> Result<crate::coap::DtlsSetup, StartError> {
+    let (cert, key) = ca.issue_server_der(&[])?;
+    let mut trust_anchors = vec![ca.ca_certificate_der()];
+    trust_anchors.extend(trusted_cas);
+    Ok(crate::coap::DtlsSetup {
+        credentials,
+        certificate: Some((cert, key)),
+        trust_anchors,
+    })
 }
 
 impl From<StoreError> for StartError {
@@ -365,6 +385,8 @@ async fn start_services(
     // Bound before anything is created in the state directory: a taken port leaves it as
     // it was.
     let transport = Transport::bind(&config.coap, counters.clone())?;
+    // Read before the state directory is touched too: a missing file changes nothing.
+    let trusted_cas = crate::coap::dtls::read_trusted_cas(&config.coap.trusted_cas)?;
     // The HTTPS certificate before the REST sockets: an unusable one refuses the start.
     let rest_tls = match rest::tls::Tls::from_config(&config.rest)? {
         Some((tls, info)) => {
@@ -434,6 +456,10 @@ async fn start_services(
     )
     .await?;
     tracing::info!("loaded the credentials of {} devices", credentials.len());
+    if !config.coap.listen_dtls.is_empty() {
+        let psk = Arc::clone(&credentials) as Arc<dyn crate::coap::Credentials>;
+        transport.set_dtls(&dtls_setup(trusted_cas, &ca, psk)?)?;
+    }
     // The readers (requests, subscriptions, REST) get the read model; the registry
     // itself goes only to the writers (the registration interface, `DELETE
     // /endpoints/{name}`, the expiry task).

@@ -114,6 +114,17 @@ enum Command {
         /// 1.1 clients: no obs, every path observable, TLV unless SenML or text is asked).
         #[arg(long, default_value = "1.0")]
         lwm2m: connectord::simulate::Lwm2mMode,
+        /// Speak DTLS (coaps://, --server is then the daemon's DTLS address, port 5684 by
+        /// convention) with this PSK identity and key (hex), the same for every device.
+        #[arg(long, value_name = "IDENTITY:HEXKEY", conflicts_with = "cert")]
+        psk: Option<String>,
+        /// Speak DTLS with this device certificate (PEM, e.g. from POST /api/cert), the
+        /// same for every device; needs --key.
+        #[arg(long, value_name = "CERT.pem", requires = "key")]
+        cert: Option<std::path::PathBuf>,
+        /// The private key (PEM) of --cert.
+        #[arg(long, value_name = "KEY.pem", requires = "cert")]
+        key: Option<std::path::PathBuf>,
     },
     /// Provision, show and revoke device credentials (DTLS pre-shared keys) through the
     /// running daemon's REST API (/v2/device-credentials), with the first admin key
@@ -255,7 +266,17 @@ fn main() -> ExitCode {
             rate,
             ept,
             lwm2m,
+            psk,
+            cert,
+            key,
         } => {
+            let dtls = match sim_dtls(psk.as_deref(), cert.as_deref(), key.as_deref()) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let opts = connectord::simulate::SimOptions {
                 devices,
                 server,
@@ -268,6 +289,7 @@ fn main() -> ExitCode {
                 register_rate: rate,
                 ept,
                 lwm2m,
+                dtls,
             };
             match simulate(opts) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -322,6 +344,25 @@ fn error_text(e: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+/// The DTLS client configuration of `simulate --psk` / `--cert --key`, if any.
+fn sim_dtls(
+    psk: Option<&str>,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> Result<Option<connectord::simulate::DtlsConfig>, String> {
+    use connectord::simulate::ClientAuth;
+    let auth = match (psk, cert, key) {
+        (Some(p), _, _) => ClientAuth::psk_from_arg(p).map_err(|e| format!("--psk: {e}"))?,
+        (None, Some(c), Some(k)) => {
+            ClientAuth::certificate_from_files(c, k).map_err(|e| format!("--cert/--key: {e}"))?
+        }
+        _ => return Ok(None),
+    };
+    connectord::simulate::DtlsConfig::new(auth)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 fn simulate(opts: connectord::simulate::SimOptions) -> anyhow::Result<()> {

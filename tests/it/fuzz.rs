@@ -117,6 +117,10 @@ const TARGETS: &[Target] = &[
         name: "tcp_frame",
         max_len: 4096,
     },
+    Target {
+        name: "dtls_input",
+        max_len: 1500,
+    },
 ];
 
 /// Memory one run may use (`-rss_limit_mb`; with ASan also the largest single allocation):
@@ -158,6 +162,11 @@ fn lwm2m_decode() {
 #[test]
 fn tcp_frame() {
     fuzz("tcp_frame");
+}
+
+#[test]
+fn dtls_input() {
+    fuzz("dtls_input");
 }
 
 /// Every target in `fuzz/fuzz_targets` and `fuzz/Cargo.toml` is run here and has seeds.

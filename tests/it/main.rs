@@ -26,6 +26,7 @@ mod auth;
 mod connections;
 mod crash;
 mod credentials;
+mod dtls;
 mod flood;
 mod fuzz;
 mod https;

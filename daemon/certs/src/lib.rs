@@ -327,6 +327,27 @@ impl CertAuthority {
         })
     }
 
+    /// [`CertAuthority::issue_server`] for the DTLS listeners: the names `localhost`,
+    /// `127.0.0.1`, `::1` and `names`; the certificate and its PKCS#8 key, both DER.
+    pub fn issue_server_der(&self, names: &[String]) -> Result<(Vec<u8>, Vec<u8>), CertError> {
+        let names: Vec<String> = ["localhost", "127.0.0.1", "::1"]
+            .into_iter()
+            .map(String::from)
+            .chain(names.iter().cloned())
+            .collect();
+        let (cert, key) = self.server_certificate(&names)?;
+        Ok((cert.der().to_vec(), key.serialize_der()))
+    }
+
+    /// The CA certificate, DER encoded.
+    pub fn ca_certificate_der(&self) -> Vec<u8> {
+        pem_blocks(&self.ca_pem)
+            .ok()
+            .and_then(|b| b.into_iter().next())
+            .map(|b| b.contents().to_vec())
+            .unwrap_or_default()
+    }
+
     /// The CA certificate, PEM encoded (the same text on every start).
     pub fn ca_certificate_pem(&self) -> &str {
         &self.ca_pem
@@ -339,6 +360,19 @@ impl CertAuthority {
     /// then the CA) and the key, both PEM. Issued at each start, kept in memory only:
     /// devices verify it against the CA certificate, not the leaf.
     pub fn issue_server(&self, names: &[String]) -> Result<(String, String), CertError> {
+        let (cert, key) = self.server_certificate(names)?;
+        Ok((
+            format!("{}{}", cert.pem(), self.ca_pem),
+            key.serialize_pem(),
+        ))
+    }
+
+    /// `CN=connectord`, `names` as subject alternative names, `serverAuth`, a fresh P-256
+    /// key, valid like a device certificate (never past the CA).
+    fn server_certificate(
+        &self,
+        names: &[String],
+    ) -> Result<(rcgen::Certificate, KeyPair), CertError> {
         let now = SystemTime::now();
         if self.ca_not_after <= now {
             return Err(CertError::CaExpired {
@@ -361,10 +395,7 @@ impl CertAuthority {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok((
-            format!("{}{}", cert.pem(), self.ca_pem),
-            key.serialize_pem(),
-        ))
+        Ok((cert, key))
     }
 }
 

@@ -57,6 +57,19 @@ pub struct CoapConfig {
     pub tls_max_message_size: usize,
     /// Seconds a TLS handshake may take before the connection is closed.
     pub tls_handshake_timeout_s: u64,
+    /// UDP addresses for CoAP over DTLS 1.2 (`coaps://`, port 5684 by convention); empty
+    /// (the default): no DTLS.
+    pub listen_dtls: Vec<SocketAddr>,
+    /// DTLS sessions kept at most per listener; a new handshake beyond it is dropped.
+    pub dtls_max_sessions: usize,
+    /// Half-open DTLS handshakes (cookie verified, not finished) at most per listener;
+    /// beyond it ClientHellos are dropped and counted.
+    pub dtls_max_handshakes: usize,
+    /// A DTLS handshake not finished after this long is dropped.
+    pub dtls_handshake_timeout_s: u64,
+    /// A DTLS session that carried nothing for this long is closed (the device handshakes
+    /// again).
+    pub dtls_idle_s: u64,
     /// Who may speak plain (unencrypted) CoAP on the UDP listeners (issue 21).
     pub plain: PlainPolicy,
 }
@@ -128,6 +141,11 @@ impl Default for CoapConfig {
             tls_max_message_size: 16_384,
             tls_handshake_timeout_s: 10,
             plain: PlainPolicy::Allow,
+            listen_dtls: Vec::new(),
+            dtls_max_sessions: 100_000,
+            dtls_max_handshakes: 1000,
+            dtls_handshake_timeout_s: 30,
+            dtls_idle_s: 3600,
         }
     }
 }
@@ -137,8 +155,11 @@ impl CoapConfig {
     /// message)`, the key relative to the section (`max_datagram`); the host names it in
     /// full and locates it in its file.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
-        if self.listen.is_empty() && self.listen_tls.is_empty() {
-            return Err(("listen", "needs at least one address".into()));
+        if self.listen.is_empty() && self.listen_dtls.is_empty() && self.listen_tls.is_empty() {
+            return Err((
+                "listen",
+                "needs at least one address (or coap.listen_dtls / coap.listen_tls)".into(),
+            ));
         }
         if !(64..=65_507).contains(&self.max_datagram) {
             return Err((
@@ -174,6 +195,37 @@ impl CoapConfig {
             return Err(("max_in_flight", "must be at least 1".into()));
         }
         self.check_tls()?;
+        if self.dtls_max_sessions == 0 {
+            return Err(("dtls_max_sessions", "must be at least 1".into()));
+        }
+        if !(1..=self.dtls_max_sessions).contains(&self.dtls_max_handshakes) {
+            return Err((
+                "dtls_max_handshakes",
+                format!(
+                    "{} is outside 1..=coap.dtls_max_sessions ({})",
+                    self.dtls_max_handshakes, self.dtls_max_sessions
+                ),
+            ));
+        }
+        if !(1..=600).contains(&self.dtls_handshake_timeout_s) {
+            return Err((
+                "dtls_handshake_timeout_s",
+                format!("{} is outside 1..=600", self.dtls_handshake_timeout_s),
+            ));
+        }
+        if self.dtls_idle_s == 0 {
+            return Err(("dtls_idle_s", "must be at least 1".into()));
+        }
+        if let Some(a) = self
+            .listen_dtls
+            .iter()
+            .find(|a| self.listen.contains(a) && a.port() != 0)
+        {
+            return Err((
+                "listen_dtls",
+                format!("{a} is also in coap.listen (one socket cannot be both)"),
+            ));
+        }
         Ok(())
     }
 }
@@ -307,6 +359,63 @@ mod tests {
         }
         for ip in [lan, lan6] {
             assert!(!PlainPolicy::Loopback.admits(ListenerKind::Udp, ip), "{ip}");
+        }
+    }
+
+    /// The DTLS keys' range checks name the key.
+    #[test]
+    fn dtls_bounds_are_checked() {
+        let ok = CoapConfig::default();
+        assert_eq!(ok.check(), Ok(()));
+        let addr = SocketAddr::from(([127, 0, 0, 1], 5684));
+        let cases = [
+            (
+                CoapConfig {
+                    dtls_max_sessions: 0,
+                    ..ok.clone()
+                },
+                "dtls_max_sessions",
+            ),
+            (
+                CoapConfig {
+                    dtls_max_sessions: 10,
+                    dtls_max_handshakes: 11,
+                    ..ok.clone()
+                },
+                "dtls_max_handshakes",
+            ),
+            (
+                CoapConfig {
+                    dtls_max_handshakes: 0,
+                    ..ok.clone()
+                },
+                "dtls_max_handshakes",
+            ),
+            (
+                CoapConfig {
+                    dtls_handshake_timeout_s: 0,
+                    ..ok.clone()
+                },
+                "dtls_handshake_timeout_s",
+            ),
+            (
+                CoapConfig {
+                    dtls_idle_s: 0,
+                    ..ok.clone()
+                },
+                "dtls_idle_s",
+            ),
+            (
+                CoapConfig {
+                    listen: vec![addr],
+                    listen_dtls: vec![addr],
+                    ..ok.clone()
+                },
+                "listen_dtls",
+            ),
+        ];
+        for (cfg, key) in cases {
+            assert_eq!(cfg.check().map_err(|(k, _)| k), Err(key));
         }
     }
 }

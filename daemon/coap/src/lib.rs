@@ -27,6 +27,7 @@ pub mod client;
 pub mod config;
 pub mod content_format;
 pub mod dedup;
+pub mod dtls;
 pub mod link_format;
 pub mod listener;
 pub mod message;
@@ -38,12 +39,14 @@ pub mod transport;
 pub mod udp;
 
 pub use config::{CoapConfig, PlainPolicy};
+pub use dtls::{DtlsListener, DtlsSetup};
+pub use listener::AnyListener;
 pub use listener::{Credentials, Listener, Session};
 pub use message::{DecodeError, Inbound};
 pub use metrics::{Counters, Event, Metrics};
 pub use peer::{ListenerId, ListenerKind, PeerIdentity, PeerRef};
 pub use tls::{TlsListener, TlsSetup};
-pub use transport::{AnyListener, RequestHandler, Transport};
+pub use transport::{RequestHandler, Transport};
 pub use udp::UdpListener;
 
 /// The hasher of this crate's maps keyed by data from outside (peers, tokens): aHash,

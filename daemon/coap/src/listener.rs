@@ -21,7 +21,9 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 
+use crate::dtls::DtlsListener;
 use crate::peer::{ListenerId, ListenerKind, PeerIdentity, PeerRef};
+use crate::udp::UdpListener;
 
 pub trait Listener: Send + Sync + 'static {
     /// This listener's name (`udp:[::]:5683`).
@@ -57,6 +59,58 @@ pub trait Listener: Send + Sync + 'static {
     /// (a revoked credential), and returns how many it closed.
     fn close_sessions(&self, _revoked: &dyn Fn(&PeerIdentity) -> bool) -> usize {
         0
+    }
+}
+
+/// The listener kinds the transport holds: one variant per kind, each arm passing through
+/// (one line per method per kind). The DTLS one is boxed (its
+/// state is large; a listener is built once).
+#[derive(Debug)]
+pub enum AnyListener {
+    Udp(UdpListener),
+    Dtls(Box<DtlsListener>),
+    Tls(crate::tls::TlsListener),
+}
+
+impl Listener for AnyListener {
+    fn id(&self) -> ListenerId {
+        match self {
+            AnyListener::Udp(l) => l.id(),
+            AnyListener::Dtls(l) => l.id(),
+            AnyListener::Tls(l) => l.id(),
+        }
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        match self {
+            AnyListener::Udp(l) => l.recv(buf).await,
+            AnyListener::Dtls(l) => l.recv(buf).await,
+            AnyListener::Tls(l) => l.recv(buf).await,
+        }
+    }
+
+    async fn send(&self, session: SocketAddr, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            AnyListener::Udp(l) => l.send(session, bytes).await,
+            AnyListener::Dtls(l) => l.send(session, bytes).await,
+            AnyListener::Tls(l) => l.send(session, bytes).await,
+        }
+    }
+
+    fn identity(&self, session: SocketAddr) -> Option<PeerIdentity> {
+        match self {
+            AnyListener::Udp(l) => l.identity(session),
+            AnyListener::Dtls(l) => l.identity(session),
+            AnyListener::Tls(l) => l.identity(session),
+        }
+    }
+
+    fn close_sessions(&self, revoked: &dyn Fn(&PeerIdentity) -> bool) -> usize {
+        match self {
+            AnyListener::Udp(l) => l.close_sessions(revoked),
+            AnyListener::Dtls(l) => l.close_sessions(revoked),
+            AnyListener::Tls(l) => l.close_sessions(revoked),
+        }
     }
 }
 

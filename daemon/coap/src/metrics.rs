@@ -27,6 +27,17 @@ pub enum Event {
     ErrorResponse,
     /// A plain-CoAP datagram was dropped by `coap.plain`.
     PlainDropped,
+    /// A DTLS handshake completed (a session established).
+    DtlsHandshake,
+    /// A DTLS handshake failed (wrong key, unknown identity, refused certificate, no
+    /// common suite, timeout).
+    DtlsHandshakeFailed,
+    /// A ClientHello without a valid cookie was answered with a HelloVerifyRequest (no
+    /// state kept).
+    DtlsHelloVerify,
+    /// A ClientHello with a valid cookie was dropped: `coap.dtls_max_handshakes` half-open
+    /// handshakes or `coap.dtls_max_sessions` sessions.
+    DtlsHandshakeDropped,
 }
 
 /// The host's counters, as the message layer reports to them.
@@ -39,7 +50,7 @@ pub trait Metrics: Send + Sync + 'static {
 /// A plain implementation: one atomic per [`Event`] (tests, embedders without metrics).
 #[derive(Debug, Default)]
 pub struct Counters {
-    events: [AtomicU64; 9],
+    events: [AtomicU64; 13],
     requests: AtomicU64,
 }
 

@@ -25,57 +25,13 @@ use crate::block1::{self, Assemblies};
 use crate::client::{ClientConfig, ClientState};
 use crate::config::CoapConfig;
 use crate::dedup::{Dedup, Seen};
-use crate::listener::{Listener, Session};
+use crate::dtls::{DtlsCounts, DtlsError, DtlsLimits, DtlsListener, DtlsSetup};
+use crate::listener::{AnyListener, Listener, Session};
 use crate::message::{self, Handled, Inbound, RawHeader, Response};
 use crate::metrics::{Event, Metrics};
 use crate::peer::{ListenerId, PeerRef};
 use crate::tls::{TlsBounds, TlsListener, TlsSetup};
 use crate::udp::{self, UdpListener};
-
-/// The listeners of a transport, one variant per kind (a `Listener` returns `impl
-/// Future`, so the set is an enum rather than `dyn Listener`).
-#[derive(Debug)]
-pub enum AnyListener {
-    Udp(UdpListener),
-    Tls(TlsListener),
-}
-
-impl Listener for AnyListener {
-    fn id(&self) -> ListenerId {
-        match self {
-            AnyListener::Udp(l) => l.id(),
-            AnyListener::Tls(l) => l.id(),
-        }
-    }
-
-    async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        match self {
-            AnyListener::Udp(l) => l.recv(buf).await,
-            AnyListener::Tls(l) => l.recv(buf).await,
-        }
-    }
-
-    async fn send(&self, session: SocketAddr, bytes: &[u8]) -> io::Result<()> {
-        match self {
-            AnyListener::Udp(l) => l.send(session, bytes).await,
-            AnyListener::Tls(l) => l.send(session, bytes).await,
-        }
-    }
-
-    fn identity(&self, session: SocketAddr) -> Option<crate::peer::PeerIdentity> {
-        match self {
-            AnyListener::Udp(l) => l.identity(session),
-            AnyListener::Tls(l) => l.identity(session),
-        }
-    }
-
-    fn close_sessions(&self, revoked: &dyn Fn(&crate::peer::PeerIdentity) -> bool) -> usize {
-        match self {
-            AnyListener::Udp(l) => l.close_sessions(revoked),
-            AnyListener::Tls(l) => l.close_sessions(revoked),
-        }
-    }
-}
 
 /// What the transport calls for each new request. A [`Handled`] without a response sends
 /// no reply (only sensible for a NON request); its `after_send` runs once the reply is out.
@@ -102,7 +58,8 @@ struct NewRequest {
 
 /// The listeners plus message-layer state.
 pub struct Transport {
-    /// In the order of `coap.listen`, then `coap.listen_tls`.
+    /// `coap.listen` (UDP), `coap.listen_dtls` (DTLS), then `coap.listen_tls`, in their
+    /// order.
     listeners: Vec<Arc<AnyListener>>,
     dedup: Mutex<Dedup>,
     /// Request bodies arriving block-wise (Block1).
@@ -121,15 +78,32 @@ pub struct Transport {
 }
 
 impl Transport {
-    /// Binds every configured address. A wildcard of an address family the host does not
-    /// have is skipped with a warning; any other failure, or no socket at all, is an error.
+    /// Binds every configured address (`coap.listen`, then `coap.listen_dtls`: the DTLS
+    /// listeners handshake once given their keys, [`Transport::set_dtls`]). A wildcard of
+    /// an address family the host does not have is skipped with a warning; any other
+    /// failure, or no socket at all, is an error.
     pub fn bind(cfg: &CoapConfig, metrics: Arc<dyn Metrics>) -> io::Result<Arc<Transport>> {
         let mut listeners = Vec::new();
-        for addr in &cfg.listen {
-            match UdpListener::bind(*addr) {
+        let limits = DtlsLimits {
+            max_sessions: cfg.dtls_max_sessions,
+            max_handshakes: cfg.dtls_max_handshakes,
+            handshake_timeout: Duration::from_secs(cfg.dtls_handshake_timeout_s),
+            idle: Duration::from_secs(cfg.dtls_idle_s),
+        };
+        let udp = cfg.listen.iter().map(|a| (*a, false));
+        let dtls = cfg.listen_dtls.iter().map(|a| (*a, true));
+        for (addr, secure) in udp.chain(dtls) {
+            let bound = if secure {
+                DtlsListener::bind(addr, limits, Arc::clone(&metrics))
+                    .map(|l| AnyListener::Dtls(Box::new(l)))
+            } else {
+                UdpListener::bind(addr).map(AnyListener::Udp)
+            };
+            match bound {
                 Ok(l) => {
-                    tracing::info!("CoAP listening on udp://{}", l.id().local);
-                    listeners.push(Arc::new(AnyListener::Udp(l)));
+                    let scheme = if secure { "coaps" } else { "udp" };
+                    tracing::info!("CoAP listening on {scheme}://{}", l.id().local);
+                    listeners.push(Arc::new(l));
                 }
                 Err(e)
                     if addr.is_ipv6() && addr.ip().is_unspecified() && udp::family_missing(&e) =>
@@ -202,7 +176,8 @@ impl Transport {
         }))
     }
 
-    /// The UDP addresses actually bound (port 0 resolved).
+    /// The UDP addresses actually bound (port 0 resolved); [`Transport::local_addrs_of`]
+    /// gives those of another kind.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.local_addrs_of(crate::peer::ListenerKind::Udp)
     }
@@ -225,6 +200,30 @@ impl Transport {
             .iter()
             .map(|l| l.close_sessions(revoked))
             .sum()
+    }
+
+    /// Gives every DTLS listener its keys (the host's credentials, its server certificate,
+    /// the CAs client certificates must chain to).
+    pub fn set_dtls(&self, setup: &DtlsSetup) -> Result<(), DtlsError> {
+        for l in &self.listeners {
+            if let AnyListener::Dtls(d) = &**l {
+                d.configure(setup)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// DTLS sessions and half-open handshakes now, over every DTLS listener.
+    pub fn dtls_counts(&self) -> DtlsCounts {
+        let mut c = DtlsCounts::default();
+        for l in &self.listeners {
+            if let AnyListener::Dtls(d) = &**l {
+                let n = d.counts();
+                c.sessions += n.sessions;
+                c.half_open += n.half_open;
+            }
+        }
+        c
     }
 
     /// The listeners, in the order of `coap.listen`.

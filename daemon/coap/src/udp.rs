@@ -55,7 +55,7 @@ pub(crate) fn family_missing(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(EAFNOSUPPORT | EADDRNOTAVAIL))
 }
 
-fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
+pub(crate) fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {

@@ -96,6 +96,17 @@ counters! {
     /// Plain-CoAP datagrams dropped by coap.plain ("loopback": from a non-loopback
     /// address; "deny": all).
     coap_plain_dropped,
+    /// DTLS handshakes completed (sessions established).
+    coap_dtls_handshakes,
+    /// DTLS handshakes failed (wrong key, unknown identity, refused certificate, no common
+    /// suite, timeout).
+    coap_dtls_handshakes_failed,
+    /// DTLS ClientHellos without a valid cookie, answered with a HelloVerifyRequest (no
+    /// state kept).
+    coap_dtls_hello_verify,
+    /// DTLS ClientHellos with a valid cookie dropped at coap.dtls_max_handshakes or
+    /// coap.dtls_max_sessions.
+    coap_dtls_handshakes_dropped,
     /// LwM2M registrations accepted.
     registrations,
     /// LwM2M registration updates accepted.
@@ -210,6 +221,10 @@ impl connectord_coap::Metrics for Counters {
             Event::Unexpected => &self.coap_unexpected,
             Event::ErrorResponse => &self.coap_error_responses,
             Event::PlainDropped => &self.coap_plain_dropped,
+            Event::DtlsHandshake => &self.coap_dtls_handshakes,
+            Event::DtlsHandshakeFailed => &self.coap_dtls_handshakes_failed,
+            Event::DtlsHelloVerify => &self.coap_dtls_hello_verify,
+            Event::DtlsHandshakeDropped => &self.coap_dtls_handshakes_dropped,
         };
         Counters::inc(c);
     }

@@ -531,6 +531,19 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
                 ),
                 state.transport.block_transfers() as u64,
             );
+            let dtls = state.transport.dtls_counts();
+            metrics::gauge(
+                &mut out,
+                "coap_dtls_sessions",
+                "DTLS sessions established now (at most coap.dtls_max_sessions per listener).",
+                dtls.sessions as u64,
+            );
+            metrics::gauge(
+                &mut out,
+                "coap_dtls_handshakes_open",
+                "DTLS handshakes half-open now (at most coap.dtls_max_handshakes per listener).",
+                dtls.half_open as u64,
+            );
             render_queues(&state, &mut out);
             state.plugins.render_metrics(&mut out);
             Reply::with_type(StatusCode::OK, "text/plain; version=0.0.4", out)

@@ -65,6 +65,8 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use connectord_core::coap::client::Block;
+use connectord_core::coap::dtls::client::DtlsClient;
+pub use connectord_core::coap::dtls::client::{ClientAuth, ClientConfig as DtlsConfig};
 use connectord_core::coap::message::{self, Response, encode_uint, uint_option, uri_path};
 use connectord_lwm2m as lwm2m_data;
 
@@ -102,6 +104,8 @@ const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// After stop, how long de-registrations may take before the remaining tasks are dropped.
 const STOP_GRACE: Duration = Duration::from_secs(30);
+/// Longest a DTLS device waits for its handshake before it counts as failed.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(20);
 /// Largest datagram read; anything longer is truncated and then fails to decode.
 const MAX_DATAGRAM: usize = 1500;
 /// The temperature stays within these bounds (tenths of a degree).
@@ -162,6 +166,9 @@ pub struct SimOptions {
     pub ept: Option<String>,
     /// The LwM2M behaviour.
     pub lwm2m: Lwm2mMode,
+    /// Speak DTLS to `server` (`coaps://`) with this client configuration (a PSK or a
+    /// certificate, see `connectord simulate --psk/--cert`); `None`: plain CoAP.
+    pub dtls: Option<DtlsConfig>,
 }
 
 impl Default for SimOptions {
@@ -178,6 +185,7 @@ impl Default for SimOptions {
             register_rate: 0,
             ept: None,
             lwm2m: Lwm2mMode::default(),
+            dtls: None,
         }
     }
 }
@@ -1233,6 +1241,8 @@ pub async fn run(
             dev,
             sock,
             DeviceCtx {
+                dtls: opts.dtls.clone(),
+                server: opts.server,
                 stop: stop_rx.clone(),
                 start_at,
                 permits: Arc::clone(&permits),
@@ -1342,6 +1352,9 @@ fn open_sockets(opts: &SimOptions) -> Result<Vec<UdpSocket>, SimError> {
 }
 
 struct DeviceCtx {
+    /// DTLS to `server`, or plain CoAP.
+    dtls: Option<DtlsConfig>,
+    server: SocketAddr,
     stop: watch::Receiver<bool>,
     start_at: Instant,
     permits: Arc<Semaphore>,
@@ -1360,6 +1373,20 @@ async fn device_task(mut dev: Device, sock: UdpSocket, mut ctx: DeviceCtx) {
         } => p.ok(),
     };
     let mut permit = permit;
+    // A DTLS device handshakes first; every message then goes through the session.
+    let mut session = match &ctx.dtls {
+        None => None,
+        Some(cfg) => match DtlsClient::connect(cfg, &sock, ctx.server, HANDSHAKE_LIMIT).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let _ = ctx.events.send((
+                    dev.name.clone(),
+                    Outcome::Failed(format!("DTLS handshake: {e}")),
+                ));
+                return;
+            }
+        },
+    };
     dev.start_registration(Instant::now());
     let period = dev.shared.notify_interval;
     let phase = period.mul_f64(rand::rng().random_range(0.0..1.0));
@@ -1368,8 +1395,14 @@ async fn device_task(mut dev: Device, sock: UdpSocket, mut ctx: DeviceCtx) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         for (bytes, to) in dev.take_outgoing() {
-            if let Err(e) = sock.send_to(&bytes, to).await {
-                tracing::trace!("{}: send to {to} failed: {e}", dev.name);
+            let records = match session.as_mut() {
+                None => vec![bytes],
+                Some(c) => c.send(&bytes).unwrap_or_default(),
+            };
+            for r in records {
+                if let Err(e) = sock.send_to(&r, to).await {
+                    tracing::trace!("{}: send to {to} failed: {e}", dev.name);
+                }
             }
         }
         if let Some(outcome) = dev.take_outcome() {
@@ -1390,7 +1423,17 @@ async fn device_task(mut dev: Device, sock: UdpSocket, mut ctx: DeviceCtx) {
                 dev.begin_stop(Instant::now());
             }
             r = sock.recv_from(&mut buf) => match r {
-                Ok((n, from)) => dev.on_datagram(&buf[..n], from, Instant::now()),
+                Ok((n, from)) => match session.as_mut() {
+                    None => dev.on_datagram(&buf[..n], from, Instant::now()),
+                    Some(c) => {
+                        for r in c.on_datagram(&buf[..n], std::time::Instant::now()).unwrap_or_default() {
+                            let _ = sock.send_to(&r, from).await;
+                        }
+                        while let Some(m) = c.take_message() {
+                            dev.on_datagram(&m, from, Instant::now());
+                        }
+                    }
+                },
                 Err(e) => {
                     // Unconnected UDP rarely fails here; do not spin if it does.
                     tracing::trace!("{}: receive failed: {e}", dev.name);
@@ -1398,6 +1441,17 @@ async fn device_task(mut dev: Device, sock: UdpSocket, mut ctx: DeviceCtx) {
                 }
             },
             _ = ticker.tick(), if !dev.stopping => dev.on_tick(),
+            _ = async {
+                if let Some(t) = session.as_ref().and_then(|c| c.next_timer()) {
+                    tokio::time::sleep_until(Instant::from_std(t)).await;
+                }
+            }, if session.as_ref().is_some_and(|c| c.next_timer().is_some()) => {
+                if let Some(c) = session.as_mut() {
+                    for r in c.on_timer(std::time::Instant::now()).unwrap_or_default() {
+                        let _ = sock.send_to(&r, ctx.server).await;
+                    }
+                }
+            }
             _ = async {
                 if let Some(d) = deadline {
                     tokio::time::sleep_until(d).await;

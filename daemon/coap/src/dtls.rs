@@ -1,0 +1,1137 @@
+//! CoAP over DTLS 1.2 (RFC 7252 §9): one UDP socket per listener, one DTLS session per
+//! peer address, the handshakes and records done by [`dimpl`] (sans-IO), PSK
+//! (`TLS_PSK_WITH_AES_128_CCM_8`) and X.509 client certificates (ECDHE-ECDSA with AES-GCM).
+//!
+//! Decisions (see ARCHITECTURE.md, "CoAP over DTLS", for the comparison of libraries):
+//! - **No per-peer state before the cookie round trip.** A ClientHello from an address
+//!   without a session is answered here, statelessly, with a HelloVerifyRequest whose
+//!   cookie is `HMAC-SHA256(secret, client_random)`; a session (a dimpl instance) is created
+//!   only for a ClientHello that carries that cookie. dimpl is built with the same secret
+//!   (`server_cookie_secret`, our patch of dimpl, `vendor/dimpl/PATCHED.md`), so the
+//!   instance accepts the cookie itself; it is first shown the cookie-less ClientHello
+//!   (`message_seq` 0, answered with a HelloVerifyRequest we drop) so that it is in the
+//!   state RFC 6347 §4.2.2 describes after a cookie exchange (`message_seq` 1 on both
+//!   sides; the first ClientHello is not part of the handshake hash).
+//! - **Bounds.** Half-open handshakes (cookie verified, not yet established) are capped at
+//!   `coap.dtls_max_handshakes`, sessions at `coap.dtls_max_sessions`; beyond either a
+//!   ClientHello is dropped and counted. A handshake older than
+//!   `coap.dtls_handshake_timeout_s` is dropped, a session idle for `coap.dtls_idle_s` is
+//!   closed (close_notify) and forgotten.
+//! - **The mode is chosen per handshake** from the client's offer: the first suite it
+//!   offers that we have decides a PSK instance (`Dtls::new_12_psk`) or a certificate one
+//!   (`Dtls::new_12`, client certificate required).
+//! - **Identities.** PSK: the identity whose key the host's [`Credentials`] gave (the
+//!   handshake fails on an unknown identity or a wrong key). Certificate: the leaf that
+//!   dimpl reports is verified here with webpki against the trust anchors (the daemon's
+//!   CA and `coap.trusted_cas`): chain, validity dates, `clientAuth`; then its CN, OU and
+//!   serial are read (x509-parser) and [`Credentials::certificate_valid`] asked.
+//! - **Timers** (dimpl's retransmissions, the bounds above) are driven from [`recv`]
+//!   ([`Listener::recv`]), which wakes at least every [`TICK`]: no task of its own.
+//! - A ClientHello of a new handshake (another client random) from the address of a
+//!   session (a device that restarted) goes through the cookie check like any other; once
+//!   its cookie verifies, the new handshake replaces the old session. A retransmitted
+//!   ClientHello of the handshake in progress goes to its instance.
+//!
+//! Not done: DTLS Connection ID (RFC 9146; dimpl 0.9 has none, see ARCHITECTURE.md), a
+//! ClientHello fragmented over several records before the cookie exchange (dropped), session
+//! resumption (a returning device does a full handshake).
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use dimpl::{Config, Dtls, DtlsCertificate, Output, PskResolver};
+use tokio::net::UdpSocket;
+
+/// The DTLS engine, for the fuzz target and tests.
+pub use dimpl;
+
+use crate::Map;
+use crate::listener::{Credentials, Listener};
+use crate::metrics::{Event, Metrics};
+use crate::peer::{ListenerId, ListenerKind, PeerIdentity};
+
+/// How often [`DtlsListener::recv`] wakes up for timers when no datagram comes.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// Decrypted messages waiting for the receive loop, at most (more are dropped: the peer
+/// retransmits).
+const MAX_READY: usize = 1024;
+
+/// Largest DTLS datagram read.
+const MAX_RECORD: usize = 4096;
+
+/// What one ClientHello cipher suite means to us.
+const PSK_AES128_CCM_8: u16 = 0xC0A8;
+const ECDHE_ECDSA_SUITES: [u16; 3] = [0xC02B, 0xC02C, 0xCCA9];
+
+/// The bounds of a DTLS listener (`[coap] dtls_*`).
+#[derive(Debug, Clone, Copy)]
+pub struct DtlsLimits {
+    pub max_sessions: usize,
+    pub max_handshakes: usize,
+    pub handshake_timeout: Duration,
+    pub idle: Duration,
+}
+
+/// What a DTLS listener needs from its host besides the socket: given once, after the
+/// host loaded its CA ([`crate::Transport::set_dtls`]); until then ClientHellos are dropped.
+pub struct DtlsSetup {
+    /// The keys of PSK identities (and the revocation check of certificates).
+    pub credentials: Arc<dyn Credentials>,
+    /// The server's certificate and its PKCS#8 key (both DER, an ECDSA P-256 or P-384
+    /// key); `None` offers PSK only.
+    pub certificate: Option<(Vec<u8>, Vec<u8>)>,
+    /// CA certificates (DER) a client certificate must chain to.
+    pub trust_anchors: Vec<Vec<u8>>,
+}
+
+/// A bad [`DtlsSetup`] or `coap.trusted_cas` file.
+#[derive(Debug, thiserror::Error)]
+pub enum DtlsError {
+    #[error("coap.trusted_cas: cannot read {path}: {source}")]
+    ReadCa { path: PathBuf, source: io::Error },
+    #[error("coap.trusted_cas: {path} holds no PEM CERTIFICATE block")]
+    NoCertificate { path: PathBuf },
+    #[error("coap.trusted_cas: {path}: {reason}")]
+    BadCa { path: PathBuf, reason: String },
+    #[error("DTLS trust anchor is not a usable CA certificate: {0}")]
+    BadAnchor(String),
+    #[error("DTLS server key or settings refused by dimpl: {0}")]
+    Dimpl(String),
+}
+
+/// Reads the CA certificates of `coap.trusted_cas` (PEM files, one or more CERTIFICATE
+/// blocks each), as DER.
+pub fn read_trusted_cas(paths: &[PathBuf]) -> Result<Vec<Vec<u8>>, DtlsError> {
+    let mut out = Vec::new();
+    for path in paths {
+        let text = std::fs::read(path).map_err(|source| DtlsError::ReadCa {
+            path: path.clone(),
+            source,
+        })?;
+        let blocks = pem::parse_many(&text).map_err(|e| DtlsError::BadCa {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let before = out.len();
+        for b in blocks.into_iter().filter(|b| b.tag() == "CERTIFICATE") {
+            let der = b.into_contents();
+            check_anchor(&der).map_err(|reason| DtlsError::BadCa {
+                path: path.clone(),
+                reason,
+            })?;
+            out.push(der);
+        }
+        if out.len() == before {
+            return Err(DtlsError::NoCertificate { path: path.clone() });
+        }
+    }
+    Ok(out)
+}
+
+fn check_anchor(der: &[u8]) -> Result<(), String> {
+    let der = rustls_pki_types::CertificateDer::from(der);
+    webpki::anchor_from_trusted_cert(&der)
+        .map(|_| ())
+        .map_err(|e| format!("not a usable CA certificate ({e:?})"))
+}
+
+/// The keys, built once from a [`DtlsSetup`].
+struct Keys {
+    psk: Arc<Config>,
+    resolver: Arc<Resolver>,
+    cert: Option<(Arc<Config>, DtlsCertificate)>,
+    anchors: Vec<rustls_pki_types::TrustAnchor<'static>>,
+    credentials: Arc<dyn Credentials>,
+}
+
+/// dimpl's PSK lookup over the host's [`Credentials`]. It is called inside
+/// `Dtls::handle_packet`, under the listener's state lock, so `last` names the identity of
+/// the handshake being stepped (taken right after the call).
+struct Resolver {
+    credentials: AssertUnwindSafe<Arc<dyn Credentials>>,
+    last: Mutex<Option<Vec<u8>>>,
+}
+
+impl PskResolver for Resolver {
+    fn resolve(&self, identity: &[u8]) -> Option<Vec<u8>> {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity.to_vec());
+        self.credentials.psk(identity)
+    }
+}
+
+/// How a session authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Psk,
+    Certificate,
+}
+
+struct Peer {
+    dtls: Dtls,
+    mode: Mode,
+    /// The ClientHello random of this session's handshake: a ClientHello with another is
+    /// a new handshake (the device restarted), checked like one from a new address.
+    random: [u8; 32],
+    established: bool,
+    /// What the handshake proved so far (PSK identity, verified certificate); the
+    /// session's identity once established.
+    identity: Option<PeerIdentity>,
+    started: Instant,
+    last: Instant,
+    timer: Option<Instant>,
+}
+
+#[derive(Default)]
+struct State {
+    peers: Map<SocketAddr, Peer>,
+    half_open: usize,
+    ready: VecDeque<(Vec<u8>, SocketAddr)>,
+    next_sweep: Option<Instant>,
+}
+
+/// Handshakes and sessions of a DTLS listener now (gauges).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DtlsCounts {
+    pub sessions: usize,
+    pub half_open: usize,
+}
+
+/// A UDP socket speaking DTLS 1.2 to many peers (see the module documentation).
+pub struct DtlsListener {
+    id: ListenerId,
+    socket: UdpSocket,
+    limits: DtlsLimits,
+    cookie_secret: [u8; 32],
+    metrics: Arc<dyn Metrics>,
+    keys: OnceLock<Keys>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for DtlsListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DtlsListener")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+/// Packets to send after the state lock is released.
+type Outgoing = Vec<(Vec<u8>, SocketAddr)>;
+
+impl DtlsListener {
+    /// Binds `addr` (port 0 resolved); handshakes wait for [`DtlsListener::configure`].
+    pub fn bind(
+        addr: SocketAddr,
+        limits: DtlsLimits,
+        metrics: Arc<dyn Metrics>,
+    ) -> io::Result<DtlsListener> {
+        let socket = crate::udp::bind_one(addr)?;
+        let local = socket.local_addr()?;
+        Ok(DtlsListener {
+            id: ListenerId {
+                kind: ListenerKind::Dtls,
+                local,
+            },
+            socket,
+            limits,
+            cookie_secret: rand::random(),
+            metrics,
+            keys: OnceLock::new(),
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// Gives the listener its keys (once; a second call is refused).
+    pub fn configure(&self, setup: &DtlsSetup) -> Result<(), DtlsError> {
+        let keys = self.build_keys(setup)?;
+        self.keys
+            .set(keys)
+            .map_err(|_| DtlsError::Dimpl("the DTLS listener is configured already".into()))
+    }
+
+    fn build_keys(&self, setup: &DtlsSetup) -> Result<Keys, DtlsError> {
+        let dimpl_err = |e: dimpl::Error| DtlsError::Dimpl(e.to_string());
+        let resolver = Arc::new(Resolver {
+            credentials: AssertUnwindSafe(Arc::clone(&setup.credentials)),
+            last: Mutex::new(None),
+        });
+        let base = || {
+            Config::builder()
+                .server_cookie_secret(self.cookie_secret)
+                .handshake_timeout(self.limits.handshake_timeout)
+                .mtu(1200)
+        };
+        let psk = base()
+            .with_psk_server(None, resolver.clone() as Arc<dyn PskResolver>)
+            .dtls12_cipher_suites(&[dimpl::crypto::Dtls12CipherSuite::PSK_AES128_CCM_8])
+            .dtls13_cipher_suites(&[])
+            .build()
+            .map_err(dimpl_err)?;
+        let cert = match &setup.certificate {
+            None => None,
+            Some((cert, key)) => {
+                let config = base()
+                    .require_client_certificate(true)
+                    .dtls13_cipher_suites(&[])
+                    .build()
+                    .map_err(dimpl_err)?;
+                // dimpl panics on a key it cannot load: load it once here instead.
+                config
+                    .crypto_provider()
+                    .key_provider
+                    .load_private_key(key)
+                    .map_err(|e| DtlsError::Dimpl(format!("server key: {e:?}")))?;
+                Some((
+                    Arc::new(config),
+                    DtlsCertificate {
+                        certificate: cert.clone(),
+                        private_key: key.clone(),
+                    },
+                ))
+            }
+        };
+        let mut anchors = Vec::new();
+        for der in &setup.trust_anchors {
+            let der = rustls_pki_types::CertificateDer::from(der.as_slice());
+            let anchor = webpki::anchor_from_trusted_cert(&der)
+                .map_err(|e| DtlsError::BadAnchor(format!("{e:?}")))?;
+            anchors.push(anchor.to_owned());
+        }
+        Ok(Keys {
+            psk: Arc::new(psk),
+            resolver,
+            cert,
+            anchors,
+            credentials: Arc::clone(&setup.credentials),
+        })
+    }
+
+    /// Sessions established and handshakes half-open now.
+    pub fn counts(&self) -> DtlsCounts {
+        let st = self.lock();
+        DtlsCounts {
+            sessions: st.peers.len() - st.half_open,
+            half_open: st.half_open,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every update leaves the maps consistent; a poisoned lock is recovered.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn send_all(&self, out: Outgoing) {
+        for (bytes, to) in out {
+            if let Err(e) = self.socket.send_to(&bytes, to).await {
+                tracing::debug!(peer = %to, "DTLS send failed: {e}");
+            }
+        }
+    }
+
+    /// One datagram through the DTLS state: no I/O, `now` given. Decrypted messages go to
+    /// `ready`; what to send is returned.
+    pub fn on_datagram(&self, bytes: &[u8], from: SocketAddr, now: Instant) -> Outgoing {
+        let mut out = Vec::new();
+        let Some(keys) = self.keys.get() else {
+            return out;
+        };
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let hello = hello::parse(bytes);
+        if let Some(peer) = st.peers.get_mut(&from)
+            && !hello
+                .as_ref()
+                .is_some_and(|h| peer.established || h.random != peer.random)
+        {
+            peer.last = now;
+            let step = peer
+                .dtls
+                .handle_timeout(now)
+                .and_then(|()| peer.dtls.handle_packet(bytes));
+            let verdict = match step {
+                Ok(()) => {
+                    take_psk_identity(keys, peer);
+                    drain(keys, peer, from, &mut out, &mut st.ready, &*self.metrics)
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %from, "DTLS session failed: {e}");
+                    Verdict::Failed
+                }
+            };
+            self.settle(st, from, verdict);
+            return out;
+        }
+        let Some(hello) = hello else {
+            // Not a ClientHello and no session: noise, or records of a session we forgot.
+            return out;
+        };
+        if hello.message_seq == 0 || !hello::cookie_valid(&self.cookie_secret, bytes, &hello) {
+            out.push((hello::verify_request(&self.cookie_secret, &hello), from));
+            self.metrics.count(Event::DtlsHelloVerify);
+            return out;
+        }
+        let replacing = st.peers.contains_key(&from);
+        if st.half_open >= self.limits.max_handshakes
+            || (!replacing && st.peers.len() >= self.limits.max_sessions)
+        {
+            self.metrics.count(Event::DtlsHandshakeDropped);
+            return out;
+        }
+        let Some(mode) = hello::mode(bytes, keys.cert.is_some()) else {
+            tracing::debug!(peer = %from, "DTLS ClientHello offers no suite of ours");
+            self.metrics.count(Event::DtlsHandshakeFailed);
+            return out;
+        };
+        let mut dtls = match (&keys.cert, mode) {
+            (Some((config, cert)), Mode::Certificate) => {
+                Dtls::new_12(Arc::clone(config), cert.clone(), now)
+            }
+            _ => Dtls::new_12_psk(Arc::clone(&keys.psk), now),
+        };
+        // The cookie-less ClientHello first: dimpl answers it with a HelloVerifyRequest
+        // (dropped: the client has ours, the same bytes) and expects `message_seq` 1 next.
+        let mut scratch = vec![0u8; 2048];
+        let primed = dtls
+            .handle_timeout(now)
+            .and_then(|()| dtls.handle_packet(&hello::first_hello(bytes, &hello)));
+        if primed.is_err() {
+            self.metrics.count(Event::DtlsHandshakeFailed);
+            return out;
+        }
+        while !matches!(dtls.poll_output(&mut scratch), Output::Timeout(_)) {}
+        if let Some(old) = st.peers.remove(&from)
+            && !old.established
+        {
+            st.half_open -= 1;
+        }
+        let mut peer = Peer {
+            dtls,
+            mode,
+            random: hello.random,
+            established: false,
+            identity: None,
+            started: now,
+            last: now,
+            timer: None,
+        };
+        let verdict = match peer.dtls.handle_packet(bytes) {
+            Ok(()) => {
+                take_psk_identity(keys, &mut peer);
+                drain(
+                    keys,
+                    &mut peer,
+                    from,
+                    &mut out,
+                    &mut st.ready,
+                    &*self.metrics,
+                )
+            }
+            Err(e) => {
+                tracing::debug!(peer = %from, "DTLS ClientHello refused: {e}");
+                Verdict::Failed
+            }
+        };
+        st.peers.insert(from, peer);
+        st.half_open += 1;
+        self.settle(st, from, verdict);
+        out
+    }
+
+    /// Applies what stepping `from`'s session gave.
+    fn settle(&self, st: &mut State, from: SocketAddr, verdict: Verdict) {
+        match verdict {
+            Verdict::Going => {}
+            Verdict::Established => {
+                st.half_open -= 1;
+                self.metrics.count(Event::DtlsHandshake);
+            }
+            Verdict::Failed | Verdict::Closed => {
+                if let Some(p) = st.peers.remove(&from) {
+                    if p.established {
+                        tracing::debug!(peer = %from, "DTLS session closed");
+                    } else {
+                        st.half_open -= 1;
+                        self.metrics.count(Event::DtlsHandshakeFailed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Timers: dimpl's retransmissions, handshake timeouts, idle sessions.
+    pub fn on_tick(&self, now: Instant) -> Outgoing {
+        let mut out = Vec::new();
+        let Some(keys) = self.keys.get() else {
+            return out;
+        };
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.next_sweep.is_some_and(|t| t > now) {
+            return out;
+        }
+        st.next_sweep = Some(now + TICK);
+        let mut settled = Vec::new();
+        for (addr, peer) in st.peers.iter_mut() {
+            if !peer.established && now.duration_since(peer.started) > self.limits.handshake_timeout
+            {
+                settled.push((*addr, Verdict::Failed));
+                continue;
+            }
+            if peer.established && now.duration_since(peer.last) > self.limits.idle {
+                let _ = peer.dtls.close();
+                let mut scratch = vec![0u8; 256];
+                drain_packets(&mut peer.dtls, &mut scratch, *addr, &mut out);
+                settled.push((*addr, Verdict::Closed));
+                continue;
+            }
+            if peer.timer.is_some_and(|t| t <= now) {
+                let verdict = match peer.dtls.handle_timeout(now) {
+                    Ok(()) => drain(keys, peer, *addr, &mut out, &mut st.ready, &*self.metrics),
+                    Err(_) => Verdict::Failed,
+                };
+                if verdict != Verdict::Going {
+                    settled.push((*addr, verdict));
+                }
+            }
+        }
+        for (addr, verdict) in settled {
+            self.settle(st, addr, verdict);
+        }
+        out
+    }
+}
+
+/// Moves the PSK identity dimpl just asked about to the session.
+fn take_psk_identity(keys: &Keys, peer: &mut Peer) {
+    let id = keys
+        .resolver
+        .last
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(id) = id
+        && peer.mode == Mode::Psk
+    {
+        peer.identity = Some(PeerIdentity::Psk(Arc::from(
+            String::from_utf8_lossy(&id).as_ref(),
+        )));
+    }
+}
+
+/// What stepping a session gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Going,
+    Established,
+    Failed,
+    Closed,
+}
+
+/// Polls a session's output: packets to `out`, plaintext to `ready`, the certificate
+/// checked, the handshake's end reported.
+fn drain(
+    keys: &Keys,
+    peer: &mut Peer,
+    from: SocketAddr,
+    out: &mut Outgoing,
+    ready: &mut VecDeque<(Vec<u8>, SocketAddr)>,
+    metrics: &dyn Metrics,
+) -> Verdict {
+    let mut scratch = vec![0u8; 2048];
+    let mut verdict = Verdict::Going;
+    loop {
+        match peer.dtls.poll_output(&mut scratch) {
+            Output::Packet(p) => out.push((p.to_vec(), from)),
+            Output::BufferTooSmall { needed } => scratch.resize(needed, 0),
+            Output::Timeout(t) => {
+                peer.timer = Some(t);
+                return verdict;
+            }
+            Output::PeerCert(der) => match verify_certificate(keys, der) {
+                Ok(identity) => peer.identity = Some(identity),
+                Err(reason) => {
+                    tracing::info!(peer = %from, "DTLS client certificate refused: {reason}");
+                    return Verdict::Failed;
+                }
+            },
+            Output::Connected => {
+                if peer.identity.is_none() {
+                    // A certificate handshake whose certificate we did not see verified.
+                    return Verdict::Failed;
+                }
+                peer.established = true;
+                verdict = Verdict::Established;
+            }
+            Output::ApplicationData(data) => {
+                if !peer.established {
+                    continue;
+                }
+                if ready.len() >= MAX_READY {
+                    metrics.count(Event::BusyDrop);
+                    continue;
+                }
+                ready.push_back((data.to_vec(), from));
+            }
+            Output::CloseNotify => return Verdict::Closed,
+            _ => {}
+        }
+    }
+}
+
+/// Drains only the packets (a closing session).
+fn drain_packets(dtls: &mut Dtls, scratch: &mut Vec<u8>, to: SocketAddr, out: &mut Outgoing) {
+    loop {
+        match dtls.poll_output(scratch) {
+            Output::Packet(p) => out.push((p.to_vec(), to)),
+            Output::BufferTooSmall { needed } => scratch.resize(needed, 0),
+            Output::Timeout(_) => return,
+            _ => {}
+        }
+    }
+}
+
+/// The client certificate: chained to an anchor, in its validity period, for client
+/// authentication, not revoked by the host; its CN, OU and serial.
+fn verify_certificate(keys: &Keys, der: &[u8]) -> Result<PeerIdentity, String> {
+    let cert_der = rustls_pki_types::CertificateDer::from(der);
+    let ee = webpki::EndEntityCert::try_from(&cert_der).map_err(|e| format!("{e:?}"))?;
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &keys.anchors,
+        &[],
+        rustls_pki_types::UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map_err(|e| format!("{e:?}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let subject = cert.subject();
+    let cn = subject
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .ok_or("no subject CN")?;
+    let ou = subject
+        .iter_organizational_unit()
+        .next()
+        .and_then(|a| a.as_str().ok());
+    let serial: String = cert
+        .tbs_certificate
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if !keys.credentials.certificate_valid(cn, &serial) {
+        return Err(format!("revoked (CN={cn}, serial {serial})"));
+    }
+    Ok(PeerIdentity::Certificate {
+        cn: Arc::from(cn),
+        ou: ou.map(Arc::from),
+        serial: Arc::from(serial.as_str()),
+    })
+}
+
+impl Listener for DtlsListener {
+    fn id(&self) -> ListenerId {
+        self.id
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        {
+            let mut dgram = vec![0u8; MAX_RECORD];
+            loop {
+                let next = self.lock().ready.pop_front();
+                if let Some((data, from)) = next {
+                    let n = data.len().min(buf.len());
+                    buf[..n].copy_from_slice(&data[..n]);
+                    return Ok((data.len(), from));
+                }
+                let out = tokio::select! {
+                    r = self.socket.recv_from(&mut dgram) => {
+                        let (n, from) = r?;
+                        self.on_datagram(&dgram[..n], from, Instant::now())
+                    }
+                    _ = tokio::time::sleep(TICK) => Vec::new(),
+                };
+                let mut out = out;
+                out.extend(self.on_tick(Instant::now()));
+                self.send_all(out).await;
+            }
+        }
+    }
+
+    async fn send(&self, session: SocketAddr, bytes: &[u8]) -> io::Result<()> {
+        let out = {
+            let mut st = self.lock();
+            let Some(peer) = st.peers.get_mut(&session).filter(|p| p.established) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "no DTLS session with this peer",
+                ));
+            };
+            peer.last = Instant::now();
+            peer.dtls
+                .send_application_data(bytes)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let mut out = Vec::new();
+            let mut scratch = vec![0u8; 2048];
+            drain_packets(&mut peer.dtls, &mut scratch, session, &mut out);
+            out
+        };
+        self.send_all(out).await;
+        Ok(())
+    }
+
+    fn identity(&self, session: SocketAddr) -> Option<PeerIdentity> {
+        self.lock()
+            .peers
+            .get(&session)
+            .filter(|p| p.established)
+            .and_then(|p| p.identity.clone())
+    }
+
+    fn close_sessions(&self, revoked: &dyn Fn(&PeerIdentity) -> bool) -> usize {
+        let mut out = Vec::new();
+        let closed = {
+            let mut st = self.lock();
+            let doomed: Vec<SocketAddr> = st
+                .peers
+                .iter()
+                .filter(|(_, p)| p.established && p.identity.as_ref().is_some_and(revoked))
+                .map(|(a, _)| *a)
+                .collect();
+            let mut scratch = vec![0u8; 256];
+            for addr in &doomed {
+                if let Some(mut p) = st.peers.remove(addr) {
+                    let _ = p.dtls.close();
+                    drain_packets(&mut p.dtls, &mut scratch, *addr, &mut out);
+                }
+            }
+            doomed.len()
+        };
+        // Not async: the close_notify goes out if the socket takes it now (it is not
+        // retransmitted anyway, RFC 6347 §4.2.7).
+        for (bytes, to) in out {
+            let _ = self.socket.try_send_to(&bytes, to);
+        }
+        closed
+    }
+}
+
+/// The ClientHello seen before a session exists: parsed, answered, rewritten.
+pub mod hello {
+    use super::Mode;
+
+    /// The parts of an unfragmented DTLS 1.2 ClientHello in one record that the cookie
+    /// check needs (offsets into the datagram).
+    #[derive(Debug, Clone)]
+    pub struct Hello {
+        pub record_seq: [u8; 6],
+        pub message_seq: u16,
+        pub random: [u8; 32],
+        /// Offset and length of the cookie.
+        pub cookie: (usize, usize),
+        /// Offset and length of the cipher suite list.
+        pub suites: (usize, usize),
+    }
+
+    /// Record header (13) + handshake header (12).
+    const BODY: usize = 25;
+
+    /// The ClientHello at the start of `d`, or `None` for anything else (another record,
+    /// a fragment, a truncated or inconsistent one).
+    pub fn parse(d: &[u8]) -> Option<Hello> {
+        // content type handshake, epoch 0
+        if d.len() < BODY + 2 + 32 + 1 || d[0] != 22 || d[3] != 0 || d[4] != 0 {
+            return None;
+        }
+        let record_len = u16::from_be_bytes([d[11], d[12]]) as usize;
+        let record = d.get(13..13 + record_len)?;
+        if record.len() < 12 || record[0] != 1 {
+            return None;
+        }
+        let len = u24(&record[1..4]);
+        let message_seq = u16::from_be_bytes([record[4], record[5]]);
+        let frag_off = u24(&record[6..9]);
+        let frag_len = u24(&record[9..12]);
+        if frag_off != 0 || frag_len != len || 12 + len > record.len() {
+            return None;
+        }
+        let end = 13 + 12 + len;
+        let mut pos = BODY + 2;
+        let random: [u8; 32] = d.get(pos..pos + 32)?.try_into().ok()?;
+        pos += 32;
+        let sid = *d.get(pos)? as usize;
+        pos += 1 + sid;
+        let cookie_len = *d.get(pos)? as usize;
+        let cookie = (pos + 1, cookie_len);
+        pos += 1 + cookie_len;
+        let suites_len = u16::from_be_bytes([*d.get(pos)?, *d.get(pos + 1)?]) as usize;
+        let suites = (pos + 2, suites_len);
+        if pos + 2 + suites_len > end || !suites_len.is_multiple_of(2) {
+            return None;
+        }
+        let mut record_seq = [0u8; 6];
+        record_seq.copy_from_slice(&d[5..11]);
+        Some(Hello {
+            record_seq,
+            message_seq,
+            random,
+            cookie,
+            suites,
+        })
+    }
+
+    fn u24(b: &[u8]) -> usize {
+        (b[0] as usize) << 16 | (b[1] as usize) << 8 | b[2] as usize
+    }
+
+    /// dimpl's cookie for this random: `HMAC-SHA256(secret, client_random)`.
+    fn cookie(secret: &[u8; 32], random: &[u8; 32]) -> ring::hmac::Tag {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        ring::hmac::sign(&key, random)
+    }
+
+    /// True when `h`'s cookie (in `d`) is ours for its random.
+    pub fn cookie_valid(secret: &[u8; 32], d: &[u8], h: &Hello) -> bool {
+        let (at, len) = h.cookie;
+        let Some(got) = d.get(at..at + len) else {
+            return false;
+        };
+        // Constant time.
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        len == 32 && ring::hmac::verify(&key, &h.random, got).is_ok()
+    }
+
+    /// The HelloVerifyRequest answering `h` (RFC 6347 §4.2.1: DTLS 1.0 version, the
+    /// ClientHello's record sequence number, `message_seq` 0).
+    pub fn verify_request(secret: &[u8; 32], h: &Hello) -> Vec<u8> {
+        let tag = cookie(secret, &h.random);
+        let c = tag.as_ref();
+        let body_len = 2 + 1 + c.len();
+        let mut v = Vec::with_capacity(13 + 12 + body_len);
+        v.extend_from_slice(&[22, 0xfe, 0xff, 0, 0]);
+        v.extend_from_slice(&h.record_seq);
+        v.extend_from_slice(&((12 + body_len) as u16).to_be_bytes());
+        v.push(3);
+        v.extend_from_slice(&(body_len as u32).to_be_bytes()[1..]);
+        v.extend_from_slice(&[0, 0, 0, 0, 0]);
+        v.extend_from_slice(&(body_len as u32).to_be_bytes()[1..]);
+        v.extend_from_slice(&[0xfe, 0xff, c.len() as u8]);
+        v.extend_from_slice(c);
+        v
+    }
+
+    /// The ClientHello as the client sent it before the cookie exchange, as far as dimpl
+    /// cares: `message_seq` 0 and a cookie that does not verify (one bit flipped).
+    pub fn first_hello(d: &[u8], h: &Hello) -> Vec<u8> {
+        let mut v = d.to_vec();
+        v[17] = 0;
+        v[18] = 0;
+        if h.cookie.1 > 0 {
+            v[h.cookie.0] ^= 1;
+        }
+        v
+    }
+
+    /// PSK or certificate: the first suite the client offers that we have.
+    pub(super) fn mode(d: &[u8], have_cert: bool) -> Option<Mode> {
+        let h = parse(d)?;
+        let list = d.get(h.suites.0..h.suites.0 + h.suites.1)?;
+        list.chunks_exact(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .find_map(|s| {
+                if s == super::PSK_AES128_CCM_8 {
+                    Some(Mode::Psk)
+                } else if have_cert && super::ECDHE_ECDSA_SUITES.contains(&s) {
+                    Some(Mode::Certificate)
+                } else {
+                    None
+                }
+            })
+    }
+}
+
+/// A DTLS 1.2 client over dimpl: the simulator's devices and the tests. Sans-IO like the
+/// server side: the caller moves datagrams ([`client::DtlsClient::connect`] does it for
+/// the handshake on a tokio socket).
+pub mod client {
+    use std::collections::VecDeque;
+    use std::io;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use dimpl::{Config, Dtls, DtlsCertificate, Output, PskResolver};
+    use tokio::net::UdpSocket;
+
+    /// How a client proves itself.
+    #[derive(Clone)]
+    pub enum ClientAuth {
+        /// A PSK identity and its key.
+        Psk { identity: Vec<u8>, key: Vec<u8> },
+        /// A certificate and its PKCS#8 key (both DER, ECDSA).
+        Certificate { cert: Vec<u8>, key: Vec<u8> },
+    }
+
+    impl ClientAuth {
+        /// `IDENTITY:HEXKEY` (the identity may hold colons; the key is after the last).
+        pub fn psk_from_arg(arg: &str) -> Result<ClientAuth, String> {
+            let (identity, hex) = arg
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{arg:?} is not IDENTITY:HEXKEY"))?;
+            if identity.is_empty() || hex.is_empty() || hex.len() % 2 != 0 {
+                return Err(format!(
+                    "{arg:?} is not IDENTITY:HEXKEY (an even number of hex digits)"
+                ));
+            }
+            let key = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .map_err(|_| format!("the key of {arg:?} is not hex"))?;
+            Ok(ClientAuth::Psk {
+                identity: identity.as_bytes().to_vec(),
+                key,
+            })
+        }
+
+        /// A certificate and its key from PEM files (`CERTIFICATE`; `EC PRIVATE KEY` or
+        /// `PRIVATE KEY`).
+        pub fn certificate_from_files(
+            cert: &std::path::Path,
+            key: &std::path::Path,
+        ) -> Result<ClientAuth, String> {
+            let block = |path: &std::path::Path, tags: &[&str]| -> Result<Vec<u8>, String> {
+                let text = std::fs::read(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                let blocks = pem::parse_many(&text)
+                    .map_err(|e| format!("{}: not PEM: {e}", path.display()))?;
+                blocks
+                    .into_iter()
+                    .find(|b| tags.contains(&b.tag()))
+                    .map(|b| b.into_contents())
+                    .ok_or_else(|| {
+                        format!("{}: no {} PEM block", path.display(), tags.join(" or "))
+                    })
+            };
+            Ok(ClientAuth::Certificate {
+                cert: block(cert, &["CERTIFICATE"])?,
+                key: block(key, &["EC PRIVATE KEY", "PRIVATE KEY"])?,
+            })
+        }
+    }
+
+    struct FixedKey(Vec<u8>);
+
+    impl PskResolver for FixedKey {
+        fn resolve(&self, _identity: &[u8]) -> Option<Vec<u8>> {
+            Some(self.0.clone())
+        }
+    }
+
+    /// A client configuration, built once and shared by many clients (building one checks
+    /// the crypto provider, which costs milliseconds).
+    #[derive(Clone)]
+    pub struct ClientConfig {
+        config: Arc<Config>,
+        auth: ClientAuth,
+    }
+
+    impl std::fmt::Debug for ClientConfig {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let mode = match &self.auth {
+                ClientAuth::Psk { identity, .. } => {
+                    format!("PSK {}", String::from_utf8_lossy(identity))
+                }
+                ClientAuth::Certificate { .. } => "certificate".into(),
+            };
+            f.debug_struct("ClientConfig").field("auth", &mode).finish()
+        }
+    }
+
+    impl ClientConfig {
+        pub fn new(auth: ClientAuth) -> Result<ClientConfig, super::DtlsError> {
+            let b = Config::builder().mtu(1200).dtls13_cipher_suites(&[]);
+            let b = match &auth {
+                ClientAuth::Psk { identity, key } => b
+                    .with_psk_client(identity.clone(), Arc::new(FixedKey(key.clone())))
+                    .dtls12_cipher_suites(&[dimpl::crypto::Dtls12CipherSuite::PSK_AES128_CCM_8]),
+                ClientAuth::Certificate { .. } => b,
+            };
+            let config = b
+                .build()
+                .map_err(|e| super::DtlsError::Dimpl(e.to_string()))?;
+            if let ClientAuth::Certificate { key, .. } = &auth {
+                config
+                    .crypto_provider()
+                    .key_provider
+                    .load_private_key(key)
+                    .map_err(|e| super::DtlsError::Dimpl(format!("client key: {e:?}")))?;
+            }
+            Ok(ClientConfig {
+                config: Arc::new(config),
+                auth,
+            })
+        }
+    }
+
+    /// One client session.
+    pub struct DtlsClient {
+        dtls: Dtls,
+        timer: Option<Instant>,
+        ready: VecDeque<Vec<u8>>,
+        connected: bool,
+        closed: bool,
+    }
+
+    impl DtlsClient {
+        /// A client whose first flight (ClientHello) is ready in [`DtlsClient::poll`].
+        pub fn new(cfg: &ClientConfig, now: Instant) -> DtlsClient {
+            let mut dtls = match &cfg.auth {
+                ClientAuth::Psk { .. } => Dtls::new_12_psk(Arc::clone(&cfg.config), now),
+                ClientAuth::Certificate { cert, key } => Dtls::new_12(
+                    Arc::clone(&cfg.config),
+                    DtlsCertificate {
+                        certificate: cert.clone(),
+                        private_key: key.clone(),
+                    },
+                    now,
+                ),
+            };
+            dtls.set_active(true);
+            // dimpl starts the handshake (and draws its random) at the first timeout call.
+            let _ = dtls.handle_timeout(now);
+            DtlsClient {
+                dtls,
+                timer: None,
+                ready: VecDeque::new(),
+                connected: false,
+                closed: false,
+            }
+        }
+
+        pub fn is_connected(&self) -> bool {
+            self.connected
+        }
+
+        pub fn is_closed(&self) -> bool {
+            self.closed
+        }
+
+        /// When [`DtlsClient::on_timer`] wants to be called.
+        pub fn next_timer(&self) -> Option<Instant> {
+            self.timer
+        }
+
+        /// The next decrypted message.
+        pub fn take_message(&mut self) -> Option<Vec<u8>> {
+            self.ready.pop_front()
+        }
+
+        /// Records to send now.
+        pub fn poll(&mut self) -> Vec<Vec<u8>> {
+            let mut out = Vec::new();
+            let mut scratch = vec![0u8; 2048];
+            loop {
+                match self.dtls.poll_output(&mut scratch) {
+                    Output::Packet(p) => out.push(p.to_vec()),
+                    Output::BufferTooSmall { needed } => scratch.resize(needed, 0),
+                    Output::Timeout(t) => {
+                        self.timer = Some(t);
+                        return out;
+                    }
+                    Output::Connected => self.connected = true,
+                    Output::ApplicationData(d) => self.ready.push_back(d.to_vec()),
+                    Output::CloseNotify => self.closed = true,
+                    _ => {}
+                }
+            }
+        }
+
+        /// A datagram from the server; returns the records to send.
+        pub fn on_datagram(&mut self, bytes: &[u8], now: Instant) -> io::Result<Vec<Vec<u8>>> {
+            self.dtls
+                .handle_timeout(now)
+                .and_then(|()| self.dtls.handle_packet(bytes))
+                .map_err(|e| {
+                    self.closed = true;
+                    io::Error::other(format!("DTLS: {e}"))
+                })?;
+            Ok(self.poll())
+        }
+
+        /// Retransmissions due at `now`.
+        pub fn on_timer(&mut self, now: Instant) -> io::Result<Vec<Vec<u8>>> {
+            self.dtls.handle_timeout(now).map_err(|e| {
+                self.closed = true;
+                io::Error::other(format!("DTLS: {e}"))
+            })?;
+            Ok(self.poll())
+        }
+
+        /// Encrypts one message; returns the records to send.
+        pub fn send(&mut self, bytes: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+            self.dtls
+                .send_application_data(bytes)
+                .map_err(|e| io::Error::other(format!("DTLS: {e}")))?;
+            Ok(self.poll())
+        }
+
+        /// close_notify; returns the records to send.
+        pub fn close(&mut self) -> Vec<Vec<u8>> {
+            let _ = self.dtls.close();
+            self.poll()
+        }
+
+        /// Handshakes with `server` over `sock` within `timeout`.
+        pub async fn connect(
+            cfg: &ClientConfig,
+            sock: &UdpSocket,
+            server: SocketAddr,
+            timeout: Duration,
+        ) -> io::Result<DtlsClient> {
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut c = DtlsClient::new(cfg, Instant::now());
+            let mut out = c.poll();
+            let mut buf = vec![0u8; 4096];
+            loop {
+                for p in out.drain(..) {
+                    sock.send_to(&p, server).await?;
+                }
+                if c.connected {
+                    return Ok(c);
+                }
+                if c.closed {
+                    return Err(io::Error::other("DTLS handshake refused"));
+                }
+                let wake = c
+                    .timer
+                    .map(tokio::time::Instant::from_std)
+                    .unwrap_or(deadline)
+                    .min(deadline);
+                tokio::select! {
+                    r = sock.recv_from(&mut buf) => {
+                        let (n, from) = r?;
+                        if from == server {
+                            out = c.on_datagram(&buf[..n], Instant::now())?;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(wake) => {
+                        if tokio::time::Instant::now() >= deadline {
+                            return Err(io::Error::new(io::ErrorKind::TimedOut, "DTLS handshake timed out"));
+                        }
+                        out = c.on_timer(Instant::now())?;
+                    }
+                }
+            }
+        }
+    }
+}
