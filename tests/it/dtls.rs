@@ -4,6 +4,7 @@
 //! handshake bounds are tested against the listener itself, `daemon/coap/tests/dtls.rs`:
 //! the daemon knows no PSK identity until the credential store exists.)
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -181,12 +182,11 @@ fn certificates_from_api_cert_register_over_dtls_and_others_are_refused() {
     let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
     let ready = d.ready.as_ref().expect("ready file");
     assert_eq!(
-        ready.coap.len(),
-        2,
-        "a UDP and a DTLS listener: {:?}",
-        ready.coap
+        (ready.coap.len(), ready.coap_dtls.len()),
+        (1, 1),
+        "a UDP and a DTLS listener: {ready:?}"
     );
-    let dtls = ready.coap[1];
+    let dtls = ready.coap_dtls[0];
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("device.key");
     openssl(&[
@@ -290,7 +290,7 @@ fn reads_and_observations_reach_a_simulated_dtls_device() {
     use std::time::Duration;
     const WAIT: Duration = Duration::from_secs(15);
     let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
-    let dtls = d.ready.as_ref().expect("ready file").coap[1];
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
     let dir = tempfile::tempdir().unwrap();
     device_certificate(&d, dir.path());
     let mut sim = Command::new(support::BIN)
@@ -360,7 +360,7 @@ fn trusted_cas_admit_another_ca() {
         ),
         "",
     );
-    let dtls = d.ready.as_ref().expect("ready file").coap[1];
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
     let uri = format!("coaps://127.0.0.1:{}/rd?ep=guest&lt=300", dtls.port());
     let (ok, all) = libcoap(
         "coap-client-openssl",
@@ -379,4 +379,199 @@ fn trusted_cas_admit_another_ca() {
     );
     assert!(ok && all.contains("2.01"), "{all}\n{}", d.logs().join("\n"));
     assert!(d.get("/endpoints").body.contains("guest"));
+}
+
+// ---- PSKs from the credential store, end to end (issue 21, items 3, 4, 7) ----
+
+/// The PSK the libcoap tests give with `-k` (libcoap takes the key as text).
+const PSK_TEXT: &str = "e2e-secret-key-16";
+
+fn psk_hex(text: &str) -> String {
+    hex::encode(text.as_bytes())
+}
+
+/// `connectord credentials …` against `d` through the binary, which must succeed.
+fn credentials_cli(d: &support::Daemon, args: &[&str]) -> String {
+    let out = support::run_ok(
+        Command::new(support::BIN)
+            .arg("credentials")
+            .args(args)
+            .args(["--config", path(&d.config_path)])
+            .args(["--url", &format!("http://{}", d.rest)])
+            .env_remove("CONNECTORD_API_KEY"),
+        &format!("connectord credentials {args:?}"),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn put_psk(d: &support::Daemon, ep: &str, identity: &str, key_hex: &str) -> support::Http {
+    d.send_json(
+        "PUT",
+        &format!("/v2/device-credentials/{ep}"),
+        json!({"psk_identity": identity, "psk": key_hex}).to_string(),
+    )
+}
+
+/// A registration through libcoap's `bin` over DTLS with PSK `identity`/`key` (text) and
+/// `query` (`lt=300` added): whether it exited 0 and all it printed.
+fn psk_register(
+    bin: &str,
+    dtls: SocketAddr,
+    identity: &str,
+    key: &str,
+    query: &str,
+) -> (bool, String) {
+    let uri = format!("coaps://127.0.0.1:{}/rd?lt=300{query}", dtls.port());
+    libcoap(
+        bin,
+        &[
+            "-u", identity, "-k", key, "-m", "post", "-e", "</3/0>", &uri,
+        ],
+    )
+}
+
+/// The response code libcoap logged for its request (`c:2.01`), if any.
+fn answered(all: &str) -> Option<String> {
+    all.lines()
+        .filter(|l| l.contains("t:ACK") || l.contains("t:CON") || l.contains("t:NON"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("c:")))
+        .find(|c| {
+            c.as_bytes()
+                .first()
+                .is_some_and(|b| (b'2'..=b'5').contains(b))
+        })
+        .map(str::to_owned)
+}
+
+/// The registration id in the `Location-Path` libcoap logged (`rd/<id>`).
+fn location_id(all: &str) -> String {
+    all.lines()
+        .filter(|l| l.contains("c:2.01"))
+        .find_map(|l| {
+            let segments: Vec<&str> = l
+                .split("Location-Path:")
+                .skip(1)
+                .map(|s| s.split([',', ' ', ']']).next().unwrap_or(""))
+                .collect();
+            match segments.as_slice() {
+                ["rd", id] => Some(id.to_string()),
+                _ => None,
+            }
+        })
+        .unwrap_or_else(|| panic!("no Location-Path rd/<id> in:\n{all}"))
+}
+
+fn wait_metric(d: &support::Daemon, name: &str, want: u64) -> u64 {
+    support::eventually(std::time::Duration::from_secs(5), || {
+        metric(d, name) == want
+    });
+    metric(d, name)
+}
+
+/// A PSK provisioned with `connectord credentials put` (the CLI) and one provisioned with
+/// `PUT /v2/device-credentials` let libcoap's OpenSSL and GnuTLS clients register over
+/// DTLS without `ep=` (the endpoint is the credential's); `ep=` of another endpoint and
+/// `d=` of another domain are 4.03; a wrong key fails the handshake; the endpoints over
+/// plain CoAP are 4.03 and counted; a plain update or de-registration of a registration
+/// made over DTLS is 4.03.
+#[test]
+fn provisioned_psks_register_libcoap_over_dtls_bound_to_their_endpoint() {
+    use coap_lite::ResponseType;
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+    let out = credentials_cli(
+        &d,
+        &[
+            "put",
+            "cli-dev",
+            "--psk-identity",
+            "cli-id",
+            "--psk",
+            &psk_hex(PSK_TEXT),
+        ],
+    );
+    assert!(out.contains("\"cli-id\""), "{out}");
+    let r = put_psk(&d, "api-dev", "api-id", &psk_hex("api-secret-key-16"));
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    let mut handshakes = 0;
+    for bin in ["coap-client-openssl", "coap-client-gnutls"] {
+        for (identity, key, ep) in [
+            ("cli-id", PSK_TEXT, "cli-dev"),
+            ("api-id", "api-secret-key-16", "api-dev"),
+        ] {
+            let (ok, all) = psk_register(bin, dtls, identity, key, "");
+            assert!(
+                ok && answered(&all).as_deref() == Some("2.01"),
+                "{bin} with {identity}:\n{all}\n{}",
+                d.logs().join("\n")
+            );
+            handshakes += 1;
+            let r = d.get(&format!("/v2/endpoints/{ep}"));
+            assert_eq!(r.status, 200, "{bin}: {ep} not registered: {}", r.body);
+        }
+    }
+    assert_eq!(metric(&d, "coap_dtls_handshakes_total"), handshakes);
+    // Naming another endpoint, or another domain, than the credential's: 4.03.
+    for bin in ["coap-client-openssl", "coap-client-gnutls"] {
+        for query in ["&ep=api-dev", "&ep=cli-dev&d=other", "&ep=someone-else"] {
+            let (_, all) = psk_register(bin, dtls, "cli-id", PSK_TEXT, query);
+            assert_eq!(
+                answered(&all).as_deref(),
+                Some("4.03"),
+                "{bin} {query}:\n{all}"
+            );
+        }
+    }
+    assert_eq!(d.get("/v2/endpoints/someone-else").status, 404);
+    // A wrong key: the handshake fails, nothing is answered.
+    let failed = metric(&d, "coap_dtls_handshakes_failed_total");
+    for (i, bin) in ["coap-client-openssl", "coap-client-gnutls"]
+        .iter()
+        .enumerate()
+    {
+        let (ok, all) = psk_register(bin, dtls, "cli-id", "not-the-key-16byte", "");
+        assert!(
+            !ok || answered(&all).is_none(),
+            "{bin} with a wrong key:\n{all}"
+        );
+        assert_eq!(answered(&all), None, "{bin}:\n{all}");
+        assert_eq!(
+            wait_metric(
+                &d,
+                "coap_dtls_handshakes_failed_total",
+                failed + i as u64 + 1
+            ),
+            failed + i as u64 + 1,
+            "{bin}"
+        );
+    }
+    // Plain CoAP for these endpoints: 4.03, counted.
+    let mut dev = d.device();
+    for ep in ["cli-dev", "api-dev"] {
+        let q = format!("ep={ep}");
+        let mut req = support::coap::Req::new(coap_lite::RequestType::Post, &["rd"]);
+        let query = [q.as_str(), "lt=60"];
+        req.query = &query;
+        req.payload = b"</3/0>";
+        let r = dev.request(&req);
+        assert_eq!(support::coap::code(&r), ResponseType::Forbidden, "{ep}");
+    }
+    assert_eq!(metric(&d, "coap_plain_refused_total"), 2);
+
+    // A plain update or de-registration of the DTLS registration: 4.03; it stays.
+    let (ok, all) = psk_register("coap-client-openssl", dtls, "cli-id", PSK_TEXT, "");
+    assert!(ok, "{all}");
+    let id = location_id(&all);
+    assert_eq!(dev.update(&id, &[], None), ResponseType::Forbidden);
+    assert_eq!(dev.deregister(&id), ResponseType::Forbidden);
+    assert_eq!(metric(&d, "coap_plain_refused_total"), 4);
+    assert_eq!(d.get("/v2/endpoints/cli-dev").status, 200);
+    // The same update over DTLS with the credential is accepted (2.04).
+    let uri = format!("coaps://127.0.0.1:{}/rd/{id}", dtls.port());
+    let (_, all) = libcoap(
+        "coap-client-openssl",
+        &["-u", "cli-id", "-k", PSK_TEXT, "-m", "post", &uri],
+    );
+    assert_eq!(answered(&all).as_deref(), Some("2.04"), "{all}");
 }
