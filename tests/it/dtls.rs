@@ -283,54 +283,51 @@ fn certificates_from_api_cert_register_over_dtls_and_others_are_refused() {
     }
 }
 
-/// `connectord simulate --cert --key` registers over DTLS; a read and an observation go
-/// to the device through its DTLS session (the registration's listener is `dtls:`).
-#[test]
-fn reads_and_observations_reach_a_simulated_dtls_device() {
-    use std::time::Duration;
-    const WAIT: Duration = Duration::from_secs(15);
-    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+/// `connectord simulate` as one device with a credential: the endpoint `args` name
+/// (`--endpoint`), over DTLS to `d`, notifying every 200 ms.
+fn simulate_secure(d: &support::Daemon, args: &[&str]) -> (std::process::Child, u64) {
+    let sessions = metric(d, "coap_dtls_sessions");
     let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
-    let dir = tempfile::tempdir().unwrap();
-    device_certificate(&d, dir.path());
-    let mut sim = Command::new(support::BIN)
-        .args([
-            "simulate",
-            "--devices",
-            "2",
-            "--prefix",
-            "secure-",
-            "--notify-interval",
-            "200",
-        ])
+    let child = Command::new(support::BIN)
+        .args(["simulate", "--notify-interval", "200"])
         .args(["--server", &dtls.to_string()])
-        .args(["--cert", path(&dir.path().join("device.pem"))])
-        .args(["--key", path(&dir.path().join("device.key"))])
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("connectord simulate");
-    let registered = support::eventually(WAIT, || {
-        let body = d.get("/v2/endpoints").body;
-        body.contains("secure-000000") && body.contains("secure-000001")
-    });
+    (child, sessions)
+}
+
+/// A proxied read and an observation reach the simulated device `ep` over its DTLS
+/// session (REST -> daemon -> device -> REST), which is one more DTLS session than the
+/// daemon had before (`sim`: the process and that count); `sim` is killed at the end.
+fn read_and_observe(d: &support::Daemon, sim: (std::process::Child, u64), ep: &str) {
+    let (mut sim, sessions) = sim;
+    use std::time::Duration;
+    const WAIT: Duration = Duration::from_secs(15);
+    let registered =
+        support::eventually(WAIT, || d.get(&format!("/v2/endpoints/{ep}")).status == 200);
     if !registered {
         let _ = sim.kill();
-        panic!("not registered over DTLS: {}", d.get("/v2/endpoints").body);
+        panic!(
+            "{ep} not registered over DTLS: {}\n{}",
+            d.get("/v2/endpoints").body,
+            d.logs().join("\n")
+        );
     }
-    assert_eq!(metric(&d, "coap_dtls_sessions"), 2);
-
-    let id = d.async_request("GET", "/v2/endpoints/secure-000001/3/0/2", None, None);
+    assert_eq!(metric(d, "coap_dtls_sessions"), sessions + 1);
+    let id = d.async_request("GET", &format!("/v2/endpoints/{ep}/3/0/2"), None, None);
     let r = d.async_response(&id, WAIT);
-    assert_eq!(r["payload"], support::b64(b"secure-000001").as_str(), "{r}");
+    assert_eq!(r["payload"], support::b64(ep.as_bytes()).as_str(), "{r}");
     let id = d.async_request(
         "PUT",
-        "/v2/subscriptions/secure-000000/3303/0/5700",
+        &format!("/v2/subscriptions/{ep}/3303/0/5700"),
         None,
         None,
     );
     assert_eq!(d.async_response(&id, WAIT)["status"], 200);
-    let ours = |e: &serde_json::Value| e["ep"] == "secure-000000" && e["path"] == "/3303/0/5700";
+    let ours = |e: &serde_json::Value| e["ep"] == ep && e["path"] == "/3303/0/5700";
     let events = d.collect_events(WAIT, |e| {
         e.of("notifications").iter().filter(|n| ours(n)).count() >= 2
     });
@@ -345,6 +342,55 @@ fn reads_and_observations_reach_a_simulated_dtls_device() {
             >= 2,
         "{events:?}"
     );
+    // Nothing of this went over plain UDP: the registration is the DTLS listener's.
+    assert_eq!(metric(d, "coap_plain_refused_total"), 0);
+}
+
+/// `connectord simulate --endpoint <CN> --cert --key` registers over DTLS; a read and an
+/// observation go to the device through its DTLS session. (Without `--endpoint` the
+/// simulator's names contradict the certificate's CN: refused, see below.)
+#[test]
+fn reads_and_observations_reach_a_simulated_dtls_device() {
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let dir = tempfile::tempdir().unwrap();
+    let ep = device_certificate(&d, dir.path());
+    let sim = simulate_secure(
+        &d,
+        &[
+            "--endpoint",
+            &ep,
+            "--cert",
+            path(&dir.path().join("device.pem")),
+            "--key",
+            path(&dir.path().join("device.key")),
+        ],
+    );
+    read_and_observe(&d, sim, &ep);
+}
+
+/// `connectord simulate --psk IDENTITY:HEXKEY` with a PSK provisioned for its endpoint:
+/// it registers over DTLS and answers a proxied read and an observation over its
+/// session; the same simulator named otherwise is refused (4.03, it registers nothing).
+#[test]
+fn a_simulated_device_with_a_provisioned_psk_is_read_and_observed() {
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let r = put_psk(&d, "sim-psk", "sim-psk-id", &psk_hex(PSK_TEXT));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let psk = format!("sim-psk-id:{}", psk_hex(PSK_TEXT));
+    let out = Command::new(support::BIN)
+        .args(["simulate", "--devices", "1", "--prefix", "other-"])
+        .args([
+            "--server",
+            &d.ready.as_ref().unwrap().coap_dtls[0].to_string(),
+        ])
+        .args(["--psk", &psk])
+        .output()
+        .expect("connectord simulate");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("contradicts the credential"), "{err}");
+    assert_eq!(d.get("/v2/endpoints/other-000000").status, 404);
+    let sim = simulate_secure(&d, &["--endpoint", "sim-psk", "--psk", &psk]);
+    read_and_observe(&d, sim, "sim-psk");
 }
 
 /// `coap.trusted_cas`: a device certificate of another CA is accepted once that CA is
