@@ -621,3 +621,158 @@ fn provisioned_psks_register_libcoap_over_dtls_bound_to_their_endpoint() {
     );
     assert_eq!(answered(&all).as_deref(), Some("2.04"), "{all}");
 }
+
+/// A device that holds its DTLS session between requests (libcoap's client closes it
+/// when it exits): the DTLS client of `connectord-coap` (dimpl) over a real UDP socket,
+/// blocking, the requests built by the testkit's CoAP device.
+struct DtlsDevice {
+    coap: support::coap::Device,
+    session: connectord::coap::dtls::client::DtlsClient,
+}
+
+impl DtlsDevice {
+    /// Handshakes with `server` with PSK `identity`/`key` within 5 s.
+    fn connect(server: SocketAddr, identity: &str, key: &str) -> Result<DtlsDevice, String> {
+        use connectord::coap::dtls::client::{ClientAuth, ClientConfig, DtlsClient};
+        use std::time::{Duration, Instant};
+        let cfg = ClientConfig::new(ClientAuth::Psk {
+            identity: identity.as_bytes().to_vec(),
+            key: key.as_bytes().to_vec(),
+        })
+        .map_err(|e| e.to_string())?;
+        let coap = support::coap::Device::new(server);
+        let mut session = DtlsClient::new(&cfg, Instant::now());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut out = session.poll();
+        loop {
+            for record in out.drain(..) {
+                coap.send_raw(&record);
+            }
+            if session.is_connected() {
+                return Ok(DtlsDevice { coap, session });
+            }
+            if session.is_closed() {
+                return Err("handshake refused".into());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err("handshake timed out".into());
+            }
+            let wake = session.next_timer().unwrap_or(deadline).min(deadline);
+            let wait = wake
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1));
+            out = match coap.recv_raw(wait) {
+                Some(bytes) => session.on_datagram(&bytes, Instant::now()),
+                None => session.on_timer(Instant::now()),
+            }
+            .map_err(|e| e.to_string())?;
+        }
+    }
+
+    /// Sends `r` through the session: the answer within 3 s, or `None` (no answer, or the
+    /// session was closed).
+    fn request(&mut self, r: &support::coap::Req) -> Option<coap_lite::Packet> {
+        use std::time::{Duration, Instant};
+        let p = self.coap.build(r);
+        for record in self.session.send(&p.to_bytes().ok()?).ok()? {
+            self.coap.send_raw(&record);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            while let Some(m) = self.session.take_message() {
+                if let Ok(resp) = coap_lite::Packet::from_bytes(&m)
+                    && resp.get_token() == p.get_token()
+                    && matches!(resp.header.code, coap_lite::MessageClass::Response(_))
+                {
+                    return Some(resp);
+                }
+            }
+            let now = Instant::now();
+            if self.session.is_closed() || now >= deadline {
+                return None;
+            }
+            let wait = (deadline - now)
+                .min(Duration::from_millis(100))
+                .max(Duration::from_millis(1));
+            let out = match self.coap.recv_raw(wait) {
+                Some(bytes) => self.session.on_datagram(&bytes, Instant::now()),
+                None => self.session.on_timer(Instant::now()),
+            };
+            match out {
+                Ok(out) => out.iter().for_each(|record| self.coap.send_raw(record)),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// A registration without `ep=` (the credential names the endpoint): its id.
+    fn register(&mut self) -> Result<String, String> {
+        let mut r = support::coap::Req::new(coap_lite::RequestType::Post, &["rd"]);
+        r.query = &["lt=300"];
+        r.payload = b"</3/0>";
+        r.content_format = Some(coap_lite::ContentFormat::ApplicationLinkFormat);
+        let resp = self.request(&r).ok_or("no answer")?;
+        match support::coap::code(&resp) {
+            coap_lite::ResponseType::Created => Ok(support::coap::location(&resp)
+                .trim_start_matches("rd/")
+                .to_string()),
+            c => Err(format!("{c:?} {}", support::coap::diag(&resp))),
+        }
+    }
+
+    /// `POST /rd/{id}` through the session: the answer's code, if one came.
+    fn update(&mut self, id: &str) -> Option<coap_lite::ResponseType> {
+        let path = ["rd", id];
+        let r = support::coap::Req::new(coap_lite::RequestType::Post, &path);
+        self.request(&r).map(|p| support::coap::code(&p))
+    }
+}
+
+/// Replacing a PSK (`PUT` of a new key) and revoking it (`DELETE
+/// /v2/device-credentials/{ep}`) close the device's open DTLS session: the session gauge
+/// falls, the device's next request through it is not answered, and a new handshake with
+/// the old key is refused (our client and libcoap's); the new key works until revoked.
+#[test]
+fn replacing_or_revoking_a_psk_closes_the_devices_dtls_session() {
+    use coap_lite::ResponseType;
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+    let (old, new) = ("rev-old-key-16-bytes", "rev-new-key-16-bytes");
+    assert_eq!(put_psk(&d, "rev-dev", "rev-id", &psk_hex(old)).status, 201);
+    let mut dev = DtlsDevice::connect(dtls, "rev-id", old).expect("handshake");
+    let id = dev.register().expect("registered over DTLS");
+    assert_eq!(dev.update(&id), Some(ResponseType::Changed));
+    assert_eq!(metric(&d, "coap_dtls_sessions"), 1);
+
+    // A new key: the session made with the old one is closed.
+    let r = put_psk(&d, "rev-dev", "rev-id", &psk_hex(new));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(wait_metric(&d, "coap_dtls_sessions", 0), 0);
+    d.expect_log(
+        "closed 1 secure sessions that used the old ones",
+        std::time::Duration::from_secs(5),
+    );
+    assert_eq!(dev.update(&id), None, "the old session still answers");
+    let failed = metric(&d, "coap_dtls_handshakes_failed_total");
+    assert!(DtlsDevice::connect(dtls, "rev-id", old).is_err());
+    let (_, all) = psk_register("coap-client-openssl", dtls, "rev-id", old, "");
+    assert_eq!(answered(&all), None, "{all}");
+    assert_eq!(
+        wait_metric(&d, "coap_dtls_handshakes_failed_total", failed + 2),
+        failed + 2
+    );
+    let mut dev = DtlsDevice::connect(dtls, "rev-id", new).expect("the new key");
+    assert_eq!(dev.update(&id), Some(ResponseType::Changed));
+    assert_eq!(metric(&d, "coap_dtls_sessions"), 1);
+
+    // Revoked: closed too, and the key is refused from now on.
+    let r = d.call("DELETE", "/v2/device-credentials/rev-dev", None, None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(wait_metric(&d, "coap_dtls_sessions", 0), 0);
+    assert_eq!(dev.update(&id), None, "the revoked session still answers");
+    assert!(DtlsDevice::connect(dtls, "rev-id", new).is_err());
+    let (_, all) = psk_register("coap-client-gnutls", dtls, "rev-id", new, "");
+    assert_eq!(answered(&all), None, "{all}");
+    assert_eq!(metric(&d, "coap_dtls_sessions"), 0);
+}
