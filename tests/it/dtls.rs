@@ -1,8 +1,12 @@
-//! CoAP over DTLS (`[coap] listen_dtls`): libcoap's clients (OpenSSL and GnuTLS builds)
-//! handshake with a device certificate issued by `POST /api/cert` and register; a
-//! certificate from another CA and an expired one are refused and counted. (PSK and the
-//! handshake bounds are tested against the listener itself, `daemon/coap/tests/dtls.rs`:
-//! the daemon knows no PSK identity until the credential store exists.)
+//! CoAP over DTLS (`[coap] listen_dtls`) through the real daemon: libcoap's clients
+//! (OpenSSL and GnuTLS builds) handshake with a device certificate issued by `POST
+//! /api/cert` and register; a certificate from another CA and an expired one are refused
+//! and counted. PSKs provisioned with `connectord credentials put` or the REST API let
+//! libcoap register bound to the credential's endpoint (`ep=`/`d=` contradicting it 4.03,
+//! a wrong key refused at the handshake, plain CoAP for the endpoint 4.03); `connectord
+//! simulate --psk`/`--cert` answers reads and observations over its session; replacing
+//! or revoking a PSK closes the open session. (The handshake bounds are tested against
+//! the listener itself, `daemon/coap/tests/dtls.rs`.)
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

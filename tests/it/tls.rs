@@ -1,7 +1,8 @@
 //! CoAP over TLS (RFC 8323, `coaps+tcp`, `[coap] listen_tls`): devices with a certificate
 //! from `POST /api/cert` register through libcoap's `coap-client-openssl` and
 //! `coap-client-gnutls`; handshakes without a client certificate, with one from another
-//! CA or with an expired one are refused.
+//! CA or with an expired one are refused; a registration contradicting the certificate's
+//! CN/OU is 4.03; revoking the certificate aborts the device's connection.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
