@@ -5,7 +5,8 @@
 //! libcoap register bound to the credential's endpoint (`ep=`/`d=` contradicting it 4.03,
 //! a wrong key refused at the handshake, plain CoAP for the endpoint 4.03); `connectord
 //! simulate --psk`/`--cert` answers reads and observations over its session; replacing
-//! or revoking a PSK closes the open session. (The handshake bounds are tested against
+//! or revoking a PSK, or revoking a certificate, closes the open session; PSKs and
+//! revocations hold across a restart. (The handshake bounds are tested against
 //! the listener itself, `daemon/coap/tests/dtls.rs`.)
 
 use std::net::SocketAddr;
@@ -637,13 +638,32 @@ struct DtlsDevice {
 impl DtlsDevice {
     /// Handshakes with `server` with PSK `identity`/`key` within 5 s.
     fn connect(server: SocketAddr, identity: &str, key: &str) -> Result<DtlsDevice, String> {
-        use connectord::coap::dtls::client::{ClientAuth, ClientConfig, DtlsClient};
+        DtlsDevice::connect_with(
+            server,
+            connectord::coap::dtls::client::ClientAuth::Psk {
+                identity: identity.as_bytes().to_vec(),
+                key: key.as_bytes().to_vec(),
+            },
+        )
+    }
+
+    /// Handshakes with `server` with the certificate `device.pem` and key `device.key` in
+    /// `dir` within 5 s.
+    fn connect_cert(server: SocketAddr, dir: &Path) -> Result<DtlsDevice, String> {
+        let auth = connectord::coap::dtls::client::ClientAuth::certificate_from_files(
+            &dir.join("device.pem"),
+            &dir.join("device.key"),
+        )?;
+        DtlsDevice::connect_with(server, auth)
+    }
+
+    fn connect_with(
+        server: SocketAddr,
+        auth: connectord::coap::dtls::client::ClientAuth,
+    ) -> Result<DtlsDevice, String> {
+        use connectord::coap::dtls::client::{ClientConfig, DtlsClient};
         use std::time::{Duration, Instant};
-        let cfg = ClientConfig::new(ClientAuth::Psk {
-            identity: identity.as_bytes().to_vec(),
-            key: key.as_bytes().to_vec(),
-        })
-        .map_err(|e| e.to_string())?;
+        let cfg = ClientConfig::new(auth).map_err(|e| e.to_string())?;
         let coap = support::coap::Device::new(server);
         let mut session = DtlsClient::new(&cfg, Instant::now());
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -779,4 +799,62 @@ fn replacing_or_revoking_a_psk_closes_the_devices_dtls_session() {
     let (_, all) = psk_register("coap-client-gnutls", dtls, "rev-id", new, "");
     assert_eq!(answered(&all), None, "{all}");
     assert_eq!(metric(&d, "coap_dtls_sessions"), 0);
+}
+
+/// Revoking a certificate from `/api/cert` closes the device's open DTLS session made
+/// with it and refuses its next handshake; PSKs and revocations are the store's, so after
+/// a restart the provisioned PSK registers libcoap over DTLS again, plain CoAP for its
+/// endpoint is still 4.03 and the revoked certificate is still refused.
+#[test]
+fn certificate_revocation_closes_dtls_sessions_and_credentials_survive_a_restart() {
+    use coap_lite::ResponseType;
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+    assert_eq!(
+        put_psk(&d, "keep-dev", "keep-id", &psk_hex(PSK_TEXT)).status,
+        201
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cert_ep = device_certificate(&d, dir.path());
+    let mut dev = DtlsDevice::connect_cert(dtls, dir.path()).expect("certificate handshake");
+    let id = dev.register().expect("registered with the certificate");
+    assert_eq!(d.get(&format!("/v2/endpoints/{cert_ep}")).status, 200);
+    assert_eq!(dev.update(&id), Some(ResponseType::Changed));
+    assert_eq!(metric(&d, "coap_dtls_sessions"), 1);
+
+    let r = d.call(
+        "DELETE",
+        &format!("/v2/device-credentials/{cert_ep}"),
+        None,
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(wait_metric(&d, "coap_dtls_sessions", 0), 0);
+    assert_eq!(dev.update(&id), None, "the revoked session still answers");
+    assert!(DtlsDevice::connect_cert(dtls, dir.path()).is_err());
+
+    let d = d.stop_and_restart();
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+    for bin in ["coap-client-openssl", "coap-client-gnutls"] {
+        let (ok, all) = psk_register(bin, dtls, "keep-id", PSK_TEXT, "");
+        assert!(
+            ok && answered(&all).as_deref() == Some("2.01"),
+            "{bin}:\n{all}"
+        );
+    }
+    let mut plain = d.device();
+    let mut r = support::coap::Req::new(coap_lite::RequestType::Post, &["rd"]);
+    r.query = &["ep=keep-dev", "lt=60"];
+    r.payload = b"</3/0>";
+    assert_eq!(
+        support::coap::code(&plain.request(&r)),
+        ResponseType::Forbidden
+    );
+    assert!(DtlsDevice::connect_cert(dtls, dir.path()).is_err());
+    assert_eq!(metric(&d, "coap_dtls_handshakes_total"), 2);
+    // Refused as revoked (not for some other fault of the certificate).
+    d.expect_log(
+        &format!("revoked (CN={cert_ep}"),
+        std::time::Duration::from_secs(5),
+    );
 }
