@@ -858,3 +858,42 @@ fn certificate_revocation_closes_dtls_sessions_and_credentials_survive_a_restart
         std::time::Duration::from_secs(5),
     );
 }
+
+/// A PSK provisioned in another domain (with that domain's key): the DTLS registration
+/// without `ep=` or `d=` lands in the credential's domain, seen by that domain's keys
+/// and not by the default domain's; `d=` of the credential's domain is accepted, `d=`
+/// of the default domain is 4.03.
+#[test]
+fn a_psk_of_another_domain_registers_its_device_in_that_domain() {
+    let p = support::Prepared::new("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let body =
+        json!({"name": "lab", "domain": "lab", "scopes": ["endpoints:read", "resources:write"]});
+    let lab = p.plugin_call_str("connector", "create_key", &body, "access_key");
+    let body = json!({"name": "home", "domain": "default", "scopes": ["endpoints:read"]});
+    let home = p.plugin_call_str("connector", "create_key", &body, "access_key");
+    let d = p.start_in_process();
+    let dtls = d.ready.as_ref().expect("ready").coap_dtls[0];
+    let put = json!({"psk_identity": "lab-id", "psk": psk_hex(PSK_TEXT)});
+    let r = support::bearer_call(
+        &d,
+        "PUT",
+        "/v2/device-credentials/lab-dev",
+        Some(&lab),
+        Some(&put),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["domain"], "lab", "{}", r.body);
+    for query in ["", "&d=lab&ep=lab-dev"] {
+        let (ok, all) = psk_register("coap-client-openssl", dtls, "lab-id", PSK_TEXT, query);
+        assert!(
+            ok && answered(&all).as_deref() == Some("2.01"),
+            "{query}:\n{all}"
+        );
+    }
+    let (_, all) = psk_register("coap-client-gnutls", dtls, "lab-id", PSK_TEXT, "&d=default");
+    assert_eq!(answered(&all).as_deref(), Some("4.03"), "{all}");
+    let r = support::bearer_call(&d, "GET", "/v2/endpoints/lab-dev", Some(&lab), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = support::bearer_call(&d, "GET", "/v2/endpoints/lab-dev", Some(&home), None);
+    assert_eq!(r.status, 404, "the default domain's view: {}", r.body);
+}
