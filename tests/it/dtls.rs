@@ -832,6 +832,17 @@ fn certificate_revocation_closes_dtls_sessions_and_credentials_survive_a_restart
     assert_eq!(wait_metric(&d, "coap_dtls_sessions", 0), 0);
     assert_eq!(dev.update(&id), None, "the revoked session still answers");
     assert!(DtlsDevice::connect_cert(dtls, dir.path()).is_err());
+    // A read of the device now fails at once: its session is gone.
+    let rid = d.async_request("GET", &format!("/v2/endpoints/{cert_ep}/3/0/0"), None, None);
+    let a = d.async_response(&rid, std::time::Duration::from_secs(5));
+    assert_eq!(a["status"], 502, "{a}");
+    assert!(
+        a["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no DTLS session"),
+        "{a}"
+    );
 
     let d = d.stop_and_restart();
     let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
