@@ -437,6 +437,19 @@ fn revoking_a_certificate_aborts_its_tls_connection() {
         .json();
     assert!(shown["certificates"][0]["revoked"].is_string(), "{shown}");
 
+    // The connection is gone: a read of the device fails at once.
+    let rid = d.async_request(
+        "GET",
+        &format!("/v2/endpoints/{}/3/0/0", c.endpoint),
+        None,
+        None,
+    );
+    let a = d.async_response(&rid, Duration::from_secs(5));
+    assert_eq!(a["status"], 502, "{a}");
+    assert!(
+        a["error"].as_str().unwrap_or("").contains("not connected"),
+        "{a}"
+    );
     dev.command("update");
     let e = dev.wait_event(WAIT, |e| e["event"] == "error");
     assert!(
