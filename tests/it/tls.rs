@@ -437,19 +437,6 @@ fn revoking_a_certificate_aborts_its_tls_connection() {
         .json();
     assert!(shown["certificates"][0]["revoked"].is_string(), "{shown}");
 
-    // The connection is gone: a read of the device fails at once.
-    let rid = d.async_request(
-        "GET",
-        &format!("/v2/endpoints/{}/3/0/0", c.endpoint),
-        None,
-        None,
-    );
-    let a = d.async_response(&rid, Duration::from_secs(5));
-    assert_eq!(a["status"], 502, "{a}");
-    assert!(
-        a["error"].as_str().unwrap_or("").contains("not connected"),
-        "{a}"
-    );
     dev.command("update");
     let e = dev.wait_event(WAIT, |e| e["event"] == "error");
     assert!(
@@ -467,6 +454,19 @@ fn revoking_a_certificate_aborts_its_tls_connection() {
         1,
         "{:?}",
         dev.events()
+    );
+    // The connection is gone: a read of the device fails at once.
+    let rid = d.async_request(
+        "GET",
+        &format!("/v2/endpoints/{}/3/0/0", c.endpoint),
+        None,
+        None,
+    );
+    let a = d.async_response(&rid, Duration::from_secs(5));
+    assert_eq!(a["status"], 502, "{a}");
+    assert!(
+        a["error"].as_str().unwrap_or("").contains("not connected"),
+        "{a}"
     );
     let args = cert_args(&c);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
