@@ -139,6 +139,8 @@ pub struct Running {
     coap: Vec<SocketAddr>,
     /// The bound `coap.listen_tls` addresses.
     coap_tls: Vec<SocketAddr>,
+    /// The bound `coap.listen_dtls` addresses.
+    coap_dtls: Vec<SocketAddr>,
     state_dir: PathBuf,
     /// The configuration in force (SIGHUP compares the file with it).
     config: Config,
@@ -158,6 +160,7 @@ struct Services {
     /// The REST server's certificate, re-read on SIGHUP (`None` without HTTPS).
     rest_tls: Option<Arc<rest::tls::Tls>>,
     coap_tls: Vec<SocketAddr>,
+    coap_dtls: Vec<SocketAddr>,
 }
 
 /// Starts the daemon: builds its async runtime (`[runtime] worker_threads`), checks the
@@ -184,6 +187,7 @@ pub fn start(config: Config, options: Options) -> Result<Running, StartError> {
             rest_tls,
             coap,
             coap_tls: std::mem::take(&mut services.coap_tls),
+            coap_dtls: std::mem::take(&mut services.coap_dtls),
             state_dir: config.state.resolve_dir(),
             config,
             options,
@@ -221,6 +225,11 @@ impl Running {
         &self.coap_tls
     }
 
+    /// Every bound CoAP over DTLS (`coap.listen_dtls`) address.
+    pub fn coap_dtls_addrs(&self) -> &[SocketAddr] {
+        &self.coap_dtls
+    }
+
     /// The state directory in use.
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
@@ -248,6 +257,7 @@ impl Running {
         let (rest, coap) = (self.rest.clone(), self.coap.clone());
         let rest_tls = self.rest_tls.clone();
         let coap_tls = self.coap_tls.clone();
+        let coap_dtls = self.coap_dtls.clone();
         let config = self.config.clone();
         let options = std::mem::take(&mut self.options);
         let announced = rt.block_on(async {
@@ -260,7 +270,14 @@ impl Running {
             let mut int = signal(SignalKind::interrupt())?;
             let mut hup = signal(SignalKind::hangup())?;
             let announced = match &ready_file {
-                Some(path) => write_ready_file(path, &rest, &coap, &rest_tls, &coap_tls),
+                Some(path) => write_ready_file(
+                    path,
+                    &rest,
+                    &coap,
+                    &rest_tls,
+                    &coap_tls,
+                    &coap_dtls,
+                ),
                 None => Ok(()),
             };
             if announced.is_ok() {
@@ -330,6 +347,7 @@ fn stop_services(rt: tokio::runtime::Runtime, services: Services) {
         plugins,
         rest_tls: _,
         coap_tls: _,
+        coap_dtls: _,
     } = services;
     rt.block_on(async {
         trigger.fire();
@@ -648,6 +666,7 @@ async fn start_services(
     tasks.push(tokio::spawn(rest::serve(listeners, state, stop.clone())));
     let coap_addrs = transport.local_addrs();
     let coap_tls = transport.local_addrs_of(crate::coap::ListenerKind::Tls);
+    let coap_dtls = transport.local_addrs_of(crate::coap::ListenerKind::Dtls);
     Ok((
         Services {
             trigger,
@@ -658,6 +677,7 @@ async fn start_services(
             plugins,
             rest_tls,
             coap_tls,
+            coap_dtls,
         },
         rest_addrs,
         coap_addrs,
@@ -780,8 +800,9 @@ fn notify(states: &[NotifyState]) {
 }
 
 /// Writes `{"pid": …, "version": …, "rest": ["ip:port", …], "coap": ["ip:port", …],
-/// "rest_tls": ["ip:port", …], "coap_tls": […]}` (`rest_tls`: the HTTPS addresses of the
-/// REST API; `coap_tls`: the CoAP-over-TLS ones) to
+/// "rest_tls": ["ip:port", …], "coap_tls": […], "coap_dtls": […]}` (`rest_tls`: the HTTPS
+/// addresses of the REST API; `coap_tls`: the CoAP-over-TLS ones; `coap_dtls`: the
+/// CoAP-over-DTLS ones) to
 /// `path` atomically (a temporary file beside it, then a rename), so that a reader sees
 /// either no file or the whole of it. The addresses are the bound ones: with port 0 in
 /// the configuration, the ports the system chose. Removed again at a clean stop.
@@ -791,6 +812,7 @@ fn write_ready_file(
     coap: &[SocketAddr],
     rest_tls: &[SocketAddr],
     coap_tls: &[SocketAddr],
+    coap_dtls: &[SocketAddr],
 ) -> Result<(), StartError> {
     let fail = |source| StartError::ReadyFile {
         path: path.to_path_buf(),
@@ -811,6 +833,7 @@ fn write_ready_file(
         "coap": coap.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "rest_tls": rest_tls.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "coap_tls": coap_tls.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "coap_dtls": coap_dtls.iter().map(ToString::to_string).collect::<Vec<_>>(),
     })
     .to_string();
     std::fs::write(&tmp, text + "\n")

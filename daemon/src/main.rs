@@ -80,15 +80,20 @@ enum Command {
     /// temperature), /1/0/1 (writable lifetime) and /3/0/4 (executable reboot).
     /// Ctrl-C de-registers them all.
     Simulate {
-        /// How many devices.
-        #[arg(long, default_value_t = 10)]
-        devices: usize,
+        /// How many devices (10; 1 with --endpoint).
+        #[arg(long)]
+        devices: Option<usize>,
         /// The daemon's CoAP address.
         #[arg(long, default_value = "127.0.0.1:5683")]
         server: std::net::SocketAddr,
         /// Endpoint names are <prefix><index, 6 digits>.
         #[arg(long, default_value = "sim-")]
         prefix: String,
+        /// One device (--devices 1) with this endpoint name instead of the prefix's: with
+        /// --psk or --cert, the endpoint the credential names (a registration naming
+        /// another is refused 4.03).
+        #[arg(long, conflicts_with = "prefix")]
+        endpoint: Option<String>,
         /// Registration lifetime in seconds (updates at about 80 % of it).
         #[arg(long, default_value_t = 300)]
         lifetime: u32,
@@ -258,6 +263,7 @@ fn main() -> ExitCode {
             devices,
             server,
             prefix,
+            endpoint,
             lifetime,
             notify_interval,
             bind,
@@ -278,9 +284,10 @@ fn main() -> ExitCode {
                 }
             };
             let opts = connectord::simulate::SimOptions {
-                devices,
+                devices: devices.unwrap_or(if endpoint.is_some() { 1 } else { 10 }),
                 server,
                 name_prefix: prefix,
+                endpoint,
                 lifetime_s: lifetime,
                 notify_interval_ms: notify_interval,
                 bind,

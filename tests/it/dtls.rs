@@ -1,9 +1,15 @@
-//! CoAP over DTLS (`[coap] listen_dtls`): libcoap's clients (OpenSSL and GnuTLS builds)
-//! handshake with a device certificate issued by `POST /api/cert` and register; a
-//! certificate from another CA and an expired one are refused and counted. (PSK and the
-//! handshake bounds are tested against the listener itself, `daemon/coap/tests/dtls.rs`:
-//! the daemon knows no PSK identity until the credential store exists.)
+//! CoAP over DTLS (`[coap] listen_dtls`) through the real daemon: libcoap's clients
+//! (OpenSSL and GnuTLS builds) handshake with a device certificate issued by `POST
+//! /api/cert` and register; a certificate from another CA and an expired one are refused
+//! and counted. PSKs provisioned with `connectord credentials put` or the REST API let
+//! libcoap register bound to the credential's endpoint (`ep=`/`d=` contradicting it 4.03,
+//! a wrong key refused at the handshake, plain CoAP for the endpoint 4.03); `connectord
+//! simulate --psk`/`--cert` answers reads and observations over its session; replacing
+//! or revoking a PSK, or revoking a certificate, closes the open session; PSKs and
+//! revocations hold across a restart. (The handshake bounds are tested against
+//! the listener itself, `daemon/coap/tests/dtls.rs`.)
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -181,12 +187,11 @@ fn certificates_from_api_cert_register_over_dtls_and_others_are_refused() {
     let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
     let ready = d.ready.as_ref().expect("ready file");
     assert_eq!(
-        ready.coap.len(),
-        2,
-        "a UDP and a DTLS listener: {:?}",
-        ready.coap
+        (ready.coap.len(), ready.coap_dtls.len()),
+        (1, 1),
+        "a UDP and a DTLS listener: {ready:?}"
     );
-    let dtls = ready.coap[1];
+    let dtls = ready.coap_dtls[0];
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("device.key");
     openssl(&[
@@ -283,54 +288,51 @@ fn certificates_from_api_cert_register_over_dtls_and_others_are_refused() {
     }
 }
 
-/// `connectord simulate --cert --key` registers over DTLS; a read and an observation go
-/// to the device through its DTLS session (the registration's listener is `dtls:`).
-#[test]
-fn reads_and_observations_reach_a_simulated_dtls_device() {
-    use std::time::Duration;
-    const WAIT: Duration = Duration::from_secs(15);
-    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
-    let dtls = d.ready.as_ref().expect("ready file").coap[1];
-    let dir = tempfile::tempdir().unwrap();
-    device_certificate(&d, dir.path());
-    let mut sim = Command::new(support::BIN)
-        .args([
-            "simulate",
-            "--devices",
-            "2",
-            "--prefix",
-            "secure-",
-            "--notify-interval",
-            "200",
-        ])
+/// `connectord simulate` as one device with a credential: the endpoint `args` name
+/// (`--endpoint`), over DTLS to `d`, notifying every 200 ms.
+fn simulate_secure(d: &support::Daemon, args: &[&str]) -> (std::process::Child, u64) {
+    let sessions = metric(d, "coap_dtls_sessions");
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+    let child = Command::new(support::BIN)
+        .args(["simulate", "--notify-interval", "200"])
         .args(["--server", &dtls.to_string()])
-        .args(["--cert", path(&dir.path().join("device.pem"))])
-        .args(["--key", path(&dir.path().join("device.key"))])
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("connectord simulate");
-    let registered = support::eventually(WAIT, || {
-        let body = d.get("/v2/endpoints").body;
-        body.contains("secure-000000") && body.contains("secure-000001")
-    });
+    (child, sessions)
+}
+
+/// A proxied read and an observation reach the simulated device `ep` over its DTLS
+/// session (REST -> daemon -> device -> REST), which is one more DTLS session than the
+/// daemon had before (`sim`: the process and that count); `sim` is killed at the end.
+fn read_and_observe(d: &support::Daemon, sim: (std::process::Child, u64), ep: &str) {
+    let (mut sim, sessions) = sim;
+    use std::time::Duration;
+    const WAIT: Duration = Duration::from_secs(15);
+    let registered =
+        support::eventually(WAIT, || d.get(&format!("/v2/endpoints/{ep}")).status == 200);
     if !registered {
         let _ = sim.kill();
-        panic!("not registered over DTLS: {}", d.get("/v2/endpoints").body);
+        panic!(
+            "{ep} not registered over DTLS: {}\n{}",
+            d.get("/v2/endpoints").body,
+            d.logs().join("\n")
+        );
     }
-    assert_eq!(metric(&d, "coap_dtls_sessions"), 2);
-
-    let id = d.async_request("GET", "/v2/endpoints/secure-000001/3/0/2", None, None);
+    assert_eq!(metric(d, "coap_dtls_sessions"), sessions + 1);
+    let id = d.async_request("GET", &format!("/v2/endpoints/{ep}/3/0/2"), None, None);
     let r = d.async_response(&id, WAIT);
-    assert_eq!(r["payload"], support::b64(b"secure-000001").as_str(), "{r}");
+    assert_eq!(r["payload"], support::b64(ep.as_bytes()).as_str(), "{r}");
     let id = d.async_request(
         "PUT",
-        "/v2/subscriptions/secure-000000/3303/0/5700",
+        &format!("/v2/subscriptions/{ep}/3303/0/5700"),
         None,
         None,
     );
     assert_eq!(d.async_response(&id, WAIT)["status"], 200);
-    let ours = |e: &serde_json::Value| e["ep"] == "secure-000000" && e["path"] == "/3303/0/5700";
+    let ours = |e: &serde_json::Value| e["ep"] == ep && e["path"] == "/3303/0/5700";
     let events = d.collect_events(WAIT, |e| {
         e.of("notifications").iter().filter(|n| ours(n)).count() >= 2
     });
@@ -345,6 +347,55 @@ fn reads_and_observations_reach_a_simulated_dtls_device() {
             >= 2,
         "{events:?}"
     );
+    // Nothing of this went over plain UDP: the registration is the DTLS listener's.
+    assert_eq!(metric(d, "coap_plain_refused_total"), 0);
+}
+
+/// `connectord simulate --endpoint <CN> --cert --key` registers over DTLS; a read and an
+/// observation go to the device through its DTLS session. (Without `--endpoint` the
+/// simulator's names contradict the certificate's CN: refused, see below.)
+#[test]
+fn reads_and_observations_reach_a_simulated_dtls_device() {
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let dir = tempfile::tempdir().unwrap();
+    let ep = device_certificate(&d, dir.path());
+    let sim = simulate_secure(
+        &d,
+        &[
+            "--endpoint",
+            &ep,
+            "--cert",
+            path(&dir.path().join("device.pem")),
+            "--key",
+            path(&dir.path().join("device.key")),
+        ],
+    );
+    read_and_observe(&d, sim, &ep);
+}
+
+/// `connectord simulate --psk IDENTITY:HEXKEY` with a PSK provisioned for its endpoint:
+/// it registers over DTLS and answers a proxied read and an observation over its
+/// session; the same simulator named otherwise is refused (4.03, it registers nothing).
+#[test]
+fn a_simulated_device_with_a_provisioned_psk_is_read_and_observed() {
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let r = put_psk(&d, "sim-psk", "sim-psk-id", &psk_hex(PSK_TEXT));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let psk = format!("sim-psk-id:{}", psk_hex(PSK_TEXT));
+    let out = Command::new(support::BIN)
+        .args(["simulate", "--devices", "1", "--prefix", "other-"])
+        .args([
+            "--server",
+            &d.ready.as_ref().unwrap().coap_dtls[0].to_string(),
+        ])
+        .args(["--psk", &psk])
+        .output()
+        .expect("connectord simulate");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("contradicts the credential"), "{err}");
+    assert_eq!(d.get("/v2/endpoints/other-000000").status, 404);
+    let sim = simulate_secure(&d, &["--endpoint", "sim-psk", "--psk", &psk]);
+    read_and_observe(&d, sim, "sim-psk");
 }
 
 /// `coap.trusted_cas`: a device certificate of another CA is accepted once that CA is
@@ -360,7 +411,7 @@ fn trusted_cas_admit_another_ca() {
         ),
         "",
     );
-    let dtls = d.ready.as_ref().expect("ready file").coap[1];
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
     let uri = format!("coaps://127.0.0.1:{}/rd?ep=guest&lt=300", dtls.port());
     let (ok, all) = libcoap(
         "coap-client-openssl",
@@ -379,4 +430,481 @@ fn trusted_cas_admit_another_ca() {
     );
     assert!(ok && all.contains("2.01"), "{all}\n{}", d.logs().join("\n"));
     assert!(d.get("/endpoints").body.contains("guest"));
+}
+
+// ---- PSKs from the credential store, end to end (issue 21, items 3, 4, 7) ----
+
+/// The PSK the libcoap tests give with `-k` (libcoap takes the key as text).
+const PSK_TEXT: &str = "e2e-secret-key-16";
+
+fn psk_hex(text: &str) -> String {
+    hex::encode(text.as_bytes())
+}
+
+/// `connectord credentials …` against `d` through the binary, which must succeed.
+fn credentials_cli(d: &support::Daemon, args: &[&str]) -> String {
+    let out = support::run_ok(
+        Command::new(support::BIN)
+            .arg("credentials")
+            .args(args)
+            .args(["--config", path(&d.config_path)])
+            .args(["--url", &format!("http://{}", d.rest)])
+            .env_remove("CONNECTORD_API_KEY"),
+        &format!("connectord credentials {args:?}"),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn put_psk(d: &support::Daemon, ep: &str, identity: &str, key_hex: &str) -> support::Http {
+    d.send_json(
+        "PUT",
+        &format!("/v2/device-credentials/{ep}"),
+        json!({"psk_identity": identity, "psk": key_hex}).to_string(),
+    )
+}
+
+/// A registration through libcoap's `bin` over DTLS with PSK `identity`/`key` (text) and
+/// `query` (`lt=300` added): whether it exited 0 and all it printed.
+fn psk_register(
+    bin: &str,
+    dtls: SocketAddr,
+    identity: &str,
+    key: &str,
+    query: &str,
+) -> (bool, String) {
+    let uri = format!("coaps://127.0.0.1:{}/rd?lt=300{query}", dtls.port());
+    libcoap(
+        bin,
+        &[
+            "-u", identity, "-k", key, "-m", "post", "-e", "</3/0>", &uri,
+        ],
+    )
+}
+
+/// The response code libcoap logged for its request (`c:2.01`), if any.
+fn answered(all: &str) -> Option<String> {
+    all.lines()
+        .filter(|l| l.contains("t:ACK") || l.contains("t:CON") || l.contains("t:NON"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("c:")))
+        .find(|c| {
+            c.as_bytes()
+                .first()
+                .is_some_and(|b| (b'2'..=b'5').contains(b))
+        })
+        .map(str::to_owned)
+}
+
+/// The registration id in the `Location-Path` libcoap logged (`rd/<id>`).
+fn location_id(all: &str) -> String {
+    all.lines()
+        .filter(|l| l.contains("c:2.01"))
+        .find_map(|l| {
+            let segments: Vec<&str> = l
+                .split("Location-Path:")
+                .skip(1)
+                .map(|s| s.split([',', ' ', ']']).next().unwrap_or(""))
+                .collect();
+            match segments.as_slice() {
+                ["rd", id] => Some(id.to_string()),
+                _ => None,
+            }
+        })
+        .unwrap_or_else(|| panic!("no Location-Path rd/<id> in:\n{all}"))
+}
+
+fn wait_metric(d: &support::Daemon, name: &str, want: u64) -> u64 {
+    support::eventually(std::time::Duration::from_secs(5), || {
+        metric(d, name) == want
+    });
+    metric(d, name)
+}
+
+/// A PSK provisioned with `connectord credentials put` (the CLI) and one provisioned with
+/// `PUT /v2/device-credentials` let libcoap's OpenSSL and GnuTLS clients register over
+/// DTLS without `ep=` (the endpoint is the credential's); `ep=` of another endpoint and
+/// `d=` of another domain are 4.03; a wrong key fails the handshake; the endpoints over
+/// plain CoAP are 4.03 and counted; a plain update or de-registration of a registration
+/// made over DTLS is 4.03.
+#[test]
+fn provisioned_psks_register_libcoap_over_dtls_bound_to_their_endpoint() {
+    use coap_lite::ResponseType;
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+    let out = credentials_cli(
+        &d,
+        &[
+            "put",
+            "cli-dev",
+            "--psk-identity",
+            "cli-id",
+            "--psk",
+            &psk_hex(PSK_TEXT),
+        ],
+    );
+    assert!(out.contains("\"cli-id\""), "{out}");
+    let r = put_psk(&d, "api-dev", "api-id", &psk_hex("api-secret-key-16"));
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    let mut handshakes = 0;
+    for bin in ["coap-client-openssl", "coap-client-gnutls"] {
+        for (identity, key, ep) in [
+            ("cli-id", PSK_TEXT, "cli-dev"),
+            ("api-id", "api-secret-key-16", "api-dev"),
+        ] {
+            let (ok, all) = psk_register(bin, dtls, identity, key, "");
+            assert!(
+                ok && answered(&all).as_deref() == Some("2.01"),
+                "{bin} with {identity}:\n{all}\n{}",
+                d.logs().join("\n")
+            );
+            handshakes += 1;
+            let r = d.get(&format!("/v2/endpoints/{ep}"));
+            assert_eq!(r.status, 200, "{bin}: {ep} not registered: {}", r.body);
+        }
+    }
+    assert_eq!(metric(&d, "coap_dtls_handshakes_total"), handshakes);
+    // Naming another endpoint, or another domain, than the credential's: 4.03.
+    for bin in ["coap-client-openssl", "coap-client-gnutls"] {
+        for query in ["&ep=api-dev", "&ep=cli-dev&d=other", "&ep=someone-else"] {
+            let (_, all) = psk_register(bin, dtls, "cli-id", PSK_TEXT, query);
+            assert_eq!(
+                answered(&all).as_deref(),
+                Some("4.03"),
+                "{bin} {query}:\n{all}"
+            );
+        }
+    }
+    assert_eq!(d.get("/v2/endpoints/someone-else").status, 404);
+    // A wrong key: the handshake fails, nothing is answered.
+    let failed = metric(&d, "coap_dtls_handshakes_failed_total");
+    for (i, bin) in ["coap-client-openssl", "coap-client-gnutls"]
+        .iter()
+        .enumerate()
+    {
+        let (ok, all) = psk_register(bin, dtls, "cli-id", "not-the-key-16byte", "");
+        assert!(
+            !ok || answered(&all).is_none(),
+            "{bin} with a wrong key:\n{all}"
+        );
+        assert_eq!(answered(&all), None, "{bin}:\n{all}");
+        assert_eq!(
+            wait_metric(
+                &d,
+                "coap_dtls_handshakes_failed_total",
+                failed + i as u64 + 1
+            ),
+            failed + i as u64 + 1,
+            "{bin}"
+        );
+    }
+    // Plain CoAP for these endpoints: 4.03, counted.
+    let mut dev = d.device();
+    for ep in ["cli-dev", "api-dev"] {
+        let q = format!("ep={ep}");
+        let mut req = support::coap::Req::new(coap_lite::RequestType::Post, &["rd"]);
+        let query = [q.as_str(), "lt=60"];
+        req.query = &query;
+        req.payload = b"</3/0>";
+        let r = dev.request(&req);
+        assert_eq!(support::coap::code(&r), ResponseType::Forbidden, "{ep}");
+    }
+    assert_eq!(metric(&d, "coap_plain_refused_total"), 2);
+
+    // A plain update or de-registration of the DTLS registration: 4.03; it stays.
+    let (ok, all) = psk_register("coap-client-openssl", dtls, "cli-id", PSK_TEXT, "");
+    assert!(ok, "{all}");
+    let id = location_id(&all);
+    assert_eq!(dev.update(&id, &[], None), ResponseType::Forbidden);
+    assert_eq!(dev.deregister(&id), ResponseType::Forbidden);
+    assert_eq!(metric(&d, "coap_plain_refused_total"), 4);
+    assert_eq!(d.get("/v2/endpoints/cli-dev").status, 200);
+    // The same update over DTLS with the credential is accepted (2.04).
+    let uri = format!("coaps://127.0.0.1:{}/rd/{id}", dtls.port());
+    let (_, all) = libcoap(
+        "coap-client-openssl",
+        &["-u", "cli-id", "-k", PSK_TEXT, "-m", "post", &uri],
+    );
+    assert_eq!(answered(&all).as_deref(), Some("2.04"), "{all}");
+}
+
+/// A device that holds its DTLS session between requests (libcoap's client closes it
+/// when it exits): the DTLS client of `connectord-coap` (dimpl) over a real UDP socket,
+/// blocking, the requests built by the testkit's CoAP device.
+struct DtlsDevice {
+    coap: support::coap::Device,
+    session: connectord::coap::dtls::client::DtlsClient,
+}
+
+impl DtlsDevice {
+    /// Handshakes with `server` with PSK `identity`/`key` within 5 s.
+    fn connect(server: SocketAddr, identity: &str, key: &str) -> Result<DtlsDevice, String> {
+        DtlsDevice::connect_with(
+            server,
+            connectord::coap::dtls::client::ClientAuth::Psk {
+                identity: identity.as_bytes().to_vec(),
+                key: key.as_bytes().to_vec(),
+            },
+        )
+    }
+
+    /// Handshakes with `server` with the certificate `device.pem` and key `device.key` in
+    /// `dir` within 5 s.
+    fn connect_cert(server: SocketAddr, dir: &Path) -> Result<DtlsDevice, String> {
+        let auth = connectord::coap::dtls::client::ClientAuth::certificate_from_files(
+            &dir.join("device.pem"),
+            &dir.join("device.key"),
+        )?;
+        DtlsDevice::connect_with(server, auth)
+    }
+
+    fn connect_with(
+        server: SocketAddr,
+        auth: connectord::coap::dtls::client::ClientAuth,
+    ) -> Result<DtlsDevice, String> {
+        use connectord::coap::dtls::client::{ClientConfig, DtlsClient};
+        use std::time::{Duration, Instant};
+        let cfg = ClientConfig::new(auth).map_err(|e| e.to_string())?;
+        let coap = support::coap::Device::new(server);
+        let mut session = DtlsClient::new(&cfg, Instant::now());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut out = session.poll();
+        loop {
+            for record in out.drain(..) {
+                coap.send_raw(&record);
+            }
+            if session.is_connected() {
+                return Ok(DtlsDevice { coap, session });
+            }
+            if session.is_closed() {
+                return Err("handshake refused".into());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err("handshake timed out".into());
+            }
+            let wake = session.next_timer().unwrap_or(deadline).min(deadline);
+            let wait = wake
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1));
+            out = match coap.recv_raw(wait) {
+                Some(bytes) => session.on_datagram(&bytes, Instant::now()),
+                None => session.on_timer(Instant::now()),
+            }
+            .map_err(|e| e.to_string())?;
+        }
+    }
+
+    /// Sends `r` through the session: the answer within 3 s, or `None` (no answer, or the
+    /// session was closed).
+    fn request(&mut self, r: &support::coap::Req) -> Option<coap_lite::Packet> {
+        use std::time::{Duration, Instant};
+        let p = self.coap.build(r);
+        for record in self.session.send(&p.to_bytes().ok()?).ok()? {
+            self.coap.send_raw(&record);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            while let Some(m) = self.session.take_message() {
+                if let Ok(resp) = coap_lite::Packet::from_bytes(&m)
+                    && resp.get_token() == p.get_token()
+                    && matches!(resp.header.code, coap_lite::MessageClass::Response(_))
+                {
+                    return Some(resp);
+                }
+            }
+            let now = Instant::now();
+            if self.session.is_closed() || now >= deadline {
+                return None;
+            }
+            let wait = (deadline - now)
+                .min(Duration::from_millis(100))
+                .max(Duration::from_millis(1));
+            let out = match self.coap.recv_raw(wait) {
+                Some(bytes) => self.session.on_datagram(&bytes, Instant::now()),
+                None => self.session.on_timer(Instant::now()),
+            };
+            match out {
+                Ok(out) => out.iter().for_each(|record| self.coap.send_raw(record)),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// A registration without `ep=` (the credential names the endpoint): its id.
+    fn register(&mut self) -> Result<String, String> {
+        let mut r = support::coap::Req::new(coap_lite::RequestType::Post, &["rd"]);
+        r.query = &["lt=300"];
+        r.payload = b"</3/0>";
+        r.content_format = Some(coap_lite::ContentFormat::ApplicationLinkFormat);
+        let resp = self.request(&r).ok_or("no answer")?;
+        match support::coap::code(&resp) {
+            coap_lite::ResponseType::Created => Ok(support::coap::location(&resp)
+                .trim_start_matches("rd/")
+                .to_string()),
+            c => Err(format!("{c:?} {}", support::coap::diag(&resp))),
+        }
+    }
+
+    /// `POST /rd/{id}` through the session: the answer's code, if one came.
+    fn update(&mut self, id: &str) -> Option<coap_lite::ResponseType> {
+        let path = ["rd", id];
+        let r = support::coap::Req::new(coap_lite::RequestType::Post, &path);
+        self.request(&r).map(|p| support::coap::code(&p))
+    }
+}
+
+/// Replacing a PSK (`PUT` of a new key) and revoking it (`DELETE
+/// /v2/device-credentials/{ep}`) close the device's open DTLS session: the session gauge
+/// falls, the device's next request through it is not answered, and a new handshake with
+/// the old key is refused (our client and libcoap's); the new key works until revoked.
+#[test]
+fn replacing_or_revoking_a_psk_closes_the_devices_dtls_session() {
+    use coap_lite::ResponseType;
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+    let (old, new) = ("rev-old-key-16-bytes", "rev-new-key-16-bytes");
+    assert_eq!(put_psk(&d, "rev-dev", "rev-id", &psk_hex(old)).status, 201);
+    let mut dev = DtlsDevice::connect(dtls, "rev-id", old).expect("handshake");
+    let id = dev.register().expect("registered over DTLS");
+    assert_eq!(dev.update(&id), Some(ResponseType::Changed));
+    assert_eq!(metric(&d, "coap_dtls_sessions"), 1);
+
+    // A new key: the session made with the old one is closed.
+    let r = put_psk(&d, "rev-dev", "rev-id", &psk_hex(new));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(wait_metric(&d, "coap_dtls_sessions", 0), 0);
+    d.expect_log(
+        "closed 1 secure sessions that used the old ones",
+        std::time::Duration::from_secs(5),
+    );
+    assert_eq!(dev.update(&id), None, "the old session still answers");
+    let failed = metric(&d, "coap_dtls_handshakes_failed_total");
+    assert!(DtlsDevice::connect(dtls, "rev-id", old).is_err());
+    let (_, all) = psk_register("coap-client-openssl", dtls, "rev-id", old, "");
+    assert_eq!(answered(&all), None, "{all}");
+    assert_eq!(
+        wait_metric(&d, "coap_dtls_handshakes_failed_total", failed + 2),
+        failed + 2
+    );
+    let mut dev = DtlsDevice::connect(dtls, "rev-id", new).expect("the new key");
+    assert_eq!(dev.update(&id), Some(ResponseType::Changed));
+    assert_eq!(metric(&d, "coap_dtls_sessions"), 1);
+
+    // Revoked: closed too, and the key is refused from now on.
+    let r = d.call("DELETE", "/v2/device-credentials/rev-dev", None, None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(wait_metric(&d, "coap_dtls_sessions", 0), 0);
+    assert_eq!(dev.update(&id), None, "the revoked session still answers");
+    assert!(DtlsDevice::connect(dtls, "rev-id", new).is_err());
+    let (_, all) = psk_register("coap-client-gnutls", dtls, "rev-id", new, "");
+    assert_eq!(answered(&all), None, "{all}");
+    assert_eq!(metric(&d, "coap_dtls_sessions"), 0);
+}
+
+/// Revoking a certificate from `/api/cert` closes the device's open DTLS session made
+/// with it and refuses its next handshake; PSKs and revocations are the store's, so after
+/// a restart the provisioned PSK registers libcoap over DTLS again, plain CoAP for its
+/// endpoint is still 4.03 and the revoked certificate is still refused.
+#[test]
+fn certificate_revocation_closes_dtls_sessions_and_credentials_survive_a_restart() {
+    use coap_lite::ResponseType;
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+    assert_eq!(
+        put_psk(&d, "keep-dev", "keep-id", &psk_hex(PSK_TEXT)).status,
+        201
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cert_ep = device_certificate(&d, dir.path());
+    let mut dev = DtlsDevice::connect_cert(dtls, dir.path()).expect("certificate handshake");
+    let id = dev.register().expect("registered with the certificate");
+    assert_eq!(d.get(&format!("/v2/endpoints/{cert_ep}")).status, 200);
+    assert_eq!(dev.update(&id), Some(ResponseType::Changed));
+    assert_eq!(metric(&d, "coap_dtls_sessions"), 1);
+
+    let r = d.call(
+        "DELETE",
+        &format!("/v2/device-credentials/{cert_ep}"),
+        None,
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(wait_metric(&d, "coap_dtls_sessions", 0), 0);
+    assert_eq!(dev.update(&id), None, "the revoked session still answers");
+    assert!(DtlsDevice::connect_cert(dtls, dir.path()).is_err());
+    // A read of the device now fails at once: its session is gone.
+    let rid = d.async_request("GET", &format!("/v2/endpoints/{cert_ep}/3/0/0"), None, None);
+    let a = d.async_response(&rid, std::time::Duration::from_secs(5));
+    assert_eq!(a["status"], 502, "{a}");
+    assert!(
+        a["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no DTLS session"),
+        "{a}"
+    );
+
+    let d = d.stop_and_restart();
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+    for bin in ["coap-client-openssl", "coap-client-gnutls"] {
+        let (ok, all) = psk_register(bin, dtls, "keep-id", PSK_TEXT, "");
+        assert!(
+            ok && answered(&all).as_deref() == Some("2.01"),
+            "{bin}:\n{all}"
+        );
+    }
+    let mut plain = d.device();
+    let mut r = support::coap::Req::new(coap_lite::RequestType::Post, &["rd"]);
+    r.query = &["ep=keep-dev", "lt=60"];
+    r.payload = b"</3/0>";
+    assert_eq!(
+        support::coap::code(&plain.request(&r)),
+        ResponseType::Forbidden
+    );
+    assert!(DtlsDevice::connect_cert(dtls, dir.path()).is_err());
+    assert_eq!(metric(&d, "coap_dtls_handshakes_total"), 2);
+    // Refused as revoked (not for some other fault of the certificate).
+    d.expect_log(
+        &format!("revoked (CN={cert_ep}"),
+        std::time::Duration::from_secs(5),
+    );
+}
+
+/// A PSK provisioned in another domain (with that domain's key): the DTLS registration
+/// without `ep=` or `d=` lands in the credential's domain, seen by that domain's keys
+/// and not by the default domain's; `d=` of the credential's domain is accepted, `d=`
+/// of the default domain is 4.03.
+#[test]
+fn a_psk_of_another_domain_registers_its_device_in_that_domain() {
+    let p = support::Prepared::new("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let body =
+        json!({"name": "lab", "domain": "lab", "scopes": ["endpoints:read", "resources:write"]});
+    let lab = p.plugin_call_str("connector", "create_key", &body, "access_key");
+    let body = json!({"name": "home", "domain": "default", "scopes": ["endpoints:read"]});
+    let home = p.plugin_call_str("connector", "create_key", &body, "access_key");
+    let d = p.start_in_process();
+    let dtls = d.ready.as_ref().expect("ready").coap_dtls[0];
+    let put = json!({"psk_identity": "lab-id", "psk": psk_hex(PSK_TEXT)});
+    let r = support::bearer_call(
+        &d,
+        "PUT",
+        "/v2/device-credentials/lab-dev",
+        Some(&lab),
+        Some(&put),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["domain"], "lab", "{}", r.body);
+    for query in ["", "&d=lab&ep=lab-dev"] {
+        let (ok, all) = psk_register("coap-client-openssl", dtls, "lab-id", PSK_TEXT, query);
+        assert!(
+            ok && answered(&all).as_deref() == Some("2.01"),
+            "{query}:\n{all}"
+        );
+    }
+    let (_, all) = psk_register("coap-client-gnutls", dtls, "lab-id", PSK_TEXT, "&d=default");
+    assert_eq!(answered(&all).as_deref(), Some("4.03"), "{all}");
+    let r = support::bearer_call(&d, "GET", "/v2/endpoints/lab-dev", Some(&lab), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = support::bearer_call(&d, "GET", "/v2/endpoints/lab-dev", Some(&home), None);
+    assert_eq!(r.status, 404, "the default domain's view: {}", r.body);
 }

@@ -5,6 +5,8 @@
 //! The commands are taken from the README's "Try it without hardware" block and run with
 //! `sh` and `curl` against a daemon of the test harness: only the daemon's addresses
 //! (ephemeral ports here) and the key (read from its state directory) are substituted.
+//! The secure quick start (a PSK provisioned with `connectord credentials put`, libcoap
+//! registering over DTLS) is run the same way.
 
 use crate::support;
 
@@ -143,4 +145,82 @@ fn the_quick_start_works_as_written() {
     let answer = answer.unwrap();
     assert_eq!(answer["status"], 200, "{answer}");
     assert_eq!(answer["payload"], "Y29ubmVjdG9yZA==", "{answer}");
+}
+
+/// The README's secure quick start, run as written with `sh`: `connectord credentials
+/// put` with the key made by `printf | od | tr`, then libcoap's `coap-client-openssl`
+/// registering over DTLS without `ep=`. Substituted: the binary under test with the test
+/// daemon's configuration and REST address, the DTLS port (the README relies on 5684), and
+/// `-B 10` so that a failing handshake ends. Then the claims of the paragraph after it: the
+/// endpoint is `demo-secure`, and plain CoAP for it is 4.03 and counted.
+#[test]
+fn the_secure_quick_start_works_as_written() {
+    let text = readme();
+    let start = text
+        .find("**Secure quick start (DTLS with a pre-shared key).**")
+        .expect("the README has a secure quick start");
+    let end = start
+        + text[start..]
+            .find("The device is the endpoint its identity names")
+            .expect("the secure quick start ends with what the device is");
+    let block: Vec<&str> = text[start..end]
+        .lines()
+        .filter_map(|l| l.strip_prefix("    "))
+        .collect();
+    assert_eq!(block.len(), 3, "{block:#?}");
+    assert!(
+        block[0].starts_with("connectord credentials put demo-secure "),
+        "{block:#?}"
+    );
+    assert!(block[2].starts_with("coap-client-openssl "), "{block:#?}");
+    assert!(
+        block[2].contains("'coaps://127.0.0.1/rd?lt=300'"),
+        "{block:#?}"
+    );
+
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+    support::peers::libcoap_client();
+    let script = block
+        .join("\n")
+        .replacen(
+            "connectord credentials put",
+            &format!(
+                "'{}' credentials put --config '{}' --url http://{}",
+                support::BIN,
+                d.config_path.display(),
+                d.rest
+            ),
+            1,
+        )
+        .replacen("coap-client-openssl ", "coap-client-openssl -B 10 -v 6 ", 1)
+        .replacen(
+            "coaps://127.0.0.1/",
+            &format!("coaps://127.0.0.1:{}/", dtls.port()),
+            1,
+        );
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("set -e\n{script}"))
+        .env_remove("CONNECTORD_API_KEY")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sh");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{script}\n{all}");
+    assert!(all.contains("c:2.01"), "{script}\n{all}");
+    assert_eq!(d.get("/v2/endpoints/demo-secure").status, 200, "{all}");
+    let mut dev = d.device();
+    let mut r = support::coap::Req::new(coap_lite::RequestType::Post, &["rd"]);
+    r.query = &["ep=demo-secure", "lt=300"];
+    r.payload = b"</3/0>";
+    assert_eq!(
+        support::coap::code(&dev.request(&r)),
+        coap_lite::ResponseType::Forbidden
+    );
+    assert_eq!(d.metric("coap_plain_refused_total"), 1);
 }

@@ -1,7 +1,8 @@
 //! CoAP over TLS (RFC 8323, `coaps+tcp`, `[coap] listen_tls`): devices with a certificate
 //! from `POST /api/cert` register through libcoap's `coap-client-openssl` and
 //! `coap-client-gnutls`; handshakes without a client certificate, with one from another
-//! CA or with an expired one are refused.
+//! CA or with an expired one are refused; a registration contradicting the certificate's
+//! CN/OU is 4.03; revoking the certificate aborts the device's connection.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -383,4 +384,104 @@ fn a_configured_server_certificate_is_used_and_bad_files_are_named() {
         let e = r.err().expect("the start fails").to_string();
         assert!(e.contains(&named), "{e}");
     }
+}
+
+/// A certificate whose CN is not the `ep=` (or whose OU is not the `d=`) of the
+/// registration: 4.03 over `coaps+tcp` for libcoap's OpenSSL and GnuTLS clients; the
+/// registration naming its own endpoint goes through on the same certificate.
+#[test]
+fn a_registration_contradicting_the_certificate_is_refused() {
+    let d = Daemon::start_custom(TLS, "");
+    let c = device_cert(&d);
+    let args = cert_args(&c);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let other_domain = format!("{}&d=other", c.endpoint);
+    for client in ["coap-client-openssl", "coap-client-gnutls"] {
+        for ep in ["someone-else", other_domain.as_str()] {
+            let (_, all) = register(client, &d, ep, &args);
+            assert!(
+                all.contains("c:4.03") && !all.contains("2.01"),
+                "{client} ep={ep}:\n{all}"
+            );
+        }
+        assert!(!registered(&d, "someone-else"), "{client}");
+    }
+    let (ok, all) = register("coap-client-gnutls", &d, &c.endpoint, &args);
+    assert!(ok && all.contains("2.01"), "{all}");
+}
+
+/// Revoking a device's credentials (`DELETE /v2/device-credentials/{ep}`, which revokes
+/// its certificates from `/api/cert`) aborts its open `coaps+tcp` connection (an aiocoap
+/// device that stays connected): its next update, on a new connection, fails at the
+/// handshake, and libcoap with the same certificate is refused too.
+#[test]
+fn revoking_a_certificate_aborts_its_tls_connection() {
+    let d = Daemon::start_custom(TLS, "");
+    let c = device_cert(&d);
+    let tls = format!("{},{},{}", p(&c.ca()), p(&c.cert()), p(&c.key()));
+    let mut dev = support::peers::Lwm2mDevice::start(tls_addr(&d), &c.endpoint, &["--tls", &tls]);
+    dev.command("update");
+    let e = dev.wait_event(WAIT, |e| e["event"] == "updated" || e["event"] == "error");
+    assert_eq!(e["code"], "2.04", "{e}");
+
+    let r = d.call(
+        "DELETE",
+        &format!("/v2/device-credentials/{}", c.endpoint),
+        None,
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    d.expect_log("closed 1 secure sessions that used the old ones", WAIT);
+    let shown = d
+        .get(&format!("/v2/device-credentials/{}", c.endpoint))
+        .json();
+    assert!(shown["certificates"][0]["revoked"].is_string(), "{shown}");
+
+    dev.command("update");
+    let e = dev.wait_event(WAIT, |e| e["event"] == "error");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("update failed"),
+        "{e}"
+    );
+    assert_eq!(
+        dev.events()
+            .iter()
+            .filter(|e| e["event"] == "updated")
+            .count(),
+        1,
+        "{:?}",
+        dev.events()
+    );
+    // The connection is gone: a read of the device fails at once.
+    let rid = d.async_request(
+        "GET",
+        &format!("/v2/endpoints/{}/3/0/0", c.endpoint),
+        None,
+        None,
+    );
+    let a = d.async_response(&rid, Duration::from_secs(5));
+    assert_eq!(a["status"], 502, "{a}");
+    assert!(
+        a["error"].as_str().unwrap_or("").contains("not connected"),
+        "{a}"
+    );
+    let args = cert_args(&c);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (_, all) = register("coap-client-openssl", &d, &c.endpoint, &args);
+    assert!(
+        !all.contains("2.01"),
+        "the revoked certificate registered:\n{all}"
+    );
+    // Refused for being revoked (the aiocoap device's reconnection, then libcoap's).
+    assert!(
+        d.wait_log(
+            "CoAP/TLS client certificate revoked; aborted",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        d.logs().join("\n")
+    );
 }

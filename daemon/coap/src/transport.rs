@@ -176,13 +176,10 @@ impl Transport {
         }))
     }
 
-    /// The UDP sockets actually bound (port 0 resolved): plain CoAP (`coap.listen`), then
-    /// DTLS (`coap.listen_dtls`). [`Transport::local_addrs_of`] gives one kind (the TCP
-    /// addresses of CoAP over TLS, say).
+    /// The plain-CoAP UDP addresses actually bound (port 0 resolved);
+    /// [`Transport::local_addrs_of`] gives those of another kind (DTLS, TLS).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        let mut all = self.local_addrs_of(crate::peer::ListenerKind::Udp);
-        all.extend(self.local_addrs_of(crate::peer::ListenerKind::Dtls));
-        all
+        self.local_addrs_of(crate::peer::ListenerKind::Udp)
     }
 
     /// The addresses of the listeners of one kind (port 0 resolved).

@@ -72,7 +72,7 @@ fn start_with(cfg: CoapConfig) -> Server {
         .unwrap();
     let (tx, rx) = tokio::sync::watch::channel(false);
     transport.start(Arc::new(WhoAmI(Mutex::new(Vec::new()))), rx);
-    let dtls = transport.local_addrs()[1];
+    let dtls = transport.local_addrs_of(connectord_coap::ListenerKind::Dtls)[0];
     Server {
         transport,
         counters,

@@ -150,6 +150,10 @@ pub struct SimOptions {
     pub server: SocketAddr,
     /// Endpoint names are `{prefix}{index:06}`, index from 0.
     pub name_prefix: String,
+    /// The endpoint name of the one device (`devices` must be 1), instead of the
+    /// prefix's: a device with a credential must register as the endpoint its credential
+    /// names (a certificate's CN from `POST /api/cert`, a PSK's record).
+    pub endpoint: Option<String>,
     /// Registration lifetime; an update is sent at ~80 % of it.
     pub lifetime_s: u32,
     /// How often observed temperatures change.
@@ -177,6 +181,7 @@ impl Default for SimOptions {
             devices: 10,
             server: SocketAddr::from(([127, 0, 0, 1], 5683)),
             name_prefix: "sim-".into(),
+            endpoint: None,
             lifetime_s: 300,
             notify_interval_ms: 5000,
             bind: IpAddr::from([127, 0, 0, 1]),
@@ -193,13 +198,22 @@ impl Default for SimOptions {
 impl SimOptions {
     /// The endpoint name of device `index`.
     pub fn endpoint_name(&self, index: usize) -> String {
-        format!("{}{index:06}", self.name_prefix)
+        match &self.endpoint {
+            Some(name) => name.clone(),
+            None => format!("{}{index:06}", self.name_prefix),
+        }
     }
 
     fn validate(&self) -> Result<(), SimError> {
         let invalid = |m: String| Err(SimError::Invalid(m));
         if self.devices == 0 {
             return invalid("devices must be at least 1".into());
+        }
+        if self.endpoint.is_some() && self.devices != 1 {
+            return invalid(format!(
+                "an endpoint name is for one device; devices is {}",
+                self.devices
+            ));
         }
         if self.lifetime_s == 0 {
             return invalid("lifetime_s must be at least 1".into());
@@ -2046,10 +2060,27 @@ mod tests {
                 ept: Some("a/b".into()),
                 ..SimOptions::default()
             },
+            SimOptions {
+                endpoint: Some("one".into()),
+                devices: 2,
+                ..SimOptions::default()
+            },
+            SimOptions {
+                endpoint: Some("a/b".into()),
+                devices: 1,
+                ..SimOptions::default()
+            },
         ];
         for o in bad {
             assert!(matches!(o.validate(), Err(SimError::Invalid(_))), "{o:?}");
         }
         assert!(SimOptions::default().validate().is_ok());
+        let one = SimOptions {
+            endpoint: Some("one".into()),
+            devices: 1,
+            ..SimOptions::default()
+        };
+        assert!(one.validate().is_ok());
+        assert_eq!(one.endpoint_name(0), "one");
     }
 }

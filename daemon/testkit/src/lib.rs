@@ -77,6 +77,9 @@ pub struct Ready {
     /// Every bound CoAP over TLS address (`coap.listen_tls`).
     #[serde(default)]
     pub coap_tls: Vec<SocketAddr>,
+    /// Every bound CoAP over DTLS address (`coap.listen_dtls`).
+    #[serde(default)]
+    pub coap_dtls: Vec<SocketAddr>,
 }
 
 impl Ready {
@@ -344,6 +347,7 @@ impl Daemon {
             coap: running.coap_addrs().to_vec(),
             rest_tls: running.rest_tls_addrs().to_vec(),
             coap_tls: running.coap_tls_addrs().to_vec(),
+            coap_dtls: running.coap_dtls_addrs().to_vec(),
         };
         self.rest = ready.rest[0];
         self.coap = ready.coap[0];
