@@ -70,6 +70,8 @@ fn server_config() -> Arc<dimpl::Config> {
                 .with_psk_server(None, Arc::new(Resolver))
                 .dtls12_cipher_suites(&[dimpl::crypto::Dtls12CipherSuite::PSK_AES128_CCM_8])
                 .dtls13_cipher_suites(&[])
+                // As the listener: a client offering RFC 9146 gets a CID (patch).
+                .connection_id_len(6)
                 .build()
                 .unwrap(),
         )

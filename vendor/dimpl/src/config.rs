@@ -79,6 +79,7 @@ pub struct Config {
     kx_groups: Option<Vec<NamedGroup>>,
     psk: Option<Psk>,
     server_cookie_secret: Option<[u8; 32]>,
+    connection_id_len: Option<u8>,
 }
 
 impl Config {
@@ -101,6 +102,7 @@ impl Config {
             kx_groups: None,
             psk: None,
             server_cookie_secret: None,
+            connection_id_len: None,
         }
     }
 
@@ -108,6 +110,12 @@ impl Config {
     /// for a random secret per server instance.
     pub fn server_cookie_secret(&self) -> Option<[u8; 32]> {
         self.server_cookie_secret
+    }
+
+    /// The length of the RFC 9146 connection ID this side receives with (connectord
+    /// patch), or `None` when connection IDs are neither offered nor accepted.
+    pub fn connection_id_len(&self) -> Option<u8> {
+        self.connection_id_len
     }
 
     /// Max transmission unit.
@@ -315,6 +323,7 @@ pub struct ConfigBuilder {
     kx_groups: Option<Vec<NamedGroup>>,
     psk: Option<Psk>,
     server_cookie_secret: Option<[u8; 32]>,
+    connection_id_len: Option<u8>,
 }
 
 impl ConfigBuilder {
@@ -325,6 +334,16 @@ impl ConfigBuilder {
     /// `daemon/coap/src/dtls.rs`). Without it each server instance draws its own.
     pub fn server_cookie_secret(mut self, secret: [u8; 32]) -> Self {
         self.server_cookie_secret = Some(secret);
+        self
+    }
+
+    /// Negotiate RFC 9146 connection IDs in DTLS 1.2 (connectord patch): a client offers,
+    /// a server accepts an offer with, a random connection ID of `len` bytes (0: an
+    /// empty one, "I send with yours but need none"), drawn per session. Once the
+    /// handshake has negotiated them, protected records whose receiver asked for a
+    /// non-empty ID are `tls12_cid` records (RFC 9146 §4, §5).
+    pub fn connection_id_len(mut self, len: u8) -> Self {
+        self.connection_id_len = Some(len);
         self
     }
 
@@ -663,6 +682,7 @@ impl ConfigBuilder {
             kx_groups: self.kx_groups,
             psk: self.psk,
             server_cookie_secret: self.server_cookie_secret,
+            connection_id_len: self.connection_id_len,
         })
     }
 }

@@ -83,6 +83,9 @@ pub enum UnexpectedMessageError {
     CertificateRequestContextTruncated,
     /// A DTLS 1.3 `CertificateRequest` extension block was shorter than declared.
     CertificateRequestExtensionsTruncated,
+    /// A DTLS 1.2 `ServerHello` answered a `connection_id` the client did not offer
+    /// (connectord patch, RFC 9146 §3).
+    UnsolicitedConnectionId,
 }
 
 /// Fine-grained reason for an [`Error::InvalidState`].
@@ -820,6 +823,12 @@ impl fmt::Display for UnexpectedMessageError {
             }
             Self::CertificateRequestContextTruncated => {
                 write!(f, "CertificateRequest context truncated")
+            }
+            Self::UnsolicitedConnectionId => {
+                write!(
+                    f,
+                    "ServerHello has a connection_id the client did not offer"
+                )
             }
             Self::CertificateRequestExtensionsTruncated => {
                 write!(f, "CertificateRequest extensions truncated")

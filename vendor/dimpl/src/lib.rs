@@ -613,6 +613,28 @@ impl Dtls {
         }
     }
 
+    /// The RFC 9146 connection ID this side receives with, once negotiated in a DTLS
+    /// 1.2 handshake (connectord patch; see `ConfigBuilder::connection_id_len`). It may
+    /// be empty (we asked the peer for none). `None` for DTLS 1.3 and when not negotiated.
+    pub fn connection_id(&self) -> Option<&[u8]> {
+        match self.inner.as_ref()? {
+            Inner::Client12(client) => client.connection_id(),
+            Inner::Server12(server) => server.connection_id(),
+            _ => None,
+        }
+    }
+
+    /// Whether, since the last call, a protected record authenticated whose sequence
+    /// number is higher than that of every record before it (connectord patch). RFC 9146
+    /// §6: only then may a host move the peer to the address such a record came from.
+    pub fn take_newer_record(&mut self) -> bool {
+        match self.inner.as_mut() {
+            Some(Inner::Client12(client)) => client.take_newer_record(),
+            Some(Inner::Server12(server)) => server.take_newer_record(),
+            _ => false,
+        }
+    }
+
     /// Return true if the instance is operating in the client role.
     pub fn is_active(&self) -> bool {
         matches!(

@@ -138,9 +138,35 @@ impl Nonce {
 ///
 /// Variable-length to support both DTLS 1.2 (13 bytes) and DTLS 1.3 (3-5 bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Aad(pub ArrayVec<u8, 13>);
+pub struct Aad(pub ArrayVec<u8, { Aad::MAX_LEN }>);
 
 impl Aad {
+    /// The longest additional data: RFC 9146's with a 255-byte connection ID.
+    pub const MAX_LEN: usize = 23 + 255;
+
+    /// Additional data of a DTLS 1.2 `tls12_cid` record under an AEAD suite, RFC 9146 §5
+    /// (connectord patch): `seq_num_placeholder` (8 × 0xff), `tls12_cid`, `cid_length`,
+    /// `tls12_cid`, version, epoch, sequence number, `cid`, and the length of the
+    /// DTLSInnerPlaintext (content + real type + padding) before encryption.
+    pub(crate) fn new_dtls12_cid(sequence: Sequence, cid: &[u8], inner_len: u16) -> Self {
+        const TLS12_CID: u8 = 25;
+        let mut aad = ArrayVec::new();
+        // unwrap (here and below): at most 23 + 255 bytes, the capacity.
+        aad.try_extend_from_slice(&[0xff; 8]).unwrap();
+        aad.push(TLS12_CID);
+        aad.push(cid.len() as u8);
+        aad.push(TLS12_CID);
+        aad.push(0xfe);
+        aad.push(0xfd);
+        aad.try_extend_from_slice(&sequence.epoch.to_be_bytes())
+            .unwrap();
+        aad.try_extend_from_slice(&sequence.sequence_number.to_be_bytes()[2..])
+            .unwrap();
+        aad.try_extend_from_slice(cid).unwrap();
+        aad.try_extend_from_slice(&inner_len.to_be_bytes()).unwrap();
+        Aad(aad)
+    }
+
     /// Create Additional Authenticated Data for a DTLS 1.2 record.
     pub(crate) fn new_dtls12(content_type: ContentType, sequence: Sequence, length: u16) -> Self {
         let mut aad = ArrayVec::new();

@@ -191,6 +191,17 @@ impl Client {
         self.state == State::Closed && !self.is_closed()
     }
 
+    /// Our RFC 9146 connection ID, if negotiated (connectord patch).
+    pub fn connection_id(&self) -> Option<&[u8]> {
+        self.engine.negotiated_connection_id()
+    }
+
+    /// Whether a record newer than all before it authenticated since the last call
+    /// (connectord patch; RFC 9146 §6).
+    pub fn take_newer_record(&mut self) -> bool {
+        self.engine.take_newer_record()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
             && self.local_events.is_empty()
@@ -524,6 +535,16 @@ impl State {
         let extended_master_secret = extensions
             .iter()
             .any(|ext| ext.extension_type == ExtensionType::ExtendedMasterSecret);
+
+        // RFC 9146 (connectord patch): the server's connection ID, if it took our offer.
+        let server_cid = server_hello.connection_id().map(|c| c.to_vec());
+        if server_cid.is_some() && client.engine.config().connection_id_len().is_none() {
+            return Err(Error::UnexpectedMessage(
+                crate::UnexpectedMessageError::UnsolicitedConnectionId,
+            )
+            .into());
+        }
+        client.engine.set_peer_connection_id(server_cid);
         if let Some(profile) = server_hello
             .srtp_profiles()
             .and_then(|profiles| profiles.first())
@@ -1265,6 +1286,7 @@ fn handshake_create_client_hello(
     compression_methods.push(CompressionMethod::Null);
 
     // Create ClientHello with all required extensions
+    let cid = engine.connection_id_offer();
     let client_hello = ClientHello::new(
         client_version,
         random,
@@ -1273,7 +1295,7 @@ fn handshake_create_client_hello(
         cipher_suites,
         compression_methods,
     )
-    .with_extensions(extension_data, engine.config());
+    .with_extensions(extension_data, engine.config(), cid.as_deref());
 
     client_hello.serialize(extension_data, body);
     Ok(())

@@ -110,7 +110,30 @@ pub struct Engine {
 
     /// Whether [`Output::CloseNotify`] has already been emitted.
     close_notify_reported: bool,
+
+    /// RFC 9146 (connectord patch): the connection ID this side receives with (a
+    /// client's offer; a server's choice for a client that offered one).
+    cid_own: Option<Vec<u8>>,
+
+    /// RFC 9146: the peer's connection ID (what we send with), once negotiated.
+    cid_peer: Option<Vec<u8>>,
+
+    /// The highest epoch-1 sequence number authenticated so far.
+    highest_seq: Option<u64>,
+
+    /// Whether a record newer than every one before it authenticated since the last
+    /// [`Engine::take_newer_record`] (RFC 9146 §6: the peer's address may be updated).
+    newer_record: bool,
 }
+
+/// RFC 9146 `tls12_cid` content type.
+pub(crate) const TLS12_CID: u8 = 25;
+
+/// The content type a received `tls12_cid` record carries in its header once its
+/// connection ID has been checked and cut out (so that the 13-byte header code applies).
+/// Not a type on the wire; a record that arrives with it is treated the same way, and
+/// authenticates only if the peer protected it with our connection ID.
+pub(crate) const CID_STRIPPED: u8 = 0xff;
 
 #[derive(Debug)]
 struct Entry {
@@ -160,7 +183,53 @@ impl Engine {
             peer_handshake_confirmed: false,
             close_notify_received: false,
             close_notify_reported: false,
+            cid_own: None,
+            cid_peer: None,
+            highest_seq: None,
+            newer_record: false,
         }
+    }
+
+    /// The connection ID to offer (client) or answer an offer with (server), drawn once
+    /// per engine; `None` when the configuration has no connection IDs.
+    pub fn connection_id_offer(&mut self) -> Option<Vec<u8>> {
+        let len = self.config.connection_id_len()?;
+        if self.cid_own.is_none() {
+            let cid = (0..len).map(|_| self.rng.random::<u8>()).collect();
+            self.cid_own = Some(cid);
+        }
+        self.cid_own.clone()
+    }
+
+    /// Records the handshake's outcome: the peer's connection ID, or `None` when
+    /// connection IDs were not negotiated (then neither side uses them).
+    pub fn set_peer_connection_id(&mut self, peer: Option<Vec<u8>>) {
+        if peer.is_none() {
+            self.cid_own = None;
+        }
+        self.cid_peer = peer;
+    }
+
+    /// Our connection ID if negotiated (possibly empty).
+    pub fn negotiated_connection_id(&self) -> Option<&[u8]> {
+        self.cid_peer.as_ref()?;
+        self.cid_own.as_deref()
+    }
+
+    /// The non-empty connection ID incoming `tls12_cid` records carry, if negotiated.
+    pub fn receive_cid(&self) -> Option<&[u8]> {
+        self.negotiated_connection_id().filter(|c| !c.is_empty())
+    }
+
+    /// The non-empty connection ID our protected records carry, if negotiated.
+    fn send_cid(&self) -> Option<&[u8]> {
+        self.cid_own.as_ref()?;
+        self.cid_peer.as_deref().filter(|c| !c.is_empty())
+    }
+
+    /// Whether a record newer than all before it authenticated since the last call.
+    pub fn take_newer_record(&mut self) -> bool {
+        std::mem::take(&mut self.newer_record)
     }
 
     pub fn set_client(&mut self, is_client: bool) {
@@ -805,7 +874,15 @@ impl Engine {
         } else {
             0
         };
-        let record_wire_len = DTLSRecord::HEADER_LEN + fragment.len() + overhead;
+        // RFC 9146: protected records to a peer that asked for a connection ID carry
+        // it in the header, and one more byte (the real content type) inside.
+        let send_cid: Option<Vec<u8>> = if epoch >= 1 {
+            self.send_cid().map(|c| c.to_vec())
+        } else {
+            None
+        };
+        let cid_overhead = send_cid.as_ref().map_or(0, |c| c.len() + 1);
+        let record_wire_len = DTLSRecord::HEADER_LEN + fragment.len() + overhead + cid_overhead;
 
         // Decide whether to append to the existing last datagram or create a new one
         let can_append = self
@@ -870,8 +947,16 @@ impl Engine {
                 }
             };
 
-            // DTLS 1.2 AEAD: AAD uses the plaintext length (DTLSCompressed.length).
-            let aad = Aad::new_dtls12(content_type, sequence, length);
+            // DTLS 1.2 AEAD: AAD uses the plaintext length (DTLSCompressed.length);
+            // RFC 9146 §5: with a CID, the inner plaintext (content, real type; no
+            // padding) and its own form of additional data.
+            let aad = match &send_cid {
+                Some(cid) => {
+                    fragment.push(content_type.as_u8());
+                    Aad::new_dtls12_cid(sequence, cid, fragment.len() as u16)
+                }
+                None => Aad::new_dtls12(content_type, sequence, length),
+            };
 
             // Encrypt the fragment in-place
             self.encrypt_data(&mut fragment, aad, nonce)?;
@@ -903,13 +988,25 @@ impl Engine {
         }
 
         // Serialize the record into the chosen datagram buffer
+        let write = |out: &mut Buf| match &send_cid {
+            Some(cid) => {
+                out.push(TLS12_CID);
+                record.version.serialize(out);
+                out.extend_from_slice(&record.sequence.epoch.to_be_bytes());
+                out.extend_from_slice(&record.sequence.sequence_number.to_be_bytes()[2..]);
+                out.extend_from_slice(cid);
+                out.extend_from_slice(&record.length.to_be_bytes());
+                out.extend_from_slice(record.fragment(&fragment));
+            }
+            None => record.serialize(&fragment, out),
+        };
         if can_append {
             let last = self.queue_tx.back_mut().unwrap();
-            record.serialize(&fragment, last);
+            write(last);
         } else {
             let mut buffer = self.buffers_free.pop();
             buffer.clear();
-            record.serialize(&fragment, &mut buffer);
+            write(&mut buffer);
             self.queue_tx.push_back(buffer);
         }
 
@@ -1233,7 +1330,13 @@ impl Engine {
         let plaintext_len = dtls
             .length
             .saturating_sub(self.min_protected_fragment_len() as u16);
-        let aad = Aad::new_dtls12(dtls.content_type, dtls.sequence, plaintext_len);
+        let aad = match self.receive_cid() {
+            // A `tls12_cid` record, its connection ID checked and cut out (incoming.rs).
+            Some(cid) if dtls.content_type.as_u8() == CID_STRIPPED => {
+                Aad::new_dtls12_cid(dtls.sequence, cid, plaintext_len)
+            }
+            _ => Aad::new_dtls12(dtls.content_type, dtls.sequence, plaintext_len),
+        };
         let iv = self.peer_iv();
         let seq64 = ((dtls.sequence.epoch as u64) << 48) | dtls.sequence.sequence_number;
         let nonce = match self.explicit_nonce_len {
@@ -1401,6 +1504,14 @@ impl RecordHandler for Engine {
 
     fn replay_update(&mut self, seq: Sequence) {
         self.replay.update(seq.sequence_number);
+        if self.highest_seq.is_none_or(|h| seq.sequence_number > h) {
+            self.highest_seq = Some(seq.sequence_number);
+            self.newer_record = true;
+        }
+    }
+
+    fn receive_cid(&self) -> Option<&[u8]> {
+        Engine::receive_cid(self)
     }
 
     fn note_decrypted_record(&mut self, content_type: ContentType) {

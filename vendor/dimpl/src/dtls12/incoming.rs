@@ -7,6 +7,7 @@ use nom::error::ErrorKind;
 
 use crate::buffer::{Buf, TmpBuf};
 use crate::crypto::{Aad, Nonce};
+use crate::dtls12::engine::{CID_STRIPPED, TLS12_CID};
 use crate::dtls12::message::{ContentType, DTLSRecord, Dtls12CipherSuite, Handshake, Sequence};
 use crate::{Error, InternalError};
 
@@ -105,9 +106,21 @@ impl Records {
                 return Err(InternalError::parse_incomplete());
             }
 
-            let length_bytes: [u8; 2] = packet[DTLSRecord::LENGTH_OFFSET].try_into().unwrap();
-            let length = u16::from_be_bytes(length_bytes) as usize;
-            let record_end = DTLSRecord::HEADER_LEN + length;
+            // RFC 9146: a `tls12_cid` record has our connection ID before its length.
+            let cid_len = if packet[0] == TLS12_CID {
+                match decrypt.receive_cid() {
+                    Some(cid) => cid.len(),
+                    None => return Err(InternalError::parse_incomplete()),
+                }
+            } else {
+                0
+            };
+            if packet.len() < DTLSRecord::HEADER_LEN + cid_len {
+                return Err(InternalError::parse_incomplete());
+            }
+            let at = DTLSRecord::LENGTH_OFFSET.start + cid_len;
+            let length = u16::from_be_bytes([packet[at], packet[at + 1]]) as usize;
+            let record_end = DTLSRecord::HEADER_LEN + cid_len + length;
 
             if packet.len() < record_end {
                 return Err(InternalError::parse_incomplete());
@@ -233,6 +246,27 @@ impl Record {
         decrypt: &mut dyn RecordHandler,
         cs: Option<Dtls12CipherSuite>,
     ) -> Result<Option<Box<ParsedRecord>>, InternalError> {
+        // RFC 9146: check and cut out the connection ID of a `tls12_cid` record, so that
+        // the 13-byte header code below applies; the header's type marks it.
+        match buffer.first().copied() {
+            Some(TLS12_CID) => {
+                let Some(cid) = decrypt.receive_cid() else {
+                    return Ok(None);
+                };
+                let n = cid.len();
+                let at = DTLSRecord::LENGTH_OFFSET.start;
+                if buffer.len() < DTLSRecord::HEADER_LEN + n || buffer[at..at + n] != *cid {
+                    trace!("Discarding record: unknown connection ID");
+                    return Ok(None);
+                }
+                let len = buffer.len();
+                buffer.copy_within(at + n..len, at);
+                buffer.resize(len - n, 0);
+                buffer[0] = CID_STRIPPED;
+            }
+            Some(CID_STRIPPED) if decrypt.receive_cid().is_none() => return Ok(None),
+            _ => {}
+        }
         let parsed = match ParsedRecord::parse(buffer, cs, 0, false) {
             Ok(p) => p,
             Err(e) => {
@@ -306,6 +340,24 @@ impl Record {
         // RFC 6347 §4.1.2.6: "The receive window is updated only if the
         // MAC verification succeeds."
         decrypt.replay_update(sequence);
+
+        // RFC 9146 §4: the DTLSInnerPlaintext is the content, the real content type
+        // (the last non-zero byte) and zero padding.
+        let (content_type, new_len) = if content_type.as_u8() == CID_STRIPPED {
+            let inner = &buffer[ciph..ciph + new_len];
+            let Some(last) = inner.iter().rposition(|b| *b != 0) else {
+                trace!("Discarding record: tls12_cid without a content type");
+                return Ok(None);
+            };
+            let real = inner[last];
+            if real == CID_STRIPPED || real == TLS12_CID {
+                return Ok(None);
+            }
+            buffer[0] = real;
+            (ContentType::from_u8(real), last)
+        } else {
+            (content_type, new_len)
+        };
 
         // The record is now authenticated. Tell the handler so it can act on a
         // confirmed-genuine record (e.g. mark the peer past its handshake).
@@ -414,6 +466,11 @@ pub trait RecordHandler {
         nonce: Nonce,
     ) -> Result<(), Error>;
 
+    /// The non-empty RFC 9146 connection ID of incoming `tls12_cid` records, if negotiated
+    /// (connectord patch).
+    fn receive_cid(&self) -> Option<&[u8]> {
+        None
+    }
     fn can_discard_bad_protected_record(&self) -> bool {
         false
     }

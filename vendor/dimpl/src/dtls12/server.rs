@@ -200,6 +200,17 @@ impl Server {
         self.state == State::Closed && !self.is_closed()
     }
 
+    /// Our RFC 9146 connection ID, if negotiated (connectord patch).
+    pub fn connection_id(&self) -> Option<&[u8]> {
+        self.engine.negotiated_connection_id()
+    }
+
+    /// Whether a record newer than all before it authenticated since the last call
+    /// (connectord patch; RFC 9146 §6).
+    pub fn take_newer_record(&mut self) -> bool {
+        self.engine.take_newer_record()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
             && self.local_events.is_empty()
@@ -445,6 +456,14 @@ impl State {
         let client_srtp_profiles = ch.srtp_profiles();
         let client_supported_groups = ch.supported_groups().cloned();
         let client_signature_algorithms = ch.signature_algorithms().cloned();
+
+        // RFC 9146 (connectord patch): answer a connection_id offer when configured.
+        let client_cid = ch.connection_id().map(|c| c.to_vec());
+        if client_cid.is_some() && server.engine.connection_id_offer().is_some() {
+            server.engine.set_peer_connection_id(client_cid);
+        } else {
+            server.engine.set_peer_connection_id(None);
+        }
 
         // EMS is mandatory
         if !client_offers_ems {
@@ -1225,6 +1244,7 @@ fn handshake_create_server_hello(
         SrtpProfile::AES128_CM_SHA1_80 => SrtpProfileId::SRTP_AES128_CM_SHA1_80,
     });
 
+    let cid = engine.negotiated_connection_id().map(|c| c.to_vec());
     let sh = ServerHello::new(
         server_version,
         random,
@@ -1233,7 +1253,7 @@ fn handshake_create_server_hello(
         CompressionMethod::Null,
         None,
     )
-    .with_extensions(extension_data, srtp_pid);
+    .with_extensions(extension_data, srtp_pid, cid.as_deref());
 
     sh.serialize(extension_data, body);
     Ok(())

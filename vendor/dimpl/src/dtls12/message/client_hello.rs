@@ -32,6 +32,7 @@ struct ParsedExtensions {
     supported_groups: Option<NamedGroupVec>,
     signature_algorithms: Option<SignatureAndHashAlgorithmVec>,
     srtp_profiles: Option<SrtpProfileVec>,
+    connection_id: Option<Vec<u8>>,
 }
 
 impl ClientHello {
@@ -56,7 +57,12 @@ impl ClientHello {
     }
 
     /// Add all required extensions for DTLS handshake
-    pub fn with_extensions(mut self, buf: &mut Buf, config: &Config) -> Self {
+    pub fn with_extensions(
+        mut self,
+        buf: &mut Buf,
+        config: &Config,
+        connection_id: Option<&[u8]>,
+    ) -> Self {
         // Clear the extension data buffer
         buf.clear();
 
@@ -119,6 +125,14 @@ impl ClientHello {
             start_pos,
             start_pos, // No data at all
         ));
+
+        // RFC 9146 connection_id: the CID we want to receive (may be empty).
+        if let Some(cid) = connection_id {
+            let start_pos = buf.len();
+            buf.push(cid.len() as u8);
+            buf.extend_from_slice(cid);
+            ranges.push((ExtensionType::ConnectionId, start_pos, buf.len()));
+        }
 
         // Now create all extensions using ranges
         for (extension_type, start, end) in ranges {
@@ -248,6 +262,12 @@ impl ClientHello {
                     ExtensionType::EcPointFormats => {
                         ECPointFormatsExtension::parse(data)?;
                     }
+                    ExtensionType::ConnectionId => {
+                        parsed.connection_id =
+                            Some(super::extension::parse_connection_id(data).ok_or_else(|| {
+                                Err::Failure(Error::new(data, ErrorKind::LengthValue))
+                            })?);
+                    }
                     _ => {}
                 }
                 extensions.try_push(extension).map_err(|_| {
@@ -270,6 +290,11 @@ impl ClientHello {
 
     pub fn srtp_profiles(&self) -> Option<&SrtpProfileVec> {
         self.parsed_extensions.srtp_profiles.as_ref()
+    }
+
+    /// The client's RFC 9146 connection ID (what the server sends with), if offered.
+    pub fn connection_id(&self) -> Option<&[u8]> {
+        self.parsed_extensions.connection_id.as_deref()
     }
 
     pub fn serialize(&self, source_buf: &[u8], output: &mut Buf) {

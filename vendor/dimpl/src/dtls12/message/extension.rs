@@ -11,6 +11,12 @@ pub struct Extension {
     pub extension_data_range: Range<usize>,
 }
 
+/// Parses the RFC 9146 `ConnectionId` extension data (`opaque cid<0..2^8-1>`).
+pub fn parse_connection_id(data: &[u8]) -> Option<Vec<u8>> {
+    let (&len, cid) = data.split_first()?;
+    (cid.len() == len as usize).then(|| cid.to_vec())
+}
+
 impl Extension {
     pub fn parse(input: &[u8], base_offset: usize) -> IResult<&[u8], Extension> {
         let original_input = input;
@@ -94,6 +100,8 @@ impl ExtensionType {
     pub const PostHandshakeAuth: Self = Self(0x0031);
     pub const SignatureAlgorithmsCert: Self = Self(0x0032);
     pub const KeyShare: Self = Self(0x0033);
+    /// RFC 9146 `connection_id` (connectord patch).
+    pub const ConnectionId: Self = Self(0x0036);
     pub const RenegotiationInfo: Self = Self(0xFF01);
 
     pub const fn from_u16(value: u16) -> Self {
@@ -107,7 +115,7 @@ impl ExtensionType {
     const fn is_unknown(&self) -> bool {
         !matches!(
             *self,
-            Self(0x0000..=0x0019 | 0x0023 | 0x0029..=0x002D | 0x002F..=0x0033 | 0xFF01)
+            Self(0x0000..=0x0019 | 0x0023 | 0x0029..=0x002D | 0x002F..=0x0033 | 0x0036 | 0xFF01)
         )
     }
 
@@ -122,7 +130,7 @@ impl ExtensionType {
     }
 
     /// Supported extension types that this implementation handles.
-    pub const fn supported() -> &'static [ExtensionType; 8] {
+    pub const fn supported() -> &'static [ExtensionType; 9] {
         &[
             ExtensionType::SupportedGroups,
             ExtensionType::EcPointFormats,
@@ -132,6 +140,7 @@ impl ExtensionType {
             ExtensionType::ExtendedMasterSecret,
             ExtensionType::RenegotiationInfo,
             ExtensionType::SessionTicket,
+            ExtensionType::ConnectionId,
         ]
     }
 }
@@ -182,6 +191,7 @@ impl fmt::Debug for ExtensionType {
             ExtensionType::PostHandshakeAuth => "PostHandshakeAuth",
             ExtensionType::SignatureAlgorithmsCert => "SignatureAlgorithmsCert",
             ExtensionType::KeyShare => "KeyShare",
+            ExtensionType::ConnectionId => "ConnectionId",
             ExtensionType::RenegotiationInfo => "RenegotiationInfo",
             _ => unreachable!("known DTLS 1.2 extension type missing Debug label"),
         };

@@ -19,6 +19,7 @@ pub struct ServerHello {
     pub extensions: Option<ExtensionVec>,
     // Receive-side values; outbound serialization uses the raw extensions above.
     srtp_profiles: Option<SrtpProfileVec>,
+    connection_id: Option<Vec<u8>>,
 }
 
 impl ServerHello {
@@ -38,6 +39,7 @@ impl ServerHello {
             compression_method,
             extensions,
             srtp_profiles: None,
+            connection_id: None,
         }
     }
 
@@ -46,7 +48,12 @@ impl ServerHello {
     /// - Uses the provided buffer to stage extension bytes and then stores Range references
     /// - Includes UseSRTP if a profile is provided
     /// - Includes Extended Master Secret if the flag is set
-    pub fn with_extensions(mut self, buf: &mut Buf, srtp_profile: Option<SrtpProfileId>) -> Self {
+    pub fn with_extensions(
+        mut self,
+        buf: &mut Buf,
+        srtp_profile: Option<SrtpProfileId>,
+        connection_id: Option<&[u8]>,
+    ) -> Self {
         // Clear the buffer and collect extension byte ranges
         buf.clear();
 
@@ -74,6 +81,14 @@ impl ServerHello {
         buf.push(0); // renegotiated_connection length = 0
         ranges.push((ExtensionType::RenegotiationInfo, start, buf.len()));
 
+        // RFC 9146 connection_id: the CID the server wants to receive.
+        if let Some(cid) = connection_id {
+            let start = buf.len();
+            buf.push(cid.len() as u8);
+            buf.extend_from_slice(cid);
+            ranges.push((ExtensionType::ConnectionId, start, buf.len()));
+        }
+
         let mut extensions = ExtensionVec::new();
         for (t, s, e) in ranges {
             extensions.push(Extension {
@@ -89,6 +104,7 @@ impl ServerHello {
     pub fn parse(input: &[u8], base_offset: usize) -> IResult<&[u8], ServerHello> {
         let original_input = input;
         let mut srtp_profiles = None;
+        let mut connection_id = None;
         let (input, server_version) = ProtocolVersion::parse(input)?;
         let (input, random) = Random::parse(input)?;
         let (input, session_id) = SessionId::parse(input)?;
@@ -143,6 +159,15 @@ impl ServerHello {
                                 &original_input[range.start - base_offset..range.end - base_offset];
                             srtp_profiles = Some(UseSrtpExtension::parse(data)?.1.profiles);
                         }
+                        if ext.extension_type == ExtensionType::ConnectionId {
+                            let range = &ext.extension_data_range;
+                            let data =
+                                &original_input[range.start - base_offset..range.end - base_offset];
+                            connection_id =
+                                Some(super::extension::parse_connection_id(data).ok_or_else(
+                                    || Err::Failure(Error::new(data, ErrorKind::LengthValue)),
+                                )?);
+                        }
                         extensions_vec.try_push(ext).map_err(|_| {
                             Err::Failure(Error::new(current_input, ErrorKind::LengthValue))
                         })?;
@@ -167,12 +192,18 @@ impl ServerHello {
                 compression_method,
                 extensions,
                 srtp_profiles,
+                connection_id,
             },
         ))
     }
 
     pub fn srtp_profiles(&self) -> Option<&SrtpProfileVec> {
         self.srtp_profiles.as_ref()
+    }
+
+    /// The server's RFC 9146 connection ID (what the client sends with), if negotiated.
+    pub fn connection_id(&self) -> Option<&[u8]> {
+        self.connection_id.as_deref()
     }
 
     pub fn serialize(&self, source_buf: &[u8], output: &mut Buf) {
