@@ -32,9 +32,16 @@
 //!   its cookie verifies, the new handshake replaces the old session. A retransmitted
 //!   ClientHello of the handshake in progress goes to its instance.
 //!
-//! Not done: DTLS Connection ID (RFC 9146; dimpl 0.9 has none, see ARCHITECTURE.md), a
-//! ClientHello fragmented over several records before the cookie exchange (dropped), session
-//! resumption (a returning device does a full handshake).
+//! - **Connection ID (RFC 9146; our patch of dimpl).** Sessions get a random CID of
+//!   [`CID_LEN`] bytes when the client offers the extension. A `tls12_cid` record is
+//!   routed by its CID (fixed length: read without state) to an established session, any
+//!   other datagram by its source address. The session key (the registration's
+//!   `PeerRef.session`) stays the handshake's address; records go to `Peer::to`, which
+//!   moves to a datagram's source only when one of its records authenticated and is newer
+//!   than every earlier one (RFC 9146 §6, `Dtls::take_newer_record`).
+//!
+//! Not done: a ClientHello fragmented over several records before the cookie exchange
+//! (dropped), session resumption (a returning device does a full handshake).
 
 use std::collections::VecDeque;
 use std::io;
@@ -185,11 +192,19 @@ struct Peer {
     started: Instant,
     last: Instant,
     timer: Option<Instant>,
+    /// Where records to the peer go: the handshake's address until a newer record
+    /// authenticates from another one (RFC 9146 §6).
+    to: SocketAddr,
+    /// The connection ID incoming records carry (RFC 9146), once established with one.
+    cid: Option<Box<[u8]>>,
 }
 
 #[derive(Default)]
 struct State {
+    /// Sessions by the address of their handshake (the session key, never changed).
     peers: Map<SocketAddr, Peer>,
+    /// Established sessions by their connection ID.
+    by_cid: Map<Box<[u8]>, SocketAddr>,
     half_open: usize,
     ready: VecDeque<(Vec<u8>, SocketAddr)>,
     next_sweep: Option<Instant>,
@@ -223,6 +238,41 @@ impl std::fmt::Debug for DtlsListener {
 
 /// Packets to send after the state lock is released.
 type Outgoing = Vec<(Vec<u8>, SocketAddr)>;
+
+/// The length of the connection IDs (RFC 9146) the listener gives its sessions: fixed,
+/// so that the ID of a `tls12_cid` record is found without state. Random, 6 bytes.
+const CID_LEN: usize = 6;
+
+/// RFC 9146 `tls12_cid` content type.
+const TLS12_CID: u8 = 25;
+
+/// The connection ID of a `tls12_cid` record: after type, version, epoch, sequence.
+fn record_cid(bytes: &[u8]) -> Option<&[u8]> {
+    (bytes.first() == Some(&TLS12_CID))
+        .then(|| bytes.get(11..11 + CID_LEN))
+        .flatten()
+}
+
+impl State {
+    /// The session a datagram belongs to: by connection ID for a `tls12_cid` record of
+    /// an established session, else by source address.
+    fn key_of(&self, bytes: &[u8], from: SocketAddr) -> SocketAddr {
+        record_cid(bytes)
+            .and_then(|cid| self.by_cid.get(cid).copied())
+            .unwrap_or(from)
+    }
+
+    /// Removes a session and its connection ID.
+    fn forget(&mut self, key: SocketAddr) -> Option<Peer> {
+        let peer = self.peers.remove(&key)?;
+        if let Some(cid) = &peer.cid
+            && self.by_cid.get(cid) == Some(&key)
+        {
+            self.by_cid.remove(cid);
+        }
+        Some(peer)
+    }
+}
 
 impl DtlsListener {
     /// Binds `addr` (port 0 resolved); handshakes wait for [`DtlsListener::configure`].
@@ -266,6 +316,7 @@ impl DtlsListener {
                 .server_cookie_secret(self.cookie_secret)
                 .handshake_timeout(self.limits.handshake_timeout)
                 .mtu(1200)
+                .connection_id_len(CID_LEN as u8)
         };
         let psk = base()
             .with_psk_server(None, resolver.clone() as Arc<dyn PskResolver>)
@@ -344,7 +395,8 @@ impl DtlsListener {
         let mut guard = self.lock();
         let st = &mut *guard;
         let hello = hello::parse(bytes);
-        if let Some(peer) = st.peers.get_mut(&from)
+        let key = st.key_of(bytes, from);
+        if let Some(peer) = st.peers.get_mut(&key)
             && !hello
                 .as_ref()
                 .is_some_and(|h| peer.established || h.random != peer.random)
@@ -354,17 +406,23 @@ impl DtlsListener {
                 .dtls
                 .handle_timeout(now)
                 .and_then(|()| peer.dtls.handle_packet(bytes));
+            // RFC 9146 §6: the peer moves to the address of a record that authenticated
+            // and is newer than any before it (a replayed or late one does not move it).
+            if peer.dtls.take_newer_record() && peer.to != from && step.is_ok() {
+                tracing::debug!(peer = %key, to = %from, "DTLS session moved");
+                peer.to = from;
+            }
             let verdict = match step {
                 Ok(()) => {
                     take_psk_identity(keys, peer);
-                    drain(keys, peer, from, &mut out, &mut st.ready, &*self.metrics)
+                    drain(keys, peer, key, &mut out, &mut st.ready, &*self.metrics)
                 }
                 Err(e) => {
-                    tracing::debug!(peer = %from, "DTLS session failed: {e}");
+                    tracing::debug!(peer = %key, "DTLS session failed: {e}");
                     Verdict::Failed
                 }
             };
-            self.settle(st, from, verdict);
+            self.settle(st, key, verdict);
             return out;
         }
         let Some(hello) = hello else {
@@ -405,7 +463,7 @@ impl DtlsListener {
             return out;
         }
         while !matches!(dtls.poll_output(&mut scratch), Output::Timeout(_)) {}
-        if let Some(old) = st.peers.remove(&from)
+        if let Some(old) = st.forget(from)
             && !old.established
         {
             st.half_open -= 1;
@@ -419,6 +477,8 @@ impl DtlsListener {
             started: now,
             last: now,
             timer: None,
+            to: from,
+            cid: None,
         };
         let verdict = match peer.dtls.handle_packet(bytes) {
             Ok(()) => {
@@ -450,9 +510,15 @@ impl DtlsListener {
             Verdict::Established => {
                 st.half_open -= 1;
                 self.metrics.count(Event::DtlsHandshake);
+                let cid = st.peers.get(&from).and_then(|p| p.cid.clone());
+                if let Some(cid) = cid {
+                    // Another session's ID drawn again (2^-48 a pair): this one goes by
+                    // address only.
+                    st.by_cid.entry(cid).or_insert(from);
+                }
             }
             Verdict::Failed | Verdict::Closed => {
-                if let Some(p) = st.peers.remove(&from) {
+                if let Some(p) = st.forget(from) {
                     if p.established {
                         tracing::debug!(peer = %from, "DTLS session closed");
                     } else {
@@ -486,7 +552,7 @@ impl DtlsListener {
             if peer.established && now.duration_since(peer.last) > self.limits.idle {
                 let _ = peer.dtls.close();
                 let mut scratch = vec![0u8; 256];
-                drain_packets(&mut peer.dtls, &mut scratch, *addr, &mut out);
+                drain_packets(&mut peer.dtls, &mut scratch, peer.to, &mut out);
                 settled.push((*addr, Verdict::Closed));
                 continue;
             }
@@ -533,8 +599,9 @@ enum Verdict {
     Closed,
 }
 
-/// Polls a session's output: packets to `out`, plaintext to `ready`, the certificate
-/// checked, the handshake's end reported.
+/// Polls a session's output: packets to `out` (to the peer's current address),
+/// plaintext to `ready` (from the session key `from`), the certificate checked, the
+/// handshake's end reported.
 fn drain(
     keys: &Keys,
     peer: &mut Peer,
@@ -547,7 +614,7 @@ fn drain(
     let mut verdict = Verdict::Going;
     loop {
         match peer.dtls.poll_output(&mut scratch) {
-            Output::Packet(p) => out.push((p.to_vec(), from)),
+            Output::Packet(p) => out.push((p.to_vec(), peer.to)),
             Output::BufferTooSmall { needed } => scratch.resize(needed, 0),
             Output::Timeout(t) => {
                 peer.timer = Some(t);
@@ -566,6 +633,11 @@ fn drain(
                     return Verdict::Failed;
                 }
                 peer.established = true;
+                peer.cid = peer
+                    .dtls
+                    .connection_id()
+                    .filter(|c| c.len() == CID_LEN)
+                    .map(Box::from);
                 verdict = Verdict::Established;
             }
             Output::ApplicationData(data) => {
@@ -682,7 +754,7 @@ impl Listener for DtlsListener {
                 .map_err(|e| io::Error::other(e.to_string()))?;
             let mut out = Vec::new();
             let mut scratch = vec![0u8; 2048];
-            drain_packets(&mut peer.dtls, &mut scratch, session, &mut out);
+            drain_packets(&mut peer.dtls, &mut scratch, peer.to, &mut out);
             out
         };
         self.send_all(out).await;
@@ -709,9 +781,9 @@ impl Listener for DtlsListener {
                 .collect();
             let mut scratch = vec![0u8; 256];
             for addr in &doomed {
-                if let Some(mut p) = st.peers.remove(addr) {
+                if let Some(mut p) = st.forget(*addr) {
                     let _ = p.dtls.close();
-                    drain_packets(&mut p.dtls, &mut scratch, *addr, &mut out);
+                    drain_packets(&mut p.dtls, &mut scratch, p.to, &mut out);
                 }
             }
             doomed.len()
@@ -959,7 +1031,12 @@ pub mod client {
 
     impl ClientConfig {
         pub fn new(auth: ClientAuth) -> Result<ClientConfig, super::DtlsError> {
-            let b = Config::builder().mtu(1200).dtls13_cipher_suites(&[]);
+            // RFC 9146: offer an empty connection ID (the server's address does not
+            // change; we send with the server's so that our address may).
+            let b = Config::builder()
+                .mtu(1200)
+                .dtls13_cipher_suites(&[])
+                .connection_id_len(0);
             let b = match &auth {
                 ClientAuth::Psk { identity, key } => b
                     .with_psk_client(identity.clone(), Arc::new(FixedKey(key.clone())))

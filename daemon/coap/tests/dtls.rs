@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use connectord_coap::client::OutRequest;
 use connectord_coap::dtls::client::{ClientAuth, ClientConfig, DtlsClient};
 use connectord_coap::message::{Handled, Response};
 use connectord_coap::{
-    CoapConfig, Counters, Credentials, DtlsSetup, Event, Inbound, PeerIdentity, RequestHandler,
-    Transport,
+    CoapConfig, Counters, Credentials, DtlsSetup, Event, Inbound, ListenerId, ListenerKind,
+    PeerIdentity, PeerRef, RequestHandler, Transport,
 };
 use tokio::net::UdpSocket;
 
@@ -72,7 +73,7 @@ fn start_with(cfg: CoapConfig) -> Server {
         .unwrap();
     let (tx, rx) = tokio::sync::watch::channel(false);
     transport.start(Arc::new(WhoAmI(Mutex::new(Vec::new()))), rx);
-    let dtls = transport.local_addrs_of(connectord_coap::ListenerKind::Dtls)[0];
+    let dtls = transport.local_addrs_of(ListenerKind::Dtls)[0];
     Server {
         transport,
         counters,
@@ -361,4 +362,308 @@ async fn handshake_timeout_and_idle_expiry() {
     }
     assert_eq!(s.transport.dtls_counts(), Default::default());
     assert_eq!(s.counters.get(Event::DtlsHandshakeFailed), 2);
+}
+
+/// Waits on `sock` for the next message the session decrypts (answering what the
+/// handshake layer asks to send); `None` if nothing comes within `wait`.
+async fn receive(
+    c: &mut DtlsClient,
+    sock: &UdpSocket,
+    server: SocketAddr,
+    wait: Duration,
+) -> Option<Packet> {
+    let mut buf = vec![0u8; 4096];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if let Some(m) = c.take_message() {
+            return Some(Packet::from_bytes(&m).unwrap());
+        }
+        let (n, _) = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf))
+            .await
+            .ok()?
+            .unwrap();
+        for r in c.on_datagram(&buf[..n], Instant::now()).unwrap() {
+            sock.send_to(&r, server).await.unwrap();
+        }
+    }
+}
+
+async fn send_via(c: &mut DtlsClient, sock: &UdpSocket, server: SocketAddr, msg: &[u8]) {
+    for r in c.send(msg).unwrap() {
+        sock.send_to(&r, server).await.unwrap();
+    }
+}
+
+/// RFC 9146: our client offers a connection ID, the listener gives one; the device's
+/// address changes (a new socket, the same DTLS state) and its session stays: its next
+/// request is answered at the new address, the daemon's next request reaches it there,
+/// and a late record (authentic, not newer) from a third address does not move it.
+#[tokio::test]
+async fn connection_id_keeps_the_session_across_an_address_change() {
+    let s = start(100);
+    let first = socket().await;
+    let mut c = DtlsClient::connect(
+        &psk("dev-1", b"secret-key-16byt"),
+        &first,
+        s.dtls,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("handshake");
+    let answer = exchange(&mut c, &first, s.dtls, 1).await;
+    assert_eq!(
+        String::from_utf8_lossy(&answer.payload),
+        "Some(Psk(\"dev-1\"))"
+    );
+
+    // The NAT mapping changes: the same session from another port.
+    let moved = socket().await;
+    let records = c.send(&get(2)).unwrap();
+    assert!(
+        records.iter().all(|r| r[0] == 25),
+        "records to the server are tls12_cid records"
+    );
+    for r in &records {
+        moved.send_to(r, s.dtls).await.unwrap();
+    }
+    let answer = receive(&mut c, &moved, s.dtls, Duration::from_secs(5))
+        .await
+        .expect("the answer at the new address");
+    assert_eq!(answer.header.message_id, 2);
+    assert_eq!(
+        String::from_utf8_lossy(&answer.payload),
+        "Some(Psk(\"dev-1\"))"
+    );
+    assert_eq!(s.counters.get(Event::DtlsHandshake), 1);
+    assert_eq!(s.transport.dtls_counts().sessions, 1);
+
+    // The daemon's request to the registration's session (the handshake's address)
+    // goes to the device's new address.
+    let peer = PeerRef {
+        listener: ListenerId {
+            kind: ListenerKind::Dtls,
+            local: s.dtls,
+        },
+        session: first.local_addr().unwrap(),
+    };
+    let t = s.transport.clone();
+    let read = tokio::spawn(async move {
+        t.request(peer, &OutRequest::new(RequestType::Get, "/3/0/0"))
+            .await
+    });
+    let req = receive(&mut c, &moved, s.dtls, Duration::from_secs(5))
+        .await
+        .expect("the daemon's read at the new address");
+    assert_eq!(req.header.code, MessageClass::Request(RequestType::Get));
+    let mut ack = Packet::new();
+    ack.header.set_type(MessageType::Acknowledgement);
+    ack.header.code = MessageClass::Response(ResponseType::Content);
+    ack.header.message_id = req.header.message_id;
+    ack.set_token(req.get_token().to_vec());
+    ack.payload = b"acme".to_vec();
+    send_via(&mut c, &moved, s.dtls, &ack.to_bytes().unwrap()).await;
+    let reply = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("the read completes")
+        .unwrap()
+        .expect("the device's answer");
+    assert_eq!(reply.payload, b"acme");
+
+    // RFC 9146 §6: a record that authenticates but is older than the newest seen (sent
+    // late, from a third address) is answered, but does not move the session.
+    let late = c.send(&get(3)).unwrap();
+    send_via(&mut c, &moved, s.dtls, &get(4)).await;
+    let answer = receive(&mut c, &moved, s.dtls, Duration::from_secs(5))
+        .await
+        .expect("answer to 4");
+    assert_eq!(answer.header.message_id, 4);
+    let third = socket().await;
+    for r in &late {
+        third.send_to(r, s.dtls).await.unwrap();
+    }
+    let answer = receive(&mut c, &moved, s.dtls, Duration::from_secs(5))
+        .await
+        .expect("the late request answered at the current address");
+    assert_eq!(answer.header.message_id, 3);
+    let mut buf = [0u8; 2048];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), third.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "nothing goes to the address of a late record"
+    );
+    assert_eq!(s.transport.dtls_counts().sessions, 1);
+}
+
+/// Pumps datagrams between two dimpl instances until both are connected or `rounds`
+/// pass; returns whether each is.
+fn pump(a: &mut dimpl::Dtls, b: &mut dimpl::Dtls, rounds: usize) -> (bool, bool) {
+    let mut connected = (false, false);
+    for _ in 0..rounds {
+        let now = Instant::now();
+        let _ = a.handle_timeout(now);
+        let _ = b.handle_timeout(now);
+        connected.0 |= flush(a, b);
+        connected.1 |= flush(b, a);
+        if connected == (true, true) {
+            break;
+        }
+    }
+    connected
+}
+
+/// Delivers what `from` has to send to `to`; whether `from` reported Connected.
+fn flush(from: &mut dimpl::Dtls, to: &mut dimpl::Dtls) -> bool {
+    let mut buf = vec![0u8; 4096];
+    let mut connected = false;
+    loop {
+        match from.poll_output(&mut buf) {
+            dimpl::Output::Packet(p) => {
+                let p = p.to_vec();
+                to.handle_packet(&p).expect("a valid record");
+            }
+            dimpl::Output::Connected => connected = true,
+            dimpl::Output::Timeout(_) => return connected,
+            _ => {}
+        }
+    }
+}
+
+/// Sends `msg` from `a` to `b`: returns the records on the wire and what `b` decrypted.
+fn carry(a: &mut dimpl::Dtls, b: &mut dimpl::Dtls, msg: &[u8]) -> (Vec<Vec<u8>>, Vec<u8>) {
+    a.send_application_data(msg).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut wire = Vec::new();
+    while let dimpl::Output::Packet(p) = a.poll_output(&mut buf) {
+        wire.push(p.to_vec());
+    }
+    for p in &wire {
+        b.handle_packet(p).unwrap();
+    }
+    let mut got = Vec::new();
+    loop {
+        match b.poll_output(&mut buf) {
+            dimpl::Output::ApplicationData(d) => got.extend_from_slice(d),
+            dimpl::Output::Timeout(_) => break,
+            _ => {}
+        }
+    }
+    (wire, got)
+}
+
+struct AnyPsk;
+
+impl dimpl::PskResolver for AnyPsk {
+    fn resolve(&self, _identity: &[u8]) -> Option<Vec<u8>> {
+        Some(b"secret-key-16byt".to_vec())
+    }
+}
+
+/// The patched dimpl alone: non-empty connection IDs in both directions, with the PSK
+/// CCM_8 suite and the ECDHE-ECDSA GCM one; a client that does not offer gets none.
+#[test]
+fn dimpl_connection_ids_both_ways_ccm8_and_gcm() {
+    use dimpl::{Config, Dtls, DtlsCertificate};
+    let now = Instant::now();
+    let psk_server = |cid: Option<u8>| {
+        let b = Config::builder()
+            .with_psk_server(None, Arc::new(AnyPsk))
+            .dtls12_cipher_suites(&[dimpl::crypto::Dtls12CipherSuite::PSK_AES128_CCM_8])
+            .dtls13_cipher_suites(&[])
+            .use_server_cookie(false);
+        let b = match cid {
+            Some(n) => b.connection_id_len(n),
+            None => b,
+        };
+        Arc::new(b.build().unwrap())
+    };
+    let psk_client = |cid: Option<u8>| {
+        let b = Config::builder()
+            .with_psk_client(b"dev".to_vec(), Arc::new(AnyPsk))
+            .dtls12_cipher_suites(&[dimpl::crypto::Dtls12CipherSuite::PSK_AES128_CCM_8])
+            .dtls13_cipher_suites(&[]);
+        let b = match cid {
+            Some(n) => b.connection_id_len(n),
+            None => b,
+        };
+        Arc::new(b.build().unwrap())
+    };
+    let cert = || {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let c = rcgen::CertificateParams::new(vec!["dev".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        DtlsCertificate {
+            certificate: c.der().to_vec(),
+            private_key: key.serialize_der(),
+        }
+    };
+    let cert_config = |cid: u8| {
+        Arc::new(
+            Config::builder()
+                .dtls12_cipher_suites(&[
+                    dimpl::crypto::Dtls12CipherSuite::ECDHE_ECDSA_AES128_GCM_SHA256,
+                ])
+                .dtls13_cipher_suites(&[])
+                .use_server_cookie(false)
+                .connection_id_len(cid)
+                .build()
+                .unwrap(),
+        )
+    };
+    let pairs: Vec<(&str, Dtls, Dtls)> = vec![
+        (
+            "psk",
+            Dtls::new_12_psk(psk_client(Some(5)), now),
+            Dtls::new_12_psk(psk_server(Some(4)), now),
+        ),
+        (
+            "ecdsa",
+            Dtls::new_12(cert_config(5), cert(), now),
+            Dtls::new_12(cert_config(4), cert(), now),
+        ),
+    ];
+    for (name, mut client, mut server) in pairs {
+        client.set_active(true);
+        assert_eq!(pump(&mut client, &mut server, 50), (true, true), "{name}");
+        let server_cid = server.connection_id().expect("negotiated").to_vec();
+        let client_cid = client.connection_id().expect("negotiated").to_vec();
+        assert_eq!((server_cid.len(), client_cid.len()), (4, 5), "{name}");
+        let (wire, got) = carry(&mut client, &mut server, b"to the server");
+        assert_eq!(got, b"to the server", "{name}");
+        assert_eq!(wire[0][0], 25, "{name}: tls12_cid");
+        assert_eq!(&wire[0][11..15], &server_cid[..], "{name}");
+        assert!(server.take_newer_record(), "{name}: a newer record");
+        assert!(!server.take_newer_record(), "{name}: reported once");
+        let (wire, got) = carry(&mut server, &mut client, b"to the client");
+        assert_eq!(got, b"to the client", "{name}");
+        assert_eq!(wire[0][0], 25, "{name}: tls12_cid");
+        assert_eq!(&wire[0][11..16], &client_cid[..], "{name}");
+        // A record whose protected part is altered does not authenticate.
+        client.send_application_data(b"x").unwrap();
+        let mut buf = vec![0u8; 4096];
+        let dimpl::Output::Packet(p) = client.poll_output(&mut buf) else {
+            panic!("{name}: a record")
+        };
+        let mut p = p.to_vec();
+        let last = p.len() - 1;
+        p[last] ^= 1;
+        let _ = server.handle_packet(&p);
+        assert!(
+            !server.take_newer_record(),
+            "{name}: forged record not newer"
+        );
+    }
+    // Without an offer (or without the server's consent) no connection ID is used.
+    for (c, s) in [(None, Some(4)), (Some(0), None)] {
+        let mut client = Dtls::new_12_psk(psk_client(c), now);
+        let mut server = Dtls::new_12_psk(psk_server(s), now);
+        client.set_active(true);
+        assert_eq!(pump(&mut client, &mut server, 50), (true, true));
+        assert!(server.connection_id().is_none() && client.connection_id().is_none());
+        let (wire, got) = carry(&mut client, &mut server, b"plain");
+        assert_eq!(got, b"plain");
+        assert_eq!(wire[0][0], 23, "application_data");
+    }
 }
