@@ -8,6 +8,8 @@
 //! or revoking a PSK, or revoking a certificate, closes the open session; PSKs and
 //! revocations hold across a restart. (The handshake bounds are tested against
 //! the listener itself, `daemon/coap/tests/dtls.rs`.)
+//! RFC 9146: a device with a provisioned PSK whose address changes keeps its session
+//! (`a_dtls_device_whose_address_changes_keeps_its_session`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -907,4 +909,154 @@ fn a_psk_of_another_domain_registers_its_device_in_that_domain() {
     assert_eq!(r.status, 200, "{}", r.body);
     let r = support::bearer_call(&d, "GET", "/v2/endpoints/lab-dev", Some(&home), None);
     assert_eq!(r.status, 404, "the default domain's view: {}", r.body);
+}
+
+/// A DTLS client (ours, offering an RFC 9146 Connection ID) over `sock`, sans-IO driven.
+mod cid {
+    use std::net::{SocketAddr, UdpSocket};
+    use std::time::{Duration, Instant};
+
+    use coap_lite::Packet;
+    use connectord::coap::dtls::client::DtlsClient;
+
+    pub fn connect(
+        cfg: &connectord::coap::dtls::client::ClientConfig,
+        sock: &UdpSocket,
+        server: SocketAddr,
+    ) -> DtlsClient {
+        let mut c = DtlsClient::new(cfg, Instant::now());
+        let mut out = c.poll();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 4096];
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        loop {
+            for p in out.drain(..) {
+                sock.send_to(&p, server).unwrap();
+            }
+            if c.is_connected() {
+                return c;
+            }
+            assert!(!c.is_closed(), "handshake refused");
+            assert!(Instant::now() < deadline, "handshake within 10 s");
+            out = match sock.recv_from(&mut buf) {
+                Ok((n, _)) => c.on_datagram(&buf[..n], Instant::now()).unwrap(),
+                Err(_) => c.on_timer(Instant::now()).unwrap(),
+            };
+        }
+    }
+
+    pub fn send(c: &mut DtlsClient, sock: &UdpSocket, server: SocketAddr, p: &Packet) {
+        for r in c.send(&p.to_bytes().unwrap()).unwrap() {
+            sock.send_to(&r, server).unwrap();
+        }
+    }
+
+    /// The next message the session decrypts from datagrams arriving on `sock`.
+    pub fn receive(
+        c: &mut DtlsClient,
+        sock: &UdpSocket,
+        server: SocketAddr,
+        wait: Duration,
+    ) -> Option<Packet> {
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let deadline = Instant::now() + wait;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Some(m) = c.take_message() {
+                return Some(Packet::from_bytes(&m).unwrap());
+            }
+            if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                for r in c.on_datagram(&buf[..n], Instant::now()).unwrap() {
+                    sock.send_to(&r, server).unwrap();
+                }
+            }
+        }
+        None
+    }
+}
+
+/// RFC 9146 through the daemon: a device with a provisioned PSK registers over DTLS,
+/// its NAT mapping changes (a new socket, the same DTLS state), its update from the new
+/// address is accepted in the same session, and a REST read reaches it there; one
+/// handshake in all.
+#[test]
+fn a_dtls_device_whose_address_changes_keeps_its_session() {
+    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+    use connectord::coap::dtls::client::{ClientAuth, ClientConfig};
+    use std::net::UdpSocket;
+    use std::time::Duration;
+    const WAIT: Duration = Duration::from_secs(10);
+
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+    let key = *b"cid-device-key16";
+    let r = put_psk(&d, "cid-dev", "cid-id", &hex::encode(key));
+    assert!(r.status < 300, "{} {}", r.status, r.body);
+    let cfg = ClientConfig::new(ClientAuth::Psk {
+        identity: b"cid-id".to_vec(),
+        key: key.to_vec(),
+    })
+    .unwrap();
+    let request = |mid: u16, path: &[&str], query: &[&str]| {
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(RequestType::Post);
+        p.header.message_id = mid;
+        p.set_token(vec![mid as u8]);
+        for s in path {
+            p.add_option(CoapOption::UriPath, s.as_bytes().to_vec());
+        }
+        for q in query {
+            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+        }
+        p
+    };
+
+    let first = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut c = cid::connect(&cfg, &first, dtls);
+    let mut reg = request(1, &["rd"], &["ep=cid-dev", "lt=300"]);
+    reg.add_option(CoapOption::ContentFormat, vec![40]);
+    reg.payload = b"</3/0>".to_vec();
+    cid::send(&mut c, &first, dtls, &reg);
+    let created = cid::receive(&mut c, &first, dtls, WAIT).expect("registration answer");
+    assert_eq!(
+        created.header.code,
+        MessageClass::Response(ResponseType::Created)
+    );
+    let location: Vec<String> = created
+        .get_option(CoapOption::LocationPath)
+        .expect("Location-Path")
+        .iter()
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+
+    // The NAT mapping changes: the update comes from another port, same session.
+    let moved = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let path: Vec<&str> = location.iter().map(String::as_str).collect();
+    cid::send(&mut c, &moved, dtls, &request(2, &path, &[]));
+    let changed = cid::receive(&mut c, &moved, dtls, WAIT).expect("update answered");
+    assert_eq!(
+        changed.header.code,
+        MessageClass::Response(ResponseType::Changed)
+    );
+
+    // The application's read reaches the device at its new address.
+    let id = d.async_request("GET", "/v2/endpoints/cid-dev/3/0/0", None, None);
+    let read = cid::receive(&mut c, &moved, dtls, WAIT).expect("the read at the new address");
+    assert_eq!(read.header.code, MessageClass::Request(RequestType::Get));
+    let mut ack = Packet::new();
+    ack.header.set_type(MessageType::Acknowledgement);
+    ack.header.code = MessageClass::Response(ResponseType::Content);
+    ack.header.message_id = read.header.message_id;
+    ack.set_token(read.get_token().to_vec());
+    ack.add_option(CoapOption::ContentFormat, vec![]);
+    ack.payload = b"acme".to_vec();
+    cid::send(&mut c, &moved, dtls, &ack);
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["payload"], support::b64(b"acme").as_str(), "{r}");
+    assert_eq!(metric(&d, "coap_dtls_handshakes_total"), 1);
+    assert_eq!(metric(&d, "coap_dtls_sessions"), 1);
 }
