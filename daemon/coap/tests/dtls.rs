@@ -72,7 +72,7 @@ fn start_with(cfg: CoapConfig) -> Server {
         .unwrap();
     let (tx, rx) = tokio::sync::watch::channel(false);
     transport.start(Arc::new(WhoAmI(Mutex::new(Vec::new()))), rx);
-    let dtls = transport.local_addrs()[1];
+    let dtls = transport.local_addrs_of(connectord_coap::ListenerKind::Dtls)[0];
     Server {
         transport,
         counters,
@@ -172,6 +172,35 @@ async fn psk_session_carries_coap_and_names_its_identity() {
         .close_sessions(&|id| *id == PeerIdentity::Psk(Arc::from("dev-1")));
     assert_eq!(closed, 1);
     assert_eq!(s.transport.dtls_counts().sessions, 0);
+}
+
+/// A session quiet for `TRIM_AFTER` gives back its handshake's memory (`Dtls::trim`);
+/// it still decrypts, answers and takes more requests afterwards, twice over.
+#[tokio::test]
+async fn a_quiet_trimmed_session_keeps_working() {
+    let s = start(100);
+    let sock = socket().await;
+    let mut c = DtlsClient::connect(
+        &psk("dev-1", b"secret-key-16byt"),
+        &sock,
+        s.dtls,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("handshake");
+    for mid in 1..=3 {
+        tokio::time::sleep(connectord_coap::dtls::TRIM_AFTER + connectord_coap::dtls::TICK * 3)
+            .await;
+        let answer = exchange(&mut c, &sock, s.dtls, mid).await;
+        assert_eq!(
+            answer.header.code,
+            MessageClass::Response(ResponseType::Content),
+            "exchange {mid}"
+        );
+        assert_eq!(answer.header.message_id, mid);
+    }
+    assert_eq!(s.counters.get(Event::DtlsHandshake), 1);
+    assert_eq!(s.transport.dtls_counts().sessions, 1);
 }
 
 #[tokio::test]
