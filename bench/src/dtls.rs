@@ -73,7 +73,7 @@ pub fn run(handshakes: usize, sessions: usize) -> Result<Vec<Row>> {
         })?;
         let (_stop, stop) = tokio::sync::watch::channel(false);
         transport.start(Arc::new(Nothing), stop);
-        let server = transport.local_addrs()[1];
+        let server = transport.local_addrs_of(connectord::coap::ListenerKind::Dtls)[0];
 
         let psk = ClientConfig::new(ClientAuth::Psk {
             identity: b"bench".to_vec(),

@@ -290,6 +290,7 @@ fn main() -> ExitCode {
                 ept,
                 lwm2m,
                 dtls,
+                dtls_psk_per_endpoint: None,
             };
             match simulate(opts) {
                 Ok(()) => ExitCode::SUCCESS,

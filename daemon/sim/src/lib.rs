@@ -169,6 +169,10 @@ pub struct SimOptions {
     /// Speak DTLS to `server` (`coaps://`) with this client configuration (a PSK or a
     /// certificate, see `connectord simulate --psk/--cert`); `None`: plain CoAP.
     pub dtls: Option<DtlsConfig>,
+    /// Speak DTLS with a PSK of its own per device: identity = the endpoint name, this
+    /// key (16 to 64 bytes) for all; the daemon needs each identity provisioned
+    /// (`/v2/device-credentials/{ep}`; the bench does). Takes precedence over `dtls`.
+    pub dtls_psk_per_endpoint: Option<Vec<u8>>,
 }
 
 impl Default for SimOptions {
@@ -186,6 +190,7 @@ impl Default for SimOptions {
             ept: None,
             lwm2m: Lwm2mMode::default(),
             dtls: None,
+            dtls_psk_per_endpoint: None,
         }
     }
 }
@@ -1232,6 +1237,16 @@ pub async fn run(
     );
     let mut tasks = tokio::task::JoinSet::new();
     for (index, sock) in sockets.into_iter().enumerate() {
+        let dtls = match &opts.dtls_psk_per_endpoint {
+            None => opts.dtls.clone(),
+            Some(key) => Some(
+                DtlsConfig::new(ClientAuth::Psk {
+                    identity: opts.endpoint_name(index).into_bytes(),
+                    key: key.clone(),
+                })
+                .map_err(|e| SimError::Invalid(format!("DTLS PSK of device {index}: {e}")))?,
+            ),
+        };
         let dev = Device::new(opts.endpoint_name(index), Arc::clone(&shared));
         let start_at = match pace {
             Some(p) => t0 + p.saturating_mul(u32::try_from(index).unwrap_or(u32::MAX)),
@@ -1241,7 +1256,7 @@ pub async fn run(
             dev,
             sock,
             DeviceCtx {
-                dtls: opts.dtls.clone(),
+                dtls,
                 server: opts.server,
                 stop: stop_rx.clone(),
                 start_at,
