@@ -646,7 +646,10 @@ async fn start_services(
         connections: rest::conn::Connections::new(&config.rest),
     });
     tasks.push(tokio::spawn(rest::serve(listeners, state, stop.clone())));
-    let coap_addrs = transport.local_addrs();
+    // The ready file's "coap": the UDP addresses, then the DTLS ones (tests/it/dtls.rs and
+    // the bench's `--coap-dtls` find the DTLS listener there; `local_addrs` is UDP only).
+    let mut coap_addrs = transport.local_addrs();
+    coap_addrs.extend(transport.local_addrs_of(crate::coap::ListenerKind::Dtls));
     let coap_tls = transport.local_addrs_of(crate::coap::ListenerKind::Tls);
     Ok((
         Services {

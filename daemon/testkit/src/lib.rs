@@ -69,7 +69,7 @@ pub struct Ready {
     pub version: String,
     /// Every bound REST address (the system's port where the configuration says 0).
     pub rest: Vec<SocketAddr>,
-    /// Every bound CoAP (UDP) address.
+    /// Every bound CoAP address: UDP, then DTLS (`coap.listen_dtls`).
     pub coap: Vec<SocketAddr>,
     /// Every bound HTTPS address of the REST API (`rest.listen_tls`).
     #[serde(default)]
