@@ -979,6 +979,22 @@ pub mod client {
     }
 
     impl ClientConfig {
+        /// This PSK configuration with another identity and key, without dimpl's
+        /// validation of the crypto provider (milliseconds) that [`ClientConfig::new`]
+        /// does; `None` for a certificate configuration.
+        pub fn with_psk(&self, identity: Vec<u8>, key: Vec<u8>) -> Option<ClientConfig> {
+            if !matches!(self.auth, ClientAuth::Psk { .. }) {
+                return None;
+            }
+            let config = self
+                .config
+                .with_psk_client_identity(identity.clone(), Arc::new(FixedKey(key.clone())));
+            Some(ClientConfig {
+                config: Arc::new(config),
+                auth: ClientAuth::Psk { identity, key },
+            })
+        }
+
         pub fn new(auth: ClientAuth) -> Result<ClientConfig, super::DtlsError> {
             let b = Config::builder().mtu(1200).dtls13_cipher_suites(&[]);
             let b = match &auth {

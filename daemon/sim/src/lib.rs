@@ -1235,17 +1235,25 @@ pub async fn run(
         opts.server,
         opts.bind
     );
+    // One dimpl configuration built (and validated, milliseconds) for all the devices of
+    // `dtls_psk_per_endpoint`; each device's is a copy with its own identity.
+    let per_endpoint = match &opts.dtls_psk_per_endpoint {
+        None => None,
+        Some(key) => Some(
+            DtlsConfig::new(ClientAuth::Psk {
+                identity: opts.endpoint_name(0).into_bytes(),
+                key: key.clone(),
+            })
+            .map_err(|e| SimError::Invalid(format!("dtls_psk_per_endpoint: {e}")))?,
+        ),
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for (index, sock) in sockets.into_iter().enumerate() {
-        let dtls = match &opts.dtls_psk_per_endpoint {
-            None => opts.dtls.clone(),
-            Some(key) => Some(
-                DtlsConfig::new(ClientAuth::Psk {
-                    identity: opts.endpoint_name(index).into_bytes(),
-                    key: key.clone(),
-                })
-                .map_err(|e| SimError::Invalid(format!("DTLS PSK of device {index}: {e}")))?,
-            ),
+        let dtls = match (&per_endpoint, &opts.dtls_psk_per_endpoint) {
+            (Some(base), Some(key)) => {
+                base.with_psk(opts.endpoint_name(index).into_bytes(), key.clone())
+            }
+            _ => opts.dtls.clone(),
         };
         let dev = Device::new(opts.endpoint_name(index), Arc::clone(&shared));
         let start_at = match pace {
