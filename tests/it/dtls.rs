@@ -134,40 +134,6 @@ fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// A device key and its certificate from `POST /api/cert` in `dir` (`device.key`,
-/// `device.pem`, `ca.pem`); returns the endpoint name the certificate carries.
-fn device_certificate(d: &support::Daemon, dir: &Path) -> String {
-    let key = dir.join("device.key");
-    openssl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        path(&key),
-    ]);
-    let public = openssl(&["ec", "-in", path(&key), "-pubout"]);
-    let r = d.send_json(
-        "POST",
-        "/api/cert",
-        json!({"domain": "default", "publickey": public}).to_string(),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let v = r.json();
-    std::fs::write(
-        dir.join("ca.pem"),
-        v["server_certificate"].as_str().unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("device.pem"),
-        v["device_certificate"].as_str().unwrap(),
-    )
-    .unwrap();
-    v["endpoint"].as_str().unwrap().to_string()
-}
-
 fn metric(d: &support::Daemon, name: &str) -> u64 {
     let text = d.get("/metrics").body;
     text.lines()
@@ -291,8 +257,21 @@ fn reads_and_observations_reach_a_simulated_dtls_device() {
     const WAIT: Duration = Duration::from_secs(15);
     let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
     let dtls = d.ready.as_ref().expect("ready file").coap[1];
-    let dir = tempfile::tempdir().unwrap();
-    device_certificate(&d, dir.path());
+    // A PSK per device: identity binding ties a session to one endpoint, so two devices
+    // cannot share one certificate (its CN is the endpoint /api/cert chose).
+    for ep in ["secure-000000", "secure-000001"] {
+        let r = d.send_json(
+            "PUT",
+            &format!("/v2/device-credentials/{ep}"),
+            json!({"psk_identity": ep, "psk": "7365637572652d6b65792d3136627974"}).to_string(),
+        );
+        assert!(
+            r.status == 200 || r.status == 201,
+            "{} {}",
+            r.status,
+            r.body
+        );
+    }
     let mut sim = Command::new(support::BIN)
         .args([
             "simulate",
@@ -304,8 +283,7 @@ fn reads_and_observations_reach_a_simulated_dtls_device() {
             "200",
         ])
         .args(["--server", &dtls.to_string()])
-        .args(["--cert", path(&dir.path().join("device.pem"))])
-        .args(["--key", path(&dir.path().join("device.key"))])
+        .args(["--psk-per-endpoint", "7365637572652d6b65792d3136627974"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
