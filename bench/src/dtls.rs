@@ -11,7 +11,7 @@
 //! - memory per session: `--dtls-sessions` sessions established one after the other, each
 //!   from its own source address (127.x.0.y; each client's socket closed after its
 //!   handshake: the server keeps the session until `coap.dtls_idle_s`), the process's RSS
-//!   before and after, divided.
+//!   before and after (once the sessions were quiet for `dtls::TRIM_AFTER`), divided.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -97,6 +97,10 @@ pub fn run(handshakes: usize, sessions: usize) -> Result<Vec<Row>> {
             "{} sessions of {sessions}",
             counts.sessions
         );
+        // Quiet sessions give back their handshake's memory (`dtls::TRIM_AFTER`): measure
+        // them as most of a device population is, quiet.
+        tokio::time::sleep(connectord::coap::dtls::TRIM_AFTER + connectord::coap::dtls::TICK * 5)
+            .await;
         let after = crate::vm_rss_kib(std::process::id())?;
         let per = (after.saturating_sub(before)) as f64 * 1024.0 / sessions as f64;
         let mut rows = vec![Row {

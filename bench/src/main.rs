@@ -172,7 +172,17 @@ struct Args {
     /// Sessions held for `--dtls`'s memory per session.
     #[arg(long, default_value_t = 10_000)]
     dtls_sessions: usize,
+    /// Run the registrations and the proxied reads a second time over CoAP over DTLS
+    /// (the daemon's `coap.listen_dtls`; each simulated device with its own PSK,
+    /// provisioned through `/v2/device-credentials/{ep}` before the clock starts), and
+    /// print both side by side with the ratio of the daemon's CPU per operation.
+    #[arg(long)]
+    coap_dtls: bool,
 }
+
+/// The key of every simulated device's PSK in `--coap-dtls` runs (identity: its endpoint
+/// name); 16 bytes, the least the daemon takes.
+const BENCH_PSK: &[u8] = b"bench-psk-16byte";
 
 /// One line of the results table.
 #[derive(Debug, Clone)]
@@ -217,6 +227,11 @@ impl Daemon {
 
     /// As [`Daemon::start_with`], with `rest` lines in the `[rest]` section.
     fn start_rest(bin: &Path, args: &Args, rest: &str, more: &str) -> Result<Daemon> {
+        Daemon::start_full(bin, args, "", rest, more)
+    }
+
+    /// As [`Daemon::start_rest`], with `coap` lines in the `[coap]` section.
+    fn start_full(bin: &Path, args: &Args, coap: &str, rest: &str, more: &str) -> Result<Daemon> {
         let bin = std::fs::canonicalize(bin).with_context(|| {
             format!(
                 "daemon binary {} (build it: cargo build --release -p connectord)",
@@ -225,6 +240,7 @@ impl Daemon {
         })?;
         let d = connectord_testkit::Launch::new(bin)
             .log_level(&args.log_level)
+            .coap(coap)
             .rest(rest)
             .extra(&format!(
                 "[notifications]\nmax_batch = {}\n[runtime]\nworker_threads = {}\n{more}",
@@ -261,6 +277,62 @@ impl Daemon {
 
     fn pid(&self) -> u32 {
         self.0.try_pid().unwrap_or(0)
+    }
+
+    /// A daemon for a `--coap-dtls` run: `coap.listen_dtls` on 127.0.0.1:0 besides the
+    /// UDP listener, with `rest` lines in `[rest]`.
+    fn start_dtls(bin: &Path, args: &Args, rest: &str) -> Result<Daemon> {
+        Daemon::start_full(bin, args, "listen_dtls = [\"127.0.0.1:0\"]", rest, "")
+    }
+
+    /// The CoAP address devices use: the DTLS listener's (`coap_dtls` in the ready file)
+    /// when `dtls`, else the UDP one.
+    fn coap_addr(&self, dtls: bool) -> Result<SocketAddr> {
+        if !dtls {
+            return Ok(self.coap);
+        }
+        let ready = self.ready.as_ref().context("ready file")?;
+        let addr = *ready
+            .coap_dtls
+            .first()
+            .context("no DTLS address in the ready file")?;
+        ensure!(
+            addr.ip().is_loopback(),
+            "DTLS listener on {addr}: loopback only"
+        );
+        Ok(addr)
+    }
+
+    /// Gives every endpoint of `names` a PSK (identity: its name, key [`BENCH_PSK`]),
+    /// `PUT /v2/device-credentials/{ep}` from 4 threads.
+    fn provision_psks(&self, names: &[String]) -> Result<()> {
+        let hex: String = BENCH_PSK.iter().map(|b| format!("{b:02x}")).collect();
+        let chunk = names.len().div_ceil(4).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = names
+                .chunks(chunk)
+                .map(|part| {
+                    let api = self.api();
+                    let hex = &hex;
+                    scope.spawn(move || -> Result<()> {
+                        for ep in part {
+                            let body = json!({"psk_identity": ep, "psk": hex}).to_string();
+                            let (status, answer) =
+                                api.put_json(&format!("/v2/device-credentials/{ep}"), &body)?;
+                            ensure!(
+                                status == 200 || status == 201 || status == 204,
+                                "PUT /v2/device-credentials/{ep} answered {status}: {answer}"
+                            );
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .map_err(|_| anyhow!("provisioning thread panicked"))?
+            })
+        })
     }
 
     /// `kill -9` and reap.
@@ -467,6 +539,7 @@ impl Sims {
         devices: usize,
         prefix: &str,
         notify_interval_ms: u64,
+        dtls: bool,
     ) -> Result<Sims> {
         ensure!(server.ip().is_loopback(), "loopback only");
         check_fds(devices)?;
@@ -494,6 +567,7 @@ impl Sims {
                 queue_mode: false,
                 domain: None,
                 register_rate: 0,
+                dtls_psk_per_endpoint: dtls.then(|| BENCH_PSK.to_vec()),
                 ..SimOptions::default()
             };
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -503,6 +577,15 @@ impl Sims {
             })));
         }
         Ok(Sims { rt, stops, handles })
+    }
+
+    /// The endpoint names [`Sims::start`] gives `devices` devices:
+    /// `{prefix}{group}-{index:06}`, `--per-address` to a group.
+    fn names(args: &Args, devices: usize, prefix: &str) -> Vec<String> {
+        let per = args.per_address.max(1);
+        (0..devices)
+            .map(|i| format!("{prefix}{}-{:06}", i / per, i % per))
+            .collect()
     }
 
     /// An error if a simulator has ended (they only end early on failure).
@@ -605,9 +688,24 @@ struct RegRun {
 ///
 /// With `bulk`, the endpoints are registered by [`bulk::register`] (many endpoints per
 /// socket, registrations only) instead of the simulator (one socket per device).
-fn registration_run(args: &Args, n: usize, restart: bool, bulk: bool) -> Result<RegRun> {
+///
+/// With `dtls` (simulator only), the devices speak DTLS with a PSK each (provisioned
+/// before the clock and the CPU count start), so each registration includes a handshake.
+fn registration_run(
+    args: &Args,
+    n: usize,
+    restart: bool,
+    bulk: bool,
+    dtls: bool,
+) -> Result<RegRun> {
     let timeout = Duration::from_secs(args.timeout_s);
-    let mut daemon = Daemon::start(&args.daemon, args)?;
+    let mut daemon = if dtls {
+        let d = Daemon::start_dtls(&args.daemon, args, "")?;
+        d.provision_psks(&Sims::names(args, n, "r"))?;
+        d
+    } else {
+        Daemon::start(&args.daemon, args)?
+    };
     let api = daemon.api();
     std::thread::sleep(Duration::from_secs(1));
     let rss_before_kib = vm_rss_kib(daemon.pid())?;
@@ -616,7 +714,14 @@ fn registration_run(args: &Args, n: usize, restart: bool, bulk: bool) -> Result<
     let mut sims = if bulk {
         None
     } else {
-        Some(Sims::start(args, daemon.coap, n, "r", 60_000)?)
+        Some(Sims::start(
+            args,
+            daemon.coap_addr(dtls)?,
+            n,
+            "r",
+            60_000,
+            dtls,
+        )?)
     };
     let waited = match sims.as_mut() {
         Some(sims) => wait_registered(&api, sims, n, t0, timeout),
@@ -887,32 +992,36 @@ struct ReadRun {
 }
 
 /// M proxied reads of /3/0/0 over K devices; answers pulled by long-poll.
-fn reads_run(args: &Args) -> Result<ReadRun> {
+///
+/// With `dtls`, the simulated devices speak DTLS with a PSK each (provisioned and
+/// registered before the clock starts), so a read costs the record layer, no handshake.
+fn reads_run(args: &Args, dtls: bool) -> Result<ReadRun> {
     let timeout = Duration::from_secs(args.timeout_s);
     let https = if args.read_https {
         Some(https::Https::new(args.read_http2)?)
     } else {
         None
     };
-    let daemon = match &https {
-        None => Daemon::start(&args.daemon, args)?,
-        Some(h) => Daemon::start_rest(&args.daemon, args, &h.rest_lines(), "")?,
+    let rest_lines = https.as_ref().map(|h| h.rest_lines()).unwrap_or_default();
+    let daemon = if dtls {
+        ensure!(!args.read_bulk, "--read-bulk has no DTLS devices");
+        Daemon::start_dtls(&args.daemon, args, &rest_lines)?
+    } else {
+        Daemon::start_rest(&args.daemon, args, &rest_lines, "")?
     };
     let api = daemon.api();
     api.open_channel()?;
     let k = args.read_devices.max(1);
     let (load, names) = if !args.read_bulk {
-        let mut sims = Sims::start(args, daemon.coap, k, "p", 60_000)?;
+        if dtls {
+            daemon.provision_psks(&Sims::names(args, k, "p"))?;
+        }
+        let mut sims = Sims::start(args, daemon.coap_addr(dtls)?, k, "p", 60_000, dtls)?;
         if let Err(e) = wait_registered(&api, &mut sims, k, Instant::now(), timeout) {
             sims.abandon();
             return Err(e);
         }
-        // Endpoint names as the simulator makes them: {prefix}{group}-{index:06}.
-        let per = args.per_address.max(1);
-        let names: Vec<String> = (0..k)
-            .map(|i| format!("p{}-{:06}", i / per, i % per))
-            .collect();
-        (Load::Sim(sims), names)
+        (Load::Sim(sims), Sims::names(args, k, "p"))
     } else {
         // Never notifies (nothing observes); answers every GET.
         let responder = bulk::Notifier::start(
@@ -1169,7 +1278,14 @@ fn notifications_run(args: &Args, webhook: bool) -> Result<NotifyRun> {
 
     let interval = Duration::from_millis(args.notify_interval_ms.max(1));
     let load = if args.notify_sim {
-        let mut sims = Sims::start(args, daemon.coap, n, "n", args.notify_interval_ms.max(1))?;
+        let mut sims = Sims::start(
+            args,
+            daemon.coap,
+            n,
+            "n",
+            args.notify_interval_ms.max(1),
+            false,
+        )?;
         if let Err(e) = wait_registered(&api, &mut sims, n, Instant::now(), timeout) {
             sims.abandon();
             stop.store(true, Ordering::Release);
@@ -1282,10 +1398,20 @@ fn main() -> Result<()> {
             } else {
                 eprintln!("registering {n} devices …");
             }
-            match registration_run(&args, n, restart, bulk) {
+            match registration_run(&args, n, restart, bulk, false) {
                 Ok(r) => reg_runs.push(r),
                 Err(e) => failures.push(format!("registration run with {n} devices: {e:#}")),
             }
+        }
+    }
+    // The same registrations over DTLS (PSK), after the plain run of the same size.
+    let mut dtls_reg = None;
+    if reg && args.coap_dtls {
+        let n = args.devices;
+        eprintln!("registering {n} devices over DTLS (PSK each) …");
+        match registration_run(&args, n, false, false, true) {
+            Ok(r) => dtls_reg = Some(r),
+            Err(e) => failures.push(format!("DTLS registration run with {n} devices: {e:#}")),
         }
     }
     for (i, r) in reg_runs.iter().enumerate() {
@@ -1335,6 +1461,43 @@ fn main() -> Result<()> {
             });
         }
     }
+    if let Some(r) = &dtls_reg {
+        let n = r.devices;
+        let rate = (n.saturating_sub(1)) as f64 / r.first_to_last.as_secs_f64().max(1e-9);
+        let cpu_us = r.cpu.as_secs_f64() * 1e6 / n as f64;
+        rows.push(Row {
+            scenario: format!("registrations/s over DTLS ({n} devices, PSK each)"),
+            value: rate,
+            unit: "reg/s",
+            target: None,
+            detail: format!(
+                "handshake included; first→last {:.2} s; simulator start→last {:.2} s; daemon CPU {cpu_us:.1} µs per registration",
+                r.first_to_last.as_secs_f64(),
+                r.start_to_last.as_secs_f64(),
+            ),
+        });
+        let per = (r.rss_after_kib.saturating_sub(r.rss_before_kib)) as f64 / n as f64;
+        rows.push(Row {
+            scenario: format!("RSS per endpoint over DTLS ({n} endpoints and sessions)"),
+            value: per,
+            unit: "KiB",
+            target: None,
+            detail: format!(
+                "VmRSS {} KiB before, {} KiB after (the PSKs provisioned before)",
+                r.rss_before_kib, r.rss_after_kib
+            ),
+        });
+        if let Some(plain) = reg_runs.first().filter(|p| p.devices == n) {
+            let plain_us = plain.cpu.as_secs_f64() * 1e6 / n as f64;
+            rows.push(Row {
+                scenario: "daemon CPU per registration, DTLS / plain".into(),
+                value: cpu_us / plain_us.max(1e-9),
+                unit: "x",
+                target: None,
+                detail: format!("{cpu_us:.1} µs over DTLS, {plain_us:.1} µs plain"),
+            });
+        }
+    }
     if args.big && (rss || restart) && reg_runs.len() < 2 && failures.is_empty() {
         failures.push("--big run not done".into());
     }
@@ -1344,47 +1507,69 @@ fn main() -> Result<()> {
             "proxied reads: {} reads over {} devices …",
             args.read_count, args.read_devices
         );
-        match reads_run(&args) {
-            Ok(r) => {
-                let secs = r.elapsed.as_secs_f64().max(1e-9);
-                rows.push(Row {
-                    scenario: format!(
-                        "proxied reads/s ({} reads, {} devices, {})",
-                        args.read_count,
-                        args.read_devices,
-                        if args.read_http2 {
-                            format!(
-                                "HTTP/2{}, {} streams over {} connections",
-                                if args.read_https { " over TLS" } else { "" },
-                                args.read_connections,
-                                args.read_h2_connections
-                            )
-                        } else {
-                            format!(
-                                "HTTP/1.1{}, {} connections",
-                                if args.read_https { " over TLS" } else { "" },
-                                args.read_connections
-                            )
-                        }
-                    ),
-                    value: r.completed as f64 / secs,
-                    unit: "reads/s",
-                    target: Some((30_000.0, true)),
-                    detail: format!(
-                        "{} answered ({} status 200) in {:.2} s; REST→async response p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; refused {:?}; daemon CPU {:.1} µs per read, load generator {:.1} µs",
-                        r.completed,
-                        r.ok,
-                        secs,
-                        r.p50.as_secs_f64() * 1e3,
-                        r.p99.as_secs_f64() * 1e3,
-                        r.max.as_secs_f64() * 1e3,
-                        r.rejected,
-                        r.cpu.as_secs_f64() * 1e6 / r.completed.max(1) as f64,
-                        r.bench_cpu.as_secs_f64() * 1e6 / r.completed.max(1) as f64
-                    ),
-                });
+        let modes: &[bool] = if args.coap_dtls {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        let mut cpu_per_read = Vec::new();
+        for &dtls in modes {
+            match reads_run(&args, dtls) {
+                Ok(r) => {
+                    let secs = r.elapsed.as_secs_f64().max(1e-9);
+                    let cpu_us = r.cpu.as_secs_f64() * 1e6 / r.completed.max(1) as f64;
+                    cpu_per_read.push(cpu_us);
+                    rows.push(Row {
+                        scenario: format!(
+                            "proxied reads/s{} ({} reads, {} devices, {})",
+                            if dtls { " over DTLS" } else { "" },
+                            args.read_count,
+                            args.read_devices,
+                            if args.read_http2 {
+                                format!(
+                                    "HTTP/2{}, {} streams over {} connections",
+                                    if args.read_https { " over TLS" } else { "" },
+                                    args.read_connections,
+                                    args.read_h2_connections
+                                )
+                            } else {
+                                format!(
+                                    "HTTP/1.1{}, {} connections",
+                                    if args.read_https { " over TLS" } else { "" },
+                                    args.read_connections
+                                )
+                            }
+                        ),
+                        value: r.completed as f64 / secs,
+                        unit: "reads/s",
+                        target: (!dtls).then_some((30_000.0, true)),
+                        detail: format!(
+                            "{} answered ({} status 200) in {:.2} s; REST→async response p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; refused {:?}; daemon CPU {cpu_us:.1} µs per read, load generator {:.1} µs",
+                            r.completed,
+                            r.ok,
+                            secs,
+                            r.p50.as_secs_f64() * 1e3,
+                            r.p99.as_secs_f64() * 1e3,
+                            r.max.as_secs_f64() * 1e3,
+                            r.rejected,
+                            r.bench_cpu.as_secs_f64() * 1e6 / r.completed.max(1) as f64
+                        ),
+                    });
+                }
+                Err(e) => failures.push(format!(
+                    "proxied reads{}: {e:#}",
+                    if dtls { " over DTLS" } else { "" }
+                )),
             }
-            Err(e) => failures.push(format!("proxied reads: {e:#}")),
+        }
+        if let [plain, dtls] = cpu_per_read[..] {
+            rows.push(Row {
+                scenario: "daemon CPU per proxied read, DTLS / plain".into(),
+                value: dtls / plain.max(1e-9),
+                unit: "x",
+                target: Some((1.3, false)),
+                detail: format!("{dtls:.1} µs over DTLS, {plain:.1} µs plain"),
+            });
         }
     }
 

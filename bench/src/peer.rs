@@ -332,7 +332,7 @@ fn register(
 ) -> Result<(Side, Sims)> {
     let groups = n.div_ceil(args.per_address.max(1));
     capture.reset();
-    let mut sims = Sims::start(args, server, n, "r", 60_000)?;
+    let mut sims = Sims::start(args, server, n, "r", 60_000, false)?;
     let deadline = Instant::now() + timeout;
     loop {
         {
@@ -766,7 +766,7 @@ mod tests {
             "--sim-threads",
             "0",
         ]);
-        let mut sims = Sims::start(&args, server, 30, "t", 60_000).unwrap();
+        let mut sims = Sims::start(&args, server, 30, "t", 60_000, false).unwrap();
         loop {
             if capture.state.lock().unwrap().done.len() >= 2 {
                 break;

@@ -123,6 +123,10 @@ enum Command {
         /// convention) with this PSK identity and key (hex), the same for every device.
         #[arg(long, value_name = "IDENTITY:HEXKEY", conflicts_with = "cert")]
         psk: Option<String>,
+        /// Speak DTLS with a PSK per device: its endpoint name as the identity, this key
+        /// (hex) for all (each identity provisioned: `connectord credentials put`).
+        #[arg(long, value_name = "HEXKEY", conflicts_with_all = ["cert", "psk"])]
+        psk_per_endpoint: Option<String>,
         /// Speak DTLS with this device certificate (PEM, e.g. from POST /api/cert), the
         /// same for every device; needs --key.
         #[arg(long, value_name = "CERT.pem", requires = "key")]
@@ -273,9 +277,22 @@ fn main() -> ExitCode {
             ept,
             lwm2m,
             psk,
+            psk_per_endpoint,
             cert,
             key,
         } => {
+            let psk_per_endpoint = match psk_per_endpoint
+                .as_deref()
+                .map(|hex| connectord::simulate::ClientAuth::psk_from_arg(&format!("ep:{hex}")))
+            {
+                None => None,
+                Some(Ok(connectord::simulate::ClientAuth::Psk { key, .. })) => Some(key),
+                Some(Ok(_)) => None,
+                Some(Err(e)) => {
+                    eprintln!("error: --psk-per-endpoint: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let dtls = match sim_dtls(psk.as_deref(), cert.as_deref(), key.as_deref()) {
                 Ok(d) => d,
                 Err(e) => {
@@ -297,6 +314,7 @@ fn main() -> ExitCode {
                 ept,
                 lwm2m,
                 dtls,
+                dtls_psk_per_endpoint: psk_per_endpoint,
             };
             match simulate(opts) {
                 Ok(()) => ExitCode::SUCCESS,

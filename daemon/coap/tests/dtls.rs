@@ -175,6 +175,62 @@ async fn psk_session_carries_coap_and_names_its_identity() {
     assert_eq!(s.transport.dtls_counts().sessions, 0);
 }
 
+/// `ClientConfig::with_psk` (one validated dimpl configuration, copied per device):
+/// the copy handshakes as its own identity; a certificate configuration has no copy.
+#[tokio::test]
+async fn a_psk_config_copy_speaks_as_its_identity() {
+    let s = start(100);
+    let base = psk("other", b"another-key-16by");
+    let copy = base
+        .with_psk(b"dev-1".to_vec(), b"secret-key-16byt".to_vec())
+        .expect("a PSK configuration");
+    let sock = socket().await;
+    let mut c = DtlsClient::connect(&copy, &sock, s.dtls, Duration::from_secs(5))
+        .await
+        .expect("handshake with the copy");
+    let answer = exchange(&mut c, &sock, s.dtls, 1).await;
+    assert_eq!(
+        String::from_utf8_lossy(&answer.payload),
+        "Some(Psk(\"dev-1\"))"
+    );
+    // The base's own identity is unknown to the server: refused.
+    let sock = socket().await;
+    assert!(
+        DtlsClient::connect(&base, &sock, s.dtls, Duration::from_secs(2))
+            .await
+            .is_err()
+    );
+}
+
+/// A session quiet for `TRIM_AFTER` gives back its handshake's memory (`Dtls::trim`);
+/// it still decrypts, answers and takes more requests afterwards, twice over.
+#[tokio::test]
+async fn a_quiet_trimmed_session_keeps_working() {
+    let s = start(100);
+    let sock = socket().await;
+    let mut c = DtlsClient::connect(
+        &psk("dev-1", b"secret-key-16byt"),
+        &sock,
+        s.dtls,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("handshake");
+    for mid in 1..=3 {
+        tokio::time::sleep(connectord_coap::dtls::TRIM_AFTER + connectord_coap::dtls::TICK * 3)
+            .await;
+        let answer = exchange(&mut c, &sock, s.dtls, mid).await;
+        assert_eq!(
+            answer.header.code,
+            MessageClass::Response(ResponseType::Content),
+            "exchange {mid}"
+        );
+        assert_eq!(answer.header.message_id, mid);
+    }
+    assert_eq!(s.counters.get(Event::DtlsHandshake), 1);
+    assert_eq!(s.transport.dtls_counts().sessions, 1);
+}
+
 #[tokio::test]
 async fn wrong_key_and_unknown_identity_are_refused() {
     let s = start(100);

@@ -173,6 +173,10 @@ pub struct SimOptions {
     /// Speak DTLS to `server` (`coaps://`) with this client configuration (a PSK or a
     /// certificate, see `connectord simulate --psk/--cert`); `None`: plain CoAP.
     pub dtls: Option<DtlsConfig>,
+    /// Speak DTLS with a PSK of its own per device: identity = the endpoint name, this
+    /// key (16 to 64 bytes) for all; the daemon needs each identity provisioned
+    /// (`/v2/device-credentials/{ep}`; the bench does). Takes precedence over `dtls`.
+    pub dtls_psk_per_endpoint: Option<Vec<u8>>,
 }
 
 impl Default for SimOptions {
@@ -191,6 +195,7 @@ impl Default for SimOptions {
             ept: None,
             lwm2m: Lwm2mMode::default(),
             dtls: None,
+            dtls_psk_per_endpoint: None,
         }
     }
 }
@@ -1244,8 +1249,26 @@ pub async fn run(
         opts.server,
         opts.bind
     );
+    // One dimpl configuration built (and validated, milliseconds) for all the devices of
+    // `dtls_psk_per_endpoint`; each device's is a copy with its own identity.
+    let per_endpoint = match &opts.dtls_psk_per_endpoint {
+        None => None,
+        Some(key) => Some(
+            DtlsConfig::new(ClientAuth::Psk {
+                identity: opts.endpoint_name(0).into_bytes(),
+                key: key.clone(),
+            })
+            .map_err(|e| SimError::Invalid(format!("dtls_psk_per_endpoint: {e}")))?,
+        ),
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for (index, sock) in sockets.into_iter().enumerate() {
+        let dtls = match (&per_endpoint, &opts.dtls_psk_per_endpoint) {
+            (Some(base), Some(key)) => {
+                base.with_psk(opts.endpoint_name(index).into_bytes(), key.clone())
+            }
+            _ => opts.dtls.clone(),
+        };
         let dev = Device::new(opts.endpoint_name(index), Arc::clone(&shared));
         let start_at = match pace {
             Some(p) => t0 + p.saturating_mul(u32::try_from(index).unwrap_or(u32::MAX)),
@@ -1255,7 +1278,7 @@ pub async fn run(
             dev,
             sock,
             DeviceCtx {
-                dtls: opts.dtls.clone(),
+                dtls,
                 server: opts.server,
                 stop: stop_rx.clone(),
                 start_at,

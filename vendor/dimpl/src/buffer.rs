@@ -19,6 +19,11 @@ pub struct BufferPool {
 }
 
 impl BufferPool {
+    /// Drop every free buffer (connectord patch: `Dtls::trim`).
+    pub fn release(&mut self) {
+        self.free = VecDeque::new();
+    }
+
     /// Take a Buffer from the pool.
     ///
     /// Creates a new buffer if none is free.
@@ -88,6 +93,11 @@ impl Buf {
     /// Resize the buffer to the specified length, filling with the given value.
     pub fn resize(&mut self, len: usize, value: u8) {
         self.data.resize(len, value);
+    }
+
+    /// Empty the buffer and give its memory back (connectord patch: `Dtls::trim`).
+    pub fn release(&mut self) {
+        self.data = Vec::new();
     }
 
     /// Convert the buffer into the underlying `Vec<u8>`.

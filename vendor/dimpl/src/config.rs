@@ -221,6 +221,19 @@ impl Config {
         self.psk.as_ref()
     }
 
+    /// A copy of this (validated) configuration with another client PSK identity and
+    /// resolver, without building and validating again (connectord patch: a simulator's
+    /// many devices; validating the crypto provider takes milliseconds).
+    pub fn with_psk_client_identity(
+        &self,
+        identity: Vec<u8>,
+        resolver: Arc<dyn PskResolver>,
+    ) -> Config {
+        let mut copy = self.clone();
+        copy.psk = Some(Psk::Client { identity, resolver });
+        copy
+    }
+
     /// PSK identity for the client to send during handshake.
     pub fn psk_identity(&self) -> Option<&[u8]> {
         match &self.psk {

@@ -882,6 +882,16 @@ impl Dtls {
         .map(|()| data.len())
     }
 
+    /// Gives back memory only the handshake used (connectord patch): a DTLS 1.2 server
+    /// whose handshake is over drops its free buffers, transcript and handshake scratch
+    /// state; anything else (a handshake in progress, a client, DTLS 1.3) is left as is.
+    /// Safe to call at any time; the buffers are allocated again when needed.
+    pub fn trim(&mut self) {
+        if let Some(Inner::Server12(server)) = self.inner.as_mut() {
+            server.trim();
+        }
+    }
+
     /// Initiate graceful shutdown by sending a `close_notify` alert.
     ///
     /// **Connected** (`AwaitApplicationData`): queues a `close_notify` alert;

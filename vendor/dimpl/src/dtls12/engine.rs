@@ -1177,6 +1177,16 @@ impl Engine {
         self.timers.stop();
     }
 
+    /// Gives back memory kept for the handshake once it is over (connectord patch): the
+    /// free buffers, the transcript, empty queues' capacity. The last flight stays
+    /// (it is resent if the peer did not get it).
+    pub(crate) fn trim(&mut self) {
+        self.buffers_free.release();
+        self.transcript.release();
+        self.queue_rx.shrink();
+        self.queue_tx.shrink();
+    }
+
     /// Pop a buffer from the buffer pool for temporary use
     pub(crate) fn pop_buffer(&mut self) -> Buf {
         self.buffers_free.pop()

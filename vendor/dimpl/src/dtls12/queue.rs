@@ -21,6 +21,11 @@ impl QueueRx {
     pub fn new() -> Self {
         Self(VecDeque::new())
     }
+
+    /// Gives back unused capacity (connectord patch, `Dtls::trim`).
+    pub fn shrink(&mut self) {
+        self.0.shrink_to_fit();
+    }
 }
 
 impl Deref for QueueRx {
@@ -90,6 +95,11 @@ pub(crate) struct QueueTx(VecDeque<Buf>);
 impl QueueTx {
     pub fn new() -> Self {
         Self(VecDeque::new())
+    }
+
+    /// Gives back unused capacity (connectord patch, `Dtls::trim`).
+    pub fn shrink(&mut self) {
+        self.0.shrink_to_fit();
     }
 }
 

@@ -184,6 +184,22 @@ impl Server {
         }
     }
 
+    /// Once the handshake is over, gives back what only the handshake used (connectord
+    /// patch, `Dtls::trim`); before that, nothing.
+    pub fn trim(&mut self) {
+        if self.state != State::AwaitApplicationData {
+            return;
+        }
+        self.engine.trim();
+        self.extension_data.release();
+        self.defragment_buffer.release();
+        self.captured_session_hash = None;
+        self.client_supported_groups = None;
+        self.client_signature_algorithms = None;
+        self.local_events.shrink_to_fit();
+        self.queued_data = Vec::new();
+    }
+
     pub fn into_client(self) -> Client {
         Client::new_with_engine(self.engine, self.last_now)
     }
