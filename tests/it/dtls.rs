@@ -36,13 +36,7 @@ fn libcoap(bin: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), all)
 }
 
-fn openssl(args: &[&str]) -> String {
-    let out = support::run_ok(
-        Command::new("openssl").args(args),
-        &format!("openssl {args:?}"),
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use crate::support::certs::{device_certificate, openssl};
 
 /// A CA of its own (openssl) in `dir` and a device certificate it signed for
 /// `OU=default, CN=<cn>`: the CA's PEM, the device's certificate and key.
@@ -142,40 +136,6 @@ fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// A device key and its certificate from `POST /api/cert` in `dir` (`device.key`,
-/// `device.pem`, `ca.pem`); returns the endpoint name the certificate carries.
-fn device_certificate(d: &support::Daemon, dir: &Path) -> String {
-    let key = dir.join("device.key");
-    openssl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        path(&key),
-    ]);
-    let public = openssl(&["ec", "-in", path(&key), "-pubout"]);
-    let r = d.send_json(
-        "POST",
-        "/api/cert",
-        json!({"domain": "default", "publickey": public}).to_string(),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let v = r.json();
-    std::fs::write(
-        dir.join("ca.pem"),
-        v["server_certificate"].as_str().unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("device.pem"),
-        v["device_certificate"].as_str().unwrap(),
-    )
-    .unwrap();
-    v["endpoint"].as_str().unwrap().to_string()
-}
-
 fn metric(d: &support::Daemon, name: &str) -> u64 {
     let text = d.get("/metrics").body;
     text.lines()
@@ -195,28 +155,9 @@ fn certificates_from_api_cert_register_over_dtls_and_others_are_refused() {
     );
     let dtls = ready.coap_dtls[0];
     let dir = tempfile::tempdir().unwrap();
+    let endpoint = device_certificate(&d, dir.path());
     let key = dir.path().join("device.key");
-    openssl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        path(&key),
-    ]);
-    let public = openssl(&["ec", "-in", path(&key), "-pubout"]);
-    let r = d.send_json(
-        "POST",
-        "/api/cert",
-        json!({"domain": "default", "publickey": public}).to_string(),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let v = r.json();
-    let endpoint = v["endpoint"].as_str().unwrap().to_string();
     let (ca, cert) = (dir.path().join("ca.pem"), dir.path().join("device.pem"));
-    std::fs::write(&ca, v["server_certificate"].as_str().unwrap()).unwrap();
-    std::fs::write(&cert, v["device_certificate"].as_str().unwrap()).unwrap();
 
     let register = |bin: &str, cert: &Path, key: &Path, ep: &str| {
         let uri = format!("coaps://127.0.0.1:{}/rd?ep={ep}&lt=300", dtls.port());

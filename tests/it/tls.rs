@@ -10,8 +10,6 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-use serde_json::json;
-
 use crate::support::{self, Daemon};
 
 const TLS: &str = "listen_tls = [\"127.0.0.1:0\"]";
@@ -34,13 +32,7 @@ impl DeviceCert {
     }
 }
 
-fn openssl(args: &[&str]) -> String {
-    let out = support::run_ok(
-        Command::new("openssl").args(args),
-        &format!("openssl {args:?}"),
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use crate::support::certs::openssl;
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -49,38 +41,8 @@ fn p(path: &Path) -> &str {
 /// A P-256 key and the daemon's certificate for it (domain `default`).
 fn device_cert(d: &Daemon) -> DeviceCert {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("device.key");
-    openssl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        p(&key),
-    ]);
-    let public = openssl(&["ec", "-in", p(&key), "-pubout"]);
-    let r = d.send_json(
-        "POST",
-        "/api/cert",
-        json!({"domain": "default", "publickey": public}).to_string(),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let v = r.json();
-    std::fs::write(
-        dir.path().join("ca.pem"),
-        v["server_certificate"].as_str().unwrap(),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("device.pem"),
-        v["device_certificate"].as_str().unwrap(),
-    )
-    .unwrap();
-    DeviceCert {
-        dir,
-        endpoint: v["endpoint"].as_str().unwrap().to_owned(),
-    }
+    let endpoint = support::certs::device_certificate(d, dir.path());
+    DeviceCert { dir, endpoint }
 }
 
 fn tls_addr(d: &Daemon) -> std::net::SocketAddr {

@@ -3,6 +3,7 @@
 //! peers of tests/peers/ ([`peers`]).
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod peers;
 pub mod pelion;
 
