@@ -77,13 +77,13 @@ pub enum StartError {
 /// start, the CA (and `coap.trusted_cas`) as the anchors of client certificates, and the
 /// device credential store for PSK keys and revoked certificates.
 fn dtls_setup(
-    trusted_cas: Vec<Vec<u8>>,
+    trusted_cas: &[Vec<u8>],
     ca: &crate::certs::CertAuthority,
     credentials: Arc<dyn crate::coap::Credentials>,
 ) -> Result<crate::coap::DtlsSetup, StartError> {
     let (cert, key) = ca.issue_server_der(&[])?;
     let mut trust_anchors = vec![ca.ca_certificate_der()];
-    trust_anchors.extend(trusted_cas);
+    trust_anchors.extend_from_slice(trusted_cas);
     Ok(crate::coap::DtlsSetup {
         credentials,
         certificate: Some((cert, key)),
@@ -476,7 +476,7 @@ async fn start_services(
     tracing::info!("loaded the credentials of {} devices", credentials.len());
     if !config.coap.listen_dtls.is_empty() {
         let psk = Arc::clone(&credentials) as Arc<dyn crate::coap::Credentials>;
-        transport.set_dtls(&dtls_setup(trusted_cas, &ca, psk)?)?;
+        transport.set_dtls(&dtls_setup(&trusted_cas, &ca, psk)?)?;
     }
     // The readers (requests, subscriptions, REST) get the read model; the registry
     // itself goes only to the writers (the registration interface, `DELETE
@@ -589,7 +589,7 @@ async fn start_services(
     tracing::info!("loaded {pending} stored requests to devices");
     subscriptions.resume();
     if transport.has_tls() {
-        let mut setup = tls_setup(&config.coap, &ca, &state_dir)?;
+        let mut setup = tls_setup(&config.coap, &ca, &trusted_cas)?;
         // Revoked certificates are refused after the handshake (and their sessions closed
         // by the revocation itself).
         setup.credentials = Some(Arc::clone(&credentials) as Arc<dyn crate::coap::Credentials>);
@@ -917,7 +917,7 @@ pub enum PluginCallError {
 fn tls_setup(
     coap: &crate::coap::CoapConfig,
     ca: &crate::certs::CertAuthority,
-    state_dir: &Path,
+    trusted_cas: &[Vec<u8>],
 ) -> Result<crate::coap::TlsSetup, StartError> {
     let read = |key: &str, p: &Path| {
         std::fs::read(p)
@@ -956,19 +956,8 @@ fn tls_setup(
             )
         }
     };
-    let mut cas = vec![(
-        state_dir
-            .join(crate::certs::CA_CERT_FILE)
-            .display()
-            .to_string(),
-        ca.ca_certificate_pem().as_bytes().to_vec(),
-    )];
-    for p in &coap.trusted_cas {
-        cas.push((
-            format!("coap.trusted_cas: {}", p.display()),
-            read("trusted_cas", p)?,
-        ));
-    }
+    let mut cas = vec![ca.ca_certificate_der()];
+    cas.extend_from_slice(trusted_cas);
     let server = crate::coap::tls::server_config((&chain_name, &chain), (&key_name, &key), &cas)
         .map_err(|e| StartError::CoapTls(e.to_string()))?;
     Ok(crate::coap::TlsSetup {

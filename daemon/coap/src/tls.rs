@@ -119,12 +119,13 @@ pub enum TlsError {
 }
 
 /// A rustls server configuration: `chain_pem`/`key_pem` as the server's certificate,
-/// client certificates required and verified against `client_cas` (PEM texts, each
-/// named for error messages: `("coap.trusted_cas: /etc/x.pem", bytes)`), ALPN `coap`.
+/// client certificates required and verified against `client_cas` (DER certificates, read
+/// and checked once at start: the daemon's CA and `coap.trusted_cas`, as the DTLS
+/// listeners get them), ALPN `coap`.
 pub fn server_config(
     chain_pem: (&str, &[u8]),
     key_pem: (&str, &[u8]),
-    client_cas: &[(String, Vec<u8>)],
+    client_cas: &[Vec<u8>],
 ) -> Result<rustls::ServerConfig, TlsError> {
     let pem_err = |what: &str, reason: String| TlsError::Pem {
         what: what.to_owned(),
@@ -139,18 +140,10 @@ pub fn server_config(
     let key = PrivateKeyDer::from_pem_slice(key_pem.1)
         .map_err(|e| pem_err(key_pem.0, format!("no usable private key ({e})")))?;
     let mut roots = rustls::RootCertStore::empty();
-    for (what, pem) in client_cas {
-        let mut n = 0;
-        for c in CertificateDer::pem_slice_iter(pem) {
-            let c = c.map_err(|e| pem_err(what, e.to_string()))?;
-            roots
-                .add(c)
-                .map_err(|e| pem_err(what, format!("not a usable CA certificate ({e})")))?;
-            n += 1;
-        }
-        if n == 0 {
-            return Err(pem_err(what, "no CERTIFICATE block".into()));
-        }
+    for der in client_cas {
+        roots
+            .add(CertificateDer::from(der.clone()))
+            .map_err(|e| pem_err("client CA", format!("not a usable CA certificate ({e})")))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())

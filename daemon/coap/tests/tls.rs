@@ -108,10 +108,15 @@ async fn setup_full(
     assert_eq!(cfg.check(), Ok(()));
     let transport = Transport::bind(&cfg, Arc::new(Counters::default())).unwrap();
     let pki = pki();
+    use rustls::pki_types::pem::PemObject;
     let server = connectord_coap::tls::server_config(
         ("server cert", pki.server.0.as_bytes()),
         ("server key", pki.server.1.as_bytes()),
-        &[("test CA".into(), pki.ca_pem.clone().into_bytes())],
+        &[
+            rustls::pki_types::CertificateDer::from_pem_slice(pki.ca_pem.as_bytes())
+                .unwrap()
+                .to_vec(),
+        ],
     )
     .unwrap();
     transport.configure_tls(&connectord_coap::TlsSetup {
