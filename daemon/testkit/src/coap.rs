@@ -14,6 +14,8 @@ pub struct Device {
     /// Datagrams read while waiting for something else (e.g. a request from the daemon
     /// arriving while the device waits for its own response); `recv_request` sees them.
     stash: std::cell::RefCell<std::collections::VecDeque<(Vec<u8>, SocketAddr)>>,
+    /// The (source, message id) of each request [`Device::first_time`] was asked about.
+    seen: std::cell::RefCell<std::collections::HashSet<(SocketAddr, u16)>>,
 }
 
 /// A request under construction.
@@ -48,6 +50,7 @@ impl Device {
             server,
             mid: rand_mid(),
             stash: Default::default(),
+            seen: Default::default(),
         }
     }
 
@@ -153,6 +156,13 @@ impl Device {
 }
 
 impl Device {
+    /// Whether `req` from `from` is new to this device rather than a retransmission of a
+    /// request it saw before (the same message id from the same address, RFC 7252 §4.5);
+    /// a test that counts requests counts only the first.
+    pub fn first_time(&self, req: &Packet, from: SocketAddr) -> bool {
+        self.seen.borrow_mut().insert((from, req.header.message_id))
+    }
+
     /// The next request the daemon sends to this device (ACKs and other messages are
     /// skipped), with the address it came from; None after `timeout`.
     pub fn recv_request(&self, timeout: Duration) -> Option<(Packet, SocketAddr)> {
