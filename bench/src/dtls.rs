@@ -161,35 +161,16 @@ async fn handshake_rate(cfg: &ClientConfig, server: SocketAddr, n: usize) -> Res
     Ok(done)
 }
 
-/// A device key and certificate from the CA (as `POST /api/cert` issues).
+/// A device key (rcgen, P-256) and its certificate from the CA (as `POST /api/cert`
+/// issues).
 fn device_certificate(ca: &connectord::certs::CertAuthority) -> Result<ClientConfig> {
-    let dir = tempfile_dir()?;
-    let key_path = dir.join("device.key");
-    let ok = std::process::Command::new("openssl")
-        .args([
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-        ])
-        .arg(&key_path)
-        .status()
-        .context("openssl")?
-        .success();
-    ensure!(ok, "openssl ecparam failed");
-    let public = std::process::Command::new("openssl")
-        .args(["ec", "-pubout", "-in"])
-        .arg(&key_path)
-        .output()
-        .context("openssl")?;
-    let issued = ca.issue("default", &String::from_utf8_lossy(&public.stdout))?;
-    let cert_path = dir.join("device.pem");
-    std::fs::write(&cert_path, issued.device_certificate)?;
-    let auth =
-        ClientAuth::certificate_from_files(&cert_path, &key_path).map_err(anyhow::Error::msg)?;
-    let _ = std::fs::remove_dir_all(&dir);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let issued = ca.issue("default", &key.public_key_pem())?;
+    let cert = pem::parse(&issued.device_certificate)?.into_contents();
+    let auth = ClientAuth::Certificate {
+        cert,
+        key: key.serialize_der(),
+    };
     Ok(ClientConfig::new(auth)?)
 }
 

@@ -226,29 +226,6 @@ fn credentials_follow_the_scope_and_domain_rules_of_the_api() {
     );
 }
 
-/// An EC P-256 public key (PEM) made by openssl in `dir`.
-fn p256_public_key(dir: &std::path::Path) -> String {
-    let key = dir.join("device.key");
-    let out = support::run_ok(
-        Command::new("openssl").args([
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            key.to_str().unwrap(),
-        ]),
-        "openssl ecparam",
-    );
-    assert!(out.status.success());
-    let out = support::run_ok(
-        Command::new("openssl").args(["ec", "-in", key.to_str().unwrap(), "-pubout"]),
-        "openssl ec",
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn plain_coap_registrations_of_endpoints_with_credentials_are_refused_and_counted() {
     let d = Daemon::in_process();
@@ -266,7 +243,7 @@ fn plain_coap_registrations_of_endpoints_with_credentials_are_refused_and_counte
     assert_eq!(code(&r), ResponseType::Created, "{}", diag(&r));
     // A certificate from /api/cert gives its endpoint credentials too.
     let dir = tempfile::tempdir().unwrap();
-    let body = json!({"domain": "default", "publickey": p256_public_key(dir.path())});
+    let body = json!({"domain": "default", "publickey": support::certs::p256_key(&dir.path().join("device.key"))});
     let r = d.send_json("POST", "/api/cert", body.to_string());
     assert_eq!(r.status, 201, "{}", r.body);
     let cert_ep = r.json()["endpoint"].as_str().unwrap().to_string();

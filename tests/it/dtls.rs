@@ -36,104 +36,18 @@ fn libcoap(bin: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), all)
 }
 
-use crate::support::certs::{device_certificate, openssl};
+use crate::support::certs::{
+    device_certificate, expired_certificate, foreign_ca, p256_key, path, sign,
+};
 
 /// A CA of its own (openssl) in `dir` and a device certificate it signed for
 /// `OU=default, CN=<cn>`: the CA's PEM, the device's certificate and key.
 fn other_ca(dir: &Path, cn: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let p = |name: &str| dir.join(name);
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        path(&p("other-ca.key")),
-        "-out",
-        path(&p("other-ca.pem")),
-        "-subj",
-        "/CN=other CA",
-        "-days",
-        "2",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign",
-    ]);
-    openssl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        path(&p("other.key")),
-    ]);
-    let subj = format!("/OU=default/CN={cn}");
-    openssl(&[
-        "req",
-        "-new",
-        "-key",
-        path(&p("other.key")),
-        "-subj",
-        &subj,
-        "-out",
-        path(&p("other.csr")),
-    ]);
-    // Without extensions OpenSSL 3.0 writes a version 1 certificate, which webpki refuses
-    // for that alone.
-    std::fs::write(
-        p("leaf.ext"),
-        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        path(&p("other.csr")),
-        "-CA",
-        path(&p("other-ca.pem")),
-        "-CAkey",
-        path(&p("other-ca.key")),
-        "-days",
-        "1",
-        "-out",
-        path(&p("other.pem")),
-        "-extfile",
-        path(&p("leaf.ext")),
-    ]);
-    (p("other-ca.pem"), p("other.pem"), p("other.key"))
-}
-
-/// A device certificate of the daemon's CA (its files in `state`) valid in 2020 only,
-/// written with its key to `cert` and `key` (rcgen: openssl 3.0's `x509 -req` cannot
-/// backdate).
-fn expired_certificate(state: &Path, cert: &Path, key: &Path) {
-    let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(state.join("ca.key.pem")).unwrap())
-            .unwrap();
-    let ca_pem = std::fs::read_to_string(state.join("ca.cert.pem")).unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
-    let mut params = rcgen::CertificateParams::default();
-    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-    let mut dn = rcgen::DistinguishedName::new();
-    dn.push(rcgen::DnType::OrganizationalUnitName, "default");
-    dn.push(rcgen::DnType::CommonName, "old");
-    params.distinguished_name = dn;
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let device = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let signed = params.signed_by(&device, &issuer).unwrap();
-    std::fs::write(cert, signed.pem()).unwrap();
-    std::fs::write(key, device.serialize_pem()).unwrap();
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap()
+    let (ca, ca_key) = foreign_ca(dir);
+    let (cert, key) = (dir.join("other.pem"), dir.join("other.key"));
+    p256_key(&key);
+    sign((&ca, &ca_key), &key, &format!("/OU=default/CN={cn}"), &cert);
+    (ca, cert, key)
 }
 
 fn metric(d: &support::Daemon, name: &str) -> u64 {
@@ -196,7 +110,7 @@ fn certificates_from_api_cert_register_over_dtls_and_others_are_refused() {
     let (_, other, other_key) = other_ca(dir.path(), "intruder");
     let expired = dir.path().join("expired.pem");
     let expired_key = dir.path().join("expired.key");
-    expired_certificate(&d.state_dir(), &expired, &expired_key);
+    expired_certificate(&d.state_dir(), "old", &expired, &expired_key);
     let before = metric(&d, "coap_dtls_handshakes_failed_total");
     let mut refused = 0;
     for (cert, key, what) in [

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use coap_lite::{RequestType, ResponseType};
 use serde_json::json;
+use support::certs::{openssl, path};
 use support::coap::{Req, code};
 use support::{Prepared, http};
 
@@ -199,23 +200,7 @@ fn developer_tools_issue_device_certificates() {
     let d = support::Daemon::start();
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("device.key");
-    let run = |args: &[&str]| {
-        let out = support::run_ok(
-            std::process::Command::new("openssl").args(args),
-            &format!("openssl {args:?}"),
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    run(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        key.to_str().unwrap(),
-    ]);
-    let public = run(&["ec", "-in", key.to_str().unwrap(), "-pubout"]);
+    let public = support::certs::p256_key(&key);
     let body = json!({"domain": "default", "publickey": public});
     let r = d.send_json("POST", "/api/cert", body.to_string());
     assert_eq!(r.status, 201, "{}", r.body);
@@ -225,14 +210,9 @@ fn developer_tools_issue_device_certificates() {
     let (ca, cert) = (dir.path().join("ca.pem"), dir.path().join("device.pem"));
     std::fs::write(&ca, v["server_certificate"].as_str().unwrap()).unwrap();
     std::fs::write(&cert, v["device_certificate"].as_str().unwrap()).unwrap();
-    let verified = run(&[
-        "verify",
-        "-CAfile",
-        ca.to_str().unwrap(),
-        cert.to_str().unwrap(),
-    ]);
+    let verified = openssl(&["verify", "-CAfile", path(&ca), path(&cert)]);
     assert!(verified.contains(": OK"), "{verified}");
-    let subject = run(&["x509", "-noout", "-subject", "-in", cert.to_str().unwrap()]);
+    let subject = openssl(&["x509", "-noout", "-subject", "-in", path(&cert)]);
     assert!(subject.contains(endpoint), "{subject}");
 
     let bad = [
@@ -251,17 +231,9 @@ fn developer_tools_issue_device_certificates() {
     for curve in ["secp256k1", "brainpoolP256r1", "brainpoolP256t1"] {
         let other = dir.path().join(format!("{curve}.key"));
         let opt = format!("ec_paramgen_curve:{curve}");
-        let path = other.to_str().unwrap();
-        run(&[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            &opt,
-            "-out",
-            path,
-        ]);
-        let public = run(&["pkey", "-in", path, "-pubout"]);
+        let key = path(&other);
+        openssl(&["genpkey", "-algorithm", "EC", "-pkeyopt", &opt, "-out", key]);
+        let public = openssl(&["pkey", "-in", key, "-pubout"]);
         let body = json!({"domain": "default", "publickey": public}).to_string();
         let r = d.send_json("POST", "/api/cert", body.as_bytes());
         assert_eq!(r.status, 400, "{curve}: {}", r.body);

@@ -115,97 +115,14 @@ fn handshakes_without_a_good_client_certificate_are_refused() {
     let ca = good.ca();
 
     // Another CA, and a device certificate from it with the same subject shape.
-    let other_key = dir.join("other-ca.key");
-    let other_ca = dir.join("other-ca.pem");
-    openssl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        p(&other_key),
-    ]);
-    openssl(&[
-        "req",
-        "-x509",
-        "-new",
-        "-key",
-        p(&other_key),
-        "-subj",
-        "/CN=other CA",
-        "-days",
-        "30",
-        "-out",
-        p(&other_ca),
-    ]);
-    let csr = dir.join("device.csr");
-    openssl(&[
-        "req",
-        "-new",
-        "-key",
-        p(&good.key()),
-        "-subj",
-        &format!("/OU=default/CN={}", good.endpoint),
-        "-out",
-        p(&csr),
-    ]);
+    let (other_ca, other_key) = support::certs::foreign_ca(dir);
     let foreign = dir.join("foreign.pem");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        p(&csr),
-        "-CA",
-        p(&other_ca),
-        "-CAkey",
-        p(&other_key),
-        "-CAcreateserial",
-        "-days",
-        "30",
-        "-out",
-        p(&foreign),
-    ]);
+    let subject = format!("/OU=default/CN={}", good.endpoint);
+    support::certs::sign((&other_ca, &other_key), &good.key(), &subject, &foreign);
 
     // Expired, signed by the daemon's own CA (its key is in the state directory).
-    let ca_key = d.state_dir().join("ca.key.pem");
-    let conf = dir.join("ca.cnf");
-    std::fs::write(
-        &conf,
-        format!(
-            "[ca]\ndefault_ca = d\n[d]\ndatabase = {0}/index.txt\nnew_certs_dir = {0}\n\
-             serial = {0}/serial\ndefault_md = sha256\npolicy = any\n\
-             copy_extensions = none\n[any]\ncommonName = supplied\n\
-             organizationalUnitName = optional\n[ext]\nbasicConstraints = CA:FALSE\n\
-             extendedKeyUsage = clientAuth\n",
-            dir.display()
-        ),
-    )
-    .unwrap();
-    std::fs::write(dir.join("index.txt"), "").unwrap();
-    std::fs::write(dir.join("serial"), "1000\n").unwrap();
-    let expired = dir.join("expired.pem");
-    openssl(&[
-        "ca",
-        "-batch",
-        "-config",
-        p(&conf),
-        "-cert",
-        p(&ca),
-        "-keyfile",
-        p(&ca_key),
-        "-in",
-        p(&csr),
-        "-startdate",
-        "20200101000000Z",
-        "-enddate",
-        "20210101000000Z",
-        "-extensions",
-        "ext",
-        "-out",
-        p(&expired),
-        "-notext",
-    ]);
+    let (expired, expired_key) = (dir.join("expired.pem"), dir.join("expired.key"));
+    support::certs::expired_certificate(&d.state_dir(), &good.endpoint, &expired, &expired_key);
 
     let key = good.key();
     let cases: [(&str, Vec<&str>); 3] = [
@@ -216,7 +133,7 @@ fn handshakes_without_a_good_client_certificate_are_refused() {
         ),
         (
             "an expired certificate",
-            vec!["-c", p(&expired), "-j", p(&key), "-C", p(&ca)],
+            vec!["-c", p(&expired), "-j", p(&expired_key), "-C", p(&ca)],
         ),
     ];
     for (what, args) in cases {

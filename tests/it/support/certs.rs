@@ -1,7 +1,7 @@
 //! Device certificates for the secure-transport areas (`dtls`, `tls`): openssl makes the
 //! key, the daemon's `POST /api/cert` signs it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::json;
@@ -15,12 +15,13 @@ pub fn openssl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A P-256 device key and its certificate from `POST /api/cert` (domain `default`) in
-/// `dir`: `device.key`, `device.pem`, and the daemon's CA as `ca.pem`. Returns the
-/// endpoint name the certificate carries (its CN).
-pub fn device_certificate(d: &super::Daemon, dir: &Path) -> String {
-    let key = dir.join("device.key");
-    let key_path = key.to_str().expect("UTF-8 path");
+/// The path as the `&str` a command line takes.
+pub fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// A new P-256 key (openssl) written to `key`; its public key in PEM.
+pub fn p256_key(key: &Path) -> String {
     openssl(&[
         "ecparam",
         "-name",
@@ -28,9 +29,105 @@ pub fn device_certificate(d: &super::Daemon, dir: &Path) -> String {
         "-genkey",
         "-noout",
         "-out",
-        key_path,
+        path(key),
     ]);
-    let public = openssl(&["ec", "-in", key_path, "-pubout"]);
+    openssl(&["ec", "-in", path(key), "-pubout"])
+}
+
+/// A CA of its own (openssl, not the daemon's) in `dir`: its certificate and key.
+pub fn foreign_ca(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("other-ca.pem"), dir.join("other-ca.key"));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        path(&key),
+        "-out",
+        path(&cert),
+        "-subj",
+        "/CN=other CA",
+        "-days",
+        "2",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    (cert, key)
+}
+
+/// A client certificate for `key` with subject `subj`, signed by the CA `(cert, key)`,
+/// written to `out` (version 3, clientAuth: without extensions OpenSSL 3.0 writes a
+/// version 1 certificate, which webpki refuses for that alone).
+pub fn sign(ca: (&Path, &Path), key: &Path, subj: &str, out: &Path) {
+    let csr = out.with_extension("csr");
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        path(key),
+        "-subj",
+        subj,
+        "-out",
+        path(&csr),
+    ]);
+    let ext = out.with_extension("ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        path(&csr),
+        "-CA",
+        path(ca.0),
+        "-CAkey",
+        path(ca.1),
+        "-days",
+        "1",
+        "-out",
+        path(out),
+        "-extfile",
+        path(&ext),
+    ]);
+}
+
+/// A device certificate for `OU=default, CN=<cn>` from the daemon's CA (its files in the
+/// state directory `state`), valid in 2020 only, written with its new key to `cert` and
+/// `key` (rcgen: openssl 3.0's `x509 -req` cannot backdate).
+pub fn expired_certificate(state: &Path, cn: &str, cert: &Path, key: &Path) {
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(state.join("ca.key.pem")).unwrap())
+            .unwrap();
+    let ca_pem = std::fs::read_to_string(state.join("ca.cert.pem")).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::OrganizationalUnitName, "default");
+    dn.push(rcgen::DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let device = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let signed = params.signed_by(&device, &issuer).unwrap();
+    std::fs::write(cert, signed.pem()).unwrap();
+    std::fs::write(key, device.serialize_pem()).unwrap();
+}
+
+/// A P-256 device key and its certificate from `POST /api/cert` (domain `default`) in
+/// `dir`: `device.key`, `device.pem`, and the daemon's CA as `ca.pem`. Returns the
+/// endpoint name the certificate carries (its CN).
+pub fn device_certificate(d: &super::Daemon, dir: &Path) -> String {
+    let public = p256_key(&dir.join("device.key"));
     let r = d.send_json(
         "POST",
         "/api/cert",
