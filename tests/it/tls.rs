@@ -447,3 +447,105 @@ fn revoking_a_certificate_aborts_its_tls_connection() {
         d.logs().join("\n")
     );
 }
+
+/// `openssl s_client` over TLS (`dtls`: false) or DTLS 1.2 to `addr`, verifying the
+/// server for the IP address 127.0.0.1 against `ca` and presenting the device
+/// certificate of `c`; returns the server certificate it printed (PEM) and its output.
+fn s_client(addr: std::net::SocketAddr, dtls: bool, ca: &Path, c: &DeviceCert) -> (String, String) {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["20", "openssl", "s_client"]);
+    if dtls {
+        cmd.args(["-dtls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]);
+    } else {
+        cmd.args(["-alpn", "coap"]);
+    }
+    let out = cmd
+        .args(["-connect", &addr.to_string()])
+        .args([
+            "-CAfile",
+            p(ca),
+            "-verify_ip",
+            "127.0.0.1",
+            "-verify_return_error",
+        ])
+        .args(["-cert", p(&c.cert()), "-key", p(&c.key())])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run openssl s_client");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let begin = all.find("-----BEGIN CERTIFICATE-----");
+    let end = all.find("-----END CERTIFICATE-----");
+    let pem = match (begin, end) {
+        (Some(b), Some(e)) => all[b..e + "-----END CERTIFICATE-----".len()].to_owned(),
+        _ => String::new(),
+    };
+    (pem, all)
+}
+
+/// The DTLS and the TLS listeners present one server certificate: `openssl s_client`
+/// over DTLS 1.2 and over TLS, each verifying the daemon for the IP address 127.0.0.1
+/// against the CA from `/api/cert`, sees the same one. With `coap.tls_cert`/`tls_key`
+/// set, the DTLS listeners present that certificate too.
+#[test]
+fn dtls_and_tls_present_one_server_certificate_valid_for_127_0_0_1() {
+    let both = format!("{TLS}\nlisten_dtls = [\"127.0.0.1:0\"]\n");
+    let d = Daemon::start_custom(&both, "");
+    let c = device_cert(&d);
+    let dtls_addr = d.ready.as_ref().expect("ready").coap_dtls[0];
+    let (over_dtls, all_dtls) = s_client(dtls_addr, true, &c.ca(), &c);
+    let (over_tls, all_tls) = s_client(tls_addr(&d), false, &c.ca(), &c);
+    for (what, pem, all) in [
+        ("DTLS", &over_dtls, &all_dtls),
+        ("TLS", &over_tls, &all_tls),
+    ] {
+        assert!(!pem.is_empty(), "{what}: no server certificate:\n{all}");
+        assert!(
+            all.contains("Verify return code: 0 (ok)"),
+            "{what}: not verified for 127.0.0.1:\n{all}"
+        );
+    }
+    assert_eq!(over_dtls, over_tls, "two certificates");
+    drop(d);
+
+    // A configured certificate (EC P-256, for 127.0.0.1): both listeners present it.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        p(&key),
+        "-out",
+        p(&cert),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+    ]);
+    let configured = format!(
+        "{both}tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let d = Daemon::start_custom(&configured, "");
+    let c = device_cert(&d);
+    let dtls_addr = d.ready.as_ref().expect("ready").coap_dtls[0];
+    let (over_dtls, all) = s_client(dtls_addr, true, &cert, &c);
+    assert!(all.contains("Verify return code: 0 (ok)"), "{all}");
+    let (over_tls, all) = s_client(tls_addr(&d), false, &cert, &c);
+    assert!(all.contains("Verify return code: 0 (ok)"), "{all}");
+    let configured_pem = std::fs::read_to_string(&cert).unwrap();
+    assert_eq!(over_dtls.trim(), configured_pem.trim());
+    assert_eq!(over_tls.trim(), configured_pem.trim());
+}

@@ -107,52 +107,93 @@ pub struct TlsSetup {
     pub credentials: Option<Arc<dyn Credentials>>,
 }
 
-/// Why the TLS configuration could not be built.
+/// Why the TLS configuration could not be built. `what` names the input (the
+/// configuration key and file, `coap.tls_cert: /etc/...`, or "issued server certificate").
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{what}: {reason}")]
-    Pem { what: String, reason: String },
+    #[error("{what}: not PEM: {source}")]
+    NotPem {
+        what: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{what}: no CERTIFICATE block")]
+    NoCertificate { what: String },
+    #[error("{what}: no usable private key: {source}")]
+    NoKey {
+        what: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// The certificate and key read, but refused together (a certificate that does not
+    /// parse, a key that does not match it, an unsupported key type).
+    #[error("{chain} with {key}: {source}")]
+    Refused {
+        chain: String,
+        key: String,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("client CA: not a usable CA certificate: {0}")]
+    ClientCa(#[source] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
-    #[error("client certificate verifier: {0}")]
-    Verifier(String),
 }
 
-/// A rustls server configuration: `chain_pem`/`key_pem` as the server's certificate,
-/// client certificates required and verified against `client_cas` (DER certificates, read
-/// and checked once at start: the daemon's CA and `coap.trusted_cas`, as the DTLS
-/// listeners get them), ALPN `coap`.
+/// The certificate chain (`chain_pem`: its name and PEM text, CERTIFICATE blocks) and the
+/// private key (`key_pem`: PKCS#8, SEC1 or PKCS#1 PEM), as DER.
+pub fn read_pem(
+    chain_pem: (&str, &[u8]),
+    key_pem: (&str, &[u8]),
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.1)
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::NotPem {
+            what: chain_pem.0.to_owned(),
+            source,
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate {
+            what: chain_pem.0.to_owned(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.1).map_err(|source| TlsError::NoKey {
+        what: key_pem.0.to_owned(),
+        source,
+    })?;
+    Ok((chain, key))
+}
+
+/// A rustls server configuration: `chain_pem`/`key_pem` as the server's certificate (see
+/// [`read_pem`]), client certificates required and verified against `client_cas` (DER
+/// certificates, read and checked once at start: the daemon's CA and `coap.trusted_cas`,
+/// as the DTLS listeners get them), ALPN `coap`.
 pub fn server_config(
     chain_pem: (&str, &[u8]),
     key_pem: (&str, &[u8]),
     client_cas: &[Vec<u8>],
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let pem_err = |what: &str, reason: String| TlsError::Pem {
-        what: what.to_owned(),
-        reason,
-    };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.1)
-        .collect::<Result<_, _>>()
-        .map_err(|e| pem_err(chain_pem.0, e.to_string()))?;
-    if chain.is_empty() {
-        return Err(pem_err(chain_pem.0, "no CERTIFICATE block".into()));
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.1)
-        .map_err(|e| pem_err(key_pem.0, format!("no usable private key ({e})")))?;
+    let (chain, key) = read_pem(chain_pem, key_pem)?;
     let mut roots = rustls::RootCertStore::empty();
     for der in client_cas {
         roots
             .add(CertificateDer::from(der.clone()))
-            .map_err(|e| pem_err("client CA", format!("not a usable CA certificate ({e})")))?;
+            .map_err(TlsError::ClientCa)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+        .with_single_cert(chain, key)
+        .map_err(|source| TlsError::Refused {
+            chain: chain_pem.0.to_owned(),
+            key: key_pem.0.to_owned(),
+            source,
+        })?;
     cfg.alpn_protocols = vec![b"coap".to_vec()];
     Ok(cfg)
 }
