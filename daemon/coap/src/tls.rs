@@ -879,3 +879,100 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
 }
+
+/// A CoAP-over-TLS client connection (the simulator's devices, `connectord simulate
+/// --tls`): rustls with the ring provider, ALPN `coap`, a client certificate, and the
+/// server verified against a CA (for its IP address or host name).
+pub mod client {
+    use std::io;
+    use std::net::{IpAddr, SocketAddr};
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::net::{TcpSocket, TcpStream};
+
+    /// Why a client configuration could not be built.
+    #[derive(Debug, thiserror::Error)]
+    pub enum ClientError {
+        #[error("{}: {source}", path.display())]
+        Pem {
+            path: PathBuf,
+            #[source]
+            source: rustls::pki_types::pem::Error,
+        },
+        #[error("{}: no usable CA certificate: {source}", path.display())]
+        Ca {
+            path: PathBuf,
+            #[source]
+            source: rustls::Error,
+        },
+        #[error("the client certificate and key: {0}")]
+        Rustls(#[from] rustls::Error),
+    }
+
+    /// A client configuration, built once and shared by many connections.
+    #[derive(Clone)]
+    pub struct ClientConfig(Arc<rustls::ClientConfig>);
+
+    impl std::fmt::Debug for ClientConfig {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("tls::client::ClientConfig")
+        }
+    }
+
+    impl ClientConfig {
+        /// The client certificate `cert` (PEM, its chain) with its key `key` (PEM), and
+        /// the CA certificates of `ca` (PEM) the server's certificate must chain to.
+        pub fn from_files(cert: &Path, key: &Path, ca: &Path) -> Result<ClientConfig, ClientError> {
+            fn pem(path: &Path) -> impl Fn(rustls::pki_types::pem::Error) -> ClientError + '_ {
+                move |source| ClientError::Pem {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .map_err(pem(cert))?
+                .collect::<Result<_, _>>()
+                .map_err(pem(cert))?;
+            let key_der = PrivateKeyDer::from_pem_file(key).map_err(pem(key))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(pem(ca))? {
+                roots
+                    .add(c.map_err(pem(ca))?)
+                    .map_err(|source| ClientError::Ca {
+                        path: ca.to_path_buf(),
+                        source,
+                    })?;
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key_der)?;
+            cfg.alpn_protocols = vec![b"coap".to_vec()];
+            Ok(ClientConfig(Arc::new(cfg)))
+        }
+
+        /// Connects from `bind` (port 0) to `server` and completes the TLS handshake,
+        /// verifying the server's certificate for `server`'s IP address.
+        pub async fn connect(
+            &self,
+            bind: IpAddr,
+            server: SocketAddr,
+        ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+            let socket = match server {
+                SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => TcpSocket::new_v6()?,
+            };
+            socket.bind(SocketAddr::new(bind, 0))?;
+            let tcp = socket.connect(server).await?;
+            let _ = tcp.set_nodelay(true);
+            let name = ServerName::IpAddress(server.ip().into());
+            tokio_rustls::TlsConnector::from(Arc::clone(&self.0))
+                .connect(name, tcp)
+                .await
+        }
+    }
+}
