@@ -689,7 +689,6 @@ impl Inner {
     }
 
     /// The connection's life after the handshake; returns why it ended.
-    #[allow(clippy::too_many_lines)]
     async fn run<S>(
         &self,
         stream: &mut S,
