@@ -634,3 +634,54 @@ fn an_unusable_coap_tls_certificate_refuses_the_start() {
         }
     }
 }
+
+/// `coap.tls_cert`/`coap.tls_key` serve the DTLS listeners too: an RSA certificate, fine
+/// for TLS, cannot be DTLS's (ECDSA only), and refuses the start naming both files.
+#[test]
+fn an_rsa_coap_certificate_refuses_a_start_with_dtls() {
+    use connectord::daemon::StartError as Start;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("rsa.pem"), dir.path().join("rsa.key"));
+    crate::support::certs::openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    let coap = format!(
+        "listen_tls = [\"127.0.0.1:0\"]\nlisten_dtls = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let e = match connectord_testkit::Launch::new(support::BIN)
+        .coap(&coap)
+        .in_process()
+        .start()
+    {
+        Err(connectord_testkit::StartError::Daemon(e)) => e,
+        Err(e) => panic!("not a daemon start error: {e}"),
+        Ok(_) => panic!("started with an RSA key for DTLS"),
+    };
+    let Start::CoapDtlsCertificate {
+        cert: c, key: k, ..
+    } = &e
+    else {
+        panic!("unexpected {e:?}");
+    };
+    assert_eq!((c, k), (&cert, &key));
+    let text = e.to_string();
+    assert!(
+        text.contains(&format!("coap.tls_cert {}", cert.display()))
+            && text.contains("for the DTLS listeners"),
+        "{text}"
+    );
+}
