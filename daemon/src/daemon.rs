@@ -63,9 +63,28 @@ pub enum StartError {
     Reinit(std::io::Error),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
-    /// The certificates of `[coap] listen_tls` (the message names the key and file).
-    #[error("{0}")]
-    CoapTls(String),
+    /// A `coap.tls_cert` / `coap.tls_key` file that cannot be read (`key`: `tls_cert` or
+    /// `tls_key`).
+    #[error("coap.{key}: {}: {source}", path.display())]
+    CoapTlsFile {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The secure CoAP listeners' certificate or key unusable: not PEM, no certificate,
+    /// no key, or refused by rustls (the message names the key and file).
+    #[error(transparent)]
+    CoapTlsCertificate(#[from] crate::coap::tls::TlsError),
+    /// `coap.tls_cert` / `coap.tls_key` read and taken by the TLS listeners, but refused
+    /// by the DTLS ones (dimpl takes an ECDSA P-256 or P-384 key only).
+    #[error("coap.tls_cert {} / coap.tls_key {} for the DTLS listeners: {source}", cert.display(), key.display())]
+    CoapDtlsCertificate {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: crate::coap::dtls::DtlsError,
+    },
     #[error("--ready-file {}: {source}", path.display())]
     ReadyFile {
         path: PathBuf,
@@ -73,22 +92,23 @@ pub enum StartError {
     },
 }
 
-/// The DTLS listeners' keys: a server certificate issued by the daemon's CA at each
-/// start, the CA (and `coap.trusted_cas`) as the anchors of client certificates, and the
-/// device credential store for PSK keys and revoked certificates.
+/// The DTLS listeners' keys: the secure listeners' server certificate (`server`, the
+/// one the TLS listeners present too), the CA (and `coap.trusted_cas`) as the anchors of
+/// client certificates, and the device credential store for PSK keys and revoked
+/// certificates.
 fn dtls_setup(
     trusted_cas: &[Vec<u8>],
     ca: &crate::certs::CertAuthority,
+    server: &ServerCert,
     credentials: Arc<dyn crate::coap::Credentials>,
-) -> Result<crate::coap::DtlsSetup, StartError> {
-    let (cert, key) = ca.issue_server_der(&[])?;
+) -> crate::coap::DtlsSetup {
     let mut trust_anchors = vec![ca.ca_certificate_der()];
     trust_anchors.extend_from_slice(trusted_cas);
-    Ok(crate::coap::DtlsSetup {
+    crate::coap::DtlsSetup {
         credentials,
-        certificate: Some((cert, key)),
+        certificate: Some((server.leaf_der.clone(), server.key_der.clone())),
         trust_anchors,
-    })
+    }
 }
 
 impl From<StoreError> for StartError {
@@ -474,9 +494,28 @@ async fn start_services(
     )
     .await?;
     tracing::info!("loaded the credentials of {} devices", credentials.len());
-    if !config.coap.listen_dtls.is_empty() {
+    // One server certificate for the DTLS and the TLS listeners.
+    let server_cert = if config.coap.listen_dtls.is_empty() && !transport.has_tls() {
+        None
+    } else {
+        Some(server_certificate(&config.coap, &ca)?)
+    };
+    if let Some(server) = server_cert
+        .as_ref()
+        .filter(|_| !config.coap.listen_dtls.is_empty())
+    {
         let psk = Arc::clone(&credentials) as Arc<dyn crate::coap::Credentials>;
-        transport.set_dtls(&dtls_setup(&trusted_cas, &ca, psk)?)?;
+        let setup = dtls_setup(&trusted_cas, &ca, server, psk);
+        transport
+            .set_dtls(&setup)
+            .map_err(|source| match &server.files {
+                Some((cert, key)) => StartError::CoapDtlsCertificate {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    source,
+                },
+                None => StartError::Dtls(source),
+            })?;
     }
     // The readers (requests, subscriptions, REST) get the read model; the registry
     // itself goes only to the writers (the registration interface, `DELETE
@@ -588,8 +627,8 @@ async fn start_services(
     let pending = requests.load().await?;
     tracing::info!("loaded {pending} stored requests to devices");
     subscriptions.resume();
-    if transport.has_tls() {
-        let mut setup = tls_setup(&config.coap, &ca, &trusted_cas)?;
+    if let Some(server) = server_cert.as_ref().filter(|_| transport.has_tls()) {
+        let mut setup = tls_setup(server, &ca, &trusted_cas)?;
         // Revoked certificates are refused after the handshake (and their sessions closed
         // by the revocation itself).
         setup.credentials = Some(Arc::clone(&credentials) as Arc<dyn crate::coap::Credentials>);
@@ -910,56 +949,92 @@ pub enum PluginCallError {
     Plugin(String),
 }
 
-/// The certificates of the CoAP over TLS listeners: `coap.tls_cert`/`coap.tls_key`, or a
-/// server certificate the CA issues now (for `localhost`, the loopback addresses, the
-/// listeners' own addresses and this host's name); client certificates verified against
-/// the CA and `coap.trusted_cas`.
-fn tls_setup(
+/// The server certificate of the secure CoAP listeners: TLS and DTLS present the same
+/// one (see [`server_certificate`]).
+struct ServerCert {
+    /// The chain (leaf first) and the key, PEM, each with its name for messages.
+    chain: (String, Vec<u8>),
+    key: (String, Vec<u8>),
+    /// The leaf and the key, DER: what the DTLS listeners take (they send the leaf only).
+    leaf_der: Vec<u8>,
+    key_der: Vec<u8>,
+    /// `coap.tls_cert` and `coap.tls_key` when they are the source.
+    files: Option<(PathBuf, PathBuf)>,
+}
+
+/// The secure listeners' server certificate: `coap.tls_cert`/`coap.tls_key` when set
+/// (read and parsed here), else one the CA issues now for `localhost`, the loopback
+/// addresses, the addresses of `coap.listen_tls` and `coap.listen_dtls` (not the
+/// wildcards) and this host's name.
+fn server_certificate(
     coap: &crate::coap::CoapConfig,
+    ca: &crate::certs::CertAuthority,
+) -> Result<ServerCert, StartError> {
+    let read = |key: &'static str, path: &Path| {
+        std::fs::read(path).map_err(|source| StartError::CoapTlsFile {
+            key,
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    if let (Some(c), Some(k)) = (&coap.tls_cert, &coap.tls_key) {
+        let chain = (
+            format!("coap.tls_cert: {}", c.display()),
+            read("tls_cert", c)?,
+        );
+        let key = (
+            format!("coap.tls_key: {}", k.display()),
+            read("tls_key", k)?,
+        );
+        let (certs, private) = crate::coap::tls::read_pem((&chain.0, &chain.1), (&key.0, &key.1))?;
+        return Ok(ServerCert {
+            leaf_der: certs[0].to_vec(),
+            key_der: private.secret_der().to_vec(),
+            chain,
+            key,
+            files: Some((c.clone(), k.clone())),
+        });
+    }
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    for a in coap.listen_tls.iter().chain(&coap.listen_dtls) {
+        if !a.ip().is_unspecified() && !names.contains(&a.ip().to_string()) {
+            names.push(a.ip().to_string());
+        }
+    }
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let h = h.trim();
+        if !h.is_empty() && !names.iter().any(|n| n == h) {
+            names.push(h.to_owned());
+        }
+    }
+    let issued = ca.issue_server(&names)?;
+    Ok(ServerCert {
+        chain: (
+            "issued server certificate".to_owned(),
+            issued.chain_pem.into_bytes(),
+        ),
+        key: ("issued server key".to_owned(), issued.key_pem.into_bytes()),
+        leaf_der: issued.leaf_der,
+        key_der: issued.key_der,
+        files: None,
+    })
+}
+
+/// The certificates of the CoAP over TLS listeners: the secure listeners' server
+/// certificate; client certificates verified against the CA and `coap.trusted_cas`.
+fn tls_setup(
+    server: &ServerCert,
     ca: &crate::certs::CertAuthority,
     trusted_cas: &[Vec<u8>],
 ) -> Result<crate::coap::TlsSetup, StartError> {
-    let read = |key: &str, p: &Path| {
-        std::fs::read(p)
-            .map_err(|e| StartError::CoapTls(format!("coap.{key}: {}: {e}", p.display())))
-    };
-    let (chain, key, chain_name, key_name) = match (&coap.tls_cert, &coap.tls_key) {
-        (Some(c), Some(k)) => (
-            read("tls_cert", c)?,
-            read("tls_key", k)?,
-            format!("coap.tls_cert: {}", c.display()),
-            format!("coap.tls_key: {}", k.display()),
-        ),
-        _ => {
-            let mut names = vec![
-                "localhost".to_owned(),
-                "127.0.0.1".to_owned(),
-                "::1".to_owned(),
-            ];
-            for a in &coap.listen_tls {
-                if !a.ip().is_unspecified() && !names.contains(&a.ip().to_string()) {
-                    names.push(a.ip().to_string());
-                }
-            }
-            if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
-                let h = h.trim();
-                if !h.is_empty() && !names.iter().any(|n| n == h) {
-                    names.push(h.to_owned());
-                }
-            }
-            let (c, k) = ca.issue_server(&names)?;
-            (
-                c.into_bytes(),
-                k.into_bytes(),
-                "issued server certificate".to_owned(),
-                "issued server key".to_owned(),
-            )
-        }
-    };
     let mut cas = vec![ca.ca_certificate_der()];
     cas.extend_from_slice(trusted_cas);
-    let server = crate::coap::tls::server_config((&chain_name, &chain), (&key_name, &key), &cas)
-        .map_err(|e| StartError::CoapTls(e.to_string()))?;
+    let (chain, key) = (&server.chain, &server.key);
+    let server = crate::coap::tls::server_config((&chain.0, &chain.1), (&key.0, &key.1), &cas)?;
     Ok(crate::coap::TlsSetup {
         server: Arc::new(server),
         credentials: None,

@@ -128,12 +128,21 @@ enum Command {
         #[arg(long, value_name = "HEXKEY", conflicts_with_all = ["cert", "psk"])]
         psk_per_endpoint: Option<String>,
         /// Speak DTLS with this device certificate (PEM, e.g. from POST /api/cert), the
-        /// same for every device; needs --key.
+        /// same for every device; needs --key. With --tls, over TLS instead.
         #[arg(long, value_name = "CERT.pem", requires = "key")]
         cert: Option<std::path::PathBuf>,
         /// The private key (PEM) of --cert.
         #[arg(long, value_name = "KEY.pem", requires = "cert")]
         key: Option<std::path::PathBuf>,
+        /// Speak CoAP over TLS (RFC 8323, coaps+tcp; --server is then the daemon's
+        /// `coap.listen_tls` address), one connection per device, with --cert/--key,
+        /// verifying the daemon's certificate against --ca.
+        #[arg(long, requires_all = ["cert", "ca"], conflicts_with_all = ["psk", "psk_per_endpoint"])]
+        tls: bool,
+        /// With --tls: the CA certificate (PEM) the daemon's certificate must chain to
+        /// (`server_certificate` of POST /api/cert, or the issuer of coap.tls_cert).
+        #[arg(long, value_name = "CA.pem", requires = "tls")]
+        ca: Option<std::path::PathBuf>,
     },
     /// Provision, show and revoke device credentials (DTLS pre-shared keys) through the
     /// running daemon's REST API (/v2/device-credentials), with the first admin key
@@ -280,6 +289,8 @@ fn main() -> ExitCode {
             psk_per_endpoint,
             cert,
             key,
+            tls,
+            ca,
         } => {
             let psk_per_endpoint = match psk_per_endpoint
                 .as_deref()
@@ -293,7 +304,15 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let dtls = match sim_dtls(psk.as_deref(), cert.as_deref(), key.as_deref()) {
+            let secure = match (tls, &cert, &key, &ca) {
+                (true, Some(cert), Some(key), Some(ca)) => {
+                    connectord::simulate::TlsConfig::from_files(cert, key, ca)
+                        .map(|t| (None, Some(t)))
+                        .map_err(|e| format!("--tls: {e}"))
+                }
+                _ => sim_dtls(psk.as_deref(), cert.as_deref(), key.as_deref()).map(|d| (d, None)),
+            };
+            let (dtls, tls) = match secure {
                 Ok(d) => d,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -315,6 +334,7 @@ fn main() -> ExitCode {
                 lwm2m,
                 dtls,
                 dtls_psk_per_endpoint: psk_per_endpoint,
+                tls,
             };
             match simulate(opts) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -185,3 +185,80 @@ fn ten_thousand_devices() {
     let gone = eventually(Duration::from_secs(30), || sim_endpoints(&d).is_empty());
     assert!(gone, "{} still listed", sim_endpoints(&d).len());
 }
+
+/// `connectord simulate --tls --endpoint <CN> --cert --key --ca` as one device over CoAP
+/// over TLS (RFC 8323): it registers through the daemon's `coaps+tcp` listener (one TLS
+/// connection open), answers a read proxied by the REST API, and
+/// notifies an observation, all over its connection; stopped, it de-registers.
+#[test]
+fn a_simulated_tls_device_registers_answers_and_notifies() {
+    use std::process::{Command, Stdio};
+    let d = Daemon::start_custom("listen_tls = [\"127.0.0.1:0\"]", "");
+    let dir = tempfile::tempdir().unwrap();
+    let ep = support::certs::device_certificate(&d, dir.path());
+    let file = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let tls = d.ready.as_ref().expect("ready file").coap_tls[0];
+    let mut sim = Command::new(support::BIN)
+        .args(["simulate", "--tls", "--notify-interval", "200"])
+        .args(["--server", &tls.to_string(), "--endpoint", &ep])
+        .args(["--cert", &file("device.pem"), "--key", &file("device.key")])
+        .args(["--ca", &file("ca.pem")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("connectord simulate");
+    let wait = Duration::from_secs(15);
+    if !eventually(wait, || d.get(&format!("/v2/endpoints/{ep}")).status == 200) {
+        let _ = sim.kill();
+        let out = sim.wait_with_output().unwrap();
+        panic!(
+            "{ep} not registered over TLS:\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            d.logs().join("\n")
+        );
+    }
+    assert_eq!(d.metric("coap_tls_connections"), 1);
+    assert_eq!(d.metric("coap_tls_handshakes_total"), 1);
+
+    let id = d.async_request("GET", &format!("/v2/endpoints/{ep}/3/0/2"), None, None);
+    let r = d.async_response(&id, wait);
+    assert_eq!(
+        (r["status"].as_u64(), r["payload"].as_str()),
+        (Some(200), Some(b64(ep.as_bytes()).as_str())),
+        "{r}"
+    );
+    let id = d.async_request(
+        "PUT",
+        &format!("/v2/subscriptions/{ep}/3303/0/5700"),
+        None,
+        None,
+    );
+    assert_eq!(d.async_response(&id, wait)["status"], 200);
+    let ours = |e: &serde_json::Value| e["ep"] == ep.as_str() && e["path"] == "/3303/0/5700";
+    let events = d.collect_events(wait, |e| {
+        e.of("notifications").iter().filter(|n| ours(n)).count() >= 2
+    });
+    let notes = events
+        .of("notifications")
+        .iter()
+        .filter(|n| ours(n))
+        .count();
+    assert!(notes >= 2, "{events:?}");
+
+    // SIGINT: the device de-registers over its connection and releases it.
+    let ok = Command::new("kill")
+        .args(["-INT", &sim.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert!(
+        eventually(wait, || d.get(&format!("/v2/endpoints/{ep}")).status == 404),
+        "{ep} still registered"
+    );
+    assert!(eventually(wait, || {
+        d.metric("coap_tls_connections_closed_total{reason=\"released\"}") == 1
+    }));
+    let status = sim.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -552,3 +552,136 @@ fn a_ready_file_that_cannot_be_written_refuses_the_start() {
     );
     assert!(!err.contains(" ready\n"), "{err}");
 }
+
+/// An unusable `[coap]` TLS certificate refuses the start (exit 1) with the key, the
+/// file and the cause, each once: a `coap.tls_cert` file that is missing, one that holds
+/// no certificate, and a CERTIFICATE block that is not a certificate. In process, the
+/// same starts fail with the typed errors (`StartError::CoapTlsFile`,
+/// `StartError::CoapTlsCertificate`), their causes as sources.
+#[test]
+fn an_unusable_coap_tls_certificate_refuses_the_start() {
+    use connectord::coap::tls::TlsError;
+    use connectord::daemon::StartError as Start;
+    use std::error::Error as _;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("server.key");
+    crate::support::certs::openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        key.to_str().unwrap(),
+    ]);
+    let missing = dir.path().join("missing.pem");
+    let not_pem = dir.path().join("hello.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQ==\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let coap = |cert: &Path| {
+        format!(
+            "listen_tls = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    for (cert, cause) in [
+        (&missing, "No such file or directory"),
+        (&not_pem, "no CERTIFICATE block"),
+        (&garbage, "with coap.tls_key"),
+    ] {
+        let named = format!("coap.tls_cert: {}", cert.display());
+        let p = Prepared::new(&coap(cert), "");
+        let (code, err) = run_refused(&p.config_path, &[]);
+        assert_eq!(code, Some(1), "{err}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_default();
+        assert!(line.contains(&named) && line.contains(cause), "{err}");
+        assert_eq!(line.matches(cause).count(), 1, "said once: {line}");
+
+        let e = match connectord_testkit::Launch::new(support::BIN)
+            .coap(&coap(cert))
+            .in_process()
+            .start()
+        {
+            Err(connectord_testkit::StartError::Daemon(e)) => e,
+            Err(e) => panic!("not a daemon start error: {e}"),
+            Ok(_) => panic!("{} started", cert.display()),
+        };
+        match (&e, cause) {
+            (Start::CoapTlsFile { key, path, source }, "No such file or directory") => {
+                assert_eq!((*key, path), ("tls_cert", cert));
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            }
+            (
+                Start::CoapTlsCertificate(TlsError::NoCertificate { what }),
+                "no CERTIFICATE block",
+            ) => {
+                assert_eq!(what, &named);
+            }
+            (Start::CoapTlsCertificate(TlsError::Refused { chain, .. }), "with coap.tls_key") => {
+                assert_eq!(chain, &named);
+                assert!(e.source().is_some(), "{e:?}: the cause as its source");
+            }
+            _ => panic!("{}: unexpected {e:?}", cert.display()),
+        }
+    }
+}
+
+/// `coap.tls_cert`/`coap.tls_key` serve the DTLS listeners too: an RSA certificate, fine
+/// for TLS, cannot be DTLS's (ECDSA only), and refuses the start naming both files.
+#[test]
+fn an_rsa_coap_certificate_refuses_a_start_with_dtls() {
+    use connectord::daemon::StartError as Start;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("rsa.pem"), dir.path().join("rsa.key"));
+    crate::support::certs::openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    let coap = format!(
+        "listen_tls = [\"127.0.0.1:0\"]\nlisten_dtls = [\"127.0.0.1:0\"]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let e = match connectord_testkit::Launch::new(support::BIN)
+        .coap(&coap)
+        .in_process()
+        .start()
+    {
+        Err(connectord_testkit::StartError::Daemon(e)) => e,
+        Err(e) => panic!("not a daemon start error: {e}"),
+        Ok(_) => panic!("started with an RSA key for DTLS"),
+    };
+    let Start::CoapDtlsCertificate {
+        cert: c, key: k, ..
+    } = &e
+    else {
+        panic!("unexpected {e:?}");
+    };
+    assert_eq!((c, k), (&cert, &key));
+    let text = e.to_string();
+    assert!(
+        text.contains(&format!("coap.tls_cert {}", cert.display()))
+            && text.contains("for the DTLS listeners"),
+        "{text}"
+    );
+}

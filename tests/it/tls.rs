@@ -364,3 +364,282 @@ fn revoking_a_certificate_aborts_its_tls_connection() {
         d.logs().join("\n")
     );
 }
+
+/// A rustls client of `coaps+tcp` (blocking), verifying the daemon's certificate for
+/// 127.0.0.1 against the CA of `c` and presenting `c`'s certificate (or none).
+fn rustls_client(
+    d: &Daemon,
+    c: &DeviceCert,
+    with_cert: bool,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(c.ca()).unwrap())
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut cfg = if with_cert {
+        b.with_client_auth_cert(
+            vec![CertificateDer::from_pem_file(c.cert()).unwrap()],
+            PrivateKeyDer::from_pem_file(c.key()).unwrap(),
+        )
+        .unwrap()
+    } else {
+        b.with_no_client_auth()
+    };
+    cfg.alpn_protocols = vec![b"coap".to_vec()];
+    let name = ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let tcp = std::net::TcpStream::connect(tls_addr(d)).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Reads the next RFC 8323 frame from `s` (`buf` keeps what follows it); `None` at the
+/// end of the connection or on an error.
+fn next_frame(
+    s: &mut impl std::io::Read,
+    buf: &mut Vec<u8>,
+) -> Option<connectord::coap::rfc8323::Frame> {
+    use connectord::coap::rfc8323;
+    loop {
+        if let Ok(Some((f, n))) = rfc8323::decode(buf, 1 << 20) {
+            buf.drain(..n);
+            return Some(f);
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Connects with `c`'s certificate, sends our CSM and reads the daemon's.
+fn connected(
+    d: &Daemon,
+    c: &DeviceCert,
+) -> (
+    rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+    Vec<u8>,
+) {
+    use connectord::coap::rfc8323;
+    use std::io::Write;
+    let mut s = rustls_client(d, c, true);
+    s.write_all(&rfc8323::encode(&rfc8323::csm(1152))).unwrap();
+    s.flush().unwrap();
+    let mut buf = Vec::new();
+    let csm = next_frame(&mut s, &mut buf).expect("the daemon's CSM");
+    assert_eq!(csm.code, rfc8323::CSM);
+    (s, buf)
+}
+
+/// `openssl s_client` over TLS (`dtls`: false) or DTLS 1.2 to `addr`, verifying the
+/// server for the IP address 127.0.0.1 against `ca` and presenting the device
+/// certificate of `c`; returns the server certificate it printed (PEM) and its output.
+fn s_client(addr: std::net::SocketAddr, dtls: bool, ca: &Path, c: &DeviceCert) -> (String, String) {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["20", "openssl", "s_client"]);
+    if dtls {
+        cmd.args(["-dtls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]);
+    } else {
+        cmd.args(["-alpn", "coap"]);
+    }
+    let out = cmd
+        .args(["-connect", &addr.to_string()])
+        .args([
+            "-CAfile",
+            p(ca),
+            "-verify_ip",
+            "127.0.0.1",
+            "-verify_return_error",
+        ])
+        .args(["-cert", p(&c.cert()), "-key", p(&c.key())])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run openssl s_client");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let begin = all.find("-----BEGIN CERTIFICATE-----");
+    let end = all.find("-----END CERTIFICATE-----");
+    let pem = match (begin, end) {
+        (Some(b), Some(e)) => all[b..e + "-----END CERTIFICATE-----".len()].to_owned(),
+        _ => String::new(),
+    };
+    (pem, all)
+}
+
+/// The DTLS and the TLS listeners present one server certificate: `openssl s_client`
+/// over DTLS 1.2 and over TLS, each verifying the daemon for the IP address 127.0.0.1
+/// against the CA from `/api/cert`, sees the same one. With `coap.tls_cert`/`tls_key`
+/// set, the DTLS listeners present that certificate too.
+#[test]
+fn dtls_and_tls_present_one_server_certificate_valid_for_127_0_0_1() {
+    let both = format!("{TLS}\nlisten_dtls = [\"127.0.0.1:0\"]\n");
+    let d = Daemon::start_custom(&both, "");
+    let c = device_cert(&d);
+    let dtls_addr = d.ready.as_ref().expect("ready").coap_dtls[0];
+    let (over_dtls, all_dtls) = s_client(dtls_addr, true, &c.ca(), &c);
+    let (over_tls, all_tls) = s_client(tls_addr(&d), false, &c.ca(), &c);
+    for (what, pem, all) in [
+        ("DTLS", &over_dtls, &all_dtls),
+        ("TLS", &over_tls, &all_tls),
+    ] {
+        assert!(!pem.is_empty(), "{what}: no server certificate:\n{all}");
+        assert!(
+            all.contains("Verify return code: 0 (ok)"),
+            "{what}: not verified for 127.0.0.1:\n{all}"
+        );
+    }
+    assert_eq!(over_dtls, over_tls, "two certificates");
+    drop(d);
+
+    // A configured certificate (EC P-256, for 127.0.0.1): both listeners present it.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        p(&key),
+        "-out",
+        p(&cert),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+    ]);
+    let configured = format!(
+        "{both}tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let d = Daemon::start_custom(&configured, "");
+    let c = device_cert(&d);
+    let dtls_addr = d.ready.as_ref().expect("ready").coap_dtls[0];
+    let (over_dtls, all) = s_client(dtls_addr, true, &cert, &c);
+    assert!(all.contains("Verify return code: 0 (ok)"), "{all}");
+    let (over_tls, all) = s_client(tls_addr(&d), false, &cert, &c);
+    assert!(all.contains("Verify return code: 0 (ok)"), "{all}");
+    let configured_pem = std::fs::read_to_string(&cert).unwrap();
+    assert_eq!(over_dtls.trim(), configured_pem.trim());
+    assert_eq!(over_tls.trim(), configured_pem.trim());
+}
+
+/// `/metrics` counts CoAP-over-TLS connections over real ones: the open-connections
+/// gauge, completed and failed handshakes, and connections closed by reason (released
+/// by the device, aborted on a bad frame, revoked, idle).
+#[test]
+fn tls_connections_are_counted_in_metrics() {
+    use connectord::coap::rfc8323;
+    use std::io::Write;
+    let closed = |d: &Daemon, reason: &str| {
+        d.metric(&format!(
+            "coap_tls_connections_closed_total{{reason=\"{reason}\"}}"
+        ))
+    };
+    let d = Daemon::start_custom(TLS, "");
+    let c = device_cert(&d);
+    assert_eq!(d.metric("coap_tls_connections"), 0);
+    assert_eq!(d.metric("coap_tls_handshakes_total"), 0);
+
+    // Open, then released by the device.
+    let (mut s, _) = connected(&d, &c);
+    assert_eq!(d.metric("coap_tls_connections"), 1);
+    assert_eq!(d.metric("coap_tls_handshakes_total"), 1);
+    s.write_all(&rfc8323::encode(&rfc8323::signal(rfc8323::RELEASE, &[])))
+        .unwrap();
+    s.flush().unwrap();
+    assert!(support::eventually(WAIT, || closed(&d, "released") == 1));
+    assert!(support::eventually(WAIT, || d
+        .metric("coap_tls_connections")
+        == 0));
+
+    // No client certificate: the handshake fails.
+    let mut s = rustls_client(&d, &c, false);
+    let _ = s.write_all(&rfc8323::encode(&rfc8323::csm(1152)));
+    let _ = s.flush();
+    let _ = next_frame(&mut s, &mut Vec::new());
+    assert!(support::eventually(WAIT, || d
+        .metric("coap_tls_handshakes_failed_total")
+        == 1));
+
+    // A frame with a reserved token length: aborted.
+    let (mut s, mut buf) = connected(&d, &c);
+    s.write_all(&[0x0f, 0x01]).unwrap();
+    s.flush().unwrap();
+    let abort = next_frame(&mut s, &mut buf).expect("Abort");
+    assert_eq!(abort.code, rfc8323::ABORT);
+    assert!(support::eventually(WAIT, || closed(&d, "aborted") == 1));
+
+    // Revoked while open, then refused as revoked at its next connection.
+    let (mut s, mut buf) = connected(&d, &c);
+    let r = d.call(
+        "DELETE",
+        &format!("/v2/device-credentials/{}", c.endpoint),
+        None,
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let abort = next_frame(&mut s, &mut buf).expect("Abort");
+    assert_eq!(abort.code, rfc8323::ABORT);
+    assert!(support::eventually(WAIT, || closed(&d, "revoked") == 1));
+    let mut s = rustls_client(&d, &c, true);
+    let _ = s.write_all(&rfc8323::encode(&rfc8323::csm(1152)));
+    let _ = s.flush();
+    while next_frame(&mut s, &mut Vec::new()).is_some() {}
+    assert!(support::eventually(WAIT, || closed(&d, "revoked") == 2));
+    // Completed handshakes: the released, aborted and revoked-while-open connections
+    // (one refused as revoked right after its handshake is counted as revoked only).
+    assert_eq!(d.metric("coap_tls_handshakes_total"), 3);
+    assert_eq!((closed(&d, "idle"), closed(&d, "closed")), (0, 0));
+    assert!(support::eventually(WAIT, || d
+        .metric("coap_tls_connections")
+        == 0));
+    drop(d);
+
+    // Idle past coap.tls_idle_timeout_s: released by the daemon, counted as idle.
+    let d = Daemon::start_custom(&format!("{TLS}\ntls_idle_timeout_s = 1\n"), "");
+    let c = device_cert(&d);
+    let (mut s, mut buf) = connected(&d, &c);
+    let release = next_frame(&mut s, &mut buf).expect("Release");
+    assert_eq!(release.code, rfc8323::RELEASE);
+    assert!(support::eventually(WAIT, || closed(&d, "idle") == 1));
+    assert_eq!(closed(&d, "released"), 0);
+}
+
+/// A clean stop (SIGTERM) sends Release (7.04, RFC 8323 §5.5) on each open
+/// `coaps+tcp` connection before closing it: two rustls clients receive it, then the end
+/// of the connection.
+#[test]
+fn a_clean_stop_releases_every_tls_connection() {
+    use connectord::coap::rfc8323;
+    let mut d = Daemon::start_custom(TLS, "");
+    let c = device_cert(&d);
+    let mut conns = vec![connected(&d, &c), connected(&d, &c)];
+    assert!(support::eventually(WAIT, || d
+        .metric("coap_tls_connections")
+        == 2));
+    d.signal("TERM");
+    for (s, buf) in &mut conns {
+        let f = next_frame(s, buf).expect("a frame before the close");
+        assert_eq!(f.code, rfc8323::RELEASE, "{f:?}");
+        assert!(next_frame(s, buf).is_none(), "closed after the Release");
+    }
+    assert_eq!(d.wait_exit(WAIT), Some(0));
+}

@@ -145,6 +145,19 @@ pub struct Issued {
     pub not_after_ms: u64,
 }
 
+/// A server certificate from [`CertAuthority::issue_server`], in the forms the secure
+/// listeners take it.
+pub struct ServerCertificate {
+    /// The chain, leaf then the CA, PEM (the TLS listeners').
+    pub chain_pem: String,
+    /// The key, PKCS#8 PEM.
+    pub key_pem: String,
+    /// The leaf alone, DER (the DTLS listeners': dimpl sends one certificate).
+    pub leaf_der: Vec<u8>,
+    /// The key, PKCS#8 DER.
+    pub key_der: Vec<u8>,
+}
+
 /// The daemon's certificate authority (see the module documentation).
 pub struct CertAuthority {
     issuer: Issuer<'static, KeyPair>,
@@ -327,18 +340,6 @@ impl CertAuthority {
         })
     }
 
-    /// [`CertAuthority::issue_server`] for the DTLS listeners: the names `localhost`,
-    /// `127.0.0.1`, `::1` and `names`; the certificate and its PKCS#8 key, both DER.
-    pub fn issue_server_der(&self, names: &[String]) -> Result<(Vec<u8>, Vec<u8>), CertError> {
-        let names: Vec<String> = ["localhost", "127.0.0.1", "::1"]
-            .into_iter()
-            .map(String::from)
-            .chain(names.iter().cloned())
-            .collect();
-        let (cert, key) = self.server_certificate(&names)?;
-        Ok((cert.der().to_vec(), key.serialize_der()))
-    }
-
     /// The CA certificate, DER encoded.
     pub fn ca_certificate_der(&self) -> Vec<u8> {
         pem_blocks(&self.ca_pem)
@@ -353,18 +354,20 @@ impl CertAuthority {
         &self.ca_pem
     }
 
-    /// A server certificate for the daemon's own secure listeners (CoAP over TLS/DTLS),
-    /// signed by this CA, for a fresh P-256 key: `CN=connectord`, the DNS names and IP
-    /// addresses in `names` as subject alternative names, extendedKeyUsage `serverAuth`,
-    /// valid for as long as a device certificate. Returns the certificate chain (leaf,
-    /// then the CA) and the key, both PEM. Issued at each start, kept in memory only:
-    /// devices verify it against the CA certificate, not the leaf.
-    pub fn issue_server(&self, names: &[String]) -> Result<(String, String), CertError> {
+    /// The server certificate of the daemon's own secure listeners (CoAP over TLS and
+    /// over DTLS: one certificate for both), signed by this CA, for a fresh P-256 key:
+    /// `CN=connectord`, the DNS names and IP addresses in `names` as subject alternative
+    /// names, extendedKeyUsage `serverAuth`, valid for as long as a device certificate.
+    /// Issued at each start, kept in memory only: devices verify it against the CA
+    /// certificate, not the leaf.
+    pub fn issue_server(&self, names: &[String]) -> Result<ServerCertificate, CertError> {
         let (cert, key) = self.server_certificate(names)?;
-        Ok((
-            format!("{}{}", cert.pem(), self.ca_pem),
-            key.serialize_pem(),
-        ))
+        Ok(ServerCertificate {
+            chain_pem: format!("{}{}", cert.pem(), self.ca_pem),
+            key_pem: key.serialize_pem(),
+            leaf_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
+        })
     }
 
     /// `CN=connectord`, `names` as subject alternative names, `serverAuth`, a fresh P-256

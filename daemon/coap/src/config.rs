@@ -39,8 +39,9 @@ pub struct CoapConfig {
     /// TCP addresses of CoAP over TLS (RFC 8323, `coaps+tcp`, port 5684 by convention);
     /// empty by default. Devices must present a client certificate (see [`crate::tls`]).
     pub listen_tls: Vec<SocketAddr>,
-    /// The server certificate chain (PEM) of the TLS listeners; when unset (with
-    /// `tls_key`), the daemon issues one from its own CA at start.
+    /// The server certificate chain (PEM) of the TLS and the DTLS listeners (they present
+    /// one certificate; DTLS sends the leaf only and needs an ECDSA P-256/P-384 key); when
+    /// unset (with `tls_key`), the daemon issues one from its own CA at start.
     pub tls_cert: Option<PathBuf>,
     /// The private key (PEM, PKCS#8, SEC1 or PKCS#1) of `tls_cert`.
     pub tls_key: Option<PathBuf>,

@@ -60,6 +60,12 @@ pub trait Listener: Send + Sync + 'static {
     fn close_sessions(&self, _revoked: &dyn Fn(&PeerIdentity) -> bool) -> usize {
         0
     }
+
+    /// The daemon stops cleanly: end the sessions as the protocol asks (a TLS listener
+    /// sends Release on each connection), within a bounded wait. Nothing for UDP and DTLS.
+    fn stop(&self) -> impl Future<Output = ()> + Send + '_ {
+        std::future::ready(())
+    }
 }
 
 /// The listener kinds the transport holds: one variant per kind, each arm passing through
@@ -110,6 +116,14 @@ impl Listener for AnyListener {
             AnyListener::Udp(l) => l.close_sessions(revoked),
             AnyListener::Dtls(l) => l.close_sessions(revoked),
             AnyListener::Tls(l) => l.close_sessions(revoked),
+        }
+    }
+
+    async fn stop(&self) {
+        match self {
+            AnyListener::Udp(l) => l.stop().await,
+            AnyListener::Dtls(l) => l.stop().await,
+            AnyListener::Tls(l) => l.stop().await,
         }
     }
 }

@@ -38,6 +38,24 @@ pub enum Event {
     /// A ClientHello with a valid cookie was dropped: `coap.dtls_max_handshakes` half-open
     /// handshakes or `coap.dtls_max_sessions` sessions.
     DtlsHandshakeDropped,
+    /// A CoAP-over-TLS handshake completed and the client certificate was taken.
+    TlsHandshake,
+    /// A CoAP-over-TLS handshake failed (TLS error, no or refused client certificate,
+    /// a certificate without a CN, `coap.tls_handshake_timeout_s`).
+    TlsHandshakeFailed,
+    /// A TLS connection ended with Release (7.04): the device's, or ours at a clean stop.
+    TlsReleased,
+    /// A TLS connection ended with Abort (7.05): the device's, or ours (a frame that
+    /// cannot be read or is too large, a device that does not read).
+    TlsAborted,
+    /// A TLS connection released by us after `coap.tls_idle_timeout_s` without a byte.
+    TlsIdle,
+    /// A TLS connection aborted because its client certificate is revoked (at connect or
+    /// while open).
+    TlsRevoked,
+    /// A TLS connection closed without a signal: the device closed it, or a read or
+    /// write failed.
+    TlsClosed,
 }
 
 /// The host's counters, as the message layer reports to them.
@@ -50,7 +68,7 @@ pub trait Metrics: Send + Sync + 'static {
 /// A plain implementation: one atomic per [`Event`] (tests, embedders without metrics).
 #[derive(Debug, Default)]
 pub struct Counters {
-    events: [AtomicU64; 13],
+    events: [AtomicU64; 20],
     requests: AtomicU64,
 }
 

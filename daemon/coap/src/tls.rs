@@ -28,7 +28,15 @@
 //! Our CSM (Max-Message-Size = `coap.tls_max_message_size`, no BERT) is the first thing
 //! sent; the peer's first message must be its CSM, or the connection is aborted. Ping is
 //! answered with Pong, Release and Abort close the connection. A frame that cannot be
-//! read, or one over our Max-Message-Size, is answered with Abort (7.05) and a close.
+//! read, or one over our Max-Message-Size, is answered with Abort (7.05) and a close. At a
+//! clean stop ([`Listener::stop`]) every open connection gets Release (7.04, RFC 8323
+//! §5.5) before it is closed.
+//!
+//! # Metrics
+//!
+//! Handshakes done and failed, and each connection's end by reason (released, aborted,
+//! idle, revoked, closed), are reported as [`Event`]s; the open connections are
+//! [`TlsListener::connections`].
 //!
 //! # Credentials
 //!
@@ -51,7 +59,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -64,6 +72,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::Map;
 use crate::listener::{Credentials, Listener};
+use crate::metrics::{Event, Metrics};
 use crate::peer::{ListenerId, ListenerKind, PeerIdentity};
 use crate::rfc8323::{self, Frame, Signal};
 
@@ -78,6 +87,8 @@ const OUTBOUND_QUEUE: usize = 256;
 const MAX_PENDING: usize = 256;
 /// The Observe option (RFC 7641).
 const OBSERVE: u16 = 6;
+/// How long a clean stop waits for its open connections to send Release and close.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 /// The limits of a TLS listener (from `[coap]`).
 #[derive(Debug, Clone)]
@@ -107,52 +118,93 @@ pub struct TlsSetup {
     pub credentials: Option<Arc<dyn Credentials>>,
 }
 
-/// Why the TLS configuration could not be built.
+/// Why the TLS configuration could not be built. `what` names the input (the
+/// configuration key and file, `coap.tls_cert: /etc/...`, or "issued server certificate").
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{what}: {reason}")]
-    Pem { what: String, reason: String },
+    #[error("{what}: not PEM: {source}")]
+    NotPem {
+        what: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{what}: no CERTIFICATE block")]
+    NoCertificate { what: String },
+    #[error("{what}: no usable private key: {source}")]
+    NoKey {
+        what: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// The certificate and key read, but refused together (a certificate that does not
+    /// parse, a key that does not match it, an unsupported key type).
+    #[error("{chain} with {key}: {source}")]
+    Refused {
+        chain: String,
+        key: String,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("client CA: not a usable CA certificate: {0}")]
+    ClientCa(#[source] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
-    #[error("client certificate verifier: {0}")]
-    Verifier(String),
 }
 
-/// A rustls server configuration: `chain_pem`/`key_pem` as the server's certificate,
-/// client certificates required and verified against `client_cas` (DER certificates, read
-/// and checked once at start: the daemon's CA and `coap.trusted_cas`, as the DTLS
-/// listeners get them), ALPN `coap`.
+/// The certificate chain (`chain_pem`: its name and PEM text, CERTIFICATE blocks) and the
+/// private key (`key_pem`: PKCS#8, SEC1 or PKCS#1 PEM), as DER.
+pub fn read_pem(
+    chain_pem: (&str, &[u8]),
+    key_pem: (&str, &[u8]),
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.1)
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::NotPem {
+            what: chain_pem.0.to_owned(),
+            source,
+        })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate {
+            what: chain_pem.0.to_owned(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.1).map_err(|source| TlsError::NoKey {
+        what: key_pem.0.to_owned(),
+        source,
+    })?;
+    Ok((chain, key))
+}
+
+/// A rustls server configuration: `chain_pem`/`key_pem` as the server's certificate (see
+/// [`read_pem`]), client certificates required and verified against `client_cas` (DER
+/// certificates, read and checked once at start: the daemon's CA and `coap.trusted_cas`,
+/// as the DTLS listeners get them), ALPN `coap`.
 pub fn server_config(
     chain_pem: (&str, &[u8]),
     key_pem: (&str, &[u8]),
     client_cas: &[Vec<u8>],
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let pem_err = |what: &str, reason: String| TlsError::Pem {
-        what: what.to_owned(),
-        reason,
-    };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.1)
-        .collect::<Result<_, _>>()
-        .map_err(|e| pem_err(chain_pem.0, e.to_string()))?;
-    if chain.is_empty() {
-        return Err(pem_err(chain_pem.0, "no CERTIFICATE block".into()));
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.1)
-        .map_err(|e| pem_err(key_pem.0, format!("no usable private key ({e})")))?;
+    let (chain, key) = read_pem(chain_pem, key_pem)?;
     let mut roots = rustls::RootCertStore::empty();
     for der in client_cas {
         roots
             .add(CertificateDer::from(der.clone()))
-            .map_err(|e| pem_err("client CA", format!("not a usable CA certificate ({e})")))?;
+            .map_err(TlsError::ClientCa)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+        .with_single_cert(chain, key)
+        .map_err(|source| TlsError::Refused {
+            chain: chain_pem.0.to_owned(),
+            key: key_pem.0.to_owned(),
+            source,
+        })?;
     cfg.alpn_protocols = vec![b"coap".to_vec()];
     Ok(cfg)
 }
@@ -181,8 +233,32 @@ pub fn certificate_identity(der: &[u8]) -> Option<PeerIdentity> {
 /// What a connection's writer is asked to do.
 enum Out {
     Frame(Vec<u8>),
-    /// Send Abort with this diagnostic and close.
-    Abort(String),
+    /// The client certificate was revoked: send Abort and close.
+    Revoked,
+    /// The daemon stops: send Release (RFC 8323 §5.5) and close.
+    Release,
+}
+
+/// Why a connection ended, as `/metrics` counts it (see [`Event`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    Released,
+    Aborted,
+    Idle,
+    Revoked,
+    Closed,
+}
+
+impl Close {
+    fn event(self) -> Event {
+        match self {
+            Close::Released => Event::TlsReleased,
+            Close::Aborted => Event::TlsAborted,
+            Close::Idle => Event::TlsIdle,
+            Close::Revoked => Event::TlsRevoked,
+            Close::Closed => Event::TlsClosed,
+        }
+    }
 }
 
 /// One open connection, as the listener's methods see it.
@@ -293,6 +369,26 @@ struct Inner {
     inbound: mpsc::Sender<(Vec<u8>, SocketAddr)>,
     slots: Arc<Semaphore>,
     next_serial: AtomicU64,
+    metrics: Arc<dyn Metrics>,
+    /// Connections past their handshake whose task has not finished closing them (the
+    /// stop waits for these).
+    live: AtomicUsize,
+}
+
+/// Counts a connection in [`Inner::live`] until dropped.
+struct Live<'a>(&'a AtomicUsize);
+
+impl<'a> Live<'a> {
+    fn new(n: &'a AtomicUsize) -> Live<'a> {
+        n.fetch_add(1, Ordering::Relaxed);
+        Live(n)
+    }
+}
+
+impl Drop for Live<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A TCP socket accepting CoAP over TLS connections.
@@ -314,7 +410,11 @@ impl TlsListener {
     /// Binds `addr` (port 0 resolved). Connections are refused until [`Self::configure`]
     /// gave the TLS setup: the socket is bound before the state directory is touched, the
     /// certificates come from it.
-    pub fn bind(addr: SocketAddr, bounds: TlsBounds) -> io::Result<TlsListener> {
+    pub fn bind(
+        addr: SocketAddr,
+        bounds: TlsBounds,
+        metrics: Arc<dyn Metrics>,
+    ) -> io::Result<TlsListener> {
         let tcp = bind_tcp(addr)?;
         let local = tcp.local_addr()?;
         let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
@@ -330,6 +430,8 @@ impl TlsListener {
                 conns: Mutex::new(Map::default()),
                 inbound: tx,
                 next_serial: AtomicU64::new(0),
+                metrics,
+                live: AtomicUsize::new(0),
             }),
             tcp,
             rx: tokio::sync::Mutex::new(rx),
@@ -418,11 +520,28 @@ impl Listener for TlsListener {
             .map(|c| c.identity.clone())
     }
 
+    /// Sends Release (RFC 8323 §5.5) on every open connection and waits, at most
+    /// [`RELEASE_WAIT`], until they are closed. A connection whose queue is full (its
+    /// device does not read) gets no Release; it is closed with the runtime.
+    async fn stop(&self) {
+        let outs: Vec<mpsc::Sender<Out>> = lock(&self.inner.conns)
+            .values()
+            .map(|c| c.out.clone())
+            .collect();
+        for out in &outs {
+            let _ = out.try_send(Out::Release);
+        }
+        let deadline = Instant::now() + RELEASE_WAIT;
+        while self.inner.live.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     fn close_sessions(&self, revoked: &dyn Fn(&PeerIdentity) -> bool) -> usize {
         let conns = lock(&self.inner.conns);
         let mut closed = 0;
         for c in conns.values().filter(|c| revoked(&c.identity)) {
-            let abort = Out::Abort("credential revoked".into());
+            let abort = Out::Revoked;
             if let Err(mpsc::error::TrySendError::Full(abort)) = c.out.try_send(abort) {
                 // The connection is busy; the Abort still has to get through, so a task
                 // waits for room (called outside a runtime, there is none to wait on:
@@ -493,10 +612,12 @@ impl Inner {
             match tokio::time::timeout(self.bounds.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
+                    self.metrics.count(Event::TlsHandshakeFailed);
                     tracing::debug!(%peer, "CoAP/TLS handshake failed: {e}");
                     return;
                 }
                 Err(_) => {
+                    self.metrics.count(Event::TlsHandshakeFailed);
                     tracing::debug!(%peer, "CoAP/TLS handshake over coap.tls_handshake_timeout_s");
                     return;
                 }
@@ -509,6 +630,7 @@ impl Inner {
             .and_then(|c| certificate_identity(c));
         let mut stream = stream;
         let Some(identity) = identity else {
+            self.metrics.count(Event::TlsHandshakeFailed);
             tracing::debug!(%peer, "CoAP/TLS client certificate without a subject CN; aborted");
             let _ = write_frame(&mut stream, &rfc8323::abort("certificate without CN")).await;
             return;
@@ -517,11 +639,14 @@ impl Inner {
             (&setup.credentials, &identity)
             && !creds.certificate_valid(cn, serial)
         {
+            self.metrics.count(Event::TlsRevoked);
             tracing::info!(%peer, %cn, %serial, "CoAP/TLS client certificate revoked; aborted");
             let _ = write_frame(&mut stream, &rfc8323::abort("certificate revoked")).await;
             let _ = stream.shutdown().await;
             return;
         }
+        self.metrics.count(Event::TlsHandshake);
+        let live = Live::new(&self.live);
         let (out_tx, out_rx) = mpsc::channel(OUTBOUND_QUEUE);
         let overflow = Arc::new(tokio::sync::Notify::new());
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
@@ -536,9 +661,10 @@ impl Inner {
                 pending: Arc::clone(&pending),
             },
         );
-        let end = self
+        let (close, end) = self
             .run(&mut stream, peer, out_rx, &overflow, &pending)
             .await;
+        self.metrics.count(close.event());
         tracing::debug!(%peer, "CoAP/TLS connection closed: {end}");
         {
             let mut conns = lock(&self.conns);
@@ -547,6 +673,7 @@ impl Inner {
             }
         }
         let _ = stream.shutdown().await;
+        drop(live);
         // Requests still waiting fail now, not after their timeout.
         let waiting: Vec<(Vec<u8>, u16)> = lock(&pending)
             .by_token
@@ -569,13 +696,13 @@ impl Inner {
         mut out_rx: mpsc::Receiver<Out>,
         overflow: &tokio::sync::Notify,
         pending: &Mutex<Pending>,
-    ) -> String
+    ) -> (Close, String)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let max = self.bounds.max_message_size;
         if let Err(e) = write_frame(stream, &rfc8323::csm(max as u32)).await {
-            return format!("write failed: {e}");
+            return (Close::Closed, format!("write failed: {e}"));
         }
         let mut buf: Vec<u8> = Vec::with_capacity(4096);
         let mut chunk = vec![0u8; 16 * 1024];
@@ -586,9 +713,9 @@ impl Inner {
             tokio::select! {
                 r = stream.read(&mut chunk) => {
                     let n = match r {
-                        Ok(0) => return "closed by the peer".into(),
+                        Ok(0) => return (Close::Closed, "closed by the peer".into()),
                         Ok(n) => n,
-                        Err(e) => return format!("read failed: {e}"),
+                        Err(e) => return (Close::Closed, format!("read failed: {e}")),
                     };
                     deadline = tokio::time::Instant::now() + self.bounds.idle_timeout;
                     buf.extend_from_slice(&chunk[..n]);
@@ -602,7 +729,7 @@ impl Inner {
                             Ok(None) => break,
                             Err(e) => {
                                 let _ = write_frame(stream, &rfc8323::abort(&e.to_string())).await;
-                                return format!("aborted: {e}");
+                                return (Close::Aborted, format!("aborted: {e}"));
                             }
                         };
                         match self
@@ -612,13 +739,13 @@ impl Inner {
                             Ok(None) => {}
                             Ok(Some(reply)) => {
                                 if let Err(e) = write_frame(stream, &reply).await {
-                                    return format!("write failed: {e}");
+                                    return (Close::Closed, format!("write failed: {e}"));
                                 }
                             }
-                            Err(End::Closed(why)) => return why,
+                            Err(End::Closed(close, why)) => return (close, why),
                             Err(End::Abort(why)) => {
                                 let _ = write_frame(stream, &rfc8323::abort(&why)).await;
-                                return format!("aborted: {why}");
+                                return (Close::Aborted, format!("aborted: {why}"));
                             }
                         }
                     }
@@ -626,26 +753,33 @@ impl Inner {
                 }
                 _ = overflow.notified() => {
                     let _ = write_frame(stream, &rfc8323::abort("not reading")).await;
-                    return format!("aborted: {OUTBOUND_QUEUE} messages not taken by the device");
+                    return (
+                        Close::Aborted,
+                        format!("aborted: {OUTBOUND_QUEUE} messages not taken by the device"),
+                    );
                 }
                 o = out_rx.recv() => match o {
                     Some(Out::Frame(bytes)) => {
                         if let Err(e) = stream.write_all(&bytes).await {
-                            return format!("write failed: {e}");
+                            return (Close::Closed, format!("write failed: {e}"));
                         }
                         if let Err(e) = stream.flush().await {
-                            return format!("write failed: {e}");
+                            return (Close::Closed, format!("write failed: {e}"));
                         }
                     }
-                    Some(Out::Abort(why)) => {
-                        let _ = write_frame(stream, &rfc8323::abort(&why)).await;
-                        return format!("aborted: {why}");
+                    Some(Out::Revoked) => {
+                        let _ = write_frame(stream, &rfc8323::abort("credential revoked")).await;
+                        return (Close::Revoked, "aborted: credential revoked".into());
                     }
-                    None => return "listener gone".into(),
+                    Some(Out::Release) => {
+                        let _ = write_frame(stream, &rfc8323::signal(rfc8323::RELEASE, &[])).await;
+                        return (Close::Released, "the daemon stops: released".into());
+                    }
+                    None => return (Close::Closed, "listener gone".into()),
                 },
                 _ = tokio::time::sleep_until(deadline) => {
                     let _ = write_frame(stream, &rfc8323::signal(rfc8323::RELEASE, &[])).await;
-                    return "idle over coap.tls_idle_timeout_s: released".into();
+                    return (Close::Idle, "idle over coap.tls_idle_timeout_s: released".into());
                 }
             }
         }
@@ -671,9 +805,14 @@ impl Inner {
         match signal {
             Some(Signal::Csm { .. }) | Some(Signal::Pong) => return Ok(None),
             Some(Signal::Ping) => return Ok(Some(rfc8323::signal(rfc8323::PONG, &frame.token))),
-            Some(Signal::Release) => return Err(End::Closed("released by the peer".into())),
+            Some(Signal::Release) => {
+                return Err(End::Closed(Close::Released, "released by the peer".into()));
+            }
             Some(Signal::Abort(why)) => {
-                return Err(End::Closed(format!("aborted by the peer: {why}")));
+                return Err(End::Closed(
+                    Close::Aborted,
+                    format!("aborted by the peer: {why}"),
+                ));
             }
             None => {}
         }
@@ -705,13 +844,15 @@ impl Inner {
         self.inbound
             .send((bytes, peer))
             .await
-            .map_err(|_| End::Closed("listener gone".into()))?;
+            .map_err(|_| End::Closed(Close::Closed, "listener gone".into()))?;
         Ok(None)
     }
 }
 
 enum End {
-    Closed(String),
+    /// The connection is over (why, for the log); nothing more to send.
+    Closed(Close, String),
+    /// Send Abort with this diagnostic and close.
     Abort(String),
 }
 
@@ -736,4 +877,101 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
+}
+
+/// A CoAP-over-TLS client connection (the simulator's devices, `connectord simulate
+/// --tls`): rustls with the ring provider, ALPN `coap`, a client certificate, and the
+/// server verified against a CA (for its IP address or host name).
+pub mod client {
+    use std::io;
+    use std::net::{IpAddr, SocketAddr};
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::net::{TcpSocket, TcpStream};
+
+    /// Why a client configuration could not be built.
+    #[derive(Debug, thiserror::Error)]
+    pub enum ClientError {
+        #[error("{}: {source}", path.display())]
+        Pem {
+            path: PathBuf,
+            #[source]
+            source: rustls::pki_types::pem::Error,
+        },
+        #[error("{}: no usable CA certificate: {source}", path.display())]
+        Ca {
+            path: PathBuf,
+            #[source]
+            source: rustls::Error,
+        },
+        #[error("the client certificate and key: {0}")]
+        Rustls(#[from] rustls::Error),
+    }
+
+    /// A client configuration, built once and shared by many connections.
+    #[derive(Clone)]
+    pub struct ClientConfig(Arc<rustls::ClientConfig>);
+
+    impl std::fmt::Debug for ClientConfig {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("tls::client::ClientConfig")
+        }
+    }
+
+    impl ClientConfig {
+        /// The client certificate `cert` (PEM, its chain) with its key `key` (PEM), and
+        /// the CA certificates of `ca` (PEM) the server's certificate must chain to.
+        pub fn from_files(cert: &Path, key: &Path, ca: &Path) -> Result<ClientConfig, ClientError> {
+            fn pem(path: &Path) -> impl Fn(rustls::pki_types::pem::Error) -> ClientError + '_ {
+                move |source| ClientError::Pem {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .map_err(pem(cert))?
+                .collect::<Result<_, _>>()
+                .map_err(pem(cert))?;
+            let key_der = PrivateKeyDer::from_pem_file(key).map_err(pem(key))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(pem(ca))? {
+                roots
+                    .add(c.map_err(pem(ca))?)
+                    .map_err(|source| ClientError::Ca {
+                        path: ca.to_path_buf(),
+                        source,
+                    })?;
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key_der)?;
+            cfg.alpn_protocols = vec![b"coap".to_vec()];
+            Ok(ClientConfig(Arc::new(cfg)))
+        }
+
+        /// Connects from `bind` (port 0) to `server` and completes the TLS handshake,
+        /// verifying the server's certificate for `server`'s IP address.
+        pub async fn connect(
+            &self,
+            bind: IpAddr,
+            server: SocketAddr,
+        ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+            let socket = match server {
+                SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => TcpSocket::new_v6()?,
+            };
+            socket.bind(SocketAddr::new(bind, 0))?;
+            let tcp = socket.connect(server).await?;
+            let _ = tcp.set_nodelay(true);
+            let name = ServerName::IpAddress(server.ip().into());
+            tokio_rustls::TlsConnector::from(Arc::clone(&self.0))
+                .connect(name, tcp)
+                .await
+        }
+    }
 }

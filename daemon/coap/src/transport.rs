@@ -119,7 +119,7 @@ impl Transport {
             }
         }
         for addr in &cfg.listen_tls {
-            match TlsListener::bind(*addr, TlsBounds::from_config(cfg)) {
+            match TlsListener::bind(*addr, TlsBounds::from_config(cfg), Arc::clone(&metrics)) {
                 Ok(l) => {
                     tracing::info!("CoAP listening on coaps+tcp://{}", l.id().local);
                     listeners.push(Arc::new(AnyListener::Tls(l)));
@@ -226,6 +226,18 @@ impl Transport {
         c
     }
 
+    /// CoAP-over-TLS connections open now (handshakes included), over every TLS
+    /// listener (at most `coap.tls_max_connections` each).
+    pub fn tls_connections(&self) -> usize {
+        self.listeners
+            .iter()
+            .map(|l| match &**l {
+                AnyListener::Tls(t) => t.connections(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// The listeners, in the order of `coap.listen`.
     pub fn listeners(&self) -> Vec<ListenerId> {
         self.listeners.iter().map(|l| l.id()).collect()
@@ -322,16 +334,21 @@ impl Transport {
         // instead of being silently truncated.
         let mut buf = vec![0u8; limit + 1];
         loop {
-            let (len, peer) = tokio::select! {
-                _ = stop.wait_for(|stop| *stop) => return,
+            let received = tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => None,
                 r = listener.recv(&mut buf) => match r {
-                    Ok(x) => x,
+                    Ok(x) => Some(x),
                     Err(e) => {
                         // ICMP errors from earlier sends surface here on Linux; not fatal.
                         tracing::debug!("CoAP recv on {}: {e}", id.local);
                         continue;
                     }
                 },
+            };
+            // Stopping: the listener ends its sessions as its protocol asks (TLS: Release).
+            let Some((len, peer)) = received else {
+                listener.stop().await;
+                return;
             };
             self.metrics.count(Event::Datagram);
             if len > limit {

@@ -30,6 +30,8 @@ macro_rules! counters {
             $( $(#[doc = $doc])* pub $name: AtomicU64, )*
             /// REST responses by status code (index: status - 100).
             pub rest_responses: RestStatuses,
+            /// CoAP-over-TLS connections closed, by reason.
+            pub coap_tls_closed: TlsClosed,
             /// Time to answer a REST request, from its head read to its response head
             /// (long-poll pulls are left out: they wait on purpose).
             pub rest_latency: Histogram,
@@ -67,6 +69,7 @@ macro_rules! counters {
                     let _ = writeln!(out, "# TYPE connectord_{}_total counter", stringify!($name));
                     let _ = writeln!(out, "connectord_{}_total {}", stringify!($name), self.$name.load(Ordering::Relaxed));
                 )*
+                self.coap_tls_closed.render(out);
             }
         }
     };
@@ -107,6 +110,11 @@ counters! {
     /// DTLS ClientHellos with a valid cookie dropped at coap.dtls_max_handshakes or
     /// coap.dtls_max_sessions.
     coap_dtls_handshakes_dropped,
+    /// CoAP-over-TLS handshakes completed (client certificate verified, not revoked).
+    coap_tls_handshakes,
+    /// CoAP-over-TLS handshakes failed (TLS error, no or refused client certificate, a
+    /// certificate without a CN, coap.tls_handshake_timeout_s).
+    coap_tls_handshakes_failed,
     /// LwM2M registrations accepted.
     registrations,
     /// LwM2M registration updates accepted.
@@ -163,6 +171,41 @@ counters! {
     /// Reports of the request layer to the subscriptions manager (an observation
     /// established or refused) that waited for room in their full channel.
     observation_reports_waited,
+}
+
+/// CoAP-over-TLS connections closed, by reason: `released` (Release 7.04, the device's
+/// or ours at a clean stop), `aborted` (Abort 7.05, either side's), `idle` (released by
+/// us after coap.tls_idle_timeout_s), `revoked` (its client certificate revoked, at
+/// connect or while open), `closed` (no signal: the device closed the connection, or a
+/// read or write failed).
+#[derive(Debug, Default)]
+pub struct TlsClosed {
+    pub released: AtomicU64,
+    pub aborted: AtomicU64,
+    pub idle: AtomicU64,
+    pub revoked: AtomicU64,
+    pub closed: AtomicU64,
+}
+
+impl TlsClosed {
+    fn render(&self, out: &mut String) {
+        let name = "connectord_coap_tls_connections_closed_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} CoAP-over-TLS connections closed, by reason (released, aborted, idle, revoked, closed)."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (reason, c) in [
+            ("released", &self.released),
+            ("aborted", &self.aborted),
+            ("idle", &self.idle),
+            ("revoked", &self.revoked),
+            ("closed", &self.closed),
+        ] {
+            let n = c.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
+        }
+    }
 }
 
 /// REST responses counted by status code, lock-free.
@@ -225,6 +268,13 @@ impl connectord_coap::Metrics for Counters {
             Event::DtlsHandshakeFailed => &self.coap_dtls_handshakes_failed,
             Event::DtlsHelloVerify => &self.coap_dtls_hello_verify,
             Event::DtlsHandshakeDropped => &self.coap_dtls_handshakes_dropped,
+            Event::TlsHandshake => &self.coap_tls_handshakes,
+            Event::TlsHandshakeFailed => &self.coap_tls_handshakes_failed,
+            Event::TlsReleased => &self.coap_tls_closed.released,
+            Event::TlsAborted => &self.coap_tls_closed.aborted,
+            Event::TlsIdle => &self.coap_tls_closed.idle,
+            Event::TlsRevoked => &self.coap_tls_closed.revoked,
+            Event::TlsClosed => &self.coap_tls_closed.closed,
         };
         Counters::inc(c);
     }

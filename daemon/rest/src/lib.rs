@@ -544,6 +544,12 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
                 "DTLS handshakes half-open now (at most coap.dtls_max_handshakes per listener).",
                 dtls.half_open as u64,
             );
+            metrics::gauge(
+                &mut out,
+                "coap_tls_connections",
+                "CoAP-over-TLS connections open now, handshakes included (at most coap.tls_max_connections per listener).",
+                state.transport.tls_connections() as u64,
+            );
             render_queues(&state, &mut out);
             state.plugins.render_metrics(&mut out);
             Reply::with_type(StatusCode::OK, "text/plain; version=0.0.4", out)

@@ -60,6 +60,7 @@ use coap_lite::{
     CoapOption, ContentFormat, MessageClass, MessageType, Packet, RequestType, ResponseType,
 };
 use rand::Rng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -68,6 +69,10 @@ use connectord_core::coap::client::Block;
 use connectord_core::coap::dtls::client::DtlsClient;
 pub use connectord_core::coap::dtls::client::{ClientAuth, ClientConfig as DtlsConfig};
 use connectord_core::coap::message::{self, Response, encode_uint, uint_option, uri_path};
+use connectord_core::coap::rfc8323::{self, Signal};
+pub use connectord_core::coap::tls::client::{
+    ClientConfig as TlsConfig, ClientError as TlsConfigError,
+};
 use connectord_lwm2m as lwm2m_data;
 
 /// The object list each device registers (LwM2M 1.0 mode: `obs` marks what is observed).
@@ -177,6 +182,11 @@ pub struct SimOptions {
     /// key (16 to 64 bytes) for all; the daemon needs each identity provisioned
     /// (`/v2/device-credentials/{ep}`; the bench does). Takes precedence over `dtls`.
     pub dtls_psk_per_endpoint: Option<Vec<u8>>,
+    /// Speak CoAP over TLS (RFC 8323, `coaps+tcp`) to `server`, one connection per
+    /// device, with this client configuration (a certificate, the CA the daemon's is
+    /// verified against; `connectord simulate --tls`). Takes precedence over the DTLS
+    /// options.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for SimOptions {
@@ -196,6 +206,7 @@ impl Default for SimOptions {
             lwm2m: Lwm2mMode::default(),
             dtls: None,
             dtls_psk_per_endpoint: None,
+            tls: None,
         }
     }
 }
@@ -1236,7 +1247,11 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<SimReport, SimError> {
     opts.validate()?;
-    let sockets = open_sockets(&opts)?;
+    // A TLS device connects on its task; the UDP ones have their sockets opened first.
+    let sockets = match opts.tls {
+        Some(_) => Vec::new(),
+        None => open_sockets(&opts)?,
+    };
     let shared = Arc::new(Shared::new(&opts));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
@@ -1262,7 +1277,8 @@ pub async fn run(
         ),
     };
     let mut tasks = tokio::task::JoinSet::new();
-    for (index, sock) in sockets.into_iter().enumerate() {
+    let mut sockets = sockets.into_iter();
+    for index in 0..opts.devices {
         let dtls = match (&per_endpoint, &opts.dtls_psk_per_endpoint) {
             (Some(base), Some(key)) => {
                 base.with_psk(opts.endpoint_name(index).into_bytes(), key.clone())
@@ -1274,18 +1290,23 @@ pub async fn run(
             Some(p) => t0 + p.saturating_mul(u32::try_from(index).unwrap_or(u32::MAX)),
             None => t0,
         };
-        tasks.spawn(device_task(
-            dev,
-            sock,
-            DeviceCtx {
-                dtls,
-                server: opts.server,
-                stop: stop_rx.clone(),
-                start_at,
-                permits: Arc::clone(&permits),
-                events: ev_tx.clone(),
-            },
-        ));
+        let ctx = DeviceCtx {
+            dtls,
+            server: opts.server,
+            stop: stop_rx.clone(),
+            start_at,
+            permits: Arc::clone(&permits),
+            events: ev_tx.clone(),
+        };
+        match &opts.tls {
+            Some(tls) => {
+                tasks.spawn(tls_device_task(dev, tls.clone(), opts.bind, ctx));
+            }
+            None => {
+                let Some(sock) = sockets.next() else { break };
+                tasks.spawn(device_task(dev, sock, ctx));
+            }
+        }
     }
     drop(ev_tx);
 
@@ -1398,18 +1419,25 @@ struct DeviceCtx {
     events: mpsc::UnboundedSender<(String, Outcome)>,
 }
 
-/// One device: moves datagrams between its socket and its [`Device`].
-async fn device_task(mut dev: Device, sock: UdpSocket, mut ctx: DeviceCtx) {
-    // Wait for the start slot and a registration permit (or the stop).
-    let permit = tokio::select! {
+/// Waits for the device's start slot and a registration permit: `Err` when the stop
+/// came first.
+async fn start_slot(ctx: &mut DeviceCtx) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ()> {
+    tokio::select! {
         biased;
-        _ = ctx.stop.changed() => return,
+        _ = ctx.stop.changed() => Err(()),
         p = async {
             tokio::time::sleep_until(ctx.start_at).await;
             Arc::clone(&ctx.permits).acquire_owned().await
-        } => p.ok(),
+        } => Ok(p.ok()),
+    }
+}
+
+/// One device: moves datagrams between its socket and its [`Device`].
+async fn device_task(mut dev: Device, sock: UdpSocket, mut ctx: DeviceCtx) {
+    // Wait for the start slot and a registration permit (or the stop).
+    let Ok(mut permit) = start_slot(&mut ctx).await else {
+        return;
     };
-    let mut permit = permit;
     // A DTLS device handshakes first; every message then goes through the session.
     let mut session = match &ctx.dtls {
         None => None,
@@ -1495,6 +1523,190 @@ async fn device_task(mut dev: Device, sock: UdpSocket, mut ctx: DeviceCtx) {
                 }
             }, if deadline.is_some() => dev.on_timer(Instant::now()),
         }
+    }
+}
+
+/// Largest message a TLS device takes (its CSM's Max-Message-Size).
+const TLS_MAX_MESSAGE: usize = 16 * 1024;
+/// Requests of the device awaiting their response on its TLS connection (a device has
+/// one exchange at a time; the bound only caps a misbehaving peer).
+const TLS_PENDING: usize = 16;
+
+/// The RFC 8323 edge of a TLS device, sans-IO: the [`Device`] speaks RFC 7252, so its
+/// messages are framed on the way out (type and message id dropped; empty ACKs and RSTs
+/// have no meaning on TCP and are dropped, and so is the retransmission of a request
+/// already sent), and frames from the daemon get a type and message id on the way in: a
+/// request becomes a CON with a fresh id, the response to one of the device's requests
+/// the ACK of that request's id (so its exchange ends as with a piggybacked response),
+/// any other response a NON. The daemon's CSM is taken, Ping answered with Pong;
+/// Release, Abort or a frame that does not decode end the connection.
+#[derive(Debug, Default)]
+struct TcpEdge {
+    /// The device's requests awaiting a response: token → message id.
+    pending: std::collections::HashMap<Vec<u8>, u16>,
+    next_mid: u16,
+    buf: Vec<u8>,
+}
+
+/// What the daemon's bytes gave: messages for the [`Device`], frames to write back.
+type Incoming = (Vec<Vec<u8>>, Vec<Vec<u8>>);
+
+impl TcpEdge {
+    /// The frame of one RFC 7252 message of the device; `None` when it has nothing to
+    /// say on TCP.
+    fn outgoing(&mut self, bytes: &[u8]) -> Option<Vec<u8>> {
+        let (mtype, mid, frame) = rfc8323::from_udp(bytes).ok()?;
+        if mtype == rfc8323::RST || frame.code == 0 {
+            return None;
+        }
+        if frame.code >> 5 == 0 {
+            if self.pending.get(&frame.token) == Some(&mid) {
+                return None;
+            }
+            if self.pending.len() >= TLS_PENDING {
+                self.pending.clear();
+            }
+            self.pending.insert(frame.token.clone(), mid);
+        }
+        Some(rfc8323::encode(&frame))
+    }
+
+    /// Bytes read from the connection; `Err` (why) when the connection is over.
+    fn incoming(&mut self, data: &[u8]) -> Result<Incoming, String> {
+        self.buf.extend_from_slice(data);
+        let (mut msgs, mut replies) = (Vec::new(), Vec::new());
+        let mut used = 0;
+        loop {
+            let frame = match rfc8323::decode(&self.buf[used..], TLS_MAX_MESSAGE) {
+                Ok(Some((f, n))) => {
+                    used += n;
+                    f
+                }
+                Ok(None) => break,
+                Err(e) => return Err(format!("a frame that does not decode: {e}")),
+            };
+            match Signal::read(&frame).map_err(|e| format!("a bad signal: {e}"))? {
+                Some(Signal::Csm { .. } | Signal::Pong) => continue,
+                Some(Signal::Ping) => {
+                    replies.push(rfc8323::encode(&rfc8323::signal(
+                        rfc8323::PONG,
+                        &frame.token,
+                    )));
+                    continue;
+                }
+                Some(Signal::Release) => return Err("released by the daemon".into()),
+                Some(Signal::Abort(why)) => return Err(format!("aborted by the daemon: {why}")),
+                None => {}
+            }
+            let (mtype, mid) = match frame.code >> 5 {
+                _ if frame.code == 0 => continue,
+                0 => (rfc8323::CON, self.fresh_mid()),
+                2 | 4 | 5 => match self.pending.remove(&frame.token) {
+                    Some(mid) => (rfc8323::ACK, mid),
+                    None => (rfc8323::NON, self.fresh_mid()),
+                },
+                _ => continue,
+            };
+            msgs.push(rfc8323::to_udp(&frame, mtype, mid));
+        }
+        self.buf.drain(..used);
+        Ok((msgs, replies))
+    }
+
+    fn fresh_mid(&mut self) -> u16 {
+        self.next_mid = self.next_mid.wrapping_add(1);
+        self.next_mid
+    }
+}
+
+/// One device over CoAP over TLS: connects (from `bind`), sends its CSM, then moves
+/// messages between its connection and its [`Device`] through a [`TcpEdge`]. A
+/// connection that ends (Release, Abort, closed) ends the device: it does not reconnect.
+/// At stop it de-registers, sends Release and closes.
+async fn tls_device_task(mut dev: Device, tls: TlsConfig, bind: IpAddr, mut ctx: DeviceCtx) {
+    let Ok(mut permit) = start_slot(&mut ctx).await else {
+        return;
+    };
+    let fail = |dev: &Device, why: String| {
+        let _ = ctx.events.send((dev.name.clone(), Outcome::Failed(why)));
+    };
+    let stream = match tokio::time::timeout(HANDSHAKE_LIMIT, tls.connect(bind, ctx.server)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return fail(&dev, format!("TLS connection: {e}")),
+        Err(_) => return fail(&dev, "TLS connection: no handshake in time".into()),
+    };
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut edge = TcpEdge::default();
+    let csm = rfc8323::encode(&rfc8323::csm(TLS_MAX_MESSAGE as u32));
+    if let Err(e) = wr.write_all(&csm).await {
+        return fail(&dev, format!("TLS connection: {e}"));
+    }
+    let mut reported = false;
+    dev.start_registration(Instant::now());
+    let period = dev.shared.notify_interval;
+    let phase = period.mul_f64(rand::rng().random_range(0.0..1.0));
+    let mut ticker = tokio::time::interval_at(Instant::now() + phase, period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut chunk = vec![0u8; TLS_MAX_MESSAGE];
+    let ended = loop {
+        let mut out = Vec::new();
+        for (bytes, _) in dev.take_outgoing() {
+            out.extend(edge.outgoing(&bytes).unwrap_or_default());
+        }
+        if !out.is_empty()
+            && let Err(e) = wr.write_all(&out).await
+        {
+            break Some(format!("write failed: {e}"));
+        }
+        if let Some(outcome) = dev.take_outcome() {
+            reported = true;
+            let _ = ctx.events.send((dev.name.clone(), outcome));
+        }
+        if dev.finished {
+            break None;
+        }
+        if permit.is_some() && dev.exchange.is_none() {
+            permit = None;
+        }
+        let deadline = dev.next_deadline();
+        tokio::select! {
+            _ = ctx.stop.changed(), if !dev.stopping => {
+                if permit.is_none() && dev.needs_deregistration() {
+                    permit = Arc::clone(&ctx.permits).acquire_owned().await.ok();
+                }
+                dev.begin_stop(Instant::now());
+            }
+            r = rd.read(&mut chunk) => match r {
+                Ok(0) => break Some("closed by the daemon".into()),
+                Err(e) => break Some(format!("read failed: {e}")),
+                Ok(n) => match edge.incoming(&chunk[..n]) {
+                    Ok((msgs, replies)) => {
+                        if let Err(e) = wr.write_all(&replies.concat()).await {
+                            break Some(format!("write failed: {e}"));
+                        }
+                        for m in msgs {
+                            dev.on_datagram(&m, ctx.server, Instant::now());
+                        }
+                    }
+                    Err(why) => break Some(why),
+                },
+            },
+            _ = ticker.tick(), if !dev.stopping => dev.on_tick(),
+            _ = async {
+                if let Some(d) = deadline {
+                    tokio::time::sleep_until(d).await;
+                }
+            }, if deadline.is_some() => dev.on_timer(Instant::now()),
+        }
+    };
+    match ended {
+        None => {
+            let release = rfc8323::encode(&rfc8323::signal(rfc8323::RELEASE, &[]));
+            let _ = wr.write_all(&release).await;
+            let _ = wr.shutdown().await;
+        }
+        Some(why) if !reported => fail(&dev, format!("TLS connection {why}")),
+        Some(why) => tracing::warn!("{}: TLS connection {why}; the device stops", dev.name),
     }
 }
 
@@ -2105,5 +2317,76 @@ mod tests {
         };
         assert!(one.validate().is_ok());
         assert_eq!(one.endpoint_name(0), "one");
+    }
+
+    /// The TLS edge: the device's registration is framed once (its retransmission is
+    /// not sent again, its empty ACK and RST not at all); the daemon's response comes
+    /// back as the ACK of the registration's message id, the daemon's request as a CON;
+    /// Ping is answered with Pong; Release ends the connection.
+    #[test]
+    fn the_tls_edge_translates_both_ways() {
+        let mut edge = TcpEdge::default();
+        let mut dev = device();
+        dev.start_registration(Instant::now());
+        let (reg, _) = dev.take_outgoing().remove(0);
+        let reg_packet = Packet::from_bytes(&reg).unwrap();
+        let framed = edge.outgoing(&reg).expect("the registration is framed");
+        let (frame, n) = rfc8323::decode(&framed, TLS_MAX_MESSAGE).unwrap().unwrap();
+        assert_eq!((n, frame.code), (framed.len(), 0x02));
+        assert_eq!(frame.token, reg_packet.get_token());
+        assert!(
+            edge.outgoing(&reg).is_none(),
+            "a retransmission is not sent"
+        );
+        assert!(edge.outgoing(&message::reset(7)).is_none());
+
+        // The daemon's CSM, its 2.01 for the registration, a GET of its own and a Ping.
+        let created = rfc8323::Frame {
+            code: 0x41,
+            token: frame.token.clone(),
+            body: rfc8323::body(&[(8, b"rd"), (8, b"abc")], &[]),
+        };
+        let get = rfc8323::Frame {
+            code: 0x01,
+            token: vec![9, 9],
+            body: rfc8323::body(&[(11, b"3"), (11, b"0"), (11, b"0")], &[]),
+        };
+        let mut bytes = rfc8323::encode(&rfc8323::csm(1152));
+        bytes.extend(rfc8323::encode(&created));
+        bytes.extend(rfc8323::encode(&get));
+        bytes.extend(rfc8323::encode(&rfc8323::signal(rfc8323::PING, &[5])));
+        // Split anywhere: the edge keeps what it cannot decode yet.
+        let (a, b) = bytes.split_at(3);
+        assert_eq!(edge.incoming(a).unwrap(), (vec![], vec![]));
+        let (msgs, replies) = edge.incoming(b).unwrap();
+        assert_eq!(
+            replies,
+            vec![rfc8323::encode(&rfc8323::signal(rfc8323::PONG, &[5]))]
+        );
+        assert_eq!(msgs.len(), 2);
+        let ack = Packet::from_bytes(&msgs[0]).unwrap();
+        assert_eq!(ack.header.get_type(), MessageType::Acknowledgement);
+        assert_eq!(ack.header.message_id, reg_packet.header.message_id);
+        let req = Packet::from_bytes(&msgs[1]).unwrap();
+        assert_eq!(req.header.get_type(), MessageType::Confirmable);
+        assert_eq!(req.get_token(), &[9, 9]);
+
+        // The device's piggybacked answer goes out as a frame.
+        dev.on_datagram(&msgs[0], DAEMON, Instant::now());
+        dev.on_datagram(&msgs[1], DAEMON, Instant::now());
+        let out = dev.take_outgoing();
+        let answer = out
+            .iter()
+            .find_map(|(b, _)| {
+                let p = Packet::from_bytes(b).ok()?;
+                (p.get_token() == [9, 9]).then(|| edge.outgoing(b))
+            })
+            .flatten()
+            .expect("the answer is framed");
+        let (f, _) = rfc8323::decode(&answer, TLS_MAX_MESSAGE).unwrap().unwrap();
+        assert_eq!((f.code, f.token), (0x45, vec![9, 9]));
+
+        let release = rfc8323::encode(&rfc8323::signal(rfc8323::RELEASE, &[]));
+        assert!(edge.incoming(&release).is_err());
     }
 }
