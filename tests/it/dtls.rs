@@ -9,7 +9,9 @@
 //! revocations hold across a restart. (The handshake bounds are tested against
 //! the listener itself, `daemon/coap/tests/dtls.rs`.)
 //! RFC 9146: a device with a provisioned PSK whose address changes keeps its session
-//! (`a_dtls_device_whose_address_changes_keeps_its_session`).
+//! (`a_dtls_device_whose_address_changes_keeps_its_session`, our dimpl client), and so
+//! does wolfSSL's DTLS client, an implementation nobody here wrote
+//! (`wolfssl_keeps_its_dtls_session_when_its_port_changes`, tests/peers/wolfssl-cid).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -998,6 +1000,201 @@ fn a_dtls_device_whose_address_changes_keeps_its_session() {
     let r = d.async_response(&id, WAIT);
     assert_eq!(r["status"], 200, "{r}");
     assert_eq!(r["payload"], support::b64(b"acme").as_str(), "{r}");
+    assert_eq!(metric(&d, "coap_dtls_handshakes_total"), 1);
+    assert_eq!(metric(&d, "coap_dtls_sessions"), 1);
+}
+
+/// wolfSSL's DTLS 1.2 client (`support::peers::wolfssl_cid_client`: an RFC 9146
+/// implementation nobody here wrote), driven over its stdin and stdout.
+struct Wolf {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Wolf {
+    /// Handshakes with `server` (PSK `identity`/`key`); the client's first line
+    /// (`connected cid=… port=…`) is returned with it.
+    fn connect(server: SocketAddr, identity: &str, key: &[u8]) -> (Wolf, String) {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = Command::new(support::peers::wolfssl_cid_client())
+            .args(["127.0.0.1", &server.port().to_string(), identity])
+            .arg(hex::encode(key))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the wolfSSL client");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in stdout.lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut w = Wolf {
+            child,
+            stdin,
+            lines,
+        };
+        let first = w.line();
+        assert!(first.starts_with("connected "), "{first}");
+        (w, first)
+    }
+
+    fn line(&mut self) -> String {
+        self.lines
+            .recv_timeout(std::time::Duration::from_secs(15))
+            .expect("a line from the wolfSSL client (did it fail? see stderr)")
+    }
+
+    fn command(&mut self, c: &str) -> String {
+        use std::io::Write;
+        writeln!(self.stdin, "{c}").expect("the wolfSSL client's stdin");
+        self.line()
+    }
+
+    fn send(&mut self, p: &coap_lite::Packet) {
+        let r = self.command(&format!("send {}", hex::encode(p.to_bytes().unwrap())));
+        assert_eq!(r, "sent");
+    }
+
+    /// The next CoAP message within `wait`, answering CoAP pings (Empty CON) with a Reset
+    /// as RFC 7252 §4.3 says, as libcoap and aiocoap do; how many pings it answered.
+    fn receive(&mut self, wait: std::time::Duration) -> (Option<coap_lite::Packet>, usize) {
+        use coap_lite::{MessageClass, MessageType, Packet};
+        let deadline = std::time::Instant::now() + wait;
+        let mut pings = 0;
+        while std::time::Instant::now() < deadline {
+            let r = self.command("recv 300");
+            let Some(data) = r.strip_prefix("data ") else {
+                assert!(r.starts_with("timeout"), "{r}");
+                continue;
+            };
+            let p = Packet::from_bytes(&hex::decode(data).unwrap()).expect("CoAP");
+            if p.header.code == MessageClass::Empty
+                && p.header.get_type() == MessageType::Confirmable
+            {
+                let mut rst = Packet::new();
+                rst.header.set_type(MessageType::Reset);
+                rst.header.code = MessageClass::Empty;
+                rst.header.message_id = p.header.message_id;
+                self.send(&rst);
+                pings += 1;
+                continue;
+            }
+            return (Some(p), pings);
+        }
+        (None, pings)
+    }
+}
+
+impl Drop for Wolf {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// RFC 9146 against an implementation nobody here wrote: wolfSSL's DTLS 1.2 client
+/// handshakes with a provisioned PSK, is given the daemon's connection ID, registers,
+/// then moves to a new UDP socket (a new source port: a NAT rebinding) and goes on in
+/// the same session: its update is answered at the new port, and a REST read reaches it
+/// there. One handshake in all.
+#[test]
+fn wolfssl_keeps_its_dtls_session_when_its_port_changes() {
+    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+    use std::time::Duration;
+    const WAIT: Duration = Duration::from_secs(10);
+
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+    let key = *b"wolf-device-key!";
+    let r = put_psk(&d, "wolf-dev", "wolf-id", &hex::encode(key));
+    assert!(r.status < 300, "{} {}", r.status, r.body);
+    let request = |mid: u16, path: &[&str], query: &[&str]| {
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(RequestType::Post);
+        p.header.message_id = mid;
+        p.set_token(vec![mid as u8, 0x77]);
+        for s in path {
+            p.add_option(CoapOption::UriPath, s.as_bytes().to_vec());
+        }
+        for q in query {
+            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+        }
+        p
+    };
+
+    let (mut w, connected) = Wolf::connect(dtls, "wolf-id", &key);
+    // `connected cid=<12 hex digits> port=<n>`: the daemon's 6-byte CID.
+    let field = |line: &str, name: &str| {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+            .to_string()
+    };
+    let cid = field(&connected, "cid=");
+    assert_eq!(
+        cid.len(),
+        12,
+        "the daemon gave wolfSSL a 6-byte CID: {connected}"
+    );
+    let first_port = field(&connected, "port=");
+
+    let mut reg = request(1, &["rd"], &["ep=wolf-dev", "lt=300"]);
+    reg.add_option(CoapOption::ContentFormat, vec![40]);
+    reg.payload = b"</3/0>".to_vec();
+    w.send(&reg);
+    let (created, _) = w.receive(WAIT);
+    let created = created.expect("registration answer");
+    assert_eq!(
+        created.header.code,
+        MessageClass::Response(ResponseType::Created)
+    );
+    let location: Vec<String> = created
+        .get_option(CoapOption::LocationPath)
+        .expect("Location-Path")
+        .iter()
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+
+    // The NAT mapping changes: wolfSSL's next records leave from another port (the old
+    // socket is closed), carrying the CID.
+    let rebound = w.command("rebind");
+    let new_port = field(&rebound, "port=");
+    assert_ne!(new_port, first_port);
+    let path: Vec<&str> = location.iter().map(String::as_str).collect();
+    w.send(&request(2, &path, &[]));
+    let (changed, pings) = w.receive(WAIT);
+    let changed = changed.expect("update answered at the new port");
+    assert_eq!(
+        changed.header.code,
+        MessageClass::Response(ResponseType::Changed)
+    );
+    assert_eq!(changed.header.message_id, 2);
+    assert!(pings <= 1, "{pings} pings");
+
+    // The application's read reaches the device at its new port.
+    let id = d.async_request("GET", "/v2/endpoints/wolf-dev/3/0/0", None, None);
+    let (read, _) = w.receive(WAIT);
+    let read = read.expect("the read at the new port");
+    assert_eq!(read.header.code, MessageClass::Request(RequestType::Get));
+    let mut ack = Packet::new();
+    ack.header.set_type(MessageType::Acknowledgement);
+    ack.header.code = MessageClass::Response(ResponseType::Content);
+    ack.header.message_id = read.header.message_id;
+    ack.set_token(read.get_token().to_vec());
+    ack.add_option(CoapOption::ContentFormat, vec![]);
+    ack.payload = b"wolfSSL".to_vec();
+    w.send(&ack);
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["payload"], support::b64(b"wolfSSL").as_str(), "{r}");
     assert_eq!(metric(&d, "coap_dtls_handshakes_total"), 1);
     assert_eq!(metric(&d, "coap_dtls_sessions"), 1);
 }
