@@ -38,6 +38,9 @@ pub enum Event {
     /// A ClientHello with a valid cookie was dropped: `coap.dtls_max_handshakes` half-open
     /// handshakes or `coap.dtls_max_sessions` sessions.
     DtlsHandshakeDropped,
+    /// A DTLS record to a session's new address, not yet verified, was dropped: beyond
+    /// `AMPLIFICATION` times the bytes received from there (RFC 9146 §6, `dtls::Probe`).
+    DtlsUnverifiedDropped,
 }
 
 /// The host's counters, as the message layer reports to them.

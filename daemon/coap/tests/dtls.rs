@@ -428,16 +428,39 @@ async fn receive(
     server: SocketAddr,
     wait: Duration,
 ) -> Option<Packet> {
+    receive_pinged(c, sock, server, wait).await.0
+}
+
+/// The next message from the session, CoAP pings (Empty CON: the listener's check of a
+/// new address) answered with a Reset from `sock`; how many.
+async fn receive_pinged(
+    c: &mut DtlsClient,
+    sock: &UdpSocket,
+    server: SocketAddr,
+    wait: Duration,
+) -> (Option<Packet>, usize) {
     let mut buf = vec![0u8; 4096];
     let deadline = tokio::time::Instant::now() + wait;
+    let mut pings = 0;
     loop {
         if let Some(m) = c.take_message() {
-            return Some(Packet::from_bytes(&m).unwrap());
+            let p = Packet::from_bytes(&m).unwrap();
+            if p.header.code == MessageClass::Empty
+                && p.header.get_type() == MessageType::Confirmable
+            {
+                let mut rst = Packet::new();
+                rst.header.set_type(MessageType::Reset);
+                rst.header.message_id = p.header.message_id;
+                send_via(c, sock, server, &rst.to_bytes().unwrap()).await;
+                pings += 1;
+                continue;
+            }
+            return (Some(p), pings);
         }
-        let (n, _) = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf))
-            .await
-            .ok()?
-            .unwrap();
+        let Ok(got) = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf)).await else {
+            return (None, pings);
+        };
+        let (n, _) = got.unwrap();
         for r in c.on_datagram(&buf[..n], Instant::now()).unwrap() {
             sock.send_to(&r, server).await.unwrap();
         }
@@ -482,10 +505,10 @@ async fn connection_id_keeps_the_session_across_an_address_change() {
     for r in &records {
         moved.send_to(r, s.dtls).await.unwrap();
     }
-    let answer = receive(&mut c, &moved, s.dtls, Duration::from_secs(5))
-        .await
-        .expect("the answer at the new address");
+    let (answer, pings) = receive_pinged(&mut c, &moved, s.dtls, Duration::from_secs(5)).await;
+    let answer = answer.expect("the answer at the new address");
     assert_eq!(answer.header.message_id, 2);
+    assert_eq!(pings, 1, "the new address is checked (RFC 9146 §6)");
     assert_eq!(
         String::from_utf8_lossy(&answer.payload),
         "Some(Psk(\"dev-1\"))"

@@ -107,6 +107,9 @@ counters! {
     /// DTLS ClientHellos with a valid cookie dropped at coap.dtls_max_handshakes or
     /// coap.dtls_max_sessions.
     coap_dtls_handshakes_dropped,
+    /// DTLS records not sent to a session's new address before the device showed it is
+    /// there (beyond 3 times the bytes received from it; RFC 9146 §6).
+    coap_dtls_unverified_dropped,
     /// LwM2M registrations accepted.
     registrations,
     /// LwM2M registration updates accepted.
@@ -225,6 +228,7 @@ impl connectord_coap::Metrics for Counters {
             Event::DtlsHandshakeFailed => &self.coap_dtls_handshakes_failed,
             Event::DtlsHelloVerify => &self.coap_dtls_hello_verify,
             Event::DtlsHandshakeDropped => &self.coap_dtls_handshakes_dropped,
+            Event::DtlsUnverifiedDropped => &self.coap_dtls_unverified_dropped,
         };
         Counters::inc(c);
     }
