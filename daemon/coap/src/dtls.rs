@@ -39,6 +39,12 @@
 //!   `PeerRef.session`) stays the handshake's address; records go to `Peer::to`, which
 //!   moves to a datagram's source only when one of its records authenticated and is newer
 //!   than every earlier one (RFC 9146 §6, `Dtls::take_newer_record`).
+//! - **A new address is checked** (`Probe`, RFC 9146 §6 and §8): a CoAP ping inside the
+//!   session, answered by a Reset from that address, verifies it; until then at most
+//!   [`AMPLIFICATION`] times the bytes received from it are sent there (the rest is
+//!   dropped and counted, `Event::DtlsUnverifiedDropped`), so a record an attacker
+//!   replays from a victim's address cannot make the daemon flood the victim. Moving back
+//!   to the last verified address is not checked.
 //!
 //! Not done: a ClientHello fragmented over several records before the cookie exchange
 //! (dropped), session resumption (a returning device does a full handshake).
@@ -73,7 +79,7 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// about 10.5 KB (measured: `tests/dtls_memory.rs`, docs/PERFORMANCE.md).
 pub const TRIM_AFTER: Duration = Duration::from_secs(1);
 
-/// A session's address not yet shown to reach the peer (RFC 9146 §6, see [`Probe`]) is
+/// A session's address not yet shown to reach the peer (RFC 9146 §6, see `Probe`) is
 /// sent at most this many times the bytes received from it (the anti-amplification
 /// factor of RFC 9000 §8).
 pub const AMPLIFICATION: usize = 3;
