@@ -917,6 +917,7 @@ mod cid {
                 {
                     let mut rst = Packet::new();
                     rst.header.set_type(MessageType::Reset);
+                    rst.header.code = MessageClass::Empty;
                     rst.header.message_id = p.header.message_id;
                     send(c, sock, server, &rst);
                     pings += 1;

@@ -50,10 +50,13 @@ pub trait Metrics: Send + Sync + 'static {
     fn request_latency(&self, elapsed: Duration);
 }
 
+/// How many [`Event`]s there are: the last one's index + 1 (keep it the last variant).
+const EVENTS: usize = Event::DtlsUnverifiedDropped as usize + 1;
+
 /// A plain implementation: one atomic per [`Event`] (tests, embedders without metrics).
 #[derive(Debug, Default)]
 pub struct Counters {
-    events: [AtomicU64; 13],
+    events: [AtomicU64; EVENTS],
     requests: AtomicU64,
 }
 
