@@ -9,7 +9,9 @@
 //! revocations hold across a restart. (The handshake bounds are tested against
 //! the listener itself, `daemon/coap/tests/dtls.rs`.)
 //! RFC 9146: a device with a provisioned PSK whose address changes keeps its session
-//! (`a_dtls_device_whose_address_changes_keeps_its_session`).
+//! (`a_dtls_device_whose_address_changes_keeps_its_session`, our dimpl client), and so
+//! does wolfSSL's DTLS client, an implementation nobody here wrote
+//! (`wolfssl_keeps_its_dtls_session_when_its_port_changes`, tests/peers/wolfssl-cid).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -807,20 +809,35 @@ mod cid {
         }
     }
 
-    /// The next message the session decrypts from datagrams arriving on `sock`.
+    /// The next message the session decrypts from datagrams arriving on `sock`, CoAP
+    /// pings (Empty CON) answered with a Reset from `sock` (RFC 7252 §4.3); how many.
     pub fn receive(
         c: &mut DtlsClient,
         sock: &UdpSocket,
         server: SocketAddr,
         wait: Duration,
-    ) -> Option<Packet> {
+    ) -> (Option<Packet>, usize) {
+        use coap_lite::{MessageClass, MessageType};
         sock.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         let deadline = Instant::now() + wait;
         let mut buf = [0u8; 4096];
+        let mut pings = 0;
         while Instant::now() < deadline {
             if let Some(m) = c.take_message() {
-                return Some(Packet::from_bytes(&m).unwrap());
+                let p = Packet::from_bytes(&m).unwrap();
+                if p.header.code == MessageClass::Empty
+                    && p.header.get_type() == MessageType::Confirmable
+                {
+                    let mut rst = Packet::new();
+                    rst.header.set_type(MessageType::Reset);
+                    rst.header.code = MessageClass::Empty;
+                    rst.header.message_id = p.header.message_id;
+                    send(c, sock, server, &rst);
+                    pings += 1;
+                    continue;
+                }
+                return (Some(p), pings);
             }
             if let Ok((n, _)) = sock.recv_from(&mut buf) {
                 for r in c.on_datagram(&buf[..n], Instant::now()).unwrap() {
@@ -828,7 +845,7 @@ mod cid {
                 }
             }
         }
-        None
+        (None, pings)
     }
 }
 
@@ -875,7 +892,8 @@ fn a_dtls_device_whose_address_changes_keeps_its_session() {
     reg.add_option(CoapOption::ContentFormat, vec![40]);
     reg.payload = b"</3/0>".to_vec();
     cid::send(&mut c, &first, dtls, &reg);
-    let created = cid::receive(&mut c, &first, dtls, WAIT).expect("registration answer");
+    let (created, _) = cid::receive(&mut c, &first, dtls, WAIT);
+    let created = created.expect("registration answer");
     assert_eq!(
         created.header.code,
         MessageClass::Response(ResponseType::Created)
@@ -891,15 +909,20 @@ fn a_dtls_device_whose_address_changes_keeps_its_session() {
     let moved = UdpSocket::bind("127.0.0.1:0").unwrap();
     let path: Vec<&str> = location.iter().map(String::as_str).collect();
     cid::send(&mut c, &moved, dtls, &request(2, &path, &[]));
-    let changed = cid::receive(&mut c, &moved, dtls, WAIT).expect("update answered");
+    let (changed, pings) = cid::receive(&mut c, &moved, dtls, WAIT);
+    let changed = changed.expect("update answered");
     assert_eq!(
         changed.header.code,
         MessageClass::Response(ResponseType::Changed)
     );
+    // The new address was checked: a CoAP ping, which the device answered from there.
+    assert_eq!(pings, 1);
 
     // The application's read reaches the device at its new address.
     let id = d.async_request("GET", "/v2/endpoints/cid-dev/3/0/0", None, None);
-    let read = cid::receive(&mut c, &moved, dtls, WAIT).expect("the read at the new address");
+    let (read, pings) = cid::receive(&mut c, &moved, dtls, WAIT);
+    let read = read.expect("the read at the new address");
+    assert_eq!(pings, 0, "one check");
     assert_eq!(read.header.code, MessageClass::Request(RequestType::Get));
     let mut ack = Packet::new();
     ack.header.set_type(MessageType::Acknowledgement);
@@ -914,4 +937,345 @@ fn a_dtls_device_whose_address_changes_keeps_its_session() {
     assert_eq!(r["payload"], support::b64(b"acme").as_str(), "{r}");
     assert_eq!(metric(&d, "coap_dtls_handshakes_total"), 1);
     assert_eq!(metric(&d, "coap_dtls_sessions"), 1);
+}
+
+/// wolfSSL's DTLS 1.2 client (`support::peers::wolfssl_cid_client`: an RFC 9146
+/// implementation nobody here wrote), driven over its stdin and stdout.
+struct Wolf {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Wolf {
+    /// Handshakes with `server` (PSK `identity`/`key`); the client's first line
+    /// (`connected cid=… port=…`) is returned with it.
+    fn connect(server: SocketAddr, identity: &str, key: &[u8]) -> (Wolf, String) {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = Command::new(support::peers::wolfssl_cid_client())
+            .args(["127.0.0.1", &server.port().to_string(), identity])
+            .arg(hex::encode(key))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the wolfSSL client");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in stdout.lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut w = Wolf {
+            child,
+            stdin,
+            lines,
+        };
+        let first = w.line();
+        assert!(first.starts_with("connected "), "{first}");
+        (w, first)
+    }
+
+    fn line(&mut self) -> String {
+        self.lines
+            .recv_timeout(std::time::Duration::from_secs(15))
+            .expect("a line from the wolfSSL client (did it fail? see stderr)")
+    }
+
+    fn command(&mut self, c: &str) -> String {
+        use std::io::Write;
+        writeln!(self.stdin, "{c}").expect("the wolfSSL client's stdin");
+        self.line()
+    }
+
+    fn send(&mut self, p: &coap_lite::Packet) {
+        let r = self.command(&format!("send {}", hex::encode(p.to_bytes().unwrap())));
+        assert_eq!(r, "sent");
+    }
+
+    /// The next CoAP message within `wait`, answering CoAP pings (Empty CON) with a Reset
+    /// as RFC 7252 §4.3 says, as libcoap and aiocoap do; how many pings it answered.
+    fn receive(&mut self, wait: std::time::Duration) -> (Option<coap_lite::Packet>, usize) {
+        use coap_lite::{MessageClass, MessageType, Packet};
+        let deadline = std::time::Instant::now() + wait;
+        let mut pings = 0;
+        while std::time::Instant::now() < deadline {
+            let r = self.command("recv 300");
+            let Some(data) = r.strip_prefix("data ") else {
+                assert!(r.starts_with("timeout"), "{r}");
+                continue;
+            };
+            let p = Packet::from_bytes(&hex::decode(data).unwrap()).expect("CoAP");
+            if p.header.code == MessageClass::Empty
+                && p.header.get_type() == MessageType::Confirmable
+            {
+                let mut rst = Packet::new();
+                rst.header.set_type(MessageType::Reset);
+                rst.header.code = MessageClass::Empty;
+                rst.header.message_id = p.header.message_id;
+                self.send(&rst);
+                pings += 1;
+                continue;
+            }
+            return (Some(p), pings);
+        }
+        (None, pings)
+    }
+}
+
+impl Drop for Wolf {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// RFC 9146 against an implementation nobody here wrote: wolfSSL's DTLS 1.2 client
+/// handshakes with a provisioned PSK, is given the daemon's connection ID, registers,
+/// then moves to a new UDP socket (a new source port: a NAT rebinding) and goes on in
+/// the same session: its update is answered at the new port, the daemon's check of the
+/// new port (a CoAP ping) is answered, and a REST read and a 600-byte write reach it
+/// there. One handshake in all.
+#[test]
+fn wolfssl_keeps_its_dtls_session_when_its_port_changes() {
+    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+    use std::time::Duration;
+    const WAIT: Duration = Duration::from_secs(10);
+
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+    let key = *b"wolf-device-key!";
+    let r = put_psk(&d, "wolf-dev", "wolf-id", &hex::encode(key));
+    assert!(r.status < 300, "{} {}", r.status, r.body);
+    let request = |mid: u16, path: &[&str], query: &[&str]| {
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(RequestType::Post);
+        p.header.message_id = mid;
+        p.set_token(vec![mid as u8, 0x77]);
+        for s in path {
+            p.add_option(CoapOption::UriPath, s.as_bytes().to_vec());
+        }
+        for q in query {
+            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+        }
+        p
+    };
+
+    let (mut w, connected) = Wolf::connect(dtls, "wolf-id", &key);
+    // `connected cid=<12 hex digits> port=<n>`: the daemon's 6-byte CID.
+    let field = |line: &str, name: &str| {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+            .to_string()
+    };
+    let cid = field(&connected, "cid=");
+    assert_eq!(
+        cid.len(),
+        12,
+        "the daemon gave wolfSSL a 6-byte CID: {connected}"
+    );
+    let first_port = field(&connected, "port=");
+
+    let mut reg = request(1, &["rd"], &["ep=wolf-dev", "lt=300"]);
+    reg.add_option(CoapOption::ContentFormat, vec![40]);
+    reg.payload = b"</3/0>".to_vec();
+    w.send(&reg);
+    let (created, _) = w.receive(WAIT);
+    let created = created.expect("registration answer");
+    assert_eq!(
+        created.header.code,
+        MessageClass::Response(ResponseType::Created)
+    );
+    let location: Vec<String> = created
+        .get_option(CoapOption::LocationPath)
+        .expect("Location-Path")
+        .iter()
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+
+    // The NAT mapping changes: wolfSSL's next records leave from another port (the old
+    // socket is closed), carrying the CID.
+    let rebound = w.command("rebind");
+    let new_port = field(&rebound, "port=");
+    assert_ne!(new_port, first_port);
+    let path: Vec<&str> = location.iter().map(String::as_str).collect();
+    w.send(&request(2, &path, &[]));
+    let (changed, pings) = w.receive(WAIT);
+    let changed = changed.expect("update answered at the new port");
+    assert_eq!(
+        changed.header.code,
+        MessageClass::Response(ResponseType::Changed)
+    );
+    assert_eq!(changed.header.message_id, 2);
+    // The daemon checked the new port with a CoAP ping that wolfSSL's session carried
+    // and our Reset answered (the Reset is what verifies the address).
+    assert_eq!(pings, 1);
+
+    // The application's read reaches the device at its new port.
+    let id = d.async_request("GET", "/v2/endpoints/wolf-dev/3/0/0", None, None);
+    let (read, pings) = w.receive(WAIT);
+    let read = read.expect("the read at the new port");
+    assert_eq!(pings, 0, "the address was checked once");
+    assert_eq!(read.header.code, MessageClass::Request(RequestType::Get));
+    let mut ack = Packet::new();
+    ack.header.set_type(MessageType::Acknowledgement);
+    ack.header.code = MessageClass::Response(ResponseType::Content);
+    ack.header.message_id = read.header.message_id;
+    ack.set_token(read.get_token().to_vec());
+    ack.add_option(CoapOption::ContentFormat, vec![]);
+    ack.payload = b"wolfSSL".to_vec();
+    w.send(&ack);
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["payload"], support::b64(b"wolfSSL").as_str(), "{r}");
+
+    // The new port answered the daemon's check, so it gets more than 3 times what it
+    // sent: a 600-byte write arrives whole.
+    let value = vec![b'w'; 600];
+    let id = d.async_request(
+        "PUT",
+        "/v2/endpoints/wolf-dev/3/0/15",
+        Some("text/plain"),
+        Some(&value),
+    );
+    let (write, _) = w.receive(WAIT);
+    let write = write.expect("the write at the new port");
+    assert_eq!(write.header.code, MessageClass::Request(RequestType::Put));
+    assert_eq!(write.payload, value);
+    let mut ack = Packet::new();
+    ack.header.set_type(MessageType::Acknowledgement);
+    ack.header.code = MessageClass::Response(ResponseType::Changed);
+    ack.header.message_id = write.header.message_id;
+    ack.set_token(write.get_token().to_vec());
+    w.send(&ack);
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+    assert_eq!(metric(&d, "coap_dtls_unverified_dropped_total"), 0);
+    assert_eq!(metric(&d, "coap_dtls_handshakes_total"), 1);
+    assert_eq!(metric(&d, "coap_dtls_sessions"), 1);
+}
+
+/// RFC 9146 §6 and §8: an on-path attacker who copies a device's newer record and
+/// delivers it first from a victim's address moves the session there, but the daemon
+/// sends the victim at most 3 times the bytes it got from there until the device answers
+/// a CoAP ping from that address: the application's 600-byte write is dropped (counted)
+/// instead of going to the victim. The device's next record from its own address moves
+/// the session back, unchecked (the address was verified), and the write (retransmitted
+/// by the CoAP layer) reaches it there.
+#[test]
+fn a_replayed_record_from_another_address_gets_that_address_little_traffic() {
+    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+    use connectord::coap::dtls::client::{ClientAuth, ClientConfig};
+    use std::net::UdpSocket;
+    use std::time::{Duration, Instant};
+    const WAIT: Duration = Duration::from_secs(10);
+
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+    let key = *b"amp-device-key16";
+    let r = put_psk(&d, "amp-dev", "amp-id", &hex::encode(key));
+    assert!(r.status < 300, "{} {}", r.status, r.body);
+    let cfg = ClientConfig::new(ClientAuth::Psk {
+        identity: b"amp-id".to_vec(),
+        key: key.to_vec(),
+    })
+    .unwrap();
+    let request = |mid: u16, path: &[String]| {
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(RequestType::Post);
+        p.header.message_id = mid;
+        p.set_token(vec![mid as u8]);
+        for s in path {
+            p.add_option(CoapOption::UriPath, s.as_bytes().to_vec());
+        }
+        p
+    };
+
+    let home = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut c = cid::connect(&cfg, &home, dtls);
+    let mut reg = request(1, &["rd".to_string()]);
+    reg.add_option(CoapOption::UriQuery, b"ep=amp-dev".to_vec());
+    reg.add_option(CoapOption::ContentFormat, vec![40]);
+    reg.payload = b"</3/0>".to_vec();
+    cid::send(&mut c, &home, dtls, &reg);
+    let (created, _) = cid::receive(&mut c, &home, dtls, WAIT);
+    let created = created.expect("registration answer");
+    assert_eq!(
+        created.header.code,
+        MessageClass::Response(ResponseType::Created)
+    );
+    let location: Vec<String> = created
+        .get_option(CoapOption::LocationPath)
+        .expect("Location-Path")
+        .iter()
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+
+    // The device's update, delivered first from the victim's address.
+    let victim = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let records = c.send(&request(2, &location).to_bytes().unwrap()).unwrap();
+    let injected: usize = records.iter().map(Vec::len).sum();
+    for r in &records {
+        victim.send_to(r, dtls).unwrap();
+    }
+    // The application writes 600 bytes to the device meanwhile.
+    let value = vec![b'x'; 600];
+    let write = d.async_request(
+        "PUT",
+        "/v2/endpoints/amp-dev/3/0/15",
+        Some("text/plain"),
+        Some(&value),
+    );
+    victim
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut received = 0;
+    let mut buf = [0u8; 4096];
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        if let Ok(n) = victim.recv(&mut buf) {
+            received += n;
+        }
+    }
+    assert!(
+        received > 0,
+        "the victim's address got the session (it moved)"
+    );
+    assert!(
+        received <= 3 * injected,
+        "{received} bytes sent to an unverified address for {injected} received"
+    );
+    eprintln!("{received} bytes to the unverified address for {injected} from it");
+    assert!(metric(&d, "coap_dtls_unverified_dropped_total") > 0);
+
+    // The device's next record, from home, moves the session back: no check, and the
+    // application's write (retransmitted) reaches it.
+    cid::send(&mut c, &home, dtls, &request(3, &location));
+    let deadline = Instant::now() + WAIT;
+    let mut answered = 0;
+    while answered == 0 && Instant::now() < deadline {
+        let (m, pings) = cid::receive(&mut c, &home, dtls, WAIT);
+        assert_eq!(pings, 0, "the home address was verified");
+        let m = m.expect("a message at home");
+        if m.header.code == MessageClass::Request(RequestType::Put) {
+            assert_eq!(m.payload, value);
+            let mut ack = Packet::new();
+            ack.header.set_type(MessageType::Acknowledgement);
+            ack.header.code = MessageClass::Response(ResponseType::Changed);
+            ack.header.message_id = m.header.message_id;
+            ack.set_token(m.get_token().to_vec());
+            cid::send(&mut c, &home, dtls, &ack);
+            answered += 1;
+        }
+    }
+    assert!(answered > 0, "the write reached the device at home");
+    let r = d.async_response(&write, WAIT);
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(metric(&d, "coap_dtls_handshakes_total"), 1);
 }

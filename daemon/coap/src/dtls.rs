@@ -39,6 +39,12 @@
 //!   `PeerRef.session`) stays the handshake's address; records go to `Peer::to`, which
 //!   moves to a datagram's source only when one of its records authenticated and is newer
 //!   than every earlier one (RFC 9146 §6, `Dtls::take_newer_record`).
+//! - **A new address is checked** (`Probe`, RFC 9146 §6 and §8): a CoAP ping inside the
+//!   session, answered by a Reset from that address, verifies it; until then at most
+//!   [`AMPLIFICATION`] times the bytes received from it are sent there (the rest is
+//!   dropped and counted, `Event::DtlsUnverifiedDropped`), so a record an attacker
+//!   replays from a victim's address cannot make the daemon flood the victim. Moving back
+//!   to the last verified address is not checked.
 //!
 //! Not done: a ClientHello fragmented over several records before the cookie exchange
 //! (dropped), session resumption (a returning device does a full handshake).
@@ -72,6 +78,18 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// that report now and then) holds its session in about 3.5 KB of heap instead of
 /// about 10.5 KB (measured: `tests/dtls_memory.rs`, docs/PERFORMANCE.md).
 pub const TRIM_AFTER: Duration = Duration::from_secs(1);
+
+/// A session's address not yet shown to reach the peer (RFC 9146 §6, see `Probe`) is
+/// sent at most this many times the bytes received from it (the anti-amplification
+/// factor of RFC 9000 §8).
+pub const AMPLIFICATION: usize = 3;
+
+/// The CoAP ping to an unverified address is sent again after this long (CoAP's
+/// ACK_TIMEOUT) ...
+pub const PROBE_RETRY: Duration = Duration::from_secs(2);
+
+/// ... at most this many times in all (1 + CoAP's MAX_RETRANSMIT).
+const PROBE_TRIES: u8 = 5;
 
 /// Decrypted messages waiting for the receive loop, at most (more are dropped: the peer
 /// retransmits).
@@ -203,11 +221,97 @@ struct Peer {
     /// Where records to the peer go: the handshake's address until a newer record
     /// authenticates from another one (RFC 9146 §6).
     to: SocketAddr,
+    /// While `to` is not shown to reach the peer: what may still be sent there.
+    probe: Option<Box<Probe>>,
     /// The connection ID incoming records carry (RFC 9146), once established with one.
     cid: Option<Box<[u8]>>,
     /// Whether dimpl's handshake-only memory was given back (`Dtls::trim`) since the
     /// last datagram either way; see [`TRIM_AFTER`].
     trimmed: bool,
+}
+
+/// The return-routability check of a session's new address (RFC 9146 §6 and §8: an
+/// on-path attacker can replay a device's newer record from a victim's address and so
+/// move the session there). Until the device answers, from that address, a CoAP ping
+/// (an Empty CON, RFC 7252 §4.3, inside the session: only the device can answer it) with
+/// a Reset, at most [`AMPLIFICATION`] times the bytes received from the address are sent
+/// there; other packets are dropped (and counted: the CoAP layer retransmits its
+/// requests). Moving back to the last verified address needs no check.
+struct Probe {
+    /// The last address known to reach the peer (the handshake's, or one that answered).
+    verified: SocketAddr,
+    /// The message ID of our ping.
+    mid: u16,
+    /// Bytes that may still be sent to the unverified address.
+    budget: usize,
+    /// When the ping was last sent, and how many times.
+    sent: Instant,
+    tries: u8,
+}
+
+impl Peer {
+    /// An authenticated record newer than every earlier one came from `from`, another
+    /// address than `to`, in a datagram of `len` bytes: records go there from now on,
+    /// checked unless it is the last verified address.
+    fn move_to(&mut self, from: SocketAddr, len: usize, now: Instant) {
+        let verified = self.probe.as_ref().map_or(self.to, |p| p.verified);
+        self.to = from;
+        if from == verified {
+            self.probe = None;
+            return;
+        }
+        self.probe = Some(Box::new(Probe {
+            verified,
+            mid: rand::random(),
+            budget: AMPLIFICATION.saturating_mul(len),
+            sent: now,
+            tries: 0,
+        }));
+        self.ping(now);
+    }
+
+    /// Sends the probe's CoAP ping (into dimpl's output; `drain` sends it, within the
+    /// budget).
+    fn ping(&mut self, now: Instant) {
+        if let Some(p) = self.probe.as_mut() {
+            let [hi, lo] = p.mid.to_be_bytes();
+            p.sent = now;
+            p.tries += 1;
+            // An Empty CON: version 1, type CON, no token; code 0.00.
+            if let Err(e) = self.dtls.send_application_data(&[0x40, 0x00, hi, lo]) {
+                tracing::debug!("DTLS address probe not sent: {e}");
+            }
+        }
+    }
+
+    /// Whether `data`, received from `src`, is the Reset answering our ping from the
+    /// address being checked; if so the address is verified.
+    fn pong(&mut self, data: &[u8], src: Option<SocketAddr>) -> bool {
+        let answered = self.probe.as_ref().is_some_and(|p| {
+            src == Some(self.to)
+                && data.len() == 4
+                && data[0] & 0xf0 == 0x70
+                && data[1] == 0
+                && data[2..4] == p.mid.to_be_bytes()
+        });
+        if answered {
+            tracing::debug!(to = %self.to, "DTLS session address verified");
+            self.probe = None;
+        }
+        answered
+    }
+
+    /// Queues a packet for `to`, within the probe's budget; false when it was dropped.
+    fn emit(&mut self, packet: &[u8], out: &mut Outgoing) -> bool {
+        if let Some(p) = self.probe.as_mut() {
+            if packet.len() > p.budget {
+                return false;
+            }
+            p.budget -= packet.len();
+        }
+        out.push((packet.to_vec(), self.to));
+        true
+    }
 }
 
 #[derive(Default)]
@@ -421,15 +525,29 @@ impl DtlsListener {
                 .handle_timeout(now)
                 .and_then(|()| peer.dtls.handle_packet(bytes));
             // RFC 9146 §6: the peer moves to the address of a record that authenticated
-            // and is newer than any before it (a replayed or late one does not move it).
+            // and is newer than any before it (a replayed or late one does not move it);
+            // a new address is checked first (`Probe`).
             if peer.dtls.take_newer_record() && peer.to != from && step.is_ok() {
                 tracing::debug!(peer = %key, to = %from, "DTLS session moved");
-                peer.to = from;
+                peer.move_to(from, bytes.len(), now);
+            } else if peer.to == from
+                && let Some(p) = peer.probe.as_mut()
+            {
+                p.budget = p
+                    .budget
+                    .saturating_add(AMPLIFICATION.saturating_mul(bytes.len()));
             }
             let verdict = match step {
                 Ok(()) => {
                     take_psk_identity(keys, peer);
-                    drain(keys, peer, key, &mut out, &mut st.ready, &*self.metrics)
+                    drain(
+                        keys,
+                        peer,
+                        (key, Some(from)),
+                        &mut out,
+                        &mut st.ready,
+                        &*self.metrics,
+                    )
                 }
                 Err(e) => {
                     tracing::debug!(peer = %key, "DTLS session failed: {e}");
@@ -492,6 +610,7 @@ impl DtlsListener {
             last: now,
             timer: None,
             to: from,
+            probe: None,
             cid: None,
             trimmed: false,
         });
@@ -501,7 +620,7 @@ impl DtlsListener {
                 drain(
                     keys,
                     &mut peer,
-                    from,
+                    (from, None),
                     &mut out,
                     &mut st.ready,
                     &*self.metrics,
@@ -567,9 +686,18 @@ impl DtlsListener {
             if peer.established && now.duration_since(peer.last) > self.limits.idle {
                 let _ = peer.dtls.close();
                 let mut scratch = vec![0u8; 256];
-                drain_packets(&mut peer.dtls, &mut scratch, peer.to, &mut out);
+                drain_packets(peer, &mut scratch, &mut out, &*self.metrics);
                 settled.push((*addr, Verdict::Closed));
                 continue;
+            }
+            if peer
+                .probe
+                .as_ref()
+                .is_some_and(|p| p.tries < PROBE_TRIES && now.duration_since(p.sent) >= PROBE_RETRY)
+            {
+                peer.ping(now);
+                let mut scratch = vec![0u8; 256];
+                drain_packets(peer, &mut scratch, &mut out, &*self.metrics);
             }
             if peer.established && !peer.trimmed && now.duration_since(peer.last) >= TRIM_AFTER {
                 peer.dtls.trim();
@@ -577,7 +705,14 @@ impl DtlsListener {
             }
             if peer.timer.is_some_and(|t| t <= now) {
                 let verdict = match peer.dtls.handle_timeout(now) {
-                    Ok(()) => drain(keys, peer, *addr, &mut out, &mut st.ready, &*self.metrics),
+                    Ok(()) => drain(
+                        keys,
+                        peer,
+                        (*addr, None),
+                        &mut out,
+                        &mut st.ready,
+                        &*self.metrics,
+                    ),
                     Err(_) => Verdict::Failed,
                 };
                 if verdict != Verdict::Going {
@@ -618,13 +753,14 @@ enum Verdict {
     Closed,
 }
 
-/// Polls a session's output: packets to `out` (to the peer's current address),
-/// plaintext to `ready` (from the session key `from`), the certificate checked, the
-/// handshake's end reported.
+/// Polls a session's output: packets to `out` (to the peer's current address, within a
+/// [`Probe`]'s budget), plaintext to `ready` (from the session key `from`; the Reset
+/// answering a probe taken out when it came from `src`, the datagram's source), the
+/// certificate checked, the handshake's end reported.
 fn drain(
     keys: &Keys,
     peer: &mut Peer,
-    from: SocketAddr,
+    (from, src): (SocketAddr, Option<SocketAddr>),
     out: &mut Outgoing,
     ready: &mut VecDeque<(Vec<u8>, SocketAddr)>,
     metrics: &dyn Metrics,
@@ -633,7 +769,12 @@ fn drain(
     let mut verdict = Verdict::Going;
     loop {
         match peer.dtls.poll_output(&mut scratch) {
-            Output::Packet(p) => out.push((p.to_vec(), peer.to)),
+            Output::Packet(p) => {
+                let p = p.to_vec();
+                if !peer.emit(&p, out) {
+                    metrics.count(Event::DtlsUnverifiedDropped);
+                }
+            }
             Output::BufferTooSmall { needed } => scratch.resize(needed, 0),
             Output::Timeout(t) => {
                 peer.timer = Some(t);
@@ -660,7 +801,7 @@ fn drain(
                 verdict = Verdict::Established;
             }
             Output::ApplicationData(data) => {
-                if !peer.established {
+                if !peer.established || peer.pong(data, src) {
                     continue;
                 }
                 if ready.len() >= MAX_READY {
@@ -675,11 +816,22 @@ fn drain(
     }
 }
 
-/// Drains only the packets (a closing session).
-fn drain_packets(dtls: &mut Dtls, scratch: &mut Vec<u8>, to: SocketAddr, out: &mut Outgoing) {
+/// Drains only the packets (a closing session, a message of ours, a probe), within a
+/// [`Probe`]'s budget.
+fn drain_packets(
+    peer: &mut Peer,
+    scratch: &mut Vec<u8>,
+    out: &mut Outgoing,
+    metrics: &dyn Metrics,
+) {
     loop {
-        match dtls.poll_output(scratch) {
-            Output::Packet(p) => out.push((p.to_vec(), to)),
+        match peer.dtls.poll_output(scratch) {
+            Output::Packet(p) => {
+                let p = p.to_vec();
+                if !peer.emit(&p, out) {
+                    metrics.count(Event::DtlsUnverifiedDropped);
+                }
+            }
             Output::BufferTooSmall { needed } => scratch.resize(needed, 0),
             Output::Timeout(_) => return,
             _ => {}
@@ -774,7 +926,7 @@ impl Listener for DtlsListener {
                 .map_err(|e| io::Error::other(e.to_string()))?;
             let mut out = Vec::new();
             let mut scratch = vec![0u8; 2048];
-            drain_packets(&mut peer.dtls, &mut scratch, peer.to, &mut out);
+            drain_packets(peer, &mut scratch, &mut out, &*self.metrics);
             out
         };
         self.send_all(out).await;
@@ -803,7 +955,7 @@ impl Listener for DtlsListener {
             for addr in &doomed {
                 if let Some(mut p) = st.forget(*addr) {
                     let _ = p.dtls.close();
-                    drain_packets(&mut p.dtls, &mut scratch, p.to, &mut out);
+                    drain_packets(&mut p, &mut scratch, &mut out, &*self.metrics);
                 }
             }
             doomed.len()

@@ -56,6 +56,9 @@ pub enum Event {
     /// A TLS connection closed without a signal: the device closed it, or a read or
     /// write failed.
     TlsClosed,
+    /// A DTLS record to a session's new address, not yet verified, was dropped: beyond
+    /// `AMPLIFICATION` times the bytes received from there (RFC 9146 §6, `dtls::Probe`).
+    DtlsUnverifiedDropped,
 }
 
 /// The host's counters, as the message layer reports to them.
@@ -65,10 +68,13 @@ pub trait Metrics: Send + Sync + 'static {
     fn request_latency(&self, elapsed: Duration);
 }
 
+/// How many [`Event`]s there are: the last one's index + 1 (keep it the last variant).
+const EVENTS: usize = Event::DtlsUnverifiedDropped as usize + 1;
+
 /// A plain implementation: one atomic per [`Event`] (tests, embedders without metrics).
 #[derive(Debug, Default)]
 pub struct Counters {
-    events: [AtomicU64; 20],
+    events: [AtomicU64; EVENTS],
     requests: AtomicU64,
 }
 

@@ -428,6 +428,40 @@ async fn receive(
     server: SocketAddr,
     wait: Duration,
 ) -> Option<Packet> {
+    receive_pinged(c, sock, server, wait).await.0
+}
+
+/// The next message from the session, CoAP pings (Empty CON: the listener's check of a
+/// new address) answered with a Reset from `sock`; how many.
+async fn receive_pinged(
+    c: &mut DtlsClient,
+    sock: &UdpSocket,
+    server: SocketAddr,
+    wait: Duration,
+) -> (Option<Packet>, usize) {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut pings = 0;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(p) = receive_any(c, sock, server, left).await else {
+            return (None, pings);
+        };
+        if is_ping(&p) {
+            answer_ping(c, sock, server, &p).await;
+            pings += 1;
+            continue;
+        }
+        return (Some(p), pings);
+    }
+}
+
+/// The next message from the session, pings included.
+async fn receive_any(
+    c: &mut DtlsClient,
+    sock: &UdpSocket,
+    server: SocketAddr,
+    wait: Duration,
+) -> Option<Packet> {
     let mut buf = vec![0u8; 4096];
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -442,6 +476,19 @@ async fn receive(
             sock.send_to(&r, server).await.unwrap();
         }
     }
+}
+
+fn is_ping(p: &Packet) -> bool {
+    p.header.code == MessageClass::Empty && p.header.get_type() == MessageType::Confirmable
+}
+
+/// A Reset to a CoAP ping (RFC 7252 §4.3), from `sock`.
+async fn answer_ping(c: &mut DtlsClient, sock: &UdpSocket, server: SocketAddr, ping: &Packet) {
+    let mut rst = Packet::new();
+    rst.header.set_type(MessageType::Reset);
+    rst.header.code = MessageClass::Empty;
+    rst.header.message_id = ping.header.message_id;
+    send_via(c, sock, server, &rst.to_bytes().unwrap()).await;
 }
 
 async fn send_via(c: &mut DtlsClient, sock: &UdpSocket, server: SocketAddr, msg: &[u8]) {
@@ -482,10 +529,10 @@ async fn connection_id_keeps_the_session_across_an_address_change() {
     for r in &records {
         moved.send_to(r, s.dtls).await.unwrap();
     }
-    let answer = receive(&mut c, &moved, s.dtls, Duration::from_secs(5))
-        .await
-        .expect("the answer at the new address");
+    let (answer, pings) = receive_pinged(&mut c, &moved, s.dtls, Duration::from_secs(5)).await;
+    let answer = answer.expect("the answer at the new address");
     assert_eq!(answer.header.message_id, 2);
+    assert_eq!(pings, 1, "the new address is checked (RFC 9146 §6)");
     assert_eq!(
         String::from_utf8_lossy(&answer.payload),
         "Some(Psk(\"dev-1\"))"
@@ -722,4 +769,89 @@ fn dimpl_connection_ids_both_ways_ccm8_and_gcm() {
         assert_eq!(got, b"plain");
         assert_eq!(wire[0][0], 23, "application_data");
     }
+}
+
+/// RFC 9146 §6: until the device answers the listener's check of its new address (a CoAP
+/// ping in the session) from there, the address gets at most 3 times the bytes it sent: a
+/// 600-byte request of the daemon is held back (counted) while the first ping goes
+/// unanswered; the ping is repeated, the device answers the second one, and the request
+/// (retransmitted by the message layer) then reaches it at the new address.
+#[tokio::test]
+async fn an_unanswered_address_check_holds_back_big_requests_until_answered() {
+    let s = start(100);
+    let first = socket().await;
+    let mut c = DtlsClient::connect(
+        &psk("dev-1", b"secret-key-16byt"),
+        &first,
+        s.dtls,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("handshake");
+    exchange(&mut c, &first, s.dtls, 1).await;
+
+    let moved = socket().await;
+    send_via(&mut c, &moved, s.dtls, &get(2)).await;
+    let mut answered = false;
+    let mut ping = None;
+    while !(answered && ping.is_some()) {
+        let m = receive_any(&mut c, &moved, s.dtls, Duration::from_secs(5))
+            .await
+            .expect("the answer and the ping at the new address");
+        if is_ping(&m) {
+            ping = Some(m);
+        } else {
+            assert_eq!(m.header.message_id, 2);
+            answered = true;
+        }
+    }
+    // The first ping is not answered.
+
+    let peer = PeerRef {
+        listener: ListenerId {
+            kind: ListenerKind::Dtls,
+            local: s.dtls,
+        },
+        session: first.local_addr().unwrap(),
+    };
+    let t = s.transport.clone();
+    let mut put = OutRequest::new(RequestType::Put, "/3/0/15");
+    put.payload = vec![b'x'; 600];
+    let write = tokio::spawn(async move { t.request(peer, &put).await });
+    let mut second = None;
+    let mut held_back = true;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while second.is_none() && tokio::time::Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match receive_any(&mut c, &moved, s.dtls, left).await {
+            Some(m) if is_ping(&m) => second = Some(m),
+            Some(_) => held_back = false,
+            None => break,
+        }
+    }
+    assert!(
+        held_back,
+        "a 600-byte request went to an unverified address"
+    );
+    assert!(s.counters.get(Event::DtlsUnverifiedDropped) >= 1);
+    let second = second.expect("the ping again (after 2 s)");
+    answer_ping(&mut c, &moved, s.dtls, &second).await;
+
+    let (req, _) = receive_pinged(&mut c, &moved, s.dtls, Duration::from_secs(15)).await;
+    let req = req.expect("the request once the address answered");
+    assert_eq!(req.header.code, MessageClass::Request(RequestType::Put));
+    assert_eq!(req.payload.len(), 600);
+    let mut ack = Packet::new();
+    ack.header.set_type(MessageType::Acknowledgement);
+    ack.header.code = MessageClass::Response(ResponseType::Changed);
+    ack.header.message_id = req.header.message_id;
+    ack.set_token(req.get_token().to_vec());
+    send_via(&mut c, &moved, s.dtls, &ack.to_bytes().unwrap()).await;
+    let reply = tokio::time::timeout(Duration::from_secs(5), write)
+        .await
+        .expect("the write completes")
+        .unwrap()
+        .expect("the device's answer");
+    assert_eq!(reply.code, ResponseType::Changed);
+    assert_eq!(s.counters.get(Event::DtlsHandshake), 1);
 }

@@ -115,6 +115,9 @@ counters! {
     /// CoAP-over-TLS handshakes failed (TLS error, no or refused client certificate, a
     /// certificate without a CN, coap.tls_handshake_timeout_s).
     coap_tls_handshakes_failed,
+    /// DTLS records not sent to a session's new address before the device showed it is
+    /// there (beyond 3 times the bytes received from it; RFC 9146 §6).
+    coap_dtls_unverified_dropped,
     /// LwM2M registrations accepted.
     registrations,
     /// LwM2M registration updates accepted.
@@ -275,6 +278,7 @@ impl connectord_coap::Metrics for Counters {
             Event::TlsIdle => &self.coap_tls_closed.idle,
             Event::TlsRevoked => &self.coap_tls_closed.revoked,
             Event::TlsClosed => &self.coap_tls_closed.closed,
+            Event::DtlsUnverifiedDropped => &self.coap_dtls_unverified_dropped,
         };
         Counters::inc(c);
     }

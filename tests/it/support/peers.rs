@@ -226,3 +226,119 @@ impl Drop for Lwm2mDevice {
         let _ = self.child.wait();
     }
 }
+
+/// wolfSSL's DTLS 1.2 client with RFC 9146 Connection ID (tests/peers/wolfssl-cid/client.c),
+/// built once under the cargo target directory (guarded by a file lock). wolfSSL's source
+/// comes from crates.io inside the crate `wolfssl-sys` (`cargo fetch --locked` on
+/// tests/peers/wolfssl-cid/Cargo.toml, the same version every time); it is compiled with
+/// gcc and that folder's `user_settings.h`, which turns the Connection ID on (neither the
+/// crate's own build nor Debian's libwolfssl has it). Needs crates.io (or the cargo
+/// cache) and gcc; fails otherwise.
+pub fn wolfssl_cid_client() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/wolfssl-cid");
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let out = base.join("wolfssl-cid");
+    std::fs::create_dir_all(&out).unwrap();
+    let lock = std::fs::File::create(base.join("wolfssl-cid.lock")).unwrap();
+    lock.lock().expect("lock");
+    let bin = out.join("wolfssl-cid-client");
+    // Rebuilt when an input of ours is newer than the binary.
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let built = modified(&bin);
+    if built.is_some()
+        && ["client.c", "user_settings.h", "Cargo.lock"]
+            .iter()
+            .all(|f| modified(&dir.join(f)) <= built)
+    {
+        return bin;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = dir.join("Cargo.toml");
+    let ok = Command::new(&cargo)
+        .args(["fetch", "--locked", "--manifest-path"])
+        .arg(&manifest)
+        .status()
+        .expect("cargo fetch")
+        .success();
+    assert!(
+        ok,
+        "cargo fetch of wolfssl-sys failed (crates.io must be reachable)"
+    );
+    let meta = Command::new(&cargo)
+        .args([
+            "metadata",
+            "--locked",
+            "--format-version",
+            "1",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .output()
+        .expect("cargo metadata");
+    assert!(
+        meta.status.success(),
+        "cargo metadata of {}",
+        manifest.display()
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&meta.stdout).expect("metadata JSON");
+    let src = meta["packages"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "wolfssl-sys"))
+        .and_then(|p| p["manifest_path"].as_str())
+        .map(|m| PathBuf::from(m).with_file_name("wolfssl-src"))
+        .expect("wolfssl-sys in cargo metadata");
+    let mut sources: Vec<PathBuf> = ["src", "wolfcrypt/src"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(src.join(d)).expect("wolfSSL source"))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "c"))
+        .collect();
+    sources.sort();
+    let include = |c: &mut Command| {
+        c.arg("-O1")
+            .arg("-DWOLFSSL_USER_SETTINGS")
+            .arg("-I")
+            .arg(&dir)
+            .arg("-I")
+            .arg(&src);
+    };
+    // Compiled two at a time (the machines have few cores); files of features that are
+    // off compile to nothing.
+    let mut objects = Vec::new();
+    for chunk in sources.chunks(2) {
+        let children: Vec<_> = chunk
+            .iter()
+            .map(|c| {
+                let o = out.join(c.file_stem().unwrap()).with_extension("o");
+                let mut cmd = Command::new("gcc");
+                include(&mut cmd);
+                let child = cmd
+                    .arg("-w")
+                    .arg("-c")
+                    .arg(c)
+                    .arg("-o")
+                    .arg(&o)
+                    .spawn()
+                    .expect("gcc (install gcc)");
+                objects.push(o);
+                (c, child)
+            })
+            .collect();
+        for (c, mut child) in children {
+            assert!(child.wait().unwrap().success(), "gcc {}", c.display());
+        }
+    }
+    let mut link = Command::new("gcc");
+    include(&mut link);
+    let ok = link
+        .arg("-Wall")
+        .arg(dir.join("client.c"))
+        .args(&objects)
+        .args(["-lm", "-o"])
+        .arg(&bin)
+        .status()
+        .expect("gcc")
+        .success();
+    assert!(ok, "linking the wolfSSL client failed");
+    bin
+}

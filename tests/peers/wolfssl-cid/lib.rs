@@ -1,0 +1,1 @@
+//! Empty: this package only names wolfSSL's source crate (see Cargo.toml).
