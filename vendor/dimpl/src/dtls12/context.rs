@@ -110,6 +110,26 @@ impl CryptoContext {
         }
     }
 
+    /// Drops the key material only the handshake needs once the record ciphers exist
+    /// (connectord patch, `Dtls::trim`): the key exchange (private) and our public key,
+    /// the pre-master secret, the PSK, and the write and MAC keys the ciphers were made
+    /// from. The master secret and the randoms stay (keying material export); the
+    /// server's certificate and signing key (certificate mode) stay too. Before the
+    /// ciphers exist, nothing is dropped.
+    pub fn trim(&mut self) {
+        if self.client_cipher.is_none() || self.server_cipher.is_none() {
+            return;
+        }
+        self.key_exchange = None;
+        self.key_exchange_public_key = None;
+        self.pre_master_secret = None;
+        self.psk = None;
+        self.client_write_key = None;
+        self.server_write_key = None;
+        self.client_mac_key = None;
+        self.server_mac_key = None;
+    }
+
     pub fn provider(&self) -> &crypto::CryptoProvider {
         self.config.crypto_provider()
     }
