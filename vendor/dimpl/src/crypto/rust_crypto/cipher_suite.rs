@@ -1,8 +1,8 @@
 //! Cipher suite implementations using RustCrypto.
 use aes_gcm::aead::AeadInOut;
+use aes_gcm::aes::cipher::consts::U12;
 use aes_gcm::aes::cipher::{BlockCipherEncrypt, KeyInit as BlockKeyInit};
 use aes_gcm::aes::{Aes128, Aes256};
-use aes_gcm::aes::cipher::consts::U12;
 
 /// AES-GCM over the encryption-only AES key schedules (connectord patch, issue 21, memory
 /// per session): GCM runs the block cipher forward only (CTR and the hash key), so the
