@@ -69,7 +69,7 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// handshake and its buffer pool (`Dtls::trim`, our patch in `vendor/dimpl`), checked on
 /// the [`TICK`] sweep. Decision: not after every datagram, since a busy session would
 /// then allocate its buffers anew for each record; a quiet one (most of 10 000 devices
-/// that report now and then) holds its session in about 2.2 KB of heap (measured:
+/// that report now and then) holds its session in about 2.0 KB of heap (measured:
 /// `tests/dtls_memory.rs`, docs/PERFORMANCE.md; 10.5 KB before trimming existed).
 pub const TRIM_AFTER: Duration = Duration::from_secs(1);
 
