@@ -75,8 +75,8 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// handshake and its buffer pool (`Dtls::trim`, our patch in `vendor/dimpl`), checked on
 /// the [`TICK`] sweep. Decision: not after every datagram, since a busy session would
 /// then allocate its buffers anew for each record; a quiet one (most of 10 000 devices
-/// that report now and then) holds its session in about 3.5 KB of heap instead of
-/// about 10.5 KB (measured: `tests/dtls_memory.rs`, docs/PERFORMANCE.md).
+/// that report now and then) holds its session in about 2.0 KB of heap (measured:
+/// `tests/dtls_memory.rs`, docs/PERFORMANCE.md; 10.5 KB before trimming existed).
 pub const TRIM_AFTER: Duration = Duration::from_secs(1);
 
 /// A session's address not yet shown to reach the peer (RFC 9146 §6, see `Probe`) is
@@ -316,9 +316,9 @@ impl Peer {
 
 #[derive(Default)]
 struct State {
-    /// Boxed: a `Peer` is about 3.5 KB (dimpl's `Dtls` holds its state inline), and the
-    /// map keeps up to twice as many slots as entries (power-of-two growth), so inline
-    /// entries cost up to 7 KB of slots each; boxed, a slot is a pointer.
+    /// Boxed: the map keeps up to about twice as many slots as entries (power-of-two
+    /// growth), so a `Peer` inline (208 bytes since dimpl boxes its own state; 3.5 KB
+    /// before) would cost up to twice its size in slots; boxed, a slot is a pointer.
     peers: Map<SocketAddr, Box<Peer>>,
     /// Established sessions by their connection ID.
     by_cid: Map<Box<[u8]>, SocketAddr>,

@@ -855,3 +855,150 @@ async fn an_unanswered_address_check_holds_back_big_requests_until_answered() {
     assert_eq!(reply.code, ResponseType::Changed);
     assert_eq!(s.counters.get(Event::DtlsHandshake), 1);
 }
+
+/// Everything `from` has to send now, and whether it reported Connected meanwhile.
+fn outgoing(from: &mut dimpl::Dtls) -> (Vec<Vec<u8>>, bool) {
+    let mut buf = vec![0u8; 4096];
+    let (mut wire, mut connected) = (Vec::new(), false);
+    loop {
+        match from.poll_output(&mut buf) {
+            dimpl::Output::Packet(p) => wire.push(p.to_vec()),
+            dimpl::Output::Connected => connected = true,
+            dimpl::Output::Timeout(_) => return (wire, connected),
+            _ => {}
+        }
+    }
+}
+
+/// The patched dimpl's `Dtls::trim` (issue 21, memory per session) and the server's
+/// last flight (RFC 6347 §4.2.4). A server whose final flight (ChangeCipherSpec,
+/// Finished) was lost is trimmed before the client has it: the client's retransmitted
+/// flight still gets the server's flight again, and the session then carries data both
+/// ways. Once the client's application data proved that it has our Finished, a trim
+/// drops the flight: a replay of the client's final flight gets nothing back, and the
+/// session still carries data both ways. With the PSK CCM_8 suite and the ECDHE-ECDSA
+/// GCM one (both with their encryption-only AES key schedules).
+#[test]
+fn dimpl_trim_keeps_the_last_flight_until_the_client_has_it() {
+    use dimpl::{Config, Dtls, DtlsCertificate};
+    let psk = |client: bool| {
+        let b = Config::builder();
+        let b = if client {
+            b.with_psk_client(b"dev".to_vec(), Arc::new(AnyPsk))
+        } else {
+            b.with_psk_server(None, Arc::new(AnyPsk))
+                .use_server_cookie(false)
+        };
+        let b = b
+            .dtls12_cipher_suites(&[dimpl::crypto::Dtls12CipherSuite::PSK_AES128_CCM_8])
+            .dtls13_cipher_suites(&[]);
+        Arc::new(b.build().unwrap())
+    };
+    let cert = || {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let c = rcgen::CertificateParams::new(vec!["dev".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        DtlsCertificate {
+            certificate: c.der().to_vec(),
+            private_key: key.serialize_der(),
+        }
+    };
+    let ecdsa = || {
+        Arc::new(
+            Config::builder()
+                .dtls12_cipher_suites(&[
+                    dimpl::crypto::Dtls12CipherSuite::ECDHE_ECDSA_AES128_GCM_SHA256,
+                ])
+                .dtls13_cipher_suites(&[])
+                .use_server_cookie(false)
+                .build()
+                .unwrap(),
+        )
+    };
+    let start = Instant::now();
+    let make = |name: &str| -> (Dtls, Dtls) {
+        match name {
+            "psk" => (
+                Dtls::new_12_psk(psk(true), start),
+                Dtls::new_12_psk(psk(false), start),
+            ),
+            _ => (
+                Dtls::new_12(ecdsa(), cert(), start),
+                Dtls::new_12(ecdsa(), cert(), start),
+            ),
+        }
+    };
+    for name in ["psk", "ecdsa"] {
+        // Handshake until the server completes; its final flight is lost.
+        let (mut client, mut server) = make(name);
+        client.set_active(true);
+        let _ = client.handle_timeout(start);
+        let _ = server.handle_timeout(start);
+        let mut client_final = Vec::new();
+        let mut server_done = false;
+        for _ in 0..20 {
+            let (to_server, _) = outgoing(&mut client);
+            for p in &to_server {
+                server.handle_packet(p).expect("a valid record");
+            }
+            let (to_client, done) = outgoing(&mut server);
+            if done {
+                server_done = true;
+                client_final = to_server;
+                break;
+            }
+            for p in &to_client {
+                client.handle_packet(p).expect("a valid record");
+            }
+        }
+        assert!(server_done, "{name}: the server completed");
+        assert!(
+            !client_final.is_empty(),
+            "{name}: the client's final flight"
+        );
+        // Quiet, so trimmed; the client did not get the server's Finished.
+        server.trim();
+        // The client's timer resends its flight; the server answers with its own again.
+        let later = start + Duration::from_secs(3);
+        let _ = client.handle_timeout(later);
+        let _ = server.handle_timeout(later);
+        let (again, _) = outgoing(&mut client);
+        assert!(!again.is_empty(), "{name}: the client resends its flight");
+        for p in &again {
+            server.handle_packet(p).expect("a valid record");
+        }
+        let (flight, _) = outgoing(&mut server);
+        assert!(
+            !flight.is_empty(),
+            "{name}: the trimmed server resends its last flight"
+        );
+        for p in &flight {
+            client.handle_packet(p).expect("a valid record");
+        }
+        assert!(
+            outgoing(&mut client).1,
+            "{name}: the client completes with the resent flight"
+        );
+        let (_, got) = carry(&mut client, &mut server, b"to the server");
+        assert_eq!(got, b"to the server", "{name}");
+        let (_, got) = carry(&mut server, &mut client, b"to the client");
+        assert_eq!(got, b"to the client", "{name}");
+        // The client has proven it has our Finished: a trim now drops the flight, and
+        // a replay of the client's final flight gets nothing back.
+        server.trim();
+        for p in client_final.iter().chain(&again) {
+            let _ = server.handle_packet(p);
+        }
+        let (answer, _) = outgoing(&mut server);
+        assert!(answer.is_empty(), "{name}: nothing resent once confirmed");
+        for round in 0..2 {
+            let (_, got) = carry(&mut client, &mut server, b"again to the server");
+            assert_eq!(got, b"again to the server", "{name} {round}");
+            let (_, got) = carry(&mut server, &mut client, b"again to the client");
+            assert_eq!(got, b"again to the client", "{name} {round}");
+            server.trim();
+        }
+    }
+}

@@ -100,6 +100,11 @@ impl Buf {
         self.data = Vec::new();
     }
 
+    /// Give back the capacity beyond the length (connectord patch: `Dtls::trim`).
+    pub fn shrink_to_fit(&mut self) {
+        self.data.shrink_to_fit();
+    }
+
     /// Convert the buffer into the underlying `Vec<u8>`.
     pub fn into_vec(self) -> Vec<u8> {
         self.data

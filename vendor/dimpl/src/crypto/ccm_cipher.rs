@@ -13,11 +13,19 @@ use crate::error::bounded_error_len;
 use crate::{CryptoError, CryptoOperation};
 
 /// AES-128-CCM with 8-byte tag, 12-byte nonce.
-type Aes128Ccm8 = ccm::Ccm<aes::Aes128, U8, U12>;
+///
+/// connectord patch (issue 21, memory per session): over `aes::Aes128Enc`, the
+/// encryption-only key schedule (176 bytes; `aes::Aes128` keeps the decryption round
+/// keys too, 352 bytes): CCM uses the block cipher in the forward direction only (CTR
+/// and CBC-MAC), for encryption and decryption alike. A session holds two of these.
+type Aes128Ccm8 = ccm::Ccm<aes::Aes128Enc, U8, U12>;
 
 /// AES-128-CCM-8 cipher for TLS_PSK_WITH_AES_128_CCM_8.
+///
+/// The cipher inline (connectord patch): it is boxed once already, as a
+/// `Box<dyn Cipher>`.
 pub struct AesCcm8Cipher {
-    cipher: Box<Aes128Ccm8>,
+    cipher: Aes128Ccm8,
 }
 
 impl std::fmt::Debug for AesCcm8Cipher {
@@ -35,9 +43,7 @@ impl AesCcm8Cipher {
         }
         let cipher = Aes128Ccm8::new_from_slice(key)
             .map_err(|_| CryptoError::OperationFailed(CryptoOperation::CreateCipher))?;
-        Ok(AesCcm8Cipher {
-            cipher: Box::new(cipher),
-        })
+        Ok(AesCcm8Cipher { cipher })
     }
 }
 

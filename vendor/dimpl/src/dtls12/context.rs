@@ -19,20 +19,13 @@ pub struct CryptoContext {
     /// Configuration (contains crypto provider)
     config: Arc<crate::Config>,
 
-    /// Key exchange mechanism
-    key_exchange: Option<Box<dyn crypto::ActiveKeyExchange>>,
-
-    /// Our public key from the key exchange (stored for reuse)
-    key_exchange_public_key: Option<Vec<u8>>,
+    /// The key material only the handshake uses, boxed so that [`CryptoContext::trim`]
+    /// frees it (connectord patch, issue 21: about 220 bytes inline otherwise, for the
+    /// session's life). Created on first use; `None` once trimmed.
+    hs: Option<Box<HandshakeKeys>>,
 
     /// Group info from the key exchange (stored for reuse)
     key_exchange_group: Option<NamedGroup>,
-
-    /// Client write key
-    client_write_key: Option<Buf>,
-
-    /// Server write key
-    server_write_key: Option<Buf>,
 
     /// Client write IV (4 bytes for AES-GCM, 12 bytes for ChaCha20-Poly1305)
     client_write_iv: Option<Iv>,
@@ -40,17 +33,8 @@ pub struct CryptoContext {
     /// Server write IV (4 bytes for AES-GCM, 12 bytes for ChaCha20-Poly1305)
     server_write_iv: Option<Iv>,
 
-    /// Client MAC key (not used for AEAD ciphers)
-    client_mac_key: Option<Buf>,
-
-    /// Server MAC key (not used for AEAD ciphers)
-    server_mac_key: Option<Buf>,
-
     /// Master secret
     master_secret: Option<ArrayVec<u8, 128>>,
-
-    /// Pre-master secret (temporary)
-    pre_master_secret: Option<Buf>,
 
     /// Client cipher
     client_cipher: Option<Box<dyn crypto::Cipher>>,
@@ -61,14 +45,32 @@ pub struct CryptoContext {
     /// Authentication mode: certificate or PSK.
     auth: AuthMode,
 
-    /// Resolved PSK value (set during handshake after identity exchange)
-    psk: Option<Vec<u8>>,
-
     /// Client random (needed for SRTP key export per RFC 5705)
     client_random: Option<ArrayVec<u8, 32>>,
 
     /// Server random (needed for SRTP key export per RFC 5705)
     server_random: Option<ArrayVec<u8, 32>>,
+}
+
+/// Handshake-only key material of a [`CryptoContext`] (connectord patch).
+#[derive(Default)]
+struct HandshakeKeys {
+    /// Key exchange mechanism
+    key_exchange: Option<Box<dyn crypto::ActiveKeyExchange>>,
+    /// Our public key from the key exchange (stored for reuse)
+    key_exchange_public_key: Option<Vec<u8>>,
+    /// Client write key
+    client_write_key: Option<Buf>,
+    /// Server write key
+    server_write_key: Option<Buf>,
+    /// Client MAC key (not used for AEAD ciphers)
+    client_mac_key: Option<Buf>,
+    /// Server MAC key (not used for AEAD ciphers)
+    server_mac_key: Option<Buf>,
+    /// Pre-master secret (temporary)
+    pre_master_secret: Option<Buf>,
+    /// Resolved PSK value (set during handshake after identity exchange)
+    psk: Option<Vec<u8>>,
 }
 
 /// Authentication mode for a DTLS 1.2 session.
@@ -90,24 +92,30 @@ impl CryptoContext {
     pub fn new(auth: AuthMode, config: Arc<crate::Config>) -> Self {
         CryptoContext {
             config,
-            key_exchange: None,
-            key_exchange_public_key: None,
+            hs: None,
             key_exchange_group: None,
-            client_write_key: None,
-            server_write_key: None,
             client_write_iv: None,
             server_write_iv: None,
-            client_mac_key: None,
-            server_mac_key: None,
             master_secret: None,
-            pre_master_secret: None,
             client_cipher: None,
             server_cipher: None,
             auth,
-            psk: None,
             client_random: None,
             server_random: None,
         }
+    }
+
+    /// Drops the key material only the handshake needs once the record ciphers exist
+    /// (connectord patch, `Dtls::trim`): the key exchange (private) and our public key,
+    /// the pre-master secret, the PSK, and the write and MAC keys the ciphers were made
+    /// from. The master secret and the randoms stay (keying material export); the
+    /// server's certificate and signing key (certificate mode) stay too. Before the
+    /// ciphers exist, nothing is dropped.
+    pub fn trim(&mut self) {
+        if self.client_cipher.is_none() || self.server_cipher.is_none() {
+            return;
+        }
+        self.hs = None;
     }
 
     pub fn provider(&self) -> &crypto::CryptoProvider {
@@ -116,22 +124,18 @@ impl CryptoContext {
 
     /// Generate key exchange public key
     pub fn maybe_init_key_exchange(&mut self) -> Result<&[u8], CryptoError> {
+        let hs = self.hs.get_or_insert_with(Box::default);
         // If we already have the public key stored, return it
-        if let Some(ref pk) = self.key_exchange_public_key {
-            return Ok(pk);
+        if hs.key_exchange_public_key.is_none() {
+            // Otherwise, get it from the key exchange and store it
+            let Some(ke) = &hs.key_exchange else {
+                return Err(CryptoError::KeyExchangeNotInitialized);
+            };
+            let pub_key = ke.pub_key().to_vec();
+            self.key_exchange_group = Some(ke.group());
+            hs.key_exchange_public_key = Some(pub_key);
         }
-
-        // Otherwise, get it from the key exchange and store it
-        match &self.key_exchange {
-            Some(ke) => {
-                let pub_key = ke.pub_key().to_vec();
-                let group = ke.group();
-                self.key_exchange_public_key = Some(pub_key);
-                self.key_exchange_group = Some(group);
-                Ok(self.key_exchange_public_key.as_ref().unwrap())
-            }
-            None => Err(CryptoError::KeyExchangeNotInitialized),
-        }
+        Ok(hs.key_exchange_public_key.as_deref().unwrap_or_default())
     }
 
     /// Process peer's public key and compute shared secret
@@ -140,19 +144,20 @@ impl CryptoContext {
         peer_public_key: &[u8],
         mut buf: Buf,
     ) -> Result<(), CryptoError> {
-        let ke = self
+        let hs = self.hs.get_or_insert_with(Box::default);
+        let ke = hs
             .key_exchange
             .take()
             .ok_or(CryptoError::KeyExchangeNotInitialized)?;
         ke.complete(peer_public_key, &mut buf)?;
-        self.pre_master_secret = Some(buf);
+        hs.pre_master_secret = Some(buf);
         // Note: we keep key_exchange_public_key since it may be needed later
         Ok(())
     }
 
     /// Set the resolved PSK value for this session.
     pub fn set_psk(&mut self, psk: Vec<u8>) {
-        self.psk = Some(psk);
+        self.hs.get_or_insert_with(Box::default).psk = Some(psk);
     }
 
     /// Compute PSK pre-master secret per RFC 4279 §2.
@@ -160,7 +165,8 @@ impl CryptoContext {
     /// Format: `uint16(N) || zeros(N) || uint16(N) || PSK(N)`
     /// where N is the PSK length.
     pub fn compute_psk_pre_master_secret(&mut self) -> Result<(), CryptoError> {
-        let psk = self.psk.as_ref().ok_or(CryptoError::PskNotSet)?;
+        let hs = self.hs.get_or_insert_with(Box::default);
+        let psk = hs.psk.as_ref().ok_or(CryptoError::PskNotSet)?;
         let n = psk.len();
         // Total: 2 + N + 2 + N = 2N + 4
         // This secret is dropped after deriving the master secret, never pooled.
@@ -169,7 +175,7 @@ impl CryptoContext {
         pms.resize(pms.len() + n, 0);
         pms.extend_from_slice(&(n as u16).to_be_bytes());
         pms.extend_from_slice(psk);
-        self.pre_master_secret = Some(pms);
+        hs.pre_master_secret = Some(pms);
         Ok(())
     }
 
@@ -186,7 +192,8 @@ impl CryptoContext {
             .find(|g| g.name() == named_group)
             .ok_or(CryptoError::UnsupportedEcdheNamedGroup(named_group))?;
 
-        self.key_exchange = Some(kx_group.start_exchange(kx_buf)?);
+        let kx = kx_group.start_exchange(kx_buf)?;
+        self.hs.get_or_insert_with(Box::default).key_exchange = Some(kx);
         self.maybe_init_key_exchange()
     }
 
@@ -206,7 +213,8 @@ impl CryptoContext {
             .ok_or(CryptoError::UnsupportedEcdheNamedGroup(group))?;
 
         // Create a new ECDH key exchange
-        self.key_exchange = Some(kx_group.start_exchange(kx_buf)?);
+        let kx = kx_group.start_exchange(kx_buf)?;
+        self.hs.get_or_insert_with(Box::default).key_exchange = Some(kx);
 
         // Generate our keypair
         let _our_public = self.maybe_init_key_exchange()?;
@@ -226,7 +234,11 @@ impl CryptoContext {
         scratch: &mut Buf,
     ) -> Result<(), CryptoError> {
         trace!("Deriving extended master secret");
-        let Some(pms) = &self.pre_master_secret else {
+        let Some(pms) = self
+            .hs
+            .as_ref()
+            .and_then(|hs| hs.pre_master_secret.as_ref())
+        else {
             return Err(CryptoError::PreMasterSecretNotAvailable);
         };
         crypto::prf_hkdf::prf_tls12(
@@ -245,7 +257,9 @@ impl CryptoContext {
             .map_err(|_| CryptoError::MasterSecretTooLong)?;
         self.master_secret = Some(master_secret);
         // Clear pre-master secret after use (security measure)
-        self.pre_master_secret = None;
+        if let Some(hs) = self.hs.as_mut() {
+            hs.pre_master_secret = None;
+        }
         Ok(())
     }
 
@@ -311,16 +325,18 @@ impl CryptoContext {
 
         // Extract MAC keys (if used)
         if mac_key_len > 0 {
-            self.client_mac_key = Some(key_block[offset..offset + mac_key_len].to_buf());
+            let hs = self.hs.get_or_insert_with(Box::default);
+            hs.client_mac_key = Some(key_block[offset..offset + mac_key_len].to_buf());
             offset += mac_key_len;
-            self.server_mac_key = Some(key_block[offset..offset + mac_key_len].to_buf());
+            hs.server_mac_key = Some(key_block[offset..offset + mac_key_len].to_buf());
             offset += mac_key_len;
         }
 
         // Extract encryption keys
-        self.client_write_key = Some(key_block[offset..offset + enc_key_len].to_buf());
+        let hs = self.hs.get_or_insert_with(Box::default);
+        let client_write_key = key_block[offset..offset + enc_key_len].to_buf();
         offset += enc_key_len;
-        self.server_write_key = Some(key_block[offset..offset + enc_key_len].to_buf());
+        let server_write_key = key_block[offset..offset + enc_key_len].to_buf();
         offset += enc_key_len;
 
         // Extract IVs
@@ -329,11 +345,11 @@ impl CryptoContext {
         self.server_write_iv = Some(Iv::new(&key_block[offset..offset + fixed_iv_len]));
 
         // Initialize ciphers using the provider
-        self.client_cipher =
-            Some(supported_cipher_suite.create_cipher(self.client_write_key.as_ref().unwrap())?);
+        self.client_cipher = Some(supported_cipher_suite.create_cipher(&client_write_key)?);
 
-        self.server_cipher =
-            Some(supported_cipher_suite.create_cipher(self.server_write_key.as_ref().unwrap())?);
+        self.server_cipher = Some(supported_cipher_suite.create_cipher(&server_write_key)?);
+        hs.client_write_key = Some(client_write_key);
+        hs.server_write_key = Some(server_write_key);
 
         Ok(())
     }
@@ -562,7 +578,7 @@ impl CryptoContext {
         }
 
         // Otherwise get it from the active key exchange
-        let Some(ke) = &self.key_exchange else {
+        let Some(ke) = self.hs.as_ref().and_then(|hs| hs.key_exchange.as_ref()) else {
             return None;
         };
         Some((CurveType::NamedCurve, ke.group()))

@@ -1178,13 +1178,29 @@ impl Engine {
     }
 
     /// Gives back memory kept for the handshake once it is over (connectord patch): the
-    /// free buffers, the transcript, empty queues' capacity. The last flight stays
-    /// (it is resent if the peer did not get it).
+    /// free buffers, the transcript, empty queues' capacity, the key material only the
+    /// handshake used ([`CryptoContext::trim`]).
+    ///
+    /// The last flight is dropped once the peer is confirmed to have it
+    /// (`peer_handshake_confirmed`: a server saw authenticated application data from
+    /// the client in the new epoch, which the client sends only after our Finished,
+    /// RFC 6347 §4.2.4); once confirmed, no path resends it (duplicates are ignored, the
+    /// resend timer is stopped). Until then it stays, for a client that did not get
+    /// it, with its records' spare capacity given back.
     pub(crate) fn trim(&mut self) {
         self.buffers_free.release();
         self.transcript.release();
         self.queue_rx.shrink();
         self.queue_tx.shrink();
+        if self.peer_handshake_confirmed {
+            self.flight_saved_records = Vec::new();
+        } else {
+            for entry in &mut self.flight_saved_records {
+                entry.fragment.shrink_to_fit();
+            }
+            self.flight_saved_records.shrink_to_fit();
+        }
+        self.crypto_context.trim();
     }
 
     /// Pop a buffer from the buffer pool for temporary use

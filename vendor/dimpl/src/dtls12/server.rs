@@ -198,6 +198,11 @@ impl Server {
         self.client_signature_algorithms = None;
         self.local_events.shrink_to_fit();
         self.queued_data = Vec::new();
+        // The client's certificate chain is only read for `Output::PeerCert`, emitted
+        // during the handshake; kept while such an event is still queued.
+        if self.local_events.is_empty() {
+            self.client_certificates = Vec::new();
+        }
     }
 
     pub fn into_client(self) -> Client {

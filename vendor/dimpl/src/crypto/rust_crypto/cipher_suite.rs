@@ -1,8 +1,15 @@
 //! Cipher suite implementations using RustCrypto.
 use aes_gcm::aead::AeadInOut;
+use aes_gcm::aes::cipher::consts::U12;
 use aes_gcm::aes::cipher::{BlockCipherEncrypt, KeyInit as BlockKeyInit};
 use aes_gcm::aes::{Aes128, Aes256};
-use aes_gcm::{Aes128Gcm, Aes256Gcm};
+
+/// AES-GCM over the encryption-only AES key schedules (connectord patch, issue 21, memory
+/// per session): GCM runs the block cipher forward only (CTR and the hash key), so the
+/// decryption round keys `aes::Aes128`/`Aes256` also keep (176/240 bytes a cipher, two
+/// ciphers a session) were never used.
+type Aes128Gcm = aes_gcm::AesGcm<aes_gcm::aes::Aes128Enc, U12>;
+type Aes256Gcm = aes_gcm::AesGcm<aes_gcm::aes::Aes256Enc, U12>;
 use chacha20::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 use chacha20poly1305::ChaCha20Poly1305 as ChaCha20Poly1305Aead;
 
