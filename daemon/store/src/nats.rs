@@ -163,7 +163,7 @@ impl NatsConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RegistrationChange {
     /// Stored or replaced (the endpoint's previous registration, if any, is gone).
-    Put(Registration),
+    Put(Box<Registration>),
     /// The endpoint's registration was removed.
     Deleted { domain: String, name: String },
 }
@@ -247,34 +247,98 @@ struct Shared {
     event_rows: Mutex<HashMap<String, BTreeMap<u64, u64>>>,
     index: Mutex<RegIndex>,
     plugin_kv: kv::Store,
+    /// Every stream (buckets' too) by name, got once at connect.
+    streams: HashMap<String, jetstream::stream::Stream>,
 }
 
-/// Which registration id each registrations-bucket key holds, and back.
+/// Where each registration id is in the registrations bucket, for `delete_registration(id)`
+/// (the bucket is keyed by (domain, name)).
+///
+/// Per key, the ids it held at the stream sequences known here: our own writes (the
+/// sequence unknown until acknowledged) and what the watch saw (other nodes' writes, and
+/// everything before connect). An id is forgotten once a later message on its key is
+/// known; so nothing is kept per replaced registration, and a watch that lags behind our
+/// own writes cannot make us forget a registration that is still stored.
 #[derive(Default)]
 struct RegIndex {
     by_id: HashMap<String, String>,
-    by_key: HashMap<String, String>,
+    keys: HashMap<String, KeyIds>,
+}
+
+#[derive(Default)]
+struct KeyIds {
+    /// Each id with the stream sequence of the message that put it (`None` while ours is
+    /// not acknowledged).
+    ids: Vec<(String, Option<u64>)>,
+    /// The latest stream sequence known on the key.
+    last: u64,
 }
 
 impl RegIndex {
-    fn set(&mut self, key: &str, id: &str) {
-        if let Some(old_id) = self.by_key.insert(key.to_string(), id.to_string())
-            && old_id != id
-        {
-            self.by_id.remove(&old_id);
+    /// We publish a put of `id` on `key`.
+    fn submitted(&mut self, key: &str, id: &str) {
+        let k = self.keys.entry(key.to_string()).or_default();
+        match k.ids.iter_mut().find(|(i, _)| i == id) {
+            Some(e) => e.1 = None,
+            None => k.ids.push((id.to_string(), None)),
         }
-        if let Some(old_key) = self.by_id.insert(id.to_string(), key.to_string())
-            && old_key != key
-            && self.by_key.get(&old_key).is_some_and(|i| i == id)
-        {
-            self.by_key.remove(&old_key);
+        self.by_id.insert(id.to_string(), key.to_string());
+    }
+
+    /// Our put of `id` on `key` was stored at `seq` (`None`: it failed, and may or may not
+    /// be stored: kept until a later message on the key is known).
+    fn acked(&mut self, key: &str, id: &str, seq: Option<u64>) {
+        let Some(k) = self.keys.get_mut(key) else {
+            return;
+        };
+        if let Some(e) = k.ids.iter_mut().find(|(i, s)| i == id && s.is_none()) {
+            e.1 = Some(seq.unwrap_or(0));
+        }
+        if let Some(seq) = seq {
+            k.last = k.last.max(seq);
+        }
+        self.prune(key);
+    }
+
+    /// A message on `key` at `seq`: a put of `id`, or a delete (`None`).
+    fn observed(&mut self, key: &str, seq: u64, id: Option<&str>) {
+        let k = self.keys.entry(key.to_string()).or_default();
+        k.last = k.last.max(seq);
+        if let Some(id) = id {
+            match k.ids.iter_mut().find(|(i, _)| i == id) {
+                Some(e) => e.1 = Some(e.1.map_or(seq, |s| s.max(seq))),
+                None => k.ids.push((id.to_string(), Some(seq))),
+            }
+            self.by_id.insert(id.to_string(), key.to_string());
+        }
+        self.prune(key);
+    }
+
+    /// Forgets the ids of `key` put before the latest message known on it.
+    fn prune(&mut self, key: &str) {
+        let Some(k) = self.keys.get_mut(key) else {
+            return;
+        };
+        let last = k.last;
+        let by_id = &mut self.by_id;
+        k.ids.retain(|(id, s)| {
+            let keep = s.is_none_or(|s| s >= last);
+            if !keep && by_id.get(id).is_some_and(|k| k == key) {
+                by_id.remove(id);
+            }
+            keep
+        });
+        if k.ids.is_empty() {
+            self.keys.remove(key);
         }
     }
 
-    fn remove_key(&mut self, key: &str) {
-        if let Some(id) = self.by_key.remove(key) {
-            self.by_id.remove(&id);
-        }
+    /// Where `id` is: its key, and the sequence that put it if known (`None`: our put is
+    /// not acknowledged yet).
+    fn find(&self, id: &str) -> Option<(String, Option<u64>)> {
+        let key = self.by_id.get(id)?;
+        let (_, seq) = self.keys.get(key)?.ids.iter().find(|(i, _)| i == id)?;
+        Some((key.clone(), *seq))
     }
 }
 
@@ -433,7 +497,21 @@ impl NatsStore {
             .await
             .map_err(|e| unavailable(format!("stream {name}: {e}")))?;
         }
+        let mut streams = HashMap::new();
+        let all = names
+            .buckets()
+            .map(|b| format!("KV_{b}"))
+            .into_iter()
+            .chain([names.requests.clone(), names.events.clone()]);
+        for name in all {
+            let stream = js
+                .get_stream(&name)
+                .await
+                .map_err(|e| unavailable(format!("stream {name}: {e}")))?;
+            streams.insert(name, stream);
+        }
         let shared = Arc::new(Shared {
+            streams,
             js,
             client,
             names,
@@ -565,6 +643,82 @@ async fn bind_bucket(
 }
 
 impl Shared {
+    fn stream(&self, name: &str) -> Result<&jetstream::stream::Stream, StoreError> {
+        self.streams
+            .get(name)
+            .ok_or_else(|| refused(format!("no stream {name}")))
+    }
+
+    /// Every message of `stream` matching `filter`, in order, one `STREAM.MSG.GET`
+    /// (`next_by_subj`) each. Decision: for the small listings of the read-modify-write
+    /// writes and `plugin_state_keys` rather than a consumer, because making a consumer
+    /// needs the cluster's meta leader, which takes 10 to 16 s to be elected again after
+    /// its server is lost (measured, `an_r3_cluster_loses_nothing_acknowledged_when_a_server_is_killed`),
+    /// while these requests go to the stream's own leader. One round trip per message:
+    /// the loads at start (every record) use a consumer instead.
+    async fn list_direct(&self, stream: &str, filter: &str) -> Result<Vec<Raw>, StoreError> {
+        let stream = self.stream(stream)?;
+        let mut out = Vec::new();
+        let mut next = 1;
+        loop {
+            let got = tokio::time::timeout(
+                self.timeout,
+                stream
+                    .raw_message_builder()
+                    .sequence(next)
+                    .next_by_subject(filter)
+                    .send(),
+            )
+            .await
+            .map_err(|_| unavailable("reading timed out"))?;
+            match got {
+                Ok(m) => {
+                    next = m.sequence + 1;
+                    out.push(Raw {
+                        subject: m.subject.to_string(),
+                        headers: Some(m.headers),
+                        payload: m.payload,
+                        seq: m.sequence,
+                    });
+                }
+                Err(e)
+                    if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                {
+                    return Ok(out);
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+    }
+
+    /// Runs `f` (making a consumer) until it succeeds, each attempt bounded by a quarter
+    /// of the timeout (at least a second), all of them by the timeout. Decision: on 2.9, a
+    /// consumer of an R3 stream made while one of its servers is down is at times placed
+    /// on that server, and its creation then waits for an answer that never comes (seen
+    /// in `an_r3_cluster_loses_nothing_acknowledged_when_a_server_is_killed`: a node's
+    /// connect failed for 30 s); another attempt is placed again, most likely elsewhere.
+    async fn attempts<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+        &self,
+        what: &str,
+        mut f: impl FnMut() -> F,
+    ) -> Result<T, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let each = (self.timeout / 4).max(Duration::from_secs(1));
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let last = match tokio::time::timeout(each.min(left), f()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_string(),
+            };
+            if tokio::time::Instant::now() + Duration::from_millis(50) >= deadline {
+                return Err(unavailable(format!("{what}: {last}")));
+            }
+            tracing::debug!("store: {what}: {last}; again");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn headers(&self) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(NODE_HEADER, self.node.as_str());
@@ -591,6 +745,19 @@ impl Shared {
             headers,
             payload: Bytes::new(),
         }
+    }
+
+    /// A KV delete that applies only while the key's last message is at `seq`
+    /// (`Nats-Expected-Last-Subject-Sequence`); unconditional without `seq`.
+    fn kv_delete_if(&self, bucket: &str, key: &str, seq: Option<u64>) -> Msg {
+        let mut m = self.kv_delete(bucket, key);
+        if let Some(seq) = seq {
+            m.headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                seq.to_string().as_str(),
+            );
+        }
+        m
     }
 
     fn event_subject(&self, key_id: &str) -> String {
@@ -657,25 +824,19 @@ impl Shared {
         headers_only: bool,
     ) -> Result<Vec<Raw>, StoreError> {
         let t = self.timeout;
-        let stream = tokio::time::timeout(t, self.js.get_stream(stream))
-            .await
-            .map_err(|_| unavailable("timed out"))?
-            .map_err(unavailable)?;
-        let consumer: consumer::PullConsumer = tokio::time::timeout(
-            t,
-            stream.create_consumer(consumer::pull::Config {
-                deliver_policy: policy,
-                ack_policy: consumer::AckPolicy::None,
-                filter_subject: filter,
-                headers_only,
-                memory_storage: true,
-                inactive_threshold: Duration::from_secs(60),
-                ..Default::default()
-            }),
-        )
-        .await
-        .map_err(|_| unavailable("timed out"))?
-        .map_err(unavailable)?;
+        let stream = self.stream(stream)?;
+        let config = consumer::pull::Config {
+            deliver_policy: policy,
+            ack_policy: consumer::AckPolicy::None,
+            filter_subject: filter,
+            headers_only,
+            memory_storage: true,
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let consumer: consumer::PullConsumer = self
+            .attempts("reading", || stream.create_consumer(config.clone()))
+            .await?;
         let mut left = consumer.cached_info().num_pending;
         let mut out = Vec::with_capacity(left.min(1 << 16) as usize);
         while left > 0 {
@@ -732,29 +893,27 @@ impl Shared {
 
     /// The live keys of a bucket matching `filter`, as subject tokens after the bucket.
     async fn bucket_keys(&self, bucket: &str, filter: &str) -> Result<Vec<String>, StoreError> {
-        let all = self
-            .read_all(
-                &format!("KV_{bucket}"),
-                format!("$KV.{bucket}.{filter}"),
-                consumer::DeliverPolicy::LastPerSubject,
-                true,
-            )
-            .await?;
         let skip = "$KV.".len() + bucket.len() + 1;
-        Ok(all
+        Ok(self
+            .bucket_list(bucket, filter)
+            .await?
             .into_iter()
-            .filter(|m| !m.is_kv_delete())
             .filter_map(|m| m.subject.get(skip..).map(str::to_string))
             .collect())
     }
 
+    /// The live entries of a bucket whose keys match `filter`, read with [`Shared::list_direct`].
+    async fn bucket_list(&self, bucket: &str, filter: &str) -> Result<Vec<Raw>, StoreError> {
+        let mut all = self
+            .list_direct(&format!("KV_{bucket}"), &format!("$KV.{bucket}.{filter}"))
+            .await?;
+        all.retain(|m| !m.is_kv_delete());
+        Ok(all)
+    }
+
     /// The value of one key, if live.
     async fn bucket_get(&self, bucket: &str, key: &str) -> Result<Option<Bytes>, StoreError> {
-        let stream = self
-            .js
-            .get_stream(format!("KV_{bucket}"))
-            .await
-            .map_err(unavailable)?;
+        let stream = self.stream(&format!("KV_{bucket}"))?;
         match stream
             .get_last_raw_message_by_subject(&Self::kv_subject(bucket, key))
             .await
@@ -837,50 +996,55 @@ impl Shared {
                         continue;
                     }
                 };
-                let pending = m.info().map(|i| i.pending).unwrap_or(0);
+                let (seq, pending) = m
+                    .info()
+                    .map(|i| (i.stream_sequence, i.pending))
+                    .unwrap_or((0, 0));
                 let m = m.message;
                 let raw = Raw {
                     subject: m.subject.to_string(),
                     headers: m.headers,
                     payload: m.payload,
-                    seq: 0,
+                    seq,
                 };
                 let ours = raw.header(NODE_HEADER) == Some(self.node.as_str());
                 // Before catching up, everything (ours from an earlier run too); after,
-                // only other nodes' writes (ours are in the index already).
-                if caught_up.is_none() && ours {
-                    continue;
-                }
-                let key = raw
-                    .subject
-                    .split('.')
-                    .skip(skip)
-                    .collect::<Vec<_>>()
-                    .join(".");
-                if raw.is_kv_delete() {
-                    self.index
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove_key(&key);
-                    if caught_up.is_none()
-                        && let Some([domain, name]) = raw
-                            .tokens(skip)
-                            .and_then(|t| <[String; 2]>::try_from(t).ok())
-                    {
-                        let _ = changes.send(RegistrationChange::Deleted { domain, name });
-                    }
-                } else {
-                    match serde_json::from_slice::<Registration>(&raw.payload) {
-                        Ok(reg) => {
-                            self.index
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .set(&key, &reg.id);
-                            if caught_up.is_none() {
-                                let _ = changes.send(RegistrationChange::Put(reg));
+                // only other nodes' writes (ours are in the index from their acks).
+                let live = caught_up.is_none();
+                if !(live && ours) {
+                    let key = raw
+                        .subject
+                        .split('.')
+                        .skip(skip)
+                        .collect::<Vec<_>>()
+                        .join(".");
+                    if raw.is_kv_delete() {
+                        self.index
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .observed(&key, seq, None);
+                        if live
+                            && let Some([domain, name]) = raw
+                                .tokens(skip)
+                                .and_then(|t| <[String; 2]>::try_from(t).ok())
+                        {
+                            let _ = changes.send(RegistrationChange::Deleted { domain, name });
+                        }
+                    } else {
+                        match serde_json::from_slice::<Registration>(&raw.payload) {
+                            Ok(reg) => {
+                                self.index
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .observed(&key, seq, Some(&reg.id));
+                                if live {
+                                    let _ = changes.send(RegistrationChange::Put(Box::new(reg)));
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!("store: skipping unreadable registration: {e}")
                             }
                         }
-                        Err(e) => tracing::error!("store: skipping unreadable registration: {e}"),
                     }
                 }
                 if pending == 0
@@ -924,21 +1088,19 @@ impl Shared {
         policy: consumer::DeliverPolicy,
         headers_only: bool,
     ) -> Result<(consumer::push::Ordered, u64), StoreError> {
-        let stream = self
-            .js
-            .get_stream(format!("KV_{bucket}"))
-            .await
-            .map_err(unavailable)?;
-        let consumer = stream
-            .create_consumer(consumer::push::OrderedConfig {
-                deliver_subject: self.client.new_inbox(),
-                filter_subject: format!("$KV.{bucket}.>"),
-                deliver_policy: policy,
-                headers_only,
-                ..Default::default()
+        let stream = self.stream(&format!("KV_{bucket}"))?;
+        let config = consumer::push::OrderedConfig {
+            deliver_subject: self.client.new_inbox(),
+            filter_subject: format!("$KV.{bucket}.>"),
+            deliver_policy: policy,
+            headers_only,
+            ..Default::default()
+        };
+        let consumer = self
+            .attempts(&format!("watching {bucket}"), || {
+                stream.create_consumer(config.clone())
             })
-            .await
-            .map_err(|e| unavailable(format!("watching {bucket}: {e}")))?;
+            .await?;
         let pending = consumer.cached_info().num_pending;
         let messages = consumer.messages().await.map_err(unavailable)?;
         Ok((messages, pending))
@@ -973,18 +1135,20 @@ impl Writer {
     /// Publishes `msgs` in order (each send bounded by the timeout); the acks to wait for,
     /// or the first failure.
     async fn publish(&self, msgs: Vec<Msg>) -> Result<Acks, StoreError> {
+        Writer::send(&self.shared, msgs).await
+    }
+
+    async fn send(shared: &Shared, msgs: Vec<Msg>) -> Result<Acks, StoreError> {
         let mut acks = Vec::with_capacity(msgs.len());
         for m in msgs {
             let publish = jetstream::message::PublishMessage::build()
                 .payload(m.payload)
                 .headers(m.headers);
-            let ack = tokio::time::timeout(
-                self.shared.timeout,
-                self.shared.js.send_publish(m.subject, publish),
-            )
-            .await
-            .map_err(|_| unavailable("publishing timed out"))?
-            .map_err(unavailable)?;
+            let ack =
+                tokio::time::timeout(shared.timeout, shared.js.send_publish(m.subject, publish))
+                    .await
+                    .map_err(|_| unavailable("publishing timed out"))?
+                    .map_err(unavailable)?;
             acks.push(ack);
         }
         Ok(acks)
@@ -1068,30 +1232,85 @@ impl Writer {
                 let mut msgs = vec![s.kv_put(&n.registrations, &key, payload)];
                 {
                     let mut index = s.index.lock().unwrap_or_else(|p| p.into_inner());
-                    // The same id under another (domain, name): that record goes.
-                    if let Some(old) = index.by_id.get(&reg.id)
-                        && *old != key
-                        && index.by_key.get(old) == Some(&reg.id)
+                    // The same id under another (domain, name) (not done by the daemon):
+                    // that record goes, if it still holds the id.
+                    if let Some((old, seq)) = index.find(&reg.id)
+                        && old != key
                     {
-                        msgs.push(s.kv_delete(&n.registrations, old));
+                        msgs.push(s.kv_delete_if(&n.registrations, &old, seq));
                     }
-                    index.set(&key, &reg.id);
+                    index.submitted(&key, &reg.id);
                 }
-                self.write(msgs, reply, |_, _| Ok(())).await;
+                let sent = self.publish(msgs).await;
+                self.link(false, acked_each(sent), move |r| {
+                    let stored = r
+                        .as_ref()
+                        .ok()
+                        .and_then(|r| r.first()?.as_ref().ok().copied());
+                    s.index
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .acked(&key, &reg.id, stored);
+                    let r = r.and_then(|acks| {
+                        for a in acks {
+                            match a {
+                                Ok(_) | Err(AckError::Replaced) => {}
+                                Err(AckError::Failed(e)) => return Err(e),
+                            }
+                        }
+                        Ok(())
+                    });
+                    s.record(&r);
+                    let _ = reply.send(r);
+                });
             }
             Op::DeleteRegistration(id, reply) => {
-                let key = {
-                    let mut index = s.index.lock().unwrap_or_else(|p| p.into_inner());
-                    let key = index.by_id.get(&id).cloned();
-                    if let Some(k) = &key {
-                        index.remove_key(k);
+                let found = s.index.lock().unwrap_or_else(|p| p.into_inner()).find(&id);
+                match found {
+                    // Unknown here: not stored (a registration is deleted by the node
+                    // that wrote it, or after the watch told of it).
+                    None => self.link(false, async {}, move |()| {
+                        let _ = reply.send(Ok(()));
+                    }),
+                    // Deleted only if the key still holds this id (at the sequence that
+                    // put it): a later registration of the endpoint, by any node, stays.
+                    Some((key, Some(seq))) => {
+                        let m = s.kv_delete_if(&n.registrations, &key, Some(seq));
+                        let sent = self.publish(vec![m]).await;
+                        self.link(false, acked_each(sent), move |r| {
+                            let r = one_delete(r);
+                            s.record(&r);
+                            let _ = reply.send(r);
+                        });
                     }
-                    key
-                };
-                let msgs = key
-                    .map(|k| vec![s.kv_delete(&n.registrations, &k)])
-                    .unwrap_or_default();
-                self.write(msgs, reply, |_, _| Ok(())).await;
+                    // Our put of it is not acknowledged yet: once it is, with its sequence.
+                    Some((key, None)) => {
+                        let shared = s.clone();
+                        self.link(
+                            true,
+                            async move {
+                                let seq = shared
+                                    .index
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .find(&id)
+                                    .and_then(|(_, seq)| seq);
+                                let m = shared.kv_delete_if(
+                                    &shared.names.registrations,
+                                    &key,
+                                    Some(seq.unwrap_or(0)),
+                                );
+                                let sent = Writer::send(&shared, vec![m]).await;
+                                acked_each(sent).await
+                            },
+                            move |r| {
+                                let r = one_delete(r);
+                                s.record(&r);
+                                let _ = reply.send(r);
+                            },
+                        );
+                    }
+                }
             }
             Op::PutChannel(ch, reply) => match json(&ch) {
                 Ok(p) => {
@@ -1299,7 +1518,7 @@ impl Writer {
                         }
                     }
                     let cb = &s.names.certificates;
-                    for m in s.read_bucket(cb, &format!("{owner}.*")).await? {
+                    for m in s.bucket_list(cb, &format!("{owner}.*")).await? {
                         let Ok(mut c) = serde_json::from_slice::<CertJson>(&m.payload) else {
                             continue;
                         };
@@ -1330,6 +1549,41 @@ async fn acked(sent: Result<Acks, StoreError>) -> Result<Vec<u64>, StoreError> {
     Ok(seqs)
 }
 
+/// Why one message was not stored.
+enum AckError {
+    /// A conditional write whose condition no longer held: the key changed since.
+    Replaced,
+    Failed(StoreError),
+}
+
+/// Waits for every acknowledgement: each message's stream sequence or why it was not
+/// stored; `Err` if a message could not even be sent.
+async fn acked_each(
+    sent: Result<Acks, StoreError>,
+) -> Result<Vec<Result<u64, AckError>>, StoreError> {
+    let mut out = Vec::new();
+    for ack in sent? {
+        out.push(match ack.await {
+            Ok(a) => Ok(a.sequence),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Err(AckError::Replaced)
+            }
+            Err(e) => Err(AckError::Failed(unavailable(e))),
+        });
+    }
+    Ok(out)
+}
+
+/// The result of a conditional delete: done, or not needed (the key changed since).
+fn one_delete(r: Result<Vec<Result<u64, AckError>>, StoreError>) -> Result<(), StoreError> {
+    for a in r? {
+        if let Err(AckError::Failed(e)) = a {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 impl Shared {
     /// Health after a write: failing while writes fail for the storage's sake.
     fn record<T>(&self, r: &Result<T, StoreError>) {
@@ -1341,16 +1595,21 @@ impl Shared {
     }
 
     async fn delete_request(&self, row: u64) -> Result<(), StoreError> {
-        let stream = self
-            .js
-            .get_stream(&self.names.requests)
-            .await
-            .map_err(unavailable)?;
+        let stream = self.stream(&self.names.requests)?;
         match stream.delete_message(row).await {
             Ok(_) => Ok(()),
-            // Removing an absent request is not an error.
-            Err(e) if e.to_string().contains("no message found") => Ok(()),
-            Err(e) => Err(unavailable(e)),
+            // Removing an absent request is not an error: 2.9 answers 10057 "no message
+            // found" (deleted) or "stream store EOF" (past the last).
+            Err(e) => match e.kind() {
+                jetstream::stream::DeleteMessageErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_DELETE_FAILED
+                        && (j.to_string().contains("no message found")
+                            || j.to_string().contains("EOF")) =>
+                {
+                    Ok(())
+                }
+                _ => Err(unavailable(e)),
+            },
         }
     }
 
@@ -1365,12 +1624,7 @@ impl Shared {
             Some(row) => Some(row),
             // Not appended nor loaded here: find it in the subject.
             None => self
-                .read_all(
-                    &self.names.events,
-                    subject.clone(),
-                    consumer::DeliverPolicy::All,
-                    true,
-                )
+                .list_direct(&self.names.events, &subject)
                 .await?
                 .into_iter()
                 .filter(|m| {
@@ -1382,12 +1636,7 @@ impl Shared {
                 .max(),
         };
         if let Some(row) = row {
-            let stream = self
-                .js
-                .get_stream(&self.names.events)
-                .await
-                .map_err(unavailable)?;
-            stream
+            self.stream(&self.names.events)?
                 .purge()
                 .filter(subject)
                 .sequence(row + 1)

@@ -604,6 +604,7 @@ mod nats {
         let b = connect(&server, "b").await;
         let mut b_changes = b.external_changes().unwrap();
         let mut b_regs = b.watch_registrations();
+        let mut a_regs = a.watch_registrations();
 
         b.plugin_state_put("auth".into(), "own".into(), vec![0])
             .await
@@ -629,7 +630,7 @@ mod nats {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(got, RegistrationChange::Put(reg("r1", "d", "ep")));
+        assert_eq!(got, RegistrationChange::Put(Box::new(reg("r1", "d", "ep"))));
         // The endpoint re-registers on b: one registration of (d, ep) remains, and a's
         // later delete of its old id does not remove b's.
         b.put_registration(reg("r2", "d", "ep")).await.unwrap();
@@ -646,24 +647,30 @@ mod nats {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         b.delete_registration("r2".into()).await.unwrap();
-        let mut a_regs = a.watch_registrations();
         b.put_registration(reg("r3", "d", "other")).await.unwrap();
         b.delete_registration("r3".into()).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), a_regs.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, RegistrationChange::Put(reg("r3", "d", "other")));
-        let got = tokio::time::timeout(Duration::from_secs(5), a_regs.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        // a's watch told of b's writes only, in order (a's delete of r1 found r2 there
+        // and wrote nothing).
+        let mut seen = Vec::new();
+        while seen.len() < 4 {
+            let got = tokio::time::timeout(Duration::from_secs(5), a_regs.recv())
+                .await
+                .expect("a's watch tells of b's writes")
+                .unwrap();
+            seen.push(got);
+        }
+        let deleted = |name: &str| RegistrationChange::Deleted {
+            domain: "d".into(),
+            name: name.into(),
+        };
         assert_eq!(
-            got,
-            RegistrationChange::Deleted {
-                domain: "d".into(),
-                name: "other".into()
-            }
+            seen,
+            [
+                RegistrationChange::Put(Box::new(reg("r2", "d", "ep"))),
+                deleted("ep"),
+                RegistrationChange::Put(Box::new(reg("r3", "d", "other"))),
+                deleted("other"),
+            ]
         );
         assert!(a.load_registrations().await.unwrap().is_empty());
     }
@@ -705,6 +712,44 @@ mod nats {
             .await
             .unwrap();
         assert!(late.load_events().await.unwrap().is_empty());
+    }
+
+    /// Writes submitted without waiting in between apply in submission order, a deletion
+    /// of a registration whose put is not acknowledged yet included; removing an absent
+    /// request is no error.
+    #[tokio::test]
+    async fn writes_submitted_together_apply_in_submission_order() {
+        let server = NatsServer::start().unwrap();
+        let s = connect(&server, "a").await;
+        let put = s.put_registration(reg("1", "d", "a"));
+        let delete = s.delete_registration("1".into());
+        let put2 = s.put_registration(reg("2", "d", "b"));
+        let delete2 = s.delete_registration("2".into());
+        let again = s.put_registration(reg("2", "d", "b"));
+        let loaded = s.load_registrations();
+        for p in [put, delete, put2, delete2, again] {
+            p.await.unwrap();
+        }
+        let ids: Vec<_> = loaded.await.unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, ["2"]);
+        let row = s.put_request(job("x")).await.unwrap();
+        s.delete_request(row).await.unwrap();
+        s.delete_request(row).await.unwrap();
+        s.delete_request(row + 100).await.unwrap();
+        assert!(s.load_requests().await.unwrap().is_empty());
+        // Many at once: every one acknowledged, in order, one number each.
+        let pending: Vec<_> = (0..500)
+            .map(|i| s.put_request(job(&i.to_string())))
+            .collect();
+        let mut rows = Vec::new();
+        for p in pending {
+            rows.push(p.await.unwrap());
+        }
+        assert!(rows.windows(2).all(|w| w[0] < w[1]));
+        let jobs = s.load_requests().await.unwrap();
+        assert_eq!(jobs.len(), 500);
+        assert!(jobs.iter().zip(&rows).all(|(j, r)| j.row == *r));
+        assert_eq!(jobs[499].id, "499");
     }
 
     /// Two fleets on one server, told apart by their prefixes.
@@ -793,6 +838,7 @@ mod nats {
 
         // Kill the server this client is connected to, or any: the first.
         cluster.servers[0].kill();
+        let killed = Instant::now();
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut i = 50;
         let mut after = 0;
@@ -813,13 +859,28 @@ mod nats {
             }
             i += 1;
         }
-        let mut ids: Vec<_> = s
-            .load_registrations()
+        // A read makes a consumer, which needs the meta leader: for a few seconds after
+        // a server is lost, it may answer unavailable.
+        eprintln!("writes resumed {:?} after the kill", killed.elapsed());
+        // The read-modify-write writes and the plugin keys read each message from the
+        // stream's leader, not through a consumer: no wait for a meta leader.
+        // Each bucket is a stream with its own leader: one whose leader was on the killed
+        // server answers unavailable until it has a new one.
+        eventually(|| s.put_subscription(sub("k", "e1", "/1"))).await;
+        eventually(|| s.put_subscription(sub("k", "e2", "/1"))).await;
+        eventually(|| s.delete_subscriptions("k".into(), Some("e1".into()), None)).await;
+        eventually(|| s.plugin_state_put("p".into(), "a/1".into(), vec![1])).await;
+        assert_eq!(
+            eventually(|| s.plugin_state_keys("p".into(), "a/".into())).await,
+            ["a/1"]
+        );
+        eprintln!("listings answered {:?} after the kill", killed.elapsed());
+        let mut ids: Vec<_> = eventually(|| s.load_registrations())
             .await
-            .unwrap()
             .into_iter()
             .map(|r| r.id)
             .collect();
+        eprintln!("reads resumed {:?} after the kill", killed.elapsed());
         ids.sort();
         acked.sort();
         // Every acknowledged write is there; one that failed may or may not be.
@@ -827,15 +888,54 @@ mod nats {
             assert!(ids.contains(id), "lost {id}");
         }
         assert_eq!(
-            s.load_events().await.unwrap(),
+            eventually(|| s.load_events()).await,
             vec![event("k", 1, seqs[0]), event("k", 2, seqs[1])]
         );
-        assert_eq!(s.load_requests().await.unwrap()[0].row, row);
+        assert_eq!(eventually(|| s.load_requests()).await[0].row, row);
+        assert_eq!(
+            eventually(|| s.load_subscriptions()).await,
+            vec![sub("k", "e2", "/1")]
+        );
         // Another node connecting to the two left sees the same.
         let mut cfg = config(cluster.urls()[1..].to_vec(), "b");
         cfg.replicas = 3;
         cfg.timeout = Duration::from_secs(5);
-        let b = NatsStore::connect(cfg).await.unwrap();
-        assert_eq!(b.load_registrations().await.unwrap().len(), ids.len());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let b = loop {
+            match NatsStore::connect(cfg.clone()).await {
+                Ok(b) => break b,
+                Err(e) => {
+                    eprintln!("connect {:?} after the kill: {e}", killed.elapsed());
+                    if std::env::var_os("NATS_TEST_LOGS").is_some() {
+                        for srv in &cluster.servers[1..] {
+                            eprintln!("---- {}\n{}", srv.url(), srv.log());
+                        }
+                    }
+                    assert!(e.is_unavailable(), "{e}");
+                    assert!(Instant::now() < deadline, "cannot connect: {e}");
+                }
+            }
+        };
+        eprintln!(
+            "another node connected {:?} after the kill",
+            killed.elapsed()
+        );
+        assert_eq!(eventually(|| b.load_registrations()).await.len(), ids.len());
+    }
+
+    /// The read's answer once it succeeds, within 30 s; failures meanwhile must be
+    /// "unavailable".
+    async fn eventually<T>(read: impl Fn() -> connectord_store::Pending<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match read().await {
+                Ok(v) => return v,
+                Err(e) => {
+                    assert!(e.is_unavailable(), "{e}");
+                    assert!(Instant::now() < deadline, "still failing: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
     }
 }
