@@ -1278,7 +1278,7 @@ impl Writer {
                         let m = s.kv_delete_if(&n.registrations, &key, Some(seq));
                         let sent = self.publish(vec![m]).await;
                         self.link(false, acked_each(sent), move |r| {
-                            let r = one_delete(r);
+                            let r = s.deleted(&key, r);
                             s.record(&r);
                             let _ = reply.send(r);
                         });
@@ -1286,6 +1286,7 @@ impl Writer {
                     // Our put of it is not acknowledged yet: once it is, with its sequence.
                     Some((key, None)) => {
                         let shared = s.clone();
+                        let key2 = key.clone();
                         self.link(
                             true,
                             async move {
@@ -1304,7 +1305,7 @@ impl Writer {
                                 acked_each(sent).await
                             },
                             move |r| {
-                                let r = one_delete(r);
+                                let r = s.deleted(&key2, r);
                                 s.record(&r);
                                 let _ = reply.send(r);
                             },
@@ -1574,14 +1575,27 @@ async fn acked_each(
     Ok(out)
 }
 
-/// The result of a conditional delete: done, or not needed (the key changed since).
-fn one_delete(r: Result<Vec<Result<u64, AckError>>, StoreError>) -> Result<(), StoreError> {
-    for a in r? {
-        if let Err(AckError::Failed(e)) = a {
-            return Err(e);
+impl Shared {
+    /// The result of a conditional delete of a registration's key: done (the index
+    /// forgets what the key held before), or not needed (the key changed since).
+    fn deleted(
+        &self,
+        key: &str,
+        r: Result<Vec<Result<u64, AckError>>, StoreError>,
+    ) -> Result<(), StoreError> {
+        for a in r? {
+            match a {
+                Ok(seq) => self
+                    .index
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .observed(key, seq, None),
+                Err(AckError::Replaced) => {}
+                Err(AckError::Failed(e)) => return Err(e),
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 impl Shared {
@@ -2035,5 +2049,44 @@ mod tests {
             assert_eq!(dec(&t).as_deref(), Some(s));
         }
         assert_eq!(dec("!"), None);
+    }
+
+    /// The index answers where an id is while its key may still hold it, and forgets it
+    /// once a later message on the key is known, in whatever order our acks and the
+    /// watch's messages come.
+    #[test]
+    fn the_registration_index_forgets_an_id_only_after_a_later_message_on_its_key() {
+        let mut ix = RegIndex::default();
+        ix.submitted("k", "r1");
+        assert_eq!(ix.find("r1"), Some(("k".into(), None)));
+        ix.acked("k", "r1", Some(5));
+        assert_eq!(ix.find("r1"), Some(("k".into(), Some(5))));
+        // Another node's older write seen late (the watch lags): r1 stays.
+        ix.observed("k", 3, Some("r0"));
+        assert_eq!(ix.find("r1"), Some(("k".into(), Some(5))));
+        assert_eq!(ix.find("r0"), None);
+        // Another node's newer write: r1 is gone, r2 is there.
+        ix.observed("k", 7, Some("r2"));
+        assert_eq!(ix.find("r1"), None);
+        assert_eq!(ix.find("r2"), Some(("k".into(), Some(7))));
+        // Ours, pending while the other's newer delete is seen: kept until acked...
+        ix.submitted("k", "r3");
+        ix.observed("k", 9, None);
+        assert_eq!(ix.find("r3"), Some(("k".into(), None)));
+        assert_eq!(ix.find("r2"), None);
+        // ...and stored after it: kept.
+        ix.acked("k", "r3", Some(10));
+        assert_eq!(ix.find("r3"), Some(("k".into(), Some(10))));
+        // Ours stored before another's later write: forgotten at the ack.
+        ix.submitted("j", "r4");
+        ix.observed("j", 12, Some("r5"));
+        ix.acked("j", "r4", Some(11));
+        assert_eq!(ix.find("r4"), None);
+        assert_eq!(ix.find("r5"), Some(("j".into(), Some(12))));
+        // A delete of ours removes everything of the key before it.
+        ix.observed("k", 13, None);
+        assert_eq!(ix.find("r3"), None);
+        assert!(!ix.keys.contains_key("k"));
+        assert!(!ix.by_id.contains_key("r3"));
     }
 }
