@@ -285,7 +285,8 @@ pub trait CredentialStore: Send + Sync + 'static {
 pub trait Feed: Send + Sync + 'static {
     /// A counter that moves each time the store sees a write made to the same state by
     /// another process (`connectord plugin-call`), checked about once a
-    /// [`EXTERNAL_CHECK`]; `None` if this backend cannot tell.
+    /// [`EXTERNAL_CHECK`] (SQLite), or another node's write to the plugin state, as it
+    /// comes (NATS); `None` if this backend cannot tell.
     fn external_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }

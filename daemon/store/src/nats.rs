@@ -55,18 +55,42 @@
 //!   either order (their `Pending`s still resolve in order).
 //! - **One registration per (domain, name)** is the bucket's key, so it holds across nodes
 //!   without a lock: a second node's registration of the same endpoint replaces the first.
-//!   `delete_registration(id)` needs the key of an id: an in-memory index (id → key, key →
-//!   id), loaded at connect and kept by a watch of the bucket (about 200 bytes a
-//!   registration; the daemon keeps every registration in memory anyway). A deletion by id
-//!   deletes the key only while the index says the key still holds that id.
+//!   `delete_registration(id)` needs the key of an id: an in-memory index (`RegIndex`: per
+//!   key, the ids it held at known stream sequences), loaded at connect and kept from our
+//!   acknowledgements and a watch of the bucket (other nodes' writes); an id is forgotten
+//!   once a later message on its key is known. The delete is conditional
+//!   (`Nats-Expected-Last-Subject-Sequence` = the sequence that put the id): it removes the
+//!   key only if it still holds that registration, so a re-registration by another node
+//!   in between stays (the delete then resolves `Ok`: that registration is gone anyway).
+//!   Cost: about 200 bytes of index per registration (the daemon keeps every registration
+//!   in memory anyway), and the watch delivers each registration write to every node once
+//!   more (2.9 cannot filter by header, so a node's own writes come back and are dropped).
 //! - **Read-modify-write writes** (deleting a key's or endpoint's subscriptions, replacing
 //!   pre-subscriptions, revoking a device, pruning hourly counts, a PSK's identity check)
 //!   list the keys they touch: the writer waits for every earlier write's acknowledgement,
 //!   reads, then publishes, holding up the queue for those round trips. They are rare.
-//!   Between nodes they are not atomic: two nodes racing on the same key id may interleave.
-//! - **Plugin-state keys by prefix** read every key of the plugin (headers only) and filter
-//!   after decoding: a prefix of a name is not a prefix of its base64 token. Linear in the
-//!   plugin's keys; fine for the auth plugins' few thousand keys.
+//!   Between nodes they are not atomic: two nodes racing on the same key id may interleave,
+//!   and two nodes putting one PSK identity for two endpoints at once can both pass the
+//!   check.
+//! - **Two ways to read.** The loads (every record, at start) read through an ephemeral
+//!   pull consumer, in batches of 1 024. The listings of the read-modify-write writes and
+//!   `plugin_state_keys` read one message per `STREAM.MSG.GET` (`next_by_subj`), which the
+//!   stream's leader answers: making a consumer needs the cluster's meta leader, which is
+//!   elected again only 5 to 25 s after its server is lost (measured in
+//!   `an_r3_cluster_loses_nothing_acknowledged_when_a_server_is_killed`), and on 2.9 a
+//!   consumer of an R3 stream is at times placed on the lost server and never answers, so
+//!   consumer creation is retried in short attempts within the timeout.
+//! - **Durability is JetStream's.** A write resolves when JetStream acknowledged it: on
+//!   R1, stored by the server (it survives `kill -9` of the server, tested); on R3,
+//!   stored by a majority of the servers. nats-server 2.9 does not fsync each write (its
+//!   file store syncs every 2 minutes and has no `sync_interval: always`, which came with
+//!   2.10), so unlike SQLite's `synchronous=FULL`, an acknowledged write on one R1 server
+//!   can be lost to a power cut or an OS crash within that window; R3 on separate machines
+//!   is what covers a machine's loss.
+//! - **Plugin-state keys by prefix** list every key of the plugin (one `STREAM.MSG.GET`
+//!   each, above) and filter after decoding: a prefix of a name is not a prefix of its
+//!   base64 token. Linear in the plugin's keys, a round trip each: fine for listing the
+//!   auth plugins' keys now and then, not for a hot path.
 //! - **Hourly counts** are last-writer-wins per (domain, hour): cluster-wide quotas (summing
 //!   the nodes' counts) are a later step of issue 22.
 //! - Deleted KV keys leave a delete marker each (JetStream's KV): one per endpoint name,

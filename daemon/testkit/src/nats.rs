@@ -169,6 +169,11 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.ports.client)
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn port(&self) -> u16 {
         self.ports.client
     }
