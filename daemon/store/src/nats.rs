@@ -1163,6 +1163,15 @@ impl Writer {
     }
 
     async fn send(shared: &Shared, msgs: Vec<Msg>) -> Result<Acks, StoreError> {
+        // Decision: while the client knows it has lost its server, a write fails at once
+        // rather than waiting in the client's buffer until its acknowledgement times out
+        // (measured: 200 writes of an outage took the 2 s timeout, now milliseconds), and
+        // once that buffer is full the writer, which sends one write after the other,
+        // would wait a timeout per write. Writes sent before the loss was noticed fail
+        // when their acknowledgements time out, together.
+        if shared.client.connection_state() == async_nats::connection::State::Disconnected {
+            return Err(unavailable("not connected to any NATS server"));
+        }
         let mut acks = Vec::with_capacity(msgs.len());
         for m in msgs {
             let publish = jetstream::message::PublishMessage::build()

@@ -782,6 +782,17 @@ mod nats {
         // The timeout is 2 s: one send and one acknowledgement wait at most.
         assert!(took < Duration::from_secs(10), "{took:?}");
         assert!(s.health().failing.is_some());
+        // Once the client knows the server is gone, writes fail at once: not after the
+        // timeout (2 s) in the client's buffer, nor one timeout after the other.
+        let started = Instant::now();
+        let queued: Vec<_> = (0..200)
+            .map(|i| s.put_registration(reg(&format!("q{i}"), "d", &format!("q{i}"))))
+            .collect();
+        for p in queued {
+            assert!(p.await.unwrap_err().is_unavailable());
+        }
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "{took:?}");
         let e = s.load_registrations().await.unwrap_err();
         assert!(e.is_unavailable(), "{e}");
 

@@ -12,7 +12,8 @@
 //! binding a listener to `127.0.0.1:0`, reading its port and closing it before the server
 //! starts; if the server then fails to start (the port was taken meanwhile), it is started
 //! again on other ports. Port 4222 (the machine's own server) is never used. The binary is
-//! `/usr/sbin/nats-server` (Debian's package), or `$NATS_SERVER`.
+//! `/usr/sbin/nats-server` (Debian's package `nats-server`, 2.9 on bookworm; installed if
+//! missing), or `$NATS_SERVER`.
 
 #![allow(dead_code)]
 
@@ -25,11 +26,24 @@ use std::time::{Duration, Instant};
 /// How long a server (or every server of a cluster) may take to answer healthy.
 pub const READY_WITHIN: Duration = Duration::from_secs(30);
 
-/// The nats-server binary.
+/// The nats-server binary. Debian's, when it is missing, is installed once with
+/// `apt-get install nats-server` (as the tests do for libcoap; works as root).
 pub fn binary() -> PathBuf {
-    std::env::var_os("NATS_SERVER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server"))
+    if let Some(p) = std::env::var_os("NATS_SERVER") {
+        return PathBuf::from(p);
+    }
+    let path = PathBuf::from("/usr/sbin/nats-server");
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    if !path.exists() {
+        INSTALL.call_once(|| {
+            let _ = Command::new("apt-get")
+                .args(["install", "-y", "-q", "nats-server"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(Stdio::null())
+                .status();
+        });
+    }
+    path
 }
 
 /// A free loopback port, never 4222.
