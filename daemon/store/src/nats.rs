@@ -1077,6 +1077,11 @@ impl Shared {
                     let _ = c.send(Ok(()));
                 }
             }
+            // The ordered consumer makes itself again after an outage; it ends only when
+            // the connection is closed for good.
+            tracing::error!(
+                "store: the registrations watch ended; other nodes' registrations are no longer followed"
+            );
         }))
     }
 
@@ -1101,6 +1106,9 @@ impl Shared {
                     external.send_modify(|n| *n += 1);
                 }
             }
+            tracing::error!(
+                "store: the plugin-state watch ended; other nodes' plugin state is no longer followed"
+            );
         }))
     }
 
