@@ -1,5 +1,6 @@
 //! Durable state: one port (trait) per aggregate, [`Store`] their union, and the backends:
-//! [`sqlite::SqliteStore`] (embedded, the default) and [`memory::MemoryStore`] (tests).
+//! [`sqlite::SqliteStore`] (embedded, the default), [`nats::NatsStore`] (NATS JetStream, the
+//! shared state of a cluster, issue 22) and [`memory::MemoryStore`] (tests).
 //!
 //! Every write returns a [`Pending`] that resolves once the write is durable; callers
 //! acknowledge to devices and applications only after that.
@@ -10,6 +11,7 @@
 #![deny(unsafe_code)]
 
 pub mod memory;
+pub mod nats;
 /// Every port trait, for calling them on a concrete backend: `use connectord_store::prelude::*`.
 pub mod prelude {
     pub use crate::{
@@ -184,6 +186,12 @@ pub trait EventLog: Send + Sync + 'static {
     fn put_channel(&self, channel: ChannelRecord) -> Pending<()>;
     /// Every undelivered event, in (key id, sequence) order.
     fn load_events(&self) -> Pending<Vec<StoredEvent>>;
+    /// One key's undelivered events, in sequence order: what a node loads for a key whose
+    /// channel it takes over (issue 22). A key's events are numbered by one store at a time;
+    /// the store that loads a key this way numbers its next events above every number given
+    /// to the key before, by any store sharing the state (see `nats`), so the new owner
+    /// calls this before its first append for the key.
+    fn load_events_of(&self, key_id: String) -> Pending<Vec<StoredEvent>>;
     /// Appends events, each `(key id, event)`, and, in the same transaction, removes the
     /// request `answered` whose answer they are (one commit for the async response instead
     /// of two); `answered` is the request's row number.
@@ -277,7 +285,8 @@ pub trait CredentialStore: Send + Sync + 'static {
 pub trait Feed: Send + Sync + 'static {
     /// A counter that moves each time the store sees a write made to the same state by
     /// another process (`connectord plugin-call`), checked about once a
-    /// [`EXTERNAL_CHECK`]; `None` if this backend cannot tell.
+    /// [`EXTERNAL_CHECK`] (SQLite), or another node's write to the plugin state, as it
+    /// comes (NATS); `None` if this backend cannot tell.
     fn external_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }

@@ -114,6 +114,15 @@ impl EventLog for MemoryStore {
         self.read(|s| s.events.values().cloned().collect())
     }
 
+    fn load_events_of(&self, key_id: String) -> Pending<Vec<StoredEvent>> {
+        self.read(|s| {
+            s.events
+                .range((key_id.clone(), 0)..=(key_id, u64::MAX))
+                .map(|(_, e)| e.clone())
+                .collect()
+        })
+    }
+
     fn append_events(&self, events: Vec<(String, Event)>, answered: Option<u64>) -> Appended {
         // Numbered even when the write then fails, as the SQLite backend numbers at
         // submission: a number is never given twice either way.

@@ -623,7 +623,7 @@ const FAILING_LOG_EVERY: Duration = Duration::from_secs(60);
 /// reads says nothing), and is logged when it changes
 /// and at most once a [`FAILING_LOG_EVERY`] while it fails, never once per request.
 #[derive(Default)]
-struct HealthState {
+pub(crate) struct HealthState {
     errors: AtomicU64,
     inner: Mutex<HealthLog>,
 }
@@ -638,7 +638,7 @@ struct HealthLog {
 }
 
 impl HealthState {
-    fn failed(&self, e: &StoreError) {
+    pub(crate) fn failed(&self, e: &StoreError) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         let mut h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         h.since_failing += 1;
@@ -665,7 +665,7 @@ impl HealthState {
         h.failing = Some(e.to_string());
     }
 
-    fn succeeded(&self) {
+    pub(crate) fn succeeded(&self) {
         let mut h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if h.failing.take().is_some() {
             tracing::warn!(
@@ -677,7 +677,7 @@ impl HealthState {
         }
     }
 
-    fn snapshot(&self) -> Health {
+    pub(crate) fn snapshot(&self) -> Health {
         let h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         Health {
             failing: h.failing.clone(),
@@ -912,22 +912,16 @@ impl EventLog for SqliteStore {
         self.submit(|conn| {
             let mut stmt =
                 conn.prepare("SELECT key_id, seq, data FROM events ORDER BY key_id, seq")?;
-            let mut rows = stmt.query([])?;
-            let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
-                let key_id: String = row.get(0)?;
-                let seq: i64 = row.get(1)?;
-                let data: String = row.get(2)?;
-                match record_json::read_event(&data) {
-                    Ok(event) => out.push(StoredEvent {
-                        key_id,
-                        seq: seq as u64,
-                        event,
-                    }),
-                    Err(e) => tracing::error!("store: skipping unreadable event: {e}"),
-                }
-            }
-            Ok(out)
+            read_events(stmt.query([])?)
+        })
+    }
+
+    fn load_events_of(&self, key_id: String) -> Pending<Vec<StoredEvent>> {
+        self.submit(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT key_id, seq, data FROM events WHERE key_id = ?1 ORDER BY seq",
+            )?;
+            read_events(stmt.query(params![key_id])?)
         })
     }
 
@@ -976,6 +970,25 @@ impl EventLog for SqliteStore {
             Ok(())
         })
     }
+}
+
+/// The events of rows `(key_id, seq, data)`; unreadable ones are logged and skipped.
+fn read_events(mut rows: rusqlite::Rows<'_>) -> Result<Vec<StoredEvent>, StoreError> {
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let key_id: String = row.get(0)?;
+        let seq: i64 = row.get(1)?;
+        let data: String = row.get(2)?;
+        match record_json::read_event(&data) {
+            Ok(event) => out.push(StoredEvent {
+                key_id,
+                seq: seq as u64,
+                event,
+            }),
+            Err(e) => tracing::error!("store: skipping unreadable event: {e}"),
+        }
+    }
+    Ok(out)
 }
 
 impl RequestStore for SqliteStore {

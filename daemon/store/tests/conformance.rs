@@ -436,3 +436,517 @@ async fn sqlite_backend_keeps_device_credentials_across_a_reopen() {
     assert_eq!(s.load_psks().await.unwrap().len(), 2);
     assert_eq!(s.load_certificates().await.unwrap().len(), 4);
 }
+
+/// One key's events, as a key's new channel owner loads them: in order, only that key's,
+/// and the store numbers the key's next events above them.
+async fn events_of_one_key(s: &dyn Store) {
+    let a = append(s, vec![new("x", 1), new("y", 1), new("x", 2)], None).await;
+    assert_eq!(
+        s.load_events_of("x".into()).await.unwrap(),
+        vec![event("x", 1, a[0]), event("x", 2, a[2])]
+    );
+    assert!(s.load_events_of("none".into()).await.unwrap().is_empty());
+    s.delete_events_through("x".into(), a[0]).await.unwrap();
+    assert_eq!(
+        s.load_events_of("x".into()).await.unwrap(),
+        vec![event("x", 2, a[2])]
+    );
+    let next = append(s, vec![new("x", 3)], None).await;
+    assert!(next[0] > a[2], "{next:?} {a:?}");
+}
+
+#[tokio::test]
+async fn memory_backend_loads_one_keys_events() {
+    events_of_one_key(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn sqlite_backend_loads_one_keys_events() {
+    let dir = tempfile::tempdir().unwrap();
+    events_of_one_key(&SqliteStore::open(dir.path()).unwrap()).await;
+}
+
+/// The NATS JetStream backend (issue 22), each test on nats-server processes of its own
+/// (`daemon/testkit/src/nats.rs`, included as a module: the store cannot depend on the
+/// testkit, which depends on the daemon).
+#[path = "../../testkit/src/nats.rs"]
+mod nats_server;
+
+mod nats {
+    use super::nats_server::{NatsCluster, NatsServer};
+    use super::*;
+    use connectord_store::nats::{NatsConfig, NatsStore, RegistrationChange};
+    use std::time::{Duration, Instant};
+
+    fn config(servers: Vec<String>, node: &str) -> NatsConfig {
+        NatsConfig {
+            servers,
+            prefix: "cd".into(),
+            replicas: 1,
+            node: node.into(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    async fn connect(server: &NatsServer, node: &str) -> NatsStore {
+        NatsStore::connect(config(vec![server.url()], node))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn nats_backend_keeps_what_each_port_promises_across_a_reconnect() {
+        let server = NatsServer::start().unwrap();
+        let before = {
+            let s = connect(&server, "a").await;
+            writes_and_loads(&s).await
+        };
+        // A new store on the same server (a restarted node) finds everything.
+        let s = connect(&server, "a").await;
+        assert_eq!(s.load_registrations().await.unwrap().len(), 2);
+        assert_eq!(
+            s.load_events().await.unwrap(),
+            vec![event("j", 1, before.j)]
+        );
+        let after = append(&s, vec![new("k", 7), new("m", 4), new("j", 2)], None).await;
+        assert!(
+            after[0] > before.k && after[1] > before.m && after[2] > before.j,
+            "{after:?}"
+        );
+        assert_eq!(s.load_requests().await.unwrap().len(), 1);
+        assert_eq!(s.load_presubscriptions().await.unwrap().len(), 1);
+        assert_eq!(
+            s.plugin_state_keys("p".into(), "".into()).await.unwrap(),
+            ["b/1", "b/2"]
+        );
+        // The registration index is rebuilt at connect: a delete by id still finds it.
+        s.delete_registration("4".into()).await.unwrap();
+        let ids: Vec<_> = s
+            .load_registrations()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, ["3"]);
+    }
+
+    #[tokio::test]
+    async fn nats_backend_keeps_device_credentials_across_a_reconnect() {
+        let server = NatsServer::start().unwrap();
+        {
+            let s = connect(&server, "a").await;
+            credentials_written_and_loaded(&s).await;
+        }
+        let s = connect(&server, "a").await;
+        assert_eq!(s.load_psks().await.unwrap().len(), 2);
+        assert_eq!(s.load_certificates().await.unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn nats_backend_loads_one_keys_events() {
+        let server = NatsServer::start().unwrap();
+        events_of_one_key(&connect(&server, "a").await).await;
+    }
+
+    /// Names a subject or KV key could not hold (dots, wildcards, spaces, the empty
+    /// string) are stored and read back as given.
+    #[tokio::test]
+    async fn nats_backend_stores_names_that_are_no_subject_tokens() {
+        let server = NatsServer::start().unwrap();
+        let s = connect(&server, "a").await;
+        let odd = ["", "a.b", "*", ">", "with space", "é/ü"];
+        for (i, name) in odd.iter().enumerate() {
+            s.put_registration(reg(&i.to_string(), name, name))
+                .await
+                .unwrap();
+            s.plugin_state_put("p.*".into(), format!("{name}/k"), vec![i as u8])
+                .await
+                .unwrap();
+            s.put_subscription(sub(name, name, name)).await.unwrap();
+        }
+        let mut names: Vec<_> = s
+            .load_registrations()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.domain, r.name))
+            .collect();
+        names.sort();
+        let mut want: Vec<_> = odd.iter().map(|n| (n.to_string(), n.to_string())).collect();
+        want.sort();
+        assert_eq!(names, want);
+        assert_eq!(
+            s.plugin_state_keys("p.*".into(), "a.".into())
+                .await
+                .unwrap(),
+            ["a.b/k"]
+        );
+        assert_eq!(
+            s.plugin_state_get("p.*".into(), "*/k".into())
+                .await
+                .unwrap(),
+            Some(vec![2])
+        );
+        s.delete_subscriptions("*".into(), None, None)
+            .await
+            .unwrap();
+        assert_eq!(s.load_subscriptions().await.unwrap().len(), odd.len() - 1);
+    }
+
+    /// Two nodes on one server: each sees the other's writes (a key created on one works
+    /// on the other), the plugin-state feed moves for the other's writes only, and the
+    /// registration watch reports the other's puts and deletes.
+    #[tokio::test]
+    async fn two_nodes_share_the_state_and_see_each_others_writes() {
+        let server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        let b = connect(&server, "b").await;
+        let mut b_changes = b.external_changes().unwrap();
+        let mut b_regs = b.watch_registrations();
+        let mut a_regs = a.watch_registrations();
+
+        b.plugin_state_put("auth".into(), "own".into(), vec![0])
+            .await
+            .unwrap();
+        a.plugin_state_put("auth".into(), "key1".into(), vec![1])
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), b_changes.changed())
+            .await
+            .expect("b sees a's plugin-state write")
+            .unwrap();
+        // Only a's write moved it (b's own came first and did not).
+        assert_eq!(*b_changes.borrow_and_update(), 1);
+        assert_eq!(
+            b.plugin_state_get("auth".into(), "key1".into())
+                .await
+                .unwrap(),
+            Some(vec![1])
+        );
+
+        a.put_registration(reg("r1", "d", "ep")).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), b_regs.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, RegistrationChange::Put(Box::new(reg("r1", "d", "ep"))));
+        // The endpoint re-registers on b: one registration of (d, ep) remains, and a's
+        // later delete of its old id does not remove b's.
+        b.put_registration(reg("r2", "d", "ep")).await.unwrap();
+        a.delete_registration("r1".into()).await.unwrap();
+        // a learns of r2 through its watch; give it the time to.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let regs = a.load_registrations().await.unwrap();
+            assert_eq!(regs.len(), 1, "{regs:?}");
+            if regs[0].id == "r2" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{regs:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        b.delete_registration("r2".into()).await.unwrap();
+        b.put_registration(reg("r3", "d", "other")).await.unwrap();
+        b.delete_registration("r3".into()).await.unwrap();
+        // a's watch told of b's writes only, in order (a's delete of r1 found r2 there
+        // and wrote nothing).
+        let mut seen = Vec::new();
+        while seen.len() < 4 {
+            let got = tokio::time::timeout(Duration::from_secs(5), a_regs.recv())
+                .await
+                .expect("a's watch tells of b's writes")
+                .unwrap();
+            seen.push(got);
+        }
+        let deleted = |name: &str| RegistrationChange::Deleted {
+            domain: "d".into(),
+            name: name.into(),
+        };
+        assert_eq!(
+            seen,
+            [
+                RegistrationChange::Put(Box::new(reg("r2", "d", "ep"))),
+                deleted("ep"),
+                RegistrationChange::Put(Box::new(reg("r3", "d", "other"))),
+                deleted("other"),
+            ]
+        );
+        assert!(a.load_registrations().await.unwrap().is_empty());
+    }
+
+    /// A key's channel moving to a node that connected before the key's last owner: the
+    /// new owner, once it loaded the key's events, numbers them above the old owner's,
+    /// also when the old owner had deleted them all.
+    #[tokio::test]
+    async fn a_keys_new_owner_numbers_its_events_above_the_old_owners() {
+        let server = NatsServer::start().unwrap();
+        let early = connect(&server, "early").await;
+        let late = connect(&server, "late").await;
+        assert!(late.event_epoch() > early.event_epoch());
+        let by_late = append(&late, vec![new("k", 1), new("k", 2)], None).await;
+        let loaded = early.load_events_of("k".into()).await.unwrap();
+        assert_eq!(loaded.len(), 2);
+        let by_early = append(&early, vec![new("k", 3)], None).await;
+        assert!(by_early[0] > by_late[1], "{by_early:?} {by_late:?}");
+        // Back to `late`, which deletes them all; then to `early` again.
+        late.load_events_of("k".into()).await.unwrap();
+        let again = append(&late, vec![new("k", 4)], None).await;
+        assert!(again[0] > by_early[0]);
+        late.delete_events_through("k".into(), again[0])
+            .await
+            .unwrap();
+        assert!(early.load_events_of("k".into()).await.unwrap().is_empty());
+        let last = append(&early, vec![new("k", 5)], None).await;
+        assert!(last[0] > again[0], "{last:?} {again:?}");
+        // Deleting through a number known only from the stream (appended by the other).
+        early
+            .delete_events_through("k".into(), last[0])
+            .await
+            .unwrap();
+        let more = append(&late, vec![new("k", 6)], None).await;
+        late.load_events_of("k".into()).await.unwrap();
+        assert_eq!(early.load_events().await.unwrap().len(), 1);
+        early
+            .delete_events_through("k".into(), more[0])
+            .await
+            .unwrap();
+        assert!(late.load_events().await.unwrap().is_empty());
+    }
+
+    /// Writes submitted without waiting in between apply in submission order, a deletion
+    /// of a registration whose put is not acknowledged yet included; removing an absent
+    /// request is no error.
+    #[tokio::test]
+    async fn writes_submitted_together_apply_in_submission_order() {
+        let server = NatsServer::start().unwrap();
+        let s = connect(&server, "a").await;
+        let put = s.put_registration(reg("1", "d", "a"));
+        let delete = s.delete_registration("1".into());
+        let put2 = s.put_registration(reg("2", "d", "b"));
+        let delete2 = s.delete_registration("2".into());
+        let again = s.put_registration(reg("2", "d", "b"));
+        let loaded = s.load_registrations();
+        for p in [put, delete, put2, delete2, again] {
+            p.await.unwrap();
+        }
+        let ids: Vec<_> = loaded.await.unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, ["2"]);
+        let row = s.put_request(job("x")).await.unwrap();
+        s.delete_request(row).await.unwrap();
+        s.delete_request(row).await.unwrap();
+        s.delete_request(row + 100).await.unwrap();
+        assert!(s.load_requests().await.unwrap().is_empty());
+        // Many at once: every one acknowledged, in order, one number each.
+        let pending: Vec<_> = (0..500)
+            .map(|i| s.put_request(job(&i.to_string())))
+            .collect();
+        let mut rows = Vec::new();
+        for p in pending {
+            rows.push(p.await.unwrap());
+        }
+        assert!(rows.windows(2).all(|w| w[0] < w[1]));
+        let jobs = s.load_requests().await.unwrap();
+        assert_eq!(jobs.len(), 500);
+        assert!(jobs.iter().zip(&rows).all(|(j, r)| j.row == *r));
+        assert_eq!(jobs[499].id, "499");
+    }
+
+    /// Two fleets on one server, told apart by their prefixes.
+    #[tokio::test]
+    async fn two_prefixes_on_one_server_are_two_fleets() {
+        let server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        let mut other = config(vec![server.url()], "a");
+        other.prefix = "fleet2".into();
+        let b = NatsStore::connect(other).await.unwrap();
+        a.put_registration(reg("1", "d", "ep")).await.unwrap();
+        a.put_request(job("x")).await.unwrap();
+        assert!(b.load_registrations().await.unwrap().is_empty());
+        assert!(b.load_requests().await.unwrap().is_empty());
+        assert_eq!(a.load_requests().await.unwrap().len(), 1);
+    }
+
+    /// Writes while the only server is down fail as unavailable within the timeout (not
+    /// hang), the store says it is failing, and it works again once the server is back.
+    #[tokio::test]
+    async fn a_write_while_the_server_is_down_fails_as_unavailable_in_bounded_time() {
+        let mut server = NatsServer::start().unwrap();
+        let s = connect(&server, "a").await;
+        s.put_registration(reg("1", "d", "a")).await.unwrap();
+        server.kill();
+        let started = Instant::now();
+        let e = s.put_registration(reg("2", "d", "b")).await.unwrap_err();
+        let took = started.elapsed();
+        assert!(e.is_unavailable(), "{e}");
+        // The timeout is 2 s: one send and one acknowledgement wait at most.
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        assert!(s.health().failing.is_some());
+        // Once the client knows the server is gone, writes fail at once: not after the
+        // timeout (2 s) in the client's buffer, nor one timeout after the other.
+        let started = Instant::now();
+        let queued: Vec<_> = (0..200)
+            .map(|i| s.put_registration(reg(&format!("q{i}"), "d", &format!("q{i}"))))
+            .collect();
+        for p in queued {
+            assert!(p.await.unwrap_err().is_unavailable());
+        }
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        let e = s.load_registrations().await.unwrap_err();
+        assert!(e.is_unavailable(), "{e}");
+
+        // Nothing answers on a fresh connect either.
+        let e = NatsStore::connect(config(vec![server.url()], "b"))
+            .await
+            .err()
+            .expect("no server");
+        assert!(e.is_unavailable(), "{e}");
+
+        server.restart().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while s.put_registration(reg("3", "d", "c")).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "no write succeeded after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(s.health().failing, None);
+        let mut ids: Vec<_> = s
+            .load_registrations()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        ids.sort();
+        assert!(
+            ids.contains(&"1".to_string()) && ids.contains(&"3".to_string()),
+            "{ids:?}"
+        );
+    }
+
+    /// Three servers, every bucket and stream with three replicas: one server killed
+    /// (SIGKILL), writes and loads go on through the others and nothing acknowledged is
+    /// lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_r3_cluster_loses_nothing_acknowledged_when_a_server_is_killed() {
+        let mut cluster = NatsCluster::start().unwrap();
+        let mut cfg = config(cluster.urls(), "a");
+        cfg.replicas = 3;
+        cfg.timeout = Duration::from_secs(5);
+        let s = NatsStore::connect(cfg).await.unwrap();
+        let mut acked = Vec::new();
+        for i in 0..50 {
+            s.put_registration(reg(&i.to_string(), "d", &format!("ep{i}")))
+                .await
+                .unwrap();
+            acked.push(i.to_string());
+        }
+        let seqs = append(&s, vec![new("k", 1), new("k", 2)], None).await;
+        let row = s.put_request(job("r")).await.unwrap();
+
+        // Kill the server this client is connected to, or any: the first.
+        cluster.servers[0].kill();
+        let killed = Instant::now();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut i = 50;
+        let mut after = 0;
+        while after < 20 {
+            assert!(Instant::now() < deadline, "writes did not resume");
+            let r = s
+                .put_registration(reg(&i.to_string(), "d", &format!("ep{i}")))
+                .await;
+            match r {
+                Ok(()) => {
+                    acked.push(i.to_string());
+                    after += 1;
+                }
+                Err(e) => {
+                    assert!(e.is_unavailable(), "{e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            i += 1;
+        }
+        // A read makes a consumer, which needs the meta leader: for a few seconds after
+        // a server is lost, it may answer unavailable.
+        eprintln!("writes resumed {:?} after the kill", killed.elapsed());
+        // The read-modify-write writes and the plugin keys read each message from the
+        // stream's leader, not through a consumer: no wait for a meta leader.
+        // Each bucket is a stream with its own leader: one whose leader was on the killed
+        // server answers unavailable until it has a new one.
+        eventually(|| s.put_subscription(sub("k", "e1", "/1"))).await;
+        eventually(|| s.put_subscription(sub("k", "e2", "/1"))).await;
+        eventually(|| s.delete_subscriptions("k".into(), Some("e1".into()), None)).await;
+        eventually(|| s.plugin_state_put("p".into(), "a/1".into(), vec![1])).await;
+        assert_eq!(
+            eventually(|| s.plugin_state_keys("p".into(), "a/".into())).await,
+            ["a/1"]
+        );
+        eprintln!("listings answered {:?} after the kill", killed.elapsed());
+        let mut ids: Vec<_> = eventually(|| s.load_registrations())
+            .await
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        eprintln!("reads resumed {:?} after the kill", killed.elapsed());
+        ids.sort();
+        acked.sort();
+        // Every acknowledged write is there; one that failed may or may not be.
+        for id in &acked {
+            assert!(ids.contains(id), "lost {id}");
+        }
+        assert_eq!(
+            eventually(|| s.load_events()).await,
+            vec![event("k", 1, seqs[0]), event("k", 2, seqs[1])]
+        );
+        assert_eq!(eventually(|| s.load_requests()).await[0].row, row);
+        assert_eq!(
+            eventually(|| s.load_subscriptions()).await,
+            vec![sub("k", "e2", "/1")]
+        );
+        // Another node connecting to the two left sees the same.
+        let mut cfg = config(cluster.urls()[1..].to_vec(), "b");
+        cfg.replicas = 3;
+        cfg.timeout = Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let b = loop {
+            match NatsStore::connect(cfg.clone()).await {
+                Ok(b) => break b,
+                Err(e) => {
+                    eprintln!("connect {:?} after the kill: {e}", killed.elapsed());
+                    if std::env::var_os("NATS_TEST_LOGS").is_some() {
+                        for srv in &cluster.servers[1..] {
+                            eprintln!("---- {}\n{}", srv.url(), srv.log());
+                        }
+                    }
+                    assert!(e.is_unavailable(), "{e}");
+                    assert!(Instant::now() < deadline, "cannot connect: {e}");
+                }
+            }
+        };
+        eprintln!(
+            "another node connected {:?} after the kill",
+            killed.elapsed()
+        );
+        assert_eq!(eventually(|| b.load_registrations()).await.len(), ids.len());
+    }
+
+    /// The read's answer once it succeeds, within 30 s; failures meanwhile must be
+    /// "unavailable".
+    async fn eventually<T>(read: impl Fn() -> connectord_store::Pending<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match read().await {
+                Ok(v) => return v,
+                Err(e) => {
+                    assert!(e.is_unavailable(), "{e}");
+                    assert!(Instant::now() < deadline, "still failing: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}

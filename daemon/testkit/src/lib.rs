@@ -20,6 +20,7 @@
 #![deny(unsafe_code)]
 
 pub mod coap;
+pub mod nats;
 pub mod receiver;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,2133 @@
+//! The shared store of a cluster (issue 22): every port on NATS JetStream, so that several
+//! connectord nodes serve one fleet from one state. Connected with [`NatsStore::connect`].
+//!
+//! # Layout
+//!
+//! Names start with [`NatsConfig::prefix`] (`cd` by default), so that two fleets can share
+//! a server. Every bucket and stream has [`NatsConfig::replicas`] replicas (1, or 3 in a
+//! three-server cluster) and file storage; `connect` creates them, or binds to them if they
+//! exist (a bucket keeps the replicas it was created with).
+//!
+//! | state | where | key / subject |
+//! |---|---|---|
+//! | registrations | KV `<p>_registrations` | `<domain>.<name>` |
+//! | channels | KV `<p>_channels` | `<key id>` |
+//! | subscriptions | KV `<p>_subscriptions` | `<key id>.<endpoint>.<path>` |
+//! | pre-subscriptions | KV `<p>_presubscriptions` | `<key id>` |
+//! | plugin state | KV `<p>_plugin_state` | `<plugin>.<key>` |
+//! | hourly counts | KV `<p>_hour_counts` | `<domain>.<hour>` |
+//! | PSKs | KV `<p>_psks` | `ep.<domain>.<endpoint>`, and `id.<identity>` → `<domain>.<endpoint>` |
+//! | certificates | KV `<p>_certificates` | `<domain>.<endpoint>.<serial>` |
+//! | event numbering epoch | KV `<p>_meta` | `event_epoch` |
+//! | requests to devices | stream `<p>_requests` | `<p>.req.<domain>.<endpoint>` |
+//! | events | stream `<p>_events` | `<p>.ev.<key id>`, header `Cd-Seq` |
+//!
+//! KV keys (and subject tokens) allow only `[-/_=.a-zA-Z0-9]`, so every user-chosen name
+//! (domain, endpoint name, key id, path, plugin key, ...) is one token, encoded reversibly:
+//! base64url without padding, `=` for the empty string ([`enc`], [`dec`]). A value is the
+//! record as JSON (the registration's serde form, the request's `record_json::request`, the
+//! event's `record_json::event`, ...). Every message the store publishes carries the
+//! header `Cd-Node: <node>`, which is how a watch tells another node's writes from ours.
+//!
+//! # Writes
+//!
+//! Every write goes to one writer task (an unbounded queue, as the SQLite store's), which
+//! publishes in submission order on one connection without waiting for each
+//! acknowledgement; each write's [`Pending`] resolves once JetStream acknowledged all its
+//! messages (stored, and replicated to a majority for R3), and writes resolve in the order
+//! submitted. A failed publish or ack (server unreachable, JetStream not answering within
+//! [`NatsConfig::timeout`]) resolves with [`StoreError::Backend`] `unavailable`, and
+//! [`Feed::health`] fails until a write succeeds again. Reads go through the same queue and
+//! run once every write submitted before them is acknowledged (a read sees the writes
+//! submitted before it, as on SQLite), without holding up the writes after them.
+//!
+//! Decisions and their costs:
+//! - **No transactions.** JetStream 2.9 has no atomic multi-message publish. A write of
+//!   several messages (a re-registration replacing another id's record, events and the
+//!   request they answer, pre-subscriptions and the subscriptions they remove, a device's
+//!   revocation) publishes them in order and resolves once all are acknowledged; a crash or
+//!   an outage in between applies a prefix. The order is chosen so that the prefix is
+//!   harmless: events before the deletion of their request (a request answered twice
+//!   rather than never, as on SQLite across a crash), a new record before the deletion of
+//!   what it replaces.
+//! - **Per-stream order.** Messages on one stream are stored in the order published; two
+//!   writes to different buckets are published in order but JetStream may store them in
+//!   either order (their `Pending`s still resolve in order).
+//! - **One registration per (domain, name)** is the bucket's key, so it holds across nodes
+//!   without a lock: a second node's registration of the same endpoint replaces the first.
+//!   `delete_registration(id)` needs the key of an id: an in-memory index (`RegIndex`: per
+//!   key, the ids it held at known stream sequences), loaded at connect and kept from our
+//!   acknowledgements and a watch of the bucket (other nodes' writes); an id is forgotten
+//!   once a later message on its key is known. The delete is conditional
+//!   (`Nats-Expected-Last-Subject-Sequence` = the sequence that put the id): it removes the
+//!   key only if it still holds that registration, so a re-registration by another node
+//!   in between stays (the delete then resolves `Ok`: that registration is gone anyway).
+//!   Cost: about 200 bytes of index per registration (the daemon keeps every registration
+//!   in memory anyway), and the watch delivers each registration write to every node once
+//!   more (2.9 cannot filter by header, so a node's own writes come back and are dropped).
+//! - **Read-modify-write writes** (deleting a key's or endpoint's subscriptions, replacing
+//!   pre-subscriptions, revoking a device, pruning hourly counts, a PSK's identity check)
+//!   list the keys they touch: the writer waits for every earlier write's acknowledgement,
+//!   reads, then publishes, holding up the queue for those round trips. They are rare.
+//!   Between nodes they are not atomic: two nodes racing on the same key id may interleave,
+//!   and two nodes putting one PSK identity for two endpoints at once can both pass the
+//!   check.
+//! - **Two ways to read.** The loads (every record, at start) read through an ephemeral
+//!   pull consumer, in batches of 1 024. The listings of the read-modify-write writes and
+//!   `plugin_state_keys` read one message per `STREAM.MSG.GET` (`next_by_subj`), which the
+//!   stream's leader answers: making a consumer needs the cluster's meta leader, which is
+//!   elected again only 5 to 25 s after its server is lost (measured in
+//!   `an_r3_cluster_loses_nothing_acknowledged_when_a_server_is_killed`), and on 2.9 a
+//!   consumer of an R3 stream is at times placed on the lost server and never answers, so
+//!   consumer creation is retried in short attempts within the timeout.
+//! - **Durability is JetStream's.** A write resolves when JetStream acknowledged it: on
+//!   R1, stored by the server (it survives `kill -9` of the server, tested); on R3,
+//!   stored by a majority of the servers. nats-server 2.9 does not fsync each write (its
+//!   file store syncs every 2 minutes and has no `sync_interval: always`, which came with
+//!   2.10), so unlike SQLite's `synchronous=FULL`, an acknowledged write on one R1 server
+//!   can be lost to a power cut or an OS crash within that window; R3 on separate machines
+//!   is what covers a machine's loss.
+//! - **Plugin-state keys by prefix** list every key of the plugin (one `STREAM.MSG.GET`
+//!   each, above) and filter after decoding: a prefix of a name is not a prefix of its
+//!   base64 token. Linear in the plugin's keys, a round trip each: fine for listing the
+//!   auth plugins' keys now and then, not for a hot path.
+//! - **Hourly counts** are last-writer-wins per (domain, hour): cluster-wide quotas (summing
+//!   the nodes' counts) are a later step of issue 22.
+//! - Deleted KV keys leave a delete marker each (JetStream's KV): one per endpoint name,
+//!   subscription, plugin key, hour ever deleted. Nothing here compacts them yet.
+//!
+//! # Events and their numbers
+//!
+//! `append_events` must answer each event's number at once (not after a round trip), so
+//! the numbers are `epoch << EPOCH_SHIFT | n` as on SQLite: `epoch` counted up cluster-wide
+//! in the `<p>_meta` bucket (compare-and-set) at each connect, `n` this process's count for
+//! the key from 1. So a number is never given twice in the cluster, and a key's numbers
+//! grow across restarts (a new connect has a greater epoch than any before it), also for a
+//! key whose events were all deleted. Decision, instead of the first plan (initialise a
+//! key's counter from its last stored message): `append_events` is synchronous, so it
+//! cannot read the server, and a key whose events were all deleted has no last message.
+//! When a key's channel moves to another node (a later step: one node at a time numbers a
+//! key, its channel owner), the new owner calls [`EventLog::load_events_of`] before its
+//! first append: that takes a new epoch if another node connected after this one, so the
+//! owner's numbers for the key are above every number given before.
+//!
+//! `delete_events_through(key, seq)` purges the key's subject up to the stream sequence of
+//! its last event numbered `<= seq` (a purge with subject filter and sequence, which 2.9
+//! has): one request, whatever the count. The stream sequences of events appended or
+//! loaded here are kept per key until deleted; for others the subject is read once.
+//!
+//! # Watches
+//!
+//! [`Feed::external_changes`] moves when another node (another `Cd-Node`) writes to the
+//! plugin-state bucket; this node's own writes are not counted. [`NatsStore::watch_registrations`]
+//! streams other nodes' registration writes (for the cluster's next steps).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, context::PublishAckFuture, kv, stream::StorageType};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use connectord_model::{
+    CertificateRecord, ChannelRecord, Event, HourCount, Job, PresubRecord, PskRecord, Registration,
+    StoredEvent, SubscriptionRecord,
+};
+
+use crate::sqlite::{EPOCH_SHIFT, HealthState};
+use crate::{
+    Appended, CredentialStore, EventLog, Feed, Health, Pending, PluginStateStore, QuotaStore,
+    RegistrationStore, RequestStore, StoreError, SubscriptionStore, record_json,
+};
+
+/// The header naming the node that published a message.
+pub const NODE_HEADER: &str = "Cd-Node";
+/// The header of an event's sequence number.
+pub const SEQ_HEADER: &str = "Cd-Seq";
+const KV_OPERATION: &str = "KV-Operation";
+
+/// Where and how to reach the cluster's JetStream.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// `nats://host:port` of one or more servers of the cluster.
+    pub servers: Vec<String>,
+    /// Starts every bucket, stream and subject name (`[A-Za-z0-9_-]+`), so that two fleets
+    /// can share a server.
+    pub prefix: String,
+    /// Replicas of each bucket and stream: 1, or 3 on a three-server cluster.
+    pub replicas: usize,
+    /// This node's name, unique in the cluster (the `Cd-Node` header of its writes).
+    pub node: String,
+    /// How long a connect, a publish's acknowledgement or a read may take before it is
+    /// answered as unavailable.
+    pub timeout: Duration,
+}
+
+impl NatsConfig {
+    /// One server, prefix `cd`, one replica, a 5-second timeout.
+    pub fn new(server: impl Into<String>, node: impl Into<String>) -> NatsConfig {
+        NatsConfig {
+            servers: vec![server.into()],
+            prefix: "cd".into(),
+            replicas: 1,
+            node: node.into(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A change of the registrations made by another node ([`NatsStore::watch_registrations`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RegistrationChange {
+    /// Stored or replaced (the endpoint's previous registration, if any, is gone).
+    Put(Box<Registration>),
+    /// The endpoint's registration was removed.
+    Deleted { domain: String, name: String },
+}
+
+/// The NATS JetStream store. Dropping it stops its tasks; writes already queued are still
+/// published.
+pub struct NatsStore {
+    shared: Arc<Shared>,
+    tx: mpsc::UnboundedSender<Op>,
+    /// The registrations' and the plugin state's watches, aborted at drop.
+    watches: Vec<tokio::task::JoinHandle<()>>,
+    external: watch::Receiver<u64>,
+    registrations: broadcast::Sender<RegistrationChange>,
+}
+
+/// The names of the buckets and streams.
+struct Names {
+    registrations: String,
+    channels: String,
+    subscriptions: String,
+    presubscriptions: String,
+    plugin_state: String,
+    hour_counts: String,
+    psks: String,
+    certificates: String,
+    meta: String,
+    requests: String,
+    events: String,
+    /// `<p>.req`, `<p>.ev`.
+    req_subject: String,
+    ev_subject: String,
+}
+
+impl Names {
+    fn new(p: &str) -> Names {
+        Names {
+            registrations: format!("{p}_registrations"),
+            channels: format!("{p}_channels"),
+            subscriptions: format!("{p}_subscriptions"),
+            presubscriptions: format!("{p}_presubscriptions"),
+            plugin_state: format!("{p}_plugin_state"),
+            hour_counts: format!("{p}_hour_counts"),
+            psks: format!("{p}_psks"),
+            certificates: format!("{p}_certificates"),
+            meta: format!("{p}_meta"),
+            requests: format!("{p}_requests"),
+            events: format!("{p}_events"),
+            req_subject: format!("{p}.req"),
+            ev_subject: format!("{p}.ev"),
+        }
+    }
+
+    fn buckets(&self) -> [&str; 9] {
+        [
+            &self.registrations,
+            &self.channels,
+            &self.subscriptions,
+            &self.presubscriptions,
+            &self.plugin_state,
+            &self.hour_counts,
+            &self.psks,
+            &self.certificates,
+            &self.meta,
+        ]
+    }
+}
+
+/// What the writer, the chain's tasks and the watches share.
+struct Shared {
+    js: jetstream::Context,
+    client: async_nats::Client,
+    names: Names,
+    node: String,
+    timeout: Duration,
+    health: HealthState,
+    /// This process's current event epoch.
+    epoch: AtomicU64,
+    /// The last number given to each key's events.
+    numbered: Mutex<HashMap<String, u64>>,
+    /// Each key's known events: number → stream sequence.
+    event_rows: Mutex<HashMap<String, BTreeMap<u64, u64>>>,
+    index: Mutex<RegIndex>,
+    plugin_kv: kv::Store,
+    /// Every stream (buckets' too) by name, got once at connect.
+    streams: HashMap<String, jetstream::stream::Stream>,
+}
+
+/// Where each registration id is in the registrations bucket, for `delete_registration(id)`
+/// (the bucket is keyed by (domain, name)).
+///
+/// Per key, the ids it held at the stream sequences known here: our own writes (the
+/// sequence unknown until acknowledged) and what the watch saw (other nodes' writes, and
+/// everything before connect). An id is forgotten once a later message on its key is
+/// known; so nothing is kept per replaced registration, and a watch that lags behind our
+/// own writes cannot make us forget a registration that is still stored.
+#[derive(Default)]
+struct RegIndex {
+    by_id: HashMap<String, String>,
+    keys: HashMap<String, KeyIds>,
+}
+
+#[derive(Default)]
+struct KeyIds {
+    /// Each id with the stream sequence of the message that put it (`None` while ours is
+    /// not acknowledged).
+    ids: Vec<(String, Option<u64>)>,
+    /// The latest stream sequence known on the key.
+    last: u64,
+}
+
+impl RegIndex {
+    /// We publish a put of `id` on `key`.
+    fn submitted(&mut self, key: &str, id: &str) {
+        let k = self.keys.entry(key.to_string()).or_default();
+        match k.ids.iter_mut().find(|(i, _)| i == id) {
+            Some(e) => e.1 = None,
+            None => k.ids.push((id.to_string(), None)),
+        }
+        self.by_id.insert(id.to_string(), key.to_string());
+    }
+
+    /// Our put of `id` on `key` was stored at `seq` (`None`: it failed, and may or may not
+    /// be stored: kept until a later message on the key is known).
+    fn acked(&mut self, key: &str, id: &str, seq: Option<u64>) {
+        let Some(k) = self.keys.get_mut(key) else {
+            return;
+        };
+        if let Some(e) = k.ids.iter_mut().find(|(i, s)| i == id && s.is_none()) {
+            e.1 = Some(seq.unwrap_or(0));
+        }
+        if let Some(seq) = seq {
+            k.last = k.last.max(seq);
+        }
+        self.prune(key);
+    }
+
+    /// A message on `key` at `seq`: a put of `id`, or a delete (`None`).
+    fn observed(&mut self, key: &str, seq: u64, id: Option<&str>) {
+        let k = self.keys.entry(key.to_string()).or_default();
+        k.last = k.last.max(seq);
+        if let Some(id) = id {
+            match k.ids.iter_mut().find(|(i, _)| i == id) {
+                Some(e) => e.1 = Some(e.1.map_or(seq, |s| s.max(seq))),
+                None => k.ids.push((id.to_string(), Some(seq))),
+            }
+            self.by_id.insert(id.to_string(), key.to_string());
+        }
+        self.prune(key);
+    }
+
+    /// Forgets the ids of `key` put before the latest message known on it.
+    fn prune(&mut self, key: &str) {
+        let Some(k) = self.keys.get_mut(key) else {
+            return;
+        };
+        let last = k.last;
+        let by_id = &mut self.by_id;
+        k.ids.retain(|(id, s)| {
+            let keep = s.is_none_or(|s| s >= last);
+            if !keep && by_id.get(id).is_some_and(|k| k == key) {
+                by_id.remove(id);
+            }
+            keep
+        });
+        if k.ids.is_empty() {
+            self.keys.remove(key);
+        }
+    }
+
+    /// Where `id` is: its key, and the sequence that put it if known (`None`: our put is
+    /// not acknowledged yet).
+    fn find(&self, id: &str) -> Option<(String, Option<u64>)> {
+        let key = self.by_id.get(id)?;
+        let (_, seq) = self.keys.get(key)?.ids.iter().find(|(i, _)| i == id)?;
+        Some((key.clone(), *seq))
+    }
+}
+
+/// A subject token for a user-chosen name: base64url without padding, `=` for "".
+pub fn enc(s: &str) -> String {
+    if s.is_empty() {
+        "=".into()
+    } else {
+        URL_SAFE_NO_PAD.encode(s)
+    }
+}
+
+/// The name [`enc`] encoded; `None` if `t` is not such a token.
+pub fn dec(t: &str) -> Option<String> {
+    if t == "=" {
+        return Some(String::new());
+    }
+    String::from_utf8(URL_SAFE_NO_PAD.decode(t).ok()?).ok()
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend {
+        source: format!("NATS JetStream: {e}").into(),
+        unavailable: true,
+    }
+}
+
+fn refused(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend {
+        source: format!("NATS JetStream: {e}").into(),
+        unavailable: false,
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<Bytes, StoreError> {
+    serde_json::to_vec(v)
+        .map(Bytes::from)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// A message as read from a stream.
+struct Raw {
+    subject: String,
+    headers: Option<HeaderMap>,
+    payload: Bytes,
+    seq: u64,
+}
+
+impl Raw {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.as_ref()?.get(name).map(|v| v.as_str())
+    }
+
+    /// A KV delete or purge marker.
+    fn is_kv_delete(&self) -> bool {
+        matches!(self.header(KV_OPERATION), Some("DEL" | "PURGE"))
+    }
+
+    /// The decoded tokens of the subject after `skip` tokens.
+    fn tokens(&self, skip: usize) -> Option<Vec<String>> {
+        self.subject.split('.').skip(skip).map(dec).collect()
+    }
+}
+
+/// A message to publish.
+struct Msg {
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+}
+
+/// One queued operation. Reads are closures run once the writes before them are
+/// acknowledged.
+enum Op {
+    PutRegistration(Registration, Reply<()>),
+    DeleteRegistration(String, Reply<()>),
+    PutChannel(ChannelRecord, Reply<()>),
+    AppendEvents(Vec<StoredEvent>, Option<u64>, Reply<()>),
+    DeleteEventsThrough(String, u64, Reply<()>),
+    PutRequest(Job, Reply<u64>),
+    DeleteRequest(u64, Reply<()>),
+    PluginPut(String, String, Vec<u8>, Reply<()>),
+    PluginDelete(String, String, Reply<()>),
+    PutSubscription(SubscriptionRecord, Reply<()>),
+    DeleteSubscriptions(String, Option<String>, Option<String>, Reply<()>),
+    ReplacePresubscriptions(PresubRecord, Reply<()>),
+    SaveHourCounts(Vec<HourCount>, u64, Reply<()>),
+    PutPsk(PskRecord, Reply<()>),
+    PutCertificate(CertificateRecord, Reply<()>),
+    RevokeDevice(String, String, u64, Reply<()>),
+    Read(ReadFn),
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+type ReadFn = Box<dyn FnOnce(Arc<Shared>) -> BoxFuture<'static, ()> + Send>;
+
+impl NatsStore {
+    /// Connects to `cfg.servers`, creates the buckets and streams (or binds to them) and
+    /// takes this process's event epoch. Fails with an `unavailable` [`StoreError::Backend`]
+    /// when no server answers or JetStream does not within `cfg.timeout`.
+    pub async fn connect(cfg: NatsConfig) -> Result<NatsStore, StoreError> {
+        if cfg.prefix.is_empty()
+            || !cfg
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(refused(format!(
+                "the prefix {:?} is not [A-Za-z0-9_-]+",
+                cfg.prefix
+            )));
+        }
+        if cfg.node.is_empty() || cfg.node.contains(['\r', '\n']) {
+            return Err(refused(format!(
+                "the node name {:?} is not usable",
+                cfg.node
+            )));
+        }
+        let t = cfg.timeout;
+        let options = async_nats::ConnectOptions::new()
+            .name(format!("connectord {}", cfg.node))
+            .connection_timeout(t)
+            .request_timeout(Some(t));
+        let client = tokio::time::timeout(
+            t + t,
+            async_nats::connect_with_options(cfg.servers.clone(), options),
+        )
+        .await
+        .map_err(|_| unavailable("connecting timed out"))?
+        .map_err(unavailable)?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(t)
+            .max_ack_inflight(16_384)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        let names = Names::new(&cfg.prefix);
+        let mut plugin_kv = None;
+        for bucket in names.buckets() {
+            let store = bind_bucket(&js, bucket, cfg.replicas).await?;
+            if bucket == names.plugin_state {
+                plugin_kv = Some(store);
+            }
+        }
+        let plugin_kv = plugin_kv.ok_or_else(|| refused("no plugin-state bucket"))?;
+        for (name, subject) in [
+            (&names.requests, &names.req_subject),
+            (&names.events, &names.ev_subject),
+        ] {
+            js.get_or_create_stream(jetstream::stream::Config {
+                name: name.clone(),
+                subjects: vec![format!("{subject}.>")],
+                storage: StorageType::File,
+                num_replicas: cfg.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(format!("stream {name}: {e}")))?;
+        }
+        let mut streams = HashMap::new();
+        let all = names
+            .buckets()
+            .map(|b| format!("KV_{b}"))
+            .into_iter()
+            .chain([names.requests.clone(), names.events.clone()]);
+        for name in all {
+            let stream = js
+                .get_stream(&name)
+                .await
+                .map_err(|e| unavailable(format!("stream {name}: {e}")))?;
+            streams.insert(name, stream);
+        }
+        let shared = Arc::new(Shared {
+            streams,
+            js,
+            client,
+            names,
+            node: cfg.node.clone(),
+            timeout: t,
+            health: HealthState::default(),
+            epoch: AtomicU64::new(0),
+            numbered: Mutex::new(HashMap::new()),
+            event_rows: Mutex::new(HashMap::new()),
+            index: Mutex::new(RegIndex::default()),
+            plugin_kv,
+        });
+        let epoch = shared.next_epoch().await?;
+        shared.epoch.store(epoch, Ordering::SeqCst);
+
+        let mut tasks = Vec::new();
+        let (registrations, _) = broadcast::channel(4096);
+        let (caught_up_tx, caught_up) = oneshot::channel();
+        tasks.push(
+            shared
+                .clone()
+                .watch_registration_bucket(registrations.clone(), caught_up_tx)
+                .await?,
+        );
+        tokio::time::timeout(t, caught_up)
+            .await
+            .map_err(|_| unavailable("reading the registrations timed out"))?
+            .map_err(|_| unavailable("the registrations watch ended"))??;
+        let (external_tx, external) = watch::channel(0u64);
+        tasks.push(shared.clone().watch_plugin_state(external_tx).await?);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = Writer {
+            shared: shared.clone(),
+            last: None,
+        };
+        tokio::spawn(writer.run(rx));
+        Ok(NatsStore {
+            shared,
+            tx,
+            watches: tasks,
+            external,
+            registrations,
+        })
+    }
+
+    /// Other nodes' writes to the registrations bucket, from now on, in the bucket's order.
+    /// A receiver that falls behind by more than 4 096 changes gets
+    /// [`broadcast::error::RecvError::Lagged`] and should reload.
+    pub fn watch_registrations(&self) -> broadcast::Receiver<RegistrationChange> {
+        self.registrations.subscribe()
+    }
+
+    /// This process's current event epoch (tests, diagnostics).
+    pub fn event_epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::SeqCst)
+    }
+
+    fn submit<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Pending<T> {
+        let (tx, rx) = oneshot::channel();
+        match self.tx.send(op(tx)) {
+            Ok(()) => Pending::new(rx),
+            Err(_) => Pending::failed(StoreError::Closed),
+        }
+    }
+
+    fn read<T: Send + 'static, F>(
+        &self,
+        f: impl FnOnce(Arc<Shared>) -> F + Send + 'static,
+    ) -> Pending<T>
+    where
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let run: ReadFn = Box::new(move |shared| {
+            Box::pin(async move {
+                let _ = tx.send(f(shared).await);
+            })
+        });
+        match self.tx.send(Op::Read(run)) {
+            Ok(()) => Pending::new(rx),
+            Err(_) => Pending::failed(StoreError::Closed),
+        }
+    }
+}
+
+impl Drop for NatsStore {
+    fn drop(&mut self) {
+        // The writer ends by itself once the queue is closed and empty; the watches
+        // would run forever.
+        for t in &self.watches {
+            t.abort();
+        }
+    }
+}
+
+async fn bind_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> Result<kv::Store, StoreError> {
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    // The bucket's stream as `create_key_value` makes it (history 1). Not that call
+    // itself: it reads the account's info first, whose 2.9 answer async-nats 0.52 cannot
+    // parse ("data did not match any variant of untagged enum Response").
+    let created = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            discard: jetstream::stream::DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            duplicate_window: Duration::from_secs(120),
+            storage: StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(_) => js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| unavailable(format!("bucket {bucket}: {e}"))),
+        Err(e) => Err(unavailable(format!("bucket {bucket}: {e}"))),
+    }
+}
+
+impl Shared {
+    fn stream(&self, name: &str) -> Result<&jetstream::stream::Stream, StoreError> {
+        self.streams
+            .get(name)
+            .ok_or_else(|| refused(format!("no stream {name}")))
+    }
+
+    /// Every message of `stream` matching `filter`, in order, one `STREAM.MSG.GET`
+    /// (`next_by_subj`) each. Decision: for the small listings of the read-modify-write
+    /// writes and `plugin_state_keys` rather than a consumer, because making a consumer
+    /// needs the cluster's meta leader, which takes 10 to 16 s to be elected again after
+    /// its server is lost (measured, `an_r3_cluster_loses_nothing_acknowledged_when_a_server_is_killed`),
+    /// while these requests go to the stream's own leader. One round trip per message:
+    /// the loads at start (every record) use a consumer instead.
+    async fn list_direct(&self, stream: &str, filter: &str) -> Result<Vec<Raw>, StoreError> {
+        let stream = self.stream(stream)?;
+        let mut out = Vec::new();
+        let mut next = 1;
+        loop {
+            let got = tokio::time::timeout(
+                self.timeout,
+                stream
+                    .raw_message_builder()
+                    .sequence(next)
+                    .next_by_subject(filter)
+                    .send(),
+            )
+            .await
+            .map_err(|_| unavailable("reading timed out"))?;
+            match got {
+                Ok(m) => {
+                    next = m.sequence + 1;
+                    out.push(Raw {
+                        subject: m.subject.to_string(),
+                        headers: Some(m.headers),
+                        payload: m.payload,
+                        seq: m.sequence,
+                    });
+                }
+                Err(e)
+                    if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                {
+                    return Ok(out);
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+    }
+
+    /// Runs `f` (making a consumer) until it succeeds, each attempt bounded by a quarter
+    /// of the timeout (at least a second), all of them by the timeout. Decision: on 2.9, a
+    /// consumer of an R3 stream made while one of its servers is down is at times placed
+    /// on that server, and its creation then waits for an answer that never comes (seen
+    /// in `an_r3_cluster_loses_nothing_acknowledged_when_a_server_is_killed`: a node's
+    /// connect failed for 30 s); another attempt is placed again, most likely elsewhere.
+    async fn attempts<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+        &self,
+        what: &str,
+        mut f: impl FnMut() -> F,
+    ) -> Result<T, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let each = (self.timeout / 4).max(Duration::from_secs(1));
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let last = match tokio::time::timeout(each.min(left), f()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_string(),
+            };
+            if tokio::time::Instant::now() + Duration::from_millis(50) >= deadline {
+                return Err(unavailable(format!("{what}: {last}")));
+            }
+            tracing::debug!("store: {what}: {last}; again");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(NODE_HEADER, self.node.as_str());
+        h
+    }
+
+    fn kv_subject(bucket: &str, key: &str) -> String {
+        format!("$KV.{bucket}.{key}")
+    }
+
+    fn kv_put(&self, bucket: &str, key: &str, payload: Bytes) -> Msg {
+        Msg {
+            subject: Self::kv_subject(bucket, key),
+            headers: self.headers(),
+            payload,
+        }
+    }
+
+    fn kv_delete(&self, bucket: &str, key: &str) -> Msg {
+        let mut headers = self.headers();
+        headers.insert(KV_OPERATION, "DEL");
+        Msg {
+            subject: Self::kv_subject(bucket, key),
+            headers,
+            payload: Bytes::new(),
+        }
+    }
+
+    /// A KV delete that applies only while the key's last message is at `seq`
+    /// (`Nats-Expected-Last-Subject-Sequence`); unconditional without `seq`.
+    fn kv_delete_if(&self, bucket: &str, key: &str, seq: Option<u64>) -> Msg {
+        let mut m = self.kv_delete(bucket, key);
+        if let Some(seq) = seq {
+            m.headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                seq.to_string().as_str(),
+            );
+        }
+        m
+    }
+
+    fn event_subject(&self, key_id: &str) -> String {
+        format!("{}.{}", self.names.ev_subject, enc(key_id))
+    }
+
+    /// Counts the cluster's event epoch up by one (compare-and-set) and answers it.
+    async fn next_epoch(&self) -> Result<u64, StoreError> {
+        let meta = self
+            .js
+            .get_key_value(&self.names.meta)
+            .await
+            .map_err(unavailable)?;
+        for _ in 0..32 {
+            let entry = meta.entry("event_epoch").await.map_err(unavailable)?;
+            let result = match entry {
+                Some(e) if e.operation == kv::Operation::Put => {
+                    let last: u64 = std::str::from_utf8(&e.value)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| StoreError::Corrupt("the event epoch".into()))?;
+                    let next = last + 1;
+                    meta.update("event_epoch", next.to_string().into(), e.revision)
+                        .await
+                        .map(|_| next)
+                        .map_err(|e| e.to_string())
+                }
+                _ => meta
+                    .create("event_epoch", "1".into())
+                    .await
+                    .map(|_| 1)
+                    .map_err(|e| e.to_string()),
+            };
+            match result {
+                Ok(epoch) => return Ok(epoch),
+                Err(e) => tracing::debug!("store: event epoch taken meanwhile ({e}); again"),
+            }
+        }
+        Err(unavailable("could not count the event epoch up"))
+    }
+
+    /// The cluster's last event epoch.
+    async fn last_epoch(&self) -> Result<u64, StoreError> {
+        let meta = self
+            .js
+            .get_key_value(&self.names.meta)
+            .await
+            .map_err(unavailable)?;
+        Ok(meta
+            .get("event_epoch")
+            .await
+            .map_err(unavailable)?
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Every message of `stream` matching `filter` (last per subject for a bucket), in the
+    /// stream's order; KV delete markers included.
+    async fn read_all(
+        &self,
+        stream: &str,
+        filter: String,
+        policy: consumer::DeliverPolicy,
+        headers_only: bool,
+    ) -> Result<Vec<Raw>, StoreError> {
+        let t = self.timeout;
+        let stream = self.stream(stream)?;
+        let config = consumer::pull::Config {
+            deliver_policy: policy,
+            ack_policy: consumer::AckPolicy::None,
+            filter_subject: filter,
+            headers_only,
+            memory_storage: true,
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let consumer: consumer::PullConsumer = self
+            .attempts("reading", || stream.create_consumer(config.clone()))
+            .await?;
+        let mut left = consumer.cached_info().num_pending;
+        let mut out = Vec::with_capacity(left.min(1 << 16) as usize);
+        while left > 0 {
+            let n = left.min(1024) as usize;
+            let mut batch = consumer
+                .batch()
+                .max_messages(n)
+                .expires(t)
+                .messages()
+                .await
+                .map_err(unavailable)?;
+            let mut got = 0u64;
+            let mut done = false;
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(unavailable)?;
+                let info = m.info().map_err(unavailable)?;
+                let (seq, pending) = (info.stream_sequence, info.pending);
+                let m = m.message;
+                out.push(Raw {
+                    subject: m.subject.to_string(),
+                    headers: m.headers,
+                    payload: m.payload,
+                    seq,
+                });
+                got += 1;
+                if pending == 0 {
+                    done = true;
+                    break;
+                }
+            }
+            if done || got == 0 {
+                break;
+            }
+            left = left.saturating_sub(got);
+        }
+        let name = consumer.cached_info().name.clone();
+        let _ = stream.delete_consumer(&name).await;
+        Ok(out)
+    }
+
+    /// The live values of a bucket whose keys match `filter` (after `$KV.<bucket>.`).
+    async fn read_bucket(&self, bucket: &str, filter: &str) -> Result<Vec<Raw>, StoreError> {
+        let mut all = self
+            .read_all(
+                &format!("KV_{bucket}"),
+                format!("$KV.{bucket}.{filter}"),
+                consumer::DeliverPolicy::LastPerSubject,
+                false,
+            )
+            .await?;
+        all.retain(|m| !m.is_kv_delete());
+        Ok(all)
+    }
+
+    /// The live keys of a bucket matching `filter`, as subject tokens after the bucket.
+    async fn bucket_keys(&self, bucket: &str, filter: &str) -> Result<Vec<String>, StoreError> {
+        let skip = "$KV.".len() + bucket.len() + 1;
+        Ok(self
+            .bucket_list(bucket, filter)
+            .await?
+            .into_iter()
+            .filter_map(|m| m.subject.get(skip..).map(str::to_string))
+            .collect())
+    }
+
+    /// The live entries of a bucket whose keys match `filter`, read with [`Shared::list_direct`].
+    async fn bucket_list(&self, bucket: &str, filter: &str) -> Result<Vec<Raw>, StoreError> {
+        let mut all = self
+            .list_direct(&format!("KV_{bucket}"), &format!("$KV.{bucket}.{filter}"))
+            .await?;
+        all.retain(|m| !m.is_kv_delete());
+        Ok(all)
+    }
+
+    /// The value of one key, if live.
+    async fn bucket_get(&self, bucket: &str, key: &str) -> Result<Option<Bytes>, StoreError> {
+        let stream = self.stream(&format!("KV_{bucket}"))?;
+        match stream
+            .get_last_raw_message_by_subject(&Self::kv_subject(bucket, key))
+            .await
+        {
+            Ok(m) => {
+                let deleted = m
+                    .headers
+                    .get(KV_OPERATION)
+                    .is_some_and(|v| matches!(v.as_str(), "DEL" | "PURGE"));
+                Ok((!deleted).then_some(m.payload))
+            }
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Events read from the events stream (`filter` below it), numbers and stream
+    /// sequences remembered for deletes.
+    async fn read_events(&self, filter: String) -> Result<Vec<StoredEvent>, StoreError> {
+        let msgs = self
+            .read_all(
+                &self.names.events,
+                filter,
+                consumer::DeliverPolicy::All,
+                false,
+            )
+            .await?;
+        let mut out = Vec::with_capacity(msgs.len());
+        let mut rows = self.event_rows.lock().unwrap_or_else(|p| p.into_inner());
+        for m in msgs {
+            let key = m
+                .tokens(2)
+                .and_then(|mut t| (t.len() == 1).then(|| t.remove(0)));
+            let seq = m.header(SEQ_HEADER).and_then(|s| s.parse::<u64>().ok());
+            let (Some(key_id), Some(seq)) = (key, seq) else {
+                tracing::error!("store: skipping unreadable event at {}", m.subject);
+                continue;
+            };
+            let event = match std::str::from_utf8(&m.payload)
+                .map_err(|e| e.to_string())
+                .and_then(record_json::read_event)
+            {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!("store: skipping unreadable event: {e}");
+                    continue;
+                }
+            };
+            rows.entry(key_id.clone()).or_default().insert(seq, m.seq);
+            out.push(StoredEvent { key_id, seq, event });
+        }
+        Ok(out)
+    }
+
+    async fn watch_registration_bucket(
+        self: Arc<Self>,
+        changes: broadcast::Sender<RegistrationChange>,
+        caught_up: oneshot::Sender<Result<(), StoreError>>,
+    ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+        let bucket = self.names.registrations.clone();
+        let mut messages = self
+            .ordered(&bucket, consumer::DeliverPolicy::LastPerSubject, false)
+            .await?;
+        let skip = 2;
+        let initial = messages.1;
+        Ok(tokio::spawn(async move {
+            let mut caught_up = Some(caught_up);
+            if initial == 0
+                && let Some(c) = caught_up.take()
+            {
+                let _ = c.send(Ok(()));
+            }
+            while let Some(m) = messages.0.next().await {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::debug!("store: the registrations watch: {e}");
+                        continue;
+                    }
+                };
+                let (seq, pending) = m
+                    .info()
+                    .map(|i| (i.stream_sequence, i.pending))
+                    .unwrap_or((0, 0));
+                let m = m.message;
+                let raw = Raw {
+                    subject: m.subject.to_string(),
+                    headers: m.headers,
+                    payload: m.payload,
+                    seq,
+                };
+                let ours = raw.header(NODE_HEADER) == Some(self.node.as_str());
+                // Before catching up, everything (ours from an earlier run too); after,
+                // only other nodes' writes (ours are in the index from their acks).
+                let live = caught_up.is_none();
+                if !(live && ours) {
+                    let key = raw
+                        .subject
+                        .split('.')
+                        .skip(skip)
+                        .collect::<Vec<_>>()
+                        .join(".");
+                    if raw.is_kv_delete() {
+                        self.index
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .observed(&key, seq, None);
+                        if live
+                            && let Some([domain, name]) = raw
+                                .tokens(skip)
+                                .and_then(|t| <[String; 2]>::try_from(t).ok())
+                        {
+                            let _ = changes.send(RegistrationChange::Deleted { domain, name });
+                        }
+                    } else {
+                        match serde_json::from_slice::<Registration>(&raw.payload) {
+                            Ok(reg) => {
+                                self.index
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .observed(&key, seq, Some(&reg.id));
+                                if live {
+                                    let _ = changes.send(RegistrationChange::Put(Box::new(reg)));
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!("store: skipping unreadable registration: {e}")
+                            }
+                        }
+                    }
+                }
+                if pending == 0
+                    && let Some(c) = caught_up.take()
+                {
+                    let _ = c.send(Ok(()));
+                }
+            }
+            // The ordered consumer makes itself again after an outage; it ends only when
+            // the connection is closed for good.
+            tracing::error!(
+                "store: the registrations watch ended; other nodes' registrations are no longer followed"
+            );
+        }))
+    }
+
+    async fn watch_plugin_state(
+        self: Arc<Self>,
+        external: watch::Sender<u64>,
+    ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+        let bucket = self.names.plugin_state.clone();
+        let (mut messages, _) = self
+            .ordered(&bucket, consumer::DeliverPolicy::New, true)
+            .await?;
+        Ok(tokio::spawn(async move {
+            while let Some(m) = messages.next().await {
+                let Ok(m) = m else { continue };
+                let other = m
+                    .message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(NODE_HEADER))
+                    .is_none_or(|n| n.as_str() != self.node);
+                if other {
+                    external.send_modify(|n| *n += 1);
+                }
+            }
+            tracing::error!(
+                "store: the plugin-state watch ended; other nodes' plugin state is no longer followed"
+            );
+        }))
+    }
+
+    /// An ordered push consumer on a whole bucket, and how many messages it had pending
+    /// when created.
+    async fn ordered(
+        &self,
+        bucket: &str,
+        policy: consumer::DeliverPolicy,
+        headers_only: bool,
+    ) -> Result<(consumer::push::Ordered, u64), StoreError> {
+        let stream = self.stream(&format!("KV_{bucket}"))?;
+        let config = consumer::push::OrderedConfig {
+            deliver_subject: self.client.new_inbox(),
+            filter_subject: format!("$KV.{bucket}.>"),
+            deliver_policy: policy,
+            headers_only,
+            ..Default::default()
+        };
+        let consumer = self
+            .attempts(&format!("watching {bucket}"), || {
+                stream.create_consumer(config.clone())
+            })
+            .await?;
+        let pending = consumer.cached_info().num_pending;
+        let messages = consumer.messages().await.map_err(unavailable)?;
+        Ok((messages, pending))
+    }
+}
+
+/// The writer task's state: the end of the chain of writes in flight.
+struct Writer {
+    shared: Arc<Shared>,
+    /// Fires when the last linked operation has resolved.
+    last: Option<oneshot::Receiver<()>>,
+}
+
+/// What an operation resolves with once its messages are acknowledged.
+type Acks = Vec<PublishAckFuture>;
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>) {
+        while let Some(op) = rx.recv().await {
+            self.apply(op).await;
+        }
+        self.barrier().await;
+    }
+
+    /// Waits until every operation linked so far has resolved.
+    async fn barrier(&mut self) {
+        if let Some(last) = self.last.take() {
+            let _ = last.await;
+        }
+    }
+
+    /// Publishes `msgs` in order (each send bounded by the timeout); the acks to wait for,
+    /// or the first failure.
+    async fn publish(&self, msgs: Vec<Msg>) -> Result<Acks, StoreError> {
+        Writer::send(&self.shared, msgs).await
+    }
+
+    async fn send(shared: &Shared, msgs: Vec<Msg>) -> Result<Acks, StoreError> {
+        // Decision: while the client knows it has lost its server, a write fails at once
+        // rather than waiting in the client's buffer until its acknowledgement times out
+        // (measured: 200 writes of an outage took the 2 s timeout, now milliseconds), and
+        // once that buffer is full the writer, which sends one write after the other,
+        // would wait a timeout per write. Writes sent before the loss was noticed fail
+        // when their acknowledgements time out, together.
+        if shared.client.connection_state() == async_nats::connection::State::Disconnected {
+            return Err(unavailable("not connected to any NATS server"));
+        }
+        let mut acks = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(m.payload)
+                .headers(m.headers);
+            let ack =
+                tokio::time::timeout(shared.timeout, shared.js.send_publish(m.subject, publish))
+                    .await
+                    .map_err(|_| unavailable("publishing timed out"))?
+                    .map_err(unavailable)?;
+            acks.push(ack);
+        }
+        Ok(acks)
+    }
+
+    /// Links an operation into the chain: `work` runs at once (its messages are sent);
+    /// `finish` gets its result once every earlier operation resolved, so operations
+    /// resolve in submission order. With `after` the work itself waits for them first.
+    fn link<R: Send + 'static>(
+        &mut self,
+        after: bool,
+        work: impl Future<Output = R> + Send + 'static,
+        finish: impl FnOnce(R) + Send + 'static,
+    ) {
+        let (done, next) = oneshot::channel();
+        let prev = self.last.replace(next);
+        tokio::spawn(async move {
+            let r = if after {
+                if let Some(p) = prev {
+                    let _ = p.await;
+                }
+                work.await
+            } else {
+                let r = work.await;
+                if let Some(p) = prev {
+                    let _ = p.await;
+                }
+                r
+            };
+            finish(r);
+            let _ = done.send(());
+        });
+    }
+
+    /// Publishes and links: `reply` gets `then(sequences)` once every message is
+    /// acknowledged, or the first error.
+    async fn write<T: Send + 'static>(
+        &mut self,
+        msgs: Vec<Msg>,
+        reply: Reply<T>,
+        then: impl FnOnce(&Shared, Vec<u64>) -> Result<T, StoreError> + Send + 'static,
+    ) {
+        let sent = self.publish(msgs).await;
+        let shared = self.shared.clone();
+        self.link(false, async move { acked(sent).await }, move |r| {
+            let r = r.and_then(|seqs| then(&shared, seqs));
+            shared.record(&r);
+            let _ = reply.send(r);
+        });
+    }
+
+    /// A write that needs the server's answer to earlier writes first (reads before it
+    /// publishes): waits for them, holding up the queue.
+    async fn write_after<T: Send + 'static>(
+        &mut self,
+        reply: Reply<T>,
+        plan: impl AsyncFnOnce(&Shared) -> Result<(Vec<Msg>, T), StoreError>,
+    ) {
+        self.barrier().await;
+        match plan(&self.shared).await {
+            Ok((msgs, v)) => self.write(msgs, reply, move |_, _| Ok(v)).await,
+            Err(e) => {
+                if e.is_unavailable() {
+                    self.shared.health.failed(&e);
+                }
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    async fn apply(&mut self, op: Op) {
+        let s = self.shared.clone();
+        let n = &s.names;
+        match op {
+            Op::PutRegistration(reg, reply) => {
+                let key = format!("{}.{}", enc(&reg.domain), enc(&reg.name));
+                let payload = match json(&reg) {
+                    Ok(p) => p,
+                    Err(e) => return drop(reply.send(Err(e))),
+                };
+                let mut msgs = vec![s.kv_put(&n.registrations, &key, payload)];
+                {
+                    let mut index = s.index.lock().unwrap_or_else(|p| p.into_inner());
+                    // The same id under another (domain, name) (not done by the daemon):
+                    // that record goes, if it still holds the id.
+                    if let Some((old, seq)) = index.find(&reg.id)
+                        && old != key
+                    {
+                        msgs.push(s.kv_delete_if(&n.registrations, &old, seq));
+                    }
+                    index.submitted(&key, &reg.id);
+                }
+                let sent = self.publish(msgs).await;
+                self.link(false, acked_each(sent), move |r| {
+                    let stored = r
+                        .as_ref()
+                        .ok()
+                        .and_then(|r| r.first()?.as_ref().ok().copied());
+                    s.index
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .acked(&key, &reg.id, stored);
+                    let r = r.and_then(|acks| {
+                        for a in acks {
+                            match a {
+                                Ok(_) | Err(AckError::Replaced) => {}
+                                Err(AckError::Failed(e)) => return Err(e),
+                            }
+                        }
+                        Ok(())
+                    });
+                    s.record(&r);
+                    let _ = reply.send(r);
+                });
+            }
+            Op::DeleteRegistration(id, reply) => {
+                let found = s.index.lock().unwrap_or_else(|p| p.into_inner()).find(&id);
+                match found {
+                    // Unknown here: not stored (a registration is deleted by the node
+                    // that wrote it, or after the watch told of it).
+                    None => self.link(false, async {}, move |()| {
+                        let _ = reply.send(Ok(()));
+                    }),
+                    // Deleted only if the key still holds this id (at the sequence that
+                    // put it): a later registration of the endpoint, by any node, stays.
+                    Some((key, Some(seq))) => {
+                        let m = s.kv_delete_if(&n.registrations, &key, Some(seq));
+                        let sent = self.publish(vec![m]).await;
+                        self.link(false, acked_each(sent), move |r| {
+                            let r = s.deleted(&key, r);
+                            s.record(&r);
+                            let _ = reply.send(r);
+                        });
+                    }
+                    // Our put of it is not acknowledged yet: once it is, with its sequence.
+                    Some((key, None)) => {
+                        let shared = s.clone();
+                        let key2 = key.clone();
+                        self.link(
+                            true,
+                            async move {
+                                let seq = shared
+                                    .index
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .find(&id)
+                                    .and_then(|(_, seq)| seq);
+                                let m = shared.kv_delete_if(
+                                    &shared.names.registrations,
+                                    &key,
+                                    Some(seq.unwrap_or(0)),
+                                );
+                                let sent = Writer::send(&shared, vec![m]).await;
+                                acked_each(sent).await
+                            },
+                            move |r| {
+                                let r = s.deleted(&key2, r);
+                                s.record(&r);
+                                let _ = reply.send(r);
+                            },
+                        );
+                    }
+                }
+            }
+            Op::PutChannel(ch, reply) => match json(&ch) {
+                Ok(p) => {
+                    let m = s.kv_put(&n.channels, &enc(&ch.key_id), p);
+                    self.write(vec![m], reply, |_, _| Ok(())).await;
+                }
+                Err(e) => drop(reply.send(Err(e))),
+            },
+            Op::AppendEvents(events, answered, reply) => {
+                let mut msgs = Vec::with_capacity(events.len());
+                let mut numbered = Vec::with_capacity(events.len());
+                for e in events {
+                    let mut headers = s.headers();
+                    headers.insert(SEQ_HEADER, e.seq.to_string().as_str());
+                    msgs.push(Msg {
+                        subject: s.event_subject(&e.key_id),
+                        headers,
+                        payload: Bytes::from(record_json::event(&e.event)),
+                    });
+                    numbered.push((e.key_id, e.seq));
+                }
+                let sent = self.publish(msgs).await;
+                let shared = s.clone();
+                self.link(
+                    false,
+                    async move {
+                        let seqs = acked(sent).await?;
+                        if let Some(row) = answered {
+                            shared.delete_request(row).await?;
+                        }
+                        Ok(seqs)
+                    },
+                    move |r: Result<Vec<u64>, StoreError>| {
+                        let r = r.map(|rows| {
+                            let mut known = s.event_rows.lock().unwrap_or_else(|p| p.into_inner());
+                            for ((key, seq), row) in numbered.into_iter().zip(rows) {
+                                known.entry(key).or_default().insert(seq, row);
+                            }
+                        });
+                        s.record(&r);
+                        let _ = reply.send(r);
+                    },
+                );
+            }
+            Op::DeleteEventsThrough(key_id, seq, reply) => {
+                let shared = s.clone();
+                self.link(
+                    true,
+                    async move { shared.delete_events_through(&key_id, seq).await },
+                    move |r| {
+                        s.record(&r);
+                        let _ = reply.send(r);
+                    },
+                );
+            }
+            Op::PutRequest(job, reply) => {
+                let m = Msg {
+                    subject: format!("{}.{}.{}", n.req_subject, enc(&job.domain), enc(&job.ep)),
+                    headers: s.headers(),
+                    payload: Bytes::from(record_json::request(&job)),
+                };
+                self.write(vec![m], reply, |_, seqs| {
+                    seqs.first()
+                        .copied()
+                        .ok_or_else(|| refused("no acknowledgement"))
+                })
+                .await;
+            }
+            Op::DeleteRequest(row, reply) => {
+                let shared = s.clone();
+                self.link(
+                    false,
+                    async move { shared.delete_request(row).await },
+                    move |r| {
+                        s.record(&r);
+                        let _ = reply.send(r);
+                    },
+                );
+            }
+            Op::PluginPut(plugin, key, value, reply) => {
+                let m = s.kv_put(
+                    &n.plugin_state,
+                    &format!("{}.{}", enc(&plugin), enc(&key)),
+                    Bytes::from(value),
+                );
+                self.write(vec![m], reply, |_, _| Ok(())).await;
+            }
+            Op::PluginDelete(plugin, key, reply) => {
+                let m = s.kv_delete(&n.plugin_state, &format!("{}.{}", enc(&plugin), enc(&key)));
+                self.write(vec![m], reply, |_, _| Ok(())).await;
+            }
+            Op::PutSubscription(sub, reply) => match json(&sub) {
+                Ok(p) => {
+                    let key = format!("{}.{}.{}", enc(&sub.key_id), enc(&sub.ep), enc(&sub.path));
+                    let m = s.kv_put(&n.subscriptions, &key, p);
+                    self.write(vec![m], reply, |_, _| Ok(())).await;
+                }
+                Err(e) => drop(reply.send(Err(e))),
+            },
+            Op::DeleteSubscriptions(key_id, ep, path, reply) => {
+                self.write_after(reply, async |s: &Shared| {
+                    let filter = match (&ep, &path) {
+                        (None, _) => format!("{}.>", enc(&key_id)),
+                        (Some(ep), None) => format!("{}.{}.*", enc(&key_id), enc(ep)),
+                        (Some(ep), Some(path)) => {
+                            format!("{}.{}.{}", enc(&key_id), enc(ep), enc(path))
+                        }
+                    };
+                    let keys = s.bucket_keys(&s.names.subscriptions, &filter).await?;
+                    let msgs = keys
+                        .iter()
+                        .map(|k| s.kv_delete(&s.names.subscriptions, k))
+                        .collect();
+                    Ok((msgs, ()))
+                })
+                .await;
+            }
+            Op::ReplacePresubscriptions(rec, reply) => {
+                self.write_after(reply, async |s: &Shared| {
+                    let payload = json(&rec)?;
+                    let keys = s
+                        .bucket_keys(&s.names.subscriptions, &format!("{}.>", enc(&rec.key_id)))
+                        .await?;
+                    let mut msgs: Vec<Msg> = keys
+                        .iter()
+                        .map(|k| s.kv_delete(&s.names.subscriptions, k))
+                        .collect();
+                    msgs.push(s.kv_put(&s.names.presubscriptions, &enc(&rec.key_id), payload));
+                    Ok((msgs, ()))
+                })
+                .await;
+            }
+            Op::SaveHourCounts(counts, keep_from, reply) => {
+                self.write_after(reply, async |s: &Shared| {
+                    let b = &s.names.hour_counts;
+                    let mut msgs: Vec<Msg> = counts
+                        .iter()
+                        .filter(|c| c.hour >= keep_from)
+                        .map(|c| {
+                            let key = format!("{}.{}", enc(&c.domain), c.hour);
+                            s.kv_put(b, &key, Bytes::from(c.count.to_string()))
+                        })
+                        .collect();
+                    for k in s.bucket_keys(b, ">").await? {
+                        let hour = k.rsplit('.').next().and_then(|h| h.parse::<u64>().ok());
+                        if hour.is_some_and(|h| h < keep_from) {
+                            msgs.push(s.kv_delete(b, &k));
+                        }
+                    }
+                    Ok((msgs, ()))
+                })
+                .await;
+            }
+            Op::PutPsk(rec, reply) => {
+                self.write_after(reply, async |s: &Shared| {
+                    let b = &s.names.psks;
+                    let owner = format!("{}.{}", enc(&rec.domain), enc(&rec.ep));
+                    let id_key = format!("id.{}", enc(&rec.identity));
+                    if let Some(holder) = s.bucket_get(b, &id_key).await?
+                        && holder.as_ref() != owner.as_bytes()
+                    {
+                        // Not unavailable: this write is wrong, the store works.
+                        return Err(StoreError::Commit(format!(
+                            "PSK identity {:?} belongs to another endpoint",
+                            rec.identity
+                        )));
+                    }
+                    let ep_key = format!("ep.{owner}");
+                    let mut msgs = vec![
+                        s.kv_put(b, &ep_key, json(&PskJson::from(&rec))?),
+                        s.kv_put(b, &id_key, Bytes::from(owner.clone())),
+                    ];
+                    if let Some(old) = s.bucket_get(b, &ep_key).await?
+                        && let Ok(old) = serde_json::from_slice::<PskJson>(&old)
+                        && old.identity != rec.identity
+                    {
+                        msgs.push(s.kv_delete(b, &format!("id.{}", enc(&old.identity))));
+                    }
+                    Ok((msgs, ()))
+                })
+                .await;
+            }
+            Op::PutCertificate(rec, reply) => match json(&CertJson::from(&rec)) {
+                Ok(p) => {
+                    let key = format!("{}.{}.{}", enc(&rec.domain), enc(&rec.ep), enc(&rec.serial));
+                    let m = s.kv_put(&n.certificates, &key, p);
+                    self.write(vec![m], reply, |_, _| Ok(())).await;
+                }
+                Err(e) => drop(reply.send(Err(e))),
+            },
+            Op::RevokeDevice(domain, ep, revoked_ms, reply) => {
+                self.write_after(reply, async |s: &Shared| {
+                    let owner = format!("{}.{}", enc(&domain), enc(&ep));
+                    let b = &s.names.psks;
+                    let mut msgs = Vec::new();
+                    let ep_key = format!("ep.{owner}");
+                    if let Some(old) = s.bucket_get(b, &ep_key).await? {
+                        msgs.push(s.kv_delete(b, &ep_key));
+                        if let Ok(old) = serde_json::from_slice::<PskJson>(&old) {
+                            let id_key = format!("id.{}", enc(&old.identity));
+                            if s.bucket_get(b, &id_key).await?.as_deref() == Some(owner.as_bytes())
+                            {
+                                msgs.push(s.kv_delete(b, &id_key));
+                            }
+                        }
+                    }
+                    let cb = &s.names.certificates;
+                    for m in s.bucket_list(cb, &format!("{owner}.*")).await? {
+                        let Ok(mut c) = serde_json::from_slice::<CertJson>(&m.payload) else {
+                            continue;
+                        };
+                        if c.revoked_ms.is_none() {
+                            c.revoked_ms = Some(revoked_ms);
+                            let key = m.subject.splitn(3, '.').nth(2).unwrap_or_default();
+                            msgs.push(s.kv_put(cb, key, json(&c)?));
+                        }
+                    }
+                    Ok((msgs, ()))
+                })
+                .await;
+            }
+            Op::Read(f) => {
+                let shared = s.clone();
+                self.link(true, f(shared), |()| ());
+            }
+        }
+    }
+}
+
+/// Waits for every acknowledgement; their stream sequences in order, or the first error.
+async fn acked(sent: Result<Acks, StoreError>) -> Result<Vec<u64>, StoreError> {
+    let mut seqs = Vec::new();
+    for ack in sent? {
+        seqs.push(ack.await.map_err(unavailable)?.sequence);
+    }
+    Ok(seqs)
+}
+
+/// Why one message was not stored.
+enum AckError {
+    /// A conditional write whose condition no longer held: the key changed since.
+    Replaced,
+    Failed(StoreError),
+}
+
+/// Waits for every acknowledgement: each message's stream sequence or why it was not
+/// stored; `Err` if a message could not even be sent.
+async fn acked_each(
+    sent: Result<Acks, StoreError>,
+) -> Result<Vec<Result<u64, AckError>>, StoreError> {
+    let mut out = Vec::new();
+    for ack in sent? {
+        out.push(match ack.await {
+            Ok(a) => Ok(a.sequence),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Err(AckError::Replaced)
+            }
+            Err(e) => Err(AckError::Failed(unavailable(e))),
+        });
+    }
+    Ok(out)
+}
+
+impl Shared {
+    /// The result of a conditional delete of a registration's key: done (the index
+    /// forgets what the key held before), or not needed (the key changed since).
+    fn deleted(
+        &self,
+        key: &str,
+        r: Result<Vec<Result<u64, AckError>>, StoreError>,
+    ) -> Result<(), StoreError> {
+        for a in r? {
+            match a {
+                Ok(seq) => self
+                    .index
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .observed(key, seq, None),
+                Err(AckError::Replaced) => {}
+                Err(AckError::Failed(e)) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// Health after a write: failing while writes fail for the storage's sake.
+    fn record<T>(&self, r: &Result<T, StoreError>) {
+        match r {
+            Ok(_) => self.health.succeeded(),
+            Err(e) if e.is_unavailable() => self.health.failed(e),
+            Err(_) => {}
+        }
+    }
+
+    async fn delete_request(&self, row: u64) -> Result<(), StoreError> {
+        let stream = self.stream(&self.names.requests)?;
+        match stream.delete_message(row).await {
+            Ok(_) => Ok(()),
+            // Removing an absent request is not an error: 2.9 answers 10057 "no message
+            // found" (deleted) or "stream store EOF" (past the last).
+            Err(e) => match e.kind() {
+                jetstream::stream::DeleteMessageErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_DELETE_FAILED
+                        && (j.to_string().contains("no message found")
+                            || j.to_string().contains("EOF")) =>
+                {
+                    Ok(())
+                }
+                _ => Err(unavailable(e)),
+            },
+        }
+    }
+
+    async fn delete_events_through(&self, key_id: &str, seq: u64) -> Result<(), StoreError> {
+        let known = {
+            let rows = self.event_rows.lock().unwrap_or_else(|p| p.into_inner());
+            rows.get(key_id)
+                .and_then(|r| r.range(..=seq).next_back().map(|(_, row)| *row))
+        };
+        let subject = self.event_subject(key_id);
+        let row = match known {
+            Some(row) => Some(row),
+            // Not appended nor loaded here: find it in the subject.
+            None => self
+                .list_direct(&self.names.events, &subject)
+                .await?
+                .into_iter()
+                .filter(|m| {
+                    m.header(SEQ_HEADER)
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .is_some_and(|s| s <= seq)
+                })
+                .map(|m| m.seq)
+                .max(),
+        };
+        if let Some(row) = row {
+            self.stream(&self.names.events)?
+                .purge()
+                .filter(subject)
+                .sequence(row + 1)
+                .await
+                .map_err(unavailable)?;
+        }
+        let mut rows = self.event_rows.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = rows.get_mut(key_id) {
+            *r = r.split_off(&(seq.saturating_add(1)));
+            if r.is_empty() {
+                rows.remove(key_id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A PSK record as stored (the key in base64).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PskJson {
+    domain: String,
+    ep: String,
+    identity: String,
+    key: String,
+    created_ms: u64,
+}
+
+impl From<&PskRecord> for PskJson {
+    fn from(r: &PskRecord) -> PskJson {
+        PskJson {
+            domain: r.domain.clone(),
+            ep: r.ep.clone(),
+            identity: r.identity.clone(),
+            key: URL_SAFE_NO_PAD.encode(&r.key),
+            created_ms: r.created_ms,
+        }
+    }
+}
+
+impl PskJson {
+    fn record(self) -> Option<PskRecord> {
+        Some(PskRecord {
+            key: URL_SAFE_NO_PAD.decode(&self.key).ok()?,
+            domain: self.domain,
+            ep: self.ep,
+            identity: self.identity,
+            created_ms: self.created_ms,
+        })
+    }
+}
+
+/// A certificate record as stored.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CertJson {
+    serial: String,
+    domain: String,
+    ep: String,
+    issued_ms: u64,
+    not_after_ms: u64,
+    revoked_ms: Option<u64>,
+}
+
+impl From<&CertificateRecord> for CertJson {
+    fn from(r: &CertificateRecord) -> CertJson {
+        CertJson {
+            serial: r.serial.clone(),
+            domain: r.domain.clone(),
+            ep: r.ep.clone(),
+            issued_ms: r.issued_ms,
+            not_after_ms: r.not_after_ms,
+            revoked_ms: r.revoked_ms,
+        }
+    }
+}
+
+impl From<CertJson> for CertificateRecord {
+    fn from(c: CertJson) -> CertificateRecord {
+        CertificateRecord {
+            serial: c.serial,
+            domain: c.domain,
+            ep: c.ep,
+            issued_ms: c.issued_ms,
+            not_after_ms: c.not_after_ms,
+            revoked_ms: c.revoked_ms,
+        }
+    }
+}
+
+/// Parses each value as JSON, skipping (and logging) what does not parse.
+fn parse_all<T: serde::de::DeserializeOwned>(msgs: Vec<Raw>, what: &str) -> Vec<T> {
+    msgs.into_iter()
+        .filter_map(|m| match serde_json::from_slice(&m.payload) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!("store: skipping unreadable {what}: {e}");
+                None
+            }
+        })
+        .collect()
+}
+
+impl RegistrationStore for NatsStore {
+    fn load_registrations(&self) -> Pending<Vec<Registration>> {
+        self.read(async move |s: Arc<Shared>| {
+            let msgs = s.read_bucket(&s.names.registrations, ">").await?;
+            Ok(parse_all(msgs, "registration"))
+        })
+    }
+
+    fn put_registration(&self, reg: Registration) -> Pending<()> {
+        self.submit(|r| Op::PutRegistration(reg, r))
+    }
+
+    fn delete_registration(&self, id: String) -> Pending<()> {
+        self.submit(|r| Op::DeleteRegistration(id, r))
+    }
+}
+
+impl EventLog for NatsStore {
+    fn load_channels(&self) -> Pending<Vec<ChannelRecord>> {
+        self.read(async move |s: Arc<Shared>| {
+            let msgs = s.read_bucket(&s.names.channels, ">").await?;
+            Ok(parse_all(msgs, "channel"))
+        })
+    }
+
+    fn put_channel(&self, channel: ChannelRecord) -> Pending<()> {
+        self.submit(|r| Op::PutChannel(channel, r))
+    }
+
+    fn load_events(&self) -> Pending<Vec<StoredEvent>> {
+        self.read(async move |s: Arc<Shared>| {
+            let mut events = s.read_events(format!("{}.>", s.names.ev_subject)).await?;
+            // Per key in stream order, which is their numbers' order.
+            events.sort_by(|a, b| (&a.key_id, a.seq).cmp(&(&b.key_id, b.seq)));
+            Ok(events)
+        })
+    }
+
+    fn load_events_of(&self, key_id: String) -> Pending<Vec<StoredEvent>> {
+        self.read(async move |s: Arc<Shared>| {
+            // Another node connected after this one may have numbered this key: number
+            // it on from a new epoch, above all of theirs.
+            let ours = s.epoch.load(Ordering::SeqCst);
+            let renewed = if s.last_epoch().await? > ours {
+                let e = s.next_epoch().await?;
+                s.epoch.store(e, Ordering::SeqCst);
+                Some(e)
+            } else {
+                None
+            };
+            let events = s.read_events(s.event_subject(&key_id)).await?;
+            let mut numbered = s.numbered.lock().unwrap_or_else(|p| p.into_inner());
+            let floor = events
+                .iter()
+                .map(|e| e.seq)
+                .chain(renewed.map(|e| e << EPOCH_SHIFT))
+                .max();
+            if let Some(floor) = floor {
+                let n = numbered.entry(key_id).or_insert(0);
+                *n = (*n).max(floor);
+            }
+            Ok(events)
+        })
+    }
+
+    fn append_events(&self, events: Vec<(String, Event)>, answered: Option<u64>) -> Appended {
+        // Numbered in submission order under the lock, then queued in that order.
+        let mut numbered = self
+            .shared
+            .numbered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let epoch = self.shared.epoch.load(Ordering::SeqCst);
+        let mut seqs = Vec::with_capacity(events.len());
+        let mut stored = Vec::with_capacity(events.len());
+        for (key_id, event) in events {
+            let n = numbered
+                .entry(key_id.clone())
+                .or_insert(epoch << EPOCH_SHIFT);
+            *n += 1;
+            seqs.push(*n);
+            stored.push(StoredEvent {
+                key_id,
+                seq: *n,
+                event,
+            });
+        }
+        let durable = self.submit(|r| Op::AppendEvents(stored, answered, r));
+        drop(numbered);
+        Appended { seqs, durable }
+    }
+
+    fn delete_events_through(&self, key_id: String, seq: u64) -> Pending<()> {
+        self.submit(|r| Op::DeleteEventsThrough(key_id, seq, r))
+    }
+}
+
+impl RequestStore for NatsStore {
+    fn load_requests(&self) -> Pending<Vec<Job>> {
+        self.read(async move |s: Arc<Shared>| {
+            let msgs = s
+                .read_all(
+                    &s.names.requests,
+                    format!("{}.>", s.names.req_subject),
+                    consumer::DeliverPolicy::All,
+                    false,
+                )
+                .await?;
+            let mut out = Vec::with_capacity(msgs.len());
+            for m in msgs {
+                match serde_json::from_slice::<Job>(&m.payload) {
+                    Ok(job) => out.push(Job { row: m.seq, ..job }),
+                    Err(e) => tracing::error!("store: skipping unreadable request: {e}"),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn put_request(&self, job: Job) -> Pending<u64> {
+        self.submit(|r| Op::PutRequest(job, r))
+    }
+
+    fn delete_request(&self, row: u64) -> Pending<()> {
+        self.submit(|r| Op::DeleteRequest(row, r))
+    }
+}
+
+impl PluginStateStore for NatsStore {
+    fn plugin_state_get(&self, plugin: String, key: String) -> Pending<Option<Vec<u8>>> {
+        self.read(async move |s: Arc<Shared>| {
+            let k = format!("{}.{}", enc(&plugin), enc(&key));
+            let v = tokio::time::timeout(s.timeout, s.plugin_kv.get(k))
+                .await
+                .map_err(|_| unavailable("reading timed out"))?
+                .map_err(unavailable)?;
+            Ok(v.map(|b| b.to_vec()))
+        })
+    }
+
+    fn plugin_state_put(&self, plugin: String, key: String, value: Vec<u8>) -> Pending<()> {
+        self.submit(|r| Op::PluginPut(plugin, key, value, r))
+    }
+
+    fn plugin_state_delete(&self, plugin: String, key: String) -> Pending<()> {
+        self.submit(|r| Op::PluginDelete(plugin, key, r))
+    }
+
+    fn plugin_state_keys(&self, plugin: String, prefix: String) -> Pending<Vec<String>> {
+        self.read(async move |s: Arc<Shared>| {
+            let keys = s
+                .bucket_keys(&s.names.plugin_state, &format!("{}.*", enc(&plugin)))
+                .await?;
+            let mut out: Vec<String> = keys
+                .iter()
+                .filter_map(|k| dec(k.split_once('.')?.1))
+                .filter(|k| k.starts_with(&prefix))
+                .collect();
+            out.sort();
+            Ok(out)
+        })
+    }
+}
+
+impl SubscriptionStore for NatsStore {
+    fn load_subscriptions(&self) -> Pending<Vec<SubscriptionRecord>> {
+        self.read(async move |s: Arc<Shared>| {
+            let msgs = s.read_bucket(&s.names.subscriptions, ">").await?;
+            let mut subs: Vec<SubscriptionRecord> = parse_all(msgs, "subscription");
+            subs.sort_by(|a, b| (&a.key_id, &a.ep, &a.path).cmp(&(&b.key_id, &b.ep, &b.path)));
+            Ok(subs)
+        })
+    }
+
+    fn put_subscription(&self, sub: SubscriptionRecord) -> Pending<()> {
+        self.submit(|r| Op::PutSubscription(sub, r))
+    }
+
+    fn delete_subscriptions(
+        &self,
+        key_id: String,
+        ep: Option<String>,
+        path: Option<String>,
+    ) -> Pending<()> {
+        self.submit(|r| Op::DeleteSubscriptions(key_id, ep, path, r))
+    }
+
+    fn load_presubscriptions(&self) -> Pending<Vec<PresubRecord>> {
+        self.read(async move |s: Arc<Shared>| {
+            let msgs = s.read_bucket(&s.names.presubscriptions, ">").await?;
+            Ok(parse_all(msgs, "pre-subscription"))
+        })
+    }
+
+    fn replace_presubscriptions(&self, rec: PresubRecord) -> Pending<()> {
+        self.submit(|r| Op::ReplacePresubscriptions(rec, r))
+    }
+}
+
+impl QuotaStore for NatsStore {
+    fn load_hour_counts(&self) -> Pending<Vec<HourCount>> {
+        self.read(async move |s: Arc<Shared>| {
+            let msgs = s.read_bucket(&s.names.hour_counts, ">").await?;
+            let skip = 2;
+            let mut out = Vec::with_capacity(msgs.len());
+            for m in msgs {
+                let mut t = m.subject.split('.').skip(skip);
+                let parsed = (|| {
+                    let domain = dec(t.next()?)?;
+                    let hour = t.next()?.parse().ok()?;
+                    let count = std::str::from_utf8(&m.payload).ok()?.parse().ok()?;
+                    Some(HourCount {
+                        domain,
+                        hour,
+                        count,
+                    })
+                })();
+                match parsed {
+                    Some(c) => out.push(c),
+                    None => tracing::error!("store: skipping unreadable limit count {}", m.subject),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn save_hour_counts(&self, counts: Vec<HourCount>, keep_from: u64) -> Pending<()> {
+        self.submit(|r| Op::SaveHourCounts(counts, keep_from, r))
+    }
+}
+
+impl CredentialStore for NatsStore {
+    fn load_psks(&self) -> Pending<Vec<PskRecord>> {
+        self.read(async move |s: Arc<Shared>| {
+            let msgs = s.read_bucket(&s.names.psks, "ep.>").await?;
+            let parsed: Vec<PskJson> = parse_all(msgs, "PSK");
+            Ok(parsed.into_iter().filter_map(PskJson::record).collect())
+        })
+    }
+
+    fn load_certificates(&self) -> Pending<Vec<CertificateRecord>> {
+        self.read(async move |s: Arc<Shared>| {
+            let msgs = s.read_bucket(&s.names.certificates, ">").await?;
+            let parsed: Vec<CertJson> = parse_all(msgs, "certificate");
+            Ok(parsed.into_iter().map(CertificateRecord::from).collect())
+        })
+    }
+
+    fn put_psk(&self, rec: PskRecord) -> Pending<()> {
+        self.submit(|r| Op::PutPsk(rec, r))
+    }
+
+    fn put_certificate(&self, rec: CertificateRecord) -> Pending<()> {
+        self.submit(|r| Op::PutCertificate(rec, r))
+    }
+
+    fn revoke_device(&self, domain: String, ep: String, revoked_ms: u64) -> Pending<()> {
+        self.submit(|r| Op::RevokeDevice(domain, ep, revoked_ms, r))
+    }
+}
+
+impl Feed for NatsStore {
+    fn external_changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.external.clone())
+    }
+
+    fn health(&self) -> Health {
+        self.shared.health.snapshot()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_encode_to_valid_key_tokens_and_back() {
+        for s in [
+            "",
+            "a",
+            "ep/1",
+            "3/0/1",
+            "é ü",
+            "a.b",
+            "*",
+            ">",
+            "key with spaces",
+        ] {
+            let t = enc(s);
+            assert!(
+                t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_=".contains(&b)),
+                "{t}"
+            );
+            assert_eq!(dec(&t).as_deref(), Some(s));
+        }
+        assert_eq!(dec("!"), None);
+    }
+
+    /// The index answers where an id is while its key may still hold it, and forgets it
+    /// once a later message on the key is known, in whatever order our acks and the
+    /// watch's messages come.
+    #[test]
+    fn the_registration_index_forgets_an_id_only_after_a_later_message_on_its_key() {
+        let mut ix = RegIndex::default();
+        ix.submitted("k", "r1");
+        assert_eq!(ix.find("r1"), Some(("k".into(), None)));
+        ix.acked("k", "r1", Some(5));
+        assert_eq!(ix.find("r1"), Some(("k".into(), Some(5))));
+        // Another node's older write seen late (the watch lags): r1 stays.
+        ix.observed("k", 3, Some("r0"));
+        assert_eq!(ix.find("r1"), Some(("k".into(), Some(5))));
+        assert_eq!(ix.find("r0"), None);
+        // Another node's newer write: r1 is gone, r2 is there.
+        ix.observed("k", 7, Some("r2"));
+        assert_eq!(ix.find("r1"), None);
+        assert_eq!(ix.find("r2"), Some(("k".into(), Some(7))));
+        // Ours, pending while the other's newer delete is seen: kept until acked...
+        ix.submitted("k", "r3");
+        ix.observed("k", 9, None);
+        assert_eq!(ix.find("r3"), Some(("k".into(), None)));
+        assert_eq!(ix.find("r2"), None);
+        // ...and stored after it: kept.
+        ix.acked("k", "r3", Some(10));
+        assert_eq!(ix.find("r3"), Some(("k".into(), Some(10))));
+        // Ours stored before another's later write: forgotten at the ack.
+        ix.submitted("j", "r4");
+        ix.observed("j", 12, Some("r5"));
+        ix.acked("j", "r4", Some(11));
+        assert_eq!(ix.find("r4"), None);
+        assert_eq!(ix.find("r5"), Some(("j".into(), Some(12))));
+        // A delete of ours removes everything of the key before it.
+        ix.observed("k", 13, None);
+        assert_eq!(ix.find("r3"), None);
+        assert!(!ix.keys.contains_key("k"));
+        assert!(!ix.by_id.contains_key("r3"));
+    }
+}
