@@ -106,22 +106,32 @@ fn get(mid: u16) -> Vec<u8> {
 
 /// Sends a CoAP GET through the session and returns the decrypted answer.
 async fn exchange(c: &mut DtlsClient, sock: &UdpSocket, server: SocketAddr, mid: u16) -> Packet {
-    for r in c.send(&get(mid)).unwrap() {
-        sock.send_to(&r, server).await.unwrap();
-    }
-    let mut buf = vec![0u8; 4096];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(m) = c.take_message() {
-            return Packet::from_bytes(&m).unwrap();
-        }
-        let (n, _) = tokio::time::timeout_at(deadline, sock.recv_from(&mut buf))
-            .await
-            .expect("an answer within 5 s")
-            .unwrap();
-        for r in c.on_datagram(&buf[..n], Instant::now()).unwrap() {
-            sock.send_to(&r, server).await.unwrap();
-        }
+    send_via(c, sock, server, &get(mid)).await;
+    receive_any(c, sock, server, Duration::from_secs(5))
+        .await
+        .expect("an answer within 5 s")
+}
+
+/// The PSK client `dev-1` (key `secret-key-16byt`), its handshake with `s` done from `sock`.
+async fn dev1(s: &Server, sock: &UdpSocket) -> DtlsClient {
+    DtlsClient::connect(
+        &psk("dev-1", b"secret-key-16byt"),
+        sock,
+        s.dtls,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("handshake")
+}
+
+/// The session a DTLS client made from `sock` is known by to `s`'s transport.
+fn session_of(s: &Server, sock: &UdpSocket) -> PeerRef {
+    PeerRef {
+        listener: ListenerId {
+            kind: ListenerKind::Dtls,
+            local: s.dtls,
+        },
+        session: sock.local_addr().unwrap(),
     }
 }
 
@@ -129,14 +139,7 @@ async fn exchange(c: &mut DtlsClient, sock: &UdpSocket, server: SocketAddr, mid:
 async fn psk_session_carries_coap_and_names_its_identity() {
     let s = start(100);
     let sock = socket().await;
-    let mut c = DtlsClient::connect(
-        &psk("dev-1", b"secret-key-16byt"),
-        &sock,
-        s.dtls,
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("handshake");
+    let mut c = dev1(&s, &sock).await;
     let answer = exchange(&mut c, &sock, s.dtls, 1).await;
     assert_eq!(
         answer.header.code,
@@ -153,14 +156,7 @@ async fn psk_session_carries_coap_and_names_its_identity() {
     assert_eq!(s.counters.get(Event::DtlsHandshake), 1);
     assert_eq!(s.transport.dtls_counts().sessions, 1);
     // The device restarts: a new handshake from the same address replaces the session.
-    let mut c = DtlsClient::connect(
-        &psk("dev-1", b"secret-key-16byt"),
-        &sock,
-        s.dtls,
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("a new handshake from the same address");
+    let mut c = dev1(&s, &sock).await;
     assert_eq!(
         exchange(&mut c, &sock, s.dtls, 2).await.payload,
         answer.payload
@@ -208,14 +204,7 @@ async fn a_psk_config_copy_speaks_as_its_identity() {
 async fn a_quiet_trimmed_session_keeps_working() {
     let s = start(100);
     let sock = socket().await;
-    let mut c = DtlsClient::connect(
-        &psk("dev-1", b"secret-key-16byt"),
-        &sock,
-        s.dtls,
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("handshake");
+    let mut c = dev1(&s, &sock).await;
     for mid in 1..=3 {
         tokio::time::sleep(connectord_coap::dtls::TRIM_AFTER + connectord_coap::dtls::TICK * 3)
             .await;
@@ -395,14 +384,7 @@ async fn handshake_timeout_and_idle_expiry() {
     });
     let _socks = half_open(&s, 2).await;
     let sock = socket().await;
-    let mut c = DtlsClient::connect(
-        &psk("dev-1", b"secret-key-16byt"),
-        &sock,
-        s.dtls,
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let mut c = dev1(&s, &sock).await;
     assert_eq!(s.transport.dtls_counts().half_open, 2);
     assert_eq!(s.transport.dtls_counts().sessions, 1);
     let mut buf = vec![0u8; 4096];
@@ -505,14 +487,7 @@ async fn send_via(c: &mut DtlsClient, sock: &UdpSocket, server: SocketAddr, msg:
 async fn connection_id_keeps_the_session_across_an_address_change() {
     let s = start(100);
     let first = socket().await;
-    let mut c = DtlsClient::connect(
-        &psk("dev-1", b"secret-key-16byt"),
-        &first,
-        s.dtls,
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("handshake");
+    let mut c = dev1(&s, &first).await;
     let answer = exchange(&mut c, &first, s.dtls, 1).await;
     assert_eq!(
         String::from_utf8_lossy(&answer.payload),
@@ -542,13 +517,7 @@ async fn connection_id_keeps_the_session_across_an_address_change() {
 
     // The daemon's request to the registration's session (the handshake's address)
     // goes to the device's new address.
-    let peer = PeerRef {
-        listener: ListenerId {
-            kind: ListenerKind::Dtls,
-            local: s.dtls,
-        },
-        session: first.local_addr().unwrap(),
-    };
+    let peer = session_of(&s, &first);
     let t = s.transport.clone();
     let read = tokio::spawn(async move {
         t.request(peer, &OutRequest::new(RequestType::Get, "/3/0/0"))
@@ -780,14 +749,7 @@ fn dimpl_connection_ids_both_ways_ccm8_and_gcm() {
 async fn an_unanswered_address_check_holds_back_big_requests_until_answered() {
     let s = start(100);
     let first = socket().await;
-    let mut c = DtlsClient::connect(
-        &psk("dev-1", b"secret-key-16byt"),
-        &first,
-        s.dtls,
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("handshake");
+    let mut c = dev1(&s, &first).await;
     exchange(&mut c, &first, s.dtls, 1).await;
 
     let moved = socket().await;
@@ -807,13 +769,7 @@ async fn an_unanswered_address_check_holds_back_big_requests_until_answered() {
     }
     // The first ping is not answered.
 
-    let peer = PeerRef {
-        listener: ListenerId {
-            kind: ListenerKind::Dtls,
-            local: s.dtls,
-        },
-        session: first.local_addr().unwrap(),
-    };
+    let peer = session_of(&s, &first);
     let t = s.transport.clone();
     let mut put = OutRequest::new(RequestType::Put, "/3/0/15");
     put.payload = vec![b'x'; 600];
