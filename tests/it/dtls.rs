@@ -776,6 +776,70 @@ mod cid {
     use coap_lite::Packet;
     use connectord::coap::dtls::client::DtlsClient;
 
+    /// The daemon's DTLS address and a client configuration for a PSK provisioned now
+    /// for `ep` (identity `identity`, `key`).
+    pub fn psk_device(
+        d: &crate::support::Daemon,
+        ep: &str,
+        identity: &str,
+        key: &[u8],
+    ) -> (SocketAddr, connectord::coap::dtls::client::ClientConfig) {
+        use connectord::coap::dtls::client::{ClientAuth, ClientConfig};
+        let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+        let r = super::put_psk(d, ep, identity, &hex::encode(key));
+        assert!(r.status < 300, "{} {}", r.status, r.body);
+        let cfg = ClientConfig::new(ClientAuth::Psk {
+            identity: identity.as_bytes().to_vec(),
+            key: key.to_vec(),
+        })
+        .unwrap();
+        (dtls, cfg)
+    }
+
+    /// A confirmable POST to `path` with `query` (token: the message id's low byte).
+    pub fn post<S: AsRef<str>>(mid: u16, path: &[S], query: &[&str]) -> Packet {
+        use coap_lite::{CoapOption, MessageClass, MessageType, RequestType};
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(RequestType::Post);
+        p.header.message_id = mid;
+        p.set_token(vec![mid as u8]);
+        for s in path {
+            p.add_option(CoapOption::UriPath, s.as_ref().as_bytes().to_vec());
+        }
+        for q in query {
+            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+        }
+        p
+    }
+
+    /// Registers `ep` (`</3/0>`, lifetime 300 s) through the session from `sock`: 2.01,
+    /// and the registration's Location-Path.
+    pub fn register(
+        c: &mut DtlsClient,
+        sock: &UdpSocket,
+        server: SocketAddr,
+        ep: &str,
+    ) -> Vec<String> {
+        use coap_lite::{CoapOption, MessageClass, ResponseType};
+        let mut reg = post(1, &["rd"], &[&format!("ep={ep}"), "lt=300"]);
+        reg.add_option(CoapOption::ContentFormat, vec![40]);
+        reg.payload = b"</3/0>".to_vec();
+        send(c, sock, server, &reg);
+        let (created, _) = receive(c, sock, server, Duration::from_secs(10));
+        let created = created.expect("registration answer");
+        assert_eq!(
+            created.header.code,
+            MessageClass::Response(ResponseType::Created)
+        );
+        created
+            .get_option(CoapOption::LocationPath)
+            .expect("Location-Path")
+            .iter()
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect()
+    }
+
     pub fn connect(
         cfg: &connectord::coap::dtls::client::ClientConfig,
         sock: &UdpSocket,
@@ -856,59 +920,20 @@ mod cid {
 #[test]
 fn a_dtls_device_whose_address_changes_keeps_its_session() {
     use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
-    use connectord::coap::dtls::client::{ClientAuth, ClientConfig};
     use std::net::UdpSocket;
     use std::time::Duration;
     const WAIT: Duration = Duration::from_secs(10);
 
     let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
-    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
-    let key = *b"cid-device-key16";
-    let r = put_psk(&d, "cid-dev", "cid-id", &hex::encode(key));
-    assert!(r.status < 300, "{} {}", r.status, r.body);
-    let cfg = ClientConfig::new(ClientAuth::Psk {
-        identity: b"cid-id".to_vec(),
-        key: key.to_vec(),
-    })
-    .unwrap();
-    let request = |mid: u16, path: &[&str], query: &[&str]| {
-        let mut p = Packet::new();
-        p.header.set_type(MessageType::Confirmable);
-        p.header.code = MessageClass::Request(RequestType::Post);
-        p.header.message_id = mid;
-        p.set_token(vec![mid as u8]);
-        for s in path {
-            p.add_option(CoapOption::UriPath, s.as_bytes().to_vec());
-        }
-        for q in query {
-            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
-        }
-        p
-    };
-
+    let (dtls, cfg) = cid::psk_device(&d, "cid-dev", "cid-id", b"cid-device-key16");
     let first = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut c = cid::connect(&cfg, &first, dtls);
-    let mut reg = request(1, &["rd"], &["ep=cid-dev", "lt=300"]);
-    reg.add_option(CoapOption::ContentFormat, vec![40]);
-    reg.payload = b"</3/0>".to_vec();
-    cid::send(&mut c, &first, dtls, &reg);
-    let (created, _) = cid::receive(&mut c, &first, dtls, WAIT);
-    let created = created.expect("registration answer");
-    assert_eq!(
-        created.header.code,
-        MessageClass::Response(ResponseType::Created)
-    );
-    let location: Vec<String> = created
-        .get_option(CoapOption::LocationPath)
-        .expect("Location-Path")
-        .iter()
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
+    let location = cid::register(&mut c, &first, dtls, "cid-dev");
 
     // The NAT mapping changes: the update comes from another port, same session.
     let moved = UdpSocket::bind("127.0.0.1:0").unwrap();
     let path: Vec<&str> = location.iter().map(String::as_str).collect();
-    cid::send(&mut c, &moved, dtls, &request(2, &path, &[]));
+    cid::send(&mut c, &moved, dtls, &cid::post(2, &path, &[]));
     let (changed, pings) = cid::receive(&mut c, &moved, dtls, WAIT);
     let changed = changed.expect("update answered");
     assert_eq!(
@@ -1047,25 +1072,8 @@ fn wolfssl_keeps_its_dtls_session_when_its_port_changes() {
     const WAIT: Duration = Duration::from_secs(10);
 
     let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
-    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
     let key = *b"wolf-device-key!";
-    let r = put_psk(&d, "wolf-dev", "wolf-id", &hex::encode(key));
-    assert!(r.status < 300, "{} {}", r.status, r.body);
-    let request = |mid: u16, path: &[&str], query: &[&str]| {
-        let mut p = Packet::new();
-        p.header.set_type(MessageType::Confirmable);
-        p.header.code = MessageClass::Request(RequestType::Post);
-        p.header.message_id = mid;
-        p.set_token(vec![mid as u8, 0x77]);
-        for s in path {
-            p.add_option(CoapOption::UriPath, s.as_bytes().to_vec());
-        }
-        for q in query {
-            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
-        }
-        p
-    };
-
+    let (dtls, _) = cid::psk_device(&d, "wolf-dev", "wolf-id", &key);
     let (mut w, connected) = Wolf::connect(dtls, "wolf-id", &key);
     // `connected cid=<12 hex digits> port=<n>`: the daemon's 6-byte CID.
     let field = |line: &str, name: &str| {
@@ -1082,7 +1090,7 @@ fn wolfssl_keeps_its_dtls_session_when_its_port_changes() {
     );
     let first_port = field(&connected, "port=");
 
-    let mut reg = request(1, &["rd"], &["ep=wolf-dev", "lt=300"]);
+    let mut reg = cid::post(1, &["rd"], &["ep=wolf-dev", "lt=300"]);
     reg.add_option(CoapOption::ContentFormat, vec![40]);
     reg.payload = b"</3/0>".to_vec();
     w.send(&reg);
@@ -1105,7 +1113,7 @@ fn wolfssl_keeps_its_dtls_session_when_its_port_changes() {
     let new_port = field(&rebound, "port=");
     assert_ne!(new_port, first_port);
     let path: Vec<&str> = location.iter().map(String::as_str).collect();
-    w.send(&request(2, &path, &[]));
+    w.send(&cid::post(2, &path, &[]));
     let (changed, pings) = w.receive(WAIT);
     let changed = changed.expect("update answered at the new port");
     assert_eq!(
@@ -1169,57 +1177,22 @@ fn wolfssl_keeps_its_dtls_session_when_its_port_changes() {
 /// by the CoAP layer) reaches it there.
 #[test]
 fn a_replayed_record_from_another_address_gets_that_address_little_traffic() {
-    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
-    use connectord::coap::dtls::client::{ClientAuth, ClientConfig};
+    use coap_lite::{MessageClass, MessageType, Packet, RequestType, ResponseType};
     use std::net::UdpSocket;
     use std::time::{Duration, Instant};
     const WAIT: Duration = Duration::from_secs(10);
 
     let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
-    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
-    let key = *b"amp-device-key16";
-    let r = put_psk(&d, "amp-dev", "amp-id", &hex::encode(key));
-    assert!(r.status < 300, "{} {}", r.status, r.body);
-    let cfg = ClientConfig::new(ClientAuth::Psk {
-        identity: b"amp-id".to_vec(),
-        key: key.to_vec(),
-    })
-    .unwrap();
-    let request = |mid: u16, path: &[String]| {
-        let mut p = Packet::new();
-        p.header.set_type(MessageType::Confirmable);
-        p.header.code = MessageClass::Request(RequestType::Post);
-        p.header.message_id = mid;
-        p.set_token(vec![mid as u8]);
-        for s in path {
-            p.add_option(CoapOption::UriPath, s.as_bytes().to_vec());
-        }
-        p
-    };
-
+    let (dtls, cfg) = cid::psk_device(&d, "amp-dev", "amp-id", b"amp-device-key16");
     let home = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut c = cid::connect(&cfg, &home, dtls);
-    let mut reg = request(1, &["rd".to_string()]);
-    reg.add_option(CoapOption::UriQuery, b"ep=amp-dev".to_vec());
-    reg.add_option(CoapOption::ContentFormat, vec![40]);
-    reg.payload = b"</3/0>".to_vec();
-    cid::send(&mut c, &home, dtls, &reg);
-    let (created, _) = cid::receive(&mut c, &home, dtls, WAIT);
-    let created = created.expect("registration answer");
-    assert_eq!(
-        created.header.code,
-        MessageClass::Response(ResponseType::Created)
-    );
-    let location: Vec<String> = created
-        .get_option(CoapOption::LocationPath)
-        .expect("Location-Path")
-        .iter()
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
+    let location = cid::register(&mut c, &home, dtls, "amp-dev");
 
     // The device's update, delivered first from the victim's address.
     let victim = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let records = c.send(&request(2, &location).to_bytes().unwrap()).unwrap();
+    let records = c
+        .send(&cid::post(2, &location, &[]).to_bytes().unwrap())
+        .unwrap();
     let injected: usize = records.iter().map(Vec::len).sum();
     for r in &records {
         victim.send_to(r, dtls).unwrap();
@@ -1256,7 +1229,7 @@ fn a_replayed_record_from_another_address_gets_that_address_little_traffic() {
 
     // The device's next record, from home, moves the session back: no check, and the
     // application's write (retransmitted) reaches it.
-    cid::send(&mut c, &home, dtls, &request(3, &location));
+    cid::send(&mut c, &home, dtls, &cid::post(3, &location, &[]));
     let deadline = Instant::now() + WAIT;
     let mut answered = 0;
     while answered == 0 && Instant::now() < deadline {
