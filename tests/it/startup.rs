@@ -565,15 +565,7 @@ fn an_unusable_coap_tls_certificate_refuses_the_start() {
     use std::error::Error as _;
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("server.key");
-    crate::support::certs::openssl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        key.to_str().unwrap(),
-    ]);
+    crate::support::certs::p256_key(&key);
     let missing = dir.path().join("missing.pem");
     let not_pem = dir.path().join("hello.pem");
     std::fs::write(&not_pem, "hello\n").unwrap();

@@ -32,8 +32,6 @@ impl DeviceCert {
     }
 }
 
-use crate::support::certs::openssl;
-
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -203,26 +201,7 @@ fn aiocoap_device_answers_reads_and_observations_over_its_tls_connection() {
 #[test]
 fn a_configured_server_certificate_is_used_and_bad_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        p(&key),
-        "-out",
-        p(&cert),
-        "-days",
-        "2",
-        "-subj",
-        "/CN=localhost",
-        "-addext",
-        "subjectAltName=IP:127.0.0.1,DNS:localhost",
-    ]);
+    let (cert, key) = support::certs::self_signed_server(dir.path());
     let coap = format!(
         "{TLS}\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
         cert.display(),
@@ -504,26 +483,7 @@ fn dtls_and_tls_present_one_server_certificate_valid_for_127_0_0_1() {
 
     // A configured certificate (EC P-256, for 127.0.0.1): both listeners present it.
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        p(&key),
-        "-out",
-        p(&cert),
-        "-days",
-        "2",
-        "-subj",
-        "/CN=localhost",
-        "-addext",
-        "subjectAltName=IP:127.0.0.1,DNS:localhost",
-    ]);
+    let (cert, key) = support::certs::self_signed_server(dir.path());
     let configured = format!(
         "{both}tls_cert = \"{}\"\ntls_key = \"{}\"\n",
         cert.display(),

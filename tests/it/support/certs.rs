@@ -61,6 +61,32 @@ pub fn foreign_ca(dir: &Path) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// A self-signed EC P-256 server certificate for `localhost` and 127.0.0.1, valid for two
+/// days, and its key, written in `dir` (`server.pem`, `server.key`).
+pub fn self_signed_server(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        path(&key),
+        "-out",
+        path(&cert),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+    ]);
+    (cert, key)
+}
+
 /// A client certificate for `key` with subject `subj`, signed by the CA `(cert, key)`,
 /// written to `out` (version 3, clientAuth: without extensions OpenSSL 3.0 writes a
 /// version 1 certificate, which webpki refuses for that alone).
