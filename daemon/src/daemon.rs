@@ -806,6 +806,7 @@ fn reload(
         ("lua", next.lua != running.lua),
         ("plugins", next.plugins != running.plugins),
         ("limits", next.limits != running.limits),
+        ("cluster", next.cluster != running.cluster),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))
