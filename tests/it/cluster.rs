@@ -348,3 +348,26 @@ fn a_nats_node_killed_with_9_restarts_on_the_shared_state() {
         support::b64(b"/3/0/0")
     );
 }
+
+/// `[cluster]` is read at start only: SIGHUP names it as needing a restart, and the node
+/// keeps its name.
+#[test]
+fn sighup_says_the_cluster_section_needs_a_restart() {
+    let d = Daemon::start_with("[cluster]\nnode = \"before\"\n");
+    let text = std::fs::read_to_string(&d.config_path).unwrap();
+    std::fs::write(
+        &d.config_path,
+        text.replace("node = \"before\"", "node = \"after\""),
+    )
+    .unwrap();
+    d.signal("HUP");
+    d.expect_log("take effect after a restart", WAIT);
+    assert!(
+        d.logs()
+            .iter()
+            .any(|l| l.contains("take effect after a restart") && l.contains("[cluster]")),
+        "{}",
+        d.logs().join("\n")
+    );
+    assert_eq!(d.get("/v2/cluster").json()["node"], "before");
+}
