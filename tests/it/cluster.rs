@@ -210,10 +210,16 @@ fn a_node_with_another_ca_is_refused() {
     // With the CA copied, the same node starts, and a certificate from /api/cert on n1
     // verifies against n2's CA (the same certificate file).
     let n2 = second_node(&server, &n1, "n2", "");
-    assert_eq!(
-        std::fs::read(n2.state_dir().join("ca.cert.pem")).unwrap(),
-        ca
-    );
+    let dir = tempfile::tempdir().unwrap();
+    support::certs::device_certificate(&n1, dir.path());
+    let n2_ca = n2.state_dir().join("ca.cert.pem");
+    let ok = support::certs::openssl(&[
+        "verify",
+        "-CAfile",
+        support::certs::path(&n2_ca),
+        support::certs::path(&dir.path().join("device.pem")),
+    ]);
+    assert!(ok.contains(": OK"), "{ok}");
 }
 
 /// The DER of the first certificate of a PEM text.
@@ -370,4 +376,41 @@ fn sighup_says_the_cluster_section_needs_a_restart() {
         d.logs().join("\n")
     );
     assert_eq!(d.get("/v2/cluster").json()["node"], "before");
+}
+
+/// A node's `admin.key` from an earlier start beside a cluster state that holds no key
+/// (here: another prefix) is kept; the new first key goes to `admin.key.<seconds>`, and
+/// only it works on this state.
+#[test]
+fn an_old_admin_key_beside_a_new_cluster_state_is_kept_and_a_new_one_written_beside_it() {
+    let server = NatsServer::start().unwrap();
+    let d = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let old = d.key.clone();
+    let text = std::fs::read_to_string(&d.config_path).unwrap();
+    std::fs::write(
+        &d.config_path,
+        text.replace("[cluster]\n", "[cluster]\nprefix = \"other\"\n"),
+    )
+    .unwrap();
+    let d = d.stop_and_restart();
+    assert_eq!(d.key, old, "admin.key is never overwritten");
+    let new_file = std::fs::read_dir(d.state_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("admin.key."))
+        .expect("a new admin key beside the old one");
+    let new = std::fs::read_to_string(d.state_dir().join(&new_file)).unwrap();
+    assert!(
+        d.logs().iter().any(|l| l.contains("does not work here")),
+        "{}",
+        d.logs().join("\n")
+    );
+    assert_eq!(
+        bearer_call(&d, "GET", "/v2/endpoints", Some(new.trim()), None).status,
+        200
+    );
+    assert_eq!(
+        bearer_call(&d, "GET", "/v2/endpoints", Some(&old), None).status,
+        401
+    );
 }
