@@ -414,3 +414,40 @@ fn an_old_admin_key_beside_a_new_cluster_state_is_kept_and_a_new_one_written_bes
         401
     );
 }
+
+/// `connectord check-config` checks `[cluster]`: a node name that is no NATS token is
+/// refused with the file, line and key, and says so.
+#[test]
+fn check_config_refuses_a_node_name_that_is_no_nats_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "[cluster]\nbackend = \"nats\"\nnode = \"host.example\"\n",
+    )
+    .unwrap();
+    let out = Command::new(support::BIN)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:3:", file.display()))
+            && stderr.contains("key `cluster.node`")
+            && stderr.contains("not a valid NATS token"),
+        "{stderr}"
+    );
+    std::fs::write(&file, "[cluster]\nbackend = \"nats\"\nnode = \"host-1\"\n").unwrap();
+    let out = Command::new(support::BIN)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -290,7 +290,8 @@ impl Default for LogConfig {
 pub struct RuntimeConfig {
     /// Worker threads of the async runtime (REST, CoAP, requests, notifications). 0: one
     /// per CPU. `TOKIO_WORKER_THREADS` is not read. The SQLite store and each plugin have
-    /// threads of their own besides. On a 2-core machine, 1 measured about
+    /// threads of their own besides (the NATS store, `[cluster] backend = "nats"`, a runtime
+    /// of one thread, so that no plugin state call waits on these workers: `crate::cluster`). On a 2-core machine, 1 measured about
     /// 15 % less CPU per proxied read (fewer wake-ups across threads), with no clear change
     /// for registrations and notifications (docs/PERFORMANCE.md).
     pub worker_threads: usize,
