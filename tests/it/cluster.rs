@@ -85,6 +85,7 @@ fn a_key_created_on_one_node_works_on_another_within_a_second() {
         std::thread::sleep(Duration::from_millis(20));
     }
     println!("a key made on n1 worked on n2 after {:?}", t.elapsed());
+    assert!(n2.wait_log("or another cluster node", WAIT));
 
     // Membership: both, on both, within two heartbeats.
     let t = Instant::now();
