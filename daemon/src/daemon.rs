@@ -85,6 +85,9 @@ pub enum StartError {
         #[source]
         source: crate::coap::dtls::DtlsError,
     },
+    /// `[cluster] backend = "nats"`: NATS unreachable, or this node's CA not the cluster's.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("--ready-file {}: {source}", path.display())]
     ReadyFile {
         path: PathBuf,
@@ -181,6 +184,9 @@ struct Services {
     rest_tls: Option<Arc<rest::tls::Tls>>,
     coap_tls: Vec<SocketAddr>,
     coap_dtls: Vec<SocketAddr>,
+    /// The NATS store's runtime (`[cluster] backend = "nats"`), shut down after the
+    /// daemon's.
+    nats_runtime: Option<crate::cluster::StoreRuntime>,
 }
 
 /// Starts the daemon: builds its async runtime (`[runtime] worker_threads`), checks the
@@ -368,6 +374,7 @@ fn stop_services(rt: tokio::runtime::Runtime, services: Services) {
         rest_tls: _,
         coap_tls: _,
         coap_dtls: _,
+        nats_runtime,
     } = services;
     rt.block_on(async {
         trigger.fire();
@@ -380,8 +387,11 @@ fn stop_services(rt: tokio::runtime::Runtime, services: Services) {
         limits.save_now(store.as_ref()).await;
     });
     plugins.shutdown();
+    drop(store);
     // Tasks still running (one request's, say) are dropped with the runtime.
     rt.shutdown_timeout(STOP_TIMEOUT);
+    // The store's last users are gone with the daemon's runtime.
+    drop(nats_runtime);
 }
 
 /// The bound REST addresses: plain HTTP (`rest.listen`) and HTTPS (`rest.listen_tls`).
@@ -398,7 +408,14 @@ async fn start_services(
     crate::log_budget::set_per_second(config.log.device_lines_per_s);
     let state_dir = config.state.resolve_dir();
     crate::state_dir::make_private(&state_dir)?;
-    let contradiction = match crate::state_dir::check_consistent(&state_dir) {
+    let on_nats = config.cluster.backend == crate::config::Backend::Nats;
+    // The lost-database check concerns the SQLite file: a NATS node has none.
+    let consistent = if on_nats {
+        Ok(())
+    } else {
+        crate::state_dir::check_consistent(&state_dir)
+    };
+    let contradiction = match consistent {
         Ok(()) => {
             if reinit {
                 tracing::info!("--reinit: the state files agree, nothing to reinitialise");
@@ -461,12 +478,27 @@ async fn start_services(
             }
         );
     }
-    let store = SqliteStore::open_observed(&state_dir, counters.store_commit.clone())?;
-    tracing::info!("state in {}", store.path().display());
-    let store: Arc<dyn Store> = Arc::new(store);
+    let (store, nats): (Arc<dyn Store>, _) = if on_nats {
+        let nats = crate::cluster::connect(&config.cluster).await?;
+        tracing::info!(
+            "state in NATS JetStream at {} (prefix {}, {} replicas), node {}",
+            config.cluster.servers.join(", "),
+            config.cluster.prefix,
+            config.cluster.replicas,
+            nats.node
+        );
+        (nats.as_store(), Some(nats))
+    } else {
+        let store = SqliteStore::open_observed(&state_dir, counters.store_commit.clone())?;
+        tracing::info!("state in {}", store.path().display());
+        (Arc::new(store), None)
+    };
     // The CA before the admin key: of the first-start files, the one that can fail last
     // leaves the least behind.
     let ca = Arc::new(crate::certs::CertAuthority::load_or_create(&state_dir)?);
+    if let Some(nats) = &nats {
+        crate::cluster::check_ca(nats, &config.cluster, &ca, &state_dir).await?;
+    }
 
     // Every service is built with what it uses (no setters afterwards): the traffic
     // limits first, since the registry, the request layer and the subscriptions count
@@ -557,11 +589,31 @@ async fn start_services(
         Arc::clone(&counters),
         config.plugins.auth.clone(),
     );
+    // On NATS, an admin.key of an earlier start beside a cluster state that has no key
+    // (another prefix, new servers) is kept; a new first key goes beside it (see
+    // `crate::cluster`).
+    let key_file = if on_nats && state_dir.join(crate::auth::ADMIN_KEY_FILE).exists() {
+        format!(
+            "{}.{}",
+            crate::auth::ADMIN_KEY_FILE,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        )
+    } else {
+        crate::auth::ADMIN_KEY_FILE.to_string()
+    };
     match auth
-        .bootstrap(&state_dir, &config.registry.default_domain)
+        .bootstrap_to(&state_dir, &key_file, &config.registry.default_domain)
         .await
         .map_err(StartError::FirstKey)?
     {
+        Some(path) if key_file != crate::auth::ADMIN_KEY_FILE => tracing::warn!(
+            "the cluster's state holds no access key, but {} exists from an earlier start (another cluster state?): it does not work here; created an admin access key for domain {} in {} (readable by this user only)",
+            state_dir.join(crate::auth::ADMIN_KEY_FILE).display(),
+            config.registry.default_domain,
+            path.display()
+        ),
         Some(path) => tracing::warn!(
             "first start: created an admin access key for domain {}; it is in {} (readable by this user only)",
             config.registry.default_domain,
@@ -684,6 +736,20 @@ async fn start_services(
     if dropped > 0 {
         tracing::info!("dropped the notification channels of {dropped} revoked keys");
     }
+    let me = crate::cluster::me(
+        &config.cluster.node_name(),
+        &rest_addrs.0,
+        &transport.local_addrs(),
+    );
+    let cluster = Arc::new(crate::cluster::view(config.cluster.backend, nats.as_ref(), &me).await);
+    if let Some(nats) = &nats {
+        tasks.push(tokio::spawn(crate::cluster::run_heartbeat(
+            Arc::clone(&nats.store),
+            me,
+            Arc::clone(&cluster),
+            stop.clone(),
+        )));
+    }
     let state = Arc::new(AppState {
         directory,
         registry: Arc::clone(&registry),
@@ -701,6 +767,7 @@ async fn start_services(
         max_body: config.requests.max_body,
         long_poll: Duration::from_secs(config.notifications.long_poll_s),
         connections: rest::conn::Connections::new(&config.rest),
+        cluster,
     });
     tasks.push(tokio::spawn(rest::serve(listeners, state, stop.clone())));
     let coap_addrs = transport.local_addrs();
@@ -717,6 +784,7 @@ async fn start_services(
             rest_tls,
             coap_tls,
             coap_dtls,
+            nats_runtime: nats.map(|n| n.runtime),
         },
         rest_addrs,
         coap_addrs,
@@ -806,6 +874,7 @@ fn reload(
         ("lua", next.lua != running.lua),
         ("plugins", next.plugins != running.plugins),
         ("limits", next.limits != running.limits),
+        ("cluster", next.cluster != running.cluster),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))
@@ -903,9 +972,20 @@ pub fn plugin_call(
     input: &[u8],
 ) -> Result<Vec<u8>, PluginCallError> {
     let state_dir = config.state.resolve_dir();
-    // A lost database is not made anew behind the daemon's back either.
-    crate::state_dir::check_consistent(&state_dir)?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&state_dir)?);
+    // On NATS: the cluster's store, on a runtime of its own (the one below is not driven
+    // while this thread waits for the plugin; see `crate::cluster`).
+    let nats = match config.cluster.backend {
+        crate::config::Backend::Nats => Some(crate::cluster::connect_blocking(&config.cluster)?),
+        crate::config::Backend::Sqlite => {
+            // A lost database is not made anew behind the daemon's back either.
+            crate::state_dir::check_consistent(&state_dir)?;
+            None
+        }
+    };
+    let store: Arc<dyn Store> = match &nats {
+        Some(n) => n.as_store(),
+        None => Arc::new(SqliteStore::open(&state_dir)?),
+    };
     let cache = std::env::temp_dir().join(format!("connectord-plugin-call-{}", std::process::id()));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -934,6 +1014,8 @@ pub fn plugin_call(
     drop(g);
     host.shutdown();
     let _ = std::fs::remove_dir_all(&cache);
+    drop(rt);
+    drop(nats);
     out
 }
 
@@ -945,6 +1027,8 @@ pub enum PluginCallError {
     Store(StoreError),
     #[error(transparent)]
     Contradiction(#[from] crate::state_dir::Contradiction),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("{0}")]
     Plugin(String),
 }

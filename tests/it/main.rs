@@ -23,6 +23,7 @@ mod support;
 
 mod allow;
 mod auth;
+mod cluster;
 mod connections;
 mod crash;
 mod credentials;

@@ -844,7 +844,7 @@ impl PluginHost {
 
     /// Starts every plugin again from the code it runs now (a new instance of the same
     /// image, or of the built-in), so that each reads its durable state anew: the store
-    /// saw it written by another process (`connectord plugin-call`), which the instances
+    /// saw it written by another process (`connectord plugin-call`) or cluster node, which the instances
     /// serving now cannot know of. Files are not read again (the directory watcher does
     /// that). A plugin that fails to start again keeps serving as it was; a probation
     /// under way goes on with the new instance.
@@ -970,7 +970,7 @@ impl PluginHost {
                         if r.is_err() {
                             return;
                         }
-                        tracing::info!("the state database was written by another process (connectord plugin-call?): loading the plugins again so that they read it");
+                        tracing::info!("the plugin state was written by another process (connectord plugin-call?) or another cluster node: loading the plugins again so that they read it");
                         let h = Arc::clone(&host);
                         let _ = tokio::task::spawn_blocking(move || h.reload_all()).await;
                         reloaded.notify_one();

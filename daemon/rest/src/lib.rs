@@ -14,6 +14,7 @@ use connectord_core::{
 };
 use connectord_plugin_host as plugins;
 
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod credentials;
@@ -87,6 +88,8 @@ pub struct AppState {
     pub long_poll: Duration,
     /// `rest.max_connections`, `rest.client_timeout_s`.
     pub connections: conn::Connections,
+    /// `GET /v2/cluster`, `connectord_cluster_members`.
+    pub cluster: Arc<cluster::ClusterView>,
 }
 
 /// Binds every configured address (before the daemon reports ready).
@@ -491,10 +494,17 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
                 &state.limits.snapshot(&principal.domain, endpoints),
             )
         }
+        Route::Cluster => Reply::json(StatusCode::OK, &state.cluster.body()),
         Route::Metrics => {
             let mut out = String::new();
             state.counters.render(&mut out);
             metrics::store_health(&mut out, &state.store.health());
+            metrics::gauge(
+                &mut out,
+                "cluster_members",
+                "Nodes of the cluster whose heartbeat is current (1 on SQLite).",
+                state.cluster.member_count() as u64,
+            );
             metrics::gauge(
                 &mut out,
                 "registered_endpoints",

@@ -38,6 +38,8 @@ pub enum Route {
     Metrics,
     /// `GET /limits`.
     Limits,
+    /// `GET /cluster`: the store backend, this node, the members.
+    Cluster,
     /// `GET /openapi.json`: the OpenAPI document of the REST API.
     OpenApi,
     /// `POST /api/cert`.
@@ -106,6 +108,7 @@ pub const CORE_ROUTES: &[(&str, &str)] = &[
         "/v2/subscriptions/{endpoint-name}/{resource-path}",
     ),
     ("GET", "/v2/limits"),
+    ("GET", "/v2/cluster"),
     ("POST", "/v2/api/cert"),
     ("GET", "/v2/metrics"),
     ("GET", "/v2/openapi.json"),
@@ -192,6 +195,8 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
         }
         ["metrics"] => read(Route::Metrics, Scope::MetricsRead),
         ["limits"] => read(Route::Limits, Scope::LimitsRead),
+        // An operator's route, as `/metrics` (a monitoring key, or admin).
+        ["cluster"] => read(Route::Cluster, Scope::MetricsRead),
         ["openapi.json"] => read(Route::OpenApi, Scope::EndpointsRead),
         ["api", "cert"] => match *method {
             Method::POST => Ok((Route::Cert, Scope::ResourcesWrite)),

@@ -5,7 +5,7 @@
 //! and the range checks that concern it alone (`check`): `[coap]` in `connectord-coap`,
 //! `[rest]` in `connectord-rest`, `[plugins]` in `connectord-plugin-host`, `[registry]`,
 //! `[requests]`, `[notifications]`, `[limits]` and `[lua]` in `connectord-core`
-//! (`connectord_core::config`), `[log]`, `[runtime]` and `[state]` here. This module holds
+//! (`connectord_core::config`), `[log]`, `[runtime]`, `[state]` and `[cluster]` here. This module holds
 //! the whole file ([`Config`]): parsing, the errors with file, line and column
 //! ([`ConfigError`]), and the checks that need more than one section (the plugin names,
 //! [`check_plugin_names`]). The sections are re-exported here under their old paths.
@@ -257,6 +257,8 @@ pub struct Config {
     pub plugins: PluginsConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
 }
 
 /// `[log]`: what the daemon writes to standard error (journald under systemd).
@@ -288,7 +290,8 @@ impl Default for LogConfig {
 pub struct RuntimeConfig {
     /// Worker threads of the async runtime (REST, CoAP, requests, notifications). 0: one
     /// per CPU. `TOKIO_WORKER_THREADS` is not read. The SQLite store and each plugin have
-    /// threads of their own besides. On a 2-core machine, 1 measured about
+    /// threads of their own besides (the NATS store, `[cluster] backend = "nats"`, a runtime
+    /// of one thread, so that no plugin state call waits on these workers: `crate::cluster`). On a 2-core machine, 1 measured about
     /// 15 % less CPU per proxied read (fewer wake-ups across threads), with no clear change
     /// for registrations and notifications (docs/PERFORMANCE.md).
     pub worker_threads: usize,
@@ -307,6 +310,169 @@ impl RuntimeConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// `[cluster]`: where the durable state lives: this node's own SQLite file (the default)
+/// or NATS JetStream, shared by the nodes of a cluster (issue 22, docs/cluster.md). Read
+/// at start only: a change needs a restart.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `sqlite` (the state directory's `connectord.db`) or `nats`.
+    pub backend: Backend,
+    /// `nats://host:port` of one or more servers of the NATS cluster (`backend = "nats"`).
+    pub servers: Vec<String>,
+    /// This node's name, unique in the cluster: a NATS subject token
+    /// (`[A-Za-z0-9_-]`, at most [`MAX_NODE_NAME`] characters). When absent, the host name
+    /// up to its first dot (see [`ClusterConfig::node_name`]).
+    pub node: Option<String>,
+    /// Starts every bucket, stream and subject name, so that two fleets can share NATS
+    /// servers (`[A-Za-z0-9_-]`).
+    pub prefix: String,
+    /// Replicas of each bucket and stream: 1 on one server, 3 on a three-server cluster
+    /// (1 to 5). A bucket keeps the replicas it was created with.
+    pub replicas: usize,
+    /// How long connecting, a write's acknowledgement or a read may take before the store
+    /// answers "unavailable" (the start is refused when no server answers within it).
+    pub timeout_ms: u64,
+}
+
+/// `[cluster] backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// One node, its state in the state directory's SQLite file.
+    #[default]
+    Sqlite,
+    /// The state in NATS JetStream, shared by every node of the cluster.
+    Nats,
+}
+
+impl Backend {
+    /// The name the configuration and `GET /v2/cluster` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Nats => "nats",
+        }
+    }
+}
+
+/// Longest `[cluster] node` name.
+pub const MAX_NODE_NAME: usize = 64;
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            backend: Backend::Sqlite,
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            node: None,
+            prefix: "cd".into(),
+            replicas: 1,
+            timeout_ms: 5000,
+        }
+    }
+}
+
+/// Whether `s` is a usable node name or prefix: one NATS subject token of
+/// `[A-Za-z0-9_-]`, 1 to [`MAX_NODE_NAME`] characters.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NODE_NAME
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl ClusterConfig {
+    /// Range checks serde cannot express, as the other sections' (see [`Invalid`]).
+    pub fn check(&self) -> Result<(), Invalid> {
+        if !(1..=5).contains(&self.replicas) {
+            return Err((
+                "replicas",
+                format!(
+                    "{} is not 1 to 5 (1 on one server, 3 on three)",
+                    self.replicas
+                ),
+            ));
+        }
+        if !(100..=60_000).contains(&self.timeout_ms) {
+            return Err((
+                "timeout_ms",
+                format!("{} is not 100 to 60000 milliseconds", self.timeout_ms),
+            ));
+        }
+        if !is_token(&self.prefix) {
+            return Err((
+                "prefix",
+                format!(
+                    "{:?} is not a valid NATS token: 1 to {MAX_NODE_NAME} characters of A-Z, a-z, 0-9, _ and -",
+                    self.prefix
+                ),
+            ));
+        }
+        if let Some(node) = &self.node
+            && !is_token(node)
+        {
+            return Err((
+                "node",
+                format!(
+                    "{node:?} is not a valid NATS token: 1 to {MAX_NODE_NAME} characters of A-Z, a-z, 0-9, _ and - (no dots, spaces, * or >)"
+                ),
+            ));
+        }
+        if self.backend == Backend::Nats {
+            if self.servers.is_empty() {
+                return Err((
+                    "servers",
+                    "is empty; name at least one nats://host:port".into(),
+                ));
+            }
+            if let Some(bad) = self.servers.iter().find(|s| {
+                let rest = s
+                    .strip_prefix("nats://")
+                    .or_else(|| s.strip_prefix("tls://"))
+                    .unwrap_or(s);
+                rest.is_empty() || rest.contains(char::is_whitespace)
+            }) {
+                return Err((
+                    "servers",
+                    format!("{bad:?} is not a server address; write nats://host:port"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// This node's name: `node`, else the host name up to its first dot with every
+    /// character that is not `[A-Za-z0-9_-]` made `-` (else `connectord`).
+    pub fn node_name(&self) -> String {
+        if let Some(n) = &self.node {
+            return n.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let first = host.trim().split('.').next().unwrap_or_default();
+        let name: String = first
+            .chars()
+            .take(MAX_NODE_NAME)
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        if name.is_empty() {
+            "connectord".into()
+        } else {
+            name
+        }
+    }
+
+    /// The timeout as a duration.
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.timeout_ms)
     }
 }
 
@@ -399,7 +565,7 @@ impl Config {
             Ok(filter) => self.log.level = filter,
             Err(message) => return Err(invalid("log.level".into(), message)),
         }
-        let sections: [(&str, Result<(), Invalid>); 9] = [
+        let sections: [(&str, Result<(), Invalid>); 10] = [
             ("rest", self.rest.check()),
             ("coap", self.coap.check()),
             ("runtime", self.runtime.check()),
@@ -409,6 +575,7 @@ impl Config {
             ("limits", self.limits.check()),
             ("lua", self.lua.check()),
             ("registry", self.registry.check()),
+            ("cluster", self.cluster.check()),
         ];
         for (section, checked) in sections {
             if let Err((key, message)) = checked {

@@ -15,6 +15,7 @@ fn embedded_defaults_parse_and_match_code_defaults() {
         lua: LuaConfig::default(),
         plugins: PluginsConfig::default(),
         limits: LimitsConfig::default(),
+        cluster: ClusterConfig::default(),
     };
     assert_eq!(c, d, "etc/connectord.toml and the Default impls disagree");
 }
@@ -345,4 +346,90 @@ fn rest_tls_errors_name_the_key() {
     ] {
         Config::parse(&text, Source::Embedded).unwrap_or_else(|e| panic!("{text:?}: {e}"));
     }
+}
+
+/// `[cluster]`: sqlite by default (nothing changes for existing users); nats with its
+/// keys; out-of-range values named with file, line and key, a bad node name said to be no
+/// NATS token.
+#[test]
+fn cluster_section_defaults_and_errors() {
+    let c = Config::embedded().unwrap().cluster;
+    assert_eq!(c.backend, Backend::Sqlite);
+    assert_eq!(c.prefix, "cd");
+    assert_eq!(c.replicas, 1);
+    assert!(
+        c.node_name()
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    );
+    let c = Config::parse(
+        "[cluster]\nbackend = \"nats\"\nservers = [\"nats://127.0.0.1:14222\", \"nats://127.0.0.1:14223\"]\nnode = \"n-1\"\nprefix = \"fleet_a\"\nreplicas = 3\ntimeout_ms = 2000\n",
+        Source::Embedded,
+    )
+    .unwrap()
+    .cluster;
+    assert_eq!(c.backend, Backend::Nats);
+    assert_eq!(c.servers.len(), 2);
+    assert_eq!(c.node_name(), "n-1");
+    assert_eq!(
+        (c.prefix.as_str(), c.replicas, c.timeout_ms),
+        ("fleet_a", 3, 2000)
+    );
+    let file = Source::File("/etc/connectord/connectord.toml".into());
+    for (text, key, line, words) in [
+        (
+            "[cluster]\nnode = \"a.b\"\n",
+            "cluster.node",
+            2,
+            "not a valid NATS token",
+        ),
+        (
+            "[cluster]\nnode = \"\"\n",
+            "cluster.node",
+            2,
+            "not a valid NATS token",
+        ),
+        (
+            "[cluster]\nreplicas = 0\n",
+            "cluster.replicas",
+            2,
+            "not 1 to 5",
+        ),
+        (
+            "[cluster]\nreplicas = 6\n",
+            "cluster.replicas",
+            2,
+            "not 1 to 5",
+        ),
+        (
+            "[cluster]\nprefix = \"a b\"\n",
+            "cluster.prefix",
+            2,
+            "not a valid NATS token",
+        ),
+        (
+            "[cluster]\ntimeout_ms = 10\n",
+            "cluster.timeout_ms",
+            2,
+            "not 100 to 60000",
+        ),
+        (
+            "\n[cluster]\nbackend = \"nats\"\nservers = []\n",
+            "cluster.servers",
+            4,
+            "is empty",
+        ),
+    ] {
+        let e = Config::parse(text, file.clone()).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("/etc/connectord/connectord.toml:{line}:")),
+            "{text}: {e}"
+        );
+        assert!(e.contains(&format!("key `{key}`")), "{text}: {e}");
+        assert!(e.contains(words), "{text}: {e}");
+    }
+    let e = Config::parse("[cluster]\nbackend = \"etcd\"\n", file)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cluster.backend") && e.contains("sqlite"), "{e}");
 }

@@ -19,6 +19,8 @@
 //! | PSKs | KV `<p>_psks` | `ep.<domain>.<endpoint>`, and `id.<identity>` → `<domain>.<endpoint>` |
 //! | certificates | KV `<p>_certificates` | `<domain>.<endpoint>.<serial>` |
 //! | event numbering epoch | KV `<p>_meta` | `event_epoch` |
+//! | the cluster's CA (SHA-256) | KV `<p>_meta` | `ca_sha256` ([`NatsStore::check_ca`]) |
+//! | members (heartbeats, 6 s max age) | KV `<p>_nodes` | `<node>` ([`NatsStore::heartbeat`]) |
 //! | requests to devices | stream `<p>_requests` | `<p>.req.<domain>.<endpoint>` |
 //! | events | stream `<p>_events` | `<p>.ev.<key id>`, header `Cd-Seq` |
 //!
@@ -183,6 +185,38 @@ impl NatsConfig {
     }
 }
 
+/// The `<p>_meta` key of the cluster's CA fingerprint.
+const CA_KEY: &str = "ca_sha256";
+
+/// How long a node's heartbeat record lives in `<p>_nodes` ([`NatsStore::heartbeat`]).
+pub const MEMBER_MAX_AGE: Duration = Duration::from_secs(6);
+
+/// What [`NatsStore::check_ca`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaCheck {
+    /// No CA was recorded; this one is now.
+    Recorded,
+    /// The recorded CA is this one.
+    Same,
+    /// Another CA is recorded: its fingerprint.
+    Differs(String),
+}
+
+/// A node of the cluster, as its heartbeat records it ([`NatsStore::heartbeat`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    /// The node's name (`[cluster] node`).
+    pub node: String,
+    /// Its bound REST addresses.
+    pub rest: Vec<String>,
+    /// Its bound CoAP (UDP) addresses.
+    pub coap: Vec<String>,
+    /// When it started, Unix seconds.
+    pub started: u64,
+    /// Its connectord version.
+    pub version: String,
+}
+
 /// A change of the registrations made by another node ([`NatsStore::watch_registrations`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RegistrationChange {
@@ -214,6 +248,8 @@ struct Names {
     psks: String,
     certificates: String,
     meta: String,
+    /// Membership (heartbeats), with a `max_age`; not one of [`Names::buckets`].
+    nodes: String,
     requests: String,
     events: String,
     /// `<p>.req`, `<p>.ev`.
@@ -233,6 +269,7 @@ impl Names {
             psks: format!("{p}_psks"),
             certificates: format!("{p}_certificates"),
             meta: format!("{p}_meta"),
+            nodes: format!("{p}_nodes"),
             requests: format!("{p}_requests"),
             events: format!("{p}_events"),
             req_subject: format!("{p}.req"),
@@ -271,6 +308,7 @@ struct Shared {
     event_rows: Mutex<HashMap<String, BTreeMap<u64, u64>>>,
     index: Mutex<RegIndex>,
     plugin_kv: kv::Store,
+    nodes_kv: kv::Store,
     /// Every stream (buckets' too) by name, got once at connect.
     streams: HashMap<String, jetstream::stream::Stream>,
 }
@@ -507,6 +545,8 @@ impl NatsStore {
             }
         }
         let plugin_kv = plugin_kv.ok_or_else(|| refused("no plugin-state bucket"))?;
+        let nodes_kv =
+            bind_bucket_aged(&js, &names.nodes, cfg.replicas, Some(MEMBER_MAX_AGE)).await?;
         for (name, subject) in [
             (&names.requests, &names.req_subject),
             (&names.events, &names.ev_subject),
@@ -526,7 +566,11 @@ impl NatsStore {
             .buckets()
             .map(|b| format!("KV_{b}"))
             .into_iter()
-            .chain([names.requests.clone(), names.events.clone()]);
+            .chain([
+                format!("KV_{}", names.nodes),
+                names.requests.clone(),
+                names.events.clone(),
+            ]);
         for name in all {
             let stream = js
                 .get_stream(&name)
@@ -547,6 +591,7 @@ impl NatsStore {
             event_rows: Mutex::new(HashMap::new()),
             index: Mutex::new(RegIndex::default()),
             plugin_kv,
+            nodes_kv,
         });
         let epoch = shared.next_epoch().await?;
         shared.epoch.store(epoch, Ordering::SeqCst);
@@ -593,6 +638,88 @@ impl NatsStore {
         self.shared.epoch.load(Ordering::SeqCst)
     }
 
+    /// Records `fingerprint` (the cluster's CA certificate, SHA-256 in hex) in the
+    /// `<p>_meta` bucket (key `ca_sha256`) if no node recorded one yet, and answers what
+    /// the cluster holds now: [`CaCheck::Recorded`] (this call wrote it), [`CaCheck::Same`]
+    /// or [`CaCheck::Differs`] with the recorded one. Every node must sign device
+    /// certificates with the same CA (one from `/api/cert` on one node must verify on the
+    /// others), so a node whose CA differs is refused by the daemon. Create-if-absent is
+    /// atomic: two nodes starting at once with different CAs cannot both record theirs.
+    pub async fn check_ca(&self, fingerprint: &str) -> Result<CaCheck, StoreError> {
+        let t = self.shared.timeout;
+        let meta = self
+            .shared
+            .js
+            .get_key_value(&self.shared.names.meta)
+            .await
+            .map_err(unavailable)?;
+        for _ in 0..4 {
+            let now = tokio::time::timeout(t, meta.get(CA_KEY))
+                .await
+                .map_err(|_| unavailable("reading the CA fingerprint timed out"))?
+                .map_err(unavailable)?;
+            if let Some(v) = now {
+                let recorded = String::from_utf8_lossy(&v).into_owned();
+                return Ok(if recorded == fingerprint {
+                    CaCheck::Same
+                } else {
+                    CaCheck::Differs(recorded)
+                });
+            }
+            let created =
+                tokio::time::timeout(t, meta.create(CA_KEY, Bytes::from(fingerprint.to_string())))
+                    .await
+                    .map_err(|_| unavailable("recording the CA fingerprint timed out"))?;
+            match created {
+                Ok(_) => return Ok(CaCheck::Recorded),
+                // Another node recorded one meanwhile: read it again.
+                Err(e) => tracing::debug!("store: CA fingerprint recorded meanwhile ({e})"),
+            }
+        }
+        Err(unavailable("could not record the CA fingerprint"))
+    }
+
+    /// Puts this node's record into the `<p>_nodes` bucket, whose entries expire after
+    /// [`MEMBER_MAX_AGE`]: a node that stops heartbeating (killed, cut off) drops out of
+    /// [`NatsStore::members`] within that time. Written directly, not through the write
+    /// queue (a heartbeat needs no order with the state's writes).
+    pub async fn heartbeat(&self, member: &Member) -> Result<(), StoreError> {
+        let value = json(member)?;
+        let t = self.shared.timeout;
+        tokio::time::timeout(t, self.shared.nodes_kv.put(enc(&member.node), value))
+            .await
+            .map_err(|_| unavailable("heartbeat timed out"))?
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Removes `node`'s record (at a clean stop).
+    pub async fn leave(&self, node: &str) -> Result<(), StoreError> {
+        let t = self.shared.timeout;
+        tokio::time::timeout(t, self.shared.nodes_kv.delete(enc(node)))
+            .await
+            .map_err(|_| unavailable("leaving timed out"))?
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// The nodes whose heartbeat is younger than [`MEMBER_MAX_AGE`], by name. Read from
+    /// the bucket's stream directly (no consumer, see `list_direct`).
+    pub async fn members(&self) -> Result<Vec<Member>, StoreError> {
+        let stream = format!("KV_{}", self.shared.names.nodes);
+        let raw = self
+            .shared
+            .list_direct(&stream, &format!("$KV.{}.>", self.shared.names.nodes))
+            .await?;
+        let mut out: Vec<Member> = raw
+            .iter()
+            .filter(|m| !m.is_kv_delete())
+            .filter_map(|m| serde_json::from_slice(&m.payload).ok())
+            .collect();
+        out.sort_by(|a: &Member, b| a.node.cmp(&b.node));
+        Ok(out)
+    }
+
     fn submit<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Pending<T> {
         let (tx, rx) = oneshot::channel();
         match self.tx.send(op(tx)) {
@@ -636,6 +763,16 @@ async fn bind_bucket(
     bucket: &str,
     replicas: usize,
 ) -> Result<kv::Store, StoreError> {
+    bind_bucket_aged(js, bucket, replicas, None).await
+}
+
+/// [`bind_bucket`], its entries removed after `max_age` if given.
+async fn bind_bucket_aged(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+    max_age: Option<Duration>,
+) -> Result<kv::Store, StoreError> {
     if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
     }
@@ -651,9 +788,13 @@ async fn bind_bucket(
             allow_rollup: true,
             deny_delete: true,
             allow_direct: true,
-            duplicate_window: Duration::from_secs(120),
+            // No longer than the entries live (the server refuses that).
+            duplicate_window: max_age.map_or(Duration::from_secs(120), |a| {
+                a.min(Duration::from_secs(120))
+            }),
             storage: StorageType::File,
             num_replicas: replicas,
+            max_age: max_age.unwrap_or_default(),
             ..Default::default()
         })
         .await;

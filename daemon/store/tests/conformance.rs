@@ -531,6 +531,73 @@ mod nats {
         assert_eq!(ids, ["3"]);
     }
 
+    /// The cluster's CA fingerprint: the first node records it, a node with the same CA
+    /// finds it, one with another CA is told the recorded one; kept across a reconnect.
+    /// Two nodes racing with different CAs: exactly one records.
+    #[tokio::test]
+    async fn nats_backend_records_the_cluster_ca_once() {
+        use connectord_store::nats::CaCheck;
+        let server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        assert_eq!(a.check_ca("aa11").await.unwrap(), CaCheck::Recorded);
+        assert_eq!(a.check_ca("aa11").await.unwrap(), CaCheck::Same);
+        let b = connect(&server, "b").await;
+        assert_eq!(b.check_ca("aa11").await.unwrap(), CaCheck::Same);
+        assert_eq!(
+            b.check_ca("bb22").await.unwrap(),
+            CaCheck::Differs("aa11".into())
+        );
+        drop((a, b));
+        let c = connect(&server, "c").await;
+        assert_eq!(
+            c.check_ca("cc33").await.unwrap(),
+            CaCheck::Differs("aa11".into())
+        );
+        // Another prefix is another cluster: its own CA.
+        let mut other = config(vec![server.url()], "x");
+        other.prefix = "other".into();
+        let x = NatsStore::connect(other.clone()).await.unwrap();
+        other.node = "y".into();
+        let y = NatsStore::connect(other).await.unwrap();
+        let (rx, ry) = tokio::join!(x.check_ca("1111"), y.check_ca("2222"));
+        let (rx, ry) = (rx.unwrap(), ry.unwrap());
+        let recorded = [&rx, &ry]
+            .iter()
+            .filter(|r| ***r == CaCheck::Recorded)
+            .count();
+        assert_eq!(recorded, 1, "{rx:?} {ry:?}");
+    }
+
+    /// Membership: heartbeats listed by node name, a leave removes the entry at once, an
+    /// entry not renewed expires after `MEMBER_MAX_AGE`.
+    #[tokio::test]
+    async fn nats_backend_lists_members_by_heartbeat() {
+        use connectord_store::nats::{MEMBER_MAX_AGE, Member};
+        let server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        let b = connect(&server, "b").await;
+        let member = |n: &str| Member {
+            node: n.into(),
+            rest: vec!["127.0.0.1:1".into()],
+            coap: vec!["127.0.0.1:2".into()],
+            started: 1,
+            version: "0".into(),
+        };
+        assert!(a.members().await.unwrap().is_empty());
+        b.heartbeat(&member("b")).await.unwrap();
+        a.heartbeat(&member("a")).await.unwrap();
+        a.heartbeat(&member("a")).await.unwrap();
+        assert_eq!(b.members().await.unwrap(), [member("a"), member("b")]);
+        b.leave("b").await.unwrap();
+        assert_eq!(a.members().await.unwrap(), [member("a")]);
+        let t = Instant::now();
+        while !a.members().await.unwrap().is_empty() {
+            assert!(t.elapsed() < MEMBER_MAX_AGE * 3, "a's entry never expired");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        println!("a heartbeat expired after {:?}", t.elapsed());
+    }
+
     #[tokio::test]
     async fn nats_backend_keeps_device_credentials_across_a_reconnect() {
         let server = NatsServer::start().unwrap();

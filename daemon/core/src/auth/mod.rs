@@ -581,6 +581,17 @@ impl AuthChain {
         state_dir: &Path,
         domain: &str,
     ) -> Result<Option<PathBuf>, std::io::Error> {
+        self.bootstrap_to(state_dir, ADMIN_KEY_FILE, domain).await
+    }
+
+    /// [`AuthChain::bootstrap`], the key written to `file` in `state_dir` (a cluster node
+    /// whose `admin.key` belongs to another state, see the daemon's `cluster` module).
+    pub async fn bootstrap_to(
+        &self,
+        state_dir: &Path,
+        file: &str,
+        domain: &str,
+    ) -> Result<Option<PathBuf>, std::io::Error> {
         let req = BootstrapRequest {
             domain: domain.to_string(),
         };
@@ -594,7 +605,7 @@ impl AuthChain {
                     }
                 };
             if let Some(key) = resp.created {
-                let path = state_dir.join(ADMIN_KEY_FILE);
+                let path = state_dir.join(file);
                 write_private(&path, &format!("{key}\n"))?;
                 return Ok(Some(path));
             }

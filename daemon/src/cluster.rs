@@ -1,0 +1,313 @@
+//! The store a node runs on (`[cluster] backend`), and, on NATS, what makes it a member
+//! of a cluster (issue 22, docs/cluster.md): the CA check and the membership heartbeat.
+//!
+//! Decisions:
+//! - **The NATS store runs on a runtime of its own** (one worker thread,
+//!   `connectord-nats`), not on the daemon's. A plugin's state call blocks the thread it
+//!   runs on until the store answers (`block_on` in the plugin host): the built-in auth
+//!   backends' `authenticate` runs on the daemon's async worker itself, and with
+//!   `[runtime] worker_threads = 1` that is the only one. The SQLite store answers from
+//!   its own thread; NatsStore answers from its tasks (the writer, the acknowledgement
+//!   chain), which on the daemon's runtime could then never run: a deadlock. On their own
+//!   runtime they always can. The same runtime serves `connectord plugin-call`, whose own
+//!   runtime is not driven while it waits for the plugin.
+//! - **The CA is the cluster's, copied by the operator.** The first node records the
+//!   SHA-256 of its `ca.cert.pem` in `<prefix>_meta` ([`NatsStore::check_ca`]); a node
+//!   whose CA differs is refused at start, naming both fingerprints and the files to copy
+//!   (a device certificate from `/api/cert` on one node must verify on every other).
+//! - **The state directory** still holds the CA, `admin.key` and the plugin cache; its
+//!   lost-database check (`state_dir::check_consistent`) concerns the SQLite file only and
+//!   is not made on NATS. `admin.key` is written by the node whose start found no key in
+//!   the shared state (the first node of a cluster); later nodes write none. If a node's
+//!   `admin.key` exists while the cluster's state had no key (another prefix, new
+//!   servers, lost state), the new admin key goes to `admin.key.<unix seconds>` beside it,
+//!   with a warning: the old file is never overwritten, and holds no key of this state.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::{Backend, ClusterConfig};
+use crate::rest::cluster::{ClusterMember, ClusterView, HEARTBEAT_EVERY};
+use crate::shutdown;
+use crate::store::Store;
+use crate::store::nats::{CaCheck, Member, NatsConfig, NatsStore};
+
+/// Why the store could not be opened or joined.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// No NATS server answered (or JetStream did not) within the timeout.
+    #[error(
+        "cluster: cannot use NATS JetStream at {servers} (cluster.servers) within {timeout_ms} ms: {message}"
+    )]
+    Unreachable {
+        servers: String,
+        timeout_ms: u64,
+        message: String,
+    },
+    /// This node's CA is not the cluster's.
+    #[error(
+        "cluster: this node's CA ({cert}, SHA-256 {ours}) is not the cluster's (SHA-256 {recorded}, recorded in NATS by its first node): every node must sign with the same CA. Copy ca.key.pem and ca.cert.pem from a node of the cluster into {dir} and start again"
+    )]
+    CaDiffers {
+        cert: String,
+        dir: String,
+        ours: String,
+        recorded: String,
+    },
+    #[error("cannot start the NATS store's runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// The runtime the NATS store's tasks run on; shut down when dropped (without waiting,
+/// inside another runtime).
+pub struct StoreRuntime(Option<tokio::runtime::Runtime>);
+
+impl StoreRuntime {
+    fn new() -> Result<StoreRuntime, ClusterError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("connectord-nats")
+            .enable_all()
+            .build()
+            .map(|rt| StoreRuntime(Some(rt)))
+            .map_err(ClusterError::Runtime)
+    }
+
+    fn handle(&self) -> Option<&tokio::runtime::Runtime> {
+        self.0.as_ref()
+    }
+}
+
+impl Drop for StoreRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                rt.shutdown_background();
+            } else {
+                rt.shutdown_timeout(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// The NATS side of a node: the store and the runtime it runs on.
+pub struct Nats {
+    pub store: Arc<NatsStore>,
+    pub node: String,
+    /// Dropped last (after the store's last user).
+    pub runtime: StoreRuntime,
+}
+
+fn nats_config(c: &ClusterConfig) -> NatsConfig {
+    NatsConfig {
+        servers: c.servers.clone(),
+        prefix: c.prefix.clone(),
+        replicas: c.replicas,
+        node: c.node_name(),
+        timeout: c.timeout(),
+    }
+}
+
+/// A store error as one clause (the backend's own message, without "database error").
+fn said(e: &crate::store::StoreError) -> String {
+    match e {
+        crate::store::StoreError::Backend { source, .. } => source.to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn unreachable(c: &ClusterConfig, message: String) -> ClusterError {
+    ClusterError::Unreachable {
+        servers: c.servers.join(", "),
+        timeout_ms: c.timeout_ms,
+        message,
+    }
+}
+
+/// Connects to NATS on a runtime of its own (see the module doc), from async code; the
+/// whole connect bounded by three times the timeout (connect, buckets, the first reads).
+pub async fn connect(c: &ClusterConfig) -> Result<Nats, ClusterError> {
+    let runtime = StoreRuntime::new()?;
+    let rt = runtime
+        .handle()
+        .ok_or_else(|| unreachable(c, "no runtime".into()))?;
+    let task = rt.spawn(NatsStore::connect(nats_config(c)));
+    let store = match tokio::time::timeout(c.timeout() * 3, task).await {
+        Err(_) => return Err(unreachable(c, "no answer".into())),
+        Ok(Err(e)) => return Err(unreachable(c, e.to_string())),
+        Ok(Ok(Err(e))) => return Err(unreachable(c, said(&e))),
+        Ok(Ok(Ok(s))) => s,
+    };
+    Ok(Nats {
+        store: Arc::new(store),
+        node: c.node_name(),
+        runtime,
+    })
+}
+
+/// [`connect`] from a thread that is not async (`connectord plugin-call`). Its writes go
+/// out as node `<node>-plugin-call-<pid>`: under the node's own name, the running node
+/// would take them for its own and not reload (the plugin-state watch skips a node's own
+/// writes).
+pub fn connect_blocking(c: &ClusterConfig) -> Result<Nats, ClusterError> {
+    let runtime = StoreRuntime::new()?;
+    let rt = runtime
+        .handle()
+        .ok_or_else(|| unreachable(c, "no runtime".into()))?;
+    let mut cfg = nats_config(c);
+    cfg.node = format!("{}-plugin-call-{}", cfg.node, std::process::id());
+    let store = rt
+        .block_on(async { tokio::time::timeout(c.timeout() * 3, NatsStore::connect(cfg)).await })
+        .map_err(|_| unreachable(c, "no answer".into()))?
+        .map_err(|e| unreachable(c, said(&e)))?;
+    Ok(Nats {
+        store: Arc::new(store),
+        node: c.node_name(),
+        runtime,
+    })
+}
+
+impl Nats {
+    /// The store as the daemon's services take it.
+    pub fn as_store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.store) as Arc<dyn Store>
+    }
+}
+
+/// The SHA-256 of `der`, lower-case hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Checks this node's CA against the cluster's (recording it if it is the first).
+pub async fn check_ca(
+    nats: &Nats,
+    c: &ClusterConfig,
+    ca: &crate::certs::CertAuthority,
+    state_dir: &Path,
+) -> Result<(), ClusterError> {
+    let ours = fingerprint(&ca.ca_certificate_der());
+    match nats
+        .store
+        .check_ca(&ours)
+        .await
+        .map_err(|e| unreachable(c, said(&e)))?
+    {
+        CaCheck::Recorded => {
+            tracing::info!(
+                "cluster: recorded this node's CA (SHA-256 {ours}) as the cluster's; copy {} and {} to every other node",
+                state_dir.join(crate::certs::CA_KEY_FILE).display(),
+                state_dir.join(crate::certs::CA_CERT_FILE).display()
+            );
+            Ok(())
+        }
+        CaCheck::Same => Ok(()),
+        CaCheck::Differs(recorded) => Err(ClusterError::CaDiffers {
+            cert: state_dir
+                .join(crate::certs::CA_CERT_FILE)
+                .display()
+                .to_string(),
+            dir: state_dir.display().to_string(),
+            ours,
+            recorded,
+        }),
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn view_member(m: Member) -> ClusterMember {
+    ClusterMember {
+        node: m.node,
+        rest: m.rest,
+        coap: m.coap,
+        started: m.started,
+        version: m.version,
+    }
+}
+
+/// This node's record.
+pub fn me(node: &str, rest: &[std::net::SocketAddr], coap: &[std::net::SocketAddr]) -> Member {
+    Member {
+        node: node.to_string(),
+        rest: rest.iter().map(ToString::to_string).collect(),
+        coap: coap.iter().map(ToString::to_string).collect(),
+        started: now_unix(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+/// The view of `GET /v2/cluster`: on SQLite this node alone, for good; on NATS after a
+/// first heartbeat (so this node is listed from the start).
+pub async fn view(backend: Backend, nats: Option<&Nats>, me: &Member) -> ClusterView {
+    let Some(nats) = nats else {
+        return ClusterView::new(
+            backend.as_str(),
+            me.node.clone(),
+            vec![view_member(me.clone())],
+        );
+    };
+    if let Err(e) = nats.store.heartbeat(me).await {
+        tracing::warn!("cluster: heartbeat failed: {e}");
+    }
+    let members = match nats.store.members().await {
+        Ok(m) => m.into_iter().map(view_member).collect(),
+        Err(e) => {
+            tracing::warn!("cluster: cannot read the members: {e}");
+            vec![view_member(me.clone())]
+        }
+    };
+    ClusterView::new(backend.as_str(), me.node.clone(), members)
+}
+
+/// Heartbeats every [`HEARTBEAT_EVERY`] and reads the members into `view`, until `stop`;
+/// then removes this node's record (a clean stop leaves at once; a killed node drops out
+/// when its record expires).
+pub async fn run_heartbeat(
+    store: Arc<NatsStore>,
+    me: Member,
+    view: Arc<ClusterView>,
+    mut stop: shutdown::Shutdown,
+) {
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stop.recv() => break,
+            _ = tick.tick() => {
+                let beat = store.heartbeat(&me).await;
+                let members = match beat {
+                    Ok(()) => store.members().await,
+                    Err(e) => Err(e),
+                };
+                match members {
+                    Ok(m) => {
+                        if failing {
+                            tracing::info!("cluster: heartbeat works again");
+                            failing = false;
+                        }
+                        view.set_members(m.into_iter().map(view_member).collect());
+                    }
+                    Err(e) if !failing => {
+                        tracing::warn!("cluster: heartbeat failed: {e}");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+    if let Err(e) = store.leave(&me.node).await {
+        tracing::warn!("cluster: could not remove this node's record at stop: {e}");
+    }
+}

@@ -1,0 +1,454 @@
+//! Issue 22: the daemon on NATS JetStream (`[cluster] backend = "nats"`). Each test starts
+//! its own nats-server on its own loopback ports (`connectord_testkit::nats`, never 4222)
+//! and the daemons as processes on temporary state directories.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use connectord_testkit::nats::NatsServer;
+use serde_json::json;
+
+use crate::support::{self, Daemon, Prepared, bearer_call};
+
+const LINKS: &str = "</1/0>,</3/0>,</3303/0/5700>;obs,</5/0>";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The `[cluster]` section of a node `node` on `servers`.
+fn cluster(servers: &[String], node: &str) -> String {
+    let servers: Vec<String> = servers.iter().map(|s| format!("{s:?}")).collect();
+    format!(
+        "[cluster]\nbackend = \"nats\"\nservers = [{}]\nnode = \"{node}\"\ntimeout_ms = 2000\n",
+        servers.join(", ")
+    )
+}
+
+/// Copies the CA of `from` (a state directory) into `to`, as the operator does
+/// (docs/cluster.md).
+fn copy_ca(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["ca.key.pem", "ca.cert.pem"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+/// A second node on `server`, with the CA of `first` copied into its state directory, and
+/// `first`'s admin key (it writes none itself: the cluster holds keys already).
+fn second_node(server: &NatsServer, first: &Daemon, node: &str, extra: &str) -> Daemon {
+    let p = Prepared::new("", &format!("{}{extra}", cluster(&[server.url()], node)));
+    copy_ca(&first.state_dir(), &p.0.dir.path().join("state"));
+    let mut d = p.start();
+    assert!(
+        !d.state_dir().join("admin.key").exists(),
+        "a later node writes no admin key"
+    );
+    d.key = first.key.clone();
+    d
+}
+
+fn members(d: &Daemon) -> Vec<String> {
+    let r = d.get("/v2/cluster");
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["node"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A key created through REST on node 1 works on node 2 (the plugin state's watch moves
+/// `Feed::external_changes`, and node 2 reloads its auth plugins on it); how long it took
+/// is printed. Both nodes list each other in `GET /v2/cluster` and count them in
+/// `/metrics`; a clean stop leaves the membership at once.
+#[test]
+fn a_key_created_on_one_node_works_on_another_within_a_second() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    assert!(!n1.key.is_empty(), "the first node writes admin.key");
+    let n2 = second_node(&server, &n1, "n2", "");
+
+    let r = n1.send_json("POST", "/api/api_tokens", json!({"name": "k"}).to_string());
+    assert_eq!(r.status, 201, "{}", r.body);
+    let key = r.json()["access_key"].as_str().unwrap().to_string();
+    let t = Instant::now();
+    loop {
+        let r = bearer_call(&n2, "GET", "/v2/endpoints", Some(&key), None);
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 401, "{}", r.body);
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the key made on n1 never worked on n2"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("a key made on n1 worked on n2 after {:?}", t.elapsed());
+    assert!(n2.wait_log("or another cluster node", WAIT));
+
+    // Membership: both, on both, within two heartbeats.
+    let t = Instant::now();
+    while members(&n1) != ["n1", "n2"] || members(&n2) != ["n1", "n2"] {
+        assert!(t.elapsed() < WAIT, "{:?} {:?}", members(&n1), members(&n2));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let body = n2.get("/v2/cluster").json();
+    assert_eq!(
+        (body["backend"].as_str(), body["node"].as_str()),
+        (Some("nats"), Some("n2"))
+    );
+    let n1_record = &body["members"][0];
+    assert_eq!(n1_record["rest"][0], n1.rest.to_string());
+    assert_eq!(n1_record["coap"][0], n1.coap.to_string());
+    assert_eq!(n2.metric("cluster_members"), 2);
+    // Scoped like /metrics: no key, no answer.
+    assert_eq!(
+        bearer_call(&n2, "GET", "/v2/cluster", None, None).status,
+        401
+    );
+
+    // A clean stop leaves at once (not after the record's 6 s).
+    let mut n2 = n2;
+    n2.signal("TERM");
+    assert_eq!(n2.wait_exit(WAIT), Some(0));
+    let t = Instant::now();
+    while members(&n1) != ["n1"] {
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", members(&n1));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SQLite (the default): the cluster is this node.
+#[test]
+fn a_sqlite_node_is_its_own_cluster() {
+    let d = Daemon::start_with("[cluster]\nnode = \"solo\"\n");
+    let body = d.get("/v2/cluster").json();
+    assert_eq!(body["backend"], "sqlite");
+    assert_eq!(body["node"], "solo");
+    assert_eq!(body["members"].as_array().unwrap().len(), 1);
+    assert_eq!(body["members"][0]["rest"][0], d.rest.to_string());
+    assert_eq!(d.metric("cluster_members"), 1);
+}
+
+/// No NATS server answers: the start is refused within the timeout with one line naming
+/// the servers, and nothing is left in the state directory but what the CA check needs
+/// none of (no database, no admin key).
+#[test]
+fn a_nats_node_refuses_to_start_when_no_server_answers() {
+    // A port nobody listens on (bound, then closed).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let p = Prepared::new("", &cluster(std::slice::from_ref(&url), "lonely"));
+    let t = Instant::now();
+    let mut child = Command::new(support::BIN)
+        .args(["run", "--config"])
+        .arg(&p.0.config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            panic!("still starting after 15 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = t.elapsed();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("cannot use NATS JetStream"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains(&url) && lines[0].contains("cluster.servers"),
+        "{stderr}"
+    );
+    println!("refused after {took:?}: {}", lines[0]);
+    let state = p.0.dir.path().join("state");
+    assert!(!state.join("connectord.db").exists());
+    assert!(!state.join("admin.key").exists());
+}
+
+/// A node whose CA is not the cluster's is refused, naming both fingerprints and the
+/// files to copy; with the CA copied it starts.
+#[test]
+fn a_node_with_another_ca_is_refused() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let p = Prepared::new("", &cluster(&[server.url()], "n2"));
+    let e = match p.0.start() {
+        Ok(_) => panic!("a node with its own CA started"),
+        Err(e) => e.to_string(),
+    };
+    let ca = std::fs::read(n1.state_dir().join("ca.cert.pem")).unwrap();
+    let der = x509_der(&ca);
+    let recorded: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&der)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    assert!(e.contains("is not the cluster's"), "{e}");
+    assert!(e.contains(&recorded), "the cluster's fingerprint: {e}");
+    assert!(
+        e.contains("Copy ca.key.pem and ca.cert.pem"),
+        "says what to copy: {e}"
+    );
+    // With the CA copied, the same node starts, and a certificate from /api/cert on n1
+    // verifies against n2's CA (the same certificate file).
+    let n2 = second_node(&server, &n1, "n2", "");
+    let dir = tempfile::tempdir().unwrap();
+    support::certs::device_certificate(&n1, dir.path());
+    let n2_ca = n2.state_dir().join("ca.cert.pem");
+    let ok = support::certs::openssl(&[
+        "verify",
+        "-CAfile",
+        support::certs::path(&n2_ca),
+        support::certs::path(&dir.path().join("device.pem")),
+    ]);
+    assert!(ok.contains(": OK"), "{ok}");
+}
+
+/// The DER of the first certificate of a PEM text.
+fn x509_der(pem: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    let text = String::from_utf8_lossy(pem);
+    let b64: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+}
+
+/// A plugin's state calls on a NATS node do not hang the daemon with one runtime worker
+/// (the NATS store answers on a runtime of its own): a key made through REST works, and
+/// `connectord plugin-call` against the same cluster makes a key that the running node
+/// takes within seconds.
+#[test]
+fn plugin_calls_on_a_nats_node_with_one_worker_do_not_hang() {
+    let server = NatsServer::start().unwrap();
+    let extra = format!(
+        "{}[runtime]\nworker_threads = 1\n",
+        cluster(&[server.url()], "one")
+    );
+    let d = Daemon::start_with(&extra);
+    let r = d.send_json(
+        "POST",
+        "/api/api_tokens",
+        json!({"name": "rest"}).to_string(),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let rest_key = r.json()["access_key"].as_str().unwrap().to_string();
+    assert_eq!(
+        bearer_call(&d, "GET", "/v2/endpoints", Some(&rest_key), None).status,
+        200
+    );
+    // plugin-call as its own process, on the cluster's state, bounded.
+    let body = json!({"name": "cli", "domain": "default", "scopes": ["endpoints:read"]});
+    let mut child = Command::new(support::BIN)
+        .args(["plugin-call", "--config"])
+        .arg(&d.config_path)
+        .args(["connector", "create_key", &body.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("plugin-call on NATS hangs");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cli_key = answer["access_key"].as_str().unwrap().to_string();
+    let t = Instant::now();
+    while bearer_call(&d, "GET", "/v2/endpoints", Some(&cli_key), None).status != 200 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the plugin-call key never worked"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Still serving.
+    assert_eq!(
+        bearer_call(&d, "GET", "/v2/endpoints", Some(&rest_key), None).status,
+        200
+    );
+}
+
+/// A NATS node killed with -9 and restarted finds, in the cluster's state, the device's
+/// registration, a subscription and a queued request, and delivers the request.
+#[test]
+fn a_nats_node_killed_with_9_restarts_on_the_shared_state() {
+    let server = NatsServer::start().unwrap();
+    let d = Daemon::start_with(&cluster(&[server.url()], "phoenix"));
+    let mut dev = d.device();
+    let reg = dev.register(&["ep=durable", "lt=300", "b=UQ"], LINKS);
+    let r = d.call("PUT", "/v2/subscriptions/durable/3303/0/5700", None, None);
+    assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
+    let id = d.async_request("GET", "/v2/endpoints/durable/3/0/0", None, None);
+    let d = d.crash_and_restart();
+    let logs = d.logs().join("\n");
+    assert!(logs.contains("loaded 1 stored registrations"), "{logs}");
+    assert!(logs.contains("state in NATS JetStream"), "{logs}");
+    let eps = d.get("/v2/endpoints").json();
+    assert_eq!(eps[0]["name"], "durable", "{eps}");
+    let subs = d.get("/v2/subscriptions/durable").body;
+    assert!(subs.contains("/3303/0/5700"), "{subs}");
+    // The device wakes (an update from a new socket to the restarted node): the queued
+    // request reaches it and its answer the key's channel.
+    dev.server = d.coap;
+    let mut seen = Vec::new();
+    let update = dev.build(&support::coap::Req::new(
+        coap_lite::RequestType::Post,
+        &["rd", &reg],
+    ));
+    dev.send_raw(&update.to_bytes().unwrap());
+    let deadline = Instant::now() + WAIT;
+    while !seen.iter().any(|p: &String| p == "/3/0/0") {
+        assert!(
+            Instant::now() < deadline,
+            "the queued request never came: {seen:?}"
+        );
+        let Some((req, from)) = dev.recv_request(WAIT) else {
+            continue;
+        };
+        let path = support::coap::path_of(&req);
+        dev.reply(
+            &req,
+            from,
+            coap_lite::ResponseType::Content,
+            path.as_bytes(),
+            None,
+            None,
+        );
+        seen.push(path);
+    }
+    assert_eq!(
+        d.async_response(&id, WAIT)["payload"],
+        support::b64(b"/3/0/0")
+    );
+}
+
+/// `[cluster]` is read at start only: SIGHUP names it as needing a restart, and the node
+/// keeps its name.
+#[test]
+fn sighup_says_the_cluster_section_needs_a_restart() {
+    let d = Daemon::start_with("[cluster]\nnode = \"before\"\n");
+    let text = std::fs::read_to_string(&d.config_path).unwrap();
+    std::fs::write(
+        &d.config_path,
+        text.replace("node = \"before\"", "node = \"after\""),
+    )
+    .unwrap();
+    d.signal("HUP");
+    d.expect_log("take effect after a restart", WAIT);
+    assert!(
+        d.logs()
+            .iter()
+            .any(|l| l.contains("take effect after a restart") && l.contains("[cluster]")),
+        "{}",
+        d.logs().join("\n")
+    );
+    assert_eq!(d.get("/v2/cluster").json()["node"], "before");
+}
+
+/// A node's `admin.key` from an earlier start beside a cluster state that holds no key
+/// (here: another prefix) is kept; the new first key goes to `admin.key.<seconds>`, and
+/// only it works on this state.
+#[test]
+fn an_old_admin_key_beside_a_new_cluster_state_is_kept_and_a_new_one_written_beside_it() {
+    let server = NatsServer::start().unwrap();
+    let d = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let old = d.key.clone();
+    let text = std::fs::read_to_string(&d.config_path).unwrap();
+    std::fs::write(
+        &d.config_path,
+        text.replace("[cluster]\n", "[cluster]\nprefix = \"other\"\n"),
+    )
+    .unwrap();
+    let d = d.stop_and_restart();
+    assert_eq!(d.key, old, "admin.key is never overwritten");
+    let new_file = std::fs::read_dir(d.state_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("admin.key."))
+        .expect("a new admin key beside the old one");
+    let new = std::fs::read_to_string(d.state_dir().join(&new_file)).unwrap();
+    assert!(
+        d.logs().iter().any(|l| l.contains("does not work here")),
+        "{}",
+        d.logs().join("\n")
+    );
+    assert_eq!(
+        bearer_call(&d, "GET", "/v2/endpoints", Some(new.trim()), None).status,
+        200
+    );
+    assert_eq!(
+        bearer_call(&d, "GET", "/v2/endpoints", Some(&old), None).status,
+        401
+    );
+}
+
+/// `connectord check-config` checks `[cluster]`: a node name that is no NATS token is
+/// refused with the file, line and key, and says so.
+#[test]
+fn check_config_refuses_a_node_name_that_is_no_nats_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "[cluster]\nbackend = \"nats\"\nnode = \"host.example\"\n",
+    )
+    .unwrap();
+    let out = Command::new(support::BIN)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:3:", file.display()))
+            && stderr.contains("key `cluster.node`")
+            && stderr.contains("not a valid NATS token"),
+        "{stderr}"
+    );
+    std::fs::write(&file, "[cluster]\nbackend = \"nats\"\nnode = \"host-1\"\n").unwrap();
+    let out = Command::new(support::BIN)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
