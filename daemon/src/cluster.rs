@@ -311,3 +311,40 @@ pub async fn run_heartbeat(
         tracing::warn!("cluster: could not remove this node's record at stop: {e}");
     }
 }
+
+/// Applies the other nodes' registration changes to this node's directory (issue 22),
+/// until `stop`: `GET /endpoints` on any node lists every endpoint of the cluster. A lagging
+/// receiver (more than the watch's buffer behind) reloads nothing: the skipped changes are
+/// logged, and the next change of each endpoint puts it right.
+pub async fn run_foreign_registrations(
+    mut rx: tokio::sync::broadcast::Receiver<crate::store::nats::RegistrationChange>,
+    registry: Arc<crate::registry::Registry>,
+    mut stop: shutdown::Shutdown,
+) {
+    use crate::registry::ForeignChange;
+    use crate::store::nats::RegistrationChange;
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let change = tokio::select! {
+            _ = stop.recv() => return,
+            c = rx.recv() => c,
+        };
+        let change = match change {
+            Ok(RegistrationChange::Put(reg)) => ForeignChange::Put(*reg),
+            Ok(RegistrationChange::Deleted { domain, name }) => {
+                ForeignChange::Deleted { domain, name }
+            }
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!("cluster: missed {n} registration changes of other nodes");
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        if let Some(moved) = registry.apply_foreign(change) {
+            tracing::info!(
+                ep = %moved.reg.name, domain = %moved.reg.domain,
+                "cluster: the device registered with another node, which owns it now"
+            );
+        }
+    }
+}

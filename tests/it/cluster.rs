@@ -452,3 +452,79 @@ fn check_config_refuses_a_node_name_that_is_no_nats_token() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The names `d` lists in `GET /v2/endpoints`.
+fn endpoint_names(d: &Daemon) -> Vec<String> {
+    let r = d.get("/v2/endpoints");
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits (at most 5 s) until `d` lists exactly `names`; returns how long it took.
+fn until_listed(d: &Daemon, names: &[&str]) -> Duration {
+    let t = Instant::now();
+    while endpoint_names(d) != names {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{:?} instead of {names:?}",
+            endpoint_names(d)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t.elapsed()
+}
+
+/// Issue 22, the cluster-wide directory: a device registered on node 1 is listed by node 2
+/// (`GET /v2/endpoints` and `GET /v2/endpoints/{ep}`) within a second, how long it took
+/// printed; its de-registration on node 1 removes it from node 2. The record names its
+/// owner node; node 2 publishes no registration event for it (its channel stays empty).
+#[test]
+fn a_device_registered_on_one_node_is_listed_on_another_within_a_second() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    let mut dev = n1.device();
+    let t = Instant::now();
+    let reg = dev.register(&["ep=roamer", "lt=300"], LINKS);
+    let took = until_listed(&n2, &["roamer"]);
+    println!(
+        "registered on n1, listed on n2 after {:?} ({:?} after the registration's answer)",
+        t.elapsed(),
+        took
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let r = n2.get("/v2/endpoints/roamer");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("/3303/0/5700"), "{}", r.body);
+    // Node 2 expires nothing of node 1's, and counts no registration of its own.
+    assert_eq!(n2.metric("registrations_total"), 0);
+    assert_eq!(n1.metric("registrations_total"), 1);
+    // Ownership: n1 owns it, both list it.
+    assert_eq!(n2.metric("registered_endpoints"), 1);
+    assert_eq!(n2.metric("cluster_owned_endpoints"), 0);
+    assert_eq!(n1.metric("cluster_owned_endpoints"), 1);
+    let t = Instant::now();
+    while members(&n2) != ["n1", "n2"] {
+        assert!(t.elapsed() < WAIT, "{:?}", members(&n2));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let body = n2.get("/v2/cluster").json();
+    let owned: Vec<_> = body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["node"].clone(), m["owned_endpoints"].clone()))
+        .collect();
+    assert_eq!(owned, [(json!("n1"), json!(1)), (json!("n2"), json!(0))]);
+
+    assert_eq!(dev.deregister(&reg), coap_lite::ResponseType::Deleted);
+    let took = until_listed(&n2, &[]);
+    println!("de-registered on n1, gone from n2 after {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(n2.get("/v2/endpoints/roamer").status, 404);
+}

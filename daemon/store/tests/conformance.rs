@@ -26,6 +26,7 @@ fn reg(id: &str, domain: &str, name: &str) -> Registration {
         links: "</3/0>".into(),
         registered_at_ms: 1,
         expires_at_ms: 60_001,
+        node: None,
     }
 }
 

@@ -238,6 +238,19 @@ pub struct Registry {
     listeners: std::sync::RwLock<Vec<Arc<dyn RegistryListener>>>,
     /// Transaction quotas (none in unit tests).
     limits: Option<Arc<crate::limits::Limits>>,
+    /// This node's name in a cluster (issue 22), recorded as the owner of the
+    /// registrations made here; `None` on a single node.
+    node: Option<String>,
+}
+
+/// Another cluster node's change of a registration (issue 22), as the store's watch
+/// delivers it; given to [`Registry::apply_foreign`].
+#[derive(Debug, Clone)]
+pub enum ForeignChange {
+    /// Stored or replaced by another node.
+    Put(Registration),
+    /// The endpoint's registration was removed by another node.
+    Deleted { domain: String, name: String },
 }
 
 /// True when `path` is `base` or below it, compared by whole segments (`/3/0/1` is below
@@ -329,6 +342,72 @@ impl Registry {
             expiry_wake: Notify::new(),
             listeners: std::sync::RwLock::new(Vec::new()),
             limits,
+            node: None,
+        }
+    }
+
+    /// The registry of cluster node `node` (issue 22): the registrations made here record
+    /// it as their owner, and stored or watched registrations of other nodes are foreign
+    /// (listed, never expired or announced here). Part of the construction.
+    pub fn on_node(mut self, node: impl Into<String>) -> Registry {
+        self.node = Some(node.into());
+        self
+    }
+
+    /// Whether `reg` belongs to another cluster node. Registrations recording no owner
+    /// (single node, older records) are this node's.
+    fn is_foreign(&self, reg: &Registration) -> bool {
+        match (&reg.node, &self.node) {
+            (Some(owner), Some(me)) => owner != me,
+            (Some(_), None) => false,
+            (None, _) => false,
+        }
+    }
+
+    /// Applies another node's registration change (the store's watch of the
+    /// registrations, issue 22) to the read model only: no store write, no listener is
+    /// told (the owner publishes the events and talks to the device). A put replaces
+    /// whatever held the endpoint's name; if that was ours, the device moved to the other
+    /// node and our registration is dropped from memory (its record is already replaced in
+    /// the store). A removal drops the endpoint only if it is still foreign.
+    /// Returns the registration of ours that the put displaced, if any.
+    pub fn apply_foreign(&self, change: ForeignChange) -> Option<Arc<Endpoint>> {
+        match change {
+            ForeignChange::Put(reg) => {
+                if !self.is_foreign(&reg) {
+                    return None;
+                }
+                let id = reg.id.clone();
+                let ep = match Endpoint::new(reg) {
+                    Ok(ep) => Arc::new(ep),
+                    Err(e) => {
+                        tracing::warn!(%id, "cluster: skipping another node's registration: {e}");
+                        return None;
+                    }
+                };
+                let mut inner = self.lock();
+                let old = inner
+                    .by_name(&ep.reg.domain, &ep.reg.name)
+                    .map(|e| e.reg.id.clone());
+                let replaced = old.and_then(|old| inner.remove(&old));
+                if let Some(e) = inner.by_id(&ep.reg.id).map(|e| e.reg.id.clone()) {
+                    inner.remove(&e);
+                }
+                inner.insert_foreign(ep);
+                drop(inner);
+                replaced.filter(|r| !self.is_foreign(&r.reg))
+            }
+            ForeignChange::Deleted { domain, name } => {
+                let mut inner = self.lock();
+                let id = inner
+                    .by_name(&domain, &name)
+                    .filter(|e| self.is_foreign(&e.reg))
+                    .map(|e| e.reg.id.clone());
+                if let Some(id) = id {
+                    inner.remove(&id);
+                }
+                None
+            }
         }
     }
 
@@ -385,7 +464,9 @@ impl Registry {
         let mut n = 0;
         for reg in regs {
             let id = reg.id.clone();
+            let foreign = self.is_foreign(&reg);
             match Endpoint::new(reg) {
+                Ok(ep) if foreign => inner.insert_foreign(Arc::new(ep)),
                 Ok(ep) => {
                     inner.insert(Arc::new(ep));
                     n += 1;
@@ -486,6 +567,7 @@ impl Registry {
             links: p.links,
             registered_at_ms: now,
             expires_at_ms: now + u64::from(lifetime_s) * 1000,
+            node: self.node.clone(),
         };
         let ep = Arc::new(Endpoint::with_resources(reg, &resources));
         let durable = {

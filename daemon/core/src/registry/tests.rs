@@ -347,6 +347,7 @@ fn endpoint(lwm2m: Option<&str>, links: &str) -> Endpoint {
         links: links.into(),
         registered_at_ms: 0,
         expires_at_ms: 0,
+        node: None,
     })
     .unwrap()
 }

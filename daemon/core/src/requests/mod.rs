@@ -1277,6 +1277,7 @@ mod tests {
             links: links.into(),
             registered_at_ms: 0,
             expires_at_ms: 0,
+            node: None,
         })
         .unwrap()
     }
