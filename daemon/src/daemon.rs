@@ -706,13 +706,6 @@ async fn start_services(
         stop.receiver(),
     ));
     tasks.push(tokio::spawn(Arc::clone(&registry).run_expiry(stop.clone())));
-    if let Some(rx) = foreign_watch {
-        tasks.push(tokio::spawn(crate::cluster::run_foreign_registrations(
-            rx,
-            Arc::clone(&registry),
-            stop.clone(),
-        )));
-    }
     tasks.push(tokio::spawn(Arc::clone(&hub).run_sweeper(stop.clone())));
     tasks.push(tokio::spawn(crate::log_budget::run_summaries(stop.clone())));
     tasks.push(tokio::spawn(Arc::clone(&limits).run_saver(
@@ -760,6 +753,14 @@ async fn start_services(
         &transport.local_addrs(),
     );
     let cluster = Arc::new(crate::cluster::view(config.cluster.backend, nats.as_ref(), &me).await);
+    if let Some(rx) = foreign_watch {
+        tasks.push(tokio::spawn(crate::cluster::run_foreign_registrations(
+            rx,
+            Arc::clone(&registry),
+            Arc::clone(&cluster),
+            stop.clone(),
+        )));
+    }
     if let Some(nats) = &nats {
         tasks.push(tokio::spawn(crate::cluster::run_heartbeat(
             Arc::clone(&nats.store),

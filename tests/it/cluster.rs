@@ -528,3 +528,36 @@ fn a_device_registered_on_one_node_is_listed_on_another_within_a_second() {
     assert!(took < Duration::from_secs(1), "took {took:?}");
     assert_eq!(n2.get("/v2/endpoints/roamer").status, 404);
 }
+
+/// Issue 22: node 1 killed with -9 leaves its device's registration in the shared store;
+/// node 2 (the only live member, so the lowest name) expires it once node 1's heartbeat is
+/// stale and the lifetime has passed, counting it as expired and removing it from the store
+/// (a node started afterwards lists nothing).
+#[test]
+fn a_killed_nodes_device_expires_on_a_surviving_node() {
+    let server = NatsServer::start().unwrap();
+    let mut n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    let mut dev = n1.device();
+    dev.register(&["ep=orphan", "lt=3"], LINKS);
+    until_listed(&n2, &["orphan"]);
+    n1.0.kill9();
+    let t = Instant::now();
+    while !endpoint_names(&n2).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "n1's device is still listed on n2"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "n1 killed; its device (lt=3) expired on n2 after {:?}",
+        t.elapsed()
+    );
+    // Not before the member record aged out (6 s) and the lifetime passed.
+    assert!(t.elapsed() > Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(n2.metric("registrations_expired_total"), 1);
+    assert!(n2.wait_log("expired the registration of a node that left", WAIT));
+    let n3 = second_node(&server, &n2, "n3", "");
+    assert!(endpoint_names(&n3).is_empty());
+}

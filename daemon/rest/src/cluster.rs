@@ -73,6 +73,14 @@ impl ClusterView {
         *self.members.write().unwrap_or_else(|p| p.into_inner()) = members;
     }
 
+    /// The names of the members known now, sorted.
+    pub fn member_names(&self) -> Vec<String> {
+        let members = self.members.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<String> = members.iter().map(|m| m.node.clone()).collect();
+        v.sort();
+        v
+    }
+
     /// How many members are known now.
     pub fn member_count(&self) -> usize {
         self.members.read().unwrap_or_else(|p| p.into_inner()).len()

@@ -40,6 +40,9 @@ pub(super) struct Maps {
     by_name: Map<Box<str>, Map<Box<str>, Arc<Endpoint>>>,
     /// (expires_at_ms, id), the next to expire first.
     deadlines: BTreeSet<(u64, Box<str>)>,
+    /// The same for the other cluster nodes' registrations (issue 22), which their owners
+    /// expire; read for those whose owner left the cluster ([`Maps::orphans_due`]).
+    foreign_deadlines: BTreeSet<(u64, Box<str>)>,
 }
 
 impl Maps {
@@ -62,7 +65,28 @@ impl Maps {
             .entry(r.domain.as_str().into())
             .or_default()
             .insert(r.name.as_str().into(), Arc::clone(&ep));
+        self.foreign_deadlines
+            .insert((r.expires_at_ms, r.id.as_str().into()));
         self.by_id.insert(r.id.as_str().into(), ep);
+    }
+
+    /// The ids of other nodes' registrations due at `now_ms` whose owner is not `live`.
+    pub(super) fn orphans_due(
+        &self,
+        now_ms: u64,
+        live: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Vec<String> {
+        self.foreign_deadlines
+            .iter()
+            .take_while(|(t, _)| *t <= now_ms)
+            .filter(|(_, id)| {
+                self.by_id
+                    .get(id)
+                    .and_then(|e| e.reg.node.as_deref())
+                    .is_some_and(|n| !live(n))
+            })
+            .map(|(_, id)| id.to_string())
+            .collect()
     }
 
     pub(super) fn remove(&mut self, id: &str) -> Option<Arc<Endpoint>> {
@@ -74,8 +98,10 @@ impl Maps {
                 self.by_name.remove(r.domain.as_str());
             }
         }
-        self.deadlines
-            .remove(&(r.expires_at_ms, r.id.as_str().into()));
+        let key = (r.expires_at_ms, r.id.as_str().into());
+        if !self.deadlines.remove(&key) {
+            self.foreign_deadlines.remove(&key);
+        }
         Some(ep)
     }
 

@@ -748,6 +748,15 @@ impl Registry {
             }
             removed
         };
+        self.finish_expiry(removed).await
+    }
+
+    /// Waits for the store's removal of each expired endpoint (putting back those it
+    /// refused), then counts, logs and tells the listeners.
+    async fn finish_expiry(
+        &self,
+        removed: Vec<(Arc<Endpoint>, crate::store::Pending<()>)>,
+    ) -> Vec<Arc<Endpoint>> {
         let mut expired = Vec::with_capacity(removed.len());
         for (ep, d) in removed {
             match d.await {
@@ -762,7 +771,16 @@ impl Registry {
                         ),
                         &e,
                     );
-                    self.lock().restore(&ep);
+                    let mut inner = self.lock();
+                    if self.is_foreign(&ep.reg) {
+                        if inner.by_id(&ep.reg.id).is_none()
+                            && inner.by_name(&ep.reg.domain, &ep.reg.name).is_none()
+                        {
+                            inner.insert_foreign(Arc::clone(&ep));
+                        }
+                    } else {
+                        inner.restore(&ep);
+                    }
                 }
             }
         }
@@ -774,6 +792,32 @@ impl Registry {
             self.tell(RegistryEvent::Expired(Arc::clone(ep))).await;
         }
         expired
+    }
+
+    /// Expires the registrations of nodes that left the cluster (issue 22): those of
+    /// another node that `live` says is no member now and whose lifetime has passed at
+    /// `now_ms`, as their owner would have; removed from the store and told to the
+    /// listeners (the expiry event goes to the channels of this node). The caller decides
+    /// that this node is the one survivor that does it (`cluster::run_foreign_registrations`:
+    /// the live member with the lowest name), so one expiry event is published.
+    pub async fn expire_orphans(
+        &self,
+        now_ms: u64,
+        live: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Vec<Arc<Endpoint>> {
+        let removed = {
+            let mut inner = self.lock();
+            let due = inner.orphans_due(now_ms, live);
+            let mut removed = Vec::with_capacity(due.len());
+            for id in due {
+                if let Some(ep) = inner.remove(&id) {
+                    let d = self.store.delete_registration(id);
+                    removed.push((ep, d));
+                }
+            }
+            removed
+        };
+        self.finish_expiry(removed).await
     }
 
     /// The expiry task: sleeps until the next deadline (or until woken by a change).
