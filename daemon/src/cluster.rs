@@ -370,7 +370,7 @@ pub async fn run_foreign_registrations(
             }
             Err(RecvError::Closed) => return,
         };
-        if let Some(moved) = registry.apply_foreign(change) {
+        if let Some(moved) = registry.apply_foreign(change).await {
             tracing::info!(
                 ep = %moved.reg.name, domain = %moved.reg.domain,
                 "cluster: the device registered with another node, which owns it now"

@@ -561,3 +561,62 @@ fn a_killed_nodes_device_expires_on_a_surviving_node() {
     let n3 = second_node(&server, &n2, "n3", "");
     assert!(endpoint_names(&n3).is_empty());
 }
+
+/// Issue 22, ownership moves: a queue-mode device registered on node 1, with a request
+/// queued for it there, registers again on node 2. Node 2 owns it (its `GET /v2/cluster`
+/// counts), node 1 lists it as node 2's and drops its in-memory queue, and node 2 takes
+/// the stored request and sends it to the device, which just woke.
+#[test]
+fn a_device_that_registers_on_another_node_moves_with_its_queued_requests() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    let mut dev = n1.device();
+    dev.register(&["ep=mover", "lt=300", "b=UQ"], LINKS);
+    until_listed(&n2, &["mover"]);
+    n1.async_request("GET", "/v2/endpoints/mover/3/0/0", None, None);
+    assert_eq!(n1.metric("requests_queued"), 1);
+
+    dev.server = n2.coap;
+    dev.register(&["ep=mover", "lt=300", "b=UQ"], LINKS);
+    let deadline = Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    while !seen.iter().any(|p: &String| p == "/3/0/0") {
+        assert!(
+            Instant::now() < deadline,
+            "the request queued on n1 never came from n2: {seen:?}"
+        );
+        let Some((req, from)) = dev.recv_request(Duration::from_millis(500)) else {
+            continue;
+        };
+        assert_eq!(from, n2.coap, "only n2 talks to the device now");
+        let path = support::coap::path_of(&req);
+        dev.reply(
+            &req,
+            from,
+            coap_lite::ResponseType::Content,
+            path.as_bytes(),
+            None,
+            None,
+        );
+        seen.push(path);
+    }
+    assert_eq!(n2.metric("cluster_owned_endpoints"), 1);
+    let t = Instant::now();
+    while n1.metric("cluster_owned_endpoints") != 0 || n1.metric("requests_queued") != 0 {
+        assert!(t.elapsed() < WAIT, "n1 still holds the device as its own");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(endpoint_names(&n1), ["mover"]);
+    assert!(n1.wait_log("which owns it now", WAIT));
+    // The answer is n2's to publish; the request is gone from the shared store (a node
+    // started now loads none).
+    let t = Instant::now();
+    loop {
+        let n3 = second_node(&server, &n1, "n3", "");
+        if n3.metric("requests_queued") == 0 {
+            break;
+        }
+        assert!(t.elapsed() < WAIT, "the delivered request stays stored");
+    }
+}

@@ -154,13 +154,19 @@ pub enum RegistryEvent {
     },
     Deregistered(Arc<Endpoint>),
     Expired(Arc<Endpoint>),
+    /// Our registration was replaced by another cluster node's (issue 22: the device
+    /// registered there): local state only goes (observations, the in-memory request
+    /// queue); no event is published and the store's records stay (the new owner's).
+    Moved(Arc<Endpoint>),
 }
 
 impl RegistryEvent {
     pub fn endpoint(&self) -> &Arc<Endpoint> {
         match self {
             RegistryEvent::Registered { ep, .. } | RegistryEvent::Updated { ep } => ep,
-            RegistryEvent::Deregistered(ep) | RegistryEvent::Expired(ep) => ep,
+            RegistryEvent::Deregistered(ep)
+            | RegistryEvent::Expired(ep)
+            | RegistryEvent::Moved(ep) => ep,
         }
     }
 }
@@ -370,8 +376,9 @@ impl Registry {
     /// whatever held the endpoint's name; if that was ours, the device moved to the other
     /// node and our registration is dropped from memory (its record is already replaced in
     /// the store). A removal drops the endpoint only if it is still foreign.
-    /// Returns the registration of ours that the put displaced, if any.
-    pub fn apply_foreign(&self, change: ForeignChange) -> Option<Arc<Endpoint>> {
+    /// Returns the registration of ours that the put displaced, if any, after telling the
+    /// listeners [`RegistryEvent::Moved`].
+    pub async fn apply_foreign(&self, change: ForeignChange) -> Option<Arc<Endpoint>> {
         match change {
             ForeignChange::Put(reg) => {
                 if !self.is_foreign(&reg) {
@@ -385,17 +392,21 @@ impl Registry {
                         return None;
                     }
                 };
-                let mut inner = self.lock();
-                let old = inner
-                    .by_name(&ep.reg.domain, &ep.reg.name)
-                    .map(|e| e.reg.id.clone());
-                let replaced = old.and_then(|old| inner.remove(&old));
-                if let Some(e) = inner.by_id(&ep.reg.id).map(|e| e.reg.id.clone()) {
-                    inner.remove(&e);
-                }
-                inner.insert_foreign(ep);
-                drop(inner);
-                replaced.filter(|r| !self.is_foreign(&r.reg))
+                let replaced = {
+                    let mut inner = self.lock();
+                    let old = inner
+                        .by_name(&ep.reg.domain, &ep.reg.name)
+                        .map(|e| e.reg.id.clone());
+                    let replaced = old.and_then(|old| inner.remove(&old));
+                    if let Some(e) = inner.by_id(&ep.reg.id).map(|e| e.reg.id.clone()) {
+                        inner.remove(&e);
+                    }
+                    inner.insert_foreign(ep);
+                    replaced
+                };
+                let moved = replaced.filter(|r| !self.is_foreign(&r.reg))?;
+                self.tell(RegistryEvent::Moved(Arc::clone(&moved))).await;
+                Some(moved)
             }
             ForeignChange::Deleted { domain, name } => {
                 let mut inner = self.lock();
