@@ -360,7 +360,7 @@ pub async fn run_foreign_registrations(
             c = rx.recv() => c,
         };
         let change = match change {
-            Ok(RegistrationChange::Put(reg)) => ForeignChange::Put(*reg),
+            Ok(RegistrationChange::Put(reg)) => ForeignChange::Put(reg),
             Ok(RegistrationChange::Deleted { domain, name }) => {
                 ForeignChange::Deleted { domain, name }
             }

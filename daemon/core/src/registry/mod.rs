@@ -254,7 +254,7 @@ pub struct Registry {
 #[derive(Debug, Clone)]
 pub enum ForeignChange {
     /// Stored or replaced by another node.
-    Put(Registration),
+    Put(Box<Registration>),
     /// The endpoint's registration was removed by another node.
     Deleted { domain: String, name: String },
 }
@@ -385,7 +385,7 @@ impl Registry {
                     return None;
                 }
                 let id = reg.id.clone();
-                let ep = match Endpoint::new(reg) {
+                let ep = match Endpoint::new(*reg) {
                     Ok(ep) => Arc::new(ep),
                     Err(e) => {
                         tracing::warn!(%id, "cluster: skipping another node's registration: {e}");
