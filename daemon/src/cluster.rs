@@ -311,3 +311,70 @@ pub async fn run_heartbeat(
         tracing::warn!("cluster: could not remove this node's record at stop: {e}");
     }
 }
+
+/// How often a node looks for registrations of nodes that left the cluster.
+const ORPHANS_EVERY: Duration = Duration::from_secs(1);
+
+/// Applies the other nodes' registration changes to this node's directory (issue 22),
+/// until `stop`: `GET /endpoints` on any node lists every endpoint of the cluster. A lagging
+/// receiver (more than the watch's buffer behind) is logged and goes on: the skipped
+/// changes are lost to this node's directory until each endpoint's next change.
+///
+/// Every [`ORPHANS_EVERY`] it also expires the registrations of nodes that are no members
+/// now (their heartbeat is older than the store's `MEMBER_MAX_AGE`, as `view` holds it)
+/// once their lifetime has passed. Decision: the live member with the lowest name does it,
+/// so one node publishes the expiry; every node knows the same members within a heartbeat,
+/// and if two disagree briefly, the store's conditional delete lets only one succeed
+/// in removing the record (both may still publish an expiry event in that window).
+pub async fn run_foreign_registrations(
+    mut rx: tokio::sync::broadcast::Receiver<crate::store::nats::RegistrationChange>,
+    registry: Arc<crate::registry::Registry>,
+    view: Arc<ClusterView>,
+    mut stop: shutdown::Shutdown,
+) {
+    use crate::registry::ForeignChange;
+    use crate::store::nats::RegistrationChange;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut tick = tokio::time::interval(ORPHANS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let change = tokio::select! {
+            _ = stop.recv() => return,
+            _ = tick.tick() => {
+                let live = view.member_names();
+                if live.first().map(String::as_str) == Some(view.node()) {
+                    let now = crate::registry::now_ms();
+                    let gone = registry
+                        .expire_orphans(now, &|n| live.iter().any(|m| m == n))
+                        .await;
+                    for ep in gone {
+                        tracing::info!(
+                            ep = %ep.reg.name, domain = %ep.reg.domain,
+                            owner = ep.reg.node.as_deref().unwrap_or(""),
+                            "cluster: expired the registration of a node that left"
+                        );
+                    }
+                }
+                continue;
+            }
+            c = rx.recv() => c,
+        };
+        let change = match change {
+            Ok(RegistrationChange::Put(reg)) => ForeignChange::Put(reg),
+            Ok(RegistrationChange::Deleted { domain, name }) => {
+                ForeignChange::Deleted { domain, name }
+            }
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!("cluster: missed {n} registration changes of other nodes");
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        if let Some(moved) = registry.apply_foreign(change).await {
+            tracing::info!(
+                ep = %moved.reg.name, domain = %moved.reg.domain,
+                "cluster: the device registered with another node, which owns it now"
+            );
+        }
+    }
+}

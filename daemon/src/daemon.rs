@@ -510,12 +510,23 @@ async fn start_services(
     ));
     let restored = limits.restore(store.load_hour_counts().await?);
     tracing::info!("loaded {restored} hourly transaction counts of the traffic limits");
-    let registry = Arc::new(Registry::new(
+    let registry = Registry::new(
         config.registry.clone(),
         Arc::clone(&store),
         Arc::clone(&counters),
         Some(Arc::clone(&limits)),
-    ));
+    );
+    // On NATS the registrations record their owner node and the directory also lists the
+    // other nodes' (issue 22): the watch is subscribed before the load, so no change falls
+    // between the two (one delivered twice is applied twice, harmlessly).
+    let (registry, foreign_watch) = match &nats {
+        Some(n) => (
+            registry.on_node(n.node.clone()),
+            Some(n.store.watch_registrations()),
+        ),
+        None => (registry, None),
+    };
+    let registry = Arc::new(registry);
     let loaded = registry.load().await?;
     tracing::info!("loaded {loaded} stored registrations");
     // Device credentials (issue 21): asked by the registration interface (identity
@@ -742,6 +753,14 @@ async fn start_services(
         &transport.local_addrs(),
     );
     let cluster = Arc::new(crate::cluster::view(config.cluster.backend, nats.as_ref(), &me).await);
+    if let Some(rx) = foreign_watch {
+        tasks.push(tokio::spawn(crate::cluster::run_foreign_registrations(
+            rx,
+            Arc::clone(&registry),
+            Arc::clone(&cluster),
+            stop.clone(),
+        )));
+    }
     if let Some(nats) = &nats {
         tasks.push(tokio::spawn(crate::cluster::run_heartbeat(
             Arc::clone(&nats.store),

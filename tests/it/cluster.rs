@@ -452,3 +452,171 @@ fn check_config_refuses_a_node_name_that_is_no_nats_token() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The names `d` lists in `GET /v2/endpoints`.
+fn endpoint_names(d: &Daemon) -> Vec<String> {
+    let r = d.get("/v2/endpoints");
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits (at most 5 s) until `d` lists exactly `names`; returns how long it took.
+fn until_listed(d: &Daemon, names: &[&str]) -> Duration {
+    let t = Instant::now();
+    while endpoint_names(d) != names {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{:?} instead of {names:?}",
+            endpoint_names(d)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t.elapsed()
+}
+
+/// Issue 22, the cluster-wide directory: a device registered on node 1 is listed by node 2
+/// (`GET /v2/endpoints` and `GET /v2/endpoints/{ep}`) within a second, how long it took
+/// printed; its de-registration on node 1 removes it from node 2. The record names its
+/// owner node; node 2 publishes no registration event for it (its channel stays empty).
+#[test]
+fn a_device_registered_on_one_node_is_listed_on_another_within_a_second() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    let mut dev = n1.device();
+    let t = Instant::now();
+    let reg = dev.register(&["ep=roamer", "lt=300"], LINKS);
+    let took = until_listed(&n2, &["roamer"]);
+    println!(
+        "registered on n1, listed on n2 after {:?} ({:?} after the registration's answer)",
+        t.elapsed(),
+        took
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let r = n2.get("/v2/endpoints/roamer");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("/3303/0/5700"), "{}", r.body);
+    // Node 2 expires nothing of node 1's, and counts no registration of its own.
+    assert_eq!(n2.metric("registrations_total"), 0);
+    assert_eq!(n1.metric("registrations_total"), 1);
+    // Ownership: n1 owns it, both list it.
+    assert_eq!(n2.metric("registered_endpoints"), 1);
+    assert_eq!(n2.metric("cluster_owned_endpoints"), 0);
+    assert_eq!(n1.metric("cluster_owned_endpoints"), 1);
+    let t = Instant::now();
+    while members(&n2) != ["n1", "n2"] {
+        assert!(t.elapsed() < WAIT, "{:?}", members(&n2));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let body = n2.get("/v2/cluster").json();
+    let owned: Vec<_> = body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["node"].clone(), m["owned_endpoints"].clone()))
+        .collect();
+    assert_eq!(owned, [(json!("n1"), json!(1)), (json!("n2"), json!(0))]);
+
+    assert_eq!(dev.deregister(&reg), coap_lite::ResponseType::Deleted);
+    let took = until_listed(&n2, &[]);
+    println!("de-registered on n1, gone from n2 after {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(n2.get("/v2/endpoints/roamer").status, 404);
+}
+
+/// Issue 22: node 1 killed with -9 leaves its device's registration in the shared store;
+/// node 2 (the only live member, so the lowest name) expires it once node 1's heartbeat is
+/// stale and the lifetime has passed, counting it as expired and removing it from the store
+/// (a node started afterwards lists nothing).
+#[test]
+fn a_killed_nodes_device_expires_on_a_surviving_node() {
+    let server = NatsServer::start().unwrap();
+    let mut n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    let mut dev = n1.device();
+    dev.register(&["ep=orphan", "lt=3"], LINKS);
+    until_listed(&n2, &["orphan"]);
+    n1.0.kill9();
+    let t = Instant::now();
+    while !endpoint_names(&n2).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "n1's device is still listed on n2"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "n1 killed; its device (lt=3) expired on n2 after {:?}",
+        t.elapsed()
+    );
+    // Not before the member record aged out (6 s) and the lifetime passed.
+    assert!(t.elapsed() > Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(n2.metric("registrations_expired_total"), 1);
+    assert!(n2.wait_log("expired the registration of a node that left", WAIT));
+    let n3 = second_node(&server, &n2, "n3", "");
+    assert!(endpoint_names(&n3).is_empty());
+}
+
+/// Issue 22, ownership moves: a queue-mode device registered on node 1, with a request
+/// queued for it there, registers again on node 2. Node 2 owns it (its `GET /v2/cluster`
+/// counts), node 1 lists it as node 2's and drops its in-memory queue, and node 2 takes
+/// the stored request and sends it to the device, which just woke.
+#[test]
+fn a_device_that_registers_on_another_node_moves_with_its_queued_requests() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    let mut dev = n1.device();
+    dev.register(&["ep=mover", "lt=300", "b=UQ"], LINKS);
+    until_listed(&n2, &["mover"]);
+    n1.async_request("GET", "/v2/endpoints/mover/3/0/0", None, None);
+    assert_eq!(n1.metric("requests_queued"), 1);
+
+    dev.server = n2.coap;
+    dev.register(&["ep=mover", "lt=300", "b=UQ"], LINKS);
+    let deadline = Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    while !seen.iter().any(|p: &String| p == "/3/0/0") {
+        assert!(
+            Instant::now() < deadline,
+            "the request queued on n1 never came from n2: {seen:?}"
+        );
+        let Some((req, from)) = dev.recv_request(Duration::from_millis(500)) else {
+            continue;
+        };
+        assert_eq!(from, n2.coap, "only n2 talks to the device now");
+        let path = support::coap::path_of(&req);
+        dev.reply(
+            &req,
+            from,
+            coap_lite::ResponseType::Content,
+            path.as_bytes(),
+            None,
+            None,
+        );
+        seen.push(path);
+    }
+    assert_eq!(n2.metric("cluster_owned_endpoints"), 1);
+    let t = Instant::now();
+    while n1.metric("cluster_owned_endpoints") != 0 || n1.metric("requests_queued") != 0 {
+        assert!(t.elapsed() < WAIT, "n1 still holds the device as its own");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(endpoint_names(&n1), ["mover"]);
+    assert!(n1.wait_log("which owns it now", WAIT));
+    // The answer is n2's to publish; the request is gone from the shared store (a node
+    // started now loads none).
+    let t = Instant::now();
+    loop {
+        let n3 = second_node(&server, &n1, "n3", "");
+        if n3.metric("requests_queued") == 0 {
+            break;
+        }
+        assert!(t.elapsed() < WAIT, "the delivered request stays stored");
+    }
+}

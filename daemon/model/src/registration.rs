@@ -28,4 +28,10 @@ pub struct Registration {
     pub links: String,
     pub registered_at_ms: u64,
     pub expires_at_ms: u64,
+    /// The cluster node that owns this registration (`[cluster] node`, issue 22): the one
+    /// the device registered with, which runs its expiry and publishes its events. `None`
+    /// on a single node (SQLite) and in records stored before ownership existed; absent
+    /// from the JSON form when `None`, so older records read unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }

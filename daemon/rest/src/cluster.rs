@@ -43,8 +43,20 @@ pub struct ClusterView {
 struct Body<'a> {
     backend: &'a str,
     node: &'a str,
-    members: &'a [ClusterMember],
+    members: Vec<MemberBody<'a>>,
 }
+
+/// A member in `GET /v2/cluster`: its record and how many endpoints it owns.
+#[derive(Debug, Serialize)]
+struct MemberBody<'a> {
+    #[serde(flatten)]
+    member: &'a ClusterMember,
+    /// Endpoints registered with it, as this node's directory lists them (issue 22).
+    owned_endpoints: usize,
+}
+
+/// Endpoints by owner node, as `Directory::count_by_owner` counts them.
+pub type Owners = std::collections::BTreeMap<Option<String>, usize>;
 
 impl ClusterView {
     /// `backend`: `sqlite` or `nats`; `members` as known at start (this node).
@@ -61,18 +73,49 @@ impl ClusterView {
         *self.members.write().unwrap_or_else(|p| p.into_inner()) = members;
     }
 
+    /// The names of the members known now, sorted.
+    pub fn member_names(&self) -> Vec<String> {
+        let members = self.members.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<String> = members.iter().map(|m| m.node.clone()).collect();
+        v.sort();
+        v
+    }
+
     /// How many members are known now.
     pub fn member_count(&self) -> usize {
         self.members.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// The JSON body of `GET /v2/cluster`.
-    pub fn body(&self) -> serde_json::Value {
+    /// How many endpoints node `node` owns in `owners`: those recording it, and for this
+    /// node also those recording no owner (a single node's, or records older than issue 22).
+    pub fn owned(&self, owners: &Owners, node: &str) -> usize {
+        let mine = if node == self.node {
+            owners.get(&None).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        mine + owners.get(&Some(node.to_string())).copied().unwrap_or(0)
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The JSON body of `GET /v2/cluster`; `owners` the directory's endpoints by owner.
+    pub fn body(&self, owners: &Owners) -> serde_json::Value {
         let members = self.members.read().unwrap_or_else(|p| p.into_inner());
+        let members = members
+            .iter()
+            .map(|m| MemberBody {
+                member: m,
+                owned_endpoints: self.owned(owners, &m.node),
+            })
+            .collect();
         serde_json::to_value(Body {
             backend: self.backend,
             node: &self.node,
-            members: &members,
+            members,
         })
         .unwrap_or_default()
     }

@@ -494,7 +494,10 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
                 &state.limits.snapshot(&principal.domain, endpoints),
             )
         }
-        Route::Cluster => Reply::json(StatusCode::OK, &state.cluster.body()),
+        Route::Cluster => Reply::json(
+            StatusCode::OK,
+            &state.cluster.body(&state.directory.count_by_owner()),
+        ),
         Route::Metrics => {
             let mut out = String::new();
             state.counters.render(&mut out);
@@ -504,6 +507,14 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
                 "cluster_members",
                 "Nodes of the cluster whose heartbeat is current (1 on SQLite).",
                 state.cluster.member_count() as u64,
+            );
+            metrics::gauge(
+                &mut out,
+                "cluster_owned_endpoints",
+                "Endpoints registered with this node (all of them on SQLite); registered_endpoints also counts those of the other cluster nodes.",
+                state
+                    .cluster
+                    .owned(&state.directory.count_by_owner(), state.cluster.node()) as u64,
             );
             metrics::gauge(
                 &mut out,

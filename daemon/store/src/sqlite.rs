@@ -1318,6 +1318,7 @@ mod tests {
             links: "</3/0>".into(),
             registered_at_ms: 1,
             expires_at_ms: 2,
+            node: None,
         }
     }
 

@@ -26,6 +26,7 @@ fn reg(id: &str, domain: &str, name: &str) -> Registration {
         links: "</3/0>".into(),
         registered_at_ms: 1,
         expires_at_ms: 60_001,
+        node: None,
     }
 }
 
@@ -103,18 +104,24 @@ async fn writes_and_loads(s: &dyn Store) -> Seqs {
     s.put_registration(reg("1", "d", "a")).await.unwrap();
     s.put_registration(reg("2", "d", "b")).await.unwrap();
     s.put_registration(reg("3", "other", "a")).await.unwrap();
-    s.put_registration(reg("4", "d", "a")).await.unwrap();
+    // Issue 22: the owner node is kept (and `None` stays `None`).
+    let mut owned = reg("4", "d", "a");
+    owned.node = Some("n1".into());
+    s.put_registration(owned).await.unwrap();
     s.delete_registration("2".into()).await.unwrap();
     s.delete_registration("absent".into()).await.unwrap();
-    let ids = sorted(
-        s.load_registrations()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| r.id)
-            .collect(),
+    let mut loaded: Vec<_> = s
+        .load_registrations()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.id, r.node))
+        .collect();
+    loaded.sort();
+    assert_eq!(
+        loaded,
+        [("3".into(), None), ("4".into(), Some("n1".to_string()))]
     );
-    assert_eq!(ids, ["3", "4"]);
 
     // Channels by key id.
     let mut ch = ChannelRecord {

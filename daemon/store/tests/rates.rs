@@ -52,6 +52,7 @@ fn reg(i: usize) -> Registration {
         links: "</1/0>,</3/0>,</3303/0>,</3303/1>".into(),
         registered_at_ms: 1,
         expires_at_ms: 86_400_001,
+        node: None,
     }
 }
 

@@ -1090,6 +1090,8 @@ impl RegistryListener for Hub {
                     Entry::Expired(ep.reg.name.clone()),
                     About::Endpoint(&ep.reg.name),
                 ),
+                // The new owner node publishes the registration.
+                RegistryEvent::Moved(_) => return,
             };
             let event = Event::new(entry, now_ms());
             self.publish_to_domain(&ep.reg.domain, event, about).await;

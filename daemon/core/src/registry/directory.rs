@@ -20,12 +20,10 @@ use crate::hashing::Map;
 /// A read is one lock, the map lookups and an `Arc` clone, as before the split: the
 /// proxied-read path does a [`Directory::get`] per request.
 ///
-/// Decision (multi-node, not built): the directory's changes are the two the store's
-/// registrations know — put a registration (replacing whatever held its id, or its name in
-/// its domain) and remove one by id (`Maps::insert`, `Maps::remove`). A second node
-/// would feed its own `Directory` from the store's change feed (`store::Feed`) by applying
-/// those, in the feed's order, which is the store's commit order and hence the writer's
-/// order; only the node that writes a registration runs its expiry. The deadline index is
+/// Multi-node (issue 22): the directory also holds the other nodes' registrations, put and
+/// removed by [`Registry::apply_foreign`](super::Registry::apply_foreign) from the store's
+/// watch of the registrations bucket, in the store's order. A foreign registration has no
+/// deadline here (`Maps::insert_foreign`): its owner runs its expiry. The deadline index is
 /// kept here (one lock with the maps it indexes) so that the expiry task reads what is due
 /// and removes it atomically.
 pub struct Directory {
@@ -42,6 +40,9 @@ pub(super) struct Maps {
     by_name: Map<Box<str>, Map<Box<str>, Arc<Endpoint>>>,
     /// (expires_at_ms, id), the next to expire first.
     deadlines: BTreeSet<(u64, Box<str>)>,
+    /// The same for the other cluster nodes' registrations (issue 22), which their owners
+    /// expire; read for those whose owner left the cluster ([`Maps::orphans_due`]).
+    foreign_deadlines: BTreeSet<(u64, Box<str>)>,
 }
 
 impl Maps {
@@ -56,6 +57,38 @@ impl Maps {
         self.by_id.insert(r.id.as_str().into(), ep);
     }
 
+    /// Inserts another cluster node's registration (issue 22): listed like ours, with no
+    /// deadline here, since its owner runs its expiry.
+    pub(super) fn insert_foreign(&mut self, ep: Arc<Endpoint>) {
+        let r = &ep.reg;
+        self.by_name
+            .entry(r.domain.as_str().into())
+            .or_default()
+            .insert(r.name.as_str().into(), Arc::clone(&ep));
+        self.foreign_deadlines
+            .insert((r.expires_at_ms, r.id.as_str().into()));
+        self.by_id.insert(r.id.as_str().into(), ep);
+    }
+
+    /// The ids of other nodes' registrations due at `now_ms` whose owner is not `live`.
+    pub(super) fn orphans_due(
+        &self,
+        now_ms: u64,
+        live: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Vec<String> {
+        self.foreign_deadlines
+            .iter()
+            .take_while(|(t, _)| *t <= now_ms)
+            .filter(|(_, id)| {
+                self.by_id
+                    .get(id)
+                    .and_then(|e| e.reg.node.as_deref())
+                    .is_some_and(|n| !live(n))
+            })
+            .map(|(_, id)| id.to_string())
+            .collect()
+    }
+
     pub(super) fn remove(&mut self, id: &str) -> Option<Arc<Endpoint>> {
         let ep = self.by_id.remove(id)?;
         let r = &ep.reg;
@@ -65,8 +98,10 @@ impl Maps {
                 self.by_name.remove(r.domain.as_str());
             }
         }
-        self.deadlines
-            .remove(&(r.expires_at_ms, r.id.as_str().into()));
+        let key = (r.expires_at_ms, r.id.as_str().into());
+        if !self.deadlines.remove(&key) {
+            self.foreign_deadlines.remove(&key);
+        }
         Some(ep)
     }
 
@@ -161,6 +196,18 @@ impl Directory {
     /// Registered endpoints in one domain.
     pub fn count_in(&self, domain: &str) -> usize {
         self.lock().count_in(domain)
+    }
+
+    /// Registered endpoints by owner node (issue 22: `Registration::node`; `None` for
+    /// those recording none, a single node's). One pass over every endpoint under the
+    /// lock: for `GET /v2/cluster` and `/metrics`, not for a device's path.
+    pub fn count_by_owner(&self) -> std::collections::BTreeMap<Option<String>, usize> {
+        let maps = self.lock();
+        let mut out = std::collections::BTreeMap::new();
+        for ep in maps.by_id.values() {
+            *out.entry(ep.reg.node.clone()).or_insert(0) += 1;
+        }
+        out
     }
 
     /// Registered endpoints in all domains.

@@ -154,13 +154,19 @@ pub enum RegistryEvent {
     },
     Deregistered(Arc<Endpoint>),
     Expired(Arc<Endpoint>),
+    /// Our registration was replaced by another cluster node's (issue 22: the device
+    /// registered there): local state only goes (observations, the in-memory request
+    /// queue); no event is published and the store's records stay (the new owner's).
+    Moved(Arc<Endpoint>),
 }
 
 impl RegistryEvent {
     pub fn endpoint(&self) -> &Arc<Endpoint> {
         match self {
             RegistryEvent::Registered { ep, .. } | RegistryEvent::Updated { ep } => ep,
-            RegistryEvent::Deregistered(ep) | RegistryEvent::Expired(ep) => ep,
+            RegistryEvent::Deregistered(ep)
+            | RegistryEvent::Expired(ep)
+            | RegistryEvent::Moved(ep) => ep,
         }
     }
 }
@@ -238,6 +244,19 @@ pub struct Registry {
     listeners: std::sync::RwLock<Vec<Arc<dyn RegistryListener>>>,
     /// Transaction quotas (none in unit tests).
     limits: Option<Arc<crate::limits::Limits>>,
+    /// This node's name in a cluster (issue 22), recorded as the owner of the
+    /// registrations made here; `None` on a single node.
+    node: Option<String>,
+}
+
+/// Another cluster node's change of a registration (issue 22), as the store's watch
+/// delivers it; given to [`Registry::apply_foreign`].
+#[derive(Debug, Clone)]
+pub enum ForeignChange {
+    /// Stored or replaced by another node.
+    Put(Box<Registration>),
+    /// The endpoint's registration was removed by another node.
+    Deleted { domain: String, name: String },
 }
 
 /// True when `path` is `base` or below it, compared by whole segments (`/3/0/1` is below
@@ -329,6 +348,77 @@ impl Registry {
             expiry_wake: Notify::new(),
             listeners: std::sync::RwLock::new(Vec::new()),
             limits,
+            node: None,
+        }
+    }
+
+    /// The registry of cluster node `node` (issue 22): the registrations made here record
+    /// it as their owner, and stored or watched registrations of other nodes are foreign
+    /// (listed, never expired or announced here). Part of the construction.
+    pub fn on_node(mut self, node: impl Into<String>) -> Registry {
+        self.node = Some(node.into());
+        self
+    }
+
+    /// Whether `reg` belongs to another cluster node. Registrations recording no owner
+    /// (single node, older records) are this node's.
+    fn is_foreign(&self, reg: &Registration) -> bool {
+        match (&reg.node, &self.node) {
+            (Some(owner), Some(me)) => owner != me,
+            (Some(_), None) => false,
+            (None, _) => false,
+        }
+    }
+
+    /// Applies another node's registration change (the store's watch of the
+    /// registrations, issue 22) to the read model only: no store write, no listener is
+    /// told (the owner publishes the events and talks to the device). A put replaces
+    /// whatever held the endpoint's name; if that was ours, the device moved to the other
+    /// node and our registration is dropped from memory (its record is already replaced in
+    /// the store). A removal drops the endpoint only if it is still foreign.
+    /// Returns the registration of ours that the put displaced, if any, after telling the
+    /// listeners [`RegistryEvent::Moved`].
+    pub async fn apply_foreign(&self, change: ForeignChange) -> Option<Arc<Endpoint>> {
+        match change {
+            ForeignChange::Put(reg) => {
+                if !self.is_foreign(&reg) {
+                    return None;
+                }
+                let id = reg.id.clone();
+                let ep = match Endpoint::new(*reg) {
+                    Ok(ep) => Arc::new(ep),
+                    Err(e) => {
+                        tracing::warn!(%id, "cluster: skipping another node's registration: {e}");
+                        return None;
+                    }
+                };
+                let replaced = {
+                    let mut inner = self.lock();
+                    let old = inner
+                        .by_name(&ep.reg.domain, &ep.reg.name)
+                        .map(|e| e.reg.id.clone());
+                    let replaced = old.and_then(|old| inner.remove(&old));
+                    if let Some(e) = inner.by_id(&ep.reg.id).map(|e| e.reg.id.clone()) {
+                        inner.remove(&e);
+                    }
+                    inner.insert_foreign(ep);
+                    replaced
+                };
+                let moved = replaced.filter(|r| !self.is_foreign(&r.reg))?;
+                self.tell(RegistryEvent::Moved(Arc::clone(&moved))).await;
+                Some(moved)
+            }
+            ForeignChange::Deleted { domain, name } => {
+                let mut inner = self.lock();
+                let id = inner
+                    .by_name(&domain, &name)
+                    .filter(|e| self.is_foreign(&e.reg))
+                    .map(|e| e.reg.id.clone());
+                if let Some(id) = id {
+                    inner.remove(&id);
+                }
+                None
+            }
         }
     }
 
@@ -385,7 +475,9 @@ impl Registry {
         let mut n = 0;
         for reg in regs {
             let id = reg.id.clone();
+            let foreign = self.is_foreign(&reg);
             match Endpoint::new(reg) {
+                Ok(ep) if foreign => inner.insert_foreign(Arc::new(ep)),
                 Ok(ep) => {
                     inner.insert(Arc::new(ep));
                     n += 1;
@@ -486,6 +578,7 @@ impl Registry {
             links: p.links,
             registered_at_ms: now,
             expires_at_ms: now + u64::from(lifetime_s) * 1000,
+            node: self.node.clone(),
         };
         let ep = Arc::new(Endpoint::with_resources(reg, &resources));
         let durable = {
@@ -666,6 +759,15 @@ impl Registry {
             }
             removed
         };
+        self.finish_expiry(removed).await
+    }
+
+    /// Waits for the store's removal of each expired endpoint (putting back those it
+    /// refused), then counts, logs and tells the listeners.
+    async fn finish_expiry(
+        &self,
+        removed: Vec<(Arc<Endpoint>, crate::store::Pending<()>)>,
+    ) -> Vec<Arc<Endpoint>> {
         let mut expired = Vec::with_capacity(removed.len());
         for (ep, d) in removed {
             match d.await {
@@ -680,7 +782,16 @@ impl Registry {
                         ),
                         &e,
                     );
-                    self.lock().restore(&ep);
+                    let mut inner = self.lock();
+                    if self.is_foreign(&ep.reg) {
+                        if inner.by_id(&ep.reg.id).is_none()
+                            && inner.by_name(&ep.reg.domain, &ep.reg.name).is_none()
+                        {
+                            inner.insert_foreign(Arc::clone(&ep));
+                        }
+                    } else {
+                        inner.restore(&ep);
+                    }
                 }
             }
         }
@@ -692,6 +803,32 @@ impl Registry {
             self.tell(RegistryEvent::Expired(Arc::clone(ep))).await;
         }
         expired
+    }
+
+    /// Expires the registrations of nodes that left the cluster (issue 22): those of
+    /// another node that `live` says is no member now and whose lifetime has passed at
+    /// `now_ms`, as their owner would have; removed from the store and told to the
+    /// listeners (the expiry event goes to the channels of this node). The caller decides
+    /// that this node is the one survivor that does it (`cluster::run_foreign_registrations`:
+    /// the live member with the lowest name), so one expiry event is published.
+    pub async fn expire_orphans(
+        &self,
+        now_ms: u64,
+        live: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Vec<Arc<Endpoint>> {
+        let removed = {
+            let mut inner = self.lock();
+            let due = inner.orphans_due(now_ms, live);
+            let mut removed = Vec::with_capacity(due.len());
+            for id in due {
+                if let Some(ep) = inner.remove(&id) {
+                    let d = self.store.delete_registration(id);
+                    removed.push((ep, d));
+                }
+            }
+            removed
+        };
+        self.finish_expiry(removed).await
     }
 
     /// The expiry task: sleeps until the next deadline (or until woken by a change).

@@ -347,6 +347,7 @@ fn endpoint(lwm2m: Option<&str>, links: &str) -> Endpoint {
         links: links.into(),
         registered_at_ms: 0,
         expires_at_ms: 0,
+        node: None,
     })
     .unwrap()
 }
@@ -515,4 +516,124 @@ async fn the_directory_shows_only_what_the_store_committed() {
     assert_eq!(dir.len(), 1);
     assert_eq!(reg.expire_due(u64::MAX).await.len(), 1);
     assert!(dir.get("default", &b.reg.name).is_none() && dir.is_empty());
+}
+
+/// Records the kinds of the events it is told.
+#[derive(Default)]
+struct Told(std::sync::Mutex<Vec<&'static str>>);
+
+impl RegistryListener for Told {
+    fn on_event<'a>(
+        &'a self,
+        ev: &'a RegistryEvent,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        let kind = match ev {
+            RegistryEvent::Registered { .. } => "registered",
+            RegistryEvent::Updated { .. } => "updated",
+            RegistryEvent::Deregistered(_) => "deregistered",
+            RegistryEvent::Expired(_) => "expired",
+            RegistryEvent::Moved(_) => "moved",
+        };
+        self.0.lock().unwrap().push(kind);
+        Box::pin(async {})
+    }
+}
+
+fn foreign(id: &str, name: &str, node: &str, expires_at_ms: u64) -> Registration {
+    let mut r = endpoint(None, "</3/0>").reg.clone();
+    r.id = id.into();
+    r.domain = "default".into();
+    r.name = name.into();
+    r.node = Some(node.into());
+    r.expires_at_ms = expires_at_ms;
+    r
+}
+
+/// Issue 22: another node's registration is listed but neither announced nor expired here
+/// while its owner lives; once the owner is gone it expires here (stored removal, event);
+/// a foreign put over our own registration is a move (`Moved`, not announced otherwise);
+/// a foreign delete removes only a foreign registration; `load` counts only ours.
+#[tokio::test]
+async fn foreign_registrations_are_listed_expired_when_orphaned_and_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path(), RegistryConfig::default()).on_node("n2");
+    let told = Arc::new(Told::default());
+    reg.add_listener(Arc::clone(&told) as Arc<dyn RegistryListener>);
+    let dir_ = Arc::clone(reg.directory());
+
+    assert!(
+        reg.apply_foreign(ForeignChange::Put(Box::new(foreign("f1", "a", "n1", 1))))
+            .await
+            .is_none()
+    );
+    assert_eq!(
+        dir_.get("default", "a").unwrap().reg.node.as_deref(),
+        Some("n1")
+    );
+    assert!(
+        reg.expire_due(now_ms()).await.is_empty(),
+        "its owner expires it"
+    );
+    assert!(
+        reg.expire_orphans(now_ms(), &|n| n == "n1")
+            .await
+            .is_empty()
+    );
+    assert!(told.0.lock().unwrap().is_empty());
+    let gone = reg.expire_orphans(now_ms(), &|n| n == "n2").await;
+    assert_eq!(gone.len(), 1);
+    assert!(dir_.get("default", "a").is_none());
+    assert_eq!(*told.0.lock().unwrap(), ["expired"]);
+
+    // Ours, then registered on n1: moved.
+    let mine = reg.register(params("b"), at(1, 2)).await.unwrap();
+    assert_eq!(mine.reg.node.as_deref(), Some("n2"));
+    let far = now_ms() + 60_000;
+    let moved = reg
+        .apply_foreign(ForeignChange::Put(Box::new(foreign("f2", "b", "n1", far))))
+        .await;
+    assert_eq!(moved.unwrap().reg.id, mine.reg.id);
+    assert_eq!(*told.0.lock().unwrap(), ["expired", "registered", "moved"]);
+    assert_eq!(dir_.get("default", "b").unwrap().reg.id, "f2");
+    assert_eq!(dir_.count_by_owner().get(&Some("n1".into())), Some(&1));
+    // A foreign delete of it; none of ours (c) is touched by one.
+    reg.register(params("c"), at(3, 2)).await.unwrap();
+    for name in ["b", "c"] {
+        reg.apply_foreign(ForeignChange::Deleted {
+            domain: "default".into(),
+            name: name.into(),
+        })
+        .await;
+    }
+    assert!(dir_.get("default", "b").is_none());
+    assert!(dir_.get("default", "c").is_some());
+    drop(reg);
+
+    // At start: n1's stored registration is listed, not counted as ours.
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    store
+        .put_registration(foreign("f3", "d", "n1", far))
+        .await
+        .unwrap();
+    let reg = Registry::new(
+        RegistryConfig::default(),
+        store,
+        Arc::new(Counters::default()),
+        None,
+    )
+    .on_node("n2");
+    // Ours: c, and b (a foreign put writes nothing: in a cluster, n1's own put replaced
+    // b's record in the shared store; this SQLite file still has it).
+    assert_eq!(reg.load().await.unwrap(), 2);
+    assert_eq!(reg.directory().len(), 3);
+    assert_eq!(
+        reg.directory()
+            .get("default", "d")
+            .unwrap()
+            .reg
+            .node
+            .as_deref(),
+        Some("n1")
+    );
+    assert!(reg.expire_due(far + 1).await.len() == 2, "ours only");
 }

@@ -885,6 +885,45 @@ impl Requests {
             .put(domain, ep, path, payload, ct, Instant::now() + age);
     }
 
+    /// Takes the stored requests of an endpoint that registered here after registering
+    /// with another cluster node (issue 22), behind any already queued here (by id, none
+    /// twice); the registration's after-reply kick sends them. Decision: it filters
+    /// `RequestStore::load_requests` (every stored request is read, once per device that
+    /// moves) rather than adding a per-endpoint load to every backend: moves are rare
+    /// (a node stopping or a device roaming), and the stored requests are the waiting
+    /// ones only.
+    async fn adopt(&self, domain: &str, ep: &str) {
+        let jobs = match self.store.load_requests().await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                crate::store::log_failure(
+                    format_args!("store: cannot load the requests of {ep}, which moved here"),
+                    &e,
+                );
+                return;
+            }
+        };
+        let key = (domain.to_string(), ep.to_string());
+        let mut q = self.lock();
+        let e = q.entry(key).or_default();
+        for j in jobs {
+            if j.domain == domain && j.ep == ep && !e.jobs.iter().any(|k| k.id == j.id) {
+                e.jobs.push_back(j);
+            }
+        }
+    }
+
+    /// Forgets an endpoint that another cluster node owns now (issue 22): its queued
+    /// requests leave this node's memory (they stay in the store, for the new owner; one in
+    /// flight finishes here) and its cached values go.
+    fn drop_local(&self, domain: &str, ep: &str) {
+        let key = (domain.to_string(), ep.to_string());
+        if let Some(e) = self.lock().get_mut(&key) {
+            e.jobs.clear();
+        }
+        self.lock_cache().forget_endpoint(domain, ep);
+    }
+
     /// Answers every queued request of an endpoint with 410, ends the one in flight the
     /// same way (its worker answers it), and forgets the endpoint's cache.
     async fn cancel(&self, domain: &str, ep: &str, why: &str) {
@@ -1047,6 +1086,16 @@ impl RegistryListener for RequestsListener {
             let ep = ev.endpoint();
             let (domain, name) = (ep.reg.domain.as_str(), ep.reg.name.as_str());
             match ev {
+                // Issue 22: the device came from another node (it registered here after
+                // registering there): what was queued for it there is in the store and is
+                // ours to send now.
+                RegistryEvent::Registered {
+                    replaced: Some(old),
+                    ..
+                } if old.reg.node.is_some() && old.reg.node != ep.reg.node => {
+                    r.adopt(domain, name).await;
+                }
+                RegistryEvent::Moved(_) => r.drop_local(domain, name),
                 RegistryEvent::Registered {
                     replaced: Some(_), ..
                 } => {
@@ -1277,6 +1326,7 @@ mod tests {
             links: links.into(),
             registered_at_ms: 0,
             expires_at_ms: 0,
+            node: None,
         })
         .unwrap()
     }

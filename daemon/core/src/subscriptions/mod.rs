@@ -1111,6 +1111,9 @@ impl RegistryListener for SubscriptionsListener {
                 }
                 // Pre-subscriptions are applied after the reply (`after_reply`).
                 RegistryEvent::Updated { .. } => {}
+                // Another node owns the device now and observes it; the subscriptions
+                // (shared in the store) stay.
+                RegistryEvent::Moved(_) => subs.forget_observations(&ep.reg.domain, &ep.reg.name),
                 RegistryEvent::Deregistered(_) | RegistryEvent::Expired(_) => {
                     // Decision: an endpoint that leaves takes its subscriptions with it
                     // (seed 000: `GET /subscriptions/{ep}` is 404 for an endpoint that is
