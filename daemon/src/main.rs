@@ -21,8 +21,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// activity, once the delay passed). mimalloc v3's default is 1 000 ms; the DTLS
 /// listener trims a quiet session's handshake memory after `coap::dtls::TRIM_AFTER` (1 s),
 /// and with the default what a burst of handshakes freed was still resident 2 s after the
-/// burst in some runs and not in others (RSS per idle DTLS session 3.2-5.3 KB at 10 000
-/// sessions). 100 ms returned it in every run (3.3 KB) with no daemon CPU per proxied
+/// burst in some runs and not in others (RSS per idle DTLS session 2.6-5.3 KB at 10 000
+/// sessions). 100 ms returned it in every run (2.7-3.3 KB) with no daemon CPU per proxied
 /// read or registration that the bench could tell from the default; 0 (at once) cost
 /// 14-19 % more CPU per proxied read (a decommit per freed page, refaulted when reused).
 /// docs/PERFORMANCE.md (issue 21 part G) has the runs; ARCHITECTURE.md the decision.
