@@ -16,6 +16,33 @@ use tracing_subscriber::prelude::*;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's purge delay for the daemon, milliseconds: how long pages it freed stay
+/// resident before they are returned to the system (a purge happens on later allocator
+/// activity, once the delay passed). mimalloc v3's default is 1 000 ms; the DTLS
+/// listener trims a quiet session's handshake memory after `coap::dtls::TRIM_AFTER` (1 s),
+/// and with the default what a burst of handshakes freed was still resident 2 s after the
+/// burst in some runs and not in others (RSS per idle DTLS session 2.6-5.3 KB at 10 000
+/// sessions). 100 ms returned it in every run (2.7-3.3 KB) with no daemon CPU per proxied
+/// read or registration that the bench could tell from the default; 0 (at once) cost
+/// 14-19 % more CPU per proxied read (a decommit per freed page, refaulted when reused).
+/// docs/PERFORMANCE.md (issue 21 part G) has the runs; ARCHITECTURE.md the decision.
+/// `MIMALLOC_PURGE_DELAY` in the environment wins, as for every mimalloc option.
+const PURGE_DELAY_MS: std::ffi::c_long = 100;
+
+/// `mi_option_purge_delay` in the `mi_option_e` of mimalloc v3's `mimalloc.h` (the
+/// version libmimalloc-sys 0.1.49 builds, pinned in Cargo.toml): its Rust bindings do not
+/// name this option. The unit test below checks the index by its default value.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Sets [`PURGE_DELAY_MS`] unless the environment sets mimalloc's purge delay.
+fn set_purge_delay() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: an option index of this mimalloc and a value; mimalloc reads its options
+        // atomically, so setting one while other threads allocate is allowed.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) }
+    }
+}
+
 /// Default location of the configuration file in a system installation.
 const SYSTEM_CONFIG: &str = "/etc/connectord/connectord.toml";
 
@@ -231,6 +258,7 @@ enum CredentialsAction {
 }
 
 fn main() -> ExitCode {
+    set_purge_delay();
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { path } => match Config::load(&path)
@@ -564,4 +592,25 @@ fn run(path: Option<PathBuf>, reinit: bool, ready_file: Option<PathBuf>) -> anyh
     )?;
     running.serve_until_signal(ready_file)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The index names the purge delay: mimalloc v3's default for it is 1 000 ms (no
+    /// other option of its list defaults to 1 000), and setting it reads back.
+    #[test]
+    fn purge_delay_option_index() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            return;
+        }
+        // SAFETY: as in `set_purge_delay`.
+        let default = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(default, 1000, "not mimalloc v3's purge_delay");
+        set_purge_delay();
+        // SAFETY: as above.
+        let now = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(now, PURGE_DELAY_MS);
+    }
 }
