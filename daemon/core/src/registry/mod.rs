@@ -750,16 +750,26 @@ impl Registry {
         let removed = {
             let mut inner = self.lock();
             let due = inner.due(now_ms);
-            let mut removed = Vec::with_capacity(due.len());
-            for id in due {
-                if let Some(ep) = inner.remove(&id) {
-                    let d = self.store.delete_registration(id);
-                    removed.push((ep, d));
-                }
-            }
-            removed
+            self.remove_for_expiry(&mut inner, due)
         };
         self.finish_expiry(removed).await
+    }
+
+    /// Takes the registrations `ids` out of memory and submits their removal from the
+    /// store (under the lock, so the store applies them in memory's order).
+    fn remove_for_expiry(
+        &self,
+        inner: &mut Maps,
+        ids: Vec<String>,
+    ) -> Vec<(Arc<Endpoint>, crate::store::Pending<()>)> {
+        let mut removed = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(ep) = inner.remove(&id) {
+                let d = self.store.delete_registration(id);
+                removed.push((ep, d));
+            }
+        }
+        removed
     }
 
     /// Waits for the store's removal of each expired endpoint (putting back those it
@@ -819,14 +829,7 @@ impl Registry {
         let removed = {
             let mut inner = self.lock();
             let due = inner.orphans_due(now_ms, live);
-            let mut removed = Vec::with_capacity(due.len());
-            for id in due {
-                if let Some(ep) = inner.remove(&id) {
-                    let d = self.store.delete_registration(id);
-                    removed.push((ep, d));
-                }
-            }
-            removed
+            self.remove_for_expiry(&mut inner, due)
         };
         self.finish_expiry(removed).await
     }
