@@ -666,6 +666,7 @@ async fn start_services(
             store: Arc::clone(&store),
             counters: Arc::clone(&counters),
             limits: Some(Arc::clone(&limits)),
+            node: nats.as_ref().map(|n| n.node.clone()),
         },
         config.requests.clone(),
         reporter,

@@ -291,6 +291,8 @@ pub struct Requests {
     observations: ObservationReporter,
     /// Counts outgoing requests against the domains' quotas (none in unit tests).
     limits: Option<Arc<crate::limits::Limits>>,
+    /// See [`RequestsDeps::node`].
+    node: Option<String>,
 }
 
 /// A fresh async-response id: a number and a random (version 4) UUID, as the seed's
@@ -423,6 +425,9 @@ pub struct RequestsDeps {
     pub counters: Arc<Counters>,
     /// Counts outgoing requests against the domains' quotas (none in unit tests).
     pub limits: Option<Arc<crate::limits::Limits>>,
+    /// This cluster node's name (issue 22; `None` on a single node): a request for an
+    /// endpoint another node owns is refused (see [`Requests::served_here`]).
+    pub node: Option<String>,
 }
 
 impl Requests {
@@ -438,6 +443,7 @@ impl Requests {
             store,
             counters,
             limits,
+            node,
         } = deps;
         Arc::new(Requests {
             directory,
@@ -450,7 +456,26 @@ impl Requests {
             cache: Mutex::new(ValueCache::default()),
             observations,
             limits,
+            node,
         })
+    }
+
+    /// Whether this node serves `ep` (issue 22): on a cluster node, an endpoint another
+    /// node owns is listed (the directory is the cluster's) but not reachable from here.
+    ///
+    /// Decision, until requests are forwarded to the owner: such a request is refused
+    /// with 503 naming the owner rather than accepted, since a request accepted here
+    /// would wait unsent (this node has no session with the device) while its 202 said
+    /// otherwise.
+    pub fn served_here(&self, ep: &Endpoint) -> Result<(), RequestError> {
+        match (&ep.reg.node, &self.node) {
+            (Some(owner), Some(me)) if owner != me => Err(RequestError::Unavailable(format!(
+                "endpoint {} is served by cluster node {owner}; send the request to that node \
+                 (forwarding between nodes is not built yet)",
+                ep.reg.name
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Queues an observe request made by the daemon itself (pre-subscriptions,
@@ -544,6 +569,7 @@ impl Requests {
             .directory
             .get(&who.domain, ep_name)
             .ok_or(RequestError::Gone)?;
+        self.served_here(&ep)?;
         // A write may create a resource; the others need one the device listed.
         if method != Method::Put && !resource_known(&ep, &s.path) {
             return Err(RequestError::NotFound(s.path));

@@ -369,6 +369,9 @@ impl Subscriptions {
             .directory
             .get(&who.domain, ep_name)
             .ok_or_else(|| SubError::NotFound("endpoint not found".into()))?;
+        // Before anything is stored: a subscription refused for a device of another
+        // cluster node must not be listed (issue 22, `Requests::served_here`).
+        self.requests.served_here(&ep)?;
         match ep.observable(path) {
             Some(true) => {}
             Some(false) => return Err(SubError::NotObservable),
