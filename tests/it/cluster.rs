@@ -642,7 +642,11 @@ fn a_request_for_a_device_of_another_node_is_refused_naming_its_owner() {
     let r = n2.call("PUT", sub, None, None);
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(r.body.contains("cluster node n1"), "{}", r.body);
-    assert_ne!(n2.get(sub).status, 200, "a refused subscription is not listed");
+    assert_ne!(
+        n2.get(sub).status,
+        200,
+        "a refused subscription is not listed"
+    );
     support::no_request(&dev, Duration::from_millis(300), "n2 sent nothing");
 
     let r = n1.call("GET", path, None, None);
