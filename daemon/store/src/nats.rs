@@ -23,6 +23,7 @@
 //! | members (heartbeats, 6 s max age) | KV `<p>_nodes` | `<node>` ([`NatsStore::heartbeat`]) |
 //! | requests to devices | stream `<p>_requests` | `<p>.req.<domain>.<endpoint>` |
 //! | events | stream `<p>_events` | `<p>.ev.<key id>`, header `Cd-Seq` |
+//! | calls to a node (core NATS, not stored) | request/reply | `<p>.node.<node>.<op>` ([`NatsStore::call_node`]) |
 //!
 //! KV keys (and subject tokens) allow only `[-/_=.a-zA-Z0-9]`, so every user-chosen name
 //! (domain, endpoint name, key id, path, plugin key, ...) is one token, encoded reversibly:
@@ -255,6 +256,8 @@ struct Names {
     /// `<p>.req`, `<p>.ev`.
     req_subject: String,
     ev_subject: String,
+    /// `<p>.node`: calls between nodes (`calls`).
+    node_subject: String,
 }
 
 impl Names {
@@ -274,6 +277,7 @@ impl Names {
             events: format!("{p}_events"),
             req_subject: format!("{p}.req"),
             ev_subject: format!("{p}.ev"),
+            node_subject: format!("{p}.node"),
         }
     }
 
@@ -2272,3 +2276,6 @@ mod tests {
         assert!(!ix.by_id.contains_key("r3"));
     }
 }
+
+mod calls;
+pub use calls::{CallError, NodeCall, NodeCalls};

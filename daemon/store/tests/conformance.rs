@@ -668,6 +668,71 @@ mod nats {
         assert_eq!(s.load_subscriptions().await.unwrap().len(), odd.len() - 1);
     }
 
+    /// Calls between nodes: `b` serves its calls, `a` calls one and gets its answer; a
+    /// call to a node nobody serves fails at once as `NoNode`, one that is never answered
+    /// as `Timeout`; names that are no subject tokens still reach the right node.
+    #[tokio::test]
+    async fn a_node_calls_another_and_gets_its_answer() {
+        use connectord_store::nats::CallError;
+        let server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        let b = connect(&server, "node b.*>").await;
+        let mut calls = b.serve_calls().await.unwrap();
+        let served = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some(call) = calls.next().await {
+                seen.push((call.op.clone(), call.from.clone()));
+                if call.op == "silent" {
+                    continue;
+                }
+                let mut answer = call.body.to_vec();
+                answer.reverse();
+                call.answer(answer.into()).await.unwrap();
+                if seen.len() == 3 {
+                    return seen;
+                }
+            }
+            seen
+        });
+        let t = Duration::from_secs(2);
+        let got = a
+            .call_node("node b.*>", "echo", bytes::Bytes::from_static(b"abc"), t)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], b"cba");
+        let started = Instant::now();
+        let gone = a
+            .call_node("nobody", "echo", bytes::Bytes::new(), t)
+            .await
+            .unwrap_err();
+        assert_eq!(gone, CallError::NoNode("nobody".into()));
+        assert!(started.elapsed() < t, "no responders is answered at once");
+        let silent = a
+            .call_node(
+                "node b.*>",
+                "silent",
+                bytes::Bytes::new(),
+                Duration::from_millis(300),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(silent, CallError::Timeout { .. }), "{silent:?}");
+        let got = a
+            .call_node("node b.*>", "echo", bytes::Bytes::from_static(b"xy"), t)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], b"yx");
+        let seen = served.await.unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                ("echo".to_string(), Some("a".to_string())),
+                ("silent".to_string(), Some("a".to_string())),
+                ("echo".to_string(), Some("a".to_string())),
+            ]
+        );
+    }
+
     /// Two nodes on one server: each sees the other's writes (a key created on one works
     /// on the other), the plugin-state feed moves for the other's writes only, and the
     /// registration watch reports the other's puts and deletes.

@@ -1,0 +1,147 @@
+//! Calls between the nodes of a cluster (issue 22): NATS request/reply on core NATS (not
+//! JetStream: a call is answered or fails, nothing is stored).
+//!
+//! A node serves the subjects `<p>.node.<node>.<op>` ([`NatsStore::serve_calls`], `<node>`
+//! one token as in [`enc`]); another node calls one with [`NatsStore::call_node`] and gets
+//! the answer's bytes, or a [`CallError`] that says whether nobody serves that node (it is
+//! gone: no responders), the call timed out, or NATS could not be reached. What the bytes
+//! mean is the caller's and the server's business (the daemon's `cluster` module: JSON).
+//! Each call carries the header `Cd-Node` naming the caller.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::client::RequestErrorKind;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::{NODE_HEADER, NatsStore, enc, unavailable};
+use crate::StoreError;
+
+/// Why [`NatsStore::call_node`] got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// No process serves that node's calls (it stopped, or never ran).
+    #[error("cluster node {0} does not answer (no node of that name is connected)")]
+    NoNode(String),
+    /// The node did not answer within the timeout.
+    #[error("cluster node {node} did not answer within {ms} ms")]
+    Timeout { node: String, ms: u64 },
+    /// NATS itself failed (not connected, the subject refused, ...).
+    #[error("calling cluster node {node}: {reason}")]
+    Unavailable { node: String, reason: String },
+}
+
+/// One call made to this node ([`NodeCalls::next`]).
+pub struct NodeCall {
+    /// The operation: the last token of the subject.
+    pub op: String,
+    /// The calling node's name (its `Cd-Node` header), if it gave one.
+    pub from: Option<String>,
+    pub body: Bytes,
+    reply: Option<async_nats::Subject>,
+    client: async_nats::Client,
+}
+
+impl NodeCall {
+    /// Answers the call. A call made without a reply subject (published, not requested)
+    /// is answered by nobody; that is not an error.
+    pub async fn answer(self, body: Bytes) -> Result<(), StoreError> {
+        let Some(reply) = self.reply else {
+            return Ok(());
+        };
+        self.client
+            .publish(reply, body)
+            .await
+            .map_err(unavailable)?;
+        // Publishes are buffered; a call waits for its answer, so send it now.
+        self.client.flush().await.map_err(unavailable)
+    }
+}
+
+/// The calls to this node, in arrival order ([`NatsStore::serve_calls`]).
+pub struct NodeCalls {
+    sub: async_nats::Subscriber,
+    client: async_nats::Client,
+}
+
+impl NodeCalls {
+    /// The next call; `None` once the subscription ended (the store was dropped).
+    pub async fn next(&mut self) -> Option<NodeCall> {
+        let m = self.sub.next().await?;
+        let op = m.subject.rsplit('.').next().unwrap_or_default().to_string();
+        let from = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(NODE_HEADER))
+            .map(|v| v.as_str().to_string());
+        Some(NodeCall {
+            op,
+            from,
+            body: m.payload,
+            reply: m.reply,
+            client: self.client.clone(),
+        })
+    }
+}
+
+impl NatsStore {
+    fn node_subject(&self, node: &str, op: &str) -> String {
+        format!("{}.{}.{op}", self.shared.names.node_subject, enc(node))
+    }
+
+    /// Subscribes to this node's calls (`<p>.node.<this node>.*`). Call once per process;
+    /// a second subscription would split nothing but receive every call twice.
+    pub async fn serve_calls(&self) -> Result<NodeCalls, StoreError> {
+        let subject = self.node_subject(&self.shared.node, "*");
+        let sub = self
+            .shared
+            .client
+            .subscribe(subject)
+            .await
+            .map_err(unavailable)?;
+        // The subscription must be known to the server before a caller is told this node
+        // serves calls.
+        self.shared.client.flush().await.map_err(unavailable)?;
+        Ok(NodeCalls {
+            sub,
+            client: self.shared.client.clone(),
+        })
+    }
+
+    /// Calls `op` on `node` with `body` and waits at most `timeout` for its answer.
+    /// `op` is one subject token (`[a-z_]+`, the caller's constant).
+    pub async fn call_node(
+        &self,
+        node: &str,
+        op: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, CallError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(NODE_HEADER, self.shared.node.as_str());
+        let req = async_nats::Request::new()
+            .payload(body)
+            .headers(headers)
+            .timeout(Some(timeout));
+        match self
+            .shared
+            .client
+            .send_request(self.node_subject(node, op), req)
+            .await
+        {
+            Ok(m) => Ok(m.payload),
+            Err(e) => Err(match e.kind() {
+                RequestErrorKind::NoResponders => CallError::NoNode(node.to_string()),
+                RequestErrorKind::TimedOut => CallError::Timeout {
+                    node: node.to_string(),
+                    ms: timeout.as_millis() as u64,
+                },
+                _ => CallError::Unavailable {
+                    node: node.to_string(),
+                    reason: e.to_string(),
+                },
+            }),
+        }
+    }
+}
