@@ -15,7 +15,7 @@
 //! | subscriptions | KV `<p>_subscriptions` | `<key id>.<endpoint>.<path>` |
 //! | pre-subscriptions | KV `<p>_presubscriptions` | `<key id>` |
 //! | plugin state | KV `<p>_plugin_state` | `<plugin>.<key>` |
-//! | hourly counts | KV `<p>_hour_counts` | `<domain>.<hour>` |
+//! | hourly counts | KV `<p>_hour_counts` | `<domain>.<hour>.<node>` (each node its own: `counts`) |
 //! | PSKs | KV `<p>_psks` | `ep.<domain>.<endpoint>`, and `id.<identity>` → `<domain>.<endpoint>` |
 //! | certificates | KV `<p>_certificates` | `<domain>.<endpoint>.<serial>` |
 //! | event numbering epoch | KV `<p>_meta` | `event_epoch` |
@@ -94,8 +94,9 @@
 //!   each, above) and filter after decoding: a prefix of a name is not a prefix of its
 //!   base64 token. Linear in the plugin's keys, a round trip each: fine for listing the
 //!   auth plugins' keys now and then, not for a hot path.
-//! - **Hourly counts** are last-writer-wins per (domain, hour): cluster-wide quotas (summing
-//!   the nodes' counts) are a later step of issue 22.
+//! - **Hourly counts** are kept per (domain, hour, node), each key written by its node
+//!   only; `load_hour_counts` answers this node's, [`NatsStore::watch_hour_counts`] the
+//!   other nodes' (the limits add them up: a quota holds cluster-wide, module `counts`).
 //! - Deleted KV keys leave a delete marker each (JetStream's KV): one per endpoint name,
 //!   subscription, plugin key, hour ever deleted. Nothing here compacts them yet.
 //!
@@ -236,6 +237,8 @@ pub struct NatsStore {
     watches: Vec<tokio::task::JoinHandle<()>>,
     external: watch::Receiver<u64>,
     registrations: broadcast::Sender<RegistrationChange>,
+    /// The other nodes' hourly counts (`counts`).
+    counts: Arc<counts::CountsWatch>,
 }
 
 /// The names of the buckets and streams.
@@ -615,6 +618,13 @@ impl NatsStore {
             .map_err(|_| unavailable("the registrations watch ended"))??;
         let (external_tx, external) = watch::channel(0u64);
         tasks.push(shared.clone().watch_plugin_state(external_tx).await?);
+        let counts = counts::CountsWatch::new();
+        tasks.push(
+            shared
+                .clone()
+                .watch_hour_count_bucket(Arc::clone(&counts))
+                .await?,
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer {
             shared: shared.clone(),
@@ -627,6 +637,7 @@ impl NatsStore {
             watches: tasks,
             external,
             registrations,
+            counts,
         })
     }
 
@@ -1637,13 +1648,13 @@ impl Writer {
                         .iter()
                         .filter(|c| c.hour >= keep_from)
                         .map(|c| {
-                            let key = format!("{}.{}", enc(&c.domain), c.hour);
+                            let key = counts::key(&c.domain, c.hour, &s.node);
                             s.kv_put(b, &key, Bytes::from(c.count.to_string()))
                         })
                         .collect();
                     for k in s.bucket_keys(b, ">").await? {
-                        let hour = k.rsplit('.').next().and_then(|h| h.parse::<u64>().ok());
-                        if hour.is_some_and(|h| h < keep_from) {
+                        // Old hours of every node go (and of the older node-less form).
+                        if counts::hour_of(&k).is_some_and(|h| h < keep_from) {
                             msgs.push(s.kv_delete(b, &k));
                         }
                     }
@@ -2139,28 +2150,23 @@ impl SubscriptionStore for NatsStore {
 
 impl QuotaStore for NatsStore {
     fn load_hour_counts(&self) -> Pending<Vec<HourCount>> {
+        // This node's own counts; the other nodes' are
+        // `watch_hour_counts` (module `counts`).
         self.read(async move |s: Arc<Shared>| {
-            let msgs = s.read_bucket(&s.names.hour_counts, ">").await?;
-            let skip = 2;
-            let mut out = Vec::with_capacity(msgs.len());
-            for m in msgs {
-                let mut t = m.subject.split('.').skip(skip);
-                let parsed = (|| {
-                    let domain = dec(t.next()?)?;
-                    let hour = t.next()?.parse().ok()?;
-                    let count = std::str::from_utf8(&m.payload).ok()?.parse().ok()?;
-                    Some(HourCount {
-                        domain,
-                        hour,
-                        count,
-                    })
-                })();
-                match parsed {
-                    Some(c) => out.push(c),
-                    None => tracing::error!("store: skipping unreadable limit count {}", m.subject),
+            let mut own: BTreeMap<(String, u64), u64> = BTreeMap::new();
+            for (domain, hour, node, count) in s.all_hour_counts().await? {
+                if node.as_ref().is_some_and(|n| *n == s.node) {
+                    *own.entry((domain, hour)).or_default() += count;
                 }
             }
-            Ok(out)
+            Ok(own
+                .into_iter()
+                .map(|((domain, hour), count)| HourCount {
+                    domain,
+                    hour,
+                    count,
+                })
+                .collect())
         })
     }
 
@@ -2279,3 +2285,5 @@ mod tests {
 
 mod calls;
 pub use calls::{CallError, NodeCall, NodeCalls};
+mod counts;
+pub use counts::NodeHourCount;
