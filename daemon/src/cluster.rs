@@ -378,3 +378,54 @@ pub async fn run_foreign_registrations(
         }
     }
 }
+
+/// The longest the traffic limits wait between two saves on NATS: the other nodes add a
+/// node's counts from what it saved, so this bounds (with the watch's delay) how long a
+/// node's traffic is unseen by the others' quotas (issue 22, limits cluster-wide).
+pub const COUNTS_SAVED_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
+
+/// How often the traffic limits save on this backend: `[limits] save_interval_ms`, at most
+/// [`COUNTS_SAVED_AT_LEAST_EVERY`] on NATS. Decision: one KV write per active domain and
+/// second per node is cheap next to the traffic it counts, and a quota that other nodes
+/// see five seconds late would let a burst spread over the nodes pass it by five seconds
+/// of traffic.
+pub fn counts_save_interval(backend: Backend, configured: Duration) -> Duration {
+    match backend {
+        Backend::Nats => configured.min(COUNTS_SAVED_AT_LEAST_EVERY),
+        Backend::Sqlite => configured,
+    }
+}
+
+/// Hands the other nodes' hourly counts to the traffic limits (issue 22), until `stop`:
+/// first every current count, then each change. A watch that lagged behind is read again
+/// whole.
+pub async fn run_other_counts(
+    store: Arc<NatsStore>,
+    limits: Arc<crate::limits::Limits>,
+    mut stop: shutdown::Shutdown,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    'snapshot: loop {
+        let (now, mut rx) = store.watch_hour_counts();
+        limits.clear_others();
+        for c in now {
+            limits.set_other(&c.node, &c.domain, c.hour, c.count);
+        }
+        loop {
+            let c = tokio::select! {
+                _ = stop.recv() => return,
+                c = rx.recv() => c,
+            };
+            match c {
+                Ok(c) => limits.set_other(&c.node, &c.domain, c.hour, c.count),
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(
+                        "cluster: missed {n} changes of other nodes' traffic counts; reading them again"
+                    );
+                    continue 'snapshot;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+}
