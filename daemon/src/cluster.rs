@@ -429,3 +429,60 @@ pub async fn run_other_counts(
         }
     }
 }
+
+/// Follows the other nodes' device credential changes (issue 22), until `stop`: each time
+/// the NATS store says another node wrote a PSK or a certificate record, this node reads
+/// every credential again ([`crate::credentials::DeviceCredentials::reload`]) and closes
+/// its secure sessions whose credential the change took away, as the node that made the
+/// change closes its own. So a PSK made through one node lets its device do a handshake
+/// with any node, and a revocation holds on every node, within the watch's delay (about
+/// 10 ms on loopback). A failed read is retried at the next change or after a second.
+pub async fn run_credential_changes(
+    store: Arc<NatsStore>,
+    credentials: Arc<crate::credentials::DeviceCredentials>,
+    transport: Arc<crate::coap::Transport>,
+    mut stop: shutdown::Shutdown,
+) {
+    let mut changes = store.credential_changes();
+    // A change between the daemon's load and this subscription would be missed: read
+    // once now.
+    changes.mark_changed();
+    let mut failed = false;
+    loop {
+        if !failed {
+            tokio::select! {
+                _ = stop.recv() => return,
+                c = changes.changed() => if c.is_err() { return },
+            }
+        } else {
+            tokio::select! {
+                _ = stop.recv() => return,
+                _ = changes.changed() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        changes.borrow_and_update();
+        match credentials.reload().await {
+            Ok(revoked) => {
+                if failed {
+                    tracing::info!("cluster: reading the device credentials works again");
+                }
+                failed = false;
+                if !revoked.is_empty() {
+                    let closed = transport.close_sessions(&|id| revoked.covers(id));
+                    tracing::info!(
+                        "cluster: another node took device credentials away: closed {closed} secure sessions that used them"
+                    );
+                }
+            }
+            Err(e) => {
+                if !failed {
+                    tracing::warn!(
+                        "cluster: cannot read the device credentials another node changed (retried): {e}"
+                    );
+                }
+                failed = true;
+            }
+        }
+    }
+}

@@ -717,8 +717,15 @@ async fn start_services(
         ),
         stop.clone(),
     )));
-    // Issue 22: the other nodes' traffic counts add to this node's quotas.
+    // Issue 22: the other nodes' traffic counts add to this node's quotas, and their
+    // credential changes reach this node's handshakes.
     if let Some(nats) = &nats {
+        tasks.push(tokio::spawn(crate::cluster::run_credential_changes(
+            Arc::clone(&nats.store),
+            Arc::clone(&credentials),
+            Arc::clone(&transport),
+            stop.clone(),
+        )));
         tasks.push(tokio::spawn(crate::cluster::run_other_counts(
             Arc::clone(&nats.store),
             Arc::clone(&limits),

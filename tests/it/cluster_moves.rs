@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use coap_lite::ResponseType;
 use connectord_testkit::nats::NatsServer;
 
-use crate::cluster::{LINKS, WAIT, cluster, second_node, until_listed};
+use crate::cluster::{LINKS, WAIT, cluster, copy_ca, second_node, until_listed};
+use crate::dtls::{DtlsDevice, psk_hex, put_psk};
 use crate::support::{self, Daemon};
 
 /// Waits (at most [`WAIT`]) until `d`'s `GET /v2/limits` counts `n` transactions; returns
@@ -74,4 +75,84 @@ fn a_quota_holds_across_two_nodes() {
     assert_eq!(n2.get("/v2/limits").json()["transaction-count"], 10);
     assert!(n1.metric("limits_refused_total") >= 1);
     assert!(n2.metric("limits_refused_total") >= 2);
+}
+
+/// A node on `server` with a DTLS listener, `first`'s CA and admin key.
+fn dtls_node(server: &NatsServer, first: &Daemon, node: &str) -> Daemon {
+    let p = support::Prepared::new(DTLS, &cluster(&[server.url()], node));
+    copy_ca(&first.state_dir(), &p.0.dir.path().join("state"));
+    let mut d = p.start();
+    d.key = first.key.clone();
+    d
+}
+
+const DTLS: &str = "listen_dtls = [\"127.0.0.1:0\"]";
+
+fn dtls_addr(d: &Daemon) -> std::net::SocketAddr {
+    d.ready.as_ref().expect("ready file").coap_dtls[0]
+}
+
+/// Waits (at most [`WAIT`]) until `d`'s metric `name` is `want`.
+fn until_metric(d: &Daemon, name: &str, want: u64) {
+    let t = Instant::now();
+    while d.metric(name) != want {
+        assert!(
+            t.elapsed() < WAIT,
+            "{name} is {}, never {want}",
+            d.metric(name)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 22, credentials followed by every node: a PSK provisioned through node 1's REST
+/// lets its device do a DTLS handshake with node 2 and register there (the time from the
+/// REST answer to the first handshake node 2 accepts is printed); a new key given through
+/// node 1 closes the device's open session on node 2 and node 2 refuses the old key; a
+/// revocation through node 1 closes it again and node 2 refuses the key from then on.
+#[test]
+fn a_psk_made_on_one_node_works_and_is_revoked_on_another() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_custom(DTLS, &cluster(&[server.url()], "n1"));
+    let n2 = dtls_node(&server, &n1, "n2");
+    let (old, new) = ("cluster-key-16-bytes", "cluster-new-16-bytes");
+    let r = put_psk(&n1, "dtls-roamer", "roam-id", &psk_hex(old));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let t = Instant::now();
+    let mut dev = loop {
+        match DtlsDevice::connect(dtls_addr(&n2), "roam-id", old) {
+            Ok(d) => break d,
+            Err(e) => assert!(t.elapsed() < WAIT, "n2 never took n1's PSK: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!(
+        "a PSK made on n1 did a handshake with n2 after {:?}",
+        t.elapsed()
+    );
+    let id = dev.register().expect("registered on n2 over DTLS");
+    assert_eq!(dev.update(&id), Some(ResponseType::Changed));
+    assert_eq!(n2.metric("coap_dtls_sessions"), 1);
+    until_listed(&n1, &["dtls-roamer"]);
+
+    // A new key through n1: n2 closes the session that used the old one.
+    let r = put_psk(&n1, "dtls-roamer", "roam-id", &psk_hex(new));
+    assert_eq!(r.status, 200, "{}", r.body);
+    until_metric(&n2, "coap_dtls_sessions", 0);
+    assert!(n2.wait_log("another node took device credentials away", WAIT));
+    assert_eq!(dev.update(&id), None, "the old session still answers on n2");
+    assert!(DtlsDevice::connect(dtls_addr(&n2), "roam-id", old).is_err());
+    let mut dev = DtlsDevice::connect(dtls_addr(&n2), "roam-id", new).expect("the new key");
+    assert_eq!(dev.update(&id), Some(ResponseType::Changed));
+
+    // Revoked through n1: closed on n2, and refused there from now on.
+    let r = n1.call("DELETE", "/v2/device-credentials/dtls-roamer", None, None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    until_metric(&n2, "coap_dtls_sessions", 0);
+    assert_eq!(
+        dev.update(&id),
+        None,
+        "the revoked session still answers on n2"
+    );
+    assert!(DtlsDevice::connect(dtls_addr(&n2), "roam-id", new).is_err());
 }

@@ -124,7 +124,10 @@
 //!
 //! [`Feed::external_changes`] moves when another node (another `Cd-Node`) writes to the
 //! plugin-state bucket; this node's own writes are not counted. [`NatsStore::watch_registrations`]
-//! streams other nodes' registration writes (for the cluster's next steps).
+//! streams other nodes' registration writes (for the cluster's next steps);
+//! [`NatsStore::watch_hour_counts`] the other nodes' traffic counts (module `counts`);
+//! [`NatsStore::credential_changes`] moves on other nodes' PSK and certificate writes
+//! (module `credential_changes`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -239,6 +242,8 @@ pub struct NatsStore {
     registrations: broadcast::Sender<RegistrationChange>,
     /// The other nodes' hourly counts (`counts`).
     counts: Arc<counts::CountsWatch>,
+    /// Moves on other nodes' credential writes (`credential_changes`).
+    credentials: Arc<watch::Sender<u64>>,
 }
 
 /// The names of the buckets and streams.
@@ -618,6 +623,15 @@ impl NatsStore {
             .map_err(|_| unavailable("the registrations watch ended"))??;
         let (external_tx, external) = watch::channel(0u64);
         tasks.push(shared.clone().watch_plugin_state(external_tx).await?);
+        let credentials = Arc::new(watch::channel(0u64).0);
+        for bucket in [&shared.names.psks, &shared.names.certificates] {
+            tasks.push(
+                shared
+                    .clone()
+                    .watch_credential_bucket(bucket.clone(), Arc::clone(&credentials))
+                    .await?,
+            );
+        }
         let counts = counts::CountsWatch::new();
         tasks.push(
             shared
@@ -638,6 +652,7 @@ impl NatsStore {
             external,
             registrations,
             counts,
+            credentials,
         })
     }
 
@@ -2287,3 +2302,4 @@ mod calls;
 pub use calls::{CallError, NodeCall, NodeCalls};
 mod counts;
 pub use counts::NodeHourCount;
+mod credential_changes;

@@ -904,6 +904,53 @@ mod nats {
         );
     }
 
+    /// Issue 22, credentials followed by every node: `credential_changes` moves when
+    /// another node writes a PSK, a certificate or a revocation, never for the node's own
+    /// writes; what moved it is in the store for the other node to load.
+    #[tokio::test]
+    async fn a_node_hears_of_another_nodes_credential_changes_only() {
+        let server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        let b = connect(&server, "b").await;
+        let mut b_changes = b.credential_changes();
+        let mut a_changes = a.credential_changes();
+        let moved = async |rx: &mut tokio::sync::watch::Receiver<u64>| {
+            tokio::time::timeout(Duration::from_secs(5), rx.changed())
+                .await
+                .is_ok()
+        };
+        b.put_psk(psk("d", "own", "id-own", &[1; 16]))
+            .await
+            .unwrap();
+        assert!(moved(&mut a_changes).await, "a hears of b's PSK");
+        // (A PSK is two KV writes: the endpoint's record and its identity's.)
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        a_changes.borrow_and_update();
+        a.put_psk(psk("d", "ep", "id-1", &[2; 16])).await.unwrap();
+        assert!(moved(&mut b_changes).await, "b hears of a's PSK");
+        assert!(
+            b.load_psks()
+                .await
+                .unwrap()
+                .iter()
+                .any(|p| p.identity == "id-1")
+        );
+        b_changes.borrow_and_update();
+        a.put_certificate(cert("0a", "d", "ep")).await.unwrap();
+        assert!(moved(&mut b_changes).await, "b hears of a's certificate");
+        b_changes.borrow_and_update();
+        a.revoke_device("d".into(), "ep".into(), 9).await.unwrap();
+        assert!(moved(&mut b_changes).await, "b hears of a's revocation");
+        let certs = b.load_certificates().await.unwrap();
+        assert_eq!(certs[0].revoked_ms, Some(9));
+        // a's own three writes moved nothing on a.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !a_changes.has_changed().unwrap(),
+            "its own writes move nothing"
+        );
+    }
+
     /// A key's channel moving to a node that connected before the key's last owner: the
     /// new owner, once it loaded the key's events, numbers them above the old owner's,
     /// also when the old owner had deleted them all.
