@@ -390,3 +390,45 @@ fn a_queue_mode_device_updating_on_another_node_gets_its_queued_request_there() 
     until_owned(&n1, 0);
     until_owned(&n2, 1);
 }
+
+/// Issue 22, a certificate revoked through one node is refused on every node: a device
+/// certificate from node 1's `/api/cert` (the cluster's CA) does a DTLS handshake with
+/// node 2 and registers there; revoked through node 1, node 2 closes the session and
+/// refuses the certificate's next handshake (node 2 never saw the certificate issued: it
+/// learnt of it, and of its revocation, from the store's watch).
+#[test]
+fn a_certificate_revoked_on_one_node_is_refused_on_another() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_custom(DTLS, &cluster(&[server.url()], "n1"));
+    let n2 = dtls_node(&server, &n1, "n2");
+    let dir = tempfile::tempdir().unwrap();
+    let ep = support::certs::device_certificate(&n1, dir.path());
+    let mut dev = DtlsDevice::connect_cert(dtls_addr(&n2), dir.path()).expect("handshake on n2");
+    let id = dev
+        .register()
+        .expect("registered on n2 with the certificate");
+    assert_eq!(dev.update(&id), Some(ResponseType::Changed));
+    assert_eq!(n2.metric("coap_dtls_sessions"), 1);
+    until_listed(&n1, &[ep.as_str()]);
+
+    let t = Instant::now();
+    let r = n1.call(
+        "DELETE",
+        &format!("/v2/device-credentials/{ep}"),
+        None,
+        None,
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    until_metric(&n2, "coap_dtls_sessions", 0);
+    println!(
+        "revoked on n1; n2 closed the session after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        dev.update(&id),
+        None,
+        "the revoked session still answers on n2"
+    );
+    assert!(DtlsDevice::connect_cert(dtls_addr(&n2), dir.path()).is_err());
+    n2.expect_log(&format!("revoked (CN={ep}"), WAIT);
+}

@@ -517,7 +517,7 @@ impl DtlsDevice {
 
     /// Handshakes with `server` with the certificate `device.pem` and key `device.key` in
     /// `dir` within 5 s.
-    fn connect_cert(server: SocketAddr, dir: &Path) -> Result<DtlsDevice, String> {
+    pub(crate) fn connect_cert(server: SocketAddr, dir: &Path) -> Result<DtlsDevice, String> {
         let auth = connectord::coap::dtls::client::ClientAuth::certificate_from_files(
             &dir.join("device.pem"),
             &dir.join("device.key"),
