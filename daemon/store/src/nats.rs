@@ -318,6 +318,9 @@ struct Shared {
     numbered: Mutex<HashMap<String, u64>>,
     /// Each key's known events: number → stream sequence.
     event_rows: Mutex<HashMap<String, BTreeMap<u64, u64>>>,
+    /// The `keep_from` of the last pruning of the hourly counts: a save with the same one
+    /// (every save within an hour) lists no keys (module `counts`).
+    counts_pruned_from: AtomicU64,
     index: Mutex<RegIndex>,
     plugin_kv: kv::Store,
     nodes_kv: kv::Store,
@@ -601,6 +604,7 @@ impl NatsStore {
             epoch: AtomicU64::new(0),
             numbered: Mutex::new(HashMap::new()),
             event_rows: Mutex::new(HashMap::new()),
+            counts_pruned_from: AtomicU64::new(0),
             index: Mutex::new(RegIndex::default()),
             plugin_kv,
             nodes_kv,
@@ -1657,16 +1661,25 @@ impl Writer {
                 .await;
             }
             Op::SaveHourCounts(counts, keep_from, reply) => {
+                let b = &n.hour_counts;
+                let puts: Vec<Msg> = counts
+                    .iter()
+                    .filter(|c| c.hour >= keep_from)
+                    .map(|c| {
+                        let key = counts::key(&c.domain, c.hour, &s.node);
+                        s.kv_put(b, &key, Bytes::from(c.count.to_string()))
+                    })
+                    .collect();
+                // Pruning lists every key (a round trip each, holding up the queue):
+                // once per `keep_from`, i.e. once an hour, not at every save (each second
+                // on a cluster). A pruning whose write fails is not retried before the next
+                // hour: hours out of the window are ignored by every reader anyway.
+                if s.counts_pruned_from.fetch_max(keep_from, Ordering::SeqCst) >= keep_from {
+                    return self.write(puts, reply, |_, _| Ok(())).await;
+                }
                 self.write_after(reply, async |s: &Shared| {
                     let b = &s.names.hour_counts;
-                    let mut msgs: Vec<Msg> = counts
-                        .iter()
-                        .filter(|c| c.hour >= keep_from)
-                        .map(|c| {
-                            let key = counts::key(&c.domain, c.hour, &s.node);
-                            s.kv_put(b, &key, Bytes::from(c.count.to_string()))
-                        })
-                        .collect();
+                    let mut msgs = puts;
                     for k in s.bucket_keys(b, ">").await? {
                         // Old hours of every node go (and of the older node-less form).
                         if counts::hour_of(&k).is_some_and(|h| h < keep_from) {
