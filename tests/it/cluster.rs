@@ -15,7 +15,7 @@ const LINKS: &str = "</1/0>,</3/0>,</3303/0/5700>;obs,</5/0>";
 const WAIT: Duration = Duration::from_secs(10);
 
 /// The `[cluster]` section of a node `node` on `servers`.
-fn cluster(servers: &[String], node: &str) -> String {
+pub(crate) fn cluster(servers: &[String], node: &str) -> String {
     let servers: Vec<String> = servers.iter().map(|s| format!("{s:?}")).collect();
     format!(
         "[cluster]\nbackend = \"nats\"\nservers = [{}]\nnode = \"{node}\"\ntimeout_ms = 2000\n",
@@ -25,7 +25,7 @@ fn cluster(servers: &[String], node: &str) -> String {
 
 /// Copies the CA of `from` (a state directory) into `to`, as the operator does
 /// (docs/cluster.md).
-fn copy_ca(from: &Path, to: &Path) {
+pub(crate) fn copy_ca(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for f in ["ca.key.pem", "ca.cert.pem"] {
         std::fs::copy(from.join(f), to.join(f)).unwrap();

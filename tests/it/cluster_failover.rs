@@ -1,0 +1,575 @@
+//! Issue 22, item 4: failures under load. Three connectord processes on a three-server
+//! NATS JetStream cluster (`replicas = 3`, each server and node started by the test on its
+//! own loopback ports), a fleet of testkit UDP devices and REST clients; then `kill -9` of
+//! one node, or of one NATS server (the JetStream meta leader). What must hold: every
+//! registration acknowledged is listed (or was re-registered) on the survivors, every
+//! request accepted (202) reaches its device and its answer the key's channel, stored
+//! subscriptions survive, registration events of the surviving nodes are all delivered,
+//! and REST and CoAP calls on the survivors fail at most during a bounded recovery window
+//! (the failures and the window are printed; after it, none).
+//!
+//! Timings are printed, never asserted (2 shared cores); every wait is bounded.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use coap_lite::{RequestType, ResponseType};
+use connectord_testkit::nats::NatsCluster;
+
+use crate::support::failover::{start_nodes, try_http, try_register, try_update};
+use crate::support::{self, Daemon, coap};
+
+/// A bounded wait for one thing to happen.
+const WAIT: Duration = Duration::from_secs(10);
+/// How long a single CoAP or HTTP call of the load may take before it counts as failed.
+const ANSWER: Duration = Duration::from_secs(3);
+/// The fleet's lifetime: longer than a test, so that nothing expires meanwhile.
+const LT: u32 = 300;
+/// Requests the load queues at most per queue-mode device (under `[requests] queue_len`).
+const MAX_QUEUED: usize = 6;
+/// How long the calls must go on without a failure for the nodes to count as recovered.
+const CLEAN: Duration = Duration::from_secs(3);
+
+/// A test device: its socket, endpoint name, registration id, the node (index) it is
+/// registered with, and whether it is in queue mode (`b=UQ`: requests wait for it).
+struct Dev {
+    name: String,
+    dev: coap::Device,
+    reg: String,
+    node: usize,
+    queue: bool,
+}
+
+/// Opens the admin key's channel on every node (a pull without waiting): events of a key
+/// are kept from its channel's creation on (mbed semantics), so a test that checks that no
+/// event is lost opens it before the events happen.
+fn open_channels(nodes: &[Daemon]) {
+    for d in nodes {
+        assert!(d.pull_now().is_none(), "no events yet");
+    }
+}
+
+/// Registers `per_node` devices on each node, the first `queue` of them in queue mode;
+/// every registration must be acknowledged.
+fn register_fleet(nodes: &[Daemon], per_node: usize, queue: usize) -> Vec<Dev> {
+    let mut fleet = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for i in 0..per_node {
+            let name = format!("n{}-{}{i}", n + 1, if i < queue { "q" } else { "d" });
+            let mut dev = node.device();
+            let reg = try_register(&mut dev, &name, LT, i < queue, ANSWER)
+                .unwrap_or_else(|| panic!("{name}: no registration answer"));
+            fleet.push(Dev {
+                name,
+                dev,
+                reg,
+                node: n,
+                queue: i < queue,
+            });
+        }
+    }
+    fleet
+}
+
+/// A request the test expects to reach a device: its async-response id, the endpoint and
+/// the resource path.
+#[derive(Debug, Clone)]
+struct Queued {
+    id: String,
+    ep: String,
+    path: String,
+}
+
+/// Sends `GET <path>` of `ep` through `node`; the accepted request, or why not.
+fn queue_request(node: SocketAddr, key: &str, ep: &str, path: &str) -> Result<Queued, String> {
+    let (status, body) = try_http(
+        node,
+        "GET",
+        &format!("/v2/endpoints/{ep}{path}"),
+        key,
+        ANSWER,
+    )?;
+    if status != 202 {
+        return Err(format!("{status} {body}"));
+    }
+    let json: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    let id = json["async-response-id"]
+        .as_str()
+        .ok_or_else(|| format!("no id in {body}"))?;
+    Ok(Queued {
+        id: id.to_string(),
+        ep: ep.to_string(),
+        path: path.to_string(),
+    })
+}
+
+/// One call of the load.
+struct Call {
+    at: Instant,
+    ok: bool,
+}
+
+/// What the load did and what was acknowledged to it.
+#[derive(Default)]
+struct Seen {
+    calls: Vec<Call>,
+    /// The first failures, described (bounded).
+    failures: Vec<String>,
+    failed: BTreeMap<&'static str, usize>,
+    /// Registrations acknowledged (2.01) to the load's fresh devices: name, node.
+    registered: Vec<(String, usize)>,
+    /// Requests accepted (202) to the load, by node.
+    queued: Vec<(usize, Queued)>,
+}
+
+impl Seen {
+    fn record(&mut self, what: &'static str, ok: bool, detail: impl FnOnce() -> String) {
+        self.calls.push(Call {
+            at: Instant::now(),
+            ok,
+        });
+        if !ok {
+            *self.failed.entry(what).or_default() += 1;
+            if self.failures.len() < 20 {
+                self.failures.push(format!("{what}: {}", detail()));
+            }
+        }
+    }
+}
+
+fn lock(m: &Mutex<Seen>) -> MutexGuard<'_, Seen> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The load on the nodes `targets` (indices into the nodes): one thread of REST calls
+/// (the endpoint list, and requests to the targets' own queue-mode devices), one of CoAP
+/// updates of `devices` and registrations of fresh devices.
+struct Load {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+    rest: Option<JoinHandle<()>>,
+    coap: Option<JoinHandle<Vec<Dev>>>,
+}
+
+impl Load {
+    fn start(nodes: &[Daemon], targets: &[usize], fleet: &mut Vec<Dev>) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let key = nodes[0].key.clone();
+        let rest_of: Vec<SocketAddr> = nodes.iter().map(|d| d.rest).collect();
+        let coap_of: Vec<SocketAddr> = nodes.iter().map(|d| d.coap).collect();
+        let queue_targets: Vec<(usize, String)> = fleet
+            .iter()
+            .filter(|d| d.queue && targets.contains(&d.node))
+            .map(|d| (d.node, d.name.clone()))
+            .collect();
+        let (mine, rest): (Vec<Dev>, Vec<Dev>) = std::mem::take(fleet)
+            .into_iter()
+            .partition(|d| !d.queue && targets.contains(&d.node));
+        *fleet = rest;
+
+        let rest_thread = {
+            let (stop, seen, key, targets) =
+                (stop.clone(), seen.clone(), key.clone(), targets.to_vec());
+            let rest_of = rest_of.clone();
+            std::thread::spawn(move || {
+                let mut sent: BTreeMap<String, usize> = BTreeMap::new();
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let node = targets[i % targets.len()];
+                    let r = try_http(rest_of[node], "GET", "/v2/endpoints", &key, ANSWER);
+                    let ok = matches!(&r, Ok((200, _)));
+                    lock(&seen).record("GET /v2/endpoints", ok, || format!("n{}: {r:?}", node + 1));
+                    if i % 8 == 0 && !queue_targets.is_empty() {
+                        let (owner, ep) = &queue_targets[(i / 8) % queue_targets.len()];
+                        let n = sent.entry(ep.clone()).or_default();
+                        if *n < MAX_QUEUED {
+                            let path = format!("/3/0/{}", 10 + *n);
+                            let r = queue_request(rest_of[*owner], &key, ep, &path);
+                            let mut s = lock(&seen);
+                            s.record("GET a resource (queued)", r.is_ok(), || {
+                                format!("n{} {ep}{path}: {r:?}", owner + 1)
+                            });
+                            if let Ok(q) = r {
+                                s.queued.push((*owner, q));
+                                *n += 1;
+                            }
+                        }
+                    }
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+
+        let coap_thread = {
+            let (stop, seen, targets) = (stop.clone(), seen.clone(), targets.to_vec());
+            std::thread::spawn(move || {
+                let mut devices = mine;
+                let mut i = 0usize;
+                let mut fresh = 0usize;
+                while !stop.load(Ordering::Relaxed) && !devices.is_empty() {
+                    if i % 5 == 4 {
+                        let node = targets[fresh % targets.len()];
+                        let name = format!("fresh-{fresh}");
+                        fresh += 1;
+                        let mut dev = coap::Device::new(coap_of[node]);
+                        let reg = try_register(&mut dev, &name, LT, false, ANSWER);
+                        let mut s = lock(&seen);
+                        s.record("register", reg.is_some(), || {
+                            format!("{name} on n{}", node + 1)
+                        });
+                        if let Some(reg) = reg {
+                            s.registered.push((name.clone(), node));
+                            drop(s);
+                            devices.push(Dev {
+                                name,
+                                dev,
+                                reg,
+                                node,
+                                queue: false,
+                            });
+                        }
+                    } else {
+                        let at = i % devices.len();
+                        let d = &mut devices[at];
+                        let ok = try_update(&mut d.dev, &d.reg, ANSWER);
+                        lock(&seen)
+                            .record("update", ok, || format!("{} on n{}", d.name, d.node + 1));
+                    }
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                devices
+            })
+        };
+        Load {
+            stop,
+            seen,
+            rest: Some(rest_thread),
+            coap: Some(coap_thread),
+        }
+    }
+
+    /// Waits until the calls made since `since` went on for [`CLEAN`] without a failure
+    /// (at least 20 calls), at most `within` after `since`; returns when the last failure
+    /// was (from `since`; zero when there was none).
+    fn recovered(&self, since: Instant, within: Duration) -> Duration {
+        loop {
+            {
+                let s = lock(&self.seen);
+                let last_failure = s
+                    .calls
+                    .iter()
+                    .filter(|c| !c.ok && c.at >= since)
+                    .map(|c| c.at)
+                    .max();
+                let from = last_failure.unwrap_or(since);
+                let ok_after = s.calls.iter().filter(|c| c.at > from).count();
+                if from.elapsed() >= CLEAN && ok_after >= 20 {
+                    return from - since;
+                }
+                assert!(
+                    since.elapsed() < within,
+                    "the calls did not go on without failing within {within:?}: {} failures \
+                     ({:?}), the first: {:#?}",
+                    s.failed.values().sum::<usize>(),
+                    s.failed,
+                    s.failures
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the load; returns what it saw and its devices.
+    fn stop(mut self) -> (Seen, Vec<Dev>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.rest
+            .take()
+            .unwrap()
+            .join()
+            .expect("the REST load panicked");
+        let devices = self
+            .coap
+            .take()
+            .unwrap()
+            .join()
+            .expect("the CoAP load panicked");
+        let seen = std::mem::take(&mut *lock(&self.seen));
+        (seen, devices)
+    }
+}
+
+/// Prints what the load saw around `event` at `at`.
+fn report(seen: &Seen, event: &str, at: Instant, recovered_after: Duration) {
+    let before = seen.calls.iter().filter(|c| c.at < at).count();
+    let failed_after = seen.calls.iter().filter(|c| c.at >= at && !c.ok).count();
+    println!(
+        "{event}: {} calls ({before} before it); {failed_after} failed after it, the last \
+         {recovered_after:?} after it; failures by kind {:?}; first failures: {:#?}",
+        seen.calls.len(),
+        seen.failed,
+        seen.failures
+    );
+}
+
+/// The endpoint names `d` lists.
+fn listed(d: &Daemon) -> BTreeSet<String> {
+    let r = d.get("/v2/endpoints");
+    assert_eq!(r.status, 200, "{}", r.body);
+    support::strings_of(&r.json(), "name").into_iter().collect()
+}
+
+/// Asserts that each of `nodes` lists every name of `names` (waiting at most [`WAIT`]
+/// for the directory to follow).
+fn all_listed(nodes: &[&Daemon], names: &BTreeSet<String>) {
+    for d in nodes {
+        let t = Instant::now();
+        loop {
+            let missing: Vec<_> = names.difference(&listed(d)).cloned().collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                t.elapsed() < WAIT,
+                "acknowledged registrations missing from {}: {missing:?}",
+                d.rest
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Serves the requests `node` sends `d` until every path of `expected` came (answering
+/// each 2.05 with its path as payload); at most [`WAIT`].
+fn serve_until(d: &Dev, node: &Daemon, expected: &BTreeSet<String>) {
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + WAIT;
+    while !expected.is_subset(&seen) {
+        let left = deadline.checked_duration_since(Instant::now());
+        let Some((req, from)) = left.and_then(|l| d.dev.recv_request(l)) else {
+            panic!(
+                "{}: requests {:?} never came from its node {} (got {seen:?})",
+                d.name,
+                expected.difference(&seen).collect::<Vec<_>>(),
+                node.coap
+            );
+        };
+        assert_eq!(from, node.coap, "{}: a request from another node", d.name);
+        let path = coap::path_of(&req);
+        d.dev.reply(
+            &req,
+            from,
+            ResponseType::Content,
+            path.as_bytes(),
+            None,
+            None,
+        );
+        seen.insert(path);
+    }
+}
+
+/// Pulls on every node of `nodes` until each id of `ids` arrived on one of them; at most
+/// [`WAIT`]. Returns the node (index into `nodes`) each came on.
+fn async_responses_on(nodes: &[&Daemon], ids: &[String]) -> BTreeMap<String, usize> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut found = BTreeMap::new();
+        for (n, d) in nodes.iter().enumerate() {
+            let events = d.collect_events(Duration::ZERO, |_| true);
+            for id in ids {
+                if events.async_response(id).is_some() {
+                    found.insert(id.clone(), n);
+                }
+            }
+        }
+        if found.len() == ids.len() {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "async responses never delivered: {:?}",
+            ids.iter()
+                .filter(|i| !found.contains_key(*i))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Asserts that `d`'s channel (pulled into its inbox) holds a registration event of every
+/// name of `names`, at most [`WAIT`].
+fn registration_events(d: &Daemon, names: &BTreeSet<String>) {
+    let has_all = |e: &support::Events| {
+        let got: BTreeSet<String> = e
+            .of("registrations")
+            .iter()
+            .filter_map(|r| r["ep"].as_str().map(String::from))
+            .collect();
+        names.is_subset(&got)
+    };
+    let events = d.collect_events(WAIT, has_all);
+    let got: BTreeSet<String> = events
+        .of("registrations")
+        .iter()
+        .filter_map(|r| r["ep"].as_str().map(String::from))
+        .collect();
+    let missing: Vec<_> = names.difference(&got).collect();
+    assert!(
+        missing.is_empty(),
+        "registration events lost on {}: {missing:?}",
+        d.rest
+    );
+}
+
+/// Issue 22 item 4, a node dies: three nodes, 75 devices (5 in queue mode per node),
+/// requests queued on node 3 for its sleeping devices; under REST and CoAP load on
+/// nodes 1 and 2, node 3 is killed with -9. Its devices get no answer to their updates and
+/// register with nodes 1 and 2 (as a real client does after a failed update): each
+/// registration acknowledged before the kill is listed on the survivors, the requests
+/// node 3 had accepted reach the devices from their new nodes (stored requests adopted)
+/// with their answers on the new nodes' channels, registration events of the survivors
+/// are all there, and the survivors' REST and CoAP calls keep succeeding (failures are
+/// printed; after a bounded window there are none).
+#[test]
+fn a_node_killed_under_load_loses_no_acknowledged_registration_or_request() {
+    let t0 = Instant::now();
+    let cluster = NatsCluster::start().expect("three nats-servers");
+    let mut nodes = start_nodes(&cluster.urls(), &["n1", "n2", "n3"]);
+    println!("3 nats-servers and 3 nodes up after {:?}", t0.elapsed());
+    open_channels(&nodes);
+    let mut fleet = register_fleet(&nodes, 25, 5);
+    let initial: BTreeSet<String> = fleet.iter().map(|d| d.name.clone()).collect();
+    let key = nodes[0].key.clone();
+    // Two requests for each sleeping device of node 3, one for those of node 1.
+    let mut expected: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut ids_n3 = Vec::new();
+    for d in fleet.iter().filter(|d| d.queue && d.node != 1) {
+        let paths: &[&str] = if d.node == 2 {
+            &["/3/0/0", "/3/0/1"]
+        } else {
+            &["/3/0/0"]
+        };
+        for path in paths {
+            let q = queue_request(nodes[d.node].rest, &key, &d.name, path)
+                .unwrap_or_else(|e| panic!("{}{path}: {e}", d.name));
+            expected.entry(d.name.clone()).or_default().insert(q.path);
+            if d.node == 2 {
+                ids_n3.push((q.id, q.ep));
+            }
+        }
+    }
+    println!("fleet registered, requests queued after {:?}", t0.elapsed());
+
+    let load = Load::start(&nodes, &[0, 1], &mut fleet);
+    std::thread::sleep(Duration::from_secs(1));
+    let killed_at = Instant::now();
+    nodes[2].0.kill9();
+
+    // Node 3's devices: their updates get no answer...
+    let mut orphans: Vec<Dev> = Vec::new();
+    let mut others = Vec::new();
+    for d in fleet {
+        if d.node == 2 {
+            orphans.push(d);
+        } else {
+            others.push(d);
+        }
+    }
+    for d in &mut orphans {
+        let path = ["rd", d.reg.as_str()];
+        let p = d.dev.build(&coap::Req::new(RequestType::Post, &path));
+        d.dev.send_raw(&p.to_bytes().unwrap());
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    for d in &orphans {
+        assert!(
+            d.dev.recv_raw(Duration::from_millis(1)).is_none(),
+            "{}: the killed node answered",
+            d.name
+        );
+    }
+    // ...so they register with nodes 1 and 2, and the sleeping ones get the requests node 3
+    // had accepted, from their new node.
+    for (i, d) in orphans.iter_mut().enumerate() {
+        d.node = i % 2;
+        d.dev.server = nodes[d.node].coap;
+        d.reg = try_register(&mut d.dev, &d.name, LT, d.queue, ANSWER)
+            .unwrap_or_else(|| panic!("{} could not register on n{}", d.name, d.node + 1));
+        if d.queue {
+            serve_until(d, &nodes[d.node], &expected[&d.name]);
+        }
+    }
+    println!(
+        "node 3's {} devices registered on nodes 1 and 2, their queued requests delivered, \
+         {:?} after the kill",
+        orphans.len(),
+        killed_at.elapsed()
+    );
+    let survivors = [&nodes[0], &nodes[1]];
+    let ids: Vec<String> = ids_n3.iter().map(|(id, _)| id.clone()).collect();
+    let on = async_responses_on(&survivors, &ids);
+    for (id, ep) in &ids_n3 {
+        // Each answer is published by the device's new owner.
+        let d = orphans.iter().find(|d| &d.name == ep).unwrap();
+        assert_eq!(
+            on[id], d.node,
+            "{ep}: the answer of {id} came on another node"
+        );
+    }
+    println!(
+        "the answers of node 3's requests delivered on the survivors {:?} after the kill",
+        killed_at.elapsed()
+    );
+
+    let recovered_after = load.recovered(killed_at, Duration::from_secs(20));
+    let (seen, loaded) = load.stop();
+    report(&seen, "node 3 killed", killed_at, recovered_after);
+
+    // Every registration acknowledged is listed on both survivors.
+    let mut acked = initial.clone();
+    acked.extend(seen.registered.iter().map(|(n, _)| n.clone()));
+    all_listed(&survivors, &acked);
+    // The survivors' sleeping devices wake: every request accepted for them (before the
+    // kill and by the load) reaches them, and its answer the node's channel.
+    for (_, q) in &seen.queued {
+        expected
+            .entry(q.ep.clone())
+            .or_default()
+            .insert(q.path.clone());
+    }
+    for d in others.iter_mut().filter(|d| d.queue) {
+        assert!(
+            try_update(&mut d.dev, &d.reg, ANSWER),
+            "{}: update on n{}",
+            d.name,
+            d.node + 1
+        );
+        serve_until(d, &nodes[d.node], &expected[&d.name]);
+    }
+    let ids: Vec<String> = seen.queued.iter().map(|(_, q)| q.id.clone()).collect();
+    async_responses_on(&survivors, &ids);
+    // No registration event of a survivor lost: each node's channel has every device that
+    // registered with it (the fleet, the load's fresh devices, node 3's that moved).
+    for (n, node) in survivors.iter().enumerate() {
+        let names: BTreeSet<String> = others
+            .iter()
+            .chain(&orphans)
+            .chain(&loaded)
+            .filter(|d| d.node == n)
+            .map(|d| d.name.clone())
+            .collect();
+        registration_events(node, &names);
+    }
+    println!(
+        "{} registrations, {} queued requests checked; the test took {:?}",
+        acked.len(),
+        expected.values().map(BTreeSet::len).sum::<usize>(),
+        t0.elapsed()
+    );
+}
