@@ -231,6 +231,19 @@ impl Drop for NatsServer {
     }
 }
 
+/// The first string value of the field `field` in `json` (no JSON parser here: this file
+/// uses only `std`, see the module documentation).
+fn value_after(json: &str, field: &str) -> Option<String> {
+    let key = format!("\"{field}\"");
+    let at = json.find(&key)?;
+    let name: String = json[at + key.len()..]
+        .trim_start_matches([' ', ':', '"'])
+        .chars()
+        .take_while(|c| *c != '"')
+        .collect();
+    (!name.is_empty()).then_some(name)
+}
+
 /// The body of `GET <path>` on a monitoring port (HTTP/1.0, so not chunked).
 fn get(port: u16, path: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(
@@ -321,6 +334,31 @@ impl NatsCluster {
         self.servers.iter().map(NatsServer::url).collect()
     }
 
+    /// The index in [`NatsCluster::servers`] of the leader of the stream `stream` (a KV
+    /// bucket `b` is the stream `KV_b`), as a running server's
+    /// `GET /jsz?accounts=true&streams=true` names it; None when no running server does.
+    pub fn stream_leader(&mut self, stream: &str) -> Option<usize> {
+        let needle = format!("\"{stream}\"");
+        let mut leader = None;
+        for s in &mut self.servers {
+            if !s.is_running() {
+                continue;
+            }
+            let Ok(body) = get(s.ports.monitor, "/jsz?accounts=true&streams=true") else {
+                continue;
+            };
+            let Some(at) = body.find(&needle) else {
+                continue;
+            };
+            if let Some(name) = value_after(&body[at..], "leader") {
+                leader = Some(name);
+                break;
+            }
+        }
+        let leader = leader?;
+        self.servers.iter().position(|s| s.name == leader)
+    }
+
     /// The index in [`NatsCluster::servers`] of the JetStream meta leader, as a running
     /// server's `GET /jsz` names it (`"meta_cluster": {"leader": "n1", ...}`); None when
     /// no running server names one.
@@ -333,17 +371,10 @@ impl NatsCluster {
             let Ok(body) = get(s.ports.monitor, "/jsz") else {
                 continue;
             };
-            let Some(at) = body.find("\"leader\"") else {
-                continue;
-            };
-            let rest = &body[at + "\"leader\"".len()..];
-            let name: String = rest
-                .trim_start_matches([' ', ':', '"'])
-                .chars()
-                .take_while(|c| *c != '"')
-                .collect();
-            leader = Some(name);
-            break;
+            if let Some(name) = value_after(&body, "leader") {
+                leader = Some(name);
+                break;
+            }
         }
         let leader = leader?;
         self.servers.iter().position(|s| s.name == leader)

@@ -29,7 +29,19 @@ pub fn node_config(urls: &[String], node: &str) -> String {
 /// Starts the nodes `names` on `urls`: the first alone (it writes `admin.key`), the others
 /// at once with its CA copied into their state directories and its admin key.
 pub fn start_nodes(urls: &[String], names: &[&str]) -> Vec<Daemon> {
-    let first = Daemon::start_with(&node_config(urls, names[0]));
+    // The first start creates every bucket and stream with three replicas; right after
+    // the servers elected their meta leader that can time out on a loaded machine (seen:
+    // "bucket cd_registrations: jetstream request timed out"), which refuses the start as
+    // it should. The set-up tries again (at most three times), printing why.
+    let mut tries = 0;
+    let first = loop {
+        tries += 1;
+        match Prepared::new("", &node_config(urls, names[0])).0.start() {
+            Ok(d) => break Daemon(d),
+            Err(e) if tries < 3 => println!("the first node did not start ({e}); again"),
+            Err(e) => panic!("the first node did not start in three tries: {e}"),
+        }
+    };
     let ca = first.state_dir();
     let key = first.key.clone();
     let others: Vec<Daemon> = std::thread::scope(|s| {
@@ -114,14 +126,15 @@ pub fn code_of(p: &Packet) -> Option<ResponseType> {
 }
 
 /// Registers `dev` as `ep` (queue mode when `queue`, lifetime `lt` s); the registration
-/// id when the answer was 2.01 Created within `wait`.
+/// id when the answer was 2.01 Created within `wait`, else the answer's code or "no
+/// answer".
 pub fn try_register(
     dev: &mut coap::Device,
     ep: &str,
     lt: u32,
     queue: bool,
     wait: Duration,
-) -> Option<String> {
+) -> Result<String, String> {
     let ep = format!("ep={ep}");
     let lt = format!("lt={lt}");
     let mut query = vec![ep.as_str(), lt.as_str()];
@@ -132,16 +145,23 @@ pub fn try_register(
     r.query = &query;
     r.payload = LINKS.as_bytes();
     r.content_format = Some(ContentFormat::ApplicationLinkFormat);
-    let resp = try_request(dev, &r, wait)?;
-    (code_of(&resp) == Some(ResponseType::Created)).then(|| coap::location(&resp))
+    let resp = try_request(dev, &r, wait).ok_or_else(|| format!("no answer within {wait:?}"))?;
+    match code_of(&resp) {
+        Some(ResponseType::Created) => Ok(coap::location(&resp)),
+        other => Err(format!("{other:?} {}", coap::diag(&resp))),
+    }
 }
 
-/// An update (`POST /rd/{reg}`, no payload); whether it was answered 2.04 Changed within
-/// `wait`.
-pub fn try_update(dev: &mut coap::Device, reg: &str, wait: Duration) -> bool {
+/// An update (`POST /rd/{reg}`, no payload): answered 2.04 Changed within `wait`, or the
+/// answer's code or "no answer".
+pub fn try_update(dev: &mut coap::Device, reg: &str, wait: Duration) -> Result<(), String> {
     let path = ["rd", reg];
     let r = coap::Req::new(RequestType::Post, &path);
-    try_request(dev, &r, wait).is_some_and(|p| code_of(&p) == Some(ResponseType::Changed))
+    let resp = try_request(dev, &r, wait).ok_or_else(|| format!("no answer within {wait:?}"))?;
+    match code_of(&resp) {
+        Some(ResponseType::Changed) => Ok(()),
+        other => Err(format!("{other:?} {}", coap::diag(&resp))),
+    }
 }
 
 /// Debian's nginx with the stream module (`nginx`, `libnginx-mod-stream`): installed with
