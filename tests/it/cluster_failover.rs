@@ -29,7 +29,7 @@ const WAIT: Duration = Duration::from_secs(10);
 const ANSWER: Duration = Duration::from_secs(3);
 /// The fleet's lifetime: longer than a test, so that nothing expires meanwhile.
 const LT: u32 = 300;
-/// Requests the load queues at most per queue-mode device (under `[requests] queue_len`).
+/// Requests the load sends at most per queue-mode device (under `[requests] queue_len`).
 const MAX_QUEUED: usize = 6;
 /// How long the calls must go on without a failure for the nodes to count as recovered.
 /// Longer than a call may take ([`ANSWER`]), so that a call in flight when the window
@@ -190,7 +190,11 @@ impl Load {
                         let (owner, ep) = &queue_targets[(i / 8) % queue_targets.len()];
                         let n = sent.entry(ep.clone()).or_default();
                         if *n < MAX_QUEUED {
+                            // A path per attempt: a request whose answer the client did not
+                            // get (timed out) may still have been accepted, and reaches the
+                            // device besides the ones accepted (which the test counts).
                             let path = format!("/3/0/{}", 10 + *n);
+                            *n += 1;
                             let r = queue_request(rest_of[*owner], &key, ep, &path);
                             let mut s = lock(&seen);
                             s.record("GET a resource (queued)", r.is_ok(), || {
@@ -198,7 +202,6 @@ impl Load {
                             });
                             if let Ok(q) = r {
                                 s.queued.push((*owner, q));
-                                *n += 1;
                             }
                         }
                     }
@@ -800,4 +803,327 @@ fn a_subscription_survives_the_death_of_its_node() {
     println!("observed by n1 {:?} after n2's death", killed_at.elapsed());
     let notes = nodes[0].events_of("notifications", 1);
     assert_eq!(notes[0]["ep"], "watched", "{notes}");
+}
+
+/// A device with its own loopback address (127.0.0.`host`), so that nginx's
+/// `hash $remote_addr` spreads the test's devices over the nodes as it spreads devices of
+/// different addresses.
+fn device_at(host: u8, server: SocketAddr) -> coap::Device {
+    let mut dev = coap::Device::new(server);
+    dev.sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::new(127, 0, 0, host), 0))
+        .expect("bind a device socket on 127.0.0.x");
+    dev.sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    dev
+}
+
+/// The node (index) that owns `ep`: asked for a resource, the owner accepts (202) and
+/// the others refuse naming it (503 "cluster node <name>"); the owner is asked then. Either
+/// way the device is sent one read of `/3/0/1`.
+fn owner_of(nodes: &[Daemon], names: &[&str], ep: &str) -> usize {
+    let r = nodes[0].call("GET", &format!("/v2/endpoints/{ep}/3/0/1"), None, None);
+    if r.status == 202 {
+        return 0;
+    }
+    assert_eq!(r.status, 503, "{ep}: {}", r.body);
+    let owner = names
+        .iter()
+        .position(|n| r.body.contains(&format!("cluster node {n}")))
+        .unwrap_or_else(|| panic!("{ep}: no owner named in {}", r.body));
+    let r = nodes[owner].call("GET", &format!("/v2/endpoints/{ep}/3/0/1"), None, None);
+    assert_eq!(r.status, 202, "{ep} on its owner: {}", r.body);
+    owner
+}
+
+/// docs/cluster.md's nginx set-up, literally: `etc/nginx/connectord-coap-udp.conf` (which
+/// the docs include) with its ports replaced by the test's, in front of three nodes on one
+/// nats-server. Twelve devices, each from its own loopback address, register through
+/// nginx and spread over the nodes; a read sent through each device's owner reaches the
+/// device through nginx (from nginx's address) and its answer the owner's channel; an
+/// observation's notifications come back through nginx to the node. Then a node is
+/// killed: its devices' updates through nginx get no answer, and their re-registrations
+/// reach another node (nginx leaves the dead node out after its ICMP port unreachable).
+#[test]
+fn nginx_udp_load_balancing_as_documented() {
+    let t0 = Instant::now();
+    // The docs show the file as it is.
+    let docs = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/cluster.md"),
+    )
+    .unwrap();
+    assert!(
+        docs.contains(failover::NGINX_CONF),
+        "docs/cluster.md must show etc/nginx/connectord-coap-udp.conf as it is"
+    );
+    let server = connectord_testkit::nats::NatsServer::start().expect("nats-server");
+    let names = ["n1", "n2", "n3"];
+    let nodes = start_nodes(&[server.url()], &names);
+    open_channels(&nodes);
+    let listen = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut conf = failover::NGINX_CONF.to_string();
+    for (from, to) in [
+        (
+            "listen 5683 udp;".to_string(),
+            format!("listen {listen} udp;"),
+        ),
+        (
+            "server 127.0.0.1:5701 ".to_string(),
+            format!("server {} ", nodes[0].coap),
+        ),
+        (
+            "server 127.0.0.1:5702 ".to_string(),
+            format!("server {} ", nodes[1].coap),
+        ),
+        (
+            "server 127.0.0.1:5703 ".to_string(),
+            format!("server {} ", nodes[2].coap),
+        ),
+    ] {
+        assert!(
+            conf.contains(&from),
+            "the documented config has no {from:?}"
+        );
+        conf = conf.replace(&from, &to);
+    }
+    let nginx = failover::Nginx::start(&conf);
+    println!(
+        "nginx on {listen} in front of 3 nodes after {:?}",
+        t0.elapsed()
+    );
+
+    let mut devs = Vec::new();
+    for i in 0..12u8 {
+        let mut dev = device_at(10 + i, listen);
+        let name = format!("lb-{i}");
+        let reg = try_register(&mut dev, &name, LT, false, ANSWER)
+            .unwrap_or_else(|e| panic!("{name} through nginx: {e}; nginx: {}", nginx.log()));
+        devs.push(Dev {
+            node: owner_of(&nodes, &names, &name),
+            name,
+            dev,
+            reg,
+            queue: false,
+        });
+    }
+    // owner_of sent each device a read (/3/0/1) through its owner: answer them.
+    let why = |e: String, d: &Dev| {
+        let logs: Vec<String> = nodes[d.node]
+            .logs()
+            .into_iter()
+            .filter(|l| l.contains(&format!("{} ", d.name)) && !l.contains("async_nats"))
+            .take(20)
+            .collect();
+        panic!("{e}; nginx: {}\nits node: {logs:#?}", nginx.log());
+    };
+    for d in &devs {
+        serve_via(d, listen, &["/3/0/1"]).unwrap_or_else(|e| why(e, d));
+    }
+    let spread: Vec<usize> = (0..3)
+        .map(|n| devs.iter().filter(|d| d.node == n).count())
+        .collect();
+    println!("12 devices through nginx, owned per node: {spread:?}");
+    assert!(
+        spread.iter().filter(|c| **c > 0).count() >= 2,
+        "hash $remote_addr put every device on one node: {spread:?}"
+    );
+
+    // Reads through each owner reach the device through nginx; the answers reach the
+    // owner's channel.
+    let mut ids = Vec::new();
+    for d in &devs {
+        let id = nodes[d.node].async_request(
+            "GET",
+            &format!("/v2/endpoints/{}/3/0/0", d.name),
+            None,
+            None,
+        );
+        serve_via(d, listen, &["/3/0/0"]).unwrap_or_else(|e| why(e, d));
+        ids.push((id, d.name.clone()));
+    }
+    let node_refs: Vec<&Daemon> = nodes.iter().collect();
+    let on = async_responses_on(&node_refs, &ids);
+    for (id, ep) in &ids {
+        let d = devs.iter().find(|d| &d.name == ep).unwrap();
+        assert_eq!(on[id], d.node, "{ep}: the answer came on another node");
+    }
+
+    // Observations: a subscription per node's first device; the observe request comes
+    // through nginx, and so go the device's notifications.
+    let watched: Vec<&Dev> = (0..3)
+        .filter_map(|n| devs.iter().find(|d| d.node == n))
+        .collect();
+    for d in &watched {
+        let r = nodes[d.node].call(
+            "PUT",
+            &format!("/v2/subscriptions/{}/3303/0/5700", d.name),
+            None,
+            None,
+        );
+        assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
+        let (req, from) = d
+            .dev
+            .recv_request(WAIT)
+            .unwrap_or_else(|| panic!("{}: no observe request through nginx", d.name));
+        assert_eq!(from, listen, "requests come from nginx");
+        assert_eq!(coap::path_of(&req), "/3303/0/5700");
+        let ack = support::observe_content(
+            coap_lite::MessageType::Acknowledgement,
+            req.header.message_id,
+            req.get_token(),
+            1,
+            b"20.5",
+        );
+        support::send_packet(&d.dev, &ack, listen);
+        let note = support::observe_content(
+            coap_lite::MessageType::NonConfirmable,
+            req.header.message_id.wrapping_add(1000),
+            req.get_token(),
+            2,
+            b"21.5",
+        );
+        support::send_packet(&d.dev, &note, listen);
+    }
+    for d in &watched {
+        let node = &nodes[d.node];
+        let want = support::b64(b"21.5");
+        let events = node.collect_events(WAIT, |e| {
+            e.of("notifications")
+                .iter()
+                .any(|n| n["ep"] == d.name.as_str() && n["payload"] == want.as_str())
+        });
+        assert!(
+            events
+                .of("notifications")
+                .iter()
+                .any(|n| n["ep"] == d.name.as_str() && n["payload"] == want.as_str()),
+            "{}: the notification sent through nginx never reached n{}: {events:?}",
+            d.name,
+            d.node + 1
+        );
+    }
+    println!(
+        "reads and notifications through nginx checked after {:?}",
+        t0.elapsed()
+    );
+
+    // A node dies: its devices' updates through nginx get no answer; re-registering, they
+    // reach another node.
+    let mut nodes = nodes;
+    let victim = watched[0].node;
+    nodes[victim].0.kill9();
+    let killed_at = Instant::now();
+    // Each device on its own thread, as devices are independent.
+    let log = &nginx;
+    let tries: Vec<usize> = std::thread::scope(|scope| {
+        let handles: Vec<_> = devs
+            .iter_mut()
+            .filter(|d| d.node == victim)
+            .map(|d| {
+                scope.spawn(move || {
+                    assert!(
+                        try_update(&mut d.dev, &d.reg, Duration::from_secs(1)).is_err(),
+                        "{}: an update answered by the killed node",
+                        d.name
+                    );
+                    // As a client does after a failed update: register again (a few
+                    // tries, 2 s each, as CoAP's first retransmission would).
+                    let mut tries = 0;
+                    d.reg = loop {
+                        tries += 1;
+                        match try_register(&mut d.dev, &d.name, LT, false, Duration::from_secs(2)) {
+                            Ok(reg) => break reg,
+                            Err(_) if tries < 5 => {}
+                            Err(e) => panic!(
+                                "{}: no node took its re-registration through nginx: {e}; \
+                                 nginx: {}",
+                                d.name,
+                                log.log()
+                            ),
+                        }
+                    };
+                    tries
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let moved = tries.len();
+    println!("registrations each needed (tries): {tries:?}");
+    // Every device is owned by a live node: the survivors' counts add up to the fleet.
+    let survivor = &nodes[(victim + 1) % 3];
+    let t = Instant::now();
+    loop {
+        let members = survivor.get("/v2/cluster").json()["members"].clone();
+        let owned: Vec<(String, u64)> = members
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["node"].as_str().unwrap_or_default().to_string(),
+                    m["owned_endpoints"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        if owned.len() == 2 && owned.iter().map(|(_, n)| n).sum::<u64>() == 12 {
+            println!("owned after the move: {owned:?}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the survivors do not own the fleet: {owned:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = nginx.log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("[error]") || l.contains("[warn]"))
+        .take(12)
+        .collect();
+    println!("nginx's errors and warnings: {errors:#?}");
+    println!(
+        "n{}'s {moved} devices re-registered through nginx on the other nodes {:?} after \
+         the kill; the test took {:?}",
+        victim + 1,
+        killed_at.elapsed(),
+        t0.elapsed()
+    );
+}
+
+/// Answers the requests nginx relays to `d` until each path of `paths` came (each 2.05
+/// with its path); every request must come from nginx's address `via`.
+fn serve_via(d: &Dev, via: SocketAddr, paths: &[&str]) -> Result<(), String> {
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + WAIT;
+    while !paths.iter().all(|p| seen.contains(*p)) {
+        let left = deadline.checked_duration_since(Instant::now());
+        let Some((req, from)) = left.and_then(|l| d.dev.recv_request(l)) else {
+            return Err(format!(
+                "{}: {paths:?} never came through nginx (got {seen:?})",
+                d.name
+            ));
+        };
+        if from != via {
+            return Err(format!(
+                "{}: a request from {from}, not through nginx",
+                d.name
+            ));
+        }
+        let path = coap::path_of(&req);
+        d.dev.reply(
+            &req,
+            from,
+            ResponseType::Content,
+            path.as_bytes(),
+            None,
+            None,
+        );
+        seen.insert(path);
+    }
+    Ok(())
 }

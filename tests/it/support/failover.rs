@@ -17,13 +17,15 @@ use super::{Daemon, Prepared, coap};
 /// The objects of every test device (one observable resource).
 pub const LINKS: &str = "</1/0>,</3/0>,</3303/0/5700>;obs,</5/0>";
 
-/// The `[cluster]` section of node `node` on the servers `urls` with three replicas, and
-/// the default 5 s timeout (the first start creates every bucket with three replicas: on a
-/// loaded machine that took longer than the 2 s of `tests/it/cluster.rs`).
+/// The `[cluster]` section of node `node` on the servers `urls`, with three replicas on
+/// three servers (one on one), and the default 5 s timeout (the first start creates every
+/// bucket with three replicas: on a loaded machine that took longer than the 2 s of
+/// `tests/it/cluster.rs`).
 pub fn node_config(urls: &[String], node: &str) -> String {
     let section =
         crate::cluster::cluster(urls, node).replace("timeout_ms = 2000", "timeout_ms = 5000");
-    format!("{section}replicas = 3\n")
+    let replicas = if urls.len() >= 3 { 3 } else { 1 };
+    format!("{section}replicas = {replicas}\n")
 }
 
 /// Starts the nodes `names` on `urls`: the first alone (it writes `admin.key`), the others
@@ -161,6 +163,92 @@ pub fn try_update(dev: &mut coap::Device, reg: &str, wait: Duration) -> Result<(
     match code_of(&resp) {
         Some(ResponseType::Changed) => Ok(()),
         other => Err(format!("{other:?} {}", coap::diag(&resp))),
+    }
+}
+
+/// The nginx configuration of docs/cluster.md: `etc/nginx/connectord-coap-udp.conf`.
+pub const NGINX_CONF: &str = include_str!("../../../etc/nginx/connectord-coap-udp.conf");
+
+/// nginx running the configuration `stream` (a top-level `stream { }` block) in a
+/// temporary directory of its own, in the foreground, killed when dropped.
+pub struct Nginx {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// Starts [`nginx`] with `stream` included by a minimal `nginx.conf` (the stream
+    /// module loaded, pid and logs in its directory, one process); fails the test when it
+    /// does not start, with its error log.
+    pub fn start(stream: &str) -> Nginx {
+        let bin = nginx();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        std::fs::write(p.join("connectord-coap-udp.conf"), stream).unwrap();
+        std::fs::write(
+            p.join("nginx.conf"),
+            format!(
+                "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+                 daemon off;\nmaster_process off;\npid {pid};\n\
+                 error_log {log} info;\nevents {{ worker_connections 1024; }}\n\
+                 include {conf};\n",
+                pid = p.join("nginx.pid").display(),
+                log = p.join("error.log").display(),
+                conf = p.join("connectord-coap-udp.conf").display(),
+            ),
+        )
+        .unwrap();
+        let out = Command::new(&bin)
+            .arg("-t")
+            .arg("-e")
+            .arg(p.join("error.log"))
+            .arg("-p")
+            .arg(p)
+            .arg("-c")
+            .arg(p.join("nginx.conf"))
+            .output()
+            .expect("run nginx -t");
+        assert!(
+            out.status.success(),
+            "nginx -t refuses the configuration: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let child = Command::new(&bin)
+            .arg("-e")
+            .arg(p.join("error.log"))
+            .arg("-p")
+            .arg(p)
+            .arg("-c")
+            .arg(p.join("nginx.conf"))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let mut n = Nginx { child, dir };
+        let t = Instant::now();
+        while !n.log().contains("start worker process") && !n.log().contains("using the ") {
+            if let Ok(Some(status)) = n.child.try_wait() {
+                panic!("nginx exited ({status}): {}", n.log());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "nginx did not start: {}",
+                n.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        n
+    }
+
+    /// nginx's error log (at level info: sessions, upstream errors).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
