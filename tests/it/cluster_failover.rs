@@ -186,7 +186,7 @@ impl Load {
                     let r = try_http(rest_of[node], "GET", "/v2/endpoints", &key, ANSWER);
                     let ok = matches!(&r, Ok((200, _)));
                     lock(&seen).record("GET /v2/endpoints", ok, || format!("n{}: {r:?}", node + 1));
-                    if i % 8 == 0 && !queue_targets.is_empty() {
+                    if i.is_multiple_of(8) && !queue_targets.is_empty() {
                         let (owner, ep) = &queue_targets[(i / 8) % queue_targets.len()];
                         let n = sent.entry(ep.clone()).or_default();
                         if *n < MAX_QUEUED {
