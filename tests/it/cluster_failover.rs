@@ -438,27 +438,48 @@ fn async_responses_on(nodes: &[&Daemon], ids: &[(String, String)]) -> BTreeMap<S
     }
 }
 
-/// Asserts that `d`'s channel (pulled into its inbox) holds a registration event of every
-/// name of `names`, at most [`WAIT`].
+/// Asserts that `d`'s channel holds a registration event of every name of `names`: those
+/// the test's earlier pulls took (the testkit's inbox), then long-polls (`GET
+/// /v2/notification/pull`, held at most `[notifications] long_poll_s` = 2 s, see
+/// [`failover::node_config`]) until all came, at most [`WAIT`].
 fn registration_events(d: &Daemon, names: &BTreeSet<String>) {
-    let has_all = |e: &support::Events| {
-        let got: BTreeSet<String> = e
-            .of("registrations")
-            .iter()
+    let eps = |list: &[serde_json::Value]| -> Vec<String> {
+        list.iter()
             .filter_map(|r| r["ep"].as_str().map(String::from))
-            .collect();
-        names.is_subset(&got)
+            .collect()
     };
-    let events = d.collect_events(WAIT, has_all);
-    let got: BTreeSet<String> = events
-        .of("registrations")
-        .iter()
-        .filter_map(|r| r["ep"].as_str().map(String::from))
-        .collect();
+    let mut got: BTreeSet<String> = eps(&d
+        .collect_events(Duration::ZERO, |_| true)
+        .of("registrations"))
+    .into_iter()
+    .collect();
+    let t = Instant::now();
+    let mut polls = 0;
+    while !names.is_subset(&got) && t.elapsed() < WAIT {
+        polls += 1;
+        let r = try_http(
+            d.rest,
+            "GET",
+            "/v2/notification/pull",
+            &d.key,
+            Duration::from_secs(5),
+        );
+        match r {
+            Ok((200, body)) => {
+                let batch: serde_json::Value = serde_json::from_str(&body)
+                    .unwrap_or_else(|e| panic!("a long-poll answer that is no JSON ({e}): {body}"));
+                if let Some(list) = batch["registrations"].as_array() {
+                    got.extend(eps(list));
+                }
+            }
+            Ok((204, _)) => {}
+            other => panic!("long-poll on {}: {other:?}", d.rest),
+        }
+    }
     let missing: Vec<_> = names.difference(&got).collect();
     assert!(
         missing.is_empty(),
-        "registration events lost on {}: {missing:?}",
+        "registration events lost on {} ({polls} long-polls): {missing:?}",
         d.rest
     );
 }

@@ -20,12 +20,13 @@ pub const LINKS: &str = "</1/0>,</3/0>,</3303/0/5700>;obs,</5/0>";
 /// The `[cluster]` section of node `node` on the servers `urls`, with three replicas on
 /// three servers (one on one), and the default 5 s timeout (the first start creates every
 /// bucket with three replicas: on a loaded machine that took longer than the 2 s of
-/// `tests/it/cluster.rs`).
+/// `tests/it/cluster.rs`); long-polls are held 2 s at most.
 pub fn node_config(urls: &[String], node: &str) -> String {
     let section =
         crate::cluster::cluster(urls, node).replace("timeout_ms = 2000", "timeout_ms = 5000");
     let replicas = if urls.len() >= 3 { 3 } else { 1 };
-    format!("{section}replicas = {replicas}\n")
+    // Long-polls held 2 s at most, so that a test's waits for events stay bounded.
+    format!("{section}replicas = {replicas}\n[notifications]\nlong_poll_s = 2\n")
 }
 
 /// Starts the nodes `names` on `urls`: the first alone (it writes `admin.key`), the others
