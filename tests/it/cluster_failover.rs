@@ -653,7 +653,7 @@ fn a_nats_server_killed_under_load_loses_nothing_acknowledged() {
 /// the leader of the registrations bucket:
 /// - one node's registrations watch (`watch_registration_bucket`, an ordered push
 ///   consumer of async-nats 0.52) stops delivering the other nodes' writes: that node does
-///   not list the other nodes' later registrations (6 of 7 runs). Its log (debug) shows
+///   not list the other nodes' later registrations (6 of 8 runs). Its log (debug) shows
 ///   the consumer lost ("Connection lost" / "Connection restored, triggering consumer
 ///   recreation" when the node was connected to the killed server, or "the registrations
 ///   watch: missed idle heartbeat"), then async-nats' requests to create its replacement
