@@ -25,6 +25,7 @@ mod allow;
 mod auth;
 mod cluster;
 mod cluster_moves;
+mod cluster_failover;
 mod connections;
 mod crash;
 mod credentials;
