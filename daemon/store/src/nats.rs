@@ -139,7 +139,6 @@ use async_nats::jetstream::{self, consumer, context::PublishAckFuture, kv, strea
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -1013,69 +1012,6 @@ impl Shared {
             .unwrap_or(0))
     }
 
-    /// Every message of `stream` matching `filter` (last per subject for a bucket), in the
-    /// stream's order; KV delete markers included.
-    async fn read_all(
-        &self,
-        stream: &str,
-        filter: String,
-        policy: consumer::DeliverPolicy,
-        headers_only: bool,
-    ) -> Result<Vec<Raw>, StoreError> {
-        let t = self.timeout;
-        let stream = self.stream(stream)?;
-        let config = consumer::pull::Config {
-            deliver_policy: policy,
-            ack_policy: consumer::AckPolicy::None,
-            filter_subject: filter,
-            headers_only,
-            memory_storage: true,
-            inactive_threshold: Duration::from_secs(60),
-            ..Default::default()
-        };
-        let consumer: consumer::PullConsumer = self
-            .attempts("reading", || stream.create_consumer(config.clone()))
-            .await?;
-        let mut left = consumer.cached_info().num_pending;
-        let mut out = Vec::with_capacity(left.min(1 << 16) as usize);
-        while left > 0 {
-            let n = left.min(1024) as usize;
-            let mut batch = consumer
-                .batch()
-                .max_messages(n)
-                .expires(t)
-                .messages()
-                .await
-                .map_err(unavailable)?;
-            let mut got = 0u64;
-            let mut done = false;
-            while let Some(m) = batch.next().await {
-                let m = m.map_err(unavailable)?;
-                let info = m.info().map_err(unavailable)?;
-                let (seq, pending) = (info.stream_sequence, info.pending);
-                let m = m.message;
-                out.push(Raw {
-                    subject: m.subject.to_string(),
-                    headers: m.headers,
-                    payload: m.payload,
-                    seq,
-                });
-                got += 1;
-                if pending == 0 {
-                    done = true;
-                    break;
-                }
-            }
-            if done || got == 0 {
-                break;
-            }
-            left = left.saturating_sub(got);
-        }
-        let name = consumer.cached_info().name.clone();
-        let _ = stream.delete_consumer(&name).await;
-        Ok(out)
-    }
-
     /// The live values of a bucket whose keys match `filter` (after `$KV.<bucket>.`).
     async fn read_bucket(&self, bucket: &str, filter: &str) -> Result<Vec<Raw>, StoreError> {
         let mut all = self
@@ -1175,89 +1111,60 @@ impl Shared {
         caught_up: oneshot::Sender<Result<(), StoreError>>,
     ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
         let bucket = self.names.registrations.clone();
-        let mut messages = self
-            .ordered(&bucket, consumer::DeliverPolicy::LastPerSubject, false)
-            .await?;
         let skip = 2;
-        let initial = messages.1;
-        Ok(tokio::spawn(async move {
-            let mut caught_up = Some(caught_up);
-            if initial == 0
-                && let Some(c) = caught_up.take()
-            {
-                let _ = c.send(Ok(()));
-            }
-            while let Some(m) = messages.0.next().await {
-                let m = match m {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::debug!("store: the registrations watch: {e}");
-                        continue;
-                    }
-                };
-                let (seq, pending) = m
-                    .info()
-                    .map(|i| (i.stream_sequence, i.pending))
-                    .unwrap_or((0, 0));
-                let m = m.message;
-                let raw = Raw {
-                    subject: m.subject.to_string(),
-                    headers: m.headers,
-                    payload: m.payload,
-                    seq,
-                };
-                let ours = raw.header(NODE_HEADER) == Some(self.node.as_str());
+        self.watch_bucket(
+            "registrations",
+            bucket,
+            resume::Start::Current,
+            false,
+            Some(caught_up),
+            move |shared, raw, live| {
+                let ours = raw.header(NODE_HEADER) == Some(shared.node.as_str());
                 // Before catching up, everything (ours from an earlier run too); after,
                 // only other nodes' writes (ours are in the index from their acks).
-                let live = caught_up.is_none();
-                if !(live && ours) {
-                    let key = raw
-                        .subject
-                        .split('.')
-                        .skip(skip)
-                        .collect::<Vec<_>>()
-                        .join(".");
-                    if raw.is_kv_delete() {
-                        self.index
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .observed(&key, seq, None);
-                        if live
-                            && let Some([domain, name]) = raw
-                                .tokens(skip)
-                                .and_then(|t| <[String; 2]>::try_from(t).ok())
-                        {
-                            let _ = changes.send(RegistrationChange::Deleted { domain, name });
+                if live && ours {
+                    return;
+                }
+                let seq = raw.seq;
+                let key = raw
+                    .subject
+                    .split('.')
+                    .skip(skip)
+                    .collect::<Vec<_>>()
+                    .join(".");
+                if raw.is_kv_delete() {
+                    shared
+                        .index
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .observed(&key, seq, None);
+                    if live
+                        && let Some([domain, name]) = raw
+                            .tokens(skip)
+                            .and_then(|t| <[String; 2]>::try_from(t).ok())
+                    {
+                        let _ = changes.send(RegistrationChange::Deleted { domain, name });
+                    }
+                } else {
+                    match serde_json::from_slice::<Registration>(&raw.payload) {
+                        Ok(reg) => {
+                            shared
+                                .index
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .observed(&key, seq, Some(&reg.id));
+                            if live {
+                                let _ = changes.send(RegistrationChange::Put(Box::new(reg)));
+                            }
                         }
-                    } else {
-                        match serde_json::from_slice::<Registration>(&raw.payload) {
-                            Ok(reg) => {
-                                self.index
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .observed(&key, seq, Some(&reg.id));
-                                if live {
-                                    let _ = changes.send(RegistrationChange::Put(Box::new(reg)));
-                                }
-                            }
-                            Err(e) => {
-                                tracing::error!("store: skipping unreadable registration: {e}")
-                            }
+                        Err(e) => {
+                            tracing::error!("store: skipping unreadable registration: {e}")
                         }
                     }
                 }
-                if pending == 0
-                    && let Some(c) = caught_up.take()
-                {
-                    let _ = c.send(Ok(()));
-                }
-            }
-            // The ordered consumer makes itself again after an outage; it ends only when
-            // the connection is closed for good.
-            tracing::error!(
-                "store: the registrations watch ended; other nodes' registrations are no longer followed"
-            );
-        }))
+            },
+        )
+        .await
     }
 
     async fn watch_plugin_state(
@@ -1265,26 +1172,19 @@ impl Shared {
         external: watch::Sender<u64>,
     ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
         let bucket = self.names.plugin_state.clone();
-        let (mut messages, _) = self
-            .ordered(&bucket, consumer::DeliverPolicy::New, true)
-            .await?;
-        Ok(tokio::spawn(async move {
-            while let Some(m) = messages.next().await {
-                let Ok(m) = m else { continue };
-                let other = m
-                    .message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(NODE_HEADER))
-                    .is_none_or(|n| n.as_str() != self.node);
-                if other {
+        self.watch_bucket(
+            "plugin-state",
+            bucket,
+            resume::Start::New,
+            true,
+            None,
+            move |shared, raw, _| {
+                if raw.header(NODE_HEADER) != Some(shared.node.as_str()) {
                     external.send_modify(|n| *n += 1);
                 }
-            }
-            tracing::error!(
-                "store: the plugin-state watch ended; other nodes' plugin state is no longer followed"
-            );
-        }))
+            },
+        )
+        .await
     }
 
     /// An ordered push consumer on a whole bucket, and how many messages it had pending
@@ -2316,3 +2216,5 @@ pub use calls::{CallError, NodeCall, NodeCalls};
 mod counts;
 pub use counts::NodeHourCount;
 mod credential_changes;
+/// Watches that resume after a server's death, loads that read to the end.
+mod resume;

@@ -1211,6 +1211,124 @@ mod nats {
         assert_eq!(eventually(|| b.load_registrations()).await.len(), ids.len());
     }
 
+    /// Issue 22, watches survive a server's death: three servers, R3, two nodes. The
+    /// server leading the registrations bucket is killed; the writes the other node makes
+    /// afterwards still reach this node's registrations, plugin-state and credential
+    /// watches (each within 60 s, the time printed), and loads made afterwards, on this
+    /// node and on a node connecting to the two servers left, see every registration.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watches_and_loads_go_on_after_the_watched_buckets_leader_dies() {
+        let t0 = Instant::now();
+        let mut cluster = NatsCluster::start().unwrap();
+        let cfg = |urls: Vec<String>, node: &str| {
+            let mut c = config(urls, node);
+            c.replicas = 3;
+            c.timeout = Duration::from_secs(5);
+            c
+        };
+        let a = NatsStore::connect(cfg(cluster.urls(), "a")).await.unwrap();
+        let b = NatsStore::connect(cfg(cluster.urls(), "b")).await.unwrap();
+        let mut a_regs = a.watch_registrations();
+        let mut a_plugin = a.external_changes().unwrap();
+        let mut a_creds = a.credential_changes();
+        let mut written = vec!["r0".to_string()];
+        b.put_registration(reg("r0", "d", "ep0")).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), a_regs.recv())
+            .await
+            .expect("a's watch tells of b's write before the kill")
+            .unwrap();
+        assert_eq!(
+            got,
+            RegistrationChange::Put(Box::new(reg("r0", "d", "ep0")))
+        );
+
+        let leader = cluster
+            .stream_leader("KV_cd_registrations")
+            .expect("a leader of the registrations bucket");
+        cluster.servers[leader].kill();
+        let killed = Instant::now();
+        eprintln!(
+            "killed {} (leading KV_cd_registrations) {:?} after the start",
+            cluster.servers[leader].name(),
+            t0.elapsed()
+        );
+        for i in 1..=10 {
+            let id = format!("r{i}");
+            eventually(|| b.put_registration(reg(&id, "d", &format!("ep{i}")))).await;
+            written.push(id);
+        }
+        eprintln!(
+            "b wrote 10 registrations {:?} after the kill",
+            killed.elapsed()
+        );
+        eventually(|| b.plugin_state_put("p".into(), "k".into(), vec![1])).await;
+        eventually(|| b.put_psk(psk("d", "ep1", "id1", b"k1"))).await;
+        eprintln!(
+            "b wrote plugin state and a PSK {:?} after the kill",
+            killed.elapsed()
+        );
+
+        // a's registrations watch tells of each (a put of r0 may come again: no).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut seen = Vec::new();
+        while seen.len() < 10 {
+            let got = tokio::time::timeout_at(deadline, a_regs.recv())
+                .await
+                .unwrap_or_else(|_| panic!("a's watch told of {seen:?} only, 60 s after the kill"))
+                .unwrap();
+            match got {
+                RegistrationChange::Put(r) => seen.push(r.id),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(seen, written[1..]);
+        eprintln!(
+            "a's registrations watch told of all 10 {:?} after the kill",
+            killed.elapsed()
+        );
+        tokio::time::timeout_at(deadline, a_plugin.changed())
+            .await
+            .expect("a's plugin-state watch tells of b's write")
+            .unwrap();
+        tokio::time::timeout_at(deadline, a_creds.changed())
+            .await
+            .expect("a's credentials watch tells of b's PSK")
+            .unwrap();
+        eprintln!(
+            "a's plugin-state and credential watches moved {:?} after the kill",
+            killed.elapsed()
+        );
+
+        // Loads after the kill see everything, on a and on a node connecting now.
+        let ids = |regs: Vec<connectord_model::Registration>| {
+            let mut ids: Vec<String> = regs.into_iter().map(|r| r.id).collect();
+            ids.sort();
+            ids
+        };
+        written.sort();
+        assert_eq!(ids(eventually(|| a.load_registrations()).await), written);
+        let urls: Vec<String> = (0..3)
+            .filter(|&i| i != leader)
+            .map(|i| cluster.servers[i].url())
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let c = loop {
+            match NatsStore::connect(cfg(urls.clone(), "c")).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(e.is_unavailable(), "{e}");
+                    assert!(Instant::now() < deadline, "cannot connect: {e}");
+                }
+            }
+        };
+        assert_eq!(ids(eventually(|| c.load_registrations()).await), written);
+        eprintln!(
+            "loads on a and on a new node c saw all 11 {:?} after the kill; the test took {:?}",
+            killed.elapsed(),
+            t0.elapsed()
+        );
+    }
+
     /// The read's answer once it succeeds, within 30 s; failures meanwhile must be
     /// "unavailable".
     async fn eventually<T>(read: impl Fn() -> connectord_store::Pending<T>) -> T {

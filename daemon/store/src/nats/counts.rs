@@ -23,11 +23,10 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use async_nats::jetstream::consumer;
-use futures_util::StreamExt;
 use tokio::sync::broadcast;
 
-use super::{NODE_HEADER, NatsStore, Raw, Shared, dec, enc};
+use super::resume::Start;
+use super::{NODE_HEADER, NatsStore, Shared, dec, enc};
 use crate::{HourCount, Pending, StoreError};
 
 /// Another node's count of a domain's hour, as it stored it last (`count` 0: removed).
@@ -107,26 +106,20 @@ impl Shared {
         watch: Arc<CountsWatch>,
     ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
         let bucket = self.names.hour_counts.clone();
-        let (mut messages, _) = self
-            .ordered(&bucket, consumer::DeliverPolicy::LastPerSubject, false)
-            .await?;
         let skip = format!("$KV.{bucket}.").len();
-        Ok(tokio::spawn(async move {
-            while let Some(m) = messages.next().await {
-                let Ok(m) = m else { continue };
-                let m = m.message;
-                let raw = Raw {
-                    subject: m.subject.to_string(),
-                    headers: m.headers,
-                    payload: m.payload,
-                    seq: 0,
-                };
+        self.watch_bucket(
+            "hourly counts",
+            bucket,
+            Start::Current,
+            false,
+            None,
+            move |shared, raw, _| {
                 let Some((domain, hour, Some(node))) = raw.subject.get(skip..).and_then(parse_key)
                 else {
-                    continue;
+                    return;
                 };
-                if node == self.node {
-                    continue;
+                if node == shared.node {
+                    return;
                 }
                 let count = if raw.is_kv_delete() {
                     0
@@ -138,7 +131,7 @@ impl Shared {
                                 "store: skipping unreadable limit count {}",
                                 raw.subject
                             );
-                            continue;
+                            return;
                         }
                     }
                 };
@@ -152,11 +145,9 @@ impl Shared {
                     hour,
                     count,
                 });
-            }
-            tracing::error!(
-                "store: the hourly counts watch ended; other nodes' traffic is no longer added to the limits"
-            );
-        }))
+            },
+        )
+        .await
     }
 
     /// Every stored count: (domain, hour, node) with `None` for the older form.

@@ -13,10 +13,9 @@
 
 use std::sync::Arc;
 
-use async_nats::jetstream::consumer;
-use futures_util::StreamExt;
 use tokio::sync::watch;
 
+use super::resume::Start;
 use super::{NODE_HEADER, NatsStore, Shared};
 use crate::StoreError;
 
@@ -27,26 +26,19 @@ impl Shared {
         bucket: String,
         changes: Arc<watch::Sender<u64>>,
     ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
-        let (mut messages, _) = self
-            .ordered(&bucket, consumer::DeliverPolicy::New, true)
-            .await?;
-        Ok(tokio::spawn(async move {
-            while let Some(m) = messages.next().await {
-                let Ok(m) = m else { continue };
-                let other = m
-                    .message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(NODE_HEADER))
-                    .is_none_or(|n| n.as_str() != self.node);
-                if other {
+        self.watch_bucket(
+            "credentials",
+            bucket,
+            Start::New,
+            true,
+            None,
+            move |shared, raw, _| {
+                if raw.header(NODE_HEADER) != Some(shared.node.as_str()) {
                     changes.send_modify(|n| *n += 1);
                 }
-            }
-            tracing::error!(
-                "store: the {bucket} watch ended; other nodes' credential changes are no longer followed"
-            );
-        }))
+            },
+        )
+        .await
     }
 }
 
