@@ -665,10 +665,6 @@ fn a_nats_server_killed_under_load_loses_nothing_acknowledged() {
 ///   likely cause: `read_all` trusts the `num_pending` of a new ephemeral pull consumer,
 ///   which a replica that is not current may report as 0).
 #[test]
-#[ignore = "issue 22, store::nats: after the registrations bucket's leader dies, a \
-            node's registrations watch stops (its ordered consumer's re-creation is never \
-            answered; the node no longer lists other nodes' new registrations), and a node \
-            started then may load 0 registrations and fail its start reading"]
 fn every_node_lists_every_registration_after_a_nats_server_dies() {
     nats_server_killed_under_load(true);
 }
@@ -724,6 +720,15 @@ fn nats_server_killed_under_load(everywhere: bool) {
     let all: Vec<&Daemon> = nodes.iter().collect();
     if everywhere {
         all_listed(&all, &acked);
+        // What the nodes' watches did about the kill (store::nats resumes a watch that
+        // stalls): printed, not asserted.
+        for (n, node) in nodes.iter().enumerate() {
+            for l in node.logs() {
+                if l.contains(" watch stopped ") || l.contains(" watch resumed ") {
+                    println!("n{}: {l}", n + 1);
+                }
+            }
+        }
     } else {
         for (n, node) in nodes.iter().enumerate() {
             let own: BTreeSet<String> = fleet

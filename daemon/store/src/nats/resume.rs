@@ -218,7 +218,7 @@ impl Shared {
                 };
                 tracing::warn!(
                     "store: the {what} watch resumed after stream sequence {last}, {:?} \
-                     and {tries} consumer attempts after it stopped",
+                     after it stopped ({tries} rounds of consumer attempts)",
                     stopped.elapsed()
                 );
                 last_message = Instant::now();
