@@ -778,6 +778,11 @@ fn nats_server_killed_under_load(everywhere: bool) {
     if everywhere {
         // In the store: a node started now (on the two servers left) lists them all.
         let n4 = start_nodes_joining(&urls, &nodes[0], "n4");
+        for l in n4.logs() {
+            if l.contains("stored registrations") || l.contains("reported nothing pending") {
+                println!("n4: {l}");
+            }
+        }
         all_listed(&[&n4], &acked);
     }
     println!(

@@ -855,10 +855,24 @@ impl Shared {
     /// while these requests go to the stream's own leader. One round trip per message:
     /// the loads at start (every record) use a consumer instead.
     async fn list_direct(&self, stream: &str, filter: &str) -> Result<Vec<Raw>, StoreError> {
-        let stream = self.stream(stream)?;
         let mut out = Vec::new();
-        let mut next = 1;
-        loop {
+        self.list_direct_from(stream, filter, 1, u64::MAX, &mut out)
+            .await?;
+        Ok(out)
+    }
+
+    /// The messages of `stream` matching `filter` from the sequence `next` through `upto`,
+    /// appended to `out` as they come (one `STREAM.MSG.GET` each, see [`Shared::list_direct`]).
+    async fn list_direct_from(
+        &self,
+        stream: &str,
+        filter: &str,
+        mut next: u64,
+        upto: u64,
+        out: &mut Vec<Raw>,
+    ) -> Result<(), StoreError> {
+        let stream = self.stream(stream)?;
+        while next <= upto {
             let got = tokio::time::timeout(
                 self.timeout,
                 stream
@@ -882,11 +896,12 @@ impl Shared {
                 Err(e)
                     if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
                 {
-                    return Ok(out);
+                    return Ok(());
                 }
                 Err(e) => return Err(unavailable(e)),
             }
         }
+        Ok(())
     }
 
     /// Runs `f` (making a consumer) until it succeeds, each attempt bounded by a quarter

@@ -264,9 +264,30 @@ impl Shared {
                 inactive_threshold: Duration::from_secs(60),
                 ..Default::default()
             };
-            let consumer: consumer::PullConsumer = self
+            let consumer: consumer::PullConsumer = match self
                 .attempts("reading", || stream.create_consumer(config.clone()))
-                .await?;
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    // No consumer within the timeout (no meta leader yet, or placed on a
+                    // lost server): the rest message by message from the stream's leader.
+                    tracing::info!(
+                        "store: reading {stream_name} message by message after stream \
+                         sequence {last} ({e})"
+                    );
+                    self.list_direct_from(stream_name, &filter, last + 1, target, &mut out)
+                        .await?;
+                    break;
+                }
+            };
+            if consumer.cached_info().num_pending == 0 {
+                // The case the pending count got wrong (module doc); rare, so logged.
+                tracing::info!(
+                    "store: a new consumer of {stream_name} reported nothing pending; \
+                     reading on to stream sequence {target}"
+                );
+            }
             let before = last;
             let read = self
                 .read_consumer(&consumer, target, &mut last, &mut out)
