@@ -21,6 +21,7 @@
 //! | event numbering epoch | KV `<p>_meta` | `event_epoch` |
 //! | the cluster's CA (SHA-256) | KV `<p>_meta` | `ca_sha256` ([`NatsStore::check_ca`]) |
 //! | members (heartbeats, 6 s max age) | KV `<p>_nodes` | `<node>` ([`NatsStore::heartbeat`]) |
+//! | channel leases (6 s max age) | KV `<p>_channel_owners` | `<key id>` → node ([`NatsStore::claim_channel`]) |
 //! | requests to devices | stream `<p>_requests` | `<p>.req.<domain>.<endpoint>` |
 //! | events | stream `<p>_events` | `<p>.ev.<key id>`, header `Cd-Seq` |
 //! | calls to a node (core NATS, not stored) | request/reply | `<p>.node.<node>.<op>` ([`NatsStore::call_node`]) |
@@ -236,6 +237,8 @@ pub struct NatsStore {
     watches: Vec<tokio::task::JoinHandle<()>>,
     external: watch::Receiver<u64>,
     registrations: broadcast::Sender<RegistrationChange>,
+    /// Other nodes' channel records (`channels`).
+    channels: broadcast::Sender<ChannelRecord>,
 }
 
 /// The names of the buckets and streams.
@@ -251,6 +254,8 @@ struct Names {
     meta: String,
     /// Membership (heartbeats), with a `max_age`; not one of [`Names::buckets`].
     nodes: String,
+    /// Channel leases (`channels`), with a `max_age`; not one of [`Names::buckets`].
+    channel_owners: String,
     requests: String,
     events: String,
     /// `<p>.req`, `<p>.ev`.
@@ -273,6 +278,7 @@ impl Names {
             certificates: format!("{p}_certificates"),
             meta: format!("{p}_meta"),
             nodes: format!("{p}_nodes"),
+            channel_owners: format!("{p}_channel_owners"),
             requests: format!("{p}_requests"),
             events: format!("{p}_events"),
             req_subject: format!("{p}.req"),
@@ -313,6 +319,8 @@ struct Shared {
     index: Mutex<RegIndex>,
     plugin_kv: kv::Store,
     nodes_kv: kv::Store,
+    /// The channel leases (`channels`).
+    owners_kv: kv::Store,
     /// Every stream (buckets' too) by name, got once at connect.
     streams: HashMap<String, jetstream::stream::Stream>,
 }
@@ -551,6 +559,13 @@ impl NatsStore {
         let plugin_kv = plugin_kv.ok_or_else(|| refused("no plugin-state bucket"))?;
         let nodes_kv =
             bind_bucket_aged(&js, &names.nodes, cfg.replicas, Some(MEMBER_MAX_AGE)).await?;
+        let owners_kv = bind_bucket_aged(
+            &js,
+            &names.channel_owners,
+            cfg.replicas,
+            Some(CHANNEL_LEASE_MAX_AGE),
+        )
+        .await?;
         for (name, subject) in [
             (&names.requests, &names.req_subject),
             (&names.events, &names.ev_subject),
@@ -596,6 +611,7 @@ impl NatsStore {
             index: Mutex::new(RegIndex::default()),
             plugin_kv,
             nodes_kv,
+            owners_kv,
         });
         let epoch = shared.next_epoch().await?;
         shared.epoch.store(epoch, Ordering::SeqCst);
@@ -615,6 +631,13 @@ impl NatsStore {
             .map_err(|_| unavailable("the registrations watch ended"))??;
         let (external_tx, external) = watch::channel(0u64);
         tasks.push(shared.clone().watch_plugin_state(external_tx).await?);
+        let (channels, _) = broadcast::channel(4096);
+        tasks.push(
+            shared
+                .clone()
+                .watch_channel_bucket(channels.clone())
+                .await?,
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer {
             shared: shared.clone(),
@@ -627,6 +650,7 @@ impl NatsStore {
             watches: tasks,
             external,
             registrations,
+            channels,
         })
     }
 
@@ -2278,4 +2302,6 @@ mod tests {
 }
 
 mod calls;
+mod channels;
 pub use calls::{CallError, NodeCall, NodeCalls};
+pub use channels::{CHANNEL_LEASE_MAX_AGE, Lease, events_from_json, events_to_json};
