@@ -7,6 +7,7 @@
 //! accepted, should be retried, or is refused.
 
 pub mod hub;
+pub mod peers;
 
 use std::future::Future;
 use std::pin::Pin;
