@@ -11,11 +11,11 @@ use serde_json::json;
 
 use crate::support::{self, Daemon, Prepared, bearer_call};
 
-const LINKS: &str = "</1/0>,</3/0>,</3303/0/5700>;obs,</5/0>";
-const WAIT: Duration = Duration::from_secs(10);
+pub(crate) const LINKS: &str = "</1/0>,</3/0>,</3303/0/5700>;obs,</5/0>";
+pub(crate) const WAIT: Duration = Duration::from_secs(10);
 
 /// The `[cluster]` section of a node `node` on `servers`.
-fn cluster(servers: &[String], node: &str) -> String {
+pub(crate) fn cluster(servers: &[String], node: &str) -> String {
     let servers: Vec<String> = servers.iter().map(|s| format!("{s:?}")).collect();
     format!(
         "[cluster]\nbackend = \"nats\"\nservers = [{}]\nnode = \"{node}\"\ntimeout_ms = 2000\n",
@@ -25,7 +25,7 @@ fn cluster(servers: &[String], node: &str) -> String {
 
 /// Copies the CA of `from` (a state directory) into `to`, as the operator does
 /// (docs/cluster.md).
-fn copy_ca(from: &Path, to: &Path) {
+pub(crate) fn copy_ca(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for f in ["ca.key.pem", "ca.cert.pem"] {
         std::fs::copy(from.join(f), to.join(f)).unwrap();
@@ -34,7 +34,7 @@ fn copy_ca(from: &Path, to: &Path) {
 
 /// A second node on `server`, with the CA of `first` copied into its state directory, and
 /// `first`'s admin key (it writes none itself: the cluster holds keys already).
-fn second_node(server: &NatsServer, first: &Daemon, node: &str, extra: &str) -> Daemon {
+pub(crate) fn second_node(server: &NatsServer, first: &Daemon, node: &str, extra: &str) -> Daemon {
     let p = Prepared::new("", &format!("{}{extra}", cluster(&[server.url()], node)));
     copy_ca(&first.state_dir(), &p.0.dir.path().join("state"));
     let mut d = p.start();

@@ -24,6 +24,7 @@ mod support;
 mod allow;
 mod auth;
 mod cluster;
+mod cluster_channels;
 mod connections;
 mod crash;
 mod credentials;
