@@ -241,12 +241,13 @@ pub struct Batch {
 #[derive(Debug)]
 pub struct Ticket {
     hub: Weak<Hub>,
-    key_id: String,
+    /// (Boxed strings: a `Reply` holds its ticket, and stays small.)
+    key_id: Box<str>,
     id: u64,
     /// Set by [`Ticket::sent`]: the drop then puts nothing back.
     sent: bool,
     /// Cluster: the node whose answer this is (the key's owner), told instead of this hub.
-    owner: Option<String>,
+    owner: Option<Box<str>>,
 }
 
 impl Ticket {
@@ -263,9 +264,9 @@ impl Ticket {
         }
         Answer {
             hub: self.hub.clone(),
-            key_id: std::mem::take(&mut self.key_id),
+            key_id: std::mem::take(&mut self.key_id).into(),
             id: self.id,
-            owner: self.owner.take(),
+            owner: self.owner.take().map(Into::into),
         }
     }
 
@@ -277,7 +278,7 @@ impl Ticket {
         if let Some(hub) = self.hub.upgrade()
             && let Some(f) = hub
                 .lock()
-                .get_mut(&self.key_id)
+                .get_mut(&*self.key_id)
                 .and_then(|c| c.in_flight.as_mut())
                 .filter(|f| f.id == self.id)
         {
@@ -863,7 +864,7 @@ impl Hub {
                     events: ch.queue.iter().take(n).map(|e| e.event.clone()).collect(),
                     ticket: Ticket {
                         hub: Arc::downgrade(self),
-                        key_id: key_id.to_string(),
+                        key_id: key_id.into(),
                         id,
                         sent: false,
                         owner: None,
@@ -1461,10 +1462,10 @@ impl Hub {
                                 events,
                                 ticket: Ticket {
                                     hub: Arc::downgrade(self),
-                                    key_id: p.key_id.clone(),
+                                    key_id: p.key_id.as_str().into(),
                                     id,
                                     sent: false,
-                                    owner: Some(n),
+                                    owner: Some(n.into()),
                                 },
                             }));
                         }
