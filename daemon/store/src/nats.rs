@@ -110,10 +110,11 @@
 //! key whose events were all deleted. Decision, instead of the first plan (initialise a
 //! key's counter from its last stored message): `append_events` is synchronous, so it
 //! cannot read the server, and a key whose events were all deleted has no last message.
-//! When a key's channel moves to another node (a later step: one node at a time numbers a
-//! key, its channel owner), the new owner calls [`EventLog::load_events_of`] before its
-//! first append: that takes a new epoch if another node connected after this one, so the
-//! owner's numbers for the key are above every number given before.
+//! When a key's channel moves to another node (one node at a time numbers a key, its
+//! channel owner, holding the key's lease: [`NatsStore::claim_channel`]), the new owner
+//! calls [`EventLog::load_events_of`] before its first append: that takes a new epoch if
+//! another node connected after this one, so the owner's numbers for the key are above
+//! every number given before.
 //!
 //! `delete_events_through(key, seq)` purges the key's subject up to the stream sequence of
 //! its last event numbered `<= seq` (a purge with subject filter and sequence, which 2.9
@@ -124,7 +125,8 @@
 //!
 //! [`Feed::external_changes`] moves when another node (another `Cd-Node`) writes to the
 //! plugin-state bucket; this node's own writes are not counted. [`NatsStore::watch_registrations`]
-//! streams other nodes' registration writes (for the cluster's next steps).
+//! streams other nodes' registration writes (the daemon's directory follows them),
+//! [`NatsStore::watch_channels`] other nodes' channel records (the hub follows them).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -12,6 +12,12 @@
 //! `notifications.max_concurrent_deliveries` deliveries at once. Events older
 //! than `notifications.discard_after_s` (15 minutes by default, as the seed says) are
 //! discarded and counted, wherever they wait.
+//!
+//! On a node of a cluster ([`Hub::load_clustered`], issue 22) each key's channel is served
+//! by one node at a time, its owner (a lease, [`super::peers::ChannelPeers::claim`]): the
+//! owner's hub does all of the above for the key; the others route the key's events to it
+//! and forward its long-polls there, and follow its record (ARCHITECTURE.md, "Multi-node
+//! on NATS JetStream", Channels). Without peers every channel is this hub's, as before.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -1278,7 +1284,13 @@ impl Hub {
             let Some(ch) = map.get_mut(key_id) else {
                 return Ok(());
             };
+            // What this node queued after the load was submitted (a renewal that found
+            // the lease lapsed, while still delivering) is numbered above it: kept.
+            let loaded_to = events.last().map_or(0, |e| e.seq);
+            let newer: Vec<StoredEvent> =
+                ch.queue.drain(..).filter(|e| e.seq > loaded_to).collect();
             ch.queue = events.into();
+            ch.queue.extend(newer);
             ch.in_flight = None;
             ch.owner = Owner::Here;
             ch.renewed = Instant::now();
