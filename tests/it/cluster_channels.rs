@@ -362,3 +362,56 @@ fn a_channel_owners_clean_stop_hands_the_channel_over() {
     assert_eq!(eps(&got, "registrations"), want);
     assert_eq!(n2.metric("cluster_owned_channels"), 1);
 }
+
+/// A long-poll on node 2 (forwarded to node 1, the owner) whose client gives up while it
+/// waits loses no event: what the owner answered to the abandoned poll is queued again at
+/// once, and the client's next pulls on node 2 get every event, in order, once (a
+/// duplicate is allowed only for what the abandoned poll may have held: the first event).
+#[test]
+fn a_forwarded_long_poll_whose_client_aborts_loses_no_event() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    assert!(n1.pull_now().is_none());
+    until_channels(&n2, 1);
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "1",
+        ])
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {}", n2.key))
+        .arg(n2.url("/v2/notification/pull"))
+        .output()
+        .expect("curl");
+    // 28: curl gave up (the poll was held and aborted), no answer came.
+    assert_eq!(
+        out.status.code(),
+        Some(28),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let aborted = Instant::now();
+    let mut sent = Vec::new();
+    for at in [0, 1, 3] {
+        std::thread::sleep(Duration::from_secs(at).saturating_sub(aborted.elapsed()));
+        let ep = format!("after-{at}s");
+        n2.device()
+            .register(&[&format!("ep={ep}"), "lt=300"], LINKS);
+        sent.push(ep);
+    }
+    let t = Instant::now();
+    let e = collect(&n2, WAIT, |e| e.of("registrations").len() >= sent.len());
+    println!("n2's pulls got the events {:?} after the last", t.elapsed());
+    let mut got = eps(&e, "registrations");
+    if got.len() > sent.len() && got[0] == got[1] {
+        got.remove(0);
+    }
+    assert_eq!(got, sent, "every event, in order, once");
+    assert!(n2.pull_now().is_none(), "nothing else");
+}

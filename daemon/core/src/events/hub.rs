@@ -1463,10 +1463,24 @@ impl Hub {
                         allow: p.allow.clone(),
                         wait: left,
                     };
+                    let mut call = {
+                        let (peers, n) = (Arc::clone(&peers), n.clone());
+                        tokio::spawn(async move { peers.poll(&n, &req).await })
+                    };
                     let r = tokio::select! {
                         biased;
-                        () = &mut gone => return Ok(Pulled::Gone),
-                        r = peers.poll(&n, &req) => r,
+                        () = &mut gone => {
+                            // The owner may still answer the poll: its batch is queued
+                            // again at once, not after `REMOTE_ANSWER_WINDOW`.
+                            let (peers, key) = (Arc::clone(&peers), p.key_id.clone());
+                            tokio::spawn(async move {
+                                if let Ok(Ok(Polled::Batch { id, .. })) = call.await {
+                                    peers.answered(&n, &key, id, false).await;
+                                }
+                            });
+                            return Ok(Pulled::Gone);
+                        }
+                        r = &mut call => r.unwrap_or_else(|e| Err(PeerError::Unreachable(e.to_string()))),
                     };
                     match r {
                         Ok(Polled::Batch { id, events }) => {
