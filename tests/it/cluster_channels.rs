@@ -415,3 +415,47 @@ fn a_forwarded_long_poll_whose_client_aborts_loses_no_event() {
     assert_eq!(got, sent, "every event, in order, once");
     assert!(n2.pull_now().is_none(), "nothing else");
 }
+
+/// The async response of a request to a device of node 1 (sent through node 1, its
+/// owner) reaches the key's channel, owned by node 2: node 1 sends it there and forgets
+/// the request once node 2 stored it; a pull on either node answers it, once.
+#[test]
+fn an_async_response_reaches_the_keys_channel_on_another_node() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    // The channel is made on n2, which owns it.
+    assert!(n2.pull_now().is_none());
+    until_channels(&n1, 1);
+    assert_eq!(n2.metric("cluster_owned_channels"), 1);
+    let mut dev = n1.device();
+    dev.register(&["ep=answering", "lt=300"], LINKS);
+    assert_eq!(
+        eps(
+            &collect(&n2, WAIT, |e| !e.of("registrations").is_empty()),
+            "registrations"
+        ),
+        ["answering"]
+    );
+    let id = n1.async_request("GET", "/v2/endpoints/answering/3/0/0", None, None);
+    let (req, from) = dev.recv_request(WAIT).expect("the request never came");
+    dev.reply(
+        &req,
+        from,
+        coap_lite::ResponseType::Content,
+        b"answer",
+        None,
+        None,
+    );
+    let t = Instant::now();
+    let e = collect(&n1, WAIT, |e| e.async_response(&id).is_some());
+    println!(
+        "the async response, made on n1, pulled through n1 from n2 after {:?}",
+        t.elapsed()
+    );
+    let r = e.async_response(&id).expect("no async response");
+    assert_eq!(r["payload"], support::b64(b"answer"), "{r}");
+    assert_eq!(e.count(), 1, "once: {e:?}");
+    assert!(n2.pull_now().is_none(), "nothing twice");
+    assert_eq!(n1.metric("requests_queued"), 0);
+}
