@@ -26,6 +26,7 @@ mod auth;
 mod cluster;
 mod cluster_moves;
 mod cluster_failover;
+mod cluster_channels;
 mod connections;
 mod crash;
 mod credentials;
