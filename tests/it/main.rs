@@ -24,6 +24,7 @@ mod support;
 mod allow;
 mod auth;
 mod cluster;
+mod cluster_channels;
 mod cluster_failover;
 mod cluster_moves;
 mod connections;

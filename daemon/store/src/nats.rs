@@ -21,6 +21,7 @@
 //! | event numbering epoch | KV `<p>_meta` | `event_epoch` |
 //! | the cluster's CA (SHA-256) | KV `<p>_meta` | `ca_sha256` ([`NatsStore::check_ca`]) |
 //! | members (heartbeats, 6 s max age) | KV `<p>_nodes` | `<node>` ([`NatsStore::heartbeat`]) |
+//! | channel leases (6 s max age) | KV `<p>_channel_owners` | `<key id>` → node ([`NatsStore::claim_channel`]) |
 //! | requests to devices | stream `<p>_requests` | `<p>.req.<domain>.<endpoint>` |
 //! | events | stream `<p>_events` | `<p>.ev.<key id>`, header `Cd-Seq` |
 //! | calls to a node (core NATS, not stored) | request/reply | `<p>.node.<node>.<op>` ([`NatsStore::call_node`]) |
@@ -110,10 +111,11 @@
 //! key whose events were all deleted. Decision, instead of the first plan (initialise a
 //! key's counter from its last stored message): `append_events` is synchronous, so it
 //! cannot read the server, and a key whose events were all deleted has no last message.
-//! When a key's channel moves to another node (a later step: one node at a time numbers a
-//! key, its channel owner), the new owner calls [`EventLog::load_events_of`] before its
-//! first append: that takes a new epoch if another node connected after this one, so the
-//! owner's numbers for the key are above every number given before.
+//! When a key's channel moves to another node (one node at a time numbers a key, its
+//! channel owner, holding the key's lease: [`NatsStore::claim_channel`]), the new owner
+//! calls [`EventLog::load_events_of`] before its first append: that takes a new epoch if
+//! another node connected after this one, so the owner's numbers for the key are above
+//! every number given before.
 //!
 //! `delete_events_through(key, seq)` purges the key's subject up to the stream sequence of
 //! its last event numbered `<= seq` (a purge with subject filter and sequence, which 2.9
@@ -124,10 +126,11 @@
 //!
 //! [`Feed::external_changes`] moves when another node (another `Cd-Node`) writes to the
 //! plugin-state bucket; this node's own writes are not counted. [`NatsStore::watch_registrations`]
-//! streams other nodes' registration writes (for the cluster's next steps);
+//! streams other nodes' registration writes (the daemon's directory follows them);
 //! [`NatsStore::watch_hour_counts`] the other nodes' traffic counts (module `counts`);
 //! [`NatsStore::credential_changes`] moves on other nodes' PSK and certificate writes
-//! (module `credential_changes`).
+//! (module `credential_changes`); [`NatsStore::watch_channels`] other nodes' channel
+//! records (the hub follows them).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -243,6 +246,8 @@ pub struct NatsStore {
     counts: Arc<counts::CountsWatch>,
     /// Moves on other nodes' credential writes (`credential_changes`).
     credentials: Arc<watch::Sender<u64>>,
+    /// Other nodes' channel records (`channels`).
+    channels: broadcast::Sender<ChannelRecord>,
 }
 
 /// The names of the buckets and streams.
@@ -258,6 +263,8 @@ struct Names {
     meta: String,
     /// Membership (heartbeats), with a `max_age`; not one of [`Names::buckets`].
     nodes: String,
+    /// Channel leases (`channels`), with a `max_age`; not one of [`Names::buckets`].
+    channel_owners: String,
     requests: String,
     events: String,
     /// `<p>.req`, `<p>.ev`.
@@ -280,6 +287,7 @@ impl Names {
             certificates: format!("{p}_certificates"),
             meta: format!("{p}_meta"),
             nodes: format!("{p}_nodes"),
+            channel_owners: format!("{p}_channel_owners"),
             requests: format!("{p}_requests"),
             events: format!("{p}_events"),
             req_subject: format!("{p}.req"),
@@ -323,6 +331,8 @@ struct Shared {
     index: Mutex<RegIndex>,
     plugin_kv: kv::Store,
     nodes_kv: kv::Store,
+    /// The channel leases (`channels`).
+    owners_kv: kv::Store,
     /// Every stream (buckets' too) by name, got once at connect.
     streams: HashMap<String, jetstream::stream::Stream>,
 }
@@ -561,6 +571,13 @@ impl NatsStore {
         let plugin_kv = plugin_kv.ok_or_else(|| refused("no plugin-state bucket"))?;
         let nodes_kv =
             bind_bucket_aged(&js, &names.nodes, cfg.replicas, Some(MEMBER_MAX_AGE)).await?;
+        let owners_kv = bind_bucket_aged(
+            &js,
+            &names.channel_owners,
+            cfg.replicas,
+            Some(CHANNEL_LEASE_MAX_AGE),
+        )
+        .await?;
         for (name, subject) in [
             (&names.requests, &names.req_subject),
             (&names.events, &names.ev_subject),
@@ -607,6 +624,7 @@ impl NatsStore {
             index: Mutex::new(RegIndex::default()),
             plugin_kv,
             nodes_kv,
+            owners_kv,
         });
         let epoch = shared.next_epoch().await?;
         shared.epoch.store(epoch, Ordering::SeqCst);
@@ -642,6 +660,13 @@ impl NatsStore {
                 .watch_hour_count_bucket(Arc::clone(&counts))
                 .await?,
         );
+        let (channels, _) = broadcast::channel(4096);
+        tasks.push(
+            shared
+                .clone()
+                .watch_channel_bucket(channels.clone())
+                .await?,
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer {
             shared: shared.clone(),
@@ -656,6 +681,7 @@ impl NatsStore {
             registrations,
             counts,
             credentials,
+            channels,
         })
     }
 
@@ -2227,9 +2253,11 @@ mod tests {
 }
 
 mod calls;
+mod channels;
 pub use calls::{CallError, NodeCall, NodeCalls};
 mod counts;
 pub use counts::NodeHourCount;
 mod credential_changes;
+pub use channels::{CHANNEL_LEASE_MAX_AGE, Lease, events_from_json, events_to_json};
 /// Watches that resume after a server's death, loads that read to the end.
 mod resume;

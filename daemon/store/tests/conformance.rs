@@ -605,6 +605,93 @@ mod nats {
         println!("a heartbeat expired after {:?}", t.elapsed());
     }
 
+    /// Channel leases: one node at a time holds a key's lease (create-if-absent), its
+    /// holder renews it, another node is told the holder; a release frees it for the
+    /// other; a lease not renewed lapses within `CHANNEL_LEASE_MAX_AGE` and the next claim
+    /// takes it. Other nodes' channel records come through `watch_channels`, ours do not.
+    #[tokio::test]
+    async fn nats_channel_leases_are_held_by_one_node_at_a_time() {
+        use connectord_store::nats::{CHANNEL_LEASE_MAX_AGE, Lease};
+        let server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        let b = connect(&server, "b").await;
+        let key = "key *.> 1";
+        assert_eq!(a.channel_owner(key).await.unwrap(), None);
+        // Both at once: exactly one takes it.
+        let (ra, rb) = tokio::join!(a.claim_channel(key), b.claim_channel(key));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        let winner = match (&ra, &rb) {
+            (Lease::Ours { fresh: true }, Lease::Theirs(n)) if n == "a" => "a",
+            (Lease::Theirs(n), Lease::Ours { fresh: true }) if n == "b" => "b",
+            other => panic!("not one owner: {other:?}"),
+        };
+        let (owner, other) = if winner == "a" { (&a, &b) } else { (&b, &a) };
+        assert_eq!(
+            owner.claim_channel(key).await.unwrap(),
+            Lease::Ours { fresh: false }
+        );
+        assert_eq!(
+            other.claim_channel(key).await.unwrap(),
+            Lease::Theirs(winner.into())
+        );
+        assert_eq!(
+            other.channel_owner(key).await.unwrap().as_deref(),
+            Some(winner)
+        );
+        // A release by the non-holder changes nothing; the holder's frees it.
+        other.release_channel(key).await.unwrap();
+        assert_eq!(
+            owner.channel_owner(key).await.unwrap().as_deref(),
+            Some(winner)
+        );
+        owner.release_channel(key).await.unwrap();
+        assert_eq!(other.channel_owner(key).await.unwrap(), None);
+        assert_eq!(
+            other.claim_channel(key).await.unwrap(),
+            Lease::Ours { fresh: true }
+        );
+        // Not renewed: it lapses, and the next claim takes it.
+        let t = Instant::now();
+        loop {
+            match owner.claim_channel(key).await.unwrap() {
+                Lease::Ours { fresh } => {
+                    assert!(fresh, "taken as a fresh lease");
+                    break;
+                }
+                Lease::Theirs(_) => {}
+            }
+            assert!(
+                t.elapsed() < CHANNEL_LEASE_MAX_AGE * 3,
+                "the lease never lapsed"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        println!(
+            "an unrenewed channel lease was taken after {:?}",
+            t.elapsed()
+        );
+        // Channel records: b sees a's write, a does not see its own.
+        let mut seen_by_b = b.watch_channels();
+        let mut seen_by_a = a.watch_channels();
+        let rec = ChannelRecord {
+            key_id: key.into(),
+            domain: "d".into(),
+            callback: None,
+            allow: None,
+        };
+        a.put_channel(rec.clone()).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), seen_by_b.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, rec);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            seen_by_a.try_recv().is_err(),
+            "a node's own write came back"
+        );
+    }
+
     #[tokio::test]
     async fn nats_backend_keeps_device_credentials_across_a_reconnect() {
         let server = NatsServer::start().unwrap();
