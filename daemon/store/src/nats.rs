@@ -77,7 +77,9 @@
 //!   and two nodes putting one PSK identity for two endpoints at once can both pass the
 //!   check.
 //! - **Two ways to read.** The loads (every record, at start) read through an ephemeral
-//!   pull consumer, in batches of 1 024. The listings of the read-modify-write writes and
+//!   pull consumer, in batches of 1 024, to the last matching sequence the stream's leader
+//!   reports (not to the consumer's pending count), and message by message when no
+//!   consumer can be made within the timeout (module `resume`). The listings of the read-modify-write writes and
 //!   `plugin_state_keys` read one message per `STREAM.MSG.GET` (`next_by_subj`), which the
 //!   stream's leader answers: making a consumer needs the cluster's meta leader, which is
 //!   elected again only 5 to 25 s after its server is lost (measured in
@@ -131,6 +133,16 @@
 //! [`NatsStore::credential_changes`] moves on other nodes' PSK and certificate writes
 //! (module `credential_changes`); [`NatsStore::watch_channels`] other nodes' channel
 //! records (the hub follows them).
+//!
+//! Every one of them is a resumable watch (`Shared::watch_bucket`, module `resume`): an
+//! ordered push consumer on the bucket, supervised by the last stream sequence it
+//! delivered; when the bucket's last sequence (`STREAM.INFO`, answered by its leader) is
+//! ahead and nothing came for 3 s, or the consumer ended, a new consumer is made from the
+//! last sequence + 1, in short attempts until one is. Decision by experiment: after a
+//! bucket's leader is killed, the consumer async-nats re-creates by itself was at times
+//! never answered (6 of 8 runs); ours, under a new name, were, within 3 ms to 2.7 s. Push
+//! rather than polling direct gets: 2 000 messages took 0.9 s by direct gets, 0.1 s by
+//! a consumer (module `resume`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
