@@ -23,8 +23,11 @@
 //! so a watch would either lag by its polling period or load the stream's leader with a
 //! request per period per watch per node even when idle, and catching up (a node's start
 //! reads every registration through its watch) would be one round trip per registration.
-//! The supervised push consumer delivers at once and in bulk, and the supervision costs
-//! one `STREAM.INFO` per idle watch per [`CHECK`]. The supervision's own requests
+//! Measured on a 3-server R3 cluster on loopback: 2 000 messages read by direct gets in
+//! 0.90 to 0.95 s, by a pull consumer in 0.09 to 0.15 s. The supervised push consumer
+//! delivers at once and in bulk, and the supervision costs one `STREAM.INFO` per idle
+//! watch per [`CHECK`]. With it, in `every_node_lists_every_registration_after_a_nats_server_dies`,
+//! the watches that stalled resumed 3 ms to 2.7 s after their restart began. The supervision's own requests
 //! (`STREAM.INFO`) are answered by the stream's leader, like a direct get; only making the
 //! new consumer needs the meta leader, which is elected again within 5 to 25 s of its
 //! server's loss.
@@ -36,7 +39,14 @@
 //! replica). A load reads until it delivered that sequence; a consumer that stops
 //! short (a batch expiring without messages) is replaced by one starting after the last
 //! message read, up to [`LOAD_TRIES`] consumers in a row without progress, then the load
-//! fails `unavailable`.
+//! fails `unavailable`. When no consumer can be made within the timeout (no meta leader
+//! yet: 5 to 25 s after its server's loss), the load reads the rest message by message
+//! from the stream's leader ([`Shared::list_direct`]'s requests): slow for a big bucket
+//! (about 0.45 ms a message here), but it needs no meta leader. Why: a node started
+//! just after a server's death once failed its start with "reading: timed out", which
+//! is [`Shared::attempts`] failing to make a load's consumer within the timeout. (Its
+//! "loaded 0 stored registrations" was not a symptom: the daemon counts only the node's
+//! own registrations there, 0 for a new node.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
