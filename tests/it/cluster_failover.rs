@@ -438,24 +438,28 @@ fn async_responses_on(nodes: &[&Daemon], ids: &[(String, String)]) -> BTreeMap<S
     }
 }
 
-/// Asserts that `d`'s channel holds a registration event of every name of `names`: those
-/// the test's earlier pulls took (the testkit's inbox), then long-polls (`GET
-/// /v2/notification/pull`, held at most `[notifications] long_poll_s` = 2 s, see
-/// [`failover::node_config`]) until all came, at most [`WAIT`].
-fn registration_events(d: &Daemon, names: &BTreeSet<String>) {
+/// Asserts that the key's channel held a registration event of every name of `names`:
+/// those the test's earlier pulls took on any of `nodes` (the testkit's inboxes), then
+/// long-polls (`GET /v2/notification/pull`, held at most `[notifications] long_poll_s` =
+/// 2 s, see [`failover::node_config`]) on each node in turn until all came, at most
+/// [`WAIT`]. Since channels are served across nodes (one owner per key, pulls forwarded
+/// to it), an event may be taken by a pull on any node.
+fn registration_events(nodes: &[&Daemon], names: &BTreeSet<String>) {
     let eps = |list: &[serde_json::Value]| -> Vec<String> {
         list.iter()
             .filter_map(|r| r["ep"].as_str().map(String::from))
             .collect()
     };
-    let mut got: BTreeSet<String> = eps(&d
-        .collect_events(Duration::ZERO, |_| true)
-        .of("registrations"))
-    .into_iter()
-    .collect();
+    let mut got: BTreeSet<String> = BTreeSet::new();
+    for d in nodes {
+        got.extend(eps(&d
+            .collect_events(Duration::ZERO, |_| true)
+            .of("registrations")));
+    }
     let t = Instant::now();
     let mut polls = 0;
     while !names.is_subset(&got) && t.elapsed() < WAIT {
+        let d = nodes[polls % nodes.len()];
         polls += 1;
         let r = try_http(
             d.rest,
@@ -479,8 +483,7 @@ fn registration_events(d: &Daemon, names: &BTreeSet<String>) {
     let missing: Vec<_> = names.difference(&got).collect();
     assert!(
         missing.is_empty(),
-        "registration events lost on {} ({polls} long-polls): {missing:?}",
-        d.rest
+        "registration events lost ({polls} long-polls): {missing:?}"
     );
 }
 
@@ -613,16 +616,14 @@ fn a_node_killed_under_load_loses_no_acknowledged_registration_or_request() {
     async_responses_on(&survivors, &ids);
     // No registration event of a survivor lost: each node's channel has every device that
     // registered with it (the fleet, the load's fresh devices, node 3's that moved).
-    for (n, node) in survivors.iter().enumerate() {
-        let names: BTreeSet<String> = others
-            .iter()
-            .chain(&orphans)
-            .chain(&loaded)
-            .filter(|d| d.node == n)
-            .map(|d| d.name.clone())
-            .collect();
-        registration_events(node, &names);
-    }
+    let names: BTreeSet<String> = others
+        .iter()
+        .chain(&orphans)
+        .chain(&loaded)
+        .filter(|d| d.node < survivors.len())
+        .map(|d| d.name.clone())
+        .collect();
+    registration_events(&survivors, &names);
     println!(
         "{} registrations, {} queued requests checked; the test took {:?}",
         acked.len(),
@@ -758,23 +759,24 @@ fn nats_server_killed_under_load(everywhere: bool) {
         .iter()
         .map(|(_, q)| (q.id.clone(), q.ep.clone()))
         .collect();
+    // Every answer reaches the key's channel; since channels are served across nodes (one
+    // owner per key, pulls forwarded to it), a pull on any node gets it: where each came
+    // is printed, not asserted.
     let on = async_responses_on(&all, &ids);
-    for (node, q) in &queued {
-        assert_eq!(
-            on[&q.id], *node,
-            "{}: its answer came on another node",
-            q.ep
-        );
+    let mut per_node = [0usize; 3];
+    for n in on.values() {
+        per_node[*n] += 1;
     }
-    for (n, node) in nodes.iter().enumerate() {
-        let names: BTreeSet<String> = fleet
-            .iter()
-            .chain(&loaded)
-            .filter(|d| d.node == n)
-            .map(|d| d.name.clone())
-            .collect();
-        registration_events(node, &names);
-    }
+    println!(
+        "{} async responses, pulled on n1, n2, n3: {per_node:?}",
+        on.len()
+    );
+    let names: BTreeSet<String> = fleet
+        .iter()
+        .chain(&loaded)
+        .map(|d| d.name.clone())
+        .collect();
+    registration_events(&all, &names);
     if everywhere {
         // In the store: a node started now (on the two servers left) lists them all.
         let n4 = start_nodes_joining(&urls, &nodes[0], "n4");
