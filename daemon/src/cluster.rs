@@ -23,6 +23,8 @@
 //!   servers, lost state), the new admin key goes to `admin.key.<unix seconds>` beside it,
 //!   with a warning: the old file is never overwritten, and holds no key of this state.
 
+pub mod forward;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -2279,3 +2279,5 @@ mod tests {
 
 mod calls;
 pub use calls::{CallError, NodeCall, NodeCalls};
+mod follow;
+pub use follow::{Followed, SubscriptionWatch};
