@@ -11,11 +11,11 @@ use serde_json::json;
 
 use crate::support::{self, Daemon, Prepared, bearer_call};
 
-const LINKS: &str = "</1/0>,</3/0>,</3303/0/5700>;obs,</5/0>";
-const WAIT: Duration = Duration::from_secs(10);
+pub(crate) const LINKS: &str = "</1/0>,</3/0>,</3303/0/5700>;obs,</5/0>";
+pub(crate) const WAIT: Duration = Duration::from_secs(10);
 
 /// The `[cluster]` section of a node `node` on `servers`.
-fn cluster(servers: &[String], node: &str) -> String {
+pub(crate) fn cluster(servers: &[String], node: &str) -> String {
     let servers: Vec<String> = servers.iter().map(|s| format!("{s:?}")).collect();
     format!(
         "[cluster]\nbackend = \"nats\"\nservers = [{}]\nnode = \"{node}\"\ntimeout_ms = 2000\n",
@@ -34,7 +34,7 @@ fn copy_ca(from: &Path, to: &Path) {
 
 /// A second node on `server`, with the CA of `first` copied into its state directory, and
 /// `first`'s admin key (it writes none itself: the cluster holds keys already).
-fn second_node(server: &NatsServer, first: &Daemon, node: &str, extra: &str) -> Daemon {
+pub(crate) fn second_node(server: &NatsServer, first: &Daemon, node: &str, extra: &str) -> Daemon {
     let p = Prepared::new("", &format!("{}{extra}", cluster(&[server.url()], node)));
     copy_ca(&first.state_dir(), &p.0.dir.path().join("state"));
     let mut d = p.start();
@@ -46,7 +46,7 @@ fn second_node(server: &NatsServer, first: &Daemon, node: &str, extra: &str) -> 
     d
 }
 
-fn members(d: &Daemon) -> Vec<String> {
+pub(crate) fn members(d: &Daemon) -> Vec<String> {
     let r = d.get("/v2/cluster");
     assert_eq!(r.status, 200, "{}", r.body);
     r.json()["members"]
@@ -448,7 +448,7 @@ fn check_config_refuses_a_node_name_that_is_no_nats_token() {
 }
 
 /// The names `d` lists in `GET /v2/endpoints`.
-fn endpoint_names(d: &Daemon) -> Vec<String> {
+pub(crate) fn endpoint_names(d: &Daemon) -> Vec<String> {
     let r = d.get("/v2/endpoints");
     assert_eq!(r.status, 200, "{}", r.body);
     r.json()
@@ -462,7 +462,7 @@ fn endpoint_names(d: &Daemon) -> Vec<String> {
 /// Waits (at most [`WAIT`]) until `d` lists exactly `names`; returns how long it took.
 /// The time is printed by the callers, not asserted: how fast is the bench's and
 /// docs/cluster.md's business (a loaded CI machine must not fail a test over it).
-fn until_listed(d: &Daemon, names: &[&str]) -> Duration {
+pub(crate) fn until_listed(d: &Daemon, names: &[&str]) -> Duration {
     let t = Instant::now();
     while endpoint_names(d) != names {
         assert!(
@@ -613,38 +613,4 @@ fn a_device_that_registers_on_another_node_moves_with_its_queued_requests() {
         }
         assert!(t.elapsed() < WAIT, "the delivered request stays stored");
     }
-}
-
-/// Issue 22, until requests are forwarded between nodes: a request or a subscription for
-/// a device another node owns is refused with 503 naming that node (a 202 would promise
-/// a request this node cannot send), and the refused subscription is not listed; the
-/// owner accepts the same request and the device gets it.
-#[test]
-fn a_request_for_a_device_of_another_node_is_refused_naming_its_owner() {
-    let server = NatsServer::start().unwrap();
-    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
-    let n2 = second_node(&server, &n1, "n2", "");
-    let mut dev = n1.device();
-    dev.register(&["ep=owned-by-n1", "lt=300"], LINKS);
-    until_listed(&n2, &["owned-by-n1"]);
-
-    let path = "/v2/endpoints/owned-by-n1/3303/0/5700";
-    let r = n2.call("GET", path, None, None);
-    assert_eq!(r.status, 503, "{}", r.body);
-    assert!(r.body.contains("cluster node n1"), "{}", r.body);
-    let sub = "/v2/subscriptions/owned-by-n1/3303/0/5700";
-    let r = n2.call("PUT", sub, None, None);
-    assert_eq!(r.status, 503, "{}", r.body);
-    assert!(r.body.contains("cluster node n1"), "{}", r.body);
-    assert_ne!(
-        n2.get(sub).status,
-        200,
-        "a refused subscription is not listed"
-    );
-    support::no_request(&dev, Duration::from_millis(300), "n2 sent nothing");
-
-    let r = n1.call("GET", path, None, None);
-    assert_eq!(r.status, 202, "{}", r.body);
-    let (req, _) = dev.recv_request(WAIT).expect("n1 sends the read");
-    assert_eq!(support::coap::path_of(&req), "/3303/0/5700");
 }

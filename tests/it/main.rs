@@ -24,6 +24,7 @@ mod support;
 mod allow;
 mod auth;
 mod cluster;
+mod cluster_forward;
 mod connections;
 mod crash;
 mod credentials;
