@@ -123,7 +123,9 @@
 //!
 //! [`Feed::external_changes`] moves when another node (another `Cd-Node`) writes to the
 //! plugin-state bucket; this node's own writes are not counted. [`NatsStore::watch_registrations`]
-//! streams other nodes' registration writes (for the cluster's next steps).
+//! streams other nodes' registration writes (the daemon's directory follows them), and
+//! [`NatsStore::watch_subscriptions`] (module `follow`) their subscription and
+//! pre-subscription writes (every node lists every subscription; the owner observes).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
