@@ -609,6 +609,88 @@ mod tests {
         ));
     }
 
+    /// A store of node `node` on `server`.
+    async fn node(server: &connectord_testkit::nats::NatsServer, node: &str) -> Arc<NatsStore> {
+        let cfg = crate::store::nats::NatsConfig {
+            servers: vec![server.url()],
+            prefix: "cd".into(),
+            replicas: 1,
+            node: node.into(),
+            timeout: Duration::from_secs(2),
+        };
+        Arc::new(NatsStore::connect(cfg).await.expect("connect"))
+    }
+
+    /// Serves `store`'s calls, answering each `submit` with `answer` (the test's stand-in
+    /// for an owner whose endpoint moved, or the new owner).
+    async fn answer_with(store: &NatsStore, answer: SubmitAnswer) {
+        let mut calls = store.serve_calls().await.expect("serve");
+        tokio::spawn(async move {
+            while let Some(call) = calls.next().await {
+                assert_eq!(call.op, OP_SUBMIT);
+                let w: WireSubmit = serde_json::from_slice(&call.body).expect("a request");
+                assert_eq!((w.who.key_id.as_str(), w.ep.as_str()), ("k", "ep"));
+                call.answer(Bytes::from(encode(&answer)))
+                    .await
+                    .expect("answer");
+            }
+        });
+    }
+
+    fn principal() -> Principal {
+        Principal {
+            backend: "connector".into(),
+            key_id: "k".into(),
+            domain: "d".into(),
+            scopes: vec![],
+            allow: None,
+        }
+    }
+
+    /// Over a real nats-server: an owner that answers `elsewhere` makes the caller ask
+    /// the node it names, once; a second `elsewhere` is `RequestError::Elsewhere` naming
+    /// the node the second one names (503); a node nobody serves is `Unavailable` naming it. Each call is counted.
+    #[tokio::test]
+    async fn a_moved_endpoint_is_asked_of_its_new_owner_once() {
+        let server = connectord_testkit::nats::NatsServer::start().expect("nats-server");
+        let caller = node(&server, "caller").await;
+        let (n1, n3, n4, n5) = (
+            node(&server, "n1").await,
+            node(&server, "n3").await,
+            node(&server, "n4").await,
+            node(&server, "n5").await,
+        );
+        let moved = |to: &str| {
+            SubmitAnswer::Refused(WireError::Elsewhere {
+                ep: "ep".into(),
+                owner: to.into(),
+            })
+        };
+        answer_with(&n1, moved("n3")).await;
+        answer_with(&n3, SubmitAnswer::Accepted { id: "1#x".into() }).await;
+        answer_with(&n4, moved("n5")).await;
+        answer_with(&n5, moved("n6")).await;
+        let counters = Arc::new(Counters::default());
+        let f = NatsForwarder {
+            store: Arc::clone(&caller),
+            timeout: Duration::from_secs(2),
+            counters: Arc::clone(&counters),
+            node: "caller".into(),
+        };
+        let who = principal();
+        let got = f.submit("n1", &who, "ep", Submit::default()).await;
+        assert_eq!(got.ok(), Some(Submitted::Accepted("1#x".into())));
+        assert_eq!(counters.cluster_forwarded.get(), (2, 0));
+        match f.submit("n4", &who, "ep", Submit::default()).await {
+            Err(RequestError::Elsewhere { owner, .. }) => assert_eq!(owner, "n6"),
+            other => panic!("{other:?}"),
+        }
+        match f.submit("n9", &who, "ep", Submit::default()).await {
+            Err(RequestError::Unavailable(m)) => assert!(m.contains("cluster node n9"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn requests_that_cannot_be_read_are_refused_not_panicked_on() {
         for body in [&b"{"[..], b"{\"who\":1}", b"null"] {
