@@ -492,3 +492,46 @@ fn an_aiocoap_device_answers_requests_made_through_a_non_owner() {
         e["event"] == "request" && e["path"] == "/1/0/1" && e["payload"] == "120"
     });
 }
+
+/// A subscription follows its device to a new owner: made on node 1 (which observes the
+/// device), followed by node 2; when the device registers with node 2, node 2 observes it
+/// (node 2 knew the subscription from the watch, not from a restart).
+#[test]
+fn a_subscription_follows_its_device_to_its_new_owner() {
+    let server = NatsServer::start().unwrap();
+    let (n1, n2) = two_nodes(&server, "");
+    let mut dev = n1.device();
+    dev.register(&["ep=fw-m", "lt=300"], LINKS);
+    until_listed(&n2, &["fw-m"]);
+    let sub = "/v2/subscriptions/fw-m/3303/0/5700";
+    let id = n1.async_request("PUT", sub, None, None);
+    let req = next_request(&dev, &n1);
+    let ack = observe_content(
+        MessageType::Acknowledgement,
+        req.header.message_id,
+        req.get_token(),
+        1,
+        b"1",
+    );
+    send_packet(&dev, &ack, n1.coap);
+    assert_eq!(n1.async_response(&id, WAIT)["status"], 200);
+    assert!(
+        eventually(WAIT, || n2.get(sub).status == 200),
+        "n2 never listed n1's subscription"
+    );
+
+    dev.server = n2.coap;
+    dev.register(&["ep=fw-m", "lt=300"], LINKS);
+    let deadline = Instant::now() + WAIT;
+    let req = loop {
+        let (req, from) = dev
+            .recv_request(deadline.saturating_duration_since(Instant::now()))
+            .expect("n2 observes the moved device");
+        if from == n2.coap && dev.first_time(&req, from) {
+            break req;
+        }
+    };
+    assert_eq!(path_of(&req), "/3303/0/5700");
+    assert_eq!(uint_option(&req, coap_lite::CoapOption::Observe), Some(0));
+    assert_eq!(n1.get(sub).status, 200, "still listed");
+}

@@ -474,6 +474,28 @@ async fn handle(call: &NodeCall, requests: &Arc<Requests>, subs: &Subscriptions)
     }
 }
 
+/// Logs a failed answer at most once a minute (with how many failed since), so that NATS
+/// failing under a flood of forwarded requests cannot flood the log.
+fn answer_failed(e: &crate::store::StoreError) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static FAILED: AtomicU64 = AtomicU64::new(0);
+    static LAST_LOGGED_S: AtomicU64 = AtomicU64::new(0);
+    let failed = FAILED.fetch_add(1, Ordering::Relaxed) + 1;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_LOGGED_S.load(Ordering::Relaxed);
+    if now >= last + 60
+        && LAST_LOGGED_S
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            "cluster: cannot answer a request another node forwarded: {e} ({failed} answers failed since the start; logged at most once a minute)"
+        );
+    }
+}
+
 /// Serves the calls other nodes make to this one until `stop`: each forwarded request is
 /// handled in a task of its own (at most [`MAX_CONCURRENT_CALLS`] at once) as a local
 /// request of the forwarded principal, and answered.
@@ -505,7 +527,7 @@ pub async fn serve(
             let _slot = slot;
             let answer = handle(&call, &requests, &subs).await;
             if let Err(e) = call.answer(Bytes::from(answer)).await {
-                tracing::warn!("cluster: cannot answer a forwarded request: {e}");
+                answer_failed(&e);
             }
         });
     }
