@@ -101,8 +101,19 @@ impl NatsStore {
             .await
             .map_err(unavailable)?;
         // The subscription must be known to the server before a caller is told this node
-        // serves calls.
-        self.shared.client.flush().await.map_err(unavailable)?;
+        // serves calls. `flush` only writes the socket; a request on the same connection,
+        // answered by the server after it read the SUB before it (one connection's
+        // protocol is read in order), proves it: to a subject nobody serves (3 tokens, so
+        // no node's `<p>.node.<node>.*`), answered "no responders" by the server itself.
+        // Without it another node's call right after this returned could find no
+        // responders (seen under load in `a_node_calls_another_and_gets_its_answer`).
+        let probe = format!("{}._subscribed", self.shared.names.node_subject);
+        let req = async_nats::Request::new().timeout(Some(self.shared.timeout));
+        match self.shared.client.send_request(probe, req).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => {}
+            Err(e) => return Err(unavailable(e)),
+        }
         Ok(NodeCalls {
             sub,
             client: self.shared.client.clone(),
