@@ -745,9 +745,27 @@ async fn start_services(
     tasks.push(tokio::spawn(crate::log_budget::run_summaries(stop.clone())));
     tasks.push(tokio::spawn(Arc::clone(&limits).run_saver(
         Arc::clone(&store),
-        Duration::from_millis(config.limits.save_interval_ms),
+        crate::cluster::counts_save_interval(
+            config.cluster.backend,
+            Duration::from_millis(config.limits.save_interval_ms),
+        ),
         stop.clone(),
     )));
+    // Issue 22: the other nodes' traffic counts add to this node's quotas, and their
+    // credential changes reach this node's handshakes.
+    if let Some(nats) = &nats {
+        tasks.push(tokio::spawn(crate::cluster::run_credential_changes(
+            Arc::clone(&nats.store),
+            Arc::clone(&credentials),
+            Arc::clone(&transport),
+            stop.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::cluster::run_other_counts(
+            Arc::clone(&nats.store),
+            Arc::clone(&limits),
+            stop.clone(),
+        )));
+    }
     if let Some(t) = lua.watch(stop.clone()) {
         tasks.push(t);
     }

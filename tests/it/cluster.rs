@@ -25,7 +25,7 @@ pub(crate) fn cluster(servers: &[String], node: &str) -> String {
 
 /// Copies the CA of `from` (a state directory) into `to`, as the operator does
 /// (docs/cluster.md).
-fn copy_ca(from: &Path, to: &Path) {
+pub(crate) fn copy_ca(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for f in ["ca.key.pem", "ca.cert.pem"] {
         std::fs::copy(from.join(f), to.join(f)).unwrap();

@@ -694,7 +694,8 @@ mod nats {
             }
             seen
         });
-        let t = Duration::from_secs(2);
+        // Generous: a loaded 2-core machine can take a second or two to answer.
+        let t = Duration::from_secs(10);
         let got = a
             .call_node("node b.*>", "echo", bytes::Bytes::from_static(b"abc"), t)
             .await
@@ -882,6 +883,143 @@ mod nats {
             ]
         );
         assert!(a.load_registrations().await.unwrap().is_empty());
+    }
+
+    /// Issue 22, limits cluster-wide: each node stores its own hourly counts; a node loads
+    /// its own back, and follows the others' through `watch_hour_counts` (a snapshot first,
+    /// then each change, a removed hour as 0); the cluster's sum adds them up.
+    #[tokio::test]
+    async fn two_nodes_keep_their_own_hourly_counts_and_see_each_others() {
+        use connectord_store::nats::NodeHourCount;
+        let server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        let b = connect(&server, "b").await;
+        let hc = |d: &str, hour, count| HourCount {
+            domain: d.into(),
+            hour,
+            count,
+        };
+        a.save_hour_counts(vec![hc("d", 100, 3), hc("e", 100, 1)], 90)
+            .await
+            .unwrap();
+        b.save_hour_counts(vec![hc("d", 100, 4)], 90).await.unwrap();
+        // Saved again: replaced, not added (each node writes its running count).
+        b.save_hour_counts(vec![hc("d", 100, 5), hc("d", 99, 2)], 90)
+            .await
+            .unwrap();
+        let sorted = |mut v: Vec<HourCount>| {
+            v.sort_by(|x, y| (&x.domain, x.hour).cmp(&(&y.domain, y.hour)));
+            v.into_iter()
+                .map(|c| (c.domain, c.hour, c.count))
+                .collect::<Vec<_>>()
+        };
+        let own = |v: &[(&str, u64, u64)]| {
+            v.iter()
+                .map(|(d, h, c)| (d.to_string(), *h, *c))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            sorted(a.load_hour_counts().await.unwrap()),
+            own(&[("d", 100, 3), ("e", 100, 1)]),
+            "a loads its own counts only"
+        );
+        assert_eq!(
+            sorted(b.load_hour_counts().await.unwrap()),
+            own(&[("d", 99, 2), ("d", 100, 5)])
+        );
+        assert_eq!(
+            sorted(a.load_cluster_hour_counts().await.unwrap()),
+            own(&[("d", 99, 2), ("d", 100, 8), ("e", 100, 1)]),
+            "the cluster's counts are the nodes' summed"
+        );
+        // a's watch: b's current counts (the watch may still be catching up: bounded).
+        let nhc = |node: &str, d: &str, hour, count| NodeHourCount {
+            node: node.into(),
+            domain: d.into(),
+            hour,
+            count,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (mut rx, snapshot) = loop {
+            let (mut now, rx) = a.watch_hour_counts();
+            now.sort_by(|x, y| (&x.domain, x.hour).cmp(&(&y.domain, y.hour)));
+            if now.len() == 2 && now[1].count == 5 {
+                break (rx, now);
+            }
+            assert!(Instant::now() < deadline, "a never saw b's counts: {now:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(snapshot, [nhc("b", "d", 99, 2), nhc("b", "d", 100, 5)]);
+        assert!(
+            b.watch_hour_counts().0.iter().all(|c| c.node == "a"),
+            "b's watch holds a's counts, never its own"
+        );
+        // b counts on, then prunes hour 99 away: a hears both, in order.
+        b.save_hour_counts(vec![hc("d", 100, 6)], 100)
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let c = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("a's watch tells of b's save")
+                .unwrap();
+            seen.push(c);
+        }
+        seen.sort_by_key(|c| c.hour);
+        assert_eq!(seen, [nhc("b", "d", 99, 0), nhc("b", "d", 100, 6)]);
+        // b's prune removed every node's old hours: a has none before hour 100 either.
+        assert_eq!(
+            sorted(a.load_cluster_hour_counts().await.unwrap()),
+            own(&[("d", 100, 9), ("e", 100, 1)])
+        );
+    }
+
+    /// Issue 22, credentials followed by every node: `credential_changes` moves when
+    /// another node writes a PSK, a certificate or a revocation, never for the node's own
+    /// writes; what moved it is in the store for the other node to load.
+    #[tokio::test]
+    async fn a_node_hears_of_another_nodes_credential_changes_only() {
+        let server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        let b = connect(&server, "b").await;
+        let mut b_changes = b.credential_changes();
+        let mut a_changes = a.credential_changes();
+        let moved = async |rx: &mut tokio::sync::watch::Receiver<u64>| {
+            tokio::time::timeout(Duration::from_secs(5), rx.changed())
+                .await
+                .is_ok()
+        };
+        b.put_psk(psk("d", "own", "id-own", &[1; 16]))
+            .await
+            .unwrap();
+        assert!(moved(&mut a_changes).await, "a hears of b's PSK");
+        // (A PSK is two KV writes: the endpoint's record and its identity's.)
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        a_changes.borrow_and_update();
+        a.put_psk(psk("d", "ep", "id-1", &[2; 16])).await.unwrap();
+        assert!(moved(&mut b_changes).await, "b hears of a's PSK");
+        assert!(
+            b.load_psks()
+                .await
+                .unwrap()
+                .iter()
+                .any(|p| p.identity == "id-1")
+        );
+        b_changes.borrow_and_update();
+        a.put_certificate(cert("0a", "d", "ep")).await.unwrap();
+        assert!(moved(&mut b_changes).await, "b hears of a's certificate");
+        b_changes.borrow_and_update();
+        a.revoke_device("d".into(), "ep".into(), 9).await.unwrap();
+        assert!(moved(&mut b_changes).await, "b hears of a's revocation");
+        let certs = b.load_certificates().await.unwrap();
+        assert_eq!(certs[0].revoked_ms, Some(9));
+        // a's own three writes moved nothing on a.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !a_changes.has_changed().unwrap(),
+            "its own writes move nothing"
+        );
     }
 
     /// A key's channel moving to a node that connected before the key's last owner: the
