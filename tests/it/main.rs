@@ -26,6 +26,7 @@ mod auth;
 mod cluster;
 mod cluster_channels;
 mod cluster_failover;
+mod cluster_forward;
 mod cluster_moves;
 mod connections;
 mod crash;

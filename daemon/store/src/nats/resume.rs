@@ -74,6 +74,8 @@ pub(super) enum Start {
     Current,
     /// Only the changes after the watch is made.
     New,
+    /// The changes after this stream sequence (one read before, so nothing falls between).
+    After(u64),
 }
 
 impl Shared {
@@ -122,13 +124,17 @@ impl Shared {
         mut each: impl FnMut(&Shared, Raw, bool) + Send + 'static,
     ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
         let stream = format!("KV_{bucket}");
-        let target = self
-            .attempts(&format!("watching {bucket}"), || {
-                self.last_sequence(&stream)
-            })
-            .await?;
-        // The last sequence delivered (or, for `New`, skipped).
-        let mut last = if start == Start::New { target } else { 0 };
+        let target = match start {
+            Start::After(seq) => seq,
+            Start::Current | Start::New => {
+                self.attempts(&format!("watching {bucket}"), || {
+                    self.last_sequence(&stream)
+                })
+                .await?
+            }
+        };
+        // The last sequence delivered (or, for `New` and `After`, skipped).
+        let mut last = if start == Start::Current { 0 } else { target };
         let policy = move |last: u64| {
             if last == 0 {
                 consumer::DeliverPolicy::LastPerSubject
