@@ -1370,8 +1370,8 @@ mod nats {
 
     /// Issue 22, watches survive a server's death: three servers, R3, two nodes. The
     /// server leading the registrations bucket is killed; the writes the other node makes
-    /// afterwards still reach this node's registrations, plugin-state and credential
-    /// watches (each within 60 s, the time printed), and loads made afterwards, on this
+    /// afterwards still reach this node's registrations, plugin-state, credential,
+    /// channels and subscriptions watches (each within 60 s, the time printed), and loads made afterwards, on this
     /// node and on a node connecting to the two servers left, see every registration.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn watches_and_loads_go_on_after_the_watched_buckets_leader_dies() {
@@ -1388,6 +1388,8 @@ mod nats {
         let mut a_regs = a.watch_registrations();
         let mut a_plugin = a.external_changes().unwrap();
         let mut a_creds = a.credential_changes();
+        let mut a_channels = a.watch_channels();
+        let mut a_subs = a.watch_subscriptions().await.unwrap();
         let mut written = vec!["r0".to_string()];
         b.put_registration(reg("r0", "d", "ep0")).await.unwrap();
         let got = tokio::time::timeout(Duration::from_secs(10), a_regs.recv())
@@ -1420,8 +1422,16 @@ mod nats {
         );
         eventually(|| b.plugin_state_put("p".into(), "k".into(), vec![1])).await;
         eventually(|| b.put_psk(psk("d", "ep1", "id1", b"k1"))).await;
+        let channel = ChannelRecord {
+            key_id: "k".into(),
+            domain: "d".into(),
+            callback: None,
+            allow: None,
+        };
+        eventually(|| b.put_channel(channel.clone())).await;
+        eventually(|| b.put_subscription(sub("k", "ep1", "/3/0/0"))).await;
         eprintln!(
-            "b wrote plugin state and a PSK {:?} after the kill",
+            "b wrote plugin state, a PSK, a channel and a subscription {:?} after the kill",
             killed.elapsed()
         );
 
@@ -1451,8 +1461,22 @@ mod nats {
             .await
             .expect("a's credentials watch tells of b's PSK")
             .unwrap();
+        let got = tokio::time::timeout_at(deadline, a_channels.recv())
+            .await
+            .expect("a's channels watch tells of b's channel")
+            .unwrap();
+        assert_eq!(got, channel);
+        let got = tokio::time::timeout_at(deadline, a_subs.next())
+            .await
+            .expect("a's subscriptions watch tells of b's subscription");
+        assert_eq!(
+            got,
+            Some(connectord_store::nats::Followed::Change(
+                connectord_store::SubscriptionChange::Put(sub("k", "ep1", "/3/0/0"))
+            ))
+        );
         eprintln!(
-            "a's plugin-state and credential watches moved {:?} after the kill",
+            "a's plugin-state, credential, channels and subscriptions watches moved {:?} after the kill",
             killed.elapsed()
         );
 
