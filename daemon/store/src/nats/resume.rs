@@ -112,8 +112,10 @@ impl Shared {
     /// order, each message once, `live` for messages after the bucket's last one when the
     /// watch was made (always with [`Start::New`]). `caught_up` fires once the watch
     /// delivered that last message (at once for an empty bucket or [`Start::New`]).
-    /// Fails (`unavailable`) when the first consumer cannot be made within the timeout;
-    /// after that, the watch resumes by itself (module doc).
+    /// Fails (`unavailable`) when the bucket's last sequence cannot be read within the
+    /// timeout, or, with `caught_up`, when the first consumer cannot be made within it
+    /// (without, that consumer is made in the background); after that, the watch resumes
+    /// by itself (module doc).
     pub(super) async fn watch_bucket(
         self: Arc<Self>,
         what: &'static str,
@@ -144,7 +146,19 @@ impl Shared {
                 }
             }
         };
-        let mut messages = self.ordered(&bucket, policy(last), headers_only).await?.0;
+        // A watch whose caller waits for it to catch up fails here if no consumer can be
+        // made within the timeout; the others start without one and make it in the
+        // background (a node starting while the meta leader is being elected again).
+        let first = match self.ordered(&bucket, policy(last), headers_only).await {
+            Ok((m, _)) => Some(m),
+            Err(e) if caught_up.is_none() => {
+                tracing::warn!(
+                    "store: the {what} watch has no consumer yet ({e}); making one in the background"
+                );
+                None
+            }
+            Err(e) => return Err(e),
+        };
         let mut caught_up = caught_up;
         if last >= target
             && let Some(c) = caught_up.take()
@@ -152,6 +166,16 @@ impl Shared {
             let _ = c.send(Ok(()));
         }
         Ok(tokio::spawn(async move {
+            let mut messages = match first {
+                Some(m) => m,
+                None => {
+                    let (m, tries) = self.remake(what, &bucket, policy(last), headers_only).await;
+                    tracing::warn!(
+                        "store: the {what} watch started after {tries} rounds of consumer attempts"
+                    );
+                    m
+                }
+            };
             let mut restarts = 0u64;
             let mut last_message = Instant::now();
             // Since when the stream is known to be ahead of `last`, and how far.
@@ -221,17 +245,8 @@ impl Shared {
                      making a new consumer (restart {restarts})"
                 );
                 let stopped = Instant::now();
-                let mut tries = 0u64;
-                messages = loop {
-                    tries += 1;
-                    match self.ordered(&bucket, policy(last), headers_only).await {
-                        Ok((m, _)) => break m,
-                        Err(e) => {
-                            tracing::debug!("store: the {what} watch: {e}");
-                            tokio::time::sleep(Duration::from_millis(250)).await;
-                        }
-                    }
-                };
+                let tries;
+                (messages, tries) = self.remake(what, &bucket, policy(last), headers_only).await;
                 tracing::warn!(
                     "store: the {what} watch resumed after stream sequence {last}, {:?} \
                      after it stopped ({tries} rounds of consumer attempts)",
@@ -241,6 +256,28 @@ impl Shared {
                 behind = None;
             }
         }))
+    }
+
+    /// A new ordered consumer on `bucket`, in rounds of short attempts until one is made,
+    /// and how many rounds it took.
+    async fn remake(
+        &self,
+        what: &str,
+        bucket: &str,
+        policy: consumer::DeliverPolicy,
+        headers_only: bool,
+    ) -> (consumer::push::Ordered, u64) {
+        let mut tries = 0u64;
+        loop {
+            tries += 1;
+            match self.ordered(bucket, policy, headers_only).await {
+                Ok((m, _)) => return (m, tries),
+                Err(e) => {
+                    tracing::debug!("store: the {what} watch: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
     }
 
     /// Every message of `stream` matching `filter` (last per subject for a bucket), in the
