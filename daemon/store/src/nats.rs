@@ -142,7 +142,7 @@
 //! ahead and nothing came for 3 s, or the consumer ended, a new consumer is made from the
 //! last sequence + 1, in short attempts until one is. Decision by experiment: after a
 //! bucket's leader is killed, the consumer async-nats re-creates by itself was at times
-//! never answered (6 of 8 runs); ours, under a new name, were, within 3 ms to 2.7 s. Push
+//! never answered (6 of 8 runs); ours, under a new name, were, within 2 ms to 2.7 s. Push
 //! rather than polling direct gets: 2 000 messages took 0.9 s by direct gets, 0.1 s by
 //! a consumer (module `resume`).
 

@@ -26,11 +26,12 @@
 //! Measured on a 3-server R3 cluster on loopback: 2 000 messages read by direct gets in
 //! 0.90 to 0.95 s, by a pull consumer in 0.09 to 0.15 s. The supervised push consumer
 //! delivers at once and in bulk, and the supervision costs one `STREAM.INFO` per idle
-//! watch per [`CHECK`]. With it, in `every_node_lists_every_registration_after_a_nats_server_dies`,
-//! the watches that stalled resumed 3 ms to 2.7 s after their restart began. The supervision's own requests
-//! (`STREAM.INFO`) are answered by the stream's leader, like a direct get; only making the
-//! new consumer needs the meta leader, which is elected again within 5 to 25 s of its
-//! server's loss.
+//! watch per [`CHECK`]. With it, in
+//! `every_node_lists_every_registration_after_a_nats_server_dies`, the watches that
+//! stalled resumed 2 ms to 2.7 s after their restart began. The supervision's own
+//! requests (`STREAM.INFO`) are answered by the stream's leader, like a direct get; only
+//! making the new consumer needs the meta leader, which is elected again within 5 to 25 s
+//! of its server's loss.
 //!
 //! Loads ([`Shared::read_all`]): the target is the last sequence matching the filter as
 //! the stream's leader knows it (a direct get `last_by_subj`), not the pending count a new
