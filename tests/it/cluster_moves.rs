@@ -239,7 +239,7 @@ fn until_notified(d: &Daemon, ep: &str, path: &str, value: &[u8]) {
 /// a pre-subscription match, both made through node 1 after node 2 started, so node 2
 /// knows of them only from the store), it registers again on node 2. Node 2 observes both
 /// resources at the device's address, and a notification the device sends node 2 reaches
-/// a long-poll on node 2. Node 1 forgot its observations: a notification still sent to
+/// a long-poll on node 2 (the key's channel is node 1's). Node 1 forgot its observations: a notification still sent to
 /// it with the old token is answered with RST (RFC 7252 §4.2, RFC 7641 §3.6), which ends
 /// the observation on the device.
 #[test]
@@ -247,9 +247,10 @@ fn a_device_that_registers_on_another_node_is_observed_there() {
     let server = NatsServer::start().unwrap();
     let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
     let n2 = second_node(&server, &n1, "n2", "");
-    // The application long-polls node 2 (channels across nodes are another step of
-    // issue 22: the channel is the node's it pulls from).
-    assert_eq!(n2.pull_now(), None);
+    // The application opens its channel on node 1 (node 1 owns it); after the move its
+    // long-polls on node 2 are forwarded to node 1, and node 2's events for the key are
+    // appended through node 1 (channels across nodes).
+    assert_eq!(n1.pull_now(), None);
     let mut dev = n1.device();
     dev.register(&["ep=sub-mover", "lt=300"], TWO_OBSERVABLE);
     until_listed(&n2, &["sub-mover"]);
