@@ -208,12 +208,22 @@ impl ChannelPeers for NatsPeers {
 
 /// Serves this node's channel calls ([`OP_APPEND`], [`OP_POLL`], [`OP_ANSWERED`]), each
 /// on a task of its own, until `stop`.
+/// How many channel calls from other nodes this node handles at once; the next waits for
+/// one to end. Larger than the forwarded requests' bound (256) because a forwarded
+/// long-poll holds its slot for its whole wait (up to 30 s), and one per key polled
+/// through another node can wait at once; a waiting poll costs a task and a few hundred
+/// bytes.
+const MAX_CONCURRENT_CHANNEL_CALLS: usize = 4096;
+
 pub async fn serve(
     store: &NatsStore,
     hub: Arc<Hub>,
     mut stop: Shutdown,
 ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
     let mut calls = store.serve_ops(&[OP_APPEND, OP_POLL, OP_ANSWERED]).await?;
+    // A call waits for a slot (each is a task and a call's body in memory), so other
+    // nodes cannot make this one hold unbounded work.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CHANNEL_CALLS));
     Ok(tokio::spawn(async move {
         loop {
             let call = tokio::select! {
@@ -226,7 +236,14 @@ pub async fn serve(
                 );
                 return;
             };
-            tokio::spawn(handle(Arc::clone(&hub), call));
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
+            let hub = Arc::clone(&hub);
+            tokio::spawn(async move {
+                handle(hub, call).await;
+                drop(slot);
+            });
         }
     }))
 }

@@ -101,20 +101,28 @@ impl NatsStore {
     /// Subscribes to this node's calls (`<p>.node.<this node>.*`). Call once per process;
     /// a second subscription would split nothing but receive every call twice.
     pub async fn serve_calls(&self) -> Result<NodeCalls, StoreError> {
-        let subject = self.node_subject(&self.shared.node, "*");
-        let sub = self
-            .shared
-            .client
-            .subscribe(subject)
+        self.serve_subjects(&[self.node_subject(&self.shared.node, "*")])
             .await
-            .map_err(unavailable)?;
-        // The subscription must be known to the server before a caller is told this node
-        // serves calls.
+    }
+
+    /// The calls on `subjects`, once the server has their subscriptions (so that a caller
+    /// told this node serves them finds it).
+    pub(super) async fn serve_subjects(
+        &self,
+        subjects: &[String],
+    ) -> Result<NodeCalls, StoreError> {
+        let mut subs = futures_util::stream::SelectAll::new();
+        for subject in subjects {
+            let sub = self
+                .shared
+                .client
+                .subscribe(subject.clone())
+                .await
+                .map_err(unavailable)?;
+            subs.push(sub);
+        }
         self.confirm_subscribed().await?;
-        Ok(NodeCalls::merged(
-            futures_util::stream::select_all([sub]),
-            self.shared.client.clone(),
-        ))
+        Ok(NodeCalls::merged(subs, self.shared.client.clone()))
     }
 
     /// Returns once the server has every subscription this connection made so far.

@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
-use futures_util::stream::SelectAll;
 use tokio::sync::broadcast;
 
 use connectord_model::{ChannelRecord, Event};
@@ -147,19 +146,11 @@ impl NatsStore {
     /// theirs. Must not overlap with another `serve_ops` or [`NatsStore::serve_calls`]
     /// of this process (a call would be received twice).
     pub async fn serve_ops(&self, ops: &[&str]) -> Result<NodeCalls, StoreError> {
-        let mut subs = SelectAll::new();
-        for op in ops {
-            let subject = self.node_subject(&self.shared.node, op);
-            let sub = self
-                .shared
-                .client
-                .subscribe(subject)
-                .await
-                .map_err(unavailable)?;
-            subs.push(sub);
-        }
-        self.confirm_subscribed().await?;
-        Ok(NodeCalls::merged(subs, self.shared.client.clone()))
+        let subjects: Vec<String> = ops
+            .iter()
+            .map(|op| self.node_subject(&self.shared.node, op))
+            .collect();
+        self.serve_subjects(&subjects).await
     }
 }
 
