@@ -192,6 +192,12 @@ impl NatsServer {
         self.ports.client
     }
 
+    /// The monitoring port (`/healthz`, `/varz`, `/jsz`: the bench reads JetStream's
+    /// stream sizes there).
+    pub fn monitor_port(&self) -> u16 {
+        self.ports.monitor
+    }
+
     /// Kills the server with SIGKILL and waits for it to end.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
