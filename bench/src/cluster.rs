@@ -246,7 +246,14 @@ fn registrations(args: &Args, kind: Kind) -> Result<RegFig> {
     for (i, d) in c.nodes.iter().enumerate() {
         let share = n / k + usize::from(i < n % k);
         if share > 0 {
-            sims.push(Sims::start(args, d.coap, share, &format!("r{i}-"), 60_000, false)?);
+            sims.push(Sims::start(
+                args,
+                d.coap,
+                share,
+                &format!("r{i}-"),
+                60_000,
+                false,
+            )?);
         }
     }
     let apis: Vec<Api> = c.nodes.iter().map(|d| d.api()).collect();
@@ -316,13 +323,7 @@ fn registrations(args: &Args, kind: Kind) -> Result<RegFig> {
     let streams1 = c.streams()?;
     sims.into_iter().for_each(Sims::abandon);
     let first = first.unwrap_or(last);
-    let streams = streams1
-        .into_iter()
-        .map(|(name, (m, b))| {
-            let (m0, b0) = streams0.get(&name).copied().unwrap_or((0, 0));
-            (name, (m.saturating_sub(m0), b.saturating_sub(b0)))
-        })
-        .collect();
+    let streams = growth(&streams0, streams1);
     Ok(RegFig {
         devices: n,
         rate: n.saturating_sub(1) as f64 / (last - first).as_secs_f64().max(1e-9),
@@ -352,6 +353,41 @@ struct NotifFig {
     window: Duration,
     daemon_cpu: Duration,
     nats_cpu: Duration,
+    /// Growth of each JetStream stream over the counted window: name → (messages, bytes).
+    streams: BTreeMap<String, (u64, u64)>,
+}
+
+/// `after - before`, stream by stream.
+fn growth(
+    before: &BTreeMap<String, (u64, u64)>,
+    after: BTreeMap<String, (u64, u64)>,
+) -> BTreeMap<String, (u64, u64)> {
+    after
+        .into_iter()
+        .map(|(name, (m, b))| {
+            let (m0, b0) = before.get(&name).copied().unwrap_or((0, 0));
+            (name, (m.saturating_sub(m0), b.saturating_sub(b0)))
+        })
+        .collect()
+}
+
+/// `name +messages msgs +bytes B (bytes per operation)` of the streams that grew.
+fn describe(streams: &BTreeMap<String, (u64, u64)>, ops: f64, op: &str) -> String {
+    let v: Vec<String> = streams
+        .iter()
+        .filter(|(_, (m, _))| *m > 0)
+        .map(|(name, (m, b))| {
+            format!(
+                "{name} +{m} msgs +{b} B ({:.0} B/{op})",
+                *b as f64 / ops.max(1.0)
+            )
+        })
+        .collect();
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join("; ")
+    }
 }
 
 fn notifications(args: &Args, kind: Kind) -> Result<NotifFig> {
@@ -401,7 +437,9 @@ fn notifications(args: &Args, kind: Kind) -> Result<NotifFig> {
                 let prefix = format!("nb{i}x");
                 notifiers.push((
                     share,
-                    bulk::Notifier::start_named(&prefix, d.coap, share, sockets, interval, timeout)?,
+                    bulk::Notifier::start_named(
+                        &prefix, d.coap, share, sockets, interval, timeout,
+                    )?,
                 ));
             }
         }
@@ -430,6 +468,7 @@ fn notifications(args: &Args, kind: Kind) -> Result<NotifFig> {
                 sum("events_discarded_total")?,
                 sum("coap_responses_dropped_total").unwrap_or(0),
             );
+            let streams0 = c.streams()?;
             let (cpu0, ncpu0) = (c.daemon_cpu()?, c.nats_cpu()?);
             let c0 = count.load(Ordering::Relaxed);
             let t0 = Instant::now();
@@ -440,6 +479,7 @@ fn notifications(args: &Args, kind: Kind) -> Result<NotifFig> {
                 c.daemon_cpu()?.saturating_sub(cpu0),
                 c.nats_cpu()?.saturating_sub(ncpu0),
             );
+            let streams = growth(&streams0, c.streams()?);
             fig = Some(NotifFig {
                 devices: n,
                 delivered: c1 - c0,
@@ -451,6 +491,7 @@ fn notifications(args: &Args, kind: Kind) -> Result<NotifFig> {
                 window,
                 daemon_cpu: cpu,
                 nats_cpu: ncpu,
+                streams,
             });
             Ok(())
         })();
@@ -809,28 +850,22 @@ pub fn run(args: &Args) -> Result<()> {
                         .iter()
                         .map(|kib| format!("{:.2}", *kib as f64 / n))
                         .collect();
-                    let streams: Vec<String> = f
-                        .streams
-                        .iter()
-                        .filter(|(_, (m, _))| *m > 0)
-                        .map(|(name, (m, b))| {
-                            format!("{name} +{m} msgs +{b} B ({:.0} B/registration)", *b as f64 / n)
-                        })
-                        .collect();
+                    let streams = describe(&f.streams, n, "registration");
                     println!(
                         "run {r} {kind}: registrations/s {:.0} ({} devices); daemon CPU {d_us:.1} µs/registration (all nodes), nats-server {n_us:.1} µs; every node listed every device {:.3} s after the last; RSS growth per registration per node [{}] KiB; nats-server RSS growth {}; JetStream: {}",
                         f.rate,
                         f.devices,
                         f.listed_everywhere_after.as_secs_f64(),
                         rss.join(", "),
-                        f.nats_rss_growth_kib
-                            .map_or("-".into(), |k| format!("{:.2} KiB/registration", k as f64 / n)),
-                        if streams.is_empty() { "-".into() } else { streams.join("; ") },
+                        f.nats_rss_growth_kib.map_or("-".into(), |k| format!(
+                            "{:.2} KiB/registration",
+                            k as f64 / n
+                        )),
+                        streams,
                     );
                     storage.entry(kind).or_default().push(format!(
-                        "run {r}: RSS/registration per node [{}] KiB; {}",
+                        "run {r}: RSS/registration per node [{}] KiB; {streams}",
                         rss.join(", "),
-                        streams.join("; ")
                     ));
                 }
                 Err(e) => s.failed.push(format!("run {r}: {e:#}")),
@@ -844,8 +879,9 @@ pub fn run(args: &Args) -> Result<()> {
                     let acc = f.accepted as f64;
                     let (d_us, n_us) = (us_per(f.daemon_cpu, acc), us_per(f.nats_cpu, acc));
                     s.push(f.delivered as f64 / secs, d_us, n_us);
+                    let streams = describe(&f.streams, acc, "notification");
                     println!(
-                        "run {r} {kind}: notifications/s to long-polls {:.0} ({} devices, {} ms; {} delivered in {secs:.1} s; accepted {:.0}/s from devices; {} events discarded; {} dropped at full observation queues); daemon CPU {d_us:.1} µs per accepted notification (all nodes), nats-server {n_us:.1} µs",
+                        "run {r} {kind}: notifications/s to long-polls {:.0} ({} devices, {} ms; {} delivered in {secs:.1} s; accepted {:.0}/s from devices; {} events discarded; {} dropped at full observation queues); daemon CPU {d_us:.1} µs per accepted notification (all nodes), nats-server {n_us:.1} µs; JetStream: {streams}",
                         f.delivered as f64 / secs,
                         f.devices,
                         args.notify_interval_ms,
@@ -854,6 +890,12 @@ pub fn run(args: &Args) -> Result<()> {
                         f.discarded,
                         f.dropped,
                     );
+                    if kind != Kind::Sqlite {
+                        storage
+                            .entry(kind)
+                            .or_default()
+                            .push(format!("run {r}, notifications: {streams}"));
+                    }
                 }
                 Err(e) => s.failed.push(format!("run {r}: {e:#}")),
             }
@@ -938,6 +980,10 @@ pub fn run(args: &Args) -> Result<()> {
     for f in &failures {
         println!("FAILED: {f}");
     }
-    ensure!(failures.is_empty(), "{} scenario run(s) failed", failures.len());
+    ensure!(
+        failures.is_empty(),
+        "{} scenario run(s) failed",
+        failures.len()
+    );
     Ok(())
 }
