@@ -378,3 +378,111 @@ pub async fn run_foreign_registrations(
         }
     }
 }
+
+/// The longest the traffic limits wait between two saves on NATS: the other nodes add a
+/// node's counts from what it saved, so this bounds (with the watch's delay) how long a
+/// node's traffic is unseen by the others' quotas (issue 22, limits cluster-wide).
+pub const COUNTS_SAVED_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
+
+/// How often the traffic limits save on this backend: `[limits] save_interval_ms`, at most
+/// [`COUNTS_SAVED_AT_LEAST_EVERY`] on NATS. Decision: one KV write per active domain and
+/// second per node is cheap next to the traffic it counts, and a quota that other nodes
+/// see five seconds late would let a burst spread over the nodes pass it by five seconds
+/// of traffic.
+pub fn counts_save_interval(backend: Backend, configured: Duration) -> Duration {
+    match backend {
+        Backend::Nats => configured.min(COUNTS_SAVED_AT_LEAST_EVERY),
+        Backend::Sqlite => configured,
+    }
+}
+
+/// Hands the other nodes' hourly counts to the traffic limits (issue 22), until `stop`:
+/// first every current count, then each change. A watch that lagged behind is read again
+/// whole.
+pub async fn run_other_counts(
+    store: Arc<NatsStore>,
+    limits: Arc<crate::limits::Limits>,
+    mut stop: shutdown::Shutdown,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    'snapshot: loop {
+        let (now, mut rx) = store.watch_hour_counts();
+        limits.clear_others();
+        for c in now {
+            limits.set_other(&c.node, &c.domain, c.hour, c.count);
+        }
+        loop {
+            let c = tokio::select! {
+                _ = stop.recv() => return,
+                c = rx.recv() => c,
+            };
+            match c {
+                Ok(c) => limits.set_other(&c.node, &c.domain, c.hour, c.count),
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(
+                        "cluster: missed {n} changes of other nodes' traffic counts; reading them again"
+                    );
+                    continue 'snapshot;
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+/// Follows the other nodes' device credential changes (issue 22), until `stop`: each time
+/// the NATS store says another node wrote a PSK or a certificate record, this node reads
+/// every credential again ([`crate::credentials::DeviceCredentials::reload`]) and closes
+/// its secure sessions whose credential the change took away, as the node that made the
+/// change closes its own. So a PSK made through one node lets its device do a handshake
+/// with any node, and a revocation holds on every node, within the watch's delay (about
+/// 10 ms on loopback). A failed read is retried at the next change or after a second.
+pub async fn run_credential_changes(
+    store: Arc<NatsStore>,
+    credentials: Arc<crate::credentials::DeviceCredentials>,
+    transport: Arc<crate::coap::Transport>,
+    mut stop: shutdown::Shutdown,
+) {
+    let mut changes = store.credential_changes();
+    // A change between the daemon's load and this subscription would be missed: read
+    // once now.
+    changes.mark_changed();
+    let mut failed = false;
+    loop {
+        if !failed {
+            tokio::select! {
+                _ = stop.recv() => return,
+                c = changes.changed() => if c.is_err() { return },
+            }
+        } else {
+            tokio::select! {
+                _ = stop.recv() => return,
+                _ = changes.changed() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        changes.borrow_and_update();
+        match credentials.reload().await {
+            Ok(revoked) => {
+                if failed {
+                    tracing::info!("cluster: reading the device credentials works again");
+                }
+                failed = false;
+                if !revoked.is_empty() {
+                    let closed = transport.close_sessions(&|id| revoked.covers(id));
+                    tracing::info!(
+                        "cluster: another node took device credentials away: closed {closed} secure sessions that used them"
+                    );
+                }
+            }
+            Err(e) => {
+                if !failed {
+                    tracing::warn!(
+                        "cluster: cannot read the device credentials another node changed (retried): {e}"
+                    );
+                }
+                failed = true;
+            }
+        }
+    }
+}

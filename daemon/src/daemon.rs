@@ -647,14 +647,47 @@ async fn start_services(
     // Callbacks go to a sink by their URL's scheme; the `[plugins] sink` takes every
     // scheme no other sink claims (today: all of them; it answers http and https).
     let sinks = crate::events::SchemeRouter::new(Arc::new(sink));
-    let hub = Hub::load(
-        Arc::clone(&store),
-        Arc::new(sinks),
-        n.clone(),
-        Arc::clone(&counters),
-        stop.clone(),
-    )
-    .await?;
+    let mut early_tasks = Vec::new();
+    // On NATS a key's channel is served by one node at a time, its owner (issue 22,
+    // `channels`); the other nodes' channel records are watched from before the load.
+    let hub = match &nats {
+        None => {
+            Hub::load(
+                Arc::clone(&store),
+                Arc::new(sinks),
+                n.clone(),
+                Arc::clone(&counters),
+                stop.clone(),
+            )
+            .await?
+        }
+        Some(nats) => {
+            let watch = nats.store.watch_channels();
+            let peers = crate::channels::NatsPeers::new(
+                Arc::clone(&nats.store),
+                nats.node.clone(),
+                config.cluster.timeout(),
+            );
+            let hub = Hub::load_clustered(
+                Arc::clone(&store),
+                Arc::new(sinks),
+                n.clone(),
+                Arc::clone(&counters),
+                stop.clone(),
+                Arc::new(peers),
+            )
+            .await?;
+            early_tasks.push(tokio::spawn(crate::channels::follow(
+                watch,
+                Arc::clone(&hub),
+                stop.clone(),
+            )));
+            early_tasks
+                .push(crate::channels::serve(&nats.store, Arc::clone(&hub), stop.clone()).await?);
+            early_tasks.push(tokio::spawn(Arc::clone(&hub).run_leases(stop.clone())));
+            hub
+        }
+    };
     // A straight line: the request layer before the subscriptions manager, which gets it
     // and the receiving end of the request layer's observation reports (no back-reference).
     let (reporter, reports) = crate::requests::observation_reports(OBSERVATION_REPORTS);
@@ -685,6 +718,7 @@ async fn start_services(
     let mut tasks = vec![tokio::spawn(
         Arc::clone(&subscriptions).run_reports(reports, stop.clone()),
     )];
+    tasks.append(&mut early_tasks);
     registry.add_listener(Arc::clone(&hub) as Arc<dyn RegistryListener>);
     registry.add_listener(Arc::new(RequestsListener(Arc::clone(&requests))));
     registry.add_listener(Arc::new(SubscriptionsListener(Arc::clone(&subscriptions))));
@@ -711,9 +745,27 @@ async fn start_services(
     tasks.push(tokio::spawn(crate::log_budget::run_summaries(stop.clone())));
     tasks.push(tokio::spawn(Arc::clone(&limits).run_saver(
         Arc::clone(&store),
-        Duration::from_millis(config.limits.save_interval_ms),
+        crate::cluster::counts_save_interval(
+            config.cluster.backend,
+            Duration::from_millis(config.limits.save_interval_ms),
+        ),
         stop.clone(),
     )));
+    // Issue 22: the other nodes' traffic counts add to this node's quotas, and their
+    // credential changes reach this node's handshakes.
+    if let Some(nats) = &nats {
+        tasks.push(tokio::spawn(crate::cluster::run_credential_changes(
+            Arc::clone(&nats.store),
+            Arc::clone(&credentials),
+            Arc::clone(&transport),
+            stop.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::cluster::run_other_counts(
+            Arc::clone(&nats.store),
+            Arc::clone(&limits),
+            stop.clone(),
+        )));
+    }
     if let Some(t) = lua.watch(stop.clone()) {
         tasks.push(t);
     }

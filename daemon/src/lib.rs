@@ -13,6 +13,7 @@
 //! - [`certs`]: the daemon's certificate authority (`/api/cert`).
 //! - [`state_dir`]: the state directory's permissions (private, tightened at start).
 //! - [`revocation`]: drops the notification channels of keys that no longer authenticate.
+//! - [`channels`]: notification channels across a cluster's nodes (the hub's peers on NATS).
 //! - [`cluster`]: the store backend (`[cluster]`), on NATS the CA check and membership.
 //! - [`daemon`]: start-up wiring, signals, systemd readiness.
 //! - [`remote`]: the REST API as the CLI reaches it (`connectord credentials`).
@@ -23,6 +24,7 @@
 /// The daemon's version (what `connectord --version` and the ready file say).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+pub mod channels;
 pub mod cluster;
 pub mod config;
 pub mod daemon;

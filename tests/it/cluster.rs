@@ -11,11 +11,11 @@ use serde_json::json;
 
 use crate::support::{self, Daemon, Prepared, bearer_call};
 
-const LINKS: &str = "</1/0>,</3/0>,</3303/0/5700>;obs,</5/0>";
-const WAIT: Duration = Duration::from_secs(10);
+pub(crate) const LINKS: &str = "</1/0>,</3/0>,</3303/0/5700>;obs,</5/0>";
+pub(crate) const WAIT: Duration = Duration::from_secs(10);
 
 /// The `[cluster]` section of a node `node` on `servers`.
-fn cluster(servers: &[String], node: &str) -> String {
+pub(crate) fn cluster(servers: &[String], node: &str) -> String {
     let servers: Vec<String> = servers.iter().map(|s| format!("{s:?}")).collect();
     format!(
         "[cluster]\nbackend = \"nats\"\nservers = [{}]\nnode = \"{node}\"\ntimeout_ms = 2000\n",
@@ -25,7 +25,7 @@ fn cluster(servers: &[String], node: &str) -> String {
 
 /// Copies the CA of `from` (a state directory) into `to`, as the operator does
 /// (docs/cluster.md).
-fn copy_ca(from: &Path, to: &Path) {
+pub(crate) fn copy_ca(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for f in ["ca.key.pem", "ca.cert.pem"] {
         std::fs::copy(from.join(f), to.join(f)).unwrap();
@@ -34,7 +34,7 @@ fn copy_ca(from: &Path, to: &Path) {
 
 /// A second node on `server`, with the CA of `first` copied into its state directory, and
 /// `first`'s admin key (it writes none itself: the cluster holds keys already).
-fn second_node(server: &NatsServer, first: &Daemon, node: &str, extra: &str) -> Daemon {
+pub(crate) fn second_node(server: &NatsServer, first: &Daemon, node: &str, extra: &str) -> Daemon {
     let p = Prepared::new("", &format!("{}{extra}", cluster(&[server.url()], node)));
     copy_ca(&first.state_dir(), &p.0.dir.path().join("state"));
     let mut d = p.start();
@@ -46,7 +46,7 @@ fn second_node(server: &NatsServer, first: &Daemon, node: &str, extra: &str) -> 
     d
 }
 
-fn members(d: &Daemon) -> Vec<String> {
+pub(crate) fn members(d: &Daemon) -> Vec<String> {
     let r = d.get("/v2/cluster");
     assert_eq!(r.status, 200, "{}", r.body);
     r.json()["members"]
@@ -448,7 +448,7 @@ fn check_config_refuses_a_node_name_that_is_no_nats_token() {
 }
 
 /// The names `d` lists in `GET /v2/endpoints`.
-fn endpoint_names(d: &Daemon) -> Vec<String> {
+pub(crate) fn endpoint_names(d: &Daemon) -> Vec<String> {
     let r = d.get("/v2/endpoints");
     assert_eq!(r.status, 200, "{}", r.body);
     r.json()
@@ -462,7 +462,7 @@ fn endpoint_names(d: &Daemon) -> Vec<String> {
 /// Waits (at most [`WAIT`]) until `d` lists exactly `names`; returns how long it took.
 /// The time is printed by the callers, not asserted: how fast is the bench's and
 /// docs/cluster.md's business (a loaded CI machine must not fail a test over it).
-fn until_listed(d: &Daemon, names: &[&str]) -> Duration {
+pub(crate) fn until_listed(d: &Daemon, names: &[&str]) -> Duration {
     let t = Instant::now();
     while endpoint_names(d) != names {
         assert!(

@@ -296,7 +296,7 @@ fn trusted_cas_admit_another_ca() {
 /// The PSK the libcoap tests give with `-k` (libcoap takes the key as text).
 const PSK_TEXT: &str = "e2e-secret-key-16";
 
-fn psk_hex(text: &str) -> String {
+pub(crate) fn psk_hex(text: &str) -> String {
     hex::encode(text.as_bytes())
 }
 
@@ -314,7 +314,12 @@ fn credentials_cli(d: &support::Daemon, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn put_psk(d: &support::Daemon, ep: &str, identity: &str, key_hex: &str) -> support::Http {
+pub(crate) fn put_psk(
+    d: &support::Daemon,
+    ep: &str,
+    identity: &str,
+    key_hex: &str,
+) -> support::Http {
     d.send_json(
         "PUT",
         &format!("/v2/device-credentials/{ep}"),
@@ -489,14 +494,18 @@ fn provisioned_psks_register_libcoap_over_dtls_bound_to_their_endpoint() {
 /// A device that holds its DTLS session between requests (libcoap's client closes it
 /// when it exits): the DTLS client of `connectord-coap` (dimpl) over a real UDP socket,
 /// blocking, the requests built by the testkit's CoAP device.
-struct DtlsDevice {
+pub(crate) struct DtlsDevice {
     coap: support::coap::Device,
     session: connectord::coap::dtls::client::DtlsClient,
 }
 
 impl DtlsDevice {
     /// Handshakes with `server` with PSK `identity`/`key` within 5 s.
-    fn connect(server: SocketAddr, identity: &str, key: &str) -> Result<DtlsDevice, String> {
+    pub(crate) fn connect(
+        server: SocketAddr,
+        identity: &str,
+        key: &str,
+    ) -> Result<DtlsDevice, String> {
         DtlsDevice::connect_with(
             server,
             connectord::coap::dtls::client::ClientAuth::Psk {
@@ -508,7 +517,7 @@ impl DtlsDevice {
 
     /// Handshakes with `server` with the certificate `device.pem` and key `device.key` in
     /// `dir` within 5 s.
-    fn connect_cert(server: SocketAddr, dir: &Path) -> Result<DtlsDevice, String> {
+    pub(crate) fn connect_cert(server: SocketAddr, dir: &Path) -> Result<DtlsDevice, String> {
         let auth = connectord::coap::dtls::client::ClientAuth::certificate_from_files(
             &dir.join("device.pem"),
             &dir.join("device.key"),
@@ -590,7 +599,7 @@ impl DtlsDevice {
     }
 
     /// A registration without `ep=` (the credential names the endpoint): its id.
-    fn register(&mut self) -> Result<String, String> {
+    pub(crate) fn register(&mut self) -> Result<String, String> {
         let mut r = support::coap::Req::new(coap_lite::RequestType::Post, &["rd"]);
         r.query = &["lt=300"];
         r.payload = b"</3/0>";
@@ -605,7 +614,7 @@ impl DtlsDevice {
     }
 
     /// `POST /rd/{id}` through the session: the answer's code, if one came.
-    fn update(&mut self, id: &str) -> Option<coap_lite::ResponseType> {
+    pub(crate) fn update(&mut self, id: &str) -> Option<coap_lite::ResponseType> {
         let path = ["rd", id];
         let r = support::coap::Req::new(coap_lite::RequestType::Post, &path);
         self.request(&r).map(|p| support::coap::code(&p))

@@ -168,6 +168,74 @@ fn packaged_config_matches_the_default() {
     );
 }
 
+/// The keys of `[cluster]` (issue 22).
+const CLUSTER_KEYS: [&str; 6] = [
+    "backend",
+    "servers",
+    "node",
+    "prefix",
+    "replicas",
+    "timeout_ms",
+];
+
+/// Issue 22: both shipped configurations show every `[cluster]` key (commented where the
+/// default applies) and point to the cluster documentation; with the comment marks taken
+/// off those keys (and `backend = "nats"`), the section is a configuration the daemon
+/// accepts, so no documented key is one it would refuse.
+#[test]
+fn the_shipped_configs_document_every_cluster_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["etc/connectord.toml", "packaging/connectord.toml"] {
+        let text = read(repo().join(file));
+        let section = text
+            .split("\n[cluster]\n")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{file} has no [cluster] section"))
+            .split("\n[")
+            .next()
+            .unwrap();
+        assert!(
+            section.contains("cluster.md"),
+            "{file}: [cluster] does not point to the cluster documentation"
+        );
+        let shown = |line: &str, key: &str| {
+            line.trim_start_matches('#')
+                .trim_start()
+                .starts_with(&format!("{key} ="))
+        };
+        for key in CLUSTER_KEYS {
+            assert!(
+                section.lines().any(|l| shown(l, key)),
+                "{file}: [cluster] does not show {key}"
+            );
+        }
+        let uncommented: Vec<&str> = section
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if CLUSTER_KEYS.iter().any(|k| shown(rest, k)) => rest,
+                _ => l,
+            })
+            .collect();
+        let config = dir.path().join("cluster.toml");
+        std::fs::write(
+            &config,
+            format!("[cluster]\n{}\n", uncommented.join("\n"))
+                .replace("backend = \"sqlite\"", "backend = \"nats\""),
+        )
+        .unwrap();
+        let out = Command::new(support::BIN)
+            .arg("check-config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: its [cluster] keys, uncommented, are refused: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn packaging_files_agree_with_the_code() {
     // The package metadata ships every plugin crate of the workspace but the example.

@@ -152,25 +152,52 @@ impl DeviceCredentials {
         store: Arc<dyn Store>,
         default_domain: &str,
     ) -> Result<Arc<DeviceCredentials>, StoreError> {
-        let psks = store.load_psks().await?;
-        let certificates = store.load_certificates().await?;
-        let mut state = State::default();
-        for p in psks {
-            state
-                .by_identity
-                .insert(p.identity.clone(), (p.domain.clone(), p.ep.clone()));
-            let (domain, ep) = (p.domain.clone(), p.ep.clone());
-            state.held_mut(&domain, &ep).psk = Some(p);
-        }
-        for c in certificates {
-            state.add_certificate(c);
-        }
+        let state = read_state(store.as_ref()).await?;
         Ok(Arc::new(DeviceCredentials {
             store,
             default_domain: default_domain.to_string(),
             state: RwLock::new(state),
             writes: tokio::sync::Mutex::new(()),
         }))
+    }
+
+    /// Reads every credential from the store again and takes it as the truth (issue 22:
+    /// another cluster node changed some; the daemon calls this when the NATS store says
+    /// so). Returns what the new records take away compared with memory (a PSK identity
+    /// removed or given another key or endpoint, a certificate now revoked): the caller
+    /// closes the sessions it covers, as after a change made here. Runs under the lock of
+    /// this node's own changes, so none of them is lost between the read and the swap.
+    pub async fn reload(&self) -> Result<Revoked, StoreError> {
+        let _one = self.writes.lock().await;
+        let new = read_state(self.store.as_ref()).await?;
+        let mut s = self.write();
+        let mut revoked = Revoked::default();
+        for (identity, (domain, ep)) in &s.by_identity {
+            let old_key = s.held(domain, ep).and_then(|h| h.psk.as_ref());
+            let new_key = new
+                .by_identity
+                .get(identity)
+                .filter(|(d, e)| d == domain && e == ep)
+                .and_then(|(d, e)| new.held(d, e))
+                .and_then(|h| h.psk.as_ref());
+            let same = matches!((old_key, new_key), (Some(o), Some(n)) if o.key == n.key);
+            if !same {
+                revoked.psk_identities.push(identity.clone());
+            }
+        }
+        for (serial, c) in &new.certificates {
+            let was_revoked = s
+                .certificates
+                .get(serial)
+                .is_some_and(|old| old.revoked_ms.is_some());
+            if c.revoked_ms.is_some() && !was_revoked {
+                revoked.serials.push(serial.clone());
+            }
+        }
+        revoked.psk_identities.sort();
+        revoked.serials.sort();
+        *s = new;
+        Ok(revoked)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -343,6 +370,24 @@ impl DeviceCredentials {
         self.write().add_certificate(rec);
         Ok(())
     }
+}
+
+/// Every stored credential, indexed.
+async fn read_state(store: &dyn Store) -> Result<State, StoreError> {
+    let psks = store.load_psks().await?;
+    let certificates = store.load_certificates().await?;
+    let mut state = State::default();
+    for p in psks {
+        state
+            .by_identity
+            .insert(p.identity.clone(), (p.domain.clone(), p.ep.clone()));
+        let (domain, ep) = (p.domain.clone(), p.ep.clone());
+        state.held_mut(&domain, &ep).psk = Some(p);
+    }
+    for c in certificates {
+        state.add_certificate(c);
+    }
+    Ok(state)
 }
 
 fn info_of(s: &State, domain: &str, ep: &str) -> Option<DeviceInfo> {
@@ -750,6 +795,38 @@ mod tests {
             .unwrap();
         assert_eq!(again.psk(b"id-2"), Some(vec![8u8; 32]));
         assert_eq!(again.get("d", "e"), creds.get("d", "e"));
+    }
+
+    /// Issue 22: two nodes' credentials on one store; what one changes, the other takes
+    /// at its reload, which names what was taken away (to close its sessions).
+    #[tokio::test]
+    async fn a_reload_takes_another_nodes_changes_and_names_what_they_took_away() {
+        let store = Arc::new(MemoryStore::new());
+        let a = DeviceCredentials::load(store.clone(), "default")
+            .await
+            .unwrap();
+        let b = DeviceCredentials::load(store.clone(), "default")
+            .await
+            .unwrap();
+        a.put_psk("d", "e", "id-1", vec![1u8; 16]).await.unwrap();
+        a.put_psk("d", "f", "id-f", vec![3u8; 16]).await.unwrap();
+        a.record_certificate(cert("0a", "g")).await.unwrap();
+        assert_eq!(b.psk(b"id-1"), None, "not before the reload");
+        let revoked = b.reload().await.unwrap();
+        assert!(revoked.is_empty(), "{revoked:?}");
+        assert_eq!(b.psk(b"id-1"), Some(vec![1u8; 16]));
+        assert!(b.has_credentials("d", "g"));
+        // a gives e a new key (same identity), revokes g and f: b's reload names them.
+        a.put_psk("d", "e", "id-1", vec![2u8; 16]).await.unwrap();
+        a.revoke("d", "g").await.unwrap();
+        a.revoke("d", "f").await.unwrap();
+        let revoked = b.reload().await.unwrap();
+        assert_eq!(revoked.psk_identities, ["id-1", "id-f"]);
+        assert_eq!(revoked.serials, [normal_serial("0a")]);
+        assert_eq!(b.psk(b"id-1"), Some(vec![2u8; 16]));
+        assert_eq!(b.psk(b"id-f"), None);
+        assert!(!b.certificate_valid("g", "0a"));
+        assert!(b.reload().await.unwrap().is_empty(), "nothing new");
     }
 
     #[tokio::test]

@@ -510,6 +510,12 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
             );
             metrics::gauge(
                 &mut out,
+                "cluster_owned_channels",
+                "Notification channels this node delivers, holding their lease (all of them on SQLite).",
+                state.hub.owned_channels() as u64,
+            );
+            metrics::gauge(
+                &mut out,
                 "cluster_owned_endpoints",
                 "Endpoints registered with this node (all of them on SQLite); registered_endpoints also counts those of the other cluster nodes.",
                 state

@@ -15,12 +15,13 @@
 //! | subscriptions | KV `<p>_subscriptions` | `<key id>.<endpoint>.<path>` |
 //! | pre-subscriptions | KV `<p>_presubscriptions` | `<key id>` |
 //! | plugin state | KV `<p>_plugin_state` | `<plugin>.<key>` |
-//! | hourly counts | KV `<p>_hour_counts` | `<domain>.<hour>` |
+//! | hourly counts | KV `<p>_hour_counts` | `<domain>.<hour>.<node>` (each node its own: `counts`) |
 //! | PSKs | KV `<p>_psks` | `ep.<domain>.<endpoint>`, and `id.<identity>` → `<domain>.<endpoint>` |
 //! | certificates | KV `<p>_certificates` | `<domain>.<endpoint>.<serial>` |
 //! | event numbering epoch | KV `<p>_meta` | `event_epoch` |
 //! | the cluster's CA (SHA-256) | KV `<p>_meta` | `ca_sha256` ([`NatsStore::check_ca`]) |
 //! | members (heartbeats, 6 s max age) | KV `<p>_nodes` | `<node>` ([`NatsStore::heartbeat`]) |
+//! | channel leases (6 s max age) | KV `<p>_channel_owners` | `<key id>` → node ([`NatsStore::claim_channel`]) |
 //! | requests to devices | stream `<p>_requests` | `<p>.req.<domain>.<endpoint>` |
 //! | events | stream `<p>_events` | `<p>.ev.<key id>`, header `Cd-Seq` |
 //! | calls to a node (core NATS, not stored) | request/reply | `<p>.node.<node>.<op>` ([`NatsStore::call_node`]) |
@@ -94,8 +95,9 @@
 //!   each, above) and filter after decoding: a prefix of a name is not a prefix of its
 //!   base64 token. Linear in the plugin's keys, a round trip each: fine for listing the
 //!   auth plugins' keys now and then, not for a hot path.
-//! - **Hourly counts** are last-writer-wins per (domain, hour): cluster-wide quotas (summing
-//!   the nodes' counts) are a later step of issue 22.
+//! - **Hourly counts** are kept per (domain, hour, node), each key written by its node
+//!   only; `load_hour_counts` answers this node's, [`NatsStore::watch_hour_counts`] the
+//!   other nodes' (the limits add them up: a quota holds cluster-wide, module `counts`).
 //! - Deleted KV keys leave a delete marker each (JetStream's KV): one per endpoint name,
 //!   subscription, plugin key, hour ever deleted. Nothing here compacts them yet.
 //!
@@ -109,10 +111,11 @@
 //! key whose events were all deleted. Decision, instead of the first plan (initialise a
 //! key's counter from its last stored message): `append_events` is synchronous, so it
 //! cannot read the server, and a key whose events were all deleted has no last message.
-//! When a key's channel moves to another node (a later step: one node at a time numbers a
-//! key, its channel owner), the new owner calls [`EventLog::load_events_of`] before its
-//! first append: that takes a new epoch if another node connected after this one, so the
-//! owner's numbers for the key are above every number given before.
+//! When a key's channel moves to another node (one node at a time numbers a key, its
+//! channel owner, holding the key's lease: [`NatsStore::claim_channel`]), the new owner
+//! calls [`EventLog::load_events_of`] before its first append: that takes a new epoch if
+//! another node connected after this one, so the owner's numbers for the key are above
+//! every number given before.
 //!
 //! `delete_events_through(key, seq)` purges the key's subject up to the stream sequence of
 //! its last event numbered `<= seq` (a purge with subject filter and sequence, which 2.9
@@ -123,7 +126,11 @@
 //!
 //! [`Feed::external_changes`] moves when another node (another `Cd-Node`) writes to the
 //! plugin-state bucket; this node's own writes are not counted. [`NatsStore::watch_registrations`]
-//! streams other nodes' registration writes (for the cluster's next steps).
+//! streams other nodes' registration writes (the daemon's directory follows them);
+//! [`NatsStore::watch_hour_counts`] the other nodes' traffic counts (module `counts`);
+//! [`NatsStore::credential_changes`] moves on other nodes' PSK and certificate writes
+//! (module `credential_changes`); [`NatsStore::watch_channels`] other nodes' channel
+//! records (the hub follows them).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -236,6 +243,12 @@ pub struct NatsStore {
     watches: Vec<tokio::task::JoinHandle<()>>,
     external: watch::Receiver<u64>,
     registrations: broadcast::Sender<RegistrationChange>,
+    /// The other nodes' hourly counts (`counts`).
+    counts: Arc<counts::CountsWatch>,
+    /// Moves on other nodes' credential writes (`credential_changes`).
+    credentials: Arc<watch::Sender<u64>>,
+    /// Other nodes' channel records (`channels`).
+    channels: broadcast::Sender<ChannelRecord>,
 }
 
 /// The names of the buckets and streams.
@@ -251,6 +264,8 @@ struct Names {
     meta: String,
     /// Membership (heartbeats), with a `max_age`; not one of [`Names::buckets`].
     nodes: String,
+    /// Channel leases (`channels`), with a `max_age`; not one of [`Names::buckets`].
+    channel_owners: String,
     requests: String,
     events: String,
     /// `<p>.req`, `<p>.ev`.
@@ -273,6 +288,7 @@ impl Names {
             certificates: format!("{p}_certificates"),
             meta: format!("{p}_meta"),
             nodes: format!("{p}_nodes"),
+            channel_owners: format!("{p}_channel_owners"),
             requests: format!("{p}_requests"),
             events: format!("{p}_events"),
             req_subject: format!("{p}.req"),
@@ -310,9 +326,14 @@ struct Shared {
     numbered: Mutex<HashMap<String, u64>>,
     /// Each key's known events: number → stream sequence.
     event_rows: Mutex<HashMap<String, BTreeMap<u64, u64>>>,
+    /// The `keep_from` of the last pruning of the hourly counts: a save with the same one
+    /// (every save within an hour) lists no keys (module `counts`).
+    counts_pruned_from: AtomicU64,
     index: Mutex<RegIndex>,
     plugin_kv: kv::Store,
     nodes_kv: kv::Store,
+    /// The channel leases (`channels`).
+    owners_kv: kv::Store,
     /// Every stream (buckets' too) by name, got once at connect.
     streams: HashMap<String, jetstream::stream::Stream>,
 }
@@ -551,6 +572,13 @@ impl NatsStore {
         let plugin_kv = plugin_kv.ok_or_else(|| refused("no plugin-state bucket"))?;
         let nodes_kv =
             bind_bucket_aged(&js, &names.nodes, cfg.replicas, Some(MEMBER_MAX_AGE)).await?;
+        let owners_kv = bind_bucket_aged(
+            &js,
+            &names.channel_owners,
+            cfg.replicas,
+            Some(CHANNEL_LEASE_MAX_AGE),
+        )
+        .await?;
         for (name, subject) in [
             (&names.requests, &names.req_subject),
             (&names.events, &names.ev_subject),
@@ -593,9 +621,11 @@ impl NatsStore {
             epoch: AtomicU64::new(0),
             numbered: Mutex::new(HashMap::new()),
             event_rows: Mutex::new(HashMap::new()),
+            counts_pruned_from: AtomicU64::new(0),
             index: Mutex::new(RegIndex::default()),
             plugin_kv,
             nodes_kv,
+            owners_kv,
         });
         let epoch = shared.next_epoch().await?;
         shared.epoch.store(epoch, Ordering::SeqCst);
@@ -615,6 +645,29 @@ impl NatsStore {
             .map_err(|_| unavailable("the registrations watch ended"))??;
         let (external_tx, external) = watch::channel(0u64);
         tasks.push(shared.clone().watch_plugin_state(external_tx).await?);
+        let credentials = Arc::new(watch::channel(0u64).0);
+        for bucket in [&shared.names.psks, &shared.names.certificates] {
+            tasks.push(
+                shared
+                    .clone()
+                    .watch_credential_bucket(bucket.clone(), Arc::clone(&credentials))
+                    .await?,
+            );
+        }
+        let counts = counts::CountsWatch::new();
+        tasks.push(
+            shared
+                .clone()
+                .watch_hour_count_bucket(Arc::clone(&counts))
+                .await?,
+        );
+        let (channels, _) = broadcast::channel(4096);
+        tasks.push(
+            shared
+                .clone()
+                .watch_channel_bucket(channels.clone())
+                .await?,
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = Writer {
             shared: shared.clone(),
@@ -627,6 +680,9 @@ impl NatsStore {
             watches: tasks,
             external,
             registrations,
+            counts,
+            credentials,
+            channels,
         })
     }
 
@@ -1631,19 +1687,28 @@ impl Writer {
                 .await;
             }
             Op::SaveHourCounts(counts, keep_from, reply) => {
+                let b = &n.hour_counts;
+                let puts: Vec<Msg> = counts
+                    .iter()
+                    .filter(|c| c.hour >= keep_from)
+                    .map(|c| {
+                        let key = counts::key(&c.domain, c.hour, &s.node);
+                        s.kv_put(b, &key, Bytes::from(c.count.to_string()))
+                    })
+                    .collect();
+                // Pruning lists every key (a round trip each, holding up the queue):
+                // once per `keep_from`, i.e. once an hour, not at every save (each second
+                // on a cluster). A pruning whose write fails is not retried before the next
+                // hour: hours out of the window are ignored by every reader anyway.
+                if s.counts_pruned_from.fetch_max(keep_from, Ordering::SeqCst) >= keep_from {
+                    return self.write(puts, reply, |_, _| Ok(())).await;
+                }
                 self.write_after(reply, async |s: &Shared| {
                     let b = &s.names.hour_counts;
-                    let mut msgs: Vec<Msg> = counts
-                        .iter()
-                        .filter(|c| c.hour >= keep_from)
-                        .map(|c| {
-                            let key = format!("{}.{}", enc(&c.domain), c.hour);
-                            s.kv_put(b, &key, Bytes::from(c.count.to_string()))
-                        })
-                        .collect();
+                    let mut msgs = puts;
                     for k in s.bucket_keys(b, ">").await? {
-                        let hour = k.rsplit('.').next().and_then(|h| h.parse::<u64>().ok());
-                        if hour.is_some_and(|h| h < keep_from) {
+                        // Old hours of every node go (and of the older node-less form).
+                        if counts::hour_of(&k).is_some_and(|h| h < keep_from) {
                             msgs.push(s.kv_delete(b, &k));
                         }
                     }
@@ -2139,28 +2204,23 @@ impl SubscriptionStore for NatsStore {
 
 impl QuotaStore for NatsStore {
     fn load_hour_counts(&self) -> Pending<Vec<HourCount>> {
+        // This node's own counts; the other nodes' are
+        // `watch_hour_counts` (module `counts`).
         self.read(async move |s: Arc<Shared>| {
-            let msgs = s.read_bucket(&s.names.hour_counts, ">").await?;
-            let skip = 2;
-            let mut out = Vec::with_capacity(msgs.len());
-            for m in msgs {
-                let mut t = m.subject.split('.').skip(skip);
-                let parsed = (|| {
-                    let domain = dec(t.next()?)?;
-                    let hour = t.next()?.parse().ok()?;
-                    let count = std::str::from_utf8(&m.payload).ok()?.parse().ok()?;
-                    Some(HourCount {
-                        domain,
-                        hour,
-                        count,
-                    })
-                })();
-                match parsed {
-                    Some(c) => out.push(c),
-                    None => tracing::error!("store: skipping unreadable limit count {}", m.subject),
+            let mut own: BTreeMap<(String, u64), u64> = BTreeMap::new();
+            for (domain, hour, node, count) in s.all_hour_counts().await? {
+                if node.as_ref().is_some_and(|n| *n == s.node) {
+                    *own.entry((domain, hour)).or_default() += count;
                 }
             }
-            Ok(out)
+            Ok(own
+                .into_iter()
+                .map(|((domain, hour), count)| HourCount {
+                    domain,
+                    hour,
+                    count,
+                })
+                .collect())
         })
     }
 
@@ -2278,4 +2338,9 @@ mod tests {
 }
 
 mod calls;
+mod channels;
 pub use calls::{CallError, NodeCall, NodeCalls};
+mod counts;
+pub use counts::NodeHourCount;
+mod credential_changes;
+pub use channels::{CHANNEL_LEASE_MAX_AGE, Lease, events_from_json, events_to_json};

@@ -605,6 +605,93 @@ mod nats {
         println!("a heartbeat expired after {:?}", t.elapsed());
     }
 
+    /// Channel leases: one node at a time holds a key's lease (create-if-absent), its
+    /// holder renews it, another node is told the holder; a release frees it for the
+    /// other; a lease not renewed lapses within `CHANNEL_LEASE_MAX_AGE` and the next claim
+    /// takes it. Other nodes' channel records come through `watch_channels`, ours do not.
+    #[tokio::test]
+    async fn nats_channel_leases_are_held_by_one_node_at_a_time() {
+        use connectord_store::nats::{CHANNEL_LEASE_MAX_AGE, Lease};
+        let server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        let b = connect(&server, "b").await;
+        let key = "key *.> 1";
+        assert_eq!(a.channel_owner(key).await.unwrap(), None);
+        // Both at once: exactly one takes it.
+        let (ra, rb) = tokio::join!(a.claim_channel(key), b.claim_channel(key));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        let winner = match (&ra, &rb) {
+            (Lease::Ours { fresh: true }, Lease::Theirs(n)) if n == "a" => "a",
+            (Lease::Theirs(n), Lease::Ours { fresh: true }) if n == "b" => "b",
+            other => panic!("not one owner: {other:?}"),
+        };
+        let (owner, other) = if winner == "a" { (&a, &b) } else { (&b, &a) };
+        assert_eq!(
+            owner.claim_channel(key).await.unwrap(),
+            Lease::Ours { fresh: false }
+        );
+        assert_eq!(
+            other.claim_channel(key).await.unwrap(),
+            Lease::Theirs(winner.into())
+        );
+        assert_eq!(
+            other.channel_owner(key).await.unwrap().as_deref(),
+            Some(winner)
+        );
+        // A release by the non-holder changes nothing; the holder's frees it.
+        other.release_channel(key).await.unwrap();
+        assert_eq!(
+            owner.channel_owner(key).await.unwrap().as_deref(),
+            Some(winner)
+        );
+        owner.release_channel(key).await.unwrap();
+        assert_eq!(other.channel_owner(key).await.unwrap(), None);
+        assert_eq!(
+            other.claim_channel(key).await.unwrap(),
+            Lease::Ours { fresh: true }
+        );
+        // Not renewed: it lapses, and the next claim takes it.
+        let t = Instant::now();
+        loop {
+            match owner.claim_channel(key).await.unwrap() {
+                Lease::Ours { fresh } => {
+                    assert!(fresh, "taken as a fresh lease");
+                    break;
+                }
+                Lease::Theirs(_) => {}
+            }
+            assert!(
+                t.elapsed() < CHANNEL_LEASE_MAX_AGE * 3,
+                "the lease never lapsed"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        println!(
+            "an unrenewed channel lease was taken after {:?}",
+            t.elapsed()
+        );
+        // Channel records: b sees a's write, a does not see its own.
+        let mut seen_by_b = b.watch_channels();
+        let mut seen_by_a = a.watch_channels();
+        let rec = ChannelRecord {
+            key_id: key.into(),
+            domain: "d".into(),
+            callback: None,
+            allow: None,
+        };
+        a.put_channel(rec.clone()).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), seen_by_b.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, rec);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            seen_by_a.try_recv().is_err(),
+            "a node's own write came back"
+        );
+    }
+
     #[tokio::test]
     async fn nats_backend_keeps_device_credentials_across_a_reconnect() {
         let server = NatsServer::start().unwrap();
@@ -694,7 +781,8 @@ mod nats {
             }
             seen
         });
-        let t = Duration::from_secs(2);
+        // Generous: a loaded 2-core machine can take a second or two to answer.
+        let t = Duration::from_secs(10);
         let got = a
             .call_node("node b.*>", "echo", bytes::Bytes::from_static(b"abc"), t)
             .await
@@ -812,6 +900,143 @@ mod nats {
             ]
         );
         assert!(a.load_registrations().await.unwrap().is_empty());
+    }
+
+    /// Issue 22, limits cluster-wide: each node stores its own hourly counts; a node loads
+    /// its own back, and follows the others' through `watch_hour_counts` (a snapshot first,
+    /// then each change, a removed hour as 0); the cluster's sum adds them up.
+    #[tokio::test]
+    async fn two_nodes_keep_their_own_hourly_counts_and_see_each_others() {
+        use connectord_store::nats::NodeHourCount;
+        let server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        let b = connect(&server, "b").await;
+        let hc = |d: &str, hour, count| HourCount {
+            domain: d.into(),
+            hour,
+            count,
+        };
+        a.save_hour_counts(vec![hc("d", 100, 3), hc("e", 100, 1)], 90)
+            .await
+            .unwrap();
+        b.save_hour_counts(vec![hc("d", 100, 4)], 90).await.unwrap();
+        // Saved again: replaced, not added (each node writes its running count).
+        b.save_hour_counts(vec![hc("d", 100, 5), hc("d", 99, 2)], 90)
+            .await
+            .unwrap();
+        let sorted = |mut v: Vec<HourCount>| {
+            v.sort_by(|x, y| (&x.domain, x.hour).cmp(&(&y.domain, y.hour)));
+            v.into_iter()
+                .map(|c| (c.domain, c.hour, c.count))
+                .collect::<Vec<_>>()
+        };
+        let own = |v: &[(&str, u64, u64)]| {
+            v.iter()
+                .map(|(d, h, c)| (d.to_string(), *h, *c))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            sorted(a.load_hour_counts().await.unwrap()),
+            own(&[("d", 100, 3), ("e", 100, 1)]),
+            "a loads its own counts only"
+        );
+        assert_eq!(
+            sorted(b.load_hour_counts().await.unwrap()),
+            own(&[("d", 99, 2), ("d", 100, 5)])
+        );
+        assert_eq!(
+            sorted(a.load_cluster_hour_counts().await.unwrap()),
+            own(&[("d", 99, 2), ("d", 100, 8), ("e", 100, 1)]),
+            "the cluster's counts are the nodes' summed"
+        );
+        // a's watch: b's current counts (the watch may still be catching up: bounded).
+        let nhc = |node: &str, d: &str, hour, count| NodeHourCount {
+            node: node.into(),
+            domain: d.into(),
+            hour,
+            count,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (mut rx, snapshot) = loop {
+            let (mut now, rx) = a.watch_hour_counts();
+            now.sort_by(|x, y| (&x.domain, x.hour).cmp(&(&y.domain, y.hour)));
+            if now.len() == 2 && now[1].count == 5 {
+                break (rx, now);
+            }
+            assert!(Instant::now() < deadline, "a never saw b's counts: {now:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(snapshot, [nhc("b", "d", 99, 2), nhc("b", "d", 100, 5)]);
+        assert!(
+            b.watch_hour_counts().0.iter().all(|c| c.node == "a"),
+            "b's watch holds a's counts, never its own"
+        );
+        // b counts on, then prunes hour 99 away: a hears both, in order.
+        b.save_hour_counts(vec![hc("d", 100, 6)], 100)
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let c = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("a's watch tells of b's save")
+                .unwrap();
+            seen.push(c);
+        }
+        seen.sort_by_key(|c| c.hour);
+        assert_eq!(seen, [nhc("b", "d", 99, 0), nhc("b", "d", 100, 6)]);
+        // b's prune removed every node's old hours: a has none before hour 100 either.
+        assert_eq!(
+            sorted(a.load_cluster_hour_counts().await.unwrap()),
+            own(&[("d", 100, 9), ("e", 100, 1)])
+        );
+    }
+
+    /// Issue 22, credentials followed by every node: `credential_changes` moves when
+    /// another node writes a PSK, a certificate or a revocation, never for the node's own
+    /// writes; what moved it is in the store for the other node to load.
+    #[tokio::test]
+    async fn a_node_hears_of_another_nodes_credential_changes_only() {
+        let server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        let b = connect(&server, "b").await;
+        let mut b_changes = b.credential_changes();
+        let mut a_changes = a.credential_changes();
+        let moved = async |rx: &mut tokio::sync::watch::Receiver<u64>| {
+            tokio::time::timeout(Duration::from_secs(5), rx.changed())
+                .await
+                .is_ok()
+        };
+        b.put_psk(psk("d", "own", "id-own", &[1; 16]))
+            .await
+            .unwrap();
+        assert!(moved(&mut a_changes).await, "a hears of b's PSK");
+        // (A PSK is two KV writes: the endpoint's record and its identity's.)
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        a_changes.borrow_and_update();
+        a.put_psk(psk("d", "ep", "id-1", &[2; 16])).await.unwrap();
+        assert!(moved(&mut b_changes).await, "b hears of a's PSK");
+        assert!(
+            b.load_psks()
+                .await
+                .unwrap()
+                .iter()
+                .any(|p| p.identity == "id-1")
+        );
+        b_changes.borrow_and_update();
+        a.put_certificate(cert("0a", "d", "ep")).await.unwrap();
+        assert!(moved(&mut b_changes).await, "b hears of a's certificate");
+        b_changes.borrow_and_update();
+        a.revoke_device("d".into(), "ep".into(), 9).await.unwrap();
+        assert!(moved(&mut b_changes).await, "b hears of a's revocation");
+        let certs = b.load_certificates().await.unwrap();
+        assert_eq!(certs[0].revoked_ms, Some(9));
+        // a's own three writes moved nothing on a.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !a_changes.has_changed().unwrap(),
+            "its own writes move nothing"
+        );
     }
 
     /// A key's channel moving to a node that connected before the key's last owner: the

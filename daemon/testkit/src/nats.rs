@@ -192,8 +192,12 @@ impl NatsServer {
         self.ports.client
     }
 
-    /// The monitoring port (`/healthz`, `/varz`, `/jsz`: the bench reads JetStream's
-    /// stream sizes there).
+    /// The server's name (`-n`: `n0`, `n1`, `n2` in a cluster).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The monitoring port (`-m`: `/healthz`, `/jsz`).
     pub fn monitor_port(&self) -> u16 {
         self.ports.monitor
     }
@@ -225,6 +229,35 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The first string value of the field `field` in `json` (no JSON parser here: this file
+/// uses only `std`, see the module documentation).
+fn value_after(json: &str, field: &str) -> Option<String> {
+    let key = format!("\"{field}\"");
+    let at = json.find(&key)?;
+    let name: String = json[at + key.len()..]
+        .trim_start_matches([' ', ':', '"'])
+        .chars()
+        .take_while(|c| *c != '"')
+        .collect();
+    (!name.is_empty()).then_some(name)
+}
+
+/// The body of `GET <path>` on a monitoring port (HTTP/1.0, so not chunked).
+fn get(port: u16, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(500),
+    )?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default())
 }
 
 /// Whether `GET /healthz` on the monitoring port answers 200.
@@ -299,5 +332,51 @@ impl NatsCluster {
     /// Every server's URL.
     pub fn urls(&self) -> Vec<String> {
         self.servers.iter().map(NatsServer::url).collect()
+    }
+
+    /// The index in [`NatsCluster::servers`] of the leader of the stream `stream` (a KV
+    /// bucket `b` is the stream `KV_b`), as a running server's
+    /// `GET /jsz?accounts=true&streams=true` names it; None when no running server does.
+    pub fn stream_leader(&mut self, stream: &str) -> Option<usize> {
+        let needle = format!("\"{stream}\"");
+        let mut leader = None;
+        for s in &mut self.servers {
+            if !s.is_running() {
+                continue;
+            }
+            let Ok(body) = get(s.ports.monitor, "/jsz?accounts=true&streams=true") else {
+                continue;
+            };
+            let Some(at) = body.find(&needle) else {
+                continue;
+            };
+            if let Some(name) = value_after(&body[at..], "leader") {
+                leader = Some(name);
+                break;
+            }
+        }
+        let leader = leader?;
+        self.servers.iter().position(|s| s.name == leader)
+    }
+
+    /// The index in [`NatsCluster::servers`] of the JetStream meta leader, as a running
+    /// server's `GET /jsz` names it (`"meta_cluster": {"leader": "n1", ...}`); None when
+    /// no running server names one.
+    pub fn meta_leader(&mut self) -> Option<usize> {
+        let mut leader = None;
+        for s in &mut self.servers {
+            if !s.is_running() {
+                continue;
+            }
+            let Ok(body) = get(s.ports.monitor, "/jsz") else {
+                continue;
+            };
+            if let Some(name) = value_after(&body, "leader") {
+                leader = Some(name);
+                break;
+            }
+        }
+        let leader = leader?;
+        self.servers.iter().position(|s| s.name == leader)
     }
 }

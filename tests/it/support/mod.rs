@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod failover;
 pub mod peers;
 pub mod pelion;
 

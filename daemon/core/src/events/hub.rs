@@ -12,6 +12,12 @@
 //! `notifications.max_concurrent_deliveries` deliveries at once. Events older
 //! than `notifications.discard_after_s` (15 minutes by default, as the seed says) are
 //! discarded and counted, wherever they wait.
+//!
+//! On a node of a cluster ([`Hub::load_clustered`], issue 22) each key's channel is served
+//! by one node at a time, its owner (a lease, [`super::peers::ChannelPeers::claim`]): the
+//! owner's hub does all of the above for the key; the others route the key's events to it
+//! and forward its long-polls there, and follow its record (ARCHITECTURE.md, "Multi-node
+//! on NATS JetStream", Channels). Without peers every channel is this hub's, as before.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -21,6 +27,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
+use super::peers::{ChannelPeers, Claim, PeerError, PollRequest, Polled};
 use super::{About, ChannelRecord, Delivery, Entry, Event, Sink, StoredEvent, registration_entry};
 use crate::auth::Principal;
 use crate::config::NotificationsConfig;
@@ -32,6 +39,45 @@ use crate::store::{Store, StoreError};
 
 /// Most characters of a callback URL plus its header values (seed 000).
 pub const MAX_CALLBACK_LEN: usize = 400;
+
+/// Cluster: how long a key's owner waits to hear whether a long-poll answer it gave to
+/// another node reached that node's client ([`super::peers::ChannelPeers::answered`])
+/// before it queues the answer's events again.
+pub const REMOTE_ANSWER_WINDOW: Duration = Duration::from_secs(10);
+
+/// Cluster: how often an owner renews its channel leases (which live 6 s in the store),
+/// and how often a node looks for callback channels nobody owns.
+pub const LEASE_RENEW_EVERY: Duration = Duration::from_secs(2);
+
+/// Cluster: an owner whose renewals have failed this long stops delivering (its lease
+/// may have lapsed and another node taken the channel).
+const LEASE_STEP_DOWN_AFTER: Duration = Duration::from_secs(4);
+
+/// Cluster: how long a publish keeps trying to reach a key's owner (or to take its
+/// lease once it lapsed) before the event is given up, logged and counted as discarded.
+pub const FORWARD_BOUND: Duration = Duration::from_secs(15);
+
+/// Who delivers a channel's events (cluster; a hub without peers owns every channel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Owner {
+    Here,
+    Node(String),
+    /// Not known: the next need asks the peers ([`Hub::route`]).
+    Unknown,
+}
+
+/// Where a key's channel is served.
+enum Route {
+    Here,
+    Node(String),
+}
+
+fn unavailable(message: String) -> StoreError {
+    StoreError::Backend {
+        source: message.into(),
+        unavailable: true,
+    }
+}
 
 /// Lets the store's removal of delivered events commit in the background. The delete is
 /// queued in order behind every append it covers, but not awaited: waiting for its commit
@@ -82,6 +128,9 @@ struct InFlight {
     len: usize,
     /// When the answer was handed to its connection; `None` while its pull still answers.
     sent: Option<Instant>,
+    /// Cluster: when the answer was handed to another node for its client (put back if
+    /// that node does not say it was sent within [`REMOTE_ANSWER_WINDOW`]).
+    handed: Option<Instant>,
 }
 
 struct Channel {
@@ -99,11 +148,21 @@ struct Channel {
     /// `rec.allow`, which routing obeys, takes it once the write commits (unless a newer
     /// one was submitted meanwhile). Every record written carries it ([`Channel::record`]).
     allow_written: (u64, Option<Vec<String>>),
+    /// Who delivers its events (always `Here` without peers).
+    owner: Owner,
+    /// Cluster: when this node's lease was last renewed (while `owner` is `Here`).
+    renewed: Instant,
 }
 
 impl Channel {
     fn new(rec: ChannelRecord) -> Channel {
+        Channel::owned_by(rec, Owner::Here)
+    }
+
+    fn owned_by(rec: ChannelRecord, owner: Owner) -> Channel {
         Channel {
+            owner,
+            renewed: Instant::now(),
             allow_written: (0, rec.allow.clone()),
             rec,
             queue: VecDeque::new(),
@@ -129,8 +188,11 @@ impl Channel {
         let stale = self
             .in_flight
             .as_ref()
-            .and_then(|f| f.sent)
-            .is_some_and(|sent| now >= sent + window);
+            .is_some_and(|f| match (f.sent, f.handed) {
+                (Some(sent), _) => now >= sent + window,
+                (None, Some(handed)) => now >= handed + REMOTE_ANSWER_WINDOW,
+                (None, None) => false,
+            });
         if stale {
             self.in_flight = None;
         }
@@ -185,10 +247,13 @@ pub struct Batch {
 #[derive(Debug)]
 pub struct Ticket {
     hub: Weak<Hub>,
-    key_id: String,
+    /// (Boxed strings: a `Reply` holds its ticket, and stays small.)
+    key_id: Box<str>,
     id: u64,
     /// Set by [`Ticket::sent`]: the drop then puts nothing back.
     sent: bool,
+    /// Cluster: the node whose answer this is (the key's owner), told instead of this hub.
+    owner: Option<Box<str>>,
 }
 
 impl Ticket {
@@ -198,13 +263,34 @@ impl Ticket {
     pub fn sent(mut self) -> Answer {
         self.sent = true;
         if let Some(hub) = self.hub.upgrade() {
-            hub.mark_sent(&self.key_id, self.id);
+            match &self.owner {
+                Some(owner) => hub.tell_owner(owner, &self.key_id, self.id, true),
+                None => hub.mark_sent(&self.key_id, self.id),
+            }
         }
         Answer {
             hub: self.hub.clone(),
-            key_id: std::mem::take(&mut self.key_id),
+            key_id: std::mem::take(&mut self.key_id).into(),
             id: self.id,
+            owner: self.owner.take().map(Into::into),
         }
+    }
+
+    /// Cluster, on the owner: the answer goes to another node for its client. The ticket
+    /// puts nothing back; the answer is settled by [`Hub::answer_reached`], or put back
+    /// after [`REMOTE_ANSWER_WINDOW`]. Answers the answer's id.
+    fn hand_over(mut self) -> u64 {
+        self.sent = true;
+        if let Some(hub) = self.hub.upgrade()
+            && let Some(f) = hub
+                .lock()
+                .get_mut(&*self.key_id)
+                .and_then(|c| c.in_flight.as_mut())
+                .filter(|f| f.id == self.id)
+        {
+            f.handed = Some(Instant::now());
+        }
+        self.id
     }
 }
 
@@ -213,7 +299,10 @@ impl Drop for Ticket {
         if !self.sent
             && let Some(hub) = self.hub.upgrade()
         {
-            hub.put_back(&self.key_id, self.id, "the answer was not written");
+            match &self.owner {
+                Some(owner) => hub.tell_owner(owner, &self.key_id, self.id, false),
+                None => hub.put_back(&self.key_id, self.id, "the answer was not written"),
+            }
         }
     }
 }
@@ -224,6 +313,7 @@ pub struct Answer {
     hub: Weak<Hub>,
     key_id: String,
     id: u64,
+    owner: Option<String>,
 }
 
 impl Answer {
@@ -232,7 +322,10 @@ impl Answer {
     /// pulled again since.
     pub fn put_back(self) {
         if let Some(hub) = self.hub.upgrade() {
-            hub.put_back(&self.key_id, self.id, "its connection failed");
+            match &self.owner {
+                Some(owner) => hub.tell_owner(owner, &self.key_id, self.id, false),
+                None => hub.put_back(&self.key_id, self.id, "its connection failed"),
+            }
         }
     }
 }
@@ -250,6 +343,8 @@ pub enum CallbackError {
 
 /// The hub.
 pub struct Hub {
+    /// This hub (for the tasks a claim starts).
+    me: Weak<Hub>,
     store: Arc<dyn Store>,
     sink: Arc<dyn Sink>,
     cfg: NotificationsConfig,
@@ -261,6 +356,14 @@ pub struct Hub {
     /// hold one permit each and the rest go to the others, first come first served.
     deliveries: Semaphore,
     stop: Shutdown,
+    /// Cluster: the other nodes (`None`: this hub owns every channel, the single-node
+    /// path, unchanged).
+    peers: Option<Arc<dyn ChannelPeers>>,
+    /// Cluster: one claim at a time (a key's events are loaded once per claim).
+    claiming: tokio::sync::Mutex<()>,
+    /// Cluster: events for other nodes' channels go out one publish at a time, in the
+    /// order they reach it.
+    forwarding: tokio::sync::Mutex<()>,
 }
 
 impl Hub {
@@ -272,15 +375,47 @@ impl Hub {
         counters: Arc<Counters>,
         stop: Shutdown,
     ) -> Result<Arc<Hub>, StoreError> {
+        Hub::load_with(store, sink, cfg, counters, stop, None).await
+    }
+
+    /// [`Hub::load`] for a node of a cluster: the channels are loaded, owned by nobody
+    /// known yet, and no events: a key's undelivered events are loaded by the node that
+    /// takes its lease ([`Hub::run_leases`] takes the callback channels nobody owns).
+    pub async fn load_clustered(
+        store: Arc<dyn Store>,
+        sink: Arc<dyn Sink>,
+        cfg: NotificationsConfig,
+        counters: Arc<Counters>,
+        stop: Shutdown,
+        peers: Arc<dyn ChannelPeers>,
+    ) -> Result<Arc<Hub>, StoreError> {
+        Hub::load_with(store, sink, cfg, counters, stop, Some(peers)).await
+    }
+
+    async fn load_with(
+        store: Arc<dyn Store>,
+        sink: Arc<dyn Sink>,
+        cfg: NotificationsConfig,
+        counters: Arc<Counters>,
+        stop: Shutdown,
+        peers: Option<Arc<dyn ChannelPeers>>,
+    ) -> Result<Arc<Hub>, StoreError> {
+        let owner = if peers.is_some() {
+            Owner::Unknown
+        } else {
+            Owner::Here
+        };
         let mut channels: Map<String, Channel> = store
             .load_channels()
             .await?
             .into_iter()
-            .map(|r| (r.key_id.clone(), Channel::new(r)))
+            .map(|r| (r.key_id.clone(), Channel::owned_by(r, owner.clone())))
             .collect();
-        for e in store.load_events().await? {
-            if let Some(ch) = channels.get_mut(&e.key_id) {
-                ch.queue.push_back(e);
+        if peers.is_none() {
+            for e in store.load_events().await? {
+                if let Some(ch) = channels.get_mut(&e.key_id) {
+                    ch.queue.push_back(e);
+                }
             }
         }
         let queued: usize = channels.values().map(|c| c.queue.len()).sum();
@@ -289,7 +424,8 @@ impl Hub {
             channels.len()
         );
         let cfg_deliveries = cfg.max_concurrent_deliveries.max(1);
-        let hub = Arc::new(Hub {
+        let hub = Arc::new_cyclic(|me| Hub {
+            me: me.clone(),
             store,
             sink,
             cfg,
@@ -297,6 +433,9 @@ impl Hub {
             channels: Mutex::new(channels),
             deliveries: Semaphore::new(cfg_deliveries),
             stop,
+            peers,
+            claiming: tokio::sync::Mutex::new(()),
+            forwarding: tokio::sync::Mutex::new(()),
         });
         let callback_keys: Vec<String> = hub
             .lock()
@@ -312,6 +451,16 @@ impl Hub {
 
     fn lock(&self) -> MutexGuard<'_, Map<String, Channel>> {
         self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A channel made here: this hub's own without peers, else owned by whoever the
+    /// peers say at its first need.
+    fn new_channel(&self, rec: ChannelRecord) -> Channel {
+        if self.peers.is_some() {
+            Channel::owned_by(rec, Owner::Unknown)
+        } else {
+            Channel::new(rec)
+        }
     }
 
     fn cutoff(&self) -> u64 {
@@ -331,7 +480,7 @@ impl Hub {
                     callback: None,
                     allow: p.allow.clone(),
                 };
-                map.insert(p.key_id.clone(), Channel::new(rec.clone()));
+                map.insert(p.key_id.clone(), self.new_channel(rec.clone()));
                 Some(self.store.put_channel(rec))
             } else {
                 None
@@ -458,6 +607,7 @@ impl Hub {
     async fn publish(&self, to: To<'_>, event: Event, answered: Option<u64>, about: About<'_>) {
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
+        let mut remote: Vec<(String, Event)> = Vec::new();
         let durable = {
             let mut map = self.lock();
             let mut chosen: Vec<(String, Event)> = Vec::new();
@@ -498,35 +648,21 @@ impl Hub {
                     .filter(|c| c.rec.domain == d)
                     .for_each(&mut choose),
             }
-            if chosen.is_empty() && answered.is_none() {
+            if self.peers.is_some() {
+                // Cluster: only the channels this node owns are queued here; the others'
+                // events go to their owners below.
+                let (here, elsewhere) = chosen.into_iter().partition(|(k, _)| {
+                    map.get(k.as_str()).is_some_and(|c| c.owner == Owner::Here)
+                });
+                chosen = here;
+                remote = elsewhere;
+            }
+            // An answer forwarded to its key's owner is forgotten once the owner stored it.
+            let answered_here = answered.filter(|_| remote.is_empty());
+            if chosen.is_empty() && answered_here.is_none() {
                 None
             } else {
-                // The store numbers the events (in submission order: under this lock, so
-                // in each queue's order) and they are queued with its numbers.
-                let appended = self.store.append_events(chosen.clone(), answered);
-                for ((key_id, event), seq) in chosen.into_iter().zip(appended.seqs) {
-                    let Some(ch) = map.get_mut(key_id.as_str()) else {
-                        continue;
-                    };
-                    Counters::inc(&self.counters.events_published);
-                    ch.queue.push_back(StoredEvent { key_id, seq, event });
-                    if ch.queue.len() > self.cfg.max_queued_per_key {
-                        // Bounded: the oldest event makes room and is counted as discarded.
-                        if let Some(old) = ch.queue.pop_front() {
-                            // Even out of an answer in flight: the queue bound holds.
-                            if let Some(f) = ch.in_flight.as_mut() {
-                                f.len = f.len.saturating_sub(1);
-                                if f.len == 0 {
-                                    ch.in_flight = None;
-                                }
-                            }
-                            Counters::inc(&self.counters.events_discarded);
-                            trims.push(self.store.delete_events_through(old.key_id, old.seq));
-                        }
-                    }
-                    wakes.push(Arc::clone(&ch.wake));
-                }
-                Some(appended.durable)
+                Some(self.enqueue(&mut map, chosen, answered_here, &mut wakes, &mut trims))
             }
         };
         if let Some(d) = durable
@@ -534,6 +670,60 @@ impl Hub {
         {
             crate::store::log_failure(format_args!("notifications: event not stored"), &e);
         }
+        self.settle(trims, wakes).await;
+        if !remote.is_empty() {
+            let stored = self.forward_all(remote).await;
+            if let Some(row) = answered.filter(|_| stored)
+                && let Err(e) = self.store.delete_request(row).await
+            {
+                crate::store::log_failure(
+                    format_args!("notifications: answered request not removed"),
+                    &e,
+                );
+            }
+        }
+    }
+
+    /// Numbers `chosen` in the store (in submission order: under the hub lock, so in each
+    /// queue's order) and queues them with those numbers, forgetting request `answered` in
+    /// the same write; the write's durability to await, and the trims and wakes to
+    /// [`Hub::settle`] after it.
+    fn enqueue(
+        &self,
+        map: &mut Map<String, Channel>,
+        chosen: Vec<(String, Event)>,
+        answered: Option<u64>,
+        wakes: &mut Vec<Arc<Notify>>,
+        trims: &mut Vec<crate::store::Pending<()>>,
+    ) -> crate::store::Pending<()> {
+        let appended = self.store.append_events(chosen.clone(), answered);
+        for ((key_id, event), seq) in chosen.into_iter().zip(appended.seqs) {
+            let Some(ch) = map.get_mut(key_id.as_str()) else {
+                continue;
+            };
+            Counters::inc(&self.counters.events_published);
+            ch.queue.push_back(StoredEvent { key_id, seq, event });
+            if ch.queue.len() > self.cfg.max_queued_per_key {
+                // Bounded: the oldest event makes room and is counted as discarded.
+                if let Some(old) = ch.queue.pop_front() {
+                    // Even out of an answer in flight: the queue bound holds.
+                    if let Some(f) = ch.in_flight.as_mut() {
+                        f.len = f.len.saturating_sub(1);
+                        if f.len == 0 {
+                            ch.in_flight = None;
+                        }
+                    }
+                    Counters::inc(&self.counters.events_discarded);
+                    trims.push(self.store.delete_events_through(old.key_id, old.seq));
+                }
+            }
+            wakes.push(Arc::clone(&ch.wake));
+        }
+        appended.durable
+    }
+
+    /// After an append is durable: waits for the trims of full queues, wakes the readers.
+    async fn settle(&self, trims: Vec<crate::store::Pending<()>>, wakes: Vec<Arc<Notify>>) {
         for t in trims {
             if let Err(e) = t.await {
                 crate::store::log_failure(
@@ -567,19 +757,34 @@ impl Hub {
         gone: impl Future<Output = ()>,
     ) -> Result<Pulled, StoreError> {
         self.ensure_channel(p).await?;
-        self.acknowledge(&p.key_id);
+        if self.peers.is_some() {
+            return self.pull_routed(p, wait, gone).await;
+        }
+        self.pull_here(&p.key_id, wait, gone).await
+    }
+
+    /// [`Hub::pull`] of a channel this node owns (or, without peers, any channel). A
+    /// channel this node stops owning while the poll waits answers it as empty.
+    async fn pull_here(
+        self: &Arc<Self>,
+        key_id: &str,
+        wait: Option<Duration>,
+        gone: impl Future<Output = ()>,
+    ) -> Result<Pulled, StoreError> {
+        self.acknowledge(key_id);
         let deadline = Instant::now() + wait.unwrap_or_default();
         tokio::pin!(gone);
         loop {
-            let wake = match self.lock().get(&p.key_id) {
+            let wake = match self.lock().get(key_id) {
                 Some(ch) if ch.rec.callback.is_some() => return Ok(Pulled::CallbackActive),
+                Some(ch) if ch.owner != Owner::Here => return Ok(Pulled::Empty),
                 Some(ch) => Arc::clone(&ch.wake),
                 None => return Ok(Pulled::Empty),
             };
             let notified = wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(batch) = self.take(&p.key_id) {
+            if let Some(batch) = self.take(key_id) {
                 return Ok(Pulled::Batch(batch));
             }
             if wait.is_none() {
@@ -659,14 +864,16 @@ impl Hub {
                     id,
                     len: n,
                     sent: None,
+                    handed: None,
                 });
                 Batch {
                     events: ch.queue.iter().take(n).map(|e| e.event.clone()).collect(),
                     ticket: Ticket {
                         hub: Arc::downgrade(self),
-                        key_id: key_id.to_string(),
+                        key_id: key_id.into(),
                         id,
                         sent: false,
+                        owner: None,
                     },
                 }
             });
@@ -744,14 +951,13 @@ impl Hub {
         let (created, before, durable) = {
             let mut map = self.lock();
             let created = !map.contains_key(&p.key_id);
-            let ch = map.entry(p.key_id.clone()).or_insert_with(|| {
-                Channel::new(ChannelRecord {
-                    key_id: p.key_id.clone(),
-                    domain: p.domain.clone(),
-                    callback: None,
-                    allow: p.allow.clone(),
-                })
+            let new = self.new_channel(ChannelRecord {
+                key_id: p.key_id.clone(),
+                domain: p.domain.clone(),
+                callback: None,
+                allow: p.allow.clone(),
             });
+            let ch = map.entry(p.key_id.clone()).or_insert(new);
             let before = ch.rec.callback.replace(target.clone());
             // The callback delivers from the oldest event on, an answer in flight included
             // (at least once).
@@ -775,6 +981,13 @@ impl Hub {
             return Err(e.into());
         }
         self.ensure_pusher(&p.key_id);
+        if self.peers.is_some() {
+            // Cluster: the owner (which follows the record) delivers; a channel nobody
+            // owns is taken here.
+            if let Err(e) = self.route(&p.key_id).await {
+                tracing::warn!(key = %p.key_id, "notifications: the channel's owner is not known yet: {e}");
+            }
+        }
         tracing::info!(key = %p.key_id, "notification callback registered");
         Ok(())
     }
@@ -856,7 +1069,7 @@ impl Hub {
         let start = {
             let mut map = self.lock();
             match map.get_mut(key_id) {
-                Some(ch) if !ch.pusher && ch.rec.callback.is_some() => {
+                Some(ch) if !ch.pusher && ch.rec.callback.is_some() && ch.owner == Owner::Here => {
                     ch.pusher = true;
                     true
                 }
@@ -893,7 +1106,8 @@ impl Hub {
                 let Some(ch) = map.get_mut(&key_id) else {
                     break;
                 };
-                let Some(target) = ch.rec.callback.clone() else {
+                let Some(target) = ch.rec.callback.clone().filter(|_| ch.owner == Owner::Here)
+                else {
                     ch.pusher = false;
                     return;
                 };
@@ -1014,6 +1228,504 @@ impl Hub {
                     );
                 }
             }
+        }
+    }
+
+    // ---- Cluster (issue 22): channel owners. Nothing below runs without peers. ----
+
+    /// Where key `key_id`'s channel is served: here, or the node the peers name. A
+    /// channel whose owner is not known is claimed (taken if its lease is free: its
+    /// undelivered events are loaded, [`Hub::take_over`]). `Err`: no such channel, or
+    /// the lease could not be read.
+    async fn route(&self, key_id: &str) -> Result<Route, String> {
+        let Some(peers) = &self.peers else {
+            return Ok(Route::Here);
+        };
+        match self.lock().get(key_id).map(|c| c.owner.clone()) {
+            None => return Err("no notification channel".into()),
+            Some(Owner::Here) => return Ok(Route::Here),
+            Some(Owner::Node(n)) => return Ok(Route::Node(n)),
+            Some(Owner::Unknown) => {}
+        }
+        let _one = self.claiming.lock().await;
+        if self
+            .lock()
+            .get(key_id)
+            .is_some_and(|c| c.owner == Owner::Here)
+        {
+            return Ok(Route::Here);
+        }
+        match peers.claim(key_id).await? {
+            Claim::Node(n) => {
+                if let Some(ch) = self.lock().get_mut(key_id)
+                    && ch.owner != Owner::Here
+                {
+                    ch.owner = Owner::Node(n.clone());
+                }
+                Ok(Route::Node(n))
+            }
+            Claim::Here { .. } => {
+                self.take_over(key_id).await.map_err(|e| e.to_string())?;
+                Ok(Route::Here)
+            }
+        }
+    }
+
+    /// This node holds key `key_id`'s lease now (under `claiming`): its undelivered
+    /// events are loaded from the store (`EventLog::load_events_of`, which numbers the
+    /// key on above every number given before) and become its queue; a callback starts
+    /// delivering. At least once: what the previous owner delivered but had not yet
+    /// removed is delivered again.
+    async fn take_over(&self, key_id: &str) -> Result<(), StoreError> {
+        let events = self.store.load_events_of(key_id.to_string()).await?;
+        let n = events.len();
+        {
+            let mut map = self.lock();
+            let Some(ch) = map.get_mut(key_id) else {
+                return Ok(());
+            };
+            // What this node queued after the load was submitted (a renewal that found
+            // the lease lapsed, while still delivering) is numbered above it: kept.
+            let loaded_to = events.last().map_or(0, |e| e.seq);
+            let newer: Vec<StoredEvent> =
+                ch.queue.drain(..).filter(|e| e.seq > loaded_to).collect();
+            ch.queue = events.into();
+            ch.queue.extend(newer);
+            ch.in_flight = None;
+            ch.owner = Owner::Here;
+            ch.renewed = Instant::now();
+            ch.wake.notify_waiters();
+        }
+        tracing::info!(
+            key = key_id,
+            "notifications: this node owns the key's channel now ({n} undelivered events)"
+        );
+        if let Some(me) = self.me.upgrade() {
+            me.ensure_pusher(key_id);
+        }
+        Ok(())
+    }
+
+    /// This node no longer owns key `key_id`'s channel: its queue is dropped from memory
+    /// (the events stay stored, for the next owner), a long-poll waiting here ends, the
+    /// delivery task stops.
+    fn step_down(&self, key_id: &str, to: Owner) {
+        let mut map = self.lock();
+        if let Some(ch) = map.get_mut(key_id)
+            && ch.owner == Owner::Here
+        {
+            ch.owner = to;
+            ch.queue.clear();
+            ch.in_flight = None;
+            ch.wake.notify_waiters();
+            tracing::info!(
+                key = key_id,
+                "notifications: this node no longer owns the key's channel"
+            );
+        }
+    }
+
+    /// What another node said of a key's owner (`None`: ask the peers next time).
+    fn note_owner(&self, key_id: &str, owner: Option<String>) {
+        let me = self.peers.as_ref().map(|p| p.node().to_string());
+        if let Some(ch) = self.lock().get_mut(key_id)
+            && ch.owner != Owner::Here
+        {
+            ch.owner = match owner {
+                Some(n) if Some(&n) != me.as_ref() => Owner::Node(n),
+                _ => Owner::Unknown,
+            };
+        }
+    }
+
+    /// Sends other nodes' events to their owners, one key at a time in order, one publish
+    /// at a time; true when every one was stored.
+    async fn forward_all(&self, events: Vec<(String, Event)>) -> bool {
+        let mut by_key: Vec<(String, Vec<Event>)> = Vec::new();
+        for (k, e) in events {
+            match by_key.iter_mut().find(|(key, _)| *key == k) {
+                Some((_, list)) => list.push(e),
+                None => by_key.push((k, vec![e])),
+            }
+        }
+        let _in_order = self.forwarding.lock().await;
+        let mut all = true;
+        for (key, events) in by_key {
+            all &= self.forward(&key, events).await;
+        }
+        all
+    }
+
+    /// Has key `key_id`'s owner store `events`, or queues them here if this node takes
+    /// the channel meanwhile (its owner gone, its lease lapsed). Retried for up to
+    /// [`FORWARD_BOUND`]; then the events are given up: logged and counted as discarded.
+    async fn forward(&self, key_id: &str, events: Vec<Event>) -> bool {
+        let Some(peers) = self.peers.clone() else {
+            return false;
+        };
+        let started = Instant::now();
+        let mut last: String;
+        loop {
+            match self.route(key_id).await {
+                Ok(Route::Here) => {
+                    let mut wakes = Vec::new();
+                    let mut trims = Vec::new();
+                    let durable = {
+                        let mut map = self.lock();
+                        map.get(key_id)
+                            .is_some_and(|c| c.owner == Owner::Here)
+                            .then(|| {
+                                let chosen = events
+                                    .iter()
+                                    .map(|e| (key_id.to_string(), e.clone()))
+                                    .collect();
+                                self.enqueue(&mut map, chosen, None, &mut wakes, &mut trims)
+                            })
+                    };
+                    if let Some(d) = durable {
+                        let r = d.await;
+                        self.settle(trims, wakes).await;
+                        match r {
+                            Ok(()) => return true,
+                            Err(e) => {
+                                crate::store::log_failure(
+                                    format_args!("notifications: event not stored"),
+                                    &e,
+                                );
+                                return false;
+                            }
+                        }
+                    }
+                    last = "the channel moved while it was taken".into();
+                }
+                Ok(Route::Node(n)) => match peers.append(&n, key_id, &events).await {
+                    Ok(()) => return true,
+                    Err(PeerError::NotOwner(owner)) => {
+                        last = format!("node {n} no longer owns it");
+                        self.note_owner(key_id, owner);
+                    }
+                    Err(e) => {
+                        last = format!("node {n}: {e}");
+                        self.note_owner(key_id, None);
+                    }
+                },
+                Err(e) => last = e,
+            }
+            if started.elapsed() >= FORWARD_BOUND {
+                for _ in 0..events.len() {
+                    Counters::inc(&self.counters.events_discarded);
+                }
+                tracing::error!(
+                    key = key_id,
+                    "notifications: {} events not stored: the key's channel owner was not reached within {FORWARD_BOUND:?} ({last})",
+                    events.len()
+                );
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// [`Hub::pull`] on a node of a cluster: served here if this node owns (or takes) the
+    /// key's channel, else forwarded to its owner with what is left of the wait. An owner
+    /// that does not answer is asked again (its lease lapses within seconds if it is gone,
+    /// and the channel is taken) until the wait, and at least [`FORWARD_BOUND`], passed:
+    /// then the poll fails as unavailable.
+    async fn pull_routed(
+        self: &Arc<Self>,
+        p: &Principal,
+        wait: Option<Duration>,
+        gone: impl Future<Output = ()>,
+    ) -> Result<Pulled, StoreError> {
+        let Some(peers) = self.peers.clone() else {
+            return self.pull_here(&p.key_id, wait, gone).await;
+        };
+        let start = Instant::now();
+        let deadline = start + wait.unwrap_or_default();
+        let give_up = deadline.max(start + FORWARD_BOUND);
+        tokio::pin!(gone);
+        let mut last: String;
+        loop {
+            if self
+                .lock()
+                .get(&p.key_id)
+                .is_some_and(|c| c.rec.callback.is_some())
+            {
+                return Ok(Pulled::CallbackActive);
+            }
+            let left = wait.map(|_| deadline.saturating_duration_since(Instant::now()));
+            match self.route(&p.key_id).await {
+                Ok(Route::Here) => return self.pull_here(&p.key_id, left, gone.as_mut()).await,
+                Ok(Route::Node(n)) => {
+                    let req = PollRequest {
+                        key_id: p.key_id.clone(),
+                        domain: p.domain.clone(),
+                        allow: p.allow.clone(),
+                        wait: left,
+                    };
+                    let mut call = {
+                        let (peers, n) = (Arc::clone(&peers), n.clone());
+                        tokio::spawn(async move { peers.poll(&n, &req).await })
+                    };
+                    let r = tokio::select! {
+                        biased;
+                        () = &mut gone => {
+                            // The owner may still answer the poll: its batch is queued
+                            // again at once, not after `REMOTE_ANSWER_WINDOW`.
+                            let (peers, key) = (Arc::clone(&peers), p.key_id.clone());
+                            tokio::spawn(async move {
+                                if let Ok(Ok(Polled::Batch { id, .. })) = call.await {
+                                    peers.answered(&n, &key, id, false).await;
+                                }
+                            });
+                            return Ok(Pulled::Gone);
+                        }
+                        r = &mut call => r.unwrap_or_else(|e| Err(PeerError::Unreachable(e.to_string()))),
+                    };
+                    match r {
+                        Ok(Polled::Batch { id, events }) => {
+                            return Ok(Pulled::Batch(Batch {
+                                events,
+                                ticket: Ticket {
+                                    hub: Arc::downgrade(self),
+                                    key_id: p.key_id.as_str().into(),
+                                    id,
+                                    sent: false,
+                                    owner: Some(n.into()),
+                                },
+                            }));
+                        }
+                        Ok(Polled::Empty) => return Ok(Pulled::Empty),
+                        Ok(Polled::CallbackActive) => return Ok(Pulled::CallbackActive),
+                        Err(PeerError::NotOwner(owner)) => {
+                            last = format!("node {n} no longer owns it");
+                            self.note_owner(&p.key_id, owner);
+                        }
+                        Err(e) => {
+                            last = format!("node {n}: {e}");
+                            self.note_owner(&p.key_id, None);
+                        }
+                    }
+                }
+                Err(e) => last = e,
+            }
+            if Instant::now() >= give_up {
+                return Err(unavailable(format!(
+                    "the notification channel's owner cannot be reached: {last}"
+                )));
+            }
+            tokio::select! {
+                biased;
+                () = &mut gone => return Ok(Pulled::Gone),
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    /// Tells the owner of a forwarded long-poll answer whether it reached its client.
+    fn tell_owner(&self, owner: &str, key_id: &str, id: u64, sent: bool) {
+        let (Some(peers), Ok(rt)) = (self.peers.clone(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let (owner, key_id) = (owner.to_string(), key_id.to_string());
+        rt.spawn(async move { peers.answered(&owner, &key_id, id, sent).await });
+    }
+
+    /// Is key `key_id`'s channel this node's (asking the peers, and taking a free lease,
+    /// if this node does not know)? For the calls other nodes make to an owner.
+    async fn owned_here(&self, key_id: &str) -> Result<(), PeerError> {
+        self.note_owner(key_id, None);
+        match self.route(key_id).await {
+            Ok(Route::Here) => Ok(()),
+            Ok(Route::Node(n)) => Err(PeerError::NotOwner(Some(n))),
+            Err(_) => Err(PeerError::NotOwner(None)),
+        }
+    }
+
+    /// The owner's side of [`ChannelPeers::append`]: queues another node's events for a
+    /// key whose channel this node owns; `Ok` once they are stored.
+    pub async fn append_here(&self, key_id: &str, events: Vec<Event>) -> Result<(), PeerError> {
+        self.owned_here(key_id).await?;
+        let mut wakes = Vec::new();
+        let mut trims = Vec::new();
+        let durable = {
+            let mut map = self.lock();
+            if !map.get(key_id).is_some_and(|c| c.owner == Owner::Here) {
+                return Err(PeerError::NotOwner(None));
+            }
+            let chosen = events
+                .into_iter()
+                .map(|e| (key_id.to_string(), e))
+                .collect();
+            self.enqueue(&mut map, chosen, None, &mut wakes, &mut trims)
+        };
+        let r = durable.await;
+        self.settle(trims, wakes).await;
+        r.map_err(|e| PeerError::Failed(e.to_string()))
+    }
+
+    /// The owner's side of [`ChannelPeers::poll`]: a long-poll of another node's client.
+    /// A batch becomes the key's answer in flight, settled by [`Hub::answer_reached`] (or
+    /// put back after [`REMOTE_ANSWER_WINDOW`] without word).
+    pub async fn poll_here(&self, req: PollRequest) -> Result<Polled, PeerError> {
+        self.owned_here(&req.key_id).await?;
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| PeerError::Failed("stopping".into()))?;
+        match me
+            .pull_here(&req.key_id, req.wait, std::future::pending())
+            .await
+        {
+            Ok(Pulled::Batch(Batch { events, ticket })) => Ok(Polled::Batch {
+                id: ticket.hand_over(),
+                events,
+            }),
+            Ok(Pulled::Empty | Pulled::Gone) => Ok(Polled::Empty),
+            Ok(Pulled::CallbackActive) => Ok(Polled::CallbackActive),
+            Err(e) => Err(PeerError::Failed(e.to_string())),
+        }
+    }
+
+    /// The owner's side of [`ChannelPeers::answered`]: answer `id` of the key reached the
+    /// other node's client (`sent`: the key's next pull acknowledges it), or did not (its
+    /// events are queued again, first).
+    pub fn answer_reached(&self, key_id: &str, id: u64, sent: bool) {
+        if sent {
+            self.mark_sent(key_id, id);
+        } else {
+            self.put_back(key_id, id, "the node that forwarded it could not write it");
+        }
+    }
+
+    /// A channel record another node wrote (the store's watch): this node routes by it,
+    /// and, owning the channel, delivers to the callback it names (or stops).
+    pub fn apply_channel(&self, rec: ChannelRecord) {
+        let key = rec.key_id.clone();
+        {
+            let mut map = self.lock();
+            match map.get_mut(&key) {
+                None => {
+                    map.insert(key.clone(), self.new_channel(rec));
+                }
+                Some(ch) => {
+                    let callback_changed = ch.rec.callback != rec.callback;
+                    ch.allow_written.1 = rec.allow.clone();
+                    ch.rec = rec;
+                    if callback_changed {
+                        // A new callback delivers from the oldest event on, an answer in
+                        // flight included (as `set_callback`).
+                        if ch.rec.callback.is_some() {
+                            ch.in_flight = None;
+                        }
+                        ch.wake.notify_waiters();
+                    }
+                }
+            }
+        }
+        if let Some(me) = self.me.upgrade() {
+            me.ensure_pusher(&key);
+        }
+    }
+
+    /// The channels this node owns.
+    pub fn owned_channels(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|c| c.owner == Owner::Here)
+            .count()
+    }
+
+    /// Cluster: renews this node's channel leases every [`LEASE_RENEW_EVERY`] (a lease
+    /// another node holds now, or not renewed for 4 s, stops this node's delivery of that
+    /// channel), and claims the callback channels whose owner is gone (their lease
+    /// lapsed: the first node to look takes them, loads their undelivered events and
+    /// delivers them). At `stop` every lease is released, so that other nodes take the
+    /// channels at once rather than after the lease's lapse. Returns at once without peers.
+    pub async fn run_leases(self: Arc<Self>, mut stop: Shutdown) {
+        let Some(peers) = self.peers.clone() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(LEASE_RENEW_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = stop.recv() => break,
+                _ = tick.tick() => {}
+            }
+            let (owned, callbacks): (Vec<String>, Vec<String>) = {
+                let map = self.lock();
+                (
+                    map.values()
+                        .filter(|c| c.owner == Owner::Here)
+                        .map(|c| c.rec.key_id.clone())
+                        .collect(),
+                    map.values()
+                        .filter(|c| c.owner != Owner::Here && c.rec.callback.is_some())
+                        .map(|c| c.rec.key_id.clone())
+                        .collect(),
+                )
+            };
+            for key in owned {
+                match peers.claim(&key).await {
+                    Ok(Claim::Here { fresh: false }) => {
+                        if failing {
+                            tracing::info!("notifications: channel leases renewed again");
+                            failing = false;
+                        }
+                        if let Some(ch) = self.lock().get_mut(&key) {
+                            ch.renewed = Instant::now();
+                        }
+                    }
+                    // It had lapsed and is ours again: another node may have delivered
+                    // from it meanwhile, so the stored events are the queue.
+                    Ok(Claim::Here { fresh: true }) => {
+                        let _one = self.claiming.lock().await;
+                        if let Err(e) = self.take_over(&key).await {
+                            tracing::warn!(
+                                key,
+                                "notifications: cannot reload the key's events: {e}"
+                            );
+                            self.step_down(&key, Owner::Unknown);
+                        }
+                    }
+                    Ok(Claim::Node(n)) => self.step_down(&key, Owner::Node(n)),
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!("notifications: cannot renew channel leases: {e}");
+                            failing = true;
+                        }
+                        let old = self
+                            .lock()
+                            .get(&key)
+                            .is_some_and(|c| c.renewed.elapsed() >= LEASE_STEP_DOWN_AFTER);
+                        if old {
+                            self.step_down(&key, Owner::Unknown);
+                        }
+                    }
+                }
+            }
+            for key in callbacks {
+                self.note_owner(&key, None);
+                if let Err(e) = self.route(&key).await {
+                    tracing::debug!(key, "notifications: cannot claim a callback channel: {e}");
+                }
+            }
+        }
+        let owned: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|c| c.owner == Owner::Here)
+            .map(|c| c.rec.key_id.clone())
+            .collect();
+        for key in &owned {
+            self.step_down(key, Owner::Unknown);
+            peers.release(key).await;
+        }
+        if !owned.is_empty() {
+            tracing::info!("notifications: released {} channel leases", owned.len());
         }
     }
 

@@ -4,9 +4,11 @@
 //! default) or a callback URL. Each event for a key goes through that key's ordered,
 //! durable queue; the hub owns ordering, batching, retry and the discard window, and the
 //! [`Sink`] (today the [`webhook`]) only delivers one batch and says whether it was
-//! accepted, should be retried, or is refused.
+//! accepted, should be retried, or is refused. On a cluster, [`peers`] is the seam through
+//! which one node at a time serves a key's channel.
 
 pub mod hub;
+pub mod peers;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -18,6 +18,19 @@
 //! save_interval_ms` and once more at shutdown, and [`Limits::restore`] reads them back
 //! at start. Decision: a restart goes on with the stored 24 hours, and a crash loses at
 //! most one interval of counting: a bounded under-count of a quota, not data.
+//!
+//! **In a cluster (issue 22)** each node counts its own traffic as above and stores it
+//! under its own name; the daemon hands it the other nodes' stored counts as they change
+//! ([`Limits::set_other`], from the NATS store's watch), and a domain's total, the one the
+//! quota is checked against and `GET /limits` shows, is its own count plus the others'.
+//! Decision: a quota then holds cluster-wide within one save interval plus the watch's
+//! delay (the daemon saves at least every second on NATS): traffic spread over several
+//! nodes at once can pass the quota by what the other nodes counted in that time, each
+//! node refusing only what it sees. The endpoint quota (`max_endpoints_per_domain`) and
+//! `registry.max_endpoints` count the cluster's directory, other nodes' registrations
+//! included, so they are cluster-wide too (within the registrations watch's delay); every
+//! other limit (connections, queues, body sizes, rates of the REST listener) guards a
+//! node's own resources and stays per node.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,16 +61,53 @@ struct Bucket {
     dirty: bool,
 }
 
+/// Another cluster node's count of one hour (issue 22), as it stored it last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Other {
+    node: String,
+    hour: u64,
+    count: u64,
+}
+
 #[derive(Default)]
 struct Window {
     /// At most 24 hours, in no particular order.
     buckets: Vec<Bucket>,
+    /// Other nodes' hours (at most 24 per node), added to the total; never saved here.
+    others: Vec<Other>,
 }
 
 impl Window {
     fn total(&mut self, hour: u64) -> u64 {
         self.buckets.retain(|b| b.hour + 24 > hour);
+        self.others.retain(|o| o.hour + 24 > hour);
+        self.buckets.iter().map(|b| b.count).sum::<u64>()
+            + self.others.iter().map(|o| o.count).sum::<u64>()
+    }
+
+    /// This node's own count of the window (what it saves).
+    #[cfg(test)]
+    fn own(&self) -> u64 {
         self.buckets.iter().map(|b| b.count).sum()
+    }
+
+    fn set_other(&mut self, node: &str, hour: u64, count: u64) {
+        match self
+            .others
+            .iter_mut()
+            .position(|o| o.hour == hour && o.node == node)
+        {
+            Some(i) if count == 0 => {
+                self.others.swap_remove(i);
+            }
+            Some(i) => self.others[i].count = count,
+            None if count == 0 => {}
+            None => self.others.push(Other {
+                node: node.to_string(),
+                hour,
+                count,
+            }),
+        }
     }
 
     fn add(&mut self, hour: u64, n: u64) {
@@ -200,6 +250,32 @@ impl Limits {
             }
         }
         n
+    }
+
+    /// Another cluster node stored `count` transactions of `domain` in `hour` (0: it
+    /// removed that hour). The count replaces what that node had before for the hour;
+    /// hours outside the 24-hour window are ignored.
+    pub fn set_other(&self, node: &str, domain: &str, hour: u64, count: u64) {
+        self.set_other_at(node, domain, hour, count, Limits::hour());
+    }
+
+    fn set_other_at(&self, node: &str, domain: &str, hour: u64, count: u64, now: u64) {
+        let in_window = hour + 24 > now && hour <= now;
+        let mut w = self.lock();
+        if count > 0 && in_window {
+            with_window(&mut w.map, domain, |win| win.set_other(node, hour, count));
+        } else if let Some(win) = w.map.get_mut(domain) {
+            win.set_other(node, hour, 0);
+        }
+    }
+
+    /// Forgets every other node's counts (before the daemon hands them all again, after
+    /// its watch lagged).
+    pub fn clear_others(&self) {
+        let mut w = self.lock();
+        for win in w.map.values_mut() {
+            win.others.clear();
+        }
     }
 
     /// The hours counted in since the last call (usually one per active domain: the
@@ -424,6 +500,50 @@ mod tests {
             "a failed save hands them over again"
         );
         assert_eq!(l.lock().map.get_mut("b").unwrap().total(100), 2);
+    }
+
+    /// Issue 22: other nodes' counts add to the domain's total (the quota and the
+    /// snapshot), replace each other per (node, hour), are never handed to the saver, and
+    /// leave with their hour.
+    #[test]
+    fn other_nodes_counts_add_to_the_quota_and_are_not_saved() {
+        let l = Limits::new(
+            &LimitsConfig {
+                transaction_quota: 10,
+                ..LimitsConfig::default()
+            },
+            10,
+            Arc::new(Counters::default()),
+        );
+        l.take_at("a", 100).unwrap();
+        l.set_other_at("n2", "a", 100, 4, 100);
+        l.set_other_at("n3", "a", 99, 3, 100);
+        l.set_other_at("n2", "a", 100, 5, 100);
+        l.set_other_at("n2", "a", 70, 9, 100);
+        l.set_other_at("n2", "b", 100, 1, 100);
+        assert_eq!(
+            l.lock().map.get_mut("a").unwrap().total(100),
+            9,
+            "1 + 5 + 3"
+        );
+        assert_eq!(l.take_at("a", 100), Ok(()));
+        assert_eq!(l.take_at("a", 100), Err(OverQuota { quota: 10 }));
+        let mut d = l.take_dirty(100);
+        d.sort_by(|x, y| x.domain.cmp(&y.domain));
+        assert_eq!(
+            d.iter()
+                .map(|c| (c.domain.as_str(), c.hour, c.count))
+                .collect::<Vec<_>>(),
+            [("a", 100, 2)],
+            "only this node's own count is saved"
+        );
+        l.set_other_at("n2", "a", 100, 0, 100);
+        assert_eq!(l.lock().map.get_mut("a").unwrap().total(100), 5);
+        assert_eq!(l.lock().map["a"].own(), 2);
+        // Hour 99 leaves the window at hour 123.
+        assert_eq!(l.lock().map.get_mut("a").unwrap().total(123), 2);
+        l.clear_others();
+        assert_eq!(l.lock().map.get_mut("b").unwrap().total(100), 0);
     }
 
     #[test]

@@ -185,6 +185,19 @@ pub trait RegistryListener: Send + Sync + 'static {
     /// it (running Lua rules). Called for
     /// `Registered` and `Updated` once the response is sent.
     fn after_reply(&self, _ev: &RegistryEvent) {}
+
+    /// Issue 22: `ep` is this node's now, taken over from another cluster node's
+    /// registration `from` (the device registered here, or its update arrived here).
+    /// Told after the `Registered` or `Updated` event and before the device's answer, so
+    /// what a listener takes over (stored requests, subscriptions) is in memory when
+    /// [`RegistryListener::after_reply`] sends requests and observes.
+    fn on_moved_here<'a>(
+        &'a self,
+        _ep: &'a Arc<Endpoint>,
+        _from: &'a Arc<Endpoint>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// Why a registration interface operation was refused.
@@ -453,6 +466,25 @@ impl Registry {
         }
     }
 
+    /// Tells the listeners that `ep` moved here from another node's `from` (issue 22).
+    async fn tell_moved_here(&self, ep: &Arc<Endpoint>, from: &Arc<Endpoint>) {
+        tracing::info!(
+            ep = %ep.reg.name, domain = %ep.reg.domain,
+            from = from.reg.node.as_deref().unwrap_or(""),
+            "cluster: the device came from another node; this node owns it now"
+        );
+        let listeners: Vec<_> = self.listeners.read().map(|v| v.clone()).unwrap_or_default();
+        for l in listeners {
+            l.on_moved_here(ep, from).await;
+        }
+    }
+
+    /// Whether `from` (the registration `to` replaced) was another node's: the device
+    /// moved here.
+    fn moved_from(to: &Endpoint, from: &Endpoint) -> bool {
+        from.reg.node.is_some() && from.reg.node != to.reg.node
+    }
+
     /// The domain of a device that names none (`registry.default_domain`).
     pub fn default_domain(&self) -> &str {
         &self.cfg.default_domain
@@ -614,16 +646,33 @@ impl Registry {
                 lifetime = ep.reg.lifetime_s, resources = ep.resource_count(), "registered"
             );
         }
+        let moved = replaced
+            .as_ref()
+            .filter(|old| Registry::moved_from(&ep, old))
+            .cloned();
         self.tell(RegistryEvent::Registered {
             ep: Arc::clone(&ep),
             replaced,
         })
         .await;
+        if let Some(from) = moved {
+            self.tell_moved_here(&ep, &from).await;
+        }
         Ok(ep)
     }
 
     /// Handles `POST /rd/{id}`: refreshes the lifetime and applies what the device sent.
     /// A new source address (NAT rebinding) replaces the old one.
+    ///
+    /// Issue 22: the id may be another cluster node's registration (listed here from the
+    /// registrations watch): the device's update came to this node (a UDP load balancer
+    /// whose mapping changed, or a device given another node's address). Decision: it is
+    /// accepted (2.04) and the registration moves here, as at a re-registration: it is
+    /// stored with this node as its owner (the old owner's watch sees its registration
+    /// displaced and forgets the device, `RegistryEvent::Moved`), the listeners hear
+    /// `Updated` (the event of an update, as the application sees one) and then
+    /// [`RegistryListener::on_moved_here`] (stored requests adopted, subscriptions
+    /// observed anew after the answer). An id no node has is 4.04 as before.
     pub async fn update(
         &self,
         id: &str,
@@ -645,6 +694,10 @@ impl Registry {
                 .cloned()
                 .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
             let mut reg = old.reg.clone();
+            let foreign = self.is_foreign(&reg);
+            if foreign {
+                reg.node = self.node.clone();
+            }
             if let Some(lt) = p.lifetime_s {
                 reg.lifetime_s = lt;
             }
@@ -673,16 +726,20 @@ impl Registry {
             inner.remove(id);
             inner.insert(Arc::clone(&ep));
             let durable = self.store.put_registration(ep.reg.clone());
-            (ep, (old, durable))
+            (ep, (old, durable, foreign))
         };
-        let (old, durable) = durable;
+        let (old, durable, foreign) = durable;
         self.expiry_wake.notify_one();
         if let Err(e) = durable.await {
             // The registration as stored comes back (unless a later change replaced ours).
             let mut inner = self.lock();
             if inner.holds(&ep) {
                 inner.remove(id);
-                inner.insert(old);
+                if foreign {
+                    inner.insert_foreign(old);
+                } else {
+                    inner.insert(old);
+                }
             }
             return Err(e.into());
         }
@@ -692,6 +749,9 @@ impl Registry {
             ep: Arc::clone(&ep),
         })
         .await;
+        if foreign {
+            self.tell_moved_here(&ep, &old).await;
+        }
         Ok(ep)
     }
 

@@ -537,6 +537,69 @@ impl RegistryListener for Told {
         self.0.lock().unwrap().push(kind);
         Box::pin(async {})
     }
+
+    fn on_moved_here<'a>(
+        &'a self,
+        ep: &'a Arc<Endpoint>,
+        from: &'a Arc<Endpoint>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        assert_ne!(ep.reg.node, from.reg.node);
+        self.0.lock().unwrap().push("moved here");
+        Box::pin(async {})
+    }
+}
+
+/// Issue 22: an update of another node's registration arriving here is accepted and moves
+/// it here: the same id, stored with this node as owner, expired here from now on;
+/// `Updated` then `on_moved_here`. A re-registration over another node's registration is
+/// `Registered` then `on_moved_here`. An id nobody has is `NotFound`.
+#[tokio::test]
+async fn an_update_of_another_nodes_registration_moves_it_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path(), RegistryConfig::default()).on_node("n2");
+    let told = Arc::new(Told::default());
+    reg.add_listener(Arc::clone(&told) as Arc<dyn RegistryListener>);
+    let far = now_ms() + 60_000;
+    reg.apply_foreign(ForeignChange::Put(Box::new(foreign("f1", "a", "n1", far))))
+        .await;
+    let ep = reg
+        .update("f1", UpdateParams::default(), at(7, 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        (ep.reg.id.as_str(), ep.reg.node.as_deref()),
+        ("f1", Some("n2"))
+    );
+    assert_eq!(*told.0.lock().unwrap(), ["updated", "moved here"]);
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let stored = store.load_registrations().await.unwrap();
+    drop(store);
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].node.as_deref(), Some("n2"), "stored as ours");
+    assert_eq!(
+        reg.expire_due(u64::MAX).await.len(),
+        1,
+        "ours to expire now"
+    );
+    // A second update of ours: no move.
+    told.0.lock().unwrap().clear();
+    reg.apply_foreign(ForeignChange::Put(Box::new(foreign("f2", "b", "n1", far))))
+        .await;
+    reg.register(params("b"), at(8, 2)).await.unwrap();
+    assert_eq!(*told.0.lock().unwrap(), ["registered", "moved here"]);
+    let id = reg.directory().get("default", "b").unwrap().reg.id.clone();
+    reg.update(&id, UpdateParams::default(), at(8, 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        *told.0.lock().unwrap(),
+        ["registered", "moved here", "updated"]
+    );
+    assert!(matches!(
+        reg.update("nobody", UpdateParams::default(), at(8, 2))
+            .await,
+        Err(RegistryError::NotFound(_))
+    ));
 }
 
 fn foreign(id: &str, name: &str, node: &str, expires_at_ms: u64) -> Registration {

@@ -1103,6 +1103,16 @@ impl RegistryListener for RequestsListener {
         self.0.kick(&(ep.reg.domain.clone(), ep.reg.name.clone()));
     }
 
+    /// Issue 22: the device came from another node (registered or updated here): what was
+    /// queued for it there is in the store and is ours to send now (after the answer).
+    fn on_moved_here<'a>(
+        &'a self,
+        ep: &'a Arc<Endpoint>,
+        _from: &'a Arc<Endpoint>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(self.0.adopt(&ep.reg.domain, &ep.reg.name))
+    }
+
     fn on_event<'a>(
         &'a self,
         ev: &'a RegistryEvent,
@@ -1113,14 +1123,12 @@ impl RegistryListener for RequestsListener {
             let (domain, name) = (ep.reg.domain.as_str(), ep.reg.name.as_str());
             match ev {
                 // Issue 22: the device came from another node (it registered here after
-                // registering there): what was queued for it there is in the store and is
-                // ours to send now.
+                // registering there): nothing is cancelled; what was queued for it there
+                // is in the store and is taken in `on_moved_here`.
                 RegistryEvent::Registered {
                     replaced: Some(old),
                     ..
-                } if old.reg.node.is_some() && old.reg.node != ep.reg.node => {
-                    r.adopt(domain, name).await;
-                }
+                } if old.reg.node.is_some() && old.reg.node != ep.reg.node => {}
                 RegistryEvent::Moved(_) => r.drop_local(domain, name),
                 RegistryEvent::Registered {
                     replaced: Some(_), ..

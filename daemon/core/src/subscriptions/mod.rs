@@ -795,6 +795,54 @@ impl Subscriptions {
         });
     }
 
+    /// Issue 22: `ep` moved to this node from another. Its subscriptions (made through any
+    /// node) and every key's pre-subscriptions are read from the store and replace what
+    /// memory held of them (this node loaded them at its start; other nodes changed them
+    /// since), so that the observe requests after the device's answer
+    /// ([`RegistryListener::after_reply`]: `observe_missing`, `presubs_due`) cover them.
+    /// Decision: two whole reads per device that moves, as `Requests::adopt` (moves are
+    /// rare); a failed read keeps memory as it was, logged.
+    async fn adopt(&self, domain: &str, ep: &str) {
+        let read = async {
+            let subs = self.store.load_subscriptions().await?;
+            let presubs = self.store.load_presubscriptions().await?;
+            Ok::<_, StoreError>((subs, presubs))
+        };
+        let (subs, presubs) = match read.await {
+            Ok(r) => r,
+            Err(e) => {
+                crate::store::log_failure(
+                    format_args!("store: cannot load the subscriptions of {ep}, which moved here"),
+                    &e,
+                );
+                return;
+            }
+        };
+        let mut st = self.lock();
+        for k in st.keys.values_mut().filter(|k| k.domain == domain) {
+            k.resources.remove_endpoint(ep);
+        }
+        for s in subs
+            .into_iter()
+            .filter(|s| s.domain == domain && s.ep == ep)
+        {
+            let k = st.keys.entry(s.key_id).or_default();
+            k.domain = s.domain;
+            k.resources.insert(&s.ep, &s.path);
+        }
+        let stored: BTreeSet<String> = presubs.iter().map(|p| p.key_id.clone()).collect();
+        for (id, k) in st.keys.iter_mut() {
+            if !stored.contains(id) {
+                k.presubs.clear();
+            }
+        }
+        for p in presubs {
+            let k = st.keys.entry(p.key_id).or_default();
+            k.domain = p.domain;
+            k.presubs = p.rules;
+        }
+    }
+
     /// Queues an observe for every subscribed resource of `ep` that has no observation.
     fn observe_missing(&self, ep: &Endpoint, awake: bool) {
         self.observe_missing_among(ep, None, awake);
@@ -1098,6 +1146,16 @@ impl RegistryListener for SubscriptionsListener {
     fn after_reply(&self, ev: &RegistryEvent) {
         self.0.observe_missing(ev.endpoint(), true);
         self.0.presubs_due(ev.endpoint());
+    }
+
+    /// Issue 22: the device came from another node: its subscriptions and the
+    /// pre-subscriptions are read again, and `after_reply` observes them from here.
+    fn on_moved_here<'a>(
+        &'a self,
+        ep: &'a Arc<Endpoint>,
+        _from: &'a Arc<Endpoint>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(self.0.adopt(&ep.reg.domain, &ep.reg.name))
     }
 
     fn on_event<'a>(

@@ -61,11 +61,19 @@ impl NodeCall {
 
 /// The calls to this node, in arrival order ([`NatsStore::serve_calls`]).
 pub struct NodeCalls {
-    sub: async_nats::Subscriber,
+    sub: futures_util::stream::SelectAll<async_nats::Subscriber>,
     client: async_nats::Client,
 }
 
 impl NodeCalls {
+    /// The calls of several subscriptions, each in its arrival order.
+    pub(super) fn merged(
+        sub: futures_util::stream::SelectAll<async_nats::Subscriber>,
+        client: async_nats::Client,
+    ) -> NodeCalls {
+        NodeCalls { sub, client }
+    }
+
     /// The next call; `None` once the subscription ended (the store was dropped).
     pub async fn next(&mut self) -> Option<NodeCall> {
         let m = self.sub.next().await?;
@@ -86,7 +94,7 @@ impl NodeCalls {
 }
 
 impl NatsStore {
-    fn node_subject(&self, node: &str, op: &str) -> String {
+    pub(super) fn node_subject(&self, node: &str, op: &str) -> String {
         format!("{}.{}.{op}", self.shared.names.node_subject, enc(node))
     }
 
@@ -103,10 +111,10 @@ impl NatsStore {
         // The subscription must be known to the server before a caller is told this node
         // serves calls.
         self.shared.client.flush().await.map_err(unavailable)?;
-        Ok(NodeCalls {
-            sub,
-            client: self.shared.client.clone(),
-        })
+        Ok(NodeCalls::merged(
+            futures_util::stream::select_all([sub]),
+            self.shared.client.clone(),
+        ))
     }
 
     /// Calls `op` on `node` with `body` and waits at most `timeout` for its answer.

@@ -1,0 +1,232 @@
+//! Notification channels across nodes (issue 22): the lease that makes one node at a time
+//! a key's *channel owner*, the watch of channel records other nodes write, the calls a
+//! node serves for the channels it owns, and the events' form on the wire between nodes.
+//!
+//! **The lease** is the key's entry in KV `<p>_channel_owners` (key: the key id as one
+//! token, value: the owner's node name). [`NatsStore::claim_channel`] creates it if absent
+//! (atomic: of two nodes claiming at once one wins), renews it if this node holds it (an
+//! update expecting the revision read: a renewal racing a taker fails) and otherwise
+//! answers the holder. The bucket's entries live [`CHANNEL_LEASE_MAX_AGE`] from their
+//! last write (stream `max_age`, as the members' heartbeats): an owner renews each of its
+//! leases every 2 s, so a killed owner's leases lapse within 6 s and the next node to
+//! claim takes them. [`NatsStore::release_channel`] deletes ours at a clean stop (expecting
+//! our revision, so a lease already taken by another node is left alone).
+//!
+//! Decision: the value names the node and nothing else; a claim is a read (direct get)
+//! and, for a free or our own lease, one write. The renewal is one write per owned
+//! channel every 2 s: cheap for the tens to thousands of application keys a fleet has,
+//! not meant for a million.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::SelectAll;
+use tokio::sync::broadcast;
+
+use connectord_model::{ChannelRecord, Event};
+
+use super::calls::NodeCalls;
+use super::{NODE_HEADER, NatsStore, Shared, enc, unavailable};
+use crate::{StoreError, record_json};
+
+/// How long a channel lease lives after its last renewal.
+pub const CHANNEL_LEASE_MAX_AGE: Duration = Duration::from_secs(6);
+
+/// Who holds a key's channel lease ([`NatsStore::claim_channel`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lease {
+    /// This node does. `fresh`: the lease was free and this call created it (the caller
+    /// loads the key's undelivered events); otherwise it renewed this node's lease.
+    Ours { fresh: bool },
+    /// Another node does: its name.
+    Theirs(String),
+}
+
+impl NatsStore {
+    fn owners(&self) -> &kv::Store {
+        &self.shared.owners_kv
+    }
+
+    /// Takes key `key_id`'s channel lease if it is free, renews it if this node holds it,
+    /// or answers its holder. Bounded by the store's timeout per round trip.
+    pub async fn claim_channel(&self, key_id: &str) -> Result<Lease, StoreError> {
+        let t = self.shared.timeout;
+        let key = enc(key_id);
+        let me = self.shared.node.as_str();
+        for _ in 0..4 {
+            let entry = tokio::time::timeout(t, self.owners().entry(key.as_str()))
+                .await
+                .map_err(|_| unavailable("reading a channel lease timed out"))?
+                .map_err(unavailable)?;
+            let live = entry.filter(|e| e.operation == kv::Operation::Put);
+            let attempt = match &live {
+                Some(e) if e.value.as_ref() != me.as_bytes() => {
+                    return Ok(Lease::Theirs(
+                        String::from_utf8_lossy(&e.value).into_owned(),
+                    ));
+                }
+                Some(e) => tokio::time::timeout(
+                    t,
+                    self.owners()
+                        .update(key.as_str(), Bytes::from(me.to_string()), e.revision),
+                )
+                .await
+                .map(|r| {
+                    r.map(|_| Lease::Ours { fresh: false })
+                        .map_err(|e| e.to_string())
+                }),
+                None => tokio::time::timeout(
+                    t,
+                    self.owners()
+                        .create(key.as_str(), Bytes::from(me.to_string())),
+                )
+                .await
+                .map(|r| {
+                    r.map(|_| Lease::Ours { fresh: true })
+                        .map_err(|e| e.to_string())
+                }),
+            };
+            match attempt {
+                Ok(Ok(lease)) => return Ok(lease),
+                // Taken (or renewed) by another node meanwhile: read it again.
+                Ok(Err(e)) => tracing::debug!("store: channel lease changed meanwhile ({e})"),
+                Err(_) => return Err(unavailable("writing a channel lease timed out")),
+            }
+        }
+        Err(unavailable("the channel lease kept changing"))
+    }
+
+    /// The node holding key `key_id`'s channel lease, if any (a read, nothing taken).
+    pub async fn channel_owner(&self, key_id: &str) -> Result<Option<String>, StoreError> {
+        let t = self.shared.timeout;
+        let entry = tokio::time::timeout(t, self.owners().entry(enc(key_id)))
+            .await
+            .map_err(|_| unavailable("reading a channel lease timed out"))?
+            .map_err(unavailable)?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+    }
+
+    /// Gives up this node's lease of key `key_id`'s channel (a clean stop): deleted only
+    /// while this node still holds it.
+    pub async fn release_channel(&self, key_id: &str) -> Result<(), StoreError> {
+        let t = self.shared.timeout;
+        let key = enc(key_id);
+        let entry = tokio::time::timeout(t, self.owners().entry(key.as_str()))
+            .await
+            .map_err(|_| unavailable("reading a channel lease timed out"))?
+            .map_err(unavailable)?;
+        let Some(e) = entry.filter(|e| {
+            e.operation == kv::Operation::Put && e.value.as_ref() == self.shared.node.as_bytes()
+        }) else {
+            return Ok(());
+        };
+        tokio::time::timeout(
+            t,
+            self.owners()
+                .delete_expect_revision(key.as_str(), Some(e.revision)),
+        )
+        .await
+        .map_err(|_| unavailable("releasing a channel lease timed out"))?
+        .map_err(unavailable)
+    }
+
+    /// Channel records other nodes write, from now on, in the bucket's order (the
+    /// channel's kind, callback and restriction: a node that does not own a key's channel
+    /// routes its events by them, and the owner starts or stops delivering to a callback
+    /// set on another node). A receiver more than 4 096 changes behind gets `Lagged`.
+    pub fn watch_channels(&self) -> broadcast::Receiver<ChannelRecord> {
+        self.channels.subscribe()
+    }
+
+    /// Serves only the calls `ops` to this node (`<p>.node.<this node>.<op>` for each):
+    /// for a part of the daemon that owns these operations, beside others that serve
+    /// theirs. Must not overlap with another `serve_ops` or [`NatsStore::serve_calls`]
+    /// of this process (a call would be received twice).
+    pub async fn serve_ops(&self, ops: &[&str]) -> Result<NodeCalls, StoreError> {
+        let mut subs = SelectAll::new();
+        for op in ops {
+            let subject = self.node_subject(&self.shared.node, op);
+            let sub = self
+                .shared
+                .client
+                .subscribe(subject)
+                .await
+                .map_err(unavailable)?;
+            subs.push(sub);
+        }
+        self.shared.client.flush().await.map_err(unavailable)?;
+        Ok(NodeCalls::merged(subs, self.shared.client.clone()))
+    }
+}
+
+/// Events as one value for a call between nodes: a JSON array of the store's own event
+/// records (`record_json::event`), so that serialisation stays in the store.
+pub fn events_to_json(events: &[Event]) -> serde_json::Value {
+    serde_json::Value::Array(
+        events
+            .iter()
+            .map(|e| serde_json::Value::String(record_json::event(e)))
+            .collect(),
+    )
+}
+
+/// The events of [`events_to_json`]; a record this version cannot read is an error
+/// (bytes from another node are outside input).
+pub fn events_from_json(v: &serde_json::Value) -> Result<Vec<Event>, StoreError> {
+    let items = v
+        .as_array()
+        .ok_or_else(|| StoreError::Corrupt("events: not an array".into()))?;
+    items
+        .iter()
+        .map(|i| {
+            let s = i
+                .as_str()
+                .ok_or_else(|| StoreError::Corrupt("an event: not a string".into()))?;
+            record_json::read_event(s).map_err(StoreError::Corrupt)
+        })
+        .collect()
+}
+
+impl Shared {
+    /// Follows the channels bucket from now on and sends other nodes' puts to `changes`.
+    pub(super) async fn watch_channel_bucket(
+        self: std::sync::Arc<Self>,
+        changes: broadcast::Sender<ChannelRecord>,
+    ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+        let bucket = self.names.channels.clone();
+        let (mut messages, _) = self
+            .ordered(
+                &bucket,
+                async_nats::jetstream::consumer::DeliverPolicy::New,
+                false,
+            )
+            .await?;
+        Ok(tokio::spawn(async move {
+            while let Some(m) = messages.next().await {
+                let Ok(m) = m else { continue };
+                let m = m.message;
+                let ours = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(NODE_HEADER))
+                    .is_some_and(|n| n.as_str() == self.node);
+                if ours {
+                    continue;
+                }
+                match serde_json::from_slice::<ChannelRecord>(&m.payload) {
+                    Ok(rec) => {
+                        let _ = changes.send(rec);
+                    }
+                    Err(e) => tracing::debug!("store: skipping an unreadable channel record: {e}"),
+                }
+            }
+            tracing::error!(
+                "store: the channels watch ended; other nodes' channel changes are no longer followed"
+            );
+        }))
+    }
+}

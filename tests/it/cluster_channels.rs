@@ -1,0 +1,461 @@
+//! Issue 22, notification channels cluster-wide: each key's events are queued and
+//! delivered by one node at a time, the key's channel owner (a lease in NATS); the other
+//! nodes send their events for the key to it and forward the key's long-polls there.
+//! Real nats-server, real daemon processes, testkit UDP devices, a real webhook receiver.
+//! Timings are printed, not asserted.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use coap_lite::{CoapOption, MessageType};
+use connectord_testkit::nats::NatsServer;
+use serde_json::{Value, json};
+
+use crate::cluster::{LINKS, WAIT, cluster, second_node};
+use crate::support::receiver::Receiver;
+use crate::support::{self, Daemon, Events, observe_content, send_packet};
+
+/// How long a killed owner's lease may take to be taken over, and its events delivered:
+/// the lease lives 6 s, a forwarded pull or append retries for 15 s.
+const TAKEOVER: Duration = Duration::from_secs(30);
+
+/// The `ep` of each event of `kind` received so far.
+fn eps(events: &Events, kind: &str) -> Vec<String> {
+    support::strings_of(&Value::Array(events.of(kind)), "ep")
+}
+
+/// Waits until `d` knows `n` notification channels (another node's record reaches it
+/// through the channels watch).
+fn until_channels(d: &Daemon, n: u64) {
+    let t = Instant::now();
+    while d.metric("notification_channels") < n {
+        assert!(t.elapsed() < WAIT, "the channel never reached this node");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Pulls (without waiting) on `d` until `done` holds or `timeout` passes, accepting a
+/// 503 (the owner being replaced) as "nothing yet".
+fn collect(d: &Daemon, timeout: Duration, done: impl Fn(&Events) -> bool) -> Events {
+    let deadline = Instant::now() + timeout;
+    let mut all = Events::default();
+    loop {
+        let r = d.get("/v2/notification/pull?noWait=true");
+        match r.status {
+            200 => all.add(&r.json()),
+            204 | 503 => {}
+            s => panic!("pull answered {s}: {}", r.body),
+        }
+        if done(&all) || Instant::now() >= deadline {
+            return all;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Answers the daemon's next observe request with `value`: its token and where it came
+/// from.
+fn accept_observe(dev: &support::coap::Device, value: &str) -> (Vec<u8>, SocketAddr) {
+    let (req, from) = dev.recv_request(WAIT).expect("no observe request");
+    assert_eq!(
+        support::coap::uint_option(&req, CoapOption::Observe),
+        Some(0)
+    );
+    let p = observe_content(
+        MessageType::Acknowledgement,
+        req.header.message_id,
+        req.get_token(),
+        1,
+        value.as_bytes(),
+    );
+    send_packet(dev, &p, from);
+    (req.get_token().to_vec(), from)
+}
+
+/// The registrations (by `ep`) of the callback deliveries `rx` received, in order, from
+/// its `from`th request on.
+fn delivered_eps_from(rx: &Receiver, from: usize) -> Vec<String> {
+    rx.requests()
+        .iter()
+        .skip(from)
+        .filter(|r| r.method == "POST" || (r.method == "PUT" && !r.body.is_empty()))
+        .flat_map(|r| {
+            r.json()["registrations"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|e| e["ep"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// [`delivered_eps_from`] the first request.
+fn delivered_eps(rx: &Receiver) -> Vec<String> {
+    delivered_eps_from(rx, 0)
+}
+
+/// A long-poll channel owned by node 1: devices registering alternately on node 2 and
+/// node 1 reach it as one ordered stream, each event once, whichever node is pulled
+/// (node 2 forwards its pulls to node 1); a device of node 2 observed through node 2
+/// sends notifications that reach the key's channel on node 1 after its registration; a
+/// long-poll waiting on node 2 is answered by an event made on node 1.
+#[test]
+fn a_long_poll_on_any_node_gets_every_event_of_its_key_in_order_once() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    // The key's channel is made on n1, which takes its lease; n2 learns of it.
+    assert!(n1.pull_now().is_none());
+    until_channels(&n2, 1);
+    assert_eq!(n1.metric("cluster_owned_channels"), 1);
+    assert_eq!(n2.metric("cluster_owned_channels"), 0);
+
+    let t = Instant::now();
+    let mut devices = Vec::new();
+    for (i, node) in [&n2, &n1, &n2, &n1, &n2].into_iter().enumerate() {
+        let mut dev = node.device();
+        dev.register(&[&format!("ep=ordered-{i}"), "lt=300"], LINKS);
+        devices.push(dev);
+    }
+    println!("5 registrations on two nodes took {:?}", t.elapsed());
+    let want: Vec<String> = (0..5).map(|i| format!("ordered-{i}")).collect();
+    // Half pulled through n2 (forwarded to the owner), the rest on n1.
+    let t = Instant::now();
+    let first = collect(&n2, WAIT, |e| e.of("registrations").len() >= 2);
+    let mut got = eps(&first, "registrations");
+    println!(
+        "n2's forwarded pulls got {} events in {:?}",
+        got.len(),
+        t.elapsed()
+    );
+    let rest = collect(&n1, WAIT, |e| {
+        got.len() + e.of("registrations").len() >= want.len()
+    });
+    got.extend(eps(&rest, "registrations"));
+    assert_eq!(got, want, "one stream, in order, each once");
+    assert!(n1.pull_now().is_none(), "nothing twice (n1)");
+    assert!(n2.pull_now().is_none(), "nothing twice (n2)");
+
+    // Notifications of a device of n2, observed through n2 (its owner).
+    let dev = &devices[0];
+    let r = n2.call("PUT", "/v2/subscriptions/ordered-0/3303/0/5700", None, None);
+    assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
+    let (token, from) = accept_observe(dev, "20");
+    for (i, v) in ["21", "22", "23"].into_iter().enumerate() {
+        let p = observe_content(
+            MessageType::NonConfirmable,
+            900 + i as u16,
+            &token,
+            2 + i as u32,
+            v.as_bytes(),
+        );
+        send_packet(dev, &p, from);
+    }
+    let want_values: Vec<String> = ["21", "22", "23"]
+        .iter()
+        .map(|v| support::b64(v.as_bytes()))
+        .collect();
+    let values = |e: &Events| -> Vec<String> {
+        e.of("notifications")
+            .iter()
+            .map(|n| n["payload"].as_str().unwrap_or_default().to_string())
+            .filter(|p| *p != support::b64(b"20"))
+            .collect()
+    };
+    let t = Instant::now();
+    let notes = collect(&n1, WAIT, |e| values(e).len() >= 3);
+    println!(
+        "notifications of a device of n2 pulled on n1 after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(values(&notes), want_values, "in order, each once");
+    assert!(n2.pull_now().is_none(), "nothing twice");
+
+    // A long-poll waiting on n2 (forwarded with its wait) is answered by an event made
+    // on n1.
+    let waiting = {
+        let url = n2.url("/v2/notification/pull");
+        let key = n2.key.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = support::http(
+                "GET",
+                &url,
+                &[("Authorization", &format!("Bearer {key}"))],
+                None,
+            );
+            (r, t)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let made = Instant::now();
+    n1.device().register(&["ep=late", "lt=300"], LINKS);
+    let (r, started) = waiting.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["registrations"][0]["ep"], "late");
+    println!(
+        "a long-poll waiting on n2 for {:?} got n1's event {:?} after it was made",
+        started.elapsed(),
+        made.elapsed()
+    );
+    assert!(n1.pull_now().is_none(), "acknowledged by the next pull");
+}
+
+/// A callback set on node 1 (its owner) gets the events of devices on node 2 and on
+/// node 1, each delivered once: node 2 delivers nothing itself in steady state. The
+/// callback is visible on node 2 too.
+#[test]
+fn a_callback_set_on_one_node_gets_other_nodes_events_once() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    let rx = Receiver::start(0);
+    let body = json!({"url": rx.url("/hook"), "headers": {}});
+    let r = n1.send_json("PUT", "/v2/notification/callback", body.to_string());
+    assert_eq!(r.status, 204, "{}", r.body);
+    until_channels(&n2, 1);
+    let t = Instant::now();
+    while n2.get("/v2/notification/callback").status != 200 {
+        assert!(t.elapsed() < WAIT, "n2 never saw the callback");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(n2.get("/v2/notification/pull").status, 409);
+    assert_eq!(n1.metric("cluster_owned_channels"), 1);
+
+    let t = Instant::now();
+    for (i, node) in [&n2, &n2, &n1, &n2].into_iter().enumerate() {
+        node.device()
+            .register(&[&format!("ep=pushed-{i}"), "lt=300"], LINKS);
+    }
+    let want: Vec<String> = (0..4).map(|i| format!("pushed-{i}")).collect();
+    rx.wait(WAIT, |_| delivered_eps(&rx).len() >= 4);
+    println!("4 events from two nodes delivered after {:?}", t.elapsed());
+    // Time for a second delivery, if some node made one.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(delivered_eps(&rx), want, "in order, each once");
+    assert_eq!(n2.metric("cluster_owned_channels"), 0);
+    assert_eq!(n2.metric("events_queued"), 0);
+}
+
+/// Node 1, the owner of a long-poll channel and of a callback channel, is killed with
+/// -9 while events acknowledged to their devices (made on node 2) wait in both (the
+/// receiver refused them so far). Node 2 takes both leases once they lapse, loads the
+/// events and delivers every one: the long-poll through its pulls, the callback by
+/// itself; none is lost (the callback may see a batch twice, never miss one).
+#[test]
+fn a_killed_channel_owner_is_replaced_and_nothing_acknowledged_is_lost() {
+    let server = NatsServer::start().unwrap();
+    let mut n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    // A second key, for the callback.
+    let r = n1.send_json(
+        "POST",
+        "/api/api_tokens",
+        json!({"name": "hook"}).to_string(),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let hook_key = r.json()["access_key"].as_str().unwrap().to_string();
+    let n2 = second_node(&server, &n1, "n2", "");
+    assert!(
+        n1.pull_now().is_none(),
+        "the long-poll channel, owned by n1"
+    );
+    let rx = Receiver::start(0);
+    let body = json!({"url": rx.url("/hook"), "headers": {}});
+    let r = support::http(
+        "PUT",
+        &n1.url("/v2/notification/callback"),
+        &[
+            ("Authorization", &format!("Bearer {hook_key}")),
+            ("Content-Type", "application/json"),
+        ],
+        Some(body.to_string().as_bytes()),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    until_channels(&n2, 2);
+    assert_eq!(n1.metric("cluster_owned_channels"), 2);
+    // The receiver refuses for now: n1 keeps the events and retries.
+    rx.status.store(503, std::sync::atomic::Ordering::Relaxed);
+    let want: Vec<String> = (0..3).map(|i| format!("kept-{i}")).collect();
+    for ep in &want {
+        n2.device()
+            .register(&[&format!("ep={ep}"), "lt=300"], LINKS);
+    }
+    assert!(
+        rx.wait(WAIT, |r| r.len() >= 2).len() >= 2,
+        "n1 tried the callback"
+    );
+    n1.0.kill9();
+    let killed = Instant::now();
+    // What came before was n1's, refused; what comes now is n2's.
+    let refused = rx.requests().len();
+    rx.status.store(200, std::sync::atomic::Ordering::Relaxed);
+
+    let polled = collect(&n2, TAKEOVER, |e| e.of("registrations").len() >= 3);
+    println!(
+        "n1 killed; n2 answered its events to a pull after {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(eps(&polled, "registrations"), want, "none lost, in order");
+    assert!(n2.pull_now().is_none(), "each once");
+
+    let t = Instant::now();
+    loop {
+        let got = delivered_eps_from(&rx, refused);
+        if want.iter().all(|w| got.contains(w)) {
+            break;
+        }
+        assert!(
+            t.elapsed() < TAKEOVER,
+            "the callback never got every event: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "n1 killed; n2 delivered the callback's events after {:?} ({} requests refused before)",
+        killed.elapsed(),
+        refused
+    );
+    // Every delivery after the kill came from n2; in order, nothing lost.
+    let got = delivered_eps_from(&rx, refused);
+    let mut firsts: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, ep) in got.iter().enumerate() {
+        firsts.entry(ep.clone()).or_insert(i);
+    }
+    let order: Vec<&String> = want.iter().collect();
+    let mut by_first: Vec<&String> = firsts.keys().collect();
+    by_first.sort_by_key(|ep| firsts[*ep]);
+    assert_eq!(by_first, order, "first deliveries in order: {got:?}");
+    assert_eq!(n2.metric("cluster_owned_channels"), 2);
+}
+
+/// A channel owner's clean stop releases its leases: node 2 takes the channel at its
+/// next need (a pull) without waiting for the lease to lapse, with the events node 1 had
+/// queued.
+#[test]
+fn a_channel_owners_clean_stop_hands_the_channel_over() {
+    let server = NatsServer::start().unwrap();
+    let mut n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    assert!(n1.pull_now().is_none());
+    until_channels(&n2, 1);
+    let want: Vec<String> = (0..3).map(|i| format!("handed-{i}")).collect();
+    for ep in &want {
+        n1.device()
+            .register(&[&format!("ep={ep}"), "lt=300"], LINKS);
+    }
+    n1.signal("TERM");
+    assert_eq!(n1.wait_exit(WAIT), Some(0));
+    let stopped = Instant::now();
+    assert!(
+        n1.logs()
+            .iter()
+            .any(|l| l.contains("released 1 channel leases")),
+        "{:?}",
+        n1.logs()
+    );
+    let got = collect(&n2, WAIT, |e| e.of("registrations").len() >= 3);
+    println!(
+        "n1 stopped; n2 answered its queued events after {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(eps(&got, "registrations"), want);
+    assert_eq!(n2.metric("cluster_owned_channels"), 1);
+}
+
+/// A long-poll on node 2 (forwarded to node 1, the owner) whose client gives up while it
+/// waits loses no event: what the owner answered to the abandoned poll is queued again at
+/// once, and the client's next pulls on node 2 get every event, in order, once (a
+/// duplicate is allowed only for what the abandoned poll may have held: the first event).
+#[test]
+fn a_forwarded_long_poll_whose_client_aborts_loses_no_event() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    assert!(n1.pull_now().is_none());
+    until_channels(&n2, 1);
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "1",
+        ])
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {}", n2.key))
+        .arg(n2.url("/v2/notification/pull"))
+        .output()
+        .expect("curl");
+    // 28: curl gave up (the poll was held and aborted), no answer came.
+    assert_eq!(
+        out.status.code(),
+        Some(28),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let aborted = Instant::now();
+    let mut sent = Vec::new();
+    for at in [0, 1, 3] {
+        std::thread::sleep(Duration::from_secs(at).saturating_sub(aborted.elapsed()));
+        let ep = format!("after-{at}s");
+        n2.device()
+            .register(&[&format!("ep={ep}"), "lt=300"], LINKS);
+        sent.push(ep);
+    }
+    let t = Instant::now();
+    let e = collect(&n2, WAIT, |e| e.of("registrations").len() >= sent.len());
+    println!("n2's pulls got the events {:?} after the last", t.elapsed());
+    let mut got = eps(&e, "registrations");
+    if got.len() > sent.len() && got[0] == got[1] {
+        got.remove(0);
+    }
+    assert_eq!(got, sent, "every event, in order, once");
+    assert!(n2.pull_now().is_none(), "nothing else");
+}
+
+/// The async response of a request to a device of node 1 (sent through node 1, its
+/// owner) reaches the key's channel, owned by node 2: node 1 sends it there and forgets
+/// the request once node 2 stored it; a pull on either node answers it, once.
+#[test]
+fn an_async_response_reaches_the_keys_channel_on_another_node() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    // The channel is made on n2, which owns it.
+    assert!(n2.pull_now().is_none());
+    until_channels(&n1, 1);
+    assert_eq!(n2.metric("cluster_owned_channels"), 1);
+    let mut dev = n1.device();
+    dev.register(&["ep=answering", "lt=300"], LINKS);
+    assert_eq!(
+        eps(
+            &collect(&n2, WAIT, |e| !e.of("registrations").is_empty()),
+            "registrations"
+        ),
+        ["answering"]
+    );
+    let id = n1.async_request("GET", "/v2/endpoints/answering/3/0/0", None, None);
+    let (req, from) = dev.recv_request(WAIT).expect("the request never came");
+    dev.reply(
+        &req,
+        from,
+        coap_lite::ResponseType::Content,
+        b"answer",
+        None,
+        None,
+    );
+    let t = Instant::now();
+    let e = collect(&n1, WAIT, |e| e.async_response(&id).is_some());
+    println!(
+        "the async response, made on n1, pulled through n1 from n2 after {:?}",
+        t.elapsed()
+    );
+    let r = e.async_response(&id).expect("no async response");
+    assert_eq!(r["payload"], support::b64(b"answer"), "{r}");
+    assert_eq!(e.count(), 1, "once: {e:?}");
+    assert!(n2.pull_now().is_none(), "nothing twice");
+    assert_eq!(n1.metric("requests_queued"), 0);
+}
