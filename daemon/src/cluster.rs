@@ -1,5 +1,7 @@
 //! The store a node runs on (`[cluster] backend`), and, on NATS, what makes it a member
-//! of a cluster (issue 22, docs/cluster.md): the CA check and the membership heartbeat.
+//! of a cluster (issue 22, docs/cluster.md): the CA check and the membership heartbeat;
+//! [`forward`]: requests forwarded to a device's owner node, and the subscriptions every
+//! node follows.
 //!
 //! Decisions:
 //! - **The NATS store runs on a runtime of its own** (one worker thread,
@@ -22,6 +24,8 @@
 //!   `admin.key` exists while the cluster's state had no key (another prefix, new
 //!   servers, lost state), the new admin key goes to `admin.key.<unix seconds>` beside it,
 //!   with a warning: the old file is never overwritten, and holds no key of this state.
+
+pub mod forward;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -700,11 +700,26 @@ async fn start_services(
             counters: Arc::clone(&counters),
             limits: Some(Arc::clone(&limits)),
             node: nats.as_ref().map(|n| n.node.clone()),
+            // Requests for another node's devices go to their owner (issue 22).
+            forwarder: nats.as_ref().map(|n| {
+                Arc::new(crate::cluster::forward::NatsForwarder {
+                    store: Arc::clone(&n.store),
+                    timeout: config.cluster.timeout(),
+                    counters: Arc::clone(&counters),
+                    node: n.node.clone(),
+                }) as Arc<dyn crate::forward::Forwarder>
+            }),
         },
         config.requests.clone(),
         reporter,
     );
     let lua = LuaRules::load(&config.lua, Arc::clone(&counters));
+    // On NATS every node follows the other nodes' subscriptions and pre-subscriptions
+    // (issue 22): the watch starts before the load, so no change falls between the two.
+    let subscription_watch = match &nats {
+        Some(n) => Some(n.store.watch_subscriptions().await?),
+        None => None,
+    };
     let subscriptions = Subscriptions::load(
         Arc::clone(&directory),
         Arc::clone(&requests),
@@ -719,6 +734,31 @@ async fn start_services(
         Arc::clone(&subscriptions).run_reports(reports, stop.clone()),
     )];
     tasks.append(&mut early_tasks);
+    if let Some(watch) = subscription_watch {
+        tasks.push(tokio::spawn(crate::cluster::forward::follow_subscriptions(
+            watch,
+            Arc::clone(&subscriptions),
+            stop.clone(),
+        )));
+    }
+    // Requests other nodes forward to this one's devices (issue 22), served before the
+    // CoAP listeners start: a device registered here is reachable from every node.
+    if let Some(n) = &nats {
+        let calls = n
+            .store
+            .serve_ops(&[
+                crate::cluster::forward::OP_SUBMIT,
+                crate::cluster::forward::OP_SUBSCRIBE,
+            ])
+            .await?;
+        tasks.push(tokio::spawn(crate::cluster::forward::serve(
+            calls,
+            Arc::clone(&requests),
+            Arc::clone(&subscriptions),
+            Arc::clone(&counters),
+            stop.clone(),
+        )));
+    }
     registry.add_listener(Arc::clone(&hub) as Arc<dyn RegistryListener>);
     registry.add_listener(Arc::new(RequestsListener(Arc::clone(&requests))));
     registry.add_listener(Arc::new(SubscriptionsListener(Arc::clone(&subscriptions))));

@@ -33,8 +33,8 @@ pub mod state_dir;
 
 pub use connectord_certs as certs;
 pub use connectord_core::{
-    auth, coap, credentials, dir_watch, events, hashing, limits, log_budget, lwm2m_data, metrics,
-    model, registry, requests, revocation, shutdown, store, subscriptions,
+    auth, coap, credentials, dir_watch, events, forward, hashing, limits, log_budget, lwm2m_data,
+    metrics, model, registry, requests, revocation, shutdown, store, subscriptions,
 };
 pub use connectord_plugin_host as plugins;
 pub use connectord_rest as rest;

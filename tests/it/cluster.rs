@@ -614,37 +614,3 @@ fn a_device_that_registers_on_another_node_moves_with_its_queued_requests() {
         assert!(t.elapsed() < WAIT, "the delivered request stays stored");
     }
 }
-
-/// Issue 22, until requests are forwarded between nodes: a request or a subscription for
-/// a device another node owns is refused with 503 naming that node (a 202 would promise
-/// a request this node cannot send), and the refused subscription is not listed; the
-/// owner accepts the same request and the device gets it.
-#[test]
-fn a_request_for_a_device_of_another_node_is_refused_naming_its_owner() {
-    let server = NatsServer::start().unwrap();
-    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
-    let n2 = second_node(&server, &n1, "n2", "");
-    let mut dev = n1.device();
-    dev.register(&["ep=owned-by-n1", "lt=300"], LINKS);
-    until_listed(&n2, &["owned-by-n1"]);
-
-    let path = "/v2/endpoints/owned-by-n1/3303/0/5700";
-    let r = n2.call("GET", path, None, None);
-    assert_eq!(r.status, 503, "{}", r.body);
-    assert!(r.body.contains("cluster node n1"), "{}", r.body);
-    let sub = "/v2/subscriptions/owned-by-n1/3303/0/5700";
-    let r = n2.call("PUT", sub, None, None);
-    assert_eq!(r.status, 503, "{}", r.body);
-    assert!(r.body.contains("cluster node n1"), "{}", r.body);
-    assert_ne!(
-        n2.get(sub).status,
-        200,
-        "a refused subscription is not listed"
-    );
-    support::no_request(&dev, Duration::from_millis(300), "n2 sent nothing");
-
-    let r = n1.call("GET", path, None, None);
-    assert_eq!(r.status, 202, "{}", r.body);
-    let (req, _) = dev.recv_request(WAIT).expect("n1 sends the read");
-    assert_eq!(support::coap::path_of(&req), "/3303/0/5700");
-}

@@ -797,14 +797,9 @@ fn start_nodes_joining(urls: &[String], first: &Daemon, name: &str) -> Daemon {
 /// the resource, lists the subscription, and the device's notification reaches node 1's
 /// channel.
 ///
-/// Fails today (found by this test): a running node loads the subscriptions at its start
-/// only and does not follow the subscriptions other nodes store afterwards, so node 1
-/// answers 404 for the endpoint's subscriptions and does not observe the device.
+/// Failed when it was written (a running node loaded the subscriptions at its start only);
+/// every node now follows the subscriptions bucket (`NatsStore::watch_subscriptions`).
 #[test]
-#[ignore = "issue 22, subscriptions: a running node does not follow the subscriptions \
-            bucket (loaded at start only), so a subscription stored by a node that died \
-            after the survivor started is neither listed (404) nor observed by the node the \
-            device moves to"]
 fn a_subscription_survives_the_death_of_its_node() {
     let cluster = NatsCluster::start().expect("three nats-servers");
     let mut nodes = start_nodes(&cluster.urls(), &["n1", "n2"]);
@@ -849,22 +844,25 @@ fn device_at(host: u8, server: SocketAddr) -> coap::Device {
     dev
 }
 
-/// The node (index) that owns `ep`: asked for a resource, the owner accepts (202) and
-/// the others refuse naming it (503 "cluster node <name>"); the owner is asked then. Either
-/// way the device is sent one read of `/3/0/1`.
+/// The node (index) that owns `ep`: a read of `/3/0/1` asked of node 0 is carried out by
+/// the owner (forwarded to it if node 0 is not: node 0 counts one more forwarded request
+/// out, the owner one more in). Either way the device is sent one read of `/3/0/1`.
 fn owner_of(nodes: &[Daemon], names: &[&str], ep: &str) -> usize {
+    let forwarded = |d: &Daemon, dir: &str| {
+        d.metric(&format!(
+            "cluster_forwarded_requests_total{{direction=\"{dir}\"}}"
+        ))
+    };
+    let out_before = forwarded(&nodes[0], "out");
+    let in_before: Vec<u64> = nodes.iter().map(|d| forwarded(d, "in")).collect();
     let r = nodes[0].call("GET", &format!("/v2/endpoints/{ep}/3/0/1"), None, None);
-    if r.status == 202 {
+    assert_eq!(r.status, 202, "{ep}: {}", r.body);
+    if forwarded(&nodes[0], "out") == out_before {
         return 0;
     }
-    assert_eq!(r.status, 503, "{ep}: {}", r.body);
-    let owner = names
-        .iter()
-        .position(|n| r.body.contains(&format!("cluster node {n}")))
-        .unwrap_or_else(|| panic!("{ep}: no owner named in {}", r.body));
-    let r = nodes[owner].call("GET", &format!("/v2/endpoints/{ep}/3/0/1"), None, None);
-    assert_eq!(r.status, 202, "{ep} on its owner: {}", r.body);
-    owner
+    (1..nodes.len())
+        .find(|&i| forwarded(&nodes[i], "in") > in_before[i])
+        .unwrap_or_else(|| panic!("{ep}: no node of {names:?} took the forwarded read"))
 }
 
 /// docs/cluster.md's nginx set-up, literally: `etc/nginx/connectord-coap-udp.conf` (which

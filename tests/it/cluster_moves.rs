@@ -351,14 +351,20 @@ fn an_update_arriving_at_another_node_moves_the_registration_there() {
         dev.update("0123456789abcdef", &[], None),
         ResponseType::NotFound
     );
-    // n1 is told nothing by the device any more; a requests for it through n1 is n2's
-    // to send (503 naming n2 until requests are forwarded).
+    // n1 is told nothing by the device any more; a request for it through n1 is
+    // forwarded to n2, which sends it (n1 does not talk to the device now).
     let r = n1.call("GET", "/v2/endpoints/lb-mover/3/0/0", None, None);
-    assert_ne!(
-        r.status, 202,
-        "n1 does not talk to the device now: {}",
-        r.body
-    );
+    assert_eq!(r.status, 202, "forwarded to n2: {}", r.body);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (req, from) = dev
+            .recv_request(deadline.saturating_duration_since(Instant::now()))
+            .expect("n2 sends the read");
+        assert_eq!(from, n2.coap, "only n2 talks to the device");
+        if support::coap::path_of(&req) == "/3/0/0" {
+            break;
+        }
+    }
 }
 
 /// Issue 22, a queue-mode device moving by an update: a request queued for it on node 1

@@ -32,6 +32,7 @@ pub mod config;
 pub mod credentials;
 pub mod dir_watch;
 pub mod events;
+pub mod forward;
 pub mod hashing;
 pub mod limits;
 pub mod log_budget;

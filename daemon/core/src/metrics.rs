@@ -32,6 +32,8 @@ macro_rules! counters {
             pub rest_responses: RestStatuses,
             /// CoAP-over-TLS connections closed, by reason.
             pub coap_tls_closed: TlsClosed,
+            /// REST requests forwarded between cluster nodes (issue 22), by direction.
+            pub cluster_forwarded: Forwarded,
             /// Time to answer a REST request, from its head read to its response head
             /// (long-poll pulls are left out: they wait on purpose).
             pub rest_latency: Histogram,
@@ -70,6 +72,7 @@ macro_rules! counters {
                     let _ = writeln!(out, "connectord_{}_total {}", stringify!($name), self.$name.load(Ordering::Relaxed));
                 )*
                 self.coap_tls_closed.render(out);
+                self.cluster_forwarded.render(out);
             }
         }
     };
@@ -208,6 +211,37 @@ impl TlsClosed {
             let n = c.load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
         }
+    }
+}
+
+/// REST requests (on a resource, or subscriptions) forwarded between cluster nodes
+/// (issue 22): `out` handed by this node to a device's owner, `in` received from another
+/// node and handled here as the owner. Counted once per call, answered or not.
+#[derive(Debug, Default)]
+pub struct Forwarded {
+    pub out: AtomicU64,
+    pub in_: AtomicU64,
+}
+
+impl Forwarded {
+    /// (out, in) now.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.out.load(Ordering::Relaxed),
+            self.in_.load(Ordering::Relaxed),
+        )
+    }
+
+    fn render(&self, out: &mut String) {
+        let name = "connectord_cluster_forwarded_requests_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} REST requests forwarded between cluster nodes: out (to a device's owner node), in (from another node, handled here)."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let (o, i) = self.get();
+        let _ = writeln!(out, "{name}{{direction=\"out\"}} {o}");
+        let _ = writeln!(out, "{name}{{direction=\"in\"}} {i}");
     }
 }
 

@@ -53,6 +53,18 @@ struct MemberBody<'a> {
     member: &'a ClusterMember,
     /// Endpoints registered with it, as this node's directory lists them (issue 22).
     owned_endpoints: usize,
+    /// This node's only: REST requests it forwarded to their device's owner (`out`) and
+    /// handled for another node (`in`) since it started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    forwarded_requests: Option<ForwardedBody>,
+}
+
+/// `forwarded_requests` of this node's member entry.
+#[derive(Debug, Serialize)]
+struct ForwardedBody {
+    out: u64,
+    #[serde(rename = "in")]
+    in_: u64,
 }
 
 /// Endpoints by owner node, as `Directory::count_by_owner` counts them.
@@ -102,14 +114,19 @@ impl ClusterView {
         &self.node
     }
 
-    /// The JSON body of `GET /v2/cluster`; `owners` the directory's endpoints by owner.
-    pub fn body(&self, owners: &Owners) -> serde_json::Value {
+    /// The JSON body of `GET /v2/cluster`; `owners` the directory's endpoints by owner,
+    /// `forwarded` this node's forwarded requests (out, in).
+    pub fn body(&self, owners: &Owners, forwarded: (u64, u64)) -> serde_json::Value {
         let members = self.members.read().unwrap_or_else(|p| p.into_inner());
         let members = members
             .iter()
             .map(|m| MemberBody {
                 member: m,
                 owned_endpoints: self.owned(owners, &m.node),
+                forwarded_requests: (m.node == self.node).then_some(ForwardedBody {
+                    out: forwarded.0,
+                    in_: forwarded.1,
+                }),
             })
             .collect();
         serde_json::to_value(Body {

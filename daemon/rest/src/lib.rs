@@ -496,7 +496,10 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
         }
         Route::Cluster => Reply::json(
             StatusCode::OK,
-            &state.cluster.body(&state.directory.count_by_owner()),
+            &state.cluster.body(
+                &state.directory.count_by_owner(),
+                state.counters.cluster_forwarded.get(),
+            ),
         ),
         Route::Metrics => {
             let mut out = String::new();

@@ -155,7 +155,8 @@ pub async fn handle(
     }
 }
 
-fn refusal(e: RequestError) -> Reply {
+/// The reply to a request the request layer refused (also a subscription's).
+pub(crate) fn refusal(e: RequestError) -> Reply {
     let msg = e.to_string();
     match e {
         RequestError::Gone => error(StatusCode::GONE, "gone", &msg),
@@ -164,7 +165,9 @@ fn refusal(e: RequestError) -> Reply {
         RequestError::TooMany(_) | RequestError::OverQuota(_) => {
             error(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", &msg)
         }
-        RequestError::Unavailable(_) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &msg),
+        RequestError::Unavailable(_) | RequestError::Elsewhere { .. } => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &msg)
+        }
         RequestError::Undecodable(_) => error(StatusCode::BAD_GATEWAY, "bad_gateway", &msg),
         RequestError::BadBody(_) => error(StatusCode::BAD_REQUEST, "bad_request", &msg),
         // 205 Reset Content carries no body (RFC 9110 §15.3.6).

@@ -75,6 +75,10 @@ pub async fn resource(
                 "not_found",
                 "endpoint or resource not found",
             ),
+            // Forwarded to the owner node (issue 22): its refusals as a request's.
+            Err(SubError::Request(
+                e @ (RequestError::Elsewhere { .. } | RequestError::Undecodable(_)),
+            )) => super::resources::refusal(e),
             Err(e) => storage_failure(e),
         },
         Method::GET => {

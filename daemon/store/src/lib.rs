@@ -249,6 +249,24 @@ pub trait SubscriptionStore: Send + Sync + 'static {
     fn replace_presubscriptions(&self, rec: PresubRecord) -> Pending<()>;
 }
 
+/// A change another cluster node made to the subscriptions or pre-subscriptions, as a
+/// backend that several nodes share reports it (`nats::NatsStore::watch_subscriptions`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubscriptionChange {
+    /// A subscription recorded.
+    Put(SubscriptionRecord),
+    /// A subscription removed.
+    Deleted {
+        key_id: String,
+        ep: String,
+        path: String,
+    },
+    /// A key's pre-subscription rules replaced (its subscriptions were removed before).
+    Presubscriptions(PresubRecord),
+    /// A key's pre-subscription rules removed.
+    PresubscriptionsDeleted { key_id: String },
+}
+
 /// The traffic limits' hourly transaction counts.
 pub trait QuotaStore: Send + Sync + 'static {
     /// Every stored hourly transaction count of the traffic limits.

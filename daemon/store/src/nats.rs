@@ -127,6 +127,8 @@
 //! [`Feed::external_changes`] moves when another node (another `Cd-Node`) writes to the
 //! plugin-state bucket; this node's own writes are not counted. [`NatsStore::watch_registrations`]
 //! streams other nodes' registration writes (the daemon's directory follows them);
+//! [`NatsStore::watch_subscriptions`] their subscription and pre-subscription writes
+//! (module `follow`: every node lists every subscription; the owner observes);
 //! [`NatsStore::watch_hour_counts`] the other nodes' traffic counts (module `counts`);
 //! [`NatsStore::credential_changes`] moves on other nodes' PSK and certificate writes
 //! (module `credential_changes`); [`NatsStore::watch_channels`] other nodes' channel
@@ -2344,3 +2346,5 @@ mod counts;
 pub use counts::NodeHourCount;
 mod credential_changes;
 pub use channels::{CHANNEL_LEASE_MAX_AGE, Lease, events_from_json, events_to_json};
+mod follow;
+pub use follow::{Followed, SubscriptionWatch};

@@ -821,6 +821,76 @@ mod nats {
         );
     }
 
+    /// The subscriptions watch (issue 22): `b` gets `a`'s subscription puts and deletes and
+    /// its pre-subscription replacement, the replacement after the deletes it made (also
+    /// of subscriptions with names that are no subject tokens); none of `b`'s own writes.
+    #[tokio::test]
+    async fn a_node_follows_another_nodes_subscriptions_and_presubscriptions() {
+        use connectord_store::SubscriptionChange as C;
+        use connectord_store::nats::Followed;
+        let server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        let b = connect(&server, "b").await;
+        let mut watch = b.watch_subscriptions().await.unwrap();
+        let next =
+            async |w: &mut connectord_store::nats::SubscriptionWatch| match tokio::time::timeout(
+                Duration::from_secs(5),
+                w.next(),
+            )
+            .await
+            {
+                Ok(Some(Followed::Change(c))) => c,
+                other => panic!("{other:?}"),
+            };
+        b.put_subscription(sub("own", "e1", "/1")).await.unwrap();
+        a.put_subscription(sub("k", "e.1 *>", "/3/0/1"))
+            .await
+            .unwrap();
+        a.put_subscription(sub("k", "e2", "/3/0/1")).await.unwrap();
+        assert_eq!(next(&mut watch).await, C::Put(sub("k", "e.1 *>", "/3/0/1")));
+        assert_eq!(next(&mut watch).await, C::Put(sub("k", "e2", "/3/0/1")));
+        a.delete_subscriptions("k".into(), Some("e2".into()), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut watch).await,
+            C::Deleted {
+                key_id: "k".into(),
+                ep: "e2".into(),
+                path: "/3/0/1".into()
+            }
+        );
+        let rules = PresubRecord {
+            key_id: "k".into(),
+            domain: "d".into(),
+            rules: vec![PreSub {
+                endpoint_name: Some("e*".into()),
+                endpoint_type: None,
+                resource_path: None,
+            }],
+        };
+        a.replace_presubscriptions(rules.clone()).await.unwrap();
+        assert_eq!(
+            next(&mut watch).await,
+            C::Deleted {
+                key_id: "k".into(),
+                ep: "e.1 *>".into(),
+                path: "/3/0/1".into()
+            },
+            "the deletes first"
+        );
+        assert_eq!(next(&mut watch).await, C::Presubscriptions(rules));
+        b.delete_subscriptions("own".into(), None, None)
+            .await
+            .unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), watch.next())
+                .await
+                .is_err(),
+            "b's own writes are not reported"
+        );
+    }
+
     /// Two nodes on one server: each sees the other's writes (a key created on one works
     /// on the other), the plugin-state feed moves for the other's writes only, and the
     /// registration watch reports the other's puts and deletes.

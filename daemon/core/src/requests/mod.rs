@@ -196,6 +196,11 @@ pub enum RequestError {
     /// 400: a JSON body that cannot be encoded for the device.
     #[error("{0}")]
     BadBody(String),
+    /// 503: another cluster node owns the endpoint and the request could not be handed to
+    /// it here (no forwarder, or a forwarded request reached a node that no longer owns
+    /// the endpoint).
+    #[error("endpoint {ep} is served by cluster node {owner}")]
+    Elsewhere { ep: String, owner: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -293,6 +298,8 @@ pub struct Requests {
     limits: Option<Arc<crate::limits::Limits>>,
     /// See [`RequestsDeps::node`].
     node: Option<String>,
+    /// See [`RequestsDeps::forwarder`].
+    forwarder: Option<Arc<dyn crate::forward::Forwarder>>,
 }
 
 /// A fresh async-response id: a number and a random (version 4) UUID, as the seed's
@@ -426,8 +433,12 @@ pub struct RequestsDeps {
     /// Counts outgoing requests against the domains' quotas (none in unit tests).
     pub limits: Option<Arc<crate::limits::Limits>>,
     /// This cluster node's name (issue 22; `None` on a single node): a request for an
-    /// endpoint another node owns is refused (see [`Requests::served_here`]).
+    /// endpoint another node owns goes to `forwarder` (see [`Requests::owner_elsewhere`]).
     pub node: Option<String>,
+    /// Hands requests for another node's endpoints to that node (issue 22; `None` on a
+    /// single node, where it is never asked, and in unit tests, where such a request is
+    /// refused with [`RequestError::Elsewhere`]).
+    pub forwarder: Option<Arc<dyn crate::forward::Forwarder>>,
 }
 
 impl Requests {
@@ -444,6 +455,7 @@ impl Requests {
             counters,
             limits,
             node,
+            forwarder,
         } = deps;
         Arc::new(Requests {
             directory,
@@ -457,25 +469,22 @@ impl Requests {
             observations,
             limits,
             node,
+            forwarder,
         })
     }
 
-    /// Whether this node serves `ep` (issue 22): on a cluster node, an endpoint another
-    /// node owns is listed (the directory is the cluster's) but not reachable from here.
-    ///
-    /// Decision, until requests are forwarded to the owner: such a request is refused
-    /// with 503 naming the owner rather than accepted, since a request accepted here
-    /// would wait unsent (this node has no session with the device) while its 202 said
-    /// otherwise.
-    pub fn served_here(&self, ep: &Endpoint) -> Result<(), RequestError> {
+    /// The node that owns `ep` when it is another cluster node (issue 22): the directory
+    /// is the cluster's, but only the owner has a session with the device.
+    pub fn owner_elsewhere<'e>(&self, ep: &'e Endpoint) -> Option<&'e str> {
         match (&ep.reg.node, &self.node) {
-            (Some(owner), Some(me)) if owner != me => Err(RequestError::Unavailable(format!(
-                "endpoint {} is served by cluster node {owner}; send the request to that node \
-                 (forwarding between nodes is not built yet)",
-                ep.reg.name
-            ))),
-            _ => Ok(()),
+            (Some(owner), Some(me)) if owner != me => Some(owner),
+            _ => None,
         }
+    }
+
+    /// The forwarder requests for another node's endpoints go to, if any.
+    pub fn forwarder(&self) -> Option<&Arc<dyn crate::forward::Forwarder>> {
+        self.forwarder.as_ref()
     }
 
     /// Queues an observe request made by the daemon itself (pre-subscriptions,
@@ -483,6 +492,14 @@ impl Requests {
     /// from, so even a queue-mode endpoint can be sent to now.
     pub fn observe_internal(self: &Arc<Self>, domain: &str, ep: &str, path: &str, awake: bool) {
         let registered = self.directory.get(domain, ep);
+        // Another cluster node's device is observed by its owner (issue 22): this node has
+        // no session with it.
+        if registered
+            .as_ref()
+            .is_some_and(|e| self.owner_elsewhere(e).is_some())
+        {
+            return;
+        }
         let queue_mode = registered.as_ref().is_some_and(|e| e.reg.queue);
         let mut job = Job {
             id: new_async_id(),
@@ -535,6 +552,16 @@ impl Requests {
     pub async fn load(self: &Arc<Self>) -> Result<usize, StoreError> {
         // In row order: the order they were accepted in.
         let jobs = self.store.load_requests().await?;
+        // On a cluster, the requests of endpoints another node owns are that node's to send
+        // (it loads them too); those of unregistered endpoints wait here as on one node.
+        let jobs: Vec<Job> = jobs
+            .into_iter()
+            .filter(|j| {
+                self.directory
+                    .get(&j.domain, &j.ep)
+                    .is_none_or(|e| self.owner_elsewhere(&e).is_none())
+            })
+            .collect();
         let n = jobs.len();
         let mut keys = Vec::new();
         {
@@ -557,19 +584,50 @@ impl Requests {
         Ok(n)
     }
 
-    /// Handles one REST request on a resource.
+    /// Handles one REST request on a resource. For an endpoint another cluster node
+    /// owns, the request is forwarded to that node (see [`crate::forward`]).
     pub async fn submit(
         self: &Arc<Self>,
         who: &Principal,
         ep_name: &str,
         s: Submit,
     ) -> Result<Submitted, RequestError> {
+        self.submit_inner(who, ep_name, s, true).await
+    }
+
+    /// [`Requests::submit`] for a request another node forwarded here: never forwarded
+    /// again; an endpoint this node does not own (it moved meanwhile) is
+    /// [`RequestError::Elsewhere`], naming its owner now.
+    pub async fn submit_here(
+        self: &Arc<Self>,
+        who: &Principal,
+        ep_name: &str,
+        s: Submit,
+    ) -> Result<Submitted, RequestError> {
+        self.submit_inner(who, ep_name, s, false).await
+    }
+
+    async fn submit_inner(
+        self: &Arc<Self>,
+        who: &Principal,
+        ep_name: &str,
+        s: Submit,
+        may_forward: bool,
+    ) -> Result<Submitted, RequestError> {
         let method = s.method.unwrap_or(Method::Get);
         let ep = self
             .directory
             .get(&who.domain, ep_name)
             .ok_or(RequestError::Gone)?;
-        self.served_here(&ep)?;
+        if let Some(owner) = self.owner_elsewhere(&ep) {
+            return match self.forwarder.as_ref().filter(|_| may_forward) {
+                Some(f) => f.submit(owner, who, ep_name, s).await,
+                None => Err(RequestError::Elsewhere {
+                    ep: ep_name.to_string(),
+                    owner: owner.to_string(),
+                }),
+            };
+        }
         // A write may create a resource; the others need one the device listed.
         if method != Method::Put && !resource_known(&ep, &s.path) {
             return Err(RequestError::NotFound(s.path));

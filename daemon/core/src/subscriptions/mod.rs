@@ -358,20 +358,53 @@ impl Subscriptions {
         }
     }
 
-    /// `PUT /subscriptions/{ep}/{path}`.
+    /// `PUT /subscriptions/{ep}/{path}`. For an endpoint another cluster node owns, the
+    /// subscription is forwarded to that node (which stores it and observes the device,
+    /// see [`crate::forward`]), and listed here once it answered.
     pub async fn subscribe(
         &self,
         who: &Principal,
         ep_name: &str,
         path: &str,
     ) -> Result<Subscribed, SubError> {
+        self.subscribe_inner(who, ep_name, path, true).await
+    }
+
+    /// [`Subscriptions::subscribe`] forwarded here by another node: never forwarded
+    /// again (an endpoint this node does not own is `RequestError::Elsewhere`).
+    pub async fn subscribe_here(
+        &self,
+        who: &Principal,
+        ep_name: &str,
+        path: &str,
+    ) -> Result<Subscribed, SubError> {
+        self.subscribe_inner(who, ep_name, path, false).await
+    }
+
+    async fn subscribe_inner(
+        &self,
+        who: &Principal,
+        ep_name: &str,
+        path: &str,
+        may_forward: bool,
+    ) -> Result<Subscribed, SubError> {
         let ep = self
             .directory
             .get(&who.domain, ep_name)
             .ok_or_else(|| SubError::NotFound("endpoint not found".into()))?;
-        // Before anything is stored: a subscription refused for a device of another
-        // cluster node must not be listed (issue 22, `Requests::served_here`).
-        self.requests.served_here(&ep)?;
+        // Before anything is stored here: the owner stores it (issue 22).
+        if let Some(owner) = self.requests.owner_elsewhere(&ep) {
+            let Some(f) = self.requests.forwarder().filter(|_| may_forward) else {
+                return Err(SubError::Request(RequestError::Elsewhere {
+                    ep: ep_name.to_string(),
+                    owner: owner.to_string(),
+                }));
+            };
+            let answer = f.subscribe(owner, who, ep_name, path).await?;
+            // Stored by the owner: listed here at once (the watch brings it too).
+            self.note(who, ep_name, path);
+            return Ok(answer);
+        }
         match ep.observable(path) {
             Some(true) => {}
             Some(false) => return Err(SubError::NotObservable),
@@ -408,6 +441,14 @@ impl Subscriptions {
                 Ok(Subscribed::Active)
             }
         }
+    }
+
+    /// Lists a subscription another node stored (no store write).
+    fn note(&self, who: &Principal, ep: &str, path: &str) {
+        let mut st = self.lock();
+        let k = st.keys.entry(who.key_id.clone()).or_default();
+        k.domain = who.domain.clone();
+        k.resources.insert(ep, path);
     }
 
     /// Records a subscription (durably).
@@ -633,14 +674,119 @@ impl Subscriptions {
                 k.resources.restore(before.1);
             }
             drop(st);
-            for ep in self.directory.list(&who.domain, None) {
+            for ep in self.own_endpoints(&who.domain) {
                 self.observe_missing(&ep, false);
             }
             return Err(e.into());
         }
-        for ep in self.directory.list(&who.domain, None) {
-            self.apply_presubs(&ep, Some(&who.key_id)).await;
+        self.apply_new_presubs(&who.domain, &who.key_id).await;
+        Ok(())
+    }
+
+    /// The endpoints of `domain` this node serves (on a cluster, those registered with
+    /// it: the owner applies pre-subscriptions and observes, the other nodes only list).
+    fn own_endpoints(&self, domain: &str) -> Vec<Arc<Endpoint>> {
+        let mut eps = self.directory.list(domain, None);
+        eps.retain(|e| self.requests.owner_elsewhere(e).is_none());
+        eps
+    }
+
+    /// Applies a key's new pre-subscription rules to this node's endpoints of `domain`.
+    async fn apply_new_presubs(&self, domain: &str, key_id: &str) {
+        for ep in self.own_endpoints(domain) {
+            self.apply_presubs(&ep, Some(key_id)).await;
             self.observe_missing(&ep, false);
+        }
+    }
+
+    /// Applies a change another cluster node made to the subscriptions or
+    /// pre-subscriptions (issue 22, the store's subscriptions watch) to memory, without
+    /// writing to the store: a subscription is listed (and observed if this node owns
+    /// the device and nobody observes it yet), a removed one is no longer listed (and its
+    /// observation stops when nobody is subscribed any more), and new pre-subscription
+    /// rules are applied to this node's endpoints, as the node that took them applies
+    /// them to its own.
+    pub async fn follow(&self, change: crate::store::SubscriptionChange) {
+        use crate::store::SubscriptionChange as C;
+        match change {
+            C::Put(rec) => {
+                {
+                    let mut st = self.lock();
+                    let k = st.keys.entry(rec.key_id.clone()).or_default();
+                    k.domain = rec.domain.clone();
+                    if !k.resources.insert(&rec.ep, &rec.path) {
+                        return;
+                    }
+                }
+                if let Some(ep) = self.directory.get(&rec.domain, &rec.ep)
+                    && self.requests.owner_elsewhere(&ep).is_none()
+                {
+                    let only = BTreeSet::from([rec.path]);
+                    self.observe_missing_among(&ep, Some(&only), false);
+                }
+            }
+            C::Deleted { key_id, ep, path } => {
+                let mut st = self.lock();
+                let removed = st
+                    .keys
+                    .get_mut(&key_id)
+                    .is_some_and(|k| k.resources.remove(&ep, &path));
+                if removed {
+                    self.prune(&mut st);
+                }
+            }
+            C::Presubscriptions(rec) => {
+                {
+                    let mut st = self.lock();
+                    let k = st.keys.entry(rec.key_id.clone()).or_default();
+                    k.domain = rec.domain.clone();
+                    k.presubs = rec.rules;
+                    // The key's subscriptions were removed with the replacement (their
+                    // deletes came first); whatever is left of them here goes too.
+                    k.resources = ResourceSet::default();
+                    self.prune(&mut st);
+                }
+                self.apply_new_presubs(&rec.domain, &rec.key_id).await;
+            }
+            C::PresubscriptionsDeleted { key_id } => {
+                if let Some(k) = self.lock().keys.get_mut(&key_id) {
+                    k.presubs.clear();
+                }
+            }
+        }
+    }
+
+    /// Loads the subscriptions and pre-subscriptions from the store again and puts them
+    /// in place of memory's (after the watch of other nodes' changes lagged), then
+    /// observes what this node's endpoints lack. Stored rows of endpoints that are not
+    /// registered are left out, not removed (the load at start removes them).
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        let subs = self.store.load_subscriptions().await?;
+        let presubs = self.store.load_presubscriptions().await?;
+        let mut keys: Map<String, KeySubs> = Map::default();
+        for s in subs {
+            if self.directory.get(&s.domain, &s.ep).is_none() {
+                continue;
+            }
+            let k = keys.entry(s.key_id).or_default();
+            k.domain = s.domain;
+            k.resources.insert(&s.ep, &s.path);
+        }
+        for p in presubs {
+            let k = keys.entry(p.key_id).or_default();
+            k.domain = p.domain;
+            k.presubs = p.rules;
+        }
+        let domains: BTreeSet<String> = keys.values().map(|k| k.domain.clone()).collect();
+        {
+            let mut st = self.lock();
+            st.keys = keys;
+            self.prune(&mut st);
+        }
+        for d in domains {
+            for ep in self.own_endpoints(&d) {
+                self.observe_missing(&ep, false);
+            }
         }
         Ok(())
     }

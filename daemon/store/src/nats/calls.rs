@@ -110,11 +110,28 @@ impl NatsStore {
             .map_err(unavailable)?;
         // The subscription must be known to the server before a caller is told this node
         // serves calls.
-        self.shared.client.flush().await.map_err(unavailable)?;
+        self.confirm_subscribed().await?;
         Ok(NodeCalls::merged(
             futures_util::stream::select_all([sub]),
             self.shared.client.clone(),
         ))
+    }
+
+    /// Returns once the server has every subscription this connection made so far.
+    /// `flush` only writes the socket; a request on the same connection, answered by the
+    /// server after it read the SUBs before it (one connection's protocol is read in
+    /// order), proves it: to a subject nobody serves (3 tokens, so no node's
+    /// `<p>.node.<node>.*`), answered "no responders" by the server itself. Without it
+    /// another node's call right after a `serve_*` returned could find no responders
+    /// (seen under load in `a_node_calls_another_and_gets_its_answer`).
+    pub(super) async fn confirm_subscribed(&self) -> Result<(), StoreError> {
+        let probe = format!("{}._subscribed", self.shared.names.node_subject);
+        let req = async_nats::Request::new().timeout(Some(self.shared.timeout));
+        match self.shared.client.send_request(probe, req).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     /// Calls `op` on `node` with `body` and waits at most `timeout` for its answer.

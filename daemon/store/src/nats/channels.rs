@@ -158,7 +158,7 @@ impl NatsStore {
                 .map_err(unavailable)?;
             subs.push(sub);
         }
-        self.shared.client.flush().await.map_err(unavailable)?;
+        self.confirm_subscribed().await?;
         Ok(NodeCalls::merged(subs, self.shared.client.clone()))
     }
 }
