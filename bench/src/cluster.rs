@@ -15,8 +15,9 @@
 //!   monitoring port, `/jsz?streams=1`).
 //! - **notifications/s**: `--notify-devices` bulk-notifier endpoints spread over the nodes,
 //!   pre-subscribed on every node; one long-poll on each node for the same key counts what
-//!   arrives (with several nodes, a device's events are delivered on its own node:
-//!   docs/cluster.md).
+//!   arrives (`--cluster-one-poll`: on node 1 only, the node that opens the key's channel
+//!   first and so owns it; with shared channels the others' long-polls are forwarded to
+//!   the owner).
 //! - **proxied reads/s through the owner**: `--read-devices` simulated devices on node 1,
 //!   `--cluster-read-count` reads of `/3/0/0` sent to node 1.
 //! - **proxied reads/s through a non-owner** (2 nodes or more): the same devices on node 1,
@@ -108,6 +109,16 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// The nodes the bench long-polls the key on: every node, or node 1 only with
+    /// `--cluster-one-poll`.
+    fn pollers<'a>(&'a self, args: &Args) -> &'a [Daemon] {
+        if args.cluster_one_poll {
+            &self.nodes[..1]
+        } else {
+            &self.nodes
+        }
     }
 
     /// CPU time of every node's process, summed.
@@ -395,9 +406,11 @@ fn notifications(args: &Args, kind: Kind) -> Result<NotifFig> {
     let c = Cluster::start(args, kind)?;
     let n = args.notify_devices.max(1);
     let k = c.nodes.len();
+    for d in c.pollers(args) {
+        d.api().open_channel()?;
+    }
     for d in &c.nodes {
         let api = d.api();
-        api.open_channel()?;
         let (s, b) = api.put_json("/v2/subscriptions", r#"[{"resource-path": ["/3303/*"]}]"#)?;
         ensure!(
             (200..300).contains(&s),
@@ -407,7 +420,7 @@ fn notifications(args: &Args, kind: Kind) -> Result<NotifFig> {
     let count = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let pullers: Vec<_> = c
-        .nodes
+        .pollers(args)
         .iter()
         .map(|d| {
             let api = d.api();
@@ -542,7 +555,7 @@ fn reads(args: &Args, kind: Kind, through_owner: bool) -> Result<ReadOutcome> {
         through_owner || c.nodes.len() >= 2,
         "reads through a non-owner need two nodes"
     );
-    for d in &c.nodes {
+    for d in c.pollers(args) {
         d.api().open_channel()?;
     }
     let owner = &c.nodes[0];
@@ -585,7 +598,7 @@ fn reads(args: &Args, kind: Kind, through_owner: bool) -> Result<ReadOutcome> {
             .to_string();
         let t = Instant::now();
         'found: loop {
-            for d in &c.nodes {
+            for d in c.pollers(args) {
                 let (s, body) = d.api().get("/v2/notification/pull?noWait=true")?;
                 if s == 200 && body.contains(&id) {
                     break 'found;
@@ -626,9 +639,9 @@ fn read_load(
     let t0 = Instant::now();
     let deadline = t0 + timeout;
 
-    let pulled: Vec<Arc<AtomicUsize>> = c.nodes.iter().map(|_| Arc::default()).collect();
+    let pulled: Vec<Arc<AtomicUsize>> = c.pollers(args).iter().map(|_| Arc::default()).collect();
     let pullers: Vec<_> = c
-        .nodes
+        .pollers(args)
         .iter()
         .zip(&pulled)
         .map(|(d, mine)| {

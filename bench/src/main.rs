@@ -210,6 +210,10 @@ struct Args {
     /// the median and the spread.
     #[arg(long, default_value_t = 1)]
     cluster_runs: usize,
+    /// Long-poll the key on node 1 only (the channel's owner: it opens it first), instead
+    /// of on every node at once.
+    #[arg(long)]
+    cluster_one_poll: bool,
 }
 
 /// The key of every simulated device's PSK in `--coap-dtls` runs (identity: its endpoint
