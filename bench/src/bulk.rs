@@ -252,6 +252,20 @@ impl Notifier {
         interval: Duration,
         timeout: Duration,
     ) -> Result<Notifier> {
+        Notifier::start_named("nb", server, n, sockets, interval, timeout)
+    }
+
+    /// As [`Notifier::start`], the endpoints named `{prefix}{socket}-{i:07}` (several
+    /// notifiers on one cluster need names of their own).
+    pub fn start_named(
+        prefix: &str,
+        server: SocketAddr,
+        n: usize,
+        sockets: usize,
+        interval: Duration,
+        timeout: Duration,
+    ) -> Result<Notifier> {
+        let prefix = prefix.to_string();
         ensure!(server.ip().is_loopback(), "loopback only");
         let sockets = sockets.clamp(1, n.max(1));
         let counters = Arc::new(NotifyCounters::default());
@@ -264,7 +278,7 @@ impl Notifier {
             rt.block_on(async move {
                 let mut tasks = Vec::new();
                 for s in 0..sockets {
-                    let names = socket_names("nb", s, n, sockets);
+                    let names = socket_names(&prefix, s, n, sockets);
                     let bind = socket_ip(2, s);
                     let sock = UdpSocket::bind(SocketAddr::new(bind, 0)).await?;
                     let (c, st) = (Arc::clone(&c), Arc::clone(&st));

@@ -22,6 +22,7 @@ use clap::Parser;
 use connectord::simulate::{SimOptions, SimReport};
 
 mod bulk;
+mod cluster;
 mod dtls;
 mod https;
 mod webhook;
@@ -190,6 +191,29 @@ struct Args {
     /// print both side by side with the ratio of the daemon's CPU per operation.
     #[arg(long)]
     coap_dtls: bool,
+    /// Run the cluster scenarios only (issue 22, `src/cluster.rs`): registrations/s,
+    /// notifications/s and proxied reads/s (through the owner, and through a non-owner),
+    /// on SQLite and on NATS JetStream with each node count of `--nodes`, side by side,
+    /// against a nats-server the bench starts on free loopback ports.
+    #[arg(long)]
+    cluster: bool,
+    /// Node counts of `--cluster`'s NATS configurations.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    nodes: Vec<usize>,
+    /// Devices registered by `--cluster`'s registrations/s, spread over the nodes.
+    #[arg(long, default_value_t = 6000)]
+    cluster_devices: usize,
+    /// Proxied reads of each `--cluster` read run (over `--read-devices` devices).
+    #[arg(long, default_value_t = 10_000)]
+    cluster_read_count: usize,
+    /// Runs of the whole `--cluster` set (configurations interleaved); the summary gives
+    /// the median and the spread.
+    #[arg(long, default_value_t = 1)]
+    cluster_runs: usize,
+    /// Long-poll the key on node 1 only (the channel's owner: it opens it first), instead
+    /// of on every node at once.
+    #[arg(long)]
+    cluster_one_poll: bool,
 }
 
 /// The key of every simulated device's PSK in `--coap-dtls` runs (identity: its endpoint
@@ -1365,6 +1389,14 @@ fn notifications_run(args: &Args, webhook: bool) -> Result<NotifyRun> {
 fn main() -> Result<()> {
     set_purge_delay();
     let args = Args::parse();
+    if args.cluster {
+        eprintln!(
+            "connectord-bench --cluster: daemon {}, {} CPUs",
+            args.daemon.display(),
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+        );
+        return cluster::run(&args);
+    }
     let all = !(args.registrations
         || args.auth_cost
         || args.reads
