@@ -4,10 +4,11 @@
 //!
 //! Calls (core NATS request/reply, `<prefix>.node.<owner>.<op>`, JSON bodies; events in
 //! the store's own record form, `store::nats::events_to_json`):
-//! - [`OP_APPEND`] `{"key", "events"}`: the owner queues the events; answered once they
-//!   are stored (`"ok"`), or `{"not_owner": <owner or null>}`, `{"failed": <why>}`.
-//! - [`OP_POLL`] `{"key", "domain", "allow", "wait_ms"}`: a long-poll on the owner, with
-//!   what is left of the client's wait; answered `{"batch": {"id", "events"}}`, `"empty"`,
+//! - [`OP_APPEND`] `{"key", "events"}`: the owner queues the events (one call carries
+//!   all the key's events waiting on this node, up to 256); answered once they are stored (`"ok"`), or `{"not_owner": <owner or null>}`, `{"failed": <why>}`.
+//! - [`OP_POLL`] `{"key", "domain", "allow", "wait_ms", "sent"}`: a long-poll on the
+//!   owner, with what is left of the client's wait and the id of the owner's answer this
+//!   node last handed to a client for the key (`null` if none since); answered `{"batch": {"id", "events"}}`, `"empty"`,
 //!   `"callback"` (the key delivers to a callback), or as above. The call's own timeout
 //!   is the wait plus `[cluster] timeout_ms` plus 1 s.
 //! - [`OP_ANSWERED`] `{"key", "id", "sent"}`: whether the owner's answer `id` reached the
@@ -48,6 +49,9 @@ struct PollCall {
     domain: String,
     allow: Option<Vec<String>>,
     wait_ms: Option<u64>,
+    /// [`PollRequest::sent`] (absent from a node that does not send it).
+    #[serde(default)]
+    sent: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -163,6 +167,7 @@ impl ChannelPeers for NatsPeers {
                 domain: req.domain.clone(),
                 allow: req.allow.clone(),
                 wait_ms: req.wait.map(|w| w.as_millis() as u64),
+                sent: req.sent,
             };
             let bound = req.wait.unwrap_or_default() + self.timeout + Duration::from_secs(1);
             match self.call(node, OP_POLL, &call, bound).await? {
@@ -279,6 +284,7 @@ async fn handle(hub: Arc<Hub>, call: NodeCall) {
                     domain: c.domain,
                     allow: c.allow,
                     wait: c.wait_ms.map(Duration::from_millis),
+                    sent: c.sent,
                 };
                 match hub.poll_here(req).await {
                     Ok(Polled::Batch { id, events }) => Answer::Batch {

@@ -459,3 +459,185 @@ fn an_async_response_reaches_the_keys_channel_on_another_node() {
     assert!(n2.pull_now().is_none(), "nothing twice");
     assert_eq!(n1.metric("requests_queued"), 0);
 }
+
+/// What one long-poll loop received: the `ep` of every registration each answer brought,
+/// in the order received.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A long-poll loop of one key on `d` until `stop`, into `got`.
+fn poll_loop(
+    d: &Daemon,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    got: Received,
+) -> std::thread::JoinHandle<()> {
+    let url = d.url("/v2/notification/pull");
+    let auth = format!("Bearer {}", d.key);
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let r = support::http("GET", &url, &[("Authorization", &auth)], None);
+            match r.status {
+                200 => {
+                    let mut e = Events::default();
+                    e.add(&r.json());
+                    got.lock().unwrap().extend(eps(&e, "registrations"));
+                }
+                204 | 503 => {}
+                s => panic!("pull answered {s}: {}", r.body),
+            }
+        }
+    })
+}
+
+/// The numbers of `prefix`'s eps in `got`, in the order received.
+fn numbers_of(got: &[String], prefix: &str) -> Vec<usize> {
+    got.iter()
+        .filter_map(|ep| ep.strip_prefix(prefix)?.parse().ok())
+        .collect()
+}
+
+/// Two replicas of an application long-poll one key, one through each node, while devices
+/// register on both nodes: every event reaches one of them (at least once) within a
+/// bound, each node's events in their order in each poller's stream. The long-poll wait
+/// is long (35 s, under the test client's 40 s; the bound 25 s) so that an answer in
+/// flight nobody acknowledges shows as a stall rather than a pause.
+#[test]
+fn concurrent_long_polls_of_one_key_on_two_nodes_get_every_event() {
+    const N: usize = 30;
+    let extra = "[notifications]\nlong_poll_s = 35\n";
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&format!("{}{extra}", cluster(&[server.url()], "n1")));
+    let n2 = second_node(&server, &n1, "n2", extra);
+    assert!(n1.pull_now().is_none());
+    until_channels(&n2, 1);
+    assert_eq!(n1.metric("cluster_owned_channels"), 1);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let got: [Received; 2] = Default::default();
+    let pollers = [
+        poll_loop(&n1, stop.clone(), got[0].clone()),
+        poll_loop(&n2, stop.clone(), got[1].clone()),
+    ];
+    let union = |prefix: &str| -> Vec<usize> {
+        let mut all: Vec<usize> = got
+            .iter()
+            .flat_map(|g| numbers_of(&g.lock().unwrap(), prefix))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    };
+    let want: Vec<usize> = (0..N).collect();
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for (name, node) in [("a", &n1), ("b", &n2)] {
+            s.spawn(move || {
+                for i in 0..N {
+                    node.device()
+                        .register(&[&format!("ep={name}-{i}"), "lt=300"], LINKS);
+                    // Spread over many answers (each a chance for the pollers to meet).
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+        }
+    });
+    println!(
+        "{} registrations on two nodes took {:?}",
+        2 * N,
+        t.elapsed()
+    );
+    let bound = Duration::from_secs(25);
+    let t = Instant::now();
+    while (union("a-") != want || union("b-") != want) && t.elapsed() < bound {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "the pollers had {} + {} of {} events {:?} after the last registration (n1's poller {}, n2's {})",
+        union("a-").len(),
+        union("b-").len(),
+        2 * N,
+        t.elapsed(),
+        got[0].lock().unwrap().len(),
+        got[1].lock().unwrap().len(),
+    );
+    for prefix in ["a-", "b-"] {
+        assert_eq!(union(prefix), want, "every {prefix} event arrived in time");
+        for g in &got {
+            let mine = numbers_of(&g.lock().unwrap(), prefix);
+            assert!(
+                mine.windows(2).all(|w| w[0] <= w[1]),
+                "{prefix} events in order in one poller's stream: {mine:?}"
+            );
+        }
+    }
+    // The pollers end with their next answer (events made for them).
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for i in 0..4 {
+        n1.device()
+            .register(&[&format!("ep=z-end{i}"), "lt=300"], LINKS);
+    }
+    for p in pollers {
+        p.join().unwrap();
+    }
+}
+
+/// Devices registering at once on a node that does not own the key's channel: each
+/// registration's answer waits until its event is stored through the owner, and the
+/// events of many registrations share the calls to it, so all are answered within a bound
+/// and all their events are pulled, each once. Times printed: one registration on the
+/// owner and on the other node, and the whole burst.
+#[test]
+fn many_registrations_on_a_non_owner_are_answered_and_their_events_arrive() {
+    const M: usize = 200;
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    assert!(n1.pull_now().is_none());
+    until_channels(&n2, 1);
+    assert_eq!(n1.metric("cluster_owned_channels"), 1);
+
+    for (name, node) in [("owner", &n1), ("non-owner", &n2)] {
+        let mut took = Vec::new();
+        for i in 0..5 {
+            let t = Instant::now();
+            node.device()
+                .register(&[&format!("ep=single-{name}-{i}"), "lt=300"], LINKS);
+            took.push(t.elapsed());
+        }
+        println!("one registration on the {name} node took {took:?}");
+    }
+    let singles = collect(&n1, WAIT, |e| e.of("registrations").len() >= 10);
+    assert_eq!(eps(&singles, "registrations").len(), 10);
+
+    let t = Instant::now();
+    let answered: Vec<Duration> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..M)
+            .map(|i| {
+                let n2 = &n2;
+                s.spawn(move || {
+                    let mut dev = n2.device();
+                    let t = Instant::now();
+                    dev.register(&[&format!("ep=burst-{i}"), "lt=300"], LINKS);
+                    t.elapsed()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let all = t.elapsed();
+    let slowest = answered.iter().max().copied().unwrap_or_default();
+    println!(
+        "{M} registrations at once on the non-owner: all answered in {all:?} (slowest {slowest:?})"
+    );
+    assert!(all < Duration::from_secs(60), "answered within the bound");
+
+    let t = Instant::now();
+    let got = collect(&n1, Duration::from_secs(30), |e| {
+        e.of("registrations").len() >= M
+    });
+    let mut got = eps(&got, "registrations");
+    println!("their {} events pulled in {:?}", got.len(), t.elapsed());
+    got.sort();
+    let mut want: Vec<String> = (0..M).map(|i| format!("burst-{i}")).collect();
+    want.sort();
+    assert_eq!(got, want, "every registration's event, once");
+}

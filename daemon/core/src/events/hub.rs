@@ -361,10 +361,26 @@ pub struct Hub {
     peers: Option<Arc<dyn ChannelPeers>>,
     /// Cluster: one claim at a time (a key's events are loaded once per claim).
     claiming: tokio::sync::Mutex<()>,
-    /// Cluster: events for other nodes' channels go out one publish at a time, in the
-    /// order they reach it.
-    forwarding: tokio::sync::Mutex<()>,
+    /// Cluster: the events waiting to go to other nodes' channels, per key
+    /// ([`Hub::forward_all`]): one sender per key at a time sends all that waits in one
+    /// call, so a key's events keep their order and many producers share each round trip.
+    outboxes: Mutex<Map<String, Outbox>>,
+    /// Cluster: per key, the long-poll answer of its owner (owner, answer id) this node
+    /// last handed to its client, not yet repeated in a forwarded poll
+    /// ([`PollRequest::sent`]).
+    handed_out: Mutex<Map<String, (String, u64)>>,
 }
+
+/// Cluster: one key's events waiting to be sent to its owner ([`Hub::forward_all`]): each
+/// publish's events and where to say whether they were stored.
+#[derive(Default)]
+struct Outbox {
+    waiting: Vec<(Vec<Event>, tokio::sync::oneshot::Sender<bool>)>,
+}
+
+/// Cluster: most events sent to a key's owner in one call (a call's body stays far
+/// below NATS's payload limit).
+const MAX_EVENTS_PER_APPEND: usize = 256;
 
 impl Hub {
     /// Loads channels and undelivered events from the store.
@@ -435,7 +451,8 @@ impl Hub {
             stop,
             peers,
             claiming: tokio::sync::Mutex::new(()),
-            forwarding: tokio::sync::Mutex::new(()),
+            outboxes: Mutex::new(Map::default()),
+            handed_out: Mutex::new(Map::default()),
         });
         let callback_keys: Vec<String> = hub
             .lock()
@@ -1338,9 +1355,18 @@ impl Hub {
         }
     }
 
-    /// Sends other nodes' events to their owners, one key at a time in order, one publish
-    /// at a time; true when every one was stored.
+    /// Sends other nodes' events to their owners; true when every one was stored. Each
+    /// key's events join the key's outbox, in the order they reach it; one sender per key
+    /// (a task, started by the publish that finds none running) sends everything waiting
+    /// in the outbox, up to [`MAX_EVENTS_PER_APPEND`], in one call and tells each publish
+    /// whether its events were stored. So a key's events reach its owner in order, each
+    /// publish is answered only once the owner stored its events, and the publishes that
+    /// arrive during a round trip share the next one (rather than each waiting for all
+    /// before it, one round trip each); different keys are sent concurrently.
     async fn forward_all(&self, events: Vec<(String, Event)>) -> bool {
+        let Some(me) = self.me.upgrade() else {
+            return false;
+        };
         let mut by_key: Vec<(String, Vec<Event>)> = Vec::new();
         for (k, e) in events {
             match by_key.iter_mut().find(|(key, _)| *key == k) {
@@ -1348,12 +1374,66 @@ impl Hub {
                 None => by_key.push((k, vec![e])),
             }
         }
-        let _in_order = self.forwarding.lock().await;
+        let mut answers = Vec::with_capacity(by_key.len());
+        {
+            let mut outboxes = self.outboxes.lock().unwrap_or_else(|e| e.into_inner());
+            for (key, events) in by_key {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                answers.push(rx);
+                match outboxes.get_mut(&key) {
+                    // Its sender is running: it takes these with the next call.
+                    Some(out) => out.waiting.push((events, tx)),
+                    None => {
+                        outboxes.insert(
+                            key.clone(),
+                            Outbox {
+                                waiting: vec![(events, tx)],
+                            },
+                        );
+                        tokio::spawn(Arc::clone(&me).send_outbox(key));
+                    }
+                }
+            }
+        }
         let mut all = true;
-        for (key, events) in by_key {
-            all &= self.forward(&key, events).await;
+        for rx in answers {
+            all &= rx.await.unwrap_or(false);
         }
         all
+    }
+
+    /// The sender of key `key_id`'s outbox ([`Hub::forward_all`]): until it is empty,
+    /// sends what waits in it to the key's owner in one call.
+    async fn send_outbox(self: Arc<Self>, key_id: String) {
+        loop {
+            let taken = {
+                let mut outboxes = self.outboxes.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(out) = outboxes.get_mut(&key_id) else {
+                    return;
+                };
+                if out.waiting.is_empty() {
+                    outboxes.remove(&key_id);
+                    return;
+                }
+                let mut n = 0;
+                let mut k = 0;
+                while k < out.waiting.len() && (k == 0 || n < MAX_EVENTS_PER_APPEND) {
+                    n += out.waiting[k].0.len();
+                    k += 1;
+                }
+                out.waiting.drain(..k).collect::<Vec<_>>()
+            };
+            let mut events = Vec::new();
+            let mut tells = Vec::with_capacity(taken.len());
+            for (e, tx) in taken {
+                events.extend(e);
+                tells.push(tx);
+            }
+            let stored = self.forward(&key_id, events).await;
+            for tx in tells {
+                let _ = tx.send(stored);
+            }
+        }
     }
 
     /// Has key `key_id`'s owner store `events`, or queues them here if this node takes
@@ -1457,11 +1537,13 @@ impl Hub {
             match self.route(&p.key_id).await {
                 Ok(Route::Here) => return self.pull_here(&p.key_id, left, gone.as_mut()).await,
                 Ok(Route::Node(n)) => {
+                    let sent = self.take_handed_out(&p.key_id, &n);
                     let req = PollRequest {
                         key_id: p.key_id.clone(),
                         domain: p.domain.clone(),
                         allow: p.allow.clone(),
                         wait: left,
+                        sent,
                     };
                     let mut call = {
                         let (peers, n) = (Arc::clone(&peers), n.clone());
@@ -1522,14 +1604,40 @@ impl Hub {
         }
     }
 
-    /// Tells the owner of a forwarded long-poll answer whether it reached its client.
+    /// Tells the owner of a forwarded long-poll answer whether it reached its client. One
+    /// that did is also remembered, to be repeated by the key's next poll forwarded to that
+    /// owner ([`PollRequest::sent`]): this word travels as a call of its own, which can
+    /// reach the owner after the client's next poll.
     fn tell_owner(&self, owner: &str, key_id: &str, id: u64, sent: bool) {
+        {
+            let mut handed = self.handed_out.lock().unwrap_or_else(|e| e.into_inner());
+            if sent {
+                handed.insert(key_id.to_string(), (owner.to_string(), id));
+            } else if handed
+                .get(key_id)
+                .is_some_and(|(o, i)| o == owner && *i == id)
+            {
+                handed.remove(key_id);
+            }
+        }
         let (Some(peers), Ok(rt)) = (self.peers.clone(), tokio::runtime::Handle::try_current())
         else {
             return;
         };
         let (owner, key_id) = (owner.to_string(), key_id.to_string());
         rt.spawn(async move { peers.answered(&owner, &key_id, id, sent).await });
+    }
+
+    /// The answer of `owner` for key `key_id` this node last handed to its client, if not
+    /// yet repeated in a poll forwarded to `owner` (forgotten either way: an answer of
+    /// another owner means nothing to this one).
+    fn take_handed_out(&self, key_id: &str, owner: &str) -> Option<u64> {
+        self.handed_out
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key_id)
+            .filter(|(o, _)| o == owner)
+            .map(|(_, id)| id)
     }
 
     /// Is key `key_id`'s channel this node's (asking the peers, and taking a free lease,
@@ -1567,9 +1675,17 @@ impl Hub {
 
     /// The owner's side of [`ChannelPeers::poll`]: a long-poll of another node's client.
     /// A batch becomes the key's answer in flight, settled by [`Hub::answer_reached`] (or
-    /// put back after [`REMOTE_ANSWER_WINDOW`] without word).
+    /// put back after [`REMOTE_ANSWER_WINDOW`] without word). An answer the poll says its
+    /// node handed to its client ([`PollRequest::sent`]) is marked sent first, so that this
+    /// poll, the client's next, acknowledges it even when the separate word
+    /// ([`Hub::answer_reached`]) has not arrived yet: otherwise the answer would stay in
+    /// flight, unacknowledged, and every poll of the key (on any node) would wait as if the
+    /// queue were empty until its wait ran out.
     pub async fn poll_here(&self, req: PollRequest) -> Result<Polled, PeerError> {
         self.owned_here(&req.key_id).await?;
+        if let Some(id) = req.sent {
+            self.mark_sent(&req.key_id, id);
+        }
         let me = self
             .me
             .upgrade()

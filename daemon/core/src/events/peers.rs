@@ -54,6 +54,11 @@ pub struct PollRequest {
     pub allow: Option<Vec<String>>,
     /// How long the owner may wait for an event (`None`: answer at once).
     pub wait: Option<Duration>,
+    /// The owner's answer (id) for this key that the forwarding node last handed to its
+    /// client, repeated from [`ChannelPeers::answered`]: the client pulling again means it
+    /// read that answer, and this poll, the key's next pull, acknowledges it on the owner
+    /// even if the separate `answered` word is still on its way.
+    pub sent: Option<u64>,
 }
 
 /// The owner's answer to a forwarded long-poll.
