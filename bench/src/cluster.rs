@@ -691,9 +691,9 @@ fn read_load(
     let auth: Arc<str> = c.nodes[0].api().auth.into();
     let rests: Vec<SocketAddr> = targets.iter().map(|d| d.rest).collect();
     let sent = rt.block_on(async {
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut senders = Vec::new();
         for i in 0..args.read_connections.max(1) {
-            let s = ReadSender {
+            senders.push(ReadSender {
                 http2: None,
                 rest: rests[i % rests.len()],
                 tls: None,
@@ -706,27 +706,9 @@ fn read_load(
                 latencies: Arc::clone(&latencies),
                 accepted: Arc::clone(&accepted),
                 rejected: Arc::clone(&rejected),
-            };
-            tasks.spawn(async move {
-                match tokio::time::timeout_at(deadline.into(), s.run()).await {
-                    Ok(r) => r,
-                    Err(_) => Ok(()),
-                }
             });
         }
-        let mut first_err = None;
-        while let Some(r) = tasks.join_next().await {
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    first_err.get_or_insert(e);
-                }
-                Err(e) => {
-                    first_err.get_or_insert(anyhow!("sender task: {e}"));
-                }
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+        run_read_senders(senders, deadline).await
     });
     rt.shutdown_background();
     // Every accepted read's answer pulled (or the time is up).

@@ -914,6 +914,33 @@ async fn http2_connect(
     Ok(conn)
 }
 
+/// Runs each sender on a task of its own until it is done or `deadline` passes (a sender
+/// cut off by the deadline is not an error); the first error of any.
+async fn run_read_senders(senders: Vec<ReadSender>, deadline: Instant) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in senders {
+        tasks.spawn(async move {
+            match tokio::time::timeout_at(deadline.into(), s.run()).await {
+                Ok(r) => r,
+                Err(_) => Ok(()),
+            }
+        });
+    }
+    let mut first_err = None;
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(e) => {
+                first_err.get_or_insert(anyhow!("sender task: {e}"));
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
 struct ReadSender {
     /// A stream of this shared HTTP/2 connection, or (None) an HTTP/1.1 connection of
     /// its own to `rest`.
@@ -1163,9 +1190,9 @@ fn reads_run(args: &Args, dtls: bool) -> Result<ReadRun> {
                     h2.push(http2_connect(rest, tls.as_ref()).await?);
                 }
             }
-            let mut tasks = tokio::task::JoinSet::new();
+            let mut senders = Vec::new();
             for i in 0..args.read_connections.max(1) {
-                let s = ReadSender {
+                senders.push(ReadSender {
                     http2: h2.get(i % h2.len().max(1)).cloned(),
                     rest,
                     tls: tls.clone(),
@@ -1178,27 +1205,9 @@ fn reads_run(args: &Args, dtls: bool) -> Result<ReadRun> {
                     latencies: Arc::clone(&latencies),
                     accepted: Arc::clone(&accepted),
                     rejected: Arc::clone(&rejected),
-                };
-                tasks.spawn(async move {
-                    match tokio::time::timeout_at(deadline.into(), s.run()).await {
-                        Ok(r) => r,
-                        Err(_) => Ok(()),
-                    }
                 });
             }
-            let mut first_err = None;
-            while let Some(r) = tasks.join_next().await {
-                match r {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        first_err.get_or_insert(e);
-                    }
-                    Err(e) => {
-                        first_err.get_or_insert(anyhow!("sender task: {e}"));
-                    }
-                }
-            }
-            first_err.map_or(Ok(()), Err)
+            run_read_senders(senders, deadline).await
         });
         rt.shutdown_background();
         result
