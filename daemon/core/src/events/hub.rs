@@ -766,7 +766,8 @@ impl Hub {
     /// acknowledged within `notifications.redeliver_after_s` of being sent. A key has at
     /// most one answer in flight; a pull that finds one still being answered (a concurrent
     /// pull of the same key) neither acknowledges it nor takes events while it stands: it
-    /// waits as if the queue were empty.
+    /// waits as if the queue were empty, until that answer was sent (then it acknowledges
+    /// it and takes what follows, as a pull arriving then would) or its wait ends.
     pub async fn pull(
         self: &Arc<Self>,
         p: &Principal,
@@ -788,10 +789,13 @@ impl Hub {
         wait: Option<Duration>,
         gone: impl Future<Output = ()>,
     ) -> Result<Pulled, StoreError> {
-        self.acknowledge(key_id);
         let deadline = Instant::now() + wait.unwrap_or_default();
         tokio::pin!(gone);
         loop {
+            // At the start, and again whenever the pull is woken: an answer in flight that
+            // has been sent since (to another client of the key) is read, so this pull
+            // acknowledges it and may take the events after it.
+            self.acknowledge(key_id);
             let wake = match self.lock().get(key_id) {
                 Some(ch) if ch.rec.callback.is_some() => return Ok(Pulled::CallbackActive),
                 Some(ch) if ch.owner != Owner::Here => return Ok(Pulled::Empty),
@@ -903,14 +907,20 @@ impl Hub {
     }
 
     /// The answer `id` reached its connection.
+    ///
+    /// Wakes the key's waiting pulls: a concurrent pull that found this answer in flight
+    /// (another client of the key, or a pull forwarded from another node) acknowledges it
+    /// now and takes what follows, as a pull arriving now would, instead of waiting out
+    /// its whole long-poll (two pollers of one key used to take turns only at their
+    /// deadlines: the cluster bench saw no notification delivered in its window).
     fn mark_sent(&self, key_id: &str, id: u64) {
-        if let Some(f) = self
-            .lock()
-            .get_mut(key_id)
-            .and_then(|c| c.in_flight.as_mut())
-            .filter(|f| f.id == id)
-        {
+        let mut map = self.lock();
+        let Some(ch) = map.get_mut(key_id) else {
+            return;
+        };
+        if let Some(f) = ch.in_flight.as_mut().filter(|f| f.id == id) {
             f.sent = Some(Instant::now());
+            ch.wake.notify_waiters();
         }
     }
 
@@ -2075,6 +2085,39 @@ mod tests {
         assert!(f.stored().await.is_empty());
         assert_eq!(f.count(&f.counters.events_delivered), 3);
         assert_eq!(f.count(&f.counters.long_poll_redeliveries), 0);
+    }
+
+    /// Two clients long-polling one key: the second, waiting while the first's answer is
+    /// in flight, acknowledges that answer once it was sent and takes the next events then,
+    /// not at its deadline (it used to wait out its whole long-poll: the bug behind the
+    /// cluster bench's two pollers of one key delivering nothing in its window).
+    #[tokio::test]
+    async fn a_waiting_pull_takes_the_next_events_once_the_answer_in_flight_was_sent() {
+        let f = fixture().await;
+        f.publish("a").await;
+        let first = f.pull().await.unwrap();
+        assert_eq!(eps(&first), ["a"]);
+        f.publish("b").await;
+        let hub = Arc::clone(&f.hub);
+        let key = f.key.clone();
+        let second = tokio::spawn(async move {
+            hub.pull(&key, Some(Duration::from_secs(30)), std::future::pending())
+                .await
+                .unwrap()
+        });
+        // The second pull is waiting (an answer is in flight: it takes nothing yet).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!second.is_finished());
+        let _answer = first.ticket.sent();
+        let started = Instant::now();
+        match second.await.unwrap() {
+            Pulled::Batch(b) => assert_eq!(eps(&b), ["b"]),
+            other => panic!(
+                "the waiting pull got {other:?} after {:?}",
+                started.elapsed()
+            ),
+        }
+        assert_eq!(f.count(&f.counters.events_delivered), 1);
     }
 
     /// The newest verdict's restriction is stored with the channel and routes the events
