@@ -223,34 +223,16 @@ const MAX_CONCURRENT_CHANNEL_CALLS: usize = 4096;
 pub async fn serve(
     store: &NatsStore,
     hub: Arc<Hub>,
-    mut stop: Shutdown,
+    stop: Shutdown,
 ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
-    let mut calls = store.serve_ops(&[OP_APPEND, OP_POLL, OP_ANSWERED]).await?;
-    // A call waits for a slot (each is a task and a call's body in memory), so other
-    // nodes cannot make this one hold unbounded work.
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CHANNEL_CALLS));
-    Ok(tokio::spawn(async move {
-        loop {
-            let call = tokio::select! {
-                _ = stop.recv() => return,
-                c = calls.next() => c,
-            };
-            let Some(call) = call else {
-                tracing::error!(
-                    "cluster: the channel calls ended; this node's channels are no longer reachable"
-                );
-                return;
-            };
-            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                return;
-            };
-            let hub = Arc::clone(&hub);
-            tokio::spawn(async move {
-                handle(hub, call).await;
-                drop(slot);
-            });
-        }
-    }))
+    let calls = store.serve_ops(&[OP_APPEND, OP_POLL, OP_ANSWERED]).await?;
+    Ok(tokio::spawn(crate::cluster::serve_calls(
+        calls,
+        MAX_CONCURRENT_CHANNEL_CALLS,
+        stop,
+        "the channel calls ended; this node's channels are no longer reachable",
+        move |call| handle(Arc::clone(&hub), call),
+    )))
 }
 
 fn read<T: serde::de::DeserializeOwned>(call: &NodeCall) -> Result<T, Answer> {

@@ -490,3 +490,39 @@ pub async fn run_credential_changes(
         }
     }
 }
+
+/// Serves the calls other nodes make to this one until `stop` (or until the calls end,
+/// logged with `ended`: what is no longer served): each call is handled by `handle` on a
+/// task of its own, at most `max` at once; the next call waits for a slot (each is a task
+/// and a call's body in memory), so other nodes cannot make this one hold unbounded work.
+/// `handle` is called once the call has its slot.
+pub async fn serve_calls<F, Fut>(
+    mut calls: crate::store::nats::NodeCalls,
+    max: usize,
+    mut stop: shutdown::Shutdown,
+    ended: &'static str,
+    mut handle: F,
+) where
+    F: FnMut(crate::store::nats::NodeCall) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    loop {
+        let call = tokio::select! {
+            _ = stop.recv() => return,
+            c = calls.next() => c,
+        };
+        let Some(call) = call else {
+            tracing::error!("cluster: {ended}");
+            return;
+        };
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let work = handle(call);
+        tokio::spawn(async move {
+            work.await;
+            drop(slot);
+        });
+    }
+}

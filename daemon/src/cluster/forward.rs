@@ -500,37 +500,29 @@ fn answer_failed(e: &crate::store::StoreError) {
 /// handled in a task of its own (at most [`MAX_CONCURRENT_CALLS`] at once) as a local
 /// request of the forwarded principal, and answered.
 pub async fn serve(
-    mut calls: crate::store::nats::NodeCalls,
+    calls: crate::store::nats::NodeCalls,
     requests: Arc<Requests>,
     subs: Arc<Subscriptions>,
     counters: Arc<Counters>,
-    mut stop: shutdown::Shutdown,
+    stop: shutdown::Shutdown,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS));
-    loop {
-        let call = tokio::select! {
-            _ = stop.recv() => return,
-            c = calls.next() => c,
-        };
-        let Some(call) = call else {
-            tracing::error!(
-                "cluster: this node's calls ended; requests forwarded by other nodes are no longer served"
-            );
-            return;
-        };
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            return;
-        };
-        Counters::inc(&counters.cluster_forwarded.in_);
-        let (requests, subs) = (Arc::clone(&requests), Arc::clone(&subs));
-        tokio::spawn(async move {
-            let _slot = slot;
-            let answer = handle(&call, &requests, &subs).await;
-            if let Err(e) = call.answer(Bytes::from(answer)).await {
-                answer_failed(&e);
+    super::serve_calls(
+        calls,
+        MAX_CONCURRENT_CALLS,
+        stop,
+        "this node's calls ended; requests forwarded by other nodes are no longer served",
+        move |call| {
+            Counters::inc(&counters.cluster_forwarded.in_);
+            let (requests, subs) = (Arc::clone(&requests), Arc::clone(&subs));
+            async move {
+                let answer = handle(&call, &requests, &subs).await;
+                if let Err(e) = call.answer(Bytes::from(answer)).await {
+                    answer_failed(&e);
+                }
             }
-        });
-    }
+        },
+    )
+    .await
 }
 
 /// Applies the other nodes' subscription changes to this node's subscriptions manager
