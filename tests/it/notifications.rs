@@ -257,28 +257,7 @@ fn registered(e: &support::Events) -> Vec<String> {
 fn a_long_poll_the_client_aborts_loses_no_event() {
     let d = Daemon::start();
     assert!(d.pull_now().is_none(), "the channel starts empty");
-    let out = std::process::Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "1",
-        ])
-        .arg("-H")
-        .arg(format!("Authorization: Bearer {}", d.key))
-        .arg(d.url("/v2/notification/pull"))
-        .output()
-        .expect("curl");
-    // 28: curl gave up (the poll was held and aborted), no answer came.
-    assert_eq!(
-        out.status.code(),
-        Some(28),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    abort_a_long_poll(&d);
     let aborted = Instant::now();
     let mut sent = Vec::new();
     for at in [0, 1, 3, 31] {
@@ -523,4 +502,32 @@ fn ninety_keys_get_every_event_while_ten_callbacks_never_answer() {
     };
     assert_eq!(ready(" INFO "), 1);
     assert!(ready(" DEBUG ") >= 1, "no extra instance was started");
+}
+
+/// Opens a long-poll on `d` with curl and gives up after 1 s, while the poll is held: the
+/// daemon sees its client go away with no answer sent (curl's exit code 28 proves no
+/// answer came).
+pub(crate) fn abort_a_long_poll(d: &Daemon) {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "1",
+        ])
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {}", d.key))
+        .arg(d.url("/v2/notification/pull"))
+        .output()
+        .expect("curl");
+    // 28: curl gave up (the poll was held and aborted), no answer came.
+    assert_eq!(
+        out.status.code(),
+        Some(28),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
