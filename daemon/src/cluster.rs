@@ -236,6 +236,7 @@ fn view_member(m: Member) -> ClusterMember {
         coap: m.coap,
         started: m.started,
         version: m.version,
+        owned_channels: m.owned_channels,
     }
 }
 
@@ -247,6 +248,7 @@ pub fn me(node: &str, rest: &[std::net::SocketAddr], coap: &[std::net::SocketAdd
         coap: coap.iter().map(ToString::to_string).collect(),
         started: now_unix(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        owned_channels: 0,
     }
 }
 
@@ -275,10 +277,13 @@ pub async fn view(backend: Backend, nats: Option<&Nats>, me: &Member) -> Cluster
 
 /// Heartbeats every [`HEARTBEAT_EVERY`] and reads the members into `view`, until `stop`;
 /// then removes this node's record (a clean stop leaves at once; a killed node drops out
-/// when its record expires).
+/// when its record expires). Each beat carries the channels this node owns now
+/// (`owned_channels`, read from the hub), so every node's `GET /v2/cluster` shows every
+/// member's, at most a heartbeat late.
 pub async fn run_heartbeat(
     store: Arc<NatsStore>,
-    me: Member,
+    mut me: Member,
+    owned_channels: impl Fn() -> u64 + Send,
     view: Arc<ClusterView>,
     mut stop: shutdown::Shutdown,
 ) {
@@ -289,6 +294,7 @@ pub async fn run_heartbeat(
         tokio::select! {
             _ = stop.recv() => break,
             _ = tick.tick() => {
+                me.owned_channels = owned_channels();
                 let beat = store.heartbeat(&me).await;
                 let members = match beat {
                     Ok(()) => store.members().await,

@@ -855,9 +855,11 @@ async fn start_services(
         )));
     }
     if let Some(nats) = &nats {
+        let hub = Arc::clone(&hub);
         tasks.push(tokio::spawn(crate::cluster::run_heartbeat(
             Arc::clone(&nats.store),
             me,
+            move || hub.owned_channels() as u64,
             Arc::clone(&cluster),
             stop.clone(),
         )));

@@ -95,6 +95,37 @@ fn delivered_eps(rx: &Receiver) -> Vec<String> {
     delivered_eps_from(rx, 0)
 }
 
+/// Waits until `GET /v2/cluster` on `d` gives each named member that many
+/// `owned_channels`.
+fn until_owned_channels(d: &Daemon, want: &[(&str, u64)]) {
+    let t = Instant::now();
+    loop {
+        let body = d.get("/v2/cluster").json();
+        let got: Vec<(String, u64)> = body["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let n = m["owned_channels"]
+                    .as_u64()
+                    .expect("owned_channels in every member");
+                (m["node"].as_str().unwrap().to_string(), n)
+            })
+            .collect();
+        let matches = want
+            .iter()
+            .all(|(n, c)| got.iter().any(|(gn, gc)| gn == n && gc == c));
+        if matches {
+            return;
+        }
+        assert!(
+            t.elapsed() < WAIT,
+            "owned_channels in /v2/cluster: {got:?}, want {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A long-poll channel owned by node 1: devices registering alternately on node 2 and
 /// node 1 reach it as one ordered stream, each event once, whichever node is pulled
 /// (node 2 forwards its pulls to node 1); a device of node 2 observed through node 2
@@ -110,6 +141,10 @@ fn a_long_poll_on_any_node_gets_every_event_of_its_key_in_order_once() {
     until_channels(&n2, 1);
     assert_eq!(n1.metric("cluster_owned_channels"), 1);
     assert_eq!(n2.metric("cluster_owned_channels"), 0);
+    // Every node's `GET /v2/cluster` tells who owns channels (from the heartbeats).
+    for node in [&n1, &n2] {
+        until_owned_channels(node, &[("n1", 1), ("n2", 0)]);
+    }
 
     let t = Instant::now();
     let mut devices = Vec::new();

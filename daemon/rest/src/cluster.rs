@@ -28,6 +28,9 @@ pub struct ClusterMember {
     pub started: u64,
     /// Its connectord version.
     pub version: String,
+    /// The notification channels it delivers (holds the lease of), as its last heartbeat
+    /// said; the answering node's own entry shows its current count instead.
+    pub owned_channels: u64,
 }
 
 /// What `GET /v2/cluster` answers, kept current by the daemon.
@@ -115,10 +118,26 @@ impl ClusterView {
     }
 
     /// The JSON body of `GET /v2/cluster`; `owners` the directory's endpoints by owner,
-    /// `forwarded` this node's forwarded requests (out, in).
-    pub fn body(&self, owners: &Owners, forwarded: (u64, u64)) -> serde_json::Value {
+    /// `forwarded` this node's forwarded requests (out, in), `owned_channels` this node's
+    /// channels now.
+    pub fn body(
+        &self,
+        owners: &Owners,
+        forwarded: (u64, u64),
+        owned_channels: u64,
+    ) -> serde_json::Value {
         let members = self.members.read().unwrap_or_else(|p| p.into_inner());
-        let members = members
+        let current: Vec<ClusterMember> = members
+            .iter()
+            .map(|m| {
+                let mut m = m.clone();
+                if m.node == self.node {
+                    m.owned_channels = owned_channels;
+                }
+                m
+            })
+            .collect();
+        let members = current
             .iter()
             .map(|m| MemberBody {
                 member: m,

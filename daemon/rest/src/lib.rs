@@ -499,6 +499,7 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
             &state.cluster.body(
                 &state.directory.count_by_owner(),
                 state.counters.cluster_forwarded.get(),
+                state.hub.owned_channels() as u64,
             ),
         ),
         Route::Metrics => {

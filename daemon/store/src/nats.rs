@@ -236,6 +236,10 @@ pub struct Member {
     pub started: u64,
     /// Its connectord version.
     pub version: String,
+    /// The notification channels it delivers (holds the lease of) at its last heartbeat;
+    /// 0 in the records of nodes older than this field.
+    #[serde(default)]
+    pub owned_channels: u64,
 }
 
 /// A change of the registrations made by another node ([`NatsStore::watch_registrations`]).

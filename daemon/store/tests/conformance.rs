@@ -589,6 +589,7 @@ mod nats {
             coap: vec!["127.0.0.1:2".into()],
             started: 1,
             version: "0".into(),
+            owned_channels: n.len() as u64,
         };
         assert!(a.members().await.unwrap().is_empty());
         b.heartbeat(&member("b")).await.unwrap();
