@@ -57,7 +57,7 @@ async def main():
             say({"frame": json.loads(message)})
     except ConnectionClosed:
         pass
-    rcvd = ws.close_rcvd
+    rcvd = ws.protocol.close_rcvd
     if rcvd is None:
         say({"closed": 1006, "reason": ""})
     else:
