@@ -58,3 +58,4 @@ mod tenants;
 mod tls;
 mod upgrade;
 mod watch;
+mod websocket;
