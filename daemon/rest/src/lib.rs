@@ -17,6 +17,7 @@ use connectord_plugin_host as plugins;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod console;
 pub mod credentials;
 pub mod devtools;
 pub mod endpoints;
@@ -354,6 +355,11 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
         }
         Err(reply) => return reply,
     };
+    // The console's files are public (they hold no data): answered before authentication.
+    if let Route::Console(asset) = &route {
+        return console::serve(asset, req.headers())
+            .method_is_head(*req.method() == Method::HEAD);
+    }
     let errs = plugin_errors.as_ref().unwrap_or(&CORE_ERRORS);
     // Everything needs credentials.
     let principal = match authenticate(&state, &req, errs).await {
@@ -487,6 +493,8 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
             _ => credentials::get(&state.credentials, &principal, &ep),
         },
         Route::OpenApi => Reply::with_type(StatusCode::OK, "application/json", OPENAPI),
+        // Answered before authentication; here only for the match to be whole.
+        Route::Console(asset) => console::serve(&asset, &parts.headers),
         Route::Limits => {
             let endpoints = state.directory.count_in(&principal.domain);
             Reply::json(
