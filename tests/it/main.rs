@@ -28,6 +28,7 @@ mod cluster_channels;
 mod cluster_failover;
 mod cluster_forward;
 mod cluster_moves;
+mod console;
 mod connections;
 mod crash;
 mod credentials;
