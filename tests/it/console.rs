@@ -4,8 +4,10 @@
 //! `tests/it/fixtures/console-browser.cjs`) against the real daemon process and a simulated
 //! device (`connectord simulate`): log in, the device appearing live with its registration
 //! event, search, the object tree named from the OMA definitions, a read shown decoded, a
-//! write and a refused write, an observation whose plot gets new points. Screenshots are
-//! kept under `target/test-artifacts/console/`.
+//! write and a refused write, a 404 of the device, an observation whose plot gets new
+//! points; then a key restricted to the other device and without `resources:write`, which
+//! sees only that device and whose write is shown refused (403). Screenshots are kept
+//! under `target/test-artifacts/console/`.
 
 use crate::support::{self, Daemon, browser};
 
@@ -96,7 +98,7 @@ fn the_console_files_are_public_typed_cached_and_locked_down() {
     assert_eq!(curl("GET", &d.url("/v2/endpoints"), &[]).0, 401);
 }
 
-/// `connectord simulate` with one device, killed on drop.
+/// `connectord simulate`, killed on drop.
 struct Sim(Child);
 
 impl Drop for Sim {
@@ -119,6 +121,24 @@ fn the_console_in_a_browser_reads_observes_and_plots() {
     let chromium = browser::chromium();
     let playwright = browser::playwright();
     let d = Daemon::start();
+    // A key of the same domain that may see sim-000001 only, and not write.
+    let viewer = serde_json::json!({
+        "name": "viewer",
+        "scopes": ["endpoints:read", "resources:read", "subscriptions:read",
+                   "subscriptions:write", "notifications"],
+        "allow": ["sim-000001"],
+    });
+    let r = d.call(
+        "POST",
+        "/api/api_tokens",
+        Some("application/json"),
+        Some(viewer.to_string().as_bytes()),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let viewer = r.json()["access_key"]
+        .as_str()
+        .expect("access_key")
+        .to_string();
     let profile = tempfile::tempdir().unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/it/fixtures/console-browser.cjs");
@@ -131,6 +151,8 @@ fn the_console_in_a_browser_reads_observes_and_plots() {
         .env("CONSOLE_URL", d.url("/console"))
         .env("CONSOLE_KEY", &d.key)
         .env("CONSOLE_EP", ep)
+        .env("CONSOLE_VIEWER_KEY", &viewer)
+        .env("CONSOLE_VIEWER_EP", "sim-000001")
         .env("ARTIFACTS", &out_dir)
         .env("USER_DATA_DIR", profile.path())
         .stdin(Stdio::null())
@@ -158,7 +180,7 @@ fn the_console_in_a_browser_reads_observes_and_plots() {
             // The console is logged in and its event feed runs: the device registers now,
             // so that its registration reaches the feed live.
             let child = Command::new(support::BIN)
-                .args(["simulate", "--devices", "1", "--lifetime", "60"])
+                .args(["simulate", "--devices", "2", "--lifetime", "60"])
                 .args(["--notify-interval", "300", "--server"])
                 .arg(d.coap.to_string())
                 .stdout(Stdio::null())
@@ -185,7 +207,13 @@ fn the_console_in_a_browser_reads_observes_and_plots() {
     let stats: serde_json::Value = serde_json::from_str(&result).unwrap();
     assert_eq!(stats["manufacturer"], "connectord", "{stats}");
     assert!(stats["points"].as_u64().unwrap_or(0) >= 4, "{stats}");
-    for shot in ["1-login", "2-tree", "3-plot"] {
+    assert!(
+        stats["forbidden"]
+            .as_str()
+            .is_some_and(|s| s.contains("resources:write")),
+        "{stats}"
+    );
+    for shot in ["1-login", "2-tree", "3-plot", "4-restricted-key"] {
         let png = out_dir.join(format!("{shot}.png"));
         let meta = std::fs::metadata(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
         assert!(meta.len() > 1000, "{}", png.display());
