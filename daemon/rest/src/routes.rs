@@ -293,6 +293,9 @@ mod tests {
                 },
             ),
             ("/v2/notification/pull", Route::NotificationPull),
+            ("/console", Route::Console(String::new())),
+            ("/console/", Route::Console(String::new())),
+            ("/console/console.js", Route::Console("console.js".into())),
             ("/notification/callback", Route::NotificationCallback),
             ("/v2/subscriptions", Route::Subscriptions),
             ("/v2/subscriptions/", Route::Subscriptions),
@@ -355,6 +358,19 @@ mod tests {
             resolve(&Method::POST, "/v2/endpoints")
                 .unwrap_err()
                 .status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        // The console is not part of the versioned API.
+        assert_eq!(
+            resolve(&Method::GET, "/v2/console").unwrap_err().status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            resolve(&Method::GET, "/console/a/b").unwrap_err().status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            resolve(&Method::POST, "/console").unwrap_err().status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
         assert_eq!(
