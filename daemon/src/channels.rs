@@ -6,8 +6,9 @@
 //! the store's own record form, `store::nats::events_to_json`):
 //! - [`OP_APPEND`] `{"key", "events"}`: the owner queues the events (one call carries
 //!   all the key's events waiting on this node, up to 256); answered once they are stored (`"ok"`), or `{"not_owner": <owner or null>}`, `{"failed": <why>}`.
-//! - [`OP_POLL`] `{"key", "domain", "allow", "wait_ms", "sent"}`: a long-poll on the
-//!   owner, with what is left of the client's wait and the id of the owner's answer this
+//! - [`OP_POLL`] `{"key", "domain", "allow", "wait_ms", "sent", "socket"?}`: a long-poll
+//!   on the owner (`"socket": true`: a WebSocket's pull, issue 23), with what is left of
+//!   the client's wait and the id of the owner's answer this
 //!   node last handed to a client for the key (`null` if none since); answered `{"batch": {"id", "events"}}`, `"empty"`,
 //!   `"callback"` (the key delivers to a callback), or as above. The call's own timeout
 //!   is the wait plus `[cluster] timeout_ms` plus 1 s.
@@ -52,6 +53,9 @@ struct PollCall {
     /// [`PollRequest::sent`] (absent from a node that does not send it).
     #[serde(default)]
     sent: Option<u64>,
+    /// [`PollRequest::socket`]: a WebSocket's poll (absent from older nodes: a long-poll).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    socket: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -168,6 +172,7 @@ impl ChannelPeers for NatsPeers {
                 allow: req.allow.clone(),
                 wait_ms: req.wait.map(|w| w.as_millis() as u64),
                 sent: req.sent,
+                socket: req.socket,
             };
             let bound = req.wait.unwrap_or_default() + self.timeout + Duration::from_secs(1);
             match self.call(node, OP_POLL, &call, bound).await? {
@@ -267,6 +272,7 @@ async fn handle(hub: Arc<Hub>, call: NodeCall) {
                     allow: c.allow,
                     wait: c.wait_ms.map(Duration::from_millis),
                     sent: c.sent,
+                    socket: c.socket,
                 };
                 match hub.poll_here(req).await {
                     Ok(Polled::Batch { id, events }) => Answer::Batch {

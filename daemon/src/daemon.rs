@@ -878,6 +878,7 @@ async fn start_services(
         store: Arc::clone(&store),
         max_body: config.requests.max_body,
         long_poll: Duration::from_secs(config.notifications.long_poll_s),
+        websocket_ping: Duration::from_secs(config.notifications.websocket_ping_interval_s),
         connections: rest::conn::Connections::new(&config.rest),
         cluster,
     });

@@ -59,3 +59,4 @@ mod tenants;
 mod tls;
 mod upgrade;
 mod watch;
+mod websocket;

@@ -164,6 +164,11 @@ pub struct NotificationsConfig {
     /// one): the sink plugin runs up to this many instances. A receiver that does not
     /// answer holds one for the sink's timeout; the others go on with the rest.
     pub max_concurrent_deliveries: usize,
+    /// WebSocket channels (issue 23): a ping follows every frame (its pong acknowledges
+    /// the frame) and is sent every this many seconds while the socket is idle; a pong
+    /// that does not come within this many seconds drops the socket (its unacknowledged
+    /// frame is queued again).
+    pub websocket_ping_interval_s: u64,
 }
 
 impl Default for NotificationsConfig {
@@ -177,6 +182,7 @@ impl Default for NotificationsConfig {
             retry_max_ms: 60_000,
             redeliver_after_s: 60,
             max_concurrent_deliveries: 64,
+            websocket_ping_interval_s: 20,
         }
     }
 }
@@ -209,6 +215,12 @@ impl NotificationsConfig {
             return Err((
                 "max_concurrent_deliveries",
                 format!("must lie between 1 and {MAX_CONCURRENT_DELIVERIES}"),
+            ));
+        }
+        if self.websocket_ping_interval_s == 0 || self.websocket_ping_interval_s > 300 {
+            return Err((
+                "websocket_ping_interval_s",
+                "must lie between 1 and 300".into(),
             ));
         }
         if self.retry_initial_ms == 0 || self.retry_max_ms < self.retry_initial_ms {

@@ -151,6 +151,12 @@ counters! {
     events_discarded,
     /// Failed callback deliveries that will be retried.
     delivery_retries,
+    /// WebSockets opened on a WebSocket channel (`/notification/websocket-connect`).
+    websockets_opened,
+    /// WebSocket frames sent (each a notification message, as a long-poll answer).
+    websocket_frames_sent,
+    /// WebSocket frames acknowledged by the pong to the ping that followed them.
+    websocket_frames_acknowledged,
     /// Requests sent to devices (async, each CoAP exchange counted once).
     device_requests,
     /// Requests to devices that got no answer in time.

@@ -226,6 +226,12 @@ pub struct ChannelRecord {
     /// restriction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow: Option<Vec<String>>,
+    /// The key registered a WebSocket channel (`PUT /notification/websocket`): its
+    /// notifications go to the socket opened at `/notification/websocket-connect`, its
+    /// long-poll answers 409. Never set together with `callback` (each replaces the
+    /// other). Absent (records of older versions too): false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub websocket: bool,
 }
 
 /// Where a key's notifications go: the `PUT /notification/callback` body.

@@ -222,6 +222,57 @@ pub async fn first_request_within<F: Future>(
     Some(conn.await)
 }
 
+/// A connection's hold for the WebSocket it may be upgraded to (issue 23), put in every
+/// request's extensions: once hyper hands the connection to a socket, the connection's
+/// slot (`rest.max_connections` and its address's share) stays taken until the socket
+/// ends, and the socket counts as a request in flight (so [`ClientIo`]'s idle timeout
+/// does not close it; its write timeout still drops a peer that stops reading).
+#[derive(Clone)]
+pub struct Upgrades {
+    /// Weak: only a socket keeps the connection's wait open, not a request's handler.
+    held: tokio::sync::mpsc::WeakSender<()>,
+    activity: Arc<Activity>,
+}
+
+/// A socket's hold on its connection ([`Upgrades::hold`]).
+pub struct Held {
+    _held: tokio::sync::mpsc::Sender<()>,
+    _in_flight: InFlight,
+}
+
+impl Upgrades {
+    /// The hold of a connection, and what [`Upgrades::released`] waits on.
+    pub fn new(activity: &Arc<Activity>) -> (Upgrades, tokio::sync::mpsc::Sender<()>, Released) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        (
+            Upgrades {
+                held: tx.downgrade(),
+                activity: Arc::clone(activity),
+            },
+            tx,
+            Released(rx),
+        )
+    }
+
+    /// Holds the connection for a socket; `None` once the connection has ended.
+    pub fn hold(&self) -> Option<Held> {
+        Some(Held {
+            _held: self.held.upgrade()?,
+            _in_flight: self.activity.begin(),
+        })
+    }
+}
+
+/// Resolves once every socket of a connection has ended (after the connection's own
+/// sender was dropped).
+pub struct Released(tokio::sync::mpsc::Receiver<()>);
+
+impl Released {
+    pub async fn wait(mut self) {
+        let _ = self.0.recv().await;
+    }
+}
+
 /// What to do if a connection fails after a response was handed to it: a long-poll
 /// answer's events are queued again (`rest::reply::Body`).
 pub type OnFailure = Box<dyn FnOnce() + Send>;

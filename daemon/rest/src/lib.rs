@@ -27,6 +27,7 @@ pub mod resources;
 pub mod routes;
 pub mod subscriptions;
 pub mod tls;
+pub mod websocket;
 pub mod wire;
 
 pub use config::RestConfig;
@@ -87,6 +88,8 @@ pub struct AppState {
     pub max_body: usize,
     /// `notifications.long_poll_s`.
     pub long_poll: Duration,
+    /// `notifications.websocket_ping_interval_s`.
+    pub websocket_ping: Duration,
     /// `rest.max_connections`, `rest.client_timeout_s`.
     pub connections: conn::Connections,
     /// `GET /v2/cluster`, `connectord_cluster_members`.
@@ -181,7 +184,8 @@ pub async fn serve(listeners: Vec<Listener>, state: Arc<AppState>, mut shutdown:
                 let _ = stream.set_nodelay(true);
                 let state = Arc::clone(&state);
                 let builder = Arc::clone(&builder);
-                let watcher = graceful.watcher();
+                // The second one holds the drain for a WebSocket the connection became.
+                let watcher = (graceful.watcher(), graceful.watcher());
                 let tls = tls.clone();
                 let mut sd = sd.clone();
                 tokio::spawn(async move {
@@ -234,7 +238,10 @@ async fn connection<T>(
     stream: T,
     state: Arc<AppState>,
     builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    (watcher, socket_watcher): (
+        hyper_util::server::graceful::Watcher,
+        hyper_util::server::graceful::Watcher,
+    ),
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -244,8 +251,10 @@ async fn connection<T>(
     let seen = Arc::clone(&first);
     let activity = conn::Activity::new();
     let requests = Arc::clone(&activity);
-    let svc = hyper::service::service_fn(move |req| {
+    let (upgrades, held, released) = conn::Upgrades::new(&activity);
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         seen.notify_one();
+        req.extensions_mut().insert(upgrades.clone());
         let in_flight = requests.begin();
         let reply = handle(Arc::clone(&state), req);
         let conn = Arc::clone(&requests);
@@ -266,6 +275,11 @@ async fn connection<T>(
     let outcome = conn::first_request_within(conn, &first, &activity, conn::QUIET, timeout).await;
     // Long-poll answers handed to a connection that failed are queued again.
     activity.finish();
+    // A connection upgraded to a WebSocket keeps its slot until the socket ends, and a
+    // graceful stop waits for it (bounded by the drain timeout) to send its close frame.
+    drop(held);
+    released.wait().await;
+    drop(socket_watcher);
     match outcome {
         None => tracing::debug!(
             "REST connection closed: no byte within 5 s or no request within rest.client_timeout_s"
@@ -319,7 +333,7 @@ async fn handle(
 /// declare its own ([`ErrorTypes`]).
 static CORE_ERRORS: std::sync::LazyLock<ErrorTypes> = std::sync::LazyLock::new(ErrorTypes::default);
 
-async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> Reply {
+async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) -> Reply {
     // Set for a plugin's route that spells its errors its own way.
     let mut plugin_errors = None;
     let (route, scope) = match routes::resolve(req.method(), req.uri().path()) {
@@ -361,6 +375,10 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
             .method_is_head(*req.method() == Method::HEAD);
     }
     let errs = plugin_errors.as_ref().unwrap_or(&CORE_ERRORS);
+    // A browser names its key in the WebSocket's subprotocols.
+    if route == Route::NotificationWebsocketConnect {
+        websocket::key_from_subprotocol(req.headers_mut());
+    }
     // Everything needs credentials.
     let principal = match authenticate(&state, &req, errs).await {
         Ok(p) => p,
@@ -408,7 +426,7 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
             &format!("this access key lacks the scope {}", scope.as_str()),
         );
     }
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let body = match read_body(&state, body, errs).await {
         Ok(body) => body,
         Err(reply) => return reply,
@@ -460,6 +478,17 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
                 crate::store::log_failure(format_args!("subscriptions not removed with the callback"), &e);
             }
             reply
+        }
+        Route::NotificationWebsocket => {
+            websocket::channel(&state.hub, &principal, &parts).await
+        }
+        Route::NotificationWebsocketConnect => {
+            let socket = websocket::Socket {
+                hub: Arc::clone(&state.hub),
+                counters: Arc::clone(&state.counters),
+                ping: state.websocket_ping,
+            };
+            websocket::connect(socket, Arc::clone(&principal), &mut parts)
         }
         Route::Plugin { plugin, path } => {
             plugin_route(&state, &principal, &parts, body, &plugin, &path, errs).await
@@ -544,6 +573,12 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
                 "rest_connections",
                 "REST connections open now (at most rest.max_connections).",
                 state.connections.open() as u64,
+            );
+            metrics::gauge(
+                &mut out,
+                "websockets_connected",
+                "WebSockets attached to their notification channel now (at most one per key and node).",
+                state.hub.websockets() as u64,
             );
             let (deliveries, max_deliveries) = state.hub.deliveries();
             metrics::gauge(

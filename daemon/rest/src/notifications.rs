@@ -51,6 +51,13 @@ pub async fn pull(
             "conflict",
             "this access key delivers notifications to a callback URL; delete it to use long-poll",
         ),
+        Ok(Pulled::WebsocketActive) => error(
+            StatusCode::CONFLICT,
+            "conflict",
+            "this access key delivers notifications to a WebSocket channel; delete it (DELETE /v2/notification/websocket) to use long-poll",
+        ),
+        // Only a socket's pull gets it.
+        Ok(Pulled::NoWebsocket) => Reply::empty(StatusCode::NO_CONTENT),
         Err(e) => super::reply::store_failure(&e, "long-poll"),
     }
 }

@@ -28,6 +28,10 @@ pub enum Route {
     NotificationPull,
     /// `PUT|GET|DELETE /notification/callback`.
     NotificationCallback,
+    /// `PUT|GET|DELETE /notification/websocket` (Pelion's WebSocket channel, issue 23).
+    NotificationWebsocket,
+    /// `GET /notification/websocket-connect`: the channel's socket.
+    NotificationWebsocketConnect,
     /// `PUT|GET /subscriptions` (pre-subscriptions), `DELETE /subscriptions` (all).
     Subscriptions,
     /// `GET|DELETE /subscriptions/{endpoint-name}`.
@@ -99,6 +103,10 @@ pub const CORE_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v2/notification/callback"),
     ("PUT", "/v2/notification/callback"),
     ("DELETE", "/v2/notification/callback"),
+    ("GET", "/v2/notification/websocket"),
+    ("PUT", "/v2/notification/websocket"),
+    ("DELETE", "/v2/notification/websocket"),
+    ("GET", "/v2/notification/websocket-connect"),
     ("GET", "/v2/subscriptions"),
     ("PUT", "/v2/subscriptions"),
     ("DELETE", "/v2/subscriptions"),
@@ -187,6 +195,16 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
                 Ok((Route::NotificationCallback, Scope::Notifications))
             }
             _ => Err(method_not_allowed("GET, PUT, DELETE")),
+        },
+        ["notification", "websocket"] => match *method {
+            Method::GET | Method::PUT | Method::DELETE => {
+                Ok((Route::NotificationWebsocket, Scope::Notifications))
+            }
+            _ => Err(method_not_allowed("GET, PUT, DELETE")),
+        },
+        ["notification", "websocket-connect"] => match *method {
+            Method::GET => Ok((Route::NotificationWebsocketConnect, Scope::Notifications)),
+            _ => Err(method_not_allowed("GET")),
         },
         ["subscriptions"] => match *method {
             Method::GET => Ok((Route::Subscriptions, Scope::SubscriptionsRead)),

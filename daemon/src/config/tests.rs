@@ -160,6 +160,10 @@ fn range_errors_name_the_key() {
             "notifications.max_concurrent_deliveries",
         ),
         (
+            "[notifications]\nwebsocket_ping_interval_s = 0\n",
+            "notifications.websocket_ping_interval_s",
+        ),
+        (
             "[limits]\ntransaction_quota = 0\n",
             "limits.transaction_quota",
         ),

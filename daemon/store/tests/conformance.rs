@@ -129,6 +129,7 @@ async fn writes_and_loads(s: &dyn Store) -> Seqs {
         domain: "d".into(),
         callback: None,
         allow: None,
+        websocket: false,
     };
     s.put_channel(ch.clone()).await.unwrap();
     ch.callback = Some(CallbackTarget {
@@ -136,6 +137,11 @@ async fn writes_and_loads(s: &dyn Store) -> Seqs {
         headers: Default::default(),
     });
     ch.allow = Some(vec!["ep".into()]);
+    s.put_channel(ch.clone()).await.unwrap();
+    assert_eq!(s.load_channels().await.unwrap(), vec![ch.clone()]);
+    // A WebSocket channel (issue 23) is kept across a restart too.
+    ch.callback = None;
+    ch.websocket = true;
     s.put_channel(ch.clone()).await.unwrap();
     assert_eq!(s.load_channels().await.unwrap(), vec![ch]);
 
@@ -678,6 +684,7 @@ mod nats {
             domain: "d".into(),
             callback: None,
             allow: None,
+            websocket: false,
         };
         a.put_channel(rec.clone()).await.unwrap();
         let got = tokio::time::timeout(Duration::from_secs(5), seen_by_b.recv())
@@ -1427,6 +1434,7 @@ mod nats {
             domain: "d".into(),
             callback: None,
             allow: None,
+            websocket: false,
         };
         eventually(|| b.put_channel(channel.clone())).await;
         eventually(|| b.put_subscription(sub("k", "ep1", "/3/0/0"))).await;

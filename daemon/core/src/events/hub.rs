@@ -152,6 +152,75 @@ struct Channel {
     owner: Owner,
     /// Cluster: when this node's lease was last renewed (while `owner` is `Here`).
     renewed: Instant,
+    /// The WebSocket attached to the channel on this node (issue 23; at most one).
+    socket: Option<Socket>,
+}
+
+/// The WebSocket attached to a channel ([`Hub::attach_socket`]), and how to close it.
+struct Socket {
+    id: u64,
+    close: tokio::sync::oneshot::Sender<SocketEnd>,
+}
+
+/// Why the hub ends a channel's WebSocket (the REST edge picks the close code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketEnd {
+    /// Another socket of the key was opened (Pelion: 1001, going away).
+    Replaced,
+    /// The WebSocket channel was deleted, or a callback replaced it (1001).
+    ChannelRemoved,
+    /// The key no longer authenticates ([`Hub::forget_key`]; 1008, policy).
+    Revoked,
+}
+
+/// What a socket pull may take: the channel is a WebSocket channel
+/// ([`Hub::pull_for_socket`]) or a long-poll one ([`Hub::pull`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    LongPoll,
+    Socket,
+}
+
+/// A WebSocket attached to its key's channel ([`Hub::attach_socket`]); dropping it
+/// detaches the socket (the channel stays, and keeps its events for the next socket).
+pub struct Attached {
+    hub: Weak<Hub>,
+    key_id: String,
+    id: u64,
+    /// Resolves when the hub ends the socket (another socket, the channel removed, the
+    /// key revoked).
+    pub end: tokio::sync::oneshot::Receiver<SocketEnd>,
+    /// The daemon's stop (the socket is closed with 1012, service restart).
+    pub stop: Shutdown,
+}
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attached")
+            .field("key_id", &self.key_id)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if let Some(hub) = self.hub.upgrade()
+            && let Some(ch) = hub.lock().get_mut(&self.key_id)
+            && ch.socket.as_ref().is_some_and(|s| s.id == self.id)
+        {
+            ch.socket = None;
+        }
+    }
+}
+
+/// `GET /notification/websocket`: Pelion's `WebsocketChannel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebsocketInfo {
+    /// Events waiting in the channel's queue (an unacknowledged frame's included).
+    pub queue_size: usize,
+    /// A socket is attached on this node.
+    pub connected: bool,
 }
 
 impl Channel {
@@ -170,6 +239,14 @@ impl Channel {
             pusher: false,
             in_flight: None,
             next_answer: 1,
+            socket: None,
+        }
+    }
+
+    /// Ends the attached socket, if any, for `why`.
+    fn close_socket(&mut self, why: SocketEnd) {
+        if let Some(s) = self.socket.take() {
+            let _ = s.close.send(why);
         }
     }
 
@@ -231,6 +308,11 @@ pub enum Pulled {
     Gone,
     /// The key delivers to a callback URL; long-poll is not available.
     CallbackActive,
+    /// The key delivers to a WebSocket channel; long-poll is not available.
+    WebsocketActive,
+    /// A socket's pull ([`Hub::pull_for_socket`]) found no WebSocket channel (deleted
+    /// or replaced meanwhile).
+    NoWebsocket,
 }
 
 /// A long-poll answer: its events, oldest first (the edge renders the message), and the
@@ -369,6 +451,8 @@ pub struct Hub {
     /// last handed to its client, not yet repeated in a forwarded poll
     /// ([`PollRequest::sent`]).
     handed_out: Mutex<Map<String, (String, u64)>>,
+    /// The id of the next WebSocket attached ([`Hub::attach_socket`]).
+    next_socket: std::sync::atomic::AtomicU64,
 }
 
 /// Cluster: one key's events waiting to be sent to its owner ([`Hub::forward_all`]): each
@@ -453,6 +537,7 @@ impl Hub {
             claiming: tokio::sync::Mutex::new(()),
             outboxes: Mutex::new(Map::default()),
             handed_out: Mutex::new(Map::default()),
+            next_socket: std::sync::atomic::AtomicU64::new(1),
         });
         let callback_keys: Vec<String> = hub
             .lock()
@@ -496,6 +581,7 @@ impl Hub {
                     domain: p.domain.clone(),
                     callback: None,
                     allow: p.allow.clone(),
+                    websocket: false,
                 };
                 map.insert(p.key_id.clone(), self.new_channel(rec.clone()));
                 Some(self.store.put_channel(rec))
@@ -521,7 +607,7 @@ impl Hub {
         let mut map = self.lock();
         if map
             .get(key_id)
-            .is_some_and(|c| c.queue.is_empty() && c.rec.callback.is_none())
+            .is_some_and(|c| c.queue.is_empty() && c.rec.callback.is_none() && !c.rec.websocket)
         {
             map.remove(key_id);
         }
@@ -774,11 +860,35 @@ impl Hub {
         wait: Option<Duration>,
         gone: impl Future<Output = ()>,
     ) -> Result<Pulled, StoreError> {
+        self.pull_via(p, wait, gone, Via::LongPoll).await
+    }
+
+    /// [`Hub::pull`] for the key's WebSocket (issue 23): the same queue, answer in
+    /// flight and acknowledgement, taken only while the key has a WebSocket channel
+    /// ([`Pulled::NoWebsocket`] otherwise), where a long-poll gets
+    /// [`Pulled::WebsocketActive`]. The socket's frame is the answer; the pong that
+    /// follows it is its [`Ticket::sent`], and the socket's next pull acknowledges it.
+    pub async fn pull_for_socket(
+        self: &Arc<Self>,
+        p: &Principal,
+        wait: Option<Duration>,
+        gone: impl Future<Output = ()>,
+    ) -> Result<Pulled, StoreError> {
+        self.pull_via(p, wait, gone, Via::Socket).await
+    }
+
+    async fn pull_via(
+        self: &Arc<Self>,
+        p: &Principal,
+        wait: Option<Duration>,
+        gone: impl Future<Output = ()>,
+        via: Via,
+    ) -> Result<Pulled, StoreError> {
         self.ensure_channel(p).await?;
         if self.peers.is_some() {
-            return self.pull_routed(p, wait, gone).await;
+            return self.pull_routed(p, wait, gone, via).await;
         }
-        self.pull_here(&p.key_id, wait, gone).await
+        self.pull_here(&p.key_id, wait, gone, via).await
     }
 
     /// [`Hub::pull`] of a channel this node owns (or, without peers, any channel). A
@@ -788,6 +898,7 @@ impl Hub {
         key_id: &str,
         wait: Option<Duration>,
         gone: impl Future<Output = ()>,
+        via: Via,
     ) -> Result<Pulled, StoreError> {
         let deadline = Instant::now() + wait.unwrap_or_default();
         tokio::pin!(gone);
@@ -798,6 +909,12 @@ impl Hub {
             self.acknowledge(key_id);
             let wake = match self.lock().get(key_id) {
                 Some(ch) if ch.rec.callback.is_some() => return Ok(Pulled::CallbackActive),
+                Some(ch) if ch.rec.websocket && via == Via::LongPoll => {
+                    return Ok(Pulled::WebsocketActive);
+                }
+                Some(ch) if !ch.rec.websocket && via == Via::Socket => {
+                    return Ok(Pulled::NoWebsocket);
+                }
                 Some(ch) if ch.owner != Owner::Here => return Ok(Pulled::Empty),
                 Some(ch) => Arc::clone(&ch.wake),
                 None => return Ok(Pulled::Empty),
@@ -983,15 +1100,21 @@ impl Hub {
                 domain: p.domain.clone(),
                 callback: None,
                 allow: p.allow.clone(),
+                websocket: false,
             });
             let ch = map.entry(p.key_id.clone()).or_insert(new);
             let before = ch.rec.callback.replace(target.clone());
+            // A callback replaces a WebSocket channel (decision, issue 23): its socket is
+            // closed and the callback delivers what was queued for it.
+            let was_websocket = std::mem::take(&mut ch.rec.websocket);
+            ch.close_socket(SocketEnd::ChannelRemoved);
             // The callback delivers from the oldest event on, an answer in flight included
             // (at least once).
             ch.in_flight = None;
             ch.wake.notify_waiters();
-            (created, before, self.store.put_channel(ch.record()))
+            (created, (before, was_websocket), self.store.put_channel(ch.record()))
         };
+        let (before, was_websocket) = before;
         if let Err(e) = durable.await {
             // The stored channel (or its absence) is what memory goes back to, unless a
             // later change replaced our callback meanwhile.
@@ -1000,6 +1123,7 @@ impl Hub {
                 && ch.rec.callback.as_ref() == Some(&target)
             {
                 ch.rec.callback = before;
+                ch.rec.websocket = was_websocket;
                 ch.wake.notify_waiters();
                 if created && ch.queue.is_empty() && ch.rec.callback.is_none() {
                     map.remove(&p.key_id);
@@ -1057,6 +1181,120 @@ impl Hub {
         Ok(true)
     }
 
+    /// `PUT /notification/websocket` (issue 23): makes the key's channel a WebSocket
+    /// channel, created if the key had none. True when it was not one before (201), false
+    /// when it was already (200, nothing changed). A callback it had is replaced (its
+    /// delivery task stops; decision, as a callback replaces long-poll), and a long-poll
+    /// answer in flight is put back: the socket delivers from the oldest event on.
+    pub async fn register_websocket(&self, p: &Principal) -> Result<bool, StoreError> {
+        let (created, before, durable) = {
+            let mut map = self.lock();
+            let created = !map.contains_key(&p.key_id);
+            let new = self.new_channel(ChannelRecord {
+                key_id: p.key_id.clone(),
+                domain: p.domain.clone(),
+                callback: None,
+                allow: p.allow.clone(),
+                websocket: false,
+            });
+            let ch = map.entry(p.key_id.clone()).or_insert(new);
+            if ch.rec.websocket {
+                return Ok(false);
+            }
+            ch.rec.websocket = true;
+            let before = ch.rec.callback.take();
+            ch.in_flight = None;
+            ch.wake.notify_waiters();
+            (created, before, self.store.put_channel(ch.record()))
+        };
+        if let Err(e) = durable.await {
+            let mut map = self.lock();
+            if let Some(ch) = map.get_mut(&p.key_id)
+                && ch.rec.websocket
+                && ch.rec.callback.is_none()
+            {
+                ch.rec.websocket = false;
+                ch.rec.callback = before;
+                ch.close_socket(SocketEnd::ChannelRemoved);
+                ch.wake.notify_waiters();
+                if created && ch.queue.is_empty() && ch.rec.callback.is_none() {
+                    map.remove(&p.key_id);
+                }
+            }
+            drop(map);
+            if let Some(me) = self.me.upgrade() {
+                me.ensure_pusher(&p.key_id);
+            }
+            return Err(e);
+        }
+        tracing::info!(key = %p.key_id, "notification WebSocket channel registered");
+        Ok(true)
+    }
+
+    /// `GET /notification/websocket`: the key's WebSocket channel, if it has one.
+    pub fn websocket(&self, key_id: &str) -> Option<WebsocketInfo> {
+        self.lock()
+            .get(key_id)
+            .filter(|c| c.rec.websocket)
+            .map(|c| WebsocketInfo {
+                queue_size: c.queue.len(),
+                connected: c.socket.is_some(),
+            })
+    }
+
+    /// `DELETE /notification/websocket`: back to long-poll (the queued events stay, as
+    /// when a callback is deleted); its socket is closed. False when there was none.
+    pub async fn delete_websocket(&self, key_id: &str) -> Result<bool, StoreError> {
+        let durable = {
+            let mut map = self.lock();
+            let Some(ch) = map.get_mut(key_id).filter(|c| c.rec.websocket) else {
+                return Ok(false);
+            };
+            ch.rec.websocket = false;
+            ch.close_socket(SocketEnd::ChannelRemoved);
+            ch.in_flight = None;
+            ch.wake.notify_waiters();
+            self.store.put_channel(ch.record())
+        };
+        if let Err(e) = durable.await {
+            // Still stored, so still the key's WebSocket channel (the socket reconnects).
+            if let Some(ch) = self.lock().get_mut(key_id)
+                && ch.rec.callback.is_none()
+            {
+                ch.rec.websocket = true;
+            }
+            return Err(e);
+        }
+        tracing::info!(key = key_id, "notification WebSocket channel removed");
+        Ok(true)
+    }
+
+    /// Attaches a WebSocket to the key's WebSocket channel (`None`: the key has none).
+    /// A socket attached before on this node is ended ([`SocketEnd::Replaced`]): one
+    /// socket per channel.
+    pub fn attach_socket(self: &Arc<Self>, key_id: &str) -> Option<Attached> {
+        let id = self
+            .next_socket
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (close, end) = tokio::sync::oneshot::channel();
+        let mut map = self.lock();
+        let ch = map.get_mut(key_id).filter(|c| c.rec.websocket)?;
+        ch.close_socket(SocketEnd::Replaced);
+        ch.socket = Some(Socket { id, close });
+        Some(Attached {
+            hub: Arc::downgrade(self),
+            key_id: key_id.to_string(),
+            id,
+            end,
+            stop: self.stop.clone(),
+        })
+    }
+
+    /// WebSockets attached now (the `websockets_connected` gauge).
+    pub fn websockets(&self) -> usize {
+        self.lock().values().filter(|c| c.socket.is_some()).count()
+    }
+
     /// The keys that have a channel (for the sweep of revoked keys, `crate::revocation`).
     pub fn key_ids(&self) -> Vec<String> {
         self.lock().keys().cloned().collect()
@@ -1074,7 +1312,9 @@ impl Hub {
                 return Ok(false);
             };
             ch.wake.notify_waiters();
-            let had_callback = ch.rec.callback.take().is_some();
+            ch.close_socket(SocketEnd::Revoked);
+            let had_websocket = std::mem::take(&mut ch.rec.websocket);
+            let had_callback = ch.rec.callback.take().is_some() || had_websocket;
             let events = self
                 .store
                 .delete_events_through(key_id.to_string(), i64::MAX as u64);
@@ -1526,9 +1766,10 @@ impl Hub {
         p: &Principal,
         wait: Option<Duration>,
         gone: impl Future<Output = ()>,
+        via: Via,
     ) -> Result<Pulled, StoreError> {
         let Some(peers) = self.peers.clone() else {
-            return self.pull_here(&p.key_id, wait, gone).await;
+            return self.pull_here(&p.key_id, wait, gone, via).await;
         };
         let start = Instant::now();
         let deadline = start + wait.unwrap_or_default();
@@ -1536,16 +1777,23 @@ impl Hub {
         tokio::pin!(gone);
         let mut last: String;
         loop {
-            if self
+            // Every node follows the channel's record: a callback, or a WebSocket channel
+            // a long-poll may not read, is answered here.
+            let kind = self
                 .lock()
                 .get(&p.key_id)
-                .is_some_and(|c| c.rec.callback.is_some())
-            {
-                return Ok(Pulled::CallbackActive);
+                .map(|c| (c.rec.callback.is_some(), c.rec.websocket));
+            match kind {
+                Some((true, _)) => return Ok(Pulled::CallbackActive),
+                Some((_, true)) if via == Via::LongPoll => return Ok(Pulled::WebsocketActive),
+                Some((_, false)) if via == Via::Socket => return Ok(Pulled::NoWebsocket),
+                _ => {}
             }
             let left = wait.map(|_| deadline.saturating_duration_since(Instant::now()));
             match self.route(&p.key_id).await {
-                Ok(Route::Here) => return self.pull_here(&p.key_id, left, gone.as_mut()).await,
+                Ok(Route::Here) => {
+                    return self.pull_here(&p.key_id, left, gone.as_mut(), via).await;
+                }
                 Ok(Route::Node(n)) => {
                     let sent = self.take_handed_out(&p.key_id, &n);
                     let req = PollRequest {
@@ -1554,6 +1802,7 @@ impl Hub {
                         allow: p.allow.clone(),
                         wait: left,
                         sent,
+                        socket: via == Via::Socket,
                     };
                     let mut call = {
                         let (peers, n) = (Arc::clone(&peers), n.clone());
@@ -1700,15 +1949,20 @@ impl Hub {
             .me
             .upgrade()
             .ok_or_else(|| PeerError::Failed("stopping".into()))?;
+        let via = if req.socket { Via::Socket } else { Via::LongPoll };
         match me
-            .pull_here(&req.key_id, req.wait, std::future::pending())
+            .pull_here(&req.key_id, req.wait, std::future::pending(), via)
             .await
         {
             Ok(Pulled::Batch(Batch { events, ticket })) => Ok(Polled::Batch {
                 id: ticket.hand_over(),
                 events,
             }),
-            Ok(Pulled::Empty | Pulled::Gone) => Ok(Polled::Empty),
+            // The record changed under the forwarding node (it checks the kind before it
+            // forwards): answered as empty, the next poll there sees the new record.
+            Ok(Pulled::Empty | Pulled::Gone | Pulled::WebsocketActive | Pulled::NoWebsocket) => {
+                Ok(Polled::Empty)
+            }
             Ok(Pulled::CallbackActive) => Ok(Polled::CallbackActive),
             Err(e) => Err(PeerError::Failed(e.to_string())),
         }
@@ -1737,6 +1991,10 @@ impl Hub {
                 }
                 Some(ch) => {
                     let callback_changed = ch.rec.callback != rec.callback;
+                    if !rec.websocket {
+                        // Another node deleted the WebSocket channel, or replaced it.
+                        ch.close_socket(SocketEnd::ChannelRemoved);
+                    }
                     ch.allow_written.1 = rec.allow.clone();
                     ch.rec = rec;
                     if callback_changed {
@@ -2216,6 +2474,63 @@ mod tests {
         assert!(f.stored().await.is_empty());
         assert_eq!(f.count(&f.counters.long_poll_redeliveries), 1);
         assert_eq!(f.count(&f.counters.events_delivered), 1);
+    }
+
+    /// Issue 23: a WebSocket channel is read only by its socket (a long-poll gets
+    /// `WebsocketActive`), one socket at a time; a frame not ponged (its ticket dropped)
+    /// is the next socket's first; a callback or a revocation ends the socket.
+    #[tokio::test]
+    async fn a_websocket_channel_is_read_by_one_socket_and_loses_nothing() {
+        let f = fixture().await;
+        assert!(f.hub.attach_socket("k").is_none(), "no WebSocket channel yet");
+        assert!(f.hub.register_websocket(&f.key).await.unwrap());
+        assert!(!f.hub.register_websocket(&f.key).await.unwrap(), "200: it was one");
+        let socket_pull = || f.hub.pull_for_socket(&f.key, None, std::future::pending());
+        f.publish("a").await;
+        assert!(matches!(
+            f.hub.pull(&f.key, None, std::future::pending()).await.unwrap(),
+            Pulled::WebsocketActive
+        ));
+        let mut first = f.hub.attach_socket("k").unwrap();
+        assert_eq!(
+            f.hub.websocket("k"),
+            Some(WebsocketInfo {
+                queue_size: 1,
+                connected: true
+            })
+        );
+        let Pulled::Batch(b) = socket_pull().await.unwrap() else {
+            panic!("no frame");
+        };
+        assert_eq!(eps(&b), ["a"]);
+        // A second socket ends the first; the frame it never ponged is put back.
+        let mut second = f.hub.attach_socket("k").unwrap();
+        assert_eq!(first.end.try_recv(), Ok(SocketEnd::Replaced));
+        drop(b);
+        drop(first);
+        assert_eq!(f.hub.websockets(), 1, "the second stays attached");
+        let Pulled::Batch(b) = socket_pull().await.unwrap() else {
+            panic!("the unacknowledged frame was lost");
+        };
+        assert_eq!(eps(&b), ["a"]);
+        // Ponged: the next pull acknowledges it.
+        drop(b.ticket.sent());
+        assert!(matches!(socket_pull().await.unwrap(), Pulled::Empty));
+        assert!(f.stored().await.is_empty());
+        // The key revoked: the socket is told, the channel gone.
+        assert!(f.hub.forget_key("k").await.unwrap());
+        assert_eq!(second.end.try_recv(), Ok(SocketEnd::Revoked));
+        assert_eq!(f.hub.websocket("k"), None);
+        drop(second);
+        assert_eq!(f.hub.websockets(), 0);
+        // Back as long-poll, and deleted.
+        f.hub.ensure_channel(&f.key).await.unwrap();
+        assert!(f.hub.register_websocket(&f.key).await.unwrap());
+        let mut third = f.hub.attach_socket("k").unwrap();
+        assert!(f.hub.delete_websocket("k").await.unwrap());
+        assert_eq!(third.end.try_recv(), Ok(SocketEnd::ChannelRemoved));
+        assert!(matches!(socket_pull().await.unwrap(), Pulled::NoWebsocket));
+        assert!(!f.hub.delete_websocket("k").await.unwrap());
     }
 
     #[tokio::test]

@@ -59,6 +59,9 @@ pub struct PollRequest {
     /// read that answer, and this poll, the key's next pull, acknowledges it on the owner
     /// even if the separate `answered` word is still on its way.
     pub sent: Option<u64>,
+    /// The poll is a WebSocket's ([`super::hub::Hub::pull_for_socket`], issue 23): it
+    /// reads a WebSocket channel, where a long-poll is refused.
+    pub socket: bool,
 }
 
 /// The owner's answer to a forwarded long-poll.

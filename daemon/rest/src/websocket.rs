@@ -1,0 +1,388 @@
+//! The WebSocket notification channel (issue 23), as Pelion Device Management Connect
+//! has it: `PUT|GET|DELETE /notification/websocket` registers, shows and removes a key's
+//! WebSocket channel; `GET /notification/websocket-connect` opens the socket its
+//! notifications are pushed to.
+//!
+//! The socket is served by tokio-tungstenite over hyper's upgrade (no framing of ours).
+//! Each text frame is one notification message, the same JSON a long-poll answers
+//! (`wire::message`). Delivery is at least once and runs on the hub's long-poll
+//! machinery ([`Hub::pull_for_socket`]): a frame is the key's answer in flight; a ping
+//! follows it, and the peer's pong (sent after it read the frame, frames being read in
+//! order) is the answer's [`Ticket::sent`](crate::events::hub::Ticket::sent), so the
+//! socket's next pull acknowledges it. A socket that ends before that pong puts the
+//! batch back for the next socket. While idle, a ping goes out every
+//! `notifications.websocket_ping_interval_s`; a pong that does not come within that
+//! interval drops the socket (no close frame: the client sees 1006, abnormal).
+//!
+//! Close codes (Pelion's): 1000 answers a client's own close; 1001 when another socket
+//! of the key opened, or the channel was deleted or replaced by a callback; 1008 when the
+//! key no longer authenticates (revoked); 1011 when the key has no WebSocket channel
+//! (no `PUT /notification/websocket` first) or the state store fails; 1012 when the
+//! daemon stops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::header::{
+    CONNECTION, HeaderMap, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
+};
+use http::request::Parts;
+use http::{Method, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+
+use super::reply::{Reply, error};
+use crate::auth::Principal;
+use crate::events::Hub;
+use crate::events::hub::{Attached, Pulled, SocketEnd};
+use crate::metrics::Counters;
+
+/// The subprotocol a browser names (with its key as `pelion_ak_<key>`), and the one the
+/// daemon answers with.
+pub const SUBPROTOCOL: &str = "wss";
+
+/// The prefix of the key in `Sec-WebSocket-Protocol` (browsers cannot set
+/// `Authorization` on a WebSocket).
+pub const KEY_PREFIX: &str = "pelion_ak_";
+
+/// Largest message a client may send (the daemon reads only pongs and closes; anything
+/// else is dropped): a client cannot make the daemon buffer more.
+const MAX_INCOMING: usize = 64 * 1024;
+
+/// How long a closing socket waits for the peer's close frame before it is dropped.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// `PUT|GET|DELETE /notification/websocket`: Pelion's `WebsocketChannel`
+/// (`{"queue_size", "status": "connected"|"disconnected"}`); PUT 201 when it created the
+/// channel, 200 when the key had one; GET 200 or 404; DELETE 204 or 404.
+pub async fn channel(hub: &Arc<Hub>, who: &Principal, parts: &Parts) -> Reply {
+    match parts.method {
+        Method::PUT => match hub.register_websocket(who).await {
+            Ok(created) => {
+                let status = if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                };
+                match hub.websocket(&who.key_id) {
+                    Some(info) => Reply::json(status, &body(info)),
+                    // Deleted again in the meantime.
+                    None => not_registered(),
+                }
+            }
+            Err(e) => super::reply::store_failure(&e, "WebSocket channel not stored"),
+        },
+        Method::GET => match hub.websocket(&who.key_id) {
+            Some(info) => Reply::json(StatusCode::OK, &body(info)),
+            None => not_registered(),
+        },
+        _ => match hub.delete_websocket(&who.key_id).await {
+            Ok(true) => Reply::empty(StatusCode::NO_CONTENT),
+            Ok(false) => not_registered(),
+            Err(e) => super::reply::store_failure(&e, "WebSocket channel not removed"),
+        },
+    }
+}
+
+fn body(info: crate::events::hub::WebsocketInfo) -> serde_json::Value {
+    serde_json::json!({
+        "queue_size": info.queue_size,
+        "status": if info.connected { "connected" } else { "disconnected" },
+    })
+}
+
+fn not_registered() -> Reply {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no WebSocket channel is registered for this access key",
+    )
+}
+
+/// For a browser's `GET /notification/websocket-connect`: a key given as
+/// `Sec-WebSocket-Protocol: wss, pelion_ak_<key>` becomes `Authorization: Bearer <key>`
+/// (unless the request has an `Authorization` already), so that the auth chain reads it
+/// as it reads any key.
+pub fn key_from_subprotocol(headers: &mut HeaderMap) {
+    if headers.contains_key(http::header::AUTHORIZATION) {
+        return;
+    }
+    let key = headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(KEY_PREFIX).map(str::to_owned));
+    if let Some(Ok(v)) = key.map(|k| HeaderValue::from_str(&format!("Bearer {k}"))) {
+        headers.insert(http::header::AUTHORIZATION, v);
+    }
+}
+
+/// What a WebSocket needs from the daemon.
+pub struct Socket {
+    pub hub: Arc<Hub>,
+    pub counters: Arc<Counters>,
+    /// `notifications.websocket_ping_interval_s`.
+    pub ping: Duration,
+}
+
+/// `GET /notification/websocket-connect`: checks the handshake (400, 426), answers 101
+/// and serves the socket on its own task once hyper hands the connection over. A key
+/// without a WebSocket channel gets the socket and then close 1011, as on Pelion.
+pub fn connect(socket: Socket, who: Arc<Principal>, parts: &mut Parts) -> Reply {
+    let h = &parts.headers;
+    let has_token = |name, token: &str| {
+        h.get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token(UPGRADE, "websocket") || !has_token(CONNECTION, "upgrade") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "this route opens a WebSocket: send Upgrade: websocket and Connection: Upgrade \
+             (HTTP/1.1)",
+        );
+    }
+    if h.get(SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        return error(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "only WebSocket version 13 (RFC 6455) is served",
+        )
+        .header(SEC_WEBSOCKET_VERSION, "13");
+    }
+    let Some(key) = h.get(SEC_WEBSOCKET_KEY) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the WebSocket handshake has no Sec-WebSocket-Key",
+        );
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let wss = has_token(SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
+    let Some(upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "a WebSocket is opened over HTTP/1.1",
+        );
+    };
+    // The connection's slot is held while the socket lives (`conn::Upgrades`).
+    let hold = parts
+        .extensions
+        .get::<super::conn::Upgrades>()
+        .and_then(super::conn::Upgrades::hold);
+    let attached = socket.hub.attach_socket(&who.key_id);
+    tokio::spawn(async move {
+        let _hold = hold;
+        let io = match upgrade.await {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::debug!(key = %who.key_id, "WebSocket upgrade failed: {e}");
+                return;
+            }
+        };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_INCOMING))
+            .max_frame_size(Some(MAX_INCOMING));
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(io), Role::Server, Some(config)).await;
+        serve(ws, socket, &who, attached).await;
+    });
+    let mut reply = Reply::empty(StatusCode::SWITCHING_PROTOCOLS)
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "Upgrade")
+        .header(SEC_WEBSOCKET_ACCEPT, &accept);
+    if wss {
+        reply = reply.header(SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
+    }
+    reply
+}
+
+/// How a socket ended (logged).
+#[derive(Debug)]
+enum End {
+    /// The client closed, or its connection ended.
+    Client(String),
+    /// No pong within the ping interval: dropped without a close frame.
+    NoPong,
+    /// The daemon closed it with this code.
+    Closed(u16, &'static str),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Client(why) => f.write_str(why),
+            End::NoPong => f.write_str("no pong within notifications.websocket_ping_interval_s; dropped"),
+            End::Closed(code, why) => write!(f, "closed with {code}: {why}"),
+        }
+    }
+}
+
+type Io = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+type Tx = futures_util::stream::SplitSink<Io, Message>;
+type Rx = futures_util::stream::SplitStream<Io>;
+
+/// Serves one socket until it ends.
+async fn serve(ws: Io, socket: Socket, who: &Principal, attached: Option<Attached>) {
+    let (mut tx, mut rx) = ws.split();
+    let end = match attached {
+        None => {
+            End::Closed(
+                1011,
+                "no WebSocket channel is registered for this access key (PUT /v2/notification/websocket first)",
+            )
+        }
+        Some(mut attached) => {
+            Counters::inc(&socket.counters.websockets_opened);
+            tracing::debug!(key = %who.key_id, "WebSocket connected");
+            deliver(&socket, who, &mut attached, &mut tx, &mut rx).await
+        }
+    };
+    match &end {
+        End::Closed(code, reason) => {
+            let frame = CloseFrame {
+                code: CloseCode::from(*code),
+                reason: (*reason).into(),
+            };
+            if tx.send(Message::Close(Some(frame))).await.is_ok() {
+                // The peer answers with its own close; then the connection ends.
+                let _ = tokio::time::timeout(CLOSE_WAIT, async {
+                    while let Some(Ok(_)) = rx.next().await {}
+                })
+                .await;
+            }
+        }
+        // Flushes tungstenite's answer to the client's close (its own code echoed).
+        End::Client(_) => {
+            let _ = tokio::time::timeout(CLOSE_WAIT, tx.close()).await;
+        }
+        // Dropped: the peer sees the connection end without a close frame (1006).
+        End::NoPong => {}
+    }
+    tracing::debug!(key = %who.key_id, "WebSocket ended: {end}");
+}
+
+/// Pushes the key's notifications until the socket ends.
+async fn deliver(
+    socket: &Socket,
+    who: &Principal,
+    attached: &mut Attached,
+    tx: &mut Tx,
+    rx: &mut Rx,
+) -> End {
+    let mut stop = attached.stop.clone();
+    let mut pings: u64 = 0;
+    loop {
+        let pulled = tokio::select! {
+            biased;
+            why = &mut attached.end => return hub_end(why.ok()),
+            _ = stop.recv() => return End::Closed(1012, "the daemon is restarting or stopping"),
+            m = rx.next() => match incoming(m) {
+                Some(end) => return end,
+                None => continue,
+            },
+            r = socket.hub.pull_for_socket(who, Some(socket.ping), std::future::pending()) => r,
+        };
+        pings += 1;
+        let ping = pings.to_be_bytes();
+        match pulled {
+            Ok(Pulled::Batch(batch)) => {
+                let message = super::wire::message(&batch.events);
+                if let Err(e) = tx.send(Message::text(message)).await {
+                    // The ticket's drop puts the batch back.
+                    return End::Client(format!("the frame was not written: {e}"));
+                }
+                Counters::inc(&socket.counters.websocket_frames_sent);
+                match ponged(socket, attached, &mut stop, tx, rx, &ping).await {
+                    Ok(()) => {
+                        // Read: the socket's next pull acknowledges it.
+                        drop(batch.ticket.sent());
+                        Counters::inc(&socket.counters.websocket_frames_acknowledged);
+                    }
+                    Err(end) => return end,
+                }
+            }
+            // Idle for an interval: is the peer still there?
+            Ok(Pulled::Empty | Pulled::Gone) => {
+                if let Err(end) = ponged(socket, attached, &mut stop, tx, rx, &ping).await {
+                    return end;
+                }
+            }
+            Ok(Pulled::NoWebsocket | Pulled::CallbackActive | Pulled::WebsocketActive) => {
+                return End::Closed(1001, "the WebSocket channel was removed");
+            }
+            Err(e) => {
+                super::reply::store_failure(&e, "WebSocket delivery");
+                return End::Closed(1011, "internal error: the state store is failing");
+            }
+        }
+    }
+}
+
+/// Sends a ping and waits for its pong, up to one ping interval.
+async fn ponged(
+    socket: &Socket,
+    attached: &mut Attached,
+    stop: &mut crate::shutdown::Shutdown,
+    tx: &mut Tx,
+    rx: &mut Rx,
+    ping: &[u8],
+) -> Result<(), End> {
+    if let Err(e) = tx.send(Message::Ping(ping.to_vec().into())).await {
+        return Err(End::Client(format!("the ping was not written: {e}")));
+    }
+    let deadline = Instant::now() + socket.ping;
+    loop {
+        tokio::select! {
+            biased;
+            why = &mut attached.end => return Err(hub_end(why.ok())),
+            _ = stop.recv() => {
+                return Err(End::Closed(1012, "the daemon is restarting or stopping"));
+            }
+            _ = tokio::time::sleep_until(deadline) => return Err(End::NoPong),
+            m = rx.next() => match m {
+                Some(Ok(Message::Pong(p))) if p.as_ref() == ping => return Ok(()),
+                other => {
+                    if let Some(end) = incoming(other) {
+                        return Err(end);
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// A message from the client: `Some` when it ends the socket. Other frames (text,
+/// binary, stale pongs) are read and dropped; tungstenite answers pings itself.
+fn incoming(m: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) -> Option<End> {
+    match m {
+        None => Some(End::Client("the connection ended".into())),
+        Some(Err(e)) => Some(End::Client(format!("read failed: {e}"))),
+        Some(Ok(Message::Close(frame))) => Some(End::Client(format!(
+            "closed by the client ({})",
+            frame.map_or_else(|| "no code".to_string(), |f| u16::from(f.code).to_string())
+        ))),
+        Some(Ok(_)) => None,
+    }
+}
+
+/// The close for a socket the hub ended (`None`: the hub went away, the daemon stops).
+fn hub_end(why: Option<SocketEnd>) -> End {
+    match why {
+        Some(SocketEnd::Replaced) => End::Closed(1001, "another WebSocket of this access key opened"),
+        Some(SocketEnd::ChannelRemoved) => End::Closed(1001, "the WebSocket channel was removed"),
+        Some(SocketEnd::Revoked) => End::Closed(1008, "the access key is no longer valid"),
+        None => End::Closed(1012, "the daemon is restarting or stopping"),
+    }
+}

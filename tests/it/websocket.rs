@@ -1,0 +1,425 @@
+//! End-to-end tests of the WebSocket notification channel (issue 23, item 1): Pelion's
+//! `PUT|GET|DELETE /v2/notification/websocket` and `GET /v2/notification/websocket-connect`
+//! through a real daemon and real sockets, with Python's `websockets` (a client nobody here
+//! wrote; tests/peers/ws_client.py) and tungstenite's synchronous client.
+
+use crate::support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use coap_lite::MessageType;
+use serde_json::{Value, json};
+use support::receiver::Receiver;
+use support::{Daemon, b64, bearer_call as call};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Message, WebSocket};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A ping a second: frames are acknowledged, and dead sockets found, quickly.
+const FAST_PINGS: &str = "[notifications]\nwebsocket_ping_interval_s = 1\n";
+
+/// The `websockets` version the tests are written against.
+const WEBSOCKETS: &str = "websockets==15.0.1";
+
+fn connect_url(d: &Daemon) -> String {
+    format!("ws://{}/v2/notification/websocket-connect", d.rest)
+}
+
+/// `ws_client.py`, running: its stdout lines (JSON) as they come.
+struct PyClient {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<Value>,
+}
+
+impl PyClient {
+    /// Connects with `key` given `how`: `bearer`, `subprotocol` or `none`.
+    fn connect(d: &Daemon, key: &str, how: &str) -> PyClient {
+        let python = support::peers::python_venv("websockets", WEBSOCKETS, "websockets");
+        let mut child = Command::new(python)
+            .arg(support::peers::script("ws_client.py"))
+            .args([&connect_url(d), key, how])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start ws_client.py");
+        let stdin = child.stdin.take().unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let v: Value = serde_json::from_str(&line).expect("a JSON line");
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        PyClient {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// The next line, within `WAIT`.
+    fn next(&self) -> Value {
+        self.lines
+            .recv_timeout(WAIT)
+            .expect("ws_client.py said nothing in time")
+    }
+
+    /// The next line; the handshake's, which must be a success.
+    fn opened(d: &Daemon, key: &str, how: &str) -> (PyClient, Value) {
+        let c = PyClient::connect(d, key, how);
+        let first = c.next();
+        assert_eq!(first["open"], true, "{first}");
+        (c, first)
+    }
+
+    /// Frames until one satisfies `done` (its message returned); fails on a close.
+    fn frame_where(&self, done: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let v = self.next();
+            let Some(f) = v.get("frame") else {
+                panic!("no frame: {v}");
+            };
+            if done(f) {
+                return f.clone();
+            }
+        }
+    }
+
+    /// Skips frames until the close; its code.
+    fn closed(&self) -> u64 {
+        loop {
+            let v = self.next();
+            if let Some(code) = v.get("closed") {
+                return code.as_u64().unwrap();
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        let _ = self.stdin.write_all(b"close\n");
+        let _ = self.stdin.flush();
+    }
+}
+
+impl Drop for PyClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tungstenite client with the key as a Bearer token.
+fn rust_client(d: &Daemon, key: &str) -> WebSocket<TcpStream> {
+    let mut req = connect_url(d).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let stream = TcpStream::connect(d.rest).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let (ws, resp) = tokio_tungstenite::tungstenite::client::client(req, stream)
+        .expect("the WebSocket handshake");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// The next text frame of a tungstenite client, as JSON (pongs answered meanwhile).
+fn rust_frame(ws: &mut WebSocket<TcpStream>) -> Value {
+    loop {
+        match ws.read().expect("a frame") {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => {}
+        }
+    }
+}
+
+fn registered_eps(frame: &Value) -> Vec<String> {
+    support::strings_of(&frame["registrations"], "ep")
+}
+
+fn put_channel(d: &Daemon, key: &str) -> support::Http {
+    call(d, "PUT", "/v2/notification/websocket", Some(key), None)
+}
+
+fn eventually(timeout: Duration, f: impl Fn() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+/// Pelion's shapes and codes: PUT 201 then 200 with `{queue_size, status}`, GET 200/404,
+/// DELETE 204/404; a key with a WebSocket channel long-polls 409; a callback replaces the
+/// channel and the channel replaces a callback.
+#[test]
+fn channel_put_get_delete_shapes_and_codes() {
+    let d = Daemon::start();
+    let key = d.key.clone();
+    let r = call(&d, "GET", "/v2/notification/websocket", Some(&key), None);
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.json()["type"], "not_found");
+
+    let r = put_channel(&d, &key);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json(), json!({"queue_size": 0, "status": "disconnected"}));
+    let r = put_channel(&d, &key);
+    assert_eq!(r.status, 200, "{}", r.body);
+    d.device().register(&["ep=queued", "lt=300"], "</3/0>");
+    let r = call(&d, "GET", "/v2/notification/websocket", Some(&key), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json(), json!({"queue_size": 1, "status": "disconnected"}));
+
+    let r = d.get("/v2/notification/pull?noWait=true");
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(r.json()["type"], "conflict");
+
+    // The registration survives a restart.
+    let d = d.stop_and_restart();
+    let r = call(&d, "GET", "/v2/notification/websocket", Some(&key), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["queue_size"], 1);
+
+    let r = call(&d, "DELETE", "/v2/notification/websocket", Some(&key), None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = call(&d, "DELETE", "/v2/notification/websocket", Some(&key), None);
+    assert_eq!(r.status, 404, "{}", r.body);
+    // Back to long-poll, with the event that was waiting.
+    let r = d.get("/v2/notification/pull?noWait=true");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(registered_eps(&r.json()), ["queued"]);
+
+    // A callback replaces the WebSocket channel, and the channel the callback.
+    assert_eq!(put_channel(&d, &key).status, 201);
+    let rx = Receiver::start(0);
+    let r = call(
+        &d,
+        "PUT",
+        "/v2/notification/callback",
+        Some(&key),
+        Some(&json!({"url": rx.url("/cb")})),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = call(&d, "GET", "/v2/notification/websocket", Some(&key), None);
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(put_channel(&d, &key).status, 201);
+    let r = call(&d, "GET", "/v2/notification/callback", Some(&key), None);
+    assert_eq!(r.status, 404, "{}", r.body);
+
+    // Methods and bad handshakes are JSON errors.
+    let r = call(&d, "POST", "/v2/notification/websocket", Some(&key), None);
+    assert_eq!(r.status, 405, "{}", r.body);
+    let r = call(&d, "GET", "/v2/notification/websocket-connect", Some(&key), None);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["type"], "bad_request");
+}
+
+/// A bad or missing key is refused 401 before any upgrade, in either form.
+#[test]
+fn a_bad_or_missing_key_is_401_before_the_upgrade() {
+    let d = Daemon::start();
+    assert_eq!(put_channel(&d, &d.key).status, 201);
+    for (key, how) in [
+        ("not-a-key", "bearer"),
+        ("not-a-key", "subprotocol"),
+        ("", "none"),
+    ] {
+        let c = PyClient::connect(&d, key, how);
+        let v = c.next();
+        assert_eq!(v["refused"], 401, "{how}: {v}");
+        let body: Value = serde_json::from_str(v["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body["type"], "unauthorized", "{how}: {body}");
+    }
+}
+
+/// Python's `websockets` with the key as a Bearer token, then as a browser sends it
+/// (`Sec-WebSocket-Protocol: wss, pelion_ak_<key>`, answered `wss`): a registration and a
+/// notification arrive as text frames with the long-poll's JSON; the client's close is
+/// answered 1000.
+#[test]
+fn registrations_and_notifications_arrive_as_frames() {
+    let d = Daemon::start_with(FAST_PINGS);
+    let key = d.key.clone();
+    assert_eq!(put_channel(&d, &key).status, 201);
+    let (mut c, open) = PyClient::opened(&d, &key, "bearer");
+    assert_eq!(open["subprotocol"], Value::Null);
+    assert!(
+        eventually(WAIT, || call(
+            &d,
+            "GET",
+            "/v2/notification/websocket",
+            Some(&key),
+            None
+        )
+        .json()["status"]
+            == "connected"),
+        "the channel never said connected"
+    );
+
+    // A pre-subscription makes the daemon observe the temperature at registration.
+    let r = d.send_json(
+        "PUT",
+        "/v2/subscriptions",
+        json!([{"endpoint-name": "ws-1", "resource-path": ["/3303/0/5700"]}]).to_string(),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let mut dev = d.device();
+    let id = dev.register(&["ep=ws-1", "lt=300"], r#"</3303/0/5700>;obs"#);
+    let f = c.frame_where(|f| !f["registrations"].is_null());
+    assert_eq!(registered_eps(&f), ["ws-1"]);
+    let (req, from) = dev.recv_request(WAIT).expect("the observe request");
+    let token = req.get_token().to_vec();
+    let first = support::observe_content(
+        MessageType::Acknowledgement,
+        req.header.message_id,
+        &token,
+        1,
+        b"20.0",
+    );
+    support::send_packet(&dev, &first, from);
+    let next = support::observe_content(MessageType::NonConfirmable, 900, &token, 2, b"21.5");
+    support::send_packet(&dev, &next, from);
+    let f = c.frame_where(|f| {
+        f["notifications"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n["payload"] == b64(b"21.5")))
+    });
+    let n = &f["notifications"][0];
+    assert_eq!((n["ep"].as_str(), n["path"].as_str()), (Some("ws-1"), Some("/3303/0/5700")));
+    c.close();
+    assert_eq!(c.closed(), 1000);
+    assert!(d.metric("websocket_frames_acknowledged_total") >= 2);
+
+    // The browser's form.
+    let (c, open) = PyClient::opened(&d, &key, "subprotocol");
+    assert_eq!(open["subprotocol"], "wss");
+    dev.deregister(&id);
+    let f = c.frame_where(|f| !f["de-registrations"].is_null());
+    assert_eq!(f["de-registrations"], json!(["ws-1"]));
+}
+
+/// One socket per channel: a second closes the first with 1001 and takes the events.
+#[test]
+fn a_second_socket_closes_the_first_with_1001() {
+    let d = Daemon::start_with(FAST_PINGS);
+    let key = d.key.clone();
+    assert_eq!(put_channel(&d, &key).status, 201);
+    let (first, _) = PyClient::opened(&d, &key, "bearer");
+    let (second, _) = PyClient::opened(&d, &key, "subprotocol");
+    assert_eq!(first.closed(), 1001);
+    d.device().register(&["ep=second", "lt=300"], "</3/0>");
+    let f = second.frame_where(|f| !f["registrations"].is_null());
+    assert_eq!(registered_eps(&f), ["second"]);
+    // Deleting the channel closes its socket with 1001 too.
+    let r = call(&d, "DELETE", "/v2/notification/websocket", Some(&key), None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(second.closed(), 1001);
+}
+
+/// No `PUT /v2/notification/websocket` first: the socket opens and is closed with 1011,
+/// as Pelion does.
+#[test]
+fn a_key_without_a_channel_is_closed_with_1011() {
+    let d = Daemon::start();
+    let (c, _) = PyClient::opened(&d, &d.key, "bearer");
+    assert_eq!(c.closed(), 1011);
+}
+
+/// A key revoked while its socket is open (its creator deletes it) is closed with 1008.
+#[test]
+fn a_revoked_key_is_closed_with_1008() {
+    let d = Daemon::start();
+    let body = json!({"name": "ws", "scopes": ["notifications"]});
+    let r = call(&d, "POST", "/api/api_tokens", Some(&d.key), Some(&body));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let v = r.json();
+    let (id, key) = (
+        v["id"].as_str().unwrap().to_string(),
+        v["access_key"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(put_channel(&d, &key).status, 201);
+    let (c, _) = PyClient::opened(&d, &key, "bearer");
+    assert!(eventually(WAIT, || d.metric("websockets_connected") == 1));
+    let r = call(&d, "DELETE", &format!("/api/api_tokens/{id}"), Some(&d.key), None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(c.closed(), 1008);
+    // And it cannot come back.
+    let c = PyClient::connect(&d, &key, "bearer");
+    assert_eq!(c.next()["refused"], 401);
+}
+
+/// At least once: a socket dropped after a frame was written but before the pong to the
+/// ping that followed it loses nothing: the next socket gets that frame again. A frame
+/// that was ponged is not sent again.
+#[test]
+fn a_frame_not_acknowledged_is_delivered_to_the_next_socket() {
+    let d = Daemon::start_with(FAST_PINGS);
+    let key = d.key.clone();
+    assert_eq!(put_channel(&d, &key).status, 201);
+    let mut ws = rust_client(&d, &key);
+    d.device().register(&["ep=unacked", "lt=300"], "</3/0>");
+    let f = rust_frame(&mut ws);
+    assert_eq!(registered_eps(&f), ["unacked"]);
+    // Gone without reading the ping behind the frame: no pong was sent.
+    drop(ws);
+
+    let (mut c, _) = PyClient::opened(&d, &key, "bearer");
+    let f = c.frame_where(|f| !f["registrations"].is_null());
+    assert_eq!(registered_eps(&f), ["unacked"], "the frame was lost");
+    // Acknowledged now (the client's pong): the next socket starts after it.
+    assert!(eventually(WAIT, || d
+        .metric("websocket_frames_acknowledged_total")
+        >= 1));
+    c.close();
+    assert_eq!(c.closed(), 1000);
+    let mut ws = rust_client(&d, &key);
+    d.device().register(&["ep=after", "lt=300"], "</3/0>");
+    let f = rust_frame(&mut ws);
+    assert_eq!(registered_eps(&f), ["after"], "an acknowledged frame came again");
+    assert!(d.metric("websocket_frames_sent_total") >= 3);
+}
+
+/// A peer that stops answering pings is dropped (1006 on its side, no close frame) and the
+/// channel says disconnected.
+#[test]
+fn a_socket_that_misses_its_pongs_is_dropped() {
+    let d = Daemon::start_with(FAST_PINGS);
+    let key = d.key.clone();
+    assert_eq!(put_channel(&d, &key).status, 201);
+    let ws = rust_client(&d, &key);
+    let status = || {
+        call(&d, "GET", "/v2/notification/websocket", Some(&key), None).json()["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(eventually(WAIT, || status() == "connected"));
+    // Never read: the pings are not answered.
+    assert!(
+        eventually(WAIT, || status() == "disconnected"),
+        "the silent socket was kept"
+    );
+    drop(ws);
+}
+
+/// The daemon stopping closes its sockets with 1012 (service restart).
+#[test]
+fn the_daemon_stopping_closes_with_1012() {
+    let d = Daemon::start();
+    assert_eq!(put_channel(&d, &d.key).status, 201);
+    let (c, _) = PyClient::opened(&d, &d.key, "bearer");
+    assert!(eventually(WAIT, || d.metric("websockets_connected") == 1));
+    d.signal("TERM");
+    assert_eq!(c.closed(), 1012);
+}
