@@ -207,6 +207,7 @@ fn the_console_in_a_browser_reads_observes_and_plots() {
     assert!(status.success(), "{status}");
     let stats: serde_json::Value = serde_json::from_str(&result).unwrap();
     assert_eq!(stats["manufacturer"], "connectord", "{stats}");
+    assert_eq!(stats["feed"], "(WebSocket)", "{stats}");
     assert!(stats["points"].as_u64().unwrap_or(0) >= 4, "{stats}");
     assert!(
         stats["forbidden"]

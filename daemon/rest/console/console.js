@@ -486,14 +486,18 @@
     me.stop = () => { me.stopped = true; me.abort.abort(); if (me.ws) me.ws.close(1000); };
     feed = me;
     try {
-      // The channel is made for this session unless the key had one: it is removed again
-      // at log-out, so that the key's long-poll works as before.
-      const had = await api('GET', '/v2/notification/websocket').then(() => true, (e) => {
+      // A key whose events go to a callback keeps it: registering a WebSocket channel would
+      // replace it. The console then has no live events.
+      const callback = await api('GET', '/v2/notification/callback').then(() => true, (e) => {
         if (e.status === 404) return false;
         throw e;
       });
-      await api('PUT', '/v2/notification/websocket', { type: 'application/json', body: '{}' });
-      me.made = !had;
+      if (me.stopped) return;
+      if (callback) { feedMode('(none: this key delivers its events to a callback)'); return; }
+      // The channel is made for this session unless the key had one (201, not 200): it is
+      // removed again at log-out, so that the key's long-poll works as before.
+      const r = await api('PUT', '/v2/notification/websocket', { type: 'application/json', body: '{}' });
+      me.made = r.status === 201;
       websocket(me, 0);
     } catch (e) {
       if (me.stopped) return;
@@ -515,6 +519,9 @@
     ws.onclose = (c) => {
       if (me.stopped) return;
       if (c.code === 1008) { logout('The access key was revoked.'); return; }
+      // Another socket of this key took the channel (another tab, another client), or the
+      // channel was removed: taking it back would make the two take turns.
+      if (c.code === 1001) { feedMode('(stopped: another client of this key took the channel; log in again to take it back)'); return; }
       const n = opened ? 0 : failures + 1;
       feedMode(`(WebSocket closed ${c.code}; reconnecting)`);
       setTimeout(() => { if (!me.stopped) websocket(me, n); }, Math.min(30000, 1000 * 2 ** n));
@@ -568,9 +575,18 @@
     }
     sessionStorage.removeItem(STORE);
     key = null;
+    // Nothing of this session stays on the page for the next key.
     current = null;
+    endpoints.clear();
     observed.clear();
+    pending.clear();
+    early.clear();
     plotted = null;
+    drawPlot();
+    for (const id of ['plot', 'plot-title', 'plot-stats']) $(id).textContent = '';
+    $('search').value = '';
+    $('ep-list').textContent = '';
+    $('dev-title').textContent = 'Select an endpoint';
     $('app').hidden = true;
     $('logout').hidden = true;
     $('login').hidden = false;
