@@ -215,6 +215,10 @@ fn the_console_in_a_browser_reads_observes_and_plots() {
             .is_some_and(|s| s.contains("resources:write")),
         "{stats}"
     );
+    // The WebSocket channel the console made for the admin key was removed at its
+    // log-out: the key's long-poll works as before.
+    assert_eq!(d.get("/v2/notification/websocket").status, 404);
+    assert_eq!(d.get("/v2/notification/pull?noWait=true").status / 100, 2);
     for shot in ["1-login", "2-tree", "3-plot", "4-restricted-key"] {
         let png = out_dir.join(format!("{shot}.png"));
         let meta = std::fs::metadata(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
