@@ -30,7 +30,11 @@ fn curl(method: &str, url: &str, headers: &[&str]) -> (u16, String, String) {
         cmd.args(["-H", h]);
     }
     let out = cmd.arg(url).output().expect("curl (apt-get install curl)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let all = String::from_utf8_lossy(&out.stdout).into_owned();
     let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
     let status = head
@@ -62,7 +66,11 @@ fn the_console_files_are_public_typed_cached_and_locked_down() {
         assert_eq!(status, 200, "/console{path}: {head}");
         assert_eq!(header(&head, "content-type"), Some(ty), "{path}");
         let csp = header(&head, "content-security-policy").unwrap_or_default();
-        for directive in ["default-src 'none'", "script-src 'self'", "frame-ancestors 'none'"] {
+        for directive in [
+            "default-src 'none'",
+            "script-src 'self'",
+            "frame-ancestors 'none'",
+        ] {
             assert!(csp.contains(directive), "{path}: {csp}");
         }
         assert!(!csp.contains("unsafe"), "{csp}");
@@ -80,7 +88,10 @@ fn the_console_files_are_public_typed_cached_and_locked_down() {
     }
     // The page names no inline script or style (the policy would block it).
     let (_, _, page) = curl("GET", &base, &[]);
-    assert!(!page.contains("<script>") && !page.contains("style="), "{page}");
+    assert!(
+        !page.contains("<script>") && !page.contains("style="),
+        "{page}"
+    );
     // HEAD, and what is not a console file.
     assert_eq!(curl("HEAD", &base, &[]).0, 200);
     let (status, head, body) = curl("GET", &format!("{base}/nothing.js"), &[]);
@@ -111,8 +122,7 @@ impl Drop for Sim {
 
 fn artifacts() -> PathBuf {
     // target/test-artifacts/console (CARGO_TARGET_TMPDIR is target/tmp).
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("../test-artifacts/console");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../test-artifacts/console");
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -141,8 +151,8 @@ fn the_console_in_a_browser_reads_observes_and_plots() {
         .expect("access_key")
         .to_string();
     let profile = tempfile::tempdir().unwrap();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/it/fixtures/console-browser.cjs");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/it/fixtures/console-browser.cjs");
     let out_dir = artifacts();
     let ep = "sim-000000";
     let mut node = Command::new(browser::node())

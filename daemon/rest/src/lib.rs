@@ -371,8 +371,7 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
     };
     // The console's files are public (they hold no data): answered before authentication.
     if let Route::Console(asset) = &route {
-        return console::serve(asset, req.headers())
-            .method_is_head(*req.method() == Method::HEAD);
+        return console::serve(asset, req.headers()).method_is_head(*req.method() == Method::HEAD);
     }
     let errs = plugin_errors.as_ref().unwrap_or(&CORE_ERRORS);
     // A browser names its key in the WebSocket's subprotocols.

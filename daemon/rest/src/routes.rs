@@ -146,7 +146,10 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
     };
     // The console's files: before the version prefix is stripped (it has none).
     if segments.first().map(|s| &**s) == Some("console") {
-        return match (*method == Method::GET || *method == Method::HEAD, &segments[1..]) {
+        return match (
+            *method == Method::GET || *method == Method::HEAD,
+            &segments[1..],
+        ) {
             (false, _) => Err(method_not_allowed("GET, HEAD")),
             (true, []) => Ok((Route::Console(String::new()), Scope::EndpointsRead)),
             (true, [asset]) => Ok((Route::Console(asset.to_string()), Scope::EndpointsRead)),
