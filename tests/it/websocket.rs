@@ -220,7 +220,13 @@ fn channel_put_get_delete_shapes_and_codes() {
     // Methods and bad handshakes are JSON errors.
     let r = call(&d, "POST", "/v2/notification/websocket", Some(&key), None);
     assert_eq!(r.status, 405, "{}", r.body);
-    let r = call(&d, "GET", "/v2/notification/websocket-connect", Some(&key), None);
+    let r = call(
+        &d,
+        "GET",
+        "/v2/notification/websocket-connect",
+        Some(&key),
+        None,
+    );
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.json()["type"], "bad_request");
 }
@@ -296,7 +302,10 @@ fn registrations_and_notifications_arrive_as_frames() {
             .is_some_and(|n| n.iter().any(|n| n["payload"] == b64(b"21.5")))
     });
     let n = &f["notifications"][0];
-    assert_eq!((n["ep"].as_str(), n["path"].as_str()), (Some("ws-1"), Some("/3303/0/5700")));
+    assert_eq!(
+        (n["ep"].as_str(), n["path"].as_str()),
+        (Some("ws-1"), Some("/3303/0/5700"))
+    );
     c.close();
     assert_eq!(c.closed(), 1000);
     assert!(d.metric("websocket_frames_acknowledged_total") >= 2);
@@ -351,7 +360,13 @@ fn a_revoked_key_is_closed_with_1008() {
     assert_eq!(put_channel(&d, &key).status, 201);
     let (c, _) = PyClient::opened(&d, &key, "bearer");
     assert!(eventually(WAIT, || d.metric("websockets_connected") == 1));
-    let r = call(&d, "DELETE", &format!("/api/api_tokens/{id}"), Some(&d.key), None);
+    let r = call(
+        &d,
+        "DELETE",
+        &format!("/api/api_tokens/{id}"),
+        Some(&d.key),
+        None,
+    );
     assert_eq!(r.status, 204, "{}", r.body);
     assert_eq!(c.closed(), 1008);
     // And it cannot come back.
@@ -386,7 +401,11 @@ fn a_frame_not_acknowledged_is_delivered_to_the_next_socket() {
     let mut ws = rust_client(&d, &key);
     d.device().register(&["ep=after", "lt=300"], "</3/0>");
     let f = rust_frame(&mut ws);
-    assert_eq!(registered_eps(&f), ["after"], "an acknowledged frame came again");
+    assert_eq!(
+        registered_eps(&f),
+        ["after"],
+        "an acknowledged frame came again"
+    );
     assert!(d.metric("websocket_frames_sent_total") >= 3);
 }
 
@@ -422,4 +441,59 @@ fn the_daemon_stopping_closes_with_1012() {
     assert!(eventually(WAIT, || d.metric("websockets_connected") == 1));
     d.signal("TERM");
     assert_eq!(c.closed(), 1012);
+}
+
+/// Cluster (issue 22): a socket on a node that does not own the key's channel reads it
+/// through the owner (its pulls forwarded as the long-poll's are): every event of the
+/// key, registrations made on either node, in order; a long-poll on any node gets 409.
+#[test]
+fn a_socket_on_a_non_owner_node_gets_every_event_of_its_key() {
+    use crate::cluster::{LINKS, cluster, second_node};
+    use connectord_testkit::nats::NatsServer;
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&format!("{}\n{FAST_PINGS}", cluster(&[server.url()], "n1")));
+    let n2 = second_node(&server, &n1, "n2", FAST_PINGS);
+    let key = n1.key.clone();
+    // n1 makes the channel (and takes its lease), then makes it a WebSocket channel.
+    assert!(n1.pull_now().is_none());
+    assert_eq!(put_channel(&n1, &key).status, 201);
+    assert!(
+        eventually(WAIT, || call(
+            &n2,
+            "GET",
+            "/v2/notification/websocket",
+            Some(&key),
+            None
+        )
+        .status
+            == 200),
+        "n2 never learnt of the WebSocket channel"
+    );
+    assert_eq!(n2.get("/v2/notification/pull?noWait=true").status, 409);
+    assert_eq!(n1.metric("cluster_owned_channels"), 1);
+    assert_eq!(n2.metric("cluster_owned_channels"), 0);
+
+    let (c, _) = PyClient::opened(&n2, &key, "bearer");
+    let mut devices = Vec::new();
+    for (i, node) in [&n2, &n1, &n2].into_iter().enumerate() {
+        let mut dev = node.device();
+        dev.register(&[&format!("ep=ws-node-{i}"), "lt=300"], LINKS);
+        devices.push(dev);
+    }
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let f = c.frame_where(|f| !f["registrations"].is_null());
+        got.extend(registered_eps(&f));
+    }
+    assert_eq!(
+        got,
+        ["ws-node-0", "ws-node-1", "ws-node-2"],
+        "in order, once"
+    );
+    assert!(
+        eventually(WAIT, || n2.metric("websocket_frames_acknowledged_total")
+            >= 1),
+        "no frame acknowledged on n2"
+    );
+    assert_eq!(n1.metric("websockets_connected"), 0);
 }

@@ -223,7 +223,9 @@ impl std::fmt::Display for End {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             End::Client(why) => f.write_str(why),
-            End::NoPong => f.write_str("no pong within notifications.websocket_ping_interval_s; dropped"),
+            End::NoPong => {
+                f.write_str("no pong within notifications.websocket_ping_interval_s; dropped")
+            }
             End::Closed(code, why) => write!(f, "closed with {code}: {why}"),
         }
     }
@@ -237,12 +239,10 @@ type Rx = futures_util::stream::SplitStream<Io>;
 async fn serve(ws: Io, socket: Socket, who: &Principal, attached: Option<Attached>) {
     let (mut tx, mut rx) = ws.split();
     let end = match attached {
-        None => {
-            End::Closed(
-                1011,
-                "no WebSocket channel is registered for this access key (PUT /v2/notification/websocket first)",
-            )
-        }
+        None => End::Closed(
+            1011,
+            "no WebSocket channel is registered for this access key (PUT /v2/notification/websocket first)",
+        ),
         Some(mut attached) => {
             Counters::inc(&socket.counters.websockets_opened);
             tracing::debug!(key = %who.key_id, "WebSocket connected");
@@ -380,7 +380,9 @@ fn incoming(m: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) -
 /// The close for a socket the hub ended (`None`: the hub went away, the daemon stops).
 fn hub_end(why: Option<SocketEnd>) -> End {
     match why {
-        Some(SocketEnd::Replaced) => End::Closed(1001, "another WebSocket of this access key opened"),
+        Some(SocketEnd::Replaced) => {
+            End::Closed(1001, "another WebSocket of this access key opened")
+        }
         Some(SocketEnd::ChannelRemoved) => End::Closed(1001, "the WebSocket channel was removed"),
         Some(SocketEnd::Revoked) => End::Closed(1008, "the access key is no longer valid"),
         None => End::Closed(1012, "the daemon is restarting or stopping"),

@@ -1112,7 +1112,11 @@ impl Hub {
             // (at least once).
             ch.in_flight = None;
             ch.wake.notify_waiters();
-            (created, (before, was_websocket), self.store.put_channel(ch.record()))
+            (
+                created,
+                (before, was_websocket),
+                self.store.put_channel(ch.record()),
+            )
         };
         let (before, was_websocket) = before;
         if let Err(e) = durable.await {
@@ -1949,7 +1953,11 @@ impl Hub {
             .me
             .upgrade()
             .ok_or_else(|| PeerError::Failed("stopping".into()))?;
-        let via = if req.socket { Via::Socket } else { Via::LongPoll };
+        let via = if req.socket {
+            Via::Socket
+        } else {
+            Via::LongPoll
+        };
         match me
             .pull_here(&req.key_id, req.wait, std::future::pending(), via)
             .await
@@ -2482,13 +2490,22 @@ mod tests {
     #[tokio::test]
     async fn a_websocket_channel_is_read_by_one_socket_and_loses_nothing() {
         let f = fixture().await;
-        assert!(f.hub.attach_socket("k").is_none(), "no WebSocket channel yet");
+        assert!(
+            f.hub.attach_socket("k").is_none(),
+            "no WebSocket channel yet"
+        );
         assert!(f.hub.register_websocket(&f.key).await.unwrap());
-        assert!(!f.hub.register_websocket(&f.key).await.unwrap(), "200: it was one");
+        assert!(
+            !f.hub.register_websocket(&f.key).await.unwrap(),
+            "200: it was one"
+        );
         let socket_pull = || f.hub.pull_for_socket(&f.key, None, std::future::pending());
         f.publish("a").await;
         assert!(matches!(
-            f.hub.pull(&f.key, None, std::future::pending()).await.unwrap(),
+            f.hub
+                .pull(&f.key, None, std::future::pending())
+                .await
+                .unwrap(),
             Pulled::WebsocketActive
         ));
         let mut first = f.hub.attach_socket("k").unwrap();
