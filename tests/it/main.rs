@@ -29,6 +29,7 @@ mod cluster_failover;
 mod cluster_forward;
 mod cluster_moves;
 mod connections;
+mod console;
 mod crash;
 mod credentials;
 mod dtls;

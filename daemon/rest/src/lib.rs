@@ -17,6 +17,7 @@ use connectord_plugin_host as plugins;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod console;
 pub mod credentials;
 pub mod devtools;
 pub mod endpoints;
@@ -368,6 +369,10 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
         }
         Err(reply) => return reply,
     };
+    // The console's files are public (they hold no data): answered before authentication.
+    if let Route::Console(asset) = &route {
+        return console::serve(asset, req.headers()).method_is_head(*req.method() == Method::HEAD);
+    }
     let errs = plugin_errors.as_ref().unwrap_or(&CORE_ERRORS);
     // A browser names its key in the WebSocket's subprotocols.
     if route == Route::NotificationWebsocketConnect {
@@ -516,6 +521,8 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
             _ => credentials::get(&state.credentials, &principal, &ep),
         },
         Route::OpenApi => Reply::with_type(StatusCode::OK, "application/json", OPENAPI),
+        // Answered before authentication; here only for the match to be whole.
+        Route::Console(asset) => console::serve(&asset, &parts.headers),
         Route::Limits => {
             let endpoints = state.directory.count_in(&principal.domain);
             Reply::json(

@@ -54,6 +54,9 @@ pub enum Route {
     DeviceCredential(String),
     /// A route served by a plugin (`path` without the version prefix).
     Plugin { plugin: String, path: String },
+    /// `GET /console` (`""`) and `GET /console/{asset}`: the web console's files, which
+    /// need no key (see `console`). Served unprefixed only.
+    Console(String),
 }
 
 /// The percent-decoded path without its `/v1` or `/v2` prefix (`/` for the root).
@@ -124,6 +127,9 @@ pub const CORE_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v2/device-credentials/{endpoint-name}"),
     ("PUT", "/v2/device-credentials/{endpoint-name}"),
     ("DELETE", "/v2/device-credentials/{endpoint-name}"),
+    // The web console: no key needed, not under /v1 or /v2.
+    ("GET", "/console"),
+    ("GET", "/console/{asset}"),
 ];
 
 /// Resolves a request to a route and the scope it needs, or a ready 404/405 reply.
@@ -138,6 +144,22 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
             ));
         }
     };
+    // The console's files: before the version prefix is stripped (it has none).
+    if segments.first().map(|s| &**s) == Some("console") {
+        return match (
+            *method == Method::GET || *method == Method::HEAD,
+            &segments[1..],
+        ) {
+            (false, _) => Err(method_not_allowed("GET, HEAD")),
+            (true, []) => Ok((Route::Console(String::new()), Scope::EndpointsRead)),
+            (true, [asset]) => Ok((Route::Console(asset.to_string()), Scope::EndpointsRead)),
+            (true, _) => Err(error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "the console has no such file",
+            )),
+        };
+    }
     let parts: Vec<&str> = unprefixed(&segments).iter().map(|s| &**s).collect();
     let read = |route: Route, scope: Scope| {
         if *method == Method::GET || *method == Method::HEAD {
@@ -292,6 +314,9 @@ mod tests {
                 },
             ),
             ("/v2/notification/pull", Route::NotificationPull),
+            ("/console", Route::Console(String::new())),
+            ("/console/", Route::Console(String::new())),
+            ("/console/console.js", Route::Console("console.js".into())),
             ("/notification/callback", Route::NotificationCallback),
             ("/v2/subscriptions", Route::Subscriptions),
             ("/v2/subscriptions/", Route::Subscriptions),
@@ -354,6 +379,19 @@ mod tests {
             resolve(&Method::POST, "/v2/endpoints")
                 .unwrap_err()
                 .status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        // The console is not part of the versioned API.
+        assert_eq!(
+            resolve(&Method::GET, "/v2/console").unwrap_err().status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            resolve(&Method::GET, "/console/a/b").unwrap_err().status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            resolve(&Method::POST, "/console").unwrap_err().status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
         assert_eq!(

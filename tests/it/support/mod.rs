@@ -3,6 +3,7 @@
 //! peers of tests/peers/ ([`peers`]).
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod certs;
 pub mod failover;
 pub mod peers;
