@@ -19,6 +19,7 @@ pub mod config;
 pub mod conn;
 pub mod credentials;
 pub mod devtools;
+pub mod device_requests;
 pub mod endpoints;
 pub mod notifications;
 pub mod reply;
@@ -378,9 +379,10 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
     }
     // A key restricted to some endpoints/resources touches no others.
     let target = match &route {
-        Route::Endpoint(ep) | Route::EndpointSubscriptions(ep) | Route::DeviceCredential(ep) => {
-            Some((ep.as_str(), None))
-        }
+        Route::Endpoint(ep)
+        | Route::EndpointSubscriptions(ep)
+        | Route::DeviceCredential(ep)
+        | Route::DeviceRequest(ep) => Some((ep.as_str(), None)),
         Route::Resource { ep, path } | Route::Subscription { ep, path } => {
             Some((ep.as_str(), Some(path.as_str())))
         }
@@ -437,6 +439,9 @@ async fn dispatch(state: Arc<AppState>, req: Request<Incoming>, gone: Gone) -> R
         Route::Endpoint(name) => endpoints::get(&state.directory, &principal, &parts, &name),
         Route::Resource { ep, path } => {
             resources::handle(&state.requests, &principal, &parts, body, &ep, &path).await
+        }
+        Route::DeviceRequest(ep) => {
+            device_requests::handle(&state.requests, &principal, &parts, body, &ep).await
         }
         Route::NotificationPull => {
             let gone = async move {
@@ -669,6 +674,7 @@ fn takes_json(route: &Route, method: &Method) -> bool {
             | (Route::Subscriptions, &Method::PUT)
             | (Route::Cert, &Method::POST)
             | (Route::DeviceCredential(_), &Method::PUT)
+            | (Route::DeviceRequest(_), &Method::POST)
     )
 }
 
