@@ -31,6 +31,7 @@ mod cluster_moves;
 mod connections;
 mod crash;
 mod credentials;
+mod device_requests;
 mod dtls;
 mod flood;
 mod fuzz;
