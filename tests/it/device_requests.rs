@@ -520,3 +520,70 @@ fn an_accepted_request_survives_kill_9() {
     dev.reply(&req, from, ResponseType::Changed, b"", None, None);
     assert_eq!(d.async_response("kept", WAIT)["status"], 200);
 }
+
+/// The simulator (`connectord simulate`, a separate process) as an LwM2M 1.1 client: a
+/// read in TLV, a read in SenML JSON decoded as the daemon's JSON value tree, a write and
+/// an execute, each answered under the client's async-id.
+#[test]
+fn the_simulator_answers_device_requests() {
+    let d = Daemon::start();
+    let mut sim = std::process::Command::new(d.bin())
+        .args(["simulate", "--devices", "1", "--prefix", "dr-", "--lwm2m", "1.1"])
+        .args(["--server", &d.coap.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start connectord simulate");
+    let registered = support::eventually(WAIT, || d.get("/v2/endpoints/dr-000000").status == 200);
+    let checks = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert!(registered, "the simulated device registered");
+        accepted(
+            &d,
+            "dr-000000",
+            "async-id=sim-read",
+            json!({"method": "GET", "uri": "/3/0/0", "accepted-content-type": "text/plain"}),
+        );
+        let r = d.async_response("sim-read", WAIT);
+        assert_eq!(
+            (r["status"].as_u64(), r["ct"].as_str(), r["payload"].as_str()),
+            (Some(200), Some("text/plain"), Some(b64(b"connectord").as_str())),
+            "{r}"
+        );
+        accepted(
+            &d,
+            "dr-000000",
+            "async-id=sim-tree",
+            json!({"method": "GET", "uri": "/3/0", "accepted-content-type": "application/json"}),
+        );
+        let r = d.async_response("sim-tree", WAIT);
+        assert_eq!(r["ct"], "application/json", "{r}");
+        use base64::Engine;
+        let tree: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::STANDARD
+                .decode(r["payload"].as_str().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(tree["0"], "connectord", "{tree}");
+        accepted(
+            &d,
+            "dr-000000",
+            "async-id=sim-write",
+            json!({"method": "PUT", "uri": "/1/0/1", "content-type": "text/plain", "payload-b64": b64(b"600")}),
+        );
+        assert_eq!(d.async_response("sim-write", WAIT)["status"], 200);
+        accepted(
+            &d,
+            "dr-000000",
+            "async-id=sim-exec",
+            json!({"method": "POST", "uri": "/3/0/4"}),
+        );
+        assert_eq!(d.async_response("sim-exec", WAIT)["status"], 200);
+    }));
+    let _ = sim.kill();
+    let _ = sim.wait();
+    if let Err(p) = checks {
+        std::panic::resume_unwind(p);
+    }
+}
