@@ -140,7 +140,10 @@ fn every_method_reaches_the_device_and_answers_under_the_clients_id() {
     );
     let r = d.async_response("del", WAIT);
     assert_eq!(r["status"], 405);
-    assert!(r["error"].as_str().unwrap().contains("not deletable"), "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("not deletable"),
+        "{r}"
+    );
 
     // The existing v2 route is unchanged beside it: its own generated id.
     let id = d.async_request("GET", "/v2/endpoints/dev-1/3/0/0", None, None);
@@ -205,7 +208,10 @@ fn aiocoap_answers_tlv_and_senml_and_takes_writes() {
     );
     assert_eq!(d.async_response("write", WAIT)["status"], 200);
     let seen = dev.wait_event(WAIT, |e| e["event"] == "request" && e["path"] == "/1/0/1");
-    assert_eq!((seen["method"].as_str(), seen["payload"].as_str()), (Some("PUT"), Some("120")));
+    assert_eq!(
+        (seen["method"].as_str(), seen["payload"].as_str()),
+        (Some("PUT"), Some("120"))
+    );
     assert_eq!(seen["ct"], 0);
 
     accepted(
@@ -234,7 +240,14 @@ fn a_queue_mode_device_gets_the_request_at_its_update() {
     let mut dev = Lwm2mDevice::start(
         d.coap,
         "aio-q",
-        &["--lwm2m", "1.1", "--binding", "UQ", "--notify-interval", "3600"],
+        &[
+            "--lwm2m",
+            "1.1",
+            "--binding",
+            "UQ",
+            "--notify-interval",
+            "3600",
+        ],
     );
     accepted(
         &d,
@@ -249,7 +262,9 @@ fn a_queue_mode_device_gets_the_request_at_its_update() {
         dev.events()
     );
     assert!(
-        d.collect_events(Duration::from_millis(200), |e| e.async_response("queued").is_some())
+        d.collect_events(Duration::from_millis(200), |e| e
+            .async_response("queued")
+            .is_some())
             .async_response("queued")
             .is_none()
     );
@@ -277,7 +292,11 @@ fn a_duplicate_async_id_is_409_until_the_first_is_answered() {
         let r = dreq(&d, ep, "async-id=dup", &get);
         assert_eq!(r.status, 409, "{ep}: {}", r.body);
         assert_eq!(r.json()["type"], "conflict");
-        assert!(r.json()["message"].as_str().unwrap().contains("\"dup\""), "{}", r.body);
+        assert!(
+            r.json()["message"].as_str().unwrap().contains("\"dup\""),
+            "{}",
+            r.body
+        );
     }
     send_update(&mut dev, &reg);
     let (req, from) = next_request(&dev, RequestType::Get, "/3/0/0");
@@ -306,19 +325,91 @@ fn bad_inputs_are_refused_with_json_errors() {
     let get = json!({"method": "GET", "uri": "/3/0/0"});
     let cases: &[(&str, &str, Value, u16, &str)] = &[
         ("dev-1", "retry=1", get.clone(), 400, "async-id is required"),
-        ("dev-1", "async-id=x&retry=99", get.clone(), 400, "retry must be an integer from 0 to 24"),
-        ("dev-1", "async-id=x&expiry-seconds=0", get.clone(), 400, "expiry-seconds"),
-        ("dev-1", "async-id=x", json!({"uri": "/3/0/0"}), 400, "missing field `method`"),
-        ("dev-1", "async-id=x", json!({"method": "GET"}), 400, "missing field `uri`"),
-        ("dev-1", "async-id=x", json!({"method": "FETCH", "uri": "/3/0/0"}), 400, "method must be"),
-        ("dev-1", "async-id=x", json!({"method": "GET", "uri": "3/0/0"}), 400, "starting with '/'"),
-        ("dev-1", "async-id=x", json!({"method": "PUT", "uri": "/1/0/1", "payload-b64": "%%%"}), 400, "base64"),
-        ("dev-1", "async-id=x", json!({"method": "PUT", "uri": "/1/0/1", "content-type": "image/png"}), 400, "content-type"),
-        ("dev-1", "async-id=x", json!({"method": "GET", "uri": "/3/0/0", "accepted-content-type": "text/html"}), 400, "accepted-content-type"),
-        ("dev-1", "async-id=x", json!({"method": "GET", "uri": "/3/0/0", "extra": true}), 400, "unknown field"),
-        ("dev-1", "async-id=x", json!(["GET", "/3/0/0"]), 400, "JSON object"),
+        (
+            "dev-1",
+            "async-id=x&retry=99",
+            get.clone(),
+            400,
+            "retry must be an integer from 0 to 24",
+        ),
+        (
+            "dev-1",
+            "async-id=x&expiry-seconds=0",
+            get.clone(),
+            400,
+            "expiry-seconds",
+        ),
+        (
+            "dev-1",
+            "async-id=x",
+            json!({"uri": "/3/0/0"}),
+            400,
+            "missing field `method`",
+        ),
+        (
+            "dev-1",
+            "async-id=x",
+            json!({"method": "GET"}),
+            400,
+            "missing field `uri`",
+        ),
+        (
+            "dev-1",
+            "async-id=x",
+            json!({"method": "FETCH", "uri": "/3/0/0"}),
+            400,
+            "method must be",
+        ),
+        (
+            "dev-1",
+            "async-id=x",
+            json!({"method": "GET", "uri": "3/0/0"}),
+            400,
+            "starting with '/'",
+        ),
+        (
+            "dev-1",
+            "async-id=x",
+            json!({"method": "PUT", "uri": "/1/0/1", "payload-b64": "%%%"}),
+            400,
+            "base64",
+        ),
+        (
+            "dev-1",
+            "async-id=x",
+            json!({"method": "PUT", "uri": "/1/0/1", "content-type": "image/png"}),
+            400,
+            "content-type",
+        ),
+        (
+            "dev-1",
+            "async-id=x",
+            json!({"method": "GET", "uri": "/3/0/0", "accepted-content-type": "text/html"}),
+            400,
+            "accepted-content-type",
+        ),
+        (
+            "dev-1",
+            "async-id=x",
+            json!({"method": "GET", "uri": "/3/0/0", "extra": true}),
+            400,
+            "unknown field",
+        ),
+        (
+            "dev-1",
+            "async-id=x",
+            json!(["GET", "/3/0/0"]),
+            400,
+            "JSON object",
+        ),
         ("nobody", "async-id=x", get.clone(), 404, "not registered"),
-        ("dev-1", "async-id=x", json!({"method": "GET", "uri": "/4/0/0"}), 404, "/4/0/0"),
+        (
+            "dev-1",
+            "async-id=x",
+            json!({"method": "GET", "uri": "/4/0/0"}),
+            404,
+            "/4/0/0",
+        ),
     ];
     for (ep, query, body, status, says) in cases {
         let r = dreq(&d, ep, query, body);
@@ -337,7 +428,10 @@ fn bad_inputs_are_refused_with_json_errors() {
         Some("application/json"),
         Some(b"{"),
     );
-    assert_eq!((r.status, r.json()["type"].as_str()), (400, Some("bad_request")));
+    assert_eq!(
+        (r.status, r.json()["type"].as_str()),
+        (400, Some("bad_request"))
+    );
     let r = d.call(
         "POST",
         "/v2/device-requests/dev-1?async-id=x",
@@ -347,7 +441,11 @@ fn bad_inputs_are_refused_with_json_errors() {
     assert_eq!(r.status, 415, "{}", r.body);
     let r = d.call("GET", "/v2/device-requests/dev-1?async-id=x", None, None);
     assert_eq!(r.status, 405, "{}", r.body);
-    support::no_request(&dev, Duration::from_millis(300), "refused requests send nothing");
+    support::no_request(
+        &dev,
+        Duration::from_millis(300),
+        "refused requests send nothing",
+    );
 }
 
 /// A queue-mode device that never speaks again: the request is answered
@@ -367,11 +465,19 @@ fn an_unanswered_request_expires_with_request_expired() {
     );
     let r = d.async_response("late", WAIT);
     assert_eq!(
-        (r["status"].as_u64(), r["error"].as_str(), r["payload"].as_str()),
+        (
+            r["status"].as_u64(),
+            r["error"].as_str(),
+            r["payload"].as_str()
+        ),
         (Some(504), Some("REQUEST_EXPIRED"), Some("")),
         "{r}"
     );
-    support::no_request(&asleep, Duration::from_millis(200), "an expired request is not sent");
+    support::no_request(
+        &asleep,
+        Duration::from_millis(200),
+        "an expired request is not sent",
+    );
 
     let mut silent = d.device();
     silent.register(&["ep=silent", "lt=300"], LINKS);
@@ -410,9 +516,15 @@ fn retries_are_counted_and_each_waits_for_the_device() {
     let (a1b, _) = next_request(&dev, RequestType::Get, "/3/0/0");
     assert_eq!(a1.header.message_id, a1b.header.message_id);
     // Not answered yet, and nothing more is sent until the device speaks.
-    support::no_request(&dev, Duration::from_millis(800), "the retry waits for the device");
+    support::no_request(
+        &dev,
+        Duration::from_millis(800),
+        "the retry waits for the device",
+    );
     assert!(
-        d.collect_events(Duration::from_millis(100), |e| e.async_response("twice").is_some())
+        d.collect_events(Duration::from_millis(100), |e| e
+            .async_response("twice")
+            .is_some())
             .async_response("twice")
             .is_none(),
         "a retried request is not answered yet"
@@ -424,7 +536,11 @@ fn retries_are_counted_and_each_waits_for_the_device() {
     let r = d.async_response("twice", WAIT);
     assert_eq!(r["status"], 504, "{r}");
     assert!(r["error"].as_str().unwrap().contains("timeout"), "{r}");
-    assert_eq!(d.metric("device_timeouts_total"), 2, "two attempts timed out");
+    assert_eq!(
+        d.metric("device_timeouts_total"),
+        2,
+        "two attempts timed out"
+    );
 
     // retry=0 (the default for a device not in queue mode): answered after one attempt.
     accepted(
@@ -483,17 +599,33 @@ fn a_restricted_key_is_refused_outside_its_restriction() {
             Some(json!({"method": "GET", "uri": uri}).to_string().as_bytes()),
         )
     };
-    let before = d.get("/v2/limits").json()["transaction-count"].as_u64().unwrap();
+    let before = d.get("/v2/limits").json()["transaction-count"]
+        .as_u64()
+        .unwrap();
     let r = call("sensor-1", "no-1", "/3/0/13");
-    assert_eq!(r.status, 403, "a resource outside the restriction: {}", r.body);
+    assert_eq!(
+        r.status, 403,
+        "a resource outside the restriction: {}",
+        r.body
+    );
     let r = call("other-1", "no-2", "/3/0/0");
-    assert_eq!(r.status, 403, "an endpoint outside the restriction: {}", r.body);
+    assert_eq!(
+        r.status, 403,
+        "an endpoint outside the restriction: {}",
+        r.body
+    );
     let r = call("sensor-1", "yes", "/3303/0/5700");
     assert_eq!(r.status, 202, "{}", r.body);
     let (req, from) = next_request(&sensor, RequestType::Get, "/3303/0/5700");
     sensor.reply(&req, from, ResponseType::Content, b"20", Some(0), None);
-    let after = d.get("/v2/limits").json()["transaction-count"].as_u64().unwrap();
-    assert_eq!(after, before + 1, "the accepted request is counted, the refused ones not");
+    let after = d.get("/v2/limits").json()["transaction-count"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        after,
+        before + 1,
+        "the accepted request is counted, the refused ones not"
+    );
 }
 
 /// An accepted request is stored before its 202: after `kill -9` and a restart it is
@@ -511,7 +643,12 @@ fn an_accepted_request_survives_kill_9() {
         json!({"method": "PUT", "uri": "/1/0/1", "content-type": "text/plain", "payload-b64": b64(b"77")}),
     );
     let d = d.crash_and_restart();
-    let r = dreq(&d, "durable", "async-id=kept", &json!({"method": "GET", "uri": "/3/0/0"}));
+    let r = dreq(
+        &d,
+        "durable",
+        "async-id=kept",
+        &json!({"method": "GET", "uri": "/3/0/0"}),
+    );
     assert_eq!(r.status, 409, "the stored request keeps its id: {}", r.body);
     dev.server = d.coap;
     send_update(&mut dev, &reg);
@@ -528,7 +665,15 @@ fn an_accepted_request_survives_kill_9() {
 fn the_simulator_answers_device_requests() {
     let d = Daemon::start();
     let mut sim = std::process::Command::new(d.bin())
-        .args(["simulate", "--devices", "1", "--prefix", "dr-", "--lwm2m", "1.1"])
+        .args([
+            "simulate",
+            "--devices",
+            "1",
+            "--prefix",
+            "dr-",
+            "--lwm2m",
+            "1.1",
+        ])
         .args(["--server", &d.coap.to_string()])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -546,8 +691,16 @@ fn the_simulator_answers_device_requests() {
         );
         let r = d.async_response("sim-read", WAIT);
         assert_eq!(
-            (r["status"].as_u64(), r["ct"].as_str(), r["payload"].as_str()),
-            (Some(200), Some("text/plain"), Some(b64(b"connectord").as_str())),
+            (
+                r["status"].as_u64(),
+                r["ct"].as_str(),
+                r["payload"].as_str()
+            ),
+            (
+                Some(200),
+                Some("text/plain"),
+                Some(b64(b"connectord").as_str())
+            ),
             "{r}"
         );
         accepted(
@@ -586,4 +739,39 @@ fn the_simulator_answers_device_requests() {
     if let Err(p) = checks {
         std::panic::resume_unwind(p);
     }
+}
+
+/// On a cluster (NATS): a device-request made through a node that does not own the device
+/// is forwarded with its async-id and terms; the owner holds the id (409 through either
+/// node), queues it for the queue-mode device, and answers it under the client's id.
+#[test]
+fn a_device_request_through_a_non_owner_reaches_the_owner() {
+    use crate::cluster::{cluster, second_node, until_listed};
+    let server = connectord_testkit::nats::NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    let mut dev = n1.device();
+    let reg = dev.register(&["ep=fw-dr", "lt=300", "b=UQ"], LINKS);
+    until_listed(&n2, &["fw-dr"]);
+    accepted(
+        &n2,
+        "fw-dr",
+        "async-id=fw-1&retry=1&expiry-seconds=600",
+        json!({"method": "PUT", "uri": "/1/0/1", "content-type": "text/plain", "payload-b64": b64(b"45")}),
+    );
+    for node in [&n1, &n2] {
+        let r = dreq(
+            node,
+            "fw-dr",
+            "async-id=fw-1",
+            &json!({"method": "GET", "uri": "/3/0/0"}),
+        );
+        assert_eq!(r.status, 409, "{}", r.body);
+    }
+    send_update(&mut dev, &reg);
+    let (req, from) = next_request(&dev, RequestType::Put, "/1/0/1");
+    assert_eq!(from, n1.coap, "only the owner talks to its device");
+    assert_eq!(req.payload, b"45");
+    dev.reply(&req, from, ResponseType::Changed, b"", None, None);
+    assert_eq!(n1.async_response("fw-1", WAIT)["status"], 200);
 }

@@ -36,9 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Principal;
 use crate::forward::{Forwarder, Fut};
 use crate::metrics::Counters;
-use crate::requests::{
-    DeviceRequestOpts, Method, RequestError, Requests, Submit, Submitted, Want,
-};
+use crate::requests::{DeviceRequestOpts, Method, RequestError, Requests, Submit, Submitted, Want};
 use crate::shutdown;
 use crate::store::nats::{CallError, NatsStore, NodeCall};
 use crate::subscriptions::{SubError, Subscribed, Subscriptions};

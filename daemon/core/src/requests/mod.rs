@@ -891,7 +891,8 @@ impl Requests {
             // Debug: one line per request (a client's flood must not flood the log); the
             // answer on the channel is what tells.
             tracing::debug!(ep = %job.ep, path = %job.path, id = %job.id, attempts = job.attempts, "device-request expired before the device answered");
-            self.finish(&job, Outcome::failed(504, REQUEST_EXPIRED)).await;
+            self.finish(&job, Outcome::failed(504, REQUEST_EXPIRED))
+                .await;
         }
     }
 
@@ -953,9 +954,9 @@ impl Requests {
             // while it has retries left and time: it is sent again when the device next
             // speaks (Pelion's semantics), and what is queued behind it waits.
             let retry = outcome.undelivered
-                && job.device_request.is_some_and(|t| {
-                    job.attempts <= t.retry && t.expires_ms > now_ms()
-                });
+                && job
+                    .device_request
+                    .is_some_and(|t| job.attempts <= t.retry && t.expires_ms > now_ms());
             let job = {
                 let mut q = self.lock();
                 match q.get_mut(&key) {
