@@ -32,6 +32,7 @@ mod connections;
 mod console;
 mod crash;
 mod credentials;
+mod device_requests;
 mod dtls;
 mod flood;
 mod fuzz;

@@ -27,6 +27,6 @@ pub use names::{MAX_NAME_LEN, valid_domain, valid_name};
 pub use peer::{ListenerId, ListenerKind, PeerRef};
 pub use quota::HourCount;
 pub use registration::Registration;
-pub use request::{Job, Method};
+pub use request::{DeviceRequestTerms, Job, Method};
 pub use subscription::{PreSub, PresubRecord, SubscriptionRecord};
 pub use time::now_ms;

@@ -44,8 +44,31 @@ pub struct Job {
     /// its outcome is no async response.
     #[serde(default)]
     pub internal: bool,
+    /// Made through `POST /v2/device-requests/{device-id}` (issue 23): `id` is the
+    /// client's `async-id`, and these are its retry and expiry terms. `None` for the
+    /// `/endpoints/{ep}/{path}` requests (and left out of their stored record, which
+    /// stays as it was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_request: Option<DeviceRequestTerms>,
+    /// Delivery attempts made so far (in memory only; see [`DeviceRequestTerms::retry`]).
+    #[serde(skip)]
+    pub attempts: u32,
     /// The store's row number of this request (0 until stored; internal jobs are not).
     /// Not part of the stored record: the store keys the record by it.
     #[serde(skip)]
     pub row: u64,
+}
+
+/// The delivery terms of a request made through `POST /v2/device-requests/{device-id}`
+/// (Pelion's Connect API, issue 23), stored with the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRequestTerms {
+    /// When the request is discarded unanswered (answered `504 REQUEST_EXPIRED` on the
+    /// channel), in milliseconds since the Unix epoch: absolute, so a restart does not
+    /// extend it.
+    pub expires_ms: u64,
+    /// Delivery attempts allowed after the first failed one (`retry`). The attempts made
+    /// are counted in memory only: a restart gives a stored request its retries again
+    /// (its expiry still bounds it).
+    pub retry: u32,
 }

@@ -19,6 +19,7 @@ pub mod config;
 pub mod conn;
 pub mod console;
 pub mod credentials;
+pub mod device_requests;
 pub mod devtools;
 pub mod endpoints;
 pub mod notifications;
@@ -401,9 +402,10 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
     }
     // A key restricted to some endpoints/resources touches no others.
     let target = match &route {
-        Route::Endpoint(ep) | Route::EndpointSubscriptions(ep) | Route::DeviceCredential(ep) => {
-            Some((ep.as_str(), None))
-        }
+        Route::Endpoint(ep)
+        | Route::EndpointSubscriptions(ep)
+        | Route::DeviceCredential(ep)
+        | Route::DeviceRequest(ep) => Some((ep.as_str(), None)),
         Route::Resource { ep, path } | Route::Subscription { ep, path } => {
             Some((ep.as_str(), Some(path.as_str())))
         }
@@ -460,6 +462,9 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
         Route::Endpoint(name) => endpoints::get(&state.directory, &principal, &parts, &name),
         Route::Resource { ep, path } => {
             resources::handle(&state.requests, &principal, &parts, body, &ep, &path).await
+        }
+        Route::DeviceRequest(ep) => {
+            device_requests::handle(&state.requests, &principal, &parts, body, &ep).await
         }
         Route::NotificationPull => {
             let gone = async move {
@@ -712,6 +717,7 @@ fn takes_json(route: &Route, method: &Method) -> bool {
             | (Route::Subscriptions, &Method::PUT)
             | (Route::Cert, &Method::POST)
             | (Route::DeviceCredential(_), &Method::PUT)
+            | (Route::DeviceRequest(_), &Method::POST)
     )
 }
 

@@ -114,6 +114,12 @@ impl Reply {
         self.status
     }
 
+    /// The body as text (unit tests).
+    #[cfg(test)]
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
     pub fn into_response(self) -> Response<Body> {
         let len = self.body.len();
         let body = if self.head { Bytes::new() } else { self.body };

@@ -131,6 +131,7 @@ pub async fn handle(
         want,
         no_resp,
         cache_only,
+        device_request: None,
     };
     match requests.submit(who, ep, submit).await {
         Ok(Submitted::Accepted(id)) => {

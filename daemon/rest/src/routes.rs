@@ -52,6 +52,8 @@ pub enum Route {
     DeviceCredentials,
     /// `GET|PUT|DELETE /device-credentials/{endpoint-name}`.
     DeviceCredential(String),
+    /// `POST /device-requests/{device-id}` (Pelion's Connect API, issue 23).
+    DeviceRequest(String),
     /// A route served by a plugin (`path` without the version prefix).
     Plugin { plugin: String, path: String },
     /// `GET /console` (`""`) and `GET /console/{asset}`: the web console's files, which
@@ -127,6 +129,7 @@ pub const CORE_ROUTES: &[(&str, &str)] = &[
     ("GET", "/v2/device-credentials/{endpoint-name}"),
     ("PUT", "/v2/device-credentials/{endpoint-name}"),
     ("DELETE", "/v2/device-credentials/{endpoint-name}"),
+    ("POST", "/v2/device-requests/{device-id}"),
     // The web console: no key needed, not under /v1 or /v2.
     ("GET", "/console"),
     ("GET", "/console/{asset}"),
@@ -252,6 +255,15 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
                 _ => Err(method_not_allowed("GET, HEAD, PUT, DELETE")),
             }
         }
+        // The body says read or write: a write also needs `resources:write`, checked by
+        // the handler once the body is read.
+        ["device-requests", ep] => match *method {
+            Method::POST => Ok((
+                Route::DeviceRequest((*ep).to_string()),
+                Scope::ResourcesRead,
+            )),
+            _ => Err(method_not_allowed("POST")),
+        },
         _ => Err(error(StatusCode::NOT_FOUND, "not_found", "no such route")),
     }
 }
@@ -347,6 +359,7 @@ mod tests {
     fn the_route_table_is_what_the_router_serves() {
         let concrete = |t: &str| {
             t.replace("{endpoint-name}", "node-1")
+                .replace("{device-id}", "node-1")
                 .replace("{resource-path}", "3/0/1")
         };
         for (method, template) in CORE_ROUTES {

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Principal;
 use crate::forward::{Forwarder, Fut};
 use crate::metrics::Counters;
-use crate::requests::{Method, RequestError, Requests, Submit, Submitted, Want};
+use crate::requests::{DeviceRequestOpts, Method, RequestError, Requests, Submit, Submitted, Want};
 use crate::shutdown;
 use crate::store::nats::{CallError, NatsStore, NodeCall};
 use crate::subscriptions::{SubError, Subscribed, Subscriptions};
@@ -104,6 +104,10 @@ struct WireSubmit {
     want: WireWant,
     no_resp: bool,
     cache_only: bool,
+    /// A device-request's options (issue 23); absent from the other requests (and from
+    /// nodes of the release before, which sent none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    device_request: Option<DeviceRequestOpts>,
 }
 
 /// `op = subscribe`.
@@ -356,6 +360,7 @@ impl Forwarder for NatsForwarder {
                 },
                 no_resp: s.no_resp,
                 cache_only: s.cache_only,
+                device_request: s.device_request,
             };
             self.call(
                 owner,
@@ -431,6 +436,7 @@ async fn handle(call: &NodeCall, requests: &Arc<Requests>, subs: &Subscriptions)
                             },
                             no_resp: w.no_resp,
                             cache_only: w.cache_only,
+                            device_request: w.device_request,
                         };
                         let who = Principal::from(w.who);
                         match requests.submit_here(&who, &w.ep, s).await {
@@ -727,6 +733,18 @@ mod tests {
             want: WireWant::Format { cf: 11542 },
             no_resp: true,
             cache_only: false,
+            device_request: None,
+        };
+        let back: WireSubmit = serde_json::from_slice(&encode(&w)).expect("round trip");
+        assert_eq!(back, w);
+        // A device-request's options go along (issue 23).
+        let w = WireSubmit {
+            device_request: Some(DeviceRequestOpts {
+                async_id: "my id".into(),
+                retry: Some(2),
+                expiry_s: None,
+            }),
+            ..w
         };
         let back: WireSubmit = serde_json::from_slice(&encode(&w)).expect("round trip");
         assert_eq!(back, w);

@@ -36,6 +36,8 @@ pub fn request(job: &Job) -> String {
         as_json,
         created_ms,
         internal,
+        device_request,
+        attempts: _,
         row: _,
     } = job;
     let mut out = String::with_capacity(
@@ -73,6 +75,14 @@ pub fn request(job: &Job) -> String {
     number(&mut out, *created_ms);
     out.push_str(",\"internal\":");
     out.push_str(if *internal { "true" } else { "false" });
+    if let Some(terms) = device_request {
+        // Only device-requests (issue 23) carry it: serde writes this rare value.
+        out.push_str(",\"device_request\":");
+        match serde_json::to_string(terms) {
+            Ok(t) => out.push_str(&t),
+            Err(_) => out.push_str("null"),
+        }
+    }
     out.push('}');
     out
 }
@@ -375,6 +385,8 @@ mod tests {
             as_json: !internal,
             created_ms: 1_764_000_000_000,
             internal,
+            device_request: None,
+            attempts: 0,
             row: 42,
         }
     }
@@ -398,6 +410,11 @@ mod tests {
             }
         }
         let mut j = job("x", Method::Get, None, false);
+        j.device_request = Some(connectord_model::DeviceRequestTerms {
+            expires_ms: u64::MAX,
+            retry: 24,
+        });
+        assert_eq!(request(&j), serde_json::to_string(&j).unwrap());
         j.created_ms = u64::MAX;
         assert_eq!(request(&j), serde_json::to_string(&j).unwrap());
         // And it reads back (the row number is kept beside the record, not in it).

@@ -1421,6 +1421,8 @@ mod tests {
             as_json: false,
             created_ms,
             internal: false,
+            device_request: None,
+            attempts: 0,
             row: 0,
         }
     }

@@ -45,6 +45,8 @@ fn job(id: &str) -> Job {
         as_json: false,
         created_ms: 7,
         internal: false,
+        device_request: None,
+        attempts: 0,
         row: 0,
     }
 }
@@ -167,6 +169,30 @@ async fn writes_and_loads(s: &dyn Store) -> Seqs {
             row: r3,
             ..job("c")
         }
+    );
+    // A device-request (issue 23) keeps its client-given id and its terms.
+    let terms = Job {
+        id: "client chosen/async id".into(),
+        device_request: Some(connectord_model::DeviceRequestTerms {
+            expires_ms: 1_800_000_000_000,
+            retry: 2,
+        }),
+        ..job("d")
+    };
+    let r4 = s.put_request(terms.clone()).await.unwrap();
+    let with_terms = s.load_requests().await.unwrap();
+    assert_eq!(with_terms.last(), Some(&Job { row: r4, ..terms }));
+    // Answered before "c", queued earlier for the same endpoint (an expiry does that):
+    // "c" is still there (NATS 2.9 then finds no last message of the subject).
+    s.delete_request(r4).await.unwrap();
+    assert_eq!(
+        s.load_requests()
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| j.id.as_str())
+            .collect::<Vec<_>>(),
+        ["c"]
     );
 
     // Events in (key, seq) order; deleting through a sequence number takes the oldest.

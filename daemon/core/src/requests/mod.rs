@@ -26,13 +26,34 @@ use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::registry::{Directory, Endpoint, RegistryEvent, RegistryListener, now_ms};
 use crate::store::{Store, StoreError};
-pub use connectord_model::{Job, Method};
+pub use connectord_model::{DeviceRequestTerms, Job, Method};
 pub use device::{CoapDevices, DeviceClient};
 
 mod device;
 
 /// CoAP's default Max-Age when a response carries none (RFC 7252 §5.10.5).
 pub const DEFAULT_MAX_AGE: u32 = 60;
+
+/// A device-request's terms: its options with Pelion's defaults for an endpoint in queue
+/// mode or not, the expiry counted from `now_ms`.
+fn terms(o: &DeviceRequestOpts, queue_mode: bool, now_ms: u64) -> DeviceRequestTerms {
+    let (retry, expiry_s) = if queue_mode {
+        (DEFAULT_RETRY_QUEUE_MODE, DEFAULT_EXPIRY_S_QUEUE_MODE)
+    } else {
+        (DEFAULT_RETRY, DEFAULT_EXPIRY_S)
+    };
+    DeviceRequestTerms {
+        expires_ms: now_ms.saturating_add(o.expiry_s.unwrap_or(expiry_s).saturating_mul(1000)),
+        retry: o.retry.unwrap_or(retry),
+    }
+}
+
+/// The refusal of a device-request whose async-id is in use (409).
+fn async_id_conflict(id: &str) -> RequestError {
+    RequestError::Conflict(format!(
+        "async-id {id:?} is already in use by a request not yet answered"
+    ))
+}
 
 /// The CoAP method of a request.
 fn coap_method(m: Method) -> RequestType {
@@ -150,7 +171,35 @@ pub struct Submit {
     pub no_resp: bool,
     /// `cacheOnly=true`: answer from the cache or not at all.
     pub cache_only: bool,
+    /// Made through `POST /v2/device-requests/{device-id}` (issue 23).
+    pub device_request: Option<DeviceRequestOpts>,
 }
+
+/// The query parameters of `POST /v2/device-requests/{device-id}` (Pelion's Connect API),
+/// checked by the REST layer; the defaults are applied at [`Requests::submit`], where the
+/// endpoint's queue mode is known.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceRequestOpts {
+    /// The client's `async-id`: the id of the request and of its async response.
+    pub async_id: String,
+    /// `retry`; default [`DEFAULT_RETRY`] or, for a queue-mode endpoint,
+    /// [`DEFAULT_RETRY_QUEUE_MODE`].
+    pub retry: Option<u32>,
+    /// `expiry-seconds`; default [`DEFAULT_EXPIRY_S`] or, for a queue-mode endpoint,
+    /// [`DEFAULT_EXPIRY_S_QUEUE_MODE`].
+    pub expiry_s: Option<u64>,
+}
+
+/// Pelion's defaults for `retry` and `expiry-seconds`: no retry and 2 hours for an endpoint
+/// that is always reachable, 2 retries and 3 days for one in queue mode.
+pub const DEFAULT_RETRY: u32 = 0;
+pub const DEFAULT_RETRY_QUEUE_MODE: u32 = 2;
+pub const DEFAULT_EXPIRY_S: u64 = 2 * 3600;
+pub const DEFAULT_EXPIRY_S_QUEUE_MODE: u64 = 3 * 24 * 3600;
+
+/// The `error` of the async response of a device-request whose `expiry-seconds` passed
+/// before the device answered (status 504), as Pelion names it.
+pub const REQUEST_EXPIRED: &str = "REQUEST_EXPIRED";
 
 /// The synchronous answer to a request.
 #[derive(Debug, Clone, PartialEq)]
@@ -300,6 +349,10 @@ pub struct Requests {
     node: Option<String>,
     /// See [`RequestsDeps::forwarder`].
     forwarder: Option<Arc<dyn crate::forward::Forwarder>>,
+    /// The `async-id`s of the device-requests (issue 23) this node holds unanswered, by
+    /// domain: a second request with one of them is refused (409) until the first is
+    /// answered.
+    pending_ids: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 /// A fresh async-response id: a number and a random (version 4) UUID, as the seed's
@@ -407,6 +460,9 @@ struct Outcome {
     error: Option<String>,
     /// The Location-Path of a created resource.
     location: Option<String>,
+    /// The device was not reached or did not answer (no answer, the socket gone, RST, a
+    /// broken transfer): a device-request with retries left is sent again.
+    undelivered: bool,
 }
 
 impl Outcome {
@@ -418,6 +474,14 @@ impl Outcome {
             max_age: None,
             error: Some(error.into()),
             location: None,
+            undelivered: false,
+        }
+    }
+
+    fn undelivered(status: u16, error: impl Into<String>) -> Outcome {
+        Outcome {
+            undelivered: true,
+            ..Outcome::failed(status, error)
         }
     }
 }
@@ -470,6 +534,7 @@ impl Requests {
             limits,
             node,
             forwarder,
+            pending_ids: Mutex::new(Default::default()),
         })
     }
 
@@ -515,6 +580,8 @@ impl Requests {
             as_json: false,
             created_ms: now_ms(),
             internal: true,
+            device_request: None,
+            attempts: 0,
             row: 0,
         };
         if let Some(e) = &registered {
@@ -564,6 +631,12 @@ impl Requests {
             .collect();
         let n = jobs.len();
         let mut keys = Vec::new();
+        for j in &jobs {
+            self.track_device_request(j);
+            if let Some(t) = j.device_request {
+                self.schedule_expiry((j.domain.clone(), j.ep.clone()), j.id.clone(), t.expires_ms);
+            }
+        }
         {
             let mut q = self.lock();
             for j in jobs {
@@ -631,6 +704,13 @@ impl Requests {
         // A write may create a resource; the others need one the device listed.
         if method != Method::Put && !resource_known(&ep, &s.path) {
             return Err(RequestError::NotFound(s.path));
+        }
+        // A device-request's async-id in use: refused before anything else is looked at
+        // (the id is taken for good further down, once the other checks passed).
+        if let Some(o) = &s.device_request
+            && self.async_id_taken(&who.domain, &o.async_id)
+        {
+            return Err(async_id_conflict(&o.async_id));
         }
         let mut s = s;
         if s.content_format == Some(content_format::JSON)
@@ -705,8 +785,14 @@ impl Requests {
             as_json,
             created_ms: now_ms(),
             internal: false,
+            device_request: None,
+            attempts: 0,
             row: 0,
         };
+        if let Some(o) = &s.device_request {
+            job.id.clone_from(&o.async_id);
+            job.device_request = Some(terms(o, ep.reg.queue, job.created_ms));
+        }
         let key = (job.domain.clone(), job.ep.clone());
         {
             let q = self.lock();
@@ -715,17 +801,99 @@ impl Requests {
                 return Err(RequestError::TooMany(waiting));
             }
         }
-        self.hub.ensure_channel(who).await?;
-        job.row = self.store.put_request(job.clone()).await?;
+        // The async-id is taken before anything is stored, so that two concurrent
+        // requests with one id cannot both be accepted; given back if storing fails.
+        if job.device_request.is_some() && !self.track_device_request(&job) {
+            return Err(async_id_conflict(&job.id));
+        }
+        let stored = match self.hub.ensure_channel(who).await {
+            Ok(()) => self.store.put_request(job.clone()).await,
+            Err(e) => Err(e),
+        };
+        job.row = match stored {
+            Ok(row) => row,
+            Err(e) => {
+                self.untrack_device_request(&job);
+                return Err(e.into());
+            }
+        };
         let id = job.id.clone();
+        let expiry = job.device_request.map(|t| t.expires_ms);
         {
             let mut q = self.lock();
             q.entry(key.clone()).or_default().jobs.push_back(job);
+        }
+        if let Some(at) = expiry {
+            self.schedule_expiry(key.clone(), id.clone(), at);
         }
         if !ep.reg.queue {
             self.kick(&key);
         }
         Ok(Submitted::Accepted(id))
+    }
+
+    /// Takes a device-request's async-id for its domain (at submit and when stored ones
+    /// are loaded or adopted); false when it is taken already. Other requests: true.
+    fn track_device_request(&self, job: &Job) -> bool {
+        if job.device_request.is_none() {
+            return true;
+        }
+        self.pending_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((job.domain.clone(), job.id.clone()))
+    }
+
+    /// Whether a device-request with this async-id waits unanswered in `domain`.
+    fn async_id_taken(&self, domain: &str, id: &str) -> bool {
+        self.pending_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(domain.to_string(), id.to_string()))
+    }
+
+    /// Gives a device-request's async-id back (answered, or not stored).
+    fn untrack_device_request(&self, job: &Job) {
+        if job.device_request.is_some() {
+            self.pending_ids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&(job.domain.clone(), job.id.clone()));
+        }
+    }
+
+    /// Answers the device-request `id` of `key` with [`REQUEST_EXPIRED`] at `expires_ms`
+    /// if it still waits in the queue then (one in flight is ended by its worker). Holds
+    /// the request layer weakly: a stopped daemon's timers do nothing.
+    fn schedule_expiry(self: &Arc<Self>, key: EpKey, id: String, expires_ms: u64) {
+        let weak = Arc::downgrade(self);
+        let wait = Duration::from_millis(expires_ms.saturating_sub(now_ms()));
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            if let Some(r) = weak.upgrade() {
+                r.expire(&key, &id).await;
+            }
+        });
+    }
+
+    async fn expire(&self, key: &EpKey, id: &str) {
+        let job = {
+            let mut q = self.lock();
+            q.get_mut(key).and_then(|e| {
+                let i = e
+                    .jobs
+                    .iter()
+                    .position(|j| j.id == id && j.device_request.is_some())?;
+                e.jobs.remove(i)
+            })
+        };
+        if let Some(job) = job {
+            // Debug: one line per request (a client's flood must not flood the log); the
+            // answer on the channel is what tells.
+            tracing::debug!(ep = %job.ep, path = %job.path, id = %job.id, attempts = job.attempts, "device-request expired before the device answered");
+            self.finish(&job, Outcome::failed(504, REQUEST_EXPIRED))
+                .await;
+        }
     }
 
     /// Starts the endpoint's worker unless one runs or nothing waits.
@@ -766,13 +934,47 @@ impl Requests {
             };
             // The endpoint going away ends the exchange at once (dropping it forgets its
             // token and message id) instead of retransmitting to a device that left.
+            let mut job = job;
+            job.attempts += 1;
+            let expiry = async {
+                match job.device_request {
+                    Some(t) => {
+                        let left = t.expires_ms.saturating_sub(now_ms());
+                        tokio::time::sleep(Duration::from_millis(left)).await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             let outcome = tokio::select! {
                 o = self.execute(&job) => o,
                 Ok(why) = cancelled => Outcome::failed(410, why),
+                () = expiry => Outcome::failed(504, REQUEST_EXPIRED),
             };
-            if let Some(e) = self.lock().get_mut(&key) {
-                e.in_flight = None;
-            }
+            // A device-request whose delivery failed goes back to the head of the queue
+            // while it has retries left and time: it is sent again when the device next
+            // speaks (Pelion's semantics), and what is queued behind it waits.
+            let retry = outcome.undelivered
+                && job
+                    .device_request
+                    .is_some_and(|t| job.attempts <= t.retry && t.expires_ms > now_ms());
+            let job = {
+                let mut q = self.lock();
+                match q.get_mut(&key) {
+                    Some(e) if retry => {
+                        tracing::debug!(ep = %job.ep, path = %job.path, id = %job.id, attempt = job.attempts, status = outcome.status, "device-request not delivered; retried when the device next speaks");
+                        e.in_flight = None;
+                        e.jobs.push_front(job);
+                        e.busy = false;
+                        None
+                    }
+                    Some(e) => {
+                        e.in_flight = None;
+                        Some(job)
+                    }
+                    None => Some(job),
+                }
+            };
+            let Some(job) = job else { return };
             self.finish(&job, outcome).await;
         }
     }
@@ -823,6 +1025,7 @@ impl Requests {
                     max_age: Some(reply.max_age.unwrap_or(DEFAULT_MAX_AGE)),
                     error,
                     location: reply.location,
+                    undelivered: false,
                 };
                 if job.as_json && o.error.is_none() && !o.payload.is_empty() {
                     o = as_json(o, &job.path);
@@ -839,10 +1042,10 @@ impl Requests {
         match e {
             ClientError::Timeout => {
                 Counters::inc(&self.counters.device_timeouts);
-                Outcome::failed(504, "timeout: the device did not answer")
+                Outcome::undelivered(504, "timeout: the device did not answer")
             }
-            e @ ClientError::NoSocket(_) => Outcome::failed(503, e.to_string()),
-            e => Outcome::failed(502, e.to_string()),
+            e @ ClientError::NoSocket(_) => Outcome::undelivered(503, e.to_string()),
+            e => Outcome::undelivered(502, e.to_string()),
         }
     }
 
@@ -904,6 +1107,7 @@ impl Requests {
                     max_age: Some(reply.max_age.unwrap_or(DEFAULT_MAX_AGE)),
                     error: None,
                     location: None,
+                    undelivered: false,
                 }
             }
             Err(e) => self.exchange_failed(e),
@@ -918,6 +1122,7 @@ impl Requests {
             }
             return;
         }
+        self.untrack_device_request(job);
         let entry = Entry::AsyncResponse(AsyncResponse {
             id: job.id.clone(),
             status: o.status,
@@ -976,7 +1181,7 @@ impl Requests {
     /// moves) rather than adding a per-endpoint load to every backend: moves are rare
     /// (a node stopping or a device roaming), and the stored requests are the waiting
     /// ones only.
-    async fn adopt(&self, domain: &str, ep: &str) {
+    async fn adopt(self: &Arc<Self>, domain: &str, ep: &str) {
         let jobs = match self.store.load_requests().await {
             Ok(jobs) => jobs,
             Err(e) => {
@@ -988,12 +1193,22 @@ impl Requests {
             }
         };
         let key = (domain.to_string(), ep.to_string());
-        let mut q = self.lock();
-        let e = q.entry(key).or_default();
-        for j in jobs {
-            if j.domain == domain && j.ep == ep && !e.jobs.iter().any(|k| k.id == j.id) {
-                e.jobs.push_back(j);
+        let mut expiries = Vec::new();
+        {
+            let mut q = self.lock();
+            let e = q.entry(key.clone()).or_default();
+            for j in jobs {
+                if j.domain == domain && j.ep == ep && !e.jobs.iter().any(|k| k.id == j.id) {
+                    self.track_device_request(&j);
+                    if let Some(t) = j.device_request {
+                        expiries.push((j.id.clone(), t.expires_ms));
+                    }
+                    e.jobs.push_back(j);
+                }
             }
+        }
+        for (id, at) in expiries {
+            self.schedule_expiry(key.clone(), id, at);
         }
     }
 
@@ -1002,8 +1217,12 @@ impl Requests {
     /// flight finishes here) and its cached values go.
     fn drop_local(&self, domain: &str, ep: &str) {
         let key = (domain.to_string(), ep.to_string());
-        if let Some(e) = self.lock().get_mut(&key) {
-            e.jobs.clear();
+        let dropped: Vec<Job> = match self.lock().get_mut(&key) {
+            Some(e) => e.jobs.drain(..).collect(),
+            None => Vec::new(),
+        };
+        for j in &dropped {
+            self.untrack_device_request(j);
         }
         self.lock_cache().forget_endpoint(domain, ep);
     }
@@ -1233,6 +1452,8 @@ mod tests {
             as_json: false,
             created_ms: 0,
             internal: true,
+            device_request: None,
+            attempts: 0,
             row: 0,
         };
         let e = ep(None, "</3/0>");

@@ -109,6 +109,33 @@ impl Shared {
         }
     }
 
+    /// [`Shared::read_all`] when the leader finds no last message matching `filter`: the
+    /// stream may still hold matching messages. nats-server 2.9 answers "no message found"
+    /// to a last-by-subject get once the last message of a subject was deleted while
+    /// earlier ones of that subject remain (seen in the store's conformance test when a
+    /// device-request, issue 23, is answered before one queued earlier on the same
+    /// endpoint). Rare, so read message by message (deleted sequences are skipped by the
+    /// server), and only when the stream holds any message at all.
+    async fn read_without_last(&self, stream: &str, filter: &str) -> Result<Vec<Raw>, StoreError> {
+        let handle = self.stream(stream)?;
+        let info = tokio::time::timeout(self.timeout, handle.get_info())
+            .await
+            .map_err(|_| unavailable("stream info timed out"))?
+            .map_err(unavailable)?;
+        let mut out = Vec::new();
+        if info.state.messages > 0 {
+            self.list_direct_from(
+                stream,
+                filter,
+                info.state.first_sequence.max(1),
+                info.state.last_sequence,
+                &mut out,
+            )
+            .await?;
+        }
+        Ok(out)
+    }
+
     /// Follows the whole bucket from `start`, calling `each(message, live)` in the stream's
     /// order, each message once, `live` for messages after the bucket's last one when the
     /// watch was made (always with [`Start::New`]). `caught_up` fires once the watch
@@ -296,7 +323,7 @@ impl Shared {
             .attempts("reading", || self.last_matching(stream_name, &filter))
             .await?
         else {
-            return Ok(Vec::new());
+            return self.read_without_last(stream_name, &filter).await;
         };
         let by_subject = policy == consumer::DeliverPolicy::LastPerSubject;
         let mut out: Vec<Raw> = Vec::new();
