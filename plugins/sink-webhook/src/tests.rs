@@ -118,6 +118,7 @@ impl Sink {
         let input = serde_json::to_vec(&DeliverRequest {
             target: target.clone(),
             body: body.to_string(),
+            key_id: Some("k1".into()),
         })
         .unwrap();
         let answer = self.call(OP_DELIVER, &input).unwrap();
@@ -448,7 +449,7 @@ fn create_logs_its_setup() {
 #[test]
 fn bad_input_and_unknown_operations_are_errors() {
     assert_eq!(<WebhookSink as Dispatch>::KIND, Kind::Sink);
-    assert_eq!(WebhookSink::operations(), ["verify", "deliver"]);
+    assert_eq!(WebhookSink::operations(), ["verify", "deliver", "schemes"]);
     bounded(|| {
         let receiver = Receiver::start(200);
         let mut sink = Sink::new(None);
