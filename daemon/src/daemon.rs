@@ -586,8 +586,9 @@ async fn start_services(
     if crate::plugins::check_names(&config.plugins, &available).is_err() {
         // The names the configuration gives are checked against what was loaded; the
         // message also lists the plugins that exist but were not started (not named).
-        let named =
-            |n: &str| config.plugins.auth.iter().any(|a| a == n) || sink_names.iter().any(|s| s == n);
+        let named = |n: &str| {
+            config.plugins.auth.iter().any(|a| a == n) || sink_names.iter().any(|s| s == n)
+        };
         for a in crate::plugins::available(&config.plugins) {
             if !named(&a.name) && !available.iter().any(|b| b.name == a.name) {
                 available.push(a);
@@ -653,7 +654,11 @@ async fn start_services(
         let schemes = sink.schemes().await;
         let sink = Arc::new(sink);
         for scheme in &schemes {
-            if !sinks.route(scheme, name, Arc::clone(&sink) as Arc<dyn crate::events::Sink>) {
+            if !sinks.route(
+                scheme,
+                name,
+                Arc::clone(&sink) as Arc<dyn crate::events::Sink>,
+            ) {
                 tracing::warn!(
                     "notification sink {name} takes {scheme}:// callbacks, but {} comes first in [plugins] sinks and takes them",
                     sinks.sink_of(scheme).unwrap_or("another sink")
@@ -661,7 +666,10 @@ async fn start_services(
             }
         }
     }
-    tracing::info!("notification sinks by callback URL scheme: {}", sinks.describe());
+    tracing::info!(
+        "notification sinks by callback URL scheme: {}",
+        sinks.describe()
+    );
     let mut early_tasks = Vec::new();
     // On NATS a key's channel is served by one node at a time, its owner (issue 22,
     // `channels`); the other nodes' channel records are watched from before the load.

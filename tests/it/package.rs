@@ -1019,7 +1019,13 @@ fn debian_package() {
     // files are started, once (no built-in of their name first); the other backends are
     // not started at all (no keys made or announced for them).
     for f in PLUGIN_FILES {
-        if ["libauth_connector.so", "libsink_mqtt.so", "libsink_webhook.so"].contains(&f) {
+        if [
+            "libauth_connector.so",
+            "libsink_mqtt.so",
+            "libsink_webhook.so",
+        ]
+        .contains(&f)
+        {
             daemon.wait_log(
                 &format!("({PLUGIN_DIR}/{f}, generation"),
                 Duration::from_secs(1),

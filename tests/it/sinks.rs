@@ -53,8 +53,7 @@ impl Mosquitto {
         // must be writable by it.
         let db = dir.path().join("db");
         std::fs::create_dir(&db).unwrap();
-        std::fs::set_permissions(&db, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-            .unwrap();
+        std::fs::set_permissions(&db, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
         let port = free_port();
         let mut conf = format!(
             "persistence true\npersistence_location {}/\nallow_anonymous true\nlistener {port} 127.0.0.1\n",
@@ -385,18 +384,25 @@ fn events_wait_while_the_broker_is_down_and_arrive_once_it_is_back() {
         "{:?}",
         d.logs()
     );
-    assert!(support::eventually(WAIT, || d.metric("delivery_retries_total") >= 2));
+    assert!(support::eventually(WAIT, || d
+        .metric("delivery_retries_total")
+        >= 2));
     broker.run();
     let got = sub.take(3);
     let eps: Vec<&str> = got
         .iter()
         .map(|(topic, payload)| {
-            assert!(topic.starts_with(&format!("down/{id}/registrations/")), "{topic}");
+            assert!(
+                topic.starts_with(&format!("down/{id}/registrations/")),
+                "{topic}"
+            );
             payload["ep"].as_str().unwrap()
         })
         .collect();
     assert_eq!(eps, ["down-0", "down-1", "down-2"]);
-    assert!(support::eventually(WAIT, || d.metric("events_delivered_total") >= 3));
+    assert!(support::eventually(WAIT, || d
+        .metric("events_delivered_total")
+        >= 3));
     assert_eq!(d.metric("events_discarded_total"), 0);
     let log = d.logs().join("\n");
     assert!(log.contains("mqtt://sinks:***@127.0.0.1"), "{log}");
@@ -478,7 +484,7 @@ fn the_old_sink_key_still_works() {
     let rx = Receiver::start(0);
     set_callback(&d, &d.key, &rx.url("/old"));
     register(&d, &["old-0"]);
-    let got = rx.wait(WAIT, |r| pushed(r, "/old").len() >= 1);
+    let got = rx.wait(WAIT, |r| !pushed(r, "/old").is_empty());
     assert_eq!(pushed(&got, "/old"), ["old-0"]);
     let (key, _) = new_key(&d, "m");
     let r = put_callback(&d, &key, "mqtt://127.0.0.1:1883/x");
@@ -490,9 +496,9 @@ fn the_old_sink_key_still_works() {
         r.body
     );
     assert!(
-        d.logs()
-            .iter()
-            .any(|l| l.ends_with("notification sinks by callback URL scheme: http (webhook), https (webhook)")),
+        d.logs().iter().any(|l| l.ends_with(
+            "notification sinks by callback URL scheme: http (webhook), https (webhook)"
+        )),
         "{:?}",
         d.logs()
     );

@@ -173,9 +173,9 @@ fn failure(broker: &Broker, e: ConnectionError) -> Failure {
         ConnectionError::Tls(tls) => {
             Failure::Transport(format!("TLS with MQTT broker {at} failed: {tls}"))
         }
-        ConnectionError::NetworkTimeout => Failure::Transport(format!(
-            "cannot connect to MQTT broker {at}: timed out"
-        )),
+        ConnectionError::NetworkTimeout => {
+            Failure::Transport(format!("cannot connect to MQTT broker {at}: timed out"))
+        }
         other => Failure::Transport(format!("MQTT broker {at}: {other}")),
     }
 }

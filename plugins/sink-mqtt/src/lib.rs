@@ -141,11 +141,9 @@ impl Plugin for MqttSink {
             .thread_name("sink-mqtt-dns")
             .build()
             .map_err(|e| format!("cannot start the mqtt runtime: {e}"))?;
-        let (roots, system, extra) = sink_webhook::client::trusted_roots(
-            config.ca_file.as_deref().map(Path::new),
-            &host,
-        )
-        .map_err(|e| e.to_string())?;
+        let (roots, system, extra) =
+            sink_webhook::client::trusted_roots(config.ca_file.as_deref().map(Path::new), &host)
+                .map_err(|e| e.to_string())?;
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -214,10 +212,12 @@ impl SinkPlugin for MqttSink {
             Ok(m) => m,
             Err(reason) => return Ok(DeliverResponse::Refused { reason }),
         };
-        Ok(match self.block_on(self.client.publish(&broker, &messages))? {
-            Ok(()) => DeliverResponse::Accepted,
-            Err(f) => f.into(),
-        })
+        Ok(
+            match self.block_on(self.client.publish(&broker, &messages))? {
+                Ok(()) => DeliverResponse::Accepted,
+                Err(f) => f.into(),
+            },
+        )
     }
 }
 

@@ -152,8 +152,8 @@ pub fn messages(prefix: &str, key_id: &str, body: &str) -> Result<Vec<Message>, 
     for (kind, entries) in &groups {
         for entry in entries {
             let text = entry.get();
-            let value: serde_json::Value = serde_json::from_str(text)
-                .map_err(|e| format!("bad {kind} entry: {e}"))?;
+            let value: serde_json::Value =
+                serde_json::from_str(text).map_err(|e| format!("bad {kind} entry: {e}"))?;
             let field = |name: &str| value.get(name).and_then(|v| v.as_str());
             let mut topic = format!("{prefix}/{key}/{}", level(kind));
             let name = match (&value, kind.as_str()) {

@@ -25,24 +25,23 @@ use rcgen::{
 use serde_json::{Value, json};
 
 use super::target::{Broker, Message, messages, parse};
-use connectord_plugin_sdk::sink::redact_url as redact;
 use super::*;
+use connectord_plugin_sdk::sink::redact_url as redact;
 
 // ---------------------------------------------------------------------------------------------
 // URLs and topics.
 
 #[test]
 fn urls_give_the_broker_the_credentials_and_the_topic_prefix() {
-    let b = |tls, host: &str, port, user: Option<&str>, password: Option<&str>, prefix: &str| {
-        Broker {
+    let b =
+        |tls, host: &str, port, user: Option<&str>, password: Option<&str>, prefix: &str| Broker {
             tls,
             host: host.into(),
             port,
             user: user.map(Into::into),
             password: password.map(Into::into),
             prefix: prefix.into(),
-        }
-    };
+        };
     for (url, want) in [
         (
             "mqtt://127.0.0.1",
@@ -338,7 +337,11 @@ fn the_plugin_answers_the_sink_operations_and_takes_mqtt_schemes() {
     let answer: Value = serde_json::from_slice(&s.call(OP_SCHEMES, b"").unwrap()).unwrap();
     assert_eq!(answer, json!({"schemes": ["mqtt", "mqtts"]}));
     assert!(s.call(OP_VERIFY, b"not json").is_err());
-    assert!(s.call("nope", b"{}").unwrap_err().contains("unknown operation"));
+    assert!(
+        s.call("nope", b"{}")
+            .unwrap_err()
+            .contains("unknown operation")
+    );
 }
 
 #[test]
@@ -347,7 +350,13 @@ fn a_batch_is_published_in_order_at_qos_1_and_accepted() {
     let sub = Subscriber::start(broker.port, "t1/#");
     let mut s = sink(None);
     let t = target(&format!("mqtt://127.0.0.1:{}/t1", broker.port));
-    assert_eq!(verify(&mut s, &t), VerifyResponse { ok: true, reason: None });
+    assert_eq!(
+        verify(&mut s, &t),
+        VerifyResponse {
+            ok: true,
+            reason: None
+        }
+    );
     let body = r#"{"notifications":[{"ep":"ep1","path":"/3/0/1","payload":"MQ=="},{"ep":"ep1","path":"/3/0/1","payload":"Mg=="},{"ep":"ep2","path":"/5/0","payload":"Mw=="}],"registrations":[{"ep":"ep3","ept":"t","q":false,"resources":[]}]}"#;
     assert_eq!(deliver(&mut s, &t, "k1", body), DeliverResponse::Accepted);
     assert_eq!(
@@ -497,7 +506,13 @@ fn mqtts_brokers_are_trusted_through_ca_file_only() {
     // With it: connected, published, and the subscriber (on the plain listener) gets it.
     let sub = Subscriber::start(broker.port, "sec/#");
     let mut s = sink(Some(&pki.ca));
-    assert_eq!(verify(&mut s, &t), VerifyResponse { ok: true, reason: None });
+    assert_eq!(
+        verify(&mut s, &t),
+        VerifyResponse {
+            ok: true,
+            reason: None
+        }
+    );
     let body = r#"{"notifications":[{"ep":"ep1","path":"/3/0/1","payload":"MQ=="}]}"#;
     assert_eq!(deliver(&mut s, &t, "k9", body), DeliverResponse::Accepted);
     assert_eq!(

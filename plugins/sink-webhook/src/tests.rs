@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use connectord_plugin_sdk::sink::{
-    DeliverRequest, DeliverResponse, OP_DELIVER, OP_SCHEMES, OP_VERIFY, Target, VerifyRequest, VerifyResponse,
+    DeliverRequest, DeliverResponse, OP_DELIVER, OP_SCHEMES, OP_VERIFY, Target, VerifyRequest,
+    VerifyResponse,
 };
 use connectord_plugin_sdk::testing::MemoryHost;
 use connectord_plugin_sdk::{ABI_VERSION, Dispatch, Kind, Plugin, level};
