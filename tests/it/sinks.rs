@@ -532,3 +532,32 @@ fn bad_sink_lists_are_refused_at_start() {
         assert!(err.contains(want), "{plugins}: {err}");
     }
 }
+
+/// The MQTT sink as a plugin file (`libsink_mqtt.so`, as the Debian package installs it)
+/// replaces the built-in and delivers.
+#[test]
+fn the_mqtt_sink_loaded_from_its_file_delivers() {
+    let built = support::build_plugin("sink-mqtt", &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    support::install_plugin(&built, &dir, "libsink_mqtt.so");
+    let d = Daemon::start_with(&format!("[plugins]\ndir = \"{}\"\n", dir.display()));
+    let file = dir.join("libsink_mqtt.so");
+    assert!(
+        d.wait_log(
+            &format!("sink plugin mqtt ({}, generation", file.display()),
+            WAIT
+        ),
+        "{:?}",
+        d.logs()
+    );
+    let broker = Mosquitto::start(None);
+    let sub = Subscriber::start(broker.port, "file/#");
+    let (key, id) = new_key(&d, "f");
+    set_callback(&d, &key, &format!("mqtt://127.0.0.1:{}/file", broker.port));
+    register(&d, &["file-0"]);
+    let got = sub.take(1);
+    assert_eq!(got[0].0, format!("file/{id}/registrations/file-0"));
+}
