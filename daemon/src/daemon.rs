@@ -582,11 +582,13 @@ async fn start_services(
         );
     }
     let mut available: Vec<_> = loaded.into_iter().map(|(a, _)| a).collect();
+    let sink_names = config.plugins.sink_names();
     if crate::plugins::check_names(&config.plugins, &available).is_err() {
         // The names the configuration gives are checked against what was loaded; the
         // message also lists the plugins that exist but were not started (not named).
-        let named =
-            |n: &str| config.plugins.auth.iter().any(|a| a == n) || config.plugins.sink == n;
+        let named = |n: &str| {
+            config.plugins.auth.iter().any(|a| a == n) || sink_names.iter().any(|s| s == n)
+        };
         for a in crate::plugins::available(&config.plugins) {
             if !named(&a.name) && !available.iter().any(|b| b.name == a.name) {
                 available.push(a);
@@ -638,15 +640,36 @@ async fn start_services(
 
     let (trigger, stop) = shutdown::channel();
     let n = &config.notifications;
-    let sink = PluginSink {
-        host: Arc::clone(&plugins),
-        name: config.plugins.sink.clone(),
-        // The plugin is handed the mbed JSON message, rendered by the REST edge.
-        render: Arc::new(connectord_rest::wire::Mbed),
-    };
-    // Callbacks go to a sink by their URL's scheme; the `[plugins] sink` takes every
-    // scheme no other sink claims (today: all of them; it answers http and https).
-    let sinks = crate::events::SchemeRouter::new(Arc::new(sink));
+    // Callbacks go to a sink by their URL's scheme: each sink of `[plugins] sinks` says
+    // which it takes (`schemes`), the first in the list keeps a scheme two claim, and a
+    // scheme none takes is refused at `PUT /notification/callback`.
+    let mut sinks = crate::events::SchemeRouter::new();
+    for name in &sink_names {
+        let sink = PluginSink {
+            host: Arc::clone(&plugins),
+            name: name.clone(),
+            // The plugin is handed the mbed JSON message, rendered by the REST edge.
+            render: Arc::new(connectord_rest::wire::Mbed),
+        };
+        let schemes = sink.schemes().await;
+        let sink = Arc::new(sink);
+        for scheme in &schemes {
+            if !sinks.route(
+                scheme,
+                name,
+                Arc::clone(&sink) as Arc<dyn crate::events::Sink>,
+            ) {
+                tracing::warn!(
+                    "notification sink {name} takes {scheme}:// callbacks, but {} comes first in [plugins] sinks and takes them",
+                    sinks.sink_of(scheme).unwrap_or("another sink")
+                );
+            }
+        }
+    }
+    tracing::info!(
+        "notification sinks by callback URL scheme: {}",
+        sinks.describe()
+    );
     let mut early_tasks = Vec::new();
     // On NATS a key's channel is served by one node at a time, its owner (issue 22,
     // `channels`); the other nodes' channel records are watched from before the load.

@@ -50,6 +50,7 @@ mod requests;
 mod revocation;
 mod schemathesis;
 mod simulate;
+mod sinks;
 mod startup;
 mod startup_log;
 mod state_dir;

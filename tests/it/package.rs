@@ -34,11 +34,12 @@ const BUILD_COMMAND: &str =
     "cargo build --release --workspace && cargo deb -p connectord --no-build";
 
 /// The plugin files the package installs (every plugin crate but the example).
-const PLUGIN_FILES: [&str; 5] = [
+const PLUGIN_FILES: [&str; 6] = [
     "libauth_connector.so",
     "libauth_headerkeys.so",
     "libauth_losant.so",
     "libauth_pelion.so",
+    "libsink_mqtt.so",
     "libsink_webhook.so",
 ];
 
@@ -1014,11 +1015,17 @@ fn debian_package() {
     // The ready file was written just before that line.
     let ready = support::Ready::read(&ready).unwrap();
     let (rest, coap) = (ready.rest[0], ready.coap[0]);
-    // The packaged configuration enables the connector backend and the webhook sink: those
+    // The packaged configuration enables the connector backend and both sinks: those
     // files are started, once (no built-in of their name first); the other backends are
     // not started at all (no keys made or announced for them).
     for f in PLUGIN_FILES {
-        if ["libauth_connector.so", "libsink_webhook.so"].contains(&f) {
+        if [
+            "libauth_connector.so",
+            "libsink_mqtt.so",
+            "libsink_webhook.so",
+        ]
+        .contains(&f)
+        {
             daemon.wait_log(
                 &format!("({PLUGIN_DIR}/{f}, generation"),
                 Duration::from_secs(1),

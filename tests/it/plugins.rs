@@ -361,7 +361,7 @@ fn an_unknown_plugin_name_is_refused_by_check_config_and_run() {
         (
             "sink = \"connector\"\n",
             "plugins.sink",
-            "`connector` is a plugin of kind auth (built-in), not sink; sink plugins available: webhook (built-in)".to_string(),
+            "`connector` is a plugin of kind auth (built-in), not sink; sink plugins available: webhook (built-in), mqtt (built-in)".to_string(),
         ),
     ];
     for (plugins, key, expected) in cases {

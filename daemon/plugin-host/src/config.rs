@@ -18,8 +18,14 @@ pub struct PluginsConfig {
     /// Auth backends by plugin name, asked in this order; the first that recognises a
     /// credential decides.
     pub auth: Vec<String>,
-    /// The plugin that delivers notifications to callback URLs.
-    pub sink: String,
+    /// The sink plugins that deliver notifications to callback URLs, in order: a callback
+    /// goes to the first whose `schemes` list its URL's scheme (`webhook`: `http`,
+    /// `https`; `mqtt`: `mqtt`, `mqtts`). Unset: [`DEFAULT_SINKS`], or the one `sink`
+    /// names.
+    pub sinks: Option<Vec<String>>,
+    /// The one sink plugin, the form of the key before `sinks` (kept working): the same as
+    /// `sinks = [sink]`. Not both.
+    pub sink: Option<String>,
     /// Each plugin's own settings, by plugin name: `[plugins.settings.webhook]`.
     pub settings: std::collections::BTreeMap<String, toml::Table>,
 }
@@ -29,19 +35,104 @@ impl Default for PluginsConfig {
         PluginsConfig {
             dir: None,
             auth: vec!["connector".into()],
-            sink: "webhook".into(),
+            sinks: None,
+            sink: None,
             settings: Default::default(),
         }
     }
 }
 
+/// The sinks started when neither `sinks` nor `sink` is set: every built-in one.
+pub const DEFAULT_SINKS: &[&str] = &["webhook", "mqtt"];
+
 impl PluginsConfig {
+    /// The sink plugins to start, in the order they are asked for a callback's scheme:
+    /// `sinks`, else the one `sink` names, else [`DEFAULT_SINKS`].
+    pub fn sink_names(&self) -> Vec<String> {
+        match (&self.sinks, &self.sink) {
+            (Some(sinks), _) => sinks.clone(),
+            (None, Some(sink)) => vec![sink.clone()],
+            (None, None) => DEFAULT_SINKS.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// The dotted key that names the sinks (for errors about one of them).
+    pub fn sinks_key(&self) -> &'static str {
+        if self.sinks.is_none() && self.sink.is_some() {
+            "plugins.sink"
+        } else {
+            "plugins.sinks"
+        }
+    }
+
     /// Range checks serde cannot express: the first value out of range, its key relative
     /// to the section (see [`Invalid`]).
     pub fn check(&self) -> Result<(), Invalid> {
         if self.auth.is_empty() {
             return Err(("auth", "needs at least one auth backend".into()));
         }
+        if let Some(sinks) = &self.sinks {
+            if self.sink.is_some() {
+                return Err((
+                    "sink",
+                    "set either `sinks` (a list) or `sink` (one sink, the older form), not both"
+                        .into(),
+                ));
+            }
+            if sinks.is_empty() {
+                return Err((
+                    "sinks",
+                    "needs at least one sink (callbacks could not be delivered)".into(),
+                ));
+            }
+            if let Some(name) = sinks
+                .iter()
+                .enumerate()
+                .find_map(|(i, n)| sinks[..i].contains(n).then_some(n))
+            {
+                return Err(("sinks", format!("names `{name}` twice")));
+            }
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> PluginsConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn sinks_default_to_every_built_in_and_the_older_sink_key_means_one() {
+        let both = vec!["webhook".to_string(), "mqtt".to_string()];
+        assert_eq!(PluginsConfig::default().sink_names(), both);
+        assert_eq!(PluginsConfig::default().sinks_key(), "plugins.sinks");
+        let old = parse("sink = \"webhook\"");
+        assert_eq!(old.check(), Ok(()));
+        assert_eq!(old.sink_names(), ["webhook"]);
+        assert_eq!(old.sinks_key(), "plugins.sink");
+        let new = parse("sinks = [\"mqtt\", \"webhook\"]");
+        assert_eq!(new.check(), Ok(()));
+        assert_eq!(new.sink_names(), ["mqtt", "webhook"]);
+    }
+
+    #[test]
+    fn bad_sink_lists_name_the_key() {
+        for (text, key, why) in [
+            ("sinks = []", "sinks", "needs at least one sink"),
+            ("sinks = [\"a\", \"b\", \"a\"]", "sinks", "names `a` twice"),
+            (
+                "sinks = [\"a\"]\nsink = \"a\"",
+                "sink",
+                "set either `sinks` (a list) or `sink`",
+            ),
+        ] {
+            let (k, message) = parse(text).check().unwrap_err();
+            assert_eq!(k, key, "{text}");
+            assert!(message.contains(why), "{text}: {message}");
+        }
     }
 }

@@ -9,7 +9,7 @@
 //! callback receiver does not hold up deliveries to the others.
 //!
 //! Plugins come from two places: built-ins linked into the binary (`connector`,
-//! `pelion`, `losant`, `headerkeys`, `webhook`), and `lib<crate>.so` files in `[plugins] dir`. A file whose plugin has the
+//! `pelion`, `losant`, `headerkeys`, `webhook`, `mqtt`), and `lib<crate>.so` files in `[plugins] dir`. A file whose plugin has the
 //! name of a built-in replaces it. The directory is watched (changes only,
 //! [`crate::dir_watch`]); a changed file is read once it has stopped changing
 //! (`STABLE_CHECK`), checked to be a complete ELF shared object of this machine
@@ -109,8 +109,8 @@ pub enum PluginError {
     },
     #[error("plugin {0} has stopped")]
     Stopped(String),
-    /// An auth backend not named in `[plugins] auth`, or a sink other than `[plugins]
-    /// sink`: not started (it would make and announce keys nobody asked for).
+    /// An auth backend not named in `[plugins] auth`, or a sink not named in `[plugins]
+    /// sinks`: not started (it would make and announce keys nobody asked for).
     #[error("plugin {name} ({origin}) is not named in [plugins] {key}: not started")]
     NotEnabled {
         name: String,
@@ -127,6 +127,7 @@ fn builtins() -> Vec<&'static connectord_plugin_sdk::PluginTable> {
         auth_losant::plugin_table(),
         auth_headerkeys::plugin_table(),
         sink_webhook::plugin_table(),
+        sink_mqtt::plugin_table(),
     ]
 }
 
@@ -180,17 +181,19 @@ pub fn available(cfg: &PluginsConfig) -> Vec<Available> {
     found
 }
 
-/// Checks that the plugins `[plugins] auth` and `sink` name are among `available`, and of
-/// the kind the key asks for (an auth backend in `auth`, a sink in `sink`: a plugin of
+/// Checks that the plugins `[plugins] auth` and `sinks` (or `sink`) name are among
+/// `available`, and of the kind the key asks for (an auth backend in `auth`, a sink in
+/// `sinks`: a plugin of
 /// another kind would answer none of the operations asked of it). The error names the
 /// key, the name and every plugin of that kind available; the daemon adds the file and
 /// where the key is in it.
 pub fn check_names(cfg: &PluginsConfig, available: &[Available]) -> Result<(), NameError> {
+    let sinks = cfg.sink_names();
     let named = cfg
         .auth
         .iter()
         .map(|n| ("plugins.auth", Kind::Auth, n))
-        .chain(std::iter::once(("plugins.sink", Kind::Sink, &cfg.sink)));
+        .chain(sinks.iter().map(|n| (cfg.sinks_key(), Kind::Sink, n)));
     for (key, kind, name) in named {
         let found = available.iter().find(|a| a.name == *name);
         if found.is_some_and(|a| a.kind == kind) {
@@ -232,7 +235,7 @@ pub fn check_names(cfg: &PluginsConfig, available: &[Available]) -> Result<(), N
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("key `{key}`: {message}")]
 pub struct NameError {
-    /// The dotted key that names it: `plugins.auth` or `plugins.sink`.
+    /// The dotted key that names it: `plugins.auth`, `plugins.sinks` or `plugins.sink`.
     pub key: &'static str,
     /// What is wrong, with the plugins of that kind available.
     pub message: String,
@@ -310,7 +313,7 @@ pub struct PluginRoute {
 pub struct PluginHost {
     store: Arc<dyn Store>,
     settings: HashMap<String, serde_json::Value>,
-    /// The names `[plugins] auth` and `sink` give: only auth backends and sinks named
+    /// The names `[plugins] auth` and `sinks` give: only auth backends and sinks named
     /// there are started (plugins of other kinds, which only serve routes, always are).
     enabled: Vec<String>,
     dir: Option<PathBuf>,
@@ -379,12 +382,7 @@ impl PluginHost {
         let host = Arc::new(PluginHost {
             store,
             settings,
-            enabled: cfg
-                .auth
-                .iter()
-                .chain(std::iter::once(&cfg.sink))
-                .cloned()
-                .collect(),
+            enabled: cfg.auth.iter().cloned().chain(cfg.sink_names()).collect(),
             dir: cfg.dir.clone(),
             cache_dir,
             counters,
@@ -418,7 +416,7 @@ impl PluginHost {
     fn check_enabled(&self, name: &str, kind: Kind) -> Result<(), &'static str> {
         let key = match kind {
             Kind::Auth => "auth",
-            Kind::Sink => "sink",
+            Kind::Sink => "sinks",
             _ => return Ok(()),
         };
         if self.enabled.iter().any(|n| n == name) {
@@ -694,6 +692,7 @@ impl PluginHost {
                 | connectord_plugin_sdk::auth::OP_KEY_STATUS
                 | connectord_plugin_sdk::sink::OP_DELIVER
                 | connectord_plugin_sdk::sink::OP_VERIFY
+                | connectord_plugin_sdk::sink::OP_SCHEMES
         );
         // Taken before the generation is looked up, so the call goes to the instance
         // serving once it is let in; released when the plugin's worker has run the call
@@ -1187,6 +1186,7 @@ mod tests {
                     headers: Default::default(),
                 },
                 body: "{}".into(),
+                key_id: None,
             };
             host.call_json::<_, DeliverResponse>("webhook", OP_DELIVER, &req)
                 .await

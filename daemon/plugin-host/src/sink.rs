@@ -1,4 +1,5 @@
-//! The adapter from the core's [`Sink`] trait to the sink plugin named in `[plugins] sink`.
+//! The adapter from the core's [`Sink`] trait to one sink plugin of `[plugins] sinks` (one
+//! adapter per sink; the hub's `SchemeRouter` picks one by the callback URL's scheme).
 //! The plugin is handed the rendered notification message (its protocol is unchanged);
 //! the rendering is the [`Render`] given at construction (the REST edge's, wired in
 //! `daemon.rs`), so this crate knows no wire format.
@@ -10,7 +11,40 @@ use connectord_plugin_sdk::sink;
 
 use crate::events::{CallbackTarget, Delivery, Event, Render, Sink};
 
-/// The sink plugin named in `[plugins] sink`.
+impl PluginSink {
+    /// The callback URL schemes the plugin takes (its `schemes` answer, in lower case). A
+    /// plugin that cannot answer (a file built before the operation existed answers
+    /// "unknown operation") is taken to deliver HTTP callbacks, as every sink did then;
+    /// the error is logged.
+    pub async fn schemes(&self) -> Vec<String> {
+        match self
+            .host
+            .call_json::<_, sink::SchemesResponse>(
+                &self.name,
+                sink::OP_SCHEMES,
+                &serde_json::json!({}),
+            )
+            .await
+        {
+            Ok(r) => r
+                .schemes
+                .into_iter()
+                .map(|s| s.to_ascii_lowercase())
+                .collect(),
+            Err(e) => {
+                let schemes = sink::SchemesResponse::default().schemes;
+                tracing::warn!(
+                    "notification sink {}: no answer to `schemes` ({e}); taking it to deliver {}",
+                    self.name,
+                    schemes.join(", ")
+                );
+                schemes
+            }
+        }
+    }
+}
+
+/// One sink plugin of `[plugins] sinks`.
 pub struct PluginSink {
     pub host: std::sync::Arc<super::PluginHost>,
     pub name: String,
@@ -54,6 +88,7 @@ impl Sink for PluginSink {
 
     fn deliver<'a>(
         &'a self,
+        key_id: &'a str,
         t: &'a CallbackTarget,
         events: &'a [Event],
     ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
@@ -61,6 +96,7 @@ impl Sink for PluginSink {
             let req = sink::DeliverRequest {
                 target: target(t),
                 body: self.render.message(events),
+                key_id: Some(key_id.to_string()),
             };
             match self
                 .host

@@ -84,11 +84,12 @@ pub mod routes {
 /// The operations of a notification sink ([`crate::sink`]).
 pub mod sink {
     use super::*;
-    use crate::sink::{OP_DELIVER, OP_VERIFY};
+    use crate::sink::{OP_DELIVER, OP_SCHEMES, OP_VERIFY};
 
-    pub const OPERATIONS: &[&str] = &[OP_VERIFY, OP_DELIVER];
+    pub const OPERATIONS: &[&str] = &[OP_VERIFY, OP_DELIVER, OP_SCHEMES];
 
-    /// `None` when `op` is not a sink operation.
+    /// `None` when `op` is not a sink operation. `schemes` takes no input (whatever is
+    /// given is not read).
     pub fn call<P: SinkPlugin>(
         p: &mut P,
         op: &str,
@@ -97,6 +98,7 @@ pub mod sink {
         Some(match op {
             OP_VERIFY => operation(p, op, input, P::verify),
             OP_DELIVER => operation(p, op, input, P::deliver),
+            OP_SCHEMES => p.schemes().and_then(|r| encode_answer(&r)),
             _ => return None,
         })
     }

@@ -385,6 +385,11 @@ pub trait SinkPlugin: Plugin {
     fn verify(&mut self, req: sink::VerifyRequest) -> Result<sink::VerifyResponse, String>;
     /// [`sink::OP_DELIVER`]: one batch to one target.
     fn deliver(&mut self, req: sink::DeliverRequest) -> Result<sink::DeliverResponse, String>;
+    /// [`sink::OP_SCHEMES`], once at start: the callback URL schemes this sink takes. The
+    /// default is [`sink::DEFAULT_SCHEMES`] (`http`, `https`).
+    fn schemes(&mut self) -> Result<sink::SchemesResponse, String> {
+        Ok(sink::SchemesResponse::default())
+    }
 }
 
 /// The generated side of a plugin: its kind and the dispatcher that maps an operation name

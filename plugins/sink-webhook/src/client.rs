@@ -142,14 +142,7 @@ impl Webhook {
         extra_ca_file: Option<&Path>,
         host: &Host,
     ) -> Result<Webhook, WebhookError> {
-        let extra_roots = extra_ca_file.map(load_ca_file).transpose()?;
-        let mut roots = native_roots(host);
-        let system_roots = roots.len();
-        let mut extra_count = 0;
-        if let Some(extra) = extra_roots {
-            extra_count = extra.len();
-            roots.extend(extra.roots);
-        }
+        let (roots, system_roots, extra_count) = trusted_roots(extra_ca_file, host)?;
         if roots.is_empty() {
             host.warn(
                 "no system root certificates and no extra CA file: \
@@ -290,6 +283,25 @@ fn build_client(tls: ClientConfig, timeout: Duration) -> HttpsClient {
         .timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .build(connector)
+}
+
+/// The trusted roots of a sink: the system's ([`native_roots`]) plus every certificate of
+/// `extra_ca_file`, with how many came from each. A missing, unreadable or certificate-less
+/// file is a [`WebhookError::Ca`]. Shared with the MQTT sink (`sink-mqtt`), whose `ca_file`
+/// means the same.
+pub fn trusted_roots(
+    extra_ca_file: Option<&Path>,
+    host: &Host,
+) -> Result<(RootCertStore, usize, usize), WebhookError> {
+    let extra_roots = extra_ca_file.map(load_ca_file).transpose()?;
+    let mut roots = native_roots(host);
+    let system_roots = roots.len();
+    let mut extra_count = 0;
+    if let Some(extra) = extra_roots {
+        extra_count = extra.len();
+        roots.extend(extra.roots);
+    }
+    Ok((roots, system_roots, extra_count))
 }
 
 /// The system's trusted root certificates, as found by rustls-native-certs. Load errors and

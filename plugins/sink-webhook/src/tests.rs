@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use connectord_plugin_sdk::sink::{
-    DeliverRequest, DeliverResponse, OP_DELIVER, OP_VERIFY, Target, VerifyRequest, VerifyResponse,
+    DeliverRequest, DeliverResponse, OP_DELIVER, OP_SCHEMES, OP_VERIFY, Target, VerifyRequest,
+    VerifyResponse,
 };
 use connectord_plugin_sdk::testing::MemoryHost;
 use connectord_plugin_sdk::{ABI_VERSION, Dispatch, Kind, Plugin, level};
@@ -118,6 +119,7 @@ impl Sink {
         let input = serde_json::to_vec(&DeliverRequest {
             target: target.clone(),
             body: body.to_string(),
+            key_id: Some("k1".into()),
         })
         .unwrap();
         let answer = self.call(OP_DELIVER, &input).unwrap();
@@ -448,7 +450,13 @@ fn create_logs_its_setup() {
 #[test]
 fn bad_input_and_unknown_operations_are_errors() {
     assert_eq!(<WebhookSink as Dispatch>::KIND, Kind::Sink);
-    assert_eq!(WebhookSink::operations(), ["verify", "deliver"]);
+    assert_eq!(WebhookSink::operations(), ["verify", "deliver", "schemes"]);
+    // The default schemes of a sink: HTTP callbacks.
+    let mut sink = Sink::new(None);
+    assert_eq!(
+        sink.call(OP_SCHEMES, b"").unwrap(),
+        br#"{"schemes":["http","https"]}"#
+    );
     bounded(|| {
         let receiver = Receiver::start(200);
         let mut sink = Sink::new(None);
@@ -486,7 +494,9 @@ fn bad_input_and_unknown_operations_are_errors() {
             let message = sink.call(op, &valid).unwrap_err();
             assert_eq!(
                 message,
-                format!("webhook: unknown operation {op:?}; it answers \"verify\", \"deliver\"")
+                format!(
+                    "webhook: unknown operation {op:?}; it answers \"verify\", \"deliver\", \"schemes\""
+                )
             );
         }
         assert!(receiver.requests().is_empty());

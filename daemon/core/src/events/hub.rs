@@ -1419,7 +1419,7 @@ impl Hub {
                     }
                 },
             };
-            let outcome = self.sink.deliver(&target, &events).await;
+            let outcome = self.sink.deliver(&key_id, &target, &events).await;
             drop(permit);
             match outcome {
                 Delivery::Accepted => {
@@ -1431,7 +1431,7 @@ impl Hub {
                 }
                 Delivery::Refused(why) => {
                     backoff = initial;
-                    tracing::warn!(key = %key_id, url = %target.url, "callback refused {} events, discarding them: {why}", events.len());
+                    tracing::warn!(key = %key_id, url = %super::redact_url(&target.url), "callback refused {} events, discarding them: {why}", events.len());
                     for _ in 0..events.len() {
                         Counters::inc(&self.counters.events_discarded);
                     }
@@ -1439,7 +1439,7 @@ impl Hub {
                 }
                 Delivery::Retry(why) => {
                     Counters::inc(&self.counters.delivery_retries);
-                    tracing::warn!(key = %key_id, url = %target.url, "callback delivery failed, retrying in {backoff:?}: {why}");
+                    tracing::warn!(key = %key_id, url = %super::redact_url(&target.url), "callback delivery failed, retrying in {backoff:?}: {why}");
                     tokio::select! {
                         _ = stop.recv() => break,
                         _ = tokio::time::sleep(backoff) => {}
@@ -2220,6 +2220,7 @@ mod tests {
         }
         fn deliver<'a>(
             &'a self,
+            _: &'a str,
             _: &'a super::super::CallbackTarget,
             _: &'a [Event],
         ) -> std::pin::Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {

@@ -3,7 +3,7 @@
 //! Every access key that wants notifications has one [`hub::Channel`]: long-poll (the
 //! default) or a callback URL. Each event for a key goes through that key's ordered,
 //! durable queue; the hub owns ordering, batching, retry and the discard window, and the
-//! [`Sink`] (today the [`webhook`]) only delivers one batch and says whether it was
+//! [`Sink`] (a sink plugin per callback URL scheme: webhooks, MQTT) only delivers one batch and says whether it was
 //! accepted, should be retried, or is refused. On a cluster, [`peers`] is the seam through
 //! which one node at a time serves a key's channel.
 
@@ -95,7 +95,7 @@ pub enum Delivery {
 }
 
 /// Where events for keys are delivered when a key has a callback. Implemented by
-/// `plugins::PluginSink`, which hands each batch to the configured sink plugin, and by
+/// `plugins::PluginSink`, which hands each batch to one sink plugin, and by
 /// [`SchemeRouter`], which picks a sink by the callback URL's scheme.
 pub trait Sink: Send + Sync + 'static {
     /// The check made when a callback is registered (`Err` is shown to the client).
@@ -103,48 +103,98 @@ pub trait Sink: Send + Sync + 'static {
         &'a self,
         target: &'a CallbackTarget,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
-    /// Delivers one batch of events, in the order they happened (rendered by the sink,
-    /// with the [`Render`] it was given).
+    /// Delivers one batch of events of the key `key_id` (the auth backend's id of the
+    /// key, never its secret), in the order they happened (rendered by the sink, with the
+    /// [`Render`] it was given).
     fn deliver<'a>(
         &'a self,
+        key_id: &'a str,
         target: &'a CallbackTarget,
         events: &'a [Event],
     ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>>;
 }
 
+/// A callback URL as the log shows it, its password left out (the SDK's
+/// `sink::redact_url`, which the sinks use in their reasons).
+pub use connectord_plugin_sdk::sink::redact_url;
+
 /// The hub's sink: routes each callback to the sink registered for its URL's scheme
-/// (`mqtt` in `mqtt://broker/topic`, compared without case), or to the default sink (the
-/// `[plugins] sink`, which answers for `http`/`https` and refuses what it does not know).
-/// A second kind of sink is one [`Sink`] implementation and one [`SchemeRouter::route`]
-/// at start-up (ARCHITECTURE.md, "Extending").
+/// (`mqtt` in `mqtt://broker/topic`, compared without case). A URL whose scheme no sink
+/// takes is refused at registration (`verify`, a 400 that names the schemes taken); a
+/// batch for one (its sink was enabled when the callback was registered, and is no
+/// more) is retried, so that its events wait, up to the discard window, for the sink to
+/// come back rather than being dropped at once. The routes are set at start-up from the
+/// schemes each sink of `[plugins] sinks` declares (`daemon.rs`).
 pub struct SchemeRouter {
-    /// (scheme in lower case, sink), few: searched in order.
-    routes: Vec<(String, std::sync::Arc<dyn Sink>)>,
-    default: std::sync::Arc<dyn Sink>,
+    /// (scheme in lower case, the sink's name, sink), few: searched in order.
+    routes: Vec<(String, String, std::sync::Arc<dyn Sink>)>,
+}
+
+impl Default for SchemeRouter {
+    fn default() -> Self {
+        SchemeRouter::new()
+    }
 }
 
 impl SchemeRouter {
-    pub fn new(default: std::sync::Arc<dyn Sink>) -> SchemeRouter {
-        SchemeRouter {
-            routes: Vec::new(),
-            default,
-        }
+    pub fn new() -> SchemeRouter {
+        SchemeRouter { routes: Vec::new() }
     }
 
-    /// Callbacks whose URL has this scheme go to `sink` (a later route for the same scheme
-    /// replaces an earlier one).
-    pub fn route(mut self, scheme: &str, sink: std::sync::Arc<dyn Sink>) -> SchemeRouter {
+    /// Callbacks whose URL has this scheme go to `sink`, named `name` in messages. The
+    /// first route of a scheme wins: a later one for the same scheme is not added, and
+    /// `false` says so.
+    pub fn route(&mut self, scheme: &str, name: &str, sink: std::sync::Arc<dyn Sink>) -> bool {
         let scheme = scheme.to_ascii_lowercase();
-        self.routes.retain(|(s, _)| *s != scheme);
-        self.routes.push((scheme, sink));
-        self
+        if self.routes.iter().any(|(s, _, _)| *s == scheme) {
+            return false;
+        }
+        self.routes.push((scheme, name.to_string(), sink));
+        true
     }
 
-    fn sink_for(&self, target: &CallbackTarget) -> &dyn Sink {
-        let scheme = target.url.split_once(':').map(|(s, _)| s);
-        scheme
-            .and_then(|s| self.routes.iter().find(|(r, _)| r.eq_ignore_ascii_case(s)))
-            .map_or(&*self.default, |(_, sink)| &**sink)
+    /// The sink that takes `scheme`, by name, if any.
+    pub fn sink_of(&self, scheme: &str) -> Option<&str> {
+        self.routes
+            .iter()
+            .find(|(s, _, _)| s.eq_ignore_ascii_case(scheme))
+            .map(|(_, n, _)| n.as_str())
+    }
+
+    /// Every route, as `scheme (sink)`, in order.
+    pub fn describe(&self) -> String {
+        let all: Vec<String> = self
+            .routes
+            .iter()
+            .map(|(s, n, _)| format!("{s} ({n})"))
+            .collect();
+        all.join(", ")
+    }
+
+    fn sink_for(&self, target: &CallbackTarget) -> Result<&dyn Sink, String> {
+        let scheme = target
+            .url
+            .split_once("://")
+            .map(|(s, _)| s)
+            .filter(|s| !s.is_empty());
+        let Some(scheme) = scheme else {
+            return Err(format!(
+                "invalid callback URL {:?}: no scheme (the schemes taken: {})",
+                target.url,
+                self.describe()
+            ));
+        };
+        match self
+            .routes
+            .iter()
+            .find(|(r, _, _)| r.eq_ignore_ascii_case(scheme))
+        {
+            Some((_, _, sink)) => Ok(&**sink),
+            None => Err(format!(
+                "no notification sink takes callback URLs of scheme {scheme:?}; the schemes taken: {}",
+                self.describe()
+            )),
+        }
     }
 }
 
@@ -153,15 +203,22 @@ impl Sink for SchemeRouter {
         &'a self,
         target: &'a CallbackTarget,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
-        self.sink_for(target).verify(target)
+        match self.sink_for(target) {
+            Ok(sink) => sink.verify(target),
+            Err(why) => Box::pin(async move { Err(why) }),
+        }
     }
 
     fn deliver<'a>(
         &'a self,
+        key_id: &'a str,
         target: &'a CallbackTarget,
         events: &'a [Event],
     ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
-        self.sink_for(target).deliver(target, events)
+        match self.sink_for(target) {
+            Ok(sink) => sink.deliver(key_id, target, events),
+            Err(why) => Box::pin(async move { Delivery::Retry(why) }),
+        }
     }
 }
 
@@ -182,6 +239,7 @@ mod tests {
 
         fn deliver<'a>(
             &'a self,
+            _: &'a str,
             _: &'a CallbackTarget,
             _: &'a [Event],
         ) -> Pin<Box<dyn Future<Output = Delivery> + Send + 'a>> {
@@ -189,12 +247,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn passwords_are_left_out_of_logged_urls() {
+        for (url, shown) in [
+            ("mqtt://u:pw@h:1/p?q", "mqtt://u:***@h:1/p?q"),
+            ("https://u@h/p", "https://u@h/p"),
+            ("http://h/a:b@c", "http://h/a:b@c"),
+            ("no scheme", "no scheme"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
     #[tokio::test]
-    async fn callbacks_go_to_the_sink_of_their_scheme_or_to_the_default() {
-        let router = SchemeRouter::new(std::sync::Arc::new(Named("default")))
-            .route("mqtt", std::sync::Arc::new(Named("old mqtt")))
-            .route("MQTT", std::sync::Arc::new(Named("mqtt")))
-            .route("ws", std::sync::Arc::new(Named("ws")));
+    async fn callbacks_go_to_the_sink_of_their_scheme_and_other_schemes_are_refused() {
+        let mut router = SchemeRouter::new();
+        assert!(router.route("http", "webhook", std::sync::Arc::new(Named("webhook"))));
+        assert!(router.route("HTTPS", "webhook", std::sync::Arc::new(Named("webhook"))));
+        assert!(router.route("mqtt", "mqtt", std::sync::Arc::new(Named("mqtt"))));
+        // The first sink of a scheme keeps it.
+        assert!(!router.route("MQTT", "other", std::sync::Arc::new(Named("other"))));
+        assert_eq!(router.sink_of("Mqtt"), Some("mqtt"));
+        assert_eq!(router.sink_of("ws"), None);
         let to = |url: &str| CallbackTarget {
             url: url.into(),
             headers: Default::default(),
@@ -202,11 +276,8 @@ mod tests {
         for (url, want) in [
             ("mqtt://127.0.0.1:1883/t", "mqtt"),
             ("Mqtt://127.0.0.1/t", "mqtt"),
-            ("ws://127.0.0.1/", "ws"),
-            ("http://127.0.0.1/", "default"),
-            ("https://127.0.0.1/", "default"),
-            ("mqtts://127.0.0.1/", "default"),
-            ("no scheme at all", "default"),
+            ("http://127.0.0.1/", "webhook"),
+            ("https://127.0.0.1/", "webhook"),
         ] {
             assert_eq!(
                 router.verify(&to(url)).await,
@@ -214,8 +285,27 @@ mod tests {
                 "{url}"
             );
             assert_eq!(
-                router.deliver(&to(url), &[]).await,
+                router.deliver("k", &to(url), &[]).await,
                 Delivery::Refused(want.to_string()),
+                "{url}"
+            );
+        }
+        let taken = "the schemes taken: http (webhook), https (webhook), mqtt (mqtt)";
+        for (url, why) in [
+            (
+                "mqtts://127.0.0.1/",
+                format!("no notification sink takes callback URLs of scheme \"mqtts\"; {taken}"),
+            ),
+            (
+                "no scheme at all",
+                format!("invalid callback URL \"no scheme at all\": no scheme ({taken})"),
+            ),
+        ] {
+            assert_eq!(router.verify(&to(url)).await, Err(why.clone()), "{url}");
+            // A batch for such a URL waits (retried) rather than being dropped.
+            assert_eq!(
+                router.deliver("k", &to(url), &[]).await,
+                Delivery::Retry(why),
                 "{url}"
             );
         }
