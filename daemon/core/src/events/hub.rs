@@ -758,8 +758,8 @@ impl Hub {
     /// resource list is cut to what each restricted key may see (one entry made per
     /// distinct restriction).
     async fn publish(&self, to: To<'_>, event: Event, answered: Option<u64>, about: About<'_>) {
-        // Rendered (and sized) before the hub lock, not under it.
-        self.size_of(&event);
+        // Not sized (rendered) here: an event no channel takes is never rendered (see
+        // `rest::wire`); one that is queued is rendered once, when it is queued.
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
         let mut remote: Vec<(String, Event)> = Vec::new();
