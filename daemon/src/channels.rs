@@ -26,10 +26,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::events::Hub;
 use crate::events::peers::{BoxFut, ChannelPeers, Claim, PeerError, PollRequest, Polled};
-use crate::model::{ChannelRecord, Event};
+use crate::model::Event;
 use crate::shutdown::Shutdown;
 use crate::store::StoreError;
-use crate::store::nats::{Lease, NatsStore, NodeCall, events_from_json, events_to_json};
+use crate::store::nats::{
+    ChannelChange, Lease, NatsStore, NodeCall, events_from_json, events_to_json,
+};
 
 /// Queue events on the key's owner.
 pub const OP_APPEND: &str = "ch_append";
@@ -309,7 +311,7 @@ async fn handle(hub: Arc<Hub>, call: NodeCall) {
 
 /// Applies the channel records other nodes write to this node's hub, until `stop`.
 pub async fn follow(
-    mut rx: tokio::sync::broadcast::Receiver<ChannelRecord>,
+    mut rx: tokio::sync::broadcast::Receiver<ChannelChange>,
     hub: Arc<Hub>,
     mut stop: Shutdown,
 ) {
@@ -320,7 +322,8 @@ pub async fn follow(
             r = rx.recv() => r,
         };
         match got {
-            Ok(rec) => hub.apply_channel(rec),
+            Ok(ChannelChange::Put(rec)) => hub.apply_channel(rec),
+            Ok(ChannelChange::Removed(key_id)) => hub.apply_removal(&key_id),
             Err(RecvError::Lagged(n)) => {
                 tracing::warn!("cluster: missed {n} channel changes of other nodes");
             }

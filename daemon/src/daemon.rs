@@ -711,6 +711,9 @@ async fn start_services(
             hub
         }
     };
+    // Queues count their bytes (`notifications.max_queued_bytes_per_key`) by the entries
+    // the REST edge renders.
+    hub.set_render(Arc::new(connectord_rest::wire::Mbed));
     // A straight line: the request layer before the subscriptions manager, which gets it
     // and the receiving end of the request layer's observation reports (no back-reference).
     let (reporter, reports) = crate::requests::observation_reports(OBSERVATION_REPORTS);

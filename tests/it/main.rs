@@ -23,6 +23,7 @@ mod support;
 
 mod allow;
 mod auth;
+mod channel_limits;
 mod cluster;
 mod cluster_channels;
 mod cluster_failover;

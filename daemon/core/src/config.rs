@@ -141,6 +141,20 @@ impl RequestsConfig {
 /// plugin's.
 pub const MAX_CONCURRENT_DELIVERIES: usize = 1024;
 
+/// What an undelivered event counts against `notifications.max_queued_bytes_per_key`
+/// beyond its rendered entry: its share of the store's record (key, sequence number, kind,
+/// time) and of the hub's queue. Pelion says only that "reliable storage has some
+/// overhead for every stored notification" (50 MB hold more than 160 000 events of 100
+/// bytes: about 200 bytes each beyond the event); we count the same.
+pub const EVENT_OVERHEAD_BYTES: u64 = 200;
+
+/// Smallest `notifications.max_queued_bytes_per_key`: room for at least one event of a
+/// few KiB.
+pub const MIN_QUEUED_BYTES_PER_KEY: u64 = 4096;
+
+/// Largest `notifications.idle_channel_removal_s` other than 0: a year.
+pub const MAX_IDLE_CHANNEL_S: u64 = 31_536_000;
+
 /// `[notifications]`: delivery of events to applications.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -149,10 +163,19 @@ pub struct NotificationsConfig {
     pub long_poll_s: u64,
     /// Most events in one long-poll answer or callback delivery.
     pub max_batch: usize,
-    /// Events not delivered within this many seconds are discarded (seed: 15 minutes).
+    /// The event lifetime: events not delivered within this many seconds of their
+    /// creation are discarded and counted, in every kind of channel (seed: 15 minutes;
+    /// Pelion's successor keeps 24 hours).
     pub discard_after_s: u64,
     /// Most undelivered events kept per access key; the oldest make room.
     pub max_queued_per_key: usize,
+    /// Most bytes of undelivered events kept per access key, each event counted as its
+    /// rendered entry plus [`EVENT_OVERHEAD_BYTES`]; the oldest make room (Pelion: 50 MB).
+    pub max_queued_bytes_per_key: u64,
+    /// A channel with no event in, no pull and no delivery for this many seconds is
+    /// removed (from the store too); its key gets a new one at its next use. 0: never
+    /// (Pelion: 48 hours).
+    pub idle_channel_removal_s: u64,
     /// First wait before a failed callback delivery is retried; doubled per failure.
     pub retry_initial_ms: u64,
     /// Longest wait between retries.
@@ -178,6 +201,8 @@ impl Default for NotificationsConfig {
             max_batch: 500,
             discard_after_s: 900,
             max_queued_per_key: 100_000,
+            max_queued_bytes_per_key: 52_428_800,
+            idle_channel_removal_s: 172_800,
             retry_initial_ms: 1000,
             retry_max_ms: 60_000,
             redeliver_after_s: 60,
@@ -208,6 +233,17 @@ impl NotificationsConfig {
                 "redeliver_after_s"
             };
             return Err((key, "must be at least 1".into()));
+        }
+        at_least(
+            "max_queued_bytes_per_key",
+            self.max_queued_bytes_per_key,
+            MIN_QUEUED_BYTES_PER_KEY,
+        )?;
+        if self.idle_channel_removal_s > MAX_IDLE_CHANNEL_S {
+            return Err((
+                "idle_channel_removal_s",
+                format!("must be 0 (never) or at most {MAX_IDLE_CHANNEL_S} (a year)"),
+            ));
         }
         if self.max_concurrent_deliveries == 0
             || self.max_concurrent_deliveries > MAX_CONCURRENT_DELIVERIES

@@ -147,8 +147,14 @@ counters! {
     /// within notifications.redeliver_after_s, or not written to a client that went away.
     long_poll_redeliveries,
     /// Notification events discarded (older than the discard window, refused by the
-    /// callback, or pushed out of a full queue).
+    /// callback, pushed out of a full queue, or queued in a channel removed as idle).
     events_discarded,
+    /// Of those, the oldest events pushed out of a full queue (over
+    /// notifications.max_queued_per_key or notifications.max_queued_bytes_per_key).
+    events_dropped_queue_full,
+    /// Notification channels removed after notifications.idle_channel_removal_s without
+    /// an event in, a pull or a delivery.
+    channels_removed_idle,
     /// Failed callback deliveries that will be retried.
     delivery_retries,
     /// WebSockets opened on a WebSocket channel (`/notification/websocket-connect`).

@@ -530,10 +530,10 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
         Route::Console(asset) => console::serve(&asset, &parts.headers),
         Route::Limits => {
             let endpoints = state.directory.count_in(&principal.domain);
-            Reply::json(
-                StatusCode::OK,
-                &state.limits.snapshot(&principal.domain, endpoints),
-            )
+            let mut body = serde_json::json!(state.limits.snapshot(&principal.domain, endpoints));
+            body["notification-channel"] =
+                notifications::channel_limits(&state.hub, &principal.key_id);
+            Reply::json(StatusCode::OK, &body)
         }
         Route::Cluster => Reply::json(
             StatusCode::OK,

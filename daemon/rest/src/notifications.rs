@@ -118,3 +118,39 @@ pub async fn callback(hub: &Arc<Hub>, who: &Principal, parts: &Parts, body: Byte
         },
     }
 }
+
+/// The caller's notification channel and its limits, for `GET /v2/limits`
+/// (`notification-channel`): Pelion's per-channel limits (queue size, event lifetime,
+/// idle removal, batch size) as configured, and the key's channel now (`null` without
+/// one). On a cluster the counts are the serving node's: another node shows only the
+/// kind (`served-here` false).
+pub fn channel_limits(hub: &Hub, key_id: &str) -> serde_json::Value {
+    let cfg = hub.config();
+    let limits = serde_json::json!({
+        "max-queued-events": cfg.max_queued_per_key,
+        "max-queued-bytes": cfg.max_queued_bytes_per_key,
+        "event-overhead-bytes": connectord_core::config::EVENT_OVERHEAD_BYTES,
+        "event-lifetime-s": cfg.discard_after_s,
+        "idle-removal-s": cfg.idle_channel_removal_s,
+        "max-batch": cfg.max_batch,
+    });
+    let channel = hub.channel_info(key_id).map(|c| {
+        let mut o = serde_json::json!({
+            "kind": c.kind,
+            "served-here": c.here,
+        });
+        if let (Some(events), Some(bytes), Some(lost), Some(idle)) =
+            (c.queued_events, c.queued_bytes, c.lost, c.idle_s)
+        {
+            o["queued-events"] = events.into();
+            o["queued-bytes"] = bytes.into();
+            o["dropped-queue-count"] = lost.queue_count.into();
+            o["dropped-queue-bytes"] = lost.queue_bytes.into();
+            o["expired"] = lost.expired.into();
+            o["refused"] = lost.refused.into();
+            o["idle-s"] = idle.into();
+        }
+        o
+    });
+    serde_json::json!({ "limits": limits, "channel": channel })
+}

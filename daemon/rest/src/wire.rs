@@ -32,6 +32,11 @@ impl Render for Mbed {
     fn message(&self, events: &[Event]) -> String {
         message(events)
     }
+
+    /// The entry as rendered (and kept with the event, so the answer reuses it).
+    fn entry_len(&self, event: &Event) -> usize {
+        entry_of(event).len()
+    }
 }
 
 /// The notification message for a batch of events, in order: one array per event type

@@ -164,6 +164,14 @@ fn range_errors_name_the_key() {
             "notifications.websocket_ping_interval_s",
         ),
         (
+            "[notifications]\nmax_queued_bytes_per_key = 4095\n",
+            "notifications.max_queued_bytes_per_key",
+        ),
+        (
+            "[notifications]\nidle_channel_removal_s = 31536001\n",
+            "notifications.idle_channel_removal_s",
+        ),
+        (
             "[limits]\ntransaction_quota = 0\n",
             "limits.transaction_quota",
         ),

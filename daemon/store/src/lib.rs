@@ -184,6 +184,10 @@ pub trait EventLog: Send + Sync + 'static {
     fn load_channels(&self) -> Pending<Vec<ChannelRecord>>;
     /// Inserts or replaces a channel by key id.
     fn put_channel(&self, channel: ChannelRecord) -> Pending<()>;
+    /// Removes a channel and its undelivered events (a channel removed as idle): the next
+    /// load does not find it. Removing an absent one is not an error. The key's sequence
+    /// numbers are not given again (a new channel of the key numbers on above them).
+    fn delete_channel(&self, key_id: String) -> Pending<()>;
     /// Every undelivered event, in (key id, sequence) order.
     fn load_events(&self) -> Pending<Vec<StoredEvent>>;
     /// One key's undelivered events, in sequence order: what a node loads for a key whose

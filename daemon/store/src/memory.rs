@@ -110,6 +110,13 @@ impl EventLog for MemoryStore {
         })
     }
 
+    fn delete_channel(&self, key_id: String) -> Pending<()> {
+        self.write(|s| {
+            s.channels.remove(&key_id);
+            s.events.retain(|(k, _), _| *k != key_id);
+        })
+    }
+
     fn load_events(&self) -> Pending<Vec<StoredEvent>> {
         self.read(|s| s.events.values().cloned().collect())
     }

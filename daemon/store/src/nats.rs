@@ -265,7 +265,7 @@ pub struct NatsStore {
     /// Moves on other nodes' credential writes (`credential_changes`).
     credentials: Arc<watch::Sender<u64>>,
     /// Other nodes' channel records (`channels`).
-    channels: broadcast::Sender<ChannelRecord>,
+    channels: broadcast::Sender<ChannelChange>,
 }
 
 /// The names of the buckets and streams.
@@ -520,6 +520,7 @@ enum Op {
     PutRegistration(Registration, Reply<()>),
     DeleteRegistration(String, Reply<()>),
     PutChannel(ChannelRecord, Reply<()>),
+    DeleteChannel(String, Reply<()>),
     AppendEvents(Vec<StoredEvent>, Option<u64>, Reply<()>),
     DeleteEventsThrough(String, u64, Reply<()>),
     PutRequest(Job, Reply<u64>),
@@ -1495,6 +1496,10 @@ impl Writer {
                 }
                 Err(e) => drop(reply.send(Err(e))),
             },
+            Op::DeleteChannel(key_id, reply) => {
+                let m = s.kv_delete(&n.channels, &enc(&key_id));
+                self.write(vec![m], reply, |_, _| Ok(())).await;
+            }
             Op::AppendEvents(events, answered, reply) => {
                 let mut msgs = Vec::with_capacity(events.len());
                 let mut numbered = Vec::with_capacity(events.len());
@@ -1965,6 +1970,19 @@ impl EventLog for NatsStore {
         self.submit(|r| Op::PutChannel(channel, r))
     }
 
+    /// The key's events first, then its record (a delete marker the other nodes' watch
+    /// of channels sees: [`ChannelChange::Removed`]); both submitted now, in this order.
+    fn delete_channel(&self, key_id: String) -> Pending<()> {
+        let events = self.delete_events_through(key_id.clone(), i64::MAX as u64);
+        let record = self.submit(|r| Op::DeleteChannel(key_id, r));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let r = events.await;
+            let _ = tx.send(r.and(record.await));
+        });
+        Pending::new(rx)
+    }
+
     fn load_events(&self) -> Pending<Vec<StoredEvent>> {
         self.read(async move |s: Arc<Shared>| {
             let mut events = s.read_events(format!("{}.>", s.names.ev_subject)).await?;
@@ -2276,7 +2294,7 @@ pub use calls::{CallError, NodeCall, NodeCalls};
 mod counts;
 pub use counts::NodeHourCount;
 mod credential_changes;
-pub use channels::{CHANNEL_LEASE_MAX_AGE, Lease, events_from_json, events_to_json};
+pub use channels::{CHANNEL_LEASE_MAX_AGE, ChannelChange, Lease, events_from_json, events_to_json};
 mod follow;
 pub use follow::{Followed, SubscriptionWatch};
 /// Watches that resume after a server's death, loads that read to the end.

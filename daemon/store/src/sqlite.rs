@@ -908,6 +908,16 @@ impl EventLog for SqliteStore {
         })
     }
 
+    fn delete_channel(&self, key_id: String) -> Pending<()> {
+        self.submit(move |conn| {
+            conn.prepare_cached("DELETE FROM events WHERE key_id = ?1")?
+                .execute(params![key_id])?;
+            conn.prepare_cached("DELETE FROM channels WHERE key_id = ?1")?
+                .execute(params![key_id])?;
+            Ok(())
+        })
+    }
+
     fn load_events(&self) -> Pending<Vec<StoredEvent>> {
         self.submit(|conn| {
             let mut stmt =

@@ -499,6 +499,49 @@ async fn memory_backend_loads_one_keys_events() {
     events_of_one_key(&MemoryStore::new()).await;
 }
 
+/// A channel removed (idle, issue 23) takes its events with it, leaves the other keys'
+/// alone, and its key's next events are numbered above the removed ones.
+async fn a_removed_channel_takes_its_events(s: &dyn Store) {
+    let ch = |key: &str| ChannelRecord {
+        key_id: key.into(),
+        domain: "d".into(),
+        callback: None,
+        allow: None,
+    };
+    s.put_channel(ch("gone")).await.unwrap();
+    s.put_channel(ch("kept")).await.unwrap();
+    let a = append(
+        s,
+        vec![new("gone", 1), new("kept", 1), new("gone", 2)],
+        None,
+    )
+    .await;
+    s.delete_channel("gone".into()).await.unwrap();
+    s.delete_channel("never".into()).await.unwrap();
+    assert_eq!(s.load_channels().await.unwrap(), vec![ch("kept")]);
+    assert_eq!(s.load_events().await.unwrap(), vec![event("kept", 1, a[1])]);
+    let next = append(s, vec![new("gone", 3)], None).await;
+    assert!(next[0] > a[2], "{next:?} {a:?}");
+}
+
+#[tokio::test]
+async fn memory_backend_removes_a_channel_with_its_events() {
+    a_removed_channel_takes_its_events(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn sqlite_backend_removes_a_channel_with_its_events_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    a_removed_channel_takes_its_events(&SqliteStore::open(dir.path()).unwrap()).await;
+    let s = SqliteStore::open(dir.path()).unwrap();
+    assert_eq!(s.load_channels().await.unwrap().len(), 1);
+    assert_eq!(
+        s.load_events().await.unwrap().len(),
+        2,
+        "kept's and gone's new one"
+    );
+}
+
 #[tokio::test]
 async fn sqlite_backend_loads_one_keys_events() {
     let dir = tempfile::tempdir().unwrap();
@@ -514,7 +557,7 @@ mod nats_server;
 mod nats {
     use super::nats_server::{NatsCluster, NatsServer};
     use super::*;
-    use connectord_store::nats::{NatsConfig, NatsStore, RegistrationChange};
+    use connectord_store::nats::{ChannelChange, NatsConfig, NatsStore, RegistrationChange};
     use std::time::{Duration, Instant};
 
     fn config(servers: Vec<String>, node: &str) -> NatsConfig {
@@ -718,12 +761,20 @@ mod nats {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(got, rec);
+        assert_eq!(got, ChannelChange::Put(rec));
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
             seen_by_a.try_recv().is_err(),
             "a node's own write came back"
         );
+        // A removal (idle, issue 23) reaches the other node as one.
+        a.delete_channel(key.into()).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), seen_by_b.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, ChannelChange::Removed(key.into()));
+        assert!(b.load_channels().await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -742,6 +793,12 @@ mod nats {
     async fn nats_backend_loads_one_keys_events() {
         let server = NatsServer::start().unwrap();
         events_of_one_key(&connect(&server, "a").await).await;
+    }
+
+    #[tokio::test]
+    async fn nats_backend_removes_a_channel_with_its_events() {
+        let server = NatsServer::start().unwrap();
+        a_removed_channel_takes_its_events(&connect(&server, "a").await).await;
     }
 
     /// Names a subject or KV key could not hold (dots, wildcards, spaces, the empty
@@ -1500,7 +1557,7 @@ mod nats {
             .await
             .expect("a's channels watch tells of b's channel")
             .unwrap();
-        assert_eq!(got, channel);
+        assert_eq!(got, ChannelChange::Put(channel));
         let got = tokio::time::timeout_at(deadline, a_subs.next())
             .await
             .expect("a's subscriptions watch tells of b's subscription");

@@ -28,9 +28,11 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 use super::peers::{ChannelPeers, Claim, PeerError, PollRequest, Polled};
-use super::{About, ChannelRecord, Delivery, Entry, Event, Sink, StoredEvent, registration_entry};
+use super::{
+    About, ChannelRecord, Delivery, Entry, Event, Render, Sink, StoredEvent, registration_entry,
+};
 use crate::auth::Principal;
-use crate::config::NotificationsConfig;
+use crate::config::{EVENT_OVERHEAD_BYTES, NotificationsConfig};
 use crate::hashing::Map;
 use crate::metrics::Counters;
 use crate::registry::{RegistryEvent, RegistryListener, now_ms};
@@ -152,6 +154,19 @@ struct Channel {
     owner: Owner,
     /// Cluster: when this node's lease was last renewed (while `owner` is `Here`).
     renewed: Instant,
+    /// Bytes of the queued events, as counted against
+    /// `notifications.max_queued_bytes_per_key` ([`Hub::size_of`]).
+    bytes: u64,
+    /// What this channel lost since it was loaded (or, on a cluster, since this node
+    /// took it): [`ChannelInfo`].
+    lost: Lost,
+    /// The queue is full and dropping its oldest (logged once per such spell).
+    dropping: bool,
+    /// The last event in, pull, acknowledgement or delivery: the idle clock of
+    /// `notifications.idle_channel_removal_s` (starts at the load: a restart resets it).
+    active: Instant,
+    /// Pulls of the key waiting or answering now (a channel with one is never idle).
+    pulling: usize,
     /// The WebSocket attached to the channel on this node (issue 23; at most one).
     socket: Option<Socket>,
 }
@@ -223,6 +238,34 @@ pub struct WebsocketInfo {
     pub connected: bool,
 }
 
+/// Events a channel lost, by cause (in memory: since the channel was loaded).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lost {
+    /// Pushed out of a queue at `notifications.max_queued_per_key`.
+    pub queue_count: u64,
+    /// Pushed out of a queue over `notifications.max_queued_bytes_per_key`.
+    pub queue_bytes: u64,
+    /// Older than `notifications.discard_after_s` (the event lifetime).
+    pub expired: u64,
+    /// Refused by the callback receiver.
+    pub refused: u64,
+}
+
+/// A key's channel as `GET /v2/limits` shows it ([`Hub::channel_info`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelInfo {
+    /// `long-poll`, `callback` or `websocket`.
+    pub kind: &'static str,
+    /// On a cluster, whether this node serves the channel: the counts below are the
+    /// serving node's, so they are known only there (`None` elsewhere).
+    pub here: bool,
+    pub queued_events: Option<usize>,
+    pub queued_bytes: Option<u64>,
+    pub lost: Option<Lost>,
+    /// Seconds since the last event in, pull or delivery (served here only).
+    pub idle_s: Option<u64>,
+}
+
 impl Channel {
     fn new(rec: ChannelRecord) -> Channel {
         Channel::owned_by(rec, Owner::Here)
@@ -239,6 +282,11 @@ impl Channel {
             pusher: false,
             in_flight: None,
             next_answer: 1,
+            bytes: 0,
+            lost: Lost::default(),
+            dropping: false,
+            active: Instant::now(),
+            pulling: 0,
             socket: None,
         }
     }
@@ -279,7 +327,11 @@ impl Channel {
     /// Drops events past the discard window; returns how many and the last dropped seq.
     /// Nothing is dropped while an answer is in flight: its events are the oldest, and they
     /// are settled (acknowledged or put back) within `notifications.redeliver_after_s`.
-    fn drop_expired(&mut self, cutoff_ms: u64) -> Option<(usize, u64)> {
+    fn drop_expired(
+        &mut self,
+        cutoff_ms: u64,
+        size: impl Fn(&Event) -> u64,
+    ) -> Option<(usize, u64)> {
         if self.in_flight.is_some() {
             return None;
         }
@@ -290,10 +342,61 @@ impl Channel {
             .front()
             .is_some_and(|e| e.event.created_ms < cutoff_ms)
         {
-            last = self.queue.pop_front().map(|e| e.seq);
+            last = self.pop_oldest(&size);
             n += 1;
         }
+        self.lost.expired += n as u64;
         last.map(|s| (n, s))
+    }
+
+    /// Removes the oldest event, its bytes counted off; answers its number.
+    fn pop_oldest(&mut self, size: impl Fn(&Event) -> u64) -> Option<u64> {
+        let e = self.queue.pop_front()?;
+        self.bytes = if self.queue.is_empty() {
+            0
+        } else {
+            self.bytes.saturating_sub(size(&e.event))
+        };
+        Some(e.seq)
+    }
+
+    /// Removes the oldest events up to and including number `seq`; answers how many.
+    fn pop_through(&mut self, seq: u64, size: impl Fn(&Event) -> u64) -> usize {
+        let mut n = 0;
+        while self.queue.front().is_some_and(|e| e.seq <= seq) {
+            self.pop_oldest(&size);
+            n += 1;
+        }
+        if n > 0 {
+            self.dropping = false;
+        }
+        n
+    }
+}
+
+/// A pull of a key under way ([`Hub::pull_here`]): its channel is not idle meanwhile,
+/// and its end is activity too.
+struct Pulling<'a> {
+    hub: &'a Hub,
+    key_id: &'a str,
+}
+
+impl<'a> Pulling<'a> {
+    fn start(hub: &'a Hub, key_id: &'a str) -> Pulling<'a> {
+        if let Some(ch) = hub.lock().get_mut(key_id) {
+            ch.pulling += 1;
+            ch.active = Instant::now();
+        }
+        Pulling { hub, key_id }
+    }
+}
+
+impl Drop for Pulling<'_> {
+    fn drop(&mut self) {
+        if let Some(ch) = self.hub.lock().get_mut(self.key_id) {
+            ch.pulling = ch.pulling.saturating_sub(1);
+            ch.active = Instant::now();
+        }
     }
 }
 
@@ -453,6 +556,9 @@ pub struct Hub {
     handed_out: Mutex<Map<String, (String, u64)>>,
     /// The id of the next WebSocket attached ([`Hub::attach_socket`]).
     next_socket: std::sync::atomic::AtomicU64,
+    /// What sizes an event for `notifications.max_queued_bytes_per_key` (the REST edge's
+    /// renderer, [`Hub::set_render`]; without one an event counts its overhead alone).
+    render: std::sync::OnceLock<Arc<dyn Render>>,
 }
 
 /// Cluster: one key's events waiting to be sent to its owner ([`Hub::forward_all`]): each
@@ -538,7 +644,9 @@ impl Hub {
             outboxes: Mutex::new(Map::default()),
             handed_out: Mutex::new(Map::default()),
             next_socket: std::sync::atomic::AtomicU64::new(1),
+            render: std::sync::OnceLock::new(),
         });
+        hub.recount();
         let callback_keys: Vec<String> = hub
             .lock()
             .values()
@@ -553,6 +661,34 @@ impl Hub {
 
     fn lock(&self) -> MutexGuard<'_, Map<String, Channel>> {
         self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sizes events for `notifications.max_queued_bytes_per_key` by `render`'s entries
+    /// (the daemon gives the REST edge's, right after the load): the queues loaded are
+    /// counted again with it. A second call changes nothing.
+    pub fn set_render(&self, render: Arc<dyn Render>) {
+        if self.render.set(render).is_ok() {
+            self.recount();
+        }
+    }
+
+    /// What `event` counts against `notifications.max_queued_bytes_per_key`: its entry as
+    /// rendered plus [`EVENT_OVERHEAD_BYTES`]. The rendering is kept with the event
+    /// (`Event::rendered`), so this is the answer's own text, made once.
+    fn size_of(&self, event: &Event) -> u64 {
+        let entry = self
+            .render
+            .get()
+            .map_or(0, |r| u64::try_from(r.entry_len(event)).unwrap_or(u64::MAX));
+        entry.saturating_add(EVENT_OVERHEAD_BYTES)
+    }
+
+    /// Counts every queue's bytes again (after a load, or a new renderer).
+    fn recount(&self) {
+        let mut map = self.lock();
+        for ch in map.values_mut() {
+            ch.bytes = ch.queue.iter().map(|e| self.size_of(&e.event)).sum();
+        }
     }
 
     /// A channel made here: this hub's own without peers, else owned by whoever the
@@ -708,6 +844,8 @@ impl Hub {
     /// resource list is cut to what each restricted key may see (one entry made per
     /// distinct restriction).
     async fn publish(&self, to: To<'_>, event: Event, answered: Option<u64>, about: About<'_>) {
+        // Not sized (rendered) here: an event no channel takes is never rendered (see
+        // `rest::wire`); one that is queued is rendered once, when it is queued.
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
         let mut remote: Vec<(String, Event)> = Vec::new();
@@ -800,25 +938,57 @@ impl Hub {
         trims: &mut Vec<crate::store::Pending<()>>,
     ) -> crate::store::Pending<()> {
         let appended = self.store.append_events(chosen.clone(), answered);
+        let size = |e: &Event| self.size_of(e);
         for ((key_id, event), seq) in chosen.into_iter().zip(appended.seqs) {
             let Some(ch) = map.get_mut(key_id.as_str()) else {
                 continue;
             };
             Counters::inc(&self.counters.events_published);
+            ch.bytes = ch.bytes.saturating_add(size(&event));
+            ch.active = Instant::now();
             ch.queue.push_back(StoredEvent { key_id, seq, event });
-            if ch.queue.len() > self.cfg.max_queued_per_key {
-                // Bounded: the oldest event makes room and is counted as discarded.
-                if let Some(old) = ch.queue.pop_front() {
-                    // Even out of an answer in flight: the queue bound holds.
-                    if let Some(f) = ch.in_flight.as_mut() {
-                        f.len = f.len.saturating_sub(1);
-                        if f.len == 0 {
-                            ch.in_flight = None;
-                        }
-                    }
-                    Counters::inc(&self.counters.events_discarded);
-                    trims.push(self.store.delete_events_through(old.key_id, old.seq));
+            // Bounded by count and by bytes: the oldest events make room and are counted
+            // as discarded; the newest event stays even if it alone is over the bytes.
+            let mut dropped = None;
+            loop {
+                let over_count = ch.queue.len() > self.cfg.max_queued_per_key;
+                let over_bytes = ch.bytes > self.cfg.max_queued_bytes_per_key && ch.queue.len() > 1;
+                if !(over_count || over_bytes) {
+                    break;
                 }
+                let Some(old) = ch.pop_oldest(size) else {
+                    break;
+                };
+                if over_count {
+                    ch.lost.queue_count += 1;
+                } else {
+                    ch.lost.queue_bytes += 1;
+                }
+                // Even out of an answer in flight: the queue bound holds.
+                if let Some(f) = ch.in_flight.as_mut() {
+                    f.len = f.len.saturating_sub(1);
+                    if f.len == 0 {
+                        ch.in_flight = None;
+                    }
+                }
+                Counters::inc(&self.counters.events_discarded);
+                Counters::inc(&self.counters.events_dropped_queue_full);
+                dropped = Some(old);
+            }
+            if let Some(old) = dropped {
+                if !ch.dropping {
+                    // Once per spell: the counters say how many.
+                    ch.dropping = true;
+                    tracing::warn!(
+                        key = %ch.rec.key_id,
+                        queued = ch.queue.len(),
+                        bytes = ch.bytes,
+                        "notifications: the key's queue is full (notifications.max_queued_per_key {}, max_queued_bytes_per_key {}): its oldest events are dropped",
+                        self.cfg.max_queued_per_key,
+                        self.cfg.max_queued_bytes_per_key
+                    );
+                }
+                trims.push(self.store.delete_events_through(ch.rec.key_id.clone(), old));
             }
             wakes.push(Arc::clone(&ch.wake));
         }
@@ -901,6 +1071,7 @@ impl Hub {
         via: Via,
     ) -> Result<Pulled, StoreError> {
         let deadline = Instant::now() + wait.unwrap_or_default();
+        let _pulling = Pulling::start(self, key_id);
         tokio::pin!(gone);
         loop {
             // At the start, and again whenever the pull is woken: an answer in flight that
@@ -965,7 +1136,8 @@ impl Hub {
             else {
                 return;
             };
-            ch.queue.drain(..n);
+            ch.pop_through(last, |e| self.size_of(e));
+            ch.active = Instant::now();
             for _ in 0..n {
                 Counters::inc(&self.counters.events_delivered);
             }
@@ -988,7 +1160,7 @@ impl Hub {
             if ch.in_flight.is_some() {
                 return None;
             }
-            let expired = ch.drop_expired(cutoff);
+            let expired = ch.drop_expired(cutoff, |e| self.size_of(e));
             if let Some((n, _)) = expired {
                 self.count_discarded(key_id, n);
             }
@@ -1037,6 +1209,7 @@ impl Hub {
         };
         if let Some(f) = ch.in_flight.as_mut().filter(|f| f.id == id) {
             f.sent = Some(Instant::now());
+            ch.active = Instant::now();
             ch.wake.notify_waiters();
         }
     }
@@ -1382,7 +1555,7 @@ impl Hub {
                     ch.pusher = false;
                     return;
                 };
-                let expired = ch.drop_expired(cutoff);
+                let expired = ch.drop_expired(cutoff, |e| self.size_of(e));
                 let batch: Vec<(u64, Event)> = ch
                     .queue
                     .iter()
@@ -1431,6 +1604,9 @@ impl Hub {
                 }
                 Delivery::Refused(why) => {
                     backoff = initial;
+                    if let Some(ch) = self.lock().get_mut(&key_id) {
+                        ch.lost.refused += events.len() as u64;
+                    }
                     tracing::warn!(key = %key_id, url = %super::redact_url(&target.url), "callback refused {} events, discarding them: {why}", events.len());
                     for _ in 0..events.len() {
                         Counters::inc(&self.counters.events_discarded);
@@ -1457,23 +1633,30 @@ impl Hub {
         let durable = {
             let mut map = self.lock();
             if let Some(ch) = map.get_mut(key_id) {
-                while ch.queue.front().is_some_and(|e| e.seq <= seq) {
-                    ch.queue.pop_front();
-                }
+                ch.pop_through(seq, |e| self.size_of(e));
+                ch.active = Instant::now();
             }
             self.store.delete_events_through(key_id.to_string(), seq)
         };
         forget_in_background(key_id, durable);
     }
 
-    /// Discards expired events of channels nobody reads, once a minute.
+    /// Discards expired events of channels nobody reads, and removes idle channels
+    /// ([`Hub::remove_idle`]): once a minute, or every quarter of
+    /// `notifications.idle_channel_removal_s` if that is shorter (at least every second).
     pub async fn run_sweeper(self: Arc<Self>, mut stop: Shutdown) {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        let every = match self.cfg.idle_channel_removal_s {
+            0 => 60,
+            idle => (idle / 4).clamp(1, 60),
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(every));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.recv() => return,
                 _ = tick.tick() => {}
             }
+            self.remove_idle().await;
             let cutoff = self.cutoff();
             let deletes = {
                 let mut map = self.lock();
@@ -1484,7 +1667,7 @@ impl Hub {
                     if ch.settle_stale(now, window) {
                         self.count_put_back(&ch.rec.key_id, "it was not acknowledged in time");
                     }
-                    if let Some((n, seq)) = ch.drop_expired(cutoff) {
+                    if let Some((n, seq)) = ch.drop_expired(cutoff, |e| self.size_of(e)) {
                         self.count_discarded(&ch.rec.key_id, n);
                         deletes.push(self.store.delete_events_through(ch.rec.key_id.clone(), seq));
                     }
@@ -1500,6 +1683,94 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Removes the channels this node serves that saw no event in, no pull (none waiting
+    /// either), no acknowledgement and no delivery for `notifications.idle_channel_removal_s`
+    /// (0: never), as Pelion removes a channel idle for 48 hours: from memory and from the
+    /// store, with its undelivered events (counted as discarded) and its callback. Logged,
+    /// one line per channel. The key gets a new channel at its next use (a pull, a
+    /// callback, a resource or subscription request). Answers how many were removed.
+    pub async fn remove_idle(&self) -> usize {
+        let idle_s = self.cfg.idle_channel_removal_s;
+        if idle_s == 0 {
+            return 0;
+        }
+        let idle = Duration::from_secs(idle_s);
+        let now = Instant::now();
+        let removed: Vec<(String, usize, bool, crate::store::Pending<()>)> = {
+            let mut map = self.lock();
+            let keys: Vec<String> = map
+                .values()
+                .filter(|c| {
+                    c.owner == Owner::Here
+                        && c.pulling == 0
+                        && c.in_flight.is_none()
+                        && now.saturating_duration_since(c.active) >= idle
+                })
+                .map(|c| c.rec.key_id.clone())
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| {
+                    let ch = map.remove(&k)?;
+                    ch.wake.notify_waiters();
+                    let n = ch.queue.len();
+                    for _ in 0..n {
+                        Counters::inc(&self.counters.events_discarded);
+                    }
+                    Counters::inc(&self.counters.channels_removed_idle);
+                    let durable = self.store.delete_channel(k.clone());
+                    Some((k, n, ch.rec.callback.is_some(), durable))
+                })
+                .collect()
+        };
+        let count = removed.len();
+        for (key, n, callback, durable) in removed {
+            if let Some(peers) = &self.peers {
+                peers.release(&key).await;
+            }
+            match durable.await {
+                Ok(()) => tracing::info!(
+                    key,
+                    undelivered = n,
+                    callback,
+                    "notifications: channel removed: no event in, pull or delivery for {idle_s} s (notifications.idle_channel_removal_s); the key gets a new channel at its next use"
+                ),
+                Err(e) => crate::store::log_failure(
+                    format_args!(
+                        "notifications: idle channel of key {key} removed from memory, not from the store (loaded again at the next start)"
+                    ),
+                    &e,
+                ),
+            }
+        }
+        count
+    }
+
+    /// Key `key_id`'s channel as `GET /v2/limits` shows it; `None` without one.
+    pub fn channel_info(&self, key_id: &str) -> Option<ChannelInfo> {
+        let map = self.lock();
+        let ch = map.get(key_id)?;
+        let here = ch.owner == Owner::Here;
+        Some(ChannelInfo {
+            kind: if ch.rec.callback.is_some() {
+                "callback"
+            } else if ch.rec.websocket {
+                "websocket"
+            } else {
+                "long-poll"
+            },
+            here,
+            queued_events: here.then_some(ch.queue.len()),
+            queued_bytes: here.then_some(ch.bytes),
+            lost: here.then_some(ch.lost),
+            idle_s: here.then(|| ch.active.elapsed().as_secs()),
+        })
+    }
+
+    /// The `[notifications]` section the hub runs with (for `GET /v2/limits`).
+    pub fn config(&self) -> &NotificationsConfig {
+        &self.cfg
     }
 
     // ---- Cluster (issue 22): channel owners. Nothing below runs without peers. ----
@@ -1562,6 +1833,8 @@ impl Hub {
                 ch.queue.drain(..).filter(|e| e.seq > loaded_to).collect();
             ch.queue = events.into();
             ch.queue.extend(newer);
+            ch.bytes = ch.queue.iter().map(|e| self.size_of(&e.event)).sum();
+            ch.active = Instant::now();
             ch.in_flight = None;
             ch.owner = Owner::Here;
             ch.renewed = Instant::now();
@@ -1587,6 +1860,7 @@ impl Hub {
         {
             ch.owner = to;
             ch.queue.clear();
+            ch.bytes = 0;
             ch.in_flight = None;
             ch.wake.notify_waiters();
             tracing::info!(
@@ -1918,6 +2192,9 @@ impl Hub {
     /// key whose channel this node owns; `Ok` once they are stored.
     pub async fn append_here(&self, key_id: &str, events: Vec<Event>) -> Result<(), PeerError> {
         self.owned_here(key_id).await?;
+        for e in &events {
+            self.size_of(e);
+        }
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
         let durable = {
@@ -2018,6 +2295,40 @@ impl Hub {
         }
         if let Some(me) = self.me.upgrade() {
             me.ensure_pusher(&key);
+        }
+    }
+
+    /// A channel another node removed as idle (the store's watch): this node forgets it,
+    /// so that the key's events are no longer routed and its next use makes a new one. A
+    /// channel this node serves meanwhile (it took the lease in between: the key was used
+    /// again) is kept, and its record written again so that the store holds it too.
+    pub fn apply_removal(&self, key_id: &str) {
+        let rewrite = {
+            let mut map = self.lock();
+            match map.get(key_id) {
+                None => return,
+                Some(ch) if ch.owner == Owner::Here => Some(self.store.put_channel(ch.record())),
+                Some(_) => {
+                    if let Some(ch) = map.remove(key_id) {
+                        ch.wake.notify_waiters();
+                    }
+                    None
+                }
+            }
+        };
+        match rewrite {
+            None => tracing::debug!(key = key_id, "notifications: channel removed by its owner"),
+            Some(durable) => {
+                let key = key_id.to_string();
+                tokio::spawn(async move {
+                    if let Err(e) = durable.await {
+                        crate::store::log_failure(
+                            format_args!("notifications: channel of key {key} not stored again"),
+                            &e,
+                        );
+                    }
+                });
+            }
         }
     }
 
@@ -2238,6 +2549,22 @@ mod tests {
     }
 
     async fn fixture() -> Fixture {
+        fixture_with(NotificationsConfig::default()).await
+    }
+
+    /// Sizes every entry as 100 bytes (300 with the overhead).
+    struct Hundred;
+
+    impl Render for Hundred {
+        fn message(&self, _: &[Event]) -> String {
+            String::new()
+        }
+        fn entry_len(&self, _: &Event) -> usize {
+            100
+        }
+    }
+
+    async fn fixture_with(cfg: NotificationsConfig) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
         let counters = Arc::new(Counters::default());
@@ -2245,12 +2572,13 @@ mod tests {
         let hub = Hub::load(
             Arc::clone(&store),
             Arc::new(NoSink),
-            NotificationsConfig::default(),
+            cfg,
             Arc::clone(&counters),
             stop,
         )
         .await
         .unwrap();
+        hub.set_render(Arc::new(Hundred));
         let key = Principal {
             backend: "test".into(),
             key_id: "k".into(),
@@ -2568,6 +2896,112 @@ mod tests {
         assert!(matches!(poll.await.unwrap().unwrap(), Pulled::Gone));
         f.publish("a").await;
         assert_eq!(eps(&f.pull().await.unwrap()), ["a"]);
+    }
+
+    /// `notifications.max_queued_bytes_per_key`: the oldest events make room, counted on
+    /// the channel and in the metrics, removed from the store; the newest stay, in order,
+    /// and the queue's bytes are what its events count (entry plus overhead).
+    #[tokio::test]
+    async fn a_queue_over_its_bytes_drops_its_oldest_and_counts_them() {
+        let f = fixture_with(NotificationsConfig {
+            max_queued_bytes_per_key: 4096,
+            ..NotificationsConfig::default()
+        })
+        .await;
+        let each = 100 + EVENT_OVERHEAD_BYTES;
+        let fit = (4096 / each) as usize;
+        for i in 0..20 {
+            f.publish(&format!("e{i:02}")).await;
+        }
+        let info = f.hub.channel_info("k").unwrap();
+        assert_eq!(info.queued_events, Some(fit));
+        assert_eq!(info.queued_bytes, Some(fit as u64 * each));
+        let lost = info.lost.unwrap();
+        assert_eq!((lost.queue_bytes, lost.queue_count), (20 - fit as u64, 0));
+        assert_eq!(
+            f.count(&f.counters.events_dropped_queue_full),
+            20 - fit as u64
+        );
+        assert_eq!(f.count(&f.counters.events_discarded), 20 - fit as u64);
+        let newest: Vec<String> = (20 - fit..20).map(|i| format!("e{i:02}")).collect();
+        assert_eq!(
+            f.stored().await,
+            newest,
+            "the oldest removed from the store too"
+        );
+        let b = f.pull().await.unwrap();
+        assert_eq!(eps(&b), newest, "the newest, in order");
+        drop(b.ticket.sent());
+        assert!(f.pull().await.is_none());
+        assert_eq!(f.hub.channel_info("k").unwrap().queued_bytes, Some(0));
+        // A restart counts the loaded queue the same way.
+        f.publish("after").await;
+        let again = f.reloaded().await;
+        again.set_render(Arc::new(Hundred));
+        assert_eq!(again.channel_info("k").unwrap().queued_bytes, Some(each));
+    }
+
+    /// The count bound and the bytes bound are counted apart.
+    #[tokio::test]
+    async fn the_count_bound_is_counted_apart_from_the_bytes_bound() {
+        let f = fixture_with(NotificationsConfig {
+            max_queued_per_key: 3,
+            ..NotificationsConfig::default()
+        })
+        .await;
+        for i in 0..5 {
+            f.publish(&format!("c{i}")).await;
+        }
+        let lost = f.hub.channel_info("k").unwrap().lost.unwrap();
+        assert_eq!((lost.queue_count, lost.queue_bytes), (2, 0));
+        assert_eq!(eps(&f.pull().await.unwrap()), ["c2", "c3", "c4"]);
+    }
+
+    /// `notifications.idle_channel_removal_s`: a channel without an event in, a pull or a
+    /// delivery for that long is removed, from the store too (a restart does not bring it
+    /// back) with its events; a pull makes a new, empty one. A pull waiting keeps it.
+    #[tokio::test]
+    async fn an_idle_channel_is_removed_durably_and_a_pull_makes_a_new_one() {
+        let f = fixture_with(NotificationsConfig {
+            idle_channel_removal_s: 1,
+            ..NotificationsConfig::default()
+        })
+        .await;
+        f.publish("old").await;
+        assert_eq!(f.hub.remove_idle().await, 0, "not idle yet");
+        // A pull waiting longer than the idle time keeps the channel.
+        let b = f.pull().await.unwrap();
+        drop(b.ticket.sent());
+        let hub = Arc::clone(&f.hub);
+        let key = f.key.clone();
+        let waiting = tokio::spawn(async move {
+            hub.pull(
+                &key,
+                Some(Duration::from_millis(1500)),
+                std::future::pending(),
+            )
+            .await
+            .unwrap()
+        });
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(f.hub.remove_idle().await, 0, "a pull is waiting");
+        assert!(matches!(waiting.await.unwrap(), Pulled::Empty));
+        f.publish("queued").await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(f.hub.remove_idle().await, 1);
+        assert!(f.hub.channel_info("k").is_none());
+        assert_eq!(f.count(&f.counters.channels_removed_idle), 1);
+        assert_eq!(f.count(&f.counters.events_discarded), 1, "the queued event");
+        assert!(f.store.load_channels().await.unwrap().is_empty());
+        assert!(f.stored().await.is_empty());
+        // Nothing is queued for a key without a channel; a restart finds none.
+        f.publish("unrouted").await;
+        let again = f.reloaded().await;
+        assert!(again.channel_info("k").is_none());
+        // The key's next pull makes a new channel, which starts empty.
+        assert!(f.pull().await.is_none());
+        f.publish("new").await;
+        assert_eq!(eps(&f.pull().await.unwrap()), ["new"]);
     }
 
     #[tokio::test]

@@ -52,6 +52,13 @@ impl About<'_> {
 pub trait Render: Send + Sync + 'static {
     /// The notification message of a batch of events, in the order they happened.
     fn message(&self, events: &[Event]) -> String;
+
+    /// The size in bytes of the event's entry as rendered: what the event counts against
+    /// `notifications.max_queued_bytes_per_key` (beyond `config::EVENT_OVERHEAD_BYTES`).
+    /// By default the length of a message of this event alone.
+    fn entry_len(&self, event: &Event) -> usize {
+        self.message(std::slice::from_ref(event)).len()
+    }
 }
 
 /// The entry of a `registrations` or `reg-updates` event: the endpoint with only the

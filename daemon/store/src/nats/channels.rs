@@ -33,6 +33,15 @@ use crate::{StoreError, record_json};
 /// How long a channel lease lives after its last renewal.
 pub const CHANNEL_LEASE_MAX_AGE: Duration = Duration::from_secs(6);
 
+/// A channel change another node made ([`NatsStore::watch_channels`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChannelChange {
+    /// The record written (created, a callback set or removed, a restriction).
+    Put(ChannelRecord),
+    /// The channel removed (idle), with its events: the key id.
+    Removed(String),
+}
+
 /// Who holds a key's channel lease ([`NatsStore::claim_channel`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lease {
@@ -137,7 +146,7 @@ impl NatsStore {
     /// channel's kind, callback and restriction: a node that does not own a key's channel
     /// routes its events by them, and the owner starts or stops delivering to a callback
     /// set on another node). A receiver more than 4 096 changes behind gets `Lagged`.
-    pub fn watch_channels(&self) -> broadcast::Receiver<ChannelRecord> {
+    pub fn watch_channels(&self) -> broadcast::Receiver<ChannelChange> {
         self.channels.subscribe()
     }
 
@@ -186,7 +195,7 @@ impl Shared {
     /// Follows the channels bucket from now on and sends other nodes' puts to `changes`.
     pub(super) async fn watch_channel_bucket(
         self: std::sync::Arc<Self>,
-        changes: broadcast::Sender<ChannelRecord>,
+        changes: broadcast::Sender<ChannelChange>,
     ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
         let bucket = self.names.channels.clone();
         self.watch_bucket(
@@ -199,9 +208,22 @@ impl Shared {
                 if raw.header(NODE_HEADER) == Some(shared.node.as_str()) {
                     return;
                 }
+                if raw.is_kv_delete() {
+                    // `$KV.<bucket>.<key id>`
+                    match raw.tokens(2).and_then(|t| <[String; 1]>::try_from(t).ok()) {
+                        Some([key_id]) => {
+                            let _ = changes.send(ChannelChange::Removed(key_id));
+                        }
+                        None => tracing::debug!(
+                            "store: skipping an unreadable channel key {}",
+                            raw.subject
+                        ),
+                    }
+                    return;
+                }
                 match serde_json::from_slice::<ChannelRecord>(&raw.payload) {
                     Ok(rec) => {
-                        let _ = changes.send(rec);
+                        let _ = changes.send(ChannelChange::Put(rec));
                     }
                     Err(e) => tracing::debug!("store: skipping an unreadable channel record: {e}"),
                 }
