@@ -507,6 +507,7 @@ async fn a_removed_channel_takes_its_events(s: &dyn Store) {
         domain: "d".into(),
         callback: None,
         allow: None,
+        websocket: false,
     };
     s.put_channel(ch("gone")).await.unwrap();
     s.put_channel(ch("kept")).await.unwrap();
