@@ -5,7 +5,7 @@
 //! cargo-fuzz is not needed: the test runs the `cargo build` that `cargo fuzz build` would
 //! run (`--release --target <host>`, the same RUSTFLAGS, see [`COVERAGE_FLAGS`]) on
 //! `fuzz/Cargo.toml` into `target/fuzz`, then runs each binary for `CONNECTORD_FUZZ_SECONDS`
-//! (default 20) seconds, starting from a copy of the committed seed corpus `fuzz/seeds/<target>`
+//! (default 10) seconds, starting from a copy of the committed seed corpus `fuzz/seeds/<target>`
 //! in a temporary directory. One test per target, so the test harness runs two of them at
 //! a time on two cores (`cargo test -p connectord --test it -- fuzz::coap_decode` runs one). A target fails
 //! when libFuzzer exits non-zero, writes any artifact (crash-, leak-, timeout-, oom-,
@@ -79,8 +79,11 @@ const UNFUZZED_C_PACKAGES: &[&str] = &["libsqlite3-sys", "mlua-sys", "ring"];
 /// Fewer executed inputs than this means the run did not really fuzz.
 const MIN_RUNS: u64 = 1000;
 
-/// Per-run seconds when `CONNECTORD_FUZZ_SECONDS` is not set.
-const DEFAULT_SECONDS: u64 = 20;
+/// Per-run seconds when `CONNECTORD_FUZZ_SECONDS` is not set. Decision (issue 22, suite
+/// time): 10 rather than 20, as the suite is CPU-bound on CI's 2 cores and each target runs
+/// hundreds of thousands of inputs in 10 s (at least [`MIN_RUNS`] is checked); the long
+/// runs are the ones by hand above.
+const DEFAULT_SECONDS: u64 = 10;
 
 /// One fuzz target and its libFuzzer limits.
 struct Target {
