@@ -188,6 +188,32 @@ pub enum SocketEnd {
     Revoked,
 }
 
+/// How a channel delivers, as its record says ([`Hub::switch_kind`]).
+#[derive(Debug, Clone, PartialEq)]
+enum Kind {
+    LongPoll,
+    Callback(super::CallbackTarget),
+    Websocket,
+}
+
+impl Kind {
+    fn of(rec: &ChannelRecord) -> Kind {
+        match (&rec.callback, rec.websocket) {
+            (Some(t), _) => Kind::Callback(t.clone()),
+            (None, true) => Kind::Websocket,
+            (None, false) => Kind::LongPoll,
+        }
+    }
+
+    fn set(&self, rec: &mut ChannelRecord) {
+        rec.callback = match self {
+            Kind::Callback(t) => Some(t.clone()),
+            _ => None,
+        };
+        rec.websocket = *self == Kind::Websocket;
+    }
+}
+
 /// What a socket pull may take: the channel is a WebSocket channel
 /// ([`Hub::pull_for_socket`]) or a long-poll one ([`Hub::pull`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1265,49 +1291,7 @@ impl Hub {
             .verify(&target)
             .await
             .map_err(CallbackError::Unreachable)?;
-        let (created, before, durable) = {
-            let mut map = self.lock();
-            let created = !map.contains_key(&p.key_id);
-            let new = self.new_channel(ChannelRecord {
-                key_id: p.key_id.clone(),
-                domain: p.domain.clone(),
-                callback: None,
-                allow: p.allow.clone(),
-                websocket: false,
-            });
-            let ch = map.entry(p.key_id.clone()).or_insert(new);
-            let before = ch.rec.callback.replace(target.clone());
-            // A callback replaces a WebSocket channel (decision, issue 23): its socket is
-            // closed and the callback delivers what was queued for it.
-            let was_websocket = std::mem::take(&mut ch.rec.websocket);
-            ch.close_socket(SocketEnd::ChannelRemoved);
-            // The callback delivers from the oldest event on, an answer in flight included
-            // (at least once).
-            ch.in_flight = None;
-            ch.wake.notify_waiters();
-            (
-                created,
-                (before, was_websocket),
-                self.store.put_channel(ch.record()),
-            )
-        };
-        let (before, was_websocket) = before;
-        if let Err(e) = durable.await {
-            // The stored channel (or its absence) is what memory goes back to, unless a
-            // later change replaced our callback meanwhile.
-            let mut map = self.lock();
-            if let Some(ch) = map.get_mut(&p.key_id)
-                && ch.rec.callback.as_ref() == Some(&target)
-            {
-                ch.rec.callback = before;
-                ch.rec.websocket = was_websocket;
-                ch.wake.notify_waiters();
-                if created && ch.queue.is_empty() && ch.rec.callback.is_none() {
-                    map.remove(&p.key_id);
-                }
-            }
-            return Err(e.into());
-        }
+        self.switch_kind(p, Kind::Callback(target)).await?;
         self.ensure_pusher(&p.key_id);
         if self.peers.is_some() {
             // Cluster: the owner (which follows the record) delivers; a channel nobody
@@ -1364,6 +1348,24 @@ impl Hub {
     /// delivery task stops; decision, as a callback replaces long-poll), and a long-poll
     /// answer in flight is put back: the socket delivers from the oldest event on.
     pub async fn register_websocket(&self, p: &Principal) -> Result<bool, StoreError> {
+        let changed = self.switch_kind(p, Kind::Websocket).await?;
+        if changed {
+            tracing::info!(key = %p.key_id, "notification WebSocket channel registered");
+        }
+        Ok(changed)
+    }
+
+    /// Makes `p`'s channel (created if the key has none) deliver by `kind` and stores it:
+    /// a callback or a WebSocket channel replaces whatever the key had (decision, issue
+    /// 23: the two replace each other, as a callback replaces long-poll); a socket
+    /// attached to a channel that stops being a WebSocket one is closed
+    /// ([`SocketEnd::ChannelRemoved`]), and an answer in flight is put back, so the new
+    /// kind delivers from the oldest event on (at least once). False, and nothing stored,
+    /// when the channel was a WebSocket channel already (a callback is stored again even if
+    /// it is the same). If the store refuses, memory goes back to what is stored (the
+    /// previous kind; no channel if it was created here and nothing was queued since),
+    /// unless a later change replaced this one meanwhile.
+    async fn switch_kind(&self, p: &Principal, kind: Kind) -> Result<bool, StoreError> {
         let (created, before, durable) = {
             let mut map = self.lock();
             let created = !map.contains_key(&p.key_id);
@@ -1375,11 +1377,14 @@ impl Hub {
                 websocket: false,
             });
             let ch = map.entry(p.key_id.clone()).or_insert(new);
-            if ch.rec.websocket {
+            let before = Kind::of(&ch.rec);
+            if before == Kind::Websocket && kind == Kind::Websocket {
                 return Ok(false);
             }
-            ch.rec.websocket = true;
-            let before = ch.rec.callback.take();
+            kind.set(&mut ch.rec);
+            if kind != Kind::Websocket {
+                ch.close_socket(SocketEnd::ChannelRemoved);
+            }
             ch.in_flight = None;
             ch.wake.notify_waiters();
             (created, before, self.store.put_channel(ch.record()))
@@ -1387,24 +1392,26 @@ impl Hub {
         if let Err(e) = durable.await {
             let mut map = self.lock();
             if let Some(ch) = map.get_mut(&p.key_id)
-                && ch.rec.websocket
-                && ch.rec.callback.is_none()
+                && Kind::of(&ch.rec) == kind
             {
-                ch.rec.websocket = false;
-                ch.rec.callback = before;
-                ch.close_socket(SocketEnd::ChannelRemoved);
+                before.set(&mut ch.rec);
+                if before != Kind::Websocket {
+                    ch.close_socket(SocketEnd::ChannelRemoved);
+                }
                 ch.wake.notify_waiters();
-                if created && ch.queue.is_empty() && ch.rec.callback.is_none() {
+                if created && ch.queue.is_empty() && before == Kind::LongPoll {
                     map.remove(&p.key_id);
                 }
             }
             drop(map);
-            if let Some(me) = self.me.upgrade() {
+            if matches!(before, Kind::Callback(_))
+                && let Some(me) = self.me.upgrade()
+            {
+                // Its pusher may have stopped: it starts again.
                 me.ensure_pusher(&p.key_id);
             }
             return Err(e);
         }
-        tracing::info!(key = %p.key_id, "notification WebSocket channel registered");
         Ok(true)
     }
 
