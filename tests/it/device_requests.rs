@@ -3,13 +3,14 @@
 //! testkit's device and aiocoap, a CoAP stack nobody here wrote); the answer on the
 //! key's notification channel as an `async-responses` entry with the client's async-id.
 
+use crate::requests::{next_request, send_update};
 use crate::support;
 
 use std::time::Duration;
 
 use coap_lite::{CoapOption, RequestType, ResponseType};
 use serde_json::{Value, json};
-use support::coap::{path_of, uint_option};
+use support::coap::uint_option;
 use support::peers::Lwm2mDevice;
 use support::{Daemon, Prepared, b64, http};
 
@@ -42,28 +43,6 @@ fn accepted(d: &Daemon, ep: &str, query: &str, body: Value) {
         id.replace("%2F", "/"),
         "the client's id is echoed"
     );
-}
-
-/// Sends a registration update without waiting for its answer (queued requests may come
-/// before it; `recv_request` skips the answer).
-fn send_update(dev: &mut support::coap::Device, reg: &str) {
-    let path = ["rd", reg];
-    let p = dev.build(&support::coap::Req::new(RequestType::Post, &path));
-    dev.send_raw(&p.to_bytes().unwrap());
-}
-
-/// The next request the daemon sends `dev`, asserting its method and path.
-fn next_request(
-    dev: &support::coap::Device,
-    method: RequestType,
-    path: &str,
-) -> (coap_lite::Packet, std::net::SocketAddr) {
-    let (req, from) = dev
-        .recv_request(WAIT)
-        .unwrap_or_else(|| panic!("the daemon sent no {method:?} {path}"));
-    assert_eq!(req.header.code, coap_lite::MessageClass::Request(method));
-    assert_eq!(path_of(&req), path);
-    (req, from)
 }
 
 /// GET, PUT, POST and DELETE with payload-b64 and content types reach our device as

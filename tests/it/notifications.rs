@@ -383,10 +383,10 @@ fn new_key(d: &Daemon, name: &str) -> String {
     r.json()["access_key"].as_str().unwrap().to_string()
 }
 
-/// `PUT /v2/notification/callback` for `key`, asserting 204 (the URL was verified).
-fn set_callback(d: &Daemon, key: &str, url: &str) {
+/// `PUT /v2/notification/callback` for `key`: the status and the answer.
+pub(crate) fn put_callback(d: &Daemon, key: &str, url: &str) -> support::Http {
     let body = json!({ "url": url }).to_string();
-    let r = http(
+    http(
         "PUT",
         &d.url("/v2/notification/callback"),
         &[
@@ -394,12 +394,17 @@ fn set_callback(d: &Daemon, key: &str, url: &str) {
             ("Content-Type", "application/json"),
         ],
         Some(body.as_bytes()),
-    );
+    )
+}
+
+/// `PUT /v2/notification/callback` for `key`, asserting 204 (the URL was verified).
+pub(crate) fn set_callback(d: &Daemon, key: &str, url: &str) {
+    let r = put_callback(d, key, url);
     assert_eq!(r.status, 204, "{url}: {}", r.body);
 }
 
 /// The `ep` of every `registrations` entry a receiver got on `path`, in order.
-fn pushed(requests: &[support::receiver::Recorded], path: &str) -> Vec<String> {
+pub(crate) fn pushed(requests: &[support::receiver::Recorded], path: &str) -> Vec<String> {
     requests
         .iter()
         .filter(|r| r.path == path && !r.body.is_empty())

@@ -18,14 +18,14 @@ const FAST: &str = "ack_timeout_ms = 100\nack_random_factor = 1.0\nmax_retransmi
 
 /// Sends a registration update without waiting for its answer (the daemon's queued
 /// requests may arrive before it; `recv_request` skips the answer).
-fn send_update(dev: &mut support::coap::Device, reg: &str) {
+pub(crate) fn send_update(dev: &mut support::coap::Device, reg: &str) {
     let path = ["rd", reg];
     let p = dev.build(&support::coap::Req::new(RequestType::Post, &path));
     dev.send_raw(&p.to_bytes().unwrap());
 }
 
-/// The next request the daemon sends `dev`, asserting its method and path.
-fn next_request(
+/// The next request the daemon sends `dev` (within 10 s), asserting its method and path.
+pub(crate) fn next_request(
     dev: &support::coap::Device,
     method: RequestType,
     path: &str,

@@ -4,227 +4,28 @@
 //! started by each test on free ports of 127.0.0.1, read with `mosquitto_sub` (a client
 //! nobody here wrote).
 
+use crate::notifications::{pushed, put_callback, set_callback};
 use crate::support;
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use connectord_testkit::mosquitto::{Mosquitto, Subscriber, free_port, pki};
 use serde_json::{Value, json};
 use support::receiver::{Receiver, Tarpit};
 use support::{Daemon, http};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_listening(port: u16) {
-    let until = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < until, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A mosquitto of the test's own: an anonymous plain listener, optionally a TLS one, and
-/// persistence in its directory (so that a restart keeps a subscriber's session and the
-/// messages queued for it).
-struct Mosquitto {
-    child: Option<Child>,
-    conf: PathBuf,
-    port: u16,
-    tls_port: Option<u16>,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    fn start(tls: Option<&Pki>) -> Mosquitto {
-        let dir = tempfile::tempdir().unwrap();
-        // Started as root, mosquitto runs as the user `mosquitto`: its database directory
-        // must be writable by it.
-        let db = dir.path().join("db");
-        std::fs::create_dir(&db).unwrap();
-        std::fs::set_permissions(&db, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-        let port = free_port();
-        let mut conf = format!(
-            "persistence true\npersistence_location {}/\nallow_anonymous true\nlistener {port} 127.0.0.1\n",
-            db.display()
-        );
-        let tls_port = tls.map(|pki| {
-            let p = free_port();
-            conf.push_str(&format!(
-                "listener {p} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
-                pki.cert.display(),
-                pki.key.display()
-            ));
-            p
-        });
-        let path = dir.path().join("mosquitto.conf");
-        std::fs::write(&path, conf).unwrap();
-        let mut m = Mosquitto {
-            child: None,
-            conf: path,
-            port,
-            tls_port,
-            _dir: dir,
-        };
-        m.run();
-        m
-    }
-
-    fn run(&mut self) {
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto (Debian package mosquitto) must be installed");
-        self.child = Some(child);
-        for p in std::iter::once(self.port).chain(self.tls_port) {
-            wait_listening(p);
-        }
-    }
-
-    /// Stops it as an operator would (SIGTERM: it saves its sessions), and waits.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// `mosquitto_sub -v` at QoS 1 with a session that outlives its connection (`-c -i`):
-/// each message as `topic payload`.
-struct Subscriber {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Subscriber {
-    fn start(port: u16, topic: &str) -> Subscriber {
-        let id = format!("sinks-test-{}-{port}", std::process::id());
-        let mut child = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-v"])
-            .args(["-c", "-i", &id, "-t", topic])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto_sub (Debian package mosquitto-clients) must be installed");
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let s = Subscriber { child, lines };
-        // Subscribed once a message published now reaches it.
-        let probe = format!("{}/probe", topic.trim_end_matches("/#"));
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            let _ = Command::new("mosquitto_pub")
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
-                .args(["-t", &probe, "-m", "probe"])
-                .status();
-            if s.lines.recv_timeout(Duration::from_millis(300)).is_ok() {
-                break;
-            }
-            assert!(Instant::now() < until, "mosquitto_sub never subscribed");
-        }
-        s
-    }
-
-    /// The next `n` messages (probes left out), as (topic, payload as JSON).
-    fn take(&self, n: usize) -> Vec<(String, Value)> {
-        let mut got = Vec::new();
-        let until = Instant::now() + WAIT;
-        while got.len() < n {
-            let left = until.saturating_duration_since(Instant::now());
-            let Ok(line) = self.lines.recv_timeout(left) else {
-                panic!("{} of {n} messages came: {got:?}", got.len());
-            };
-            if line.ends_with("/probe probe") {
-                continue;
-            }
+/// The next `n` messages (probes left out), as (topic, payload as JSON).
+fn take(sub: &Subscriber, n: usize) -> Vec<(String, Value)> {
+    sub.take(n)
+        .into_iter()
+        .map(|line| {
             let (topic, payload) = line.split_once(' ').unwrap();
-            got.push((topic.to_string(), serde_json::from_str(payload).unwrap()));
-        }
-        got
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A CA and a server certificate for 127.0.0.1 signed by it (rcgen), as PEM files.
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-fn pki() -> Pki {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "sinks test CA");
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "127.0.0.1");
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let p = Pki {
-        ca: dir.path().join("ca.pem"),
-        cert: dir.path().join("server.pem"),
-        key: dir.path().join("server.key"),
-        _dir: dir,
-    };
-    std::fs::write(&p.ca, ca_cert.pem()).unwrap();
-    std::fs::write(&p.cert, cert.pem()).unwrap();
-    std::fs::write(&p.key, key.serialize_pem()).unwrap();
-    p
+            (topic.to_string(), serde_json::from_str(payload).unwrap())
+        })
+        .collect()
 }
 
 /// A new access key of the default domain: (secret, id).
@@ -237,40 +38,6 @@ fn new_key(d: &Daemon, name: &str) -> (String, String) {
         j["access_key"].as_str().unwrap().to_string(),
         j["id"].as_str().unwrap().to_string(),
     )
-}
-
-/// `PUT /v2/notification/callback` for `key`: the status and the answer.
-fn put_callback(d: &Daemon, key: &str, url: &str) -> support::Http {
-    let body = json!({ "url": url }).to_string();
-    http(
-        "PUT",
-        &d.url("/v2/notification/callback"),
-        &[
-            ("Authorization", &format!("Bearer {key}")),
-            ("Content-Type", "application/json"),
-        ],
-        Some(body.as_bytes()),
-    )
-}
-
-fn set_callback(d: &Daemon, key: &str, url: &str) {
-    let r = put_callback(d, key, url);
-    assert_eq!(r.status, 204, "{url}: {}", r.body);
-}
-
-/// The `ep` of every `registrations` entry a receiver got on `path`, in order.
-fn pushed(requests: &[support::receiver::Recorded], path: &str) -> Vec<String> {
-    requests
-        .iter()
-        .filter(|r| r.path == path && !r.body.is_empty())
-        .flat_map(|r| {
-            r.json()["registrations"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .map(|e| e["ep"].as_str().unwrap_or_default().to_string())
-        .collect()
 }
 
 fn register(d: &Daemon, eps: &[&str]) {
@@ -308,7 +75,7 @@ fn a_webhook_key_and_an_mqtt_key_each_get_their_events() {
     register(&d, &["both-1", "both-2"]);
     let got = rx.wait(WAIT, |r| pushed(r, "/hook").len() >= 2);
     assert_eq!(pushed(&got, "/hook"), ["both-1", "both-2"]);
-    let msgs = sub.take(2);
+    let msgs = take(&sub, 2);
     for (i, (topic, payload)) in msgs.iter().enumerate() {
         let ep = format!("both-{}", i + 1);
         assert_eq!(
@@ -351,7 +118,7 @@ fn a_webhook_that_never_answers_holds_up_neither_mqtt_nor_another_webhook() {
     register(&d, &["ind-1", "ind-2"]);
     let got = rx.wait(WAIT, |r| pushed(r, "/c").len() >= 3);
     assert_eq!(pushed(&got, "/c"), ["ind-0", "ind-1", "ind-2"]);
-    let topics: Vec<String> = sub.take(3).into_iter().map(|m| m.0).collect();
+    let topics: Vec<String> = take(&sub, 3).into_iter().map(|m| m.0).collect();
     assert_eq!(
         topics,
         (0..3)
@@ -388,7 +155,7 @@ fn events_wait_while_the_broker_is_down_and_arrive_once_it_is_back() {
         .metric("delivery_retries_total")
         >= 2));
     broker.run();
-    let got = sub.take(3);
+    let got = take(&sub, 3);
     let eps: Vec<&str> = got
         .iter()
         .map(|(topic, payload)| {
@@ -425,7 +192,7 @@ fn mqtts_brokers_are_trusted_through_the_ca_file() {
         &format!("mqtts://127.0.0.1:{}/sec", broker.tls_port.unwrap()),
     );
     register(&d, &["tls-0"]);
-    let got = sub.take(1);
+    let got = take(&sub, 1);
     assert_eq!(got[0].0, format!("sec/{id}/registrations/tls-0"));
     assert_eq!(got[0].1["ep"], "tls-0");
 
@@ -558,6 +325,6 @@ fn the_mqtt_sink_loaded_from_its_file_delivers() {
     let (key, id) = new_key(&d, "f");
     set_callback(&d, &key, &format!("mqtt://127.0.0.1:{}/file", broker.port));
     register(&d, &["file-0"]);
-    let got = sub.take(1);
+    let got = take(&sub, 1);
     assert_eq!(got[0].0, format!("file/{id}/registrations/file-0"));
 }

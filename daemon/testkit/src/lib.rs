@@ -20,6 +20,7 @@
 #![deny(unsafe_code)]
 
 pub mod coap;
+pub mod mosquitto;
 pub mod nats;
 pub mod receiver;
 

@@ -5,12 +5,8 @@
 //!
 //! `call` blocks on the instance's own runtime, so the tests are plain `#[test]`s.
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use connectord_plugin_sdk::sink::{
     DeliverRequest, DeliverResponse, OP_DELIVER, OP_SCHEMES, OP_VERIFY, Target, VerifyRequest,
@@ -18,10 +14,6 @@ use connectord_plugin_sdk::sink::{
 };
 use connectord_plugin_sdk::testing::MemoryHost;
 use connectord_plugin_sdk::{Dispatch, Kind, Plugin};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use serde_json::{Value, json};
 
 use super::target::{Broker, Message, messages, parse};
@@ -158,146 +150,13 @@ fn configuration_is_checked() {
 
 const TEST_TIMEOUT_S: u64 = 3;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A mosquitto of the test's own, ended when dropped.
-struct Mosquitto {
-    child: Child,
-    port: u16,
-    tls_port: Option<u16>,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    /// A broker with an anonymous plain listener and, with `tls` (certificate and key
-    /// files), a TLS one.
-    fn start(tls: Option<(&Path, &Path)>) -> Mosquitto {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut conf = format!("listener {port} 127.0.0.1\nallow_anonymous true\n");
-        let tls_port = tls.map(|(cert, key)| {
-            let p = free_port();
-            conf.push_str(&format!(
-                "listener {p} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
-                cert.display(),
-                key.display()
-            ));
-            p
-        });
-        let path = dir.path().join("mosquitto.conf");
-        std::fs::write(&path, conf).unwrap();
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto (Debian package mosquitto) must be installed");
-        let m = Mosquitto {
-            child,
-            port,
-            tls_port,
-            _dir: dir,
-        };
-        for p in std::iter::once(port).chain(tls_port) {
-            wait_listening(p);
-        }
-        m
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_listening(port: u16) {
-    let until = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < until, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// `mosquitto_sub` on `topic`, reading `count` messages as `topic payload` lines.
-struct Subscriber {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Subscriber {
-    fn start(port: u16, topic: &str) -> Subscriber {
-        let mut child = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-v"])
-            .args(["-t", topic])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto_sub (Debian package mosquitto-clients) must be installed");
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        // Subscribed once a message published now reaches it.
-        let s = Subscriber { child, lines };
-        let probe = format!("{}/probe", topic.trim_end_matches("/#"));
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            let _ = Command::new("mosquitto_pub")
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
-                .args(["-t", &probe, "-m", "probe"])
-                .status();
-            if s.lines.recv_timeout(Duration::from_millis(300)).is_ok() {
-                break;
-            }
-            assert!(Instant::now() < until, "mosquitto_sub never subscribed");
-        }
-        s
-    }
-
-    /// The next line that is not a probe.
-    fn next(&self, wait: Duration) -> Option<String> {
-        loop {
-            let line = self.lines.recv_timeout(wait).ok()?;
-            if !line.ends_with("/probe probe") {
-                return Some(line);
-            }
-        }
-    }
-
-    fn take(&self, n: usize) -> Vec<String> {
-        (0..n)
-            .map(|i| {
-                self.next(Duration::from_secs(10))
-                    .unwrap_or_else(|| panic!("message {i} of {n} never came"))
-            })
-            .collect()
-    }
-
-    fn nothing_more(&self) {
-        assert_eq!(self.next(Duration::from_millis(300)), None);
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+// The test broker, subscriber and certificates the end-to-end tests use too (the testkit's
+// module; this crate cannot depend on the testkit, which links this sink).
+// Not every helper of the shared file is used here (`Mosquitto::stop`).
+#[allow(dead_code)]
+#[path = "../../../daemon/testkit/src/mosquitto.rs"]
+mod mosquitto;
+use mosquitto::{Mosquitto, Subscriber, free_port, pki};
 
 fn sink(ca_file: Option<&Path>) -> MqttSink {
     let mut config = json!({ "timeout_s": TEST_TIMEOUT_S });
@@ -444,53 +303,10 @@ fn bad_targets_and_bodies_are_refused() {
     ));
 }
 
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-fn pki() -> Pki {
-    let dir = tempfile::tempdir().unwrap();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "connectord mqtt test CA");
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let p = Pki {
-        ca: dir.path().join("ca.pem"),
-        cert: dir.path().join("server.pem"),
-        key: dir.path().join("server.key"),
-        _dir: dir,
-    };
-    std::fs::write(&p.ca, ca_cert.pem()).unwrap();
-    std::fs::write(&p.cert, cert.pem()).unwrap();
-    std::fs::write(&p.key, key.serialize_pem()).unwrap();
-    p
-}
-
 #[test]
 fn mqtts_brokers_are_trusted_through_ca_file_only() {
     let pki = pki();
-    let broker = Mosquitto::start(Some((&pki.cert, &pki.key)));
+    let broker = Mosquitto::start(Some(&pki));
     let tls_port = broker.tls_port.unwrap();
     let t = target(&format!("mqtts://127.0.0.1:{tls_port}/sec"));
     // Without the CA: the broker's certificate is not trusted (retried, not refused: the
