@@ -242,14 +242,7 @@ pub async fn handle(
         );
     }
     match requests.submit(who, ep, submit).await {
-        Ok(Submitted::Accepted(id)) => {
-            #[derive(serde::Serialize)]
-            struct Accepted<'a> {
-                #[serde(rename = "async-response-id")]
-                id: &'a str,
-            }
-            Reply::json(StatusCode::ACCEPTED, &Accepted { id: &id })
-        }
+        Ok(Submitted::Accepted(id)) => crate::resources::accepted(&id),
         Ok(other) => {
             tracing::error!("unexpected answer to a device-request: {other:?}");
             error(

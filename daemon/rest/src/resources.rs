@@ -134,14 +134,7 @@ pub async fn handle(
         device_request: None,
     };
     match requests.submit(who, ep, submit).await {
-        Ok(Submitted::Accepted(id)) => {
-            #[derive(serde::Serialize)]
-            struct Accepted<'a> {
-                #[serde(rename = "async-response-id")]
-                id: &'a str,
-            }
-            Reply::json(StatusCode::ACCEPTED, &Accepted { id: &id })
-        }
+        Ok(Submitted::Accepted(id)) => accepted(&id),
         Ok(Submitted::Sent) => Reply::empty(StatusCode::NO_CONTENT),
         Ok(Submitted::Cached {
             payload,
@@ -175,6 +168,17 @@ pub(crate) fn refusal(e: RequestError) -> Reply {
         RequestError::NoCache => Reply::empty(StatusCode::RESET_CONTENT),
         RequestError::Store(e) => super::reply::store_failure(&e, "request not stored"),
     }
+}
+
+/// 202 with `{"async-response-id": id}`: a request accepted for its device (the resource
+/// routes and `POST /device-requests`).
+pub(crate) fn accepted(id: &str) -> Reply {
+    #[derive(serde::Serialize)]
+    struct Accepted<'a> {
+        #[serde(rename = "async-response-id")]
+        id: &'a str,
+    }
+    Reply::json(StatusCode::ACCEPTED, &Accepted { id })
 }
 
 #[cfg(test)]
