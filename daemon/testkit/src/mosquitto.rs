@@ -4,8 +4,10 @@
 //! Shared by the end-to-end tests (`connectord_testkit::mosquitto`) and the MQTT sink's unit
 //! tests, which include this file with `#[path]` (the sink crate cannot depend on the
 //! testkit, which depends on the daemon that links the sink). So it uses only `std`,
-//! `tempfile` and `rcgen`. Needs Debian's `mosquitto` and `mosquitto-clients`; every
-//! listener is on 127.0.0.1 on a free port, never 1883.
+//! `tempfile` and `rcgen`. Needs Debian's `mosquitto` and `mosquitto-clients`, installed
+//! with apt-get when missing and the tests run as root (as CI does; as another user a
+//! missing one fails the test, naming the packages); every listener is on 127.0.0.1 on a
+//! free port, never 1883.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -14,6 +16,49 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+/// Installs Debian's `mosquitto` and `mosquitto-clients` once if a program is missing
+/// and this is root; else a missing program fails where it is started.
+fn ensure_installed() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        let have = |p: &str| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {p}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if ["mosquitto", "mosquitto_sub", "mosquitto_pub"]
+            .iter()
+            .all(|p| have(p))
+        {
+            return;
+        }
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+        if !root {
+            return;
+        }
+        let install = || {
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "mosquitto", "mosquitto-clients"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !install() {
+            let _ = Command::new("apt-get").args(["update", "-q"]).status();
+            assert!(
+                install(),
+                "apt-get install mosquitto mosquitto-clients failed"
+            );
+        }
+    });
+}
 
 /// A free TCP port on 127.0.0.1 (free when asked).
 pub fn free_port() -> u16 {
@@ -49,6 +94,7 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Starts it and waits until every listener accepts.
     pub fn start(tls: Option<&Pki>) -> Mosquitto {
+        ensure_installed();
         let dir = tempfile::tempdir().unwrap();
         // Started as root, mosquitto runs as the user `mosquitto`: its database directory
         // must be writable by it.
