@@ -230,7 +230,18 @@ pub fn build_plugin(package: &str, env: &[(&str, &str)]) -> PathBuf {
     assert!(status.success(), "building plugin {package} failed");
     let file = format!("lib{}.so", package.replace('-', "_"));
     let variant: String = env.iter().map(|(k, v)| format!("-{k}={v}")).collect();
-    let copy = build.base.join(format!("{file}{variant}"));
+    // A directory of this call's own: a copy at a path shared by the tests that build the
+    // same variant was overwritten by another test's build (tests run four at a time),
+    // whose bytes need not be the same (`plugins::a_generation_whose_calls_panic_is_rolled
+    // _back_to_the_previous_one` then saw another SHA-256 than the one it installed).
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = build
+        .base
+        .join("plugin-copies")
+        .join(format!("{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join(format!("{file}{variant}"));
     std::fs::copy(build.target.join("debug").join(&file), &copy).expect("copy the built plugin");
     copy
 }
