@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use connectord_testkit::Launch;
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use crate::support::{BIN, Daemon, eventually, http_get};
+use crate::support::{self, BIN, Daemon, eventually, http_get};
 
 /// How long a test waits for a log line or a connection's end.
 const WAIT: Duration = Duration::from_secs(10);
@@ -198,22 +198,9 @@ impl<T: Read + Write> ReadWrite for T {}
 fn curl() -> &'static str {
     const CURL: &str = "/usr/bin/curl";
     if !Path::new(CURL).exists() {
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| o.stdout.starts_with(b"0"));
+        let root = support::is_root();
         assert!(root, "{CURL} is missing: run `sudo apt-get install curl`");
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "curl"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !install() {
-            let _ = Command::new("apt-get").args(["update", "-q"]).status();
-            assert!(install(), "apt-get install curl failed");
-        }
+        support::apt_install(&["curl"]);
     }
     CURL
 }

@@ -9,17 +9,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::{apt_install, is_root};
+
 /// The Playwright version the console test is written against.
 pub const PLAYWRIGHT: &str = "playwright-core@1.65.1";
 
 const CHROMIUM: &str = "/usr/bin/chromium";
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
-}
 
 /// Debian's Chromium (`/usr/bin/chromium`), installed with `chromium-driver` if missing.
 pub fn chromium() -> PathBuf {
@@ -34,18 +29,7 @@ pub fn chromium() -> PathBuf {
         is_root(),
         "{CHROMIUM} is missing: run `sudo apt-get install chromium chromium-driver`"
     );
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "chromium", "chromium-driver"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !install() {
-        // A fresh machine may have no package lists yet.
-        let _ = Command::new("apt-get").args(["update", "-q"]).status();
-        assert!(install(), "apt-get install chromium chromium-driver failed");
-    }
+    apt_install(&["chromium", "chromium-driver"]);
     CHROMIUM.into()
 }
 
@@ -63,12 +47,7 @@ pub fn node() -> PathBuf {
             is_root(),
             "node and npm are needed: run `sudo apt-get install nodejs npm`"
         );
-        let ok = Command::new("apt-get")
-            .args(["install", "-y", "-q", "nodejs", "npm"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "apt-get install nodejs npm failed");
+        apt_install(&["nodejs", "npm"]);
     }
     PathBuf::from("node")
 }

@@ -268,29 +268,12 @@ pub fn nginx() -> PathBuf {
     if present() {
         return BIN.into();
     }
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let root = super::is_root();
     assert!(
         root,
         "{BIN} or {MODULE} is missing: run `sudo apt-get install nginx libnginx-mod-stream`"
     );
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "nginx", "libnginx-mod-stream"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !install() {
-        // A fresh machine may have no package lists yet.
-        let _ = Command::new("apt-get").args(["update", "-q"]).status();
-        assert!(
-            install(),
-            "apt-get install nginx libnginx-mod-stream failed"
-        );
-    }
+    super::apt_install(&["nginx", "libnginx-mod-stream"]);
     assert!(
         present(),
         "nginx installed, but {BIN} or {MODULE} is missing"

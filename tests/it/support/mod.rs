@@ -209,6 +209,32 @@ impl PluginBuild {
     }
 }
 
+/// Whether the tests run as root (CI does), who may install Debian packages they need.
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// `apt-get install -y` of `packages` (noninteractive), once more after `apt-get update`
+/// if it fails (a fresh machine may have no package lists yet); fails the test naming
+/// them if it still does. For the peers the tests install themselves as root.
+pub fn apt_install(packages: &[&str]) {
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        let _ = Command::new("apt-get").args(["update", "-q"]).status();
+        assert!(install(), "apt-get install {} failed", packages.join(" "));
+    }
+}
+
 /// This workspace's root directory.
 fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

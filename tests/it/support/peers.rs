@@ -80,26 +80,12 @@ pub fn libcoap_client() -> PathBuf {
     if std::path::Path::new(BIN).exists() {
         return BIN.into();
     }
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let root = super::is_root();
     assert!(
         root,
         "{BIN} is missing: run `sudo apt-get install libcoap3-bin`"
     );
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "libcoap3-bin"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !install() {
-        // A fresh machine may have no package lists yet.
-        let _ = Command::new("apt-get").args(["update", "-q"]).status();
-        assert!(install(), "apt-get install libcoap3-bin failed");
-    }
+    super::apt_install(&["libcoap3-bin"]);
     BIN.into()
 }
 
