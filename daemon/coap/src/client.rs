@@ -31,41 +31,111 @@ pub enum ClientEvent {
     Ack(Packet),
     /// RST matching our message id.
     Reset,
-    /// A separate response (or, for observations, a notification) carrying our token.
+    /// A separate response carrying our token.
     Response(Packet),
+    /// A notification (or the first, separate response) of an observation: counted in
+    /// [`Queued`] until taken; a CON one from an unreliable listener with its ACK, which
+    /// is sent only once the observation has stored it ([`ObserveStream::acknowledge`]).
+    Notification(Packet, Option<HeldAck>),
 }
 
-/// Events that may wait for one open exchange or observation. An exchange gets a few at
-/// most (ACK, RST, a separate response); an observation gets a notification each time the
-/// device sends one, and a device that sends faster than they are handled (each is stored
-/// durably) has the excess dropped and counted instead of queued without bound: a later
-/// notification carries the newer value anyway (RFC 7641 §1.3, eventual consistency).
+/// The ACK of a CON notification, held until the notification is stored (issue 24): a
+/// device's notification is acknowledged only once it is durable, so an acknowledged one
+/// is never lost. Until then the duplicate cache has it in progress (a retransmission is
+/// ignored); one dropped at a full queue is not acknowledged at all and forgotten by the
+/// duplicate cache, so the device's retransmission gets another chance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldAck {
+    pub listener: ListenerId,
+    pub peer: SocketAddr,
+    pub mid: u16,
+}
+
+/// Events that may wait for one open exchange: a few at most (ACK, RST, a separate
+/// response).
 pub const EXCHANGE_QUEUE: usize = 64;
+
+/// Notifications that may wait for one observation (issue 24): an observation gets one
+/// each time the device sends one, and they are taken in batches (each batch stored
+/// durably at once), so this absorbs the bursts of a device that sends every few ms while
+/// a commit is on its way. All observations together are bounded by
+/// `coap.max_queued_notifications` (the memory bound); past either bound the excess is
+/// dropped and counted instead of queued: a later notification carries the newer value
+/// anyway (RFC 7641 §1.3, eventual consistency).
+pub const OBSERVE_QUEUE: usize = 1024;
 
 /// What became of a response routed by token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Routed {
     Delivered,
+    /// Queued for its observation with its ACK held ([`HeldAck`]).
+    Held,
     /// The exchange's queue was full: dropped (the exchange stays open).
     Dropped,
     /// No open exchange has this token.
     Unknown,
 }
 
+/// Notifications received and not yet taken, over all observations, and their bound
+/// (`coap.max_queued_notifications`).
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub(crate) now: std::sync::atomic::AtomicUsize,
+    pub(crate) max: usize,
+}
+
+impl Queued {
+    pub(crate) fn new(max: usize) -> Queued {
+        Queued {
+            now: std::sync::atomic::AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    fn release(&self, n: usize) {
+        if n > 0 {
+            self.now.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Where a token routes to: an exchange, or an observation whose queued notifications
+/// count against [`Queued`].
+#[derive(Debug)]
+struct Route {
+    tx: mpsc::Sender<ClientEvent>,
+    observation: bool,
+}
+
 /// Open exchanges, by token and by (peer, message id).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ClientState {
-    by_token: Map<Vec<u8>, mpsc::Sender<ClientEvent>>,
+    by_token: Map<Vec<u8>, Route>,
     by_mid: Map<(SocketAddr, u16), Vec<u8>>,
+    queued: std::sync::Arc<Queued>,
 }
 
 impl ClientState {
+    /// `max_queued`: `coap.max_queued_notifications`.
+    pub fn new(max_queued: usize) -> ClientState {
+        ClientState {
+            by_token: Map::default(),
+            by_mid: Map::default(),
+            queued: std::sync::Arc::new(Queued::new(max_queued)),
+        }
+    }
+
+    /// Notifications received and not yet taken by their observations.
+    pub fn queued_notifications(&self) -> usize {
+        self.queued.now.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Routes an ACK or RST by message id; false when no exchange waits for it.
     pub fn on_ack_or_reset(&mut self, peer: SocketAddr, packet: Packet) -> bool {
         let Some(token) = self.by_mid.get(&(peer, packet.header.message_id)) else {
             return false;
         };
-        let Some(tx) = self.by_token.get(token) else {
+        let Some(Route { tx, .. }) = self.by_token.get(token) else {
             return false;
         };
         let ev = if packet.header.get_type() == MessageType::Reset {
@@ -78,14 +148,44 @@ impl ClientState {
     }
 
     /// Routes a separate response (or notification) by token.
-    pub fn on_response(&mut self, packet: Packet) -> Routed {
-        match self.by_token.get(packet.get_token()) {
-            Some(tx) => match tx.try_send(ClientEvent::Response(packet)) {
-                Ok(()) => Routed::Delivered,
-                Err(mpsc::error::TrySendError::Full(_)) => Routed::Dropped,
-                Err(mpsc::error::TrySendError::Closed(_)) => Routed::Unknown,
-            },
-            None => Routed::Unknown,
+    pub fn on_response(&mut self, packet: Packet, held: Option<HeldAck>) -> Routed {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(route) = self.by_token.get(packet.get_token()) else {
+            return Routed::Unknown;
+        };
+        if route.observation {
+            // Counted before it is sent (the stream subtracts what it takes); called under
+            // the client lock, so no other sender races past the bound.
+            if self.queued.now.load(Relaxed) >= self.queued.max {
+                return if route.tx.is_closed() {
+                    Routed::Unknown
+                } else {
+                    Routed::Dropped
+                };
+            }
+            self.queued.now.fetch_add(1, Relaxed);
+        }
+        let (ev, ok) = if route.observation {
+            let ok = if held.is_some() {
+                Routed::Held
+            } else {
+                Routed::Delivered
+            };
+            (ClientEvent::Notification(packet, held), ok)
+        } else {
+            (ClientEvent::Response(packet), Routed::Delivered)
+        };
+        match route.tx.try_send(ev) {
+            Ok(()) => ok,
+            Err(e) => {
+                if route.observation {
+                    self.queued.release(1);
+                }
+                match e {
+                    mpsc::error::TrySendError::Full(_) => Routed::Dropped,
+                    mpsc::error::TrySendError::Closed(_) => Routed::Unknown,
+                }
+            }
         }
     }
 
@@ -323,6 +423,9 @@ pub struct ObserveStream {
     rx: mpsc::Receiver<ClientEvent>,
     transport: std::sync::Arc<Transport>,
     token: Vec<u8>,
+    queued: std::sync::Arc<Queued>,
+    /// ACKs of the CON notifications taken, held until [`ObserveStream::acknowledge`].
+    unacked: Vec<HeldAck>,
 }
 
 impl ObserveStream {
@@ -330,9 +433,37 @@ impl ObserveStream {
     pub async fn recv(&mut self) -> Option<Packet> {
         loop {
             match self.rx.recv().await? {
+                ClientEvent::Notification(p, held) => {
+                    self.queued.release(1);
+                    self.unacked.extend(held);
+                    return Some(p);
+                }
                 ClientEvent::Response(p) => return Some(p),
                 ClientEvent::Ack(_) | ClientEvent::Reset => continue,
             }
+        }
+    }
+
+    /// The next notification if one is queued already (a batch is the first
+    /// [`ObserveStream::recv`] and what follows it here).
+    pub fn try_recv(&mut self) -> Option<Packet> {
+        loop {
+            match self.rx.try_recv().ok()? {
+                ClientEvent::Notification(p, held) => {
+                    self.queued.release(1);
+                    self.unacked.extend(held);
+                    return Some(p);
+                }
+                ClientEvent::Response(p) => return Some(p),
+                ClientEvent::Ack(_) | ClientEvent::Reset => continue,
+            }
+        }
+    }
+
+    /// Acknowledges the CON notifications taken so far: called once they are stored.
+    pub async fn acknowledge(&mut self) {
+        for h in std::mem::take(&mut self.unacked) {
+            self.transport.send_held_ack(h).await;
         }
     }
 
@@ -354,6 +485,17 @@ impl ObserveStream {
 impl Drop for ObserveStream {
     fn drop(&mut self) {
         self.transport.lock_client().by_token.remove(&self.token);
+        // What was queued and never taken no longer counts against the bound, and the
+        // notifications never acknowledged are forgotten by the duplicate cache (their
+        // retransmissions get RST: the token is gone).
+        self.rx.close();
+        while self.try_recv().is_some() {}
+        if !self.unacked.is_empty() {
+            let mut dedup = self.transport.lock_dedup();
+            for h in self.unacked.drain(..) {
+                dedup.forget(h.peer, h.mid);
+            }
+        }
     }
 }
 
@@ -515,7 +657,13 @@ impl Transport {
     ) -> Result<Packet, ClientError> {
         let token = packet.get_token().to_vec();
         let (tx, mut rx) = mpsc::channel(EXCHANGE_QUEUE);
-        self.lock_client().by_token.insert(token.clone(), tx);
+        self.lock_client().by_token.insert(
+            token.clone(),
+            Route {
+                tx,
+                observation: false,
+            },
+        );
         let _route = TokenGuard {
             transport: self,
             token,
@@ -536,12 +684,24 @@ impl Transport {
         r.observe = Some(0);
         let packet = self.build(&r, MessageType::Confirmable, |_| {});
         let token = packet.get_token().to_vec();
-        let (tx, rx) = mpsc::channel(EXCHANGE_QUEUE);
-        self.lock_client().by_token.insert(token.clone(), tx);
+        let (tx, rx) = mpsc::channel(OBSERVE_QUEUE);
+        let queued = {
+            let mut client = self.lock_client();
+            client.by_token.insert(
+                token.clone(),
+                Route {
+                    tx,
+                    observation: true,
+                },
+            );
+            std::sync::Arc::clone(&client.queued)
+        };
         let mut stream = ObserveStream {
             rx,
             transport: std::sync::Arc::clone(self),
             token,
+            queued,
+            unacked: Vec::new(),
         };
         let first = self.transmit(peer, &packet, &mut stream.rx, &cfg).await?;
         Ok((CoapReply::from_packet(&first), stream))
@@ -596,6 +756,13 @@ impl Transport {
                 Ok(Some(ClientEvent::Ack(p))) if p.header.code == MessageClass::Empty => break,
                 // A piggybacked response, or a separate one overtaking its empty ACK.
                 Ok(Some(ClientEvent::Ack(p) | ClientEvent::Response(p))) => return Ok(p),
+                Ok(Some(ClientEvent::Notification(p, held))) => {
+                    self.lock_client().queued.release(1);
+                    if let Some(h) = held {
+                        self.send_held_ack(h).await;
+                    }
+                    return Ok(p);
+                }
             }
         }
         // Empty ACK: the response comes separately.
@@ -604,6 +771,13 @@ impl Transport {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Err(_) | Ok(None) => return Err(ClientError::Timeout),
                 Ok(Some(ClientEvent::Response(p))) => return Ok(p),
+                Ok(Some(ClientEvent::Notification(p, held))) => {
+                    self.lock_client().queued.release(1);
+                    if let Some(h) = held {
+                        self.send_held_ack(h).await;
+                    }
+                    return Ok(p);
+                }
                 Ok(Some(_)) => continue,
             }
         }
@@ -724,7 +898,7 @@ mod tests {
             n.payload = seq.to_string().into_bytes();
             n
         };
-        for seq in 2..(2 + 3 * EXCHANGE_QUEUE as u32) {
+        for seq in 2..(2 + 2 * OBSERVE_QUEUE as u32) {
             send(&s.device, &notify(seq), s.local).await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -734,7 +908,8 @@ mod tests {
         {
             got += 1;
         }
-        assert_eq!(got, EXCHANGE_QUEUE, "queued notifications");
+        assert_eq!(got, OBSERVE_QUEUE, "queued notifications");
+        assert_eq!(s.transport.lock_client().queued_notifications(), 0);
         // Nothing was reset: the device heard nothing back for its NON notifications.
         let mut buf = [0u8; 64];
         assert!(
@@ -750,6 +925,135 @@ mod tests {
             .expect("no notification after the drops")
             .expect("stream ended");
         assert_eq!(next.payload, b"1000");
+    }
+
+    /// Observe with `s`'s device answering Observe: 1; the stream and the request's token.
+    async fn observed(s: &Setup) -> (ObserveStream, Vec<u8>) {
+        let t = Arc::clone(&s.transport);
+        let to = PeerRef::udp(s.local, s.peer);
+        let task = tokio::spawn(async move {
+            let r = OutRequest::new(RequestType::Get, "/3303/0/5700");
+            t.observe(to, &r).await
+        });
+        let (req, _) = recv(&s.device).await;
+        let mut ack = reply_to(
+            &req,
+            MessageType::Acknowledgement,
+            MessageClass::Response(ResponseType::Content),
+            b"20",
+        );
+        ack.add_option(CoapOption::Observe, vec![1]);
+        send(&s.device, &ack, s.local).await;
+        let (_first, stream) = task.await.unwrap().unwrap();
+        (stream, req.get_token().to_vec())
+    }
+
+    fn notification(token: &[u8], seq: u32) -> Packet {
+        let mut n = Packet::new();
+        n.header.set_type(MessageType::NonConfirmable);
+        n.header.code = MessageClass::Response(ResponseType::Content);
+        n.header.message_id = seq as u16;
+        n.set_token(token.to_vec());
+        n.add_option(CoapOption::Observe, seq.to_be_bytes()[1..].to_vec());
+        n.payload = seq.to_string().into_bytes();
+        n
+    }
+
+    /// Issue 24: `coap.max_queued_notifications` bounds the notifications waiting over all
+    /// observations together (the memory bound); each one taken, or dropped with its
+    /// stream, makes room again.
+    #[tokio::test]
+    async fn the_notifications_of_all_observations_share_one_bound() {
+        let s = setup(CoapConfig {
+            max_queued_notifications: 10,
+            ..fast()
+        })
+        .await;
+        let (mut a, token_a) = observed(&s).await;
+        let (b, token_b) = observed(&s).await;
+        for seq in 2..8 {
+            send(&s.device, &notification(&token_a, seq), s.local).await;
+            send(&s.device, &notification(&token_b, seq), s.local).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(s.transport.lock_client().queued_notifications(), 10);
+        let mut got = Vec::new();
+        while let Some(p) = a.try_recv() {
+            got.push(String::from_utf8(p.payload).unwrap());
+        }
+        // Sent alternately, six each: the first ten filled the bound (five each), the
+        // last of each was dropped.
+        assert_eq!(got, ["2", "3", "4", "5", "6"]);
+        assert_eq!(s.transport.lock_client().queued_notifications(), 5);
+        // Dropping an observation releases what it held.
+        drop(b);
+        assert_eq!(s.transport.lock_client().queued_notifications(), 0);
+        send(&s.device, &notification(&token_a, 100), s.local).await;
+        let next = tokio::time::timeout(Duration::from_secs(2), a.recv())
+            .await
+            .expect("no notification after the drops")
+            .expect("stream ended");
+        assert_eq!(next.payload, b"100");
+        assert_eq!(s.transport.lock_client().queued_notifications(), 0);
+    }
+
+    /// Issue 24: a CON notification is acknowledged only once its observation says it is
+    /// stored; a retransmission meanwhile gets nothing, one after gets the ACK again, and
+    /// neither is taken twice. One dropped at a full queue is not acknowledged, and its
+    /// retransmission is taken once there is room.
+    #[tokio::test]
+    async fn con_notifications_are_acknowledged_once_taken_and_stored() {
+        let s = setup(CoapConfig {
+            max_queued_notifications: 1,
+            ..fast()
+        })
+        .await;
+        let (mut stream, token) = observed(&s).await;
+        let con = |seq: u32| {
+            let mut n = notification(&token, seq);
+            n.header.set_type(MessageType::Confirmable);
+            n
+        };
+        let mut buf = [0u8; 64];
+        let mut silent = async |what: &str| {
+            assert!(
+                tokio::time::timeout(Duration::from_millis(200), s.device.recv_from(&mut buf))
+                    .await
+                    .is_err(),
+                "{what}"
+            );
+        };
+        send(&s.device, &con(500), s.local).await;
+        send(&s.device, &con(501), s.local).await;
+        silent("a notification was acknowledged before it was taken").await;
+        let first = stream.recv().await.expect("the first notification");
+        assert_eq!(first.payload, b"500");
+        silent("a notification was acknowledged before it was stored").await;
+        send(&s.device, &con(500), s.local).await;
+        silent("a retransmission was answered before the notification was stored").await;
+        stream.acknowledge().await;
+        let (ack, _) = recv(&s.device).await;
+        assert_eq!(ack.header.get_type(), MessageType::Acknowledgement);
+        assert_eq!(ack.header.message_id, 500);
+        // A retransmission now gets the ACK again and is not taken a second time.
+        send(&s.device, &con(500), s.local).await;
+        let (again, _) = recv(&s.device).await;
+        assert_eq!(again.header.message_id, 500);
+        // 501 found the queue full (bound 1): never acknowledged; its retransmission is
+        // taken now.
+        assert!(
+            stream.try_recv().is_none(),
+            "501 was dropped, 500 not taken twice"
+        );
+        send(&s.device, &con(501), s.local).await;
+        let second = tokio::time::timeout(Duration::from_secs(2), stream.recv())
+            .await
+            .expect("the retransmission was not taken")
+            .expect("stream ended");
+        assert_eq!(second.payload, b"501");
+        stream.acknowledge().await;
+        let (ack, _) = recv(&s.device).await;
+        assert_eq!(ack.header.message_id, 501);
     }
 
     #[tokio::test]

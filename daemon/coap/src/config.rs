@@ -23,6 +23,11 @@ pub struct CoapConfig {
     /// Requests from devices handled at the same time; beyond this, datagrams are dropped
     /// (a CON will be retransmitted by the device).
     pub max_in_flight: usize,
+    /// Notifications received from devices and not yet taken to be stored, over all
+    /// observations (issue 24): the memory bound of the observations' queues (each also
+    /// holds at most `client::OBSERVE_QUEUE`); past it notifications are dropped and
+    /// counted (`coap_responses_dropped_total`).
+    pub max_queued_notifications: usize,
     /// Initial retransmission timeout of our confirmable requests (RFC 7252 ACK_TIMEOUT).
     pub ack_timeout_ms: u64,
     /// Random factor applied to the initial timeout (RFC 7252 ACK_RANDOM_FACTOR, >= 1).
@@ -127,6 +132,7 @@ impl Default for CoapConfig {
             exchange_lifetime_s: 247,
             dedup_capacity: 100_000,
             max_in_flight: 1024,
+            max_queued_notifications: 65_536,
             ack_timeout_ms: 2000,
             ack_random_factor: 1.5,
             max_retransmit: 4,
@@ -194,6 +200,9 @@ impl CoapConfig {
         }
         if self.max_in_flight == 0 {
             return Err(("max_in_flight", "must be at least 1".into()));
+        }
+        if self.max_queued_notifications == 0 {
+            return Err(("max_queued_notifications", "must be at least 1".into()));
         }
         self.check_tls()?;
         if self.dtls_max_sessions == 0 {

@@ -163,7 +163,7 @@ impl Transport {
             in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
             next_mid: AtomicU16::new(rand::random()),
             metrics,
-            client: Mutex::new(ClientState::default()),
+            client: Mutex::new(ClientState::new(cfg.max_queued_notifications)),
             client_cfg: ClientConfig {
                 ack_timeout: Duration::from_millis(cfg.ack_timeout_ms),
                 ack_random_factor: cfg.ack_random_factor,
@@ -365,7 +365,7 @@ impl Transport {
                 listener: &*listener,
                 key: peer,
             };
-            match self.on_message(&buf[..len], peer, reliable, Instant::now()) {
+            match self.on_message(&buf[..len], peer, (!reliable).then_some(id), Instant::now()) {
                 Action::Nothing => {}
                 Action::Reply(bytes) => session.send(&bytes).await,
                 Action::Handle(req) => self.handle(
@@ -384,7 +384,17 @@ impl Transport {
     /// One message through the message-layer state: no I/O, `now` given. On a reliable
     /// listener (TLS, translated at its edge: see [`crate::tls`]) there are no duplicates,
     /// so the duplicate cache is skipped.
-    fn on_message(&self, buf: &[u8], peer: SocketAddr, reliable: bool, now: Instant) -> Action {
+    ///
+    /// `unreliable`: the listener, for one with the message layer's reliability (UDP,
+    /// DTLS); None for a reliable one.
+    fn on_message(
+        &self,
+        buf: &[u8],
+        peer: SocketAddr,
+        unreliable: Option<ListenerId>,
+        now: Instant,
+    ) -> Action {
+        let reliable = unreliable.is_none();
         let packet = match message::decode(buf) {
             Ok(p) => p,
             Err(e) => {
@@ -415,7 +425,7 @@ impl Transport {
                 return Action::Nothing;
             }
             (MessageClass::Response(_), MessageType::Confirmable | MessageType::NonConfirmable) => {
-                return self.on_separate_response(packet, peer, now);
+                return self.on_separate_response(packet, peer, unreliable, now);
             }
             _ => {
                 self.metrics.count(Event::Unexpected);
@@ -545,16 +555,27 @@ impl Transport {
 
     /// A response that is not piggybacked: a separate response or an observe notification.
     /// A CON one is acknowledged (and a retransmission of it acknowledged again from the
-    /// duplicate cache); one whose token we do not know is rejected with RST, which also
-    /// cancels a stale observation (RFC 7641 §3.6).
+    /// duplicate cache): a separate response at once, a notification on an unreliable
+    /// listener once its observation has stored it ([`crate::client::HeldAck`]; one
+    /// dropped at a full queue is not acknowledged: the device retransmits it). One whose
+    /// token we do not know is rejected with RST, which also cancels a stale observation
+    /// (RFC 7641 §3.6).
     fn on_separate_response(
         &self,
         packet: coap_lite::Packet,
         peer: SocketAddr,
+        unreliable: Option<ListenerId>,
         now: Instant,
     ) -> Action {
         let mid = packet.header.message_id;
         let con = packet.header.get_type() == MessageType::Confirmable;
+        let held = unreliable
+            .filter(|_| con)
+            .map(|listener| crate::client::HeldAck {
+                listener,
+                peer,
+                mid,
+            });
         if con {
             let seen = self.lock_dedup().check(peer, mid, now);
             match seen {
@@ -566,10 +587,20 @@ impl Transport {
                 }
             }
         }
-        let routed = self.lock_client().on_response(packet);
+        let routed = self.lock_client().on_response(packet, held);
         let reply = match routed {
             crate::client::Routed::Delivered => con.then(|| message::empty_ack(mid)),
-            // Still acknowledged: the observation goes on, only this value is skipped.
+            // In progress in the duplicate cache until the observation acknowledges it.
+            crate::client::Routed::Held => return Action::Nothing,
+            // Not acknowledged: forgotten, so that the device's retransmission is taken
+            // as new (by then there may be room).
+            crate::client::Routed::Dropped if held.is_some() => {
+                self.metrics.count(Event::ResponseDropped);
+                self.lock_dedup().forget(peer, mid);
+                return Action::Nothing;
+            }
+            // A NON one (or over a reliable listener): the observation goes on, only this
+            // value is skipped.
             crate::client::Routed::Dropped => {
                 self.metrics.count(Event::ResponseDropped);
                 con.then(|| message::empty_ack(mid))
@@ -583,6 +614,19 @@ impl Transport {
             self.lock_dedup().complete(peer, mid, reply.clone());
         }
         reply.map_or(Action::Nothing, Action::Reply)
+    }
+
+    /// Sends a CON notification's held ACK (its observation stored it) and remembers it
+    /// in the duplicate cache for the device's retransmissions.
+    pub(crate) async fn send_held_ack(&self, h: crate::client::HeldAck) {
+        let bytes = message::empty_ack(h.mid);
+        self.lock_dedup()
+            .complete(h.peer, h.mid, Some(bytes.clone()));
+        if let Some(l) = self.listener(&h.listener)
+            && let Err(e) = l.send(h.peer, &bytes).await
+        {
+            tracing::debug!(peer = %h.peer, "CoAP send failed: {e}");
+        }
     }
 
     /// Encodes a response to `request` (piggybacked on the ACK of a CON request).
@@ -614,7 +658,7 @@ impl Transport {
         self.blocks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_dedup(&self) -> std::sync::MutexGuard<'_, Dedup> {
+    pub(super) fn lock_dedup(&self) -> std::sync::MutexGuard<'_, Dedup> {
         // The dedup state stays consistent even if a holder panicked (all updates are
         // single map operations), so a poisoned lock is recovered.
         self.dedup.lock().unwrap_or_else(|p| p.into_inner())
@@ -665,38 +709,41 @@ mod tests {
         let now = Instant::now();
         // A CoAP ping is answered with RST.
         let ping = [0x40, 0, 0x12, 0x34];
-        let rst = reply(t.on_message(&ping, peer, false, now)).expect("RST");
+        let rst = reply(t.on_message(&ping, peer, Some(ListenerId::udp(peer)), now)).expect("RST");
         assert_eq!(
             (rst.header.get_type(), rst.header.message_id),
             (MessageType::Reset, 0x1234)
         );
         // A new request goes to the handler, holding the only in-flight permit; its
         // duplicate is dropped while it runs.
-        let Action::Handle(first) = t.on_message(&request(7), peer, false, now) else {
+        let Action::Handle(first) =
+            t.on_message(&request(7), peer, Some(ListenerId::udp(peer)), now)
+        else {
             panic!("not handled");
         };
-        assert!(reply(t.on_message(&request(7), peer, false, now)).is_none());
+        assert!(reply(t.on_message(&request(7), peer, Some(ListenerId::udp(peer)), now)).is_none());
         assert_eq!(counters.get(Event::Duplicate), 1);
         // Another request finds no permit: dropped and forgotten, so its retransmission
         // is handled once the first is done.
-        assert!(reply(t.on_message(&request(8), peer, false, now)).is_none());
+        assert!(reply(t.on_message(&request(8), peer, Some(ListenerId::udp(peer)), now)).is_none());
         assert_eq!(counters.get(Event::BusyDrop), 1);
         t.lock_dedup()
             .complete(peer, 7, Some(vec![0x60, 0x44, 0, 7]));
         drop(first);
         assert_eq!(
-            reply(t.on_message(&request(7), peer, false, now)).map(|p| p.header.message_id),
+            reply(t.on_message(&request(7), peer, Some(ListenerId::udp(peer)), now))
+                .map(|p| p.header.message_id),
             Some(7),
             "the duplicate gets the cached reply"
         );
         assert!(matches!(
-            t.on_message(&request(8), peer, false, now),
+            t.on_message(&request(8), peer, Some(ListenerId::udp(peer)), now),
             Action::Handle(_)
         ));
         // The cache forgets after EXCHANGE_LIFETIME: the same id is a new request.
         let later = now + Duration::from_secs(CoapConfig::default().exchange_lifetime_s);
         assert!(matches!(
-            t.on_message(&request(7), peer, false, later),
+            t.on_message(&request(7), peer, Some(ListenerId::udp(peer)), later),
             Action::Handle(_)
         ));
     }

@@ -89,8 +89,9 @@ counters! {
     coap_duplicates,
     /// CoAP requests dropped because coap.max_in_flight requests were being handled.
     coap_busy_drops,
-    /// Observe notifications (or separate responses) dropped because 64 were already waiting
-    /// for their observation (acknowledged; the next one carries the newer value).
+    /// Observe notifications (or separate responses) dropped at a full queue (1024 waiting for
+    /// their observation, or coap.max_queued_notifications for all): a NON one is lost (the
+    /// next one carries the newer value), a CON one is not acknowledged (the device retransmits).
     coap_responses_dropped,
     /// CoAP messages that matched no exchange (stray responses, ACKs, RSTs).
     coap_unexpected,

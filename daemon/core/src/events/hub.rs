@@ -836,13 +836,23 @@ impl Hub {
     /// Queues `event` for one key (a notification or a subscription error of a key's
     /// subscription), if its restriction lets it see what the event is `about`.
     pub async fn publish_to_key(&self, key_id: &str, event: Event, about: About<'_>) {
-        self.publish(To::Key(key_id), event, None, about).await;
+        self.publish(To::Key(key_id), vec![event], None, about)
+            .await;
     }
 
     /// Queues `event` for each of `keys` (distinct) whose restriction lets it see what it
     /// is `about`, stored in one write: once one key can pull it, every key can.
     pub async fn publish_to_keys(&self, keys: &[String], event: Event, about: About<'_>) {
-        self.publish(To::Keys(keys), event, None, about).await;
+        self.publish(To::Keys(keys), vec![event], None, about).await;
+    }
+
+    /// [`Hub::publish_to_keys`] of several events about the same thing (an observation's
+    /// notifications that arrived together, issue 24), in their order, in one store
+    /// write.
+    pub async fn publish_all_to_keys(&self, keys: &[String], events: Vec<Event>, about: About<'_>) {
+        if !events.is_empty() {
+            self.publish(To::Keys(keys), events, None, about).await;
+        }
     }
 
     /// Queues the async response `event` for the key that asked (if its restriction, which
@@ -855,21 +865,28 @@ impl Hub {
         request_row: u64,
         about: About<'_>,
     ) {
-        self.publish(To::Key(key_id), event, Some(request_row), about)
+        self.publish(To::Key(key_id), vec![event], Some(request_row), about)
             .await;
     }
 
     /// Queues `event` for every channel of a domain whose key may see what it is `about`
     /// (registration events).
     pub async fn publish_to_domain(&self, domain: &str, event: Event, about: About<'_>) {
-        self.publish(To::Domain(domain), event, None, about).await;
+        self.publish(To::Domain(domain), vec![event], None, about)
+            .await;
     }
 
     /// Routes `event` to the channels `to` names, leaving out those whose key's
     /// restriction does not let it see what the event is `about`; a registration's
     /// resource list is cut to what each restricted key may see (one entry made per
     /// distinct restriction).
-    async fn publish(&self, to: To<'_>, event: Event, answered: Option<u64>, about: About<'_>) {
+    async fn publish(
+        &self,
+        to: To<'_>,
+        events: Vec<Event>,
+        answered: Option<u64>,
+        about: About<'_>,
+    ) {
         // Not sized (rendered) here: an event no channel takes is never rendered (see
         // `rest::wire`); one that is queued is rendered once, when it is queued.
         let mut wakes = Vec::new();
@@ -878,30 +895,34 @@ impl Hub {
         let durable = {
             let mut map = self.lock();
             let mut chosen: Vec<(String, Event)> = Vec::new();
-            let mut cut: Vec<(Vec<String>, Event)> = Vec::new();
+            // A registration's entry cut to a restriction, made once per event and
+            // distinct restriction.
+            let mut cut: Vec<(usize, Vec<String>, Event)> = Vec::new();
             let mut choose = |ch: &Channel| {
                 if !about.visible_to(ch.rec.allow.as_deref()) {
                     return;
                 }
-                let event = match (about, &ch.rec.allow) {
-                    (About::Registration(ep), Some(allow)) => {
-                        match cut.iter().find(|(a, _)| a == allow) {
-                            Some((_, e)) => e.clone(),
-                            None => {
-                                let summary = registration_entry(ep, Some(allow));
-                                let entry = match event.entry() {
-                                    Entry::RegUpdate(_) => Entry::RegUpdate(summary),
-                                    _ => Entry::Registration(summary),
-                                };
-                                let e = Event::new(entry, event.created_ms);
-                                cut.push((allow.clone(), e.clone()));
-                                e
+                for (i, event) in events.iter().enumerate() {
+                    let event = match (about, &ch.rec.allow) {
+                        (About::Registration(ep), Some(allow)) => {
+                            match cut.iter().find(|(j, a, _)| *j == i && a == allow) {
+                                Some((_, _, e)) => e.clone(),
+                                None => {
+                                    let summary = registration_entry(ep, Some(allow));
+                                    let entry = match event.entry() {
+                                        Entry::RegUpdate(_) => Entry::RegUpdate(summary),
+                                        _ => Entry::Registration(summary),
+                                    };
+                                    let e = Event::new(entry, event.created_ms);
+                                    cut.push((i, allow.clone(), e.clone()));
+                                    e
+                                }
                             }
                         }
-                    }
-                    _ => event.clone(),
-                };
-                chosen.push((ch.rec.key_id.clone(), event));
+                        _ => event.clone(),
+                    };
+                    chosen.push((ch.rec.key_id.clone(), event));
+                }
             };
             match to {
                 To::Key(k) => map.get(k).into_iter().for_each(&mut choose),

@@ -192,6 +192,10 @@ fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The most notifications of one observation stored in one write (issue 24): a batch
+/// is what arrived while the one before was being stored.
+const NOTIFY_BATCH: usize = 256;
+
 /// RFC 7641 §3.4: is notification `v2` (received at `t2`) newer than `v1` (at `t1`)?
 pub fn is_fresh(v1: u32, t1: Instant, v2: u32, t2: Instant) -> bool {
     const HALF: u32 = 1 << 23;
@@ -1153,23 +1157,40 @@ impl Subscriptions {
     /// Publishes one notification to every subscribed key and fills the value cache. A
     /// domain over its transaction quota gets none (counted as refused).
     async fn notify(&self, domain: &str, ep: &str, path: &str, reply: &CoapReply) {
-        if let Some(l) = self.limits.as_ref()
-            && l.take(domain).is_err()
-        {
-            tracing::debug!(%ep, %path, "notification dropped: the domain's transaction quota is used up");
-            return;
+        self.notify_all(domain, ep, path, vec![reply.clone()]).await;
+    }
+
+    /// Publishes an observation's notifications, in order, to every subscribed key in one
+    /// store write, and fills the value cache with the last. Those over the domain's
+    /// transaction quota are left out (counted as refused).
+    async fn notify_all(&self, domain: &str, ep: &str, path: &str, replies: Vec<CoapReply>) {
+        let mut replies = replies;
+        if let Some(l) = self.limits.as_ref() {
+            replies.retain(|_| l.take(domain).is_ok());
+            if replies.is_empty() {
+                tracing::debug!(%ep, %path, "notification dropped: the domain's transaction quota is used up");
+            }
         }
+        let Some(newest) = replies.last() else {
+            return;
+        };
         self.requests.cache_put(
             domain,
             ep,
             path,
-            &reply.payload,
-            reply.content_format,
-            reply.max_age,
+            &newest.payload,
+            newest.content_format,
+            newest.max_age,
         );
         let keys = self.lock().subscribers(domain, ep, path);
-        let entry = Entry::Notification(notification(ep, path, reply));
-        self.publish_to(keys, entry, (ep, path)).await;
+        let created = now_ms();
+        let events = replies
+            .into_iter()
+            .map(|r| Event::new(Entry::Notification(notification(ep, path, &r)), created))
+            .collect();
+        self.hub
+            .publish_all_to_keys(&keys, events, crate::events::About::Resource(ep, path))
+            .await;
     }
 }
 
@@ -1238,41 +1259,59 @@ impl Subscriptions {
                 me.notify(&domain, &ep_name, &path, &first).await;
             }
             let mut last = (first.observe.unwrap_or(0), Instant::now());
+            // Issue 24: what arrived while the last batch was being stored is taken at
+            // once and stored in one write (in order), so an observation keeps up with a
+            // device that sends faster than one commit.
+            let mut batch: Vec<CoapReply> = Vec::new();
             while let Some(p) = stream.recv().await {
-                let reply = CoapReply::from_packet(&p);
-                if reply.code.is_error() || reply.observe.is_none() {
-                    if log_budget::allow(DeviceLine::ObservationEnded) {
-                        tracing::info!(ep = %ep_name, %path, code = ?reply.code, "the device ended the observation");
+                let mut next = Some(p);
+                let mut ended = None;
+                while let Some(p) = next.take() {
+                    let reply = CoapReply::from_packet(&p);
+                    if reply.code.is_error() || reply.observe.is_none() {
+                        ended = Some(reply);
+                        break;
                     }
-                    let (status, reason) = if reply.code.is_error() {
-                        (
-                            crate::requests::http_status(reply.code),
-                            format!("the device ended the observation with {:?}", reply.code),
-                        )
+                    let seq = reply.observe.unwrap_or(0);
+                    let now = Instant::now();
+                    if is_fresh(last.0, last.1, seq, now) {
+                        last = (seq, now);
+                        Counters::inc(&me.counters.observe_notifications);
+                        batch.push(reply);
                     } else {
-                        (
-                            412,
-                            "the device ended the observation (a response without Observe)".into(),
-                        )
-                    };
-                    // Out of the map first: observation_refused stops the observation,
-                    // which aborts this very task.
-                    me.lock()
-                        .observations
-                        .remove(&(domain.clone(), ep_name.clone(), path.clone()));
-                    me.observation_refused(&domain, &ep_arc, &path, status, &reason)
-                        .await;
-                    return;
+                        Counters::inc(&me.counters.observe_stale);
+                    }
+                    if batch.len() < NOTIFY_BATCH {
+                        next = stream.try_recv();
+                    }
                 }
-                let seq = reply.observe.unwrap_or(0);
-                let now = Instant::now();
-                if !is_fresh(last.0, last.1, seq, now) {
-                    Counters::inc(&me.counters.observe_stale);
-                    continue;
+                me.notify_all(&domain, &ep_name, &path, std::mem::take(&mut batch))
+                    .await;
+                // Stored: the device's CON notifications are acknowledged now.
+                stream.acknowledge().await;
+                let Some(reply) = ended else { continue };
+                if log_budget::allow(DeviceLine::ObservationEnded) {
+                    tracing::info!(ep = %ep_name, %path, code = ?reply.code, "the device ended the observation");
                 }
-                last = (seq, now);
-                Counters::inc(&me.counters.observe_notifications);
-                me.notify(&domain, &ep_name, &path, &reply).await;
+                let (status, reason) = if reply.code.is_error() {
+                    (
+                        crate::requests::http_status(reply.code),
+                        format!("the device ended the observation with {:?}", reply.code),
+                    )
+                } else {
+                    (
+                        412,
+                        "the device ended the observation (a response without Observe)".into(),
+                    )
+                };
+                // Out of the map first: observation_refused stops the observation,
+                // which aborts this very task.
+                me.lock()
+                    .observations
+                    .remove(&(domain.clone(), ep_name.clone(), path.clone()));
+                me.observation_refused(&domain, &ep_arc, &path, status, &reason)
+                    .await;
+                return;
             }
             me.lock().observations.remove(&(domain, ep_name, path));
         });
