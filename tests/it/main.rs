@@ -35,6 +35,7 @@ mod crash;
 mod credentials;
 mod device_requests;
 mod dtls;
+mod expiry;
 mod flood;
 mod fuzz;
 mod https;

@@ -288,6 +288,10 @@ pub struct RegistryConfig {
     /// per-domain quota alone does not bound the registry (nor memory). A new registration
     /// beyond this is answered 5.03 Service Unavailable with a diagnostic payload.
     pub max_endpoints: usize,
+    /// Registrations expired per step (one store commit, their events stored together);
+    /// the daemon serves REST and devices between two steps (issue 24: a whole fleet due
+    /// at once after an outage longer than its lifetime).
+    pub expiry_batch: usize,
 }
 
 impl Default for RegistryConfig {
@@ -299,6 +303,7 @@ impl Default for RegistryConfig {
             max_lifetime_s: 31_536_000,
             max_endpoints_per_domain: 1_000_000,
             max_endpoints: 2_000_000,
+            expiry_batch: 1000,
         }
     }
 }
@@ -332,6 +337,9 @@ impl RegistryConfig {
         }
         if self.max_endpoints == 0 {
             return Err(("max_endpoints", "must be at least 1".into()));
+        }
+        if !(1..=100_000).contains(&self.expiry_batch) {
+            return Err(("expiry_batch", "must be between 1 and 100000".into()));
         }
         Ok(())
     }

@@ -130,6 +130,9 @@ counters! {
     deregistrations,
     /// Registrations removed because their lifetime ran out.
     registrations_expired,
+    /// Steps of the expiry: each removes at most registry.expiry_batch registrations in
+    /// one store commit, and the daemon serves other work between two.
+    registration_expiry_batches,
     /// REST requests refused for missing or bad credentials.
     rest_unauthorized,
     /// REST connections closed at once because their client address already had

@@ -1,6 +1,8 @@
 //! A registration as stored.
 
-use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::peer::PeerRef;
 
@@ -24,8 +26,11 @@ pub struct Registration {
     /// Where the device's last message came from (the listener that received it and the
     /// device's session there): requests to it go back the same way.
     pub peer: PeerRef,
-    /// The link-format body as registered (or last updated).
-    pub links: String,
+    /// The link-format body as registered (or last updated). Shared: the devices of one
+    /// firmware register the same object list, and the registry keeps one copy of each
+    /// (issue 24, memory per endpoint). Stored as a JSON string like any other.
+    #[serde(serialize_with = "links_out", deserialize_with = "links_in")]
+    pub links: Arc<str>,
     pub registered_at_ms: u64,
     pub expires_at_ms: u64,
     /// The cluster node that owns this registration (`[cluster] node`, issue 22): the one
@@ -34,4 +39,13 @@ pub struct Registration {
     /// from the JSON form when `None`, so older records read unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+}
+
+fn links_out<S: Serializer>(links: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(links)
+}
+
+fn links_in<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
+    let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+    Ok(Arc::from(&*s))
 }

@@ -1,7 +1,10 @@
 //! The registry's read model: the endpoints registered now and the lookups on them.
 
+use std::cmp::Ordering;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use hashbrown::HashTable;
 
 use super::Endpoint;
 use crate::hashing::Map;
@@ -30,44 +33,103 @@ pub struct Directory {
     maps: Mutex<Maps>,
 }
 
-/// The maps behind a [`Directory`]. Keys are boxed strings and the name index holds the
-/// endpoint itself (not its id): this is kept once per registered endpoint, so its size is
-/// the memory per endpoint (docs/PERFORMANCE.md), and a lookup by name allocates nothing.
+/// The maps behind a [`Directory`]. This is kept once per registered endpoint, so its
+/// size is part of the memory per endpoint (docs/PERFORMANCE.md, issue 24): the indexes
+/// hold the endpoint itself (one pointer a slot) and find it by the id or name inside it,
+/// rather than keeping a copy of the id or the name as a key; a lookup allocates nothing.
 #[derive(Default)]
 pub(super) struct Maps {
-    by_id: Map<Box<str>, Arc<Endpoint>>,
-    /// domain → name → endpoint (the same `Arc` as in `by_id`).
-    by_name: Map<Box<str>, Map<Box<str>, Arc<Endpoint>>>,
-    /// (expires_at_ms, id), the next to expire first.
-    deadlines: BTreeSet<(u64, Box<str>)>,
+    /// By registration id.
+    by_id: HashTable<Arc<Endpoint>>,
+    /// domain → endpoints by name (the same `Arc`s as in `by_id`).
+    by_name: Map<Box<str>, HashTable<Arc<Endpoint>>>,
+    /// The hasher of the ids and names (aHash, keyed per process: see `crate::hashing`).
+    hasher: ahash::RandomState,
+    /// By deadline, the next to expire first.
+    deadlines: BTreeSet<Deadline>,
     /// The same for the other cluster nodes' registrations (issue 22), which their owners
     /// expire; read for those whose owner left the cluster ([`Maps::orphans_due`]).
-    foreign_deadlines: BTreeSet<(u64, Box<str>)>,
+    foreign_deadlines: BTreeSet<Deadline>,
+}
+
+/// An entry of the deadline index: the endpoint, ordered by (expires_at_ms, id).
+struct Deadline(Arc<Endpoint>);
+
+impl Deadline {
+    fn at(&self) -> u64 {
+        self.0.reg.expires_at_ms
+    }
+}
+
+impl PartialEq for Deadline {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Deadline {}
+
+impl PartialOrd for Deadline {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Deadline {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.0.reg.expires_at_ms, self.0.reg.id.as_str())
+            .cmp(&(other.0.reg.expires_at_ms, other.0.reg.id.as_str()))
+    }
+}
+
+/// Puts `ep` in `table` under `key` (its id or its name), replacing an endpoint of the
+/// same key.
+fn put(
+    table: &mut HashTable<Arc<Endpoint>>,
+    hasher: &ahash::RandomState,
+    key: fn(&Endpoint) -> &str,
+    ep: Arc<Endpoint>,
+) {
+    let hash = hasher.hash_one(key(&ep));
+    match table.entry(hash, |e| key(e) == key(&ep), |e| hasher.hash_one(key(e))) {
+        hashbrown::hash_table::Entry::Occupied(mut o) => *o.get_mut() = ep,
+        hashbrown::hash_table::Entry::Vacant(v) => {
+            v.insert(ep);
+        }
+    }
+}
+
+fn id_of(e: &Endpoint) -> &str {
+    &e.reg.id
+}
+
+fn name_of(e: &Endpoint) -> &str {
+    &e.reg.name
 }
 
 impl Maps {
     pub(super) fn insert(&mut self, ep: Arc<Endpoint>) {
-        let r = &ep.reg;
-        self.by_name
-            .entry(r.domain.as_str().into())
-            .or_default()
-            .insert(r.name.as_str().into(), Arc::clone(&ep));
-        self.deadlines
-            .insert((r.expires_at_ms, r.id.as_str().into()));
-        self.by_id.insert(r.id.as_str().into(), ep);
+        self.deadlines.insert(Deadline(Arc::clone(&ep)));
+        self.index(ep);
     }
 
     /// Inserts another cluster node's registration (issue 22): listed like ours, with no
     /// deadline here, since its owner runs its expiry.
     pub(super) fn insert_foreign(&mut self, ep: Arc<Endpoint>) {
-        let r = &ep.reg;
-        self.by_name
-            .entry(r.domain.as_str().into())
-            .or_default()
-            .insert(r.name.as_str().into(), Arc::clone(&ep));
-        self.foreign_deadlines
-            .insert((r.expires_at_ms, r.id.as_str().into()));
-        self.by_id.insert(r.id.as_str().into(), ep);
+        self.foreign_deadlines.insert(Deadline(Arc::clone(&ep)));
+        self.index(ep);
+    }
+
+    /// Puts `ep` in the indexes by name and by id.
+    fn index(&mut self, ep: Arc<Endpoint>) {
+        let domain = ep.reg.domain.as_str();
+        if !self.by_name.contains_key(domain) {
+            self.by_name.insert(domain.into(), HashTable::new());
+        }
+        if let Some(names) = self.by_name.get_mut(domain) {
+            put(names, &self.hasher, name_of, Arc::clone(&ep));
+        }
+        put(&mut self.by_id, &self.hasher, id_of, ep);
     }
 
     /// The ids of other nodes' registrations due at `now_ms` whose owner is not `live`.
@@ -78,27 +140,30 @@ impl Maps {
     ) -> Vec<String> {
         self.foreign_deadlines
             .iter()
-            .take_while(|(t, _)| *t <= now_ms)
-            .filter(|(_, id)| {
-                self.by_id
-                    .get(id)
-                    .and_then(|e| e.reg.node.as_deref())
-                    .is_some_and(|n| !live(n))
-            })
-            .map(|(_, id)| id.to_string())
+            .take_while(|d| d.at() <= now_ms)
+            .filter(|d| d.0.reg.node.as_deref().is_some_and(|n| !live(n)))
+            .map(|d| d.0.reg.id.clone())
             .collect()
     }
 
     pub(super) fn remove(&mut self, id: &str) -> Option<Arc<Endpoint>> {
-        let ep = self.by_id.remove(id)?;
+        let hash = self.hasher.hash_one(id);
+        let (ep, _) = self
+            .by_id
+            .find_entry(hash, |e| e.reg.id == id)
+            .ok()?
+            .remove();
         let r = &ep.reg;
         if let Some(names) = self.by_name.get_mut(r.domain.as_str()) {
-            names.remove(r.name.as_str());
+            let hash = self.hasher.hash_one(r.name.as_str());
+            if let Ok(e) = names.find_entry(hash, |e| e.reg.name == r.name) {
+                e.remove();
+            }
             if names.is_empty() {
                 self.by_name.remove(r.domain.as_str());
             }
         }
-        let key = (r.expires_at_ms, r.id.as_str().into());
+        let key = Deadline(Arc::clone(&ep));
         if !self.deadlines.remove(&key) {
             self.foreign_deadlines.remove(&key);
         }
@@ -107,15 +172,14 @@ impl Maps {
 
     /// Whether `ep` (this very registration, not a later one of the same id) is held.
     pub(super) fn holds(&self, ep: &Arc<Endpoint>) -> bool {
-        self.by_id
-            .get(ep.reg.id.as_str())
+        self.by_id(ep.reg.id.as_str())
             .is_some_and(|e| Arc::ptr_eq(e, ep))
     }
 
     /// Puts back a registration whose removal the store refused, unless its id or its
     /// name was taken meanwhile (a later change, which the store applied after ours).
     pub(super) fn restore(&mut self, ep: &Arc<Endpoint>) {
-        if !self.by_id.contains_key(ep.reg.id.as_str())
+        if self.by_id(ep.reg.id.as_str()).is_none()
             && self.by_name(&ep.reg.domain, &ep.reg.name).is_none()
         {
             self.insert(Arc::clone(ep));
@@ -123,33 +187,37 @@ impl Maps {
     }
 
     pub(super) fn by_id(&self, id: &str) -> Option<&Arc<Endpoint>> {
-        self.by_id.get(id)
+        self.by_id
+            .find(self.hasher.hash_one(id), |e| e.reg.id == id)
     }
 
     pub(super) fn by_name(&self, domain: &str, name: &str) -> Option<&Arc<Endpoint>> {
-        self.by_name.get(domain)?.get(name)
+        self.by_name
+            .get(domain)?
+            .find(self.hasher.hash_one(name), |e| e.reg.name == name)
     }
 
     pub(super) fn count_in(&self, domain: &str) -> usize {
-        self.by_name.get(domain).map_or(0, Map::len)
+        self.by_name.get(domain).map_or(0, HashTable::len)
     }
 
     pub(super) fn len(&self) -> usize {
         self.by_id.len()
     }
 
-    /// The ids whose deadline is at or before `now_ms`, the earliest first.
-    pub(super) fn due(&self, now_ms: u64) -> Vec<String> {
+    /// At most `limit` ids whose deadline is at or before `now_ms`, the earliest first.
+    pub(super) fn due(&self, now_ms: u64, limit: usize) -> Vec<String> {
         self.deadlines
             .iter()
-            .take_while(|(t, _)| *t <= now_ms)
-            .map(|(_, id)| id.to_string())
+            .take_while(|d| d.at() <= now_ms)
+            .take(limit)
+            .map(|d| d.0.reg.id.clone())
             .collect()
     }
 
     /// The earliest deadline.
     pub(super) fn next_deadline(&self) -> Option<u64> {
-        self.deadlines.first().map(|(t, _)| *t)
+        self.deadlines.first().map(Deadline::at)
     }
 }
 
@@ -184,7 +252,7 @@ impl Directory {
             .by_name
             .get(domain)
             .into_iter()
-            .flat_map(Map::values)
+            .flat_map(HashTable::iter)
             .filter(|e| ept.is_none() || e.reg.ept.as_deref() == ept)
             .cloned()
             .collect();
@@ -204,7 +272,7 @@ impl Directory {
     pub fn count_by_owner(&self) -> std::collections::BTreeMap<Option<String>, usize> {
         let maps = self.lock();
         let mut out = std::collections::BTreeMap::new();
-        for ep in maps.by_id.values() {
+        for ep in maps.by_id.iter() {
             *out.entry(ep.reg.node.clone()).or_insert(0) += 1;
         }
         out

@@ -57,10 +57,15 @@ pub struct Resource {
 /// contain NUL). Everything else about the resources (`rt`, `ct`, `if`) is read again from
 /// `reg.links` by [`Endpoint::resources`] when it is listed, which is rare. A parsed
 /// `Vec<Resource>` per endpoint was about half of the memory per endpoint.
+///
+/// Issue 24: both the object list (`reg.links`) and the paths are shared between the
+/// endpoints that registered the same object list ([`ObjectLists`]): the devices of one
+/// firmware send the same links, and at a million endpoints one copy each was a quarter
+/// of the memory per endpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Endpoint {
     pub reg: Registration,
-    paths: Box<str>,
+    paths: Arc<str>,
 }
 
 impl Endpoint {
@@ -92,19 +97,8 @@ impl Endpoint {
     }
 
     fn with_resources(reg: Registration, resources: &[Resource]) -> Endpoint {
-        let lwm2m = reg.lwm2m.is_some();
-        let mut paths = String::new();
-        for r in resources {
-            if r.obs || lwm2m {
-                paths.push('*');
-            }
-            paths.push_str(&r.path);
-            paths.push('\0');
-        }
-        Endpoint {
-            reg,
-            paths: paths.into_boxed_str(),
-        }
+        let paths = paths_of(resources, reg.lwm2m.is_some()).into();
+        Endpoint { reg, paths }
     }
 
     /// The resources with all their attributes (parsed from `reg.links` on each call);
@@ -138,6 +132,67 @@ impl Endpoint {
     /// How many resources the endpoint registered.
     pub fn resource_count(&self) -> usize {
         self.paths.bytes().filter(|b| *b == 0).count()
+    }
+}
+
+/// The paths index of an endpoint ([`Endpoint::paths`]): each path prefixed with `*` when
+/// observable, NUL-separated.
+fn paths_of(resources: &[Resource], lwm2m: bool) -> String {
+    let mut paths = String::new();
+    for r in resources {
+        if r.obs || lwm2m {
+            paths.push('*');
+        }
+        paths.push_str(&r.path);
+        paths.push('\0');
+    }
+    paths
+}
+
+/// The object lists registered now, each kept once with its paths index (issue 24):
+/// the endpoints that registered the same links share one `Arc<str>` of the text and
+/// one of the paths, and a registration or a restart with a known list skips parsing it.
+///
+/// Keyed by the text and by whether the device is an LwM2M client (its paths index
+/// differs). An entry no endpoint uses any more is dropped by a sweep when the table has
+/// doubled since the last one (so at most twice the lists in use plus a constant are
+/// kept, and a sweep costs amortised O(1) per new list). A fleet whose lists all differ
+/// pays one entry per endpoint (measured in docs/PERFORMANCE.md, issue 24).
+#[derive(Default)]
+pub(crate) struct ObjectLists {
+    /// `[mbed-style, LwM2M]`: links → paths.
+    lists: [crate::hashing::Map<Arc<str>, Arc<str>>; 2],
+    sweep_at: usize,
+}
+
+impl ObjectLists {
+    /// The shared text and paths of `links` (parsed and checked when new).
+    pub(crate) fn get(
+        &mut self,
+        links: &str,
+        lwm2m: bool,
+    ) -> Result<(Arc<str>, Arc<str>), RegistryError> {
+        let map = &mut self.lists[usize::from(lwm2m)];
+        if let Some((text, paths)) = map.get_key_value(links) {
+            return Ok((Arc::clone(text), Arc::clone(paths)));
+        }
+        let resources = parse_resources(links)?;
+        let text: Arc<str> = links.into();
+        let paths: Arc<str> = paths_of(&resources, lwm2m).into();
+        if self.len() >= self.sweep_at {
+            for m in &mut self.lists {
+                // In use: held by an endpoint (or a registration on its way to the store).
+                m.retain(|text, _| Arc::strong_count(text) > 1);
+            }
+            self.sweep_at = (2 * self.len()).max(1024);
+        }
+        self.lists[usize::from(lwm2m)].insert(Arc::clone(&text), Arc::clone(&paths));
+        Ok((text, paths))
+    }
+
+    /// Distinct object lists held (in use or not yet swept).
+    pub(crate) fn len(&self) -> usize {
+        self.lists.iter().map(|m| m.len()).sum()
     }
 }
 
@@ -260,6 +315,8 @@ pub struct Registry {
     /// This node's name in a cluster (issue 22), recorded as the owner of the
     /// registrations made here; `None` on a single node.
     node: Option<String>,
+    /// The object lists in use, each kept once (issue 24).
+    lists: std::sync::Mutex<ObjectLists>,
 }
 
 /// Another cluster node's change of a registration (issue 22), as the store's watch
@@ -362,6 +419,7 @@ impl Registry {
             listeners: std::sync::RwLock::new(Vec::new()),
             limits,
             node: None,
+            lists: std::sync::Mutex::new(ObjectLists::default()),
         }
     }
 
@@ -398,7 +456,11 @@ impl Registry {
                     return None;
                 }
                 let id = reg.id.clone();
-                let ep = match Endpoint::new(*reg) {
+                let made = {
+                    let mut lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
+                    self.endpoint_of(&mut lists, *reg)
+                };
+                let ep = match made {
                     Ok(ep) => Arc::new(ep),
                     Err(e) => {
                         tracing::warn!(%id, "cluster: skipping another node's registration: {e}");
@@ -499,16 +561,36 @@ impl Registry {
         self.directory.lock()
     }
 
+    /// The shared text and paths index of an object list ([`ObjectLists`]).
+    fn object_list(&self, links: &str, lwm2m: bool) -> Result<(Arc<str>, Arc<str>), RegistryError> {
+        self.lists
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(links, lwm2m)
+    }
+
+    /// An endpoint of a stored or watched registration, its object list shared.
+    fn endpoint_of(
+        &self,
+        lists: &mut ObjectLists,
+        mut reg: Registration,
+    ) -> Result<Endpoint, RegistryError> {
+        let (links, paths) = lists.get(&reg.links, reg.lwm2m.is_some())?;
+        reg.links = links;
+        Ok(Endpoint { reg, paths })
+    }
+
     /// Loads stored registrations (at start). Those already past their deadline are
     /// expired by the expiry task as soon as it runs.
     pub async fn load(&self) -> Result<usize, StoreError> {
         let regs = self.store.load_registrations().await?;
+        let mut lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
         let mut inner = self.lock();
         let mut n = 0;
         for reg in regs {
             let id = reg.id.clone();
             let foreign = self.is_foreign(&reg);
-            match Endpoint::new(reg) {
+            match self.endpoint_of(&mut lists, reg) {
                 Ok(ep) if foreign => inner.insert_foreign(Arc::new(ep)),
                 Ok(ep) => {
                     inner.insert(Arc::new(ep));
@@ -518,6 +600,7 @@ impl Registry {
             }
         }
         drop(inner);
+        drop(lists);
         // Stored registrations are all kept (dropping them would lose devices that did
         // nothing wrong); new ones are refused until enough expire or leave.
         if n > self.cfg.max_endpoints {
@@ -585,7 +668,7 @@ impl Registry {
         let lifetime_s =
             self.check_lifetime(p.lifetime_s.unwrap_or(self.cfg.default_lifetime_s))?;
         let binding = p.binding.unwrap_or_else(|| "U".into());
-        let resources = parse_resources(&p.links)?;
+        let (links, paths) = self.object_list(&p.links, p.lwm2m.is_some())?;
         // Only a valid registration that there is room for counts (and makes the domain's
         // counter): a flood of malformed or refused ones, each naming a new domain, must
         // not grow the limits map. (Checked again under the lock that inserts.)
@@ -607,12 +690,12 @@ impl Registry {
             binding,
             lwm2m: p.lwm2m,
             peer,
-            links: p.links,
+            links,
             registered_at_ms: now,
             expires_at_ms: now + u64::from(lifetime_s) * 1000,
             node: self.node.clone(),
         };
-        let ep = Arc::new(Endpoint::with_resources(reg, &resources));
+        let ep = Arc::new(Endpoint { reg, paths });
         let durable = {
             let mut inner = self.lock();
             let old = inner
@@ -682,8 +765,21 @@ impl Registry {
         if let Some(lt) = p.lifetime_s {
             self.check_lifetime(lt)?;
         }
-        let resources = p.links.as_deref().map(parse_resources).transpose()?;
-        let domain = self.lock().by_id(id).map(|e| e.reg.domain.clone());
+        // The paths index depends on whether the device is an LwM2M client, which an
+        // update does not change (an unknown id is refused below).
+        let (domain, lwm2m) = {
+            let inner = self.lock();
+            let ep = inner.by_id(id);
+            (
+                ep.map(|e| e.reg.domain.clone()),
+                ep.is_some_and(|e| e.is_lwm2m()),
+            )
+        };
+        let list = p
+            .links
+            .as_deref()
+            .map(|l| self.object_list(l, lwm2m))
+            .transpose()?;
         if let Some(d) = &domain {
             self.take_transaction(d)?;
         }
@@ -712,14 +808,21 @@ impl Registry {
             }
             reg.peer = peer;
             reg.expires_at_ms = now_ms() + u64::from(reg.lifetime_s) * 1000;
-            let ep = match (resources, p.links) {
-                (Some(r), Some(l)) => {
-                    reg.links = l;
-                    Endpoint::with_resources(reg, &r)
+            let ep = match list {
+                Some((links, paths)) if reg.lwm2m.is_some() == lwm2m => {
+                    reg.links = links;
+                    Endpoint { reg, paths }
                 }
-                _ => Endpoint {
+                // Another registration took the id meanwhile (with another kind of
+                // client): its paths are built for it.
+                Some((links, _)) => {
+                    reg.links = links;
+                    let resources = parse_resources(&reg.links)?;
+                    Endpoint::with_resources(reg, &resources)
+                }
+                None => Endpoint {
                     reg,
-                    paths: old.paths.clone(),
+                    paths: Arc::clone(&old.paths),
                 },
             };
             let ep = Arc::new(ep);
@@ -805,14 +908,39 @@ impl Registry {
         Ok(ep)
     }
 
-    /// Removes every registration whose deadline is at or before `now_ms`; returns them.
+    /// Removes every registration whose deadline is at or before `now_ms`, in batches of
+    /// `registry.expiry_batch` ([`Registry::expire_batch`]); returns them.
     pub async fn expire_due(&self, now_ms: u64) -> Vec<Arc<Endpoint>> {
+        let mut all = Vec::new();
+        loop {
+            let (taken, expired) = self.expire_batch(now_ms).await;
+            let done = taken < self.cfg.expiry_batch || expired.len() < taken;
+            all.extend(expired);
+            if done {
+                return all;
+            }
+        }
+    }
+
+    /// One step of the expiry (issue 24): removes at most `registry.expiry_batch` of the
+    /// registrations due at `now_ms`, the earliest first, waits for the store's removal
+    /// of each (one group commit) and tells the listeners (their events stored together).
+    /// Returns how many were due and taken, and those the store removed. After an outage
+    /// longer than the fleet's lifetime, a million registrations are due at once: in one
+    /// step, the directory's lock was held for all their removals (every REST lookup and
+    /// every device waited) and a million store jobs and events were queued at once.
+    pub async fn expire_batch(&self, now_ms: u64) -> (usize, Vec<Arc<Endpoint>>) {
         let removed = {
             let mut inner = self.lock();
-            let due = inner.due(now_ms);
+            let due = inner.due(now_ms, self.cfg.expiry_batch);
             self.remove_for_expiry(&mut inner, due)
         };
-        self.finish_expiry(removed).await
+        if removed.is_empty() {
+            return (0, Vec::new());
+        }
+        let taken = removed.len();
+        Counters::inc(&self.counters.registration_expiry_batches);
+        (taken, self.finish_expiry(removed).await)
     }
 
     /// Takes the registrations `ids` out of memory and submits their removal from the
@@ -870,8 +998,16 @@ impl Registry {
             if log_budget::allow(DeviceLine::Expired) {
                 tracing::info!(ep = %ep.reg.name, domain = %ep.reg.domain, id = %ep.reg.id, "registration expired");
             }
-            self.tell(RegistryEvent::Expired(Arc::clone(ep))).await;
         }
+        // Told together, each endpoint's listeners in order: the events are queued in
+        // the batch's order (each listener queues before it awaits the store) and made
+        // durable by one group commit rather than one commit after another.
+        futures_util::future::join_all(
+            expired
+                .iter()
+                .map(|ep| self.tell(RegistryEvent::Expired(Arc::clone(ep)))),
+        )
+        .await;
         expired
     }
 
@@ -894,7 +1030,9 @@ impl Registry {
         self.finish_expiry(removed).await
     }
 
-    /// The expiry task: sleeps until the next deadline (or until woken by a change).
+    /// The expiry task: sleeps until the next deadline (or until woken by a change), then
+    /// expires what is due in batches of `registry.expiry_batch`, yielding to the other
+    /// tasks between two (issue 24: REST and the devices are served meanwhile).
     pub async fn run_expiry(self: Arc<Self>, mut shutdown: Shutdown) {
         loop {
             let next = self.lock().next_deadline();
@@ -908,7 +1046,17 @@ impl Registry {
                 _ = tokio::time::sleep(sleep) => {}
             }
             let now = now_ms();
-            self.expire_due(now).await;
+            loop {
+                let (taken, expired) = self.expire_batch(now).await;
+                if taken < self.cfg.expiry_batch || expired.len() < taken {
+                    break;
+                }
+                drop(expired);
+                tokio::select! {
+                    _ = shutdown.recv() => return,
+                    _ = tokio::task::yield_now() => {}
+                }
+            }
             // A removal the store refused left its endpoint due: wait before the next try
             // rather than spin on a failing store.
             let stuck = self.lock().next_deadline().is_some_and(|t| t <= now);
