@@ -395,7 +395,12 @@ pub fn resource_known(ep: &Endpoint, path: &str) -> bool {
 
 /// True for a path that names one resource (`/3/0/1`) or resource instance (`/3/0/7/1`).
 fn single_resource(path: &str) -> bool {
-    let n = path.split('/').filter(|s| !s.is_empty()).count();
+    // Bytes, not `str::split` (a char searcher per segment; see `resource_known`).
+    let n = path
+        .as_bytes()
+        .split(|b| *b == b'/')
+        .filter(|s| !s.is_empty())
+        .count();
     n == 3 || n == 4
 }
 
