@@ -390,7 +390,7 @@ mod tests {
 
     #[test]
     fn async_responses_are_written_as_serde_wrote_them() {
-        let opt = |i: usize| (i % 3 != 0).then(|| AWKWARD[i % AWKWARD.len()]);
+        let opt = |i: usize| (!i.is_multiple_of(3)).then(|| AWKWARD[i % AWKWARD.len()]);
         let payloads: [&[u8]; 5] = [b"", b"1", b"12", b"123", &[0, 255, 34, 92, 10, 200, 7]];
         let mut n = 0;
         for (i, id) in AWKWARD.iter().enumerate() {
@@ -402,7 +402,7 @@ mod tests {
                         status,
                         payload: payload.to_vec(),
                         ct: opt(k).map(Into::into),
-                        max_age: (k % 4 != 0).then_some([0, 60, u32::MAX][k % 3]),
+                        max_age: (!k.is_multiple_of(4)).then_some([0, 60, u32::MAX][k % 3]),
                         error: opt(k + 1).map(Into::into),
                         location: opt(k + 2).map(Into::into),
                     };
