@@ -255,7 +255,12 @@ async fn connection<T>(
     let (upgrades, held, released) = conn::Upgrades::new(&activity);
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         seen.notify_one();
-        req.extensions_mut().insert(upgrades.clone());
+        // Only a request hyper may upgrade (an `Upgrade` header, or CONNECT) gets its
+        // `OnUpgrade`, without which the WebSocket route refuses before it looks for this:
+        // the extension map is not allocated for every other request (issue 24).
+        if req.method() == Method::CONNECT || req.headers().contains_key(http::header::UPGRADE) {
+            req.extensions_mut().insert(upgrades.clone());
+        }
         let in_flight = requests.begin();
         let reply = handle(Arc::clone(&state), req);
         let conn = Arc::clone(&requests);
