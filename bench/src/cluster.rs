@@ -706,6 +706,7 @@ fn read_load(
                 latencies: Arc::clone(&latencies),
                 accepted: Arc::clone(&accepted),
                 rejected: Arc::clone(&rejected),
+                pace: None,
             });
         }
         run_read_senders(senders, deadline).await

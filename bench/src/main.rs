@@ -129,6 +129,11 @@ struct Args {
     /// Most reads outstanding (sent, async response not yet pulled) at once.
     #[arg(long, default_value_t = 1000)]
     read_window: usize,
+    /// Pace the reads at this many per second (read i is sent no earlier than i / rate
+    /// seconds after the start, and still only within `--read-window`); 0: as fast as the
+    /// connections and the window allow (saturation). For the latency at a given load.
+    #[arg(long, default_value_t = 0.0)]
+    read_rate: f64,
     /// Answer the proxied reads with the bulk responder (the bulk notifier's endpoints on
     /// `--read-sockets` sockets) instead of the device simulator (one task and socket per
     /// device). It did not measurably lower the load generator's CPU per read.
@@ -971,6 +976,9 @@ struct ReadSender {
     latencies: Arc<Mutex<Vec<Duration>>>,
     accepted: Arc<AtomicUsize>,
     rejected: Arc<Mutex<HashMap<u16, usize>>>,
+    /// `--read-rate`: the start and the reads per second; read i waits until
+    /// start + i / rate.
+    pace: Option<(Instant, f64)>,
 }
 
 impl ReadSender {
@@ -997,6 +1005,10 @@ impl ReadSender {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
             if i >= self.count {
                 return Ok(());
+            }
+            if let Some((start, rate)) = self.pace {
+                let at = start + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(at.into()).await;
             }
             // Closed: the puller stopped (its error is reported by its join).
             let Ok(permit) = self.window.acquire().await else {
@@ -1219,6 +1231,7 @@ fn reads_run(args: &Args, dtls: bool) -> Result<ReadRun> {
                     latencies: Arc::clone(&latencies),
                     accepted: Arc::clone(&accepted),
                     rejected: Arc::clone(&rejected),
+                    pace: (args.read_rate > 0.0).then_some((t0, args.read_rate)),
                 });
             }
             run_read_senders(senders, deadline).await
@@ -1589,10 +1602,15 @@ fn main() -> Result<()> {
                     cpu_per_read.push(cpu_us);
                     rows.push(Row {
                         scenario: format!(
-                            "proxied reads/s{} ({} reads, {} devices, {})",
+                            "proxied reads/s{} ({} reads, {} devices, {}{})",
                             if dtls { " over DTLS" } else { "" },
                             args.read_count,
                             args.read_devices,
+                            if args.read_rate > 0.0 {
+                                format!("paced at {}/s, ", args.read_rate)
+                            } else {
+                                String::new()
+                            },
                             if args.read_http2 {
                                 format!(
                                     "HTTP/2{}, {} streams over {} connections",
@@ -1610,7 +1628,7 @@ fn main() -> Result<()> {
                         ),
                         value: r.completed as f64 / secs,
                         unit: "reads/s",
-                        target: (!dtls).then_some((30_000.0, true)),
+                        target: (!dtls && args.read_rate <= 0.0).then_some((30_000.0, true)),
                         detail: format!(
                             "{} answered ({} status 200) in {:.2} s; REST→async response p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; refused {:?}; daemon CPU {cpu_us:.1} µs per read, load generator {:.1} µs",
                             r.completed,

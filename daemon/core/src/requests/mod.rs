@@ -395,7 +395,12 @@ pub fn resource_known(ep: &Endpoint, path: &str) -> bool {
 
 /// True for a path that names one resource (`/3/0/1`) or resource instance (`/3/0/7/1`).
 fn single_resource(path: &str) -> bool {
-    let n = path.split('/').filter(|s| !s.is_empty()).count();
+    // Bytes, not `str::split` (a char searcher per segment; see `resource_known`).
+    let n = path
+        .as_bytes()
+        .split(|b| *b == b'/')
+        .filter(|s| !s.is_empty())
+        .count();
     n == 3 || n == 4
 }
 
@@ -819,15 +824,20 @@ impl Requests {
         };
         let id = job.id.clone();
         let expiry = job.device_request.map(|t| t.expires_ms);
-        {
+        // Queued, and the worker claimed as `kick` would, in one critical section.
+        let start = {
             let mut q = self.lock();
-            q.entry(key.clone()).or_default().jobs.push_back(job);
-        }
+            let e = q.entry(key.clone()).or_default();
+            e.jobs.push_back(job);
+            let start = !ep.reg.queue && !e.busy;
+            e.busy |= start;
+            start
+        };
         if let Some(at) = expiry {
             self.schedule_expiry(key.clone(), id.clone(), at);
         }
-        if !ep.reg.queue {
-            self.kick(&key);
+        if start {
+            self.spawn_worker(key);
         }
         Ok(Submitted::Accepted(id))
     }
@@ -909,9 +919,14 @@ impl Requests {
             }
         };
         if start {
-            // Boxed: a large future, moved by value while spawning otherwise.
-            tokio::spawn(Box::pin(Arc::clone(self).work(key.clone())));
+            self.spawn_worker(key.clone());
         }
+    }
+
+    /// Runs the endpoint's worker (its queue entry was marked busy by the caller).
+    fn spawn_worker(self: &Arc<Self>, key: EpKey) {
+        // Boxed: a large future, moved by value while spawning otherwise.
+        tokio::spawn(Box::pin(Arc::clone(self).work(key)));
     }
 
     /// Sends the endpoint's requests one at a time until its queue is empty.
