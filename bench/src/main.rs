@@ -777,9 +777,10 @@ fn registration_run(
         None => bulk::register(daemon.coap, n, args.bulk_sockets, 8, "b", timeout).and_then(|r| {
             ensure!(
                 r.registered == n,
-                "bulk registration: {} of {n} registered, {} failed, {} retransmissions",
+                "bulk registration: {} of {n} registered, {} failed, {} unfinished at the deadline, {} retransmissions",
                 r.registered,
                 r.failed,
+                r.unfinished,
                 r.retransmissions
             );
             let count = api.metric("registrations_total")?;

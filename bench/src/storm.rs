@@ -57,6 +57,9 @@ fn storm(args: &Args) -> Result<Storm> {
             while !stop.load(Ordering::Acquire) && tick.elapsed() < timeout * 2 {
                 if let Ok(v) = api.metric("registrations_total") {
                     samples.push((t0.elapsed(), v));
+                    if samples.len() % 100 == 0 {
+                        eprintln!("  {:>5.0} s: {v} registered", t0.elapsed().as_secs_f64());
+                    }
                 }
                 tick += Duration::from_millis(100);
                 std::thread::sleep(tick.saturating_duration_since(Instant::now()));
@@ -166,12 +169,14 @@ fn rows(s: &Storm) -> Vec<Row> {
             unit: "reg",
             target: Some((s.n as f64, true)),
             detail: format!(
-                "{} failed ({} after the last retransmission); loader start→last answer {:.1} s; \
+                "{} failed ({} after the last retransmission), {} unfinished at the deadline; \
+                 loader start→last answer {:.1} s; \
                  {} retransmissions; {} answered 5.03 with Max-Age (mean Max-Age {:.1} s), \
                  daemon counted {} shed, {} NON dropped busy, {} duplicates, {} datagrams; \
                  kernel drops at the daemon's socket {}; RSS after {} MiB",
                 r.failed,
                 r.timed_out,
+                r.unfinished,
                 r.elapsed.as_secs_f64(),
                 r.retransmissions,
                 r.shed,
