@@ -7,8 +7,16 @@
 //! one address (a gateway, or many devices behind one NAT address), and connectord keys
 //! registrations by endpoint name, not by address. The registrations are the simulator's
 //! (`POST /rd?ep=..&lt=86400&lwm2m=1.0&b=U` with [`connectord::simulate::LINKS`]), each a
-//! confirmable request with its own message id and token; ACKs are matched by token.
-//! Nothing here answers requests from the daemon, so this is for registrations only.
+//! confirmable request with its own message id and token; ACKs are matched by token and
+//! message id. Nothing here answers requests from the daemon, so this is for registrations
+//! only.
+//!
+//! It behaves as a CoAP client does (RFC 7252 §4.2, §5.9.3.4): a request unanswered after
+//! a random 2–3 s is retransmitted, the timeout doubling, 4 times at most, then it fails;
+//! a 5.03 Service Unavailable with Max-Age is waited out (Max-Age plus up to 1 s of random
+//! jitter) and the registration sent again as a new request (new message id), as often as
+//! the daemon asks until the run's deadline. Shed answers (5.03) and retransmissions are
+//! counted apart.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -16,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use tokio::net::UdpSocket;
 
@@ -24,8 +32,19 @@ use tokio::net::UdpSocket;
 #[derive(Debug, Default, Clone)]
 pub struct BulkReport {
     pub registered: usize,
+    /// Registrations that failed: another answer than 2.01 or a shed 5.03, or no answer
+    /// after the last retransmission.
     pub failed: usize,
+    /// Datagrams sent again after an ACK timeout (same message id).
     pub retransmissions: u64,
+    /// 5.03 answers with Max-Age (each followed by a new request after Max-Age).
+    pub shed: u64,
+    /// Those 5.03 answers' Max-Age, summed (seconds).
+    pub shed_max_age_s: u64,
+    /// Registrations that gave up after the last retransmission (part of `failed`).
+    pub timed_out: usize,
+    /// Registrations neither registered nor failed at the deadline.
+    pub unfinished: usize,
     pub elapsed: Duration,
 }
 
@@ -64,6 +83,10 @@ pub fn register(
             total.registered += r.registered;
             total.failed += r.failed;
             total.retransmissions += r.retransmissions;
+            total.shed += r.shed;
+            total.shed_max_age_s += r.shed_max_age_s;
+            total.timed_out += r.timed_out;
+            total.unfinished += r.unfinished;
         }
         total.elapsed = t0.elapsed();
         Ok(total)
@@ -91,9 +114,34 @@ fn socket_ip(first: u8, s: usize) -> IpAddr {
 }
 
 struct Outstanding {
+    /// Index of the endpoint name.
+    name: usize,
+    mid: u16,
     bytes: Vec<u8>,
     sent: Instant,
+    /// This transmission's timeout (the first is random in [2, 3) s, then doubled).
+    timeout: Duration,
     tries: u32,
+    /// Shed: when to send a new request (nothing on the wire until then).
+    retry_at: Option<Instant>,
+}
+
+/// A small xorshift for the random timeouts and jitter (no need for more).
+struct Jitter(u64);
+
+impl Jitter {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A random duration in [0, max).
+    fn upto(&mut self, max: Duration) -> Duration {
+        let n = max.as_micros().max(1) as u64;
+        Duration::from_micros(self.next() % n)
+    }
 }
 
 async fn one_socket(
@@ -106,8 +154,10 @@ async fn one_socket(
     let mut report = BulkReport::default();
     let mut next = 0usize;
     let mut mid: u16 = rand_u16(names);
+    let mut jitter = Jitter(u64::from(mid) << 32 | 0x9E37_79B9 | names.len() as u64);
     let mut out: HashMap<u32, Outstanding> = HashMap::new();
     let mut buf = vec![0u8; 2048];
+    // RFC 7252 ACK_TIMEOUT 2 s, ACK_RANDOM_FACTOR 1.5, MAX_RETRANSMIT 4.
     let ack_timeout = Duration::from_secs(2);
     while next < names.len() || !out.is_empty() {
         while out.len() < window && next < names.len() {
@@ -118,55 +168,96 @@ async fn one_socket(
             out.insert(
                 token,
                 Outstanding {
+                    name: next,
+                    mid,
                     bytes,
                     sent: Instant::now(),
+                    timeout: ack_timeout + jitter.upto(ack_timeout / 2),
                     tries: 0,
+                    retry_at: None,
                 },
             );
             next += 1;
         }
         if Instant::now() >= deadline {
-            bail!(
-                "{} registrations still outstanding at the deadline",
-                out.len() + names.len() - next
-            );
+            // Reported, not an error: the storm's report says how far it got.
+            report.unfinished = out.len() + names.len() - next;
+            break;
         }
         match tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf)).await {
             Ok(Ok((len, _))) => {
                 let Ok(p) = Packet::from_bytes(&buf[..len]) else {
                     continue;
                 };
-                if p.get_token().len() != 4 {
+                if p.get_token().len() != 4 || p.header.get_type() != MessageType::Acknowledgement {
                     continue;
                 }
                 let mut t = [0u8; 4];
                 t.copy_from_slice(p.get_token());
                 let token = u32::from_be_bytes(t);
-                if p.header.get_type() != MessageType::Acknowledgement
-                    || out.remove(&token).is_none()
-                {
+                // The answer to the transmission on the wire (a late copy of an earlier
+                // exchange's answer is not).
+                let Some(o) = out
+                    .get_mut(&token)
+                    .filter(|o| o.retry_at.is_none() && o.mid == p.header.message_id)
+                else {
                     continue;
-                }
-                if p.header.code == MessageClass::Response(ResponseType::Created) {
-                    report.registered += 1;
-                } else {
-                    report.failed += 1;
+                };
+                match p.header.code {
+                    MessageClass::Response(ResponseType::Created) => {
+                        out.remove(&token);
+                        report.registered += 1;
+                    }
+                    MessageClass::Response(ResponseType::ServiceUnavailable) => match max_age(&p) {
+                        Some(age) => {
+                            report.shed += 1;
+                            report.shed_max_age_s += u64::from(age);
+                            o.retry_at = Some(
+                                Instant::now()
+                                    + Duration::from_secs(age.into())
+                                    + jitter.upto(Duration::from_secs(1)),
+                            );
+                        }
+                        None => {
+                            out.remove(&token);
+                            report.failed += 1;
+                        }
+                    },
+                    _ => {
+                        out.remove(&token);
+                        report.failed += 1;
+                    }
                 }
             }
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => {}
         }
-        // Retransmit what waited too long (doubling, as CoAP does, 4 times at most).
+        // Retransmit what waited too long (doubling, as CoAP does, 4 times at most), and
+        // send again, as a new request, what was shed once its Max-Age is over.
         let now = Instant::now();
         let mut give_up = Vec::new();
         for (token, o) in out.iter_mut() {
-            if now.duration_since(o.sent) >= ack_timeout * (1 << o.tries) {
+            if let Some(at) = o.retry_at {
+                if now >= at {
+                    mid = mid.wrapping_add(1);
+                    o.mid = mid;
+                    o.bytes = register_packet(&names[o.name], mid, *token)?;
+                    o.sent = now;
+                    o.timeout = ack_timeout + jitter.upto(ack_timeout / 2);
+                    o.tries = 0;
+                    o.retry_at = None;
+                    sock.send_to(&o.bytes, server).await?;
+                }
+                continue;
+            }
+            if now.duration_since(o.sent) >= o.timeout {
                 if o.tries >= 4 {
                     give_up.push(*token);
                     continue;
                 }
                 o.tries += 1;
                 o.sent = now;
+                o.timeout *= 2;
                 report.retransmissions += 1;
                 sock.send_to(&o.bytes, server).await?;
             }
@@ -174,9 +265,16 @@ async fn one_socket(
         for t in give_up {
             out.remove(&t);
             report.failed += 1;
+            report.timed_out += 1;
         }
     }
     Ok(report)
+}
+
+/// The Max-Age option of a response, in seconds.
+fn max_age(p: &Packet) -> Option<u32> {
+    p.get_first_option(CoapOption::MaxAge)
+        .map(|v| v.iter().fold(0u32, |a, b| (a << 8) | u32::from(*b)))
 }
 
 fn register_packet(name: &str, mid: u16, token: u32) -> Result<Vec<u8>> {

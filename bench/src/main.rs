@@ -25,6 +25,7 @@ mod bulk;
 mod cluster;
 mod dtls;
 mod https;
+mod storm;
 mod webhook;
 use serde_json::{Value, json};
 
@@ -89,9 +90,21 @@ struct Args {
     /// Endpoints of the `--big` run (registered by the bulk loader: many per socket).
     #[arg(long, default_value_t = 100_000)]
     big_devices: usize,
-    /// UDP sockets the bulk loader of `--big` registers from.
+    /// UDP sockets the bulk loader of `--big` and `--storm` registers from.
     #[arg(long, default_value_t = 1000)]
     bulk_sockets: usize,
+    /// Run the registration storm (issue 24; only when asked for): `--big-devices`
+    /// endpoints registering at once from `--bulk-sockets` sockets (bulk loader,
+    /// `--storm-window` outstanding per socket), against a fresh daemon; reports
+    /// registered/failed, the rate over the storm and per 10 % slice (from
+    /// `connectord_registrations_total`, polled every 100 ms), daemon CPU per
+    /// registration, 5.03s answered, retransmissions and the kernel's drops at the
+    /// daemon's UDP socket (`/proc/net/udp`).
+    #[arg(long)]
+    storm: bool,
+    /// Registrations outstanding at once per socket in `--storm`.
+    #[arg(long, default_value_t = 8)]
+    storm_window: usize,
     /// Most simulated devices per 127.0.0.x bind address (ephemeral ports per address).
     #[arg(long, default_value_t = 20_000)]
     per_address: usize,
@@ -771,10 +784,11 @@ fn registration_run(
             // the daemon is saturated (the storm is issue 24's other part); the memory
             // and restart figures are then per endpoint actually registered, and say so.
             ensure!(
-                r.registered >= n - n / 100,
-                "bulk registration: {} of {n} registered, {} failed, {} retransmissions",
+                r.registered == n,
+                "bulk registration: {} of {n} registered, {} failed, {} unfinished at the deadline, {} retransmissions",
                 r.registered,
                 r.failed,
+                r.unfinished,
                 r.retransmissions
             );
             if r.registered < n {
@@ -1440,6 +1454,7 @@ fn main() -> Result<()> {
         || args.rss
         || args.restart
         || args.dtls
+        || args.storm
         || args.peer.peer);
     let (reg, reads, notif, rss, restart) = (
         all || args.registrations,
@@ -1462,6 +1477,16 @@ fn main() -> Result<()> {
         match dtls::run(args.dtls_handshakes, args.dtls_sessions) {
             Ok(r) => rows.extend(r),
             Err(e) => failures.push(format!("DTLS scenario: {e:#}")),
+        }
+    }
+    if args.storm {
+        eprintln!(
+            "registration storm: {} endpoints from {} sockets, {} outstanding per socket …",
+            args.big_devices, args.bulk_sockets, args.storm_window
+        );
+        match storm::run(&args) {
+            Ok(r) => rows.extend(r),
+            Err(e) => failures.push(format!("registration storm: {e:#}")),
         }
     }
     let mut reg_runs = Vec::new();

@@ -222,6 +222,8 @@ struct Peer {
     sent_at: Option<Instant>,
     /// The replies, one per datagram that expects one.
     replies: Vec<Vec<u8>>,
+    /// Nothing is sent before this (a device waiting out a 5.03's Max-Age).
+    not_before: Option<Instant>,
 }
 
 impl Peer {
@@ -235,6 +237,7 @@ impl Peer {
             next: 0,
             sent_at: None,
             replies: Vec::new(),
+            not_before: None,
         }
     }
 
@@ -253,6 +256,10 @@ fn drive(peers: &mut [Peer]) -> usize {
         let mut progress = false;
         let mut pending = 0;
         for p in peers.iter_mut() {
+            if p.not_before.is_some_and(|t| Instant::now() < t) {
+                pending += 1;
+                continue;
+            }
             while !p.done() {
                 let (bytes, expect) = &p.script[p.next];
                 match expect {
@@ -325,12 +332,51 @@ fn registration_flood(server: SocketAddr) -> (RegTally, Option<(Peer, String)>) 
             })
             .collect();
         drive(&mut peers);
-        for p in peers {
-            let first = Packet::from_bytes(&p.replies[0]).expect("decodable reply");
-            assert_eq!(
-                p.replies[0], p.replies[1],
-                "a duplicate registration must be answered from the duplicate cache"
-            );
+        // A registration shed for load (5.03 with Max-Age: coap.max_in_flight busy) comes
+        // back after Max-Age as a new request, as a device does, until it gets its answer.
+        let mut peers: Vec<(usize, Peer)> = peers.into_iter().enumerate().collect();
+        let mut answered = Vec::new();
+        let mut round = 0u16;
+        while !peers.is_empty() {
+            let mut retry = Vec::new();
+            for (i, p) in peers {
+                let first = Packet::from_bytes(&p.replies[0]).expect("decodable reply");
+                assert_eq!(
+                    p.replies[0], p.replies[1],
+                    "a duplicate registration must be answered from the duplicate cache"
+                );
+                match shed_max_age(&first) {
+                    Some(age) => retry.push((i, age)),
+                    None => answered.push((i, p, first)),
+                }
+            }
+            if retry.is_empty() {
+                break;
+            }
+            round += 1;
+            assert!(round <= 30, "registrations still shed after 30 rounds");
+            // Each comes back after its own Max-Age plus up to 1 s (a spread, as devices
+            // are not synchronised to the millisecond).
+            let now = Instant::now();
+            let mut next: Vec<Peer> = retry
+                .iter()
+                .map(|&(i, age)| {
+                    let mid = (wave * WAVE + i) as u16 ^ (round << 12);
+                    let name = format!("flood-{wave}-{i}");
+                    let dg = registration(mid, &name, (wave % 2 == 1).then_some(name.as_str()));
+                    let mut p = Peer::new(server, vec![(dg.clone(), Some(mid)), (dg, Some(mid))]);
+                    let spread = Duration::from_millis(
+                        (i as u64 * 7919 + u64::from(round) * 104_729) % 1000,
+                    );
+                    p.not_before = Some(now + Duration::from_secs(age.into()) + spread);
+                    p
+                })
+                .collect();
+            drive(&mut next);
+            peers = retry.into_iter().map(|(i, _)| i).zip(next).collect();
+        }
+        answered.sort_by_key(|(i, _, _)| *i);
+        for (_, p, first) in answered {
             match code(&first) {
                 ResponseType::Created => {
                     t.created += 1;
@@ -349,6 +395,14 @@ fn registration_flood(server: SocketAddr) -> (RegTally, Option<(Peer, String)>) 
         }
     }
     (t, kept)
+}
+
+/// The Max-Age of a 5.03 answered for load (`coap.max_in_flight` busy), None for any other
+/// answer (a 5.03 of a full server carries another diagnostic).
+fn shed_max_age(p: &Packet) -> Option<u32> {
+    (code(p) == ResponseType::ServiceUnavailable && p.payload == b"busy: retry after Max-Age").then(
+        || support::coap::uint_option(p, CoapOption::MaxAge).expect("a shed 5.03 has Max-Age"),
+    )
 }
 
 /// Answers to the registration flood.
@@ -417,14 +471,17 @@ fn junk_flood(server: SocketAddr) -> usize {
         drive(&mut peers);
         for p in &peers {
             for r in &p.replies {
-                let c = code(&Packet::from_bytes(r).expect("decodable reply"));
+                let packet = Packet::from_bytes(r).expect("decodable reply");
+                let c = code(&packet);
+                // Or shed for load (5.03 with Max-Age) while coap.max_in_flight were busy:
+                // an answer too, and junk needs no retry.
                 assert!(
                     matches!(
                         c,
                         ResponseType::NotFound
                             | ResponseType::BadRequest
                             | ResponseType::UnsupportedContentFormat
-                    ),
+                    ) || shed_max_age(&packet).is_some(),
                     "junk answered {c:?}"
                 );
             }

@@ -57,6 +57,7 @@ mod startup;
 mod startup_log;
 mod state_dir;
 mod store_failure;
+mod storm;
 mod strictness;
 mod subscriptions;
 mod tenants;

@@ -20,8 +20,9 @@ pub struct CoapConfig {
     pub exchange_lifetime_s: u64,
     /// Upper bound on remembered exchanges for duplicate detection; the oldest go first.
     pub dedup_capacity: usize,
-    /// Requests from devices handled at the same time; beyond this, datagrams are dropped
-    /// (a CON will be retransmitted by the device).
+    /// Requests from devices handled at the same time; beyond this, a CON request is
+    /// answered 5.03 with a Max-Age (when to retry, see [`crate::shed`]) and a NON request
+    /// is dropped.
     pub max_in_flight: usize,
     /// Notifications received from devices and not yet taken to be stored, over all
     /// observations (issue 24): the memory bound of the observations' queues (each also

@@ -34,6 +34,7 @@ pub mod message;
 pub mod metrics;
 pub mod peer;
 pub mod rfc8323;
+pub mod shed;
 pub mod tls;
 pub mod transport;
 pub mod udp;

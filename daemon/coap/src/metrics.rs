@@ -17,8 +17,11 @@ pub enum Event {
     Oversize,
     /// A retransmitted message was answered from the duplicate cache or dropped.
     Duplicate,
-    /// A request was dropped because `coap.max_in_flight` requests were being handled.
+    /// A NON request was dropped because `coap.max_in_flight` requests were being handled.
     BusyDrop,
+    /// A CON request was answered 5.03 with Max-Age because `coap.max_in_flight` requests
+    /// were being handled (load shed, see [`crate::shed`]).
+    Shed,
     /// A notification or separate response was dropped at its exchange's queue bound.
     ResponseDropped,
     /// A message matched no exchange (stray response, ACK, RST).

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use crate::listener::{AnyListener, Listener, Session};
 use crate::message::{self, Handled, Inbound, RawHeader, Response};
 use crate::metrics::{Event, Metrics};
 use crate::peer::{ListenerId, PeerRef};
+use crate::shed::Pacer;
 use crate::tls::{TlsBounds, TlsListener, TlsSetup};
 use crate::udp::{self, UdpListener};
 
@@ -38,6 +39,10 @@ use crate::udp::{self, UdpListener};
 pub trait RequestHandler: Send + Sync + 'static {
     fn handle(&self, req: Inbound) -> Pin<Box<dyn Future<Output = Handled> + Send>>;
 }
+
+/// The diagnostic payload of a 5.03 answered for load (the store's and the registry's
+/// 5.03s say otherwise).
+pub const SHED_DIAGNOSTIC: &str = "busy: retry after Max-Age";
 
 /// What one message asks of the receive task ([`Transport::on_message`]).
 enum Action {
@@ -68,6 +73,11 @@ pub struct Transport {
     /// `coap.tls_max_message_size`: the receive buffer of a TLS listener.
     max_tls_message: usize,
     in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    /// Requests whose handler has finished (the completion rate of [`Pacer`]).
+    completed: Arc<AtomicU64>,
+    /// The Max-Age of the 5.03 answered to a CON request that finds no permit.
+    pacer: Mutex<Pacer>,
     next_mid: AtomicU16,
     metrics: Arc<dyn Metrics>,
     /// Exchanges we started (requests to devices), see [`crate::client`].
@@ -161,6 +171,9 @@ impl Transport {
             max_datagram: cfg.max_datagram,
             max_tls_message: cfg.tls_max_message_size,
             in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
+            max_in_flight: cfg.max_in_flight,
+            completed: Arc::new(AtomicU64::new(0)),
+            pacer: Mutex::new(Pacer::new(cfg.max_in_flight)),
             next_mid: AtomicU16::new(rand::random()),
             metrics,
             client: Mutex::new(ClientState::new(cfg.max_queued_notifications)),
@@ -469,10 +482,7 @@ impl Transport {
         // The permit first: a last block dropped for want of one would otherwise have
         // taken its transfer with it, and the device's retransmission would get 4.08.
         let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
-            self.metrics.count(Event::BusyDrop);
-            self.lock_dedup().forget(peer, mid);
-            tracing::debug!(%peer, "dropping request: coap.max_in_flight reached");
-            return Action::Nothing;
+            return self.shed(&packet, peer, now);
         };
         let mut packet = packet;
         let step = self.lock_blocks().on_request(peer, &mut packet, now);
@@ -493,6 +503,34 @@ impl Transport {
         })
     }
 
+    /// A request that found every `coap.max_in_flight` permit taken. A CON request is
+    /// answered 5.03 Service Unavailable with a Max-Age that spreads the retries at the
+    /// rate requests complete ([`crate::shed`]); the answer is remembered like any other,
+    /// so a retransmission of the same message gets it again, and the device's retry
+    /// after Max-Age is a new request. A NON request (no answer expected, none of its
+    /// retries to spare) is dropped and counted.
+    fn shed(&self, packet: &coap_lite::Packet, peer: SocketAddr, now: Instant) -> Action {
+        let mid = packet.header.message_id;
+        if packet.header.get_type() != MessageType::Confirmable {
+            self.metrics.count(Event::BusyDrop);
+            self.lock_dedup().forget(peer, mid);
+            tracing::debug!(%peer, "dropping NON request: coap.max_in_flight reached");
+            return Action::Nothing;
+        }
+        self.metrics.count(Event::Shed);
+        let in_flight = self
+            .max_in_flight
+            .saturating_sub(self.in_flight.available_permits());
+        let max_age =
+            self.lock_pacer()
+                .max_age(now, in_flight, self.completed.load(Ordering::Relaxed));
+        let r = Response::diagnostic(ResponseType::ServiceUnavailable, SHED_DIAGNOSTIC)
+            .with_option(CoapOption::MaxAge, message::encode_uint(max_age));
+        let bytes = self.encode_response(r, packet, peer);
+        self.lock_dedup().complete(peer, mid, bytes.clone());
+        bytes.map_or(Action::Nothing, Action::Reply)
+    }
+
     /// Runs the handler of a new request on its own task, then caches and sends its reply
     /// through `listener`.
     fn handle<L: Listener>(
@@ -511,6 +549,7 @@ impl Transport {
         let mid = packet.header.message_id;
         let this = Arc::clone(self);
         let listener = Arc::clone(listener);
+        let completed = Arc::clone(&self.completed);
         let started = std::time::Instant::now();
         let fut = handler.handle(Inbound {
             packet: packet.clone(),
@@ -547,6 +586,7 @@ impl Transport {
                 };
                 session.send(&b).await;
             }
+            completed.fetch_add(1, Ordering::Relaxed);
             if let Some(f) = after_send {
                 f();
             }
@@ -658,6 +698,11 @@ impl Transport {
         self.blocks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn lock_pacer(&self) -> std::sync::MutexGuard<'_, Pacer> {
+        // Plain numbers: a poisoned lock is still consistent.
+        self.pacer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(super) fn lock_dedup(&self) -> std::sync::MutexGuard<'_, Dedup> {
         // The dedup state stays consistent even if a holder panicked (all updates are
         // single map operations), so a poisoned lock is recovered.
@@ -723,9 +768,25 @@ mod tests {
         };
         assert!(reply(t.on_message(&request(7), peer, Some(ListenerId::udp(peer)), now)).is_none());
         assert_eq!(counters.get(Event::Duplicate), 1);
-        // Another request finds no permit: dropped and forgotten, so its retransmission
-        // is handled once the first is done.
-        assert!(reply(t.on_message(&request(8), peer, Some(ListenerId::udp(peer)), now)).is_none());
+        // Another CON request finds no permit: answered 5.03 with a Max-Age at once, and
+        // its retransmission gets the same answer from the duplicate cache.
+        let shed = reply(t.on_message(&request(8), peer, Some(ListenerId::udp(peer)), now)).expect("5.03");
+        assert_eq!(
+            shed.header.code,
+            MessageClass::Response(ResponseType::ServiceUnavailable)
+        );
+        assert_eq!(shed.header.get_type(), MessageType::Acknowledgement);
+        assert_eq!(shed.payload, SHED_DIAGNOSTIC.as_bytes());
+        let age = message::uint_option(&shed, CoapOption::MaxAge).expect("Max-Age");
+        assert!((1..=crate::shed::MAX_AGE_CAP_S).contains(&age), "{age}");
+        assert_eq!(counters.get(Event::Shed), 1);
+        let again = reply(t.on_message(&request(8), peer, Some(ListenerId::udp(peer)), now)).expect("cached");
+        assert_eq!(again.header.code, shed.header.code);
+        assert_eq!(counters.get(Event::Shed), 1, "answered from the cache");
+        // A NON request without a permit is dropped and counted.
+        let mut non = Packet::from_bytes(&request(9)).unwrap();
+        non.header.set_type(MessageType::NonConfirmable);
+        assert!(reply(t.on_message(&non.to_bytes().unwrap(), peer, Some(ListenerId::udp(peer)), now)).is_none());
         assert_eq!(counters.get(Event::BusyDrop), 1);
         t.lock_dedup()
             .complete(peer, 7, Some(vec![0x60, 0x44, 0, 7]));
@@ -736,8 +797,9 @@ mod tests {
             Some(7),
             "the duplicate gets the cached reply"
         );
+        // The retry after Max-Age is a new request (new message id): handled.
         assert!(matches!(
-            t.on_message(&request(8), peer, Some(ListenerId::udp(peer)), now),
+            t.on_message(&request(10), peer, Some(ListenerId::udp(peer)), now),
             Action::Handle(_)
         ));
         // The cache forgets after EXCHANGE_LIFETIME: the same id is a new request.

@@ -55,14 +55,28 @@ pub(crate) fn family_missing(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(EAFNOSUPPORT | EADDRNOTAVAIL))
 }
 
+/// The receive buffer asked for each UDP listener (`SO_RCVBUF`), in bytes.
+const RECV_BUFFER: usize = 4 << 20;
+
 pub(crate) fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    // A larger receive buffer absorbs bursts of registrations; the kernel caps it.
-    let _ = socket.set_recv_buffer_size(4 << 20);
+    // A larger receive buffer absorbs bursts of registrations; the kernel caps it at
+    // net.core.rmem_max, and what does not fit is dropped unseen (the device retransmits
+    // after 2-3 s): say so once at start rather than lose datagrams silently.
+    let _ = socket.set_recv_buffer_size(RECV_BUFFER);
+    if let Ok(got) = socket.recv_buffer_size()
+        && got < RECV_BUFFER
+    {
+        // Linux reports twice what it grants (the kernel's bookkeeping share).
+        tracing::warn!(
+            "CoAP on {addr}: the kernel gave a receive buffer of {got} bytes, not {RECV_BUFFER}: \
+             a burst of requests beyond it is dropped by the kernel (raise net.core.rmem_max)"
+        );
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())

@@ -87,8 +87,11 @@ counters! {
     coap_oversize,
     /// Retransmitted CoAP requests answered from the duplicate cache or dropped.
     coap_duplicates,
-    /// CoAP requests dropped because coap.max_in_flight requests were being handled.
+    /// CoAP NON requests dropped because coap.max_in_flight requests were being handled.
     coap_busy_drops,
+    /// CoAP CON requests answered 5.03 with Max-Age (when to retry) because
+    /// coap.max_in_flight requests were being handled: load shed.
+    coap_shed,
     /// Observe notifications (or separate responses) dropped at a full queue (1024 waiting for
     /// their observation, or coap.max_queued_notifications for all): a NON one is lost (the
     /// next one carries the newer value), a CON one is not acknowledged (the device retransmits).
@@ -313,6 +316,7 @@ impl connectord_coap::Metrics for Counters {
             Event::Oversize => &self.coap_oversize,
             Event::Duplicate => &self.coap_duplicates,
             Event::BusyDrop => &self.coap_busy_drops,
+            Event::Shed => &self.coap_shed,
             Event::ResponseDropped => &self.coap_responses_dropped,
             Event::Unexpected => &self.coap_unexpected,
             Event::ErrorResponse => &self.coap_error_responses,
