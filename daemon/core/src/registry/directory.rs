@@ -120,6 +120,46 @@ impl Maps {
         self.index(ep);
     }
 
+    /// Puts the stored registrations in at start (`foreign`: another cluster node's, see
+    /// [`Maps::insert_foreign`]). The same as one insertion each, but the indexes are
+    /// reserved for all of them and an empty deadline set is built from the sorted
+    /// entries in one pass instead of a million tree insertions, each comparing through
+    /// two endpoints' pointers: the largest part of a restart at 1 000 000 registrations
+    /// (issue 24, docs/PERFORMANCE.md).
+    pub(super) fn insert_all(&mut self, eps: Vec<(Arc<Endpoint>, bool)>) {
+        let hasher = &self.hasher;
+        self.by_id.reserve(eps.len(), |e| hasher.hash_one(id_of(e)));
+        let mut per_domain: Map<&str, usize> = Map::default();
+        for (ep, _) in &eps {
+            *per_domain.entry(ep.reg.domain.as_str()).or_default() += 1;
+        }
+        for (domain, n) in per_domain {
+            let names = self.by_name.entry(domain.into()).or_default();
+            names.reserve(n, |e| hasher.hash_one(name_of(e)));
+        }
+        let (mut own, mut foreign) = (Vec::with_capacity(eps.len()), Vec::new());
+        for (ep, is_foreign) in eps {
+            let d = Deadline(Arc::clone(&ep));
+            if is_foreign {
+                foreign.push(d)
+            } else {
+                own.push(d)
+            }
+            self.index(ep);
+        }
+        for (set, new) in [
+            (&mut self.deadlines, own),
+            (&mut self.foreign_deadlines, foreign),
+        ] {
+            if set.is_empty() {
+                // Sorts, then builds the tree bottom-up (std's `FromIterator`).
+                *set = new.into_iter().collect();
+            } else {
+                set.extend(new);
+            }
+        }
+    }
+
     /// Puts `ep` in the indexes by name and by id.
     fn index(&mut self, ep: Arc<Endpoint>) {
         let domain = ep.reg.domain.as_str();

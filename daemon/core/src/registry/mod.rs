@@ -585,22 +585,21 @@ impl Registry {
     pub async fn load(&self) -> Result<usize, StoreError> {
         let regs = self.store.load_registrations().await?;
         let mut lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
-        let mut inner = self.lock();
+        let mut eps = Vec::with_capacity(regs.len());
         let mut n = 0;
-        for reg in regs {
-            let id = reg.id.clone();
+        for mut reg in regs {
             let foreign = self.is_foreign(&reg);
-            match self.endpoint_of(&mut lists, reg) {
-                Ok(ep) if foreign => inner.insert_foreign(Arc::new(ep)),
-                Ok(ep) => {
-                    inner.insert(Arc::new(ep));
-                    n += 1;
+            match lists.get(&reg.links, reg.lwm2m.is_some()) {
+                Ok((links, paths)) => {
+                    reg.links = links;
+                    n += usize::from(!foreign);
+                    eps.push((Arc::new(Endpoint { reg, paths }), foreign));
                 }
-                Err(e) => tracing::error!(%id, "skipping stored registration: {e}"),
+                Err(e) => tracing::error!(id = %reg.id, "skipping stored registration: {e}"),
             }
         }
-        drop(inner);
         drop(lists);
+        self.lock().insert_all(eps);
         // Stored registrations are all kept (dropping them would lose devices that did
         // nothing wrong); new ones are refused until enough expire or leave.
         if n > self.cfg.max_endpoints {
