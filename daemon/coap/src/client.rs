@@ -871,29 +871,14 @@ mod tests {
     #[tokio::test]
     async fn notifications_beyond_the_queue_bound_are_dropped_not_queued() {
         let s = setup(fast()).await;
-        let t = Arc::clone(&s.transport);
-        let to = PeerRef::udp(s.local, s.peer);
-        let task = tokio::spawn(async move {
-            let r = OutRequest::new(RequestType::Get, "/3303/0/5700");
-            t.observe(to, &r).await
-        });
-        let (req, _) = recv(&s.device).await;
-        let mut ack = reply_to(
-            &req,
-            MessageType::Acknowledgement,
-            MessageClass::Response(ResponseType::Content),
-            b"20",
-        );
-        ack.add_option(CoapOption::Observe, vec![1]);
-        send(&s.device, &ack, s.local).await;
-        let (_first, mut stream) = task.await.unwrap().unwrap();
+        let (mut stream, token) = observed(&s).await;
 
         let notify = |seq: u32| {
             let mut n = Packet::new();
             n.header.set_type(MessageType::NonConfirmable);
             n.header.code = MessageClass::Response(ResponseType::Content);
             n.header.message_id = seq as u16;
-            n.set_token(req.get_token().to_vec());
+            n.set_token(token.clone());
             n.add_option(CoapOption::Observe, seq.to_be_bytes()[1..].to_vec());
             n.payload = seq.to_string().into_bytes();
             n

@@ -770,7 +770,8 @@ mod tests {
         assert_eq!(counters.get(Event::Duplicate), 1);
         // Another CON request finds no permit: answered 5.03 with a Max-Age at once, and
         // its retransmission gets the same answer from the duplicate cache.
-        let shed = reply(t.on_message(&request(8), peer, Some(ListenerId::udp(peer)), now)).expect("5.03");
+        let shed =
+            reply(t.on_message(&request(8), peer, Some(ListenerId::udp(peer)), now)).expect("5.03");
         assert_eq!(
             shed.header.code,
             MessageClass::Response(ResponseType::ServiceUnavailable)
@@ -780,13 +781,22 @@ mod tests {
         let age = message::uint_option(&shed, CoapOption::MaxAge).expect("Max-Age");
         assert!((1..=crate::shed::MAX_AGE_CAP_S).contains(&age), "{age}");
         assert_eq!(counters.get(Event::Shed), 1);
-        let again = reply(t.on_message(&request(8), peer, Some(ListenerId::udp(peer)), now)).expect("cached");
+        let again = reply(t.on_message(&request(8), peer, Some(ListenerId::udp(peer)), now))
+            .expect("cached");
         assert_eq!(again.header.code, shed.header.code);
         assert_eq!(counters.get(Event::Shed), 1, "answered from the cache");
         // A NON request without a permit is dropped and counted.
         let mut non = Packet::from_bytes(&request(9)).unwrap();
         non.header.set_type(MessageType::NonConfirmable);
-        assert!(reply(t.on_message(&non.to_bytes().unwrap(), peer, Some(ListenerId::udp(peer)), now)).is_none());
+        assert!(
+            reply(t.on_message(
+                &non.to_bytes().unwrap(),
+                peer,
+                Some(ListenerId::udp(peer)),
+                now
+            ))
+            .is_none()
+        );
         assert_eq!(counters.get(Event::BusyDrop), 1);
         t.lock_dedup()
             .complete(peer, 7, Some(vec![0x60, 0x44, 0, 7]));

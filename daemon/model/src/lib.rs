@@ -8,6 +8,7 @@
 
 pub mod credential;
 pub mod event;
+pub mod json;
 pub mod names;
 pub mod peer;
 pub mod quota;

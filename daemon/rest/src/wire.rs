@@ -190,26 +190,8 @@ fn async_response(a: &AsyncResponse) -> String {
     out
 }
 
-/// Appends `s` as a JSON string, as serde_json writes it: a string with nothing to
-/// escape (an id, a media type, a path: nearly always) is copied as it is; any other goes
-/// through serde_json, so the escapes are serde's.
-pub(crate) fn json_string(out: &mut String, s: &str) {
-    // Without an early exit, so that the compiler checks many bytes at a time.
-    let plain = !s.bytes().fold(false, |any, b| {
-        any | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if plain {
-        out.push('"');
-        out.push_str(s);
-        out.push('"');
-    } else {
-        match serde_json::to_string(s) {
-            Ok(escaped) => out.push_str(&escaped),
-            // Serialising a str cannot fail; an empty string keeps the text valid JSON.
-            Err(_) => out.push_str("\"\""),
-        }
-    }
-}
+/// A JSON string, with serde's escapes (shared with the store's records).
+pub(crate) use connectord_core::model::json::push_string as json_string;
 
 /// A `registrations` / `reg-updates` entry: `ep`, `ept`, `q`, the resources (each with the
 /// seed's `rf` for its resource type and also `rt`, the link-format name that clients

@@ -335,26 +335,8 @@ fn number(out: &mut String, n: u64) {
     out.push_str(itoa::Buffer::new().format(n));
 }
 
-/// A JSON string: copied between quotes when nothing in it needs escaping (JSON escapes
-/// only `"`, `\` and control characters; serde_json escapes nothing else), else escaped
-/// by serde_json.
-fn string(out: &mut String, s: &str) {
-    // Without an early exit, so that the compiler checks many bytes at a time.
-    let needs_escape = s.bytes().fold(false, |any, b| {
-        any | (b < 0x20) | (b == b'"') | (b == b'\\')
-    });
-    if !needs_escape {
-        out.push('"');
-        out.push_str(s);
-        out.push('"');
-    } else {
-        match serde_json::to_string(s) {
-            Ok(escaped) => out.push_str(&escaped),
-            // Serialising a str cannot fail; an empty string keeps the record valid.
-            Err(_) => out.push_str("\"\""),
-        }
-    }
-}
+/// A JSON string, with serde's escapes.
+use connectord_model::json::push_string as string;
 
 #[cfg(test)]
 mod tests {
