@@ -836,20 +836,21 @@ impl Hub {
     /// Queues `event` for one key (a notification or a subscription error of a key's
     /// subscription), if its restriction lets it see what the event is `about`.
     pub async fn publish_to_key(&self, key_id: &str, event: Event, about: About<'_>) {
-        self.publish(To::Key(key_id), vec![event], None, about)
+        self.publish(To::Key(key_id), std::slice::from_ref(&event), None, about)
             .await;
     }
 
     /// Queues `event` for each of `keys` (distinct) whose restriction lets it see what it
     /// is `about`, stored in one write: once one key can pull it, every key can.
     pub async fn publish_to_keys(&self, keys: &[String], event: Event, about: About<'_>) {
-        self.publish(To::Keys(keys), vec![event], None, about).await;
+        self.publish(To::Keys(keys), std::slice::from_ref(&event), None, about)
+            .await;
     }
 
     /// [`Hub::publish_to_keys`] of several events about the same thing (an observation's
     /// notifications that arrived together, issue 24), in their order, in one store
     /// write.
-    pub async fn publish_all_to_keys(&self, keys: &[String], events: Vec<Event>, about: About<'_>) {
+    pub async fn publish_all_to_keys(&self, keys: &[String], events: &[Event], about: About<'_>) {
         if !events.is_empty() {
             self.publish(To::Keys(keys), events, None, about).await;
         }
@@ -865,28 +866,32 @@ impl Hub {
         request_row: u64,
         about: About<'_>,
     ) {
-        self.publish(To::Key(key_id), vec![event], Some(request_row), about)
-            .await;
+        self.publish(
+            To::Key(key_id),
+            std::slice::from_ref(&event),
+            Some(request_row),
+            about,
+        )
+        .await;
     }
 
     /// Queues `event` for every channel of a domain whose key may see what it is `about`
     /// (registration events).
     pub async fn publish_to_domain(&self, domain: &str, event: Event, about: About<'_>) {
-        self.publish(To::Domain(domain), vec![event], None, about)
-            .await;
+        self.publish(
+            To::Domain(domain),
+            std::slice::from_ref(&event),
+            None,
+            about,
+        )
+        .await;
     }
 
     /// Routes `event` to the channels `to` names, leaving out those whose key's
     /// restriction does not let it see what the event is `about`; a registration's
     /// resource list is cut to what each restricted key may see (one entry made per
     /// distinct restriction).
-    async fn publish(
-        &self,
-        to: To<'_>,
-        events: Vec<Event>,
-        answered: Option<u64>,
-        about: About<'_>,
-    ) {
+    async fn publish(&self, to: To<'_>, events: &[Event], answered: Option<u64>, about: About<'_>) {
         // Not sized (rendered) here: an event no channel takes is never rendered (see
         // `rest::wire`); one that is queued is rendered once, when it is queued.
         let mut wakes = Vec::new();

@@ -1184,12 +1184,12 @@ impl Subscriptions {
         );
         let keys = self.lock().subscribers(domain, ep, path);
         let created = now_ms();
-        let events = replies
+        let events: Vec<Event> = replies
             .into_iter()
             .map(|r| Event::new(Entry::Notification(notification(ep, path, &r)), created))
             .collect();
         self.hub
-            .publish_all_to_keys(&keys, events, crate::events::About::Resource(ep, path))
+            .publish_all_to_keys(&keys, &events, crate::events::About::Resource(ep, path))
             .await;
     }
 }
