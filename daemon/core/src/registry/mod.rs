@@ -196,6 +196,21 @@ impl ObjectLists {
     }
 }
 
+/// An endpoint of a stored or watched registration, its object list shared; a list that
+/// does not parse gives the registration's id back with the error (for the log).
+fn endpoint_of(
+    lists: &mut ObjectLists,
+    mut reg: Registration,
+) -> Result<Endpoint, (String, RegistryError)> {
+    match lists.get(&reg.links, reg.lwm2m.is_some()) {
+        Ok((links, paths)) => {
+            reg.links = links;
+            Ok(Endpoint { reg, paths })
+        }
+        Err(e) => Err((reg.id, e)),
+    }
+}
+
 /// A change to the directory, told to every [`RegistryListener`] after it is durable.
 #[derive(Debug, Clone)]
 pub enum RegistryEvent {
@@ -455,14 +470,13 @@ impl Registry {
                 if !self.is_foreign(&reg) {
                     return None;
                 }
-                let id = reg.id.clone();
                 let made = {
                     let mut lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
-                    self.endpoint_of(&mut lists, *reg)
+                    endpoint_of(&mut lists, *reg)
                 };
                 let ep = match made {
                     Ok(ep) => Arc::new(ep),
-                    Err(e) => {
+                    Err((id, e)) => {
                         tracing::warn!(%id, "cluster: skipping another node's registration: {e}");
                         return None;
                     }
@@ -569,17 +583,6 @@ impl Registry {
             .get(links, lwm2m)
     }
 
-    /// An endpoint of a stored or watched registration, its object list shared.
-    fn endpoint_of(
-        &self,
-        lists: &mut ObjectLists,
-        mut reg: Registration,
-    ) -> Result<Endpoint, RegistryError> {
-        let (links, paths) = lists.get(&reg.links, reg.lwm2m.is_some())?;
-        reg.links = links;
-        Ok(Endpoint { reg, paths })
-    }
-
     /// Loads stored registrations (at start). Those already past their deadline are
     /// expired by the expiry task as soon as it runs.
     pub async fn load(&self) -> Result<usize, StoreError> {
@@ -587,15 +590,14 @@ impl Registry {
         let mut lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
         let mut eps = Vec::with_capacity(regs.len());
         let mut n = 0;
-        for mut reg in regs {
+        for reg in regs {
             let foreign = self.is_foreign(&reg);
-            match lists.get(&reg.links, reg.lwm2m.is_some()) {
-                Ok((links, paths)) => {
-                    reg.links = links;
+            match endpoint_of(&mut lists, reg) {
+                Ok(ep) => {
                     n += usize::from(!foreign);
-                    eps.push((Arc::new(Endpoint { reg, paths }), foreign));
+                    eps.push((Arc::new(ep), foreign));
                 }
-                Err(e) => tracing::error!(id = %reg.id, "skipping stored registration: {e}"),
+                Err((id, e)) => tracing::error!(%id, "skipping stored registration: {e}"),
             }
         }
         drop(lists);
