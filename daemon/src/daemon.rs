@@ -478,6 +478,9 @@ async fn start_services(
             }
         );
     }
+    // The SQLite store's start-up check runs beside the loads and is awaited after them
+    // (`SqliteStore::startup_check`).
+    let mut sqlite: Option<Arc<SqliteStore>> = None;
     let (store, nats): (Arc<dyn Store>, _) = if on_nats {
         let nats = crate::cluster::connect(&config.cluster).await?;
         tracing::info!(
@@ -491,7 +494,9 @@ async fn start_services(
     } else {
         let store = SqliteStore::open_observed(&state_dir, counters.store_commit.clone())?;
         tracing::info!("state in {}", store.path().display());
-        (Arc::new(store), None)
+        let store = Arc::new(store);
+        sqlite = Some(Arc::clone(&store));
+        (store, None)
     };
     // The CA before the admin key: of the first-start files, the one that can fail last
     // leaves the least behind.
@@ -527,7 +532,13 @@ async fn start_services(
         None => (registry, None),
     };
     let registry = Arc::new(registry);
-    let loaded = registry.load().await?;
+    let loaded = registry.load().await;
+    // The start-up check's verdict before the load's: reading corrupt pages fails the load,
+    // and the check names the file and the cause.
+    if let Some(s) = sqlite.take() {
+        s.startup_check().await?;
+    }
+    let loaded = loaded?;
     tracing::info!("loaded {loaded} stored registrations");
     // Device credentials (issue 21): asked by the registration interface (identity
     // binding) and served by REST; memory follows the store.

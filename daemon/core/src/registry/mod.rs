@@ -586,21 +586,26 @@ impl Registry {
     /// Loads stored registrations (at start). Those already past their deadline are
     /// expired by the expiry task as soon as it runs.
     pub async fn load(&self) -> Result<usize, StoreError> {
-        let regs = self.store.load_registrations().await?;
-        let mut lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
-        let mut eps = Vec::with_capacity(regs.len());
+        // In pieces as the store reads them: the endpoints of one are built while the
+        // store reads and parses the next (issue 24).
+        let mut chunks = self.store.stream_registrations();
+        let mut eps = Vec::new();
         let mut n = 0;
-        for reg in regs {
-            let foreign = self.is_foreign(&reg);
-            match endpoint_of(&mut lists, reg) {
-                Ok(ep) => {
-                    n += usize::from(!foreign);
-                    eps.push((Arc::new(ep), foreign));
+        while let Some(regs) = chunks.next().await {
+            let regs = regs?;
+            let mut lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
+            eps.reserve(regs.len());
+            for reg in regs {
+                let foreign = self.is_foreign(&reg);
+                match endpoint_of(&mut lists, reg) {
+                    Ok(ep) => {
+                        n += usize::from(!foreign);
+                        eps.push((Arc::new(ep), foreign));
+                    }
+                    Err((id, e)) => tracing::error!(%id, "skipping stored registration: {e}"),
                 }
-                Err((id, e)) => tracing::error!(%id, "skipping stored registration: {e}"),
             }
         }
-        drop(lists);
         self.lock().insert_all(eps);
         // Stored registrations are all kept (dropping them would lose devices that did
         // nothing wrong); new ones are refused until enough expire or leave.
