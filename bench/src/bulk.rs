@@ -95,6 +95,13 @@ pub fn register(
 
 /// The endpoints of socket `s` of `sockets` (`s`, `s + sockets`, `s + 2 * sockets`, ...
 /// below `n`), named `{prefix}{s}-{index:07}`.
+/// The name [`register`] gives endpoint `i` (0-based) of `n` registered from `sockets`
+/// sockets with `prefix`.
+pub fn endpoint_name(prefix: &str, i: usize, n: usize, sockets: usize) -> String {
+    let sockets = sockets.clamp(1, n.max(1));
+    format!("{prefix}{}-{i:07}", i % sockets)
+}
+
 fn socket_names(prefix: &str, s: usize, n: usize, sockets: usize) -> Vec<String> {
     (s..n)
         .step_by(sockets)

@@ -24,6 +24,7 @@ use connectord::simulate::{SimOptions, SimReport};
 mod bulk;
 mod cluster;
 mod dtls;
+mod expiry;
 mod https;
 mod storm;
 mod webhook;
@@ -102,6 +103,13 @@ struct Args {
     /// daemon's UDP socket (`/proc/net/udp`).
     #[arg(long)]
     storm: bool,
+    /// Run the expiry of a whole fleet (issue 24; only when asked for): `--big-devices`
+    /// endpoints registered by the bulk loader, the daemon killed, the stored deadlines
+    /// moved into the past (an outage longer than the lifetime), the daemon started again;
+    /// reports the time until none is left, the steps, the events queued, the daemon CPU
+    /// and the latency of a REST request every 20 ms meanwhile (`src/expiry.rs`).
+    #[arg(long)]
+    expiry: bool,
     /// Registrations outstanding at once per socket in `--storm`.
     #[arg(long, default_value_t = 8)]
     storm_window: usize,
@@ -1455,6 +1463,7 @@ fn main() -> Result<()> {
         || args.restart
         || args.dtls
         || args.storm
+        || args.expiry
         || args.peer.peer);
     let (reg, reads, notif, rss, restart) = (
         all || args.registrations,
@@ -1487,6 +1496,16 @@ fn main() -> Result<()> {
         match storm::run(&args) {
             Ok(r) => rows.extend(r),
             Err(e) => failures.push(format!("registration storm: {e:#}")),
+        }
+    }
+    if args.expiry {
+        eprintln!(
+            "expiry: {} endpoints from {} sockets, then an outage longer than their lifetime …",
+            args.big_devices, args.bulk_sockets
+        );
+        match expiry::run(&args) {
+            Ok(r) => rows.extend(r),
+            Err(e) => failures.push(format!("expiry: {e:#}")),
         }
     }
     let mut reg_runs = Vec::new();
