@@ -50,6 +50,11 @@ pub(super) struct Maps {
     /// The same for the other cluster nodes' registrations (issue 22), which their owners
     /// expire; read for those whose owner left the cluster ([`Maps::orphans_due`]).
     foreign_deadlines: BTreeSet<Deadline>,
+    /// The endpoints of `by_id` per owner node (`None`: no owner recorded, as on SQLite),
+    /// counted as they come and go: `/metrics` and `/v2/cluster` read it at every scrape,
+    /// and counting a million endpoints there held the lock that registrations take for
+    /// milliseconds each time (issue 24). A handful of nodes: a list.
+    owners: Vec<(Option<Box<str>>, usize)>,
 }
 
 /// An entry of the deadline index: the endpoint, ordered by (expires_at_ms, id).
@@ -83,19 +88,37 @@ impl Ord for Deadline {
 }
 
 /// Puts `ep` in `table` under `key` (its id or its name), replacing an endpoint of the
-/// same key.
+/// same key; returns the one replaced.
 fn put(
     table: &mut HashTable<Arc<Endpoint>>,
     hasher: &ahash::RandomState,
     key: fn(&Endpoint) -> &str,
     ep: Arc<Endpoint>,
-) {
+) -> Option<Arc<Endpoint>> {
     let hash = hasher.hash_one(key(&ep));
     match table.entry(hash, |e| key(e) == key(&ep), |e| hasher.hash_one(key(e))) {
-        hashbrown::hash_table::Entry::Occupied(mut o) => *o.get_mut() = ep,
+        hashbrown::hash_table::Entry::Occupied(mut o) => Some(std::mem::replace(o.get_mut(), ep)),
         hashbrown::hash_table::Entry::Vacant(v) => {
             v.insert(ep);
+            None
         }
+    }
+}
+
+/// Adds `by` (1 or -1) to the count of `owner` in `owners`, dropping a count that falls
+/// to zero.
+fn count_owner(owners: &mut Vec<(Option<Box<str>>, usize)>, owner: Option<&str>, by: isize) {
+    match owners.iter().position(|(o, _)| o.as_deref() == owner) {
+        Some(i) => {
+            let n = owners[i].1.saturating_add_signed(by);
+            if n == 0 {
+                owners.swap_remove(i);
+            } else {
+                owners[i].1 = n;
+            }
+        }
+        None if by > 0 => owners.push((owner.map(Box::from), by as usize)),
+        None => {}
     }
 }
 
@@ -169,7 +192,10 @@ impl Maps {
         if let Some(names) = self.by_name.get_mut(domain) {
             put(names, &self.hasher, name_of, Arc::clone(&ep));
         }
-        put(&mut self.by_id, &self.hasher, id_of, ep);
+        count_owner(&mut self.owners, ep.reg.node.as_deref(), 1);
+        if let Some(old) = put(&mut self.by_id, &self.hasher, id_of, ep) {
+            count_owner(&mut self.owners, old.reg.node.as_deref(), -1);
+        }
     }
 
     /// The ids of other nodes' registrations due at `now_ms` whose owner is not `live`.
@@ -193,6 +219,7 @@ impl Maps {
             .find_entry(hash, |e| e.reg.id == id)
             .ok()?
             .remove();
+        count_owner(&mut self.owners, ep.reg.node.as_deref(), -1);
         let r = &ep.reg;
         if let Some(names) = self.by_name.get_mut(r.domain.as_str()) {
             let hash = self.hasher.hash_one(r.name.as_str());
@@ -310,12 +337,11 @@ impl Directory {
     /// those recording none, a single node's). One pass over every endpoint under the
     /// lock: for `GET /v2/cluster` and `/metrics`, not for a device's path.
     pub fn count_by_owner(&self) -> std::collections::BTreeMap<Option<String>, usize> {
-        let maps = self.lock();
-        let mut out = std::collections::BTreeMap::new();
-        for ep in maps.by_id.iter() {
-            *out.entry(ep.reg.node.clone()).or_insert(0) += 1;
-        }
-        out
+        self.lock()
+            .owners
+            .iter()
+            .map(|(o, n)| (o.as_deref().map(String::from), *n))
+            .collect()
     }
 
     /// Registered endpoints in all domains.

@@ -700,3 +700,54 @@ async fn foreign_registrations_are_listed_expired_when_orphaned_and_moved() {
     );
     assert!(reg.expire_due(far + 1).await.len() == 2, "ours only");
 }
+
+/// The count of endpoints per owner node that `/metrics` and `/v2/cluster` read is kept
+/// as endpoints come and go (issue 24: it was a scan of the whole directory under its
+/// lock at every scrape); after every kind of change it equals a count over the endpoints.
+#[test]
+fn the_count_per_owner_follows_every_change() {
+    fn ep(id: &str, name: &str, node: Option<&str>) -> Arc<Endpoint> {
+        let mut r = endpoint(None, "</3/0>").reg.clone();
+        r.id = id.into();
+        r.name = name.into();
+        r.node = node.map(Into::into);
+        Arc::new(Endpoint::new(r).unwrap())
+    }
+    let dir = Directory::new();
+    let check = |dir: &Directory, what: &str| {
+        let maps = dir.lock();
+        let mut counted = std::collections::BTreeMap::new();
+        for name in ["a", "b", "c", "d", "e", "f"] {
+            if let Some(e) = maps.by_name("d", name) {
+                *counted.entry(e.reg.node.clone()).or_insert(0) += 1;
+            }
+        }
+        drop(maps);
+        assert_eq!(dir.count_by_owner(), counted, "{what}");
+    };
+    dir.lock().insert_all(vec![
+        (ep("1", "a", None), false),
+        (ep("2", "b", Some("n1")), true),
+        (ep("3", "c", Some("n1")), true),
+    ]);
+    check(&dir, "loaded");
+    dir.lock().insert(ep("4", "d", None));
+    dir.lock().insert_foreign(ep("5", "e", Some("n2")));
+    check(&dir, "inserted");
+    // The same id again from another owner (a move): counted once, under the new owner.
+    let moved = ep("2", "b", Some("n2"));
+    {
+        let mut maps = dir.lock();
+        maps.remove("2");
+        maps.insert_foreign(moved);
+    }
+    check(&dir, "moved");
+    dir.lock().remove("1");
+    dir.lock().remove("5");
+    dir.lock().remove("absent");
+    check(&dir, "removed");
+    for id in ["2", "3", "4"] {
+        dir.lock().remove(id);
+    }
+    assert!(dir.count_by_owner().is_empty());
+}
