@@ -895,6 +895,11 @@ fn run(
             }
         }
     }
+    // A check still running holds a connection: wait for it, so that the database is
+    // closed (and its WAL checkpointed away) when the store's drop returns.
+    if db.gate_pending() {
+        let _ = db.check_gate();
+    }
     tracing::debug!("store thread stopped");
 }
 
@@ -1627,6 +1632,18 @@ mod tests {
         assert!(wal.exists(), "written through the WAL");
         drop(s);
         assert!(!wal.exists(), "closed by the time the drop returned");
+        // Reopened up to date, its start-up check runs on a connection of its own
+        // ([`Gate`]); a drop before anyone waited for the check waits for it too.
+        for i in 0..20 {
+            let s = SqliteStore::open(dir.path()).unwrap();
+            if i % 2 == 0 {
+                s.put_registration(reg("b", "n2")).await.unwrap();
+            } else {
+                assert!(!s.load_registrations().await.unwrap().is_empty());
+            }
+            drop(s);
+            assert!(!wal.exists(), "closed by the time the drop returned ({i})");
+        }
     }
 
     /// A database of `n` registrations and a table of filler rows whose pages are the
