@@ -50,6 +50,11 @@ pub(super) struct Maps {
     /// The same for the other cluster nodes' registrations (issue 22), which their owners
     /// expire; read for those whose owner left the cluster ([`Maps::orphans_due`]).
     foreign_deadlines: BTreeSet<Deadline>,
+    /// How many endpoints of `by_id` record each owner node (`Registration::node`), none
+    /// at zero; a few entries (one per cluster node). Decision: kept with `by_id` so that
+    /// [`Directory::count_by_owner`] (every `/metrics` scrape) reads it instead of a pass
+    /// over every endpoint under the lock the registrations take.
+    owners: Vec<(Option<Box<str>>, usize)>,
 }
 
 /// An entry of the deadline index: the endpoint, ordered by (expires_at_ms, id).
@@ -83,18 +88,19 @@ impl Ord for Deadline {
 }
 
 /// Puts `ep` in `table` under `key` (its id or its name), replacing an endpoint of the
-/// same key.
+/// same key, which it returns.
 fn put(
     table: &mut HashTable<Arc<Endpoint>>,
     hasher: &ahash::RandomState,
     key: fn(&Endpoint) -> &str,
     ep: Arc<Endpoint>,
-) {
+) -> Option<Arc<Endpoint>> {
     let hash = hasher.hash_one(key(&ep));
     match table.entry(hash, |e| key(e) == key(&ep), |e| hasher.hash_one(key(e))) {
-        hashbrown::hash_table::Entry::Occupied(mut o) => *o.get_mut() = ep,
+        hashbrown::hash_table::Entry::Occupied(mut o) => Some(std::mem::replace(o.get_mut(), ep)),
         hashbrown::hash_table::Entry::Vacant(v) => {
             v.insert(ep);
+            None
         }
     }
 }
@@ -169,7 +175,27 @@ impl Maps {
         if let Some(names) = self.by_name.get_mut(domain) {
             put(names, &self.hasher, name_of, Arc::clone(&ep));
         }
-        put(&mut self.by_id, &self.hasher, id_of, ep);
+        self.count_owner(ep.reg.node.as_deref(), true);
+        if let Some(old) = put(&mut self.by_id, &self.hasher, id_of, ep) {
+            self.count_owner(old.reg.node.as_deref(), false);
+        }
+    }
+
+    /// One endpoint more (`up`) or less in `by_id` recording the owner `node`.
+    fn count_owner(&mut self, node: Option<&str>, up: bool) {
+        let at = self.owners.iter().position(|(n, _)| n.as_deref() == node);
+        match (at, up) {
+            (Some(i), true) => self.owners[i].1 += 1,
+            (None, true) => self.owners.push((node.map(Box::from), 1)),
+            (Some(i), false) => {
+                self.owners[i].1 -= 1;
+                if self.owners[i].1 == 0 {
+                    self.owners.swap_remove(i);
+                }
+            }
+            // Not counted: cannot happen (every endpoint of `by_id` was counted in).
+            (None, false) => {}
+        }
     }
 
     /// The ids of other nodes' registrations due at `now_ms` whose owner is not `live`.
@@ -193,6 +219,7 @@ impl Maps {
             .find_entry(hash, |e| e.reg.id == id)
             .ok()?
             .remove();
+        self.count_owner(ep.reg.node.as_deref(), false);
         let r = &ep.reg;
         if let Some(names) = self.by_name.get_mut(r.domain.as_str()) {
             let hash = self.hasher.hash_one(r.name.as_str());
@@ -307,15 +334,15 @@ impl Directory {
     }
 
     /// Registered endpoints by owner node (issue 22: `Registration::node`; `None` for
-    /// those recording none, a single node's). One pass over every endpoint under the
-    /// lock: for `GET /v2/cluster` and `/metrics`, not for a device's path.
+    /// those recording none, a single node's): for `GET /v2/cluster` and `/metrics`. The
+    /// counts are kept as endpoints come and go (`Maps::owners`), so this is one entry
+    /// per node, not a pass over every endpoint.
     pub fn count_by_owner(&self) -> std::collections::BTreeMap<Option<String>, usize> {
-        let maps = self.lock();
-        let mut out = std::collections::BTreeMap::new();
-        for ep in maps.by_id.iter() {
-            *out.entry(ep.reg.node.clone()).or_insert(0) += 1;
-        }
-        out
+        self.lock()
+            .owners
+            .iter()
+            .map(|(node, n)| (node.as_deref().map(String::from), *n))
+            .collect()
     }
 
     /// Registered endpoints in all domains.
