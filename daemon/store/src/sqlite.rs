@@ -688,8 +688,8 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
 }
 
 /// The store thread's view of the database: the connection (jobs use it through `Deref`,
-/// with the statement cache for most statements), and the statements of every proxied read
-/// and every notification, prepared once for the thread's life. Decision: through the
+/// with the statement cache for most statements), and the statements of every proxied read,
+/// every notification and every registration, prepared once for the thread's life. Decision: through the
 /// cache each use looks the SQL text up and puts the statement back, about 3 000
 /// instructions per proxied read (callgrind, docs/PERFORMANCE.md); the thread runs one job
 /// at a time, so a `RefCell` each is enough.
@@ -700,6 +700,10 @@ struct Db<'c> {
     path: PathBuf,
     insert_request: RefCell<Statement<'c>>,
     delete_request: RefCell<Statement<'c>>,
+    /// A registration's put ([`RegistrationStore::put_registration`]): the other
+    /// registrations of its name go, then its row is inserted or replaced.
+    displace_registration: RefCell<Statement<'c>>,
+    upsert_registration: RefCell<Statement<'c>>,
     insert_event: RefCell<Statement<'c>>,
     delete_events_through: RefCell<Statement<'c>>,
 }
@@ -713,6 +717,13 @@ impl<'c> Db<'c> {
             path: start.path,
             insert_request: prepare("INSERT INTO requests (data) VALUES (?1)")?,
             delete_request: prepare("DELETE FROM requests WHERE row = ?1")?,
+            displace_registration: prepare(
+                "DELETE FROM registrations WHERE domain = ?1 AND name = ?2 AND id <> ?3",
+            )?,
+            upsert_registration: prepare(
+                "INSERT INTO registrations (id, domain, name, data) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET domain = excluded.domain, name = excluded.name, data = excluded.data",
+            )?,
             insert_event: prepare(
                 "INSERT OR REPLACE INTO events (key_id, seq, data) VALUES (?1, ?2, ?3)",
             )?,
@@ -1152,16 +1163,24 @@ impl RegistrationStore for SqliteStore {
         }
     }
 
+    /// Decision: the registration is serialized here, on the caller's thread, before the
+    /// job is queued; the job on the store thread (one thread for every write of the
+    /// daemon) only binds the text to statements prepared once ([`Db`]).
     fn put_registration(&self, reg: Registration) -> Pending<()> {
+        let data = match to_json(&reg) {
+            Ok(data) => data,
+            Err(e) => return Pending::failed(e),
+        };
+        let Registration {
+            id, domain, name, ..
+        } = reg;
         self.submit(move |conn| {
-            let data = to_json(&reg)?;
-            conn.prepare_cached("DELETE FROM registrations WHERE domain = ?1 AND name = ?2 AND id <> ?3")?
-                .execute(params![reg.domain, reg.name, reg.id])?;
-            conn.prepare_cached(
-                "INSERT INTO registrations (id, domain, name, data) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (id) DO UPDATE SET domain = excluded.domain, name = excluded.name, data = excluded.data",
-            )?
-            .execute(params![reg.id, reg.domain, reg.name, data])?;
+            conn.displace_registration
+                .borrow_mut()
+                .execute(params![domain, name, id])?;
+            conn.upsert_registration
+                .borrow_mut()
+                .execute(params![id, domain, name, data])?;
             Ok(())
         })
     }
