@@ -700,10 +700,8 @@ struct Db<'c> {
     path: PathBuf,
     insert_request: RefCell<Statement<'c>>,
     delete_request: RefCell<Statement<'c>>,
-    /// A registration's put ([`RegistrationStore::put_registration`]): the other
-    /// registrations of its name go, then its row is inserted or replaced.
-    displace_registration: RefCell<Statement<'c>>,
-    upsert_registration: RefCell<Statement<'c>>,
+    /// A registration's put ([`RegistrationStore::put_registration`]).
+    put_registration: RefCell<Statement<'c>>,
     insert_event: RefCell<Statement<'c>>,
     delete_events_through: RefCell<Statement<'c>>,
 }
@@ -717,12 +715,12 @@ impl<'c> Db<'c> {
             path: start.path,
             insert_request: prepare("INSERT INTO requests (data) VALUES (?1)")?,
             delete_request: prepare("DELETE FROM requests WHERE row = ?1")?,
-            displace_registration: prepare(
-                "DELETE FROM registrations WHERE domain = ?1 AND name = ?2 AND id <> ?3",
-            )?,
-            upsert_registration: prepare(
-                "INSERT INTO registrations (id, domain, name, data) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (id) DO UPDATE SET domain = excluded.domain, name = excluded.name, data = excluded.data",
+            // REPLACE deletes every row the new one conflicts with, by id (the same
+            // registration) or by (domain, name) (another registration of the name), then
+            // inserts it: one statement for what was a DELETE of the name's other rows and
+            // an upsert by id.
+            put_registration: prepare(
+                "INSERT OR REPLACE INTO registrations (id, domain, name, data) VALUES (?1, ?2, ?3, ?4)",
             )?,
             insert_event: prepare(
                 "INSERT OR REPLACE INTO events (key_id, seq, data) VALUES (?1, ?2, ?3)",
@@ -1175,10 +1173,7 @@ impl RegistrationStore for SqliteStore {
             id, domain, name, ..
         } = reg;
         self.submit(move |conn| {
-            conn.displace_registration
-                .borrow_mut()
-                .execute(params![domain, name, id])?;
-            conn.upsert_registration
+            conn.put_registration
                 .borrow_mut()
                 .execute(params![id, domain, name, data])?;
             Ok(())
