@@ -877,7 +877,7 @@ impl Hub {
 
     /// Whether some channel (this node's or, in a cluster, another node's) belongs to a
     /// key of `domain`: one that [`Hub::publish_to_domain`] may queue an event for.
-    fn has_channel_in(&self, domain: &str) -> bool {
+    pub fn has_channel_in(&self, domain: &str) -> bool {
         self.lock().values().any(|c| c.rec.domain == domain)
     }
 
