@@ -256,24 +256,48 @@ impl Response {
     /// Builds the message answering `request`. `fresh_mid` supplies a message id for a NON
     /// response; a CON request is answered with a piggybacked ACK carrying its own id.
     pub fn into_packet(self, request: &Packet, fresh_mid: impl FnOnce() -> u16) -> Packet {
+        self.into_reply(ReplyTo::of(request), fresh_mid)
+    }
+
+    /// [`Response::into_packet`] from what the response needs of its request
+    /// ([`ReplyTo`]), so that the request itself can go to its handler.
+    pub fn into_reply(self, to: ReplyTo, fresh_mid: impl FnOnce() -> u16) -> Packet {
         let mut p = Packet::new();
-        match request.header.get_type() {
-            MessageType::Confirmable => {
-                p.header.set_type(MessageType::Acknowledgement);
-                p.header.message_id = request.header.message_id;
-            }
-            _ => {
-                p.header.set_type(MessageType::NonConfirmable);
-                p.header.message_id = fresh_mid();
-            }
+        if to.confirmable {
+            p.header.set_type(MessageType::Acknowledgement);
+            p.header.message_id = to.message_id;
+        } else {
+            p.header.set_type(MessageType::NonConfirmable);
+            p.header.message_id = fresh_mid();
         }
         p.header.code = MessageClass::Response(self.code);
-        p.set_token(request.get_token().to_vec());
+        p.set_token(to.token);
         for (opt, value) in self.options {
             p.add_option(opt, value);
         }
         p.payload = self.payload;
         p
+    }
+}
+
+/// What the response to a request needs of it: its type, message id and token. Kept
+/// while the request itself is handed over to its handler (instead of a copy of the whole
+/// packet, options and payload included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTo {
+    /// A CON request (answered with a piggybacked ACK); otherwise NON.
+    pub confirmable: bool,
+    pub message_id: u16,
+    pub token: Vec<u8>,
+}
+
+impl ReplyTo {
+    pub fn of(request: &Packet) -> ReplyTo {
+        ReplyTo {
+            confirmable: request.header.get_type() == MessageType::Confirmable,
+            message_id: request.header.message_id,
+            token: request.get_token().to_vec(),
+        }
     }
 }
 

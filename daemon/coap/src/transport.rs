@@ -11,12 +11,14 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, MessageType, ResponseType};
+use futures_util::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use tokio::sync::watch;
@@ -27,7 +29,7 @@ use crate::config::CoapConfig;
 use crate::dedup::{Dedup, Seen};
 use crate::dtls::{DtlsCounts, DtlsError, DtlsLimits, DtlsListener, DtlsSetup};
 use crate::listener::{AnyListener, Listener, Session};
-use crate::message::{self, Handled, Inbound, RawHeader, Response};
+use crate::message::{self, Handled, Inbound, RawHeader, ReplyTo, Response};
 use crate::metrics::{Event, Metrics};
 use crate::peer::{ListenerId, PeerRef};
 use crate::shed::Pacer;
@@ -533,6 +535,13 @@ impl Transport {
 
     /// Runs the handler of a new request on its own task, then caches and sends its reply
     /// through `listener`.
+    ///
+    /// Decision: one task per request. The handler's future is polled inside that task
+    /// under `catch_unwind`, so that a panic in it becomes a 5.00 answer (and an error in
+    /// the log) instead of a request that is never answered; a task of its own per handler
+    /// (awaited only for the same purpose) cost a second spawn per request. The task keeps
+    /// only what the response needs of the request ([`ReplyTo`]); the request itself goes
+    /// to the handler.
     fn handle<L: Listener>(
         self: &Arc<Self>,
         req: NewRequest,
@@ -546,27 +555,27 @@ impl Transport {
             permit,
         } = req;
         let peer = from.session;
-        let mid = packet.header.message_id;
+        let reply_to = ReplyTo::of(&packet);
+        let mid = reply_to.message_id;
         let this = Arc::clone(self);
         let listener = Arc::clone(listener);
         let completed = Arc::clone(&self.completed);
         let started = std::time::Instant::now();
         let fut = handler.handle(Inbound {
-            packet: packet.clone(),
+            packet,
             peer: from,
             identity: listener.identity(peer),
         });
         tokio::spawn(async move {
             let _permit = permit;
-            // The handler runs on its own task so that a panic in it becomes a 5.00
-            // answer instead of a request that is never answered.
             let Handled {
                 response,
                 after_send,
-            } = match tokio::spawn(fut).await {
+            } = match AssertUnwindSafe(fut).catch_unwind().await {
                 Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(%peer, "CoAP request handler failed: {e}");
+                Err(panic) => {
+                    let what = panic_message(&*panic);
+                    tracing::error!(%peer, "CoAP request handler failed: panicked: {what}");
                     Response::diagnostic(ResponseType::InternalServerError, "internal error").into()
                 }
             };
@@ -576,7 +585,7 @@ impl Transport {
                 if let Some(b) = echo {
                     r.options.push((CoapOption::Block1, b.encode()));
                 }
-                this.encode_response(r, &packet, peer)
+                this.encode_reply(r, reply_to, peer)
             });
             this.lock_dedup().complete(peer, mid, bytes.clone());
             if let Some(b) = bytes {
@@ -676,10 +685,15 @@ impl Transport {
         request: &coap_lite::Packet,
         peer: SocketAddr,
     ) -> Option<Vec<u8>> {
+        self.encode_reply(r, ReplyTo::of(request), peer)
+    }
+
+    /// [`Transport::encode_response`] from what the response needs of its request.
+    fn encode_reply(&self, r: Response, to: ReplyTo, peer: SocketAddr) -> Option<Vec<u8>> {
         if r.code.is_error() {
             self.metrics.count(Event::ErrorResponse);
         }
-        match r.into_packet(request, || self.next_message_id()).to_bytes() {
+        match r.into_reply(to, || self.next_message_id()).to_bytes() {
             Ok(b) => Some(b),
             Err(e) => {
                 tracing::error!(%peer, "cannot encode CoAP response: {e:?}");
@@ -708,6 +722,15 @@ impl Transport {
         // single map operations), so a poisoned lock is recovered.
         self.dedup.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The text a panic was given (`panic!("...")`), if any.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 #[cfg(test)]
@@ -818,5 +841,79 @@ mod tests {
             t.on_message(&request(7), peer, Some(ListenerId::udp(peer)), later),
             Action::Handle(_)
         ));
+    }
+
+    struct Panics;
+
+    impl RequestHandler for Panics {
+        fn handle(&self, req: Inbound) -> Pin<Box<dyn Future<Output = Handled> + Send>> {
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                if req.packet.payload == b"panic" {
+                    panic!("handler panics on purpose");
+                }
+                Response::new(ResponseType::Changed).into()
+            })
+        }
+    }
+
+    /// A handler that panics: the request is answered 5.00 (piggybacked, with its token),
+    /// the duplicate cache holds that answer for a retransmission, the permit is given
+    /// back, and the next request is handled as usual.
+    #[tokio::test]
+    async fn a_panicking_handler_is_answered_5_00() {
+        let (t, counters) = transport();
+        let (stop_tx, stop) = watch::channel(false);
+        let tasks = t.start(Arc::new(Panics), stop);
+        let server = t.local_addrs()[0];
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let exchange = |bytes: Vec<u8>| {
+            let client = &client;
+            async move {
+                client.send_to(&bytes, server).await.unwrap();
+                let mut buf = [0u8; 1500];
+                let (n, _) =
+                    tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+                        .await
+                        .expect("an answer")
+                        .unwrap();
+                Packet::from_bytes(&buf[..n]).unwrap()
+            }
+        };
+        let mut p = Packet::from_bytes(&request(21)).unwrap();
+        p.set_token(vec![9, 8, 7]);
+        p.payload = b"panic".to_vec();
+        let bytes = p.to_bytes().unwrap();
+        let answer = exchange(bytes.clone()).await;
+        assert_eq!(
+            answer.header.code,
+            MessageClass::Response(ResponseType::InternalServerError)
+        );
+        assert_eq!(answer.header.get_type(), MessageType::Acknowledgement);
+        assert_eq!(answer.header.message_id, 21);
+        assert_eq!(answer.get_token(), &[9, 8, 7]);
+        assert_eq!(answer.payload, b"internal error");
+        assert_eq!(counters.get(Event::ErrorResponse), 1);
+        // The retransmission gets the same answer from the duplicate cache.
+        let again = exchange(bytes).await;
+        assert_eq!(again.header.code, answer.header.code);
+        assert_eq!(counters.get(Event::Duplicate), 1);
+        // The only permit comes back (once the task ends, after the send): the next
+        // request is handled.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while t.in_flight.available_permits() == 0 {
+            assert!(Instant::now() < deadline, "the permit was not given back");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let ok = exchange(request(22)).await;
+        assert_eq!(
+            ok.header.code,
+            MessageClass::Response(ResponseType::Changed)
+        );
+        assert_eq!(ok.header.message_id, 22);
+        stop_tx.send(true).unwrap();
+        for task in tasks {
+            task.await.unwrap();
+        }
     }
 }

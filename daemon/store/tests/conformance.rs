@@ -124,6 +124,21 @@ async fn writes_and_loads(s: &dyn Store) -> Seqs {
         loaded,
         [("3".into(), None), ("4".into(), Some("n1".to_string()))]
     );
+    // A put whose id and whose (domain, name) are held by two other rows replaces both:
+    // 5 takes y from 6, and its own row (x) goes.
+    s.put_registration(reg("5", "e", "x")).await.unwrap();
+    s.put_registration(reg("6", "e", "y")).await.unwrap();
+    s.put_registration(reg("5", "e", "y")).await.unwrap();
+    let in_e: Vec<_> = s
+        .load_registrations()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.domain == "e")
+        .map(|r| (r.id, r.name))
+        .collect();
+    assert_eq!(in_e, [("5".to_string(), "y".to_string())]);
+    s.delete_registration("5".into()).await.unwrap();
 
     // Channels by key id.
     let mut ch = ChannelRecord {

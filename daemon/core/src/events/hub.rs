@@ -875,6 +875,12 @@ impl Hub {
         .await;
     }
 
+    /// Whether some channel (this node's or, in a cluster, another node's) belongs to a
+    /// key of `domain`: one that [`Hub::publish_to_domain`] may queue an event for.
+    pub fn has_channel_in(&self, domain: &str) -> bool {
+        self.lock().values().any(|c| c.rec.domain == domain)
+    }
+
     /// Queues `event` for every channel of a domain whose key may see what it is `about`
     /// (registration events).
     pub async fn publish_to_domain(&self, domain: &str, event: Event, about: About<'_>) {
@@ -2520,6 +2526,17 @@ impl RegistryListener for Hub {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
             let ep = ev.endpoint();
+            // Decision: a registration's entry (its resource list, read from its links) is
+            // made only when some channel of its domain may take it; a domain whose keys
+            // have no channel (a fleet nobody listens to) costs no entry per registration.
+            // A channel made meanwhile, after this look, is one made after the event.
+            if matches!(
+                ev,
+                RegistryEvent::Registered { .. } | RegistryEvent::Updated { .. }
+            ) && !self.has_channel_in(&ep.reg.domain)
+            {
+                return;
+            }
             // The whole entry; restricted keys get theirs cut from the endpoint.
             let (entry, about) = match ev {
                 RegistryEvent::Registered { .. } => (

@@ -659,8 +659,15 @@ async fn foreign_registrations_are_listed_expired_when_orphaned_and_moved() {
     assert_eq!(*told.0.lock().unwrap(), ["expired", "registered", "moved"]);
     assert_eq!(dir_.get("default", "b").unwrap().reg.id, "f2");
     assert_eq!(dir_.count_by_owner().get(&Some("n1".into())), Some(&1));
+    // The counts follow every change: ours (b) went, an owner without endpoints is not
+    // listed.
+    assert_eq!(dir_.count_by_owner().len(), 1);
     // A foreign delete of it; none of ours (c) is touched by one.
     reg.register(params("c"), at(3, 2)).await.unwrap();
+    assert_eq!(
+        dir_.count_by_owner(),
+        [(Some("n1".to_string()), 1), (Some("n2".to_string()), 1)].into()
+    );
     for name in ["b", "c"] {
         reg.apply_foreign(ForeignChange::Deleted {
             domain: "default".into(),
@@ -670,6 +677,7 @@ async fn foreign_registrations_are_listed_expired_when_orphaned_and_moved() {
     }
     assert!(dir_.get("default", "b").is_none());
     assert!(dir_.get("default", "c").is_some());
+    assert_eq!(dir_.count_by_owner(), [(Some("n2".to_string()), 1)].into());
     drop(reg);
 
     // At start: n1's stored registration is listed, not counted as ours.
@@ -697,6 +705,11 @@ async fn foreign_registrations_are_listed_expired_when_orphaned_and_moved() {
             .node
             .as_deref(),
         Some("n1")
+    );
+    // The load (all at once) counts them too.
+    assert_eq!(
+        reg.directory().count_by_owner(),
+        [(Some("n1".to_string()), 1), (Some("n2".to_string()), 2)].into()
     );
     assert!(reg.expire_due(far + 1).await.len() == 2, "ours only");
 }

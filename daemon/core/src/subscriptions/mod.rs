@@ -914,6 +914,17 @@ impl Subscriptions {
     /// evaluated (Lua rules run on their own thread, so this may wait) and what they ask
     /// for is observed. See [`Subscriptions::due`].
     fn presubs_due(self: &Arc<Self>, ep: &Arc<Endpoint>) {
+        // Decision: no task for a domain with no key that has pre-subscriptions,
+        // subscriptions or a channel (what `apply_presubs` would look at, finding nothing
+        // to do): most registrations of a fleet nobody subscribed to. Rules set later are
+        // applied to the endpoints registered then (`set_presubscriptions`).
+        let keys_here = {
+            let st = self.lock();
+            st.keys.values().any(|k| k.domain == ep.reg.domain)
+        };
+        if !keys_here && !self.hub.has_channel_in(&ep.reg.domain) {
+            return;
+        }
         let key = (ep.reg.domain.clone(), ep.reg.name.clone());
         let first = lock_map(&self.due)
             .insert(key.clone(), Arc::clone(ep))
