@@ -609,20 +609,13 @@ pub const EPOCH_SHIFT: u32 = 40;
 /// Counts this open's epoch: one more than the last, and above every stored number's
 /// (numbers the hub gave before the store did, migrated by schema 8, are small).
 fn next_event_epoch(conn: &Connection) -> Result<u64, StoreError> {
-    let max_seq: i64 =
-        conn.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?;
-    let floor = (max_seq.max(0) as u64 >> EPOCH_SHIFT) + 1;
-    let epoch: i64 = conn.query_row(
-        "INSERT INTO event_epoch (id, epoch) VALUES (0, ?1)
-         ON CONFLICT (id) DO UPDATE SET epoch = max(epoch + 1, excluded.epoch)
-         RETURNING epoch",
-        params![floor as i64],
-        |r| r.get(0),
-    )?;
-    Ok(epoch as u64)
+    let epoch = peek_event_epoch(conn)?;
+    conn.execute(EPOCH_UPSERT, params![epoch as i64])?;
+    Ok(epoch)
 }
 
-/// This open's epoch as [`next_event_epoch`] counts it, without writing it: an
+/// This open's epoch, one more than the last and above every stored number's, without
+/// writing it ([`next_event_epoch`] writes it at once): an
 /// up-to-date database is not written before its start-up check has passed ([`Gate`]),
 /// which writes it ([`EPOCH_UPSERT`]). Events numbered with it before then are written in
 /// the transaction that writes it, or after.
