@@ -180,13 +180,6 @@ fn outage(state: &Path) -> Result<u64> {
     Ok(changed as u64)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 fn rows(e: &Expiry) -> Vec<Row> {
     let mut lat: Vec<Duration> = e.probes.iter().map(|(d, _)| *d).collect();
     lat.sort();
