@@ -553,3 +553,40 @@ fn subscriptions_of_an_endpoint_gone_while_down_are_dropped_at_start() {
         Duration::from_secs(2)
     ));
 }
+
+/// A registration update that arrives while the subscription's observe is on its way must
+/// not send a second observe of the same resource: the update's "observe what is
+/// missing" saw the subscription without an observation (the first observe was in flight,
+/// popped from the endpoint's queue) and queued another behind it. CI caught the same race
+/// at a registration (`lua::a_re_registration_observes_each_subscription_once`) when the
+/// registration's after-reply work ran late.
+#[test]
+fn an_update_while_the_observe_is_in_flight_observes_once() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    let id = dev.register(&["ep=inflight-1", "lt=300"], LINKS);
+    d.async_request(
+        "PUT",
+        "/v2/subscriptions/inflight-1/3303/0/5700",
+        None,
+        None,
+    );
+    let (req, from) = dev.recv_request(WAIT).expect("no observe request");
+    assert_eq!(path_of(&req), "/3303/0/5700");
+    // The device speaks before it answers the observe.
+    assert_eq!(dev.update(&id, &[], None), ResponseType::Changed);
+    notify(
+        &dev,
+        from,
+        req.get_token(),
+        req.header.message_id,
+        MessageType::Acknowledgement,
+        1,
+        "20.0",
+    );
+    assert_eq!(
+        support::observed_paths(&dev, Duration::from_millis(800)),
+        Vec::<String>::new(),
+        "a second observe of the same resource"
+    );
+}

@@ -326,6 +326,13 @@ struct EpQueue {
     jobs: VecDeque<Job>,
     /// Ends the request in flight (its worker answers it 410 with the reason sent).
     in_flight: Option<tokio::sync::oneshot::Sender<String>>,
+    /// The path of the observe request in flight, if the request in flight is one, and
+    /// where it went: until its worker is done with it (the subscriptions manager has
+    /// taken its outcome by then), the resource counts as being observed, and the daemon's
+    /// own observe of it ([`Requests::observe_internal`]) is not queued a second time,
+    /// unless the device has since spoken from another address (the one in flight goes
+    /// where the device no longer is).
+    observing: Option<(String, crate::peer::PeerRef)>,
 }
 
 type EpKey = (String, String);
@@ -597,10 +604,14 @@ impl Requests {
         {
             let mut q = self.lock();
             let e = q.entry(key.clone()).or_default();
-            // The same observation already waiting: nothing to add.
-            if e.jobs
-                .iter()
-                .any(|j| j.method == Method::Observe && j.path == path)
+            // The same observation already waiting, or on its way: nothing to add.
+            let on_its_way = e.observing.as_ref().is_some_and(|(p, to)| {
+                p == path && registered.as_ref().is_some_and(|r| r.reg.peer == *to)
+            });
+            if on_its_way
+                || e.jobs
+                    .iter()
+                    .any(|j| j.method == Method::Observe && j.path == path)
             {
                 return;
             }
@@ -939,6 +950,10 @@ impl Requests {
                     Some(j) => {
                         let (tx, rx) = tokio::sync::oneshot::channel();
                         e.in_flight = Some(tx);
+                        e.observing = (j.method == Method::Observe)
+                            .then(|| self.directory.get(&j.domain, &j.ep))
+                            .flatten()
+                            .map(|ep| (j.path.clone(), ep.reg.peer));
                         (j, rx)
                     }
                     None => {
@@ -978,12 +993,14 @@ impl Requests {
                     Some(e) if retry => {
                         tracing::debug!(ep = %job.ep, path = %job.path, id = %job.id, attempt = job.attempts, status = outcome.status, "device-request not delivered; retried when the device next speaks");
                         e.in_flight = None;
+                        e.observing = None;
                         e.jobs.push_front(job);
                         e.busy = false;
                         None
                     }
                     Some(e) => {
                         e.in_flight = None;
+                        e.observing = None;
                         Some(job)
                     }
                     None => Some(job),
@@ -1253,6 +1270,8 @@ impl Requests {
                     if let Some(tx) = e.in_flight.take() {
                         let _ = tx.send(why.to_string());
                     }
+                    // Ended: an observe asked for from now on is a new one.
+                    e.observing = None;
                     e.jobs.drain(..).collect()
                 }
                 None => Vec::new(),

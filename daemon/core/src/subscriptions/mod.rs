@@ -151,6 +151,31 @@ struct State {
     /// that registration): pre-subscriptions do not ask for them again until the device
     /// registers anew, so a refusal is reported once, not at every update.
     refused: Map<(String, String), (String, BTreeSet<String>)>,
+    /// Resources a subscription call is about to observe (with how many calls), from
+    /// before it records the subscription until its observe request is queued: the
+    /// daemon's own "observe what is missing" (after a registration or update reply) leaves
+    /// them alone, as it leaves a queued or in-flight observe alone
+    /// ([`Requests::observe_internal`]), so the device is not asked twice.
+    asking: Map<ResKey, usize>,
+}
+
+/// A subscription call's mark in [`State::asking`], taken away when it is dropped (also
+/// when the call is: an HTTP client that went away).
+struct Asking<'a> {
+    subs: &'a Subscriptions,
+    key: ResKey,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        let mut st = self.subs.lock();
+        if let Some(n) = st.asking.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                st.asking.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl State {
@@ -421,15 +446,14 @@ impl Subscriptions {
                 )));
             }
         }
+        let key: ResKey = (who.domain.clone(), ep_name.to_string(), path.to_string());
+        *self.lock().asking.entry(key.clone()).or_default() += 1;
+        let asking = Asking { subs: self, key };
         // The key's channel gets the notifications (and holds its restriction), also
         // when the resource is observed already and no request is made for the key.
         self.hub.ensure_channel(who).await?;
         self.add(who, ep_name, path).await?;
-        let observed = self.lock().observations.contains_key(&(
-            who.domain.clone(),
-            ep_name.to_string(),
-            path.to_string(),
-        ));
+        let observed = self.lock().observations.contains_key(&asking.key);
         if observed {
             return Ok(Subscribed::Active);
         }
@@ -438,7 +462,9 @@ impl Subscriptions {
             path: path.to_string(),
             ..Submit::default()
         };
-        match self.requests.submit(who, ep_name, submit).await? {
+        let submitted = self.requests.submit(who, ep_name, submit).await;
+        drop(asking);
+        match submitted? {
             Submitted::Accepted(id) => Ok(Subscribed::Pending(id)),
             other => {
                 tracing::error!("unexpected answer to an observe request: {other:?}");
@@ -1029,11 +1055,8 @@ impl Subscriptions {
                 .into_iter()
                 .filter(|p| only.is_none_or(|only| only.contains(p)))
                 .filter(|p| {
-                    !st.observations.contains_key(&(
-                        ep.reg.domain.clone(),
-                        ep.reg.name.clone(),
-                        p.clone(),
-                    ))
+                    let key = (ep.reg.domain.clone(), ep.reg.name.clone(), p.clone());
+                    !st.observations.contains_key(&key) && !st.asking.contains_key(&key)
                 })
                 .collect()
         };
