@@ -764,3 +764,23 @@ fn the_count_per_owner_follows_every_change() {
     }
     assert!(dir.count_by_owner().is_empty());
 }
+
+/// Issue 24: ids sort by the time they were made (the store's id index grows at its end),
+/// and two made in the same millisecond differ by their random part.
+#[test]
+fn registration_ids_are_time_ordered_and_unique() {
+    let a = registration_id(1_700_000_000_000, u64::MAX);
+    let b = registration_id(1_700_000_000_001, 0);
+    assert_eq!(a.len(), 26);
+    assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+    assert!(a < b, "{a} then {b}");
+    let now: Vec<String> = (0..1000).map(|_| new_registration_id()).collect();
+    let mut sorted = now.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 1000, "unique");
+    assert!(
+        now.windows(2).all(|w| w[0][..10] <= w[1][..10]),
+        "the time part never goes back"
+    );
+}
