@@ -30,9 +30,10 @@ base = d["expires_at_ms"]
 
 def rows():
     for i in range(n):
-        d["id"] = "%016x" % random.getrandbits(64)
-        d["name"] = "big-%07d" % i
         d["registered_at_ms"] = base - 86_400_000 + i // 10
+        # The daemon's id: 10 hex digits of the milliseconds, then 16 random (issue 24).
+        d["id"] = "%010x%016x" % (d["registered_at_ms"] % (1 << 40), random.getrandbits(64))
+        d["name"] = "big-%07d" % i
         d["expires_at_ms"] = base + i // 10
         d["peer"]["session"] = "127.0.%d.%d:%d" % (i // 65000 % 250, 1 + i % 250, 30000 + i % 30000)
         yield d["id"], d["domain"], d["name"], json.dumps(d, separators=(",", ":"))
