@@ -163,7 +163,15 @@ pub(crate) struct ObjectLists {
     /// `[mbed-style, LwM2M]`: links → paths.
     lists: [crate::hashing::Map<Arc<str>, Arc<str>>; 2],
     sweep_at: usize,
+    /// The last list given to [`ObjectLists::get_shared`] (that very `Arc`, held so that
+    /// its address is not another's), whether the device was an LwM2M client, and what
+    /// it got: the store gives the registrations of one list the same `Arc` at start, so
+    /// a restart hashes each list once, not once per endpoint (issue 24).
+    last: Option<LastList>,
 }
+
+/// [`ObjectLists::last`]: the `Arc` given, LwM2M or not, the shared text and paths.
+type LastList = (Arc<str>, bool, Arc<str>, Arc<str>);
 
 impl ObjectLists {
     /// The shared text and paths of `links` (parsed and checked when new).
@@ -180,6 +188,8 @@ impl ObjectLists {
         let text: Arc<str> = links.into();
         let paths: Arc<str> = paths_of(&resources, lwm2m).into();
         if self.len() >= self.sweep_at {
+            // Holds its list in use: forgotten, so that a list no endpoint uses goes.
+            self.last = None;
             for m in &mut self.lists {
                 // In use: held by an endpoint (or a registration on its way to the store).
                 m.retain(|text, _| Arc::strong_count(text) > 1);
@@ -187,6 +197,28 @@ impl ObjectLists {
             self.sweep_at = (2 * self.len()).max(1024);
         }
         self.lists[usize::from(lwm2m)].insert(Arc::clone(&text), Arc::clone(&paths));
+        Ok((text, paths))
+    }
+
+    /// As [`ObjectLists::get`], for a list already shared.
+    pub(crate) fn get_shared(
+        &mut self,
+        links: &Arc<str>,
+        lwm2m: bool,
+    ) -> Result<(Arc<str>, Arc<str>), RegistryError> {
+        if let Some((given, l, text, paths)) = &self.last
+            && Arc::ptr_eq(given, links)
+            && *l == lwm2m
+        {
+            return Ok((Arc::clone(text), Arc::clone(paths)));
+        }
+        let (text, paths) = self.get(links, lwm2m)?;
+        self.last = Some((
+            Arc::clone(links),
+            lwm2m,
+            Arc::clone(&text),
+            Arc::clone(&paths),
+        ));
         Ok((text, paths))
     }
 
@@ -202,7 +234,7 @@ fn endpoint_of(
     lists: &mut ObjectLists,
     mut reg: Registration,
 ) -> Result<Endpoint, (String, RegistryError)> {
-    match lists.get(&reg.links, reg.lwm2m.is_some()) {
+    match lists.get_shared(&reg.links, reg.lwm2m.is_some()) {
         Ok((links, paths)) => {
             reg.links = links;
             Ok(Endpoint { reg, paths })

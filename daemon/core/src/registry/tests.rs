@@ -784,3 +784,79 @@ fn registration_ids_are_time_ordered_and_unique() {
         "the time part never goes back"
     );
 }
+
+/// A restart with more registrations than the store reads in one piece (the SQLite
+/// store gives them 4 096 at a time): every one is found by id and by name, the
+/// endpoints of one list and client kind share its text and paths (an LwM2M client's
+/// and an mbed-style device's of the same text do not share paths), and they expire in
+/// deadline order across the pieces.
+#[tokio::test]
+async fn a_restart_in_pieces_indexes_shares_and_orders_every_registration() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 9_000;
+    let lists = [r#"</3/0>;obs,</3303/0/5700>"#, r#"</3/0>,</5/0>"#];
+    // Deadlines a permutation of 1 000 000 .. 1 000 000 + n, unlike the rows' order.
+    let deadline = |i: usize| 1_000_000 + ((i * 7_919) % n) as u64;
+    {
+        use crate::store::RegistrationStore;
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let puts: Vec<_> = (0..n)
+            .map(|i| {
+                store.put_registration(Registration {
+                    id: format!("id-{i:05}"),
+                    domain: if i % 2 == 0 { "default" } else { "other" }.into(),
+                    name: format!("n-{i}"),
+                    ept: None,
+                    lifetime_s: 60,
+                    binding: "U".into(),
+                    lwm2m: (i % 3 == 0).then(|| "1.1".into()),
+                    queue: false,
+                    peer: at(1, 2),
+                    links: Arc::from(lists[i % 2]),
+                    registered_at_ms: 0,
+                    expires_at_ms: deadline(i),
+                    node: None,
+                })
+            })
+            .collect();
+        for p in puts {
+            p.await.unwrap();
+        }
+    }
+    let reg = open(dir.path(), RegistryConfig::default());
+    assert_eq!(reg.load().await.unwrap(), n);
+    let dir_ = reg.directory();
+    assert_eq!(dir_.len(), n);
+    let eps: Vec<Arc<Endpoint>> = (0..n)
+        .map(|i| {
+            let domain = if i % 2 == 0 { "default" } else { "other" };
+            let ep = dir_.get(domain, &format!("n-{i}")).expect("by name");
+            assert_eq!(ep.reg.id, format!("id-{i:05}"));
+            assert!(Arc::ptr_eq(&dir_.by_id(&ep.reg.id).expect("by id"), &ep));
+            assert_eq!(ep.reg.expires_at_ms, deadline(i));
+            ep
+        })
+        .collect();
+    // Same list and kind: one text and one paths index; same list, other kind: other
+    // paths.
+    for (i, ep) in eps.iter().enumerate() {
+        let first = &eps[i % 6];
+        assert!(Arc::ptr_eq(&ep.reg.links, &first.reg.links), "{i}");
+        assert!(Arc::ptr_eq(&ep.paths, &first.paths), "{i}");
+        assert_eq!(ep.resources(), first.resources());
+    }
+    assert_eq!(eps[0].reg.links, eps[2].reg.links);
+    assert_ne!(eps[0].paths, eps[2].paths);
+    // /3303/0/5700 has no `obs`: observable for the LwM2M client only.
+    assert_eq!(&*eps[0].resources()[1].path, "/3303/0/5700");
+    assert!(eps[0].resources()[1].obs && !eps[2].resources()[1].obs);
+    // In deadline order, whichever piece an endpoint came in.
+    let gone = reg.expire_due(1_000_000 + 4_999).await;
+    assert_eq!(gone.len(), 5_000);
+    assert!(
+        gone.iter()
+            .all(|ep| ep.reg.expires_at_ms <= 1_000_000 + 4_999)
+    );
+    assert_eq!(dir_.len(), n - 5_000);
+    assert!(reg.expire_due(1_000_000 + 4_999).await.is_empty());
+}
