@@ -150,3 +150,53 @@ fn a_metrics_read_key_scrapes_and_nothing_else() {
     assert_eq!(r.status, 403);
     assert_eq!(d.get("/metrics").status, 200);
 }
+
+/// Datagrams the kernel drops at a listener's full receive buffer are counted per
+/// listener in `connectord_coap_kernel_drops_total` and said in the log (issue 24: no
+/// silent drops): the daemon is stopped (SIGSTOP) while a burst larger than its receive
+/// buffer (4 MiB asked, at most 8 MiB granted) arrives.
+#[test]
+fn kernel_drops_at_a_full_receive_buffer_are_counted_and_logged() {
+    let d = Daemon::start();
+    let listener = format!("listener=\"udp:{}\"", d.coap);
+    let before = scrape(&d);
+    assert_eq!(
+        sample(&before, "connectord_coap_kernel_drops_total", &listener),
+        Some(0.0),
+        "{before}"
+    );
+    d.signal("STOP");
+    let burst = (|| {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        // Not CoAP (version 0): dropped as malformed once read. 12 000 × 1 200 bytes is
+        // more than 8 MiB before the kernel's per-datagram overhead.
+        let junk = [0u8; 1200];
+        for _ in 0..12_000 {
+            s.send_to(&junk, d.coap)?;
+        }
+        std::io::Result::Ok(())
+    })();
+    d.signal("CONT");
+    burst.unwrap();
+    // The count comes with the next datagram the daemon reads (SO_RXQ_OVFL): one after
+    // the burst, again until the daemon has read its way to it.
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (dropped, after) = loop {
+        probe.send_to(&[0u8; 4], d.coap).unwrap();
+        let after = scrape(&d);
+        let dropped = sample(&after, "connectord_coap_kernel_drops_total", &listener)
+            .unwrap_or_else(|| panic!("no kernel drops of {listener}:\n{after}"));
+        if dropped > 0.0 || std::time::Instant::now() > deadline {
+            break (dropped, after);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(dropped > 0.0, "{after}");
+    // The log's check runs every 10 s: within two of them.
+    assert!(
+        d.wait_log("the kernel dropped", Duration::from_secs(25)),
+        "{:#?}",
+        d.logs()
+    );
+}

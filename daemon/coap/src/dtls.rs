@@ -338,6 +338,8 @@ pub struct DtlsCounts {
 pub struct DtlsListener {
     id: ListenerId,
     socket: UdpSocket,
+    /// Datagrams the kernel dropped at the socket (`udp::recv_counting`).
+    drops: std::sync::atomic::AtomicU64,
     limits: DtlsLimits,
     cookie_secret: [u8; 32],
     metrics: Arc<dyn Metrics>,
@@ -406,6 +408,7 @@ impl DtlsListener {
                 local,
             },
             socket,
+            drops: std::sync::atomic::AtomicU64::new(0),
             limits,
             cookie_secret: rand::random(),
             metrics,
@@ -881,6 +884,14 @@ fn verify_certificate(keys: &Keys, der: &[u8]) -> Result<PeerIdentity, String> {
     })
 }
 
+impl DtlsListener {
+    /// Datagrams the kernel dropped at this listener's socket since it was bound, as of
+    /// the last datagram received (`udp::recv_counting`).
+    pub fn kernel_drops(&self) -> u64 {
+        self.drops.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 impl Listener for DtlsListener {
     fn id(&self) -> ListenerId {
         self.id
@@ -897,7 +908,7 @@ impl Listener for DtlsListener {
                     return Ok((data.len(), from));
                 }
                 let out = tokio::select! {
-                    r = self.socket.recv_from(&mut dgram) => {
+                    r = crate::udp::recv_counting(&self.socket, &self.drops, &mut dgram) => {
                         let (n, from) = r?;
                         self.on_datagram(&dgram[..n], from, Instant::now())
                     }

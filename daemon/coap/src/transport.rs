@@ -89,6 +89,9 @@ pub struct Transport {
     plain: crate::config::PlainPolicy,
 }
 
+/// How often [`Transport::watch_kernel_drops`] looks at the kernel's drops.
+pub const KERNEL_DROPS_EVERY: Duration = Duration::from_secs(10);
+
 impl Transport {
     /// Binds every configured address (`coap.listen`, then `coap.listen_dtls`: the DTLS
     /// listeners handshake once given their keys, [`Transport::set_dtls`]). A wildcard of
@@ -241,6 +244,21 @@ impl Transport {
         c
     }
 
+    /// Datagrams the kernel dropped at each UDP and DTLS listener since it was bound (its
+    /// receive buffer full while the receive task was behind, or a bad checksum), as of
+    /// the last datagram the listener received (`SO_RXQ_OVFL`, see
+    /// `udp::recv_counting`): nothing else shows them.
+    pub fn kernel_drops(&self) -> Vec<(ListenerId, u64)> {
+        self.listeners
+            .iter()
+            .filter_map(|l| match &**l {
+                AnyListener::Udp(u) => Some((u.id(), u.kernel_drops())),
+                AnyListener::Dtls(d) => Some((d.id(), d.kernel_drops())),
+                AnyListener::Tls(_) => None,
+            })
+            .collect()
+    }
+
     /// CoAP-over-TLS connections open now (handshakes included), over every TLS
     /// listener (at most `coap.tls_max_connections` each).
     pub fn tls_connections(&self) -> usize {
@@ -318,7 +336,8 @@ impl Transport {
         handler: Arc<dyn RequestHandler>,
         stop: watch::Receiver<bool>,
     ) -> Vec<tokio::task::JoinHandle<()>> {
-        self.listeners
+        let mut tasks: Vec<_> = self
+            .listeners
             .iter()
             .map(|l| {
                 let t = Arc::clone(self);
@@ -327,7 +346,47 @@ impl Transport {
                 let sd = stop.clone();
                 tokio::spawn(async move { t.receive_loop(l, h, sd).await })
             })
-            .collect()
+            .collect();
+        if self
+            .listeners
+            .iter()
+            .any(|l| !matches!(&**l, AnyListener::Tls(_)))
+        {
+            let t = Arc::clone(self);
+            tasks.push(tokio::spawn(
+                async move { t.watch_kernel_drops(stop).await },
+            ));
+        }
+        tasks
+    }
+
+    /// Warns, at most once per listener every [`KERNEL_DROPS_EVERY`], when the kernel
+    /// dropped datagrams at a UDP or DTLS listener since the last look
+    /// ([`Transport::kernel_drops`]): such a drop is otherwise silent (the device learns
+    /// of it only by retransmitting 2–3 s later, and after four in vain its request
+    /// fails).
+    async fn watch_kernel_drops(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut seen: Vec<(ListenerId, u64)> = Vec::new();
+        loop {
+            let now = self.kernel_drops();
+            for (id, drops) in &now {
+                let before = seen.iter().find(|(i, _)| i == id).map(|(_, d)| *d);
+                if let Some(before) = before
+                    && *drops > before
+                {
+                    tracing::warn!(
+                        "CoAP on {id}: the kernel dropped {} datagrams in the last {} s (the listener's receive buffer was full: the daemon is behind, or net.core.rmem_max is small); their devices retransmit them; connectord_coap_kernel_drops_total counts them",
+                        drops - before,
+                        KERNEL_DROPS_EVERY.as_secs()
+                    );
+                }
+            }
+            seen = now;
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => return,
+                _ = tokio::time::sleep(KERNEL_DROPS_EVERY) => {}
+            }
+        }
     }
 
     async fn receive_loop<L: Listener>(

@@ -636,6 +636,7 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
                 "CoAP-over-TLS connections open now, handshakes included (at most coap.tls_max_connections per listener).",
                 state.transport.tls_connections() as u64,
             );
+            render_kernel_drops(&state, &mut out);
             render_queues(&state, &mut out);
             state.plugins.render_metrics(&mut out);
             Reply::with_type(StatusCode::OK, "text/plain; version=0.0.4", out)
@@ -647,6 +648,27 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
 /// Channels listed one by one in `connectord_channel_events_*` (those with the most
 /// events waiting): a bound on the series a scrape returns however many keys there are.
 pub const METRICS_TOP_CHANNELS: usize = 20;
+
+/// `connectord_coap_kernel_drops_total{listener}`: what the kernel dropped at each UDP and
+/// DTLS listener (`Transport::kernel_drops`).
+fn render_kernel_drops(state: &AppState, out: &mut String) {
+    use std::fmt::Write as _;
+    let drops = state.transport.kernel_drops();
+    if drops.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP connectord_coap_kernel_drops_total Datagrams the kernel dropped at a UDP or DTLS listener since it was bound (its receive buffer full while the daemon was behind, or a bad checksum), as of the last datagram received: their devices retransmit them."
+    );
+    let _ = writeln!(out, "# TYPE connectord_coap_kernel_drops_total counter");
+    for (id, d) in drops {
+        let _ = writeln!(
+            out,
+            "connectord_coap_kernel_drops_total{{listener=\"{id}\"}} {d}"
+        );
+    }
+}
 
 /// The notification and request queue gauges of `/metrics`.
 fn render_queues(state: &AppState, out: &mut String) {
