@@ -375,7 +375,7 @@ impl Transport {
                     && *drops > before
                 {
                     tracing::warn!(
-                        "CoAP on {id}: the kernel dropped {} datagrams in the last {} s (the listener's receive buffer was full: the daemon is behind, or net.core.rmem_max is small); their devices retransmit them; connectord_coap_kernel_drops_total counts them",
+                        "CoAP on {id}: the kernel dropped {} more datagrams (seen in the last {} s; the listener's receive buffer was full: the daemon is behind, or net.core.rmem_max is small); their devices retransmit them; connectord_coap_kernel_drops_total counts them",
                         drops - before,
                         KERNEL_DROPS_EVERY.as_secs()
                     );
