@@ -338,8 +338,8 @@ pub struct DtlsCounts {
 pub struct DtlsListener {
     id: ListenerId,
     socket: UdpSocket,
-    /// Datagrams the kernel dropped at the socket (`udp::recv_counting`).
-    drops: std::sync::atomic::AtomicU64,
+    /// Datagrams the kernel dropped at the socket (`udp::KernelDrops`).
+    drops: crate::udp::KernelDrops,
     limits: DtlsLimits,
     cookie_secret: [u8; 32],
     metrics: Arc<dyn Metrics>,
@@ -408,7 +408,7 @@ impl DtlsListener {
                 local,
             },
             socket,
-            drops: std::sync::atomic::AtomicU64::new(0),
+            drops: crate::udp::KernelDrops::default(),
             limits,
             cookie_secret: rand::random(),
             metrics,
@@ -886,9 +886,9 @@ fn verify_certificate(keys: &Keys, der: &[u8]) -> Result<PeerIdentity, String> {
 
 impl DtlsListener {
     /// Datagrams the kernel dropped at this listener's socket since it was bound, as of
-    /// the last datagram received (`udp::recv_counting`).
+    /// one of the last datagrams received (`udp::KernelDrops`).
     pub fn kernel_drops(&self) -> u64 {
-        self.drops.load(std::sync::atomic::Ordering::Relaxed)
+        self.drops.get()
     }
 }
 
@@ -908,7 +908,7 @@ impl Listener for DtlsListener {
                     return Ok((data.len(), from));
                 }
                 let out = tokio::select! {
-                    r = crate::udp::recv_counting(&self.socket, &self.drops, &mut dgram) => {
+                    r = self.drops.recv(&self.socket, &mut dgram) => {
                         let (n, from) = r?;
                         self.on_datagram(&dgram[..n], from, Instant::now())
                     }

@@ -246,8 +246,8 @@ impl Transport {
 
     /// Datagrams the kernel dropped at each UDP and DTLS listener since it was bound (its
     /// receive buffer full while the receive task was behind, or a bad checksum), as of
-    /// the last datagram the listener received (`SO_RXQ_OVFL`, see
-    /// `udp::recv_counting`): nothing else shows them.
+    /// one of the last datagrams the listener received (`SO_RXQ_OVFL`, see
+    /// `udp::KernelDrops`): nothing else shows them.
     pub fn kernel_drops(&self) -> Vec<(ListenerId, u64)> {
         self.listeners
             .iter()
