@@ -394,6 +394,12 @@ impl State {
 }
 
 impl DtlsListener {
+    /// Datagrams the kernel dropped at this listener's socket since it was bound, as of
+    /// one of the last datagrams received (`udp::KernelDrops`).
+    pub fn kernel_drops(&self) -> u64 {
+        self.drops.get()
+    }
+
     /// Binds `addr` (port 0 resolved); handshakes wait for [`DtlsListener::configure`].
     pub fn bind(
         addr: SocketAddr,
@@ -882,14 +888,6 @@ fn verify_certificate(keys: &Keys, der: &[u8]) -> Result<PeerIdentity, String> {
         ou: ou.map(Arc::from),
         serial: Arc::from(serial.as_str()),
     })
-}
-
-impl DtlsListener {
-    /// Datagrams the kernel dropped at this listener's socket since it was bound, as of
-    /// one of the last datagrams received (`udp::KernelDrops`).
-    pub fn kernel_drops(&self) -> u64 {
-        self.drops.get()
-    }
 }
 
 impl Listener for DtlsListener {

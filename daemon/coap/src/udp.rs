@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::Interest;
@@ -33,9 +32,7 @@ impl UdpListener {
             drops: KernelDrops::default(),
         })
     }
-}
 
-impl UdpListener {
     /// Datagrams the kernel dropped at this listener's socket since it was bound, as of
     /// one of the last [`KernelDrops::SAMPLE`] datagrams received.
     pub fn kernel_drops(&self) -> u64 {
