@@ -1290,38 +1290,24 @@ impl StoredLists {
 
     /// A stored registration (as `serde_json::from_str::<Registration>` reads it).
     fn parse(&mut self, data: &str) -> serde_json::Result<Registration> {
-        let RegistrationRow {
-            id,
-            domain,
-            name,
-            ept,
-            lifetime_s,
-            binding,
-            lwm2m,
-            queue,
-            peer,
-            links,
-            registered_at_ms,
-            expires_at_ms,
-            node,
-        } = serde_json::from_str(data)?;
-        let links = self.links(links.get())?;
+        let row: RegistrationRow<'_> = serde_json::from_str(data)?;
+        let links = self.links(row.links.get())?;
         // Every field named: one added to `Registration` fails to compile here until it
-        // is read above.
+        // is read into `RegistrationRow`.
         Ok(Registration {
-            id,
-            domain,
-            name,
-            ept,
-            lifetime_s,
-            binding,
-            lwm2m,
-            queue,
-            peer,
+            id: row.id,
+            domain: row.domain,
+            name: row.name,
+            ept: row.ept,
+            lifetime_s: row.lifetime_s,
+            binding: row.binding,
+            lwm2m: row.lwm2m,
+            queue: row.queue,
+            peer: row.peer,
             links,
-            registered_at_ms,
-            expires_at_ms,
-            node,
+            registered_at_ms: row.registered_at_ms,
+            expires_at_ms: row.expires_at_ms,
+            node: row.node,
         })
     }
 
