@@ -55,10 +55,11 @@ pub struct HeldAck {
 /// response).
 pub const EXCHANGE_QUEUE: usize = 64;
 
-/// Notifications that may wait for one observation (issue 24): an observation gets one
-/// each time the device sends one, and they are taken in batches (each batch stored
-/// durably at once), so this absorbs the bursts of a device that sends every few ms while
-/// a commit is on its way. All observations together are bounded by
+/// Notifications that may wait in one observation's own stream (issue 24): an
+/// observation gets one each time the device sends one, and they are taken in batches
+/// (each batch stored durably at once), so this absorbs the bursts of a device that sends
+/// every few ms while a commit is on its way. Once handed to an [`ObservationFeed`] only
+/// the feed's bound applies. All observations together are bounded by
 /// `coap.max_queued_notifications` (the memory bound); past either bound the excess is
 /// dropped and counted instead of queued: a later notification carries the newer value
 /// anyway (RFC 7641 §1.3, eventual consistency).
@@ -103,8 +104,26 @@ impl Queued {
 /// count against [`Queued`].
 #[derive(Debug)]
 struct Route {
-    tx: mpsc::Sender<ClientEvent>,
+    tx: RouteTx,
     observation: bool,
+}
+
+/// Where a route's messages go.
+#[derive(Debug)]
+enum RouteTx {
+    /// The exchange's (or observation stream's) own channel.
+    Own(mpsc::Sender<ClientEvent>),
+    /// An observation handed to an [`ObservationFeed`] ([`ObserveStream::into_feed`]).
+    Feed(std::sync::Arc<FeedLink>),
+}
+
+impl RouteTx {
+    fn is_closed(&self) -> bool {
+        match self {
+            RouteTx::Own(tx) => tx.is_closed(),
+            RouteTx::Feed(link) => link.tx.is_closed(),
+        }
+    }
 }
 
 /// Open exchanges, by token and by (peer, message id).
@@ -143,8 +162,15 @@ impl ClientState {
         } else {
             ClientEvent::Ack(packet)
         };
-        // A full queue means the exchange is being answered already: it is known.
-        !matches!(tx.try_send(ev), Err(mpsc::error::TrySendError::Closed(_)))
+        match tx {
+            // A full queue means the exchange is being answered already: it is known.
+            RouteTx::Own(tx) => {
+                !matches!(tx.try_send(ev), Err(mpsc::error::TrySendError::Closed(_)))
+            }
+            // An established observation has no exchange waiting for an ACK (its stream
+            // ignored them too).
+            RouteTx::Feed(link) => !link.tx.is_closed(),
+        }
     }
 
     /// Routes a separate response (or notification) by token.
@@ -165,26 +191,44 @@ impl ClientState {
             }
             self.queued.now.fetch_add(1, Relaxed);
         }
-        let (ev, ok) = if route.observation {
-            let ok = if held.is_some() {
-                Routed::Held
-            } else {
-                Routed::Delivered
-            };
-            (ClientEvent::Notification(packet, held), ok)
-        } else {
-            (ClientEvent::Response(packet), Routed::Delivered)
+        let ok = match (route.observation, held) {
+            (true, Some(_)) => Routed::Held,
+            _ => Routed::Delivered,
         };
-        match route.tx.try_send(ev) {
+        let sent = match &route.tx {
+            RouteTx::Own(tx) => {
+                let ev = if route.observation {
+                    ClientEvent::Notification(packet, held)
+                } else {
+                    ClientEvent::Response(packet)
+                };
+                tx.try_send(ev).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => Routed::Dropped,
+                    mpsc::error::TrySendError::Closed(_) => Routed::Unknown,
+                })
+            }
+            RouteTx::Feed(link) => {
+                let item = FeedItem {
+                    link: std::sync::Arc::clone(link),
+                    packet,
+                    held,
+                };
+                link.tx.send(item).map_err(|e| {
+                    // Not taken (the feed's reader is gone): the caller answers RST, so
+                    // the item's held ACK is not the item's to forget.
+                    let mut item = e.0;
+                    item.held = None;
+                    Routed::Unknown
+                })
+            }
+        };
+        match sent {
             Ok(()) => ok,
-            Err(e) => {
+            Err(routed) => {
                 if route.observation {
                     self.queued.release(1);
                 }
-                match e {
-                    mpsc::error::TrySendError::Full(_) => Routed::Dropped,
-                    mpsc::error::TrySendError::Closed(_) => Routed::Unknown,
-                }
+                routed
             }
         }
     }
@@ -426,6 +470,8 @@ pub struct ObserveStream {
     queued: std::sync::Arc<Queued>,
     /// ACKs of the CON notifications taken, held until [`ObserveStream::acknowledge`].
     unacked: Vec<HeldAck>,
+    /// Handed to a feed ([`ObserveStream::into_feed`]): the route is the feed's now.
+    handed_over: bool,
 }
 
 impl ObserveStream {
@@ -471,6 +517,56 @@ impl ObserveStream {
         &self.token
     }
 
+    /// Hands the observation to `feed` as observation `id`: its notifications go to the
+    /// feed's reader from now on, after those already queued here (in the order they
+    /// came). Taken notifications not yet acknowledged here keep their ACKs held; they
+    /// are forgotten by the duplicate cache as when the stream is dropped. An observation
+    /// cancelled already ([`ObserveCancel`]) stays cancelled.
+    pub fn into_feed(mut self, id: u64, feed: &FeedSender) -> FedObservation {
+        let link = std::sync::Arc::new(FeedLink {
+            id,
+            tx: feed.0.clone(),
+            queued: std::sync::Arc::clone(&self.queued),
+            transport: std::sync::Arc::downgrade(&self.transport),
+        });
+        {
+            // Under the client lock nothing is routed meanwhile: what the stream's own
+            // channel holds goes first.
+            let mut client = self.transport.lock_client();
+            if let Some(route) = client.by_token.get_mut(&self.token) {
+                while let Ok(ev) = self.rx.try_recv() {
+                    let ClientEvent::Notification(packet, held) = ev else {
+                        continue;
+                    };
+                    let item = FeedItem {
+                        link: std::sync::Arc::clone(&link),
+                        packet,
+                        held,
+                    };
+                    if let Err(e) = link.tx.send(item) {
+                        // The feed's reader is gone: not taken, not counted.
+                        let mut item = e.0;
+                        item.held = None;
+                        self.queued.release(1);
+                    }
+                }
+                route.tx = RouteTx::Feed(std::sync::Arc::clone(&link));
+                self.handed_over = true;
+            }
+        }
+        if !self.unacked.is_empty() {
+            let mut dedup = self.transport.lock_dedup();
+            for h in self.unacked.drain(..) {
+                dedup.forget(h.peer, h.mid);
+            }
+        }
+        FedObservation {
+            transport: std::sync::Arc::clone(&self.transport),
+            token: std::mem::take(&mut self.token),
+            live: self.handed_over,
+        }
+    }
+
     /// A handle that ends this observation at once from elsewhere: the task that owns the
     /// stream may be dropped only later (an aborted task is dropped asynchronously), and
     /// until the token is forgotten the device's notifications are still acknowledged.
@@ -484,6 +580,9 @@ impl ObserveStream {
 
 impl Drop for ObserveStream {
     fn drop(&mut self) {
+        if self.handed_over {
+            return;
+        }
         self.transport.lock_client().by_token.remove(&self.token);
         // What was queued and never taken no longer counts against the bound, and the
         // notifications never acknowledged are forgotten by the duplicate cache (their
@@ -495,6 +594,145 @@ impl Drop for ObserveStream {
             for h in self.unacked.drain(..) {
                 dedup.forget(h.peer, h.mid);
             }
+        }
+    }
+}
+
+/// An observation whose notifications go to an [`ObservationFeed`] (issue 24: one task
+/// takes the notifications of every observation in batches, where each observation had
+/// a task of its own). Dropping it forgets the token, as dropping its stream did: the
+/// device's next notification is answered with RST.
+pub struct FedObservation {
+    transport: std::sync::Arc<Transport>,
+    token: Vec<u8>,
+    /// False when the observation was cancelled before it was handed over.
+    live: bool,
+}
+
+impl FedObservation {
+    pub fn token(&self) -> &[u8] {
+        &self.token
+    }
+}
+
+impl Drop for FedObservation {
+    fn drop(&mut self) {
+        if self.live {
+            self.transport.lock_client().by_token.remove(&self.token);
+        }
+    }
+}
+
+/// What a fed observation's route holds: the feed, its number there, and what taking or
+/// dropping one of its notifications needs.
+#[derive(Debug)]
+struct FeedLink {
+    id: u64,
+    tx: mpsc::UnboundedSender<FeedItem>,
+    queued: std::sync::Arc<Queued>,
+    transport: std::sync::Weak<Transport>,
+}
+
+/// The sending side of an [`ObservationFeed`], for [`ObserveStream::into_feed`].
+#[derive(Debug, Clone)]
+pub struct FeedSender(mpsc::UnboundedSender<FeedItem>);
+
+/// The notifications of every observation handed to it, in the order they came (so each
+/// observation's in its own order). Unbounded as a channel: what waits in it counts
+/// against `coap.max_queued_notifications` until it is taken ([`ObservationFeed::recv_many`]),
+/// and past that bound the transport drops instead of queueing.
+#[derive(Debug)]
+pub struct ObservationFeed {
+    rx: mpsc::UnboundedReceiver<FeedItem>,
+}
+
+/// A feed and its sender.
+pub fn observation_feed() -> (FeedSender, ObservationFeed) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (FeedSender(tx), ObservationFeed { rx })
+}
+
+impl ObservationFeed {
+    /// Waits for a notification and takes it with those queued behind it, at most
+    /// `limit` in all, into `buf`; 0 when every sender is gone.
+    pub async fn recv_many(&mut self, buf: &mut Vec<FeedItem>, limit: usize) -> usize {
+        let before = buf.len();
+        let n = self.rx.recv_many(buf, limit).await;
+        for item in &buf[before..] {
+            item.link.queued.release(1);
+        }
+        n
+    }
+}
+
+/// One notification from a feed: which observation it is for and the device's message.
+/// A CON notification's ACK is held ([`HeldAck`]) until the reader takes it
+/// ([`FeedItem::take_ack`]) and sends it once the notification is stored; an item
+/// dropped with its ACK still held (its observation ended meanwhile) has the duplicate
+/// cache forget it, so the device's retransmission is answered anew (with RST: the token
+/// is gone).
+#[derive(Debug)]
+pub struct FeedItem {
+    link: std::sync::Arc<FeedLink>,
+    packet: Packet,
+    held: Option<HeldAck>,
+}
+
+impl FeedItem {
+    /// The number the observation was handed over with.
+    pub fn observation(&self) -> u64 {
+        self.link.id
+    }
+
+    pub fn packet(&self) -> &Packet {
+        &self.packet
+    }
+
+    /// The notification's held ACK, to send once it is stored.
+    pub fn take_ack(&mut self) -> Option<FeedAck> {
+        let held = self.held.take()?;
+        Some(FeedAck {
+            transport: self.link.transport.clone(),
+            held: Some(held),
+        })
+    }
+}
+
+impl Drop for FeedItem {
+    fn drop(&mut self) {
+        if let Some(h) = self.held.take()
+            && let Some(t) = self.link.transport.upgrade()
+        {
+            t.lock_dedup().forget(h.peer, h.mid);
+        }
+    }
+}
+
+/// A CON notification's ACK, held until the notification is stored. Dropped unsent, the
+/// duplicate cache forgets the notification (see [`FeedItem`]).
+#[derive(Debug)]
+pub struct FeedAck {
+    transport: std::sync::Weak<Transport>,
+    held: Option<HeldAck>,
+}
+
+impl FeedAck {
+    /// Sends the ACK (and remembers it for the device's retransmissions).
+    pub async fn send(mut self) {
+        if let Some(h) = self.held.take()
+            && let Some(t) = self.transport.upgrade()
+        {
+            t.send_held_ack(h).await;
+        }
+    }
+}
+
+impl Drop for FeedAck {
+    fn drop(&mut self) {
+        if let Some(h) = self.held.take()
+            && let Some(t) = self.transport.upgrade()
+        {
+            t.lock_dedup().forget(h.peer, h.mid);
         }
     }
 }
@@ -660,7 +898,7 @@ impl Transport {
         self.lock_client().by_token.insert(
             token.clone(),
             Route {
-                tx,
+                tx: RouteTx::Own(tx),
                 observation: false,
             },
         );
@@ -690,7 +928,7 @@ impl Transport {
             client.by_token.insert(
                 token.clone(),
                 Route {
-                    tx,
+                    tx: RouteTx::Own(tx),
                     observation: true,
                 },
             );
@@ -702,6 +940,7 @@ impl Transport {
             token,
             queued,
             unacked: Vec::new(),
+            handed_over: false,
         };
         let first = self.transmit(peer, &packet, &mut stream.rx, &cfg).await?;
         Ok((CoapReply::from_packet(&first), stream))
@@ -1039,6 +1278,88 @@ mod tests {
         stream.acknowledge().await;
         let (ack, _) = recv(&s.device).await;
         assert_eq!(ack.header.message_id, 501);
+    }
+
+    /// Issue 24: observations handed to one feed deliver there, each in its order and
+    /// after what its stream held already, counted against the shared bound until taken;
+    /// a CON one is acknowledged only when its `FeedAck` is sent. An item dropped with
+    /// its ACK held (its observation ended) is forgotten by the duplicate cache, and a
+    /// dropped `FedObservation` forgets its token (RST).
+    #[tokio::test]
+    async fn a_feed_takes_the_notifications_of_every_observation_handed_to_it() {
+        let s = setup(fast()).await;
+        let (a, token_a) = observed(&s).await;
+        let (b, token_b) = observed(&s).await;
+        // Queued on a's own stream before the hand-over: it comes first.
+        send(&s.device, &notification(&token_a, 2), s.local).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (tx, mut feed) = observation_feed();
+        let fed_a = a.into_feed(7, &tx);
+        let fed_b = b.into_feed(9, &tx);
+        assert_eq!(fed_a.token(), token_a);
+        let con = |token: &[u8], seq: u32| {
+            let mut n = notification(token, seq);
+            n.header.set_type(MessageType::Confirmable);
+            n
+        };
+        send(&s.device, &notification(&token_b, 3), s.local).await;
+        send(&s.device, &notification(&token_a, 4), s.local).await;
+        send(&s.device, &con(&token_b, 5), s.local).await;
+        send(&s.device, &con(&token_a, 6), s.local).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(s.transport.lock_client().queued_notifications(), 5);
+        let mut items = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(2), feed.recv_many(&mut items, 100))
+            .await
+            .expect("nothing from the feed");
+        assert_eq!(n, 5);
+        assert_eq!(s.transport.lock_client().queued_notifications(), 0);
+        let got: Vec<(u64, String)> = items
+            .iter()
+            .map(|i| {
+                (
+                    i.observation(),
+                    String::from_utf8(i.packet().payload.clone()).unwrap(),
+                )
+            })
+            .collect();
+        let want = [(7, "2"), (9, "3"), (7, "4"), (9, "5"), (7, "6")];
+        assert_eq!(got, want.map(|(i, p)| (i, p.to_string())));
+        let mut buf = [0u8; 64];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), s.device.recv_from(&mut buf))
+                .await
+                .is_err(),
+            "a CON notification was acknowledged before its ACK was sent"
+        );
+        // b's is sent; a's item is dropped with its ACK held (as for an ended observation).
+        let ack_b = items[3]
+            .take_ack()
+            .expect("b's CON notification holds its ACK");
+        assert!(
+            items[1].take_ack().is_none(),
+            "a NON notification has no ACK"
+        );
+        ack_b.send().await;
+        let (ack, _) = recv(&s.device).await;
+        assert_eq!(ack.header.get_type(), MessageType::Acknowledgement);
+        assert_eq!(ack.header.message_id, 5);
+        drop(items);
+        drop(fed_a);
+        // a's retransmission is new to the duplicate cache, and its token is gone: RST.
+        send(&s.device, &con(&token_a, 6), s.local).await;
+        let (rst, _) = recv(&s.device).await;
+        assert_eq!(rst.header.get_type(), MessageType::Reset);
+        assert_eq!(rst.header.message_id, 6);
+        // b goes on.
+        send(&s.device, &notification(&token_b, 8), s.local).await;
+        let mut items = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), feed.recv_many(&mut items, 100))
+            .await
+            .expect("b's next notification");
+        assert_eq!(items[0].observation(), 9);
+        assert_eq!(items[0].packet().payload, b"8");
+        drop(fed_b);
     }
 
     #[tokio::test]

@@ -100,11 +100,19 @@ fn forget_in_background(key_id: &str, delete: crate::store::Pending<()>) {
 }
 
 /// Which channels an event is queued for.
+#[derive(Clone, Copy)]
 enum To<'a> {
     Key(&'a str),
     /// Several keys, each once, in one store write.
     Keys(&'a [String]),
     Domain(&'a str),
+}
+
+/// Events about one thing and where they go ([`Hub::publish_groups`]).
+struct Group<'a> {
+    to: To<'a>,
+    events: &'a [Event],
+    about: About<'a>,
 }
 
 /// The notification queues at one moment ([`Hub::queue_stats`]).
@@ -847,12 +855,21 @@ impl Hub {
             .await;
     }
 
-    /// [`Hub::publish_to_keys`] of several events about the same thing (an observation's
-    /// notifications that arrived together, issue 24), in their order, in one store
-    /// write.
-    pub async fn publish_all_to_keys(&self, keys: &[String], events: &[Event], about: About<'_>) {
-        if !events.is_empty() {
-            self.publish(To::Keys(keys), events, None, about).await;
+    /// [`Hub::publish_to_keys`] of several groups of events, each group's events about
+    /// the same thing and in their order (the notifications of the observations that
+    /// arrived together, issue 24), all in one store write.
+    pub async fn publish_batch(&self, batch: &[(&[String], &[Event], About<'_>)]) {
+        let groups: Vec<Group<'_>> = batch
+            .iter()
+            .filter(|(_, events, _)| !events.is_empty())
+            .map(|&(keys, events, about)| Group {
+                to: To::Keys(keys),
+                events,
+                about,
+            })
+            .collect();
+        if !groups.is_empty() {
+            self.publish_groups(&groups, None).await;
         }
     }
 
@@ -898,6 +915,12 @@ impl Hub {
     /// resource list is cut to what each restricted key may see (one entry made per
     /// distinct restriction).
     async fn publish(&self, to: To<'_>, events: &[Event], answered: Option<u64>, about: About<'_>) {
+        self.publish_groups(&[Group { to, events, about }], answered)
+            .await;
+    }
+
+    /// [`Hub::publish`] of several groups in one store write (and one wait for it).
+    async fn publish_groups(&self, groups: &[Group<'_>], answered: Option<u64>) {
         // Not sized (rendered) here: an event no channel takes is never rendered (see
         // `rest::wire`); one that is queued is rendered once, when it is queued.
         let mut wakes = Vec::new();
@@ -906,46 +929,48 @@ impl Hub {
         let durable = {
             let mut map = self.lock();
             let mut chosen: Vec<(String, Event)> = Vec::new();
-            // A registration's entry cut to a restriction, made once per event and
-            // distinct restriction.
-            let mut cut: Vec<(usize, Vec<String>, Event)> = Vec::new();
-            let mut choose = |ch: &Channel| {
-                if !about.visible_to(ch.rec.allow.as_deref()) {
-                    return;
-                }
-                for (i, event) in events.iter().enumerate() {
-                    let event = match (about, &ch.rec.allow) {
-                        (About::Registration(ep), Some(allow)) => {
-                            match cut.iter().find(|(j, a, _)| *j == i && a == allow) {
-                                Some((_, _, e)) => e.clone(),
-                                None => {
-                                    let summary = registration_entry(ep, Some(allow));
-                                    let entry = match event.entry() {
-                                        Entry::RegUpdate(_) => Entry::RegUpdate(summary),
-                                        _ => Entry::Registration(summary),
-                                    };
-                                    let e = Event::new(entry, event.created_ms);
-                                    cut.push((i, allow.clone(), e.clone()));
-                                    e
+            for &Group { to, events, about } in groups {
+                // A registration's entry cut to a restriction, made once per event and
+                // distinct restriction.
+                let mut cut: Vec<(usize, Vec<String>, Event)> = Vec::new();
+                let mut choose = |ch: &Channel| {
+                    if !about.visible_to(ch.rec.allow.as_deref()) {
+                        return;
+                    }
+                    for (i, event) in events.iter().enumerate() {
+                        let event = match (about, &ch.rec.allow) {
+                            (About::Registration(ep), Some(allow)) => {
+                                match cut.iter().find(|(j, a, _)| *j == i && a == allow) {
+                                    Some((_, _, e)) => e.clone(),
+                                    None => {
+                                        let summary = registration_entry(ep, Some(allow));
+                                        let entry = match event.entry() {
+                                            Entry::RegUpdate(_) => Entry::RegUpdate(summary),
+                                            _ => Entry::Registration(summary),
+                                        };
+                                        let e = Event::new(entry, event.created_ms);
+                                        cut.push((i, allow.clone(), e.clone()));
+                                        e
+                                    }
                                 }
                             }
-                        }
-                        _ => event.clone(),
-                    };
-                    chosen.push((ch.rec.key_id.clone(), event));
-                }
-            };
-            match to {
-                To::Key(k) => map.get(k).into_iter().for_each(&mut choose),
-                To::Keys(ks) => {
-                    for k in ks {
-                        map.get(k.as_str()).into_iter().for_each(&mut choose);
+                            _ => event.clone(),
+                        };
+                        chosen.push((ch.rec.key_id.clone(), event));
                     }
+                };
+                match to {
+                    To::Key(k) => map.get(k).into_iter().for_each(&mut choose),
+                    To::Keys(ks) => {
+                        for k in ks {
+                            map.get(k.as_str()).into_iter().for_each(&mut choose);
+                        }
+                    }
+                    To::Domain(d) => map
+                        .values()
+                        .filter(|c| c.rec.domain == d)
+                        .for_each(&mut choose),
                 }
-                To::Domain(d) => map
-                    .values()
-                    .filter(|c| c.rec.domain == d)
-                    .for_each(&mut choose),
             }
             if self.peers.is_some() {
                 // Cluster: only the channels this node owns are queued here; the others'

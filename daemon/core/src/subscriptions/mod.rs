@@ -23,7 +23,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::auth::Principal;
-use crate::coap::client::{CoapReply, ObserveStream};
+use crate::coap::client::{
+    CoapReply, FedObservation, FeedItem, FeedSender, ObservationFeed, ObserveStream,
+};
 use crate::coap::content_format;
 use crate::events::{Entry, Event, Hub, Notification, SubscriptionError};
 use crate::hashing::Map;
@@ -137,16 +139,30 @@ impl ResourceSet {
 }
 
 struct Observation {
-    /// The task reading the notifications; aborting it drops the stream (cancel).
-    task: tokio::task::JoinHandle<()>,
-    /// Forgets the token at once, before the aborted task is dropped.
+    key: ResKey,
+    /// Forgets the token at once (before a `starting` task that holds the stream is
+    /// dropped).
     cancel: crate::coap::client::ObserveCancel,
+    /// An internal observe's first value being published, before the observation's
+    /// notifications go to the feed (so that they follow it); aborted with the
+    /// observation.
+    starting: Option<tokio::task::JoinHandle<()>>,
+    /// The observation's notifications go to the manager's feed; dropping it forgets
+    /// the token (the device's next notification gets RST, which cancels it).
+    fed: Option<FedObservation>,
+    /// The newest notification taken: its Observe number and when (RFC 7641 §3.4).
+    last: (u32, Instant),
+    endpoint: Endpoint,
 }
 
 #[derive(Default)]
 struct State {
     keys: Map<String, KeySubs>,
-    observations: Map<ResKey, Observation>,
+    /// The observation of each observed resource, by its number in [`State::observing`].
+    observations: Map<ResKey, u64>,
+    /// The observations by number: the number their notifications come with from the
+    /// feed ([`Subscriptions::take_notifications`]).
+    observing: Map<u64, Observation>,
     /// (domain, endpoint) → (registration id, paths whose observe the device refused in
     /// that registration): pre-subscriptions do not ask for them again until the device
     /// registers anew, so a refusal is reported once, not at every update.
@@ -188,10 +204,23 @@ impl State {
     }
 
     fn stop_observation(&mut self, key: &ResKey) {
-        if let Some(o) = self.observations.remove(key) {
+        if let Some(id) = self.observations.remove(key)
+            && let Some(o) = self.observing.remove(&id)
+        {
             o.cancel.cancel();
-            o.task.abort();
+            if let Some(t) = o.starting {
+                t.abort();
+            }
         }
+    }
+
+    /// Forgets observation `id` (it ended), if it is still the resource's observation.
+    fn remove_observation(&mut self, id: u64) -> Option<Observation> {
+        let o = self.observing.remove(&id)?;
+        if self.observations.get(&o.key) == Some(&id) {
+            self.observations.remove(&o.key);
+        }
+        Some(o)
     }
 }
 
@@ -211,15 +240,20 @@ pub struct Subscriptions {
     /// at a time, which takes the newest one when it is done with the last, so waiting
     /// evaluations are bounded by the registered endpoints however often they update.
     due: Mutex<Map<(String, String), Arc<Endpoint>>>,
+    /// Where every observation's notifications go (issue 24): one task takes them in
+    /// batches ([`Subscriptions::take_notifications`]).
+    feed: FeedSender,
+    /// The number of the next observation.
+    next_observation: std::sync::atomic::AtomicU64,
 }
 
 fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The most notifications of one observation stored in one write (issue 24): a batch
-/// is what arrived while the one before was being stored.
-const NOTIFY_BATCH: usize = 256;
+/// The most notifications taken from the feed and stored in one write (issue 24): a
+/// batch is what arrived, from every observation, while the one before was being stored.
+const FEED_BATCH: usize = 4096;
 
 /// RFC 7641 §3.4: is notification `v2` (received at `t2`) newer than `v1` (at `t1`)?
 pub fn is_fresh(v1: u32, t1: Instant, v2: u32, t2: Instant) -> bool {
@@ -283,7 +317,8 @@ impl Subscriptions {
             k.presubs = p.rules;
         }
         tracing::info!("loaded {n} subscriptions");
-        Ok(Arc::new(Subscriptions {
+        let (feed, notifications) = crate::coap::client::observation_feed();
+        let me = Arc::new(Subscriptions {
             directory,
             requests,
             hub,
@@ -293,12 +328,21 @@ impl Subscriptions {
             state: Mutex::new(state),
             limits,
             due: Mutex::new(Map::default()),
-        }))
+            feed,
+            next_observation: std::sync::atomic::AtomicU64::new(1),
+        });
+        // Weak: the task ends when the manager is dropped (its observations, which hold
+        // the feed's senders, with it).
+        tokio::spawn(Subscriptions::take_notifications(
+            Arc::downgrade(&me),
+            notifications,
+        ));
+        Ok(me)
     }
 
     /// Takes the request layer's observation reports (see
     /// [`crate::requests::observation_reports`]) until `stop` fires or the request layer is
-    /// gone. An established observation is taken at once (its notification task spawned);
+    /// gone. An established observation is taken at once (handed to the feed);
     /// a refusal ends the subscriptions in a task of its own (it writes to the store), so
     /// one slow write holds up no other endpoint's report. At stop the channel is closed
     /// and what was already in it is still handled; a report sent after that is dropped
@@ -1191,23 +1235,33 @@ impl Subscriptions {
     /// Publishes one notification to every subscribed key and fills the value cache. A
     /// domain over its transaction quota gets none (counted as refused).
     async fn notify(&self, domain: &str, ep: &str, path: &str, reply: &CoapReply) {
-        self.notify_all(domain, ep, path, vec![reply.clone()]).await;
+        let mut replies = vec![reply.clone()];
+        let Some(keys) = self.prepare(domain, ep, path, &mut replies) else {
+            return;
+        };
+        let events = self.events(ep, path, replies, now_ms());
+        self.hub
+            .publish_batch(&[(&keys, &events, crate::events::About::Resource(ep, path))])
+            .await;
     }
 
-    /// Publishes an observation's notifications, in order, to every subscribed key in one
-    /// store write, and fills the value cache with the last. Those over the domain's
-    /// transaction quota are left out (counted as refused).
-    async fn notify_all(&self, domain: &str, ep: &str, path: &str, replies: Vec<CoapReply>) {
-        let mut replies = replies;
+    /// Before an observation's `replies` (in order) are published: leaves out those over
+    /// the domain's transaction quota (counted as refused), fills the value cache with
+    /// the last, and says which keys are subscribed (`None`: nothing is left to publish).
+    fn prepare(
+        &self,
+        domain: &str,
+        ep: &str,
+        path: &str,
+        replies: &mut Vec<CoapReply>,
+    ) -> Option<Vec<String>> {
         if let Some(l) = self.limits.as_ref() {
             replies.retain(|_| l.take(domain).is_ok());
             if replies.is_empty() {
                 tracing::debug!(%ep, %path, "notification dropped: the domain's transaction quota is used up");
             }
         }
-        let Some(newest) = replies.last() else {
-            return;
-        };
+        let newest = replies.last()?;
         self.requests.cache_put(
             domain,
             ep,
@@ -1216,15 +1270,150 @@ impl Subscriptions {
             newest.content_format,
             newest.max_age,
         );
-        let keys = self.lock().subscribers(domain, ep, path);
-        let created = now_ms();
-        let events: Vec<Event> = replies
+        Some(self.lock().subscribers(domain, ep, path))
+    }
+
+    /// The `notifications` events of `replies`.
+    fn events(&self, ep: &str, path: &str, replies: Vec<CoapReply>, created: u64) -> Vec<Event> {
+        replies
             .into_iter()
             .map(|r| Event::new(Entry::Notification(notification(ep, path, &r)), created))
-            .collect();
-        self.hub
-            .publish_all_to_keys(&keys, &events, crate::events::About::Resource(ep, path))
-            .await;
+            .collect()
+    }
+
+    /// Takes the notifications of every observation from the feed until the manager is
+    /// gone: what arrived while the last batch was being stored is taken at once (at
+    /// most [`FEED_BATCH`]) and stored in one write (issue 24: a task per observation
+    /// made a wake-up, a store job and a wait for every notification).
+    async fn take_notifications(me: std::sync::Weak<Subscriptions>, mut feed: ObservationFeed) {
+        let mut items = Vec::with_capacity(FEED_BATCH);
+        while feed.recv_many(&mut items, FEED_BATCH).await > 0 {
+            let Some(me) = me.upgrade() else { return };
+            me.notify_batch(&mut items).await;
+            items.clear();
+        }
+    }
+
+    /// Publishes a batch from the feed: each observation's fresh notifications in order
+    /// to its subscribers, all in one store write; then acknowledges the CON ones, and
+    /// ends the observations the device ended (an error, or a response without Observe:
+    /// what follows it in the batch is dropped). Items of observations that were stopped
+    /// meanwhile are dropped (their held ACKs forgotten).
+    async fn notify_batch(self: &Arc<Self>, items: &mut Vec<FeedItem>) {
+        struct Taken {
+            id: u64,
+            key: ResKey,
+            replies: Vec<CoapReply>,
+            ended: Option<CoapReply>,
+        }
+        let mut taken: Vec<Taken> = Vec::new();
+        let mut index: Map<u64, usize> = Map::default();
+        let mut acks = Vec::new();
+        {
+            let mut st = self.lock();
+            let now = Instant::now();
+            for item in items.iter_mut() {
+                let id = item.observation();
+                let Some(o) = st.observing.get_mut(&id) else {
+                    continue;
+                };
+                let t = *index.entry(id).or_insert_with(|| {
+                    taken.push(Taken {
+                        id,
+                        key: o.key.clone(),
+                        replies: Vec::new(),
+                        ended: None,
+                    });
+                    taken.len() - 1
+                });
+                let t = &mut taken[t];
+                if t.ended.is_some() {
+                    continue;
+                }
+                acks.extend(item.take_ack());
+                let reply = CoapReply::from_packet(item.packet());
+                if reply.code.is_error() || reply.observe.is_none() {
+                    t.ended = Some(reply);
+                    continue;
+                }
+                let seq = reply.observe.unwrap_or(0);
+                if is_fresh(o.last.0, o.last.1, seq, now) {
+                    o.last = (seq, now);
+                    Counters::inc(&self.counters.observe_notifications);
+                    t.replies.push(reply);
+                } else {
+                    Counters::inc(&self.counters.observe_stale);
+                }
+            }
+        }
+        // Dropped here: the items not taken (their ACKs forgotten).
+        items.clear();
+        let created = now_ms();
+        let mut published: Vec<(Vec<String>, Vec<Event>, usize)> = Vec::new();
+        for (i, t) in taken.iter_mut().enumerate() {
+            let (domain, ep, path) = &t.key;
+            let mut replies = std::mem::take(&mut t.replies);
+            if replies.is_empty() {
+                continue;
+            }
+            if let Some(keys) = self.prepare(domain, ep, path, &mut replies) {
+                published.push((keys, self.events(ep, path, replies, created), i));
+            }
+        }
+        if !published.is_empty() {
+            let batch: Vec<(&[String], &[Event], crate::events::About<'_>)> = published
+                .iter()
+                .map(|(keys, events, i)| {
+                    let (_, ep, path) = &taken[*i].key;
+                    (
+                        keys.as_slice(),
+                        events.as_slice(),
+                        crate::events::About::Resource(ep, path),
+                    )
+                })
+                .collect();
+            self.hub.publish_batch(&batch).await;
+        }
+        // Stored: the devices' CON notifications are acknowledged now.
+        for a in acks {
+            a.send().await;
+        }
+        for t in taken {
+            let Some(reply) = t.ended else { continue };
+            self.observation_ended(t.id, reply);
+        }
+    }
+
+    /// The device ended observation `id` (an error code, or a response without
+    /// Observe): it is forgotten and its subscribers are told, as for a refused observe.
+    fn observation_ended(self: &Arc<Self>, id: u64, reply: CoapReply) {
+        let Some(o) = self.lock().remove_observation(id) else {
+            return;
+        };
+        let (domain, ep_name, path) = &o.key;
+        if log_budget::allow(DeviceLine::ObservationEnded) {
+            tracing::info!(ep = %ep_name, %path, code = ?reply.code, "the device ended the observation");
+        }
+        let (status, reason) = if reply.code.is_error() {
+            (
+                crate::requests::http_status(reply.code),
+                format!("the device ended the observation with {:?}", reply.code),
+            )
+        } else {
+            (
+                412,
+                "the device ended the observation (a response without Observe)".into(),
+            )
+        };
+        let me = Arc::clone(self);
+        let (domain, path, endpoint) = (domain.clone(), path.clone(), o.endpoint.clone());
+        // The token goes now (the device's next notification gets RST); telling the
+        // subscribers writes to the store, so it does not hold up the feed.
+        drop(o);
+        tokio::spawn(async move {
+            me.observation_refused(&domain, &endpoint, &path, status, &reason)
+                .await;
+        });
     }
 }
 
@@ -1265,92 +1454,57 @@ pub fn notification(ep: &str, path: &str, reply: &CoapReply) -> Notification {
 
 impl Subscriptions {
     /// An observation of `job.path` on `ep` is established (reported by the request
-    /// layer); `first` is the device's first response. Dropping `stream` cancels it.
+    /// layer); `first` is the device's first response. Its notifications go to the feed
+    /// ([`Subscriptions::take_notifications`]); an internal observe's first value (it has
+    /// no async response to carry it) is published before them.
     fn established(
         self: &Arc<Self>,
         job: &Job,
         ep: &Endpoint,
         first: CoapReply,
-        mut stream: ObserveStream,
+        stream: ObserveStream,
     ) {
         let key: ResKey = (job.domain.clone(), job.ep.clone(), job.path.clone());
-        let me = Arc::clone(self);
         let mut st = self.lock();
         if st.subscribers(&key.0, &key.1, &key.2).is_empty() {
             // Unsubscribed while the observe was on its way: dropping the stream cancels.
             return;
         }
         st.stop_observation(&key);
-        let internal = job.internal;
-        let reg_id = ep.reg.id.clone();
-        let ep_arc = ep.clone();
-        let task_key = key.clone();
+        let id = self
+            .next_observation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cancel = stream.canceller();
-        let task = tokio::spawn(async move {
-            let (domain, ep_name, path) = task_key;
-            // The first value: an internal observe has no async response to carry it.
-            if internal {
+        let last = (first.observe.unwrap_or(0), Instant::now());
+        let (starting, fed) = if job.internal {
+            let me = Arc::clone(self);
+            let (domain, ep_name, path) = key.clone();
+            let task = tokio::spawn(async move {
                 me.notify(&domain, &ep_name, &path, &first).await;
-            }
-            let mut last = (first.observe.unwrap_or(0), Instant::now());
-            // Issue 24: what arrived while the last batch was being stored is taken at
-            // once and stored in one write (in order), so an observation keeps up with a
-            // device that sends faster than one commit.
-            let mut batch: Vec<CoapReply> = Vec::new();
-            while let Some(p) = stream.recv().await {
-                let mut next = Some(p);
-                let mut ended = None;
-                while let Some(p) = next.take() {
-                    let reply = CoapReply::from_packet(&p);
-                    if reply.code.is_error() || reply.observe.is_none() {
-                        ended = Some(reply);
-                        break;
-                    }
-                    let seq = reply.observe.unwrap_or(0);
-                    let now = Instant::now();
-                    if is_fresh(last.0, last.1, seq, now) {
-                        last = (seq, now);
-                        Counters::inc(&me.counters.observe_notifications);
-                        batch.push(reply);
-                    } else {
-                        Counters::inc(&me.counters.observe_stale);
-                    }
-                    if batch.len() < NOTIFY_BATCH {
-                        next = stream.try_recv();
-                    }
+                let mut st = me.lock();
+                // Stopped meanwhile: the stream is dropped here, which cancels it.
+                if let Some(o) = st.observing.get_mut(&id) {
+                    o.fed = Some(stream.into_feed(id, &me.feed));
+                    o.starting = None;
                 }
-                me.notify_all(&domain, &ep_name, &path, std::mem::take(&mut batch))
-                    .await;
-                // Stored: the device's CON notifications are acknowledged now.
-                stream.acknowledge().await;
-                let Some(reply) = ended else { continue };
-                if log_budget::allow(DeviceLine::ObservationEnded) {
-                    tracing::info!(ep = %ep_name, %path, code = ?reply.code, "the device ended the observation");
-                }
-                let (status, reason) = if reply.code.is_error() {
-                    (
-                        crate::requests::http_status(reply.code),
-                        format!("the device ended the observation with {:?}", reply.code),
-                    )
-                } else {
-                    (
-                        412,
-                        "the device ended the observation (a response without Observe)".into(),
-                    )
-                };
-                // Out of the map first: observation_refused stops the observation,
-                // which aborts this very task.
-                me.lock()
-                    .observations
-                    .remove(&(domain.clone(), ep_name.clone(), path.clone()));
-                me.observation_refused(&domain, &ep_arc, &path, status, &reason)
-                    .await;
-                return;
-            }
-            me.lock().observations.remove(&(domain, ep_name, path));
-        });
-        tracing::debug!(ep = %key.1, path = %key.2, registration = %reg_id, "observing");
-        st.observations.insert(key, Observation { task, cancel });
+            });
+            (Some(task), None)
+        } else {
+            (None, Some(stream.into_feed(id, &self.feed)))
+        };
+        tracing::debug!(ep = %key.1, path = %key.2, registration = %ep.reg.id, "observing");
+        st.observations.insert(key.clone(), id);
+        st.observing.insert(
+            id,
+            Observation {
+                key,
+                cancel,
+                starting,
+                fed,
+                last,
+                endpoint: ep.clone(),
+            },
+        );
     }
 }
 
