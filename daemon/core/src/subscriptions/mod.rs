@@ -153,11 +153,67 @@ struct Observation {
     /// The newest notification taken: its Observe number and when (RFC 7641 §3.4).
     last: (u32, Instant),
     endpoint: Endpoint,
+    /// The keys subscribed to the resource (issue 24: looked up again only when a
+    /// subscription changed, not for every notification).
+    subscribers: Subscribers,
+    /// The resource's place in the value cache.
+    cache: Arc<crate::requests::CacheSlot>,
+}
+
+/// The keys subscribed to one resource as of a [`Keys::generation`].
+#[derive(Default)]
+struct Subscribers(Option<(u64, Arc<[String]>)>);
+
+impl Subscribers {
+    /// The keys subscribed to `(domain, ep, path)` now.
+    fn of(&mut self, keys: &Keys, (domain, ep, path): (&str, &str, &str)) -> Arc<[String]> {
+        match &self.0 {
+            Some((generation, list)) if *generation == keys.generation => Arc::clone(list),
+            _ => {
+                let list: Arc<[String]> = keys.subscribers(domain, ep, path).into();
+                self.0 = Some((keys.generation, Arc::clone(&list)));
+                list
+            }
+        }
+    }
+}
+
+/// The keys' subscriptions, with a number that changes at every change of them (any
+/// mutable use counts as one), so that an observation keeps the list of its subscribers
+/// until then ([`Observation::subscribers`]).
+#[derive(Default)]
+struct Keys {
+    map: Map<String, KeySubs>,
+    generation: u64,
+}
+
+impl std::ops::Deref for Keys {
+    type Target = Map<String, KeySubs>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Keys {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.generation = self.generation.wrapping_add(1);
+        &mut self.map
+    }
+}
+
+impl Keys {
+    fn subscribers(&self, domain: &str, ep: &str, path: &str) -> Vec<String> {
+        self.map
+            .iter()
+            .filter(|(_, k)| k.domain == domain && k.resources.contains(ep, path))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
 }
 
 #[derive(Default)]
 struct State {
-    keys: Map<String, KeySubs>,
+    keys: Keys,
     /// The observation of each observed resource, by its number in [`State::observing`].
     observations: Map<ResKey, u64>,
     /// The observations by number: the number their notifications come with from the
@@ -196,11 +252,7 @@ impl Drop for Asking<'_> {
 
 impl State {
     fn subscribers(&self, domain: &str, ep: &str, path: &str) -> Vec<String> {
-        self.keys
-            .iter()
-            .filter(|(_, k)| k.domain == domain && k.resources.contains(ep, path))
-            .map(|(id, _)| id.clone())
-            .collect()
+        self.keys.subscribers(domain, ep, path)
     }
 
     fn stop_observation(&mut self, key: &ResKey) {
@@ -854,7 +906,7 @@ impl Subscriptions {
         let domains: BTreeSet<String> = keys.values().map(|k| k.domain.clone()).collect();
         {
             let mut st = self.lock();
-            st.keys = keys;
+            *st.keys = keys;
             self.prune(&mut st);
         }
         for d in domains {
@@ -1236,41 +1288,42 @@ impl Subscriptions {
     /// domain over its transaction quota gets none (counted as refused).
     async fn notify(&self, domain: &str, ep: &str, path: &str, reply: &CoapReply) {
         let mut replies = vec![reply.clone()];
-        let Some(keys) = self.prepare(domain, ep, path, &mut replies) else {
+        if !self.within_quota(domain, ep, path, &mut replies) {
             return;
-        };
+        }
+        if let Some(newest) = replies.last() {
+            self.requests.cache_put(
+                domain,
+                ep,
+                path,
+                &newest.payload,
+                newest.content_format,
+                newest.max_age,
+            );
+        }
+        let keys = self.lock().subscribers(domain, ep, path);
         let events = self.events(ep, path, replies, now_ms());
         self.hub
             .publish_batch(&[(&keys, &events, crate::events::About::Resource(ep, path))])
             .await;
     }
 
-    /// Before an observation's `replies` (in order) are published: leaves out those over
-    /// the domain's transaction quota (counted as refused), fills the value cache with
-    /// the last, and says which keys are subscribed (`None`: nothing is left to publish).
-    fn prepare(
+    /// Leaves out the `replies` over the domain's transaction quota (counted as refused);
+    /// false when none is left.
+    fn within_quota(
         &self,
         domain: &str,
         ep: &str,
         path: &str,
         replies: &mut Vec<CoapReply>,
-    ) -> Option<Vec<String>> {
+    ) -> bool {
         if let Some(l) = self.limits.as_ref() {
             replies.retain(|_| l.take(domain).is_ok());
             if replies.is_empty() {
                 tracing::debug!(%ep, %path, "notification dropped: the domain's transaction quota is used up");
             }
         }
-        let newest = replies.last()?;
-        self.requests.cache_put(
-            domain,
-            ep,
-            path,
-            &newest.payload,
-            newest.content_format,
-            newest.max_age,
-        );
-        Some(self.lock().subscribers(domain, ep, path))
+        !replies.is_empty()
     }
 
     /// The `notifications` events of `replies`.
@@ -1305,16 +1358,21 @@ impl Subscriptions {
             key: ResKey,
             replies: Vec<CoapReply>,
             ended: Option<CoapReply>,
+            subscribers: Arc<[String]>,
+            cache: Arc<crate::requests::CacheSlot>,
         }
         let mut taken: Vec<Taken> = Vec::new();
         let mut index: Map<u64, usize> = Map::default();
         let mut acks = Vec::new();
         {
             let mut st = self.lock();
+            let State {
+                observing, keys, ..
+            } = &mut *st;
             let now = Instant::now();
             for item in items.iter_mut() {
                 let id = item.observation();
-                let Some(o) = st.observing.get_mut(&id) else {
+                let Some(o) = observing.get_mut(&id) else {
                     continue;
                 };
                 let t = *index.entry(id).or_insert_with(|| {
@@ -1323,6 +1381,8 @@ impl Subscriptions {
                         key: o.key.clone(),
                         replies: Vec::new(),
                         ended: None,
+                        subscribers: o.subscribers.of(keys, (&o.key.0, &o.key.1, &o.key.2)),
+                        cache: Arc::clone(&o.cache),
                     });
                     taken.len() - 1
                 });
@@ -1349,24 +1409,47 @@ impl Subscriptions {
         // Dropped here: the items not taken (their ACKs forgotten).
         items.clear();
         let created = now_ms();
-        let mut published: Vec<(Vec<String>, Vec<Event>, usize)> = Vec::new();
+        let mut published: Vec<(Vec<Event>, usize)> = Vec::new();
+        let mut moved_slots = Vec::new();
         for (i, t) in taken.iter_mut().enumerate() {
             let (domain, ep, path) = &t.key;
             let mut replies = std::mem::take(&mut t.replies);
-            if replies.is_empty() {
+            if replies.is_empty() || !self.within_quota(domain, ep, path, &mut replies) {
                 continue;
             }
-            if let Some(keys) = self.prepare(domain, ep, path, &mut replies) {
-                published.push((keys, self.events(ep, path, replies, created), i));
+            if let Some(newest) = replies.last() {
+                let before = Arc::clone(&t.cache);
+                self.requests.cache_put_at(
+                    &mut t.cache,
+                    (domain, ep, path),
+                    &newest.payload,
+                    newest.content_format,
+                    newest.max_age,
+                );
+                if !Arc::ptr_eq(&before, &t.cache) {
+                    moved_slots.push((t.id, Arc::clone(&t.cache)));
+                }
+            }
+            published.push((self.events(ep, path, replies, created), i));
+        }
+        if !moved_slots.is_empty() {
+            // The endpoint's values were forgotten and the resource was looked up again:
+            // its observation keeps the new place.
+            let mut st = self.lock();
+            for (id, slot) in moved_slots {
+                if let Some(o) = st.observing.get_mut(&id) {
+                    o.cache = slot;
+                }
             }
         }
         if !published.is_empty() {
             let batch: Vec<(&[String], &[Event], crate::events::About<'_>)> = published
                 .iter()
-                .map(|(keys, events, i)| {
-                    let (_, ep, path) = &taken[*i].key;
+                .map(|(events, i)| {
+                    let t = &taken[*i];
+                    let (_, ep, path) = &t.key;
                     (
-                        keys.as_slice(),
+                        &*t.subscribers,
                         events.as_slice(),
                         crate::events::About::Resource(ep, path),
                     )
@@ -1493,6 +1576,7 @@ impl Subscriptions {
             (None, Some(stream.into_feed(id, &self.feed)))
         };
         tracing::debug!(ep = %key.1, path = %key.2, registration = %ep.reg.id, "observing");
+        let cache = self.requests.cache_slot(&key.0, &key.1, &key.2);
         st.observations.insert(key.clone(), id);
         st.observing.insert(
             id,
@@ -1503,6 +1587,8 @@ impl Subscriptions {
                 fed,
                 last,
                 endpoint: ep.clone(),
+                subscribers: Subscribers::default(),
+                cache,
             },
         );
     }
@@ -1564,6 +1650,35 @@ impl RegistryListener for SubscriptionsListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 24: an observation's list of subscribers is kept until the keys change: any
+    /// change (a key subscribing, one unsubscribing) makes it look them up again.
+    #[test]
+    fn an_observations_subscribers_follow_every_change_of_the_keys() {
+        let res = ("d", "ep", "/3/0/0");
+        let mut keys = Keys::default();
+        let subscribe = |keys: &mut Keys, id: &str| {
+            let k = keys.entry(id.to_string()).or_default();
+            k.domain = "d".into();
+            k.resources.insert("ep", "/3/0/0");
+        };
+        subscribe(&mut keys, "k1");
+        let mut subs = Subscribers::default();
+        let first = subs.of(&keys, res);
+        assert_eq!(&*first, ["k1".to_string()]);
+        assert!(
+            Arc::ptr_eq(&first, &subs.of(&keys, res)),
+            "kept while nothing changed"
+        );
+        subscribe(&mut keys, "k2");
+        let mut now = subs.of(&keys, res).to_vec();
+        now.sort();
+        assert_eq!(now, ["k1", "k2"]);
+        keys.get_mut("k1").unwrap().resources.remove("ep", "/3/0/0");
+        assert_eq!(&*subs.of(&keys, res), ["k2".to_string()]);
+        keys.remove("k2");
+        assert!(subs.of(&keys, res).is_empty());
+    }
 
     #[test]
     fn resource_sets_answer_by_endpoint_and_path() {
