@@ -42,6 +42,21 @@ pub trait Listener: Send + Sync + 'static {
         buf: &'a mut [u8],
     ) -> impl Future<Output = io::Result<(usize, SocketAddr)>> + Send + 'a;
 
+    /// Waits for a message and takes it with those ready behind it, at most
+    /// `batch.capacity()`, into `batch` (cleared first). By default one, with
+    /// [`Listener::recv`]; UDP takes many in one system call (`recvmmsg`, issue 24).
+    fn recv_batch<'a>(
+        &'a self,
+        batch: &'a mut RecvBatch,
+    ) -> impl Future<Output = io::Result<()>> + Send + 'a {
+        async move {
+            batch.clear();
+            let (len, from) = self.recv(&mut batch.bufs[0]).await?;
+            batch.got.push((len, from));
+            Ok(())
+        }
+    }
+
     /// Sends one message to `session`.
     fn send<'a>(
         &'a self,
@@ -65,6 +80,42 @@ pub trait Listener: Send + Sync + 'static {
     /// sends Release on each connection), within a bounded wait. Nothing for UDP and DTLS.
     fn stop(&self) -> impl Future<Output = ()> + Send + '_ {
         std::future::ready(())
+    }
+}
+
+/// Messages received together ([`Listener::recv_batch`]): buffers of one size, and the
+/// length and session of each message received into them, in order.
+#[derive(Debug)]
+pub struct RecvBatch {
+    pub(crate) bufs: Vec<Vec<u8>>,
+    pub(crate) got: Vec<(usize, SocketAddr)>,
+}
+
+impl RecvBatch {
+    /// Room for `count` (at least one) messages of `size` bytes each.
+    pub fn new(count: usize, size: usize) -> RecvBatch {
+        let count = count.max(1);
+        RecvBatch {
+            bufs: vec![vec![0; size]; count],
+            got: Vec::with_capacity(count),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.bufs.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.got.clear();
+    }
+
+    /// The messages received: the bytes of each (cut to a buffer), its full length as
+    /// [`Listener::recv`] reports it, and its session.
+    pub fn messages(&self) -> impl Iterator<Item = (&[u8], usize, SocketAddr)> + '_ {
+        self.got
+            .iter()
+            .zip(&self.bufs)
+            .map(|(&(len, from), buf)| (&buf[..len.min(buf.len())], len, from))
     }
 }
 
@@ -92,6 +143,14 @@ impl Listener for AnyListener {
             AnyListener::Udp(l) => l.recv(buf).await,
             AnyListener::Dtls(l) => l.recv(buf).await,
             AnyListener::Tls(l) => l.recv(buf).await,
+        }
+    }
+
+    async fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<()> {
+        match self {
+            AnyListener::Udp(l) => l.recv_batch(batch).await,
+            AnyListener::Dtls(l) => l.recv_batch(batch).await,
+            AnyListener::Tls(l) => l.recv_batch(batch).await,
         }
     }
 

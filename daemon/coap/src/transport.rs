@@ -28,7 +28,7 @@ use crate::client::{ClientConfig, ClientState};
 use crate::config::CoapConfig;
 use crate::dedup::{Dedup, Seen};
 use crate::dtls::{DtlsCounts, DtlsError, DtlsLimits, DtlsListener, DtlsSetup};
-use crate::listener::{AnyListener, Listener, Session};
+use crate::listener::{AnyListener, Listener, RecvBatch, Session};
 use crate::message::{self, Handled, Inbound, RawHeader, ReplyTo, Response};
 use crate::metrics::{Event, Metrics};
 use crate::peer::{ListenerId, PeerRef};
@@ -91,6 +91,10 @@ pub struct Transport {
 
 /// How often [`Transport::watch_kernel_drops`] looks at the kernel's drops.
 pub const KERNEL_DROPS_EVERY: Duration = Duration::from_secs(10);
+
+/// Messages a receive task takes at once ([`Listener::recv_batch`]: one `recvmmsg` on UDP,
+/// issue 24); 16 buffers of `coap.max_datagram` + 1 bytes per listener.
+const RECV_BATCH: usize = 16;
 
 impl Transport {
     /// Binds every configured address (`coap.listen`, then `coap.listen_dtls`: the DTLS
@@ -406,12 +410,12 @@ impl Transport {
         };
         // One byte more than the limit, so that an oversize datagram is seen as such
         // instead of being silently truncated.
-        let mut buf = vec![0u8; limit + 1];
+        let mut batch = RecvBatch::new(RECV_BATCH, limit + 1);
         loop {
             let received = tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => None,
-                r = listener.recv(&mut buf) => match r {
-                    Ok(x) => Some(x),
+                r = listener.recv_batch(&mut batch) => match r {
+                    Ok(()) => Some(()),
                     Err(e) => {
                         // ICMP errors from earlier sends surface here on Linux; not fatal.
                         tracing::debug!("CoAP recv on {}: {e}", id.local);
@@ -420,37 +424,39 @@ impl Transport {
                 },
             };
             // Stopping: the listener ends its sessions as its protocol asks (TLS: Release).
-            let Some((len, peer)) = received else {
+            if received.is_none() {
                 listener.stop().await;
                 return;
-            };
-            self.metrics.count(Event::Datagram);
-            if len > limit {
-                self.metrics.count(Event::Oversize);
-                tracing::debug!(%peer, "dropping datagram over coap.max_datagram ({} bytes)", self.max_datagram);
-                continue;
             }
-            if !self.plain.admits(id.kind, peer.ip()) {
-                self.metrics.count(Event::PlainDropped);
-                tracing::debug!(%peer, "dropping plain CoAP datagram (coap.plain = \"{}\")", self.plain.as_str());
-                continue;
-            }
-            let session = Session {
-                listener: &*listener,
-                key: peer,
-            };
-            match self.on_message(&buf[..len], peer, (!reliable).then_some(id), Instant::now()) {
-                Action::Nothing => {}
-                Action::Reply(bytes) => session.send(&bytes).await,
-                Action::Handle(req) => self.handle(
-                    req,
-                    PeerRef {
-                        listener: id,
-                        session: peer,
-                    },
-                    &listener,
-                    &handler,
-                ),
+            for (bytes, len, peer) in batch.messages() {
+                self.metrics.count(Event::Datagram);
+                if len > limit {
+                    self.metrics.count(Event::Oversize);
+                    tracing::debug!(%peer, "dropping datagram over coap.max_datagram ({} bytes)", self.max_datagram);
+                    continue;
+                }
+                if !self.plain.admits(id.kind, peer.ip()) {
+                    self.metrics.count(Event::PlainDropped);
+                    tracing::debug!(%peer, "dropping plain CoAP datagram (coap.plain = \"{}\")", self.plain.as_str());
+                    continue;
+                }
+                let session = Session {
+                    listener: &*listener,
+                    key: peer,
+                };
+                match self.on_message(bytes, peer, (!reliable).then_some(id), Instant::now()) {
+                    Action::Nothing => {}
+                    Action::Reply(bytes) => session.send(&bytes).await,
+                    Action::Handle(req) => self.handle(
+                        req,
+                        PeerRef {
+                            listener: id,
+                            session: peer,
+                        },
+                        &listener,
+                        &handler,
+                    ),
+                }
             }
         }
     }
