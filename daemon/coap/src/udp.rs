@@ -34,7 +34,8 @@ impl UdpListener {
     }
 
     /// Datagrams the kernel dropped at this listener's socket since it was bound, as of
-    /// one of the last [`KernelDrops::SAMPLE`] datagrams received.
+    /// the last batch received ([`Listener::recv_batch`]; one of the last
+    /// [`KernelDrops::SAMPLE`] datagrams when received one by one).
     pub fn kernel_drops(&self) -> u64 {
         self.drops.get()
     }
