@@ -669,3 +669,126 @@ fn many_registrations_on_a_non_owner_are_answered_and_their_events_arrive() {
     want.sort();
     assert_eq!(got, want, "every registration's event, once");
 }
+
+/// Issue 24, one feed for every observation: in a cluster, a batch whose events go to a
+/// key whose channel another node owns does not hold up the next batch while that node
+/// does not answer. Key A's channel is on n1, key B's on n2; a device of n2 has A
+/// subscribed to one resource and B to another. With n1 stopped (SIGSTOP), A's CON
+/// notification waits for n1 (not acknowledged to the device yet), while B's, sent after
+/// it, reaches B's channel on n2 at once. Once n1 runs again, A's arrives there and the
+/// device gets its ACK.
+#[test]
+fn a_peer_that_does_not_answer_holds_up_no_other_keys_notifications() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    // Key A (the admin key): its channel on n1.
+    assert!(n1.pull_now().is_none());
+    // Key B: made on n1, its channel on n2.
+    let r = n1.send_json("POST", "/api/api_tokens", json!({"name": "b"}).to_string());
+    assert_eq!(r.status, 201, "{}", r.body);
+    let kb = r.json()["access_key"].as_str().unwrap().to_string();
+    let pull_b = || {
+        let r = support::bearer_call(
+            &n2,
+            "GET",
+            "/v2/notification/pull?noWait=true",
+            Some(&kb),
+            None,
+        );
+        match r.status {
+            200 => Some(r.json()),
+            204 => None,
+            // The key is not known on n2 yet.
+            401 => None,
+            s => panic!("B's pull on n2 answered {s}: {}", r.body),
+        }
+    };
+    let t = Instant::now();
+    while support::bearer_call(&n2, "GET", "/v2/endpoints", Some(&kb), None).status != 200 {
+        assert!(t.elapsed() < WAIT, "key B never worked on n2");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(pull_b().is_none());
+    until_channels(&n1, 2);
+    until_channels(&n2, 2);
+    until_owned_channels(&n2, &[("n1", 1), ("n2", 1)]);
+
+    let links = "</3303/0/5700>;obs,</3303/0/5701>;obs";
+    let mut dev = n2.device();
+    dev.register(&["ep=two-keys", "lt=300"], links);
+    let r = n2.call("PUT", "/v2/subscriptions/two-keys/3303/0/5700", None, None);
+    assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
+    let (token_a, from) = accept_observe(&dev, "a0");
+    let r = support::bearer_call(
+        &n2,
+        "PUT",
+        "/v2/subscriptions/two-keys/3303/0/5701",
+        Some(&kb),
+        None,
+    );
+    assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
+    let (token_b, _) = accept_observe(&dev, "b0");
+    // Drain the subscriptions' own answers and first values.
+    std::thread::sleep(Duration::from_millis(500));
+    while pull_b().is_some() {}
+    let _ = collect(&n1, Duration::from_millis(500), |_| false);
+
+    n1.signal("STOP");
+    let a1 = observe_content(MessageType::Confirmable, 0x7101, &token_a, 2, b"a1");
+    send_packet(&dev, &a1, from);
+    // A's batch is waiting for n1 now; B's comes after it.
+    std::thread::sleep(Duration::from_millis(300));
+    let b1 = observe_content(MessageType::NonConfirmable, 0x7102, &token_b, 2, b"b1");
+    let sent = Instant::now();
+    send_packet(&dev, &b1, from);
+    let mut got_b = None;
+    while sent.elapsed() < Duration::from_secs(4) {
+        if let Some(batch) = pull_b() {
+            got_b = Some(batch);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let waited = sent.elapsed();
+    let acked_early = dev.recv_raw(Duration::from_millis(100));
+    n1.signal("CONT");
+    let batch = got_b.expect("B's notification was held up behind A's forward to a stopped node");
+    println!("B's notification reached its channel on n2 after {waited:?} with n1 stopped");
+    assert_eq!(
+        batch["notifications"][0]["payload"],
+        support::b64(b"b1"),
+        "{batch}"
+    );
+    assert!(
+        acked_early.is_none(),
+        "A's CON notification was acknowledged before n1 stored it"
+    );
+    // n1 runs again: A's notification is stored there, and then acknowledged.
+    let ack = dev
+        .recv_raw(WAIT)
+        .expect("A's notification never acknowledged");
+    let ack = coap_lite::Packet::from_bytes(&ack).unwrap();
+    assert_eq!(
+        (ack.header.get_type(), ack.header.message_id),
+        (MessageType::Acknowledgement, 0x7101)
+    );
+    let notes = collect(&n1, WAIT, |e| {
+        e.of("notifications")
+            .iter()
+            .any(|n| n["payload"] == support::b64(b"a1"))
+    });
+    let a_values: Vec<Value> = notes
+        .of("notifications")
+        .iter()
+        .map(|n| n["payload"].clone())
+        .collect();
+    assert!(
+        a_values.contains(&json!(support::b64(b"a1"))),
+        "{a_values:?}"
+    );
+    assert!(
+        !a_values.contains(&json!(support::b64(b"b1"))),
+        "B's went to A"
+    );
+}

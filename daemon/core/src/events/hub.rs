@@ -108,6 +108,33 @@ enum To<'a> {
     Domain(&'a str),
 }
 
+/// Events queued for the nodes that own their keys' channels ([`Hub::publish_batch`]):
+/// [`Forwarding::wait`] says whether every owner stored them (false once one was given
+/// up, after retries for up to [`FORWARD_BOUND`]). Nothing to forward: true at once.
+#[derive(Debug, Default)]
+#[must_use = "a forwarding says when the other nodes stored the events"]
+pub struct Forwarding {
+    answers: Vec<tokio::sync::oneshot::Receiver<bool>>,
+    /// The hub was going away: nothing was queued.
+    failed: bool,
+}
+
+impl Forwarding {
+    /// Nothing was forwarded.
+    pub fn is_empty(&self) -> bool {
+        self.answers.is_empty() && !self.failed
+    }
+
+    /// Whether every owner stored its events.
+    pub async fn wait(self) -> bool {
+        let mut all = !self.failed;
+        for rx in self.answers {
+            all &= rx.await.unwrap_or(false);
+        }
+        all
+    }
+}
+
 /// Events about one thing and where they go ([`Hub::publish_groups`]).
 struct Group<'a> {
     to: To<'a>,
@@ -581,7 +608,7 @@ pub struct Hub {
     /// Cluster: one claim at a time (a key's events are loaded once per claim).
     claiming: tokio::sync::Mutex<()>,
     /// Cluster: the events waiting to go to other nodes' channels, per key
-    /// ([`Hub::forward_all`]): one sender per key at a time sends all that waits in one
+    /// ([`Hub::queue_forwards`]): one sender per key at a time sends all that waits in one
     /// call, so a key's events keep their order and many producers share each round trip.
     outboxes: Mutex<Map<String, Outbox>>,
     /// Cluster: per key, the long-poll answer of its owner (owner, answer id) this node
@@ -595,7 +622,7 @@ pub struct Hub {
     render: std::sync::OnceLock<Arc<dyn Render>>,
 }
 
-/// Cluster: one key's events waiting to be sent to its owner ([`Hub::forward_all`]): each
+/// Cluster: one key's events waiting to be sent to its owner ([`Hub::queue_forwards`]): each
 /// publish's events and where to say whether they were stored.
 #[derive(Default)]
 struct Outbox {
@@ -858,7 +885,12 @@ impl Hub {
     /// [`Hub::publish_to_keys`] of several groups of events, each group's events about
     /// the same thing and in their order (the notifications of the observations that
     /// arrived together, issue 24), all in one store write.
-    pub async fn publish_batch(&self, batch: &[(&[String], &[Event], About<'_>)]) {
+    ///
+    /// Returns once they are stored here. In a cluster, the events of keys whose channel
+    /// another node owns are queued for their owners in order, and the returned
+    /// [`Forwarding`] says when those are stored (or given up): the caller waits for it
+    /// elsewhere, so that a peer that is slow or gone holds up no other batch.
+    pub async fn publish_batch(&self, batch: &[(&[String], &[Event], About<'_>)]) -> Forwarding {
         let groups: Vec<Group<'_>> = batch
             .iter()
             .filter(|(_, events, _)| !events.is_empty())
@@ -868,9 +900,10 @@ impl Hub {
                 about,
             })
             .collect();
-        if !groups.is_empty() {
-            self.publish_groups(&groups, None).await;
+        if groups.is_empty() {
+            return Forwarding::default();
         }
+        self.publish_here(&groups, None).await
     }
 
     /// Queues the async response `event` for the key that asked (if its restriction, which
@@ -921,6 +954,23 @@ impl Hub {
 
     /// [`Hub::publish`] of several groups in one store write (and one wait for it).
     async fn publish_groups(&self, groups: &[Group<'_>], answered: Option<u64>) {
+        let forwarding = self.publish_here(groups, answered).await;
+        if !forwarding.is_empty() {
+            let stored = forwarding.wait().await;
+            if let Some(row) = answered.filter(|_| stored)
+                && let Err(e) = self.store.delete_request(row).await
+            {
+                crate::store::log_failure(
+                    format_args!("notifications: answered request not removed"),
+                    &e,
+                );
+            }
+        }
+    }
+
+    /// [`Hub::publish_groups`] up to the events stored here; those for other nodes' keys
+    /// queued for their owners (in order), their answers returned.
+    async fn publish_here(&self, groups: &[Group<'_>], answered: Option<u64>) -> Forwarding {
         // Not sized (rendered) here: an event no channel takes is never rendered (see
         // `rest::wire`); one that is queued is rendered once, when it is queued.
         let mut wakes = Vec::new();
@@ -995,16 +1045,10 @@ impl Hub {
             crate::store::log_failure(format_args!("notifications: event not stored"), &e);
         }
         self.settle(trims, wakes).await;
-        if !remote.is_empty() {
-            let stored = self.forward_all(remote).await;
-            if let Some(row) = answered.filter(|_| stored)
-                && let Err(e) = self.store.delete_request(row).await
-            {
-                crate::store::log_failure(
-                    format_args!("notifications: answered request not removed"),
-                    &e,
-                );
-            }
+        if remote.is_empty() {
+            Forwarding::default()
+        } else {
+            self.queue_forwards(remote)
         }
     }
 
@@ -1955,9 +1999,12 @@ impl Hub {
     /// publish is answered only once the owner stored its events, and the publishes that
     /// arrive during a round trip share the next one (rather than each waiting for all
     /// before it, one round trip each); different keys are sent concurrently.
-    async fn forward_all(&self, events: Vec<(String, Event)>) -> bool {
+    fn queue_forwards(&self, events: Vec<(String, Event)>) -> Forwarding {
         let Some(me) = self.me.upgrade() else {
-            return false;
+            return Forwarding {
+                answers: Vec::new(),
+                failed: true,
+            };
         };
         let mut by_key: Vec<(String, Vec<Event>)> = Vec::new();
         for (k, e) in events {
@@ -1987,14 +2034,13 @@ impl Hub {
                 }
             }
         }
-        let mut all = true;
-        for rx in answers {
-            all &= rx.await.unwrap_or(false);
+        Forwarding {
+            answers,
+            failed: false,
         }
-        all
     }
 
-    /// The sender of key `key_id`'s outbox ([`Hub::forward_all`]): until it is empty,
+    /// The sender of key `key_id`'s outbox ([`Hub::queue_forwards`]): until it is empty,
     /// sends what waits in it to the key's owner in one call.
     async fn send_outbox(self: Arc<Self>, key_id: String) {
         loop {

@@ -1305,6 +1305,8 @@ impl Subscriptions {
         let events = self.events(ep, path, replies, now_ms());
         self.hub
             .publish_batch(&[(&keys, &events, crate::events::About::Resource(ep, path))])
+            .await
+            .wait()
             .await;
     }
 
@@ -1442,6 +1444,7 @@ impl Subscriptions {
                 }
             }
         }
+        let mut forwarding = crate::events::Forwarding::default();
         if !published.is_empty() {
             let batch: Vec<(&[String], &[Event], crate::events::About<'_>)> = published
                 .iter()
@@ -1455,11 +1458,22 @@ impl Subscriptions {
                     )
                 })
                 .collect();
-            self.hub.publish_batch(&batch).await;
+            forwarding = self.hub.publish_batch(&batch).await;
         }
-        // Stored: the devices' CON notifications are acknowledged now.
-        for a in acks {
-            a.send().await;
+        // Stored: the devices' CON notifications are acknowledged now; in a cluster, once
+        // the nodes that own the other keys' channels stored theirs too, waited for
+        // beside the feed so that a slow or lost peer holds up no other batch.
+        if forwarding.is_empty() {
+            for a in acks {
+                a.send().await;
+            }
+        } else if !acks.is_empty() {
+            tokio::spawn(async move {
+                let _ = forwarding.wait().await;
+                for a in acks {
+                    a.send().await;
+                }
+            });
         }
         for t in taken {
             let Some(reply) = t.ended else { continue };
