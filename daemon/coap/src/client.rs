@@ -1135,13 +1135,7 @@ mod tests {
         assert_eq!(got, OBSERVE_QUEUE, "queued notifications");
         assert_eq!(s.transport.lock_client().queued_notifications(), 0);
         // Nothing was reset: the device heard nothing back for its NON notifications.
-        let mut buf = [0u8; 64];
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), s.device.recv_from(&mut buf))
-                .await
-                .is_err(),
-            "the daemon answered a notification (RST?)"
-        );
+        silent(&s.device, 100, "the daemon answered a notification (RST?)").await;
         // The observation still delivers.
         send(&s.device, &notify(1000), s.local).await;
         let next = tokio::time::timeout(Duration::from_secs(2), stream.recv())
@@ -1149,6 +1143,17 @@ mod tests {
             .expect("no notification after the drops")
             .expect("stream ended");
         assert_eq!(next.payload, b"1000");
+    }
+
+    /// Asserts that the device hears nothing from the daemon within `ms` milliseconds.
+    async fn silent(device: &UdpSocket, ms: u64, what: &str) {
+        let mut buf = [0u8; 64];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(ms), device.recv_from(&mut buf))
+                .await
+                .is_err(),
+            "{what}"
+        );
     }
 
     /// Observe with `s`'s device answering Observe: 1; the stream and the request's token.
@@ -1238,15 +1243,7 @@ mod tests {
             n.header.set_type(MessageType::Confirmable);
             n
         };
-        let mut buf = [0u8; 64];
-        let mut silent = async |what: &str| {
-            assert!(
-                tokio::time::timeout(Duration::from_millis(200), s.device.recv_from(&mut buf))
-                    .await
-                    .is_err(),
-                "{what}"
-            );
-        };
+        let silent = async |what: &str| silent(&s.device, 200, what).await;
         send(&s.device, &con(500), s.local).await;
         send(&s.device, &con(501), s.local).await;
         silent("a notification was acknowledged before it was taken").await;
@@ -1325,13 +1322,12 @@ mod tests {
             .collect();
         let want = [(7, "2"), (9, "3"), (7, "4"), (9, "5"), (7, "6")];
         assert_eq!(got, want.map(|(i, p)| (i, p.to_string())));
-        let mut buf = [0u8; 64];
-        assert!(
-            tokio::time::timeout(Duration::from_millis(200), s.device.recv_from(&mut buf))
-                .await
-                .is_err(),
-            "a CON notification was acknowledged before its ACK was sent"
-        );
+        silent(
+            &s.device,
+            200,
+            "a CON notification was acknowledged before its ACK was sent",
+        )
+        .await;
         // b's is sent; a's item is dropped with its ACK held (as for an ended observation).
         let ack_b = items[3]
             .take_ack()
@@ -1474,17 +1470,17 @@ mod tests {
         assert_eq!(their_ack.header.message_id, 4242);
         assert_eq!(their_ack.header.code, MessageClass::Empty);
         assert_eq!(task.await.unwrap().unwrap().code, ResponseType::Changed);
-        // No retransmission of the request after the empty ACK.
-        let mut buf = [0u8; 64];
         // The device retransmits its CON response (our ACK "lost"): acknowledged again.
         send(&s.device, &resp, s.local).await;
         let (again, _) = recv(&s.device).await;
         assert_eq!(again, their_ack);
-        assert!(
-            tokio::time::timeout(Duration::from_millis(200), s.device.recv_from(&mut buf))
-                .await
-                .is_err()
-        );
+        // And nothing else: no retransmission of the request after the empty ACK.
+        silent(
+            &s.device,
+            200,
+            "the request was retransmitted after the empty ACK",
+        )
+        .await;
     }
 
     #[tokio::test]
