@@ -380,13 +380,15 @@ fn put_at(
     payload: &[u8],
     ct: Option<u16>,
     until: Instant,
-) {
-    if !slot.put(payload, ct, until) {
-        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-        let fresh = cache.slot(domain, ep, path);
-        fresh.put(payload, ct, until);
-        *slot = fresh;
+) -> bool {
+    if slot.put(payload, ct, until) {
+        return false;
     }
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    let fresh = cache.slot(domain, ep, path);
+    fresh.put(payload, ct, until);
+    *slot = fresh;
+    true
 }
 
 #[derive(Default)]
@@ -1282,7 +1284,8 @@ impl Requests {
     }
 
     /// [`Requests::cache_put`] through the resource's `slot` (an observation's): looked up
-    /// again (and `slot` replaced) only if its endpoint's values were forgotten since.
+    /// again (and `slot` replaced: true) only if its endpoint's values were forgotten
+    /// since.
     pub fn cache_put_at(
         &self,
         slot: &mut Arc<CacheSlot>,
@@ -1290,7 +1293,7 @@ impl Requests {
         payload: &[u8],
         ct: Option<u16>,
         max_age: Option<u32>,
-    ) {
+    ) -> bool {
         let age = Duration::from_secs(u64::from(max_age.unwrap_or(DEFAULT_MAX_AGE)));
         put_at(
             &self.cache,
@@ -1299,7 +1302,7 @@ impl Requests {
             payload,
             ct,
             Instant::now() + age,
-        );
+        )
     }
 
     /// Takes the stored requests of an endpoint that registered here after registering
@@ -1757,7 +1760,14 @@ mod tests {
         let mut slot = lock().slot("d", "e", "/3/0/0");
         assert_eq!(value(), None, "an empty slot is no value");
         let first = Arc::clone(&slot);
-        put_at(&cache, &mut slot, ("d", "e", "/3/0/0"), b"1", Some(0), t);
+        assert!(!put_at(
+            &cache,
+            &mut slot,
+            ("d", "e", "/3/0/0"),
+            b"1",
+            Some(0),
+            t
+        ));
         assert_eq!(value(), Some((b"1".to_vec(), Some(0))));
         assert!(Arc::ptr_eq(&slot, &first), "not looked up again");
         // A read's value lands in the same slot.
@@ -1767,7 +1777,14 @@ mod tests {
         lock().forget_endpoint("d", "e");
         assert_eq!(value(), None);
         assert_eq!(held(&first), None, "the detached slot holds nothing");
-        put_at(&cache, &mut slot, ("d", "e", "/3/0/0"), b"3", Some(0), t);
+        assert!(put_at(
+            &cache,
+            &mut slot,
+            ("d", "e", "/3/0/0"),
+            b"3",
+            Some(0),
+            t
+        ));
         assert!(!Arc::ptr_eq(&slot, &first), "looked up again");
         assert_eq!(value(), Some((b"3".to_vec(), Some(0))));
         assert_eq!(held(&first), None, "not put into the detached slot");

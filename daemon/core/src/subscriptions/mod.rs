@@ -1419,18 +1419,16 @@ impl Subscriptions {
             if replies.is_empty() || !self.within_quota(domain, ep, path, &mut replies) {
                 continue;
             }
-            if let Some(newest) = replies.last() {
-                let before = Arc::clone(&t.cache);
-                self.requests.cache_put_at(
+            if let Some(newest) = replies.last()
+                && self.requests.cache_put_at(
                     &mut t.cache,
                     (domain, ep, path),
                     &newest.payload,
                     newest.content_format,
                     newest.max_age,
-                );
-                if !Arc::ptr_eq(&before, &t.cache) {
-                    moved_slots.push((t.id, Arc::clone(&t.cache)));
-                }
+                )
+            {
+                moved_slots.push((t.id, Arc::clone(&t.cache)));
             }
             published.push((self.events(ep, path, replies, created), i));
         }
