@@ -1136,8 +1136,15 @@ impl Subscriptions {
         if only.is_some_and(BTreeSet::is_empty) {
             return;
         }
+        // The state stays locked until the observes are queued: an observe in flight is
+        // seen either as an observation here (its outcome taken, which needs this lock)
+        // or as in flight by `observe_internal` (the request layer clears that only after
+        // the manager took the outcome). Checked one after the other with the lock
+        // released between, an observe that was established and finished in between was
+        // seen as neither, and a second one was sent (CI, issue 24:
+        // `subscriptions::an_update_while_the_observe_is_in_flight_observes_once`).
+        let st = self.lock();
         let missing: Vec<String> = {
-            let st = self.lock();
             let mut paths: BTreeSet<String> = BTreeSet::new();
             for (id, k) in st.keys.iter().filter(|(_, k)| k.domain == ep.reg.domain) {
                 paths.extend(
@@ -1160,6 +1167,7 @@ impl Subscriptions {
             self.requests
                 .observe_internal(&ep.reg.domain, &ep.reg.name, &p, awake);
         }
+        drop(st);
     }
 
     /// Removes every key's subscriptions of an endpoint that de-registered or expired.
