@@ -35,7 +35,7 @@ pub enum ClientEvent {
     Response(Packet),
     /// A notification (or the first, separate response) of an observation: counted in
     /// [`Queued`] until taken; a CON one from an unreliable listener with its ACK, which
-    /// is sent only once the observation has stored it ([`ObserveStream::acknowledge`]).
+    /// is sent only once the observation has stored it ([`FeedItem::take_ack`]).
     Notification(Packet, Option<HeldAck>),
 }
 
@@ -210,7 +210,7 @@ impl ClientState {
             RouteTx::Feed(link) => {
                 let item = FeedItem {
                     link: std::sync::Arc::clone(link),
-                    packet,
+                    message: FeedMessage::Notification(packet),
                     held,
                 };
                 link.tx.send(item).map_err(|e| {
@@ -300,11 +300,20 @@ pub struct CoapReply {
 impl CoapReply {
     pub fn from_packet(p: &Packet) -> CoapReply {
         CoapReply {
+            payload: p.payload.clone(),
+            ..CoapReply::from_packet_without_payload(p)
+        }
+    }
+
+    /// As [`CoapReply::from_packet`] with an empty payload (for a caller that moves the
+    /// packet's payload in).
+    fn from_packet_without_payload(p: &Packet) -> CoapReply {
+        CoapReply {
             code: match p.header.code {
                 MessageClass::Response(r) => r,
                 _ => ResponseType::UnKnown,
             },
-            payload: p.payload.clone(),
+            payload: Vec::new(),
             content_format: message::uint_option(p, CoapOption::ContentFormat).map(|v| v as u16),
             max_age: message::uint_option(p, CoapOption::MaxAge),
             observe: message::uint_option(p, CoapOption::Observe),
@@ -460,69 +469,36 @@ impl Drop for MidGuard<'_> {
     }
 }
 
-/// An established observation (RFC 7641): the notifications that carry its token.
-/// Dropping it forgets the token, so the device's next notification is answered with RST,
-/// which cancels the observation on the device.
+/// An established observation (RFC 7641): the notifications that carry its token, queued
+/// in its own channel until it is handed to an [`ObservationFeed`]
+/// ([`ObserveStream::into_feed`]), which is how the daemon takes them. Dropping it forgets
+/// the token, so the device's next notification is answered with RST, which cancels the
+/// observation on the device.
 pub struct ObserveStream {
     rx: mpsc::Receiver<ClientEvent>,
     transport: std::sync::Arc<Transport>,
     token: Vec<u8>,
     queued: std::sync::Arc<Queued>,
-    /// ACKs of the CON notifications taken, held until [`ObserveStream::acknowledge`].
-    unacked: Vec<HeldAck>,
     /// Handed to a feed ([`ObserveStream::into_feed`]): the route is the feed's now.
     handed_over: bool,
 }
 
 impl ObserveStream {
-    /// The next notification; None when the transport is gone.
-    pub async fn recv(&mut self) -> Option<Packet> {
-        loop {
-            match self.rx.recv().await? {
-                ClientEvent::Notification(p, held) => {
-                    self.queued.release(1);
-                    self.unacked.extend(held);
-                    return Some(p);
-                }
-                ClientEvent::Response(p) => return Some(p),
-                ClientEvent::Ack(_) | ClientEvent::Reset => continue,
-            }
-        }
-    }
-
-    /// The next notification if one is queued already (a batch is the first
-    /// [`ObserveStream::recv`] and what follows it here).
-    pub fn try_recv(&mut self) -> Option<Packet> {
-        loop {
-            match self.rx.try_recv().ok()? {
-                ClientEvent::Notification(p, held) => {
-                    self.queued.release(1);
-                    self.unacked.extend(held);
-                    return Some(p);
-                }
-                ClientEvent::Response(p) => return Some(p),
-                ClientEvent::Ack(_) | ClientEvent::Reset => continue,
-            }
-        }
-    }
-
-    /// Acknowledges the CON notifications taken so far: called once they are stored.
-    pub async fn acknowledge(&mut self) {
-        for h in std::mem::take(&mut self.unacked) {
-            self.transport.send_held_ack(h).await;
-        }
-    }
-
     pub fn token(&self) -> &[u8] {
         &self.token
     }
 
     /// Hands the observation to `feed` as observation `id`: its notifications go to the
-    /// feed's reader from now on, after those already queued here (in the order they
-    /// came). Taken notifications not yet acknowledged here keep their ACKs held; they
-    /// are forgotten by the duplicate cache as when the stream is dropped. An observation
-    /// cancelled already ([`ObserveCancel`]) stays cancelled.
-    pub fn into_feed(mut self, id: u64, feed: &FeedSender) -> FedObservation {
+    /// feed's reader from now on, after `first` (the observe's first response, when the
+    /// reader is to publish it too: it is not counted against the bound and holds no ACK)
+    /// and after those already queued here, in the order they came. An observation whose
+    /// token was forgotten meanwhile stays ended.
+    pub fn into_feed(
+        mut self,
+        id: u64,
+        feed: &FeedSender,
+        first: Option<CoapReply>,
+    ) -> FedObservation {
         let link = std::sync::Arc::new(FeedLink {
             id,
             tx: feed.0.clone(),
@@ -534,18 +510,31 @@ impl ObserveStream {
             // channel holds goes first.
             let mut client = self.transport.lock_client();
             if let Some(route) = client.by_token.get_mut(&self.token) {
+                let first = first.map(|reply| FeedItem {
+                    link: std::sync::Arc::clone(&link),
+                    message: FeedMessage::First(reply),
+                    held: None,
+                });
+                // The feed's reader is gone when a send fails: what was not taken is not
+                // counted, and a held ACK is not the item's to forget (the stream's drop
+                // of its route answers the retransmission with RST).
+                let mut open = first.is_none_or(|item| link.tx.send(item).is_ok());
                 while let Ok(ev) = self.rx.try_recv() {
                     let ClientEvent::Notification(packet, held) = ev else {
                         continue;
                     };
                     let item = FeedItem {
                         link: std::sync::Arc::clone(&link),
-                        packet,
+                        message: FeedMessage::Notification(packet),
                         held,
                     };
-                    if let Err(e) = link.tx.send(item) {
-                        // The feed's reader is gone: not taken, not counted.
-                        let mut item = e.0;
+                    let refused = if open {
+                        link.tx.send(item).err().map(|e| e.0)
+                    } else {
+                        Some(item)
+                    };
+                    if let Some(mut item) = refused {
+                        open = false;
                         item.held = None;
                         self.queued.release(1);
                     }
@@ -554,26 +543,10 @@ impl ObserveStream {
                 self.handed_over = true;
             }
         }
-        if !self.unacked.is_empty() {
-            let mut dedup = self.transport.lock_dedup();
-            for h in self.unacked.drain(..) {
-                dedup.forget(h.peer, h.mid);
-            }
-        }
         FedObservation {
             transport: std::sync::Arc::clone(&self.transport),
             token: std::mem::take(&mut self.token),
             live: self.handed_over,
-        }
-    }
-
-    /// A handle that ends this observation at once from elsewhere: the task that owns the
-    /// stream may be dropped only later (an aborted task is dropped asynchronously), and
-    /// until the token is forgotten the device's notifications are still acknowledged.
-    pub fn canceller(&self) -> ObserveCancel {
-        ObserveCancel {
-            transport: std::sync::Arc::clone(&self.transport),
-            token: self.token.clone(),
         }
     }
 }
@@ -584,15 +557,18 @@ impl Drop for ObserveStream {
             return;
         }
         self.transport.lock_client().by_token.remove(&self.token);
-        // What was queued and never taken no longer counts against the bound, and the
-        // notifications never acknowledged are forgotten by the duplicate cache (their
-        // retransmissions get RST: the token is gone).
+        // What was queued and never taken no longer counts against the bound; CON ones
+        // were never acknowledged, and their retransmissions get RST (the token is gone).
         self.rx.close();
-        while self.try_recv().is_some() {}
-        if !self.unacked.is_empty() {
-            let mut dedup = self.transport.lock_dedup();
-            for h in self.unacked.drain(..) {
-                dedup.forget(h.peer, h.mid);
+        let mut dedup = None;
+        while let Ok(ev) = self.rx.try_recv() {
+            if let ClientEvent::Notification(_, held) = ev {
+                self.queued.release(1);
+                if let Some(h) = held {
+                    dedup
+                        .get_or_insert_with(|| self.transport.lock_dedup())
+                        .forget(h.peer, h.mid);
+                }
             }
         }
     }
@@ -659,7 +635,9 @@ impl ObservationFeed {
         let before = buf.len();
         let n = self.rx.recv_many(buf, limit).await;
         for item in &buf[before..] {
-            item.link.queued.release(1);
+            if !item.is_first() {
+                item.link.queued.release(1);
+            }
         }
         n
     }
@@ -674,8 +652,18 @@ impl ObservationFeed {
 #[derive(Debug)]
 pub struct FeedItem {
     link: std::sync::Arc<FeedLink>,
-    packet: Packet,
+    message: FeedMessage,
     held: Option<HeldAck>,
+}
+
+/// What a [`FeedItem`] carries.
+#[derive(Debug)]
+enum FeedMessage {
+    /// A notification, counted against the bound until taken.
+    Notification(Packet),
+    /// The observe's first response, handed over with the observation
+    /// ([`ObserveStream::into_feed`]).
+    First(CoapReply),
 }
 
 impl FeedItem {
@@ -684,8 +672,27 @@ impl FeedItem {
         self.link.id
     }
 
-    pub fn packet(&self) -> &Packet {
-        &self.packet
+    /// Whether this is the observe's first response rather than a notification.
+    pub fn is_first(&self) -> bool {
+        matches!(self.message, FeedMessage::First(_))
+    }
+
+    /// The device's message as a reply; its payload is moved out (a second call finds
+    /// it empty).
+    pub fn take_reply(&mut self) -> CoapReply {
+        match &mut self.message {
+            FeedMessage::Notification(p) => {
+                let payload = std::mem::take(&mut p.payload);
+                CoapReply {
+                    payload,
+                    ..CoapReply::from_packet_without_payload(p)
+                }
+            }
+            FeedMessage::First(r) => CoapReply {
+                payload: std::mem::take(&mut r.payload),
+                ..r.clone()
+            },
+        }
     }
 
     /// The notification's held ACK, to send once it is stored.
@@ -734,19 +741,6 @@ impl Drop for FeedAck {
         {
             t.lock_dedup().forget(h.peer, h.mid);
         }
-    }
-}
-
-/// See [`ObserveStream::canceller`].
-pub struct ObserveCancel {
-    transport: std::sync::Arc<Transport>,
-    token: Vec<u8>,
-}
-
-impl ObserveCancel {
-    /// Forgets the token now: the device's next notification is answered with RST.
-    pub fn cancel(&self) {
-        self.transport.lock_client().by_token.remove(&self.token);
     }
 }
 
@@ -939,7 +933,6 @@ impl Transport {
             transport: std::sync::Arc::clone(self),
             token,
             queued,
-            unacked: Vec::new(),
             handed_over: false,
         };
         let first = self.transmit(peer, &packet, &mut stream.rx, &cfg).await?;
@@ -1110,7 +1103,7 @@ mod tests {
     #[tokio::test]
     async fn notifications_beyond_the_queue_bound_are_dropped_not_queued() {
         let s = setup(fast()).await;
-        let (mut stream, token) = observed(&s).await;
+        let (stream, token) = observed(&s).await;
 
         let notify = |seq: u32| {
             let mut n = Packet::new();
@@ -1126,23 +1119,51 @@ mod tests {
             send(&s.device, &notify(seq), s.local).await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut got = 0;
-        while let Ok(Some(_)) =
-            tokio::time::timeout(Duration::from_millis(100), stream.recv()).await
-        {
-            got += 1;
-        }
-        assert_eq!(got, OBSERVE_QUEUE, "queued notifications");
+        // Not handed over yet: the observation's own queue held what it could.
+        let (tx, mut feed) = observation_feed();
+        let _fed = stream.into_feed(1, &tx, None);
+        let got = drain(&mut feed).await;
+        assert_eq!(got.len(), OBSERVE_QUEUE, "queued notifications");
+        assert_eq!(got[0].1, "2", "the oldest kept");
         assert_eq!(s.transport.lock_client().queued_notifications(), 0);
         // Nothing was reset: the device heard nothing back for its NON notifications.
         silent(&s.device, 100, "the daemon answered a notification (RST?)").await;
         // The observation still delivers.
         send(&s.device, &notify(1000), s.local).await;
-        let next = tokio::time::timeout(Duration::from_secs(2), stream.recv())
+        let next = next_item(&mut feed).await;
+        assert_eq!(next.1, "1000");
+    }
+
+    /// What the feed holds now: (observation, payload) of each item, in order.
+    async fn drain(feed: &mut ObservationFeed) -> Vec<(u64, String)> {
+        let mut items = Vec::new();
+        while let Ok(n) = tokio::time::timeout(
+            Duration::from_millis(100),
+            feed.recv_many(&mut items, 10_000),
+        )
+        .await
+        {
+            if n == 0 {
+                break;
+            }
+        }
+        items.iter_mut().map(payload_of).collect()
+    }
+
+    /// The feed's next item, waited for up to 2 s.
+    async fn next_item(feed: &mut ObservationFeed) -> (u64, String) {
+        let mut items = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), feed.recv_many(&mut items, 1))
             .await
-            .expect("no notification after the drops")
-            .expect("stream ended");
-        assert_eq!(next.payload, b"1000");
+            .expect("no notification from the feed");
+        payload_of(&mut items[0])
+    }
+
+    fn payload_of(i: &mut FeedItem) -> (u64, String) {
+        (
+            i.observation(),
+            String::from_utf8(i.take_reply().payload).unwrap(),
+        )
     }
 
     /// Asserts that the device hears nothing from the daemon within `ms` milliseconds.
@@ -1198,7 +1219,7 @@ mod tests {
             ..fast()
         })
         .await;
-        let (mut a, token_a) = observed(&s).await;
+        let (a, token_a) = observed(&s).await;
         let (b, token_b) = observed(&s).await;
         for seq in 2..8 {
             send(&s.device, &notification(&token_a, seq), s.local).await;
@@ -1206,10 +1227,11 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(s.transport.lock_client().queued_notifications(), 10);
-        let mut got = Vec::new();
-        while let Some(p) = a.try_recv() {
-            got.push(String::from_utf8(p.payload).unwrap());
-        }
+        let (tx, mut feed) = observation_feed();
+        let _fed_a = a.into_feed(1, &tx, None);
+        // Handed over, still counted until taken.
+        assert_eq!(s.transport.lock_client().queued_notifications(), 10);
+        let got: Vec<String> = drain(&mut feed).await.into_iter().map(|(_, p)| p).collect();
         // Sent alternately, six each: the first ten filled the bound (five each), the
         // last of each was dropped.
         assert_eq!(got, ["2", "3", "4", "5", "6"]);
@@ -1218,11 +1240,7 @@ mod tests {
         drop(b);
         assert_eq!(s.transport.lock_client().queued_notifications(), 0);
         send(&s.device, &notification(&token_a, 100), s.local).await;
-        let next = tokio::time::timeout(Duration::from_secs(2), a.recv())
-            .await
-            .expect("no notification after the drops")
-            .expect("stream ended");
-        assert_eq!(next.payload, b"100");
+        assert_eq!(next_item(&mut feed).await, (1, "100".to_string()));
         assert_eq!(s.transport.lock_client().queued_notifications(), 0);
     }
 
@@ -1237,7 +1255,9 @@ mod tests {
             ..fast()
         })
         .await;
-        let (mut stream, token) = observed(&s).await;
+        let (stream, token) = observed(&s).await;
+        let (tx, mut feed) = observation_feed();
+        let _fed = stream.into_feed(1, &tx, None);
         let con = |seq: u32| {
             let mut n = notification(&token, seq);
             n.header.set_type(MessageType::Confirmable);
@@ -1247,12 +1267,14 @@ mod tests {
         send(&s.device, &con(500), s.local).await;
         send(&s.device, &con(501), s.local).await;
         silent("a notification was acknowledged before it was taken").await;
-        let first = stream.recv().await.expect("the first notification");
-        assert_eq!(first.payload, b"500");
+        let mut items = Vec::new();
+        feed.recv_many(&mut items, 10).await;
+        assert_eq!(items.len(), 1, "501 found the bound (1) taken");
+        assert_eq!(payload_of(&mut items[0]).1, "500");
         silent("a notification was acknowledged before it was stored").await;
         send(&s.device, &con(500), s.local).await;
         silent("a retransmission was answered before the notification was stored").await;
-        stream.acknowledge().await;
+        items[0].take_ack().expect("a CON's ACK").send().await;
         let (ack, _) = recv(&s.device).await;
         assert_eq!(ack.header.get_type(), MessageType::Acknowledgement);
         assert_eq!(ack.header.message_id, 500);
@@ -1263,18 +1285,40 @@ mod tests {
         // 501 found the queue full (bound 1): never acknowledged; its retransmission is
         // taken now.
         assert!(
-            stream.try_recv().is_none(),
+            drain(&mut feed).await.is_empty(),
             "501 was dropped, 500 not taken twice"
         );
         send(&s.device, &con(501), s.local).await;
-        let second = tokio::time::timeout(Duration::from_secs(2), stream.recv())
+        let mut items = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), feed.recv_many(&mut items, 10))
             .await
-            .expect("the retransmission was not taken")
-            .expect("stream ended");
-        assert_eq!(second.payload, b"501");
-        stream.acknowledge().await;
+            .expect("the retransmission was not taken");
+        assert_eq!(payload_of(&mut items[0]).1, "501");
+        items[0].take_ack().expect("a CON's ACK").send().await;
         let (ack, _) = recv(&s.device).await;
         assert_eq!(ack.header.message_id, 501);
+    }
+
+    /// An observation handed over with its first response delivers that first, before
+    /// what its stream held, without counting it against the bound or holding an ACK.
+    #[tokio::test]
+    async fn a_first_response_handed_over_comes_before_the_queued_notifications() {
+        let s = setup(fast()).await;
+        let (stream, token) = observed(&s).await;
+        send(&s.device, &notification(&token, 2), s.local).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(s.transport.lock_client().queued_notifications(), 1);
+        let first = CoapReply::from_packet(&notification(&token, 1));
+        let (tx, mut feed) = observation_feed();
+        let _fed = stream.into_feed(4, &tx, Some(first));
+        let mut items = Vec::new();
+        feed.recv_many(&mut items, 10).await;
+        assert_eq!(items.len(), 2);
+        assert!(items[0].is_first() && !items[1].is_first());
+        assert!(items[0].take_ack().is_none());
+        let got: Vec<(u64, String)> = items.iter_mut().map(payload_of).collect();
+        assert_eq!(got, [(4, "1".to_string()), (4, "2".to_string())]);
+        assert_eq!(s.transport.lock_client().queued_notifications(), 0);
     }
 
     /// Issue 24: observations handed to one feed deliver there, each in its order and
@@ -1291,8 +1335,8 @@ mod tests {
         send(&s.device, &notification(&token_a, 2), s.local).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (tx, mut feed) = observation_feed();
-        let fed_a = a.into_feed(7, &tx);
-        let fed_b = b.into_feed(9, &tx);
+        let fed_a = a.into_feed(7, &tx, None);
+        let fed_b = b.into_feed(9, &tx, None);
         assert_eq!(fed_a.token(), token_a);
         let con = |token: &[u8], seq: u32| {
             let mut n = notification(token, seq);
@@ -1311,15 +1355,7 @@ mod tests {
             .expect("nothing from the feed");
         assert_eq!(n, 5);
         assert_eq!(s.transport.lock_client().queued_notifications(), 0);
-        let got: Vec<(u64, String)> = items
-            .iter()
-            .map(|i| {
-                (
-                    i.observation(),
-                    String::from_utf8(i.packet().payload.clone()).unwrap(),
-                )
-            })
-            .collect();
+        let got: Vec<(u64, String)> = items.iter_mut().map(payload_of).collect();
         let want = [(7, "2"), (9, "3"), (7, "4"), (9, "5"), (7, "6")];
         assert_eq!(got, want.map(|(i, p)| (i, p.to_string())));
         silent(
@@ -1353,8 +1389,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(2), feed.recv_many(&mut items, 100))
             .await
             .expect("b's next notification");
-        assert_eq!(items[0].observation(), 9);
-        assert_eq!(items[0].packet().payload, b"8");
+        assert_eq!(payload_of(&mut items[0]), (9, "8".to_string()));
         drop(fed_b);
     }
 

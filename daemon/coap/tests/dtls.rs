@@ -320,7 +320,14 @@ fn libcoap(bin: &str, args: &[String]) -> (bool, String) {
     let path = format!("/usr/bin/{bin}");
     if !std::path::Path::new(&path).exists() {
         let _ = std::process::Command::new("apt-get")
-            .args(["install", "-y", "-q", "libcoap3-bin"])
+            .args([
+                "-o",
+                "DPkg::Lock::Timeout=600",
+                "install",
+                "-y",
+                "-q",
+                "libcoap3-bin",
+            ])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status();
     }

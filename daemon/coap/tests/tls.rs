@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coap_lite::{RequestType, ResponseType};
-use connectord_coap::client::OutRequest;
+use connectord_coap::client::{OutRequest, observation_feed};
 use connectord_coap::message::{Handled, Inbound, Response};
 use connectord_coap::rfc8323::{self, Frame, Signal};
 use connectord_coap::{
@@ -316,20 +316,22 @@ async fn requests_both_ways_and_signalling_over_a_tls_connection() {
     });
     let req = dev.next().await.unwrap();
     dev.send(&response(&req.token, Some(1), b"20")).await;
-    let (first, mut stream) = obs.await.unwrap().expect("observation established");
+    let (first, stream) = obs.await.unwrap().expect("observation established");
     assert_eq!(
         (first.payload.as_slice(), first.observe),
         (&b"20"[..], Some(1))
     );
+    let (tx, mut feed) = observation_feed();
+    let fed = stream.into_feed(1, &tx, None);
     dev.send(&response(&req.token, Some(2), b"21")).await;
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.recv())
+    let mut items = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), feed.recv_many(&mut items, 1))
         .await
-        .expect("a notification")
-        .unwrap();
-    assert_eq!(n.payload, b"21");
+        .expect("a notification");
+    assert_eq!(items[0].take_reply().payload, b"21");
     // The observation dropped on our side: its next notification is answered by a
     // deregistration (GET, Observe=1, same token and path), there being no RST on TCP.
-    drop(stream);
+    drop(fed);
     dev.send(&response(&req.token, Some(3), b"22")).await;
     let dereg = dev.next().await.unwrap();
     assert_eq!((dereg.code, &dereg.token), (0x01, &req.token));

@@ -140,16 +140,9 @@ impl ResourceSet {
 
 struct Observation {
     key: ResKey,
-    /// Forgets the token at once (before a `starting` task that holds the stream is
-    /// dropped).
-    cancel: crate::coap::client::ObserveCancel,
-    /// An internal observe's first value being published, before the observation's
-    /// notifications go to the feed (so that they follow it); aborted with the
-    /// observation.
-    starting: Option<tokio::task::JoinHandle<()>>,
     /// The observation's notifications go to the manager's feed; dropping it forgets
     /// the token (the device's next notification gets RST, which cancels it).
-    fed: Option<FedObservation>,
+    _fed: FedObservation,
     /// The newest notification taken: its Observe number and when (RFC 7641 §3.4).
     last: (u32, Instant),
     endpoint: Endpoint,
@@ -256,13 +249,9 @@ impl State {
     }
 
     fn stop_observation(&mut self, key: &ResKey) {
-        if let Some(id) = self.observations.remove(key)
-            && let Some(o) = self.observing.remove(&id)
-        {
-            o.cancel.cancel();
-            if let Some(t) = o.starting {
-                t.abort();
-            }
+        // Dropping the observation forgets its token.
+        if let Some(id) = self.observations.remove(key) {
+            self.observing.remove(&id);
         }
     }
 
@@ -1292,32 +1281,6 @@ impl Subscriptions {
         }
     }
 
-    /// Publishes one notification to every subscribed key and fills the value cache. A
-    /// domain over its transaction quota gets none (counted as refused).
-    async fn notify(&self, domain: &str, ep: &str, path: &str, reply: &CoapReply) {
-        let mut replies = vec![reply.clone()];
-        if !self.within_quota(domain, ep, path, &mut replies) {
-            return;
-        }
-        if let Some(newest) = replies.last() {
-            self.requests.cache_put(
-                domain,
-                ep,
-                path,
-                &newest.payload,
-                newest.content_format,
-                newest.max_age,
-            );
-        }
-        let keys = self.lock().subscribers(domain, ep, path);
-        let events = self.events(ep, path, replies, now_ms());
-        self.hub
-            .publish_batch(&[(&keys, &events, crate::events::About::Resource(ep, path))])
-            .await
-            .wait()
-            .await;
-    }
-
     /// Leaves out the `replies` over the domain's transaction quota (counted as refused);
     /// false when none is left.
     fn within_quota(
@@ -1401,13 +1364,16 @@ impl Subscriptions {
                     continue;
                 }
                 acks.extend(item.take_ack());
-                let reply = CoapReply::from_packet(item.packet());
+                let reply = item.take_reply();
                 if reply.code.is_error() || reply.observe.is_none() {
                     t.ended = Some(reply);
                     continue;
                 }
                 let seq = reply.observe.unwrap_or(0);
-                if is_fresh(o.last.0, o.last.1, seq, now) {
+                if item.is_first() {
+                    // An internal observe's first value: its number is `last` already.
+                    t.replies.push(reply);
+                } else if is_fresh(o.last.0, o.last.1, seq, now) {
                     o.last = (seq, now);
                     Counters::inc(&self.counters.observe_notifications);
                     t.replies.push(reply);
@@ -1577,24 +1543,10 @@ impl Subscriptions {
         let id = self
             .next_observation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let cancel = stream.canceller();
         let last = (first.observe.unwrap_or(0), Instant::now());
-        let (starting, fed) = if job.internal {
-            let me = Arc::clone(self);
-            let (domain, ep_name, path) = key.clone();
-            let task = tokio::spawn(async move {
-                me.notify(&domain, &ep_name, &path, &first).await;
-                let mut st = me.lock();
-                // Stopped meanwhile: the stream is dropped here, which cancels it.
-                if let Some(o) = st.observing.get_mut(&id) {
-                    o.fed = Some(stream.into_feed(id, &me.feed));
-                    o.starting = None;
-                }
-            });
-            (Some(task), None)
-        } else {
-            (None, Some(stream.into_feed(id, &self.feed)))
-        };
+        // An internal observe's first value (it has no async response to carry it) is
+        // published by the feed too, before the notifications that follow it.
+        let fed = stream.into_feed(id, &self.feed, job.internal.then_some(first));
         tracing::debug!(ep = %key.1, path = %key.2, registration = %ep.reg.id, "observing");
         let cache = self.requests.cache_slot(&key.0, &key.1, &key.2);
         st.observations.insert(key.clone(), id);
@@ -1602,9 +1554,7 @@ impl Subscriptions {
             id,
             Observation {
                 key,
-                cancel,
-                starting,
-                fed,
+                _fed: fed,
                 last,
                 endpoint: ep.clone(),
                 subscribers: Subscribers::default(),
