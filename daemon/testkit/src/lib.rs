@@ -867,3 +867,7 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Debian packages for the tests' peers (defined with the NATS server, whose file the
+/// store's tests include on its own).
+pub use nats::apt_install;

@@ -44,6 +44,8 @@ fn ensure_installed() {
         }
         let install = || {
             Command::new("apt-get")
+                // Waits for dpkg's lock (another test binary may be installing).
+                .args(["-o", "DPkg::Lock::Timeout=600"])
                 .args(["install", "-y", "-q", "mosquitto", "mosquitto-clients"])
                 .env("DEBIAN_FRONTEND", "noninteractive")
                 .stdout(Stdio::null())

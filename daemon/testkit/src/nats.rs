@@ -36,11 +36,7 @@ pub fn binary() -> PathBuf {
     static INSTALL: std::sync::Once = std::sync::Once::new();
     if !path.exists() {
         INSTALL.call_once(|| {
-            let _ = Command::new("apt-get")
-                .args(["install", "-y", "-q", "nats-server"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdout(Stdio::null())
-                .status();
+            apt_install(&["nats-server"]);
         });
     }
     path
@@ -378,5 +374,30 @@ impl NatsCluster {
         }
         let leader = leader?;
         self.servers.iter().position(|s| s.name == leader)
+    }
+}
+
+/// `apt-get install -y` of `packages` (noninteractive, as root), once more after
+/// `apt-get update` if it fails (a fresh machine may have no package lists yet); false if
+/// it still does. Installs are serialized in this process (tests run in parallel and
+/// several may need a package at once), and each waits for dpkg's lock up to 10 minutes
+/// rather than failing at once when another process (another test binary, the machine's
+/// own updates) holds it.
+pub fn apt_install(packages: &[&str]) -> bool {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(["-o", "DPkg::Lock::Timeout=600"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let install = || apt(&[&["install", "-y", "-q"][..], packages].concat());
+    install() || {
+        apt(&["update", "-q"]);
+        install()
     }
 }

@@ -217,22 +217,14 @@ pub fn is_root() -> bool {
         .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
 
-/// `apt-get install -y` of `packages` (noninteractive), once more after `apt-get update`
-/// if it fails (a fresh machine may have no package lists yet); fails the test naming
-/// them if it still does. For the peers the tests install themselves as root.
+/// `apt-get install` of `packages` ([`connectord_testkit::apt_install`]); fails the test
+/// naming them if it fails. For the peers the tests install themselves as root.
 pub fn apt_install(packages: &[&str]) {
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "-q"])
-            .args(packages)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !install() {
-        let _ = Command::new("apt-get").args(["update", "-q"]).status();
-        assert!(install(), "apt-get install {} failed", packages.join(" "));
-    }
+    assert!(
+        connectord_testkit::apt_install(packages),
+        "apt-get install {} failed",
+        packages.join(" ")
+    );
 }
 
 /// This workspace's root directory.
