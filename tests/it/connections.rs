@@ -170,3 +170,57 @@ fn a_connection_that_sends_nothing_is_closed_early() {
     s.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
+
+/// Connections that arrive while every `rest.max_connections` slot is taken wait in the
+/// listener's accept queue and are served once a slot frees, however many arrive at once
+/// (up to the kernel's bound, `net.core.somaxconn`). With tokio's default queue of 128,
+/// the kernel dropped the SYNs past it, and those clients waited for their SYN
+/// retransmissions (1 s, then 3 s, …): the flood test's 10 s connect timeout in CI.
+#[test]
+fn a_burst_of_connections_waits_for_a_slot_in_the_accept_queue() {
+    const SLOTS: usize = 2;
+    const BURST: usize = 400;
+    let p = support::Prepared::new("", "");
+    let text = std::fs::read_to_string(&p.config_path).unwrap();
+    let text = text.replacen(
+        "[rest]\n",
+        &format!("[rest]\nmax_connections = {SLOTS}\n"),
+        1,
+    );
+    std::fs::write(&p.config_path, text).unwrap();
+    let d = p.start();
+    // Every slot held by a connection that sends nothing (closed only after a few seconds).
+    let held: Vec<TcpStream> = (0..SLOTS)
+        .map(|_| connect_from([127, 0, 0, 1], d.rest))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let request = format!(
+        "GET /v2/endpoints HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        d.key
+    );
+    let started = Instant::now();
+    let mut burst = Vec::with_capacity(BURST);
+    for i in 0..BURST {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        if let Err(e) = s.connect_timeout(&SockAddr::from(d.rest), Duration::from_millis(800)) {
+            panic!(
+                "connection {i} of {BURST} not queued within 800 ms while {SLOTS} slots were taken: {e}"
+            );
+        }
+        let mut s: TcpStream = s.into();
+        // Buffered by the kernel until the daemon accepts the connection.
+        s.write_all(request.as_bytes()).unwrap();
+        burst.push(s);
+    }
+    eprintln!("{BURST} connections queued in {:?}", started.elapsed());
+    drop(held);
+    // Each is served in its turn: the last one too.
+    let mut last = burst.pop().unwrap();
+    last.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut out = Vec::new();
+    last.read_to_end(&mut out)
+        .expect("the last queued connection was not served");
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}

@@ -107,10 +107,30 @@ pub async fn bind_tls(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>>
     bind_scheme(addrs, "https").await
 }
 
+/// The accept queue asked of the kernel for each REST listener (the kernel clamps it to
+/// `net.core.somaxconn`, 4 096 on current Linux). Decision: tokio's `TcpListener::bind`
+/// asks for 128. The server accepts a connection only once it has a slot
+/// (`rest.max_connections`), so while every slot is taken the connections wait in this
+/// queue; past 128 the kernel dropped the clients' SYNs, and each then waited for its
+/// retransmission (1 s, 3 s, 7 s, …): a 10 s connect timeout in CI's flood test, whose
+/// slow clients held every slot.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `a` with [`LISTEN_BACKLOG`], `SO_REUSEADDR` set as tokio's own bind sets it.
+fn listen(a: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match a {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(a)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 async fn bind_scheme(addrs: &[SocketAddr], scheme: &str) -> std::io::Result<Vec<TcpListener>> {
     let mut out = Vec::with_capacity(addrs.len());
-    for a in addrs {
-        let l = TcpListener::bind(a).await.map_err(|e| {
+    for &a in addrs {
+        let l = listen(a).map_err(|e| {
             let key = if scheme == "https" { "_tls" } else { "" };
             std::io::Error::new(
                 e.kind(),
