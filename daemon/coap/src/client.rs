@@ -55,11 +55,11 @@ pub struct HeldAck {
 /// response).
 pub const EXCHANGE_QUEUE: usize = 64;
 
-/// Notifications that may wait in one observation's own stream (issue 24): an
-/// observation gets one each time the device sends one, and they are taken in batches
-/// (each batch stored durably at once), so this absorbs the bursts of a device that sends
-/// every few ms while a commit is on its way. Once handed to an [`ObservationFeed`] only
-/// the feed's bound applies. All observations together are bounded by
+/// Notifications that may wait in one observation's own stream (issue 24): from the
+/// observe's answer until the stream is handed to an [`ObservationFeed`]
+/// ([`ObserveStream::into_feed`], which moves them to the feed ahead of the later ones),
+/// so this absorbs what a device that notifies every few ms sends meanwhile. Once handed
+/// over only the feed's bound applies. All observations together are bounded by
 /// `coap.max_queued_notifications` (the memory bound); past either bound the excess is
 /// dropped and counted instead of queued: a later notification carries the newer value
 /// anyway (RFC 7641 §1.3, eventual consistency).
