@@ -1106,6 +1106,9 @@ struct ReadRun {
     cpu: Duration,
     /// CPU of the load generator (this process) over the same run.
     bench_cpu: Duration,
+    /// The store's commits over the run (`store_commit_duration_seconds_count`), when
+    /// the daemon reports them.
+    commits: Option<u64>,
 }
 
 /// M proxied reads of /3/0/0 over K devices; answers pulled by long-poll.
@@ -1173,6 +1176,7 @@ fn reads_run(args: &Args, dtls: bool) -> Result<ReadRun> {
     let senders_done = Arc::new(AtomicBool::new(false));
     let rejected: Arc<Mutex<HashMap<u16, usize>>> = Arc::default();
     let m = args.read_count;
+    let commits0 = api.metric("store_commit_duration_seconds_count").ok();
     let cpu0 = cpu_time(daemon.pid())?;
     let own_cpu0 = cpu_time(std::process::id())?;
     let t0 = Instant::now();
@@ -1277,6 +1281,10 @@ fn reads_run(args: &Args, dtls: bool) -> Result<ReadRun> {
     let cpu = cpu_time(daemon.pid())?.saturating_sub(cpu0);
     // This process: the HTTP clients, the puller and the simulated devices.
     let bench_cpu = cpu_time(std::process::id())?.saturating_sub(own_cpu0);
+    let commits = commits0.and_then(|c0| {
+        let c1 = api.metric("store_commit_duration_seconds_count").ok()?;
+        Some(c1.saturating_sub(c0))
+    });
     load.abandon();
     let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
     lat.sort();
@@ -1291,6 +1299,7 @@ fn reads_run(args: &Args, dtls: bool) -> Result<ReadRun> {
         max: lat.last().copied().unwrap_or_default(),
         cpu,
         bench_cpu,
+        commits,
     })
 }
 
@@ -1681,7 +1690,7 @@ fn main() -> Result<()> {
                         unit: "reads/s",
                         target: (!dtls && args.read_rate <= 0.0).then_some((30_000.0, true)),
                         detail: format!(
-                            "{} answered ({} status 200) in {:.2} s; REST→async response p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; refused {:?}; daemon CPU {cpu_us:.1} µs per read, load generator {:.1} µs",
+                            "{} answered ({} status 200) in {:.2} s; REST→async response p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; refused {:?}; daemon CPU {cpu_us:.1} µs per read, load generator {:.1} µs; {} store commits per 100 reads",
                             r.completed,
                             r.ok,
                             secs,
@@ -1689,7 +1698,11 @@ fn main() -> Result<()> {
                             r.p99.as_secs_f64() * 1e3,
                             r.max.as_secs_f64() * 1e3,
                             r.rejected,
-                            r.bench_cpu.as_secs_f64() * 1e6 / r.completed.max(1) as f64
+                            r.bench_cpu.as_secs_f64() * 1e6 / r.completed.max(1) as f64,
+                            r.commits.map_or("?".to_string(), |c| format!(
+                                "{:.1}",
+                                c as f64 * 100.0 / r.completed.max(1) as f64
+                            ))
                         ),
                     });
                 }
