@@ -492,7 +492,11 @@ async fn start_services(
         );
         (nats.as_store(), Some(nats))
     } else {
-        let store = SqliteStore::open_observed(&state_dir, counters.store_commit.clone())?;
+        let store = SqliteStore::open_with(
+            &state_dir,
+            counters.store_commit.clone(),
+            config.state.commit_delay(),
+        )?;
         tracing::info!("state in {}", store.path().display());
         let store = Arc::new(store);
         sqlite = Some(Arc::clone(&store));

@@ -478,17 +478,53 @@ impl ClusterConfig {
 
 /// Most worker threads `[runtime] worker_threads` accepts.
 pub const MAX_WORKER_THREADS: usize = 1024;
+/// Most microseconds `[state] commit_delay_us` accepts (10 ms).
+pub const MAX_COMMIT_DELAY_US: u64 = 10_000;
+
 /// `[state]`: where durable state lives.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
     /// The state directory. When absent: `$STATE_DIRECTORY` (set by systemd's
     /// `StateDirectory=`), else `$XDG_STATE_HOME/connectord`, else
     /// `$HOME/.local/state/connectord`, else `./connectord-state`.
     pub dir: Option<PathBuf>,
+    /// While the SQLite store is busy (its last commit held several jobs), how long it
+    /// waits after a write arrives for others to share the commit and its `fsync`
+    /// (`store::sqlite::DEFAULT_COMMIT_DELAY`); 0: never. A lone writer is never delayed.
+    /// Up to [`MAX_COMMIT_DELAY_US`]. Not used by the NATS backend.
+    pub commit_delay_us: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            dir: None,
+            commit_delay_us: connectord_store::sqlite::DEFAULT_COMMIT_DELAY.as_micros() as u64,
+        }
+    }
 }
 
 impl StateConfig {
+    /// Range checks serde cannot express, as the other sections' (see [`Invalid`]).
+    pub fn check(&self) -> Result<(), Invalid> {
+        if self.commit_delay_us > MAX_COMMIT_DELAY_US {
+            return Err((
+                "commit_delay_us",
+                format!(
+                    "{} is more than {MAX_COMMIT_DELAY_US} (10 ms); 0 means no delay",
+                    self.commit_delay_us
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`StateConfig::commit_delay_us`] as a duration.
+    pub fn commit_delay(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.commit_delay_us)
+    }
+
     /// The state directory this configuration resolves to in the current environment.
     pub fn resolve_dir(&self) -> PathBuf {
         if let Some(d) = &self.dir {
@@ -565,7 +601,8 @@ impl Config {
             Ok(filter) => self.log.level = filter,
             Err(message) => return Err(invalid("log.level".into(), message)),
         }
-        let sections: [(&str, Result<(), Invalid>); 10] = [
+        let sections: [(&str, Result<(), Invalid>); 11] = [
+            ("state", self.state.check()),
             ("rest", self.rest.check()),
             ("coap", self.coap.check()),
             ("runtime", self.runtime.check()),

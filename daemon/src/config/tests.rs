@@ -140,6 +140,10 @@ fn range_errors_name_the_key() {
             "runtime.worker_threads",
         ),
         (
+            "[state]\ncommit_delay_us = 10001\n",
+            "state.commit_delay_us",
+        ),
+        (
             "[notifications]\nlong_poll_s = 0\n",
             "notifications.long_poll_s",
         ),
