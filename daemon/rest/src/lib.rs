@@ -22,6 +22,7 @@ pub mod credentials;
 pub mod device_requests;
 pub mod devtools;
 pub mod endpoints;
+pub mod finish;
 pub mod notifications;
 pub mod reply;
 pub mod resources;
@@ -317,10 +318,13 @@ async fn connection<T>(
 
 /// Resolves when the client of a request went away: hyper drops a request's future when
 /// its connection closes (HTTP/1: an end of input while a request is in flight) or its
-/// stream is reset (HTTP/2), and the handler's task, spawned apart, learns it from this.
+/// stream is reset (HTTP/2), and the handler, which then runs on to its end on a task of
+/// its own ([`finish::Finish`]), learns it from this.
 type Gone = tokio::sync::oneshot::Receiver<()>;
 
-/// One request. Runs the handler on its own task so that a panic becomes a JSON 500.
+/// One request. Runs the handler in this task through [`finish::Finish`], so that a
+/// panic becomes a JSON 500 and a client that goes away does not stop the handler
+/// half-way.
 async fn handle(
     state: Arc<AppState>,
     req: Request<Incoming>,
@@ -334,12 +338,11 @@ async fn handle(
     // Dropped with this future: when the request ends, or when hyper drops it because the
     // client went away.
     let (_present, gone) = tokio::sync::oneshot::channel();
-    // Boxed: the handler's future is a few KB, and tokio moves a task's future by value
-    // several times while spawning and finishing it (memcpy showed in the read profile).
     let started = std::time::Instant::now();
     // A long-poll waits on purpose (up to notifications.long_poll_s): not a latency.
     let timed = !path.ends_with("/notification/pull");
-    let reply = match tokio::spawn(Box::pin(dispatch(state, req, gone))).await {
+    // Boxed inside `Finish`: the handler's future is a few KB.
+    let reply = match finish::Finish::new(dispatch(state, req, gone)).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(%method, %path, "REST handler failed: {e}");
