@@ -1,7 +1,9 @@
 //! An in-memory backend with the SQLite backend's semantics, for unit tests of the
 //! services above the store and for trying a change without a file. Nothing survives the
 //! process; every write is "durable" at once. [`MemoryStore::fail_writes`] makes every
-//! write fail as a failing disk would (`is_unavailable`), to test rollbacks.
+//! write fail as a failing disk would (`is_unavailable`), to test rollbacks;
+//! [`MemoryStore::hold_writes`] keeps writes applied but unanswered, as during a commit,
+//! to test what is shown before a write is durable.
 //!
 //! The same conformance tests run against both backends (`tests` below), so the two
 //! cannot drift apart.
@@ -50,7 +52,13 @@ pub struct MemoryStore {
     state: Mutex<State>,
     failing: AtomicBool,
     errors: std::sync::atomic::AtomicU64,
+    /// While writes are held ([`MemoryStore::hold_writes`]): the answers of those made
+    /// meanwhile, given when they are released.
+    held: Mutex<Option<Vec<Answer>>>,
 }
+
+/// A held write's answer ([`MemoryStore::hold_writes`]).
+type Answer = Box<dyn FnOnce() + Send>;
 
 impl MemoryStore {
     pub fn new() -> MemoryStore {
@@ -62,20 +70,48 @@ impl MemoryStore {
         self.failing.store(failing, Ordering::SeqCst);
     }
 
+    /// From now on (`true`) writes are applied but not answered, as while a commit is in
+    /// progress, until they are released (`false`: every held write is answered, in
+    /// order, and writes are answered at once again).
+    pub fn hold_writes(&self, hold: bool) {
+        let released = {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            if hold {
+                held.get_or_insert_with(Vec::new);
+                None
+            } else {
+                held.take()
+            }
+        };
+        for answer in released.into_iter().flatten() {
+            answer();
+        }
+    }
+
     fn read<T>(&self, f: impl FnOnce(&State) -> T) -> Pending<T> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         Pending::ready(f(&state))
     }
 
-    fn write<T>(&self, f: impl FnOnce(&mut State) -> T) -> Pending<T> {
+    fn write<T: Send + 'static>(&self, f: impl FnOnce(&mut State) -> T) -> Pending<T> {
         if self.failing.load(Ordering::SeqCst) {
             self.errors.fetch_add(1, Ordering::Relaxed);
             return Pending::failed(StoreError::Commit(
                 "the in-memory store was told to fail its writes".into(),
             ));
         }
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        Pending::ready(f(&mut state))
+        let value = f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        match held.as_mut() {
+            Some(answers) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                answers.push(Box::new(move || {
+                    let _ = tx.send(Ok(value));
+                }));
+                Pending::new(rx)
+            }
+            None => Pending::ready(value),
+        }
     }
 }
 

@@ -17,8 +17,11 @@ use crate::hashing::Map;
 /// [`Registry`](super::Registry), owns the store, the listeners and the expiry, and is the
 /// only writer: it changes the maps under this directory's lock while it submits the same
 /// change to the store (so the store applies changes in memory order) and rolls a change
-/// back when the store refuses it, so the directory holds only what the store committed
-/// (issue 19, item 1; a reader may see a change during its commit, never after a refusal).
+/// back when the store refuses it. Readers are shown only what the store committed: until
+/// a change's write is answered, the endpoints it touched are shown as they were
+/// ([`Maps::unsettled`], [`Maps::settle`]), so a reader never sees a change during its
+/// commit, nor after a refusal (issue 19, item 1; "memory changes only after the store
+/// commits").
 ///
 /// A read is one lock, the map lookups and an `Arc` clone, as before the split: the
 /// proxied-read path does a [`Directory::get`] per request.
@@ -55,6 +58,77 @@ pub(super) struct Maps {
     /// and counting a million endpoints there held the lock that registrations take for
     /// milliseconds each time (issue 24). A handful of nodes: a list.
     owners: Vec<(Option<Box<str>>, usize)>,
+    /// What readers are shown, by id, for the ids that a change not yet committed touched.
+    unseen_ids: Map<Box<str>, Shown>,
+    /// The same by domain and name.
+    unseen_names: Map<Box<str>, Map<Box<str>, Shown>>,
+    /// The number of the last change made ([`Change`]).
+    changes: u64,
+}
+
+/// What readers are shown for an id or name while changes of it await the store: the
+/// value of the last change of it that committed (or the value before the first).
+struct Shown {
+    value: Option<Arc<Endpoint>>,
+    /// The number of the change that left `value` (0: the value before any).
+    change: u64,
+    /// Changes of it not yet answered by the store.
+    waiting: usize,
+}
+
+/// A change of the maps whose store write is awaited ([`Maps::unsettled`]): the ids and
+/// names it touched, with what it left each (`None`: nothing), which readers are shown
+/// once it committed.
+#[must_use = "a change must be settled, or readers never see its keys change again"]
+pub(super) struct Change {
+    number: u64,
+    ids: Vec<(Box<str>, Left)>,
+    /// (domain, name, what it left).
+    names: Vec<(Box<str>, Box<str>, Left)>,
+}
+
+/// What a change left at one of its keys (`None`: nothing).
+type Left = Option<Arc<Endpoint>>;
+
+/// Marks `key` of `map` as awaiting one more change; readers are shown `now` (what the
+/// maps hold before the change) if nothing awaited it yet.
+fn await_change(map: &mut Map<Box<str>, Shown>, key: &str, now: Option<&Arc<Endpoint>>) {
+    match map.get_mut(key) {
+        Some(shown) => shown.waiting += 1,
+        None => {
+            map.insert(
+                key.into(),
+                Shown {
+                    value: now.cloned(),
+                    change: 0,
+                    waiting: 1,
+                },
+            );
+        }
+    }
+}
+
+/// One change of `key` in `map` was answered: committed (`Some(value)`, what it left)
+/// or refused (`None`).
+fn settle_key(
+    map: &mut Map<Box<str>, Shown>,
+    key: &str,
+    number: u64,
+    committed: Option<Option<Arc<Endpoint>>>,
+) {
+    let Some(shown) = map.get_mut(key) else {
+        return;
+    };
+    if let Some(value) = committed
+        && number > shown.change
+    {
+        shown.value = value;
+        shown.change = number;
+    }
+    shown.waiting -= 1;
+    if shown.waiting == 0 {
+        map.remove(key);
+    }
 }
 
 /// An entry of the deadline index: the endpoint, ordered by (expires_at_ms, id).
@@ -159,6 +233,7 @@ impl Maps {
             deadlines,
             foreign_deadlines,
             owners,
+            ..
         } = self;
         let hasher = &*hasher;
         let mut for_ids = Vec::with_capacity(eps.len());
@@ -285,6 +360,100 @@ impl Maps {
         }
     }
 
+    /// Before the maps are changed for a store write: readers go on being shown what
+    /// `ids` and `names` (domain, name) hold now until the change is settled. Call
+    /// [`Maps::made`] right after the change, in the same critical section.
+    pub(super) fn unsettled(&mut self, ids: &[&str], names: &[(&str, &str)]) -> Change {
+        self.changes += 1;
+        for &id in ids {
+            let now = self
+                .by_id
+                .find(self.hasher.hash_one(id), |e| e.reg.id == id)
+                .cloned();
+            await_change(&mut self.unseen_ids, id, now.as_ref());
+        }
+        for &(domain, name) in names {
+            let now = self.by_name(domain, name).cloned();
+            if !self.unseen_names.contains_key(domain) {
+                self.unseen_names.insert(domain.into(), Map::default());
+            }
+            if let Some(m) = self.unseen_names.get_mut(domain) {
+                await_change(m, name, now.as_ref());
+            }
+        }
+        Change {
+            number: self.changes,
+            ids: ids.iter().map(|&i| (i.into(), None)).collect(),
+            names: names
+                .iter()
+                .map(|&(d, n)| (d.into(), n.into(), None))
+                .collect(),
+        }
+    }
+
+    /// Notes what the change left at each of its keys (right after making it).
+    pub(super) fn made(&self, c: &mut Change) {
+        for (id, left) in &mut c.ids {
+            *left = self.by_id(id).cloned();
+        }
+        for (domain, name, left) in &mut c.names {
+            *left = self.by_name(domain, name).cloned();
+        }
+    }
+
+    /// The store answered the change: once it `committed`, readers are shown what it left
+    /// (unless a later change of the same key committed already); a refused one is never
+    /// shown. A key no change awaits any more is shown from the maps again, so a refused
+    /// change must be rolled back in the maps in the same critical section.
+    pub(super) fn settle(&mut self, c: Change, committed: bool) {
+        for (id, left) in c.ids {
+            settle_key(
+                &mut self.unseen_ids,
+                &id,
+                c.number,
+                committed.then_some(left),
+            );
+        }
+        for (domain, name, left) in c.names {
+            if let Some(m) = self.unseen_names.get_mut(&*domain) {
+                settle_key(m, &name, c.number, committed.then_some(left));
+                if m.is_empty() {
+                    self.unseen_names.remove(&*domain);
+                }
+            }
+        }
+    }
+
+    /// A change made and committed at once (another node's, read from the store): shown
+    /// to readers now, also where earlier changes still await the store.
+    pub(super) fn change_committed(
+        &mut self,
+        ids: &[&str],
+        names: &[(&str, &str)],
+        change: impl FnOnce(&mut Maps),
+    ) {
+        let mut c = self.unsettled(ids, names);
+        change(self);
+        self.made(&mut c);
+        self.settle(c, true);
+    }
+
+    /// What readers are shown by id: the committed endpoint.
+    fn shown_by_id(&self, id: &str) -> Option<&Arc<Endpoint>> {
+        match self.unseen_ids.get(id) {
+            Some(shown) => shown.value.as_ref(),
+            None => self.by_id(id),
+        }
+    }
+
+    /// What readers are shown by domain and name: the committed endpoint.
+    fn shown_by_name(&self, domain: &str, name: &str) -> Option<&Arc<Endpoint>> {
+        match self.unseen_names.get(domain).and_then(|m| m.get(name)) {
+            Some(shown) => shown.value.as_ref(),
+            None => self.by_name(domain, name),
+        }
+    }
+
     pub(super) fn by_id(&self, id: &str) -> Option<&Arc<Endpoint>> {
         self.by_id
             .find(self.hasher.hash_one(id), |e| e.reg.id == id)
@@ -336,23 +505,32 @@ impl Directory {
 
     /// One endpoint by domain and exact name.
     pub fn get(&self, domain: &str, name: &str) -> Option<Arc<Endpoint>> {
-        self.lock().by_name(domain, name).cloned()
+        self.lock().shown_by_name(domain, name).cloned()
     }
 
     /// One endpoint by registration id (the registration interface's `/rd/{id}`).
     pub fn by_id(&self, id: &str) -> Option<Arc<Endpoint>> {
-        self.lock().by_id(id).cloned()
+        self.lock().shown_by_id(id).cloned()
     }
 
     /// Endpoints of a domain, sorted by name, optionally only those of one endpoint type.
     pub fn list(&self, domain: &str, ept: Option<&str>) -> Vec<Arc<Endpoint>> {
         let maps = self.lock();
+        let unseen = maps.unseen_names.get(domain);
+        let wanted = |e: &&Arc<Endpoint>| ept.is_none() || e.reg.ept.as_deref() == ept;
         let mut v: Vec<_> = maps
             .by_name
             .get(domain)
             .into_iter()
             .flat_map(HashTable::iter)
-            .filter(|e| ept.is_none() || e.reg.ept.as_deref() == ept)
+            .filter(|e| unseen.is_none_or(|u| !u.contains_key(e.reg.name.as_str())))
+            .chain(
+                unseen
+                    .into_iter()
+                    .flat_map(|u| u.values())
+                    .filter_map(|s| s.value.as_ref()),
+            )
+            .filter(wanted)
             .cloned()
             .collect();
         drop(maps);
@@ -362,15 +540,30 @@ impl Directory {
 
     /// Registered endpoints in one domain.
     pub fn count_in(&self, domain: &str) -> usize {
-        self.lock().count_in(domain)
+        let maps = self.lock();
+        let mut n = maps.count_in(domain);
+        for (name, shown) in maps.unseen_names.get(domain).into_iter().flatten() {
+            n -= usize::from(maps.by_name(domain, name).is_some());
+            n += usize::from(shown.value.is_some());
+        }
+        n
     }
 
     /// Registered endpoints by owner node (issue 22: `Registration::node`; `None` for
-    /// those recording none, a single node's). One pass over every endpoint under the
-    /// lock: for `GET /v2/cluster` and `/metrics`, not for a device's path.
+    /// those recording none, a single node's), counted as they come and go (not a pass
+    /// over every endpoint), the changes not yet committed left out.
     pub fn count_by_owner(&self) -> std::collections::BTreeMap<Option<String>, usize> {
-        self.lock()
-            .owners
+        let maps = self.lock();
+        let mut owners = maps.owners.clone();
+        for (id, shown) in &maps.unseen_ids {
+            if let Some(e) = maps.by_id(id) {
+                count_owner(&mut owners, e.reg.node.as_deref(), -1);
+            }
+            if let Some(e) = &shown.value {
+                count_owner(&mut owners, e.reg.node.as_deref(), 1);
+            }
+        }
+        owners
             .iter()
             .map(|(o, n)| (o.as_deref().map(String::from), *n))
             .collect()
@@ -378,7 +571,13 @@ impl Directory {
 
     /// Registered endpoints in all domains.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        let maps = self.lock();
+        let mut n = maps.len();
+        for (id, shown) in &maps.unseen_ids {
+            n -= usize::from(maps.by_id(id).is_some());
+            n += usize::from(shown.value.is_some());
+        }
+        n
     }
 
     pub fn is_empty(&self) -> bool {

@@ -12,7 +12,11 @@ mod directory;
 pub mod lwm2m;
 
 pub use directory::Directory;
-use directory::Maps;
+use directory::{Change, Maps};
+
+/// An endpoint taken out of the maps, its removal from the store, and the change readers
+/// are shown once that is answered.
+type Removal = (Arc<Endpoint>, crate::store::Pending<()>, Change);
 
 use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
@@ -530,11 +534,21 @@ impl Registry {
                     let old = inner
                         .by_name(&ep.reg.domain, &ep.reg.name)
                         .map(|e| e.reg.id.clone());
-                    let replaced = old.and_then(|old| inner.remove(&old));
-                    if let Some(e) = inner.by_id(&ep.reg.id).map(|e| e.reg.id.clone()) {
-                        inner.remove(&e);
-                    }
-                    inner.insert_foreign(ep);
+                    // The endpoint that held the id, under whatever name.
+                    let held = inner
+                        .by_id(&ep.reg.id)
+                        .map(|e| (e.reg.domain.clone(), e.reg.name.clone()));
+                    let mut ids = vec![ep.reg.id.as_str()];
+                    ids.extend(old.as_deref());
+                    let mut names = vec![(ep.reg.domain.as_str(), ep.reg.name.as_str())];
+                    names.extend(held.as_ref().map(|(d, n)| (d.as_str(), n.as_str())));
+                    let mut replaced = None;
+                    // Committed already (read from the store): shown at once.
+                    inner.change_committed(&ids, &names, |inner| {
+                        replaced = old.as_deref().and_then(|old| inner.remove(old));
+                        inner.remove(&ep.reg.id);
+                        inner.insert_foreign(Arc::clone(&ep));
+                    });
                     replaced
                 };
                 let moved = replaced.filter(|r| !self.is_foreign(&r.reg))?;
@@ -548,7 +562,9 @@ impl Registry {
                     .filter(|e| self.is_foreign(&e.reg))
                     .map(|e| e.reg.id.clone());
                 if let Some(id) = id {
-                    inner.remove(&id);
+                    inner.change_committed(&[&id], &[(&domain, &name)], |inner| {
+                        inner.remove(&id);
+                    });
                 }
                 None
             }
@@ -754,22 +770,35 @@ impl Registry {
             if old.is_none() {
                 self.room_for_new(&inner, &ep.reg.domain)?;
             }
-            let replaced = old.and_then(|old| inner.remove(&old));
+            let mut ids = vec![ep.reg.id.as_str()];
+            ids.extend(old.as_deref());
+            let mut change =
+                inner.unsettled(&ids, &[(ep.reg.domain.as_str(), ep.reg.name.as_str())]);
+            let replaced = old.as_ref().and_then(|old| inner.remove(old));
             inner.insert(Arc::clone(&ep));
-            (self.store.put_registration(ep.reg.clone()), replaced)
+            inner.made(&mut change);
+            (
+                self.store.put_registration(ep.reg.clone()),
+                replaced,
+                change,
+            )
         };
-        let (durable, replaced) = durable;
+        let (durable, replaced, change) = durable;
         self.expiry_wake.notify_one();
-        if let Err(e) = durable.await {
-            // Memory holds only what the store holds: the new registration goes, the one
-            // it replaced (still on disk) comes back.
+        let durable = durable.await;
+        {
             let mut inner = self.lock();
-            if inner.holds(&ep) {
+            if durable.is_err() && inner.holds(&ep) {
+                // Memory holds only what the store holds: the new registration goes, the
+                // one it replaced (still on disk) comes back.
                 inner.remove(&ep.reg.id);
                 if let Some(old) = &replaced {
                     inner.restore(old);
                 }
             }
+            inner.settle(change, durable.is_ok());
+        }
+        if let Err(e) = durable {
             return Err(e.into());
         }
         Counters::inc(&self.counters.registrations);
@@ -876,24 +905,32 @@ impl Registry {
                 },
             };
             let ep = Arc::new(ep);
+            let mut change =
+                inner.unsettled(&[id], &[(ep.reg.domain.as_str(), ep.reg.name.as_str())]);
             inner.remove(id);
             inner.insert(Arc::clone(&ep));
+            inner.made(&mut change);
             let durable = self.store.put_registration(ep.reg.clone());
-            (ep, (old, durable, foreign))
+            (ep, (old, durable, foreign, change))
         };
-        let (old, durable, foreign) = durable;
+        let (old, durable, foreign, change) = durable;
         self.expiry_wake.notify_one();
-        if let Err(e) = durable.await {
-            // The registration as stored comes back (unless a later change replaced ours).
+        let durable = durable.await;
+        {
             let mut inner = self.lock();
-            if inner.holds(&ep) {
+            if durable.is_err() && inner.holds(&ep) {
+                // The registration as stored comes back (unless a later change replaced
+                // ours).
                 inner.remove(id);
                 if foreign {
-                    inner.insert_foreign(old);
+                    inner.insert_foreign(Arc::clone(&old));
                 } else {
-                    inner.insert(old);
+                    inner.insert(Arc::clone(&old));
                 }
             }
+            inner.settle(change, durable.is_ok());
+        }
+        if let Err(e) = durable {
             return Err(e.into());
         }
         Counters::inc(&self.counters.registration_updates);
@@ -910,7 +947,8 @@ impl Registry {
 
     /// Handles `DELETE /rd/{id}`.
     pub async fn deregister(&self, id: &str) -> Result<Arc<Endpoint>, RegistryError> {
-        self.remove_where(id, |inner| inner.remove(id)).await
+        self.remove_where(id, |inner| inner.by_id(id).map(|e| e.reg.id.clone()))
+            .await
     }
 
     /// `DELETE /endpoints/{name}`: the registration of `name` in `domain` ends as if the
@@ -921,29 +959,37 @@ impl Registry {
         name: &str,
     ) -> Result<Arc<Endpoint>, RegistryError> {
         self.remove_where(name, |inner| {
-            let id = inner.by_name(domain, name)?.reg.id.clone();
-            inner.remove(&id)
+            inner.by_name(domain, name).map(|e| e.reg.id.clone())
         })
         .await
     }
 
-    /// Removes the endpoint `find` takes out of the maps (`what` names it in the error),
+    /// Removes the endpoint whose id `find` names (`what` names it in the error),
     /// durably, and tells the listeners of the de-registration.
     async fn remove_where(
         &self,
         what: &str,
-        find: impl FnOnce(&mut Maps) -> Option<Arc<Endpoint>>,
+        find: impl FnOnce(&Maps) -> Option<String>,
     ) -> Result<Arc<Endpoint>, RegistryError> {
-        let (ep, durable) = {
+        let (ep, durable, change) = {
             let mut inner = self.lock();
-            let ep = find(&mut inner).ok_or_else(|| RegistryError::NotFound(what.to_string()))?;
+            let (ep, change) = find(&inner)
+                .and_then(|id| Registry::take_out(&mut inner, &id))
+                .ok_or_else(|| RegistryError::NotFound(what.to_string()))?;
             let durable = self.store.delete_registration(ep.reg.id.clone());
-            (ep, durable)
+            (ep, durable, change)
         };
         let id = ep.reg.id.as_str();
-        if let Err(e) = durable.await {
-            // Still on disk, so still registered.
-            self.lock().restore(&ep);
+        let durable = durable.await;
+        {
+            let mut inner = self.lock();
+            if durable.is_err() {
+                // Still on disk, so still registered.
+                inner.restore(&ep);
+            }
+            inner.settle(change, durable.is_ok());
+        }
+        if let Err(e) = durable {
             return Err(e.into());
         }
         if let Some(l) = self.limits.as_ref() {
@@ -995,30 +1041,36 @@ impl Registry {
 
     /// Takes the registrations `ids` out of memory and submits their removal from the
     /// store (under the lock, so the store applies them in memory's order).
-    fn remove_for_expiry(
-        &self,
-        inner: &mut Maps,
-        ids: Vec<String>,
-    ) -> Vec<(Arc<Endpoint>, crate::store::Pending<()>)> {
+    fn remove_for_expiry(&self, inner: &mut Maps, ids: Vec<String>) -> Vec<Removal> {
         let mut removed = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(ep) = inner.remove(&id) {
+            if let Some((ep, change)) = Registry::take_out(inner, &id) {
                 let d = self.store.delete_registration(id);
-                removed.push((ep, d));
+                removed.push((ep, d, change));
             }
         }
         removed
     }
 
+    /// Takes the endpoint of `id` out of the maps, readers still shown it until the
+    /// returned change settles.
+    fn take_out(inner: &mut Maps, id: &str) -> Option<(Arc<Endpoint>, Change)> {
+        let ep = Arc::clone(inner.by_id(id)?);
+        let mut change = inner.unsettled(&[id], &[(&ep.reg.domain, &ep.reg.name)]);
+        inner.remove(id);
+        inner.made(&mut change);
+        Some((ep, change))
+    }
+
     /// Waits for the store's removal of each expired endpoint (putting back those it
     /// refused), then counts, logs and tells the listeners.
-    async fn finish_expiry(
-        &self,
-        removed: Vec<(Arc<Endpoint>, crate::store::Pending<()>)>,
-    ) -> Vec<Arc<Endpoint>> {
+    async fn finish_expiry(&self, removed: Vec<Removal>) -> Vec<Arc<Endpoint>> {
         let mut expired = Vec::with_capacity(removed.len());
-        for (ep, d) in removed {
-            match d.await {
+        let mut answered = Vec::with_capacity(removed.len());
+        for (ep, d, change) in removed {
+            let d = d.await;
+            answered.push((change, d.is_ok()));
+            match d {
                 Ok(()) => expired.push(ep),
                 Err(e) => {
                     // Still on disk: it stays registered (and due) until the store
@@ -1041,6 +1093,14 @@ impl Registry {
                         inner.restore(&ep);
                     }
                 }
+            }
+        }
+        // Readers are shown the removals now (one lock for the batch), each refused one
+        // put back above first.
+        {
+            let mut inner = self.lock();
+            for (change, committed) in answered {
+                inner.settle(change, committed);
             }
         }
         for ep in &expired {

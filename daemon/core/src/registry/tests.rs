@@ -860,3 +860,138 @@ async fn a_restart_in_pieces_indexes_shares_and_orders_every_registration() {
     assert_eq!(dir_.len(), n - 5_000);
     assert!(reg.expire_due(1_000_000 + 4_999).await.is_empty());
 }
+
+/// Memory changes only after the store commits: while a registration, a re-registration,
+/// an update, a de-registration or an expiry waits for its write, readers are shown the
+/// endpoint as the store held it before (by name, by id, in lists and counts), and the
+/// change once its write is answered.
+#[tokio::test]
+async fn readers_see_no_change_before_its_write_commits() {
+    let store = Arc::new(crate::store::memory::MemoryStore::new());
+    let reg = Arc::new(Registry::new(
+        RegistryConfig::default(),
+        Arc::clone(&store) as Arc<dyn Store>,
+        Arc::new(Counters::default()),
+        None,
+    ));
+    let dir = Arc::clone(reg.directory());
+    let shown = |name: &str| dir.get("default", name).map(|e| e.reg.clone());
+    let counts = || {
+        (
+            dir.len(),
+            dir.count_in("default"),
+            dir.list("default", None).len(),
+            dir.count_by_owner().values().sum::<usize>(),
+        )
+    };
+    // Runs `write` with the store's answers held: checks what readers are shown while it
+    // waits, releases the store, and returns what the write returned.
+    async fn held<T: Send + 'static>(
+        store: &crate::store::memory::MemoryStore,
+        write: impl std::future::Future<Output = T> + Send + 'static,
+        meanwhile: impl FnOnce(),
+    ) -> T {
+        store.hold_writes(true);
+        let task = tokio::spawn(write);
+        // The write is made (the maps changed, the store written) and waits for its answer.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!task.is_finished(), "the write did not wait for the store");
+        meanwhile();
+        store.hold_writes(false);
+        task.await.unwrap()
+    }
+
+    // A new registration: not shown until committed.
+    let r = Arc::clone(&reg);
+    let a = held(
+        &store,
+        async move { r.register(params("node-a"), at(1, 2)).await.unwrap() },
+        || {
+            assert_eq!(shown("node-a"), None, "a registration during its commit");
+            assert_eq!(counts(), (0, 0, 0, 0));
+        },
+    )
+    .await;
+    assert_eq!(shown("node-a"), Some(a.reg.clone()));
+    assert!(dir.by_id(&a.reg.id).is_some());
+    assert_eq!(counts(), (1, 1, 1, 1));
+
+    // An update: the registration as stored until the new one is.
+    let r = Arc::clone(&reg);
+    let id = a.reg.id.clone();
+    let up = UpdateParams {
+        lifetime_s: Some(120),
+        ..Default::default()
+    };
+    let a2 = held(
+        &store,
+        async move { r.update(&id, up, at(9, 2)).await.unwrap() },
+        || {
+            assert_eq!(
+                shown("node-a"),
+                Some(a.reg.clone()),
+                "an update during its commit"
+            );
+            assert_eq!(dir.by_id(&a.reg.id).unwrap().reg, a.reg);
+        },
+    )
+    .await;
+    assert_eq!(shown("node-a").unwrap().lifetime_s, 120);
+
+    // A re-registration of the name: the old one shown (by name and by its id), the new
+    // id unknown, until committed.
+    let r = Arc::clone(&reg);
+    let b = held(
+        &store,
+        async move { r.register(params("node-a"), at(3, 2)).await.unwrap() },
+        || {
+            assert_eq!(shown("node-a"), Some(a2.reg.clone()));
+            assert!(dir.by_id(&a2.reg.id).is_some());
+            assert_eq!(counts(), (1, 1, 1, 1));
+        },
+    )
+    .await;
+    assert_eq!(shown("node-a"), Some(b.reg.clone()));
+    assert!(dir.by_id(&a2.reg.id).is_none() && dir.by_id(&b.reg.id).is_some());
+    assert_eq!(counts(), (1, 1, 1, 1));
+
+    // A de-registration: still shown until committed.
+    let r = Arc::clone(&reg);
+    let id = b.reg.id.clone();
+    held(
+        &store,
+        async move { r.deregister(&id).await.unwrap() },
+        || {
+            assert_eq!(
+                shown("node-a"),
+                Some(b.reg.clone()),
+                "a removal during its commit"
+            );
+            assert_eq!(counts(), (1, 1, 1, 1));
+        },
+    )
+    .await;
+    assert_eq!(shown("node-a"), None);
+    assert_eq!(counts(), (0, 0, 0, 0));
+
+    // An expiry: the same.
+    let c = reg.register(params("node-c"), at(4, 2)).await.unwrap();
+    let r = Arc::clone(&reg);
+    let expired = held(&store, async move { r.expire_due(u64::MAX).await }, || {
+        assert_eq!(
+            shown("node-c"),
+            Some(c.reg.clone()),
+            "an expiry during its commit"
+        );
+        assert_eq!(counts(), (1, 1, 1, 1));
+    })
+    .await;
+    assert_eq!(expired.len(), 1);
+    assert_eq!(shown("node-c"), None);
+    assert_eq!(counts(), (0, 0, 0, 0));
+
+    // A refused write is never shown, during its commit or after.
+    store.fail_writes(true);
+    assert!(reg.register(params("node-d"), at(5, 2)).await.is_err());
+    assert_eq!((shown("node-d"), counts()), (None, (0, 0, 0, 0)));
+}
