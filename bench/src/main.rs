@@ -187,6 +187,9 @@ struct Args {
     /// `[notifications] max_batch` of the daemon (events per long-poll answer).
     #[arg(long, default_value_t = 500)]
     max_batch: usize,
+    /// `[state] commit_delay_us` of the daemon (absent: its default).
+    #[arg(long)]
+    commit_delay_us: Option<u64>,
     /// `[runtime] worker_threads` of the daemon (0: one per CPU, its default).
     #[arg(long, default_value_t = 0)]
     worker_threads: usize,
@@ -305,8 +308,12 @@ impl Daemon {
             .coap(coap)
             .rest(rest)
             .extra(&format!(
-                "[notifications]\nmax_batch = {}\n[runtime]\nworker_threads = {}\n{more}",
-                args.max_batch, args.worker_threads
+                "[notifications]\nmax_batch = {}\n[runtime]\nworker_threads = {}\n{}{more}",
+                args.max_batch,
+                args.worker_threads,
+                args.commit_delay_us
+                    .map(|us| format!("[state]\ncommit_delay_us = {us}\n"))
+                    .unwrap_or_default()
             ))
             .keep_logs(connectord_testkit::KeepLogs::StartAndWarnings)
             .timeout(Duration::from_secs(args.timeout_s))

@@ -215,15 +215,10 @@ impl Launch {
     }
 }
 
-/// The test configuration: loopback only, free ports, state in `dir`; `coap` lines go
-/// into the `[coap]` section, `extra` sections follow.
-pub fn test_config(dir: &Path, coap: &str, extra: &str) -> String {
-    config_text(dir, "debug", coap, extra)
-}
-
-fn config_text(dir: &Path, log_level: &str, coap: &str, extra: &str) -> String {
-    // Lines of a `[lua]` section in `extra` join the harness's own `[lua]` section.
-    let (lua, extra) = match extra.split_once("[lua]\n") {
+/// The lines of the section `header` in `toml` (up to the next section), and `toml`
+/// without it.
+fn take_section(toml: &str, header: &str) -> (String, String) {
+    match toml.split_once(header) {
         Some((before, after)) => {
             let end = after.find("\n[").map(|i| i + 1).unwrap_or(after.len());
             (
@@ -231,10 +226,22 @@ fn config_text(dir: &Path, log_level: &str, coap: &str, extra: &str) -> String {
                 format!("{before}{}", &after[end..]),
             )
         }
-        None => (String::new(), extra.to_string()),
-    };
+        None => (String::new(), toml.to_string()),
+    }
+}
+
+/// The test configuration: loopback only, free ports, state in `dir`; `coap` lines go
+/// into the `[coap]` section, `extra` sections follow.
+pub fn test_config(dir: &Path, coap: &str, extra: &str) -> String {
+    config_text(dir, "debug", coap, extra)
+}
+
+fn config_text(dir: &Path, log_level: &str, coap: &str, extra: &str) -> String {
+    // Lines of a `[lua]` or `[state]` section in `extra` join the harness's own section.
+    let (lua, extra) = take_section(extra, "[lua]\n");
+    let (state, extra) = take_section(&extra, "[state]\n");
     format!(
-        "[log]\nlevel = \"{log_level}\"\n[state]\ndir = \"{}\"\n[rest]\nlisten = [\"127.0.0.1:0\"]\n[lua]\ndir = \"{}\"\n{lua}\n[coap]\nlisten = [\"127.0.0.1:0\"]\n{coap}\n{extra}",
+        "[log]\nlevel = \"{log_level}\"\n[state]\ndir = \"{}\"\n{state}\n[rest]\nlisten = [\"127.0.0.1:0\"]\n[lua]\ndir = \"{}\"\n{lua}\n[coap]\nlisten = [\"127.0.0.1:0\"]\n{coap}\n{extra}",
         dir.join("state").display(),
         dir.join("scripts").display()
     )
