@@ -78,7 +78,10 @@ struct Shown {
 
 /// A change of the maps whose store write is awaited ([`Maps::unsettled`]): the ids and
 /// names it touched, with what it left each (`None`: nothing), which readers are shown
-/// once it committed.
+/// once it committed. One not settled would leave its keys shown as before it for good:
+/// the registry's writers hold it across their store wait only, in futures that run to
+/// their end (a CoAP request's task, a REST handler through `rest::finish`, the expiry
+/// task), dropped half-way only when the daemon stops.
 #[must_use = "a change must be settled, or readers never see its keys change again"]
 pub(super) struct Change {
     number: u64,
