@@ -1320,6 +1320,8 @@ struct NotifyRun {
     cpu: Duration,
     /// Notifications dropped at an observation's full queue.
     dropped: u64,
+    /// The store's commits in the window.
+    commits: u64,
 }
 
 /// What offers the notifications.
@@ -1456,6 +1458,7 @@ fn notifications_run(args: &Args, webhook: bool) -> Result<NotifyRun> {
         accepted: delta("observe_notifications_total"),
         discarded: delta("events_discarded_total"),
         dropped: delta("coap_responses_dropped_total"),
+        commits: delta("store_commit_duration_seconds_count"),
         window,
         sim_sent_total: sent_total,
         cpu,
@@ -1750,7 +1753,7 @@ fn main() -> Result<()> {
                     unit: "notif/s",
                     target: Some((100_000.0, true)),
                     detail: format!(
-                        "{} delivered in {:.1} s; daemon accepted {:.0}/s from devices; offered ≤ {:.0}/s; {} events discarded; {} dropped at full observation queues; devices sent {} in the whole run; daemon CPU {:.1} µs per accepted notification ({:.0} % of a core)",
+                        "{} delivered in {:.1} s; daemon accepted {:.0}/s from devices; offered ≤ {:.0}/s; {} events discarded; {} dropped at full observation queues; devices sent {} in the whole run; daemon CPU {:.1} µs per accepted notification ({:.0} % of a core); {:.1} store commits per 1000 notifications",
                         r.delivered,
                         secs,
                         r.accepted as f64 / secs,
@@ -1759,7 +1762,8 @@ fn main() -> Result<()> {
                         r.dropped,
                         r.sim_sent_total.map_or("?".into(), |s| s.to_string()),
                         r.cpu.as_secs_f64() * 1e6 / r.accepted.max(1) as f64,
-                        r.cpu.as_secs_f64() * 100.0 / secs
+                        r.cpu.as_secs_f64() * 100.0 / secs,
+                        r.commits as f64 * 1000.0 / r.accepted.max(1) as f64
                     ),
                 });
                 }
