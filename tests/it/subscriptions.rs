@@ -590,3 +590,84 @@ fn an_update_while_the_observe_is_in_flight_observes_once() {
         "a second observe of the same resource"
     );
 }
+
+/// A subscription's first value is its async response; a notification the device sends
+/// right after it is newer and must not reach the channel first (an application would
+/// keep the older value). The notifications wait until the async response is published.
+/// One event per long-poll answer (`max_batch = 1`), so the answers show the channel's
+/// order; tried on several endpoints.
+#[test]
+fn a_notification_right_after_the_first_value_comes_after_its_async_response() {
+    let d = Daemon::start_with("[notifications]\nmax_batch = 1\n");
+    for n in 0..6 {
+        let ep = format!("order-{n}");
+        let mut dev = d.device();
+        dev.register(&[&format!("ep={ep}"), "lt=300"], LINKS);
+        let id = d.async_request(
+            "PUT",
+            &format!("/v2/subscriptions/{ep}/3303/0/5700"),
+            None,
+            None,
+        );
+        let answers = std::thread::scope(|s| {
+            let puller = s.spawn(|| {
+                // Each long-poll answer in turn, until both events were seen.
+                let mut answers = Vec::new();
+                let t = std::time::Instant::now();
+                let seen = |answers: &[serde_json::Value]| {
+                    let ar = answers.iter().any(|a| {
+                        a["async-responses"]
+                            .as_array()
+                            .is_some_and(|v| v.iter().any(|e| e["id"] == id.as_str()))
+                    });
+                    let second = answers.iter().any(|a| {
+                        a["notifications"].as_array().is_some_and(|v| {
+                            v.iter().any(|e| e["payload"] == b64(b"second").as_str())
+                        })
+                    });
+                    ar && second
+                };
+                while !seen(&answers) && t.elapsed() < WAIT {
+                    let r = d.get("/v2/notification/pull");
+                    if r.status == 200 {
+                        answers.push(r.json());
+                    }
+                }
+                answers
+            });
+            // The first value, and a newer one at once.
+            let (token, from) = accept_observe(&dev, "/3303/0/5700", "first");
+            notify(
+                &dev,
+                from,
+                &token,
+                900,
+                MessageType::NonConfirmable,
+                2,
+                "second",
+            );
+            puller.join().unwrap()
+        });
+        let at = |f: &dyn Fn(&serde_json::Value) -> bool| answers.iter().position(f);
+        let response = at(&|a| {
+            a["async-responses"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|e| e["id"] == id.as_str()))
+        })
+        .unwrap_or_else(|| panic!("{ep}: no async response in {answers:?}"));
+        let second = at(&|a| {
+            a["notifications"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|e| e["payload"] == b64(b"second").as_str()))
+        })
+        .unwrap_or_else(|| panic!("{ep}: no notification in {answers:?}"));
+        assert!(
+            response < second,
+            "{ep}: the newer value came in answer {second}, the first value's async response in answer {response}: {answers:?}"
+        );
+        assert_eq!(
+            answers[response]["async-responses"][0]["payload"],
+            b64(b"first").as_str()
+        );
+    }
+}

@@ -79,12 +79,16 @@ pub const OBSERVATION_REPORTS: usize = 256;
 /// observation (or ended the subscriptions to it) by then, as when it was called directly.
 pub enum ObservationReport {
     /// An observation of `job.path` on `ep` is established; `first` is the device's first
-    /// response. Dropping `stream` cancels it.
+    /// response. Dropping `stream` cancels it. For a job with an async response (not
+    /// internal), the manager holds the stream's notifications until that response is
+    /// published: it sends, before `done`, what to run then ([`AfterAnswer`]), so that no
+    /// newer value reaches a channel before the first.
     Established {
         job: Job,
         ep: Endpoint,
         first: CoapReply,
         stream: ObserveStream,
+        after_answer: tokio::sync::oneshot::Sender<AfterAnswer>,
         done: tokio::sync::oneshot::Sender<()>,
     },
     /// The device answered the observe of `job.path` with an error, or without Observe:
@@ -96,6 +100,26 @@ pub enum ObservationReport {
         reason: String,
         done: tokio::sync::oneshot::Sender<()>,
     },
+}
+
+/// What the subscriptions manager runs once an observe job's async response is published
+/// (or the job ends without one): it hands the held notifications of the observation to
+/// the feed. Run when dropped, so that an outcome dropped on any path still hands them
+/// over.
+pub struct AfterAnswer(Option<Box<dyn FnOnce() + Send>>);
+
+impl AfterAnswer {
+    pub fn new(f: impl FnOnce() + Send + 'static) -> AfterAnswer {
+        AfterAnswer(Some(Box::new(f)))
+    }
+}
+
+impl Drop for AfterAnswer {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
 }
 
 /// The sending side of the observation reports, held by the request layer.
@@ -547,6 +571,9 @@ struct Outcome {
     /// The device was not reached or did not answer (no answer, the socket gone, RST, a
     /// broken transfer): a device-request with retries left is sent again.
     undelivered: bool,
+    /// An established observation's held notifications, handed over once this outcome's
+    /// async response is published ([`ObservationReport::Established`]).
+    after_answer: Option<AfterAnswer>,
 }
 
 impl Outcome {
@@ -559,6 +586,7 @@ impl Outcome {
             error: Some(error.into()),
             location: None,
             undelivered: false,
+            after_answer: None,
         }
     }
 
@@ -1130,6 +1158,7 @@ impl Requests {
                     error,
                     location: reply.location,
                     undelivered: false,
+                    after_answer: None,
                 };
                 if job.as_json && o.error.is_none() && !o.payload.is_empty() {
                     o = as_json(o, &job.path);
@@ -1187,6 +1216,7 @@ impl Requests {
                     return Outcome::failed(status, reason);
                 }
                 let first = reply.clone();
+                let (give, mut after_answer) = tokio::sync::oneshot::channel();
                 let taken = self
                     .observations
                     .report(&self.counters, |done| ObservationReport::Established {
@@ -1194,6 +1224,7 @@ impl Requests {
                         ep: ep.clone(),
                         first,
                         stream,
+                        after_answer: give,
                         done,
                     })
                     .await;
@@ -1212,14 +1243,18 @@ impl Requests {
                     error: None,
                     location: None,
                     undelivered: false,
+                    // Sent before `done`, if the manager holds the notifications.
+                    after_answer: after_answer.try_recv().ok(),
                 }
             }
             Err(e) => self.exchange_failed(e),
         }
     }
 
-    /// Publishes the async response (durably) and then forgets the request.
-    async fn finish(&self, job: &Job, o: Outcome) {
+    /// Publishes the async response (durably) and then forgets the request; then an
+    /// observation's held notifications go on ([`AfterAnswer`]).
+    async fn finish(&self, job: &Job, mut o: Outcome) {
+        let after_answer = o.after_answer.take();
         if job.internal {
             if o.status >= 400 && log_budget::allow(DeviceLine::ObservationNotEstablished) {
                 tracing::info!(ep = %job.ep, path = %job.path, status = o.status, "observation not established: {}", o.error.unwrap_or_default());
@@ -1245,6 +1280,7 @@ impl Requests {
                 crate::events::About::Resource(&job.ep, &job.path),
             )
             .await;
+        drop(after_answer);
         tracing::debug!(id = %job.id, ep = %job.ep, path = %job.path, status = o.status, "async response");
     }
 

@@ -33,8 +33,8 @@ use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::registry::{Directory, Endpoint, RegistryEvent, RegistryListener, now_ms};
 use crate::requests::{
-    DEFAULT_MAX_AGE, Job, Method, ObservationReport, ObservationReports, RequestError, Requests,
-    Submit, Submitted, resource_known,
+    AfterAnswer, DEFAULT_MAX_AGE, Job, Method, ObservationReport, ObservationReports, RequestError,
+    Requests, Submit, Submitted, resource_known,
 };
 use crate::store::{Store, StoreError};
 pub use connectord_model::{PresubRecord, SubscriptionRecord};
@@ -142,7 +142,11 @@ struct Observation {
     key: ResKey,
     /// The observation's notifications go to the manager's feed; dropping it forgets
     /// the token (the device's next notification gets RST, which cancels it).
-    _fed: FedObservation,
+    fed: Option<FedObservation>,
+    /// Or, until the async response of the observe that made it is published, they wait
+    /// in the observation's own stream ([`Subscriptions::hand_over`]); dropping it cancels
+    /// the observation too.
+    held: Option<ObserveStream>,
     /// The newest notification taken: its Observe number and when (RFC 7641 §3.4).
     last: (u32, Instant),
     endpoint: Endpoint,
@@ -415,9 +419,13 @@ impl Subscriptions {
                 ep,
                 first,
                 stream,
+                after_answer,
                 done,
             } => {
-                self.established(&job, &ep, first, stream);
+                // Sent (or, the worker gone, run) outside the manager's lock.
+                if let Some(a) = self.established(&job, &ep, first, stream) {
+                    let _ = after_answer.send(a);
+                }
                 let _ = done.send(());
             }
             ObservationReport::Refused {
@@ -1526,27 +1534,46 @@ impl Subscriptions {
     /// layer); `first` is the device's first response. Its notifications go to the feed
     /// ([`Subscriptions::take_notifications`]); an internal observe's first value (it has
     /// no async response to carry it) is published before them.
+    /// Takes an established observation. An internal observe's first value (it has no
+    /// async response to carry it) is published by the feed, before the notifications
+    /// that follow it. Otherwise the first value is the job's async response: the
+    /// notifications wait in the observation's stream until it is published, and the
+    /// returned [`AfterAnswer`] (run by the request worker then) hands them to the feed,
+    /// so that no channel gets a newer value before the first (the observation is in
+    /// the map meanwhile, so an unsubscription finds it).
     fn established(
         self: &Arc<Self>,
         job: &Job,
         ep: &Endpoint,
         first: CoapReply,
         stream: ObserveStream,
-    ) {
+    ) -> Option<AfterAnswer> {
         let key: ResKey = (job.domain.clone(), job.ep.clone(), job.path.clone());
         let mut st = self.lock();
         if st.subscribers(&key.0, &key.1, &key.2).is_empty() {
             // Unsubscribed while the observe was on its way: dropping the stream cancels.
-            return;
+            return None;
         }
         st.stop_observation(&key);
         let id = self
             .next_observation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let last = (first.observe.unwrap_or(0), Instant::now());
-        // An internal observe's first value (it has no async response to carry it) is
-        // published by the feed too, before the notifications that follow it.
-        let fed = stream.into_feed(id, &self.feed, job.internal.then_some(first));
+        let (fed, held, after_answer) = if job.internal {
+            (
+                Some(stream.into_feed(id, &self.feed, Some(first))),
+                None,
+                None,
+            )
+        } else {
+            let me = Arc::downgrade(self);
+            let after = AfterAnswer::new(move || {
+                if let Some(me) = me.upgrade() {
+                    me.hand_over(id);
+                }
+            });
+            (None, Some(stream), Some(after))
+        };
         tracing::debug!(ep = %key.1, path = %key.2, registration = %ep.reg.id, "observing");
         let cache = self.requests.cache_slot(&key.0, &key.1, &key.2);
         st.observations.insert(key.clone(), id);
@@ -1554,13 +1581,27 @@ impl Subscriptions {
             id,
             Observation {
                 key,
-                _fed: fed,
+                fed,
+                held,
                 last,
                 endpoint: ep.clone(),
                 subscribers: Subscribers::default(),
                 cache,
             },
         );
+        after_answer
+    }
+
+    /// The async response of the observe that made observation `id` is published (or
+    /// the job ended without one): its held notifications go to the feed, the first
+    /// value before them. Nothing if the observation ended meanwhile.
+    fn hand_over(&self, id: u64) {
+        let mut st = self.lock();
+        if let Some(o) = st.observing.get_mut(&id)
+            && let Some(stream) = o.held.take()
+        {
+            o.fed = Some(stream.into_feed(id, &self.feed, None));
+        }
     }
 }
 
