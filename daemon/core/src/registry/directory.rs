@@ -369,10 +369,7 @@ impl Maps {
     pub(super) fn unsettled(&mut self, ids: &[&str], names: &[(&str, &str)]) -> Change {
         self.changes += 1;
         for &id in ids {
-            let now = self
-                .by_id
-                .find(self.hasher.hash_one(id), |e| e.reg.id == id)
-                .cloned();
+            let now = self.by_id(id).cloned();
             await_change(&mut self.unseen_ids, id, now.as_ref());
         }
         for &(domain, name) in names {

@@ -785,22 +785,16 @@ impl Registry {
         };
         let (durable, replaced, change) = durable;
         self.expiry_wake.notify_one();
-        let durable = durable.await;
-        {
-            let mut inner = self.lock();
-            if durable.is_err() && inner.holds(&ep) {
-                // Memory holds only what the store holds: the new registration goes, the
-                // one it replaced (still on disk) comes back.
+        self.answered(change, durable.await, |inner| {
+            // Memory holds only what the store holds: the new registration goes, the one
+            // it replaced (still on disk) comes back.
+            if inner.holds(&ep) {
                 inner.remove(&ep.reg.id);
                 if let Some(old) = &replaced {
                     inner.restore(old);
                 }
             }
-            inner.settle(change, durable.is_ok());
-        }
-        if let Err(e) = durable {
-            return Err(e.into());
-        }
+        })?;
         Counters::inc(&self.counters.registrations);
         if log_budget::allow(DeviceLine::Registered) {
             tracing::info!(
@@ -915,12 +909,9 @@ impl Registry {
         };
         let (old, durable, foreign, change) = durable;
         self.expiry_wake.notify_one();
-        let durable = durable.await;
-        {
-            let mut inner = self.lock();
-            if durable.is_err() && inner.holds(&ep) {
-                // The registration as stored comes back (unless a later change replaced
-                // ours).
+        self.answered(change, durable.await, |inner| {
+            // The registration as stored comes back (unless a later change replaced ours).
+            if inner.holds(&ep) {
                 inner.remove(id);
                 if foreign {
                     inner.insert_foreign(Arc::clone(&old));
@@ -928,11 +919,7 @@ impl Registry {
                     inner.insert(Arc::clone(&old));
                 }
             }
-            inner.settle(change, durable.is_ok());
-        }
-        if let Err(e) = durable {
-            return Err(e.into());
-        }
+        })?;
         Counters::inc(&self.counters.registration_updates);
         tracing::debug!(ep = %ep.reg.name, id, "registration updated");
         self.tell(RegistryEvent::Updated {
@@ -980,18 +967,8 @@ impl Registry {
             (ep, durable, change)
         };
         let id = ep.reg.id.as_str();
-        let durable = durable.await;
-        {
-            let mut inner = self.lock();
-            if durable.is_err() {
-                // Still on disk, so still registered.
-                inner.restore(&ep);
-            }
-            inner.settle(change, durable.is_ok());
-        }
-        if let Err(e) = durable {
-            return Err(e.into());
-        }
+        // Still on disk if refused, so still registered.
+        self.answered(change, durable.await, |inner| inner.restore(&ep))?;
         if let Some(l) = self.limits.as_ref() {
             l.count(&ep.reg.domain);
         }
@@ -1050,6 +1027,23 @@ impl Registry {
             }
         }
         removed
+    }
+
+    /// The store answered the write of `change`: if it refused, `undo` rolls the change
+    /// back in the maps; then, in the same critical section, readers are shown the change
+    /// (or, refused, go on being shown what the store holds).
+    fn answered(
+        &self,
+        change: Change,
+        durable: Result<(), StoreError>,
+        undo: impl FnOnce(&mut Maps),
+    ) -> Result<(), RegistryError> {
+        let mut inner = self.lock();
+        if durable.is_err() {
+            undo(&mut inner);
+        }
+        inner.settle(change, durable.is_ok());
+        Ok(durable?)
     }
 
     /// Takes the endpoint of `id` out of the maps, readers still shown it until the
