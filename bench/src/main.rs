@@ -25,6 +25,7 @@ mod bulk;
 mod cluster;
 mod dtls;
 mod expiry;
+mod floor;
 mod https;
 mod storm;
 mod webhook;
@@ -110,6 +111,18 @@ struct Args {
     /// and the latency of a REST request every 20 ms meanwhile (`src/expiry.rs`).
     #[arg(long)]
     expiry: bool,
+    /// Measure what a proxied read's system calls alone cost on this machine (issue 24;
+    /// only when asked for; no daemon): a "null daemon" that does a read's TCP and UDP
+    /// I/O and nothing else, and the UDP send by `sendto` and by `sendmmsg`
+    /// (`src/floor.rs`).
+    #[arg(long)]
+    io_floor: bool,
+    /// Requests of `--io-floor`'s null daemon.
+    #[arg(long, default_value_t = 200_000)]
+    floor_requests: usize,
+    /// Datagrams of each of `--io-floor`'s UDP send runs.
+    #[arg(long, default_value_t = 200_000)]
+    floor_datagrams: usize,
     /// Registrations outstanding at once per socket in `--storm`.
     #[arg(long, default_value_t = 8)]
     storm_window: usize,
@@ -1489,6 +1502,7 @@ fn main() -> Result<()> {
         || args.dtls
         || args.storm
         || args.expiry
+        || args.io_floor
         || args.peer.peer);
     let (reg, reads, notif, rss, restart) = (
         all || args.registrations,
@@ -1521,6 +1535,13 @@ fn main() -> Result<()> {
         match storm::run(&args) {
             Ok(r) => rows.extend(r),
             Err(e) => failures.push(format!("registration storm: {e:#}")),
+        }
+    }
+    if args.io_floor {
+        eprintln!("I/O floor: a read's system calls without a daemon …");
+        match floor::run(args.floor_requests, args.floor_datagrams) {
+            Ok(r) => rows.extend(r),
+            Err(e) => failures.push(format!("I/O floor: {e:#}")),
         }
     }
     if args.expiry {
