@@ -747,9 +747,60 @@ impl Hub {
     /// Counts every queue's bytes again (after a load, or a new renderer).
     fn recount(&self) {
         let mut map = self.lock();
+        let sizes = {
+            let events: Vec<&Event> = map
+                .values()
+                .flat_map(|ch| ch.queue.iter().map(|e| &e.event))
+                .collect();
+            self.sizes_of(&events)
+        };
+        // The same order: the map did not change in between.
+        let mut sizes = sizes.into_iter();
         for ch in map.values_mut() {
-            ch.bytes = ch.queue.iter().map(|e| self.size_of(&e.event)).sum();
+            ch.bytes = sizes.by_ref().take(ch.queue.len()).sum();
         }
+    }
+
+    /// [`Hub::size_of`] of each of `events`, on several threads when there are many.
+    ///
+    /// Decision (issue 24, restart): sizing an event renders it (and keeps the
+    /// rendering for its answer), and a key whose queue filled during an outage holds up
+    /// to `notifications.max_queued_per_key` of them: 0.13 s on one thread for the
+    /// bench's 89 639 registration events of about 1 KB, before the daemon is ready and
+    /// with the second core idle. Only at start (after a load, or a renderer's arrival).
+    fn sizes_of(&self, events: &[&Event]) -> Vec<u64> {
+        const PARALLEL_FROM: usize = 8192;
+        let size = |part: &[&Event]| part.iter().map(|e| self.size_of(e)).collect::<Vec<u64>>();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        if events.len() < PARALLEL_FROM || threads < 2 {
+            return size(events);
+        }
+        let mut parts = events.chunks(events.len().div_ceil(threads));
+        let Some(first) = parts.next() else {
+            return Vec::new();
+        };
+        std::thread::scope(|scope| {
+            let others: Vec<_> = parts
+                .map(|part| {
+                    let spawned = std::thread::Builder::new()
+                        .name("hub-sizes".into())
+                        .spawn_scoped(scope, move || size(part));
+                    // A thread that cannot start: its part is sized here.
+                    spawned.map_err(|_| part)
+                })
+                .collect();
+            let mut out = size(first);
+            for other in others {
+                match other {
+                    Ok(t) => match t.join() {
+                        Ok(sizes) => out.extend(sizes),
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    },
+                    Err(part) => out.extend(size(part)),
+                }
+            }
+            out
+        })
     }
 
     /// A channel made here: this hub's own without peers, else owned by whoever the
@@ -3060,6 +3111,93 @@ mod tests {
         let again = f.reloaded().await;
         again.set_render(Arc::new(Hundred));
         assert_eq!(again.channel_info("k").unwrap().queued_bytes, Some(each));
+    }
+
+    /// Sizes by the endpoint name's length, so that a size counted for the wrong event
+    /// or twice changes the sum.
+    struct EpLen;
+
+    impl Render for EpLen {
+        fn message(&self, _: &[Event]) -> String {
+            String::new()
+        }
+        fn entry_len(&self, e: &Event) -> usize {
+            match e.entry() {
+                Entry::DeRegistration(ep) => ep.len(),
+                _ => 0,
+            }
+        }
+    }
+
+    /// A queue loaded at start with more events than one piece of the store's load and
+    /// than the hub sizes on one thread (issue 24, restart): every event is back, in
+    /// order, and the queue's bytes are the sum of its events' sizes.
+    #[tokio::test]
+    async fn a_long_queue_is_loaded_in_order_and_counted_whole() {
+        const N: usize = 9_000;
+        let f = fixture_with(NotificationsConfig {
+            max_queued_per_key: 20_000,
+            max_queued_bytes_per_key: 1 << 30,
+            ..NotificationsConfig::default()
+        })
+        .await;
+        let names: Vec<String> = (0..N).map(|i| format!("e{i}")).collect();
+        let events: Vec<Event> = names
+            .iter()
+            .map(|n| Event::new(Entry::DeRegistration(n.clone()), now_ms()))
+            .collect();
+        f.hub
+            .publish(To::Key("k"), &events, None, About::Endpoint("e"))
+            .await;
+        // A second key's queue, of other sizes: each queue is counted its own events.
+        let other = Principal {
+            key_id: "k2".into(),
+            ..f.key.clone()
+        };
+        f.hub.ensure_channel(&other).await.unwrap();
+        let long: Vec<Event> = (0..50)
+            .map(|i| {
+                Event::new(
+                    Entry::DeRegistration(format!("a-longer-name-{i:03}")),
+                    now_ms(),
+                )
+            })
+            .collect();
+        f.hub
+            .publish(To::Key("k2"), &long, None, About::Endpoint("e"))
+            .await;
+        let again = f.reloaded().await;
+        again.set_render(Arc::new(EpLen));
+        let info2 = again.channel_info("k2").unwrap();
+        assert_eq!(info2.queued_events, Some(50));
+        assert_eq!(
+            info2.queued_bytes,
+            Some(50 * ("a-longer-name-000".len() as u64 + EVENT_OVERHEAD_BYTES))
+        );
+        let info = again.channel_info("k").unwrap();
+        assert_eq!(info.queued_events, Some(N));
+        let want: u64 = names
+            .iter()
+            .map(|n| n.len() as u64 + EVENT_OVERHEAD_BYTES)
+            .sum();
+        assert_eq!(info.queued_bytes, Some(want));
+        let key = f.key.clone();
+        let mut got = Vec::new();
+        loop {
+            match again
+                .pull(&key, None, std::future::pending())
+                .await
+                .unwrap()
+            {
+                Pulled::Batch(b) => {
+                    got.extend(eps(&b));
+                    drop(b.ticket.sent());
+                }
+                Pulled::Empty => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(got, names);
     }
 
     /// The count bound and the bytes bound are counted apart.
