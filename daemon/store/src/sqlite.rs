@@ -1137,76 +1137,100 @@ fn load_json_chunked<T: serde::de::DeserializeOwned + Send>(
         conn,
         sql,
         what,
-        |data| serde_json::from_str::<T>(data),
+        |[data], []| serde_json::from_str::<T>(data),
         give,
     )
 }
 
-/// As [`load_json_chunked`], each row's text parsed by `parse` (on the parsing thread).
-fn load_rows_chunked<T: Send>(
+/// As [`load_json_chunked`], each row parsed by `parse` (on the parsing thread) from its
+/// columns: the first `TEXTS` of the query are texts, the next `INTS` integers (the
+/// registrations: their JSON; the events: key, JSON, number).
+fn load_rows_chunked<T: Send, E: std::fmt::Display, const TEXTS: usize, const INTS: usize>(
     conn: &Connection,
     sql: &str,
     what: &str,
-    mut parse: impl FnMut(&str) -> serde_json::Result<T> + Send,
+    mut parse: impl FnMut([&str; TEXTS], [i64; INTS]) -> Result<T, E> + Send,
     mut give: impl FnMut(Vec<T>) + Send,
 ) -> Result<(), StoreError> {
+    /// A chunk's texts in one buffer (one allocation a chunk, not a row), where each
+    /// text ends in it (`TEXTS` a row), and the rows' integers (`INTS` a row).
+    type Chunk = (String, Vec<usize>, Vec<i64>);
+    const { assert!(TEXTS > 0, "a row has a text column") };
     let mut stmt = conn.prepare(sql)?;
     let mut rows = stmt.query([])?;
     std::thread::scope(|scope| {
-        // A chunk's rows in one text (one allocation a chunk, not a row), and where each
-        // row ends in it.
         // Emptied chunks go back to be filled again: a new one each time would be fresh
         // pages from the kernel, zeroed, every 1.7 MB of a million rows.
-        let (tx, rx) = mpsc::sync_channel::<(String, Vec<usize>)>(4);
-        let (back_tx, back_rx) = mpsc::channel::<(String, Vec<usize>)>();
+        let (tx, rx) = mpsc::sync_channel::<Chunk>(4);
+        let (back_tx, back_rx) = mpsc::channel::<Chunk>();
         let parser = std::thread::Builder::new()
             .name("store-load".into())
             .spawn_scoped(scope, move || {
-                for (mut text, mut ends) in rx {
-                    let mut out = Vec::with_capacity(ends.len());
+                for (mut text, mut ends, mut ints) in rx {
+                    let mut out = Vec::with_capacity(ends.len() / TEXTS);
                     let mut start = 0;
-                    for &end in &ends {
-                        match parse(&text[start..end]) {
-                            Ok(r) => out.push(r),
+                    for (r, row_ends) in ends.chunks(TEXTS).enumerate() {
+                        let texts: [&str; TEXTS] = std::array::from_fn(|i| {
+                            let from = if i == 0 { start } else { row_ends[i - 1] };
+                            &text[from..row_ends[i]]
+                        });
+                        let row_ints: [i64; INTS] = std::array::from_fn(|j| ints[r * INTS + j]);
+                        match parse(texts, row_ints) {
+                            Ok(v) => out.push(v),
                             Err(e) => tracing::error!("store: skipping unreadable {what}: {e}"),
                         }
-                        start = end;
+                        start = row_ends[TEXTS - 1];
                     }
                     give(out);
                     text.clear();
                     ends.clear();
-                    let _ = back_tx.send((text, ends));
+                    ints.clear();
+                    let _ = back_tx.send((text, ends, ints));
                 }
             })
             .map_err(|e| {
                 StoreError::Commit(format!("cannot start the parsing of stored {what}s: {e}"))
             })?;
         let new_chunk = || {
-            back_rx
-                .try_recv()
-                .unwrap_or_else(|_| (String::new(), Vec::with_capacity(LOAD_CHUNK)))
+            back_rx.try_recv().unwrap_or_else(|_| {
+                (
+                    String::new(),
+                    Vec::with_capacity(LOAD_CHUNK * TEXTS),
+                    Vec::with_capacity(LOAD_CHUNK * INTS),
+                )
+            })
         };
         let mut chunk = new_chunk();
+        let mut in_chunk = 0;
         let read = (|| -> Result<(), StoreError> {
             while let Some(row) = rows.next()? {
-                let data = row.get_ref(0)?;
-                let data = data.as_str().map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(0, data.data_type(), Box::new(e))
-                })?;
-                if chunk.0.is_empty() {
-                    // Rows alike: room for a chunk of rows like the first (at most 4 MiB).
-                    chunk.0.reserve(data.len().min(1024) * LOAD_CHUNK);
+                let first = chunk.0.is_empty();
+                for i in 0..TEXTS {
+                    let data = row.get_ref(i)?;
+                    let data = data.as_str().map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(i, data.data_type(), Box::new(e))
+                    })?;
+                    if first && i == 0 {
+                        // Rows alike: room for a chunk of rows like the first (at most
+                        // 4 MiB a text column).
+                        chunk.0.reserve(data.len().min(1024) * LOAD_CHUNK * TEXTS);
+                    }
+                    chunk.0.push_str(data);
+                    chunk.1.push(chunk.0.len());
                 }
-                chunk.0.push_str(data);
-                chunk.1.push(chunk.0.len());
-                if chunk.1.len() == LOAD_CHUNK {
+                for j in 0..INTS {
+                    chunk.2.push(row.get(TEXTS + j)?);
+                }
+                in_chunk += 1;
+                if in_chunk == LOAD_CHUNK {
+                    in_chunk = 0;
                     let full = std::mem::replace(&mut chunk, new_chunk());
                     if tx.send(full).is_err() {
                         break;
                     }
                 }
             }
-            if !chunk.1.is_empty() {
+            if in_chunk > 0 {
                 let _ = tx.send(std::mem::replace(&mut chunk, new_chunk()));
             }
             Ok(())
@@ -1396,7 +1420,7 @@ impl RegistrationStore for SqliteStore {
                 conn,
                 "SELECT data FROM registrations",
                 "registration",
-                move |data| lists.parse(data),
+                move |[data], []| lists.parse(data),
                 |c| {
                     let _ = tx.send(c);
                 },
@@ -1464,12 +1488,7 @@ impl EventLog for SqliteStore {
     }
 
     fn load_events(&self) -> Pending<Vec<StoredEvent>> {
-        self.submit(|conn| {
-            load_events_pipelined(
-                conn,
-                "SELECT key_id, seq, data FROM events ORDER BY key_id, seq",
-            )
-        })
+        self.submit(|conn| load_events_pipelined(conn))
     }
 
     fn load_events_of(&self, key_id: String) -> Pending<Vec<StoredEvent>> {
@@ -1528,61 +1547,29 @@ impl EventLog for SqliteStore {
     }
 }
 
-/// [`read_events`] of the rows `sql` selects, the records parsed on a thread of their own
-/// while this one reads on, in pieces of [`LOAD_CHUNK`] rows, as the registrations are
-/// ([`load_rows_chunked`]).
+/// The stored events, parsed on a thread of their own while this one reads on, in
+/// pieces of [`LOAD_CHUNK`] rows, as the registrations are ([`load_rows_chunked`]).
 ///
 /// Decision (issue 24, restart): a key whose queue filled during an outage holds up to
 /// `notifications.max_queued_per_key` events, registration events of about 1 KB each
-/// (89 639 in the bench's expiry scenario); read and parsed on the store thread alone they
+/// (89 640 in the bench's expiry scenario); read and parsed on the store thread alone they
 /// took 0.3 s of the restart after the registrations, with the second core idle.
-fn load_events_pipelined(conn: &Connection, sql: &str) -> Result<Vec<StoredEvent>, StoreError> {
-    type Piece = Vec<(String, u64, String)>;
-    let mut stmt = conn.prepare(sql)?;
-    let mut rows = stmt.query([])?;
-    std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::sync_channel::<Piece>(4);
-        let parser = std::thread::Builder::new()
-            .name("store-load".into())
-            .spawn_scoped(scope, move || {
-                let mut out = Vec::new();
-                for piece in rx {
-                    out.reserve(piece.len());
-                    for (key_id, seq, data) in piece {
-                        match record_json::read_event(&data) {
-                            Ok(event) => out.push(StoredEvent { key_id, seq, event }),
-                            Err(e) => tracing::error!("store: skipping unreadable event: {e}"),
-                        }
-                    }
-                }
-                out
+fn load_events_pipelined(conn: &Connection) -> Result<Vec<StoredEvent>, StoreError> {
+    let mut out = Vec::new();
+    load_rows_chunked(
+        conn,
+        "SELECT key_id, data, seq FROM events ORDER BY key_id, seq",
+        "event",
+        |[key_id, data], [seq]| {
+            record_json::read_event(data).map(|event| StoredEvent {
+                key_id: key_id.to_string(),
+                seq: seq as u64,
+                event,
             })
-            .map_err(|e| {
-                StoreError::Commit(format!("cannot start the parsing of stored events: {e}"))
-            })?;
-        let read = (|| -> Result<(), StoreError> {
-            let mut piece: Piece = Vec::with_capacity(LOAD_CHUNK);
-            while let Some(row) = rows.next()? {
-                let seq: i64 = row.get(1)?;
-                piece.push((row.get(0)?, seq as u64, row.get(2)?));
-                if piece.len() == LOAD_CHUNK {
-                    let full = std::mem::replace(&mut piece, Vec::with_capacity(LOAD_CHUNK));
-                    if tx.send(full).is_err() {
-                        break;
-                    }
-                }
-            }
-            if !piece.is_empty() {
-                let _ = tx.send(piece);
-            }
-            Ok(())
-        })();
-        drop(tx);
-        let events = parser
-            .join()
-            .map_err(|_| StoreError::Commit("the parsing of stored events panicked".into()))?;
-        read.map(|()| events)
-    })
+        },
+        |piece| out.extend(piece),
+    )?;
+    Ok(out)
 }
 
 /// The events of rows `(key_id, seq, data)`; unreadable ones are logged and skipped.
