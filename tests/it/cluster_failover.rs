@@ -931,9 +931,7 @@ fn nats_server_killed_under_load(everywhere: bool) {
 
 /// A node `name` joining the cluster of `first` (its CA copied, its admin key).
 fn start_nodes_joining(urls: &[String], first: &Daemon, name: &str) -> Daemon {
-    let p = support::Prepared::new("", &failover::node_config(urls, name));
-    crate::cluster::copy_ca(&first.state_dir(), &p.0.dir.path().join("state"));
-    let mut d = p.start();
+    let mut d = failover::start_retrying(urls, name, Some(&first.state_dir()));
     d.key = first.key.clone();
     d
 }

@@ -35,16 +35,8 @@ pub fn start_nodes(urls: &[String], names: &[&str]) -> Vec<Daemon> {
     // The first start creates every bucket and stream with three replicas; right after
     // the servers elected their meta leader that can time out on a loaded machine (seen:
     // "bucket cd_registrations: jetstream request timed out"), which refuses the start as
-    // it should. The set-up tries again (at most three times), printing why.
-    let mut tries = 0;
-    let first = loop {
-        tries += 1;
-        match Prepared::new("", &node_config(urls, names[0])).0.start() {
-            Ok(d) => break Daemon(d),
-            Err(e) if tries < 3 => println!("the first node did not start ({e}); again"),
-            Err(e) => panic!("the first node did not start in three tries: {e}"),
-        }
-    };
+    // it should.
+    let first = start_retrying(urls, names[0], None);
     let ca = first.state_dir();
     let key = first.key.clone();
     let others: Vec<Daemon> = std::thread::scope(|s| {
@@ -67,6 +59,28 @@ pub fn start_nodes(urls: &[String], names: &[&str]) -> Vec<Daemon> {
     let mut all = vec![first];
     all.extend(others);
     all
+}
+
+/// Starts node `name` on `urls` (with the CA of the state directory `ca`, if given),
+/// trying again at most three times, printing why, when the start is refused: a node
+/// that cannot use JetStream within its cluster timeout refuses to start, as it should,
+/// and on a loaded machine that happens right after the servers elected a leader (the
+/// first start) or lost one of them (seen in CI: a node started after a nats-server was
+/// killed, "watching cd_registrations: timed out").
+pub fn start_retrying(urls: &[String], name: &str, ca: Option<&std::path::Path>) -> Daemon {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let p = Prepared::new("", &node_config(urls, name));
+        if let Some(ca) = ca {
+            crate::cluster::copy_ca(ca, &p.0.dir.path().join("state"));
+        }
+        match p.0.start() {
+            Ok(d) => return Daemon(d),
+            Err(e) if tries < 3 => println!("node {name} did not start ({e}); again"),
+            Err(e) => panic!("node {name} did not start in three tries: {e}"),
+        }
+    }
 }
 
 /// One HTTP/1.0 request (the answer is never chunked) with a Bearer key; the status and
