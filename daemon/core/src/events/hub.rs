@@ -766,7 +766,7 @@ impl Hub {
     /// Decision (issue 24, restart): sizing an event renders it (and keeps the
     /// rendering for its answer), and a key whose queue filled during an outage holds up
     /// to `notifications.max_queued_per_key` of them: 0.13 s on one thread for the
-    /// bench's 89 639 registration events of about 1 KB, before the daemon is ready and
+    /// bench's 89 640 registration events of about 1 KB, before the daemon is ready and
     /// with the second core idle. Only at start (after a load, or a renderer's arrival).
     fn sizes_of(&self, events: &[&Event]) -> Vec<u64> {
         const PARALLEL_FROM: usize = 8192;
