@@ -98,21 +98,9 @@ fn null_daemon(requests: usize) -> Result<(Duration, Duration, usize)> {
     coap.set_nonblocking(true)?;
     let device = UdpSocket::bind("127.0.0.1:0")?;
     let device_addr = device.local_addr()?;
-    device.set_read_timeout(Some(Duration::from_millis(100)))?;
     let stop = Arc::new(AtomicBool::new(false));
-
     // The device: answers every GET from where it came.
-    let echo = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((_, from)) = device.recv_from(&mut buf) {
-                    let _ = device.send_to(COAP_ANSWER, from);
-                }
-            }
-        })
-    };
+    let echo = receiver(device, &stop, Some(COAP_ANSWER))?;
 
     // The null daemon.
     let server = std::thread::spawn(move || -> Result<(Duration, usize)> {
@@ -218,17 +206,8 @@ fn udp_sends(datagrams: usize, batch: usize) -> Result<Duration> {
         SocketAddr::V4(a) => a,
         SocketAddr::V6(_) => anyhow::bail!("an IPv4 socket was bound to an IPv6 address"),
     };
-    sink.set_read_timeout(Some(Duration::from_millis(100)))?;
     let stop = Arc::new(AtomicBool::new(false));
-    let drain = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            while !stop.load(Ordering::Relaxed) {
-                let _ = sink.recv_from(&mut buf);
-            }
-        })
-    };
+    let drain = receiver(sink, &stop, None)?;
     let sock = UdpSocket::bind("127.0.0.1:0")?;
     let addr = SockaddrIn::from(to);
     let addrs = vec![Some(addr); batch];
@@ -265,4 +244,23 @@ fn udp_sends(datagrams: usize, batch: usize) -> Result<Duration> {
     let _ = drain.join();
     ensure!(sent > 0, "no datagram sent");
     Ok(cpu / sent as u32)
+}
+
+/// A thread receiving on `sock` until `stop` is set (looking every 100 ms), answering each
+/// datagram with `answer` where it came from, if given.
+fn receiver(
+    sock: UdpSocket,
+    stop: &Arc<AtomicBool>,
+    answer: Option<&'static [u8]>,
+) -> Result<std::thread::JoinHandle<()>> {
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let stop = Arc::clone(stop);
+    Ok(std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while !stop.load(Ordering::Relaxed) {
+            if let (Ok((_, from)), Some(a)) = (sock.recv_from(&mut buf), answer) {
+                let _ = sock.send_to(a, from);
+            }
+        }
+    }))
 }
