@@ -1,5 +1,7 @@
 //! The `connectord` binary: command line, logging, runtime. Everything else is the library.
 
+mod allocator;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -13,8 +15,11 @@ use tracing_subscriber::prelude::*;
 /// allocations on several threads (JSON, CoAP packets, events), and glibc's per-thread
 /// arenas kept freed memory resident. Measured in docs/PERFORMANCE.md. Plugins keep
 /// their own allocator: each side of the plugin ABI frees only what it allocated.
+/// Through [`allocator::Mimalloc`], not `mimalloc::MiMalloc`: the crate's type asks for
+/// every block by mimalloc's aligned calls, which in mimalloc v3 over-allocate most
+/// blocks above 1 KiB (the module doc has why and the figures).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: allocator::Mimalloc = allocator::Mimalloc;
 
 /// mimalloc's purge delay for the daemon, milliseconds: how long pages it freed stay
 /// resident before they are returned to the system (a purge happens on later allocator
