@@ -15,8 +15,10 @@
 //! Decision: a layout whose alignment is at most a machine word goes to `mi_malloc` /
 //! `mi_zalloc` / `mi_realloc`, which give every block at least word alignment (mimalloc's
 //! size classes are whole words); any other layout (tokio's task cells and channels are
-//! aligned to 128 bytes, `u128` to 16) keeps the aligned calls, as before. Frees go to
-//! `mi_free` either way: mimalloc finds a block's page from any pointer into it.
+//! aligned to 128 bytes, `u128` to 16) keeps the aligned calls, as before (mimalloc's own
+//! `mi_realloc_aligned` makes the same choice: an alignment of at most a `uintptr_t` is a
+//! plain realloc, v3 `alloc-aligned.c`). Frees go to `mi_free` either way: mimalloc
+//! finds a block's page from any pointer into it.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::c_void;
