@@ -481,3 +481,57 @@ fn aiocoap_device_answers_reads_writes_and_block_transfers() {
     };
     assert_eq!(got["sha256"], sha);
 }
+
+/// A resource path whose Uri-Path options do not fit a CoAP request (more than
+/// `requests::MAX_PATH_BYTES` = 224 bytes) is refused 400 before anything is stored or
+/// sent, for a read, a write, a device-request and a subscription. It was accepted (202)
+/// and then answered 502 "cannot encode the request: InvalidPacketLength", or, with a
+/// segment of 256 to about 1 200 bytes, sent to the device as a Uri-Path option longer
+/// than RFC 7252 §5.10 allows. The longest path that fits is still sent.
+#[test]
+fn a_path_too_long_for_a_coap_request_is_400_and_nothing_is_sent() {
+    let d = Daemon::in_process();
+    let mut dev = d.device();
+    dev.register(&["ep=long-path", "lt=300"], LINKS);
+    // /3/0 is listed, so any path under it is the device's to answer.
+    let too_long = format!("/3/0/{}", "x".repeat(300));
+    for (method, body) in [("GET", None), ("PUT", Some(&b"1"[..]))] {
+        let r = d.call(
+            method,
+            &format!("/v2/endpoints/long-path{too_long}"),
+            body.map(|_| "text/plain"),
+            body,
+        );
+        assert_eq!(r.status, 400, "{method}: {}", r.body);
+        assert_eq!(r.json()["type"], "bad_request", "{}", r.body);
+        assert!(r.body.contains("too long for a CoAP request"), "{}", r.body);
+    }
+    let r = d.send_json(
+        "POST",
+        "/v2/device-requests/long-path?async-id=too-long-1",
+        serde_json::json!({"method": "GET", "uri": too_long}).to_string(),
+    );
+    assert_eq!(r.status, 400, "device-request: {}", r.body);
+    let r = d.call(
+        "PUT",
+        &format!("/v2/subscriptions/long-path{too_long}"),
+        None,
+        None,
+    );
+    assert_eq!(r.status, 400, "subscription: {}", r.body);
+    let r = d.get("/v2/subscriptions/long-path");
+    assert!(
+        !r.body.contains("xxx"),
+        "nothing subscribed: {} {}",
+        r.status,
+        r.body
+    );
+    support::no_request(&dev, Duration::from_millis(500), "a refused path");
+
+    // The longest that fits: /3/0 (2 + 2 bytes) and a segment of 218 bytes (220).
+    let fits = format!("/3/0/{}", "y".repeat(218));
+    let id = d.async_request("GET", &format!("/v2/endpoints/long-path{fits}"), None, None);
+    let (req, from) = next_request(&dev, RequestType::Get, &fits);
+    dev.reply(&req, from, ResponseType::Content, b"ok", Some(0), None);
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+}

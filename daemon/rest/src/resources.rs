@@ -163,7 +163,9 @@ pub(crate) fn refusal(e: RequestError) -> Reply {
             error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &msg)
         }
         RequestError::Undecodable(_) => error(StatusCode::BAD_GATEWAY, "bad_gateway", &msg),
-        RequestError::BadBody(_) => error(StatusCode::BAD_REQUEST, "bad_request", &msg),
+        RequestError::BadBody(_) | RequestError::BadPath(_) => {
+            error(StatusCode::BAD_REQUEST, "bad_request", &msg)
+        }
         // 205 Reset Content carries no body (RFC 9110 §15.3.6).
         RequestError::NoCache => Reply::empty(StatusCode::RESET_CONTENT),
         RequestError::Store(e) => super::reply::store_failure(&e, "request not stored"),

@@ -77,7 +77,9 @@ pub async fn resource(
             ),
             // Forwarded to the owner node (issue 22): its refusals as a request's.
             Err(SubError::Request(
-                e @ (RequestError::Elsewhere { .. } | RequestError::Undecodable(_)),
+                e @ (RequestError::Elsewhere { .. }
+                | RequestError::Undecodable(_)
+                | RequestError::BadPath(_)),
             )) => super::resources::refusal(e),
             Err(e) => storage_failure(e),
         },

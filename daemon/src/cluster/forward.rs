@@ -195,7 +195,9 @@ fn wire_error(e: RequestError) -> WireError {
         RequestError::OverQuota(m) => WireError::OverQuota { message: m },
         RequestError::NoCache => WireError::NoCache,
         RequestError::Undecodable(m) => WireError::Undecodable { message: m },
-        RequestError::BadBody(m) => WireError::BadBody { message: m },
+        // A path is checked by the node the application called, before forwarding; an
+        // older node that did not check it gets the owner's refusal as the same 400.
+        RequestError::BadBody(m) | RequestError::BadPath(m) => WireError::BadBody { message: m },
         RequestError::Elsewhere { ep, owner } => WireError::Elsewhere { ep, owner },
         RequestError::Store(e) => WireError::Store {
             message: e.to_string(),

@@ -269,6 +269,9 @@ pub enum RequestError {
     /// 400: a JSON body that cannot be encoded for the device.
     #[error("{0}")]
     BadBody(String),
+    /// 400: a resource path that does not fit a CoAP request ([`MAX_PATH_BYTES`]).
+    #[error("{0}")]
+    BadPath(String),
     /// 503: another cluster node owns the endpoint and the request could not be handed to
     /// it here (no forwarder, or a forwarded request reached a node that no longer owns
     /// the endpoint).
@@ -494,6 +497,35 @@ pub fn resource_known(ep: &Endpoint, path: &str) -> bool {
             let mut have = segments(have).peekable();
             have.peek().is_some() && segments(path).zip(have).all(|(w, h)| w == h)
         })
+}
+
+/// The most bytes a request's Uri-Path options may take: each segment's bytes and its
+/// option header (one byte, two from 13 bytes on).
+///
+/// Decision: a request goes out in one datagram of at most 1 280 bytes (coap-lite's
+/// `Packet::MAX_SIZE`; RFC 7252 §4.6), or block-wise with blocks of up to 1 024 bytes
+/// (`coap.block_size`). With the header (4), the token (8), the payload marker (1), a
+/// full block and the other options a request carries (Observe, Content-Format, Accept,
+/// Block1: at most 14 bytes), 229 bytes are left for the path; 224 keeps a margin. A
+/// longer path was accepted (202) and then answered 502 "cannot encode the request"
+/// (or, with a segment of 256 to about 1 200 bytes, sent as a Uri-Path option longer than
+/// the 255 bytes RFC 7252 §5.10 allows). LwM2M and mbed Client paths take a few dozen.
+pub const MAX_PATH_BYTES: usize = 224;
+
+/// [`RequestError::BadPath`] for a path whose Uri-Path options exceed [`MAX_PATH_BYTES`].
+pub(crate) fn check_path(path: &str) -> Result<(), RequestError> {
+    let bytes: usize = path
+        .as_bytes()
+        .split(|b| *b == b'/')
+        .filter(|s| !s.is_empty())
+        .map(|seg| seg.len() + if seg.len() < 13 { 1 } else { 2 })
+        .sum();
+    if bytes > MAX_PATH_BYTES {
+        return Err(RequestError::BadPath(format!(
+            "the resource path is too long for a CoAP request: its Uri-Path options take {bytes} bytes, at most {MAX_PATH_BYTES}"
+        )));
+    }
+    Ok(())
 }
 
 /// True for a path that names one resource (`/3/0/1`) or resource instance (`/3/0/7/1`).
@@ -804,6 +836,7 @@ impl Requests {
         may_forward: bool,
     ) -> Result<Submitted, RequestError> {
         let method = s.method.unwrap_or(Method::Get);
+        check_path(&s.path)?;
         let ep = self
             .directory
             .get(&who.domain, ep_name)

@@ -510,6 +510,8 @@ impl Subscriptions {
         path: &str,
         may_forward: bool,
     ) -> Result<Subscribed, SubError> {
+        // Before the subscription is stored: its observe could never be sent.
+        crate::requests::check_path(path)?;
         let ep = self
             .directory
             .get(&who.domain, ep_name)
