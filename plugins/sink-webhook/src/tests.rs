@@ -797,6 +797,42 @@ fn bad_urls_are_rejected_without_network() {
     });
 }
 
+/// A URL with user information was accepted and its credentials dropped: every request
+/// reached the receiver without them. It is refused, and the reason does not repeat the
+/// password.
+#[test]
+fn a_url_with_user_information_is_refused_without_repeating_it() {
+    bounded(|| {
+        let receiver = Receiver::start(200);
+        let mut sink = Sink::new(None);
+        let port = receiver.addr.port();
+        for url in [
+            format!("http://user:s3cret@127.0.0.1:{port}/cb"),
+            format!("http://s3cret@127.0.0.1:{port}"),
+            format!("https://user:s3cret@127.0.0.1:{port}?q=1"),
+        ] {
+            let target = target(url.clone(), &[]);
+            let reason = sink.verify_result(&target).unwrap_err();
+            assert!(reason.contains("user information"), "{url}: {reason}");
+            assert!(!reason.contains("s3cret"), "{url}: {reason}");
+            match sink.deliver(&target, "{}") {
+                DeliverResponse::Refused { reason } => {
+                    assert!(reason.contains("user information"), "{url}: {reason}")
+                }
+                other => panic!("{url}: unexpected {other:?}"),
+            }
+        }
+        // An '@' after the authority (in the path or query) is not user information.
+        let plain = format!("http://127.0.0.1:{port}/cb/a@b?to=x@y");
+        assert_eq!(sink.verify_result(&target(plain, &[])), Ok(()));
+        assert_eq!(
+            receiver.requests().len(),
+            1,
+            "only the plain URL was verified"
+        );
+    });
+}
+
 #[test]
 fn invalid_headers_are_rejected() {
     bounded(|| {
