@@ -1054,3 +1054,60 @@ fn check_config_locates_range_errors() {
         );
     }
 }
+
+/// The link-format endpoint list percent-encodes each name as its link's URI segment:
+/// names may hold `<`, `>`, `"`, `,`, `;`, spaces, `\`, `%` and non-ASCII characters
+/// (registration refuses only control characters and `/ ? #`), which were written raw:
+/// `<q"uo>te,x>` is not link-format, and `ünï-%41` read back as `ünï-A`. Each link's
+/// target, percent-decoded, is the name again.
+#[test]
+fn link_format_endpoint_list_encodes_names_that_are_not_uri_characters() {
+    let d = Daemon::in_process();
+    let names = [
+        "q\"uo>te,x",
+        "sp ace;b",
+        "back\\slash",
+        "ünï-%41",
+        "<lt",
+        "plain-name_1.2~x:y@z",
+    ];
+    for name in names {
+        let mut dev = d.device();
+        dev.register(&[&format!("ep={name}"), "lt=300"], "</3/0>");
+    }
+    let r = d.get_accept("/v2/endpoints", "application/link-format");
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Every link is `<target>;type="";status="ACTIVE";q="false"` and no target holds a
+    // character that ends it or splits the list.
+    let links: Vec<&str> = r.body.split(',').collect();
+    assert_eq!(links.len(), names.len(), "{}", r.body);
+    let mut got: Vec<String> = links
+        .iter()
+        .map(|l| {
+            let target = l
+                .strip_prefix('<')
+                .and_then(|l| l.split_once('>'))
+                .map(|(t, rest)| {
+                    assert_eq!(rest, r#";type="";status="ACTIVE";q="false""#, "{l}");
+                    t
+                })
+                .unwrap_or_else(|| panic!("not a link: {l}"));
+            assert!(
+                target
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b"<>\"\\,;".contains(&b)),
+                "{target}"
+            );
+            percent_encoding::percent_decode_str(target)
+                .decode_utf8()
+                .unwrap()
+                .into_owned()
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    want.sort();
+    assert_eq!(got, want);
+    // Unreserved characters and `:` `@` stay as they are.
+    assert!(r.body.contains("<plain-name_1.2~x:y@z>"), "{}", r.body);
+}

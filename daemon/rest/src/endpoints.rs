@@ -108,6 +108,33 @@ struct EndpointJson<'a> {
     ct: Option<String>,
 }
 
+/// What an endpoint name keeps as it is in a link's `<URI-Reference>`: RFC 3986's
+/// unreserved characters and the sub-delimiters other than `,` and `;` (and `:` `@`).
+///
+/// Decision: a name is one path segment of the link's URI, percent-encoded (UTF-8) for
+/// everything else, `%` included, so that a client that decodes the segment gets the
+/// name back; `,` and `;` are encoded too although RFC 3986 allows them in a segment,
+/// because they separate links and parameters in link-format and clients split on them.
+/// Names are checked only for control characters and `/ ? #` at registration, so `<`,
+/// `>`, `"`, spaces and `%41` were written raw: invalid link-format, or another name once
+/// decoded.
+const NAME_IN_LINK: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b'=')
+    .remove(b':')
+    .remove(b'@');
+
 /// Quotes a link-format attribute value.
 fn quoted(v: &str) -> String {
     format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
@@ -146,7 +173,7 @@ pub fn list(directory: &Directory, who: &Principal, parts: &Parts) -> Reply {
                 .map(|e| {
                     format!(
                         "<{}>;type={};status=\"ACTIVE\";q=\"{}\"",
-                        e.reg.name,
+                        percent_encoding::utf8_percent_encode(&e.reg.name, NAME_IN_LINK),
                         quoted(e.reg.ept.as_deref().unwrap_or("")),
                         e.reg.queue
                     )
