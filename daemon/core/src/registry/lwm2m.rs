@@ -223,13 +223,38 @@ fn split_query(item: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// `lt`: a whole number of seconds (the range the registry takes is checked there, and
+/// named in its refusal). A number that is negative or over `u32::MAX` is named as out of
+/// range, not as "not a whole number" (what it was refused as before).
 fn parse_lifetime(v: Option<&str>) -> Result<u32, Response> {
-    v.and_then(|v| v.parse::<u32>().ok()).ok_or_else(|| {
-        Response::diagnostic(
+    let Some(v) = v else {
+        return Err(Response::diagnostic(
             ResponseType::BadRequest,
-            "lt must be a whole number of seconds",
+            "lt needs a value: a whole number of seconds",
+        ));
+    };
+    if let Ok(lt) = v.parse::<u32>() {
+        return Ok(lt);
+    }
+    let digits = v.strip_prefix(['-', '+']).unwrap_or(v);
+    let diag = if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        format!(
+            "lt {} is out of range: a lifetime is a whole number of seconds from 1 to {}",
+            shorten(v),
+            u32::MAX
         )
-    })
+    } else {
+        format!("lt must be a whole number of seconds, not {:?}", shorten(v))
+    };
+    Err(Response::diagnostic(ResponseType::BadRequest, diag))
+}
+
+/// At most 24 characters of a value a diagnostic repeats.
+fn shorten(v: &str) -> &str {
+    match v.char_indices().nth(24) {
+        Some((i, _)) => &v[..i],
+        None => v,
+    }
 }
 
 fn text_param(name: &str, v: Option<&str>) -> Result<String, Response> {
@@ -375,6 +400,36 @@ mod tests {
     //! Identity binding through the handler, with requests as a secure listener would hand
     //! them over (an `Inbound` with the identity its handshake proved).
     use super::*;
+
+    /// `lt` refusals say what is wrong: a number out of range was "not a whole number".
+    #[test]
+    fn lifetime_refusals_name_the_value_and_what_is_wrong() {
+        let diag = |v: Option<&str>| {
+            let r = parse_lifetime(v).unwrap_err();
+            String::from_utf8(r.payload.clone()).unwrap()
+        };
+        assert_eq!(parse_lifetime(Some("86400")).ok(), Some(86400));
+        assert_eq!(
+            diag(Some("99999999999")),
+            "lt 99999999999 is out of range: a lifetime is a whole number of seconds from 1 to 4294967295"
+        );
+        assert_eq!(
+            diag(Some("-5")),
+            "lt -5 is out of range: a lifetime is a whole number of seconds from 1 to 4294967295"
+        );
+        assert_eq!(
+            diag(Some("1.5")),
+            "lt must be a whole number of seconds, not \"1.5\""
+        );
+        assert_eq!(
+            diag(Some(&"9x".repeat(40))),
+            format!(
+                "lt must be a whole number of seconds, not {:?}",
+                "9x".repeat(12)
+            )
+        );
+        assert_eq!(diag(None), "lt needs a value: a whole number of seconds");
+    }
     use crate::coap::{ListenerId, ListenerKind, PeerIdentity, PeerRef};
     use crate::config::RegistryConfig;
     use crate::store::Store;

@@ -591,6 +591,43 @@ pub fn http_status(code: ResponseType) -> u16 {
     }
 }
 
+/// A device's CoAP response code as an async response's `error` names it: the code and
+/// its RFC name (`4.05 Method Not Allowed`), not the Rust variant (`MethodNotAllowed`)
+/// it was written as before.
+pub fn coap_code(code: ResponseType) -> &'static str {
+    use ResponseType::*;
+    match code {
+        Created => "2.01 Created",
+        Deleted => "2.02 Deleted",
+        Valid => "2.03 Valid",
+        Changed => "2.04 Changed",
+        Content => "2.05 Content",
+        Continue => "2.31 Continue",
+        BadRequest => "4.00 Bad Request",
+        Unauthorized => "4.01 Unauthorized",
+        BadOption => "4.02 Bad Option",
+        Forbidden => "4.03 Forbidden",
+        NotFound => "4.04 Not Found",
+        MethodNotAllowed => "4.05 Method Not Allowed",
+        NotAcceptable => "4.06 Not Acceptable",
+        RequestEntityIncomplete => "4.08 Request Entity Incomplete",
+        Conflict => "4.09 Conflict",
+        PreconditionFailed => "4.12 Precondition Failed",
+        RequestEntityTooLarge => "4.13 Request Entity Too Large",
+        UnsupportedContentFormat => "4.15 Unsupported Content-Format",
+        UnprocessableEntity => "4.22 Unprocessable Entity",
+        TooManyRequests => "4.29 Too Many Requests",
+        InternalServerError => "5.00 Internal Server Error",
+        NotImplemented => "5.01 Not Implemented",
+        BadGateway => "5.02 Bad Gateway",
+        ServiceUnavailable => "5.03 Service Unavailable",
+        GatewayTimeout => "5.04 Gateway Timeout",
+        ProxyingNotSupported => "5.05 Proxying Not Supported",
+        HopLimitReached => "5.08 Hop Limit Reached",
+        UnKnown => "a response code this daemon does not know",
+    }
+}
+
 /// The answer to a job, before it becomes an event.
 struct Outcome {
     status: u16,
@@ -1173,8 +1210,8 @@ impl Requests {
                 let error = (status >= 400).then(|| {
                     let diag = String::from_utf8_lossy(&reply.payload);
                     format!(
-                        "the device answered {:?}{}{}",
-                        reply.code,
+                        "the device answered {}{}{}",
+                        coap_code(reply.code),
                         if diag.is_empty() { "" } else { ": " },
                         diag
                     )
@@ -1227,7 +1264,10 @@ impl Requests {
                 let status = http_status(reply.code);
                 self.cache_reply(job, &reply);
                 let refusal = if status >= 400 {
-                    Some((status, format!("the device answered {:?}", reply.code)))
+                    Some((
+                        status,
+                        format!("the device answered {}", coap_code(reply.code)),
+                    ))
                 } else if reply.observe.is_none() {
                     Some((
                         412,
