@@ -536,3 +536,47 @@ pub(crate) fn abort_a_long_poll(d: &Daemon) {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// A long-poll held when the daemon stops (SIGTERM) is answered at once, 204 with
+/// nothing taken, and the stop does not wait for it. It was answered by nothing: the REST
+/// drain waited its 10 s for the connection, logged "REST connections still open after
+/// 10s; closing them" and closed it without a response (curl: "empty reply from
+/// server").
+#[test]
+fn a_held_long_poll_is_answered_204_when_the_daemon_stops() {
+    use std::io::{Read, Write};
+    let mut d = Daemon::start();
+    // The key's channel first, so that the held poll only waits.
+    assert_eq!(d.pull_now(), None);
+    let mut poll = std::net::TcpStream::connect(d.rest).unwrap();
+    poll.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        poll,
+        "GET /v2/notification/pull HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        d.key
+    )
+    .unwrap();
+    // Accepted before this later connection's request is answered; then a moment for
+    // its request to reach the hub.
+    assert_eq!(d.get("/v2/endpoints").status, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let stopping = Instant::now();
+    d.signal("TERM");
+    let mut answer = String::new();
+    let read = poll.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 204"),
+        "the held poll's answer: {answer:?} ({read:?}) after {:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "a clean stop"
+    );
+    assert!(
+        !d.logs().iter().any(|l| l.contains("still open after")),
+        "the drain did not wait for the poll"
+    );
+}

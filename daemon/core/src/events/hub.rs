@@ -1225,6 +1225,10 @@ impl Hub {
         self.pull_via(p, wait, gone, Via::Socket).await
     }
 
+    /// A pull also ends, as empty and without taking events, when the daemon stops: a
+    /// held long-poll was answered only when the REST drain gave up on its connection (10
+    /// s, and then with no response at all), so a client could not tell a stop from a
+    /// network failure, and the stop took the drain's whole time.
     async fn pull_via(
         self: &Arc<Self>,
         p: &Principal,
@@ -1233,10 +1237,22 @@ impl Hub {
         via: Via,
     ) -> Result<Pulled, StoreError> {
         self.ensure_channel(p).await?;
-        if self.peers.is_some() {
-            return self.pull_routed(p, wait, gone, via).await;
+        let mut stop = self.stop.clone();
+        let gone = async move {
+            tokio::select! {
+                () = gone => {}
+                () = stop.recv() => {}
+            }
+        };
+        let pulled = if self.peers.is_some() {
+            self.pull_routed(p, wait, gone, via).await
+        } else {
+            self.pull_here(&p.key_id, wait, gone, via).await
+        };
+        match pulled {
+            Ok(Pulled::Gone) if self.stop.is_fired() => Ok(Pulled::Empty),
+            other => other,
         }
-        self.pull_here(&p.key_id, wait, gone, via).await
     }
 
     /// [`Hub::pull`] of a channel this node owns (or, without peers, any channel). A
