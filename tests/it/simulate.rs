@@ -111,6 +111,45 @@ fn simulated_devices_register_serve_notify_and_deregister() {
         assert_eq!(d.async_response(&id, WAIT)["status"], status);
     }
 
+    // The README's JSON flows against the default (LwM2M 1.0) simulator: an object
+    // instance read as a JSON tree (the daemon asks without Accept, the device answers
+    // TLV), a lifetime written as JSON (sent as TLV), and a listed resource without `obs`
+    // subscribed to. They ended 502, 400 and 412 when the simulator answered every read
+    // in text and refused to observe what it had not marked `obs`.
+    let r = support::http(
+        "GET",
+        &d.url("/v2/endpoints/sim-000004/3/0"),
+        &[
+            ("Authorization", &format!("Bearer {}", d.key)),
+            ("Accept", "application/json"),
+        ],
+        None,
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(a["status"], 200, "{a}");
+    let tree: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(a["payload"].as_str().expect("payload"))
+            .expect("base64"),
+    )
+    .expect("a JSON tree");
+    assert_eq!(
+        tree,
+        serde_json::json!({"0": "connectord", "1": "simulator", "2": "sim-000004"})
+    );
+    let id = d.async_request(
+        "PUT",
+        "/v2/endpoints/sim-000004/1/0/1",
+        Some("application/json"),
+        Some(b"300"),
+    );
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+    let id = d.async_request("PUT", "/v2/subscriptions/sim-000004/3/0/0", None, None);
+    let first = d.async_response(&id, WAIT);
+    assert_eq!(first["status"], 200, "{first}");
+
     // Subscribe: the initial value, then notifications every 200 ms.
     let subscribe = "/v2/subscriptions/sim-000003/3303/0/5700";
     let id = d.async_request("PUT", subscribe, None, None);

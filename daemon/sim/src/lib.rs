@@ -14,13 +14,16 @@
 //! - Serves the daemon's requests, piggybacked (ACK for CON, NON for NON), with a small
 //!   duplicate cache (same peer and message id → the same reply, not handled again):
 //!   - `GET /3/0/0` "connectord", `/3/0/1` "simulator", `/3/0/2` the endpoint name,
-//!     `/3/0` a one-line summary, `/1/0/1` the lifetime, `/1/0` a summary; text/plain.
+//!     `/1/0/1` the lifetime; text/plain. `/3/0` and `/1/0` (object instances) in LwM2M
+//!     TLV, or with `Accept: text/plain` a one-line summary.
 //!   - `GET /3303/0/5700`: the temperature ("21.5"), which moves by ±0.1..0.5 every
 //!     notify interval, with Max-Age. With Observe=0 the (peer, token) becomes an observer
 //!     and gets a NON notification with an increasing Observe sequence on every change;
-//!     Observe=1, or an RST answering one of its notifications, removes it. `/3/0` is
-//!     observable too (its content never changes, so it is never notified).
-//!   - `PUT /1/0/1`: a whole number of seconds (1..) → 2.04, and the device sends a
+//!     Observe=1, or an RST answering one of its notifications, removes it. Every other
+//!     readable path is observable too, as the daemon expects of an LwM2M client (its
+//!     content never changes, so it is never notified).
+//!   - `PUT /1/0/1`: a whole number of seconds (1..) in text/plain, or in any format
+//!     `lwm2m_data` reads (TLV, SenML, LwM2M JSON/CBOR) → 2.04, and the device sends a
 //!     registration update with the new lifetime (as LwM2M asks); anything else → 4.00.
 //!   - `PUT /3303/0/5700` → 4.05: a sensor value is read-only (as in the LwM2M object).
 //!   - `POST /3/0/4` (reboot) → 2.04; one second later the device forgets its observers
@@ -118,7 +121,6 @@ const TEMP_MIN: i32 = 150;
 const TEMP_MAX: i32 = 300;
 
 const TEMPERATURE: [&str; 3] = ["3303", "0", "5700"];
-const DEVICE: [&str; 2] = ["3", "0"];
 
 /// How a simulated device speaks LwM2M.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -959,33 +961,48 @@ impl Device {
         }
         let path = uri_path(req);
         let segs: Vec<&str> = path.iter().map(String::as_str).collect();
-        if self.shared.lwm2m == Lwm2mMode::Lwm2m1_1 {
-            if method == RequestType::Get {
-                return self.get_1_1(req, &path, from);
-            }
-            if method == RequestType::Put
-                && segs == ["1", "0", "1"]
-                && let Some(cf) = uint_option(req, CoapOption::ContentFormat)
-                && cf != 0
-            {
-                return self.write_lifetime_1_1(req, cf, now);
-            }
+        if self.shared.lwm2m == Lwm2mMode::Lwm2m1_1 && method == RequestType::Get {
+            return self.get_1_1(req, &path, from);
+        }
+        // Both modes: a lifetime written in TLV (what the daemon encodes an application's
+        // JSON in for an LwM2M 1.0 client) or another format LwM2M names. The 1.0 mode read
+        // it as text and refused TLV's bytes as "not a whole number".
+        if method == RequestType::Put
+            && segs == ["1", "0", "1"]
+            && let Some(cf) = uint_option(req, CoapOption::ContentFormat)
+            && cf != 0
+        {
+            return self.write_lifetime_1_1(req, cf, now);
         }
         let readable = self.read(&segs);
+        let accept = uint_option(req, CoapOption::Accept);
+        // LwM2M 1.0 mode: an object instance is read in TLV (LwM2M 1.0's format for more
+        // than one resource) unless text/plain is asked for; its one-line summary only
+        // then. It answered the summary to every read, which no LwM2M decoder takes.
+        if method == RequestType::Get
+            && readable.is_some()
+            && segs.len() < 3
+            && accept.is_none_or(|a| a == u32::from(lwm2m_data::format::TLV))
+        {
+            return self.get_1_1(req, &path, from);
+        }
         match (method, segs.as_slice()) {
             (RequestType::Get, _) if readable.is_some() => {
-                if let Some(accept) = uint_option(req, CoapOption::Accept)
+                if let Some(accept) = accept
                     && accept != 0
                 {
                     return Response::diagnostic(
                         ResponseType::NotAcceptable,
-                        "only text/plain (0)",
+                        "only text/plain (0) for one resource; TLV (11542) for an object instance",
                     );
                 }
                 let text = readable.unwrap_or_default();
                 let mut r = Response::new(ResponseType::Content);
-                let observable = segs == TEMPERATURE || segs == DEVICE;
-                if observable && let Some(obs) = uint_option(req, CoapOption::Observe) {
+                // Every path it lists may be observed: it registers as an LwM2M client
+                // (`lwm2m=1.0`), whose paths the daemon takes as observable whether or not
+                // they are marked `obs`. Only the temperature changes, so only its
+                // observers are notified.
+                if let Some(obs) = uint_option(req, CoapOption::Observe) {
                     let who = Observer {
                         path: path.clone(),
                         peer: from,
@@ -1771,7 +1788,6 @@ mod tests {
             ("/3/0/1", "simulator"),
             ("/3/0/2", "sim-000007"),
             ("/1/0/1", "60"),
-            ("/3/0", "connectord simulator sim-000007"),
         ] {
             let r = get(&mut dev, path, 10);
             assert_eq!(r.header.get_type(), MessageType::Acknowledgement);
@@ -1788,6 +1804,46 @@ mod tests {
         assert!((15.0..=30.0).contains(&t), "{t}");
         assert_eq!(uint_option(&r, CoapOption::MaxAge), Some(1));
         assert_eq!(uint_option(&r, CoapOption::Observe), None);
+    }
+
+    /// LwM2M 1.0 mode as the daemon drives an LwM2M 1.0 client: an object instance read
+    /// without Accept comes in TLV (it was a text summary no LwM2M decoder takes, so a
+    /// JSON read of `/3/0` ended 502), a lifetime written in TLV is taken (it was 4.00
+    /// "not a whole number"), and a listed resource without `obs` may be observed (it was
+    /// answered without Observe, so `PUT /subscriptions/…/3/0/0` ended 412).
+    #[test]
+    fn lwm2m_1_0_mode_reads_instances_in_tlv_takes_tlv_writes_and_observes_any_path() {
+        let mut dev = device();
+        let r = get(&mut dev, "/3/0", 20);
+        assert_eq!(code(&r), content(ResponseType::Content));
+        assert_eq!(uint_option(&r, CoapOption::ContentFormat), Some(11542));
+        let path: lwm2m_data::Path = "/3/0".parse().unwrap();
+        assert_eq!(
+            lwm2m_data::decode(lwm2m_data::format::TLV, &r.payload, &path).unwrap(),
+            serde_json::json!({"0": "connectord", "1": "simulator", "2": "sim-000007"})
+        );
+        let mut text = request(MessageType::Confirmable, RequestType::Get, "/3/0", 21);
+        text.add_option(CoapOption::Accept, encode_uint(0));
+        let r = exchange(&mut dev, &text);
+        assert_eq!(r.payload, b"connectord simulator sim-000007");
+
+        let lt: lwm2m_data::Path = "/1/0/1".parse().unwrap();
+        let mut put = request(MessageType::Confirmable, RequestType::Put, "/1/0/1", 22);
+        put.add_option(CoapOption::ContentFormat, encode_uint(11542));
+        put.payload =
+            lwm2m_data::encode(&serde_json::json!(300), &lt, lwm2m_data::format::TLV).unwrap();
+        let r = exchange(&mut dev, &put);
+        assert_eq!(code(&r), content(ResponseType::Changed));
+        assert_eq!(dev.lifetime_s, 300);
+
+        let mut obs = request(MessageType::Confirmable, RequestType::Get, "/3/0/0", 23);
+        obs.add_option(CoapOption::Observe, encode_uint(0));
+        let r = exchange(&mut dev, &obs);
+        assert!(uint_option(&r, CoapOption::Observe).is_some(), "observed");
+        assert_eq!(r.payload, b"connectord");
+        // It never changes: a temperature tick notifies nobody of it.
+        dev.on_tick();
+        assert!(dev.take_outgoing().is_empty());
     }
 
     #[test]
@@ -1883,6 +1939,7 @@ mod tests {
     fn block2_slices_the_reply() {
         let mut dev = device();
         let mut req = request(MessageType::Confirmable, RequestType::Get, "/3/0", 1);
+        req.add_option(CoapOption::Accept, encode_uint(0));
         req.add_option(
             CoapOption::Block2,
             Block {
