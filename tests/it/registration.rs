@@ -1111,3 +1111,30 @@ fn link_format_endpoint_list_encodes_names_that_are_not_uri_characters() {
     // Unreserved characters and `:` `@` stay as they are.
     assert!(r.body.contains("<plain-name_1.2~x:y@z>"), "{}", r.body);
 }
+
+/// An endpoint without a type is listed with `"type": ""` and found by an empty `type=`
+/// filter, which found nothing; one with a type is not.
+#[test]
+fn an_empty_type_filter_finds_the_endpoints_listed_without_a_type() {
+    let d = Daemon::in_process();
+    let mut typed = d.device();
+    typed.register(&["ep=node-typed", "lt=60", "et=Light"], "</3/0>");
+    let mut untyped = d.device();
+    untyped.register(&["ep=node-untyped", "lt=60"], "</3/0>");
+    let r = d.get("/v2/endpoints?type=");
+    assert_eq!(
+        support::strings_of(&r.json(), "name"),
+        ["node-untyped"],
+        "{}",
+        r.body
+    );
+    assert_eq!(r.json()[0]["type"], "");
+    let r = d.get("/v2/endpoints?type=Light");
+    assert_eq!(
+        support::strings_of(&r.json(), "name"),
+        ["node-typed"],
+        "{}",
+        r.body
+    );
+    assert_eq!(d.get("/v2/endpoints").json().as_array().unwrap().len(), 2);
+}

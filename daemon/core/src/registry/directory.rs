@@ -517,7 +517,10 @@ impl Directory {
     pub fn list(&self, domain: &str, ept: Option<&str>) -> Vec<Arc<Endpoint>> {
         let maps = self.lock();
         let unseen = maps.unseen_names.get(domain);
-        let wanted = |e: &&Arc<Endpoint>| ept.is_none() || e.reg.ept.as_deref() == ept;
+        // Compared as the listing shows the type: an endpoint without one is listed with
+        // `"type": ""`, so `?type=` (empty) finds it (it found nothing).
+        let wanted =
+            |e: &&Arc<Endpoint>| ept.is_none_or(|want| e.reg.ept.as_deref().unwrap_or("") == want);
         let mut v: Vec<_> = maps
             .by_name
             .get(domain)
