@@ -81,14 +81,14 @@ fn get_accepting(d: &Daemon, path: &str, accept: Option<&str>) -> support::Http 
 }
 
 /// A read with `accept`, asserted accepted (202): its async-response id.
-fn read_accepting(d: &Daemon, path: &str, accept: Option<&str>) -> String {
+pub(crate) fn read_accepting(d: &Daemon, path: &str, accept: Option<&str>) -> String {
     let r = get_accepting(d, path, accept);
     assert_eq!(r.status, 202, "{path} {accept:?}: {}", r.body);
     r.json()["async-response-id"].as_str().unwrap().to_string()
 }
 
 /// The value tree an `Accept: application/json` read's async response carries.
-fn json_tree(a: &serde_json::Value) -> serde_json::Value {
+pub(crate) fn json_tree(a: &serde_json::Value) -> serde_json::Value {
     assert_eq!(
         (a["status"].as_u64(), a["ct"].as_str()),
         (Some(200), Some("application/json")),

@@ -116,27 +116,10 @@ fn simulated_devices_register_serve_notify_and_deregister() {
     // TLV), a lifetime written as JSON (sent as TLV), and a listed resource without `obs`
     // subscribed to. They ended 502, 400 and 412 when the simulator answered every read
     // in text and refused to observe what it had not marked `obs`.
-    let r = support::http(
-        "GET",
-        &d.url("/v2/endpoints/sim-000004/3/0"),
-        &[
-            ("Authorization", &format!("Bearer {}", d.key)),
-            ("Accept", "application/json"),
-        ],
-        None,
-    );
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
-    let a = d.async_response(&id, WAIT);
-    assert_eq!(a["status"], 200, "{a}");
-    let tree: serde_json::Value = serde_json::from_slice(
-        &base64::engine::general_purpose::STANDARD
-            .decode(a["payload"].as_str().expect("payload"))
-            .expect("base64"),
-    )
-    .expect("a JSON tree");
+    let id =
+        crate::lwm2m::read_accepting(&d, "/v2/endpoints/sim-000004/3/0", Some("application/json"));
     assert_eq!(
-        tree,
+        crate::lwm2m::json_tree(&d.async_response(&id, WAIT)),
         serde_json::json!({"0": "connectord", "1": "simulator", "2": "sim-000004"})
     );
     let id = d.async_request(
