@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use super::reply::{Reply, error, json_object_body, store_failure};
 use crate::auth::Principal;
 use crate::coap::Transport;
+use crate::registry::{Registry, RegistryError};
+use crate::requests::Requests;
 use connectord_core::credentials::{
     CredentialError, DeviceCredentials, DeviceInfo, Revoked, parse_hex_key,
 };
@@ -131,11 +133,51 @@ fn refused(e: CredentialError, ep: &str) -> Reply {
     }
 }
 
+/// Ends the plain-CoAP registration of `ep`, if it has one on this node, once `ep` has
+/// credentials: as a de-registration (`DELETE /endpoints/{ep}`: a `de-registrations`
+/// event, its queued and in-flight requests 410).
+///
+/// Decision: provisioning credentials binds the name to them at once. Before, the plain
+/// registration stayed listed and was served (requests went to it over plain CoAP) until
+/// its lifetime ran out, since only its updates were refused (4.03); whoever had
+/// registered the name without credentials kept it meanwhile. Removed by its id, so a
+/// device that registered with the new credentials in between is not touched. A plain
+/// registration another cluster node owns is left to that node: its updates are refused
+/// there, as before.
+async fn end_plain_registration(
+    registry: &Registry,
+    requests: &Requests,
+    who: &Principal,
+    ep: &str,
+) {
+    let Some(e) = registry.directory().get(&who.domain, ep) else {
+        return;
+    };
+    if e.reg.peer.listener.kind.secure() || requests.owner_elsewhere(&e).is_some() {
+        return;
+    }
+    match registry.deregister(&e.reg.id).await {
+        Ok(_) => tracing::info!(
+            ep,
+            domain = %who.domain,
+            "device credentials provisioned: the endpoint's plain-CoAP registration ended; it registers again with its credentials"
+        ),
+        Err(RegistryError::NotFound(_)) => {}
+        Err(err) => tracing::warn!(
+            ep,
+            domain = %who.domain,
+            "device credentials provisioned, but the endpoint's plain-CoAP registration could not be ended: {err}"
+        ),
+    }
+}
+
 /// `PUT /device-credentials/{ep}`: 201 for a new PSK, 200 for a replaced one, with the
-/// record (without the key).
+/// record (without the key). A plain-CoAP registration of `ep` ends
+/// ([`end_plain_registration`]).
 pub async fn put(
     creds: &DeviceCredentials,
     transport: &Transport,
+    (registry, requests): (&Registry, &Requests),
     who: &Principal,
     ep: &str,
     body: Bytes,
@@ -166,6 +208,7 @@ pub async fn put(
         Ok(revoked) => {
             close(transport, who, ep, &revoked);
             tracing::info!(ep, domain = %who.domain, key = %who.key_id, "PSK provisioned");
+            end_plain_registration(registry, requests, who, ep).await;
             let status = if existed {
                 StatusCode::OK
             } else {

@@ -548,8 +548,15 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
         Route::DeviceCredentials => credentials::list(&state.credentials, &principal),
         Route::DeviceCredential(ep) => match parts.method {
             Method::PUT => {
-                credentials::put(&state.credentials, &state.transport, &principal, &ep, body)
-                    .await
+                credentials::put(
+                    &state.credentials,
+                    &state.transport,
+                    (&state.registry, &state.requests),
+                    &principal,
+                    &ep,
+                    body,
+                )
+                .await
             }
             Method::DELETE => {
                 credentials::delete(&state.credentials, &state.transport, &principal, &ep).await
