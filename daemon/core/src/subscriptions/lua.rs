@@ -43,8 +43,11 @@
 //!   error and keep going. Pattern matching counts too: each step of the matcher is one
 //!   instruction (a backtracking pattern such as `string.rep("a", 300):find(string.rep("a*",
 //!   30) .. "b")`, which Lua's C matcher would run for longer than anyone waits, is stopped
-//!   like a loop). Other C functions (`string.rep`, `table.concat`, `table.sort`, ...) are
-//!   not counted; their work is linear (or n log n) in sizes the memory limit bounds.
+//!   like a loop). `table.move` charges one instruction per element of its range, and
+//!   `string.rep` of nothing answers `""` at once ([`bound_library_loops`]: their loops
+//!   neither allocate nor run Lua code). Other C functions (`string.rep` otherwise,
+//!   `table.concat`, `table.sort`, ...) are not counted; their work is linear (or
+//!   n log n) in sizes the memory limit bounds.
 //! - Time: the same checks (every 1000 instructions, every 256 matching steps) stop a call
 //!   that has run for `time_limit_ms` of wall-clock time ("time limit exceeded").
 //!   Decision: bound the work rather than abandon a stuck thread: a thread cannot be
@@ -88,7 +91,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use mlua::chunk::ChunkMode;
-use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, Variadic, VmState};
+use mlua::{
+    Function, HookTriggers, Lua, LuaOptions, MultiValue, StdLib, Table, Value, Variadic, VmState,
+};
 use notify_debouncer_full::notify::RecursiveMode;
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use tracing::{debug, error, info, warn};
@@ -370,12 +375,17 @@ impl Meter {
 
     /// Charges `n` pattern-matching steps (see [`patterns`]).
     fn charge(&self, lua: &Lua, n: u64) -> Result<(), String> {
+        self.charge_in(lua, n, "a pattern match")
+    }
+
+    /// [`Meter::charge`] for the work of a library function, named in the error.
+    fn charge_in(&self, lua: &Lua, n: u64, context: &str) -> Result<(), String> {
         if self.stopped().is_some() {
             return Err("call already stopped".into());
         }
         match self.add(n) {
             None => Ok(()),
-            Some(stop) => Err(format!("{} (in a pattern match)", self.trip(lua, stop, ""))),
+            Some(stop) => Err(format!("{} (in {context})", self.trip(lua, stop, ""))),
         }
     }
 }
@@ -521,6 +531,72 @@ fn sandbox(lua: &Lua, file_name: &str) -> mlua::Result<()> {
     Ok(())
 }
 
+/// Bounds the two library functions whose loops neither allocate nor run Lua code, so
+/// that neither the memory limit nor the instruction hook stopped them: `string.rep` of an
+/// empty string with an empty separator (`string.rep("", 1e14)` copied nothing 10^14
+/// times: a rule file with it at its top level kept the daemon from ever starting) and
+/// `table.move` over a range of nils (`table.move({}, 1, 1e14, 1, {})`).
+///
+/// Decision: `string.rep` answers such a call `""` itself (the result Lua's would have
+/// given, at once); any other call goes to Lua's, whose result the memory limit bounds.
+/// `table.move` charges the elements of its range to the call's instruction budget before
+/// Lua's runs (one instruction each), so a range past the budget fails as a runaway loop
+/// does, and the time limit applies. Arguments Lua's would refuse go to it as they are,
+/// for its own error.
+fn bound_library_loops(lua: &Lua, meter: &Arc<Meter>) -> mlua::Result<()> {
+    let globals = lua.globals();
+    let string: Table = globals.raw_get("string")?;
+    let rep: Function = string.raw_get("rep")?;
+    string.raw_set(
+        "rep",
+        lua.create_function(move |lua, args: MultiValue| {
+            let len = |v: Option<&Value>| match v {
+                None | Some(Value::Nil) => Some(0),
+                Some(v) => lua
+                    .coerce_string(v.clone())
+                    .ok()
+                    .flatten()
+                    .map(|s| s.as_bytes().len()),
+            };
+            let n = args
+                .get(1)
+                .and_then(|n| lua.coerce_integer(n.clone()).ok().flatten());
+            if args.front().is_some_and(|s| !s.is_nil())
+                && len(args.front()) == Some(0)
+                && len(args.get(2)) == Some(0)
+                && n.is_some()
+            {
+                return lua
+                    .create_string("")
+                    .map(|s| MultiValue::from_vec(vec![Value::String(s)]));
+            }
+            rep.call::<MultiValue>(args)
+        })?,
+    )?;
+    let table: Table = globals.raw_get("table")?;
+    let move_: Function = table.raw_get("move")?;
+    let meter = Arc::clone(meter);
+    table.raw_set(
+        "move",
+        lua.create_function(move |lua, args: MultiValue| {
+            let int = |i: usize| {
+                args.get(i)
+                    .and_then(|v| lua.coerce_integer(v.clone()).ok().flatten())
+            };
+            if let (Some(f), Some(e)) = (int(1), int(2))
+                && e >= f
+            {
+                let n = u64::try_from(i128::from(e) - i128::from(f) + 1).unwrap_or(u64::MAX);
+                meter
+                    .charge_in(lua, n, "table.move")
+                    .map_err(mlua::Error::runtime)?;
+            }
+            move_.call::<MultiValue>(args)
+        })?,
+    )?;
+    Ok(())
+}
+
 /// Loads one rule file's source into a fresh sandboxed state and runs its top-level chunk
 /// under the instruction budget. Errors carry `path:line`.
 fn load_rule(path: &Path, source: &[u8], cfg: &LuaConfig) -> Result<RuleState, LuaError> {
@@ -537,6 +613,7 @@ fn load_rule(path: &Path, source: &[u8], cfg: &LuaConfig) -> Result<RuleState, L
     lua.set_memory_limit(memory_limit)?;
     let meter = Arc::new(Meter::new(cfg));
     patterns::install(&lua, &meter, memory_limit)?;
+    bound_library_loops(&lua, &meter)?;
     install_hook(&lua, &meter)?;
     meter.start();
     lua.load(source)
@@ -1431,6 +1508,58 @@ mod tests {
             "t = {} for i = 1, 1e9 do t[i] = string.rep('x', 1000) end",
         );
         assert!(msg.contains("memory"), "{msg}");
+    }
+
+    /// `string.rep` of nothing and `table.move` over nils looped in C where neither the
+    /// memory limit nor the hook reached: a call held the rules' thread for good, and a
+    /// file doing it at its top level kept the daemon from starting.
+    #[test]
+    fn library_loops_that_allocate_nothing_are_bounded() {
+        let (_dir, rules, counters) = rules_with(&[
+            (
+                "10-loops.lua",
+                r#"
+                function presubscribe(e, r, k)
+                    if r.path == "/rep" then
+                        return string.rep("", 1e14) == "" and ("").rep("", 1e14, "") == ""
+                            and string.rep("ab", 3, "-") == "ab-ab-ab" and string.rep("x", 0) == ""
+                    end
+                    if r.path == "/move" then
+                        table.move({}, 1, 1e14, 1, {})
+                        return true
+                    end
+                    if r.path == "/small-move" then
+                        local t = table.move({1, 2, 3}, 1, 3, 2, {})
+                        return t[2] == 1 and t[4] == 3
+                    end
+                    return false
+                end
+                "#,
+            ),
+            ("20-true.lua", "function presubscribe() return true end"),
+        ]);
+        let started = Instant::now();
+        assert_eq!(ask(&rules, "/rep"), Some(true));
+        assert_eq!(ask(&rules, "/small-move"), Some(true));
+        assert_eq!(errors(&counters), 0);
+        // Stopped by the budget: the call fails, the next file answers.
+        assert_eq!(ask(&rules, "/move"), Some(true));
+        assert_eq!(errors(&counters), 1);
+        assert_eq!(ask(&rules, "/other"), Some(false));
+        assert!(started.elapsed() < Duration::from_secs(10));
+
+        // At the top level: the file loads (rep) or fails to load (move), at once.
+        let (_dir, rules, _counters) = rules_with(&[(
+            "10-top.lua",
+            "local s = string.rep('', 100000000000000)\nfunction presubscribe() return s == '' end",
+        )]);
+        assert_eq!(ask(&rules, "/x"), Some(true));
+        let msg = load_err("10-top.lua", "table.move({}, 1, 1e14, 1, {})");
+        assert!(
+            msg.contains("instruction budget exceeded") && msg.contains("(in table.move)"),
+            "{msg}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 
     #[test]
