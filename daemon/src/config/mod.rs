@@ -508,6 +508,15 @@ impl Default for StateConfig {
 impl StateConfig {
     /// Range checks serde cannot express, as the other sections' (see [`Invalid`]).
     pub fn check(&self) -> Result<(), Invalid> {
+        // An empty path was taken as the working directory without the checks "." gets
+        // (its permissions were not tightened): the database, admin.key and the CA's key
+        // were written into whatever directory the daemon was started from.
+        if self.dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+            return Err((
+                "dir",
+                "is empty: name a directory (\".\" for the working directory), or leave dir out for the default".into(),
+            ));
+        }
         if self.commit_delay_us > MAX_COMMIT_DELAY_US {
             return Err((
                 "commit_delay_us",

@@ -143,6 +143,7 @@ fn range_errors_name_the_key() {
             "[state]\ncommit_delay_us = 10001\n",
             "state.commit_delay_us",
         ),
+        ("[state]\ndir = \"\"\n", "state.dir"),
         (
             "[notifications]\nlong_poll_s = 0\n",
             "notifications.long_poll_s",
