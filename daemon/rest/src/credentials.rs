@@ -133,51 +133,52 @@ fn refused(e: CredentialError, ep: &str) -> Reply {
     }
 }
 
-/// Ends the plain-CoAP registration of `ep`, if it has one on this node, once `ep` has
-/// credentials: as a de-registration (`DELETE /endpoints/{ep}`: a `de-registrations`
-/// event, its queued and in-flight requests 410).
+/// Ends the registration of `ep` on this node if it came over plain CoAP (`secure`
+/// false) or over DTLS or TLS (`secure` true), as a de-registration (`DELETE
+/// /endpoints/{ep}`: a `de-registrations` event, its queued and in-flight requests 410).
 ///
-/// Decision: provisioning credentials binds the name to them at once. Before, the plain
-/// registration stayed listed and was served (requests went to it over plain CoAP) until
-/// its lifetime ran out, since only its updates were refused (4.03); whoever had
-/// registered the name without credentials kept it meanwhile. Removed by its id, so a
-/// device that registered with the new credentials in between is not touched. A plain
-/// registration another cluster node owns is left to that node: its updates are refused
-/// there, as before.
-async fn end_plain_registration(
-    registry: &Registry,
-    requests: &Requests,
+/// Decisions: provisioning a PSK ends a plain-CoAP registration, and revoking the
+/// credentials ends a secure one, at once. Before, the plain registration stayed listed
+/// and was served over plain CoAP until its lifetime ran out (whoever had registered the
+/// name without credentials kept it meanwhile), and a revoked device stayed listed as
+/// ACTIVE, every request to it answered 502 (its session closed), for as long as its
+/// lifetime (a day by default): in both cases only its updates were refused, 4.03.
+/// Removed by its id, so a registration made in between by a device the change allows is
+/// not touched. A registration another cluster node owns is left to that node: its
+/// updates are refused there, as before.
+async fn end_registration(
+    (registry, requests): (&Registry, &Requests),
     who: &Principal,
     ep: &str,
+    secure: bool,
+    why: &str,
 ) {
     let Some(e) = registry.directory().get(&who.domain, ep) else {
         return;
     };
-    if e.reg.peer.listener.kind.secure() || requests.owner_elsewhere(&e).is_some() {
+    if e.reg.peer.listener.kind.secure() != secure || requests.owner_elsewhere(&e).is_some() {
         return;
     }
     match registry.deregister(&e.reg.id).await {
-        Ok(_) => tracing::info!(
-            ep,
-            domain = %who.domain,
-            "device credentials provisioned: the endpoint's plain-CoAP registration ended; it registers again with its credentials"
-        ),
+        Ok(_) => {
+            tracing::info!(ep, domain = %who.domain, "{why}: the endpoint's registration ended")
+        }
         Err(RegistryError::NotFound(_)) => {}
         Err(err) => tracing::warn!(
             ep,
             domain = %who.domain,
-            "device credentials provisioned, but the endpoint's plain-CoAP registration could not be ended: {err}"
+            "{why}, but the endpoint's registration could not be ended: {err}"
         ),
     }
 }
 
 /// `PUT /device-credentials/{ep}`: 201 for a new PSK, 200 for a replaced one, with the
 /// record (without the key). A plain-CoAP registration of `ep` ends
-/// ([`end_plain_registration`]).
+/// ([`end_registration`]).
 pub async fn put(
     creds: &DeviceCredentials,
     transport: &Transport,
-    (registry, requests): (&Registry, &Requests),
+    services: (&Registry, &Requests),
     who: &Principal,
     ep: &str,
     body: Bytes,
@@ -208,7 +209,14 @@ pub async fn put(
         Ok(revoked) => {
             close(transport, who, ep, &revoked);
             tracing::info!(ep, domain = %who.domain, key = %who.key_id, "PSK provisioned");
-            end_plain_registration(registry, requests, who, ep).await;
+            end_registration(
+                services,
+                who,
+                ep,
+                false,
+                "a PSK was provisioned for an endpoint registered over plain CoAP",
+            )
+            .await;
             let status = if existed {
                 StatusCode::OK
             } else {
@@ -224,10 +232,12 @@ pub async fn put(
 }
 
 /// `DELETE /device-credentials/{ep}`: removes the PSK and revokes the certificates; 204,
-/// or 404 when the endpoint had no credentials.
+/// or 404 when the endpoint had no credentials. A registration of `ep` over DTLS or TLS
+/// ends ([`end_registration`]).
 pub async fn delete(
     creds: &DeviceCredentials,
     transport: &Transport,
+    services: (&Registry, &Requests),
     who: &Principal,
     ep: &str,
 ) -> Reply {
@@ -235,6 +245,7 @@ pub async fn delete(
         Ok(Some(revoked)) => {
             tracing::info!(ep, domain = %who.domain, key = %who.key_id, "device credentials revoked");
             close(transport, who, ep, &revoked);
+            end_registration(services, who, ep, true, "device credentials revoked").await;
             Reply::empty(StatusCode::NO_CONTENT)
         }
         Ok(None) => not_found(),

@@ -559,7 +559,14 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
                 .await
             }
             Method::DELETE => {
-                credentials::delete(&state.credentials, &state.transport, &principal, &ep).await
+                credentials::delete(
+                    &state.credentials,
+                    &state.transport,
+                    (&state.registry, &state.requests),
+                    &principal,
+                    &ep,
+                )
+                .await
             }
             _ => credentials::get(&state.credentials, &principal, &ep),
         },
