@@ -294,3 +294,46 @@ fn the_total_endpoint_limit_holds_across_domains() {
     devs[3].register(&["ep=dev", "d=tenant-3", "lt=300"], "</3/0>");
     assert_eq!(d.metric("registered_endpoints"), 3);
 }
+
+/// `/metrics` and `/v2/cluster` cover every domain (per-key series name every domain's
+/// keys), so only keys of the default domain read them: another domain's key, even an
+/// admin one (which implies `metrics:read`), gets 403. It read the other tenants' key ids
+/// and counts.
+#[test]
+fn daemon_wide_metrics_are_for_keys_of_the_default_domain_only() {
+    let p = Prepared::new("", "");
+    let a = p.plugin_call("connector", "bootstrap", &json!({"domain": "default"}));
+    let key_a = a["created"].as_str().unwrap().to_string();
+    let b = p.plugin_call(
+        "connector",
+        "create_key",
+        &json!({"name": "tenant-b admin", "domain": "tenant-b", "scopes": ["admin"]}),
+    );
+    let key_b = b["access_key"].as_str().unwrap().to_string();
+    let scraper = p.plugin_call(
+        "connector",
+        "create_key",
+        &json!({"name": "prometheus", "domain": "default", "scopes": ["metrics:read"]}),
+    );
+    let key_scraper = scraper["access_key"].as_str().unwrap().to_string();
+    let mut d = p.start();
+    d.key = key_a.clone();
+    // Both keys have a channel, so /metrics has a series for each.
+    for key in [&key_a, &key_b] {
+        assert_eq!(
+            get(&d, key, "/v2/notification/pull?noWait=true").status,
+            204
+        );
+    }
+    for path in ["/metrics", "/v2/cluster"] {
+        let r = get(&d, &key_b, path);
+        assert_eq!(r.status, 403, "{path}: {}", r.body);
+        assert_eq!(r.json()["type"], "forbidden");
+        assert!(r.body.contains("default domain"), "{}", r.body);
+        assert_eq!(get(&d, &key_a, path).status, 200, "{path}");
+        assert_eq!(get(&d, &key_scraper, path).status, 200, "{path}");
+    }
+    // The tenant's admin key still does what its domain allows.
+    assert_eq!(get(&d, &key_b, "/v2/endpoints").status, 200);
+    assert_eq!(get(&d, &key_b, "/v2/limits").status, 200);
+}

@@ -580,6 +580,11 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
                 notifications::channel_limits(&state.hub, &principal.key_id);
             Reply::json(StatusCode::OK, &body)
         }
+        Route::Metrics | Route::Cluster
+            if principal.domain != state.registry.default_domain() =>
+        {
+            daemon_wide_refused(&state)
+        }
         Route::Cluster => Reply::json(
             StatusCode::OK,
             &state.cluster.body(
@@ -877,6 +882,25 @@ async fn authenticate(
 }
 
 /// A plugin route open to any authenticated caller (the plugin checks permissions).
+/// 403 for `/metrics` and `/v2/cluster` asked with a key of another domain than the
+/// default one.
+///
+/// Decision: both describe the whole daemon, every domain's (per-key series name the keys
+/// of every domain; the counts cover every tenant's endpoints and traffic), so they are
+/// the operator's: only keys of `registry.default_domain` (where the first admin key is)
+/// read them. A tenant's `admin` key implies `metrics:read`, and so read other tenants'
+/// key ids and counts.
+fn daemon_wide_refused(state: &AppState) -> Reply {
+    error(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        &format!(
+            "the daemon's metrics and cluster state cover every domain: only keys of the default domain ({}) may read them",
+            state.registry.default_domain()
+        ),
+    )
+}
+
 async fn dispatch_plugin_route(
     state: &AppState,
     req: Request<Incoming>,
