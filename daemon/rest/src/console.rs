@@ -80,11 +80,7 @@ fn not_modified(headers: &HeaderMap, tag: &str) -> bool {
 /// when the client has it, a JSON 404 for a name the console does not have.
 pub fn serve(asset: &str, headers: &HeaderMap) -> Reply {
     let Some(a) = ASSETS.iter().find(|a| a.name == asset) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "the console has no such file",
-        );
+        return no_such_file();
     };
     let tag = etag(a.body);
     let reply = if not_modified(headers, &tag) {
@@ -92,9 +88,22 @@ pub fn serve(asset: &str, headers: &HeaderMap) -> Reply {
     } else {
         Reply::with_type(StatusCode::OK, a.content_type, a.body)
     };
+    secured(reply.header(ETAG, &tag).header(CACHE_CONTROL, "no-cache"))
+}
+
+/// The 404 of a path under `/console` that names no file of it, with the policy.
+pub fn no_such_file() -> Reply {
+    secured(error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "the console has no such file",
+    ))
+}
+
+/// `reply` with the console's security headers: every answer under `/console` carries
+/// them, its errors too (a 404 or 405 there went out without them).
+pub fn secured(reply: Reply) -> Reply {
     reply
-        .header(ETAG, &tag)
-        .header(CACHE_CONTROL, "no-cache")
         .header(
             HeaderName::from_static("content-security-policy"),
             CONTENT_SECURITY_POLICY,
@@ -107,6 +116,38 @@ pub fn serve(asset: &str, headers: &HeaderMap) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every answer under `/console` carries the policy, its 404s and 405s too (they
+    /// carried none).
+    #[test]
+    fn console_errors_carry_the_policy_too() {
+        for (method, path) in [
+            (http::Method::GET, "/console/nonexist.js"),
+            (http::Method::GET, "/console/a/b"),
+            (http::Method::POST, "/console"),
+        ] {
+            let reply = match super::super::routes::resolve(&method, path) {
+                Ok((super::super::routes::Route::Console(asset), _)) => {
+                    serve(&asset, &HeaderMap::new())
+                }
+                Ok(_) => panic!("{path}: not a console route"),
+                Err(reply) => reply,
+            };
+            let r = reply.into_response();
+            assert!(
+                r.status().is_client_error(),
+                "{method} {path}: {}",
+                r.status()
+            );
+            let h = r.headers();
+            assert_eq!(
+                h["content-security-policy"], CONTENT_SECURITY_POLICY,
+                "{path}"
+            );
+            assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+            assert_eq!(h["x-frame-options"], "DENY", "{path}");
+        }
+    }
 
     #[test]
     fn every_asset_is_served_with_its_type_and_the_policy() {

@@ -153,14 +153,10 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
             *method == Method::GET || *method == Method::HEAD,
             &segments[1..],
         ) {
-            (false, _) => Err(method_not_allowed("GET, HEAD")),
+            (false, _) => Err(super::console::secured(method_not_allowed("GET, HEAD"))),
             (true, []) => Ok((Route::Console(String::new()), Scope::EndpointsRead)),
             (true, [asset]) => Ok((Route::Console(asset.to_string()), Scope::EndpointsRead)),
-            (true, _) => Err(error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "the console has no such file",
-            )),
+            (true, _) => Err(super::console::no_such_file()),
         };
     }
     let parts: Vec<&str> = unprefixed(&segments).iter().map(|s| &**s).collect();
