@@ -21,17 +21,23 @@ fn get(d: &support::Daemon, key: &str, path: &str) -> support::Http {
     )
 }
 
+/// The default domain's first admin key (`connector` `bootstrap`), before the start.
+fn bootstrap(p: &Prepared) -> String {
+    let a = p.plugin_call("connector", "bootstrap", &json!({"domain": "default"}));
+    a["created"].as_str().expect("created").to_string()
+}
+
+/// A `connector` key made by `create_key` with `spec`, before the start: its secret.
+fn create_key(p: &Prepared, spec: Value) -> String {
+    let k = p.plugin_call("connector", "create_key", &spec);
+    k["access_key"].as_str().expect("access_key").to_string()
+}
+
 #[test]
 fn every_key_sees_only_its_own_domain() {
     let p = Prepared::new("", "");
-    let a = p.plugin_call("connector", "bootstrap", &json!({"domain": "default"}));
-    let key_a = a["created"].as_str().unwrap().to_string();
-    let b = p.plugin_call(
-        "connector",
-        "create_key",
-        &json!({"name": "tenant-b ops", "domain": "tenant-b"}),
-    );
-    let key_b = b["access_key"].as_str().unwrap().to_string();
+    let key_a = bootstrap(&p);
+    let key_b = create_key(&p, json!({"name": "tenant-b ops", "domain": "tenant-b"}));
     let mut d = p.start();
     d.key = key_a.clone();
     // Both keys open a channel before the devices register.
@@ -302,20 +308,15 @@ fn the_total_endpoint_limit_holds_across_domains() {
 #[test]
 fn daemon_wide_metrics_are_for_keys_of_the_default_domain_only() {
     let p = Prepared::new("", "");
-    let a = p.plugin_call("connector", "bootstrap", &json!({"domain": "default"}));
-    let key_a = a["created"].as_str().unwrap().to_string();
-    let b = p.plugin_call(
-        "connector",
-        "create_key",
-        &json!({"name": "tenant-b admin", "domain": "tenant-b", "scopes": ["admin"]}),
+    let key_a = bootstrap(&p);
+    let key_b = create_key(
+        &p,
+        json!({"name": "tenant-b admin", "domain": "tenant-b", "scopes": ["admin"]}),
     );
-    let key_b = b["access_key"].as_str().unwrap().to_string();
-    let scraper = p.plugin_call(
-        "connector",
-        "create_key",
-        &json!({"name": "prometheus", "domain": "default", "scopes": ["metrics:read"]}),
+    let key_scraper = create_key(
+        &p,
+        json!({"name": "prometheus", "domain": "default", "scopes": ["metrics:read"]}),
     );
-    let key_scraper = scraper["access_key"].as_str().unwrap().to_string();
     let mut d = p.start();
     d.key = key_a.clone();
     // Both keys have a channel, so /metrics has a series for each.
