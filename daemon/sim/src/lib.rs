@@ -1002,20 +1002,7 @@ impl Device {
                 // (`lwm2m=1.0`), whose paths the daemon takes as observable whether or not
                 // they are marked `obs`. Only the temperature changes, so only its
                 // observers are notified.
-                if let Some(obs) = uint_option(req, CoapOption::Observe) {
-                    let who = Observer {
-                        path: path.clone(),
-                        peer: from,
-                        token: req.get_token().to_vec(),
-                        format: 0,
-                    };
-                    self.observers
-                        .retain(|o| !(o.peer == who.peer && o.token == who.token));
-                    if obs == 0 && self.observers.len() < MAX_OBSERVERS {
-                        self.observers.push(who);
-                        r = r.with_option(CoapOption::Observe, encode_uint(self.observe_seq));
-                    }
-                }
+                r = self.observed(req, &path, from, 0, r);
                 r = r.with_option(CoapOption::ContentFormat, encode_uint(0));
                 if segs == TEMPERATURE {
                     r = r.with_option(CoapOption::MaxAge, encode_uint(self.shared.max_age()));
@@ -1127,6 +1114,34 @@ impl Device {
         )
     }
 
+    /// A read's Observe option: 0 makes (peer, token) an observer of `path`, notified in
+    /// `format` (the answer `r` then carries the current sequence), 1 removes it; at most
+    /// [`MAX_OBSERVERS`], beyond which the read is answered without Observe.
+    fn observed(
+        &mut self,
+        req: &Packet,
+        path: &[String],
+        from: SocketAddr,
+        format: u16,
+        mut r: Response,
+    ) -> Response {
+        if let Some(obs) = uint_option(req, CoapOption::Observe) {
+            let who = Observer {
+                path: path.to_vec(),
+                peer: from,
+                token: req.get_token().to_vec(),
+                format,
+            };
+            self.observers
+                .retain(|o| !(o.peer == who.peer && o.token == who.token));
+            if obs == 0 && self.observers.len() < MAX_OBSERVERS {
+                self.observers.push(who);
+                r = r.with_option(CoapOption::Observe, encode_uint(self.observe_seq));
+            }
+        }
+        r
+    }
+
     /// LwM2M 1.1 mode: a read or observe. TLV unless the Accept option asks for SenML
     /// JSON, SenML CBOR or (one resource) text/plain; anything else is 4.06. Every path
     /// may be observed; its notifications come in the format of the observe request.
@@ -1159,21 +1174,13 @@ impl Device {
             Some(Err(e)) => return Response::diagnostic(ResponseType::InternalServerError, &e),
             Some(Ok(p)) => p,
         };
-        let mut r = Response::new(ResponseType::Content);
-        if let Some(obs) = uint_option(req, CoapOption::Observe) {
-            let who = Observer {
-                path: path.to_vec(),
-                peer: from,
-                token: req.get_token().to_vec(),
-                format,
-            };
-            self.observers
-                .retain(|o| !(o.peer == who.peer && o.token == who.token));
-            if obs == 0 && self.observers.len() < MAX_OBSERVERS {
-                self.observers.push(who);
-                r = r.with_option(CoapOption::Observe, encode_uint(self.observe_seq));
-            }
-        }
+        let mut r = self.observed(
+            req,
+            path,
+            from,
+            format,
+            Response::new(ResponseType::Content),
+        );
         r = r.with_option(CoapOption::ContentFormat, encode_uint(u32::from(format)));
         if TEMPERATURE.starts_with(&segs) {
             r = r.with_option(CoapOption::MaxAge, encode_uint(self.shared.max_age()));

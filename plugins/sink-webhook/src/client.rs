@@ -383,16 +383,15 @@ fn parse_url(url: &str) -> Result<Uri, String> {
     if url.is_empty() {
         return Err("invalid callback URL: empty".into());
     }
-    let authority = url
-        .split_once("://")
-        .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(""));
-    if authority.is_some_and(|a| a.contains('@')) {
-        return Err("invalid callback URL: it holds user information (user:password@), which webhooks do not send; give the credentials as a header (such as Authorization) in the callback's headers".into());
-    }
-    if let Some((_, rest)) = url.split_once("://")
-        && (rest.is_empty() || rest.starts_with(['/', '?', '#']))
-    {
-        return Err(format!("invalid callback URL {url:?}: no host"));
+    // The authority: what follows "://" up to the path, query or fragment.
+    if let Some((_, rest)) = url.split_once("://") {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if authority.contains('@') {
+            return Err("invalid callback URL: it holds user information (user:password@), which webhooks do not send; give the credentials as a header (such as Authorization) in the callback's headers".into());
+        }
+        if authority.is_empty() {
+            return Err(format!("invalid callback URL {url:?}: no host"));
+        }
     }
     let uri: Uri = url
         .parse()

@@ -487,16 +487,21 @@ fn async_id_from(u: uuid::Uuid) -> String {
 /// children (LwM2M devices register objects and instances, not every resource).
 pub fn resource_known(ep: &Endpoint, path: &str) -> bool {
     // Compared segment by segment without collecting either path: this runs for every
-    // REST request on a resource. Split as bytes ('/' is one byte in UTF-8): `str::split`
-    // searches each short segment with a char searcher at several times the cost.
-    fn segments(p: &str) -> impl Iterator<Item = &[u8]> {
-        p.as_bytes().split(|b| *b == b'/').filter(|s| !s.is_empty())
-    }
+    // REST request on a resource.
     segments(path).next().is_some()
         && ep.paths().any(|(have, _)| {
             let mut have = segments(have).peekable();
             have.peek().is_some() && segments(path).zip(have).all(|(w, h)| w == h)
         })
+}
+
+/// The non-empty segments of a resource path. Split as bytes ('/' is one byte in UTF-8):
+/// `str::split` searches each short segment with a char searcher at several times the
+/// cost, and these run for every REST request on a resource.
+fn segments(path: &str) -> impl Iterator<Item = &[u8]> {
+    path.as_bytes()
+        .split(|b| *b == b'/')
+        .filter(|s| !s.is_empty())
 }
 
 /// The most bytes a request's Uri-Path options may take: each segment's bytes and its
@@ -514,10 +519,7 @@ pub const MAX_PATH_BYTES: usize = 224;
 
 /// [`RequestError::BadPath`] for a path whose Uri-Path options exceed [`MAX_PATH_BYTES`].
 pub(crate) fn check_path(path: &str) -> Result<(), RequestError> {
-    let bytes: usize = path
-        .as_bytes()
-        .split(|b| *b == b'/')
-        .filter(|s| !s.is_empty())
+    let bytes: usize = segments(path)
         .map(|seg| seg.len() + if seg.len() < 13 { 1 } else { 2 })
         .sum();
     if bytes > MAX_PATH_BYTES {
@@ -530,12 +532,7 @@ pub(crate) fn check_path(path: &str) -> Result<(), RequestError> {
 
 /// True for a path that names one resource (`/3/0/1`) or resource instance (`/3/0/7/1`).
 fn single_resource(path: &str) -> bool {
-    // Bytes, not `str::split` (a char searcher per segment; see `resource_known`).
-    let n = path
-        .as_bytes()
-        .split(|b| *b == b'/')
-        .filter(|s| !s.is_empty())
-        .count();
+    let n = segments(path).count();
     n == 3 || n == 4
 }
 

@@ -550,22 +550,19 @@ fn bound_library_loops(lua: &Lua, meter: &Arc<Meter>) -> mlua::Result<()> {
     string.raw_set(
         "rep",
         lua.create_function(move |lua, args: MultiValue| {
-            let len = |v: Option<&Value>| match v {
-                None | Some(Value::Nil) => Some(0),
-                Some(v) => lua
-                    .coerce_string(v.clone())
+            // Lua's coercions: a number is a string here too.
+            let empty = |v: &Value| {
+                lua.coerce_string(v.clone())
                     .ok()
                     .flatten()
-                    .map(|s| s.as_bytes().len()),
+                    .is_some_and(|s| s.as_bytes().is_empty())
             };
-            let n = args
+            let count = args
                 .get(1)
                 .and_then(|n| lua.coerce_integer(n.clone()).ok().flatten());
-            if args.front().is_some_and(|s| !s.is_nil())
-                && len(args.front()) == Some(0)
-                && len(args.get(2)) == Some(0)
-                && n.is_some()
-            {
+            // The separator is optional (absent or nil: none).
+            let no_sep = args.get(2).is_none_or(|sep| sep.is_nil() || empty(sep));
+            if args.front().is_some_and(empty) && no_sep && count.is_some() {
                 return lua
                     .create_string("")
                     .map(|s| MultiValue::from_vec(vec![Value::String(s)]));
