@@ -25,7 +25,9 @@ use connectord_model::{
 use crate::{
     Appended, CommitObserver, CredentialStore, EXTERNAL_CHECK, EventLog, Feed, Health, Pending,
     PluginStateStore, QuotaStore, RegistrationChunks, RegistrationStore, RequestStore, StoreError,
-    SubscriptionStore, record_json,
+    SubscriptionStore,
+    journal::{self, Journal},
+    record_json,
 };
 
 /// Most jobs committed in one transaction.
@@ -191,6 +193,24 @@ const MIGRATIONS: &[&str] = &[
         revoked_ms INTEGER
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS device_certificates_by_ep ON device_certificates (domain, ep);",
+    // 10: requests to devices and undelivered events are kept in the journal (issue 24,
+    // `journal`): a batch's records in one row, not one row each. The rows of the two
+    // tables move into it as they are, one record a row; the tables are left empty (a
+    // database whose `user_version` was set back, as tests do, still has them).
+    "CREATE TABLE IF NOT EXISTS journal (
+        id INTEGER PRIMARY KEY,
+        kind INTEGER NOT NULL,
+        data BLOB NOT NULL
+    );
+    INSERT INTO journal (kind, data)
+        SELECT 0, CAST('R' || row || ':' || length(CAST(data AS BLOB)) || ':' || data AS BLOB)
+        FROM requests ORDER BY row;
+    DELETE FROM requests;
+    INSERT INTO journal (kind, data)
+        SELECT 1, CAST('E' || seq || ':' || length(CAST(key_id AS BLOB)) || ':' || key_id
+            || length(CAST(data AS BLOB)) || ':' || data AS BLOB)
+        FROM events ORDER BY key_id, seq;
+    DELETE FROM events;",
 ];
 
 /// One queued operation.
@@ -645,6 +665,10 @@ fn next_event_epoch(conn: &Connection) -> Result<u64, StoreError> {
 /// up-to-date database is not written before its start-up check has passed ([`Gate`]),
 /// which writes it ([`EPOCH_UPSERT`]). Events numbered with it before then are written in
 /// the transaction that writes it, or after.
+///
+/// The `events` table is empty from schema 10 on (the journal holds the events, numbered
+/// under an epoch already written); its largest number counts for a database from before
+/// schema 8, whose numbers the hub gave from 1, so the floor is 1 either way.
 fn peek_event_epoch(conn: &Connection) -> Result<u64, StoreError> {
     let max_seq: i64 =
         conn.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?;
@@ -721,12 +745,10 @@ struct Db<'c> {
     /// The start-up check ([`Gate`]) and the database file it names.
     gate: RefCell<Gate>,
     path: PathBuf,
-    insert_request: RefCell<Statement<'c>>,
-    delete_request: RefCell<Statement<'c>>,
     /// A registration's put ([`RegistrationStore::put_registration`]).
     put_registration: RefCell<Statement<'c>>,
-    insert_event: RefCell<Statement<'c>>,
-    delete_events_through: RefCell<Statement<'c>>,
+    /// Requests to devices and undelivered events ([`journal`]).
+    journal: RefCell<Journal>,
 }
 
 impl<'c> Db<'c> {
@@ -736,8 +758,6 @@ impl<'c> Db<'c> {
             conn,
             gate: RefCell::new(start.gate),
             path: start.path,
-            insert_request: prepare("INSERT INTO requests (data) VALUES (?1)")?,
-            delete_request: prepare("DELETE FROM requests WHERE row = ?1")?,
             // REPLACE deletes every row the new one conflicts with, by id (the same
             // registration) or by (domain, name) (another registration of the name), then
             // inserts it: one statement for what was a DELETE of the name's other rows and
@@ -745,10 +765,7 @@ impl<'c> Db<'c> {
             put_registration: prepare(
                 "INSERT OR REPLACE INTO registrations (id, domain, name, data) VALUES (?1, ?2, ?3, ?4)",
             )?,
-            insert_event: prepare(
-                "INSERT OR REPLACE INTO events (key_id, seq, data) VALUES (?1, ?2, ?3)",
-            )?,
-            delete_events_through: prepare("DELETE FROM events WHERE key_id = ?1 AND seq <= ?2")?,
+            journal: RefCell::new(Journal::default()),
         })
     }
 }
@@ -938,6 +955,8 @@ fn run(
             let now = data_version();
             if now.is_some() && now != seen {
                 seen = now;
+                // The journal's rows may have changed under its index.
+                db.journal.borrow_mut().forget();
                 external.send_modify(|n| *n += 1);
             }
         }
@@ -967,7 +986,13 @@ fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>, health: &HealthState) 
         batch.into_iter().for_each(|job| job.fail(&e));
         return;
     }
-    let all_ok = batch.iter_mut().all(|job| job.run(conn));
+    let mut all_ok = batch.iter_mut().all(|job| job.run(conn));
+    if all_ok && let Err(e) = conn.journal.borrow_mut().flush(conn) {
+        // Run again job by job, so that the jobs whose records cannot be written fail
+        // alone (below).
+        tracing::debug!("store: cannot write the batch's journal records: {e}");
+        all_ok = false;
+    }
     if conn.gate_pending()
         && (!all_ok || conn.total_changes() > changes_before)
         && let Err(e) = conn.check_gate()
@@ -976,6 +1001,7 @@ fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>, health: &HealthState) 
         return;
     }
     if !all_ok {
+        conn.journal.borrow_mut().forget();
         let redo = conn
             .execute_batch("ROLLBACK")
             .map_err(StoreError::from)
@@ -993,9 +1019,20 @@ fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>, health: &HealthState) 
                 job.reject(e);
                 continue;
             }
-            if !job.run(conn) {
+            // Each job's journal records are written inside its savepoint, so that a
+            // job that fails takes only its own with it.
+            let ok = job.run(conn)
+                && match conn.journal.borrow_mut().flush(conn) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        job.reject(e);
+                        false
+                    }
+                };
+            if !ok {
                 // Undo this job's partial writes, keep the rest of the batch.
                 let _ = exec_cached(conn, "ROLLBACK TO job");
+                conn.journal.borrow_mut().forget();
             }
             let _ = exec_cached(conn, "RELEASE job");
         }
@@ -1015,6 +1052,7 @@ fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>, health: &HealthState) 
         Err(e) => {
             health.failed(e);
             let _ = conn.execute_batch("ROLLBACK");
+            conn.journal.borrow_mut().forget();
         }
         Ok(()) => match batch.iter().find_map(|job| job.storage_failure()) {
             // A job refused by the storage (a full disk on its insert) while the others
@@ -1033,6 +1071,7 @@ fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>, health: &HealthState) 
 /// start-up check's verdict, or the failed write of the epoch).
 fn refuse_batch(conn: &Db<'_>, batch: Vec<Box<dyn Job>>, e: StoreError, health: &HealthState) {
     let _ = conn.execute_batch("ROLLBACK");
+    conn.journal.borrow_mut().forget();
     health.failed(&e);
     for mut job in batch {
         job.reject(match &e {
@@ -1479,8 +1518,7 @@ impl EventLog for SqliteStore {
 
     fn delete_channel(&self, key_id: String) -> Pending<()> {
         self.submit(move |conn| {
-            conn.prepare_cached("DELETE FROM events WHERE key_id = ?1")?
-                .execute(params![key_id])?;
+            conn.journal.borrow_mut().delete_key(key_id.clone());
             conn.prepare_cached("DELETE FROM channels WHERE key_id = ?1")?
                 .execute(params![key_id])?;
             Ok(())
@@ -1488,15 +1526,17 @@ impl EventLog for SqliteStore {
     }
 
     fn load_events(&self) -> Pending<Vec<StoredEvent>> {
-        self.submit(|conn| load_events_pipelined(conn))
+        self.submit(load_events_pipelined)
     }
 
     fn load_events_of(&self, key_id: String) -> Pending<Vec<StoredEvent>> {
         self.submit(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT key_id, seq, data FROM events WHERE key_id = ?1 ORDER BY seq",
-            )?;
-            read_events(stmt.query(params![key_id])?)
+            let mut out = Vec::new();
+            conn.journal
+                .borrow_mut()
+                .read_key(conn, &key_id, |r| push_event(&mut out, r))?;
+            out.sort_by_key(|e| e.seq);
+            Ok(out)
         })
     }
 
@@ -1522,14 +1562,12 @@ impl EventLog for SqliteStore {
             numbered.push((key_id, seq, event));
         }
         let durable = self.submit(move |conn| {
-            let mut insert = conn.insert_event.borrow_mut();
+            let mut journal = conn.journal.borrow_mut();
             for (key_id, seq, event) in &numbered {
-                insert.execute(params![key_id, *seq as i64, record_json::event(event)])?;
+                journal.put_event(key_id.clone(), *seq, record_json::event(event));
             }
             if let Some(row) = answered {
-                conn.delete_request
-                    .borrow_mut()
-                    .execute(params![row as i64])?;
+                journal.delete_request(row);
             }
             Ok(())
         });
@@ -1539,91 +1577,139 @@ impl EventLog for SqliteStore {
 
     fn delete_events_through(&self, key_id: String, seq: u64) -> Pending<()> {
         self.submit(move |conn| {
-            conn.delete_events_through
+            conn.journal
                 .borrow_mut()
-                .execute(params![key_id, seq as i64])?;
+                .delete_events_through(key_id.clone(), seq);
             Ok(())
         })
     }
 }
 
-/// The stored events, parsed on a thread of their own while this one reads on, in
-/// pieces of [`LOAD_CHUNK`] rows, as the registrations are ([`load_rows_chunked`]).
+/// Adds a journal record's event to `out`; an unreadable one is logged and skipped.
+fn push_event(out: &mut Vec<StoredEvent>, r: journal::Record<'_>) {
+    let journal::Ident::Event(key_id, seq) = r.ident else {
+        return;
+    };
+    let json = std::str::from_utf8(r.json).map_err(|e| e.to_string());
+    match json.and_then(record_json::read_event) {
+        Ok(event) => out.push(StoredEvent {
+            key_id: key_id.to_string(),
+            seq,
+            event,
+        }),
+        Err(e) => tracing::error!("store: skipping unreadable event: {e}"),
+    }
+}
+
+/// The stored events in (key id, sequence) order, parsed on a thread of their own while
+/// this one reads on, in pieces of [`LOAD_CHUNK`] records.
 ///
 /// Decision (issue 24, restart): a key whose queue filled during an outage holds up to
 /// `notifications.max_queued_per_key` events, registration events of about 1 KB each
 /// (89 640 in the bench's expiry scenario); read and parsed on the store thread alone they
 /// took 0.3 s of the restart after the registrations, with the second core idle.
-fn load_events_pipelined(conn: &Connection) -> Result<Vec<StoredEvent>, StoreError> {
-    let mut out = Vec::new();
-    load_rows_chunked(
-        conn,
-        "SELECT key_id, data, seq FROM events ORDER BY key_id, seq",
-        "event",
-        |[key_id, data], [seq]| {
-            record_json::read_event(data).map(|event| StoredEvent {
-                key_id: key_id.to_string(),
-                seq: seq as u64,
-                event,
+fn load_events_pipelined(db: &Db<'_>) -> Result<Vec<StoredEvent>, StoreError> {
+    /// A chunk's key ids and JSON in one buffer, and where each record's key id and JSON
+    /// end in it, with its number.
+    type Chunk = (String, Vec<(usize, usize, u64)>);
+    let mut out = std::thread::scope(|scope| -> Result<Vec<StoredEvent>, StoreError> {
+        let (tx, rx) = mpsc::sync_channel::<Chunk>(4);
+        let parser = std::thread::Builder::new()
+            .name("store-load".into())
+            .spawn_scoped(scope, move || {
+                let mut out = Vec::new();
+                for (text, ends) in rx {
+                    let mut start = 0;
+                    for (key_end, end, seq) in ends {
+                        let key_id = &text[start..key_end];
+                        match record_json::read_event(&text[key_end..end]) {
+                            Ok(event) => out.push(StoredEvent {
+                                key_id: key_id.to_string(),
+                                seq,
+                                event,
+                            }),
+                            Err(e) => tracing::error!("store: skipping unreadable event: {e}"),
+                        }
+                        start = end;
+                    }
+                }
+                out
             })
-        },
-        |piece| out.extend(piece),
-    )?;
-    Ok(out)
-}
-
-/// The events of rows `(key_id, seq, data)`; unreadable ones are logged and skipped.
-fn read_events(mut rows: rusqlite::Rows<'_>) -> Result<Vec<StoredEvent>, StoreError> {
-    let mut out = Vec::new();
-    while let Some(row) = rows.next()? {
-        let key_id: String = row.get(0)?;
-        let seq: i64 = row.get(1)?;
-        let data: String = row.get(2)?;
-        match record_json::read_event(&data) {
-            Ok(event) => out.push(StoredEvent {
-                key_id,
-                seq: seq as u64,
-                event,
-            }),
-            Err(e) => tracing::error!("store: skipping unreadable event: {e}"),
+            .map_err(|e| {
+                StoreError::Commit(format!("cannot start the parsing of stored events: {e}"))
+            })?;
+        let mut chunk = Chunk::default();
+        let read = db.journal.borrow_mut().read(db, journal::Kind::Event, |r| {
+            let journal::Ident::Event(key_id, seq) = r.ident else {
+                return;
+            };
+            let json = match std::str::from_utf8(r.json) {
+                Ok(json) => json,
+                Err(e) => {
+                    tracing::error!("store: skipping unreadable event: {e}");
+                    return;
+                }
+            };
+            chunk.0.push_str(key_id);
+            let key_end = chunk.0.len();
+            chunk.0.push_str(json);
+            chunk.1.push((key_end, chunk.0.len(), seq));
+            if chunk.1.len() == LOAD_CHUNK {
+                let _ = tx.send(std::mem::take(&mut chunk));
+            }
+        });
+        if !chunk.1.is_empty() {
+            let _ = tx.send(chunk);
         }
-    }
+        drop(tx);
+        let parsed = parser
+            .join()
+            .map_err(|_| StoreError::Commit("the parsing of stored events panicked".into()));
+        read?;
+        parsed
+    })?;
+    out.sort_by(|a, b| (a.key_id.as_str(), a.seq).cmp(&(b.key_id.as_str(), b.seq)));
     Ok(out)
 }
 
 impl RequestStore for SqliteStore {
     fn load_requests(&self) -> Pending<Vec<RequestJob>> {
         self.submit(|conn| {
-            load_json_keyed(
-                conn,
-                "SELECT data, row FROM requests ORDER BY row",
-                "request",
-                |r, job: &mut RequestJob| {
-                    job.row = r.get::<_, i64>(1)? as u64;
-                    Ok(())
-                },
-            )
+            let mut jobs = Vec::new();
+            conn.journal
+                .borrow_mut()
+                .read(conn, journal::Kind::Request, |r| {
+                    let journal::Ident::Request(row) = r.ident else {
+                        return;
+                    };
+                    match serde_json::from_slice::<RequestJob>(r.json) {
+                        Ok(mut job) => {
+                            job.row = row;
+                            jobs.push(job);
+                        }
+                        Err(e) => tracing::error!("store: skipping unreadable request: {e}"),
+                    }
+                })?;
+            jobs.sort_by_key(|j| j.row);
+            Ok(jobs)
         })
     }
 
     fn put_request(&self, job: RequestJob) -> Pending<u64> {
         self.submit(move |conn| {
-            // Without AUTOINCREMENT a new row is one more than the largest one kept, so
-            // a number can come back after the largest row was deleted; that row's job
-            // was answered by then (jobs run in submission order), and nothing else
-            // refers to it.
-            conn.insert_request
+            // Rows count up from one more than the largest stored, so a number can come
+            // back after a restart if the largest row was deleted; that row's job was
+            // answered by then (jobs run in submission order), and nothing else refers
+            // to it.
+            conn.journal
                 .borrow_mut()
-                .execute(params![record_json::request(&job)])?;
-            Ok(conn.last_insert_rowid() as u64)
+                .put_request(conn, record_json::request(&job))
         })
     }
 
     fn delete_request(&self, row: u64) -> Pending<()> {
         self.submit(move |conn| {
-            conn.delete_request
-                .borrow_mut()
-                .execute(params![row as i64])?;
+            conn.journal.borrow_mut().delete_request(row);
             Ok(())
         })
     }
@@ -2340,6 +2426,285 @@ mod tests {
         // The row a loaded request carries is the one that removes it.
         s.delete_request(left[0].row).await.unwrap();
         assert!(s.load_requests().await.unwrap().is_empty());
+    }
+
+    /// The journal's rows, each as the identities of its records (`R<row>` or
+    /// `E<key>/<seq>`), read through a connection of their own.
+    fn journal_rows(dir: &Path) -> Vec<Vec<String>> {
+        let conn = Connection::open(dir.join(DB_FILE)).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT data FROM journal ORDER BY id")
+            .unwrap();
+        stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .unwrap()
+            .map(|data| {
+                let data = data.unwrap();
+                let (records, err) = journal::decode(&data);
+                assert_eq!(err, None);
+                records
+                    .iter()
+                    .map(|r| match r.ident {
+                        journal::Ident::Request(n) => format!("R{n}"),
+                        journal::Ident::Event(k, s) => format!("E{k}/{}", s & 0xff_ffff),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn note(n: u64) -> Event {
+        Event::new(connectord_model::Entry::DeRegistration(format!("ep{n}")), n)
+    }
+
+    /// Issue 24: the records of a batch share rows of at most `MAX_ROW_RECORDS`, of one
+    /// kind each; a row that loses records is written again with the live ones only, and
+    /// deleted with the last; what is put and deleted in one batch is never written; a
+    /// reopen loads exactly what is live, in order.
+    #[tokio::test]
+    async fn the_journal_keeps_exactly_the_live_records_in_rows_of_one_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path()).unwrap();
+        // One job: 100 requests and 70 events of two keys.
+        let rows = s
+            .submit(|db| {
+                let mut j = db.journal.borrow_mut();
+                let mut rows = Vec::new();
+                for n in 0..100 {
+                    rows.push(j.put_request(db, record_json::request(&job(&format!("r{n}"), n)))?);
+                }
+                for n in 1..=70 {
+                    let key = if n % 2 == 0 { "a" } else { "b" };
+                    j.put_event(key.into(), n, record_json::event(&note(n)));
+                }
+                Ok(rows)
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows, (1..=100).collect::<Vec<_>>());
+        let before = journal_rows(dir.path());
+        assert!(
+            before.len() >= 4,
+            "two rows of requests, two of events at least: {before:?}"
+        );
+        assert!(
+            before
+                .iter()
+                .all(|r| !r.is_empty() && r.len() <= journal::MAX_ROW_RECORDS)
+        );
+        assert!(
+            before
+                .iter()
+                .all(|r| r.iter().all(|i| i.starts_with('R'))
+                    || r.iter().all(|i| i.starts_with('E'))),
+            "one kind a row"
+        );
+        assert_eq!(before.iter().map(Vec::len).sum::<usize>(), 170);
+
+        // Later batches: every other request answered (with an event), key a's events
+        // through 40 delivered, and a request put and answered within one job.
+        for row in (1..=100).step_by(2) {
+            s.append_events(vec![("c".into(), note(row))], Some(row))
+                .durable
+                .await
+                .unwrap();
+        }
+        s.delete_events_through("a".into(), 40).await.unwrap();
+        let untouched = journal_rows(dir.path());
+        s.submit(|db| {
+            let mut j = db.journal.borrow_mut();
+            let row = j.put_request(db, record_json::request(&job("brief", 1)))?;
+            j.delete_request(row);
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            journal_rows(dir.path()),
+            untouched,
+            "put and deleted in one batch: never written"
+        );
+
+        let after = journal_rows(dir.path());
+        let live: Vec<String> = after.concat();
+        let mut want: Vec<String> = (2..=100).step_by(2).map(|n| format!("R{n}")).collect();
+        want.extend((41..=70).filter(|n| n % 2 == 0).map(|n| format!("Ea/{n}")));
+        want.extend((1..=70).filter(|n| n % 2 == 1).map(|n| format!("Eb/{n}")));
+        let mut got = live.clone();
+        got.retain(|i| !i.starts_with("Ec/"));
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "the rows hold the live records and no others");
+        assert!(after.iter().all(|r| !r.is_empty()), "no empty row is kept");
+        drop(s);
+
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let requests = s.load_requests().await.unwrap();
+        assert_eq!(
+            requests.iter().map(|j| j.row).collect::<Vec<_>>(),
+            (2..=100).step_by(2).collect::<Vec<_>>()
+        );
+        assert_eq!(requests[0].id, "r1");
+        let events = s.load_events().await.unwrap();
+        let keys: Vec<(String, u64)> = events
+            .iter()
+            .map(|e| (e.key_id.clone(), e.seq & 0xff_ffff))
+            .collect();
+        let mut want: Vec<(String, u64)> = (42..=70).step_by(2).map(|n| ("a".into(), n)).collect();
+        want.extend((1..=70).step_by(2).map(|n| ("b".into(), n)));
+        let c: Vec<(String, u64)> = keys.iter().filter(|(k, _)| k == "c").cloned().collect();
+        assert_eq!(c.len(), 50);
+        assert_eq!(
+            keys.iter()
+                .filter(|(k, _)| k != "c")
+                .cloned()
+                .collect::<Vec<_>>(),
+            want,
+            "in (key, sequence) order"
+        );
+        assert_eq!(s.load_events_of("a".into()).await.unwrap().len(), 15);
+        // A new request numbers above every stored one; deleting everything empties the
+        // table.
+        assert_eq!(s.put_request(job("new", 9)).await.unwrap(), 101);
+        for j in s.load_requests().await.unwrap() {
+            s.delete_request(j.row).await.unwrap();
+        }
+        for key in ["a", "b", "c"] {
+            s.delete_events_through(key.into(), u64::MAX).await.unwrap();
+        }
+        assert_eq!(journal_rows(dir.path()), Vec::<Vec<String>>::new());
+    }
+
+    /// Schema 10 moves the rows of `requests` and `events` into the journal, row numbers
+    /// and sequence numbers kept.
+    #[tokio::test]
+    async fn schema_9_requests_and_events_migrate_into_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            for sql in &MIGRATIONS[..9] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 9).unwrap();
+            for (row, id) in [(3, "c"), (5, "a:é")] {
+                conn.execute(
+                    "INSERT INTO requests (row, data) VALUES (?1, ?2)",
+                    params![row, record_json::request(&job(id, 7))],
+                )
+                .unwrap();
+            }
+            for (key, seq) in [("k:1", 1u64 << 40 | 2), ("k:1", 1 << 40 | 1), ("", 9)] {
+                conn.execute(
+                    "INSERT INTO events (key_id, seq, data) VALUES (?1, ?2, ?3)",
+                    params![key, seq as i64, record_json::event(&note(seq))],
+                )
+                .unwrap();
+            }
+        }
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let requests = s.load_requests().await.unwrap();
+        assert_eq!(
+            requests
+                .iter()
+                .map(|j| (j.row, j.id.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(3, "c"), (5, "a:é")]
+        );
+        let events = s.load_events().await.unwrap();
+        assert_eq!(
+            events
+                .iter()
+                .map(|e| (e.key_id.as_str(), e.seq))
+                .collect::<Vec<_>>(),
+            vec![("", 9), ("k:1", 1 << 40 | 1), ("k:1", 1 << 40 | 2)]
+        );
+        assert_eq!(events[1].event, note(1 << 40 | 1));
+        assert_eq!(s.put_request(job("d", 8)).await.unwrap(), 6);
+        s.delete_request(3).await.unwrap();
+        s.delete_events_through("k:1".into(), 1 << 40 | 1)
+            .await
+            .unwrap();
+        drop(s);
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let old: i64 = conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM requests) + (SELECT count(*) FROM events)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old, 0, "the old tables are emptied");
+        let mut left: Vec<String> = journal_rows(dir.path()).concat();
+        left.sort();
+        assert_eq!(left, vec!["E/9", "Ek:1/2", "R5", "R6"]);
+    }
+
+    /// A job that fails after putting journal records takes them with it; the batch's
+    /// other jobs keep theirs.
+    #[tokio::test]
+    async fn a_failed_job_takes_its_journal_records_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        migrate(&conn).unwrap();
+        let db = Db::new(&conn, passed(dir.path())).unwrap();
+        let journal_job = |id: &'static str, fail: bool| {
+            let (tx, rx) = oneshot::channel();
+            let f = move |db: &Db<'_>| -> Result<u64, StoreError> {
+                let row = db
+                    .journal
+                    .borrow_mut()
+                    .put_request(db, record_json::request(&job(id, 1)))?;
+                db.journal
+                    .borrow_mut()
+                    .put_event(id.into(), row, record_json::event(&note(row)));
+                if fail {
+                    db.execute("INSERT INTO no_such_table VALUES (1)", [])?;
+                }
+                Ok(row)
+            };
+            let job: Box<dyn Job> = Box::new(FnJob {
+                f,
+                result: None,
+                tx,
+            });
+            (job, rx)
+        };
+        let (a, ra) = journal_job("a", false);
+        let (x, rx) = journal_job("x", true);
+        let (b, rb) = journal_job("b", false);
+        run_batch(&db, vec![a, x, b], &HealthState::default());
+        let (ra, rb) = (ra.await.unwrap().unwrap(), rb.await.unwrap().unwrap());
+        assert!(rx.await.unwrap().is_err());
+        let mut left = journal_rows(dir.path()).concat();
+        left.sort();
+        let mut want = vec![
+            format!("R{ra}"),
+            format!("R{rb}"),
+            format!("Ea/{ra}"),
+            format!("Eb/{rb}"),
+        ];
+        want.sort();
+        assert_eq!(left, want);
+        // The index follows what committed: deleting the survivors empties the table.
+        let (tx, done) = oneshot::channel();
+        let f = move |db: &Db<'_>| -> Result<(), StoreError> {
+            let mut j = db.journal.borrow_mut();
+            j.delete_request(ra);
+            j.delete_request(rb);
+            j.delete_key("a".into());
+            j.delete_events_through("b".into(), rb);
+            Ok(())
+        };
+        run_batch(
+            &db,
+            vec![Box::new(FnJob {
+                f,
+                result: None,
+                tx,
+            })],
+            &HealthState::default(),
+        );
+        done.await.unwrap().unwrap();
+        assert_eq!(journal_rows(dir.path()), Vec::<Vec<String>>::new());
     }
 
     #[tokio::test]
