@@ -28,9 +28,10 @@
 //!
 //! [`Job::row`]: connectord_model::Job::row
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, Statement, params};
 use rustc_hash::FxHashMap as HashMap;
 
 use crate::StoreError;
@@ -163,6 +164,30 @@ fn bytes(v: rusqlite::types::ValueRef<'_>) -> Result<&[u8], StoreError> {
     })
 }
 
+/// The connection and the statements of every flush, prepared for the store thread's life
+/// (through rusqlite's statement cache each use hashes the SQL text: about 1 000
+/// instructions a statement, most of a notification's journal work).
+pub(crate) struct Sql<'c> {
+    pub conn: &'c Connection,
+    insert: RefCell<Statement<'c>>,
+    update: RefCell<Statement<'c>>,
+    delete: RefCell<Statement<'c>>,
+    select: RefCell<Statement<'c>>,
+}
+
+impl<'c> Sql<'c> {
+    pub(crate) fn new(conn: &'c Connection) -> Result<Sql<'c>, StoreError> {
+        let prepare = |sql| conn.prepare(sql).map(RefCell::new);
+        Ok(Sql {
+            conn,
+            insert: prepare("INSERT INTO journal (id, kind, data) VALUES (?1, ?2, ?3)")?,
+            update: prepare("UPDATE journal SET data = ?2 WHERE id = ?1")?,
+            delete: prepare("DELETE FROM journal WHERE id = ?1")?,
+            select: prepare("SELECT data FROM journal WHERE id = ?1")?,
+        })
+    }
+}
+
 /// A change a job asked for, made at the end of the batch ([`Journal::flush`]).
 enum Op {
     PutRequest {
@@ -286,12 +311,8 @@ impl Journal {
     }
 
     /// Stores a request: its row number, one more than any stored or given.
-    pub(crate) fn put_request(
-        &mut self,
-        conn: &Connection,
-        json: String,
-    ) -> Result<u64, StoreError> {
-        self.ensure(conn, Kind::Request)?;
+    pub(crate) fn put_request(&mut self, sql: &Sql<'_>, json: String) -> Result<u64, StoreError> {
+        self.ensure(sql, Kind::Request)?;
         let row = self.index.next_request.max(1);
         self.index.next_request = row + 1;
         self.pending.push(Op::PutRequest { row, json });
@@ -315,13 +336,13 @@ impl Journal {
     }
 
     /// Reads the rows of `kind` into the index if they are not in it.
-    fn ensure(&mut self, conn: &Connection, kind: Kind) -> Result<(), StoreError> {
+    fn ensure(&mut self, sql: &Sql<'_>, kind: Kind) -> Result<(), StoreError> {
         let read = match kind {
             Kind::Request => self.index.requests_read,
             Kind::Event => self.index.events_read,
         };
         if !read {
-            self.read(conn, kind, |_| {})?;
+            self.read(sql, kind, |_| {})?;
         }
         Ok(())
     }
@@ -331,18 +352,20 @@ impl Journal {
     /// is logged and left where it is.
     pub(crate) fn read(
         &mut self,
-        conn: &Connection,
+        sql: &Sql<'_>,
         kind: Kind,
         mut each: impl FnMut(Record<'_>),
     ) -> Result<(), StoreError> {
-        self.flush(conn)?;
+        self.flush(sql)?;
         let index = &mut self.index;
         index.rows.retain(|_, r| r.kind != kind);
         match kind {
             Kind::Request => index.requests.clear(),
             Kind::Event => index.events.clear(),
         }
-        let mut stmt = conn.prepare_cached("SELECT id, data FROM journal WHERE kind = ?1")?;
+        let mut stmt = sql
+            .conn
+            .prepare_cached("SELECT id, data FROM journal WHERE kind = ?1")?;
         let mut rows = stmt.query(params![kind as i64])?;
         while let Some(row) = rows.next()? {
             let id: i64 = row.get(0)?;
@@ -367,17 +390,17 @@ impl Journal {
     /// written first).
     pub(crate) fn read_key(
         &mut self,
-        conn: &Connection,
+        sql: &Sql<'_>,
         key_id: &str,
         mut each: impl FnMut(Record<'_>),
     ) -> Result<(), StoreError> {
-        self.flush(conn)?;
-        self.ensure(conn, Kind::Event)?;
+        self.flush(sql)?;
+        self.ensure(sql, Kind::Event)?;
         let ids: BTreeSet<i64> = match self.index.events.get(key_id) {
             Some(m) => m.values().copied().collect(),
             None => return Ok(()),
         };
-        let mut stmt = conn.prepare_cached("SELECT data FROM journal WHERE id = ?1")?;
+        let mut stmt = sql.select.borrow_mut();
         for id in ids {
             let mut rows = stmt.query(params![id])?;
             let Some(row) = rows.next()? else { continue };
@@ -395,165 +418,174 @@ impl Journal {
 
     /// Writes the batch's changes: the records put in new rows, the rows that lost
     /// records written again or deleted.
-    pub(crate) fn flush(&mut self, conn: &Connection) -> Result<(), StoreError> {
+    pub(crate) fn flush(&mut self, sql: &Sql<'_>) -> Result<(), StoreError> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let ops = std::mem::take(&mut self.pending);
+        let mut ops = std::mem::take(&mut self.pending);
         let deletes_requests = ops.iter().any(|o| matches!(o, Op::DeleteRequest(_)));
         let deletes_events = ops
             .iter()
             .any(|o| matches!(o, Op::DeleteEventsThrough(..) | Op::DeleteKey(_)));
-        if deletes_requests {
-            self.ensure(conn, Kind::Request)?;
-        }
-        if deletes_events {
-            self.ensure(conn, Kind::Event)?;
-        }
-        let index = &mut self.index;
-        // The records put, in order; `None` once deleted in this same batch.
-        let mut puts: Vec<Option<Op>> = Vec::with_capacity(ops.len());
-        let mut put_requests: HashMap<u64, usize> = HashMap::default();
-        let mut put_events: HashMap<String, Vec<(u64, usize)>> = HashMap::default();
-        let mut touched = BTreeSet::new();
-        for op in ops {
-            match op {
-                Op::PutRequest { row, .. } => {
-                    put_requests.insert(row, puts.len());
-                    puts.push(Some(op));
-                }
-                Op::PutEvent {
-                    ref key_id, seq, ..
-                } => {
-                    match put_events.get_mut(key_id.as_str()) {
-                        Some(v) => v.push((seq, puts.len())),
-                        None => {
-                            put_events.insert(key_id.clone(), vec![(seq, puts.len())]);
-                        }
-                    }
-                    puts.push(Some(op));
-                }
-                Op::DeleteRequest(row) => {
-                    if let Some(i) = put_requests.remove(&row) {
-                        puts[i] = None;
-                    } else if let Some(id) = index.requests.remove(&row) {
-                        index.release(id, &mut touched);
-                    }
-                }
-                Op::DeleteEventsThrough(key_id, through) => {
-                    if let Some(v) = put_events.get_mut(key_id.as_str()) {
-                        v.retain(|(seq, i)| {
-                            let gone = *seq <= through;
-                            if gone {
-                                puts[*i] = None;
-                            }
-                            !gone
-                        });
-                    }
-                    if let Some(m) = index.events.get_mut(key_id.as_str()) {
-                        let kept = match through.checked_add(1) {
-                            Some(above) => m.split_off(&above),
-                            None => BTreeMap::new(),
-                        };
-                        let gone = std::mem::replace(m, kept);
-                        if m.is_empty() {
-                            index.events.remove(key_id.as_str());
-                        }
-                        for id in gone.into_values() {
-                            index.release(id, &mut touched);
-                        }
-                    }
-                }
-                Op::DeleteKey(key_id) => {
-                    for (_, i) in put_events.remove(key_id.as_str()).unwrap_or_default() {
-                        puts[i] = None;
-                    }
-                    for id in index
-                        .events
-                        .remove(key_id.as_str())
-                        .unwrap_or_default()
-                        .into_values()
-                    {
-                        index.release(id, &mut touched);
-                    }
-                }
+        let written = (|| {
+            if deletes_requests {
+                self.ensure(sql, Kind::Request)?;
             }
-        }
-        let next_id = match index.next_id {
-            Some(n) => n,
-            None => conn
-                .prepare_cached("SELECT coalesce(max(id), 0) + 1 FROM journal")?
-                .query_row([], |r| r.get(0))?,
-        };
-        let mut writer = Writer {
-            conn,
-            next_id,
-            data: Vec::new(),
-            idents: Vec::new(),
-        };
-        for kind in [Kind::Request, Kind::Event] {
-            for op in puts.iter_mut() {
-                match (kind, op.take()) {
-                    (Kind::Request, Some(Op::PutRequest { row, json })) => {
-                        encode_request(&mut writer.data, row, &json);
-                        writer.idents.push((String::new(), row));
-                    }
-                    (Kind::Event, Some(Op::PutEvent { key_id, seq, json })) => {
-                        encode_event(&mut writer.data, &key_id, seq, &json);
-                        writer.idents.push((key_id, seq));
-                    }
-                    (_, other) => {
-                        *op = other;
-                        continue;
-                    }
-                }
-                if writer.idents.len() >= MAX_ROW_RECORDS || writer.data.len() >= MAX_ROW_BYTES {
-                    writer.write(kind, index, &mut touched)?;
-                }
+            if deletes_events {
+                self.ensure(sql, Kind::Event)?;
             }
-            writer.write(kind, index, &mut touched)?;
-        }
-        index.next_id = Some(writer.next_id);
-        for id in touched {
-            let live = index.rows.get(&id).map_or(0, |r| r.live);
-            if live == 0 {
-                conn.prepare_cached("DELETE FROM journal WHERE id = ?1")?
-                    .execute(params![id])?;
-                index.rows.remove(&id);
-                index.uncache(id);
-                continue;
-            }
-            let data = match index.uncache(id) {
-                Some(data) => data,
-                None => conn
-                    .prepare_cached("SELECT data FROM journal WHERE id = ?1")?
-                    .query_row(params![id], |r| r.get::<_, Vec<u8>>(0))?,
-            };
-            let (records, _) = decode(&data);
-            let mut kept = Vec::with_capacity(data.len());
-            for r in records {
-                if index.holds(r.ident, id) {
-                    kept.extend_from_slice(&data[r.span]);
-                }
-            }
-            conn.prepare_cached("UPDATE journal SET data = ?2 WHERE id = ?1")?
-                .execute(params![id, kept])?;
-            index.cache(id, kept);
-        }
-        Ok(())
+            apply(&mut self.index, sql, &ops, deletes_requests, deletes_events)
+        })();
+        // The next batch's changes go into the same allocation.
+        ops.clear();
+        self.pending = ops;
+        written
     }
 }
 
+/// Writes `ops` ([`Journal::flush`]); `deletes_requests`, `deletes_events`: whether any
+/// of them deletes such records (if not, the puts need no lookup by identity: a batch of
+/// notifications alone).
+fn apply(
+    index: &mut Index,
+    sql: &Sql<'_>,
+    ops: &[Op],
+    deletes_requests: bool,
+    deletes_events: bool,
+) -> Result<(), StoreError> {
+    // Which ops are puts still to write (not deleted in this same batch).
+    let mut alive = vec![false; ops.len()];
+    let mut put_requests: HashMap<u64, usize> = HashMap::default();
+    let mut put_events: HashMap<&str, Vec<(u64, usize)>> = HashMap::default();
+    let mut touched = BTreeSet::new();
+    for (i, op) in ops.iter().enumerate() {
+        match op {
+            Op::PutRequest { row, .. } => {
+                if deletes_requests {
+                    put_requests.insert(*row, i);
+                }
+                alive[i] = true;
+            }
+            Op::PutEvent { key_id, seq, .. } => {
+                if deletes_events {
+                    put_events.entry(key_id).or_default().push((*seq, i));
+                }
+                alive[i] = true;
+            }
+            Op::DeleteRequest(row) => {
+                if let Some(j) = put_requests.remove(row) {
+                    alive[j] = false;
+                } else if let Some(id) = index.requests.remove(row) {
+                    index.release(id, &mut touched);
+                }
+            }
+            Op::DeleteEventsThrough(key_id, through) => {
+                if let Some(v) = put_events.get_mut(key_id.as_str()) {
+                    v.retain(|(seq, j)| {
+                        let gone = seq <= through;
+                        if gone {
+                            alive[*j] = false;
+                        }
+                        !gone
+                    });
+                }
+                // A key's map stays when emptied: its next events need no new one.
+                if let Some(m) = index.events.get_mut(key_id.as_str()) {
+                    let kept = match through.checked_add(1) {
+                        Some(above) => m.split_off(&above),
+                        None => BTreeMap::new(),
+                    };
+                    for id in std::mem::replace(m, kept).into_values() {
+                        index.release(id, &mut touched);
+                    }
+                }
+            }
+            Op::DeleteKey(key_id) => {
+                for (_, j) in put_events.remove(key_id.as_str()).unwrap_or_default() {
+                    alive[j] = false;
+                }
+                for id in index
+                    .events
+                    .remove(key_id.as_str())
+                    .unwrap_or_default()
+                    .into_values()
+                {
+                    index.release(id, &mut touched);
+                }
+            }
+        }
+    }
+    let next_id = match index.next_id {
+        Some(n) => n,
+        None => sql
+            .conn
+            .prepare_cached("SELECT coalesce(max(id), 0) + 1 FROM journal")?
+            .query_row([], |r| r.get(0))?,
+    };
+    let mut writer = Writer {
+        sql,
+        next_id,
+        data: Vec::new(),
+        idents: Vec::new(),
+    };
+    for kind in [Kind::Request, Kind::Event] {
+        for (op, _) in ops.iter().zip(&alive).filter(|(_, alive)| **alive) {
+            match (kind, op) {
+                (Kind::Request, Op::PutRequest { row, json }) => {
+                    encode_request(&mut writer.data, *row, json);
+                    writer.idents.push(("", *row));
+                }
+                (Kind::Event, Op::PutEvent { key_id, seq, json }) => {
+                    encode_event(&mut writer.data, key_id, *seq, json);
+                    writer.idents.push((key_id, *seq));
+                }
+                _ => continue,
+            }
+            if writer.idents.len() >= MAX_ROW_RECORDS || writer.data.len() >= MAX_ROW_BYTES {
+                writer.write(kind, index, &mut touched)?;
+            }
+        }
+        writer.write(kind, index, &mut touched)?;
+    }
+    index.next_id = Some(writer.next_id);
+    for id in touched {
+        let live = index.rows.get(&id).map_or(0, |r| r.live);
+        if live == 0 {
+            sql.delete.borrow_mut().execute(params![id])?;
+            index.rows.remove(&id);
+            index.uncache(id);
+            continue;
+        }
+        let data = match index.uncache(id) {
+            Some(data) => data,
+            None => sql
+                .select
+                .borrow_mut()
+                .query_row(params![id], |r| r.get::<_, Vec<u8>>(0))?,
+        };
+        let (records, _) = decode(&data);
+        let mut kept = Vec::with_capacity(data.len());
+        for r in records {
+            if index.holds(r.ident, id) {
+                kept.extend_from_slice(&data[r.span]);
+            }
+        }
+        sql.update.borrow_mut().execute(params![id, kept])?;
+        index.cache(id, kept);
+    }
+    Ok(())
+}
+
 /// The journal row being filled by [`Journal::flush`].
-struct Writer<'c> {
-    conn: &'c Connection,
+struct Writer<'s, 'c, 'o> {
+    sql: &'s Sql<'c>,
     next_id: i64,
     data: Vec<u8>,
     /// The records in `data`: (key id, sequence number) of events; ("", row) of requests.
-    idents: Vec<(String, u64)>,
+    idents: Vec<(&'o str, u64)>,
 }
 
-impl Writer<'_> {
+impl Writer<'_, '_, '_> {
     /// Inserts the row filled so far (if any) and takes its records into the index.
     fn write(
         &mut self,
@@ -565,8 +597,9 @@ impl Writer<'_> {
             return Ok(());
         }
         let id = self.next_id;
-        self.conn
-            .prepare_cached("INSERT INTO journal (id, kind, data) VALUES (?1, ?2, ?3)")?
+        self.sql
+            .insert
+            .borrow_mut()
             .execute(params![id, kind as i64, self.data])?;
         self.next_id += 1;
         index.rows.insert(
@@ -580,7 +613,7 @@ impl Writer<'_> {
         for (key_id, n) in self.idents.drain(..) {
             let before = match kind {
                 Kind::Request => index.requests.insert(n, id),
-                Kind::Event => index.event_entry(&key_id).insert(n, id),
+                Kind::Event => index.event_entry(key_id).insert(n, id),
             };
             if let Some(old) = before {
                 index.release(old, touched);

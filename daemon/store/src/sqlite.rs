@@ -747,8 +747,9 @@ struct Db<'c> {
     path: PathBuf,
     /// A registration's put ([`RegistrationStore::put_registration`]).
     put_registration: RefCell<Statement<'c>>,
-    /// Requests to devices and undelivered events ([`journal`]).
+    /// Requests to devices and undelivered events ([`journal`]), and its statements.
     journal: RefCell<Journal>,
+    journal_sql: journal::Sql<'c>,
 }
 
 impl<'c> Db<'c> {
@@ -766,6 +767,7 @@ impl<'c> Db<'c> {
                 "INSERT OR REPLACE INTO registrations (id, domain, name, data) VALUES (?1, ?2, ?3, ?4)",
             )?,
             journal: RefCell::new(Journal::default()),
+            journal_sql: journal::Sql::new(conn)?,
         })
     }
 }
@@ -987,7 +989,7 @@ fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>, health: &HealthState) 
         return;
     }
     let mut all_ok = batch.iter_mut().all(|job| job.run(conn));
-    if all_ok && let Err(e) = conn.journal.borrow_mut().flush(conn) {
+    if all_ok && let Err(e) = conn.journal.borrow_mut().flush(&conn.journal_sql) {
         // Run again job by job, so that the jobs whose records cannot be written fail
         // alone (below).
         tracing::debug!("store: cannot write the batch's journal records: {e}");
@@ -1022,7 +1024,7 @@ fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>, health: &HealthState) 
             // Each job's journal records are written inside its savepoint, so that a
             // job that fails takes only its own with it.
             let ok = job.run(conn)
-                && match conn.journal.borrow_mut().flush(conn) {
+                && match conn.journal.borrow_mut().flush(&conn.journal_sql) {
                     Ok(()) => true,
                     Err(e) => {
                         job.reject(e);
@@ -1534,7 +1536,7 @@ impl EventLog for SqliteStore {
             let mut out = Vec::new();
             conn.journal
                 .borrow_mut()
-                .read_key(conn, &key_id, |r| push_event(&mut out, r))?;
+                .read_key(&conn.journal_sql, &key_id, |r| push_event(&mut out, r))?;
             out.sort_by_key(|e| e.seq);
             Ok(out)
         })
@@ -1639,25 +1641,28 @@ fn load_events_pipelined(db: &Db<'_>) -> Result<Vec<StoredEvent>, StoreError> {
                 StoreError::Commit(format!("cannot start the parsing of stored events: {e}"))
             })?;
         let mut chunk = Chunk::default();
-        let read = db.journal.borrow_mut().read(db, journal::Kind::Event, |r| {
-            let journal::Ident::Event(key_id, seq) = r.ident else {
-                return;
-            };
-            let json = match std::str::from_utf8(r.json) {
-                Ok(json) => json,
-                Err(e) => {
-                    tracing::error!("store: skipping unreadable event: {e}");
+        let read = db
+            .journal
+            .borrow_mut()
+            .read(&db.journal_sql, journal::Kind::Event, |r| {
+                let journal::Ident::Event(key_id, seq) = r.ident else {
                     return;
+                };
+                let json = match std::str::from_utf8(r.json) {
+                    Ok(json) => json,
+                    Err(e) => {
+                        tracing::error!("store: skipping unreadable event: {e}");
+                        return;
+                    }
+                };
+                chunk.0.push_str(key_id);
+                let key_end = chunk.0.len();
+                chunk.0.push_str(json);
+                chunk.1.push((key_end, chunk.0.len(), seq));
+                if chunk.1.len() == LOAD_CHUNK {
+                    let _ = tx.send(std::mem::take(&mut chunk));
                 }
-            };
-            chunk.0.push_str(key_id);
-            let key_end = chunk.0.len();
-            chunk.0.push_str(json);
-            chunk.1.push((key_end, chunk.0.len(), seq));
-            if chunk.1.len() == LOAD_CHUNK {
-                let _ = tx.send(std::mem::take(&mut chunk));
-            }
-        });
+            });
         if !chunk.1.is_empty() {
             let _ = tx.send(chunk);
         }
@@ -1678,7 +1683,7 @@ impl RequestStore for SqliteStore {
             let mut jobs = Vec::new();
             conn.journal
                 .borrow_mut()
-                .read(conn, journal::Kind::Request, |r| {
+                .read(&conn.journal_sql, journal::Kind::Request, |r| {
                     let journal::Ident::Request(row) = r.ident else {
                         return;
                     };
@@ -1703,7 +1708,7 @@ impl RequestStore for SqliteStore {
             // to it.
             conn.journal
                 .borrow_mut()
-                .put_request(conn, record_json::request(&job))
+                .put_request(&conn.journal_sql, record_json::request(&job))
         })
     }
 
@@ -2470,7 +2475,10 @@ mod tests {
                 let mut j = db.journal.borrow_mut();
                 let mut rows = Vec::new();
                 for n in 0..100 {
-                    rows.push(j.put_request(db, record_json::request(&job(&format!("r{n}"), n)))?);
+                    rows.push(j.put_request(
+                        &db.journal_sql,
+                        record_json::request(&job(&format!("r{n}"), n)),
+                    )?);
                 }
                 for n in 1..=70 {
                     let key = if n % 2 == 0 { "a" } else { "b" };
@@ -2512,7 +2520,7 @@ mod tests {
         let untouched = journal_rows(dir.path());
         s.submit(|db| {
             let mut j = db.journal.borrow_mut();
-            let row = j.put_request(db, record_json::request(&job("brief", 1)))?;
+            let row = j.put_request(&db.journal_sql, record_json::request(&job("brief", 1)))?;
             j.delete_request(row);
             Ok(())
         })
@@ -2652,7 +2660,7 @@ mod tests {
                 let row = db
                     .journal
                     .borrow_mut()
-                    .put_request(db, record_json::request(&job(id, 1)))?;
+                    .put_request(&db.journal_sql, record_json::request(&job(id, 1)))?;
                 db.journal
                     .borrow_mut()
                     .put_event(id.into(), row, record_json::event(&note(row)));
