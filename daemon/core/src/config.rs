@@ -127,13 +127,17 @@ impl Default for RequestsConfig {
     }
 }
 
+/// Smallest `requests.max_body`: room for a callback's or a pre-subscription's JSON. Below
+/// it (0 included) the REST API would answer 413 to writes it documents.
+pub const MIN_REQUEST_BODY: usize = 1024;
+
 impl RequestsConfig {
     /// Range checks serde cannot express.
     pub fn check(&self) -> Result<(), Invalid> {
         if self.queue_len == 0 {
             return Err(("queue_len", "must be at least 1".into()));
         }
-        Ok(())
+        at_least("max_body", self.max_body as u64, MIN_REQUEST_BODY as u64)
     }
 }
 

@@ -135,6 +135,8 @@ fn range_errors_name_the_key() {
             "coap.ack_random_factor",
         ),
         ("[requests]\nqueue_len = 0\n", "requests.queue_len"),
+        ("[requests]\nmax_body = 0\n", "requests.max_body"),
+        ("[requests]\nmax_body = 1023\n", "requests.max_body"),
         (
             "[runtime]\nworker_threads = 5000\n",
             "runtime.worker_threads",
