@@ -205,11 +205,18 @@ fn schema_7_events_of_every_kind_are_served_as_before() {
         let key: String = db
             .query_row("SELECT key_id FROM channels", [], |r| r.get(0))
             .unwrap();
-        // Schema 8 added a table; a schema-7 database has none of it.
+        // Schema 8 added a table; a schema-7 database has none of it, and has the tables
+        // of requests and events that schema 10 moved into the journal.
         db.execute_batch(
-            "DROP TABLE event_epoch; DELETE FROM events; DELETE FROM journal; PRAGMA user_version = 7;",
+            "DROP TABLE event_epoch;
+             DELETE FROM journal WHERE kind = 1;
+             CREATE TABLE events (
+                 key_id TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL,
+                 PRIMARY KEY (key_id, seq)) WITHOUT ROWID;
+             CREATE TABLE requests (row INTEGER PRIMARY KEY, data TEXT NOT NULL);
+             PRAGMA user_version = 7;",
         )
-            .unwrap();
+        .unwrap();
         for (i, (kind, body)) in bodies.iter().enumerate() {
             let seq = 10 + i as i64;
             let key_json = serde_json::to_string(&key).unwrap();

@@ -4,18 +4,20 @@
 //! then the event's delete: four statements, each a B-tree insert or delete, and about 14
 //! WAL frames per commit; 24 000 of a read's 70 000 instructions were the store's
 //! (docs/PERFORMANCE.md). Here the records a batch transaction puts go into one row of the
-//! `journal` table, a few at most ([`MAX_ROW_RECORDS`], [`MAX_ROW_BYTES`]), one kind of
-//! record a row (requests, events); which record lives in which row is kept in memory (the
-//! index). A delete is made at the end of the batch: a row left with nothing live is
+//! `journal` table, a few rows at most ([`MAX_ROW_RECORDS`], [`MAX_ROW_BYTES`]), one kind
+//! of record a row (requests, events); which record lives in which row is kept in memory
+//! (the index). A delete is made at the end of the batch: a row left with nothing live is
 //! deleted, one left with some is written again with those only, so the table holds
 //! exactly the live records and a load needs nothing but the rows. A record put and
-//! deleted in the same batch (a request answered at once, an event delivered at once) is
-//! never written.
+//! deleted before the batch's changes are written (at its end, or earlier when a job of
+//! the batch loads: [`Journal::read`]) is never written.
 //!
 //! The index mirrors the database inside the open transaction: it is changed as the batch
 //! writes, and forgotten ([`Journal::forget`]) whenever the transaction, or a job's
-//! savepoint, is rolled back, or another process wrote the file; it is read again from the
-//! rows the next time it is needed. The daemon's own state is changed by the callers
+//! savepoint, is rolled back; it is read again from the rows the next time it is needed.
+//! No other process writes the journal (`connectord plugin-call` writes plugin state
+//! only); the store thread forgets the index all the same when its once-a-second check
+//! sees another process's commit. The daemon's own state is changed by the callers
 //! after the commit, as before.
 //!
 //! A record is text with lengths, so that the migration from the tables of one row per
@@ -38,8 +40,9 @@ use crate::StoreError;
 
 /// Most records in one journal row.
 pub(crate) const MAX_ROW_RECORDS: usize = 64;
-/// The size from which a journal row takes no more records: a row whose records are
-/// deleted a few at a time is written again that many times, so rows stay small.
+/// The size from which a journal row takes no more records (so a row may pass it by its
+/// last record): a row whose records are deleted a few at a time is written again that
+/// many times, so rows stay small.
 pub(crate) const MAX_ROW_BYTES: usize = 16 * 1024;
 
 /// How many bytes of the rows written last are kept in memory ([`Index::cached`]), so that
@@ -116,6 +119,8 @@ pub(crate) fn decode(data: &[u8]) -> (Vec<Record<'_>>, Option<String>) {
 
 fn decode_one(data: &[u8], start: usize) -> Result<Record<'_>, String> {
     let mut at = start + 1;
+    // Row and sequence numbers stay within SQLite's integers, as the tables' were: a
+    // larger one would make the next number wrap.
     let number = |at: &mut usize| -> Result<u64, String> {
         let digits = data[*at..]
             .iter()
@@ -138,10 +143,17 @@ fn decode_one(data: &[u8], start: usize) -> Result<Record<'_>, String> {
         *at = end;
         Ok(s)
     };
+    let id_number = |at: &mut usize| -> Result<u64, String> {
+        let n = number(at)?;
+        if n > i64::MAX as u64 {
+            return Err(format!("number {n} out of range"));
+        }
+        Ok(n)
+    };
     let ident = match data[start] {
-        b'R' => Ident::Request(number(&mut at)?),
+        b'R' => Ident::Request(id_number(&mut at)?),
         b'E' => {
-            let seq = number(&mut at)?;
+            let seq = id_number(&mut at)?;
             let klen = number(&mut at)?;
             let key = take(&mut at, klen)?;
             Ident::Event(std::str::from_utf8(key).map_err(|e| e.to_string())?, seq)
@@ -158,10 +170,9 @@ fn decode_one(data: &[u8], start: usize) -> Result<Record<'_>, String> {
 }
 
 /// A row's data, as a blob (or text, as the migration's SQL may leave it).
-fn bytes(v: rusqlite::types::ValueRef<'_>) -> Result<&[u8], StoreError> {
-    v.as_bytes().map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(1, v.data_type(), Box::new(e)).into()
-    })
+fn bytes(v: rusqlite::types::ValueRef<'_>) -> Result<&[u8], rusqlite::Error> {
+    v.as_bytes()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, v.data_type(), Box::new(e)))
 }
 
 /// The connection and the statements of every flush, prepared for the store thread's life
@@ -253,7 +264,7 @@ impl Index {
             match (kind, r.ident) {
                 (Kind::Request, Ident::Request(n)) => {
                     self.requests.insert(n, id);
-                    self.next_request = self.next_request.max(n + 1);
+                    self.next_request = self.next_request.max(n.saturating_add(1));
                 }
                 (Kind::Event, Ident::Event(k, s)) => {
                     self.event_entry(k).insert(s, id);
@@ -348,8 +359,9 @@ impl Journal {
     }
 
     /// Reads every row of `kind` (the batch's changes written first), taking them into the
-    /// index afresh and giving each readable record to `each`. A record that cannot be read
-    /// is logged and left where it is.
+    /// index afresh and giving each readable record to `each`. A row that cannot be read
+    /// from some byte on is logged; its records from there are not in the index, so the
+    /// next write of the row (or its delete) drops them, logged again then.
     pub(crate) fn read(
         &mut self,
         sql: &Sql<'_>,
@@ -373,7 +385,7 @@ impl Journal {
             let (records, err) = decode(data);
             if let Some(e) = err {
                 tracing::error!(
-                    "store: journal row {id} is unreadable {e}; its records from there are skipped"
+                    "store: journal row {id} is unreadable {e}; its records from there are skipped, and dropped when the row is next written"
                 );
             }
             index.take_in(id, kind, &records);
@@ -561,9 +573,14 @@ fn apply(
             None => sql
                 .select
                 .borrow_mut()
-                .query_row(params![id], |r| r.get::<_, Vec<u8>>(0))?,
+                .query_row(params![id], |r| Ok(bytes(r.get_ref(0)?)?.to_vec()))?,
         };
-        let (records, _) = decode(&data);
+        let (records, damage) = decode(&data);
+        if let Some(e) = damage {
+            tracing::warn!(
+                "store: journal row {id} is written again without its unreadable part ({e})"
+            );
+        }
         let mut kept = Vec::with_capacity(data.len());
         for r in records {
             if index.holds(r.ident, id) {

@@ -195,8 +195,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX IF NOT EXISTS device_certificates_by_ep ON device_certificates (domain, ep);",
     // 10: requests to devices and undelivered events are kept in the journal (issue 24,
     // `journal`): a batch's records in one row, not one row each. The rows of the two
-    // tables move into it as they are, one record a row; the tables are left empty (a
-    // database whose `user_version` was set back, as tests do, still has them).
+    // tables move into it as they are, one record a row, and the tables are dropped: a
+    // daemon of the release before still running on the file (the package replaced the
+    // binary, and another process of the new one opened the database before the restart)
+    // then fails its writes loudly instead of writing where nothing reads.
     "CREATE TABLE IF NOT EXISTS journal (
         id INTEGER PRIMARY KEY,
         kind INTEGER NOT NULL,
@@ -205,12 +207,12 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO journal (kind, data)
         SELECT 0, CAST('R' || row || ':' || length(CAST(data AS BLOB)) || ':' || data AS BLOB)
         FROM requests ORDER BY row;
-    DELETE FROM requests;
+    DROP TABLE requests;
     INSERT INTO journal (kind, data)
         SELECT 1, CAST('E' || seq || ':' || length(CAST(key_id AS BLOB)) || ':' || key_id
             || length(CAST(data AS BLOB)) || ':' || data AS BLOB)
         FROM events ORDER BY key_id, seq;
-    DELETE FROM events;",
+    DROP TABLE events;",
 ];
 
 /// One queued operation.
@@ -666,12 +668,20 @@ fn next_event_epoch(conn: &Connection) -> Result<u64, StoreError> {
 /// which writes it ([`EPOCH_UPSERT`]). Events numbered with it before then are written in
 /// the transaction that writes it, or after.
 ///
-/// The `events` table is empty from schema 10 on (the journal holds the events, numbered
-/// under an epoch already written); its largest number counts for a database from before
+/// The `events` table is gone from schema 10 on (the journal holds the events, numbered
+/// under an epoch already written); its largest number counted for a database from before
 /// schema 8, whose numbers the hub gave from 1, so the floor is 1 either way.
 fn peek_event_epoch(conn: &Connection) -> Result<u64, StoreError> {
-    let max_seq: i64 =
-        conn.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?;
+    let has_events: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'events'",
+        [],
+        |r| r.get(0),
+    )?;
+    let max_seq: i64 = if has_events {
+        conn.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?
+    } else {
+        0
+    };
     let floor = (max_seq.max(0) as u64 >> EPOCH_SHIFT) + 1;
     let stored: Option<i64> = conn
         .query_row("SELECT epoch FROM event_epoch WHERE id = 0", [], |r| {
@@ -2635,12 +2645,12 @@ mod tests {
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
         let old: i64 = conn
             .query_row(
-                "SELECT (SELECT count(*) FROM requests) + (SELECT count(*) FROM events)",
+                "SELECT count(*) FROM sqlite_master WHERE name IN ('requests', 'events')",
                 [],
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(old, 0, "the old tables are emptied");
+        assert_eq!(old, 0, "the old tables are dropped");
         let mut left: Vec<String> = journal_rows(dir.path()).concat();
         left.sort();
         assert_eq!(left, vec!["E/9", "Ek:1/2", "R5", "R6"]);
@@ -2713,6 +2723,191 @@ mod tests {
         );
         done.await.unwrap().unwrap();
         assert_eq!(journal_rows(dir.path()), Vec::<Vec<String>>::new());
+    }
+
+    /// A job of `f` on the journal, for [`run_batch`].
+    fn journal_job<T: Send + 'static>(
+        f: impl FnMut(&Db<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> (Box<dyn Job>, oneshot::Receiver<Result<T, StoreError>>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Box::new(FnJob {
+                f,
+                result: None,
+                tx,
+            }),
+            rx,
+        )
+    }
+
+    /// Events put and deleted before the batch's end are never written, by key or by
+    /// number; a load inside a batch writes what came before it, and a later job's
+    /// failure takes that write back without losing it (the batch runs again).
+    #[tokio::test]
+    async fn a_batch_deletes_its_own_puts_and_a_load_inside_it_survives_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        migrate(&conn).unwrap();
+        let db = Db::new(&conn, passed(dir.path())).unwrap();
+        let (gone, r_gone) = journal_job(|db| {
+            let mut j = db.journal.borrow_mut();
+            for n in 1..=3 {
+                j.put_event("a".into(), n, record_json::event(&note(n)));
+                j.put_event("b".into(), n, record_json::event(&note(n)));
+            }
+            j.delete_events_through("a".into(), 2);
+            j.delete_key("b".into());
+            Ok(())
+        });
+        run_batch(&db, vec![gone], &HealthState::default());
+        r_gone.await.unwrap().unwrap();
+        assert_eq!(journal_rows(dir.path()), vec![vec!["Ea/3".to_string()]]);
+
+        // Job 1 puts, job 2 loads (writing job 1's record), job 3 fails: the batch is
+        // rolled back and runs again job by job; job 1's record and the load's answer
+        // are as if nothing failed.
+        let (put, r_put) = journal_job(|db| {
+            db.journal
+                .borrow_mut()
+                .put_event("a".into(), 4, record_json::event(&note(4)));
+            Ok(())
+        });
+        let (load, r_load) = journal_job(|db| {
+            let mut out = Vec::new();
+            db.journal
+                .borrow_mut()
+                .read_key(&db.journal_sql, "a", |r| push_event(&mut out, r))?;
+            Ok(out.iter().map(|e| e.seq).collect::<Vec<_>>())
+        });
+        let (fail, r_fail) = journal_job(|db| {
+            db.journal
+                .borrow_mut()
+                .put_event("a".into(), 5, record_json::event(&note(5)));
+            db.execute("INSERT INTO no_such_table VALUES (1)", [])?;
+            Ok(())
+        });
+        run_batch(&db, vec![put, load, fail], &HealthState::default());
+        r_put.await.unwrap().unwrap();
+        assert_eq!(r_load.await.unwrap().unwrap(), vec![3, 4]);
+        assert!(r_fail.await.unwrap().is_err());
+        let mut left = journal_rows(dir.path()).concat();
+        left.sort();
+        assert_eq!(left, vec!["Ea/3", "Ea/4"]);
+        // The index matches: deleting through 4 empties the table.
+        let (del, r_del) = journal_job(|db| {
+            db.journal.borrow_mut().delete_events_through("a".into(), 4);
+            Ok(())
+        });
+        run_batch(&db, vec![del], &HealthState::default());
+        r_del.await.unwrap().unwrap();
+        assert_eq!(journal_rows(dir.path()), Vec::<Vec<String>>::new());
+    }
+
+    /// When the journal's write fails (as on a full disk), the batch runs again job by
+    /// job: the jobs whose records could not be written fail alone, the others commit,
+    /// and the index follows what committed.
+    #[tokio::test]
+    async fn a_journal_write_that_fails_fails_its_own_jobs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        migrate(&conn).unwrap();
+        let db = Db::new(&conn, passed(dir.path())).unwrap();
+        let (kept, r_kept) = journal_job(|db| {
+            db.journal
+                .borrow_mut()
+                .put_event("a".into(), 1, record_json::event(&note(1)));
+            Ok(())
+        });
+        run_batch(&db, vec![kept], &HealthState::default());
+        r_kept.await.unwrap().unwrap();
+        conn.execute_batch(
+            "CREATE TEMP TRIGGER full BEFORE INSERT ON journal
+             BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+        )
+        .unwrap();
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (reg, r_reg) = counted_insert("r", false, Arc::clone(&count));
+        let (put, r_put) = journal_job(|db| {
+            db.journal
+                .borrow_mut()
+                .put_event("a".into(), 2, record_json::event(&note(2)));
+            Ok(())
+        });
+        let (del, r_del) = journal_job(|db| {
+            db.journal.borrow_mut().delete_events_through("a".into(), 1);
+            Ok(())
+        });
+        run_batch(&db, vec![reg, put, del], &HealthState::default());
+        r_reg.await.unwrap().unwrap();
+        let e = r_put.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("disk full"), "{e}");
+        r_del.await.unwrap().unwrap();
+        assert_eq!(registration_ids(&conn), vec!["r"]);
+        assert_eq!(
+            journal_rows(dir.path()),
+            Vec::<Vec<String>>::new(),
+            "the delete committed"
+        );
+        conn.execute_batch("DROP TRIGGER full").unwrap();
+        let (again, r_again) = journal_job(|db| {
+            db.journal
+                .borrow_mut()
+                .put_event("a".into(), 3, record_json::event(&note(3)));
+            Ok(())
+        });
+        run_batch(&db, vec![again], &HealthState::default());
+        r_again.await.unwrap().unwrap();
+        assert_eq!(journal_rows(dir.path()), vec![vec!["Ea/3".to_string()]]);
+    }
+
+    /// A record as large as a row's budget gets a row of its own; a row that left the
+    /// cache is read back from the file to be written again.
+    #[tokio::test]
+    async fn large_records_and_rows_out_of_the_cache_are_written_again_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let small = s
+            .submit(|db| {
+                let mut j = db.journal.borrow_mut();
+                let a = j.put_request(&db.journal_sql, record_json::request(&job("a", 1)))?;
+                let b = j.put_request(&db.journal_sql, record_json::request(&job("b", 1)))?;
+                Ok((a, b))
+            })
+            .await
+            .unwrap();
+        // More than the cache holds, in rows of one large request each.
+        let large = journal::CACHE_BYTES / journal::MAX_ROW_BYTES + 8;
+        s.submit(move |db| {
+            let mut j = db.journal.borrow_mut();
+            for n in 0..large {
+                let mut big = job(&format!("big{n}"), 2);
+                big.payload = "x".repeat(journal::MAX_ROW_BYTES);
+                j.put_request(&db.journal_sql, record_json::request(&big))?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let rows = journal_rows(dir.path());
+        assert_eq!(rows.len(), 1 + large);
+        assert!(
+            rows[1..].iter().all(|r| r.len() == 1),
+            "one large record a row"
+        );
+        // The first row is long out of the cache: its rewrite reads it from the file.
+        s.delete_request(small.0).await.unwrap();
+        assert_eq!(journal_rows(dir.path())[0], vec![format!("R{}", small.1)]);
+        drop(s);
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let ids: Vec<String> = s
+            .load_requests()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(ids.len(), 1 + large);
+        assert_eq!(ids[0], "b");
     }
 
     #[tokio::test]
