@@ -100,7 +100,7 @@ fn certificates_from_api_cert_register_over_dtls_and_others_are_refused() {
     {
         let (ok, all) = register(bin, &cert, &key, &endpoint);
         assert!(
-            ok && all.contains("2.01"),
+            ok && all.contains("c:2.01"),
             "{bin} registration over DTLS:\n{all}"
         );
         assert_eq!(metric(&d, "coap_dtls_handshakes_total"), i as u64 + 1);
@@ -122,7 +122,7 @@ fn certificates_from_api_cert_register_over_dtls_and_others_are_refused() {
         for bin in ["coap-client-openssl", "coap-client-gnutls"] {
             let (_, all) = register(bin, cert, key, "intruder");
             assert!(
-                !all.contains("2.01"),
+                !all.contains("c:2.01"),
                 "{bin} with a certificate of {what} registered:\n{all}"
             );
             refused += 1;
@@ -287,7 +287,11 @@ fn trusted_cas_admit_another_ca() {
             &uri,
         ],
     );
-    assert!(ok && all.contains("2.01"), "{all}\n{}", d.logs().join("\n"));
+    assert!(
+        ok && all.contains("c:2.01"),
+        "{all}\n{}",
+        d.logs().join("\n")
+    );
     assert!(d.get("/endpoints").body.contains("guest"));
 }
 

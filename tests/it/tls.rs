@@ -92,7 +92,10 @@ fn libcoap_registers_over_tls_with_a_device_certificate() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (ok, all) = register(client, &d, &c.endpoint, &args);
         assert!(ok, "{client} failed:\n{all}\n{}", d.logs().join("\n"));
-        assert!(all.contains("2.01"), "{client}: no 2.01 Created in:\n{all}");
+        assert!(
+            all.contains("c:2.01"),
+            "{client}: no 2.01 Created in:\n{all}"
+        );
         assert!(
             registered(&d, &c.endpoint),
             "{client}: {} not listed",
@@ -136,7 +139,7 @@ fn handshakes_without_a_good_client_certificate_are_refused() {
     ];
     for (what, args) in cases {
         let (_, all) = register("coap-client-openssl", &d, &good.endpoint, &args);
-        assert!(!all.contains("2.01"), "{what}: registered:\n{all}");
+        assert!(!all.contains("c:2.01"), "{what}: registered:\n{all}");
         assert!(!registered(&d, &good.endpoint), "{what}: listed");
     }
     assert!(
@@ -146,7 +149,7 @@ fn handshakes_without_a_good_client_certificate_are_refused() {
     let args = cert_args(&good);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (ok, all) = register("coap-client-openssl", &d, &good.endpoint, &args);
-    assert!(ok && all.contains("2.01"), "the good certificate:\n{all}");
+    assert!(ok && all.contains("c:2.01"), "the good certificate:\n{all}");
     assert!(registered(&d, &good.endpoint));
 }
 
@@ -212,13 +215,13 @@ fn a_configured_server_certificate_is_used_and_bad_files_are_named() {
     let (dev_cert, dev_key) = (c.cert(), c.key());
     let args = ["-c", p(&dev_cert), "-j", p(&dev_key), "-C", p(&cert)];
     let (ok, all) = register("coap-client-openssl", &d, &c.endpoint, &args);
-    assert!(ok && all.contains("2.01"), "{all}");
+    assert!(ok && all.contains("c:2.01"), "{all}");
     // The CA's certificate does not verify this server any more.
     let c2 = device_cert(&d);
     let args = cert_args(&c2);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (_, all) = register("coap-client-openssl", &d, &c2.endpoint, &args);
-    assert!(!all.contains("2.01"), "{all}");
+    assert!(!all.contains("c:2.01"), "{all}");
 
     let not_pem = dir.path().join("not.pem");
     std::fs::write(&not_pem, "hello\n").unwrap();
@@ -258,14 +261,14 @@ fn a_registration_contradicting_the_certificate_is_refused() {
         for ep in ["someone-else", other_domain.as_str()] {
             let (_, all) = register(client, &d, ep, &args);
             assert!(
-                all.contains("c:4.03") && !all.contains("2.01"),
+                all.contains("c:4.03") && !all.contains("c:2.01"),
                 "{client} ep={ep}:\n{all}"
             );
         }
         assert!(!registered(&d, "someone-else"), "{client}");
     }
     let (ok, all) = register("coap-client-gnutls", &d, &c.endpoint, &args);
-    assert!(ok && all.contains("2.01"), "{all}");
+    assert!(ok && all.contains("c:2.01"), "{all}");
 }
 
 /// Revoking a device's credentials (`DELETE /v2/device-credentials/{ep}`, which revokes
@@ -327,7 +330,7 @@ fn revoking_a_certificate_aborts_its_tls_connection() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (_, all) = register("coap-client-openssl", &d, &c.endpoint, &args);
     assert!(
-        !all.contains("2.01"),
+        !all.contains("c:2.01"),
         "the revoked certificate registered:\n{all}"
     );
     // Refused for being revoked (the aiocoap device's reconnection, then libcoap's).
