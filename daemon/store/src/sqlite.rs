@@ -2443,6 +2443,17 @@ mod tests {
         assert!(s.load_requests().await.unwrap().is_empty());
     }
 
+    /// A database in `dir` migrated to schema `version` only, as a release of then left it.
+    fn at_schema(dir: &Path, version: usize) -> Connection {
+        let conn = Connection::open(dir.join(DB_FILE)).unwrap();
+        for sql in &MIGRATIONS[..version] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", version as i64)
+            .unwrap();
+        conn
+    }
+
     /// The journal's rows, each as the identities of its records (`R<row>` or
     /// `E<key>/<seq>`), read through a connection of their own.
     fn journal_rows(dir: &Path) -> Vec<Vec<String>> {
@@ -2598,11 +2609,7 @@ mod tests {
     async fn schema_9_requests_and_events_migrate_into_the_journal() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-            for sql in &MIGRATIONS[..9] {
-                conn.execute_batch(sql).unwrap();
-            }
-            conn.pragma_update(None, "user_version", 9).unwrap();
+            let conn = at_schema(dir.path(), 9);
             for (row, id) in [(3, "c"), (5, "a:é")] {
                 conn.execute(
                     "INSERT INTO requests (row, data) VALUES (?1, ?2)",
@@ -2740,6 +2747,29 @@ mod tests {
         )
     }
 
+    /// The ids of the stored requests, in their order.
+    async fn request_ids(s: &SqliteStore) -> Vec<String> {
+        s.load_requests()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect()
+    }
+
+    /// A job putting event `n` of `key` (numbered `n`).
+    fn put_job(
+        key: &'static str,
+        n: u64,
+    ) -> (Box<dyn Job>, oneshot::Receiver<Result<(), StoreError>>) {
+        journal_job(move |db| {
+            db.journal
+                .borrow_mut()
+                .put_event(key.into(), n, record_json::event(&note(n)));
+            Ok(())
+        })
+    }
+
     /// Events put and deleted before the batch's end are never written, by key or by
     /// number; a load inside a batch writes what came before it, and a later job's
     /// failure takes that write back without losing it (the batch runs again).
@@ -2766,12 +2796,7 @@ mod tests {
         // Job 1 puts, job 2 loads (writing job 1's record), job 3 fails: the batch is
         // rolled back and runs again job by job; job 1's record and the load's answer
         // are as if nothing failed.
-        let (put, r_put) = journal_job(|db| {
-            db.journal
-                .borrow_mut()
-                .put_event("a".into(), 4, record_json::event(&note(4)));
-            Ok(())
-        });
+        let (put, r_put) = put_job("a", 4);
         let (load, r_load) = journal_job(|db| {
             let mut out = Vec::new();
             db.journal
@@ -2812,12 +2837,7 @@ mod tests {
         let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
         migrate(&conn).unwrap();
         let db = Db::new(&conn, passed(dir.path())).unwrap();
-        let (kept, r_kept) = journal_job(|db| {
-            db.journal
-                .borrow_mut()
-                .put_event("a".into(), 1, record_json::event(&note(1)));
-            Ok(())
-        });
+        let (kept, r_kept) = put_job("a", 1);
         run_batch(&db, vec![kept], &HealthState::default());
         r_kept.await.unwrap().unwrap();
         conn.execute_batch(
@@ -2827,12 +2847,7 @@ mod tests {
         .unwrap();
         let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (reg, r_reg) = counted_insert("r", false, Arc::clone(&count));
-        let (put, r_put) = journal_job(|db| {
-            db.journal
-                .borrow_mut()
-                .put_event("a".into(), 2, record_json::event(&note(2)));
-            Ok(())
-        });
+        let (put, r_put) = put_job("a", 2);
         let (del, r_del) = journal_job(|db| {
             db.journal.borrow_mut().delete_events_through("a".into(), 1);
             Ok(())
@@ -2849,12 +2864,7 @@ mod tests {
             "the delete committed"
         );
         conn.execute_batch("DROP TRIGGER full").unwrap();
-        let (again, r_again) = journal_job(|db| {
-            db.journal
-                .borrow_mut()
-                .put_event("a".into(), 3, record_json::event(&note(3)));
-            Ok(())
-        });
+        let (again, r_again) = put_job("a", 3);
         run_batch(&db, vec![again], &HealthState::default());
         r_again.await.unwrap().unwrap();
         assert_eq!(journal_rows(dir.path()), vec![vec!["Ea/3".to_string()]]);
@@ -2899,13 +2909,7 @@ mod tests {
         assert_eq!(journal_rows(dir.path())[0], vec![format!("R{}", small.1)]);
         drop(s);
         let s = SqliteStore::open(dir.path()).unwrap();
-        let ids: Vec<String> = s
-            .load_requests()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|j| j.id)
-            .collect();
+        let ids = request_ids(&s).await;
         assert_eq!(ids.len(), 1 + large);
         assert_eq!(ids[0], "b");
     }
@@ -2914,11 +2918,7 @@ mod tests {
     async fn schema_4_requests_keyed_by_id_migrate_in_their_stored_order() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-            for sql in &MIGRATIONS[..4] {
-                conn.execute_batch(sql).unwrap();
-            }
-            conn.pragma_update(None, "user_version", 4).unwrap();
+            let conn = at_schema(dir.path(), 4);
             for id in ["c", "a", "b"] {
                 conn.execute(
                     "INSERT INTO requests (id, data) VALUES (?1, ?2)",
@@ -2928,13 +2928,7 @@ mod tests {
             }
         }
         let s = SqliteStore::open(dir.path()).unwrap();
-        let ids: Vec<String> = s
-            .load_requests()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|j| j.id)
-            .collect();
+        let ids = request_ids(&s).await;
         assert_eq!(ids, vec!["c", "a", "b"]);
     }
 
@@ -3009,11 +3003,7 @@ mod tests {
     #[test]
     fn schema_5_migrates_to_limit_counts_and_keeps_its_tables() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-        for sql in &MIGRATIONS[..5] {
-            conn.execute_batch(sql).unwrap();
-        }
-        conn.pragma_update(None, "user_version", 5).unwrap();
+        let conn = at_schema(dir.path(), 5);
         migrate(&conn).unwrap();
         let tables: Vec<String> = conn
             .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
@@ -3035,11 +3025,7 @@ mod tests {
         // As release 0.1.0 wrote it (serde of the registration with two socket addresses).
         let old = r#"{"id":"r1","domain":"default","name":"n","ept":null,"lifetime_s":60,"binding":"U","lwm2m":"1.1","queue":false,"peer":"[2001:db8::7]:56830","local":"[::]:5683","links":"</3/0>","registered_at_ms":1,"expires_at_ms":2}"#;
         {
-            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-            for sql in &MIGRATIONS[..6] {
-                conn.execute_batch(sql).unwrap();
-            }
-            conn.pragma_update(None, "user_version", 6).unwrap();
+            let conn = at_schema(dir.path(), 6);
             conn.execute(
                 "INSERT INTO registrations (id, domain, name, data) VALUES ('r1', 'default', 'n', ?1)",
                 params![old],
@@ -3087,11 +3073,7 @@ mod tests {
             r#"{"key_id":"j","seq":2,"event":{"kind":"subscription-errors","body":{"ep":"e","error":"no Observe","path":"/3/0/1","status":412},"created_ms":18}}"#,
         ];
         {
-            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
-            for sql in &MIGRATIONS[..7] {
-                conn.execute_batch(sql).unwrap();
-            }
-            conn.pragma_update(None, "user_version", 7).unwrap();
+            let conn = at_schema(dir.path(), 7);
             for row in old {
                 let v: serde_json::Value = serde_json::from_str(row).unwrap();
                 conn.execute(
