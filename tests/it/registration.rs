@@ -425,16 +425,18 @@ fn a_state_directory_from_before_peer_refs_opens_and_serves() {
         std::fs::write(&config, fixed).unwrap();
         // The row as 0.1.0 wrote it, in a database at its schema version (6; version 7
         // changed no table, only the rows' JSON; version 8 added `event_epoch`, dropped
-        // here, and changed the events' JSON, none stored here).
+        // here, and changed the events' JSON, none stored here; version 10 replaced the
+        // tables of requests and events by the journal: they are made again).
         let old = format!(
             r#"{{"id":"0f3c9a7d2b","domain":"default","name":"old-dev","ept":"Sensor","lifetime_s":86400,"binding":"U","lwm2m":"1.0","queue":false,"peer":"{at}","local":"{coap}","links":"</3/0>,</3303/0/5700>;obs","registered_at_ms":{now},"expires_at_ms":{}}}"#,
             now + 86_400_000
         );
         let db = rusqlite::Connection::open(state.join("connectord.db")).unwrap();
-        db.execute_batch(
-            "DELETE FROM registrations; DROP TABLE event_epoch; PRAGMA user_version = 6;",
-        )
-            .unwrap();
+        db.execute_batch(&format!(
+            "DELETE FROM registrations; DROP TABLE event_epoch; {} PRAGMA user_version = 6;",
+            support::TABLES_BEFORE_THE_JOURNAL
+        ))
+        .unwrap();
         db.execute(
             "INSERT INTO registrations (id, domain, name, data) VALUES ('0f3c9a7d2b', 'default', 'old-dev', ?1)",
             [old],

@@ -207,15 +207,12 @@ fn schema_7_events_of_every_kind_are_served_as_before() {
             .unwrap();
         // Schema 8 added a table; a schema-7 database has none of it, and has the tables
         // of requests and events that schema 10 moved into the journal.
-        db.execute_batch(
-            "DROP TABLE event_epoch;
-             DELETE FROM journal WHERE kind = 1;
-             CREATE TABLE events (
-                 key_id TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL,
-                 PRIMARY KEY (key_id, seq)) WITHOUT ROWID;
-             CREATE TABLE requests (row INTEGER PRIMARY KEY, data TEXT NOT NULL);
+        db.execute_batch(&format!(
+            "DROP TABLE event_epoch; DELETE FROM journal WHERE kind = 1;
+             {}
              PRAGMA user_version = 7;",
-        )
+            crate::support::TABLES_BEFORE_THE_JOURNAL
+        ))
         .unwrap();
         for (i, (kind, body)) in bodies.iter().enumerate() {
             let seq = 10 + i as i64;

@@ -25,6 +25,15 @@ use connectord_testkit::{Launch, StartError};
 /// Path of the binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_connectord");
 
+/// The tables of requests and events as a database before schema 10 had them (schema 10
+/// moved their rows into the journal and dropped them), for a test that sets a database's
+/// `user_version` back to replay older migrations.
+pub const TABLES_BEFORE_THE_JOURNAL: &str = "
+    CREATE TABLE events (
+        key_id TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL,
+        PRIMARY KEY (key_id, seq)) WITHOUT ROWID;
+    CREATE TABLE requests (row INTEGER PRIMARY KEY, data TEXT NOT NULL);";
+
 fn started(r: Result<connectord_testkit::Daemon, StartError>) -> Daemon {
     Daemon(r.unwrap_or_else(|e| panic!("{e}")))
 }
