@@ -306,13 +306,15 @@ fn registrations_and_notifications_arrive_as_frames() {
         (n["ep"].as_str(), n["path"].as_str()),
         (Some("ws-1"), Some("/3303/0/5700"))
     );
-    c.close();
-    assert_eq!(c.closed(), 1000);
-    // Counted by the daemon's connection task, which may run after the client saw the
-    // close (CI read it too early once).
+    // Both frames are acknowledged by the pongs of the pings that follow them, which the
+    // client answers while the socket is open: wait for that before closing (closing at
+    // once could beat the second pong, and the frame would rightly stay unacknowledged;
+    // CI did so once). Counted by the daemon's connection task, so polled.
     assert!(eventually(WAIT, || d
         .metric("websocket_frames_acknowledged_total")
         >= 2));
+    c.close();
+    assert_eq!(c.closed(), 1000);
 
     // The browser's form.
     let (c, open) = PyClient::opened(&d, &key, "subprotocol");
