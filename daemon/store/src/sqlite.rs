@@ -662,36 +662,22 @@ fn next_event_epoch(conn: &Connection) -> Result<u64, StoreError> {
     Ok(epoch)
 }
 
-/// This open's epoch, one more than the last and above every stored number's, without
+/// This open's epoch, one more than the last (1 for a database without one), without
 /// writing it ([`next_event_epoch`] writes it at once): an
 /// up-to-date database is not written before its start-up check has passed ([`Gate`]),
 /// which writes it ([`EPOCH_UPSERT`]). Events numbered with it before then are written in
 /// the transaction that writes it, or after.
 ///
-/// The `events` table is gone from schema 10 on (the journal holds the events, numbered
-/// under an epoch already written); its largest number counted for a database from before
-/// schema 8, whose numbers the hub gave from 1, so the floor is 1 either way.
+/// Called after the migrations: every stored number is below it. A database from before
+/// schema 8 has no epoch, and its numbers, which the hub gave from 1, are below `1 <<
+/// EPOCH_SHIFT` (schema 10 moved them into the journal and dropped their table).
 fn peek_event_epoch(conn: &Connection) -> Result<u64, StoreError> {
-    let has_events: bool = conn.query_row(
-        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'events'",
-        [],
-        |r| r.get(0),
-    )?;
-    let max_seq: i64 = if has_events {
-        conn.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?
-    } else {
-        0
-    };
-    let floor = (max_seq.max(0) as u64 >> EPOCH_SHIFT) + 1;
     let stored: Option<i64> = conn
         .query_row("SELECT epoch FROM event_epoch WHERE id = 0", [], |r| {
             r.get(0)
         })
         .optional()?;
-    Ok(match stored {
-        Some(e) => floor.max(e.max(0) as u64 + 1),
-        None => floor,
-    })
+    Ok(stored.map_or(1, |e| e.max(0) as u64 + 1))
 }
 
 /// Writes the epoch [`peek_event_epoch`] counted.
@@ -1013,14 +999,10 @@ fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>, health: &HealthState) 
         return;
     }
     if !all_ok {
-        conn.journal.borrow_mut().forget();
-        let redo = conn
-            .execute_batch("ROLLBACK")
-            .map_err(StoreError::from)
-            .and_then(|()| begin(conn));
+        let redo = conn.rollback().and_then(|()| begin(conn));
         if let Err(e) = redo {
             health.failed(&e);
-            let _ = conn.execute_batch("ROLLBACK");
+            let _ = conn.rollback();
             batch.into_iter().for_each(|job| job.fail(&e));
             return;
         }
@@ -1063,8 +1045,7 @@ fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>, health: &HealthState) 
     match &commit {
         Err(e) => {
             health.failed(e);
-            let _ = conn.execute_batch("ROLLBACK");
-            conn.journal.borrow_mut().forget();
+            let _ = conn.rollback();
         }
         Ok(()) => match batch.iter().find_map(|job| job.storage_failure()) {
             // A job refused by the storage (a full disk on its insert) while the others
@@ -1082,8 +1063,7 @@ fn run_batch(conn: &Db<'_>, mut batch: Vec<Box<dyn Job>>, health: &HealthState) 
 /// Rolls the open transaction back and answers every job of the batch with `e` (the
 /// start-up check's verdict, or the failed write of the epoch).
 fn refuse_batch(conn: &Db<'_>, batch: Vec<Box<dyn Job>>, e: StoreError, health: &HealthState) {
-    let _ = conn.execute_batch("ROLLBACK");
-    conn.journal.borrow_mut().forget();
+    let _ = conn.rollback();
     health.failed(&e);
     for mut job in batch {
         job.reject(match &e {
@@ -1094,6 +1074,14 @@ fn refuse_batch(conn: &Db<'_>, batch: Vec<Box<dyn Job>>, e: StoreError, health: 
             other => StoreError::Commit(other.to_string()),
         });
         job.complete(Err(&e));
+    }
+}
+
+impl Db<'_> {
+    /// Rolls the open transaction back, and with it the journal's index ([`journal`]).
+    fn rollback(&self) -> Result<(), StoreError> {
+        self.journal.borrow_mut().forget();
+        Ok(self.execute_batch("ROLLBACK")?)
     }
 }
 
@@ -1546,7 +1534,7 @@ impl EventLog for SqliteStore {
             let mut out = Vec::new();
             conn.journal
                 .borrow_mut()
-                .read_key(&conn.journal_sql, &key_id, |r| push_event(&mut out, r))?;
+                .read_key(&conn.journal_sql, &key_id, |r| out.extend(record_event(&r)))?;
             out.sort_by_key(|e| e.seq);
             Ok(out)
         })
@@ -1597,19 +1585,38 @@ impl EventLog for SqliteStore {
     }
 }
 
-/// Adds a journal record's event to `out`; an unreadable one is logged and skipped.
-fn push_event(out: &mut Vec<StoredEvent>, r: journal::Record<'_>) {
+/// A journal record's event: its key id, number and JSON; `None` for a request's record,
+/// or (logged) for JSON that is not UTF-8.
+fn event_json<'a>(r: &journal::Record<'a>) -> Option<(&'a str, u64, &'a str)> {
     let journal::Ident::Event(key_id, seq) = r.ident else {
-        return;
+        return None;
     };
-    let json = std::str::from_utf8(r.json).map_err(|e| e.to_string());
-    match json.and_then(record_json::read_event) {
-        Ok(event) => out.push(StoredEvent {
+    match std::str::from_utf8(r.json) {
+        Ok(json) => Some((key_id, seq, json)),
+        Err(e) => {
+            tracing::error!("store: skipping unreadable event: {e}");
+            None
+        }
+    }
+}
+
+/// A journal record's stored event ([`event_json`], [`stored_event`]).
+fn record_event(r: &journal::Record<'_>) -> Option<StoredEvent> {
+    event_json(r).and_then(|(key_id, seq, json)| stored_event(key_id, seq, json))
+}
+
+/// The stored event of a record's parts; an unreadable one is logged and skipped.
+fn stored_event(key_id: &str, seq: u64, json: &str) -> Option<StoredEvent> {
+    match record_json::read_event(json) {
+        Ok(event) => Some(StoredEvent {
             key_id: key_id.to_string(),
             seq,
             event,
         }),
-        Err(e) => tracing::error!("store: skipping unreadable event: {e}"),
+        Err(e) => {
+            tracing::error!("store: skipping unreadable event: {e}");
+            None
+        }
     }
 }
 
@@ -1633,15 +1640,11 @@ fn load_events_pipelined(db: &Db<'_>) -> Result<Vec<StoredEvent>, StoreError> {
                 for (text, ends) in rx {
                     let mut start = 0;
                     for (key_end, end, seq) in ends {
-                        let key_id = &text[start..key_end];
-                        match record_json::read_event(&text[key_end..end]) {
-                            Ok(event) => out.push(StoredEvent {
-                                key_id: key_id.to_string(),
-                                seq,
-                                event,
-                            }),
-                            Err(e) => tracing::error!("store: skipping unreadable event: {e}"),
-                        }
+                        out.extend(stored_event(
+                            &text[start..key_end],
+                            seq,
+                            &text[key_end..end],
+                        ));
                         start = end;
                     }
                 }
@@ -1655,15 +1658,8 @@ fn load_events_pipelined(db: &Db<'_>) -> Result<Vec<StoredEvent>, StoreError> {
             .journal
             .borrow_mut()
             .read(&db.journal_sql, journal::Kind::Event, |r| {
-                let journal::Ident::Event(key_id, seq) = r.ident else {
+                let Some((key_id, seq, json)) = event_json(&r) else {
                     return;
-                };
-                let json = match std::str::from_utf8(r.json) {
-                    Ok(json) => json,
-                    Err(e) => {
-                        tracing::error!("store: skipping unreadable event: {e}");
-                        return;
-                    }
                 };
                 chunk.0.push_str(key_id);
                 let key_end = chunk.0.len();
@@ -2801,7 +2797,7 @@ mod tests {
             let mut out = Vec::new();
             db.journal
                 .borrow_mut()
-                .read_key(&db.journal_sql, "a", |r| push_event(&mut out, r))?;
+                .read_key(&db.journal_sql, "a", |r| out.extend(record_event(&r)))?;
             Ok(out.iter().map(|e| e.seq).collect::<Vec<_>>())
         });
         let (fail, r_fail) = journal_job(|db| {
