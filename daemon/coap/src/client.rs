@@ -255,8 +255,10 @@ pub struct ClientConfig {
 #[derive(Debug, Clone)]
 pub struct OutRequest {
     pub method: RequestType,
-    /// Uri-Path segments.
-    pub path: Vec<String>,
+    /// The resource path: its non-empty `/`-separated segments are the Uri-Path options.
+    /// Kept whole (split as it is encoded): a `Vec` of segments cost an allocation each,
+    /// on every request.
+    pub path: String,
     pub query: Vec<String>,
     pub payload: Vec<u8>,
     pub content_format: Option<u16>,
@@ -266,14 +268,18 @@ pub struct OutRequest {
 }
 
 impl OutRequest {
+    /// The Uri-Path options: the path's non-empty segments.
+    pub fn segments(&self) -> impl Iterator<Item = &[u8]> {
+        self.path
+            .as_bytes()
+            .split(|b| *b == b'/')
+            .filter(|s| !s.is_empty())
+    }
+
     pub fn new(method: RequestType, path: &str) -> OutRequest {
         OutRequest {
             method,
-            path: path
-                .split('/')
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect(),
+            path: path.to_owned(),
             query: Vec::new(),
             payload: Vec::new(),
             content_format: None,
@@ -281,6 +287,55 @@ impl OutRequest {
             observe: None,
         }
     }
+}
+
+/// A request encoded for sending ([`Transport::build`]).
+struct Outgoing {
+    bytes: Vec<u8>,
+    message_id: u16,
+    token: [u8; 8],
+}
+
+/// `req` as a datagram ([`Transport::build`]).
+fn encode(
+    req: &OutRequest,
+    mtype: MessageType,
+    message_id: u16,
+    token: &[u8],
+    extra: &[(CoapOption, &[u8])],
+) -> Result<Vec<u8>, ClientError> {
+    let size = 24
+        + req.payload.len()
+        + req.path.len()
+        + 2 * req.segments().count()
+        + req.query.iter().map(|s| s.len() + 2).sum::<usize>();
+    let mut w = message::Writer::new(
+        mtype,
+        MessageClass::Request(req.method),
+        message_id,
+        token,
+        size,
+    );
+    if let Some(o) = req.observe {
+        w.uint_option(CoapOption::Observe.into(), o);
+    }
+    for seg in req.segments() {
+        w.option(CoapOption::UriPath.into(), seg);
+    }
+    if let Some(cf) = req.content_format {
+        w.uint_option(CoapOption::ContentFormat.into(), cf.into());
+    }
+    for q in &req.query {
+        w.option(CoapOption::UriQuery.into(), q.as_bytes());
+    }
+    if let Some(a) = req.accept {
+        w.uint_option(CoapOption::Accept.into(), a.into());
+    }
+    for (o, v) in extra {
+        w.option((*o).into(), v);
+    }
+    w.finish(&req.payload, Packet::MAX_SIZE)
+        .map_err(|e| ClientError::Encode(e.to_string()))
 }
 
 /// A device's answer, with the payload of every block assembled.
@@ -752,7 +807,7 @@ impl Transport {
         let first = if req.payload.len() > cfg.block_size {
             self.send_block1(peer, req, &cfg).await?
         } else {
-            let p = self.build(req, MessageType::Confirmable, |_| {});
+            let p = self.build(req, MessageType::Confirmable, &[])?;
             self.exchange(peer, p, &cfg).await?
         };
         let mut reply = CoapReply::from_packet(&first);
@@ -769,9 +824,11 @@ impl Transport {
             };
             let mut follow = req.clone();
             follow.observe = None;
-            let p = self.build(&follow, MessageType::Confirmable, |p| {
-                p.add_option(CoapOption::Block2, next.encode());
-            });
+            let p = self.build(
+                &follow,
+                MessageType::Confirmable,
+                &[(CoapOption::Block2, &next.encode())],
+            )?;
             let resp = self.exchange(peer, p, &cfg).await?;
             let part = CoapReply::from_packet(&resp);
             if part.code != ResponseType::Content {
@@ -811,12 +868,13 @@ impl Transport {
             let mut part = req.clone();
             part.payload = req.payload[offset..end].to_vec();
             let total = req.payload.len();
-            let p = self.build(&part, MessageType::Confirmable, |p| {
-                p.add_option(CoapOption::Block1, block.encode());
-                if num == 0 {
-                    p.add_option(CoapOption::Size1, message::encode_uint(total as u32));
-                }
-            });
+            let (block, size1) = (block.encode(), message::encode_uint(total as u32));
+            let extra: &[(CoapOption, &[u8])] = if num == 0 {
+                &[(CoapOption::Block1, &block), (CoapOption::Size1, &size1)]
+            } else {
+                &[(CoapOption::Block1, &block)]
+            };
+            let p = self.build(&part, MessageType::Confirmable, extra)?;
             let resp = self.exchange(peer, p, cfg).await?;
             if !more || resp.header.code != MessageClass::Response(ResponseType::Continue) {
                 // The final response, or an error that ends the transfer.
@@ -832,48 +890,32 @@ impl Transport {
         }
     }
 
-    /// A packet for `req` with a fresh message id and random token.
+    /// `req` encoded with a fresh message id and a random token, and `extra` options
+    /// (numbers above Accept's, in order: Block2, Block1, Size1) after its own. Refused
+    /// when the message would exceed [`Packet::MAX_SIZE`] (RFC 7252 §4.6).
     fn build(
         &self,
         req: &OutRequest,
         mtype: MessageType,
-        extra: impl FnOnce(&mut Packet),
-    ) -> Packet {
-        let mut p = Packet::new();
-        p.header.set_type(mtype);
-        p.header.code = MessageClass::Request(req.method);
-        p.header.message_id = self.next_message_id();
-        p.set_token(rand::random::<[u8; 8]>().to_vec());
-        if let Some(o) = req.observe {
-            p.add_option(CoapOption::Observe, message::encode_uint(o));
-        }
-        for seg in &req.path {
-            p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
-        }
-        if let Some(cf) = req.content_format {
-            p.add_option(CoapOption::ContentFormat, message::encode_uint(cf.into()));
-        }
-        for q in &req.query {
-            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
-        }
-        if let Some(a) = req.accept {
-            p.add_option(CoapOption::Accept, message::encode_uint(a.into()));
-        }
-        extra(&mut p);
-        p.payload = req.payload.clone();
-        p
+        extra: &[(CoapOption, &[u8])],
+    ) -> Result<Outgoing, ClientError> {
+        let token: [u8; 8] = rand::random();
+        let message_id = self.next_message_id();
+        let bytes = encode(req, mtype, message_id, &token, extra)?;
+        Ok(Outgoing {
+            bytes,
+            message_id,
+            token,
+        })
     }
 
     /// Sends a non-confirmable request and forgets it (`noResp=true`).
     pub async fn send_non(&self, peer: PeerRef, req: &OutRequest) -> Result<(), ClientError> {
-        let p = self.build(req, MessageType::NonConfirmable, |_| {});
-        let bytes = p
-            .to_bytes()
-            .map_err(|e| ClientError::Encode(format!("{e:?}")))?;
+        let p = self.build(req, MessageType::NonConfirmable, &[])?;
         let sock = self
             .listener(&peer.listener)
             .ok_or(ClientError::NoSocket(peer.listener))?;
-        sock.send(peer.session, &bytes)
+        sock.send(peer.session, &p.bytes)
             .await
             .map_err(|e| ClientError::Io(e.to_string()))?;
         Ok(())
@@ -884,10 +926,10 @@ impl Transport {
     async fn exchange(
         &self,
         peer: PeerRef,
-        packet: Packet,
+        packet: Outgoing,
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
-        let token = packet.get_token().to_vec();
+        let token = packet.token.to_vec();
         let (tx, mut rx) = mpsc::channel(EXCHANGE_QUEUE);
         self.lock_client().by_token.insert(
             token.clone(),
@@ -914,8 +956,8 @@ impl Transport {
         let cfg = self.client_config().clone();
         let mut r = req.clone();
         r.observe = Some(0);
-        let packet = self.build(&r, MessageType::Confirmable, |_| {});
-        let token = packet.get_token().to_vec();
+        let packet = self.build(&r, MessageType::Confirmable, &[])?;
+        let token = packet.token.to_vec();
         let (tx, rx) = mpsc::channel(OBSERVE_QUEUE);
         let queued = {
             let mut client = self.lock_client();
@@ -944,7 +986,7 @@ impl Transport {
     async fn transmit(
         &self,
         to: PeerRef,
-        packet: &Packet,
+        packet: &Outgoing,
         rx: &mut mpsc::Receiver<ClientEvent>,
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
@@ -952,13 +994,11 @@ impl Transport {
             .listener(&to.listener)
             .ok_or(ClientError::NoSocket(to.listener))?;
         let peer = to.session;
-        let bytes = packet
-            .to_bytes()
-            .map_err(|e| ClientError::Encode(format!("{e:?}")))?;
-        let mid = packet.header.message_id;
+        let bytes = &packet.bytes;
+        let mid = packet.message_id;
         self.lock_client()
             .by_mid
-            .insert((peer, mid), packet.get_token().to_vec());
+            .insert((peer, mid), packet.token.to_vec());
         let _mid_route = MidGuard {
             transport: self,
             key: (peer, mid),
@@ -969,7 +1009,7 @@ impl Transport {
         // failed at once by the listener when the connection closes.
         let reliable = !to.listener.kind.unreliable();
         loop {
-            sock.send(peer, &bytes)
+            sock.send(peer, bytes)
                 .await
                 .map_err(|e| ClientError::Io(e.to_string()))?;
             let deadline = if reliable {
@@ -1100,6 +1140,152 @@ mod tests {
     /// A device that notifies faster than its notifications are taken: the excess is
     /// dropped at the observation's queue bound, nothing is reset, and the observation
     /// goes on delivering afterwards.
+    /// The request as `coap-lite` encodes it: what [`encode`] replaced, and must match.
+    fn encoded_by_coap_lite(
+        req: &OutRequest,
+        mtype: MessageType,
+        mid: u16,
+        token: &[u8],
+        extra: &[(CoapOption, &[u8])],
+    ) -> Option<Vec<u8>> {
+        let mut p = Packet::new();
+        p.header.set_type(mtype);
+        p.header.code = MessageClass::Request(req.method);
+        p.header.message_id = mid;
+        p.set_token(token.to_vec());
+        if let Some(o) = req.observe {
+            p.add_option(CoapOption::Observe, message::encode_uint(o));
+        }
+        for seg in req.segments() {
+            p.add_option(CoapOption::UriPath, seg.to_vec());
+        }
+        if let Some(cf) = req.content_format {
+            p.add_option(CoapOption::ContentFormat, message::encode_uint(cf.into()));
+        }
+        for q in &req.query {
+            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+        }
+        if let Some(a) = req.accept {
+            p.add_option(CoapOption::Accept, message::encode_uint(a.into()));
+        }
+        for (o, v) in extra {
+            p.add_option(*o, v.to_vec());
+        }
+        p.payload = req.payload.clone();
+        p.to_bytes().ok()
+    }
+
+    #[test]
+    fn requests_are_encoded_byte_for_byte_as_coap_lite_encodes_them() {
+        // A small deterministic generator (xorshift), so a failure repeats.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        // Lengths at the option encoding's edges (12/13, 268/269) and beyond.
+        let lens = [0usize, 1, 3, 12, 13, 14, 200, 268, 269, 270, 300, 1300];
+        let methods = [
+            RequestType::Get,
+            RequestType::Post,
+            RequestType::Put,
+            RequestType::Delete,
+            RequestType::Fetch,
+        ];
+        let uints = [0u32, 1, 12, 255, 256, 65_535, 65_536, 1 << 24, u32::MAX];
+        let (mut same, mut refused) = (0, 0);
+        for case in 0..4000 {
+            let mut req = OutRequest::new(methods[next(5) as usize], "");
+            for _ in 0..next(5) {
+                let len = lens[next(lens.len() as u64 - 1) as usize];
+                // Empty segments (`//`) are no option.
+                req.path.push('/');
+                req.path.push_str(&"a".repeat(len));
+            }
+            for _ in 0..next(3) {
+                req.query
+                    .push(format!("q={}", "v".repeat(lens[next(9) as usize])));
+            }
+            let pick = |v: u64| uints[v as usize] as u16;
+            req.observe = (next(3) == 0).then(|| uints[next(9) as usize]);
+            req.content_format = (next(2) == 0).then(|| pick(next(6)));
+            req.accept = (next(2) == 0).then(|| pick(next(6)));
+            req.payload = (0..lens[next(lens.len() as u64) as usize])
+                .map(|i| i as u8)
+                .collect();
+            let (b2, b1, size1) = (
+                message::encode_uint(uints[next(9) as usize]),
+                message::encode_uint(uints[next(6) as usize]),
+                message::encode_uint(uints[next(9) as usize]),
+            );
+            let extra: Vec<(CoapOption, &[u8])> = match next(4) {
+                0 => vec![],
+                1 => vec![(CoapOption::Block2, &b2)],
+                2 => vec![(CoapOption::Block1, &b1)],
+                _ => vec![(CoapOption::Block1, &b1), (CoapOption::Size1, &size1)],
+            };
+            let mtype = if next(2) == 0 {
+                MessageType::Confirmable
+            } else {
+                MessageType::NonConfirmable
+            };
+            let mid = next(65_536) as u16;
+            let token = next(u64::MAX).to_be_bytes();
+            let ours = encode(&req, mtype, mid, &token, &extra).ok();
+            let theirs = encoded_by_coap_lite(&req, mtype, mid, &token, &extra);
+            assert_eq!(ours, theirs, "case {case}: {req:?} {extra:?}");
+            if ours.is_some() {
+                same += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        // Both outcomes were exercised, not one alone.
+        assert!(
+            same > 1000 && refused > 200,
+            "{same} encoded, {refused} refused"
+        );
+        // And what comes out decodes to the request.
+        let mut req = OutRequest::new(RequestType::Put, "/3/0/15");
+        req.query.push("pmin=10".into());
+        req.content_format = Some(11542);
+        req.payload = b"tlv".to_vec();
+        let bytes = encode(&req, MessageType::Confirmable, 7, &[1, 2], &[]).unwrap();
+        let p = message::decode(&bytes).unwrap();
+        assert_eq!(p.header.message_id, 7);
+        assert_eq!(p.get_token(), &[1, 2]);
+        assert_eq!(message::uri_path(&p), ["3", "0", "15"]);
+        assert_eq!(message::uri_query(&p), ["pmin=10"]);
+        assert_eq!(
+            message::uint_option(&p, CoapOption::ContentFormat),
+            Some(11542)
+        );
+        assert_eq!(p.payload, b"tlv");
+    }
+
+    #[test]
+    fn options_out_of_order_and_long_tokens_are_refused() {
+        let mut w = message::Writer::new(
+            MessageType::Confirmable,
+            MessageClass::Request(RequestType::Get),
+            1,
+            &[],
+            0,
+        );
+        w.option(11, b"a").option(6, b"");
+        assert!(w.finish(&[], 1280).is_err());
+        let w = message::Writer::new(
+            MessageType::Confirmable,
+            MessageClass::Request(RequestType::Get),
+            1,
+            &[0; 9],
+            0,
+        );
+        assert!(w.finish(&[], 1280).is_err());
+    }
+
     #[tokio::test]
     async fn notifications_beyond_the_queue_bound_are_dropped_not_queued() {
         let s = setup(fast()).await;
