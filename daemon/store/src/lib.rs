@@ -249,8 +249,10 @@ pub trait RequestStore: Send + Sync + 'static {
     /// with its [`Job::row`].
     fn load_requests(&self) -> Pending<Vec<Job>>;
     /// Stores a request to a device before it is acknowledged with its async-response id;
-    /// resolves to the request's row number (for [`Job::row`]).
-    fn put_request(&self, job: Job) -> Pending<u64>;
+    /// resolves to the request's row number (for [`Job::row`]). Borrowed: a store takes
+    /// what it keeps (the SQLite store, the record's JSON, rendered on the caller's thread)
+    /// rather than the caller cloning the job for it.
+    fn put_request(&self, job: &Job) -> Pending<u64>;
     /// Removes a request by row number once its answer is an event (or it was cancelled).
     fn delete_request(&self, row: u64) -> Pending<()>;
 }

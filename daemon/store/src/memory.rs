@@ -216,7 +216,8 @@ impl RequestStore for MemoryStore {
         })
     }
 
-    fn put_request(&self, job: Job) -> Pending<u64> {
+    fn put_request(&self, job: &Job) -> Pending<u64> {
+        let job = job.clone();
         self.write(|s| {
             s.last_row += 1;
             let row = s.last_row;

@@ -2073,7 +2073,8 @@ impl RequestStore for NatsStore {
         })
     }
 
-    fn put_request(&self, job: Job) -> Pending<u64> {
+    fn put_request(&self, job: &Job) -> Pending<u64> {
+        let job = job.clone();
         self.submit(|r| Op::PutRequest(job, r))
     }
 

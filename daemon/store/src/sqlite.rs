@@ -1706,7 +1706,9 @@ impl RequestStore for SqliteStore {
         })
     }
 
-    fn put_request(&self, job: RequestJob) -> Pending<u64> {
+    fn put_request(&self, job: &RequestJob) -> Pending<u64> {
+        // Rendered here, off the store thread (which every job of the daemon shares).
+        let json = record_json::request(job);
         self.submit(move |conn| {
             // Rows count up from one more than the largest stored, so a number can come
             // back after a restart if the largest row was deleted; that row's job was
@@ -1714,7 +1716,8 @@ impl RequestStore for SqliteStore {
             // to it.
             conn.journal
                 .borrow_mut()
-                .put_request(&conn.journal_sql, record_json::request(&job))
+                // A copy: the job runs again if its batch is redone.
+                .put_request(&conn.journal_sql, json.clone())
         })
     }
 
@@ -2412,9 +2415,9 @@ mod tests {
             let s = SqliteStore::open(dir.path()).unwrap();
             // Ids in reverse alphabetical order: the order kept must be the order stored.
             let pending = [
-                s.put_request(job("z", 1)),
-                s.put_request(job("y", 2)),
-                s.put_request(job("x", 3)),
+                s.put_request(&job("z", 1)),
+                s.put_request(&job("y", 2)),
+                s.put_request(&job("x", 3)),
             ];
             let mut rows = Vec::new();
             for p in pending {
@@ -2589,7 +2592,7 @@ mod tests {
         assert_eq!(s.load_events_of("a".into()).await.unwrap().len(), 15);
         // A new request numbers above every stored one; deleting everything empties the
         // table.
-        assert_eq!(s.put_request(job("new", 9)).await.unwrap(), 101);
+        assert_eq!(s.put_request(&job("new", 9)).await.unwrap(), 101);
         for j in s.load_requests().await.unwrap() {
             s.delete_request(j.row).await.unwrap();
         }
@@ -2639,7 +2642,7 @@ mod tests {
             vec![("", 9), ("k:1", 1 << 40 | 1), ("k:1", 1 << 40 | 2)]
         );
         assert_eq!(events[1].event, note(1 << 40 | 1));
-        assert_eq!(s.put_request(job("d", 8)).await.unwrap(), 6);
+        assert_eq!(s.put_request(&job("d", 8)).await.unwrap(), 6);
         s.delete_request(3).await.unwrap();
         s.delete_events_through("k:1".into(), 1 << 40 | 1)
             .await

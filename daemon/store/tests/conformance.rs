@@ -163,9 +163,9 @@ async fn writes_and_loads(s: &dyn Store) -> Seqs {
     assert_eq!(s.load_channels().await.unwrap(), vec![ch]);
 
     // Requests by row, in order; an answer's events remove their request in one write.
-    let r1 = s.put_request(job("a")).await.unwrap();
-    let r2 = s.put_request(job("b")).await.unwrap();
-    let r3 = s.put_request(job("c")).await.unwrap();
+    let r1 = s.put_request(&job("a")).await.unwrap();
+    let r2 = s.put_request(&job("b")).await.unwrap();
+    let r3 = s.put_request(&job("c")).await.unwrap();
     assert!(r1 < r2 && r2 < r3);
     s.delete_request(r1).await.unwrap();
     let k12 = append(s, vec![new("k", 1), new("k", 2)], Some(r2)).await;
@@ -194,7 +194,7 @@ async fn writes_and_loads(s: &dyn Store) -> Seqs {
         }),
         ..job("d")
     };
-    let r4 = s.put_request(terms.clone()).await.unwrap();
+    let r4 = s.put_request(&terms).await.unwrap();
     let with_terms = s.load_requests().await.unwrap();
     assert_eq!(with_terms.last(), Some(&Job { row: r4, ..terms }));
     // Answered before "c", queued earlier for the same endpoint (an expiry does that):
@@ -1273,14 +1273,14 @@ mod nats {
         }
         let ids: Vec<_> = loaded.await.unwrap().into_iter().map(|r| r.id).collect();
         assert_eq!(ids, ["2"]);
-        let row = s.put_request(job("x")).await.unwrap();
+        let row = s.put_request(&job("x")).await.unwrap();
         s.delete_request(row).await.unwrap();
         s.delete_request(row).await.unwrap();
         s.delete_request(row + 100).await.unwrap();
         assert!(s.load_requests().await.unwrap().is_empty());
         // Many at once: every one acknowledged, in order, one number each.
         let pending: Vec<_> = (0..500)
-            .map(|i| s.put_request(job(&i.to_string())))
+            .map(|i| s.put_request(&job(&i.to_string())))
             .collect();
         let mut rows = Vec::new();
         for p in pending {
@@ -1302,7 +1302,7 @@ mod nats {
         other.prefix = "fleet2".into();
         let b = NatsStore::connect(other).await.unwrap();
         a.put_registration(reg("1", "d", "ep")).await.unwrap();
-        a.put_request(job("x")).await.unwrap();
+        a.put_request(&job("x")).await.unwrap();
         assert!(b.load_registrations().await.unwrap().is_empty());
         assert!(b.load_requests().await.unwrap().is_empty());
         assert_eq!(a.load_requests().await.unwrap().len(), 1);
@@ -1386,7 +1386,7 @@ mod nats {
             acked.push(i.to_string());
         }
         let seqs = append(&s, vec![new("k", 1), new("k", 2)], None).await;
-        let row = s.put_request(job("r")).await.unwrap();
+        let row = s.put_request(&job("r")).await.unwrap();
 
         // Kill the server this client is connected to, or any: the first.
         cluster.servers[0].kill();

@@ -128,6 +128,17 @@ impl Endpoint {
             })
     }
 
+    /// [`Endpoint::paths`] as bytes, without the observable mark: split as bytes, for
+    /// [`crate::requests::resource_known`] on every request (`str::split` with a `char`
+    /// pattern set up a searcher for each short path, several times the cost).
+    pub fn path_bytes(&self) -> impl Iterator<Item = &[u8]> {
+        self.paths
+            .as_bytes()
+            .split(|b| *b == 0)
+            .filter(|p| !p.is_empty())
+            .map(|p| p.strip_prefix(b"*").unwrap_or(p))
+    }
+
     /// The Content-Formats the device lists on its root link, preferred first.
     pub fn formats(&self) -> Vec<u16> {
         root_formats(&self.reg.links)
