@@ -21,3 +21,24 @@ pub fn push_string(out: &mut String, s: &str) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_are_written_as_serde_writes_them() {
+        for s in [
+            "",
+            "plain",
+            "with \"quotes\" and \\ backslash",
+            "ctrl \u{1} \n \t \u{1f} \u{7f}",
+            "ünïcödé and 日本語 and 🎉, long enough for several chunks",
+            "0123456789abcdef\"",
+        ] {
+            let mut out = String::new();
+            push_string(&mut out, s);
+            assert_eq!(out, serde_json::to_string(s).unwrap());
+        }
+    }
+}
