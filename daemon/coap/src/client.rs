@@ -1137,9 +1137,6 @@ mod tests {
         dev.send_to(&p.to_bytes().unwrap(), to).await.unwrap();
     }
 
-    /// A device that notifies faster than its notifications are taken: the excess is
-    /// dropped at the observation's queue bound, nothing is reset, and the observation
-    /// goes on delivering afterwards.
     /// The request as `coap-lite` encodes it: what [`encode`] replaced, and must match.
     fn encoded_by_coap_lite(
         req: &OutRequest,
@@ -1265,6 +1262,61 @@ mod tests {
         assert_eq!(p.payload, b"tlv");
     }
 
+    /// Option deltas at the encoding's edges (12/13, 268/269 and beyond), which the
+    /// options of a request never reach, against `coap-lite`'s encoding.
+    #[test]
+    fn option_deltas_at_every_edge_are_encoded_as_coap_lite_encodes_them() {
+        let numbers: [&[u16]; 6] = [
+            &[13],
+            &[12, 25],
+            &[1, 269],
+            &[268, 537],
+            &[11, 300, 2000, 2013, 65_000],
+            &[0, 14, 282, 551, 65_535],
+        ];
+        for nums in numbers {
+            for len in [0usize, 12, 13, 268, 269, 300] {
+                let value = vec![7u8; len];
+                let mut w = message::Writer::new(
+                    MessageType::Confirmable,
+                    MessageClass::Request(RequestType::Get),
+                    9,
+                    &[1, 2, 3],
+                    0,
+                );
+                let mut p = Packet::new();
+                p.header.code = MessageClass::Request(RequestType::Get);
+                p.header.message_id = 9;
+                p.set_token(vec![1, 2, 3]);
+                for n in nums {
+                    w.option(*n, &value);
+                    p.add_option(CoapOption::from(*n), value.clone());
+                }
+                let limit = 64_000;
+                assert_eq!(
+                    w.finish(b"x", limit).ok(),
+                    {
+                        p.payload = b"x".to_vec();
+                        p.to_bytes_with_limit(limit).ok()
+                    },
+                    "{nums:?} {len}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_path_s_empty_segments_are_no_options() {
+        let r = OutRequest::new(RequestType::Get, "//a//b/");
+        assert_eq!(r.segments().collect::<Vec<_>>(), [b"a", b"b"]);
+        assert_eq!(OutRequest::new(RequestType::Get, "/").segments().count(), 0);
+        let bytes = encode(&r, MessageType::Confirmable, 1, &[], &[]).unwrap();
+        assert_eq!(
+            message::uri_path(&message::decode(&bytes).unwrap()),
+            ["a", "b"]
+        );
+    }
+
     #[test]
     fn options_out_of_order_and_long_tokens_are_refused() {
         let mut w = message::Writer::new(
@@ -1286,6 +1338,9 @@ mod tests {
         assert!(w.finish(&[], 1280).is_err());
     }
 
+    /// A device that notifies faster than its notifications are taken: the excess is
+    /// dropped at the observation's queue bound, nothing is reset, and the observation
+    /// goes on delivering afterwards.
     #[tokio::test]
     async fn notifications_beyond_the_queue_bound_are_dropped_not_queued() {
         let s = setup(fast()).await;

@@ -35,6 +35,14 @@ mod tests {
             "ctrl \u{1} \n \t \u{1f} \u{7f}",
             "ünïcödé and 日本語 and 🎉, long enough for several chunks",
             "0123456789abcdef\"",
+            // One byte to escape, alone or last, after a run that needs none.
+            "\u{1f}",
+            "0123456789abcdefghij\u{0}",
+            "0123456789abcdefghij\\",
+            // Nothing to escape: DEL, non-ASCII, the space.
+            "\u{7f}",
+            "é",
+            " ",
         ] {
             let mut out = String::new();
             push_string(&mut out, s);
