@@ -124,6 +124,36 @@ fn subscribe_receive_notifications_and_unsubscribe() {
         (r.status, r.body.as_str()),
         (200, "/subscriptions/obs-1/3303/0/5700")
     );
+    // Their one content type (seed 000): an Accept that takes it gets it, one that does
+    // not gets 406, before anything is looked up.
+    for path in [
+        "/v2/subscriptions/obs-1/3303/0/5700",
+        "/v2/subscriptions/obs-1",
+    ] {
+        for accept in [
+            "text/uri-list",
+            "text/*",
+            "*/*",
+            "application/json;q=0.5, text/uri-list",
+        ] {
+            let r = d.get_accept(path, accept);
+            assert_eq!(
+                (r.status, r.content_type.as_str()),
+                (200, "text/uri-list"),
+                "{path} {accept}"
+            );
+        }
+        for accept in ["application/json", "text/uri-list;q=0, application/json"] {
+            let r = d.get_accept(path, accept);
+            assert_eq!(r.status, 406, "{path} {accept}: {}", r.body);
+            assert_eq!(r.json()["type"], "not_acceptable");
+        }
+    }
+    assert_eq!(
+        d.get_accept("/v2/subscriptions/obs-1/9/9/9", "application/json")
+            .status,
+        406
+    );
     // Already observed: 200 at once, nothing sent to the device.
     assert_eq!(
         d.call("PUT", "/v2/subscriptions/obs-1/3303/0/5700", None, None)

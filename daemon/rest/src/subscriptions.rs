@@ -6,6 +6,8 @@
 //! - `GET /subscriptions/{ep}`: 200 `text/uri-list` of the key's subscriptions on the
 //!   endpoint, 404 when there are none; `DELETE`: 204, 404 when the endpoint is not
 //!   registered and the key has no subscriptions there.
+//! - Both `GET`s answer 406 to an `Accept` that takes no `text/uri-list` (the seed's only
+//!   content type for them), before looking anything up, as `GET /endpoints` does.
 //! - `PUT /subscriptions`: pre-subscriptions (204, 400 malformed); `GET`: them (`[]` when
 //!   none); `DELETE /subscriptions` and `DELETE /subscriptions/`: all the key's
 //!   subscriptions (204).
@@ -24,6 +26,29 @@ use crate::requests::RequestError;
 use connectord_core::subscriptions::{SubError, Subscribed, Subscriptions, presub};
 
 const URI_LIST: &str = "text/uri-list";
+
+/// 406 unless the request's `Accept` takes `text/uri-list` (by q-value; absent, empty or
+/// not readable as text: anything is taken, as for `GET /endpoints`).
+fn uri_list_accepted(parts: &Parts) -> Result<(), Reply> {
+    let accept = parts
+        .headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|a| !a.trim().is_empty());
+    let Some(accept) = accept else {
+        return Ok(());
+    };
+    super::endpoints::best_by_q(accept, |media| {
+        matches!(media, URI_LIST | "text/*" | "*/*").then_some(())
+    })
+    .ok_or_else(|| {
+        error(
+            StatusCode::NOT_ACCEPTABLE,
+            "not_acceptable",
+            "this resource is available as text/uri-list",
+        )
+    })
+}
 
 fn storage_failure(e: impl Into<SubError>) -> Reply {
     match e.into() {
@@ -84,6 +109,9 @@ pub async fn resource(
             Err(e) => storage_failure(e),
         },
         Method::GET => {
+            if let Err(r) = uri_list_accepted(parts) {
+                return r;
+            }
             if subs.is_subscribed(who, ep, path) {
                 Reply::with_type(
                     StatusCode::OK,
@@ -115,6 +143,9 @@ pub async fn endpoint(
     ep: &str,
 ) -> Reply {
     if parts.method == Method::GET {
+        if let Err(r) = uri_list_accepted(parts) {
+            return r;
+        }
         let paths = subs.list(who, ep);
         if paths.is_empty() {
             return error(
