@@ -347,24 +347,18 @@ pub async fn run_foreign_registrations(
     use tokio::sync::broadcast::error::RecvError;
     let mut tick = tokio::time::interval(ORPHANS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A full step of orphans was expired: the next step goes at once, still taking turns
+    // with the other nodes' changes (`select!` picks among the ready branches at random).
+    let mut more = false;
     loop {
         let change = tokio::select! {
             _ = stop.recv() => return,
-            _ = tick.tick() => {
-                let live = view.member_names();
-                if live.first().map(String::as_str) == Some(view.node()) {
-                    let now = crate::registry::now_ms();
-                    let gone = registry
-                        .expire_orphans(now, &|n| live.iter().any(|m| m == n))
-                        .await;
-                    for ep in gone {
-                        tracing::info!(
-                            ep = %ep.reg.name, domain = %ep.reg.domain,
-                            owner = ep.reg.node.as_deref().unwrap_or(""),
-                            "cluster: expired the registration of a node that left"
-                        );
-                    }
-                }
+            _ = tick.tick(), if !more => {
+                more = expire_orphans_step(&registry, &view).await;
+                continue;
+            }
+            () = std::future::ready(()), if more => {
+                more = expire_orphans_step(&registry, &view).await;
                 continue;
             }
             c = rx.recv() => c,
@@ -387,6 +381,31 @@ pub async fn run_foreign_registrations(
             );
         }
     }
+}
+
+/// One step of the expiry of the registrations of nodes that left, if this node is the one
+/// that does it ([`run_foreign_registrations`]); true when more may be due. Each expired
+/// registration is logged within the per-device line budget (`[log] device_lines_per_s`):
+/// a node that held a million leaves a bounded log.
+async fn expire_orphans_step(registry: &crate::registry::Registry, view: &ClusterView) -> bool {
+    let live = view.member_names();
+    if live.first().map(String::as_str) != Some(view.node()) {
+        return false;
+    }
+    let now = crate::registry::now_ms();
+    let (more, gone) = registry
+        .expire_orphans(now, &|n| live.iter().any(|m| m == n))
+        .await;
+    for ep in gone {
+        if crate::log_budget::allow(crate::log_budget::DeviceLine::Expired) {
+            tracing::info!(
+                ep = %ep.reg.name, domain = %ep.reg.domain,
+                owner = ep.reg.node.as_deref().unwrap_or(""),
+                "cluster: expired the registration of a node that left"
+            );
+        }
+    }
+    more
 }
 
 /// The longest the traffic limits wait between two saves on NATS: the other nodes add a

@@ -313,11 +313,13 @@ impl Maps {
         &self,
         now_ms: u64,
         live: &(dyn Fn(&str) -> bool + Sync),
+        limit: usize,
     ) -> Vec<String> {
         self.foreign_deadlines
             .iter()
             .take_while(|d| d.at() <= now_ms)
             .filter(|d| d.0.reg.node.as_deref().is_some_and(|n| !live(n)))
+            .take(limit)
             .map(|d| d.0.reg.id.clone())
             .collect()
     }

@@ -1132,17 +1132,31 @@ impl Registry {
     /// listeners (the expiry event goes to the channels of this node). The caller decides
     /// that this node is the one survivor that does it (`cluster::run_foreign_registrations`:
     /// the live member with the lowest name), so one expiry event is published.
+    ///
+    /// One step, as [`Registry::expire_batch`]: at most `registry.expiry_batch`, the
+    /// earliest first, so that the registrations of a node that held a million are
+    /// expired in bounded steps with the daemon serving in between. Returns whether the
+    /// step was full and every removal stored (more may be due: the caller goes on at
+    /// once), and what it expired.
     pub async fn expire_orphans(
         &self,
         now_ms: u64,
         live: &(dyn Fn(&str) -> bool + Sync),
-    ) -> Vec<Arc<Endpoint>> {
+    ) -> (bool, Vec<Arc<Endpoint>>) {
         let removed = {
             let mut inner = self.lock();
-            let due = inner.orphans_due(now_ms, live);
+            let due = inner.orphans_due(now_ms, live, self.cfg.expiry_batch);
             self.remove_for_expiry(&mut inner, due)
         };
-        self.finish_expiry(removed).await
+        let taken = removed.len();
+        if taken == 0 {
+            return (false, Vec::new());
+        }
+        let expired = self.finish_expiry(removed).await;
+        (
+            taken >= self.cfg.expiry_batch && expired.len() == taken,
+            expired,
+        )
     }
 
     /// The expiry task: sleeps until the next deadline (or until woken by a change), then

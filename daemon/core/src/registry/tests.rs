@@ -612,6 +612,54 @@ fn foreign(id: &str, name: &str, node: &str, expires_at_ms: u64) -> Registration
     r
 }
 
+/// The registrations of a node that left are expired in steps of `registry.expiry_batch`,
+/// the earliest first, each step saying whether more may be due; those of a live node and
+/// those not due stay.
+#[tokio::test]
+async fn orphans_expire_in_bounded_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = RegistryConfig {
+        expiry_batch: 2,
+        ..Default::default()
+    };
+    let reg = open(dir.path(), cfg).on_node("n2");
+    let now = now_ms();
+    for (i, name) in ["e", "d", "c", "b", "a"].iter().enumerate() {
+        let r = foreign(&format!("f{i}"), name, "n1", now - 10 + i as u64);
+        assert!(
+            reg.apply_foreign(ForeignChange::Put(Box::new(r)))
+                .await
+                .is_none()
+        );
+    }
+    let live = foreign("g", "live", "n3", now - 100);
+    let later = foreign("h", "later", "n1", now + 60_000);
+    for r in [live, later] {
+        let _ = reg.apply_foreign(ForeignChange::Put(Box::new(r))).await;
+    }
+    let names = |gone: &[Arc<Endpoint>]| -> Vec<String> {
+        gone.iter().map(|e| e.reg.name.clone()).collect()
+    };
+    let alive = |n: &str| n == "n2" || n == "n3";
+    let (more, gone) = reg.expire_orphans(now, &alive).await;
+    assert_eq!(
+        (more, names(&gone)),
+        (true, vec!["e".to_string(), "d".into()])
+    );
+    let (more, gone) = reg.expire_orphans(now, &alive).await;
+    assert_eq!(
+        (more, names(&gone)),
+        (true, vec!["c".to_string(), "b".into()])
+    );
+    let (more, gone) = reg.expire_orphans(now, &alive).await;
+    assert_eq!((more, names(&gone)), (false, vec!["a".to_string()]));
+    let (more, gone) = reg.expire_orphans(now, &alive).await;
+    assert_eq!((more, gone.len()), (false, 0));
+    let dir_ = reg.directory();
+    assert!(dir_.get("default", "live").is_some());
+    assert!(dir_.get("default", "later").is_some());
+}
+
 /// Issue 22: another node's registration is listed but neither announced nor expired here
 /// while its owner lives; once the owner is gone it expires here (stored removal, event);
 /// a foreign put over our own registration is a move (`Moved`, not announced otherwise);
@@ -640,11 +688,12 @@ async fn foreign_registrations_are_listed_expired_when_orphaned_and_moved() {
     assert!(
         reg.expire_orphans(now_ms(), &|n| n == "n1")
             .await
+            .1
             .is_empty()
     );
     assert!(told.0.lock().unwrap().is_empty());
-    let gone = reg.expire_orphans(now_ms(), &|n| n == "n2").await;
-    assert_eq!(gone.len(), 1);
+    let (more, gone) = reg.expire_orphans(now_ms(), &|n| n == "n2").await;
+    assert_eq!((more, gone.len()), (false, 1));
     assert!(dir_.get("default", "a").is_none());
     assert_eq!(*told.0.lock().unwrap(), ["expired"]);
 
