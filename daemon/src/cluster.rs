@@ -369,7 +369,21 @@ pub async fn run_foreign_registrations(
                 ForeignChange::Deleted { domain, name }
             }
             Err(RecvError::Lagged(n)) => {
-                tracing::warn!("cluster: missed {n} registration changes of other nodes");
+                // Lost: read them all again, subscribed anew first so that no change
+                // falls between the read and the watch (one in both is applied twice,
+                // in order, harmlessly).
+                tracing::warn!(
+                    "cluster: missed {n} registration changes of other nodes; reading their registrations again"
+                );
+                rx = rx.resubscribe();
+                match registry.reload_foreign().await {
+                    Ok((read, dropped)) => tracing::info!(
+                        "cluster: read {read} registrations of other nodes again; dropped {dropped} they no longer hold"
+                    ),
+                    Err(e) => tracing::error!(
+                        "cluster: cannot read the registrations of other nodes again ({e}); this node lists what it last saw until their next changes"
+                    ),
+                }
                 continue;
             }
             Err(RecvError::Closed) => return,
@@ -549,5 +563,103 @@ pub async fn serve_calls<F, Fut>(
             work.await;
             drop(slot);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RegistryConfig;
+    use crate::metrics::Counters;
+    use crate::registry::{Registration, Registry};
+    use crate::store::nats::RegistrationChange;
+    use crate::store::sqlite::SqliteStore;
+
+    async fn wait(what: &str, ok: impl Fn() -> bool) {
+        let t = std::time::Instant::now();
+        while !ok() {
+            assert!(t.elapsed() < Duration::from_secs(10), "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn foreign(id: &str, name: &str) -> Registration {
+        let peer = "127.0.0.1:1".parse().unwrap();
+        Registration {
+            id: id.into(),
+            domain: "default".into(),
+            name: name.into(),
+            ept: None,
+            lifetime_s: 60,
+            binding: "U".into(),
+            lwm2m: None,
+            queue: false,
+            peer: crate::model::PeerRef::udp(peer, peer),
+            links: "</3/0>".into(),
+            registered_at_ms: 0,
+            expires_at_ms: crate::registry::now_ms() + 60_000,
+            node: Some("n1".into()),
+        }
+    }
+
+    /// The watch of the other nodes' registration changes lagged (changes lost): the task
+    /// reads their registrations again from the store, and then goes on applying the
+    /// changes that come after. Before, it logged the loss and listed a stale view.
+    #[tokio::test]
+    async fn a_lagging_watch_reads_the_other_nodes_registrations_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let registry = Arc::new(
+            Registry::new(
+                RegistryConfig::default(),
+                Arc::clone(&store),
+                Arc::new(Counters::default()),
+                None,
+            )
+            .on_node("n2"),
+        );
+        // Listed here once; its removal is among the changes lost.
+        registry
+            .apply_foreign(crate::registry::ForeignChange::Put(Box::new(foreign(
+                "f0", "gone",
+            ))))
+            .await;
+        // What the other node holds now.
+        for (id, name) in [("f1", "a"), ("f2", "b")] {
+            store.put_registration(foreign(id, name)).await.unwrap();
+        }
+        // Four changes into a channel that keeps two: the first receive lags.
+        let (tx, rx) = tokio::sync::broadcast::channel(2);
+        tx.send(RegistrationChange::Deleted {
+            domain: "default".into(),
+            name: "gone".into(),
+        })
+        .unwrap();
+        for (id, name) in [("f1", "a"), ("f9", "lost"), ("f2", "b")] {
+            tx.send(RegistrationChange::Put(Box::new(foreign(id, name))))
+                .unwrap();
+        }
+        let view = Arc::new(ClusterView::new("nats", "n2".into(), Vec::new()));
+        let (stop, stopped) = shutdown::channel();
+        let task = tokio::spawn(run_foreign_registrations(
+            rx,
+            Arc::clone(&registry),
+            view,
+            stopped,
+        ));
+        let d = Arc::clone(registry.directory());
+        let listed = |name: &str| d.get("default", name).is_some();
+        wait("read again", || {
+            listed("a") && listed("b") && !listed("gone")
+        })
+        .await;
+        // After the read, the watch goes on.
+        tx.send(RegistrationChange::Put(Box::new(foreign("f3", "c"))))
+            .unwrap();
+        wait("a later change", || listed("c")).await;
+        // "lost" was put and is not in the store: the read lists what the store holds.
+        assert!(!listed("lost"));
+        stop.fire();
+        task.await.unwrap();
     }
 }

@@ -324,6 +324,17 @@ impl Maps {
             .collect()
     }
 
+    /// The id, domain and name of every other node's registration listed here.
+    pub(super) fn foreign_names(&self) -> Vec<(String, String, String)> {
+        self.foreign_deadlines
+            .iter()
+            .map(|d| {
+                let r = &d.0.reg;
+                (r.id.clone(), r.domain.clone(), r.name.clone())
+            })
+            .collect()
+    }
+
     pub(super) fn remove(&mut self, id: &str) -> Option<Arc<Endpoint>> {
         let hash = self.hasher.hash_one(id);
         let (ep, _) = self

@@ -582,6 +582,45 @@ impl Registry {
         }
     }
 
+    /// Reads the other nodes' registrations again from the store, for when the watch of
+    /// their changes fell behind and lost some (issue 22): each is applied as a put (a
+    /// registration of ours it displaces is told [`RegistryEvent::Moved`], as by the
+    /// watch), and the other nodes' endpoints listed here that the store no longer holds
+    /// are dropped. Returns how many were read and how many dropped. The caller
+    /// subscribes to the changes again before calling, so none falls between the two.
+    pub async fn reload_foreign(&self) -> Result<(usize, usize), StoreError> {
+        let mut chunks = self.store.stream_registrations();
+        let mut seen = std::collections::HashSet::new();
+        while let Some(regs) = chunks.next().await {
+            for reg in regs? {
+                if !self.is_foreign(&reg) {
+                    continue;
+                }
+                seen.insert(reg.id.clone());
+                if let Some(moved) = self.apply_foreign(ForeignChange::Put(Box::new(reg))).await {
+                    tracing::info!(
+                        ep = %moved.reg.name, domain = %moved.reg.domain,
+                        "cluster: the device registered with another node, which owns it now"
+                    );
+                }
+            }
+        }
+        let gone: Vec<_> = self
+            .lock()
+            .foreign_names()
+            .into_iter()
+            .filter(|(id, ..)| !seen.contains(id))
+            .collect();
+        for (_, domain, name) in &gone {
+            self.apply_foreign(ForeignChange::Deleted {
+                domain: domain.clone(),
+                name: name.clone(),
+            })
+            .await;
+        }
+        Ok((seen.len(), gone.len()))
+    }
+
     fn take_transaction(&self, domain: &str) -> Result<(), RegistryError> {
         match self.limits.as_ref() {
             Some(l) => l

@@ -612,6 +612,49 @@ fn foreign(id: &str, name: &str, node: &str, expires_at_ms: u64) -> Registration
     r
 }
 
+/// The watch of the other nodes' changes lost some (it lagged): reading the store again
+/// lists what the store holds of theirs (a put missed: listed; a removal missed: dropped;
+/// a put that displaced ours: ours moved), and leaves ours alone.
+#[tokio::test]
+async fn foreign_registrations_read_again_match_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path(), RegistryConfig::default()).on_node("n2");
+    let told = Arc::new(Told::default());
+    reg.add_listener(Arc::clone(&told) as Arc<dyn RegistryListener>);
+    let far = now_ms() + 60_000;
+    // Listed from a change whose removal was then missed: not in the store.
+    reg.apply_foreign(ForeignChange::Put(Box::new(foreign("f1", "a", "n1", far))))
+        .await;
+    let mine = reg.register(params("mine"), at(1, 2)).await.unwrap();
+    let kept = reg.register(params("kept"), at(1, 3)).await.unwrap();
+    // Written by other nodes, their changes missed.
+    for r in [
+        foreign("f2", "b", "n1", far),
+        foreign("f4", "mine", "n3", far),
+    ] {
+        reg.store.put_registration(r).await.unwrap();
+    }
+    told.0.lock().unwrap().clear();
+    assert_eq!(reg.reload_foreign().await.unwrap(), (2, 1));
+    let d = reg.directory();
+    assert!(d.get("default", "a").is_none());
+    assert_eq!(
+        d.get("default", "b").unwrap().reg.node.as_deref(),
+        Some("n1")
+    );
+    let moved = d.get("default", "mine").unwrap();
+    assert_eq!(
+        (moved.reg.id.as_str(), moved.reg.node.as_deref()),
+        ("f4", Some("n3"))
+    );
+    assert_ne!(moved.reg.id, mine.reg.id);
+    assert_eq!(d.get("default", "kept").unwrap().reg.id, kept.reg.id);
+    assert_eq!(*told.0.lock().unwrap(), ["moved"]);
+    // Read again with nothing missed: nothing changes.
+    assert_eq!(reg.reload_foreign().await.unwrap(), (2, 0));
+    assert_eq!(*told.0.lock().unwrap(), ["moved"]);
+}
+
 /// The registrations of a node that left are expired in steps of `registry.expiry_batch`,
 /// the earliest first, each step saying whether more may be due; those of a live node and
 /// those not due stay.
