@@ -480,10 +480,14 @@ pub async fn run_other_counts(
 /// change closes its own. So a PSK made through one node lets its device do a handshake
 /// with any node, and a revocation holds on every node, within the watch's delay (about
 /// 10 ms on loopback). A failed read is retried at the next change or after a second.
+/// It also ends this node's registrations the change disallows, as the node that made
+/// the change ends its own (`rest::credentials`): over plain CoAP, of an endpoint given
+/// a PSK; over DTLS or TLS, of an endpoint whose credentials were revoked.
 pub async fn run_credential_changes(
     store: Arc<NatsStore>,
     credentials: Arc<crate::credentials::DeviceCredentials>,
     transport: Arc<crate::coap::Transport>,
+    registry: Arc<crate::registry::Registry>,
     mut stop: shutdown::Shutdown,
 ) {
     let mut changes = store.credential_changes();
@@ -506,11 +510,28 @@ pub async fn run_credential_changes(
         }
         changes.borrow_and_update();
         match credentials.reload().await {
-            Ok(revoked) => {
+            Ok(reloaded) => {
                 if failed {
                     tracing::info!("cluster: reading the device credentials works again");
                 }
                 failed = false;
+                for (eps, secure, why) in [
+                    (
+                        &reloaded.provisioned,
+                        false,
+                        "another node provisioned a PSK for an endpoint registered here over plain CoAP",
+                    ),
+                    (
+                        &reloaded.withdrawn,
+                        true,
+                        "another node revoked the device credentials of an endpoint registered here",
+                    ),
+                ] {
+                    for (domain, ep) in eps {
+                        end_own_registration(&registry, domain, ep, secure, why).await;
+                    }
+                }
+                let revoked = reloaded.revoked;
                 if !revoked.is_empty() {
                     let closed = transport.close_sessions(&|id| revoked.covers(id));
                     tracing::info!(
@@ -527,6 +548,33 @@ pub async fn run_credential_changes(
                 failed = true;
             }
         }
+    }
+}
+
+/// Ends this node's registration of (`domain`, `ep`) if it came over a secure transport
+/// (`secure`) or over plain CoAP (not `secure`), as a de-registration; one of another
+/// node is left to that node, which ends it at the same change.
+async fn end_own_registration(
+    registry: &crate::registry::Registry,
+    domain: &str,
+    ep: &str,
+    secure: bool,
+    why: &str,
+) {
+    let Some(e) = registry.directory().get(domain, ep) else {
+        return;
+    };
+    if e.reg.peer.listener.kind.secure() != secure || !registry.owns(&e.reg) {
+        return;
+    }
+    match registry.deregister(&e.reg.id).await {
+        Ok(_) => tracing::info!(ep, domain, "{why}: the endpoint's registration ended"),
+        Err(crate::registry::RegistryError::NotFound(_)) => {}
+        Err(err) => tracing::warn!(
+            ep,
+            domain,
+            "{why}, but the endpoint's registration could not be ended: {err}"
+        ),
     }
 }
 

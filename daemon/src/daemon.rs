@@ -839,6 +839,7 @@ async fn start_services(
             Arc::clone(&nats.store),
             Arc::clone(&credentials),
             Arc::clone(&transport),
+            Arc::clone(&registry),
             stop.clone(),
         )));
         tasks.push(tokio::spawn(crate::cluster::run_other_counts(

@@ -148,7 +148,8 @@ fn a_psk_made_on_one_node_works_and_is_revoked_on_another() {
     let mut dev = DtlsDevice::connect(dtls_addr(&n2), "roam-id", new).expect("the new key");
     assert_eq!(dev.update(&id), Some(ResponseType::Changed));
 
-    // Revoked through n1: closed on n2, and refused there from now on.
+    // Revoked through n1: closed on n2, and refused there from now on; n2, its owner,
+    // ends the registration (as a revocation through n2 would): listed on neither node.
     let r = n1.call("DELETE", "/v2/device-credentials/dtls-roamer", None, None);
     assert_eq!(r.status, 204, "{}", r.body);
     until_metric(&n2, "coap_dtls_sessions", 0);
@@ -158,6 +159,51 @@ fn a_psk_made_on_one_node_works_and_is_revoked_on_another() {
         "the revoked session still answers on n2"
     );
     assert!(DtlsDevice::connect(dtls_addr(&n2), "roam-id", new).is_err());
+    until_listed(&n2, &[]);
+    until_listed(&n1, &[]);
+    assert!(n2.wait_log(
+        "another node revoked the device credentials of an endpoint registered here",
+        WAIT
+    ));
+}
+
+/// A PSK provisioned through node 1 for an endpoint registered over plain CoAP on node 2
+/// ends that registration on node 2, its owner, as a provisioning through node 2 does:
+/// the name is no longer held without credentials. Before, node 1 left it to node 2 and
+/// node 2 did nothing: it stayed listed and served over plain CoAP until its lifetime ran
+/// out.
+#[test]
+fn a_psk_made_on_one_node_ends_a_plain_registration_on_another() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_custom(DTLS, &cluster(&[server.url()], "n1"));
+    let n2 = dtls_node(&server, &n1, "n2");
+    let mut plain = n2.device();
+    plain.register(&["ep=plain-then-psk", "lt=300"], LINKS);
+    let mut other = n2.device();
+    other.register(&["ep=stays-plain", "lt=300"], LINKS);
+    until_listed(&n1, &["plain-then-psk", "stays-plain"]);
+    let r = put_psk(
+        &n1,
+        "plain-then-psk",
+        "plain-id",
+        &psk_hex("plain-key-16-byte"),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let t = Instant::now();
+    until_listed(&n2, &["stays-plain"]);
+    println!(
+        "provisioned on n1; n2 ended the plain registration after {:?}",
+        t.elapsed()
+    );
+    until_listed(&n1, &["stays-plain"]);
+    assert!(n2.wait_log(
+        "another node provisioned a PSK for an endpoint registered here over plain CoAP",
+        WAIT
+    ));
+    // Its device can come back over DTLS with the key.
+    let mut dev = DtlsDevice::connect(dtls_addr(&n2), "plain-id", "plain-key-16-byte")
+        .expect("the new key on n2");
+    dev.register().expect("registered on n2 over DTLS");
 }
 
 /// A device's resources, two of them observable.

@@ -94,6 +94,19 @@ impl Revoked {
     }
 }
 
+/// What [`DeviceCredentials::reload`] found another node changed.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// The credentials taken away: the caller closes the sessions they cover.
+    pub revoked: Revoked,
+    /// (domain, endpoint) given a PSK, or a new key: a registration of theirs over plain
+    /// CoAP ends, as when the PSK is provisioned through this node.
+    pub provisioned: Vec<(String, String)>,
+    /// (domain, endpoint) that had credentials in force and have none now (revoked): a
+    /// registration of theirs over DTLS or TLS ends, as when revoked through this node.
+    pub withdrawn: Vec<(String, String)>,
+}
+
 /// One endpoint's credentials in memory.
 #[derive(Default)]
 struct Held {
@@ -124,6 +137,19 @@ impl State {
             .or_default()
             .entry(ep.to_string())
             .or_default()
+    }
+
+    /// Whether (`domain`, `ep`) has a PSK or a certificate in force at `now`.
+    fn holds_in_force(&self, domain: &str, ep: &str, now: u64) -> bool {
+        let Some(held) = self.held(domain, ep) else {
+            return false;
+        };
+        held.psk.is_some()
+            || held
+                .serials
+                .iter()
+                .filter_map(|serial| self.certificates.get(serial))
+                .any(|c| c.in_force(now))
     }
 
     fn add_certificate(&mut self, c: CertificateRecord) {
@@ -167,7 +193,7 @@ impl DeviceCredentials {
     /// removed or given another key or endpoint, a certificate now revoked): the caller
     /// closes the sessions it covers, as after a change made here. Runs under the lock of
     /// this node's own changes, so none of them is lost between the read and the swap.
-    pub async fn reload(&self) -> Result<Revoked, StoreError> {
+    pub async fn reload(&self) -> Result<Reloaded, StoreError> {
         let _one = self.writes.lock().await;
         let new = read_state(self.store.as_ref()).await?;
         let mut s = self.write();
@@ -196,8 +222,35 @@ impl DeviceCredentials {
         }
         revoked.psk_identities.sort();
         revoked.serials.sort();
+        let now = now_ms();
+        let mut provisioned = Vec::new();
+        for (domain, eps) in &new.by_ep {
+            for (ep, held) in eps {
+                let Some(key) = held.psk.as_ref().map(|p| &p.key) else {
+                    continue;
+                };
+                let old = s.held(domain, ep).and_then(|h| h.psk.as_ref());
+                if old.is_none_or(|o| o.key != *key) {
+                    provisioned.push((domain.clone(), ep.clone()));
+                }
+            }
+        }
+        let mut withdrawn = Vec::new();
+        for (domain, eps) in &s.by_ep {
+            for ep in eps.keys() {
+                if s.holds_in_force(domain, ep, now) && !new.holds_in_force(domain, ep, now) {
+                    withdrawn.push((domain.clone(), ep.clone()));
+                }
+            }
+        }
+        provisioned.sort();
+        withdrawn.sort();
         *s = new;
-        Ok(revoked)
+        Ok(Reloaded {
+            revoked,
+            provisioned,
+            withdrawn,
+        })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -243,18 +296,7 @@ impl DeviceCredentials {
     /// or a recorded certificate neither revoked nor expired. Such an endpoint may not
     /// register over plain CoAP.
     pub fn has_credentials(&self, domain: &str, ep: &str) -> bool {
-        let s = self.read();
-        let Some(held) = s.held(domain, ep) else {
-            return false;
-        };
-        if held.psk.is_some() {
-            return true;
-        }
-        let now = now_ms();
-        held.serials
-            .iter()
-            .filter_map(|serial| s.certificates.get(serial))
-            .any(|c| c.in_force(now))
+        self.read().holds_in_force(domain, ep, now_ms())
     }
 
     /// The (domain, endpoint) a secure session's identity proves: a PSK identity's record,
@@ -812,21 +854,32 @@ mod tests {
         a.put_psk("d", "f", "id-f", vec![3u8; 16]).await.unwrap();
         a.record_certificate(cert("0a", "g")).await.unwrap();
         assert_eq!(b.psk(b"id-1"), None, "not before the reload");
-        let revoked = b.reload().await.unwrap();
-        assert!(revoked.is_empty(), "{revoked:?}");
+        let r = b.reload().await.unwrap();
+        assert!(r.revoked.is_empty(), "{r:?}");
+        let de = |e: &str| ("d".to_string(), e.to_string());
+        assert_eq!(r.provisioned, [de("e"), de("f")], "new PSKs");
+        assert!(r.withdrawn.is_empty());
         assert_eq!(b.psk(b"id-1"), Some(vec![1u8; 16]));
         assert!(b.has_credentials("d", "g"));
         // a gives e a new key (same identity), revokes g and f: b's reload names them.
         a.put_psk("d", "e", "id-1", vec![2u8; 16]).await.unwrap();
         a.revoke("d", "g").await.unwrap();
         a.revoke("d", "f").await.unwrap();
-        let revoked = b.reload().await.unwrap();
-        assert_eq!(revoked.psk_identities, ["id-1", "id-f"]);
-        assert_eq!(revoked.serials, [normal_serial("0a")]);
+        let r = b.reload().await.unwrap();
+        assert_eq!(r.revoked.psk_identities, ["id-1", "id-f"]);
+        assert_eq!(r.revoked.serials, [normal_serial("0a")]);
+        // e's new key is a provisioning (its plain registration ends); f and g have no
+        // credentials left (their secure registrations end).
+        assert_eq!(r.provisioned, [de("e")]);
+        assert_eq!(r.withdrawn, [de("f"), de("g")]);
         assert_eq!(b.psk(b"id-1"), Some(vec![2u8; 16]));
         assert_eq!(b.psk(b"id-f"), None);
         assert!(!b.certificate_valid("g", "0a"));
-        assert!(b.reload().await.unwrap().is_empty(), "nothing new");
+        let r = b.reload().await.unwrap();
+        assert!(
+            r.revoked.is_empty() && r.provisioned.is_empty() && r.withdrawn.is_empty(),
+            "nothing new: {r:?}"
+        );
     }
 
     #[tokio::test]

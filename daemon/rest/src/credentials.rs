@@ -144,8 +144,8 @@ fn refused(e: CredentialError, ep: &str) -> Reply {
 /// ACTIVE, every request to it answered 502 (its session closed), for as long as its
 /// lifetime (a day by default): in both cases only its updates were refused, 4.03.
 /// Removed by its id, so a registration made in between by a device the change allows is
-/// not touched. A registration another cluster node owns is left to that node: its
-/// updates are refused there, as before.
+/// not touched. A registration another cluster node owns is left to that node, which ends
+/// it when it reads the change (`cluster::run_credential_changes`).
 async fn end_registration(
     (registry, requests): (&Registry, &Requests),
     who: &Principal,

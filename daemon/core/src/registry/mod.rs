@@ -515,6 +515,11 @@ impl Registry {
         }
     }
 
+    /// Whether `reg` is this node's (not another cluster node's).
+    pub fn owns(&self, reg: &Registration) -> bool {
+        !self.is_foreign(reg)
+    }
+
     /// Applies another node's registration change (the store's watch of the
     /// registrations, issue 22) to the read model only: no store write, no listener is
     /// told (the owner publishes the events and talks to the device). A put replaces
