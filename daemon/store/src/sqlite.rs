@@ -296,8 +296,10 @@ pub struct SqliteStore {
     /// This open's epoch ([`EPOCH_SHIFT`]).
     epoch: u64,
     /// The events numbered for each key since this open ([`EventLog::append_events`]).
-    /// Fx hashing, as the journal's index (its keys are the daemon's key ids): SipHash
-    /// was about 200 instructions of every event appended (callgrind, issue 24).
+    /// Fx hashing, as the journal's index: its keys are key ids, which the auth backends
+    /// issue (random, or a record's id) and a request cannot choose, and an entry is only
+    /// made for a key with a channel. SipHash was about 200 instructions of every event
+    /// appended (callgrind, issue 24).
     numbered: Mutex<rustc_hash::FxHashMap<String, u64>>,
     /// The object list of the last registration put, escaped as a JSON string once
     /// ([`SqliteStore::registration_json`]).
