@@ -556,9 +556,7 @@ impl RegistryListener for Told {
 #[tokio::test]
 async fn an_update_of_another_nodes_registration_moves_it_here() {
     let dir = tempfile::tempdir().unwrap();
-    let reg = open(dir.path(), RegistryConfig::default()).on_node("n2");
-    let told = Arc::new(Told::default());
-    reg.add_listener(Arc::clone(&told) as Arc<dyn RegistryListener>);
+    let (reg, told) = node_n2_told(dir.path());
     let far = now_ms() + 60_000;
     reg.apply_foreign(ForeignChange::Put(Box::new(foreign("f1", "a", "n1", far))))
         .await;
@@ -602,6 +600,14 @@ async fn an_update_of_another_nodes_registration_moves_it_here() {
     ));
 }
 
+/// The registry of cluster node `n2`, with a listener that records what it is told.
+fn node_n2_told(dir: &std::path::Path) -> (Registry, Arc<Told>) {
+    let reg = open(dir, RegistryConfig::default()).on_node("n2");
+    let told = Arc::new(Told::default());
+    reg.add_listener(Arc::clone(&told) as Arc<dyn RegistryListener>);
+    (reg, told)
+}
+
 fn foreign(id: &str, name: &str, node: &str, expires_at_ms: u64) -> Registration {
     let mut r = endpoint(None, "</3/0>").reg.clone();
     r.id = id.into();
@@ -618,9 +624,7 @@ fn foreign(id: &str, name: &str, node: &str, expires_at_ms: u64) -> Registration
 #[tokio::test]
 async fn foreign_registrations_read_again_match_the_store() {
     let dir = tempfile::tempdir().unwrap();
-    let reg = open(dir.path(), RegistryConfig::default()).on_node("n2");
-    let told = Arc::new(Told::default());
-    reg.add_listener(Arc::clone(&told) as Arc<dyn RegistryListener>);
+    let (reg, told) = node_n2_told(dir.path());
     let far = now_ms() + 60_000;
     // Listed from a change whose removal was then missed: not in the store.
     reg.apply_foreign(ForeignChange::Put(Box::new(foreign("f1", "a", "n1", far))))
@@ -710,9 +714,7 @@ async fn orphans_expire_in_bounded_steps() {
 #[tokio::test]
 async fn foreign_registrations_are_listed_expired_when_orphaned_and_moved() {
     let dir = tempfile::tempdir().unwrap();
-    let reg = open(dir.path(), RegistryConfig::default()).on_node("n2");
-    let told = Arc::new(Told::default());
-    reg.add_listener(Arc::clone(&told) as Arc<dyn RegistryListener>);
+    let (reg, told) = node_n2_told(dir.path());
     let dir_ = Arc::clone(reg.directory());
 
     assert!(
