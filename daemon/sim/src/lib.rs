@@ -20,11 +20,13 @@
 //!     notify interval, with Max-Age. With Observe=0 the (peer, token) becomes an observer
 //!     and gets a NON notification with an increasing Observe sequence on every change;
 //!     Observe=1, or an RST answering one of its notifications, removes it. Every other
-//!     readable path is observable too, as the daemon expects of an LwM2M client (its
-//!     content never changes, so it is never notified).
+//!     readable path is observable too, as the daemon expects of an LwM2M client; of
+//!     those only the lifetime changes (below), and its observers and those of `/1/0`
+//!     are notified when it does.
 //!   - `PUT /1/0/1`: a whole number of seconds (1..) in text/plain, or in any format
 //!     `lwm2m_data` reads (TLV, SenML, LwM2M JSON/CBOR) → 2.04, and the device sends a
-//!     registration update with the new lifetime (as LwM2M asks); anything else → 4.00.
+//!     registration update with the new lifetime (as LwM2M asks) and, for a new value,
+//!     a notification to each observer of it; anything else → 4.00.
 //!   - `PUT /3303/0/5700` → 4.05: a sensor value is read-only (as in the LwM2M object).
 //!   - `POST /3/0/4` (reboot) → 2.04; one second later the device forgets its observers
 //!     and registers again, as a rebooted device would. `POST /1/0/8` (registration update
@@ -798,27 +800,68 @@ impl Device {
                     _ => continue,
                 },
             };
-            let mid = self.fresh_mid();
-            let mut p = Packet::new();
-            p.header.set_type(MessageType::NonConfirmable);
-            p.header.code = MessageClass::Response(ResponseType::Content);
-            p.header.message_id = mid;
-            p.set_token(token.clone());
-            p.add_option(CoapOption::Observe, encode_uint(self.observe_seq));
-            p.add_option(CoapOption::ContentFormat, encode_uint(u32::from(format)));
-            p.add_option(CoapOption::MaxAge, encode_uint(self.shared.max_age()));
-            p.payload = payload;
-            if let Ok(bytes) = p.to_bytes() {
-                self.out.push((bytes, peer));
-                if self.sent_notifications.len() >= SENT_NOTIFICATIONS {
-                    self.sent_notifications.pop_front();
-                }
-                self.sent_notifications.push_back((mid, peer, token));
-                self.shared
-                    .counters
-                    .notifications
-                    .fetch_add(1, Ordering::Relaxed);
+            self.send_notification(peer, token, format, payload);
+        }
+    }
+
+    /// The lifetime (`/1/0/1`) changed: its observers are notified, and those of the
+    /// instance it is part of (`/1/0`), each in the format it observes in (text/plain:
+    /// the number; else as its reads are encoded). The object `/1` is not readable, so
+    /// nobody observes it; an observer of `/1/0` in text/plain (a one-line summary in
+    /// LwM2M 1.0 mode) is skipped.
+    fn on_lifetime_changed(&mut self) {
+        const LIFETIME: [&str; 3] = ["1", "0", "1"];
+        self.observe_seq = (self.observe_seq + 1) & 0x00FF_FFFF;
+        let targets: Vec<(SocketAddr, Vec<u8>, Vec<String>, u16)> = self
+            .observers
+            .iter()
+            .filter(|o| {
+                o.path.len() <= LIFETIME.len() && o.path.iter().zip(LIFETIME).all(|(a, b)| a == b)
+            })
+            .map(|o| (o.peer, o.token.clone(), o.path.clone(), o.format))
+            .collect();
+        for (peer, token, path, format) in targets {
+            let segs: Vec<&str> = path.iter().map(String::as_str).collect();
+            let payload = match format {
+                0 if segs.len() == LIFETIME.len() => self.lifetime_s.to_string().into_bytes(),
+                0 => continue,
+                f => match self.encoded(&segs, f) {
+                    Some(Ok(bytes)) => bytes,
+                    _ => continue,
+                },
+            };
+            self.send_notification(peer, token, format, payload);
+        }
+    }
+
+    /// Sends one NON notification with the current Observe sequence number.
+    fn send_notification(
+        &mut self,
+        peer: SocketAddr,
+        token: Vec<u8>,
+        format: u16,
+        payload: Vec<u8>,
+    ) {
+        let mid = self.fresh_mid();
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::NonConfirmable);
+        p.header.code = MessageClass::Response(ResponseType::Content);
+        p.header.message_id = mid;
+        p.set_token(token.clone());
+        p.add_option(CoapOption::Observe, encode_uint(self.observe_seq));
+        p.add_option(CoapOption::ContentFormat, encode_uint(u32::from(format)));
+        p.add_option(CoapOption::MaxAge, encode_uint(self.shared.max_age()));
+        p.payload = payload;
+        if let Ok(bytes) = p.to_bytes() {
+            self.out.push((bytes, peer));
+            if self.sent_notifications.len() >= SENT_NOTIFICATIONS {
+                self.sent_notifications.pop_front();
             }
+            self.sent_notifications.push_back((mid, peer, token));
+            self.shared
+                .counters
+                .notifications
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -1000,8 +1043,8 @@ impl Device {
                 let mut r = Response::new(ResponseType::Content);
                 // Every path it lists may be observed: it registers as an LwM2M client
                 // (`lwm2m=1.0`), whose paths the daemon takes as observable whether or not
-                // they are marked `obs`. Only the temperature changes, so only its
-                // observers are notified.
+                // they are marked `obs`. The temperature and the lifetime change, so only
+                // their observers are ever notified.
                 r = self.observed(req, &path, from, 0, r);
                 r = r.with_option(CoapOption::ContentFormat, encode_uint(0));
                 if segs == TEMPERATURE {
@@ -1050,7 +1093,11 @@ impl Device {
     fn set_lifetime(&mut self, value: Option<u32>, now: Instant) -> Response {
         match value.filter(|v| *v > 0) {
             Some(lt) => {
+                let changed = lt != self.lifetime_s;
                 self.lifetime_s = lt;
+                if changed {
+                    self.on_lifetime_changed();
+                }
                 // LwM2M: a new lifetime is announced with an update.
                 if self.location.is_some() && !self.stopping {
                     self.update_due = Some(now);
@@ -1961,6 +2008,59 @@ mod tests {
         assert_eq!(r.payload, whole.as_bytes()[16..].to_vec());
         let b = Block::decode(uint_option(&r, CoapOption::Block2).unwrap()).unwrap();
         assert_eq!((b.num, b.more), (1, false));
+    }
+
+    /// A lifetime written by the daemon is a change: the observers of `/1/0/1` (text) and
+    /// of `/1/0` (TLV) are notified, before the 2.04; the same value written again is none.
+    #[test]
+    fn a_lifetime_written_notifies_its_observers() {
+        let mut dev = device();
+        let mut text = request(MessageType::Confirmable, RequestType::Get, "/1/0/1", 1);
+        text.add_option(CoapOption::Observe, encode_uint(0));
+        let r = exchange(&mut dev, &text);
+        assert_eq!(
+            (code(&r), r.payload.as_slice()),
+            (content(ResponseType::Content), &b"60"[..])
+        );
+        let mut tlv = request(MessageType::Confirmable, RequestType::Get, "/1/0", 2);
+        tlv.add_option(CoapOption::Observe, encode_uint(0));
+        let r = exchange(&mut dev, &tlv);
+        assert_eq!(code(&r), content(ResponseType::Content));
+        assert_eq!(dev.observers.len(), 2);
+        let write = |mid: u16, value: &[u8]| {
+            let mut put = request(MessageType::Confirmable, RequestType::Put, "/1/0/1", mid);
+            put.add_option(CoapOption::ContentFormat, encode_uint(0));
+            put.payload = value.to_vec();
+            put
+        };
+        dev.on_datagram(
+            &write(3, b"120").to_bytes().unwrap(),
+            DAEMON,
+            Instant::now(),
+        );
+        let out: Vec<Packet> = dev
+            .take_outgoing()
+            .iter()
+            .map(|(b, _)| Packet::from_bytes(b).unwrap())
+            .collect();
+        assert_eq!(out.len(), 3, "{out:?}");
+        let to = |token: &[u8]| out.iter().find(|p| p.get_token() == token).unwrap();
+        let n = to(text.get_token());
+        assert_eq!(n.header.get_type(), MessageType::NonConfirmable);
+        assert!(uint_option(n, CoapOption::Observe).is_some());
+        assert_eq!(n.payload, b"120");
+        let n = to(tlv.get_token());
+        assert_eq!(
+            uint_option(n, CoapOption::ContentFormat),
+            Some(u32::from(lwm2m_data::format::TLV))
+        );
+        let path: lwm2m_data::Path = "/1/0".parse().unwrap();
+        let tree = lwm2m_data::decode(lwm2m_data::format::TLV, &n.payload, &path).unwrap();
+        assert_eq!(tree.to_string(), r#"{"1":120}"#);
+        assert_eq!(code(&out[2]), content(ResponseType::Changed));
+        // The same value again: answered, nobody notified.
+        let r = exchange(&mut dev, &write(4, b"120"));
+        assert_eq!(code(&r), content(ResponseType::Changed));
     }
 
     #[test]
