@@ -388,12 +388,7 @@ pub async fn run_foreign_registrations(
             }
             Err(RecvError::Closed) => return,
         };
-        if let Some(moved) = registry.apply_foreign(change).await {
-            tracing::info!(
-                ep = %moved.reg.name, domain = %moved.reg.domain,
-                "cluster: the device registered with another node, which owns it now"
-            );
-        }
+        registry.apply_foreign(change).await;
     }
 }
 
@@ -528,7 +523,7 @@ pub async fn run_credential_changes(
                     ),
                 ] {
                     for (domain, ep) in eps {
-                        end_own_registration(&registry, domain, ep, secure, why).await;
+                        registry.end_for_credentials(domain, ep, secure, why).await;
                     }
                 }
                 let revoked = reloaded.revoked;
@@ -548,33 +543,6 @@ pub async fn run_credential_changes(
                 failed = true;
             }
         }
-    }
-}
-
-/// Ends this node's registration of (`domain`, `ep`) if it came over a secure transport
-/// (`secure`) or over plain CoAP (not `secure`), as a de-registration; one of another
-/// node is left to that node, which ends it at the same change.
-async fn end_own_registration(
-    registry: &crate::registry::Registry,
-    domain: &str,
-    ep: &str,
-    secure: bool,
-    why: &str,
-) {
-    let Some(e) = registry.directory().get(domain, ep) else {
-        return;
-    };
-    if e.reg.peer.listener.kind.secure() != secure || !registry.owns(&e.reg) {
-        return;
-    }
-    match registry.deregister(&e.reg.id).await {
-        Ok(_) => tracing::info!(ep, domain, "{why}: the endpoint's registration ended"),
-        Err(crate::registry::RegistryError::NotFound(_)) => {}
-        Err(err) => tracing::warn!(
-            ep,
-            domain,
-            "{why}, but the endpoint's registration could not be ended: {err}"
-        ),
     }
 }
 

@@ -17,8 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::reply::{Reply, error, json_object_body, store_failure};
 use crate::auth::Principal;
 use crate::coap::Transport;
-use crate::registry::{Registry, RegistryError};
-use crate::requests::Requests;
+use crate::registry::Registry;
 use connectord_core::credentials::{
     CredentialError, DeviceCredentials, DeviceInfo, Revoked, parse_hex_key,
 };
@@ -133,52 +132,13 @@ fn refused(e: CredentialError, ep: &str) -> Reply {
     }
 }
 
-/// Ends the registration of `ep` on this node if it came over plain CoAP (`secure`
-/// false) or over DTLS or TLS (`secure` true), as a de-registration (`DELETE
-/// /endpoints/{ep}`: a `de-registrations` event, its queued and in-flight requests 410).
-///
-/// Decisions: provisioning a PSK ends a plain-CoAP registration, and revoking the
-/// credentials ends a secure one, at once. Before, the plain registration stayed listed
-/// and was served over plain CoAP until its lifetime ran out (whoever had registered the
-/// name without credentials kept it meanwhile), and a revoked device stayed listed as
-/// ACTIVE, every request to it answered 502 (its session closed), for as long as its
-/// lifetime (a day by default): in both cases only its updates were refused, 4.03.
-/// Removed by its id, so a registration made in between by a device the change allows is
-/// not touched. A registration another cluster node owns is left to that node, which ends
-/// it when it reads the change (`cluster::run_credential_changes`).
-async fn end_registration(
-    (registry, requests): (&Registry, &Requests),
-    who: &Principal,
-    ep: &str,
-    secure: bool,
-    why: &str,
-) {
-    let Some(e) = registry.directory().get(&who.domain, ep) else {
-        return;
-    };
-    if e.reg.peer.listener.kind.secure() != secure || requests.owner_elsewhere(&e).is_some() {
-        return;
-    }
-    match registry.deregister(&e.reg.id).await {
-        Ok(_) => {
-            tracing::info!(ep, domain = %who.domain, "{why}: the endpoint's registration ended")
-        }
-        Err(RegistryError::NotFound(_)) => {}
-        Err(err) => tracing::warn!(
-            ep,
-            domain = %who.domain,
-            "{why}, but the endpoint's registration could not be ended: {err}"
-        ),
-    }
-}
-
 /// `PUT /device-credentials/{ep}`: 201 for a new PSK, 200 for a replaced one, with the
 /// record (without the key). A plain-CoAP registration of `ep` ends
-/// ([`end_registration`]).
+/// ([`Registry::end_for_credentials`]).
 pub async fn put(
     creds: &DeviceCredentials,
     transport: &Transport,
-    services: (&Registry, &Requests),
+    registry: &Registry,
     who: &Principal,
     ep: &str,
     body: Bytes,
@@ -209,14 +169,14 @@ pub async fn put(
         Ok(revoked) => {
             close(transport, who, ep, &revoked);
             tracing::info!(ep, domain = %who.domain, key = %who.key_id, "PSK provisioned");
-            end_registration(
-                services,
-                who,
-                ep,
-                false,
-                "a PSK was provisioned for an endpoint registered over plain CoAP",
-            )
-            .await;
+            registry
+                .end_for_credentials(
+                    &who.domain,
+                    ep,
+                    false,
+                    "a PSK was provisioned for an endpoint registered over plain CoAP",
+                )
+                .await;
             let status = if existed {
                 StatusCode::OK
             } else {
@@ -233,11 +193,11 @@ pub async fn put(
 
 /// `DELETE /device-credentials/{ep}`: removes the PSK and revokes the certificates; 204,
 /// or 404 when the endpoint had no credentials. A registration of `ep` over DTLS or TLS
-/// ends ([`end_registration`]).
+/// ends ([`Registry::end_for_credentials`]).
 pub async fn delete(
     creds: &DeviceCredentials,
     transport: &Transport,
-    services: (&Registry, &Requests),
+    registry: &Registry,
     who: &Principal,
     ep: &str,
 ) -> Reply {
@@ -245,7 +205,9 @@ pub async fn delete(
         Ok(Some(revoked)) => {
             tracing::info!(ep, domain = %who.domain, key = %who.key_id, "device credentials revoked");
             close(transport, who, ep, &revoked);
-            end_registration(services, who, ep, true, "device credentials revoked").await;
+            registry
+                .end_for_credentials(&who.domain, ep, true, "device credentials revoked")
+                .await;
             Reply::empty(StatusCode::NO_CONTENT)
         }
         Ok(None) => not_found(),

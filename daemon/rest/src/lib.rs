@@ -551,7 +551,7 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
                 credentials::put(
                     &state.credentials,
                     &state.transport,
-                    (&state.registry, &state.requests),
+                    &state.registry,
                     &principal,
                     &ep,
                     body,
@@ -562,7 +562,7 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
                 credentials::delete(
                     &state.credentials,
                     &state.transport,
-                    (&state.registry, &state.requests),
+                    &state.registry,
                     &principal,
                     &ep,
                 )

@@ -515,9 +515,38 @@ impl Registry {
         }
     }
 
-    /// Whether `reg` is this node's (not another cluster node's).
-    pub fn owns(&self, reg: &Registration) -> bool {
-        !self.is_foreign(reg)
+    /// Ends this node's registration of (`domain`, `ep`) if it came over plain CoAP
+    /// (`secure` false) or over DTLS or TLS (`secure` true), as a de-registration
+    /// (`DELETE /endpoints/{ep}`: a `de-registrations` event, its queued and in-flight
+    /// requests 410); logged with `why`. Called when the endpoint's credentials change:
+    /// through REST on this node (`rest::credentials`), and through another node
+    /// (`cluster::run_credential_changes`).
+    ///
+    /// Decisions: provisioning a PSK ends a plain-CoAP registration, and revoking the
+    /// credentials ends a secure one, at once. Before, the plain registration stayed
+    /// listed and was served over plain CoAP until its lifetime ran out (whoever had
+    /// registered the name without credentials kept it meanwhile), and a revoked device
+    /// stayed listed as ACTIVE, every request to it answered 502 (its session closed), for
+    /// as long as its lifetime (a day by default): in both cases only its updates were
+    /// refused, 4.03. Removed by its id, so a registration made in between by a device
+    /// the change allows is not touched. A registration another cluster node owns is left
+    /// to that node, which ends it when it reads the change.
+    pub async fn end_for_credentials(&self, domain: &str, ep: &str, secure: bool, why: &str) {
+        let Some(e) = self.directory.get(domain, ep) else {
+            return;
+        };
+        if e.reg.peer.listener.kind.secure() != secure || self.is_foreign(&e.reg) {
+            return;
+        }
+        match self.deregister(&e.reg.id).await {
+            Ok(_) => tracing::info!(ep, domain, "{why}: the endpoint's registration ended"),
+            Err(RegistryError::NotFound(_)) => {}
+            Err(err) => tracing::warn!(
+                ep,
+                domain,
+                "{why}, but the endpoint's registration could not be ended: {err}"
+            ),
+        }
     }
 
     /// Applies another node's registration change (the store's watch of the
@@ -526,8 +555,8 @@ impl Registry {
     /// whatever held the endpoint's name; if that was ours, the device moved to the other
     /// node and our registration is dropped from memory (its record is already replaced in
     /// the store). A removal drops the endpoint only if it is still foreign.
-    /// Returns the registration of ours that the put displaced, if any, after telling the
-    /// listeners [`RegistryEvent::Moved`].
+    /// Returns the registration of ours that the put displaced, if any, after logging the
+    /// move and telling the listeners [`RegistryEvent::Moved`].
     pub async fn apply_foreign(&self, change: ForeignChange) -> Option<Arc<Endpoint>> {
         match change {
             ForeignChange::Put(reg) => {
@@ -568,6 +597,10 @@ impl Registry {
                     replaced
                 };
                 let moved = replaced.filter(|r| !self.is_foreign(&r.reg))?;
+                tracing::info!(
+                    ep = %moved.reg.name, domain = %moved.reg.domain,
+                    "cluster: the device registered with another node, which owns it now"
+                );
                 self.tell(RegistryEvent::Moved(Arc::clone(&moved))).await;
                 Some(moved)
             }
@@ -602,12 +635,7 @@ impl Registry {
                     continue;
                 }
                 seen.insert(reg.id.clone());
-                if let Some(moved) = self.apply_foreign(ForeignChange::Put(Box::new(reg))).await {
-                    tracing::info!(
-                        ep = %moved.reg.name, domain = %moved.reg.domain,
-                        "cluster: the device registered with another node, which owns it now"
-                    );
-                }
+                self.apply_foreign(ForeignChange::Put(Box::new(reg))).await;
             }
         }
         let gone: Vec<_> = self
