@@ -115,9 +115,16 @@ fn ends_with_payload_marker(buf: &[u8], token_len: usize) -> bool {
 
 /// Encodes an unsigned option value in the fewest bytes (RFC 7252 §3.2: 0 is empty).
 pub fn encode_uint(v: u32) -> Vec<u8> {
+    let (b, skip) = uint_bytes(v);
+    b[skip..].to_vec()
+}
+
+/// `v`'s big-endian bytes and how many of them lead as zeros: `b[skip..]` is the option
+/// value ([`encode_uint`], without its allocation for [`Writer::uint_option`]).
+fn uint_bytes(v: u32) -> ([u8; 4], usize) {
     let b = v.to_be_bytes();
     let skip = b.iter().take_while(|x| **x == 0).count();
-    b[skip..].to_vec()
+    (b, skip)
 }
 
 /// The first `opt` option read as an unsigned integer (at most 4 bytes; longer is None).
@@ -417,8 +424,7 @@ impl Writer {
 
     /// Appends an unsigned option value in its fewest bytes (RFC 7252 §3.2).
     pub fn uint_option(&mut self, number: u16, v: u32) -> &mut Writer {
-        let b = v.to_be_bytes();
-        let skip = b.iter().take_while(|x| **x == 0).count();
+        let (b, skip) = uint_bytes(v);
         self.option(number, &b[skip..])
     }
 
