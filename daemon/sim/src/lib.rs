@@ -779,18 +779,7 @@ impl Device {
         self.observe_seq = (self.observe_seq + 1) & 0x00FF_FFFF;
         // What the temperature is part of: the resource, and in LwM2M 1.1 mode its
         // instance and object too.
-        let changed = |o: &Observer| {
-            o.path == TEMPERATURE
-                || (self.shared.lwm2m == Lwm2mMode::Lwm2m1_1
-                    && o.path.len() <= TEMPERATURE.len()
-                    && o.path.iter().zip(TEMPERATURE).all(|(a, b)| a == b))
-        };
-        let targets: Vec<(SocketAddr, Vec<u8>, Vec<String>, u16)> = self
-            .observers
-            .iter()
-            .filter(|o| changed(o))
-            .map(|o| (o.peer, o.token.clone(), o.path.clone(), o.format))
-            .collect();
+        let targets = self.observers_of(&TEMPERATURE, self.shared.lwm2m == Lwm2mMode::Lwm2m1_1);
         for (peer, token, path, format) in targets {
             let segs: Vec<&str> = path.iter().map(String::as_str).collect();
             let payload = match self.shared.lwm2m {
@@ -812,15 +801,7 @@ impl Device {
     fn on_lifetime_changed(&mut self) {
         const LIFETIME: [&str; 3] = ["1", "0", "1"];
         self.observe_seq = (self.observe_seq + 1) & 0x00FF_FFFF;
-        let targets: Vec<(SocketAddr, Vec<u8>, Vec<String>, u16)> = self
-            .observers
-            .iter()
-            .filter(|o| {
-                o.path.len() <= LIFETIME.len() && o.path.iter().zip(LIFETIME).all(|(a, b)| a == b)
-            })
-            .map(|o| (o.peer, o.token.clone(), o.path.clone(), o.format))
-            .collect();
-        for (peer, token, path, format) in targets {
+        for (peer, token, path, format) in self.observers_of(&LIFETIME, true) {
             let segs: Vec<&str> = path.iter().map(String::as_str).collect();
             let payload = match format {
                 0 if segs.len() == LIFETIME.len() => self.lifetime_s.to_string().into_bytes(),
@@ -832,6 +813,25 @@ impl Device {
             };
             self.send_notification(peer, token, format, payload);
         }
+    }
+
+    /// The observers of `path` (peer, token, path, format), and with `with_parents` those
+    /// of what it is part of (its instance and object) too.
+    fn observers_of(
+        &self,
+        path: &[&str],
+        with_parents: bool,
+    ) -> Vec<(SocketAddr, Vec<u8>, Vec<String>, u16)> {
+        self.observers
+            .iter()
+            .filter(|o| {
+                o.path == path
+                    || (with_parents
+                        && o.path.len() <= path.len()
+                        && o.path.iter().zip(path).all(|(a, b)| a == b))
+            })
+            .map(|o| (o.peer, o.token.clone(), o.path.clone(), o.format))
+            .collect()
     }
 
     /// Sends one NON notification with the current Observe sequence number.
