@@ -26,14 +26,32 @@ pub enum Format {
 /// Picks JSON or link-format from an `Accept` header by q-value; JSON when absent or on a
 /// tie. `None` when the client accepts neither (406).
 pub fn negotiate(accept: Option<&str>) -> Option<Format> {
-    let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
-        return Some(Format::Json);
-    };
-    best_by_q(accept, |media| match media {
+    choose(accept, Format::Json, |media| match media {
         JSON | "application/*" | "*/*" => Some(Format::Json),
         LINK_FORMAT => Some(Format::LinkFormat),
         _ => None,
     })
+}
+
+/// `default` when `accept` is absent or blank, else what [`best_by_q`] picks with `pick`
+/// (`None`: the client accepts nothing offered, 406).
+pub fn choose<T>(
+    accept: Option<&str>,
+    default: T,
+    pick: impl FnMut(&str) -> Option<T>,
+) -> Option<T> {
+    match accept.filter(|a| !a.trim().is_empty()) {
+        None => Some(default),
+        Some(accept) => best_by_q(accept, pick),
+    }
+}
+
+/// The request's `Accept` header; `None` when absent or not readable as text.
+pub fn accept_of(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
 }
 
 /// The choice `pick` makes of the media ranges of an `Accept` header (lower-cased, without
@@ -66,11 +84,7 @@ pub fn best_by_q<T>(accept: &str, mut pick: impl FnMut(&str) -> Option<T>) -> Op
 }
 
 fn format_of(parts: &Parts) -> Result<Format, Reply> {
-    let accept = parts
-        .headers
-        .get(http::header::ACCEPT)
-        .and_then(|v| v.to_str().ok());
-    negotiate(accept).ok_or_else(|| {
+    negotiate(accept_of(parts)).ok_or_else(|| {
         error(
             StatusCode::NOT_ACCEPTABLE,
             "not_acceptable",

@@ -30,15 +30,8 @@ const URI_LIST: &str = "text/uri-list";
 /// 406 unless the request's `Accept` takes `text/uri-list` (by q-value; absent, empty or
 /// not readable as text: anything is taken, as for `GET /endpoints`).
 fn uri_list_accepted(parts: &Parts) -> Result<(), Reply> {
-    let accept = parts
-        .headers
-        .get(http::header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .filter(|a| !a.trim().is_empty());
-    let Some(accept) = accept else {
-        return Ok(());
-    };
-    super::endpoints::best_by_q(accept, |media| {
+    use super::endpoints::{accept_of, choose};
+    choose(accept_of(parts), (), |media| {
         matches!(media, URI_LIST | "text/*" | "*/*").then_some(())
     })
     .ok_or_else(|| {
