@@ -134,6 +134,35 @@ fn an_invalid_binding_is_4_00_with_a_diagnostic() {
     }
 }
 
+/// A diagnostic that repeats what the device sent is cut to size: a refusal of a 1 200-byte
+/// value (or link) is still answered, 4.00 with a short diagnostic, where the whole of it
+/// used to outgrow the datagram and leave the device without an answer.
+#[test]
+fn a_refusal_that_repeats_a_long_value_is_still_answered() {
+    let d = Daemon::in_process();
+    let mut dev = d.device();
+    let long = "X".repeat(1_200);
+    let q = format!("b={long}");
+    let p = registration(&mut dev, &[b"ep=long", q.as_bytes()], &[], true);
+    let r = exchange(&dev, &p);
+    assert_eq!(code(&r), ResponseType::BadRequest, "{}", diag(&r));
+    assert!(diag(&r).starts_with("b=\"XXX"), "{}", diag(&r));
+    assert!(diag(&r).ends_with('…'), "{}", diag(&r));
+    assert!(r.payload.len() <= 256, "{}", diag(&r));
+    // A link the registry refuses, repeated in its diagnostic.
+    let mut req = Req::new(RequestType::Post, &["rd"]);
+    let links = format!("</3/0>,<{}", "a".repeat(1_150));
+    req.payload = links.as_bytes();
+    req.content_format = Some(ContentFormat::ApplicationLinkFormat);
+    req.confirmable = true;
+    let mut p = dev.build(&req);
+    p.add_option(CoapOption::UriQuery, b"ep=long".to_vec());
+    let r = exchange(&dev, &p);
+    assert_eq!(code(&r), ResponseType::BadRequest, "{}", diag(&r));
+    assert!(r.payload.len() <= 256, "{}", diag(&r));
+    assert!(names(&d).is_empty());
+}
+
 #[test]
 fn non_utf8_names_paths_and_queries_are_4_00_never_lossy() {
     let d = Daemon::in_process();

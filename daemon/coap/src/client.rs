@@ -154,6 +154,12 @@ impl ClientState {
         let Some(token) = self.by_mid.get(&(peer, packet.header.message_id)) else {
             return false;
         };
+        // A piggybacked response answers the request only with its token (RFC 7252
+        // §5.3.2); one with another token is not its answer, and is ignored (the request
+        // is retransmitted, and times out if every answer is like it).
+        if packet.header.code != MessageClass::Empty && packet.get_token() != token.as_slice() {
+            return false;
+        }
         let Some(Route { tx, .. }) = self.by_token.get(token) else {
             return false;
         };
@@ -369,7 +375,8 @@ impl CoapReply {
                 _ => ResponseType::UnKnown,
             },
             payload: Vec::new(),
-            content_format: message::uint_option(p, CoapOption::ContentFormat).map(|v| v as u16),
+            content_format: message::uint_option(p, CoapOption::ContentFormat)
+                .and_then(|v| u16::try_from(v).ok()),
             max_age: message::uint_option(p, CoapOption::MaxAge),
             observe: message::uint_option(p, CoapOption::Observe),
             token: p.get_token().to_vec(),
@@ -438,6 +445,29 @@ impl Block {
         let size = size.clamp(16, 1024);
         (size.ilog2() - 4) as u8
     }
+}
+
+/// Whether a Block2 response of `len` payload bytes is the block that starts at `offset`
+/// of the body, and is whole: every block but the last fills its size (RFC 7959 §2.2), so
+/// a device cannot stretch a transfer with empty or short blocks, nor shift it.
+fn check_block(b: Block, offset: usize, len: usize) -> Result<(), ClientError> {
+    let start = (b.num as usize).checked_mul(b.size());
+    if start != Some(offset) {
+        return Err(ClientError::Block(format!(
+            "block {} of {} bytes does not start at byte {offset} of the body",
+            b.num,
+            b.size()
+        )));
+    }
+    if (b.more && len != b.size()) || len > b.size() {
+        return Err(ClientError::Block(format!(
+            "block {} carries {len} bytes, not {} ({})",
+            b.num,
+            b.size(),
+            if b.more { "more follow" } else { "the last" }
+        )));
+    }
+    Ok(())
 }
 
 fn block_option(p: &Packet, opt: CoapOption) -> Result<Option<Block>, ClientError> {
@@ -816,9 +846,19 @@ impl Transport {
         if matches!(req.method, RequestType::Get | RequestType::Fetch) {
             block = block_option(&first, CoapOption::Block2)?;
         }
+        if let Some(b) = block {
+            check_block(b, 0, first.payload.len())?;
+        }
+        let etag = first
+            .get_option(CoapOption::ETag)
+            .and_then(|v| v.front().cloned());
         while let Some(b) = block.filter(|b| b.more) {
+            // The next block at the size the device chose (RFC 7959 §2.4); a device may
+            // answer it at a smaller size still, numbered for that size.
+            let offset = reply.payload.len();
             let next = Block {
-                num: b.num + 1,
+                num: u32::try_from(offset / b.size())
+                    .map_err(|_| ClientError::TooLarge(cfg.max_body))?,
                 more: false,
                 szx: b.szx,
             };
@@ -836,11 +876,18 @@ impl Transport {
             }
             let got = block_option(&resp, CoapOption::Block2)?
                 .ok_or_else(|| ClientError::Block("a block without a Block2 option".into()))?;
-            if got.num != next.num {
+            if got.szx > next.szx {
                 return Err(ClientError::Block(format!(
-                    "asked for block {} and got block {}",
-                    next.num, got.num
+                    "asked for blocks of {} bytes and got one of {}",
+                    next.size(),
+                    got.size()
                 )));
+            }
+            check_block(got, offset, part.payload.len())?;
+            if resp.get_option(CoapOption::ETag).and_then(|v| v.front()) != etag.as_ref() {
+                return Err(ClientError::Block(
+                    "the resource changed during the transfer (another ETag)".into(),
+                ));
             }
             reply.payload.extend_from_slice(&part.payload);
             if reply.payload.len() > cfg.max_body {
@@ -1759,6 +1806,39 @@ mod tests {
         .await;
     }
 
+    /// RFC 7252 §5.3.2: a piggybacked response with another token than the request's is
+    /// not its answer; the retransmission's correct answer is.
+    #[tokio::test]
+    async fn a_piggybacked_response_with_another_token_is_not_the_answer() {
+        let s = setup(fast()).await;
+        let t = Arc::clone(&s.transport);
+        let to = PeerRef::udp(s.local, s.peer);
+        let task = tokio::spawn(async move {
+            t.request(to, &OutRequest::new(RequestType::Get, "/3/0/0"))
+                .await
+        });
+        let (req, _) = recv(&s.device).await;
+        let mut wrong = reply_to(
+            &req,
+            MessageType::Acknowledgement,
+            MessageClass::Response(ResponseType::Content),
+            b"not yours",
+        );
+        wrong.set_token(b"other".to_vec());
+        send(&s.device, &wrong, s.local).await;
+        // Not taken as the answer: the request is transmitted again.
+        let (again, _) = recv(&s.device).await;
+        assert_eq!(again.header.message_id, req.header.message_id);
+        let right = reply_to(
+            &again,
+            MessageType::Acknowledgement,
+            MessageClass::Response(ResponseType::Content),
+            b"yours",
+        );
+        send(&s.device, &right, s.local).await;
+        assert_eq!(task.await.unwrap().unwrap().payload, b"yours");
+    }
+
     #[tokio::test]
     async fn unknown_tokens_are_reset() {
         let s = setup(fast()).await;
@@ -1812,6 +1892,107 @@ mod tests {
         }
         let reply = task.await.unwrap().unwrap();
         assert_eq!(reply.payload, body);
+    }
+
+    /// One answer of a device in [`block2_script`]: its Block2, payload and ETag.
+    type BlockAnswer = (Block, Vec<u8>, Option<&'static [u8]>);
+
+    /// Plays a device answering a GET with `script`'s Block2 responses, one per request it
+    /// receives; returns the request's outcome and the Block2 each request asked for.
+    async fn block2_script(
+        script: Vec<BlockAnswer>,
+    ) -> (Result<CoapReply, ClientError>, Vec<Option<Block>>) {
+        let s = setup(fast()).await;
+        let t = Arc::clone(&s.transport);
+        let to = PeerRef::udp(s.local, s.peer);
+        let task = tokio::spawn(async move {
+            t.request(to, &OutRequest::new(RequestType::Get, "/5/0/1"))
+                .await
+        });
+        let mut asked = Vec::new();
+        for (block, payload, etag) in script {
+            let (req, _) = recv(&s.device).await;
+            asked.push(message::uint_option(&req, CoapOption::Block2).and_then(Block::decode));
+            let mut ack = reply_to(
+                &req,
+                MessageType::Acknowledgement,
+                MessageClass::Response(ResponseType::Content),
+                &payload,
+            );
+            ack.add_option(CoapOption::Block2, block.encode());
+            if let Some(e) = etag {
+                ack.add_option(CoapOption::ETag, e.to_vec());
+            }
+            send(&s.device, &ack, s.local).await;
+        }
+        let outcome = task.await.unwrap();
+        silent(&s.device, 100, "a block asked for after the transfer ended").await;
+        (outcome, asked)
+    }
+
+    fn blk(num: u32, more: bool, szx: u8) -> Block {
+        Block { num, more, szx }
+    }
+
+    /// RFC 7959 §2.4: a device may answer a block at a smaller size than asked, numbered
+    /// for that size; the body is assembled at the right offsets.
+    #[tokio::test]
+    async fn block2_follows_a_smaller_size_the_device_chose() {
+        let body: Vec<u8> = (0..53u8).collect();
+        let (r, asked) = block2_script(vec![
+            (blk(0, true, 1), body[..32].to_vec(), None),
+            (blk(2, true, 0), body[32..48].to_vec(), None),
+            (blk(3, false, 0), body[48..].to_vec(), None),
+        ])
+        .await;
+        assert_eq!(r.unwrap().payload, body);
+        assert_eq!(
+            asked,
+            vec![None, Some(blk(1, false, 1)), Some(blk(3, false, 0))]
+        );
+    }
+
+    /// A device that answers with empty (or short) blocks marked "more" cannot keep the
+    /// request going: the first such block ends it, as a block-wise error.
+    #[tokio::test]
+    async fn block2_refuses_empty_and_short_blocks() {
+        let (r, asked) = block2_script(vec![(blk(0, true, 0), Vec::new(), None)]).await;
+        assert!(matches!(r, Err(ClientError::Block(_))), "{r:?}");
+        assert_eq!(asked.len(), 1);
+        let (r, asked) = block2_script(vec![
+            (blk(0, true, 0), vec![1; 16], None),
+            (blk(1, true, 0), vec![2; 10], None),
+        ])
+        .await;
+        assert!(matches!(r, Err(ClientError::Block(_))), "{r:?}");
+        assert_eq!(asked.len(), 2);
+    }
+
+    /// A block at a larger size than asked, a block from elsewhere in the body, or one of
+    /// another version of the resource (ETag) ends the transfer rather than corrupt it.
+    #[tokio::test]
+    async fn block2_refuses_a_larger_size_a_shifted_block_and_another_etag() {
+        let (r, _) = block2_script(vec![
+            (blk(0, true, 0), vec![1; 16], None),
+            (blk(0, false, 1), vec![2; 20], None),
+        ])
+        .await;
+        assert!(matches!(r, Err(ClientError::Block(_))), "{r:?}");
+        // The first response is not block 0.
+        let (r, _) = block2_script(vec![(blk(1, true, 0), vec![1; 16], None)]).await;
+        assert!(matches!(r, Err(ClientError::Block(_))), "{r:?}");
+        let (r, _) = block2_script(vec![
+            (blk(0, true, 0), vec![1; 16], Some(b"v1")),
+            (blk(1, false, 0), vec![2; 3], Some(b"v2")),
+        ])
+        .await;
+        assert!(matches!(r, Err(ClientError::Block(_))), "{r:?}");
+        let (r, _) = block2_script(vec![
+            (blk(0, true, 0), vec![1; 16], Some(b"v1")),
+            (blk(1, false, 0), vec![2; 3], Some(b"v1")),
+        ])
+        .await;
+        assert_eq!(r.unwrap().payload.len(), 19);
     }
 
     #[tokio::test]

@@ -6,6 +6,10 @@ use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
 /// Most options accepted in one message; more is treated as a format error.
 pub const MAX_OPTIONS: usize = 64;
 
+/// Most bytes of a diagnostic payload ([`Response::diagnostic`]): a sentence, with room
+/// for the headers, token and options of any response in a 1 280-byte datagram.
+pub const MAX_DIAGNOSTIC: usize = 256;
+
 /// Why a datagram is not a valid CoAP message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -127,13 +131,24 @@ fn uint_bytes(v: u32) -> ([u8; 4], usize) {
     (b, skip)
 }
 
-/// The first `opt` option read as an unsigned integer (at most 4 bytes; longer is None).
+/// The first `opt` option read as an unsigned integer; None when it is longer than `opt`
+/// may be ([`uint_length`]).
 pub fn uint_option(packet: &Packet, opt: CoapOption) -> Option<u32> {
     let v = packet.get_first_option(opt)?;
-    if v.len() > 4 {
+    if v.len() > uint_length(opt) {
         return None;
     }
     Some(v.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)))
+}
+
+/// The longest value RFC 7252 §5.10 (table 4), RFC 7641 and RFC 7959 allow a uint option:
+/// a longer one is treated as absent (§5.4.3), never cut to fit.
+fn uint_length(opt: CoapOption) -> usize {
+    match opt {
+        CoapOption::ContentFormat | CoapOption::Accept | CoapOption::UriPort => 2,
+        CoapOption::Observe | CoapOption::Block1 | CoapOption::Block2 => 3,
+        _ => 4,
+    }
 }
 
 /// Critical options (odd numbers, RFC 7252 §5.4.1) that a request to the daemon may carry:
@@ -249,9 +264,21 @@ impl Response {
     }
 
     /// An error response with a diagnostic payload (RFC 7252 §5.5.2), which devices log.
+    /// The text is cut to [`MAX_DIAGNOSTIC`] bytes (at a character boundary, ending in
+    /// "…"): a diagnostic that repeats what the device sent could otherwise outgrow the
+    /// datagram, and the device would get no answer at all.
     pub fn diagnostic(code: ResponseType, text: impl Into<String>) -> Response {
+        let mut text = text.into();
+        if text.len() > MAX_DIAGNOSTIC {
+            let mut end = MAX_DIAGNOSTIC - '…'.len_utf8();
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            text.push('…');
+        }
         let mut r = Response::new(code);
-        r.payload = text.into().into_bytes();
+        r.payload = text.into_bytes();
         r
     }
 
@@ -462,6 +489,26 @@ pub fn reset(message_id: u16) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An option longer than RFC 7252 §5.10 / RFC 7641 / RFC 7959 allow it is treated as
+    /// absent, never cut: a 3-byte Content-Format is no format at all (not the 2-byte
+    /// number its low bytes spell), a 4-byte Observe or Block2 none either.
+    #[test]
+    fn uint_options_longer_than_allowed_are_absent() {
+        let with = |opt: CoapOption, v: &[u8]| {
+            let mut p = Packet::new();
+            p.add_option(opt, v.to_vec());
+            uint_option(&p, opt)
+        };
+        assert_eq!(with(CoapOption::ContentFormat, &[0x2d, 0x16]), Some(11542));
+        assert_eq!(with(CoapOption::ContentFormat, &[0x01, 0x2d, 0x16]), None);
+        assert_eq!(with(CoapOption::Accept, &[0, 0, 50]), None);
+        assert_eq!(with(CoapOption::Observe, &[1, 2, 3]), Some(0x010203));
+        assert_eq!(with(CoapOption::Observe, &[0, 1, 2, 3]), None);
+        assert_eq!(with(CoapOption::Block2, &[0, 0, 0, 0x16]), None);
+        assert_eq!(with(CoapOption::MaxAge, &[0, 0, 0, 60]), Some(60));
+        assert_eq!(with(CoapOption::MaxAge, &[0, 0, 0, 0, 60]), None);
+    }
 
     #[test]
     fn rejects_malformed_datagrams() {

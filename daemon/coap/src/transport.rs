@@ -758,11 +758,19 @@ impl Transport {
         if r.code.is_error() {
             self.metrics.count(Event::ErrorResponse);
         }
+        let code = r.code;
+        let fallback = to.clone();
         match r.into_reply(to, || self.next_message_id()).to_bytes() {
             Ok(b) => Some(b),
             Err(e) => {
-                tracing::error!(%peer, "cannot encode CoAP response: {e:?}");
-                None
+                // Not the device's doing (diagnostics are cut to size): a response of ours
+                // too large for a datagram. The device still gets its answer, as a bare
+                // 5.00, rather than none (which its retransmissions would meet too).
+                tracing::error!(%peer, "cannot encode CoAP response {code:?}: {e:?}; answered 5.00");
+                Response::new(ResponseType::InternalServerError)
+                    .into_reply(fallback, || self.next_message_id())
+                    .to_bytes()
+                    .ok()
             }
         }
     }
