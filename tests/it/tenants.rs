@@ -95,6 +95,45 @@ fn every_key_sees_only_its_own_domain() {
     assert_eq!(get(&d, &key_b, "/v2/limits").json()["endpoint-count"], 2);
 }
 
+/// The transaction quota counts requests that go out (seed 000): a request refused with
+/// 409 (noResp to a queue-mode endpoint) or 503 (the endpoint is not reachable) counts
+/// nothing, so a client retrying them does not use up its domain's quota.
+#[test]
+fn refused_requests_count_no_transaction() {
+    let d = Prepared::new("", "[limits]\ntransaction_quota = 5\n").start();
+    let mut dev = d.device();
+    dev.register(&["ep=queued", "lt=300", "b=UQ"], "</3/0>"); // 1
+    assert_eq!(d.get("/v2/limits").json()["transaction-count"], 1);
+    for _ in 0..8 {
+        let r = d.call("GET", "/v2/endpoints/queued/3/0/0?noResp=true", None, None);
+        assert_eq!(r.status, 409, "{}", r.body);
+    }
+    assert_eq!(d.get("/v2/limits").json()["transaction-count"], 1);
+    // A request that goes out still counts.
+    let r = d.call("GET", "/v2/endpoints/queued/3/0/0", None, None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(d.get("/v2/limits").json()["transaction-count"], 2);
+}
+
+/// A subscription whose observe the quota refuses (429) is not kept: the client was told
+/// it is not subscribed, so it is not listed, and the device is not observed later.
+#[test]
+fn a_subscription_refused_over_the_quota_is_not_kept() {
+    let d = Prepared::new("", "[limits]\ntransaction_quota = 1\n").start();
+    let mut dev = d.device();
+    dev.register(&["ep=sub", "lt=300"], "</3/0/0>;obs"); // 1: the quota is used up
+    let r = d.call("PUT", "/v2/subscriptions/sub/3/0/0", None, None);
+    assert_eq!(r.status, 429, "{}", r.body);
+    let r = d.call("GET", "/v2/subscriptions/sub/3/0/0", None, None);
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = d.call("GET", "/v2/subscriptions/sub", None, None);
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(
+        dev.recv_request(Duration::from_millis(500)).is_none(),
+        "observed"
+    );
+}
+
 #[test]
 fn limits_count_transactions_and_refuse_over_the_quota() {
     let d = Prepared::new(

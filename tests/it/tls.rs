@@ -603,3 +603,44 @@ fn a_clean_stop_releases_every_tls_connection() {
     }
     assert_eq!(d.wait_exit(WAIT), Some(0));
 }
+
+/// `noResp=true` needs non-confirmable requests, which CoAP over TLS (RFC 8323) does not
+/// have: seed 000 answers that with 409. Nothing goes to the device, and the refused
+/// requests count no transaction against the quota.
+#[test]
+fn no_resp_to_an_endpoint_over_tls_is_409_and_counts_no_transaction() {
+    use connectord::coap::rfc8323;
+    use std::io::Write;
+    let d = Daemon::start_custom(TLS, "[limits]\ntransaction_quota = 100\n");
+    let c = device_cert(&d);
+    let (mut s, mut buf) = connected(&d, &c);
+    let q = format!("ep={}", c.endpoint);
+    let body = rfc8323::body(&[(11, b"rd"), (12, &[40]), (15, q.as_bytes())], b"</3/0>");
+    let post = rfc8323::Frame {
+        code: 0x02,
+        token: vec![7],
+        body,
+    };
+    s.write_all(&rfc8323::encode(&post)).unwrap();
+    s.flush().unwrap();
+    let created = next_frame(&mut s, &mut buf).expect("the registration's answer");
+    assert_eq!(created.code, 0x41, "2.01 Created");
+    let before = d.get("/v2/limits").json()["transaction-count"].clone();
+    assert_eq!(before, 1, "the registration");
+    let path = format!("/v2/endpoints/{}/3/0/1?noResp=true", c.endpoint);
+    for _ in 0..3 {
+        let r = d.call("PUT", &path, Some("text/plain"), Some(b"x"));
+        assert_eq!(r.status, 409, "{}", r.body);
+        assert_eq!(r.json()["type"], "conflict", "{}", r.body);
+        assert!(r.body.contains("TLS"), "{}", r.body);
+    }
+    assert_eq!(d.get("/v2/limits").json()["transaction-count"], before);
+    // Nothing was sent to the device: the connection has no request for it.
+    s.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    assert!(
+        next_frame(&mut s, &mut buf).is_none(),
+        "a request reached the device"
+    );
+}

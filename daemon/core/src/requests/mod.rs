@@ -26,6 +26,7 @@ use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::registry::{Directory, Endpoint, RegistryEvent, RegistryListener, now_ms};
 use crate::store::{Store, StoreError};
+use connectord_model::ListenerKind;
 pub use connectord_model::{DeviceRequestTerms, Job, Method};
 pub use device::{CoapDevices, DeviceClient};
 
@@ -953,10 +954,8 @@ impl Requests {
                 content_format: cached.1,
             });
         }
-        if let Some(l) = self.limits.as_ref() {
-            l.take(&who.domain)
-                .map_err(|e| RequestError::OverQuota(e.to_string()))?;
-        }
+        // The transaction quota counts requests that go out (seed 000): it is taken only
+        // once nothing else refuses this one (503, 409, 429 for a full queue below).
         if !self.devices.reaches(&ep.reg.peer) {
             return Err(RequestError::Unavailable(format!(
                 "the endpoint registered through {}, which is no longer bound; it must register again",
@@ -969,6 +968,15 @@ impl Requests {
                     "noResp=true is not supported for an endpoint in queue mode".into(),
                 ));
             }
+            if ep.reg.peer.listener.kind == ListenerKind::Tls {
+                // Seed 000: "If the underlying protocol does not support non-confirmable
+                // requests ... 409 Conflict"; CoAP over TCP/TLS (RFC 8323) has no
+                // message types.
+                return Err(RequestError::Conflict(
+                    "noResp=true is not supported for an endpoint registered over CoAP over TLS (RFC 8323 has no non-confirmable requests)".into(),
+                ));
+            }
+            self.take_quota(who)?;
             let mut req = OutRequest::new(coap_method(method), &s.path);
             req.payload = s.payload;
             req.content_format = s.content_format;
@@ -1015,6 +1023,10 @@ impl Requests {
         if job.device_request.is_some() && !self.track_device_request(&job) {
             return Err(async_id_conflict(&job.id));
         }
+        if let Err(e) = self.take_quota(who) {
+            self.untrack_device_request(&job);
+            return Err(e);
+        }
         let stored = match self.hub.ensure_channel(who).await {
             Ok(()) => self.store.put_request(&job).await,
             Err(e) => Err(e),
@@ -1044,6 +1056,18 @@ impl Requests {
             self.spawn_worker(key);
         }
         Ok(Submitted::Accepted(id))
+    }
+
+    /// Counts one outgoing request against the domain's transaction quota (429 past it).
+    /// Taken last before the request is stored or sent; a store that then fails keeps
+    /// the count (a rare failure, answered 503).
+    fn take_quota(&self, who: &Principal) -> Result<(), RequestError> {
+        match self.limits.as_ref() {
+            Some(l) => l
+                .take(&who.domain)
+                .map_err(|e| RequestError::OverQuota(e.to_string())),
+            None => Ok(()),
+        }
     }
 
     /// Takes a device-request's async-id for its domain (at submit and when stored ones

@@ -547,7 +547,7 @@ impl Subscriptions {
         // The key's channel gets the notifications (and holds its restriction), also
         // when the resource is observed already and no request is made for the key.
         self.hub.ensure_channel(who).await?;
-        self.add(who, ep_name, path).await?;
+        let new = self.add_if(who, ep_name, path, || true).await?;
         let observed = self.lock().observations.contains_key(&asking.key);
         if observed {
             return Ok(Subscribed::Active);
@@ -559,7 +559,22 @@ impl Subscriptions {
         };
         let submitted = self.requests.submit(who, ep_name, submit).await;
         drop(asking);
-        match submitted? {
+        let submitted = match submitted {
+            Ok(s) => s,
+            Err(e) => {
+                // Refused (429, 503, ...): the client is told it is not subscribed, so a
+                // subscription this call made is not kept either (it would be observed at
+                // the device's next message). One that existed before stays.
+                if new && let Err(u) = self.unsubscribe(who, ep_name, path).await {
+                    crate::store::log_failure(
+                        format_args!("a refused subscription to {ep_name}{path} is not removed"),
+                        &u,
+                    );
+                }
+                return Err(e.into());
+            }
+        };
+        match submitted {
             Submitted::Accepted(id) => Ok(Subscribed::Pending(id)),
             other => {
                 tracing::error!("unexpected answer to an observe request: {other:?}");
@@ -574,11 +589,6 @@ impl Subscriptions {
         let k = st.keys.entry(who.key_id.clone()).or_default();
         k.domain = who.domain.clone();
         k.resources.insert(ep, path);
-    }
-
-    /// Records a subscription (durably).
-    async fn add(&self, who: &Principal, ep: &str, path: &str) -> Result<(), StoreError> {
-        self.add_if(who, ep, path, || true).await.map(|_| ())
     }
 
     /// Records a subscription (durably) if `still` holds under the state lock (so that
