@@ -701,3 +701,40 @@ fn a_notification_right_after_the_first_value_comes_after_its_async_response() {
         );
     }
 }
+
+/// `text/uri-list` (RFC 2483): lines end in CRLF, and each line is a URI: the endpoint's
+/// name percent-encoded as one path segment (a space or `%` in it used to be written
+/// raw). A queue-mode endpoint is subscribed at once (its observes wait for it).
+#[test]
+fn subscription_lists_are_uri_lists() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=a b%", "lt=300", "b=UQ"], "</3/0/0>;obs,</3/0/1>;obs");
+    for p in ["/3/0/0", "/3/0/1"] {
+        let r = d.call("PUT", &format!("/v2/subscriptions/a%20b%25{p}"), None, None);
+        assert_eq!(r.status, 202, "{}", r.body);
+    }
+    let r = d.get("/v2/subscriptions/a%20b%25");
+    assert_eq!(
+        (r.status, r.content_type.as_str()),
+        (200, "text/uri-list"),
+        "{}",
+        r.body
+    );
+    let mut lines: Vec<&str> = r.body.split("\r\n").collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "/subscriptions/a%20b%25/3/0/0",
+            "/subscriptions/a%20b%25/3/0/1"
+        ],
+        "{:?}",
+        r.body
+    );
+    let r = d.get("/v2/subscriptions/a%20b%25/3/0/1");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "/subscriptions/a%20b%25/3/0/1")
+    );
+}

@@ -132,7 +132,7 @@ struct EndpointJson<'a> {
 /// Names are checked only for control characters and `/ ? #` at registration, so `<`,
 /// `>`, `"`, spaces and `%41` were written raw: invalid link-format, or another name once
 /// decoded.
-const NAME_IN_LINK: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+pub(crate) const NAME_IN_LINK: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'.')
     .remove(b'_')

@@ -106,11 +106,7 @@ pub async fn resource(
                 return r;
             }
             if subs.is_subscribed(who, ep, path) {
-                Reply::with_type(
-                    StatusCode::OK,
-                    URI_LIST,
-                    format!("/subscriptions/{ep}{path}"),
-                )
+                Reply::with_type(StatusCode::OK, URI_LIST, uri_of(ep, path))
             } else {
                 error(
                     StatusCode::NOT_FOUND,
@@ -125,6 +121,16 @@ pub async fn resource(
             Err(e) => storage_failure(e),
         },
     }
+}
+
+/// A subscription's line of a `text/uri-list` (lines end in CRLF, RFC 2483): the
+/// endpoint's name percent-encoded as one path segment, as in the endpoints' links
+/// ([`crate::endpoints::NAME_IN_LINK`]), so that a name with a space or `%` is a URI.
+fn uri_of(ep: &str, path: &str) -> String {
+    format!(
+        "/subscriptions/{}{path}",
+        percent_encoding::utf8_percent_encode(ep, crate::endpoints::NAME_IN_LINK)
+    )
 }
 
 /// `GET|DELETE /subscriptions/{ep}`.
@@ -149,9 +155,9 @@ pub async fn endpoint(
         }
         let body = paths
             .iter()
-            .map(|p| format!("/subscriptions/{ep}{p}"))
+            .map(|p| uri_of(ep, p))
             .collect::<Vec<_>>()
-            .join("\n");
+            .join("\r\n");
         return Reply::with_type(StatusCode::OK, URI_LIST, body);
     }
     match subs.unsubscribe_endpoint(who, ep).await {
