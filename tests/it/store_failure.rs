@@ -527,3 +527,58 @@ fn a_callback_removal_the_store_refused_is_not_kept() {
     f.disk.free();
     delete_works(d, "/v2/notification/callback");
 }
+
+/// A CON notification the store could not write is not acknowledged (an acknowledged one
+/// must never be lost) and not queued; the device's retransmission, once there is room
+/// again, is taken as new: acknowledged, and delivered once. Before, it was acknowledged
+/// at once, and only memory held it.
+#[test]
+fn a_notification_the_store_refused_is_not_acknowledged() {
+    use coap_lite::{MessageType, Packet};
+    let Some((disk, d)) = start() else {
+        return;
+    };
+    let mut dev = d.device();
+    let (c, m, _) = register(&mut dev, "obs");
+    assert_eq!(c, ResponseType::Created, "{m}");
+    let id = d.async_request("PUT", "/v2/subscriptions/obs/3303/0/5700", None, None);
+    let (req, from) = dev.recv_request(Duration::from_secs(10)).expect("observe");
+    let token = req.get_token().to_vec();
+    let first = support::observe_content(
+        MessageType::Acknowledgement,
+        req.header.message_id,
+        &token,
+        1,
+        b"20",
+    );
+    support::send_packet(&dev, &first, from);
+    assert_eq!(
+        d.async_response(&id, Duration::from_secs(10))["status"],
+        200
+    );
+
+    disk.fill();
+    let n = support::observe_content(MessageType::Confirmable, 700, &token, 2, b"21");
+    support::send_packet(&dev, &n, from);
+    assert!(
+        dev.recv_raw(Duration::from_secs(2)).is_none(),
+        "a notification the store refused was acknowledged"
+    );
+    // A retransmission while the disk is still full: not acknowledged either.
+    support::send_packet(&dev, &n, from);
+    assert!(dev.recv_raw(Duration::from_secs(1)).is_none());
+
+    disk.free();
+    support::send_packet(&dev, &n, from);
+    let ack = Packet::from_bytes(&dev.recv_raw(Duration::from_secs(10)).expect("the ACK")).unwrap();
+    assert_eq!(
+        (ack.header.get_type(), ack.header.message_id),
+        (MessageType::Acknowledgement, 700)
+    );
+    let events = d.collect_events(Duration::from_secs(3), |_| false);
+    let got = events.of("notifications");
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["payload"], support::b64(b"21"), "{got:?}");
+    drop(d);
+    drop(disk);
+}

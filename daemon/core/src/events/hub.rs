@@ -115,7 +115,8 @@ enum To<'a> {
 #[must_use = "a forwarding says when the other nodes stored the events"]
 pub struct Forwarding {
     answers: Vec<tokio::sync::oneshot::Receiver<bool>>,
-    /// The hub was going away: nothing was queued.
+    /// The hub was going away: nothing was queued; or (from [`Hub::publish_batch`]) the
+    /// events for this node's channels were not stored, and were taken out again.
     failed: bool,
 }
 
@@ -123,6 +124,12 @@ impl Forwarding {
     /// Nothing was forwarded.
     pub fn is_empty(&self) -> bool {
         self.answers.is_empty() && !self.failed
+    }
+
+    /// Whether this node's store refused the events ([`Hub::publish_batch`]): none of
+    /// them is queued, and nothing waits on the other nodes' answers.
+    pub fn failed_here(&self) -> bool {
+        self.failed
     }
 
     /// Whether every owner stored its events.
@@ -133,6 +140,18 @@ impl Forwarding {
         }
         all
     }
+}
+
+/// What becomes of the events queued here when their store write fails
+/// ([`Hub::publish_here`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Undo {
+    /// Kept in memory (delivered while the daemon runs): an async response, whose stored
+    /// request is kept too, and a registration event, whose change is stored already.
+    Keep,
+    /// Taken out again: notifications, whose CON messages are then not acknowledged,
+    /// so the device sends them again ([`Hub::publish_batch`]).
+    Unqueue,
 }
 
 /// Events about one thing and where they go ([`Hub::publish_groups`]).
@@ -954,7 +973,7 @@ impl Hub {
         if groups.is_empty() {
             return Forwarding::default();
         }
-        self.publish_here(&groups, None).await
+        self.publish_here(&groups, None, Undo::Unqueue).await
     }
 
     /// Queues the async response `event` for the key that asked (if its restriction, which
@@ -1005,7 +1024,7 @@ impl Hub {
 
     /// [`Hub::publish`] of several groups in one store write (and one wait for it).
     async fn publish_groups(&self, groups: &[Group<'_>], answered: Option<u64>) {
-        let forwarding = self.publish_here(groups, answered).await;
+        let forwarding = self.publish_here(groups, answered, Undo::Keep).await;
         if !forwarding.is_empty() {
             let stored = forwarding.wait().await;
             if let Some(row) = answered.filter(|_| stored)
@@ -1020,13 +1039,20 @@ impl Hub {
     }
 
     /// [`Hub::publish_groups`] up to the events stored here; those for other nodes' keys
-    /// queued for their owners (in order), their answers returned.
-    async fn publish_here(&self, groups: &[Group<'_>], answered: Option<u64>) -> Forwarding {
+    /// queued for their owners (in order), their answers returned. `undo` says what
+    /// becomes of the events queued here when their store write fails.
+    async fn publish_here(
+        &self,
+        groups: &[Group<'_>],
+        answered: Option<u64>,
+        undo: Undo,
+    ) -> Forwarding {
         // Not sized (rendered) here: an event no channel takes is never rendered (see
         // `rest::wire`); one that is queued is rendered once, when it is queued.
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
         let mut remote: Vec<(String, Event)> = Vec::new();
+        let mut pushed: Option<Vec<(String, u64)>> = None;
         let durable = {
             let mut map = self.lock();
             let mut chosen: Vec<(String, Event)> = Vec::new();
@@ -1087,13 +1113,33 @@ impl Hub {
             if chosen.is_empty() && answered_here.is_none() {
                 None
             } else {
-                Some(self.enqueue(&mut map, chosen, answered_here, &mut wakes, &mut trims))
+                if undo == Undo::Unqueue {
+                    pushed = Some(Vec::with_capacity(chosen.len()));
+                }
+                Some(self.enqueue(
+                    &mut map,
+                    chosen,
+                    answered_here,
+                    &mut wakes,
+                    &mut trims,
+                    pushed.as_mut(),
+                ))
             }
         };
         if let Some(d) = durable
             && let Err(e) = d.await
         {
             crate::store::log_failure(format_args!("notifications: event not stored"), &e);
+            if let Some(pushed) = pushed {
+                // Not stored, so not queued: the devices' CON notifications are not
+                // acknowledged, and their retransmissions are taken anew.
+                self.unqueue(pushed);
+                self.settle(trims, Vec::new()).await;
+                return Forwarding {
+                    answers: Vec::new(),
+                    failed: true,
+                };
+            }
         }
         self.settle(trims, wakes).await;
         if remote.is_empty() {
@@ -1114,6 +1160,7 @@ impl Hub {
         answered: Option<u64>,
         wakes: &mut Vec<Arc<Notify>>,
         trims: &mut Vec<crate::store::Pending<()>>,
+        mut pushed: Option<&mut Vec<(String, u64)>>,
     ) -> crate::store::Pending<()> {
         let appended = self.store.append_events(chosen.clone(), answered);
         let size = |e: &Event| self.size_of(e);
@@ -1121,6 +1168,9 @@ impl Hub {
             let Some(ch) = map.get_mut(key_id.as_str()) else {
                 continue;
             };
+            if let Some(p) = pushed.as_deref_mut() {
+                p.push((key_id.clone(), seq));
+            }
             Counters::inc(&self.counters.events_published);
             ch.bytes = ch.bytes.saturating_add(size(&event));
             ch.active = Instant::now();
@@ -1171,6 +1221,35 @@ impl Hub {
             wakes.push(Arc::clone(&ch.wake));
         }
         appended.durable
+    }
+
+    /// Takes the events `pushed` (key, number) out of their queues again: their store
+    /// write failed. One that a pull took meanwhile leaves its answer in flight too.
+    fn unqueue(&self, pushed: Vec<(String, u64)>) {
+        let mut map = self.lock();
+        for (key_id, seq) in pushed {
+            let Some(ch) = map.get_mut(key_id.as_str()) else {
+                continue;
+            };
+            let Some(i) = ch.queue.iter().rposition(|e| e.seq == seq) else {
+                continue;
+            };
+            if let Some(e) = ch.queue.remove(i) {
+                ch.bytes = if ch.queue.is_empty() {
+                    0
+                } else {
+                    ch.bytes.saturating_sub(self.size_of(&e.event))
+                };
+            }
+            if let Some(f) = ch.in_flight.as_mut()
+                && i < f.len
+            {
+                f.len -= 1;
+                if f.len == 0 {
+                    ch.in_flight = None;
+                }
+            }
+        }
     }
 
     /// After an append is durable: waits for the trims of full queues, wakes the readers.
@@ -2164,7 +2243,7 @@ impl Hub {
                                     .iter()
                                     .map(|e| (key_id.to_string(), e.clone()))
                                     .collect();
-                                self.enqueue(&mut map, chosen, None, &mut wakes, &mut trims)
+                                self.enqueue(&mut map, chosen, None, &mut wakes, &mut trims, None)
                             })
                     };
                     if let Some(d) = durable {
@@ -2383,7 +2462,7 @@ impl Hub {
                 .into_iter()
                 .map(|e| (key_id.to_string(), e))
                 .collect();
-            self.enqueue(&mut map, chosen, None, &mut wakes, &mut trims)
+            self.enqueue(&mut map, chosen, None, &mut wakes, &mut trims, None)
         };
         let r = durable.await;
         self.settle(trims, wakes).await;

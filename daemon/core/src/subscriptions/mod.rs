@@ -1353,6 +1353,9 @@ impl Subscriptions {
             ended: Option<CoapReply>,
             subscribers: Arc<[String]>,
             cache: Arc<crate::requests::CacheSlot>,
+            /// The observation's last number before this batch (put back if the batch
+            /// is not stored, so that the device's retransmissions are fresh).
+            last_before: (u32, Instant),
         }
         let mut taken: Vec<Taken> = Vec::new();
         let mut index: Map<u64, usize> = Map::default();
@@ -1376,6 +1379,7 @@ impl Subscriptions {
                         ended: None,
                         subscribers: o.subscribers.of(keys, (&o.key.0, &o.key.1, &o.key.2)),
                         cache: Arc::clone(&o.cache),
+                        last_before: o.last,
                     });
                     taken.len() - 1
                 });
@@ -1455,7 +1459,19 @@ impl Subscriptions {
         // Stored: the devices' CON notifications are acknowledged now; in a cluster, once
         // the nodes that own the other keys' channels stored theirs too, waited for
         // beside the feed so that a slow or lost peer holds up no other batch.
-        if forwarding.is_empty() {
+        if forwarding.failed_here() {
+            // Not stored (and not queued): nothing is acknowledged (the held ACKs are
+            // dropped, so the duplicate cache forgets them), and each observation's
+            // number goes back, so that the device's retransmissions are taken as new.
+            drop(acks);
+            let mut st = self.lock();
+            for (_, i) in &published {
+                let t = &taken[*i];
+                if let Some(o) = st.observing.get_mut(&t.id) {
+                    o.last = t.last_before;
+                }
+            }
+        } else if forwarding.is_empty() {
             for a in acks {
                 a.send().await;
             }
