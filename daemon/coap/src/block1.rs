@@ -11,7 +11,8 @@
 //! cache has forgotten it) or a block of a transfer that is not known is 4.08 Request
 //! Entity Incomplete. A non-last block whose
 //! payload is not exactly its block size is 4.00. A body past [`MAX_BODY`] is 4.13 with
-//! Size1. At most [`MAX_TRANSFERS`] transfers are assembled at once (5.03 past it), each
+//! Size1. At most [`MAX_TRANSFERS`] transfers are assembled at once (5.03 past it), at most
+//! [`MAX_TRANSFERS_PER_PEER`] of one peer (its oldest makes room for its next), each
 //! forgotten [`LIFETIME`] after its first block: the memory held is bounded whatever the
 //! devices send.
 
@@ -30,6 +31,10 @@ use crate::message::{self, Response};
 pub const MAX_BODY: usize = 64 * 1024;
 /// Transfers assembled at once, all peers together.
 pub const MAX_TRANSFERS: usize = 256;
+/// Transfers one peer may have in progress: its next one replaces its oldest, so one
+/// device cannot take the room of the others (a device sends one body at a time, rarely
+/// two: a registration and an update).
+pub const MAX_TRANSFERS_PER_PEER: usize = 4;
 /// How long a transfer may take from its first block to its last (RFC 7252's
 /// EXCHANGE_LIFETIME is 247 s; a device sends its blocks back to back).
 pub const LIFETIME: Duration = Duration::from_secs(60);
@@ -101,6 +106,23 @@ fn refuse(code: ResponseType, why: &str) -> Step {
 
 impl Assemblies {
     /// Transfers in progress.
+    /// Drops `peer`'s oldest transfer when it has [`MAX_TRANSFERS_PER_PEER`] in progress.
+    fn make_room_for(&mut self, peer: SocketAddr) {
+        let mut count = 0;
+        let mut oldest: Option<(&Key, Instant)> = None;
+        for (k, p) in self.partial.iter().filter(|(k, _)| k.0 == peer) {
+            count += 1;
+            if oldest.is_none_or(|(_, at)| p.started < at) {
+                oldest = Some((k, p.started));
+            }
+        }
+        if count >= MAX_TRANSFERS_PER_PEER
+            && let Some(k) = oldest.map(|(k, _)| k.clone())
+        {
+            self.partial.remove(&k);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.partial.len()
     }
@@ -144,6 +166,9 @@ impl Assemblies {
             return Step::Answer(r);
         }
         if block.num == 0 {
+            if !self.partial.contains_key(&k) {
+                self.make_room_for(peer);
+            }
             if !self.partial.contains_key(&k) && self.partial.len() >= MAX_TRANSFERS {
                 self.partial
                     .retain(|_, p| now.saturating_duration_since(p.started) < LIFETIME);
@@ -426,5 +451,43 @@ mod tests {
             Some(ResponseType::Continue)
         );
         assert_eq!(a.len(), 1, "the expired transfers were dropped");
+    }
+
+    /// One peer holds at most MAX_TRANSFERS_PER_PEER transfers: its next replaces its
+    /// oldest (which then cannot go on), and the others' room is untouched. Before, one
+    /// peer could open all MAX_TRANSFERS and every other device got 5.03.
+    #[test]
+    fn one_peer_cannot_take_every_transfer() {
+        let mut a = Assemblies::default();
+        let t = Instant::now();
+        let tagged = |tag: u16| {
+            let mut p = block_request(0, true, 0, &[1; 16]);
+            p.add_option(REQUEST_TAG, tag.to_be_bytes().to_vec());
+            p
+        };
+        for tag in 0..MAX_TRANSFERS as u16 {
+            let mut p = tagged(tag);
+            let at = t + Duration::from_millis(u64::from(tag));
+            assert_eq!(
+                code(&a.on_request(peer(1), &mut p, at)),
+                Some(ResponseType::Continue)
+            );
+        }
+        assert_eq!(a.len(), MAX_TRANSFERS_PER_PEER);
+        // Another device still gets its transfer.
+        let mut p = block_request(0, true, 0, &[1; 16]);
+        assert_eq!(
+            code(&a.on_request(peer(2), &mut p, t)),
+            Some(ResponseType::Continue)
+        );
+        // The flooding peer's newest transfers go on; its replaced oldest does not.
+        let last = MAX_TRANSFERS as u16 - 1;
+        let mut next = |tag: u16| {
+            let mut p = block_request(1, false, 0, &[2; 3]);
+            p.add_option(REQUEST_TAG, tag.to_be_bytes().to_vec());
+            a.on_request(peer(1), &mut p, t + Duration::from_secs(1))
+        };
+        assert!(matches!(next(last), Step::Handle(Some(_))));
+        assert_eq!(code(&next(0)), Some(ResponseType::RequestEntityIncomplete));
     }
 }
