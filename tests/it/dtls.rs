@@ -1262,3 +1262,62 @@ fn a_replayed_record_from_another_address_gets_that_address_little_traffic() {
     assert_eq!(r["status"], 200, "{r}");
     assert_eq!(metric(&d, "coap_dtls_handshakes_total"), 1);
 }
+
+/// A device that keeps handshaking with a certificate the daemon refuses cannot flood the
+/// log: each refusal's line is a per-device line, within `log.device_lines_per_s`, the
+/// rest counted in the once-a-second summary (they used to be logged one by one).
+#[test]
+fn refused_certificate_handshakes_are_within_the_log_budget() {
+    let p = support::Prepared::new("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let text = std::fs::read_to_string(&p.config_path).unwrap();
+    let text = text.replacen("[log]\n", "[log]\ndevice_lines_per_s = 1\n", 1);
+    std::fs::write(&p.config_path, &text).unwrap();
+    let d = p.start();
+    let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, key) = other_ca(dir.path(), "intruder");
+    std::fs::copy(&cert, dir.path().join("device.pem")).unwrap();
+    std::fs::copy(&key, dir.path().join("device.key")).unwrap();
+    const N: u64 = 10;
+    // At once (the client only gives up after 5 s: the daemon answers a refused
+    // certificate with silence), so that the refusals fall in the same second or two.
+    std::thread::scope(|s| {
+        for _ in 0..N {
+            s.spawn(|| assert!(DtlsDevice::connect_cert(dtls, dir.path()).is_err()));
+        }
+    });
+    let one_by_one = |d: &support::Daemon| {
+        d.logs()
+            .iter()
+            .filter(|l| l.contains("DTLS client certificate refused"))
+            .count() as u64
+    };
+    let summarised = |d: &support::Daemon| -> u64 {
+        d.logs()
+            .iter()
+            .filter_map(|l| l.split_once("device log lines left out"))
+            .filter_map(|(_, rest)| rest.split_once("): ").map(|(_, c)| c.to_string()))
+            .flat_map(|counts| {
+                counts
+                    .split(", ")
+                    .filter_map(|c| {
+                        c.strip_suffix(" handshakes refused for their client certificate")?
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    };
+    assert!(
+        support::eventually(std::time::Duration::from_secs(5), || one_by_one(&d)
+            + summarised(&d)
+            == N),
+        "{} logged one by one, {} summarised:\n{}",
+        one_by_one(&d),
+        summarised(&d),
+        d.logs().join("\n")
+    );
+    assert!(summarised(&d) > 0, "{}", d.logs().join("\n"));
+    assert_eq!(metric(&d, "coap_dtls_handshakes_failed_total"), N);
+}

@@ -792,7 +792,9 @@ fn drain(
             Output::PeerCert(der) => match verify_certificate(keys, der) {
                 Ok(identity) => peer.identity = Some(identity),
                 Err(reason) => {
-                    tracing::info!(peer = %from, "DTLS client certificate refused: {reason}");
+                    if crate::log_budget::allow(crate::log_budget::DeviceLine::HandshakeRefused) {
+                        tracing::info!(peer = %from, "DTLS client certificate refused: {reason}");
+                    }
                     return Verdict::Failed;
                 }
             },

@@ -30,6 +30,7 @@ pub mod dedup;
 pub mod dtls;
 pub mod link_format;
 pub mod listener;
+pub mod log_budget;
 pub mod message;
 pub mod metrics;
 pub mod peer;

@@ -11,13 +11,13 @@
 //! whatever they are, errors included: the budget keeps the daemon under that limit with
 //! room for everything else. Lines about the daemon itself are never budgeted.
 //!
-//! The budget is one per process, like the log itself; `[log]` is re-read on SIGHUP.
+//! The budget is one per process, like the log itself; `[log]` is re-read on SIGHUP. It
+//! lives in this crate, the lowest that logs per-device lines (a refused handshake), and
+//! `connectord-core` re-exports it with the task that logs its summaries.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-
-use crate::shutdown::Shutdown;
 
 /// The default of `[log] device_lines_per_s`.
 pub const DEFAULT_PER_SECOND: u32 = 100;
@@ -37,10 +37,13 @@ pub enum DeviceLine {
     LuaFailure,
     /// A registration-interface request refused by identity binding (issue 21).
     Refused,
+    /// A DTLS or TLS handshake refused for its client certificate (not trusted, or
+    /// revoked).
+    HandshakeRefused,
 }
 
 /// How many kinds there are.
-const KINDS: usize = 9;
+const KINDS: usize = 10;
 
 impl DeviceLine {
     /// Every kind, in declaration order (so `kind as usize` indexes it).
@@ -54,6 +57,7 @@ impl DeviceLine {
         DeviceLine::LuaPrint,
         DeviceLine::LuaFailure,
         DeviceLine::Refused,
+        DeviceLine::HandshakeRefused,
     ];
 
     /// How the summary line names this kind.
@@ -68,6 +72,7 @@ impl DeviceLine {
             DeviceLine::LuaPrint => "Lua print lines",
             DeviceLine::LuaFailure => "Lua rule calls failed or stopped",
             DeviceLine::Refused => "registration requests refused by identity binding",
+            DeviceLine::HandshakeRefused => "handshakes refused for their client certificate",
         }
     }
 }
@@ -100,21 +105,10 @@ pub fn set_per_second(n: u32) {
     DEVICE_LINES.per_second.store(n, Ordering::Relaxed);
 }
 
-/// Logs the summary of left-out lines once a second, and a last one at stop.
-pub async fn run_summaries(mut stop: Shutdown) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        let stopping = tokio::select! {
-            _ = stop.recv() => true,
-            _ = tick.tick() => false,
-        };
-        if let Some(s) = DEVICE_LINES.take_summary() {
-            tracing::info!("{s}");
-        }
-        if stopping {
-            return;
-        }
-    }
+/// The summary of the lines left out since the last call, if any were (logged once a
+/// second by `connectord_core::log_budget::run_summaries`).
+pub fn take_summary() -> Option<String> {
+    DEVICE_LINES.take_summary()
 }
 
 impl LogBudget {

@@ -640,7 +640,9 @@ impl Inner {
             && !creds.certificate_valid(cn, serial)
         {
             self.metrics.count(Event::TlsRevoked);
-            tracing::info!(%peer, %cn, %serial, "CoAP/TLS client certificate revoked; aborted");
+            if crate::log_budget::allow(crate::log_budget::DeviceLine::HandshakeRefused) {
+                tracing::info!(%peer, %cn, %serial, "CoAP/TLS client certificate revoked; aborted");
+            }
             let _ = write_frame(&mut stream, &rfc8323::abort("certificate revoked")).await;
             let _ = stream.shutdown().await;
             return;
