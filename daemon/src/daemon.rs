@@ -750,6 +750,7 @@ async fn start_services(
                     node: n.node.clone(),
                 }) as Arc<dyn crate::forward::Forwarder>
             }),
+            registry: Arc::downgrade(&registry),
         },
         config.requests.clone(),
         reporter,

@@ -537,3 +537,56 @@ fn a_path_too_long_for_a_coap_request_is_400_and_nothing_is_sent() {
     dev.reply(&req, from, ResponseType::Content, b"ok", Some(0), None);
     assert_eq!(d.async_response(&id, WAIT)["status"], 200);
 }
+
+/// Seed 000: "The resource is not deleted from mbed Device Connector until the delete is
+/// handled by mbed Client." Once the device answers 2.02 Deleted, the resource (and what
+/// is listed below it) leaves the endpoint's resource list, before the async response,
+/// and the applications get a `reg-updates` event; a delete the device refuses changes
+/// nothing. Before, the list kept the deleted resource until the device's next update.
+#[test]
+fn a_resource_the_device_deleted_leaves_the_resource_list() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(
+        &["ep=del", "lt=300"],
+        r#"</3/0>,</5/0>;rt="fw",</5/0/1>,</6/0>;obs"#,
+    );
+    let paths = |d: &Daemon| {
+        let r = d.get("/v2/endpoints/del");
+        assert_eq!(r.status, 200, "{}", r.body);
+        support::strings_of(&r.json(), "uri")
+    };
+    assert_eq!(paths(&d), ["/3/0", "/5/0", "/5/0/1", "/6/0"]);
+    d.collect_events(Duration::from_millis(300), |_| false);
+
+    // Refused by the device: nothing changes.
+    let rid = d.async_request("DELETE", "/v2/endpoints/del/6/0", None, None);
+    let (req, from) = dev.recv_request(WAIT).expect("the DELETE");
+    dev.reply(&req, from, ResponseType::MethodNotAllowed, b"", None, None);
+    assert_eq!(d.async_response(&rid, WAIT)["status"], 405);
+    assert_eq!(paths(&d), ["/3/0", "/5/0", "/5/0/1", "/6/0"]);
+
+    // Deleted: /5/0 and /5/0/1 go, the others stay as they were.
+    let rid = d.async_request("DELETE", "/v2/endpoints/del/5/0", None, None);
+    let (req, from) = dev.recv_request(WAIT).expect("the DELETE");
+    assert_eq!(
+        req.header.code,
+        coap_lite::MessageClass::Request(RequestType::Delete)
+    );
+    dev.reply(&req, from, ResponseType::Deleted, b"", None, None);
+    let events = d.collect_events(WAIT, |e| e.async_response(&rid).is_some());
+    assert_eq!(events.async_response(&rid).unwrap()["status"], 200);
+    assert_eq!(paths(&d), ["/3/0", "/6/0"]);
+    let updates = events.of("reg-updates");
+    assert_eq!(updates.len(), 1, "{events:?}");
+    let listed: Vec<&str> = updates[0]["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["path"].as_str())
+        .collect();
+    assert_eq!(listed, ["/3/0", "/6/0"], "{updates:?}");
+    // A request for what was deleted is 404 now.
+    let r = d.call("GET", "/v2/endpoints/del/5/0/1", None, None);
+    assert_eq!(r.status, 404, "{}", r.body);
+}

@@ -32,6 +32,13 @@ pub struct ParseError {
 
 /// Parses a whole document. An empty (or all-blank) document is an empty list.
 pub fn parse(text: &str) -> Result<Vec<Link>, ParseError> {
+    Ok(parse_spans(text)?.into_iter().map(|(_, l)| l).collect())
+}
+
+/// [`parse`], each link with the bytes of `text` it was read from (`<uri>` and its
+/// attributes as the document wrote them), so that a document can be rewritten without
+/// some of its links and the others kept as they were.
+pub fn parse_spans(text: &str) -> Result<Vec<(std::ops::Range<usize>, Link)>, ParseError> {
     let mut p = Parser {
         s: text.as_bytes(),
         i: 0,
@@ -45,7 +52,14 @@ pub fn parse(text: &str) -> Result<Vec<Link>, ParseError> {
         if links.len() == MAX_LINKS {
             return Err(p.err("too many links"));
         }
-        links.push(p.link()?);
+        let start = p.i;
+        let link = p.link()?;
+        // The blanks `link` read past its last attribute are not the link's.
+        let mut end = p.i;
+        while end > start && matches!(p.s[end - 1], b' ' | b'\t' | b'\r' | b'\n') {
+            end -= 1;
+        }
+        links.push((start..end, link));
         p.skip_ws();
         if p.at_end() {
             return Ok(links);
@@ -214,6 +228,25 @@ fn is_token_char(c: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each link's span is its text as written, whatever the blanks around the commas.
+    #[test]
+    fn spans_are_the_links_as_written() {
+        let text = r#" </3/0>;obs;rt="oma.device" ,</5/0>;ct="0 11542",	</6/0>"#;
+        let spans: Vec<&str> = parse_spans(text)
+            .unwrap()
+            .into_iter()
+            .map(|(r, _)| &text[r])
+            .collect();
+        assert_eq!(
+            spans,
+            [
+                r#"</3/0>;obs;rt="oma.device""#,
+                r#"</5/0>;ct="0 11542""#,
+                "</6/0>"
+            ]
+        );
+    }
 
     #[test]
     fn parses_lwm2m_registration_bodies() {

@@ -411,6 +411,26 @@ pub fn media_type(ct: &str) -> String {
         .unwrap_or_else(|| ct.to_string())
 }
 
+/// The object list `links` without its links at or below `path`, the others as the
+/// device wrote them; `None` when no link is there (or the list cannot be parsed, which a
+/// stored list always can).
+fn links_without(links: &str, path: &str) -> Option<String> {
+    let parsed = link_format::parse_spans(links).ok()?;
+    let mut kept = String::with_capacity(links.len());
+    let mut removed = false;
+    for (span, l) in parsed {
+        if is_at_or_below(&l.uri, path) && l.attr("rt") != Some(Some("oma.lwm2m")) {
+            removed = true;
+            continue;
+        }
+        if !kept.is_empty() {
+            kept.push(',');
+        }
+        kept.push_str(links.get(span)?);
+    }
+    removed.then_some(kept)
+}
+
 /// Parses a registration body into resources. The LwM2M root link (`rt="oma.lwm2m"`)
 /// describes the server's object tree, not a resource, and is left out.
 pub fn parse_resources(links: &str) -> Result<Vec<Resource>, RegistryError> {
@@ -1013,6 +1033,57 @@ impl Registry {
             self.tell_moved_here(&ep, &old).await;
         }
         Ok(ep)
+    }
+
+    /// A resource the device deleted (it answered a `DELETE` 2.02 Deleted). Seed 000: "The
+    /// resource is not deleted from mbed Device Connector until the delete is handled by
+    /// mbed Client"; once it is, it goes. The registration's links at or below `path`
+    /// are removed, stored, and told as an update (`reg-updates` to the applications);
+    /// unlike an update by the device, the lifetime is not renewed and no transaction is
+    /// counted. `None` when no link was at or below `path` (an LwM2M client lists objects
+    /// and instances, so deleting a resource below them changes no link), or the endpoint
+    /// is gone or registered with another node.
+    pub async fn forget_links(
+        &self,
+        domain: &str,
+        name: &str,
+        path: &str,
+    ) -> Result<Option<Arc<Endpoint>>, RegistryError> {
+        let (ep, old, durable, change) = {
+            let mut inner = self.lock();
+            let Some(old) = inner.by_name(domain, name).cloned() else {
+                return Ok(None);
+            };
+            if self.is_foreign(&old.reg) {
+                return Ok(None);
+            }
+            let Some(links) = links_without(&old.reg.links, path) else {
+                return Ok(None);
+            };
+            let (links, paths) = self.object_list(&links, old.is_lwm2m())?;
+            let mut reg = old.reg.clone();
+            reg.links = links;
+            let ep = Arc::new(Endpoint { reg, paths });
+            let id = ep.reg.id.as_str();
+            let mut change = inner.unsettled(&[id], &[(domain, name)]);
+            inner.remove(id);
+            inner.insert(Arc::clone(&ep));
+            inner.made(&mut change);
+            let durable = self.store.put_registration(ep.reg.clone());
+            (ep, old, durable, change)
+        };
+        self.answered(change, durable.await, |inner| {
+            if inner.holds(&ep) {
+                inner.remove(&ep.reg.id);
+                inner.insert(Arc::clone(&old));
+            }
+        })?;
+        tracing::debug!(ep = %name, %path, "deleted by the device: its links there are removed");
+        self.tell(RegistryEvent::Updated {
+            ep: Arc::clone(&ep),
+        })
+        .await;
+        Ok(Some(ep))
     }
 
     /// Handles `DELETE /rd/{id}`.

@@ -1093,3 +1093,51 @@ async fn readers_see_no_change_before_its_write_commits() {
     assert!(reg.register(params("node-d"), at(5, 2)).await.is_err());
     assert_eq!((shown("node-d"), counts()), (None, (0, 0, 0, 0)));
 }
+
+/// What a device deleted leaves its registration: the links at or below the path, the
+/// others as the device wrote them (attributes and quoting kept), stored (a restart reads
+/// them so), and without renewing the lifetime (the device did not update).
+#[tokio::test]
+async fn forget_links_removes_what_was_deleted_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path(), RegistryConfig::default());
+    let mut p = params("node-d");
+    p.links = r#"</>;rt="oma.lwm2m";ct="110 11542", </3/0>;obs;rt="oma.device",</5/0>,</5/0/1>;ct=0,</50/0>"#.into();
+    let before = reg.register(p, at(1000, 5683)).await.unwrap();
+    let after = reg
+        .forget_links("default", "node-d", "/5/0")
+        .await
+        .unwrap()
+        .expect("links removed");
+    assert_eq!(
+        &*after.reg.links,
+        r#"</>;rt="oma.lwm2m";ct="110 11542",</3/0>;obs;rt="oma.device",</50/0>"#
+    );
+    assert_eq!(after.reg.expires_at_ms, before.reg.expires_at_ms);
+    assert_eq!(after.formats(), before.formats());
+    // Nothing listed there (a resource below a listed instance, an unknown path): no
+    // change.
+    assert!(
+        reg.forget_links("default", "node-d", "/3/0/1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        reg.forget_links("default", "node-d", "/9")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        reg.forget_links("default", "ghost", "/3/0")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    drop(reg);
+    let reg = open(dir.path(), RegistryConfig::default());
+    reg.load().await.unwrap();
+    let loaded = reg.directory().get("default", "node-d").unwrap();
+    assert_eq!(loaded.reg.links, after.reg.links);
+}

@@ -384,6 +384,19 @@ impl ValueCache {
         });
     }
 
+    /// Clears the values at or below `path` (a resource the device deleted); the slots
+    /// stay, so an observation holding one keeps its place.
+    fn forget_below(&self, domain: &str, ep: &str, path: &str) {
+        let Some(paths) = self.0.get(domain).and_then(|eps| eps.get(ep)) else {
+            return;
+        };
+        for (p, slot) in paths {
+            if crate::registry::is_at_or_below(p, path) {
+                slot.lock().value = None;
+            }
+        }
+    }
+
     fn forget_endpoint(&mut self, domain: &str, ep: &str) {
         if let Some(eps) = self.0.get_mut(domain) {
             if let Some(paths) = eps.remove(ep) {
@@ -456,6 +469,8 @@ pub struct Requests {
     node: Option<String>,
     /// See [`RequestsDeps::forwarder`].
     forwarder: Option<Arc<dyn crate::forward::Forwarder>>,
+    /// See [`RequestsDeps::registry`].
+    registry: std::sync::Weak<crate::registry::Registry>,
     /// The `async-id`s of the device-requests (issue 23) this node holds unanswered, by
     /// domain: a second request with one of them is refused (409) until the first is
     /// answered.
@@ -708,6 +723,10 @@ pub struct RequestsDeps {
     /// single node, where it is never asked, and in unit tests, where such a request is
     /// refused with [`RequestError::Elsewhere`]).
     pub forwarder: Option<Arc<dyn crate::forward::Forwarder>>,
+    /// The registry's write service, which removes the links of what a device deleted
+    /// ([`crate::registry::Registry::forget_links`]); weak, since the registry's
+    /// listeners hold the request layer (`Weak::new()` where there is none).
+    pub registry: std::sync::Weak<crate::registry::Registry>,
 }
 
 impl Requests {
@@ -725,6 +744,7 @@ impl Requests {
             limits,
             node,
             forwarder,
+            registry,
         } = deps;
         Arc::new(Requests {
             directory,
@@ -739,6 +759,7 @@ impl Requests {
             limits,
             node,
             forwarder,
+            registry,
             pending_ids: Mutex::new(Default::default()),
         })
     }
@@ -1254,6 +1275,11 @@ impl Requests {
                 if job.method == Method::Get {
                     self.cache_reply(job, &reply);
                 }
+                if job.method == Method::Delete && reply.code == ResponseType::Deleted {
+                    // Before the answer: once the application reads 200, the resource
+                    // list no longer has what was deleted.
+                    self.forget_deleted(job).await;
+                }
                 let error = (status >= 400).then(|| {
                     let diag = String::from_utf8_lossy(&reply.payload);
                     format!(
@@ -1368,6 +1394,19 @@ impl Requests {
                 }
             }
             Err(e) => self.exchange_failed(e),
+        }
+    }
+
+    /// The device deleted `job.path`: its links there leave the registration (seed 000),
+    /// and its cached values go.
+    async fn forget_deleted(&self, job: &Job) {
+        self.lock_cache()
+            .forget_below(&job.domain, &job.ep, &job.path);
+        let Some(registry) = self.registry.upgrade() else {
+            return;
+        };
+        if let Err(e) = registry.forget_links(&job.domain, &job.ep, &job.path).await {
+            tracing::warn!(ep = %job.ep, path = %job.path, "the links of a deleted resource stay listed: {e}");
         }
     }
 
