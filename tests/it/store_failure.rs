@@ -531,54 +531,112 @@ fn a_callback_removal_the_store_refused_is_not_kept() {
 /// A CON notification the store could not write is not acknowledged (an acknowledged one
 /// must never be lost) and not queued; the device's retransmission, once there is room
 /// again, is taken as new: acknowledged, and delivered once. Before, it was acknowledged
-/// at once, and only memory held it.
+/// at once, and only memory held it. A NON notification refused the same way stays
+/// queued in memory and is delivered: its device will not send it again.
 #[test]
 fn a_notification_the_store_refused_is_not_acknowledged() {
     use coap_lite::{MessageType, Packet};
+    const WAIT: Duration = Duration::from_secs(10);
     let Some((disk, d)) = start() else {
         return;
     };
     let mut dev = d.device();
     let (c, m, _) = register(&mut dev, "obs");
     assert_eq!(c, ResponseType::Created, "{m}");
-    let id = d.async_request("PUT", "/v2/subscriptions/obs/3303/0/5700", None, None);
-    let (req, from) = dev.recv_request(Duration::from_secs(10)).expect("observe");
-    let token = req.get_token().to_vec();
-    let first = support::observe_content(
-        MessageType::Acknowledgement,
-        req.header.message_id,
-        &token,
-        1,
-        b"20",
-    );
-    support::send_packet(&dev, &first, from);
-    assert_eq!(
-        d.async_response(&id, Duration::from_secs(10))["status"],
-        200
-    );
+    let observe = |path: &str| {
+        let id = d.async_request("PUT", &format!("/v2/subscriptions/obs{path}"), None, None);
+        let (req, from) = dev.recv_request(WAIT).expect("observe");
+        let token = req.get_token().to_vec();
+        let first = support::observe_content(
+            MessageType::Acknowledgement,
+            req.header.message_id,
+            &token,
+            1,
+            b"20",
+        );
+        support::send_packet(&dev, &first, from);
+        assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+        (token, from)
+    };
+    let (con_token, from) = observe("/3303/0/5700");
+    let (non_token, _) = observe("/3304/0/5700");
 
     disk.fill();
-    let n = support::observe_content(MessageType::Confirmable, 700, &token, 2, b"21");
-    support::send_packet(&dev, &n, from);
+    let con = support::observe_content(MessageType::Confirmable, 700, &con_token, 2, b"21");
+    support::send_packet(&dev, &con, from);
     assert!(
-        dev.recv_raw(Duration::from_secs(2)).is_none(),
+        d.wait_log("notifications: event not stored", WAIT),
+        "{}",
+        d.logs().join("\n")
+    );
+    let refused = d
+        .logs()
+        .iter()
+        .filter(|l| l.contains("notifications: event not stored"))
+        .count();
+    assert!(
+        dev.recv_raw(Duration::from_millis(500)).is_none(),
         "a notification the store refused was acknowledged"
     );
-    // A retransmission while the disk is still full: not acknowledged either.
-    support::send_packet(&dev, &n, from);
-    assert!(dev.recv_raw(Duration::from_secs(1)).is_none());
+    // Its retransmission while the disk is still full is taken anew (the duplicate cache
+    // forgot it), refused again, and not acknowledged either.
+    support::send_packet(&dev, &con, from);
+    assert!(support::eventually(WAIT, || d
+        .logs()
+        .iter()
+        .filter(|l| l.contains("notifications: event not stored"))
+        .count()
+        > refused));
+    assert!(dev.recv_raw(Duration::from_millis(500)).is_none());
+    let refused = d
+        .logs()
+        .iter()
+        .filter(|l| l.contains("notifications: event not stored"))
+        .count();
+    let non = support::observe_content(MessageType::NonConfirmable, 701, &non_token, 2, b"55");
+    support::send_packet(&dev, &non, from);
+    assert!(
+        support::eventually(WAIT, || d
+            .logs()
+            .iter()
+            .filter(|l| l.contains("notifications: event not stored"))
+            .count()
+            > refused),
+        "the NON notification was stored on a full disk"
+    );
 
     disk.free();
-    support::send_packet(&dev, &n, from);
-    let ack = Packet::from_bytes(&dev.recv_raw(Duration::from_secs(10)).expect("the ACK")).unwrap();
+    // The device retransmits until it is acknowledged.
+    let mut acked = None;
+    for _ in 0..20 {
+        support::send_packet(&dev, &con, from);
+        if let Some(bytes) = dev.recv_raw(Duration::from_millis(500)) {
+            acked = Some(Packet::from_bytes(&bytes).unwrap());
+            break;
+        }
+    }
+    let ack = acked.expect("the retransmission was never acknowledged");
     assert_eq!(
         (ack.header.get_type(), ack.header.message_id),
         (MessageType::Acknowledgement, 700)
     );
     let events = d.collect_events(Duration::from_secs(3), |_| false);
     let got = events.of("notifications");
-    assert_eq!(got.len(), 1, "{got:?}");
-    assert_eq!(got[0]["payload"], support::b64(b"21"), "{got:?}");
+    let of = |path: &str| -> Vec<&serde_json::Value> {
+        got.iter().filter(|n| n["path"] == path).collect()
+    };
+    assert_eq!(of("/3303/0/5700").len(), 1, "{got:?}");
+    assert_eq!(
+        of("/3303/0/5700")[0]["payload"],
+        support::b64(b"21"),
+        "{got:?}"
+    );
+    assert_eq!(of("/3304/0/5700").len(), 1, "{got:?}");
+    assert_eq!(
+        of("/3304/0/5700")[0]["payload"],
+        support::b64(b"55"),
+        "{got:?}"
+    );
     drop(d);
     drop(disk);
 }

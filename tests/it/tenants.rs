@@ -95,9 +95,10 @@ fn every_key_sees_only_its_own_domain() {
     assert_eq!(get(&d, &key_b, "/v2/limits").json()["endpoint-count"], 2);
 }
 
-/// The transaction quota counts requests that go out (seed 000): a request refused with
-/// 409 (noResp to a queue-mode endpoint) or 503 (the endpoint is not reachable) counts
-/// nothing, so a client retrying them does not use up its domain's quota.
+/// The transaction quota counts requests that go out (seed 000): it is taken last, so a
+/// request refused with 409 (here: noResp to a queue-mode endpoint; also 503 and a full
+/// queue's 429) counts nothing, and a client retrying it does not use up its domain's
+/// quota.
 #[test]
 fn refused_requests_count_no_transaction() {
     let d = Prepared::new("", "[limits]\ntransaction_quota = 5\n").start();

@@ -12,7 +12,7 @@
 //! Entity Incomplete. A non-last block whose
 //! payload is not exactly its block size is 4.00. A body past [`MAX_BODY`] is 4.13 with
 //! Size1. At most [`MAX_TRANSFERS`] transfers are assembled at once (5.03 past it), at most
-//! [`MAX_TRANSFERS_PER_PEER`] of one peer (its oldest makes room for its next), each
+//! [`MAX_TRANSFERS_PER_PEER`] of one peer (5.03 with Max-Age past it), each
 //! forgotten [`LIFETIME`] after its first block: the memory held is bounded whatever the
 //! devices send.
 
@@ -31,10 +31,11 @@ use crate::message::{self, Response};
 pub const MAX_BODY: usize = 64 * 1024;
 /// Transfers assembled at once, all peers together.
 pub const MAX_TRANSFERS: usize = 256;
-/// Transfers one peer may have in progress: its next one replaces its oldest, so one
-/// device cannot take the room of the others (a device sends one body at a time, rarely
-/// two: a registration and an update).
-pub const MAX_TRANSFERS_PER_PEER: usize = 4;
+/// Transfers one peer may have in progress (a device sends one body at a time, rarely
+/// two: a registration and an update; a proxy relaying several devices through one port
+/// more): past it, its next is 5.03 with Max-Age until its oldest expires, so one peer
+/// cannot take the room of the others, nor break its own transfers in progress.
+pub const MAX_TRANSFERS_PER_PEER: usize = 16;
 /// How long a transfer may take from its first block to its last (RFC 7252's
 /// EXCHANGE_LIFETIME is 247 s; a device sends its blocks back to back).
 pub const LIFETIME: Duration = Duration::from_secs(60);
@@ -105,24 +106,28 @@ fn refuse(code: ResponseType, why: &str) -> Step {
 }
 
 impl Assemblies {
-    /// Transfers in progress.
-    /// Drops `peer`'s oldest transfer when it has [`MAX_TRANSFERS_PER_PEER`] in progress.
-    fn make_room_for(&mut self, peer: SocketAddr) {
+    /// When `peer` has [`MAX_TRANSFERS_PER_PEER`] transfers in time: how long until its
+    /// oldest expires (the Max-Age of the 5.03 refusing another).
+    fn peer_full(&self, peer: SocketAddr, now: Instant) -> Option<Duration> {
         let mut count = 0;
-        let mut oldest: Option<(&Key, Instant)> = None;
-        for (k, p) in self.partial.iter().filter(|(k, _)| k.0 == peer) {
-            count += 1;
-            if oldest.is_none_or(|(_, at)| p.started < at) {
-                oldest = Some((k, p.started));
-            }
-        }
-        if count >= MAX_TRANSFERS_PER_PEER
-            && let Some(k) = oldest.map(|(k, _)| k.clone())
+        let mut oldest: Option<Instant> = None;
+        for p in self
+            .partial
+            .iter()
+            .filter(|(k, _)| k.0 == peer)
+            .map(|(_, p)| p)
         {
-            self.partial.remove(&k);
+            if now.saturating_duration_since(p.started) >= LIFETIME {
+                continue;
+            }
+            count += 1;
+            oldest = Some(oldest.map_or(p.started, |o| o.min(p.started)));
         }
+        let oldest = oldest.filter(|_| count >= MAX_TRANSFERS_PER_PEER)?;
+        Some(LIFETIME.saturating_sub(now.saturating_duration_since(oldest)))
     }
 
+    /// Transfers in progress.
     pub fn len(&self) -> usize {
         self.partial.len()
     }
@@ -166,8 +171,19 @@ impl Assemblies {
             return Step::Answer(r);
         }
         if block.num == 0 {
-            if !self.partial.contains_key(&k) {
-                self.make_room_for(peer);
+            if !self.partial.contains_key(&k)
+                && let Some(wait) = self.peer_full(peer, now)
+            {
+                let mut r = Response::diagnostic(
+                    ResponseType::ServiceUnavailable,
+                    format!(
+                        "more than {MAX_TRANSFERS_PER_PEER} block-wise transfers in progress from this address"
+                    ),
+                );
+                let secs = u32::try_from(wait.as_secs()).unwrap_or(u32::MAX).max(1);
+                r.options
+                    .push((CoapOption::MaxAge, message::encode_uint(secs)));
+                return Step::Answer(r);
             }
             if !self.partial.contains_key(&k) && self.partial.len() >= MAX_TRANSFERS {
                 self.partial
@@ -453,41 +469,53 @@ mod tests {
         assert_eq!(a.len(), 1, "the expired transfers were dropped");
     }
 
-    /// One peer holds at most MAX_TRANSFERS_PER_PEER transfers: its next replaces its
-    /// oldest (which then cannot go on), and the others' room is untouched. Before, one
-    /// peer could open all MAX_TRANSFERS and every other device got 5.03.
+    /// One peer holds at most MAX_TRANSFERS_PER_PEER transfers: its next is 5.03 with a
+    /// Max-Age until its oldest expires, its transfers in progress go on, and the others'
+    /// room is untouched. Before, one peer could open all MAX_TRANSFERS and every other
+    /// device got 5.03.
     #[test]
     fn one_peer_cannot_take_every_transfer() {
         let mut a = Assemblies::default();
         let t = Instant::now();
-        let tagged = |tag: u16| {
-            let mut p = block_request(0, true, 0, &[1; 16]);
+        let tagged = |num: u32, more: bool, tag: u16| {
+            let payload: &[u8] = if more { &[1; 16] } else { &[2; 3] };
+            let mut p = block_request(num, more, 0, payload);
             p.add_option(REQUEST_TAG, tag.to_be_bytes().to_vec());
             p
         };
-        for tag in 0..MAX_TRANSFERS as u16 {
-            let mut p = tagged(tag);
-            let at = t + Duration::from_millis(u64::from(tag));
+        for tag in 0..MAX_TRANSFERS_PER_PEER as u16 {
+            let at = t + Duration::from_secs(u64::from(tag));
             assert_eq!(
-                code(&a.on_request(peer(1), &mut p, at)),
+                code(&a.on_request(peer(1), &mut tagged(0, true, tag), at)),
                 Some(ResponseType::Continue)
             );
         }
+        let later = t + Duration::from_secs(20);
+        let Step::Answer(r) = a.on_request(peer(1), &mut tagged(0, true, 999), later) else {
+            panic!("a transfer past the peer's share was taken");
+        };
+        assert_eq!(r.code, ResponseType::ServiceUnavailable);
+        let max_age = r.options.iter().find(|(o, _)| *o == CoapOption::MaxAge);
+        assert_eq!(
+            max_age.map(|(_, v)| v.clone()),
+            Some(message::encode_uint(40))
+        );
         assert_eq!(a.len(), MAX_TRANSFERS_PER_PEER);
         // Another device still gets its transfer.
         let mut p = block_request(0, true, 0, &[1; 16]);
         assert_eq!(
-            code(&a.on_request(peer(2), &mut p, t)),
+            code(&a.on_request(peer(2), &mut p, later)),
             Some(ResponseType::Continue)
         );
-        // The flooding peer's newest transfers go on; its replaced oldest does not.
-        let last = MAX_TRANSFERS as u16 - 1;
-        let mut next = |tag: u16| {
-            let mut p = block_request(1, false, 0, &[2; 3]);
-            p.add_option(REQUEST_TAG, tag.to_be_bytes().to_vec());
-            a.on_request(peer(1), &mut p, t + Duration::from_secs(1))
-        };
-        assert!(matches!(next(last), Step::Handle(Some(_))));
-        assert_eq!(code(&next(0)), Some(ResponseType::RequestEntityIncomplete));
+        // The peer's transfers in progress go on, its oldest included.
+        assert!(matches!(
+            a.on_request(peer(1), &mut tagged(1, false, 0), later),
+            Step::Handle(Some(_))
+        ));
+        // Once its oldest has ended, there is room again.
+        assert_eq!(
+            code(&a.on_request(peer(1), &mut tagged(0, true, 999), later)),
+            Some(ResponseType::Continue)
+        );
     }
 }

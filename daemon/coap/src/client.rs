@@ -156,8 +156,15 @@ impl ClientState {
         };
         // A piggybacked response answers the request only with its token (RFC 7252
         // §5.3.2); one with another token is not its answer, and is ignored (the request
-        // is retransmitted, and times out if every answer is like it).
-        if packet.header.code != MessageClass::Empty && packet.get_token() != token.as_slice() {
+        // is retransmitted, and times out if every answer is like it). Except an error
+        // with no token at all: some LwM2M clients (Wakaama's parse errors) answer a
+        // request they could not parse so, and that is its answer.
+        let error_without_token = packet.get_token().is_empty()
+            && matches!(packet.header.code, MessageClass::Response(c) if c.is_error());
+        if packet.header.code != MessageClass::Empty
+            && packet.get_token() != token.as_slice()
+            && !error_without_token
+        {
             return false;
         }
         let Some(Route { tx, .. }) = self.by_token.get(token) else {
@@ -471,6 +478,13 @@ fn check_block(b: Block, offset: usize, len: usize) -> Result<(), ClientError> {
 }
 
 fn block_option(p: &Packet, opt: CoapOption) -> Result<Option<Block>, ClientError> {
+    // A critical option of a length it may not have is not an absent one (RFC 7252
+    // §5.4.3): read as absent, a Block2 of 4 bytes would make block 0 the whole body.
+    if p.get_first_option(opt).is_some_and(|v| v.len() > 3) {
+        return Err(ClientError::Block(format!(
+            "a {opt:?} option longer than 3 bytes"
+        )));
+    }
     match message::uint_option(p, opt) {
         None => Ok(None),
         Some(v) => Block::decode(v)
@@ -1837,6 +1851,25 @@ mod tests {
         );
         send(&s.device, &right, s.local).await;
         assert_eq!(task.await.unwrap().unwrap().payload, b"yours");
+
+        // An error with no token at all answers the request (a client that could not
+        // parse it answers so).
+        let t = Arc::clone(&s.transport);
+        let to = PeerRef::udp(s.local, s.peer);
+        let task = tokio::spawn(async move {
+            t.request(to, &OutRequest::new(RequestType::Get, "/3/0/0"))
+                .await
+        });
+        let (req, _) = recv(&s.device).await;
+        let mut bad = reply_to(
+            &req,
+            MessageType::Acknowledgement,
+            MessageClass::Response(ResponseType::BadOption),
+            b"",
+        );
+        bad.set_token(Vec::new());
+        send(&s.device, &bad, s.local).await;
+        assert_eq!(task.await.unwrap().unwrap().code, ResponseType::BadOption);
     }
 
     #[tokio::test]
@@ -1980,6 +2013,25 @@ mod tests {
         assert!(matches!(r, Err(ClientError::Block(_))), "{r:?}");
         // The first response is not block 0.
         let (r, _) = block2_script(vec![(blk(1, true, 0), vec![1; 16], None)]).await;
+        assert!(matches!(r, Err(ClientError::Block(_))), "{r:?}");
+        // A Block2 option of 4 bytes is an error, not block 0 as the whole body.
+        let s = setup(fast()).await;
+        let t = Arc::clone(&s.transport);
+        let to = PeerRef::udp(s.local, s.peer);
+        let task = tokio::spawn(async move {
+            t.request(to, &OutRequest::new(RequestType::Get, "/5/0/1"))
+                .await
+        });
+        let (req, _) = recv(&s.device).await;
+        let mut ack = reply_to(
+            &req,
+            MessageType::Acknowledgement,
+            MessageClass::Response(ResponseType::Content),
+            &[1; 16],
+        );
+        ack.add_option(CoapOption::Block2, vec![0, 0, 0, 0x08]);
+        send(&s.device, &ack, s.local).await;
+        let r = task.await.unwrap();
         assert!(matches!(r, Err(ClientError::Block(_))), "{r:?}");
         let (r, _) = block2_script(vec![
             (blk(0, true, 0), vec![1; 16], Some(b"v1")),

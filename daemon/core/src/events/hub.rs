@@ -115,9 +115,11 @@ enum To<'a> {
 #[must_use = "a forwarding says when the other nodes stored the events"]
 pub struct Forwarding {
     answers: Vec<tokio::sync::oneshot::Receiver<bool>>,
-    /// The hub was going away: nothing was queued; or (from [`Hub::publish_batch`]) the
-    /// events for this node's channels were not stored, and were taken out again.
+    /// The hub was going away: nothing was queued.
     failed: bool,
+    /// [`Hub::publish_batch`]: this node's store refused the write, and the events of the
+    /// groups marked [`Undo::Unqueue`] were taken out of the queues again.
+    failed_here: bool,
 }
 
 impl Forwarding {
@@ -126,10 +128,10 @@ impl Forwarding {
         self.answers.is_empty() && !self.failed
     }
 
-    /// Whether this node's store refused the events ([`Hub::publish_batch`]): none of
-    /// them is queued, and nothing waits on the other nodes' answers.
+    /// Whether this node's store refused the write ([`Hub::publish_batch`]): the events
+    /// of the groups marked [`Undo::Unqueue`] are not queued.
     pub fn failed_here(&self) -> bool {
-        self.failed
+        self.failed_here
     }
 
     /// Whether every owner stored its events.
@@ -142,15 +144,20 @@ impl Forwarding {
     }
 }
 
-/// What becomes of the events queued here when their store write fails
-/// ([`Hub::publish_here`]).
+/// For [`Hub::enqueue`]: which chosen events (by index) to record, and the record of
+/// those queued, by key and number (taken out again if their write fails).
+type Pushed<'a> = (&'a [bool], &'a mut Vec<(String, u64)>);
+
+/// What becomes of a group's events queued here when their store write fails
+/// ([`Hub::publish_batch`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Undo {
-    /// Kept in memory (delivered while the daemon runs): an async response, whose stored
-    /// request is kept too, and a registration event, whose change is stored already.
+pub enum Undo {
+    /// Kept in memory (delivered while the daemon runs): notifications that will not come
+    /// again (NON, over TLS, an observe's first value), an async response (whose stored
+    /// request is kept too), a registration event (whose change is stored already).
     Keep,
-    /// Taken out again: notifications, whose CON messages are then not acknowledged,
-    /// so the device sends them again ([`Hub::publish_batch`]).
+    /// Taken out again: the notifications of an observation whose CON messages wait for
+    /// their ACKs, which are then not sent, so the device sends them again.
     Unqueue,
 }
 
@@ -159,6 +166,7 @@ struct Group<'a> {
     to: To<'a>,
     events: &'a [Event],
     about: About<'a>,
+    undo: Undo,
 }
 
 /// The notification queues at one moment ([`Hub::queue_stats`]).
@@ -960,20 +968,29 @@ impl Hub {
     /// another node owns are queued for their owners in order, and the returned
     /// [`Forwarding`] says when those are stored (or given up): the caller waits for it
     /// elsewhere, so that a peer that is slow or gone holds up no other batch.
-    pub async fn publish_batch(&self, batch: &[(&[String], &[Event], About<'_>)]) -> Forwarding {
+    ///
+    /// Each group says what becomes of its events here if the store refuses the write
+    /// ([`Undo`]): a group whose device waits for an ACK is taken out again
+    /// ([`Forwarding::failed_here`]), so that the device sends it again; the others stay
+    /// queued in memory, as their devices will not send them again.
+    pub async fn publish_batch(
+        &self,
+        batch: &[(&[String], &[Event], About<'_>, Undo)],
+    ) -> Forwarding {
         let groups: Vec<Group<'_>> = batch
             .iter()
-            .filter(|(_, events, _)| !events.is_empty())
-            .map(|&(keys, events, about)| Group {
+            .filter(|(_, events, _, _)| !events.is_empty())
+            .map(|&(keys, events, about, undo)| Group {
                 to: To::Keys(keys),
                 events,
                 about,
+                undo,
             })
             .collect();
         if groups.is_empty() {
             return Forwarding::default();
         }
-        self.publish_here(&groups, None, Undo::Unqueue).await
+        self.publish_here(&groups, None).await
     }
 
     /// Queues the async response `event` for the key that asked (if its restriction, which
@@ -1018,13 +1035,21 @@ impl Hub {
     /// resource list is cut to what each restricted key may see (one entry made per
     /// distinct restriction).
     async fn publish(&self, to: To<'_>, events: &[Event], answered: Option<u64>, about: About<'_>) {
-        self.publish_groups(&[Group { to, events, about }], answered)
-            .await;
+        self.publish_groups(
+            &[Group {
+                to,
+                events,
+                about,
+                undo: Undo::Keep,
+            }],
+            answered,
+        )
+        .await;
     }
 
     /// [`Hub::publish`] of several groups in one store write (and one wait for it).
     async fn publish_groups(&self, groups: &[Group<'_>], answered: Option<u64>) {
-        let forwarding = self.publish_here(groups, answered, Undo::Keep).await;
+        let forwarding = self.publish_here(groups, answered).await;
         if !forwarding.is_empty() {
             let stored = forwarding.wait().await;
             if let Some(row) = answered.filter(|_| stored)
@@ -1039,24 +1064,28 @@ impl Hub {
     }
 
     /// [`Hub::publish_groups`] up to the events stored here; those for other nodes' keys
-    /// queued for their owners (in order), their answers returned. `undo` says what
-    /// becomes of the events queued here when their store write fails.
-    async fn publish_here(
-        &self,
-        groups: &[Group<'_>],
-        answered: Option<u64>,
-        undo: Undo,
-    ) -> Forwarding {
+    /// queued for their owners (in order), their answers returned. Each group's `undo`
+    /// says what becomes of its events queued here when their store write fails.
+    async fn publish_here(&self, groups: &[Group<'_>], answered: Option<u64>) -> Forwarding {
         // Not sized (rendered) here: an event no channel takes is never rendered (see
         // `rest::wire`); one that is queued is rendered once, when it is queued.
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
         let mut remote: Vec<(String, Event)> = Vec::new();
         let mut pushed: Option<Vec<(String, u64)>> = None;
+        let mut failed_here = false;
         let durable = {
             let mut map = self.lock();
             let mut chosen: Vec<(String, Event)> = Vec::new();
-            for &Group { to, events, about } in groups {
+            // Per chosen event: its group is [`Undo::Unqueue`].
+            let mut marks: Vec<bool> = Vec::new();
+            for &Group {
+                to,
+                events,
+                about,
+                undo,
+            } in groups
+            {
                 // A registration's entry cut to a restriction, made once per event and
                 // distinct restriction.
                 let mut cut: Vec<(usize, Vec<String>, Event)> = Vec::new();
@@ -1084,6 +1113,7 @@ impl Hub {
                             _ => event.clone(),
                         };
                         chosen.push((ch.rec.key_id.clone(), event));
+                        marks.push(undo == Undo::Unqueue);
                     }
                 };
                 match to {
@@ -1102,19 +1132,25 @@ impl Hub {
             if self.peers.is_some() {
                 // Cluster: only the channels this node owns are queued here; the others'
                 // events go to their owners below.
-                let (here, elsewhere) = chosen.into_iter().partition(|(k, _)| {
-                    map.get(k.as_str()).is_some_and(|c| c.owner == Owner::Here)
-                });
+                let (mut here, mut here_marks) = (Vec::new(), Vec::new());
+                for ((k, e), m) in chosen.into_iter().zip(marks) {
+                    if map.get(k.as_str()).is_some_and(|c| c.owner == Owner::Here) {
+                        here.push((k, e));
+                        here_marks.push(m);
+                    } else {
+                        remote.push((k, e));
+                    }
+                }
                 chosen = here;
-                remote = elsewhere;
+                marks = here_marks;
             }
             // An answer forwarded to its key's owner is forgotten once the owner stored it.
             let answered_here = answered.filter(|_| remote.is_empty());
             if chosen.is_empty() && answered_here.is_none() {
                 None
             } else {
-                if undo == Undo::Unqueue {
-                    pushed = Some(Vec::with_capacity(chosen.len()));
+                if marks.contains(&true) {
+                    pushed = Some(Vec::new());
                 }
                 Some(self.enqueue(
                     &mut map,
@@ -1122,7 +1158,7 @@ impl Hub {
                     answered_here,
                     &mut wakes,
                     &mut trims,
-                    pushed.as_mut(),
+                    pushed.as_mut().map(|p| (marks.as_slice(), p)),
                 ))
             }
         };
@@ -1130,23 +1166,21 @@ impl Hub {
             && let Err(e) = d.await
         {
             crate::store::log_failure(format_args!("notifications: event not stored"), &e);
-            if let Some(pushed) = pushed {
+            if let Some(pushed) = pushed.take() {
                 // Not stored, so not queued: the devices' CON notifications are not
                 // acknowledged, and their retransmissions are taken anew.
                 self.unqueue(pushed);
-                self.settle(trims, Vec::new()).await;
-                return Forwarding {
-                    answers: Vec::new(),
-                    failed: true,
-                };
+                failed_here = true;
             }
         }
         self.settle(trims, wakes).await;
-        if remote.is_empty() {
+        let mut forwarding = if remote.is_empty() {
             Forwarding::default()
         } else {
             self.queue_forwards(remote)
-        }
+        };
+        forwarding.failed_here = failed_here;
+        forwarding
     }
 
     /// Numbers `chosen` in the store (in submission order: under the hub lock, so in each
@@ -1160,15 +1194,17 @@ impl Hub {
         answered: Option<u64>,
         wakes: &mut Vec<Arc<Notify>>,
         trims: &mut Vec<crate::store::Pending<()>>,
-        mut pushed: Option<&mut Vec<(String, u64)>>,
+        mut pushed: Option<Pushed<'_>>,
     ) -> crate::store::Pending<()> {
         let appended = self.store.append_events(chosen.clone(), answered);
         let size = |e: &Event| self.size_of(e);
-        for ((key_id, event), seq) in chosen.into_iter().zip(appended.seqs) {
+        for (i, ((key_id, event), seq)) in chosen.into_iter().zip(appended.seqs).enumerate() {
             let Some(ch) = map.get_mut(key_id.as_str()) else {
                 continue;
             };
-            if let Some(p) = pushed.as_deref_mut() {
+            if let Some((marks, p)) = pushed.as_mut()
+                && marks.get(i) == Some(&true)
+            {
                 p.push((key_id.clone(), seq));
             }
             Counters::inc(&self.counters.events_published);
@@ -2150,6 +2186,7 @@ impl Hub {
             return Forwarding {
                 answers: Vec::new(),
                 failed: true,
+                failed_here: false,
             };
         };
         let mut by_key: Vec<(String, Vec<Event>)> = Vec::new();
@@ -2183,6 +2220,7 @@ impl Hub {
         Forwarding {
             answers,
             failed: false,
+            failed_here: false,
         }
     }
 

@@ -17,7 +17,7 @@ pub use connectord_model::{
     AsyncResponse, CallbackTarget, ChannelRecord, EndpointSummary, Entry, Event, Kind,
     Notification, ResourceSummary, StoredEvent, SubscriptionError,
 };
-pub use hub::{Forwarding, Hub};
+pub use hub::{Forwarding, Hub, Undo};
 
 use crate::registry::Endpoint;
 

@@ -1356,6 +1356,10 @@ impl Subscriptions {
             /// The observation's last number before this batch (put back if the batch
             /// is not stored, so that the device's retransmissions are fresh).
             last_before: (u32, Instant),
+            /// Some of its notifications wait for their ACKs (CON over UDP or DTLS): if
+            /// the batch is not stored, they are taken out again and sent anew by the
+            /// device ([`crate::events::Undo::Unqueue`]); the others stay queued.
+            held: bool,
         }
         let mut taken: Vec<Taken> = Vec::new();
         let mut index: Map<u64, usize> = Map::default();
@@ -1380,6 +1384,7 @@ impl Subscriptions {
                         subscribers: o.subscribers.of(keys, (&o.key.0, &o.key.1, &o.key.2)),
                         cache: Arc::clone(&o.cache),
                         last_before: o.last,
+                        held: false,
                     });
                     taken.len() - 1
                 });
@@ -1387,7 +1392,10 @@ impl Subscriptions {
                 if t.ended.is_some() {
                     continue;
                 }
-                acks.extend(item.take_ack());
+                if let Some(ack) = item.take_ack() {
+                    t.held = true;
+                    acks.push(ack);
+                }
                 let reply = item.take_reply();
                 if reply.code.is_error() || reply.observe.is_none() {
                     t.ended = Some(reply);
@@ -1442,7 +1450,8 @@ impl Subscriptions {
         }
         let mut forwarding = crate::events::Forwarding::default();
         if !published.is_empty() {
-            let batch: Vec<(&[String], &[Event], crate::events::About<'_>)> = published
+            use crate::events::{About, Undo};
+            let batch: Vec<(&[String], &[Event], About<'_>, Undo)> = published
                 .iter()
                 .map(|(events, i)| {
                     let t = &taken[*i];
@@ -1450,7 +1459,8 @@ impl Subscriptions {
                     (
                         &*t.subscribers,
                         events.as_slice(),
-                        crate::events::About::Resource(ep, path),
+                        About::Resource(ep, path),
+                        if t.held { Undo::Unqueue } else { Undo::Keep },
                     )
                 })
                 .collect();
@@ -1460,14 +1470,18 @@ impl Subscriptions {
         // the nodes that own the other keys' channels stored theirs too, waited for
         // beside the feed so that a slow or lost peer holds up no other batch.
         if forwarding.failed_here() {
-            // Not stored (and not queued): nothing is acknowledged (the held ACKs are
-            // dropped, so the duplicate cache forgets them), and each observation's
-            // number goes back, so that the device's retransmissions are taken as new.
+            // Not stored: nothing is acknowledged (the held ACKs are dropped, so the
+            // duplicate cache forgets them), and the observations that waited for ACKs
+            // (their notifications taken out of the queues again) get their number back,
+            // so that the device's retransmissions are taken as new. The others' stay
+            // queued in memory: their devices will not send them again.
             drop(acks);
             let mut st = self.lock();
             for (_, i) in &published {
                 let t = &taken[*i];
-                if let Some(o) = st.observing.get_mut(&t.id) {
+                if t.held
+                    && let Some(o) = st.observing.get_mut(&t.id)
+                {
                     o.last = t.last_before;
                 }
             }
