@@ -1077,7 +1077,9 @@ impl Hub {
         let durable = {
             let mut map = self.lock();
             let mut chosen: Vec<(String, Event)> = Vec::new();
-            // Per chosen event: its group is [`Undo::Unqueue`].
+            // Per chosen event: its group is [`Undo::Unqueue`] (kept only when a group is:
+            // never for an async response, on every read's path).
+            let undoing = groups.iter().any(|g| g.undo == Undo::Unqueue);
             let mut marks: Vec<bool> = Vec::new();
             for &Group {
                 to,
@@ -1113,7 +1115,9 @@ impl Hub {
                             _ => event.clone(),
                         };
                         chosen.push((ch.rec.key_id.clone(), event));
-                        marks.push(undo == Undo::Unqueue);
+                        if undoing {
+                            marks.push(undo == Undo::Unqueue);
+                        }
                     }
                 };
                 match to {
@@ -1133,10 +1137,12 @@ impl Hub {
                 // Cluster: only the channels this node owns are queued here; the others'
                 // events go to their owners below.
                 let (mut here, mut here_marks) = (Vec::new(), Vec::new());
-                for ((k, e), m) in chosen.into_iter().zip(marks) {
+                for (i, (k, e)) in chosen.into_iter().enumerate() {
                     if map.get(k.as_str()).is_some_and(|c| c.owner == Owner::Here) {
                         here.push((k, e));
-                        here_marks.push(m);
+                        if undoing {
+                            here_marks.push(marks.get(i).copied().unwrap_or(false));
+                        }
                     } else {
                         remote.push((k, e));
                     }
