@@ -1269,9 +1269,7 @@ fn a_replayed_record_from_another_address_gets_that_address_little_traffic() {
 #[test]
 fn refused_certificate_handshakes_are_within_the_log_budget() {
     let p = support::Prepared::new("listen_dtls = [\"127.0.0.1:0\"]", "");
-    let text = std::fs::read_to_string(&p.config_path).unwrap();
-    let text = text.replacen("[log]\n", "[log]\ndevice_lines_per_s = 1\n", 1);
-    std::fs::write(&p.config_path, &text).unwrap();
+    support::set_device_lines_per_s(&p, 1);
     let d = p.start();
     let dtls = d.ready.as_ref().expect("ready file").coap_dtls[0];
     let dir = tempfile::tempdir().unwrap();
@@ -1292,22 +1290,8 @@ fn refused_certificate_handshakes_are_within_the_log_budget() {
             .filter(|l| l.contains("DTLS client certificate refused"))
             .count() as u64
     };
-    let summarised = |d: &support::Daemon| -> u64 {
-        d.logs()
-            .iter()
-            .filter_map(|l| l.split_once("device log lines left out"))
-            .filter_map(|(_, rest)| rest.split_once("): ").map(|(_, c)| c.to_string()))
-            .flat_map(|counts| {
-                counts
-                    .split(", ")
-                    .filter_map(|c| {
-                        c.strip_suffix(" handshakes refused for their client certificate")?
-                            .parse::<u64>()
-                            .ok()
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .sum()
+    let summarised = |d: &support::Daemon| {
+        support::summarised(d, "handshakes refused for their client certificate") as u64
     };
     assert!(
         support::eventually(std::time::Duration::from_secs(5), || one_by_one(&d)

@@ -510,9 +510,7 @@ fn sighup_applies_the_log_level_and_names_what_needs_a_restart() {
 #[test]
 fn device_log_lines_are_budgeted_and_summarised() {
     let p = support::Prepared::new("", "");
-    let text = std::fs::read_to_string(&p.config_path).unwrap();
-    let text = text.replacen("[log]\n", "[log]\ndevice_lines_per_s = 3\n", 1);
-    std::fs::write(&p.config_path, &text).unwrap();
+    support::set_device_lines_per_s(&p, 3);
     let d = p.start();
     // One line per registration, whose message is "registered" (not "de-registered").
     let one_by_one = |d: &Daemon, prefix: &str| {
@@ -522,19 +520,7 @@ fn device_log_lines_are_budgeted_and_summarised() {
             .count()
     };
     // "registered" counts of the summary lines.
-    let summarised = |d: &Daemon| -> usize {
-        d.logs()
-            .iter()
-            .filter_map(|l| l.split_once("device log lines left out"))
-            .filter_map(|(_, rest)| rest.split_once("): ").map(|(_, counts)| counts.to_string()))
-            .flat_map(|counts| {
-                counts
-                    .split(", ")
-                    .filter_map(|c| c.strip_suffix(" registered")?.parse::<usize>().ok())
-                    .collect::<Vec<_>>()
-            })
-            .sum()
-    };
+    let summarised = |d: &Daemon| support::summarised(d, "registered");
     const N: usize = 60;
     for i in 0..N {
         d.device().register(&[&format!("ep=budget-{i}")], "</3/0>");
@@ -557,6 +543,7 @@ fn device_log_lines_are_budgeted_and_summarised() {
     );
 
     // No limit after a reload.
+    let text = std::fs::read_to_string(&d.config_path).unwrap();
     std::fs::write(
         &d.config_path,
         text.replace("device_lines_per_s = 3", "device_lines_per_s = 0"),

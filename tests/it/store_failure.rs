@@ -545,16 +545,7 @@ fn a_notification_the_store_refused_is_not_acknowledged() {
     assert_eq!(c, ResponseType::Created, "{m}");
     let observe = |path: &str| {
         let id = d.async_request("PUT", &format!("/v2/subscriptions/obs{path}"), None, None);
-        let (req, from) = dev.recv_request(WAIT).expect("observe");
-        let token = req.get_token().to_vec();
-        let first = support::observe_content(
-            MessageType::Acknowledgement,
-            req.header.message_id,
-            &token,
-            1,
-            b"20",
-        );
-        support::send_packet(&dev, &first, from);
+        let (token, from) = support::answer_observe(&dev, WAIT, b"20");
         assert_eq!(d.async_response(&id, WAIT)["status"], 200);
         (token, from)
     };

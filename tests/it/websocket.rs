@@ -284,16 +284,7 @@ fn registrations_and_notifications_arrive_as_frames() {
     let id = dev.register(&["ep=ws-1", "lt=300"], r#"</3303/0/5700>;obs"#);
     let f = c.frame_where(|f| !f["registrations"].is_null());
     assert_eq!(registered_eps(&f), ["ws-1"]);
-    let (req, from) = dev.recv_request(WAIT).expect("the observe request");
-    let token = req.get_token().to_vec();
-    let first = support::observe_content(
-        MessageType::Acknowledgement,
-        req.header.message_id,
-        &token,
-        1,
-        b"20.0",
-    );
-    support::send_packet(&dev, &first, from);
+    let (token, from) = support::answer_observe(&dev, WAIT, b"20.0");
     let next = support::observe_content(MessageType::NonConfirmable, 900, &token, 2, b"21.5");
     support::send_packet(&dev, &next, from);
     let f = c.frame_where(|f| {

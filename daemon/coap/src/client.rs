@@ -1184,6 +1184,17 @@ mod tests {
         (Packet::from_bytes(&buf[..n]).unwrap(), from)
     }
 
+    /// The transport's request `method path` to the test's device, running on its own.
+    fn spawn_request(
+        s: &Setup,
+        method: RequestType,
+        path: &'static str,
+    ) -> tokio::task::JoinHandle<Result<CoapReply, ClientError>> {
+        let t = Arc::clone(&s.transport);
+        let to = PeerRef::udp(s.local, s.peer);
+        tokio::spawn(async move { t.request(to, &OutRequest::new(method, path)).await })
+    }
+
     fn reply_to(req: &Packet, mtype: MessageType, code: MessageClass, payload: &[u8]) -> Packet {
         let mut p = Packet::new();
         p.header.set_type(mtype);
@@ -1762,12 +1773,7 @@ mod tests {
     #[tokio::test]
     async fn reset_ends_the_exchange() {
         let s = setup(fast()).await;
-        let t = Arc::clone(&s.transport);
-        let to = PeerRef::udp(s.local, s.peer);
-        let task = tokio::spawn(async move {
-            t.request(to, &OutRequest::new(RequestType::Get, "/1"))
-                .await
-        });
+        let task = spawn_request(&s, RequestType::Get, "/1");
         let (req, _) = recv(&s.device).await;
         let mut rst = Packet::new();
         rst.header.set_type(MessageType::Reset);
@@ -1780,12 +1786,7 @@ mod tests {
     #[tokio::test]
     async fn separate_con_response_is_acknowledged_and_delivered() {
         let s = setup(fast()).await;
-        let t = Arc::clone(&s.transport);
-        let to = PeerRef::udp(s.local, s.peer);
-        let task = tokio::spawn(async move {
-            t.request(to, &OutRequest::new(RequestType::Post, "/3/0/4"))
-                .await
-        });
+        let task = spawn_request(&s, RequestType::Post, "/3/0/4");
         let (req, _) = recv(&s.device).await;
         // Empty ACK first, then (after longer than the retransmission timeout) the response.
         let mut ack = Packet::new();
@@ -1825,12 +1826,7 @@ mod tests {
     #[tokio::test]
     async fn a_piggybacked_response_with_another_token_is_not_the_answer() {
         let s = setup(fast()).await;
-        let t = Arc::clone(&s.transport);
-        let to = PeerRef::udp(s.local, s.peer);
-        let task = tokio::spawn(async move {
-            t.request(to, &OutRequest::new(RequestType::Get, "/3/0/0"))
-                .await
-        });
+        let task = spawn_request(&s, RequestType::Get, "/3/0/0");
         let (req, _) = recv(&s.device).await;
         let mut wrong = reply_to(
             &req,
@@ -1854,12 +1850,7 @@ mod tests {
 
         // An error with no token at all answers the request (a client that could not
         // parse it answers so).
-        let t = Arc::clone(&s.transport);
-        let to = PeerRef::udp(s.local, s.peer);
-        let task = tokio::spawn(async move {
-            t.request(to, &OutRequest::new(RequestType::Get, "/3/0/0"))
-                .await
-        });
+        let task = spawn_request(&s, RequestType::Get, "/3/0/0");
         let (req, _) = recv(&s.device).await;
         let mut bad = reply_to(
             &req,
@@ -1891,12 +1882,7 @@ mod tests {
     #[tokio::test]
     async fn block2_response_is_assembled() {
         let s = setup(fast()).await;
-        let t = Arc::clone(&s.transport);
-        let to = PeerRef::udp(s.local, s.peer);
-        let task = tokio::spawn(async move {
-            t.request(to, &OutRequest::new(RequestType::Get, "/5/0/1"))
-                .await
-        });
+        let task = spawn_request(&s, RequestType::Get, "/5/0/1");
         let body: Vec<u8> = (0..40u8).collect();
         for num in 0..3u32 {
             let (req, _) = recv(&s.device).await;
@@ -1936,12 +1922,7 @@ mod tests {
         script: Vec<BlockAnswer>,
     ) -> (Result<CoapReply, ClientError>, Vec<Option<Block>>) {
         let s = setup(fast()).await;
-        let t = Arc::clone(&s.transport);
-        let to = PeerRef::udp(s.local, s.peer);
-        let task = tokio::spawn(async move {
-            t.request(to, &OutRequest::new(RequestType::Get, "/5/0/1"))
-                .await
-        });
+        let task = spawn_request(&s, RequestType::Get, "/5/0/1");
         let mut asked = Vec::new();
         for (block, payload, etag) in script {
             let (req, _) = recv(&s.device).await;
@@ -2016,12 +1997,7 @@ mod tests {
         assert!(matches!(r, Err(ClientError::Block(_))), "{r:?}");
         // A Block2 option of 4 bytes is an error, not block 0 as the whole body.
         let s = setup(fast()).await;
-        let t = Arc::clone(&s.transport);
-        let to = PeerRef::udp(s.local, s.peer);
-        let task = tokio::spawn(async move {
-            t.request(to, &OutRequest::new(RequestType::Get, "/5/0/1"))
-                .await
-        });
+        let task = spawn_request(&s, RequestType::Get, "/5/0/1");
         let (req, _) = recv(&s.device).await;
         let mut ack = reply_to(
             &req,

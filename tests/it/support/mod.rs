@@ -455,3 +455,46 @@ impl Daemon {
         serde_json::Value::Array(events.of(kind))
     }
 }
+
+/// Sets `[log] device_lines_per_s` in a prepared daemon's configuration.
+pub fn set_device_lines_per_s(p: &Prepared, n: u32) {
+    let text = std::fs::read_to_string(&p.config_path).unwrap();
+    let text = text.replacen("[log]\n", &format!("[log]\ndevice_lines_per_s = {n}\n"), 1);
+    std::fs::write(&p.config_path, &text).unwrap();
+}
+
+/// How many per-device lines of the kind the log budget's summaries call `label` they
+/// left out, over every summary logged so far.
+pub fn summarised(d: &Daemon, label: &str) -> usize {
+    d.logs()
+        .iter()
+        .filter_map(|l| l.split_once("device log lines left out"))
+        .filter_map(|(_, rest)| rest.split_once("): ").map(|(_, c)| c.to_string()))
+        .flat_map(|counts| {
+            counts
+                .split(", ")
+                .filter_map(|c| c.strip_suffix(&format!(" {label}"))?.parse::<usize>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// Waits up to `wait` for the daemon's observe request and answers it (a piggybacked
+/// 2.05 with Observe 1 and `value`); the observation's token and the daemon's address.
+pub fn answer_observe(
+    dev: &coap::Device,
+    wait: std::time::Duration,
+    value: &[u8],
+) -> (Vec<u8>, SocketAddr) {
+    let (req, from) = dev.recv_request(wait).expect("the observe request");
+    let token = req.get_token().to_vec();
+    let first = observe_content(
+        MessageType::Acknowledgement,
+        req.header.message_id,
+        &token,
+        1,
+        value,
+    );
+    send_packet(dev, &first, from);
+    (token, from)
+}
