@@ -411,6 +411,11 @@ pub fn media_type(ct: &str) -> String {
         .unwrap_or_else(|| ct.to_string())
 }
 
+/// The LwM2M root link (`rt="oma.lwm2m"`): the server's object tree, not a resource.
+fn is_root_link(l: &link_format::Link) -> bool {
+    l.attr("rt") == Some(Some("oma.lwm2m"))
+}
+
 /// The object list `links` without its links at or below `path`, the others as the
 /// device wrote them; `None` when no link is there (or the list cannot be parsed, which a
 /// stored list always can).
@@ -419,7 +424,7 @@ fn links_without(links: &str, path: &str) -> Option<String> {
     let mut kept = String::with_capacity(links.len());
     let mut removed = false;
     for (span, l) in parsed {
-        if is_at_or_below(&l.uri, path) && l.attr("rt") != Some(Some("oma.lwm2m")) {
+        if is_at_or_below(&l.uri, path) && !is_root_link(&l) {
             removed = true;
             continue;
         }
@@ -438,7 +443,7 @@ pub fn parse_resources(links: &str) -> Result<Vec<Resource>, RegistryError> {
         .map_err(|e| RegistryError::Invalid(format!("bad object list: {e}")))?;
     let mut out = Vec::with_capacity(parsed.len());
     for l in parsed {
-        if l.attr("rt") == Some(Some("oma.lwm2m")) {
+        if is_root_link(&l) {
             continue;
         }
         if !l.uri.starts_with('/') || l.uri.contains('\0') {
@@ -470,7 +475,7 @@ pub fn root_formats(links: &str) -> Vec<u16> {
     };
     parsed
         .iter()
-        .find(|l| l.uri == "/" || l.attr("rt") == Some(Some("oma.lwm2m")))
+        .find(|l| l.uri == "/" || is_root_link(l))
         .and_then(|l| l.attr("ct").flatten())
         .map(|ct| {
             ct.split_whitespace()
@@ -1002,11 +1007,7 @@ impl Registry {
                 },
             };
             let ep = Arc::new(ep);
-            let mut change =
-                inner.unsettled(&[id], &[(ep.reg.domain.as_str(), ep.reg.name.as_str())]);
-            inner.remove(id);
-            inner.insert(Arc::clone(&ep));
-            inner.made(&mut change);
+            let change = Self::swap_in(&mut inner, &ep);
             let durable = self.store.put_registration(ep.reg.clone());
             (ep, (old, durable, foreign, change))
         };
@@ -1064,11 +1065,7 @@ impl Registry {
             let mut reg = old.reg.clone();
             reg.links = links;
             let ep = Arc::new(Endpoint { reg, paths });
-            let id = ep.reg.id.as_str();
-            let mut change = inner.unsettled(&[id], &[(domain, name)]);
-            inner.remove(id);
-            inner.insert(Arc::clone(&ep));
-            inner.made(&mut change);
+            let change = Self::swap_in(&mut inner, &ep);
             let durable = self.store.put_registration(ep.reg.clone());
             (ep, old, durable, change)
         };
@@ -1198,6 +1195,17 @@ impl Registry {
         }
         inner.settle(change, durable.is_ok());
         Ok(durable?)
+    }
+
+    /// Puts `ep` in the place of the endpoint with its id (an update of it), readers
+    /// still shown the old one until the returned change settles.
+    fn swap_in(inner: &mut Maps, ep: &Arc<Endpoint>) -> Change {
+        let id = ep.reg.id.as_str();
+        let mut change = inner.unsettled(&[id], &[(&ep.reg.domain, &ep.reg.name)]);
+        inner.remove(id);
+        inner.insert(Arc::clone(ep));
+        inner.made(&mut change);
+        change
     }
 
     /// Takes the endpoint of `id` out of the maps, readers still shown it until the

@@ -559,8 +559,12 @@ impl Subscriptions {
         };
         let submitted = self.requests.submit(who, ep_name, submit).await;
         drop(asking);
-        let submitted = match submitted {
-            Ok(s) => s,
+        match submitted {
+            Ok(Submitted::Accepted(id)) => Ok(Subscribed::Pending(id)),
+            Ok(other) => {
+                tracing::error!("unexpected answer to an observe request: {other:?}");
+                Ok(Subscribed::Active)
+            }
             Err(e) => {
                 // Refused (429, 503, ...): the client is told it is not subscribed, so a
                 // subscription this call made is not kept either (it would be observed at
@@ -571,14 +575,7 @@ impl Subscriptions {
                         &u,
                     );
                 }
-                return Err(e.into());
-            }
-        };
-        match submitted {
-            Submitted::Accepted(id) => Ok(Subscribed::Pending(id)),
-            other => {
-                tracing::error!("unexpected answer to an observe request: {other:?}");
-                Ok(Subscribed::Active)
+                Err(e.into())
             }
         }
     }
