@@ -134,6 +134,38 @@ fn an_invalid_binding_is_4_00_with_a_diagnostic() {
     }
 }
 
+/// `lwm2m=` is a version, `MAJOR.MINOR`: anything else is refused with a diagnostic naming
+/// it, and never stored or shown as the endpoint's version.
+#[test]
+fn an_invalid_lwm2m_version_is_4_00_with_a_diagnostic() {
+    let d = Daemon::in_process();
+    let mut dev = d.device();
+    for l in [
+        "", "1", "1.", ".1", "1.0.2", "v1.1", "1.1 ", "1,1", "1234.0", "１.０",
+    ] {
+        let q = format!("lwm2m={l}");
+        let p = registration(&mut dev, &[b"ep=ver", q.as_bytes()], &[], true);
+        let r = exchange(&dev, &p);
+        assert_eq!(
+            code(&r),
+            ResponseType::BadRequest,
+            "lwm2m={l}: {}",
+            diag(&r)
+        );
+        assert!(diag(&r).contains("lwm2m"), "lwm2m={l}: {}", diag(&r));
+    }
+    assert!(names(&d).is_empty());
+    let versions = ["1.0", "1.1", "1.2", "10.15", "2.0"]; // sorted as strings
+    for (i, l) in versions.iter().enumerate() {
+        dev.register(&[&format!("ep=ver{i}"), &format!("lwm2m={l}")], LINKS);
+    }
+    let r = d.get("/endpoints");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut shown = support::strings_of(&r.json(), "lwm2m");
+    shown.sort();
+    assert_eq!(shown, versions, "{}", r.body);
+}
+
 /// A diagnostic that repeats what the device sent is cut to size: a refusal of a 1 200-byte
 /// value (or link) is still answered, 4.00 with a short diagnostic, where the whole of it
 /// used to outgrow the datagram and leave the device without an answer.

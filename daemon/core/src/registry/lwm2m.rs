@@ -292,6 +292,23 @@ fn binding(v: Option<&str>) -> Result<String, Response> {
     Ok(b)
 }
 
+/// The LwM2M version `lwm2m=`: `MAJOR.MINOR`, one to three digits each (`1.0`, `1.1`,
+/// `1.2`; LwM2M 1.1 §6.2.1 "lwm2m=1.1"). Anything else is 4.00 naming the value, as for
+/// `b=`: it would otherwise be stored and shown to applications as the endpoint's version
+/// (`lwm2m` in the endpoint's JSON), whatever the device wrote. Versions this daemon does
+/// not know yet (`1.3`, `2.0`) register: the version is reported, not acted on.
+fn version(v: Option<&str>) -> Result<String, Response> {
+    let l = text_param("lwm2m", v)?;
+    let part = |p: &str| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit());
+    match l.split_once('.') {
+        Some((major, minor)) if part(major) && part(minor) => Ok(l),
+        _ => Err(Response::diagnostic(
+            ResponseType::BadRequest,
+            format!("lwm2m={l:?} is not an LwM2M version: MAJOR.MINOR, such as 1.0, 1.1 or 1.2"),
+        )),
+    }
+}
+
 /// The registration's parameters, and its `ep=` apart (left out on a secure transport,
 /// the credential names the endpoint).
 fn register_params(req: &Inbound) -> Result<(RegisterParams, Option<String>), Response> {
@@ -301,7 +318,7 @@ fn register_params(req: &Inbound) -> Result<(RegisterParams, Option<String>), Re
         match split_query(&item) {
             ("ep", v) => name = Some(text_param("ep", v)?),
             ("lt", v) => p.lifetime_s = Some(parse_lifetime(v)?),
-            ("lwm2m", v) => p.lwm2m = Some(text_param("lwm2m", v)?),
+            ("lwm2m", v) => p.lwm2m = Some(version(v)?),
             ("b", v) => p.binding = Some(binding(v)?),
             ("et", v) => p.ept = Some(text_param("et", v)?),
             ("d", v) => p.domain = Some(text_param("d", v)?),
