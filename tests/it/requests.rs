@@ -176,6 +176,61 @@ fn one_request_in_flight_per_endpoint_and_a_full_queue_is_429() {
     assert_eq!(d.async_response(&second, WAIT)["payload"], b64(b"2"));
 }
 
+/// The queue's bound holds for requests submitted at once: each holds its place from the
+/// check to its queueing. Before, every request that arrived while the others waited for
+/// their store writes passed the check, and the queue grew past `requests.queue_len`.
+#[test]
+fn requests_submitted_at_once_do_not_pass_the_queue_bound() {
+    let d = Daemon::start_with("[requests]\nqueue_len = 2\n");
+    let d = &d;
+    // Three endpoints, one burst each: before, most bursts passed the bound.
+    for round in 0..3 {
+        let mut dev = d.device();
+        let ep = format!("bound{round}");
+        dev.register(&[&format!("ep={ep}"), "lt=300"], LINKS);
+        let first = d.async_request("GET", &format!("/v2/endpoints/{ep}/3/0/0"), None, None);
+        let (req, from) = dev.recv_request(WAIT).unwrap();
+        // The first is in flight (not counted); of eight more at once, two wait.
+        let mut statuses: Vec<u16> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..8)
+                .map(|i| {
+                    let path = format!("/v2/endpoints/{ep}/3/0/{}", i + 1);
+                    s.spawn(move || d.call("GET", &path, None, None))
+                })
+                .collect();
+            calls
+                .into_iter()
+                .map(|c| c.join().unwrap().status)
+                .collect()
+        });
+        statuses.sort();
+        assert_eq!(
+            statuses,
+            [202, 202, 429, 429, 429, 429, 429, 429],
+            "round {round}"
+        );
+        dev.reply(&req, from, ResponseType::Content, b"1", None, None);
+        assert_eq!(d.async_response(&first, WAIT)["status"], 200);
+        // The two waiting go out, one at a time, and nothing else (a retransmission of
+        // the first aside).
+        let mut sent = Vec::new();
+        while sent.len() < 2 {
+            let (req, from) = dev.recv_request(WAIT).expect("a queued request");
+            if path_of(&req) != "/3/0/0" {
+                sent.push(path_of(&req));
+                dev.reply(&req, from, ResponseType::Content, b"2", None, None);
+            }
+        }
+        if let Some((p, _)) = dev.recv_request(Duration::from_millis(300)) {
+            assert_eq!(
+                path_of(&p),
+                "/3/0/0",
+                "only the two queued went out: {sent:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn synchronous_status_codes() {
     let d = Daemon::start_with("[requests]\nmax_body = 2048\n");

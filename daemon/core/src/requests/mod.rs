@@ -437,6 +437,9 @@ struct EpQueue {
     /// A worker is running for this endpoint.
     busy: bool,
     jobs: VecDeque<Job>,
+    /// Places in `jobs` held by submits between their queue check and their queueing
+    /// ([`Place`]): they count against `requests.queue_len` as queued jobs do.
+    reserved: usize,
     /// Ends the request in flight (its worker answers it 410 with the reason sent).
     in_flight: Option<tokio::sync::oneshot::Sender<String>>,
     /// The path of the observe request in flight, if the request in flight is one, and
@@ -449,6 +452,37 @@ struct EpQueue {
 }
 
 type EpKey = (String, String);
+
+/// A submit's place in its endpoint's queue ([`EpQueue::reserved`]), given back when it
+/// is dropped without being taken (the request was refused, its store write failed, or
+/// the submit was cancelled).
+struct Place<'a> {
+    requests: &'a Requests,
+    key: Option<EpKey>,
+}
+
+impl Place<'_> {
+    /// The job is queued in `e` (under the lock): its place is its own now.
+    fn taken(&mut self, e: &mut EpQueue) {
+        if self.key.take().is_some() {
+            e.reserved = e.reserved.saturating_sub(1);
+        }
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else { return };
+        let mut q = self.requests.lock();
+        if let Some(e) = q.get_mut(&key) {
+            e.reserved = e.reserved.saturating_sub(1);
+            // An entry made only to hold the place goes, as a worker's empty one does.
+            if e.reserved == 0 && e.jobs.is_empty() && !e.busy && e.in_flight.is_none() {
+                q.remove(&key);
+            }
+        }
+    }
+}
 
 /// The request queues and the resource value cache.
 pub struct Requests {
@@ -1032,13 +1066,21 @@ impl Requests {
             job.device_request = Some(terms(o, ep.reg.queue, job.created_ms));
         }
         let key = (job.domain.clone(), job.ep.clone());
-        {
-            let q = self.lock();
-            let waiting = q.get(&key).map(|e| e.jobs.len()).unwrap_or(0);
+        // The queue's place is held from here until the job is queued (or refused below),
+        // so that requests submitted at once cannot all pass the bound while each waits
+        // for its store write.
+        let mut place = {
+            let mut q = self.lock();
+            let waiting = q.get(&key).map(|e| e.jobs.len() + e.reserved).unwrap_or(0);
             if waiting >= self.cfg.queue_len {
                 return Err(RequestError::TooMany(waiting));
             }
-        }
+            q.entry(key.clone()).or_default().reserved += 1;
+            Place {
+                requests: self,
+                key: Some(key.clone()),
+            }
+        };
         // The async-id is taken before anything is stored, so that two concurrent
         // requests with one id cannot both be accepted; given back if storing fails.
         if job.device_request.is_some() && !self.track_device_request(&job) {
@@ -1066,6 +1108,7 @@ impl Requests {
             let mut q = self.lock();
             let e = q.entry(key.clone()).or_default();
             e.jobs.push_back(job);
+            place.taken(e);
             let start = !ep.reg.queue && !e.busy;
             e.busy |= start;
             start
@@ -1195,7 +1238,14 @@ impl Requests {
                         (j, rx)
                     }
                     None => {
-                        q.remove(&key);
+                        // A submit holding a place starts a worker when it queues.
+                        if e.reserved > 0 {
+                            e.busy = false;
+                            e.in_flight = None;
+                            e.observing = None;
+                        } else {
+                            q.remove(&key);
+                        }
                         return;
                     }
                 }
