@@ -135,6 +135,46 @@ fn a_subscription_refused_over_the_quota_is_not_kept() {
     );
 }
 
+/// Two concurrent `PUT`s of one subscription by one key, whose observes the endpoint's
+/// queue (room for one) accepts and refuses: the subscription stays, whichever call
+/// stored it. Before, the call that stored it took it away when its own observe was the
+/// refused one (the other call finds it stored, does not wait for the store write and
+/// queues its observe first), though the other call's client was answered 202.
+#[test]
+fn a_subscription_stays_when_one_of_two_concurrent_calls_is_accepted() {
+    let d = Prepared::new("", "[requests]\nqueue_len = 1\n").start();
+    for round in 0..12 {
+        let mut dev = d.device();
+        let ep = format!("race{round}");
+        dev.register(&[&format!("ep={ep}"), "lt=300"], "</3/0/0>;obs,</3/0/1>");
+        // A read the device leaves unanswered is in flight: the queue has room for one.
+        let r = d.call("GET", &format!("/v2/endpoints/{ep}/3/0/1"), None, None);
+        assert_eq!(r.status, 202, "{}", r.body);
+        assert!(
+            dev.recv_request(WAIT).is_some(),
+            "the read reached the device"
+        );
+        let path = format!("/v2/subscriptions/{ep}/3/0/0");
+        let mut statuses: Vec<u16> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..2)
+                .map(|_| s.spawn(|| d.call("PUT", &path, None, None)))
+                .collect();
+            calls
+                .into_iter()
+                .map(|c| c.join().unwrap().status)
+                .collect()
+        });
+        statuses.sort();
+        assert_eq!(statuses, [202, 429], "round {round}");
+        let r = d.call("GET", &path, None, None);
+        assert_eq!(
+            r.status, 200,
+            "round {round}: the subscription answered 202 is gone: {}",
+            r.body
+        );
+    }
+}
+
 #[test]
 fn limits_count_transactions_and_refuse_over_the_quota() {
     let d = Prepared::new(

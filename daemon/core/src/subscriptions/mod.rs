@@ -226,6 +226,64 @@ struct State {
     /// them alone, as it leaves a queued or in-flight observe alone
     /// ([`Requests::observe_internal`]), so the device is not asked twice.
     asking: Map<ResKey, usize>,
+    /// One key's subscription calls in progress for one resource (key id, endpoint, path):
+    /// a call that made the subscription and whose observe was then refused does not take
+    /// it away while another call of the same key is deciding, or after one succeeded.
+    claims: Map<ResKey, Claim>,
+}
+
+/// The subscription calls of one key to one resource that are in progress
+/// ([`State::claims`]). The last call to finish removes the subscription if one of them
+/// made it and none of them succeeded: two concurrent `PUT`s of one subscription, the
+/// first storing it and the second finding it stored, may have their observes refused and
+/// accepted in either order (the second does not wait for the first's store write), and
+/// the client answered 202 must find its subscription.
+#[derive(Default)]
+struct Claim {
+    calls: usize,
+    /// A call of these stored the subscription (it did not exist before).
+    made: bool,
+    /// A call of these succeeded (or was cancelled, its answer unknown): the subscription
+    /// stays.
+    kept: bool,
+}
+
+/// A subscription call's part in [`State::claims`]. [`Subscriptions::settle`] ends it
+/// with the call's outcome; dropped without (the call was cancelled: an HTTP client that
+/// went away), it counts as kept, as a cancelled call always left its subscription.
+struct Claiming<'a> {
+    subs: &'a Subscriptions,
+    key: Option<ResKey>,
+}
+
+impl Claiming<'_> {
+    /// Ends the call's part: true when the subscription is to be removed (this was the
+    /// last call, one made it, none kept it), decided under the state lock `st`.
+    fn finish(&mut self, st: &mut State, kept: bool) -> bool {
+        let Some(key) = self.key.take() else {
+            return false;
+        };
+        let Some(c) = st.claims.get_mut(&key) else {
+            return false;
+        };
+        c.calls -= 1;
+        c.kept |= kept;
+        if c.calls > 0 {
+            return false;
+        }
+        let remove = c.made && !c.kept;
+        st.claims.remove(&key);
+        remove
+    }
+}
+
+impl Drop for Claiming<'_> {
+    fn drop(&mut self) {
+        if self.key.is_some() {
+            let subs = self.subs;
+            self.finish(&mut subs.lock(), true);
+        }
+    }
 }
 
 /// A subscription call's mark in [`State::asking`], taken away when it is dropped (also
@@ -547,9 +605,23 @@ impl Subscriptions {
         // The key's channel gets the notifications (and holds its restriction), also
         // when the resource is observed already and no request is made for the key.
         self.hub.ensure_channel(who).await?;
-        let new = self.add_if(who, ep_name, path, || true).await?;
-        let observed = self.lock().observations.contains_key(&asking.key);
+        let mut claim = self.claim(who, ep_name, path);
+        let new = match self.add_if(who, ep_name, path, || true).await {
+            Ok(new) => new,
+            Err(e) => {
+                self.settle(&mut claim, who, ep_name, path, false).await;
+                return Err(e.into());
+            }
+        };
+        let observed = {
+            let mut st = self.lock();
+            if new && let Some(c) = claim.key.as_ref().and_then(|k| st.claims.get_mut(k)) {
+                c.made = true;
+            }
+            st.observations.contains_key(&asking.key)
+        };
         if observed {
+            self.settle(&mut claim, who, ep_name, path, true).await;
             return Ok(Subscribed::Active);
         }
         let submit = Submit {
@@ -559,24 +631,60 @@ impl Subscriptions {
         };
         let submitted = self.requests.submit(who, ep_name, submit).await;
         drop(asking);
+        // Refused (429, 503, ...): the client is told it is not subscribed, so a
+        // subscription this call made is not kept either (it would be observed at the
+        // device's next message), unless another call of the key kept it ([`Claim`]).
+        // One that existed before stays.
+        self.settle(&mut claim, who, ep_name, path, submitted.is_ok())
+            .await;
         match submitted {
             Ok(Submitted::Accepted(id)) => Ok(Subscribed::Pending(id)),
             Ok(other) => {
                 tracing::error!("unexpected answer to an observe request: {other:?}");
                 Ok(Subscribed::Active)
             }
-            Err(e) => {
-                // Refused (429, 503, ...): the client is told it is not subscribed, so a
-                // subscription this call made is not kept either (it would be observed at
-                // the device's next message). One that existed before stays.
-                if new && let Err(u) = self.unsubscribe(who, ep_name, path).await {
-                    crate::store::log_failure(
-                        format_args!("a refused subscription to {ep_name}{path} is not removed"),
-                        &u,
-                    );
-                }
-                Err(e.into())
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Takes a part in the key's [`Claim`] on the resource, before the call stores the
+    /// subscription.
+    fn claim(&self, who: &Principal, ep: &str, path: &str) -> Claiming<'_> {
+        let key: ResKey = (who.key_id.clone(), ep.to_string(), path.to_string());
+        self.lock().claims.entry(key.clone()).or_default().calls += 1;
+        Claiming {
+            subs: self,
+            key: Some(key),
+        }
+    }
+
+    /// Ends a call's part in its [`Claim`] with its outcome (`kept`: it succeeded), and
+    /// removes the subscription when the claim says so. The decision and the removal from
+    /// memory are made under one lock, so a call that claims after it finds the
+    /// subscription gone and stores it anew.
+    async fn settle(
+        &self,
+        claim: &mut Claiming<'_>,
+        who: &Principal,
+        ep: &str,
+        path: &str,
+        kept: bool,
+    ) {
+        let durable = {
+            let mut st = self.lock();
+            if !claim.finish(&mut st, kept) {
+                return;
             }
+            match self.take_subscription(&mut st, who, ep, path) {
+                Some(durable) => durable,
+                None => return,
+            }
+        };
+        if let Err(u) = self.removed(durable, who, ep, path).await {
+            crate::store::log_failure(
+                format_args!("a refused subscription to {ep}{path} is not removed"),
+                &u,
+            );
         }
     }
 
@@ -650,22 +758,50 @@ impl Subscriptions {
     ) -> Result<bool, StoreError> {
         let durable = {
             let mut st = self.lock();
-            let removed = st
-                .keys
-                .get_mut(&who.key_id)
-                .is_some_and(|k| k.resources.remove(ep, path));
-            if !removed {
-                return Ok(false);
+            match self.take_subscription(&mut st, who, ep, path) {
+                Some(durable) => durable,
+                None => return Ok(false),
             }
-            self.prune(&mut st);
-            self.store.delete_subscriptions(
-                who.key_id.clone(),
-                Some(ep.to_string()),
-                Some(path.to_string()),
-            )
         };
+        self.removed(durable, who, ep, path).await?;
+        Ok(true)
+    }
+
+    /// Takes the key's subscription to `path` out of memory (under the state lock `st`)
+    /// and starts its delete in the store; `None` when there was none. The caller
+    /// awaits [`Subscriptions::removed`].
+    fn take_subscription(
+        &self,
+        st: &mut State,
+        who: &Principal,
+        ep: &str,
+        path: &str,
+    ) -> Option<crate::store::Pending<()>> {
+        let removed = st
+            .keys
+            .get_mut(&who.key_id)
+            .is_some_and(|k| k.resources.remove(ep, path));
+        if !removed {
+            return None;
+        }
+        self.prune(st);
+        Some(self.store.delete_subscriptions(
+            who.key_id.clone(),
+            Some(ep.to_string()),
+            Some(path.to_string()),
+        ))
+    }
+
+    /// Awaits a delete [`Subscriptions::take_subscription`] started: if the store refused
+    /// it, the subscription is still stored, so it is put back (and observed again).
+    async fn removed(
+        &self,
+        durable: crate::store::Pending<()>,
+        who: &Principal,
+        ep: &str,
+        path: &str,
+    ) -> Result<(), StoreError> {
         if let Err(e) = durable.await {
-            // Still stored, so still subscribed (and observed again).
             if let Some(k) = self.lock().keys.get_mut(&who.key_id) {
                 k.resources.insert(ep, path);
             }
@@ -674,7 +810,7 @@ impl Subscriptions {
             }
             return Err(e);
         }
-        Ok(true)
+        Ok(())
     }
 
     /// `GET /subscriptions/{ep}`: the key's subscribed paths of an endpoint, those its
