@@ -59,6 +59,6 @@ while read -r w v; do
     echo "$v ${part:-end} $(stat -c %.3Y "$f") $(awk '/^summary:/ {print $2}' "$f")"
   done | sort -k3,3n
 done < "$out.pids" > "$out.series"
-rm -f "$out".[0-9]*
+[ -n "${CG_KEEP:-}" ] || rm -f "$out".[0-9]*   # CG_KEEP=1 keeps the dumps for callgrind_annotate
 echo "bench exit $rc" >> "$out.bench.txt"
 exit "$rc"
