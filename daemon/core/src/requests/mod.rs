@@ -453,32 +453,82 @@ struct EpQueue {
 
 type EpKey = (String, String);
 
-/// A submit's place in its endpoint's queue ([`EpQueue::reserved`]), given back when it
-/// is dropped without being taken (the request was refused, its store write failed, or
-/// the submit was cancelled).
+/// A submit's place in its endpoint's queue ([`EpQueue::reserved`]), and the
+/// device-request async-id it took, both given back when it is dropped without being
+/// taken (the request was refused, its store write failed, or the submit was cancelled:
+/// before, a cancelled device-request kept its async-id, refused with 409 until restart).
+/// It owns the endpoint's key, which the submit takes back once the job is queued.
 struct Place<'a> {
     requests: &'a Requests,
-    key: Option<EpKey>,
+    key: EpKey,
+    held: bool,
+    /// (domain, async-id) of a device-request, tracked in `Requests::pending_ids`.
+    tracked: Option<(String, String)>,
 }
 
 impl Place<'_> {
-    /// The job is queued in `e` (under the lock): its place is its own now.
-    fn taken(&mut self, e: &mut EpQueue) {
-        if self.key.take().is_some() {
+    /// Holds a place in `key`'s queue unless `requests.queue_len` are waiting (or hold
+    /// theirs); the count waiting otherwise. One lookup and no copy of the key when the
+    /// endpoint has a queue entry (an endpoint with requests in progress).
+    fn hold(requests: &Requests, key: EpKey) -> Result<Place<'_>, usize> {
+        let limit = requests.cfg.queue_len;
+        let mut q = requests.lock();
+        match q.get_mut(&key) {
+            Some(e) => {
+                let waiting = e.jobs.len() + e.reserved;
+                if waiting >= limit {
+                    return Err(waiting);
+                }
+                e.reserved += 1;
+            }
+            None => {
+                if limit == 0 {
+                    return Err(0);
+                }
+                let e = EpQueue {
+                    reserved: 1,
+                    ..EpQueue::default()
+                };
+                q.insert(key.clone(), e);
+            }
+        }
+        Ok(Place {
+            requests,
+            key,
+            held: true,
+            tracked: None,
+        })
+    }
+
+    /// The job is queued in `e` (under the lock): its place is its own now, and the key
+    /// is the caller's.
+    fn taken(mut self, e: &mut EpQueue) -> EpKey {
+        self.tracked = None;
+        if std::mem::take(&mut self.held) {
             e.reserved = e.reserved.saturating_sub(1);
         }
+        std::mem::take(&mut self.key)
     }
 }
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
-        let Some(key) = self.key.take() else { return };
+        if let Some(id) = self.tracked.take() {
+            self.requests
+                .pending_ids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        }
+        if !std::mem::take(&mut self.held) {
+            return;
+        }
         let mut q = self.requests.lock();
-        if let Some(e) = q.get_mut(&key) {
+        if let Some(e) = q.get_mut(&self.key) {
             e.reserved = e.reserved.saturating_sub(1);
             // An entry made only to hold the place goes, as a worker's empty one does.
             if e.reserved == 0 && e.jobs.is_empty() && !e.busy && e.in_flight.is_none() {
-                q.remove(&key);
+                q.remove(&self.key);
             }
         }
     }
@@ -1065,53 +1115,37 @@ impl Requests {
             job.id.clone_from(&o.async_id);
             job.device_request = Some(terms(o, ep.reg.queue, job.created_ms));
         }
-        let key = (job.domain.clone(), job.ep.clone());
         // The queue's place is held from here until the job is queued (or refused below),
         // so that requests submitted at once cannot all pass the bound while each waits
         // for its store write.
-        let mut place = {
-            let mut q = self.lock();
-            let waiting = q.get(&key).map(|e| e.jobs.len() + e.reserved).unwrap_or(0);
-            if waiting >= self.cfg.queue_len {
-                return Err(RequestError::TooMany(waiting));
-            }
-            q.entry(key.clone()).or_default().reserved += 1;
-            Place {
-                requests: self,
-                key: Some(key.clone()),
-            }
-        };
+        let mut place = Place::hold(self, (job.domain.clone(), job.ep.clone()))
+            .map_err(RequestError::TooMany)?;
         // The async-id is taken before anything is stored, so that two concurrent
-        // requests with one id cannot both be accepted; given back if storing fails.
-        if job.device_request.is_some() && !self.track_device_request(&job) {
-            return Err(async_id_conflict(&job.id));
+        // requests with one id cannot both be accepted; given back (by `place`) if the
+        // request is refused, its storing fails or the submit is cancelled.
+        if job.device_request.is_some() {
+            if !self.track_device_request(&job) {
+                return Err(async_id_conflict(&job.id));
+            }
+            place.tracked = Some((job.domain.clone(), job.id.clone()));
         }
-        if let Err(e) = self.take_quota(who) {
-            self.untrack_device_request(&job);
-            return Err(e);
-        }
+        self.take_quota(who)?;
         let stored = match self.hub.ensure_channel(who).await {
             Ok(()) => self.store.put_request(&job).await,
             Err(e) => Err(e),
         };
-        job.row = match stored {
-            Ok(row) => row,
-            Err(e) => {
-                self.untrack_device_request(&job);
-                return Err(e.into());
-            }
-        };
+        job.row = stored?;
         let id = job.id.clone();
         let expiry = job.device_request.map(|t| t.expires_ms);
         // Queued, and the worker claimed as `kick` would, in one critical section.
-        let start = {
+        let (start, key) = {
             let mut q = self.lock();
-            let e = q.entry(key.clone()).or_default();
+            let e = q.entry(place.key.clone()).or_default();
             e.jobs.push_back(job);
-            place.taken(e);
+            let key = place.taken(e);
             let start = !ep.reg.queue && !e.busy;
             e.busy |= start;
-            start
+            (start, key)
         };
         if let Some(at) = expiry {
             self.schedule_expiry(key.clone(), id.clone(), at);
