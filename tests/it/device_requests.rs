@@ -295,6 +295,28 @@ fn a_duplicate_async_id_is_409_until_the_first_is_answered() {
     }));
 }
 
+/// A request refused after it took its place in the endpoint's queue (here a duplicate
+/// async-id, 409) gives the place back: the queue's room is still there for the next.
+#[test]
+fn a_refused_request_gives_its_queue_place_back() {
+    let d = Daemon::start_with("[requests]\nqueue_len = 2\n");
+    let mut dev = d.device();
+    dev.register(&["ep=sleepy", "lt=300", "b=UQ"], LINKS); // queue mode: requests wait
+    let get = json!({"method": "GET", "uri": "/3/0/0"});
+    accepted(&d, "sleepy", "async-id=first", get.clone());
+    for _ in 0..5 {
+        let r = dreq(&d, "sleepy", "async-id=first", &get);
+        assert_eq!(
+            r.status, 409,
+            "the place given back, not a full queue: {}",
+            r.body
+        );
+    }
+    accepted(&d, "sleepy", "async-id=second", get.clone());
+    let r = dreq(&d, "sleepy", "async-id=third", &get);
+    assert_eq!(r.status, 429, "two wait: {}", r.body);
+}
+
 /// Each bad input is a clear JSON error; nothing is sent to the device.
 #[test]
 fn bad_inputs_are_refused_with_json_errors() {
