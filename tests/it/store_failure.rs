@@ -21,6 +21,7 @@ use support::receiver::Receiver;
 use support::{Daemon, Prepared};
 
 const LINKS: &str = r#"</3/0>,</3303/0/5700>;obs,</3304/0/5700>;obs"#;
+const WAIT: Duration = Duration::from_secs(10);
 
 /// A loop-mounted ext4 image on the test's state directory; unmounted when dropped
 /// (after the daemon, which is declared after it).
@@ -352,6 +353,48 @@ fn a_subscription_the_store_refused_is_not_kept() {
     let r = d.call("PUT", "/v2/subscriptions/dev/3303/0/5700", None, None);
     assert!(r.status == 202 || r.status == 200, "{}", r.body);
     assert_eq!(d.get("/v2/subscriptions/dev/3303/0/5700").status, 200);
+}
+
+/// A subscription whose store write fails is not reported to a concurrent call of the
+/// same key as existing. The resource is observed already (for another key), so the
+/// second call needs no store write of its own: before, it found the first call's
+/// subscription in memory and answered 200, and the first call's failed write then took
+/// the subscription out again. Now it waits for that write, and then tries its own.
+#[test]
+fn a_subscription_whose_store_write_fails_is_not_shown_to_a_concurrent_call() {
+    let Some((disk, d)) = start() else { return };
+    let mut dev = d.device();
+    let (c, m, _) = register(&mut dev, "dev");
+    assert_eq!(c, ResponseType::Created, "{m}");
+    // The admin key observes /3304/0/5700.
+    let r = d.call("PUT", "/v2/subscriptions/dev/3304/0/5700", None, None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["async-response-id"].as_str().unwrap().to_string();
+    support::answer_observe(&dev, WAIT, b"20");
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+    // A second key, with its channel (made by a first subscription).
+    let r = d.send_json("POST", "/api/api_tokens", json!({"name": "k2"}).to_string());
+    assert_eq!(r.status, 201, "{}", r.body);
+    let auth = format!("Bearer {}", r.json()["access_key"].as_str().unwrap());
+    let call = |method: &str, path: &str| {
+        support::http(method, &d.url(path), &[("Authorization", &auth)], None)
+    };
+    let r = call("PUT", "/v2/subscriptions/dev/3303/0/5700");
+    assert_eq!(r.status, 202, "{}", r.body);
+
+    disk.fill();
+    for round in 0..5 {
+        let path = "/v2/subscriptions/dev/3304/0/5700";
+        let answers: Vec<support::Http> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..2).map(|_| s.spawn(|| call("PUT", path))).collect();
+            calls.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        for r in &answers {
+            assert_refused(&format!("round {round}: a subscription"), r);
+        }
+        let r = call("GET", path);
+        assert_eq!(r.status, 404, "round {round}: {}", r.body);
+    }
 }
 
 #[test]

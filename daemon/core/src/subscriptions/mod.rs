@@ -230,6 +230,35 @@ struct State {
     /// a call that made the subscription and whose observe was then refused does not take
     /// it away while another call of the same key is deciding, or after one succeeded.
     claims: Map<ResKey, Claim>,
+    /// Subscriptions (key id, endpoint, path) in memory whose store write has not ended
+    /// ([`Subscriptions::add_if`]); `Subscriptions::written` is notified as each ends.
+    unwritten: Map<ResKey, ()>,
+}
+
+/// A subscription's mark in [`State::unwritten`] while its store write is awaited; taken
+/// away by [`Writing::end`] or, when the call is cancelled, on drop (the write goes on in
+/// the store, and the subscription stays in memory, as a cancelled call always left it).
+struct Writing<'a> {
+    subs: &'a Subscriptions,
+    key: Option<ResKey>,
+}
+
+impl Writing<'_> {
+    fn end(&mut self, st: &mut State) {
+        if let Some(key) = self.key.take() {
+            st.unwritten.remove(&key);
+        }
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        if self.key.is_some() {
+            let subs = self.subs;
+            self.end(&mut subs.lock());
+            subs.written.notify_waiters();
+        }
+    }
 }
 
 /// The subscription calls of one key to one resource that are in progress
@@ -348,6 +377,8 @@ pub struct Subscriptions {
     feed: FeedSender,
     /// The number of the next observation.
     next_observation: std::sync::atomic::AtomicU64,
+    /// Notified whenever a subscription's store write ends ([`State::unwritten`]).
+    written: tokio::sync::Notify,
 }
 
 fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -433,6 +464,7 @@ impl Subscriptions {
             due: Mutex::new(Map::default()),
             feed,
             next_observation: std::sync::atomic::AtomicU64::new(1),
+            written: tokio::sync::Notify::new(),
         });
         // Weak: the task ends when the manager is dropped (its observations, which hold
         // the feed's senders, with it).
@@ -700,40 +732,70 @@ impl Subscriptions {
     /// a pre-subscription decided after its endpoint left is not recorded: the removal
     /// of a departed endpoint's subscriptions takes the same lock). True when the
     /// subscription is new.
+    ///
+    /// A subscription another call is storing is waited for (`State::unwritten`): found in
+    /// memory before its store write ended, it would be reported as existing (and its
+    /// client answered 202) although the write could still fail and take it out again.
     async fn add_if(
         &self,
         who: &Principal,
         ep: &str,
         path: &str,
-        still: impl FnOnce() -> bool,
+        still: impl Fn() -> bool,
     ) -> Result<bool, StoreError> {
-        let durable = {
-            let mut st = self.lock();
-            if !still() {
-                return Ok(false);
+        let (durable, mut writing) = loop {
+            // Made before the look, so that the end of the write it waits for wakes it.
+            let written = self.written.notified();
+            {
+                let mut st = self.lock();
+                if !still() {
+                    return Ok(false);
+                }
+                let k = st.keys.entry(who.key_id.clone()).or_default();
+                k.domain = who.domain.clone();
+                if k.resources.insert(ep, path) {
+                    let key: ResKey = (who.key_id.clone(), ep.to_string(), path.to_string());
+                    st.unwritten.insert(key.clone(), ());
+                    let durable = self.store.put_subscription(SubscriptionRecord {
+                        key_id: who.key_id.clone(),
+                        domain: who.domain.clone(),
+                        ep: ep.to_string(),
+                        path: path.to_string(),
+                    });
+                    break (
+                        durable,
+                        Writing {
+                            subs: self,
+                            key: Some(key),
+                        },
+                    );
+                }
+                let being_written = !st.unwritten.is_empty()
+                    && st.unwritten.contains_key(&(
+                        who.key_id.clone(),
+                        ep.to_string(),
+                        path.to_string(),
+                    ));
+                if !being_written {
+                    return Ok(false);
+                }
             }
-            let k = st.keys.entry(who.key_id.clone()).or_default();
-            k.domain = who.domain.clone();
-            if !k.resources.insert(ep, path) {
-                return Ok(false);
-            }
-            self.store.put_subscription(SubscriptionRecord {
-                key_id: who.key_id.clone(),
-                domain: who.domain.clone(),
-                ep: ep.to_string(),
-                path: path.to_string(),
-            })
+            written.await;
         };
-        if let Err(e) = durable.await {
-            // Not stored, so not subscribed.
+        let stored = durable.await;
+        {
             let mut st = self.lock();
-            if let Some(k) = st.keys.get_mut(&who.key_id) {
-                k.resources.remove(ep, path);
+            writing.end(&mut st);
+            if stored.is_err() {
+                // Not stored, so not subscribed.
+                if let Some(k) = st.keys.get_mut(&who.key_id) {
+                    k.resources.remove(ep, path);
+                }
+                self.prune(&mut st);
             }
-            self.prune(&mut st);
-            return Err(e);
         }
-        Ok(true)
+        self.written.notify_waiters();
+        stored.map(|()| true)
     }
 
     /// Stops observations nobody is subscribed to any more.
