@@ -453,6 +453,65 @@ fn a_callback_that_never_answers_does_not_stall_another_keys_callback() {
     assert_eq!(d.wait_exit(Duration::from_secs(15)), Some(0));
 }
 
+/// A channel switched from its callback to long-poll while a delivery was under way: a
+/// pull takes the same oldest events as that delivery, and the callback then accepts it.
+/// The pull's acknowledgement removes only what the pull answered and is still queued.
+/// Before, it removed as many events as the answer held, counted from the queue's new
+/// front: events queued after the delivery ended, never sent, were deleted.
+#[test]
+fn events_queued_after_a_switch_from_a_callback_mid_delivery_are_not_lost() {
+    let d = Daemon::start_with("[plugins.settings.webhook]\ntimeout_s = 60\n");
+    let tarpit = support::receiver::Tarpit::start();
+    set_callback(&d, &d.key, &tarpit.url("/a"));
+    d.device().register(&["ep=dev-0", "lt=300"], "</3/0>");
+    let held = tarpit.wait(Duration::from_secs(15), |r| !r.is_empty());
+    assert_eq!(held.len(), 1, "the first delivery is held");
+    for i in 1..4 {
+        d.device()
+            .register(&[&format!("ep=dev-{i}"), "lt=300"], "</3/0>");
+    }
+    let r = d.call("DELETE", "/v2/notification/callback", None, None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let registered = |r: &support::Http| -> Vec<String> {
+        r.json()["registrations"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| e["ep"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let r = d.get("/v2/notification/pull");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(registered(&r), ["dev-0", "dev-1", "dev-2", "dev-3"]);
+    // The callback accepts its delivery (dev-0) now.
+    tarpit.release();
+    assert!(
+        support::eventually(Duration::from_secs(15), || d
+            .metric("events_delivered_total")
+            >= 1),
+        "the held delivery accepted"
+    );
+    for i in 4..7 {
+        d.device()
+            .register(&[&format!("ep=dev-{i}"), "lt=300"], "</3/0>");
+    }
+    // The next pulls acknowledge the first answer and bring what came after it.
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while got.len() < 3 && std::time::Instant::now() < deadline {
+        let r = d.get("/v2/notification/pull");
+        if r.status == 200 {
+            got.extend(registered(&r));
+        }
+    }
+    assert_eq!(
+        got,
+        ["dev-4", "dev-5", "dev-6"],
+        "the events after the switch"
+    );
+}
+
 /// Issue 18 (8a): 100 keys, 10 of whose callbacks never answer: the other 90 receive every
 /// event (the tarpits hold 10 of the concurrent deliveries, not all of them).
 #[test]

@@ -155,11 +155,12 @@ fn read_request(stream: &std::net::TcpStream) -> Option<Recorded> {
 /// A callback receiver that answers the verifying `PUT` (an empty body) with 200 and then
 /// never answers a delivery: it reads each delivery's request, records it, and holds its
 /// connection open, unanswered, until the tarpit stops (the receiver a tenant could point
-/// its callback at to stall deliveries).
+/// its callback at to stall deliveries). [`Tarpit::release`] lets it answer them.
 pub struct Tarpit {
     pub addr: SocketAddr,
     held: Arc<Mutex<Vec<Recorded>>>,
     stop: Arc<AtomicBool>,
+    release: Arc<AtomicBool>,
     threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
     accept: Option<std::thread::JoinHandle<()>>,
 }
@@ -172,14 +173,16 @@ impl Tarpit {
         let addr = listener.local_addr().unwrap();
         let held = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let release = Arc::new(AtomicBool::new(false));
         let threads = Arc::new(Mutex::new(Vec::new()));
         let (hd, sp, th) = (Arc::clone(&held), Arc::clone(&stop), Arc::clone(&threads));
+        let rl = Arc::clone(&release);
         let accept = std::thread::spawn(move || {
             while !sp.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let (hd, sp) = (Arc::clone(&hd), Arc::clone(&sp));
-                        let t = std::thread::spawn(move || hold(stream, &hd, &sp));
+                        let (hd, sp, rl) = (Arc::clone(&hd), Arc::clone(&sp), Arc::clone(&rl));
+                        let t = std::thread::spawn(move || hold(stream, &hd, &sp, &rl));
                         th.lock().unwrap().push(t);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -190,6 +193,7 @@ impl Tarpit {
             addr,
             held,
             stop,
+            release,
             threads,
             accept: Some(accept),
         }
@@ -199,7 +203,12 @@ impl Tarpit {
         format!("http://{}{}", self.addr, path)
     }
 
-    /// The deliveries read and left unanswered so far.
+    /// Answers the deliveries held, and every later one, with 200.
+    pub fn release(&self) {
+        self.release.store(true, Ordering::Relaxed);
+    }
+
+    /// The deliveries read and left unanswered so far (answered too, after `release`).
     pub fn held(&self) -> Vec<Recorded> {
         self.held.lock().unwrap().clone()
     }
@@ -230,8 +239,14 @@ impl Drop for Tarpit {
 }
 
 /// One tarpit connection: verifying requests are answered (and the connection closed), a
-/// delivery is recorded and its connection held unanswered until `stop`.
-fn hold(stream: std::net::TcpStream, held: &Mutex<Vec<Recorded>>, stop: &AtomicBool) {
+/// delivery is recorded and its connection held unanswered until `stop` (or answered 200
+/// once `release` is set).
+fn hold(
+    stream: std::net::TcpStream,
+    held: &Mutex<Vec<Recorded>>,
+    stop: &AtomicBool,
+    release: &AtomicBool,
+) {
     stream.set_nonblocking(false).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -249,6 +264,14 @@ fn hold(stream: std::net::TcpStream, held: &Mutex<Vec<Recorded>>, stop: &AtomicB
     }
     held.lock().unwrap().push(r);
     while !stop.load(Ordering::Relaxed) {
+        if release.load(Ordering::Relaxed) {
+            let mut s = stream;
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            return;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(stream);

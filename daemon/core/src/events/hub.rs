@@ -1929,7 +1929,19 @@ impl Hub {
         let durable = {
             let mut map = self.lock();
             if let Some(ch) = map.get_mut(key_id) {
-                ch.pop_through(seq, |e| self.size_of(e));
+                let n = ch.pop_through(seq, |e| self.size_of(e));
+                // The channel may have been switched to long-poll or a WebSocket while
+                // this delivery ran, and an answer taken from the same oldest events: its
+                // record counts the first `len` of the queue, so it shrinks by what left
+                // the front here (as when a full queue drops its oldest, `enqueue`).
+                // Before, its acknowledgement removed as many events again from the new
+                // front: events queued since, never sent, were deleted.
+                if let Some(f) = ch.in_flight.as_mut() {
+                    f.len = f.len.saturating_sub(n);
+                    if f.len == 0 {
+                        ch.in_flight = None;
+                    }
+                }
                 ch.active = Instant::now();
             }
             self.store.delete_events_through(key_id.to_string(), seq)
