@@ -651,3 +651,88 @@ fn a_connector_key_created_with_allow_patterns_sees_only_what_they_allow() {
         403
     );
 }
+
+/// A key allowed some resources of a device may not act on the device as a whole:
+/// de-register it, read or replace its credentials, or enrol a device by certificate
+/// (403). A key allowed the whole device (no resource part, or `/*`) may. Before, the
+/// endpoint part of the pattern was enough.
+#[test]
+fn a_key_allowed_some_resources_may_not_act_on_the_whole_device() {
+    let (d, _app, _token) = start();
+    let key = |allow: serde_json::Value| {
+        let body = json!({"name": "k", "allow": allow}).to_string();
+        let r = d.send_json("POST", "/api/api_tokens", body.as_bytes());
+        assert_eq!(r.status, 201, "{}", r.body);
+        AppKey {
+            id: r.json()["id"].as_str().unwrap().to_string(),
+            auth: format!("Bearer {}", r.json()["access_key"].as_str().unwrap()),
+        }
+    };
+    let some = key(json!(["sensor-1/3303/0/5700"]));
+    let all = key(json!(["sensor-1/*", "sensor-2"]));
+    let mut dev = d.device();
+    dev.register(&["ep=sensor-1", "lt=300"], "</3303/0/5700>");
+    let mut dev2 = d.device();
+    dev2.register(&["ep=sensor-2", "lt=300"], "</3303/0/5700>");
+    let psk = json!({"psk_identity": "s1", "psk": "000102030405060708090a0b0c0d0e0f"}).to_string();
+    let cert = json!({"domain": "default", "publickey": "not a key"}).to_string();
+    for (method, path, body) in [
+        ("DELETE", "/v2/endpoints/sensor-1", None),
+        ("PUT", "/v2/device-credentials/sensor-1", Some(psk.as_str())),
+        ("GET", "/v2/device-credentials/sensor-1", None),
+        ("DELETE", "/v2/device-credentials/sensor-1", None),
+        ("POST", "/api/cert", Some(cert.as_str())),
+    ] {
+        let r = some.call(&d, method, path, body);
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.body);
+    }
+    // Its own resource it may still read.
+    let r = some.call(&d, "GET", "/v2/endpoints/sensor-1/3303/0/5700", None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    // Patterns that cover the whole device.
+    let r = all.call(&d, "PUT", "/v2/device-credentials/sensor-1", Some(&psk));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = all.call(&d, "DELETE", "/v2/endpoints/sensor-2", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A certificate names a device of its own: only for keys with no restriction.
+    let r = all.call(&d, "POST", "/api/cert", Some(&cert));
+    assert_eq!(r.status, 403, "{}", r.body);
+    let _ = (some.id, all.id);
+}
+
+/// `.` and `..` segments never reach a device (a client resolves them, RFC 7252 §6.4): a
+/// path with one is 400, also where the key's allow pattern would have let it pass
+/// (`sensor-1/3303/*` and `/3303/../3/0/0`, which names `/3/0/0`).
+#[test]
+fn dot_segments_in_a_resource_path_are_400() {
+    let (d, _app, _token) = start();
+    let body = json!({"name": "k", "allow": ["sensor-1/3303/*"]}).to_string();
+    let r = d.send_json("POST", "/api/api_tokens", body.as_bytes());
+    assert_eq!(r.status, 201, "{}", r.body);
+    let key = AppKey {
+        id: r.json()["id"].as_str().unwrap().to_string(),
+        auth: format!("Bearer {}", r.json()["access_key"].as_str().unwrap()),
+    };
+    let mut dev = d.device();
+    dev.register(&["ep=sensor-1", "lt=300"], "</3/0/0>,</3303/0/5700>;obs");
+    let dreq = json!({"method": "GET", "uri": "/3303/../3/0/0"}).to_string();
+    for (method, path, body) in [
+        ("GET", "/v2/endpoints/sensor-1/3303/../3/0/0", None),
+        ("PUT", "/v2/endpoints/sensor-1/3303/%2E%2E/3/0/0", Some("1")),
+        ("GET", "/v2/endpoints/sensor-1/3303/./0/5700", None),
+        ("PUT", "/v2/subscriptions/sensor-1/3303/../3/0/0", None),
+        (
+            "POST",
+            "/v2/device-requests/sensor-1?async-id=dots",
+            Some(dreq.as_str()),
+        ),
+    ] {
+        let r = key.call(&d, method, path, body);
+        assert_eq!(r.status, 400, "{method} {path}: {}", r.body);
+    }
+    assert!(
+        dev.recv_request(Duration::from_millis(300)).is_none(),
+        "nothing reached the device"
+    );
+    let _ = key.id;
+}

@@ -451,6 +451,27 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
             "this access key may not access that endpoint or resource",
         );
     }
+    // What acts on a device as a whole (de-registering it, its credentials, a new
+    // device's certificate) needs a key that may access all of it: one allowed some of a
+    // device's resources may not remove the device or replace its PSK.
+    let whole = match &route {
+        Route::Endpoint(ep) if req.method() == Method::DELETE => Some(Some(ep.as_str())),
+        Route::DeviceCredential(ep) => Some(Some(ep.as_str())),
+        // A certificate enrols a device of any name: only for unrestricted keys.
+        Route::Cert => Some(None),
+        _ => None,
+    };
+    if let Some(ep) = whole
+        && !ep.map_or(principal.allow.is_none(), |ep| {
+            principal.may_access_whole(ep)
+        })
+    {
+        return error(
+            StatusCode::FORBIDDEN,
+            &errs.forbidden,
+            "this access key is allowed only some resources of that endpoint (or only some endpoints); acting on a whole device needs a key that may access all of it",
+        );
+    }
     if !principal.allows(scope) {
         return error(
             StatusCode::FORBIDDEN,

@@ -119,6 +119,14 @@ impl Principal {
         may_access(self.allow.as_deref(), ep, path)
     }
 
+    /// May this caller act on endpoint `ep` as a whole (de-register it, set its
+    /// credentials)? Only a pattern that allows every resource of it does
+    /// ([`may_access_whole`]): a key allowed one resource of a device may not remove the
+    /// device or replace its PSK.
+    pub fn may_access_whole(&self, ep: &str) -> bool {
+        may_access_whole(self.allow.as_deref(), ep)
+    }
+
     pub fn allows(&self, scope: Scope) -> bool {
         self.scopes
             .iter()
@@ -149,6 +157,23 @@ pub fn may_access(allow: Option<&[String]>, ep: &str, path: Option<&str>) -> boo
                 (Some(r), Some(path)) => glob(r, path),
                 _ => true,
             }
+    })
+}
+
+/// Does the restriction `allow` let its key act on endpoint `ep` as a whole: is there a
+/// pattern whose endpoint glob matches `ep` with no resource part, or with the resource
+/// part `/*` (which matches every path)?
+pub fn may_access_whole(allow: Option<&[String]>, ep: &str) -> bool {
+    use crate::subscriptions::presub::glob;
+    let Some(patterns) = allow else {
+        return true;
+    };
+    patterns.iter().any(|p| {
+        let (ep_glob, res_glob) = match p.split_once('/') {
+            Some((e, _)) => (e, Some(&p[e.len()..])),
+            None => (p.as_str(), None),
+        };
+        glob(ep_glob, ep) && matches!(res_glob, None | Some("/*"))
     })
 }
 

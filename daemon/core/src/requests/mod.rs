@@ -645,6 +645,14 @@ pub const MAX_PATH_BYTES: usize = 224;
 
 /// [`RequestError::BadPath`] for a path whose Uri-Path options exceed [`MAX_PATH_BYTES`].
 pub(crate) fn check_path(path: &str) -> Result<(), RequestError> {
+    // RFC 3986 §5.2.4 dot-segments: a client resolves them before it splits a URI into
+    // Uri-Path options (RFC 7252 §6.4), so none may reach a device; and `/3311/../3/0/0`
+    // would pass a key's allow pattern `lamp-1/3311/*` while naming `/3/0/0`.
+    if segments(path).any(|seg| seg == b"." || seg == b"..") {
+        return Err(RequestError::BadPath(
+            "the resource path has a \".\" or \"..\" segment; name the resource itself".into(),
+        ));
+    }
     let bytes: usize = segments(path)
         .map(|seg| seg.len() + if seg.len() < 13 { 1 } else { 2 })
         .sum();
