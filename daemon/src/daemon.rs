@@ -877,6 +877,29 @@ async fn start_services(
             }
         }));
     }
+    // Keys that stop authenticating with no request to any route (a Pelion access key
+    // reaching its `expires_at`) lose their channels within `key_check_interval_s`.
+    {
+        let (auth, hub, subscriptions) =
+            (auth.clone(), Arc::clone(&hub), Arc::clone(&subscriptions));
+        let every = Duration::from_secs(config.notifications.key_check_interval_s);
+        let mut stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.recv() => return,
+                    _ = ticks.tick() => {
+                        let dropped = crate::revocation::sweep(&auth, &hub, &subscriptions).await;
+                        if dropped > 0 {
+                            tracing::info!("dropped the notification channels of {dropped} keys that no longer authenticate (expired)");
+                        }
+                    }
+                }
+            }
+        }));
+    }
     // Keys revoked while the daemon was down (or before a crash cut a sweep short)
     // receive nothing more.
     let dropped = crate::revocation::sweep(&auth, &hub, &subscriptions).await;

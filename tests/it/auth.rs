@@ -715,3 +715,50 @@ fn plugin_routes_spell_the_daemons_errors_as_their_api() {
         (401, json!("unauthorized"))
     );
 }
+
+/// An expired key loses its notification channel within
+/// `notifications.key_check_interval_s`, as a revoked one does: its callback gets nothing
+/// more. Before, only its requests were refused; its channel, callback and WebSocket
+/// lived on until a write on a plugin route or a restart swept it.
+#[test]
+fn an_expired_keys_callback_gets_nothing_more() {
+    let p = Prepared::new(
+        "",
+        "[plugins]\nauth = [\"connector\", \"pelion\"]\n[notifications]\nkey_check_interval_s = 1\n",
+    );
+    let user = pelion_user(&p, "ops", "default");
+    let d = p.start_in_process();
+    let rx = support::receiver::Receiver::start(0);
+    let expires = now_ms() + 3000;
+    let (_, _, key) = pelion_key(&d, &user, &ALL_USER_SCOPES, Some(expires));
+    let url = json!({"url": rx.url("/cb")});
+    let r = call(
+        &d,
+        "PUT",
+        "/v2/notification/callback",
+        Some(&key),
+        Some(&url),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    d.device().register(&["ep=before", "lt=300"], "</3/0>");
+    let wait = Duration::from_secs(10);
+    let got = rx.wait(wait, |r| {
+        crate::notifications::pushed(r, "/cb").contains(&"before".to_string())
+    });
+    assert!(
+        crate::notifications::pushed(&got, "/cb").contains(&"before".to_string()),
+        "delivered while the key lives"
+    );
+    // Past its expiry, and past a check after it.
+    std::thread::sleep(Duration::from_millis(
+        expires.saturating_sub(now_ms()) + 2500,
+    ));
+    let r = call(&d, "GET", "/v2/endpoints", Some(&key), None);
+    assert_eq!(r.status, 401, "expired: {}", r.body);
+    d.device().register(&["ep=after", "lt=300"], "</3/0>");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !crate::notifications::pushed(&rx.requests(), "/cb").contains(&"after".to_string()),
+        "an expired key's callback got an event"
+    );
+}

@@ -196,6 +196,12 @@ pub struct NotificationsConfig {
     /// that does not come within this many seconds drops the socket (its unacknowledged
     /// frame is queued again).
     pub websocket_ping_interval_s: u64,
+    /// Every this many seconds the keys with a notification channel are checked with
+    /// their backends (`revocation::sweep`): a key that expired (a Pelion access key's
+    /// `expires_at`) loses its channel, callback, WebSocket and subscriptions within this
+    /// time, as a revoked one does at once. (Revocations and edits through the API are
+    /// swept right after the request.)
+    pub key_check_interval_s: u64,
 }
 
 impl Default for NotificationsConfig {
@@ -212,6 +218,7 @@ impl Default for NotificationsConfig {
             redeliver_after_s: 60,
             max_concurrent_deliveries: 64,
             websocket_ping_interval_s: 20,
+            key_check_interval_s: 60,
         }
     }
 }
@@ -261,6 +268,12 @@ impl NotificationsConfig {
             return Err((
                 "websocket_ping_interval_s",
                 "must lie between 1 and 300".into(),
+            ));
+        }
+        if self.key_check_interval_s == 0 || self.key_check_interval_s > 86_400 {
+            return Err((
+                "key_check_interval_s",
+                "must lie between 1 and 86400 (a day)".into(),
             ));
         }
         if self.retry_initial_ms == 0 || self.retry_max_ms < self.retry_initial_ms {

@@ -7,9 +7,11 @@
 //! events to a key's channel and the push to its callback URL, so the host sweeps the keys
 //! that have a channel: after every state-changing request on a plugin route (where keys
 //! are revoked and deleted), before that request is answered; after the plugins are loaded
-//! again because another process (`connectord plugin-call`) wrote the state database; and
+//! again because another process (`connectord plugin-call`) wrote the state database;
 //! once at start (a revocation made while the daemon was down, or before a crash cut a
-//! sweep short).
+//! sweep short); and every `notifications.key_check_interval_s` (60 s by default), for keys
+//! that stop authenticating with no request at all (a Pelion access key reaching its
+//! `expires_at`: before, its channel, callback and WebSocket lived on).
 //!
 //! The same sweep carries the restriction a backend reports for a live key
 //! (`KeyStatusResponse::restriction`, the Losant backend's application keys) to the key's
