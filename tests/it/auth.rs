@@ -762,3 +762,29 @@ fn an_expired_keys_callback_gets_nothing_more() {
         "an expired key's callback got an event"
     );
 }
+
+/// A device-request needs the scope its body's method needs: `resources:read` for GET,
+/// `resources:write` for the others. Before, the route asked `resources:read` of every
+/// one, so a write-only key was refused its writes (while `PUT /endpoints/...` let it).
+#[test]
+fn a_device_request_needs_the_scope_of_its_method() {
+    let p = Prepared::new("", "[plugins]\nauth = [\"connector\", \"pelion\"]\n");
+    let user = pelion_user(&p, "ops", "default");
+    let d = p.start_in_process();
+    let mut dev = d.device();
+    dev.register(&["ep=dev", "lt=300", "b=UQ"], "</3/0>"); // queue mode: nothing is sent
+    let (_, _, writer) = pelion_key(&d, &user, &["resources:write"], None);
+    let (_, _, reader) = pelion_key(&d, &user, &["resources:read", "notifications"], None);
+    let get = json!({"method": "GET", "uri": "/3/0/0"});
+    let put = json!({"method": "PUT", "uri": "/3/0/1", "payload-b64": "MQ=="});
+    for (key, body, status, id) in [
+        (&writer, &put, 202, "w-put"),
+        (&writer, &get, 403, "w-get"),
+        (&reader, &get, 202, "r-get"),
+        (&reader, &put, 403, "r-put"),
+    ] {
+        let path = format!("/v2/device-requests/dev?async-id={id}");
+        let r = call(&d, "POST", &path, Some(key), Some(body));
+        assert_eq!(r.status, status, "{id}: {}", r.body);
+    }
+}

@@ -225,13 +225,18 @@ pub async fn handle(
         Ok(p) => p,
         Err(r) => return r,
     };
-    // The route needs `resources:read`; a write needs `resources:write` as on the
-    // resource routes.
-    if submit.method != Some(Method::Get) && !who.allows(Scope::ResourcesWrite) {
+    // The route lets in `resources:read` or `resources:write`; a read needs the first and
+    // a write the second, as on the resource routes.
+    let (needed, name) = if submit.method == Some(Method::Get) {
+        (Scope::ResourcesRead, "resources:read")
+    } else {
+        (Scope::ResourcesWrite, "resources:write")
+    };
+    if !who.allows(needed) {
         return error(
             StatusCode::FORBIDDEN,
             "forbidden",
-            "this access key lacks the scope resources:write",
+            &format!("this access key lacks the scope {name}"),
         );
     }
     if !who.may_access(ep, Some(&submit.path)) {

@@ -251,8 +251,8 @@ pub fn resolve(method: &Method, path: &str) -> Result<(Route, Scope), Reply> {
                 _ => Err(method_not_allowed("GET, HEAD, PUT, DELETE")),
             }
         }
-        // The body says read or write: a write also needs `resources:write`, checked by
-        // the handler once the body is read.
+        // The body says read or write: `dispatch` lets in `resources:read` or
+        // `resources:write`, and the handler asks for the one the body's method needs.
         ["device-requests", ep] => match *method {
             Method::POST => Ok((
                 Route::DeviceRequest((*ep).to_string()),
