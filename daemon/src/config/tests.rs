@@ -171,6 +171,14 @@ fn range_errors_name_the_key() {
             "notifications.websocket_ping_interval_s",
         ),
         (
+            "[notifications]\nkey_check_interval_s = 0\n",
+            "notifications.key_check_interval_s",
+        ),
+        (
+            "[notifications]\nkey_check_interval_s = 86401\n",
+            "notifications.key_check_interval_s",
+        ),
+        (
             "[notifications]\nmax_queued_bytes_per_key = 4095\n",
             "notifications.max_queued_bytes_per_key",
         ),
