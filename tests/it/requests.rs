@@ -191,17 +191,9 @@ fn requests_submitted_at_once_do_not_pass_the_queue_bound() {
         let first = d.async_request("GET", &format!("/v2/endpoints/{ep}/3/0/0"), None, None);
         let (req, from) = dev.recv_request(WAIT).unwrap();
         // The first is in flight (not counted); of eight more at once, two wait.
-        let mut statuses: Vec<u16> = std::thread::scope(|s| {
-            let calls: Vec<_> = (0..8)
-                .map(|i| {
-                    let path = format!("/v2/endpoints/{ep}/3/0/{}", i + 1);
-                    s.spawn(move || d.call("GET", &path, None, None))
-                })
-                .collect();
-            calls
-                .into_iter()
-                .map(|c| c.join().unwrap().status)
-                .collect()
+        let mut statuses = support::at_once(8, |i| {
+            let path = format!("/v2/endpoints/{ep}/3/0/{}", i + 1);
+            d.call("GET", &path, None, None).status
         });
         statuses.sort();
         assert_eq!(

@@ -385,10 +385,7 @@ fn a_subscription_whose_store_write_fails_is_not_shown_to_a_concurrent_call() {
     disk.fill();
     for round in 0..5 {
         let path = "/v2/subscriptions/dev/3304/0/5700";
-        let answers: Vec<support::Http> = std::thread::scope(|s| {
-            let calls: Vec<_> = (0..2).map(|_| s.spawn(|| call("PUT", path))).collect();
-            calls.into_iter().map(|c| c.join().unwrap()).collect()
-        });
+        let answers = support::at_once(2, |_| call("PUT", path));
         for r in &answers {
             assert_refused(&format!("round {round}: a subscription"), r);
         }

@@ -155,15 +155,7 @@ fn a_subscription_stays_when_one_of_two_concurrent_calls_is_accepted() {
             "the read reached the device"
         );
         let path = format!("/v2/subscriptions/{ep}/3/0/0");
-        let mut statuses: Vec<u16> = std::thread::scope(|s| {
-            let calls: Vec<_> = (0..2)
-                .map(|_| s.spawn(|| d.call("PUT", &path, None, None)))
-                .collect();
-            calls
-                .into_iter()
-                .map(|c| c.join().unwrap().status)
-                .collect()
-        });
+        let mut statuses = support::at_once(2, |_| d.call("PUT", &path, None, None).status);
         statuses.sort();
         assert_eq!(statuses, [202, 429], "round {round}");
         let r = d.call("GET", &path, None, None);

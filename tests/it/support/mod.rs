@@ -498,3 +498,13 @@ pub fn answer_observe(
     send_packet(dev, &first, from);
     (token, from)
 }
+
+/// Runs `f(0)`, ..., `f(n - 1)` at once, each on its own thread, and gives their results
+/// in that order (concurrent requests to one daemon).
+pub fn at_once<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let f = &f;
+    std::thread::scope(|s| {
+        let calls: Vec<_> = (0..n).map(|i| s.spawn(move || f(i))).collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    })
+}

@@ -148,10 +148,7 @@ pub fn may_access(allow: Option<&[String]>, ep: &str, path: Option<&str>) -> boo
         return true;
     };
     patterns.iter().any(|p| {
-        let (ep_glob, res_glob) = match p.split_once('/') {
-            Some((e, _)) => (e, Some(&p[e.len()..])),
-            None => (p.as_str(), None),
-        };
+        let (ep_glob, res_glob) = split_pattern(p);
         glob(ep_glob, ep)
             && match (res_glob, path) {
                 (Some(r), Some(path)) => glob(r, path),
@@ -169,12 +166,17 @@ pub fn may_access_whole(allow: Option<&[String]>, ep: &str) -> bool {
         return true;
     };
     patterns.iter().any(|p| {
-        let (ep_glob, res_glob) = match p.split_once('/') {
-            Some((e, _)) => (e, Some(&p[e.len()..])),
-            None => (p.as_str(), None),
-        };
+        let (ep_glob, res_glob) = split_pattern(p);
         glob(ep_glob, ep) && matches!(res_glob, None | Some("/*"))
     })
+}
+
+/// A pattern's endpoint glob and its resource glob (from its first `/` on), if any.
+fn split_pattern(p: &str) -> (&str, Option<&str>) {
+    match p.split_once('/') {
+        Some((e, _)) => (e, Some(&p[e.len()..])),
+        None => (p, None),
+    }
 }
 
 /// Why a request was not authenticated.
