@@ -438,6 +438,12 @@ impl Channel {
     }
 
     /// Removes the oldest event, its bytes counted off; answers its number.
+    ///
+    /// The answer in flight, whose events are the first `len` of the queue, shrinks with
+    /// it: the oldest may leave while an answer holds them (a full queue making room, or
+    /// a callback delivery that ends after the channel was switched to long-poll or a
+    /// WebSocket), and the answer's acknowledgement must then remove only what is left of
+    /// it, not as many again from the new front (events never sent).
     fn pop_oldest(&mut self, size: impl Fn(&Event) -> u64) -> Option<u64> {
         let e = self.queue.pop_front()?;
         self.bytes = if self.queue.is_empty() {
@@ -445,6 +451,12 @@ impl Channel {
         } else {
             self.bytes.saturating_sub(size(&e.event))
         };
+        if let Some(f) = self.in_flight.as_mut() {
+            f.len = f.len.saturating_sub(1);
+            if f.len == 0 {
+                self.in_flight = None;
+            }
+        }
         Some(e.seq)
     }
 
@@ -1229,17 +1241,12 @@ impl Hub {
                 let Some(old) = ch.pop_oldest(size) else {
                     break;
                 };
+                // Even out of an answer in flight (`pop_oldest` shrinks it): the queue
+                // bound holds.
                 if over_count {
                     ch.lost.queue_count += 1;
                 } else {
                     ch.lost.queue_bytes += 1;
-                }
-                // Even out of an answer in flight: the queue bound holds.
-                if let Some(f) = ch.in_flight.as_mut() {
-                    f.len = f.len.saturating_sub(1);
-                    if f.len == 0 {
-                        ch.in_flight = None;
-                    }
                 }
                 Counters::inc(&self.counters.events_discarded);
                 Counters::inc(&self.counters.events_dropped_queue_full);
@@ -1929,19 +1936,10 @@ impl Hub {
         let durable = {
             let mut map = self.lock();
             if let Some(ch) = map.get_mut(key_id) {
-                let n = ch.pop_through(seq, |e| self.size_of(e));
                 // The channel may have been switched to long-poll or a WebSocket while
-                // this delivery ran, and an answer taken from the same oldest events: its
-                // record counts the first `len` of the queue, so it shrinks by what left
-                // the front here (as when a full queue drops its oldest, `enqueue`).
-                // Before, its acknowledgement removed as many events again from the new
-                // front: events queued since, never sent, were deleted.
-                if let Some(f) = ch.in_flight.as_mut() {
-                    f.len = f.len.saturating_sub(n);
-                    if f.len == 0 {
-                        ch.in_flight = None;
-                    }
-                }
+                // this delivery ran, and an answer taken from the same oldest events:
+                // `pop_oldest` shrinks it.
+                ch.pop_through(seq, |e| self.size_of(e));
                 ch.active = Instant::now();
             }
             self.store.delete_events_through(key_id.to_string(), seq)
