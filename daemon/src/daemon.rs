@@ -855,30 +855,15 @@ async fn start_services(
     if let Some(t) = plugins.watch(stop.clone()) {
         tasks.push(t);
     }
-    // A key revoked by another process (`connectord plugin-call`) loses its channel at
-    // once too, not only at the next write on a plugin route or the next start.
+    // The keys with a channel are swept by one task: when another process
+    // (`connectord plugin-call`) wrote the state, so a key it revoked loses its channel at
+    // once too, not only at the next write on a plugin route or the next start; and every
+    // `key_check_interval_s`, so a key that stops authenticating with no request to any
+    // route (a Pelion access key reaching its `expires_at`) loses it within that time.
     let reloaded = Arc::new(tokio::sync::Notify::new());
     if let Some(t) = plugins.follow_store(stop.clone(), Arc::clone(&reloaded)) {
         tasks.push(t);
-        let (auth, hub, subscriptions) =
-            (auth.clone(), Arc::clone(&hub), Arc::clone(&subscriptions));
-        let mut stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.recv() => return,
-                    () = reloaded.notified() => {
-                        let dropped = crate::revocation::sweep(&auth, &hub, &subscriptions).await;
-                        if dropped > 0 {
-                            tracing::info!("dropped the notification channels of {dropped} keys revoked by another process");
-                        }
-                    }
-                }
-            }
-        }));
     }
-    // Keys that stop authenticating with no request to any route (a Pelion access key
-    // reaching its `expires_at`) lose their channels within `key_check_interval_s`.
     {
         let (auth, hub, subscriptions) =
             (auth.clone(), Arc::clone(&hub), Arc::clone(&subscriptions));
@@ -888,14 +873,14 @@ async fn start_services(
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::select! {
+                let which = tokio::select! {
                     _ = stop.recv() => return,
-                    _ = ticks.tick() => {
-                        let dropped = crate::revocation::sweep(&auth, &hub, &subscriptions).await;
-                        if dropped > 0 {
-                            tracing::info!("dropped the notification channels of {dropped} keys that no longer authenticate (expired)");
-                        }
-                    }
+                    () = reloaded.notified() => "revoked by another process",
+                    _ = ticks.tick() => "that no longer authenticate (expired)",
+                };
+                let dropped = crate::revocation::sweep(&auth, &hub, &subscriptions).await;
+                if dropped > 0 {
+                    tracing::info!("dropped the notification channels of {dropped} keys {which}");
                 }
             }
         }));
