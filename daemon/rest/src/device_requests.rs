@@ -227,16 +227,16 @@ pub async fn handle(
     };
     // The route lets in `resources:read` or `resources:write`; a read needs the first and
     // a write the second, as on the resource routes.
-    let (needed, name) = if submit.method == Some(Method::Get) {
-        (Scope::ResourcesRead, "resources:read")
+    let needed = if submit.method == Some(Method::Get) {
+        Scope::ResourcesRead
     } else {
-        (Scope::ResourcesWrite, "resources:write")
+        Scope::ResourcesWrite
     };
     if !who.allows(needed) {
         return error(
             StatusCode::FORBIDDEN,
             "forbidden",
-            &format!("this access key lacks the scope {name}"),
+            &format!("this access key lacks the scope {}", needed.as_str()),
         );
     }
     if !who.may_access(ep, Some(&submit.path)) {

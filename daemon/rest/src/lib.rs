@@ -454,18 +454,14 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
     // What acts on a device as a whole (de-registering it, its credentials, a new
     // device's certificate) needs a key that may access all of it: one allowed some of a
     // device's resources may not remove the device or replace its PSK.
-    let whole = match &route {
-        Route::Endpoint(ep) if req.method() == Method::DELETE => Some(Some(ep.as_str())),
-        Route::DeviceCredential(ep) => Some(Some(ep.as_str())),
+    let partial = match &route {
+        Route::Endpoint(ep) if req.method() == Method::DELETE => !principal.may_access_whole(ep),
+        Route::DeviceCredential(ep) => !principal.may_access_whole(ep),
         // A certificate enrols a device of any name: only for unrestricted keys.
-        Route::Cert => Some(None),
-        _ => None,
+        Route::Cert => principal.allow.is_some(),
+        _ => false,
     };
-    if let Some(ep) = whole
-        && !ep.map_or(principal.allow.is_none(), |ep| {
-            principal.may_access_whole(ep)
-        })
-    {
+    if partial {
         return error(
             StatusCode::FORBIDDEN,
             &errs.forbidden,

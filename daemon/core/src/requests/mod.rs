@@ -514,11 +514,7 @@ impl Place<'_> {
 impl Drop for Place<'_> {
     fn drop(&mut self) {
         if let Some(id) = self.tracked.take() {
-            self.requests
-                .pending_ids
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            self.requests.give_back_id(&id);
         }
         if !std::mem::take(&mut self.held) {
             return;
@@ -1199,11 +1195,16 @@ impl Requests {
     /// Gives a device-request's async-id back (answered, or not stored).
     fn untrack_device_request(&self, job: &Job) {
         if job.device_request.is_some() {
-            self.pending_ids
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&(job.domain.clone(), job.id.clone()));
+            self.give_back_id(&(job.domain.clone(), job.id.clone()));
         }
+    }
+
+    /// Gives the async-id (domain, id) of a device-request back.
+    fn give_back_id(&self, id: &(String, String)) {
+        self.pending_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     /// Answers the device-request `id` of `key` with [`REQUEST_EXPIRED`] at `expires_ms`

@@ -238,6 +238,7 @@ struct State {
 /// A subscription's mark in [`State::unwritten`] while its store write is awaited; taken
 /// away by [`Writing::end`] or, when the call is cancelled, on drop (the write goes on in
 /// the store, and the subscription stays in memory, as a cancelled call always left it).
+/// Dropped, it wakes the calls waiting for the write (after the state lock is released).
 struct Writing<'a> {
     subs: &'a Subscriptions,
     key: Option<ResKey>,
@@ -253,11 +254,11 @@ impl Writing<'_> {
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
+        let subs = self.subs;
         if self.key.is_some() {
-            let subs = self.subs;
             self.end(&mut subs.lock());
-            subs.written.notify_waiters();
         }
+        subs.written.notify_waiters();
     }
 }
 
@@ -794,7 +795,7 @@ impl Subscriptions {
                 self.prune(&mut st);
             }
         }
-        self.written.notify_waiters();
+        drop(writing);
         stored.map(|()| true)
     }
 
