@@ -5,10 +5,14 @@
 //! Decisions (see ARCHITECTURE.md, "CoAP over DTLS", for the comparison of libraries):
 //! - **No per-peer state before the cookie round trip.** A ClientHello from an address
 //!   without a session is answered here, statelessly, with a HelloVerifyRequest whose
-//!   cookie is `HMAC-SHA256(secret, client_random)`; a session (a dimpl instance) is created
-//!   only for a ClientHello that carries that cookie. dimpl is built with the same secret
-//!   (`server_cookie_secret`, our patch of dimpl, `vendor/dimpl/PATCHED.md`), so the
-//!   instance accepts the cookie itself; it is first shown the cookie-less ClientHello
+//!   cookie is `HMAC-SHA256(HMAC-SHA256(secret, address), client_random)`, the address
+//!   being the client's IP and port (RFC 6347 §4.2.1: a cookie proves the client receives
+//!   at that address; one fetched from an address of the client's is no use from another,
+//!   so a spoofed source can neither take a device's session over nor fill the half-open
+//!   slots, nor have a certificate flight reflected to it). A session (a dimpl instance)
+//!   is created only for a ClientHello that carries that cookie. The instance is given the
+//!   same per-address secret (`Dtls::set_server_cookie_secret`, our patch of dimpl,
+//!   `vendor/dimpl/PATCHED.md`), so it accepts the cookie itself; it is first shown the cookie-less ClientHello
 //!   (`message_seq` 0, answered with a HelloVerifyRequest we drop) so that it is in the
 //!   state RFC 6347 §4.2.2 describes after a cookie exchange (`message_seq` 1 on both
 //!   sides; the first ClientHello is not part of the handshake hash).
@@ -98,6 +102,10 @@ const MAX_READY: usize = 1024;
 /// Largest DTLS datagram read.
 const MAX_RECORD: usize = 4096;
 
+/// The largest output of a session's dimpl state taken: datagrams are far smaller; a
+/// client certificate over this is refused (its handshake fails), not copied out.
+const MAX_OUTPUT: usize = 16 * 1024;
+
 /// What one ClientHello cipher suite means to us.
 const PSK_AES128_CCM_8: u16 = 0xC0A8;
 const ECDHE_ECDSA_SUITES: [u16; 3] = [0xC02B, 0xC02C, 0xCCA9];
@@ -184,8 +192,8 @@ struct Keys {
 }
 
 /// dimpl's PSK lookup over the host's [`Credentials`]. It is called inside
-/// `Dtls::handle_packet`, under the listener's state lock, so `last` names the identity of
-/// the handshake being stepped (taken right after the call).
+/// `Dtls::handle_packet`, under the listener's state lock; `last` names the identity of
+/// the handshake being stepped, emptied before and taken after every step ([`step`]).
 struct Resolver {
     credentials: AssertUnwindSafe<Arc<dyn Credentials>>,
     last: Mutex<Option<Vec<u8>>>,
@@ -529,10 +537,11 @@ impl DtlsListener {
         {
             peer.last = now;
             peer.trimmed = false;
-            let step = peer
-                .dtls
-                .handle_timeout(now)
-                .and_then(|()| peer.dtls.handle_packet(bytes));
+            let (step, asked) = step(keys, || {
+                peer.dtls
+                    .handle_timeout(now)
+                    .and_then(|()| peer.dtls.handle_packet(bytes))
+            });
             // RFC 9146 §6: the peer moves to the address of a record that authenticated
             // and is newer than any before it (a replayed or late one does not move it);
             // a new address is checked first (`Probe`).
@@ -548,7 +557,7 @@ impl DtlsListener {
             }
             let verdict = match step {
                 Ok(()) => {
-                    take_psk_identity(keys, peer);
+                    give_psk_identity(peer, asked);
                     drain(
                         keys,
                         peer,
@@ -570,8 +579,9 @@ impl DtlsListener {
             // Not a ClientHello and no session: noise, or records of a session we forgot.
             return out;
         };
-        if hello.message_seq == 0 || !hello::cookie_valid(&self.cookie_secret, bytes, &hello) {
-            out.push((hello::verify_request(&self.cookie_secret, &hello), from));
+        let secret = hello::secret_for(&self.cookie_secret, from);
+        if hello.message_seq == 0 || !hello::cookie_valid(&secret, bytes, &hello) {
+            out.push((hello::verify_request(&secret, &hello), from));
             self.metrics.count(Event::DtlsHelloVerify);
             return out;
         }
@@ -593,12 +603,14 @@ impl DtlsListener {
             }
             _ => Dtls::new_12_psk(Arc::clone(&keys.psk), now),
         };
+        dtls.set_server_cookie_secret(secret);
         // The cookie-less ClientHello first: dimpl answers it with a HelloVerifyRequest
         // (dropped: the client has ours, the same bytes) and expects `message_seq` 1 next.
         let mut scratch = vec![0u8; 2048];
-        let primed = dtls
-            .handle_timeout(now)
-            .and_then(|()| dtls.handle_packet(&hello::first_hello(bytes, &hello)));
+        let (primed, _) = step(keys, || {
+            dtls.handle_timeout(now)
+                .and_then(|()| dtls.handle_packet(&hello::first_hello(bytes, &hello)))
+        });
         if primed.is_err() {
             self.metrics.count(Event::DtlsHandshakeFailed);
             return out;
@@ -623,9 +635,10 @@ impl DtlsListener {
             cid: None,
             trimmed: false,
         });
-        let verdict = match peer.dtls.handle_packet(bytes) {
+        let (stepped, asked) = step(keys, || peer.dtls.handle_packet(bytes));
+        let verdict = match stepped {
             Ok(()) => {
-                take_psk_identity(keys, &mut peer);
+                give_psk_identity(&mut peer, asked);
                 drain(
                     keys,
                     &mut peer,
@@ -713,7 +726,7 @@ impl DtlsListener {
                 peer.trimmed = true;
             }
             if peer.timer.is_some_and(|t| t <= now) {
-                let verdict = match peer.dtls.handle_timeout(now) {
+                let verdict = match step(keys, || peer.dtls.handle_timeout(now)).0 {
                     Ok(()) => drain(
                         keys,
                         peer,
@@ -736,16 +749,49 @@ impl DtlsListener {
     }
 }
 
-/// Moves the PSK identity dimpl just asked about to the session.
-fn take_psk_identity(keys: &Keys, peer: &mut Peer) {
-    let id = keys
-        .resolver
-        .last
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
-    if let Some(id) = id
+/// Runs `f`, one step of a session's dimpl state, which may ask the listener's
+/// [`Resolver`] for a PSK. Returns its result and the identity it asked about, if any.
+///
+/// The resolver's one slot is emptied before and taken after, whatever the result, so an
+/// identity named in a step that failed is given to no other session. (Before, it stayed
+/// in the slot and the next session to step successfully took it as its own: a failed
+/// handshake under another device's identity renamed an established session.)
+///
+/// A panic inside dimpl on a peer's input fails this step only, as an error: the listener
+/// and its other sessions go on.
+fn step(
+    keys: &Keys,
+    f: impl FnOnce() -> Result<(), dimpl::Error>,
+) -> (Result<(), String>, Option<Vec<u8>>) {
+    let slot = || {
+        keys.resolver
+            .last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    };
+    slot();
+    let result = match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::warn!("DTLS library panicked on a peer's input; the session fails: {what}");
+            Err(format!("panic in the DTLS library: {what}"))
+        }
+    };
+    (result, slot())
+}
+
+/// Gives a PSK session the identity its handshake asked about ([`step`]). Only while the
+/// handshake is going: an established session's identity never changes.
+fn give_psk_identity(peer: &mut Peer, asked: Option<Vec<u8>>) {
+    if let Some(id) = asked
         && peer.mode == Mode::Psk
+        && !peer.established
     {
         peer.identity = Some(PeerIdentity::Psk(Arc::from(
             String::from_utf8_lossy(&id).as_ref(),
@@ -783,6 +829,15 @@ fn drain(
                 if !peer.emit(&p, out) {
                     metrics.count(Event::DtlsUnverifiedDropped);
                 }
+            }
+            Output::BufferTooSmall { needed } if needed > MAX_OUTPUT => {
+                if crate::log_budget::allow(crate::log_budget::DeviceLine::HandshakeRefused) {
+                    tracing::info!(
+                        peer = %from,
+                        "DTLS client certificate refused: {needed} bytes, over {MAX_OUTPUT}"
+                    );
+                }
+                return Verdict::Failed;
             }
             Output::BufferTooSmall { needed } => scratch.resize(needed, 0),
             Output::Timeout(t) => {
@@ -843,6 +898,7 @@ fn drain_packets(
                     metrics.count(Event::DtlsUnverifiedDropped);
                 }
             }
+            Output::BufferTooSmall { needed } if needed > MAX_OUTPUT => return,
             Output::BufferTooSmall { needed } => scratch.resize(needed, 0),
             Output::Timeout(_) => return,
             _ => {}
@@ -959,14 +1015,22 @@ impl Listener for DtlsListener {
             let doomed: Vec<SocketAddr> = st
                 .peers
                 .iter()
-                .filter(|(_, p)| p.established && p.identity.as_ref().is_some_and(revoked))
+                .filter(|(_, p)| p.identity.as_ref().is_some_and(revoked))
                 .map(|(a, _)| *a)
                 .collect();
             let mut scratch = vec![0u8; 256];
             for addr in &doomed {
                 if let Some(mut p) = st.forget(*addr) {
-                    let _ = p.dtls.close();
-                    drain_packets(&mut p, &mut scratch, &mut out, &*self.metrics);
+                    if p.established {
+                        let _ = p.dtls.close();
+                        drain_packets(&mut p, &mut scratch, &mut out, &*self.metrics);
+                    } else {
+                        // A handshake that has named the identity (its PSK looked up, its
+                        // certificate verified) but not finished: it would finish under
+                        // the old key or the revoked certificate.
+                        st.half_open -= 1;
+                        self.metrics.count(Event::DtlsHandshakeFailed);
+                    }
                 }
             }
             doomed.len()
@@ -1048,7 +1112,22 @@ pub mod hello {
         (b[0] as usize) << 16 | (b[1] as usize) << 8 | b[2] as usize
     }
 
-    /// dimpl's cookie for this random: `HMAC-SHA256(secret, client_random)`.
+    /// The cookie secret of a client at `addr`: `HMAC-SHA256(secret, ip || port)`.
+    pub fn secret_for(secret: &[u8; 32], addr: std::net::SocketAddr) -> [u8; 32] {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        let mut ctx = ring::hmac::Context::with_key(&key);
+        match addr.ip() {
+            std::net::IpAddr::V4(ip) => ctx.update(&ip.octets()),
+            std::net::IpAddr::V6(ip) => ctx.update(&ip.octets()),
+        }
+        ctx.update(&addr.port().to_be_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.sign().as_ref());
+        out
+    }
+
+    /// dimpl's cookie for this random: `HMAC-SHA256(secret, client_random)`, `secret`
+    /// being the client's ([`secret_for`]).
     fn cookie(secret: &[u8; 32], random: &[u8; 32]) -> ring::hmac::Tag {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
         ring::hmac::sign(&key, random)

@@ -71,7 +71,9 @@ pub trait Listener: Send + Sync + 'static {
     }
 
     /// Closes every session whose peer proved an identity for which `revoked` is true
-    /// (a revoked credential), and returns how many it closed.
+    /// (a revoked credential), and returns how many it closed. A handshake that has named
+    /// such an identity but not finished is ended too (and counted): it would otherwise
+    /// finish under the old key or the revoked certificate.
     fn close_sessions(&self, _revoked: &dyn Fn(&PeerIdentity) -> bool) -> usize {
         0
     }

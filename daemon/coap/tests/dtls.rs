@@ -22,7 +22,11 @@ struct Keys;
 
 impl Credentials for Keys {
     fn psk(&self, identity: &[u8]) -> Option<Vec<u8>> {
-        (identity == b"dev-1").then(|| b"secret-key-16byt".to_vec())
+        match identity {
+            b"dev-1" => Some(b"secret-key-16byt".to_vec()),
+            b"dev-2" => Some(b"other-key-16byte".to_vec()),
+            _ => None,
+        }
     }
 }
 
@@ -56,6 +60,24 @@ fn start(max_handshakes: usize) -> Server {
 }
 
 fn start_with(cfg: CoapConfig) -> Server {
+    start_setup(cfg, None)
+}
+
+/// A server offering certificates too: its own (self-signed, `localhost`), and no CA a
+/// client certificate could chain to.
+fn start_cert() -> Server {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    start_setup(
+        CoapConfig::default(),
+        Some((cert.der().to_vec(), key.serialize_der())),
+    )
+}
+
+fn start_setup(cfg: CoapConfig, certificate: Option<(Vec<u8>, Vec<u8>)>) -> Server {
     let cfg = CoapConfig {
         listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
         listen_dtls: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
@@ -67,7 +89,7 @@ fn start_with(cfg: CoapConfig) -> Server {
     transport
         .set_dtls(&DtlsSetup {
             credentials: Arc::new(Keys),
-            certificate: None,
+            certificate,
             trust_anchors: Vec::new(),
         })
         .unwrap();
@@ -169,6 +191,119 @@ async fn psk_session_carries_coap_and_names_its_identity() {
         .close_sessions(&|id| *id == PeerIdentity::Psk(Arc::from("dev-1")));
     assert_eq!(closed, 1);
     assert_eq!(s.transport.dtls_counts().sessions, 0);
+}
+
+/// Drives `c`'s handshake from `sock` up to its last flight (ClientKeyExchange,
+/// ChangeCipherSpec, Finished), which it sends as one datagram, as a client may.
+async fn last_flight_in_one_datagram(c: &mut DtlsClient, sock: &UdpSocket, server: SocketAddr) {
+    for r in c.poll() {
+        sock.send_to(&r, server).await.unwrap();
+    }
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, _) = tokio::time::timeout(Duration::from_secs(3), sock.recv_from(&mut buf))
+            .await
+            .expect("the server's flight")
+            .unwrap();
+        let records = c.on_datagram(&buf[..n], Instant::now()).unwrap();
+        if records.is_empty() {
+            continue;
+        }
+        if records.len() == 1 && records[0].get(13) == Some(&1) {
+            // The ClientHello with the cookie.
+            sock.send_to(&records[0], server).await.unwrap();
+            continue;
+        }
+        sock.send_to(&records.concat(), server).await.unwrap();
+        return;
+    }
+}
+
+/// Issue 25 review: a handshake that fails in the datagram that named its PSK identity
+/// (the whole last flight at once, under a wrong key) gives that identity to nobody.
+/// Before, the identity stayed in the listener's one `last` slot and the next session to
+/// step took it: an established session of `dev-1` became `dev-2`.
+#[tokio::test]
+async fn a_failed_handshake_leaves_its_identity_to_no_other_session() {
+    let s = start(100);
+    let sock = socket().await;
+    let mut c = dev1(&s, &sock).await;
+    let mine = "Some(Psk(\"dev-1\"))";
+    assert_eq!(
+        String::from_utf8_lossy(&exchange(&mut c, &sock, s.dtls, 1).await.payload),
+        mine
+    );
+    let thief_sock = socket().await;
+    let mut thief = DtlsClient::new(&psk("dev-2", b"wrong-key-16byte"), Instant::now());
+    last_flight_in_one_datagram(&mut thief, &thief_sock, s.dtls).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.counters.get(Event::DtlsHandshakeFailed) < 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.counters.get(Event::DtlsHandshakeFailed), 1);
+    assert!(!thief.is_connected());
+    for mid in 2..4 {
+        assert_eq!(
+            String::from_utf8_lossy(&exchange(&mut c, &sock, s.dtls, mid).await.payload),
+            mine,
+            "dev-1's session keeps its identity"
+        );
+    }
+    // A handshake of dev-2 with its key still names dev-2.
+    let sock2 = socket().await;
+    let mut c2 = DtlsClient::connect(
+        &psk("dev-2", b"other-key-16byte"),
+        &sock2,
+        s.dtls,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("dev-2 handshakes");
+    assert_eq!(
+        String::from_utf8_lossy(&exchange(&mut c2, &sock2, s.dtls, 1).await.payload),
+        "Some(Psk(\"dev-2\"))"
+    );
+}
+
+/// Issue 25 review: a client certificate larger than the listener's 2 KiB scratch buffer
+/// is refused like any other it cannot verify. Before, dimpl asserted on the buffer's
+/// size: the panic ended the listener's receive task, and no handshake was answered
+/// after it.
+#[tokio::test]
+async fn a_big_client_certificate_is_refused_and_the_listener_goes_on() {
+    let s = start_cert();
+    for sans in [60, 150] {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names = (0..sans)
+            .map(|i| format!("device-{i:04}.sensors.example.com"))
+            .collect::<Vec<_>>();
+        let big = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let len = big.der().len();
+        assert!(len > 2048 && len < 16 * 1024, "{len} bytes");
+        let cfg = ClientConfig::new(ClientAuth::Certificate {
+            cert: big.der().to_vec(),
+            key: key.serialize_der(),
+        })
+        .unwrap();
+        let sock = socket().await;
+        let r = DtlsClient::connect(&cfg, &sock, s.dtls, Duration::from_secs(3)).await;
+        assert!(
+            r.is_err(),
+            "a certificate chaining to no trusted CA is refused"
+        );
+        // The listener still answers: a PSK device handshakes and is answered.
+        let sock = socket().await;
+        let mut c = dev1(&s, &sock).await;
+        assert_eq!(
+            String::from_utf8_lossy(&exchange(&mut c, &sock, s.dtls, 1).await.payload),
+            "Some(Psk(\"dev-1\"))"
+        );
+    }
+    assert_eq!(s.counters.get(Event::DtlsHandshakeFailed), 2);
+    assert_eq!(s.transport.dtls_counts().half_open, 0);
 }
 
 /// `ClientConfig::with_psk` (one validated dimpl configuration, copied per device):
@@ -298,6 +433,141 @@ async fn half_open(s: &Server, n: usize) -> Vec<UdpSocket> {
         socks.push(sock);
     }
     socks
+}
+
+/// Issue 25 review: the HelloVerifyRequest cookie is bound to the client's address
+/// (RFC 6347 §4.2.1). A ClientHello carrying a cookie fetched from another address gets
+/// a HelloVerifyRequest of its own and leaves no state, so a spoofed source can neither
+/// replace a device's session nor hold half-open slots; from the address it was sent to,
+/// the same ClientHello opens the handshake. Before, the cookie was a function of the
+/// client random alone and was accepted from any address.
+#[tokio::test]
+async fn a_cookie_opens_a_handshake_from_its_own_address_only() {
+    let s = start(100);
+    let mine = socket().await;
+    let other = socket().await;
+    let mut c = DtlsClient::new(&psk("dev-1", b"secret-key-16byt"), Instant::now());
+    for r in c.poll() {
+        mine.send_to(&r, s.dtls).await.unwrap();
+    }
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(3), mine.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let with_cookie = c.on_datagram(&buf[..n], Instant::now()).unwrap().concat();
+    assert_eq!(s.counters.get(Event::DtlsHelloVerify), 1);
+    // From another address (port): another HelloVerifyRequest (handshake type 3), no state.
+    other.send_to(&with_cookie, s.dtls).await.unwrap();
+    let (n, _) = tokio::time::timeout(Duration::from_secs(3), other.recv_from(&mut buf))
+        .await
+        .expect("an answer to the other address")
+        .unwrap();
+    assert_eq!(
+        buf.get(13),
+        Some(&3),
+        "a HelloVerifyRequest: {:?}",
+        &buf[..n.min(16)]
+    );
+    assert_eq!(s.counters.get(Event::DtlsHelloVerify), 2);
+    assert_eq!(s.transport.dtls_counts(), Default::default());
+    // From its own address the same ClientHello opens the handshake (ServerHello, type 2).
+    mine.send_to(&with_cookie, s.dtls).await.unwrap();
+    let (n, _) = tokio::time::timeout(Duration::from_secs(3), mine.recv_from(&mut buf))
+        .await
+        .expect("the server's flight")
+        .unwrap();
+    assert_eq!(
+        buf.get(13),
+        Some(&2),
+        "a ServerHello: {:?}",
+        &buf[..n.min(16)]
+    );
+    assert_eq!(s.transport.dtls_counts().half_open, 1);
+    // And it completes.
+    let mut done = c.on_datagram(&buf[..n], Instant::now()).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !c.is_connected() {
+        for r in done.drain(..) {
+            mine.send_to(&r, s.dtls).await.unwrap();
+        }
+        let (n, _) = tokio::time::timeout_at(deadline, mine.recv_from(&mut buf))
+            .await
+            .expect("the handshake completes")
+            .unwrap();
+        done = c.on_datagram(&buf[..n], Instant::now()).unwrap();
+    }
+    for r in done {
+        mine.send_to(&r, s.dtls).await.unwrap();
+    }
+    assert_eq!(
+        exchange(&mut c, &mine, s.dtls, 5).await.header.message_id,
+        5
+    );
+}
+
+/// The DTLS records of a datagram (13-byte headers, length in bytes 11–12).
+fn records(mut d: &[u8]) -> Vec<Vec<u8>> {
+    let mut v = Vec::new();
+    while d.len() >= 13 {
+        let end = 13 + u16::from_be_bytes([d[11], d[12]]) as usize;
+        v.push(d[..end.min(d.len())].to_vec());
+        d = &d[end.min(d.len())..];
+    }
+    v
+}
+
+/// Issue 25 review: revoking (or replacing) a PSK ends the handshakes that already looked
+/// it up, not only the established sessions. Before, a handshake holding its
+/// ClientKeyExchange at the moment of the rotation finished under the old key afterwards.
+#[tokio::test]
+async fn revoking_an_identity_ends_its_handshakes_in_progress() {
+    let s = start(100);
+    let sock = socket().await;
+    let mut c = DtlsClient::new(&psk("dev-1", b"secret-key-16byt"), Instant::now());
+    for r in c.poll() {
+        sock.send_to(&r, s.dtls).await.unwrap();
+    }
+    let mut buf = vec![0u8; 4096];
+    let flight = loop {
+        let (n, _) = tokio::time::timeout(Duration::from_secs(3), sock.recv_from(&mut buf))
+            .await
+            .expect("the server's flight")
+            .unwrap();
+        let out = c.on_datagram(&buf[..n], Instant::now()).unwrap();
+        match out.first() {
+            // The ClientHello with the cookie.
+            Some(r) if out.len() == 1 && r.get(13) == Some(&1) => {
+                sock.send_to(r, s.dtls).await.unwrap();
+            }
+            Some(_) => break records(&out.concat()),
+            None => {}
+        }
+    };
+    assert!(
+        flight.len() >= 3,
+        "ClientKeyExchange, ChangeCipherSpec, Finished"
+    );
+    // The ClientKeyExchange alone: the server looks the key up and waits for the rest.
+    sock.send_to(&flight[0], s.dtls).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.transport.dtls_counts().half_open != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let closed = s
+        .transport
+        .close_sessions(&|id| *id == PeerIdentity::Psk(Arc::from("dev-1")));
+    assert_eq!(closed, 1, "the handshake in progress is ended");
+    assert_eq!(s.transport.dtls_counts(), Default::default());
+    sock.send_to(&flight[1..].concat(), s.dtls).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await;
+    if let Ok(Ok((n, _))) = got {
+        let _ = c.on_datagram(&buf[..n], Instant::now());
+    }
+    assert!(!c.is_connected(), "the handshake does not finish");
+    assert_eq!(s.transport.dtls_counts(), Default::default());
+    assert_eq!(s.counters.get(Event::DtlsHandshake), 0);
 }
 
 /// Clients that finish the cookie exchange but never the handshake: at most

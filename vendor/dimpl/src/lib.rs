@@ -628,6 +628,15 @@ impl Dtls {
         }
     }
 
+    /// Sets a DTLS 1.2 server's cookie secret for this instance only, in place of the
+    /// configuration's (connectord patch: the host derives it from the client's address,
+    /// RFC 6347 §4.2.1). No-op for other roles.
+    pub fn set_server_cookie_secret(&mut self, secret: [u8; 32]) {
+        if let Some(Inner::Server12(server)) = self.inner.as_mut() {
+            server.set_cookie_secret(secret);
+        }
+    }
+
     /// Whether, since the last call, a protected record authenticated whose sequence
     /// number is higher than that of every record before it (connectord patch). RFC 9146
     /// §6: only then may a host move the peer to the address such a record came from.

@@ -223,6 +223,15 @@ impl Client {
         if self.state == State::SendClientHello {
             return Output::Timeout(self.last_now);
         }
+        // connectord patch: a peer certificate larger than `buf` is BufferTooSmall (the
+        // event stays queued), not the assertion in `into_output`, which a peer could
+        // trigger with any certificate over the caller's buffer.
+        if matches!(self.local_events.front(), Some(LocalEvent::PeerCert)) {
+            let needed = self.server_certificates.first().map_or(0, |c| c.len());
+            if needed > buf.len() {
+                return Output::BufferTooSmall { needed };
+            }
+        }
         if let Some(event) = self.local_events.pop_front() {
             return event.into_output(buf, &self.server_certificates);
         }

@@ -226,6 +226,12 @@ impl Server {
         self.engine.negotiated_connection_id()
     }
 
+    /// Replaces this instance's cookie secret (connectord patch: a secret derived from the
+    /// client's address, so that a cookie is valid from that address only).
+    pub fn set_cookie_secret(&mut self, secret: [u8; 32]) {
+        self.cookie_secret = secret;
+    }
+
     /// Whether a record newer than all before it authenticated since the last call
     /// (connectord patch; RFC 9146 §6).
     pub fn take_newer_record(&mut self) -> bool {
@@ -256,6 +262,15 @@ impl Server {
     }
 
     pub fn poll_output<'a>(&mut self, buf: &'a mut [u8]) -> Output<'a> {
+        // connectord patch: a peer certificate larger than `buf` is BufferTooSmall (the
+        // event stays queued), not the assertion in `into_output`, which a peer could
+        // trigger with any certificate over the caller's buffer.
+        if matches!(self.local_events.front(), Some(LocalEvent::PeerCert)) {
+            let needed = self.client_certificates.first().map_or(0, |c| c.len());
+            if needed > buf.len() {
+                return Output::BufferTooSmall { needed };
+            }
+        }
         if let Some(event) = self.local_events.pop_front() {
             return event.into_output(buf, &self.client_certificates);
         }
