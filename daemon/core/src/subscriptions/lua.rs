@@ -43,11 +43,14 @@
 //!   error and keep going. Pattern matching counts too: each step of the matcher is one
 //!   instruction (a backtracking pattern such as `string.rep("a", 300):find(string.rep("a*",
 //!   30) .. "b")`, which Lua's C matcher would run for longer than anyone waits, is stopped
-//!   like a loop). `table.move` charges one instruction per element of its range, and
-//!   `string.rep` of nothing answers `""` at once ([`bound_library_loops`]: their loops
-//!   neither allocate nor run Lua code). Other C functions (`string.rep` otherwise,
-//!   `table.concat`, `table.sort`, ...) are not counted; their work is linear (or
-//!   n log n) in sizes the memory limit bounds.
+//!   like a loop). `table.move` charges one instruction per element of its range,
+//!   `string.rep` of nothing answers `""` at once, and `table.insert` and `table.remove`
+//!   are Lua functions, counted like rule code ([`bound_library_loops`]: their C loops
+//!   neither allocate nor run Lua code, and the last two take their bound from `__len`).
+//!   `gsub`'s result and a `gmatch` iterator's strings are within the memory limit
+//!   ([`patterns`]). Other C functions (`string.rep` otherwise, `table.concat`,
+//!   `table.sort`, `table.unpack`, ...) are not counted; their work is linear (or
+//!   n log n) in sizes the memory limit bounds (`unpack` in Lua's stack limit too).
 //! - Time: the same checks (every 1000 instructions, every 256 matching steps) stop a call
 //!   that has run for `time_limit_ms` of wall-clock time ("time limit exceeded").
 //!   Decision: bound the work rather than abandon a stuck thread: a thread cannot be
@@ -266,6 +269,28 @@ fn truncate_utf8(s: &mut String, max: usize) {
         }
         s.truncate(at);
     }
+}
+
+/// Text a rule file chose (an error message, what it printed) as it goes into a log line:
+/// at most [`MAX_PRINT_LEN`] bytes (then `...`), control characters escaped (`\n`, `\u{1b}`),
+/// so that a rule can neither write megabytes per line nor forge lines of its own
+/// (`error(string.rep("x", 4e6))` logged 4 MB a line before; a `\n` began a new line).
+fn clipped(text: &dyn std::fmt::Display) -> String {
+    use std::fmt::Write as _;
+    let text = text.to_string();
+    let mut out = String::new();
+    for c in text.chars() {
+        if out.len() >= MAX_PRINT_LEN {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            let _ = write!(out, "{}", c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -497,9 +522,8 @@ fn sandbox(lua: &Lua, file_name: &str) -> mlua::Result<()> {
                 break;
             }
         }
-        truncate_utf8(&mut line, MAX_PRINT_LEN);
         if log_budget::allow(DeviceLine::LuaPrint) {
-            info!(file = %label, "lua: {line}");
+            info!(file = %label, "lua: {}", clipped(&line));
         }
         Ok(())
     })?;
@@ -591,6 +615,89 @@ fn bound_library_loops(lua: &Lua, meter: &Arc<Meter>) -> mlua::Result<()> {
             move_.call::<MultiValue>(args)
         })?,
     )?;
+    // `table.insert` and `table.remove` shift elements in a C loop whose bound is `#t`,
+    // which a `__len` metamethod chooses: `table.remove(setmetatable({}, {__len = function()
+    // return math.maxinteger end}), 1)` moved nils 2^63 times, allocating nothing, and the
+    // rules thread never came back. Decision: they are Lua functions here (the semantics
+    // and messages of Lua 5.4's `ltablib.c`), so their loops are counted by the hook like
+    // any rule code; `#t` is asked once per call, as in C.
+    let (insert, remove): (Function, Function) = lua
+        .load(
+            r##"
+            local type, select, tonumber, tointeger, error, format = ...
+            local function tab(t, fname)
+                if type(t) ~= "table" then
+                    error(format("bad argument #1 to '%s' (table expected, got %s)", fname,
+                        type(t)), 3)
+                end
+                local n = #t
+                if tointeger(n) == nil then
+                    error("object length is not an integer", 3)
+                end
+                return n
+            end
+            local function int(v, n, fname)
+                local i = tointeger(tonumber(v))
+                if i == nil then
+                    error(format("bad argument #%d to '%s' (number expected, got %s)", n,
+                        fname, type(v)), 3)
+                end
+                return i
+            end
+            local function insert(t, ...)
+                local e = tab(t, "insert") + 1
+                local n = select("#", ...)
+                if n == 1 then
+                    t[e] = (...)
+                    return
+                elseif n ~= 2 then
+                    error("wrong number of arguments to 'insert'", 2)
+                end
+                local pos, v = ...
+                pos = int(pos, 2, "insert")
+                if pos < 1 or pos > e then
+                    error("bad argument #2 to 'insert' (position out of bounds)", 2)
+                end
+                for i = e, pos + 1, -1 do
+                    t[i] = t[i - 1]
+                end
+                t[pos] = v
+            end
+            local function remove(t, pos)
+                local size = tab(t, "remove")
+                if pos == nil then
+                    pos = size
+                else
+                    pos = int(pos, 2, "remove")
+                end
+                if pos ~= size and (pos < 1 or pos - 1 > size) then
+                    error("bad argument #2 to 'remove' (position out of bounds)", 2)
+                end
+                local v = t[pos]
+                while pos < size do
+                    t[pos] = t[pos + 1]
+                    pos = pos + 1
+                end
+                t[pos] = nil
+                return v
+            end
+            return insert, remove
+            "##,
+        )
+        .set_name("=table")
+        .set_mode(ChunkMode::Text)
+        .call((
+            globals.raw_get::<Function>("type")?,
+            globals.raw_get::<Function>("select")?,
+            globals.raw_get::<Function>("tonumber")?,
+            globals
+                .raw_get::<Table>("math")?
+                .raw_get::<Function>("tointeger")?,
+            globals.raw_get::<Function>("error")?,
+            string.raw_get::<Function>("format")?,
+        ))?;
+    table.raw_set("insert", insert)?;
+    table.raw_set("remove", remove)?;
     Ok(())
 }
 
@@ -767,11 +874,11 @@ impl RuleSet {
                     match state.meter.stopped() {
                         Some(stop) => warn!(
                             %file, function = "presubscribe", %endpoint, %path, key = %key.id,
-                            "Lua rule call stopped ({stop}), taken as nil: {e}"
+                            "Lua rule call stopped ({stop}), taken as nil: {}", clipped(&e)
                         ),
                         None => warn!(
                             %file, function = "presubscribe", %endpoint, %path, key = %key.id,
-                            "Lua rule call failed, taken as nil: {e}"
+                            "Lua rule call failed, taken as nil: {}", clipped(&e)
                         ),
                     }
                 }
@@ -809,7 +916,7 @@ impl RuleSet {
                 Err(e) => {
                     Counters::inc(&self.counters.lua_errors);
                     let e = LuaError::Io { path, source: e };
-                    error!(file = %name, "Lua rule file not loaded: {e}");
+                    error!(file = %name, "Lua rule file not loaded: {}", clipped(&e));
                     next.extend(previous.cloned());
                     continue;
                 }
@@ -847,9 +954,9 @@ impl RuleSet {
                 Err(e) => {
                     Counters::inc(&self.counters.lua_errors);
                     if previous.is_some() {
-                        error!(file = %name, "Lua rule file not loaded, previous version kept: {e}");
+                        error!(file = %name, "Lua rule file not loaded, previous version kept: {}", clipped(&e));
                     } else {
-                        error!(file = %name, "Lua rule file not loaded: {e}");
+                        error!(file = %name, "Lua rule file not loaded: {}", clipped(&e));
                     }
                     failed.insert(name, source);
                     next.extend(previous.cloned());
@@ -1505,6 +1612,154 @@ mod tests {
             "t = {} for i = 1, 1e9 do t[i] = string.rep('x', 1000) end",
         );
         assert!(msg.contains("memory"), "{msg}");
+    }
+
+    /// Issue 25 review: `table.insert` and `table.remove` took their loop's bound from a
+    /// `__len` metamethod and shifted nils in C, where neither the memory limit nor the
+    /// hook reached: one call held the rules thread for good. Their ordinary uses keep
+    /// Lua's results and messages.
+    #[test]
+    fn table_insert_and_remove_with_a_huge_len_are_bounded() {
+        let (_dir, rules, counters) = rules_with(&[
+            (
+                "10-len.lua",
+                r#"
+                local huge = {__len = function() return math.maxinteger end}
+                function presubscribe(e, r, k)
+                    if r.path == "/remove" then
+                        table.remove(setmetatable({}, huge), 1)
+                        return true
+                    end
+                    if r.path == "/insert" then
+                        local t = setmetatable({}, {__len = function()
+                            return math.maxinteger - 1 end})
+                        table.insert(t, 1, 0)
+                        return true
+                    end
+                    if r.path == "/small" then
+                        local t = {1, 2, 3}
+                        table.insert(t, 4)
+                        table.insert(t, 1, 0)
+                        table.insert(t, "3", 9)
+                        local a = table.remove(t, 2)
+                        local b = table.remove(t)
+                        local c = table.remove({})
+                        local ok1, e1 = pcall(table.insert, t, 9, 1)
+                        local ok2, e2 = pcall(table.remove, t, 7)
+                        local ok3, e3 = pcall(table.insert, t, 1, 2, 3)
+                        local ok4, e4 = pcall(table.insert, nil, 1)
+                        local ok5 = pcall(table.insert, setmetatable({}, {__len = function()
+                            return 1.5 end}), 1)
+                        return table.concat(t, ",") == "0,9,2,3" and a == 1 and b == 4
+                            and c == nil
+                            and not ok1 and e1:find("position out of bounds", 1, true) ~= nil
+                            and not ok2 and e2:find("position out of bounds", 1, true) ~= nil
+                            and not ok3 and e3:find("wrong number of arguments", 1, true) ~= nil
+                            and not ok4 and e4:find("table expected, got nil", 1, true) ~= nil
+                            and not ok5
+                    end
+                    return false
+                end
+                "#,
+            ),
+            ("20-true.lua", "function presubscribe() return true end"),
+        ]);
+        assert_eq!(ask(&rules, "/small"), Some(true));
+        assert_eq!(errors(&counters), 0);
+        // Stopped by the budget: the call fails, the next file answers.
+        assert_eq!(ask(&rules, "/remove"), Some(true));
+        assert_eq!(errors(&counters), 1);
+        assert_eq!(ask(&rules, "/insert"), Some(true));
+        assert_eq!(errors(&counters), 2);
+        assert_eq!(ask(&rules, "/other"), Some(false));
+        let msg = load_err(
+            "10-top.lua",
+            "table.remove(setmetatable({}, {__len = function() return math.maxinteger end}), 1)",
+        );
+        assert!(msg.contains("instruction budget exceeded"), "{msg}");
+    }
+
+    /// Issue 25 review: a rule's error message went into the log whole (megabytes a line)
+    /// and with its newlines (lines of the rule's own making).
+    #[test]
+    fn rule_text_in_logs_is_clipped_and_escaped() {
+        let long = "x".repeat(4_000_000);
+        let c = clipped(&long);
+        assert!(
+            c.len() <= MAX_PRINT_LEN + 3 && c.ends_with("..."),
+            "{}",
+            c.len()
+        );
+        let c = clipped(&"10-a.lua:3: bad\n2026-12-07T00:00:00Z ERROR forged\u{1b}[31m");
+        assert!(!c.contains('\n') && !c.contains('\u{1b}'), "{c}");
+        assert!(c.contains("bad\\n2026") && c.contains("\\u{1b}"), "{c}");
+        assert_eq!(clipped(&"température 21 °C"), "température 21 °C");
+    }
+
+    /// The process's peak resident memory since `reset_peak`, in KiB (`VmHWM`).
+    fn peak_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+
+    /// Resets the peak resident memory to the current (`/proc/self/clear_refs`).
+    fn reset_peak() {
+        std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM");
+    }
+
+    /// Issue 25 review: a `gsub` template of many `%0` was expanded outside the Lua heap,
+    /// checked against the limit only after the match: one call asked for len(match) ×
+    /// count bytes (here 1.3 GB; with larger ones the process aborted). Now each piece is
+    /// checked before it is copied: the call fails with "not enough memory" having used
+    /// about the limit. A `gmatch` iterator kept a copy of its subject outside the heap
+    /// too (here 1000 iterators of a 1 MiB string: 1 GiB); now it keeps the string.
+    #[test]
+    fn gsub_templates_and_gmatch_iterators_stay_within_the_memory_limit() {
+        let (_dir, rules, counters) = rules_with(&[
+            (
+                "10-big.lua",
+                r#"
+                local template = string.rep("%0", 20000)
+                local subject = string.rep("x", 65536)
+                local mib = string.rep("y", 1048576)
+                function presubscribe(e, r, k)
+                    if r.path == "/gsub" then
+                        local ok, err = pcall(string.gsub, subject, "^.*", template)
+                        return not ok and tostring(err):find("not enough memory", 1, true) ~= nil
+                    end
+                    if r.path == "/small-gsub" then
+                        return (("ab"):gsub("%w", "%0%0")) == "aabb"
+                            and (("hello world"):gsub("(o)", "[%1]")) == "hell[o] w[o]rld"
+                    end
+                    if r.path == "/gmatch" then
+                        local keep = {}
+                        for i = 1, 1000 do keep[i] = mib:gmatch("y") end
+                        local n = 0
+                        for w in ("a b c"):gmatch("%a") do n = n + 1 end
+                        return keep[1000]() == "y" and n == 3
+                    end
+                    return false
+                end
+                "#,
+            ),
+            ("20-false.lua", "function presubscribe() return false end"),
+        ]);
+        assert_eq!(ask(&rules, "/small-gsub"), Some(true));
+        for path in ["/gsub", "/gmatch"] {
+            reset_peak();
+            let before = peak_kib();
+            assert_eq!(ask(&rules, path), Some(true), "{path}");
+            let grown = peak_kib().saturating_sub(before);
+            assert!(
+                grown < 256 * 1024,
+                "{path}: peak resident memory grew by {grown} KiB"
+            );
+        }
+        assert_eq!(errors(&counters), 0);
     }
 
     /// `string.rep` of nothing and `table.move` over nils looped in C where neither the

@@ -509,6 +509,19 @@ fn string_arg(lua: &Lua, v: Value, n: usize, fname: &str) -> mlua::Result<Vec<u8
     }
 }
 
+/// A string argument as the Lua string itself (a number converted), not a copy: for what
+/// outlives the call (a `gmatch` iterator), whose bytes then stay in the Lua heap, under
+/// the memory limit.
+fn string_value(lua: &Lua, v: Value, n: usize, fname: &str) -> mlua::Result<mlua::LuaString> {
+    let type_name = v.type_name();
+    lua.coerce_string(v)?.ok_or_else(|| {
+        lua_error(
+            lua,
+            format!("bad argument #{n} to '{fname}' (string expected, got {type_name})"),
+        )
+    })
+}
+
 /// An optional integer argument (`luaL_optinteger`).
 fn int_arg(lua: &Lua, v: Option<Value>, n: usize, fname: &str, default: i64) -> mlua::Result<i64> {
     match v {
@@ -603,15 +616,21 @@ pub(super) fn install(lua: &Lua, meter: &Arc<Meter>, max_result: usize) -> mlua:
     string.raw_set(
         "gmatch",
         lua.create_function(move |lua, (s, p, init): (Value, Value, Option<Value>)| {
-            let src = string_arg(lua, s, 1, "gmatch")?;
-            let pat = string_arg(lua, p, 2, "gmatch")?;
+            // The iterator keeps the subject and the pattern as Lua strings: copies (as
+            // before) lived outside the Lua heap until the iterator was collected, so a
+            // loop keeping iterators of a large subject grew memory past the limit.
+            let subject = string_value(lua, s, 1, "gmatch")?;
+            let pattern = string_value(lua, p, 2, "gmatch")?;
             let init = int_arg(lua, init, 3, "gmatch", 1)?;
-            let mut pos = start_offset(init, src.len()).min(src.len() + 1);
+            let len = subject.as_bytes().len();
+            let mut pos = start_offset(init, len).min(len + 1);
             let mut last: Option<usize> = None;
             let m = Arc::clone(&m);
             lua.create_function_mut(move |lua, ()| {
+                let (src, pat) = (subject.as_bytes(), pattern.as_bytes());
+                let (src, pat) = (&*src, &*pat);
                 let mut charge = charger(lua, &m);
-                let mut matcher = Matcher::new(&src, &pat, &mut charge);
+                let mut matcher = Matcher::new(src, pat, &mut charge);
                 let mut out = Vec::new();
                 let mut at = pos;
                 while at <= src.len() {
@@ -626,7 +645,7 @@ pub(super) fn install(lua: &Lua, meter: &Arc<Meter>, max_result: usize) -> mlua:
                             .captures(at, e, true)
                             .map_err(|e| lua_error(lua, e))?;
                         matcher.settle().map_err(|e| lua_error(lua, e))?;
-                        push_caps(lua, &src, &caps, &mut out)?;
+                        push_caps(lua, src, &caps, &mut out)?;
                         return Ok(MultiValue::from_vec(out));
                     }
                     at += 1;
@@ -702,10 +721,13 @@ fn gsub(
         match e {
             Some(e) if Some(e) != last => {
                 n += 1;
-                changed |= add_value(lua, &m, &repl, at, e, &mut out).map_err(|e| match e {
-                    AddError::Lua(e) => e,
-                    AddError::Pattern(e) => err(e),
-                })?;
+                changed |=
+                    add_value(lua, &m, &repl, at, e, &mut out, max_result).map_err(
+                        |e| match e {
+                            AddError::Lua(e) => e,
+                            AddError::Pattern(e) => err(e),
+                        },
+                    )?;
                 at = e;
                 last = Some(e);
             }
@@ -751,7 +773,9 @@ impl From<mlua::Error> for AddError {
 }
 
 /// `add_value`: appends the replacement of the match `s..e`; false when the original text
-/// was kept.
+/// was kept. A template's expansion is checked against `max_result` at every piece, before
+/// it is copied: a template of many `%0` expanded one match into gigabytes of Rust memory
+/// (outside the Lua heap and its limit) before the check after the call.
 fn add_value(
     lua: &Lua,
     m: &Matcher<'_>,
@@ -759,12 +783,17 @@ fn add_value(
     s: usize,
     e: usize,
     out: &mut Vec<u8>,
+    max_result: usize,
 ) -> Result<bool, AddError> {
     let src = m.src;
     let value = match repl {
         Repl::Template(t) => {
             let mut i = 0;
             while i < t.len() {
+                if out.len() > max_result {
+                    return Err(AddError::Pattern("not enough memory".into()));
+                }
+                let room = max_result + 1 - out.len();
                 let c = t[i];
                 i += 1;
                 if c != b'%' {
@@ -775,12 +804,12 @@ fn add_value(
                 i += 1;
                 match d {
                     b'%' => out.push(b'%'),
-                    b'0' => out.extend_from_slice(&src[s..e]),
+                    b'0' => out.extend_from_slice(&src[s..e.min(s + room)]),
                     b'1'..=b'9' => match m
                         .get_capture(usize::from(d - b'1'), s, e)
                         .map_err(AddError::Pattern)?
                     {
-                        Cap::Str(a, b) => out.extend_from_slice(&src[a..b]),
+                        Cap::Str(a, b) => out.extend_from_slice(&src[a..b.min(a + room)]),
                         Cap::Pos(p) => out.extend_from_slice(p.to_string().as_bytes()),
                     },
                     _ => {
