@@ -194,9 +194,15 @@ struct PluginBuild {
 }
 
 impl PluginBuild {
-    fn lock() -> PluginBuild {
+    /// The directory under the cargo target directory that holds the plugin builds.
+    fn base() -> PathBuf {
         let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
         std::fs::create_dir_all(&base).unwrap();
+        base
+    }
+
+    fn lock() -> PluginBuild {
+        let base = PluginBuild::base();
         let lock = std::fs::File::create(base.join("plugin-build.lock")).unwrap();
         lock.lock().expect("lock plugin builds");
         let target = base.join("plugin-build");
@@ -241,35 +247,79 @@ fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Builds a plugin crate of this workspace as a `.so` (see [`PluginBuild`]) and returns a
-/// private copy of it: later builds of other variants overwrite the original.
+/// The environment variables that make a variant of the example plugin.
+const EXAMPLE_VARIANT_VARS: [&str; 3] = [
+    "CONNECTORD_EXAMPLE_VARIANT",
+    "CONNECTORD_EXAMPLE_ABI",
+    "CONNECTORD_EXAMPLE_PANIC",
+];
+
+/// The `.so` of a plugin crate as the `cargo test` that built this test binary built it
+/// (next to the binary, in `target/debug/deps`: the daemon links the plugin crates, so
+/// their `cdylib` is built with it), when no variant is asked for and none is set in the
+/// environment (which that build would have seen).
+fn built_with_the_tests(file: &str, env: &[(&str, &str)]) -> Option<PathBuf> {
+    if !env.is_empty()
+        || EXAMPLE_VARIANT_VARS
+            .iter()
+            .any(|v| std::env::var_os(v).is_some())
+    {
+        return None;
+    }
+    let deps = std::env::current_exe().ok()?.parent()?.to_path_buf();
+    let so = deps.join(file);
+    so.is_file().then_some(so)
+}
+
+/// A plugin crate of this workspace as a `.so`, as a private copy (later builds of other
+/// variants overwrite the original).
+///
+/// Decision (suite time): the plain build of a plugin is the one the workspace's `cargo
+/// test` made already ([`built_with_the_tests`]); before, every plugin was built again
+/// into a target directory of the tests' own, which for `sink-mqtt` and the auth
+/// plugins meant a second debug build of their dependencies (tokio, rustls, rumqttc,
+/// hyper: about 900 MB and minutes of CPU on CI's two cores). Only variants, which need
+/// other environment variables at build time (the example plugin's), are built here (see
+/// [`PluginBuild`]); their dependencies are few.
 pub fn build_plugin(package: &str, env: &[(&str, &str)]) -> PathBuf {
+    let file = format!("lib{}.so", package.replace('-', "_"));
+    if let Some(so) = built_with_the_tests(&file, env) {
+        return private_copy(&so, &PluginBuild::base(), &file, "");
+    }
     let build = PluginBuild::lock();
     let mut cmd = build.cargo_build(&workspace_root());
-    cmd.args(["-p", package])
-        .env_remove("CONNECTORD_EXAMPLE_VARIANT")
-        .env_remove("CONNECTORD_EXAMPLE_ABI")
-        .env_remove("CONNECTORD_EXAMPLE_PANIC");
+    cmd.args(["-p", package]);
+    for v in EXAMPLE_VARIANT_VARS {
+        cmd.env_remove(v);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
     let status = cmd.status().expect("run cargo build");
     assert!(status.success(), "building plugin {package} failed");
-    let file = format!("lib{}.so", package.replace('-', "_"));
     let variant: String = env.iter().map(|(k, v)| format!("-{k}={v}")).collect();
-    // A directory of this call's own: a copy at a path shared by the tests that build the
-    // same variant was overwritten by another test's build (tests run four at a time),
-    // whose bytes need not be the same (`plugins::a_generation_whose_calls_panic_is_rolled
-    // _back_to_the_previous_one` then saw another SHA-256 than the one it installed).
+    private_copy(
+        &build.target.join("debug").join(&file),
+        &build.base,
+        &file,
+        &variant,
+    )
+}
+
+/// A copy of `so` in a directory of this call's own under `base`, named `file` +
+/// `variant`: a copy at a path shared by the tests that build the same variant was
+/// overwritten by another test's build (tests run four at a time), whose bytes need not
+/// be the same (`plugins::a_generation_whose_calls_panic_is_rolled_back_to_the_previous
+/// _one` then saw another SHA-256 than the one it installed).
+fn private_copy(so: &Path, base: &Path, file: &str, variant: &str) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = build
-        .base
+    let dir = base
         .join("plugin-copies")
         .join(format!("{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let copy = dir.join(format!("{file}{variant}"));
-    std::fs::copy(build.target.join("debug").join(&file), &copy).expect("copy the built plugin");
+    std::fs::copy(so, &copy).expect("copy the built plugin");
     copy
 }
 
