@@ -33,6 +33,16 @@ use crate::store::nats::{
     ChannelChange, Lease, NatsStore, NodeCall, events_from_json, events_to_json,
 };
 
+/// The longest wait a forwarded long-poll may ask for: `notifications.long_poll_s` can be
+/// at most 300 s. A call's `wait_ms` is outside input: `u64::MAX` overflowed the owner's
+/// deadline (a panic in its handler) and a huge value held a slot of the owner for good.
+const MAX_POLL_WAIT: Duration = Duration::from_secs(300);
+
+/// The wait of a forwarded long-poll, at most [`MAX_POLL_WAIT`].
+fn poll_wait(wait_ms: Option<u64>) -> Option<Duration> {
+    wait_ms.map(|ms| Duration::from_millis(ms).min(MAX_POLL_WAIT))
+}
+
 /// Queue events on the key's owner.
 pub const OP_APPEND: &str = "ch_append";
 /// A long-poll forwarded to the key's owner.
@@ -272,7 +282,7 @@ async fn handle(hub: Arc<Hub>, call: NodeCall) {
                     key_id: c.key,
                     domain: c.domain,
                     allow: c.allow,
-                    wait: c.wait_ms.map(Duration::from_millis),
+                    wait: poll_wait(c.wait_ms),
                     sent: c.sent,
                     socket: c.socket,
                 };
@@ -329,5 +339,20 @@ pub async fn follow(
             }
             Err(RecvError::Closed) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 25 review: another node's `wait_ms` is bounded before it makes a deadline.
+    #[test]
+    fn a_forwarded_polls_wait_is_bounded() {
+        assert_eq!(poll_wait(None), None);
+        assert_eq!(poll_wait(Some(1500)), Some(Duration::from_millis(1500)));
+        assert_eq!(poll_wait(Some(u64::MAX)), Some(MAX_POLL_WAIT));
+        let deadline = std::time::Instant::now() + poll_wait(Some(u64::MAX)).unwrap();
+        assert!(deadline > std::time::Instant::now());
     }
 }

@@ -2507,6 +2507,11 @@ impl Hub {
         }
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
+        // Every event is taken out again if the write fails: the other node keeps it and
+        // tries again (until its bound), so one kept here too would be delivered unstored,
+        // and once more per try.
+        let marks = vec![true; events.len()];
+        let mut pushed = Vec::new();
         let durable = {
             let mut map = self.lock();
             if !map.get(key_id).is_some_and(|c| c.owner == Owner::Here) {
@@ -2516,9 +2521,19 @@ impl Hub {
                 .into_iter()
                 .map(|e| (key_id.to_string(), e))
                 .collect();
-            self.enqueue(&mut map, chosen, None, &mut wakes, &mut trims, None)
+            self.enqueue(
+                &mut map,
+                chosen,
+                None,
+                &mut wakes,
+                &mut trims,
+                Some((&marks, &mut pushed)),
+            )
         };
         let r = durable.await;
+        if r.is_err() {
+            self.unqueue(pushed);
+        }
         self.settle(trims, wakes).await;
         r.map_err(|e| PeerError::Failed(e.to_string()))
     }
@@ -2976,6 +2991,44 @@ mod tests {
 
     fn eps(b: &Batch) -> Vec<String> {
         b.events.iter().map(ep_of).collect()
+    }
+
+    /// Issue 25 review: events another node forwarded to this owner (`append_here`) whose
+    /// store write failed stayed queued in memory: the forwarding node tries again, so a
+    /// pull got them unstored, once per try. Now they are taken out again.
+    #[tokio::test]
+    async fn forwarded_events_whose_write_fails_are_not_queued() {
+        let store = Arc::new(crate::store::memory::MemoryStore::new());
+        let (_trigger, stop) = crate::shutdown::channel();
+        let hub = Hub::load(
+            Arc::clone(&store) as Arc<dyn Store>,
+            Arc::new(NoSink),
+            NotificationsConfig::default(),
+            Arc::new(Counters::default()),
+            stop,
+        )
+        .await
+        .unwrap();
+        hub.set_render(Arc::new(Hundred));
+        let key = Principal {
+            backend: "test".into(),
+            key_id: "k".into(),
+            domain: "default".into(),
+            scopes: vec!["admin".into()],
+            allow: None,
+        };
+        hub.ensure_channel(&key).await.unwrap();
+        let event = |ep: &str| Event::new(Entry::DeRegistration(ep.into()), now_ms());
+        store.fail_writes(true);
+        for _ in 0..2 {
+            assert!(hub.append_here("k", vec![event("a")]).await.is_err());
+        }
+        store.fail_writes(false);
+        hub.append_here("k", vec![event("b")]).await.unwrap();
+        let Pulled::Batch(b) = hub.pull(&key, None, std::future::pending()).await.unwrap() else {
+            panic!("a batch");
+        };
+        assert_eq!(eps(&b), ["b"]);
     }
 
     #[tokio::test]
