@@ -792,3 +792,116 @@ fn a_peer_that_does_not_answer_holds_up_no_other_keys_notifications() {
         "B's went to A"
     );
 }
+
+/// One JetStream API request to the nats-server on `port` (`$JS.API...`), over the NATS
+/// text protocol on a plain TCP connection: its JSON answer.
+fn js_request(port: u16, subject: &str, body: &Value) -> Value {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("INFO "), "{line}");
+    let payload = body.to_string();
+    write!(
+        w,
+        "CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nSUB test.reply 1\r\n\
+         PUB {subject} test.reply {}\r\n{payload}\r\n",
+        payload.len()
+    )
+    .unwrap();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if line.starts_with("PING") {
+            w.write_all(b"PONG\r\n").unwrap();
+            continue;
+        }
+        if let Some(head) = line.strip_prefix("MSG ") {
+            let len: usize = head.trim().rsplit(' ').next().unwrap().parse().unwrap();
+            let mut buf = vec![0u8; len + 2];
+            r.read_exact(&mut buf).unwrap();
+            return serde_json::from_slice(&buf[..len]).unwrap();
+        }
+        assert!(!line.starts_with("-ERR"), "{line}");
+    }
+}
+
+/// Issue 25 review: a CON notification forwarded to the node that owns its key's channel
+/// is acknowledged to the device only once that node stored it. Before, when the owner
+/// could not store it within the forwarding bound (15 s), the device got its ACK anyway
+/// and the notification was lost. Here n1 owns the channel and its JetStream events
+/// stream refuses new messages (`max_msgs` at its count, `discard: new`) while the
+/// leases, in a stream of their own, keep working. Once it accepts them again, the
+/// device's retransmission is taken as new, stored on n1 and acknowledged.
+#[test]
+fn a_notification_its_channel_owner_could_not_store_is_not_acknowledged() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    // The admin key's channel on n1.
+    assert!(n1.pull_now().is_none());
+    until_channels(&n2, 1);
+    until_owned_channels(&n2, &[("n1", 1)]);
+    let mut dev = n2.device();
+    dev.register(&["ep=far", "lt=300"], "</3303/0/5700>;obs");
+    let r = n2.call("PUT", "/v2/subscriptions/far/3303/0/5700", None, None);
+    assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
+    let (token, from) = accept_observe(&dev, "v0");
+    // The registration's event reaches n1 (and stays stored until the next pull
+    // acknowledges it: the stream is not empty, which `max_msgs` needs).
+    let got = collect(&n1, WAIT, |e| {
+        eps(e, "registrations").contains(&"far".to_string())
+    });
+    assert!(
+        eps(&got, "registrations").contains(&"far".to_string()),
+        "far's registration never reached n1"
+    );
+
+    let info = js_request(server.port(), "$JS.API.STREAM.INFO.cd_events", &json!({}));
+    let stored = info["state"]["messages"].as_u64().unwrap();
+    assert!(stored > 0, "{info}");
+    let original = info["config"].clone();
+    let mut full = original.clone();
+    full["max_msgs"] = json!(stored);
+    full["discard"] = json!("new");
+    let r = js_request(server.port(), "$JS.API.STREAM.UPDATE.cd_events", &full);
+    assert!(r.get("error").is_none(), "{r}");
+
+    let v1 = observe_content(MessageType::Confirmable, 0x7201, &token, 2, b"v1");
+    let sent = Instant::now();
+    send_packet(&dev, &v1, from);
+    // The forwarding bound is 15 s: wait past it.
+    let acked = dev.recv_raw(Duration::from_secs(20));
+    let r = js_request(server.port(), "$JS.API.STREAM.UPDATE.cd_events", &original);
+    assert!(r.get("error").is_none(), "{r}");
+    assert!(
+        acked.is_none(),
+        "acknowledged after {:?} although its channel's owner never stored it",
+        sent.elapsed()
+    );
+    // The device sends it again.
+    send_packet(&dev, &v1, from);
+    let ack = dev
+        .recv_raw(WAIT)
+        .expect("the retransmission was never acknowledged");
+    let ack = coap_lite::Packet::from_bytes(&ack).unwrap();
+    assert_eq!(
+        (ack.header.get_type(), ack.header.message_id),
+        (MessageType::Acknowledgement, 0x7201)
+    );
+    let notes = collect(&n1, WAIT, |e| {
+        e.of("notifications")
+            .iter()
+            .any(|n| n["payload"] == support::b64(b"v1"))
+    });
+    assert!(
+        notes
+            .of("notifications")
+            .iter()
+            .any(|n| n["payload"] == support::b64(b"v1")),
+        "v1 never reached n1"
+    );
+}

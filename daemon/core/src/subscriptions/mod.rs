@@ -1686,10 +1686,45 @@ impl Subscriptions {
                 a.send().await;
             }
         } else if !acks.is_empty() {
+            // Forwarded to other nodes' channels: acknowledged once every owner stored
+            // its events. If one did not (it gave no answer within the forwarding bound,
+            // or its store refused), nothing is acknowledged, as when this node's store
+            // refuses: the observations that waited for ACKs get their number back (unless
+            // a newer notification moved it since), so that the device's retransmissions
+            // are taken as new and forwarded again. Decision: at least once; the keys
+            // whose channels stored the first copy get the retransmission too.
+            // (observation, its number before the batch, its number after it)
+            type Restore = (u64, (u32, Instant), (u32, Instant));
+            let restore: Vec<Restore> = {
+                let st = self.lock();
+                published
+                    .iter()
+                    .map(|(_, i)| &taken[*i])
+                    .filter(|t| t.held)
+                    .filter_map(|t| {
+                        let o = st.observing.get(&t.id)?;
+                        Some((t.id, t.last_before, o.last))
+                    })
+                    .collect()
+            };
+            let me = Arc::downgrade(self);
             tokio::spawn(async move {
-                let _ = forwarding.wait().await;
-                for a in acks {
-                    a.send().await;
+                if forwarding.wait().await {
+                    for a in acks {
+                        a.send().await;
+                    }
+                    return;
+                }
+                drop(acks);
+                if let Some(me) = me.upgrade() {
+                    let mut st = me.lock();
+                    for (id, before, after) in restore {
+                        if let Some(o) = st.observing.get_mut(&id)
+                            && o.last == after
+                        {
+                            o.last = before;
+                        }
+                    }
                 }
             });
         }
