@@ -13,8 +13,8 @@
 //!   as root too (also printed).
 //!
 //! The package build uses its own target directory under `CARGO_TARGET_TMPDIR` (so it
-//! does not wait for the lock of the `cargo test` running it), installs cargo-deb there
-//! when it is missing, and lowers the release profile's optimisation through
+//! does not wait for the lock of the `cargo test` running it), installs cargo-deb into
+//! the user's cache directory when it is missing (`cargo_deb_root`), and lowers the release profile's optimisation through
 //! `CARGO_PROFILE_RELEASE_*` variables so that it fits in a few minutes on two cores
 //! (`CONNECTORD_PACKAGE_TEST_FULL_RELEASE=1` keeps the real release profile).
 
@@ -537,6 +537,27 @@ impl Drop for Cleanup {
     }
 }
 
+/// Where this test installs cargo-deb when none (3.x) is on `PATH`:
+/// `$XDG_CACHE_HOME/connectord-tests/cargo-deb` (`~/.cache/...`), or under the target
+/// directory without a home.
+///
+/// Decision (suite time): a cache of the user's, not the target directory, so that a
+/// clean clone (as CI makes) does not build cargo-deb again (41 s of wall time on an idle
+/// two-core machine, twice that under the suite's load). It is a tool of the tests, in
+/// its own directory, not on `PATH` and not part of the project's build.
+fn cargo_deb_root(tmp_base: &Path) -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".cache"))
+        })
+        .map(|c| c.join("connectord-tests").join("cargo-deb"))
+        .unwrap_or_else(|| tmp_base.join("cargo-deb"))
+}
+
 /// The installed daemon, running in the foreground.
 struct Running {
     child: Child,
@@ -640,14 +661,15 @@ fn debian_package() {
         );
     }
 
-    // 1. cargo-deb: the one on PATH if it is 3.x, else one installed under the target dir.
+    // 1. cargo-deb: the one on PATH if it is 3.x, else one installed in the user's cache
+    //    directory (see `cargo_deb_root`).
     s.step("cargo-deb");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let cargo_dir = Path::new(&cargo)
         .parent()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    let local_root = tmp_base.join("cargo-deb");
+    let local_root = cargo_deb_root(&tmp_base);
     let path = format!(
         "{}:{cargo_dir}:{}",
         local_root.join("bin").display(),
@@ -662,7 +684,10 @@ fn debian_package() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     if !version.starts_with("cargo-deb 3.") {
-        s.step("installing cargo-deb 3 (cargo install --locked) under the target directory");
+        s.step(&format!(
+            "installing cargo-deb 3 (cargo install --locked) into {}",
+            local_root.display()
+        ));
         s.run_ok(
             "cargo-install-cargo-deb",
             Command::new(&cargo)
