@@ -726,15 +726,20 @@ impl DtlsListener {
                 peer.trimmed = true;
             }
             if peer.timer.is_some_and(|t| t <= now) {
-                let verdict = match step(keys, || peer.dtls.handle_timeout(now)).0 {
-                    Ok(()) => drain(
-                        keys,
-                        peer,
-                        (*addr, None),
-                        &mut out,
-                        &mut st.ready,
-                        &*self.metrics,
-                    ),
+                let (stepped, asked) = step(keys, || peer.dtls.handle_timeout(now));
+                let verdict = match stepped {
+                    Ok(()) => {
+                        // A timer step may process a buffered ClientKeyExchange.
+                        give_psk_identity(peer, asked);
+                        drain(
+                            keys,
+                            peer,
+                            (*addr, None),
+                            &mut out,
+                            &mut st.ready,
+                            &*self.metrics,
+                        )
+                    }
                     Err(_) => Verdict::Failed,
                 };
                 if verdict != Verdict::Going {
@@ -779,7 +784,11 @@ fn step(
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            tracing::warn!("DTLS library panicked on a peer's input; the session fails: {what}");
+            if crate::log_budget::allow(crate::log_budget::DeviceLine::HandshakeRefused) {
+                tracing::warn!(
+                    "DTLS library panicked on a peer's input; the session fails: {what}"
+                );
+            }
             Err(format!("panic in the DTLS library: {what}"))
         }
     };

@@ -20,11 +20,18 @@ use tokio::net::UdpSocket;
 
 struct Keys;
 
+/// How often the listener looked up `dev-3`'s key (only one test uses that identity).
+static DEV3_LOOKUPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl Credentials for Keys {
     fn psk(&self, identity: &[u8]) -> Option<Vec<u8>> {
         match identity {
             b"dev-1" => Some(b"secret-key-16byt".to_vec()),
             b"dev-2" => Some(b"other-key-16byte".to_vec()),
+            b"dev-3" => {
+                DEV3_LOOKUPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Some(b"third-key-16byte".to_vec())
+            }
             _ => None,
         }
     }
@@ -524,7 +531,7 @@ fn records(mut d: &[u8]) -> Vec<Vec<u8>> {
 async fn revoking_an_identity_ends_its_handshakes_in_progress() {
     let s = start(100);
     let sock = socket().await;
-    let mut c = DtlsClient::new(&psk("dev-1", b"secret-key-16byt"), Instant::now());
+    let mut c = DtlsClient::new(&psk("dev-3", b"third-key-16byte"), Instant::now());
     for r in c.poll() {
         sock.send_to(&r, s.dtls).await.unwrap();
     }
@@ -549,15 +556,18 @@ async fn revoking_an_identity_ends_its_handshakes_in_progress() {
         "ClientKeyExchange, ChangeCipherSpec, Finished"
     );
     // The ClientKeyExchange alone: the server looks the key up and waits for the rest.
+    let before = DEV3_LOOKUPS.load(std::sync::atomic::Ordering::SeqCst);
     sock.send_to(&flight[0], s.dtls).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while s.transport.dtls_counts().half_open != 1 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    while DEV3_LOOKUPS.load(std::sync::atomic::Ordering::SeqCst) == before
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.transport.dtls_counts().half_open, 1);
     let closed = s
         .transport
-        .close_sessions(&|id| *id == PeerIdentity::Psk(Arc::from("dev-1")));
+        .close_sessions(&|id| *id == PeerIdentity::Psk(Arc::from("dev-3")));
     assert_eq!(closed, 1, "the handshake in progress is ended");
     assert_eq!(s.transport.dtls_counts(), Default::default());
     sock.send_to(&flight[1..].concat(), s.dtls).await.unwrap();
