@@ -4,7 +4,8 @@
 //!
 //! Calls (core NATS request/reply, `<prefix>.node.<owner>.<op>`, JSON bodies; events in
 //! the store's own record form, `store::nats::events_to_json`):
-//! - [`OP_APPEND`] `{"key", "events"}`: the owner queues the events (one call carries
+//! - [`OP_APPEND`] `{"key", "events", "unqueue"?}`: the owner queues the events (`unqueue`,
+//!   per event: taken out again if the owner's write fails) (one call carries
 //!   all the key's events waiting on this node, up to 256); answered once they are stored (`"ok"`), or `{"not_owner": <owner or null>}`, `{"failed": <why>}`.
 //! - [`OP_POLL`] `{"key", "domain", "allow", "wait_ms", "sent", "socket"?}`: a long-poll
 //!   on the owner (`"socket": true`: a WebSocket's pull, issue 23), with what is left of
@@ -54,6 +55,10 @@ pub const OP_ANSWERED: &str = "ch_answered";
 struct AppendCall {
     key: String,
     events: serde_json::Value,
+    /// Per event, whether the owner takes it out again if its write fails (absent from an
+    /// older node: none is).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    unqueue: Vec<bool>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -157,11 +162,17 @@ impl ChannelPeers for NatsPeers {
         node: &'a str,
         key_id: &'a str,
         events: &'a [Event],
+        unqueue: &'a [bool],
     ) -> BoxFut<'a, Result<(), PeerError>> {
         Box::pin(async move {
             let call = AppendCall {
                 key: key_id.to_string(),
                 events: events_to_json(events),
+                unqueue: if unqueue.contains(&true) {
+                    unqueue.to_vec()
+                } else {
+                    Vec::new()
+                },
             };
             match self.call(node, OP_APPEND, &call, self.timeout).await? {
                 Answer::Ok => Ok(()),
@@ -268,7 +279,7 @@ async fn handle(hub: Arc<Hub>, call: NodeCall) {
     let answer = match call.op.as_str() {
         OP_APPEND => match read::<AppendCall>(&call) {
             Ok(c) => match events_from_json(&c.events) {
-                Ok(events) => match hub.append_here(&c.key, events).await {
+                Ok(events) => match hub.append_here(&c.key, events, &c.unqueue).await {
                     Ok(()) => Answer::Ok,
                     Err(e) => peer_answer(e),
                 },

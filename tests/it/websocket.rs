@@ -40,10 +40,16 @@ struct PyClient {
 impl PyClient {
     /// Connects with `key` given `how`: `bearer`, `subprotocol` or `none`.
     fn connect(d: &Daemon, key: &str, how: &str) -> PyClient {
+        PyClient::connect_with(d, key, how, &[])
+    }
+
+    /// [`PyClient::connect`] with more arguments of `ws_client.py` (its `MAX_SIZE`).
+    fn connect_with(d: &Daemon, key: &str, how: &str, more: &[&str]) -> PyClient {
         let python = support::peers::python_venv("websockets", WEBSOCKETS, "websockets");
         let mut child = Command::new(python)
             .arg(support::peers::script("ws_client.py"))
             .args([&connect_url(d), key, how])
+            .args(more)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -313,6 +319,55 @@ fn registrations_and_notifications_arrive_as_frames() {
     dev.deregister(&id);
     let f = c.frame_where(|f| !f["de-registrations"].is_null());
     assert_eq!(f["de-registrations"], json!(["ws-1"]));
+}
+
+/// Issue 25 review: a backlog larger than what the client takes in one message arrives
+/// in frames of at most `notifications.max_batch_bytes`. Before, a frame held up to
+/// `max_batch` events whatever their size: the client (here `websockets` limited to
+/// 64 KiB, as its 1 MiB default is to larger backlogs) closed the socket on it (1009),
+/// the batch went back, and every later socket got the same frame again.
+#[test]
+fn a_backlog_over_the_clients_message_limit_arrives_in_frames_it_takes() {
+    let d = Daemon::start_with("[notifications]\nmax_batch_bytes = 32768\n");
+    let r = put_channel(&d, &d.key);
+    assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
+    // 150 registrations with about 20 resources each: over 100 KB of events.
+    let links = (0..20)
+        .map(|i| {
+            format!(
+                "</{}/0/{}>;rt=\"urn:oma:lwm2m:ext:{}\";obs",
+                3300 + i,
+                5700 + i,
+                3300 + i
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let want: Vec<String> = (0..150).map(|i| format!("big-{i:03}")).collect();
+    let mut devices = Vec::new();
+    for ep in &want {
+        let mut dev = d.device();
+        dev.register(&[&format!("ep={ep}"), "lt=300"], &links);
+        devices.push(dev);
+    }
+    let c = PyClient::connect_with(&d, &d.key, "bearer", &["65536"]);
+    assert_eq!(c.next()["open"], true);
+    let mut seen: Vec<String> = Vec::new();
+    let mut frames = 0;
+    while !want.iter().all(|ep| seen.contains(ep)) {
+        let v = c.next();
+        let Some(frame) = v.get("frame") else {
+            panic!(
+                "no frame after {frames} frames and {} registrations: {v}",
+                seen.len()
+            );
+        };
+        frames += 1;
+        let len = frame.to_string().len();
+        assert!(len <= 32768, "a frame of {len} bytes");
+        seen.extend(registered_eps(frame));
+    }
+    assert!(frames >= 4, "{frames} frames");
 }
 
 /// One socket per channel: a second closes the first with 1001 and takes the events.

@@ -1,7 +1,10 @@
 """A WebSocket notification client on Python's `websockets` (a stack nobody here wrote),
 driven by tests/it/websocket.rs.
 
-    ws_client.py URL KEY (bearer|subprotocol|none)
+    ws_client.py URL KEY (bearer|subprotocol|none) [MAX_SIZE]
+
+MAX_SIZE: the largest message the client takes, in bytes (websockets' default: 1 MiB);
+a larger one closes the connection with 1009.
 
 Prints one JSON object per line on stdout, flushed:
   {"open": true, "subprotocol": ...}   the handshake succeeded
@@ -26,6 +29,7 @@ def say(obj):
 
 async def main():
     url, key, how = sys.argv[1], sys.argv[2], sys.argv[3]
+    limit = {"max_size": int(sys.argv[4])} if len(sys.argv) > 4 else {}
     headers = {}
     subprotocols = None
     if how == "bearer":
@@ -39,6 +43,7 @@ async def main():
             subprotocols=subprotocols,
             open_timeout=10,
             ping_interval=None,
+            **limit,
         )
     except InvalidStatus as e:
         say({"refused": e.response.status_code, "body": e.response.body.decode("utf-8", "replace")})

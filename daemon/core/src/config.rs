@@ -167,6 +167,10 @@ pub struct NotificationsConfig {
     pub long_poll_s: u64,
     /// Most events in one long-poll answer or callback delivery.
     pub max_batch: usize,
+    /// Most bytes in one long-poll answer, callback delivery or WebSocket frame, counted
+    /// as the queue bound counts them (entry plus [`EVENT_OVERHEAD_BYTES`]); an event
+    /// larger than this goes alone. At least 4096.
+    pub max_batch_bytes: u64,
     /// The event lifetime: events not delivered within this many seconds of their
     /// creation are discarded and counted, in every kind of channel (seed: 15 minutes;
     /// Pelion's successor keeps 24 hours).
@@ -209,6 +213,7 @@ impl Default for NotificationsConfig {
         NotificationsConfig {
             long_poll_s: 30,
             max_batch: 500,
+            max_batch_bytes: 524_288,
             discard_after_s: 900,
             max_queued_per_key: 100_000,
             max_queued_bytes_per_key: 52_428_800,
@@ -250,6 +255,7 @@ impl NotificationsConfig {
             self.max_queued_bytes_per_key,
             MIN_QUEUED_BYTES_PER_KEY,
         )?;
+        at_least("max_batch_bytes", self.max_batch_bytes, 4096)?;
         if self.idle_channel_removal_s > MAX_IDLE_CHANNEL_S {
             return Err((
                 "idle_channel_removal_s",

@@ -120,6 +120,9 @@ pub struct Forwarding {
     /// [`Hub::publish_batch`]: this node's store refused the write, and the events of the
     /// groups marked [`Undo::Unqueue`] were taken out of the queues again.
     failed_here: bool,
+    /// [`Hub::publish_batch`]: per group of the batch, whether any of its events went to
+    /// another node's channel (and so waits on [`Forwarding::wait`]).
+    remote_groups: Vec<bool>,
 }
 
 impl Forwarding {
@@ -132,6 +135,12 @@ impl Forwarding {
     /// of the groups marked [`Undo::Unqueue`] are not queued.
     pub fn failed_here(&self) -> bool {
         self.failed_here
+    }
+
+    /// [`Hub::publish_batch`]: whether any event of the batch's group `i` went to another
+    /// node's channel.
+    pub fn went_elsewhere(&self, i: usize) -> bool {
+        self.remote_groups.get(i).copied().unwrap_or(false)
     }
 
     /// Whether every owner stored its events.
@@ -665,8 +674,13 @@ pub struct Hub {
 /// publish's events and where to say whether they were stored.
 #[derive(Default)]
 struct Outbox {
-    waiting: Vec<(Vec<Event>, tokio::sync::oneshot::Sender<bool>)>,
+    waiting: Vec<(Vec<Forwarded>, tokio::sync::oneshot::Sender<bool>)>,
 }
+
+/// An event sent to its key's owner, and whether the owner takes it out of its queue
+/// again when its write fails ([`Undo::Unqueue`]: a device will send it again; otherwise
+/// it stays queued there, delivered while that node runs, as a local one would).
+type Forwarded = (Event, bool);
 
 /// Cluster: most events sent to a key's owner in one call (a call's body stays far
 /// below NATS's payload limit).
@@ -781,6 +795,28 @@ impl Hub {
             .get()
             .map_or(0, |r| u64::try_from(r.entry_len(event)).unwrap_or(u64::MAX));
         entry.saturating_add(EVENT_OVERHEAD_BYTES)
+    }
+
+    /// How many of the oldest `events` one answer, delivery or frame takes: at most
+    /// `max_batch`, and no more bytes than `max_batch_bytes` (sized as the queue bound
+    /// sizes them), but at least one.
+    ///
+    /// Decision (issue 25 review): bounded by bytes as well as by count. A WebSocket frame
+    /// of 500 large events (registrations with many resources) was over what clients
+    /// take (Python `websockets`: 1 MiB; a browser's limit varies): the client closed the
+    /// socket, the batch went back, and the next socket got the same frame again, for
+    /// ever. 512 KiB by default, under those limits and far over a typical batch.
+    fn batch_len<'a>(&self, events: impl Iterator<Item = &'a Event>) -> usize {
+        let mut n = 0usize;
+        let mut bytes = 0u64;
+        for e in events.take(self.cfg.max_batch) {
+            bytes = bytes.saturating_add(self.size_of(e));
+            if n > 0 && bytes > self.cfg.max_batch_bytes {
+                break;
+            }
+            n += 1;
+        }
+        n
     }
 
     /// Counts every queue's bytes again (after a load, or a new renderer).
@@ -989,20 +1025,32 @@ impl Hub {
         &self,
         batch: &[(&[String], &[Event], About<'_>, Undo)],
     ) -> Forwarding {
-        let groups: Vec<Group<'_>> = batch
+        let kept: Vec<usize> = (0..batch.len())
+            .filter(|&i| !batch[i].1.is_empty())
+            .collect();
+        let groups: Vec<Group<'_>> = kept
             .iter()
-            .filter(|(_, events, _, _)| !events.is_empty())
-            .map(|&(keys, events, about, undo)| Group {
-                to: To::Keys(keys),
-                events,
-                about,
-                undo,
+            .map(|&i| {
+                let (keys, events, about, undo) = batch[i];
+                Group {
+                    to: To::Keys(keys),
+                    events,
+                    about,
+                    undo,
+                }
             })
             .collect();
         if groups.is_empty() {
             return Forwarding::default();
         }
-        self.publish_here(&groups, None).await
+        let mut forwarding = self.publish_here(&groups, None).await;
+        // By the batch's own numbering (its empty groups were left out).
+        let mut remote = vec![false; batch.len()];
+        for (g, &i) in kept.iter().enumerate() {
+            remote[i] = forwarding.went_elsewhere(g);
+        }
+        forwarding.remote_groups = remote;
+        forwarding
     }
 
     /// Queues the async response `event` for the key that asked (if its restriction, which
@@ -1083,7 +1131,8 @@ impl Hub {
         // `rest::wire`); one that is queued is rendered once, when it is queued.
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
-        let mut remote: Vec<(String, Event)> = Vec::new();
+        let mut remote: Vec<(String, Event, bool)> = Vec::new();
+        let mut remote_groups = vec![false; groups.len()];
         let mut pushed: Option<Vec<(String, u64)>> = None;
         let mut failed_here = false;
         let durable = {
@@ -1093,12 +1142,17 @@ impl Hub {
             // never for an async response, on every read's path).
             let undoing = groups.iter().any(|g| g.undo == Undo::Unqueue);
             let mut marks: Vec<bool> = Vec::new();
-            for &Group {
-                to,
-                events,
-                about,
-                undo,
-            } in groups
+            // Per chosen event: the index of its group.
+            let mut group_of: Vec<usize> = Vec::new();
+            for (
+                gi,
+                &Group {
+                    to,
+                    events,
+                    about,
+                    undo,
+                },
+            ) in groups.iter().enumerate()
             {
                 // A registration's entry cut to a restriction, made once per event and
                 // distinct restriction.
@@ -1127,6 +1181,7 @@ impl Hub {
                             _ => event.clone(),
                         };
                         chosen.push((ch.rec.key_id.clone(), event));
+                        group_of.push(gi);
                         if undoing {
                             marks.push(undo == Undo::Unqueue);
                         }
@@ -1156,7 +1211,10 @@ impl Hub {
                             here_marks.push(marks.get(i).copied().unwrap_or(false));
                         }
                     } else {
-                        remote.push((k, e));
+                        if let Some(&g) = group_of.get(i) {
+                            remote_groups[g] = true;
+                        }
+                        remote.push((k, e, marks.get(i).copied().unwrap_or(false)));
                     }
                 }
                 chosen = here;
@@ -1198,6 +1256,7 @@ impl Hub {
             self.queue_forwards(remote)
         };
         forwarding.failed_here = failed_here;
+        forwarding.remote_groups = remote_groups;
         forwarding
     }
 
@@ -1488,7 +1547,7 @@ impl Hub {
             }
             let durable =
                 expired.map(|(_, s)| self.store.delete_events_through(key_id.to_string(), s));
-            let n = ch.queue.len().min(self.cfg.max_batch);
+            let n = self.batch_len(ch.queue.iter().map(|e| &e.event));
             let batch = (n > 0).then(|| {
                 let id = ch.next_answer;
                 ch.next_answer += 1;
@@ -1859,10 +1918,11 @@ impl Hub {
                     return;
                 };
                 let expired = ch.drop_expired(cutoff, |e| self.size_of(e));
+                let n = self.batch_len(ch.queue.iter().map(|e| &e.event));
                 let batch: Vec<(u64, Event)> = ch
                     .queue
                     .iter()
-                    .take(self.cfg.max_batch)
+                    .take(n)
                     .map(|e| (e.seq, e.event.clone()))
                     .collect();
                 (target, batch, expired)
@@ -2197,19 +2257,20 @@ impl Hub {
     /// publish is answered only once the owner stored its events, and the publishes that
     /// arrive during a round trip share the next one (rather than each waiting for all
     /// before it, one round trip each); different keys are sent concurrently.
-    fn queue_forwards(&self, events: Vec<(String, Event)>) -> Forwarding {
+    fn queue_forwards(&self, events: Vec<(String, Event, bool)>) -> Forwarding {
         let Some(me) = self.me.upgrade() else {
             return Forwarding {
                 answers: Vec::new(),
                 failed: true,
                 failed_here: false,
+                remote_groups: Vec::new(),
             };
         };
-        let mut by_key: Vec<(String, Vec<Event>)> = Vec::new();
-        for (k, e) in events {
+        let mut by_key: Vec<(String, Vec<Forwarded>)> = Vec::new();
+        for (k, e, unqueue) in events {
             match by_key.iter_mut().find(|(key, _)| *key == k) {
-                Some((_, list)) => list.push(e),
-                None => by_key.push((k, vec![e])),
+                Some((_, list)) => list.push((e, unqueue)),
+                None => by_key.push((k, vec![(e, unqueue)])),
             }
         }
         let mut answers = Vec::with_capacity(by_key.len());
@@ -2237,6 +2298,7 @@ impl Hub {
             answers,
             failed: false,
             failed_here: false,
+            remote_groups: Vec::new(),
         }
     }
 
@@ -2277,7 +2339,8 @@ impl Hub {
     /// Has key `key_id`'s owner store `events`, or queues them here if this node takes
     /// the channel meanwhile (its owner gone, its lease lapsed). Retried for up to
     /// [`FORWARD_BOUND`]; then the events are given up: logged and counted as discarded.
-    async fn forward(&self, key_id: &str, events: Vec<Event>) -> bool {
+    async fn forward(&self, key_id: &str, forwarded: Vec<Forwarded>) -> bool {
+        let (events, unqueue): (Vec<Event>, Vec<bool>) = forwarded.into_iter().unzip();
         let Some(peers) = self.peers.clone() else {
             return false;
         };
@@ -2288,6 +2351,7 @@ impl Hub {
                 Ok(Route::Here) => {
                     let mut wakes = Vec::new();
                     let mut trims = Vec::new();
+                    let mut pushed = Vec::new();
                     let durable = {
                         let mut map = self.lock();
                         map.get(key_id)
@@ -2297,11 +2361,22 @@ impl Hub {
                                     .iter()
                                     .map(|e| (key_id.to_string(), e.clone()))
                                     .collect();
-                                self.enqueue(&mut map, chosen, None, &mut wakes, &mut trims, None)
+                                self.enqueue(
+                                    &mut map,
+                                    chosen,
+                                    None,
+                                    &mut wakes,
+                                    &mut trims,
+                                    Some((&unqueue, &mut pushed)),
+                                )
                             })
                     };
                     if let Some(d) = durable {
                         let r = d.await;
+                        if r.is_err() {
+                            // As on the owner ([`Hub::append_here`]).
+                            self.unqueue(std::mem::take(&mut pushed));
+                        }
                         self.settle(trims, wakes).await;
                         match r {
                             Ok(()) => return true,
@@ -2316,7 +2391,7 @@ impl Hub {
                     }
                     last = "the channel moved while it was taken".into();
                 }
-                Ok(Route::Node(n)) => match peers.append(&n, key_id, &events).await {
+                Ok(Route::Node(n)) => match peers.append(&n, key_id, &events, &unqueue).await {
                     Ok(()) => return true,
                     Err(PeerError::NotOwner(owner)) => {
                         last = format!("node {n} no longer owns it");
@@ -2499,18 +2574,28 @@ impl Hub {
     }
 
     /// The owner's side of [`ChannelPeers::append`]: queues another node's events for a
-    /// key whose channel this node owns; `Ok` once they are stored.
-    pub async fn append_here(&self, key_id: &str, events: Vec<Event>) -> Result<(), PeerError> {
+    /// key whose channel this node owns; `Ok` once they are stored. If the write fails,
+    /// the events `unqueue` marks (by position; missing: false) are taken out again.
+    pub async fn append_here(
+        &self,
+        key_id: &str,
+        events: Vec<Event>,
+        unqueue: &[bool],
+    ) -> Result<(), PeerError> {
         self.owned_here(key_id).await?;
         for e in &events {
             self.size_of(e);
         }
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
-        // Every event is taken out again if the write fails: the other node keeps it and
-        // tries again (until its bound), so one kept here too would be delivered unstored,
-        // and once more per try.
-        let marks = vec![true; events.len()];
+        // The events whose device will send them again are taken out again if the write
+        // fails (the other node does not acknowledge them): kept, they would be delivered
+        // unstored, and once more per retransmission. The others stay queued, delivered
+        // while this node runs, as this node's own would ([`Undo::Keep`]); the other node
+        // tries again, so they may come twice (at least once).
+        let marks: Vec<bool> = (0..events.len())
+            .map(|i| unqueue.get(i).copied().unwrap_or(false))
+            .collect();
         let mut pushed = Vec::new();
         let durable = {
             let mut map = self.lock();
@@ -2995,7 +3080,8 @@ mod tests {
 
     /// Issue 25 review: events another node forwarded to this owner (`append_here`) whose
     /// store write failed stayed queued in memory: the forwarding node tries again, so a
-    /// pull got them unstored, once per try. Now they are taken out again.
+    /// pull got them unstored, once per try. Now those a device will send again (marked
+    /// `unqueue`) are taken out again.
     #[tokio::test]
     async fn forwarded_events_whose_write_fails_are_not_queued() {
         let store = Arc::new(crate::store::memory::MemoryStore::new());
@@ -3021,14 +3107,27 @@ mod tests {
         let event = |ep: &str| Event::new(Entry::DeRegistration(ep.into()), now_ms());
         store.fail_writes(true);
         for _ in 0..2 {
-            assert!(hub.append_here("k", vec![event("a")]).await.is_err());
+            assert!(
+                hub.append_here("k", vec![event("a")], &[true])
+                    .await
+                    .is_err()
+            );
         }
+        // An event no device will send again (not marked) stays queued, as a local one
+        // would ([`Undo::Keep`]).
+        assert!(
+            hub.append_here("k", vec![event("kept")], &[])
+                .await
+                .is_err()
+        );
         store.fail_writes(false);
-        hub.append_here("k", vec![event("b")]).await.unwrap();
+        hub.append_here("k", vec![event("b")], &[true])
+            .await
+            .unwrap();
         let Pulled::Batch(b) = hub.pull(&key, None, std::future::pending()).await.unwrap() else {
             panic!("a batch");
         };
-        assert_eq!(eps(&b), ["b"]);
+        assert_eq!(eps(&b), ["kept", "b"]);
     }
 
     #[tokio::test]

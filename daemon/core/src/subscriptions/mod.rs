@@ -1590,7 +1590,7 @@ impl Subscriptions {
                 }
                 if let Some(ack) = item.take_ack() {
                     t.held = true;
-                    acks.push(ack);
+                    acks.push((id, ack));
                 }
                 let reply = item.take_reply();
                 if reply.code.is_error() || reply.observe.is_none() {
@@ -1682,17 +1682,30 @@ impl Subscriptions {
                 }
             }
         } else if forwarding.is_empty() {
-            for a in acks {
+            for (_, a) in acks {
                 a.send().await;
             }
         } else if !acks.is_empty() {
-            // Forwarded to other nodes' channels: acknowledged once every owner stored
-            // its events. If one did not (it gave no answer within the forwarding bound,
-            // or its store refused), nothing is acknowledged, as when this node's store
-            // refuses: the observations that waited for ACKs get their number back (unless
-            // a newer notification moved it since), so that the device's retransmissions
-            // are taken as new and forwarded again. Decision: at least once; the keys
-            // whose channels stored the first copy get the retransmission too.
+            // Forwarded to other nodes' channels: the observations whose notifications
+            // went (also) to another node's channel are acknowledged once every owner
+            // stored its events; the others at once (stored here, their keys' channels are
+            // here). If an owner did not store them (no answer within the forwarding
+            // bound, or its store refused), the forwarded ones are not acknowledged, as
+            // when this node's store refuses: they get their number back (unless a newer
+            // notification moved it since), so that the device's retransmissions are
+            // taken as new and forwarded again. Decision: at least once; the keys whose
+            // channels stored the first copy get the retransmission too.
+            let elsewhere: Vec<u64> = published
+                .iter()
+                .enumerate()
+                .filter(|(g, _)| forwarding.went_elsewhere(*g))
+                .map(|(_, (_, i))| taken[*i].id)
+                .collect();
+            let (acks, now): (Vec<_>, Vec<_>) =
+                acks.into_iter().partition(|(id, _)| elsewhere.contains(id));
+            for (_, a) in now {
+                a.send().await;
+            }
             // (observation, its number before the batch, its number after it)
             type Restore = (u64, (u32, Instant), (u32, Instant));
             let restore: Vec<Restore> = {
@@ -1700,7 +1713,7 @@ impl Subscriptions {
                 published
                     .iter()
                     .map(|(_, i)| &taken[*i])
-                    .filter(|t| t.held)
+                    .filter(|t| t.held && elsewhere.contains(&t.id))
                     .filter_map(|t| {
                         let o = st.observing.get(&t.id)?;
                         Some((t.id, t.last_before, o.last))
@@ -1710,7 +1723,7 @@ impl Subscriptions {
             let me = Arc::downgrade(self);
             tokio::spawn(async move {
                 if forwarding.wait().await {
-                    for a in acks {
+                    for (_, a) in acks {
                         a.send().await;
                     }
                     return;
