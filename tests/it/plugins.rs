@@ -264,6 +264,56 @@ fn a_wrong_abi_or_a_broken_file_leaves_the_previous_version_serving() {
     assert!(d.metric("plugin_errors_total") >= 2);
 }
 
+/// Issue 25 review: a new version whose `create` or first `routes` call never returns is
+/// refused after `[plugins] start_timeout_s`, and the plugin directory is still followed:
+/// the previous version serves meanwhile, and a good version installed after it is
+/// loaded. Before, the load waited for the stuck call for ever (a join on the thread
+/// running it; `routes` had no limit at all), holding the reload lock: no later version
+/// was ever loaded.
+#[test]
+fn a_version_that_never_finishes_starting_is_refused_after_the_start_timeout() {
+    let a = build_plugin("example-plugin", &[]);
+    let hangs: Vec<(PathBuf, &str)> = ["create", "routes"]
+        .into_iter()
+        .map(|at| {
+            let built = build_plugin(
+                "example-plugin",
+                &[
+                    ("CONNECTORD_EXAMPLE_HANG", at),
+                    ("CONNECTORD_EXAMPLE_VARIANT", "H"),
+                ],
+            );
+            (built, at)
+        })
+        .collect();
+    let b = build_plugin("example-plugin", &[("CONNECTORD_EXAMPLE_VARIANT", "B")]);
+    let tmp = tempfile::tempdir().unwrap().keep();
+    let dir = plugin_dir(&tmp);
+    install_plugin(&a, &dir, EXAMPLE);
+    let d = Daemon::start_with(&format!(
+        "[plugins]\ndir = \"{}\"\nstart_timeout_s = 5\n",
+        dir.display()
+    ));
+    assert_eq!(hello(&d)["variant"], "A");
+    for (built, at) in &hangs {
+        install_plugin(built, &dir, EXAMPLE);
+        let said = match *at {
+            "create" => "create did not finish within 5 s (plugins.start_timeout_s)",
+            _ => "its routes call did not finish within 5 s (plugins.start_timeout_s)",
+        };
+        d.expect_log(said, WAIT);
+        assert_eq!(hello(&d)["variant"], "A", "the previous version serves");
+    }
+    install_plugin(&b, &dir, EXAMPLE);
+    assert!(
+        eventually(WAIT, || d.get("/api/example/hello").json()["variant"]
+            == "B"),
+        "the version installed after the stuck ones was never loaded:\n{}",
+        d.logs().join("\n")
+    );
+    assert_eq!(d.get("/v2/endpoints").status, 200);
+}
+
 #[test]
 fn plugin_state_survives_a_restart() {
     let a = build_plugin("example-plugin", &[]);
@@ -425,6 +475,41 @@ fn write_in_place_slowly(path: &Path, bytes: &[u8], cuts: &[usize], pause: Durat
         at = end;
         std::thread::sleep(pause);
     }
+}
+
+/// Issue 25 review: the daemon's check of the configured plugin names at start opened
+/// every file of the directory in place and kept it mapped; a new version written over
+/// the file in place (as `cp` does, which the reload copes with) then changed the bytes
+/// under that mapping, and at exit the C runtime ran the old image's finalisers from the
+/// new bytes. Now that check opens a private copy: after such an update the daemon
+/// serves the new version and exits cleanly.
+#[test]
+fn a_plugin_updated_in_place_lets_the_daemon_exit_cleanly() {
+    let a = build_plugin("example-plugin", &[]);
+    let b = build_plugin(
+        "example-plugin",
+        &[(
+            "CONNECTORD_EXAMPLE_VARIANT",
+            "B-with-a-longer-name-to-move-the-layout",
+        )],
+    );
+    let (mut d, dir) = daemon_with_plugins(&[(&a, EXAMPLE)]);
+    assert_eq!(hello(&d)["variant"], "A");
+    let bytes = std::fs::read(&b).unwrap();
+    write_in_place_slowly(&dir.join(EXAMPLE), &bytes, &[], Duration::from_millis(10));
+    assert!(
+        eventually(WAIT, || d.get("/api/example/hello").json()["variant"]
+            == "B-with-a-longer-name-to-move-the-layout"),
+        "{}",
+        d.logs().join("\n")
+    );
+    d.signal("TERM");
+    assert_eq!(
+        d.wait_exit(WAIT),
+        Some(0),
+        "the daemon did not exit cleanly:\n{}",
+        d.logs().join("\n")
+    );
 }
 
 /// Issue 18, item 8: a plugin file cut short (the first half of a real one, written in

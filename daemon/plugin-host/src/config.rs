@@ -28,6 +28,10 @@ pub struct PluginsConfig {
     pub sink: Option<String>,
     /// Each plugin's own settings, by plugin name: `[plugins.settings.webhook]`.
     pub settings: std::collections::BTreeMap<String, toml::Table>,
+    /// How long a plugin being loaded may take in `create` and in its first `routes`
+    /// call, in seconds (1 to 600). Beyond it the load fails (logged; the previous version
+    /// keeps serving) and the call is left to finish on its own thread.
+    pub start_timeout_s: u64,
 }
 
 impl Default for PluginsConfig {
@@ -38,6 +42,7 @@ impl Default for PluginsConfig {
             sinks: None,
             sink: None,
             settings: Default::default(),
+            start_timeout_s: 30,
         }
     }
 }
@@ -68,6 +73,9 @@ impl PluginsConfig {
     /// Range checks serde cannot express: the first value out of range, its key relative
     /// to the section (see [`Invalid`]).
     pub fn check(&self) -> Result<(), Invalid> {
+        if !(1..=600).contains(&self.start_timeout_s) {
+            return Err(("start_timeout_s", "must lie between 1 and 600".into()));
+        }
         if self.auth.is_empty() {
             return Err(("auth", "needs at least one auth backend".into()));
         }

@@ -109,6 +109,10 @@ pub enum PluginError {
     },
     #[error("plugin {0} has stopped")]
     Stopped(String),
+    /// A call the host waits for at most a bounded time (a new instance's `routes`) did
+    /// not finish within it; it goes on in its lane.
+    #[error("plugin {0} did not answer in time")]
+    Timeout(String),
     /// An auth backend not named in `[plugins] auth`, or a sink not named in `[plugins]
     /// sinks`: not started (it would make and announce keys nobody asked for).
     #[error("plugin {name} ({origin}) is not named in [plugins] {key}: not started")]
@@ -336,6 +340,9 @@ pub struct PluginHost {
     /// How many entries `probation` has (written under its lock), so that a call need not
     /// take the lock when none is on probation.
     probations: AtomicUsize,
+    /// `[plugins] start_timeout_s`: how long a new generation's `create` and first
+    /// `routes` call may take.
+    start_timeout: std::time::Duration,
     /// Serialises reloads.
     reload_lock: Mutex<()>,
     /// Held (shared) by every state-changing call for its length, and (exclusively, see
@@ -395,6 +402,7 @@ impl PluginHost {
             failed: Mutex::new(HashMap::new()),
             probation: Mutex::new(HashMap::new()),
             probations: AtomicUsize::new(0),
+            start_timeout: std::time::Duration::from_secs(cfg.start_timeout_s),
             reload_lock: Mutex::new(()),
             state_gate: Arc::new(tokio::sync::RwLock::new(())),
             epoch: std::sync::atomic::AtomicU64::new(0),

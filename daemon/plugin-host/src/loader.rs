@@ -20,9 +20,6 @@ use libloading::Library;
 use super::{Fingerprint, PluginError, PluginHost, check_not_writable_by_others, elf, kind_name};
 use crate::store::Store;
 
-/// How long a plugin's `create` may take.
-const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
-
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Where a generation's code came from.
@@ -225,11 +222,21 @@ impl Generation {
         unsafe { table.name() }
     }
 
-    /// The plugin name and kind the file `lib<crate>.so` declares, for `connectord check-config`:
-    /// opens the file in place (running its initialisers, as loading does), checks its
-    /// entry symbol and ABI version, reads the name, and starts nothing. The image stays
-    /// loaded until the process exits (a short-lived one): unloading a Rust image whose
-    /// code may have made thread-locals is not safe.
+    /// The plugin name and kind the file `lib<crate>.so` declares (for `connectord
+    /// check-config`, and the daemon's check of the configured names before it starts):
+    /// reads the file, checks it, writes a private copy (mode 0600 in the temporary
+    /// directory, removed once opened; the file in place if the copy cannot be opened,
+    /// as on a `noexec` temporary directory) and opens that (running its initialisers, as
+    /// loading does), checks its entry symbol and ABI version, reads the name, starts
+    /// nothing, and closes it again.
+    ///
+    /// Decision (issue 25 review): a private copy, not the file in place. The daemon calls
+    /// this at start for every file of the directory; mapped in place, the file checked
+    /// was not necessarily the one mapped (a writer in between), and the mapping of the
+    /// original file stayed for the daemon's life: a later in-place `cp` of a new version
+    /// (which the daemon otherwise copes with) changed the bytes under it, and at exit the
+    /// C runtime ran that image's finalisers from the new bytes. Closed, not kept: the
+    /// copy's space (the temporary directory may be memory) is given back.
     pub(super) fn declared(path: &Path) -> Result<(String, Kind), PluginError> {
         let load_err = |message: String| PluginError::Load {
             path: path.display().to_string(),
@@ -238,15 +245,29 @@ impl Generation {
         check_not_writable_by_others(path).map_err(load_err)?;
         let krate = file_crate(path).map_err(load_err)?;
         let symbol = entry_symbol(krate);
-        // Opened in place, not copied (a short-lived process): checked first, so that a
-        // file cut short is refused instead of mapped.
+        // Checked first, so that a file cut short is refused instead of mapped; then the
+        // checked bytes are what is opened.
         let bytes = std::fs::read(path).map_err(|e| load_err(e.to_string()))?;
         elf::check(&bytes).map_err(|why| load_err(format!("refused before dlopen: {why}")))?;
+        // SAFETY (both opens): as in `from_file`: plugins are trusted code from a directory
+        // only the administrator can write to (checked by the caller); the copy is ours.
+        let copied = private_copy(&bytes)
+            .ok()
+            .and_then(|copy| unsafe { Library::new(copy.path()) }.ok());
         drop(bytes);
-        // SAFETY: as in `from_file`: plugins are trusted code from a directory only the
-        // administrator can write to (checked by the caller).
-        let lib = unsafe { Library::new(path) }
-            .map_err(|e| load_err(format!("dlopen failed: {}", dl_reason(&e))))?;
+        let lib = match copied {
+            Some(lib) => lib,
+            // No copy could be written or opened (a temporary directory mounted noexec):
+            // the file in place, as before.
+            None => {
+                tracing::debug!(
+                    file = %path.display(),
+                    "no private copy could be opened for the plugin name check; opening the file in place"
+                );
+                unsafe { Library::new(path) }
+                    .map_err(|e| load_err(format!("dlopen failed: {}", dl_reason(&e))))?
+            }
+        };
         // SAFETY: the symbol, when present, has the entry signature declare_plugin! gives it.
         let table: *const PluginTable = unsafe {
             let entry = lib
@@ -270,7 +291,9 @@ impl Generation {
             .ok_or_else(|| load_err(format!("unknown plugin kind {}", t.kind)))?;
         // SAFETY: as above; the name is static data of the image.
         let name = unsafe { t.name() };
-        std::mem::forget(lib);
+        // Closed again: none of its code ran but the entry symbol, which returns static
+        // data (the name is copied out above), as the error paths above close it too.
+        drop(lib);
         Ok((name, kind))
     }
 
@@ -436,16 +459,21 @@ impl Generation {
             name: name.clone(),
             message: format!("cannot start its thread: {e}"),
         })?;
-        let created = match init_rx.recv_timeout(CREATE_TIMEOUT) {
+        let limit = host.start_timeout;
+        let created = match init_rx.recv_timeout(limit) {
             Ok(r) => r,
-            Err(_) => Err(format!("create did not finish within {CREATE_TIMEOUT:?}")),
+            Err(_) => Err(format!(
+                "create did not finish within {} s (plugins.start_timeout_s); its thread is \
+                 left to finish and the image stays loaded until it does",
+                limit.as_secs()
+            )),
         };
         if let Err(message) = created {
             drop(tx);
-            // The worker returns right after a failed create; join it before unloading
-            // (the image goes when the last holder lets go: here, at the return).
-            let _ = worker.join();
-            drop(image);
+            // The worker returns right after a failed create, or is still in a create that
+            // did not finish: joined, and the image let go after it, on a thread of its
+            // own, so that the load fails now rather than when (if ever) create returns.
+            reap_later(worker, image);
             return Err(PluginError::Create { name, message });
         }
         let mut g = Generation {
@@ -463,7 +491,7 @@ impl Generation {
         if kind != Kind::Sink {
             // A plugin that serves no routes may not know the operation: no routes. One
             // whose `routes` panics is refused: its routes would vanish.
-            match g.call_blocking(http::OP_ROUTES, b"{}".to_vec()) {
+            match g.call_within(http::OP_ROUTES, b"{}".to_vec(), limit) {
                 Ok(bytes) => match serde_json::from_slice::<http::RoutesResponse>(&bytes) {
                     Ok(r) => g.routes = r.routes,
                     Err(e) => tracing::warn!(plugin = %name, "ignoring its routes: {e}"),
@@ -474,6 +502,18 @@ impl Generation {
                     return Err(PluginError::Create {
                         name,
                         message: format!("its routes call panicked: {message}"),
+                    });
+                }
+                Err(PluginError::Timeout(_)) => {
+                    // Dropping `g` joins its worker (after the call) on a thread of its own.
+                    drop(g);
+                    return Err(PluginError::Create {
+                        name,
+                        message: format!(
+                            "its routes call did not finish within {} s \
+                             (plugins.start_timeout_s)",
+                            limit.as_secs()
+                        ),
                     });
                 }
                 Err(_) => {}
@@ -623,6 +663,65 @@ impl Generation {
         )?;
         rx.recv()
             .map_err(|_| PluginError::Stopped(self.name.clone()))?
+    }
+
+    /// [`Generation::call_blocking`] that gives up after `limit`
+    /// ([`PluginError::Timeout`]); the call itself goes on in its lane.
+    fn call_within(
+        &self,
+        op: &str,
+        input: Vec<u8>,
+        limit: Duration,
+    ) -> Result<Vec<u8>, PluginError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.send(
+            op,
+            input,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+            Arc::new(AtomicBool::new(false)),
+        )?;
+        match rx.recv_timeout(limit) {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(PluginError::Timeout(self.name.clone()))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(PluginError::Stopped(self.name.clone()))
+            }
+        }
+    }
+}
+
+/// `bytes` in a new file only this process can read or write (mode 0600, in the temporary
+/// directory), removed when the handle is dropped.
+fn private_copy(bytes: &[u8]) -> std::io::Result<tempfile::NamedTempFile> {
+    use std::io::Write;
+    let mut f = tempfile::Builder::new()
+        .prefix(".connectord-plugin-")
+        .suffix(".so")
+        .tempfile()?;
+    f.write_all(bytes)?;
+    f.flush()?;
+    Ok(f)
+}
+
+/// Joins `worker`, then lets `image` go, on a thread of its own: the worker may still be
+/// running code of the image (a create that did not finish in time). If no thread can be
+/// started, the image is never unloaded (the worker is left running).
+fn reap_later(worker: std::thread::JoinHandle<()>, image: Option<Arc<Image>>) {
+    let keep = Arc::new(Mutex::new(image));
+    let held = Arc::clone(&keep);
+    let spawned = std::thread::Builder::new()
+        .name("plugin-reaper".into())
+        .spawn(move || {
+            let _ = worker.join();
+            drop(held);
+        });
+    if spawned.is_err() {
+        tracing::warn!("cannot start a thread to unload a plugin image; leaving it loaded");
+        std::mem::forget(keep);
     }
 }
 

@@ -183,6 +183,18 @@ fn range_errors_name_the_key() {
             "notifications.max_queued_bytes_per_key",
         ),
         (
+            "[notifications]\nmax_batch_bytes = 4095\n",
+            "notifications.max_batch_bytes",
+        ),
+        (
+            "[plugins]\nstart_timeout_s = 0\n",
+            "plugins.start_timeout_s",
+        ),
+        (
+            "[plugins]\nstart_timeout_s = 601\n",
+            "plugins.start_timeout_s",
+        ),
+        (
             "[notifications]\nidle_channel_removal_s = 31536001\n",
             "notifications.idle_channel_removal_s",
         ),

@@ -8,7 +8,9 @@
 //! inside the plugin. Built with `CONNECTORD_EXAMPLE_ABI` set, it announces a wrong ABI
 //! version, to show that the host refuses it. Built with `CONNECTORD_EXAMPLE_PANIC` set to
 //! `create`, `routes` or `http`, it panics in `create`, in every `routes` call or in every
-//! `http` call, to show how the host refuses or rolls back a generation that fails.
+//! `http` call, to show how the host refuses or rolls back a generation that fails. Built
+//! with `CONNECTORD_EXAMPLE_HANG` set to `create` or `routes`, it never returns from that
+//! call, to show that the host gives up on it (`[plugins] start_timeout_s`).
 
 use connectord_plugin_sdk::http::{HttpRequest, HttpResponse, RoutesResponse};
 use connectord_plugin_sdk::{ABI_VERSION, Host, Plugin, RoutesPlugin, declare_plugin};
@@ -23,6 +25,20 @@ const PANIC: &str = match option_env!("CONNECTORD_EXAMPLE_PANIC") {
     Some(v) => v,
     None => "",
 };
+
+/// Where this build never returns on purpose (see the crate documentation).
+const HANG: &str = match option_env!("CONNECTORD_EXAMPLE_HANG") {
+    Some(v) => v,
+    None => "",
+};
+
+fn hang_if(at: &str) {
+    if HANG == at {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
 
 pub struct Example {
     host: Host,
@@ -40,6 +56,7 @@ impl Plugin for Example {
         if PANIC == "create" {
             panic!("built to panic in create");
         }
+        hang_if("create");
         let calls = match host.state_get("calls")? {
             Some(v) => String::from_utf8_lossy(&v).parse().unwrap_or(0),
             None => 0,
@@ -56,6 +73,7 @@ impl RoutesPlugin for Example {
         if PANIC == "routes" {
             panic!("built to panic in routes");
         }
+        hang_if("routes");
         let routes = [("GET", "/api/example/hello"), ("GET", "/api/example/panic")];
         Ok(RoutesResponse::with_scope("endpoints:read", &routes))
     }
