@@ -166,6 +166,43 @@ fn an_invalid_lwm2m_version_is_4_00_with_a_diagnostic() {
     assert_eq!(shown, versions, "{}", r.body);
 }
 
+/// Issue 25 review: a resource path with a `.` or `..` segment (also percent-encoded),
+/// a query or a fragment is refused at registration, 4.00 naming the link; so are the
+/// endpoint names `.` and `..`. Before, such links were listed, and a client that put the
+/// listed path into a URL (the console) had it resolved into another route.
+#[test]
+fn dot_segment_paths_and_names_are_4_00() {
+    let d = Daemon::in_process();
+    let mut dev = d.device();
+    for links in [
+        "</../../notification/websocket>;obs",
+        "</3/0/4/../../../../victim/3/0/5>",
+        "</3303/%2e%2e/3/0>",
+        "</3303/./0/5700>",
+        "</3303/0/5700?x=1>",
+        "</3303/0/5700#f>",
+    ] {
+        let mut r = Req::new(RequestType::Post, &["rd"]);
+        r.payload = links.as_bytes();
+        r.content_format = Some(ContentFormat::ApplicationLinkFormat);
+        r.confirmable = true;
+        let mut p = dev.build(&r);
+        p.add_option(CoapOption::UriQuery, b"ep=dots".to_vec());
+        let a = exchange(&dev, &p);
+        assert_eq!(code(&a), ResponseType::BadRequest, "{links}: {}", diag(&a));
+        assert!(diag(&a).contains("segment"), "{links}: {}", diag(&a));
+    }
+    for ep in ["ep=..", "ep=.", "ep=%2e%2e"] {
+        let p = registration(&mut dev, &[ep.as_bytes()], &[], true);
+        let a = exchange(&dev, &p);
+        assert_eq!(code(&a), ResponseType::BadRequest, "{ep}: {}", diag(&a));
+    }
+    assert!(names(&d).is_empty());
+    // Dots inside a segment are fine.
+    dev.register(&["ep=dots.ok"], "</3303/0/5700>,</x.y/0/1>");
+    assert_eq!(names(&d), ["dots.ok"]);
+}
+
 /// A diagnostic that repeats what the device sent is cut to size: a refusal of a 1 200-byte
 /// value (or link) is still answered, 4.00 with a short diagnostic, where the whole of it
 /// used to outgrow the datagram and leave the device without an answer.

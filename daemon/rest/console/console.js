@@ -6,6 +6,8 @@
 (() => {
   const $ = (id) => document.getElementById(id);
   const STORE = 'connectord.key';
+  // Set while this session's WebSocket channel is one it made (removed at log-out).
+  const MADE = 'connectord.ws-made';
   const FEED_MAX = 200; // live events kept on screen
   const POINTS_MAX = 300; // points kept per observed resource
   const ASYNC_WAIT_MS = 120000; // longer than the daemon's own 504 for a silent device
@@ -33,8 +35,17 @@
   }
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   const enc = encodeURIComponent;
-  const resUrl = (ep, path) => `/v2/endpoints/${enc(ep)}${path}`;
-  const subUrl = (ep, path) => `/v2/subscriptions/${enc(ep)}${path}`;
+  // A device's resource path, segment by segment: each one encoded, so that no segment of
+  // the device's choosing (`..`, `%2e%2e`, `?`) can turn the request into another route
+  // (the daemon also refuses such links at registration).
+  // A dot segment cannot be sent as such (browsers resolve `..` and `%2e%2e` alike): no
+  // request is made for one.
+  const encPath = (path) => path.split('/').map((seg) => {
+    if (/^(\.|%2e){1,2}$/i.test(seg)) throw new Error(`a "." or ".." segment in ${path}`);
+    return enc(seg);
+  }).join('/');
+  const resUrl = (ep, path) => `/v2/endpoints/${enc(ep)}${encPath(path)}`;
+  const subUrl = (ep, path) => `/v2/subscriptions/${enc(ep)}${encPath(path)}`;
 
   function showError(msg) {
     $('error').textContent = msg || '';
@@ -496,8 +507,11 @@
       if (callback) { feedMode('(none: this key delivers its events to a callback)'); return; }
       // The channel is made for this session unless the key had one (201, not 200): it is
       // removed again at log-out, so that the key's long-poll works as before.
+      // Whether this session made it is kept in sessionStorage: after a reload the PUT
+      // answers 200 (the channel exists), and the log-out must still remove it.
       const r = await api('PUT', '/v2/notification/websocket', { type: 'application/json', body: '{}' });
-      me.made = r.status === 201;
+      me.made = r.status === 201 || sessionStorage.getItem(MADE) === '1';
+      if (me.made) sessionStorage.setItem(MADE, '1');
       websocket(me, 0);
     } catch (e) {
       if (me.stopped) return;
@@ -523,6 +537,12 @@
       // channel was removed: taking it back would make the two take turns.
       if (c.code === 1001) { feedMode('(stopped: another client of this key took the channel; log in again to take it back)'); return; }
       const n = opened ? 0 : failures + 1;
+      // 1011: the key has no WebSocket channel (removed meanwhile): make it again.
+      if (c.code === 1011) {
+        feedMode(`(WebSocket closed ${c.code}; opening the channel again)`);
+        setTimeout(() => { if (!me.stopped) startFeed(); }, Math.min(30000, 2000 * 2 ** n));
+        return;
+      }
       feedMode(`(WebSocket closed ${c.code}; reconnecting)`);
       setTimeout(() => { if (!me.stopped) websocket(me, n); }, Math.min(30000, 1000 * 2 ** n));
     };
@@ -574,6 +594,7 @@
       feed = null;
     }
     sessionStorage.removeItem(STORE);
+    sessionStorage.removeItem(MADE);
     key = null;
     // Nothing of this session stays on the page for the next key.
     current = null;

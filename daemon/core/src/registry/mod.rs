@@ -438,6 +438,21 @@ fn links_without(links: &str, path: &str) -> Option<String> {
 
 /// Parses a registration body into resources. The LwM2M root link (`rt="oma.lwm2m"`)
 /// describes the server's object tree, not a resource, and is left out.
+/// A `.` or `..` path segment, also percent-encoded (`%2e`, `%2E`), as URL parsers
+/// (browsers, RFC 3986 §5.2.4 resolvers) treat it.
+///
+/// Decision (issue 25 review of the console): a device's resource path with such a
+/// segment, or with `?` or `#`, is refused at registration. The REST API refuses such
+/// paths in requests already, so the resource could not be used; but a page or client
+/// that appends the listed path to a URL (the console's Read, Write, Execute and Observe)
+/// had it resolved into another route: `</../../notification/websocket>` made an Observe
+/// click a `PUT /v2/notification/websocket` with the operator's key.
+fn is_dot_segment(seg: &str) -> bool {
+    let lower = seg.to_ascii_lowercase();
+    let s = lower.replace("%2e", ".");
+    s == "." || s == ".."
+}
+
 pub fn parse_resources(links: &str) -> Result<Vec<Resource>, RegistryError> {
     let parsed = link_format::parse(links)
         .map_err(|e| RegistryError::Invalid(format!("bad object list: {e}")))?;
@@ -449,6 +464,12 @@ pub fn parse_resources(links: &str) -> Result<Vec<Resource>, RegistryError> {
         if !l.uri.starts_with('/') || l.uri.contains('\0') {
             return Err(RegistryError::Invalid(format!(
                 "bad object list: link <{}> is not an absolute path",
+                l.uri.escape_debug()
+            )));
+        }
+        if l.uri.contains(['?', '#']) || l.uri.split('/').any(is_dot_segment) {
+            return Err(RegistryError::Invalid(format!(
+                "bad object list: link <{}> has a \".\" or \"..\" segment, a query or a fragment",
                 l.uri.escape_debug()
             )));
         }
