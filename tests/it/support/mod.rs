@@ -248,22 +248,30 @@ fn workspace_root() -> PathBuf {
 }
 
 /// The environment variables that make a variant of the example plugin.
-const EXAMPLE_VARIANT_VARS: [&str; 3] = [
+const EXAMPLE_VARIANT_VARS: [&str; 4] = [
     "CONNECTORD_EXAMPLE_VARIANT",
     "CONNECTORD_EXAMPLE_ABI",
     "CONNECTORD_EXAMPLE_PANIC",
+    "CONNECTORD_EXAMPLE_HANG",
 ];
 
-/// The `.so` of a plugin crate as the `cargo test` that built this test binary built it
-/// (next to the binary, in `target/debug/deps`: the daemon links the plugin crates, so
-/// their `cdylib` is built with it), when no variant is asked for and none is set in the
-/// environment (which that build would have seen).
-fn built_with_the_tests(file: &str, env: &[(&str, &str)]) -> Option<PathBuf> {
-    if !env.is_empty()
-        || EXAMPLE_VARIANT_VARS
-            .iter()
-            .any(|v| std::env::var_os(v).is_some())
-    {
+/// The plugin crates the daemon links (through the plugin host's built-ins): their
+/// `cdylib` is built with every build of the test binary. Not the example plugin, which
+/// nothing here depends on (a `cargo test -p connectord` would leave its `.so` stale).
+const LINKED_PLUGINS: [&str; 6] = [
+    "auth-connector",
+    "auth-headerkeys",
+    "auth-losant",
+    "auth-pelion",
+    "sink-webhook",
+    "sink-mqtt",
+];
+
+/// The `.so` of a plugin crate the daemon links, as the `cargo test` that built this test
+/// binary built it (next to the binary, in `target/debug/deps`), when no variant is asked
+/// for.
+fn built_with_the_tests(package: &str, file: &str, env: &[(&str, &str)]) -> Option<PathBuf> {
+    if !env.is_empty() || !LINKED_PLUGINS.contains(&package) {
         return None;
     }
     let deps = std::env::current_exe().ok()?.parent()?.to_path_buf();
@@ -274,16 +282,16 @@ fn built_with_the_tests(file: &str, env: &[(&str, &str)]) -> Option<PathBuf> {
 /// A plugin crate of this workspace as a `.so`, as a private copy (later builds of other
 /// variants overwrite the original).
 ///
-/// Decision (suite time): the plain build of a plugin is the one the workspace's `cargo
-/// test` made already ([`built_with_the_tests`]); before, every plugin was built again
-/// into a target directory of the tests' own, which for `sink-mqtt` and the auth
-/// plugins meant a second debug build of their dependencies (tokio, rustls, rumqttc,
-/// hyper: about 900 MB and minutes of CPU on CI's two cores). Only variants, which need
-/// other environment variables at build time (the example plugin's), are built here (see
+/// Decision (suite time): the plain build of a plugin the daemon links is the one the
+/// workspace's `cargo test` made already ([`built_with_the_tests`]); before, every plugin
+/// was built again into a target directory of the tests' own, which for `sink-mqtt` and
+/// the auth plugins meant a second debug build of their dependencies (tokio, rustls,
+/// rumqttc, hyper: about 900 MB and minutes of CPU on CI's two cores). The example plugin
+/// and its variants (other environment variables at build time) are built here (see
 /// [`PluginBuild`]); their dependencies are few.
 pub fn build_plugin(package: &str, env: &[(&str, &str)]) -> PathBuf {
     let file = format!("lib{}.so", package.replace('-', "_"));
-    if let Some(so) = built_with_the_tests(&file, env) {
+    if let Some(so) = built_with_the_tests(package, &file, env) {
         return private_copy(&so, &PluginBuild::base(), &file, "");
     }
     let build = PluginBuild::lock();
