@@ -652,17 +652,7 @@ impl Generation {
 
     /// As [`Generation::call_keeping`], blocking the calling (non-async) thread.
     pub fn call_blocking(&self, op: &str, input: Vec<u8>) -> Result<Vec<u8>, PluginError> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.send(
-            op,
-            input,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-            Arc::new(AtomicBool::new(false)),
-        )?;
-        rx.recv()
-            .map_err(|_| PluginError::Stopped(self.name.clone()))?
+        self.call_waiting(op, input, None)
     }
 
     /// [`Generation::call_blocking`] that gives up after `limit`
@@ -673,6 +663,17 @@ impl Generation {
         input: Vec<u8>,
         limit: Duration,
     ) -> Result<Vec<u8>, PluginError> {
+        self.call_waiting(op, input, Some(limit))
+    }
+
+    /// Sends a call and blocks for its answer, for at most `limit` when one is given.
+    fn call_waiting(
+        &self,
+        op: &str,
+        input: Vec<u8>,
+        limit: Option<Duration>,
+    ) -> Result<Vec<u8>, PluginError> {
+        use std::sync::mpsc::RecvTimeoutError;
         let (tx, rx) = std::sync::mpsc::channel();
         self.send(
             op,
@@ -682,14 +683,14 @@ impl Generation {
             }),
             Arc::new(AtomicBool::new(false)),
         )?;
-        match rx.recv_timeout(limit) {
+        let answer = match limit {
+            Some(limit) => rx.recv_timeout(limit),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match answer {
             Ok(r) => r,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                Err(PluginError::Timeout(self.name.clone()))
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                Err(PluginError::Stopped(self.name.clone()))
-            }
+            Err(RecvTimeoutError::Timeout) => Err(PluginError::Timeout(self.name.clone())),
+            Err(RecvTimeoutError::Disconnected) => Err(PluginError::Stopped(self.name.clone())),
         }
     }
 }

@@ -2349,45 +2349,17 @@ impl Hub {
         loop {
             match self.route(key_id).await {
                 Ok(Route::Here) => {
-                    let mut wakes = Vec::new();
-                    let mut trims = Vec::new();
-                    let mut pushed = Vec::new();
-                    let durable = {
-                        let mut map = self.lock();
-                        map.get(key_id)
-                            .is_some_and(|c| c.owner == Owner::Here)
-                            .then(|| {
-                                let chosen = events
-                                    .iter()
-                                    .map(|e| (key_id.to_string(), e.clone()))
-                                    .collect();
-                                self.enqueue(
-                                    &mut map,
-                                    chosen,
-                                    None,
-                                    &mut wakes,
-                                    &mut trims,
-                                    Some((&unqueue, &mut pushed)),
-                                )
-                            })
-                    };
-                    if let Some(d) = durable {
-                        let r = d.await;
-                        if r.is_err() {
-                            // As on the owner ([`Hub::append_here`]).
-                            self.unqueue(std::mem::take(&mut pushed));
+                    // As on the owner ([`Hub::append_here`]).
+                    match self.append_owned(key_id, events.clone(), &unqueue).await {
+                        Some(Ok(())) => return true,
+                        Some(Err(e)) => {
+                            crate::store::log_failure(
+                                format_args!("notifications: event not stored"),
+                                &e,
+                            );
+                            return false;
                         }
-                        self.settle(trims, wakes).await;
-                        match r {
-                            Ok(()) => return true,
-                            Err(e) => {
-                                crate::store::log_failure(
-                                    format_args!("notifications: event not stored"),
-                                    &e,
-                                );
-                                return false;
-                            }
-                        }
+                        None => {}
                     }
                     last = "the channel moved while it was taken".into();
                 }
@@ -2586,13 +2558,26 @@ impl Hub {
         for e in &events {
             self.size_of(e);
         }
+        match self.append_owned(key_id, events, unqueue).await {
+            None => Err(PeerError::NotOwner(None)),
+            Some(r) => r.map_err(|e| PeerError::Failed(e.to_string())),
+        }
+    }
+
+    /// Queues `events` for `key_id` if this node owns its channel (`None` if it does not)
+    /// and waits for their store write. If the write fails, the events `unqueue` marks (by
+    /// position; missing: false) are taken out again: those a device will send again (the
+    /// sender does not acknowledge them), which kept would be delivered unstored and once
+    /// more per retransmission. The others stay queued, delivered while this node runs, as
+    /// its own would ([`Undo::Keep`]); their sender tries again, so they may come twice.
+    async fn append_owned(
+        &self,
+        key_id: &str,
+        events: Vec<Event>,
+        unqueue: &[bool],
+    ) -> Option<Result<(), StoreError>> {
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
-        // The events whose device will send them again are taken out again if the write
-        // fails (the other node does not acknowledge them): kept, they would be delivered
-        // unstored, and once more per retransmission. The others stay queued, delivered
-        // while this node runs, as this node's own would ([`Undo::Keep`]); the other node
-        // tries again, so they may come twice (at least once).
         let marks: Vec<bool> = (0..events.len())
             .map(|i| unqueue.get(i).copied().unwrap_or(false))
             .collect();
@@ -2600,7 +2585,7 @@ impl Hub {
         let durable = {
             let mut map = self.lock();
             if !map.get(key_id).is_some_and(|c| c.owner == Owner::Here) {
-                return Err(PeerError::NotOwner(None));
+                return None;
             }
             let chosen = events
                 .into_iter()
@@ -2620,7 +2605,7 @@ impl Hub {
             self.unqueue(pushed);
         }
         self.settle(trims, wakes).await;
-        r.map_err(|e| PeerError::Failed(e.to_string()))
+        Some(r)
     }
 
     /// The owner's side of [`ChannelPeers::poll`]: a long-poll of another node's client.
@@ -2988,6 +2973,15 @@ mod tests {
     async fn fixture_with(cfg: NotificationsConfig) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        fixture_on(store, cfg, dir).await
+    }
+
+    /// A fixture on `store` (`dir` kept as long as it lives).
+    async fn fixture_on(
+        store: Arc<dyn Store>,
+        cfg: NotificationsConfig,
+        dir: tempfile::TempDir,
+    ) -> Fixture {
         let counters = Arc::new(Counters::default());
         let (trigger, stop) = crate::shutdown::channel();
         let hub = Hub::load(
@@ -3085,25 +3079,13 @@ mod tests {
     #[tokio::test]
     async fn forwarded_events_whose_write_fails_are_not_queued() {
         let store = Arc::new(crate::store::memory::MemoryStore::new());
-        let (_trigger, stop) = crate::shutdown::channel();
-        let hub = Hub::load(
+        let f = fixture_on(
             Arc::clone(&store) as Arc<dyn Store>,
-            Arc::new(NoSink),
             NotificationsConfig::default(),
-            Arc::new(Counters::default()),
-            stop,
+            tempfile::tempdir().unwrap(),
         )
-        .await
-        .unwrap();
-        hub.set_render(Arc::new(Hundred));
-        let key = Principal {
-            backend: "test".into(),
-            key_id: "k".into(),
-            domain: "default".into(),
-            scopes: vec!["admin".into()],
-            allow: None,
-        };
-        hub.ensure_channel(&key).await.unwrap();
+        .await;
+        let (hub, key) = (&f.hub, &f.key);
         let event = |ep: &str| Event::new(Entry::DeRegistration(ep.into()), now_ms());
         store.fail_writes(true);
         for _ in 0..2 {
@@ -3124,7 +3106,7 @@ mod tests {
         hub.append_here("k", vec![event("b")], &[true])
             .await
             .unwrap();
-        let Pulled::Batch(b) = hub.pull(&key, None, std::future::pending()).await.unwrap() else {
+        let Pulled::Batch(b) = hub.pull(key, None, std::future::pending()).await.unwrap() else {
             panic!("a batch");
         };
         assert_eq!(eps(&b), ["kept", "b"]);
