@@ -137,6 +137,23 @@ impl Reply {
         if self.head {
             h.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
         }
+        // Decision (issue 25 review of the console): every answer but the console's files
+        // (which say `no-cache` with an ETag themselves) is one key's view of the state, so
+        // none may be stored by a cache. RFC 9111 §3.5 keeps shared caches from storing
+        // answers to requests with credentials already; a proxy set up to cache
+        // everything would not. And no content is to be sniffed as another type.
+        if !h.contains_key(http::header::CACHE_CONTROL) {
+            h.insert(
+                http::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-store"),
+            );
+        }
+        if !h.contains_key(http::header::X_CONTENT_TYPE_OPTIONS) {
+            h.insert(
+                http::header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            );
+        }
         r
     }
 }
@@ -264,4 +281,35 @@ pub fn store_failure(e: &crate::store::StoreError, context: &str) -> Reply {
 
 pub fn error(status: StatusCode, kind: &str, message: &str) -> Reply {
     Reply::json(status, &ErrorBody { kind, message })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 25 review: API answers (errors included) are `Cache-Control: no-store` and
+    /// `nosniff`; an answer that says its own caching (the console's files) keeps it.
+    #[test]
+    fn api_answers_are_not_stored_by_caches() {
+        for reply in [
+            Reply::json(StatusCode::OK, &serde_json::json!([])),
+            error(StatusCode::UNAUTHORIZED, "unauthorized", "no key"),
+            Reply::empty(StatusCode::NO_CONTENT),
+        ] {
+            let r = reply.into_response();
+            assert_eq!(r.headers()[http::header::CACHE_CONTROL], "no-store");
+            assert_eq!(r.headers()[http::header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        }
+        let own = Reply::text(StatusCode::OK, "x")
+            .header(http::header::CACHE_CONTROL, "no-cache")
+            .into_response();
+        assert_eq!(own.headers()[http::header::CACHE_CONTROL], "no-cache");
+        assert_eq!(
+            own.headers()
+                .get_all(http::header::CACHE_CONTROL)
+                .iter()
+                .count(),
+            1
+        );
+    }
 }
