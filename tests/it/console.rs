@@ -155,6 +155,12 @@ fn the_console_in_a_browser_reads_observes_and_plots() {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/it/fixtures/console-browser.cjs");
     let out_dir = artifacts();
     let ep = "sim-000000";
+    // Issue 25 review: resource names that are JavaScript prototype keys broke the tree.
+    let mut proto = d.device();
+    proto.register(
+        &["ep=proto-keys", "lt=600"],
+        "</3/0/constructor>,</3/0/__proto__>,</3/0/0>",
+    );
     let mut node = Command::new(browser::node())
         .arg(&script)
         .env("PLAYWRIGHT", &playwright)
@@ -164,6 +170,7 @@ fn the_console_in_a_browser_reads_observes_and_plots() {
         .env("CONSOLE_EP", ep)
         .env("CONSOLE_VIEWER_KEY", &viewer)
         .env("CONSOLE_VIEWER_EP", "sim-000001")
+        .env("CONSOLE_PROTO_EP", "proto-keys")
         .env("ARTIFACTS", &out_dir)
         .env("USER_DATA_DIR", profile.path())
         .stdin(Stdio::null())

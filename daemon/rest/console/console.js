@@ -92,13 +92,16 @@
   }
 
   // ---- values -----------------------------------------------------------------------
+  // An own property only: a device's path segment such as `constructor` or `__proto__`
+  // names no definition (not Object.prototype's).
+  const own = (obj, k) => (obj && Object.prototype.hasOwnProperty.call(obj, k) ? obj[k] : undefined);
   function definition(path) {
     const [oid, , rid] = path.split('/').slice(1);
-    const o = objects[oid];
-    const r = o && rid !== undefined ? o.resources[rid] : null;
+    const o = own(objects, oid);
+    const r = o && rid !== undefined ? own(o.resources, rid) : null;
     return { object: o, resource: r ? { name: r[0], ops: r[1], type: r[2], multiple: r[3], units: r[4] } : null };
   }
-  const typeOf = (oid, rid) => { const o = objects[oid]; const r = o && o.resources[rid]; return r ? r[2] : ''; };
+  const typeOf = (oid, rid) => { const o = own(objects, oid); const r = o && own(o.resources, rid); return r ? r[2] : ''; };
 
   function bytesOf(b64) {
     const bin = atob(b64 || '');
@@ -268,7 +271,7 @@
     const tree = $('tree');
     tree.textContent = '';
     for (const oid of [...groups.keys()].sort((a, b) => a - b)) {
-      const def = objects[oid];
+      const def = own(objects, oid);
       const obj = el('details', { open: '', 'data-object': oid },
         el('summary', {}, `${def ? def.name : 'Object'} `, el('span', { class: 'muted' }, '/' + oid)));
       for (const [iid, listed] of [...groups.get(oid)].sort((a, b) => a[0] - b[0])) {
