@@ -24,7 +24,7 @@ pub use event::{
     AsyncResponse, CallbackTarget, ChannelRecord, EndpointSummary, Entry, Event, Kind,
     Notification, ResourceSummary, StoredEvent, SubscriptionError,
 };
-pub use names::{MAX_NAME_LEN, valid_domain, valid_name};
+pub use names::{MAX_NAME_LEN, is_dot_segment, valid_domain, valid_name};
 pub use peer::{ListenerId, ListenerKind, PeerRef};
 pub use quota::HourCount;
 pub use registration::Registration;

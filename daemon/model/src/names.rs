@@ -6,7 +6,7 @@ pub const MAX_NAME_LEN: usize = 256;
 /// A domain name: 1 to 64 of letters, digits, `-`, `_`, `.`; not `.` or `..`.
 pub fn valid_domain(d: &str) -> bool {
     (1..=64).contains(&d.len())
-        && !is_dots(d)
+        && !is_dot_segment(d)
         && d.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
@@ -16,14 +16,16 @@ pub fn valid_domain(d: &str) -> bool {
 /// unusable as a REST path segment (a URL parser resolves a dot segment away).
 pub fn valid_name(n: &str) -> bool {
     (1..=MAX_NAME_LEN).contains(&n.len())
-        && !is_dots(n)
+        && !is_dot_segment(n)
         && !n
             .chars()
             .any(|c| c.is_control() || matches!(c, '/' | '?' | '#'))
 }
 
-/// `.` or `..`, also percent-encoded (`%2e`, `%2E`).
-fn is_dots(s: &str) -> bool {
+/// A `.` or `..` path segment, also percent-encoded (`%2e`, `%2E`), as URL parsers
+/// (browsers, RFC 3986 §5.2.4 resolvers) treat it: no name, and no segment of a device's
+/// resource path (refused at registration, `registry::parse_resources`).
+pub fn is_dot_segment(s: &str) -> bool {
     let s = s.to_ascii_lowercase().replace("%2e", ".");
     s == "." || s == ".."
 }

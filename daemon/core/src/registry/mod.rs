@@ -29,8 +29,8 @@ use crate::log_budget::{self, DeviceLine};
 use crate::metrics::Counters;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
-use connectord_model::PeerRef;
 pub use connectord_model::{MAX_NAME_LEN, Registration, now_ms, valid_domain, valid_name};
+use connectord_model::{PeerRef, is_dot_segment};
 
 /// A resource from the registration's link-format.
 ///
@@ -438,21 +438,13 @@ fn links_without(links: &str, path: &str) -> Option<String> {
 
 /// Parses a registration body into resources. The LwM2M root link (`rt="oma.lwm2m"`)
 /// describes the server's object tree, not a resource, and is left out.
-/// A `.` or `..` path segment, also percent-encoded (`%2e`, `%2E`), as URL parsers
-/// (browsers, RFC 3986 §5.2.4 resolvers) treat it.
 ///
-/// Decision (issue 25 review of the console): a device's resource path with such a
-/// segment, or with `?` or `#`, is refused at registration. The REST API refuses such
+/// Decision (issue 25 review of the console): a device's resource path with a `.` or `..`
+/// segment ([`is_dot_segment`]), or with `?` or `#`, is refused. The REST API refuses such
 /// paths in requests already, so the resource could not be used; but a page or client
 /// that appends the listed path to a URL (the console's Read, Write, Execute and Observe)
 /// had it resolved into another route: `</../../notification/websocket>` made an Observe
 /// click a `PUT /v2/notification/websocket` with the operator's key.
-fn is_dot_segment(seg: &str) -> bool {
-    let lower = seg.to_ascii_lowercase();
-    let s = lower.replace("%2e", ".");
-    s == "." || s == ".."
-}
-
 pub fn parse_resources(links: &str) -> Result<Vec<Resource>, RegistryError> {
     let parsed = link_format::parse(links)
         .map_err(|e| RegistryError::Invalid(format!("bad object list: {e}")))?;

@@ -624,6 +624,7 @@ fn bound_library_loops(lua: &Lua, meter: &Arc<Meter>) -> mlua::Result<()> {
     // Lua 5.4's `ltablib.c`), so their loops are counted by the hook like any rule code,
     // and `#t` is asked once per call, as in C; a table without one goes to Lua's own,
     // whose loops the table's real size bounds.
+    let math: Table = globals.raw_get("math")?;
     let (insert, remove): (Function, Function) = lua
         .load(
             r##"
@@ -717,12 +718,8 @@ fn bound_library_loops(lua: &Lua, meter: &Arc<Meter>) -> mlua::Result<()> {
             globals.raw_get::<Function>("type")?,
             globals.raw_get::<Function>("select")?,
             globals.raw_get::<Function>("tonumber")?,
-            globals
-                .raw_get::<Table>("math")?
-                .raw_get::<Function>("tointeger")?,
-            globals
-                .raw_get::<Table>("math")?
-                .raw_get::<Function>("ult")?,
+            math.raw_get::<Function>("tointeger")?,
+            math.raw_get::<Function>("ult")?,
             globals.raw_get::<Function>("error")?,
             string.raw_get::<Function>("format")?,
             globals.raw_get::<Function>("getmetatable")?,
