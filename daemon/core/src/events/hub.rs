@@ -1025,32 +1025,21 @@ impl Hub {
         &self,
         batch: &[(&[String], &[Event], About<'_>, Undo)],
     ) -> Forwarding {
-        let kept: Vec<usize> = (0..batch.len())
-            .filter(|&i| !batch[i].1.is_empty())
-            .collect();
-        let groups: Vec<Group<'_>> = kept
-            .iter()
-            .map(|&i| {
-                let (keys, events, about, undo) = batch[i];
-                Group {
-                    to: To::Keys(keys),
-                    events,
-                    about,
-                    undo,
-                }
-            })
-            .collect();
-        if groups.is_empty() {
+        // Every entry is a group, empty ones too (they choose nothing), so that the
+        // groups' numbering is the batch's ([`Forwarding::went_elsewhere`]).
+        if batch.iter().all(|(_, events, _, _)| events.is_empty()) {
             return Forwarding::default();
         }
-        let mut forwarding = self.publish_here(&groups, None).await;
-        // By the batch's own numbering (its empty groups were left out).
-        let mut remote = vec![false; batch.len()];
-        for (g, &i) in kept.iter().enumerate() {
-            remote[i] = forwarding.went_elsewhere(g);
-        }
-        forwarding.remote_groups = remote;
-        forwarding
+        let groups: Vec<Group<'_>> = batch
+            .iter()
+            .map(|&(keys, events, about, undo)| Group {
+                to: To::Keys(keys),
+                events,
+                about,
+                undo,
+            })
+            .collect();
+        self.publish_here(&groups, None).await
     }
 
     /// Queues the async response `event` for the key that asked (if its restriction, which
