@@ -473,7 +473,7 @@ impl Generation {
             // The worker returns right after a failed create, or is still in a create that
             // did not finish: joined, and the image let go after it, on a thread of its
             // own, so that the load fails now rather than when (if ever) create returns.
-            reap_later(worker, image);
+            reap_later(vec![worker], image, || {});
             return Err(PluginError::Create { name, message });
         }
         let mut g = Generation {
@@ -708,20 +708,32 @@ fn private_copy(bytes: &[u8]) -> std::io::Result<tempfile::NamedTempFile> {
     Ok(f)
 }
 
-/// Joins `worker`, then lets `image` go, on a thread of its own: the worker may still be
-/// running code of the image (a create that did not finish in time). If no thread can be
-/// started, the image is never unloaded (the worker is left running).
-fn reap_later(worker: std::thread::JoinHandle<()>, image: Option<Arc<Image>>) {
+/// Joins `workers`, then lets `image` go and runs `done`, on a thread of its own, so that
+/// no caller (an async task, a load that timed out) waits for the joins: a worker may
+/// still be running code of the image (a call or a create that did not finish in time).
+/// If no thread can be started, the image is never unloaded (the workers are left
+/// running): the closure given to the failed spawn is dropped, and with it its hold of
+/// the image, so the image is held by a second, forgotten reference. (`Generation`'s drop
+/// had the spawn own the image alone: a failed spawn unloaded it under its running
+/// workers, although its warning said it was left loaded.)
+fn reap_later(
+    workers: Vec<std::thread::JoinHandle<()>>,
+    image: Option<Arc<Image>>,
+    done: impl FnOnce() + Send + 'static,
+) {
     let keep = Arc::new(Mutex::new(image));
     let held = Arc::clone(&keep);
     let spawned = std::thread::Builder::new()
         .name("plugin-reaper".into())
         .spawn(move || {
-            let _ = worker.join();
+            for w in workers {
+                let _ = w.join();
+            }
             drop(held);
+            done();
         });
     if spawned.is_err() {
-        tracing::warn!("cannot start a thread to unload a plugin image; leaving it loaded");
+        tracing::warn!("cannot start a thread to unload a plugin generation; leaving it loaded");
         std::mem::forget(keep);
     }
 }
@@ -736,23 +748,10 @@ impl Drop for Generation {
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
         let image = self.image.lock().unwrap_or_else(|p| p.into_inner()).take();
         let (name, id) = (self.name.clone(), self.id);
-        let reap = move || {
-            for w in workers {
-                let _ = w.join();
-            }
-            // Unloaded (and its copy removed) if no other generation runs it.
-            drop(image);
+        // Unloaded (and its copy removed) if no other generation runs it.
+        reap_later(workers, image, move || {
             tracing::debug!(plugin = %name, generation = id, "plugin generation stopped");
-        };
-        if std::thread::Builder::new()
-            .name("plugin-reaper".into())
-            .spawn(reap)
-            .is_err()
-        {
-            tracing::warn!(
-                "cannot start a thread to unload a plugin generation; leaving it loaded"
-            );
-        }
+        });
     }
 }
 
