@@ -735,7 +735,10 @@ async fn start_services(
     let requests = Requests::new(
         RequestsDeps {
             directory: Arc::clone(&directory),
-            devices: Arc::new(CoapDevices(Arc::clone(&transport))),
+            devices: Arc::new(CoapDevices::new(
+                Arc::clone(&transport),
+                Arc::clone(&credentials),
+            )),
             hub: Arc::clone(&hub),
             store: Arc::clone(&store),
             counters: Arc::clone(&counters),

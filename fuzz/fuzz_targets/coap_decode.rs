@@ -13,7 +13,10 @@ static BLOCKS: Mutex<Option<Assemblies>> = Mutex::new(None);
 fuzz_target!(|data: &[u8]| {
     if let Ok(mut packet) = connectord::coap::message::decode(data) {
         let _ = packet.to_bytes();
-        let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 5683));
+        let peer = connectord::coap::peer::Source {
+            via: 0,
+            peer: std::net::SocketAddr::from(([127, 0, 0, 1], 5683)),
+        };
         let mut blocks = BLOCKS.lock().unwrap_or_else(|p| p.into_inner());
         let _ = blocks
             .get_or_insert_with(Assemblies::default)

@@ -974,6 +974,111 @@ fn a_dtls_device_whose_address_changes_keeps_its_session() {
     assert_eq!(metric(&d, "coap_dtls_sessions"), 1);
 }
 
+/// The piggybacked 2.05 answering `read` (a request the device received), `payload`.
+fn content_ack(read: &coap_lite::Packet, payload: &[u8]) -> coap_lite::Packet {
+    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
+    let mut ack = Packet::new();
+    ack.header.set_type(MessageType::Acknowledgement);
+    ack.header.code = MessageClass::Response(ResponseType::Content);
+    ack.header.message_id = read.header.message_id;
+    ack.set_token(read.get_token().to_vec());
+    ack.add_option(CoapOption::ContentFormat, vec![]);
+    ack.payload = payload.to_vec();
+    ack
+}
+
+/// An address passes to another device (a NAT reuses the mapping; the first device's
+/// session is replaced by the second's handshake from that address): a request for the
+/// first device is not sent to the second, whose identity the credentials bind to
+/// another endpoint; it fails at once with 502. Once the first device handshakes from
+/// the address again, requests reach it. (Before, the session was found by address
+/// alone: the second device was sent the first one's request and could answer it.)
+#[test]
+fn a_request_goes_only_to_a_session_that_proved_its_devices_identity() {
+    use coap_lite::{MessageClass, RequestType};
+    use std::net::UdpSocket;
+    use std::time::Duration;
+    const WAIT: Duration = Duration::from_secs(10);
+
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let (dtls, cfg_a) = cid::psk_device(&d, "nat-a", "nat-a-id", b"nat-a-device-key");
+    let (_, cfg_b) = cid::psk_device(&d, "nat-b", "nat-b-id", b"nat-b-device-key");
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut a = cid::connect(&cfg_a, &sock, dtls);
+    cid::register(&mut a, &sock, dtls, "nat-a");
+
+    // Device B handshakes from the same address: its session replaces A's.
+    let handshakes = metric(&d, "coap_dtls_handshakes_total");
+    let mut b = cid::connect(&cfg_b, &sock, dtls);
+    assert_eq!(
+        wait_metric(&d, "coap_dtls_handshakes_total", handshakes + 1),
+        handshakes + 1
+    );
+    assert_eq!(metric(&d, "coap_dtls_sessions"), 1);
+    let id = d.async_request("GET", "/v2/endpoints/nat-a/3/0/0", None, None);
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(r["status"], 502, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no longer the device's")),
+        "{r}"
+    );
+    let (got, _) = cid::receive(&mut b, &sock, dtls, Duration::from_secs(1));
+    assert!(
+        got.is_none(),
+        "device B was sent device A's request: {got:?}"
+    );
+
+    // A is back on the address: its reads reach it.
+    let mut a = cid::connect(&cfg_a, &sock, dtls);
+    let id = d.async_request("GET", "/v2/endpoints/nat-a/3/0/0", None, None);
+    let (read, _) = cid::receive(&mut a, &sock, dtls, WAIT);
+    let read = read.expect("the read reaches device A");
+    assert_eq!(read.header.code, MessageClass::Request(RequestType::Get));
+    cid::send(&mut a, &sock, dtls, &content_ack(&read, b"mine"));
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["payload"], support::b64(b"mine").as_str(), "{r}");
+}
+
+/// Under `coap.plain = "allow"` a plain UDP datagram from a DTLS device's address, to the
+/// plain listener, is not the DTLS session's: an error ACK without a token (which some
+/// clients send for a request they cannot parse, and which answers the request of its
+/// message id) does not answer the request sent through the session, and the device's
+/// own answer does. (Before, the message layer keyed exchanges by address alone, so a
+/// forged datagram with a guessed message id ended the secure device's read with 404.)
+#[test]
+fn a_plain_datagram_does_not_answer_a_request_sent_over_dtls() {
+    use coap_lite::{MessageClass, MessageType, Packet, RequestType, ResponseType};
+    use std::net::UdpSocket;
+    use std::time::Duration;
+    const WAIT: Duration = Duration::from_secs(10);
+
+    let d = support::Daemon::start_custom("listen_dtls = [\"127.0.0.1:0\"]", "");
+    let (dtls, cfg) = cid::psk_device(&d, "mix-dev", "mix-id", b"mix-device-key16");
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut c = cid::connect(&cfg, &sock, dtls);
+    cid::register(&mut c, &sock, dtls, "mix-dev");
+    let id = d.async_request("GET", "/v2/endpoints/mix-dev/3/0/0", None, None);
+    let (read, _) = cid::receive(&mut c, &sock, dtls, WAIT);
+    let read = read.expect("the read over DTLS");
+    assert_eq!(read.header.code, MessageClass::Request(RequestType::Get));
+
+    // The forgery: from the device's address, in plain CoAP, to the UDP listener.
+    let mut forged = Packet::new();
+    forged.header.set_type(MessageType::Acknowledgement);
+    forged.header.code = MessageClass::Response(ResponseType::NotFound);
+    forged.header.message_id = read.header.message_id;
+    sock.send_to(&forged.to_bytes().unwrap(), d.coap).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    cid::send(&mut c, &sock, dtls, &content_ack(&read, b"real"));
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["payload"], support::b64(b"real").as_str(), "{r}");
+}
+
 /// wolfSSL's DTLS 1.2 client (`support::peers::wolfssl_cid_client`: an RFC 9146
 /// implementation nobody here wrote), driven over its stdin and stdout.
 struct Wolf {

@@ -16,7 +16,6 @@
 //! forgotten [`LIFETIME`] after its first block: the memory held is bounded whatever the
 //! devices send.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, Packet, ResponseType};
@@ -25,6 +24,7 @@ use crate::Map;
 
 use crate::client::Block;
 use crate::message::{self, Response};
+use crate::peer::Source;
 
 /// The largest request body assembled from blocks (a registration's object list is a few
 /// KiB at most).
@@ -51,10 +51,10 @@ pub enum Step {
     Answer(Response),
 }
 
-/// A transfer's identity: the peer, the method code, and the values of its Uri-Path,
+/// A transfer's identity: the peer (on its listener), the method code, and the values of its Uri-Path,
 /// Uri-Query and Request-Tag options (each option's values kept apart, so that no
 /// arrangement of bytes in one can pass for another).
-type Key = (SocketAddr, u8, [Vec<Vec<u8>>; 3]);
+type Key = (Source, u8, [Vec<Vec<u8>>; 3]);
 
 /// The Request-Tag option (RFC 9175 §3.2): elective, repeatable, 0 to 8 bytes each.
 pub const REQUEST_TAG: CoapOption = CoapOption::Unknown(292);
@@ -70,7 +70,7 @@ pub struct Assemblies {
     partial: Map<Key, Partial>,
 }
 
-fn key(peer: SocketAddr, packet: &Packet) -> Key {
+fn key(peer: Source, packet: &Packet) -> Key {
     let values = |opt: CoapOption| -> Vec<Vec<u8>> {
         packet
             .get_option(opt)
@@ -108,7 +108,7 @@ fn refuse(code: ResponseType, why: &str) -> Step {
 impl Assemblies {
     /// When `peer` has [`MAX_TRANSFERS_PER_PEER`] transfers in time: how long until its
     /// oldest expires (the Max-Age of the 5.03 refusing another).
-    fn peer_full(&self, peer: SocketAddr, now: Instant) -> Option<Duration> {
+    fn peer_full(&self, peer: Source, now: Instant) -> Option<Duration> {
         let mut count = 0;
         let mut oldest: Option<Instant> = None;
         for p in self
@@ -137,7 +137,7 @@ impl Assemblies {
     }
 
     /// Takes one request datagram (new, not a duplicate).
-    pub fn on_request(&mut self, peer: SocketAddr, packet: &mut Packet, now: Instant) -> Step {
+    pub fn on_request(&mut self, peer: Source, packet: &mut Packet, now: Instant) -> Step {
         // 0 to 3 bytes (RFC 7959 §2.2).
         if packet
             .get_first_option(CoapOption::Block1)
@@ -244,8 +244,11 @@ mod tests {
     use super::*;
     use coap_lite::{MessageClass, RequestType};
 
-    fn peer(port: u16) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], port))
+    fn peer(port: u16) -> Source {
+        Source {
+            via: 0,
+            peer: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        }
     }
 
     /// The step for the last 16-byte block `num`: the whole body handed on to the handler.

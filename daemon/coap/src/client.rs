@@ -21,7 +21,7 @@ use crate::Map;
 
 use crate::listener::Listener;
 use crate::message;
-use crate::peer::{ListenerId, PeerRef};
+use crate::peer::{ListenerId, PeerIdentity, PeerRef, Source};
 use crate::transport::Transport;
 
 /// What arrived for an exchange of ours.
@@ -49,6 +49,17 @@ pub struct HeldAck {
     pub listener: ListenerId,
     pub peer: SocketAddr,
     pub mid: u16,
+    /// The listener's index in the transport (the duplicate cache's key, [`Source`]).
+    pub(crate) via: u16,
+}
+
+impl HeldAck {
+    pub(crate) fn source(&self) -> Source {
+        Source {
+            via: self.via,
+            peer: self.peer,
+        }
+    }
 }
 
 /// Events that may wait for one open exchange: a few at most (ACK, RST, a separate
@@ -126,11 +137,20 @@ impl RouteTx {
     }
 }
 
-/// Open exchanges, by token and by (peer, message id).
+/// A transmission waiting for its ACK or RST: the token of its exchange and, on a secure
+/// listener, the identity its session proved when it was sent (an ACK or RST from a
+/// session of that address that proved another is not its answer).
+#[derive(Debug)]
+struct Waiting {
+    token: Vec<u8>,
+    identity: Option<PeerIdentity>,
+}
+
+/// Open exchanges, by token and by (source, message id).
 #[derive(Debug)]
 pub struct ClientState {
     by_token: Map<Vec<u8>, Route>,
-    by_mid: Map<(SocketAddr, u16), Vec<u8>>,
+    by_mid: Map<(Source, u16), Waiting>,
     queued: std::sync::Arc<Queued>,
 }
 
@@ -150,10 +170,21 @@ impl ClientState {
     }
 
     /// Routes an ACK or RST by message id; false when no exchange waits for it.
-    pub fn on_ack_or_reset(&mut self, peer: SocketAddr, packet: Packet) -> bool {
-        let Some(token) = self.by_mid.get(&(peer, packet.header.message_id)) else {
+    /// `identity` tells what the session it came from proved (asked only when the
+    /// transmission was sent to a secure session).
+    pub(crate) fn on_ack_or_reset(
+        &mut self,
+        from: Source,
+        packet: Packet,
+        identity: impl FnOnce() -> Option<PeerIdentity>,
+    ) -> bool {
+        let Some(waiting) = self.by_mid.get(&(from, packet.header.message_id)) else {
             return false;
         };
+        if waiting.identity.is_some() && identity() != waiting.identity {
+            return false;
+        }
+        let token = &waiting.token;
         // A piggybacked response answers the request only with its token (RFC 7252
         // §5.3.2); one with another token is not its answer, and is ignored (the request
         // is retransmitted, and times out if every answer is like it). Except an error
@@ -278,6 +309,13 @@ pub struct OutRequest {
     pub accept: Option<u16>,
     /// Observe option: 0 registers, 1 deregisters.
     pub observe: Option<u32>,
+    /// On a secure listener: the identity the session must have proved. Every
+    /// transmission (each retransmission, each block) first checks the session still has
+    /// it, and fails with [`ClientError::OtherSession`] sending nothing if not: a session
+    /// of that address established since by another peer (a NAT that gave the address to
+    /// another device) never receives the request. `None` sends to whichever session
+    /// holds the address.
+    pub identity: Option<PeerIdentity>,
 }
 
 impl OutRequest {
@@ -298,6 +336,7 @@ impl OutRequest {
             content_format: None,
             accept: None,
             observe: None,
+            identity: None,
         }
     }
 }
@@ -421,6 +460,8 @@ pub enum ClientError {
     Block(String),
     #[error("send failed: {0}")]
     Io(String),
+    #[error("the session of that address is no longer the device's (another identity, or none)")]
+    OtherSession,
 }
 
 /// A Block1/Block2 option value.
@@ -556,10 +597,10 @@ impl Drop for TokenGuard<'_> {
     }
 }
 
-/// Removes a (peer, message id) route when its transmission ends.
+/// Removes a (source, message id) route when its transmission ends.
 struct MidGuard<'a> {
     transport: &'a Transport,
-    key: (SocketAddr, u16),
+    key: (Source, u16),
 }
 
 impl Drop for MidGuard<'_> {
@@ -666,7 +707,7 @@ impl Drop for ObserveStream {
                 if let Some(h) = held {
                     dedup
                         .get_or_insert_with(|| self.transport.lock_dedup())
-                        .forget(h.peer, h.mid);
+                        .forget(h.source(), h.mid);
                 }
             }
         }
@@ -809,7 +850,7 @@ impl Drop for FeedItem {
         if let Some(h) = self.held.take()
             && let Some(t) = self.link.transport.upgrade()
         {
-            t.lock_dedup().forget(h.peer, h.mid);
+            t.lock_dedup().forget(h.source(), h.mid);
         }
     }
 }
@@ -838,7 +879,7 @@ impl Drop for FeedAck {
         if let Some(h) = self.held.take()
             && let Some(t) = self.transport.upgrade()
         {
-            t.lock_dedup().forget(h.peer, h.mid);
+            t.lock_dedup().forget(h.source(), h.mid);
         }
     }
 }
@@ -852,7 +893,7 @@ impl Transport {
             self.send_block1(peer, req, &cfg).await?
         } else {
             let p = self.build(req, MessageType::Confirmable, &[])?;
-            self.exchange(peer, p, &cfg).await?
+            self.exchange(peer, p, req.identity.as_ref(), &cfg).await?
         };
         let mut reply = CoapReply::from_packet(&first);
         // Block2: fetch the rest of a large response (safe methods only).
@@ -883,7 +924,7 @@ impl Transport {
                 MessageType::Confirmable,
                 &[(CoapOption::Block2, &next.encode())],
             )?;
-            let resp = self.exchange(peer, p, &cfg).await?;
+            let resp = self.exchange(peer, p, req.identity.as_ref(), &cfg).await?;
             let part = CoapReply::from_packet(&resp);
             if part.code != ResponseType::Content {
                 return Ok(part);
@@ -936,7 +977,7 @@ impl Transport {
                 &[(CoapOption::Block1, &block)]
             };
             let p = self.build(&part, MessageType::Confirmable, extra)?;
-            let resp = self.exchange(peer, p, cfg).await?;
+            let resp = self.exchange(peer, p, req.identity.as_ref(), cfg).await?;
             if !more || resp.header.code != MessageClass::Response(ResponseType::Continue) {
                 // The final response, or an error that ends the transfer.
                 return Ok(resp);
@@ -973,9 +1014,12 @@ impl Transport {
     /// Sends a non-confirmable request and forgets it (`noResp=true`).
     pub async fn send_non(&self, peer: PeerRef, req: &OutRequest) -> Result<(), ClientError> {
         let p = self.build(req, MessageType::NonConfirmable, &[])?;
-        let sock = self
-            .listener(&peer.listener)
-            .ok_or(ClientError::NoSocket(peer.listener))?;
+        let (sock, _) = self.sending(&peer.listener)?;
+        if let Some(want) = &req.identity
+            && sock.identity(peer.session).as_ref() != Some(want)
+        {
+            return Err(ClientError::OtherSession);
+        }
         sock.send(peer.session, &p.bytes)
             .await
             .map_err(|e| ClientError::Io(e.to_string()))?;
@@ -988,6 +1032,7 @@ impl Transport {
         &self,
         peer: PeerRef,
         packet: Outgoing,
+        identity: Option<&PeerIdentity>,
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
         let token = packet.token.to_vec();
@@ -1003,7 +1048,7 @@ impl Transport {
             transport: self,
             token,
         };
-        self.transmit(peer, &packet, &mut rx, cfg).await
+        self.transmit(peer, &packet, identity, &mut rx, cfg).await
     }
 
     /// Registers an observation (GET with Observe=0) and returns the first response and
@@ -1038,31 +1083,38 @@ impl Transport {
             queued,
             handed_over: false,
         };
-        let first = self.transmit(peer, &packet, &mut stream.rx, &cfg).await?;
+        let first = self
+            .transmit(peer, &packet, r.identity.as_ref(), &mut stream.rx, &cfg)
+            .await?;
         Ok((CoapReply::from_packet(&first), stream))
     }
 
     /// Sends `packet` (CON) with retransmission and waits for its response on `rx`, the
-    /// channel its token routes to.
+    /// channel its token routes to. With `identity`, each transmission goes only to a
+    /// session that proved it ([`OutRequest::identity`]).
     async fn transmit(
         &self,
         to: PeerRef,
         packet: &Outgoing,
+        identity: Option<&PeerIdentity>,
         rx: &mut mpsc::Receiver<ClientEvent>,
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
-        let sock = self
-            .listener(&to.listener)
-            .ok_or(ClientError::NoSocket(to.listener))?;
+        let (sock, via) = self.sending(&to.listener)?;
         let peer = to.session;
         let bytes = &packet.bytes;
         let mid = packet.message_id;
-        self.lock_client()
-            .by_mid
-            .insert((peer, mid), packet.token.to_vec());
+        let key = (Source { via, peer }, mid);
+        self.lock_client().by_mid.insert(
+            key,
+            Waiting {
+                token: packet.token.to_vec(),
+                identity: identity.cloned(),
+            },
+        );
         let _mid_route = MidGuard {
             transport: self,
-            key: (peer, mid),
+            key,
         };
         let mut schedule = Retransmission::new(cfg, rand::random::<f64>());
         // A reliable listener (TLS) is not retransmitted on: one transmission, answered
@@ -1070,6 +1122,11 @@ impl Transport {
         // failed at once by the listener when the connection closes.
         let reliable = !to.listener.kind.unreliable();
         loop {
+            if let Some(want) = identity
+                && sock.identity(peer).as_ref() != Some(want)
+            {
+                return Err(ClientError::OtherSession);
+            }
             sock.send(peer, bytes)
                 .await
                 .map_err(|e| ClientError::Io(e.to_string()))?;
@@ -1128,6 +1185,45 @@ mod tests {
     use std::pin::Pin;
     use std::sync::Arc;
     use tokio::net::UdpSocket;
+
+    /// An ACK or RST answers a transmission only from its listener, and for one sent to a
+    /// secure session only from a session of the identity it was sent to.
+    #[test]
+    fn an_ack_from_another_listener_or_identity_is_not_the_answer() {
+        let mut c = ClientState::new(8);
+        let (tx, mut rx) = mpsc::channel(4);
+        c.by_token.insert(
+            vec![1],
+            Route {
+                tx: RouteTx::Own(tx),
+                observation: false,
+            },
+        );
+        let from = Source {
+            via: 1,
+            peer: SocketAddr::from(([127, 0, 0, 1], 40_000)),
+        };
+        let id = PeerIdentity::Psk("dev-a".into());
+        c.by_mid.insert(
+            (from, 7),
+            Waiting {
+                token: vec![1],
+                identity: Some(id.clone()),
+            },
+        );
+        let mut ack = Packet::new();
+        ack.header.set_type(MessageType::Acknowledgement);
+        ack.header.code = MessageClass::Empty;
+        ack.header.message_id = 7;
+        let other = || Some(PeerIdentity::Psk("dev-b".into()));
+        assert!(!c.on_ack_or_reset(from, ack.clone(), other));
+        assert!(!c.on_ack_or_reset(from, ack.clone(), || None));
+        let plain = Source { via: 0, ..from };
+        assert!(!c.on_ack_or_reset(plain, ack.clone(), || None));
+        assert!(rx.try_recv().is_err(), "none of them reached the exchange");
+        assert!(c.on_ack_or_reset(from, ack, || Some(id.clone())));
+        assert!(matches!(rx.try_recv(), Ok(ClientEvent::Ack(_))));
+    }
 
     struct NotFound;
     impl RequestHandler for NotFound {

@@ -1,18 +1,18 @@
 //! Duplicate detection (RFC 7252 §4.5): a retransmitted request is answered with the reply
 //! already sent, not handled a second time.
 //!
-//! Keyed by (peer address, message id). An exchange is `InProgress` while its handler runs
+//! Keyed by (source, message id): the peer's address on its listener ([`Source`]). An exchange is `InProgress` while its handler runs
 //! (duplicates arriving then are dropped: the device will retransmit again and by then the
 //! reply is cached) and `Done` with the encoded reply afterwards. Entries live for
 //! EXCHANGE_LIFETIME; the map is bounded and the oldest entries go first.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::Map;
+use crate::peer::Source;
 
-type Key = (SocketAddr, u16);
+type Key = (Source, u16);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seen {
@@ -55,7 +55,7 @@ impl Dedup {
     }
 
     /// Looks up (and on first sight records) the exchange.
-    pub fn check(&mut self, peer: SocketAddr, mid: u16, now: Instant) -> Seen {
+    pub fn check(&mut self, peer: Source, mid: u16, now: Instant) -> Seen {
         self.expire(now);
         let key = (peer, mid);
         if let Some(e) = self.map.get(&key) {
@@ -84,7 +84,7 @@ impl Dedup {
     }
 
     /// Records the reply sent for an exchange marked in progress.
-    pub fn complete(&mut self, peer: SocketAddr, mid: u16, reply: Option<Vec<u8>>) {
+    pub fn complete(&mut self, peer: Source, mid: u16, reply: Option<Vec<u8>>) {
         if let Some(e) = self.map.get_mut(&(peer, mid)) {
             e.reply = Some(reply);
         }
@@ -93,7 +93,7 @@ impl Dedup {
     /// Forgets an exchange whose handling was abandoned, so that a retransmission is
     /// handled afresh. Its order slot goes too (it is near the back: the exchange was
     /// recorded moments ago), or a flood of abandoned exchanges would grow `order`.
-    pub fn forget(&mut self, peer: SocketAddr, mid: u16) {
+    pub fn forget(&mut self, peer: Source, mid: u16) {
         let key = (peer, mid);
         if let Some(e) = self.map.remove(&key)
             && let Some(i) = self
@@ -135,8 +135,11 @@ impl Dedup {
 mod tests {
     use super::*;
 
-    fn peer(port: u16) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], port))
+    fn peer(port: u16) -> Source {
+        Source {
+            via: 0,
+            peer: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        }
     }
 
     #[test]
@@ -149,6 +152,9 @@ mod tests {
         assert_eq!(d.check(peer(1), 5, t), Seen::Answered(Some(vec![1, 2])));
         // Same id from another port is another exchange.
         assert_eq!(d.check(peer(2), 5, t), Seen::New);
+        // And from the same address on another listener.
+        let other = Source { via: 1, ..peer(1) };
+        assert_eq!(d.check(other, 5, t), Seen::New);
     }
 
     #[test]

@@ -104,6 +104,18 @@ impl PeerRef {
     }
 }
 
+/// A session as the message layer's state keys it (the duplicate cache, the routing of
+/// ACKs and RSTs by message id, Block1 assemblies): the peer's address on one listener,
+/// the listener by its index in the transport. The same address on two listeners (a
+/// plain UDP peer and a DTLS session of that address, under `coap.plain = "allow"`) is
+/// two sources: a plain datagram, whose source anyone can forge, neither answers nor
+/// duplicates a secure session's messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Source {
+    pub via: u16,
+    pub peer: SocketAddr,
+}
+
 impl fmt::Display for PeerRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.listener, self.session)

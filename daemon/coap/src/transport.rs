@@ -31,7 +31,7 @@ use crate::dtls::{DtlsCounts, DtlsError, DtlsLimits, DtlsListener, DtlsSetup};
 use crate::listener::{AnyListener, Listener, RecvBatch, Session};
 use crate::message::{self, Handled, Inbound, RawHeader, ReplyTo, Response};
 use crate::metrics::{Event, Metrics};
-use crate::peer::{ListenerId, PeerRef};
+use crate::peer::{ListenerId, PeerRef, Source};
 use crate::shed::Pacer;
 use crate::tls::{TlsBounds, TlsListener, TlsSetup};
 use crate::udp::{self, UdpListener};
@@ -285,6 +285,25 @@ impl Transport {
         self.listeners.iter().find(|l| l.id() == *id).map(|l| &**l)
     }
 
+    /// The listener a request to a device leaves through, with its index (the `via` of
+    /// the message layer's [`Source`]).
+    pub(crate) fn sending(
+        &self,
+        id: &ListenerId,
+    ) -> Result<(&AnyListener, u16), crate::client::ClientError> {
+        self.listeners
+            .iter()
+            .position(|l| l.id() == *id)
+            .and_then(|i| Some((&*self.listeners[i], u16::try_from(i).ok()?)))
+            .ok_or(crate::client::ClientError::NoSocket(*id))
+    }
+
+    /// What the peer of `peer`'s session proved (secure listeners); `None` on plain UDP,
+    /// for a session that is gone, or a listener that is not ours.
+    pub fn session_identity(&self, peer: &PeerRef) -> Option<crate::peer::PeerIdentity> {
+        self.listener(&peer.listener)?.identity(peer.session)
+    }
+
     /// True when `listener` is one of ours: a device that registered through a listener
     /// no longer configured cannot be reached.
     pub fn has_listener(&self, listener: &ListenerId) -> bool {
@@ -343,12 +362,15 @@ impl Transport {
         let mut tasks: Vec<_> = self
             .listeners
             .iter()
-            .map(|l| {
+            .enumerate()
+            .map(|(via, l)| {
                 let t = Arc::clone(self);
                 let l = Arc::clone(l);
                 let h = Arc::clone(&handler);
                 let sd = stop.clone();
-                tokio::spawn(async move { t.receive_loop(l, h, sd).await })
+                // At most a handful of listeners: `bind` takes them from the configuration.
+                let via = u16::try_from(via).unwrap_or(u16::MAX);
+                tokio::spawn(async move { t.receive_loop(l, via, h, sd).await })
             })
             .collect();
         if self
@@ -396,6 +418,7 @@ impl Transport {
     async fn receive_loop<L: Listener>(
         self: Arc<Self>,
         listener: Arc<L>,
+        via: u16,
         handler: Arc<dyn RequestHandler>,
         mut stop: watch::Receiver<bool>,
     ) {
@@ -444,7 +467,15 @@ impl Transport {
                     listener: &*listener,
                     key: peer,
                 };
-                match self.on_message(bytes, peer, (!reliable).then_some(id), Instant::now()) {
+                let from = Source { via, peer };
+                let identity = || listener.identity(peer);
+                match self.on_message(
+                    bytes,
+                    from,
+                    identity,
+                    (!reliable).then_some(id),
+                    Instant::now(),
+                ) {
                     Action::Nothing => {}
                     Action::Reply(bytes) => session.send(&bytes).await,
                     Action::Handle(req) => self.handle(
@@ -453,6 +484,7 @@ impl Transport {
                             listener: id,
                             session: peer,
                         },
+                        via,
                         &listener,
                         &handler,
                     ),
@@ -466,14 +498,17 @@ impl Transport {
     /// so the duplicate cache is skipped.
     ///
     /// `unreliable`: the listener, for one with the message layer's reliability (UDP,
-    /// DTLS); None for a reliable one.
+    /// DTLS); None for a reliable one. `identity`: what the session proved (asked only
+    /// for an ACK or RST of a transmission sent to a secure session).
     fn on_message(
         &self,
         buf: &[u8],
-        peer: SocketAddr,
+        from: Source,
+        identity: impl FnOnce() -> Option<crate::peer::PeerIdentity>,
         unreliable: Option<ListenerId>,
         now: Instant,
     ) -> Action {
+        let peer = from.peer;
         let reliable = unreliable.is_none();
         let packet = match message::decode(buf) {
             Ok(p) => p,
@@ -499,13 +534,13 @@ impl Transport {
                 MessageClass::Empty | MessageClass::Response(_),
                 MessageType::Acknowledgement | MessageType::Reset,
             ) => {
-                if !self.lock_client().on_ack_or_reset(peer, packet) {
+                if !self.lock_client().on_ack_or_reset(from, packet, identity) {
                     self.metrics.count(Event::Unexpected);
                 }
                 return Action::Nothing;
             }
             (MessageClass::Response(_), MessageType::Confirmable | MessageType::NonConfirmable) => {
-                return self.on_separate_response(packet, peer, unreliable, now);
+                return self.on_separate_response(packet, from, unreliable, now);
             }
             _ => {
                 self.metrics.count(Event::Unexpected);
@@ -521,7 +556,7 @@ impl Transport {
         let seen = if reliable {
             Seen::New
         } else {
-            self.lock_dedup().check(peer, mid, now)
+            self.lock_dedup().check(from, mid, now)
         };
         match seen {
             Seen::New => {}
@@ -543,23 +578,23 @@ impl Transport {
             } else {
                 self.encode_response(refusal.response, &packet, peer)
             };
-            self.lock_dedup().complete(peer, mid, bytes.clone());
+            self.lock_dedup().complete(from, mid, bytes.clone());
             return bytes.map_or(Action::Nothing, Action::Reply);
         }
         // The permit first: a last block dropped for want of one would otherwise have
         // taken its transfer with it, and the device's retransmission would get 4.08.
         let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
-            return self.shed(&packet, peer, now);
+            return self.shed(&packet, from, now);
         };
         let mut packet = packet;
-        let step = self.lock_blocks().on_request(peer, &mut packet, now);
+        let step = self.lock_blocks().on_request(from, &mut packet, now);
         let echo = match step {
             block1::Step::Handle(echo) => echo,
             block1::Step::Answer(r) => {
                 // 2.31 Continue for a block, or a refusal: no handler involved.
                 drop(permit);
                 let bytes = self.encode_response(r, &packet, peer);
-                self.lock_dedup().complete(peer, mid, bytes.clone());
+                self.lock_dedup().complete(from, mid, bytes.clone());
                 return bytes.map_or(Action::Nothing, Action::Reply);
             }
         };
@@ -576,11 +611,11 @@ impl Transport {
     /// so a retransmission of the same message gets it again, and the device's retry
     /// after Max-Age is a new request. A NON request (no answer expected, none of its
     /// retries to spare) is dropped and counted.
-    fn shed(&self, packet: &coap_lite::Packet, peer: SocketAddr, now: Instant) -> Action {
-        let mid = packet.header.message_id;
+    fn shed(&self, packet: &coap_lite::Packet, from: Source, now: Instant) -> Action {
+        let (peer, mid) = (from.peer, packet.header.message_id);
         if packet.header.get_type() != MessageType::Confirmable {
             self.metrics.count(Event::BusyDrop);
-            self.lock_dedup().forget(peer, mid);
+            self.lock_dedup().forget(from, mid);
             tracing::debug!(%peer, "dropping NON request: coap.max_in_flight reached");
             return Action::Nothing;
         }
@@ -594,7 +629,7 @@ impl Transport {
         let r = Response::diagnostic(ResponseType::ServiceUnavailable, SHED_DIAGNOSTIC)
             .with_option(CoapOption::MaxAge, message::encode_uint(max_age));
         let bytes = self.encode_response(r, packet, peer);
-        self.lock_dedup().complete(peer, mid, bytes.clone());
+        self.lock_dedup().complete(from, mid, bytes.clone());
         bytes.map_or(Action::Nothing, Action::Reply)
     }
 
@@ -611,6 +646,7 @@ impl Transport {
         self: &Arc<Self>,
         req: NewRequest,
         from: PeerRef,
+        via: u16,
         listener: &Arc<L>,
         handler: &Arc<dyn RequestHandler>,
     ) {
@@ -652,7 +688,8 @@ impl Transport {
                 }
                 this.encode_reply(r, reply_to, peer)
             });
-            this.lock_dedup().complete(peer, mid, bytes.clone());
+            this.lock_dedup()
+                .complete(Source { via, peer }, mid, bytes.clone());
             if let Some(b) = bytes {
                 let session = Session {
                     listener: &*listener,
@@ -677,10 +714,11 @@ impl Transport {
     fn on_separate_response(
         &self,
         packet: coap_lite::Packet,
-        peer: SocketAddr,
+        from: Source,
         unreliable: Option<ListenerId>,
         now: Instant,
     ) -> Action {
+        let peer = from.peer;
         let mid = packet.header.message_id;
         let con = packet.header.get_type() == MessageType::Confirmable;
         let held = unreliable
@@ -689,9 +727,10 @@ impl Transport {
                 listener,
                 peer,
                 mid,
+                via: from.via,
             });
         if con {
-            let seen = self.lock_dedup().check(peer, mid, now);
+            let seen = self.lock_dedup().check(from, mid, now);
             match seen {
                 Seen::New => {}
                 Seen::InProgress => return Action::Nothing,
@@ -710,7 +749,7 @@ impl Transport {
             // as new (by then there may be room).
             crate::client::Routed::Dropped if held.is_some() => {
                 self.metrics.count(Event::ResponseDropped);
-                self.lock_dedup().forget(peer, mid);
+                self.lock_dedup().forget(from, mid);
                 return Action::Nothing;
             }
             // A NON one (or over a reliable listener): the observation goes on, only this
@@ -725,7 +764,7 @@ impl Transport {
             }
         };
         if con {
-            self.lock_dedup().complete(peer, mid, reply.clone());
+            self.lock_dedup().complete(from, mid, reply.clone());
         }
         reply.map_or(Action::Nothing, Action::Reply)
     }
@@ -735,7 +774,7 @@ impl Transport {
     pub(crate) async fn send_held_ack(&self, h: crate::client::HeldAck) {
         let bytes = message::empty_ack(h.mid);
         self.lock_dedup()
-            .complete(h.peer, h.mid, Some(bytes.clone()));
+            .complete(h.source(), h.mid, Some(bytes.clone()));
         if let Some(l) = self.listener(&h.listener)
             && let Err(e) = l.send(h.peer, &bytes).await
         {
@@ -847,10 +886,12 @@ mod tests {
     async fn the_message_layer_steps_without_io() {
         let (t, counters) = transport();
         let peer = SocketAddr::from(([192, 0, 2, 1], 56830));
+        let src = Source { via: 0, peer };
         let now = Instant::now();
         // A CoAP ping is answered with RST.
         let ping = [0x40, 0, 0x12, 0x34];
-        let rst = reply(t.on_message(&ping, peer, Some(ListenerId::udp(peer)), now)).expect("RST");
+        let rst = reply(t.on_message(&ping, src, || None, Some(ListenerId::udp(peer)), now))
+            .expect("RST");
         assert_eq!(
             (rst.header.get_type(), rst.header.message_id),
             (MessageType::Reset, 0x1234)
@@ -858,16 +899,19 @@ mod tests {
         // A new request goes to the handler, holding the only in-flight permit; its
         // duplicate is dropped while it runs.
         let Action::Handle(first) =
-            t.on_message(&request(7), peer, Some(ListenerId::udp(peer)), now)
+            t.on_message(&request(7), src, || None, Some(ListenerId::udp(peer)), now)
         else {
             panic!("not handled");
         };
-        assert!(reply(t.on_message(&request(7), peer, Some(ListenerId::udp(peer)), now)).is_none());
+        assert!(
+            reply(t.on_message(&request(7), src, || None, Some(ListenerId::udp(peer)), now))
+                .is_none()
+        );
         assert_eq!(counters.get(Event::Duplicate), 1);
         // Another CON request finds no permit: answered 5.03 with a Max-Age at once, and
         // its retransmission gets the same answer from the duplicate cache.
-        let shed =
-            reply(t.on_message(&request(8), peer, Some(ListenerId::udp(peer)), now)).expect("5.03");
+        let shed = reply(t.on_message(&request(8), src, || None, Some(ListenerId::udp(peer)), now))
+            .expect("5.03");
         assert_eq!(
             shed.header.code,
             MessageClass::Response(ResponseType::ServiceUnavailable)
@@ -877,8 +921,9 @@ mod tests {
         let age = message::uint_option(&shed, CoapOption::MaxAge).expect("Max-Age");
         assert!((1..=crate::shed::MAX_AGE_CAP_S).contains(&age), "{age}");
         assert_eq!(counters.get(Event::Shed), 1);
-        let again = reply(t.on_message(&request(8), peer, Some(ListenerId::udp(peer)), now))
-            .expect("cached");
+        let again =
+            reply(t.on_message(&request(8), src, || None, Some(ListenerId::udp(peer)), now))
+                .expect("cached");
         assert_eq!(again.header.code, shed.header.code);
         assert_eq!(counters.get(Event::Shed), 1, "answered from the cache");
         // A NON request without a permit is dropped and counted.
@@ -887,7 +932,8 @@ mod tests {
         assert!(
             reply(t.on_message(
                 &non.to_bytes().unwrap(),
-                peer,
+                src,
+                || None,
                 Some(ListenerId::udp(peer)),
                 now
             ))
@@ -895,23 +941,29 @@ mod tests {
         );
         assert_eq!(counters.get(Event::BusyDrop), 1);
         t.lock_dedup()
-            .complete(peer, 7, Some(vec![0x60, 0x44, 0, 7]));
+            .complete(src, 7, Some(vec![0x60, 0x44, 0, 7]));
         drop(first);
         assert_eq!(
-            reply(t.on_message(&request(7), peer, Some(ListenerId::udp(peer)), now))
+            reply(t.on_message(&request(7), src, || None, Some(ListenerId::udp(peer)), now))
                 .map(|p| p.header.message_id),
             Some(7),
             "the duplicate gets the cached reply"
         );
         // The retry after Max-Age is a new request (new message id): handled.
         assert!(matches!(
-            t.on_message(&request(10), peer, Some(ListenerId::udp(peer)), now),
+            t.on_message(&request(10), src, || None, Some(ListenerId::udp(peer)), now),
             Action::Handle(_)
         ));
         // The cache forgets after EXCHANGE_LIFETIME: the same id is a new request.
         let later = now + Duration::from_secs(CoapConfig::default().exchange_lifetime_s);
         assert!(matches!(
-            t.on_message(&request(7), peer, Some(ListenerId::udp(peer)), later),
+            t.on_message(
+                &request(7),
+                src,
+                || None,
+                Some(ListenerId::udp(peer)),
+                later
+            ),
             Action::Handle(_)
         ));
     }

@@ -1091,7 +1091,7 @@ impl Requests {
             req.content_format = s.content_format;
             Counters::inc(&self.counters.device_requests);
             self.devices
-                .send_non(ep.reg.peer, &req)
+                .send_non(&ep.reg, &req)
                 .await
                 .map_err(|e| RequestError::Unavailable(e.to_string()))?;
             return Ok(Submitted::Sent);
@@ -1356,11 +1356,11 @@ impl Requests {
         if job.method == Method::Observe {
             return self.execute_observe(job, &ep, &mut req).await;
         }
-        let mut answer = self.devices.request(ep.reg.peer, &req).await;
+        let mut answer = self.devices.request(&ep.reg, &req).await;
         if job.accept_fallback && answer.as_ref().is_ok_and(refuses_accept) {
             req.accept = None;
             Counters::inc(&self.counters.device_requests);
-            answer = self.devices.request(ep.reg.peer, &req).await;
+            answer = self.devices.request(&ep.reg, &req).await;
         }
         match answer {
             Ok(reply) => {
@@ -1419,11 +1419,11 @@ impl Requests {
     }
 
     async fn execute_observe(&self, job: &Job, ep: &Endpoint, req: &mut OutRequest) -> Outcome {
-        let mut answer = self.devices.observe(ep.reg.peer, req).await;
+        let mut answer = self.devices.observe(&ep.reg, req).await;
         if job.accept_fallback && answer.as_ref().is_ok_and(|(r, _)| refuses_accept(r)) {
             req.accept = None;
             Counters::inc(&self.counters.device_requests);
-            answer = self.devices.observe(ep.reg.peer, req).await;
+            answer = self.devices.observe(&ep.reg, req).await;
         }
         match answer {
             Ok((reply, stream)) => {
