@@ -633,6 +633,43 @@ fn a_file_that_is_no_elf_image_of_this_machine_is_refused_with_the_reason() {
     assert_eq!(hello(&d)["variant"], "A");
 }
 
+/// A version on probation that nobody calls ends its probation on time (`[plugins]
+/// probation_s`), and the version it replaced is released. (Before, probation ended only
+/// at a call: a plugin seldom called kept the old version loaded, and a panic hours later
+/// still rolled back to it.)
+#[test]
+fn a_probation_ends_on_time_without_a_call() {
+    let a = build_plugin("example-plugin", &[]);
+    let b = build_plugin("example-plugin", &[("CONNECTORD_EXAMPLE_VARIANT", "B")]);
+    let tmp = tempfile::tempdir().unwrap().keep();
+    let dir = plugin_dir(&tmp);
+    install_plugin(&a, &dir, EXAMPLE);
+    let d = Daemon::start_with(&format!(
+        "[plugins]\ndir = \"{}\"\nprobation_s = 3\n",
+        dir.display()
+    ));
+    assert_eq!(hello(&d)["variant"], "A");
+    install_plugin(&b, &dir, EXAMPLE);
+    let sha_b = sha256_hex(&b);
+    let on_probation = |m: &str| m.contains(&sha_b) && m.contains("probation=\"true\"");
+    assert!(
+        eventually(WAIT, || on_probation(&generation_metric(&d, "example"))),
+        "{}",
+        generation_metric(&d, "example")
+    );
+    // No call of the plugin from here on.
+    assert!(
+        eventually(WAIT, || {
+            let m = generation_metric(&d, "example");
+            m.contains(&sha_b) && m.contains("probation=\"false\"")
+        }),
+        "{}",
+        generation_metric(&d, "example")
+    );
+    d.expect_log("(3 s on probation without a panic)", WAIT);
+    assert_eq!(hello(&d)["variant"], "B");
+}
+
 /// Issue 18, item 10: a new generation whose every call panics serves only on probation:
 /// its first panicking call rolls the plugin back to the previous generation (kept loaded
 /// meanwhile), logged with the reason; the metrics name the generation that serves and

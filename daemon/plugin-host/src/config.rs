@@ -32,6 +32,10 @@ pub struct PluginsConfig {
     /// call, in seconds (1 to 600). Beyond it the load fails (logged; the previous version
     /// keeps serving) and the call is left to finish on its own thread.
     pub start_timeout_s: u64,
+    /// How long a version loaded from a changed file stays on probation at most, in
+    /// seconds (1 to 3600): the version it replaced stays loaded meanwhile, and a panic
+    /// of the new one rolls back to it. Probation also ends after 20 calls without one.
+    pub probation_s: u64,
 }
 
 impl Default for PluginsConfig {
@@ -43,6 +47,7 @@ impl Default for PluginsConfig {
             sink: None,
             settings: Default::default(),
             start_timeout_s: 30,
+            probation_s: 60,
         }
     }
 }
@@ -75,6 +80,9 @@ impl PluginsConfig {
     pub fn check(&self) -> Result<(), Invalid> {
         if !(1..=600).contains(&self.start_timeout_s) {
             return Err(("start_timeout_s", "must lie between 1 and 600".into()));
+        }
+        if !(1..=3600).contains(&self.probation_s) {
+            return Err(("probation_s", "must lie between 1 and 3600".into()));
         }
         if self.auth.is_empty() {
             return Err(("auth", "needs at least one auth backend".into()));

@@ -280,11 +280,12 @@ const STABLE_MAX: Duration = Duration::from_secs(10);
 
 /// How many calls a new generation answers without a panic before it has proven itself.
 const PROBATION_CALLS: u32 = 20;
-/// How long a new generation is on probation at most (whatever its number of calls).
-const PROBATION_TIME: Duration = Duration::from_secs(60);
+/// How often the plugin directory's watch looks for probations whose time is up
+/// ([`PluginHost::end_due_probations`]).
+const PROBATION_CLOCK: Duration = Duration::from_secs(1);
 
 /// A generation on probation and the one it replaced, kept loaded until it has proven
-/// itself ([`PROBATION_CALLS`] calls without a panic, or [`PROBATION_TIME`]).
+/// itself ([`PROBATION_CALLS`] calls without a panic, or `[plugins] probation_s`).
 struct Probation {
     /// The generation on probation.
     id: u64,
@@ -343,6 +344,9 @@ pub struct PluginHost {
     /// `[plugins] start_timeout_s`: how long a new generation's `create` and first
     /// `routes` call may take.
     start_timeout: std::time::Duration,
+    /// `[plugins] probation_s`: how long a new generation is on probation at most
+    /// (whatever its number of calls).
+    probation_time: Duration,
     /// Serialises reloads.
     reload_lock: Mutex<()>,
     /// Held (shared) by every state-changing call for its length, and (exclusively, see
@@ -403,6 +407,7 @@ impl PluginHost {
             probation: Mutex::new(HashMap::new()),
             probations: AtomicUsize::new(0),
             start_timeout: std::time::Duration::from_secs(cfg.start_timeout_s),
+            probation_time: Duration::from_secs(cfg.probation_s),
             reload_lock: Mutex::new(()),
             state_gate: Arc::new(tokio::sync::RwLock::new(())),
             epoch: std::sync::atomic::AtomicU64::new(0),
@@ -532,13 +537,37 @@ impl PluginHost {
             return;
         }
         p.calls += 1;
-        if p.calls >= PROBATION_CALLS || p.since.elapsed() >= PROBATION_TIME {
+        if p.calls >= PROBATION_CALLS || p.since.elapsed() >= self.probation_time {
             let done = probation.remove(&g.name);
             self.probations.store(probation.len(), Ordering::Relaxed);
             drop(probation);
             if let Some(done) = done {
                 tracing::info!(plugin = %g.name, generation = g.id, calls = done.calls, "plugin generation proved itself; generation {} released", done.previous.id);
             }
+        }
+    }
+
+    /// Ends the probations whose time is up, calls or not (before, one ended only at the
+    /// next call, so a plugin seldom called kept the version it replaced loaded, and a
+    /// panic hours later still rolled back to it). Run by the directory's watch every
+    /// [`PROBATION_CLOCK`], on a blocking thread: the released generations are destroyed.
+    fn end_due_probations(&self) {
+        let done: Vec<(String, Probation)> = {
+            let mut probation = self.probation.lock().unwrap_or_else(|p| p.into_inner());
+            let due: Vec<String> = probation
+                .iter()
+                .filter(|(_, p)| p.since.elapsed() >= self.probation_time)
+                .map(|(name, _)| name.clone())
+                .collect();
+            let done = due
+                .into_iter()
+                .filter_map(|name| probation.remove(&name).map(|p| (name, p)))
+                .collect();
+            self.probations.store(probation.len(), Ordering::Relaxed);
+            done
+        };
+        for (name, p) in done {
+            tracing::info!(plugin = %name, generation = p.id, calls = p.calls, "plugin generation proved itself ({} s on probation without a panic); generation {} released", self.probation_time.as_secs(), p.previous.id);
         }
     }
 
@@ -1029,9 +1058,17 @@ impl PluginHost {
         let host = Arc::clone(self);
         Some(tokio::spawn(async move {
             let _keep = debouncer;
+            let mut clock = tokio::time::interval(PROBATION_CLOCK);
+            clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = stop.recv() => return,
+                    _ = clock.tick() => {
+                        if host.probations.load(Ordering::Relaxed) > 0 {
+                            let h = Arc::clone(&host);
+                            let _ = tokio::task::spawn_blocking(move || h.end_due_probations()).await;
+                        }
+                    }
                     msg = rx.recv() => {
                         if msg.is_none() {
                             return;
