@@ -493,8 +493,9 @@
 
   function feedMode(text) { $('feed-mode').textContent = text; }
 
-  // The WebSocket channel when the daemon has it, else the long-poll.
-  async function startFeed() {
+  // The WebSocket channel when the daemon has it, else the long-poll. `tries`: failed
+  // tries so far (a transient failure, such as a 503 or the network, is tried again).
+  async function startFeed(tries = 0) {
     if (feed) feed.stop();
     const me = { stopped: false, ws: null, abort: new AbortController() };
     me.stop = () => { me.stopped = true; me.abort.abort(); if (me.ws) me.ws.close(1000); };
@@ -519,8 +520,12 @@
     } catch (e) {
       if (me.stopped) return;
       if (e.status === 404 || e.status === 405) { longPoll(me); return; }
-      feedMode('(no live events)');
       feedLine('error', 'the WebSocket channel cannot be opened: ' + e.message);
+      // What the key cannot do stays so (400, 403: no `notifications` scope); anything else
+      // (503, 5xx, the network) may pass: tried again, backing off to 30 s.
+      if (e.status === 400 || e.status === 403) { feedMode('(no live events)'); return; }
+      feedMode('(no live events yet; trying again)');
+      setTimeout(() => { if (!me.stopped) startFeed(tries + 1); }, Math.min(30000, 2000 * 2 ** tries));
     }
   }
 
