@@ -194,6 +194,8 @@ fn range_errors_name_the_key() {
             "[plugins]\nstart_timeout_s = 601\n",
             "plugins.start_timeout_s",
         ),
+        ("[plugins]\nprobation_s = 0\n", "plugins.probation_s"),
+        ("[plugins]\nprobation_s = 3601\n", "plugins.probation_s"),
         (
             "[notifications]\nidle_channel_removal_s = 31536001\n",
             "notifications.idle_channel_removal_s",
