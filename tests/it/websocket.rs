@@ -484,6 +484,70 @@ fn a_socket_that_misses_its_pongs_is_dropped() {
     drop(ws);
 }
 
+/// A client that stops reading while a frame is written to it (its TCP window shut) is
+/// dropped within about a ping interval, and the frame's events go to the key's next
+/// socket. (Before, the write waited for good, unseen by the pings: the socket and its
+/// events were held until the connection died, which a window-probing peer never does.)
+#[test]
+fn a_socket_that_stops_reading_mid_frame_is_dropped_and_its_events_go_to_the_next() {
+    // Frames of up to 16 MiB: one frame over what loopback's socket buffers hold (about
+    // 2.6 MB on the daemon's side).
+    let d = Daemon::start_with(
+        "[notifications]\nwebsocket_ping_interval_s = 1\nmax_batch = 20000\nmax_batch_bytes = 16777216\n",
+    );
+    let key = d.key.clone();
+    assert_eq!(put_channel(&d, &key).status, 201);
+    // About 4.5 MB of registration events queued for the channel before any socket.
+    let links = (0..12)
+        .map(|i| {
+            format!(
+                "</{}/0/{}>;rt=\"urn:oma:lwm2m:ext:{}\";obs",
+                3300 + i,
+                5700 + i,
+                3300 + i
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    const N: usize = 4000;
+    let mut dev = d.device();
+    for i in 0..N {
+        dev.register(&[&format!("ep=stall-{i:04}"), "lt=600"], &links);
+    }
+    // A client with a small receive buffer that never reads after the handshake.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&d.rest.into()).unwrap();
+    let stream: TcpStream = sock.into();
+    let mut req = connect_url(&d).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let (ws, resp) =
+        tokio_tungstenite::tungstenite::client::client(req, stream).expect("the handshake");
+    assert_eq!(resp.status(), 101);
+    d.expect_log("(the client does not read); dropped", WAIT);
+    let status = || {
+        call(&d, "GET", "/v2/notification/websocket", Some(&key), None).json()["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(eventually(WAIT, || status() == "disconnected"));
+    drop(ws);
+
+    // The next socket gets every registration: the stalled frame was put back.
+    let c = PyClient::connect_with(&d, &key, "bearer", &["67108864"]);
+    assert_eq!(c.next()["open"], true);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < N {
+        let v = c.next();
+        let Some(frame) = v.get("frame") else {
+            panic!("no frame after {} registrations: {v}", seen.len());
+        };
+        seen.extend(registered_eps(frame));
+    }
+}
+
 /// The daemon stopping closes its sockets with 1012 (service restart).
 #[test]
 fn the_daemon_stopping_closes_with_1012() {

@@ -215,6 +215,10 @@ enum End {
     Client(String),
     /// No pong within the ping interval: dropped without a close frame.
     NoPong,
+    /// A frame or ping not written within the ping interval (the client does not read,
+    /// and its TCP window stays shut): dropped without a close frame, which could not be
+    /// written either.
+    Stalled,
     /// The daemon closed it with this code.
     Closed(u16, &'static str),
 }
@@ -226,6 +230,9 @@ impl std::fmt::Display for End {
             End::NoPong => {
                 f.write_str("no pong within notifications.websocket_ping_interval_s; dropped")
             }
+            End::Stalled => f.write_str(
+                "a frame was not taken within notifications.websocket_ping_interval_s (the client does not read); dropped",
+            ),
             End::Closed(code, why) => write!(f, "closed with {code}: {why}"),
         }
     }
@@ -255,7 +262,9 @@ async fn serve(ws: Io, socket: Socket, who: &Principal, attached: Option<Attache
                 code: CloseCode::from(*code),
                 reason: (*reason).into(),
             };
-            if tx.send(Message::Close(Some(frame))).await.is_ok() {
+            // Bounded: a client that does not read would hold the close for good.
+            let sent = tokio::time::timeout(CLOSE_WAIT, tx.send(Message::Close(Some(frame))));
+            if matches!(sent.await, Ok(Ok(()))) {
                 // The peer answers with its own close; then the connection ends.
                 let _ = tokio::time::timeout(CLOSE_WAIT, async {
                     while let Some(Ok(_)) = rx.next().await {}
@@ -268,7 +277,7 @@ async fn serve(ws: Io, socket: Socket, who: &Principal, attached: Option<Attache
             let _ = tokio::time::timeout(CLOSE_WAIT, tx.close()).await;
         }
         // Dropped: the peer sees the connection end without a close frame (1006).
-        End::NoPong => {}
+        End::NoPong | End::Stalled => {}
     }
     tracing::debug!(key = %who.key_id, "WebSocket ended: {end}");
 }
@@ -299,9 +308,11 @@ async fn deliver(
         match pulled {
             Ok(Pulled::Batch(batch)) => {
                 let message = super::wire::message(&batch.events);
-                if let Err(e) = tx.send(Message::text(message)).await {
+                if let Err(end) =
+                    write(socket, attached, &mut stop, tx, Message::text(message)).await
+                {
                     // The ticket's drop puts the batch back.
-                    return End::Client(format!("the frame was not written: {e}"));
+                    return end;
                 }
                 Counters::inc(&socket.counters.websocket_frames_sent);
                 match ponged(socket, attached, &mut stop, tx, rx, &ping).await {
@@ -339,9 +350,14 @@ async fn ponged(
     rx: &mut Rx,
     ping: &[u8],
 ) -> Result<(), End> {
-    if let Err(e) = tx.send(Message::Ping(ping.to_vec().into())).await {
-        return Err(End::Client(format!("the ping was not written: {e}")));
-    }
+    write(
+        socket,
+        attached,
+        stop,
+        tx,
+        Message::Ping(ping.to_vec().into()),
+    )
+    .await?;
     let deadline = Instant::now() + socket.ping;
     loop {
         tokio::select! {
@@ -360,6 +376,27 @@ async fn ponged(
                 }
             },
         }
+    }
+}
+
+/// Writes one message (a frame, a ping) within a ping interval, or ends the socket: a
+/// client that stops reading, its TCP window shut, would otherwise hold the write, the
+/// socket and its unacknowledged batch for good, unseen by the pings (before, nothing
+/// bounded it, nor raced it against the daemon stopping or another socket taking the
+/// channel). The batch goes back to the channel ([`deliver`]), for the next socket.
+async fn write(
+    socket: &Socket,
+    attached: &mut Attached,
+    stop: &mut crate::shutdown::Shutdown,
+    tx: &mut Tx,
+    m: Message,
+) -> Result<(), End> {
+    tokio::select! {
+        biased;
+        why = &mut attached.end => Err(hub_end(why.ok())),
+        _ = stop.recv() => Err(End::Closed(1012, "the daemon is restarting or stopping")),
+        _ = tokio::time::sleep(socket.ping) => Err(End::Stalled),
+        r = tx.send(m) => r.map_err(|e| End::Client(format!("a message was not written: {e}"))),
     }
 }
 
