@@ -137,7 +137,7 @@ fn rust_client(d: &Daemon, key: &str) -> WebSocket<TcpStream> {
 }
 
 /// The next text frame of a tungstenite client, as JSON (pongs answered meanwhile).
-fn rust_frame(ws: &mut WebSocket<TcpStream>) -> Value {
+fn rust_frame<S: std::io::Read + std::io::Write>(ws: &mut WebSocket<S>) -> Value {
     loop {
         match ws.read().expect("a frame") {
             Message::Text(t) => return serde_json::from_str(&t).unwrap(),
@@ -484,20 +484,10 @@ fn a_socket_that_misses_its_pongs_is_dropped() {
     drop(ws);
 }
 
-/// A client that stops reading while a frame is written to it (its TCP window shut) is
-/// dropped within about a ping interval, and the frame's events go to the key's next
-/// socket. (Before, the write waited for good, unseen by the pings: the socket and its
-/// events were held until the connection died, which a window-probing peer never does.)
-#[test]
-fn a_socket_that_stops_reading_mid_frame_is_dropped_and_its_events_go_to_the_next() {
-    // Frames of up to 16 MiB: one frame over what loopback's socket buffers hold (about
-    // 2.6 MB on the daemon's side).
-    let d = Daemon::start_with(
-        "[notifications]\nwebsocket_ping_interval_s = 1\nmax_batch = 20000\nmax_batch_bytes = 16777216\n",
-    );
-    let key = d.key.clone();
-    assert_eq!(put_channel(&d, &key).status, 201);
-    // About 4.5 MB of registration events queued for the channel before any socket.
+/// `n` registrations of 12 links each (about 1.1 KB of event each), queued for the
+/// channel of `d`'s key, which is made first: `ep=<prefix>-<i>`.
+fn queue_registrations(d: &Daemon, prefix: &str, n: usize) {
+    assert_eq!(put_channel(d, &d.key).status, 201);
     let links = (0..12)
         .map(|i| {
             format!(
@@ -509,22 +499,100 @@ fn a_socket_that_stops_reading_mid_frame_is_dropped_and_its_events_go_to_the_nex
         })
         .collect::<Vec<_>>()
         .join(",");
-    const N: usize = 4000;
     let mut dev = d.device();
-    for i in 0..N {
-        dev.register(&[&format!("ep=stall-{i:04}"), "lt=600"], &links);
+    for i in 0..n {
+        dev.register(&[&format!("ep={prefix}-{i:04}"), "lt=600"], &links);
     }
-    // A client with a small receive buffer that never reads after the handshake.
+}
+
+/// Frames of up to 16 MiB, a ping a second: one frame of the registrations above is over
+/// what loopback's socket buffers hold (about 2.6 MB on the daemon's side).
+const BIG_FRAMES: &str = "[notifications]\nwebsocket_ping_interval_s = 1\nmax_batch = 20000\nmax_batch_bytes = 16777216\n";
+
+/// A WebSocket client over a TCP connection with a receive buffer of `rcvbuf` bytes.
+fn client_with_rcvbuf<S: std::io::Read + std::io::Write>(
+    d: &Daemon,
+    rcvbuf: usize,
+    wrap: impl FnOnce(TcpStream) -> S,
+) -> WebSocket<S> {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
+    sock.set_recv_buffer_size(rcvbuf).unwrap();
     sock.connect(&d.rest.into()).unwrap();
     let stream: TcpStream = sock.into();
-    let mut req = connect_url(&d).into_client_request().unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut req = connect_url(d).into_client_request().unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", d.key).parse().unwrap(),
+    );
     let (ws, resp) =
-        tokio_tungstenite::tungstenite::client::client(req, stream).expect("the handshake");
+        tokio_tungstenite::tungstenite::client::client(req, wrap(stream)).expect("the handshake");
     assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// A connection read at about 640 KB/s (16 KiB every 25 ms): a slow link.
+struct Slow(TcpStream);
+
+impl std::io::Read for Slow {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::thread::sleep(Duration::from_millis(25));
+        let n = buf.len().min(16 * 1024);
+        std::io::Read::read(&mut self.0, &mut buf[..n])
+    }
+}
+
+impl std::io::Write for Slow {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// A client on a slow link that goes on reading keeps its socket through a frame that
+/// takes it several ping intervals to read: only a write that makes no progress for a
+/// ping interval drops a socket.
+#[test]
+fn a_slow_client_that_goes_on_reading_keeps_its_socket_through_a_big_frame() {
+    const N: usize = 4000;
+    let d = Daemon::start_with(BIG_FRAMES);
+    queue_registrations(&d, "slow", N);
+    let started = Instant::now();
+    let mut ws = client_with_rcvbuf(&d, 64 * 1024, Slow);
+    // Every registration through this one socket (a dropped one ends the reads).
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < N {
+        seen.extend(registered_eps(&rust_frame(&mut ws)));
+    }
+    // It took the client longer than a ping interval, or this proves nothing.
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        !d.logs()
+            .iter()
+            .any(|l| l.contains("(the client does not read)")),
+        "a reading client was dropped"
+    );
+}
+
+/// A client that stops reading while a frame is written to it (its TCP window shut) is
+/// dropped within about a ping interval, and the frame's events go to the key's next
+/// socket. (Before, the write waited for good, unseen by the pings: the socket and its
+/// events were held until the connection died, which a window-probing peer never does.)
+#[test]
+fn a_socket_that_stops_reading_mid_frame_is_dropped_and_its_events_go_to_the_next() {
+    const N: usize = 4000;
+    let d = Daemon::start_with(BIG_FRAMES);
+    let key = d.key.clone();
+    // About 4.5 MB of events queued before any socket; then a client with a small
+    // receive buffer that never reads after the handshake.
+    queue_registrations(&d, "stall", N);
+    let ws = client_with_rcvbuf(&d, 4096, |s| s);
     d.expect_log("(the client does not read); dropped", WAIT);
     let status = || {
         call(&d, "GET", "/v2/notification/websocket", Some(&key), None).json()["status"]

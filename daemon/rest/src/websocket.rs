@@ -21,6 +21,7 @@
 //! daemon stops.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -194,9 +195,13 @@ pub fn connect(socket: Socket, who: Arc<Principal>, parts: &mut Parts) -> Reply 
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_INCOMING))
             .max_frame_size(Some(MAX_INCOMING));
-        let ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(io), Role::Server, Some(config)).await;
-        serve(ws, socket, &who, attached).await;
+        let written = Arc::new(AtomicU64::new(0));
+        let io = Progress {
+            inner: TokioIo::new(io),
+            written: Arc::clone(&written),
+        };
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        serve(ws, written, socket, &who, attached).await;
     });
     let mut reply = Reply::empty(StatusCode::SWITCHING_PROTOCOLS)
         .header(UPGRADE, "websocket")
@@ -215,9 +220,9 @@ enum End {
     Client(String),
     /// No pong within the ping interval: dropped without a close frame.
     NoPong,
-    /// A frame or ping not written within the ping interval (the client does not read,
-    /// and its TCP window stays shut): dropped without a close frame, which could not be
-    /// written either.
+    /// A frame or ping of which the connection took no byte for a ping interval (the
+    /// client does not read, and its TCP window stays shut): dropped without a close
+    /// frame, which could not be written either.
     Stalled,
     /// The daemon closed it with this code.
     Closed(u16, &'static str),
@@ -231,20 +236,94 @@ impl std::fmt::Display for End {
                 f.write_str("no pong within notifications.websocket_ping_interval_s; dropped")
             }
             End::Stalled => f.write_str(
-                "a frame was not taken within notifications.websocket_ping_interval_s (the client does not read); dropped",
+                "the connection took no byte of a frame for notifications.websocket_ping_interval_s (the client does not read); dropped",
             ),
             End::Closed(code, why) => write!(f, "closed with {code}: {why}"),
         }
     }
 }
 
-type Io = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
-type Tx = futures_util::stream::SplitSink<Io, Message>;
+type Io = WebSocketStream<Progress<TokioIo<hyper::upgrade::Upgraded>>>;
 type Rx = futures_util::stream::SplitStream<Io>;
 
+/// The sending half of a socket, with the bytes its connection has taken so far.
+struct Tx {
+    sink: futures_util::stream::SplitSink<Io, Message>,
+    written: Arc<AtomicU64>,
+}
+
+/// A socket's connection, counting the bytes written to it: a write is stalled when none
+/// go in for a whole ping interval ([`write`]), however long a slow client takes to read
+/// a big frame.
+struct Progress<T> {
+    inner: T,
+    written: Arc<AtomicU64>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Progress<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Progress<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Serves one socket until it ends.
-async fn serve(ws: Io, socket: Socket, who: &Principal, attached: Option<Attached>) {
-    let (mut tx, mut rx) = ws.split();
+async fn serve(
+    ws: Io,
+    written: Arc<AtomicU64>,
+    socket: Socket,
+    who: &Principal,
+    attached: Option<Attached>,
+) {
+    let (sink, mut rx) = ws.split();
+    let mut tx = Tx { sink, written };
     let end = match attached {
         None => End::Closed(
             1011,
@@ -263,7 +342,8 @@ async fn serve(ws: Io, socket: Socket, who: &Principal, attached: Option<Attache
                 reason: (*reason).into(),
             };
             // Bounded: a client that does not read would hold the close for good.
-            let sent = tokio::time::timeout(CLOSE_WAIT, tx.send(Message::Close(Some(frame))));
+            let close = tx.sink.send(Message::Close(Some(frame)));
+            let sent = tokio::time::timeout(CLOSE_WAIT, close);
             if matches!(sent.await, Ok(Ok(()))) {
                 // The peer answers with its own close; then the connection ends.
                 let _ = tokio::time::timeout(CLOSE_WAIT, async {
@@ -274,7 +354,7 @@ async fn serve(ws: Io, socket: Socket, who: &Principal, attached: Option<Attache
         }
         // Flushes tungstenite's answer to the client's close (its own code echoed).
         End::Client(_) => {
-            let _ = tokio::time::timeout(CLOSE_WAIT, tx.close()).await;
+            let _ = tokio::time::timeout(CLOSE_WAIT, tx.sink.close()).await;
         }
         // Dropped: the peer sees the connection end without a close frame (1006).
         End::NoPong | End::Stalled => {}
@@ -379,11 +459,13 @@ async fn ponged(
     }
 }
 
-/// Writes one message (a frame, a ping) within a ping interval, or ends the socket: a
-/// client that stops reading, its TCP window shut, would otherwise hold the write, the
-/// socket and its unacknowledged batch for good, unseen by the pings (before, nothing
-/// bounded it, nor raced it against the daemon stopping or another socket taking the
-/// channel). The batch goes back to the channel ([`deliver`]), for the next socket.
+/// Writes one message (a frame, a ping), or ends the socket when its connection takes
+/// no byte for a whole ping interval: a client that stops reading, its TCP window shut,
+/// would otherwise hold the write, the socket and its unacknowledged batch for good,
+/// unseen by the pings (before, nothing bounded it, nor raced it against the daemon
+/// stopping or another socket taking the channel). A slow client that goes on reading
+/// keeps its socket, however long a big frame takes. The batch of a dropped socket goes
+/// back to the channel ([`deliver`]), for the next socket.
 async fn write(
     socket: &Socket,
     attached: &mut Attached,
@@ -391,12 +473,28 @@ async fn write(
     tx: &mut Tx,
     m: Message,
 ) -> Result<(), End> {
-    tokio::select! {
-        biased;
-        why = &mut attached.end => Err(hub_end(why.ok())),
-        _ = stop.recv() => Err(End::Closed(1012, "the daemon is restarting or stopping")),
-        _ = tokio::time::sleep(socket.ping) => Err(End::Stalled),
-        r = tx.send(m) => r.map_err(|e| End::Client(format!("a message was not written: {e}"))),
+    let written = Arc::clone(&tx.written);
+    let send = tx.sink.send(m);
+    tokio::pin!(send);
+    let mut seen = written.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            biased;
+            why = &mut attached.end => return Err(hub_end(why.ok())),
+            _ = stop.recv() => {
+                return Err(End::Closed(1012, "the daemon is restarting or stopping"));
+            }
+            r = &mut send => {
+                return r.map_err(|e| End::Client(format!("a message was not written: {e}")));
+            }
+            _ = tokio::time::sleep(socket.ping) => {
+                let now = written.load(Ordering::Relaxed);
+                if now == seen {
+                    return Err(End::Stalled);
+                }
+                seen = now;
+            }
+        }
     }
 }
 
