@@ -644,3 +644,55 @@ fn no_resp_to_an_endpoint_over_tls_is_409_and_counts_no_transaction() {
         "a request reached the device"
     );
 }
+
+/// A device whose connection ends while a read waits for its answer: the read fails at
+/// once (502), not after MAX_TRANSMIT_WAIT (93 s). The listener reports the closed
+/// connection as RSTs after it forgot the connection; the identity check of the
+/// transmission's ACK/RST must take them (this session's review: it refused them).
+#[test]
+fn a_read_fails_at_once_when_the_devices_tls_connection_ends() {
+    use coap_lite::{CoapOption, MessageClass, Packet, RequestType};
+    use connectord::coap::rfc8323;
+    use std::io::Write;
+    let d = Daemon::start_custom(TLS, "");
+    let c = device_cert(&d);
+    let (mut s, mut buf) = connected(&d, &c);
+    let mut p = Packet::new();
+    p.header.code = MessageClass::Request(RequestType::Post);
+    p.add_option(CoapOption::UriPath, b"rd".to_vec());
+    p.add_option(CoapOption::ContentFormat, vec![40]);
+    p.add_option(
+        CoapOption::UriQuery,
+        format!("ep={}", c.endpoint).into_bytes(),
+    );
+    p.add_option(CoapOption::UriQuery, b"lt=300".to_vec());
+    p.payload = b"</3/0>".to_vec();
+    // The frame's options and payload: the UDP encoding without its 4-byte header.
+    let body = p.to_bytes().unwrap()[4..].to_vec();
+    let register = rfc8323::Frame {
+        code: 0x02,
+        token: vec![7],
+        body,
+    };
+    s.write_all(&rfc8323::encode(&register)).unwrap();
+    s.flush().unwrap();
+    let created = next_frame(&mut s, &mut buf).expect("the registration's answer");
+    assert_eq!(created.code, 0x41, "2.01");
+    let id = d.async_request(
+        "GET",
+        &format!("/v2/endpoints/{}/3/0/0", c.endpoint),
+        None,
+        None,
+    );
+    let read = next_frame(&mut s, &mut buf).expect("the read");
+    assert_eq!(read.code, 0x01, "GET");
+    let started = std::time::Instant::now();
+    drop(s);
+    let r = d.async_response(&id, WAIT);
+    assert_eq!(r["status"], 502, "{r}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -171,7 +171,11 @@ impl ClientState {
 
     /// Routes an ACK or RST by message id; false when no exchange waits for it.
     /// `identity` tells what the session it came from proved (asked only when the
-    /// transmission was sent to a secure session).
+    /// transmission was sent to a secure session): one of another identity is not its
+    /// answer. A session gone by then (`None`) does not refuse it: a TLS listener reports
+    /// a closed connection as RSTs after it forgot the connection (the exchange fails at
+    /// once, rather than after MAX_TRANSMIT_WAIT), and a message already received from a
+    /// session that closed since was that session's.
     pub(crate) fn on_ack_or_reset(
         &mut self,
         from: Source,
@@ -181,7 +185,9 @@ impl ClientState {
         let Some(waiting) = self.by_mid.get(&(from, packet.header.message_id)) else {
             return false;
         };
-        if waiting.identity.is_some() && identity() != waiting.identity {
+        if let Some(want) = &waiting.identity
+            && identity().is_some_and(|now| now != *want)
+        {
             return false;
         }
         let token = &waiting.token;
@@ -1187,7 +1193,7 @@ mod tests {
     use tokio::net::UdpSocket;
 
     /// An ACK or RST answers a transmission only from its listener, and for one sent to a
-    /// secure session only from a session of the identity it was sent to.
+    /// secure session not from a session of another identity.
     #[test]
     fn an_ack_from_another_listener_or_identity_is_not_the_answer() {
         let mut c = ClientState::new(8);
@@ -1217,11 +1223,13 @@ mod tests {
         ack.header.message_id = 7;
         let other = || Some(PeerIdentity::Psk("dev-b".into()));
         assert!(!c.on_ack_or_reset(from, ack.clone(), other));
-        assert!(!c.on_ack_or_reset(from, ack.clone(), || None));
         let plain = Source { via: 0, ..from };
         assert!(!c.on_ack_or_reset(plain, ack.clone(), || None));
         assert!(rx.try_recv().is_err(), "none of them reached the exchange");
-        assert!(c.on_ack_or_reset(from, ack, || Some(id.clone())));
+        assert!(c.on_ack_or_reset(from, ack.clone(), || Some(id.clone())));
+        assert!(matches!(rx.try_recv(), Ok(ClientEvent::Ack(_))));
+        // From its session, closed since (a TLS listener's RSTs for a closed connection).
+        assert!(c.on_ack_or_reset(from, ack, || None));
         assert!(matches!(rx.try_recv(), Ok(ClientEvent::Ack(_))));
     }
 

@@ -1406,7 +1406,8 @@ impl Requests {
     }
 
     /// The async response for a request the device did not answer: 504 no answer, 503 the
-    /// socket is gone, 502 anything else (RST, a broken block transfer).
+    /// socket is gone, 502 anything else (RST, a broken block transfer, a session of the
+    /// address that is no longer the device's).
     fn exchange_failed(&self, e: ClientError) -> Outcome {
         match e {
             ClientError::Timeout => {
