@@ -505,9 +505,9 @@ fn queue_registrations(d: &Daemon, prefix: &str, n: usize) {
     }
 }
 
-/// Frames of up to 16 MiB, a ping a second: one frame of the registrations above is over
+/// Frames of up to 64 MiB, a ping a second: one frame of the registrations above can be over
 /// what loopback's socket buffers hold (about 2.6 MB on the daemon's side).
-const BIG_FRAMES: &str = "[notifications]\nwebsocket_ping_interval_s = 1\nmax_batch = 20000\nmax_batch_bytes = 16777216\n";
+const BIG_FRAMES: &str = "[notifications]\nwebsocket_ping_interval_s = 1\nmax_batch = 100000\nmax_batch_bytes = 67108864\n";
 
 /// A WebSocket client over a TCP connection with a receive buffer of `rcvbuf` bytes.
 fn client_with_rcvbuf<S: std::io::Read + std::io::Write>(
@@ -586,12 +586,18 @@ fn a_slow_client_that_goes_on_reading_keeps_its_socket_through_a_big_frame() {
 /// events were held until the connection died, which a window-probing peer never does.)
 #[test]
 fn a_socket_that_stops_reading_mid_frame_is_dropped_and_its_events_go_to_the_next() {
-    const N: usize = 4000;
+    // A frame over the most the kernel lets the daemon's send buffer grow to
+    // (`tcp_wmem`'s maximum: 4 MiB by default), at about 1.1 KB an event.
+    let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 << 20);
+    let n = (wmem_max / 1000).max(4000);
     let d = Daemon::start_with(BIG_FRAMES);
     let key = d.key.clone();
-    // About 4.5 MB of events queued before any socket; then a client with a small
-    // receive buffer that never reads after the handshake.
-    queue_registrations(&d, "stall", N);
+    // The events queued before any socket; then a client with a small receive buffer
+    // that never reads after the handshake.
+    queue_registrations(&d, "stall", n);
     let ws = client_with_rcvbuf(&d, 4096, |s| s);
     d.expect_log("(the client does not read); dropped", WAIT);
     let status = || {
@@ -604,10 +610,10 @@ fn a_socket_that_stops_reading_mid_frame_is_dropped_and_its_events_go_to_the_nex
     drop(ws);
 
     // The next socket gets every registration: the stalled frame was put back.
-    let c = PyClient::connect_with(&d, &key, "bearer", &["67108864"]);
+    let c = PyClient::connect_with(&d, &key, "bearer", &["134217728"]);
     assert_eq!(c.next()["open"], true);
     let mut seen = std::collections::HashSet::new();
-    while seen.len() < N {
+    while seen.len() < n {
         let v = c.next();
         let Some(frame) = v.get("frame") else {
             panic!("no frame after {} registrations: {v}", seen.len());

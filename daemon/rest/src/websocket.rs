@@ -56,6 +56,12 @@ pub const KEY_PREFIX: &str = "pelion_ak_";
 /// else is dropped): a client cannot make the daemon buffer more.
 const MAX_INCOMING: usize = 64 * 1024;
 
+/// The slowest link a frame's pong waits for, in bytes a second (128 kbit/s): after a
+/// frame the pong may take a ping interval and the frame's length at this rate (a 512 KiB
+/// frame: 32 s more), since the frame's tail may still be in the kernel's buffers when
+/// its write ends.
+const SLOW_LINK_BYTES_PER_S: f64 = 16.0 * 1024.0;
+
 /// How long a closing socket waits for the peer's close frame before it is dropped.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -388,6 +394,9 @@ async fn deliver(
         match pulled {
             Ok(Pulled::Batch(batch)) => {
                 let message = super::wire::message(&batch.events);
+                // The frame's tail may still sit in the kernel's buffers when its write
+                // ends: a slow client's pong comes once it has read that too.
+                let grace = Duration::from_secs_f64(message.len() as f64 / SLOW_LINK_BYTES_PER_S);
                 if let Err(end) =
                     write(socket, attached, &mut stop, tx, Message::text(message)).await
                 {
@@ -395,7 +404,7 @@ async fn deliver(
                     return end;
                 }
                 Counters::inc(&socket.counters.websocket_frames_sent);
-                match ponged(socket, attached, &mut stop, tx, rx, &ping).await {
+                match ponged(socket, attached, &mut stop, tx, rx, &ping, grace).await {
                     Ok(()) => {
                         // Read: the socket's next pull acknowledges it.
                         drop(batch.ticket.sent());
@@ -406,7 +415,9 @@ async fn deliver(
             }
             // Idle for an interval: is the peer still there?
             Ok(Pulled::Empty | Pulled::Gone) => {
-                if let Err(end) = ponged(socket, attached, &mut stop, tx, rx, &ping).await {
+                if let Err(end) =
+                    ponged(socket, attached, &mut stop, tx, rx, &ping, Duration::ZERO).await
+                {
                     return end;
                 }
             }
@@ -421,7 +432,7 @@ async fn deliver(
     }
 }
 
-/// Sends a ping and waits for its pong, up to one ping interval.
+/// Sends a ping and waits for its pong, up to one ping interval and `grace`.
 async fn ponged(
     socket: &Socket,
     attached: &mut Attached,
@@ -429,6 +440,7 @@ async fn ponged(
     tx: &mut Tx,
     rx: &mut Rx,
     ping: &[u8],
+    grace: Duration,
 ) -> Result<(), End> {
     write(
         socket,
@@ -438,7 +450,7 @@ async fn ponged(
         Message::Ping(ping.to_vec().into()),
     )
     .await?;
-    let deadline = Instant::now() + socket.ping;
+    let deadline = Instant::now() + socket.ping + grace;
     loop {
         tokio::select! {
             biased;
