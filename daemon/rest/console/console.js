@@ -497,13 +497,16 @@
   // tries so far (a transient failure, such as a 503 or the network, is tried again).
   async function startFeed(tries = 0) {
     if (feed) feed.stop();
-    const me = { stopped: false, ws: null, abort: new AbortController() };
+    // `key`: the key this feed was started for (a log-out and another log-in may come
+    // while its calls are under way; they are aborted, and checked when they return).
+    const me = { stopped: false, ws: null, abort: new AbortController(), key };
     me.stop = () => { me.stopped = true; me.abort.abort(); if (me.ws) me.ws.close(1000); };
     feed = me;
+    const signal = me.abort.signal;
     try {
       // A key whose events go to a callback keeps it: registering a WebSocket channel would
       // replace it. The console then has no live events.
-      const callback = await api('GET', '/v2/notification/callback').then(() => true, (e) => {
+      const callback = await api('GET', '/v2/notification/callback', { signal }).then(() => true, (e) => {
         if (e.status === 404) return false;
         throw e;
       });
@@ -513,7 +516,15 @@
       // removed again at log-out, so that the key's long-poll works as before.
       // Whether this session made it is kept in sessionStorage: after a reload the PUT
       // answers 200 (the channel exists), and the log-out must still remove it.
-      const r = await api('PUT', '/v2/notification/websocket', { type: 'application/json', body: '{}' });
+      const r = await api('PUT', '/v2/notification/websocket', { type: 'application/json', body: '{}', signal });
+      if (me.stopped) {
+        // Logged out while the channel was being made: one this call made goes again, with
+        // the key it was made for.
+        if (r.status === 201) {
+          fetch('/v2/notification/websocket', { method: 'DELETE', headers: { Authorization: 'Bearer ' + me.key }, cache: 'no-store' }).catch(() => {});
+        }
+        return;
+      }
       me.made = r.status === 201 || sessionStorage.getItem(MADE) === '1';
       if (me.made) sessionStorage.setItem(MADE, '1');
       websocket(me, 0);
@@ -521,9 +532,9 @@
       if (me.stopped) return;
       if (e.status === 404 || e.status === 405) { longPoll(me); return; }
       feedLine('error', 'the WebSocket channel cannot be opened: ' + e.message);
-      // What the key cannot do stays so (400, 403: no `notifications` scope); anything else
-      // (503, 5xx, the network) may pass: tried again, backing off to 30 s.
-      if (e.status === 400 || e.status === 403) { feedMode('(no live events)'); return; }
+      // What may pass (the network: 0; 429; 5xx such as 503) is tried again, backing off to
+      // 30 s; anything else (403: no `notifications` scope, 409, 4xx) stays so.
+      if (!(e.status === 0 || e.status === 429 || e.status >= 500)) { feedMode('(no live events)'); return; }
       feedMode('(no live events yet; trying again)');
       setTimeout(() => { if (!me.stopped) startFeed(tries + 1); }, Math.min(30000, 2000 * 2 ** tries));
     }
