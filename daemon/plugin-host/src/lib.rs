@@ -280,6 +280,15 @@ const STABLE_MAX: Duration = Duration::from_secs(10);
 
 /// How many calls a new generation answers without a panic before it has proven itself.
 const PROBATION_CALLS: u32 = 20;
+/// Aborts a task when dropped (the probations' clock ends with the directory's watch).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How often the plugin directory's watch looks for probations whose time is up
 /// ([`PluginHost::end_due_probations`]).
 const PROBATION_CLOCK: Duration = Duration::from_secs(1);
@@ -1056,19 +1065,33 @@ impl PluginHost {
             return None;
         }
         let host = Arc::clone(self);
+        // The probations' clock runs on its own task: a reload (which may wait for a file
+        // to settle, and for a start-up) does not hold it back.
+        let clock = {
+            let host = Arc::clone(self);
+            let mut stop = stop.clone();
+            tokio::spawn(async move {
+                let mut clock = tokio::time::interval(PROBATION_CLOCK);
+                clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.recv() => return,
+                        _ = clock.tick() => {
+                            if host.probations.load(Ordering::Relaxed) > 0 {
+                                let h = Arc::clone(&host);
+                                let _ = tokio::task::spawn_blocking(move || h.end_due_probations()).await;
+                            }
+                        }
+                    }
+                }
+            })
+        };
         Some(tokio::spawn(async move {
             let _keep = debouncer;
-            let mut clock = tokio::time::interval(PROBATION_CLOCK);
-            clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let _clock = AbortOnDrop(clock);
             loop {
                 tokio::select! {
                     _ = stop.recv() => return,
-                    _ = clock.tick() => {
-                        if host.probations.load(Ordering::Relaxed) > 0 {
-                            let h = Arc::clone(&host);
-                            let _ = tokio::task::spawn_blocking(move || h.end_due_probations()).await;
-                        }
-                    }
                     msg = rx.recv() => {
                         if msg.is_none() {
                             return;
