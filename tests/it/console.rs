@@ -161,6 +161,12 @@ fn the_console_in_a_browser_reads_observes_and_plots() {
         &["ep=proto-keys", "lt=600"],
         "</3/0/constructor>,</3/0/__proto__>,</3/0/0>",
     );
+    // A fleet bigger than the console's list (500 shown), named to sort after the others.
+    const BULK: usize = 520;
+    let mut bulk = d.device();
+    for i in 0..BULK {
+        bulk.register(&[&format!("ep=zz-bulk-{i:04}"), "lt=600"], "</3/0>");
+    }
     let mut node = Command::new(browser::node())
         .arg(&script)
         .env("PLAYWRIGHT", &playwright)
@@ -171,6 +177,8 @@ fn the_console_in_a_browser_reads_observes_and_plots() {
         .env("CONSOLE_VIEWER_KEY", &viewer)
         .env("CONSOLE_VIEWER_EP", "sim-000001")
         .env("CONSOLE_PROTO_EP", "proto-keys")
+        .env("CONSOLE_BULK_COUNT", BULK.to_string())
+        .env("CONSOLE_BULK_LAST", format!("zz-bulk-{:04}", BULK - 1))
         .env("ARTIFACTS", &out_dir)
         .env("USER_DATA_DIR", profile.path())
         .stdin(Stdio::null())

@@ -222,17 +222,34 @@
   }
 
   // ---- endpoints --------------------------------------------------------------------
+  // The list shows at most LIST_MAX endpoints (by name, of those the search matches), and
+  // how many more there are: a fleet of thousands in the page would make it crawl, and
+  // the search finds any of them.
+  const LIST_MAX = 500;
+  let listTimer = null;
+
+  // Renders the list again soon: once for a burst of registration events.
+  function endpointsChanged() {
+    if (listTimer !== null) return;
+    listTimer = setTimeout(() => { listTimer = null; if (key) renderEndpoints(); }, 250);
+  }
+
   function renderEndpoints() {
     const q = $('search').value.trim().toLowerCase();
     const list = $('ep-list');
     list.textContent = '';
     const all = [...endpoints.values()].sort((a, b) => a.name.localeCompare(b.name));
-    const shown = all.filter((e) => !q || e.name.toLowerCase().includes(q) || (e.type || '').toLowerCase().includes(q));
+    const matching = all.filter((e) => !q || e.name.toLowerCase().includes(q) || (e.type || '').toLowerCase().includes(q));
+    const shown = matching.slice(0, LIST_MAX);
     for (const e of shown) {
       list.append(el('li', {
         'data-ep': e.name, 'data-status': e.status, class: e.name === current ? 'sel' : '',
         title: e.type ? 'type ' + e.type : '', onclick: () => openEndpoint(e.name),
       }, el('span', {}, e.name), el('span', { class: 'badge ' + e.status }, e.status + (e.q ? ' (queue)' : ''))));
+    }
+    const hidden = matching.length - shown.length;
+    if (hidden > 0) {
+      list.append(el('li', { class: 'more', 'data-more': String(hidden) }, `… and ${hidden} more: search to narrow the list`));
     }
     const live = all.filter((e) => e.status === 'registered').length;
     $('ep-count').textContent = `${live} registered` + (shown.length !== all.length ? `, ${shown.length} shown` : '');
@@ -469,7 +486,7 @@
     }
     for (const name of msg['de-registrations'] || []) { setStatus(name, 'de-registered'); feedLine('de-registrations', `${name} de-registered`); }
     for (const name of msg['registrations-expired'] || []) { setStatus(name, 'expired'); feedLine('registrations-expired', `${name} expired`); }
-    if (msg.registrations || msg['reg-updates'] || msg['de-registrations'] || msg['registrations-expired']) renderEndpoints();
+    if (msg.registrations || msg['reg-updates'] || msg['de-registrations'] || msg['registrations-expired']) endpointsChanged();
     for (const n of msg.notifications || []) {
       let o;
       try { o = { value: decode(n.ct, n.payload, n.path) }; } catch (e) { o = { error: 'cannot decode: ' + e.message }; }
@@ -554,7 +571,13 @@
       if (c.code === 1008) { logout('The access key was revoked.'); return; }
       // Another socket of this key took the channel (another tab, another client), or the
       // channel was removed: taking it back would make the two take turns.
-      if (c.code === 1001) { feedMode('(stopped: another client of this key took the channel; log in again to take it back)'); return; }
+      // 1001 is either; the daemon's close reason says which.
+      if (c.code === 1001) {
+        feedMode(/removed/.test(c.reason || '')
+          ? '(stopped: this key\'s WebSocket channel was removed (deleted, or replaced by a callback); log in again to make it again)'
+          : '(stopped: another client of this key took the channel; log in again to take it back)');
+        return;
+      }
       const n = opened ? 0 : failures + 1;
       // 1011: the key has no WebSocket channel (removed meanwhile): make it again.
       if (c.code === 1011) {
