@@ -905,3 +905,63 @@ fn a_notification_its_channel_owner_could_not_store_is_not_acknowledged() {
         "v1 never reached n1"
     );
 }
+
+/// An async response its key's channel owner could not store (its store refusing
+/// writes) is sent again until it is stored, and arrives once: before, it was given up
+/// after the forwarding bound (15 s), and its request, still stored, was answered only
+/// after a restart. n1 owns the channel, the device is n2's, n1's JetStream events
+/// stream refuses new messages (`max_msgs` at its count, `discard: new`) for a while.
+#[test]
+fn an_async_response_its_channel_owner_could_not_store_is_sent_again() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    assert!(n1.pull_now().is_none());
+    until_channels(&n2, 1);
+    until_owned_channels(&n2, &[("n1", 1)]);
+    let mut dev = n2.device();
+    dev.register(&["ep=refused", "lt=300"], LINKS);
+    let got = collect(&n1, WAIT, |e| {
+        eps(e, "registrations").contains(&"refused".to_string())
+    });
+    assert!(
+        eps(&got, "registrations").contains(&"refused".to_string()),
+        "the registration never reached n1"
+    );
+    let info = js_request(server.port(), "$JS.API.STREAM.INFO.cd_events", &json!({}));
+    let stored = info["state"]["messages"].as_u64().unwrap();
+    assert!(stored > 0, "{info}");
+    let original = info["config"].clone();
+    let mut full = original.clone();
+    full["max_msgs"] = json!(stored);
+    full["discard"] = json!("new");
+    let r = js_request(server.port(), "$JS.API.STREAM.UPDATE.cd_events", &full);
+    assert!(r.get("error").is_none(), "{r}");
+
+    let id = n2.async_request("GET", "/v2/endpoints/refused/3/0/0", None, None);
+    let (req, from) = dev.recv_request(WAIT).expect("the request never came");
+    dev.reply(
+        &req,
+        from,
+        coap_lite::ResponseType::Content,
+        b"late",
+        None,
+        None,
+    );
+    // Past the forwarding bound (15 s): the first forward was given up.
+    n2.expect_log(
+        "not stored: the key's channel owner was not reached",
+        Duration::from_secs(25),
+    );
+    let r = js_request(server.port(), "$JS.API.STREAM.UPDATE.cd_events", &original);
+    assert!(r.get("error").is_none(), "{r}");
+    let e = collect(&n1, Duration::from_secs(40), |e| {
+        e.async_response(&id).is_some()
+    });
+    let r = e
+        .async_response(&id)
+        .expect("the async response never arrived");
+    assert_eq!(r["payload"], support::b64(b"late"), "{r}");
+    assert_eq!(e.count(), 1, "once: {e:?}");
+    n2.expect_log("had not stored is stored now", WAIT);
+}

@@ -668,7 +668,14 @@ pub struct Hub {
     /// What sizes an event for `notifications.max_queued_bytes_per_key` (the REST edge's
     /// renderer, [`Hub::set_render`]; without one an event counts its overhead alone).
     render: std::sync::OnceLock<Arc<dyn Render>>,
+    /// Cluster: async responses being sent again to their keys' owners
+    /// ([`Hub::answer_again`]), at most [`MAX_ANSWERS_AGAIN`].
+    answers_again: std::sync::atomic::AtomicUsize,
 }
+
+/// Cluster: most async responses sent again at once ([`Hub::answer_again`]); one beyond
+/// is given up (logged): its request stays stored, and is asked again after a restart.
+const MAX_ANSWERS_AGAIN: usize = 10_000;
 
 /// Cluster: one key's events waiting to be sent to its owner ([`Hub::queue_forwards`]): each
 /// publish's events and where to say whether they were stored.
@@ -759,6 +766,7 @@ impl Hub {
             handed_out: Mutex::new(Map::default()),
             next_socket: std::sync::atomic::AtomicU64::new(1),
             render: std::sync::OnceLock::new(),
+            answers_again: std::sync::atomic::AtomicUsize::new(0),
         });
         hub.recount();
         let callback_keys: Vec<String> = hub
@@ -1045,6 +1053,11 @@ impl Hub {
     /// Queues the async response `event` for the key that asked (if its restriction, which
     /// may have narrowed since it asked, still lets it see what the response is `about`),
     /// and forgets the stored request (row `request_row`) in the same store transaction.
+    ///
+    /// In a cluster, an answer its key's channel owner did not store (not reached within
+    /// [`FORWARD_BOUND`], or its store refusing) is sent again ([`Hub::answer_again`]):
+    /// before, it was given up, and its request (still stored) was answered only after a
+    /// restart.
     pub async fn publish_answer(
         &self,
         key_id: &str,
@@ -1052,13 +1065,77 @@ impl Hub {
         request_row: u64,
         about: About<'_>,
     ) {
-        self.publish(
-            To::Key(key_id),
-            std::slice::from_ref(&event),
-            Some(request_row),
-            about,
-        )
-        .await;
+        let delivered = self
+            .publish(
+                To::Key(key_id),
+                std::slice::from_ref(&event),
+                Some(request_row),
+                about,
+            )
+            .await;
+        if delivered {
+            return;
+        }
+        let About::Resource(ep, path) = about else {
+            return;
+        };
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        if self
+            .answers_again
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            >= MAX_ANSWERS_AGAIN
+        {
+            self.answers_again
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(key = %key_id, ep = %ep, path = %path, "notifications: an async response its key's channel owner did not store is not sent again: {MAX_ANSWERS_AGAIN} are being sent again already; its request stays stored, and is asked again after a restart");
+            return;
+        }
+        let (key, ep, path) = (key_id.to_string(), ep.to_string(), path.to_string());
+        tokio::spawn(async move {
+            me.answer_again(&key, event, request_row, (&ep, &path))
+                .await;
+            me.answers_again
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+
+    /// Sends the async response `event` again (as [`Hub::publish_answer`]), backing off
+    /// from 1 s to 30 s, until it is stored, the event's lifetime
+    /// (`notifications.discard_after_s`) has passed, or the daemon stops. Its request
+    /// stays stored until then (and is asked again after a restart if it never is).
+    async fn answer_again(&self, key_id: &str, event: Event, row: u64, (ep, path): (&str, &str)) {
+        let lifetime_ms = self.cfg.discard_after_s.saturating_mul(1000);
+        let mut wait = Duration::from_secs(1);
+        let mut stop = self.stop.clone();
+        let mut tries: u32 = 0;
+        loop {
+            if now_ms().saturating_sub(event.created_ms) >= lifetime_ms {
+                tracing::warn!(key = %key_id, ep = %ep, path = %path, tries, "notifications: an async response its key's channel owner did not store is given up: older than notifications.discard_after_s; its request stays stored, and is asked again after a restart");
+                return;
+            }
+            tokio::select! {
+                _ = stop.recv() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            tries += 1;
+            let event = event.clone();
+            let about = About::Resource(ep, path);
+            if self
+                .publish(
+                    To::Key(key_id),
+                    std::slice::from_ref(&event),
+                    Some(row),
+                    about,
+                )
+                .await
+            {
+                tracing::info!(key = %key_id, ep = %ep, path = %path, tries, "notifications: an async response its key's channel owner had not stored is stored now");
+                return;
+            }
+            wait = (wait * 2).min(Duration::from_secs(30));
+        }
     }
 
     /// Whether some channel (this node's or, in a cluster, another node's) belongs to a
@@ -1083,7 +1160,15 @@ impl Hub {
     /// restriction does not let it see what the event is `about`; a registration's
     /// resource list is cut to what each restricted key may see (one entry made per
     /// distinct restriction).
-    async fn publish(&self, to: To<'_>, events: &[Event], answered: Option<u64>, about: About<'_>) {
+    ///
+    /// False when an event went to another node's channel and that node did not store it.
+    async fn publish(
+        &self,
+        to: To<'_>,
+        events: &[Event],
+        answered: Option<u64>,
+        about: About<'_>,
+    ) -> bool {
         self.publish_groups(
             &[Group {
                 to,
@@ -1093,23 +1178,26 @@ impl Hub {
             }],
             answered,
         )
-        .await;
+        .await
     }
 
-    /// [`Hub::publish`] of several groups in one store write (and one wait for it).
-    async fn publish_groups(&self, groups: &[Group<'_>], answered: Option<u64>) {
+    /// [`Hub::publish`] of several groups in one store write (and one wait for it). False
+    /// when an event went to another node's channel and that node did not store it.
+    async fn publish_groups(&self, groups: &[Group<'_>], answered: Option<u64>) -> bool {
         let forwarding = self.publish_here(groups, answered).await;
-        if !forwarding.is_empty() {
-            let stored = forwarding.wait().await;
-            if let Some(row) = answered.filter(|_| stored)
-                && let Err(e) = self.store.delete_request(row).await
-            {
-                crate::store::log_failure(
-                    format_args!("notifications: answered request not removed"),
-                    &e,
-                );
-            }
+        if forwarding.is_empty() {
+            return true;
         }
+        let stored = forwarding.wait().await;
+        if let Some(row) = answered.filter(|_| stored)
+            && let Err(e) = self.store.delete_request(row).await
+        {
+            crate::store::log_failure(
+                format_args!("notifications: answered request not removed"),
+                &e,
+            );
+        }
+        stored
     }
 
     /// [`Hub::publish_groups`] up to the events stored here; those for other nodes' keys
@@ -2554,22 +2642,23 @@ impl Hub {
     }
 
     /// Queues `events` for `key_id` if this node owns its channel (`None` if it does not)
-    /// and waits for their store write. If the write fails, the events `unqueue` marks (by
-    /// position; missing: false) are taken out again: those a device will send again (the
-    /// sender does not acknowledge them), which kept would be delivered unstored and once
-    /// more per retransmission. The others stay queued, delivered while this node runs, as
-    /// its own would ([`Undo::Keep`]); their sender tries again, so they may come twice.
+    /// and waits for their store write. If the write fails, every one of them is taken out
+    /// again: the sender is told they were not stored, and sends them again (within
+    /// [`FORWARD_BOUND`]; an async response until it is stored, [`Hub::answer_again`]), and
+    /// a device its CON notifications (which the sender does not acknowledge). Decision:
+    /// a forwarded event is stored by its owner or not queued there. Before, those not
+    /// marked in `unqueue` stayed queued, unstored, and each of the sender's tries (one
+    /// every 250 ms or so for 15 s) queued another copy: an async response came 60 times.
+    /// `unqueue` (which of them a device sends again) no longer changes what is done here.
     async fn append_owned(
         &self,
         key_id: &str,
         events: Vec<Event>,
-        unqueue: &[bool],
+        _unqueue: &[bool],
     ) -> Option<Result<(), StoreError>> {
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
-        let marks: Vec<bool> = (0..events.len())
-            .map(|i| unqueue.get(i).copied().unwrap_or(false))
-            .collect();
+        let marks: Vec<bool> = vec![true; events.len()];
         let mut pushed = Vec::new();
         let durable = {
             let mut map = self.lock();
@@ -3063,8 +3152,7 @@ mod tests {
 
     /// Issue 25 review: events another node forwarded to this owner (`append_here`) whose
     /// store write failed stayed queued in memory: the forwarding node tries again, so a
-    /// pull got them unstored, once per try. Now those a device will send again (marked
-    /// `unqueue`) are taken out again.
+    /// pull got them unstored, once per try. Now every one of them is taken out again.
     #[tokio::test]
     async fn forwarded_events_whose_write_fails_are_not_queued() {
         let store = Arc::new(crate::store::memory::MemoryStore::new());
@@ -3084,21 +3172,27 @@ mod tests {
                     .is_err()
             );
         }
-        // An event no device will send again (not marked) stays queued, as a local one
-        // would ([`Undo::Keep`]).
-        assert!(
-            hub.append_here("k", vec![event("kept")], &[])
-                .await
-                .is_err()
-        );
+        // Nor one no device will send again (not marked): its sender sends it again, and
+        // each try kept here would be one more copy (twelfth session: an async response
+        // came 60 times).
+        for _ in 0..2 {
+            assert!(
+                hub.append_here("k", vec![event("again")], &[])
+                    .await
+                    .is_err()
+            );
+        }
         store.fail_writes(false);
+        hub.append_here("k", vec![event("again")], &[])
+            .await
+            .unwrap();
         hub.append_here("k", vec![event("b")], &[true])
             .await
             .unwrap();
         let Pulled::Batch(b) = hub.pull(key, None, std::future::pending()).await.unwrap() else {
             panic!("a batch");
         };
-        assert_eq!(eps(&b), ["kept", "b"]);
+        assert_eq!(eps(&b), ["again", "b"]);
     }
 
     #[tokio::test]
