@@ -4,8 +4,9 @@
 //!
 //! Calls (core NATS request/reply, `<prefix>.node.<owner>.<op>`, JSON bodies; events in
 //! the store's own record form, `store::nats::events_to_json`):
-//! - [`OP_APPEND`] `{"key", "events", "unqueue"?}`: the owner queues the events (`unqueue`,
-//!   per event: taken out again if the owner's write fails) (one call carries
+//! - [`OP_APPEND`] `{"key", "events", "unqueue"?}`: the owner queues the events, and takes
+//!   every one out again if its write fails (the sender sends them again; `unqueue`, per
+//!   event, is what an older owner went by: this version's senders mark every event) (one call carries
 //!   all the key's events waiting on this node, up to 256); answered once they are stored (`"ok"`), or `{"not_owner": <owner or null>}`, `{"failed": <why>}`.
 //! - [`OP_POLL`] `{"key", "domain", "allow", "wait_ms", "sent", "socket"?}`: a long-poll
 //!   on the owner (`"socket": true`: a WebSocket's pull, issue 23), with what is left of
@@ -56,7 +57,8 @@ struct AppendCall {
     key: String,
     events: serde_json::Value,
     /// Per event, whether the owner takes it out again if its write fails (absent from an
-    /// older node: none is).
+    /// older node: none is). An owner of this version takes every event out again, and
+    /// its senders mark every one, for older owners.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     unqueue: Vec<bool>,
 }

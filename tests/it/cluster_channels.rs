@@ -963,5 +963,8 @@ fn an_async_response_its_channel_owner_could_not_store_is_sent_again() {
         .expect("the async response never arrived");
     assert_eq!(r["payload"], support::b64(b"late"), "{r}");
     assert_eq!(e.count(), 1, "once: {e:?}");
-    n2.expect_log("had not stored is stored now", WAIT);
+    n2.expect_log("had not stored is delivered now", WAIT);
+    // And no copy comes later.
+    let later = collect(&n1, Duration::from_secs(3), |_| false);
+    assert_eq!(later.count(), 0, "a second copy: {later:?}");
 }

@@ -669,13 +669,50 @@ pub struct Hub {
     /// renderer, [`Hub::set_render`]; without one an event counts its overhead alone).
     render: std::sync::OnceLock<Arc<dyn Render>>,
     /// Cluster: async responses being sent again to their keys' owners
-    /// ([`Hub::answer_again`]), at most [`MAX_ANSWERS_AGAIN`].
-    answers_again: std::sync::atomic::AtomicUsize,
+    /// ([`Hub::answer_again`]) and their bytes (as the queues count them), at most
+    /// [`MAX_ANSWERS_AGAIN`] and [`MAX_ANSWERS_AGAIN_BYTES`].
+    answers_again: Mutex<(usize, u64)>,
 }
 
-/// Cluster: most async responses sent again at once ([`Hub::answer_again`]); one beyond
-/// is given up (logged): its request stays stored, and is asked again after a restart.
+/// Cluster: most async responses sent again at once ([`Hub::answer_again`]), and most
+/// bytes of them; one beyond is given up (logged): its request stays stored, and is asked
+/// again after a restart.
 const MAX_ANSWERS_AGAIN: usize = 10_000;
+const MAX_ANSWERS_AGAIN_BYTES: u64 = 64 << 20;
+
+/// One async response's place among those sent again ([`Hub::answers_again`]), given
+/// back when dropped (the retry ended, or its task panicked).
+struct AgainHeld {
+    hub: Arc<Hub>,
+    bytes: u64,
+}
+
+impl AgainHeld {
+    fn take(hub: &Arc<Hub>, bytes: u64) -> Option<AgainHeld> {
+        let mut held = hub.answers_again.lock().unwrap_or_else(|p| p.into_inner());
+        if held.0 >= MAX_ANSWERS_AGAIN || held.1.saturating_add(bytes) > MAX_ANSWERS_AGAIN_BYTES {
+            return None;
+        }
+        held.0 += 1;
+        held.1 += bytes;
+        Some(AgainHeld {
+            hub: Arc::clone(hub),
+            bytes,
+        })
+    }
+}
+
+impl Drop for AgainHeld {
+    fn drop(&mut self) {
+        let mut held = self
+            .hub
+            .answers_again
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        held.0 = held.0.saturating_sub(1);
+        held.1 = held.1.saturating_sub(self.bytes);
+    }
+}
 
 /// Cluster: one key's events waiting to be sent to its owner ([`Hub::queue_forwards`]): each
 /// publish's events and where to say whether they were stored.
@@ -684,9 +721,10 @@ struct Outbox {
     waiting: Vec<(Vec<Forwarded>, tokio::sync::oneshot::Sender<bool>)>,
 }
 
-/// An event sent to its key's owner, and whether the owner takes it out of its queue
-/// again when its write fails ([`Undo::Unqueue`]: a device will send it again; otherwise
-/// it stays queued there, delivered while that node runs, as a local one would).
+/// An event sent to its key's owner, and whether a device will send it again
+/// ([`Undo::Unqueue`]). An owner whose write fails takes every forwarded event out of its
+/// queue again ([`Hub::append_owned`]); the mark matters when this node took the channel
+/// meanwhile: then only the marked ones go, as for its own events.
 type Forwarded = (Event, bool);
 
 /// Cluster: most events sent to a key's owner in one call (a call's body stays far
@@ -766,7 +804,7 @@ impl Hub {
             handed_out: Mutex::new(Map::default()),
             next_socket: std::sync::atomic::AtomicU64::new(1),
             render: std::sync::OnceLock::new(),
-            answers_again: std::sync::atomic::AtomicUsize::new(0),
+            answers_again: Mutex::new((0, 0)),
         });
         hub.recount();
         let callback_keys: Vec<String> = hub
@@ -1082,22 +1120,15 @@ impl Hub {
         let Some(me) = self.me.upgrade() else {
             return;
         };
-        if self
-            .answers_again
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            >= MAX_ANSWERS_AGAIN
-        {
-            self.answers_again
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(key = %key_id, ep = %ep, path = %path, "notifications: an async response its key's channel owner did not store is not sent again: {MAX_ANSWERS_AGAIN} are being sent again already; its request stays stored, and is asked again after a restart");
+        let Some(held) = AgainHeld::take(&me, self.size_of(&event)) else {
+            tracing::warn!(key = %key_id, ep = %ep, path = %path, "notifications: an async response its key's channel owner did not store is not sent again: {MAX_ANSWERS_AGAIN} answers or {MAX_ANSWERS_AGAIN_BYTES} bytes are being sent again already; its request stays stored, and is asked again after a restart");
             return;
-        }
+        };
         let (key, ep, path) = (key_id.to_string(), ep.to_string(), path.to_string());
         tokio::spawn(async move {
+            let _held = held;
             me.answer_again(&key, event, request_row, (&ep, &path))
                 .await;
-            me.answers_again
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
     }
 
@@ -1131,7 +1162,7 @@ impl Hub {
                 )
                 .await
             {
-                tracing::info!(key = %key_id, ep = %ep, path = %path, tries, "notifications: an async response its key's channel owner had not stored is stored now");
+                tracing::info!(key = %key_id, ep = %ep, path = %path, tries, "notifications: an async response its key's channel owner had not stored is delivered now (stored, or its channel gone)");
                 return;
             }
             wait = (wait * 2).min(Duration::from_secs(30));
@@ -2418,6 +2449,7 @@ impl Hub {
     /// [`FORWARD_BOUND`]; then the events are given up: logged and counted as discarded.
     async fn forward(&self, key_id: &str, forwarded: Vec<Forwarded>) -> bool {
         let (events, unqueue): (Vec<Event>, Vec<bool>) = forwarded.into_iter().unzip();
+        let all_out = vec![true; events.len()];
         let Some(peers) = self.peers.clone() else {
             return false;
         };
@@ -2426,8 +2458,12 @@ impl Hub {
         loop {
             match self.route(key_id).await {
                 Ok(Route::Here) => {
-                    // As on the owner ([`Hub::append_here`]).
-                    match self.append_owned(key_id, events.clone(), &unqueue).await {
+                    // As on the owner ([`Hub::append_here`]), but as this node's own
+                    // events: those no device sends again stay queued if the write fails.
+                    match self
+                        .append_owned(key_id, events.clone(), (&unqueue, true))
+                        .await
+                    {
                         Some(Ok(())) => return true,
                         Some(Err(e)) => {
                             crate::store::log_failure(
@@ -2440,7 +2476,10 @@ impl Hub {
                     }
                     last = "the channel moved while it was taken".into();
                 }
-                Ok(Route::Node(n)) => match peers.append(&n, key_id, &events, &unqueue).await {
+                // Every event marked for the owner to take out again if its write fails:
+                // this node sends it again (an owner of this version takes them all out
+                // anyway; an older one would keep a copy per try of those not marked).
+                Ok(Route::Node(n)) => match peers.append(&n, key_id, &events, &all_out).await {
                     Ok(()) => return true,
                     Err(PeerError::NotOwner(owner)) => {
                         last = format!("node {n} no longer owns it");
@@ -2635,7 +2674,7 @@ impl Hub {
         for e in &events {
             self.size_of(e);
         }
-        match self.append_owned(key_id, events, unqueue).await {
+        match self.append_owned(key_id, events, (unqueue, false)).await {
             None => Err(PeerError::NotOwner(None)),
             Some(r) => r.map_err(|e| PeerError::Failed(e.to_string())),
         }
@@ -2649,16 +2688,22 @@ impl Hub {
     /// a forwarded event is stored by its owner or not queued there. Before, those not
     /// marked in `unqueue` stayed queued, unstored, and each of the sender's tries (one
     /// every 250 ms or so for 15 s) queued another copy: an async response came 60 times.
-    /// `unqueue` (which of them a device sends again) no longer changes what is done here.
+    ///
+    /// `own`: the events were published on this node, which took the key's channel while
+    /// it forwarded them ([`Hub::forward`]): then only those `unqueue` marks go (by
+    /// position; missing: false), and the others stay queued, as its other events would
+    /// ([`Undo::Keep`]).
     async fn append_owned(
         &self,
         key_id: &str,
         events: Vec<Event>,
-        _unqueue: &[bool],
+        (unqueue, own): (&[bool], bool),
     ) -> Option<Result<(), StoreError>> {
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
-        let marks: Vec<bool> = vec![true; events.len()];
+        let marks: Vec<bool> = (0..events.len())
+            .map(|i| !own || unqueue.get(i).copied().unwrap_or(false))
+            .collect();
         let mut pushed = Vec::new();
         let durable = {
             let mut map = self.lock();
