@@ -241,6 +241,9 @@
     const all = [...endpoints.values()].sort((a, b) => a.name.localeCompare(b.name));
     const matching = all.filter((e) => !q || e.name.toLowerCase().includes(q) || (e.type || '').toLowerCase().includes(q));
     const shown = matching.slice(0, LIST_MAX);
+    // The selected endpoint stays in the list, wherever it sorts.
+    const sel = current !== null && !shown.some((e) => e.name === current) && matching.find((e) => e.name === current);
+    if (sel) shown.push(sel);
     for (const e of shown) {
       list.append(el('li', {
         'data-ep': e.name, 'data-status': e.status, class: e.name === current ? 'sel' : '',
@@ -533,7 +536,9 @@
       // removed again at log-out, so that the key's long-poll works as before.
       // Whether this session made it is kept in sessionStorage: after a reload the PUT
       // answers 200 (the channel exists), and the log-out must still remove it.
-      const r = await api('PUT', '/v2/notification/websocket', { type: 'application/json', body: '{}', signal });
+      // Not aborted at log-out (the daemon may have made the channel by then): checked
+      // when it returns instead.
+      const r = await api('PUT', '/v2/notification/websocket', { type: 'application/json', body: '{}' });
       if (me.stopped) {
         // Logged out while the channel was being made: one this call made goes again, with
         // the key it was made for.
