@@ -795,6 +795,55 @@ fn a_peer_that_does_not_answer_holds_up_no_other_keys_notifications() {
 
 /// One JetStream API request to the nats-server on `port` (`$JS.API...`), over the NATS
 /// text protocol on a plain TCP connection: its JSON answer.
+/// Two nodes on one NATS server: n1 owns the admin key's channel, and the device `ep`
+/// (with `links`) is registered on n2, its registration event seen on n1 (and stored
+/// until the next pull acknowledges it: the events stream is not empty, which
+/// [`refuse_new_events`] needs).
+fn channel_on_n1_device_on_n2(
+    ep: &str,
+    links: &str,
+) -> (NatsServer, Daemon, Daemon, support::coap::Device) {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    assert!(n1.pull_now().is_none());
+    until_channels(&n2, 1);
+    until_owned_channels(&n2, &[("n1", 1)]);
+    let mut dev = n2.device();
+    dev.register(&[&format!("ep={ep}"), "lt=300"], links);
+    let got = collect(&n1, WAIT, |e| {
+        eps(e, "registrations").contains(&ep.to_string())
+    });
+    assert!(
+        eps(&got, "registrations").contains(&ep.to_string()),
+        "{ep}'s registration never reached n1"
+    );
+    (server, n1, n2, dev)
+}
+
+/// Makes the JetStream events stream (`cd_events`) refuse new messages (`max_msgs` at
+/// its count, `discard: new`; it must hold some) while the leases, in a stream of their
+/// own, keep working: the channel owner's store then refuses events. Its configuration
+/// before, for [`accept_new_events`].
+fn refuse_new_events(server: &NatsServer) -> Value {
+    let info = js_request(server.port(), "$JS.API.STREAM.INFO.cd_events", &json!({}));
+    let stored = info["state"]["messages"].as_u64().unwrap();
+    assert!(stored > 0, "{info}");
+    let original = info["config"].clone();
+    let mut full = original.clone();
+    full["max_msgs"] = json!(stored);
+    full["discard"] = json!("new");
+    let r = js_request(server.port(), "$JS.API.STREAM.UPDATE.cd_events", &full);
+    assert!(r.get("error").is_none(), "{r}");
+    original
+}
+
+/// Gives the events stream its configuration from before [`refuse_new_events`] back.
+fn accept_new_events(server: &NatsServer, original: &Value) {
+    let r = js_request(server.port(), "$JS.API.STREAM.UPDATE.cd_events", original);
+    assert!(r.get("error").is_none(), "{r}");
+}
+
 fn js_request(port: u16, subject: &str, body: &Value) -> Value {
     use std::io::{BufRead, BufReader, Read, Write};
     let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -838,45 +887,19 @@ fn js_request(port: u16, subject: &str, body: &Value) -> Value {
 /// device's retransmission is taken as new, stored on n1 and acknowledged.
 #[test]
 fn a_notification_its_channel_owner_could_not_store_is_not_acknowledged() {
-    let server = NatsServer::start().unwrap();
-    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
-    let n2 = second_node(&server, &n1, "n2", "");
-    // The admin key's channel on n1.
-    assert!(n1.pull_now().is_none());
-    until_channels(&n2, 1);
-    until_owned_channels(&n2, &[("n1", 1)]);
-    let mut dev = n2.device();
-    dev.register(&["ep=far", "lt=300"], "</3303/0/5700>;obs");
+    let (server, n1, n2, dev) = channel_on_n1_device_on_n2("far", "</3303/0/5700>;obs");
     let r = n2.call("PUT", "/v2/subscriptions/far/3303/0/5700", None, None);
     assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
     let (token, from) = accept_observe(&dev, "v0");
-    // The registration's event reaches n1 (and stays stored until the next pull
-    // acknowledges it: the stream is not empty, which `max_msgs` needs).
-    let got = collect(&n1, WAIT, |e| {
-        eps(e, "registrations").contains(&"far".to_string())
-    });
-    assert!(
-        eps(&got, "registrations").contains(&"far".to_string()),
-        "far's registration never reached n1"
-    );
 
-    let info = js_request(server.port(), "$JS.API.STREAM.INFO.cd_events", &json!({}));
-    let stored = info["state"]["messages"].as_u64().unwrap();
-    assert!(stored > 0, "{info}");
-    let original = info["config"].clone();
-    let mut full = original.clone();
-    full["max_msgs"] = json!(stored);
-    full["discard"] = json!("new");
-    let r = js_request(server.port(), "$JS.API.STREAM.UPDATE.cd_events", &full);
-    assert!(r.get("error").is_none(), "{r}");
+    let original = refuse_new_events(&server);
 
     let v1 = observe_content(MessageType::Confirmable, 0x7201, &token, 2, b"v1");
     let sent = Instant::now();
     send_packet(&dev, &v1, from);
     // The forwarding bound is 15 s: wait past it.
     let acked = dev.recv_raw(Duration::from_secs(20));
-    let r = js_request(server.port(), "$JS.API.STREAM.UPDATE.cd_events", &original);
-    assert!(r.get("error").is_none(), "{r}");
+    accept_new_events(&server, &original);
     assert!(
         acked.is_none(),
         "acknowledged after {:?} although its channel's owner never stored it",
@@ -913,30 +936,8 @@ fn a_notification_its_channel_owner_could_not_store_is_not_acknowledged() {
 /// stream refuses new messages (`max_msgs` at its count, `discard: new`) for a while.
 #[test]
 fn an_async_response_its_channel_owner_could_not_store_is_sent_again() {
-    let server = NatsServer::start().unwrap();
-    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
-    let n2 = second_node(&server, &n1, "n2", "");
-    assert!(n1.pull_now().is_none());
-    until_channels(&n2, 1);
-    until_owned_channels(&n2, &[("n1", 1)]);
-    let mut dev = n2.device();
-    dev.register(&["ep=refused", "lt=300"], LINKS);
-    let got = collect(&n1, WAIT, |e| {
-        eps(e, "registrations").contains(&"refused".to_string())
-    });
-    assert!(
-        eps(&got, "registrations").contains(&"refused".to_string()),
-        "the registration never reached n1"
-    );
-    let info = js_request(server.port(), "$JS.API.STREAM.INFO.cd_events", &json!({}));
-    let stored = info["state"]["messages"].as_u64().unwrap();
-    assert!(stored > 0, "{info}");
-    let original = info["config"].clone();
-    let mut full = original.clone();
-    full["max_msgs"] = json!(stored);
-    full["discard"] = json!("new");
-    let r = js_request(server.port(), "$JS.API.STREAM.UPDATE.cd_events", &full);
-    assert!(r.get("error").is_none(), "{r}");
+    let (server, n1, n2, dev) = channel_on_n1_device_on_n2("refused", LINKS);
+    let original = refuse_new_events(&server);
 
     let id = n2.async_request("GET", "/v2/endpoints/refused/3/0/0", None, None);
     let (req, from) = dev.recv_request(WAIT).expect("the request never came");
@@ -953,8 +954,7 @@ fn an_async_response_its_channel_owner_could_not_store_is_sent_again() {
         "not stored: the key's channel owner was not reached",
         Duration::from_secs(25),
     );
-    let r = js_request(server.port(), "$JS.API.STREAM.UPDATE.cd_events", &original);
-    assert!(r.get("error").is_none(), "{r}");
+    accept_new_events(&server, &original);
     let e = collect(&n1, Duration::from_secs(40), |e| {
         e.async_response(&id).is_some()
     });

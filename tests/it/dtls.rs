@@ -929,7 +929,7 @@ mod cid {
 /// handshake in all.
 #[test]
 fn a_dtls_device_whose_address_changes_keeps_its_session() {
-    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+    use coap_lite::{MessageClass, RequestType, ResponseType};
     use std::net::UdpSocket;
     use std::time::Duration;
     const WAIT: Duration = Duration::from_secs(10);
@@ -959,14 +959,7 @@ fn a_dtls_device_whose_address_changes_keeps_its_session() {
     let read = read.expect("the read at the new address");
     assert_eq!(pings, 0, "one check");
     assert_eq!(read.header.code, MessageClass::Request(RequestType::Get));
-    let mut ack = Packet::new();
-    ack.header.set_type(MessageType::Acknowledgement);
-    ack.header.code = MessageClass::Response(ResponseType::Content);
-    ack.header.message_id = read.header.message_id;
-    ack.set_token(read.get_token().to_vec());
-    ack.add_option(CoapOption::ContentFormat, vec![]);
-    ack.payload = b"acme".to_vec();
-    cid::send(&mut c, &moved, dtls, &ack);
+    cid::send(&mut c, &moved, dtls, &content_ack(&read, b"acme"));
     let r = d.async_response(&id, WAIT);
     assert_eq!(r["status"], 200, "{r}");
     assert_eq!(r["payload"], support::b64(b"acme").as_str(), "{r}");

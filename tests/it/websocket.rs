@@ -332,17 +332,7 @@ fn a_backlog_over_the_clients_message_limit_arrives_in_frames_it_takes() {
     let r = put_channel(&d, &d.key);
     assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
     // 150 registrations with about 20 resources each: over 100 KB of events.
-    let links = (0..20)
-        .map(|i| {
-            format!(
-                "</{}/0/{}>;rt=\"urn:oma:lwm2m:ext:{}\";obs",
-                3300 + i,
-                5700 + i,
-                3300 + i
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(",");
+    let links = ipso_links(20);
     let want: Vec<String> = (0..150).map(|i| format!("big-{i:03}")).collect();
     let mut devices = Vec::new();
     for ep in &want {
@@ -484,11 +474,9 @@ fn a_socket_that_misses_its_pongs_is_dropped() {
     drop(ws);
 }
 
-/// `n` registrations of 12 links each (about 1.1 KB of event each), queued for the
-/// channel of `d`'s key, which is made first: `ep=<prefix>-<i>`.
-fn queue_registrations(d: &Daemon, prefix: &str, n: usize) {
-    assert_eq!(put_channel(d, &d.key).status, 201);
-    let links = (0..12)
+/// `n` IPSO sensor links (`</3300/0/5700>;rt="urn:oma:lwm2m:ext:3300";obs`, …).
+fn ipso_links(n: u16) -> String {
+    (0..n)
         .map(|i| {
             format!(
                 "</{}/0/{}>;rt=\"urn:oma:lwm2m:ext:{}\";obs",
@@ -498,7 +486,14 @@ fn queue_registrations(d: &Daemon, prefix: &str, n: usize) {
             )
         })
         .collect::<Vec<_>>()
-        .join(",");
+        .join(",")
+}
+
+/// `n` registrations of 12 links each (about 1.1 KB of event each), queued for the
+/// channel of `d`'s key, which is made first: `ep=<prefix>-<i>`.
+fn queue_registrations(d: &Daemon, prefix: &str, n: usize) {
+    assert_eq!(put_channel(d, &d.key).status, 201);
+    let links = ipso_links(12);
     let mut dev = d.device();
     for i in 0..n {
         dev.register(&[&format!("ep={prefix}-{i:04}"), "lt=600"], &links);

@@ -382,7 +382,7 @@ async fn deliver(
         let pulled = tokio::select! {
             biased;
             why = &mut attached.end => return hub_end(why.ok()),
-            _ = stop.recv() => return End::Closed(1012, "the daemon is restarting or stopping"),
+            _ = stop.recv() => return stopping(),
             m = rx.next() => match incoming(m) {
                 Some(end) => return end,
                 None => continue,
@@ -456,7 +456,7 @@ async fn ponged(
             biased;
             why = &mut attached.end => return Err(hub_end(why.ok())),
             _ = stop.recv() => {
-                return Err(End::Closed(1012, "the daemon is restarting or stopping"));
+                return Err(stopping());
             }
             _ = tokio::time::sleep_until(deadline) => return Err(End::NoPong),
             m = rx.next() => match m {
@@ -494,7 +494,7 @@ async fn write(
             biased;
             why = &mut attached.end => return Err(hub_end(why.ok())),
             _ = stop.recv() => {
-                return Err(End::Closed(1012, "the daemon is restarting or stopping"));
+                return Err(stopping());
             }
             r = &mut send => {
                 return r.map_err(|e| End::Client(format!("a message was not written: {e}")));
@@ -508,6 +508,11 @@ async fn write(
             }
         }
     }
+}
+
+/// The end of a socket whose daemon stops (1012, service restart).
+fn stopping() -> End {
+    End::Closed(1012, "the daemon is restarting or stopping")
 }
 
 /// A message from the client: `Some` when it ends the socket. Other frames (text,
@@ -532,6 +537,6 @@ fn hub_end(why: Option<SocketEnd>) -> End {
         }
         Some(SocketEnd::ChannelRemoved) => End::Closed(1001, "the WebSocket channel was removed"),
         Some(SocketEnd::Revoked) => End::Closed(1008, "the access key is no longer valid"),
-        None => End::Closed(1012, "the daemon is restarting or stopping"),
+        None => stopping(),
     }
 }
