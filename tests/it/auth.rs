@@ -235,6 +235,39 @@ fn every_route_refuses_bad_credentials_and_admits_good_ones() {
     );
     let r = call(&d, "POST", "/api/cert", Some(&other), Some(&cert_body));
     refused(&r, 401, "a certificate for another domain");
+    // That 401 names its scheme, as every 401 must (RFC 9110 §11.6.1).
+    let head = raw_head(
+        &d,
+        "POST",
+        "/api/cert",
+        &other,
+        cert_body.to_string().as_bytes(),
+    );
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("\r\nwww-authenticate: bearer\r\n"),
+        "{head}"
+    );
+}
+
+/// The status line and headers of one request on a connection of its own.
+fn raw_head(d: &Daemon, method: &str, path: &str, key: &str, body: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(d.rest).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut all = Vec::new();
+    let _ = s.read_to_end(&mut all);
+    let all = String::from_utf8_lossy(&all).into_owned();
+    all.split("\r\n\r\n").next().unwrap_or_default().to_string() + "\r\n"
 }
 
 /// Losant application keys (Basic key:secret) reach only the endpoints and resources

@@ -43,11 +43,13 @@ pub async fn create_cert(
         Err(reply) => return reply,
     };
     if req.domain != who.domain {
+        // A 401 names its scheme (RFC 9110 §11.6.1), as the core's do.
         return error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "the access key is not valid for this domain",
-        );
+        )
+        .header(http::header::WWW_AUTHENTICATE, "Bearer");
     }
     match ca.issue(&req.domain, &req.publickey) {
         Ok(issued) => {
