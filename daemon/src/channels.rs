@@ -56,9 +56,9 @@ pub const OP_ANSWERED: &str = "ch_answered";
 struct AppendCall {
     key: String,
     events: serde_json::Value,
-    /// Per event, whether the owner takes it out again if its write fails (absent from an
-    /// older node: none is). An owner of this version takes every event out again, and
-    /// its senders mark every one, for older owners.
+    /// Per event, whether the owner takes it out again if its write fails: what an owner
+    /// of an older version goes by. An owner of this version takes every event out again
+    /// and reads it not; its senders mark every one, for older owners.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     unqueue: Vec<bool>,
 }
@@ -164,17 +164,14 @@ impl ChannelPeers for NatsPeers {
         node: &'a str,
         key_id: &'a str,
         events: &'a [Event],
-        unqueue: &'a [bool],
     ) -> BoxFut<'a, Result<(), PeerError>> {
         Box::pin(async move {
             let call = AppendCall {
                 key: key_id.to_string(),
                 events: events_to_json(events),
-                unqueue: if unqueue.contains(&true) {
-                    unqueue.to_vec()
-                } else {
-                    Vec::new()
-                },
+                // Every one: this node sends them again, so an owner of an older version
+                // (which keeps the unmarked ones) does not queue a copy per try either.
+                unqueue: vec![true; events.len()],
             };
             match self.call(node, OP_APPEND, &call, self.timeout).await? {
                 Answer::Ok => Ok(()),
@@ -281,7 +278,7 @@ async fn handle(hub: Arc<Hub>, call: NodeCall) {
     let answer = match call.op.as_str() {
         OP_APPEND => match read::<AppendCall>(&call) {
             Ok(c) => match events_from_json(&c.events) {
-                Ok(events) => match hub.append_here(&c.key, events, &c.unqueue).await {
+                Ok(events) => match hub.append_here(&c.key, events).await {
                     Ok(()) => Answer::Ok,
                     Err(e) => peer_answer(e),
                 },

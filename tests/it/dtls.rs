@@ -959,25 +959,17 @@ fn a_dtls_device_whose_address_changes_keeps_its_session() {
     let read = read.expect("the read at the new address");
     assert_eq!(pings, 0, "one check");
     assert_eq!(read.header.code, MessageClass::Request(RequestType::Get));
-    cid::send(&mut c, &moved, dtls, &content_ack(&read, b"acme"));
+    cid::send(
+        &mut c,
+        &moved,
+        dtls,
+        &support::coap::response(&read, ResponseType::Content, b"acme", Some(0), None),
+    );
     let r = d.async_response(&id, WAIT);
     assert_eq!(r["status"], 200, "{r}");
     assert_eq!(r["payload"], support::b64(b"acme").as_str(), "{r}");
     assert_eq!(metric(&d, "coap_dtls_handshakes_total"), 1);
     assert_eq!(metric(&d, "coap_dtls_sessions"), 1);
-}
-
-/// The piggybacked 2.05 answering `read` (a request the device received), `payload`.
-fn content_ack(read: &coap_lite::Packet, payload: &[u8]) -> coap_lite::Packet {
-    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
-    let mut ack = Packet::new();
-    ack.header.set_type(MessageType::Acknowledgement);
-    ack.header.code = MessageClass::Response(ResponseType::Content);
-    ack.header.message_id = read.header.message_id;
-    ack.set_token(read.get_token().to_vec());
-    ack.add_option(CoapOption::ContentFormat, vec![]);
-    ack.payload = payload.to_vec();
-    ack
 }
 
 /// An address passes to another device (a NAT reuses the mapping; the first device's
@@ -1029,7 +1021,18 @@ fn a_request_goes_only_to_a_session_that_proved_its_devices_identity() {
     let (read, _) = cid::receive(&mut a, &sock, dtls, WAIT);
     let read = read.expect("the read reaches device A");
     assert_eq!(read.header.code, MessageClass::Request(RequestType::Get));
-    cid::send(&mut a, &sock, dtls, &content_ack(&read, b"mine"));
+    cid::send(
+        &mut a,
+        &sock,
+        dtls,
+        &support::coap::response(
+            &read,
+            coap_lite::ResponseType::Content,
+            b"mine",
+            Some(0),
+            None,
+        ),
+    );
     let r = d.async_response(&id, WAIT);
     assert_eq!(r["status"], 200, "{r}");
     assert_eq!(r["payload"], support::b64(b"mine").as_str(), "{r}");
@@ -1066,7 +1069,12 @@ fn a_plain_datagram_does_not_answer_a_request_sent_over_dtls() {
     sock.send_to(&forged.to_bytes().unwrap(), d.coap).unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
-    cid::send(&mut c, &sock, dtls, &content_ack(&read, b"real"));
+    cid::send(
+        &mut c,
+        &sock,
+        dtls,
+        &support::coap::response(&read, ResponseType::Content, b"real", Some(0), None),
+    );
     let r = d.async_response(&id, WAIT);
     assert_eq!(r["status"], 200, "{r}");
     assert_eq!(r["payload"], support::b64(b"real").as_str(), "{r}");

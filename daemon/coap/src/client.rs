@@ -470,6 +470,21 @@ pub enum ClientError {
     OtherSession,
 }
 
+/// Before each transmission ([`OutRequest::identity`]): with `want`, the session
+/// `session` of `sock` must have proved it, or nothing is sent.
+fn same_session(
+    sock: &crate::listener::AnyListener,
+    session: SocketAddr,
+    want: Option<&PeerIdentity>,
+) -> Result<(), ClientError> {
+    match want {
+        Some(want) if sock.identity(session).as_ref() != Some(want) => {
+            Err(ClientError::OtherSession)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A Block1/Block2 option value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Block {
@@ -1021,11 +1036,7 @@ impl Transport {
     pub async fn send_non(&self, peer: PeerRef, req: &OutRequest) -> Result<(), ClientError> {
         let p = self.build(req, MessageType::NonConfirmable, &[])?;
         let (sock, _) = self.sending(&peer.listener)?;
-        if let Some(want) = &req.identity
-            && sock.identity(peer.session).as_ref() != Some(want)
-        {
-            return Err(ClientError::OtherSession);
-        }
+        same_session(sock, peer.session, req.identity.as_ref())?;
         sock.send(peer.session, &p.bytes)
             .await
             .map_err(|e| ClientError::Io(e.to_string()))?;
@@ -1128,11 +1139,7 @@ impl Transport {
         // failed at once by the listener when the connection closes.
         let reliable = !to.listener.kind.unreliable();
         loop {
-            if let Some(want) = identity
-                && sock.identity(peer).as_ref() != Some(want)
-            {
-                return Err(ClientError::OtherSession);
-            }
+            same_session(sock, peer, identity)?;
             sock.send(peer, bytes)
                 .await
                 .map_err(|e| ClientError::Io(e.to_string()))?;

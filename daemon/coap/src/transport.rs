@@ -282,7 +282,7 @@ impl Transport {
 
     /// The listener named `id`, if it is still one of ours.
     pub(crate) fn listener(&self, id: &ListenerId) -> Option<&AnyListener> {
-        self.listeners.iter().find(|l| l.id() == *id).map(|l| &**l)
+        self.sending(id).ok().map(|(l, _)| l)
     }
 
     /// The listener a request to a device leaves through, with its index (the `via` of

@@ -563,14 +563,8 @@ impl PluginHost {
     fn end_due_probations(&self) {
         let done: Vec<(String, Probation)> = {
             let mut probation = self.probation.lock().unwrap_or_else(|p| p.into_inner());
-            let due: Vec<String> = probation
-                .iter()
-                .filter(|(_, p)| p.since.elapsed() >= self.probation_time)
-                .map(|(name, _)| name.clone())
-                .collect();
-            let done = due
-                .into_iter()
-                .filter_map(|name| probation.remove(&name).map(|p| (name, p)))
+            let done = probation
+                .extract_if(|_, p| p.since.elapsed() >= self.probation_time)
                 .collect();
             self.probations.store(probation.len(), Ordering::Relaxed);
             done

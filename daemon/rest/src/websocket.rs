@@ -201,13 +201,12 @@ pub fn connect(socket: Socket, who: Arc<Principal>, parts: &mut Parts) -> Reply 
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_INCOMING))
             .max_frame_size(Some(MAX_INCOMING));
-        let written = Arc::new(AtomicU64::new(0));
         let io = Progress {
             inner: TokioIo::new(io),
-            written: Arc::clone(&written),
+            written: Arc::new(AtomicU64::new(0)),
         };
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-        serve(ws, written, socket, &who, attached).await;
+        serve(ws, socket, &who, attached).await;
     });
     let mut reply = Reply::empty(StatusCode::SWITCHING_PROTOCOLS)
         .header(UPGRADE, "websocket")
@@ -276,6 +275,19 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Progress<T> {
     }
 }
 
+impl<T> Progress<T> {
+    /// Counts what a write took.
+    fn counted(
+        &self,
+        r: std::task::Poll<std::io::Result<usize>>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
 impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Progress<T> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
@@ -283,10 +295,7 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Progress<T> {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let std::task::Poll::Ready(Ok(n)) = &r {
-            self.written.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
+        self.counted(r)
     }
 
     fn poll_write_vectored(
@@ -295,10 +304,7 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Progress<T> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let std::task::Poll::Ready(Ok(n)) = &r {
-            self.written.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
+        self.counted(r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -321,13 +327,8 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Progress<T> {
 }
 
 /// Serves one socket until it ends.
-async fn serve(
-    ws: Io,
-    written: Arc<AtomicU64>,
-    socket: Socket,
-    who: &Principal,
-    attached: Option<Attached>,
-) {
+async fn serve(ws: Io, socket: Socket, who: &Principal, attached: Option<Attached>) {
+    let written = Arc::clone(&ws.get_ref().written);
     let (sink, mut rx) = ws.split();
     let mut tx = Tx { sink, written };
     let end = match attached {

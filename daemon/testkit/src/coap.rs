@@ -201,27 +201,40 @@ impl Device {
         cf: Option<u16>,
         max_age: Option<u32>,
     ) {
-        let mut p = Packet::new();
-        p.header
-            .set_type(if req.header.get_type() == MessageType::Confirmable {
-                MessageType::Acknowledgement
-            } else {
-                MessageType::NonConfirmable
-            });
-        p.header.code = MessageClass::Response(code);
-        p.header.message_id = req.header.message_id;
-        p.set_token(req.get_token().to_vec());
-        if let Some(cf) = cf {
-            p.add_option(CoapOption::ContentFormat, uint(cf.into()));
-        }
-        if let Some(m) = max_age {
-            p.add_option(CoapOption::MaxAge, uint(m));
-        }
-        p.payload = payload.to_vec();
+        let p = response(req, code, payload, cf, max_age);
         self.sock
             .send_to(&p.to_bytes().unwrap(), to)
             .expect("send reply");
     }
+}
+
+/// The response to `req`: piggybacked on its ACK (a CON request) or NON, with its token,
+/// `code`, `payload` and the options given.
+pub fn response(
+    req: &Packet,
+    code: ResponseType,
+    payload: &[u8],
+    cf: Option<u16>,
+    max_age: Option<u32>,
+) -> Packet {
+    let mut p = Packet::new();
+    p.header
+        .set_type(if req.header.get_type() == MessageType::Confirmable {
+            MessageType::Acknowledgement
+        } else {
+            MessageType::NonConfirmable
+        });
+    p.header.code = MessageClass::Response(code);
+    p.header.message_id = req.header.message_id;
+    p.set_token(req.get_token().to_vec());
+    if let Some(cf) = cf {
+        p.add_option(CoapOption::ContentFormat, uint(cf.into()));
+    }
+    if let Some(m) = max_age {
+        p.add_option(CoapOption::MaxAge, uint(m));
+    }
+    p.payload = payload.to_vec();
+    p
 }
 
 /// The Uri-Path of a request joined with slashes, leading slash included.

@@ -723,8 +723,8 @@ struct Outbox {
 
 /// An event sent to its key's owner, and whether a device will send it again
 /// ([`Undo::Unqueue`]). An owner whose write fails takes every forwarded event out of its
-/// queue again ([`Hub::append_owned`]); the mark matters when this node took the channel
-/// meanwhile: then only the marked ones go, as for its own events.
+/// queue again ([`Hub::append_owned`]), so the mark does not travel; it matters when this
+/// node took the channel meanwhile: then only the marked ones go, as for its own events.
 type Forwarded = (Event, bool);
 
 /// Cluster: most events sent to a key's owner in one call (a call's body stays far
@@ -2449,7 +2449,6 @@ impl Hub {
     /// [`FORWARD_BOUND`]; then the events are given up: logged and counted as discarded.
     async fn forward(&self, key_id: &str, forwarded: Vec<Forwarded>) -> bool {
         let (events, unqueue): (Vec<Event>, Vec<bool>) = forwarded.into_iter().unzip();
-        let all_out = vec![true; events.len()];
         let Some(peers) = self.peers.clone() else {
             return false;
         };
@@ -2461,7 +2460,7 @@ impl Hub {
                     // As on the owner ([`Hub::append_here`]), but as this node's own
                     // events: those no device sends again stay queued if the write fails.
                     match self
-                        .append_owned(key_id, events.clone(), (&unqueue, true))
+                        .append_owned(key_id, events.clone(), Some(&unqueue))
                         .await
                     {
                         Some(Ok(())) => return true,
@@ -2476,10 +2475,7 @@ impl Hub {
                     }
                     last = "the channel moved while it was taken".into();
                 }
-                // Every event marked for the owner to take out again if its write fails:
-                // this node sends it again (an owner of this version takes them all out
-                // anyway; an older one would keep a copy per try of those not marked).
-                Ok(Route::Node(n)) => match peers.append(&n, key_id, &events, &all_out).await {
+                Ok(Route::Node(n)) => match peers.append(&n, key_id, &events).await {
                     Ok(()) => return true,
                     Err(PeerError::NotOwner(owner)) => {
                         last = format!("node {n} no longer owns it");
@@ -2663,18 +2659,13 @@ impl Hub {
 
     /// The owner's side of [`ChannelPeers::append`]: queues another node's events for a
     /// key whose channel this node owns; `Ok` once they are stored. If the write fails,
-    /// the events `unqueue` marks (by position; missing: false) are taken out again.
-    pub async fn append_here(
-        &self,
-        key_id: &str,
-        events: Vec<Event>,
-        unqueue: &[bool],
-    ) -> Result<(), PeerError> {
+    /// every one of them is taken out again ([`Hub::append_owned`]).
+    pub async fn append_here(&self, key_id: &str, events: Vec<Event>) -> Result<(), PeerError> {
         self.owned_here(key_id).await?;
         for e in &events {
             self.size_of(e);
         }
-        match self.append_owned(key_id, events, (unqueue, false)).await {
+        match self.append_owned(key_id, events, None).await {
             None => Err(PeerError::NotOwner(None)),
             Some(r) => r.map_err(|e| PeerError::Failed(e.to_string())),
         }
@@ -2685,24 +2676,25 @@ impl Hub {
     /// again: the sender is told they were not stored, and sends them again (within
     /// [`FORWARD_BOUND`]; an async response until it is stored, [`Hub::answer_again`]), and
     /// a device its CON notifications (which the sender does not acknowledge). Decision:
-    /// a forwarded event is stored by its owner or not queued there. Before, those not
-    /// marked in `unqueue` stayed queued, unstored, and each of the sender's tries (one
-    /// every 250 ms or so for 15 s) queued another copy: an async response came 60 times.
+    /// a forwarded event is stored by its owner or not queued there. Before, those a
+    /// device would not send again stayed queued, unstored, and each of the sender's tries
+    /// (one every 250 ms or so for 15 s) queued another copy: an async response came 60
+    /// times.
     ///
-    /// `own`: the events were published on this node, which took the key's channel while
-    /// it forwarded them ([`Hub::forward`]): then only those `unqueue` marks go (by
-    /// position; missing: false), and the others stay queued, as its other events would
-    /// ([`Undo::Keep`]).
+    /// `own_unqueue`: the events were published on this node, which took the key's
+    /// channel while it forwarded them ([`Hub::forward`]): then only those it marks go
+    /// (by position; missing: false), and the others stay queued, as its other events
+    /// would ([`Undo::Keep`]).
     async fn append_owned(
         &self,
         key_id: &str,
         events: Vec<Event>,
-        (unqueue, own): (&[bool], bool),
+        own_unqueue: Option<&[bool]>,
     ) -> Option<Result<(), StoreError>> {
         let mut wakes = Vec::new();
         let mut trims = Vec::new();
         let marks: Vec<bool> = (0..events.len())
-            .map(|i| !own || unqueue.get(i).copied().unwrap_or(false))
+            .map(|i| own_unqueue.is_none_or(|u| u.get(i).copied().unwrap_or(false)))
             .collect();
         let mut pushed = Vec::new();
         let durable = {
@@ -3211,29 +3203,17 @@ mod tests {
         let event = |ep: &str| Event::new(Entry::DeRegistration(ep.into()), now_ms());
         store.fail_writes(true);
         for _ in 0..2 {
-            assert!(
-                hub.append_here("k", vec![event("a")], &[true])
-                    .await
-                    .is_err()
-            );
+            assert!(hub.append_here("k", vec![event("a")]).await.is_err());
         }
         // Nor one no device will send again (not marked): its sender sends it again, and
         // each try kept here would be one more copy (twelfth session: an async response
         // came 60 times).
         for _ in 0..2 {
-            assert!(
-                hub.append_here("k", vec![event("again")], &[])
-                    .await
-                    .is_err()
-            );
+            assert!(hub.append_here("k", vec![event("again")]).await.is_err());
         }
         store.fail_writes(false);
-        hub.append_here("k", vec![event("again")], &[])
-            .await
-            .unwrap();
-        hub.append_here("k", vec![event("b")], &[true])
-            .await
-            .unwrap();
+        hub.append_here("k", vec![event("again")]).await.unwrap();
+        hub.append_here("k", vec![event("b")]).await.unwrap();
         let Pulled::Batch(b) = hub.pull(key, None, std::future::pending()).await.unwrap() else {
             panic!("a batch");
         };

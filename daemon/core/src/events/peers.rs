@@ -89,14 +89,13 @@ pub trait ChannelPeers: Send + Sync + 'static {
     /// Gives up this node's lease of the key (a clean stop).
     fn release<'a>(&'a self, key_id: &'a str) -> BoxFut<'a, ()>;
     /// Has `node`, the key's owner, queue `events` (in this order) for the key; `Ok` once
-    /// the owner stored them. `unqueue` (by position) marks the events the owner takes out
-    /// of its queue again if its write fails ([`super::Hub::append_here`]).
+    /// the owner stored them. An owner whose write fails takes them out of its queue again
+    /// ([`super::Hub::append_here`]): the caller sends them again.
     fn append<'a>(
         &'a self,
         node: &'a str,
         key_id: &'a str,
         events: &'a [Event],
-        unqueue: &'a [bool],
     ) -> BoxFut<'a, Result<(), PeerError>>;
     /// Forwards a long-poll to `node`, the key's owner.
     fn poll<'a>(
