@@ -483,6 +483,17 @@ fn json<T: serde::Serialize>(v: &T) -> Result<Bytes, StoreError> {
         .map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// The meta bucket's key of the cluster's event epoch.
+const EPOCH_KEY: &str = "event_epoch";
+
+/// A random number (the standard library's per-map random keys), for jitter.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
 /// A message as read from a stream.
 struct Raw {
     subject: String,
@@ -1023,53 +1034,84 @@ impl Shared {
     }
 
     /// Counts the cluster's event epoch up by one (compare-and-set) and answers it.
+    ///
+    /// The last count is read from the meta stream's leader, not with a direct get: a
+    /// direct get may be answered by a replica that has not seen the last count yet, and a
+    /// compare-and-set on its revision fails however often it is tried. A failed try (another
+    /// node counted meanwhile, or the stream has no leader yet: right after the first start
+    /// made it, or after its leader's server was lost) is tried again after a pause that
+    /// grows from 5 to 250 ms, with jitter so that nodes started together do not collide
+    /// in step, until the store's timeout has passed; then the last failure is the error.
+    /// (Before: 32 tries without a pause, which a fresh three-server cluster could use up in
+    /// a few milliseconds and refuse the start, seen in CI.)
     async fn next_epoch(&self) -> Result<u64, StoreError> {
         let meta = self
             .js
             .get_key_value(&self.names.meta)
             .await
             .map_err(unavailable)?;
-        for _ in 0..32 {
-            let entry = meta.entry("event_epoch").await.map_err(unavailable)?;
-            let result = match entry {
-                Some(e) if e.operation == kv::Operation::Put => {
-                    let last: u64 = std::str::from_utf8(&e.value)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| StoreError::Corrupt("the event epoch".into()))?;
-                    let next = last + 1;
-                    meta.update("event_epoch", next.to_string().into(), e.revision)
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let tried = match self.epoch_entry().await {
+                Ok(last) => {
+                    let (next, revision) = last.map_or((1, 0), |(n, rev)| (n + 1, rev));
+                    // Revision 0 expects no message on the subject: a create.
+                    meta.update(EPOCH_KEY, next.to_string().into(), revision)
                         .await
                         .map(|_| next)
                         .map_err(|e| e.to_string())
                 }
-                _ => meta
-                    .create("event_epoch", "1".into())
-                    .await
-                    .map(|_| 1)
-                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
             };
-            match result {
+            let e = match tried {
                 Ok(epoch) => return Ok(epoch),
-                Err(e) => tracing::debug!("store: event epoch taken meanwhile ({e}); again"),
+                Err(e) => e,
+            };
+            let jitter = Duration::from_micros(random_u64() % 1000 * pause.as_millis() as u64);
+            if tokio::time::Instant::now() + pause + jitter >= deadline {
+                return Err(unavailable(format!(
+                    "could not count the event epoch up within {} ms: {e}",
+                    self.timeout.as_millis()
+                )));
             }
+            tracing::debug!("store: counting the event epoch up failed ({e}); again");
+            tokio::time::sleep(pause + jitter).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
         }
-        Err(unavailable("could not count the event epoch up"))
     }
 
-    /// The cluster's last event epoch.
+    /// The cluster's last event epoch and its revision, read from the meta stream's
+    /// leader; None when it was never counted (or deleted, which nothing does).
+    async fn epoch_entry(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        let stream = self.stream(&format!("KV_{}", self.names.meta))?;
+        match stream
+            .get_last_raw_message_by_subject(&Self::kv_subject(&self.names.meta, EPOCH_KEY))
+            .await
+        {
+            Ok(m)
+                if m.headers
+                    .get(KV_OPERATION)
+                    .is_some_and(|v| matches!(v.as_str(), "DEL" | "PURGE")) =>
+            {
+                Ok(None)
+            }
+            Ok(m) => std::str::from_utf8(&m.payload)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .map(|n| Some((n, m.sequence)))
+                .ok_or_else(|| StoreError::Corrupt("the event epoch".into())),
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// The cluster's last event epoch (0 before the first count), from the meta stream's
+    /// leader: a replica behind it could answer one below this node's own.
     async fn last_epoch(&self) -> Result<u64, StoreError> {
-        let meta = self
-            .js
-            .get_key_value(&self.names.meta)
-            .await
-            .map_err(unavailable)?;
-        Ok(meta
-            .get("event_epoch")
-            .await
-            .map_err(unavailable)?
-            .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
-            .unwrap_or(0))
+        Ok(self.epoch_entry().await?.map_or(0, |(n, _)| n))
     }
 
     /// The live values of a bucket whose keys match `filter` (after `$KV.<bucket>.`).
