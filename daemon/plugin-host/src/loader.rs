@@ -1021,13 +1021,41 @@ unsafe fn ctx_and_text<'a>(ctx: *mut c_void, p: *const u8, len: usize) -> (&'a H
     (c, s)
 }
 
-/// Host functions never unwind into the plugin: a panic becomes an error code.
-fn guarded(f: impl FnOnce() -> i32) -> i32 {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or(-99)
+/// How many host functions panicked (see [`guarded`]).
+static HOST_PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// Host functions never unwind into the plugin: a panic becomes an error code (-99), and
+/// is logged here as the daemon's bug it is. Without this line a panic under a built-in
+/// plugin's call went unseen: the built-in shares the daemon's image, whose SDK panic hook
+/// stays quiet while plugin code runs, and the call only saw the code. Bounded: the first
+/// ten, then every thousandth, with the count so far.
+fn guarded(what: &'static str, f: impl FnOnce() -> i32) -> i32 {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        // Taken even when not logged: it would otherwise be given to the next panic a
+        // built-in plugin makes on this thread.
+        let at = connectord_plugin_sdk::take_panic_location();
+        let n = HOST_PANICS.fetch_add(1, Ordering::Relaxed) + 1;
+        if n <= 10 || n.is_multiple_of(1000) {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let at = if at.is_empty() {
+                String::new()
+            } else {
+                format!(" at {at}")
+            };
+            tracing::error!(
+                "host function {what} panicked{at}: {message}; the plugin's call got an error (-99) ({n} host function panics so far)"
+            );
+        }
+        -99
+    })
 }
 
 unsafe extern "C" fn host_log(ctx: *mut c_void, lvl: u32, msg: *const u8, len: usize) {
-    let _ = guarded(|| {
+    let _ = guarded("log", || {
         // SAFETY: the plugin passes its ctx and a readable slice.
         let (c, m) = unsafe { ctx_and_text(ctx, msg, len) };
         match lvl {
@@ -1048,7 +1076,7 @@ unsafe extern "C" fn host_state_get(
     key_len: usize,
     out: *mut Buf,
 ) -> i32 {
-    guarded(|| {
+    guarded("state_get", || {
         // SAFETY: as for host_log; `out` is a valid pointer.
         let (c, k) = unsafe { ctx_and_text(ctx, key, key_len) };
         match block_on(c.store.plugin_state_get(c.plugin.clone(), k)) {
@@ -1077,7 +1105,7 @@ unsafe extern "C" fn host_state_put(
     value: *const u8,
     value_len: usize,
 ) -> i32 {
-    guarded(|| {
+    guarded("state_put", || {
         // SAFETY: as for host_log.
         let (c, k) = unsafe { ctx_and_text(ctx, key, key_len) };
         let v = if value.is_null() {
@@ -1101,7 +1129,7 @@ unsafe extern "C" fn host_state_put(
 }
 
 unsafe extern "C" fn host_state_delete(ctx: *mut c_void, key: *const u8, key_len: usize) -> i32 {
-    guarded(|| {
+    guarded("state_delete", || {
         // SAFETY: as for host_log.
         let (c, k) = unsafe { ctx_and_text(ctx, key, key_len) };
         match block_on(c.store.plugin_state_delete(c.plugin.clone(), k)) {
@@ -1125,7 +1153,7 @@ unsafe extern "C" fn host_state_keys(
     prefix_len: usize,
     out: *mut Buf,
 ) -> i32 {
-    guarded(|| {
+    guarded("state_keys", || {
         // SAFETY: as for host_state_get.
         let (c, p) = unsafe { ctx_and_text(ctx, prefix, prefix_len) };
         match block_on(c.store.plugin_state_keys(c.plugin.clone(), p)) {
@@ -1143,7 +1171,7 @@ unsafe extern "C" fn host_state_keys(
 }
 
 unsafe extern "C" fn host_free(_ctx: *mut c_void, buf: Buf) {
-    let _ = guarded(|| {
+    let _ = guarded("free", || {
         // SAFETY: the host made this buffer with Buf::from_vec.
         drop(unsafe { buf.into_vec() });
         0
@@ -1160,6 +1188,92 @@ mod tests {
         AuthRequest, AuthVerdict, BootstrapRequest, BootstrapResponse, OP_AUTHENTICATE,
         OP_BOOTSTRAP,
     };
+
+    /// A plugin whose `create` calls a host function that panics (a daemon bug), as a
+    /// built-in plugin would: in the daemon's image, under the SDK's guard.
+    struct HostPanics;
+
+    impl connectord_plugin_sdk::Plugin for HostPanics {
+        const NAME: &'static str = "host-panics";
+        fn create(_: serde_json::Value, _: connectord_plugin_sdk::Host) -> Result<Self, String> {
+            let rc = guarded("state_get", || panic!("boom in the host"));
+            Err(format!("the host function answered {rc}"))
+        }
+    }
+
+    impl connectord_plugin_sdk::Dispatch for HostPanics {
+        const KIND: connectord_plugin_sdk::Kind = connectord_plugin_sdk::Kind::Other;
+        fn operations() -> Vec<&'static str> {
+            Vec::new()
+        }
+        fn call(&mut self, op: &str, _: &[u8]) -> Result<Vec<u8>, String> {
+            Err(format!("no operation {op}"))
+        }
+    }
+
+    /// Log lines written through a `tracing` subscriber, for the assertions.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A host function that panics under a built-in plugin's call is logged with its
+    /// message and where it panicked, and the plugin gets -99. Before, only the -99: the
+    /// SDK's panic hook, which a built-in plugin installs in the daemon's image, stays
+    /// quiet while plugin code runs, and the host logged nothing.
+    #[test]
+    fn a_host_function_that_panics_under_a_builtin_plugin_is_logged() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let api = HostApi {
+            abi_version: ABI_VERSION,
+            ctx: std::ptr::null_mut(),
+            log: host_log,
+            state_get: host_state_get,
+            state_put: host_state_put,
+            state_delete: host_state_delete,
+            state_keys: host_state_keys,
+            free: host_free,
+        };
+        let mut instance: *mut c_void = std::ptr::null_mut();
+        let mut err = Buf::EMPTY;
+        let rc = tracing::subscriber::with_default(subscriber, || {
+            // SAFETY: as the loader calls a table's `create`; the plugin never uses `api`.
+            unsafe {
+                connectord_plugin_sdk::shim::create::<HostPanics>(
+                    std::ptr::null(),
+                    0,
+                    &api,
+                    &mut instance,
+                    &mut err,
+                )
+            }
+        });
+        assert_eq!(rc, 1);
+        // SAFETY: the SDK of this image filled it with `Buf::from_vec`.
+        let why = String::from_utf8(unsafe { err.into_vec() }).unwrap();
+        assert_eq!(why, "the host function answered -99");
+        let logged = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            logged.contains("host function state_get panicked at")
+                && logged.contains(file!())
+                && logged.contains("boom in the host"),
+            "{logged}"
+        );
+        assert_eq!(connectord_plugin_sdk::take_panic_location(), "");
+    }
 
     /// The process's CPU time (user + system) so far, in clock ticks (1/100 s).
     fn cpu_ticks() -> u64 {

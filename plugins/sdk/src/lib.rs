@@ -468,6 +468,15 @@ fn quiet_plugin_panics() {
     });
 }
 
+/// Where the last panic on this thread happened while plugin code of this image ran
+/// (`file:line:column`), and forgets it; empty if none did. For the daemon's host
+/// functions: a built-in plugin shares the daemon's image, so a host function that
+/// panics under its call is recorded here, quietly, and the host logs it with this.
+#[doc(hidden)]
+pub fn take_panic_location() -> String {
+    PANIC_AT.with(|at| at.take())
+}
+
 /// Runs plugin code, catching a panic as its message (with where it happened).
 fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     quiet_plugin_panics();
