@@ -670,6 +670,49 @@ fn a_probation_ends_on_time_without_a_call() {
     assert_eq!(hello(&d)["variant"], "B");
 }
 
+/// Two crates that declare one plugin (a fork of a plugin, deployed beside the original and
+/// then the original removed): the file loaded last serves, removing the other changes
+/// nothing, and a directory event loads only the file that changed. Before: the removal
+/// dropped the plugin (404), and each directory event loaded both files again, so that the
+/// one that served flipped to whichever loaded last by name. Removing the file that serves
+/// falls back to the other.
+#[test]
+fn a_plugin_in_two_files_is_served_by_the_last_loaded_and_survives_the_others_removal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let original = docs_hello_plugin(tmp.path(), "hello-plugin", "hello");
+    let fork = docs_hello_plugin(tmp.path(), "hello-fork", "hello from the fork");
+    let auth = build_plugin("auth-connector", &[]);
+    let (d, dir) = daemon_with_plugins(&[(&original, "libhello_plugin.so")]);
+    let hello = || {
+        let r = d.get("/api/hello");
+        assert_eq!(r.status, 200, "{}\n{}", r.body, d.logs().join("\n"));
+        r.body
+    };
+    assert_eq!(hello(), "hello");
+    install_plugin(&fork, &dir, "libhello_fork.so");
+    assert!(eventually(WAIT, || hello() == "hello from the fork"));
+    d.expect_log("is declared by", WAIT);
+
+    // Another plugin's file arrives: only it is loaded.
+    let reloads = d.metric("plugin_reloads_total");
+    install_plugin(&auth, &dir, "libauth_connector.so");
+    d.expect_log("plugin connector", WAIT);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(hello(), "hello from the fork");
+    assert_eq!(d.metric("plugin_reloads_total"), reloads + 1);
+
+    // The original's file goes: the fork goes on serving.
+    std::fs::remove_file(dir.join("libhello_plugin.so")).unwrap();
+    d.expect_log("goes on serving it", WAIT);
+    assert_eq!(hello(), "hello from the fork");
+
+    // The original back, then removed while it serves: the fork serves again.
+    install_plugin(&original, &dir, "libhello_plugin.so");
+    assert!(eventually(WAIT, || hello() == "hello"));
+    std::fs::remove_file(dir.join("libhello_plugin.so")).unwrap();
+    assert!(eventually(WAIT, || hello() == "hello from the fork"));
+}
+
 /// Issue 18, item 10: a new generation whose every call panics serves only on probation:
 /// its first panicking call rolls the plugin back to the previous generation (kept loaded
 /// meanwhile), logged with the reason; the metrics name the generation that serves and
@@ -747,6 +790,22 @@ fn a_generation_whose_calls_panic_is_rolled_back_to_the_previous_one() {
 /// serves.
 #[test]
 fn the_plugin_of_docs_plugins_md_builds_outside_the_workspace_and_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let built = docs_hello_plugin(tmp.path(), "hello-plugin", "hello");
+    let (d, _dir) = daemon_with_plugins(&[(&built, "libhello_plugin.so")]);
+    let r = d.get("/api/hello");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "hello"),
+        "{}",
+        d.logs().join("\n")
+    );
+}
+
+/// The plugin of `docs/plugins.md`, its two files as they stand there (only the SDK path
+/// replaced by the checkout's), built under `dir` as the crate `package` (the doc's is
+/// `hello-plugin`) whose route answers `body` (the doc's `hello`); the built file.
+fn docs_hello_plugin(dir: &Path, package: &str, body: &str) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let doc = std::fs::read_to_string(root.join("docs/plugins.md")).unwrap();
     let block = |lang: &str, holding: &str| -> String {
@@ -761,22 +820,20 @@ fn the_plugin_of_docs_plugins_md_builds_outside_the_workspace_and_serves() {
     let lib = block("rust", "declare_plugin!");
     let placeholder = "/path/to/connectord/plugins/sdk";
     assert!(manifest.contains(placeholder), "{manifest}");
+    assert!(manifest.contains("name = \"hello-plugin\""), "{manifest}");
+    assert!(lib.contains("body: \"hello\".into()"), "{lib}");
     let sdk = root.join("plugins/sdk").canonicalize().unwrap();
-    let manifest = manifest.replace(placeholder, sdk.to_str().unwrap());
-
-    let tmp = tempfile::tempdir().unwrap();
-    let krate = tmp.path().join("hello-plugin");
+    let manifest = manifest
+        .replace(placeholder, sdk.to_str().unwrap())
+        .replace("name = \"hello-plugin\"", &format!("name = \"{package}\""));
+    let lib = lib.replace("body: \"hello\".into()", &format!("body: {body:?}.into()"));
+    let krate = dir.join(package);
     std::fs::create_dir_all(krate.join("src")).unwrap();
     std::fs::write(krate.join("Cargo.toml"), manifest).unwrap();
     std::fs::write(krate.join("src/lib.rs"), lib).unwrap();
-    let built = support::build_crate_outside(&krate, "libhello_plugin.so");
-
-    let (d, _dir) = daemon_with_plugins(&[(&built, "libhello_plugin.so")]);
-    let r = d.get("/api/hello");
-    assert_eq!(
-        (r.status, r.body.as_str()),
-        (200, "hello"),
-        "{}",
-        d.logs().join("\n")
-    );
+    let file = format!("lib{}.so", package.replace('-', "_"));
+    // A copy of this test's own: the build's target directory is shared with other tests.
+    let copy = dir.join(&file);
+    std::fs::copy(support::build_crate_outside(&krate, &file), &copy).unwrap();
+    copy
 }

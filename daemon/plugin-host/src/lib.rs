@@ -340,8 +340,15 @@ pub struct PluginHost {
     /// (`loader::LANE_IDLE`; shorter in unit tests).
     lane_idle_ms: std::sync::atomic::AtomicU64,
     plugins: RwLock<HashMap<String, Arc<Generation>>>,
-    /// Which file each file-loaded plugin came from (to fall back when it is removed).
-    files: Mutex<HashMap<PathBuf, String>>,
+    /// Each file loaded, with the plugin it declared and the version of the file that was
+    /// loaded: a file is read again only when it changes, and a removed file's plugin
+    /// falls back to another file of that name, or to the built-in, or to nothing.
+    ///
+    /// Decision: several files may declare one plugin (a deploy copies the new version
+    /// in beside the old one, then removes the old one). The file loaded last serves;
+    /// the others are loaded again only when they change, and removing one that does not
+    /// serve changes nothing.
+    files: Mutex<HashMap<PathBuf, (String, Fingerprint)>>,
     /// Files whose last load failed (or whose generation was rolled back), as the version
     /// that failed: tried again only when the file changes.
     failed: Mutex<HashMap<PathBuf, Fingerprint>>,
@@ -833,10 +840,11 @@ impl PluginHost {
                     tracing::debug!("plugin file {} unchanged since it failed", path.display());
                     return None;
                 }
+                // Compared with what was loaded from this file, not with the version
+                // serving: another file of the same plugin may serve.
                 let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-                let loaded = files.get(path).and_then(|name| self.get(name));
-                match loaded {
-                    Some(g) if !g.file_changed(path) => None,
+                match files.get(path) {
+                    Some((_, loaded)) if *loaded == now => None,
                     _ => Some((path.clone(), now)),
                 }
             })
@@ -847,13 +855,14 @@ impl PluginHost {
         for (path, fingerprint) in &stable {
             self.load_file(path, fingerprint);
         }
-        // Files that disappeared: back to the built-in of that name, or nothing.
+        // Files that disappeared: a plugin served from one goes back to another file of
+        // that name, or to the built-in of that name, or to nothing.
         let gone: Vec<(PathBuf, String)> = {
             let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
             files
                 .iter()
                 .filter(|(p, _)| !present.contains(p))
-                .map(|(p, n)| (p.clone(), n.clone()))
+                .map(|(p, (n, _))| (p.clone(), n.clone()))
                 .collect()
         };
         for (path, name) in gone {
@@ -861,7 +870,23 @@ impl PluginHost {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&path);
+            let serving_from = self.get(&name).and_then(|g| match &g.origin {
+                loader::Origin::File { path, .. } => Some(path.clone()),
+                loader::Origin::Builtin => None,
+            });
+            if serving_from.as_ref().is_some_and(|p| *p != path) {
+                tracing::info!(
+                    plugin = %name,
+                    "plugin file {} removed; {} goes on serving it",
+                    path.display(),
+                    serving_from.as_deref().unwrap_or(&path).display()
+                );
+                continue;
+            }
             tracing::info!(plugin = %name, "plugin file {} removed", path.display());
+            if self.load_another_file_of(&name) {
+                continue;
+            }
             match builtins()
                 .into_iter()
                 .find(|t| Generation::builtin_name(t) == name)
@@ -954,7 +979,34 @@ impl PluginHost {
 
     /// Loads the version `fingerprint` of a plugin file and installs it on probation; a
     /// failure is logged and counted, and that version is not tried again.
-    fn load_file(self: &Arc<Self>, path: &Path, fingerprint: &Fingerprint) {
+    /// Loads the plugin `name` from another file that declared it and did not fail (the
+    /// last one by name), after the file serving it was removed; whether one now serves.
+    fn load_another_file_of(self: &Arc<Self>, name: &str) -> bool {
+        let mut others: Vec<PathBuf> = {
+            let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+            let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            files
+                .iter()
+                .filter(|(p, (n, _))| n == name && !failed.contains_key(*p))
+                .map(|(p, _)| p.clone())
+                .collect()
+        };
+        others.sort();
+        while let Some(other) = others.pop() {
+            let Ok(fingerprint) = Fingerprint::of(&other) else {
+                continue;
+            };
+            tracing::info!(plugin = %name, "plugin file {} serves it now", other.display());
+            if self.load_file(&other, &fingerprint) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Loads a plugin from `path` and puts it on probation in place of the version serving
+    /// its name; whether it loaded. A failure is logged, counted and remembered.
+    fn load_file(self: &Arc<Self>, path: &Path, fingerprint: &Fingerprint) -> bool {
         match Generation::from_file(self, path, fingerprint) {
             Ok(g) => {
                 Counters::inc(&self.counters.plugin_reloads);
@@ -962,11 +1014,23 @@ impl PluginHost {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(path);
-                self.files
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(path.to_path_buf(), g.name.clone());
+                let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((other, _)) = files
+                    .iter()
+                    .find(|(p, (n, _))| *n == g.name && p.as_path() != path)
+                {
+                    tracing::warn!(
+                        plugin = %g.name,
+                        "plugin {} is declared by {} as well: {} serves it now (the file loaded last)",
+                        g.name,
+                        other.display(),
+                        path.display()
+                    );
+                }
+                files.insert(path.to_path_buf(), (g.name.clone(), fingerprint.clone()));
+                drop(files);
                 self.install(g, Install::OnProbation);
+                true
             }
             Err(e @ PluginError::NotEnabled { .. }) => {
                 // Not an error; looked at again when the file changes (or at a restart
@@ -976,6 +1040,7 @@ impl PluginHost {
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(path.to_path_buf(), fingerprint.clone());
                 tracing::info!("{e}");
+                false
             }
             Err(e) => {
                 Counters::inc(&self.counters.plugin_errors);
@@ -986,6 +1051,7 @@ impl PluginHost {
                 tracing::error!(
                     "{e}; the previous version (if any) keeps serving, and this file is tried again when it changes"
                 );
+                false
             }
         }
     }

@@ -396,14 +396,6 @@ impl Generation {
         Generation::start(host, TablePtr(table), Some(Arc::new(image)), origin)
     }
 
-    /// True when the file at `path` is not the version this generation was loaded from.
-    pub(super) fn file_changed(&self, path: &Path) -> bool {
-        let Origin::File { fingerprint, .. } = &self.origin else {
-            return true;
-        };
-        Fingerprint::of(path).map_or(true, |now| now != *fingerprint)
-    }
-
     fn start(
         host: &Arc<PluginHost>,
         table: TablePtr,
