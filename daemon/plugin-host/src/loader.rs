@@ -802,16 +802,7 @@ impl Instance {
             store: Arc::clone(store),
             quiet: AtomicBool::new(quiet),
         });
-        let api = Box::new(HostApi {
-            abi_version: ABI_VERSION,
-            ctx: &*ctx as *const HostCtx as *mut c_void,
-            log: host_log,
-            state_get: host_state_get,
-            state_put: host_state_put,
-            state_delete: host_state_delete,
-            state_keys: host_state_keys,
-            free: host_free,
-        });
+        let api = Box::new(host_api(&*ctx as *const HostCtx as *mut c_void));
         let mut instance: *mut c_void = std::ptr::null_mut();
         let mut err = Buf::EMPTY;
         // SAFETY: the ABI contract; `api` and `ctx` outlive the instance (destroyed in
@@ -1011,6 +1002,20 @@ unsafe fn ctx_and_text<'a>(ctx: *mut c_void, p: *const u8, len: usize) -> (&'a H
         String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(p, len) }).into_owned()
     };
     (c, s)
+}
+
+/// The table of the daemon's functions a plugin instance is given, with its `ctx`.
+fn host_api(ctx: *mut c_void) -> HostApi {
+    HostApi {
+        abi_version: ABI_VERSION,
+        ctx,
+        log: host_log,
+        state_get: host_state_get,
+        state_put: host_state_put,
+        state_delete: host_state_delete,
+        state_keys: host_state_keys,
+        free: host_free,
+    }
 }
 
 /// How many host functions panicked (see [`guarded`]).
@@ -1229,16 +1234,7 @@ mod tests {
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
-        let api = HostApi {
-            abi_version: ABI_VERSION,
-            ctx: std::ptr::null_mut(),
-            log: host_log,
-            state_get: host_state_get,
-            state_put: host_state_put,
-            state_delete: host_state_delete,
-            state_keys: host_state_keys,
-            free: host_free,
-        };
+        let api = host_api(std::ptr::null_mut());
         let mut instance: *mut c_void = std::ptr::null_mut();
         let mut err = Buf::EMPTY;
         let rc = tracing::subscriber::with_default(subscriber, || {
