@@ -1255,58 +1255,6 @@ mod nats {
         assert!(late.load_events().await.unwrap().is_empty());
     }
 
-    /// Nodes that count the cluster's event epoch up at the same time (nodes started
-    /// together, or taking channels over from a node started after them) each take one of
-    /// their own. Each count is a compare-and-set that one of the nodes racing for it
-    /// wins; before, a node gave up after 32 lost tries in a row, without a pause, and
-    /// refused to start or to take the channel.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn nodes_counting_the_epoch_up_together_each_take_one_of_their_own() {
-        let server = NatsServer::start().unwrap();
-        let first = connect(&server, "first").await;
-        let distinct = |mut epochs: Vec<u64>| {
-            epochs.sort_unstable();
-            epochs.dedup();
-            epochs.len()
-        };
-        // A fleet of 128 started at once (the old code refused one of them in each of
-        // four runs).
-        let nodes: Vec<NatsStore> = futures_util::future::join_all((0..128).map(|i| {
-            let mut cfg = config(vec![server.url()], &format!("n{i}"));
-            // The bound of a loaded machine's suite; the old code failed within 1 s.
-            cfg.timeout = Duration::from_secs(5);
-            async move {
-                NatsStore::connect(cfg)
-                    .await
-                    .unwrap_or_else(|e| panic!("n{i} did not start: {e}"))
-            }
-        }))
-        .await;
-        let epochs: Vec<u64> = nodes.iter().map(NatsStore::event_epoch).collect();
-        assert!(
-            epochs.iter().all(|&e| e > first.event_epoch()),
-            "{epochs:?}"
-        );
-        assert_eq!(distinct(epochs), 128);
-        // A node started after them all: each of the fleet, loading a key's
-        // events, numbers on from a new epoch above it, all at the same time.
-        let last = connect(&server, "last").await;
-        let loads =
-            futures_util::future::join_all(nodes.iter().map(|n| n.load_events_of("k".into())))
-                .await;
-        for (i, l) in loads.into_iter().enumerate() {
-            if let Err(e) = l {
-                panic!("n{i} could not take the key over: {e}");
-            }
-        }
-        let renewed: Vec<u64> = nodes.iter().map(NatsStore::event_epoch).collect();
-        assert!(
-            renewed.iter().all(|&e| e > last.event_epoch()),
-            "{renewed:?}"
-        );
-        assert_eq!(distinct(renewed), 128);
-    }
-
     /// Writes submitted without waiting in between apply in submission order, a deletion
     /// of a registration whose put is not acknowledged yet included; removing an absent
     /// request is no error.
