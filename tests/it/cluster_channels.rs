@@ -793,6 +793,62 @@ fn a_peer_that_does_not_answer_holds_up_no_other_keys_notifications() {
     );
 }
 
+/// The fence of a lapsed owner's appends, end to end. n1 owns the admin key's channel and
+/// is stopped (SIGSTOP) longer than its lease lives; a device of n2 sends a CON
+/// notification, which n2 forwards to n1 (no answer) until the lease lapses, then takes
+/// the channel over, stores it and acknowledges it; a pull on n2 gets it. n1 runs again
+/// with n2's forwards of it waiting in its socket; then n2 stops cleanly and n1 takes the
+/// channel back. The notification is not delivered a second time: n1, whose lease lapsed,
+/// no longer stores the forwarded copies.
+#[test]
+fn a_channel_owner_resumed_after_its_lease_lapsed_stores_no_stale_copies() {
+    let (_server, n1, mut n2, dev) = channel_on_n1_device_on_n2("lapsed", "</3303/0/5700>;obs");
+    let _ = collect(&n1, Duration::from_millis(500), |_| false);
+    let r = n2.call("PUT", "/v2/subscriptions/lapsed/3303/0/5700", None, None);
+    assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
+    let (token, from) = accept_observe(&dev, "0");
+    let _ = collect(&n1, Duration::from_secs(1), |_| false);
+
+    n1.signal("STOP");
+    let a1 = observe_content(MessageType::Confirmable, 0x7201, &token, 2, b"a1");
+    send_packet(&dev, &a1, from);
+    // Acknowledged once n2 took the channel over and stored it (CoAP retransmissions
+    // are the device's: this one sends it again until then).
+    let sent = Instant::now();
+    let mut acked = false;
+    while sent.elapsed() < Duration::from_secs(40) && !acked {
+        match dev.recv_raw(Duration::from_secs(2)) {
+            Some(ack) => {
+                let ack = coap_lite::Packet::from_bytes(&ack).unwrap();
+                acked = ack.header.message_id == 0x7201;
+            }
+            None => send_packet(&dev, &a1, from),
+        }
+    }
+    assert!(acked, "n2 never took the channel over from the stopped n1");
+    let got = collect(&n2, WAIT, |e| !e.of("notifications").is_empty());
+    let payloads = |e: &Events| -> Vec<Value> {
+        e.of("notifications")
+            .iter()
+            .map(|n| n["payload"].clone())
+            .collect()
+    };
+    assert_eq!(payloads(&got), [json!(support::b64(b"a1"))]);
+    // Acknowledged by the next pull.
+    let _ = collect(&n2, Duration::from_millis(300), |_| false);
+
+    n1.signal("CONT");
+    std::thread::sleep(Duration::from_secs(4));
+    n2.signal("TERM");
+    assert_eq!(n2.wait_exit(WAIT), Some(0), "n2's clean stop");
+    let again = collect(&n1, Duration::from_secs(8), |_| false);
+    assert!(
+        !payloads(&again).contains(&json!(support::b64(b"a1"))),
+        "delivered again after the channel moved back: {:?}",
+        payloads(&again)
+    );
+}
+
 /// One JetStream API request to the nats-server on `port` (`$JS.API...`), over the NATS
 /// text protocol on a plain TCP connection: its JSON answer.
 /// Two nodes on one NATS server: n1 owns the admin key's channel, and the device `ep`

@@ -351,6 +351,11 @@ struct Shared {
     nodes_kv: kv::Store,
     /// The channel leases (`channels`).
     owners_kv: kv::Store,
+    /// This node's tenure of each channel lease it has held, for the appends' fence
+    /// (`channels::Tenure`).
+    tenures: Mutex<HashMap<String, channels::Tenure>>,
+    /// How many tenures this node has begun (a lease created), to tell them apart.
+    tenures_begun: AtomicU64,
     /// Every stream (buckets' too) by name, got once at connect.
     streams: HashMap<String, jetstream::stream::Stream>,
 }
@@ -629,6 +634,7 @@ impl NatsStore {
             .into_iter()
             .chain([
                 format!("KV_{}", names.nodes),
+                format!("KV_{}", names.channel_owners),
                 names.requests.clone(),
                 names.events.clone(),
             ]);
@@ -655,6 +661,8 @@ impl NatsStore {
             plugin_kv,
             nodes_kv,
             owners_kv,
+            tenures: Mutex::new(HashMap::new()),
+            tenures_begun: AtomicU64::new(0),
         });
         let epoch = shared.next_epoch().await?;
         shared.epoch.store(epoch, Ordering::SeqCst);
@@ -1543,6 +1551,15 @@ impl Writer {
                 self.write(vec![m], reply, |_, _| Ok(())).await;
             }
             Op::AppendEvents(events, answered, reply) => {
+                // A key whose lease this node lost is refused before anything is written;
+                // the others held are checked once the events are stored (the fence).
+                let fenced = match s.tenures_of(events.iter().map(|e| e.key_id.as_str())) {
+                    Ok(fenced) => fenced,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
                 let mut msgs = Vec::with_capacity(events.len());
                 let mut numbered = Vec::with_capacity(events.len());
                 for e in events {
@@ -1561,6 +1578,10 @@ impl Writer {
                     false,
                     async move {
                         let seqs = acked(sent).await?;
+                        if let Err(e) = shared.fence(&fenced).await {
+                            shared.delete_stray_events(&seqs).await;
+                            return Err(e);
+                        }
                         if let Some(row) = answered {
                             shared.delete_request(row).await?;
                         }

@@ -793,6 +793,83 @@ mod nats {
         assert!(b.load_channels().await.unwrap().is_empty());
     }
 
+    /// The fence of a lapsed owner's appends: a node whose channel lease lapsed (paused)
+    /// while another node took the channel over stores none of the key's events any more
+    /// (they would sit behind the new owner's load, numbered below its events, and a purge
+    /// through them would take the new owner's undelivered events). Before, the stale
+    /// append was acknowledged, and its purge removed the new owner's acknowledged event.
+    #[tokio::test]
+    async fn a_node_whose_channel_lease_lapsed_stores_no_more_of_its_events() {
+        use connectord_store::nats::{CHANNEL_LEASE_MAX_AGE, Lease};
+        let server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        let b = connect(&server, "b").await;
+        assert_eq!(
+            a.claim_channel("k").await.unwrap(),
+            Lease::Ours { fresh: true }
+        );
+        let e1 = append(&a, vec![new("k", 1)], None).await;
+        // a stops renewing (paused): b takes the channel over once the lease lapsed.
+        let t = Instant::now();
+        while b.claim_channel("k").await.unwrap() != (Lease::Ours { fresh: true }) {
+            assert!(t.elapsed() < CHANNEL_LEASE_MAX_AGE * 3, "never lapsed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(
+            b.load_events_of("k".into()).await.unwrap(),
+            vec![event("k", 1, e1[0])]
+        );
+        let e2 = append(&b, vec![new("k", 2)], None).await;
+
+        // a resumes, still taking itself for the owner.
+        let stale = a.append_events(vec![new("k", 3)], None);
+        let refused = stale
+            .durable
+            .await
+            .expect_err("a stale owner's append stored");
+        assert!(refused.to_string().contains("channel lease"), "{refused}");
+        // Its next one is refused before anything is written.
+        let again = a.append_events(vec![new("k", 4)], None);
+        again
+            .durable
+            .await
+            .expect_err("a stale owner's second append stored");
+        // A purge through what a had does not reach b's event.
+        a.delete_events_through("k".into(), stale.seqs[0])
+            .await
+            .unwrap();
+        assert_eq!(
+            b.load_events_of("k".into()).await.unwrap(),
+            vec![event("k", 2, e2[0])],
+            "b's undelivered event, and nothing of a's after the take-over"
+        );
+        // a learns of the holder; the lease back with a (b releases), it appends again.
+        assert_eq!(
+            a.claim_channel("k").await.unwrap(),
+            Lease::Theirs("b".into())
+        );
+        b.release_channel("k").await.unwrap();
+        assert_eq!(
+            a.claim_channel("k").await.unwrap(),
+            Lease::Ours { fresh: true }
+        );
+        a.load_events_of("k".into()).await.unwrap();
+        append(&a, vec![new("k", 5)], None).await;
+        // b, having released it, stores none.
+        b.append_events(vec![new("k", 6)], None)
+            .durable
+            .await
+            .expect_err("appended after its release");
+        let left: Vec<u64> = a
+            .load_events_of("k".into())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event.created_ms)
+            .collect();
+        assert_eq!(left, [2, 5]);
+    }
+
     #[tokio::test]
     async fn nats_backend_keeps_device_credentials_across_a_reconnect() {
         let server = NatsServer::start().unwrap();

@@ -29,9 +29,168 @@ use super::calls::NodeCalls;
 use super::resume::Start;
 use super::{NODE_HEADER, NatsStore, Shared, enc, unavailable};
 use crate::{StoreError, record_json};
+use std::sync::atomic::Ordering;
 
 /// How long a channel lease lives after its last renewal.
 pub const CHANNEL_LEASE_MAX_AGE: Duration = Duration::from_secs(6);
+
+/// This node's tenure of a key's channel lease, as the fence of its appends sees it.
+///
+/// **The fence** (a node whose lease lapsed, paused or cut off, went on storing the key's
+/// events after another node took the channel over: stored below the new owner's numbers
+/// and behind its load, so duplicated, out of order, or purged with the new owner's
+/// undelivered events). The lease and the events are two streams, and one publish
+/// cannot be conditional on another stream, so the check comes after the write: once a
+/// key's events are stored, the lease is read from its stream's leader, and the append
+/// stands only if the lease's last write is still this node's last renewal of the same
+/// tenure. Then no other node took the lease between that renewal and the append, so a
+/// later owner's load sees the events. Otherwise the events are deleted again (best
+/// effort), the append fails (nothing is acknowledged), and the key's later appends are
+/// refused at once until a claim takes the lease again. A key this node never held a
+/// lease of is not fenced (a single node's store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tenure {
+    /// Held: `since` tells this tenure from the node's others (one per lease created),
+    /// `revision` is the lease's last write by this node.
+    Held { since: u64, revision: u64 },
+    /// Found held by another node: appends refused until a claim takes it again.
+    Lost,
+}
+
+/// How often the fence reads a lease whose last write is this node's but not yet the
+/// revision recorded (a renewal whose answer is on its way), 20 ms apart.
+const FENCE_READS: usize = 5;
+
+impl Shared {
+    /// The tenure of each distinct key of `keys` this node holds, to be checked after
+    /// the append; an error if it lost one of them.
+    pub(super) fn tenures_of<'a>(
+        &self,
+        keys: impl Iterator<Item = &'a str>,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let tenures = self.tenures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fenced: Vec<(String, u64)> = Vec::new();
+        for key in keys {
+            match tenures.get(key) {
+                Some(Tenure::Lost) => return Err(lease_lost(key)),
+                Some(Tenure::Held { since, .. }) if !fenced.iter().any(|(k, _)| k == key) => {
+                    fenced.push((key.to_string(), *since));
+                }
+                _ => {}
+            }
+        }
+        Ok(fenced)
+    }
+
+    /// The fence ([`Tenure`]): each key's lease still in the tenure `since`, its last
+    /// write this node's last renewal.
+    pub(super) async fn fence(&self, fenced: &[(String, u64)]) -> Result<(), StoreError> {
+        let stream = self.stream(&format!("KV_{}", self.names.channel_owners))?;
+        for (key, since) in fenced {
+            let subject = Self::kv_subject(&self.names.channel_owners, &enc(key));
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let last = match tokio::time::timeout(
+                    self.timeout,
+                    stream.get_last_raw_message_by_subject(&subject),
+                )
+                .await
+                .map_err(|_| unavailable("reading a channel lease timed out"))?
+                {
+                    Ok(m) => Some(m),
+                    Err(e)
+                        if e.kind()
+                            == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                    {
+                        None
+                    }
+                    Err(e) => return Err(unavailable(e)),
+                };
+                let ours = last.as_ref().is_some_and(|m| {
+                    m.payload.as_ref() == self.node.as_bytes()
+                        && !m
+                            .headers
+                            .get(super::KV_OPERATION)
+                            .is_some_and(|v| matches!(v.as_str(), "DEL" | "PURGE"))
+                });
+                let recorded = self
+                    .tenures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(key)
+                    .copied();
+                match (ours, recorded) {
+                    (true, Some(Tenure::Held { since: s, revision }))
+                        if s == *since && last.as_ref().is_some_and(|m| m.sequence == revision) =>
+                    {
+                        break;
+                    }
+                    // Ours, but not the write recorded: a renewal whose answer is on its way.
+                    (true, Some(Tenure::Held { since: s, .. }))
+                        if s == *since && tries < FENCE_READS =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    _ => {
+                        if !ours {
+                            self.tenures
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(key.clone(), Tenure::Lost);
+                        }
+                        tracing::warn!(
+                            "store: the channel lease of key {key} is no longer this node's tenure: its events just stored are taken out again"
+                        );
+                        return Err(lease_lost(key));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the events at stream rows `rows` (an append the fence refused); best
+    /// effort, logged: one left is delivered again at the key's next take-over.
+    pub(super) async fn delete_stray_events(&self, rows: &[u64]) {
+        let Ok(stream) = self.stream(&self.names.events) else {
+            return;
+        };
+        for row in rows {
+            if let Err(e) = stream.delete_message(*row).await {
+                tracing::warn!(
+                    "store: could not take out event row {row} stored without the channel lease: {e}"
+                );
+            }
+        }
+    }
+
+    /// Records this node's write of a lease: `created` begins a tenure, a renewal goes on
+    /// with the one held (or begins one, when the node thought it lost: continuity is
+    /// not proved).
+    fn held(&self, key_id: &str, created: bool, revision: u64) {
+        let mut tenures = self.tenures.lock().unwrap_or_else(|p| p.into_inner());
+        let since = match tenures.get(key_id) {
+            Some(Tenure::Held { since, .. }) if !created => *since,
+            _ => self.tenures_begun.fetch_add(1, Ordering::Relaxed) + 1,
+        };
+        tenures.insert(key_id.to_string(), Tenure::Held { since, revision });
+    }
+
+    /// Records that another node holds a lease this node held.
+    fn lost(&self, key_id: &str) {
+        let mut tenures = self.tenures.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = tenures.get_mut(key_id) {
+            *t = Tenure::Lost;
+        }
+    }
+}
+
+fn lease_lost(key_id: &str) -> StoreError {
+    crate::nats::refused(format!(
+        "the channel lease of key {key_id} is held by another node (or lapsed): its events go to the owner"
+    ))
+}
 
 /// A channel change another node made ([`NatsStore::watch_channels`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +230,7 @@ impl NatsStore {
             let live = entry.filter(|e| e.operation == kv::Operation::Put);
             let attempt = match &live {
                 Some(e) if e.value.as_ref() != me.as_bytes() => {
+                    self.shared.lost(key_id);
                     return Ok(Lease::Theirs(
                         String::from_utf8_lossy(&e.value).into_owned(),
                     ));
@@ -82,7 +242,7 @@ impl NatsStore {
                 )
                 .await
                 .map(|r| {
-                    r.map(|_| Lease::Ours { fresh: false })
+                    r.map(|rev| (Lease::Ours { fresh: false }, rev))
                         .map_err(|e| e.to_string())
                 }),
                 None => tokio::time::timeout(
@@ -92,12 +252,16 @@ impl NatsStore {
                 )
                 .await
                 .map(|r| {
-                    r.map(|_| Lease::Ours { fresh: true })
+                    r.map(|rev| (Lease::Ours { fresh: true }, rev))
                         .map_err(|e| e.to_string())
                 }),
             };
             match attempt {
-                Ok(Ok(lease)) => return Ok(lease),
+                Ok(Ok((lease, revision))) => {
+                    self.shared
+                        .held(key_id, lease == Lease::Ours { fresh: true }, revision);
+                    return Ok(lease);
+                }
                 // Taken (or renewed) by another node meanwhile: read it again.
                 Ok(Err(e)) => tracing::debug!("store: channel lease changed meanwhile ({e})"),
                 Err(_) => return Err(unavailable("writing a channel lease timed out")),
@@ -121,6 +285,9 @@ impl NatsStore {
     /// Gives up this node's lease of key `key_id`'s channel (a clean stop): deleted only
     /// while this node still holds it.
     pub async fn release_channel(&self, key_id: &str) -> Result<(), StoreError> {
+        // From here on another node may take it: this node's appends of the key are
+        // refused until it claims the lease again.
+        self.shared.lost(key_id);
         let t = self.shared.timeout;
         let key = enc(key_id);
         let entry = tokio::time::timeout(t, self.owners().entry(key.as_str()))
