@@ -713,6 +713,33 @@ fn a_plugin_in_two_files_is_served_by_the_last_loaded_and_survives_the_others_re
     assert!(eventually(WAIT, || hello() == "hello from the fork"));
 }
 
+/// A fork deployed beside the original, the original's file removed, and the fork rolled
+/// back (its call panics on probation) to the original's version: removing the fork's
+/// file then leaves no file of the plugin, and it is gone (404). Before, the version of
+/// the removed file went on serving, named as served by a file that was no longer there.
+#[test]
+fn a_rollback_to_a_removed_files_version_ends_with_the_plugins_last_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let original = docs_hello_plugin(tmp.path(), "hello-plugin", "hello");
+    let fork = docs_hello_plugin(tmp.path(), "hello-panicky", "panic");
+    let (d, dir) = daemon_with_plugins(&[(&original, "libhello_plugin.so")]);
+    assert_eq!(d.get("/api/hello").body, "hello");
+    install_plugin(&fork, &dir, "libhello_panicky.so");
+    d.expect_log("is declared by", WAIT);
+    std::fs::remove_file(dir.join("libhello_plugin.so")).unwrap();
+    d.expect_log("goes on serving it", WAIT);
+    // The fork's first call panics: rolled back to the original's version.
+    assert_eq!(d.get("/api/hello").status, 500);
+    d.expect_log("which was removed", WAIT);
+    assert_eq!(d.get("/api/hello").body, "hello");
+    std::fs::remove_file(dir.join("libhello_panicky.so")).unwrap();
+    assert!(
+        eventually(WAIT, || d.get("/api/hello").status == 404),
+        "the plugin of no file still served: {}",
+        d.logs().join("\n")
+    );
+}
+
 /// Issue 18, item 10: a new generation whose every call panics serves only on probation:
 /// its first panicking call rolls the plugin back to the previous generation (kept loaded
 /// meanwhile), logged with the reason; the metrics name the generation that serves and
@@ -804,7 +831,8 @@ fn the_plugin_of_docs_plugins_md_builds_outside_the_workspace_and_serves() {
 
 /// The plugin of `docs/plugins.md`, its two files as they stand there (only the SDK path
 /// replaced by the checkout's), built under `dir` as the crate `package` (the doc's is
-/// `hello-plugin`) whose route answers `body` (the doc's `hello`); the built file.
+/// `hello-plugin`) whose route answers `body` (the doc's `hello`; `panic`: it panics);
+/// the built file.
 fn docs_hello_plugin(dir: &Path, package: &str, body: &str) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let doc = std::fs::read_to_string(root.join("docs/plugins.md")).unwrap();
@@ -826,13 +854,22 @@ fn docs_hello_plugin(dir: &Path, package: &str, body: &str) -> PathBuf {
     let manifest = manifest
         .replace(placeholder, sdk.to_str().unwrap())
         .replace("name = \"hello-plugin\"", &format!("name = \"{package}\""));
-    let lib = lib.replace("body: \"hello\".into()", &format!("body: {body:?}.into()"));
+    // A body of "panic" makes the route panic instead.
+    let lib = if body == "panic" {
+        lib.replace(
+            "Ok(HttpResponse {",
+            "if !req.path.is_empty() { panic!(\"this fork panics\") }\n        Ok(HttpResponse {",
+        )
+    } else {
+        lib.replace("body: \"hello\".into()", &format!("body: {body:?}.into()"))
+    };
     let krate = dir.join(package);
     std::fs::create_dir_all(krate.join("src")).unwrap();
     std::fs::write(krate.join("Cargo.toml"), manifest).unwrap();
     std::fs::write(krate.join("src/lib.rs"), lib).unwrap();
     let file = format!("lib{}.so", package.replace('-', "_"));
-    // A copy of this test's own: the build's target directory is shared with other tests.
+    // A copy of this test's own: the build's target directory is shared with other tests
+    // (which build other packages: a package is built with one body only).
     let copy = dir.join(&file);
     std::fs::copy(support::build_crate_outside(&krate, &file), &copy).unwrap();
     copy

@@ -618,6 +618,19 @@ impl PluginHost {
             previous.file_sha256().unwrap_or("-"),
             restored.id,
         );
+        if let loader::Origin::File { path, .. } = &previous.origin
+            && !self
+                .files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(path)
+        {
+            tracing::warn!(
+                plugin = %failed.name,
+                "the version rolled back to came from {}, which was removed: it serves until the plugin's last file is removed or the daemon restarts",
+                path.display()
+            );
+        }
         self.install(restored, Install::Trusted);
     }
 
@@ -874,7 +887,18 @@ impl PluginHost {
                 loader::Origin::File { path, .. } => Some(path.clone()),
                 loader::Origin::Builtin => None,
             });
-            if serving_from.as_ref().is_some_and(|p| *p != path) {
+            // Served from another file that is still there: nothing changes. (A file
+            // removed earlier can serve again after a rollback to its version: then this
+            // removal leaves no file of the plugin, and it falls back below.)
+            let still_there = serving_from.as_ref().is_some_and(|p| {
+                *p != path
+                    && self
+                        .files
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains_key(p)
+            });
+            if still_there {
                 tracing::info!(
                     plugin = %name,
                     "plugin file {} removed; {} goes on serving it",
@@ -977,8 +1001,6 @@ impl PluginHost {
         }
     }
 
-    /// Loads the version `fingerprint` of a plugin file and installs it on probation; a
-    /// failure is logged and counted, and that version is not tried again.
     /// Loads the plugin `name` from another file that declared it and did not fail (the
     /// last one by name), after the file serving it was removed; whether one now serves.
     fn load_another_file_of(self: &Arc<Self>, name: &str) -> bool {
@@ -1004,8 +1026,9 @@ impl PluginHost {
         false
     }
 
-    /// Loads a plugin from `path` and puts it on probation in place of the version serving
-    /// its name; whether it loaded. A failure is logged, counted and remembered.
+    /// Loads the version `fingerprint` of a plugin file and installs it on probation in
+    /// place of the version serving its name; whether it loaded. A failure is logged and
+    /// counted, and that version is not tried again.
     fn load_file(self: &Arc<Self>, path: &Path, fingerprint: &Fingerprint) -> bool {
         match Generation::from_file(self, path, fingerprint) {
             Ok(g) => {

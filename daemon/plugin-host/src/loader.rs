@@ -1044,7 +1044,7 @@ fn guarded(what: &'static str, f: impl FnOnce() -> i32) -> i32 {
                 format!(" at {at}")
             };
             tracing::error!(
-                "host function {what} panicked{at}: {message}; the plugin's call got an error (-99) ({n} host function panics so far)"
+                "host function {what} panicked{at}: {message}; the plugin was answered an error (-99, or nothing for `log` and `free`) ({n} host function panics so far)"
             );
         }
         -99
