@@ -849,6 +849,71 @@ fn a_channel_owner_resumed_after_its_lease_lapsed_stores_no_stale_copies() {
     );
 }
 
+/// The fence, for the stale owner's own events. n1 owns the admin key's channel and
+/// observes a device of its own; n1 is stopped (SIGSTOP) until n2 takes the channel over,
+/// and the device sends a NON notification to n1 meanwhile. n1 runs again and handles it
+/// at once, still taking itself for the channel's owner: the store's fence refuses the
+/// event (n1's lease lapsed), and n1 steps down and sends it to n2, where the channel's
+/// client gets it. Before the hub forwarded it, the event stayed in n1's memory only and
+/// went with the step-down (a NON notification is not sent again).
+#[test]
+fn an_event_of_an_owner_whose_lease_lapsed_reaches_the_new_owner() {
+    let (_server, n1, n2, mut dev) = channel_on_n1_device_on_n2("trigger", "</3/0>");
+    let mut obs = n1.device();
+    obs.register(&["ep=observed", "lt=300"], "</3303/0/5700>;obs");
+    let r = n1.call("PUT", "/v2/subscriptions/observed/3303/0/5700", None, None);
+    assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
+    let (token, from) = accept_observe(&obs, "0");
+    let _ = collect(&n1, Duration::from_secs(1), |_| false);
+    n1.signal("STOP");
+    // n2 takes the channel over at its next event, once n1's lease lapsed.
+    let started = Instant::now();
+    let mut taken = false;
+    let mut i = 0;
+    while !taken {
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "n2 never took the channel over"
+        );
+        i += 1;
+        // A re-registration of the device on n2: an event for the key. Sent without
+        // waiting for the answer, which comes once n2 stored the event.
+        let links = format!("</3/{i}>");
+        let mut r = support::coap::Req::new(coap_lite::RequestType::Post, &["rd"]);
+        r.query = &["ep=trigger", "lt=300"];
+        r.payload = links.as_bytes();
+        r.content_format = Some(coap_lite::ContentFormat::ApplicationLinkFormat);
+        let p = dev.build(&r);
+        dev.send_raw(&p.to_bytes().unwrap());
+        taken = eps(
+            &collect(&n2, Duration::from_secs(2), |e| {
+                !e.of("registrations").is_empty()
+            }),
+            "registrations",
+        )
+        .contains(&"trigger".to_string());
+    }
+    // The device's NON notification waits in the stopped n1's socket.
+    let n = observe_content(MessageType::NonConfirmable, 0x7301, &token, 2, b"late");
+    send_packet(&obs, &n, from);
+    std::thread::sleep(Duration::from_millis(300));
+    n1.signal("CONT");
+    let got = collect(&n2, WAIT, |e| {
+        e.of("notifications")
+            .iter()
+            .any(|n| n["payload"] == support::b64(b"late"))
+    });
+    let payloads: Vec<Value> = got
+        .of("notifications")
+        .iter()
+        .map(|n| n["payload"].clone())
+        .collect();
+    assert!(
+        payloads.contains(&json!(support::b64(b"late"))),
+        "the notification the stale owner took never reached the new owner: {payloads:?}"
+    );
+}
+
 /// One JetStream API request to the nats-server on `port` (`$JS.API...`), over the NATS
 /// text protocol on a plain TCP connection: its JSON answer.
 /// Two nodes on one NATS server: n1 owns the admin key's channel, and the device `ep`

@@ -75,6 +75,12 @@ pub enum StoreError {
     Commit(String),
     #[error("the store has stopped")]
     Closed,
+    /// Events not stored because this node's channel lease of each key named lapsed and
+    /// another node may have taken the channel over (the NATS store's fence, module
+    /// `nats::channels`): the keys' events go to their owners. The other keys' events of
+    /// the same write are stored.
+    #[error("the channel lease of {} is no longer this node's: its events go to the owner", .0.join(", "))]
+    LeaseLost(Vec<String>),
     /// The state cannot be used: found by the probe at start (read-only, corrupt pages, not
     /// a database, ...). The message names the file and the cause.
     #[error("{}: {cause}", path.display())]
@@ -95,7 +101,9 @@ impl StoreError {
             | StoreError::Closed
             | StoreError::Dir { .. }
             | StoreError::Unusable { .. } => true,
-            StoreError::Corrupt(_) | StoreError::SchemaTooNew { .. } => false,
+            StoreError::Corrupt(_) | StoreError::SchemaTooNew { .. } | StoreError::LeaseLost(_) => {
+                false
+            }
         }
     }
 }
@@ -105,7 +113,7 @@ impl StoreError {
 /// and at most once a minute while it lasts, so callers log it only at debug level and a
 /// failing disk does not write one line per request, event or device.
 pub fn log_failure(context: std::fmt::Arguments<'_>, e: &StoreError) {
-    if e.is_unavailable() {
+    if e.is_unavailable() || matches!(e, StoreError::LeaseLost(_)) {
         tracing::debug!("{context}: {e}");
     } else {
         tracing::error!("{context}: {e}");

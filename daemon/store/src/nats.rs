@@ -23,7 +23,7 @@
 //! | members (heartbeats, 6 s max age) | KV `<p>_nodes` | `<node>` ([`NatsStore::heartbeat`]) |
 //! | channel leases (6 s max age) | KV `<p>_channel_owners` | `<key id>` → node ([`NatsStore::claim_channel`]) |
 //! | requests to devices | stream `<p>_requests` | `<p>.req.<domain>.<endpoint>` |
-//! | events | stream `<p>_events` | `<p>.ev.<key id>`, header `Cd-Seq` |
+//! | events | stream `<p>_events` | `<p>.ev.<key id>`, header `Cd-Seq` (a marker with `Cd-Void: <rows>` voids rows: `channels::Tenure`) |
 //! | calls to a node (core NATS, not stored) | request/reply | `<p>.node.<node>.<op>` ([`NatsStore::call_node`]) |
 //!
 //! KV keys (and subject tokens) allow only `[-/_=.a-zA-Z0-9]`, so every user-chosen name
@@ -174,6 +174,9 @@ use crate::{
 pub const NODE_HEADER: &str = "Cd-Node";
 /// The header of an event's sequence number.
 pub const SEQ_HEADER: &str = "Cd-Seq";
+/// On a message of no event of its own in a key's events subject: the stream rows of that
+/// subject's events it voids (comma-separated), which loads skip (`channels::Tenure`).
+pub const VOID_HEADER: &str = "Cd-Void";
 const KV_OPERATION: &str = "KV-Operation";
 
 /// Where and how to reach the cluster's JetStream.
@@ -499,6 +502,14 @@ fn random_u64() -> u64 {
         .finish()
 }
 
+/// The rows the void markers among `msgs` void ([`VOID_HEADER`]).
+fn voided_rows(msgs: &[Raw]) -> std::collections::HashSet<u64> {
+    msgs.iter()
+        .filter_map(|m| m.header(VOID_HEADER))
+        .flat_map(|v| v.split(',').filter_map(|r| r.trim().parse().ok()))
+        .collect()
+}
+
 /// A message as read from a stream.
 struct Raw {
     subject: String,
@@ -539,6 +550,8 @@ enum Op {
     DeleteChannel(String, Reply<()>),
     AppendEvents(Vec<StoredEvent>, Option<u64>, Reply<()>),
     DeleteEventsThrough(String, u64, Reply<()>),
+    /// A channel lease given up, after the appends before it (`channels`).
+    ReleaseChannel(String, Reply<()>),
     PutRequest(Job, Reply<u64>),
     DeleteRequest(u64, Reply<()>),
     PluginPut(String, String, Vec<u8>, Reply<()>),
@@ -1090,19 +1103,20 @@ impl Shared {
     }
 
     /// The cluster's last event epoch and its revision, read from the meta stream's
-    /// leader; None when it was never counted (or deleted, which nothing does).
+    /// leader; None when it was never counted.
     async fn epoch_entry(&self) -> Result<Option<(u64, u64)>, StoreError> {
         let stream = self.stream(&format!("KV_{}", self.names.meta))?;
         match stream
             .get_last_raw_message_by_subject(&Self::kv_subject(&self.names.meta, EPOCH_KEY))
             .await
         {
+            // Deleted (nothing does): counted on from 0, at the marker's revision.
             Ok(m)
                 if m.headers
                     .get(KV_OPERATION)
                     .is_some_and(|v| matches!(v.as_str(), "DEL" | "PURGE")) =>
             {
-                Ok(None)
+                Ok(Some((0, m.sequence)))
             }
             Ok(m) => std::str::from_utf8(&m.payload)
                 .ok()
@@ -1188,9 +1202,13 @@ impl Shared {
                 false,
             )
             .await?;
+        let voided = voided_rows(&msgs);
         let mut out = Vec::with_capacity(msgs.len());
         let mut rows = self.event_rows.lock().unwrap_or_else(|p| p.into_inner());
         for m in msgs {
+            if voided.contains(&m.seq) || m.header(VOID_HEADER).is_some() {
+                continue;
+            }
             let key = m
                 .tokens(2)
                 .and_then(|mut t| (t.len() == 1).then(|| t.remove(0)));
@@ -1551,18 +1569,16 @@ impl Writer {
                 self.write(vec![m], reply, |_, _| Ok(())).await;
             }
             Op::AppendEvents(events, answered, reply) => {
-                // A key whose lease this node lost is refused before anything is written;
-                // the others held are checked once the events are stored (the fence).
-                let fenced = match s.tenures_of(events.iter().map(|e| e.key_id.as_str())) {
-                    Ok(fenced) => fenced,
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        return;
-                    }
-                };
+                // The events of a key whose lease this node lost are not written at all;
+                // those of the keys it holds are checked once stored (the fence); the
+                // other keys' events are stored as they come.
+                let (fenced, mut lost) = s.tenures_of(events.iter().map(|e| e.key_id.as_str()));
                 let mut msgs = Vec::with_capacity(events.len());
                 let mut numbered = Vec::with_capacity(events.len());
                 for e in events {
+                    if lost.contains(&e.key_id) {
+                        continue;
+                    }
                     let mut headers = s.headers();
                     headers.insert(SEQ_HEADER, e.seq.to_string().as_str());
                     msgs.push(Msg {
@@ -1574,27 +1590,50 @@ impl Writer {
                 }
                 let sent = self.publish(msgs).await;
                 let shared = s.clone();
+                let keys: Vec<String> = numbered.iter().map(|(k, _)| k.clone()).collect();
                 self.link(
                     false,
                     async move {
-                        let seqs = acked(sent).await?;
-                        if let Err(e) = shared.fence(&fenced).await {
-                            shared.delete_stray_events(&seqs).await;
-                            return Err(e);
+                        let rows = acked(sent).await?;
+                        let fell = shared.fence(&fenced).await?;
+                        if !fell.is_empty() {
+                            shared.void_stray_events(&keys, &rows, &fell).await;
+                            lost.extend(fell);
                         }
-                        if let Some(row) = answered {
+                        // An answer whose key's events went elsewhere is forgotten by the
+                        // node they went to (the hub forwards them with it).
+                        if let Some(row) = answered.filter(|_| lost.is_empty()) {
                             shared.delete_request(row).await?;
                         }
-                        Ok(seqs)
+                        Ok((rows, lost))
                     },
-                    move |r: Result<Vec<u64>, StoreError>| {
-                        let r = r.map(|rows| {
+                    move |r: Result<(Vec<u64>, Vec<String>), StoreError>| {
+                        let r = r.and_then(|(rows, mut lost)| {
                             let mut known = s.event_rows.lock().unwrap_or_else(|p| p.into_inner());
                             for ((key, seq), row) in numbered.into_iter().zip(rows) {
-                                known.entry(key).or_default().insert(seq, row);
+                                if !lost.contains(&key) {
+                                    known.entry(key).or_default().insert(seq, row);
+                                }
+                            }
+                            if lost.is_empty() {
+                                Ok(())
+                            } else {
+                                lost.sort();
+                                lost.dedup();
+                                Err(StoreError::LeaseLost(lost))
                             }
                         });
                         s.record(&r);
+                        let _ = reply.send(r);
+                    },
+                );
+            }
+            Op::ReleaseChannel(key_id, reply) => {
+                let shared = s.clone();
+                self.link(
+                    true,
+                    async move { shared.release_lease(&key_id).await },
+                    move |r| {
                         let _ = reply.send(r);
                     },
                 );
@@ -1889,17 +1928,20 @@ impl Shared {
         let row = match known {
             Some(row) => Some(row),
             // Not appended nor loaded here: find it in the subject.
-            None => self
-                .list_direct(&self.names.events, &subject)
-                .await?
-                .into_iter()
-                .filter(|m| {
-                    m.header(SEQ_HEADER)
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .is_some_and(|s| s <= seq)
-                })
-                .map(|m| m.seq)
-                .max(),
+            None => {
+                let listed = self.list_direct(&self.names.events, &subject).await?;
+                let voided = voided_rows(&listed);
+                listed
+                    .into_iter()
+                    .filter(|m| !voided.contains(&m.seq))
+                    .filter(|m| {
+                        m.header(SEQ_HEADER)
+                            .and_then(|s| s.parse::<u64>().ok())
+                            .is_some_and(|s| s <= seq)
+                    })
+                    .map(|m| m.seq)
+                    .max()
+            }
         };
         if let Some(row) = row {
             self.stream(&self.names.events)?

@@ -827,13 +827,34 @@ mod nats {
             .durable
             .await
             .expect_err("a stale owner's append stored");
-        assert!(refused.to_string().contains("channel lease"), "{refused}");
-        // Its next one is refused before anything is written.
-        let again = a.append_events(vec![new("k", 4)], None);
-        again
+        assert!(
+            matches!(&refused, connectord_store::StoreError::LeaseLost(keys) if keys == &["k"]),
+            "{refused}"
+        );
+        // Its next one is not written at all; another key's in the same write is stored.
+        let again = a.append_events(vec![new("k", 4), new("other", 4)], None);
+        let refused = again
             .durable
             .await
             .expect_err("a stale owner's second append stored");
+        assert!(
+            matches!(&refused, connectord_store::StoreError::LeaseLost(keys) if keys == &["k"]),
+            "{refused}"
+        );
+        assert_eq!(
+            a.load_events_of("other".into()).await.unwrap(),
+            vec![event("other", 4, again.seqs[1])]
+        );
+        eprintln!(
+            "DBG before purge {:?}",
+            b.load_events_of("k".into())
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| (e.seq, e.event.created_ms))
+                .collect::<Vec<_>>()
+        );
+        eprintln!("DBG stale {:?} e1 {:?} e2 {:?}", stale.seqs, e1, e2);
         // A purge through what a had does not reach b's event.
         a.delete_events_through("k".into(), stale.seqs[0])
             .await
@@ -856,10 +877,15 @@ mod nats {
         a.load_events_of("k".into()).await.unwrap();
         append(&a, vec![new("k", 5)], None).await;
         // b, having released it, stores none.
-        b.append_events(vec![new("k", 6)], None)
+        let refused = b
+            .append_events(vec![new("k", 6)], None)
             .durable
             .await
             .expect_err("appended after its release");
+        assert!(
+            matches!(refused, connectord_store::StoreError::LeaseLost(_)),
+            "{refused}"
+        );
         let left: Vec<u64> = a
             .load_events_of("k".into())
             .await

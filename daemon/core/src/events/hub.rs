@@ -1243,6 +1243,9 @@ impl Hub {
         let mut remote_groups = vec![false; groups.len()];
         let mut pushed: Option<Vec<(String, u64)>> = None;
         let mut failed_here = false;
+        // Cluster: the events queued here (with their marks and groups), sent to their
+        // keys' owners instead if the store finds this node's lease of a key lapsed.
+        let mut kept: Vec<(String, Event, bool, Option<usize>)> = Vec::new();
         let durable = {
             let mut map = self.lock();
             let mut chosen: Vec<(String, Event)> = Vec::new();
@@ -1314,6 +1317,12 @@ impl Hub {
                 let (mut here, mut here_marks) = (Vec::new(), Vec::new());
                 for (i, (k, e)) in chosen.into_iter().enumerate() {
                     if map.get(k.as_str()).is_some_and(|c| c.owner == Owner::Here) {
+                        kept.push((
+                            k.clone(),
+                            e.clone(),
+                            marks.get(i).copied().unwrap_or(false),
+                            group_of.get(i).copied(),
+                        ));
                         here.push((k, e));
                         if undoing {
                             here_marks.push(marks.get(i).copied().unwrap_or(false));
@@ -1350,7 +1359,23 @@ impl Hub {
             && let Err(e) = d.await
         {
             crate::store::log_failure(format_args!("notifications: event not stored"), &e);
-            if let Some(pushed) = pushed.take() {
+            if let StoreError::LeaseLost(keys) = &e {
+                // The store's fence: this node's lease of these keys lapsed under the
+                // write. It steps down from them (their queues leave memory: what was
+                // stored before is the new owner's to deliver), and their events go to the
+                // owners as other nodes' keys' events do; the other keys' are stored.
+                for k in keys {
+                    self.step_down(k, Owner::Unknown);
+                }
+                for (k, e, mark, group) in kept {
+                    if keys.contains(&k) {
+                        if let Some(g) = group {
+                            remote_groups[g] = true;
+                        }
+                        remote.push((k, e, mark));
+                    }
+                }
+            } else if let Some(pushed) = pushed.take() {
                 // Not stored, so not queued: the devices' CON notifications are not
                 // acknowledged, and their retransmissions are taken anew.
                 self.unqueue(pushed);
@@ -2716,6 +2741,14 @@ impl Hub {
             )
         };
         let r = durable.await;
+        if let Err(StoreError::LeaseLost(_)) = &r {
+            // The key's lease lapsed under this write (the store's fence): this node is no
+            // longer the owner, and the events go to the one that is (`forward` routes
+            // them again; `append_here` answers "not the owner").
+            self.step_down(key_id, Owner::Unknown);
+            self.settle(trims, wakes).await;
+            return None;
+        }
         if r.is_err() {
             self.unqueue(pushed);
         }

@@ -57,109 +57,154 @@ pub(super) enum Tenure {
     Lost,
 }
 
-/// How often the fence reads a lease whose last write is this node's but not yet the
-/// revision recorded (a renewal whose answer is on its way), 20 ms apart.
-const FENCE_READS: usize = 5;
+/// How long the fence waits between reads of a lease whose last write is this node's but
+/// not the revision recorded (a renewal whose answer is on its way; read again until the
+/// store's timeout has passed).
+const FENCE_PAUSE: Duration = Duration::from_millis(20);
 
 impl Shared {
-    /// The tenure of each distinct key of `keys` this node holds, to be checked after
-    /// the append; an error if it lost one of them.
+    /// Of the distinct keys of `keys`: those this node holds, with their tenure, to be
+    /// checked after the append; and those whose lease it lost, whose events it does not
+    /// store.
     pub(super) fn tenures_of<'a>(
         &self,
         keys: impl Iterator<Item = &'a str>,
-    ) -> Result<Vec<(String, u64)>, StoreError> {
+    ) -> (Vec<(String, u64)>, Vec<String>) {
         let tenures = self.tenures.lock().unwrap_or_else(|p| p.into_inner());
-        let mut fenced: Vec<(String, u64)> = Vec::new();
+        let (mut fenced, mut lost): (Vec<(String, u64)>, Vec<String>) = (Vec::new(), Vec::new());
         for key in keys {
             match tenures.get(key) {
-                Some(Tenure::Lost) => return Err(lease_lost(key)),
+                Some(Tenure::Lost) if !lost.iter().any(|k| k == key) => lost.push(key.to_string()),
                 Some(Tenure::Held { since, .. }) if !fenced.iter().any(|(k, _)| k == key) => {
                     fenced.push((key.to_string(), *since));
                 }
                 _ => {}
             }
         }
-        Ok(fenced)
+        (fenced, lost)
     }
 
-    /// The fence ([`Tenure`]): each key's lease still in the tenure `since`, its last
-    /// write this node's last renewal.
-    pub(super) async fn fence(&self, fenced: &[(String, u64)]) -> Result<(), StoreError> {
-        let stream = self.stream(&format!("KV_{}", self.names.channel_owners))?;
+    /// The fence ([`Tenure`]): the keys of `fenced` whose lease is no longer in the
+    /// tenure `since` with this node's last renewal as its last write (another node's
+    /// now, or lapsed: each marked lost). An error when a key's lease could not be read,
+    /// or stayed this node's at a write not recorded (a renewal or a claim whose answer
+    /// did not come) for the store's timeout: the events are kept then, and the append
+    /// fails as a store failure does.
+    pub(super) async fn fence(&self, fenced: &[(String, u64)]) -> Result<Vec<String>, StoreError> {
+        let mut fell = Vec::new();
         for (key, since) in fenced {
-            let subject = Self::kv_subject(&self.names.channel_owners, &enc(key));
-            let mut tries = 0;
+            let deadline = tokio::time::Instant::now() + self.timeout;
             loop {
-                tries += 1;
-                let last = match tokio::time::timeout(
-                    self.timeout,
-                    stream.get_last_raw_message_by_subject(&subject),
-                )
-                .await
-                .map_err(|_| unavailable("reading a channel lease timed out"))?
-                {
-                    Ok(m) => Some(m),
-                    Err(e)
-                        if e.kind()
-                            == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-                    {
-                        None
-                    }
-                    Err(e) => return Err(unavailable(e)),
-                };
-                let ours = last.as_ref().is_some_and(|m| {
-                    m.payload.as_ref() == self.node.as_bytes()
-                        && !m
-                            .headers
-                            .get(super::KV_OPERATION)
-                            .is_some_and(|v| matches!(v.as_str(), "DEL" | "PURGE"))
-                });
+                let last = self.lease_entry(key).await?;
                 let recorded = self
                     .tenures
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .get(key)
                     .copied();
+                let ours = last.as_ref().filter(|l| l.node == self.node.as_bytes());
                 match (ours, recorded) {
-                    (true, Some(Tenure::Held { since: s, revision }))
-                        if s == *since && last.as_ref().is_some_and(|m| m.sequence == revision) =>
+                    (Some(l), Some(Tenure::Held { since: s, revision }))
+                        if s == *since && l.revision == revision =>
                     {
                         break;
                     }
                     // Ours, but not the write recorded: a renewal whose answer is on its way.
-                    (true, Some(Tenure::Held { since: s, .. }))
-                        if s == *since && tries < FENCE_READS =>
-                    {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    _ => {
-                        if !ours {
-                            self.tenures
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(key.clone(), Tenure::Lost);
+                    (Some(_), Some(Tenure::Held { since: s, .. })) if s == *since => {
+                        if tokio::time::Instant::now() >= deadline {
+                            return Err(unavailable(format!(
+                                "the channel lease of key {key} was written by this node at a revision it does not know"
+                            )));
                         }
+                        tokio::time::sleep(FENCE_PAUSE).await;
+                    }
+                    (Some(_), _) => {
+                        // A tenure begun since the append was submitted: the lease was not
+                        // held throughout.
                         tracing::warn!(
-                            "store: the channel lease of key {key} is no longer this node's tenure: its events just stored are taken out again"
+                            "store: the channel lease of key {key} lapsed while its events were stored: they go to the owner"
                         );
-                        return Err(lease_lost(key));
+                        fell.push(key.clone());
+                        break;
+                    }
+                    (None, _) => {
+                        self.lost(key);
+                        tracing::warn!(
+                            "store: the channel lease of key {key} is no longer this node's: its events just stored are taken out again and go to the owner"
+                        );
+                        fell.push(key.clone());
+                        break;
                     }
                 }
             }
         }
-        Ok(())
+        Ok(fell)
     }
 
-    /// Deletes the events at stream rows `rows` (an append the fence refused); best
-    /// effort, logged: one left is delivered again at the key's next take-over.
-    pub(super) async fn delete_stray_events(&self, rows: &[u64]) {
-        let Ok(stream) = self.stream(&self.names.events) else {
-            return;
-        };
-        for row in rows {
-            if let Err(e) = stream.delete_message(*row).await {
+    /// A lease as its stream's leader has it last (a direct get may be answered by a
+    /// replica that has not seen the last write); None when absent or deleted.
+    async fn lease_entry(&self, key_id: &str) -> Result<Option<LeaseEntry>, StoreError> {
+        let stream = self.stream(&format!("KV_{}", self.names.channel_owners))?;
+        let subject = Self::kv_subject(&self.names.channel_owners, &enc(key_id));
+        let read = tokio::time::timeout(
+            self.timeout,
+            stream.get_last_raw_message_by_subject(&subject),
+        )
+        .await
+        .map_err(|_| unavailable("reading a channel lease timed out"))?;
+        match read {
+            Ok(m) => {
+                let deleted = m
+                    .headers
+                    .get(super::KV_OPERATION)
+                    .is_some_and(|v| matches!(v.as_str(), "DEL" | "PURGE"));
+                Ok((!deleted).then_some(LeaseEntry {
+                    node: m.payload,
+                    revision: m.sequence,
+                }))
+            }
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Voids the events of the keys `fell` among an append's (`keys` and their stream
+    /// `rows`, in order): one marker per key in its events subject, naming the rows, which
+    /// loads skip; a purge through the marker takes the rows with it. Best effort,
+    /// logged: an event left unvoided is delivered again at the key's next take-over.
+    ///
+    /// Decision: a marker, not `STREAM.MSG.DELETE`. On nats-server 2.9.10 (Debian's)
+    /// deleting a subject's last message and then purging that subject up to an earlier
+    /// row loses the subject's remaining messages from its index (a filtered consumer and
+    /// `last_by_subj` no longer find them, reproduced): the new owner's undelivered events
+    /// would vanish from its loads.
+    pub(super) async fn void_stray_events(&self, keys: &[String], rows: &[u64], fell: &[String]) {
+        for key in fell {
+            let voided: Vec<String> = keys
+                .iter()
+                .zip(rows)
+                .filter(|(k, _)| *k == key)
+                .map(|(_, row)| row.to_string())
+                .collect();
+            if voided.is_empty() {
+                continue;
+            }
+            let mut headers = self.headers();
+            headers.insert(super::VOID_HEADER, voided.join(",").as_str());
+            let marker = super::Msg {
+                subject: self.event_subject(key),
+                headers,
+                payload: Bytes::new(),
+            };
+            let sent = super::Writer::send(self, vec![marker]).await;
+            if let Err(e) = super::acked(sent).await {
                 tracing::warn!(
-                    "store: could not take out event row {row} stored without the channel lease: {e}"
+                    "store: could not void the events of key {key} stored without its channel lease ({e}): they are delivered again at its next take-over"
                 );
             }
         }
@@ -177,6 +222,27 @@ impl Shared {
         tenures.insert(key_id.to_string(), Tenure::Held { since, revision });
     }
 
+    /// [`NatsStore::release_channel`], in the writer's chain.
+    pub(super) async fn release_lease(&self, key_id: &str) -> Result<(), StoreError> {
+        let t = self.timeout;
+        let Some(e) = self.lease_entry(key_id).await? else {
+            self.lost(key_id);
+            return Ok(());
+        };
+        if e.node.as_ref() == self.node.as_bytes() {
+            tokio::time::timeout(
+                t,
+                self.owners_kv
+                    .delete_expect_revision(enc(key_id), Some(e.revision)),
+            )
+            .await
+            .map_err(|_| unavailable("releasing a channel lease timed out"))?
+            .map_err(unavailable)?;
+        }
+        self.lost(key_id);
+        Ok(())
+    }
+
     /// Records that another node holds a lease this node held.
     fn lost(&self, key_id: &str) {
         let mut tenures = self.tenures.lock().unwrap_or_else(|p| p.into_inner());
@@ -186,10 +252,10 @@ impl Shared {
     }
 }
 
-fn lease_lost(key_id: &str) -> StoreError {
-    crate::nats::refused(format!(
-        "the channel lease of key {key_id} is held by another node (or lapsed): its events go to the owner"
-    ))
+/// A live lease as read: its holder's name and its revision.
+struct LeaseEntry {
+    node: Bytes,
+    revision: u64,
 }
 
 /// A channel change another node made ([`NatsStore::watch_channels`]).
@@ -223,17 +289,13 @@ impl NatsStore {
         let key = enc(key_id);
         let me = self.shared.node.as_str();
         for _ in 0..4 {
-            let entry = tokio::time::timeout(t, self.owners().entry(key.as_str()))
-                .await
-                .map_err(|_| unavailable("reading a channel lease timed out"))?
-                .map_err(unavailable)?;
-            let live = entry.filter(|e| e.operation == kv::Operation::Put);
+            // From the leader: a replica behind it could name the holder before the last,
+            // and this node would step down from a lease it holds.
+            let live = self.shared.lease_entry(key_id).await?;
             let attempt = match &live {
-                Some(e) if e.value.as_ref() != me.as_bytes() => {
+                Some(e) if e.node.as_ref() != me.as_bytes() => {
                     self.shared.lost(key_id);
-                    return Ok(Lease::Theirs(
-                        String::from_utf8_lossy(&e.value).into_owned(),
-                    ));
+                    return Ok(Lease::Theirs(String::from_utf8_lossy(&e.node).into_owned()));
                 }
                 Some(e) => tokio::time::timeout(
                     t,
@@ -283,30 +345,12 @@ impl NatsStore {
     }
 
     /// Gives up this node's lease of key `key_id`'s channel (a clean stop): deleted only
-    /// while this node still holds it.
+    /// while this node still holds it. After every append submitted before it (the
+    /// writer's chain): those were stored under the lease and pass its fence, and the
+    /// next owner's load sees them; appends of the key after it are not stored.
     pub async fn release_channel(&self, key_id: &str) -> Result<(), StoreError> {
-        // From here on another node may take it: this node's appends of the key are
-        // refused until it claims the lease again.
-        self.shared.lost(key_id);
-        let t = self.shared.timeout;
-        let key = enc(key_id);
-        let entry = tokio::time::timeout(t, self.owners().entry(key.as_str()))
+        self.submit(|r| super::Op::ReleaseChannel(key_id.to_string(), r))
             .await
-            .map_err(|_| unavailable("reading a channel lease timed out"))?
-            .map_err(unavailable)?;
-        let Some(e) = entry.filter(|e| {
-            e.operation == kv::Operation::Put && e.value.as_ref() == self.shared.node.as_bytes()
-        }) else {
-            return Ok(());
-        };
-        tokio::time::timeout(
-            t,
-            self.owners()
-                .delete_expect_revision(key.as_str(), Some(e.revision)),
-        )
-        .await
-        .map_err(|_| unavailable("releasing a channel lease timed out"))?
-        .map_err(unavailable)
     }
 
     /// Channel records other nodes write, from now on, in the bucket's order (the
