@@ -1058,13 +1058,14 @@ impl Shared {
     ///
     /// The last count is read from the meta stream's leader, not with a direct get: a
     /// direct get may be answered by a replica that has not seen the last count yet, and a
-    /// compare-and-set on its revision fails however often it is tried. A failed try (another
-    /// node counted meanwhile, or the stream has no leader yet: right after the first start
-    /// made it, or after its leader's server was lost) is tried again after a pause that
-    /// grows from 5 to 250 ms, with jitter so that nodes started together do not collide
-    /// in step, until the store's timeout has passed; then the last failure is the error.
-    /// (Before: 32 tries without a pause, which a fresh three-server cluster could use up in
-    /// a few milliseconds and refuse the start, seen in CI.)
+    /// compare-and-set on its revision fails however often it is tried. A try lost to
+    /// another node's count is tried again at once (after up to 1 ms of jitter, so that
+    /// nodes started together do not stay in step); any other failure (the stream has no
+    /// leader yet: right after the first start made it, or after its leader's server was
+    /// lost) after a pause that grows from 5 to 250 ms, with jitter; until the store's
+    /// timeout has passed, then the last failure is the error.
+    /// (Before: 32 tries, whatever failed, and then the start was refused: 128 nodes
+    /// started at once refused one, and CI saw a node refused on a fresh cluster.)
     async fn next_epoch(&self) -> Result<u64, StoreError> {
         let meta = self
             .js
@@ -1074,6 +1075,7 @@ impl Shared {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut pause = Duration::from_millis(5);
         loop {
+            // Err((lost to another node's count, why)).
             let tried = match self.epoch_entry().await {
                 Ok(last) => {
                     let (next, revision) = last.map_or((1, 0), |(n, rev)| (n + 1, rev));
@@ -1081,24 +1083,37 @@ impl Shared {
                     meta.update(EPOCH_KEY, next.to_string().into(), revision)
                         .await
                         .map(|_| next)
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| {
+                            (
+                                e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                                e.to_string(),
+                            )
+                        })
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err((false, e.to_string())),
             };
-            let e = match tried {
+            let (lost, e) = match tried {
                 Ok(epoch) => return Ok(epoch),
                 Err(e) => e,
             };
-            let jitter = Duration::from_micros(random_u64() % 1000 * pause.as_millis() as u64);
-            if tokio::time::Instant::now() + pause + jitter >= deadline {
+            // Lost to another node: read and try again at once (up to 1 ms apart, so
+            // that the nodes racing do not stay in step); anything else after a pause.
+            let wait = if lost {
+                Duration::from_micros(random_u64() % 1000)
+            } else {
+                pause + Duration::from_micros(random_u64() % 1000 * pause.as_millis() as u64)
+            };
+            if tokio::time::Instant::now() + wait >= deadline {
                 return Err(unavailable(format!(
                     "could not count the event epoch up within {} ms: {e}",
                     self.timeout.as_millis()
                 )));
             }
             tracing::debug!("store: counting the event epoch up failed ({e}); again");
-            tokio::time::sleep(pause + jitter).await;
-            pause = (pause * 2).min(Duration::from_millis(250));
+            tokio::time::sleep(wait).await;
+            if !lost {
+                pause = (pause * 2).min(Duration::from_millis(250));
+            }
         }
     }
 
@@ -1595,10 +1610,17 @@ impl Writer {
                     false,
                     async move {
                         let rows = acked(sent).await?;
-                        let fell = shared.fence(&fenced).await?;
+                        let (fell, failed) = shared.fence(&fenced).await;
                         if !fell.is_empty() {
                             shared.void_stray_events(&keys, &rows, &fell).await;
                             lost.extend(fell);
+                        }
+                        // A key that could not be checked is stored: its error counts
+                        // only when no key was found lost (those must go to their owners).
+                        if let Some(e) = failed
+                            && lost.is_empty()
+                        {
+                            return Err(e);
                         }
                         // An answer whose key's events went elsewhere is forgotten by the
                         // node they went to (the hub forwards them with it).

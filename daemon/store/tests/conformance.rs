@@ -567,30 +567,16 @@ async fn sqlite_backend_loads_one_keys_events() {
 /// The NATS JetStream backend (issue 22), each test on nats-server processes of its own
 /// (`daemon/testkit/src/nats.rs`, included as a module: the store cannot depend on the
 /// testkit, which depends on the daemon).
-#[path = "../../testkit/src/nats.rs"]
-mod nats_server;
+#[path = "support/nats_store.rs"]
+mod nats_store;
+use nats_store::nats_server;
 
 mod nats {
     use super::nats_server::{NatsCluster, NatsServer};
+    use super::nats_store::{config, connect};
     use super::*;
-    use connectord_store::nats::{ChannelChange, NatsConfig, NatsStore, RegistrationChange};
+    use connectord_store::nats::{ChannelChange, NatsStore, RegistrationChange};
     use std::time::{Duration, Instant};
-
-    fn config(servers: Vec<String>, node: &str) -> NatsConfig {
-        NatsConfig {
-            servers,
-            prefix: "cd".into(),
-            replicas: 1,
-            node: node.into(),
-            timeout: Duration::from_secs(2),
-        }
-    }
-
-    async fn connect(server: &NatsServer, node: &str) -> NatsStore {
-        NatsStore::connect(config(vec![server.url()], node))
-            .await
-            .unwrap()
-    }
 
     #[tokio::test]
     async fn nats_backend_keeps_what_each_port_promises_across_a_reconnect() {
@@ -845,16 +831,6 @@ mod nats {
             a.load_events_of("other".into()).await.unwrap(),
             vec![event("other", 4, again.seqs[1])]
         );
-        eprintln!(
-            "DBG before purge {:?}",
-            b.load_events_of("k".into())
-                .await
-                .unwrap()
-                .iter()
-                .map(|e| (e.seq, e.event.created_ms))
-                .collect::<Vec<_>>()
-        );
-        eprintln!("DBG stale {:?} e1 {:?} e2 {:?}", stale.seqs, e1, e2);
         // A purge through what a had does not reach b's event.
         a.delete_events_through("k".into(), stale.seqs[0])
             .await

@@ -1382,12 +1382,14 @@ impl Hub {
                 failed_here = true;
             }
         }
-        self.settle(trims, wakes).await;
+        // Before the settling, which may wait: the events of a key this node just stepped
+        // down from join the key's outbox ahead of any publish after the step-down.
         let mut forwarding = if remote.is_empty() {
             Forwarding::default()
         } else {
             self.queue_forwards(remote)
         };
+        self.settle(trims, wakes).await;
         forwarding.failed_here = failed_here;
         forwarding.remote_groups = remote_groups;
         forwarding

@@ -86,59 +86,71 @@ impl Shared {
 
     /// The fence ([`Tenure`]): the keys of `fenced` whose lease is no longer in the
     /// tenure `since` with this node's last renewal as its last write (another node's
-    /// now, or lapsed: each marked lost). An error when a key's lease could not be read,
-    /// or stayed this node's at a write not recorded (a renewal or a claim whose answer
-    /// did not come) for the store's timeout: the events are kept then, and the append
-    /// fails as a store failure does.
-    pub(super) async fn fence(&self, fenced: &[(String, u64)]) -> Result<Vec<String>, StoreError> {
+    /// now, or lapsed: each marked lost); and the first error, when a key's lease could
+    /// not be read, or stayed this node's at a write not recorded (a renewal or a claim
+    /// whose answer did not come) for the store's timeout. Every key is checked.
+    pub(super) async fn fence(
+        &self,
+        fenced: &[(String, u64)],
+    ) -> (Vec<String>, Option<StoreError>) {
         let mut fell = Vec::new();
+        let mut failed = None;
         for (key, since) in fenced {
-            let deadline = tokio::time::Instant::now() + self.timeout;
-            loop {
-                let last = self.lease_entry(key).await?;
-                let recorded = self
-                    .tenures
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(key)
-                    .copied();
-                let ours = last.as_ref().filter(|l| l.node == self.node.as_bytes());
-                match (ours, recorded) {
-                    (Some(l), Some(Tenure::Held { since: s, revision }))
-                        if s == *since && l.revision == revision =>
-                    {
-                        break;
+            match self.fence_one(key, *since).await {
+                Ok(true) => {}
+                Ok(false) => fell.push(key.clone()),
+                // Every key is still looked at: one found lost must be voided even when
+                // another could not be read.
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        (fell, failed)
+    }
+
+    /// [`Shared::fence`] of one key: whether its lease is still in the tenure `since`.
+    async fn fence_one(&self, key: &str, since: u64) -> Result<bool, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let last = self.lease_entry(key).await?;
+            let recorded = self
+                .tenures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(key)
+                .copied();
+            let ours = last.as_ref().filter(|l| l.node == self.node.as_bytes());
+            match (ours, recorded) {
+                (Some(l), Some(Tenure::Held { since: s, revision }))
+                    if s == since && l.revision == revision =>
+                {
+                    return Ok(true);
+                }
+                // Ours, but not the write recorded: a renewal whose answer is on its way.
+                (Some(_), Some(Tenure::Held { since: s, .. })) if s == since => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(unavailable(format!(
+                            "the channel lease of key {key} was written by this node at a revision it does not know"
+                        )));
                     }
-                    // Ours, but not the write recorded: a renewal whose answer is on its way.
-                    (Some(_), Some(Tenure::Held { since: s, .. })) if s == *since => {
-                        if tokio::time::Instant::now() >= deadline {
-                            return Err(unavailable(format!(
-                                "the channel lease of key {key} was written by this node at a revision it does not know"
-                            )));
-                        }
-                        tokio::time::sleep(FENCE_PAUSE).await;
-                    }
-                    (Some(_), _) => {
-                        // A tenure begun since the append was submitted: the lease was not
-                        // held throughout.
-                        tracing::warn!(
-                            "store: the channel lease of key {key} lapsed while its events were stored: they go to the owner"
-                        );
-                        fell.push(key.clone());
-                        break;
-                    }
-                    (None, _) => {
-                        self.lost(key);
-                        tracing::warn!(
-                            "store: the channel lease of key {key} is no longer this node's: its events just stored are taken out again and go to the owner"
-                        );
-                        fell.push(key.clone());
-                        break;
-                    }
+                    tokio::time::sleep(FENCE_PAUSE).await;
+                }
+                (Some(_), _) => {
+                    // A tenure begun since the append was submitted: the lease was not
+                    // held throughout.
+                    tracing::warn!(
+                        "store: the channel lease of key {key} lapsed while its events were stored: they go to the owner"
+                    );
+                    return Ok(false);
+                }
+                (None, _) => {
+                    self.lost_in(key, since);
+                    tracing::warn!(
+                        "store: the channel lease of key {key} is no longer this node's: its events just stored are voided and go to the owner"
+                    );
+                    return Ok(false);
                 }
             }
         }
-        Ok(fell)
     }
 
     /// A lease as its stream's leader has it last (a direct get may be answered by a
@@ -213,13 +225,32 @@ impl Shared {
     /// Records this node's write of a lease: `created` begins a tenure, a renewal goes on
     /// with the one held (or begins one, when the node thought it lost: continuity is
     /// not proved).
-    fn held(&self, key_id: &str, created: bool, revision: u64) {
+    ///
+    /// `renewed`: the revision a renewal updated (None: a create). The tenure goes on only
+    /// when that is the revision recorded: a renewal of a write whose answer never came
+    /// (a create that timed out on its way back) proves no continuity. Whether a tenure
+    /// began (the caller loads the key's events, as after a create).
+    fn held(&self, key_id: &str, renewed: Option<u64>, revision: u64) -> bool {
         let mut tenures = self.tenures.lock().unwrap_or_else(|p| p.into_inner());
-        let since = match tenures.get(key_id) {
-            Some(Tenure::Held { since, .. }) if !created => *since,
-            _ => self.tenures_begun.fetch_add(1, Ordering::Relaxed) + 1,
+        let (since, began) = match (tenures.get(key_id), renewed) {
+            (Some(Tenure::Held { since, revision: r }), Some(from)) if *r == from => {
+                (*since, false)
+            }
+            _ => (self.tenures_begun.fetch_add(1, Ordering::Relaxed) + 1, true),
         };
         tenures.insert(key_id.to_string(), Tenure::Held { since, revision });
+        began
+    }
+
+    /// Marks key `key_id`'s lease lost if this node still records the tenure `since`
+    /// (a claim may have begun another meanwhile).
+    fn lost_in(&self, key_id: &str, since: u64) {
+        let mut tenures = self.tenures.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t @ Tenure::Held { .. }) = tenures.get_mut(key_id)
+            && matches!(t, Tenure::Held { since: s, .. } if *s == since)
+        {
+            *t = Tenure::Lost;
+        }
     }
 
     /// [`NatsStore::release_channel`], in the writer's chain.
@@ -304,7 +335,7 @@ impl NatsStore {
                 )
                 .await
                 .map(|r| {
-                    r.map(|rev| (Lease::Ours { fresh: false }, rev))
+                    r.map(|rev| (Some(e.revision), rev))
                         .map_err(|e| e.to_string())
                 }),
                 None => tokio::time::timeout(
@@ -313,16 +344,12 @@ impl NatsStore {
                         .create(key.as_str(), Bytes::from(me.to_string())),
                 )
                 .await
-                .map(|r| {
-                    r.map(|rev| (Lease::Ours { fresh: true }, rev))
-                        .map_err(|e| e.to_string())
-                }),
+                .map(|r| r.map(|rev| (None, rev)).map_err(|e| e.to_string())),
             };
             match attempt {
-                Ok(Ok((lease, revision))) => {
-                    self.shared
-                        .held(key_id, lease == Lease::Ours { fresh: true }, revision);
-                    return Ok(lease);
+                Ok(Ok((renewed, revision))) => {
+                    let fresh = self.shared.held(key_id, renewed, revision);
+                    return Ok(Lease::Ours { fresh });
                 }
                 // Taken (or renewed) by another node meanwhile: read it again.
                 Ok(Err(e)) => tracing::debug!("store: channel lease changed meanwhile ({e})"),
