@@ -1033,18 +1033,13 @@ fn guarded(what: &'static str, f: impl FnOnce() -> i32) -> i32 {
         let at = connectord_plugin_sdk::take_panic_location();
         let n = HOST_PANICS.fetch_add(1, Ordering::Relaxed) + 1;
         if n <= 10 || n.is_multiple_of(1000) {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            let at = if at.is_empty() {
-                String::new()
-            } else {
-                format!(" at {at}")
-            };
+            let panicked = connectord_plugin_sdk::describe_panic(
+                &format!("host function {what}"),
+                &*payload,
+                &at,
+            );
             tracing::error!(
-                "host function {what} panicked{at}: {message}; the plugin was answered an error (-99, or nothing for `log` and `free`) ({n} host function panics so far)"
+                "{panicked}; the plugin was answered an error (-99, or nothing for `log` and `free`) ({n} host function panics so far)"
             );
         }
         -99

@@ -424,17 +424,26 @@ pub fn encode_answer<T: serde::Serialize>(answer: &T) -> Result<Vec<u8>, String>
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>, at: String) -> String {
+    describe_panic("plugin", &*p, &at)
+}
+
+/// `<who> panicked at <at>: <message>` for a caught panic's payload `p` (without ` at …`
+/// when `at` is empty, without `: …` when the panic gave no text). For the SDK's shims and
+/// the daemon's host functions.
+#[doc(hidden)]
+pub fn describe_panic(who: &str, p: &(dyn std::any::Any + Send), at: &str) -> String {
     let at = if at.is_empty() {
         String::new()
     } else {
         format!(" at {at}")
     };
-    if let Some(s) = p.downcast_ref::<&str>() {
-        format!("plugin panicked{at}: {s}")
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        format!("plugin panicked{at}: {s}")
-    } else {
-        format!("plugin panicked{at}")
+    let text = p
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str));
+    match text {
+        Some(s) => format!("{who} panicked{at}: {s}"),
+        None => format!("{who} panicked{at}"),
     }
 }
 
