@@ -494,12 +494,18 @@ fn json<T: serde::Serialize>(v: &T) -> Result<Bytes, StoreError> {
 /// The meta bucket's key of the cluster's event epoch.
 const EPOCH_KEY: &str = "event_epoch";
 
-/// A random number (the standard library's per-map random keys), for jitter.
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
+/// Whether a KV message's headers make it a delete or purge marker.
+fn kv_deleted(headers: &HeaderMap) -> bool {
+    headers
+        .get(KV_OPERATION)
+        .is_some_and(|v| matches!(v.as_str(), "DEL" | "PURGE"))
+}
+
+/// A KV key's last message, as [`Shared::kv_last`] reads it.
+struct KvLast {
+    /// Its value; None for a delete or purge marker.
+    value: Option<Bytes>,
+    revision: u64,
 }
 
 /// The rows the void markers among `msgs` void ([`VOID_HEADER`]).
@@ -525,7 +531,7 @@ impl Raw {
 
     /// A KV delete or purge marker.
     fn is_kv_delete(&self) -> bool {
-        matches!(self.header(KV_OPERATION), Some("DEL" | "PURGE"))
+        self.headers.as_ref().is_some_and(kv_deleted)
     }
 
     /// The decoded tokens of the subject after `skip` tokens.
@@ -1099,9 +1105,9 @@ impl Shared {
             // Lost to another node: read and try again at once (up to 1 ms apart, so
             // that the nodes racing do not stay in step); anything else after a pause.
             let wait = if lost {
-                Duration::from_micros(random_u64() % 1000)
+                Duration::from_micros(rand::random_range(0..1000))
             } else {
-                pause + Duration::from_micros(random_u64() % 1000 * pause.as_millis() as u64)
+                pause.mul_f64(1.0 + rand::random::<f64>())
             };
             if tokio::time::Instant::now() + wait >= deadline {
                 return Err(unavailable(format!(
@@ -1120,28 +1126,21 @@ impl Shared {
     /// The cluster's last event epoch and its revision, read from the meta stream's
     /// leader; None when it was never counted.
     async fn epoch_entry(&self) -> Result<Option<(u64, u64)>, StoreError> {
-        let stream = self.stream(&format!("KV_{}", self.names.meta))?;
-        match stream
-            .get_last_raw_message_by_subject(&Self::kv_subject(&self.names.meta, EPOCH_KEY))
-            .await
-        {
+        match self.kv_last(&self.names.meta, EPOCH_KEY).await? {
+            None => Ok(None),
             // Deleted (nothing does): counted on from 0, at the marker's revision.
-            Ok(m)
-                if m.headers
-                    .get(KV_OPERATION)
-                    .is_some_and(|v| matches!(v.as_str(), "DEL" | "PURGE")) =>
-            {
-                Ok(Some((0, m.sequence)))
-            }
-            Ok(m) => std::str::from_utf8(&m.payload)
+            Some(KvLast {
+                value: None,
+                revision,
+            }) => Ok(Some((0, revision))),
+            Some(KvLast {
+                value: Some(v),
+                revision,
+            }) => std::str::from_utf8(&v)
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .map(|n| Some((n, m.sequence)))
+                .map(|n| Some((n, revision)))
                 .ok_or_else(|| StoreError::Corrupt("the event epoch".into())),
-            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-                Ok(None)
-            }
-            Err(e) => Err(unavailable(e)),
         }
     }
 
@@ -1187,18 +1186,22 @@ impl Shared {
 
     /// The value of one key, if live.
     async fn bucket_get(&self, bucket: &str, key: &str) -> Result<Option<Bytes>, StoreError> {
+        Ok(self.kv_last(bucket, key).await?.and_then(|l| l.value))
+    }
+
+    /// The last message of key `key` (a subject token) of bucket `bucket`, from its
+    /// stream's leader (`STREAM.MSG.GET`: a direct get may be answered by a replica that
+    /// has not seen the last write); None when the key has none.
+    async fn kv_last(&self, bucket: &str, key: &str) -> Result<Option<KvLast>, StoreError> {
         let stream = self.stream(&format!("KV_{bucket}"))?;
         match stream
             .get_last_raw_message_by_subject(&Self::kv_subject(bucket, key))
             .await
         {
-            Ok(m) => {
-                let deleted = m
-                    .headers
-                    .get(KV_OPERATION)
-                    .is_some_and(|v| matches!(v.as_str(), "DEL" | "PURGE"));
-                Ok((!deleted).then_some(m.payload))
-            }
+            Ok(m) => Ok(Some(KvLast {
+                value: (!kv_deleted(&m.headers)).then_some(m.payload),
+                revision: m.sequence,
+            })),
             Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
                 Ok(None)
             }

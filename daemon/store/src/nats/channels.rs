@@ -143,7 +143,7 @@ impl Shared {
                     return Ok(false);
                 }
                 (None, _) => {
-                    self.lost_in(key, since);
+                    self.lost(key, Some(since));
                     tracing::warn!(
                         "store: the channel lease of key {key} is no longer this node's: its events just stored are voided and go to the owner"
                     );
@@ -156,33 +156,18 @@ impl Shared {
     /// A lease as its stream's leader has it last (a direct get may be answered by a
     /// replica that has not seen the last write); None when absent or deleted.
     async fn lease_entry(&self, key_id: &str) -> Result<Option<LeaseEntry>, StoreError> {
-        let stream = self.stream(&format!("KV_{}", self.names.channel_owners))?;
-        let subject = Self::kv_subject(&self.names.channel_owners, &enc(key_id));
-        let read = tokio::time::timeout(
+        let last = tokio::time::timeout(
             self.timeout,
-            stream.get_last_raw_message_by_subject(&subject),
+            self.kv_last(&self.names.channel_owners, &enc(key_id)),
         )
         .await
-        .map_err(|_| unavailable("reading a channel lease timed out"))?;
-        match read {
-            Ok(m) => {
-                let deleted = m
-                    .headers
-                    .get(super::KV_OPERATION)
-                    .is_some_and(|v| matches!(v.as_str(), "DEL" | "PURGE"));
-                Ok((!deleted).then_some(LeaseEntry {
-                    node: m.payload,
-                    revision: m.sequence,
-                }))
-            }
-            Err(e)
-                if e.kind()
-                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(unavailable(e)),
-        }
+        .map_err(|_| unavailable("reading a channel lease timed out"))??;
+        Ok(last.and_then(|l| {
+            Some(LeaseEntry {
+                node: l.value?,
+                revision: l.revision,
+            })
+        }))
     }
 
     /// Voids the events of the keys `fell` among an append's (`keys` and their stream
@@ -242,22 +227,11 @@ impl Shared {
         began
     }
 
-    /// Marks key `key_id`'s lease lost if this node still records the tenure `since`
-    /// (a claim may have begun another meanwhile).
-    fn lost_in(&self, key_id: &str, since: u64) {
-        let mut tenures = self.tenures.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t @ Tenure::Held { .. }) = tenures.get_mut(key_id)
-            && matches!(t, Tenure::Held { since: s, .. } if *s == since)
-        {
-            *t = Tenure::Lost;
-        }
-    }
-
     /// [`NatsStore::release_channel`], in the writer's chain.
     pub(super) async fn release_lease(&self, key_id: &str) -> Result<(), StoreError> {
         let t = self.timeout;
         let Some(e) = self.lease_entry(key_id).await? else {
-            self.lost(key_id);
+            self.lost(key_id, None);
             return Ok(());
         };
         if e.node.as_ref() == self.node.as_bytes() {
@@ -270,14 +244,17 @@ impl Shared {
             .map_err(|_| unavailable("releasing a channel lease timed out"))?
             .map_err(unavailable)?;
         }
-        self.lost(key_id);
+        self.lost(key_id, None);
         Ok(())
     }
 
-    /// Records that another node holds a lease this node held.
-    fn lost(&self, key_id: &str) {
+    /// Records that a lease this node held is no longer its own; with `since`, only if
+    /// this node still records that tenure (a claim may have begun another meanwhile).
+    fn lost(&self, key_id: &str, since: Option<u64>) {
         let mut tenures = self.tenures.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = tenures.get_mut(key_id) {
+        if let Some(t) = tenures.get_mut(key_id)
+            && since.is_none_or(|since| matches!(t, Tenure::Held { since: s, .. } if *s == since))
+        {
             *t = Tenure::Lost;
         }
     }
@@ -325,7 +302,7 @@ impl NatsStore {
             let live = self.shared.lease_entry(key_id).await?;
             let attempt = match &live {
                 Some(e) if e.node.as_ref() != me.as_bytes() => {
-                    self.shared.lost(key_id);
+                    self.shared.lost(key_id, None);
                     return Ok(Lease::Theirs(String::from_utf8_lossy(&e.node).into_owned()));
                 }
                 Some(e) => tokio::time::timeout(
