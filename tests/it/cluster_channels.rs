@@ -54,6 +54,21 @@ fn collect(d: &Daemon, timeout: Duration, done: impl Fn(&Events) -> bool) -> Eve
     }
 }
 
+/// The payloads (base64) of the notifications among `e`, in order.
+fn payloads(e: &Events) -> Vec<String> {
+    e.of("notifications")
+        .iter()
+        .map(|n| n["payload"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Pulls on `d` until a notification of `value` arrives or [`WAIT`] passes: the payloads
+/// of every notification pulled.
+fn until_payload(d: &Daemon, value: &[u8]) -> Vec<String> {
+    let want = support::b64(value);
+    payloads(&collect(d, WAIT, |e| payloads(e).contains(&want)))
+}
+
 /// Answers the daemon's next observe request with `value`: its token and where it came
 /// from.
 fn accept_observe(dev: &support::coap::Device, value: &str) -> (Vec<u8>, SocketAddr) {
@@ -192,9 +207,8 @@ fn a_long_poll_on_any_node_gets_every_event_of_its_key_in_order_once() {
         .map(|v| support::b64(v.as_bytes()))
         .collect();
     let values = |e: &Events| -> Vec<String> {
-        e.of("notifications")
-            .iter()
-            .map(|n| n["payload"].as_str().unwrap_or_default().to_string())
+        payloads(e)
+            .into_iter()
             .filter(|p| *p != support::b64(b"20"))
             .collect()
     };
@@ -773,24 +787,9 @@ fn a_peer_that_does_not_answer_holds_up_no_other_keys_notifications() {
         (ack.header.get_type(), ack.header.message_id),
         (MessageType::Acknowledgement, 0x7101)
     );
-    let notes = collect(&n1, WAIT, |e| {
-        e.of("notifications")
-            .iter()
-            .any(|n| n["payload"] == support::b64(b"a1"))
-    });
-    let a_values: Vec<Value> = notes
-        .of("notifications")
-        .iter()
-        .map(|n| n["payload"].clone())
-        .collect();
-    assert!(
-        a_values.contains(&json!(support::b64(b"a1"))),
-        "{a_values:?}"
-    );
-    assert!(
-        !a_values.contains(&json!(support::b64(b"b1"))),
-        "B's went to A"
-    );
+    let a_values = until_payload(&n1, b"a1");
+    assert!(a_values.contains(&support::b64(b"a1")), "{a_values:?}");
+    assert!(!a_values.contains(&support::b64(b"b1")), "B's went to A");
 }
 
 /// The fence of a lapsed owner's appends, end to end. n1 owns the admin key's channel and
@@ -827,13 +826,7 @@ fn a_channel_owner_resumed_after_its_lease_lapsed_stores_no_stale_copies() {
     }
     assert!(acked, "n2 never took the channel over from the stopped n1");
     let got = collect(&n2, WAIT, |e| !e.of("notifications").is_empty());
-    let payloads = |e: &Events| -> Vec<Value> {
-        e.of("notifications")
-            .iter()
-            .map(|n| n["payload"].clone())
-            .collect()
-    };
-    assert_eq!(payloads(&got), [json!(support::b64(b"a1"))]);
+    assert_eq!(payloads(&got), [support::b64(b"a1")]);
     // Acknowledged by the next pull.
     let _ = collect(&n2, Duration::from_millis(300), |_| false);
 
@@ -843,7 +836,7 @@ fn a_channel_owner_resumed_after_its_lease_lapsed_stores_no_stale_copies() {
     assert_eq!(n2.wait_exit(WAIT), Some(0), "n2's clean stop");
     let again = collect(&n1, Duration::from_secs(8), |_| false);
     assert!(
-        !payloads(&again).contains(&json!(support::b64(b"a1"))),
+        !payloads(&again).contains(&support::b64(b"a1")),
         "delivered again after the channel moved back: {:?}",
         payloads(&again)
     );
@@ -898,19 +891,10 @@ fn an_event_of_an_owner_whose_lease_lapsed_reaches_the_new_owner() {
     send_packet(&obs, &n, from);
     std::thread::sleep(Duration::from_millis(300));
     n1.signal("CONT");
-    let got = collect(&n2, WAIT, |e| {
-        e.of("notifications")
-            .iter()
-            .any(|n| n["payload"] == support::b64(b"late"))
-    });
-    let payloads: Vec<Value> = got
-        .of("notifications")
-        .iter()
-        .map(|n| n["payload"].clone())
-        .collect();
+    let got = until_payload(&n2, b"late");
     assert!(
-        payloads.contains(&json!(support::b64(b"late"))),
-        "the notification the stale owner took never reached the new owner: {payloads:?}"
+        got.contains(&support::b64(b"late")),
+        "the notification the stale owner took never reached the new owner: {got:?}"
     );
 }
 
@@ -1036,16 +1020,8 @@ fn a_notification_its_channel_owner_could_not_store_is_not_acknowledged() {
         (ack.header.get_type(), ack.header.message_id),
         (MessageType::Acknowledgement, 0x7201)
     );
-    let notes = collect(&n1, WAIT, |e| {
-        e.of("notifications")
-            .iter()
-            .any(|n| n["payload"] == support::b64(b"v1"))
-    });
     assert!(
-        notes
-            .of("notifications")
-            .iter()
-            .any(|n| n["payload"] == support::b64(b"v1")),
+        until_payload(&n1, b"v1").contains(&support::b64(b"v1")),
         "v1 never reached n1"
     );
 }
