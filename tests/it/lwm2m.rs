@@ -186,6 +186,54 @@ fn lwm2m_clients_are_observable_without_obs() {
     );
 }
 
+/// An LwM2M 1.0 client may leave out `lwm2m=` (optional in 1.0) and never marks `obs`:
+/// a registration whose links mark nothing observable leaves it to the device, as an
+/// LwM2M client's. Before, its resources showed `obs: "false"`, a subscription was
+/// refused with 412 before the device was asked, and a pre-subscription skipped it
+/// without a word.
+#[test]
+fn a_client_without_lwm2m_that_marks_nothing_obs_is_observed() {
+    let d = Daemon::in_process();
+    let r = d.send_json(
+        "PUT",
+        "/v2/subscriptions",
+        br#"[{"endpoint-name": "lw10-pre", "resource-path": ["/3303/0/5700"]}]"#,
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let links = "</3/0>,</3/0/0>,</3303/0/5700>";
+    let mut dev = d.device();
+    dev.register(&["ep=lw10", "lt=300"], links);
+    let res = d.get("/v2/endpoints/lw10").json();
+    assert!(
+        res.as_array().unwrap().iter().all(|r| r["obs"] == "true"),
+        "{res}"
+    );
+
+    let id = subscribed(&d, "lw10", "/3303/0/5700");
+    let (req, from) = expect_request(&dev, "/3303/0/5700");
+    assert_eq!(uint_option(&req, CoapOption::Observe), Some(0));
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        Some(1),
+        Some(0),
+        b"7",
+    );
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(a["status"], 200, "{a}");
+    notify(&dev, req.get_token(), from, 0x4100, 2, "8");
+    let ev = d.collect_events(WAIT, |e| !e.of("notifications").is_empty());
+    assert_eq!(ev.of("notifications")[0]["payload"], b64(b"8"));
+
+    // The pre-subscription observes such a device at registration.
+    let mut pre = d.device();
+    pre.register(&["ep=lw10-pre", "lt=300"], links);
+    let (req, _) = expect_request(&pre, "/3303/0/5700");
+    assert_eq!(uint_option(&req, CoapOption::Observe), Some(0));
+}
+
 /// A device that answers an observe without Observe, or with an error, ends the
 /// subscription visibly: the async response says so, the key's channel gets a
 /// `subscription-errors` entry, and `GET /subscriptions/{ep}` no longer lists it.

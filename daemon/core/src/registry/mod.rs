@@ -87,11 +87,26 @@ impl Endpoint {
         self.reg.lwm2m.is_some()
     }
 
-    /// Whether `path` may be observed: `Some(true)` for a path an LwM2M client listed or
-    /// one below it, `Some(obs)` for a path an mbed-style device listed, `None` when the
-    /// registration does not say (the device decides when asked).
+    /// Whether the registration leaves observability to the device for everything it
+    /// lists and everything below: an LwM2M client (`lwm2m=`), or a device whose links
+    /// mark nothing `obs`. The second is what an LwM2M 1.0 client looks like that leaves
+    /// out `lwm2m=`, which LwM2M 1.0 makes optional (its version is then 1.0): before,
+    /// such a client could not be subscribed to at all (412), and pre-subscriptions
+    /// skipped it without a word. A device that marks some links `obs` (mbed Client
+    /// style) keeps the seed's rule: observable is what it marked. Decision: a device
+    /// that marks nothing and observes nothing is asked, and its refusal (an answer
+    /// without Observe) ends the subscription visibly, as the seed's "whether or not a
+    /// resource is observable is determined by mbed Client" has it.
+    pub fn observes_freely(&self) -> bool {
+        self.paths.starts_with('\0')
+    }
+
+    /// Whether `path` may be observed: `Some(true)` for a path listed by a device that
+    /// observes freely ([`Endpoint::observes_freely`]) or one below it, `Some(obs)` for a
+    /// path an mbed-style device listed, `None` when the registration does not say (the
+    /// device decides when asked).
     pub fn observable(&self, path: &str) -> Option<bool> {
-        if self.is_lwm2m() {
+        if self.observes_freely() {
             return self
                 .paths()
                 .any(|(have, _)| is_at_or_below(path, have))
@@ -106,10 +121,11 @@ impl Endpoint {
     }
 
     /// The resources with all their attributes (parsed from `reg.links` on each call);
-    /// `obs` is true for everything an LwM2M client lists ([`Endpoint::observable`]).
+    /// `obs` is true for everything a device that observes freely lists
+    /// ([`Endpoint::observable`]).
     pub fn resources(&self) -> Vec<Resource> {
         let mut resources = parse_resources(&self.reg.links).unwrap_or_default();
-        if self.is_lwm2m() {
+        if self.observes_freely() {
             for r in &mut resources {
                 r.obs = true;
             }
@@ -146,16 +162,21 @@ impl Endpoint {
 
     /// How many resources the endpoint registered.
     pub fn resource_count(&self) -> usize {
-        self.paths.bytes().filter(|b| *b == 0).count()
+        self.paths.bytes().filter(|b| *b == 0).count() - usize::from(self.observes_freely())
     }
 }
 
 /// The paths index of an endpoint ([`Endpoint::paths`]): each path prefixed with `*` when
-/// observable, NUL-separated.
+/// observable, NUL-separated; led by a NUL (an empty path, which [`Endpoint::paths`]
+/// skips) when the device observes freely ([`Endpoint::observes_freely`]).
 fn paths_of(resources: &[Resource], lwm2m: bool) -> String {
+    let free = lwm2m || !resources.iter().any(|r| r.obs);
     let mut paths = String::new();
+    if free {
+        paths.push('\0');
+    }
     for r in resources {
-        if r.obs || lwm2m {
+        if r.obs || free {
             paths.push('*');
         }
         paths.push_str(&r.path);

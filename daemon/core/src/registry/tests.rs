@@ -383,6 +383,39 @@ fn observability_follows_the_client_kind() {
         assert_eq!(mbed.observable(path), want, "mbed {path}");
     }
     assert!(!mbed.resources()[0].obs);
+    assert!(!mbed.observes_freely());
+    assert_eq!(mbed.resource_count(), 2);
+}
+
+/// A device whose links mark nothing `obs` and that leaves out `lwm2m=` (optional in
+/// LwM2M 1.0, whose clients never mark `obs`) observes like an LwM2M client: before, all
+/// its resources were "not observable" (412), and pre-subscriptions skipped it.
+#[test]
+fn a_device_that_marks_nothing_observable_leaves_it_to_the_device() {
+    let lw10 = endpoint(None, "</3/0>,</3/0/0>,</3303/0/5700>");
+    assert!(lw10.observes_freely());
+    for (path, want) in [
+        ("/3/0", Some(true)),
+        ("/3/0/0", Some(true)),
+        ("/3/0/7/1", Some(true)),
+        ("/3303/0/5700", Some(true)),
+        ("/4/0", None),
+    ] {
+        assert_eq!(lw10.observable(path), want, "{path}");
+    }
+    assert!(lw10.resources().iter().all(|r| r.obs));
+    assert!(lw10.paths().all(|(_, obs)| obs));
+    assert_eq!(lw10.paths().count(), 3);
+    assert_eq!(lw10.path_bytes().count(), 3);
+    assert_eq!(lw10.resource_count(), 3);
+    assert!(
+        !lw10.is_lwm2m(),
+        "its payloads are still its own (no TLV transcoding)"
+    );
+
+    let empty = endpoint(None, "");
+    assert_eq!(empty.resource_count(), 0);
+    assert_eq!(empty.observable("/3/0"), None);
 }
 
 #[test]

@@ -1780,12 +1780,13 @@ impl Subscriptions {
     }
 }
 
-/// For an LwM2M client, the concrete paths (no `*`) of `rules` that lie below a path it
-/// listed without being listed themselves: an LwM2M client lists objects and instances,
-/// and everything below them is observable, so a rule naming `/3303/0/5700` applies to a
-/// device that listed `</3303/0>`.
+/// For a device that observes freely (an LwM2M client: [`Endpoint::observes_freely`]),
+/// the concrete paths (no `*`) of `rules` that lie below a path it listed without being
+/// listed themselves: an LwM2M client lists objects and instances, and everything below
+/// them is observable, so a rule naming `/3303/0/5700` applies to a device that listed
+/// `</3303/0>`.
 fn lwm2m_rule_paths(ep: &Endpoint, rules: &[PreSub]) -> BTreeSet<String> {
-    if !ep.is_lwm2m() {
+    if !ep.observes_freely() {
         return BTreeSet::new();
     }
     rules
