@@ -234,6 +234,97 @@ fn a_client_without_lwm2m_that_marks_nothing_obs_is_observed() {
     assert_eq!(uint_option(&req, CoapOption::Observe), Some(0));
 }
 
+/// A separate response answers a request only from where the request went (RFC 7252
+/// §5.3.2): one with the request's token from another port is rejected with RST, and the
+/// device's own answer is the async response. Before, the token alone routed it: the
+/// forged payload was the answer.
+#[test]
+fn a_response_from_another_port_does_not_answer_a_request() {
+    let d = Daemon::in_process();
+    let mut dev = d.device();
+    dev.register(&["ep=src-1", "lt=300", "lwm2m=1.0"], LW_LINKS);
+    let id = read_accepting(&d, "/v2/endpoints/src-1/3/0/1", None);
+    let (req, from) = expect_request(&dev, "/3/0/1");
+    let other = d.device();
+    let mut forged = Packet::new();
+    forged.header.set_type(MessageType::Confirmable);
+    forged.header.code = MessageClass::Response(ResponseType::Content);
+    forged.header.message_id = 0x7000;
+    forged.set_token(req.get_token().to_vec());
+    forged.payload = b"FORGED".to_vec();
+    other
+        .sock
+        .send_to(&forged.to_bytes().unwrap(), from)
+        .unwrap();
+    let rst = Packet::from_bytes(&other.recv_raw(WAIT).expect("no answer to the forgery")).unwrap();
+    assert_eq!(
+        (rst.header.get_type(), rst.header.message_id),
+        (MessageType::Reset, 0x7000)
+    );
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        None,
+        Some(0),
+        b"real",
+    );
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(
+        (a["status"].as_u64(), a["payload"].as_str()),
+        (Some(200), Some(b64(b"real").as_str()))
+    );
+}
+
+/// A device that updates its registration from a new port (a NAT's new mapping) is
+/// observed again there: its notifications from the new port are not those of the
+/// observation made at the old one, which the message layer would reject.
+#[test]
+fn a_device_that_updates_from_a_new_port_is_observed_there() {
+    let d = Daemon::in_process();
+    let mut dev = d.device();
+    let loc = dev.register(&["ep=nat-1", "lt=300", "lwm2m=1.0"], LW_LINKS);
+    let id = subscribed(&d, "nat-1", "/3303/0/5700");
+    let (req, from) = expect_request(&dev, "/3303/0/5700");
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        Some(1),
+        Some(0),
+        b"1",
+    );
+    d.async_response(&id, WAIT);
+
+    let mut moved = d.device();
+    assert_eq!(moved.update(&loc, &[], None), ResponseType::Changed);
+    let (req, from) = expect_request(&moved, "/3303/0/5700");
+    assert_eq!(uint_option(&req, CoapOption::Observe), Some(0));
+    answer(
+        &moved,
+        &req,
+        from,
+        ResponseType::Content,
+        Some(2),
+        Some(0),
+        b"2",
+    );
+    notify(&moved, req.get_token(), from, 0x4200, 3, "3");
+    let ev = d.collect_events(WAIT, |e| {
+        e.of("notifications")
+            .iter()
+            .any(|n| n["payload"] == b64(b"3"))
+    });
+    let values: Vec<_> = ev
+        .of("notifications")
+        .iter()
+        .map(|n| n["payload"].clone())
+        .collect();
+    assert_eq!(values, [json!(b64(b"2")), json!(b64(b"3"))]);
+}
+
 /// A device that answers an observe without Observe, or with an error, ends the
 /// subscription visibly: the async response says so, the key's channel gets a
 /// `subscription-errors` entry, and `GET /subscriptions/{ep}` no longer lists it.

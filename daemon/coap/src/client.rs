@@ -112,11 +112,19 @@ impl Queued {
 }
 
 /// Where a token routes to: an exchange, or an observation whose queued notifications
-/// count against [`Queued`].
+/// count against [`Queued`]; and whom it answers to.
 #[derive(Debug)]
 struct Route {
     tx: RouteTx,
     observation: bool,
+    /// The session the request went to: a separate response or a notification with this
+    /// token from any other source is not its answer (RFC 7252 §5.3.2: "The source
+    /// endpoint of the response MUST be the same as the destination endpoint of the
+    /// original request"; RFC 7641 §3.2 for notifications).
+    to: Source,
+    /// On a secure listener, the identity the session proved when the request went out:
+    /// a session of that address that proved another is not its answer either.
+    identity: Option<PeerIdentity>,
 }
 
 /// Where a route's messages go.
@@ -223,12 +231,30 @@ impl ClientState {
         }
     }
 
-    /// Routes a separate response (or notification) by token.
-    pub fn on_response(&mut self, packet: Packet, held: Option<HeldAck>) -> Routed {
+    /// Routes a separate response (or notification) by token, from the session its
+    /// request went to ([`Route::to`]; `identity` as for [`ClientState::on_ack_or_reset`]).
+    /// One from another source is [`Routed::Unknown`] to it: before, a datagram from any
+    /// port, or another device's DTLS session, that carried a request's token answered
+    /// it, and the device's own answer was then taken for a duplicate.
+    pub(crate) fn on_response(
+        &mut self,
+        from: Source,
+        packet: Packet,
+        held: Option<HeldAck>,
+        identity: impl FnOnce() -> Option<PeerIdentity>,
+    ) -> Routed {
         use std::sync::atomic::Ordering::Relaxed;
         let Some(route) = self.by_token.get(packet.get_token()) else {
             return Routed::Unknown;
         };
+        if route.to != from {
+            return Routed::Unknown;
+        }
+        if let Some(want) = &route.identity
+            && identity().is_some_and(|now| now != *want)
+        {
+            return Routed::Unknown;
+        }
         if route.observation {
             // Counted before it is sent (the stream subtracts what it takes); called under
             // the client lock, so no other sender races past the bound.
@@ -1053,12 +1079,18 @@ impl Transport {
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
         let token = packet.token.to_vec();
+        let (_, via) = self.sending(&peer.listener)?;
         let (tx, mut rx) = mpsc::channel(EXCHANGE_QUEUE);
         self.lock_client().by_token.insert(
             token.clone(),
             Route {
                 tx: RouteTx::Own(tx),
                 observation: false,
+                to: Source {
+                    via,
+                    peer: peer.session,
+                },
+                identity: identity.cloned(),
             },
         );
         let _route = TokenGuard {
@@ -1081,6 +1113,7 @@ impl Transport {
         r.observe = Some(0);
         let packet = self.build(&r, MessageType::Confirmable, &[])?;
         let token = packet.token.to_vec();
+        let (_, via) = self.sending(&peer.listener)?;
         let (tx, rx) = mpsc::channel(OBSERVE_QUEUE);
         let queued = {
             let mut client = self.lock_client();
@@ -1089,6 +1122,11 @@ impl Transport {
                 Route {
                     tx: RouteTx::Own(tx),
                     observation: true,
+                    to: Source {
+                        via,
+                        peer: peer.session,
+                    },
+                    identity: r.identity.clone(),
                 },
             );
             std::sync::Arc::clone(&client.queued)
@@ -1199,24 +1237,75 @@ mod tests {
     use std::sync::Arc;
     use tokio::net::UdpSocket;
 
+    /// A separate response (or a notification) answers a request only from the session
+    /// the request went to: not from another port of the address, another listener, or a
+    /// session of that address that proved another identity (RFC 7252 §5.3.2). Before, the
+    /// token alone routed it.
+    #[test]
+    fn a_separate_response_from_another_source_or_identity_is_not_the_answer() {
+        let mut c = ClientState::new(8);
+        let (tx, mut rx) = mpsc::channel(4);
+        let to = Source {
+            via: 1,
+            peer: SocketAddr::from(([127, 0, 0, 1], 40_000)),
+        };
+        let id = PeerIdentity::Psk("dev-a".into());
+        c.by_token.insert(
+            vec![1],
+            Route {
+                tx: RouteTx::Own(tx),
+                observation: false,
+                to,
+                identity: Some(id.clone()),
+            },
+        );
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Response(coap_lite::ResponseType::Content);
+        p.set_token(vec![1]);
+        let other_port = Source {
+            peer: SocketAddr::from(([127, 0, 0, 1], 40_001)),
+            ..to
+        };
+        let other_listener = Source { via: 0, ..to };
+        let b = || Some(PeerIdentity::Psk("dev-b".into()));
+        assert_eq!(
+            c.on_response(other_port, p.clone(), None, || Some(id.clone())),
+            Routed::Unknown
+        );
+        assert_eq!(
+            c.on_response(other_listener, p.clone(), None, || None),
+            Routed::Unknown
+        );
+        assert_eq!(c.on_response(to, p.clone(), None, b), Routed::Unknown);
+        assert!(rx.try_recv().is_err(), "none of them reached the exchange");
+        assert_eq!(
+            c.on_response(to, p, None, || Some(id.clone())),
+            Routed::Delivered
+        );
+        assert!(matches!(rx.try_recv(), Ok(ClientEvent::Response(_))));
+    }
+
     /// An ACK or RST answers a transmission only from its listener, and for one sent to a
     /// secure session not from a session of another identity.
     #[test]
     fn an_ack_from_another_listener_or_identity_is_not_the_answer() {
         let mut c = ClientState::new(8);
         let (tx, mut rx) = mpsc::channel(4);
-        c.by_token.insert(
-            vec![1],
-            Route {
-                tx: RouteTx::Own(tx),
-                observation: false,
-            },
-        );
         let from = Source {
             via: 1,
             peer: SocketAddr::from(([127, 0, 0, 1], 40_000)),
         };
         let id = PeerIdentity::Psk("dev-a".into());
+        c.by_token.insert(
+            vec![1],
+            Route {
+                tx: RouteTx::Own(tx),
+                observation: false,
+                to: from,
+                identity: Some(id.clone()),
+            },
+        );
         c.by_mid.insert(
             (from, 7),
             Waiting {

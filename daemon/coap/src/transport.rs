@@ -499,7 +499,8 @@ impl Transport {
     ///
     /// `unreliable`: the listener, for one with the message layer's reliability (UDP,
     /// DTLS); None for a reliable one. `identity`: what the session proved (asked only
-    /// for an ACK or RST of a transmission sent to a secure session).
+    /// for an ACK, RST, separate response or notification answering a request sent to a
+    /// secure session).
     fn on_message(
         &self,
         buf: &[u8],
@@ -540,7 +541,7 @@ impl Transport {
                 return Action::Nothing;
             }
             (MessageClass::Response(_), MessageType::Confirmable | MessageType::NonConfirmable) => {
-                return self.on_separate_response(packet, from, unreliable, now);
+                return self.on_separate_response(packet, from, identity, unreliable, now);
             }
             _ => {
                 self.metrics.count(Event::Unexpected);
@@ -715,6 +716,7 @@ impl Transport {
         &self,
         packet: coap_lite::Packet,
         from: Source,
+        identity: impl FnOnce() -> Option<crate::peer::PeerIdentity>,
         unreliable: Option<ListenerId>,
         now: Instant,
     ) -> Action {
@@ -740,7 +742,7 @@ impl Transport {
                 }
             }
         }
-        let routed = self.lock_client().on_response(packet, held);
+        let routed = self.lock_client().on_response(from, packet, held, identity);
         let reply = match routed {
             crate::client::Routed::Delivered => con.then(|| message::empty_ack(mid)),
             // In progress in the duplicate cache until the observation acknowledges it.

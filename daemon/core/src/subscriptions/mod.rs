@@ -1484,6 +1484,34 @@ impl Subscriptions {
     }
 
     /// Drops the endpoint's observations (it re-registered, de-registered or expired).
+    /// Stops the observations of `ep` made at another address than the one it updated
+    /// its registration from (a NAT that gave it a new port): their notifications now
+    /// come from the new one, which is not where the observe went, so the message layer
+    /// takes them for another source's and rejects them (RFC 7252 §5.3.2). `after_reply`
+    /// then observes the resources again at the new address, and the device's old
+    /// observations end at their next notification (RST).
+    fn forget_moved_observations(&self, ep: &Endpoint) {
+        let mut st = self.lock();
+        let (domain, name) = (&ep.reg.domain, &ep.reg.name);
+        let moved: Vec<ResKey> = st
+            .observations
+            .iter()
+            .filter(|((d, e, _), id)| {
+                d == domain
+                    && e == name
+                    && st
+                        .observing
+                        .get(id)
+                        .is_some_and(|o| o.endpoint.reg.peer != ep.reg.peer)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in moved {
+            tracing::debug!(ep = %name, path = %k.2, to = %ep.reg.peer, "observing again at the device's new address");
+            st.stop_observation(&k);
+        }
+    }
+
     fn forget_observations(&self, domain: &str, ep: &str) {
         let mut st = self.lock();
         let keys: Vec<ResKey> = st
@@ -1927,8 +1955,9 @@ impl RegistryListener for SubscriptionsListener {
                     // A full registration: the device forgot its observations.
                     subs.forget_observations(&ep.reg.domain, &ep.reg.name);
                 }
-                // Pre-subscriptions are applied after the reply (`after_reply`).
-                RegistryEvent::Updated { .. } => {}
+                // Pre-subscriptions are applied after the reply (`after_reply`), and so
+                // are the observations made again of a device whose address changed.
+                RegistryEvent::Updated { .. } => subs.forget_moved_observations(ep),
                 // Another node owns the device now and observes it; the subscriptions
                 // (shared in the store) stay.
                 RegistryEvent::Moved(_) => subs.forget_observations(&ep.reg.domain, &ep.reg.name),
