@@ -325,6 +325,96 @@ fn a_device_that_updates_from_a_new_port_is_observed_there() {
     assert_eq!(values, [json!(b64(b"2")), json!(b64(b"3"))]);
 }
 
+/// A Block2 option value (RFC 7959 §2.2) for blocks of 64 bytes.
+fn block64(num: u32, more: bool) -> Vec<u8> {
+    uint((num << 4) | (u32::from(more) << 3) | 2)
+}
+
+/// Answers `req` with one 64-byte block of `body` (piggybacked), with an Observe number
+/// when given and the ETag `b"e1"`.
+fn answer_block(
+    dev: &Device,
+    req: &Packet,
+    to: SocketAddr,
+    observe: Option<u32>,
+    num: u32,
+    body: &[u8],
+) {
+    let start = num as usize * 64;
+    let end = (start + 64).min(body.len());
+    let mut p = Packet::new();
+    p.header.set_type(MessageType::Acknowledgement);
+    p.header.code = MessageClass::Response(ResponseType::Content);
+    p.header.message_id = req.header.message_id;
+    p.set_token(req.get_token().to_vec());
+    if let Some(seq) = observe {
+        p.add_option(CoapOption::Observe, uint(seq));
+    }
+    p.add_option(CoapOption::ETag, b"e1".to_vec());
+    p.add_option(CoapOption::ContentFormat, uint(0));
+    p.add_option(CoapOption::Block2, block64(num, end < body.len()));
+    p.payload = body[start..end].to_vec();
+    dev.sock.send_to(&p.to_bytes().unwrap(), to).unwrap();
+}
+
+/// The daemon's GET of block `num` of `path`, without Observe (RFC 7959 §2.6).
+fn expect_block_request(dev: &Device, path: &str, num: u32) -> (Packet, SocketAddr) {
+    let (req, from) = expect_request(dev, path);
+    assert_eq!(uint_option(&req, CoapOption::Observe), None, "{req:?}");
+    assert_eq!(
+        uint_option(&req, CoapOption::Block2),
+        Some((num << 4) | 2),
+        "block {num} at the device's size"
+    );
+    (req, from)
+}
+
+/// An observed resource larger than one block: the observe's first answer and a
+/// notification come as their first block (Block2, more to follow), and the daemon fetches
+/// the rest with GETs without Observe (RFC 7959 §2.6). Before, the first 64 bytes were
+/// delivered as the whole value, as a 200.
+#[test]
+fn a_block_wise_observe_answer_and_notification_are_fetched_whole() {
+    let d = Daemon::in_process();
+    let mut dev = d.device();
+    dev.register(&["ep=blk-obs", "lt=300", "lwm2m=1.0"], LW_LINKS);
+    let first: Vec<u8> = (0..138u8).map(|i| b'a' + i % 26).collect();
+    let id = subscribed(&d, "blk-obs", "/3/0/1");
+    let (req, from) = expect_request(&dev, "/3/0/1");
+    assert_eq!(uint_option(&req, CoapOption::Observe), Some(0));
+    let token = req.get_token().to_vec();
+    answer_block(&dev, &req, from, Some(1), 0, &first);
+    for num in 1..=2 {
+        let (req, from) = expect_block_request(&dev, "/3/0/1", num);
+        answer_block(&dev, &req, from, None, num, &first);
+    }
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(
+        (a["status"].as_u64(), payload(&a)),
+        (Some(200), first.clone()),
+        "{a}"
+    );
+
+    // A CON notification in blocks: its rest is fetched, then it is acknowledged.
+    let next: Vec<u8> = (0..84u8).map(|i| b'A' + i % 26).collect();
+    let mut p = support::observe_content(MessageType::Confirmable, 0x4300, &token, 2, &next[..64]);
+    p.add_option(CoapOption::ETag, b"e1".to_vec());
+    p.add_option(CoapOption::Block2, block64(0, true));
+    support::send_packet(&dev, &p, from);
+    let (req, from) = expect_block_request(&dev, "/3/0/1", 1);
+    answer_block(&dev, &req, from, None, 1, &next);
+    let ev = d.collect_events(WAIT, |e| !e.of("notifications").is_empty());
+    let got: Vec<Vec<u8>> = ev.of("notifications").iter().map(payload).collect();
+    assert_eq!(got, [next]);
+    let ack = dev.recv_raw(WAIT).map(|b| Packet::from_bytes(&b).unwrap());
+    assert!(
+        ack.as_ref()
+            .is_some_and(|a| a.header.get_type() == MessageType::Acknowledgement
+                && a.header.message_id == 0x4300),
+        "the notification is acknowledged: {ack:?}"
+    );
+}
+
 /// A device that answers an observe without Observe, or with an error, ends the
 /// subscription visibly: the async response says so, the key's channel gets a
 /// `subscription-errors` entry, and `GET /subscriptions/{ep}` no longer lists it.

@@ -125,6 +125,9 @@ struct Route {
     /// On a secure listener, the identity the session proved when the request went out:
     /// a session of that address that proved another is not its answer either.
     identity: Option<PeerIdentity>,
+    /// An observation's request: what the rest of a block-wise notification is fetched
+    /// with ([`ClientState::rest_to_fetch`]).
+    observe: Option<Box<OutRequest>>,
 }
 
 /// Where a route's messages go.
@@ -306,6 +309,19 @@ impl ClientState {
                 }
                 routed
             }
+        }
+    }
+
+    /// The request that fetches the rest of `packet`, when it is a notification of an
+    /// observation made at `from` whose Block2 says more blocks follow (or cannot be
+    /// read: the fetch then fails, and the notification is not taken as if whole).
+    pub(crate) fn rest_to_fetch(&self, from: Source, packet: &Packet) -> Option<OutRequest> {
+        let route = self.by_token.get(packet.get_token())?;
+        let req = route.observe.as_deref().filter(|_| route.to == from)?;
+        match block_option(packet, CoapOption::Block2) {
+            Ok(Some(b)) if b.more => Some(req.clone()),
+            Ok(_) => None,
+            Err(_) => Some(req.clone()),
         }
     }
 
@@ -942,12 +958,29 @@ impl Transport {
             let p = self.build(req, MessageType::Confirmable, &[])?;
             self.exchange(peer, p, req.identity.as_ref(), &cfg).await?
         };
-        let mut reply = CoapReply::from_packet(&first);
+        let mut first = first;
         // Block2: fetch the rest of a large response (safe methods only).
-        let mut block = None;
-        if matches!(req.method, RequestType::Get | RequestType::Fetch) {
-            block = block_option(&first, CoapOption::Block2)?;
+        if matches!(req.method, RequestType::Get | RequestType::Fetch)
+            && let Some(refusal) = self.rest_of_blocks(peer, req, &mut first, &cfg).await?
+        {
+            return Ok(refusal);
         }
+        Ok(CoapReply::from_packet(&first))
+    }
+
+    /// Fetches the blocks after the first of a Block2 answer to `req` (a GET: a read, an
+    /// observe's first answer, a notification, RFC 7959 §2.4 and §2.6) and appends them
+    /// to `first`'s payload; `first` without Block2, or its last block, is left as it is.
+    /// `Some` is the device's answer to a follow-up that is not 2.05 (the transfer ends
+    /// with it).
+    pub(crate) async fn rest_of_blocks(
+        &self,
+        peer: PeerRef,
+        req: &OutRequest,
+        first: &mut Packet,
+        cfg: &ClientConfig,
+    ) -> Result<Option<CoapReply>, ClientError> {
+        let mut block = block_option(first, CoapOption::Block2)?;
         if let Some(b) = block {
             check_block(b, 0, first.payload.len())?;
         }
@@ -957,13 +990,15 @@ impl Transport {
         while let Some(b) = block.filter(|b| b.more) {
             // The next block at the size the device chose (RFC 7959 §2.4); a device may
             // answer it at a smaller size still, numbered for that size.
-            let offset = reply.payload.len();
+            let offset = first.payload.len();
             let next = Block {
                 num: u32::try_from(offset / b.size())
                     .map_err(|_| ClientError::TooLarge(cfg.max_body))?,
                 more: false,
                 szx: b.szx,
             };
+            // Without Observe: the rest of a notification is fetched with a plain GET
+            // (RFC 7959 §2.6).
             let mut follow = req.clone();
             follow.observe = None;
             let p = self.build(
@@ -971,10 +1006,10 @@ impl Transport {
                 MessageType::Confirmable,
                 &[(CoapOption::Block2, &next.encode())],
             )?;
-            let resp = self.exchange(peer, p, req.identity.as_ref(), &cfg).await?;
+            let resp = self.exchange(peer, p, req.identity.as_ref(), cfg).await?;
             let part = CoapReply::from_packet(&resp);
             if part.code != ResponseType::Content {
-                return Ok(part);
+                return Ok(Some(part));
             }
             let got = block_option(&resp, CoapOption::Block2)?
                 .ok_or_else(|| ClientError::Block("a block without a Block2 option".into()))?;
@@ -991,13 +1026,13 @@ impl Transport {
                     "the resource changed during the transfer (another ETag)".into(),
                 ));
             }
-            reply.payload.extend_from_slice(&part.payload);
-            if reply.payload.len() > cfg.max_body {
+            first.payload.extend_from_slice(&part.payload);
+            if first.payload.len() > cfg.max_body {
                 return Err(ClientError::TooLarge(cfg.max_body));
             }
             block = Some(got);
         }
-        Ok(reply)
+        Ok(None)
     }
 
     async fn send_block1(
@@ -1091,6 +1126,7 @@ impl Transport {
                     peer: peer.session,
                 },
                 identity: identity.cloned(),
+                observe: None,
             },
         );
         let _route = TokenGuard {
@@ -1127,6 +1163,7 @@ impl Transport {
                         peer: peer.session,
                     },
                     identity: r.identity.clone(),
+                    observe: Some(Box::new(r.clone())),
                 },
             );
             std::sync::Arc::clone(&client.queued)
@@ -1138,9 +1175,15 @@ impl Transport {
             queued,
             handed_over: false,
         };
-        let first = self
+        let mut first = self
             .transmit(peer, &packet, r.identity.as_ref(), &mut stream.rx, &cfg)
             .await?;
+        // A first answer in blocks: the rest by GET without Observe (RFC 7959 §2.6).
+        // Before, its first block was taken for the whole value. A follow-up the device
+        // refuses is the answer (it has no Observe: the observation is not made).
+        if let Some(refusal) = self.rest_of_blocks(peer, &r, &mut first, &cfg).await? {
+            return Ok((refusal, stream));
+        }
         Ok((CoapReply::from_packet(&first), stream))
     }
 
@@ -1257,6 +1300,7 @@ mod tests {
                 observation: false,
                 to,
                 identity: Some(id.clone()),
+                observe: None,
             },
         );
         let mut p = Packet::new();
@@ -1304,6 +1348,7 @@ mod tests {
                 observation: false,
                 to: from,
                 identity: Some(id.clone()),
+                observe: None,
             },
         );
         c.by_mid.insert(

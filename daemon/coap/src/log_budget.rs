@@ -40,10 +40,12 @@ pub enum DeviceLine {
     /// A DTLS or TLS handshake refused for its client certificate (not trusted, or
     /// revoked).
     HandshakeRefused,
+    /// A block-wise notification whose rest could not be fetched.
+    NotificationIncomplete,
 }
 
 /// How many kinds there are.
-const KINDS: usize = 10;
+const KINDS: usize = 11;
 
 impl DeviceLine {
     /// Every kind, in declaration order (so `kind as usize` indexes it).
@@ -58,6 +60,7 @@ impl DeviceLine {
         DeviceLine::LuaFailure,
         DeviceLine::Refused,
         DeviceLine::HandshakeRefused,
+        DeviceLine::NotificationIncomplete,
     ];
 
     /// How the summary line names this kind.
@@ -73,6 +76,9 @@ impl DeviceLine {
             DeviceLine::LuaFailure => "Lua rule calls failed or stopped",
             DeviceLine::Refused => "registration requests refused by identity binding",
             DeviceLine::HandshakeRefused => "handshakes refused for their client certificate",
+            DeviceLine::NotificationIncomplete => {
+                "block-wise notifications whose rest could not be fetched"
+            }
         }
     }
 }

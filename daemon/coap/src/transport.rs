@@ -53,6 +53,17 @@ enum Action {
     Reply(Vec<u8>),
     /// A new request for the handler.
     Handle(NewRequest),
+    /// A notification whose rest is to be fetched (Block2, more blocks follow).
+    Rest(Box<Rest>),
+}
+
+/// A block-wise notification's first block, and what fetching the rest needs.
+struct Rest {
+    packet: coap_lite::Packet,
+    from: Source,
+    held: Option<crate::client::HeldAck>,
+    /// The observe's request (its path, Accept and identity).
+    req: crate::client::OutRequest,
 }
 
 /// A request that passed the message layer, with what its handling holds.
@@ -478,6 +489,9 @@ impl Transport {
                 ) {
                     Action::Nothing => {}
                     Action::Reply(bytes) => session.send(&bytes).await,
+                    Action::Rest(r) => {
+                        tokio::spawn(Arc::clone(&self).rest_of_notification(*r));
+                    }
                     Action::Handle(req) => self.handle(
                         req,
                         PeerRef {
@@ -742,17 +756,42 @@ impl Transport {
                 }
             }
         }
+        // A notification whose Block2 says more blocks follow: the rest is fetched
+        // first (RFC 7959 §2.6), off the receive loop; before, the first block was taken
+        // for the whole value.
+        if let Some(req) = self.lock_client().rest_to_fetch(from, &packet) {
+            return Action::Rest(Box::new(Rest {
+                packet,
+                from,
+                held,
+                req,
+            }));
+        }
         let routed = self.lock_client().on_response(from, packet, held, identity);
+        self.answer_routed(routed, con, mid, from, held.is_some())
+            .map_or(Action::Nothing, Action::Reply)
+    }
+
+    /// The device's answer to a separate response or notification as it was routed
+    /// ([`crate::client::Routed`]), with the duplicate cache told: `None` sends nothing.
+    fn answer_routed(
+        &self,
+        routed: crate::client::Routed,
+        con: bool,
+        mid: u16,
+        from: Source,
+        held: bool,
+    ) -> Option<Vec<u8>> {
         let reply = match routed {
             crate::client::Routed::Delivered => con.then(|| message::empty_ack(mid)),
             // In progress in the duplicate cache until the observation acknowledges it.
-            crate::client::Routed::Held => return Action::Nothing,
+            crate::client::Routed::Held => return None,
             // Not acknowledged: forgotten, so that the device's retransmission is taken
             // as new (by then there may be room).
-            crate::client::Routed::Dropped if held.is_some() => {
+            crate::client::Routed::Dropped if held => {
                 self.metrics.count(Event::ResponseDropped);
                 self.lock_dedup().forget(from, mid);
-                return Action::Nothing;
+                return None;
             }
             // A NON one (or over a reliable listener): the observation goes on, only this
             // value is skipped.
@@ -768,7 +807,55 @@ impl Transport {
         if con {
             self.lock_dedup().complete(from, mid, reply.clone());
         }
-        reply.map_or(Action::Nothing, Action::Reply)
+        reply
+    }
+
+    /// Fetches the rest of a block-wise notification ([`Action::Rest`]) and routes it
+    /// whole, with the first block's Observe number: a newer notification routed
+    /// meanwhile makes it stale, and the observation skips it (RFC 7641 §3.4). One whose
+    /// rest cannot be fetched is not taken: a CON one is not acknowledged (the device
+    /// sends it again, and the fetch is tried again), a NON one is dropped; both counted
+    /// (`ResponseDropped`) and logged.
+    async fn rest_of_notification(self: Arc<Self>, r: Rest) {
+        let Rest {
+            mut packet,
+            from,
+            held,
+            req,
+        } = r;
+        let Some(listener) = self.listeners.get(usize::from(from.via)).cloned() else {
+            return;
+        };
+        let peer = PeerRef {
+            listener: listener.id(),
+            session: from.peer,
+        };
+        let cfg = self.client_config().clone();
+        let mid = packet.header.message_id;
+        let con = packet.header.get_type() == MessageType::Confirmable;
+        let failed = match self.rest_of_blocks(peer, &req, &mut packet, &cfg).await {
+            Ok(None) => None,
+            Ok(Some(refusal)) => Some(format!("the device answered {:?}", refusal.code)),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = failed {
+            self.metrics.count(Event::ResponseDropped);
+            if crate::log_budget::allow(crate::log_budget::DeviceLine::NotificationIncomplete) {
+                tracing::warn!(peer = %from.peer, path = %req.path, "the rest of a block-wise notification could not be fetched: {why}; the notification is not taken{}", if con { " (not acknowledged: the device sends it again)" } else { "" });
+            }
+            if con {
+                self.lock_dedup().forget(from, mid);
+            }
+            return;
+        }
+        let routed = self
+            .lock_client()
+            .on_response(from, packet, held, || listener.identity(from.peer));
+        if let Some(bytes) = self.answer_routed(routed, con, mid, from, held.is_some())
+            && let Err(e) = listener.send(from.peer, &bytes).await
+        {
+            tracing::debug!(peer = %from.peer, "CoAP send failed: {e}");
+        }
     }
 
     /// Sends a CON notification's held ACK (its observation stored it) and remembers it
@@ -880,6 +967,7 @@ mod tests {
             Action::Reply(b) => Some(Packet::from_bytes(&b).unwrap()),
             Action::Nothing => None,
             Action::Handle(_) => panic!("handled"),
+            Action::Rest(_) => panic!("a block-wise notification"),
         }
     }
 
