@@ -557,6 +557,22 @@ impl Transport {
             (MessageClass::Response(_), MessageType::Confirmable | MessageType::NonConfirmable) => {
                 return self.on_separate_response(packet, from, identity, unreliable, now);
             }
+            // An unassigned method code (0.08 to 0.31) is still a request: 4.05, as for a
+            // known method we do not serve (RFC 7252 §5.8). Before, RST for a CON one and
+            // nothing for a NON one.
+            (
+                MessageClass::Reserved(code @ 0x08..=0x1f),
+                MessageType::Confirmable | MessageType::NonConfirmable,
+            ) => {
+                self.metrics.count(Event::Unexpected);
+                let r = Response::diagnostic(
+                    ResponseType::MethodNotAllowed,
+                    format!("method code 0.{:02} is not a CoAP method", code & 0x1f),
+                );
+                return self
+                    .encode_response(r, &packet, peer)
+                    .map_or(Action::Nothing, Action::Reply);
+            }
             _ => {
                 self.metrics.count(Event::Unexpected);
                 tracing::debug!(%peer, "ignoring unexpected {:?} {}", mtype, packet.header.code);
@@ -968,6 +984,50 @@ mod tests {
             Action::Nothing => None,
             Action::Handle(_) => panic!("handled"),
             Action::Rest(_) => panic!("a block-wise notification"),
+        }
+    }
+
+    /// A request with an unassigned method code (0.08 to 0.31) is answered 4.05, CON
+    /// piggybacked, NON with a NON response (RFC 7252 §5.8). Before, RST and nothing.
+    #[tokio::test]
+    async fn an_unassigned_method_code_is_answered_method_not_allowed() {
+        let (t, _) = transport();
+        let peer = SocketAddr::from(([192, 0, 2, 1], 56830));
+        let src = Source { via: 0, peer };
+        for (code, mtype, answer) in [
+            (0x08, MessageType::Confirmable, MessageType::Acknowledgement),
+            (
+                0x1f,
+                MessageType::NonConfirmable,
+                MessageType::NonConfirmable,
+            ),
+        ] {
+            let mut p = Packet::new();
+            p.header.set_type(mtype);
+            p.header.code = MessageClass::Reserved(code);
+            p.header.message_id = 900;
+            p.set_token(vec![7, 7]);
+            let bytes = p.to_bytes().unwrap();
+            let r = reply(t.on_message(
+                &bytes,
+                src,
+                || None,
+                Some(ListenerId::udp(peer)),
+                Instant::now(),
+            ))
+            .unwrap_or_else(|| panic!("0.{code:02x}: no answer"));
+            assert_eq!(
+                (r.header.code, r.header.get_type(), r.get_token()),
+                (
+                    MessageClass::Response(ResponseType::MethodNotAllowed),
+                    answer,
+                    &[7u8, 7][..]
+                ),
+                "0.{code:02x}"
+            );
+            if mtype == MessageType::Confirmable {
+                assert_eq!(r.header.message_id, 900);
+            }
         }
     }
 
