@@ -297,8 +297,18 @@ fn a_device_that_updates_from_a_new_port_is_observed_there() {
         b"1",
     );
     d.async_response(&id, WAIT);
+    let old_token = req.get_token().to_vec();
 
+    // Before its update, a notification from the new port is taken (plain UDP: the
+    // token is the guard, and an RST would end the device's observation).
     let mut moved = d.device();
+    notify(&moved, &old_token, from, 0x4201, 2, "1b");
+    d.collect_events(WAIT, |e| {
+        e.of("notifications")
+            .iter()
+            .any(|n| n["payload"] == b64(b"1b"))
+    });
+
     assert_eq!(moved.update(&loc, &[], None), ResponseType::Changed);
     let (req, from) = expect_request(&moved, "/3303/0/5700");
     assert_eq!(uint_option(&req, CoapOption::Observe), Some(0));
@@ -307,11 +317,11 @@ fn a_device_that_updates_from_a_new_port_is_observed_there() {
         &req,
         from,
         ResponseType::Content,
-        Some(2),
+        Some(3),
         Some(0),
         b"2",
     );
-    notify(&moved, req.get_token(), from, 0x4200, 3, "3");
+    notify(&moved, req.get_token(), from, 0x4200, 4, "3");
     let ev = d.collect_events(WAIT, |e| {
         e.of("notifications")
             .iter()
@@ -322,7 +332,19 @@ fn a_device_that_updates_from_a_new_port_is_observed_there() {
         .iter()
         .map(|n| n["payload"].clone())
         .collect();
-    assert_eq!(values, [json!(b64(b"2")), json!(b64(b"3"))]);
+    assert!(
+        values.ends_with(&[json!(b64(b"2")), json!(b64(b"3"))]),
+        "{values:?}"
+    );
+    // The observation made at the old port is gone: its token gets RST now.
+    notify(&moved, &old_token, from, 0x4202, 9, "old");
+    let rst = loop {
+        let p = Packet::from_bytes(&moved.recv_raw(WAIT).expect("an answer")).unwrap();
+        if p.header.message_id == 0x4202 {
+            break p;
+        }
+    };
+    assert_eq!(rst.header.get_type(), MessageType::Reset);
 }
 
 /// A Block2 option value (RFC 7959 §2.2) for blocks of 64 bytes.
@@ -412,6 +434,35 @@ fn a_block_wise_observe_answer_and_notification_are_fetched_whole() {
             .is_some_and(|a| a.header.get_type() == MessageType::Acknowledgement
                 && a.header.message_id == 0x4300),
         "the notification is acknowledged: {ack:?}"
+    );
+
+    // An observe answered separately (an empty ACK, then a CON 2.05 in blocks): its rest
+    // is fetched once, and the observation is made.
+    let id = subscribed(&d, "blk-obs", "/3/0/2");
+    let (req, from) = expect_request(&dev, "/3/0/2");
+    let mut empty = Packet::new();
+    empty.header.set_type(MessageType::Acknowledgement);
+    empty.header.message_id = req.header.message_id;
+    support::send_packet(&dev, &empty, from);
+    let mut p = support::observe_content(
+        MessageType::Confirmable,
+        0x4400,
+        req.get_token(),
+        1,
+        &first[..64],
+    );
+    p.add_option(CoapOption::ETag, b"e1".to_vec());
+    p.add_option(CoapOption::Block2, block64(0, true));
+    support::send_packet(&dev, &p, from);
+    for num in 1..=2 {
+        let (req, from) = expect_block_request(&dev, "/3/0/2", num);
+        answer_block(&dev, &req, from, None, num, &first);
+    }
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(
+        (a["status"].as_u64(), payload(&a)),
+        (Some(200), first),
+        "{a}"
     );
 }
 

@@ -128,6 +128,35 @@ struct Route {
     /// An observation's request: what the rest of a block-wise notification is fetched
     /// with ([`ClientState::rest_to_fetch`]).
     observe: Option<Box<OutRequest>>,
+    /// A fetch of a block-wise notification's rest runs for this route: at most one at a
+    /// time, so a device cannot start fetches faster than they end.
+    fetching: bool,
+}
+
+impl Route {
+    /// Whether a separate response or notification from `from` answers this route: from
+    /// the session the request went to (RFC 7252 §5.3.2). Decision: a plain-UDP
+    /// observation also takes its notifications from another address of the same
+    /// listener (a NAT's new mapping, which a device behind it learns of only at its next
+    /// update): on plain UDP the source address proves nothing, the token is the only
+    /// guard against forgery, and rejecting them would end the device's observation
+    /// (RST) until its next update, hours away for a queue-mode device. A secure
+    /// session's observation and every exchange take answers from their session only.
+    fn answered_from(&self, from: Source) -> bool {
+        self.to == from || (self.observation && self.identity.is_none() && self.to.via == from.via)
+    }
+}
+
+/// What to do with a separate response or notification before it is routed
+/// ([`ClientState::rest_to_fetch`]).
+pub(crate) enum Rest {
+    /// Route it as it is.
+    No,
+    /// A notification in blocks: fetch the rest with this request first.
+    Fetch(OutRequest),
+    /// A notification in blocks whose observation is fetching another's rest: not taken
+    /// (a CON one is not acknowledged, so the device sends it again).
+    Busy,
 }
 
 /// Where a route's messages go.
@@ -250,7 +279,7 @@ impl ClientState {
         let Some(route) = self.by_token.get(packet.get_token()) else {
             return Routed::Unknown;
         };
-        if route.to != from {
+        if !route.answered_from(from) {
             return Routed::Unknown;
         }
         if let Some(want) = &route.identity
@@ -312,17 +341,43 @@ impl ClientState {
         }
     }
 
-    /// The request that fetches the rest of `packet`, when it is a notification of an
-    /// observation made at `from` whose Block2 says more blocks follow (or cannot be
-    /// read: the fetch then fails, and the notification is not taken as if whole).
-    pub(crate) fn rest_to_fetch(&self, from: Source, packet: &Packet) -> Option<OutRequest> {
-        let route = self.by_token.get(packet.get_token())?;
-        let req = route.observe.as_deref().filter(|_| route.to == from)?;
+    /// Whether `packet` is a notification of an observation answered from `from` whose
+    /// Block2 says more blocks follow (or is not its first block, or cannot be read: the
+    /// fetch then fails, and the notification is not taken as if whole). A fetch it
+    /// starts marks the route until [`ClientState::fetched`].
+    pub(crate) fn rest_to_fetch(&mut self, from: Source, packet: &Packet) -> Rest {
+        let Some(route) = self.by_token.get_mut(packet.get_token()) else {
+            return Rest::No;
+        };
+        let Some(req) = route
+            .observe
+            .as_deref()
+            .filter(|_| route.answered_from(from))
+        else {
+            return Rest::No;
+        };
         match block_option(packet, CoapOption::Block2) {
-            Ok(Some(b)) if b.more => Some(req.clone()),
-            Ok(_) => None,
-            Err(_) => Some(req.clone()),
+            Ok(Some(b)) if !b.more && b.num == 0 => Rest::No,
+            Ok(None) => Rest::No,
+            _ if route.fetching => Rest::Busy,
+            _ => {
+                let req = req.clone();
+                route.fetching = true;
+                Rest::Fetch(req)
+            }
         }
+    }
+
+    /// A fetch started by [`ClientState::rest_to_fetch`] ended.
+    pub(crate) fn fetched(&mut self, token: &[u8]) {
+        if let Some(route) = self.by_token.get_mut(token) {
+            route.fetching = false;
+        }
+    }
+
+    /// Whether `token` still routes somewhere (a fetch for a cancelled observation stops).
+    pub(crate) fn routes(&self, token: &[u8]) -> bool {
+        self.by_token.contains_key(token)
     }
 
     pub fn open_exchanges(&self) -> usize {
@@ -961,7 +1016,9 @@ impl Transport {
         let mut first = first;
         // Block2: fetch the rest of a large response (safe methods only).
         if matches!(req.method, RequestType::Get | RequestType::Fetch)
-            && let Some(refusal) = self.rest_of_blocks(peer, req, &mut first, &cfg).await?
+            && let Some(refusal) = self
+                .rest_of_blocks(peer, req, &mut first, &cfg, || true)
+                .await?
         {
             return Ok(refusal);
         }
@@ -973,21 +1030,33 @@ impl Transport {
     /// to `first`'s payload; `first` without Block2, or its last block, is left as it is.
     /// `Some` is the device's answer to a follow-up that is not 2.05 (the transfer ends
     /// with it).
+    ///
+    /// `alive` is asked before each follow-up: false ends the transfer (a notification
+    /// whose observation was cancelled meanwhile). The assembled `first` carries no Block2
+    /// any more, so it is not assembled twice (a separate first answer of an observe is
+    /// assembled on its arrival, then seen again by [`Transport::observe`]).
     pub(crate) async fn rest_of_blocks(
         &self,
         peer: PeerRef,
         req: &OutRequest,
         first: &mut Packet,
         cfg: &ClientConfig,
+        alive: impl Fn() -> bool,
     ) -> Result<Option<CoapReply>, ClientError> {
         let mut block = block_option(first, CoapOption::Block2)?;
         if let Some(b) = block {
             check_block(b, 0, first.payload.len())?;
+            first.clear_option(CoapOption::Block2);
         }
         let etag = first
             .get_option(CoapOption::ETag)
             .and_then(|v| v.front().cloned());
         while let Some(b) = block.filter(|b| b.more) {
+            if !alive() {
+                return Err(ClientError::Block(
+                    "the observation ended during the transfer".into(),
+                ));
+            }
             // The next block at the size the device chose (RFC 7959 §2.4); a device may
             // answer it at a smaller size still, numbered for that size.
             let offset = first.payload.len();
@@ -1127,6 +1196,7 @@ impl Transport {
                 },
                 identity: identity.cloned(),
                 observe: None,
+                fetching: false,
             },
         );
         let _route = TokenGuard {
@@ -1164,6 +1234,7 @@ impl Transport {
                     },
                     identity: r.identity.clone(),
                     observe: Some(Box::new(r.clone())),
+                    fetching: false,
                 },
             );
             std::sync::Arc::clone(&client.queued)
@@ -1180,9 +1251,16 @@ impl Transport {
             .await?;
         // A first answer in blocks: the rest by GET without Observe (RFC 7959 §2.6).
         // Before, its first block was taken for the whole value. A follow-up the device
-        // refuses is the answer (it has no Observe: the observation is not made).
-        if let Some(refusal) = self.rest_of_blocks(peer, &r, &mut first, &cfg).await? {
-            return Ok((refusal, stream));
+        // refuses fails the observe as a transfer error (502), not as a refusal to be
+        // observed, which would remove the subscriptions for good.
+        if let Some(refusal) = self
+            .rest_of_blocks(peer, &r, &mut first, &cfg, || true)
+            .await?
+        {
+            return Err(ClientError::Block(format!(
+                "the device answered {:?} to a block of the observed value",
+                refusal.code
+            )));
         }
         Ok((CoapReply::from_packet(&first), stream))
     }
@@ -1301,6 +1379,7 @@ mod tests {
                 to,
                 identity: Some(id.clone()),
                 observe: None,
+                fetching: false,
             },
         );
         let mut p = Packet::new();
@@ -1349,6 +1428,7 @@ mod tests {
                 to: from,
                 identity: Some(id.clone()),
                 observe: None,
+                fetching: false,
             },
         );
         c.by_mid.insert(

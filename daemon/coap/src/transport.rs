@@ -54,13 +54,19 @@ enum Action {
     /// A new request for the handler.
     Handle(NewRequest),
     /// A notification whose rest is to be fetched (Block2, more blocks follow).
-    Rest(Box<Rest>),
+    Rest(Box<RestFetch>),
 }
 
+/// How many block-wise notifications may have their rest fetched at once, over all
+/// devices (each observation one at a time).
+const MAX_FETCHES: usize = 64;
+
 /// A block-wise notification's first block, and what fetching the rest needs.
-struct Rest {
+struct RestFetch {
     packet: coap_lite::Packet,
     from: Source,
+    /// What its session proved when it arrived.
+    identity: Option<crate::peer::PeerIdentity>,
     held: Option<crate::client::HeldAck>,
     /// The observe's request (its path, Accept and identity).
     req: crate::client::OutRequest,
@@ -95,6 +101,8 @@ pub struct Transport {
     metrics: Arc<dyn Metrics>,
     /// Exchanges we started (requests to devices), see [`crate::client`].
     client: Mutex<ClientState>,
+    /// Block-wise notifications whose rest is being fetched ([`MAX_FETCHES`]).
+    fetches: std::sync::atomic::AtomicUsize,
     client_cfg: ClientConfig,
     /// `coap.plain`: who may speak plain CoAP.
     plain: crate::config::PlainPolicy,
@@ -197,6 +205,7 @@ impl Transport {
             next_mid: AtomicU16::new(rand::random()),
             metrics,
             client: Mutex::new(ClientState::new(cfg.max_queued_notifications)),
+            fetches: std::sync::atomic::AtomicUsize::new(0),
             client_cfg: ClientConfig {
                 ack_timeout: Duration::from_millis(cfg.ack_timeout_ms),
                 ack_random_factor: cfg.ack_random_factor,
@@ -774,16 +783,30 @@ impl Transport {
         }
         // A notification whose Block2 says more blocks follow: the rest is fetched
         // first (RFC 7959 §2.6), off the receive loop; before, the first block was taken
-        // for the whole value.
-        if let Some(req) = self.lock_client().rest_to_fetch(from, &packet) {
-            return Action::Rest(Box::new(Rest {
-                packet,
-                from,
-                held,
-                req,
-            }));
-        }
-        let routed = self.lock_client().on_response(from, packet, held, identity);
+        // for the whole value. At most one fetch per observation and MAX_FETCHES in all;
+        // past either the notification is not taken (a CON one not acknowledged: the
+        // device sends it again).
+        let mut client = self.lock_client();
+        let routed = match client.rest_to_fetch(from, &packet) {
+            crate::client::Rest::No => client.on_response(from, packet, held, identity),
+            crate::client::Rest::Fetch(req) => {
+                if self.fetches.fetch_add(1, Ordering::Relaxed) < MAX_FETCHES {
+                    drop(client);
+                    return Action::Rest(Box::new(RestFetch {
+                        identity: identity(),
+                        packet,
+                        from,
+                        held,
+                        req,
+                    }));
+                }
+                self.fetches.fetch_sub(1, Ordering::Relaxed);
+                client.fetched(packet.get_token());
+                crate::client::Routed::Dropped
+            }
+            crate::client::Rest::Busy => crate::client::Routed::Dropped,
+        };
+        drop(client);
         self.answer_routed(routed, con, mid, from, held.is_some())
             .map_or(Action::Nothing, Action::Reply)
     }
@@ -832,13 +855,24 @@ impl Transport {
     /// rest cannot be fetched is not taken: a CON one is not acknowledged (the device
     /// sends it again, and the fetch is tried again), a NON one is dropped; both counted
     /// (`ResponseDropped`) and logged.
-    async fn rest_of_notification(self: Arc<Self>, r: Rest) {
-        let Rest {
+    async fn rest_of_notification(self: Arc<Self>, r: RestFetch) {
+        let RestFetch {
             mut packet,
             from,
+            identity,
             held,
             req,
         } = r;
+        let token = packet.get_token().to_vec();
+        // Counted off and the route unmarked however this ends.
+        struct Done<'a>(&'a Transport, &'a [u8]);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.fetches.fetch_sub(1, Ordering::Relaxed);
+                self.0.lock_client().fetched(self.1);
+            }
+        }
+        let _done = Done(&self, &token);
         let Some(listener) = self.listeners.get(usize::from(from.via)).cloned() else {
             return;
         };
@@ -849,7 +883,11 @@ impl Transport {
         let cfg = self.client_config().clone();
         let mid = packet.header.message_id;
         let con = packet.header.get_type() == MessageType::Confirmable;
-        let failed = match self.rest_of_blocks(peer, &req, &mut packet, &cfg).await {
+        let alive = || self.lock_client().routes(&token);
+        let failed = match self
+            .rest_of_blocks(peer, &req, &mut packet, &cfg, alive)
+            .await
+        {
             Ok(None) => None,
             Ok(Some(refusal)) => Some(format!("the device answered {:?}", refusal.code)),
             Err(e) => Some(e.to_string()),
@@ -866,7 +904,7 @@ impl Transport {
         }
         let routed = self
             .lock_client()
-            .on_response(from, packet, held, || listener.identity(from.peer));
+            .on_response(from, packet, held, || identity);
         if let Some(bytes) = self.answer_routed(routed, con, mid, from, held.is_some())
             && let Err(e) = listener.send(from.peer, &bytes).await
         {
