@@ -224,6 +224,21 @@ fn credentials_follow_the_scope_and_domain_rules_of_the_api() {
         ),
         ["gw-1"]
     );
+    // A key allowed one resource of gw-1 is refused its record, and does not see it
+    // listed either (before: 403 for the record, and listed).
+    let r = bearer_call(
+        &d,
+        "POST",
+        "/api/api_tokens",
+        Some(&admin),
+        Some(&json!({"name": "one", "allow": ["gw-1/3/0/0"]})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let one = r.json()["access_key"].as_str().unwrap().to_string();
+    let r = bearer_call(&d, "GET", "/v2/device-credentials/gw-1", Some(&one), None);
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = bearer_call(&d, "GET", "/v2/device-credentials", Some(&one), None);
+    assert_eq!((r.status, r.json()), (200, json!([])), "{}", r.body);
 }
 
 #[test]

@@ -87,13 +87,15 @@ fn not_found() -> Reply {
     )
 }
 
-/// `GET /device-credentials`: every endpoint of the key's domain with credentials (that
-/// the key may see), by name.
+/// `GET /device-credentials`: every endpoint of the key's domain with credentials that
+/// the key may see, by name: as `GET /device-credentials/{ep}`, only those it may access
+/// as a whole (before, a key allowed one resource of a device was refused the device's
+/// record (403) and shown it in the list).
 pub fn list(creds: &DeviceCredentials, who: &Principal) -> Reply {
     let all = creds.list(&who.domain);
     let shown: Vec<DeviceJson<'_>> = all
         .iter()
-        .filter(|i| who.may_access(&i.ep, None))
+        .filter(|i| who.may_access_whole(&i.ep))
         .map(json)
         .collect();
     Reply::json(StatusCode::OK, &shown)
