@@ -418,6 +418,47 @@ fn queue_mode_requests_wait_for_the_next_update() {
     assert_eq!(d.async_response(&id2, WAIT)["status"], 200);
 }
 
+/// A queue-mode device that wakes and sends a notification, without an update, is sent
+/// what waits for it (OMA LwM2M 1.0, queue mode: the server checks its queue on any
+/// message from the client). Before, the read waited for the device's next update.
+#[test]
+fn a_queue_mode_device_that_wakes_with_a_notification_gets_its_queued_requests() {
+    let d = Daemon::in_process();
+    let mut dev = d.device();
+    let reg = dev.register(&["ep=napper", "lt=300", "b=UQ"], LINKS);
+    let sub = d.async_request("PUT", "/v2/subscriptions/napper/3303/0/5700", None, None);
+    send_update(&mut dev, &reg);
+    let (obs, from) = dev
+        .recv_request(WAIT)
+        .expect("the observe after the update");
+    assert_eq!(path_of(&obs), "/3303/0/5700");
+    let mut p = support::observe_content(
+        MessageType::Acknowledgement,
+        obs.header.message_id,
+        obs.get_token(),
+        1,
+        b"20",
+    );
+    p.header.code = coap_lite::MessageClass::Response(ResponseType::Content);
+    support::send_packet(&dev, &p, from);
+    assert_eq!(d.async_response(&sub, WAIT)["status"], 200);
+
+    let id = d.async_request("GET", "/v2/endpoints/napper/3/0/0", None, None);
+    support::no_request(
+        &dev,
+        Duration::from_millis(500),
+        "sent before the device woke up",
+    );
+    let n = support::observe_content(MessageType::Confirmable, 0x5100, obs.get_token(), 2, b"21");
+    support::send_packet(&dev, &n, from);
+    let (req, from) = dev
+        .recv_request(WAIT)
+        .expect("the queued read after the notification");
+    assert_eq!(path_of(&req), "/3/0/0");
+    dev.reply(&req, from, ResponseType::Content, b"v", None, None);
+    assert_eq!(d.async_response(&id, WAIT)["status"], 200);
+}
+
 #[test]
 fn queued_requests_survive_kill_9() {
     let d = Daemon::start();

@@ -1241,6 +1241,12 @@ impl Requests {
         }
     }
 
+    /// The device of a queue-mode endpoint spoke without updating (a notification): what
+    /// waits for it is sent now.
+    pub fn device_spoke(self: &Arc<Self>, domain: &str, ep: &str) {
+        self.kick(&(domain.to_string(), ep.to_string()));
+    }
+
     /// Starts the endpoint's worker unless one runs or nothing waits.
     fn kick(self: &Arc<Self>, key: &EpKey) {
         let start = {

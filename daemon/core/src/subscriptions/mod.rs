@@ -1584,6 +1584,8 @@ impl Subscriptions {
             /// the batch is not stored, they are taken out again and sent anew by the
             /// device ([`crate::events::Undo::Unqueue`]); the others stay queued.
             held: bool,
+            /// The endpoint is in queue mode: the device is awake now.
+            queue_mode: bool,
         }
         let mut taken: Vec<Taken> = Vec::new();
         let mut index: Map<u64, usize> = Map::default();
@@ -1609,6 +1611,7 @@ impl Subscriptions {
                         cache: Arc::clone(&o.cache),
                         last_before: o.last,
                         held: false,
+                        queue_mode: o.endpoint.reg.queue,
                     });
                     taken.len() - 1
                 });
@@ -1768,6 +1771,16 @@ impl Subscriptions {
                     }
                 }
             });
+        }
+        // A queue-mode device that wakes with a notification is sent what waits for it,
+        // as after an update (OMA LwM2M 1.0, queue mode: the server checks its queue on
+        // any message from the client). Before, only its next update did.
+        let mut woke: Vec<&ResKey> = Vec::new();
+        for t in taken.iter().filter(|t| t.queue_mode) {
+            if !woke.iter().any(|k| k.0 == t.key.0 && k.1 == t.key.1) {
+                woke.push(&t.key);
+                self.requests.device_spoke(&t.key.0, &t.key.1);
+            }
         }
         for t in taken {
             let Some(reply) = t.ended else { continue };
