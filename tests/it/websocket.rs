@@ -416,6 +416,56 @@ fn a_revoked_key_is_closed_with_1008() {
     assert_eq!(c.next()["refused"], 401);
 }
 
+/// A `headerkeys` pair changed while a socket opened with the old one is open: the socket
+/// is closed with 1008 (the key, one for every pair, lives on with its channel; a client
+/// reconnects with the new pair). Before, the socket went on receiving the key's events
+/// with the retired pair.
+#[test]
+fn a_socket_opened_with_a_changed_header_key_pair_is_closed_with_1008() {
+    let p = support::Prepared::new("", "[plugins]\nauth = [\"headerkeys\", \"connector\"]\n");
+    let doc = p.plugin_call("headerkeys", "show_keys", &json!({}));
+    let pair = |name: &str| {
+        let k = doc["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == name)
+            .unwrap()
+            .clone();
+        (
+            k["rd"].as_str().unwrap().to_string(),
+            k["wr"].as_str().unwrap().to_string(),
+        )
+    };
+    let d = p.start_in_process();
+    let (nrd, nwr) = pair("notifications");
+    let (ard, awr) = pair("apikeys");
+    let r = support::http(
+        "PUT",
+        &d.url("/v2/notification/websocket"),
+        &[("ApiRdKey", &nrd), ("ApiWrKey", &nwr)],
+        None,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let (c, _) = PyClient::opened(&d, &nrd, "apirdkey");
+    assert!(eventually(WAIT, || d.metric("websockets_connected") == 1));
+    let r = support::http(
+        "PUT",
+        &d.url("/api/v1/apikeys/keys/3"),
+        &[
+            ("ApiRdKey", &ard),
+            ("ApiWrKey", &awr),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        Some(b"rd=next-rd&wr=next-wr"),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(c.closed(), 1008);
+    // The channel stays, and the new pair opens a socket on it.
+    let (_c, _) = PyClient::opened(&d, "next-rd", "apirdkey");
+    assert!(eventually(WAIT, || d.metric("websockets_connected") == 1));
+}
+
 /// At least once: a socket dropped after a frame was written but before the pong to the
 /// ping that followed it loses nothing: the next socket gets that frame again. A frame
 /// that was ponged is not sent again.

@@ -1,7 +1,7 @@
 """A WebSocket notification client on Python's `websockets` (a stack nobody here wrote),
 driven by tests/it/websocket.rs.
 
-    ws_client.py URL KEY (bearer|subprotocol|none) [MAX_SIZE]
+    ws_client.py URL KEY (bearer|apirdkey|subprotocol|none) [MAX_SIZE]
 
 MAX_SIZE: the largest message the client takes, in bytes (websockets' default: 1 MiB);
 a larger one closes the connection with 1009.
@@ -34,6 +34,8 @@ async def main():
     subprotocols = None
     if how == "bearer":
         headers["Authorization"] = "Bearer " + key
+    elif how == "apirdkey":
+        headers["ApiRdKey"] = key
     elif how == "subprotocol":
         subprotocols = ["wss", "pelion_ak_" + key]
     try:

@@ -18,6 +18,11 @@
 //! channel ([`Hub::restrict`]), so a key narrowed through a route sees nothing more outside
 //! its new restriction even if it never makes a request (a callback-only key).
 //!
+//! Each sweep also has every open WebSocket check the credentials it was opened with
+//! again (`AuthChain::sweeps`, `rest::websocket::watch_credentials`): a socket whose
+//! credentials no longer authenticate as its key is closed with 1008 while the key lives
+//! on (a `headerkeys` pair changed: every pair is the one key `headerkeys`).
+//!
 //! Architecture invariant: the sweep drops only what a backend says is dead; a backend
 //! that cannot answer leaves the channel as it is (the key's requests fail closed anyway).
 
@@ -28,6 +33,9 @@ use crate::subscriptions::Subscriptions;
 /// Drops the channel, callback and subscriptions of every key with a channel that no
 /// longer authenticates. Returns how many were dropped.
 pub async fn sweep(auth: &AuthChain, hub: &Hub, subscriptions: &Subscriptions) -> usize {
+    // Open WebSockets check the credentials they were opened with again (a key pair
+    // changed under the same key id, as `headerkeys`' are, leaves the key live).
+    auth.swept();
     let mut dropped = 0;
     for key_id in hub.key_ids() {
         match auth.liveness(&key_id).await {

@@ -548,6 +548,7 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
                 hub: Arc::clone(&state.hub),
                 counters: Arc::clone(&state.counters),
                 ping: state.websocket_ping,
+                auth: state.auth.clone(),
             };
             websocket::connect(socket, Arc::clone(&principal), &mut parts)
         }

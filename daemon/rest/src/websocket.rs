@@ -137,6 +137,9 @@ pub struct Socket {
     pub counters: Arc<Counters>,
     /// `notifications.websocket_ping_interval_s`.
     pub ping: Duration,
+    /// Checks the socket's credentials again at each revocation sweep
+    /// ([`watch_credentials`]).
+    pub auth: crate::auth::AuthChain,
 }
 
 /// `GET /notification/websocket-connect`: checks the handshake (400, 426), answers 101
@@ -189,8 +192,25 @@ pub fn connect(socket: Socket, who: Arc<Principal>, parts: &mut Parts) -> Reply 
         .get::<super::conn::Upgrades>()
         .and_then(super::conn::Upgrades::hold);
     let attached = socket.hub.attach_socket(&who.key_id);
+    // Dropped when the socket ends: its credentials' watcher stops then.
+    let (serving, done) = tokio::sync::oneshot::channel::<()>();
+    if let Some(a) = &attached {
+        tokio::spawn(watch_credentials(
+            socket.auth.clone(),
+            Arc::downgrade(&socket.hub),
+            who.key_id.clone(),
+            a.id(),
+            (
+                parts.method.clone(),
+                parts.uri.path().to_string(),
+                parts.headers.clone(),
+            ),
+            done,
+        ));
+    }
     tokio::spawn(async move {
         let _hold = hold;
+        let _serving = serving;
         let io = match upgrade.await {
             Ok(io) => io,
             Err(e) => {
@@ -216,6 +236,46 @@ pub fn connect(socket: Socket, who: Arc<Principal>, parts: &mut Parts) -> Reply 
         reply = reply.header(SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
     }
     reply
+}
+
+/// Ends socket `id` of `key_id` (1008) when, at a revocation sweep, the credentials it was
+/// opened with no longer authenticate as its key, although the key lives on: a
+/// `headerkeys` pair changed (every pair is the one key `headerkeys`, so the sweep of dead
+/// keys never drops its channel). Before, a socket opened with a retired pair went on
+/// receiving the key's events. The channel, its queue and its subscriptions stay (they
+/// are the key's); a client reconnects with the new pair. A backend that cannot answer
+/// leaves the socket open (as the sweep leaves a channel).
+async fn watch_credentials(
+    auth: crate::auth::AuthChain,
+    hub: std::sync::Weak<Hub>,
+    key_id: String,
+    id: u64,
+    (method, path, headers): (http::Method, String, HeaderMap),
+    mut done: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut sweeps = auth.sweeps();
+    loop {
+        tokio::select! {
+            _ = &mut done => return,
+            changed = sweeps.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        let still = match auth.authenticate(&method, &path, &headers).await {
+            Ok(p) => p.key_id == key_id,
+            Err(crate::auth::AuthError::Unauthenticated(_)) => false,
+            Err(crate::auth::AuthError::Unavailable(_)) => true,
+        };
+        if !still {
+            tracing::info!(key = %key_id, "notification WebSocket closed: the credentials it was opened with no longer authenticate as its key");
+            if let Some(hub) = hub.upgrade() {
+                hub.revoke_socket(&key_id, id);
+            }
+            return;
+        }
+    }
 }
 
 /// How a socket ended (logged).

@@ -199,6 +199,10 @@ pub struct AuthChain {
     reused: Arc<Mutex<Reused>>,
     /// (backend, scope) pairs already logged as unknown: each is logged once.
     unknown_scopes: Arc<Mutex<UnknownScopes>>,
+    /// Counts the revocation sweeps ([`crate::revocation::sweep`]): what holds a caller's
+    /// credentials for longer than a request (an open WebSocket) checks them again at
+    /// each.
+    sweeps: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// Scope names backends returned that the core does not know ([`Scope::parse`]), so that
@@ -361,7 +365,18 @@ impl AuthChain {
             order,
             reused: Arc::default(),
             unknown_scopes: Arc::default(),
+            sweeps: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
+    }
+
+    /// A revocation sweep ran: the credentials held open are to be checked again.
+    pub fn swept(&self) {
+        self.sweeps.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Changes at each revocation sweep ([`AuthChain::swept`]).
+    pub fn sweeps(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.sweeps.subscribe()
     }
 
     /// Logs (once per backend and scope) the scopes of a verdict the core does not know:

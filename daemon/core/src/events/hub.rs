@@ -306,6 +306,13 @@ pub struct Attached {
     pub stop: Shutdown,
 }
 
+impl Attached {
+    /// The socket's number on its channel ([`Hub::revoke_socket`]).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
 impl std::fmt::Debug for Attached {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Attached")
@@ -1962,6 +1969,17 @@ impl Hub {
             end,
             stop: self.stop.clone(),
         })
+    }
+
+    /// Ends socket `id` of the key, if it is still attached, as revoked (1008): the
+    /// credentials it was opened with no longer authenticate as the key, although the
+    /// key's channel lives on (a `headerkeys` pair changed).
+    pub fn revoke_socket(&self, key_id: &str, id: u64) {
+        if let Some(ch) = self.lock().get_mut(key_id)
+            && ch.socket.as_ref().is_some_and(|s| s.id == id)
+        {
+            ch.close_socket(SocketEnd::Revoked);
+        }
     }
 
     /// WebSockets attached now (the `websockets_connected` gauge).
