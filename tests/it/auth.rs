@@ -270,6 +270,42 @@ fn raw_head(d: &Daemon, method: &str, path: &str, key: &str, body: &[u8]) -> Str
     all.split("\r\n\r\n").next().unwrap_or_default().to_string() + "\r\n"
 }
 
+/// A Losant API token deleted by the operator (`connectord plugin-call losant
+/// delete_token`, another process) stops authenticating on the running daemon. Before, a
+/// token could not be revoked at all.
+#[test]
+fn a_deleted_losant_token_stops_working_on_the_running_daemon() {
+    let p = Prepared::new("", "[plugins]\nauth = [\"connector\", \"losant\"]\n");
+    let app = p.plugin_call(
+        "losant",
+        "create_application",
+        &json!({"name": "plant", "domain": "default"}),
+    );
+    let app_id = app["id"].as_str().unwrap().to_string();
+    let made = p.plugin_call(
+        "losant",
+        "create_token",
+        &json!({"application_id": app_id, "scopes": ["all.Application"]}),
+    );
+    let (id, token) = (
+        made["id"].as_str().unwrap().to_string(),
+        made["token"].as_str().unwrap().to_string(),
+    );
+    let d = p.start_in_process();
+    let keys = format!("/applications/{app_id}/keys");
+    assert_eq!(call(&d, "GET", &keys, Some(&token), None).status, 200);
+    let answer = support::plugin_call(&d.config_path, "losant", "delete_token", &json!({"id": id}));
+    assert_eq!(answer, json!({"deleted": id}));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while call(&d, "GET", &keys, Some(&token), None).status != 401 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deleted token still works"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Losant application keys (Basic key:secret) reach only the endpoints and resources
 /// their filters and topics allow; API tokens manage the keys.
 #[test]

@@ -185,6 +185,10 @@ pub const NAME: &str = "losant";
 pub const OP_CREATE_APPLICATION: &str = "create_application";
 /// Operation: create an API access token.
 pub const OP_CREATE_TOKEN: &str = "create_token";
+/// Operation: delete an API access token (it stops authenticating at once).
+pub const OP_DELETE_TOKEN: &str = "delete_token";
+/// Operation: delete an application (its tokens and keys become `revoked`).
+pub const OP_DELETE_APPLICATION: &str = "delete_application";
 
 const APP_PREFIX: &str = "app/";
 const TOKEN_PREFIX: &str = "token/";
@@ -260,6 +264,13 @@ struct CreateApplication {
 struct CreateToken {
     application_id: String,
     scopes: Vec<String>,
+}
+
+/// [`OP_DELETE_TOKEN`] and [`OP_DELETE_APPLICATION`]: the object's id.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteById {
+    id: String,
 }
 
 /// What a request on one of the routes asks for.
@@ -575,6 +586,38 @@ impl Losant {
         let answer = json!({"id": rec.id, "token": token});
         self.remember_token(rec);
         Ok(answer)
+    }
+
+    /// Deletes a token: it authenticates no more (`unknown` to `key_status`, so the host
+    /// drops its notification channel at its next sweep). Before, a token could not be
+    /// revoked at all short of editing the state database.
+    fn delete_token(&mut self, req: DeleteById) -> Result<Value, String> {
+        let Some(rec) = self.tokens.get(&req.id) else {
+            return Err(format!("unknown API token {:?}", req.id));
+        };
+        self.host
+            .state_delete(&format!("{TOKEN_PREFIX}{}", rec.id))?;
+        self.token_by_hash.remove(&rec.token_hash);
+        self.tokens.remove(&req.id);
+        self.host
+            .info(&format!("{NAME}: deleted API token {}", req.id));
+        Ok(json!({"deleted": req.id}))
+    }
+
+    /// Deletes an application: its tokens and application keys stay stored and become
+    /// `revoked` (they authenticate no more, and the keys show so in no listing, since
+    /// their application is gone).
+    fn delete_application(&mut self, req: DeleteById) -> Result<Value, String> {
+        if !self.apps.contains_key(&req.id) {
+            return Err(format!("unknown application {:?}", req.id));
+        }
+        self.host.state_delete(&format!("{APP_PREFIX}{}", req.id))?;
+        self.apps.remove(&req.id);
+        self.host.info(&format!(
+            "{NAME}: deleted application {}; its tokens and keys are revoked",
+            req.id
+        ));
+        Ok(json!({"deleted": req.id}))
     }
 
     fn token_by_secret(&self, token: &str) -> Option<&TokenRecord> {
@@ -950,11 +993,25 @@ impl Losant {
         self.create_token(req)
             .map_err(|e| format!("{OP_CREATE_TOKEN}: {e}"))
     }
+
+    /// [`OP_DELETE_TOKEN`]; its errors name the operation.
+    fn delete_token_op(&mut self, req: DeleteById) -> Result<Value, String> {
+        self.delete_token(req)
+            .map_err(|e| format!("{OP_DELETE_TOKEN}: {e}"))
+    }
+
+    /// [`OP_DELETE_APPLICATION`]; its errors name the operation.
+    fn delete_application_op(&mut self, req: DeleteById) -> Result<Value, String> {
+        self.delete_application(req)
+            .map_err(|e| format!("{OP_DELETE_APPLICATION}: {e}"))
+    }
 }
 
 declare_plugin!(Losant: auth + routes, operations {
     OP_CREATE_APPLICATION => Losant::create_application_op,
     OP_CREATE_TOKEN => Losant::create_token_op,
+    OP_DELETE_TOKEN => Losant::delete_token_op,
+    OP_DELETE_APPLICATION => Losant::delete_application_op,
 });
 
 #[cfg(test)]

@@ -325,7 +325,12 @@ fn routes_are_listed_as_authenticated() {
 
 #[test]
 fn unknown_op_and_bad_input_are_errors() {
-    assert_auth_routes_operations::<Losant>(&["create_application", "create_token"]);
+    assert_auth_routes_operations::<Losant>(&[
+        "create_application",
+        "create_token",
+        "delete_token",
+        "delete_application",
+    ]);
     let host = MemoryHost::new();
     let mut p = new_plugin(&host);
     let ops = [
@@ -334,6 +339,8 @@ fn unknown_op_and_bad_input_are_errors() {
         OP_HTTP,
         OP_CREATE_APPLICATION,
         OP_CREATE_TOKEN,
+        OP_DELETE_TOKEN,
+        OP_DELETE_APPLICATION,
     ];
     assert_bad_input_refused(&mut p, &ops, &[b"{}"]);
 }
@@ -1777,4 +1784,53 @@ fn key_status_follows_authentication() {
     for unknown in ["appkey:nope", "token:nope", "nope", &id] {
         assert_eq!(status(&mut f.p, unknown), KeyState::Unknown, "{unknown}");
     }
+}
+
+/// An API token and an application can be deleted (`connectord plugin-call`): the token
+/// no longer authenticates and is `unknown`; an application's tokens and keys are
+/// `revoked`, and stay so after a restart. Before, neither could be revoked at all.
+#[test]
+fn tokens_and_applications_can_be_deleted() {
+    let mut f = setup();
+    let spare = create_token(&mut f.p, &f.app, &["all.Application"]);
+    let key = post_key(&mut f, json!({"description": "k"}));
+    let spare_id = accepted(auth_bearer(&mut f.p, &spare))
+        .key_id
+        .strip_prefix("token:")
+        .unwrap()
+        .to_string();
+    let v = call_json(&mut f.p, OP_DELETE_TOKEN, &json!({"id": spare_id}));
+    assert_eq!(v, json!({"deleted": spare_id}));
+    assert_eq!(auth_bearer(&mut f.p, &spare), AuthVerdict::NotMine);
+    assert_eq!(
+        f.p.key_status(&format!("token:{spare_id}")).status,
+        KeyState::Unknown
+    );
+    let err =
+        f.p.call(
+            OP_DELETE_TOKEN,
+            json!({"id": spare_id}).to_string().as_bytes(),
+        )
+        .unwrap_err();
+    assert!(err.contains("unknown API token"), "{err}");
+    assert!(
+        accepted(auth_bearer(&mut f.p, &f.token))
+            .key_id
+            .starts_with("token:")
+    );
+
+    let v = call_json(&mut f.p, OP_DELETE_APPLICATION, &json!({"id": f.app}));
+    assert_eq!(v, json!({"deleted": f.app}));
+    assert!(!matches!(
+        auth_bearer(&mut f.p, &f.token),
+        AuthVerdict::Accepted { .. }
+    ));
+    let key_id = format!("appkey:{}", key["id"].as_str().unwrap());
+    assert_eq!(f.p.key_status(&key_id).status, KeyState::Revoked);
+    let mut again = new_plugin(&f.host);
+    assert!(!matches!(
+        auth_bearer(&mut again, &f.token),
+        AuthVerdict::Accepted { .. }
+    ));
+    assert_ne!(again.key_status(&key_id).status, KeyState::Active);
 }
