@@ -79,7 +79,10 @@ const KEY_PERMISSIONS: [&str; 5] = [
 #[test]
 fn a_key_minted_by_a_pelion_key_dies_with_the_key_its_application_and_its_user() {
     let p = Prepared::new("", PELION);
-    let (_, manager) = pelion_user(&p, "manager", &["manage_users"], &[]);
+    // Deleting a user needs all of its permissions and scopes.
+    let mut all = KEY_PERMISSIONS.to_vec();
+    all.push("manage_users");
+    let (_, manager) = pelion_user(&p, "manager", &all, &["admin"]);
     let (_, owner) = pelion_user(&p, "owner", &KEY_PERMISSIONS, &["admin"]);
     let (doomed_id, doomed) = pelion_user(&p, "doomed", &KEY_PERMISSIONS, &["admin"]);
     let d = p.start();

@@ -518,6 +518,22 @@ impl Pelion {
         if id == caller.id {
             return Err(conflict("you cannot delete yourself"));
         }
+        // As for creating one: a user may delete only a user whose permissions and scopes
+        // it holds all of itself. Before, a user with `manage_users` alone deleted an
+        // administrator, whose applications and keys went with it.
+        if let Some(target) = self.users.get(id) {
+            if let Some(p) = target.permissions.iter().find(|p| !caller.has(**p)) {
+                return Err(forbidden(format!(
+                    "user {id} holds the permission {}, which you do not have: deleting a user needs all of its permissions and scopes",
+                    p.as_str()
+                )));
+            }
+            if let Some(s) = target.scopes.iter().find(|s| !caller.may_grant(s)) {
+                return Err(forbidden(format!(
+                    "user {id} holds the scope {s}, which you do not have: deleting a user needs all of its permissions and scopes"
+                )));
+            }
+        }
         let (apps, keys) = self.delete_user(id)?;
         Ok((
             200,

@@ -728,6 +728,59 @@ fn revoked_application_keys_are_refused() {
     assert_refused(&mut p, &k1, "revoked");
 }
 
+/// A user deletes only users whose permissions and scopes it holds all of (as for
+/// creating one): one with `manage_users` alone gets 403 for an administrator, and may
+/// delete a user like itself. Before, it deleted the administrator.
+#[test]
+fn a_user_deletes_only_users_no_more_powerful_than_itself() {
+    let host = MemoryHost::new();
+    let mut p = new_plugin(&host);
+    let admin = admin_user(&mut p, "admin");
+    let clerk = make_user(&mut p, "clerk", DOMAIN, &[Permission::ManageUsers], &[]);
+    let peer = make_user(&mut p, "peer", DOMAIN, &[Permission::ManageUsers], &[]);
+    let scoped = make_user(
+        &mut p,
+        "scoped",
+        DOMAIN,
+        &[Permission::ManageUsers],
+        &["endpoints:read"],
+    );
+    for (target, what) in [(&admin, "permission"), (&scoped, "scope endpoints:read")] {
+        let (status, v) = api(
+            &mut p,
+            &clerk.token,
+            "DELETE",
+            &format!("/pelion/v1/users/{}", target.id),
+            "",
+        );
+        assert_eq!(status, 403, "{v}");
+        assert!(
+            v["message"].as_str().unwrap_or_default().contains(what),
+            "{v}"
+        );
+    }
+    assert!(matches!(
+        auth(&mut p, &admin.token),
+        AuthVerdict::Accepted { .. }
+    ));
+    let (status, v) = api(
+        &mut p,
+        &clerk.token,
+        "DELETE",
+        &format!("/pelion/v1/users/{}", peer.id),
+        "",
+    );
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = api(
+        &mut p,
+        &admin.token,
+        "DELETE",
+        &format!("/pelion/v1/users/{}", clerk.id),
+        "",
+    );
+    assert_eq!(status, 200, "{v}");
+}
+
 #[test]
 fn deleted_users_keys_are_refused() {
     let host = MemoryHost::new();
@@ -925,16 +978,36 @@ fn user_admin_rules() {
     let own = format!("/pelion/v1/users/{}", admin.id);
     let (status, v) = api(&mut p, &admin.token, "DELETE", &own, "");
     assert_eq!((status, v["type"].as_str()), (409, Some("conflict")));
-    // But a user admin may delete another user admin.
-    let (status, _) = api(
+    // A user admin may not delete a user holding more than it does (a full
+    // administrator), but may delete another user admin like itself.
+    let (status, v) = api(
         &mut p,
         &admin.token,
         "DELETE",
         &format!("/pelion/v1/users/{}", outsider.id),
         "",
     );
+    assert_eq!(
+        (status, v["type"].as_str()),
+        (403, Some("forbidden")),
+        "{v}"
+    );
+    let like = make_user(
+        &mut p,
+        "like-admin",
+        DOMAIN,
+        &[Permission::ManageUsers, Permission::ViewApplications],
+        &["endpoints:read"],
+    );
+    let (status, _) = api(
+        &mut p,
+        &admin.token,
+        "DELETE",
+        &format!("/pelion/v1/users/{}", like.id),
+        "",
+    );
     assert_eq!(status, 200);
-    assert_eq!(auth(&mut p, &outsider.token), AuthVerdict::NotMine);
+    assert_eq!(auth(&mut p, &like.token), AuthVerdict::NotMine);
 }
 
 // ---- permissions ----
