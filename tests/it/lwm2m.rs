@@ -1356,7 +1356,8 @@ fn json_reads_decode_tlv_senml_and_text() {
 
 /// A write with `Content-Type: application/json` (the value tree) is encoded for an LwM2M
 /// client in a format it registered support for: TLV for 1.0, SenML CBOR for a 1.1 client
-/// that lists it. A tree that does not fit the path is 400 at once.
+/// that lists it. A tree that does not fit the path is 412 at once (seed 000: "Request
+/// payload was not valid"; it was 400).
 #[test]
 fn json_writes_are_encoded_for_the_device() {
     let d = Daemon::in_process();
@@ -1398,7 +1399,7 @@ fn json_writes_are_encoded_for_the_device() {
 
     // A string where the object model says integer (lifetime): refused before it is sent.
     let r = d.send_json("PUT", "/v2/endpoints/w-11/1/0/1", br#""soon""#);
-    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.status, 412, "{}", r.body);
     assert!(dev11.recv_request(Duration::from_millis(300)).is_none());
 
     // A device without lwm2m= gets the JSON as it is.

@@ -4,7 +4,8 @@
 //! Synchronous answers: 202 with `{"async-response-id"}`; 204 for `noResp=true`; 200 with
 //! the cached value (its own content type) for `cacheOnly=true`, 205 when nothing fresh is
 //! cached; 404 resource not listed by the device; 409 `noResp` on a queue-mode endpoint;
-//! 410 endpoint not registered; 412 a body that is not what its Content-Type says; 413 a
+//! 410 endpoint not registered; 412 a body that is not what its Content-Type says, or a
+//! JSON value tree the device's object model cannot take; 413 a
 //! body over `requests.max_body`; 415 a Content-Type with no CoAP Content-Format;
 //! 429 the endpoint's queue is full; 503 the endpoint cannot be reached now. The device's
 //! own answer (or 502/504) arrives later as an `async-responses` event.
@@ -144,6 +145,11 @@ pub async fn handle(
                 .and_then(content_format::media_type)
                 .unwrap_or("application/octet-stream");
             Reply::with_type(StatusCode::OK, ct, payload)
+        }
+        // Seed 000 ("Resources"): "412 Request payload was not valid", also for a JSON
+        // value tree the object model cannot encode for the device (before: 400).
+        Err(RequestError::BadBody(m)) => {
+            error(StatusCode::PRECONDITION_FAILED, "precondition_failed", &m)
         }
         Err(e) => refusal(e),
     }
