@@ -466,6 +466,35 @@ fn a_block_wise_observe_answer_and_notification_are_fetched_whole() {
     );
 }
 
+/// aiocoap (a stack nobody here wrote) as the device: a 3000-byte observed resource whose
+/// observe answer and notifications are its first block of 1024 bytes. aiocoap answers
+/// 4.08 to a GET of block 1 of a transfer it did not begin, so the daemon begins it again
+/// at block 0 of a plain GET. Every value reaches the application whole.
+#[test]
+fn aiocoap_block_wise_notifications_arrive_whole() {
+    let d = Daemon::in_process();
+    let mut dev = Lwm2mDevice::start(d.coap, "aio-big", &["--notify-interval", "3600"]);
+    let id = subscribed(&d, "aio-big", "/5/0/2");
+    let a = d.async_response(&id, WAIT);
+    let want = |round: u32| [format!("{round:04}-").into_bytes(), vec![b'x'; 2995]].concat();
+    assert_eq!(
+        (a["status"].as_u64(), payload(&a)),
+        (Some(200), want(0)),
+        "{a}"
+    );
+    for round in 1..=3 {
+        dev.command("notify-big");
+        let ev = d.collect_events(WAIT, |e| {
+            e.of("notifications")
+                .iter()
+                .any(|n| payload(n) == want(round))
+        });
+        for n in ev.of("notifications") {
+            assert_eq!(payload(&n).len(), 3000, "a value cut short: {n}");
+        }
+    }
+}
+
 /// A device that answers an observe without Observe, or with an error, ends the
 /// subscription visibly: the async response says so, the key's channel gets a
 /// `subscription-errors` entry, and `GET /subscriptions/{ep}` no longer lists it.

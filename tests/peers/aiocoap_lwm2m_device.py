@@ -34,6 +34,8 @@ and answers in text/plain (ct 0) whatever the Accept option says:
   GET     /3303/0/5700    observable, "21.5" ct 0 Max-Age 30; while observed, +0.5 every
                           --notify-interval seconds, each change notified
   GET     /5/0/1          3000 bytes (b"0123456789" * 300), ct 42; Block2 by aiocoap
+  GET     /5/0/2          observable, 3000 bytes (b"%04d-" % round + b"x" * 2995), ct 42;
+                          stdin "notify-big" counts round up and notifies (in blocks)
   PUT     /5/0/0          large write; Block1 is reassembled by aiocoap -> 2.04
   GET     /9/0/slow       "slow-ok" after --slow-delay s (empty ACK, separate response)
   DELETE  /9/0            2.02
@@ -81,7 +83,8 @@ Stdout: one JSON object per line, flushed at once:
   {"event": "deregistered", "code": "2.02"}
   {"event": "error", "message": "..."}
 
-Stdin commands, one per line: update | update-lt N | notify | deregister | quit.
+Stdin commands, one per line: update | update-lt N | notify | notify-big | deregister |
+quit.
 EOF on stdin = deregister and exit. Exit 0 after deregister/quit; exit 1 when the
 registration fails (unreachable, refused, or no answer within 20 s) or the
 de-registration cannot be sent.
@@ -244,6 +247,37 @@ class Temperature(Reported, resource.ObservableResource):
 class BigRead(Reported, resource.Resource):
     async def render_get(self, request):
         return Message(payload=BIG, content_format=OCTETS)
+
+
+class BigObserved(Reported, resource.ObservableResource):
+    """3000 bytes that change on the stdin command "notify-big": the observe's answer and
+    every notification are its first block of 1024 bytes (Block2, more to follow), and
+    aiocoap serves the rest to the client's GETs."""
+
+    def __init__(self):
+        super().__init__()
+        self.round = 0
+
+    def current(self):
+        body = (b"%04d-" % self.round) + b"x" * 2995
+        return Message(code=Code.CONTENT, payload=body, content_format=OCTETS)
+
+    def first_block(self):
+        # aiocoap 0.4.17 sends an observe's answer and its notifications whole (one
+        # 3000-byte datagram); a constrained device sends the first block (RFC 7959
+        # §2.6), which this does with aiocoap's own block slicing.
+        return self.current()._extract_block(0, 6, 1024)
+
+    async def render_get(self, request):
+        # A plain GET (the client's fetch of the rest, with Block2) is sliced by aiocoap.
+        if request.opt.observe is not None:
+            return self.first_block()
+        return self.current()
+
+    def change(self):
+        self.round += 1
+        for obs in list(self._observations):
+            obs.trigger(self.first_block())
 
 
 class BigWrite(Reported, resource.Resource):
@@ -496,6 +530,7 @@ class DeviceSite(resource.Site):
 def build_site(args, lifetime):
     site = DeviceSite()
     temperature = Temperature(args.notify_interval)
+    big_observed = BigObserved()
     resources = {
         "/3/0/0": Fixed("connectord-test"),
         "/3/0/1": Fixed("sim-1"),
@@ -504,6 +539,7 @@ def build_site(args, lifetime):
         "/3/0/4": Execute(),
         "/3303/0/5700": temperature,
         "/5/0/1": BigRead(),
+        "/5/0/2": big_observed,
         "/5/0/0": BigWrite(),
         "/9/0/slow": Slow(args.slow_delay),
         "/9/0": Deletable(),
@@ -511,6 +547,7 @@ def build_site(args, lifetime):
     for path, res in resources.items():
         res.path = path
         site.add_resource(path.strip("/").split("/"), res)
+    site.big_observed = big_observed
     return site, temperature
 
 
@@ -644,6 +681,9 @@ async def run(args):
                         value="%.1f" % temperature.value,
                         observers=temperature.observers(),
                     )
+                elif cmd == "notify-big" and not rest:
+                    site.big_observed.change()
+                    emit(event="notified", path="/5/0/2", round=site.big_observed.round)
                 elif cmd == "deregister" and not rest:
                     try:
                         await device.deregister()

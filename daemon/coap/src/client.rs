@@ -1048,9 +1048,11 @@ impl Transport {
             check_block(b, 0, first.payload.len())?;
             first.clear_option(CoapOption::Block2);
         }
-        let etag = first
+        let mut etag = first
             .get_option(CoapOption::ETag)
             .and_then(|v| v.front().cloned());
+        // Whether the transfer began again at block 0 (below); once at most.
+        let mut restarted = false;
         while let Some(b) = block.filter(|b| b.more) {
             if !alive() {
                 return Err(ClientError::Block(
@@ -1077,6 +1079,17 @@ impl Transport {
             )?;
             let resp = self.exchange(peer, p, req.identity.as_ref(), cfg).await?;
             let part = CoapReply::from_packet(&resp);
+            // A device that serves later blocks only of a transfer it began itself
+            // (aiocoap answers 4.08 to block 1 of an observe's answer or notification):
+            // the transfer begins again at block 0 of a plain GET, once. The value is then
+            // the resource's current one, which may be newer than the first block's.
+            if part.code == ResponseType::RequestEntityIncomplete && offset > 0 && !restarted {
+                restarted = true;
+                first.payload.clear();
+                block = Some(Block { num: 0, ..b });
+                etag = None;
+                continue;
+            }
             if part.code != ResponseType::Content {
                 return Ok(Some(part));
             }
@@ -1090,7 +1103,12 @@ impl Transport {
                 )));
             }
             check_block(got, offset, part.payload.len())?;
-            if resp.get_option(CoapOption::ETag).and_then(|v| v.front()) != etag.as_ref() {
+            if offset == 0 {
+                // The first block of a transfer begun again: its ETag is the reference.
+                etag = resp
+                    .get_option(CoapOption::ETag)
+                    .and_then(|v| v.front().cloned());
+            } else if resp.get_option(CoapOption::ETag).and_then(|v| v.front()) != etag.as_ref() {
                 return Err(ClientError::Block(
                     "the resource changed during the transfer (another ETag)".into(),
                 ));
