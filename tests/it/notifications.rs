@@ -62,7 +62,9 @@ fn registration_event_types() {
         e.of("registrations"),
         vec![
             json!({"ep": "ev-1", "ept": "Light", "q": false, "resources": resources}),
-            json!({"ep": "ev-2", "ept": "", "q": true, "resources": [{"path": "/3/0", "obs": false}]}),
+            // A device that marks nothing `obs` leaves observing to be asked: `true`
+            // (ARCHITECTURE.md, "Observability").
+            json!({"ep": "ev-2", "ept": "", "q": true, "resources": [{"path": "/3/0", "obs": true}]}),
         ]
     );
     assert_eq!(
