@@ -449,7 +449,23 @@ fn a_queue_mode_device_that_wakes_with_a_notification_gets_its_queued_requests()
         Duration::from_millis(500),
         "sent before the device woke up",
     );
-    let n = support::observe_content(MessageType::Confirmable, 0x5100, obs.get_token(), 2, b"21");
+    // A notification from another address (a NAT's new port, not yet in an update) is
+    // taken, but sends nothing to the registration's old address.
+    let moved = d.device();
+    let n = support::observe_content(
+        MessageType::Confirmable,
+        0x5101,
+        obs.get_token(),
+        2,
+        b"20.5",
+    );
+    support::send_packet(&moved, &n, from);
+    support::no_request(
+        &dev,
+        Duration::from_millis(500),
+        "sent on a notification from elsewhere",
+    );
+    let n = support::observe_content(MessageType::Confirmable, 0x5100, obs.get_token(), 3, b"21");
     support::send_packet(&dev, &n, from);
     let (req, from) = dev
         .recv_request(WAIT)

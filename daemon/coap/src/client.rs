@@ -320,6 +320,7 @@ impl ClientState {
                     link: std::sync::Arc::clone(link),
                     message: FeedMessage::Notification(packet),
                     held,
+                    from: Some(from.peer),
                 };
                 link.tx.send(item).map_err(|e| {
                     // Not taken (the feed's reader is gone): the caller answers RST, so
@@ -772,6 +773,7 @@ impl ObserveStream {
                     link: std::sync::Arc::clone(&link),
                     message: FeedMessage::First(reply),
                     held: None,
+                    from: None,
                 });
                 // The feed's reader is gone when a send fails: what was not taken is not
                 // counted, and a held ACK is not the item's to forget (the stream's drop
@@ -785,6 +787,7 @@ impl ObserveStream {
                         link: std::sync::Arc::clone(&link),
                         message: FeedMessage::Notification(packet),
                         held,
+                        from: None,
                     };
                     let refused = if open {
                         link.tx.send(item).err().map(|e| e.0)
@@ -912,6 +915,9 @@ pub struct FeedItem {
     link: std::sync::Arc<FeedLink>,
     message: FeedMessage,
     held: Option<HeldAck>,
+    /// The address a notification came from, when it was routed to the feed directly
+    /// (not for the observe's first answer, nor for what waited in its stream).
+    from: Option<SocketAddr>,
 }
 
 /// What a [`FeedItem`] carries.
@@ -928,6 +934,11 @@ impl FeedItem {
     /// The number the observation was handed over with.
     pub fn observation(&self) -> u64 {
         self.link.id
+    }
+
+    /// The address a notification routed to the feed came from.
+    pub fn from(&self) -> Option<SocketAddr> {
+        self.from
     }
 
     /// Whether this is the observe's first response rather than a notification.
@@ -1093,8 +1104,30 @@ impl Transport {
             if part.code != ResponseType::Content {
                 return Ok(Some(part));
             }
-            let got = block_option(&resp, CoapOption::Block2)?
-                .ok_or_else(|| ClientError::Block("a block without a Block2 option".into()))?;
+            if offset == 0 {
+                // The transfer begun again: its first answer's Content-Format, ETag and
+                // Max-Age are the value's, not those of the block it replaces.
+                for opt in [
+                    CoapOption::ContentFormat,
+                    CoapOption::ETag,
+                    CoapOption::MaxAge,
+                ] {
+                    first.clear_option(opt);
+                    if let Some(values) = resp.get_option(opt) {
+                        for v in values {
+                            first.add_option(opt, v.clone());
+                        }
+                    }
+                }
+            }
+            let Some(got) = block_option(&resp, CoapOption::Block2)? else {
+                if offset == 0 {
+                    // Begun again, the value fits one message now: it is whole.
+                    first.payload = part.payload;
+                    break;
+                }
+                return Err(ClientError::Block("a block without a Block2 option".into()));
+            };
             if got.szx > next.szx {
                 return Err(ClientError::Block(format!(
                     "asked for blocks of {} bytes and got one of {}",

@@ -254,6 +254,9 @@ async fn watch_credentials(
     mut done: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut sweeps = auth.sweeps();
+    // A sweep that ran between the handshake's authentication and this subscription is
+    // not missed: the first pass checks at once (a reused verdict, usually).
+    sweeps.mark_changed();
     loop {
         tokio::select! {
             _ = &mut done => return,

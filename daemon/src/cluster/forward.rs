@@ -196,7 +196,9 @@ fn wire_error(e: RequestError) -> WireError {
         RequestError::NoCache => WireError::NoCache,
         RequestError::Undecodable(m) => WireError::Undecodable { message: m },
         // A path is checked by the node the application called, before forwarding; an
-        // older node that did not check it gets the owner's refusal as the same 400.
+        // older node that did not check it gets the owner's refusal as a body's (412 on a
+        // resource route since the fourteenth session, 400 elsewhere). Not a wire variant of
+        // its own: an older node could not read it.
         RequestError::BadBody(m) | RequestError::BadPath(m) => WireError::BadBody { message: m },
         RequestError::Elsewhere { ep, owner } => WireError::Elsewhere { ep, owner },
         RequestError::Store(e) => WireError::Store {

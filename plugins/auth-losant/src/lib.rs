@@ -187,7 +187,7 @@ pub const OP_CREATE_APPLICATION: &str = "create_application";
 pub const OP_CREATE_TOKEN: &str = "create_token";
 /// Operation: delete an API access token (it stops authenticating at once).
 pub const OP_DELETE_TOKEN: &str = "delete_token";
-/// Operation: delete an application (its tokens and keys become `revoked`).
+/// Operation: delete an application with its tokens and keys.
 pub const OP_DELETE_APPLICATION: &str = "delete_application";
 
 const APP_PREFIX: &str = "app/";
@@ -604,20 +604,49 @@ impl Losant {
         Ok(json!({"deleted": req.id}))
     }
 
-    /// Deletes an application: its tokens and application keys stay stored and become
-    /// `revoked` (they authenticate no more, and the keys show so in no listing, since
-    /// their application is gone).
+    /// Deletes an application with its API tokens and application keys: none of them
+    /// authenticates any more (`unknown` to `key_status`, so the host drops their
+    /// notification channels at its next sweep). Deleted with it rather than kept: a load
+    /// skips the records of an unknown application (with a warning at every load).
     fn delete_application(&mut self, req: DeleteById) -> Result<Value, String> {
         if !self.apps.contains_key(&req.id) {
             return Err(format!("unknown application {:?}", req.id));
         }
+        let tokens: Vec<String> = self
+            .tokens
+            .values()
+            .filter(|t| t.application_id == req.id)
+            .map(|t| t.id.clone())
+            .collect();
+        let keys: Vec<String> = self
+            .keys
+            .values()
+            .filter(|k| k.application_id == req.id)
+            .map(|k| k.id.clone())
+            .collect();
+        // The application last: a failure on the way leaves it, and the call can be
+        // made again.
+        for id in &tokens {
+            self.host.state_delete(&format!("{TOKEN_PREFIX}{id}"))?;
+            if let Some(t) = self.tokens.remove(id) {
+                self.token_by_hash.remove(&t.token_hash);
+            }
+        }
+        for id in &keys {
+            self.host.state_delete(&format!("{KEY_PREFIX}{id}"))?;
+            if let Some(k) = self.keys.remove(id) {
+                self.key_by_key.remove(&k.key);
+            }
+        }
         self.host.state_delete(&format!("{APP_PREFIX}{}", req.id))?;
         self.apps.remove(&req.id);
         self.host.info(&format!(
-            "{NAME}: deleted application {}; its tokens and keys are revoked",
-            req.id
+            "{NAME}: deleted application {} with its {} API tokens and {} application keys",
+            req.id,
+            tokens.len(),
+            keys.len()
         ));
-        Ok(json!({"deleted": req.id}))
+        Ok(json!({"deleted": req.id, "tokens": tokens.len(), "keys": keys.len()}))
     }
 
     fn token_by_secret(&self, token: &str) -> Option<&TokenRecord> {

@@ -1241,10 +1241,18 @@ impl Requests {
         }
     }
 
-    /// The device of a queue-mode endpoint spoke without updating (a notification): what
-    /// waits for it is sent now.
-    pub fn device_spoke(self: &Arc<Self>, domain: &str, ep: &str) {
-        self.kick(&(domain.to_string(), ep.to_string()));
+    /// The device of a queue-mode endpoint spoke without updating (a notification from
+    /// `from`): what waits for it is sent now, if it spoke from its registration's
+    /// address. From another (a NAT's new port, which its next update will bring), the
+    /// requests would go to the old address: they wait for the update.
+    pub fn device_spoke(self: &Arc<Self>, domain: &str, ep: &str, from: std::net::SocketAddr) {
+        let awake_here = self
+            .directory
+            .get(domain, ep)
+            .is_some_and(|e| e.reg.queue && e.reg.peer.session == from);
+        if awake_here {
+            self.kick(&(domain.to_string(), ep.to_string()));
+        }
     }
 
     /// Starts the endpoint's worker unless one runs or nothing waits.

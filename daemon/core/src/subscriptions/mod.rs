@@ -1584,8 +1584,8 @@ impl Subscriptions {
             /// the batch is not stored, they are taken out again and sent anew by the
             /// device ([`crate::events::Undo::Unqueue`]); the others stay queued.
             held: bool,
-            /// The endpoint is in queue mode: the device is awake now.
-            queue_mode: bool,
+            /// Where a notification of the batch came from (the device is awake there).
+            woke_from: Option<std::net::SocketAddr>,
         }
         let mut taken: Vec<Taken> = Vec::new();
         let mut index: Map<u64, usize> = Map::default();
@@ -1611,7 +1611,7 @@ impl Subscriptions {
                         cache: Arc::clone(&o.cache),
                         last_before: o.last,
                         held: false,
-                        queue_mode: o.endpoint.reg.queue,
+                        woke_from: None,
                     });
                     taken.len() - 1
                 });
@@ -1622,6 +1622,9 @@ impl Subscriptions {
                 if let Some(ack) = item.take_ack() {
                     t.held = true;
                     acks.push((id, ack));
+                }
+                if let Some(from) = item.from() {
+                    t.woke_from = Some(from);
                 }
                 let reply = item.take_reply();
                 if reply.code.is_error() || reply.observe.is_none() {
@@ -1776,10 +1779,11 @@ impl Subscriptions {
         // as after an update (OMA LwM2M 1.0, queue mode: the server checks its queue on
         // any message from the client). Before, only its next update did.
         let mut woke: Vec<&ResKey> = Vec::new();
-        for t in taken.iter().filter(|t| t.queue_mode) {
+        for t in &taken {
+            let Some(from) = t.woke_from else { continue };
             if !woke.iter().any(|k| k.0 == t.key.0 && k.1 == t.key.1) {
                 woke.push(&t.key);
-                self.requests.device_spoke(&t.key.0, &t.key.1);
+                self.requests.device_spoke(&t.key.0, &t.key.1, from);
             }
         }
         for t in taken {
