@@ -276,21 +276,8 @@ fn raw_head(d: &Daemon, method: &str, path: &str, key: &str, body: &[u8]) -> Str
 #[test]
 fn a_deleted_losant_token_stops_working_on_the_running_daemon() {
     let p = Prepared::new("", "[plugins]\nauth = [\"connector\", \"losant\"]\n");
-    let app = p.plugin_call(
-        "losant",
-        "create_application",
-        &json!({"name": "plant", "domain": "default"}),
-    );
-    let app_id = app["id"].as_str().unwrap().to_string();
-    let made = p.plugin_call(
-        "losant",
-        "create_token",
-        &json!({"application_id": app_id, "scopes": ["all.Application"]}),
-    );
-    let (id, token) = (
-        made["id"].as_str().unwrap().to_string(),
-        made["token"].as_str().unwrap().to_string(),
-    );
+    let (app_id, _) = p.losant_app("plant");
+    let (id, token) = p.losant_token(&app_id);
     let d = p.start_in_process();
     let keys = format!("/applications/{app_id}/keys");
     assert_eq!(call(&d, "GET", &keys, Some(&token), None).status, 200);
@@ -410,24 +397,11 @@ fn losant_application_keys_are_limited_to_their_devices() {
 #[test]
 fn header_key_pairs_guard_their_areas() {
     let p = Prepared::new("", "[plugins]\nauth = [\"headerkeys\", \"connector\"]\n");
-    let doc = p.plugin_call("headerkeys", "show_keys", &json!({}));
-    let pair = |name: &str| {
-        let k = doc["keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|k| k["name"] == name)
-            .unwrap()
-            .clone();
-        (
-            k["rd"].as_str().unwrap().to_string(),
-            k["wr"].as_str().unwrap().to_string(),
-        )
-    };
+    let (erd, _) = p.headerkeys_pair("endpoints");
+    let (rrd, rwr) = p.headerkeys_pair("resources");
+    let (ard, _) = p.headerkeys_pair("apikeys");
     let d = p.start_in_process();
     d.device().register(&["ep=dev", "lt=300"], "</3/0>");
-    let (erd, _) = pair("endpoints");
-    let (rrd, rwr) = pair("resources");
     let r = http("GET", &d.url("/v2/endpoints"), &[("ApiRdKey", &erd)], None);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
@@ -461,7 +435,6 @@ fn header_key_pairs_guard_their_areas() {
         .status,
         401
     );
-    let (ard, _) = pair("apikeys");
     let r = http(
         "GET",
         &d.url("/api/v1/apikeys"),

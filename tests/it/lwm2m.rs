@@ -64,6 +64,27 @@ fn subscribe(d: &Daemon, ep: &str, path: &str) -> support::Http {
     d.call("PUT", &format!("/v2/subscriptions/{ep}{path}"), None, None)
 }
 
+/// Subscribes to `path` of `ep`, which the device `dev` is asked to observe (Observe 0)
+/// and answers with `value` (Observe 1, text/plain); asserts the subscription's async
+/// response is 200. Returns the observe request and where it came from.
+fn observed(d: &Daemon, dev: &Device, ep: &str, path: &str, value: &[u8]) -> (Packet, SocketAddr) {
+    let id = subscribed(d, ep, path);
+    let (req, from) = expect_request(dev, path);
+    assert_eq!(uint_option(&req, CoapOption::Observe), Some(0));
+    answer(
+        dev,
+        &req,
+        from,
+        ResponseType::Content,
+        Some(1),
+        Some(0),
+        value,
+    );
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(a["status"], 200, "{a}");
+    (req, from)
+}
+
 /// Subscribes to `path` of `ep`, asserting 202; returns the async-response id that brings
 /// the first value.
 fn subscribed(d: &Daemon, ep: &str, path: &str) -> String {
@@ -209,20 +230,7 @@ fn a_client_without_lwm2m_that_marks_nothing_obs_is_observed() {
         "{res}"
     );
 
-    let id = subscribed(&d, "lw10", "/3303/0/5700");
-    let (req, from) = expect_request(&dev, "/3303/0/5700");
-    assert_eq!(uint_option(&req, CoapOption::Observe), Some(0));
-    answer(
-        &dev,
-        &req,
-        from,
-        ResponseType::Content,
-        Some(1),
-        Some(0),
-        b"7",
-    );
-    let a = d.async_response(&id, WAIT);
-    assert_eq!(a["status"], 200, "{a}");
+    let (req, from) = observed(&d, &dev, "lw10", "/3303/0/5700", b"7");
     notify(&dev, req.get_token(), from, 0x4100, 2, "8");
     let ev = d.collect_events(WAIT, |e| !e.of("notifications").is_empty());
     assert_eq!(ev.of("notifications")[0]["payload"], b64(b"8"));
@@ -285,18 +293,7 @@ fn a_device_that_updates_from_a_new_port_is_observed_there() {
     let d = Daemon::in_process();
     let mut dev = d.device();
     let loc = dev.register(&["ep=nat-1", "lt=300", "lwm2m=1.0"], LW_LINKS);
-    let id = subscribed(&d, "nat-1", "/3303/0/5700");
-    let (req, from) = expect_request(&dev, "/3303/0/5700");
-    answer(
-        &dev,
-        &req,
-        from,
-        ResponseType::Content,
-        Some(1),
-        Some(0),
-        b"1",
-    );
-    d.async_response(&id, WAIT);
+    let (req, from) = observed(&d, &dev, "nat-1", "/3303/0/5700", b"1");
     let old_token = req.get_token().to_vec();
 
     // Before its update, a notification from the new port is taken (plain UDP: the

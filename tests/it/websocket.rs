@@ -423,23 +423,9 @@ fn a_revoked_key_is_closed_with_1008() {
 #[test]
 fn a_socket_opened_with_a_changed_header_key_pair_is_closed_with_1008() {
     let p = support::Prepared::new("", "[plugins]\nauth = [\"headerkeys\", \"connector\"]\n");
-    let doc = p.plugin_call("headerkeys", "show_keys", &json!({}));
-    let pair = |name: &str| {
-        let k = doc["keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|k| k["name"] == name)
-            .unwrap()
-            .clone();
-        (
-            k["rd"].as_str().unwrap().to_string(),
-            k["wr"].as_str().unwrap().to_string(),
-        )
-    };
+    let (nrd, nwr) = p.headerkeys_pair("notifications");
+    let (ard, awr) = p.headerkeys_pair("apikeys");
     let d = p.start_in_process();
-    let (nrd, nwr) = pair("notifications");
-    let (ard, awr) = pair("apikeys");
     let r = support::http(
         "PUT",
         &d.url("/v2/notification/websocket"),

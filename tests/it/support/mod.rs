@@ -160,9 +160,32 @@ impl Prepared {
     pub fn losant_app(&self, name: &str) -> (String, String) {
         let app = serde_json::json!({"name": name, "domain": "default"});
         let app = self.plugin_call_str("losant", "create_application", &app, "id");
-        let token = serde_json::json!({"application_id": app, "scopes": ["all.Application"]});
-        let token = self.plugin_call_str("losant", "create_token", &token, "token");
+        let (_, token) = self.losant_token(&app);
         (app, token)
+    }
+
+    /// An API token of Losant application `app` with every application scope: (its id,
+    /// the token).
+    pub fn losant_token(&self, app: &str) -> (String, String) {
+        let input = serde_json::json!({"application_id": app, "scopes": ["all.Application"]});
+        let made = self.plugin_call("losant", "create_token", &input);
+        match (made["id"].as_str(), made["token"].as_str()) {
+            (Some(id), Some(token)) => (id.to_string(), token.to_string()),
+            _ => panic!("losant create_token: no id and token in {made}"),
+        }
+    }
+
+    /// The `headerkeys` pair of area `name` as bootstrapped: (rd, wr).
+    pub fn headerkeys_pair(&self, name: &str) -> (String, String) {
+        let doc = self.plugin_call("headerkeys", "show_keys", &serde_json::json!({}));
+        let area = doc["keys"]
+            .as_array()
+            .and_then(|a| a.iter().find(|k| k["name"] == name))
+            .unwrap_or_else(|| panic!("no headerkeys area {name:?} in {doc}"));
+        match (area["rd"].as_str(), area["wr"].as_str()) {
+            (Some(rd), Some(wr)) => (rd.to_string(), wr.to_string()),
+            _ => panic!("headerkeys area {name:?} without rd and wr: {area}"),
+        }
     }
 }
 
