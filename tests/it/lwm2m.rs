@@ -463,6 +463,51 @@ fn a_block_wise_observe_answer_and_notification_are_fetched_whole() {
     );
 }
 
+/// A device that answers 4.08 to block 1 of an observe's answer has the transfer begun
+/// again with a plain GET; when the value now fits one message (no Block2), that message
+/// is the value, with its own Content-Format (not the first block's).
+#[test]
+fn a_block_transfer_begun_again_takes_the_new_answers_value_and_format() {
+    let d = Daemon::in_process();
+    let mut dev = d.device();
+    dev.register(&["ep=blk-again", "lt=300", "lwm2m=1.0"], LW_LINKS);
+    let first: Vec<u8> = vec![b'a'; 100];
+    let id = subscribed(&d, "blk-again", "/3/0/3");
+    let (req, from) = expect_request(&dev, "/3/0/3");
+    answer_block(&dev, &req, from, Some(1), 0, &first);
+    let (req, from) = expect_block_request(&dev, "/3/0/3", 1);
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::RequestEntityIncomplete,
+        None,
+        None,
+        b"",
+    );
+    // Begun again: a plain GET of block 0, without Observe.
+    let (req, from) = expect_block_request(&dev, "/3/0/3", 0);
+    answer(
+        &dev,
+        &req,
+        from,
+        ResponseType::Content,
+        None,
+        Some(42),
+        b"short now",
+    );
+    let a = d.async_response(&id, WAIT);
+    assert_eq!(
+        (a["status"].as_u64(), payload(&a), a["ct"].as_str()),
+        (
+            Some(200),
+            b"short now".to_vec(),
+            Some("application/octet-stream")
+        ),
+        "{a}"
+    );
+}
+
 /// aiocoap (a stack nobody here wrote) as the device: a 3000-byte observed resource whose
 /// observe answer and notifications are its first block of 1024 bytes. aiocoap answers
 /// 4.08 to a GET of block 1 of a transfer it did not begin, so the daemon begins it again
