@@ -116,7 +116,6 @@ impl Queued {
 #[derive(Debug)]
 struct Route {
     tx: RouteTx,
-    observation: bool,
     /// The session the request went to: a separate response or a notification with this
     /// token from any other source is not its answer (RFC 7252 §5.3.2: "The source
     /// endpoint of the response MUST be the same as the destination endpoint of the
@@ -125,8 +124,8 @@ struct Route {
     /// On a secure listener, the identity the session proved when the request went out:
     /// a session of that address that proved another is not its answer either.
     identity: Option<PeerIdentity>,
-    /// An observation's request: what the rest of a block-wise notification is fetched
-    /// with ([`ClientState::rest_to_fetch`]).
+    /// An observation's request (`None` for an exchange): what the rest of a block-wise
+    /// notification is fetched with ([`ClientState::rest_to_fetch`]).
     observe: Option<Box<OutRequest>>,
     /// A fetch of a block-wise notification's rest runs for this route: at most one at a
     /// time, so a device cannot start fetches faster than they end.
@@ -134,6 +133,29 @@ struct Route {
 }
 
 impl Route {
+    /// A route to the session `to` (with `identity` on a secure listener); an
+    /// observation's when `observe` is its request.
+    fn new(
+        tx: mpsc::Sender<ClientEvent>,
+        to: Source,
+        identity: Option<PeerIdentity>,
+        observe: Option<Box<OutRequest>>,
+    ) -> Route {
+        Route {
+            tx: RouteTx::Own(tx),
+            to,
+            identity,
+            observe,
+            fetching: false,
+        }
+    }
+
+    /// Whether the route is an observation's (its notifications count against
+    /// [`Queued`]) rather than an exchange's.
+    fn observation(&self) -> bool {
+        self.observe.is_some()
+    }
+
     /// Whether a separate response or notification from `from` answers this route: from
     /// the session the request went to (RFC 7252 §5.3.2). Decision: a plain-UDP
     /// observation also takes its notifications from another address of the same
@@ -143,7 +165,8 @@ impl Route {
     /// (RST) until its next update, hours away for a queue-mode device. A secure
     /// session's observation and every exchange take answers from their session only.
     fn answered_from(&self, from: Source) -> bool {
-        self.to == from || (self.observation && self.identity.is_none() && self.to.via == from.via)
+        self.to == from
+            || (self.observation() && self.identity.is_none() && self.to.via == from.via)
     }
 }
 
@@ -287,7 +310,7 @@ impl ClientState {
         {
             return Routed::Unknown;
         }
-        if route.observation {
+        if route.observation() {
             // Counted before it is sent (the stream subtracts what it takes); called under
             // the client lock, so no other sender races past the bound.
             if self.queued.now.load(Relaxed) >= self.queued.max {
@@ -299,13 +322,13 @@ impl ClientState {
             }
             self.queued.now.fetch_add(1, Relaxed);
         }
-        let ok = match (route.observation, held) {
+        let ok = match (route.observation(), held) {
             (true, Some(_)) => Routed::Held,
             _ => Routed::Delivered,
         };
         let sent = match &route.tx {
             RouteTx::Own(tx) => {
-                let ev = if route.observation {
+                let ev = if route.observation() {
                     ClientEvent::Notification(packet, held)
                 } else {
                     ClientEvent::Response(packet)
@@ -334,7 +357,7 @@ impl ClientState {
         match sent {
             Ok(()) => ok,
             Err(routed) => {
-                if route.observation {
+                if route.observation() {
                     self.queued.release(1);
                 }
                 routed
@@ -1098,7 +1121,6 @@ impl Transport {
                 restarted = true;
                 first.payload.clear();
                 block = Some(Block { num: 0, ..b });
-                etag = None;
                 continue;
             }
             if part.code != ResponseType::Content {
@@ -1106,7 +1128,11 @@ impl Transport {
             }
             if offset == 0 {
                 // The transfer begun again: its first answer's Content-Format, ETag and
-                // Max-Age are the value's, not those of the block it replaces.
+                // Max-Age are the value's, not those of the block it replaces, and its
+                // ETag is the reference for the blocks after it.
+                etag = resp
+                    .get_option(CoapOption::ETag)
+                    .and_then(|v| v.front().cloned());
                 for opt in [
                     CoapOption::ContentFormat,
                     CoapOption::ETag,
@@ -1136,12 +1162,9 @@ impl Transport {
                 )));
             }
             check_block(got, offset, part.payload.len())?;
-            if offset == 0 {
-                // The first block of a transfer begun again: its ETag is the reference.
-                etag = resp
-                    .get_option(CoapOption::ETag)
-                    .and_then(|v| v.front().cloned());
-            } else if resp.get_option(CoapOption::ETag).and_then(|v| v.front()) != etag.as_ref() {
+            if offset > 0
+                && resp.get_option(CoapOption::ETag).and_then(|v| v.front()) != etag.as_ref()
+            {
                 return Err(ClientError::Block(
                     "the resource changed during the transfer (another ETag)".into(),
                 ));
@@ -1234,22 +1257,11 @@ impl Transport {
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
         let token = packet.token.to_vec();
-        let (_, via) = self.sending(&peer.listener)?;
         let (tx, mut rx) = mpsc::channel(EXCHANGE_QUEUE);
-        self.lock_client().by_token.insert(
-            token.clone(),
-            Route {
-                tx: RouteTx::Own(tx),
-                observation: false,
-                to: Source {
-                    via,
-                    peer: peer.session,
-                },
-                identity: identity.cloned(),
-                observe: None,
-                fetching: false,
-            },
-        );
+        let to = self.source_of(&peer)?;
+        self.lock_client()
+            .by_token
+            .insert(token.clone(), Route::new(tx, to, identity.cloned(), None));
         let _route = TokenGuard {
             transport: self,
             token,
@@ -1270,23 +1282,13 @@ impl Transport {
         r.observe = Some(0);
         let packet = self.build(&r, MessageType::Confirmable, &[])?;
         let token = packet.token.to_vec();
-        let (_, via) = self.sending(&peer.listener)?;
+        let to = self.source_of(&peer)?;
         let (tx, rx) = mpsc::channel(OBSERVE_QUEUE);
         let queued = {
             let mut client = self.lock_client();
             client.by_token.insert(
                 token.clone(),
-                Route {
-                    tx: RouteTx::Own(tx),
-                    observation: true,
-                    to: Source {
-                        via,
-                        peer: peer.session,
-                    },
-                    identity: r.identity.clone(),
-                    observe: Some(Box::new(r.clone())),
-                    fetching: false,
-                },
+                Route::new(tx, to, r.identity.clone(), Some(Box::new(r.clone()))),
             );
             std::sync::Arc::clone(&client.queued)
         };
@@ -1422,17 +1424,8 @@ mod tests {
             peer: SocketAddr::from(([127, 0, 0, 1], 40_000)),
         };
         let id = PeerIdentity::Psk("dev-a".into());
-        c.by_token.insert(
-            vec![1],
-            Route {
-                tx: RouteTx::Own(tx),
-                observation: false,
-                to,
-                identity: Some(id.clone()),
-                observe: None,
-                fetching: false,
-            },
-        );
+        c.by_token
+            .insert(vec![1], Route::new(tx, to, Some(id.clone()), None));
         let mut p = Packet::new();
         p.header.set_type(MessageType::Confirmable);
         p.header.code = MessageClass::Response(coap_lite::ResponseType::Content);
@@ -1471,17 +1464,8 @@ mod tests {
             peer: SocketAddr::from(([127, 0, 0, 1], 40_000)),
         };
         let id = PeerIdentity::Psk("dev-a".into());
-        c.by_token.insert(
-            vec![1],
-            Route {
-                tx: RouteTx::Own(tx),
-                observation: false,
-                to: from,
-                identity: Some(id.clone()),
-                observe: None,
-                fetching: false,
-            },
-        );
+        c.by_token
+            .insert(vec![1], Route::new(tx, from, Some(id.clone()), None));
         c.by_mid.insert(
             (from, 7),
             Waiting {

@@ -318,6 +318,16 @@ impl Transport {
             .ok_or(crate::client::ClientError::NoSocket(*id))
     }
 
+    /// The message layer's name of `peer`'s session ([`Source`]): where its answers come
+    /// from.
+    pub(crate) fn source_of(&self, peer: &PeerRef) -> Result<Source, crate::client::ClientError> {
+        let (_, via) = self.sending(&peer.listener)?;
+        Ok(Source {
+            via,
+            peer: peer.session,
+        })
+    }
+
     /// What the peer of `peer`'s session proved (secure listeners); `None` on plain UDP,
     /// for a session that is gone, or a listener that is not ours.
     pub fn session_identity(&self, peer: &PeerRef) -> Option<crate::peer::PeerIdentity> {
