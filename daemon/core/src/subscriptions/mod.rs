@@ -1483,46 +1483,45 @@ impl Subscriptions {
             .await;
     }
 
-    /// Drops the endpoint's observations (it re-registered, de-registered or expired).
     /// Stops the observations of `ep` made at another address than the one it updated
-    /// its registration from (a NAT that gave it a new port): their notifications now
-    /// come from the new one, which is not where the observe went, so the message layer
-    /// takes them for another source's and rejects them (RFC 7252 §5.3.2). `after_reply`
-    /// then observes the resources again at the new address, and the device's old
-    /// observations end at their next notification (RST).
+    /// its registration from (a NAT that gave it a new port, a new DTLS session): their
+    /// notifications may now come from where the observe did not go, which the message
+    /// layer rejects (RFC 7252 §5.3.2). `after_reply` then observes the resources again
+    /// at the new address, and the device's old observations end at their next
+    /// notification (RST).
     fn forget_moved_observations(&self, ep: &Endpoint) {
-        let mut st = self.lock();
         let (domain, name) = (&ep.reg.domain, &ep.reg.name);
-        let moved: Vec<ResKey> = st
-            .observations
-            .iter()
-            .filter(|((d, e, _), id)| {
-                d == domain
-                    && e == name
-                    && st
-                        .observing
-                        .get(id)
-                        .is_some_and(|o| o.endpoint.reg.peer != ep.reg.peer)
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in moved {
-            tracing::debug!(ep = %name, path = %k.2, to = %ep.reg.peer, "observing again at the device's new address");
-            st.stop_observation(&k);
+        for (_, _, path) in self.stop_observations(domain, name, |o| {
+            o.is_some_and(|o| o.endpoint.reg.peer != ep.reg.peer)
+        }) {
+            tracing::debug!(ep = %name, %path, to = %ep.reg.peer, "observing again at the device's new address");
         }
     }
 
+    /// Drops the endpoint's observations (it re-registered, de-registered or expired).
     fn forget_observations(&self, domain: &str, ep: &str) {
+        self.stop_observations(domain, ep, |_| true);
+    }
+
+    /// Stops the observations of the endpoint that `which` picks (given the observation,
+    /// if its number still names one); returns their keys.
+    fn stop_observations(
+        &self,
+        domain: &str,
+        ep: &str,
+        which: impl Fn(Option<&Observation>) -> bool,
+    ) -> Vec<ResKey> {
         let mut st = self.lock();
         let keys: Vec<ResKey> = st
             .observations
-            .keys()
-            .filter(|(d, e, _)| d == domain && e == ep)
-            .cloned()
+            .iter()
+            .filter(|((d, e, _), id)| d == domain && e == ep && which(st.observing.get(id)))
+            .map(|(k, _)| k.clone())
             .collect();
-        for k in keys {
-            st.stop_observation(&k);
+        for k in &keys {
+            st.stop_observation(k);
         }
+        keys
     }
 
     /// Leaves out the `replies` over the domain's transaction quota (counted as refused);
