@@ -492,16 +492,15 @@ impl Pelion {
                 caller.domain
             )));
         }
-        if let Some(p) = new.permissions.iter().find(|p| !caller.has(**p)) {
+        if let Some(what) = caller.lacks(&new.permissions, &[]) {
             return Err(forbidden(format!(
-                "you cannot grant the permission {}, which you do not have",
-                p.as_str()
+                "you cannot grant {what}, which you do not have"
             )));
         }
         let scopes = normalize_scopes(&new.scopes).map_err(bad_request)?;
-        if let Some(s) = scopes.iter().find(|s| !caller.may_grant(s)) {
+        if let Some(what) = caller.lacks(&[], &scopes) {
             return Err(forbidden(format!(
-                "you cannot grant the scope {s}, which you do not have"
+                "you cannot grant {what}, which you do not have"
             )));
         }
         let (user, token) = self.create_user(new.name, domain, &new.permissions, &scopes)?;
@@ -521,18 +520,14 @@ impl Pelion {
         // As for creating one: a user may delete only a user whose permissions and scopes
         // it holds all of itself. Before, a user with `manage_users` alone deleted an
         // administrator, whose applications and keys went with it.
-        if let Some(target) = self.users.get(id) {
-            if let Some(p) = target.permissions.iter().find(|p| !caller.has(**p)) {
-                return Err(forbidden(format!(
-                    "user {id} holds the permission {}, which you do not have: deleting a user needs all of its permissions and scopes",
-                    p.as_str()
-                )));
-            }
-            if let Some(s) = target.scopes.iter().find(|s| !caller.may_grant(s)) {
-                return Err(forbidden(format!(
-                    "user {id} holds the scope {s}, which you do not have: deleting a user needs all of its permissions and scopes"
-                )));
-            }
+        if let Some(what) = self
+            .users
+            .get(id)
+            .and_then(|target| caller.lacks(&target.permissions, &target.scopes))
+        {
+            return Err(forbidden(format!(
+                "user {id} holds {what}, which you do not have: deleting a user needs all of its permissions and scopes"
+            )));
         }
         let (apps, keys) = self.delete_user(id)?;
         Ok((

@@ -256,6 +256,19 @@ impl UserRecord {
         self.scopes.iter().any(|s| s == ADMIN || s == scope)
     }
 
+    /// The first of `permissions` and `scopes` this user does not hold (worded "the
+    /// permission …" or "the scope …"): what it may not grant to a user it creates, nor
+    /// take from one it deletes.
+    fn lacks(&self, permissions: &[Permission], scopes: &[String]) -> Option<String> {
+        if let Some(p) = permissions.iter().find(|p| !self.has(**p)) {
+            return Some(format!("the permission {}", p.as_str()));
+        }
+        scopes
+            .iter()
+            .find(|s| !self.may_grant(s))
+            .map(|s| format!("the scope {s}"))
+    }
+
     /// May this user do `action` on the keys of an application owned by `owner`?
     fn may_on_keys(&self, action: KeyAction, owner: &str) -> bool {
         let (any, mine) = action.permissions();
