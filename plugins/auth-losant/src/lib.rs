@@ -592,16 +592,32 @@ impl Losant {
     /// drops its notification channel at its next sweep). Before, a token could not be
     /// revoked at all short of editing the state database.
     fn delete_token(&mut self, req: DeleteById) -> Result<Value, String> {
-        let Some(rec) = self.tokens.get(&req.id) else {
+        if !self.tokens.contains_key(&req.id) {
             return Err(format!("unknown API token {:?}", req.id));
-        };
-        self.host
-            .state_delete(&format!("{TOKEN_PREFIX}{}", rec.id))?;
-        self.token_by_hash.remove(&rec.token_hash);
-        self.tokens.remove(&req.id);
+        }
+        self.forget_token(&req.id)?;
         self.host
             .info(&format!("{NAME}: deleted API token {}", req.id));
         Ok(json!({"deleted": req.id}))
+    }
+
+    /// Deletes token `id`'s record, then forgets it (and its digest).
+    fn forget_token(&mut self, id: &str) -> Result<(), String> {
+        self.host.state_delete(&format!("{TOKEN_PREFIX}{id}"))?;
+        if let Some(t) = self.tokens.remove(id) {
+            self.token_by_hash.remove(&t.token_hash);
+        }
+        Ok(())
+    }
+
+    /// Deletes application key `id`'s record, then forgets it; the key it was, if any.
+    fn forget_key(&mut self, id: &str) -> Result<Option<KeyRecord>, String> {
+        self.host.state_delete(&format!("{KEY_PREFIX}{id}"))?;
+        let rec = self.keys.remove(id);
+        if let Some(rec) = &rec {
+            self.key_by_key.remove(&rec.key);
+        }
+        Ok(rec)
     }
 
     /// Deletes an application with its API tokens and application keys: none of them
@@ -627,16 +643,10 @@ impl Losant {
         // The application last: a failure on the way leaves it, and the call can be
         // made again.
         for id in &tokens {
-            self.host.state_delete(&format!("{TOKEN_PREFIX}{id}"))?;
-            if let Some(t) = self.tokens.remove(id) {
-                self.token_by_hash.remove(&t.token_hash);
-            }
+            self.forget_token(id)?;
         }
         for id in &keys {
-            self.host.state_delete(&format!("{KEY_PREFIX}{id}"))?;
-            if let Some(k) = self.keys.remove(id) {
-                self.key_by_key.remove(&k.key);
-            }
+            self.forget_key(id)?;
         }
         self.host.state_delete(&format!("{APP_PREFIX}{}", req.id))?;
         self.apps.remove(&req.id);
@@ -937,11 +947,11 @@ impl Losant {
     }
 
     fn delete_key(&mut self, id: &str) -> HttpResponse {
-        if let Err(e) = self.host.state_delete(&format!("{KEY_PREFIX}{id}")) {
-            return self.store_failed("the deletion of the application key", &e);
-        }
-        if let Some(rec) = self.keys.remove(id) {
-            self.key_by_key.remove(&rec.key);
+        let removed = match self.forget_key(id) {
+            Ok(rec) => rec,
+            Err(e) => return self.store_failed("the deletion of the application key", &e),
+        };
+        if let Some(rec) = removed {
             self.host.info(&format!(
                 "{NAME}: deleted application key {id} of application {}",
                 rec.application_id
