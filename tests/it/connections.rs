@@ -31,16 +31,23 @@ fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
 
 /// One `GET path` with the admin key from 127.0.0.2, on a fresh connection: status and body.
 fn get_from_other_address(d: &Daemon, path: &str) -> (u16, String) {
-    let mut s = connect_from([127, 0, 0, 2], d.rest);
+    let (status, head, body) = get_as(d, [127, 0, 0, 2], path, &d.key);
+    let _ = head;
+    (status, body)
+}
+
+/// One `GET path` with `key` as a bearer token from the loopback address `from`, on a
+/// fresh connection: status, head and body.
+fn get_as(d: &Daemon, from: [u8; 4], path: &str, key: &str) -> (u16, String, String) {
+    let mut s = connect_from(from, d.rest);
     s.set_read_timeout(Some(ANSWER_WAIT)).unwrap();
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-        d.key
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).unwrap();
     let mut out = Vec::new();
     if let Err(e) = s.read_to_end(&mut out) {
-        panic!("no answer within {ANSWER_WAIT:?} from 127.0.0.2: {e}");
+        panic!("no answer within {ANSWER_WAIT:?} from {from:?}: {e}");
     }
     let text = String::from_utf8_lossy(&out).into_owned();
     let status = text
@@ -48,8 +55,8 @@ fn get_from_other_address(d: &Daemon, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    (status, body.to_string())
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_string(), body.to_string())
 }
 
 fn metric(text: &str, name: &str) -> Option<u64> {
@@ -223,4 +230,60 @@ fn a_burst_of_connections_waits_for_a_slot_in_the_accept_queue() {
         .expect("the last queued connection was not served");
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
+/// Failed authentications per address (`rest.auth_failures_per_minute`): nothing bounded
+/// how often one address could guess keys before (a `headerkeys` key an operator chose may
+/// be short). Past the bound, the address's requests are refused 429 with `Retry-After`
+/// without their credentials being checked (a right guess tells nothing either), logged
+/// once and counted; another address is served, and the address may try again after a
+/// failure's worth of time.
+#[test]
+fn an_address_that_fails_authentication_too_often_waits() {
+    let d = support::Daemon::start_with_rest("auth_failures_per_minute = 30\n");
+    let guess = |n: usize| format!("not-the-key-{n}");
+    for n in 0..30 {
+        let (status, head, body) = get_as(&d, [127, 0, 0, 3], "/endpoints", &guess(n));
+        assert_eq!(status, 401, "{head}\n{body}");
+    }
+    // Past the bound: refused unchecked, a right key too.
+    for key in [guess(30), d.key.clone()] {
+        let (status, head, body) = get_as(&d, [127, 0, 0, 3], "/endpoints", &key);
+        assert_eq!(status, 429, "{head}\n{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["type"], "too_many_requests", "{body}");
+        let retry: u64 = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("retry-after: ")
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| panic!("no retry-after in {head}"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!((1..=2).contains(&retry), "retry-after {retry}");
+    }
+    // Another address is not concerned.
+    let (status, _, body) = get_as(&d, [127, 0, 0, 4], "/endpoints", &d.key);
+    assert_eq!(status, 200, "{body}");
+    // Logged once for the address, counted per refusal.
+    let lines: Vec<String> = d
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("auth_failures_per_minute") && l.contains("127.0.0.3"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one log line for the address: {lines:#?}");
+    let (status, _, text) = get_as(&d, [127, 0, 0, 4], "/metrics", &d.key);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        metric(&text, "rest_auth_throttled_total"),
+        Some(2),
+        "{text}"
+    );
+    // A failure's worth (2 s at 30 a minute) later, the address may try once more.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (status, _, body) = get_as(&d, [127, 0, 0, 3], "/endpoints", &d.key);
+    assert_eq!(status, 200, "{body}");
 }

@@ -138,6 +138,9 @@ counters! {
     registration_expiry_batches,
     /// REST requests refused for missing or bad credentials.
     rest_unauthorized,
+    /// REST requests answered 429 without their credentials checked, because their client
+    /// address failed authentication more than rest.auth_failures_per_minute times.
+    rest_auth_throttled,
     /// REST connections closed at once because their client address already had
     /// rest.max_connections_per_address connections open.
     rest_connections_refused,

@@ -23,6 +23,11 @@ pub struct RestConfig {
     /// counts as `max_connections` (no per-address bound), which is what a reverse proxy on
     /// one address needs.
     pub max_connections_per_address: usize,
+    /// Failed authentications one client address (an IPv6 address's /64) may have a
+    /// minute, in a burst or spread out; past them, its requests that need credentials are
+    /// answered 429 with `Retry-After`, unchecked, until a failure's worth (a minute / this)
+    /// has passed (`rest::throttle`). 0: no bound (a reverse proxy that throttles itself).
+    pub auth_failures_per_minute: u32,
     /// Seconds the daemon waits on a client: for a request's head (request line and
     /// headers), for its body (408 when it does not arrive), for the next request on an idle
     /// connection (HTTP/1 or HTTP/2), and for a client to take a response it is not reading. Then the
@@ -50,6 +55,7 @@ impl Default for RestConfig {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 8080))],
             max_connections: 1024,
             max_connections_per_address: 256,
+            auth_failures_per_minute: 60,
             client_timeout_s: 30,
             listen_tls: Vec::new(),
             tls_cert: None,
@@ -75,6 +81,12 @@ impl RestConfig {
             self.max_connections_per_address as u64,
             1,
         )?;
+        if self.auth_failures_per_minute > 60_000 {
+            return Err((
+                "auth_failures_per_minute",
+                "must lie between 0 (no bound) and 60000".into(),
+            ));
+        }
         if !(1..=3600).contains(&self.client_timeout_s) {
             return Err(("client_timeout_s", "must lie between 1 and 3600".into()));
         }

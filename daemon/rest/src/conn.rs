@@ -66,6 +66,8 @@ pub struct Connections {
     timeout: Duration,
     /// `rest.tls_handshake_timeout_s`.
     tls_handshake_timeout: Duration,
+    /// `rest.auth_failures_per_minute`.
+    auth_throttle: crate::throttle::AuthThrottle,
 }
 
 /// A connection's share of its client address's bound; given back when dropped.
@@ -120,7 +122,14 @@ impl Connections {
             logged: Mutex::default(),
             timeout: Duration::from_secs(cfg.client_timeout_s),
             tls_handshake_timeout: Duration::from_secs(cfg.tls_handshake_timeout_s),
+            auth_throttle: crate::throttle::AuthThrottle::new(cfg.auth_failures_per_minute),
         }
+    }
+
+    /// The failed authentications counted per client address
+    /// (`rest.auth_failures_per_minute`).
+    pub fn auth_throttle(&self) -> &crate::throttle::AuthThrottle {
+        &self.auth_throttle
     }
 
     /// Room for one more connection from `ip` (IPv4-mapped IPv6 counts as IPv4), or why

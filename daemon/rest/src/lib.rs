@@ -28,6 +28,7 @@ pub mod reply;
 pub mod resources;
 pub mod routes;
 pub mod subscriptions;
+pub mod throttle;
 pub mod tls;
 pub mod websocket;
 pub mod wire;
@@ -35,7 +36,7 @@ pub mod wire;
 pub use config::RestConfig;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -215,7 +216,7 @@ pub async fn serve(listeners: Vec<Listener>, state: Arc<AppState>, mut shutdown:
                     // in order): a connection accepted on this slot must find it free.
                     let _slot = (address_slot, permit);
                     let Some(tls) = tls else {
-                        return connection(stream, state, &builder, watcher).await;
+                        return connection(stream, peer.ip(), state, &builder, watcher).await;
                     };
                     let timeout = state.connections.tls_handshake_timeout();
                     let stream = tokio::select! {
@@ -223,7 +224,7 @@ pub async fn serve(listeners: Vec<Listener>, state: Arc<AppState>, mut shutdown:
                         r = tls::handshake(stream, tls.acceptor(), timeout) => r,
                     };
                     match stream {
-                        Ok(stream) => connection(stream, state, &builder, watcher).await,
+                        Ok(stream) => connection(stream, peer.ip(), state, &builder, watcher).await,
                         Err(tls::Handshake::Closed) => {}
                         Err(e) => {
                             Counters::inc(&state.counters.rest_tls_handshake_failures);
@@ -258,6 +259,7 @@ pub async fn serve(listeners: Vec<Listener>, state: Arc<AppState>, mut shutdown:
 /// it ends; its connection slot is the caller's.
 async fn connection<T>(
     stream: T,
+    peer: IpAddr,
     state: Arc<AppState>,
     builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
     (watcher, socket_watcher): (
@@ -283,7 +285,7 @@ async fn connection<T>(
             req.extensions_mut().insert(upgrades.clone());
         }
         let in_flight = requests.begin();
-        let reply = handle(Arc::clone(&state), req);
+        let reply = handle(Arc::clone(&state), req, peer);
         let conn = Arc::clone(&requests);
         async move {
             let mut r = reply.await;
@@ -328,6 +330,7 @@ type Gone = tokio::sync::oneshot::Receiver<()>;
 async fn handle(
     state: Arc<AppState>,
     req: Request<Incoming>,
+    peer: IpAddr,
 ) -> Result<Response<reply::Body>, Infallible> {
     let method = req.method().clone();
     // A clone of hyper's URI shares its bytes (a reference count): no copy of the path
@@ -342,7 +345,7 @@ async fn handle(
     // A long-poll waits on purpose (up to notifications.long_poll_s): not a latency.
     let timed = !path.ends_with("/notification/pull");
     // Boxed inside `Finish`: the handler's future is a few KB.
-    let reply = match finish::Finish::new(dispatch(state, req, gone)).await {
+    let reply = match finish::Finish::new(dispatch(state, req, gone, peer)).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(%method, %path, "REST handler failed: {e}");
@@ -365,7 +368,13 @@ async fn handle(
 /// declare its own ([`ErrorTypes`]).
 static CORE_ERRORS: std::sync::LazyLock<ErrorTypes> = std::sync::LazyLock::new(ErrorTypes::default);
 
-async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) -> Reply {
+/// `peer` is the client's address, for `rest.auth_failures_per_minute` ([`throttle`]).
+async fn dispatch(
+    state: Arc<AppState>,
+    mut req: Request<Incoming>,
+    gone: Gone,
+    peer: IpAddr,
+) -> Reply {
     // Set for a plugin's route that spells its errors its own way.
     let mut plugin_errors = None;
     let (route, scope) = match routes::resolve(req.method(), req.uri().path()) {
@@ -380,7 +389,7 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
             };
             if pr.route.scope == connectord_plugin_sdk::http::AUTHENTICATED {
                 let errors = pr.route.errors.unwrap_or_default();
-                return dispatch_plugin_route(&state, req, pr.plugin, path, &errors).await;
+                return dispatch_plugin_route(&state, req, peer, pr.plugin, path, &errors).await;
             }
             plugin_errors = pr.route.errors.clone();
             let Some(scope) = Scope::parse(&pr.route.scope) else {
@@ -411,7 +420,7 @@ async fn dispatch(state: Arc<AppState>, mut req: Request<Incoming>, gone: Gone) 
         websocket::key_from_subprotocol(req.headers_mut());
     }
     // Everything needs credentials.
-    let principal = match authenticate(&state, &req, errs).await {
+    let principal = match authenticate(&state, &req, peer, errs).await {
         Ok(p) => p,
         Err(reply) => return reply,
     };
@@ -883,12 +892,38 @@ fn body_timeout(errs: &ErrorTypes) -> Reply {
 }
 
 /// Authenticates a request through the auth chain: 401 (with `WWW-Authenticate`) when no
-/// backend accepts it, 503 when a backend cannot answer; `errs` spells their `type`.
+/// backend accepts it, 503 when a backend cannot answer; `errs` spells their `type`. An
+/// address past `rest.auth_failures_per_minute` failures is answered 429 with
+/// `Retry-After` before its credentials are looked at ([`throttle`]).
 async fn authenticate(
     state: &AppState,
     req: &Request<Incoming>,
+    peer: IpAddr,
     errs: &ErrorTypes,
 ) -> Result<Arc<Principal>, Reply> {
+    let throttle = state.connections.auth_throttle();
+    if let throttle::Verdict::Wait { after, log } = throttle.verdict(peer) {
+        Counters::inc(&state.counters.rest_auth_throttled);
+        if log {
+            tracing::warn!(
+                "REST requests from {} refused unchecked (429) for {} s: their credentials \
+                 failed more than rest.auth_failures_per_minute times; logged once a minute \
+                 per address, counted in rest_auth_throttled_total",
+                throttle::counted_as(peer),
+                after.as_secs_f64().ceil()
+            );
+        }
+        // Whole seconds, rounded up: a client that waits that long may try.
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        return Err(error(
+            StatusCode::TOO_MANY_REQUESTS,
+            &errs.too_many_requests,
+            &format!(
+                "too many failed authentications from this address (rest.auth_failures_per_minute); try again in {secs} s"
+            ),
+        )
+        .header(http::header::RETRY_AFTER, &secs.to_string()));
+    }
     match state
         .auth
         .authenticate(req.method(), req.uri().path(), req.headers())
@@ -897,6 +932,14 @@ async fn authenticate(
         Ok(p) => Ok(p),
         Err(AuthError::Unauthenticated(why)) => {
             Counters::inc(&state.counters.rest_unauthorized);
+            if throttle.failed(peer) {
+                tracing::warn!(
+                    "failed authentications from {} not counted: {} addresses are counting \
+                     theirs (rest.auth_failures_per_minute); logged once a minute",
+                    throttle::counted_as(peer),
+                    throttle::MAX_ADDRESSES
+                );
+            }
             Err(error(StatusCode::UNAUTHORIZED, &errs.unauthorized, &why)
                 .header(http::header::WWW_AUTHENTICATE, "Bearer"))
         }
@@ -931,11 +974,12 @@ fn daemon_wide_refused(state: &AppState) -> Reply {
 async fn dispatch_plugin_route(
     state: &AppState,
     req: Request<Incoming>,
+    peer: IpAddr,
     plugin: String,
     path: String,
     errs: &ErrorTypes,
 ) -> Reply {
-    let principal = match authenticate(state, &req, errs).await {
+    let principal = match authenticate(state, &req, peer, errs).await {
         Ok(p) => p,
         Err(reply) => return reply,
     };

@@ -116,6 +116,10 @@ fn range_errors_name_the_key() {
         ),
         ("[rest]\nclient_timeout_s = 0\n", "rest.client_timeout_s"),
         (
+            "[rest]\nauth_failures_per_minute = 60001\n",
+            "rest.auth_failures_per_minute",
+        ),
+        (
             "[registry]\nmin_lifetime_s = 0\n",
             "registry.min_lifetime_s",
         ),

@@ -362,6 +362,7 @@ pub fn error_types() -> ErrorTypes {
         request_timeout: "RequestTimeout".into(),
         payload_too_large: "PayloadTooLarge".into(),
         unavailable: "ServiceUnavailable".into(),
+        too_many_requests: "TooManyRequests".into(),
     }
 }
 

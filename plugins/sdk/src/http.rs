@@ -61,6 +61,15 @@ pub struct ErrorTypes {
     pub payload_too_large: String,
     /// 503: an auth backend could not answer.
     pub unavailable: String,
+    /// 429: the client's address failed authentication too often
+    /// (`rest.auth_failures_per_minute`). Absent from a plugin built before it:
+    /// `too_many_requests`.
+    #[serde(default = "too_many_requests")]
+    pub too_many_requests: String,
+}
+
+fn too_many_requests() -> String {
+    "too_many_requests".into()
 }
 
 impl Default for ErrorTypes {
@@ -73,6 +82,7 @@ impl Default for ErrorTypes {
             request_timeout: "request_timeout".into(),
             payload_too_large: "payload_too_large".into(),
             unavailable: "unavailable".into(),
+            too_many_requests: too_many_requests(),
         }
     }
 }

@@ -52,6 +52,11 @@ impl Daemon {
         Daemon::start_custom("", extra)
     }
 
+    /// Starts with `rest` lines added to the `[rest]` section.
+    pub fn start_with_rest(rest: &str) -> Daemon {
+        started(Launch::new(BIN).rest(rest).start())
+    }
+
     /// Starts with `coap` lines added to the `[coap]` section and `extra` sections.
     pub fn start_custom(coap: &str, extra: &str) -> Daemon {
         Daemon::start_env(coap, extra, &[])
