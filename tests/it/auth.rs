@@ -450,6 +450,40 @@ fn header_key_pairs_guard_their_areas() {
     assert_eq!(r.json()["Json+typeName"], "MkcJsonLib.jApiKeys");
 }
 
+/// `headerkeys`' own area refuses a caller the core authenticated (any valid key) unless
+/// it shows the area's pair: that 401 named no scheme (RFC 9110 §11.6.1 wants one), and it
+/// did not count as a failed authentication, so any key opened an unbounded guess at the
+/// `apikeys` pair. Now it carries `WWW-Authenticate` and counts toward
+/// `rest.auth_failures_per_minute` like the core's 401s.
+#[test]
+fn a_plugin_routes_own_refusal_names_its_scheme_and_counts_as_a_failure() {
+    let p = Prepared::new("", "[plugins]\nauth = [\"headerkeys\", \"connector\"]\n");
+    let text = std::fs::read_to_string(&p.config_path).unwrap();
+    let text = text.replacen("[rest]\n", "[rest]\nauth_failures_per_minute = 2\n", 1);
+    std::fs::write(&p.config_path, text).unwrap();
+    let (ard, _) = p.headerkeys_pair("apikeys");
+    let d = p.start_in_process();
+    for _ in 0..2 {
+        let head = raw_head(&d, "GET", "/api/v1/apikeys", &d.key, b"");
+        assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("\r\nwww-authenticate: bearer\r\n"),
+            "{head}"
+        );
+    }
+    // Two failures a minute: the third request, with the right pair, waits.
+    let head = raw_head(&d, "GET", "/api/v1/apikeys", &d.key, b"");
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    let r = http(
+        "GET",
+        &d.url("/api/v1/apikeys"),
+        &[("ApiRdKey", &ard)],
+        None,
+    );
+    assert_eq!(r.status, 429, "{}", r.body);
+}
+
 /// The connector backend lets the host reuse its verdicts for a second (no plugin call per
 /// request); a state-changing plugin operation (here: creating a key) voids every reused
 /// verdict at once, and refusals are never reused. (Reading the metric is itself a request

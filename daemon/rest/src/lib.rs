@@ -562,7 +562,8 @@ async fn dispatch(
             websocket::connect(socket, Arc::clone(&principal), &mut parts)
         }
         Route::Plugin { plugin, path } => {
-            plugin_route(&state, &principal, &parts, body, &plugin, &path, errs).await
+            let reply = plugin_route(&state, &principal, &parts, body, &plugin, &path, errs).await;
+            failed_in_plugin(&state, peer, reply)
         }
         Route::Subscriptions => {
             subscriptions::all(&state.subscriptions, &principal, &parts, body).await
@@ -932,14 +933,7 @@ async fn authenticate(
         Ok(p) => Ok(p),
         Err(AuthError::Unauthenticated(why)) => {
             Counters::inc(&state.counters.rest_unauthorized);
-            if throttle.failed(peer) {
-                tracing::warn!(
-                    "failed authentications from {} not counted: {} addresses are counting \
-                     theirs (rest.auth_failures_per_minute); logged once a minute",
-                    throttle::counted_as(peer),
-                    throttle::MAX_ADDRESSES
-                );
-            }
+            count_failure(state, peer);
             Err(error(StatusCode::UNAUTHORIZED, &errs.unauthorized, &why)
                 .header(http::header::WWW_AUTHENTICATE, "Bearer"))
         }
@@ -988,7 +982,33 @@ async fn dispatch_plugin_route(
         Ok(body) => body,
         Err(reply) => return reply,
     };
-    plugin_route(state, &principal, &parts, body, &plugin, &path, errs).await
+    let reply = plugin_route(state, &principal, &parts, body, &plugin, &path, errs).await;
+    failed_in_plugin(state, peer, reply)
+}
+
+/// A plugin's route that refuses its caller's credentials itself (401: `headerkeys`' own
+/// area wants its own pair, whoever the core authenticated) counts as a failed
+/// authentication of the address (`rest.auth_failures_per_minute`), as the core's 401s do:
+/// otherwise any valid key would open an unbounded guess at that area's pair.
+fn failed_in_plugin(state: &AppState, peer: IpAddr, reply: Reply) -> Reply {
+    if reply.status() == StatusCode::UNAUTHORIZED {
+        Counters::inc(&state.counters.rest_unauthorized);
+        count_failure(state, peer);
+    }
+    reply
+}
+
+/// Counts a failed authentication of `peer` ([`throttle`]).
+fn count_failure(state: &AppState, peer: IpAddr) {
+    let throttle = state.connections.auth_throttle();
+    if throttle.failed(peer) {
+        tracing::warn!(
+            "failed authentications from {} not counted: {} addresses are counting theirs \
+             (rest.auth_failures_per_minute); logged once a minute",
+            throttle::counted_as(peer),
+            throttle::MAX_ADDRESSES
+        );
+    }
 }
 
 /// A request on a route a plugin serves: handed to the plugin as `http`.
@@ -1059,7 +1079,17 @@ async fn plugin_route(
                         reply::STORE_FAILING,
                     );
                 }
-                Reply::raw(status, &r.headers, r.body)
+                let challenged = r
+                    .headers
+                    .keys()
+                    .any(|k| k.eq_ignore_ascii_case("www-authenticate"));
+                let reply = Reply::raw(status, &r.headers, r.body);
+                // A 401 names its scheme (RFC 9110 §11.6.1), as the core's do; a plugin
+                // that names none (`headerkeys`' own area) gets the core's.
+                if status == StatusCode::UNAUTHORIZED && !challenged {
+                    return reply.header(http::header::WWW_AUTHENTICATE, "Bearer");
+                }
+                reply
             }
             Err(_) => error(
                 StatusCode::BAD_GATEWAY,
