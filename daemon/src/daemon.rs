@@ -1155,7 +1155,23 @@ pub fn plugin_call(
         Some(n) => n.as_store(),
         None => Arc::new(SqliteStore::open(&state_dir)?),
     };
-    let cache = std::env::temp_dir().join(format!("connectord-plugin-call-{}", std::process::id()));
+    // The copies of the plugins are loaded from a directory of this call's own, made at
+    // once with a name nobody can foresee and mode 0700 (`tempfile`), and removed with
+    // everything in it however the call ends. Before, `temp_dir()/connectord-plugin-call-<pid>`:
+    // another local user could make that directory first (the host removes an old one and
+    // then takes an existing one as it is) and swap a plugin copy for their own code
+    // before `dlopen`, run as root by `sudo connectord plugin-call` (found by an outside
+    // review); and an unknown plugin name left it behind.
+    let private = tempfile::Builder::new()
+        .prefix("connectord-plugin-call-")
+        .tempdir()
+        .map_err(|e| {
+            PluginCallError::Plugin(format!(
+                "cannot make a private directory in {}: {e}",
+                std::env::temp_dir().display()
+            ))
+        })?;
+    let cache = private.path().join("plugins");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1174,15 +1190,20 @@ pub fn plugin_call(
         Arc::new(Counters::default()),
         1,
     );
-    let g = host
-        .get(plugin)
-        .ok_or_else(|| PluginCallError::Plugin(format!("no plugin named {plugin} is loaded")))?;
-    let out = g
-        .call_blocking(op, input.to_vec())
-        .map_err(|e| PluginCallError::Plugin(e.to_string()));
-    drop(g);
+    let out = match host.get(plugin) {
+        Some(g) => g
+            .call_blocking(op, input.to_vec())
+            .map_err(|e| PluginCallError::Plugin(e.to_string())),
+        None => {
+            let names: Vec<String> = host.loaded().into_iter().map(|(a, _)| a.name).collect();
+            Err(PluginCallError::Plugin(format!(
+                "no plugin named {plugin} is loaded (loaded: {})",
+                names.join(", ")
+            )))
+        }
+    };
     host.shutdown();
-    let _ = std::fs::remove_dir_all(&cache);
+    drop(private);
     drop(rt);
     drop(nats);
     out

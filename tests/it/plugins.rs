@@ -344,6 +344,55 @@ fn a_plugin_directory_writable_by_others_is_refused() {
     let _ = json!({});
 }
 
+/// `connectord plugin-call` loads its plugin copies from a directory of its own, made
+/// with a name nobody can foresee, and removes it however the call ends. Before, it used
+/// `$TMPDIR/connectord-plugin-call-<pid>`, which another local user could make first and
+/// fill with their own code before `dlopen` (run as root: found by an outside review), and
+/// an unknown plugin name left that directory, with its copies, behind.
+#[test]
+fn plugin_call_leaves_nothing_in_the_temporary_directory() {
+    let example = build_plugin("example-plugin", &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = plugin_dir(tmp.path());
+    install_plugin(&example, &dir, EXAMPLE);
+    let config = tmp.path().join("connectord.toml");
+    let extra = format!("[plugins]\ndir = \"{}\"\n", dir.display());
+    std::fs::write(&config, support::test_config(tmp.path(), "", &extra)).unwrap();
+    let scratch = tmp.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let call = |plugin: &str, op: &str| {
+        std::process::Command::new(support::BIN)
+            .args(["plugin-call", "--config"])
+            .arg(&config)
+            .args([plugin, op, "{}"])
+            .env("TMPDIR", &scratch)
+            .output()
+            .unwrap()
+    };
+    let left = || {
+        std::fs::read_dir(&scratch)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+    };
+    let ok = call("example", "routes");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(left(), Vec::<String>::new(), "after a call that worked");
+    let refused = call("nosuch", "op");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    // It says what is loaded.
+    assert!(
+        err.contains("no plugin named nosuch") && err.contains("example"),
+        "{err}"
+    );
+    assert_eq!(left(), Vec::<String>::new(), "after an unknown plugin name");
+}
+
 /// `check-config` and `run` refuse a plugin name in `[plugins] auth` or `sink` that no
 /// built-in and no file of `[plugins] dir` provides (issue 18, item 11), naming the file,
 /// the key, the name and what is available (a file by the name it declares).

@@ -1254,6 +1254,29 @@ fn check_not_writable_by_others(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The private copy `file` of a plugin, just written, is loaded by its path: the
+/// directory it is in must be ours (the owner of the file we created) and closed to
+/// everyone else, and not a symbolic link. Otherwise another local user who made that
+/// directory (in a shared temporary directory, between the removal of an old one and our
+/// `mkdir`, which takes an existing directory as it is) could put their own code in place
+/// of the copy before `dlopen`, run as the daemon's (or `plugin-call`'s: root's) user.
+fn check_private_dir(dir: &Path, file: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let d = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let f = std::fs::symlink_metadata(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let mode = d.permissions().mode() & 0o777;
+    if !d.is_dir() || d.uid() != f.uid() || mode & 0o077 != 0 {
+        return Err(format!(
+            "the directory of its private copy, {}, is not the daemon's own and closed to \
+             others (owner {}, mode {mode:o}, a directory: {}); refusing to load from it",
+            dir.display(),
+            d.uid(),
+            d.is_dir()
+        ));
+    }
+    Ok(())
+}
+
 impl std::fmt::Display for loader::Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -1269,6 +1292,57 @@ pub fn kind_name(k: Kind) -> &'static str {
         Kind::Auth => "auth",
         Kind::Sink => "sink",
         Kind::Other => "other",
+    }
+}
+
+#[cfg(test)]
+mod private_dir_tests {
+    use super::check_private_dir;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn with_file(mode: u32) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("cache");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        let file = dir.join("libx-1.so");
+        std::fs::write(&file, b"x").unwrap();
+        (t, dir, file)
+    }
+
+    #[test]
+    fn a_private_directory_of_ours_is_taken() {
+        let (_t, dir, file) = with_file(0o700);
+        assert_eq!(check_private_dir(&dir, &file), Ok(()));
+    }
+
+    #[test]
+    fn a_directory_open_to_others_is_refused() {
+        for mode in [0o777, 0o770, 0o705, 0o1777] {
+            let (_t, dir, file) = with_file(mode);
+            let e = check_private_dir(&dir, &file).unwrap_err();
+            assert!(e.contains("refusing to load"), "{mode:o}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_symbolic_link_in_place_of_the_directory_is_refused() {
+        let (t, dir, file) = with_file(0o700);
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(check_private_dir(&link, &file).is_err());
+    }
+
+    /// As root: a directory another user made (the race `plugin-call` lost before, in
+    /// /tmp under a name it could foresee) is refused though its mode is 0700.
+    #[test]
+    fn a_directory_another_user_owns_is_refused() {
+        let (_t, dir, file) = with_file(0o700);
+        if let Err(e) = std::os::unix::fs::chown(&dir, Some(65534), Some(65534)) {
+            eprintln!("SKIPPED: needs root to give the directory to another user ({e})");
+            return;
+        }
+        assert!(check_private_dir(&dir, &file).is_err());
     }
 }
 

@@ -357,6 +357,7 @@ impl Generation {
                 image.copy.display()
             ))
         })?;
+        super::check_private_dir(&host.cache_dir, &image.copy).map_err(load_err)?;
         // SAFETY: loading a plugin runs its initialisers; plugins are trusted code from a
         // directory only the administrator can write to (checked above), and the copy is
         // a complete ELF image nobody else can write to.
