@@ -39,7 +39,12 @@ fn get_from_other_address(d: &Daemon, path: &str) -> (u16, String) {
 /// One `GET path` with `key` as a bearer token from the loopback address `from`, on a
 /// fresh connection: status, head and body.
 fn get_as(d: &Daemon, from: [u8; 4], path: &str, key: &str) -> (u16, String, String) {
-    let mut s = connect_from(from, d.rest);
+    get_at(from, d.rest, path, key)
+}
+
+/// As [`get_as`], to the REST address `to`.
+fn get_at(from: [u8; 4], to: SocketAddr, path: &str, key: &str) -> (u16, String, String) {
+    let mut s = connect_from(from, to);
     s.set_read_timeout(Some(ANSWER_WAIT)).unwrap();
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
@@ -286,4 +291,34 @@ fn an_address_that_fails_authentication_too_often_waits() {
     std::thread::sleep(Duration::from_millis(2500));
     let (status, _, body) = get_as(&d, [127, 0, 0, 3], "/endpoints", &d.key);
     assert_eq!(status, 200, "{body}");
+}
+
+/// A listener waits for a free connection slot without holding one. Before, each
+/// listener took a slot and then waited in `accept`: `rest_connections` counted every
+/// listener as an open connection, and with one slot left an idle listener held it while
+/// a client of another listener waited in the backlog (found by an outside review: with
+/// `max_connections = 1` and two addresses, one of them was never served).
+#[test]
+fn a_listener_holds_no_connection_slot_while_it_waits() {
+    let p = support::Prepared::new("", "");
+    let text = std::fs::read_to_string(&p.config_path).unwrap();
+    let two = "listen = [\"127.0.0.1:0\", \"127.0.0.1:0\"]";
+    let text = text.replacen("listen = [\"127.0.0.1:0\"]", two, 1);
+    assert!(text.contains(two), "{text}");
+    let text = text.replacen("[rest]\n", "[rest]\nmax_connections = 1\n", 1);
+    std::fs::write(&p.config_path, text).unwrap();
+    let d = p.start();
+    let rest = d.ready.as_ref().expect("ready").rest.clone();
+    assert_eq!(rest.len(), 2, "{rest:?}");
+    // Each address is served, in turn, through the one slot.
+    for round in 0..3 {
+        for to in &rest {
+            let (status, head, body) = get_at([127, 0, 0, 1], *to, "/endpoints", &d.key);
+            assert_eq!(status, 200, "round {round}, {to}: {head}\n{body}");
+        }
+    }
+    // The gauge counts connections, not listeners: the one asking.
+    let (status, _, text) = get_at([127, 0, 0, 1], rest[1], "/metrics", &d.key);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(metric(&text, "rest_connections"), Some(1), "{text}");
 }

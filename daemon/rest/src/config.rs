@@ -14,7 +14,8 @@ pub struct RestConfig {
     /// Addresses to serve the REST API on. Port 0 picks a free port (logged at start).
     pub listen: Vec<SocketAddr>,
     /// Connections served at once; at the limit no new connection is accepted (they wait
-    /// in the listen backlog) until one closes.
+    /// in the listen backlog) until one closes, but for at most one per listener, accepted
+    /// and waiting for a slot.
     pub max_connections: usize,
     /// Connections one client address may have open at once, out of `max_connections`;
     /// more are closed at once (a 503, logged once a minute per address, counted). Below

@@ -173,6 +173,11 @@ impl Connections {
             .expect("the connection semaphore is never closed")
     }
 
+    /// A slot for a connection just accepted, if one is free now.
+    pub fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.permits).try_acquire_owned().ok()
+    }
+
     /// Connections being served now.
     pub fn open(&self) -> usize {
         self.max - self.permits.available_permits()

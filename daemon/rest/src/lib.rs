@@ -163,10 +163,16 @@ pub async fn serve(listeners: Vec<Listener>, state: Arc<AppState>, mut shutdown:
             let refused_response = conn::refusal_response();
             loop {
                 // At rest.max_connections, accept nothing until a connection closes: the
-                // next ones wait in the kernel's listen backlog.
-                let permit = tokio::select! {
+                // next ones wait in the kernel's listen backlog. A listener waits for room
+                // without holding it: holding a slot while waiting in `accept`, every
+                // listener counted as a connection (`rest_connections`), and at the last
+                // free slot an idle listener starved the others (found by an outside
+                // review). So a slot is taken once a connection is accepted; when another
+                // listener took the last one meanwhile, the accepted connection waits for
+                // the next (at most one per listener waits so).
+                tokio::select! {
                     _ = sd.recv() => return,
-                    p = state.connections.admit() => p,
+                    p = state.connections.admit() => drop(p),
                 };
                 let (stream, peer) = tokio::select! {
                     _ = sd.recv() => return,
@@ -178,6 +184,13 @@ pub async fn serve(listeners: Vec<Listener>, state: Arc<AppState>, mut shutdown:
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         }
+                    },
+                };
+                let permit = match state.connections.try_admit() {
+                    Some(p) => p,
+                    None => tokio::select! {
+                        _ = sd.recv() => return,
+                        p = state.connections.admit() => p,
                     },
                 };
                 // One address gets at most rest.max_connections_per_address of the slots;
