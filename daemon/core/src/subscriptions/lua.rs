@@ -925,7 +925,12 @@ impl RuleSet {
         let names = match list_rule_files(dir) {
             Ok(names) => names,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                info!(dir = %dir.display(), "Lua rules directory does not exist: no Lua rules");
+                let held = lock(&self.files).len();
+                if held > 0 {
+                    warn!(dir = %dir.display(), "the Lua rules directory is gone: its {held} rule files are dropped (it is no longer watched: create it again and restart to use Lua rules)");
+                } else {
+                    info!(dir = %dir.display(), "Lua rules directory does not exist: no Lua rules");
+                }
                 Vec::new()
             }
             Err(e) => {
@@ -1026,13 +1031,17 @@ impl RuleSet {
             return None;
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let watched = dir.clone();
         let handler = move |result: DebounceEventResult| match result {
             Ok(events) => {
-                // Only changes count, not the reload's own reads of the files.
+                // Only changes count, not the reload's own reads of the files. A change of
+                // the directory itself counts too: the debouncer reports the removal of a
+                // whole directory (`rm -rf`) as one event on the directory, none on its
+                // files, and the rules it held stayed in force (found by an outside review).
                 let relevant = events.iter().any(|e| {
                     e.need_rescan()
                         || (crate::dir_watch::is_change(&e.kind)
-                            && e.paths.iter().any(|p| is_rule_path(p)))
+                            && e.paths.iter().any(|p| is_rule_path(p) || *p == watched))
                 });
                 if relevant {
                     let _ = tx.send(());
@@ -2028,6 +2037,31 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         false
+    }
+
+    /// `rm -rf` of the rules directory drops its rules (lua.md: "If it is removed while
+    /// the daemon runs, the rules are dropped at the next reload"). The debouncer reports
+    /// it as one removal of the directory, which the watcher did not count: the rules
+    /// stayed in force.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watcher_drops_the_rules_when_the_directory_is_removed() {
+        let (dir, rules, _counters) =
+            rules_with(&[("10-rule.lua", "function presubscribe() return true end")]);
+        let (trigger, stop) = crate::shutdown::channel();
+        let task = rules.watch(stop).expect("watching");
+        assert_eq!(ask(&rules, "/x"), Some(true));
+        std::fs::remove_dir_all(dir.path()).expect("rm -rf");
+        assert!(wait_for(&rules, None).await, "the rules are dropped");
+        assert!(
+            rules.loaded_files().is_empty(),
+            "{:?}",
+            rules.loaded_files()
+        );
+        trigger.fire();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("watcher stops")
+            .expect("watcher task");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
