@@ -2,7 +2,8 @@
 //! "registration expired", ...), so that a flood of devices, or 100 000 registrations
 //! expiring together, cannot flood the log. What Lua rules log while they decide about a
 //! device (`print`, a failed or stopped call) is caused by that device too, and shares the
-//! budget.
+//! budget; so does a REST request whose plugin route's call failed (a client that asks a
+//! panicking route 2 000 times made 2 000 error lines).
 //!
 //! Such lines are logged one by one up to `[log] device_lines_per_s` in each second (all
 //! kinds together; 0: no limit); past it they are only counted, and once a second a
@@ -42,10 +43,13 @@ pub enum DeviceLine {
     HandshakeRefused,
     /// A block-wise notification whose rest could not be fetched.
     NotificationIncomplete,
+    /// A REST request on a plugin's route whose plugin call failed (panicked, or errored):
+    /// caused by a client one request at a time, like a device's lines.
+    PluginRouteFailed,
 }
 
 /// How many kinds there are.
-const KINDS: usize = 11;
+const KINDS: usize = 12;
 
 impl DeviceLine {
     /// Every kind, in declaration order (so `kind as usize` indexes it).
@@ -61,6 +65,7 @@ impl DeviceLine {
         DeviceLine::Refused,
         DeviceLine::HandshakeRefused,
         DeviceLine::NotificationIncomplete,
+        DeviceLine::PluginRouteFailed,
     ];
 
     /// How the summary line names this kind.
@@ -79,6 +84,7 @@ impl DeviceLine {
             DeviceLine::NotificationIncomplete => {
                 "block-wise notifications whose rest could not be fetched"
             }
+            DeviceLine::PluginRouteFailed => "plugin route calls failed",
         }
     }
 }

@@ -1111,7 +1111,12 @@ async fn plugin_route(
             ),
         },
         Err(e) => {
-            tracing::error!("{e}");
+            // Caused by a client one request at a time: budgeted like a device's lines.
+            if connectord_core::log_budget::allow(
+                connectord_core::log_budget::DeviceLine::PluginRouteFailed,
+            ) {
+                tracing::error!("{e}");
+            }
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "plugin_error",
