@@ -604,6 +604,18 @@ async fn start_services(
         let named = |n: &str| {
             config.plugins.auth.iter().any(|a| a == n) || sink_names.iter().any(|s| s == n)
         };
+        // A named built-in that is not loaded because it failed to start (its settings
+        // refused) says so, at its settings' key: before, the start said that no plugin
+        // provided the name, at `plugins.sinks`, which the file may not even have (found
+        // by an outside review).
+        let names = config.plugins.auth.iter().chain(sink_names.iter());
+        for name in names {
+            if !available.iter().any(|a| a.name == *name)
+                && let Some(why) = plugins.builtin_failure(name)
+            {
+                return Err(crate::config::plugin_failed_to_start(&source, name, &why).into());
+            }
+        }
         for a in crate::plugins::available(&config.plugins) {
             if !named(&a.name) && !available.iter().any(|b| b.name == a.name) {
                 available.push(a);

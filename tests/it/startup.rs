@@ -553,6 +553,27 @@ fn a_ready_file_that_cannot_be_written_refuses_the_start() {
     assert!(!err.contains(" ready\n"), "{err}");
 }
 
+/// A built-in plugin whose settings it refuses makes the start fail naming its settings
+/// and its reason. Before, the start said that no plugin provided `webhook`, at
+/// `plugins.sinks`, a key the file did not have (found by an outside review).
+#[test]
+fn a_built_in_plugin_that_refuses_its_settings_is_named_with_its_reason() {
+    let p = Prepared::new("", "[plugins.settings.webhook]\ntimeout_s = \"ten\"\n");
+    let (code, err) = run_refused(&p.config_path, &[]);
+    assert_eq!(code, Some(1), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("plugins.settings.webhook")
+            && last.contains("the built-in plugin webhook failed to start")
+            && last.contains("timeout_s"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("no built-in plugin or plugin file provides"),
+        "{err}"
+    );
+}
+
 /// An unusable `[coap]` TLS certificate refuses the start (exit 1) with the key, the
 /// file and the cause, each once: a `coap.tls_cert` file that is missing, one that holds
 /// no certificate, and a CERTIFICATE block that is not a certificate. In process, the

@@ -149,9 +149,14 @@ impl Transport {
                     tracing::warn!("CoAP: skipping {addr}: IPv6 is not available here ({e})");
                 }
                 Err(e) => {
+                    let key = if secure {
+                        "coap.listen_dtls"
+                    } else {
+                        "coap.listen"
+                    };
                     return Err(io::Error::new(
                         e.kind(),
-                        format!("cannot bind CoAP on {addr}: {e}"),
+                        format!("cannot bind CoAP on {addr} ({key}): {e}"),
                     ));
                 }
             }
@@ -170,7 +175,7 @@ impl Transport {
                 Err(e) => {
                     return Err(io::Error::new(
                         e.kind(),
-                        format!("cannot bind CoAP over TLS on {addr}: {e}"),
+                        format!("cannot bind CoAP over TLS on {addr} (coap.listen_tls): {e}"),
                     ));
                 }
             }

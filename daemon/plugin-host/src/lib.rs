@@ -352,6 +352,9 @@ pub struct PluginHost {
     /// Files whose last load failed (or whose generation was rolled back), as the version
     /// that failed: tried again only when the file changes.
     failed: Mutex<HashMap<PathBuf, Fingerprint>>,
+    /// Why a built-in plugin did not start, by name (its settings refused, say): the
+    /// daemon's start says that, rather than that no plugin provides the name.
+    builtin_failures: Mutex<HashMap<String, String>>,
     /// Generations on probation, by plugin name.
     probation: Mutex<HashMap<String, Probation>>,
     /// How many entries `probation` has (written under its lock), so that a call need not
@@ -420,6 +423,7 @@ impl PluginHost {
             plugins: RwLock::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
+            builtin_failures: Mutex::new(HashMap::new()),
             probation: Mutex::new(HashMap::new()),
             probations: AtomicUsize::new(0),
             start_timeout: std::time::Duration::from_secs(cfg.start_timeout_s),
@@ -997,8 +1001,25 @@ impl PluginHost {
                 tracing::error!(
                     "built-in plugin: {e}; the previous version (if any) keeps serving"
                 );
+                let why = match e {
+                    PluginError::Create { message, .. } => message,
+                    other => other.to_string(),
+                };
+                self.builtin_failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(Generation::builtin_name(table), why);
             }
         }
+    }
+
+    /// Why the built-in plugin `name` failed to start, if it did.
+    pub fn builtin_failure(&self, name: &str) -> Option<String> {
+        self.builtin_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// Loads the plugin `name` from another file that declared it and did not fail (the

@@ -393,6 +393,53 @@ fn rest_tls_errors_name_the_key() {
     }
 }
 
+/// Two listeners of one protocol on one address and port (the same address twice, or an
+/// address and its family's wildcard) are refused, naming the later key and the earlier
+/// one: `check-config` called them valid and `run` failed to bind (an outside review).
+/// Different protocols, families, ports, and port 0 are fine.
+#[test]
+fn listeners_that_would_share_an_address_are_refused() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "[rest]\nlisten = [\"127.0.0.1:8080\", \"127.0.0.1:8080\"]\n",
+            "rest.listen",
+            "127.0.0.1:8080 is also in rest.listen",
+        ),
+        (
+            "[coap]\nlisten = [\"0.0.0.0:5683\", \"127.0.0.1:5683\"]\n",
+            "coap.listen",
+            "127.0.0.1:5683 overlaps 0.0.0.0:5683 in coap.listen",
+        ),
+        (
+            "[rest]\nlisten = [\"127.0.0.1:5684\"]\n[coap]\nlisten_tls = [\"127.0.0.1:5684\"]\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n",
+            "coap.listen_tls",
+            "127.0.0.1:5684 is also in rest.listen",
+        ),
+        (
+            "[coap]\nlisten = [\"127.0.0.1:5683\"]\nlisten_dtls = [\"0.0.0.0:5683\"]\n",
+            "coap.listen_dtls",
+            "0.0.0.0:5683 overlaps 127.0.0.1:5683 in coap.listen",
+        ),
+    ];
+    for (text, key, message) in cases {
+        match Config::parse(text, Source::Embedded) {
+            Err(ConfigError::Invalid {
+                key: k, message: m, ..
+            }) => assert!(k == *key && m.contains(message), "{text:?}: {k}: {m}"),
+            other => panic!("expected Invalid for {text:?}, got {other:?}"),
+        }
+    }
+    for text in [
+        // UDP and TCP on one port; IPv4 and IPv6 (IPV6_V6ONLY); port 0 twice.
+        "[rest]\nlisten = [\"127.0.0.1:5683\"]\n[coap]\nlisten = [\"127.0.0.1:5683\"]\n",
+        "[coap]\nlisten = [\"0.0.0.0:5683\", \"[::]:5683\"]\n",
+        "[rest]\nlisten = [\"127.0.0.1:0\", \"127.0.0.1:0\"]\n",
+        "[coap]\nlisten = [\"127.0.0.1:5683\", \"127.0.0.2:5683\"]\n",
+    ] {
+        Config::parse(text, Source::Embedded).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    }
+}
+
 /// `[cluster]`: sqlite by default (nothing changes for existing users); nats with its
 /// keys; out-of-range values named with file, line and key, a bad node name said to be no
 /// NATS token.

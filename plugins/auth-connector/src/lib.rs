@@ -653,7 +653,7 @@ impl Plugin for ConnectorAuth {
     const NAME: &'static str = NAME;
 
     fn create(config: serde_json::Value, host: Host) -> Result<Self, String> {
-        let Config {} = serde_json::from_value(config)
+        let Config {} = connectord_plugin_sdk::settings(config)
             .map_err(|e| format!("{NAME}: invalid configuration: {e}"))?;
         let keys = Self::load(&host)?;
         host.info(&format!("{NAME}: {} access keys loaded", keys.len()));

@@ -746,7 +746,7 @@ impl Plugin for HeaderKeys {
     const NAME: &'static str = NAME;
 
     fn create(config: serde_json::Value, host: Host) -> Result<Self, String> {
-        let Config { domain } = serde_json::from_value(config)
+        let Config { domain } = connectord_plugin_sdk::settings(config)
             .map_err(|e| format!("{NAME}: invalid configuration: {e}"))?;
         if domain.is_empty() {
             return Err(format!("{NAME}: invalid configuration: domain is empty"));

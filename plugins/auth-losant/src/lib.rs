@@ -969,7 +969,7 @@ impl Plugin for Losant {
         if !config.is_object() {
             return Err(format!("{NAME}: invalid configuration: expected a table"));
         }
-        let Config {} = serde_json::from_value(config)
+        let Config {} = connectord_plugin_sdk::settings(config)
             .map_err(|e| format!("{NAME}: invalid configuration: {e}"))?;
         let p = Self::load(host)?;
         p.host.info(&format!(

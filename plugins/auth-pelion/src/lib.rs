@@ -811,7 +811,7 @@ impl Plugin for Pelion {
     const NAME: &'static str = NAME;
 
     fn create(config: serde_json::Value, host: Host) -> Result<Self, String> {
-        let Config {} = serde_json::from_value(config)
+        let Config {} = connectord_plugin_sdk::settings(config)
             .map_err(|e| format!("{NAME}: invalid configuration: {e}"))?;
         Pelion::load(host)
     }

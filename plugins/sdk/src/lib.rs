@@ -41,6 +41,20 @@ pub mod names;
 pub mod secret;
 pub mod sink;
 
+/// A plugin's `[plugins.settings.<name>]` table as `T`; a refused value names its key
+/// (`timeout_s: invalid type: string "ten", expected u64`), which `serde_json` alone
+/// does not.
+pub fn settings<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            e.into_inner().to_string()
+        } else {
+            format!("{path}: {}", e.into_inner())
+        }
+    })
+}
+
 /// Version of the ABI below. A plugin built for another version is refused at load.
 /// Bump it on any change to [`PluginTable`] or [`HostApi`].
 pub const ABI_VERSION: u32 = 1;

@@ -98,7 +98,7 @@ impl Config {
         if !value.is_object() {
             return Err(invalid(format!("expected a table, got {value}")));
         }
-        let config: Config = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+        let config: Config = connectord_plugin_sdk::settings(value).map_err(invalid)?;
         if config.timeout_s == 0 || config.timeout_s > MAX_TIMEOUT_S {
             return Err(invalid(format!(
                 "timeout_s must lie between 1 and {MAX_TIMEOUT_S} (got {})",
