@@ -21,8 +21,9 @@
 //! - **Failures name the owner**: no node serving calls under that name
 //!   (`CallError::NoNode`: it stopped or was killed) and no answer within
 //!   `[cluster] timeout_ms` are 503 with the owner and the reason. A call that timed out
-//!   may still have been carried out by the owner (its async response then lands on the
-//!   owner's channel under an id the caller never saw).
+//!   may still have been carried out by the owner if it took the call in time (its async
+//!   response then lands on the owner's channel under an id the caller never saw); one
+//!   that reaches the owner after its deadline is dropped unread (`NodeCalls::next`).
 //! - Counted in `Counters::cluster_forwarded` (`out` per call made, `in` per call taken).
 
 use std::sync::Arc;

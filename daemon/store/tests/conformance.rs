@@ -995,6 +995,42 @@ mod nats {
         );
     }
 
+    /// A call that reaches its node after its caller stopped waiting is dropped unread:
+    /// here `b` takes its calls only after `a`'s first one timed out. Before, it was
+    /// handled: NATS buffers a publish while a client is disconnected, and a forwarded
+    /// request answered 503 was carried out on the device 30–40 s later (an outside
+    /// review).
+    #[tokio::test]
+    async fn a_call_whose_caller_stopped_waiting_is_not_handled() {
+        use connectord_store::nats::CallError;
+        let server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        let b = connect(&server, "b").await;
+        let mut calls = b.serve_calls().await.unwrap();
+        let late = a
+            .call_node("b", "late", bytes::Bytes::new(), Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(matches!(late, CallError::Timeout { .. }), "{late:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let served = tokio::spawn(async move {
+            let call = calls.next().await.unwrap();
+            let op = call.op.clone();
+            call.answer(bytes::Bytes::from_static(b"ok")).await.unwrap();
+            op
+        });
+        let got = a
+            .call_node("b", "in_time", bytes::Bytes::new(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(&got[..], b"ok");
+        assert_eq!(
+            served.await.unwrap(),
+            "in_time",
+            "the late call was handled"
+        );
+    }
+
     /// The subscriptions watch (issue 22): `b` gets `a`'s subscription puts and deletes and
     /// its pre-subscription replacement, the replacement after the deletes it made (also
     /// of subscriptions with names that are no subject tokens); none of `b`'s own writes.

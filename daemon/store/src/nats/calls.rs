@@ -6,7 +6,14 @@
 //! the answer's bytes, or a [`CallError`] that says whether nobody serves that node (it is
 //! gone: no responders), the call timed out, or NATS could not be reached. What the bytes
 //! mean is the caller's and the server's business (the daemon's `cluster` module: JSON).
-//! Each call carries the header `Cd-Node` naming the caller.
+//! Each call carries the header `Cd-Node` naming the caller, and `Cd-Deadline`: when the
+//! caller stops waiting for the answer (Unix ms). A call that reaches its node after that
+//! is dropped unread ([`NodeCalls::next`]): NATS buffers a publish while its client is
+//! disconnected and sends it on reconnection, so a forwarded request answered 503 to its
+//! REST client was carried out on the device 30–40 s later, under an async id nobody was
+//! given (found by an outside review). Decision: a wall-clock deadline, so the nodes'
+//! clocks must agree to well within `[cluster] timeout_ms` (NTP does); a node whose clock
+//! runs ahead drops calls its caller still waits for (they time out, 503).
 
 use std::time::Duration;
 
@@ -17,6 +24,18 @@ use futures_util::StreamExt;
 
 use super::{NODE_HEADER, NatsStore, enc, unavailable};
 use crate::StoreError;
+
+/// The header that says when the caller stops waiting (Unix ms).
+pub const DEADLINE_HEADER: &str = "Cd-Deadline";
+
+/// Calls dropped for their deadline are logged at most once per this long.
+const DROPPED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// Why [`NatsStore::call_node`] got no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,6 +82,9 @@ impl NodeCall {
 pub struct NodeCalls {
     sub: futures_util::stream::SelectAll<async_nats::Subscriber>,
     client: async_nats::Client,
+    /// Calls dropped past their deadline since the last log line, and when that was.
+    dropped: u64,
+    logged: Option<std::time::Instant>,
 }
 
 impl NodeCalls {
@@ -71,12 +93,44 @@ impl NodeCalls {
         sub: futures_util::stream::SelectAll<async_nats::Subscriber>,
         client: async_nats::Client,
     ) -> NodeCalls {
-        NodeCalls { sub, client }
+        NodeCalls {
+            sub,
+            client,
+            dropped: 0,
+            logged: None,
+        }
     }
 
-    /// The next call; `None` once the subscription ended (the store was dropped).
+    /// The next call; `None` once the subscription ended (the store was dropped). A call
+    /// whose caller has stopped waiting (past its `Cd-Deadline`) is dropped unread, and
+    /// counted in a log line at most every 10 s.
     pub async fn next(&mut self) -> Option<NodeCall> {
-        let m = self.sub.next().await?;
+        let m = loop {
+            let m = self.sub.next().await?;
+            let deadline = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(DEADLINE_HEADER))
+                .and_then(|v| v.as_str().parse::<u64>().ok());
+            if deadline.is_none_or(|d| now_ms() <= d) {
+                break m;
+            }
+            self.dropped += 1;
+            let now = std::time::Instant::now();
+            if self
+                .logged
+                .is_none_or(|t| now.duration_since(t) >= DROPPED_LOG_INTERVAL)
+            {
+                tracing::warn!(
+                    "dropped {} calls from other nodes that arrived after their callers had \
+                     stopped waiting (a connection to NATS that came back, or a node that \
+                     could not keep up); they were answered 503 there and are not carried out",
+                    self.dropped
+                );
+                self.dropped = 0;
+                self.logged = Some(now);
+            }
+        };
         let op = m.subject.rsplit('.').next().unwrap_or_default().to_string();
         let from = m
             .headers
@@ -153,6 +207,8 @@ impl NatsStore {
     ) -> Result<Bytes, CallError> {
         let mut headers = HeaderMap::new();
         headers.insert(NODE_HEADER, self.shared.node.as_str());
+        let deadline = now_ms().saturating_add(timeout.as_millis() as u64);
+        headers.insert(DEADLINE_HEADER, deadline.to_string().as_str());
         let req = async_nats::Request::new()
             .payload(body)
             .headers(headers)
