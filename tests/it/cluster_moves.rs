@@ -414,6 +414,49 @@ fn an_update_arriving_at_another_node_moves_the_registration_there() {
     }
 }
 
+/// A device's registration removed through a node that does not own it (a REST `DELETE
+/// /endpoints/{name}` on node 2, and a CoAP de-registration that reaches node 2) is gone
+/// from its owner too: the device's next update there is 4.04 and no node lists it.
+/// Before, the owner kept it in memory and the next update wrote it back: every node
+/// listed it again and its channel got `reg-updates` after the de-registration (found by
+/// an outside review).
+#[test]
+fn a_registration_removed_through_another_node_is_gone_from_its_owner() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    for how in ["rest", "coap"] {
+        let ep = format!("ghost-{how}");
+        let mut dev = n1.device();
+        let id = dev.register(&[&format!("ep={ep}"), "lt=300"], LINKS);
+        until_listed(&n2, &[ep.as_str()]);
+        until_owned(&n1, 1);
+        if how == "rest" {
+            let r = n2.call("DELETE", &format!("/v2/endpoints/{ep}"), None, None);
+            assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
+        } else {
+            let mut other = n2.device();
+            assert_eq!(other.deregister(&id), ResponseType::Deleted);
+        }
+        // Gone from its owner's memory: listed by neither node.
+        let deadline = Instant::now() + WAIT;
+        while n1.get(&format!("/v2/endpoints/{ep}")).status != 404 {
+            assert!(
+                Instant::now() < deadline,
+                "{how}: the owner still lists {ep}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        until_owned(&n1, 0);
+        // Its next update, to the owner, is refused: it registers again.
+        assert_eq!(dev.update(&id, &[], None), ResponseType::NotFound, "{how}");
+        std::thread::sleep(Duration::from_millis(500));
+        for n in [&n1, &n2] {
+            assert_eq!(n.get(&format!("/v2/endpoints/{ep}")).status, 404, "{how}");
+        }
+    }
+}
+
 /// Issue 22, a queue-mode device moving by an update: a request queued for it on node 1
 /// while it slept is taken by node 2 when the device's update arrives there, and sent to
 /// the device right after the update's answer; its answer comes to node 2's long-poll.

@@ -3081,6 +3081,8 @@ impl RegistryListener for Hub {
                 ),
                 // The new owner node publishes the registration.
                 RegistryEvent::Moved(_) => return,
+                // The node that removed it published the de-registration.
+                RegistryEvent::RemovedElsewhere(_) => return,
             };
             let event = Event::new(entry, now_ms());
             self.publish_to_domain(&ep.reg.domain, event, about).await;

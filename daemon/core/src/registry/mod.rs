@@ -296,6 +296,11 @@ pub enum RegistryEvent {
     /// registered there): local state only goes (observations, the in-memory request
     /// queue); no event is published and the store's records stay (the new owner's).
     Moved(Arc<Endpoint>),
+    /// Our registration was removed by another cluster node (a REST `DELETE
+    /// /endpoints/{name}`, a CoAP de-registration or an expiry that reached that node):
+    /// local state goes as for a de-registration (queued requests answered, observations
+    /// ended), but no event is published and the store is not written: that node did both.
+    RemovedElsewhere(Arc<Endpoint>),
 }
 
 impl RegistryEvent {
@@ -304,7 +309,8 @@ impl RegistryEvent {
             RegistryEvent::Registered { ep, .. } | RegistryEvent::Updated { ep } => ep,
             RegistryEvent::Deregistered(ep)
             | RegistryEvent::Expired(ep)
-            | RegistryEvent::Moved(ep) => ep,
+            | RegistryEvent::Moved(ep)
+            | RegistryEvent::RemovedElsewhere(ep) => ep,
         }
     }
 }
@@ -664,16 +670,33 @@ impl Registry {
                 Some(moved)
             }
             ForeignChange::Deleted { domain, name } => {
-                let mut inner = self.lock();
-                let id = inner
-                    .by_name(&domain, &name)
-                    .filter(|e| self.is_foreign(&e.reg))
-                    .map(|e| e.reg.id.clone());
-                if let Some(id) = id {
+                let ours = {
+                    let mut inner = self.lock();
+                    let held = inner
+                        .by_name(&domain, &name)
+                        .map(|e| (e.reg.id.clone(), !self.is_foreign(&e.reg)));
+                    let (id, ours) = held?;
+                    let mut removed = None;
                     inner.change_committed(&[&id], &[(&domain, &name)], |inner| {
-                        inner.remove(&id);
+                        removed = inner.remove(&id);
                     });
+                    removed.filter(|_| ours)
+                };
+                // Ours, removed by another node (a REST DELETE or a CoAP de-registration
+                // that reached it): gone here too. Before, this node kept it in memory and
+                // the device's next update wrote it back, a ghost registration after the
+                // de-registration the applications were told of (found by an outside
+                // review). That node published the event and removed the subscriptions.
+                let ep = ours?;
+                if let Some(l) = self.limits.as_ref() {
+                    l.count(&ep.reg.domain);
                 }
+                tracing::info!(
+                    ep = %ep.reg.name, domain = %ep.reg.domain,
+                    "cluster: another node removed this node's registration of the device"
+                );
+                self.tell(RegistryEvent::RemovedElsewhere(Arc::clone(&ep)))
+                    .await;
                 None
             }
         }

@@ -566,6 +566,7 @@ impl RegistryListener for Told {
             RegistryEvent::Deregistered(_) => "deregistered",
             RegistryEvent::Expired(_) => "expired",
             RegistryEvent::Moved(_) => "moved",
+            RegistryEvent::RemovedElsewhere(_) => "removed elsewhere",
         };
         self.0.lock().unwrap().push(kind);
         Box::pin(async {})
@@ -789,11 +790,14 @@ async fn foreign_registrations_are_listed_expired_when_orphaned_and_moved() {
     // The counts follow every change: ours (b) went, an owner without endpoints is not
     // listed.
     assert_eq!(dir_.count_by_owner().len(), 1);
-    // A foreign delete of it; none of ours (c) is touched by one.
+    // A foreign delete of it, and of one of ours (c, e): ours go too, told as removed
+    // elsewhere (another node de-registered it; before, this node kept it and its next
+    // update wrote it back).
     reg.register(params("c"), at(3, 2)).await.unwrap();
+    reg.register(params("e"), at(3, 3)).await.unwrap();
     assert_eq!(
         dir_.count_by_owner(),
-        [(Some("n1".to_string()), 1), (Some("n2".to_string()), 1)].into()
+        [(Some("n1".to_string()), 1), (Some("n2".to_string()), 2)].into()
     );
     for name in ["b", "c"] {
         reg.apply_foreign(ForeignChange::Deleted {
@@ -803,7 +807,12 @@ async fn foreign_registrations_are_listed_expired_when_orphaned_and_moved() {
         .await;
     }
     assert!(dir_.get("default", "b").is_none());
-    assert!(dir_.get("default", "c").is_some());
+    assert!(dir_.get("default", "c").is_none());
+    assert!(dir_.get("default", "e").is_some());
+    assert_eq!(
+        told.0.lock().unwrap().last().copied(),
+        Some("removed elsewhere")
+    );
     assert_eq!(dir_.count_by_owner(), [(Some("n2".to_string()), 1)].into());
     drop(reg);
 
@@ -820,10 +829,11 @@ async fn foreign_registrations_are_listed_expired_when_orphaned_and_moved() {
         None,
     )
     .on_node("n2");
-    // Ours: c, and b (a foreign put writes nothing: in a cluster, n1's own put replaced
-    // b's record in the shared store; this SQLite file still has it).
-    assert_eq!(reg.load().await.unwrap(), 2);
-    assert_eq!(reg.directory().len(), 3);
+    // Ours: e, and b and c (a foreign put or delete writes nothing: in a cluster, n1's
+    // own put replaced b's record in the shared store and the other node's delete removed
+    // c's; this SQLite file still has both).
+    assert_eq!(reg.load().await.unwrap(), 3);
+    assert_eq!(reg.directory().len(), 4);
     assert_eq!(
         reg.directory()
             .get("default", "d")
@@ -836,13 +846,13 @@ async fn foreign_registrations_are_listed_expired_when_orphaned_and_moved() {
     // The load (all at once) counts them too.
     assert_eq!(
         reg.directory().count_by_owner(),
-        [(Some("n1".to_string()), 1), (Some("n2".to_string()), 2)].into()
+        [(Some("n1".to_string()), 1), (Some("n2".to_string()), 3)].into()
     );
-    // Due for all three (b's and c's 60 s lifetimes ran from their registrations, after
-    // `far` was taken: a CI run once registered c more than a millisecond after it),
-    // expired only ours.
+    // Due for all four (b's, c's and e's 60 s lifetimes ran from their registrations,
+    // after `far` was taken: a CI run once registered c more than a millisecond after
+    // it), expired only ours.
     let past_all = now_ms() + 60_001;
-    assert!(reg.expire_due(past_all).await.len() == 2, "ours only");
+    assert!(reg.expire_due(past_all).await.len() == 3, "ours only");
 }
 
 /// The count of endpoints per owner node that `/metrics` and `/v2/cluster` read is kept

@@ -1851,7 +1851,7 @@ impl RegistryListener for RequestsListener {
                 }
                 RegistryEvent::Registered { replaced: None, .. }
                 | RegistryEvent::Updated { .. } => {}
-                RegistryEvent::Deregistered(_) => {
+                RegistryEvent::Deregistered(_) | RegistryEvent::RemovedElsewhere(_) => {
                     r.cancel(domain, name, "cancelled: the endpoint de-registered")
                         .await
                 }

@@ -1977,6 +1977,10 @@ impl RegistryListener for SubscriptionsListener {
                 // Another node owns the device now and observes it; the subscriptions
                 // (shared in the store) stay.
                 RegistryEvent::Moved(_) => subs.forget_observations(&ep.reg.domain, &ep.reg.name),
+                // The node that removed it removed its subscriptions from the store.
+                RegistryEvent::RemovedElsewhere(_) => {
+                    subs.forget_observations(&ep.reg.domain, &ep.reg.name)
+                }
                 RegistryEvent::Deregistered(_) | RegistryEvent::Expired(_) => {
                     // Decision: an endpoint that leaves takes its subscriptions with it
                     // (seed 000: `GET /subscriptions/{ep}` is 404 for an endpoint that is
