@@ -61,6 +61,15 @@ pub enum ClusterError {
     },
     #[error("cannot start the NATS store's runtime: {0}")]
     Runtime(std::io::Error),
+    /// Another process runs as this node (`[cluster] node` copied with a configuration).
+    #[error(
+        "cluster: another process runs as node {node} (its heartbeat goes on; REST {rest}, started at Unix time {started}): every node needs a [cluster] node name of its own"
+    )]
+    NameTaken {
+        node: String,
+        rest: String,
+        started: u64,
+    },
 }
 
 /// The runtime the NATS store's tasks run on; shut down when dropped (without waiting,
@@ -179,6 +188,16 @@ impl Nats {
     }
 }
 
+/// The largest request body a node on NATS can take: a request's record (and a forwarded
+/// request) carries its body in base64 in one NATS message, with some JSON around it, and
+/// a message above the server's `max_payload` is refused. Before, a body between about
+/// 780 KiB and `requests.max_body` (1 MiB) was taken by the owner and failed in the store,
+/// answered 503 and logged as a failing store (found by an outside review).
+pub fn max_body_on(max_payload: usize) -> usize {
+    // 4 KiB for the record's other fields; base64 is 4 bytes for 3.
+    max_payload.saturating_sub(4096) / 4 * 3
+}
+
 /// The SHA-256 of `der`, lower-case hex.
 pub fn fingerprint(der: &[u8]) -> String {
     use sha2::Digest;
@@ -186,6 +205,50 @@ pub fn fingerprint(der: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// Refuses the start when another process runs as this node. Two processes of one name
+/// took each other's devices, channels and expiries (a copied configuration: found by
+/// an outside review). The members bucket holds a record per name for
+/// `MEMBER_MAX_AGE` after its last heartbeat, and a node that stops cleanly removes its
+/// own, so a record here is a killed run's or a live one's: this waits up to two
+/// heartbeats and a second for it to change. It changes only if another process is
+/// beating; a killed run's expires or stays as it was. (A restart right after `kill -9`
+/// therefore waits those few seconds.)
+pub async fn check_name_free(nats: &Nats, c: &ClusterConfig) -> Result<(), ClusterError> {
+    let record = |nats: &Nats| {
+        let store = Arc::clone(&nats.store);
+        let node = nats.node.clone();
+        async move { store.member_record(&node).await }
+    };
+    let Some((revision, first)) = record(nats).await.map_err(|e| unreachable(c, said(&e)))? else {
+        return Ok(());
+    };
+    let wait = HEARTBEAT_EVERY * 2 + Duration::from_secs(1);
+    tracing::info!(
+        "cluster: node {} has a record from a run started at Unix time {}: waiting up to {} s to tell a killed run from a live one",
+        nats.node,
+        first.started,
+        wait.as_secs()
+    );
+    let deadline = tokio::time::Instant::now() + wait;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        match record(nats).await {
+            Ok(Some((r, m))) if r != revision => {
+                return Err(ClusterError::NameTaken {
+                    node: nats.node.clone(),
+                    rest: m.rest.join(", "),
+                    started: m.started,
+                });
+            }
+            Ok(Some(_)) => {}
+            // Expired, or removed by a clean stop.
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(unreachable(c, said(&e))),
+        }
+    }
+    Ok(())
 }
 
 /// Checks this node's CA against the cluster's (recording it if it is the first).

@@ -483,6 +483,8 @@ async fn start_services(
     let mut sqlite: Option<Arc<SqliteStore>> = None;
     let (store, nats): (Arc<dyn Store>, _) = if on_nats {
         let nats = crate::cluster::connect(&config.cluster).await?;
+        // Before anything is read or taken: another process of this name would share it.
+        crate::cluster::check_name_free(&nats, &config.cluster).await?;
         tracing::info!(
             "state in NATS JetStream at {} (prefix {}, {} replicas), node {}",
             config.cluster.servers.join(", "),
@@ -930,6 +932,22 @@ async fn start_services(
             stop.clone(),
         )));
     }
+    // On NATS a body must fit one NATS message with its record (413 beyond, as past
+    // `requests.max_body`).
+    let max_body = match &nats {
+        Some(n) => {
+            let fits = crate::cluster::max_body_on(n.store.max_payload());
+            if fits < config.requests.max_body {
+                tracing::info!(
+                    "request bodies are limited to {fits} bytes: what one NATS message (max_payload {}) carries, below requests.max_body ({})",
+                    n.store.max_payload(),
+                    config.requests.max_body
+                );
+            }
+            fits.min(config.requests.max_body)
+        }
+        None => config.requests.max_body,
+    };
     let state = Arc::new(AppState {
         directory,
         registry: Arc::clone(&registry),
@@ -944,7 +962,7 @@ async fn start_services(
         ca,
         credentials,
         store: Arc::clone(&store),
-        max_body: config.requests.max_body,
+        max_body,
         long_poll: Duration::from_secs(config.notifications.long_poll_s),
         websocket_ping: Duration::from_secs(config.notifications.websocket_ping_interval_s),
         connections: rest::conn::Connections::new(&config.rest),

@@ -179,6 +179,63 @@ fn a_nats_node_refuses_to_start_when_no_server_answers() {
     assert!(!state.join("admin.key").exists());
 }
 
+/// A second process with a node name that a live node has (a copied configuration) is
+/// refused at start, naming the name and the live node's REST address. Before, it
+/// started, took the first node's devices and channels and expired its live devices
+/// (found by an outside review). A node restarted right after `kill -9` (its old record
+/// still fresh, but no longer beating) starts.
+#[test]
+fn a_second_process_with_a_live_nodes_name_is_refused() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let p = Prepared::new("", &cluster(&[server.url()], "n1"));
+    copy_ca(&n1.state_dir(), &p.0.dir.path().join("state"));
+    let e = match p.0.start() {
+        Ok(_) => panic!("a second process named n1 started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("another process runs as node n1"), "{e}");
+    assert!(e.contains(&n1.rest.to_string()), "names the live node: {e}");
+    // The live node is unharmed, and a restart of it after kill -9 is not refused.
+    assert_eq!(n1.get("/v2/endpoints").status, 200);
+    let t = Instant::now();
+    let n1 = n1.crash_and_restart();
+    println!("restarted after kill -9 in {:?}", t.elapsed());
+    assert_eq!(n1.get("/v2/endpoints").status, 200);
+}
+
+/// On NATS, a request body must fit one NATS message with its record: one above that is
+/// 413 like one above `requests.max_body`, and the store does not fail. Before, a body
+/// between about 780 KiB and `requests.max_body` (1 MiB) sent to the owner was answered
+/// 503 and logged as a failing store (found by an outside review).
+#[test]
+fn a_body_too_big_for_one_nats_message_is_413_not_a_failing_store() {
+    let server = NatsServer::start().unwrap();
+    let n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    n1.device().register(&["ep=big", "lt=300"], "</1/0/1>");
+    let put = |n: usize| {
+        n1.call(
+            "PUT",
+            "/v2/endpoints/big/1/0/1",
+            Some("text/plain"),
+            Some(&vec![b'x'; n]),
+        )
+    };
+    let r = put(800_000);
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert!(r.body.contains("NATS message"), "{}", r.body);
+    // A body that fits is taken, and the store never failed.
+    let r = put(700_000);
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(n1.get("/").status, 200);
+    assert!(
+        !n1.logs()
+            .iter()
+            .any(|l| l.contains("state store is failing")),
+        "the store failed"
+    );
+}
+
 /// A node whose CA is not the cluster's is refused, naming both fingerprints and the
 /// files to copy; with the CA copied it starts.
 #[test]

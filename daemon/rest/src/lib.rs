@@ -87,7 +87,8 @@ pub struct AppState {
     pub credentials: Arc<connectord_core::credentials::DeviceCredentials>,
     /// Asked for its health by `GET /` and `/metrics`.
     pub store: Arc<dyn crate::store::Store>,
-    /// `requests.max_body`.
+    /// `requests.max_body`; on NATS at most what one NATS message carries
+    /// (`cluster::max_body_on`).
     pub max_body: usize,
     /// `notifications.long_poll_s`.
     pub long_poll: Duration,
@@ -885,7 +886,10 @@ async fn read_body(state: &AppState, body: Incoming, errs: &ErrorTypes) -> Resul
                 return Err(error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     &errs.payload_too_large,
-                    &format!("the request body is larger than {} bytes", state.max_body),
+                    &format!(
+                        "the request body is larger than {} bytes (requests.max_body, or on a cluster what one NATS message carries)",
+                        state.max_body
+                    ),
                 ));
             }
             Err(error(

@@ -9,9 +9,9 @@
 //!
 //! Wire format (decision): serde JSON of the small structs below (not the REST JSON, which
 //! is the `rest` crate's); payloads base64. A body that cannot be read, from either side,
-//! is an error answer or a 502 (`RequestError::Undecodable`), never a panic. With NATS's
-//! default `max_payload` (1 MiB), a request body above about 750 KiB cannot be forwarded
-//! (503 naming the owner and NATS's reason).
+//! is an error answer or a 502 (`RequestError::Undecodable`), never a panic. A request
+//! body that one NATS message could not carry is refused before (413,
+//! `cluster::max_body_on`).
 //!
 //! Decisions:
 //! - **The owner re-checks**: the endpoint must still be its own (looked up in the

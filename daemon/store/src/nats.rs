@@ -809,6 +809,30 @@ impl NatsStore {
         Ok(())
     }
 
+    /// The largest message the NATS server takes (its `max_payload`, 1 MiB by default),
+    /// as it said when this node connected.
+    pub fn max_payload(&self) -> usize {
+        self.shared.client.server_info().max_payload
+    }
+
+    /// `node`'s record in the members bucket and its revision, if it has one that has not
+    /// expired (a node that stopped cleanly removed its own; a killed one's lasts
+    /// [`MEMBER_MAX_AGE`]).
+    pub async fn member_record(&self, node: &str) -> Result<Option<(u64, Member)>, StoreError> {
+        let t = self.shared.timeout;
+        let entry = tokio::time::timeout(t, self.shared.nodes_kv.entry(enc(node)))
+            .await
+            .map_err(|_| unavailable("reading a member's record timed out"))?
+            .map_err(unavailable)?;
+        Ok(entry
+            .filter(|e| e.operation == kv::Operation::Put)
+            .and_then(|e| {
+                serde_json::from_slice::<Member>(&e.value)
+                    .ok()
+                    .map(|m| (e.revision, m))
+            }))
+    }
+
     /// Removes `node`'s record (at a clean stop).
     pub async fn leave(&self, node: &str) -> Result<(), StoreError> {
         let t = self.shared.timeout;
