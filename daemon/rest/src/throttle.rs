@@ -27,6 +27,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Addresses remembered at most.
@@ -61,6 +62,9 @@ struct Address {
 pub struct AuthThrottle {
     /// The time one failure's worth of allowance takes to come back; `None`: no bound.
     per_failure: Option<Duration>,
+    /// Whether any address is remembered: a request (every proxied read, issue 24) then
+    /// takes no lock while no address failed.
+    any: AtomicBool,
     addresses: Mutex<Addresses>,
 }
 
@@ -88,6 +92,7 @@ impl AuthThrottle {
     pub fn new(per_minute: u32) -> AuthThrottle {
         AuthThrottle {
             per_failure: (per_minute > 0).then(|| WINDOW / per_minute),
+            any: AtomicBool::new(false),
             addresses: Mutex::default(),
         }
     }
@@ -101,6 +106,9 @@ impl AuthThrottle {
         let Some(per_failure) = self.per_failure else {
             return Verdict::Check;
         };
+        if !self.any.load(Ordering::Relaxed) {
+            return Verdict::Check;
+        }
         let mut addresses = self.lock();
         let Some(a) = addresses.map.get_mut(&counted_as(ip)) else {
             return Verdict::Check;
@@ -153,6 +161,8 @@ impl AuthThrottle {
             logged: None,
         });
         a.whole_at = a.whole_at.max(now) + per_failure;
+        // Set under the lock; once set it stays (the table is pruned only when full).
+        self.any.store(true, Ordering::Relaxed);
         false
     }
 
