@@ -151,6 +151,15 @@ impl ChannelPeers for NatsPeers {
         })
     }
 
+    fn holder<'a>(&'a self, key_id: &'a str) -> BoxFut<'a, Result<Option<String>, String>> {
+        Box::pin(async move {
+            self.store
+                .channel_owner(key_id)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
     fn release<'a>(&'a self, key_id: &'a str) -> BoxFut<'a, ()> {
         Box::pin(async move {
             if let Err(e) = self.store.release_channel(key_id).await {

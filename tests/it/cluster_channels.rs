@@ -392,6 +392,38 @@ fn a_killed_channel_owner_is_replaced_and_nothing_acknowledged_is_lost() {
     assert_eq!(n2.metric("cluster_owned_channels"), 2);
 }
 
+/// A long-poll that node 2 forwarded to the channel's owner, node 1, when node 1 is
+/// killed: node 2 takes the channel once node 1's lease lapses and the same long-poll
+/// gets the event made meanwhile. Before, it waited for node 1's answer for its whole
+/// bound and got 503 "the state store is failing" after 36 s while node 2 held the event
+/// (found by an outside review).
+#[test]
+fn a_long_poll_forwarded_to_a_killed_owner_is_answered_by_the_new_owner() {
+    let server = NatsServer::start().unwrap();
+    let mut n1 = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let n2 = second_node(&server, &n1, "n2", "");
+    assert!(n1.pull_now().is_none(), "the channel, owned by n1");
+    until_channels(&n2, 1);
+    let (url, key) = (n2.url("/v2/notification/pull"), n2.key.clone());
+    let poll = std::thread::spawn(move || {
+        let t = Instant::now();
+        let auth = format!("Bearer {key}");
+        let r = support::http("GET", &url, &[("Authorization", &auth)], None);
+        (r, t.elapsed())
+    });
+    // The poll is held by n1 now.
+    std::thread::sleep(Duration::from_millis(500));
+    n1.0.kill9();
+    // Answered once the event is stored, by n2 as the new owner (retransmitted until).
+    let mut dev = n2.device();
+    support::failover::try_register(&mut dev, "after-kill", 300, false, TAKEOVER)
+        .unwrap_or_else(|e| panic!("the registration on n2: {e}"));
+    let (r, took) = poll.join().unwrap();
+    println!("the forwarded long-poll answered after {took:?}");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("after-kill"), "{}", r.body);
+}
+
 /// A channel owner's clean stop releases its leases: node 2 takes the channel at its
 /// next need (a pull) without waiting for the lease to lapse, with the events node 1 had
 /// queued.

@@ -263,6 +263,12 @@ pub const STORE_FAILING: &str = "the state store is failing (see GET / and the d
 ///
 /// [`StoreError::is_unavailable`]: crate::store::StoreError::is_unavailable
 pub fn store_failure(e: &crate::store::StoreError, context: &str) -> Reply {
+    // Another node, not this node's store: its own reason (an outside review found a
+    // long-poll whose channel owner was killed told "the state store is failing").
+    if let crate::store::StoreError::PeerUnreachable(why) = e {
+        tracing::debug!("{context}: {why}");
+        return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why);
+    }
     if e.is_unavailable() {
         tracing::debug!("{context}: {e}");
         return error(

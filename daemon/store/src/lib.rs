@@ -81,6 +81,12 @@ pub enum StoreError {
     /// the same write are stored.
     #[error("the channel lease of {} is no longer this node's: its events go to the owner", .0.join(", "))]
     LeaseLost(Vec<String>),
+    /// Another cluster node that holds what was asked for (a key's notification channel)
+    /// could not be reached (the message says which and why). Unavailable, like a failing
+    /// store, but this node's store is fine: answered 503 with this reason, not as a
+    /// failing store.
+    #[error("{0}")]
+    PeerUnreachable(String),
     /// The state cannot be used: found by the probe at start (read-only, corrupt pages, not
     /// a database, ...). The message names the file and the cause.
     #[error("{}: {cause}", path.display())]
@@ -100,7 +106,8 @@ impl StoreError {
             StoreError::Commit(_)
             | StoreError::Closed
             | StoreError::Dir { .. }
-            | StoreError::Unusable { .. } => true,
+            | StoreError::Unusable { .. }
+            | StoreError::PeerUnreachable(_) => true,
             StoreError::Corrupt(_) | StoreError::SchemaTooNew { .. } | StoreError::LeaseLost(_) => {
                 false
             }

@@ -59,6 +59,10 @@ const LEASE_STEP_DOWN_AFTER: Duration = Duration::from_secs(4);
 /// lease once it lapsed) before the event is given up, logged and counted as discarded.
 pub const FORWARD_BOUND: Duration = Duration::from_secs(15);
 
+/// How often a long-poll forwarded to the key's channel owner reads whether that node
+/// still holds the channel's lease ([`Hub::pull_routed`]).
+const HOLDER_CHECK: Duration = Duration::from_secs(1);
+
 /// Who delivers a channel's events (cluster; a hub without peers owns every channel).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Owner {
@@ -72,13 +76,6 @@ enum Owner {
 enum Route {
     Here,
     Node(String),
-}
-
-fn unavailable(message: String) -> StoreError {
-    StoreError::Backend {
-        source: message.into(),
-        unavailable: true,
-    }
 }
 
 /// Lets the store's removal of delivered events commit in the background. The delete is
@@ -2600,20 +2597,43 @@ impl Hub {
                         let (peers, n) = (Arc::clone(&peers), n.clone());
                         tokio::spawn(async move { peers.poll(&n, &req).await })
                     };
-                    let r = tokio::select! {
-                        biased;
-                        () = &mut gone => {
-                            // The owner may still answer the poll: its batch is queued
-                            // again at once, not after `REMOTE_ANSWER_WINDOW`.
-                            let (peers, key) = (Arc::clone(&peers), p.key_id.clone());
-                            tokio::spawn(async move {
-                                if let Ok(Ok(Polled::Batch { id, .. })) = call.await {
-                                    peers.answered(&n, &key, id, false).await;
+                    // While the owner holds the poll, its lease is read every
+                    // `HOLDER_CHECK`: an owner killed mid-poll never answers, and the poll
+                    // waited out its whole bound (the wait, plus the call timeout and a
+                    // second: 36 s) while another node had taken the channel after about
+                    // 6 s (found by an outside review). A lease that moved or lapsed ends
+                    // the call, and the poll goes to whoever holds the channel now.
+                    let mut checks = tokio::time::interval_at(
+                        tokio::time::Instant::now() + HOLDER_CHECK,
+                        HOLDER_CHECK,
+                    );
+                    let r = loop {
+                        tokio::select! {
+                            biased;
+                            () = &mut gone => {
+                                // The owner may still answer the poll: its batch is queued
+                                // again at once, not after `REMOTE_ANSWER_WINDOW`.
+                                let (peers, key) = (Arc::clone(&peers), p.key_id.clone());
+                                tokio::spawn(async move {
+                                    if let Ok(Ok(Polled::Batch { id, .. })) = call.await {
+                                        peers.answered(&n, &key, id, false).await;
+                                    }
+                                });
+                                return Ok(Pulled::Gone);
+                            }
+                            r = &mut call => break r.unwrap_or_else(|e| Err(PeerError::Unreachable(e.to_string()))),
+                            _ = checks.tick() => {
+                                match peers.holder(&p.key_id).await {
+                                    Ok(Some(h)) if h == n => {}
+                                    // Not read: the call goes on (it is bounded).
+                                    Err(_) => {}
+                                    Ok(other) => {
+                                        call.abort();
+                                        break Err(PeerError::NotOwner(other));
+                                    }
                                 }
-                            });
-                            return Ok(Pulled::Gone);
+                            }
                         }
-                        r = &mut call => r.unwrap_or_else(|e| Err(PeerError::Unreachable(e.to_string()))),
                     };
                     match r {
                         Ok(Polled::Batch { id, events }) => {
@@ -2643,8 +2663,8 @@ impl Hub {
                 Err(e) => last = e,
             }
             if Instant::now() >= give_up {
-                return Err(unavailable(format!(
-                    "the notification channel's owner cannot be reached: {last}"
+                return Err(StoreError::PeerUnreachable(format!(
+                    "the notification channel's owner node cannot be reached: {last}; try again"
                 )));
             }
             tokio::select! {

@@ -88,6 +88,9 @@ pub trait ChannelPeers: Send + Sync + 'static {
     fn claim<'a>(&'a self, key_id: &'a str) -> BoxFut<'a, Result<Claim, String>>;
     /// Gives up this node's lease of the key (a clean stop).
     fn release<'a>(&'a self, key_id: &'a str) -> BoxFut<'a, ()>;
+    /// The node holding key `key_id`'s lease now, if any (a read: nothing is taken).
+    /// `Err`: it could not be read (the message).
+    fn holder<'a>(&'a self, key_id: &'a str) -> BoxFut<'a, Result<Option<String>, String>>;
     /// Has `node`, the key's owner, queue `events` (in this order) for the key; `Ok` once
     /// the owner stored them. An owner whose write fails takes them out of its queue again
     /// ([`super::Hub::append_here`]): the caller sends them again.
