@@ -495,7 +495,7 @@ fn credentials(action: CredentialsAction) -> anyhow::Result<String> {
     };
     let config = match &api.config {
         Some(p) => Config::load(p)?,
-        None => Config::embedded()?,
+        None => embedded_noted("credentials")?,
     };
     let base = match api.url {
         Some(u) => u,
@@ -527,6 +527,20 @@ fn credentials(action: CredentialsAction) -> anyhow::Result<String> {
     })
 }
 
+/// The embedded defaults, for a command given no `--config`, with a note on standard
+/// error of the state directory they mean: an operator of the packaged daemon
+/// (`/etc/connectord/connectord.toml`, state in `/var/lib/connectord`) who left out
+/// `--config` made a key in a state of its own, which the daemon never saw, and was told
+/// nothing (found by an outside review).
+fn embedded_noted(command: &str) -> anyhow::Result<Config> {
+    let config = Config::embedded()?;
+    eprintln!(
+        "note: {command} without --config uses the embedded defaults (state in {}); the packaged daemon's is --config {SYSTEM_CONFIG}",
+        config.state.resolve_dir().display()
+    );
+    Ok(config)
+}
+
 fn plugin_call(
     path: Option<PathBuf>,
     plugin: &str,
@@ -535,7 +549,7 @@ fn plugin_call(
 ) -> anyhow::Result<String> {
     let config = match &path {
         Some(p) => Config::load(p)?,
-        None => Config::embedded()?,
+        None => embedded_noted("plugin-call")?,
     };
     serde_json::from_str::<serde_json::Value>(input).context("the input must be JSON")?;
     tracing_subscriber::fmt()

@@ -433,6 +433,30 @@ fn plugin_call_leaves_nothing_in_the_temporary_directory() {
     assert_eq!(left(), Vec::<String>::new(), "after an unknown plugin name");
 }
 
+/// `plugin-call` without `--config` says on standard error that it uses the embedded
+/// defaults and where their state is: an operator of the packaged daemon who left it out
+/// made a key in a state of its own, which the daemon never saw, and was told nothing
+/// (found by an outside review).
+#[test]
+fn plugin_call_without_a_configuration_says_which_state_it_uses() {
+    let home = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(support::BIN)
+        .args(["plugin-call", "connector", "list_keys", "{}"])
+        .env("HOME", home.path())
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("XDG_STATE_HOME")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let state = home.path().join(".local/state/connectord");
+    assert!(
+        err.contains("without --config uses the embedded defaults")
+            && err.contains(&state.display().to_string())
+            && err.contains("--config /etc/connectord/connectord.toml"),
+        "{err}"
+    );
+}
+
 /// `check-config` and `run` refuse a plugin name in `[plugins] auth` or `sink` that no
 /// built-in and no file of `[plugins] dir` provides (issue 18, item 11), naming the file,
 /// the key, the name and what is available (a file by the name it declares).
