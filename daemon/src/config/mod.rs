@@ -446,7 +446,9 @@ impl ClusterConfig {
                     .strip_prefix("nats://")
                     .or_else(|| s.strip_prefix("tls://"))
                     .unwrap_or(s);
-                rest.is_empty() || rest.contains(char::is_whitespace)
+                // Another scheme (`http://`): `run` refused it, `check-config` did not
+                // (an outside review).
+                rest.is_empty() || rest.contains(char::is_whitespace) || rest.contains("://")
             }) {
                 return Err((
                     "servers",

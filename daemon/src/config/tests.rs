@@ -511,6 +511,12 @@ fn cluster_section_defaults_and_errors() {
             4,
             "is empty",
         ),
+        (
+            "[cluster]\nbackend = \"nats\"\nservers = [\"http://127.0.0.1:4222\"]\n",
+            "cluster.servers",
+            3,
+            "is not a server address",
+        ),
     ] {
         let e = Config::parse(text, file.clone()).unwrap_err().to_string();
         assert!(

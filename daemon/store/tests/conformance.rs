@@ -995,6 +995,38 @@ mod nats {
         );
     }
 
+    /// A node that has lost its NATS server fails a call at once, naming itself, rather
+    /// than waiting out the timeout and blaming the node it called (found by an outside
+    /// review; the call also stayed in the client's buffer, to be sent on reconnection).
+    #[tokio::test]
+    async fn a_call_from_a_node_without_its_server_fails_at_once_naming_it() {
+        use connectord_store::nats::CallError;
+        let mut server = NatsServer::start().unwrap();
+        let a = connect(&server, "a").await;
+        server.kill();
+        // The client notices the lost connection within moments.
+        let t = Instant::now();
+        let e = loop {
+            let started = Instant::now();
+            let e = a
+                .call_node("b", "op", bytes::Bytes::new(), Duration::from_secs(5))
+                .await
+                .unwrap_err();
+            if matches!(e, CallError::Unavailable { .. }) {
+                assert!(started.elapsed() < Duration::from_secs(1), "at once");
+                break e;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "never noticed: {e:?}"
+            );
+        };
+        assert!(
+            e.to_string().contains("this node (a) is not connected"),
+            "{e}"
+        );
+    }
+
     /// A call that reaches its node after its caller stopped waiting is dropped unread:
     /// here `b` takes its calls only after `a`'s first one timed out. Before, it was
     /// handled: NATS buffers a publish while a client is disconnected, and a forwarded

@@ -205,6 +205,18 @@ impl NatsStore {
         body: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, CallError> {
+        // This node without its server: fails at once, naming this node, rather than
+        // waiting out the timeout with the call in the client's buffer and blaming `node`
+        // (found by an outside review), as the store's writes do.
+        if self.shared.client.connection_state() == async_nats::connection::State::Disconnected {
+            return Err(CallError::Unavailable {
+                node: node.to_string(),
+                reason: format!(
+                    "this node ({}) is not connected to any NATS server",
+                    self.shared.node
+                ),
+            });
+        }
         let mut headers = HeaderMap::new();
         headers.insert(NODE_HEADER, self.shared.node.as_str());
         let deadline = now_ms().saturating_add(timeout.as_millis() as u64);
