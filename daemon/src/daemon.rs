@@ -824,6 +824,18 @@ async fn start_services(
     let pending = requests.load().await?;
     tracing::info!("loaded {pending} stored requests to devices");
     subscriptions.resume();
+    // Pre-subscriptions whose evaluation a stop or kill cut off are evaluated again; the
+    // watermark that says which is kept from now on.
+    let node = nats.as_ref().map(|n| n.node.clone());
+    let redone = subscriptions.redo_unsettled_presubs(node.as_deref()).await;
+    if redone > 0 {
+        tracing::info!(
+            "evaluating again the pre-subscriptions of {redone} endpoints registered shortly before the last stop"
+        );
+    }
+    tasks.push(tokio::spawn(
+        Arc::clone(&subscriptions).run_presub_watermark(node, stop.clone()),
+    ));
     if let Some(server) = server_cert.as_ref().filter(|_| transport.has_tls()) {
         let mut setup = tls_setup(server, &ca, &trusted_cas)?;
         // Revoked certificates are refused after the handshake (and their sessions closed

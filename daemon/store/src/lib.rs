@@ -48,6 +48,11 @@ impl CommitObserver for () {
 /// [`Store::external_changes`]).
 pub const EXTERNAL_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The owner, in the plugin state, of what the daemon itself keeps there (no plugin's
+/// name: those have no dot). No plugin reads it, so another node's write of it is no
+/// reason to load the plugins again (`Feed::external_changes` leaves it out on NATS).
+pub const CORE_STATE_OWNER: &str = "connectord.core";
+
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

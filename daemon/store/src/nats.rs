@@ -1342,6 +1342,9 @@ impl Shared {
         external: watch::Sender<u64>,
     ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
         let bucket = self.names.plugin_state.clone();
+        // The daemon's own state (`CORE_STATE_OWNER`, a watermark written every second
+        // while registrations come) is no plugin's: no reload for it.
+        let core = format!("$KV.{bucket}.{}.", enc(crate::CORE_STATE_OWNER));
         self.watch_bucket(
             "plugin-state",
             bucket,
@@ -1349,7 +1352,9 @@ impl Shared {
             true,
             None,
             move |shared, raw, _| {
-                if raw.header(NODE_HEADER) != Some(shared.node.as_str()) {
+                if raw.header(NODE_HEADER) != Some(shared.node.as_str())
+                    && !raw.subject.starts_with(core.as_str())
+                {
                     external.send_modify(|n| *n += 1);
                 }
             },

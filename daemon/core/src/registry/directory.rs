@@ -554,6 +554,19 @@ impl Directory {
         v
     }
 
+    /// The endpoints owned by `node` (`None`: a single node's, which record none)
+    /// registered at or after `since_ms`: a pass over every endpoint, for the start's
+    /// second evaluation of pre-subscriptions (`Subscriptions::redo_unsettled_presubs`).
+    pub fn registered_since(&self, since_ms: u64, node: Option<&str>) -> Vec<Arc<Endpoint>> {
+        let maps = self.lock();
+        maps.by_name
+            .values()
+            .flat_map(HashTable::iter)
+            .filter(|e| e.reg.registered_at_ms >= since_ms && e.reg.node.as_deref() == node)
+            .cloned()
+            .collect()
+    }
+
     /// Registered endpoints in one domain.
     pub fn count_in(&self, domain: &str) -> usize {
         let maps = self.lock();

@@ -373,6 +373,10 @@ pub struct Subscriptions {
     /// at a time, which takes the newest one when it is done with the last, so waiting
     /// evaluations are bounded by the registered endpoints however often they update.
     due: Mutex<Map<(String, String), Arc<Endpoint>>>,
+    /// When each endpoint of `due` became due (Unix ms; the first time, while it stays
+    /// due): the oldest is what the store's watermark says is not settled yet
+    /// ([`Subscriptions::run_presub_watermark`]).
+    due_since: Mutex<Map<(String, String), u64>>,
     /// Where every observation's notifications go (issue 24): one task takes them in
     /// batches ([`Subscriptions::take_notifications`]).
     feed: FeedSender,
@@ -380,6 +384,20 @@ pub struct Subscriptions {
     next_observation: std::sync::atomic::AtomicU64,
     /// Notified whenever a subscription's store write ends ([`State::unwritten`]).
     written: tokio::sync::Notify,
+}
+
+/// The plugin-state owner under which the pre-subscriptions' watermark is kept: the
+/// daemon's own ([`crate::store::CORE_STATE_OWNER`], no plugin's).
+pub const PRESUB_WATERMARK_OWNER: &str = crate::store::CORE_STATE_OWNER;
+
+/// How often the pre-subscriptions' watermark is written when it changed.
+pub const PRESUB_WATERMARK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn presub_watermark_key(node: Option<&str>) -> String {
+    match node {
+        Some(n) => format!("presubs-settled-ms.{n}"),
+        None => "presubs-settled-ms".to_string(),
+    }
 }
 
 fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -463,6 +481,7 @@ impl Subscriptions {
             state: Mutex::new(state),
             limits,
             due: Mutex::new(Map::default()),
+            due_since: Mutex::new(Map::default()),
             feed,
             next_observation: std::sync::atomic::AtomicU64::new(1),
             written: tokio::sync::Notify::new(),
@@ -543,6 +562,93 @@ impl Subscriptions {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps in the store (as plugin state of [`PRESUB_WATERMARK_OWNER`]) the time before
+    /// which every endpoint's pre-subscriptions were evaluated: the oldest time an endpoint
+    /// now due became due, or, once none is, the time that was seen; written at most every
+    /// [`PRESUB_WATERMARK_EVERY`] and only when it changed (an idle daemon writes nothing).
+    /// `node` names this node in a cluster (each node evaluates its own devices').
+    ///
+    /// Why: an endpoint's evaluation runs after its registration is answered, from memory;
+    /// a daemon stopped or killed before it ran lost it for good, until the device's next
+    /// update, hours away (found by an outside review: 25 of 100 subscriptions made after a
+    /// restart). [`Subscriptions::redo_unsettled_presubs`] evaluates again, at start, the
+    /// endpoints registered since the watermark. Decision: a watermark, not a record per
+    /// endpoint, so a registration costs no store write more; an evaluation made twice adds
+    /// nothing (what exists is not added again).
+    pub async fn run_presub_watermark(
+        self: Arc<Self>,
+        node: Option<String>,
+        mut stop: crate::shutdown::Shutdown,
+    ) {
+        let key = presub_watermark_key(node.as_deref());
+        let mut tick = tokio::time::interval(PRESUB_WATERMARK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // What was last written: `Some(t)` while some were due, `None` once none was.
+        let mut written: Option<Option<u64>> = None;
+        loop {
+            let stopping = tokio::select! {
+                _ = stop.recv() => true,
+                _ = tick.tick() => false,
+            };
+            let oldest = lock_map(&self.due_since).values().min().copied();
+            if written != Some(oldest) {
+                let at = oldest.unwrap_or_else(now_ms);
+                match self
+                    .store
+                    .plugin_state_put(
+                        PRESUB_WATERMARK_OWNER.into(),
+                        key.clone(),
+                        at.to_string().into_bytes(),
+                    )
+                    .await
+                {
+                    Ok(()) => written = Some(oldest),
+                    Err(e) => crate::store::log_failure(
+                        format_args!("store: the pre-subscriptions' watermark not written"),
+                        &e,
+                    ),
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// At start: evaluates again the pre-subscriptions of this node's endpoints registered
+    /// since the stored watermark ([`Subscriptions::run_presub_watermark`]), whose
+    /// evaluation a stop or a kill may have cut off. Returns how many were due again.
+    pub async fn redo_unsettled_presubs(self: &Arc<Self>, node: Option<&str>) -> usize {
+        let stored = self
+            .store
+            .plugin_state_get(PRESUB_WATERMARK_OWNER.into(), presub_watermark_key(node))
+            .await;
+        let since = match stored {
+            Ok(Some(v)) => match std::str::from_utf8(&v)
+                .ok()
+                .and_then(|t| t.parse::<u64>().ok())
+            {
+                Some(t) => t,
+                None => return 0,
+            },
+            Ok(None) => return 0,
+            Err(e) => {
+                crate::store::log_failure(
+                    format_args!("store: the pre-subscriptions' watermark not read"),
+                    &e,
+                );
+                return 0;
+            }
+        };
+        let eps = self.directory.registered_since(since, node);
+        for ep in &eps {
+            // Due since its registration: killed again before this evaluation ends, the
+            // next start takes it again.
+            self.presubs_due_at(ep, ep.reg.registered_at_ms);
+        }
+        eps.len()
     }
 
     /// Establishes the observations of stored subscriptions (at start), for endpoints that
@@ -1241,6 +1347,11 @@ impl Subscriptions {
     /// evaluated (Lua rules run on their own thread, so this may wait) and what they ask
     /// for is observed. See [`Subscriptions::due`].
     fn presubs_due(self: &Arc<Self>, ep: &Arc<Endpoint>) {
+        self.presubs_due_at(ep, now_ms());
+    }
+
+    /// [`Subscriptions::presubs_due`], due since `at` (Unix ms) for the watermark.
+    fn presubs_due_at(self: &Arc<Self>, ep: &Arc<Endpoint>, at: u64) {
         // Decision: no task for a domain with no key that has pre-subscriptions,
         // subscriptions or a channel (what `apply_presubs` would look at, finding nothing
         // to do): most registrations of a fleet nobody subscribed to. Rules set later are
@@ -1253,15 +1364,21 @@ impl Subscriptions {
             return;
         }
         let key = (ep.reg.domain.clone(), ep.reg.name.clone());
-        let first = lock_map(&self.due)
-            .insert(key.clone(), Arc::clone(ep))
-            .is_none();
+        let first = {
+            let mut due = lock_map(&self.due);
+            let first = due.insert(key.clone(), Arc::clone(ep)).is_none();
+            if first {
+                lock_map(&self.due_since).insert(key.clone(), at);
+            }
+            first
+        };
         if !first {
             return;
         }
         let me = Arc::clone(self);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             lock_map(&self.due).remove(&key);
+            lock_map(&self.due_since).remove(&key);
             tracing::error!("pre-subscriptions need a tokio runtime; not evaluated");
             return;
         };
@@ -1277,6 +1394,7 @@ impl Subscriptions {
                 let mut due = lock_map(&me.due);
                 if due.get(&key).is_some_and(|e| Arc::ptr_eq(e, &ep)) {
                     due.remove(&key);
+                    lock_map(&me.due_since).remove(&key);
                     return;
                 }
             }
