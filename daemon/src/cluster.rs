@@ -626,15 +626,21 @@ pub async fn serve_calls<F, Fut>(
 {
     let slots = Arc::new(tokio::sync::Semaphore::new(max));
     loop {
+        // A slot first, then the call: a call taken while every slot is busy would wait
+        // for one past the deadline that `NodeCalls::next` checked (a review finding).
+        let slot = tokio::select! {
+            _ = stop.recv() => return,
+            s = Arc::clone(&slots).acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+        };
         let call = tokio::select! {
             _ = stop.recv() => return,
             c = calls.next() => c,
         };
         let Some(call) = call else {
             tracing::error!("cluster: {ended}");
-            return;
-        };
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
             return;
         };
         let work = handle(call);

@@ -994,7 +994,13 @@ impl PluginHost {
     /// served that name keeps serving.
     fn load_builtin(self: &Arc<Self>, table: &'static connectord_plugin_sdk::PluginTable) {
         match Generation::builtin(self, table) {
-            Ok(g) => self.install(g, Install::Trusted),
+            Ok(g) => {
+                self.builtin_failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&Generation::builtin_name(table));
+                self.install(g, Install::Trusted)
+            }
             Err(e @ PluginError::NotEnabled { .. }) => tracing::debug!("{e}"),
             Err(e) => {
                 Counters::inc(&self.counters.plugin_errors);
@@ -1283,16 +1289,26 @@ fn check_not_writable_by_others(path: &Path) -> Result<(), String> {
 /// of the copy before `dlopen`, run as the daemon's (or `plugin-call`'s: root's) user.
 fn check_private_dir(dir: &Path, file: &Path) -> Result<(), String> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // Our effective user: the owner of `/proc/self` (no `unsafe` for `geteuid` here).
+    let me = std::fs::metadata("/proc/self")
+        .map_err(|e| format!("cannot tell this process's user (/proc/self: {e})"))?
+        .uid();
     let d = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let f = std::fs::symlink_metadata(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let mode = d.permissions().mode() & 0o777;
-    if !d.is_dir() || d.uid() != f.uid() || mode & 0o077 != 0 {
+    // Owned by us, not only by the file's owner: a user who made the directory could
+    // rename their own file over the copy, and both would be theirs (a review finding).
+    if !d.is_dir() || d.uid() != me || mode & 0o077 != 0 || !f.is_file() || f.uid() != me {
         return Err(format!(
             "the directory of its private copy, {}, is not the daemon's own and closed to \
-             others (owner {}, mode {mode:o}, a directory: {}); refusing to load from it",
+             others, or the copy is not its own file (directory owner {}, mode {mode:o}, a \
+             directory: {}; copy owner {}, a file: {}; this process runs as {me}); refusing \
+             to load from it",
             dir.display(),
             d.uid(),
-            d.is_dir()
+            d.is_dir(),
+            f.uid(),
+            f.is_file()
         ));
     }
     Ok(())
@@ -1354,16 +1370,31 @@ mod private_dir_tests {
         assert!(check_private_dir(&link, &file).is_err());
     }
 
-    /// As root: a directory another user made (the race `plugin-call` lost before, in
-    /// /tmp under a name it could foresee) is refused though its mode is 0700.
+    /// As root (CI runs as root): a directory another user made (the race `plugin-call`
+    /// lost before, in /tmp under a name it could foresee) is refused though its mode is
+    /// 0700, also when that user's file replaced the copy (so the directory's and the
+    /// file's owners agree), and a file of another user in our directory is refused.
     #[test]
-    fn a_directory_another_user_owns_is_refused() {
+    fn a_directory_or_copy_another_user_owns_is_refused() {
         let (_t, dir, file) = with_file(0o700);
-        if let Err(e) = std::os::unix::fs::chown(&dir, Some(65534), Some(65534)) {
-            eprintln!("SKIPPED: needs root to give the directory to another user ({e})");
+        if let Err(e) = std::os::unix::fs::chown(&file, Some(65534), Some(65534)) {
+            eprintln!("SKIPPED: needs root to give files to another user ({e})");
             return;
         }
-        assert!(check_private_dir(&dir, &file).is_err());
+        assert!(
+            check_private_dir(&dir, &file).is_err(),
+            "their file in our directory"
+        );
+        std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+        assert!(
+            check_private_dir(&dir, &file).is_err(),
+            "their file in their directory"
+        );
+        std::os::unix::fs::chown(&file, Some(0), Some(0)).unwrap();
+        assert!(
+            check_private_dir(&dir, &file).is_err(),
+            "our file in their directory"
+        );
     }
 }
 

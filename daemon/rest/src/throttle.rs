@@ -8,7 +8,9 @@
 //! every request of the address that needs credentials is answered 429 with `Retry-After`
 //! **before** its credentials are checked, so that a guess made while throttled tells
 //! nothing, good or bad, until the address may try again. A request that authenticates
-//! costs nothing here.
+//! is not counted, and takes no lock unless some address may be refused at that moment.
+//! Concurrent guesses of one address all pass the check before the first failure is
+//! counted; the debt is charged afterwards, so the rate holds on average, not per burst.
 //!
 //! Decisions:
 //! - **The address, not the credentials, is counted**: a guesser varies the credentials.
@@ -27,7 +29,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Addresses remembered at most.
@@ -62,9 +64,11 @@ struct Address {
 pub struct AuthThrottle {
     /// The time one failure's worth of allowance takes to come back; `None`: no bound.
     per_failure: Option<Duration>,
-    /// Whether any address is remembered: a request (every proxied read, issue 24) then
-    /// takes no lock while no address failed.
-    any: AtomicBool,
+    /// Until when (ms after `base`, rounded up) some address may be refused: a request
+    /// (every proxied read, issue 24) takes no lock after that. A flag set at the first
+    /// failure ever stayed set for good (a review finding).
+    refuse_until: AtomicU64,
+    base: Instant,
     addresses: Mutex<Addresses>,
 }
 
@@ -73,6 +77,9 @@ struct Addresses {
     map: HashMap<IpAddr, Address>,
     /// When a failure was last not counted for want of room (logged once a minute).
     full_logged: Option<Instant>,
+    /// When the full table was last pruned: at most once a second, or a flood of new
+    /// addresses made every failure a pass over the table under the lock.
+    pruned: Option<Instant>,
 }
 
 /// The address a client is counted under: IPv4 as it is (IPv4-mapped IPv6 too), IPv6 by
@@ -92,7 +99,8 @@ impl AuthThrottle {
     pub fn new(per_minute: u32) -> AuthThrottle {
         AuthThrottle {
             per_failure: (per_minute > 0).then(|| WINDOW / per_minute),
-            any: AtomicBool::new(false),
+            refuse_until: AtomicU64::new(0),
+            base: Instant::now(),
             addresses: Mutex::default(),
         }
     }
@@ -106,7 +114,8 @@ impl AuthThrottle {
         let Some(per_failure) = self.per_failure else {
             return Verdict::Check;
         };
-        if !self.any.load(Ordering::Relaxed) {
+        let since_base = now.saturating_duration_since(self.base).as_millis() as u64;
+        if since_base >= self.refuse_until.load(Ordering::Relaxed) {
             return Verdict::Check;
         }
         let mut addresses = self.lock();
@@ -145,7 +154,13 @@ impl AuthThrottle {
         let mut addresses = self.lock();
         if !addresses.map.contains_key(&key) && addresses.map.len() >= MAX_ADDRESSES {
             // Room: forget the addresses whose allowance is whole again.
-            addresses.map.retain(|_, a| a.whole_at > now);
+            if addresses
+                .pruned
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            {
+                addresses.pruned = Some(now);
+                addresses.map.retain(|_, a| a.whole_at > now);
+            }
             if addresses.map.len() >= MAX_ADDRESSES {
                 let log = addresses
                     .full_logged
@@ -161,8 +176,15 @@ impl AuthThrottle {
             logged: None,
         });
         a.whole_at = a.whole_at.max(now) + per_failure;
-        // Set under the lock; once set it stays (the table is pruned only when full).
-        self.any.store(true, Ordering::Relaxed);
+        // Refused while one more failure does not fit: until `whole_at + per_failure -
+        // WINDOW`.
+        if let Some(until) = (a.whole_at + per_failure).checked_sub(WINDOW) {
+            let ms = until
+                .saturating_duration_since(self.base)
+                .as_nanos()
+                .div_ceil(1_000_000);
+            self.refuse_until.fetch_max(ms as u64, Ordering::Relaxed);
+        }
         false
     }
 
@@ -209,8 +231,11 @@ mod tests {
         );
         // Another address is not concerned.
         assert_eq!(t.verdict_at(ip("10.0.0.2"), now), Verdict::Check);
-        // After one failure's worth, one more try.
+        // After one failure's worth, one more try; from then on no lock is taken until the
+        // next refusal is possible.
         let later = now + Duration::from_secs(10);
+        let later_ms = later.duration_since(t.base).as_millis() as u64;
+        assert!(later_ms + 1 >= t.refuse_until.load(Ordering::Relaxed));
         assert_eq!(t.verdict_at(ip("10.0.0.1"), later), Verdict::Check);
         t.failed_at(ip("10.0.0.1"), later);
         assert!(matches!(

@@ -660,24 +660,37 @@ impl Config {
             Tcp,
             Udp,
         }
-        let lists: [(&'static str, Proto, &[std::net::SocketAddr]); 5] = [
-            ("rest.listen", Proto::Tcp, &self.rest.listen),
-            ("rest.listen_tls", Proto::Tcp, &self.rest.listen_tls),
-            ("coap.listen", Proto::Udp, &self.coap.listen),
-            ("coap.listen_dtls", Proto::Udp, &self.coap.listen_dtls),
-            ("coap.listen_tls", Proto::Tcp, &self.coap.listen_tls),
+        // The REST sockets are dual-stack (no IPV6_V6ONLY): `[::]` there takes IPv4 too.
+        // CoAP's UDP and TLS sockets are IPv6 only.
+        type Entry<'a> = (&'static str, &'a Proto, bool, &'a std::net::SocketAddr);
+        let lists: [(&'static str, Proto, bool, &[std::net::SocketAddr]); 5] = [
+            ("rest.listen", Proto::Tcp, true, &self.rest.listen),
+            ("rest.listen_tls", Proto::Tcp, true, &self.rest.listen_tls),
+            ("coap.listen", Proto::Udp, false, &self.coap.listen),
+            (
+                "coap.listen_dtls",
+                Proto::Udp,
+                false,
+                &self.coap.listen_dtls,
+            ),
+            ("coap.listen_tls", Proto::Tcp, false, &self.coap.listen_tls),
         ];
-        let clash = |a: &std::net::SocketAddr, b: &std::net::SocketAddr| {
+        let covers_v4 =
+            |dual: bool, a: &std::net::SocketAddr| dual && a.is_ipv6() && a.ip().is_unspecified();
+        let clash = |da: bool, a: &std::net::SocketAddr, db: bool, b: &std::net::SocketAddr| {
             a.port() != 0
                 && a.port() == b.port()
-                && a.is_ipv4() == b.is_ipv4()
-                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+                && ((a.is_ipv4() == b.is_ipv4()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()))
+                    || covers_v4(da, a)
+                    || covers_v4(db, b))
         };
-        let mut seen: Vec<(&'static str, &Proto, &std::net::SocketAddr)> = Vec::new();
-        for (key, proto, addrs) in &lists {
+        let mut seen: Vec<Entry<'_>> = Vec::new();
+        for (key, proto, dual, addrs) in &lists {
             for a in addrs.iter() {
-                if let Some((other, _, b)) =
-                    seen.iter().find(|(_, p, b)| *p == proto && clash(a, b))
+                if let Some((other, _, _, b)) = seen
+                    .iter()
+                    .find(|(_, p, d, b)| *p == proto && clash(*dual, a, *d, b))
                 {
                     let what = if a == *b { "is also" } else { "overlaps" };
                     let with = if a == *b {
@@ -692,7 +705,7 @@ impl Config {
                         ),
                     ));
                 }
-                seen.push((key, proto, a));
+                seen.push((key, proto, *dual, a));
             }
         }
         Ok(())

@@ -420,6 +420,12 @@ fn listeners_that_would_share_an_address_are_refused() {
             "coap.listen_dtls",
             "0.0.0.0:5683 overlaps 127.0.0.1:5683 in coap.listen",
         ),
+        // The REST sockets are dual-stack: `[::]` takes IPv4 too.
+        (
+            "[rest]\nlisten = [\"0.0.0.0:8080\", \"[::]:8080\"]\n",
+            "rest.listen",
+            "[::]:8080 overlaps 0.0.0.0:8080 in rest.listen",
+        ),
     ];
     for (text, key, message) in cases {
         match Config::parse(text, Source::Embedded) {

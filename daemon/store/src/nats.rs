@@ -412,6 +412,17 @@ impl RegIndex {
         self.prune(key);
     }
 
+    /// Whether a message on `key` at `seq` is older than what this node wrote or knows
+    /// there: a later message is known, or a put of ours is not acknowledged yet. A delete
+    /// by another node delivered after the device registered here again is then not told
+    /// as a removal of that newer registration, which the store still holds (registration
+    /// deletes are conditional on the put they saw: a review finding).
+    fn superseded(&self, key: &str, seq: u64) -> bool {
+        self.keys
+            .get(key)
+            .is_some_and(|k| k.last > seq || k.ids.iter().any(|(_, s)| s.is_none()))
+    }
+
     /// A message on `key` at `seq`: a put of `id`, or a delete (`None`).
     fn observed(&mut self, key: &str, seq: u64, id: Option<&str>) {
         let k = self.keys.entry(key.to_string()).or_default();
@@ -1303,12 +1314,14 @@ impl Shared {
                     .collect::<Vec<_>>()
                     .join(".");
                 if raw.is_kv_delete() {
-                    shared
-                        .index
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .observed(&key, seq, None);
+                    let stale = {
+                        let mut index = shared.index.lock().unwrap_or_else(|p| p.into_inner());
+                        let stale = index.superseded(&key, seq);
+                        index.observed(&key, seq, None);
+                        stale
+                    };
                     if live
+                        && !stale
                         && let Some([domain, name]) = raw
                             .tokens(skip)
                             .and_then(|t| <[String; 2]>::try_from(t).ok())
@@ -2383,6 +2396,19 @@ impl Feed for NatsStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Another node's delete of a registration is superseded by what this node wrote
+    /// after it: a put of ours not acknowledged yet, or one stored later.
+    #[test]
+    fn a_delete_older_than_our_put_is_superseded() {
+        let mut index = RegIndex::default();
+        assert!(!index.superseded("d.ep", 5), "nothing known");
+        index.submitted("d.ep", "id2");
+        assert!(index.superseded("d.ep", 5), "our put on its way");
+        index.acked("d.ep", "id2", Some(10));
+        assert!(index.superseded("d.ep", 5), "our put stored later");
+        assert!(!index.superseded("d.ep", 11), "a delete after our put");
+    }
 
     #[test]
     fn names_encode_to_valid_key_tokens_and_back() {

@@ -237,11 +237,13 @@ pub fn test_config(dir: &Path, coap: &str, extra: &str) -> String {
 }
 
 fn config_text(dir: &Path, log_level: &str, coap: &str, extra: &str) -> String {
-    // Lines of a `[lua]` or `[state]` section in `extra` join the harness's own section.
+    // Lines of a `[lua]`, `[state]` or `[rest]` section in `extra` join the harness's own
+    // section.
     let (lua, extra) = take_section(extra, "[lua]\n");
     let (state, extra) = take_section(&extra, "[state]\n");
+    let (rest, extra) = take_section(&extra, "[rest]\n");
     format!(
-        "[log]\nlevel = \"{log_level}\"\n[state]\ndir = \"{}\"\n{state}\n[rest]\nlisten = [\"127.0.0.1:0\"]\n[lua]\ndir = \"{}\"\n{lua}\n[coap]\nlisten = [\"127.0.0.1:0\"]\n{coap}\n{extra}",
+        "[log]\nlevel = \"{log_level}\"\n[state]\ndir = \"{}\"\n{state}\n[rest]\nlisten = [\"127.0.0.1:0\"]\n{rest}\n[lua]\ndir = \"{}\"\n{lua}\n[coap]\nlisten = [\"127.0.0.1:0\"]\n{coap}\n{extra}",
         dir.join("state").display(),
         dir.join("scripts").display()
     )

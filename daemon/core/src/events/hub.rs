@@ -2607,6 +2607,7 @@ impl Hub {
                         tokio::time::Instant::now() + HOLDER_CHECK,
                         HOLDER_CHECK,
                     );
+                    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     let r = loop {
                         tokio::select! {
                             biased;
@@ -2627,8 +2628,19 @@ impl Hub {
                                     Ok(Some(h)) if h == n => {}
                                     // Not read: the call goes on (it is bounded).
                                     Err(_) => {}
+                                    // The call ended meanwhile: its answer counts.
+                                    Ok(_) if call.is_finished() => {}
                                     Ok(other) => {
-                                        call.abort();
+                                        // Left to end on its own: should the old owner
+                                        // still answer with a batch, it is queued again
+                                        // there at once (as for a client gone).
+                                        let (peers, key) = (Arc::clone(&peers), p.key_id.clone());
+                                        let old = n.clone();
+                                        tokio::spawn(async move {
+                                            if let Ok(Ok(Polled::Batch { id, .. })) = call.await {
+                                                peers.answered(&old, &key, id, false).await;
+                                            }
+                                        });
                                         break Err(PeerError::NotOwner(other));
                                     }
                                 }

@@ -687,10 +687,9 @@ impl Registry {
                 // the device's next update wrote it back, a ghost registration after the
                 // de-registration the applications were told of (found by an outside
                 // review). That node published the event and removed the subscriptions.
+                // Not counted against the domain's quota here: the node that removed it
+                // counted it (a review finding).
                 let ep = ours?;
-                if let Some(l) = self.limits.as_ref() {
-                    l.count(&ep.reg.domain);
-                }
                 tracing::info!(
                     ep = %ep.reg.name, domain = %ep.reg.domain,
                     "cluster: another node removed this node's registration of the device"

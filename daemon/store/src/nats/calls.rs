@@ -123,9 +123,11 @@ impl NodeCalls {
             {
                 tracing::warn!(
                     "dropped {} calls from other nodes that arrived after their callers had \
-                     stopped waiting (a connection to NATS that came back, or a node that \
-                     could not keep up); they were answered 503 there and are not carried out",
-                    self.dropped
+                     stopped waiting (the last {} ms late: a connection to NATS that came \
+                     back, a node that could not keep up, or clocks of the nodes that \
+                     disagree: check NTP); they were answered 503 there and are not carried out",
+                    self.dropped,
+                    deadline.map_or(0, |d| now_ms().saturating_sub(d))
                 );
                 self.dropped = 0;
                 self.logged = Some(now);
@@ -208,7 +210,7 @@ impl NatsStore {
         // This node without its server: fails at once, naming this node, rather than
         // waiting out the timeout with the call in the client's buffer and blaming `node`
         // (found by an outside review), as the store's writes do.
-        if self.shared.client.connection_state() == async_nats::connection::State::Disconnected {
+        if self.shared.client.connection_state() != async_nats::connection::State::Connected {
             return Err(CallError::Unavailable {
                 node: node.to_string(),
                 reason: format!(

@@ -336,16 +336,13 @@ impl NatsStore {
         Err(unavailable("the channel lease kept changing"))
     }
 
-    /// The node holding key `key_id`'s channel lease, if any (a read, nothing taken).
+    /// The node holding key `key_id`'s channel lease, if any (a read, nothing taken), from
+    /// the stream's leader as [`NatsStore::claim_channel`] reads it: a replica behind it
+    /// could name a holder before the last (a review finding: a forwarded long-poll then
+    /// left a live owner).
     pub async fn channel_owner(&self, key_id: &str) -> Result<Option<String>, StoreError> {
-        let t = self.shared.timeout;
-        let entry = tokio::time::timeout(t, self.owners().entry(enc(key_id)))
-            .await
-            .map_err(|_| unavailable("reading a channel lease timed out"))?
-            .map_err(unavailable)?;
-        Ok(entry
-            .filter(|e| e.operation == kv::Operation::Put)
-            .map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+        let live = self.shared.lease_entry(key_id).await?;
+        Ok(live.map(|e| String::from_utf8_lossy(&e.node).into_owned()))
     }
 
     /// Gives up this node's lease of key `key_id`'s channel (a clean stop): deleted only
