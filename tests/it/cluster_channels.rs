@@ -808,7 +808,8 @@ fn a_peer_that_does_not_answer_holds_up_no_other_keys_notifications() {
     );
     assert!(
         acked_early.is_none(),
-        "A's CON notification was acknowledged before n1 stored it"
+        "A's CON notification was acknowledged before n1 stored it: {:?}",
+        acked_early.as_deref().map(coap_lite::Packet::from_bytes)
     );
     // n1 runs again: A's notification is stored there, and then acknowledged.
     let ack = dev
