@@ -20,8 +20,9 @@ pub(crate) fn cluster(servers: &[String], node: &str) -> String {
     // No bound on failed authentications per address: the tests poll one node with a key
     // made on another until it works there, and its 401s meanwhile (from 127.0.0.1, as
     // every test's) would count towards it (`connections::` tests the bound).
+    // `[cluster]` last: callers append keys to it.
     format!(
-        "[cluster]\nbackend = \"nats\"\nservers = [{}]\nnode = \"{node}\"\ntimeout_ms = 2000\n[rest]\nauth_failures_per_minute = 0\n",
+        "[rest]\nauth_failures_per_minute = 0\n[cluster]\nbackend = \"nats\"\nservers = [{}]\nnode = \"{node}\"\ntimeout_ms = 2000\n",
         servers.join(", ")
     )
 }
