@@ -376,20 +376,27 @@ fn rest_tls_errors_name_the_key() {
             "here or in rest.listen_tls",
         ),
     ];
-    for (text, key, message) in cases {
-        match Config::parse(text, Source::Embedded) {
-            Err(ConfigError::Invalid {
-                key: k, message: m, ..
-            }) => assert!(k == *key && m.contains(message), "{text:?}: {k}: {m}"),
-            other => panic!("expected Invalid for {text:?}, got {other:?}"),
-        }
-    }
+    assert_invalid(cases);
     // HTTPS alone (no plain listener), and port 0 in both lists, are fine.
     for text in [
         format!("[rest]\nlisten = []\n{tls}{pair}"),
         format!("[rest]\nlisten = [\"127.0.0.1:0\"]\nlisten_tls = [\"127.0.0.1:0\"]\n{pair}"),
     ] {
         Config::parse(&text, Source::Embedded).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    }
+}
+
+/// Each `(text, key, message)`: `text` is refused as invalid at `key` with a message
+/// containing `message`.
+fn assert_invalid<S: AsRef<str>>(cases: &[(S, &str, &str)]) {
+    for (text, key, message) in cases {
+        let text = text.as_ref();
+        match Config::parse(text, Source::Embedded) {
+            Err(ConfigError::Invalid {
+                key: k, message: m, ..
+            }) => assert!(k == *key && m.contains(message), "{text:?}: {k}: {m}"),
+            other => panic!("expected Invalid for {text:?}, got {other:?}"),
+        }
     }
 }
 
@@ -427,14 +434,7 @@ fn listeners_that_would_share_an_address_are_refused() {
             "[::]:8080 overlaps 0.0.0.0:8080 in rest.listen",
         ),
     ];
-    for (text, key, message) in cases {
-        match Config::parse(text, Source::Embedded) {
-            Err(ConfigError::Invalid {
-                key: k, message: m, ..
-            }) => assert!(k == *key && m.contains(message), "{text:?}: {k}: {m}"),
-            other => panic!("expected Invalid for {text:?}, got {other:?}"),
-        }
-    }
+    assert_invalid(cases);
     for text in [
         // UDP and TCP on one port; IPv4 and IPv6 (IPV6_V6ONLY); port 0 twice.
         "[rest]\nlisten = [\"127.0.0.1:5683\"]\n[coap]\nlisten = [\"127.0.0.1:5683\"]\n",
