@@ -216,12 +216,8 @@ pub fn fingerprint(der: &[u8]) -> String {
 /// beating; a killed run's expires or stays as it was. (A restart right after `kill -9`
 /// therefore waits those few seconds.)
 pub async fn check_name_free(nats: &Nats, c: &ClusterConfig) -> Result<(), ClusterError> {
-    let record = |nats: &Nats| {
-        let store = Arc::clone(&nats.store);
-        let node = nats.node.clone();
-        async move { store.member_record(&node).await }
-    };
-    let Some((revision, first)) = record(nats).await.map_err(|e| unreachable(c, said(&e)))? else {
+    let record = || nats.store.member_record(&nats.node);
+    let Some((revision, first)) = record().await.map_err(|e| unreachable(c, said(&e)))? else {
         return Ok(());
     };
     let wait = HEARTBEAT_EVERY * 2 + Duration::from_secs(1);
@@ -234,7 +230,7 @@ pub async fn check_name_free(nats: &Nats, c: &ClusterConfig) -> Result<(), Clust
     let deadline = tokio::time::Instant::now() + wait;
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        match record(nats).await {
+        match record().await {
             Ok(Some((r, m))) if r != revision => {
                 return Err(ClusterError::NameTaken {
                     node: nats.node.clone(),

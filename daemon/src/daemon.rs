@@ -948,11 +948,11 @@ async fn start_services(
     // `requests.max_body`).
     let max_body = match &nats {
         Some(n) => {
-            let fits = crate::cluster::max_body_on(n.store.max_payload());
+            let max_payload = n.store.max_payload();
+            let fits = crate::cluster::max_body_on(max_payload);
             if fits < config.requests.max_body {
                 tracing::info!(
-                    "request bodies are limited to {fits} bytes: what one NATS message (max_payload {}) carries, below requests.max_body ({})",
-                    n.store.max_payload(),
+                    "request bodies are limited to {fits} bytes: what one NATS message (max_payload {max_payload}) carries, below requests.max_body ({})",
                     config.requests.max_body
                 );
             }

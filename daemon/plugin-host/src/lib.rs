@@ -1281,9 +1281,9 @@ fn check_not_writable_by_others(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The private copy `file` of a plugin, just written, is loaded by its path: the
-/// directory it is in must be ours (the owner of the file we created) and closed to
-/// everyone else, and not a symbolic link. Otherwise another local user who made that
+/// The private copy `file` of a plugin, just written, is loaded by its path: the copy and
+/// the directory it is in must be this process's user's, the directory closed to everyone
+/// else and not a symbolic link, the copy a regular file. Otherwise another local user who made that
 /// directory (in a shared temporary directory, between the removal of an old one and our
 /// `mkdir`, which takes an existing directory as it is) could put their own code in place
 /// of the copy before `dlopen`, run as the daemon's (or `plugin-call`'s: root's) user.

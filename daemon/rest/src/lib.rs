@@ -922,17 +922,16 @@ async fn authenticate(
     let throttle = state.connections.auth_throttle();
     if let throttle::Verdict::Wait { after, log } = throttle.verdict(peer) {
         Counters::inc(&state.counters.rest_auth_throttled);
+        // Whole seconds, rounded up: a client that waits that long may try.
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
         if log {
             tracing::warn!(
-                "REST requests from {} refused unchecked (429) for {} s: their credentials \
+                "REST requests from {} refused unchecked (429) for {secs} s: their credentials \
                  failed more than rest.auth_failures_per_minute times; logged once a minute \
                  per address, counted in rest_auth_throttled_total",
                 throttle::counted_as(peer),
-                after.as_secs_f64().ceil()
             );
         }
-        // Whole seconds, rounded up: a client that waits that long may try.
-        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
         return Err(error(
             StatusCode::TOO_MANY_REQUESTS,
             &errs.too_many_requests,
@@ -949,7 +948,6 @@ async fn authenticate(
     {
         Ok(p) => Ok(p),
         Err(AuthError::Unauthenticated(why)) => {
-            Counters::inc(&state.counters.rest_unauthorized);
             count_failure(state, peer);
             Err(error(StatusCode::UNAUTHORIZED, &errs.unauthorized, &why)
                 .header(http::header::WWW_AUTHENTICATE, "Bearer"))
@@ -1009,14 +1007,14 @@ async fn dispatch_plugin_route(
 /// otherwise any valid key would open an unbounded guess at that area's pair.
 fn failed_in_plugin(state: &AppState, peer: IpAddr, reply: Reply) -> Reply {
     if reply.status() == StatusCode::UNAUTHORIZED {
-        Counters::inc(&state.counters.rest_unauthorized);
         count_failure(state, peer);
     }
     reply
 }
 
-/// Counts a failed authentication of `peer` ([`throttle`]).
+/// Counts a failed authentication of `peer` (`rest_unauthorized`, and [`throttle`]).
 fn count_failure(state: &AppState, peer: IpAddr) {
+    Counters::inc(&state.counters.rest_unauthorized);
     let throttle = state.connections.auth_throttle();
     if throttle.failed(peer) {
         tracing::warn!(

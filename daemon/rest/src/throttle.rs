@@ -82,6 +82,15 @@ struct Addresses {
     pruned: Option<Instant>,
 }
 
+/// Whether `now` is the first time in `every` (then `last` becomes `now`).
+fn first_in(last: &mut Option<Instant>, now: Instant, every: Duration) -> bool {
+    let first = last.is_none_or(|t| now.duration_since(t) >= every);
+    if first {
+        *last = Some(now);
+    }
+    first
+}
+
 /// The address a client is counted under: IPv4 as it is (IPv4-mapped IPv6 too), IPv6 by
 /// its /64.
 pub fn counted_as(ip: IpAddr) -> IpAddr {
@@ -134,12 +143,7 @@ impl AuthThrottle {
         if after.is_zero() {
             return Verdict::Check;
         }
-        let log = a
-            .logged
-            .is_none_or(|t| now.duration_since(t) >= LOG_INTERVAL);
-        if log {
-            a.logged = Some(now);
-        }
+        let log = first_in(&mut a.logged, now, LOG_INTERVAL);
         Verdict::Wait { after, log }
     }
 
@@ -158,21 +162,11 @@ impl AuthThrottle {
         let mut addresses = self.lock();
         if !addresses.map.contains_key(&key) && addresses.map.len() >= MAX_ADDRESSES {
             // Room: forget the addresses whose allowance is whole again.
-            if addresses
-                .pruned
-                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-            {
-                addresses.pruned = Some(now);
+            if first_in(&mut addresses.pruned, now, Duration::from_secs(1)) {
                 addresses.map.retain(|_, a| a.whole_at > now);
             }
             if addresses.map.len() >= MAX_ADDRESSES {
-                let log = addresses
-                    .full_logged
-                    .is_none_or(|t| now.duration_since(t) >= LOG_INTERVAL);
-                if log {
-                    addresses.full_logged = Some(now);
-                }
-                return log;
+                return first_in(&mut addresses.full_logged, now, LOG_INTERVAL);
             }
         }
         let a = addresses.map.entry(key).or_insert(Address {

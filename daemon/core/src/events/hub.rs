@@ -63,6 +63,24 @@ pub const FORWARD_BOUND: Duration = Duration::from_secs(15);
 /// still holds the channel's lease ([`Hub::pull_routed`]).
 const HOLDER_CHECK: Duration = Duration::from_secs(1);
 
+/// Lets a long-poll forwarded to `node` end on its own when nobody waits for its answer
+/// any more (its client went away, or another node holds the channel now): a batch that
+/// `node` still answers with is queued again there at once, not after
+/// `REMOTE_ANSWER_WINDOW`.
+fn requeue_late_batch(
+    peers: &Arc<dyn ChannelPeers>,
+    node: &str,
+    key_id: &str,
+    call: tokio::task::JoinHandle<Result<Polled, PeerError>>,
+) {
+    let (peers, node, key) = (Arc::clone(peers), node.to_string(), key_id.to_string());
+    tokio::spawn(async move {
+        if let Ok(Ok(Polled::Batch { id, .. })) = call.await {
+            peers.answered(&node, &key, id, false).await;
+        }
+    });
+}
+
 /// Who delivers a channel's events (cluster; a hub without peers owns every channel).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Owner {
@@ -2614,12 +2632,7 @@ impl Hub {
                             () = &mut gone => {
                                 // The owner may still answer the poll: its batch is queued
                                 // again at once, not after `REMOTE_ANSWER_WINDOW`.
-                                let (peers, key) = (Arc::clone(&peers), p.key_id.clone());
-                                tokio::spawn(async move {
-                                    if let Ok(Ok(Polled::Batch { id, .. })) = call.await {
-                                        peers.answered(&n, &key, id, false).await;
-                                    }
-                                });
+                                requeue_late_batch(&peers, &n, &p.key_id, call);
                                 return Ok(Pulled::Gone);
                             }
                             r = &mut call => break r.unwrap_or_else(|e| Err(PeerError::Unreachable(e.to_string()))),
@@ -2631,16 +2644,8 @@ impl Hub {
                                     // The call ended meanwhile: its answer counts.
                                     Ok(_) if call.is_finished() => {}
                                     Ok(other) => {
-                                        // Left to end on its own: should the old owner
-                                        // still answer with a batch, it is queued again
-                                        // there at once (as for a client gone).
-                                        let (peers, key) = (Arc::clone(&peers), p.key_id.clone());
-                                        let old = n.clone();
-                                        tokio::spawn(async move {
-                                            if let Ok(Ok(Polled::Batch { id, .. })) = call.await {
-                                                peers.answered(&old, &key, id, false).await;
-                                            }
-                                        });
+                                        // Left to end on its own, as for a client gone.
+                                        requeue_late_batch(&peers, &n, &p.key_id, call);
                                         break Err(PeerError::NotOwner(other));
                                     }
                                 }

@@ -36,7 +36,7 @@ use crate::requests::{
     AfterAnswer, DEFAULT_MAX_AGE, Job, Method, ObservationReport, ObservationReports, RequestError,
     Requests, Submit, Submitted, resource_known,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{CORE_STATE_OWNER, Store, StoreError};
 pub use connectord_model::{PresubRecord, SubscriptionRecord};
 use lua::{LuaRules, Question, Subject};
 pub use presub::PreSub;
@@ -372,11 +372,10 @@ pub struct Subscriptions {
     /// answered), with the newest registration of each: one evaluation task per endpoint
     /// at a time, which takes the newest one when it is done with the last, so waiting
     /// evaluations are bounded by the registered endpoints however often they update.
-    due: Mutex<Map<(String, String), Arc<Endpoint>>>,
-    /// When each endpoint of `due` became due (Unix ms; the first time, while it stays
-    /// due): the oldest is what the store's watermark says is not settled yet
+    /// Each with the time it became due (Unix ms; the first time, while it stays due): the
+    /// oldest is what the store's watermark says is not settled yet
     /// ([`Subscriptions::run_presub_watermark`]).
-    due_since: Mutex<Map<(String, String), u64>>,
+    due: Mutex<Map<(String, String), Due>>,
     /// Where every observation's notifications go (issue 24): one task takes them in
     /// batches ([`Subscriptions::take_notifications`]).
     feed: FeedSender,
@@ -385,10 +384,6 @@ pub struct Subscriptions {
     /// Notified whenever a subscription's store write ends ([`State::unwritten`]).
     written: tokio::sync::Notify,
 }
-
-/// The plugin-state owner under which the pre-subscriptions' watermark is kept: the
-/// daemon's own ([`crate::store::CORE_STATE_OWNER`], no plugin's).
-pub const PRESUB_WATERMARK_OWNER: &str = crate::store::CORE_STATE_OWNER;
 
 /// How often the pre-subscriptions' watermark is written when it changed.
 pub const PRESUB_WATERMARK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -399,6 +394,10 @@ fn presub_watermark_key(node: Option<&str>) -> String {
         None => "presubs-settled-ms".to_string(),
     }
 }
+
+/// An endpoint whose pre-subscriptions are due: its newest registration, and since when
+/// (Unix ms) it has been due.
+type Due = (Arc<Endpoint>, u64);
 
 fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -481,7 +480,6 @@ impl Subscriptions {
             state: Mutex::new(state),
             limits,
             due: Mutex::new(Map::default()),
-            due_since: Mutex::new(Map::default()),
             feed,
             next_observation: std::sync::atomic::AtomicU64::new(1),
             written: tokio::sync::Notify::new(),
@@ -564,7 +562,7 @@ impl Subscriptions {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps in the store (as plugin state of [`PRESUB_WATERMARK_OWNER`]) the time before
+    /// Keeps in the store (as plugin state of [`CORE_STATE_OWNER`], no plugin's) the time before
     /// which every endpoint's pre-subscriptions were evaluated: the oldest time an endpoint
     /// now due became due, or, once none is, the time that was seen; written at most every
     /// [`PRESUB_WATERMARK_EVERY`] and only when it changed (an idle daemon writes nothing).
@@ -592,13 +590,13 @@ impl Subscriptions {
                 _ = stop.recv() => true,
                 _ = tick.tick() => false,
             };
-            let oldest = lock_map(&self.due_since).values().min().copied();
+            let oldest = lock_map(&self.due).values().map(|(_, since)| *since).min();
             if written != Some(oldest) {
                 let at = oldest.unwrap_or_else(now_ms);
                 match self
                     .store
                     .plugin_state_put(
-                        PRESUB_WATERMARK_OWNER.into(),
+                        CORE_STATE_OWNER.into(),
                         key.clone(),
                         at.to_string().into_bytes(),
                     )
@@ -623,7 +621,7 @@ impl Subscriptions {
     pub async fn redo_unsettled_presubs(self: &Arc<Self>, node: Option<&str>) -> usize {
         let stored = self
             .store
-            .plugin_state_get(PRESUB_WATERMARK_OWNER.into(), presub_watermark_key(node))
+            .plugin_state_get(CORE_STATE_OWNER.into(), presub_watermark_key(node))
             .await;
         let since = match stored {
             Ok(Some(v)) => match std::str::from_utf8(&v)
@@ -1364,13 +1362,16 @@ impl Subscriptions {
             return;
         }
         let key = (ep.reg.domain.clone(), ep.reg.name.clone());
-        let first = {
-            let mut due = lock_map(&self.due);
-            let first = due.insert(key.clone(), Arc::clone(ep)).is_none();
-            if first {
-                lock_map(&self.due_since).insert(key.clone(), at);
+        let first = match lock_map(&self.due).entry(key.clone()) {
+            // Due since it first was: only the endpoint is the newer one.
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                e.get_mut().0 = Arc::clone(ep);
+                false
             }
-            first
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert((Arc::clone(ep), at));
+                true
+            }
         };
         if !first {
             return;
@@ -1378,13 +1379,12 @@ impl Subscriptions {
         let me = Arc::clone(self);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             lock_map(&self.due).remove(&key);
-            lock_map(&self.due_since).remove(&key);
             tracing::error!("pre-subscriptions need a tokio runtime; not evaluated");
             return;
         };
         runtime.spawn(async move {
             loop {
-                let Some(ep) = lock_map(&me.due).get(&key).cloned() else {
+                let Some(ep) = lock_map(&me.due).get(&key).map(|(ep, _)| Arc::clone(ep)) else {
                     return;
                 };
                 // Only the new ones: `after_reply` asked for the others already, and an
@@ -1392,9 +1392,8 @@ impl Subscriptions {
                 let added = me.apply_presubs(&ep, None).await;
                 me.observe_missing_among(&ep, Some(&added), true);
                 let mut due = lock_map(&me.due);
-                if due.get(&key).is_some_and(|e| Arc::ptr_eq(e, &ep)) {
+                if due.get(&key).is_some_and(|(e, _)| Arc::ptr_eq(e, &ep)) {
                     due.remove(&key);
-                    lock_map(&me.due_since).remove(&key);
                     return;
                 }
             }

@@ -22,6 +22,8 @@ use async_nats::client::RequestErrorKind;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
+use connectord_model::now_ms;
+
 use super::{NODE_HEADER, NatsStore, enc, unavailable};
 use crate::StoreError;
 
@@ -30,12 +32,6 @@ pub const DEADLINE_HEADER: &str = "Cd-Deadline";
 
 /// Calls dropped for their deadline are logged at most once per this long.
 const DROPPED_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Why [`NatsStore::call_node`] got no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
