@@ -284,3 +284,52 @@ fn a_simulated_tls_device_registers_answers_and_notifies() {
     let status = sim.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// `connectord simulate` against a port where nothing listens says so within seconds
+/// (found by an outside review: the progress lines alone looked like retrying forever,
+/// for the 93 s CoAP retransmits before a registration counts as failed).
+#[test]
+fn a_simulator_that_gets_no_answer_says_where_it_sends() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    // A port that was free a moment ago; nothing listens on it.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = format!("127.0.0.1:{port}");
+    let mut sim = Command::new(support::BIN)
+        .args(["simulate", "--devices", "1", "--server", &server])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("connectord simulate");
+    let stderr = sim.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let hint = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("no answer from") => break Some(line),
+            Ok(line) => seen.push(line),
+            Err(_) => break None,
+        }
+    };
+    let _ = sim.kill();
+    let _ = sim.wait();
+    let hint = hint.unwrap_or_else(|| panic!("no hint within 20 s:\n{}", seen.join("\n")));
+    assert!(hint.contains(&server), "{hint}");
+    assert!(
+        hint.contains("coap.listen") && hint.contains("93 s"),
+        "{hint}"
+    );
+}

@@ -95,6 +95,12 @@ pub const LINKS_1_1: &str =
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 const ACK_RANDOM_FACTOR: f64 = 1.5;
 const MAX_RETRANSMIT: u32 = 4;
+/// The longest a registration goes without an answer before it counts as failed: RFC
+/// 7252's MAX_TRANSMIT_WAIT (ACK_TIMEOUT × ACK_RANDOM_FACTOR × (2^(MAX_RETRANSMIT + 1) − 1),
+/// 93 s).
+const NO_ANSWER_GIVE_UP: Duration = Duration::from_millis(
+    ACK_TIMEOUT.as_millis() as u64 * 3 / 2 * ((1 << (MAX_RETRANSMIT + 1)) - 1),
+);
 /// De-registration at stop gives up sooner: stopping should not take a minute.
 const DEREGISTER_RETRANSMIT: u32 = 1;
 /// How long to wait for a separate response after an empty ACK.
@@ -1396,6 +1402,7 @@ pub async fn run(
     let mut progress =
         tokio::time::interval_at(t0 + Duration::from_secs(5), Duration::from_secs(5));
     let mut announced = false;
+    let mut hinted = false;
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -1418,12 +1425,27 @@ pub async fn run(
                     break;
                 }
             },
-            _ = progress.tick(), if !announced => tracing::info!(
-                "{} of {} devices registered ({} failed)",
-                report.registered,
-                opts.devices,
-                report.failed
-            ),
+            _ = progress.tick(), if !announced => {
+                tracing::info!(
+                    "{} of {} devices registered ({} failed)",
+                    report.registered,
+                    opts.devices,
+                    report.failed
+                );
+                // Nothing answered yet: say where it is sent and what to check, once
+                // (found by an outside review: a wrong port looked like retrying forever,
+                // one progress line after another for the minute and a half that CoAP
+                // retransmits before a registration counts as failed).
+                if !hinted && report.registered + report.failed == 0 {
+                    hinted = true;
+                    tracing::warn!(
+                        "no answer from {} after {} s: is the daemon listening there (its coap.listen, or --server)? Each registration is sent again for up to {} s before it counts as failed",
+                        opts.server,
+                        t0.elapsed().as_secs(),
+                        NO_ANSWER_GIVE_UP.as_secs()
+                    );
+                }
+            }
         }
     }
 
