@@ -334,21 +334,45 @@ pub async fn view(backend: Backend, nats: Option<&Nats>, me: &Member) -> Cluster
     ClusterView::new(backend.as_str(), me.node.clone(), members)
 }
 
+/// How long the NATS server must go on answering that streams of this cluster's state do
+/// not exist before the node takes that state as lost ([`run_heartbeat`]). Longer than a
+/// stream leader's election on a NATS cluster; a server restarted with its store loads its
+/// streams before it takes clients.
+pub const STATE_LOST_AFTER: Duration = Duration::from_secs(10);
+
+/// Every how many beats the streams are looked for while the beats work (a stream deleted
+/// alone leaves the members' bucket, and so the beats, working).
+const CHECK_STREAMS_EVERY: u32 = 15;
+
 /// Heartbeats every [`HEARTBEAT_EVERY`] and reads the members into `view`, until `stop`;
 /// then removes this node's record (a clean stop leaves at once; a killed node drops out
 /// when its record expires). Each beat carries the channels this node owns now
 /// (`owned_channels`, read from the hub), so every node's `GET /v2/cluster` shows every
 /// member's, at most a heartbeat late.
+///
+/// After a failed beat, and every [`CHECK_STREAMS_EVERY`] beats, it asks the server for the
+/// state's streams ([`NatsStore::missing_streams`]). When the server has gone on answering
+/// for [`STATE_LOST_AFTER`] that some do not exist, the state is lost (a server brought back
+/// without its JetStream store: found by an outside review, the node answered 503 to
+/// every write until it was restarted, and no line said why). Decision: the node then says
+/// so and sends the reason on `lost`, and the daemon stops with exit 1, so that systemd
+/// (`Restart=on-failure`) starts it again on the empty state, as a first start (a new
+/// first admin key beside the old one; devices register again at their next update).
+/// Making the streams again in the running node would leave its registry, keys and
+/// channels in memory with nothing behind them.
 pub async fn run_heartbeat(
     store: Arc<NatsStore>,
     mut me: Member,
     owned_channels: impl Fn() -> u64 + Send,
     view: Arc<ClusterView>,
+    lost: tokio::sync::watch::Sender<Option<String>>,
     mut stop: shutdown::Shutdown,
 ) {
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    let mut beats = 0u32;
+    let mut missing_since: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             _ = stop.recv() => break,
@@ -359,6 +383,7 @@ pub async fn run_heartbeat(
                     Ok(()) => store.members().await,
                     Err(e) => Err(e),
                 };
+                let beat_failed = members.is_err();
                 match members {
                     Ok(m) => {
                         if failing {
@@ -372,6 +397,34 @@ pub async fn run_heartbeat(
                         failing = true;
                     }
                     Err(_) => {}
+                }
+                beats = beats.wrapping_add(1);
+                if lost.borrow().is_some() || !(beat_failed || beats.is_multiple_of(CHECK_STREAMS_EVERY)) {
+                    continue;
+                }
+                let missing = store.missing_streams().await;
+                if missing.is_empty() {
+                    if missing_since.take().is_some() {
+                        tracing::info!("cluster: the NATS server has this cluster's streams again");
+                    }
+                    continue;
+                }
+                let since = *missing_since.get_or_insert_with(|| {
+                    tracing::warn!(
+                        "cluster: the NATS server says it has no stream {}; if that holds for {} s, this cluster's state is lost and this node stops",
+                        missing.join(", "),
+                        STATE_LOST_AFTER.as_secs()
+                    );
+                    std::time::Instant::now()
+                });
+                if since.elapsed() >= STATE_LOST_AFTER {
+                    let reason = format!(
+                        "cluster: the NATS server has lost this cluster's state: it has had no stream {} for {} s (a server brought back without its JetStream store, or the streams deleted), and what was stored there is gone; stopping, so that a new start (systemd restarts the service) begins on the empty state, where devices register again at their next update",
+                        missing.join(", "),
+                        since.elapsed().as_secs()
+                    );
+                    tracing::error!("{reason}");
+                    lost.send_replace(Some(reason));
                 }
             }
         }

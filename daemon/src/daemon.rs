@@ -63,6 +63,11 @@ pub enum StartError {
     Reinit(std::io::Error),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    /// While serving, something the daemon cannot serve without is gone (the reason, as
+    /// logged: the cluster's state lost on the NATS server, `cluster::run_heartbeat`); it
+    /// stopped, and `connectord run` exits 1.
+    #[error("{0}")]
+    Lost(String),
     /// A `coap.tls_cert` / `coap.tls_key` file that cannot be read (`key`: `tls_cert` or
     /// `tls_key`).
     #[error("coap.{key}: {}: {source}", path.display())]
@@ -187,6 +192,10 @@ struct Services {
     /// The NATS store's runtime (`[cluster] backend = "nats"`), shut down after the
     /// daemon's.
     nats_runtime: Option<crate::cluster::StoreRuntime>,
+    /// Why the daemon must stop, once something it cannot serve without is gone (the
+    /// cluster's state lost on the NATS server: `cluster::run_heartbeat`);
+    /// [`Running::serve_until_signal`] then stops and fails with it.
+    lost: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// Starts the daemon: builds its async runtime (`[runtime] worker_threads`), checks the
@@ -286,6 +295,7 @@ impl Running {
         let coap_dtls = self.coap_dtls.clone();
         let config = self.config.clone();
         let options = std::mem::take(&mut self.options);
+        let mut failed: Option<String> = None;
         let announced = rt.block_on(async {
             if let Some(interval) = sd_notify::watchdog_enabled() {
                 services
@@ -310,12 +320,17 @@ impl Running {
                 notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
                 tracing::info!("connectord {} ready", env!("CARGO_PKG_VERSION"));
                 let mut running = config;
+                let mut lost = services.lost.clone();
                 loop {
                     tokio::select! {
                         _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
                         _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
                         _ = hup.recv() => {
                             running = reload(running, options.config_path.as_deref(), options.set_log.as_ref(), services.rest_tls.as_deref());
+                        }
+                        Ok(reason) = lost.wait_for(Option::is_some) => {
+                            failed = reason.clone();
+                            break;
                         }
                     }
                 }
@@ -328,6 +343,9 @@ impl Running {
         if let Some(path) = &ready_file {
             // No longer serving: a stale file would name addresses nobody listens on.
             let _ = std::fs::remove_file(path);
+        }
+        if let Some(reason) = failed {
+            return Err(StartError::Lost(reason));
         }
         tracing::info!("stopped");
         Ok(())
@@ -375,6 +393,7 @@ fn stop_services(rt: tokio::runtime::Runtime, services: Services) {
         coap_tls: _,
         coap_dtls: _,
         nats_runtime,
+        lost: _,
     } = services;
     rt.block_on(async {
         trigger.fire();
@@ -934,6 +953,7 @@ async fn start_services(
             stop.clone(),
         )));
     }
+    let (lost_tx, lost_rx) = tokio::sync::watch::channel(None);
     if let Some(nats) = &nats {
         let hub = Arc::clone(&hub);
         tasks.push(tokio::spawn(crate::cluster::run_heartbeat(
@@ -941,6 +961,7 @@ async fn start_services(
             me,
             move || hub.owned_channels() as u64,
             Arc::clone(&cluster),
+            lost_tx,
             stop.clone(),
         )));
     }
@@ -996,6 +1017,7 @@ async fn start_services(
             coap_tls,
             coap_dtls,
             nats_runtime: nats.map(|n| n.runtime),
+            lost: lost_rx,
         },
         rest_addrs,
         coap_addrs,

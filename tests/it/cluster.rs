@@ -471,6 +471,60 @@ fn an_old_admin_key_beside_a_new_cluster_state_is_kept_and_a_new_one_written_bes
     );
 }
 
+/// A NATS server brought back without its JetStream store has lost the cluster's state
+/// (found by an outside review: the node answered 503 until someone restarted it, and no
+/// line said why). The node names the missing streams, stops with exit 1 so that systemd
+/// (`Restart=on-failure`) starts it again, and that start works on the empty state: a new
+/// first admin key beside the old one, and devices register again.
+#[test]
+fn a_nats_server_that_lost_the_cluster_state_stops_the_node_for_a_restart() {
+    let mut server = NatsServer::start().unwrap();
+    let mut d = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    let mut dev = d.device();
+    dev.register(&["ep=before", "lt=300", "b=U"], LINKS);
+    server.restart_empty().unwrap();
+    let t = Instant::now();
+    // A write meanwhile fails as the store's (not SQLite's: this node has none).
+    let r = d.call("PUT", "/v2/subscriptions/before/3/0/0", None, None);
+    assert_eq!(r.status, 503, "{}", r.body);
+    let code = d.wait_exit(Duration::from_secs(60));
+    let logs = d.logs().join("\n");
+    assert_eq!(
+        code,
+        Some(1),
+        "the node went on after its state was lost: {logs}"
+    );
+    println!("stopped {:?} after the server came back empty", t.elapsed());
+    assert!(
+        logs.contains("lost this cluster's state") && logs.contains("KV_cd_registrations"),
+        "{logs}"
+    );
+    let failing = d
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("state store is failing"))
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert!(failing.contains("connectord_store::health"), "{failing}");
+    assert!(!logs.contains("connectord_store::sqlite"), "{logs}");
+    let d = d.crash_and_restart();
+    assert!(
+        d.logs().iter().any(|l| l.contains("does not work here")),
+        "{}",
+        d.logs().join("\n")
+    );
+    let key = std::fs::read_dir(d.state_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("admin.key."))
+        .expect("a new admin key beside the old one");
+    let key = std::fs::read_to_string(d.state_dir().join(key)).unwrap();
+    let mut dev = d.device();
+    dev.register(&["ep=after", "lt=300", "b=U"], LINKS);
+    let r = bearer_call(&d, "GET", "/v2/endpoints", Some(key.trim()), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("\"after\""), "{}", r.body);
+}
+
 /// `connectord check-config` checks `[cluster]`: a node name that is no NATS token is
 /// refused with the file, line and key, and says so.
 #[test]

@@ -19,6 +19,7 @@ pub mod prelude {
         RequestStore, Store, SubscriptionStore,
     };
 }
+mod health;
 mod journal;
 mod record_json;
 pub mod sqlite;

@@ -164,7 +164,8 @@ use connectord_model::{
     StoredEvent, SubscriptionRecord,
 };
 
-use crate::sqlite::{EPOCH_SHIFT, HealthState};
+use crate::health::HealthState;
+use crate::sqlite::EPOCH_SHIFT;
 use crate::{
     Appended, CredentialStore, EventLog, Feed, Health, Pending, PluginStateStore, QuotaStore,
     RegistrationStore, RequestStore, StoreError, SubscriptionStore, record_json,
@@ -804,6 +805,29 @@ impl NatsStore {
             }
         }
         Err(unavailable("could not record the CA fingerprint"))
+    }
+
+    /// The streams of this cluster's state (every bucket's and stream's, as `connect` bound
+    /// them) that the server answers it does not have: JetStream's "stream not found",
+    /// nothing else. Empty while they all exist, and also when the server cannot be asked
+    /// (an outage is not a loss: it is the answer of a server that is up). A server that
+    /// lost its store (brought back on a new disk, or without its store directory) has none
+    /// of them; the daemon watches for that (`cluster::run_heartbeat`).
+    pub async fn missing_streams(&self) -> Vec<String> {
+        use jetstream::context::GetStreamErrorKind;
+        let mut missing = Vec::new();
+        for name in self.shared.streams.keys() {
+            let asked =
+                tokio::time::timeout(self.shared.timeout, self.shared.js.get_stream(name)).await;
+            if let Ok(Err(e)) = asked
+                && let GetStreamErrorKind::JetStream(j) = e.kind()
+                && j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            {
+                missing.push(name.clone());
+            }
+        }
+        missing.sort();
+        missing
     }
 
     /// Puts this node's record into the `<p>_nodes` bucket, whose entries expire after

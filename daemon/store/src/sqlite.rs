@@ -10,7 +10,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use connectord_model::{
     Registration, StoredEvent, SubscriptionRecord,
 };
 
+use crate::health::HealthState;
 use crate::{
     Appended, CommitObserver, CredentialStore, EXTERNAL_CHECK, EventLog, Feed, Health, Pending,
     PluginStateStore, QuotaStore, RegistrationChunks, RegistrationStore, RequestStore, StoreError,
@@ -822,78 +822,6 @@ impl Deref for Db<'_> {
     }
 }
 
-/// How often, at most, the store says again that it is still failing.
-const FAILING_LOG_EVERY: Duration = Duration::from_secs(60);
-
-/// Whether the store's writes succeed, kept by the store thread. Decision: the state
-/// changes with each batch (failing at the first write the storage refuses, healthy at
-/// the first batch that changes rows and commits without such a failure; a batch of
-/// reads says nothing), and is logged when it changes
-/// and at most once a [`FAILING_LOG_EVERY`] while it fails, never once per request.
-#[derive(Default)]
-pub(crate) struct HealthState {
-    errors: AtomicU64,
-    inner: Mutex<HealthLog>,
-}
-
-#[derive(Default)]
-struct HealthLog {
-    failing: Option<String>,
-    /// When the last line about the failure was written, and the failures since.
-    logged: Option<Instant>,
-    since_logged: u64,
-    since_failing: u64,
-}
-
-impl HealthState {
-    pub(crate) fn failed(&self, e: &StoreError) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
-        let mut h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        h.since_failing += 1;
-        let now = Instant::now();
-        if h.failing.is_none() {
-            tracing::error!(
-                "store: the state store is failing: {e}; writes are refused (REST 503, CoAP 5.03) until it works again"
-            );
-            h.logged = Some(now);
-            h.since_logged = 0;
-        } else if h
-            .logged
-            .is_none_or(|t| now.duration_since(t) >= FAILING_LOG_EVERY)
-        {
-            tracing::error!(
-                "store: the state store is still failing: {e} ({} failed writes since the last line)",
-                h.since_logged + 1
-            );
-            h.logged = Some(now);
-            h.since_logged = 0;
-        } else {
-            h.since_logged += 1;
-        }
-        h.failing = Some(e.to_string());
-    }
-
-    pub(crate) fn succeeded(&self) {
-        let mut h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if h.failing.take().is_some() {
-            tracing::warn!(
-                "store: the state store works again ({} writes failed meanwhile)",
-                h.since_failing
-            );
-            h.since_failing = 0;
-            h.logged = None;
-        }
-    }
-
-    pub(crate) fn snapshot(&self) -> Health {
-        let h = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        Health {
-            failing: h.failing.clone(),
-            errors: self.errors.load(Ordering::Relaxed),
-        }
-    }
-}
-
 /// The store thread's job queue and how it gathers batches from it.
 struct Queue {
     rx: mpsc::Receiver<Box<dyn Job>>,
@@ -924,7 +852,7 @@ fn run(
             .ok()
     };
     let mut seen = data_version();
-    let mut checked = std::time::Instant::now();
+    let mut checked = Instant::now();
     // Jobs in the last batch: from GATHER_AFTER on, the next waits `commit_delay`.
     let mut last_batch = 0;
     loop {
@@ -942,7 +870,7 @@ fn run(
                         Err(_) => break,
                     }
                 }
-                let started = std::time::Instant::now();
+                let started = Instant::now();
                 last_batch = batch.len();
                 run_batch(&db, batch, &health);
                 commits.observe(started.elapsed());
@@ -953,7 +881,7 @@ fn run(
         // At most once a second, busy or idle: this connection's own commits leave
         // data_version alone, so a change is another process's write.
         if checked.elapsed() >= EXTERNAL_CHECK {
-            checked = std::time::Instant::now();
+            checked = Instant::now();
             let now = data_version();
             if now.is_some() && now != seen {
                 seen = now;
@@ -2004,6 +1932,7 @@ mod tests {
     use super::*;
     use std::net::SocketAddr;
     use std::sync::Arc;
+    use std::sync::atomic::Ordering;
 
     fn reg(id: &str, name: &str) -> Registration {
         Registration {

@@ -214,6 +214,19 @@ impl NatsServer {
         self.wait_ready(READY_WITHIN)
     }
 
+    /// Starts the server again on the same ports with an empty JetStream store, as a
+    /// server brought back on a new disk or without its store directory: everything it
+    /// held is lost. Ready when this returns.
+    pub fn restart_empty(&mut self) -> std::io::Result<()> {
+        self.kill();
+        let store = self.dir.path().join("js");
+        if store.exists() {
+            std::fs::remove_dir_all(&store)?;
+        }
+        self.spawn()?;
+        self.wait_ready(READY_WITHIN)
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
