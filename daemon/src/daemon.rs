@@ -574,6 +574,11 @@ async fn start_services(
     .await?;
     tracing::info!("loaded the credentials of {} devices", credentials.len());
     // One server certificate for the DTLS and the TLS listeners.
+    if config.coap.tls_cert.is_some() && !coap_certificate_used(&config.coap) {
+        tracing::warn!(
+            "coap.tls_cert and coap.tls_key are set, but no coap.listen_tls or coap.listen_dtls listener presents them: they are not read"
+        );
+    }
     let server_cert = if config.coap.listen_dtls.is_empty() && !transport.has_tls() {
         None
     } else {
@@ -1298,6 +1303,36 @@ struct ServerCert {
     key_der: Vec<u8>,
     /// `coap.tls_cert` and `coap.tls_key` when they are the source.
     files: Option<(PathBuf, PathBuf)>,
+}
+
+/// `coap.tls_cert`/`coap.tls_key`, when set, read and checked as a start reads them
+/// (`connectord check-config`); `Ok(false)` when no secure CoAP listener would use them,
+/// which the start logs as a warning.
+pub fn check_coap_certificate(coap: &crate::coap::CoapConfig) -> Result<bool, StartError> {
+    let (Some(c), Some(k)) = (&coap.tls_cert, &coap.tls_key) else {
+        return Ok(true);
+    };
+    let read = |key: &'static str, path: &Path| {
+        std::fs::read(path).map_err(|source| StartError::CoapTlsFile {
+            key,
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let (cert_name, key_name) = (
+        format!("coap.tls_cert: {}", c.display()),
+        format!("coap.tls_key: {}", k.display()),
+    );
+    crate::coap::tls::check_pair(
+        (&cert_name, &read("tls_cert", c)?),
+        (&key_name, &read("tls_key", k)?),
+    )?;
+    Ok(coap_certificate_used(coap))
+}
+
+/// Whether a secure CoAP listener (TLS or DTLS) would present `coap.tls_cert`.
+fn coap_certificate_used(coap: &crate::coap::CoapConfig) -> bool {
+    !coap.listen_tls.is_empty() || !coap.listen_dtls.is_empty()
 }
 
 /// The secure listeners' server certificate: `coap.tls_cert`/`coap.tls_key` when set

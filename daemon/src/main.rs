@@ -278,10 +278,17 @@ fn main() -> ExitCode {
             })
             .map_err(|e| e.to_string())
             .and_then(|c| {
-                // The HTTPS certificate and key are read as the start reads them.
-                connectord::rest::tls::Tls::from_config(&c.rest).map_err(|e| e.to_string())
+                // The HTTPS certificate and key are read as the start reads them, and the
+                // secure CoAP listeners' (a start without such a listener leaves them unread).
+                connectord::rest::tls::Tls::from_config(&c.rest).map_err(|e| e.to_string())?;
+                connectord::daemon::check_coap_certificate(&c.coap).map_err(|e| e.to_string())
             }) {
-            Ok(_) => {
+            Ok(used) => {
+                if !used {
+                    eprintln!(
+                        "note: coap.tls_cert and coap.tls_key are set, but no coap.listen_tls or coap.listen_dtls listener presents them"
+                    );
+                }
                 println!("{}: configuration is valid", path.display());
                 ExitCode::SUCCESS
             }

@@ -696,3 +696,63 @@ fn a_read_fails_at_once_when_the_devices_tls_connection_ends() {
         started.elapsed()
     );
 }
+
+/// `check-config` reads `coap.tls_cert`/`coap.tls_key` as the start does (it read only
+/// the HTTPS files, and called valid a CoAP certificate the start refused), says a cut-short
+/// file in words (the PEM reader's markers were printed as byte arrays: an outside review),
+/// names a key that does not match, and notes a certificate that no listener presents.
+#[test]
+fn check_config_reads_the_coap_certificate_as_the_start_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = support::certs::self_signed_server(dir.path());
+    let cut = dir.path().join("cut.pem");
+    let text = std::fs::read(&cert).unwrap();
+    std::fs::write(&cut, &text[..text.len() / 2]).unwrap();
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir(&other_dir).unwrap();
+    let (other, _) = support::certs::self_signed_server(&other_dir);
+    let file = dir.path().join("c.toml");
+    let check = |cert: &Path, listener: bool| {
+        let listen = if listener { TLS } else { "" };
+        std::fs::write(
+            &file,
+            format!(
+                "[coap]\n{listen}\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(support::BIN)
+            .arg("check-config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = check(&cut, true);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains(&format!("coap.tls_cert: {}", cut.display()))
+            && stderr.contains("no line -----END CERTIFICATE----- (is the file cut short?)")
+            && !stderr.contains("[67, 69"),
+        "{stderr}"
+    );
+    let (ok, stderr) = check(&other, true);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("the key does not match the certificate"),
+        "{stderr}"
+    );
+    let (ok, stderr) = check(&cert, true);
+    assert!(ok && stderr.is_empty(), "{stderr}");
+    let (ok, stderr) = check(&cert, false);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("no coap.listen_tls or coap.listen_dtls listener presents them"),
+        "{stderr}"
+    );
+}

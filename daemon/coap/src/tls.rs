@@ -118,27 +118,56 @@ pub struct TlsSetup {
     pub credentials: Option<Arc<dyn Credentials>>,
 }
 
+/// A PEM reading error in words. rustls-pki-types prints the markers it names as byte
+/// arrays (`missing section end marker: [67, 69, 82, ...]`: found by an outside review on a
+/// certificate file cut short); the REST and DTLS listeners' messages use this too.
+pub fn pem_problem(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { end_marker } => format!(
+            "a block has no line -----END {}----- (is the file cut short?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        E::IllegalSectionStart { line } => format!(
+            "a malformed -----BEGIN line: {:?}",
+            String::from_utf8_lossy(line)
+        ),
+        E::Base64Decode(e) => format!("a block's base64 does not decode ({e})"),
+        E::NoItemsFound => "no PEM block of the kind needed".to_string(),
+        e => e.to_string(),
+    }
+}
+
+/// rustls's refusal of a certificate and key, in words where its own are not
+/// (`keys may not be consistent: KeyMismatch`).
+fn refused_text(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InconsistentKeys(_) => "the key does not match the certificate".into(),
+        e => e.to_string(),
+    }
+}
+
 /// Why the TLS configuration could not be built. `what` names the input (the
 /// configuration key and file, `coap.tls_cert: /etc/...`, or "issued server certificate").
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{what}: not PEM: {source}")]
+    /// `problem` is in the message ([`pem_problem`]), not a `source`: its own text would
+    /// print the byte arrays again in the error's chain.
+    #[error("{what}: not PEM: {}", pem_problem(problem))]
     NotPem {
         what: String,
-        #[source]
-        source: rustls::pki_types::pem::Error,
+        problem: rustls::pki_types::pem::Error,
     },
     #[error("{what}: no CERTIFICATE block")]
     NoCertificate { what: String },
-    #[error("{what}: no usable private key: {source}")]
+    #[error("{what}: no usable private key: {}", pem_problem(problem))]
     NoKey {
         what: String,
-        #[source]
-        source: rustls::pki_types::pem::Error,
+        problem: rustls::pki_types::pem::Error,
     },
     /// The certificate and key read, but refused together (a certificate that does not
     /// parse, a key that does not match it, an unsupported key type).
-    #[error("{chain} with {key}: {source}")]
+    #[error("{chain} with {key}: {}", refused_text(source))]
     Refused {
         chain: String,
         key: String,
@@ -161,18 +190,18 @@ pub fn read_pem(
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.1)
         .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::NotPem {
+        .map_err(|problem| TlsError::NotPem {
             what: chain_pem.0.to_owned(),
-            source,
+            problem,
         })?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate {
             what: chain_pem.0.to_owned(),
         });
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.1).map_err(|source| TlsError::NoKey {
+    let key = PrivateKeyDer::from_pem_slice(key_pem.1).map_err(|problem| TlsError::NoKey {
         what: key_pem.0.to_owned(),
-        source,
+        problem,
     })?;
     Ok((chain, key))
 }
@@ -207,6 +236,23 @@ pub fn server_config(
         })?;
     cfg.alpn_protocols = vec![b"coap".to_vec()];
     Ok(cfg)
+}
+
+/// Whether `chain_pem` and `key_pem` make a server certificate rustls takes (PEM that reads,
+/// a key that matches the leaf), without building a listener's configuration:
+/// `connectord check-config` checks `coap.tls_cert`/`coap.tls_key` with it.
+pub fn check_pair(chain_pem: (&str, &[u8]), key_pem: (&str, &[u8])) -> Result<(), TlsError> {
+    let (chain, key) = read_pem(chain_pem, key_pem)?;
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|source| TlsError::Refused {
+            chain: chain_pem.0.to_owned(),
+            key: key_pem.0.to_owned(),
+            source,
+        })?;
+    Ok(())
 }
 
 /// The identity a client certificate (DER) proves: subject CN and OU, serial in hex.

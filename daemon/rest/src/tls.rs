@@ -302,7 +302,10 @@ fn load_pair(
                 rustls::pki_types::pem::Error::NoItemsFound => {
                     "no private key in the file (expected a PEM block PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)".to_string()
                 }
-                e => format!("not a valid PEM file: {e}"),
+                e => format!(
+                    "not a valid PEM file: {}",
+                    connectord_core::coap::tls::pem_problem(&e)
+                ),
             },
         )
     })?;
@@ -324,7 +327,15 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(path, TlsError::cert)?;
     let chain = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::cert(path, format!("not a valid PEM file: {e}")))?;
+        .map_err(|e| {
+            TlsError::cert(
+                path,
+                format!(
+                    "not a valid PEM file: {}",
+                    connectord_core::coap::tls::pem_problem(&e)
+                ),
+            )
+        })?;
     if chain.is_empty() {
         return Err(TlsError::cert(
             path,

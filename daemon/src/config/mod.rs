@@ -646,6 +646,41 @@ impl Config {
         if let Err((key, message)) = self.check_addresses() {
             return Err(invalid(key.into(), message));
         }
+        if let Err((key, message)) = self.check_paths() {
+            return Err(invalid(key.into(), message));
+        }
+        Ok(())
+    }
+
+    /// No path that is empty or starts with `~`. Found by an outside review: `lua.dir =
+    /// ""` was taken (the rules looked for in the working directory) and `"~/rules"` was a
+    /// directory named `~`, both called valid; only a shell expands `~`. (`state.dir` says
+    /// its own empty message first, in [`StateConfig::check`].)
+    fn check_paths(&self) -> Result<(), (&'static str, String)> {
+        let paths: [(&'static str, Option<&Path>); 7] = [
+            ("state.dir", self.state.dir.as_deref()),
+            ("lua.dir", Some(&self.lua.dir)),
+            ("plugins.dir", self.plugins.dir.as_deref()),
+            ("rest.tls_cert", self.rest.tls_cert.as_deref()),
+            ("rest.tls_key", self.rest.tls_key.as_deref()),
+            ("coap.tls_cert", self.coap.tls_cert.as_deref()),
+            ("coap.tls_key", self.coap.tls_key.as_deref()),
+        ];
+        for (key, path) in paths {
+            let Some(path) = path else { continue };
+            if path.as_os_str().is_empty() {
+                return Err((key, "is empty: name a path, or leave the key out".into()));
+            }
+            if path.as_os_str().as_encoded_bytes().starts_with(b"~") {
+                return Err((
+                    key,
+                    format!(
+                        "{} starts with ~, which only a shell expands: write the full path",
+                        path.display()
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 

@@ -537,3 +537,37 @@ fn cluster_section_defaults_and_errors() {
         .to_string();
     assert!(e.contains("cluster.backend") && e.contains("sqlite"), "{e}");
 }
+
+/// A path that is empty or starts with `~` is refused, naming its key: `lua.dir = ""` was
+/// taken as the working directory and `"~/x"` as a directory named `~` (an outside
+/// review). Absolute and relative paths are fine.
+#[test]
+fn empty_paths_and_paths_with_a_tilde_are_refused() {
+    assert_invalid(&[
+        ("[lua]\ndir = \"\"\n", "lua.dir", "is empty"),
+        ("[plugins]\ndir = \"\"\n", "plugins.dir", "is empty"),
+        (
+            "[state]\ndir = \"~/cd-state\"\n",
+            "state.dir",
+            "~/cd-state starts with ~, which only a shell expands",
+        ),
+        ("[lua]\ndir = \"~\"\n", "lua.dir", "starts with ~"),
+        (
+            "[coap]\ntls_cert = \"~alice/c.pem\"\ntls_key = \"/k.pem\"\n",
+            "coap.tls_cert",
+            "starts with ~",
+        ),
+        (
+            "[rest]\nlisten_tls = [\"127.0.0.1:0\"]\ntls_cert = \"/c.pem\"\ntls_key = \"~/k.pem\"\n",
+            "rest.tls_key",
+            "starts with ~",
+        ),
+    ]);
+    for fine in [
+        "[lua]\ndir = \"rules\"\n",
+        "[lua]\ndir = \"/etc/connectord/a~b\"\n",
+        "[state]\ndir = \".\"\n",
+    ] {
+        assert!(Config::parse(fine, Source::Embedded).is_ok(), "{fine}");
+    }
+}
