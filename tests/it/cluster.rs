@@ -525,6 +525,44 @@ fn a_nats_server_that_lost_the_cluster_state_stops_the_node_for_a_restart() {
     assert!(r.body.contains("\"after\""), "{}", r.body);
 }
 
+/// `GET /` (what a health check reads) turns 503 as soon as the node has lost its NATS
+/// connection, naming it, also on an idle node (found by an outside review: it stayed
+/// 200 for 7-8 s, until a write failed); it is 200 again once the server is back.
+#[test]
+fn the_health_check_says_at_once_that_nats_is_gone() {
+    let mut server = NatsServer::start().unwrap();
+    let d = Daemon::start_with(&cluster(&[server.url()], "n1"));
+    assert_eq!(d.get("/").status, 200);
+    server.kill();
+    let t = Instant::now();
+    let r = loop {
+        let r = d.get("/");
+        if r.status != 200 || t.elapsed() > Duration::from_secs(3) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        r.status,
+        503,
+        "still {} after {:?}: {}",
+        r.status,
+        t.elapsed(),
+        r.body
+    );
+    assert!(r.body.contains("NATS"), "{}", r.body);
+    println!(
+        "GET / was 503 {:?} after the server was killed",
+        t.elapsed()
+    );
+    server.restart().unwrap();
+    assert!(
+        support::eventually(WAIT, || d.get("/").status == 200),
+        "{}",
+        d.get("/").body
+    );
+}
+
 /// `connectord check-config` checks `[cluster]`: a node name that is no NATS token is
 /// refused with the file, line and key, and says so.
 #[test]

@@ -2412,8 +2412,20 @@ impl Feed for NatsStore {
         Some(self.external.clone())
     }
 
+    /// The writes' health, and failing too while the client has no connection to a
+    /// server (it reconnects by itself): an idle node has no write to fail, and `GET /`
+    /// stayed 200 for 7-8 s after its server was gone (an outside review).
     fn health(&self) -> Health {
-        self.shared.health.snapshot()
+        let mut health = self.shared.health.snapshot();
+        if health.failing.is_none()
+            && self.shared.client.connection_state() != async_nats::connection::State::Connected
+        {
+            health.failing = Some(
+                "no connection to a NATS server (the client is reconnecting to cluster.servers)"
+                    .into(),
+            );
+        }
+        health
     }
 }
 
