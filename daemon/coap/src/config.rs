@@ -72,6 +72,12 @@ pub struct CoapConfig {
     /// Half-open DTLS handshakes (cookie verified, not finished) at most per listener;
     /// beyond it ClientHellos are dropped and counted.
     pub dtls_max_handshakes: usize,
+    /// Half-open DTLS handshakes at most from one source (an IPv4 address, an IPv6 /64) per
+    /// listener, so that one source cannot hold every slot of `dtls_max_handshakes`
+    /// (0, or a value not below `dtls_max_handshakes`: no bound of its own; not an error,
+    /// so that lowering `dtls_max_handshakes` needs no second change). Beyond it
+    /// ClientHellos are dropped and counted.
+    pub dtls_max_handshakes_per_source: usize,
     /// A DTLS handshake not finished after this long is dropped.
     pub dtls_handshake_timeout_s: u64,
     /// A DTLS session that carried nothing for this long is closed (the device handshakes
@@ -152,6 +158,7 @@ impl Default for CoapConfig {
             listen_dtls: Vec::new(),
             dtls_max_sessions: 100_000,
             dtls_max_handshakes: 1000,
+            dtls_max_handshakes_per_source: 100,
             dtls_handshake_timeout_s: 30,
             dtls_idle_s: 3600,
         }

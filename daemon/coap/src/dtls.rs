@@ -17,8 +17,10 @@
 //!   state RFC 6347 §4.2.2 describes after a cookie exchange (`message_seq` 1 on both
 //!   sides; the first ClientHello is not part of the handshake hash).
 //! - **Bounds.** Half-open handshakes (cookie verified, not yet established) are capped at
-//!   `coap.dtls_max_handshakes`, sessions at `coap.dtls_max_sessions`; beyond either a
-//!   ClientHello is dropped and counted. A handshake older than
+//!   `coap.dtls_max_handshakes`, and at `coap.dtls_max_handshakes_per_source` from one
+//!   source (an IPv4 address, an IPv6 /64: the cookie proves the address, so one host
+//!   holding every slot for the handshake timeout would lock out every device), sessions
+//!   at `coap.dtls_max_sessions`; beyond any of them a ClientHello is dropped and counted. A handshake older than
 //!   `coap.dtls_handshake_timeout_s` is dropped, a session idle for `coap.dtls_idle_s` is
 //!   closed (close_notify) and forgotten.
 //! - **The mode is chosen per handshake** from the client's offer: the first suite it
@@ -55,7 +57,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -115,6 +117,8 @@ const ECDHE_ECDSA_SUITES: [u16; 3] = [0xC02B, 0xC02C, 0xCCA9];
 pub struct DtlsLimits {
     pub max_sessions: usize,
     pub max_handshakes: usize,
+    /// 0: no bound of its own.
+    pub max_handshakes_per_source: usize,
     pub handshake_timeout: Duration,
     pub idle: Duration,
 }
@@ -331,6 +335,8 @@ struct State {
     /// Established sessions by their connection ID.
     by_cid: Map<Box<[u8]>, SocketAddr>,
     half_open: usize,
+    /// Half-open handshakes by source ([`source_of`]); a source leaves at its last.
+    half_open_by_source: Map<IpAddr, usize>,
     ready: VecDeque<(Vec<u8>, SocketAddr)>,
     next_sweep: Option<Instant>,
 }
@@ -390,6 +396,31 @@ impl State {
     }
 
     /// Removes a session and its connection ID.
+    /// A half-open handshake more, of the peer keyed `key`.
+    fn handshake_began(&mut self, key: SocketAddr) {
+        self.half_open += 1;
+        *self.half_open_by_source.entry(source_of(key)).or_default() += 1;
+    }
+
+    /// A half-open handshake fewer (established, failed, timed out, replaced, revoked).
+    fn handshake_ended(&mut self, key: SocketAddr) {
+        self.half_open -= 1;
+        let source = source_of(key);
+        if let Some(n) = self.half_open_by_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.half_open_by_source.remove(&source);
+            }
+        }
+    }
+
+    fn half_open_from(&self, key: SocketAddr) -> usize {
+        self.half_open_by_source
+            .get(&source_of(key))
+            .copied()
+            .unwrap_or(0)
+    }
+
     fn forget(&mut self, key: SocketAddr) -> Option<Box<Peer>> {
         let peer = self.peers.remove(&key)?;
         if let Some(cid) = &peer.cid
@@ -585,9 +616,13 @@ impl DtlsListener {
             self.metrics.count(Event::DtlsHelloVerify);
             return out;
         }
-        let replacing = st.peers.contains_key(&from);
+        let replacing = st.peers.get(&from);
+        // A new handshake from the address of a half-open one replaces it: no slot more.
+        let replacing_half_open = replacing.is_some_and(|p| !p.established);
+        let per_source = self.limits.max_handshakes_per_source;
         if st.half_open >= self.limits.max_handshakes
-            || (!replacing && st.peers.len() >= self.limits.max_sessions)
+            || (replacing.is_none() && st.peers.len() >= self.limits.max_sessions)
+            || (per_source > 0 && !replacing_half_open && st.half_open_from(from) >= per_source)
         {
             self.metrics.count(Event::DtlsHandshakeDropped);
             return out;
@@ -619,7 +654,7 @@ impl DtlsListener {
         if let Some(old) = st.forget(from)
             && !old.established
         {
-            st.half_open -= 1;
+            st.handshake_ended(from);
         }
         let mut peer = Box::new(Peer {
             dtls,
@@ -654,7 +689,7 @@ impl DtlsListener {
             }
         };
         st.peers.insert(from, peer);
-        st.half_open += 1;
+        st.handshake_began(from);
         self.settle(st, from, verdict);
         out
     }
@@ -664,7 +699,7 @@ impl DtlsListener {
         match verdict {
             Verdict::Going => {}
             Verdict::Established => {
-                st.half_open -= 1;
+                st.handshake_ended(from);
                 self.metrics.count(Event::DtlsHandshake);
                 let cid = st.peers.get(&from).and_then(|p| p.cid.clone());
                 if let Some(cid) = cid {
@@ -678,7 +713,7 @@ impl DtlsListener {
                     if p.established {
                         tracing::debug!(peer = %from, "DTLS session closed");
                     } else {
-                        st.half_open -= 1;
+                        st.handshake_ended(from);
                         self.metrics.count(Event::DtlsHandshakeFailed);
                     }
                 }
@@ -751,6 +786,22 @@ impl DtlsListener {
             self.settle(st, addr, verdict);
         }
         out
+    }
+}
+
+/// What [`DtlsLimits::max_handshakes_per_source`] counts by: an IPv4 address, or an IPv6
+/// address's /64 (one host or site gets a /64, and can pick any address in it). An
+/// IPv4-mapped IPv6 address counts as its IPv4 address.
+fn source_of(addr: SocketAddr) -> IpAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -1037,7 +1088,7 @@ impl Listener for DtlsListener {
                         // A handshake that has named the identity (its PSK looked up, its
                         // certificate verified) but not finished: it would finish under
                         // the old key or the revoked certificate.
-                        st.half_open -= 1;
+                        st.handshake_ended(*addr);
                         self.metrics.count(Event::DtlsHandshakeFailed);
                     }
                 }

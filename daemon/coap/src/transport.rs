@@ -125,6 +125,7 @@ impl Transport {
         let limits = DtlsLimits {
             max_sessions: cfg.dtls_max_sessions,
             max_handshakes: cfg.dtls_max_handshakes,
+            max_handshakes_per_source: cfg.dtls_max_handshakes_per_source,
             handshake_timeout: Duration::from_secs(cfg.dtls_handshake_timeout_s),
             idle: Duration::from_secs(cfg.dtls_idle_s),
         };

@@ -594,6 +594,48 @@ async fn half_open_handshakes_are_capped() {
     assert_eq!(s.transport.dtls_counts().half_open, 3);
 }
 
+/// One source (here 127.0.0.1) that finishes cookie exchanges and never a handshake holds
+/// at most `dtls_max_handshakes_per_source` slots, so another source still gets one:
+/// before, one address could hold every slot of `dtls_max_handshakes` for the handshake
+/// timeout (30 s), at 33 ClientHellos a second, and no device could start a session.
+#[tokio::test]
+async fn one_source_holds_at_most_its_share_of_half_open_handshakes() {
+    let s = start_with(CoapConfig {
+        dtls_max_handshakes: 10,
+        dtls_max_handshakes_per_source: 3,
+        ..CoapConfig::default()
+    });
+    let _socks = half_open(&s, 6).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.counters.get(Event::DtlsHandshakeDropped) < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.counters.get(Event::DtlsHandshakeDropped), 3);
+    assert_eq!(s.transport.dtls_counts().half_open, 3);
+    // Another source completes a handshake.
+    let sock = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let mut c = DtlsClient::new(&psk("dev-1", b"secret-key-16byt"), Instant::now());
+    let mut buf = vec![0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut out = c.poll();
+    while !c.is_connected() {
+        assert!(
+            Instant::now() < deadline,
+            "127.0.0.2 could not finish a handshake"
+        );
+        for r in out.drain(..) {
+            sock.send_to(&r, s.dtls).await.unwrap();
+        }
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(500), sock.recv_from(&mut buf)).await
+        {
+            out = c.on_datagram(&buf[..n], Instant::now()).unwrap();
+        }
+    }
+    assert_eq!(s.counters.get(Event::DtlsHandshake), 1);
+    assert_eq!(s.counters.get(Event::DtlsHandshakeDropped), 3);
+}
+
 /// libcoap's client (`coap-client-openssl`, `coap-client-gnutls`, Debian libcoap3-bin)
 /// run with `args`, giving up after 10 s; its exit status and all it printed.
 fn libcoap(bin: &str, args: &[String]) -> (bool, String) {
