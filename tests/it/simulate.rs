@@ -333,3 +333,30 @@ fn a_simulator_that_gets_no_answer_says_where_it_sends() {
         "{hint}"
     );
 }
+
+/// Subscribing to a resource and unsubscribing, again and again: each unsubscription
+/// ends the observation on the device (a GET with Observe = 1), so the device's observer
+/// slots (the simulator's eight, as few as real clients have) never fill. Found by an
+/// outside review: the daemon only forgot the token, a resource that never changes never
+/// sent the notification whose RST would have told the device, and from the ninth cycle
+/// on the device answered without Observe: 412, and the resource taken as not observable
+/// for every key until the device registered again.
+#[test]
+fn unsubscribing_ends_the_observation_on_the_device() {
+    let d = Daemon::start();
+    let sim = Sim::start(d.coap, 1, 300, 60_000);
+    assert!(
+        eventually(WAIT, || sim_endpoints(&d).len() == 1),
+        "the device never registered"
+    );
+    let path = "/v2/subscriptions/sim-000000/3/0/0";
+    for cycle in 1..=12 {
+        let id = d.async_request("PUT", path, None, None);
+        let r = d.async_response(&id, WAIT);
+        assert_eq!(r["status"], 200, "cycle {cycle}: {r}");
+        let r = d.call("DELETE", path, None, None);
+        assert_eq!(r.status, 204, "cycle {cycle}: {}", r.body);
+    }
+    let report = sim.stop(Duration::from_secs(15));
+    assert_eq!(report.registered, 1, "{report:?}");
+}

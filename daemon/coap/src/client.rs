@@ -130,6 +130,10 @@ struct Route {
     /// A fetch of a block-wise notification's rest runs for this route: at most one at a
     /// time, so a device cannot start fetches faster than they end.
     fetching: bool,
+    /// The exchange cancelling the observation of this token
+    /// ([`Transport::cancel_observation`]): a notification of it (a CON or NON with
+    /// Observe) is not its answer but one of the observation it ends (answered RST).
+    cancelling: bool,
 }
 
 impl Route {
@@ -147,6 +151,7 @@ impl Route {
             identity,
             observe,
             fetching: false,
+            cancelling: false,
         }
     }
 
@@ -307,6 +312,12 @@ impl ClientState {
         }
         if let Some(want) = &route.identity
             && identity().is_some_and(|now| now != *want)
+        {
+            return Routed::Unknown;
+        }
+        if route.cancelling
+            && packet.header.get_type() != MessageType::Acknowledgement
+            && packet.get_option(CoapOption::Observe).is_some()
         {
             return Routed::Unknown;
         }
@@ -474,6 +485,11 @@ struct Outgoing {
     message_id: u16,
     token: [u8; 8],
 }
+
+/// Observations being cancelled on their devices at once, at most
+/// ([`Transport::cancel_observation`]): an application that drops thousands of
+/// subscriptions at once sends no burst beyond it (the rest learn of it by RST).
+pub(crate) const MAX_CANCELS: usize = 256;
 
 /// `req` as a datagram ([`Transport::build`]).
 fn encode(
@@ -835,6 +851,19 @@ impl ObserveStream {
     }
 }
 
+impl ObserveStream {
+    /// [`FedObservation::cancel`] for an observation not handed to the feed yet: its
+    /// route forgotten as dropping it does, and the device told.
+    pub fn cancel(mut self) {
+        if self.handed_over {
+            return;
+        }
+        let token = std::mem::take(&mut self.token);
+        self.transport.cancel_observation(token);
+        // The drop below finds no route of an empty token and releases what was queued.
+    }
+}
+
 impl Drop for ObserveStream {
     fn drop(&mut self) {
         if self.handed_over {
@@ -872,6 +901,19 @@ pub struct FedObservation {
 impl FedObservation {
     pub fn token(&self) -> &[u8] {
         &self.token
+    }
+}
+
+impl FedObservation {
+    /// Ends the observation on the device too ([`Transport::cancel_observation`]): for an
+    /// observation nobody is subscribed to any more, not for one whose device left
+    /// (dropping it forgets the token only).
+    pub fn cancel(mut self) {
+        if self.live {
+            self.live = false;
+            self.transport
+                .cancel_observation(std::mem::take(&mut self.token));
+        }
     }
 }
 
@@ -1245,6 +1287,80 @@ impl Transport {
             .await
             .map_err(|e| ClientError::Io(e.to_string()))?;
         Ok(())
+    }
+
+    /// Cancels observation `token` (RFC 7641 §3.6): forgets its route, as dropping the
+    /// observation does, and sends the device a GET with Observe = 1 (deregister) with the
+    /// token and options of the observe that made it, confirmable, retransmitted as any
+    /// request, its answer ignored (a task of its own; at most [`MAX_CANCELS`] at once,
+    /// beyond which the route is only forgotten). Before, only the route was forgotten,
+    /// and the device learnt of it from the RST answering its next notification, which a
+    /// resource that never changes never sends: its observer slot stayed taken (an
+    /// outside review filled a device's eight slots by subscribing and unsubscribing one
+    /// resource; it then refused every observe, which the daemon took as "not
+    /// observable"). A reliable listener's device (TLS) gets it too; a queue-mode
+    /// device's is left to the RST (the caller does not cancel those: it sleeps).
+    pub(crate) fn cancel_observation(self: &std::sync::Arc<Self>, token: Vec<u8>) {
+        use std::sync::atomic::Ordering;
+        let Some(route) = self.lock_client().by_token.remove(&token) else {
+            return;
+        };
+        let (Some(req), Ok(token8), Ok(runtime)) = (
+            route.observe,
+            <[u8; 8]>::try_from(token.as_slice()).map_err(|_| ()),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        let Some(listener) = self.listener_id_at(route.to.via) else {
+            return;
+        };
+        if self.cancels.fetch_add(1, Ordering::Relaxed) >= MAX_CANCELS {
+            self.cancels.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let peer = PeerRef {
+            listener,
+            session: route.to.peer,
+        };
+        let (identity, route_to) = (route.identity, route.to);
+        let transport = std::sync::Arc::clone(self);
+        runtime.spawn(async move {
+            let mut r = *req;
+            r.observe = Some(1);
+            let message_id = transport.next_message_id();
+            let sent = match encode(&r, MessageType::Confirmable, message_id, &token8, &[]) {
+                Ok(bytes) => {
+                    let packet = Outgoing {
+                        bytes,
+                        message_id,
+                        token: token8,
+                    };
+                    let cfg = transport.client_config().clone();
+                    // `exchange`, with the route marked as the cancellation's.
+                    let (tx, mut rx) = mpsc::channel(EXCHANGE_QUEUE);
+                    let mut route = Route::new(tx, route_to, identity.clone(), None);
+                    route.cancelling = true;
+                    transport
+                        .lock_client()
+                        .by_token
+                        .insert(token8.to_vec(), route);
+                    let _route = TokenGuard {
+                        transport: &transport,
+                        token: token8.to_vec(),
+                    };
+                    transport
+                        .transmit(peer, &packet, identity.as_ref(), &mut rx, &cfg)
+                        .await
+                        .map(|_| ())
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = sent {
+                tracing::debug!(peer = %peer, path = %r.path, "cancelling an observation: {e}");
+            }
+            transport.cancels.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 
     /// One CON exchange: retransmit until ACK/RST, then await a separate response if the

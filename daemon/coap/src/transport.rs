@@ -103,6 +103,9 @@ pub struct Transport {
     client: Mutex<ClientState>,
     /// Block-wise notifications whose rest is being fetched ([`MAX_FETCHES`]).
     fetches: std::sync::atomic::AtomicUsize,
+    /// Cancellations of observations on their way to devices
+    /// ([`crate::client::MAX_CANCELS`]).
+    pub(crate) cancels: std::sync::atomic::AtomicUsize,
     client_cfg: ClientConfig,
     /// `coap.plain`: who may speak plain CoAP.
     plain: crate::config::PlainPolicy,
@@ -212,6 +215,7 @@ impl Transport {
             metrics,
             client: Mutex::new(ClientState::new(cfg.max_queued_notifications)),
             fetches: std::sync::atomic::AtomicUsize::new(0),
+            cancels: std::sync::atomic::AtomicUsize::new(0),
             client_cfg: ClientConfig {
                 ack_timeout: Duration::from_millis(cfg.ack_timeout_ms),
                 ack_random_factor: cfg.ack_random_factor,
@@ -302,6 +306,11 @@ impl Transport {
     }
 
     /// The listeners, in the order of `coap.listen`.
+    /// The id of the listener a [`Source`] names by its index (`via`).
+    pub(crate) fn listener_id_at(&self, via: u16) -> Option<ListenerId> {
+        self.listeners.get(usize::from(via)).map(|l| l.id())
+    }
+
     pub fn listeners(&self) -> Vec<ListenerId> {
         self.listeners.iter().map(|l| l.id()).collect()
     }

@@ -340,10 +340,34 @@ impl State {
         self.keys.subscribers(domain, ep, path)
     }
 
+    /// Forgets the resource's observation (its token), for a device that left or refused
+    /// it: nothing is sent.
     fn stop_observation(&mut self, key: &ResKey) {
-        // Dropping the observation forgets its token.
         if let Some(id) = self.observations.remove(key) {
             self.observing.remove(&id);
+        }
+    }
+
+    /// Ends the resource's observation on its device too, for one nobody is subscribed
+    /// to any more, or that a new one replaces: a GET with Observe = 1
+    /// (`coap::client::FedObservation::cancel`), so that the device frees its observer
+    /// slot (an outside review filled a device's slots by subscribing and unsubscribing
+    /// one resource: it then refused every observe). Not to a queue-mode device, which
+    /// sleeps: it learns of it by the RST to its next notification, as before.
+    fn cancel_observation(&mut self, key: &ResKey) {
+        let Some(id) = self.observations.remove(key) else {
+            return;
+        };
+        let Some(o) = self.observing.remove(&id) else {
+            return;
+        };
+        if o.endpoint.reg.queue {
+            return;
+        }
+        if let Some(fed) = o.fed {
+            fed.cancel();
+        } else if let Some(held) = o.held {
+            held.cancel();
         }
     }
 
@@ -912,7 +936,7 @@ impl Subscriptions {
             .cloned()
             .collect();
         for k in orphans {
-            st.stop_observation(&k);
+            st.cancel_observation(&k);
         }
     }
 
@@ -1999,10 +2023,13 @@ impl Subscriptions {
         let key: ResKey = (job.domain.clone(), job.ep.clone(), job.path.clone());
         let mut st = self.lock();
         if st.subscribers(&key.0, &key.1, &key.2).is_empty() {
-            // Unsubscribed while the observe was on its way: dropping the stream cancels.
+            // Unsubscribed while the observe was on its way: the device observes for
+            // nobody. It has just answered, so it is awake in queue mode too.
+            stream.cancel();
             return None;
         }
-        st.stop_observation(&key);
+        // An observation of the resource made before (observed again): the device has two.
+        st.cancel_observation(&key);
         let id = self
             .next_observation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
