@@ -487,3 +487,56 @@ fn a_key_revoked_by_another_process_loses_its_callback() {
         "the deleted key's callback got events: {gone:?}"
     );
 }
+
+/// The domain's last admin key cannot delete itself over REST (409, naming what to do),
+/// and keeps working with every key it made: found by an outside review, whose first
+/// admin key deleted itself and took every key of the domain with it. Once an admin key
+/// of its own lineage exists (`plugin-call ... create_key`), it can.
+#[test]
+fn the_last_admin_key_does_not_delete_itself() {
+    let d = Daemon::start();
+    let (_, user) = mint(&d, &d.key, &json!({"name": "u"}));
+    let list = call(&d, "GET", "/api/api_tokens", Some(&d.key), None);
+    let own = list
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "admin")
+        .and_then(|k| k["id"].as_str())
+        .unwrap_or_else(|| panic!("{}", list.body))
+        .to_string();
+    let path = format!("/api/api_tokens/{own}");
+    let r = call(&d, "DELETE", &path, Some(&d.key), None);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body.contains("last admin key") && r.body.contains("create_key"),
+        "{}",
+        r.body
+    );
+    assert_eq!(read(&d, &d.key), 200);
+    assert_eq!(read(&d, &user), 200);
+    let out = std::process::Command::new(support::BIN)
+        .args(["plugin-call", "--config"])
+        .arg(&d.config_path)
+        .args([
+            "connector",
+            "create_key",
+            r#"{"name": "admin2", "domain": "default", "scopes": ["admin"]}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The running daemon takes the new key within a second (the plugin state's watch).
+    assert!(
+        support::eventually(Duration::from_secs(5), || {
+            call(&d, "DELETE", &path, Some(&d.key), None).status == 204
+        }),
+        "the first admin key could not be deleted with another admin key beside it"
+    );
+    assert_eq!(read(&d, &user), 401, "what it made goes with it");
+}

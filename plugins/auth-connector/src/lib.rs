@@ -37,6 +37,8 @@
 //!   - `DELETE /api/api_tokens/{id}` deletes a key of the caller's domain (404 for any
 //!     other) and every key of this plugin it minted, directly or not: 204. An admin
 //!     deletes any key; another caller itself and the keys it minted (403 otherwise).
+//!     Not the domain's last admin key (counting the admin keys it minted): 409
+//!     `conflict`, naming what to do (create another admin key first).
 //!     Decision: there is no separate revoke; a deleted key is gone, and what it minted
 //!     elsewhere is refused by the host since its creator is `unknown`.
 //!
@@ -613,6 +615,30 @@ impl ConnectorAuth {
                 "access key {id} was not created by this key: a key without admin deletes only itself and the keys it created"
             )));
         }
+        // Not the domain's last admin key (with the keys it minted): an outside review
+        // deleted the first admin key with itself, every key it had made went with it,
+        // and nothing could manage keys over REST again (`plugin-call` could).
+        let gone = KeyRef {
+            backend: NAME.to_string(),
+            key_id: record.id.clone(),
+        };
+        let is_admin = |r: &KeyRecord| r.scopes.iter().any(|s| s == ADMIN);
+        let goes = |r: &KeyRecord| r.id == record.id || self.minted_by(r, &gone);
+        let admins = || {
+            self.keys
+                .values()
+                .filter(|r| r.domain == record.domain && is_admin(r))
+        };
+        if admins().any(goes) && !admins().any(|r| !goes(r)) {
+            return Err((
+                409,
+                "conflict",
+                format!(
+                    "access key {id} is the last admin key of domain {:?}: deleting it would delete every key it created, admin keys too, and leave none to manage keys; make an admin key of its own first (`connectord plugin-call --config <file> connector create_key '{{\"name\": \"admin2\", \"domain\": {:?}, \"scopes\": [\"admin\"]}}'`), then delete this one",
+                    record.domain, record.domain
+                ),
+            ));
+        }
         self.delete_key(&digest).map_err(|e| {
             self.host
                 .warn(&format!("{NAME}: could not delete access key {id}: {e}"));
@@ -624,10 +650,6 @@ impl ConnectorAuth {
         })?;
         // What it minted: refused from now on by the host (their creator is unknown), and
         // deleted here so as not to keep dead records.
-        let gone = KeyRef {
-            backend: NAME.to_string(),
-            key_id: record.id.clone(),
-        };
         let descendants: Vec<String> = self
             .keys
             .iter()
@@ -1169,6 +1191,84 @@ mod tests {
         assert!(!is_sha256_hex(&sha256_hex("x").to_uppercase()));
     }
 
+    /// A call of the plugin's routes as `who` (authenticated by `backend`).
+    fn as_key(
+        p: &mut ConnectorAuth,
+        backend: &str,
+        who: PrincipalSpec,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> (HttpResponse, Value) {
+        let mut req = http_req(method, path, body);
+        req.backend = backend.into();
+        req.principal = who;
+        // Not call_http: a 204 has no JSON body.
+        let resp: HttpResponse =
+            serde_json::from_value(call_json(p, OP_HTTP, &serde_json::to_value(&req).unwrap()))
+                .expect("HttpResponse");
+        let body = serde_json::from_str(&resp.body).unwrap_or(Value::Null);
+        (resp, body)
+    }
+
+    /// The domain's last admin key is not deleted over REST (409), counting the admin keys
+    /// it minted, which would go with it; another admin key of its own lineage (made by
+    /// `create_key`, without a creator) lets it go. An outside review deleted the first
+    /// admin key with itself: every key it had made went with it, and nothing could
+    /// manage keys over REST again.
+    #[test]
+    fn the_last_admin_key_of_a_domain_is_not_deleted() {
+        let host = MemoryHost::new();
+        let mut p = new_plugin(&host);
+        let first = bootstrap(&mut p, DOMAIN).created.unwrap();
+        let AuthVerdict::Accepted { principal: a, .. } = auth_bearer(&mut p, &first) else {
+            panic!("the first key refused");
+        };
+        let delete = |p: &mut ConnectorAuth, who: &PrincipalSpec, id: &str| {
+            as_key(
+                p,
+                NAME,
+                who.clone(),
+                "DELETE",
+                &format!("{TOKENS_PATH}/{id}"),
+                "",
+            )
+        };
+        let (r, v) = delete(&mut p, &a, &a.key_id);
+        assert_eq!(r.status, 409, "{v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("plugin-call"),
+            "{v}"
+        );
+        // An admin key it minted goes with it: still the last.
+        let (r, v) = as_key(
+            &mut p,
+            NAME,
+            a.clone(),
+            "POST",
+            TOKENS_PATH,
+            r#"{"scopes":["admin"]}"#,
+        );
+        assert_eq!(r.status, 201, "{v}");
+        let minted = v["id"].as_str().unwrap().to_string();
+        assert_eq!(delete(&mut p, &a, &a.key_id).0.status, 409);
+        // The minted admin key may go; a key of another lineage lets the first go.
+        assert_eq!(delete(&mut p, &a, &minted).0.status, 204);
+        call_json(
+            &mut p,
+            OP_CREATE_KEY,
+            &json!({"name": "second", "domain": DOMAIN, "scopes": ["admin"]}),
+        );
+        assert_eq!(delete(&mut p, &a, &a.key_id).0.status, 204);
+        assert!(!matches!(
+            auth_bearer(&mut p, &first),
+            AuthVerdict::Accepted { .. }
+        ));
+    }
+
     fn principal(scopes: &[&str], allow: Option<&[&str]>) -> PrincipalSpec {
         PrincipalSpec {
             key_id: "creator".into(),
@@ -1284,22 +1384,6 @@ mod tests {
     fn minted_keys_record_their_creator_and_go_with_it() {
         let host = MemoryHost::new();
         let mut p = new_plugin(&host);
-        let as_key = |p: &mut ConnectorAuth,
-                      backend: &str,
-                      who: PrincipalSpec,
-                      method: &str,
-                      path: &str,
-                      body: &str| {
-            let mut req = http_req(method, path, body);
-            req.backend = backend.into();
-            req.principal = who;
-            // Not call_http: a 204 has no JSON body.
-            let resp: HttpResponse =
-                serde_json::from_value(call_json(p, OP_HTTP, &serde_json::to_value(&req).unwrap()))
-                    .expect("HttpResponse");
-            let body = serde_json::from_str(&resp.body).unwrap_or(Value::Null);
-            (resp, body)
-        };
         let mut pelion_key = principal(&["endpoints:read", "keys:write"], Some(&["s-*"]));
         pelion_key.key_id = "pk1".into();
         let (r, v) = as_key(
