@@ -10,7 +10,8 @@
 //! `target.url` must be an absolute `http://` or `https://` URL with a host. Every entry of
 //! `target.headers` is sent, as given, with each request to the URL (typically an
 //! authorization token the receiver checks); the names and values must be valid HTTP header
-//! names and values. `Content-Type` is always `application/json` and cannot be overridden,
+//! names and values. `Content-Type` is always `application/json` and cannot be overridden
+//! (a callback naming it is refused when registered; one stored before is sent without it),
 //! and the framing headers `Content-Length`, `Transfer-Encoding`, `Connection`,
 //! `Keep-Alive`, `Upgrade`, `TE` and `Proxy-Connection` cannot be set.
 //!
@@ -180,6 +181,18 @@ impl Webhook {
     /// callback URL: ...`. An invalid URL (not `http`/`https`, no host) or header is reported
     /// without any network activity.
     pub async fn verify(&self, target: &Target) -> Result<(), String> {
+        // Refused when a callback is registered, not skipped as at delivery (callbacks
+        // stored before keep working): an outside review set `Content-Type: text/plain`,
+        // was answered 204 and shown it back, and it was never sent.
+        if let Some(name) = target
+            .headers
+            .keys()
+            .find(|n| n.eq_ignore_ascii_case(CONTENT_TYPE.as_str()))
+        {
+            return Err(format!(
+                "callback header {name:?} cannot be set (notifications are always sent as application/json)"
+            ));
+        }
         match self.put(target, Bytes::new()).await {
             Ok(status) if status.is_success() => Ok(()),
             Ok(status) => Err(format!("callback URL answered {status}")),

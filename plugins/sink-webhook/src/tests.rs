@@ -862,7 +862,20 @@ fn invalid_headers_are_rejected() {
             reason,
             "callback header \"Connection\" cannot be set (it is managed by the connector)"
         );
+        // Content-Type is refused when a callback is registered (it was taken and never
+        // sent), and skipped at delivery for a callback stored before.
+        let typed = target(receiver.url("http", "/"), &[("content-TYPE", "text/plain")]);
+        let reason = sink.verify_result(&typed).unwrap_err();
+        assert!(
+            reason.contains("\"content-TYPE\"") && reason.contains("application/json"),
+            "{reason}"
+        );
         assert!(receiver.requests().is_empty());
+        assert_eq!(sink.deliver(&typed, "{}"), DeliverResponse::Accepted);
+        assert_eq!(
+            receiver.requests()[0].headers[CONTENT_TYPE],
+            "application/json"
+        );
     });
 }
 
