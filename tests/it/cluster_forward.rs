@@ -306,6 +306,9 @@ fn subscriptions_through_a_non_owner_are_made_and_ended_on_the_owner() {
         "n1 still lists the subscription"
     );
     println!("unsubscribed on n2, gone on n1 after {:?}", t.elapsed());
+    // n1 ends the observation on the device (GET with Observe=1), and answers a
+    // notification still on its way with RST.
+    assert_eq!(support::accept_cancels(&dev, 1)[0].1, token.to_vec());
     let n = observe_content(MessageType::Confirmable, 0x7002, &token, 3, b"22");
     send_packet(&dev, &n, n1.coap);
     let reset = dev.recv_raw(WAIT).expect("n1 answers the notification");
@@ -398,6 +401,7 @@ fn a_presubscription_made_on_one_node_is_observed_by_a_device_registering_on_ano
         eventually(WAIT, || n2.get(sub).status == 404),
         "n2 still lists it"
     );
+    assert_eq!(support::accept_cancels(&dev, 1)[0].1, token.to_vec());
     let n = observe_content(MessageType::Confirmable, 0x7101, &token, 2, b"6");
     send_packet(&dev, &n, n2.coap);
     let reset = Packet::from_bytes(&dev.recv_raw(WAIT).expect("an answer")).unwrap();

@@ -30,33 +30,6 @@ fn notify(
     support::send_packet(dev, &p, to);
 }
 
-/// Waits for `n` cancellations of observations (GET with Observe=1, RFC 7641 §3.6: what
-/// the daemon sends when nobody is subscribed to a resource any more), answers each 2.05,
-/// and returns their paths and tokens, sorted by path.
-fn accept_cancels(dev: &Device, n: usize) -> Vec<(String, Vec<u8>)> {
-    let mut seen = Vec::new();
-    for _ in 0..n {
-        let (req, from) = dev.recv_request(WAIT).expect("no cancellation");
-        assert_eq!(
-            uint_option(&req, CoapOption::Observe),
-            Some(1),
-            "GET with Observe=1 for {}",
-            path_of(&req)
-        );
-        dev.reply(
-            &req,
-            from,
-            coap_lite::ResponseType::Content,
-            b"",
-            None,
-            None,
-        );
-        seen.push((path_of(&req), req.get_token().to_vec()));
-    }
-    seen.sort();
-    seen
-}
-
 /// Waits for the daemon's observe registration of `path` and answers it with `value`.
 fn accept_observe(dev: &Device, path: &str, value: &str) -> (Vec<u8>, SocketAddr) {
     let (req, from) = dev.recv_request(WAIT).expect("no observe request");
@@ -204,7 +177,7 @@ fn subscribe_receive_notifications_and_unsubscribe() {
         204
     );
     assert_eq!(
-        accept_cancels(&dev, 1),
+        support::accept_cancels(&dev, 1),
         [("/3303/0/5700".to_string(), token.to_vec())]
     );
     notify(&dev, from, &token, 503, MessageType::Confirmable, 4, "23.0");
@@ -298,7 +271,10 @@ fn delete_all_subscriptions_with_and_without_trailing_slash() {
         assert_eq!(r.body.lines().count(), 2, "{}", r.body);
         assert_eq!(d.call("DELETE", path, None, None).status, 204, "{path}");
         assert_eq!(d.get("/v2/subscriptions/all").status, 404, "{path}");
-        let paths: Vec<String> = accept_cancels(&dev, 2).into_iter().map(|c| c.0).collect();
+        let paths: Vec<String> = support::accept_cancels(&dev, 2)
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
         assert_eq!(paths, ["/3303/0/5700", "/3304/0/5700"], "{path}");
     }
 }

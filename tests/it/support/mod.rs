@@ -461,6 +461,28 @@ pub fn send_packet(dev: &coap::Device, p: &Packet, to: SocketAddr) {
     dev.sock.send_to(&p.to_bytes().unwrap(), to).unwrap();
 }
 
+/// Waits for `n` cancellations of observations (GET with Observe=1, RFC 7641 §3.6: what
+/// the daemon sends when nobody is subscribed to a resource any more), answers each 2.05,
+/// and returns their paths and tokens, sorted by path.
+pub fn accept_cancels(dev: &coap::Device, n: usize) -> Vec<(String, Vec<u8>)> {
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        let (req, from) = dev
+            .recv_request(std::time::Duration::from_secs(10))
+            .expect("no cancellation");
+        assert_eq!(
+            coap::uint_option(&req, CoapOption::Observe),
+            Some(1),
+            "GET with Observe=1 for {}",
+            coap::path_of(&req)
+        );
+        dev.reply(&req, from, ResponseType::Content, b"", None, None);
+        seen.push((coap::path_of(&req), req.get_token().to_vec()));
+    }
+    seen.sort();
+    seen
+}
+
 /// Asserts that the daemon sends `dev` no request within `wait` (`why` it should not).
 pub fn no_request(dev: &coap::Device, wait: std::time::Duration, why: &str) {
     if let Some((p, from)) = dev.recv_request(wait) {
