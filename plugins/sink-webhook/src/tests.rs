@@ -614,15 +614,17 @@ fn deliver_sends_body_and_content_type() {
 fn statuses_are_classified() {
     bounded(|| {
         let mut sink = Sink::new(None);
+        // Every answer but 2xx is retried (within the host's 15 minutes): a 4xx or 3xx was
+        // refused, and the batch discarded at once.
         for (status, retry) in [
             (500, true),
             (503, true),
             (429, true),
             (408, true),
-            (404, false),
-            (400, false),
-            (410, false),
-            (301, false),
+            (404, true),
+            (400, true),
+            (410, true),
+            (301, true),
         ] {
             let receiver = Receiver::start(status);
             let target = target(receiver.url("http", "/"), &[]);
@@ -644,13 +646,8 @@ fn statuses_are_classified() {
             .verify_result(&target(receiver.url("http", "/missing"), &[]))
             .unwrap_err();
         assert_eq!(reason, "callback URL answered 404 Not Found");
-        let refused = sink.deliver(&target(receiver.url("http", "/missing"), &[]), "{}");
-        assert_eq!(
-            refused,
-            DeliverResponse::Refused {
-                reason: "callback URL answered 404 Not Found".into()
-            }
-        );
+        let later = sink.deliver(&target(receiver.url("http", "/missing"), &[]), "{}");
+        assert_eq!(later, retry("callback URL answered 404 Not Found"));
 
         let receiver = Receiver::start(503);
         let outcome = sink.deliver(&target(receiver.url("http", "/"), &[]), "{}");
