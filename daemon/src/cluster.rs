@@ -350,8 +350,8 @@ const CHECK_STREAMS_EVERY: u32 = 15;
 /// (`owned_channels`, read from the hub), so every node's `GET /v2/cluster` shows every
 /// member's, at most a heartbeat late.
 ///
-/// After a failed beat, and every [`CHECK_STREAMS_EVERY`] beats, it asks the server for the
-/// state's streams ([`NatsStore::missing_streams`]). When the server has gone on answering
+/// After a failed beat, every [`CHECK_STREAMS_EVERY`] beats, and at every beat while some
+/// were missing, it asks the server for the state's streams ([`NatsStore::missing_streams`]). When the server has gone on answering
 /// for [`STATE_LOST_AFTER`] that some do not exist, the state is lost (a server brought back
 /// without its JetStream store: found by an outside review, the node answered 503 to
 /// every write until it was restarted, and no line said why). Decision: the node then says
@@ -399,10 +399,17 @@ pub async fn run_heartbeat(
                     Err(_) => {}
                 }
                 beats = beats.wrapping_add(1);
-                if lost.borrow().is_some() || !(beat_failed || beats.is_multiple_of(CHECK_STREAMS_EVERY)) {
+                let look = beat_failed
+                    || missing_since.is_some()
+                    || beats.is_multiple_of(CHECK_STREAMS_EVERY);
+                if lost.borrow().is_some() || !look {
                     continue;
                 }
-                let missing = store.missing_streams().await;
+                // A stop is not held up by the question (a server that does not answer).
+                let missing = tokio::select! {
+                    _ = stop.recv() => break,
+                    m = store.missing_streams() => m,
+                };
                 if missing.is_empty() {
                     if missing_since.take().is_some() {
                         tracing::info!("cluster: the NATS server has this cluster's streams again");

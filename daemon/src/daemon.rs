@@ -1306,12 +1306,17 @@ struct ServerCert {
 }
 
 /// `coap.tls_cert`/`coap.tls_key`, when set, read and checked as a start reads them
-/// (`connectord check-config`); `Ok(false)` when no secure CoAP listener would use them,
-/// which the start logs as a warning.
+/// (`connectord check-config`): PEM, a key that matches, and with DTLS listeners a key
+/// they take. `Ok(false)` when no secure CoAP listener would use them: then, as at start,
+/// they are not read (the start logs a warning).
 pub fn check_coap_certificate(coap: &crate::coap::CoapConfig) -> Result<bool, StartError> {
     let (Some(c), Some(k)) = (&coap.tls_cert, &coap.tls_key) else {
         return Ok(true);
     };
+    if !coap_certificate_used(coap) {
+        // Not read at start either.
+        return Ok(false);
+    }
     let read = |key: &'static str, path: &Path| {
         std::fs::read(path).map_err(|source| StartError::CoapTlsFile {
             key,
@@ -1323,11 +1328,20 @@ pub fn check_coap_certificate(coap: &crate::coap::CoapConfig) -> Result<bool, St
         format!("coap.tls_cert: {}", c.display()),
         format!("coap.tls_key: {}", k.display()),
     );
-    crate::coap::tls::check_pair(
+    let key = crate::coap::tls::check_pair(
         (&cert_name, &read("tls_cert", c)?),
         (&key_name, &read("tls_key", k)?),
     )?;
-    Ok(coap_certificate_used(coap))
+    if !coap.listen_dtls.is_empty() {
+        crate::coap::dtls::check_server_key(key.secret_der()).map_err(|source| {
+            StartError::CoapDtlsCertificate {
+                cert: c.clone(),
+                key: k.clone(),
+                source,
+            }
+        })?;
+    }
+    Ok(true)
 }
 
 /// Whether a secure CoAP listener (TLS or DTLS) would present `coap.tls_cert`.

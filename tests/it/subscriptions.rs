@@ -748,3 +748,33 @@ fn subscription_lists_are_uri_lists() {
         (200, "/subscriptions/a%20b%25/3/0/1")
     );
 }
+
+/// An observe of a device waits for the cancellations on their way to it (at most 10 s):
+/// a client that removes an observer by its path (Wakaama) would end the new observation
+/// when the old one's cancellation reached it after the new observe (found by a review).
+#[test]
+fn a_new_observe_waits_for_the_cancellation_before_it() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    dev.register(&["ep=order", "lt=300"], LINKS);
+    let sub = "/v2/subscriptions/order/3303/0/5700";
+    assert_eq!(d.call("PUT", sub, None, None).status, 202);
+    accept_observe(&dev, "/3303/0/5700", "1");
+    assert_eq!(d.call("DELETE", sub, None, None).status, 204);
+    assert_eq!(d.call("PUT", sub, None, None).status, 202);
+    let (cancel, from) = dev.recv_request(WAIT).expect("the cancellation");
+    assert_eq!(uint_option(&cancel, CoapOption::Observe), Some(1));
+    // While it is unanswered (retransmitted, perhaps), no observe comes.
+    let until = std::time::Instant::now() + Duration::from_millis(1500);
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        if let Some((req, _)) = dev.recv_request(left) {
+            assert_eq!(
+                uint_option(&req, CoapOption::Observe),
+                Some(1),
+                "an observe before the cancellation was answered"
+            );
+        }
+    }
+    dev.reply(&cancel, from, ResponseType::Content, b"", None, None);
+    accept_observe(&dev, "/3303/0/5700", "2");
+}

@@ -486,6 +486,49 @@ struct Outgoing {
     token: [u8; 8],
 }
 
+/// The cancellations on their way to one device ([`Transport::cancel_observation`]): sent
+/// one at a time (`turn`), and waited for by an observe of that device.
+#[derive(Default)]
+pub(crate) struct PeerCancels {
+    pending: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
+    turn: tokio::sync::Mutex<()>,
+}
+
+/// A cancellation's end, however its task ends (panicked or aborted too): it no longer
+/// counts against [`MAX_CANCELS`] nor holds up its device's observes.
+struct CancelDone {
+    transport: std::sync::Arc<Transport>,
+    to: Source,
+    queue: std::sync::Arc<PeerCancels>,
+}
+
+impl Drop for CancelDone {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        self.transport.cancels.fetch_sub(1, Ordering::Relaxed);
+        let mut all = self
+            .transport
+            .cancelling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if self.queue.pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+            if all
+                .get(&self.to)
+                .is_some_and(|q| std::sync::Arc::ptr_eq(q, &self.queue))
+            {
+                all.remove(&self.to);
+            }
+            self.queue.done.notify_waiters();
+        }
+    }
+}
+
+/// How long an observe waits at most for the cancellations on their way to its device
+/// ([`Transport::after_cancels`]): past it the observe goes (a device that answers no
+/// cancellation is not observed the later for it).
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
 /// Observations being cancelled on their devices at once, at most
 /// ([`Transport::cancel_observation`]): an application that drops thousands of
 /// subscriptions at once sends no burst beyond it (the rest learn of it by RST).
@@ -1298,8 +1341,14 @@ impl Transport {
     /// resource that never changes never sends: its observer slot stayed taken (an
     /// outside review filled a device's eight slots by subscribing and unsubscribing one
     /// resource; it then refused every observe, which the daemon took as "not
-    /// observable"). A reliable listener's device (TLS) gets it too; a queue-mode
-    /// device's is left to the RST (the caller does not cancel those: it sleeps).
+    /// observable").
+    ///
+    /// Ordered (a review of it): a device's cancellations go one at a time, and an observe
+    /// of that device waits for them ([`Transport::after_cancels`], at most
+    /// [`CANCEL_WAIT`]), because some clients (Wakaama) remove an observer by its path, not
+    /// its token, and a cancellation arriving after a new observe of the path would end
+    /// the new one. Not to a queue-mode device (the caller does not cancel those: it
+    /// sleeps, and learns of it by RST).
     pub(crate) fn cancel_observation(self: &std::sync::Arc<Self>, token: Vec<u8>) {
         use std::sync::atomic::Ordering;
         let Some(route) = self.lock_client().by_token.remove(&token) else {
@@ -1323,9 +1372,22 @@ impl Transport {
             listener,
             session: route.to.peer,
         };
-        let (identity, route_to) = (route.identity, route.to);
-        let transport = std::sync::Arc::clone(self);
+        let (identity, to) = (route.identity, route.to);
+        // Counted before this returns, so that an observe made next waits for it.
+        let queue = {
+            let mut all = self.cancelling.lock().unwrap_or_else(|p| p.into_inner());
+            let queue = std::sync::Arc::clone(all.entry(to).or_default());
+            queue.pending.fetch_add(1, Ordering::SeqCst);
+            queue
+        };
+        let done = CancelDone {
+            transport: std::sync::Arc::clone(self),
+            to,
+            queue,
+        };
         runtime.spawn(async move {
+            let transport = std::sync::Arc::clone(&done.transport);
+            let _turn = done.queue.turn.lock().await;
             let mut r = *req;
             r.observe = Some(1);
             let message_id = transport.next_message_id();
@@ -1339,7 +1401,7 @@ impl Transport {
                     let cfg = transport.client_config().clone();
                     // `exchange`, with the route marked as the cancellation's.
                     let (tx, mut rx) = mpsc::channel(EXCHANGE_QUEUE);
-                    let mut route = Route::new(tx, route_to, identity.clone(), None);
+                    let mut route = Route::new(tx, to, identity.clone(), None);
                     route.cancelling = true;
                     transport
                         .lock_client()
@@ -1359,8 +1421,34 @@ impl Transport {
             if let Err(e) = sent {
                 tracing::debug!(peer = %peer, path = %r.path, "cancelling an observation: {e}");
             }
-            transport.cancels.fetch_sub(1, Ordering::Relaxed);
+            drop(_turn);
+            drop(done);
         });
+    }
+
+    /// Waits until the cancellations on their way to the device at `to` are done, at most
+    /// [`CANCEL_WAIT`] ([`Transport::cancel_observation`]).
+    async fn after_cancels(&self, to: Source) {
+        use std::sync::atomic::Ordering;
+        let queue = {
+            let all = self.cancelling.lock().unwrap_or_else(|p| p.into_inner());
+            match all.get(&to) {
+                Some(q) => std::sync::Arc::clone(q),
+                None => return,
+            }
+        };
+        let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+        loop {
+            let notified = queue.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if queue.pending.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// One CON exchange: retransmit until ACK/RST, then await a separate response if the
@@ -1399,6 +1487,7 @@ impl Transport {
         let packet = self.build(&r, MessageType::Confirmable, &[])?;
         let token = packet.token.to_vec();
         let to = self.source_of(&peer)?;
+        self.after_cancels(to).await;
         let (tx, rx) = mpsc::channel(OBSERVE_QUEUE);
         let queued = {
             let mut client = self.lock_client();

@@ -395,7 +395,6 @@ impl State {
             .unwrap_or(from)
     }
 
-    /// Removes a session and its connection ID.
     /// A half-open handshake more, of the peer keyed `key`.
     fn handshake_began(&mut self, key: SocketAddr) {
         self.half_open += 1;
@@ -421,6 +420,7 @@ impl State {
             .unwrap_or(0)
     }
 
+    /// Removes a session and its connection ID.
     fn forget(&mut self, key: SocketAddr) -> Option<Box<Peer>> {
         let peer = self.peers.remove(&key)?;
         if let Some(cid) = &peer.cid
@@ -787,6 +787,22 @@ impl DtlsListener {
         }
         out
     }
+}
+
+/// Whether the DTLS listeners take `key` (PKCS#8 DER) as their server key: dimpl loads
+/// ECDSA P-256 and P-384 keys only. `connectord check-config` asks it of
+/// `coap.tls_cert`/`coap.tls_key` when DTLS listeners would present them, as the start does
+/// ([`DtlsListener::configure`]).
+pub fn check_server_key(key: &[u8]) -> Result<(), DtlsError> {
+    let config = Config::builder()
+        .build()
+        .map_err(|e| DtlsError::Dimpl(e.to_string()))?;
+    config
+        .crypto_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| DtlsError::Dimpl(format!("server key: {e:?}")))?;
+    Ok(())
 }
 
 /// What [`DtlsLimits::max_handshakes_per_source`] counts by: an IPv4 address, or an IPv6

@@ -239,10 +239,14 @@ pub fn server_config(
 }
 
 /// Whether `chain_pem` and `key_pem` make a server certificate rustls takes (PEM that reads,
-/// a key that matches the leaf), without building a listener's configuration:
+/// a key that matches the leaf), without building a listener's configuration; the key, DER.
 /// `connectord check-config` checks `coap.tls_cert`/`coap.tls_key` with it.
-pub fn check_pair(chain_pem: (&str, &[u8]), key_pem: (&str, &[u8])) -> Result<(), TlsError> {
+pub fn check_pair(
+    chain_pem: (&str, &[u8]),
+    key_pem: (&str, &[u8]),
+) -> Result<PrivateKeyDer<'static>, TlsError> {
     let (chain, key) = read_pem(chain_pem, key_pem)?;
+    let kept = key.clone_key();
     rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -252,7 +256,7 @@ pub fn check_pair(chain_pem: (&str, &[u8]), key_pem: (&str, &[u8])) -> Result<()
             key: key_pem.0.to_owned(),
             source,
         })?;
-    Ok(())
+    Ok(kept)
 }
 
 /// The identity a client certificate (DER) proves: subject CN and OU, serial in hex.
@@ -382,13 +386,20 @@ impl Pending {
         self.by_token.insert(token, (mid, Instant::now()));
     }
 
-    /// Remembers an observe request (Observe=0) we send.
+    /// Remembers an observe request (Observe=0) we send, and forgets it when its
+    /// cancellation (Observe=1, the same token: `Transport::cancel_observation`) goes
+    /// out, so that the RST to a late notification sends no second one and the bounded
+    /// map holds live observations only.
     fn observing(&mut self, token: &[u8], body: &[u8]) {
-        let registers = rfc8323::options(body).is_ok_and(|(o, _)| {
+        let observe = rfc8323::options(body).ok().and_then(|(o, _)| {
             o.iter()
-                .any(|(n, v)| *n == OBSERVE && v.iter().all(|b| *b == 0))
+                .find(|(n, _)| *n == OBSERVE)
+                .map(|(_, v)| v.iter().fold(0u32, |a, b| (a << 8) | u32::from(*b)))
         });
-        if registers {
+        if observe == Some(1) {
+            self.observes.remove(token);
+        }
+        if observe == Some(0) {
             if self.observes.len() >= MAX_PENDING {
                 // Observations are few per device; past the bound an arbitrary entry
                 // goes (its cancellation then relies on the device's own timeout).

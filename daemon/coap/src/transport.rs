@@ -106,6 +106,8 @@ pub struct Transport {
     /// Cancellations of observations on their way to devices
     /// ([`crate::client::MAX_CANCELS`]).
     pub(crate) cancels: std::sync::atomic::AtomicUsize,
+    /// Per device, its cancellations on their way ([`crate::client::PeerCancels`]).
+    pub(crate) cancelling: Mutex<crate::Map<Source, Arc<crate::client::PeerCancels>>>,
     client_cfg: ClientConfig,
     /// `coap.plain`: who may speak plain CoAP.
     plain: crate::config::PlainPolicy,
@@ -216,6 +218,7 @@ impl Transport {
             client: Mutex::new(ClientState::new(cfg.max_queued_notifications)),
             fetches: std::sync::atomic::AtomicUsize::new(0),
             cancels: std::sync::atomic::AtomicUsize::new(0),
+            cancelling: Mutex::new(crate::Map::default()),
             client_cfg: ClientConfig {
                 ack_timeout: Duration::from_millis(cfg.ack_timeout_ms),
                 ack_random_factor: cfg.ack_random_factor,
@@ -305,12 +308,12 @@ impl Transport {
             .sum()
     }
 
-    /// The listeners, in the order of `coap.listen`.
     /// The id of the listener a [`Source`] names by its index (`via`).
     pub(crate) fn listener_id_at(&self, via: u16) -> Option<ListenerId> {
         self.listeners.get(usize::from(via)).map(|l| l.id())
     }
 
+    /// The listeners, in the order of `coap.listen`.
     pub fn listeners(&self) -> Vec<ListenerId> {
         self.listeners.iter().map(|l| l.id()).collect()
     }

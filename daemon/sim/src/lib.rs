@@ -1438,11 +1438,23 @@ pub async fn run(
                 // retransmits before a registration counts as failed).
                 if !hinted && report.registered + report.failed == 0 {
                     hinted = true;
+                    let (key, wait) = if opts.tls.is_some() {
+                        ("coap.listen_tls", String::new())
+                    } else if opts.dtls.is_some() {
+                        ("coap.listen_dtls", String::new())
+                    } else {
+                        (
+                            "coap.listen",
+                            format!(
+                                "; each registration is sent again for up to {} s before it counts as failed",
+                                NO_ANSWER_GIVE_UP.as_secs()
+                            ),
+                        )
+                    };
                     tracing::warn!(
-                        "no answer from {} after {} s: is the daemon listening there (its coap.listen, or --server)? Each registration is sent again for up to {} s before it counts as failed",
+                        "no answer from {} after {} s: is the daemon listening there (its {key}, or --server)?{wait}",
                         opts.server,
                         t0.elapsed().as_secs(),
-                        NO_ANSWER_GIVE_UP.as_secs()
                     );
                 }
             }

@@ -666,7 +666,12 @@ impl Config {
             ("coap.tls_cert", self.coap.tls_cert.as_deref()),
             ("coap.tls_key", self.coap.tls_key.as_deref()),
         ];
-        for (key, path) in paths {
+        let trusted = self
+            .coap
+            .trusted_cas
+            .iter()
+            .map(|p| ("coap.trusted_cas", Some(p.as_path())));
+        for (key, path) in paths.into_iter().chain(trusted) {
             let Some(path) = path else { continue };
             if path.as_os_str().is_empty() {
                 return Err((key, "is empty: name a path, or leave the key out".into()));

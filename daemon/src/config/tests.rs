@@ -562,6 +562,11 @@ fn empty_paths_and_paths_with_a_tilde_are_refused() {
             "rest.tls_key",
             "starts with ~",
         ),
+        (
+            "[coap]\ntrusted_cas = [\"/etc/ca.pem\", \"~/ca.pem\"]\n",
+            "coap.trusted_cas",
+            "~/ca.pem starts with ~",
+        ),
     ]);
     for fine in [
         "[lua]\ndir = \"rules\"\n",

@@ -813,19 +813,29 @@ impl NatsStore {
     /// (an outage is not a loss: it is the answer of a server that is up). A server that
     /// lost its store (brought back on a new disk, or without its store directory) has none
     /// of them; the daemon watches for that (`cluster::run_heartbeat`).
+    ///
+    /// The streams are asked at once, all within one [`NatsConfig::timeout`] (one after
+    /// the other, a server that does not answer held the heartbeat for 13 timeouts: a
+    /// review).
     pub async fn missing_streams(&self) -> Vec<String> {
         use jetstream::context::GetStreamErrorKind;
-        let mut missing = Vec::new();
-        for name in self.shared.streams.keys() {
-            let asked =
-                tokio::time::timeout(self.shared.timeout, self.shared.js.get_stream(name)).await;
-            if let Ok(Err(e)) = asked
-                && let GetStreamErrorKind::JetStream(j) = e.kind()
-                && j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-            {
-                missing.push(name.clone());
+        let asks = self.shared.streams.keys().map(|name| async move {
+            let asked = self.shared.js.get_stream(name).await;
+            match asked {
+                Err(e)
+                    if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+                {
+                    Some(name.clone())
+                }
+                _ => None,
             }
-        }
+        });
+        let answers =
+            tokio::time::timeout(self.shared.timeout, futures_util::future::join_all(asks))
+                .await
+                .unwrap_or_default();
+        let mut missing: Vec<String> = answers.into_iter().flatten().collect();
         missing.sort();
         missing
     }

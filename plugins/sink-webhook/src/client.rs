@@ -204,20 +204,29 @@ impl Webhook {
     /// target's headers and `Content-Type: application/json`.
     ///
     /// - 2xx: [`Delivery::Accepted`].
-    /// - Any other status (3xx, 4xx, 5xx; redirects are not followed), failure to connect,
-    ///   TLS failure, the timeout, a connection lost during the exchange: [`Delivery::Retry`]
-    ///   (the receiver may or may not have seen the batch). The host retries with backoff
-    ///   and discards the events 15 minutes after they were made, as seed 000 says ("tries
-    ///   to deliver each notification event for up to 15 minutes"). Decision: a 4xx too.
-    ///   It discarded the batch at once, and an outside review lost the events of a
-    ///   receiver answering 404 for the minute it was being redeployed; a receiver that
-    ///   refuses for good costs the retries of one that is down.
-    /// - An invalid URL or header (it cannot ever be sent): [`Delivery::Refused`].
+    /// - 400, 413, 415, 422 (the receiver refuses these bytes: sending them again cannot
+    ///   help), an invalid URL or header (it cannot ever be sent): [`Delivery::Refused`].
+    /// - Any other status (3xx, other 4xx, 5xx; redirects are not followed), failure to
+    ///   connect, TLS failure, the timeout, a connection lost during the exchange:
+    ///   [`Delivery::Retry`] (the receiver may or may not have seen the batch). The host
+    ///   retries with backoff and discards the events 15 minutes after they were made, as
+    ///   seed 000 says ("tries to deliver each notification event for up to 15 minutes").
+    ///   Decision: every 4xx but those about the body. They discarded the batch at once,
+    ///   and an outside review lost the events of a receiver answering 404 while it was
+    ///   being redeployed; a 401, 403 or 404 is a receiver's configuration, fixed in
+    ///   minutes. Retrying a refused body would hold up the key's later events behind it
+    ///   for the 15 minutes (a review).
     ///
     /// The reason is a short sentence like the ones of [`Webhook::verify`].
     pub async fn deliver(&self, target: &Target, body: Bytes) -> Delivery {
         match self.put(target, body).await {
             Ok(status) if status.is_success() => Delivery::Accepted,
+            Ok(
+                status @ (StatusCode::BAD_REQUEST
+                | StatusCode::PAYLOAD_TOO_LARGE
+                | StatusCode::UNSUPPORTED_MEDIA_TYPE
+                | StatusCode::UNPROCESSABLE_ENTITY),
+            ) => Delivery::Refused(format!("callback URL answered {status}")),
             Ok(status) => Delivery::Retry(format!("callback URL answered {status}")),
             Err(Failure::Invalid(reason)) => Delivery::Refused(reason),
             Err(Failure::Transport(reason)) => Delivery::Retry(reason),

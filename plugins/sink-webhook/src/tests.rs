@@ -614,17 +614,21 @@ fn deliver_sends_body_and_content_type() {
 fn statuses_are_classified() {
     bounded(|| {
         let mut sink = Sink::new(None);
-        // Every answer but 2xx is retried (within the host's 15 minutes): a 4xx or 3xx was
-        // refused, and the batch discarded at once.
+        // Every answer but 2xx and those refusing the body is retried (within the host's 15
+        // minutes): a 404, 401 or 3xx was refused, and the batch discarded at once.
         for (status, retry) in [
             (500, true),
             (503, true),
             (429, true),
             (408, true),
             (404, true),
-            (400, true),
+            (401, true),
             (410, true),
             (301, true),
+            (400, false),
+            (413, false),
+            (415, false),
+            (422, false),
         ] {
             let receiver = Receiver::start(status);
             let target = target(receiver.url("http", "/"), &[]);

@@ -349,7 +349,7 @@ impl State {
     }
 
     /// Ends the resource's observation on its device too, for one nobody is subscribed
-    /// to any more, or that a new one replaces: a GET with Observe = 1
+    /// to any more: a GET with Observe = 1
     /// (`coap::client::FedObservation::cancel`), so that the device frees its observer
     /// slot (an outside review filled a device's slots by subscribing and unsubscribing
     /// one resource: it then refused every observe). Not to a queue-mode device, which
@@ -2028,8 +2028,12 @@ impl Subscriptions {
             stream.cancel();
             return None;
         }
-        // An observation of the resource made before (observed again): the device has two.
-        st.cancel_observation(&key);
+        // An observation of the resource made before (observed again) is only forgotten:
+        // the device replaced its entry with this one (RFC 7641 §4.1, same client and
+        // resource), and a cancellation could end this one on a client that removes
+        // observers by path (Wakaama; found by a review). A device that kept both learns
+        // of the old one by the RST to its next notification.
+        st.stop_observation(&key);
         let id = self
             .next_observation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
