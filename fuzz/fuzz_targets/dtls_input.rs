@@ -40,6 +40,7 @@ fn listener() -> &'static DtlsListener {
             let limits = DtlsLimits {
                 max_sessions: 100,
                 max_handshakes: 10,
+                max_handshakes_per_source: 10,
                 handshake_timeout: Duration::from_secs(30),
                 idle: Duration::from_secs(60),
             };
