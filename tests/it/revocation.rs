@@ -516,20 +516,11 @@ fn the_last_admin_key_does_not_delete_itself() {
     );
     assert_eq!(read(&d, &d.key), 200);
     assert_eq!(read(&d, &user), 200);
-    let out = std::process::Command::new(support::BIN)
-        .args(["plugin-call", "--config"])
-        .arg(&d.config_path)
-        .args([
-            "connector",
-            "create_key",
-            r#"{"name": "admin2", "domain": "default", "scopes": ["admin"]}"#,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    support::plugin_call(
+        &d.config_path,
+        "connector",
+        "create_key",
+        &json!({"name": "admin2", "domain": "default", "scopes": ["admin"]}),
     );
     // The running daemon takes the new key within a second (the plugin state's watch).
     assert!(

@@ -723,15 +723,7 @@ fn check_config_reads_the_coap_certificate_as_the_start_does() {
             ),
         )
         .unwrap();
-        let out = Command::new(support::BIN)
-            .arg("check-config")
-            .arg(&file)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        support::check_config(&file)
     };
     let (ok, stderr) = check(&cut, true);
     assert!(!ok, "{stderr}");

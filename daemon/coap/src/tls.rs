@@ -229,11 +229,7 @@ pub fn server_config(
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|source| TlsError::Refused {
-            chain: chain_pem.0.to_owned(),
-            key: key_pem.0.to_owned(),
-            source,
-        })?;
+        .map_err(refused(chain_pem, key_pem))?;
     cfg.alpn_protocols = vec![b"coap".to_vec()];
     Ok(cfg)
 }
@@ -251,12 +247,17 @@ pub fn check_pair(
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|source| TlsError::Refused {
-            chain: chain_pem.0.to_owned(),
-            key: key_pem.0.to_owned(),
-            source,
-        })?;
+        .map_err(refused(chain_pem, key_pem))?;
     Ok(kept)
+}
+
+/// [`TlsError::Refused`] of `chain_pem` with `key_pem` (their names).
+fn refused(
+    chain_pem: (&str, &[u8]),
+    key_pem: (&str, &[u8]),
+) -> impl FnOnce(rustls::Error) -> TlsError {
+    let (chain, key) = (chain_pem.0.to_owned(), key_pem.0.to_owned());
+    move |source| TlsError::Refused { chain, key, source }
 }
 
 /// The identity a client certificate (DER) proves: subject CN and OU, serial in hex.

@@ -201,6 +201,20 @@ impl Deref for Prepared {
     }
 }
 
+/// `connectord check-config FILE`: whether it called the file valid, and its standard
+/// error.
+pub fn check_config(file: &Path) -> (bool, String) {
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(file)
+        .output()
+        .expect("connectord check-config");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `connectord plugin-call --config <config> <plugin> <op> <input>` (its own process,
 /// whether a daemon runs on that state or not); returns its JSON answer.
 pub fn plugin_call(
