@@ -390,7 +390,8 @@ fn subscriptions_survive_restart_and_are_observed_again() {
         "{e:?}"
     );
 
-    // A full re-registration: the device forgot its observations; they are made again.
+    // A full re-registration from the same address: the old observation is cancelled
+    // (the device may keep it), then the resource observed again.
     d.clear_inbox();
     let mut again = Device::new(d.coap);
     again.sock = dev.sock.try_clone().unwrap();
@@ -399,6 +400,7 @@ fn subscriptions_survive_restart_and_are_observed_again() {
     r.payload = LINKS.as_bytes();
     let p = again.build(&r);
     again.send_raw(&p.to_bytes().unwrap());
+    assert_eq!(support::accept_cancels(&dev, 1)[0].1, token.to_vec());
     accept_observe(&dev, "/3303/0/5700", "4");
 }
 
@@ -777,4 +779,32 @@ fn a_new_observe_waits_for_the_cancellation_before_it() {
     }
     dev.reply(&cancel, from, ResponseType::Content, b"", None, None);
     accept_observe(&dev, "/3303/0/5700", "2");
+}
+
+/// A device that registers again from the address its observations went to, or whose
+/// registration is deleted, is told that they end (GET with Observe=1, each one's token)
+/// before it is observed again: found by an outside review with aiocoap, which keeps an
+/// observer per token (RFC 7641 §2), so that every re-registration without a reboot left
+/// one more, until a resource that never changes could not be observed (412).
+#[test]
+fn observations_of_a_registration_that_is_replaced_or_removed_are_cancelled() {
+    let d = Daemon::start();
+    let rules = json!([{"endpoint-name": "again", "resource-path": ["/3303/0/5700"]}]);
+    let r = d.send_json("PUT", "/v2/subscriptions", rules.to_string());
+    assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
+    let mut dev = d.device();
+    dev.register(&["ep=again", "lt=300"], LINKS);
+    let (first, _) = accept_observe(&dev, "/3303/0/5700", "1");
+    // Registered again from the same socket: the old observation is cancelled, then
+    // the resource observed anew.
+    dev.register(&["ep=again", "lt=300"], LINKS);
+    let cancels = support::accept_cancels(&dev, 1);
+    assert_eq!(cancels, [("/3303/0/5700".to_string(), first.clone())]);
+    let (second, _) = accept_observe(&dev, "/3303/0/5700", "2");
+    assert_ne!(second, first);
+    // Deleted through REST: the device is still there, and told.
+    let r = d.call("DELETE", "/v2/endpoints/again", None, None);
+    assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
+    let cancels = support::accept_cancels(&dev, 1);
+    assert_eq!(cancels, [("/3303/0/5700".to_string(), second)]);
 }

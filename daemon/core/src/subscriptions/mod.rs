@@ -1639,9 +1639,37 @@ impl Subscriptions {
         }
     }
 
-    /// Drops the endpoint's observations (it re-registered, de-registered or expired).
+    /// Drops the endpoint's observations (it expired, or another node took it).
     fn forget_observations(&self, domain: &str, ep: &str) {
         self.stop_observations(domain, ep, |_| true);
+    }
+
+    /// Ends the endpoint's observations: on the device too ([`State::cancel_observation`])
+    /// for those `on_device` picks, the others only forgotten. For a device that
+    /// registered again from the address they went to, or whose registration was removed
+    /// (`DELETE /endpoints/{name}`, or its own de-registration): found by an outside
+    /// review with aiocoap, which keeps an observer per token as RFC 7641 §2 describes,
+    /// so that each re-registration without a reboot (after a `DELETE`, whose update is
+    /// then 4.04) left one more observer, until a resource that never changes could not
+    /// be observed (412). The new observes wait for these cancellations
+    /// (`coap::client`'s `after_cancels`), so clients that remove observers by path lose
+    /// nothing. A device that de-registered itself and went away costs its cancellations'
+    /// retransmissions, within `MAX_CANCELS`.
+    fn end_observations(&self, domain: &str, ep: &str, on_device: impl Fn(&Observation) -> bool) {
+        let mut st = self.lock();
+        let keys: Vec<(ResKey, bool)> = st
+            .observations
+            .iter()
+            .filter(|((d, e, _), _)| d == domain && e == ep)
+            .map(|(k, id)| (k.clone(), st.observing.get(id).is_some_and(&on_device)))
+            .collect();
+        for (k, cancel) in keys {
+            if cancel {
+                st.cancel_observation(&k);
+            } else {
+                st.stop_observation(&k);
+            }
+        }
     }
 
     /// Stops the observations of the endpoint that `which` picks (given the observation,
@@ -2116,8 +2144,11 @@ impl RegistryListener for SubscriptionsListener {
             let ep = ev.endpoint();
             match ev {
                 RegistryEvent::Registered { .. } => {
-                    // A full registration: the device forgot its observations.
-                    subs.forget_observations(&ep.reg.domain, &ep.reg.name);
+                    // A full registration: a device that rebooted forgot its observations,
+                    // one that registered again without (after a DELETE) kept them.
+                    subs.end_observations(&ep.reg.domain, &ep.reg.name, |o| {
+                        o.endpoint.reg.peer == ep.reg.peer
+                    });
                 }
                 // Pre-subscriptions are applied after the reply (`after_reply`), and so
                 // are the observations made again of a device whose address changed.
@@ -2133,7 +2164,10 @@ impl RegistryListener for SubscriptionsListener {
                     // Decision: an endpoint that leaves takes its subscriptions with it
                     // (seed 000: `GET /subscriptions/{ep}` is 404 for an endpoint that is
                     // not found); pre-subscriptions make them again when it registers.
-                    subs.forget_observations(&ep.reg.domain, &ep.reg.name);
+                    // A removed one may be there still (cancelled on it); an expired one
+                    // has not been heard of for its lifetime (forgotten).
+                    let removed = matches!(ev, RegistryEvent::Deregistered(_));
+                    subs.end_observations(&ep.reg.domain, &ep.reg.name, |_| removed);
                     subs.remove_endpoint_everywhere(&ep.reg.domain, &ep.reg.name)
                         .await;
                 }
