@@ -1317,21 +1317,8 @@ pub fn check_coap_certificate(coap: &crate::coap::CoapConfig) -> Result<bool, St
         // Not read at start either.
         return Ok(false);
     }
-    let read = |key: &'static str, path: &Path| {
-        std::fs::read(path).map_err(|source| StartError::CoapTlsFile {
-            key,
-            path: path.to_path_buf(),
-            source,
-        })
-    };
-    let (cert_name, key_name) = (
-        format!("coap.tls_cert: {}", c.display()),
-        format!("coap.tls_key: {}", k.display()),
-    );
-    let key = crate::coap::tls::check_pair(
-        (&cert_name, &read("tls_cert", c)?),
-        (&key_name, &read("tls_key", k)?),
-    )?;
+    let (chain, key) = read_coap_certificate(c, k)?;
+    let key = crate::coap::tls::check_pair((&chain.0, &chain.1), (&key.0, &key.1))?;
     if !coap.listen_dtls.is_empty() {
         crate::coap::dtls::check_server_key(key.secret_der()).map_err(|source| {
             StartError::CoapDtlsCertificate {
@@ -1342,6 +1329,23 @@ pub fn check_coap_certificate(coap: &crate::coap::CoapConfig) -> Result<bool, St
         })?;
     }
     Ok(true)
+}
+
+/// A PEM file's bytes with its name for messages (`coap.tls_cert: <path>`).
+type NamedPem = (String, Vec<u8>);
+
+/// The files of `coap.tls_cert` (`cert`) and `coap.tls_key` (`key`), as the start and
+/// `check-config` read them.
+fn read_coap_certificate(cert: &Path, key: &Path) -> Result<(NamedPem, NamedPem), StartError> {
+    let read = |name: &'static str, path: &Path| {
+        let bytes = std::fs::read(path).map_err(|source| StartError::CoapTlsFile {
+            key: name,
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok::<_, StartError>((format!("coap.{name}: {}", path.display()), bytes))
+    };
+    Ok((read("tls_cert", cert)?, read("tls_key", key)?))
 }
 
 /// Whether a secure CoAP listener (TLS or DTLS) would present `coap.tls_cert`.
@@ -1357,22 +1361,8 @@ fn server_certificate(
     coap: &crate::coap::CoapConfig,
     ca: &crate::certs::CertAuthority,
 ) -> Result<ServerCert, StartError> {
-    let read = |key: &'static str, path: &Path| {
-        std::fs::read(path).map_err(|source| StartError::CoapTlsFile {
-            key,
-            path: path.to_path_buf(),
-            source,
-        })
-    };
     if let (Some(c), Some(k)) = (&coap.tls_cert, &coap.tls_key) {
-        let chain = (
-            format!("coap.tls_cert: {}", c.display()),
-            read("tls_cert", c)?,
-        );
-        let key = (
-            format!("coap.tls_key: {}", k.display()),
-            read("tls_key", k)?,
-        );
+        let (chain, key) = read_coap_certificate(c, k)?;
         let (certs, private) = crate::coap::tls::read_pem((&chain.0, &chain.1), (&key.0, &key.1))?;
         return Ok(ServerCert {
             leaf_der: certs[0].to_vec(),

@@ -892,9 +892,7 @@ impl ObserveStream {
             live: self.handed_over,
         }
     }
-}
 
-impl ObserveStream {
     /// [`FedObservation::cancel`] for an observation not handed to the feed yet: its
     /// route forgotten as dropping it does, and the device told.
     pub fn cancel(mut self) {
@@ -945,9 +943,7 @@ impl FedObservation {
     pub fn token(&self) -> &[u8] {
         &self.token
     }
-}
 
-impl FedObservation {
     /// Ends the observation on the device too ([`Transport::cancel_observation`]): for an
     /// observation nobody is subscribed to any more, not for one whose device left
     /// (dropping it forgets the token only).
@@ -1311,7 +1307,17 @@ impl Transport {
         mtype: MessageType,
         extra: &[(CoapOption, &[u8])],
     ) -> Result<Outgoing, ClientError> {
-        let token: [u8; 8] = rand::random();
+        self.build_with_token(req, mtype, extra, rand::random())
+    }
+
+    /// [`Transport::build`] with the token given (an observation's cancellation).
+    fn build_with_token(
+        &self,
+        req: &OutRequest,
+        mtype: MessageType,
+        extra: &[(CoapOption, &[u8])],
+        token: [u8; 8],
+    ) -> Result<Outgoing, ClientError> {
         let message_id = self.next_message_id();
         let bytes = encode(req, mtype, message_id, &token, extra)?;
         Ok(Outgoing {
@@ -1390,32 +1396,12 @@ impl Transport {
             let _turn = done.queue.turn.lock().await;
             let mut r = *req;
             r.observe = Some(1);
-            let message_id = transport.next_message_id();
-            let sent = match encode(&r, MessageType::Confirmable, message_id, &token8, &[]) {
-                Ok(bytes) => {
-                    let packet = Outgoing {
-                        bytes,
-                        message_id,
-                        token: token8,
-                    };
-                    let cfg = transport.client_config().clone();
-                    // `exchange`, with the route marked as the cancellation's.
-                    let (tx, mut rx) = mpsc::channel(EXCHANGE_QUEUE);
-                    let mut route = Route::new(tx, to, identity.clone(), None);
-                    route.cancelling = true;
-                    transport
-                        .lock_client()
-                        .by_token
-                        .insert(token8.to_vec(), route);
-                    let _route = TokenGuard {
-                        transport: &transport,
-                        token: token8.to_vec(),
-                    };
-                    transport
-                        .transmit(peer, &packet, identity.as_ref(), &mut rx, &cfg)
-                        .await
-                        .map(|_| ())
-                }
+            let cfg = transport.client_config().clone();
+            let sent = match transport.build_with_token(&r, MessageType::Confirmable, &[], token8) {
+                Ok(packet) => transport
+                    .exchange_marked(peer, packet, identity.as_ref(), &cfg, true)
+                    .await
+                    .map(|_| ()),
                 Err(e) => Err(e),
             };
             if let Err(e) = sent {
@@ -1460,12 +1446,26 @@ impl Transport {
         identity: Option<&PeerIdentity>,
         cfg: &ClientConfig,
     ) -> Result<Packet, ClientError> {
+        self.exchange_marked(peer, packet, identity, cfg, false)
+            .await
+    }
+
+    /// [`Transport::exchange`], its route marked `cancelling` when it cancels an
+    /// observation of the same token ([`Route::cancelling`]).
+    async fn exchange_marked(
+        &self,
+        peer: PeerRef,
+        packet: Outgoing,
+        identity: Option<&PeerIdentity>,
+        cfg: &ClientConfig,
+        cancelling: bool,
+    ) -> Result<Packet, ClientError> {
         let token = packet.token.to_vec();
         let (tx, mut rx) = mpsc::channel(EXCHANGE_QUEUE);
         let to = self.source_of(&peer)?;
-        self.lock_client()
-            .by_token
-            .insert(token.clone(), Route::new(tx, to, identity.cloned(), None));
+        let mut route = Route::new(tx, to, identity.cloned(), None);
+        route.cancelling = cancelling;
+        self.lock_client().by_token.insert(token.clone(), route);
         let _route = TokenGuard {
             transport: self,
             token,

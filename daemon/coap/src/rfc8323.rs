@@ -195,7 +195,8 @@ fn check_body(body: &[u8]) -> Result<(), FrameError> {
     options(body).map(|_| ())
 }
 
-fn uint(v: &[u8]) -> Option<u32> {
+/// An option's value as an unsigned integer (at most 4 bytes).
+pub(crate) fn uint(v: &[u8]) -> Option<u32> {
     (v.len() <= 4).then(|| v.iter().fold(0u32, |a, b| (a << 8) | u32::from(*b)))
 }
 

@@ -395,7 +395,7 @@ impl Pending {
         let observe = rfc8323::options(body).ok().and_then(|(o, _)| {
             o.iter()
                 .find(|(n, _)| *n == OBSERVE)
-                .map(|(_, v)| v.iter().fold(0u32, |a, b| (a << 8) | u32::from(*b)))
+                .and_then(|(_, v)| rfc8323::uint(v))
         });
         if observe == Some(1) {
             self.observes.remove(token);

@@ -38,7 +38,7 @@
 //!     other) and every key of this plugin it minted, directly or not: 204. An admin
 //!     deletes any key; another caller itself and the keys it minted (403 otherwise).
 //!     Not the domain's last admin key (counting the admin keys it minted): 409
-//!     `conflict`, naming what to do (create another admin key first).
+//!     `conflict`, naming what to do (an admin key of its own first, by `create_key`).
 //!     Decision: there is no separate revoke; a deleted key is gone, and what it minted
 //!     elsewhere is refused by the host since its creator is `unknown`.
 //!
