@@ -351,6 +351,67 @@ fn pre_subscriptions_apply_at_registration_and_their_change_removes_subscription
     }
 }
 
+/// The same rules PUT again (an application does at every start) keep the observations
+/// they subscribe to again: nothing is cancelled or observed anew on the device, the
+/// unchanged value is not delivered a second time, and the old observation's
+/// notifications still arrive. A subscription the rules do not make (an individual one)
+/// is still removed by the change (seed 000), and its observation cancelled.
+#[test]
+fn the_same_pre_subscriptions_again_keep_their_observations() {
+    let d = Daemon::start();
+    let rules = json!([{"endpoint-name": "same-*", "resource-path": ["/3303/0/5700"]}]);
+    let put = |rules: &serde_json::Value| {
+        let r = d.send_json("PUT", "/v2/subscriptions", rules.to_string());
+        assert_eq!(r.status, 204, "{}", r.body);
+    };
+    put(&rules);
+    let mut dev = d.device();
+    dev.register(&["ep=same-1", "lt=300"], LINKS);
+    let (token, from) = accept_observe(&dev, "/3303/0/5700", "19.5");
+    let values = support::strings_of(&d.events_of("notifications", 1), "payload");
+    assert_eq!(values, [b64(b"19.5")]);
+    // An individual subscription beside it.
+    assert_eq!(
+        d.call("PUT", "/v2/subscriptions/same-1/3304/0/5700", None, None)
+            .status,
+        202
+    );
+    accept_observe(&dev, "/3304/0/5700", "40");
+    d.clear_inbox();
+
+    put(&rules);
+    let cancelled = support::accept_cancels(&dev, 1);
+    assert_eq!(cancelled[0].0, "/3304/0/5700", "{cancelled:?}");
+    support::no_request(
+        &dev,
+        Duration::from_millis(600),
+        "the rules subscribe to /3303/0/5700 again: its observation stays",
+    );
+    assert_eq!(
+        d.get("/v2/subscriptions/same-1").body,
+        "/subscriptions/same-1/3303/0/5700"
+    );
+    notify(
+        &dev,
+        from,
+        &token,
+        701,
+        MessageType::NonConfirmable,
+        2,
+        "19.8",
+    );
+    let values = support::strings_of(&d.events_of("notifications", 1), "payload");
+    assert_eq!(values, [b64(b"19.8")], "only the new value, once");
+
+    // Rules that no longer match end the observation on the device.
+    put(&json!([{"endpoint-name": "other-*"}]));
+    let cancelled = support::accept_cancels(&dev, 1);
+    assert_eq!(
+        (cancelled[0].0.as_str(), cancelled[0].1.as_slice()),
+        ("/3303/0/5700", token.as_slice())
+    );
+}
+
 #[test]
 fn subscriptions_survive_restart_and_are_observed_again() {
     let d = Daemon::start();

@@ -1114,7 +1114,7 @@ impl Subscriptions {
                 std::mem::replace(&mut k.presubs, rules.clone()),
                 std::mem::take(&mut k.resources),
             );
-            self.prune(&mut st);
+            // No prune here: see `settle_presubs`.
             let d = self.store.replace_presubscriptions(PresubRecord {
                 key_id: who.key_id.clone(),
                 domain: who.domain.clone(),
@@ -1138,8 +1138,22 @@ impl Subscriptions {
             }
             return Err(e.into());
         }
-        self.apply_new_presubs(&who.domain, &who.key_id).await;
+        self.settle_presubs(&who.domain, &who.key_id).await;
         Ok(())
+    }
+
+    /// After a key's pre-subscription rules were replaced (its subscriptions taken out of
+    /// memory): applies the new rules to this node's endpoints, then ends the observations
+    /// nobody is subscribed to any more. Decision: the prune comes after the rules are
+    /// applied, not before, so that a resource the new rules subscribe to again keeps its
+    /// observation (a client that PUTs the same rules at every start made every matching
+    /// device cancel and observe each resource again, and delivered its unchanged value
+    /// once more). Meanwhile a notification of such a resource reaches nobody, as it
+    /// would between the removal and the new observation.
+    async fn settle_presubs(&self, domain: &str, key_id: &str) {
+        self.apply_new_presubs(domain, key_id).await;
+        let mut st = self.lock();
+        self.prune(&mut st);
     }
 
     /// The endpoints of `domain` this node serves (on a cluster, those registered with
@@ -1203,9 +1217,8 @@ impl Subscriptions {
                     // The key's subscriptions were removed with the replacement (their
                     // deletes came first); whatever is left of them here goes too.
                     k.resources = ResourceSet::default();
-                    self.prune(&mut st);
                 }
-                self.apply_new_presubs(&rec.domain, &rec.key_id).await;
+                self.settle_presubs(&rec.domain, &rec.key_id).await;
             }
             C::PresubscriptionsDeleted { key_id } => {
                 if let Some(k) = self.lock().keys.get_mut(&key_id) {
