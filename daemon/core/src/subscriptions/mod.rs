@@ -381,6 +381,18 @@ impl State {
     }
 }
 
+/// What becomes of one of an endpoint's observations
+/// ([`Subscriptions::end_observations`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// It stays.
+    Keep,
+    /// Its token is forgotten: the device's next notification gets RST.
+    Forget,
+    /// It is cancelled on the device too ([`State::cancel_observation`]).
+    Cancel,
+}
+
 /// The subscriptions manager.
 pub struct Subscriptions {
     directory: Arc<Directory>,
@@ -1645,65 +1657,54 @@ impl Subscriptions {
     /// notification (RST).
     fn forget_moved_observations(&self, ep: &Endpoint) {
         let (domain, name) = (&ep.reg.domain, &ep.reg.name);
-        for (_, _, path) in self.stop_observations(domain, name, |o| {
-            o.is_some_and(|o| o.endpoint.reg.peer != ep.reg.peer)
-        }) {
+        let moved = |o: Option<&Observation>| match o {
+            Some(o) if o.endpoint.reg.peer != ep.reg.peer => Ending::Forget,
+            _ => Ending::Keep,
+        };
+        for (_, _, path) in self.end_observations(domain, name, moved) {
             tracing::debug!(ep = %name, %path, to = %ep.reg.peer, "observing again at the device's new address");
         }
     }
 
     /// Drops the endpoint's observations (it expired, or another node took it).
     fn forget_observations(&self, domain: &str, ep: &str) {
-        self.stop_observations(domain, ep, |_| true);
+        self.end_observations(domain, ep, |_| Ending::Forget);
     }
 
-    /// Ends the endpoint's observations: on the device too ([`State::cancel_observation`])
-    /// for those `on_device` picks, the others only forgotten. For a device that
-    /// registered again from the address they went to, or whose registration was removed
-    /// (`DELETE /endpoints/{name}`, or its own de-registration): found by an outside
-    /// review with aiocoap, which keeps an observer per token as RFC 7641 §2 describes,
-    /// so that each re-registration without a reboot (after a `DELETE`, whose update is
-    /// then 4.04) left one more observer, until a resource that never changes could not
-    /// be observed (412). The new observes wait for these cancellations
-    /// (`coap::client`'s `after_cancels`), so clients that remove observers by path lose
-    /// nothing. A device that de-registered itself and went away costs its cancellations'
-    /// retransmissions, within `MAX_CANCELS`.
-    fn end_observations(&self, domain: &str, ep: &str, on_device: impl Fn(&Observation) -> bool) {
-        let mut st = self.lock();
-        let keys: Vec<(ResKey, bool)> = st
-            .observations
-            .iter()
-            .filter(|((d, e, _), _)| d == domain && e == ep)
-            .map(|(k, id)| (k.clone(), st.observing.get(id).is_some_and(&on_device)))
-            .collect();
-        for (k, cancel) in keys {
-            if cancel {
-                st.cancel_observation(&k);
-            } else {
-                st.stop_observation(&k);
-            }
-        }
-    }
-
-    /// Stops the observations of the endpoint that `which` picks (given the observation,
-    /// if its number still names one); returns their keys.
-    fn stop_observations(
+    /// Ends the endpoint's observations as `decide` says for each (given the
+    /// observation, if its number still names one); returns the keys of those ended.
+    /// [`Ending::Cancel`] ends one on the device too ([`State::cancel_observation`]): for
+    /// a device that registered again from the address they went to, or whose
+    /// registration was removed (`DELETE /endpoints/{name}`, or its own de-registration):
+    /// found by an outside review with aiocoap, which keeps an observer per token as RFC
+    /// 7641 §2 describes, so that each re-registration without a reboot (after a
+    /// `DELETE`, whose update is then 4.04) left one more observer, until a resource that
+    /// never changes could not be observed (412). The new observes wait for these
+    /// cancellations (`coap::client`'s `after_cancels`), so clients that remove observers
+    /// by path lose nothing. A device that de-registered itself and went away costs its
+    /// cancellations' retransmissions, within `MAX_CANCELS`.
+    fn end_observations(
         &self,
         domain: &str,
         ep: &str,
-        which: impl Fn(Option<&Observation>) -> bool,
+        decide: impl Fn(Option<&Observation>) -> Ending,
     ) -> Vec<ResKey> {
         let mut st = self.lock();
-        let keys: Vec<ResKey> = st
+        let ended: Vec<(ResKey, Ending)> = st
             .observations
             .iter()
-            .filter(|((d, e, _), id)| d == domain && e == ep && which(st.observing.get(id)))
-            .map(|(k, _)| k.clone())
+            .filter(|((d, e, _), _)| d == domain && e == ep)
+            .map(|(k, id)| (k.clone(), decide(st.observing.get(id))))
+            .filter(|(_, how)| *how != Ending::Keep)
             .collect();
-        for k in &keys {
-            st.stop_observation(k);
+        for (k, how) in &ended {
+            if *how == Ending::Cancel {
+                st.cancel_observation(k);
+            } else {
+                st.stop_observation(k);
+            }
         }
-        keys
+        ended.into_iter().map(|(k, _)| k).collect()
     }
 
     /// Leaves out the `replies` over the domain's transaction quota (counted as refused);
@@ -2159,8 +2160,9 @@ impl RegistryListener for SubscriptionsListener {
                 RegistryEvent::Registered { .. } => {
                     // A full registration: a device that rebooted forgot its observations,
                     // one that registered again without (after a DELETE) kept them.
-                    subs.end_observations(&ep.reg.domain, &ep.reg.name, |o| {
-                        o.endpoint.reg.peer == ep.reg.peer
+                    subs.end_observations(&ep.reg.domain, &ep.reg.name, |o| match o {
+                        Some(o) if o.endpoint.reg.peer == ep.reg.peer => Ending::Cancel,
+                        _ => Ending::Forget,
                     });
                 }
                 // Pre-subscriptions are applied after the reply (`after_reply`), and so
@@ -2180,7 +2182,11 @@ impl RegistryListener for SubscriptionsListener {
                     // A removed one may be there still (cancelled on it); an expired one
                     // has not been heard of for its lifetime (forgotten).
                     let removed = matches!(ev, RegistryEvent::Deregistered(_));
-                    subs.end_observations(&ep.reg.domain, &ep.reg.name, |_| removed);
+                    let how = |o: Option<&Observation>| match o {
+                        Some(_) if removed => Ending::Cancel,
+                        _ => Ending::Forget,
+                    };
+                    subs.end_observations(&ep.reg.domain, &ep.reg.name, how);
                     subs.remove_endpoint_everywhere(&ep.reg.domain, &ep.reg.name)
                         .await;
                 }
