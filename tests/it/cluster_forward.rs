@@ -408,6 +408,65 @@ fn a_presubscription_made_on_one_node_is_observed_by_a_device_registering_on_ano
     assert_eq!(reset.header.get_type(), MessageType::Reset);
 }
 
+/// The same pre-subscription rules PUT again on one node: the owner of a device, which
+/// learns of it as the deletes of the key's subscriptions and then the rules, keeps the
+/// observations the rules subscribe to again (before: it cancelled each at its delete and
+/// observed it anew). Rules that no longer match end the observation on the device.
+#[test]
+fn the_same_presubscriptions_again_on_another_node_keep_the_owners_observations() {
+    let server = NatsServer::start().unwrap();
+    let (n1, n2) = two_nodes(&server, "");
+    let rules = json!([{"endpoint-name": "again-*", "resource-path": ["/3303/0/5700"]}]);
+    let put = |rules: &serde_json::Value| {
+        let r = n1.send_json("PUT", "/v2/subscriptions", rules.to_string());
+        assert_eq!(r.status, 204, "{}", r.body);
+        assert!(
+            eventually(WAIT, || n2.get("/v2/subscriptions").json() == *rules),
+            "n2 never had the rules: {}",
+            n2.get("/v2/subscriptions").body
+        );
+    };
+    put(&rules);
+    let mut dev = n2.device();
+    dev.register(&["ep=again-1", "lt=300"], LINKS);
+    let (req, from) = dev.recv_request(WAIT).expect("n2 observes");
+    assert_eq!(from, n2.coap, "the owner observes");
+    assert_eq!(path_of(&req), "/3303/0/5700");
+    let token = req.get_token().to_vec();
+    let ack = observe_content(
+        MessageType::Acknowledgement,
+        req.header.message_id,
+        &token,
+        1,
+        b"5",
+    );
+    send_packet(&dev, &ack, n2.coap);
+    let sub = "/v2/subscriptions/again-1/3303/0/5700";
+    assert!(
+        eventually(WAIT, || n1.get(sub).status == 200),
+        "n1 lists it"
+    );
+
+    // The same rules again: the subscription is removed and made again (n1 lists it
+    // again), and n2 sends the device nothing.
+    put(&rules);
+    support::no_request(
+        &dev,
+        Duration::from_secs(1),
+        "the rules subscribe to the resource again: its observation stays",
+    );
+    assert_eq!(n2.get(sub).status, 200);
+    assert!(
+        eventually(WAIT, || n1.get(sub).status == 200),
+        "n1 lists it"
+    );
+
+    // Rules that no longer match: the owner cancels the observation.
+    put(&json!([{"endpoint-name": "other-*"}]));
+    assert_eq!(support::accept_cancels(&dev, 1)[0].1, token);
+    assert_eq!(n2.get(sub).status, 404);
+}
+
 /// The owner does not answer: stopped (SIGSTOP), a forwarded request is 503 naming it
 /// after `[cluster] timeout_ms`; killed with -9, 503 naming it at once (nobody serves its
 /// calls). Both bounded; the times printed.

@@ -545,14 +545,34 @@ pub async fn follow_subscriptions(
     mut stop: shutdown::Shutdown,
 ) {
     use crate::store::nats::Followed;
+    // When the observations nobody is subscribed to any more are to be ended (see
+    // `Subscriptions::follow`).
+    let mut prune_at: Option<tokio::time::Instant> = None;
     loop {
+        let prune_due = async {
+            match prune_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let f = tokio::select! {
             _ = stop.recv() => return,
+            () = prune_due => {
+                prune_at = None;
+                subs.prune_unsubscribed();
+                continue;
+            }
             f = watch.next() => f,
         };
         match f {
             None => return,
-            Some(Followed::Change(c)) => subs.follow(c).await,
+            Some(Followed::Change(c)) => {
+                if subs.follow(c).await && prune_at.is_none() {
+                    prune_at = Some(
+                        tokio::time::Instant::now() + crate::subscriptions::FOLLOWED_PRUNE_AFTER,
+                    );
+                }
+            }
             Some(Followed::Lagged) => {
                 tracing::warn!(
                     "cluster: missed changes of other nodes' subscriptions; loading them again"

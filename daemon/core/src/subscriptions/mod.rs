@@ -421,6 +421,11 @@ pub struct Subscriptions {
     written: tokio::sync::Notify,
 }
 
+/// How long after another node's removal of a subscription its observation may still
+/// run here ([`Subscriptions::follow`]): the changes that follow it within this time are
+/// applied first.
+pub const FOLLOWED_PRUNE_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// How often the pre-subscriptions' watermark is written when it changed.
 pub const PRESUB_WATERMARK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -1164,8 +1169,7 @@ impl Subscriptions {
     /// would between the removal and the new observation.
     async fn settle_presubs(&self, domain: &str, key_id: &str) {
         self.apply_new_presubs(domain, key_id).await;
-        let mut st = self.lock();
-        self.prune(&mut st);
+        self.prune_unsubscribed();
     }
 
     /// The endpoints of `domain` this node serves (on a cluster, those registered with
@@ -1187,11 +1191,19 @@ impl Subscriptions {
     /// Applies a change another cluster node made to the subscriptions or
     /// pre-subscriptions (issue 22, the store's subscriptions watch) to memory, without
     /// writing to the store: a subscription is listed (and observed if this node owns
-    /// the device and nobody observes it yet), a removed one is no longer listed (and its
-    /// observation stops when nobody is subscribed any more), and new pre-subscription
-    /// rules are applied to this node's endpoints, as the node that took them applies
-    /// them to its own.
-    pub async fn follow(&self, change: crate::store::SubscriptionChange) {
+    /// the device and nobody observes it yet), a removed one is no longer listed, and new
+    /// pre-subscription rules are applied to this node's endpoints, as the node that took
+    /// them applies them to its own.
+    ///
+    /// True when a subscription was removed: the caller then calls
+    /// [`Subscriptions::prune`] soon (within [`FOLLOWED_PRUNE_AFTER`]), once the changes
+    /// that follow it were applied, to end the observations nobody is subscribed to any
+    /// more. Decision: not at once, because a key's pre-subscriptions replaced on another
+    /// node arrive here as the deletes of its subscriptions first and the new rules after
+    /// them; pruned at each delete, every resource the new rules subscribe to again was
+    /// cancelled on its device and observed anew (as [`Subscriptions::settle_presubs`]
+    /// avoids on the node that took the change).
+    pub async fn follow(&self, change: crate::store::SubscriptionChange) -> bool {
         use crate::store::SubscriptionChange as C;
         match change {
             C::Put(rec) => {
@@ -1200,7 +1212,7 @@ impl Subscriptions {
                     let k = st.keys.entry(rec.key_id.clone()).or_default();
                     k.domain = rec.domain.clone();
                     if !k.resources.insert(&rec.ep, &rec.path) {
-                        return;
+                        return false;
                     }
                 }
                 if let Some(ep) = self.directory.get(&rec.domain, &rec.ep)
@@ -1211,14 +1223,11 @@ impl Subscriptions {
                 }
             }
             C::Deleted { key_id, ep, path } => {
-                let mut st = self.lock();
-                let removed = st
+                return self
+                    .lock()
                     .keys
                     .get_mut(&key_id)
                     .is_some_and(|k| k.resources.remove(&ep, &path));
-                if removed {
-                    self.prune(&mut st);
-                }
             }
             C::Presubscriptions(rec) => {
                 {
@@ -1238,6 +1247,14 @@ impl Subscriptions {
                 }
             }
         }
+        false
+    }
+
+    /// Ends the observations nobody is subscribed to any more (after
+    /// [`Subscriptions::follow`] removed a subscription).
+    pub fn prune_unsubscribed(&self) {
+        let mut st = self.lock();
+        self.prune(&mut st);
     }
 
     /// Loads the subscriptions and pre-subscriptions from the store again and puts them
