@@ -1036,36 +1036,48 @@ fn nginx_udp_load_balancing_as_documented() {
     let names = ["n1", "n2", "n3"];
     let nodes = start_nodes(&[server.url()], &names);
     open_channel(&nodes, 0);
-    let listen = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let mut conf = failover::NGINX_CONF.to_string();
-    for (from, to) in [
-        (
-            "listen 5683 udp;".to_string(),
-            format!("listen {listen} udp;"),
-        ),
-        (
-            "server 127.0.0.1:5701 ".to_string(),
-            format!("server {} ", nodes[0].coap),
-        ),
-        (
-            "server 127.0.0.1:5702 ".to_string(),
-            format!("server {} ", nodes[1].coap),
-        ),
-        (
-            "server 127.0.0.1:5703 ".to_string(),
-            format!("server {} ", nodes[2].coap),
-        ),
-    ] {
-        assert!(
-            conf.contains(&from),
-            "the documented config has no {from:?}"
-        );
-        conf = conf.replace(&from, &to);
-    }
-    let nginx = failover::Nginx::start(&conf);
+    // A free port, chosen here and bound by nginx: another test may take it in between
+    // (seen once in a run of the cluster tests), so a few tries.
+    let mut tries = 0;
+    let (listen, nginx) = loop {
+        let listen = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut conf = failover::NGINX_CONF.to_string();
+        for (from, to) in [
+            (
+                "listen 5683 udp;".to_string(),
+                format!("listen {listen} udp;"),
+            ),
+            (
+                "server 127.0.0.1:5701 ".to_string(),
+                format!("server {} ", nodes[0].coap),
+            ),
+            (
+                "server 127.0.0.1:5702 ".to_string(),
+                format!("server {} ", nodes[1].coap),
+            ),
+            (
+                "server 127.0.0.1:5703 ".to_string(),
+                format!("server {} ", nodes[2].coap),
+            ),
+        ] {
+            assert!(
+                conf.contains(&from),
+                "the documented config has no {from:?}"
+            );
+            conf = conf.replace(&from, &to);
+        }
+        match failover::Nginx::start(&conf) {
+            Ok(nginx) => break (listen, nginx),
+            Err(log) if tries < 3 => {
+                tries += 1;
+                println!("{listen} was taken, another port: {log}");
+            }
+            Err(log) => panic!("no free port for nginx in 4 tries: {log}"),
+        }
+    };
     println!(
         "nginx on {listen} in front of 3 nodes after {:?}",
         t0.elapsed()

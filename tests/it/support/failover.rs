@@ -194,8 +194,9 @@ pub struct Nginx {
 impl Nginx {
     /// Starts [`nginx`] with `stream` included by a minimal `nginx.conf` (the stream
     /// module loaded, pid and logs in its directory, one process); fails the test when it
-    /// does not start, with its error log.
-    pub fn start(stream: &str) -> Nginx {
+    /// does not start, with its error log, except for a port another test took since it
+    /// was chosen (`Err` with the log: the caller chooses another).
+    pub fn start(stream: &str) -> Result<Nginx, String> {
         let bin = nginx();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
@@ -242,7 +243,11 @@ impl Nginx {
         let t = Instant::now();
         while !n.log().contains("start worker process") && !n.log().contains("using the ") {
             if let Ok(Some(status)) = n.child.try_wait() {
-                panic!("nginx exited ({status}): {}", n.log());
+                let log = n.log();
+                if log.contains("Address already in use") {
+                    return Err(log);
+                }
+                panic!("nginx exited ({status}): {log}");
             }
             assert!(
                 t.elapsed() < Duration::from_secs(10),
@@ -251,7 +256,7 @@ impl Nginx {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        n
+        Ok(n)
     }
 
     /// nginx's error log (at level info: sessions, upstream errors).
