@@ -326,6 +326,28 @@ fn bad_inputs_are_refused_with_json_errors() {
     let get = json!({"method": "GET", "uri": "/3/0/0"});
     let cases: &[(&str, &str, Value, u16, &str)] = &[
         ("dev-1", "retry=1", get.clone(), 400, "async-id is required"),
+        // Found by an outside review: taken as "\u{fffd}\u{fffd}" before.
+        (
+            "dev-1",
+            "async-id=%FF%FE",
+            get.clone(),
+            400,
+            "async-id is not valid UTF-8",
+        ),
+        (
+            "dev-1",
+            "async-id=7%230f0f9a29-0000-4000-8000-000000000000",
+            get.clone(),
+            400,
+            "has the form of the ids this daemon makes",
+        ),
+        (
+            "dev-1",
+            "async-id=x",
+            json!({"method": "GET", "uri": "/3/0/0#frag"}),
+            400,
+            "fragment",
+        ),
         (
             "dev-1",
             "async-id=x&retry=99",
@@ -495,6 +517,42 @@ fn an_unanswered_request_expires_with_request_expired() {
     assert!(
         d.wait_log("device-request expired before the device answered", WAIT),
         "the queued expiry is logged (debug)"
+    );
+}
+
+/// An async-id used again once its first request was answered: the second request has
+/// its own expiry, not the first's (found by an outside review: the first request's
+/// timer, still running, expired the second at the first's deadline).
+#[test]
+fn an_async_id_used_again_keeps_its_own_expiry() {
+    let d = Daemon::start();
+    let mut dev = d.device();
+    let reg = dev.register(&["ep=again", "lt=300", "b=UQ"], LINKS);
+    let get = json!({"method": "GET", "uri": "/3/0/0"});
+    accepted(&d, "again", "async-id=reuse&expiry-seconds=2", get.clone());
+    send_update(&mut dev, &reg);
+    let (req, from) = next_request(&dev, RequestType::Get, "/3/0/0");
+    dev.reply(&req, from, ResponseType::Content, b"1", Some(0), None);
+    assert_eq!(d.async_response("reuse", WAIT)["status"], 200);
+    d.clear_inbox();
+
+    accepted(&d, "again", "async-id=reuse&expiry-seconds=3600", get);
+    // Past the first request's deadline.
+    std::thread::sleep(Duration::from_millis(2500));
+    let events = d.collect_events(Duration::from_millis(300), |_| false);
+    assert!(
+        events.async_response("reuse").is_none(),
+        "the second request was answered before the device spoke: {:?}",
+        events.of("async-responses")
+    );
+    send_update(&mut dev, &reg);
+    let (req, from) = next_request(&dev, RequestType::Get, "/3/0/0");
+    dev.reply(&req, from, ResponseType::Content, b"2", Some(0), None);
+    let r = d.async_response("reuse", WAIT);
+    assert_eq!(
+        (r["status"].as_u64(), r["payload"].as_str()),
+        (Some(200), Some(b64(b"2").as_str())),
+        "{r}"
     );
 }
 

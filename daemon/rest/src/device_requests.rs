@@ -22,7 +22,9 @@
 //!   routes answer 410 there, unchanged) or a resource the device does not list (as the
 //!   resource routes); 409 for an `async-id` in use; 413 body over `requests.max_body`;
 //!   429 queue full or quota used up; 503 the device cannot be reached now.
-//! - `async-id`: required, 1 to [`MAX_ASYNC_ID_LEN`] bytes, no control characters. It is
+//! - `async-id`: required, 1 to [`MAX_ASYNC_ID_LEN`] bytes of UTF-8 (after
+//!   percent-decoding), no control characters, not of the form of the ids the daemon
+//!   makes for the resource routes' requests (`<number>#<UUID>`). It is
 //!   unique per domain (the account) among the requests not yet answered: a second
 //!   request with it is 409 until the first one's answer is on the channel, after which
 //!   the id may be used again. On a cluster the check is made by the node that owns the
@@ -89,7 +91,7 @@ fn bad(msg: impl AsRef<str>) -> Reply {
 /// The query parameters and the body of a device-request, checked; a 400 naming the
 /// first thing wrong otherwise.
 pub fn parse(parts: &Parts, body: &[u8]) -> Result<Parsed, Reply> {
-    let async_id = match query_param(parts, "async-id") {
+    let async_id = match query_param(parts, "async-id")? {
         None => return Err(bad("the query parameter async-id is required")),
         Some(id) if id.is_empty() => return Err(bad("async-id must not be empty")),
         Some(id) if id.len() > MAX_ASYNC_ID_LEN => {
@@ -100,6 +102,14 @@ pub fn parse(parts: &Parts, body: &[u8]) -> Result<Parsed, Reply> {
         }
         Some(id) if id.chars().any(char::is_control) => {
             return Err(bad("async-id must not contain control characters"));
+        }
+        // The ids this daemon makes for the resource routes' requests are not compared
+        // with the device-requests' (only those are tracked), so a client's id of that
+        // form could name two answers on one channel (an outside review).
+        Some(id) if crate::requests::is_made_async_id(&id) => {
+            return Err(bad(format!(
+                "async-id {id:?} has the form of the ids this daemon makes for the resource routes' requests (<number>#<UUID>); choose another"
+            )));
         }
         Some(id) => id,
     };
@@ -174,7 +184,7 @@ pub fn parse(parts: &Parts, body: &[u8]) -> Result<Parsed, Reply> {
 
 /// An optional integer query parameter within `min..=max`.
 fn number_param(parts: &Parts, name: &str, max: u64, min: u64) -> Result<Option<u64>, Reply> {
-    let Some(v) = query_param(parts, name) else {
+    let Some(v) = query_param(parts, name)? else {
         return Ok(None);
     };
     match v.parse::<u64>() {
@@ -195,6 +205,11 @@ fn uri_path(uri: &str) -> Result<String, Reply> {
     if uri.contains('?') {
         return Err(bad(
             "uri must not have a query: notification attributes (?pmin=…) are not supported by this daemon",
+        ));
+    }
+    if uri.contains('#') {
+        return Err(bad(
+            "uri must not have a fragment ('#'); a '#' in a path segment is written %23",
         ));
     }
     let mut path = String::with_capacity(uri.len());
@@ -335,6 +350,22 @@ mod tests {
             ("?async-id=", ok, "async-id must not be empty"),
             (&long, ok, "at most 1024"),
             ("?async-id=a%0Ab", ok, "control characters"),
+            (
+                "?async-id=%FF%FE",
+                ok,
+                "async-id is not valid UTF-8 after percent-decoding",
+            ),
+            (
+                "?async-id=12%230f0f9a29-0000-4000-8000-000000000000",
+                ok,
+                "has the form of the ids this daemon makes",
+            ),
+            ("?async-id=x&retry=%FF", ok, "retry is not valid UTF-8"),
+            (
+                "?async-id=x",
+                r#"{"method":"GET","uri":"/3/0/0#frag"}"#,
+                "uri must not have a fragment",
+            ),
             (
                 "?async-id=x&retry=-1",
                 ok,

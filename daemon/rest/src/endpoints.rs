@@ -93,18 +93,28 @@ fn format_of(parts: &Parts) -> Result<Format, Reply> {
     })
 }
 
-/// The value of query parameter `name`, percent-decoded.
-pub fn query_param(parts: &Parts, name: &str) -> Option<String> {
-    let q = parts.uri.query()?;
-    q.split('&').find_map(|kv| {
+/// The value of query parameter `name`, percent-decoded; 400 when the decoded bytes are
+/// not UTF-8 (before, they were replaced by U+FFFD without a word, so that two different
+/// device-request async-ids became one: an outside review).
+pub fn query_param(parts: &Parts, name: &str) -> Result<Option<String>, Reply> {
+    let Some(q) = parts.uri.query() else {
+        return Ok(None);
+    };
+    let Some(v) = q.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == name).then(|| {
-            let v = v.replace('+', " ");
-            percent_encoding::percent_decode_str(&v)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-    })
+        (k == name).then_some(v)
+    }) else {
+        return Ok(None);
+    };
+    let v = v.replace('+', " ");
+    match percent_encoding::percent_decode_str(&v).decode_utf8() {
+        Ok(v) => Ok(Some(v.into_owned())),
+        Err(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("the query parameter {name} is not valid UTF-8 after percent-decoding"),
+        )),
+    }
 }
 
 #[derive(Serialize)]
@@ -160,7 +170,10 @@ pub fn list(directory: &Directory, who: &Principal, parts: &Parts) -> Reply {
         Ok(f) => f,
         Err(r) => return r,
     };
-    let ept = query_param(parts, "type");
+    let ept = match query_param(parts, "type") {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
     let mut eps = directory.list(&who.domain, ept.as_deref());
     eps.retain(|e| who.may_access(&e.reg.name, None));
     match format {

@@ -22,7 +22,7 @@ use crate::requests::{Method, RequestError, Requests, Submit, Submitted, Want};
 
 /// A boolean query parameter: absent is false; anything but `true`/`false` is an error.
 pub fn bool_param(parts: &Parts, name: &str) -> Result<bool, Reply> {
-    match query_param(parts, name).as_deref() {
+    match query_param(parts, name)?.as_deref() {
         None => Ok(false),
         Some(v) if v.eq_ignore_ascii_case("true") => Ok(true),
         Some(v) if v.eq_ignore_ascii_case("false") => Ok(false),

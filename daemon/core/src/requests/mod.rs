@@ -553,8 +553,12 @@ pub struct Requests {
     registry: std::sync::Weak<crate::registry::Registry>,
     /// The `async-id`s of the device-requests (issue 23) this node holds unanswered, by
     /// domain: a second request with one of them is refused (409) until the first is
-    /// answered.
-    pending_ids: Mutex<std::collections::HashSet<(String, String)>>,
+    /// answered. Each with its expiry's timer ([`Requests::schedule_expiry`]) once it
+    /// has one, stopped when the id is given back: an id used again once answered has
+    /// its own expiry (an outside review found the first request's timer, still
+    /// running, expiring the second at the first's deadline), and an answered request's
+    /// timer does not stay for the rest of its expiry (2 h, 3 days in queue mode).
+    pending_ids: Mutex<Map<(String, String), Option<tokio::task::AbortHandle>>>,
 }
 
 /// A fresh async-response id: a number and a random (version 4) UUID, as the seed's
@@ -577,6 +581,19 @@ fn async_id_from(u: uuid::Uuid) -> String {
             .encode_lower(&mut uuid::Uuid::encode_buffer()),
     );
     id
+}
+
+/// Whether `id` has the form of the ids [`new_async_id`] makes: 1 to 10 digits, `#`, a
+/// lower-case hyphenated UUID. A device-request's client-chosen id of this form is
+/// refused, since only device-requests' ids are checked for uniqueness.
+pub fn is_made_async_id(id: &str) -> bool {
+    let Some((n, u)) = id.split_once('#') else {
+        return false;
+    };
+    (1..=10).contains(&n.len())
+        && n.bytes().all(|b| b.is_ascii_digit())
+        && u.len() == 36
+        && uuid::Uuid::try_parse(u).is_ok_and(|p| p.hyphenated().to_string() == u)
 }
 
 /// True when the endpoint's registration lists `path`, one of its parents, or one of its
@@ -1178,18 +1195,28 @@ impl Requests {
         if job.device_request.is_none() {
             return true;
         }
-        self.pending_ids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((job.domain.clone(), job.id.clone()))
+        match self
+            .lock_pending_ids()
+            .entry((job.domain.clone(), job.id.clone()))
+        {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(None);
+                true
+            }
+        }
+    }
+
+    fn lock_pending_ids(
+        &self,
+    ) -> MutexGuard<'_, Map<(String, String), Option<tokio::task::AbortHandle>>> {
+        self.pending_ids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether a device-request with this async-id waits unanswered in `domain`.
     fn async_id_taken(&self, domain: &str, id: &str) -> bool {
-        self.pending_ids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&(domain.to_string(), id.to_string()))
+        self.lock_pending_ids()
+            .contains_key(&(domain.to_string(), id.to_string()))
     }
 
     /// Gives a device-request's async-id back (answered, or not stored).
@@ -1199,36 +1226,49 @@ impl Requests {
         }
     }
 
-    /// Gives the async-id (domain, id) of a device-request back.
+    /// Gives the async-id (domain, id) of a device-request back, and stops its expiry's
+    /// timer.
     fn give_back_id(&self, id: &(String, String)) {
-        self.pending_ids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        if let Some(Some(timer)) = self.lock_pending_ids().remove(id) {
+            timer.abort();
+        }
     }
 
     /// Answers the device-request `id` of `key` with [`REQUEST_EXPIRED`] at `expires_ms`
     /// if it still waits in the queue then (one in flight is ended by its worker). Holds
-    /// the request layer weakly: a stopped daemon's timers do nothing.
+    /// the request layer weakly: a stopped daemon's timers do nothing. The timer is kept
+    /// with the id in `pending_ids` and stopped when the id is given back (answered);
+    /// an id given back already (answered meanwhile) gets none.
     fn schedule_expiry(self: &Arc<Self>, key: EpKey, id: String, expires_ms: u64) {
+        let pending = (key.0.clone(), id.clone());
         let weak = Arc::downgrade(self);
         let wait = Duration::from_millis(expires_ms.saturating_sub(now_ms()));
-        tokio::spawn(async move {
+        let timer = tokio::spawn(async move {
             tokio::time::sleep(wait).await;
             if let Some(r) = weak.upgrade() {
-                r.expire(&key, &id).await;
+                r.expire(&key, &id, expires_ms).await;
             }
-        });
+        })
+        .abort_handle();
+        match self.lock_pending_ids().get_mut(&pending) {
+            Some(slot) => {
+                if let Some(old) = slot.replace(timer) {
+                    old.abort();
+                }
+            }
+            None => timer.abort(),
+        }
     }
 
-    async fn expire(&self, key: &EpKey, id: &str) {
+    /// Expires the queued device-request `id` of `key` whose expiry is `expires_ms`
+    /// (the one its timer was set for, not a later request with the same id).
+    async fn expire(&self, key: &EpKey, id: &str, expires_ms: u64) {
         let job = {
             let mut q = self.lock();
             q.get_mut(key).and_then(|e| {
-                let i = e
-                    .jobs
-                    .iter()
-                    .position(|j| j.id == id && j.device_request.is_some())?;
+                let i = e.jobs.iter().position(|j| {
+                    j.id == id && j.device_request.is_some_and(|t| t.expires_ms == expires_ms)
+                })?;
                 e.jobs.remove(i)
             })
         };
@@ -2053,6 +2093,31 @@ mod tests {
             "{a}"
         );
         assert_eq!(&groups[2][..1], "4", "version 4: {a}");
+    }
+
+    #[test]
+    fn the_form_of_made_async_ids_is_recognised() {
+        for _ in 0..100 {
+            let a = new_async_id();
+            assert!(is_made_async_id(&a), "{a}");
+        }
+        assert!(is_made_async_id(&async_id_from(uuid::Uuid::from_bytes(
+            [0; 16]
+        ))));
+        for other in [
+            "",
+            "reuse1",
+            "#",
+            "12#",
+            "12#0f0f9a29",
+            "x12#0f0f9a29-0000-4000-8000-000000000000",
+            "12#0F0F9A29-0000-4000-8000-000000000000",
+            "12345678901#0f0f9a29-0000-4000-8000-000000000000",
+            "12#0f0f9a29000040008000000000000000",
+            "12#0f0f9a29-0000-4000-8000-000000000000#",
+        ] {
+            assert!(!is_made_async_id(other), "{other:?}");
+        }
     }
 
     #[test]
