@@ -378,6 +378,54 @@ fn a_second_socket_closes_the_first_with_1001() {
     assert_eq!(second.closed(), 1001);
 }
 
+/// A client that breaks the protocol is closed with RFC 6455's code for what it did
+/// (§7.4.1), not with an empty close frame (read as 1005: found by an outside review):
+/// 1009 for a message over the 64 KiB limit, 1007 for text that is not UTF-8, 1002 for
+/// a reserved opcode or an unmasked frame.
+#[test]
+fn a_client_breaking_the_protocol_is_closed_with_its_code() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let d = Daemon::start();
+    let key = d.key.clone();
+    assert_eq!(put_channel(&d, &key).status, 201);
+    let close_code = |ws: &mut WebSocket<TcpStream>| loop {
+        match ws.read() {
+            Ok(Message::Close(f)) => return f.map(|f| f.code),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    // A masked frame of `opcode` with `payload`, written as is.
+    let raw = |ws: &mut WebSocket<TcpStream>, opcode: u8, payload: &[u8], masked: bool| {
+        let mut f = vec![0x80 | opcode];
+        let mask = [0x12u8, 0x34, 0x56, 0x78];
+        f.push(if masked { 0x80 } else { 0 } | payload.len() as u8);
+        if masked {
+            f.extend_from_slice(&mask);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        } else {
+            f.extend_from_slice(payload);
+        }
+        ws.get_mut().write_all(&f).unwrap();
+    };
+
+    let mut ws = rust_client(&d, &key);
+    ws.send(Message::Text("x".repeat(100_000).into())).unwrap();
+    assert_eq!(close_code(&mut ws), Some(CloseCode::Size), "too big");
+
+    let mut ws = rust_client(&d, &key);
+    raw(&mut ws, 0x1, b"\xff\xfe", true);
+    assert_eq!(close_code(&mut ws), Some(CloseCode::Invalid), "not UTF-8");
+
+    let mut ws = rust_client(&d, &key);
+    raw(&mut ws, 0x3, b"x", true);
+    assert_eq!(close_code(&mut ws), Some(CloseCode::Protocol), "opcode 3");
+
+    let mut ws = rust_client(&d, &key);
+    raw(&mut ws, 0x1, b"hello", false);
+    assert_eq!(close_code(&mut ws), Some(CloseCode::Protocol), "unmasked");
+}
+
 /// No `PUT /v2/notification/websocket` first: the socket opens and is closed with 1011,
 /// as Pelion does.
 #[test]

@@ -18,7 +18,9 @@
 //! of the key opened, or the channel was deleted or replaced by a callback; 1008 when the
 //! key no longer authenticates (revoked); 1011 when the key has no WebSocket channel
 //! (no `PUT /notification/websocket` first) or the state store fails; 1012 when the
-//! daemon stops.
+//! daemon stops. A client that breaks the protocol gets RFC 6455's codes: 1009 for a
+//! message or frame over 64 KiB, 1007 for a text message that is not UTF-8, 1002 for any
+//! other protocol error (an unmasked frame, a reserved opcode or bit).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -581,9 +583,23 @@ fn stopping() -> End {
 
 /// A message from the client: `Some` when it ends the socket. Other frames (text,
 /// binary, stale pongs) are read and dropped; tungstenite answers pings itself.
+/// A client that broke the protocol gets the close code RFC 6455 §7.4.1 gives for it
+/// (before, an empty close frame, which the client reads as 1005: an outside review).
 fn incoming(m: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) -> Option<End> {
+    use tokio_tungstenite::tungstenite::Error;
     match m {
         None => Some(End::Client("the connection ended".into())),
+        Some(Err(Error::Capacity(_))) => Some(End::Closed(
+            1009,
+            "a message or frame from the client is over the 64 KiB limit",
+        )),
+        Some(Err(Error::Utf8(_))) => Some(End::Closed(
+            1007,
+            "a text message from the client is not valid UTF-8",
+        )),
+        Some(Err(Error::Protocol(e))) if !is_connection_end(&e) => {
+            Some(End::Closed(1002, "the client broke the WebSocket protocol"))
+        }
         Some(Err(e)) => Some(End::Client(format!("read failed: {e}"))),
         Some(Ok(Message::Close(frame))) => Some(End::Client(format!(
             "closed by the client ({})",
@@ -591,6 +607,16 @@ fn incoming(m: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) -
         ))),
         Some(Ok(_)) => None,
     }
+}
+
+/// A protocol error that says the connection ended rather than that the client sent
+/// something wrong: no close frame can follow it.
+fn is_connection_end(e: &tokio_tungstenite::tungstenite::error::ProtocolError) -> bool {
+    use tokio_tungstenite::tungstenite::error::ProtocolError as P;
+    matches!(
+        e,
+        P::ResetWithoutClosingHandshake | P::SendAfterClosing | P::ReceivedAfterClosing
+    )
 }
 
 /// The close for a socket the hub ended (`None`: the hub went away, the daemon stops).
