@@ -429,19 +429,10 @@ fn the_same_presubscriptions_again_on_another_node_keep_the_owners_observations(
     put(&rules);
     let mut dev = n2.device();
     dev.register(&["ep=again-1", "lt=300"], LINKS);
-    let (req, from) = dev.recv_request(WAIT).expect("n2 observes");
+    let (token, from) = support::answer_observe(&dev, WAIT, b"5");
     assert_eq!(from, n2.coap, "the owner observes");
-    assert_eq!(path_of(&req), "/3303/0/5700");
-    let token = req.get_token().to_vec();
-    let ack = observe_content(
-        MessageType::Acknowledgement,
-        req.header.message_id,
-        &token,
-        1,
-        b"5",
-    );
-    send_packet(&dev, &ack, n2.coap);
     let sub = "/v2/subscriptions/again-1/3303/0/5700";
+    assert_eq!(n2.get(sub).status, 200, "the rules' resource is observed");
     assert!(
         eventually(WAIT, || n1.get(sub).status == 200),
         "n1 lists it"
