@@ -20,7 +20,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::auth::AuthChain;
 use crate::coap::Transport;
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
 use crate::events::Hub;
 use crate::metrics::Counters;
 use crate::plugins::PluginSink;
@@ -146,6 +146,32 @@ pub struct Options {
     pub reinit: bool,
     /// Changes the log filter on SIGHUP (`None`: a reload cannot change it).
     pub set_log: Option<SetLogFilter>,
+    /// Take SIGTERM, SIGINT and SIGHUP from the start on (`connectord run`), so that one
+    /// that arrives while the daemon starts is acted on once it serves (a stop, a
+    /// re-read) instead of ending the process by the signal's default action (an outside
+    /// review: a SIGHUP during a start killed the daemon without a line). False for
+    /// daemons started in a test's process, which keeps its own signals; such a daemon's
+    /// [`Running::serve_until_signal`] takes them then.
+    pub signals_from_start: bool,
+}
+
+/// The signals `connectord run` acts on ([`Options::signals_from_start`]).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers (inside a runtime's context); signals from then on are kept
+    /// for `recv`.
+    fn take() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
 }
 
 /// A daemon started by [`start`], serving, with its own async runtime. It knows its bound
@@ -173,6 +199,9 @@ pub struct Running {
     /// The configuration in force (SIGHUP compares the file with it).
     config: Config,
     options: Options,
+    /// Taken at the start ([`Options::signals_from_start`]), else by
+    /// [`Running::serve_until_signal`].
+    signals: Option<Signals>,
     /// `None` once stopped.
     inner: Option<(tokio::runtime::Runtime, Services)>,
 }
@@ -216,6 +245,13 @@ pub fn start(config: Config, options: Options) -> Result<Running, StartError> {
         "async runtime: {} worker threads",
         rt.metrics().num_workers()
     );
+    let signals = match options.signals_from_start {
+        true => {
+            let _in_runtime = rt.enter();
+            Some(Signals::take().map_err(StartError::Runtime)?)
+        }
+        false => None,
+    };
     match rt.block_on(start_services(&config, &options)) {
         Ok((mut services, (rest, rest_tls), coap)) => Ok(Running {
             rest,
@@ -226,6 +262,7 @@ pub fn start(config: Config, options: Options) -> Result<Running, StartError> {
             state_dir: config.state.resolve_dir(),
             config,
             options,
+            signals,
             inner: Some((rt, services)),
         }),
         Err(e) => {
@@ -295,6 +332,7 @@ impl Running {
         let coap_dtls = self.coap_dtls.clone();
         let config = self.config.clone();
         let options = std::mem::take(&mut self.options);
+        let signals = self.signals.take();
         let mut failed: Option<String> = None;
         let announced = rt.block_on(async {
             if let Some(interval) = sd_notify::watchdog_enabled() {
@@ -302,9 +340,14 @@ impl Running {
                     .tasks
                     .push(tokio::spawn(watchdog(interval / 2, services.stop.clone())));
             }
-            let mut term = signal(SignalKind::terminate())?;
-            let mut int = signal(SignalKind::interrupt())?;
-            let mut hup = signal(SignalKind::hangup())?;
+            let Signals {
+                mut term,
+                mut int,
+                mut hup,
+            } = match signals {
+                Some(s) => s,
+                None => Signals::take()?,
+            };
             let announced = match &ready_file {
                 Some(path) => write_ready_file(
                     path,
@@ -1060,10 +1103,10 @@ fn reload(
     let mut states = vec![NotifyState::Reloading];
     states.extend(mono);
     notify(&states);
-    let next = match Config::load(path) {
-        Ok(c) => c,
+    let next = match validate(path) {
+        Ok((c, _)) => c,
         Err(e) => {
-            log_config_error(&e);
+            tracing::error!("SIGHUP: configuration not reloaded: {e}");
             notify(&[NotifyState::Ready]);
             return running;
         }
@@ -1133,10 +1176,6 @@ fn reload(
         rest: rest_applied,
         ..running
     }
-}
-
-fn log_config_error(e: &ConfigError) {
-    tracing::error!("SIGHUP: configuration not reloaded: {e}");
 }
 
 fn notify(states: &[NotifyState]) {
@@ -1303,6 +1342,28 @@ struct ServerCert {
     key_der: Vec<u8>,
     /// `coap.tls_cert` and `coap.tls_key` when they are the source.
     files: Option<(PathBuf, PathBuf)>,
+}
+
+/// Reads and checks the configuration file at `path` as a start would: the file itself,
+/// the plugins it names (built in or provided by a file of `[plugins] dir`), the HTTPS
+/// certificate and the secure CoAP listeners' certificate. `connectord check-config`
+/// and SIGHUP both take a file only through this, so a reload never accepts a file the
+/// next start refuses (an outside review: a misspelt plugin or a missing certificate was
+/// "taken" by SIGHUP with a "needs a restart" warning, and the restart then failed).
+/// The flag: whether the CoAP certificate, when set, is used by a listener
+/// ([`check_coap_certificate`]).
+pub fn validate(path: &Path) -> Result<(Config, bool), String> {
+    let c = Config::load(path).map_err(|e| e.to_string())?;
+    let available = crate::plugins::available(&c.plugins);
+    crate::config::check_plugin_names(
+        &c.plugins,
+        &available,
+        &crate::config::Source::File(path.to_path_buf()),
+    )
+    .map_err(|e| e.to_string())?;
+    rest::tls::Tls::from_config(&c.rest).map_err(|e| e.to_string())?;
+    let used = check_coap_certificate(&c.coap).map_err(|e| e.to_string())?;
+    Ok((c, used))
 }
 
 /// `coap.tls_cert`/`coap.tls_key`, when set, read and checked as a start reads them

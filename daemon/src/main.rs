@@ -266,24 +266,8 @@ fn main() -> ExitCode {
     set_purge_delay();
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { path } => match Config::load(&path)
-            .and_then(|c| {
-                let available = connectord::plugins::available(&c.plugins);
-                connectord::config::check_plugin_names(
-                    &c.plugins,
-                    &available,
-                    &Source::File(path.clone()),
-                )?;
-                Ok(c)
-            })
-            .map_err(|e| e.to_string())
-            .and_then(|c| {
-                // The HTTPS certificate and key are read as the start reads them, and the
-                // secure CoAP listeners' (a start without such a listener leaves them unread).
-                connectord::rest::tls::Tls::from_config(&c.rest).map_err(|e| e.to_string())?;
-                connectord::daemon::check_coap_certificate(&c.coap).map_err(|e| e.to_string())
-            }) {
-            Ok(used) => {
+        Command::CheckConfig { path } => match connectord::daemon::validate(&path) {
+            Ok((_, used)) => {
                 if !used {
                     eprintln!(
                         "note: coap.tls_cert and coap.tls_key are set, but no coap.listen_tls or coap.listen_dtls listener presents them"
@@ -614,6 +598,7 @@ fn run(path: Option<PathBuf>, reinit: bool, ready_file: Option<PathBuf>) -> anyh
             config_path: path,
             reinit,
             set_log: Some(set_log),
+            signals_from_start: true,
         },
     )?;
     running.serve_until_signal(ready_file)?;

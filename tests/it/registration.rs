@@ -1009,6 +1009,50 @@ fn sighup_refuses_a_log_level_that_is_no_level() {
     d.expect_log("take effect after a restart", Duration::from_secs(5));
 }
 
+/// SIGHUP takes a file only if a start would: a plugin no file or built-in provides, or
+/// a certificate that cannot be read, is refused with the reason as `check-config` gives
+/// it, not taken with a "needs a restart" warning the next start then contradicts (found
+/// by an outside review).
+#[test]
+fn sighup_refuses_a_file_the_next_start_would_refuse() {
+    let d = Daemon::start();
+    let text = std::fs::read_to_string(&d.config_path).unwrap();
+    let cases = [
+        (
+            format!("{text}\n[plugins]\nauth = [\"conector\"]\n"),
+            "no built-in plugin or plugin file provides `conector`",
+        ),
+        (
+            text.replacen(
+                "[rest]\n",
+                "[rest]\nlisten_tls = [\"127.0.0.1:0\"]\ntls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"\n",
+                1,
+            ),
+            "/nonexistent/cert.pem",
+        ),
+    ];
+    for (bad, why) in cases {
+        assert_ne!(bad, text);
+        std::fs::write(&d.config_path, &bad).unwrap();
+        let before = d.logs().len();
+        d.signal("HUP");
+        assert!(
+            support::eventually(Duration::from_secs(5), || d.logs()[before..]
+                .iter()
+                .any(|l| l.contains("configuration not reloaded") && l.contains(why))),
+            "{why}:\n{}",
+            d.logs()[before..].join("\n")
+        );
+        assert!(
+            !d.logs()[before..]
+                .iter()
+                .any(|l| l.contains("take effect after a restart")),
+            "{}",
+            d.logs()[before..].join("\n")
+        );
+    }
+}
+
 /// Range errors found after parsing (`Config::validate`) locate their key in the file as
 /// parse errors do: file:line:column, then the key.
 #[test]

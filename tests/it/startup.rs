@@ -539,6 +539,71 @@ fn the_ready_file_names_the_bound_addresses_and_goes_at_a_clean_stop() {
     assert!(!file.exists(), "removed at the clean stop");
 }
 
+/// A SIGHUP while the daemon starts neither kills it (found by an outside review: the
+/// signal's default action ended the process without a line) nor is lost: the file is
+/// re-read once the daemon serves.
+#[test]
+fn a_sighup_during_the_start_is_taken_once_the_daemon_serves() {
+    let p = Prepared::new("", "");
+    let ready = p.dir.path().join("hup-ready.json");
+    let mut child = Command::new(support::BIN)
+        .args(["run", "--config"])
+        .arg(&p.config_path)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env_remove("NOTIFY_SOCKET")
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stderr = child.stderr.take().unwrap();
+    let reader = {
+        let lines = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(l);
+            }
+        })
+    };
+    let logged = |needle: &str| lines.lock().unwrap().iter().any(|l| l.contains(needle));
+    // The listeners are bound early in the start, well before it serves.
+    assert!(
+        support::eventually(WAIT, || logged("CoAP listening on")),
+        "{:?}",
+        lines.lock().unwrap()
+    );
+    assert!(!ready.exists(), "still starting");
+    let kill = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    kill("HUP");
+    assert!(
+        support::eventually(WAIT, || logged("SIGHUP: configuration re-read")),
+        "{:?}",
+        lines.lock().unwrap()
+    );
+    assert!(ready.exists(), "it serves");
+    assert_eq!(child.try_wait().unwrap(), None, "still running");
+    kill("TERM");
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(Instant::now() < deadline, "did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    reader.join().unwrap();
+    assert_eq!(status, Some(0), "{:?}", lines.lock().unwrap());
+}
+
 /// A ready file that cannot be written refuses the start (exit 1, naming it).
 #[test]
 fn a_ready_file_that_cannot_be_written_refuses_the_start() {
