@@ -58,6 +58,8 @@ pub enum StartError {
     #[error(transparent)]
     StateDir(#[from] crate::state_dir::NotPrivate),
     #[error(transparent)]
+    StateLocked(#[from] crate::state_dir::Locked),
+    #[error(transparent)]
     Contradiction(#[from] crate::state_dir::Contradiction),
     #[error("--reinit: cannot move the old files aside: {0}")]
     Reinit(std::io::Error),
@@ -225,6 +227,8 @@ struct Services {
     /// cluster's state lost on the NATS server: `cluster::run_heartbeat`);
     /// [`Running::serve_until_signal`] then stops and fails with it.
     lost: tokio::sync::watch::Receiver<Option<String>>,
+    /// The SQLite state directory's lock ([`crate::state_dir::lock`]), released last.
+    state_lock: Option<std::fs::File>,
 }
 
 /// Starts the daemon: builds its async runtime (`[runtime] worker_threads`), checks the
@@ -437,6 +441,7 @@ fn stop_services(rt: tokio::runtime::Runtime, services: Services) {
         coap_dtls: _,
         nats_runtime,
         lost: _,
+        state_lock,
     } = services;
     rt.block_on(async {
         trigger.fire();
@@ -454,6 +459,7 @@ fn stop_services(rt: tokio::runtime::Runtime, services: Services) {
     rt.shutdown_timeout(STOP_TIMEOUT);
     // The store's last users are gone with the daemon's runtime.
     drop(nats_runtime);
+    drop(state_lock);
 }
 
 /// The bound REST addresses: plain HTTP (`rest.listen`) and HTTPS (`rest.listen_tls`).
@@ -471,6 +477,11 @@ async fn start_services(
     let state_dir = config.state.resolve_dir();
     crate::state_dir::make_private(&state_dir)?;
     let on_nats = config.cluster.backend == crate::config::Backend::Nats;
+    // Before anything in the directory is looked at or moved (`--reinit`).
+    let mut state_lock = match on_nats {
+        true => None,
+        false => crate::state_dir::lock(&state_dir)?,
+    };
     // The lost-database check concerns the SQLite file: a NATS node has none.
     let consistent = if on_nats {
         Ok(())
@@ -562,6 +573,10 @@ async fn start_services(
             config.state.commit_delay(),
         )?;
         tracing::info!("state in {}", store.path().display());
+        if state_lock.is_none() {
+            // The directory did not exist before the store made it.
+            state_lock = crate::state_dir::lock(&state_dir)?;
+        }
         let store = Arc::new(store);
         sqlite = Some(Arc::clone(&store));
         (store, None)
@@ -1066,6 +1081,7 @@ async fn start_services(
             coap_dtls,
             nats_runtime: nats.map(|n| n.runtime),
             lost: lost_rx,
+            state_lock,
         },
         rest_addrs,
         coap_addrs,

@@ -35,6 +35,48 @@ pub struct NotPrivate {
     pub problem: String,
 }
 
+/// Another process holds the state directory's lock ([`lock`]), or the lock cannot be
+/// taken.
+#[derive(Debug, thiserror::Error)]
+#[error("state directory: {}: {problem}", path.display())]
+pub struct Locked {
+    pub path: PathBuf,
+    pub problem: String,
+}
+
+/// Takes the state directory's lock for this process's life (an exclusive `flock` on the
+/// directory itself, released by the kernel when the process ends however it ends, so a
+/// `kill -9` leaves no stale lock; no file is created, so a start that fails leaves the
+/// directory as it was). `Ok(None)` when the directory does not exist yet: the caller
+/// takes it once the store made it.
+///
+/// Decision (an outside review ran a second daemon on a copied configuration with only
+/// its ports changed: both served one `connectord.db`, each with its own view of the
+/// registrations, taking each other's devices): one daemon per state directory, as one
+/// process per node name on NATS (`cluster::check_name_free`). `connectord plugin-call`
+/// takes no lock: it writes plugin state beside a running daemon by design.
+pub fn lock(dir: &Path) -> Result<Option<std::fs::File>, Locked> {
+    let locked = |problem: String| Locked {
+        path: dir.to_path_buf(),
+        problem,
+    };
+    let d = match std::fs::File::open(dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(locked(format!("cannot open it to take its lock: {e}"))),
+    };
+    match d.try_lock() {
+        Ok(()) => Ok(Some(d)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(locked(
+            "another connectord process serves this state directory (it holds its lock); stop it first, or give this daemon a [state] dir of its own"
+                .into(),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(locked(format!("cannot take its lock: {e}")))
+        }
+    }
+}
+
 /// Makes `dir` mode 0700 and each of its [`SECRET_FILES`] 0600 where group or others had
 /// any access; returns each path changed with its old mode, and logs them in one warning
 /// line. A missing directory or file is left alone (the daemon creates them private).

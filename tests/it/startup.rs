@@ -539,6 +539,30 @@ fn the_ready_file_names_the_bound_addresses_and_goes_at_a_clean_stop() {
     assert!(!file.exists(), "removed at the clean stop");
 }
 
+/// A second daemon on the state directory of a running one (a copied configuration with
+/// only its ports changed) refuses to start, naming the directory, and the first serves
+/// on; so does `--reinit`, which would move the running daemon's files aside. Found by an
+/// outside review: both served one database, each with its own view of the devices.
+#[test]
+fn a_second_daemon_on_a_state_directory_in_use_refuses_to_start() {
+    let d = Daemon::start();
+    d.device().register(&["ep=first-one", "lt=300"], "</3/0>");
+    for args in [&[][..], &["--reinit"]] {
+        let (code, stderr) = run_refused(&d.config_path, args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("another connectord process serves this state directory"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(d.get("/v2/endpoints").body.contains("first-one"));
+    let state = d.dir.path().join("state");
+    assert!(state.join("connectord.db").exists(), "nothing moved aside");
+    // Once it is gone (killed: the kernel releases the lock), a new start takes it.
+    let d = d.crash_and_restart();
+    assert!(d.get("/v2/endpoints").body.contains("first-one"));
+}
+
 /// A SIGHUP while the daemon starts neither kills it (found by an outside review: the
 /// signal's default action ended the process without a line) nor is lost: the file is
 /// re-read once the daemon serves.
