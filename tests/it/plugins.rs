@@ -657,6 +657,38 @@ fn a_truncated_plugin_file_is_refused_and_the_daemon_lives_on() {
     assert_eq!(hello(&d)["variant"], "A");
 }
 
+/// The plugin directory moved aside and made anew (a deploy swapping directories), then
+/// removed: the daemon follows the path, not the old directory (found by an outside
+/// review: the watch stayed on the moved directory, so the plugin kept serving from a
+/// file that was gone from the path, and files put into the new directory were ignored,
+/// without a line).
+#[test]
+fn a_plugin_directory_replaced_or_removed_is_followed() {
+    let a = build_plugin("example-plugin", &[]);
+    let (d, dir) = daemon_with_plugins(&[(&a, EXAMPLE)]);
+    assert_eq!(hello(&d)["variant"], "A");
+    let gone = |d: &Daemon| d.get("/api/example/hello").status == 404;
+
+    std::fs::rename(&dir, dir.with_file_name("plugins.old")).unwrap();
+    plugin_dir(dir.parent().unwrap());
+    assert!(eventually(WAIT, || gone(&d)), "{}", d.logs().join("\n"));
+    install_plugin(&a, &dir, EXAMPLE);
+    assert!(
+        eventually(WAIT, || d.get("/api/example/hello").status == 200),
+        "the new directory's file is loaded:\n{}",
+        d.logs().join("\n")
+    );
+
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(eventually(WAIT, || gone(&d)), "{}", d.logs().join("\n"));
+    d.expect_log("is gone: its plugins fall back", WAIT);
+    assert!(
+        !d.logs().iter().any(|l| l.contains("refusing plugins from")),
+        "a directory that is gone is no error:\n{}",
+        d.logs().join("\n")
+    );
+}
+
 /// Issue 18, item 8: a plugin file written in place slowly (truncated, then written in
 /// pieces over 2 s, as a slow `scp` does) is never mapped half-written; once
 /// complete it is loaded and serves.

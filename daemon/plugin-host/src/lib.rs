@@ -818,13 +818,19 @@ impl PluginHost {
     pub fn reload_dir(self: &Arc<Self>) {
         let _serial = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
         let Some(dir) = self.dir.clone() else { return };
-        if let Err(why) = check_not_writable_by_others(&dir) {
+        // A directory that is gone holds no file: its plugins fall back as each removed
+        // file's would (the watcher says it is gone). Any other failure to read it keeps
+        // what serves.
+        let gone =
+            matches!(std::fs::metadata(&dir), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+        if !gone && let Err(why) = check_not_writable_by_others(&dir) {
             Counters::inc(&self.counters.plugin_errors);
             tracing::error!("refusing plugins from {}: {why}", dir.display());
             return;
         }
         let mut present = Vec::new();
         match std::fs::read_dir(&dir) {
+            Err(_) if gone => {}
             Ok(entries) => {
                 for e in entries.flatten() {
                     let p = e.path();
@@ -1140,19 +1146,21 @@ impl PluginHost {
         use notify::RecursiveMode;
         let dir = self.dir.clone()?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let watched = dir.clone();
         let mut debouncer = match notify_debouncer_full::new_debouncer(
             std::time::Duration::from_millis(300),
             None,
             move |res: notify_debouncer_full::DebounceEventResult| {
                 // Only changes count: the daemon's own reads of a file (open, close
-                // without writing) are no reason to look again.
+                // without writing) are no reason to look again. A change of the directory
+                // itself counts too (removed whole: one event on the directory).
                 let relevant = match res {
                     Ok(events) => events.iter().any(|e| {
                         e.need_rescan()
                             || (crate::dir_watch::is_change(&e.kind)
-                                && e.paths
-                                    .iter()
-                                    .any(|p| p.extension().is_some_and(|x| x == "so")))
+                                && e.paths.iter().any(|p| {
+                                    p.extension().is_some_and(|x| x == "so") || *p == watched
+                                }))
                     }),
                     Err(_) => true,
                 };
@@ -1196,12 +1204,41 @@ impl PluginHost {
                 }
             })
         };
+        // The watch follows the directory, not its path: a directory moved aside and
+        // made anew (or removed) is noticed by looking ([`dir_watch::Identity`]).
+        let mut identity = dir_watch::Identity::of(&dir);
         Some(tokio::spawn(async move {
-            let _keep = debouncer;
+            let mut debouncer = debouncer;
             let _clock = AbortOnDrop(clock);
+            let mut recheck = tokio::time::interval(dir_watch::RECHECK_EVERY);
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = stop.recv() => return,
+                    _ = recheck.tick() => {
+                        match identity.recheck() {
+                            dir_watch::Recheck::Same => continue,
+                            dir_watch::Recheck::Gone => tracing::warn!(
+                                "plugin directory {} is gone: its plugins fall back to the built-in ones (or none); it is watched again when it is made anew",
+                                dir.display()
+                            ),
+                            dir_watch::Recheck::Replaced => {
+                                let _ = debouncer.unwatch(&dir);
+                                match debouncer.watch(&dir, RecursiveMode::NonRecursive) {
+                                    Ok(()) => tracing::info!(
+                                        "plugin directory {} is another directory now: watching it and loading its plugins",
+                                        dir.display()
+                                    ),
+                                    Err(e) => tracing::warn!(
+                                        "plugin directory {} is another directory now, which cannot be watched: {e}; its plugins are loaded now and reload at restart only",
+                                        dir.display()
+                                    ),
+                                }
+                            }
+                        }
+                        let h = Arc::clone(&host);
+                        let _ = tokio::task::spawn_blocking(move || h.reload_dir()).await;
+                    }
                     msg = rx.recv() => {
                         if msg.is_none() {
                             return;
