@@ -103,3 +103,38 @@ fn editing_a_lua_rule_file_reloads_the_directory_once() {
         d.logs().join("\n")
     );
 }
+
+/// The Lua rules directory moved aside and made anew is watched in its place: a rule file
+/// written into the new directory is loaded (before, the watch stayed on the moved
+/// directory, and the warning said to restart: an outside review).
+#[test]
+fn a_lua_rules_directory_replaced_is_watched_in_its_place() {
+    let d = Daemon::start();
+    let dir = d.scripts_dir();
+    std::fs::write(
+        dir.join("10-old.lua"),
+        "function presubscribe() return nil end\n",
+    )
+    .unwrap();
+    d.expect_log("10-old.lua", Duration::from_secs(10));
+    std::fs::rename(&dir, dir.with_file_name("scripts.aside")).unwrap();
+    d.expect_log("the Lua rules directory is gone", Duration::from_secs(10));
+    std::fs::create_dir(&dir).unwrap();
+    d.expect_log(
+        "the Lua rules directory is another directory now: watching it",
+        Duration::from_secs(10),
+    );
+    std::fs::write(
+        dir.join("20-new.lua"),
+        "function presubscribe() return true end\n",
+    )
+    .unwrap();
+    assert!(
+        support::eventually(Duration::from_secs(10), || d
+            .logs()
+            .iter()
+            .any(|l| l.contains("Lua rules in force") && l.contains("20-new.lua"))),
+        "{}",
+        d.logs().join("\n")
+    );
+}

@@ -927,7 +927,7 @@ impl RuleSet {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let held = lock(&self.files).len();
                 if held > 0 {
-                    warn!(dir = %dir.display(), "the Lua rules directory is gone: its {held} rule files are dropped (it is no longer watched: create it again and restart to use Lua rules)");
+                    warn!(dir = %dir.display(), "the Lua rules directory is gone: its {held} rule files are dropped (it is watched again when it is made anew)");
                 } else {
                     info!(dir = %dir.display(), "Lua rules directory does not exist: no Lua rules");
                 }
@@ -1067,11 +1067,29 @@ impl RuleSet {
         }
         info!(dir = %dir.display(), "watching the Lua rules directory");
         let rules = Arc::clone(self);
+        // The watch follows the directory, not its path: a directory moved aside and made
+        // anew is noticed by looking (`dir_watch::Identity`), and watched in its place.
+        let mut identity = crate::dir_watch::Identity::of(&dir);
         Some(runtime.spawn(async move {
-            let _debouncer = debouncer;
+            let mut debouncer = debouncer;
+            let mut recheck = tokio::time::interval(crate::dir_watch::RECHECK_EVERY);
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = stop.recv() => break,
+                    _ = recheck.tick() => {
+                        if identity.recheck() == crate::dir_watch::Recheck::Replaced {
+                            let _ = debouncer.unwatch(&dir);
+                            match debouncer.watch(&dir, RecursiveMode::NonRecursive) {
+                                Ok(()) => info!(dir = %dir.display(), "the Lua rules directory is another directory now: watching it"),
+                                Err(e) => error!(dir = %dir.display(), "the Lua rules directory is another directory now, which cannot be watched: {e}"),
+                            }
+                            let rules = Arc::clone(&rules);
+                            if let Err(e) = tokio::task::spawn_blocking(move || rules.reload()).await {
+                                error!("Lua rules reload failed: {e}");
+                            }
+                        }
+                    }
                     msg = rx.recv() => {
                         if msg.is_none() {
                             break;
