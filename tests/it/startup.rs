@@ -570,28 +570,14 @@ fn a_second_daemon_on_a_state_directory_in_use_refuses_to_start() {
 fn a_sighup_during_the_start_is_taken_once_the_daemon_serves() {
     let p = Prepared::new("", "");
     let ready = p.dir.path().join("hup-ready.json");
-    let mut child = Command::new(support::BIN)
-        .args(["run", "--config"])
-        .arg(&p.config_path)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .env_remove("NOTIFY_SOCKET")
-        .spawn()
-        .unwrap();
+    let (mut child, lines) = support::spawn_logged(
+        Command::new(support::BIN)
+            .args(["run", "--config"])
+            .arg(&p.config_path)
+            .arg("--ready-file")
+            .arg(&ready),
+    );
     let pid = child.id().to_string();
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    let stderr = child.stderr.take().unwrap();
-    let reader = {
-        let lines = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(l);
-            }
-        })
-    };
     let logged = |needle: &str| lines.lock().unwrap().iter().any(|l| l.contains(needle));
     // The listeners are bound early in the start, well before it serves.
     assert!(
@@ -624,7 +610,6 @@ fn a_sighup_during_the_start_is_taken_once_the_daemon_serves() {
         assert!(Instant::now() < deadline, "did not stop");
         std::thread::sleep(Duration::from_millis(20));
     };
-    reader.join().unwrap();
     assert_eq!(status, Some(0), "{:?}", lines.lock().unwrap());
 }
 
