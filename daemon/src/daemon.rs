@@ -249,12 +249,11 @@ pub fn start(config: Config, options: Options) -> Result<Running, StartError> {
         "async runtime: {} worker threads",
         rt.metrics().num_workers()
     );
-    let signals = match options.signals_from_start {
-        true => {
-            let _in_runtime = rt.enter();
-            Some(Signals::take().map_err(StartError::Runtime)?)
-        }
-        false => None,
+    let signals = if options.signals_from_start {
+        let _in_runtime = rt.enter();
+        Some(Signals::take().map_err(StartError::Runtime)?)
+    } else {
+        None
     };
     match rt.block_on(start_services(&config, &options)) {
         Ok((mut services, (rest, rest_tls), coap)) => Ok(Running {
@@ -478,9 +477,10 @@ async fn start_services(
     crate::state_dir::make_private(&state_dir)?;
     let on_nats = config.cluster.backend == crate::config::Backend::Nats;
     // Before anything in the directory is looked at or moved (`--reinit`).
-    let mut state_lock = match on_nats {
-        true => None,
-        false => crate::state_dir::lock(&state_dir)?,
+    let mut state_lock = if on_nats {
+        None
+    } else {
+        crate::state_dir::lock(&state_dir)?
     };
     // The lost-database check concerns the SQLite file: a NATS node has none.
     let consistent = if on_nats {

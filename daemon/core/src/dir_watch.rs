@@ -8,8 +8,9 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use notify_debouncer_full::notify::EventKind;
 use notify_debouncer_full::notify::event::{AccessKind, AccessMode};
+use notify_debouncer_full::notify::{self, EventKind, RecursiveMode, Watcher};
+use notify_debouncer_full::{Debouncer, FileIdCache};
 
 /// How often a watcher checks that its path still names the directory it watches
 /// ([`Identity`]).
@@ -58,6 +59,22 @@ impl Identity {
             Some(_) => Recheck::Replaced,
             None => Recheck::Gone,
         }
+    }
+
+    /// [`Identity::recheck`], and when the path names another directory, `debouncer`'s
+    /// watch moved onto it (non-recursive, as both watchers watch); `Err` when the new
+    /// directory cannot be watched.
+    pub fn follow<W: Watcher, C: FileIdCache>(
+        &mut self,
+        debouncer: &mut Debouncer<W, C>,
+    ) -> notify::Result<Recheck> {
+        let r = self.recheck();
+        if r == Recheck::Replaced {
+            // The old watch may be gone with its directory: nothing to undo then.
+            let _ = debouncer.unwatch(&self.dir);
+            debouncer.watch(&self.dir, RecursiveMode::NonRecursive)?;
+        }
+        Ok(r)
     }
 }
 

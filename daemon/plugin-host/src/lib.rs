@@ -1216,25 +1216,20 @@ impl PluginHost {
                 tokio::select! {
                     _ = stop.recv() => return,
                     _ = recheck.tick() => {
-                        match identity.recheck() {
-                            dir_watch::Recheck::Same => continue,
-                            dir_watch::Recheck::Gone => tracing::warn!(
+                        match identity.follow(&mut debouncer) {
+                            Ok(dir_watch::Recheck::Same) => continue,
+                            Ok(dir_watch::Recheck::Gone) => tracing::warn!(
                                 "plugin directory {} is gone: its plugins fall back to the built-in ones (or none); it is watched again when it is made anew",
                                 dir.display()
                             ),
-                            dir_watch::Recheck::Replaced => {
-                                let _ = debouncer.unwatch(&dir);
-                                match debouncer.watch(&dir, RecursiveMode::NonRecursive) {
-                                    Ok(()) => tracing::info!(
-                                        "plugin directory {} is another directory now: watching it and loading its plugins",
-                                        dir.display()
-                                    ),
-                                    Err(e) => tracing::warn!(
-                                        "plugin directory {} is another directory now, which cannot be watched: {e}; its plugins are loaded now and reload at restart only",
-                                        dir.display()
-                                    ),
-                                }
-                            }
+                            Ok(dir_watch::Recheck::Replaced) => tracing::info!(
+                                "plugin directory {} is another directory now: watching it and loading its plugins",
+                                dir.display()
+                            ),
+                            Err(e) => tracing::warn!(
+                                "plugin directory {} is another directory now, which cannot be watched: {e}; its plugins are loaded now and reload at restart only",
+                                dir.display()
+                            ),
                         }
                         let h = Arc::clone(&host);
                         let _ = tokio::task::spawn_blocking(move || h.reload_dir()).await;

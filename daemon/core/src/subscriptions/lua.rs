@@ -1078,12 +1078,19 @@ impl RuleSet {
                 tokio::select! {
                     _ = stop.recv() => break,
                     _ = recheck.tick() => {
-                        if identity.recheck() == crate::dir_watch::Recheck::Replaced {
-                            let _ = debouncer.unwatch(&dir);
-                            match debouncer.watch(&dir, RecursiveMode::NonRecursive) {
-                                Ok(()) => info!(dir = %dir.display(), "the Lua rules directory is another directory now: watching it"),
-                                Err(e) => error!(dir = %dir.display(), "the Lua rules directory is another directory now, which cannot be watched: {e}"),
+                        let replaced = match identity.follow(&mut debouncer) {
+                            Ok(crate::dir_watch::Recheck::Replaced) => {
+                                info!(dir = %dir.display(), "the Lua rules directory is another directory now: watching it");
+                                true
                             }
+                            // A removal is the watch's own event (`reload` says so).
+                            Ok(_) => false,
+                            Err(e) => {
+                                error!(dir = %dir.display(), "the Lua rules directory is another directory now, which cannot be watched: {e}");
+                                true
+                            }
+                        };
+                        if replaced {
                             let rules = Arc::clone(&rules);
                             if let Err(e) = tokio::task::spawn_blocking(move || rules.reload()).await {
                                 error!("Lua rules reload failed: {e}");

@@ -1196,7 +1196,7 @@ impl Subscriptions {
     /// them applies them to its own.
     ///
     /// True when a subscription was removed: the caller then calls
-    /// [`Subscriptions::prune`] soon (within [`FOLLOWED_PRUNE_AFTER`]), once the changes
+    /// [`Subscriptions::prune_unsubscribed`] soon (within [`FOLLOWED_PRUNE_AFTER`]), once the changes
     /// that follow it were applied, to end the observations nobody is subscribed to any
     /// more. Decision: not at once, because a key's pre-subscriptions replaced on another
     /// node arrive here as the deletes of its subscriptions first and the new rules after
