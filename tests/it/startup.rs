@@ -12,6 +12,7 @@ use crate::support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -568,7 +569,28 @@ fn a_second_daemon_on_a_state_directory_in_use_refuses_to_start() {
 /// re-read once the daemon serves.
 #[test]
 fn a_sighup_during_the_start_is_taken_once_the_daemon_serves() {
-    let p = Prepared::new("", "");
+    // A plugin whose `create` never returns holds the start for `start_timeout_s` (then
+    // the daemon starts without it): the window the signal is sent in, whatever the
+    // machine's speed.
+    let hangs = support::build_plugin(
+        "example-plugin",
+        &[
+            ("CONNECTORD_EXAMPLE_HANG", "create"),
+            ("CONNECTORD_EXAMPLE_VARIANT", "H"),
+        ],
+    );
+    let plugins = tempfile::tempdir().unwrap();
+    let dir = plugins.path().join("plugins");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    support::install_plugin(&hangs, &dir, "libexample_plugin.so");
+    let p = Prepared::new(
+        "",
+        &format!(
+            "[plugins]\ndir = \"{}\"\nstart_timeout_s = 3\n",
+            dir.display()
+        ),
+    );
     let ready = p.dir.path().join("hup-ready.json");
     let (mut child, lines) = support::spawn_logged(
         Command::new(support::BIN)
@@ -579,7 +601,7 @@ fn a_sighup_during_the_start_is_taken_once_the_daemon_serves() {
     );
     let pid = child.id().to_string();
     let logged = |needle: &str| lines.lock().unwrap().iter().any(|l| l.contains(needle));
-    // The listeners are bound early in the start, well before it serves.
+    // The listeners are bound early in the start, before the plugins are made.
     assert!(
         support::eventually(WAIT, || logged("CoAP listening on")),
         "{:?}",
